@@ -1,0 +1,91 @@
+// One connect: resolve the origin, keep only the addresses the egress policy allows, try them in the resolver's
+// order until one connects, then check the address actually connected to once more (no rebinding gap) and apply
+// the origin's socket options. This is the only place in sockpool where a TCP socket is created.
+//
+// fd ownership: connectTcp's fd belongs to this function until it resolves; on any failure it is closed here.
+// On success it passes to the caller (the origin pool).
+
+import type { OriginPolicy } from '../shared/config.js';
+import { ErrorCodes, SockpoolError } from '../shared/errors.js';
+import * as native from '../shared/native.js';
+import type { Origin } from '../shared/origin.js';
+import { connectTcp } from '../shared/tcp-connect.js';
+import type { EgressPolicy } from './egress-policy.js';
+import type { Resolver } from './resolver.js';
+
+export interface ConnectedSocket {
+  fd: number;
+  address: string;
+  family: 4 | 6;
+  /** performance.now() when the connect completed. */
+  connectedAt: number;
+  connectMs: number;
+}
+
+export interface Connector {
+  connect(origin: Origin, policy: OriginPolicy): Promise<ConnectedSocket>;
+}
+
+export class TcpConnector implements Connector {
+  #resolver: () => Resolver;
+  #egress: () => EgressPolicy;
+
+  /** Getters, so that a SIGHUP reload takes effect on the next connect. */
+  constructor(resolver: () => Resolver, egress: () => EgressPolicy) {
+    this.#resolver = resolver;
+    this.#egress = egress;
+  }
+
+  async connect(origin: Origin, policy: OriginPolicy): Promise<ConnectedSocket> {
+    const egress = this.#egress();
+    const resolver = this.#resolver();
+    egress.checkTarget(origin.host, origin.port);
+    const addresses = await resolver.resolve(origin.host, origin.port);
+    let lastError: Error | undefined;
+    let refusal: Error | undefined;
+    for (const candidate of addresses) {
+      try {
+        egress.checkAddress(candidate.address, origin.port, origin.host);
+      } catch (error) {
+        refusal ??= error as Error;
+        continue;
+      }
+      const started = performance.now();
+      let fd: number;
+      try {
+        fd = await connectTcp(candidate.address, origin.port, {
+          timeoutMs: policy.connectTimeoutMs,
+          sourceAddress: policy.sourceAddress,
+          mark: policy.mark,
+          device: policy.device,
+          noDelay: policy.noDelay,
+          keepAlive: policy.keepAlive,
+          userTimeoutMs: policy.userTimeoutMs,
+        });
+      } catch (error) {
+        resolver.reportFailure(origin.host, candidate.address);
+        lastError = error as Error;
+        continue;
+      }
+      // From here the fd is ours: close it on every path that does not return it.
+      try {
+        const peer = native.peerAddress(fd);
+        egress.checkAddress(peer.address, peer.port, origin.host);
+        resolver.reportSuccess(origin.host, candidate.address);
+        const connectedAt = performance.now();
+        return { fd, address: peer.address, family: peer.family, connectedAt, connectMs: connectedAt - started };
+      } catch (error) {
+        native.close(fd);
+        throw error;
+      }
+    }
+    if (refusal && !lastError) throw refusal;
+    const reason = lastError as (Error & { code?: string }) | undefined;
+    throw new SockpoolError(
+      ErrorCodes.CONNECT,
+      `cannot connect to ${origin.host}:${origin.port}: ${reason?.message ?? 'no usable address'}`,
+      { host: origin.host, port: origin.port, cause: reason?.code ?? null },
+      { cause: reason },
+    );
+  }
+}

@@ -1,0 +1,116 @@
+#!/usr/bin/env node
+// `sockpoold`: parse the command line, load the configuration (embedded defaults, then the file, then flags),
+// start the daemon, wire the signals. Everything else lives in daemon.ts and the modules it composes.
+
+import { Command, InvalidArgumentError, Option } from 'commander';
+import { applyFlags, type DaemonFlags, defaultConfig, loadConfigFile, type SockpoolConfig } from '../shared/config.js';
+import { Sockpoold } from './daemon.js';
+import { createLogger } from './log.js';
+
+function collect(value: string, previous: string[]): string[] {
+  return [...previous, value];
+}
+
+function port(value: string): number {
+  const parsed = Number(value);
+  if (!Number.isInteger(parsed) || parsed < 0 || parsed > 65535) {
+    throw new InvalidArgumentError('must be a port number (0-65535)');
+  }
+  return parsed;
+}
+
+function collectPort(value: string, previous: number[]): number[] {
+  return [...previous, port(value)];
+}
+
+interface CliOptions {
+  config?: string;
+  socket?: string;
+  stateDir?: string;
+  allow: string[];
+  deny: string[];
+  allowPort: number[];
+  resolve: string[];
+  metricsPort?: number;
+  logLevel?: string;
+}
+
+const program = new Command('sockpoold')
+  .description('Keeps warm TCP connections and hands them to sockpool clients over a Unix socket')
+  .option('--config <file>', 'configuration file (.toml or .json); without it, embedded defaults')
+  .option('--socket <path>', 'handoff socket path')
+  .option('--state-dir <dir>', 'directory for the SQLite state')
+  .option('--allow <cidr>', 'allow this CIDR (repeatable; punches through the default refusals)', collect, [])
+  .option('--deny <cidr>', 'deny this CIDR (repeatable; beats --allow)', collect, [])
+  .option('--allow-port <n>', 'allowed destination port (repeatable; replaces the default 80, 443)', collectPort, [])
+  .option('--resolve <host:port:addr>', 'pin a host to an address, like curl --resolve (repeatable)', collect, [])
+  .option('--metrics-port <n>', 'serve Prometheus metrics on 127.0.0.1:<n> (0 = off)', port)
+  .addOption(
+    new Option('--log-level <level>', 'log level').choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace']),
+  )
+  .showHelpAfterError();
+
+program.parse();
+const options = program.opts<CliOptions>();
+
+function flags(): DaemonFlags {
+  return {
+    socket: options.socket,
+    stateDir: options.stateDir,
+    allow: options.allow,
+    deny: options.deny,
+    allowPort: options.allowPort.length > 0 ? options.allowPort : undefined,
+    resolve: options.resolve,
+    metricsPort: options.metricsPort,
+    logLevel: options.logLevel as SockpoolConfig['logLevel'] | undefined,
+  };
+}
+
+function loadConfig(): SockpoolConfig {
+  const base = options.config ? loadConfigFile(options.config) : defaultConfig();
+  return applyFlags(base, flags());
+}
+
+async function main(): Promise<void> {
+  let config: SockpoolConfig;
+  try {
+    config = loadConfig();
+  } catch (error) {
+    const withCode = error as Error & { code?: string };
+    console.error(`sockpoold: ${withCode.code ?? 'error'}: ${withCode.message}`);
+    process.exit(2);
+  }
+  const log = createLogger(config.logLevel);
+  let daemon: Sockpoold;
+  try {
+    daemon = await Sockpoold.start({ config, log, reloadConfig: loadConfig });
+  } catch (error) {
+    const withCode = error as Error & { code?: string };
+    log.fatal({ code: withCode.code, err: withCode.message }, 'sockpoold failed to start');
+    console.error(`sockpoold: ${withCode.code ?? 'error'}: ${withCode.message}`);
+    log.flush();
+    process.exit(1);
+  }
+  process.on('SIGHUP', () => daemon.reload());
+  let stopping = false;
+  const stop = (signal: string) => {
+    if (stopping) return;
+    stopping = true;
+    log.info({ signal }, 'stopping');
+    daemon.stop().then(
+      () => {
+        log.flush();
+        process.exit(0);
+      },
+      (error: Error) => {
+        log.error({ err: error.message }, 'unclean stop');
+        log.flush();
+        process.exit(1);
+      },
+    );
+  };
+  process.on('SIGTERM', () => stop('SIGTERM'));
+  process.on('SIGINT', () => stop('SIGINT'));
+}
+
+void main();

@@ -1,0 +1,217 @@
+// Prometheus metrics (prom-client) on a registry of our own, never prom-client's global one, so that two daemons
+// in one process (tests) or a host application keep theirs apart.
+//
+// The hot path pays for a counter increment or a histogram observation and nothing else. The per-origin gauges
+// (idle, leased, connecting, waiting) are not kept up to date at all: they are computed at scrape time from the
+// pool manager's `snapshot()`.
+
+import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry } from 'prom-client';
+
+/** What a scrape reads from the pool manager; keep it cheap, it runs on every scrape. */
+export interface MetricsSnapshot {
+  origins: Iterable<{ origin: string; idle: number; leased: number; connecting?: number; waiting?: number }>;
+}
+
+export interface MetricsOptions {
+  /** Also export prom-client's process metrics (RSS, CPU, fds, event loop lag, GC). Default true. */
+  processMetrics?: boolean;
+}
+
+/** Handoff latency: 10 µs to 100 ms. */
+export const HANDOFF_BUCKETS_SECONDS = [
+  0.00001, 0.000025, 0.00005, 0.000075, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+];
+/** Connect latency: 1 ms to 10 s (connectTimeoutMs defaults to 5 s). */
+export const CONNECT_BUCKETS_SECONDS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10];
+/** Reasons for dropping an idle socket, exported at 0 from the start so that rate() works on the first drop. */
+export const DEAD_SOCKET_REASONS = ['eof', 'error', 'data', 'ttl', 'recycled'] as const;
+
+export class Metrics {
+  readonly registry: Registry;
+  /** Acquires served from a warm idle socket. */
+  readonly hits: Counter;
+  /** Acquires that waited for a new connection. */
+  readonly misses: Counter;
+  /** Acquires or clients refused; `reason`: an egress policy reason, `access`, `limit`, `acquire_timeout`, ... */
+  readonly refusals: Counter<'reason'>;
+  /** Idle sockets dropped; `reason`: eof, error, data (unexpected bytes), ttl, recycled (learned lifetime), ... */
+  readonly deadDropped: Counter<'reason'>;
+  /** Connects that failed; `reason`: the error code (ECONNREFUSED, SOCKPOOL_ERR_CONNECT, ...). */
+  readonly connectFailures: Counter<'reason'>;
+  /** Malformed messages received from clients. */
+  readonly protocolErrors: Counter;
+  /** From the acquire message received to the fd sent, in seconds. */
+  readonly handoffSeconds: Histogram;
+  /** Time to establish one TCP connection, in seconds. */
+  readonly connectSeconds: Histogram;
+
+  constructor(snapshot: () => MetricsSnapshot, options: MetricsOptions = {}) {
+    const registry = new Registry();
+    this.registry = registry;
+    const registers = [registry];
+
+    // One snapshot per scrape, shared by the four per-origin gauges (the registry collects them one after the other
+    // in the same tick).
+    let cached: { at: number; origins: ReturnType<typeof collectOrigins> } | undefined;
+    const origins = () => {
+      const at = performance.now();
+      if (!cached || at - cached.at > 50) cached = { at, origins: collectOrigins(snapshot()) };
+      return cached.origins;
+    };
+    const perOrigin = (name: string, help: string, pick: (entry: OriginEntry) => number | undefined) =>
+      new Gauge({
+        name,
+        help,
+        labelNames: ['origin'],
+        registers,
+        collect(this: Gauge<'origin'>) {
+          this.reset();
+          for (const entry of origins()) {
+            const value = pick(entry);
+            if (value !== undefined) this.set({ origin: entry.origin }, value);
+          }
+        },
+      });
+    perOrigin('sockpool_idle_sockets', 'Warm idle sockets per origin.', (entry) => entry.idle);
+    perOrigin(
+      'sockpool_leased_sockets',
+      'Sockets handed out and not yet closed or released, per origin.',
+      (entry) => entry.leased,
+    );
+    perOrigin('sockpool_connecting_sockets', 'Connects in progress per origin.', (entry) => entry.connecting);
+    perOrigin(
+      'sockpool_waiting_acquires',
+      'Acquires waiting in the fair queue (maxPerOrigin) per origin.',
+      (entry) => entry.waiting,
+    );
+
+    this.hits = new Counter({
+      name: 'sockpool_acquire_hits_total',
+      help: 'Acquires served from a warm idle socket.',
+      registers,
+    });
+    this.misses = new Counter({
+      name: 'sockpool_acquire_misses_total',
+      help: 'Acquires that waited for a new connection.',
+      registers,
+    });
+    this.refusals = new Counter({
+      name: 'sockpool_refusals_total',
+      help: 'Acquires or clients refused, by reason.',
+      labelNames: ['reason'],
+      registers,
+    });
+    this.deadDropped = new Counter({
+      name: 'sockpool_dead_sockets_dropped_total',
+      help: 'Idle sockets dropped, by reason (eof, error, data, ttl, recycled, ...).',
+      labelNames: ['reason'],
+      registers,
+    });
+    for (const reason of DEAD_SOCKET_REASONS) this.deadDropped.inc({ reason }, 0);
+    this.connectFailures = new Counter({
+      name: 'sockpool_connect_failures_total',
+      help: 'Connects that failed, by error code.',
+      labelNames: ['reason'],
+      registers,
+    });
+    this.protocolErrors = new Counter({
+      name: 'sockpool_protocol_errors_total',
+      help: 'Malformed messages received from clients.',
+      registers,
+    });
+    this.handoffSeconds = new Histogram({
+      name: 'sockpool_handoff_duration_seconds',
+      help: 'From an acquire received to its fd sent.',
+      buckets: HANDOFF_BUCKETS_SECONDS,
+      registers,
+    });
+    this.connectSeconds = new Histogram({
+      name: 'sockpool_connect_duration_seconds',
+      help: 'Time to establish one TCP connection.',
+      buckets: CONNECT_BUCKETS_SECONDS,
+      registers,
+    });
+    if (options.processMetrics ?? true) collectDefaultMetrics({ register: registry });
+  }
+
+  /** The Prometheus text exposition of every metric. */
+  text(): Promise<string> {
+    return this.registry.metrics();
+  }
+}
+
+interface OriginEntry {
+  origin: string;
+  idle: number;
+  leased: number;
+  connecting: number | undefined;
+  waiting: number | undefined;
+}
+
+function collectOrigins(snapshot: MetricsSnapshot): OriginEntry[] {
+  const entries: OriginEntry[] = [];
+  for (const { origin, idle, leased, connecting, waiting } of snapshot.origins) {
+    entries.push({ origin, idle, leased, connecting, waiting });
+  }
+  return entries;
+}
+
+/** The metrics of one daemon; `snapshot` gives the per-origin gauges at scrape time. */
+export function createMetrics(snapshot: () => MetricsSnapshot, options?: MetricsOptions): Metrics {
+  return new Metrics(snapshot, options);
+}
+
+export interface MetricsServer {
+  /** The port it listens on (the one chosen by the kernel when asked for 0). */
+  port: number;
+  close(): Promise<void>;
+}
+
+/** Serves `GET /metrics` (and HEAD) on host:port with node:http; anything else is 404 (405 for other methods). */
+export function startMetricsServer(
+  metrics: Metrics | Registry,
+  port: number,
+  host = '127.0.0.1',
+): Promise<MetricsServer> {
+  const registry = metrics instanceof Registry ? metrics : metrics.registry;
+  const server = createServer((request: IncomingMessage, response: ServerResponse) => {
+    const path = (request.url ?? '').split('?')[0];
+    if (path !== '/metrics') {
+      response.writeHead(404, { 'content-type': 'text/plain; charset=utf-8' }).end('not found: try /metrics\n');
+      return;
+    }
+    if (request.method !== 'GET' && request.method !== 'HEAD') {
+      response.writeHead(405, { allow: 'GET, HEAD', 'content-type': 'text/plain; charset=utf-8' }).end();
+      return;
+    }
+    registry.metrics().then(
+      (text) => {
+        response.writeHead(200, { 'content-type': registry.contentType });
+        response.end(request.method === 'HEAD' ? undefined : text);
+      },
+      (error: unknown) => {
+        response.writeHead(500, { 'content-type': 'text/plain; charset=utf-8' });
+        response.end(`metrics failed: ${(error as Error).message}\n`);
+      },
+    );
+  });
+  // Scrapers keep connections alive; they must not hold the daemon's shutdown.
+  server.keepAliveTimeout = 5_000;
+  return new Promise((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(port, host, () => {
+      server.off('error', reject);
+      server.unref();
+      resolve({
+        port: (server.address() as AddressInfo).port,
+        close: () =>
+          new Promise<void>((done) => {
+            server.close(() => done());
+            server.closeAllConnections();
+          }),
+      });
+    });
+  });
+}

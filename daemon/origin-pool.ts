@@ -1,0 +1,342 @@
+// The sockets of one origin: idle ones kept warm and watched, a count of leased ones, connects in flight, and a
+// fair FIFO queue of acquires waiting for a slot under `maxPerOrigin`.
+//
+// fd ownership: an idle socket's fd belongs to this pool (closed by #drop). acquire() resolves with an fd that
+// then belongs to the caller (the handoff server, which sends it and closes its copy). giveBack() hands one back.
+//
+// Slots: maxPerOrigin bounds leased + idle + connecting, across all clients (a crawler's politeness limit).
+
+import { ErrorCodes, SockpoolError } from '../shared/errors.js';
+import * as native from '../shared/native.js';
+import type { Origin } from '../shared/origin.js';
+import type { ConnectedSocket, Connector } from './connector.js';
+import type { OriginPolicy } from '../shared/config.js';
+
+export interface Handoff extends ConnectedSocket {
+  /** True when the socket was idle in the pool; false when it was connected for this acquire. */
+  warm: boolean;
+}
+
+export type DropReason = 'eof' | 'error' | 'data' | 'ttl' | 'recycled' | 'evicted' | 'excess' | 'shutdown';
+
+/** What the pool tells the pool manager (stats, metrics, the global idle cap). */
+export interface OriginPoolEvents {
+  idleChanged(pool: OriginPool, delta: number): void;
+  dropped(pool: OriginPool, reason: DropReason, idleMs: number, ageMs: number): void;
+  connected(pool: OriginPool, connectMs: number): void;
+  connectFailed(pool: OriginPool, error: Error): void;
+}
+
+interface IdleSocket extends ConnectedSocket {
+  idleSince: number;
+  poller: native.Poller;
+}
+
+interface Waiter {
+  resolve(handoff: Handoff): void;
+  reject(error: Error): void;
+  timer: NodeJS.Timeout;
+  settled: boolean;
+}
+
+export class OriginPool {
+  readonly key: string;
+  readonly origin: Origin;
+  policy: OriginPolicy;
+  /** Newest last: handoffs take the most recently connected socket, the least likely to be closed by a timeout. */
+  #idle: IdleSocket[] = [];
+  #leased = 0;
+  #connecting = 0;
+  /** Connects started for waiters (the rest are refills and prewarms). */
+  #connectingForWaiters = 0;
+  #waiters: Waiter[] = [];
+  #prewarmWanted = 0;
+  #refillTarget = 0;
+  #closed = false;
+  #connector: Connector;
+  #events: OriginPoolEvents;
+  /** Consecutive failed background connects; refills back off while the origin is failing. */
+  #failures = 0;
+  #backoffUntil = 0;
+
+  constructor(key: string, origin: Origin, policy: OriginPolicy, connector: Connector, events: OriginPoolEvents) {
+    this.key = key;
+    this.origin = origin;
+    this.policy = policy;
+    this.#connector = connector;
+    this.#events = events;
+  }
+
+  get idleCount(): number {
+    return this.#idle.length;
+  }
+  get leasedCount(): number {
+    return this.#leased;
+  }
+  get connectingCount(): number {
+    return this.#connecting;
+  }
+  get waitingCount(): number {
+    return this.#waiters.length;
+  }
+  get total(): number {
+    return this.#idle.length + this.#leased + this.#connecting;
+  }
+
+  /** Resolves with a live connected socket; ownership of its fd passes to the caller. */
+  acquire(timeoutMs: number): Promise<Handoff> {
+    if (this.#closed) return Promise.reject(new SockpoolError(ErrorCodes.SHUTTING_DOWN, 'pool is closing'));
+    const warm = this.#takeIdle();
+    if (warm) return Promise.resolve(warm);
+    return new Promise<Handoff>((resolve, reject) => {
+      const waiter: Waiter = {
+        resolve,
+        reject,
+        settled: false,
+        timer: setTimeout(() => {
+          this.#removeWaiter(waiter);
+          reject(
+            new SockpoolError(
+              ErrorCodes.ACQUIRE_TIMEOUT,
+              `no connection to ${this.key} within ${timeoutMs} ms (maxPerOrigin ${this.policy.maxPerOrigin}, ` +
+                `${this.#leased} leased, ${this.#waiters.length} waiting)`,
+              { origin: this.key, timeoutMs },
+            ),
+          );
+        }, timeoutMs),
+      };
+      this.#waiters.push(waiter);
+      this.#pump();
+    });
+  }
+
+  /** A lease ended (curl closed the socket): its slot is free. */
+  leaseEnded(): void {
+    this.#leased = Math.max(0, this.#leased - 1);
+    this.#pump();
+  }
+
+  /** A lease came back unused: the fd returns to the pool (or is closed if it is dead or not wanted). */
+  giveBack(socket: ConnectedSocket): void {
+    this.#leased = Math.max(0, this.#leased - 1);
+    const probe = native.probe(socket.fd);
+    if (this.#closed || probe.state !== 'alive' || !isEstablished(probe.tcpState)) {
+      native.close(socket.fd);
+      this.#pump();
+      return;
+    }
+    this.#addIdle(socket);
+  }
+
+  /** Open up to `count` extra idle sockets soon (a client announced demand). */
+  prewarm(count: number): void {
+    this.#prewarmWanted = Math.max(this.#prewarmWanted, count);
+    this.#pump();
+  }
+
+  /** The pool manager's computed idle target (minIdle, predictive demand), bounded here by the policy. */
+  setRefillTarget(target: number): void {
+    this.#refillTarget = target;
+    this.#pump();
+  }
+
+  /** Drops idle sockets past their age limit or the learned server idle lifetime. */
+  sweep(now: number, recycleAfterMs: number | undefined): void {
+    for (const socket of [...this.#idle]) {
+      const ageMs = now - socket.connectedAt;
+      if (ageMs >= this.policy.idleTtlMs) this.#drop(socket, 'ttl');
+      else if (recycleAfterMs !== undefined && now - socket.idleSince >= recycleAfterMs) this.#drop(socket, 'recycled');
+    }
+    this.#pump();
+  }
+
+  /** Closes the least valuable idle socket (the oldest); used by the global idle cap. */
+  evictOne(): boolean {
+    const oldest = this.#idle[0];
+    if (!oldest) return false;
+    this.#drop(oldest, 'evicted');
+    return true;
+  }
+
+  /** Takes the idle sockets out of the pool (for the fd store at shutdown); the caller owns them. */
+  detachIdle(): ConnectedSocket[] {
+    const sockets = this.#idle;
+    this.#idle = [];
+    for (const socket of sockets) socket.poller.close();
+    this.#events.idleChanged(this, -sockets.length);
+    return sockets.map(({ poller: _poller, idleSince: _idleSince, ...rest }) => rest);
+  }
+
+  /** Adopts an already connected socket (the fd store after a restart); it is probed first. */
+  adopt(socket: ConnectedSocket): boolean {
+    const probe = native.probe(socket.fd);
+    if (this.#closed || probe.state !== 'alive' || !isEstablished(probe.tcpState)) {
+      native.close(socket.fd);
+      return false;
+    }
+    this.#addIdle(socket);
+    return true;
+  }
+
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    for (const waiter of [...this.#waiters]) {
+      this.#removeWaiter(waiter);
+      waiter.reject(new SockpoolError(ErrorCodes.SHUTTING_DOWN, `sockpoold is stopping; ${this.key} unavailable`));
+    }
+    for (const socket of [...this.#idle]) this.#drop(socket, 'shutdown');
+  }
+
+  /** Newest first; every candidate is probed right before the handoff so a closed socket is never handed out. */
+  #takeIdle(): Handoff | undefined {
+    for (let socket = this.#idle.pop(); socket; socket = this.#idle.pop()) {
+      const probe = native.probe(socket.fd);
+      if (probe.state === 'alive' && isEstablished(probe.tcpState)) {
+        socket.poller.close();
+        this.#events.idleChanged(this, -1);
+        this.#leased++;
+        const { poller: _poller, idleSince: _idleSince, ...rest } = socket;
+        this.#pumpSoon();
+        return { ...rest, warm: true };
+      }
+      this.#idle.push(socket);
+      this.#drop(socket, probe.state === 'data' ? 'data' : probe.state === 'error' ? 'error' : 'eof');
+    }
+    return undefined;
+  }
+
+  #addIdle(socket: ConnectedSocket): void {
+    if (this.#waiters.length > 0) {
+      this.#leased++;
+      this.#serve({ ...socket, warm: true });
+      return;
+    }
+    if (this.#idle.length >= this.policy.maxIdle) {
+      native.close(socket.fd);
+      this.#events.dropped(this, 'excess', 0, performance.now() - socket.connectedAt);
+      return;
+    }
+    const idle: IdleSocket = {
+      ...socket,
+      idleSince: performance.now(),
+      // Any readiness on an idle socket (EOF, RST, unexpected bytes) means it is no longer safe to hand out.
+      poller: new native.Poller(socket.fd, () => this.#onIdleEvent(idle)),
+    };
+    idle.poller.start(native.READABLE | native.DISCONNECT);
+    this.#idle.push(idle);
+    this.#events.idleChanged(this, +1);
+  }
+
+  #onIdleEvent(socket: IdleSocket): void {
+    if (!this.#idle.includes(socket)) return;
+    const probe = native.probe(socket.fd);
+    if (probe.state === 'alive' && isEstablished(probe.tcpState)) return; // spurious wakeup
+    this.#drop(socket, probe.state === 'data' ? 'data' : probe.state === 'error' ? 'error' : 'eof');
+    this.#pump();
+  }
+
+  #drop(socket: IdleSocket, reason: DropReason): void {
+    const index = this.#idle.indexOf(socket);
+    if (index === -1) return;
+    this.#idle.splice(index, 1);
+    socket.poller.close();
+    native.close(socket.fd);
+    const now = performance.now();
+    this.#events.idleChanged(this, -1);
+    this.#events.dropped(this, reason, now - socket.idleSince, now - socket.connectedAt);
+  }
+
+  #serve(handoff: Handoff): void {
+    const waiter = this.#waiters.shift();
+    if (!waiter) throw new Error('internal: #serve without a waiter');
+    clearTimeout(waiter.timer);
+    waiter.settled = true;
+    waiter.resolve(handoff);
+  }
+
+  #removeWaiter(waiter: Waiter): void {
+    const index = this.#waiters.indexOf(waiter);
+    if (index !== -1) this.#waiters.splice(index, 1);
+    clearTimeout(waiter.timer);
+    waiter.settled = true;
+  }
+
+  #pumpScheduled = false;
+  #pumpSoon(): void {
+    if (this.#pumpScheduled) return;
+    this.#pumpScheduled = true;
+    setImmediate(() => {
+      this.#pumpScheduled = false;
+      this.#pump();
+    });
+  }
+
+  /** Serves waiters from idle sockets, then starts the connects that waiters and the refill target call for. */
+  #pump(): void {
+    if (this.#closed) return;
+    while (this.#waiters.length > 0) {
+      const warm = this.#takeIdle();
+      if (!warm) break;
+      this.#serve(warm);
+    }
+    const limit = this.policy.maxPerOrigin;
+    // Waiters first: one connect per waiter not already covered by a connect in flight.
+    while (this.#waiters.length > this.#connectingForWaiters && this.total < limit) {
+      this.#startConnect(true);
+    }
+    if (performance.now() < this.#backoffUntil) return;
+    const target = Math.min(
+      this.policy.maxIdle,
+      Math.max(this.policy.minIdle, this.#refillTarget, this.#prewarmWanted),
+    );
+    while (this.#idle.length + this.#connecting - this.#connectingForWaiters < target && this.total < limit) {
+      this.#startConnect(false);
+      if (this.#prewarmWanted > 0) this.#prewarmWanted--;
+    }
+  }
+
+  #startConnect(forWaiter: boolean): void {
+    this.#connecting++;
+    if (forWaiter) this.#connectingForWaiters++;
+    this.#connector.connect(this.origin, this.policy).then(
+      (socket) => {
+        this.#connecting--;
+        if (forWaiter) this.#connectingForWaiters--;
+        this.#failures = 0;
+        this.#events.connected(this, socket.connectMs);
+        if (this.#closed) {
+          native.close(socket.fd);
+          return;
+        }
+        if (this.#waiters.length > 0) {
+          this.#leased++;
+          this.#serve({ ...socket, warm: false });
+        } else {
+          this.#addIdle(socket);
+        }
+        this.#pump();
+      },
+      (error: Error) => {
+        this.#connecting--;
+        if (forWaiter) this.#connectingForWaiters--;
+        this.#failures++;
+        this.#backoffUntil = performance.now() + Math.min(30_000, 250 * 2 ** Math.min(this.#failures, 7));
+        this.#events.connectFailed(this, error);
+        // The oldest waiter gets the failure: queue order is kept and nobody waits on a dead origin until timeout.
+        if (forWaiter && this.#waiters.length > 0) {
+          const waiter = this.#waiters.shift()!;
+          clearTimeout(waiter.timer);
+          waiter.settled = true;
+          waiter.reject(error);
+        }
+        this.#pump();
+      },
+    );
+  }
+}
+
+/** tcpi_state 1 is TCP_ESTABLISHED; undefined means not a TCP socket (never pooled). */
+function isEstablished(tcpState: number | undefined): boolean {
+  return tcpState === 1;
+}

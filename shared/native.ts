@@ -1,0 +1,355 @@
+// The typed face of sockpool's native addon (native/sockpool_native.cc): Linux socket syscalls and libuv readiness,
+// no policy. Every function here calls straight into C++; nothing is cached or queued in JavaScript.
+//
+// Errors: a failed syscall throws a NativeError shaped like Node's own (`code: 'ECONNREFUSED'`, `errno: -111`,
+// `syscall: 'connect'`); failures of our own carry a SOCKPOOL_ERR_* code (see NativeErrorCodes). Bad arguments
+// throw TypeError/RangeError with Node's ERR_* codes.
+//
+// fd ownership, in one place:
+// - Every fd a function returns (seqpacketListen, seqpacketConnect, seqpacketPair, accept, datagramBind,
+//   tcpSocket, recvMessage's fds) belongs to the caller, who must close() it or hand it on and say so.
+// - sendMessage/sendDatagram never close the fds they send: the kernel duplicates them into the message, and the
+//   caller closes its own copies after a successful send (or keeps them if the send failed).
+// - Fds received with recvMessage are also *tracked* for the current thread: if the thread ends (worker
+//   terminated, crashed, or the process exits) before they are closed or untracked, the addon closes them. When
+//   ownership of a received fd leaves this thread's JavaScript (handed to curl, to net.Socket, sent on to another
+//   process), call untrack(fd) so that teardown does not close a number that now means something else.
+// - A Poller never owns its fd: close the Poller first, then the fd (close() refuses an fd a Poller watches).
+// All fds the addon creates are O_CLOEXEC and non-blocking.
+//
+// Threads: the addon is context-aware and works in worker threads; its state (tracked fds, Pollers) is per thread.
+
+import { existsSync, readFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+/** A failed syscall (`code` is the errno name) or one of NativeErrorCodes. */
+export interface NativeError extends Error {
+  code: string;
+  /** Negative errno, as Node reports it (absent for SOCKPOOL_ERR_* codes). */
+  errno?: number;
+  syscall?: string;
+  /** connect/bind: the address tried; unix sockets: the path. */
+  address?: string;
+  port?: number;
+  /** SOCKPOOL_ERR_FD_TRUNCATED / SOCKPOOL_ERR_MSG_TRUNCATED: how many received fds the addon closed. */
+  fdsClosed?: number;
+}
+
+/** The addon's own error codes (everything else is an errno name). */
+export const NativeErrorCodes = {
+  /** recvMessage: the message carried more fds than maxFds; every fd that arrived was closed. */
+  FD_TRUNCATED: 'SOCKPOOL_ERR_FD_TRUNCATED',
+  /** recvMessage: the message was longer than maxBytes; it is lost and every fd that came with it was closed. */
+  MSG_TRUNCATED: 'SOCKPOOL_ERR_MSG_TRUNCATED',
+  /** close: a Poller of this thread still watches the fd; close the Poller first. */
+  FD_POLLED: 'SOCKPOOL_ERR_FD_POLLED',
+  /** Poller.start after Poller.close. */
+  POLLER_CLOSED: 'SOCKPOOL_ERR_POLLER_CLOSED',
+} as const;
+
+export function isNativeError(error: unknown): error is NativeError {
+  return error instanceof Error && typeof (error as { code?: unknown }).code === 'string';
+}
+
+export interface SocketAddress {
+  family: 4 | 6;
+  /** Numeric address; IPv6 without brackets (with `%zone` for scoped addresses). */
+  address: string;
+  port: number;
+}
+
+export interface ReceivedMessage {
+  data: Buffer;
+  /** Owned by the caller and tracked for this thread (see the header). */
+  fds: number[];
+  /**
+   * The peer shut down: 0 bytes and no fds. A zero-length message looks the same, so protocols on these sockets
+   * never send empty messages.
+   */
+  eof: boolean;
+}
+
+export type ProbeState = 'alive' | 'eof' | 'data' | 'error';
+
+export interface ProbeResult {
+  /**
+   * alive: nothing to read and (TCP) ESTABLISHED. eof: the peer closed. data: unread bytes nobody asked for.
+   * error: recv failed (`error` is the errno name), or a TCP socket that is not ESTABLISHED with nothing to read
+   * (`error` 'ENOTCONN').
+   */
+  state: ProbeState;
+  error?: string;
+  /** TCP_INFO's tcpi_state (1 = ESTABLISHED, 8 = CLOSE_WAIT); only for TCP sockets. */
+  tcpState?: number;
+}
+
+export interface PeerCredentials {
+  pid: number;
+  uid: number;
+  gid: number;
+}
+
+/** status: 0, or a negative errno (libuv); events: the READABLE/WRITABLE/DISCONNECT bits that are ready. */
+export type PollCallback = (status: number, events: number) => void;
+
+/**
+ * libuv readiness for one fd, on the current thread's event loop (a uv_poll_t). Never blocks, never busy-polls.
+ * The callback runs like any libuv callback (microtasks drained after it); if it throws, that is an uncaught
+ * exception of this thread. A started Poller keeps the loop alive (see unref) and its object from being collected.
+ * The Poller does not own the fd: call close() before closing the fd. Closed automatically when the thread ends.
+ */
+export interface Poller {
+  /** Starts or changes the watched events (READABLE | WRITABLE | DISCONNECT). */
+  start(events: number): void;
+  /** Stops watching; start() may be called again. */
+  stop(): void;
+  /** Releases the libuv handle (uv_close). Idempotent. The fd stays open. */
+  close(): void;
+  /** The Poller keeps the event loop alive while started (the default). */
+  ref(): void;
+  /** The event loop may exit even while this Poller is started. */
+  unref(): void;
+}
+
+export interface PollerConstructor {
+  /** Throws EEXIST (syscall 'uv_poll_init') when another Poller or libuv handle of this thread watches fd. */
+  new (fd: number, callback: PollCallback): Poller;
+}
+
+interface NativeBinding {
+  seqpacketListen(path: string, backlog: number): number;
+  seqpacketConnect(path: string): number;
+  seqpacketPair(): [number, number];
+  accept(fd: number): number | null;
+  sendMessage(fd: number, data: Uint8Array, fds?: readonly number[]): number | null;
+  recvMessage(fd: number, maxBytes: number, maxFds: number): ReceivedMessage | null;
+  sendDatagram(path: string, data: Uint8Array, fds?: readonly number[]): void;
+  datagramBind(path: string): number;
+  tcpSocket(family: 4 | 6): number;
+  bindAddress(fd: number, address: string, port: number): void;
+  connectStart(fd: number, address: string, port: number): boolean;
+  socketError(fd: number): string | null;
+  localAddress(fd: number): SocketAddress;
+  peerAddress(fd: number): SocketAddress;
+  setNoDelay(fd: number, on: boolean): void;
+  setKeepAlive(fd: number, on: boolean, idleSec?: number, intervalSec?: number, count?: number): void;
+  setUserTimeout(fd: number, ms: number): void;
+  setMark(fd: number, mark: number): void;
+  bindToDevice(fd: number, name: string): void;
+  probe(fd: number): ProbeResult;
+  peerCredentials(fd: number): PeerCredentials;
+  close(fd: number): void;
+  untrack(fd: number): void;
+  track(fd: number): void;
+  trackedFds(): number[];
+  Poller: PollerConstructor;
+  READABLE: number;
+  WRITABLE: number;
+  DISCONNECT: number;
+}
+
+/** The directory of the package named "sockpool" at or above `start` (source tree and dist/ alike). */
+function findPackageRoot(start: string): string {
+  for (let dir = start; ; dir = dirname(dir)) {
+    const manifest = join(dir, 'package.json');
+    if (existsSync(manifest)) {
+      try {
+        if ((JSON.parse(readFileSync(manifest, 'utf8')) as { name?: unknown }).name === 'sockpool') return dir;
+      } catch {
+        // not ours (or unreadable): keep walking up
+      }
+    }
+    if (dirname(dir) === dir) {
+      throw new Error(`sockpool: no package.json named "sockpool" above ${start}; cannot locate the native addon`);
+    }
+  }
+}
+
+/** Absolute path of the compiled addon (`node scripts/build-native.mjs addon` builds it). */
+export const nativeAddonPath = join(
+  findPackageRoot(dirname(fileURLToPath(import.meta.url))),
+  'native',
+  'build',
+  'Release',
+  'sockpool_native.node',
+);
+
+const binding = createRequire(import.meta.url)(nativeAddonPath) as NativeBinding;
+
+/** Poller event bit: readable (or a pending accept, or the peer closed). */
+export const READABLE: number = binding.READABLE;
+/** Poller event bit: writable (a non-blocking connect finished, successfully or not). */
+export const WRITABLE: number = binding.WRITABLE;
+/** Poller event bit: the peer hung up (EPOLLRDHUP). */
+export const DISCONNECT: number = binding.DISCONNECT;
+
+export const Poller: PollerConstructor = binding.Poller;
+
+// ---- AF_UNIX
+
+/**
+ * A listening AF_UNIX SOCK_SEQPACKET socket bound to `path` ('@name' = abstract namespace). An existing file at
+ * `path` is not removed (EADDRINUSE): the caller decides whether to unlink it. Returns an fd the caller owns.
+ */
+export function seqpacketListen(path: string, backlog: number): number {
+  return binding.seqpacketListen(path, backlog);
+}
+
+/**
+ * Connects a SOCK_SEQPACKET socket to `path` ('@name' = abstract). A unix connect completes at once or throws
+ * (ENOENT, ECONNREFUSED, EAGAIN when the listener's backlog is full). Returns an fd the caller owns.
+ */
+export function seqpacketConnect(path: string): number {
+  return binding.seqpacketConnect(path);
+}
+
+/** A connected SOCK_SEQPACKET pair (socketpair). Both fds belong to the caller. */
+export function seqpacketPair(): [number, number] {
+  return binding.seqpacketPair();
+}
+
+/** accept4 on a listening socket: a new fd the caller owns, or null when no connection is pending. */
+export function accept(fd: number): number | null {
+  return binding.accept(fd);
+}
+
+/**
+ * sendmsg (MSG_NOSIGNAL | MSG_DONTWAIT) of one message, with `fds` attached (SCM_RIGHTS, at most 253).
+ * Returns the bytes sent, or null when the socket would block (nothing was sent). The caller keeps ownership of
+ * `fds`: after a successful send the peer has its own copies and the caller closes its own.
+ */
+export function sendMessage(fd: number, data: Uint8Array, fds?: readonly number[]): number | null {
+  return binding.sendMessage(fd, data, fds);
+}
+
+/**
+ * recvmsg (MSG_CMSG_CLOEXEC | MSG_DONTWAIT) of one message of at most `maxBytes` bytes and `maxFds` fds.
+ * Returns null when nothing is waiting. The received fds belong to the caller and are tracked for this thread
+ * (see untrack). A message with more than `maxFds` fds throws SOCKPOOL_ERR_FD_TRUNCATED, one longer than
+ * `maxBytes` SOCKPOOL_ERR_MSG_TRUNCATED; either way every fd that arrived with it has been closed, the message is
+ * gone, and the socket remains usable.
+ */
+export function recvMessage(fd: number, maxBytes: number, maxFds: number): ReceivedMessage | null {
+  return binding.recvMessage(fd, maxBytes, maxFds);
+}
+
+/**
+ * Sends one AF_UNIX datagram to `path` ('@name' = abstract) from a fresh socket that is closed before returning,
+ * with optional fds (SCM_RIGHTS): sd_notify with FDSTORE. Never blocks: a full receiver throws EAGAIN. The
+ * caller keeps ownership of `fds`.
+ */
+export function sendDatagram(path: string, data: Uint8Array, fds?: readonly number[]): void {
+  binding.sendDatagram(path, data, fds);
+}
+
+/**
+ * An AF_UNIX SOCK_DGRAM socket bound to `path` ('@name' = abstract), SO_PASSCRED off; read it with recvMessage
+ * (tests use it as a NOTIFY_SOCKET). Returns an fd the caller owns; a path-bound socket leaves its file behind.
+ */
+export function datagramBind(path: string): number {
+  return binding.datagramBind(path);
+}
+
+// ---- TCP
+
+/** A non-blocking TCP socket of the given family. Returns an fd the caller owns. */
+export function tcpSocket(family: 4 | 6): number {
+  return binding.tcpSocket(family);
+}
+
+/** bind(2) to a numeric address (of the socket's family) and port (0 = any). */
+export function bindAddress(fd: number, address: string, port: number): void {
+  binding.bindAddress(fd, address, port);
+}
+
+/**
+ * Starts a non-blocking connect to a numeric address. true: connected at once; false: in progress (wait for
+ * WRITABLE, then read socketError). Any other failure throws (errors carry `address` and `port`).
+ */
+export function connectStart(fd: number, address: string, port: number): boolean {
+  return binding.connectStart(fd, address, port);
+}
+
+/** SO_ERROR as an errno name ('ECONNREFUSED'), or null if there is none. Reading it clears it. */
+export function socketError(fd: number): string | null {
+  return binding.socketError(fd);
+}
+
+/** getsockname of an IPv4/IPv6 socket. */
+export function localAddress(fd: number): SocketAddress {
+  return binding.localAddress(fd);
+}
+
+/** getpeername of an IPv4/IPv6 socket (ENOTCONN when not connected). */
+export function peerAddress(fd: number): SocketAddress {
+  return binding.peerAddress(fd);
+}
+
+// ---- Socket options (each throws the setsockopt error; the option name is in the message)
+
+/** TCP_NODELAY. */
+export function setNoDelay(fd: number, on: boolean): void {
+  binding.setNoDelay(fd, on);
+}
+
+/** SO_KEEPALIVE, plus TCP_KEEPIDLE / TCP_KEEPINTVL / TCP_KEEPCNT for the values given. */
+export function setKeepAlive(fd: number, on: boolean, idleSec?: number, intervalSec?: number, count?: number): void {
+  binding.setKeepAlive(fd, on, idleSec, intervalSec, count);
+}
+
+/** TCP_USER_TIMEOUT in milliseconds (0 = the system default). */
+export function setUserTimeout(fd: number, ms: number): void {
+  binding.setUserTimeout(fd, ms);
+}
+
+/** SO_MARK (0 to 2^32-1). Needs CAP_NET_ADMIN: without it this throws EPERM. */
+export function setMark(fd: number, mark: number): void {
+  binding.setMark(fd, mark);
+}
+
+/** SO_BINDTODEVICE; '' removes the binding. Unknown or over-long names throw ENODEV. */
+export function bindToDevice(fd: number, name: string): void {
+  binding.bindToDevice(fd, name);
+}
+
+// ---- Liveness and identity
+
+/** Liveness of an idle socket, without consuming anything (recv MSG_PEEK, plus TCP_INFO for TCP). */
+export function probe(fd: number): ProbeResult {
+  return binding.probe(fd);
+}
+
+/** SO_PEERCRED of a connected AF_UNIX socket: the peer process at connect time. */
+export function peerCredentials(fd: number): PeerCredentials {
+  return binding.peerCredentials(fd);
+}
+
+// ---- Ownership
+
+/**
+ * close(2), and untrack. Throws SOCKPOOL_ERR_FD_POLLED if a Poller of this thread still watches the fd (nothing
+ * is closed then), EBADF if it is not open.
+ */
+export function close(fd: number): void {
+  binding.close(fd);
+}
+
+/**
+ * Ownership of a received fd leaves this thread's JavaScript (handed to curl or net.Socket, sent to another
+ * process and closed by whoever does that): thread teardown must not close it.
+ */
+export function untrack(fd: number): void {
+  binding.untrack(fd);
+}
+
+/** This thread takes ownership of `fd` (e.g. its daemon link): teardown closes it unless closed or untracked. */
+export function track(fd: number): void {
+  binding.track(fd);
+}
+
+/** The fds this thread currently tracks, sorted (for tests and diagnostics). */
+export function trackedFds(): number[] {
+  return binding.trackedFds();
+}

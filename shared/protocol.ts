@@ -1,0 +1,163 @@
+// The sockpoold wire protocol: one JSON object per SOCK_SEQPACKET message, UTF-8, at most MAX_MESSAGE_BYTES.
+// A message may carry file descriptors (SCM_RIGHTS): `lease` (daemon → client) carries exactly one connected
+// socket, `release` (client → daemon) carries back the one it never used. Every other message carries none.
+// See docs/protocol.md for each message with its fields and defaults.
+//
+// Every request has an `id` (a non-negative integer chosen by the client) that its reply repeats; `release` and
+// `closed` may leave it out and then get no reply (curl's close callback has nobody to wait for an answer).
+
+import { z } from 'zod';
+import { ErrorCodes, SockpoolError } from './errors.js';
+
+export const PROTOCOL_VERSION = 1;
+/** Largest message either side sends or accepts; larger ones are a protocol error. */
+export const MAX_MESSAGE_BYTES = 16 * 1024;
+/** Most fds one message may carry. */
+export const MAX_FDS_PER_MESSAGE = 1;
+
+const requestId = z.number().int().min(0).max(2 ** 31 - 1);
+// RFC 1123 host names and IP literals (IPv6 without brackets); checked again by the egress policy.
+const host = z
+  .string()
+  .min(1)
+  .max(253)
+  .regex(/^[A-Za-z0-9._:%-]+$/, 'host may contain only letters, digits and . _ : % -');
+const port = z.number().int().min(1).max(65535);
+const leaseId = z.number().int().min(1);
+
+export const ClientMessage = z.discriminatedUnion('type', [
+  z.strictObject({
+    type: z.literal('hello'),
+    id: requestId,
+    version: z.number().int().min(1),
+    client: z.string().max(200).optional(),
+  }),
+  z.strictObject({
+    type: z.literal('acquire'),
+    id: requestId,
+    host,
+    port,
+    /** How long the client is willing to wait for a slot and a connection, in ms. */
+    timeoutMs: z.number().int().min(1).max(600_000).optional(),
+  }),
+  z.strictObject({
+    type: z.literal('prewarm'),
+    id: requestId,
+    host,
+    port,
+    count: z.number().int().min(1).max(1000),
+  }),
+  z.strictObject({ type: z.literal('release'), id: requestId.optional(), leaseId }),
+  z.strictObject({ type: z.literal('closed'), id: requestId.optional(), leaseId }),
+  z.strictObject({ type: z.literal('stats'), id: requestId }),
+]);
+export type ClientMessage = z.infer<typeof ClientMessage>;
+
+export interface HelloReply {
+  type: 'hello';
+  id: number;
+  version: number;
+  server: 'sockpoold';
+  serverVersion: string;
+  maxMessageBytes: number;
+}
+
+/** Reply to `acquire`; the message carries the connected socket as its one fd. */
+export interface LeaseReply {
+  type: 'lease';
+  id: number;
+  leaseId: number;
+  host: string;
+  port: number;
+  /** The peer address the socket is connected to (curl is pinned to it). */
+  address: string;
+  family: 4 | 6;
+  /** True when the socket was already idle in the pool; false when it was connected for this acquire. */
+  warm: boolean;
+  /** Time the daemon spent connecting this socket (0 when warm and measured earlier). */
+  connectMs: number;
+}
+
+export interface OkReply {
+  type: 'ok';
+  id: number;
+}
+
+export interface StatsReply {
+  type: 'stats';
+  id: number;
+  stats: Record<string, unknown>;
+}
+
+export interface ErrorReply {
+  type: 'error';
+  /** The request's id, or null when the message was too broken to have one. */
+  id: number | null;
+  code: string;
+  message: string;
+  fields?: Record<string, string | number | boolean | null>;
+}
+
+export type DaemonMessage = HelloReply | LeaseReply | OkReply | StatsReply | ErrorReply;
+
+const encoder = new TextEncoder();
+
+export function encodeMessage(message: ClientMessage | DaemonMessage): Buffer {
+  const bytes = Buffer.from(encoder.encode(JSON.stringify(message)));
+  if (bytes.length > MAX_MESSAGE_BYTES) {
+    throw new SockpoolError(ErrorCodes.PROTOCOL, `message of ${bytes.length} bytes exceeds ${MAX_MESSAGE_BYTES}`);
+  }
+  return bytes;
+}
+
+function parseJson(data: Uint8Array): unknown {
+  if (data.length > MAX_MESSAGE_BYTES) {
+    throw new SockpoolError(ErrorCodes.PROTOCOL, `message of ${data.length} bytes exceeds ${MAX_MESSAGE_BYTES}`);
+  }
+  try {
+    return JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(data));
+  } catch (error) {
+    throw new SockpoolError(ErrorCodes.PROTOCOL, `message is not UTF-8 JSON: ${(error as Error).message}`);
+  }
+}
+
+/** Id of a request that failed validation, when one can be read, so the error reply can name it. */
+export function salvageRequestId(data: Uint8Array): number | null {
+  try {
+    const value = JSON.parse(Buffer.from(data).toString('utf8')) as { id?: unknown };
+    const parsed = requestId.safeParse(value?.id);
+    return parsed.success ? parsed.data : null;
+  } catch {
+    return null;
+  }
+}
+
+/** Validates a client message; throws SOCKPOOL_ERR_PROTOCOL naming the first bad field. */
+export function decodeClientMessage(data: Uint8Array): ClientMessage {
+  const parsed = ClientMessage.safeParse(parseJson(data));
+  if (!parsed.success) {
+    const issue = parsed.error.issues[0];
+    const where = issue && issue.path.length > 0 ? issue.path.join('.') : 'message';
+    throw new SockpoolError(ErrorCodes.PROTOCOL, `invalid ${where}: ${issue?.message ?? 'invalid message'}`);
+  }
+  return parsed.data;
+}
+
+/** Daemon messages are trusted less strictly (the daemon is ours), but still checked for shape. */
+export function decodeDaemonMessage(data: Uint8Array): DaemonMessage {
+  const value = parseJson(data) as Partial<DaemonMessage> | null;
+  if (
+    value === null ||
+    typeof value !== 'object' ||
+    typeof value.type !== 'string' ||
+    !['hello', 'lease', 'ok', 'stats', 'error'].includes(value.type)
+  ) {
+    throw new SockpoolError(ErrorCodes.PROTOCOL, 'daemon sent a message of unknown shape');
+  }
+  return value as DaemonMessage;
+}
+
+/** Which client messages must carry exactly one fd. */
+export function expectedFds(type: ClientMessage['type']): number {
+  return type === 'release' ? 1 : 0;
+}

@@ -1,0 +1,149 @@
+// One connected SOCK_SEQPACKET socket, driven by libuv readiness: whole messages in, whole messages out, fds
+// attached. Both the daemon (one per client) and the worker (its link to the daemon) use it.
+//
+// fd ownership:
+// - The channel owns its socket fd and closes it in close().
+// - send(data, fds) takes ownership of `fds`: they are closed once the kernel has duplicated them into the
+//   peer, or when the channel closes before they could be sent. The caller must not use them after send().
+// - Received fds belong to the onMessage handler from the moment it is called.
+
+import * as native from './native.js';
+
+export interface ChannelHandlers {
+  onMessage(data: Buffer, fds: number[]): void;
+  /** A message arrived truncated (too large, or too many fds); it and its fds are already dropped. */
+  onBadMessage?(error: Error): void;
+  /** Called once, when the peer hung up (error undefined) or the socket failed. */
+  onClose(error?: Error): void;
+}
+
+interface Outgoing {
+  data: Uint8Array;
+  fds: number[];
+}
+
+export interface ChannelOptions {
+  maxMessageBytes: number;
+  maxFdsPerMessage: number;
+  /** Messages queued while the peer does not read; beyond this the channel closes with an error. */
+  maxQueuedMessages?: number;
+}
+
+export class SeqpacketChannel {
+  readonly fd: number;
+  #poller: native.Poller;
+  #handlers: ChannelHandlers;
+  #options: Required<ChannelOptions>;
+  #queue: Outgoing[] = [];
+  #closed = false;
+  #watching = 0;
+
+  constructor(fd: number, handlers: ChannelHandlers, options: ChannelOptions) {
+    this.fd = fd;
+    this.#handlers = handlers;
+    this.#options = { maxQueuedMessages: 4096, ...options };
+    this.#poller = new native.Poller(fd, (status, events) => this.#onReady(status, events));
+    this.#watch(native.READABLE | native.DISCONNECT);
+  }
+
+  get closed(): boolean {
+    return this.#closed;
+  }
+
+  /** Queues one message; takes ownership of `fds` (see the header). */
+  send(data: Uint8Array, fds: number[] = []): void {
+    if (this.#closed) {
+      for (const fd of fds) native.close(fd);
+      return;
+    }
+    if (this.#queue.length === 0 && this.#sendNow({ data, fds })) return;
+    if (this.#queue.length >= this.#options.maxQueuedMessages) {
+      for (const fd of fds) native.close(fd);
+      this.#fail(Object.assign(new Error('peer is not reading: send queue full'), { code: 'SOCKPOOL_ERR_LIMIT' }));
+      return;
+    }
+    this.#queue.push({ data, fds });
+    this.#watch(native.READABLE | native.WRITABLE | native.DISCONNECT);
+  }
+
+  /** Closes the socket and every fd still queued. Does not call onClose. */
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#poller.close();
+    for (const message of this.#queue) for (const fd of message.fds) native.close(fd);
+    this.#queue = [];
+    native.close(this.fd);
+  }
+
+  /** Sends at once if the kernel takes it; false when it would block. Throws on a broken socket. */
+  #sendNow(message: Outgoing): boolean {
+    try {
+      const sent = native.sendMessage(this.fd, message.data, message.fds);
+      if (sent === null) return false;
+    } catch (error) {
+      for (const fd of message.fds) native.close(fd);
+      this.#fail(error as Error);
+      return true;
+    }
+    // The peer holds its own copies now; ours are closed here.
+    for (const fd of message.fds) native.close(fd);
+    return true;
+  }
+
+  #watch(events: number): void {
+    if (this.#closed || this.#watching === events) return;
+    this.#watching = events;
+    this.#poller.start(events);
+  }
+
+  #onReady(status: number, events: number): void {
+    if (this.#closed) return;
+    if (status < 0) {
+      this.#fail(Object.assign(new Error(`poll failed (${status})`), { code: 'EIO' }));
+      return;
+    }
+    if (events & native.WRITABLE) this.#flush();
+    if (events & (native.READABLE | native.DISCONNECT)) this.#drain();
+  }
+
+  #flush(): void {
+    while (!this.#closed && this.#queue.length > 0) {
+      const head = this.#queue[0]!;
+      if (!this.#sendNow(head)) return;
+      this.#queue.shift();
+    }
+    if (!this.#closed) this.#watch(native.READABLE | native.DISCONNECT);
+  }
+
+  #drain(): void {
+    // Bounded per wakeup so one busy peer cannot starve the others on this loop.
+    for (let i = 0; i < 64 && !this.#closed; i++) {
+      let message: native.ReceivedMessage | null;
+      try {
+        message = native.recvMessage(this.fd, this.#options.maxMessageBytes, this.#options.maxFdsPerMessage);
+      } catch (error) {
+        const code = (error as { code?: string }).code;
+        // A truncated message lost its fds (the addon closed them); the stream itself is still sound.
+        if (code === 'SOCKPOOL_ERR_FD_TRUNCATED' || code === 'SOCKPOOL_ERR_MSG_TRUNCATED') {
+          this.#handlers.onBadMessage?.(error as Error);
+          continue;
+        }
+        this.#fail(error as Error);
+        return;
+      }
+      if (message === null) return;
+      if (message.eof) {
+        this.#fail(undefined);
+        return;
+      }
+      this.#handlers.onMessage(message.data, message.fds);
+    }
+  }
+
+  #fail(error: Error | undefined): void {
+    if (this.#closed) return;
+    this.close();
+    this.#handlers.onClose(error);
+  }
+}

@@ -1,0 +1,390 @@
+// Pure logic: the policy is asked about addresses and names, nothing is ever connected to.
+
+import { describe, expect, it } from 'vitest';
+import { classifyAddress, EgressPolicy, isHostName, normaliseIpLiteral } from '../daemon/egress-policy.js';
+import { ErrorCodes, SockpoolError } from '../shared/errors.js';
+
+function refusal(action: () => void): SockpoolError {
+  try {
+    action();
+  } catch (error) {
+    expect(error).toBeInstanceOf(SockpoolError);
+    expect((error as SockpoolError).code).toBe(ErrorCodes.POLICY);
+    return error as SockpoolError;
+  }
+  throw new Error('expected a policy refusal');
+}
+
+function configError(action: () => void): SockpoolError {
+  try {
+    action();
+  } catch (error) {
+    expect(error).toBeInstanceOf(SockpoolError);
+    expect((error as SockpoolError).code).toBe(ErrorCodes.CONFIG);
+    return error as SockpoolError;
+  }
+  throw new Error('expected a config error');
+}
+
+describe('normaliseIpLiteral', () => {
+  it.each([
+    ['127.0.0.1', '127.0.0.1', 4],
+    ['2130706433', '127.0.0.1', 4],
+    ['0177.0.0.1', '127.0.0.1', 4],
+    ['0x7f000001', '127.0.0.1', 4],
+    ['0x7f.1', '127.0.0.1', 4],
+    ['0X7F.0.0.1', '127.0.0.1', 4],
+    ['127.1', '127.0.0.1', 4],
+    ['127.0.1', '127.0.0.1', 4],
+    ['10.0x10.0300', '10.16.0.192', 4],
+    ['0', '0.0.0.0', 4],
+    ['0x', '0.0.0.0', 4],
+    ['127.0.0.1.', '127.0.0.1', 4],
+    ['::1', '::1', 6],
+    ['[::1]', '::1', 6],
+    ['[::ffff:127.0.0.1]', '::ffff:127.0.0.1', 6],
+    ['::ffff:7f00:1', '::ffff:127.0.0.1', 6],
+    ['::127.0.0.1', '::7f00:1', 6],
+    ['2001:DB8:0:0:0:0:0:1', '2001:db8::1', 6],
+    ['2001:db8:0:0:1:0:0:1', '2001:db8::1:0:0:1', 6],
+    ['0:0:0:0:0:0:0:0', '::', 6],
+    ['fe80::1%eth0', 'fe80::1', 6],
+    ['1:2:3:4:5:6:7:8', '1:2:3:4:5:6:7:8', 6],
+  ])('%s → %s', (input, address, family) => {
+    expect(normaliseIpLiteral(input)).toEqual({ address, family });
+  });
+
+  it.each([
+    'example.com',
+    '256.0.0.1',
+    '1.2.3.4.5',
+    '08.0.0.1',
+    '0x1g.0.0.1',
+    '4294967296',
+    '1.16777216',
+    '',
+    '[127.0.0.1]',
+    '1::2::3',
+    '127.0.0.1 ',
+  ])('%j is not an IP literal', (input) => {
+    // '127.0.0.1 ' trims to a literal: inet_aton would accept trailing whitespace too.
+    if (input === '127.0.0.1 ') expect(normaliseIpLiteral(input)).toEqual({ address: '127.0.0.1', family: 4 });
+    else expect(normaliseIpLiteral(input)).toBeNull();
+  });
+});
+
+describe('isHostName', () => {
+  it('accepts DNS names and refuses numbers, empty labels and odd characters', () => {
+    expect(isHostName('example.com')).toBe(true);
+    expect(isHostName('_srv.a-b.example')).toBe(true);
+    expect(isHostName('localhost')).toBe(true);
+    expect(isHostName('1.2.3.999')).toBe(false);
+    expect(isHostName('foo.0x10')).toBe(false);
+    expect(isHostName('a..b')).toBe(false);
+    expect(isHostName('a b')).toBe(false);
+    expect(isHostName(`${'a'.repeat(64)}.com`)).toBe(false);
+  });
+});
+
+describe('classifyAddress', () => {
+  it.each([
+    // IPv4 classes
+    ['127.0.0.1', 'loopback'],
+    ['127.255.255.254', 'loopback'],
+    ['10.0.0.1', 'private'],
+    ['172.16.0.1', 'private'],
+    ['172.31.255.255', 'private'],
+    ['192.168.1.1', 'private'],
+    ['169.254.1.1', 'link-local'],
+    ['100.64.0.1', 'cgnat'],
+    ['100.127.255.255', 'cgnat'],
+    ['224.0.0.1', 'multicast'],
+    ['239.255.255.250', 'multicast'],
+    ['0.0.0.0', 'unspecified'],
+    ['0.1.2.3', 'unspecified'],
+    ['255.255.255.255', 'broadcast'],
+    ['169.254.169.254', 'metadata'],
+    ['169.254.170.2', 'metadata'],
+    ['100.100.100.200', 'metadata'],
+    ['198.18.0.1', 'reserved'],
+    ['198.19.255.255', 'reserved'],
+    ['192.0.2.1', 'reserved'],
+    ['198.51.100.1', 'reserved'],
+    ['203.0.113.1', 'reserved'],
+    ['240.0.0.1', 'reserved'],
+    ['192.0.0.8', 'reserved'],
+    // IPv6 classes
+    ['::1', 'loopback'],
+    ['::', 'unspecified'],
+    ['fe80::1', 'link-local'],
+    ['febf::1', 'link-local'],
+    ['fd00::1', 'private'],
+    ['fc00::1', 'private'],
+    ['fec0::1', 'private'],
+    ['ff02::1', 'multicast'],
+    ['fd00:ec2::254', 'metadata'],
+    ['2001:db8::1', 'reserved'],
+    ['2001::1', 'reserved'], // Teredo
+    ['100::1', 'reserved'],
+    ['4000::1', 'reserved'], // outside 2000::/3
+    ['64:ff9b:1::a00:1', 'reserved'],
+    // IPv4 classes reached through IPv6 forms
+    ['::ffff:127.0.0.1', 'loopback'],
+    ['[::ffff:127.0.0.1]', 'loopback'],
+    ['::ffff:7f00:1', 'loopback'],
+    ['::127.0.0.1', 'loopback'],
+    ['::ffff:0:127.0.0.1', 'loopback'], // SIIT
+    ['64:ff9b::7f00:1', 'loopback'], // NAT64
+    ['64:ff9b::127.0.0.1', 'loopback'],
+    ['2002:7f00:1::', 'loopback'], // 6to4
+    ['2002:a9fe:a9fe::1', 'metadata'],
+    ['::ffff:169.254.169.254', 'metadata'],
+    ['64:ff9b::a9fe:a9fe', 'metadata'],
+    ['::ffff:10.0.0.1', 'private'],
+    ['64:ff9b::a00:1', 'private'],
+    ['2002:c0a8:101::', 'private'],
+    ['::ffff:100.64.0.1', 'cgnat'],
+    ['::ffff:224.0.0.1', 'multicast'],
+    ['::ffff:0.0.0.0', 'unspecified'],
+    ['::ffff:198.18.0.1', 'reserved'],
+    ['64:ff9b::c612:1', 'reserved'],
+    ['::1.2.3.4', 'reserved'], // deprecated compatible form of a public address
+    ['::ffff:0:1.2.3.4', 'reserved'],
+    // Non-canonical IPv4 spellings
+    ['2130706433', 'loopback'],
+    ['0177.0.0.1', 'loopback'],
+    ['0x7f000001', 'loopback'],
+    ['127.1', 'loopback'],
+    ['0xa9.0xfe.0xa9.0xfe', 'metadata'],
+    ['not-an-address', 'invalid'],
+  ])('%s is %s', (address, addressClass) => {
+    expect(classifyAddress(address)).toBe(addressClass);
+  });
+
+  it.each([
+    '93.184.216.34',
+    '8.8.8.8',
+    '1.1.1.1',
+    '172.32.0.1',
+    '100.128.0.1',
+    '198.20.0.1',
+    '::ffff:93.184.216.34',
+    '2606:2800:220:1:248:1893:25c8:1946',
+    '64:ff9b::5db8:d822', // NAT64 of 93.184.216.34
+    '2002:5db8:d822::1', // 6to4 of 93.184.216.34
+  ])('%s is public', (address) => {
+    expect(classifyAddress(address)).toBeNull();
+  });
+});
+
+describe('EgressPolicy.checkAddress', () => {
+  const policy = new EgressPolicy();
+
+  it.each([
+    ['127.0.0.1', 'loopback'],
+    ['::ffff:127.0.0.1', 'loopback'],
+    ['[::ffff:127.0.0.1]', 'loopback'],
+    ['::ffff:7f00:1', 'loopback'],
+    ['::127.0.0.1', 'loopback'],
+    ['64:ff9b::7f00:1', 'loopback'],
+    ['2002:7f00:1::', 'loopback'],
+    ['2130706433', 'loopback'],
+    ['0177.0.0.1', 'loopback'],
+    ['0x7f000001', 'loopback'],
+    ['127.1', 'loopback'],
+    ['169.254.169.254', 'metadata'],
+    ['fd00:ec2::254', 'metadata'],
+    ['100.100.100.200', 'metadata'],
+    ['10.0.0.1', 'private'],
+    ['100.64.0.1', 'cgnat'],
+    ['fe80::1', 'link-local'],
+    ['fd00::1', 'private'],
+    ['224.0.0.1', 'multicast'],
+    ['0.0.0.0', 'unspecified'],
+    ['::', 'unspecified'],
+    ['255.255.255.255', 'broadcast'],
+    ['198.18.0.1', 'reserved'],
+    ['240.0.0.1', 'reserved'],
+    ['bogus', 'invalid-address'],
+  ])('refuses %s (%s)', (address, reason) => {
+    const error = refusal(() => policy.checkAddress(address, 443, 'origin.test'));
+    expect(error.fields).toMatchObject({ host: 'origin.test', port: 443, reason });
+    expect((error as unknown as { reason: string }).reason).toBe(reason);
+  });
+
+  it('passes public addresses (policy check only)', () => {
+    expect(() => policy.checkAddress('93.184.216.34', 443, 'example.com')).not.toThrow();
+    expect(() => policy.checkAddress('2606:2800:220:1:248:1893:25c8:1946', 80)).not.toThrow();
+    expect(() => policy.checkAddress('::ffff:93.184.216.34', 80)).not.toThrow();
+  });
+
+  it('refuses ports outside allowPorts, and ports out of range', () => {
+    expect(refusal(() => policy.checkAddress('93.184.216.34', 22)).fields.reason).toBe('port');
+    expect(refusal(() => policy.checkAddress('93.184.216.34', 0)).fields.reason).toBe('port');
+    expect(refusal(() => policy.checkAddress('93.184.216.34', 65536)).fields.reason).toBe('port');
+    expect(refusal(() => policy.checkAddress('93.184.216.34', 443.5)).fields.reason).toBe('port');
+    const custom = new EgressPolicy({ allowPorts: [8443] });
+    expect(() => custom.checkAddress('93.184.216.34', 8443)).not.toThrow();
+    expect(refusal(() => custom.checkAddress('93.184.216.34', 443)).fields.reason).toBe('port');
+    const anyPort = new EgressPolicy({ allowPorts: [] });
+    expect(() => anyPort.checkAddress('93.184.216.34', 22)).not.toThrow();
+    expect(refusal(() => anyPort.checkAddress('93.184.216.34', 0)).fields.reason).toBe('port');
+  });
+
+  it('allow CIDRs punch holes in the refused classes, for that address only', () => {
+    const lab = new EgressPolicy({ allow: ['127.0.0.1/32', '198.18.0.0/16', 'fd00:1::/64'] });
+    expect(() => lab.checkAddress('127.0.0.1', 443)).not.toThrow();
+    expect(() => lab.checkAddress('::ffff:127.0.0.1', 443)).not.toThrow(); // the same destination
+    expect(() => lab.checkAddress('2130706433', 443)).not.toThrow();
+    expect(refusal(() => lab.checkAddress('127.0.0.2', 443)).fields.reason).toBe('loopback');
+    expect(refusal(() => lab.checkAddress('64:ff9b::7f00:1', 443)).fields.reason).toBe('loopback');
+    expect(refusal(() => lab.checkAddress('2002:7f00:1::', 443)).fields.reason).toBe('loopback');
+    expect(() => lab.checkAddress('198.18.0.7', 80)).not.toThrow();
+    expect(() => lab.checkAddress('198.18.255.255', 80)).not.toThrow();
+    expect(refusal(() => lab.checkAddress('198.19.0.1', 80)).fields.reason).toBe('reserved');
+    expect(() => lab.checkAddress('fd00:1::5', 80)).not.toThrow();
+    expect(refusal(() => lab.checkAddress('fd00:2::5', 80)).fields.reason).toBe('private');
+  });
+
+  it('metadata opens only for an exact allow entry; unspecified never opens', () => {
+    const broad = new EgressPolicy({ allow: ['169.254.0.0/16', '0.0.0.0/0', '::/0'] });
+    expect(() => broad.checkAddress('169.254.1.1', 80)).not.toThrow();
+    expect(refusal(() => broad.checkAddress('169.254.169.254', 80)).fields.reason).toBe('metadata');
+    expect(refusal(() => broad.checkAddress('0.0.0.0', 80)).fields.reason).toBe('unspecified');
+    expect(refusal(() => broad.checkAddress('::', 80)).fields.reason).toBe('unspecified');
+    const exact = new EgressPolicy({ allow: ['169.254.169.254'] });
+    expect(() => exact.checkAddress('169.254.169.254', 80)).not.toThrow();
+  });
+
+  it('deny CIDRs win over allow and over public, through every IPv6 form', () => {
+    const policyWithDeny = new EgressPolicy({
+      allow: ['127.0.0.0/8', '198.18.0.0/16'],
+      deny: ['127.0.0.1/32', '93.184.216.0/24', '198.18.5.0/24', '2606:2800::/32'],
+    });
+    expect(refusal(() => policyWithDeny.checkAddress('127.0.0.1', 80)).fields.reason).toBe('denied-cidr');
+    expect(() => policyWithDeny.checkAddress('127.0.0.2', 80)).not.toThrow();
+    expect(refusal(() => policyWithDeny.checkAddress('198.18.5.1', 80)).fields.reason).toBe('denied-cidr');
+    expect(() => policyWithDeny.checkAddress('198.18.6.1', 80)).not.toThrow();
+    for (const address of ['93.184.216.34', '::ffff:93.184.216.34', '64:ff9b::5db8:d822', '2002:5db8:d822::']) {
+      expect(refusal(() => policyWithDeny.checkAddress(address, 443)).fields.reason).toBe('denied-cidr');
+    }
+    expect(refusal(() => policyWithDeny.checkAddress('2606:2800:220::1', 443)).fields.reason).toBe('denied-cidr');
+    expect(() => policyWithDeny.checkAddress('93.184.217.1', 443)).not.toThrow();
+  });
+
+  it('an IPv4-mapped CIDR in the config is the IPv4 range', () => {
+    const mapped = new EgressPolicy({ deny: ['::ffff:8.8.8.0/120'] });
+    expect(refusal(() => mapped.checkAddress('8.8.8.8', 443)).fields.reason).toBe('denied-cidr');
+    expect(() => mapped.checkAddress('8.8.4.4', 443)).not.toThrow();
+  });
+
+  it('puts the normalised address, host and port in the error', () => {
+    const error = refusal(() => policy.checkAddress('::ffff:7f00:1', 443, 'evil.test'));
+    expect(error.fields).toEqual({ host: 'evil.test', address: '::ffff:127.0.0.1', port: 443, reason: 'loopback' });
+    expect(error.message).toContain('evil.test');
+    expect(error.message).toContain('loopback');
+  });
+});
+
+describe('EgressPolicy.checkTarget', () => {
+  const policy = new EgressPolicy();
+
+  it.each([
+    ['127.0.0.1', 'loopback'],
+    ['::ffff:127.0.0.1', 'loopback'],
+    ['[::ffff:127.0.0.1]', 'loopback'],
+    ['[::1]', 'loopback'],
+    ['2130706433', 'loopback'],
+    ['0177.0.0.1', 'loopback'],
+    ['0x7f000001', 'loopback'],
+    ['0x7f.1', 'loopback'],
+    ['127.1', 'loopback'],
+    ['127.0.0.1.', 'loopback'],
+    ['169.254.169.254', 'metadata'],
+    ['[fd00:ec2::254]', 'metadata'],
+    ['10.0.0.1', 'private'],
+    ['[fe80::1%25eth0]', 'link-local'],
+    ['[64:ff9b::7f00:1]', 'loopback'],
+    ['[2002:7f00:1::]', 'loopback'],
+  ])('refuses the literal %s (%s) before resolving', (host, reason) => {
+    const error = refusal(() => policy.checkTarget(host, 443));
+    expect(error.fields.reason).toBe(reason);
+    expect(error.fields.host).toBe(host);
+  });
+
+  it.each(['1.2.3.999', '256.1.1.1', '08.1.1.1', 'a b.example', 'a..b', '', 'foo.0x'])(
+    'refuses %j as an invalid host',
+    (host) => {
+      expect(refusal(() => policy.checkTarget(host, 443)).fields.reason).toBe('invalid-host');
+    },
+  );
+
+  it('passes names and public literals, and checks the port first', () => {
+    expect(() => policy.checkTarget('example.com', 443)).not.toThrow();
+    expect(() => policy.checkTarget('Example.COM.', 80)).not.toThrow();
+    expect(() => policy.checkTarget('93.184.216.34', 443)).not.toThrow();
+    expect(() => policy.checkTarget('[2606:2800:220:1:248:1893:25c8:1946]', 443)).not.toThrow();
+    expect(refusal(() => policy.checkTarget('example.com', 8080)).fields.reason).toBe('port');
+    expect(refusal(() => policy.checkTarget('127.0.0.1', 22)).fields.reason).toBe('port');
+  });
+
+  it('applies host patterns: deny first, then a non-empty allow list', () => {
+    const patterns = new EgressPolicy({
+      allowHosts: ['*.example.com', 'example.org', '93.184.216.34'],
+      denyHosts: ['secret.example.com', '*.internal.example.com'],
+    });
+    expect(() => patterns.checkTarget('www.example.com', 443)).not.toThrow();
+    expect(() => patterns.checkTarget('a.b.example.com', 443)).not.toThrow();
+    expect(() => patterns.checkTarget('EXAMPLE.org.', 443)).not.toThrow();
+    expect(() => patterns.checkTarget('93.184.216.34', 443)).not.toThrow();
+    expect(() => patterns.checkTarget('1572395042', 443)).not.toThrow(); // 93.184.216.34 spelled as a number
+    expect(refusal(() => patterns.checkTarget('example.com', 443)).fields.reason).toBe('host-not-allowed');
+    expect(refusal(() => patterns.checkTarget('www.example.org', 443)).fields.reason).toBe('host-not-allowed');
+    expect(refusal(() => patterns.checkTarget('badexample.com', 443)).fields.reason).toBe('host-not-allowed');
+    expect(refusal(() => patterns.checkTarget('8.8.8.8', 443)).fields.reason).toBe('host-not-allowed');
+    expect(refusal(() => patterns.checkTarget('secret.example.com', 443)).fields.reason).toBe('host-denied');
+    expect(refusal(() => patterns.checkTarget('db.internal.example.com', 443)).fields.reason).toBe('host-denied');
+
+    const denyOnly = new EgressPolicy({ denyHosts: ['*.evil.test', '10.0.0.1'] });
+    expect(() => denyOnly.checkTarget('good.test', 443)).not.toThrow();
+    expect(refusal(() => denyOnly.checkTarget('x.evil.test', 443)).fields.reason).toBe('host-denied');
+    expect(() => denyOnly.checkTarget('evil.test', 80)).not.toThrow(); // '*.' does not match the apex
+    expect(refusal(() => denyOnly.checkTarget('10.0.0.1', 80)).fields.reason).toBe('host-denied');
+  });
+
+  it('a host pattern never opens a refused address', () => {
+    const patterns = new EgressPolicy({ allowHosts: ['127.0.0.1', '*'] });
+    expect(refusal(() => patterns.checkTarget('127.0.0.1', 443)).fields.reason).toBe('loopback');
+  });
+});
+
+describe('EgressPolicy configuration', () => {
+  it.each([
+    ['allow', '10.0.0.0/33'],
+    ['allow', '10.0.0/8'],
+    ['allow', '0177.0.0.1/32'],
+    ['deny', 'fe80::/129'],
+    ['deny', 'not-a-cidr'],
+    ['deny', '10.0.0.0/'],
+    ['deny', '10.0.0.0/-1'],
+    ['deny', '1.2.3.4/8/8'],
+  ])('%s entry %j is a config error naming it', (option, entry) => {
+    const error = configError(() => new EgressPolicy({ [option]: [entry] }));
+    expect(error.message).toContain(JSON.stringify(entry));
+    expect(error.fields).toMatchObject({ option, entry });
+  });
+
+  it('refuses bad ports and host patterns', () => {
+    expect(configError(() => new EgressPolicy({ allowPorts: [0] })).fields.option).toBe('allowPorts');
+    expect(configError(() => new EgressPolicy({ allowPorts: [70000] })).fields.entry).toBe('70000');
+    expect(configError(() => new EgressPolicy({ allowHosts: ['*.'] })).fields.option).toBe('allowHosts');
+    expect(configError(() => new EgressPolicy({ denyHosts: ['a.*.com'] })).fields.entry).toBe('a.*.com');
+  });
+
+  it('accepts bare addresses and masks host bits', () => {
+    const policy = new EgressPolicy({ allow: ['10.1.2.3/8', 'fd00::1'] });
+    expect(() => policy.checkAddress('10.200.0.1', 443)).not.toThrow();
+    expect(() => policy.checkAddress('fd00::1', 443)).not.toThrow();
+    expect(refusal(() => policy.checkAddress('fd00::2', 443)).fields.reason).toBe('private');
+  });
+});

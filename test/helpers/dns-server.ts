@@ -1,0 +1,190 @@
+// A tiny real DNS server for tests: UDP on 127.0.0.1, port chosen by the kernel. It answers A and AAAA queries
+// from a table, NXDOMAIN for unknown names, NOERROR with no answer (NODATA) for a known name without records of
+// the asked type, and counts every query it sees. The wire format (RFC 1035 §4) is parsed and written by hand:
+// header, one question, answers whose name is the compression pointer 0xc00c (the question's name at offset 12).
+
+import { createSocket, type Socket } from 'node:dgram';
+
+export interface DnsRecordSet {
+  a?: string[];
+  aaaa?: string[];
+  /** Seconds. Default 60. */
+  ttl?: number;
+  /** Answer after this many milliseconds (to keep queries in flight). */
+  delayMs?: number;
+  /** Never answer (to make clients time out). */
+  drop?: boolean;
+}
+
+export type DnsTable = Record<string, DnsRecordSet>;
+
+export interface DnsQueryLogEntry {
+  name: string;
+  type: 'A' | 'AAAA' | number;
+}
+
+const TYPE_A = 1;
+const TYPE_AAAA = 28;
+const CLASS_IN = 1;
+const RCODE_NXDOMAIN = 3;
+const RCODE_FORMERR = 1;
+
+function ipv4Bytes(address: string): Buffer {
+  const parts = address.split('.').map(Number);
+  if (parts.length !== 4 || parts.some((part) => !Number.isInteger(part) || part < 0 || part > 255)) {
+    throw new TypeError(`dns-server: bad IPv4 ${address}`);
+  }
+  return Buffer.from(parts);
+}
+
+/** Expands an IPv6 address of hex groups with at most one '::' (no dotted tail: enough for test tables). */
+function ipv6Bytes(address: string): Buffer {
+  const [head = '', tail] = address.split('::');
+  const headGroups = head === '' ? [] : head.split(':');
+  const tailGroups = tail === undefined || tail === '' ? [] : tail.split(':');
+  const zeros = tail === undefined ? 0 : 8 - headGroups.length - tailGroups.length;
+  const groups = [...headGroups, ...new Array<string>(zeros).fill('0'), ...tailGroups];
+  if (groups.length !== 8 || groups.some((group) => !/^[0-9a-f]{1,4}$/i.test(group))) {
+    throw new TypeError(`dns-server: bad IPv6 ${address}`);
+  }
+  const bytes = Buffer.alloc(16);
+  groups.forEach((group, index) => {
+    bytes.writeUInt16BE(Number.parseInt(group, 16), index * 2);
+  });
+  return bytes;
+}
+
+/** Reads the question name starting at offset 12; returns the name and the offset after it. */
+function readName(message: Buffer, start: number): { name: string; end: number } | null {
+  const labels: string[] = [];
+  let offset = start;
+  for (;;) {
+    if (offset >= message.length) return null;
+    const length = message[offset]!;
+    if (length === 0) return { name: labels.join('.'), end: offset + 1 };
+    if (length > 63 || offset + 1 + length > message.length) return null; // no pointers in a question
+    labels.push(message.toString('latin1', offset + 1, offset + 1 + length));
+    offset += 1 + length;
+  }
+}
+
+export class DnsTestServer {
+  /** Mutable: tests may change records between queries. Keys are lower-case names without trailing dot. */
+  readonly records: DnsTable;
+  readonly queries: DnsQueryLogEntry[] = [];
+  #socket: Socket | undefined;
+  #port = 0;
+  #timers = new Set<NodeJS.Timeout>();
+
+  constructor(records: DnsTable = {}) {
+    this.records = records;
+  }
+
+  get port(): number {
+    return this.#port;
+  }
+
+  /** '127.0.0.1:PORT', ready for Resolver's `servers`. */
+  get server(): string {
+    return `127.0.0.1:${this.#port}`;
+  }
+
+  /** Queries seen for `name` (any type, or one type). */
+  count(name: string, type?: 'A' | 'AAAA'): number {
+    const wanted = name.toLowerCase();
+    return this.queries.filter((query) => query.name === wanted && (type === undefined || query.type === type)).length;
+  }
+
+  async start(): Promise<this> {
+    const socket = createSocket('udp4');
+    this.#socket = socket;
+    socket.on('message', (message, remote) => this.#onMessage(message, remote.address, remote.port));
+    await new Promise<void>((resolve, reject) => {
+      socket.once('error', reject);
+      socket.bind(0, '127.0.0.1', () => {
+        socket.off('error', reject);
+        resolve();
+      });
+    });
+    this.#port = socket.address().port;
+    return this;
+  }
+
+  async close(): Promise<void> {
+    for (const timer of this.#timers) clearTimeout(timer);
+    this.#timers.clear();
+    const socket = this.#socket;
+    this.#socket = undefined;
+    if (socket) await new Promise<void>((resolve) => socket.close(() => resolve()));
+  }
+
+  #onMessage(message: Buffer, address: string, port: number): void {
+    if (message.length < 12) return;
+    const id = message.readUInt16BE(0);
+    const flags = message.readUInt16BE(2);
+    const questionCount = message.readUInt16BE(4);
+    if (flags & 0x8000) return; // a response, not a query
+    const question = questionCount === 1 ? readName(message, 12) : null;
+    if (!question || question.end + 4 > message.length) {
+      this.#send(this.#header(id, flags, RCODE_FORMERR, 0, 0), address, port);
+      return;
+    }
+    const questionEnd = question.end + 4;
+    const type = message.readUInt16BE(question.end);
+    const questionClass = message.readUInt16BE(question.end + 2);
+    const name = question.name.toLowerCase();
+    this.queries.push({ name, type: type === TYPE_A ? 'A' : type === TYPE_AAAA ? 'AAAA' : type });
+
+    const set = this.records[name];
+    if (set?.drop) return;
+    const answers: Buffer[] = [];
+    if (set && questionClass === CLASS_IN) {
+      const ttl = set.ttl ?? 60;
+      const addresses = type === TYPE_A ? (set.a ?? []) : type === TYPE_AAAA ? (set.aaaa ?? []) : [];
+      for (const item of addresses) {
+        const data = type === TYPE_A ? ipv4Bytes(item) : ipv6Bytes(item);
+        const record = Buffer.alloc(12);
+        record.writeUInt16BE(0xc00c, 0); // name: pointer to the question's name at offset 12
+        record.writeUInt16BE(type, 2);
+        record.writeUInt16BE(CLASS_IN, 4);
+        record.writeUInt32BE(ttl, 6);
+        record.writeUInt16BE(data.length, 10);
+        answers.push(record, data);
+      }
+    }
+    const header = this.#header(id, flags, set ? 0 : RCODE_NXDOMAIN, 1, answers.length / 2);
+    // The question is echoed byte for byte (case included, as resolvers using 0x20 randomisation expect).
+    const reply = Buffer.concat([header, message.subarray(12, questionEnd), ...answers]);
+    const delayMs = set?.delayMs ?? 0;
+    if (delayMs <= 0) {
+      this.#send(reply, address, port);
+      return;
+    }
+    const timer = setTimeout(() => {
+      this.#timers.delete(timer);
+      this.#send(reply, address, port);
+    }, delayMs);
+    this.#timers.add(timer);
+  }
+
+  /** Response header: QR, the query's opcode and RD, AA and RA set; additional records are not echoed. */
+  #header(id: number, queryFlags: number, rcode: number, questions: number, answers: number): Buffer {
+    const header = Buffer.alloc(12);
+    header.writeUInt16BE(id, 0);
+    const opcodeAndRd = queryFlags & 0x7900;
+    header.writeUInt16BE(0x8000 | opcodeAndRd | 0x0400 | 0x0080 | rcode, 2);
+    header.writeUInt16BE(questions, 4);
+    header.writeUInt16BE(answers, 6);
+    header.writeUInt16BE(0, 8);
+    header.writeUInt16BE(0, 10);
+    return header;
+  }
+
+  #send(reply: Buffer, address: string, port: number): void {
+    this.#socket?.send(reply, port, address);
+  }
+}
+
+export async function startDnsServer(records: DnsTable = {}): Promise<DnsTestServer> {
+  return new DnsTestServer(records).start();
+}

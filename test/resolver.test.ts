@@ -1,0 +1,310 @@
+// The resolver against a real DNS server on 127.0.0.1 (test/helpers/dns-server.ts): no mocks of node:dns, and no
+// traffic anywhere else. Timing-dependent checks poll with deadlines instead of asserting exact durations.
+
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { Resolver, type ResolverOptions } from '../daemon/resolver.js';
+import { ErrorCodes, SockpoolError } from '../shared/errors.js';
+import { type DnsTestServer, startDnsServer } from './helpers/dns-server.js';
+
+let dnsServer: DnsTestServer;
+
+beforeAll(async () => {
+  dnsServer = await startDnsServer({
+    'one.test': { a: ['198.51.100.1'], ttl: 300 },
+    'dual.test': { a: ['198.51.100.1', '198.51.100.2'], aaaa: ['2001:db8::1', '2001:db8::2'], ttl: 300 },
+    'four.test': { a: ['198.51.100.1', '198.51.100.2', '198.51.100.3', '198.51.100.4'], ttl: 300 },
+    'v6only.test': { aaaa: ['2001:db8::a'], ttl: 300 },
+    'short.test': { a: ['198.51.100.10'], ttl: 1 },
+    'zero.test': { a: ['198.51.100.11'], ttl: 0 },
+    'long.test': { a: ['198.51.100.12'], ttl: 86_400 },
+    'slow.test': { a: ['198.51.100.13'], ttl: 300, delayMs: 300 },
+    'silent.test': { a: ['198.51.100.14'], drop: true },
+    'empty.test': { ttl: 300 },
+    'mixed.case.test': { a: ['198.51.100.15'], ttl: 300 },
+    'failures.test': { a: ['198.51.100.1', '198.51.100.2', '198.51.100.3'], ttl: 300 },
+    'v6fail.test': { a: ['198.51.100.1'], aaaa: ['2001:db8::1'], ttl: 300 },
+  });
+});
+
+afterAll(async () => {
+  await dnsServer?.close();
+});
+
+function resolver(options: ResolverOptions = {}): Resolver {
+  return new Resolver({ servers: [dnsServer.server], ...options });
+}
+
+async function dnsError(promise: Promise<unknown>): Promise<SockpoolError> {
+  try {
+    await promise;
+  } catch (error) {
+    expect(error).toBeInstanceOf(SockpoolError);
+    expect((error as SockpoolError).code).toBe(ErrorCodes.DNS);
+    return error as SockpoolError;
+  }
+  throw new Error('expected a DNS error');
+}
+
+/** Polls `check` until it returns true or the deadline passes. */
+async function eventually(check: () => boolean | Promise<boolean>, deadlineMs = 10_000): Promise<void> {
+  const end = performance.now() + deadlineMs;
+  while (performance.now() < end) {
+    if (await check()) return;
+    await new Promise((resolve) => setTimeout(resolve, 25));
+  }
+  throw new Error(`condition not met within ${deadlineMs} ms`);
+}
+
+const addresses = (list: Array<{ address: string }>) => list.map((item) => item.address);
+
+describe('Resolver through a DNS server', () => {
+  it('resolves A records', async () => {
+    const result = await resolver().resolve('one.test', 443);
+    expect(result).toEqual([{ address: '198.51.100.1', family: 4 }]);
+    expect(dnsServer.count('one.test', 'A')).toBeGreaterThanOrEqual(1);
+    expect(dnsServer.count('one.test', 'AAAA')).toBeGreaterThanOrEqual(1);
+  });
+
+  it('keeps every address and interleaves the families, IPv6 first by default', async () => {
+    const result = await resolver().resolve('dual.test', 443);
+    expect(result.map((item) => item.family)).toEqual([6, 4, 6, 4]);
+    expect(new Set(addresses(result))).toEqual(new Set(['198.51.100.1', '198.51.100.2', '2001:db8::1', '2001:db8::2']));
+    const preferV4 = await resolver({ preferFamily: 4 }).resolve('dual.test', 443);
+    expect(preferV4.map((item) => item.family)).toEqual([4, 6, 4, 6]);
+  });
+
+  it('asks one family only when told', async () => {
+    const v4 = await resolver({ family: 4 }).resolve('dual.test', 443);
+    expect(v4.every((item) => item.family === 4)).toBe(true);
+    expect(v4).toHaveLength(2);
+    const v6 = await resolver({ family: 6 }).resolve('dual.test', 443);
+    expect(v6.every((item) => item.family === 6)).toBe(true);
+    expect(await resolver().resolve('v6only.test', 80)).toEqual([{ address: '2001:db8::a', family: 6 }]);
+  });
+
+  it('normalises the host name (case, trailing dot)', async () => {
+    const result = await resolver().resolve('MIXED.Case.test.', 80);
+    expect(addresses(result)).toEqual(['198.51.100.15']);
+  });
+
+  it('caches within the TTL: the query count does not grow', async () => {
+    const r = resolver();
+    await r.resolve('long.test', 443);
+    const before = dnsServer.count('long.test');
+    for (let index = 0; index < 20; index++) await r.resolve('long.test', 443);
+    await r.resolve('LONG.test', 80); // the cache is per host, not per port
+    expect(dnsServer.count('long.test')).toBe(before);
+  });
+
+  it('asks again after the TTL expires (clamped to minTtlMs)', async () => {
+    const r = resolver({ minTtlMs: 100 });
+    await r.resolve('short.test', 443);
+    const afterFirst = dnsServer.count('short.test', 'A');
+    // Within 1 s the answer comes from the cache (checked right away: far less than the TTL has passed).
+    await r.resolve('short.test', 443);
+    expect(dnsServer.count('short.test', 'A')).toBe(afterFirst);
+    dnsServer.records['short.test'] = { a: ['198.51.100.20'], ttl: 1 };
+    await eventually(async () => {
+      const result = await r.resolve('short.test', 443);
+      return result[0]?.address === '198.51.100.20';
+    });
+    expect(dnsServer.count('short.test', 'A')).toBeGreaterThan(afterFirst);
+  });
+
+  it('clamps a zero TTL up to minTtlMs and a long TTL down to maxTtlMs', async () => {
+    const r = resolver({ minTtlMs: 60_000 });
+    await r.resolve('zero.test', 443);
+    const before = dnsServer.count('zero.test');
+    await r.resolve('zero.test', 443);
+    expect(dnsServer.count('zero.test')).toBe(before); // ttl 0 still cached for minTtlMs
+
+    const capped = resolver({ minTtlMs: 50, maxTtlMs: 200 });
+    await capped.resolve('long.test', 443);
+    const afterFirst = dnsServer.count('long.test', 'A');
+    await eventually(async () => {
+      await capped.resolve('long.test', 443);
+      return dnsServer.count('long.test', 'A') > afterFirst; // a one-day TTL expired after maxTtlMs
+    });
+  });
+
+  it('rotates the starting address on each call', async () => {
+    const r = resolver();
+    const starts = [];
+    for (let index = 0; index < 4; index++) starts.push((await r.resolve('four.test', 443))[0]?.address);
+    expect(new Set(starts).size).toBe(4);
+    const result = await r.resolve('four.test', 443);
+    expect(new Set(addresses(result)).size).toBe(4); // every address, every time
+  });
+
+  it('puts addresses that failed last until reportSuccess', async () => {
+    const r = resolver({ family: 4 });
+    r.reportFailure('failures.test', '198.51.100.2');
+    r.reportFailure('FAILURES.test', '198.51.100.1');
+    for (let index = 0; index < 3; index++) {
+      // The least recently failed of the bad ones comes first among them.
+      expect(addresses(await r.resolve('failures.test', 443)).slice(1)).toEqual(['198.51.100.2', '198.51.100.1']);
+    }
+    r.reportSuccess('failures.test', '198.51.100.2');
+    for (let index = 0; index < 3; index++) {
+      const result = addresses(await r.resolve('failures.test', 443));
+      expect(result[2]).toBe('198.51.100.1');
+      expect(result).toHaveLength(3);
+    }
+    r.reportSuccess('failures.test', '198.51.100.1');
+    const starts = new Set<string | undefined>();
+    for (let index = 0; index < 3; index++) starts.add(addresses(await r.resolve('failures.test', 443))[0]);
+    expect(starts.size).toBe(3);
+  });
+
+  it('forgets a failure after failurePenaltyMs', async () => {
+    const r = resolver({ failurePenaltyMs: 100 });
+    r.reportFailure('v6fail.test', '2001:db8::1');
+    expect((await r.resolve('v6fail.test', 443)).map((item) => item.family)).toEqual([4, 6]);
+    await eventually(async () => (await r.resolve('v6fail.test', 443))[0]?.family === 6);
+  });
+
+  it('shares one query between concurrent resolves of a host', async () => {
+    const r = resolver();
+    const before = dnsServer.count('slow.test', 'A');
+    const results = await Promise.all(Array.from({ length: 10 }, () => r.resolve('slow.test', 443)));
+    expect(results.every((result) => result[0]?.address === '198.51.100.13')).toBe(true);
+    expect(dnsServer.count('slow.test', 'A') - before).toBe(1);
+  });
+
+  it('NXDOMAIN is a typed DNS error, cached for negativeTtlMs', async () => {
+    const r = resolver({ negativeTtlMs: 60_000 });
+    const error = await dnsError(r.resolve('missing.test', 443));
+    expect(error.fields).toMatchObject({ host: 'missing.test', reason: 'nxdomain', dnsCode: 'ENOTFOUND' });
+    const before = dnsServer.count('missing.test');
+    const again = await dnsError(r.resolve('missing.test', 443));
+    expect(again.fields.reason).toBe('nxdomain');
+    expect(dnsServer.count('missing.test')).toBe(before);
+  });
+
+  it('the negative cache expires', async () => {
+    const r = resolver({ negativeTtlMs: 100 });
+    await dnsError(r.resolve('appears-later.test', 443));
+    dnsServer.records['appears-later.test'] = { a: ['198.51.100.30'], ttl: 300 };
+    await eventually(async () => {
+      try {
+        return (await r.resolve('appears-later.test', 443))[0]?.address === '198.51.100.30';
+      } catch {
+        return false;
+      }
+    });
+  });
+
+  it('a name without addresses is a DNS error (no-addresses), cached too', async () => {
+    const r = resolver();
+    const error = await dnsError(r.resolve('empty.test', 443));
+    expect(error.fields).toMatchObject({ host: 'empty.test', reason: 'no-addresses' });
+    const before = dnsServer.count('empty.test');
+    await dnsError(r.resolve('empty.test', 443));
+    expect(dnsServer.count('empty.test')).toBe(before);
+  });
+
+  it('a server that never answers is a DNS timeout, not cached', async () => {
+    const r = resolver({ timeoutMs: 200 });
+    const error = await dnsError(r.resolve('silent.test', 443));
+    expect(error.fields).toMatchObject({ host: 'silent.test', reason: 'timeout' });
+    const before = dnsServer.count('silent.test');
+    await dnsError(r.resolve('silent.test', 443));
+    expect(dnsServer.count('silent.test')).toBeGreaterThan(before);
+  });
+
+  it('a slow family does not hold the answer beyond timeoutMs', async () => {
+    const r = resolver({ timeoutMs: 100 });
+    const error = await dnsError(r.resolve('slow.test', 443)); // 300 ms answers
+    expect(error.fields.reason).toBe('timeout');
+  });
+});
+
+describe('Resolver without DNS', () => {
+  it('returns IP literals themselves, normalised, without asking', async () => {
+    const r = resolver();
+    const before = dnsServer.queries.length;
+    expect(await r.resolve('198.51.100.7', 443)).toEqual([{ address: '198.51.100.7', family: 4 }]);
+    expect(await r.resolve('[2001:DB8::0:1]', 443)).toEqual([{ address: '2001:db8::1', family: 6 }]);
+    expect(await r.resolve('::ffff:7f00:1', 443)).toEqual([{ address: '::ffff:127.0.0.1', family: 6 }]);
+    expect(await r.resolve('2130706433', 443)).toEqual([{ address: '127.0.0.1', family: 4 }]);
+    expect(await r.resolve('0x7f.1', 443)).toEqual([{ address: '127.0.0.1', family: 4 }]);
+    expect(dnsServer.queries.length).toBe(before);
+  });
+
+  it('overrides win over DNS for that host and port', async () => {
+    const r = resolver({
+      overrides: ['one.test:443:198.18.0.1,[2001:db8::99]', '+Dual.test:80:198.18.0.2', 'dual.test:80:198.18.0.3'],
+    });
+    const before = dnsServer.queries.length;
+    const result = await r.resolve('ONE.test', 443);
+    expect(result).toEqual([
+      { address: '2001:db8::99', family: 6 },
+      { address: '198.18.0.1', family: 4 },
+    ]);
+    const merged = await r.resolve('dual.test', 80);
+    expect(new Set(addresses(merged))).toEqual(new Set(['198.18.0.2', '198.18.0.3']));
+    expect((await r.resolve('dual.test', 80))[0]?.address).not.toBe(merged[0]?.address); // rotates too
+    expect(dnsServer.queries.length).toBe(before);
+    // Another port of the same host goes to DNS.
+    expect(addresses(await r.resolve('one.test', 8443))).toEqual(['198.51.100.1']);
+  });
+
+  it('works without any DNS server for overridden names', async () => {
+    const r = new Resolver({ servers: ['127.0.0.1:9'], overrides: ['lab.test:443:198.18.0.10'], timeoutMs: 100 });
+    expect(await r.resolve('lab.test', 443)).toEqual([{ address: '198.18.0.10', family: 4 }]);
+  });
+
+  it('without servers, uses the system resolver (localhost comes from /etc/hosts, no DNS traffic)', async () => {
+    const result = await new Resolver({ family: 4 }).resolve('localhost', 443);
+    expect(addresses(result)).toContain('127.0.0.1');
+    expect(result.every((item) => item.family === 4)).toBe(true);
+  });
+
+  it('refuses names that are not host names without asking', async () => {
+    const r = resolver();
+    const before = dnsServer.queries.length;
+    expect((await dnsError(r.resolve('1.2.3.999', 443))).fields.reason).toBe('invalid-host');
+    expect((await dnsError(r.resolve('a b', 443))).fields.reason).toBe('invalid-host');
+    expect(dnsServer.queries.length).toBe(before);
+  });
+
+  it.each([
+    'one.test',
+    'one.test:443',
+    'one.test:443:',
+    'one.test:0:198.18.0.1',
+    'one.test:70000:198.18.0.1',
+    'one.test:443:2001:db8::1',
+    'one.test:443:[198.18.0.1]',
+    'one.test:443:198.18.0.256',
+    'one.test:443:0x7f.1',
+    'one.test:443:198.18.0.1,',
+    '[::1]:443:198.18.0.1',
+    'bad host:443:198.18.0.1',
+  ])('override %j is a config error naming it', (entry) => {
+    try {
+      new Resolver({ overrides: [entry] });
+    } catch (error) {
+      expect(error).toBeInstanceOf(SockpoolError);
+      expect((error as SockpoolError).code).toBe(ErrorCodes.CONFIG);
+      expect((error as SockpoolError).message).toContain(JSON.stringify(entry));
+      return;
+    }
+    throw new Error('expected a config error');
+  });
+
+  it('bad servers and options are config errors', () => {
+    for (const options of [
+      { servers: ['dns.example'] },
+      { servers: ['127.0.0.1:99999'] },
+      { servers: ['127.1'] },
+      { minTtlMs: -1 },
+      { minTtlMs: 10, maxTtlMs: 5 },
+      { timeoutMs: 0 },
+      { family: 5 as 4 },
+    ]) {
+      expect(() => new Resolver(options)).toThrow(expect.objectContaining({ code: ErrorCodes.CONFIG }));
+    }
+    expect(() => new Resolver({ servers: ['127.0.0.1', '127.0.0.1:5353', '[::1]:53', '::1'] })).not.toThrow();
+  });
+});

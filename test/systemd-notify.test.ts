@@ -1,0 +1,422 @@
+// daemon/sd-notify.ts and daemon/listen-fds.ts against real sockets and processes: the test binds the datagram socket
+// systemd would ($NOTIFY_SOCKET) and reads what a child process running the compiled module sends; socket
+// activation comes from the real systemd-socket-activate. Fixtures import dist/ (npm run build).
+import { type ChildProcess, spawn } from 'node:child_process';
+import { once } from 'node:events';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { createServer, type Server, Socket } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { classifyListenFds, listenFds } from '../daemon/listen-fds.js';
+import { decodeFdName, encodeFdName, isValidFdName, Notifier, watchdogUsec } from '../daemon/sd-notify.js';
+import * as native from '../shared/native.js';
+
+const projectRoot = fileURLToPath(new URL('..', import.meta.url));
+const node = process.execPath;
+const notifyFixture = join(projectRoot, 'test/fixtures/systemd-notify-fixture.mjs');
+const listenFixture = join(projectRoot, 'test/fixtures/systemd-listen-fixture.mjs');
+
+interface Received {
+  text: string;
+  fds: number[];
+  atMs: number;
+}
+
+/** A bound AF_UNIX datagram socket playing systemd's notify socket. */
+class NotifySocket {
+  readonly messages: Received[] = [];
+  readonly fd: number;
+  readonly #poller: native.Poller;
+  #waiters: Array<() => void> = [];
+
+  constructor(readonly path: string) {
+    this.fd = native.datagramBind(path);
+    this.#poller = new native.Poller(this.fd, (status) => {
+      if (status < 0) return;
+      for (let message = native.recvMessage(this.fd, 4096, 16); message !== null; ) {
+        this.messages.push({ text: message.data.toString('utf8'), fds: message.fds, atMs: performance.now() });
+        message = native.recvMessage(this.fd, 4096, 16);
+      }
+      for (const wake of this.#waiters.splice(0)) wake();
+    });
+    this.#poller.start(native.READABLE);
+  }
+
+  /** Waits until a message satisfies `predicate`; returns it. */
+  async waitFor(predicate: (text: string) => boolean, timeoutMs = 10_000): Promise<Received> {
+    const deadline = performance.now() + timeoutMs;
+    for (;;) {
+      const found = this.messages.find((message) => predicate(message.text));
+      if (found) return found;
+      const left = deadline - performance.now();
+      if (left <= 0) {
+        throw new Error(`no matching notification; got ${JSON.stringify(this.messages.map((m) => m.text))}`);
+      }
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, left);
+        this.#waiters.push(() => {
+          clearTimeout(timer);
+          resolve();
+        });
+      });
+    }
+  }
+
+  texts(): string[] {
+    return this.messages.map((message) => message.text);
+  }
+
+  close(): void {
+    this.#poller.close();
+    native.close(this.fd);
+    for (const message of this.messages) for (const fd of message.fds) closeQuietly(fd);
+  }
+}
+
+function closeQuietly(fd: number): void {
+  try {
+    native.close(fd);
+  } catch {
+    // already closed (handed to a net.Socket that closed it)
+  }
+}
+
+const workDir = mkdtempSync(join(tmpdir(), 'sockpool-notify-'));
+const children: ChildProcess[] = [];
+const notifySockets: NotifySocket[] = [];
+let echoServer: Server;
+let echoPort = 0;
+let echoConnections = 0;
+const echoSockets = new Set<Socket>();
+
+beforeAll(async () => {
+  for (const file of ['dist/daemon/sd-notify.js', 'dist/daemon/listen-fds.js', 'dist/shared/native.js']) {
+    if (!existsSync(join(projectRoot, file))) throw new Error(`${file} missing: run npm run build first`);
+  }
+  echoServer = createServer((socket) => {
+    echoConnections++;
+    echoSockets.add(socket);
+    socket.on('close', () => echoSockets.delete(socket));
+    socket.on('error', () => {});
+    socket.pipe(socket);
+  });
+  echoServer.listen(0, '127.0.0.1');
+  await once(echoServer, 'listening');
+  const address = echoServer.address();
+  if (address === null || typeof address === 'string') throw new Error('no echo port');
+  echoPort = address.port;
+});
+
+afterEach(() => {
+  for (const child of children.splice(0)) if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+  for (const socket of notifySockets.splice(0)) socket.close();
+});
+
+afterAll(async () => {
+  for (const socket of echoSockets) socket.destroy();
+  echoServer.close();
+  rmSync(workDir, { recursive: true, force: true });
+});
+
+let socketCounter = 0;
+function notifySocket(abstract = false): NotifySocket {
+  socketCounter++;
+  const path = abstract
+    ? `@sockpool-test-${process.pid}-${socketCounter}-${Date.now()}`
+    : join(workDir, `notify-${socketCounter}.sock`);
+  const socket = new NotifySocket(path);
+  notifySockets.push(socket);
+  return socket;
+}
+
+function startFixture(env: Record<string, string>): ChildProcess {
+  const { NOTIFY_SOCKET: _n, WATCHDOG_USEC: _u, WATCHDOG_PID: _p, LISTEN_PID: _l, ...inherited } = process.env;
+  const child = spawn(node, [notifyFixture], { env: { ...inherited, ...env }, stdio: ['ignore', 'pipe', 'inherit'] });
+  children.push(child);
+  return child;
+}
+
+async function exited(child: ChildProcess): Promise<number | null> {
+  if (child.exitCode !== null) return child.exitCode;
+  const [code] = (await once(child, 'exit')) as [number | null];
+  return code;
+}
+
+/** Writes through a TCP fd and reads the echo: proves the socket is still connected. */
+async function echoThrough(fd: number): Promise<string> {
+  native.untrack(fd); // ownership passes to the net.Socket, which closes it
+  const socket = new Socket({ fd, readable: true, writable: true });
+  try {
+    socket.write('still connected');
+    const [data] = (await once(socket, 'data')) as [Buffer];
+    return data.toString();
+  } finally {
+    socket.destroy();
+  }
+}
+
+describe('Notifier through a real NOTIFY_SOCKET', () => {
+  it('sends READY, STATUS, watchdog pings, FDSTORE with a live TCP socket, RELOADING and STOPPING', async () => {
+    const notify = notifySocket();
+    const connectionsBefore = echoConnections;
+    const child = startFixture({ NOTIFY_SOCKET: notify.path, WATCHDOG_USEC: '100000', ECHO_PORT: String(echoPort) });
+    const [line] = (await once(child.stdout!, 'data')) as [Buffer];
+    expect(JSON.parse(line.toString())).toEqual({ watchdogIntervalMs: 50, enabled: true });
+
+    expect((await notify.waitFor((text) => text.startsWith('STATUS='))).text).toBe('STATUS=starting');
+    const ready = await notify.waitFor((text) => text.startsWith('READY=1'));
+    expect(ready.text).toBe('READY=1\nSTATUS=serving');
+
+    const stored = await notify.waitFor((text) => text.startsWith('FDSTORE=1'));
+    const name = encodeFdName({ host: '127.0.0.1', port: echoPort });
+    expect(stored.text).toBe(`FDSTORE=1\nFDNAME=${name}`);
+    expect(stored.fds).toHaveLength(1);
+    expect(native.probe(stored.fds[0]!).state).toBe('alive');
+    expect(await echoThrough(stored.fds[0]!)).toBe('still connected');
+    expect(echoConnections - connectionsBefore).toBe(1); // the same connection, not a new one
+    stored.fds.length = 0;
+
+    const removal = await notify.waitFor((text) => text.startsWith('FDSTOREREMOVE=1'));
+    expect(removal.text).toBe('FDSTOREREMOVE=1\nFDNAME=o-2001%3Adb8%3A%3A1-443~7');
+    expect(removal.fds).toEqual([]);
+
+    // WATCHDOG_USEC=100000: a ping every 50 ms. Count over a second; no tight timing assertions.
+    const pingsAt = (): number => notify.texts().filter((text) => text === 'WATCHDOG=1').length;
+    const before = pingsAt();
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+    expect(pingsAt() - before).toBeGreaterThanOrEqual(8);
+
+    child.kill('SIGHUP');
+    const reloading = await notify.waitFor((text) => text.startsWith('RELOADING=1'));
+    const match = /^RELOADING=1\nMONOTONIC_USEC=(\d+)\nSTATUS=reloading configuration$/.exec(reloading.text);
+    expect(match).not.toBeNull();
+    // CLOCK_MONOTONIC is system-wide: the child's stamp is close to ours.
+    const nowUsec = process.hrtime.bigint() / 1000n;
+    const skewUsec = nowUsec - BigInt(match![1]!);
+    expect(skewUsec >= 0n && skewUsec < 10_000_000n, `skew ${skewUsec} µs`).toBe(true);
+    await notify.waitFor((text) => text === 'READY=1\nSTATUS=reloaded');
+
+    child.kill('SIGTERM');
+    await notify.waitFor((text) => text === 'STOPPING=1\nSTATUS=stopping');
+    expect(await exited(child)).toBe(0);
+  });
+
+  it('does not ping when WATCHDOG_PID names another process', async () => {
+    const notify = notifySocket();
+    const child = startFixture({ NOTIFY_SOCKET: notify.path, WATCHDOG_USEC: '100000', WATCHDOG_PID: '1' });
+    const [line] = (await once(child.stdout!, 'data')) as [Buffer];
+    expect(JSON.parse(line.toString())).toEqual({ watchdogIntervalMs: null, enabled: true });
+    await notify.waitFor((text) => text === 'READY=1\nSTATUS=serving');
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    expect(notify.texts()).not.toContain('WATCHDOG=1');
+    child.kill('SIGTERM');
+    expect(await exited(child)).toBe(0);
+  });
+
+  it('pings when WATCHDOG_PID is the child itself', async () => {
+    // The pid is only known after spawn, so the fixture gets it through a shell that execs node (same pid).
+    const notify = notifySocket();
+    const { NOTIFY_SOCKET: _n, WATCHDOG_USEC: _u, WATCHDOG_PID: _p, ...inherited } = process.env;
+    const child = spawn('/bin/sh', ['-c', 'WATCHDOG_PID=$$ exec "$0" "$1"', node, notifyFixture], {
+      env: { ...inherited, NOTIFY_SOCKET: notify.path, WATCHDOG_USEC: '100000' },
+      stdio: ['ignore', 'pipe', 'inherit'],
+    });
+    children.push(child);
+    const [line] = (await once(child.stdout!, 'data')) as [Buffer];
+    expect(JSON.parse(line.toString())).toEqual({ watchdogIntervalMs: 50, enabled: true });
+    await notify.waitFor((text) => text === 'WATCHDOG=1');
+    child.kill('SIGTERM');
+    expect(await exited(child)).toBe(0);
+  });
+
+  it('works with an abstract-namespace NOTIFY_SOCKET (@name)', async () => {
+    const notify = notifySocket(true);
+    const child = startFixture({ NOTIFY_SOCKET: notify.path, WATCHDOG_USEC: '100000', ECHO_PORT: String(echoPort) });
+    await notify.waitFor((text) => text === 'READY=1\nSTATUS=serving');
+    await notify.waitFor((text) => text === 'WATCHDOG=1');
+    const stored = await notify.waitFor((text) => text.startsWith('FDSTORE=1'));
+    expect(stored.fds).toHaveLength(1);
+    child.kill('SIGTERM');
+    await notify.waitFor((text) => text.startsWith('STOPPING=1'));
+    expect(await exited(child)).toBe(0);
+  });
+
+  it('is a no-op without NOTIFY_SOCKET, and reports a vanished socket as a syscall error', () => {
+    const silent = new Notifier({ env: {} });
+    expect(silent.enabled).toBe(false);
+    silent.ready('x');
+    silent.storeFds('o-example.com-443', [0]);
+    expect(silent.startWatchdog()).toBeNull();
+
+    const gone = new Notifier({ env: { NOTIFY_SOCKET: join(workDir, 'nobody-listens.sock') } });
+    expect(() => gone.ready()).toThrow(expect.objectContaining({ code: 'ENOENT', syscall: 'sendmsg' }));
+    expect(() => new Notifier({ env: { NOTIFY_SOCKET: 'relative/path' } })).toThrow(
+      expect.objectContaining({ code: 'SOCKPOOL_ERR_CONFIG' }),
+    );
+  });
+
+  it('strips newlines from status text so a value cannot inject assignments', async () => {
+    const notify = notifySocket();
+    new Notifier({ env: { NOTIFY_SOCKET: notify.path } }).status('one\nREADY=1');
+    expect((await notify.waitFor(() => true)).text).toBe('STATUS=one READY=1');
+  });
+});
+
+describe('watchdogUsec', () => {
+  it('follows sd_watchdog_enabled', () => {
+    expect(watchdogUsec({}, 10)).toBeNull();
+    expect(watchdogUsec({ WATCHDOG_USEC: '3000000' }, 10)).toBe(3_000_000);
+    expect(watchdogUsec({ WATCHDOG_USEC: '3000000', WATCHDOG_PID: '10' }, 10)).toBe(3_000_000);
+    expect(watchdogUsec({ WATCHDOG_USEC: '3000000', WATCHDOG_PID: '11' }, 10)).toBeNull();
+    expect(watchdogUsec({ WATCHDOG_USEC: '0' }, 10)).toBeNull();
+    expect(watchdogUsec({ WATCHDOG_USEC: 'soon' }, 10)).toBeNull();
+  });
+});
+
+describe('FDNAME encoding of origins', () => {
+  const cases: Array<[{ host: string; port: number }, string | undefined, string]> = [
+    [{ host: 'example.com', port: 443 }, undefined, 'o-example.com-443'],
+    [{ host: 'Sub-Domain.Example.COM.', port: 80 }, undefined, 'o-sub-domain.example.com-80'],
+    [{ host: '127.0.0.1', port: 8080 }, '12', 'o-127.0.0.1-8080~12'],
+    [{ host: '[2001:db8::1]', port: 443 }, undefined, 'o-2001%3Adb8%3A%3A1-443'],
+    [{ host: 'fe80::1%eth0', port: 443 }, undefined, 'o-fe80%3A%3A1%25eth0-443'],
+    [{ host: 'bücher.example', port: 443 }, undefined, 'o-b%C3%BCcher.example-443'],
+  ];
+  it.each(cases)('encodes %j (tag %s) as %s and back', (origin, tag, name) => {
+    expect(encodeFdName(origin, tag)).toBe(name);
+    expect(isValidFdName(name)).toBe(true);
+    const decoded = decodeFdName(name);
+    expect(decoded).not.toBeNull();
+    expect(encodeFdName(decoded!, decoded!.tag)).toBe(name);
+  });
+
+  it('decodes IPv6 to the canonical bare address', () => {
+    expect(decodeFdName('o-2001%3Adb8%3A%3A1-443')).toEqual({ host: '2001:db8::1', port: 443 });
+    expect(decodeFdName('o-a-b-c-1-2~x')).toEqual({ host: 'a-b-c-1', port: 2, tag: 'x' });
+  });
+
+  it('rejects names that are not ours or not canonical', () => {
+    for (const name of [
+      'sockpoold',
+      'stored',
+      'o-example.com',
+      'o-example.com-0',
+      'o-example.com-65536',
+      'o-example.com-080',
+      'o--443',
+      'o-Example.com-443',
+      'o-a%3a-443',
+      'o-a%41-443',
+      'o-example.com-443~',
+      'o-a:b-443',
+    ]) {
+      expect(decodeFdName(name), name).toBeNull();
+    }
+  });
+
+  it('refuses names systemd would refuse', () => {
+    expect(() => encodeFdName({ host: `${'a'.repeat(250)}.com`, port: 443 })).toThrow(
+      expect.objectContaining({ code: 'SOCKPOOL_ERR_INVALID_ARGUMENT' }),
+    );
+    expect(() => encodeFdName({ host: 'example.com', port: 0 })).toThrow();
+    expect(isValidFdName('a:b')).toBe(false);
+    expect(isValidFdName('a\nb')).toBe(false);
+    expect(isValidFdName('x'.repeat(256))).toBe(false);
+  });
+});
+
+describe('listenFds (sd_listen_fds semantics)', () => {
+  it('takes fds 3.. only when LISTEN_PID is us, and unsets the variables', () => {
+    const env: NodeJS.ProcessEnv = { LISTEN_PID: '42', LISTEN_FDS: '2', LISTEN_FDNAMES: 'sockpoold:o-example.com-443' };
+    expect(listenFds({ env, pid: 42 })).toEqual([
+      { fd: 3, name: 'sockpoold' },
+      { fd: 4, name: 'o-example.com-443' },
+    ]);
+    expect(env).toEqual({});
+
+    const other: NodeJS.ProcessEnv = { LISTEN_PID: '43', LISTEN_FDS: '1' };
+    expect(listenFds({ env: other, pid: 42 })).toEqual([]);
+    expect(other).toEqual({});
+
+    const unnamed: NodeJS.ProcessEnv = { LISTEN_PID: '42', LISTEN_FDS: '2' };
+    expect(listenFds({ env: unnamed, pid: 42, unsetEnvironment: false })).toEqual([
+      { fd: 3, name: 'unknown' },
+      { fd: 4, name: 'unknown' },
+    ]);
+    expect(unnamed.LISTEN_FDS).toBe('2');
+  });
+
+  it('refuses malformed variables', () => {
+    expect(() => listenFds({ env: { LISTEN_PID: '42', LISTEN_FDS: '2', LISTEN_FDNAMES: 'a' }, pid: 42 })).toThrow(
+      expect.objectContaining({ code: 'SOCKPOOL_ERR_CONFIG' }),
+    );
+    expect(() => listenFds({ env: { LISTEN_PID: 'x', LISTEN_FDS: '1' }, pid: 42 })).toThrow();
+    expect(listenFds({ env: {}, pid: 42 })).toEqual([]);
+  });
+
+  it('classifies a listening seqpacket socket without a name, and origin names', () => {
+    const listener = native.seqpacketListen(join(workDir, 'classify.sock'), 4);
+    try {
+      const result = classifyListenFds([
+        { fd: 0, name: 'unknown' },
+        { fd: listener, name: 'unknown' },
+        { fd: 99, name: 'o-example.com-443' },
+      ]);
+      expect(result.listener).toEqual({ fd: listener, name: 'unknown' });
+      expect(result.origins).toEqual([{ fd: 99, name: 'o-example.com-443', origin: { host: 'example.com', port: 443 } }]);
+      expect(result.other).toEqual([{ fd: 0, name: 'unknown' }]);
+    } finally {
+      native.close(listener);
+    }
+  });
+});
+
+describe('socket activation through systemd-socket-activate', () => {
+  it('hands the fixture its listening socket by name on first connect', async () => {
+    const activate = '/usr/bin/systemd-socket-activate';
+    if (!existsSync(activate)) {
+      throw new Error('systemd-socket-activate not found: install the Debian/Ubuntu package "systemd"');
+    }
+    const notify = notifySocket();
+    const path = join(workDir, 'activated.sock');
+    const child = spawn(
+      activate,
+      ['--seqpacket', '-l', path, '--fdname=sockpoold', '-E', `NOTIFY_SOCKET=${notify.path}`, node, listenFixture],
+      { stdio: ['ignore', 'inherit', 'inherit'] },
+    );
+    children.push(child);
+    // systemd-socket-activate binds, then waits for the first connection before it execs the program.
+    const deadline = Date.now() + 10_000;
+    while (!existsSync(path)) {
+      if (Date.now() > deadline) throw new Error('socket never appeared');
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+    const client = native.seqpacketConnect(path);
+    try {
+      native.sendMessage(client, Buffer.from('hello'));
+      const ready = await notify.waitFor((text) => text.startsWith('READY=1'));
+      expect(ready.text).toBe('READY=1\nSTATUS=listener=3');
+      const reply = await new Promise<Buffer>((resolve, reject) => {
+        const poller = new native.Poller(client, (status) => {
+          if (status < 0) return reject(new Error(`poll status ${status}`));
+          const message = native.recvMessage(client, 65536, 0);
+          if (message === null) return;
+          poller.close();
+          resolve(message.data);
+        });
+        poller.start(native.READABLE);
+      });
+      const report = JSON.parse(reply.toString());
+      expect(report.received).toBe('hello');
+      expect(report.fds).toEqual([{ fd: 3, name: 'sockpoold' }]);
+      expect(report.listener).toEqual({ fd: 3, name: 'sockpoold' });
+      expect(report.socketInfo).toMatchObject({ type: 5, listening: true, path });
+      expect(report.envAfter).toEqual({ LISTEN_PID: null, LISTEN_FDS: null, LISTEN_FDNAMES: null });
+      expect(await exited(child)).toBe(0);
+    } finally {
+      native.close(client);
+    }
+  });
+});

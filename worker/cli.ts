@@ -1,0 +1,114 @@
+#!/usr/bin/env node
+// `sockpool`: a small command line over the daemon and the client: status, stats, warm, get.
+
+import { Command, InvalidArgumentError } from 'commander';
+import { parseOriginKey } from '../shared/origin.js';
+import { DaemonLink } from './daemon-link.js';
+import { defaultSocketPath, SockpoolClient } from './client.js';
+
+function positiveInt(value: string): number {
+  const parsed = Number(value);
+  if (!Number.isInteger(parsed) || parsed < 1) throw new InvalidArgumentError('must be a positive integer');
+  return parsed;
+}
+
+const program = new Command('sockpool')
+  .description('Talk to sockpoold: status, statistics, warming, and one request through the pool')
+  .option('--socket <path>', 'sockpoold socket', defaultSocketPath())
+  .showHelpAfterError();
+
+function socketPath(): string {
+  return program.opts<{ socket: string }>().socket;
+}
+
+async function withLink<T>(action: (link: DaemonLink) => Promise<T>): Promise<T> {
+  const link = new DaemonLink({ socketPath: socketPath(), clientName: 'sockpool-cli' });
+  try {
+    return await action(link);
+  } finally {
+    link.close();
+  }
+}
+
+program
+  .command('status')
+  .description('one line: is the daemon up, and what it holds')
+  .action(async () => {
+    const stats = (await withLink((link) => link.stats())) as {
+      idle: number;
+      leased: number;
+      origins: unknown[];
+      hitRate: number;
+      clients: number;
+    };
+    console.log(
+      `sockpoold up at ${socketPath()}: idle ${stats.idle}, leased ${stats.leased}, origins ${stats.origins.length}, ` +
+        `hit rate ${(stats.hitRate * 100).toFixed(1)}%, clients ${stats.clients}`,
+    );
+  });
+
+program
+  .command('stats')
+  .description('pool statistics per origin')
+  .option('--json', 'print JSON')
+  .action(async (options: { json?: boolean }) => {
+    const stats = await withLink((link) => link.stats());
+    if (options.json) {
+      console.log(JSON.stringify(stats, null, 2));
+      return;
+    }
+    const { origins, ...totals } = stats as { origins: Array<Record<string, unknown>> };
+    console.log(Object.entries(totals).map(([key, value]) => `${key}=${JSON.stringify(value)}`).join(' '));
+    for (const origin of origins) {
+      console.log(
+        `${String(origin.origin).padEnd(40)} idle ${origin.idle} leased ${origin.leased} ` +
+          `hits ${origin.hits} misses ${origin.misses} rate ${origin.demandRatePerS}/s`,
+      );
+    }
+  });
+
+program
+  .command('warm')
+  .description('ask the daemon to open N idle connections to ORIGIN (host:port)')
+  .argument('<origin>', 'host:port')
+  .argument('[count]', 'how many', positiveInt, 1)
+  .action(async (originText: string, count: number) => {
+    const origin = parseOriginKey(originText);
+    await withLink((link) => link.prewarm(origin.host, origin.port, count));
+    console.log(`warming ${count} connection(s) to ${originText}`);
+  });
+
+program
+  .command('get')
+  .description('run one GET through the pool and print the body')
+  .argument('<url>')
+  .option('-v, --verbose', 'print status, timings and whether the connection was warm (on stderr)')
+  .option('--cacert <file>', 'CA bundle for HTTPS')
+  .option('-k, --insecure', 'skip TLS verification')
+  .action(async (url: string, options: { verbose?: boolean; cacert?: string; insecure?: boolean }) => {
+    const client = new SockpoolClient({
+      socketPath: socketPath(),
+      threads: 1,
+      caFile: options.cacert,
+      insecure: options.insecure,
+    });
+    try {
+      const response = await client.request(url);
+      if (options.verbose) {
+        const t = response.timings;
+        console.error(
+          `< HTTP/${response.httpVersion} ${response.status}  warm=${response.warm} connection=${response.connection}\n` +
+            `* timings ms: acquire ${t.acquireMs.toFixed(2)} connect ${t.connectMs.toFixed(2)} ` +
+            `tls ${t.tlsMs.toFixed(2)} ttfb ${t.ttfbMs.toFixed(2)} total ${t.totalMs.toFixed(2)}`,
+        );
+      }
+      process.stdout.write(response.body);
+    } finally {
+      await client.close();
+    }
+  });
+
+program.parseAsync().catch((error: Error & { code?: string }) => {
+  console.error(`sockpool: ${error.code ?? 'error'}: ${error.message}`);
+  process.exitCode = 1;
+});
