@@ -4,7 +4,7 @@
 
 import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, unlinkSync } from 'node:fs';
 import { dirname } from 'node:path';
-import { type SockpoolConfig } from '../shared/config.js';
+import type { SockpoolConfig } from '../shared/config.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
 import { TcpConnector } from './connector.js';
@@ -55,7 +55,7 @@ export class Sockpoold {
     this.#store.startAutoFlush(this.#config.pool.statsFlushMs);
     this.#metrics = createMetrics(() => this.#pools.snapshot());
     this.#egress = new EgressPolicy(this.#config.egress);
-    this.#resolver = new Resolver(this.#config.dns);
+    this.#resolver = createResolver(this.#config);
     this.#pools = new PoolManager({
       config: this.#config,
       connector: new TcpConnector(
@@ -190,7 +190,7 @@ export class Sockpoold {
       const config = this.#reloadConfig();
       // Build both first so a bad value leaves the old ones in place.
       const egress = new EgressPolicy(config.egress);
-      const resolver = new Resolver(config.dns);
+      const resolver = createResolver(config);
       this.#egress = egress;
       this.#resolver = resolver;
       this.#config = { ...config, socket: this.#config.socket, stateDir: this.#config.stateDir };
@@ -247,4 +247,10 @@ function resolveId(value: string | number | undefined, kind: 'user' | 'group'): 
   if (typeof value === 'number') return value;
   if (/^\d+$/.test(value)) return Number(value);
   throw new SockpoolError(ErrorCodes.CONFIG, `access.socket${kind === 'user' ? 'Owner' : 'Group'}: use a numeric id`);
+}
+
+/** The configuration's `dns` section in the resolver's terms (`resolve` entries are curl-style overrides). */
+function createResolver(config: SockpoolConfig): Resolver {
+  const { resolve, ...dns } = config.dns;
+  return new Resolver({ ...dns, overrides: resolve });
 }

@@ -282,11 +282,15 @@ const IPV4_CLASSES = table([
   ['240.0.0.0/4', 'reserved'],
 ]);
 
-const IPV6_CLASSES = table([
+// Checked before the embedded-IPv4 forms: :: and ::1 sit inside ::/96 (IPv4-compatible).
+const IPV6_EXACT = table([
   ['::/128', 'unspecified'],
   ['::1/128', 'loopback'],
   ['fd00:ec2::254/128', 'metadata'], // AWS instance metadata over IPv6
   ['fd00:ec2::23/128', 'metadata'], // AWS EKS pod identity agent over IPv6
+]);
+
+const IPV6_CLASSES = table([
   ['64:ff9b:1::/48', 'reserved'], // local-use NAT64 (RFC 8215): the IPv4 position depends on the local prefix
   ['100::/64', 'reserved'], // discard-only
   ['2001::/23', 'reserved'], // IETF protocol assignments: Teredo, benchmarking 2001:2::/48, ORCHID...
@@ -341,8 +345,7 @@ function lookUp(classes: ClassTable, bytes: Uint8Array): AddressClass | null {
 function classifyIp(input: ParsedIp): AddressClass | null {
   const ip = unmap(input);
   if (ip.family === 4) return lookUp(IPV4_CLASSES, ip.bytes);
-  // :: and ::1 sit inside ::/96 (compatible), so the exact IPv6 entries go first.
-  const exact = lookUp(IPV6_CLASSES.slice(0, 4), ip.bytes);
+  const exact = lookUp(IPV6_EXACT, ip.bytes);
   if (exact) return exact;
   const embedded = embeddedIPv4(ip.bytes);
   if (embedded) {

@@ -155,7 +155,18 @@ export class HandoffServer {
       fd,
       {
         onMessage: (data, fds) => this.#onMessage(session, data, fds),
-        onBadMessage: (error) => this.#onBadMessage(session, null, error),
+        onBadMessage: (error) =>
+          this.#onBadMessage(
+            session,
+            null,
+            new SockpoolError(
+              ErrorCodes.PROTOCOL,
+              `message dropped (over ${MAX_MESSAGE_BYTES} bytes or fds): ${error.message}`,
+              {
+                cause: (error as { code?: string }).code ?? null,
+              },
+            ),
+          ),
         onClose: (error) => this.#disconnect(session, error ? error.message : 'client hung up'),
       },
       { maxMessageBytes: MAX_MESSAGE_BYTES, maxFdsPerMessage: MAX_FDS_PER_MESSAGE },

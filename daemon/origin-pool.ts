@@ -6,11 +6,11 @@
 //
 // Slots: maxPerOrigin bounds leased + idle + connecting, across all clients (a crawler's politeness limit).
 
+import type { OriginPolicy } from '../shared/config.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
 import type { Origin } from '../shared/origin.js';
 import type { ConnectedSocket, Connector } from './connector.js';
-import type { OriginPolicy } from '../shared/config.js';
 
 export interface Handoff extends ConnectedSocket {
   /** True when the socket was idle in the pool; false when it was connected for this acquire. */

@@ -19,6 +19,9 @@
 // Errors: SockpoolError(DNS) with fields { host, reason, dnsCode }. NXDOMAIN and "no address" answers are cached
 // for negativeTtlMs; timeouts and server failures are not cached (the next call asks again). Concurrent calls for
 // one host share one query. Time is monotonic (performance.now()).
+//
+// The resolver applies no policy: the connector calls EgressPolicy.checkAddress on every address it returns
+// (and on the connected peer), since a public name may resolve to a refused address.
 
 import { promises as dns } from 'node:dns';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';

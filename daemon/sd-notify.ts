@@ -15,9 +15,9 @@
 import { createRequire } from 'node:module';
 import { getSystemErrorName } from 'node:util';
 import { isMainThread } from 'node:worker_threads';
-import { canonicalHost, type Origin } from '../shared/origin.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import { sendDatagram } from '../shared/native.js';
+import { canonicalHost, type Origin } from '../shared/origin.js';
 
 /** Longest FDNAME systemd accepts (FDNAME_MAX in systemd's fdname_is_valid()). */
 export const FDNAME_MAX_LENGTH = 255;

@@ -142,7 +142,7 @@ export function migrate(
   migrations: readonly string[] = MIGRATIONS,
   name = db.name,
 ): { from: number; to: number } {
-  const from = db.pragma('user_version', { simple: true }) as number;
+  const from = db.prepare<[], number>('PRAGMA user_version').pluck().get() ?? 0;
   if (from > migrations.length) {
     throw new SockpoolError(
       ErrorCodes.CONFIG,
@@ -155,7 +155,7 @@ export function migrate(
     const sql = migrations[version] ?? '';
     db.transaction(() => {
       db.exec(sql);
-      db.pragma(`user_version = ${version + 1}`);
+      db.exec(`PRAGMA user_version = ${version + 1}`);
     })();
   }
   return { from, to: migrations.length };
@@ -213,9 +213,7 @@ export class StateStore {
       );
     }
     try {
-      db.pragma('journal_mode = WAL');
-      db.pragma('synchronous = NORMAL');
-      db.pragma('busy_timeout = 2000');
+      db.exec('PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 2000');
       migrate(db, MIGRATIONS, path);
       return new StateStore(db, path, options);
     } catch (error) {
@@ -254,21 +252,18 @@ export class StateStore {
       top: db.prepare(`
         SELECT o.origin_key, o.host, o.port, o.learned_idle_lifetime_ms, o.demand_rate_per_s, o.connect_ms_avg,
                o.last_seen,
-               SUM(d.acquires * pow(2.0, -((@nowMinute - d.minute) / @halfLifeMinutes))) AS score
+               SUM(d.acquires * pow(2.0, -((@nowMinute - d.minute) * 1.0 / @halfLifeMinutes))) AS score
         FROM demand_history d JOIN origins o ON o.origin_key = d.origin_key
         WHERE d.minute >= @sinceMinute AND o.port > 0
         GROUP BY o.origin_key
         ORDER BY score DESC, o.last_seen DESC, o.origin_key
         LIMIT @limit`),
     };
-    for (const row of db
-      .prepare<[], { origin_key: string; learned: number }>(
-        'SELECT origin_key, learned_idle_lifetime_ms AS learned FROM origins WHERE learned_idle_lifetime_ms IS NOT NULL',
-      )
-      .iterate()) {
-      this.#learned.set(row.origin_key, row.learned);
-    }
-    this.#prune(this.#now());
+    const learned = db.prepare<[], { origin_key: string; learned: number }>(
+      'SELECT origin_key, learned_idle_lifetime_ms AS learned FROM origins WHERE learned IS NOT NULL',
+    );
+    for (const row of learned.all()) this.#learned.set(row.origin_key, row.learned);
+    // The first flush prunes (#lastPrune is 0).
   }
 
   // -------------------------------------------------------------------------------------------------------------
@@ -357,14 +352,15 @@ export class StateStore {
     if (this.#closed) return 0;
     const now = this.#now();
     const count = this.#pending.size;
-    if (count > 0) {
-      this.#db.transaction(() => {
-        for (const [originKey, pending] of this.#pending) this.#write(originKey, pending, now);
-      })();
-      // Only after the commit: if it threw, everything stays pending for the next flush.
-      this.#pending.clear();
-    }
-    if (now - this.#lastPrune >= PRUNE_INTERVAL_MS) this.#prune(now);
+    const prune = now - this.#lastPrune >= PRUNE_INTERVAL_MS;
+    if (count === 0 && !prune) return 0;
+    this.#db.transaction(() => {
+      for (const [originKey, pending] of this.#pending) this.#write(originKey, pending, now);
+      if (prune) this.#pruneNow(now);
+    })();
+    // Only after the commit: if it threw, everything stays pending for the next flush.
+    this.#pending.clear();
+    if (prune) this.#lastPrune = now;
     return count;
   }
 
@@ -415,12 +411,10 @@ export class StateStore {
     for (const [minute, acquires] of pending.minutes) this.#statements.addDemand.run(originKey, minute, acquires);
   }
 
-  #prune(now: number): void {
-    this.#lastPrune = now;
-    this.#db.transaction(() => {
-      this.#statements.pruneDemand.run(Math.floor(now / MINUTE_MS) - this.#historyMinutes);
-      this.#statements.pruneOrigins.run(now - this.#originRetentionMs);
-    })();
+  /** Deletes demand history older than `demandHistoryDays` and origins unseen for `originRetentionDays`. */
+  #pruneNow(now: number): void {
+    this.#statements.pruneDemand.run(Math.floor(now / MINUTE_MS) - this.#historyMinutes);
+    this.#statements.pruneOrigins.run(now - this.#originRetentionMs);
   }
 
   /** Flushes every `ms` from an unref'd timer (it never keeps the process alive). */

@@ -9,7 +9,11 @@
 // Idempotent: each module gets a stamp (hash of its inputs plus the Node ABI); a module whose stamp matches and
 // whose binary exists is skipped, so a second `npm install` costs well under a second here.
 //
-// Usage: node scripts/build-native.mjs [--force] [module...]   (modules: libcurl sqlite dgram addon)
+// better-sqlite3 13 ships N-API (ABI-stable) binaries inside its npm package; they load under Node 24 as they
+// are, so it is not rebuilt here (12.x aborted in Node 24.19+'s GC; 13 is the fix). The load check at the end
+// proves every native module loads under the Node that runs us.
+//
+// Usage: node scripts/build-native.mjs [--force] [module...]   (modules: libcurl dgram addon)
 
 import { execFileSync, spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
@@ -164,11 +168,6 @@ const modules = [
     gypArgs: ['--module_name=node_libcurl', '--module_path=../lib/binding'],
   },
   {
-    name: 'sqlite',
-    dir: join(root, 'node_modules', 'better-sqlite3'),
-    binary: 'build/Release/better_sqlite3.node',
-  },
-  {
     name: 'dgram',
     dir: join(root, 'node_modules', 'unix-dgram'),
     binary: 'build/Release/unix_dgram.node',
@@ -205,6 +204,7 @@ async function main() {
   }
   if (todo.length === 0) {
     log('all native modules up to date');
+    if (wanted.length === 0) checkLoads();
     return;
   }
   // Two cores: build two modules at a time, one compile job each, biggest first.
@@ -216,6 +216,22 @@ async function main() {
     }
   });
   await Promise.all(workers);
+  if (wanted.length === 0) checkLoads();
+}
+
+/** Loads every native module in a fresh process under this Node: a wrong ABI or a missing symbol fails here. */
+function checkLoads() {
+  const script = [
+    "require('node-libcurl')",
+    "new (require('better-sqlite3'))(':memory:').prepare('select 1').get()",
+    "require('unix-dgram')",
+    "require('./native/build/Release/sockpool_native.node')",
+  ].join(';');
+  try {
+    execFileSync(process.execPath, ['-e', script], { cwd: root, stdio: 'pipe' });
+  } catch (error) {
+    fail(`a native module does not load under Node ${process.version}:\n${error.stderr}`);
+  }
 }
 
 main().catch((error) => fail(error.message));

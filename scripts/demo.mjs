@@ -54,7 +54,9 @@ try {
   const url = `http://127.0.0.1:${port}/demo`;
   const first = await client.request(url);
   console.log(`request 1: ${first.status} ${JSON.stringify(first.body.toString().trim())}`);
-  console.log(`           connection=${first.connection} warm=${first.warm} total ${first.timings.totalMs.toFixed(2)} ms`);
+  console.log(
+    `           connection=${first.connection} warm=${first.warm} total ${first.timings.totalMs.toFixed(2)} ms`,
+  );
   await client.prewarm([{ host: '127.0.0.1', port, count: 2 }]);
   await sleep(200);
   // A second request at the same time as a third forces a second connection: served from the warm pool.

@@ -99,7 +99,7 @@ export function parseCidr(text: string): { address: string; prefix: number; fami
   return { address: address.toLowerCase(), prefix, family };
 }
 
-/** A `--resolve` entry: `HOST:PORT:ADDR[,ADDR]...` as curl takes it (IPv6 addresses may be in brackets). */
+/** A `--resolve` entry: `HOST:PORT:ADDR[,ADDR]...` as curl takes it (IPv6 addresses in brackets). */
 export interface ResolveEntry {
   host: string;
   port: number;
@@ -107,17 +107,21 @@ export interface ResolveEntry {
 }
 
 export function parseResolveEntry(text: string): ResolveEntry | undefined {
-  const match = /^([^:[\]\s]+):(\d{1,5}):(.+)$/.exec(text.trim());
+  // curl's leading '+' (keep the entry for a while) means nothing here and is accepted.
+  const match = /^\+?([^:[\]\s]+):(\d{1,5}):(.+)$/.exec(text.trim());
   if (!match) return undefined;
+  const host = canonicalHost(match[1] ?? '');
   const port = Number(match[2]);
-  if (port < 1 || port > 65535) return undefined;
+  if (!HOST_NAME.test(host) || port < 1 || port > 65535) return undefined;
   const addresses: string[] = [];
   for (const part of (match[3] ?? '').split(',')) {
-    const address = part.trim().replace(/^\[(.*)\]$/, '$1');
-    if (ipFamily(address) === 0) return undefined;
+    const item = part.trim();
+    const bracketed = /^\[(.*)\]$/.exec(item);
+    const address = bracketed ? (bracketed[1] ?? '') : item;
+    if (ipFamily(address) !== (bracketed ? 6 : 4)) return undefined;
     addresses.push(address.toLowerCase());
   }
-  return { host: canonicalHost(match[1] ?? ''), port, addresses };
+  return { host, port, addresses };
 }
 
 /** Socket file mode from its octal string ("0660" → 0o660). */
@@ -196,7 +200,7 @@ const dnsServer = z.string().refine(
   { error: 'expected an IP address, optionally with a port: "1.1.1.1", "1.1.1.1:53" or "[2606:4700::1111]:53"' },
 );
 const resolveEntry = z.string().refine((text) => parseResolveEntry(text) !== undefined, {
-  error: 'expected HOST:PORT:ADDR[,ADDR]... such as "example.com:443:192.0.2.10"',
+  error: 'expected HOST:PORT:ADDR[,ADDR]... such as "example.com:443:192.0.2.10" (IPv6 in brackets: "[2001:db8::10]")',
 });
 // Linux interface names: at most 15 bytes (IFNAMSIZ - 1), no '/', no whitespace.
 const deviceName = z.string().regex(/^[^/\s:]{1,15}$/, 'expected a network interface name of 1 to 15 characters');
@@ -224,7 +228,7 @@ const policyFields = {
   maxPerOrigin: z.int().min(1),
   idleTtlMs: positiveMs,
   connectTimeoutMs: positiveMs,
-  acquireTimeoutMs: z.int().min(0),
+  acquireTimeoutMs: positiveMs,
   sourceAddress: ipAddress,
   mark: z.int().min(0).max(0xffffffff),
   device: deviceName,
@@ -236,7 +240,8 @@ const policyDefaults = DEFAULTS.pool.defaults;
 const originPolicySchema = z
   .strictObject({
     minIdle: policyFields.minIdle.default(policyDefaults.minIdle),
-    maxIdle: policyFields.maxIdle.default(policyDefaults.maxIdle),
+    // Default: DEFAULTS' maxIdle, or maxPerOrigin when that is lower (setting only maxPerOrigin is never an error).
+    maxIdle: policyFields.maxIdle.optional(),
     maxPerOrigin: policyFields.maxPerOrigin.default(policyDefaults.maxPerOrigin),
     idleTtlMs: policyFields.idleTtlMs.default(policyDefaults.idleTtlMs),
     connectTimeoutMs: policyFields.connectTimeoutMs.default(policyDefaults.connectTimeoutMs),
@@ -248,6 +253,10 @@ const originPolicySchema = z
     keepAlive: keepAliveSchema,
     userTimeoutMs: policyFields.userTimeoutMs.optional(),
   })
+  .transform(({ maxIdle, ...policy }) => ({
+    ...policy,
+    maxIdle: maxIdle ?? Math.min(policyDefaults.maxIdle, policy.maxPerOrigin),
+  }))
   .prefault({});
 
 const originOverrideSchema = z.strictObject({
@@ -338,8 +347,8 @@ export const configSchema = z
   .superRefine((config, ctx) => {
     checkPolicyOrder(config.pool.defaults, ['pool', 'defaults'], ctx);
     config.pool.origins.forEach((override, index) => {
-      // Each entry must be coherent on its own, merged over the defaults. (Several entries that match one origin
-      // are merged in order by policyFor, which clamps the result rather than fail at acquire time.)
+      // Each entry must be coherent merged over the defaults. (Several entries that match one origin are merged in
+      // order by policyFor, which clamps the result rather than fail at acquire time.)
       checkPolicyOrder(mergePolicy(config.pool.defaults, override), ['pool', 'origins', index], ctx, override);
     });
     if (config.dns.minTtlMs > config.dns.maxTtlMs) {
@@ -368,18 +377,18 @@ function checkPolicyOrder(
   override?: OriginOverride,
 ): void {
   type Key = 'minIdle' | 'maxIdle' | 'maxPerOrigin';
-  // In an override, report only what the entry itself breaks (the defaults are checked on their own), name the key
-  // it set, and say where the other value came from.
+  // mergePolicy lowers inherited values to fit the ones an entry sets, so what is left to report is a value the
+  // table itself set too high. Name that key, and say where the other value came from.
   const setHere = (key: Key) => override === undefined || override[key] !== undefined;
-  const describe = (key: Key) => `${key} (${policy[key]}${setHere(key) ? '' : ', from pool.defaults'})`;
+  const describe = (key: Key) => `${key} (${policy[key]}${setHere(key) ? '' : ', inherited'})`;
   for (const [low, high] of [
     ['minIdle', 'maxIdle'],
     ['maxIdle', 'maxPerOrigin'],
   ] as Array<[Key, Key]>) {
-    if (policy[low] <= policy[high] || (!setHere(low) && !setHere(high))) continue;
+    if (policy[low] <= policy[high]) continue;
     ctx.addIssue({
       code: 'custom',
-      path: [...path, setHere(low) ? low : high],
+      path: [...path, low],
       message: `${describe(low)} must be at most ${describe(high)}`,
     });
   }
@@ -397,6 +406,10 @@ function mergePolicy(base: OriginPolicy, override: OriginOverride): OriginPolicy
       (merged as Record<string, unknown>)[key] = value;
     }
   }
+  // Values the entry leaves out follow the ones it sets: an entry that only lowers maxPerOrigin (a politeness
+  // limit) lowers the inherited maxIdle with it, and minIdle follows maxIdle.
+  if (override.maxIdle === undefined) merged.maxIdle = Math.min(merged.maxIdle, merged.maxPerOrigin);
+  if (override.minIdle === undefined) merged.minIdle = Math.min(merged.minIdle, merged.maxIdle);
   return merged;
 }
 
@@ -617,8 +630,8 @@ function matches(match: OriginMatch, host: string, port: number): boolean {
 
 /**
  * The policy of one origin: `pool.defaults` merged with every matching `pool.origins` entry, in file order (a later
- * entry wins). If several entries together break minIdle <= maxIdle <= maxPerOrigin, the result is clamped:
- * maxIdle is lowered to maxPerOrigin and minIdle to maxIdle.
+ * entry wins; a value an entry leaves out is lowered to fit the ones it sets). If several entries together still
+ * break minIdle <= maxIdle <= maxPerOrigin, the result is clamped: maxIdle to maxPerOrigin, minIdle to maxIdle.
  */
 export function policyFor(config: SockpoolConfig, host: string, port: number): OriginPolicy {
   const canonical = canonicalHost(host);

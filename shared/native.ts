@@ -91,7 +91,10 @@ export interface PeerCredentials {
   gid: number;
 }
 
-/** status: 0, or a negative errno (libuv); events: the READABLE/WRITABLE/DISCONNECT bits that are ready. */
+/**
+ * status: 0, or a negative errno from libuv; events: the READABLE/WRITABLE/DISCONNECT bits that are ready.
+ * libuv reports EPOLLERR as status EBADF (-9) and stops the Poller: read socketError(fd) for the real error.
+ */
 export type PollCallback = (status: number, events: number) => void;
 
 /**

@@ -15,7 +15,11 @@ export const MAX_MESSAGE_BYTES = 16 * 1024;
 /** Most fds one message may carry. */
 export const MAX_FDS_PER_MESSAGE = 1;
 
-const requestId = z.number().int().min(0).max(2 ** 31 - 1);
+const requestId = z
+  .number()
+  .int()
+  .min(0)
+  .max(2 ** 31 - 1);
 // RFC 1123 host names and IP literals (IPv6 without brackets); checked again by the egress policy.
 const host = z
   .string()

@@ -134,13 +134,11 @@ export function connectTcp(address: string, port: number, options: ConnectTcpOpt
         return;
       }
       poller = new Poller(fd, (status, events) => {
-        if (status < 0) {
-          finish(connectError(getSystemErrorName(status), address, port));
-          return;
-        }
-        // Writable means the handshake ended; SO_ERROR says how.
+        // Writable means the handshake ended; SO_ERROR says how. Read it first even when status < 0: libuv
+        // reports EPOLLERR (a refused or unreachable connect) as status EBADF.
         const code = socketError(fd);
         if (code !== null) finish(connectError(code, address, port));
+        else if (status < 0) finish(connectError(getSystemErrorName(status), address, port));
         else if ((events & WRITABLE) !== 0) finish();
       });
       poller.start(WRITABLE);

@@ -3,8 +3,8 @@
 
 import { Command, InvalidArgumentError } from 'commander';
 import { parseOriginKey } from '../shared/origin.js';
-import { DaemonLink } from './daemon-link.js';
 import { defaultSocketPath, SockpoolClient } from './client.js';
+import { DaemonLink } from './daemon-link.js';
 
 function positiveInt(value: string): number {
   const parsed = Number(value);
@@ -58,7 +58,11 @@ program
       return;
     }
     const { origins, ...totals } = stats as { origins: Array<Record<string, unknown>> };
-    console.log(Object.entries(totals).map(([key, value]) => `${key}=${JSON.stringify(value)}`).join(' '));
+    console.log(
+      Object.entries(totals)
+        .map(([key, value]) => `${key}=${JSON.stringify(value)}`)
+        .join(' '),
+    );
     for (const origin of origins) {
       console.log(
         `${String(origin.origin).padEnd(40)} idle ${origin.idle} leased ${origin.leased} ` +

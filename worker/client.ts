@@ -64,7 +64,10 @@ function invalid(message: string, fields: Record<string, string> = {}): Sockpool
 }
 
 /** Checks everything curl would otherwise be handed blindly: URL scheme, method token, header names and values. */
-export function validateRequest(url: string | URL, options: RequestOptions): {
+export function validateRequest(
+  url: string | URL,
+  options: RequestOptions,
+): {
   url: URL;
   method: string;
   headers: Array<[string, string]>;

@@ -143,9 +143,7 @@ export class CurlEngine {
         throw error;
       }
       const acquireMs = performance.now() - started;
-      const result = await this.#perform(request, slot, acquireMs, 'leased').finally(() =>
-        this.#supply.finish(slot),
-      );
+      const result = await this.#perform(request, slot, acquireMs, 'leased').finally(() => this.#supply.finish(slot));
       if (result instanceof TransferFailure) {
         // curl needed a new connection and we had not prepared one: once more, with a socket.
         if (slot.starved && !slot.taken && attempt < 2) {
@@ -228,7 +226,10 @@ export class CurlEngine {
     easy.setOpt('URL', request.url);
     easy.setOpt('CUSTOMREQUEST', request.method);
     easy.setOpt('NOBODY', request.method === 'HEAD');
-    easy.setOpt('HTTPHEADER', request.headers.map(([name, value]) => `${name}: ${value}`));
+    easy.setOpt(
+      'HTTPHEADER',
+      request.headers.map(([name, value]) => `${name}: ${value}`),
+    );
     easy.setOpt('TIMEOUT_MS', request.timeoutMs);
     easy.setOpt('ACCEPT_ENCODING', null);
     if (request.body !== undefined) {

@@ -149,7 +149,9 @@ export class DaemonLink {
         { socketPath: this.#options.socketPath, cause: cause.code ?? null },
       );
     }
-    // The channel owns fd from here.
+    // The channel owns fd from here. Tracked: if this thread dies, the addon closes the link, and the daemon
+    // then frees every lease this thread held.
+    native.track(fd);
     const channel = new SeqpacketChannel(
       fd,
       {
@@ -182,9 +184,7 @@ export class DaemonLink {
         timer,
       });
     });
-    channel.send(
-      encodeMessage({ type: 'hello', id, version: PROTOCOL_VERSION, client: this.#options.clientName }),
-    );
+    channel.send(encodeMessage({ type: 'hello', id, version: PROTOCOL_VERSION, client: this.#options.clientName }));
     try {
       await hello;
     } catch (error) {

@@ -1,4 +1,6 @@
 // The public API of the `sockpool` package.
+
+export { type ErrorCode, ErrorCodes, SockpoolError } from '../shared/errors.js';
 export {
   defaultSocketPath,
   type RequestOptions,
@@ -7,4 +9,3 @@ export {
   type SockpoolResponse,
   validateRequest,
 } from './client.js';
-export { ErrorCodes, type ErrorCode, SockpoolError } from '../shared/errors.js';

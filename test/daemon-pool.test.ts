@@ -1,0 +1,320 @@
+// sockpoold as a real child process, real TCP servers on loopback, a bare protocol client: handoffs, refill,
+// limits and the fair queue, leases freed on disconnect, bad input, reload, restart from history, fd counts.
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { afterEach, describe, expect, it } from 'vitest';
+import * as native from '../shared/native.js';
+import { MAX_MESSAGE_BYTES } from '../shared/protocol.js';
+import { startServer, type TestServer } from './fixtures/native-helpers.js';
+import { type DaemonProcess, eventually, startDaemon } from './helpers/daemon.js';
+import { RawClient } from './helpers/raw-client.js';
+
+const cleanups: Array<() => unknown> = [];
+afterEach(async () => {
+  for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
+});
+
+async function server(onConnection?: Parameters<typeof startServer>[1]): Promise<TestServer> {
+  const started = await startServer('127.0.0.1', onConnection);
+  cleanups.push(() => started.close());
+  return started;
+}
+
+async function daemon(port: number, extraArgs: string[] = [], config?: object): Promise<DaemonProcess> {
+  const args = ['--allow', '127.0.0.1/32', '--allow-port', String(port), ...extraArgs];
+  let configPath: string | undefined;
+  const started = await startDaemon({
+    args: config ? [...args, '--config', (configPath = writeConfig(config))] : args,
+  });
+  void configPath;
+  cleanups.push(() => started.stop());
+  return started;
+}
+
+let configCounter = 0;
+function writeConfig(config: object): string {
+  const path = join(process.env.TMPDIR ?? '/tmp', `sockpoold-test-${process.pid}-${configCounter++}.json`);
+  writeFileSync(path, JSON.stringify(config));
+  return path;
+}
+
+function client(socketPath: string): RawClient {
+  const raw = new RawClient(socketPath);
+  cleanups.push(() => {
+    try {
+      raw.close();
+    } catch {}
+  });
+  return raw;
+}
+
+async function stats(raw: RawClient, id = 999_999): Promise<Record<string, number> & { origins: unknown[] }> {
+  const reply = await raw.request({ type: 'stats', id });
+  return (reply.message as { stats: Record<string, number> & { origins: unknown[] } }).stats;
+}
+
+/** Writes through the fd and reads the echo back: proves it is a live connection to the echo server. */
+async function roundTrip(fd: number, text: string): Promise<string> {
+  const net = await import('node:net');
+  native.untrack(fd);
+  const socket = new net.Socket({ fd, readable: true, writable: true });
+  socket.write(text);
+  const [chunk] = (await (await import('node:events')).once(socket, 'data')) as [Buffer];
+  socket.destroy();
+  return chunk.toString();
+}
+
+describe('handoff', () => {
+  it('answers hello and hands out a connected fd the server sees once', async () => {
+    const echo = await server();
+    const sockpoold = await daemon(echo.port);
+    const raw = client(sockpoold.socketPath);
+    const hello = await raw.request({ type: 'hello', id: 1, version: 1 });
+    expect(hello.message).toMatchObject({ type: 'hello', version: 1, server: 'sockpoold' });
+    const lease = await raw.request({ type: 'acquire', id: 2, host: '127.0.0.1', port: echo.port });
+    expect(lease.message).toMatchObject({ type: 'lease', id: 2, address: '127.0.0.1', port: echo.port, warm: false });
+    expect(lease.fds).toHaveLength(1);
+    expect(await roundTrip(lease.fds[0]!, 'ping')).toBe('ping');
+    expect(echo.connections).toHaveLength(1);
+  });
+
+  it('refills after a handoff and serves the next acquire warm', async () => {
+    const echo = await server();
+    const sockpoold = await daemon(echo.port, [], { pool: { defaults: { minIdle: 2 } } });
+    const raw = client(sockpoold.socketPath);
+    expect(
+      (await raw.request({ type: 'prewarm', id: 1, host: '127.0.0.1', port: echo.port, count: 2 })).message,
+    ).toMatchObject({ type: 'ok' });
+    await eventually(async () => (await stats(raw)).idle === 2, 'two idle sockets');
+    const lease = await raw.request({ type: 'acquire', id: 2, host: '127.0.0.1', port: echo.port });
+    expect(lease.message).toMatchObject({ type: 'lease', warm: true });
+    for (const fd of lease.fds) native.close(fd);
+    await eventually(async () => (await stats(raw)).idle === 2, 'refilled to two idle sockets');
+    expect(echo.connections.length).toBe(3);
+  });
+
+  it('never hands out a socket its server already closed', async () => {
+    // The server closes every connection 300 ms after accepting it, before any request.
+    const closing = await server((socket) => setTimeout(() => socket.end(), 300));
+    const sockpoold = await daemon(closing.port, [], { pool: { defaults: { minIdle: 1 } } });
+    const raw = client(sockpoold.socketPath);
+    await raw.request({ type: 'prewarm', id: 1, host: '127.0.0.1', port: closing.port, count: 1 });
+    for (let i = 0; i < 8; i++) {
+      await sleep(120);
+      const lease = await raw.request({ type: 'acquire', id: 10 + i, host: '127.0.0.1', port: closing.port });
+      expect(lease.message?.type).toBe('lease');
+      const probe = native.probe(lease.fds[0]!);
+      native.close(lease.fds[0]!);
+      // Handed out alive: it may die later (the server's timer), but never before the handoff.
+      expect(['alive', 'eof']).toContain(probe.state);
+      if ((lease.message as { warm: boolean }).warm) expect(probe.state).toBe('alive');
+      await raw.request({ type: 'closed', id: 100 + i, leaseId: (lease.message as { leaseId: number }).leaseId });
+    }
+    const snapshot = await stats(raw);
+    expect(snapshot.origins).toHaveLength(1);
+  });
+});
+
+describe('limits and the fair queue', () => {
+  it('counts leases across clients against maxPerOrigin and frees them when a client disconnects', async () => {
+    const echo = await server();
+    const sockpoold = await daemon(echo.port, [], { pool: { defaults: { maxPerOrigin: 2, maxIdle: 2 } } });
+    const first = new RawClient(sockpoold.socketPath);
+    const second = client(sockpoold.socketPath);
+    const a = await first.request({ type: 'acquire', id: 1, host: '127.0.0.1', port: echo.port });
+    const b = await first.request({ type: 'acquire', id: 2, host: '127.0.0.1', port: echo.port });
+    expect([a.message?.type, b.message?.type]).toEqual(['lease', 'lease']);
+    // The second client waits in the queue...
+    second.sendJson({ type: 'acquire', id: 7, host: '127.0.0.1', port: echo.port, timeoutMs: 20_000 });
+    await eventually(async () => (await stats(second, 50)).waiting === 1, 'second client queued');
+    // ...until the first disconnects: its leases end (its fds still hold the connections, then close).
+    for (const fd of [...a.fds, ...b.fds]) native.close(fd);
+    first.close();
+    const reply = await second.receive();
+    expect(reply.message).toMatchObject({ type: 'lease', id: 7 });
+    for (const fd of reply.fds) native.close(fd);
+  });
+
+  it('fails a queued acquire at its deadline with SOCKPOOL_ERR_ACQUIRE_TIMEOUT', async () => {
+    const echo = await server();
+    const sockpoold = await daemon(echo.port, [], { pool: { defaults: { maxPerOrigin: 1, maxIdle: 1 } } });
+    const raw = client(sockpoold.socketPath);
+    const held = await raw.request({ type: 'acquire', id: 1, host: '127.0.0.1', port: echo.port });
+    expect(held.message?.type).toBe('lease');
+    const late = await raw.request({ type: 'acquire', id: 2, host: '127.0.0.1', port: echo.port, timeoutMs: 200 });
+    expect(late.message).toMatchObject({ type: 'error', id: 2, code: 'SOCKPOOL_ERR_ACQUIRE_TIMEOUT' });
+    for (const fd of held.fds) native.close(fd);
+  });
+
+  it('takes an unused fd back with release and hands it out again warm', async () => {
+    const echo = await server();
+    const sockpoold = await daemon(echo.port);
+    const raw = client(sockpoold.socketPath);
+    const lease = await raw.request({ type: 'acquire', id: 1, host: '127.0.0.1', port: echo.port });
+    const leaseId = (lease.message as { leaseId: number }).leaseId;
+    const released = await raw.request({ type: 'release', id: 2, leaseId }, lease.fds);
+    native.close(lease.fds[0]!);
+    expect(released.message).toMatchObject({ type: 'ok', id: 2 });
+    const again = await raw.request({ type: 'acquire', id: 3, host: '127.0.0.1', port: echo.port });
+    expect(again.message).toMatchObject({ type: 'lease', warm: true });
+    expect(await roundTrip(again.fds[0]!, 'same')).toBe('same');
+    expect(echo.connections).toHaveLength(1);
+  });
+
+  it('refuses a release that carries some other fd, and closes it', async () => {
+    const echo = await server();
+    const sockpoold = await daemon(echo.port);
+    const raw = client(sockpoold.socketPath);
+    const lease = await raw.request({ type: 'acquire', id: 1, host: '127.0.0.1', port: echo.port });
+    const leaseId = (lease.message as { leaseId: number }).leaseId;
+    const [mine, theirs] = native.seqpacketPair();
+    const reply = await raw.request({ type: 'release', id: 2, leaseId }, [theirs]);
+    native.close(theirs);
+    expect(reply.message).toMatchObject({ type: 'error', code: 'SOCKPOOL_ERR_PROTOCOL' });
+    // The daemon closed its copy: our end sees EOF once ours is the only one left.
+    expect(native.probe(mine).state).not.toBe('data');
+    native.close(mine);
+    for (const fd of lease.fds) native.close(fd);
+  });
+});
+
+describe('bad input', () => {
+  it('answers malformed, oversize and wrong-fd messages with typed errors, then disconnects a persistent offender', async () => {
+    const echo = await server();
+    const sockpoold = await daemon(echo.port);
+    const baseline = sockpoold.fdCount();
+    const raw = client(sockpoold.socketPath);
+    const cases: Array<[Uint8Array, number[]]> = [
+      [Buffer.from('not json'), []],
+      [Buffer.from('{"type":"acquire","id":1}'), []],
+      [Buffer.from('{"type":"acquire","id":2,"host":"a b","port":80}'), []],
+      [Buffer.from('{"type":"acquire","id":3,"host":"x","port":70000}'), []],
+      [Buffer.from('{"type":"nope","id":4}'), []],
+      [Buffer.from([0xff, 0xfe, 0x00]), []],
+      [Buffer.from(JSON.stringify({ type: 'stats', id: 5, pad: 'x'.repeat(MAX_MESSAGE_BYTES) })), []],
+    ];
+    for (const [bytes, fds] of cases) {
+      raw.sendBytes(bytes, fds);
+      const reply = await raw.receive();
+      expect(reply.message).toMatchObject({ type: 'error', code: 'SOCKPOOL_ERR_PROTOCOL' });
+    }
+    // An acquire that carries an fd: the fd is closed by the daemon, the message refused.
+    const [keep, sent] = native.seqpacketPair();
+    raw.sendBytes(Buffer.from(JSON.stringify({ type: 'stats', id: 6 })), [sent]);
+    native.close(sent);
+    expect((await raw.receive()).message).toMatchObject({ type: 'error', id: 6, code: 'SOCKPOOL_ERR_PROTOCOL' });
+    await eventually(() => native.probe(keep).state === 'eof', 'daemon closed the fd it was sent');
+    native.close(keep);
+    // More garbage than maxBadMessages (10): the daemon hangs up.
+    for (let i = 0; i < 10; i++) raw.sendBytes(Buffer.from(`garbage ${i}`));
+    let eof = false;
+    for (let i = 0; i < 20 && !eof; i++) eof = (await raw.receive()).eof;
+    expect(eof).toBe(true);
+    // Still serving others, with no fd left behind.
+    const other = client(sockpoold.socketPath);
+    expect((await other.request({ type: 'hello', id: 1, version: 1 })).message).toMatchObject({ type: 'hello' });
+    other.close();
+    cleanups.pop();
+    await eventually(() => sockpoold.fdCount() === baseline, `daemon fd count back to ${baseline}`);
+  });
+
+  it('refuses a protocol version it does not speak', async () => {
+    const echo = await server();
+    const sockpoold = await daemon(echo.port);
+    const raw = client(sockpoold.socketPath);
+    const reply = await raw.request({ type: 'hello', id: 1, version: 99 });
+    expect(reply.message).toMatchObject({ type: 'error', code: 'SOCKPOOL_ERR_PROTOCOL' });
+  });
+
+  it('refuses a destination the egress policy forbids with SOCKPOOL_ERR_POLICY', async () => {
+    const echo = await server();
+    const sockpoold = await startDaemon(); // defaults: loopback refused, ports 80 and 443 only
+    cleanups.push(() => sockpoold.stop());
+    const raw = client(sockpoold.socketPath);
+    const loopback = await raw.request({ type: 'acquire', id: 1, host: '127.0.0.1', port: 443 });
+    expect(loopback.message).toMatchObject({ type: 'error', code: 'SOCKPOOL_ERR_POLICY' });
+    const port = await raw.request({ type: 'acquire', id: 2, host: '127.0.0.1', port: echo.port });
+    expect(port.message).toMatchObject({ type: 'error', code: 'SOCKPOOL_ERR_POLICY' });
+    expect(echo.connections).toHaveLength(0);
+    expect(sockpoold.output()).toContain('refused');
+  });
+});
+
+describe('fd accounting', () => {
+  it('keeps the daemon fd count stable across thousands of handoffs', async () => {
+    const echo = await server();
+    const sockpoold = await daemon(echo.port, [], { pool: { defaults: { maxIdle: 4 } } });
+    const raw = client(sockpoold.socketPath);
+    await raw.request({ type: 'acquire', id: 0, host: '127.0.0.1', port: echo.port }).then((r) => {
+      for (const fd of r.fds) native.close(fd);
+      return raw.request({ type: 'closed', id: 1, leaseId: (r.message as { leaseId: number }).leaseId });
+    });
+    await sleep(200);
+    const baseline = sockpoold.fdCount();
+    for (let i = 0; i < 2000; i++) {
+      const lease = await raw.request({ type: 'acquire', id: 10 + i * 2, host: '127.0.0.1', port: echo.port });
+      const leaseId = (lease.message as { leaseId: number }).leaseId;
+      if (i % 2 === 0) {
+        await raw.request({ type: 'release', id: 11 + i * 2, leaseId }, lease.fds);
+        native.close(lease.fds[0]!);
+      } else {
+        native.close(lease.fds[0]!);
+        raw.sendJson({ type: 'closed', leaseId });
+      }
+    }
+    const snapshot = await stats(raw);
+    expect(snapshot.leased).toBe(0);
+    await eventually(() => Math.abs(sockpoold.fdCount() - baseline) <= 4, 'daemon fd count back near baseline');
+    expect(sockpoold.fdCount() - baseline).toBeLessThanOrEqual(4); // idle sockets may differ by maxIdle at most
+  });
+});
+
+describe('life cycle', () => {
+  it('reloads its configuration on SIGHUP without dropping warm sockets', async () => {
+    const echo = await server();
+    const configPath = writeConfig({ pool: { defaults: { minIdle: 2 } } });
+    const sockpoold = await startDaemon({
+      args: ['--config', configPath, '--allow', '127.0.0.1/32', '--allow-port', String(echo.port)],
+    });
+    cleanups.push(() => sockpoold.stop());
+    const raw = client(sockpoold.socketPath);
+    await raw.request({ type: 'prewarm', id: 1, host: '127.0.0.1', port: echo.port, count: 2 });
+    await eventually(async () => (await stats(raw)).idle === 2, 'two idle');
+    writeFileSync(configPath, JSON.stringify({ pool: { defaults: { minIdle: 3 } } }));
+    sockpoold.child.kill('SIGHUP');
+    await eventually(() => sockpoold.output().includes('configuration reloaded'), 'reload logged');
+    await eventually(async () => (await stats(raw)).idle === 3, 'refilled to the new minIdle');
+    expect(echo.connections).toHaveLength(3); // the two warm sockets stayed
+    // A broken file keeps the old configuration.
+    writeFileSync(configPath, '{ "pool": { "defaults": { "minIdle": "many" } } }');
+    sockpoold.child.kill('SIGHUP');
+    await eventually(() => sockpoold.output().includes('reload failed'), 'reload failure logged');
+    expect((await raw.request({ type: 'hello', id: 5, version: 1 })).message?.type).toBe('hello');
+  });
+
+  it('warms the origins from its history after a restart', async () => {
+    const echo = await server();
+    const first = await daemon(echo.port);
+    const raw = client(first.socketPath);
+    for (let i = 0; i < 5; i++) {
+      const lease = await raw.request({ type: 'acquire', id: i, host: '127.0.0.1', port: echo.port });
+      for (const fd of lease.fds) native.close(fd);
+    }
+    raw.close();
+    cleanups.pop();
+    expect(await first.stop()).toBe(0);
+    const before = echo.connections.length;
+    const second = await startDaemon({
+      stateDir: first.stateDir,
+      args: ['--allow', '127.0.0.1/32', '--allow-port', String(echo.port)],
+    });
+    cleanups.push(() => second.stop());
+    await echo.waitForConnections(before + 1);
+    const again = client(second.socketPath);
+    await eventually(async () => (await stats(again)).idle >= 1, 'an idle socket warmed from history');
+    const lease = await again.request({ type: 'acquire', id: 1, host: '127.0.0.1', port: echo.port });
+    expect(lease.message).toMatchObject({ type: 'lease', warm: true });
+    for (const fd of lease.fds) native.close(fd);
+  });
+});

@@ -1,0 +1,96 @@
+// Runs sockpoold (compiled, from dist/) as a real child process for tests, with its own socket and state
+// directory in a temp dir, and stops it at the end.
+import { type ChildProcess, spawn } from 'node:child_process';
+import { once } from 'node:events';
+import { existsSync, mkdtempSync, readdirSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+
+export const repoRoot = join(import.meta.dirname, '..', '..');
+export const daemonMain = join(repoRoot, 'dist', 'daemon', 'main.js');
+
+export interface DaemonProcess {
+  child: ChildProcess;
+  socketPath: string;
+  stateDir: string;
+  /** Everything the daemon logged so far (JSON lines). */
+  output(): string;
+  /** SIGTERM and wait; returns the exit code. */
+  stop(signal?: NodeJS.Signals): Promise<number | null>;
+  /** Open fds of the daemon process. */
+  fdCount(): number;
+}
+
+export interface StartDaemonOptions {
+  args?: string[];
+  env?: NodeJS.ProcessEnv;
+  stateDir?: string;
+  /** Prefix the command (e.g. ['ip', 'netns', 'exec', 'ns']). */
+  wrap?: string[];
+  socketPath?: string;
+}
+
+export async function startDaemon(options: StartDaemonOptions = {}): Promise<DaemonProcess> {
+  if (!existsSync(daemonMain)) throw new Error(`${daemonMain} missing: run npm run build first`);
+  const stateDir = options.stateDir ?? mkdtempSync(join(tmpdir(), 'sockpoold-test-'));
+  const socketPath = options.socketPath ?? join(stateDir, 'sockpoold.sock');
+  const argv = [
+    process.execPath,
+    daemonMain,
+    '--socket',
+    socketPath,
+    '--state-dir',
+    stateDir,
+    '--log-level',
+    'debug',
+    ...(options.args ?? []),
+  ];
+  const command = [...(options.wrap ?? []), ...argv];
+  const child = spawn(command[0]!, command.slice(1), {
+    stdio: ['ignore', 'pipe', 'pipe'],
+    env: { ...process.env, ...options.env },
+  });
+  let output = '';
+  child.stdout!.on('data', (chunk) => {
+    output += chunk;
+  });
+  child.stderr!.on('data', (chunk) => {
+    output += chunk;
+  });
+  const exited = once(child, 'exit');
+  const deadline = Date.now() + 15_000;
+  while (!output.includes('sockpoold ready')) {
+    if (child.exitCode !== null || child.signalCode !== null) {
+      throw new Error(`sockpoold exited early (${child.exitCode ?? child.signalCode}):\n${output}`);
+    }
+    if (Date.now() > deadline) {
+      child.kill('SIGKILL');
+      throw new Error(`sockpoold did not become ready:\n${output}`);
+    }
+    await sleep(20);
+  }
+  return {
+    child,
+    socketPath,
+    stateDir,
+    output: () => output,
+    async stop(signal = 'SIGTERM') {
+      if (child.exitCode !== null || child.signalCode !== null) return child.exitCode;
+      child.kill(signal);
+      const [code] = (await exited) as [number | null];
+      return code;
+    },
+    fdCount: () => readdirSync(`/proc/${child.pid}/fd`).length,
+  };
+}
+
+/** Polls `check` until it returns true or the deadline passes (no wall-clock assertions: only a bound). */
+export async function eventually(check: () => boolean | Promise<boolean>, what: string, timeoutMs = 10_000) {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    if (await check()) return;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for: ${what}`);
+    await sleep(20);
+  }
+}

@@ -1,0 +1,49 @@
+// A bare protocol client for tests: sends exactly the bytes and fds a test wants and reads replies, with no
+// retries or validation in the way (the worker's DaemonLink is the real client).
+import * as native from '../../shared/native.js';
+import { type DaemonMessage, MAX_MESSAGE_BYTES } from '../../shared/protocol.js';
+import { receiveMessage } from '../fixtures/native-helpers.js';
+
+export class RawClient {
+  readonly fd: number;
+  constructor(socketPath: string) {
+    this.fd = native.seqpacketConnect(socketPath);
+  }
+
+  sendJson(value: unknown, fds: number[] = []): void {
+    this.sendBytes(Buffer.from(JSON.stringify(value)), fds);
+  }
+
+  sendBytes(data: Uint8Array, fds: number[] = []): void {
+    const sent = native.sendMessage(this.fd, data, fds);
+    if (sent === null) throw new Error('socket full');
+  }
+
+  /** The next message; `eof` true when the daemon hung up. fds received belong to the caller. */
+  async receive(): Promise<{ message: DaemonMessage | null; fds: number[]; eof: boolean }> {
+    let received: native.ReceivedMessage;
+    try {
+      received = await receiveMessage(this.fd, MAX_MESSAGE_BYTES * 4, 4);
+    } catch (error) {
+      // The daemon closed with our messages unread: the kernel reports a reset, which is a hang-up here.
+      if ((error as { code?: string }).code === 'ECONNRESET') return { message: null, fds: [], eof: true };
+      throw error;
+    }
+    if (received.eof) return { message: null, fds: [], eof: true };
+    return { message: JSON.parse(received.data.toString()) as DaemonMessage, fds: received.fds, eof: false };
+  }
+
+  /** Sends a request and waits for its reply (by id). */
+  async request(value: { id: number } & Record<string, unknown>, fds: number[] = []) {
+    this.sendJson(value, fds);
+    for (;;) {
+      const reply = await this.receive();
+      if (reply.eof || reply.message?.id === value.id) return reply;
+      for (const fd of reply.fds) native.close(fd);
+    }
+  }
+
+  close(): void {
+    native.close(this.fd);
+  }
+}

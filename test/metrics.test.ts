@@ -1,0 +1,150 @@
+import { networkInterfaces } from 'node:os';
+import { register as globalRegistry } from 'prom-client';
+import { afterEach, describe, expect, it } from 'vitest';
+import { createMetrics, type MetricsServer, type MetricsSnapshot, startMetricsServer } from '../daemon/metrics.js';
+
+const servers: MetricsServer[] = [];
+afterEach(async () => {
+  await Promise.all(servers.splice(0).map((server) => server.close()));
+});
+
+async function scrape(port: number, path = '/metrics', method = 'GET'): Promise<Response> {
+  return fetch(`http://127.0.0.1:${port}${path}`, { method });
+}
+
+describe('metrics', () => {
+  it('serves the pool gauges, counters and histograms on GET /metrics', async () => {
+    let snapshot: MetricsSnapshot = {
+      origins: [
+        { origin: 'example.com:443', idle: 3, leased: 2, connecting: 1, waiting: 0 },
+        { origin: '[2001:db8::1]:80', idle: 0, leased: 5 },
+      ],
+    };
+    let snapshots = 0;
+    const metrics = createMetrics(() => {
+      snapshots++;
+      return snapshot;
+    });
+    metrics.hits.inc();
+    metrics.hits.inc();
+    metrics.misses.inc();
+    metrics.refusals.inc({ reason: 'loopback' });
+    metrics.refusals.inc({ reason: 'access' });
+    metrics.deadDropped.inc({ reason: 'eof' });
+    metrics.deadDropped.inc({ reason: 'recycled' });
+    metrics.connectFailures.inc({ reason: 'ECONNREFUSED' });
+    metrics.protocolErrors.inc();
+    metrics.handoffSeconds.observe(0.00003); // 30 µs
+    metrics.handoffSeconds.observe(0.002); // 2 ms
+    metrics.connectSeconds.observe(0.015);
+
+    const server = await startMetricsServer(metrics, 0, '127.0.0.1');
+    servers.push(server);
+    expect(server.port).toBeGreaterThan(0);
+    const response = await scrape(server.port);
+    expect(response.status).toBe(200);
+    expect(response.headers.get('content-type')).toContain('text/plain');
+    const text = await response.text();
+    const lines = text.split('\n');
+    const expected = [
+      'sockpool_idle_sockets{origin="example.com:443"} 3',
+      'sockpool_idle_sockets{origin="[2001:db8::1]:80"} 0',
+      'sockpool_leased_sockets{origin="example.com:443"} 2',
+      'sockpool_leased_sockets{origin="[2001:db8::1]:80"} 5',
+      'sockpool_connecting_sockets{origin="example.com:443"} 1',
+      'sockpool_waiting_acquires{origin="example.com:443"} 0',
+      'sockpool_acquire_hits_total 2',
+      'sockpool_acquire_misses_total 1',
+      'sockpool_refusals_total{reason="loopback"} 1',
+      'sockpool_refusals_total{reason="access"} 1',
+      'sockpool_dead_sockets_dropped_total{reason="eof"} 1',
+      'sockpool_dead_sockets_dropped_total{reason="recycled"} 1',
+      'sockpool_dead_sockets_dropped_total{reason="ttl"} 0', // exported from the start
+      'sockpool_connect_failures_total{reason="ECONNREFUSED"} 1',
+      'sockpool_protocol_errors_total 1',
+      'sockpool_handoff_duration_seconds_bucket{le="0.00001"} 0',
+      'sockpool_handoff_duration_seconds_bucket{le="0.00005"} 1',
+      'sockpool_handoff_duration_seconds_bucket{le="0.0025"} 2',
+      'sockpool_handoff_duration_seconds_bucket{le="0.1"} 2',
+      'sockpool_handoff_duration_seconds_bucket{le="+Inf"} 2',
+      'sockpool_handoff_duration_seconds_count 2',
+      'sockpool_connect_duration_seconds_bucket{le="0.01"} 0',
+      'sockpool_connect_duration_seconds_bucket{le="0.025"} 1',
+      'sockpool_connect_duration_seconds_count 1',
+    ];
+    for (const line of expected) expect(lines, line).toContain(line);
+    // No series for a value the snapshot does not give.
+    expect(text).not.toContain('sockpool_connecting_sockets{origin="[2001:db8::1]:80"}');
+    expect(text).toContain('# TYPE sockpool_handoff_duration_seconds histogram');
+    expect(text).toContain('# HELP sockpool_idle_sockets ');
+    expect(text).toMatch(/^process_resident_memory_bytes \d+/m);
+    // One snapshot per scrape, shared by the four per-origin gauges.
+    expect(snapshots).toBe(1);
+
+    // Gauges follow the pool at the next scrape: an origin gone from the snapshot disappears.
+    snapshot = { origins: [{ origin: 'example.com:443', idle: 7, leased: 0 }] };
+    await new Promise((done) => setTimeout(done, 60));
+    const next = await (await scrape(server.port)).text();
+    expect(next.split('\n')).toContain('sockpool_idle_sockets{origin="example.com:443"} 7');
+    expect(next).not.toContain('[2001:db8::1]:80');
+  });
+
+  it("keeps its metrics off prom-client's global registry, so two daemons in one process do not clash", async () => {
+    const first = createMetrics(() => ({ origins: [] }), { processMetrics: false });
+    const second = createMetrics(() => ({ origins: [] }), { processMetrics: false });
+    first.hits.inc(5);
+    expect(await globalRegistry.metrics()).not.toContain('sockpool_');
+    expect(await second.text()).toContain('sockpool_acquire_hits_total 0');
+    expect(await first.text()).toContain('sockpool_acquire_hits_total 5');
+    expect(await first.text()).not.toContain('process_resident_memory_bytes');
+  });
+
+  it('answers 404 elsewhere, 405 for other methods, HEAD without a body', async () => {
+    const server = await startMetricsServer(
+      createMetrics(() => ({ origins: [] }), { processMetrics: false }),
+      0,
+    );
+    servers.push(server);
+    expect((await scrape(server.port, '/')).status).toBe(404);
+    expect((await scrape(server.port, '/metrics/x')).status).toBe(404);
+    expect((await scrape(server.port, '/metrics?name[]=x')).status).toBe(200);
+    const post = await scrape(server.port, '/metrics', 'POST');
+    expect(post.status).toBe(405);
+    expect(post.headers.get('allow')).toBe('GET, HEAD');
+    const head = await scrape(server.port, '/metrics', 'HEAD');
+    expect(head.status).toBe(200);
+    expect(await head.text()).toBe('');
+  });
+
+  it('listens on 127.0.0.1 by default', async () => {
+    const server = await startMetricsServer(
+      createMetrics(() => ({ origins: [] }), { processMetrics: false }),
+      0,
+    );
+    servers.push(server);
+    expect((await scrape(server.port)).status).toBe(200);
+    // Not reachable on the machine's other addresses (when it has one: containers may have only loopback).
+    const external = Object.values(networkInterfaces())
+      .flat()
+      .find((entry) => entry?.family === 'IPv4' && !entry.internal);
+    if (external) await expect(fetch(`http://${external.address}:${server.port}/metrics`)).rejects.toThrow();
+  });
+
+  it('rejects when the port is in use', async () => {
+    const metrics = createMetrics(() => ({ origins: [] }), { processMetrics: false });
+    const server = await startMetricsServer(metrics, 0);
+    servers.push(server);
+    await expect(startMetricsServer(metrics, server.port, '127.0.0.1')).rejects.toMatchObject({ code: 'EADDRINUSE' });
+  });
+
+  it('close() ends keep-alive connections too', async () => {
+    const server = await startMetricsServer(
+      createMetrics(() => ({ origins: [] }), { processMetrics: false }),
+      0,
+    );
+    const response = await scrape(server.port);
+    await response.text();
+    await server.close(); // resolves although fetch keeps its connection alive
+    await expect(scrape(server.port)).rejects.toThrow();
+  });
+});

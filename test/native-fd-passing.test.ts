@@ -1,0 +1,312 @@
+// The addon's AF_UNIX side, with real processes and sockets: SCM_RIGHTS between processes, the truncation paths
+// (every fd that arrived is closed), EOF, sd_notify-style datagrams with fds, listen/accept/SO_PEERCRED.
+import { spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { once } from 'node:events';
+import { mkdtempSync, rmSync } from 'node:fs';
+import net from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import * as native from '../shared/native.js';
+import { connectTcp } from '../shared/tcp-connect.js';
+import {
+  fdCount,
+  receiveMessage,
+  socketClosed,
+  startServer,
+  type TestServer,
+  waitForEvents,
+  warmUpChildProcesses,
+} from './fixtures/native-helpers.js';
+
+const senderFixture = fileURLToPath(new URL('./fixtures/native-fd-sender.mjs', import.meta.url));
+
+function abstractName(): string {
+  return `@sockpool-test-${process.pid}-${randomBytes(6).toString('hex')}`;
+}
+
+function catchError(action: () => unknown): native.NativeError {
+  try {
+    action();
+  } catch (error) {
+    if (native.isNativeError(error)) return error;
+    throw error;
+  }
+  throw new Error('expected an error');
+}
+
+let directory: string;
+let server: TestServer;
+
+beforeAll(async () => {
+  await warmUpChildProcesses();
+  directory = mkdtempSync(join(tmpdir(), 'sockpool-native-'));
+  server = await startServer();
+});
+
+afterAll(async () => {
+  await server.close();
+  rmSync(directory, { recursive: true, force: true });
+});
+
+describe('fd passing between processes', () => {
+  it('a TCP connection opened by a child keeps working in the parent after the child exits', async () => {
+    const before = fdCount();
+    const path = join(directory, 'handover.sock');
+    const listener = native.seqpacketListen(path, 4);
+    const child = spawn(process.execPath, [senderFixture, path, String(server.port)], {
+      stdio: ['ignore', 'inherit', 'inherit'],
+    });
+    const exited = once(child, 'exit');
+
+    await waitForEvents(listener, native.READABLE);
+    const link = native.accept(listener);
+    expect(link).not.toBeNull();
+    const message = await receiveMessage(link!, 1024, 4);
+    expect(await exited).toEqual([0, null]);
+
+    // One fd arrived, tracked for this thread until ownership moves.
+    expect(message.fds).toHaveLength(1);
+    const fd = message.fds[0]!;
+    expect(native.trackedFds()).toContain(fd);
+    const { localPort } = JSON.parse(message.data.toString()) as { localPort: number };
+    expect(native.localAddress(fd)).toEqual({ family: 4, address: '127.0.0.1', port: localPort });
+    await server.waitForConnections(1);
+    const serverSide = server.connections.at(-1)!;
+    expect(serverSide.remotePort).toBe(localPort);
+
+    // The child closed its end of the link and exited: EOF.
+    expect(await receiveMessage(link!, 1024, 4)).toMatchObject({ eof: true, fds: [] });
+
+    // Ownership passes to net.Socket, which will close the fd: untrack it first.
+    native.untrack(fd);
+    expect(native.trackedFds()).not.toContain(fd);
+    const socket = new net.Socket({ fd, readable: true, writable: true });
+    socket.write('ping through a passed fd');
+    const [echoed] = (await once(socket, 'data')) as [Buffer];
+    expect(echoed.toString()).toBe('ping through a passed fd');
+    socket.destroy();
+    await once(socket, 'close');
+    await socketClosed(serverSide);
+
+    native.close(link!);
+    native.close(listener);
+    rmSync(path);
+    expect(fdCount()).toBe(before);
+  });
+});
+
+describe('recvMessage truncation', () => {
+  async function openConnections(count: number): Promise<{ fds: number[]; serverSides: net.Socket[] }> {
+    const already = server.connections.length;
+    const fds = await Promise.all(
+      Array.from({ length: count }, () => connectTcp('127.0.0.1', server.port, { timeoutMs: 10_000 })),
+    );
+    await server.waitForConnections(already + count);
+    return { fds, serverSides: server.connections.slice(already, already + count) };
+  }
+
+  it('more fds than maxFds: SOCKPOOL_ERR_FD_TRUNCATED, and every fd of the message is closed', async () => {
+    const before = fdCount();
+    const [sender, receiver] = native.seqpacketPair();
+    const { fds, serverSides } = await openConnections(3);
+    const serverClosed = serverSides.map((socket) => socketClosed(socket));
+    expect(native.sendMessage(sender, Buffer.from('three fds'), fds)).toBe(9);
+    for (const fd of fds) native.close(fd); // the message in flight holds the only copies now
+
+    const error = catchError(() => native.recvMessage(receiver, 64, 1));
+    expect(error).toMatchObject({ code: native.NativeErrorCodes.FD_TRUNCATED, syscall: 'recvmsg' });
+    expect(error.message).toMatch(/^recvmsg SOCKPOOL_ERR_FD_TRUNCATED/);
+    expect(native.trackedFds()).toEqual([]);
+    // All three connections really closed: the server sees each one end.
+    await Promise.all(serverClosed);
+
+    // The socket is still usable for the next message.
+    expect(native.sendMessage(sender, Buffer.from('next'))).toBe(4);
+    expect(native.recvMessage(receiver, 64, 1)).toMatchObject({ fds: [], eof: false });
+    native.close(sender);
+    native.close(receiver);
+    expect(fdCount()).toBe(before);
+  });
+
+  it('maxFds 0 refuses any fd', async () => {
+    const before = fdCount();
+    const [sender, receiver] = native.seqpacketPair();
+    const { fds, serverSides } = await openConnections(1);
+    const serverClosed = socketClosed(serverSides[0]!);
+    native.sendMessage(sender, Buffer.from('one fd'), fds);
+    native.close(fds[0]!);
+    expect(catchError(() => native.recvMessage(receiver, 64, 0))).toMatchObject({
+      code: 'SOCKPOOL_ERR_FD_TRUNCATED',
+      syscall: 'recvmsg',
+    });
+    await serverClosed;
+    native.close(sender);
+    native.close(receiver);
+    expect(fdCount()).toBe(before);
+  });
+
+  it('a message longer than maxBytes: SOCKPOOL_ERR_MSG_TRUNCATED, and its fds are closed', async () => {
+    const before = fdCount();
+    const [sender, receiver] = native.seqpacketPair();
+    const { fds, serverSides } = await openConnections(2);
+    const serverClosed = serverSides.map((socket) => socketClosed(socket));
+    native.sendMessage(sender, Buffer.alloc(100, 1), fds);
+    for (const fd of fds) native.close(fd);
+
+    const error = catchError(() => native.recvMessage(receiver, 10, 4));
+    expect(error).toMatchObject({ code: native.NativeErrorCodes.MSG_TRUNCATED, syscall: 'recvmsg', fdsClosed: 2 });
+    await Promise.all(serverClosed);
+    expect(native.trackedFds()).toEqual([]);
+    native.close(sender);
+    native.close(receiver);
+    expect(fdCount()).toBe(before);
+  });
+});
+
+describe('seqpacket basics', () => {
+  it('recvMessage: null when nothing is waiting, eof after the peer closes', () => {
+    const before = fdCount();
+    const [left, right] = native.seqpacketPair();
+    expect(native.recvMessage(right, 64, 4)).toBeNull();
+    expect(native.sendMessage(left, Buffer.from('hello'))).toBe(5);
+    const message = native.recvMessage(right, 64, 4);
+    expect(message?.data.toString()).toBe('hello');
+    expect(message).toMatchObject({ fds: [], eof: false });
+    native.close(left);
+    expect(native.recvMessage(right, 64, 4)).toMatchObject({ eof: true, fds: [] });
+    expect(native.recvMessage(right, 64, 4)).toMatchObject({ eof: true });
+    native.close(right);
+    expect(fdCount()).toBe(before);
+  });
+
+  it('sendMessage returns null instead of blocking when the peer does not read', () => {
+    const [left, right] = native.seqpacketPair();
+    const chunk = Buffer.alloc(16 * 1024);
+    let sent = 0;
+    while (native.sendMessage(left, chunk) !== null) sent++;
+    expect(sent).toBeGreaterThan(0);
+    native.close(left);
+    native.close(right);
+  });
+
+  it('sendMessage to a closed peer throws EPIPE (no SIGPIPE)', () => {
+    const [left, right] = native.seqpacketPair();
+    native.close(right);
+    expect(catchError(() => native.sendMessage(left, Buffer.from('x')))).toMatchObject({
+      code: 'EPIPE',
+      errno: -32,
+      syscall: 'sendmsg',
+      message: 'sendmsg EPIPE',
+    });
+    native.close(left);
+  });
+
+  it('listen, accept and SO_PEERCRED on a path and in the abstract namespace', () => {
+    const before = fdCount();
+    for (const path of [join(directory, 'listen.sock'), abstractName()]) {
+      const listener = native.seqpacketListen(path, 8);
+      expect(native.accept(listener)).toBeNull();
+      const client = native.seqpacketConnect(path);
+      const accepted = native.accept(listener);
+      expect(accepted).not.toBeNull();
+      const self = { pid: process.pid, uid: process.getuid!(), gid: process.getgid!() };
+      expect(native.peerCredentials(accepted!)).toEqual(self);
+      expect(native.peerCredentials(client)).toEqual(self);
+      native.sendMessage(client, Buffer.from('over the listener'));
+      expect(native.recvMessage(accepted!, 64, 0)?.data.toString()).toBe('over the listener');
+      native.close(client);
+      native.close(accepted!);
+      native.close(listener);
+    }
+    rmSync(join(directory, 'listen.sock'));
+    expect(fdCount()).toBe(before);
+  });
+
+  it('errors keep Node’s shape', () => {
+    const missing = join(directory, 'missing', 'nothing.sock');
+    expect(catchError(() => native.seqpacketConnect(missing))).toMatchObject({
+      code: 'ENOENT',
+      errno: -2,
+      syscall: 'connect',
+      message: `connect ENOENT ${missing}`,
+    });
+
+    // A socket file whose listener is gone: ECONNREFUSED. The file stays: listen never unlinks.
+    const stale = join(directory, 'stale.sock');
+    native.close(native.seqpacketListen(stale, 1));
+    expect(catchError(() => native.seqpacketConnect(stale))).toMatchObject({ code: 'ECONNREFUSED', errno: -111 });
+    expect(catchError(() => native.seqpacketListen(stale, 1))).toMatchObject({
+      code: 'EADDRINUSE',
+      syscall: 'bind',
+    });
+    rmSync(stale);
+
+    expect(catchError(() => native.close(1_000_000))).toMatchObject({ code: 'EBADF', syscall: 'close' });
+    expect(() => native.seqpacketConnect(`/${'x'.repeat(200)}`)).toThrow(/ENAMETOOLONG/);
+  });
+
+  it('close refuses an fd that a Poller still watches', () => {
+    const [left, right] = native.seqpacketPair();
+    const poller = new native.Poller(left, () => {});
+    poller.start(native.READABLE);
+    expect(catchError(() => native.close(left))).toMatchObject({ code: native.NativeErrorCodes.FD_POLLED });
+    // A second Poller on the same fd in the same thread is refused by libuv.
+    expect(catchError(() => new native.Poller(left, () => {}))).toMatchObject({
+      code: 'EEXIST',
+      syscall: 'uv_poll_init',
+    });
+    poller.close();
+    poller.close();
+    expect(catchError(() => poller.start(native.READABLE))).toMatchObject({
+      code: native.NativeErrorCodes.POLLER_CLOSED,
+    });
+    native.close(left);
+    native.close(right);
+  });
+});
+
+describe('sendDatagram (sd_notify FDSTORE)', () => {
+  it('delivers fds with the datagram, to an abstract name and to a path', () => {
+    const before = fdCount();
+    for (const name of [abstractName(), join(directory, 'notify.sock')]) {
+      const receiver = native.datagramBind(name);
+      const [stored, peer] = native.seqpacketPair();
+      native.sendDatagram(name, Buffer.from('FDSTORE=1\nFDNAME=idle-0'), [stored]);
+      native.close(stored); // the receiver holds its own copy now
+
+      const message = native.recvMessage(receiver, 4096, 8);
+      expect(message?.data.toString()).toBe('FDSTORE=1\nFDNAME=idle-0');
+      expect(message?.fds).toHaveLength(1);
+      const copy = message!.fds[0]!;
+      // The received fd is the same socket: what goes in through it comes out at the peer.
+      native.sendMessage(copy, Buffer.from('through the stored copy'));
+      expect(native.recvMessage(peer, 64, 0)?.data.toString()).toBe('through the stored copy');
+
+      native.sendDatagram(name, Buffer.from('READY=1'));
+      expect(native.recvMessage(receiver, 4096, 8)).toMatchObject({ fds: [], eof: false });
+
+      native.close(copy);
+      native.close(peer);
+      native.close(receiver);
+    }
+    rmSync(join(directory, 'notify.sock'));
+    expect(fdCount()).toBe(before);
+  });
+
+  it('reports a missing receiver as ECONNREFUSED / ENOENT and leaks nothing', () => {
+    const before = fdCount();
+    const name = abstractName();
+    expect(catchError(() => native.sendDatagram(name, Buffer.from('READY=1')))).toMatchObject({
+      code: 'ECONNREFUSED',
+      syscall: 'sendmsg',
+      address: name,
+    });
+    expect(catchError(() => native.sendDatagram(join(directory, 'none.sock'), Buffer.from('x')))).toMatchObject({
+      code: 'ENOENT',
+    });
+    expect(fdCount()).toBe(before);
+  });
+});

@@ -1,0 +1,288 @@
+// TCP through the addon, against real listeners: connectTcp on IPv4/IPv6 loopback, refused and timed-out
+// connects (the timeout through a veth whose far end drops everything, in a network namespace made here), socket
+// options, and probe() of idle connections.
+import { execFileSync, spawn } from 'node:child_process';
+import { once } from 'node:events';
+import net from 'node:net';
+import { fileURLToPath } from 'node:url';
+import { beforeAll, describe, expect, it } from 'vitest';
+import * as native from '../shared/native.js';
+import { connectTcp } from '../shared/tcp-connect.js';
+import {
+  fdCount,
+  receiveMessage,
+  startServer,
+  waitForEvents,
+  warmUpChildProcesses,
+} from './fixtures/native-helpers.js';
+
+const setMarkFixture = fileURLToPath(new URL('./fixtures/native-setmark.mjs', import.meta.url));
+const isRoot = process.getuid?.() === 0;
+
+/** Whether this host can bind `address` (IPv6 loopback can be disabled). */
+async function canListen(address: string): Promise<boolean> {
+  const server = net.createServer();
+  try {
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(0, address, resolve);
+    });
+    return true;
+  } catch {
+    return false;
+  } finally {
+    server.close();
+  }
+}
+
+function ipCommandWorks(): boolean {
+  try {
+    execFileSync('ip', ['netns', 'list'], { stdio: 'ignore' });
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+const hasIpv6Loopback = await canListen('::1');
+const canMakeNetns = isRoot && ipCommandWorks();
+
+function catchError(action: () => unknown): native.NativeError {
+  try {
+    action();
+  } catch (error) {
+    if (native.isNativeError(error)) return error;
+    throw error;
+  }
+  throw new Error('expected an error');
+}
+
+beforeAll(async () => {
+  await warmUpChildProcesses();
+});
+
+describe('connectTcp', () => {
+  for (const host of ['127.0.0.1', '::1']) {
+    const family = host === '::1' ? 6 : 4;
+    it.runIf(family === 4 || hasIpv6Loopback)(`connects to ${host} and the connection carries data`, async () => {
+      const server = await startServer(host);
+      const before = fdCount();
+      const fd = await connectTcp(host, server.port, {
+        timeoutMs: 10_000,
+        sourceAddress: host,
+        noDelay: true,
+        keepAlive: { idleSec: 30, intervalSec: 5, count: 3 },
+        userTimeoutMs: 20_000,
+        device: 'lo',
+        ...(isRoot ? { mark: 0x5350 } : {}),
+      });
+      // Ownership passed to us: connectTcp no longer tracks it.
+      expect(native.trackedFds()).not.toContain(fd);
+      expect(native.peerAddress(fd)).toEqual({ family, address: host, port: server.port });
+      const local = native.localAddress(fd);
+      expect(local).toMatchObject({ family, address: host });
+      await server.waitForConnections(1);
+      expect(server.connections[0]!.remotePort).toBe(local.port);
+      expect(native.socketError(fd)).toBeNull();
+
+      expect(native.sendMessage(fd, Buffer.from('hello over tcp'))).toBe(14);
+      const echoed = await receiveMessage(fd, 64, 0);
+      expect(echoed.data.toString()).toBe('hello over tcp');
+
+      native.close(fd);
+      await server.allClosed();
+      expect(fdCount()).toBe(before);
+      await server.close();
+    });
+  }
+
+  it('rejects with ECONNREFUSED on a closed port, and leaves nothing open', async () => {
+    const server = await startServer();
+    const port = server.port;
+    await server.close();
+    const before = fdCount();
+    await expect(connectTcp('127.0.0.1', port, { timeoutMs: 10_000 })).rejects.toMatchObject({
+      code: 'ECONNREFUSED',
+      errno: -111,
+      syscall: 'connect',
+      address: '127.0.0.1',
+      port,
+      message: `connect ECONNREFUSED 127.0.0.1:${port}`,
+    });
+    expect(native.trackedFds()).toEqual([]);
+    expect(fdCount()).toBe(before);
+  });
+
+  it('rejects bad options before connecting, and closes the socket', async () => {
+    const server = await startServer();
+    const before = fdCount();
+    await expect(connectTcp('127.0.0.1', server.port, { timeoutMs: 1000, device: 'nosuchdev0' })).rejects.toMatchObject(
+      { code: 'ENODEV', syscall: 'setsockopt' },
+    );
+    await expect(connectTcp('127.0.0.1', server.port, { timeoutMs: 1000, sourceAddress: '::1' })).rejects.toMatchObject(
+      { code: 'ERR_INVALID_IP_ADDRESS' },
+    );
+    await expect(connectTcp('localhost', server.port, { timeoutMs: 1000 })).rejects.toMatchObject({
+      code: 'ERR_INVALID_IP_ADDRESS',
+    });
+    await expect(connectTcp('127.0.0.1', server.port, { timeoutMs: 1000, family: 6 })).rejects.toMatchObject({
+      code: 'ERR_INVALID_ARG_VALUE',
+    });
+    expect(server.connections).toHaveLength(0);
+    expect(fdCount()).toBe(before);
+    await server.close();
+  });
+
+  // A veth pair whose far end sits in a fresh network namespace; a permanent neighbour entry sends our SYNs to a
+  // MAC address nobody has, so they vanish: no reply, no ICMP, the connect can only time out.
+  it.runIf(canMakeNetns)('rejects with ETIMEDOUT when SYNs go unanswered', async () => {
+    const suffix = process.pid % 100_000;
+    const namespace = `sockpool-test-${process.pid}`;
+    const hostSide = `spt${suffix}h`;
+    const farSide = `spt${suffix}f`;
+    const subnet = `198.18.${process.pid % 256}`;
+    const ip = (...args: string[]) => execFileSync('ip', args, { stdio: 'pipe' });
+    ip('netns', 'add', namespace);
+    try {
+      ip('link', 'add', hostSide, 'type', 'veth', 'peer', 'name', farSide, 'netns', namespace);
+      ip('addr', 'add', `${subnet}.1/30`, 'dev', hostSide);
+      ip('link', 'set', hostSide, 'up');
+      ip('-n', namespace, 'link', 'set', farSide, 'up');
+      ip('neigh', 'replace', `${subnet}.2`, 'lladdr', '02:00:00:00:53:02', 'dev', hostSide, 'nud', 'permanent');
+
+      const before = fdCount();
+      await expect(connectTcp(`${subnet}.2`, 80, { timeoutMs: 200 })).rejects.toMatchObject({
+        code: 'ETIMEDOUT',
+        errno: -110,
+        syscall: 'connect',
+        address: `${subnet}.2`,
+        port: 80,
+      });
+      expect(native.trackedFds()).toEqual([]);
+      expect(fdCount()).toBe(before);
+    } finally {
+      try {
+        ip('link', 'del', hostSide);
+      } catch {
+        // already gone with the namespace
+      }
+      ip('netns', 'del', namespace);
+    }
+  });
+});
+
+describe('socket options', () => {
+  it('apply without error on a TCP socket', () => {
+    const before = fdCount();
+    const fd = native.tcpSocket(4);
+    native.setNoDelay(fd, true);
+    native.setNoDelay(fd, false);
+    native.setKeepAlive(fd, true, 60, 10, 5);
+    native.setKeepAlive(fd, false);
+    native.setUserTimeout(fd, 30_000);
+    native.bindToDevice(fd, 'lo');
+    native.bindToDevice(fd, '');
+    if (isRoot) native.setMark(fd, 0xffffffff);
+    native.bindAddress(fd, '127.0.0.1', 0);
+    expect(native.localAddress(fd)).toMatchObject({ family: 4, address: '127.0.0.1' });
+    native.close(fd);
+    expect(fdCount()).toBe(before);
+  });
+
+  it('report failures as thrown errors', () => {
+    const fd = native.tcpSocket(4);
+    expect(catchError(() => native.bindToDevice(fd, 'nosuchdev0'))).toMatchObject({
+      code: 'ENODEV',
+      syscall: 'setsockopt',
+    });
+    expect(catchError(() => native.bindToDevice(fd, 'x'.repeat(16)))).toMatchObject({ code: 'ENODEV' });
+    expect(catchError(() => native.setKeepAlive(fd, true, 1_000_000))).toMatchObject({
+      code: 'EINVAL',
+      syscall: 'setsockopt',
+      message: 'setsockopt EINVAL TCP_KEEPIDLE',
+    });
+    expect(catchError(() => native.peerAddress(fd))).toMatchObject({ code: 'ENOTCONN', syscall: 'getpeername' });
+    expect(() => native.connectStart(fd, 'not-an-ip', 80)).toThrow(TypeError);
+    expect(() => native.setNoDelay(-1, true)).toThrow(RangeError);
+    native.close(fd);
+    const [left, right] = native.seqpacketPair();
+    expect(catchError(() => native.setNoDelay(left, true))).toMatchObject({ syscall: 'setsockopt' });
+    expect(catchError(() => native.localAddress(left))).toMatchObject({ code: 'EAFNOSUPPORT' });
+    native.close(left);
+    native.close(right);
+  });
+
+  it.runIf(isRoot)('setMark without CAP_NET_ADMIN throws EPERM (unprivileged child)', async () => {
+    const child = spawn(process.execPath, [setMarkFixture], {
+      uid: 65534,
+      gid: 65534,
+      stdio: ['ignore', 'pipe', 'inherit'],
+    });
+    let output = '';
+    child.stdout.on('data', (chunk: Buffer) => {
+      output += chunk.toString();
+    });
+    const [code] = await once(child, 'close');
+    expect(code).toBe(0);
+    expect(JSON.parse(output)).toEqual({
+      thrown: true,
+      code: 'EPERM',
+      errno: -1,
+      syscall: 'setsockopt',
+      message: 'setsockopt EPERM SO_MARK',
+    });
+  });
+});
+
+describe('probe', () => {
+  it('alive, data, eof and error on real connections', async () => {
+    const server = await startServer('127.0.0.1', () => {});
+    const before = fdCount();
+    // Connects, then returns our fd and the server's side of the connection.
+    const connect = async (): Promise<[number, net.Socket]> => {
+      const expected = server.connections.length + 1;
+      const fd = await connectTcp('127.0.0.1', server.port, { timeoutMs: 10_000 });
+      await server.waitForConnections(expected);
+      return [fd, server.connections[expected - 1]!];
+    };
+
+    const [quiet] = await connect();
+    expect(native.probe(quiet)).toEqual({ state: 'alive', tcpState: 1 });
+
+    const [chatty, chattyServer] = await connect();
+    chattyServer.write('unexpected');
+    await waitForEvents(chatty, native.READABLE);
+    expect(native.probe(chatty)).toEqual({ state: 'data', tcpState: 1 });
+    expect(native.probe(chatty).state).toBe('data'); // peeking consumed nothing
+
+    const [ended, endedServer] = await connect();
+    endedServer.end();
+    await waitForEvents(ended, native.READABLE);
+    expect(native.probe(ended)).toEqual({ state: 'eof', tcpState: 8 }); // CLOSE_WAIT
+
+    const [reset, resetServer] = await connect();
+    resetServer.resetAndDestroy();
+    await waitForEvents(reset, native.READABLE);
+    expect(native.probe(reset)).toMatchObject({ state: 'error', error: 'ECONNRESET' });
+
+    const unconnected = native.tcpSocket(4);
+    native.bindAddress(unconnected, '127.0.0.1', 0);
+    expect(native.probe(unconnected)).toMatchObject({ state: 'error', error: 'ENOTCONN' });
+
+    for (const fd of [quiet, chatty, ended, reset, unconnected]) native.close(fd);
+    await server.allClosed();
+    expect(fdCount()).toBe(before);
+    await server.close();
+  });
+
+  it('works on unix sockets (no tcpState)', () => {
+    const [left, right] = native.seqpacketPair();
+    expect(native.probe(left)).toEqual({ state: 'alive' });
+    native.sendMessage(right, Buffer.from('x'));
+    expect(native.probe(left)).toEqual({ state: 'data' });
+    native.recvMessage(left, 8, 0);
+    native.close(right);
+    expect(native.probe(left)).toEqual({ state: 'eof' });
+    native.close(left);
+  });
+});

@@ -1,0 +1,408 @@
+import { type ChildProcess, spawn } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import Database from 'better-sqlite3';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { MIGRATIONS, migrate, StateStore } from '../daemon/store.js';
+import { ErrorCodes, SockpoolError } from '../shared/errors.js';
+
+const repo = resolve(import.meta.dirname, '..');
+const MINUTE = 60_000;
+const HOUR = 60 * MINUTE;
+
+/**
+ * Transactions committed to a WAL file since its last reset: frames whose salt matches the header and whose
+ * "database size after commit" field is set (https://www.sqlite.org/fileformat.html#the_write_ahead_log).
+ */
+function walCommits(databasePath: string): number {
+  const wal = `${databasePath}-wal`;
+  if (!existsSync(wal)) return 0;
+  const bytes = readFileSync(wal);
+  if (bytes.length < 32) return 0;
+  const pageSize = bytes.readUInt32BE(8);
+  const salt1 = bytes.readUInt32BE(16);
+  const salt2 = bytes.readUInt32BE(20);
+  let commits = 0;
+  for (let offset = 32; offset + 24 + pageSize <= bytes.length; offset += 24 + pageSize) {
+    if (bytes.readUInt32BE(offset + 8) !== salt1 || bytes.readUInt32BE(offset + 12) !== salt2) break;
+    if (bytes.readUInt32BE(offset + 4) !== 0) commits++;
+  }
+  return commits;
+}
+
+// Databases and statements the tests open stay referenced until the test process ends (they are few).
+const neverCollected: object[] = [];
+function openDatabase(path: string, options?: Database.Options): Database.Database {
+  const db = new Database(path, options);
+  neverCollected.push(db);
+  return db;
+}
+function statement(db: Database.Database, sql: string): Database.Statement {
+  const prepared = db.prepare(sql);
+  neverCollected.push(prepared);
+  return prepared;
+}
+/** The first column of the first row. */
+function value(db: Database.Database, sql: string, ...params: unknown[]): unknown {
+  return statement(db, sql)
+    .pluck()
+    .get(...params);
+}
+/** The first column of every row. */
+function column(db: Database.Database, sql: string, ...params: unknown[]): unknown[] {
+  return statement(db, sql)
+    .pluck()
+    .all(...params);
+}
+
+/** A second, independent connection to the state file: what another process would see. */
+function reader(stateDir: string): Database.Database {
+  return openDatabase(join(stateDir, 'sockpool.sqlite'), { readonly: true });
+}
+
+let dir: string;
+let clock: number;
+const now = () => clock;
+const open = (stateDir = dir) => StateStore.open(stateDir, { now });
+
+beforeEach(() => {
+  dir = mkdtempSync(join(tmpdir(), 'sockpool-store-'));
+  clock = Date.UTC(2025, 0, 15, 12, 0, 0);
+});
+afterEach(() => {
+  rmSync(dir, { recursive: true, force: true });
+});
+
+describe('StateStore.open', () => {
+  it('creates the state directory with mode 0750, the database in WAL mode at the newest schema', () => {
+    const stateDir = join(dir, 'a', 'state');
+    const store = open(stateDir);
+    expect(statSync(stateDir).mode & 0o777).toBe(0o750);
+    expect(store.path).toBe(join(stateDir, 'sockpool.sqlite'));
+    const db = reader(stateDir);
+    expect(value(db, 'PRAGMA journal_mode')).toBe('wal');
+    expect(value(db, 'PRAGMA user_version')).toBe(MIGRATIONS.length);
+    const tables = column(db, "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name");
+    expect(tables).toEqual(['demand_history', 'origins']);
+    db.close();
+    store.close();
+  });
+});
+
+describe('batching', () => {
+  it('writes nothing until flush, then everything in one transaction', () => {
+    const store = open();
+    store.flush(); // the first flush also prunes; start counting after it
+    const database = store.path;
+    const commitsBefore = walCommits(database);
+    const walSizeBefore = statSync(`${database}-wal`).size;
+
+    for (let origin = 0; origin < 300; origin++) {
+      const key = `host${origin}.example:443`;
+      for (let minute = 0; minute < 3; minute++) {
+        clock += MINUTE;
+        store.recordAcquire(key, { hit: minute > 0 });
+      }
+      store.recordConnect(key, 10 + origin);
+      if (origin % 10 === 0) store.recordConnectFailure(key);
+      if (origin % 7 === 0) store.recordIdleLifetime(key, 20_000);
+    }
+    expect(store.pendingOrigins).toBe(300);
+    expect(walCommits(database)).toBe(commitsBefore);
+    expect(statSync(`${database}-wal`).size).toBe(walSizeBefore);
+    const db = reader(dir);
+    expect(value(db, 'SELECT count(*) FROM origins')).toBe(0);
+
+    expect(store.flush()).toBe(300);
+    expect(walCommits(database) - commitsBefore).toBe(1);
+    expect(store.pendingOrigins).toBe(0);
+    expect(value(db, 'SELECT count(*) FROM origins')).toBe(300);
+    expect(value(db, 'SELECT sum(acquires) FROM demand_history')).toBe(900);
+    expect(value(db, 'SELECT sum(connect_failures) FROM origins')).toBe(30);
+
+    // Nothing pending: a flush writes nothing.
+    expect(store.flush()).toBe(0);
+    expect(walCommits(database) - commitsBefore).toBe(1);
+    db.close();
+    store.close();
+  });
+
+  it('accumulates counters and averages across flushes and reopenings', () => {
+    let store = open();
+    const key = 'example.com:443';
+    store.recordAcquire(key, { hit: false });
+    store.recordAcquire(key, { hit: true });
+    store.recordConnect(key, 10);
+    store.recordConnect(key, 20);
+    store.recordConnectFailure(key);
+    store.flush();
+    const first = store.origin(key);
+    expect(first).toMatchObject({
+      host: 'example.com',
+      port: 443,
+      acquires: 2,
+      hits: 1,
+      misses: 1,
+      connectFailures: 1,
+    });
+    expect(first?.firstSeen).toBe(clock);
+    // EWMA (alpha 0.2) seeded with the first sample: 10, then 10 * 0.8 + 20 * 0.2.
+    expect(first?.connectMsAvg).toBeCloseTo(12, 10);
+    store.close();
+
+    clock += HOUR;
+    store = open();
+    store.recordAcquire(key, { hit: true });
+    store.recordConnect(key, 30);
+    store.recordConnect(key, 40);
+    store.close(); // close flushes
+    store = open();
+    const second = store.origin(key);
+    expect(second).toMatchObject({ acquires: 3, hits: 2, misses: 1, connectFailures: 1, lastSeen: clock });
+    expect(second?.firstSeen).toBe(clock - HOUR);
+    expect(second?.connectMsAvg).toBeCloseTo((12 * 0.8 + 30 * 0.2) * 0.8 + 40 * 0.2, 10);
+    store.close();
+  });
+
+  it('keeps a decaying demand rate per origin', () => {
+    const store = open();
+    const key = 'rate.example:443';
+    for (let index = 0; index < 60; index++) store.recordAcquire(key, { hit: true });
+    store.flush();
+    expect(store.origin(key)?.demandRatePerS).toBeCloseTo(1, 10); // 60 acquires / 60 s window
+    clock += MINUTE;
+    for (let index = 0; index < 60; index++) store.recordAcquire(key, { hit: true });
+    store.flush();
+    expect(store.origin(key)?.demandRatePerS).toBeCloseTo(Math.exp(-1) + 1, 10);
+    store.close();
+  });
+
+  it('flushes from an unref-ed timer', async () => {
+    const store = open();
+    store.startAutoFlush(20);
+    store.recordAcquire('timer.example:80', { hit: false });
+    await new Promise((done) => setTimeout(done, 150));
+    expect(store.pendingOrigins).toBe(0);
+    expect(store.origin('timer.example:80')?.acquires).toBe(1);
+    store.close();
+    expect(store.flush()).toBe(0); // closed: a no-op
+    store.close(); // idempotent
+  });
+});
+
+describe('learned idle lifetime', () => {
+  it('drops at once to a shorter observation, rises slowly, and survives a restart', () => {
+    let store = open();
+    const key = 'idle.example:443';
+    expect(store.learnedIdleLifetime(key)).toBeUndefined();
+    store.recordIdleLifetime(key, 30_000);
+    expect(store.learnedIdleLifetime(key)).toBe(30_000); // in memory, before any flush
+    store.recordIdleLifetime(key, 12_000);
+    expect(store.learnedIdleLifetime(key)).toBe(12_000);
+    store.recordIdleLifetime(key, 40_000);
+    expect(store.learnedIdleLifetime(key)).toBe(14_800); // 12000 + (40000 - 12000) / 10
+    store.recordIdleLifetime(key, Number.NaN);
+    store.recordIdleLifetime(key, -5);
+    expect(store.learnedIdleLifetime(key)).toBe(14_800);
+    store.close();
+
+    store = open();
+    expect(store.learnedIdleLifetime(key)).toBe(14_800);
+    expect(store.origin(key)?.learnedIdleLifetimeMs).toBe(14_800);
+    store.close();
+  });
+});
+
+describe('crash durability', () => {
+  const children: ChildProcess[] = [];
+  afterEach(() => {
+    for (const child of children) child.kill('SIGKILL');
+  });
+
+  function startChild(mode: 'flush' | 'auto' | 'churn' | 'control'): ChildProcess {
+    const child = spawn(
+      process.execPath,
+      ['--import', join(repo, 'test/fixtures/register-ts.mjs'), join(repo, 'test/fixtures/store-child.ts'), dir, mode],
+      { stdio: ['ignore', 'pipe', 'pipe'] },
+    );
+    children.push(child);
+    return child;
+  }
+
+  /** Runs the fixture child until it prints "ready", then kills it with SIGKILL. */
+  async function runAndKill(mode: 'flush' | 'auto'): Promise<void> {
+    const child = startChild(mode);
+    let stderr = '';
+    child.stderr?.on('data', (chunk) => {
+      stderr += chunk;
+    });
+    await new Promise<void>((ready, fail) => {
+      child.stdout?.on('data', (chunk: Buffer) => {
+        if (chunk.toString().includes('ready')) ready();
+      });
+      child.once('exit', (code) => fail(new Error(`child exited (${code}) before ready: ${stderr}`)));
+    });
+    const exited = new Promise((done) => child.once('exit', (_code, signal) => done(signal)));
+    child.kill('SIGKILL');
+    expect(await exited).toBe('SIGKILL');
+  }
+
+  /** Runs the fixture child to its end: exit code, signal, output. */
+  async function runToEnd(mode: 'churn' | 'control') {
+    const child = startChild(mode);
+    let output = '';
+    child.stdout?.on('data', (chunk) => {
+      output += chunk;
+    });
+    child.stderr?.on('data', (chunk) => {
+      output += chunk;
+    });
+    const [code, signal] = await new Promise<[number | null, NodeJS.Signals | null]>((done) =>
+      child.once('exit', (exitCode, exitSignal) => done([exitCode, exitSignal])),
+    );
+    return { code, signal, output };
+  }
+
+  it('survives the GC collecting better-sqlite3 objects (12.x aborted here on Node >= 24.19; 13 fixed it)', async () => {
+    // The control leaves Database and Statement objects to the GC under pressure, as better-sqlite3 12 could not.
+    const control = await runToEnd('control');
+    expect(control, control.output).toMatchObject({ code: 0, signal: null });
+    const churn = await runToEnd('churn');
+    expect(churn, churn.output).toMatchObject({ code: 0, signal: null });
+    expect(churn.output).toContain('done');
+  });
+
+  it('keeps what was flushed before a SIGKILL and loses only what was not', async () => {
+    await runAndKill('flush');
+    expect(existsSync(join(dir, 'sockpool.sqlite-wal'))).toBe(true); // never checkpointed: the data is in the WAL
+    const store = StateStore.open(dir);
+    expect(store.origin('flushed.example:443')).toMatchObject({ acquires: 5, hits: 3, misses: 2, connectMsAvg: 12 });
+    expect(store.learnedIdleLifetime('flushed.example:443')).toBe(15_000);
+    expect(store.origin('never-flushed.example:443')).toBeUndefined();
+    store.close();
+  });
+
+  it('keeps what the auto-flush timer wrote before a SIGKILL', async () => {
+    await runAndKill('auto');
+    const store = StateStore.open(dir);
+    expect(store.origin('auto.example:80')?.acquires).toBe(7);
+    store.close();
+  });
+});
+
+describe('migrations', () => {
+  it('migrates a file at an older version (0: created by something else, no tables)', () => {
+    const db = openDatabase(join(dir, 'sockpool.sqlite'));
+    db.exec('CREATE TABLE unrelated (x INTEGER)');
+    db.exec('INSERT INTO unrelated VALUES (42)');
+    expect(value(db, 'PRAGMA user_version')).toBe(0);
+    db.close();
+
+    const store = open();
+    store.recordAcquire('example.com:443', { hit: true });
+    store.close();
+    const after = reader(dir);
+    expect(value(after, 'PRAGMA user_version')).toBe(MIGRATIONS.length);
+    expect(value(after, 'SELECT x FROM unrelated')).toBe(42);
+    expect(value(after, 'SELECT acquires FROM origins')).toBe(1);
+    after.close();
+  });
+
+  it('runs each pending migration once, in order, keeping the data', () => {
+    const store = open();
+    store.recordAcquire('kept.example:443', { hit: false });
+    store.close();
+
+    const later = [...MIGRATIONS, 'ALTER TABLE origins ADD COLUMN note TEXT', "UPDATE origins SET note = 'v' || 3"];
+    const db = openDatabase(join(dir, 'sockpool.sqlite'));
+    expect(migrate(db, later)).toEqual({ from: MIGRATIONS.length, to: MIGRATIONS.length + 2 });
+    expect(value(db, 'PRAGMA user_version')).toBe(MIGRATIONS.length + 2);
+    expect(statement(db, 'SELECT origin_key, acquires, note FROM origins').get()).toEqual({
+      origin_key: 'kept.example:443',
+      acquires: 1,
+      note: 'v3',
+    });
+    expect(migrate(db, later)).toEqual({ from: MIGRATIONS.length + 2, to: MIGRATIONS.length + 2 }); // nothing to do
+    db.close();
+  });
+
+  it('rolls back a migration that fails, leaving the version where it was', () => {
+    open().close();
+    const db = openDatabase(join(dir, 'sockpool.sqlite'));
+    const broken = [...MIGRATIONS, 'ALTER TABLE origins ADD COLUMN half INTEGER; SELECT * FROM no_such_table'];
+    expect(() => migrate(db, broken)).toThrow(/no_such_table/);
+    expect(value(db, 'PRAGMA user_version')).toBe(MIGRATIONS.length);
+    const columns = column(db, 'SELECT name FROM pragma_table_info(?)', 'origins');
+    expect(columns).not.toContain('half');
+    db.close();
+  });
+
+  it('refuses a file from a newer sockpoold without touching it', () => {
+    const db = openDatabase(join(dir, 'sockpool.sqlite'));
+    db.exec(`PRAGMA user_version = ${MIGRATIONS.length + 5}`);
+    db.close();
+    let caught: unknown;
+    try {
+      open();
+    } catch (error) {
+      caught = error;
+    }
+    expect(caught).toBeInstanceOf(SockpoolError);
+    expect((caught as SockpoolError).code).toBe(ErrorCodes.CONFIG);
+    expect((caught as SockpoolError).message).toMatch(/schema version \d+ is newer than this sockpoold knows/);
+    const after = reader(dir);
+    expect(value(after, 'PRAGMA user_version')).toBe(MIGRATIONS.length + 5);
+    after.close();
+  });
+});
+
+describe('topOrigins', () => {
+  it('ranks by recent demand, each acquire halved every 6 hours of age', () => {
+    const store = open();
+    const start = clock;
+    // heavy.example: 1000 acquires three days ago (weight 2^-12 each: score about 0.24).
+    clock = start - 72 * HOUR;
+    for (let index = 0; index < 1000; index++) store.recordAcquire('heavy.example:443', { hit: true });
+    store.recordIdleLifetime('heavy.example:443', 9_000);
+    store.flush();
+    // recent.example: 50 an hour ago (score about 44.5); light.example: 10 now (score 10).
+    clock = start - HOUR;
+    for (let index = 0; index < 50; index++) store.recordAcquire('recent.example:443', { hit: true });
+    clock = start;
+    for (let index = 0; index < 10; index++) store.recordAcquire('[2001:db8::1]:8443', { hit: false });
+    // Not host:port: kept, never proposed for warming.
+    store.recordAcquire('not-an-origin', { hit: false });
+
+    const top = store.topOrigins(10); // includes what was not flushed yet
+    expect(top.map((entry) => entry.originKey)).toEqual([
+      'recent.example:443',
+      '[2001:db8::1]:8443',
+      'heavy.example:443',
+    ]);
+    expect(top[0]?.score).toBeCloseTo(50 * 2 ** (-1 / 6), 6);
+    expect(top[1]).toMatchObject({ host: '2001:db8::1', port: 8443, score: 10 });
+    expect(top[2]?.score).toBeCloseTo(1000 * 2 ** -12, 6);
+    expect(top[2]).toMatchObject({ host: 'heavy.example', port: 443, learnedIdleLifetimeMs: 9_000 });
+    expect(top[0]?.demandRatePerS).toBeGreaterThan(0);
+
+    expect(store.topOrigins(1).map((entry) => entry.originKey)).toEqual(['recent.example:443']);
+    expect(store.topOrigins(0)).toEqual([]);
+    store.close();
+  });
+
+  it('forgets demand older than the history window', () => {
+    const store = StateStore.open(dir, { now, demandHistoryDays: 1 });
+    clock -= 2 * 24 * HOUR;
+    store.recordAcquire('old.example:443', { hit: true });
+    store.flush();
+    clock += 2 * 24 * HOUR;
+    store.recordAcquire('new.example:443', { hit: true });
+    expect(store.topOrigins(10).map((entry) => entry.originKey)).toEqual(['new.example:443']);
+    // Pruned from the table too (the flush 48 hours later ran the prune in its transaction).
+    const db = reader(dir);
+    expect(value(db, "SELECT count(*) FROM demand_history WHERE origin_key = 'old.example:443'")).toBe(0);
+    db.close();
+    store.close();
+  });
+});
