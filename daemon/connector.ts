@@ -24,6 +24,8 @@ export interface ConnectedSocket {
 
 export interface Connector {
   connect(origin: Origin, policy: OriginPolicy): Promise<ConnectedSocket>;
+  /** Throws SOCKPOOL_ERR_POLICY when the egress policy refuses the origin before any lookup. */
+  checkTarget(origin: Origin): void;
 }
 
 export class TcpConnector implements Connector {
@@ -34,6 +36,10 @@ export class TcpConnector implements Connector {
   constructor(resolver: () => Resolver, egress: () => EgressPolicy) {
     this.#resolver = resolver;
     this.#egress = egress;
+  }
+
+  checkTarget(origin: Origin): void {
+    this.#egress().checkTarget(origin.host, origin.port);
   }
 
   async connect(origin: Origin, policy: OriginPolicy): Promise<ConnectedSocket> {

@@ -124,7 +124,15 @@ export class PoolManager {
   /** Warms the origins the store ranks most likely needed (warm-on-start from history). */
   warmFromHistory(limit: number): number {
     if (!this.#store || limit <= 0) return 0;
-    const top = this.#store.topOrigins(limit);
+    // Origins the current policy refuses (history from an older configuration) are skipped quietly.
+    const top = this.#store.topOrigins(limit).filter((entry) => {
+      try {
+        this.#connector.checkTarget({ host: entry.host, port: entry.port });
+        return true;
+      } catch {
+        return false;
+      }
+    });
     for (const entry of top) {
       const pool = this.#poolFor({ host: entry.host, port: entry.port });
       const stats = this.#statsOf(pool.key);

@@ -20,7 +20,8 @@ mkdirSync(stateDir, { recursive: true });
 let connections = 0;
 const origin = createServer((request, response) => {
   response.setHeader('content-type', 'text/plain');
-  response.end(`hello from the origin: ${request.method} ${request.url}\n`);
+  // A little server time, so that concurrent requests need connections of their own.
+  setTimeout(() => response.end(`hello from the origin: ${request.method} ${request.url}\n`), 30);
 });
 origin.on('connection', () => connections++);
 await new Promise((resolve) => origin.listen(0, '127.0.0.1', resolve));
@@ -59,12 +60,10 @@ try {
   );
   await client.prewarm([{ host: '127.0.0.1', port, count: 2 }]);
   await sleep(200);
-  // A second request at the same time as a third forces a second connection: served from the warm pool.
-  const [second, third] = await Promise.all([client.request(url), client.request(`${url}?again`)]);
-  for (const [n, response] of [
-    [2, second],
-    [3, third],
-  ]) {
+  // Three at once: one reuses curl's keep-alive connection, the others need new ones, served from the warm pool.
+  const concurrent = await Promise.all([1, 2, 3].map((n) => client.request(`${url}?n=${n}`)));
+  for (const [index, response] of concurrent.entries()) {
+    const n = index + 2;
     console.log(`request ${n}: ${response.status} connection=${response.connection} warm=${response.warm}`);
   }
   const stats = await client.stats();

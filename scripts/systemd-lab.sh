@@ -27,7 +27,7 @@
 # Locking: `flock` on ROOTFS.lock. A build holds it exclusively; runs hold it shared.
 set -euo pipefail
 
-readonly recipe_version=1
+readonly recipe_version=2
 readonly suite=bookworm
 readonly packages=systemd,systemd-sysv,dbus,procps # procps: /bin/kill for ExecReload=, ps for debugging
 readonly recipe="sockpool-lab v${recipe_version} ${suite} minbase ${packages}"
@@ -83,6 +83,9 @@ build_rootfs() {
   # The journal lives in memory; runs copy what they need to /results.
   mkdir -p "$staging/etc/systemd/journald.conf.d"
   printf '[Journal]\nStorage=volatile\n' >"$staging/etc/systemd/journald.conf.d/sockpool-lab.conf"
+  # Bound every stop job: a run must never wait 90 s (the default) for something stuck at power-off.
+  mkdir -p "$staging/etc/systemd/system.conf.d"
+  printf '[Manager]\nDefaultTimeoutStopSec=10s\n' >"$staging/etc/systemd/system.conf.d/sockpool-lab.conf"
 
   mkdir -p "$staging/opt/sockpool" "$staging/results" "$staging/lab"
   cat >"$staging/usr/local/sbin/sockpool-lab-runner" <<'RUNNER'
@@ -156,7 +159,7 @@ run_script() {
     systemd-nspawn --quiet --directory="$rootfs" --register=no --keep-unit --volatile=overlay \
     --machine="sockpool-lab-$$" --console="$console" \
     --bind-ro="$project:/opt/sockpool" --bind-ro="$rundir:/lab" --bind="$results:/results" \
-    --boot -- systemd.show_status=no || status=$?
+    --boot -- systemd.show_status=auto || status=$?
   log "container ran $((($(date +%s%N) - started) / 1000000)) ms, results in ${results}"
   if [[ $status -eq 124 || $status -eq 137 ]]; then
     log "timed out after ${timeout_seconds} s"

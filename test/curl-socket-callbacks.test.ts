@@ -1,0 +1,592 @@
+// node-libcurl's socket callbacks, added by patches/node-libcurl+5.1.2.patch: OPENSOCKETFUNCTION hands curl a TCP
+// connection we made ourselves, SOCKOPTFUNCTION tells curl it is already connected, CLOSESOCKETFUNCTION gets it
+// back. Real servers (HTTP and HTTPS with a CA made here), in the main thread and in worker threads; a worker
+// terminated while curl caches a connection must not leak its fd (the addon closes it natively when no JavaScript
+// can run), and neither must a handle that is garbage collected.
+//
+// Where the connected sockets come from: Node cannot duplicate an fd, so a test lends curl the fd of a net.Socket.
+// Node keeps owning that fd: the socket is paused before it connects (Node never starts reading it), curl's
+// CLOSESOCKETFUNCTION returns 0 without closing it, and socket.destroy() closes it once curl is done. The leak tests
+// instead let curl open its own sockets (CLOSESOCKETFUNCTION only), which the callback closes with fs.closeSync.
+import { once } from 'node:events';
+import { readdirSync, readlinkSync } from 'node:fs';
+import http from 'node:http';
+import https from 'node:https';
+import { createRequire } from 'node:module';
+import net from 'node:net';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { Worker } from 'node:worker_threads';
+import {
+  CURL_SOCKET_BAD,
+  Curl,
+  CurlCode,
+  type CurlSockAddr,
+  CurlSockOpt,
+  CurlSockType,
+  Easy,
+  Multi,
+} from 'node-libcurl';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { createTestPki, type TestPki } from './helpers/tls.js';
+
+const libcurlPath = createRequire(import.meta.url).resolve('node-libcurl');
+const AF_INET = 2;
+const SOCK_STREAM = 1;
+const IPPROTO_TCP = 6;
+
+function fdCount(): number {
+  return readdirSync('/proc/self/fd').length;
+}
+
+/** What /proc says fd `fd` of this process is (e.g. `socket:[1234]`), or null when it is not open. */
+function fdTarget(fd: number): string | null {
+  try {
+    return readlinkSync(`/proc/self/fd/${fd}`);
+  } catch {
+    return null;
+  }
+}
+
+async function until(what: string, condition: () => boolean, timeoutMs = 5_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!condition()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting until ${what}`);
+    await sleep(20);
+  }
+}
+
+async function withDeadline<T>(what: string, promise: Promise<T>, timeoutMs = 5_000): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out waiting until ${what}`)), timeoutMs);
+  });
+  try {
+    return await Promise.race([promise, timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** Whether this host can listen on `address` (IPv6 loopback can be disabled). */
+async function canListen(address: string): Promise<boolean> {
+  const probe = net.createServer();
+  try {
+    await new Promise<void>((resolve, reject) => {
+      probe.once('error', reject);
+      probe.listen(0, address, resolve);
+    });
+    return true;
+  } catch {
+    return false;
+  } finally {
+    probe.close();
+  }
+}
+
+interface TestServer {
+  port: number;
+  /** Every TCP connection the server accepted. */
+  connections: net.Socket[];
+  close(): Promise<void>;
+}
+
+async function startServer(pki?: TestPki): Promise<TestServer> {
+  const handler: http.RequestListener = (request, response) => {
+    response.end(`hello from ${request.url}`);
+  };
+  const server = pki ? https.createServer({ key: pki.key, cert: pki.cert }, handler) : http.createServer(handler);
+  // Idle keep-alive connections must stay until the test closes them from the client side.
+  server.keepAliveTimeout = 60_000;
+  const connections: net.Socket[] = [];
+  server.on('connection', (socket: net.Socket) => connections.push(socket));
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  const { port } = server.address() as net.AddressInfo;
+  return {
+    port,
+    connections,
+    close: async () => {
+      server.closeAllConnections();
+      server.close();
+      await once(server, 'close');
+    },
+  };
+}
+
+/** The part of a net.Socket's libuv handle we need. */
+interface TcpHandle {
+  fd: number;
+  readStop(): number;
+}
+
+/** A TCP connection made by Node, whose fd we lend to curl (see the ownership note at the top). */
+async function connectedSocket(port: number): Promise<{ socket: net.Socket; fd: number }> {
+  const socket = net.connect({ host: '127.0.0.1', port });
+  socket.pause(); // before 'connect': Node then never starts reading this socket
+  await once(socket, 'connect');
+  const handle = (socket as unknown as { _handle: TcpHandle })._handle;
+  handle.readStop();
+  expect(handle.fd).toBeGreaterThan(2);
+  return { socket, fd: handle.fd };
+}
+
+interface Calls {
+  open: { purpose: CurlSockType; address: CurlSockAddr }[];
+  sockopt: { fd: number; purpose: CurlSockType }[];
+  close: number[];
+}
+
+/** Makes curl use `fd` for its connection, and records the callbacks. */
+function lendSocket(curl: Curl, fd: number): Calls {
+  const calls: Calls = { open: [], sockopt: [], close: [] };
+  curl.setOpt('OPENSOCKETFUNCTION', (purpose, address) => {
+    calls.open.push({ purpose, address: { ...address } });
+    return fd;
+  });
+  curl.setOpt('SOCKOPTFUNCTION', (socketFd, purpose) => {
+    calls.sockopt.push({ fd: socketFd, purpose });
+    return CurlSockOpt.AlreadyConnected;
+  });
+  curl.setOpt('CLOSESOCKETFUNCTION', (socketFd) => {
+    calls.close.push(socketFd);
+    return 0; // Node owns the fd and closes it
+  });
+  return calls;
+}
+
+interface CurlFailure extends Error {
+  code?: number;
+  cause?: unknown;
+}
+
+/** Performs `curl` (through node-libcurl's shared Multi handle) and closes it. */
+function run(curl: Curl): Promise<{ status: number; body: string }> {
+  return new Promise((resolve, reject) => {
+    curl.on('end', (status, body) => {
+      curl.close();
+      resolve({ status, body: String(body) });
+    });
+    curl.on('error', (error: CurlFailure, code) => {
+      curl.close();
+      error.code ??= code;
+      reject(error);
+    });
+    curl.perform();
+  });
+}
+
+function runFailure(curl: Curl): Promise<CurlFailure> {
+  return run(curl).then(
+    () => {
+      throw new Error('the transfer succeeded');
+    },
+    (error: CurlFailure) => error,
+  );
+}
+
+let pki: TestPki;
+let server: TestServer;
+let tlsServer: TestServer;
+
+beforeAll(async () => {
+  pki = createTestPki(['localhost']);
+  server = await startServer();
+  tlsServer = await startServer(pki);
+  // A first worker that loads the addon sets up what a process keeps (libuv's and libcurl's lazily opened fds),
+  // so that the fd counts of the worker tests only see what those tests open.
+  const warmUp = new Worker(`require(${JSON.stringify(libcurlPath)});`, { eval: true });
+  await once(warmUp, 'exit');
+});
+
+afterAll(async () => {
+  await server?.close();
+  await tlsServer?.close();
+  pki?.cleanup();
+});
+
+describe('a connection made by us, used by curl', () => {
+  it('carries an HTTP transfer: one connection, the callbacks see our fd', async () => {
+    const before = server.connections.length;
+    const { socket, fd } = await connectedSocket(server.port);
+    const curl = new Curl();
+    curl.setOpt('URL', `http://sockpool.test:${server.port}/plain`);
+    curl.setOpt('RESOLVE', [`sockpool.test:${server.port}:127.0.0.1`]);
+    curl.setOpt('FORBID_REUSE', true); // curl closes the connection when the transfer ends
+    const calls = lendSocket(curl, fd);
+
+    expect(await run(curl)).toEqual({ status: 200, body: 'hello from /plain' });
+    const accepted = server.connections.slice(before);
+    expect(accepted).toHaveLength(1);
+    expect(accepted[0]?.remotePort).toBe(socket.localPort);
+    expect(calls.open).toEqual([
+      {
+        purpose: CurlSockType.Ipcxn,
+        address: {
+          family: AF_INET,
+          socktype: SOCK_STREAM,
+          protocol: IPPROTO_TCP,
+          address: '127.0.0.1',
+          port: server.port,
+        },
+      },
+    ]);
+    expect(calls.sockopt).toEqual([{ fd, purpose: CurlSockType.Ipcxn }]);
+    expect(calls.close).toEqual([fd]);
+    socket.destroy();
+  });
+
+  it('carries an HTTPS transfer with certificate verification', async () => {
+    const before = tlsServer.connections.length;
+    const { socket, fd } = await connectedSocket(tlsServer.port);
+    const curl = new Curl();
+    curl.setOpt('URL', `https://localhost:${tlsServer.port}/secure`);
+    curl.setOpt('RESOLVE', [`localhost:${tlsServer.port}:127.0.0.1`]);
+    // node-libcurl sets CAINFO_BLOB to Node's CA list, and a blob wins over CAINFO: trust only our CA.
+    curl.setOpt('CAINFO_BLOB', null);
+    curl.setOpt('CAINFO', pki.caFile);
+    curl.setOpt('SSL_VERIFYPEER', true);
+    curl.setOpt('SSL_VERIFYHOST', 2);
+    curl.setOpt('FORBID_REUSE', true);
+    const calls = lendSocket(curl, fd);
+
+    expect(await run(curl)).toEqual({ status: 200, body: 'hello from /secure' });
+    const accepted = tlsServer.connections.slice(before);
+    expect(accepted).toHaveLength(1);
+    expect(accepted[0]?.remotePort).toBe(socket.localPort);
+    expect(calls.open).toEqual([
+      {
+        purpose: CurlSockType.Ipcxn,
+        address: {
+          family: AF_INET,
+          socktype: SOCK_STREAM,
+          protocol: IPPROTO_TCP,
+          address: '127.0.0.1',
+          port: tlsServer.port,
+        },
+      },
+    ]);
+    expect(calls.sockopt).toEqual([{ fd, purpose: CurlSockType.Ipcxn }]);
+    expect(calls.close).toEqual([fd]);
+    socket.destroy();
+  });
+
+  it('works with Easy and Multi, and a duplicated handle calls its callbacks with itself as this', async () => {
+    const { socket, fd } = await connectedSocket(server.port);
+    const multi = new Multi();
+    const original = new Easy();
+    const closedBy: unknown[] = [];
+    original.setOpt('URL', `http://127.0.0.1:${server.port}/dup`);
+    original.setOpt('FORBID_REUSE', true);
+    original.setOpt('OPENSOCKETFUNCTION', () => fd);
+    original.setOpt('SOCKOPTFUNCTION', () => CurlSockOpt.AlreadyConnected);
+    original.setOpt('CLOSESOCKETFUNCTION', function (this: Easy | undefined) {
+      closedBy.push(this);
+      return 0;
+    });
+    const chunks: Buffer[] = [];
+    original.setOpt('WRITEFUNCTION', (data) => {
+      chunks.push(Buffer.from(data));
+      return data.length;
+    });
+    const copy = original.dupHandle();
+    original.close();
+
+    await multi.perform(copy);
+    multi.removeHandle(copy);
+    expect(Buffer.concat(chunks).toString()).toBe('hello from /dup');
+    expect(closedBy).toEqual([copy]);
+    copy.close();
+    multi.close();
+    socket.destroy();
+  });
+});
+
+describe('callbacks that refuse or fail', () => {
+  it('OPENSOCKETFUNCTION returning CURL_SOCKET_BAD fails with CURLE_COULDNT_CONNECT and connects nothing', async () => {
+    const before = server.connections.length;
+    const curl = new Curl();
+    curl.setOpt('URL', `http://127.0.0.1:${server.port}/refused`);
+    curl.setOpt('OPENSOCKETFUNCTION', () => CURL_SOCKET_BAD);
+    const error = await runFailure(curl);
+    expect(error.code).toBe(CurlCode.CURLE_COULDNT_CONNECT);
+    await sleep(50);
+    expect(server.connections.length).toBe(before);
+  });
+
+  it('OPENSOCKETFUNCTION gets IPv6 addresses without brackets', async (context) => {
+    if (!(await canListen('::1'))) context.skip();
+    const addresses: CurlSockAddr[] = [];
+    const curl = new Curl();
+    curl.setOpt('URL', 'http://[::1]:8/');
+    curl.setOpt('OPENSOCKETFUNCTION', (_purpose, address) => {
+      addresses.push({ ...address });
+      return CURL_SOCKET_BAD;
+    });
+    expect((await runFailure(curl)).code).toBe(CurlCode.CURLE_COULDNT_CONNECT);
+    expect(addresses).toEqual([{ family: 10, socktype: SOCK_STREAM, protocol: IPPROTO_TCP, address: '::1', port: 8 }]);
+  });
+
+  it('an OPENSOCKETFUNCTION that throws fails the transfer with its error', async () => {
+    const curl = new Curl();
+    curl.setOpt('URL', `http://127.0.0.1:${server.port}/throws`);
+    curl.setOpt('OPENSOCKETFUNCTION', () => {
+      throw new Error('no socket for you');
+    });
+    const error = await runFailure(curl);
+    expect(error.code).toBe(CurlCode.CURLE_ABORTED_BY_CALLBACK);
+    expect(error.cause).toBeInstanceOf(Error);
+    expect((error.cause as Error).message).toBe('no socket for you');
+
+    // Easy#perform, synchronous: the error is thrown from perform().
+    const easy = new Easy();
+    easy.setOpt('URL', `http://127.0.0.1:${server.port}/throws-sync`);
+    easy.setOpt('OPENSOCKETFUNCTION', () => {
+      throw new Error('still no socket');
+    });
+    expect(() => easy.perform()).toThrow('still no socket');
+    easy.close();
+  });
+
+  it('an OPENSOCKETFUNCTION returning something else than an fd fails the transfer with a TypeError', async () => {
+    const curl = new Curl();
+    curl.setOpt('URL', `http://127.0.0.1:${server.port}/wrong-type`);
+    curl.setOpt('OPENSOCKETFUNCTION', (() => 'not an fd') as unknown as () => number);
+    const error = await runFailure(curl);
+    expect(error.cause).toBeInstanceOf(TypeError);
+    expect((error.cause as Error).message).toMatch(/OPENSOCKET callback must be a file descriptor/);
+  });
+
+  it('a SOCKOPTFUNCTION that throws fails the transfer with its error', async () => {
+    const curl = new Curl();
+    curl.setOpt('URL', `http://127.0.0.1:${server.port}/sockopt-throws`);
+    curl.setOpt('SOCKOPTFUNCTION', () => {
+      throw new Error('bad socket options');
+    });
+    const error = await runFailure(curl);
+    expect(error.code).toBe(CurlCode.CURLE_ABORTED_BY_CALLBACK);
+    expect((error.cause as Error).message).toBe('bad socket options');
+  });
+
+  it('a CLOSESOCKETFUNCTION that throws still gets the socket closed', async () => {
+    const curl = new Curl();
+    let socketFd = -1;
+    let target: string | null = null;
+    curl.setOpt('URL', `http://127.0.0.1:${server.port}/close-throws`);
+    curl.setOpt('FORBID_REUSE', true); // the transfer ends by closing its connection
+    curl.setOpt('SOCKOPTFUNCTION', (fd) => {
+      socketFd = fd;
+      target = fdTarget(fd);
+      return CurlSockOpt.Ok;
+    });
+    curl.setOpt('CLOSESOCKETFUNCTION', () => {
+      throw new Error('cannot close');
+    });
+    // The error fails the transfer, and curl's socket is closed natively.
+    const error = await runFailure(curl);
+    expect((error.cause as Error).message).toBe('cannot close');
+    expect(target).toMatch(/^socket:/);
+    expect(fdTarget(socketFd)).not.toBe(target);
+  });
+
+  it('null restores the default behaviour', async () => {
+    const curl = new Curl();
+    curl.setOpt('URL', `http://127.0.0.1:${server.port}/reset`);
+    curl.setOpt('OPENSOCKETFUNCTION', () => CURL_SOCKET_BAD);
+    curl.setOpt('SOCKOPTFUNCTION', () => CurlSockOpt.Error);
+    curl.setOpt('CLOSESOCKETFUNCTION', () => 1);
+    curl.setOpt('OPENSOCKETFUNCTION', null);
+    curl.setOpt('SOCKOPTFUNCTION', null);
+    curl.setOpt('CLOSESOCKETFUNCTION', null);
+    expect(await run(curl)).toEqual({ status: 200, body: 'hello from /reset' });
+  });
+});
+
+describe('in worker threads', () => {
+  it('a worker lends curl its own connection', async () => {
+    const worker = new Worker(
+      `
+      const { parentPort, workerData } = require('node:worker_threads');
+      const net = require('node:net');
+      const { Curl, CurlSockOpt } = require(workerData.libcurlPath);
+      // Ownership as in the main-thread tests: Node owns the fd, curl borrows it.
+      const socket = net.connect({ host: '127.0.0.1', port: workerData.port });
+      socket.pause();
+      socket.once('connect', () => {
+        const fd = socket._handle.fd;
+        socket._handle.readStop();
+        const calls = { open: [], sockopt: [], close: [] };
+        const curl = new Curl();
+        curl.setOpt('URL', 'http://127.0.0.1:' + workerData.port + '/worker');
+        curl.setOpt('FORBID_REUSE', true);
+        curl.setOpt('OPENSOCKETFUNCTION', (purpose, address) => (calls.open.push({ purpose, address }), fd));
+        curl.setOpt('SOCKOPTFUNCTION', (s, purpose) => (calls.sockopt.push(s), CurlSockOpt.AlreadyConnected));
+        curl.setOpt('CLOSESOCKETFUNCTION', (s) => (calls.close.push(s), 0));
+        curl.on('end', (status, body) => {
+          curl.close();
+          socket.destroy();
+          parentPort.postMessage({ status, body: String(body), fd, localPort: socket.localPort, calls });
+        });
+        curl.on('error', (error) => parentPort.postMessage({ error: error.message }));
+        curl.perform();
+      });
+      `,
+      { eval: true, workerData: { libcurlPath, port: server.port } },
+    );
+    try {
+      const [report] = await once(worker, 'message');
+      expect(report).toMatchObject({ status: 200, body: 'hello from /worker' });
+      expect(report.calls.open).toEqual([
+        {
+          purpose: CurlSockType.Ipcxn,
+          address: {
+            family: AF_INET,
+            socktype: SOCK_STREAM,
+            protocol: IPPROTO_TCP,
+            address: '127.0.0.1',
+            port: server.port,
+          },
+        },
+      ]);
+      expect(report.calls.sockopt).toEqual([report.fd]);
+      expect(report.calls.close).toEqual([report.fd]);
+      expect(server.connections.some((socket) => socket.remotePort === report.localPort)).toBe(true);
+    } finally {
+      await worker.terminate();
+    }
+  });
+
+  // The worker lets curl open its socket, keeps the connection in curl's cache (the shared Multi of Curl, or the
+  // Easy's own after perform()), then is terminated: its CLOSESOCKETFUNCTION can never run, the addon closes the fd.
+  it.each(['Curl', 'Easy'])('a worker terminated while %s caches a connection does not leak its fd', async (mode) => {
+    const baseline = fdCount();
+    const before = server.connections.length;
+    const worker = new Worker(
+      `
+      const { parentPort, workerData } = require('node:worker_threads');
+      const { closeSync } = require('node:fs');
+      const { Curl, Easy, CurlSockOpt } = require(workerData.libcurlPath);
+      const url = 'http://127.0.0.1:' + workerData.port + '/cached';
+      let fd = -1;
+      const sockopt = (socketFd) => ((fd = socketFd), CurlSockOpt.Ok);
+      // While JavaScript can run, the callback owns closing the socket.
+      const closesocket = (socketFd) => {
+        closeSync(socketFd);
+        parentPort.postMessage({ closed: socketFd });
+        return 0;
+      };
+      if (workerData.mode === 'Easy') {
+        globalThis.easy = new Easy();
+        easy.setOpt('URL', url);
+        easy.setOpt('SOCKOPTFUNCTION', sockopt);
+        easy.setOpt('CLOSESOCKETFUNCTION', closesocket);
+        easy.setOpt('WRITEFUNCTION', (data) => data.length);
+        parentPort.postMessage({ code: easy.perform(), fd });
+      } else {
+        const curl = new Curl();
+        curl.setOpt('URL', url);
+        curl.setOpt('SOCKOPTFUNCTION', sockopt);
+        curl.setOpt('CLOSESOCKETFUNCTION', closesocket);
+        curl.on('end', (status) => {
+          // The handle goes, the connection stays in the Multi's cache.
+          curl.close();
+          parentPort.postMessage({ code: status === 200 ? 0 : status, fd });
+        });
+        curl.on('error', (error) => parentPort.postMessage({ error: error.message }));
+        curl.perform();
+      }
+      setInterval(() => {}, 1000); // only terminate() ends this worker
+      `,
+      { eval: true, workerData: { libcurlPath, port: server.port, mode } },
+    );
+    const messages: unknown[] = [];
+    worker.on('message', (message) => messages.push(message));
+    await until('the worker reports', () => messages.length > 0);
+    const report = messages[0] as { code: number; fd: number };
+    expect(report.code).toBe(0);
+    const target = fdTarget(report.fd);
+    expect(target).toMatch(/^socket:/);
+    const accepted = server.connections.slice(before);
+    expect(accepted).toHaveLength(1);
+    const serverSide = accepted[0]!;
+    const clientClosed = once(serverSide, 'end');
+
+    await worker.terminate();
+    // the server reads a FIN: the last copy of the client's fd was closed
+    await withDeadline('the server sees the client close', clientClosed);
+    expect(fdTarget(report.fd)).not.toBe(target);
+    await until('the fd count is back to its baseline', () => fdCount() <= baseline);
+    expect(messages).toEqual([report]); // the JavaScript callback never ran
+  });
+
+  // libuv still polls curl's sockets while a terminated worker's environment is torn down, so transfers finish
+  // when no JavaScript can run any more: that must neither crash the process nor leak their sockets.
+  it('terminating workers while their transfers run leaves the process alive and no fd behind', async () => {
+    const baseline = fdCount();
+    for (let round = 0; round < 10; round++) {
+      const worker = new Worker(
+        `
+        const { parentPort, workerData } = require('node:worker_threads');
+        const { closeSync } = require('node:fs');
+        const { Curl } = require(workerData.libcurlPath);
+        for (let i = 0; i < 4; i++) {
+          const curl = new Curl();
+          curl.setOpt('URL', 'http://127.0.0.1:' + workerData.port + '/in-flight/' + i);
+          curl.setOpt('CLOSESOCKETFUNCTION', (fd) => (closeSync(fd), 0));
+          curl.on('end', () => parentPort.postMessage(i));
+          curl.on('error', () => parentPort.postMessage(i));
+          curl.perform();
+        }
+        `,
+        { eval: true, workerData: { libcurlPath, port: server.port } },
+      );
+      await once(worker, 'message');
+      await worker.terminate();
+    }
+    await until('the fd count is back to its baseline', () => fdCount() <= baseline);
+  });
+
+  it('an Easy garbage collected with a cached connection closes it without running JavaScript', async () => {
+    const worker = new Worker(
+      `
+      const { parentPort, workerData } = require('node:worker_threads');
+      const { readlinkSync, closeSync } = require('node:fs');
+      const v8 = require('node:v8');
+      const vm = require('node:vm');
+      const { Easy, CurlSockOpt } = require(workerData.libcurlPath);
+      v8.setFlagsFromString('--expose-gc');
+      const gc = vm.runInNewContext('gc');
+      const target = (fd) => { try { return readlinkSync('/proc/self/fd/' + fd); } catch { return null; } };
+      let calls = 0;
+      function transfer() {
+        let fd = -1;
+        const easy = new Easy();
+        easy.setOpt('URL', 'http://127.0.0.1:' + workerData.port + '/gc');
+        easy.setOpt('SOCKOPTFUNCTION', (socketFd) => ((fd = socketFd), CurlSockOpt.Ok));
+        easy.setOpt('CLOSESOCKETFUNCTION', (socketFd) => (calls++, closeSync(socketFd), 0));
+        easy.setOpt('WRITEFUNCTION', (data) => data.length);
+        return { code: easy.perform(), fd }; // easy is unreachable from here on, its connection still cached
+      }
+      const { code, fd } = transfer();
+      const before = target(fd);
+      (async () => {
+        const deadline = Date.now() + 5000;
+        while (target(fd) === before && Date.now() < deadline) {
+          gc();
+          await new Promise((resolve) => setTimeout(resolve, 20));
+        }
+        parentPort.postMessage({ code, before, after: target(fd), calls });
+      })();
+      `,
+      { eval: true, workerData: { libcurlPath, port: server.port } },
+    );
+    try {
+      const [report] = await once(worker, 'message');
+      expect(report.code).toBe(0);
+      expect(report.before).toMatch(/^socket:/);
+      expect(report.after).not.toBe(report.before);
+      expect(report.calls).toBe(0);
+    } finally {
+      await worker.terminate();
+    }
+  });
+});

@@ -1,0 +1,261 @@
+// The egress policy end to end: sockpoold runs inside a network namespace of the test's own that has loopback and
+// nothing else, so even a broken policy cannot send a packet off this machine. Every refused address class is put
+// on the namespace's loopback (or is one of its own addresses already) with an echo server listening on every
+// address, and reachability is checked from inside first: a refusal then means the policy said no, not that the
+// address was unreachable. Each refusal must come back as SOCKPOOL_ERR_POLICY naming the reason, be logged, show in
+// the metrics, and no connection may arrive. A positive control (`--allow 10.1.2.3/32`) shows the same acquires
+// do connect once allowed, exactly once each.
+import { once } from 'node:events';
+import { writeFileSync } from 'node:fs';
+import net from 'node:net';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import * as native from '../shared/native.js';
+import type { ErrorReply, LeaseReply } from '../shared/protocol.js';
+import { type DaemonProcess, startDaemon } from './helpers/daemon.js';
+import { createNetns, type Netns, type NetnsAgent, netnsSupported } from './helpers/netns.js';
+import { RawClient } from './helpers/raw-client.js';
+
+const PORT = 443; // allowed by default
+const OTHER_PORT = 8080; // not in the default allowPorts
+const METRICS_PORT = 9464; // inside the namespace: nothing else listens there
+/** A sweep of the pool manager is every 500 ms: wait for several, so background refills have been tried too. */
+const SETTLE_MS = 1600;
+
+/** Put on the namespace's loopback: a connect to any of them succeeds in there unless the policy refuses it. */
+const LOCAL_ADDRESSES = [
+  '10.1.2.3',
+  '192.168.1.1',
+  '172.16.0.1',
+  '169.254.1.1',
+  '100.64.0.1',
+  '169.254.169.254',
+  'fd00::1',
+  '64:ff9b::a01:203', // NAT64 form of 10.1.2.3
+];
+
+const DNS_RECORDS = {
+  'private.test': { a: ['10.1.2.3'] },
+  'loop.test': { a: ['127.0.0.1'], aaaa: ['::1'] },
+  'ula.test': { aaaa: ['fd00::1'] },
+};
+const PINNED = 'pinned.test:443:10.1.2.3';
+
+interface RefusalCase {
+  host: string;
+  port: number;
+  reason: string;
+  /** The address the refusal names (normalised), when it is worth checking. */
+  address?: string;
+  /** Connecting to it from inside the namespace works (checked first); false for multicast, broadcast, scoped. */
+  reachable: boolean;
+}
+
+const CASES: RefusalCase[] = [
+  { host: '127.0.0.1', port: PORT, reason: 'loopback', address: '127.0.0.1', reachable: true },
+  { host: '::ffff:127.0.0.1', port: PORT, reason: 'loopback', address: '::ffff:127.0.0.1', reachable: true },
+  { host: '2130706433', port: PORT, reason: 'loopback', address: '127.0.0.1', reachable: true },
+  { host: '0177.0.0.1', port: PORT, reason: 'loopback', address: '127.0.0.1', reachable: true },
+  { host: '0x7f.1', port: PORT, reason: 'loopback', address: '127.0.0.1', reachable: true },
+  { host: '::1', port: PORT, reason: 'loopback', address: '::1', reachable: true },
+  { host: '10.1.2.3', port: PORT, reason: 'private', address: '10.1.2.3', reachable: true },
+  { host: '192.168.1.1', port: PORT, reason: 'private', reachable: true },
+  { host: '172.16.0.1', port: PORT, reason: 'private', reachable: true },
+  { host: 'fd00::1', port: PORT, reason: 'private', address: 'fd00::1', reachable: true },
+  { host: '64:ff9b::a01:203', port: PORT, reason: 'private', reachable: true },
+  { host: '169.254.1.1', port: PORT, reason: 'link-local', reachable: true },
+  { host: 'fe80::1', port: PORT, reason: 'link-local', reachable: false },
+  { host: '100.64.0.1', port: PORT, reason: 'cgnat', reachable: true },
+  { host: '224.0.0.1', port: PORT, reason: 'multicast', reachable: false },
+  { host: 'ff02::1', port: PORT, reason: 'multicast', reachable: false },
+  { host: '255.255.255.255', port: PORT, reason: 'broadcast', reachable: false },
+  { host: '0.0.0.0', port: PORT, reason: 'unspecified', reachable: true },
+  { host: '::', port: PORT, reason: 'unspecified', reachable: true },
+  { host: '169.254.169.254', port: PORT, reason: 'metadata', address: '169.254.169.254', reachable: true },
+  { host: '10.1.2.3', port: OTHER_PORT, reason: 'port', reachable: true },
+  // Names: the test DNS server (inside the namespace) and a --resolve pin.
+  { host: 'private.test', port: PORT, reason: 'private', address: '10.1.2.3', reachable: false },
+  { host: 'loop.test', port: PORT, reason: 'loopback', reachable: false },
+  { host: 'ula.test', port: PORT, reason: 'private', address: 'fd00::1', reachable: false },
+  { host: 'pinned.test', port: PORT, reason: 'private', address: '10.1.2.3', reachable: false },
+];
+
+const cleanups: Array<() => unknown> = [];
+afterEach(async () => {
+  for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
+});
+
+let configCounter = 0;
+function writeConfig(config: object): string {
+  const path = join(process.env.TMPDIR ?? '/tmp', `sockpoold-egress-${process.pid}-${configCounter++}.json`);
+  writeFileSync(path, JSON.stringify(config));
+  return path;
+}
+
+function client(socketPath: string): RawClient {
+  const raw = new RawClient(socketPath);
+  cleanups.push(() => {
+    try {
+      raw.close();
+    } catch {}
+  });
+  return raw;
+}
+
+/** The daemon's JSON log lines. */
+function logLines(daemon: DaemonProcess): Array<Record<string, unknown>> {
+  const lines: Array<Record<string, unknown>> = [];
+  for (const line of daemon.output().split('\n')) {
+    if (!line.startsWith('{')) continue;
+    try {
+      lines.push(JSON.parse(line));
+    } catch {}
+  }
+  return lines;
+}
+
+/** Writes through the fd and reads the echo back: proves it is a live connection to the agent's echo server. */
+async function roundTrip(fd: number, text: string): Promise<string> {
+  native.untrack(fd);
+  const socket = new net.Socket({ fd, readable: true, writable: true });
+  try {
+    socket.write(text);
+    const [chunk] = (await once(socket, 'data', { signal: AbortSignal.timeout(5000) })) as [Buffer];
+    return chunk.toString();
+  } finally {
+    socket.destroy();
+  }
+}
+
+describe.runIf(netnsSupported())('egress policy with the daemon inside a namespace with no route out', () => {
+  let ns: Netns;
+  let agent: NetnsAgent;
+  let dnsServer: string;
+
+  beforeAll(async () => {
+    ns = createNetns();
+    for (const address of LOCAL_ADDRESSES) ns.addAddress(address);
+    agent = await ns.startAgent();
+    await agent.listen(PORT); // '::' dual stack: every address of the namespace
+    await agent.listen(OTHER_PORT);
+    dnsServer = await agent.startDns(DNS_RECORDS);
+  });
+  afterAll(async () => {
+    await ns?.destroy();
+  });
+
+  async function arrivals(port?: number) {
+    return (await agent.connections(port)).filter((connection) => !connection.probe);
+  }
+
+  async function daemonInNamespace(args: string[], config: object): Promise<DaemonProcess> {
+    const daemon = await startDaemon({ wrap: ns.exec, args: [...args, '--config', writeConfig(config)] });
+    cleanups.push(() => daemon.stop());
+    return daemon;
+  }
+
+  it('has nothing but loopback: no route off this machine, and every refused address is reachable inside', async () => {
+    expect(ns.ip('-o', 'link', 'show').trim().split('\n')).toHaveLength(1);
+    expect(() => ns.ip('route', 'get', '192.0.2.1')).toThrow();
+    expect(() => ns.ip('-6', 'route', 'get', '2001:db8::1')).toThrow();
+    expect(await agent.probe('192.0.2.1', PORT)).toMatchObject({ ok: false, code: 'ENETUNREACH' });
+    // A connect that the policy let through would land on the echo server: the refusals below are the policy's.
+    for (const entry of CASES.filter((candidate) => candidate.reachable)) {
+      expect({ host: entry.host, ...(await agent.probe(entry.host, entry.port)) }).toEqual({
+        host: entry.host,
+        ok: true,
+      });
+    }
+    expect(await arrivals()).toEqual([]);
+  });
+
+  it('refuses every non-public address class, spelling, port and name with SOCKPOOL_ERR_POLICY, and connects nowhere', async () => {
+    const before = await arrivals();
+    const sockpoold = await daemonInNamespace(['--resolve', PINNED, '--metrics-port', String(METRICS_PORT)], {
+      dns: { servers: [dnsServer] },
+    });
+    const raw = client(sockpoold.socketPath);
+    let id = 1;
+    for (const entry of CASES) {
+      const reply = await raw.request({ type: 'acquire', id: id++, host: entry.host, port: entry.port });
+      for (const fd of reply.fds) native.close(fd);
+      const label = `${entry.host}:${entry.port}`;
+      expect(reply.message?.type, label).toBe('error');
+      const error = reply.message as ErrorReply;
+      expect({ label, code: error.code, reason: error.fields?.reason }).toEqual({
+        label,
+        code: 'SOCKPOOL_ERR_POLICY',
+        reason: entry.reason,
+      });
+      expect(error.message, label).toContain(`refused: ${entry.reason}`);
+      expect(error.fields, label).toMatchObject({ host: entry.host, port: entry.port });
+      if (entry.address !== undefined) expect(error.fields?.address, label).toBe(entry.address);
+    }
+    // A bracketed IPv6 host is not valid in the protocol at all: refused before any policy or resolver.
+    const bracketed = await raw.request({ type: 'acquire', id: id++, host: '[::ffff:127.0.0.1]', port: PORT });
+    expect(bracketed.message).toMatchObject({ type: 'error', code: 'SOCKPOOL_ERR_PROTOCOL' });
+
+    // Several sweeps: predictive refills of these origins are attempted in the background and refused as well.
+    await sleep(SETTLE_MS);
+    expect(await arrivals()).toEqual(before);
+
+    // Every refusal is in the log with its host, port and reason.
+    const refusals = logLines(sockpoold).filter((line) => line.msg === 'refused');
+    for (const entry of CASES) {
+      const logged = refusals.find((line) => line.host === entry.host && line.port === entry.port);
+      expect(logged, `log line for ${entry.host}:${entry.port}`).toBeDefined();
+      expect(String(logged?.err)).toContain(`refused: ${entry.reason}`);
+      expect(logged?.level).toBe(40); // warn
+    }
+
+    // And in the metrics, by reason (fetched from inside the namespace, where the daemon's 127.0.0.1 is).
+    const metrics = await agent.httpGet(`http://127.0.0.1:${METRICS_PORT}/metrics`);
+    expect(metrics.status).toBe(200);
+    for (const reason of new Set(CASES.map((entry) => entry.reason))) {
+      const match = new RegExp(`^sockpool_refusals_total\\{reason="${reason}"\\} (\\d+)$`, 'm').exec(metrics.body);
+      expect(Number(match?.[1] ?? 0), `sockpool_refusals_total{reason="${reason}"}`).toBeGreaterThanOrEqual(1);
+    }
+    expect(metrics.body).toMatch(/^sockpool_acquire_hits_total 0$/m);
+    expect(metrics.body).toMatch(/^sockpool_acquire_misses_total 0$/m);
+    const stats = await raw.request({ type: 'stats', id: id++ });
+    expect(stats.message).toMatchObject({ type: 'stats', stats: { idle: 0, leased: 0, hits: 0, misses: 0 } });
+  });
+
+  it('positive control: with --allow 10.1.2.3/32 the same acquires connect, each exactly once', async () => {
+    const sockpoold = await daemonInNamespace(['--resolve', PINNED, '--allow', '10.1.2.3/32'], {
+      dns: { servers: [dnsServer] },
+      pool: { predictive: false }, // one acquire, one connection: no warming behind it
+    });
+    const raw = client(sockpoold.socketPath);
+    const before = (await arrivals(PORT)).length;
+    const hosts = ['10.1.2.3', 'private.test', 'pinned.test'];
+    let id = 1;
+    for (const [index, host] of hosts.entries()) {
+      const reply = await raw.request({ type: 'acquire', id: id++, host, port: PORT });
+      expect(reply.message, host).toMatchObject({ type: 'lease', address: '10.1.2.3', port: PORT, warm: false });
+      expect(reply.fds).toHaveLength(1);
+      expect(await roundTrip(reply.fds[0]!, `hello ${host}`)).toBe(`hello ${host}`);
+      raw.sendJson({ type: 'closed', leaseId: (reply.message as LeaseReply).leaseId });
+      const seen = (await arrivals(PORT)).slice(before);
+      expect(seen.map((connection) => connection.localAddress)).toEqual(new Array(index + 1).fill('10.1.2.3'));
+    }
+    // The hole is exactly 10.1.2.3/32 on allowed ports: its neighbours, loopback and other ports stay refused.
+    for (const [host, port, reason] of [
+      ['10.1.2.3', OTHER_PORT, 'port'],
+      ['127.0.0.1', PORT, 'loopback'],
+      ['192.168.1.1', PORT, 'private'],
+      ['loop.test', PORT, 'loopback'],
+    ] as const) {
+      const reply = await raw.request({ type: 'acquire', id: id++, host, port });
+      expect(reply.message, `${host}:${port}`).toMatchObject({
+        type: 'error',
+        code: 'SOCKPOOL_ERR_POLICY',
+        fields: { reason },
+      });
+    }
+    await sleep(SETTLE_MS);
+    expect((await arrivals(PORT)).length - before).toBe(hosts.length);
+    expect(await arrivals(OTHER_PORT)).toEqual([]);
+  });
+});
