@@ -136,7 +136,13 @@ function runGyp(module) {
   ];
   return new Promise((resolve, reject) => {
     const started = Date.now();
-    const child = spawn(process.execPath, args, { cwd: module.dir, stdio: ['ignore', 'pipe', 'pipe'] });
+    // Under npm, the machine's config arrives as npm_config_* variables, and node-gyp lets npm_config_nodedir
+    // (Node 20's headers here) win over --nodedir: override it, and drop the other target-picking variables.
+    const env = { ...process.env, npm_config_nodedir: nodeDir };
+    for (const name of ['npm_config_target', 'npm_config_runtime', 'npm_config_disturl', 'npm_config_dist_url']) {
+      delete env[name];
+    }
+    const child = spawn(process.execPath, args, { cwd: module.dir, stdio: ['ignore', 'pipe', 'pipe'], env });
     let output = '';
     child.stdout.on('data', (chunk) => {
       output += chunk;
@@ -203,9 +209,16 @@ async function main() {
     todo.push({ module, stamp, stampFile });
   }
   if (todo.length === 0) {
-    log('all native modules up to date');
-    if (wanted.length === 0) checkLoads();
-    return;
+    if (wanted.length > 0 || loadFailure() === null) {
+      log('all native modules up to date');
+      return;
+    }
+    // Up to date by the stamps but not loading (built by someone else, against other headers): rebuild all.
+    log('a native module does not load: rebuilding everything');
+    for (const module of modules) {
+      if (wanted.length > 0 && !wanted.includes(module.name)) continue;
+      todo.push({ module, stamp: stampOf(module), stampFile: join(module.dir, '.sockpool-build-stamp') });
+    }
   }
   // Two cores: build two modules at a time, one compile job each, biggest first.
   const queue = [...todo];
@@ -216,11 +229,17 @@ async function main() {
     }
   });
   await Promise.all(workers);
-  if (wanted.length === 0) checkLoads();
+  if (wanted.length === 0) {
+    const failure = loadFailure();
+    if (failure !== null) fail(`a native module does not load under Node ${process.version}:\n${failure}`);
+  }
 }
 
-/** Loads every native module in a fresh process under this Node: a wrong ABI or a missing symbol fails here. */
-function checkLoads() {
+/**
+ * Loads every native module in a fresh process under this Node: a wrong ABI or a missing symbol shows here.
+ * Returns null when all load, else the error output.
+ */
+function loadFailure() {
   const script = [
     "require('node-libcurl')",
     "new (require('better-sqlite3'))(':memory:').prepare('select 1').get()",
@@ -229,8 +248,9 @@ function checkLoads() {
   ].join(';');
   try {
     execFileSync(process.execPath, ['-e', script], { cwd: root, stdio: 'pipe' });
+    return null;
   } catch (error) {
-    fail(`a native module does not load under Node ${process.version}:\n${error.stderr}`);
+    return String(error.stderr);
   }
 }
 
