@@ -1,0 +1,74 @@
+// The `sockpool` command line against a real daemon and a local origin: status, stats, warm, get -v.
+import { execFile } from 'node:child_process';
+import { once } from 'node:events';
+import { createServer, type Server } from 'node:http';
+import type { AddressInfo, Socket } from 'node:net';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { type DaemonProcess, eventually, repoRoot, startDaemon } from './helpers/daemon.js';
+
+const run = promisify(execFile);
+const cli = join(repoRoot, 'dist', 'worker', 'cli.js');
+
+let origin: Server;
+let port: number;
+const connections: Socket[] = [];
+let sockpoold: DaemonProcess;
+
+beforeAll(async () => {
+  origin = createServer((_request, response) => response.end('cli body'));
+  origin.on('connection', (socket: Socket) => connections.push(socket));
+  origin.listen(0, '127.0.0.1');
+  await once(origin, 'listening');
+  port = (origin.address() as AddressInfo).port;
+  sockpoold = await startDaemon({ args: ['--allow', '127.0.0.1/32', '--allow-port', String(port)] });
+});
+
+afterAll(async () => {
+  await sockpoold?.stop();
+  for (const socket of connections) socket.destroy();
+  origin?.close();
+});
+
+function sockpool(...args: string[]) {
+  return run(process.execPath, [cli, '--socket', sockpoold.socketPath, ...args], { timeout: 30_000 });
+}
+
+describe('sockpool CLI', () => {
+  it('status says the daemon is up', async () => {
+    const { stdout } = await sockpool('status');
+    expect(stdout).toMatch(/^sockpoold up at .*: idle \d+, leased \d+, origins \d+, hit rate [\d.]+%, clients \d+/);
+  });
+
+  it('warm opens idle connections that stats --json then shows', async () => {
+    const { stdout } = await sockpool('warm', `127.0.0.1:${port}`, '2');
+    expect(stdout).toContain('warming 2');
+    await eventually(async () => {
+      const stats = JSON.parse((await sockpool('stats', '--json')).stdout) as { idle: number };
+      return stats.idle === 2;
+    }, 'two idle sockets');
+    expect(connections.length).toBe(2);
+  });
+
+  it('get -v prints the body, and on stderr whether the connection was warm', async () => {
+    const { stdout, stderr } = await sockpool('get', '-v', `http://127.0.0.1:${port}/x`);
+    expect(stdout).toBe('cli body');
+    expect(stderr).toMatch(/HTTP\/1\.1 200 {2}warm=true connection=leased/);
+    expect(stderr).toMatch(/timings ms: acquire [\d.]+ connect [\d.]+ tls [\d.]+ ttfb [\d.]+ total [\d.]+/);
+  });
+
+  it('fails with a typed error and exit code 1 when the daemon is not there', async () => {
+    const failed = await run(process.execPath, [cli, '--socket', '/nonexistent/sockpoold.sock', 'status']).catch(
+      (error: { code: number; stderr: string }) => error,
+    );
+    expect(failed).toMatchObject({ code: 1 });
+    expect((failed as { stderr: string }).stderr).toContain('SOCKPOOL_ERR_DAEMON_UNAVAILABLE');
+  });
+
+  it('rejects a malformed origin with a clear message', async () => {
+    const failed = await sockpool('warm', 'no-port-here').catch((error: { code: number; stderr: string }) => error);
+    expect(failed).toMatchObject({ code: 1 });
+    expect((failed as { stderr: string }).stderr).toContain('not an origin');
+  });
+});
