@@ -1,0 +1,207 @@
+// Access control, per-client limits, the global idle cap, DNS fall-back between addresses and the metrics
+// endpoint: a real sockpoold child process each time, loopback servers only.
+import { execFile } from 'node:child_process';
+import { once } from 'node:events';
+import { chmodSync, mkdtempSync, writeFileSync } from 'node:fs';
+import { type AddressInfo, createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { afterEach, describe, expect, it } from 'vitest';
+import * as native from '../shared/native.js';
+import { startServer, type TestServer } from './fixtures/native-helpers.js';
+import { type DaemonProcess, eventually, repoRoot, startDaemon } from './helpers/daemon.js';
+import { RawClient } from './helpers/raw-client.js';
+
+const run = promisify(execFile);
+const cleanups: Array<() => unknown> = [];
+afterEach(async () => {
+  for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
+});
+
+async function echoServer(host = '127.0.0.1'): Promise<TestServer> {
+  const server = await startServer(host);
+  cleanups.push(() => server.close());
+  return server;
+}
+
+/** A port nobody listens on right now (bound then released). */
+async function freePort(): Promise<number> {
+  const server = createServer();
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  const { port } = server.address() as AddressInfo;
+  await new Promise((resolve) => server.close(resolve));
+  return port;
+}
+
+async function daemonWith(config: object, args: string[]): Promise<DaemonProcess> {
+  // The socket lives in a directory everyone may traverse, so that other uids reach the daemon's own check.
+  const dir = mkdtempSync(join(tmpdir(), 'sockpoold-access-'));
+  chmodSync(dir, 0o755);
+  const path = join(dir, 'config.json');
+  writeFileSync(path, JSON.stringify(config));
+  const daemon = await startDaemon({ args: ['--config', path, ...args], socketPath: join(dir, 'sockpoold.sock') });
+  cleanups.push(() => daemon.stop());
+  return daemon;
+}
+
+function client(socketPath: string): RawClient {
+  const raw = new RawClient(socketPath);
+  cleanups.push(() => {
+    try {
+      raw.close();
+    } catch {}
+  });
+  return raw;
+}
+
+describe('access control', () => {
+  it('refuses a peer whose uid is not allowed, with SOCKPOOL_ERR_ACCESS_DENIED, and serves an allowed one', async () => {
+    const echo = await echoServer();
+    const sockpoold = await daemonWith({ access: { socketMode: '0666', allowUids: [0] } }, [
+      '--allow',
+      '127.0.0.1/32',
+      '--allow-port',
+      String(echo.port),
+    ]);
+    // A client process running as nobody (uid 65534): the daemon answers with one error and hangs up.
+    const script = `
+      const native = require(${JSON.stringify(join(repoRoot, 'native/build/Release/sockpool_native.node'))});
+      const fd = native.seqpacketConnect(process.argv[1]);
+      // The daemon may already have answered and hung up: a failed send is fine, its reply is still queued.
+      try { native.sendMessage(fd, Buffer.from(JSON.stringify({ type: 'hello', id: 1, version: 1 })), []); } catch {}
+      const poll = () => {
+        let message = null;
+        // A daemon that hung up with our hello unread makes the kernel report ECONNRESET once; its reply follows.
+        try { message = native.recvMessage(fd, 65536, 1); } catch (error) {
+          if (error.code === 'ECONNRESET') return setTimeout(poll, 0);
+          console.log(JSON.stringify({ error: error.code })); return;
+        }
+        if (message === null) return setTimeout(poll, 10);
+        console.log(message.eof ? JSON.stringify({ eof: true }) : message.data.toString());
+        if (!message.eof) setTimeout(poll, 10);
+      };
+      poll();`;
+    const { stdout } = await run(
+      'setpriv',
+      ['--reuid=65534', '--regid=65534', '--clear-groups', process.execPath, '-e', script, sockpoold.socketPath],
+      { timeout: 20_000 },
+    );
+    const lines = stdout
+      .trim()
+      .split('\n')
+      .map((line) => JSON.parse(line) as Record<string, unknown>);
+    expect(lines[0]).toMatchObject({ type: 'error', code: 'SOCKPOOL_ERR_ACCESS_DENIED' });
+    expect(lines.at(-1)).toMatchObject({ eof: true });
+    // Root (uid 0) is allowed.
+    const raw = client(sockpoold.socketPath);
+    expect((await raw.request({ type: 'hello', id: 1, version: 1 })).message).toMatchObject({ type: 'hello' });
+    expect(sockpoold.output()).toContain('client refused by access control');
+  });
+
+  it('applies the configured socket file mode', async () => {
+    const sockpoold = await daemonWith({ access: { socketMode: '0600' } }, []);
+    const { stdout } = await run('stat', ['-c', '%a', sockpoold.socketPath]);
+    expect(stdout.trim()).toBe('600');
+  });
+});
+
+describe('per-client limits', () => {
+  it('refuses acquires beyond maxPendingPerClient and leases beyond maxLeasesPerClient with SOCKPOOL_ERR_LIMIT', async () => {
+    const echo = await echoServer();
+    const sockpoold = await daemonWith(
+      {
+        access: { maxPendingPerClient: 2, maxLeasesPerClient: 3 },
+        pool: { defaults: { maxPerOrigin: 1, maxIdle: 1 } },
+      },
+      ['--allow', '127.0.0.1/32', '--allow-port', String(echo.port)],
+    );
+    const raw = client(sockpoold.socketPath);
+    const held = await raw.request({ type: 'acquire', id: 1, host: '127.0.0.1', port: echo.port });
+    expect(held.message?.type).toBe('lease');
+    // maxPerOrigin 1 is taken: the next two wait (pending 2), the third is over the pending limit.
+    raw.sendJson({ type: 'acquire', id: 2, host: '127.0.0.1', port: echo.port, timeoutMs: 5000 });
+    raw.sendJson({ type: 'acquire', id: 3, host: '127.0.0.1', port: echo.port, timeoutMs: 5000 });
+    const over = await raw.request({ type: 'acquire', id: 4, host: '127.0.0.1', port: echo.port });
+    expect(over.message).toMatchObject({ type: 'error', id: 4, code: 'SOCKPOOL_ERR_LIMIT' });
+    for (const fd of held.fds) native.close(fd);
+    // Disconnecting frees everything this client had.
+    raw.close();
+    cleanups.pop();
+    const other = client(sockpoold.socketPath);
+    await eventually(async () => {
+      const reply = await other.request({ type: 'stats', id: 9 });
+      const stats = (reply.message as unknown as { stats: { leased: number; waiting: number } }).stats;
+      return stats.leased === 0 && stats.waiting === 0;
+    }, 'leases and waiters of the gone client freed');
+  });
+});
+
+describe('pool bounds and DNS', () => {
+  it('never holds more idle sockets than maxIdleTotal across origins', async () => {
+    const first = await echoServer();
+    const second = await echoServer();
+    const sockpoold = await daemonWith({ pool: { maxIdleTotal: 3, defaults: { maxIdle: 8 } } }, [
+      '--allow',
+      '127.0.0.1/32',
+      '--allow-port',
+      String(first.port),
+      '--allow-port',
+      String(second.port),
+    ]);
+    const raw = client(sockpoold.socketPath);
+    await raw.request({ type: 'prewarm', id: 1, host: '127.0.0.1', port: first.port, count: 5 });
+    await raw.request({ type: 'prewarm', id: 2, host: '127.0.0.1', port: second.port, count: 5 });
+    await first.waitForConnections(1);
+    await second.waitForConnections(1);
+    for (let i = 0; i < 20; i++) {
+      const reply = await raw.request({ type: 'stats', id: 100 + i });
+      const stats = (reply.message as unknown as { stats: { idle: number } }).stats;
+      expect(stats.idle).toBeLessThanOrEqual(3);
+      await new Promise((resolve) => setTimeout(resolve, 25));
+    }
+  });
+
+  it('falls back to the next address when one refuses the connection', async () => {
+    const echo = await echoServer('127.0.0.1');
+    // 127.0.0.2 has nothing listening on that port: ECONNREFUSED, then 127.0.0.1 answers.
+    const sockpoold = await daemonWith({}, [
+      '--allow',
+      '127.0.0.0/8',
+      '--allow-port',
+      String(echo.port),
+      '--resolve',
+      `multi.test:${echo.port}:127.0.0.2,127.0.0.1`,
+    ]);
+    const raw = client(sockpoold.socketPath);
+    for (let i = 0; i < 3; i++) {
+      const lease = await raw.request({ type: 'acquire', id: i, host: 'multi.test', port: echo.port });
+      expect(lease.message).toMatchObject({ type: 'lease', address: '127.0.0.1' });
+      for (const fd of lease.fds) native.close(fd);
+    }
+  });
+});
+
+describe('metrics', () => {
+  it('serves Prometheus text on the metrics port with hits, misses and per-origin gauges', async () => {
+    const echo = await echoServer();
+    const metricsPort = await freePort();
+    const withMetrics = await daemonWith({}, [
+      '--allow',
+      '127.0.0.1/32',
+      '--allow-port',
+      String(echo.port),
+      '--metrics-port',
+      String(metricsPort),
+    ]);
+    const raw = client(withMetrics.socketPath);
+    const lease = await raw.request({ type: 'acquire', id: 1, host: '127.0.0.1', port: echo.port });
+    for (const fd of lease.fds) native.close(fd);
+    await raw.request({ type: 'acquire', id: 2, host: '127.0.0.1', port: 1 }); // refused: port
+    const text = await (await fetch(`http://127.0.0.1:${metricsPort}/metrics`)).text();
+    expect(text).toMatch(/sockpool_acquire_misses_total 1/);
+    expect(text).toMatch(/sockpool_refusals_total\{reason="port"\} 1/);
+    expect(text).toContain(`origin="127.0.0.1:${echo.port}"`);
+  });
+});
