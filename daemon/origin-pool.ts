@@ -30,6 +30,8 @@ export interface OriginPoolEvents {
 interface IdleSocket extends ConnectedSocket {
   idleSince: number;
   poller: native.Poller;
+  /** Closes the socket before the origin's servers would (learned idle lifetime); unref'd. */
+  recycleTimer: NodeJS.Timeout | undefined;
 }
 
 interface Waiter {
@@ -50,8 +52,11 @@ export class OriginPool {
   /** Connects started for waiters (the rest are refills and prewarms). */
   #connectingForWaiters = 0;
   #waiters: Waiter[] = [];
-  #prewarmWanted = 0;
   #refillTarget = 0;
+  /** Idle time after which a socket is closed by us before the server closes it; undefined until learned. */
+  #recycleAfterMs: number | undefined;
+  /** The egress policy refused this origin: no background connects until the configuration changes. */
+  #refused = false;
   #closed = false;
   #connector: Connector;
   #events: OriginPoolEvents;
@@ -128,9 +133,29 @@ export class OriginPool {
     this.#addIdle(socket);
   }
 
-  /** Open up to `count` extra idle sockets soon (a client announced demand). */
+  /**
+   * A client announced demand: make `count` idle sockets available soon. One-shot: connects start now, up to
+   * maxIdle and maxPerOrigin, and nothing is left pending for later.
+   */
   prewarm(count: number): void {
-    this.#prewarmWanted = Math.max(this.#prewarmWanted, count);
+    const have = this.#idle.length + this.#connecting - this.#connectingForWaiters;
+    const want = Math.min(count, this.policy.maxIdle) - have;
+    for (let i = 0; i < want && this.total < this.policy.maxPerOrigin && !this.#closed; i++) {
+      this.#startConnect(false);
+    }
+  }
+
+  /** The pool manager learned how long the origin's servers keep silent connections. */
+  setRecycleAfter(ms: number | undefined): void {
+    if (ms === this.#recycleAfterMs) return;
+    this.#recycleAfterMs = ms;
+    for (const socket of this.#idle) this.#scheduleRecycle(socket);
+  }
+
+  /** The policy changed (reload): refused origins may be tried again. */
+  policyChanged(policy: OriginPolicy): void {
+    this.policy = policy;
+    this.#refused = false;
     this.#pump();
   }
 
@@ -140,12 +165,10 @@ export class OriginPool {
     this.#pump();
   }
 
-  /** Drops idle sockets past their age limit or the learned server idle lifetime. */
-  sweep(now: number, recycleAfterMs: number | undefined): void {
+  /** Drops idle sockets past their age limit (idleTtlMs); recycling before the learned lifetime has timers. */
+  sweep(now: number): void {
     for (const socket of [...this.#idle]) {
-      const ageMs = now - socket.connectedAt;
-      if (ageMs >= this.policy.idleTtlMs) this.#drop(socket, 'ttl');
-      else if (recycleAfterMs !== undefined && now - socket.idleSince >= recycleAfterMs) this.#drop(socket, 'recycled');
+      if (now - socket.connectedAt >= this.policy.idleTtlMs) this.#drop(socket, 'ttl');
     }
     this.#pump();
   }
@@ -162,9 +185,12 @@ export class OriginPool {
   detachIdle(): ConnectedSocket[] {
     const sockets = this.#idle;
     this.#idle = [];
-    for (const socket of sockets) socket.poller.close();
+    for (const socket of sockets) {
+      socket.poller.close();
+      clearTimeout(socket.recycleTimer);
+    }
     this.#events.idleChanged(this, -sockets.length);
-    return sockets.map(({ poller: _poller, idleSince: _idleSince, ...rest }) => rest);
+    return sockets.map(({ poller: _poller, idleSince: _idleSince, recycleTimer: _timer, ...rest }) => rest);
   }
 
   /** Adopts an already connected socket (the fd store after a restart); it is probed first. */
@@ -188,20 +214,26 @@ export class OriginPool {
     for (const socket of [...this.#idle]) this.#drop(socket, 'shutdown');
   }
 
-  /** Newest first; every candidate is probed right before the handoff so a closed socket is never handed out. */
+  /**
+   * Newest first; every candidate is probed right before the handoff so a closed socket is never handed out, and
+   * one idle past the recycle point (its server may close it any moment) is dropped instead.
+   */
   #takeIdle(): Handoff | undefined {
+    const now = performance.now();
     for (let socket = this.#idle.pop(); socket; socket = this.#idle.pop()) {
-      const probe = native.probe(socket.fd);
-      if (probe.state === 'alive' && isEstablished(probe.tcpState)) {
+      const recycle = this.#recycleAfterMs !== undefined && now - socket.idleSince >= this.#recycleAfterMs;
+      const probe = recycle ? undefined : native.probe(socket.fd);
+      if (probe?.state === 'alive' && isEstablished(probe.tcpState)) {
         socket.poller.close();
+        clearTimeout(socket.recycleTimer);
         this.#events.idleChanged(this, -1);
         this.#leased++;
-        const { poller: _poller, idleSince: _idleSince, ...rest } = socket;
+        const { poller: _poller, idleSince: _idleSince, recycleTimer: _timer, ...rest } = socket;
         this.#pumpSoon();
         return { ...rest, warm: true };
       }
       this.#idle.push(socket);
-      this.#drop(socket, probe.state === 'data' ? 'data' : probe.state === 'error' ? 'error' : 'eof');
+      this.#drop(socket, probe === undefined ? 'recycled' : dropReason(probe.state));
     }
     return undefined;
   }
@@ -222,17 +254,31 @@ export class OriginPool {
       idleSince: performance.now(),
       // Any readiness on an idle socket (EOF, RST, unexpected bytes) means it is no longer safe to hand out.
       poller: new native.Poller(socket.fd, () => this.#onIdleEvent(idle)),
+      recycleTimer: undefined,
     };
     idle.poller.start(native.READABLE | native.DISCONNECT);
     this.#idle.push(idle);
+    this.#scheduleRecycle(idle);
     this.#events.idleChanged(this, +1);
+  }
+
+  #scheduleRecycle(socket: IdleSocket): void {
+    clearTimeout(socket.recycleTimer);
+    socket.recycleTimer = undefined;
+    if (this.#recycleAfterMs === undefined) return;
+    const dueInMs = Math.max(0, this.#recycleAfterMs - (performance.now() - socket.idleSince));
+    socket.recycleTimer = setTimeout(() => {
+      this.#drop(socket, 'recycled');
+      this.#pump();
+    }, dueInMs);
+    socket.recycleTimer.unref();
   }
 
   #onIdleEvent(socket: IdleSocket): void {
     if (!this.#idle.includes(socket)) return;
     const probe = native.probe(socket.fd);
     if (probe.state === 'alive' && isEstablished(probe.tcpState)) return; // spurious wakeup
-    this.#drop(socket, probe.state === 'data' ? 'data' : probe.state === 'error' ? 'error' : 'eof');
+    this.#drop(socket, dropReason(probe.state));
     this.#pump();
   }
 
@@ -241,6 +287,7 @@ export class OriginPool {
     if (index === -1) return;
     this.#idle.splice(index, 1);
     socket.poller.close();
+    clearTimeout(socket.recycleTimer);
     native.close(socket.fd);
     const now = performance.now();
     this.#events.idleChanged(this, -1);
@@ -285,14 +332,10 @@ export class OriginPool {
     while (this.#waiters.length > this.#connectingForWaiters && this.total < limit) {
       this.#startConnect(true);
     }
-    if (performance.now() < this.#backoffUntil) return;
-    const target = Math.min(
-      this.policy.maxIdle,
-      Math.max(this.policy.minIdle, this.#refillTarget, this.#prewarmWanted),
-    );
+    if (this.#refused || performance.now() < this.#backoffUntil) return;
+    const target = Math.min(this.policy.maxIdle, Math.max(this.policy.minIdle, this.#refillTarget));
     while (this.#idle.length + this.#connecting - this.#connectingForWaiters < target && this.total < limit) {
       this.#startConnect(false);
-      if (this.#prewarmWanted > 0) this.#prewarmWanted--;
     }
   }
 
@@ -321,6 +364,7 @@ export class OriginPool {
         this.#connecting--;
         if (forWaiter) this.#connectingForWaiters--;
         this.#failures++;
+        if ((error as { code?: string }).code === ErrorCodes.POLICY) this.#refused = true;
         this.#backoffUntil = performance.now() + Math.min(30_000, 250 * 2 ** Math.min(this.#failures, 7));
         this.#events.connectFailed(this, error);
         // The oldest waiter gets the failure: queue order is kept and nobody waits on a dead origin until timeout.
@@ -334,6 +378,10 @@ export class OriginPool {
       },
     );
   }
+}
+
+function dropReason(state: native.ProbeResult['state']): DropReason {
+  return state === 'data' ? 'data' : state === 'error' ? 'error' : 'eof';
 }
 
 /** tcpi_state 1 is TCP_ESTABLISHED; undefined means not a TCP socket (never pooled). */

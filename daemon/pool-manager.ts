@@ -20,8 +20,11 @@ interface OriginStats {
   connectMs: number;
   hits: number;
   misses: number;
-  /** Shortest idle time after which the origin's servers were seen closing a silent connection. */
+  /** How long the origin's servers keep a silent connection (conservative: drops at once, rises slowly). */
   learnedIdleLifetimeMs: number | undefined;
+  /** When the last peer close of an idle socket was seen, and the socket's age then (restart detection). */
+  lastPeerCloseAt: number;
+  lastPeerCloseAgeMs: number;
 }
 
 export interface PoolManagerOptions {
@@ -33,8 +36,13 @@ export interface PoolManagerOptions {
 }
 
 const SWEEP_INTERVAL_MS = 500;
-/** Recycle an idle socket this long before the learned server idle lifetime runs out. */
+/** Recycle an idle socket at this fraction of the learned server idle lifetime. */
 const RECYCLE_MARGIN = 0.8;
+/** Peer closes of idle sockets closer together than this, with ages further apart than the spread, are a restart. */
+const RESTART_WINDOW_MS = 50;
+const RESTART_AGE_SPREAD = 0.2;
+/** No origin is believed to drop silent connections sooner than this (protects against one odd observation). */
+const MIN_LEARNED_LIFETIME_MS = 250;
 
 export class PoolManager {
   #pools = new Map<string, OriginPool>();
@@ -70,10 +78,11 @@ export class PoolManager {
         this.#metrics?.connectSeconds.observe(connectMs / 1000);
       },
       connectFailed: (pool, error) => {
-        this.#store?.recordConnectFailure(pool.key);
         const code = (error as { code?: string }).code ?? 'unknown';
+        // Refusals are counted once per refused acquire (see acquire); here only real connect failures.
+        if (code === ErrorCodes.POLICY) return;
+        this.#store?.recordConnectFailure(pool.key);
         this.#metrics?.connectFailures.inc({ reason: code });
-        if (code === ErrorCodes.POLICY) this.#metrics?.refusals.inc({ reason: policyReason(error) });
         this.#log.warn({ origin: pool.key, code, err: error.message }, 'connect failed');
       },
     };
@@ -90,7 +99,15 @@ export class PoolManager {
     const pool = this.#poolFor(origin);
     const stats = this.#statsOf(pool.key);
     this.#bumpRate(stats);
-    const handoff = await pool.acquire(timeoutMs ?? pool.policy.acquireTimeoutMs);
+    let handoff: Handoff;
+    try {
+      handoff = await pool.acquire(timeoutMs ?? pool.policy.acquireTimeoutMs);
+    } catch (error) {
+      if ((error as { code?: string }).code === ErrorCodes.POLICY) {
+        this.#metrics?.refusals.inc({ reason: policyReason(error as Error) });
+      }
+      throw error;
+    }
     if (handoff.warm) {
       stats.hits++;
       this.#hits++;
@@ -116,8 +133,15 @@ export class PoolManager {
     pool.giveBack(socket);
   }
 
+  /** Throws SOCKPOOL_ERR_POLICY at once for an origin the policy refuses (the connects run in the background). */
   prewarm(origin: Origin, count: number): void {
     if (this.#closed) throw new SockpoolError(ErrorCodes.SHUTTING_DOWN, 'sockpoold is stopping');
+    try {
+      this.#connector.checkTarget(origin);
+    } catch (error) {
+      this.#metrics?.refusals.inc({ reason: policyReason(error as Error) });
+      throw error;
+    }
     this.#poolFor(origin).prewarm(count);
   }
 
@@ -152,7 +176,7 @@ export class PoolManager {
   reconfigure(config: SockpoolConfig): void {
     this.#config = config;
     for (const pool of this.#pools.values()) {
-      pool.policy = policyFor(config, pool.origin.host, pool.origin.port);
+      pool.policyChanged(policyFor(config, pool.origin.host, pool.origin.port));
     }
     this.#sweep();
   }
@@ -226,6 +250,8 @@ export class PoolManager {
         hits: 0,
         misses: 0,
         learnedIdleLifetimeMs: undefined,
+        lastPeerCloseAt: Number.NEGATIVE_INFINITY,
+        lastPeerCloseAgeMs: 0,
       };
       this.#stats.set(key, stats);
     }
@@ -248,11 +274,22 @@ export class PoolManager {
     if (reason === 'eof') {
       // The server closed a connection that had sent nothing: learn how long its servers keep such connections.
       const stats = this.#statsOf(pool.key);
-      const observed = Math.max(ageMs, 1);
+      const now = performance.now();
+      // Several sockets of different ages closing together is a server restart, not an idle timeout.
+      const restart =
+        now - stats.lastPeerCloseAt < RESTART_WINDOW_MS &&
+        Math.abs(ageMs - stats.lastPeerCloseAgeMs) > RESTART_AGE_SPREAD * Math.max(ageMs, stats.lastPeerCloseAgeMs);
+      stats.lastPeerCloseAt = now;
+      stats.lastPeerCloseAgeMs = ageMs;
+      this.#log.debug({ origin: pool.key, idleMs, ageMs, restart }, 'idle socket closed by peer');
+      if (restart) return;
+      const observed = Math.max(ageMs, MIN_LEARNED_LIFETIME_MS);
+      const learned = stats.learnedIdleLifetimeMs;
+      // Conservative: a shorter observation wins at once, a longer one moves the estimate a tenth of the way.
       stats.learnedIdleLifetimeMs =
-        stats.learnedIdleLifetimeMs === undefined ? observed : Math.min(stats.learnedIdleLifetimeMs, observed);
+        learned === undefined || observed < learned ? observed : learned + (observed - learned) / 10;
       this.#store?.recordIdleLifetime(pool.key, observed);
-      this.#log.debug({ origin: pool.key, idleMs, ageMs }, 'idle socket closed by peer');
+      pool.setRecycleAfter(stats.learnedIdleLifetimeMs * RECYCLE_MARGIN);
     }
   }
 
@@ -273,7 +310,8 @@ export class PoolManager {
       const want = Math.min(pool.policy.maxIdle, Math.max(pool.policy.minIdle, predicted));
       wants.push({ pool, want, rate });
       const learned = stats.learnedIdleLifetimeMs;
-      pool.sweep(now, learned === undefined ? undefined : learned * RECYCLE_MARGIN);
+      pool.setRecycleAfter(learned === undefined ? undefined : learned * RECYCLE_MARGIN);
+      pool.sweep(now);
     }
     // Highest demand first gets its share of the global idle budget.
     wants.sort((a, b) => b.rate - a.rate);
@@ -283,17 +321,21 @@ export class PoolManager {
       budget -= granted;
       pool.setRefillTarget(granted);
     }
-    this.#retireUnused(now);
+    this.#retireUnused();
   }
 
-  /** Pools with nothing in them and no recent demand are forgotten (their stats stay, bounded by the store). */
-  #retireUnused(_now: number): void {
+  /**
+   * Pools with nothing in them and no recent demand are forgotten, with their in-memory stats: a crawler meets
+   * millions of origins. What is worth keeping (demand, learned idle lifetime) is in the store.
+   */
+  #retireUnused(): void {
     for (const [key, pool] of this.#pools) {
       if (pool.total === 0 && pool.waitingCount === 0 && pool.policy.minIdle === 0) {
         const stats = this.#statsOf(key);
         if (this.#decayedRate(stats) < 0.001) {
           pool.close();
           this.#pools.delete(key);
+          this.#stats.delete(key);
         }
       }
     }

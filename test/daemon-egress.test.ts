@@ -6,7 +6,7 @@
 // the metrics, and no connection may arrive. A positive control (`--allow 10.1.2.3/32`) shows the same acquires
 // do connect once allowed, exactly once each.
 import { once } from 'node:events';
-import { writeFileSync } from 'node:fs';
+import { rmSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -90,6 +90,7 @@ let configCounter = 0;
 function writeConfig(config: object): string {
   const path = join(process.env.TMPDIR ?? '/tmp', `sockpoold-egress-${process.pid}-${configCounter++}.json`);
   writeFileSync(path, JSON.stringify(config));
+  cleanups.push(() => rmSync(path, { force: true }));
   return path;
 }
 
