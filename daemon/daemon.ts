@@ -1,25 +1,55 @@
 // sockpoold's life cycle: start (state, policy, listener, fd-store sockets back, warm from history, READY=1),
 // reload on SIGHUP without dropping warm sockets, and a graceful stop (stop accepting, fail pending acquires
 // clearly, store idle sockets in systemd's fd store or close them, flush statistics, STOPPING=1).
+//
+// The fd store is used at stop only, not while running: an idle socket goes to systemd on SIGTERM (restart, stop) and
+// comes back at the next start; a crash or a watchdog kill loses the idle sockets and the new process warms again
+// from history. Keeping every idle socket in the store as it goes idle would cover crashes too, but costs PID 1
+// about 60 µs per store-and-remove pair with 16 sockets stored and 3.6 ms with 4000 (systemd 252 compares each new
+// fd with every stored one), on every handoff and refill: docs/operations.md has the measurements.
 
-import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, unlinkSync } from 'node:fs';
+import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, readFileSync, unlinkSync } from 'node:fs';
 import { dirname } from 'node:path';
 import type { SockpoolConfig } from '../shared/config.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
-import { TcpConnector } from './connector.js';
+import { type Origin, originKey } from '../shared/origin.js';
+import { type ConnectedSocket, TcpConnector } from './connector.js';
 import { EgressPolicy } from './egress-policy.js';
 import { HandoffServer } from './handoff-server.js';
-import { classifyListenFds, listenFds } from './listen-fds.js';
+import {
+  type ClassifiedListenFds,
+  classifyListenFds,
+  LISTENER_FD_NAME,
+  listenFds,
+  unixSocketInfo,
+} from './listen-fds.js';
 import type { Logger } from './log.js';
 import { createMetrics, type Metrics, startMetricsServer } from './metrics.js';
 import { PoolManager } from './pool-manager.js';
 import { Resolver } from './resolver.js';
-import { encodeFdName, Notifier } from './sd-notify.js';
+import {
+  connectedAtFromTag,
+  connectedAtTag,
+  encodeFdName,
+  FDS_PER_MESSAGE_MAX,
+  fdStoreMax,
+  isValidFdName,
+  Notifier,
+  retryWhileCongested,
+} from './sd-notify.js';
 import { StateStore } from './store.js';
 
 const STATUS_INTERVAL_MS = 2000;
 const LISTEN_BACKLOG = 1024;
+/**
+ * How long the stop path may spend handing idle sockets to systemd (waiting while its notify queue is full). The
+ * unit's TimeoutStopSec= is 15 s. PID 1's own work comes after: systemd 252 checks each stored fd against every other,
+ * about 0.5 s of its CPU for 1024 sockets and 7 s for 4000.
+ */
+const FD_STORE_TIMEOUT_MS = 10_000;
+/** How long a notification that matters (READY=1, FDSTOREREMOVE=1) is retried while PID 1's queue is full. */
+const NOTIFY_TIMEOUT_MS = 5_000;
 
 export interface DaemonOptions {
   config: SockpoolConfig;
@@ -43,6 +73,9 @@ export class Sockpoold {
   /** The listening fd; we unlink the path at stop only when we bound it ourselves (not socket-activated). */
   #listenFd = -1;
   #boundPath: string | undefined;
+  /** Where clients connect: the configured path, or the path of the socket systemd passed. */
+  #socketPath: string;
+  #adoptedFromFdStore = 0;
   #statusTimer: NodeJS.Timeout | undefined;
   #stopped: Promise<void> | undefined;
 
@@ -50,6 +83,7 @@ export class Sockpoold {
     this.#config = options.config;
     this.#log = options.log;
     this.#reloadConfig = options.reloadConfig;
+    this.#socketPath = this.#config.socket;
     mkdirSync(this.#config.stateDir, { recursive: true, mode: 0o750 });
     this.#store = StateStore.open(this.#config.stateDir);
     this.#store.startAutoFlush(this.#config.pool.statsFlushMs);
@@ -80,7 +114,7 @@ export class Sockpoold {
   }
 
   get socketPath(): string {
-    return this.#config.socket;
+    return this.#socketPath;
   }
 
   get metricsPort(): number | undefined {
@@ -89,34 +123,20 @@ export class Sockpoold {
 
   async #start(): Promise<void> {
     const passed = classifyListenFds(listenFds());
-    for (const other of passed.other) native.close(other.fd);
     if (passed.listener) {
+      // systemd owns the socket file (sockpoold.socket: its mode, owner, group, removal): never chmod or unlink it.
       this.#listenFd = passed.listener.fd;
-      this.#log.info({ fd: this.#listenFd }, 'socket-activated: using the listening fd systemd passed');
+      this.#socketPath = unixSocketInfo(this.#listenFd)?.path || this.#config.socket;
+      this.#log.info(
+        { fd: this.#listenFd, socket: this.#socketPath },
+        'socket-activated: using the listening fd systemd passed',
+      );
     } else {
       this.#listenFd = this.#bindSocket();
     }
-    // Sockets kept in systemd's fd store across a restart: probe, adopt the live ones, then empty the store so
-    // systemd's copies do not keep connections open behind the clients' backs.
-    let adopted = 0;
-    const storedNames = new Set<string>();
-    for (const stored of passed.origins) {
-      storedNames.add(stored.name);
-      try {
-        const peer = native.peerAddress(stored.fd);
-        this.#egress.checkAddress(peer.address, peer.port, stored.origin.host);
-        const now = performance.now();
-        const socket = { fd: stored.fd, address: peer.address, family: peer.family, connectedAt: now, connectMs: 0 };
-        if (this.#pools.adopt(stored.origin, socket)) adopted++;
-      } catch (error) {
-        native.close(stored.fd);
-        this.#log.info({ name: stored.name, err: (error as Error).message }, 'stored socket dropped');
-      }
-    }
-    for (const name of storedNames) this.#notifier.removeStoredFds(name);
-    if (passed.origins.length > 0) {
-      this.#log.info({ stored: passed.origins.length, adopted }, 'idle sockets taken back from the fd store');
-    }
+    this.#adoptedFromFdStore = this.#adoptStored(passed);
+    const storedNames = storedNamesToForget(passed);
+    for (const other of passed.other) native.close(other.fd);
 
     this.#server = new HandoffServer({
       listenFd: this.#listenFd,
@@ -124,22 +144,84 @@ export class Sockpoold {
       config: () => this.#config,
       log: this.#log.child({ part: 'handoff' }),
       metrics: this.#metrics,
-      extraStats: () => ({ rssBytes: process.memoryUsage.rss(), adoptedFromFdStore: adopted }),
+      extraStats: () => ({ rssBytes: process.memoryUsage.rss(), adoptedFromFdStore: this.#adoptedFromFdStore }),
     });
     this.#server.start();
     this.#pools.start();
+    // Empty the store: systemd's copies of the adopted sockets would keep a connection open after a client closed
+    // it, and the dead ones are of no use. One FDSTOREREMOVE=1 per name (it removes every fd with that name).
+    await this.#forgetStored(storedNames);
     if (this.#config.metricsPort > 0) {
       this.#metricsServer = await startMetricsServer(this.#metrics, this.#config.metricsPort, this.#config.metricsHost);
     }
     const warming = this.#pools.warmFromHistory(this.#config.pool.warmOnStartOrigins);
     this.#log.info(
-      { socket: this.#config.socket, stateDir: this.#config.stateDir, warming, metricsPort: this.metricsPort },
+      { socket: this.#socketPath, stateDir: this.#config.stateDir, warming, metricsPort: this.metricsPort },
       'sockpoold ready',
     );
-    this.#notifier.ready(this.#statusLine());
+    await this.#notifyReliably('READY=1', () => this.#notifier.ready(this.#statusLine()));
     this.#notifier.startWatchdog();
-    this.#statusTimer = setInterval(() => this.#notifier.status(this.#statusLine()), STATUS_INTERVAL_MS);
+    this.#statusTimer = setInterval(() => {
+      try {
+        this.#notifier.status(this.#statusLine());
+      } catch {
+        // A status line lost to a full queue is replaced by the next one.
+      }
+    }, STATUS_INTERVAL_MS);
     this.#statusTimer.unref();
+  }
+
+  /**
+   * Sockets kept in systemd's fd store across a restart: each must be a live, established TCP connection to an
+   * address the current egress policy allows; the others are closed. Returns how many the pools took.
+   */
+  #adoptStored(passed: ClassifiedListenFds): number {
+    let adopted = 0;
+    for (const stored of passed.origins) {
+      try {
+        const peer = native.peerAddress(stored.fd);
+        this.#egress.checkAddress(peer.address, peer.port, stored.origin.host);
+        const now = performance.now();
+        // The tag says when it connected: the idle TTL keeps counting from then, not from this restart.
+        const connectedEpochMs = connectedAtFromTag(stored.origin.tag);
+        const ageMs = connectedEpochMs === null ? 0 : Math.max(0, Date.now() - connectedEpochMs);
+        const socket = {
+          fd: stored.fd,
+          address: peer.address,
+          family: peer.family,
+          connectedAt: now - ageMs,
+          connectMs: 0,
+        };
+        // adopt() probes the socket (EOF, RST, unexpected bytes, TCP state) and closes it if it is not usable.
+        if (this.#pools.adopt({ host: stored.origin.host, port: stored.origin.port }, socket)) adopted++;
+        else this.#log.info({ name: stored.name }, 'stored socket dropped: closed by its peer or not established');
+      } catch (error) {
+        native.close(stored.fd);
+        this.#log.info({ name: stored.name, err: (error as Error).message }, 'stored socket dropped');
+      }
+    }
+    if (passed.origins.length > 0) {
+      this.#log.info({ stored: passed.origins.length, adopted }, 'idle sockets taken back from the fd store');
+    }
+    return adopted;
+  }
+
+  async #forgetStored(names: readonly string[]): Promise<void> {
+    if (!this.#notifier.enabled) return;
+    for (const name of names) {
+      await this.#notifyReliably(`FDSTOREREMOVE=1 ${name}`, () => this.#notifier.removeStoredFds(name));
+    }
+  }
+
+  /** Sends one notification, retrying while PID 1's queue is full; a failure is logged, never thrown. */
+  async #notifyReliably(what: string, send: () => void, timeoutMs = NOTIFY_TIMEOUT_MS): Promise<boolean> {
+    try {
+      await retryWhileCongested(send, timeoutMs);
+      return true;
+    } catch (error) {
+      this.#log.error({ err: (error as Error).message, notification: what }, 'sd_notify failed');
+      return false;
+    }
   }
 
   /** Binds the handoff socket ourselves (not socket-activated), replacing a stale socket file. */
@@ -185,7 +267,11 @@ export class Sockpoold {
   /** SIGHUP: new policy, limits and DNS overrides; warm sockets and leases stay. A bad file keeps the old config. */
   reload(): void {
     if (!this.#reloadConfig) return;
-    this.#notifier.reloading();
+    try {
+      this.#notifier.reloading();
+    } catch (error) {
+      this.#log.warn({ err: (error as Error).message }, 'sd_notify RELOADING=1 failed');
+    }
     try {
       const config = this.#reloadConfig();
       // Build both first so a bad value leaves the old ones in place.
@@ -199,7 +285,7 @@ export class Sockpoold {
     } catch (error) {
       this.#log.error({ err: (error as Error).message }, 'reload failed; keeping the previous configuration');
     }
-    this.#notifier.ready(this.#statusLine());
+    void this.#notifyReliably('READY=1 after reload', () => this.#notifier.ready(this.#statusLine()));
   }
 
   /** Graceful stop. `storeIdle` hands idle sockets to systemd's fd store when NOTIFY_SOCKET is set. */
@@ -209,23 +295,17 @@ export class Sockpoold {
   }
 
   async #stop(storeIdle: boolean): Promise<void> {
-    this.#notifier.stopping('stopping: storing idle sockets');
+    await this.#notifyReliably('STOPPING=1', () => this.#notifier.stopping('stopping: storing idle sockets'), 1000);
     this.#notifier.stopWatchdog();
     if (this.#statusTimer) clearInterval(this.#statusTimer);
     this.#server?.stopAccepting();
     const canStore = storeIdle && this.#notifier.enabled;
+    const demandByOrigin = new Map(
+      this.#pools.snapshot().origins.map((origin) => [origin.origin, origin.demandRatePerS] as const),
+    );
+    // Pending acquires fail with SOCKPOOL_ERR_SHUTTING_DOWN here; their replies go out while the store is filled.
     const detached = this.#pools.close(canStore);
-    let stored = 0;
-    for (const { origin, socket } of detached) {
-      try {
-        // systemd keeps its own copy; ours is closed right after.
-        this.#notifier.storeFds(encodeFdName(origin), [socket.fd]);
-        stored++;
-      } catch (error) {
-        this.#log.warn({ err: (error as Error).message }, 'fd store refused a socket');
-      }
-      native.close(socket.fd);
-    }
+    const stored = await this.#storeIdle(detached, demandByOrigin);
     // Let the SHUTTING_DOWN replies of pending acquires go out before the clients are disconnected.
     await new Promise((resolve) => setImmediate(resolve));
     this.#server?.disconnectAll();
@@ -237,16 +317,93 @@ export class Sockpoold {
     }
     await this.#metricsServer?.close();
     this.#store.close();
-    this.#log.info({ stored }, 'sockpoold stopped');
+    this.#log.info({ stored, idle: detached.length }, 'sockpoold stopped');
     this.#notifier.close();
+  }
+
+  /**
+   * Hands idle sockets to systemd's fd store (FDSTORE=1), named by origin and the second they connected, as many fds
+   * per message as the kernel allows. The most valuable go first (origins by demand, then the newest sockets): past
+   * FileDescriptorStoreMax= systemd closes the rest. The kernel duplicates the fds into the message; ours are closed
+   * here, stored or not. Returns how many were sent.
+   */
+  async #storeIdle(
+    detached: ReadonlyArray<{ origin: Origin; socket: ConnectedSocket }>,
+    demandByOrigin: ReadonlyMap<string, number>,
+  ): Promise<number> {
+    const groups = new Map<string, { name: string; demand: number; connectedAt: number; fds: number[] }>();
+    const nowEpochMs = Date.now();
+    const now = performance.now();
+    for (const { origin, socket } of detached) {
+      const connectedEpochMs = nowEpochMs - (now - socket.connectedAt);
+      let name: string;
+      try {
+        name = encodeFdName(origin, connectedAtTag(connectedEpochMs));
+      } catch (error) {
+        // A host name too long for an FDNAME: that socket is closed.
+        this.#log.warn({ err: (error as Error).message }, 'idle socket not storable');
+        native.close(socket.fd);
+        continue;
+      }
+      const group = groups.get(name);
+      if (group) group.fds.push(socket.fd);
+      else {
+        const demand = demandByOrigin.get(originKey(origin)) ?? 0;
+        groups.set(name, { name, demand, connectedAt: connectedEpochMs, fds: [socket.fd] });
+      }
+    }
+    const ordered = [...groups.values()].sort((a, b) => b.demand - a.demand || b.connectedAt - a.connectedAt);
+    // systemd >= 254 says how many it will take; 252 does not, and closes the surplus itself.
+    let room = fdStoreMax() ?? Number.POSITIVE_INFINITY;
+    const deadline = performance.now() + FD_STORE_TIMEOUT_MS;
+    let stored = 0;
+    let failed = false; // past the deadline, or the notify socket is gone: the rest are closed
+    for (const { name, fds } of ordered) {
+      for (let start = 0; start < fds.length && room > 0 && !failed; start += FDS_PER_MESSAGE_MAX) {
+        const batch = fds.slice(start, start + Math.min(FDS_PER_MESSAGE_MAX, room));
+        room -= batch.length;
+        // EAGAIN means the message was not queued at all: retrying it cannot store a socket twice.
+        const sent = await this.#notifyReliably(
+          `FDSTORE=1 ${name}`,
+          () => this.#notifier.storeFds(name, batch),
+          Math.max(0, deadline - performance.now()),
+        );
+        if (sent) stored += batch.length;
+        else failed = true;
+      }
+      for (const fd of fds) native.close(fd);
+    }
+    return stored;
   }
 }
 
+/**
+ * The names to remove from the fd store after a start: every stored origin name (adopted or dropped), and any other
+ * name systemd passed that is not the handoff socket's (left by an older version; "unknown" means no names at all).
+ */
+function storedNamesToForget(passed: ClassifiedListenFds): string[] {
+  const names = new Set<string>();
+  for (const stored of passed.origins) names.add(stored.name);
+  for (const other of passed.other) {
+    if (other.name !== LISTENER_FD_NAME && other.name !== 'unknown' && isValidFdName(other.name)) names.add(other.name);
+  }
+  return [...names];
+}
+
+/** A user or group given by number or by name (looked up in /etc/passwd or /etc/group). */
 function resolveId(value: string | number | undefined, kind: 'user' | 'group'): number | undefined {
   if (value === undefined) return undefined;
   if (typeof value === 'number') return value;
   if (/^\d+$/.test(value)) return Number(value);
-  throw new SockpoolError(ErrorCodes.CONFIG, `access.socket${kind === 'user' ? 'Owner' : 'Group'}: use a numeric id`);
+  const table = kind === 'user' ? '/etc/passwd' : '/etc/group';
+  for (const line of readFileSync(table, 'utf8').split('\n')) {
+    const [name, , id] = line.split(':');
+    if (name === value && id !== undefined && /^\d+$/.test(id)) return Number(id);
+  }
+  throw new SockpoolError(
+    ErrorCodes.CONFIG,
+    `access.socket${kind === 'user' ? 'Owner' : 'Group'}: no ${kind} named ${JSON.stringify(value)} in ${table}`,
+  );
 }
 
 /** The configuration's `dns` section in the resolver's terms (`resolve` entries are curl-style overrides). */

@@ -295,7 +295,7 @@ export class PoolManager {
 
   /**
    * Every SWEEP_INTERVAL_MS: age out idle sockets, recycle them before the learned server lifetime, and give each
-   * pool its idle target: max(minIdle, predicted demand) where predicted = rate × connect time × 2 + 1 while
+   * pool its idle target: max(minIdle, predicted demand) where predicted = ⌈rate × connect time × 2⌉ + 1 while
    * there is demand (Envoy's predictive preconnect in spirit). The global cap is shared out by demand.
    */
   #sweep(): void {
@@ -306,6 +306,8 @@ export class PoolManager {
       const stats = this.#statsOf(pool.key);
       const rate = this.#decayedRate(stats);
       const connectS = Math.max(stats.connectMs, 1) / 1000;
+      // Expected acquires during one connect, doubled, plus one socket of margin (so the one handed out while the
+      // refill connects is not the last).
       const predicted = this.#config.pool.predictive && rate > 0.05 ? Math.ceil(rate * connectS * 2) + 1 : 0;
       const want = Math.min(pool.policy.maxIdle, Math.max(pool.policy.minIdle, predicted));
       wants.push({ pool, want, rate });

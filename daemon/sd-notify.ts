@@ -23,7 +23,7 @@ import { canonicalHost, type Origin } from '../shared/origin.js';
 export const FDNAME_MAX_LENGTH = 255;
 
 /** The kernel's SCM_MAX_FD: the most fds one SCM_RIGHTS message can carry. */
-const FDS_PER_MESSAGE_MAX = 253;
+export const FDS_PER_MESSAGE_MAX = 253;
 
 /** sockaddr_un.sun_path holds 108 bytes; a path needs its terminating NUL, an abstract name its leading one. */
 const SUN_PATH_MAX_BYTES = 107;
@@ -86,8 +86,38 @@ function sendWithUnixDgram(path: string, message: Buffer): void {
     socket.close();
   }
   if (failure) {
+    // unix-dgram reports a full queue (EAGAIN/ENOBUFS) as code 1, message 'congestion': say EAGAIN, as the addon does.
+    if ((failure as Error & { code?: unknown }).code === 1) throw syscallError(-11, 'sendmsg', path);
     const errno = (failure as Error & { errno?: unknown }).errno;
     throw typeof errno === 'number' && errno < 0 ? syscallError(errno, 'sendmsg', path) : failure;
+  }
+}
+
+/**
+ * True for the errors of a full receive queue at $NOTIFY_SOCKET: PID 1 has not caught up yet, try again. The queue
+ * holds net.unix.max_dgram_qlen datagrams: 512 with systemd's sysctl defaults, but 10 (the kernel default) where
+ * those are not applied, e.g. in a container. A burst of FDSTORE messages fills it in microseconds.
+ */
+export function isCongestion(error: unknown): boolean {
+  const code = (error as { code?: unknown } | null)?.code;
+  return code === 'EAGAIN' || code === 'EWOULDBLOCK' || code === 'ENOBUFS';
+}
+
+/**
+ * Runs `send` (one notification) until it does not fail with congestion, waiting 1 ms, doubling up to 50 ms, between
+ * tries, for at most `timeoutMs` (it tries at least once). Other errors, and congestion past the timeout, are thrown.
+ * The event loop keeps running meanwhile.
+ */
+export async function retryWhileCongested(send: () => void, timeoutMs: number): Promise<void> {
+  const deadline = performance.now() + timeoutMs;
+  for (let waitMs = 1; ; waitMs = Math.min(waitMs * 2, 50)) {
+    try {
+      send();
+      return;
+    } catch (error) {
+      if (!isCongestion(error) || performance.now() >= deadline) throw error;
+    }
+    await new Promise((resolve) => setTimeout(resolve, Math.min(waitMs, Math.max(1, deadline - performance.now()))));
   }
 }
 
@@ -121,6 +151,17 @@ export function watchdogUsec(env: NodeJS.ProcessEnv = process.env, pid: number =
   const pidText = env.WATCHDOG_PID;
   if (pidText !== undefined && pidText !== '' && Number(pidText) !== pid) return null;
   return usec;
+}
+
+/**
+ * FileDescriptorStoreMax= of this service, from $FDSTORE (set by systemd >= 254 when the store is enabled), or null
+ * when unknown (older systemd: sending more than the store takes only makes systemd close the surplus).
+ */
+export function fdStoreMax(env: NodeJS.ProcessEnv = process.env): number | null {
+  const text = env.FDSTORE;
+  if (text === undefined || !/^\d+$/.test(text)) return null;
+  const max = Number(text);
+  return Number.isSafeInteger(max) ? max : null;
 }
 
 /** systemd's fdname_is_valid(): 1..255 printable ASCII characters, no ':' (it separates names in LISTEN_FDNAMES). */
@@ -355,4 +396,23 @@ export function decodeFdName(name: string): StoredOrigin | null {
     return null;
   }
   return origin;
+}
+
+// ---- The tag sockpoold gives stored sockets ----
+//
+// `c` + the wall-clock second the socket connected, in base 36 (`o-example.com-443~ct3k9zq`): the next process
+// takes the socket's age from it, so a restart does not reset the idle TTL. Sockets of one origin that connected in
+// the same second share a name and travel in one message.
+
+const CONNECTED_TAG = /^c([0-9a-z]{1,11})$/;
+
+/** The tag for a socket that connected at `epochMs` (ms since the epoch). */
+export function connectedAtTag(epochMs: number): string {
+  return `c${Math.max(0, Math.floor(epochMs / 1000)).toString(36)}`;
+}
+
+/** When a socket with this tag connected (ms since the epoch, to the second), or null for another kind of tag. */
+export function connectedAtFromTag(tag: string | undefined): number | null {
+  const match = tag === undefined ? null : CONNECTED_TAG.exec(tag);
+  return match ? Number.parseInt(match[1] ?? '', 36) * 1000 : null;
 }

@@ -27,9 +27,11 @@
 # Locking: `flock` on ROOTFS.lock. A build holds it exclusively; runs hold it shared.
 set -euo pipefail
 
-readonly recipe_version=2
+readonly recipe_version=3
 readonly suite=bookworm
-readonly packages=systemd,systemd-sysv,dbus,procps # procps: /bin/kill for ExecReload=, ps for debugging
+# procps: /bin/kill for ExecReload=, ps for debugging; libcurl4: the runtime library node-libcurl links against (the
+# clients, `sockpool get`, run inside too).
+readonly packages=systemd,systemd-sysv,dbus,procps,libcurl4
 readonly recipe="sockpool-lab v${recipe_version} ${suite} minbase ${packages}"
 
 rootfs=${SOCKPOOL_SYSTEMD_ROOTFS:-/var/cache/sockpool/systemd-rootfs}

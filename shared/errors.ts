@@ -32,10 +32,14 @@ export const ErrorCodes = {
   TRANSFER: 'SOCKPOOL_ERR_TRANSFER',
   /** The request took longer than its timeout. */
   TIMEOUT: 'SOCKPOOL_ERR_TIMEOUT',
-  /** The caller aborted the request through its AbortSignal. */
+  /** The caller aborted the request through its AbortSignal (or cancelled a streamed response body). */
   ABORTED: 'SOCKPOOL_ERR_ABORTED',
+  /** A streamed request body failed (the caller's stream threw) or yielded something other than bytes. */
+  REQUEST_BODY: 'SOCKPOOL_ERR_REQUEST_BODY',
   /** The client was closed. */
   CLOSED: 'SOCKPOOL_ERR_CLOSED',
+  /** The worker thread running the request died (crashed or was terminated); it has been replaced. */
+  WORKER_EXITED: 'SOCKPOOL_ERR_WORKER_EXITED',
   /** A received control message was truncated: every fd it brought was closed. */
   FD_TRUNCATED: 'SOCKPOOL_ERR_FD_TRUNCATED',
   /** A received message was larger than the buffer: it was dropped, with its fds. */

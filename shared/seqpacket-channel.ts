@@ -125,6 +125,9 @@ export class SeqpacketChannel {
       } catch (error) {
         const code = (error as { code?: string }).code;
         // A truncated message lost its fds (the addon closed them); the stream itself is still sound.
+        // A peer that hung up with our messages unread is reported once as ECONNRESET; whatever it sent before
+        // hanging up (e.g. the reason it refused us) is still queued: read on, EOF follows.
+        if (code === 'ECONNRESET') continue;
         if (code === 'SOCKPOOL_ERR_FD_TRUNCATED' || code === 'SOCKPOOL_ERR_MSG_TRUNCATED') {
           this.#handlers.onBadMessage?.(error as Error);
           continue;

@@ -4,9 +4,11 @@
 // with no interfaces at all (unshare -n), so it cannot have connected by itself.
 import { execFile } from 'node:child_process';
 import { once } from 'node:events';
+import { mkdtempSync, writeFileSync } from 'node:fs';
 import { createServer as createHttpServer, type Server } from 'node:http';
 import { createServer as createHttpsServer } from 'node:https';
 import type { AddressInfo, Socket } from 'node:net';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -51,8 +53,13 @@ beforeAll(async () => {
   pki = createTestPki(['localhost']);
   http = await origin(createHttpServer(handler));
   https = await origin(createHttpsServer({ cert: pki.cert, key: pki.key }, handler));
+  // No predictive warming: each test counts the connections its origin sees, and a warmed spare would be one more.
+  const configFile = join(mkdtempSync(join(tmpdir(), 'sockpool-e2e-')), 'sockpoold.json');
+  writeFileSync(configFile, JSON.stringify({ pool: { predictive: false } }));
   sockpoold = await startDaemon({
     args: [
+      '--config',
+      configFile,
       '--allow',
       '127.0.0.1/32',
       '--allow-port',

@@ -10,78 +10,24 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { classifyListenFds, listenFds } from '../daemon/listen-fds.js';
-import { decodeFdName, encodeFdName, isValidFdName, Notifier, watchdogUsec } from '../daemon/sd-notify.js';
+import {
+  connectedAtFromTag,
+  connectedAtTag,
+  decodeFdName,
+  encodeFdName,
+  isCongestion,
+  isValidFdName,
+  Notifier,
+  retryWhileCongested,
+  watchdogUsec,
+} from '../daemon/sd-notify.js';
 import * as native from '../shared/native.js';
+import { NotifySocket } from './fixtures/systemd-notify-socket.js';
 
 const projectRoot = fileURLToPath(new URL('..', import.meta.url));
 const node = process.execPath;
 const notifyFixture = join(projectRoot, 'test/fixtures/systemd-notify-fixture.mjs');
 const listenFixture = join(projectRoot, 'test/fixtures/systemd-listen-fixture.mjs');
-
-interface Received {
-  text: string;
-  fds: number[];
-  atMs: number;
-}
-
-/** A bound AF_UNIX datagram socket playing systemd's notify socket. */
-class NotifySocket {
-  readonly messages: Received[] = [];
-  readonly fd: number;
-  readonly #poller: native.Poller;
-  #waiters: Array<() => void> = [];
-
-  constructor(readonly path: string) {
-    this.fd = native.datagramBind(path);
-    this.#poller = new native.Poller(this.fd, (status) => {
-      if (status < 0) return;
-      for (let message = native.recvMessage(this.fd, 4096, 16); message !== null; ) {
-        this.messages.push({ text: message.data.toString('utf8'), fds: message.fds, atMs: performance.now() });
-        message = native.recvMessage(this.fd, 4096, 16);
-      }
-      for (const wake of this.#waiters.splice(0)) wake();
-    });
-    this.#poller.start(native.READABLE);
-  }
-
-  /** Waits until a message satisfies `predicate`; returns it. */
-  async waitFor(predicate: (text: string) => boolean, timeoutMs = 10_000): Promise<Received> {
-    const deadline = performance.now() + timeoutMs;
-    for (;;) {
-      const found = this.messages.find((message) => predicate(message.text));
-      if (found) return found;
-      const left = deadline - performance.now();
-      if (left <= 0) {
-        throw new Error(`no matching notification; got ${JSON.stringify(this.messages.map((m) => m.text))}`);
-      }
-      await new Promise<void>((resolve) => {
-        const timer = setTimeout(resolve, left);
-        this.#waiters.push(() => {
-          clearTimeout(timer);
-          resolve();
-        });
-      });
-    }
-  }
-
-  texts(): string[] {
-    return this.messages.map((message) => message.text);
-  }
-
-  close(): void {
-    this.#poller.close();
-    native.close(this.fd);
-    for (const message of this.messages) for (const fd of message.fds) closeQuietly(fd);
-  }
-}
-
-function closeQuietly(fd: number): void {
-  try {
-    native.close(fd);
-  } catch {
-    // already closed (handed to a net.Socket that closed it)
-  }
-}
 
 const workDir = mkdtempSync(join(tmpdir(), 'sockpool-notify-'));
 const children: ChildProcess[] = [];
@@ -266,6 +212,43 @@ describe('Notifier through a real NOTIFY_SOCKET', () => {
     );
   });
 
+  it('reports a full queue as EAGAIN, and retryWhileCongested waits for room or gives up', async () => {
+    const notify = notifySocket();
+    notify.pause();
+    const notifier = new Notifier({ env: { NOTIFY_SOCKET: notify.path } });
+    const fill = (): unknown => {
+      for (let sent = 0; sent < 100_000; sent++) {
+        try {
+          notifier.status(`filler ${sent}`);
+        } catch (error) {
+          return error;
+        }
+      }
+      return undefined;
+    };
+    // Through unix-dgram (plain messages) and through the addon (FDSTORE=1): the same error.
+    const congestion = fill();
+    expect(congestion).toMatchObject({ code: 'EAGAIN', syscall: 'sendmsg' });
+    expect(isCongestion(congestion)).toBe(true);
+    const [mine, peer] = native.seqpacketPair();
+    try {
+      expect(() => notifier.storeFds('o-example.com-443', [mine])).toThrow(expect.objectContaining({ code: 'EAGAIN' }));
+      await expect(retryWhileCongested(() => notifier.status('never'), 30)).rejects.toMatchObject({ code: 'EAGAIN' });
+      setTimeout(() => notify.resume(), 100);
+      const started = performance.now();
+      await retryWhileCongested(() => notifier.storeFds('o-example.com-443', [mine]), 5000);
+      expect(performance.now() - started).toBeGreaterThanOrEqual(50);
+      const stored = await notify.waitFor((text) => text === 'FDSTORE=1\nFDNAME=o-example.com-443');
+      expect(stored.fds).toHaveLength(1);
+    } finally {
+      native.close(mine);
+      native.close(peer);
+    }
+    // Anything but congestion is thrown at once.
+    const gone = new Notifier({ env: { NOTIFY_SOCKET: join(workDir, 'nobody-listens.sock') } });
+    await expect(retryWhileCongested(() => gone.ready(), 5000)).rejects.toMatchObject({ code: 'ENOENT' });
+  });
+
   it('strips newlines from status text so a value cannot inject assignments', async () => {
     const notify = notifySocket();
     new Notifier({ env: { NOTIFY_SOCKET: notify.path } }).status('one\nREADY=1');
@@ -323,6 +306,17 @@ describe('FDNAME encoding of origins', () => {
     ]) {
       expect(decodeFdName(name), name).toBeNull();
     }
+  });
+
+  it('tags a stored socket with the second it connected', () => {
+    const connected = Date.UTC(2026, 10, 25, 17, 0, 12, 345);
+    const tag = connectedAtTag(connected);
+    expect(tag).toMatch(/^c[0-9a-z]+$/);
+    expect(connectedAtFromTag(tag)).toBe(Date.UTC(2026, 10, 25, 17, 0, 12));
+    const name = encodeFdName({ host: 'example.com', port: 443 }, tag);
+    expect(decodeFdName(name)).toEqual({ host: 'example.com', port: 443, tag });
+    expect(connectedAtFromTag(undefined)).toBeNull();
+    expect(connectedAtFromTag('12')).toBeNull();
   });
 
   it('refuses names systemd would refuse', () => {

