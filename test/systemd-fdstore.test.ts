@@ -225,7 +225,8 @@ describe('sockpoold and the fd store', () => {
     await client1.request({ type: 'prewarm', id: 2, host: '127.0.0.1', port: origin.port, count: 40 });
     let id = 10;
     await eventually(async () => (await stats(client1, id++)).idle === 40, '40 idle sockets');
-    expect(origin.connections).toBe(40);
+    // The origin's accept loop runs in this process and may lag the daemon's connects by a few.
+    await eventually(() => origin.connections === 40, 'the origin accepted all 40');
     client1.close();
 
     // PID 1 busy: the notify queue is full (net.unix.max_dgram_qlen datagrams); the daemon must wait, not drop
