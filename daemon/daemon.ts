@@ -255,7 +255,7 @@ export class Sockpoold {
     const snapshot = this.#pools.snapshot();
     const hitRate = `${(snapshot.hitRate * 100).toFixed(1)}%`;
     return (
-      `idle ${snapshot.idle}, leased ${snapshot.leased}, origins ${snapshot.origins.length}, ` +
+      `idle ${snapshot.idle}, leased ${snapshot.leased}, origins ${snapshot.originCount}, ` +
       `hit rate ${hitRate}, clients ${this.#server?.clientCount ?? 0}`
     );
   }

@@ -176,7 +176,18 @@ export class HandoffServer {
   }
 
   #send(session: ClientSession, message: DaemonMessage, fds: number[] = []): void {
-    session.channel.send(encodeMessage(message), fds);
+    let bytes: Buffer;
+    try {
+      bytes = encodeMessage(message);
+    } catch (error) {
+      // Too large to send (a bug here, not the client's fault): the request gets an error, the daemon lives on.
+      for (const fd of fds) native.close(fd);
+      this.#log.error({ type: message.type, err: (error as Error).message }, 'reply could not be encoded');
+      const id = 'id' in message ? message.id : null;
+      bytes = encodeMessage({ type: 'error', id, code: ErrorCodes.PROTOCOL, message: 'reply too large to send' });
+      fds = [];
+    }
+    session.channel.send(bytes, fds);
   }
 
   #onMessage(session: ClientSession, data: Buffer, fds: number[]): void {
@@ -242,7 +253,7 @@ export class HandoffServer {
           type: 'stats',
           id: message.id,
           stats: {
-            ...this.#pools.snapshot(),
+            ...statsForReply(this.#pools.snapshot()),
             clients: this.#clients.size,
             leases: this.#leases.size,
             ...this.#extraStats?.(),
@@ -375,6 +386,18 @@ export class HandoffServer {
     for (const lease of this.#leases.endAllOf(session.id)) this.#pools.leaseEnded(lease.originKey);
     this.#log.debug({ client: session.id, why }, 'client disconnected');
   }
+}
+
+/** Origins listed in a `stats` reply, busiest first: the whole list of a crawler would not fit in a message. */
+export const STATS_MAX_ORIGINS = 50;
+
+function statsForReply<T extends { origins: Array<{ demandRatePerS: number; leased: number; idle: number }> }>(
+  snapshot: T,
+): T & { originsOmitted: number } {
+  const origins = [...snapshot.origins]
+    .sort((a, b) => b.demandRatePerS - a.demandRatePerS || b.leased + b.idle - (a.leased + a.idle))
+    .slice(0, STATS_MAX_ORIGINS);
+  return { ...snapshot, origins, originsOmitted: snapshot.origins.length - origins.length };
 }
 
 function unknownLease(leaseId: number): SockpoolError {

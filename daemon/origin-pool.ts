@@ -29,7 +29,12 @@ export interface OriginPoolEvents {
 
 interface IdleSocket extends ConnectedSocket {
   idleSince: number;
-  poller: native.Poller;
+  /**
+   * Watches for EOF, reset or stray bytes. Armed one event-loop turn after the socket goes idle (see #armSoon):
+   * a socket released and acquired again in the same turn never touches epoll. Until then the probe before
+   * every handoff is the guard.
+   */
+  poller: native.Poller | undefined;
   /** Closes the socket before the origin's servers would (learned idle lifetime); unref'd. */
   recycleTimer: NodeJS.Timeout | undefined;
 }
@@ -186,7 +191,7 @@ export class OriginPool {
     const sockets = this.#idle;
     this.#idle = [];
     for (const socket of sockets) {
-      socket.poller.close();
+      socket.poller?.close();
       clearTimeout(socket.recycleTimer);
     }
     this.#events.idleChanged(this, -sockets.length);
@@ -224,7 +229,7 @@ export class OriginPool {
       const recycle = this.#recycleAfterMs !== undefined && now - socket.idleSince >= this.#recycleAfterMs;
       const probe = recycle ? undefined : native.probe(socket.fd);
       if (probe?.state === 'alive' && isEstablished(probe.tcpState)) {
-        socket.poller.close();
+        socket.poller?.close();
         clearTimeout(socket.recycleTimer);
         this.#events.idleChanged(this, -1);
         this.#leased++;
@@ -249,17 +254,27 @@ export class OriginPool {
       this.#events.dropped(this, 'excess', 0, performance.now() - socket.connectedAt);
       return;
     }
-    const idle: IdleSocket = {
-      ...socket,
-      idleSince: performance.now(),
-      // Any readiness on an idle socket (EOF, RST, unexpected bytes) means it is no longer safe to hand out.
-      poller: new native.Poller(socket.fd, () => this.#onIdleEvent(idle)),
-      recycleTimer: undefined,
-    };
-    idle.poller.start(native.READABLE | native.DISCONNECT);
+    const idle: IdleSocket = { ...socket, idleSince: performance.now(), poller: undefined, recycleTimer: undefined };
     this.#idle.push(idle);
+    this.#armSoon();
     this.#scheduleRecycle(idle);
     this.#events.idleChanged(this, +1);
+  }
+
+  #armScheduled = false;
+  /** Starts watching, once per event-loop turn, every idle socket not watched yet. */
+  #armSoon(): void {
+    if (this.#armScheduled) return;
+    this.#armScheduled = true;
+    setImmediate(() => {
+      this.#armScheduled = false;
+      for (const idle of this.#idle) {
+        if (idle.poller) continue;
+        // Any readiness on an idle socket (EOF, RST, unexpected bytes) means it is no longer safe to hand out.
+        idle.poller = new native.Poller(idle.fd, () => this.#onIdleEvent(idle));
+        idle.poller.start(native.READABLE | native.DISCONNECT);
+      }
+    });
   }
 
   #scheduleRecycle(socket: IdleSocket): void {
@@ -286,7 +301,7 @@ export class OriginPool {
     const index = this.#idle.indexOf(socket);
     if (index === -1) return;
     this.#idle.splice(index, 1);
-    socket.poller.close();
+    socket.poller?.close();
     clearTimeout(socket.recycleTimer);
     native.close(socket.fd);
     const now = performance.now();

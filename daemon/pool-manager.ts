@@ -222,6 +222,7 @@ export class PoolManager {
       hits: this.#hits,
       misses: this.#misses,
       hitRate: total === 0 ? 0 : this.#hits / total,
+      originCount: origins.length,
       origins,
     };
   }

@@ -183,6 +183,32 @@ describe('pool bounds and DNS', () => {
   });
 });
 
+describe('stats', () => {
+  it('answers stats with hundreds of origins: the busiest 50 listed, the rest counted', async () => {
+    const echo = await echoServer();
+    const resolve = Array.from({ length: 120 }, (_, i) => ['--resolve', `h${i}.test:${echo.port}:127.0.0.1`]).flat();
+    const sockpoold = await daemonWith({ pool: { predictive: false } }, [
+      '--allow',
+      '127.0.0.1/32',
+      '--allow-port',
+      String(echo.port),
+      ...resolve,
+    ]);
+    const raw = client(sockpoold.socketPath);
+    for (let i = 0; i < 120; i++) {
+      const lease = await raw.request({ type: 'acquire', id: i, host: `h${i}.test`, port: echo.port });
+      expect(lease.message?.type).toBe('lease');
+      for (const fd of lease.fds) native.close(fd);
+    }
+    const reply = await raw.request({ type: 'stats', id: 1000 });
+    const stats = (
+      reply.message as unknown as { stats: { originCount: number; origins: unknown[]; originsOmitted: number } }
+    ).stats;
+    expect(stats).toMatchObject({ originCount: 120, originsOmitted: 70 });
+    expect(stats.origins).toHaveLength(50);
+  });
+});
+
 describe('metrics', () => {
   it('serves Prometheus text on the metrics port with hits, misses and per-origin gauges', async () => {
     const echo = await echoServer();

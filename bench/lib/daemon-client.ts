@@ -88,8 +88,14 @@ export class BenchDaemonClient {
     }
   }
 
+  /** Every reply still awaited becomes an error reply, so nobody waits forever on a daemon that is gone. */
   #hangUp(why: string): void {
     this.close();
+    const waiting = [...this.#handlers];
+    this.#handlers.clear();
+    for (const [id, handler] of waiting) {
+      handler({ type: 'error', id, code: 'BENCH_DAEMON_GONE', message: why }, []);
+    }
     this.onClose?.(why);
   }
 }

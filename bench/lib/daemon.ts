@@ -22,6 +22,8 @@ export interface BenchDaemonOptions {
   /** Wraps the command (e.g. strace); then `pid` is the wrapper's. */
   wrap?: string[];
   nofile?: number;
+  /** Another build's main.js (A/B comparisons of a daemon change); default dist/daemon/main.js. */
+  main?: string;
 }
 
 export interface BenchDaemon {
@@ -32,7 +34,8 @@ export interface BenchDaemon {
 }
 
 export async function startBenchDaemon(options: BenchDaemonOptions): Promise<BenchDaemon> {
-  if (!existsSync(daemonMain)) throw new Error(`${daemonMain} missing: run npm run build first`);
+  const main = options.main ?? daemonMain;
+  if (!existsSync(main)) throw new Error(`${main} missing: run npm run build first`);
   mkdirSync(options.dir, { recursive: true });
   const socketPath = join(options.dir, 'sockpoold.sock');
   const configPath = join(options.dir, 'sockpoold.json');
@@ -41,7 +44,7 @@ export async function startBenchDaemon(options: BenchDaemonOptions): Promise<Ben
     [
       process.execPath,
       ...(options.nodeArgs ?? []),
-      daemonMain,
+      main,
       '--config',
       configPath,
       '--socket',

@@ -127,3 +127,52 @@ export function cpuTimeMs(pid: number): number {
   const ticks = Number(fields[11]) + Number(fields[12]);
   return (ticks * 1000) / 100; // USER_HZ is 100 on Linux
 }
+
+export interface SyscallCount {
+  syscall: string;
+  calls: number;
+  errors: number;
+}
+
+/**
+ * Attaches `strace -c` to the threads of a running process and returns a function that detaches it (SIGINT) and
+ * yields the per-syscall counts. Tracing slows the process many times over: use it for counts, not for time.
+ */
+export async function attachStrace(pid: number, outFile: string): Promise<() => Promise<SyscallCount[]>> {
+  const tids = readdirSync(`/proc/${pid}/task`);
+  const tracer = spawn('strace', ['-c', '-o', outFile, ...tids.flatMap((tid) => ['-p', tid])], {
+    stdio: ['ignore', 'ignore', 'pipe'],
+  });
+  children.add(tracer);
+  let err = '';
+  tracer.stderr!.setEncoding('utf8');
+  await new Promise<void>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`strace did not attach:\n${err}`)), 10_000);
+    tracer.stderr!.on('data', (chunk: string) => {
+      err += chunk;
+      if ((err.match(/attached/g) ?? []).length >= tids.length) {
+        clearTimeout(timer);
+        resolve();
+      }
+    });
+    tracer.once('exit', () => {
+      clearTimeout(timer);
+      reject(new Error(`strace exited:\n${err}`));
+    });
+  });
+  return async () => {
+    const exited = new Promise<void>((resolve) => tracer.once('exit', () => resolve()));
+    tracer.kill('SIGINT');
+    await exited;
+    children.delete(tracer);
+    const counts: SyscallCount[] = [];
+    for (const line of readFileSync(outFile, 'utf8').split('\n')) {
+      // % time     seconds  usecs/call     calls    errors syscall
+      const match = /^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(\d+)?\s*([a-z_0-9]+)\s*$/.exec(line);
+      if (match && match[3] !== 'total') {
+        counts.push({ syscall: match[3]!, calls: Number(match[1]), errors: Number(match[2] ?? 0) });
+      }
+    }
+    return counts.sort((a, b) => b.calls - a.calls);
+  };
+}
