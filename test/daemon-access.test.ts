@@ -11,7 +11,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import * as native from '../shared/native.js';
 import { startServer, type TestServer } from './fixtures/native-helpers.js';
 import { type DaemonProcess, eventually, repoRoot, startDaemon } from './helpers/daemon.js';
-import { RawClient } from './helpers/raw-client.js';
+import { openRawClient, type RawClient } from './helpers/raw-client.js';
 
 const run = promisify(execFile);
 const cleanups: Array<() => unknown> = [];
@@ -47,13 +47,7 @@ async function daemonWith(config: object, args: string[]): Promise<DaemonProcess
 }
 
 function client(socketPath: string): RawClient {
-  const raw = new RawClient(socketPath);
-  cleanups.push(() => {
-    try {
-      raw.close();
-    } catch {}
-  });
-  return raw;
+  return openRawClient(socketPath, cleanups);
 }
 
 describe('access control', () => {

@@ -6,16 +6,14 @@
 // the metrics, and no connection may arrive. A positive control (`--allow 10.1.2.3/32`) shows the same acquires
 // do connect once allowed, exactly once each.
 import { once } from 'node:events';
-import { rmSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
-import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import * as native from '../shared/native.js';
 import type { ErrorReply, LeaseReply } from '../shared/protocol.js';
-import { type DaemonProcess, startDaemon } from './helpers/daemon.js';
+import { type DaemonProcess, startDaemon, writeConfigFile } from './helpers/daemon.js';
 import { createNetns, type Netns, type NetnsAgent, netnsSupported } from './helpers/netns.js';
-import { RawClient } from './helpers/raw-client.js';
+import { openRawClient, type RawClient } from './helpers/raw-client.js';
 
 const PORT = 443; // allowed by default
 const OTHER_PORT = 8080; // not in the default allowPorts
@@ -86,22 +84,12 @@ afterEach(async () => {
   for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
 });
 
-let configCounter = 0;
 function writeConfig(config: object): string {
-  const path = join(process.env.TMPDIR ?? '/tmp', `sockpoold-egress-${process.pid}-${configCounter++}.json`);
-  writeFileSync(path, JSON.stringify(config));
-  cleanups.push(() => rmSync(path, { force: true }));
-  return path;
+  return writeConfigFile(config, cleanups);
 }
 
 function client(socketPath: string): RawClient {
-  const raw = new RawClient(socketPath);
-  cleanups.push(() => {
-    try {
-      raw.close();
-    } catch {}
-  });
-  return raw;
+  return openRawClient(socketPath, cleanups);
 }
 
 /** The daemon's JSON log lines. */

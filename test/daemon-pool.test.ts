@@ -3,14 +3,13 @@
 import { once } from 'node:events';
 import { writeFileSync } from 'node:fs';
 import { Socket } from 'node:net';
-import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterEach, describe, expect, it } from 'vitest';
 import * as native from '../shared/native.js';
 import { MAX_MESSAGE_BYTES } from '../shared/protocol.js';
 import { startServer, type TestServer } from './fixtures/native-helpers.js';
-import { type DaemonProcess, eventually, startDaemon } from './helpers/daemon.js';
-import { RawClient } from './helpers/raw-client.js';
+import { type DaemonProcess, eventually, startDaemon, writeConfigFile } from './helpers/daemon.js';
+import { openRawClient, RawClient } from './helpers/raw-client.js';
 
 const cleanups: Array<() => unknown> = [];
 afterEach(async () => {
@@ -30,21 +29,12 @@ async function daemon(port: number, extraArgs: string[] = [], config?: object): 
   return started;
 }
 
-let configCounter = 0;
 function writeConfig(config: object): string {
-  const path = join(process.env.TMPDIR ?? '/tmp', `sockpoold-test-${process.pid}-${configCounter++}.json`);
-  writeFileSync(path, JSON.stringify(config));
-  return path;
+  return writeConfigFile(config, cleanups);
 }
 
 function client(socketPath: string): RawClient {
-  const raw = new RawClient(socketPath);
-  cleanups.push(() => {
-    try {
-      raw.close();
-    } catch {}
-  });
-  return raw;
+  return openRawClient(socketPath, cleanups);
 }
 
 interface Stats {

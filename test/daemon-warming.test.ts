@@ -1,20 +1,11 @@
-// Warming policy end to end, sockpoold as a real child process against TCP servers on loopback:
-// (a) predictive warming follows a steady request rate and stops refilling once the demand is gone;
-// (b) against a server that closes unused connections after about a second, the daemon learns that lifetime and
-//     never hands out a dead socket (every request over a handed-out fd is answered), and recycles idle sockets
-//     *before* that lifetime (each idle socket has its own recycle timer; takeIdle checks the point too);
-// (c) `prewarm {count}` opens that many sockets, no more, bounded by maxIdle.
-// Only counts are asserted, with generous bounds; time only appears as the deadline of a wait.
-import { rmSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
-import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterEach, describe, expect, it } from 'vitest';
 import * as native from '../shared/native.js';
 import type { LeaseReply } from '../shared/protocol.js';
 import { startServer, type TestServer } from './fixtures/native-helpers.js';
-import { type DaemonProcess, eventually, startDaemon } from './helpers/daemon.js';
-import { RawClient } from './helpers/raw-client.js';
+import { type DaemonProcess, eventually, startDaemon, writeConfigFile } from './helpers/daemon.js';
+import { openRawClient, type RawClient } from './helpers/raw-client.js';
 
 const HOST = '127.0.0.1';
 /** The pool manager sweeps (targets, ttl, recycling) every 500 ms; waits are expressed in sweeps. */
@@ -31,11 +22,8 @@ async function server(onConnection?: Parameters<typeof startServer>[1]): Promise
   return started;
 }
 
-let configCounter = 0;
 async function daemon(port: number, config: object): Promise<DaemonProcess> {
-  const path = join(process.env.TMPDIR ?? '/tmp', `sockpoold-warming-${process.pid}-${configCounter++}.json`);
-  writeFileSync(path, JSON.stringify(config));
-  cleanups.push(() => rmSync(path, { force: true }));
+  const path = writeConfigFile(config, cleanups);
   const started = await startDaemon({
     args: ['--allow', `${HOST}/32`, '--allow-port', String(port), '--config', path],
   });
@@ -44,13 +32,7 @@ async function daemon(port: number, config: object): Promise<DaemonProcess> {
 }
 
 function client(socketPath: string): RawClient {
-  const raw = new RawClient(socketPath);
-  cleanups.push(() => {
-    try {
-      raw.close();
-    } catch {}
-  });
-  return raw;
+  return openRawClient(socketPath, cleanups);
 }
 
 interface OriginStats {

@@ -2,7 +2,7 @@
 // directory in a temp dir, and stops it at the end.
 import { type ChildProcess, spawn } from 'node:child_process';
 import { once } from 'node:events';
-import { existsSync, mkdtempSync, readdirSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -93,4 +93,13 @@ export async function eventually(check: () => boolean | Promise<boolean>, what: 
     if (Date.now() > deadline) throw new Error(`timed out waiting for: ${what}`);
     await sleep(20);
   }
+}
+
+let configFiles = 0;
+/** Writes a daemon configuration as a JSON file in the temp dir; it is removed at cleanup. */
+export function writeConfigFile(config: object, cleanups: Array<() => unknown>): string {
+  const path = join(tmpdir(), `sockpoold-config-${process.pid}-${configFiles++}.json`);
+  writeFileSync(path, JSON.stringify(config));
+  cleanups.push(() => rmSync(path, { force: true }));
+  return path;
 }

@@ -47,3 +47,14 @@ export class RawClient {
     native.close(this.fd);
   }
 }
+
+/** Opens a RawClient and registers its close (quiet if already closed) in a test's cleanup list. */
+export function openRawClient(socketPath: string, cleanups: Array<() => unknown>): RawClient {
+  const raw = new RawClient(socketPath);
+  cleanups.push(() => {
+    try {
+      raw.close();
+    } catch {}
+  });
+  return raw;
+}
