@@ -267,6 +267,21 @@ describe('fd accounting', () => {
 });
 
 describe('life cycle', () => {
+  it('answers pending acquires with SOCKPOOL_ERR_SHUTTING_DOWN when stopped, and exits cleanly', async () => {
+    const echo = await server();
+    const sockpoold = await daemon(echo.port, [], { pool: { defaults: { maxPerOrigin: 1, maxIdle: 1 } } });
+    const raw = client(sockpoold.socketPath);
+    const held = await raw.request({ type: 'acquire', id: 1, host: '127.0.0.1', port: echo.port });
+    expect(held.message?.type).toBe('lease');
+    raw.sendJson({ type: 'acquire', id: 2, host: '127.0.0.1', port: echo.port, timeoutMs: 30_000 });
+    await eventually(async () => (await stats(raw, 3)).waiting === 1, 'acquire queued');
+    const exited = sockpoold.stop();
+    const reply = await raw.receive();
+    expect(reply.message).toMatchObject({ type: 'error', id: 2, code: 'SOCKPOOL_ERR_SHUTTING_DOWN' });
+    expect(await exited).toBe(0);
+    for (const fd of held.fds) native.close(fd);
+  });
+
   it('reloads its configuration on SIGHUP without dropping warm sockets', async () => {
     const echo = await server();
     const configPath = writeConfig({ pool: { defaults: { minIdle: 2 } } });
