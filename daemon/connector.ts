@@ -8,7 +8,7 @@
 import type { OriginPolicy } from '../shared/config.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
-import type { Origin } from '../shared/origin.js';
+import { connectTarget, type Origin } from '../shared/origin.js';
 import { connectTcp } from '../shared/tcp-connect.js';
 import type { EgressPolicy } from './egress-policy.js';
 import type { Resolver } from './resolver.js';
@@ -38,20 +38,26 @@ export class TcpConnector implements Connector {
     this.#egress = egress;
   }
 
+  /** The origin (host patterns, port) and, when proxied, the proxy too: both must be allowed. */
   checkTarget(origin: Origin): void {
-    this.#egress().checkTarget(origin.host, origin.port);
+    const egress = this.#egress();
+    egress.checkTarget(origin.host, origin.port);
+    if (origin.proxy) egress.checkTarget(origin.proxy.host, origin.proxy.port);
   }
 
   async connect(origin: Origin, policy: OriginPolicy): Promise<ConnectedSocket> {
     const egress = this.#egress();
     const resolver = this.#resolver();
-    egress.checkTarget(origin.host, origin.port);
-    const addresses = await resolver.resolve(origin.host, origin.port);
+    this.checkTarget(origin);
+    // A proxied origin's socket goes to the proxy: that is the address the policy checks (the proxy resolves the
+    // origin itself).
+    const target = connectTarget(origin);
+    const addresses = await resolver.resolve(target.host, target.port);
     let lastError: Error | undefined;
     let refusal: Error | undefined;
     for (const candidate of addresses) {
       try {
-        egress.checkAddress(candidate.address, origin.port, origin.host);
+        egress.checkAddress(candidate.address, target.port, target.host);
       } catch (error) {
         refusal ??= error as Error;
         continue;
@@ -59,7 +65,7 @@ export class TcpConnector implements Connector {
       const started = performance.now();
       let fd: number;
       try {
-        fd = await connectTcp(candidate.address, origin.port, {
+        fd = await connectTcp(candidate.address, target.port, {
           timeoutMs: policy.connectTimeoutMs,
           sourceAddress: policy.sourceAddress,
           mark: policy.mark,
@@ -69,15 +75,15 @@ export class TcpConnector implements Connector {
           userTimeoutMs: policy.userTimeoutMs,
         });
       } catch (error) {
-        resolver.reportFailure(origin.host, candidate.address);
+        resolver.reportFailure(target.host, candidate.address);
         lastError = error as Error;
         continue;
       }
       // From here the fd is ours: close it on every path that does not return it.
       try {
         const peer = native.peerAddress(fd);
-        egress.checkAddress(peer.address, peer.port, origin.host);
-        resolver.reportSuccess(origin.host, candidate.address);
+        egress.checkAddress(peer.address, peer.port, target.host);
+        resolver.reportSuccess(target.host, candidate.address);
         const connectedAt = performance.now();
         return { fd, address: peer.address, family: peer.family, connectedAt, connectMs: connectedAt - started };
       } catch (error) {
@@ -89,7 +95,8 @@ export class TcpConnector implements Connector {
     const reason = lastError as (Error & { code?: string }) | undefined;
     throw new SockpoolError(
       ErrorCodes.CONNECT,
-      `cannot connect to ${origin.host}:${origin.port}: ${reason?.message ?? 'no usable address'}`,
+      `cannot connect to ${target.host}:${target.port}${origin.proxy ? ` (proxy for ${origin.host}:${origin.port})` : ''}: ` +
+        `${reason?.message ?? 'no usable address'}`,
       { host: origin.host, port: origin.port, cause: reason?.code ?? null },
       { cause: reason },
     );

@@ -335,6 +335,11 @@ export class Sockpoold {
     const nowEpochMs = Date.now();
     const now = performance.now();
     for (const { origin, socket } of detached) {
+      if (origin.proxy) {
+        // An FDNAME names only host and port: a proxied socket would come back as a direct one. Closed.
+        native.close(socket.fd);
+        continue;
+      }
       const connectedEpochMs = nowEpochMs - (now - socket.connectedAt);
       let name: string;
       try {

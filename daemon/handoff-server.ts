@@ -9,6 +9,7 @@
 import type { SockpoolConfig } from '../shared/config.js';
 import { ErrorCodes, SockpoolError, toPlainError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
+import { connectTarget } from '../shared/origin.js';
 import {
   type ClientMessage,
   type DaemonMessage,
@@ -230,7 +231,7 @@ export class HandoffServer {
         return;
       case 'prewarm':
         try {
-          this.#pools.prewarm({ host: message.host, port: message.port }, message.count);
+          this.#pools.prewarm({ host: message.host, port: message.port, proxy: message.proxy }, message.count);
           this.#send(session, { type: 'ok', id: message.id });
         } catch (error) {
           this.#replyError(session, message.id, error);
@@ -283,7 +284,8 @@ export class HandoffServer {
     }
     const started = performance.now();
     session.pending++;
-    this.#pools.acquire({ host: message.host, port: message.port }, message.timeoutMs).then(
+    const origin = { host: message.host, port: message.port, proxy: message.proxy };
+    this.#pools.acquire(origin, message.timeoutMs).then(
       (handoff) => {
         session.pending--;
         if (session.closed) {
@@ -294,8 +296,9 @@ export class HandoffServer {
         const lease = this.#leases.create({
           clientId: session.id,
           originKey: handoff.originKey,
-          origin: { host: message.host, port: message.port },
+          origin,
           address: handoff.address,
+          peerPort: connectTarget(origin).port,
           family: handoff.family,
         });
         // Ownership of handoff.fd passes to the channel, which closes our copy once sent.
@@ -338,7 +341,7 @@ export class HandoffServer {
     let sameSocket = false;
     try {
       const peer = native.peerAddress(fd);
-      sameSocket = peer.address === lease.address && peer.port === lease.origin.port;
+      sameSocket = peer.address === lease.address && peer.port === lease.peerPort;
     } catch {}
     if (!sameSocket) {
       native.close(fd);

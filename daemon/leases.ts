@@ -10,7 +10,9 @@ export interface Lease {
   clientId: number;
   originKey: string;
   origin: Origin;
+  /** The peer the socket is connected to (the origin, or its proxy): a released fd must match it. */
   address: string;
+  peerPort: number;
   family: 4 | 6;
   startedAt: number;
 }

@@ -228,7 +228,11 @@ export class PoolManager {
   }
 
   #poolFor(origin: Origin): OriginPool {
-    const normalised = { host: canonicalHost(origin.host), port: origin.port };
+    const normalised: Origin = {
+      host: canonicalHost(origin.host),
+      port: origin.port,
+      proxy: origin.proxy && { host: canonicalHost(origin.proxy.host), port: origin.proxy.port },
+    };
     const key = originKey(normalised);
     let pool = this.#pools.get(key);
     if (!pool) {

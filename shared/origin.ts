@@ -1,11 +1,18 @@
-// An origin is where a pool's connections go: a host name (or literal address) and a TCP port.
-// Keys are canonical strings so that one origin has exactly one pool: lower-case host, IPv6 in brackets.
+// An origin is where a pool's connections go: a host name (or literal address) and a TCP port, and the forward
+// proxy in between when requests go through one (then the sockets connect to the proxy; the pool is still per
+// origin, so a crawler's per-origin limits hold). Keys are canonical strings so that one origin has exactly one
+// pool: lower-case host, IPv6 in brackets, ` via proxy:port` when proxied.
 
 import { isIPv6 } from 'node:net';
 
-export interface Origin {
+export interface Endpoint {
   host: string;
   port: number;
+}
+
+export interface Origin extends Endpoint {
+  /** The forward proxy the connection goes to (HTTP CONNECT or plain proxying is curl's business). */
+  proxy?: Endpoint | undefined;
 }
 
 /** Canonical host: lower case, no brackets around IPv6 literals, no trailing dot. */
@@ -16,9 +23,18 @@ export function canonicalHost(host: string): string {
   return result;
 }
 
+function endpointKey(endpoint: Endpoint): string {
+  const host = canonicalHost(endpoint.host);
+  return isIPv6(host) ? `[${host}]:${endpoint.port}` : `${host}:${endpoint.port}`;
+}
+
 export function originKey(origin: Origin): string {
-  const host = canonicalHost(origin.host);
-  return isIPv6(host) ? `[${host}]:${origin.port}` : `${host}:${origin.port}`;
+  return origin.proxy ? `${endpointKey(origin)} via ${endpointKey(origin.proxy)}` : endpointKey(origin);
+}
+
+/** Where the socket of an origin actually connects: its proxy when it has one. */
+export function connectTarget(origin: Origin): Endpoint {
+  return origin.proxy ?? origin;
 }
 
 /** Parses `host:port` or `[v6]:port`. Throws TypeError on anything else. */

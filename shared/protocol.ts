@@ -43,6 +43,8 @@ export const ClientMessage = z.discriminatedUnion('type', [
     port,
     /** How long the client is willing to wait for a slot and a connection, in ms. */
     timeoutMs: z.number().int().min(1).max(600_000).optional(),
+    /** A forward proxy: the socket connects to it (the pool stays per origin, keyed with the proxy). */
+    proxy: z.strictObject({ host, port }).optional(),
   }),
   z.strictObject({
     type: z.literal('prewarm'),
@@ -50,6 +52,7 @@ export const ClientMessage = z.discriminatedUnion('type', [
     host,
     port,
     count: z.number().int().min(1).max(1000),
+    proxy: z.strictObject({ host, port }).optional(),
   }),
   z.strictObject({ type: z.literal('release'), id: requestId.optional(), leaseId }),
   z.strictObject({ type: z.literal('closed'), id: requestId.optional(), leaseId }),

@@ -112,6 +112,26 @@ describe('handoff', () => {
   });
 });
 
+describe('forward proxies', () => {
+  it('connects a proxied origin to its proxy, in a pool of its own keyed with the proxy', async () => {
+    const proxy = await server();
+    const sockpoold = await daemon(proxy.port, ['--allow-port', '443']);
+    const raw = client(sockpoold.socketPath);
+    const proxied = { host: 'origin.example', port: 443, proxy: { host: '127.0.0.1', port: proxy.port } };
+    const lease = await raw.request({ type: 'acquire', id: 1, ...proxied });
+    expect(lease.message).toMatchObject({ type: 'lease', address: '127.0.0.1', host: 'origin.example', port: 443 });
+    expect(await roundTrip(lease.fds[0]!, 'via proxy')).toBe('via proxy');
+    expect(proxy.connections).toHaveLength(1);
+    const snapshot = await stats(raw);
+    expect(snapshot.origins).toEqual([
+      expect.objectContaining({ origin: `origin.example:443 via 127.0.0.1:${proxy.port}` }),
+    ]);
+    // The proxy must be allowed too: one on a forbidden address is refused.
+    const refused = await raw.request({ type: 'acquire', id: 2, ...proxied, proxy: { host: '10.0.0.1', port: 3128 } });
+    expect(refused.message).toMatchObject({ type: 'error', code: 'SOCKPOOL_ERR_POLICY' });
+  });
+});
+
 describe('limits and the fair queue', () => {
   it('counts leases across clients against maxPerOrigin and frees them when a client disconnects', async () => {
     const echo = await server();
