@@ -38,11 +38,12 @@ program
       idle: number;
       leased: number;
       origins: unknown[];
+      originCount?: number;
       hitRate: number;
       clients: number;
     };
     console.log(
-      `sockpoold up at ${socketPath()}: idle ${stats.idle}, leased ${stats.leased}, origins ${stats.origins.length}, ` +
+      `sockpoold up at ${socketPath()}: idle ${stats.idle}, leased ${stats.leased}, origins ${stats.originCount ?? stats.origins.length}, ` +
         `hit rate ${(stats.hitRate * 100).toFixed(1)}%, clients ${stats.clients}`,
     );
   });

@@ -1,13 +1,31 @@
 // SockpoolClient: runs in the caller's thread. It validates requests, sends them to a piscina pool of worker
 // threads (each running libcurl over sockets the daemon hands in) and rebuilds results and typed errors.
+//
+// A request that needs more than a task and its result (an AbortSignal, a streamed request or response body) also
+// gets a MessagePort of its own (caller-channel.ts ↔ task.ts): cancellation reaches the one transfer in the worker
+// that way, and the thread keeps running. piscina's own task cancellation (which terminates the thread) is never
+// used for requests.
 
 import { existsSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Piscina } from 'piscina';
 import { ErrorCodes, fromPlainError, SockpoolError } from '../shared/errors.js';
-import type { TransferRequest, TransferResult } from './curl-engine.js';
+import { type BodyStream, CallerChannel } from './caller-channel.js';
+import { epochNow, type TransferRequest, type TransferResult, timeoutError } from './curl-engine.js';
+import type { ResponseHead } from './stream-protocol.js';
 import type { Task, TaskResult, WorkerConfig } from './task.js';
+import {
+  type BodyInput,
+  classifyBody,
+  declaredLength,
+  invalid,
+  type RequestOptions,
+  validateRequest,
+  validateTimeout,
+} from './validate.js';
+
+export { type RequestOptions, validateRequest } from './validate.js';
 
 export interface SockpoolClientOptions {
   /** sockpoold's socket. Default: $SOCKPOOL_SOCKET, else /run/sockpool/sockpoold.sock as root, else
@@ -17,7 +35,7 @@ export interface SockpoolClientOptions {
   threads?: number;
   /** Transfers one thread runs at once on its libcurl Multi. Default 64. */
   concurrencyPerThread?: number;
-  /** Default per-request timeout. Default 30000 ms. */
+  /** Default per-request timeout, from the call to the end of the body. Default 30000 ms. */
   timeoutMs?: number;
   /** How long a request may wait for the daemon to hand over a socket. Default 10000 ms. */
   acquireTimeoutMs?: number;
@@ -29,18 +47,23 @@ export interface SockpoolClientOptions {
   insecure?: boolean;
 }
 
-export interface RequestOptions {
-  method?: string;
-  headers?: Record<string, string> | Array<[string, string]> | Headers;
-  body?: string | Uint8Array;
-  timeoutMs?: number;
-  signal?: AbortSignal;
-}
+export type SockpoolTimings = TransferResult['timings'] & { queueMs: number };
 
 export interface SockpoolResponse extends Omit<TransferResult, 'body' | 'timings'> {
   body: Buffer;
-  timings: TransferResult['timings'] & { queueMs: number };
+  timings: SockpoolTimings;
 }
+
+/** A response whose body is still arriving. Read it to the end or cancel it: a body nobody reads holds its
+ *  transfer (paused) until the request's timeout. */
+export interface SockpoolStreamResponse extends Omit<ResponseHead, 'timings'> {
+  body: ReadableStream<Uint8Array>;
+  /** Timings up to the response head (totalMs: until then). */
+  timings: SockpoolTimings;
+}
+
+/** Test-only hooks (not part of the API): enabled by SOCKPOOL_TEST_HOOKS=1 when the client is created. */
+export const testHooks: unique symbol = Symbol('sockpool.testHooks');
 
 export function defaultSocketPath(): string {
   if (process.env.SOCKPOOL_SOCKET) return process.env.SOCKPOOL_SOCKET;
@@ -56,50 +79,18 @@ function taskFile(): string {
   return compiled;
 }
 
-const TOKEN = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
-const FORBIDDEN_VALUE = /[\r\n\0]/;
-
-function invalid(message: string, fields: Record<string, string> = {}): SockpoolError {
-  return new SockpoolError(ErrorCodes.INVALID_ARGUMENT, message, fields);
+function abortedError(signal: AbortSignal): SockpoolError {
+  const reason = signal.reason as { message?: unknown } | undefined;
+  const detail = typeof reason?.message === 'string' ? `: ${reason.message}` : '';
+  return new SockpoolError(ErrorCodes.ABORTED, `request aborted${detail}`, {}, { cause: signal.reason });
 }
 
-/** Checks everything curl would otherwise be handed blindly: URL scheme, method token, header names and values. */
-export function validateRequest(
-  url: string | URL,
-  options: RequestOptions,
-): {
-  url: URL;
-  method: string;
-  headers: Array<[string, string]>;
-} {
-  let parsed: URL;
-  try {
-    parsed = new URL(String(url));
-  } catch {
-    throw invalid(`invalid URL: ${JSON.stringify(String(url))}`);
-  }
-  if (parsed.protocol !== 'http:' && parsed.protocol !== 'https:') {
-    throw invalid(`unsupported URL scheme ${parsed.protocol} (http and https only)`, { url: parsed.href });
-  }
-  if (parsed.username || parsed.password) throw invalid('credentials in the URL are not supported');
-  const method = (options.method ?? 'GET').toUpperCase();
-  if (!TOKEN.test(method)) throw invalid(`invalid HTTP method ${JSON.stringify(options.method)}`);
-  if (method === 'CONNECT') throw invalid('CONNECT is not supported');
-  const headers: Array<[string, string]> = [];
-  const source =
-    options.headers instanceof Headers
-      ? [...options.headers.entries()]
-      : Array.isArray(options.headers)
-        ? options.headers
-        : Object.entries(options.headers ?? {});
-  for (const [name, value] of source) {
-    if (!TOKEN.test(name)) throw invalid(`invalid header name ${JSON.stringify(name)}`);
-    if (typeof value !== 'string' || FORBIDDEN_VALUE.test(value)) {
-      throw invalid(`invalid value for header ${name}: CR, LF and NUL are not allowed`);
-    }
-    headers.push([name, value]);
-  }
-  return { url: parsed, method, headers };
+/** What run() needs to start a request, after validation. */
+interface Prepared {
+  request: TransferRequest;
+  signal: AbortSignal | undefined;
+  upload: BodyStream | undefined;
+  queued: number;
 }
 
 export class SockpoolClient {
@@ -121,13 +112,17 @@ export class SockpoolClient {
       socketPath: options.socketPath ?? defaultSocketPath(),
       threads,
       concurrencyPerThread: concurrency,
-      timeoutMs: options.timeoutMs ?? 30_000,
-      acquireTimeoutMs: options.acquireTimeoutMs ?? 10_000,
+      timeoutMs: validateTimeout(options.timeoutMs ?? 30_000),
+      acquireTimeoutMs: validateTimeout(options.acquireTimeoutMs ?? 10_000, 'acquireTimeoutMs'),
       fallback: options.fallback ?? 'fail',
       caFile: options.caFile,
       insecure: options.insecure ?? false,
     };
-    const workerData: WorkerConfig = { socketPath: this.#options.socketPath };
+    const workerData: WorkerConfig = {
+      socketPath: this.#options.socketPath,
+      maxConnects: Math.max(16, concurrency * 4),
+      testHooks: process.env.SOCKPOOL_TEST_HOOKS === '1',
+    };
     this.#pool = new Piscina({
       filename: taskFile(),
       minThreads: threads,
@@ -138,55 +133,62 @@ export class SockpoolClient {
       idleTimeout: Number.POSITIVE_INFINITY,
       workerData,
     });
+    // A thread that dies with no task of its own is replaced by piscina; its requests (if any) already failed.
+    this.#pool.on('error', () => {});
   }
 
+  /** One request; the response body is buffered whole. */
   async request(url: string | URL, options: RequestOptions = {}): Promise<SockpoolResponse> {
-    if (this.#closing) throw new SockpoolError(ErrorCodes.CLOSED, 'client is closed');
-    const checked = validateRequest(url, options);
-    options.signal?.throwIfAborted();
-    const body = typeof options.body === 'string' ? Buffer.from(options.body) : options.body;
-    const request: TransferRequest = {
-      url: checked.url.href,
-      method: checked.method,
-      headers: checked.headers,
-      body,
-      timeoutMs: options.timeoutMs ?? this.#options.timeoutMs,
-      acquireTimeoutMs: this.#options.acquireTimeoutMs,
-      caFile: this.#options.caFile,
-      insecure: this.#options.insecure,
-      directFallback: this.#options.fallback === 'direct',
-    };
-    const queued = performance.now();
-    const outcome = (await this.#pool.run({ kind: 'request', request } satisfies Task)) as TaskResult;
-    if (!outcome.ok) throw fromPlainError(outcome.error);
-    if (!('result' in outcome)) throw new SockpoolError(ErrorCodes.PROTOCOL, 'worker returned no result');
-    const result = outcome.result;
-    const elapsed = performance.now() - queued;
+    const prepared = await this.#prepare(url, options, false);
+    const { request, signal, upload, queued } = prepared;
+    const channel = signal || upload ? new CallerChannel({ streamResponse: false, upload }) : undefined;
+    const result = await this.#run(request, channel, signal);
     return {
       ...result,
       body: Buffer.from(result.body.buffer, result.body.byteOffset, result.body.byteLength),
-      timings: { ...result.timings, queueMs: Math.max(0, elapsed - result.timings.totalMs - result.timings.acquireMs) },
+      timings: { ...result.timings, queueMs: queueMs(queued, result.timings) },
     };
   }
 
-  /** A standard fetch Response over request(). */
+  /** One request whose response body is a stream, resolved as soon as the response head is in. */
+  async requestStream(url: string | URL, options: RequestOptions = {}): Promise<SockpoolStreamResponse> {
+    const { request, signal, upload, queued } = await this.#prepare(url, options, true);
+    const channel = new CallerChannel({ streamResponse: true, upload });
+    // The task ends when the transfer does; its failures (and a dead worker) fail the head or the body.
+    this.#run(request, channel, signal).catch((error: Error) => channel.fail(error));
+    const head = await channel.head;
+    return { ...head, body: channel.body!, timings: { ...head.timings, queueMs: queueMs(queued, head.timings) } };
+  }
+
+  /** A standard fetch Response over requestStream(): the body streams. Redirects are not followed. */
   async fetch(input: string | URL | Request, init: RequestInit = {}): Promise<Response> {
-    const url = input instanceof Request ? input.url : input;
-    const method = init.method ?? (input instanceof Request ? input.method : 'GET');
-    const headers = new Headers(init.headers ?? (input instanceof Request ? input.headers : undefined));
-    let body: Uint8Array | undefined;
-    const rawBody = init.body ?? (input instanceof Request && input.body ? await input.arrayBuffer() : undefined);
-    if (rawBody !== undefined && rawBody !== null) {
-      body = new Uint8Array(await new Response(rawBody as ConstructorParameters<typeof Response>[0]).arrayBuffer());
+    const source = input instanceof Request ? input : undefined;
+    const method = (init.method ?? source?.method ?? 'GET').toUpperCase();
+    const headers = new Headers(init.headers ?? source?.headers);
+    const raw = init.body !== undefined ? init.body : (source?.body ?? null);
+    let body: BodyInput | undefined;
+    if (raw !== null && raw !== undefined) {
+      if (raw instanceof ReadableStream || raw instanceof Uint8Array || raw instanceof ArrayBuffer) body = raw;
+      else {
+        // Strings, Blobs, FormData, URLSearchParams: bytes and content type as fetch would send them.
+        const wrapped = new Response(raw as ConstructorParameters<typeof Response>[0]);
+        const type = wrapped.headers.get('content-type');
+        if (type && !headers.has('content-type')) headers.set('content-type', type);
+        body = new Uint8Array(await wrapped.arrayBuffer());
+      }
     }
-    const response = await this.request(url, {
+    const response = await this.requestStream(source ? source.url : (input as string | URL), {
       method,
       headers,
       body,
-      signal: init.signal ?? undefined,
+      signal: init.signal ?? source?.signal ?? undefined,
     });
-    const nullBody = method.toUpperCase() === 'HEAD' || [101, 204, 205, 304].includes(response.status);
-    const result = new Response(nullBody ? null : new Uint8Array(response.body), {
+    const nullBody = method === 'HEAD' || [101, 204, 205, 304].includes(response.status);
+    if (nullBody) {
+      // Let the (empty) transfer finish normally, so that curl keeps its connection.
+      response.body.pipeTo(new WritableStream()).catch(() => {});
+    }
+    const result = new Response(nullBody ? null : response.body, {
       status: response.status,
       headers: response.headers,
     });
@@ -199,19 +201,116 @@ export class SockpoolClient {
       kind: 'prewarm',
       origins: origins.map((origin) => ({ host: origin.host, port: origin.port, count: origin.count ?? 1 })),
     };
-    const outcome = (await this.#pool.run(task)) as TaskResult;
+    const outcome = (await this.#pool.run(task).catch((error) => this.#threadFailure(error))) as TaskResult;
     if (!outcome.ok) throw fromPlainError(outcome.error);
   }
 
   async stats(): Promise<Record<string, unknown>> {
-    const outcome = (await this.#pool.run({ kind: 'stats' } satisfies Task)) as TaskResult;
+    const task: Task = { kind: 'stats' };
+    const outcome = (await this.#pool.run(task).catch((error) => this.#threadFailure(error))) as TaskResult;
     if (!outcome.ok) throw fromPlainError(outcome.error);
     return 'stats' in outcome ? outcome.stats : {};
   }
 
-  /** Waits for in-flight requests, then stops the worker threads. */
+  /** Waits for in-flight requests (streamed bodies included), then stops the worker threads. */
   close(): Promise<void> {
     this.#closing ??= this.#pool.close();
     return this.#closing;
   }
+
+  /** Test-only (see `testHooks`): kill the thread that takes the next task, by crash or by piscina terminate. */
+  get [testHooks]() {
+    return {
+      crashWorker: async (): Promise<void> => {
+        await this.#pool.run({ kind: 'test-crash' } satisfies Task).catch(() => {});
+      },
+      terminateWorker: async (): Promise<void> => {
+        const controller = new AbortController();
+        const task = this.#pool.run({ kind: 'test-hang' } satisfies Task, { signal: controller.signal });
+        await new Promise((resolve) => setImmediate(resolve));
+        controller.abort();
+        await task.catch(() => {});
+      },
+      gc: async (): Promise<void> => {
+        await this.#pool.run({ kind: 'test-gc' } satisfies Task);
+      },
+      threads: () => this.#pool.threads.map((thread) => thread.threadId),
+    };
+  }
+
+  async #prepare(url: string | URL, options: RequestOptions, streamResponse: boolean): Promise<Prepared> {
+    if (this.#closing) throw new SockpoolError(ErrorCodes.CLOSED, 'client is closed');
+    const queued = performance.now();
+    const checked = validateRequest(url, options);
+    const timeoutMs = options.timeoutMs === undefined ? this.#options.timeoutMs : validateTimeout(options.timeoutMs);
+    const signal = options.signal ?? undefined;
+    if (signal?.aborted) throw abortedError(signal);
+    const body = await classifyBody(options.body);
+    const request: TransferRequest = {
+      url: checked.url.href,
+      method: checked.method,
+      headers: checked.headers,
+      body: body.bytes,
+      streamedBody: body.stream ? { length: declaredLength(checked.headers) } : undefined,
+      streamResponse,
+      deadline: epochNow() + timeoutMs,
+      timeoutMs,
+      acquireTimeoutMs: this.#options.acquireTimeoutMs,
+      caFile: this.#options.caFile,
+      insecure: this.#options.insecure,
+      directFallback: this.#options.fallback === 'direct',
+    };
+    return { request, signal, upload: body.stream, queued };
+  }
+
+  /**
+   * Runs the task; rejects with the transfer's typed error, SOCKPOOL_ERR_TIMEOUT at the deadline even while the
+   * task waits in piscina's queue (the worker enforces the same deadline), SOCKPOOL_ERR_ABORTED when the signal
+   * fires, or SOCKPOOL_ERR_WORKER_EXITED when the thread died. Cancellations reach the worker over the channel.
+   */
+  async #run(
+    request: TransferRequest,
+    channel: CallerChannel | undefined,
+    signal: AbortSignal | undefined,
+  ): Promise<TransferResult> {
+    const task: Task = { kind: 'request', request, port: channel?.workerPort };
+    let timer: NodeJS.Timeout | undefined;
+    let onAbort: (() => void) | undefined;
+    const cancelled = new Promise<never>((_, reject) => {
+      const cancel = (error: SockpoolError) => {
+        channel?.abort(error);
+        reject(error);
+      };
+      timer = setTimeout(() => cancel(timeoutError(request)), Math.max(0, request.deadline - epochNow()));
+      if (signal) {
+        onAbort = () => cancel(abortedError(signal));
+        signal.addEventListener('abort', onAbort, { once: true });
+      }
+    });
+    try {
+      const run = this.#pool.run(task, channel ? { transferList: [channel.workerPort] } : {}) as Promise<TaskResult>;
+      const outcome = await Promise.race([run.catch((error) => this.#threadFailure(error)), cancelled]);
+      if (!outcome.ok) throw fromPlainError(outcome.error);
+      if (!('result' in outcome)) throw new SockpoolError(ErrorCodes.PROTOCOL, 'worker returned no result');
+      return outcome.result;
+    } catch (error) {
+      channel?.fail(error as Error);
+      throw error;
+    } finally {
+      clearTimeout(timer);
+      if (onAbort) signal?.removeEventListener('abort', onAbort);
+      if (!request.streamResponse) channel?.close();
+    }
+  }
+
+  /** piscina rejected the task itself: the thread died (crash, terminate) or the pool is closing. */
+  #threadFailure(error: unknown): never {
+    const message = error instanceof Error ? error.message : String(error);
+    if (this.#closing) throw new SockpoolError(ErrorCodes.CLOSED, `client is closed (${message})`);
+    throw new SockpoolError(ErrorCodes.WORKER_EXITED, `the worker thread running the request exited: ${message}`);
+  }
+}
+
+function queueMs(queued: number, timings: { totalMs: number; acquireMs: number }): number {
+  return Math.max(0, performance.now() - queued - timings.totalMs - timings.acquireMs);
 }

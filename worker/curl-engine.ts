@@ -1,21 +1,50 @@
 // One libcurl Multi per worker thread, running many transfers at once over sockets handed in by the daemon.
 // curl keeps its connection cache (keep-alive, HTTP/2 multiplexing) in the Multi across transfers.
 //
-// Easy handles are created once, with the three socket callbacks set for good, and reused from a free list:
-// curl remembers, in every connection it keeps, the CLOSESOCKETFUNCTION (and its data pointer) of the handle that
-// opened it, so those handles must outlive their connections. close() closes the Multi first (its connections go
-// through CLOSESOCKETFUNCTION while every handle is alive), then the handles.
+// Easy handles are created once, with their callbacks set for good, and reused from a free list: curl remembers,
+// in every connection it keeps, the CLOSESOCKETFUNCTION (and its data pointer) of the handle that opened it, so
+// those handles must outlive their connections. close() closes the Multi first (its connections go through
+// CLOSESOCKETFUNCTION while every handle is alive), then the handles. The callbacks act on the handle's current
+// transfer (`HandleState.current`), which each transfer sets and clears.
+//
+// A transfer's body goes to a ResponseSink (whole, or streamed to the caller with backpressure: WRITEFUNCTION
+// answers CURL_WRITEFUNC_PAUSE while the sink is full) and its request body comes from an UploadSource (READFUNCTION
+// answers CURL_READFUNC_PAUSE while a streamed body has nothing buffered); Easy.pause resumes either direction.
+// An AbortSignal cancels a transfer wherever it is: waiting for a socket (the acquire is dropped, a late lease goes
+// back to the daemon) or inside curl (the handle leaves the Multi; curl closes a connection left mid-response
+// through CLOSESOCKETFUNCTION). The signal's reason is the error the transfer fails with.
 
-import { CURL_SOCKET_BAD, CurlCode, CurlSockOpt, Easy, Multi } from 'node-libcurl';
+import {
+  CURL_SOCKET_BAD,
+  CurlCode,
+  CurlHttpVersion,
+  CurlPause,
+  CurlReadFunc,
+  CurlSockOpt,
+  CurlWriteFunc,
+  Easy,
+  Multi,
+} from 'node-libcurl';
 import { ErrorCodes, type PlainError, SockpoolError, toPlainError } from '../shared/errors.js';
 import { originOfUrl } from '../shared/origin.js';
+import { BufferSink, type ResponseSink } from './response-sink.js';
 import type { SocketSlot, SocketSupply } from './socket-supply.js';
+import type { ResponseHead } from './stream-protocol.js';
+import { BufferSource, READ_PAUSE, type UploadSource } from './upload-source.js';
 
 export interface TransferRequest {
   url: string;
   method: string;
   headers: Array<[string, string]>;
+  /** A request body given whole. */
   body?: Uint8Array | undefined;
+  /** The request body arrives in chunks over the request's port (`length` from a content-length header, if any). */
+  streamedBody?: { length: number | undefined } | undefined;
+  /** Stream the response body over the request's port instead of returning it. */
+  streamResponse?: boolean | undefined;
+  /** When the request must be over, in ms since the epoch (performance.timeOrigin + performance.now()). */
+  deadline: number;
+  /** The timeout the deadline came from (for error messages). */
   timeoutMs: number;
   /** Time allowed for the daemon to hand over a socket. */
   acquireTimeoutMs: number;
@@ -37,6 +66,7 @@ export interface TransferTimings {
 export interface TransferResult {
   status: number;
   headers: Array<[string, string]>;
+  /** The whole body (empty when it was streamed). */
   body: Uint8Array;
   url: string;
   httpVersion: string;
@@ -49,18 +79,36 @@ export interface TransferResult {
 
 export type TransferOutcome = { ok: true; result: TransferResult } | { ok: false; error: PlainError };
 
+/** Where one transfer's bodies go and come from, and what cancels it. */
+export interface TransferIO {
+  sink: ResponseSink;
+  source: UploadSource | undefined;
+  /** Aborting fails the transfer with `signal.reason` (a SockpoolError: ABORTED or TIMEOUT). */
+  signal: AbortSignal;
+}
+
+/** One attempt of a transfer on a handle. */
+interface Attempt {
+  seq: number;
+  request: TransferRequest;
+  io: TransferIO;
+  slot: SocketSlot | undefined;
+  mode: 'leased' | 'direct';
+  originKey: string;
+  secure: boolean;
+  acquireMs: number;
+  headers: Array<[string, string]>;
+  status: number;
+  httpVersion: string;
+  headSent: boolean;
+  /** CurlPause bits in force. */
+  pause: number;
+}
+
 interface HandleState {
   easy: Easy;
-  /** The socket prepared for the transfer this handle runs now. */
-  slot: SocketSlot | undefined;
-  /** A callback threw: the transfer fails with this error. */
-  callbackError: Error | undefined;
-  finish: ((code: CurlCode, error: Error | undefined) => void) | undefined;
-  headers: Array<[string, string]>;
-  chunks: Buffer[];
-  bodyBytes: number;
-  upload: Uint8Array | undefined;
-  uploadOffset: number;
+  current: Attempt | undefined;
+  finish: ((code: CurlCode, error: Error | undefined, abortReason?: unknown) => void) | undefined;
 }
 
 /** curl errors that mean the connection we handed over was dead (reset, closed before any response). */
@@ -69,30 +117,66 @@ const DEAD_CONNECTION_CODES = new Set<number>([
   CurlCode.CURLE_RECV_ERROR,
   CurlCode.CURLE_GOT_NOTHING,
   CurlCode.CURLE_SSL_CONNECT_ERROR,
+  // curl found its cached connection dead and could not rewind the body for its own retry
+  CurlCode.CURLE_SEND_FAIL_REWIND,
 ]);
 const IDEMPOTENT_METHODS = new Set(['GET', 'HEAD', 'OPTIONS', 'PUT', 'DELETE', 'TRACE']);
 const MAX_FREE_HANDLES = 256;
+/** Origins whose last address is remembered for RESOLVE (a crawler meets many origins). */
+const MAX_PINNED = 10_000;
+const CURL_SEEKFUNC_OK = 0;
+const CURL_SEEKFUNC_CANTSEEK = 2;
+
+/** Now, in ms since the epoch, comparable across threads. */
+export function epochNow(): number {
+  return performance.timeOrigin + performance.now();
+}
+
+export function timeoutError(request: Pick<TransferRequest, 'method' | 'url' | 'timeoutMs'>): SockpoolError {
+  return new SockpoolError(
+    ErrorCodes.TIMEOUT,
+    `${request.method} ${request.url}: timed out after ${request.timeoutMs} ms`,
+    {
+      timeoutMs: request.timeoutMs,
+    },
+  );
+}
 
 export class CurlEngine {
   #multi = new Multi();
   #supply: SocketSupply;
   #states = new Map<Easy, HandleState>();
   #free: HandleState[] = [];
-  /** Origins whose connections multiplex (HTTP/2): one connection serves every transfer. */
-  #multiplexed = new Set<string>();
   /** Last address the daemon connected each origin to: curl's DNS cache is pinned to it (RESOLVE). */
   #pinned = new Map<string, string>();
+  #seq = 0;
   #closed = false;
+  /** Transfers curl finished, to complete in the next immediate (see the constructor). */
+  #completed: Array<() => void> = [];
 
-  constructor(supply: SocketSupply) {
+  /** `maxConnects`: idle connections curl keeps (its default, 4 × the transfers running at that moment, would close
+   *  keep-alive connections whenever the load dips). */
+  constructor(supply: SocketSupply, options: { maxConnects?: number } = {}) {
     this.#supply = supply;
+    this.#multi.setOpt('MAXCONNECTS', options.maxConnects ?? 256);
+    // node-libcurl runs this callback from libuv without a callback scope (Function::Call, not MakeCallback), so
+    // no microtask checkpoint follows it: promise continuations of a finished transfer would wait for whatever
+    // event comes next, seconds later in an idle thread. The handle leaves the Multi at once; the transfer is
+    // finished in an immediate, whose callback scope drains the microtasks.
     this.#multi.onMessage((error, easy, code) => {
       const state = this.#states.get(easy);
       if (!state?.finish) return;
       const finish = state.finish;
       state.finish = undefined;
       this.#multi.removeHandle(easy);
-      finish(code, error ?? undefined);
+      this.#completed.push(() => finish(code, error ?? undefined));
+      if (this.#completed.length === 1) {
+        setImmediate(() => {
+          const completed = this.#completed;
+          this.#completed = [];
+          for (const complete of completed) complete();
+        });
+      }
     });
   }
 
@@ -100,9 +184,15 @@ export class CurlEngine {
     return this.#multi.getCount();
   }
 
-  async run(request: TransferRequest): Promise<TransferOutcome> {
+  /** Runs a transfer to the end (retrying as the rules allow); never throws. */
+  async run(request: TransferRequest, io?: Partial<TransferIO>): Promise<TransferOutcome> {
+    const sink = io?.sink ?? new BufferSink();
+    const full: TransferIO = { sink, source: io?.source, signal: io?.signal ?? new AbortController().signal };
+    if (!full.source && request.body !== undefined) full.source = new BufferSource(request.body);
     try {
-      return { ok: true, result: await this.#runWithRetry(request) };
+      const result = await this.#runWithRetry(request, full);
+      if (sink instanceof BufferSink) result.body = sink.body();
+      return { ok: true, result };
     } catch (error) {
       return { ok: false, error: toPlainError(error) };
     }
@@ -118,48 +208,55 @@ export class CurlEngine {
     this.#free = [];
   }
 
-  async #runWithRetry(request: TransferRequest): Promise<TransferResult> {
+  async #runWithRetry(request: TransferRequest, io: TransferIO): Promise<TransferResult> {
     const url = new URL(request.url);
     const origin = originOfUrl(url);
+    const secure = url.protocol === 'https:';
     const idempotent = IDEMPOTENT_METHODS.has(request.method);
     let forceSocket = false;
     let retriedDead = false;
     for (let attempt = 0; ; attempt++) {
+      io.signal.throwIfAborted();
+      const remaining = request.deadline - epochNow();
+      if (remaining <= 0) throw timeoutError(request);
       const started = performance.now();
       let slot: SocketSlot;
       try {
         slot = await this.#supply.prepare(origin.host, origin.port, {
-          timeoutMs: request.acquireTimeoutMs,
+          secure,
+          timeoutMs: Math.min(request.acquireTimeoutMs, remaining),
           force: forceSocket,
-          multiplexed: this.#multiplexed.has(`${origin.host}:${origin.port}`),
+          signal: io.signal,
         });
       } catch (error) {
         const code = (error as { code?: string }).code;
-        if (request.directFallback && code === ErrorCodes.DAEMON_UNAVAILABLE) {
-          const direct = await this.#perform(request, undefined, performance.now() - started, 'direct');
+        if (request.directFallback && code === ErrorCodes.DAEMON_UNAVAILABLE && !io.signal.aborted) {
+          const direct = await this.#perform(request, io, undefined, performance.now() - started);
           if (direct instanceof TransferFailure) throw direct.error;
           return direct;
         }
         throw error;
       }
       const acquireMs = performance.now() - started;
-      const result = await this.#perform(request, slot, acquireMs, 'leased').finally(() => this.#supply.finish(slot));
-      if (result instanceof TransferFailure) {
-        // curl needed a new connection and we had not prepared one: once more, with a socket.
-        if (slot.starved && !slot.taken && attempt < 2) {
-          forceSocket = true;
-          continue;
-        }
-        // The handed (or cached) connection died under the request: one retry on a fresh socket.
-        if (idempotent && !retriedDead && DEAD_CONNECTION_CODES.has(result.curlCode)) {
-          retriedDead = true;
-          forceSocket = true;
-          continue;
-        }
-        throw result.error;
+      const result = await this.#perform(request, io, slot, acquireMs).finally(() => this.#supply.finish(slot));
+      if (!(result instanceof TransferFailure)) return result;
+      // Nothing can be retried once cancelled, once the caller saw the response head, or when a streamed request
+      // body was already read from.
+      if (result.aborted || io.sink.committed) throw result.error;
+      const again = () => {
+        if (io.source && !io.source.rewind()) return false;
+        io.sink.reset();
+        forceSocket = true;
+        return true;
+      };
+      // curl needed a new connection and we had not prepared one: once more, with a socket.
+      if (slot.starved && !slot.taken && attempt < 2 && again()) continue;
+      // The handed (or cached) connection died under the request: one retry on a fresh socket.
+      if (idempotent && !retriedDead && DEAD_CONNECTION_CODES.has(result.curlCode) && again()) {
+        retriedDead = true;
+        continue;
       }
-      if (result.httpVersion === '2') this.#multiplexed.add(`${origin.host}:${origin.port}`);
-      return result;
+      throw result.error;
     }
   }
 
@@ -167,91 +264,154 @@ export class CurlEngine {
     const reused = this.#free.pop();
     if (reused) return reused;
     const easy = new Easy();
-    const state: HandleState = {
-      easy,
-      slot: undefined,
-      callbackError: undefined,
-      finish: undefined,
-      headers: [],
-      chunks: [],
-      bodyBytes: 0,
-      upload: undefined,
-      uploadOffset: 0,
-    };
+    const state: HandleState = { easy, current: undefined, finish: undefined };
     // Ownership of a leased fd passes to curl when this returns it.
-    easy.setOpt('OPENSOCKETFUNCTION', () => (state.slot ? this.#supply.open(state.slot) : CURL_SOCKET_BAD));
+    const openSocket = () => {
+      const slot = state.current?.slot;
+      return slot ? this.#supply.open(slot) : CURL_SOCKET_BAD;
+    };
+    easy.setOpt('OPENSOCKETFUNCTION', openSocket);
     easy.setOpt('SOCKOPTFUNCTION', () => CurlSockOpt.AlreadyConnected);
-    // Every socket curl closes was one of ours (direct-fallback transfers use curl's default close).
+    // Every socket curl closes comes here: leased ones end their lease; direct-fallback ones are just closed.
+    // (May run with `this` undefined after the handle closed: it uses nothing but the supply.)
     easy.setOpt('CLOSESOCKETFUNCTION', (fd: number) => this.#supply.close(fd));
     easy.setOpt('HEADERFUNCTION', (data: Buffer) => {
-      const line = data.toString('latin1').replace(/\r?\n$/, '');
-      if (line.startsWith('HTTP/')) state.headers = [];
-      else {
-        const colon = line.indexOf(':');
-        if (colon > 0) state.headers.push([line.slice(0, colon).trim().toLowerCase(), line.slice(colon + 1).trim()]);
-      }
+      const attempt = state.current;
+      if (attempt) this.#onHeaderLine(easy, attempt, data.toString('latin1').replace(/\r?\n$/, ''));
       return data.length;
     });
     easy.setOpt('WRITEFUNCTION', (data: Buffer) => {
-      state.chunks.push(Buffer.from(data));
-      state.bodyBytes += data.length;
-      return data.length;
+      const attempt = state.current;
+      // The Buffer is curl's data copied for us: the sink may keep it, or transfer (detach) it to another thread.
+      const length = data.length;
+      if (!attempt) return length;
+      if (!attempt.io.sink.write(data)) {
+        attempt.pause |= CurlPause.Recv;
+        return CurlWriteFunc.Pause;
+      }
+      return length;
     });
     easy.setOpt('READFUNCTION', (buffer: Buffer) => {
-      const upload = state.upload;
-      if (!upload) return 0;
-      const count = Math.min(buffer.length, upload.length - state.uploadOffset);
-      buffer.set(upload.subarray(state.uploadOffset, state.uploadOffset + count));
-      state.uploadOffset += count;
+      const attempt = state.current;
+      const source = attempt?.io.source;
+      if (!attempt || !source) return 0;
+      const count = source.read(buffer);
+      if (count === READ_PAUSE) {
+        attempt.pause |= CurlPause.Send;
+        return CurlReadFunc.Pause;
+      }
       return count;
     });
+    // curl rewinds the body when it retries on a new connection by itself.
+    easy.setOpt('SEEKFUNCTION', (offset: number) =>
+      offset === 0 && state.current?.io.source?.rewind() ? CURL_SEEKFUNC_OK : CURL_SEEKFUNC_CANTSEEK,
+    );
     easy.setOpt('NOSIGNAL', true);
     this.#states.set(easy, state);
     return state;
   }
 
+  #onHeaderLine(easy: Easy, attempt: Attempt, line: string): void {
+    const status = /^HTTP\/(\d(?:\.\d)?) (\d{3})/.exec(line);
+    if (status) {
+      attempt.headers = [];
+      attempt.httpVersion = status[1] === '2' || status[1] === '2.0' ? '2' : status[1]!;
+      attempt.status = Number(status[2]);
+      if (attempt.secure) this.#supply.learnProtocol(attempt.originKey, attempt.httpVersion === '2');
+      return;
+    }
+    if (line === '') {
+      // End of a header block: the final response's head (1xx blocks come before it).
+      if (attempt.status >= 200 && !attempt.headSent) {
+        attempt.headSent = true;
+        attempt.io.sink.head(this.#head(easy, attempt));
+      }
+      return;
+    }
+    const colon = line.indexOf(':');
+    if (colon > 0) attempt.headers.push([line.slice(0, colon).trim().toLowerCase(), line.slice(colon + 1).trim()]);
+  }
+
+  #head(easy: Easy, attempt: Attempt): ResponseHead {
+    const info = (name: Parameters<Easy['getInfo']>[0]) => Number(easy.getInfo(name).data ?? 0);
+    const connectUs = info('CONNECT_TIME_T');
+    const tlsUs = info('APPCONNECT_TIME_T');
+    const reused = attempt.slot !== undefined && !attempt.slot.taken;
+    return {
+      status: attempt.status,
+      headers: attempt.headers,
+      url: String(easy.getInfo('EFFECTIVE_URL').data ?? attempt.request.url),
+      httpVersion: attempt.httpVersion,
+      warm: attempt.mode === 'leased' && (reused || attempt.slot?.lease?.warm === true),
+      connection: attempt.mode === 'direct' ? 'direct' : reused ? 'reused' : 'leased',
+      timings: {
+        acquireMs: attempt.acquireMs,
+        connectMs: connectUs / 1000,
+        tlsMs: tlsUs > 0 ? (tlsUs - connectUs) / 1000 : 0,
+        ttfbMs: info('STARTTRANSFER_TIME_T') / 1000,
+        totalMs: info('TOTAL_TIME_T') / 1000,
+      },
+    };
+  }
+
+  /** A sink or source has room or data again: lift that direction's pause, if this attempt is still running. */
+  #resume(state: HandleState, seq: number, direction: CurlPause): void {
+    const attempt = state.current;
+    if (!attempt || attempt.seq !== seq || !state.finish || (attempt.pause & direction) === 0) return;
+    attempt.pause &= ~direction;
+    // May call WRITEFUNCTION at once with the data curl held back (which may pause again).
+    state.easy.pause(attempt.pause);
+  }
+
   #release(state: HandleState): void {
-    state.slot = undefined;
-    state.chunks = [];
-    state.headers = [];
-    state.upload = undefined;
+    state.current = undefined;
     if (this.#free.length < MAX_FREE_HANDLES) this.#free.push(state);
     // Beyond the free list the handle stays alive (see the header) but unused; the Multi closes with the engine.
   }
 
-  #configure(state: HandleState, request: TransferRequest, slot: SocketSlot | undefined): void {
+  #configure(state: HandleState, attempt: Attempt): void {
     const { easy } = state;
+    const { request, slot, io } = attempt;
     const url = new URL(request.url);
     const origin = originOfUrl(url);
+    const remaining = Math.max(1, Math.ceil(request.deadline - epochNow()));
     easy.setOpt('URL', request.url);
     easy.setOpt('CUSTOMREQUEST', request.method);
     easy.setOpt('NOBODY', request.method === 'HEAD');
-    easy.setOpt(
-      'HTTPHEADER',
-      request.headers.map(([name, value]) => `${name}: ${value}`),
-    );
-    easy.setOpt('TIMEOUT_MS', request.timeoutMs);
+    const headers = request.headers.map(([name, value]) => `${name}: ${value}`);
+    // No "Expect: 100-continue" round trip before a large or streamed body, unless the caller asks for one.
+    if (io.source && !request.headers.some(([name]) => name.toLowerCase() === 'expect')) headers.push('Expect:');
+    easy.setOpt('HTTPHEADER', headers);
+    // A backstop: the worker's own timer at the deadline cancels the transfer first (even while it is paused).
+    easy.setOpt('TIMEOUT_MS', remaining);
     easy.setOpt('ACCEPT_ENCODING', null);
-    if (request.body !== undefined) {
-      state.upload = request.body;
-      state.uploadOffset = 0;
+    if (io.source) {
       easy.setOpt('POST', true);
-      easy.setOpt('POSTFIELDSIZE_LARGE', request.body.length);
+      // -1: length unknown, sent chunked over HTTP/1.1
+      easy.setOpt('POSTFIELDSIZE_LARGE', io.source.length ?? -1);
     } else {
       easy.setOpt('POST', false);
       easy.setOpt('HTTPGET', request.method === 'GET');
     }
+    // http: HTTP/1.1 only (no multiplexing, so curl never waits on a connection to learn whether it can).
+    // https: HTTP/2 when ALPN agrees; PIPEWAIT makes transfers started meanwhile wait for the first connection
+    // and multiplex over it instead of asking for sockets of their own.
+    easy.setOpt('HTTP_VERSION', attempt.secure ? CurlHttpVersion.V2Tls : CurlHttpVersion.V1_1);
+    easy.setOpt('PIPEWAIT', attempt.secure);
     // node-libcurl defaults CAINFO_BLOB to Node's bundled CAs, and a blob beats CAINFO: clear it so that curl
     // verifies against the CA file given, or else the system store (libcurl's built-in default path).
     easy.setOpt('CAINFO_BLOB', null);
     easy.setOpt('CAINFO', request.caFile ?? null);
     easy.setOpt('SSL_VERIFYPEER', request.insecure ? 0 : 1);
     easy.setOpt('SSL_VERIFYHOST', request.insecure ? 0 : 2);
-    easy.setOpt('PIPEWAIT', true);
     if (slot) {
       // Pin curl's DNS to the address the daemon connected to: the worker never resolves (it may have no network).
       const address = slot.lease?.address ?? this.#pinned.get(slot.originKey);
-      if (slot.lease) this.#pinned.set(slot.originKey, slot.lease.address);
+      if (slot.lease) {
+        this.#pinned.delete(slot.originKey); // (re-inserted last: the map drops its oldest entries when full)
+        this.#pinned.set(slot.originKey, slot.lease.address);
+        if (this.#pinned.size > MAX_PINNED) this.#pinned.delete(this.#pinned.keys().next().value!);
+      }
       const host = url.hostname.startsWith('[') ? url.hostname.slice(1, -1) : url.hostname;
       if (address) {
         const literal = address.includes(':') ? `[${address}]` : address;
@@ -260,90 +420,116 @@ export class CurlEngine {
     } else {
       easy.setOpt('RESOLVE', null);
     }
+    if (attempt.mode === 'direct') {
+      // curl connects by itself: its default socket callbacks for this attempt (restored in #perform).
+      easy.setOpt('OPENSOCKETFUNCTION', null);
+      easy.setOpt('SOCKOPTFUNCTION', null);
+    }
   }
 
   #perform(
     request: TransferRequest,
+    io: TransferIO,
     slot: SocketSlot | undefined,
     acquireMs: number,
-    mode: 'leased' | 'direct',
   ): Promise<TransferResult | TransferFailure> {
     if (this.#closed) return Promise.reject(new SockpoolError(ErrorCodes.CLOSED, 'worker is closing'));
+    const url = new URL(request.url);
+    const origin = originOfUrl(url);
     const state = this.#handle();
-    state.slot = slot;
-    state.callbackError = undefined;
+    const attempt: Attempt = {
+      seq: ++this.#seq,
+      request,
+      io,
+      slot,
+      mode: slot ? 'leased' : 'direct',
+      originKey: `${origin.host}:${origin.port}`,
+      secure: url.protocol === 'https:',
+      acquireMs,
+      headers: [],
+      status: 0,
+      httpVersion: '1.1',
+      headSent: false,
+      pause: 0,
+    };
+    state.current = attempt;
     try {
-      this.#configure(state, request, slot);
-      if (mode === 'direct') {
-        // curl connects by itself: default socket callbacks for this transfer.
-        state.easy.setOpt('OPENSOCKETFUNCTION', null);
-        state.easy.setOpt('SOCKOPTFUNCTION', null);
-      }
+      this.#configure(state, attempt);
     } catch (error) {
+      this.#restoreSocketCallbacks(state, attempt);
       this.#release(state);
       return Promise.reject(error);
     }
+    io.sink.onWritable(() => this.#resume(state, attempt.seq, CurlPause.Recv));
+    io.source?.onReadable(() => this.#resume(state, attempt.seq, CurlPause.Send));
     return new Promise((resolve) => {
-      state.finish = (code, error) => {
-        const easy = state.easy;
-        if (mode === 'direct') {
-          easy.setOpt('OPENSOCKETFUNCTION', () => (state.slot ? this.#supply.open(state.slot) : CURL_SOCKET_BAD));
-          easy.setOpt('SOCKOPTFUNCTION', () => CurlSockOpt.AlreadyConnected);
+      const { signal } = io;
+      const onAbort = () => {
+        if (!state.finish || state.current !== attempt) return;
+        const finish = state.finish;
+        state.finish = undefined;
+        // Out of the Multi at once: curl closes a connection left mid-response (CLOSESOCKETFUNCTION).
+        this.#multi.removeHandle(state.easy);
+        finish(CurlCode.CURLE_ABORTED_BY_CALLBACK, undefined, signal.reason);
+      };
+      state.finish = (code, error, abortReason) => {
+        signal.removeEventListener('abort', onAbort);
+        this.#restoreSocketCallbacks(state, attempt);
+        if (abortReason !== undefined) {
+          this.#release(state);
+          resolve(new TransferFailure(code, abortReason, true));
+          return;
         }
         if (code !== CurlCode.CURLE_OK) {
           const message = error?.message ?? `curl error ${code}`;
-          const failure = new TransferFailure(
-            code,
-            new SockpoolError(ErrorCodes.TRANSFER, `${request.method} ${request.url}: ${message}`, {
-              curlCode: code,
-            }),
-          );
-          if (code === CurlCode.CURLE_OPERATION_TIMEDOUT) {
-            failure.error = new SockpoolError(ErrorCodes.TIMEOUT, `${request.method} ${request.url}: timed out`, {
-              curlCode: code,
-              timeoutMs: request.timeoutMs,
-            });
-          }
+          const failure =
+            code === CurlCode.CURLE_OPERATION_TIMEDOUT
+              ? new TransferFailure(code, timeoutError(request), true)
+              : new TransferFailure(
+                  code,
+                  new SockpoolError(ErrorCodes.TRANSFER, `${request.method} ${request.url}: ${message}`, {
+                    curlCode: code,
+                    deadConnection: DEAD_CONNECTION_CODES.has(code),
+                  }),
+                );
           this.#release(state);
           resolve(failure);
           return;
         }
-        const info = (name: Parameters<Easy['getInfo']>[0]) => Number(easy.getInfo(name).data ?? 0);
-        const status = info('RESPONSE_CODE');
-        const connectUs = info('CONNECT_TIME_T');
-        const tlsUs = info('APPCONNECT_TIME_T');
-        const httpVersionCode = info('HTTP_VERSION');
-        const body = Buffer.concat(state.chunks, state.bodyBytes);
-        const reused = slot !== undefined && !slot.taken;
-        const result: TransferResult = {
-          status,
-          headers: state.headers,
-          body,
-          url: String(easy.getInfo('EFFECTIVE_URL').data ?? request.url),
-          httpVersion: httpVersionCode === 3 ? '2' : httpVersionCode === 1 ? '1.0' : '1.1',
-          warm: mode === 'leased' && (reused || slot?.lease?.warm === true),
-          connection: mode === 'direct' ? 'direct' : reused ? 'reused' : 'leased',
-          timings: {
-            acquireMs,
-            connectMs: connectUs / 1000,
-            tlsMs: tlsUs > 0 ? (tlsUs - connectUs) / 1000 : 0,
-            ttfbMs: info('STARTTRANSFER_TIME_T') / 1000,
-            totalMs: info('TOTAL_TIME_T') / 1000,
-          },
-        };
+        const head = this.#head(state.easy, attempt);
         this.#release(state);
-        resolve(result);
+        resolve({ ...head, body: new Uint8Array(0) });
       };
+      if (signal.aborted) {
+        state.finish = undefined;
+        this.#restoreSocketCallbacks(state, attempt);
+        this.#release(state);
+        resolve(new TransferFailure(CurlCode.CURLE_ABORTED_BY_CALLBACK, signal.reason, true));
+        return;
+      }
+      signal.addEventListener('abort', onAbort, { once: true });
       this.#multi.addHandle(state.easy);
     });
+  }
+
+  #restoreSocketCallbacks(state: HandleState, attempt: Attempt): void {
+    if (attempt.mode !== 'direct') return;
+    state.easy.setOpt('OPENSOCKETFUNCTION', () => {
+      const slot = state.current?.slot;
+      return slot ? this.#supply.open(slot) : CURL_SOCKET_BAD;
+    });
+    state.easy.setOpt('SOCKOPTFUNCTION', () => CurlSockOpt.AlreadyConnected);
   }
 }
 
 class TransferFailure {
   curlCode: number;
-  error: SockpoolError;
-  constructor(curlCode: number, error: SockpoolError) {
+  error: unknown;
+  /** Cancelled (abort, timeout): never retried. */
+  aborted: boolean;
+  constructor(curlCode: number, error: unknown, aborted = false) {
     this.curlCode = curlCode;
     this.error = error;
+    this.aborted = aborted;
   }
 }

@@ -1,8 +1,16 @@
 // A worker thread's own connection to sockpoold: request/response over one SOCK_SEQPACKET socket, with request
 // ids, a deadline on every request, and reconnection with backoff when the daemon restarts.
 //
-// fd ownership: a `lease` reply's fd is tracked by the addon for this thread (closed if the thread dies) and
+// fd ownership: the link's own socket is owned by its SeqpacketChannel and tracked by the addon (closed if the
+// thread dies, and then the daemon frees every lease of this thread). A `lease` reply's fd is tracked too and
 // belongs to the caller of acquire() once it resolves. release() takes ownership of the fd it is given.
+//
+// Leases belong to one connection to the daemon (`Lease.link`): after a reconnect the daemon knows nothing of the
+// old ones, and its new lease ids start again at 1, so `closed` and `release` for a lease of an earlier connection
+// are not sent (a released fd is closed instead).
+//
+// While reconnecting after a failure, requests fail at once with SOCKPOOL_ERR_DAEMON_UNAVAILABLE until the backoff
+// delay has passed; the first request after it tries again.
 
 import { ErrorCodes, fromPlainError, SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
@@ -20,6 +28,8 @@ import { SeqpacketChannel } from '../shared/seqpacket-channel.js';
 
 export interface Lease extends LeaseReply {
   fd: number;
+  /** The connection to the daemon this lease belongs to (see the header). */
+  link: number;
 }
 
 interface Pending {
@@ -49,6 +59,8 @@ export class DaemonLink {
   #closed = false;
   #failures = 0;
   #retryAt = 0;
+  /** Counts connections to the daemon; the current one's number tags its leases. */
+  #generation = 0;
 
   constructor(options: DaemonLinkOptions) {
     this.#options = { requestTimeoutMs: 5000, clientName: `worker-${process.pid}`, ...options };
@@ -59,13 +71,20 @@ export class DaemonLink {
     return this.#channel !== undefined && !this.#channel.closed;
   }
 
-  async acquire(host: string, port: number, timeoutMs: number): Promise<Lease> {
-    const { message, fds } = await this.#request({ type: 'acquire', host, port, timeoutMs }, timeoutMs + 1000);
+  /** A connected socket for host:port. Rejects with signal.reason when `signal` aborts first (a lease that arrives
+   *  after that goes back to the daemon). */
+  async acquire(host: string, port: number, timeoutMs: number, signal?: AbortSignal): Promise<Lease> {
+    const ms = Math.max(1, Math.ceil(timeoutMs));
+    const { message, fds, generation } = await this.#request(
+      { type: 'acquire', host, port, timeoutMs: ms },
+      ms + 1000,
+      signal,
+    );
     if (message.type !== 'lease' || fds.length !== 1) {
       for (const fd of fds) native.close(fd);
       throw new SockpoolError(ErrorCodes.PROTOCOL, `daemon answered acquire with ${message.type}`);
     }
-    return { ...message, fd: fds[0]! };
+    return { ...message, fd: fds[0]!, link: generation };
   }
 
   async prewarm(host: string, port: number, count: number): Promise<void> {
@@ -78,20 +97,22 @@ export class DaemonLink {
     return message.stats;
   }
 
-  /** Gives an unused leased fd back (ownership passes here; it is closed if the daemon is gone). */
-  release(leaseId: number, fd: number): void {
+  /** Gives an unused leased fd back (ownership passes here; it is closed if its daemon connection is gone). */
+  release(lease: Pick<Lease, 'leaseId' | 'fd' | 'link'>): void {
     const channel = this.#channel;
-    if (!channel || channel.closed) {
-      native.close(fd);
+    if (!channel || channel.closed || lease.link !== this.#generation) {
+      native.close(lease.fd);
       return;
     }
-    channel.send(encodeMessage({ type: 'release', leaseId }), [fd]);
+    channel.send(encodeMessage({ type: 'release', leaseId: lease.leaseId }), [lease.fd]);
   }
 
   /** Tells the daemon curl closed a leased socket. Fire and forget: a lost link frees the lease anyway. */
-  closed(leaseId: number): void {
+  closed(lease: Pick<Lease, 'leaseId' | 'link'>): void {
     const channel = this.#channel;
-    if (channel && !channel.closed) channel.send(encodeMessage({ type: 'closed', leaseId }));
+    if (channel && !channel.closed && lease.link === this.#generation) {
+      channel.send(encodeMessage({ type: 'closed', leaseId: lease.leaseId }));
+    }
   }
 
   close(): void {
@@ -101,23 +122,42 @@ export class DaemonLink {
     this.#failAll(new SockpoolError(ErrorCodes.CLOSED, 'daemon link closed'));
   }
 
-  async #request(request: Request, timeoutMs: number): Promise<{ message: DaemonMessage; fds: number[] }> {
+  async #request(
+    request: Request,
+    timeoutMs: number,
+    signal?: AbortSignal,
+  ): Promise<{ message: DaemonMessage; fds: number[]; generation: number }> {
+    signal?.throwIfAborted();
     const channel = await this.#connect();
+    signal?.throwIfAborted();
+    const generation = this.#generation;
     const id = this.#nextId++;
     if (this.#nextId > 2 ** 31 - 1) this.#nextId = 1;
     return new Promise((resolve, reject) => {
+      const onAbort = () => {
+        // A reply that still comes finds no pending entry: its fd goes back to the daemon (see #onMessage).
+        clearTimeout(timer);
+        this.#pending.delete(id);
+        reject(signal!.reason);
+      };
       const timer = setTimeout(() => {
+        signal?.removeEventListener('abort', onAbort);
         this.#pending.delete(id);
         reject(new SockpoolError(ErrorCodes.TIMEOUT, `daemon did not answer ${request.type} in ${timeoutMs} ms`));
       }, timeoutMs);
+      signal?.addEventListener('abort', onAbort, { once: true });
       this.#pending.set(id, {
         resolve: (reply) => {
+          signal?.removeEventListener('abort', onAbort);
           if (reply.message.type === 'error') {
             for (const fd of reply.fds) native.close(fd);
             reject(fromPlainError(reply.message));
-          } else resolve(reply);
+          } else resolve({ ...reply, generation });
         },
-        reject,
+        reject: (error) => {
+          signal?.removeEventListener('abort', onAbort);
+          reject(error);
+        },
         timer,
       });
       channel.send(encodeMessage({ ...request, id } as ClientMessage));
@@ -134,14 +174,18 @@ export class DaemonLink {
   }
 
   async #open(): Promise<SeqpacketChannel> {
-    const wait = this.#retryAt - performance.now();
-    if (wait > 0) await new Promise((resolve) => setTimeout(resolve, wait));
+    if (performance.now() < this.#retryAt) {
+      throw new SockpoolError(
+        ErrorCodes.DAEMON_UNAVAILABLE,
+        `sockpoold at ${this.#options.socketPath} is unreachable (retrying after a backoff)`,
+        { socketPath: this.#options.socketPath, backoff: true },
+      );
+    }
     let fd: number;
     try {
       fd = native.seqpacketConnect(this.#options.socketPath);
     } catch (error) {
-      this.#failures++;
-      this.#retryAt = performance.now() + Math.min(RECONNECT_MAX_MS, RECONNECT_MIN_MS * 2 ** (this.#failures - 1));
+      this.#backOff();
       const cause = error as Error & { code?: string };
       throw new SockpoolError(
         ErrorCodes.DAEMON_UNAVAILABLE,
@@ -149,6 +193,7 @@ export class DaemonLink {
         { socketPath: this.#options.socketPath, cause: cause.code ?? null },
       );
     }
+    this.#generation++;
     // The channel owns fd from here. Tracked: if this thread dies, the addon closes the link, and the daemon
     // then frees every lease this thread held.
     native.track(fd);
@@ -190,6 +235,7 @@ export class DaemonLink {
     } catch (error) {
       channel.close();
       if (this.#channel === channel) this.#channel = undefined;
+      this.#backOff();
       throw error;
     }
     this.#failures = 0;
@@ -205,16 +251,29 @@ export class DaemonLink {
       return;
     }
     const id = message.id;
+    if (id === null && message.type === 'error') {
+      // An error about the link itself (access denied, a message it could not parse): every waiter learns it.
+      for (const fd of fds) native.close(fd);
+      this.#failAll(fromPlainError(message));
+      return;
+    }
     const pending = id === null ? undefined : this.#pending.get(id);
     if (!pending) {
       // A reply nobody waits for (its request timed out): an fd in it goes back to the daemon, unused.
-      if (message.type === 'lease' && fds.length === 1) this.release(message.leaseId, fds[0]!);
-      else for (const fd of fds) native.close(fd);
+      if (message.type === 'lease' && fds.length === 1) {
+        this.release({ leaseId: message.leaseId, fd: fds[0]!, link: this.#generation });
+      } else for (const fd of fds) native.close(fd);
       return;
     }
     this.#pending.delete(id!);
     clearTimeout(pending.timer);
     pending.resolve({ message, fds });
+  }
+
+  /** After a failed connect: no new attempt for 50 ms, doubling per failure up to 2 s. */
+  #backOff(): void {
+    this.#failures++;
+    this.#retryAt = performance.now() + Math.min(RECONNECT_MAX_MS, RECONNECT_MIN_MS * 2 ** (this.#failures - 1));
   }
 
   #failAll(error: Error): void {

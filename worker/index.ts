@@ -1,11 +1,15 @@
 // The public API of the `sockpool` package.
 
 export { type ErrorCode, ErrorCodes, SockpoolError } from '../shared/errors.js';
+export type { BodyStream } from './caller-channel.js';
 export {
   defaultSocketPath,
-  type RequestOptions,
   SockpoolClient,
   type SockpoolClientOptions,
   type SockpoolResponse,
-  validateRequest,
+  type SockpoolStreamResponse,
+  type SockpoolTimings,
 } from './client.js';
+export type { TransferTimings } from './curl-engine.js';
+export type { ResponseHead } from './stream-protocol.js';
+export { type BodyInput, type HeadersInput, type RequestOptions, validateRequest } from './validate.js';

@@ -3,11 +3,19 @@
 // once through OPENSOCKETFUNCTION, and give it back if curl reused a cached connection instead.
 //
 // fd ownership, step by step:
-// 1. DaemonLink.acquire resolves: the fd belongs to the transfer's Supply slot (tracked by the addon for this
-//    thread, so it is closed if the thread dies).
+// 1. DaemonLink.acquire resolves: the fd belongs to the transfer's slot (tracked by the addon for this thread, so
+//    it is closed if the thread dies).
 // 2. OPENSOCKETFUNCTION returns it: ownership passes to curl (untracked; recorded in #curlOwned with its lease).
+//    If the thread dies now, curl's handles are cleaned up with it and the patched CLOSESOCKETFUNCTION closes the
+//    fd natively; the daemon frees the lease when the thread's link closes.
 // 3. CLOSESOCKETFUNCTION: curl is done with it; we close it and tell the daemon `closed {leaseId}`.
 // 4. A slot curl never took is released to the daemon (release takes the fd) when the transfer ends.
+//
+// How many connections an origin needs: HTTP/1.1 one per transfer in flight; HTTP/2 one in all. While a socket is
+// on its way for an https origin that multiplexes, or may (its first response, by ALPN, has not said yet), other
+// transfers get no socket of their own: they wait until curl has taken that one, then wait on its connection
+// (curl's PIPEWAIT) and multiplex over it, or, if it turns out to be HTTP/1.1, find their slot empty ("starved")
+// and are run again with a socket.
 
 import * as native from '../shared/native.js';
 import { originKey } from '../shared/origin.js';
@@ -21,47 +29,117 @@ export interface SocketSlot {
   starved: boolean;
   /** Set once curl took the leased fd. */
   taken: boolean;
+  /** A socket for an https origin that multiplexes or may (protocol not known yet): others wait for curl to take
+   *  it, then share its connection. */
+  first?: Settleable | undefined;
 }
+
+interface Settleable {
+  promise: Promise<void>;
+  settle(): void;
+}
+
+interface OriginState {
+  /** Transfers in flight. */
+  inFlight: number;
+  /** Connections curl holds (fds it took and has not closed). */
+  connections: number;
+  /** Slots holding (or acquiring) an fd curl has not taken yet. */
+  supplying: number;
+  /** Learned from responses: true for HTTP/2, false for HTTP/1.x, undefined before the first response. */
+  multiplexed: boolean | undefined;
+  /** While a socket for an https origin that multiplexes (or may) is on its way to curl: settles when curl took
+   *  it (the connection then exists in curl's cache, and PIPEWAIT can wait on it) or that attempt ended without. */
+  firstSocket: Settleable | undefined;
+}
+
+export interface PrepareOptions {
+  /** https: the protocol is negotiated (ALPN); http: always HTTP/1.1. */
+  secure: boolean;
+  timeoutMs: number;
+  /** Acquire whatever the prediction says (the previous attempt was starved or its connection died). */
+  force: boolean;
+  signal?: AbortSignal | undefined;
+}
+
+function settleable(): Settleable {
+  let settle!: () => void;
+  const promise = new Promise<void>((resolve) => {
+    settle = resolve;
+  });
+  return { promise, settle };
+}
+
+/** `promise`, or signal.reason once `signal` aborts. */
+function abortable(promise: Promise<void>, signal: AbortSignal | undefined): Promise<void> {
+  if (!signal) return promise;
+  signal.throwIfAborted();
+  return new Promise<void>((resolve, reject) => {
+    const onAbort = () => reject(signal.reason);
+    signal.addEventListener('abort', onAbort, { once: true });
+    promise.then(() => {
+      signal.removeEventListener('abort', onAbort);
+      resolve();
+    });
+  });
+}
+
+/** Idle origins whose protocol is remembered (a crawler meets many origins once). */
+const MAX_LEARNED = 10_000;
 
 export class SocketSupply {
   #link: DaemonLink;
   /** Sockets curl owns now, by fd: their leases, to report `closed`. */
-  #curlOwned = new Map<number, { leaseId: number; originKey: string }>();
-  /** Live curl connections per origin, and transfers in flight per origin: a transfer needs a new connection
-   *  (HTTP/1.1) when more transfers run than connections exist. */
-  #connections = new Map<string, number>();
-  #inFlight = new Map<string, number>();
+  #curlOwned = new Map<number, { lease: Lease; originKey: string }>();
+  #origins = new Map<string, OriginState>();
 
   constructor(link: DaemonLink) {
     this.#link = link;
   }
 
-  /**
-   * Starts a transfer's accounting; acquires a socket when one will probably be needed: always with `force`;
-   * for a multiplexed (HTTP/2) origin only when curl holds no connection to it; else when more transfers run
-   * than connections exist.
-   */
-  async prepare(
-    host: string,
-    port: number,
-    options: { timeoutMs: number; force: boolean; multiplexed: boolean },
-  ): Promise<SocketSlot> {
-    const { timeoutMs, force, multiplexed } = options;
+  /** Starts a transfer's accounting; acquires a socket when one will probably be needed (see the header). */
+  async prepare(host: string, port: number, options: PrepareOptions): Promise<SocketSlot> {
     const key = originKey({ host, port });
-    const inFlight = (this.#inFlight.get(key) ?? 0) + 1;
-    this.#inFlight.set(key, inFlight);
+    const origin = this.#origin(key);
+    origin.inFlight++;
     const slot: SocketSlot = { originKey: key, lease: undefined, starved: false, taken: false };
-    const connections = this.#connections.get(key) ?? 0;
-    const needed = force || (multiplexed ? connections === 0 : inFlight > connections);
-    if (needed) {
+    // https origins that multiplex, or may: one socket at a time is brought for them.
+    const mayMultiplex = options.secure && origin.multiplexed !== false;
+    if (!options.force && mayMultiplex && origin.firstSocket) {
+      // Another transfer is bringing the first connection: start only once curl has it, so as to multiplex over
+      // it if it turns out to be HTTP/2 (else this transfer is starved and retried with a socket of its own).
       try {
-        slot.lease = await this.#link.acquire(host, port, timeoutMs);
+        await abortable(origin.firstSocket.promise, options.signal);
       } catch (error) {
-        this.#decrement(this.#inFlight, key);
+        origin.inFlight--;
+        this.#forget(key, origin);
+        throw error;
+      }
+      return slot;
+    }
+    if (options.force || this.#needsSocket(origin, options.secure)) {
+      origin.supplying++;
+      if (mayMultiplex && !origin.firstSocket) {
+        origin.firstSocket = settleable();
+        slot.first = origin.firstSocket;
+      }
+      try {
+        slot.lease = await this.#link.acquire(host, port, options.timeoutMs, options.signal);
+      } catch (error) {
+        origin.supplying--;
+        origin.inFlight--;
+        this.#settleFirst(origin, slot);
+        this.#forget(key, origin);
         throw error;
       }
     }
     return slot;
+  }
+
+  /** What the first response over an origin's connection said: HTTP/2 multiplexes, HTTP/1.x does not. */
+  learnProtocol(key: string, multiplexed: boolean): void {
+    const origin = this.#origins.get(key);
+    if (origin) origin.multiplexed = multiplexed;
   }
 
   /** OPENSOCKETFUNCTION: the slot's fd, once; ownership passes to curl. -1 (CURL_SOCKET_BAD) if none. */
@@ -73,8 +151,13 @@ export class SocketSupply {
     }
     slot.taken = true;
     native.untrack(lease.fd);
-    this.#curlOwned.set(lease.fd, { leaseId: lease.leaseId, originKey: slot.originKey });
-    this.#connections.set(slot.originKey, (this.#connections.get(slot.originKey) ?? 0) + 1);
+    this.#curlOwned.set(lease.fd, { lease, originKey: slot.originKey });
+    const origin = this.#origin(slot.originKey);
+    origin.connections++;
+    origin.supplying--;
+    // Waiters go on once curl has registered the connection, and outside curl's call stack: they add handles to
+    // the Multi, which must not happen from inside one of its callbacks.
+    if (slot.first) setImmediate(() => this.#settleFirst(origin, slot));
     return lease.fd;
   }
 
@@ -84,28 +167,60 @@ export class SocketSupply {
     this.#curlOwned.delete(fd);
     native.close(fd);
     if (owned) {
-      this.#decrement(this.#connections, owned.originKey);
-      this.#link.closed(owned.leaseId);
+      const origin = this.#origins.get(owned.originKey);
+      if (origin) {
+        origin.connections--;
+        this.#forget(owned.originKey, origin);
+      }
+      this.#link.closed(owned.lease);
     }
     return 0;
   }
 
   /** The transfer ended: an fd curl did not take goes back to the daemon (ownership passes to the link). */
   finish(slot: SocketSlot): void {
-    this.#decrement(this.#inFlight, slot.originKey);
+    const origin = this.#origins.get(slot.originKey);
+    if (origin) origin.inFlight--;
+    if (origin) this.#settleFirst(origin, slot);
     if (slot.lease && !slot.taken) {
-      this.#link.release(slot.lease.leaseId, slot.lease.fd);
+      if (origin) origin.supplying--;
+      this.#link.release(slot.lease);
       slot.lease = undefined;
     }
+    if (origin) this.#forget(slot.originKey, origin);
   }
 
   get curlOwnedCount(): number {
     return this.#curlOwned.size;
   }
 
-  #decrement(map: Map<string, number>, key: string): void {
-    const value = (map.get(key) ?? 0) - 1;
-    if (value <= 0) map.delete(key);
-    else map.set(key, value);
+  #needsSocket(origin: OriginState, secure: boolean): boolean {
+    const supplied = origin.connections + origin.supplying;
+    if (secure && origin.multiplexed === undefined) return supplied === 0;
+    if (origin.multiplexed) return origin.connections === 0 && origin.supplying === 0;
+    return origin.inFlight > supplied;
+  }
+
+  #origin(key: string): OriginState {
+    let origin = this.#origins.get(key);
+    if (!origin) {
+      origin = { inFlight: 0, connections: 0, supplying: 0, multiplexed: undefined, firstSocket: undefined };
+      this.#origins.set(key, origin);
+    }
+    return origin;
+  }
+
+  /** The slot that brings an origin's first socket is done with it (taken, failed or ended): waiters go on. */
+  #settleFirst(origin: OriginState, slot: SocketSlot): void {
+    if (!slot.first) return;
+    slot.first.settle();
+    if (origin.firstSocket === slot.first) origin.firstSocket = undefined;
+    slot.first = undefined;
+  }
+
+  /** Drops an idle origin's entry, keeping what was learned about its protocol for up to MAX_LEARNED origins. */
+  #forget(key: string, origin: OriginState): void {
+    if (origin.inFlight > 0 || origin.connections > 0 || origin.supplying > 0) return;
+    if (origin.multiplexed === undefined || this.#origins.size > MAX_LEARNED) this.#origins.delete(key);
   }
 }

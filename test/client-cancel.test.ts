@@ -1,0 +1,272 @@
+// Cancellation in SockpoolClient without killing threads: an AbortSignal or a timeout cancels the one transfer in
+// its worker (the handle leaves curl's Multi, curl closes the half-used connection, the daemon hears `closed`), the
+// thread keeps running and serves the next request. And the other way to lose transfers: a worker thread that
+// dies (an uncaught exception, or piscina terminating it) is replaced, its requests fail with a typed error, every
+// fd it held is closed (the addon closes the daemon link and unused leases; curl's connections are closed
+// natively) and the daemon frees its leases. fds are counted in this process and in the daemon's.
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { testHooks } from '../worker/client.js';
+import { SockpoolClient } from '../worker/index.js';
+import {
+  echoHandler,
+  eventually,
+  fdCount,
+  httpOrigin,
+  leasedTo,
+  type Origin,
+  originStats,
+  startTestDaemon,
+} from './fixtures/client-helpers.js';
+import type { DaemonProcess } from './helpers/daemon.js';
+
+process.env.SOCKPOOL_TEST_HOOKS = '1';
+
+/** Requests to /hang get no answer until released (or the connection goes). */
+const hanging: Array<{ request: IncomingMessage; response: ServerResponse }> = [];
+let origin: Origin;
+/** A second origin, limited to one connection by the daemon (maxPerOrigin 1): a second acquire must wait. */
+let narrow: Origin;
+/** The origin of the worker-death tests (its lease count is theirs alone). */
+let doomed: Origin;
+let daemon: DaemonProcess;
+let client: SockpoolClient;
+
+beforeAll(async () => {
+  const echo = echoHandler();
+  const handler = (request: IncomingMessage, response: ServerResponse) => {
+    if (request.url?.startsWith('/hang')) {
+      hanging.push({ request, response });
+      return;
+    }
+    if (request.headers['x-delay']) setTimeout(() => echo(request, response), 50);
+    else echo(request, response);
+  };
+  origin = await httpOrigin(handler);
+  narrow = await httpOrigin(handler);
+  doomed = await httpOrigin(handler);
+  daemon = await startTestDaemon([origin.port, narrow.port, doomed.port], {
+    config: { pool: { origins: [{ match: `127.0.0.1:${narrow.port}`, maxPerOrigin: 1 }] } },
+  });
+  client = new SockpoolClient({ socketPath: daemon.socketPath, threads: 1, concurrencyPerThread: 16 });
+  await client.request(`http://127.0.0.1:${origin.port}/warmup`);
+});
+
+afterAll(async () => {
+  for (const { response } of hanging) response.destroy();
+  await client?.close();
+  await daemon?.stop();
+  await origin?.close();
+  await narrow?.close();
+  await doomed?.close();
+});
+
+const url = (path: string, server: Origin = origin) => `http://127.0.0.1:${server.port}${path}`;
+/** fds of the client: this process's, less the server-side sockets of the origins (they run in this process). */
+const clientFds = () => fdCount() - [origin, narrow, doomed].reduce((sum, server) => sum + server.sockets.size, 0);
+const hangingCount = () => hanging.filter(({ response }) => !response.destroyed && !response.writableEnded).length;
+
+/** Nothing more held than before: leases to the origin, fds here and in the daemon. */
+async function settled(leasedBefore: number, fdsBefore: number, daemonFdsBefore: number): Promise<void> {
+  await eventually(async () => (await leasedTo(daemon.socketPath, origin.port)) <= leasedBefore, 'leases back');
+  await eventually(() => clientFds() <= fdsBefore, `client fds back to ${fdsBefore} (now ${clientFds()})`);
+  await eventually(
+    () => daemon.fdCount() <= daemonFdsBefore,
+    `daemon fds back to ${daemonFdsBefore} (now ${daemon.fdCount()})`,
+  );
+}
+
+describe('aborts and timeouts cancel one transfer, not the thread', () => {
+  it('an AbortSignal cancels a transfer in flight: SOCKPOOL_ERR_ABORTED, the same thread serves on', async () => {
+    const threads = client[testHooks].threads();
+    const hangsBefore = hanging.length;
+    const controller = new AbortController();
+    const pending = client.request(url('/hang/abort'), { signal: controller.signal });
+    await eventually(() => hanging.length > hangsBefore, 'the server has the request');
+    const socket = hanging.at(-1)!.request.socket;
+    const leased = await leasedTo(daemon.socketPath, origin.port);
+    controller.abort(new Error('enough'));
+    await expect(pending).rejects.toMatchObject({ code: 'SOCKPOOL_ERR_ABORTED', message: /enough/ });
+    // curl dropped the connection it left mid-response, and told the daemon.
+    await eventually(() => socket.destroyed, 'the server saw the connection close');
+    await eventually(async () => (await leasedTo(daemon.socketPath, origin.port)) === leased - 1, 'lease ended');
+    const next = await client.request(url('/after-abort'));
+    expect(next.body.toString()).toBe('GET /after-abort 0');
+    expect(client[testHooks].threads()).toEqual(threads);
+  });
+
+  it('an already aborted signal rejects at once, and nothing reaches the server', async () => {
+    const connections = origin.connections();
+    const hangsBefore = hanging.length;
+    const controller = new AbortController();
+    controller.abort();
+    await expect(client.request(url('/hang/never'), { signal: controller.signal })).rejects.toMatchObject({
+      code: 'SOCKPOOL_ERR_ABORTED',
+    });
+    await sleep(50);
+    expect(hanging.length).toBe(hangsBefore);
+    expect(origin.connections()).toBe(connections);
+  });
+
+  it('timeoutMs cancels a transfer whose response never comes: SOCKPOOL_ERR_TIMEOUT, the thread lives on', async () => {
+    const threads = client[testHooks].threads();
+    const hangsBefore = hanging.length;
+    await expect(client.request(url('/hang/timeout'), { timeoutMs: 300 })).rejects.toMatchObject({
+      code: 'SOCKPOOL_ERR_TIMEOUT',
+      timeoutMs: 300,
+    });
+    expect(hanging.length).toBe(hangsBefore + 1);
+    await eventually(() => hanging.at(-1)!.request.socket.destroyed, 'the server saw the connection close');
+    expect((await client.request(url('/after-timeout'))).status).toBe(200);
+    expect(client[testHooks].threads()).toEqual(threads);
+  });
+
+  it('a timeout also covers the wait for a socket: the acquire is dropped and its late lease goes back', async () => {
+    // The narrow origin allows one connection; it is busy with a hanging request, so a second acquire waits.
+    const hangsBefore = hanging.length;
+    const holder = new AbortController();
+    const first = client.request(url('/hang/holder', narrow), { signal: holder.signal });
+    await eventually(() => hanging.length > hangsBefore, 'the first request is at the server');
+    const waiting = client.request(url('/second', narrow), { timeoutMs: 300 });
+    await expect(waiting).rejects.toMatchObject({ code: 'SOCKPOOL_ERR_TIMEOUT' });
+    holder.abort();
+    await expect(first).rejects.toMatchObject({ code: 'SOCKPOOL_ERR_ABORTED' });
+    // The slot is free again: the next request gets it.
+    const next = await client.request(url('/third', narrow));
+    expect(next.body.toString()).toBe('GET /third 0');
+    // Only the connection curl keeps for the next request is out.
+    await eventually(async () => (await leasedTo(daemon.socketPath, narrow.port)) === 1, 'no stray lease');
+  });
+
+  it('a request still queued behind a full thread times out in the caller, and never reaches the server', async () => {
+    const single = new SockpoolClient({ socketPath: daemon.socketPath, threads: 1, concurrencyPerThread: 1 });
+    try {
+      const hangsBefore = hanging.length;
+      const busy = single.request(url('/hang/busy'), { timeoutMs: 1000 });
+      await eventually(() => hanging.length > hangsBefore, 'the busy request is at the server');
+      await expect(single.request(url('/queued'), { timeoutMs: 200 })).rejects.toMatchObject({
+        code: 'SOCKPOOL_ERR_TIMEOUT',
+      });
+      await expect(busy).rejects.toMatchObject({ code: 'SOCKPOOL_ERR_TIMEOUT' });
+      // The queued task ran after the busy one and found its deadline gone: the server never saw it.
+      const after = await single.request(url('/after-queue'));
+      expect(after.status).toBe(200);
+      expect(hanging.length).toBe(hangsBefore + 1);
+    } finally {
+      await single.close();
+    }
+  });
+
+  it('aborting a streamed response after its head errors the body with SOCKPOOL_ERR_ABORTED', async () => {
+    const controller = new AbortController();
+    const hangsBefore = hanging.length;
+    const pending = client.fetch(url('/hang/stream'), { signal: controller.signal });
+    await eventually(() => hanging.length > hangsBefore, 'the server has the request');
+    const { response } = hanging.at(-1)!;
+    response.writeHead(200, { 'content-type': 'text/plain' });
+    response.write('first part;');
+    const fetched = await pending;
+    const reader = fetched.body!.getReader();
+    expect(new TextDecoder().decode((await reader.read()).value)).toBe('first part;');
+    controller.abort();
+    await expect(reader.read()).rejects.toMatchObject({ code: 'SOCKPOOL_ERR_ABORTED' });
+    await eventually(() => response.destroyed || response.socket?.destroyed === true, 'connection closed');
+  });
+
+  it('after all of that, no fd and no lease is left over', async () => {
+    const leasedBefore = await leasedTo(daemon.socketPath, origin.port);
+    const fdsBefore = clientFds();
+    const daemonFdsBefore = daemon.fdCount();
+    for (let i = 0; i < 20; i++) {
+      const controller = new AbortController();
+      const pending = client.request(url(`/hang/many-${i}`), { signal: controller.signal });
+      await eventually(() => hangingCount() > 0, 'request at the server');
+      controller.abort();
+      await expect(pending).rejects.toMatchObject({ code: 'SOCKPOOL_ERR_ABORTED' });
+      for (const entry of hanging) entry.response.destroy();
+    }
+    await settled(leasedBefore, fdsBefore, daemonFdsBefore);
+  });
+});
+
+describe('a worker thread that dies is replaced; its fds and leases go with it', () => {
+  /** A client with one thread, its link up; returns the fd counts to come back to. */
+  async function doomedClient() {
+    const dying = new SockpoolClient({ socketPath: daemon.socketPath, threads: 1, concurrencyPerThread: 16 });
+    await dying.stats(); // the thread and its daemon link are up
+    return { dying, fdsBefore: clientFds(), daemonFdsBefore: daemon.fdCount(), thread: dying[testHooks].threads() };
+  }
+
+  /** The thread is gone and replaced; everything it held is closed and the daemon freed its leases. */
+  async function afterDeath(
+    dying: SockpoolClient,
+    sockets: Array<{ destroyed: boolean }>,
+    before: { fdsBefore: number; daemonFdsBefore: number; thread: number[] },
+  ): Promise<void> {
+    // Its connections were closed (curl's cleanup, natively: no JavaScript runs in a dying thread) ...
+    await eventually(() => sockets.every((socket) => socket.destroyed), 'the server saw every connection close');
+    // ... and the daemon freed the leases when the thread's link closed (the addon closed it). Every connection
+    // to the origin still open is one the daemon holds idle: nothing is left in this process.
+    await eventually(async () => (await leasedTo(daemon.socketPath, doomed.port)) === 0, 'leases freed');
+    await eventually(
+      async () => doomed.sockets.size === (await originStats(daemon.socketPath, doomed.port)).idle,
+      'open connections = idle in the daemon',
+    );
+    // A new thread took its place and works.
+    await dying.stats();
+    expect(dying[testHooks].threads()).not.toEqual(before.thread);
+    expect((await dying.request(url('/after', doomed))).status).toBe(200);
+    // Same fds as before, plus the connection curl now keeps.
+    await eventually(() => clientFds() <= before.fdsBefore + 1, `client fds back to ${before.fdsBefore} + 1`);
+    await eventually(() => daemon.fdCount() <= before.daemonFdsBefore, `daemon fds back to ${before.daemonFdsBefore}`);
+  }
+
+  it('a thread that crashes (uncaught exception) fails its transfers in flight with SOCKPOOL_ERR_WORKER_EXITED', async () => {
+    const { dying, ...before } = await doomedClient();
+    try {
+      const hangsBefore = hanging.length;
+      // Five transfers in flight hold five leased connections (owned by curl in that thread).
+      const requests = Array.from({ length: 5 }, (_, i) =>
+        dying.request(url(`/hang/crash-${i}`, doomed)).then(
+          () => 'ok',
+          (error: { code?: string }) => error.code,
+        ),
+      );
+      await eventually(() => hanging.length === hangsBefore + 5, 'five requests at the server');
+      const sockets = hanging.slice(hangsBefore).map(({ request }) => request.socket);
+      expect(await leasedTo(daemon.socketPath, doomed.port)).toBe(5);
+
+      await dying[testHooks].crashWorker();
+
+      expect(await Promise.all(requests)).toEqual(Array(5).fill('SOCKPOOL_ERR_WORKER_EXITED'));
+      await afterDeath(dying, sockets, before);
+    } finally {
+      await dying.close();
+    }
+  });
+
+  it('a thread that piscina terminates (task cancellation) while curl keeps connections in it', async () => {
+    const { dying, ...before } = await doomedClient();
+    try {
+      // Five concurrent requests leave five keep-alive connections in curl's cache: leased, owned by curl.
+      const responses = await Promise.all(
+        Array.from({ length: 5 }, (_, i) =>
+          dying.request(url(`/cached-${i}`, doomed), { headers: { 'x-delay': '1' } }),
+        ),
+      );
+      expect(responses.map((response) => response.status)).toEqual(Array(5).fill(200));
+      // (one of them may be a socket the daemon held idle from earlier: all five connections are open now)
+      const sockets = [...doomed.sockets];
+      expect(sockets.length).toBeGreaterThanOrEqual(5);
+      expect(await leasedTo(daemon.socketPath, doomed.port)).toBe(5);
+
+      // piscina runs a cancellable task alone on an idle thread, and cancels it by terminating the thread.
+      await dying[testHooks].terminateWorker();
+
+      await afterDeath(dying, sockets, before);
+    } finally {
+      await dying.close();
+    }
+  });
+});

@@ -1,0 +1,146 @@
+// SockpoolClient under load: hundreds of transfers in flight across worker threads at once (each thread runs many
+// on its one libcurl Multi), and open-fd counts that stay put, in this process and in the daemon, over a thousand
+// requests and after close(). Real daemon child process, real HTTP server with a little server time per request.
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { SockpoolClient } from '../worker/index.js';
+import {
+  echoHandler,
+  eventually,
+  fdCount,
+  httpOrigin,
+  type Origin,
+  originStats,
+  startTestDaemon,
+} from './fixtures/client-helpers.js';
+import type { DaemonProcess } from './helpers/daemon.js';
+
+let origin: Origin;
+let daemon: DaemonProcess;
+/** Requests the server is answering right now, and the most at once. */
+let inFlight = 0;
+let maxInFlight = 0;
+
+/**
+ * While closed, the server holds its answers until `threshold` requests are in flight (or, as a safety net,
+ * `fallbackMs` passed: then the test's count is short and it fails), so that the load test sees every transfer
+ * the client can run at once really in flight together.
+ */
+const gate = {
+  open: true,
+  threshold: Number.POSITIVE_INFINITY,
+  waiting: [] as Array<() => void>,
+  timer: undefined as NodeJS.Timeout | undefined,
+  close(threshold: number, fallbackMs = 10_000) {
+    this.open = false;
+    this.threshold = threshold;
+    this.timer = setTimeout(() => this.release(), fallbackMs);
+  },
+  release() {
+    clearTimeout(this.timer);
+    this.open = true;
+    for (const answer of this.waiting.splice(0)) answer();
+  },
+};
+
+beforeAll(async () => {
+  const echo = echoHandler(20);
+  origin = await httpOrigin((request, response) => {
+    inFlight++;
+    maxInFlight = Math.max(maxInFlight, inFlight);
+    response.on('finish', () => inFlight--);
+    if (gate.open) {
+      echo(request, response);
+      return;
+    }
+    gate.waiting.push(() => echo(request, response));
+    if (inFlight >= gate.threshold) gate.release();
+  });
+  daemon = await startTestDaemon([origin.port]);
+});
+
+afterAll(async () => {
+  gate.release();
+  await daemon?.stop();
+  await origin?.close();
+});
+
+/** fds of the client alone: this process's, less the server-side sockets of the origin (it runs here too). */
+const clientFds = () => fdCount() - origin.sockets.size;
+/** fds of the daemon, less the idle sockets it keeps for the origin (those come and go with demand). */
+async function daemonFds(): Promise<number> {
+  return daemon.fdCount() - (await originStats(daemon.socketPath, origin.port)).idle;
+}
+
+/** No lease out, and every server-side socket still open is one the daemon holds idle (both ends have closed). */
+async function settled(): Promise<void> {
+  await eventually(async () => {
+    const stats = await originStats(daemon.socketPath, origin.port);
+    return stats.leased === 0 && origin.sockets.size === stats.idle;
+  }, 'connections settled');
+}
+
+async function noMoreThan(who: string, count: () => number | Promise<number>, limit: number): Promise<void> {
+  await eventually(async () => (await count()) <= limit, `${who} fds at most ${limit}`, 3000).catch(async (error) => {
+    throw new Error(`${(error as Error).message} (now ${await count()})`);
+  });
+}
+
+describe('hundreds of transfers in flight', () => {
+  it('400 requests at once on 2 threads × 64 transfers: all answered, 128 in flight together', async () => {
+    const client = new SockpoolClient({ socketPath: daemon.socketPath, threads: 2, concurrencyPerThread: 64 });
+    try {
+      maxInFlight = 0;
+      gate.close(128);
+      const responses = await Promise.all(
+        Array.from({ length: 400 }, (_, i) =>
+          client.request(`http://127.0.0.1:${origin.port}/r${i}`, {
+            method: i % 2 ? 'POST' : 'GET',
+            body: i % 2 ? 'xy' : undefined,
+          }),
+        ),
+      );
+      expect(responses.map((response) => response.body.toString())).toEqual(
+        Array.from({ length: 400 }, (_, i) => (i % 2 ? `POST /r${i} 2` : `GET /r${i} 0`)),
+      );
+      // Both threads ran their full 64 at once (HTTP/1.1: one connection per transfer in flight).
+      expect(maxInFlight).toBe(128);
+      const leased = (await originStats(daemon.socketPath, origin.port)).leased;
+      expect(leased).toBeGreaterThanOrEqual(128);
+      expect(leased).toBeLessThanOrEqual(128 + 2); // at most a spare per thread, never one per request
+    } finally {
+      await client.close();
+    }
+    // close() drained everything: curl closed its connections and told the daemon.
+    expect((await originStats(daemon.socketPath, origin.port)).leased).toBe(0);
+  });
+});
+
+describe('open fds stay put', () => {
+  it('over 1000 requests, in this process and in the daemon, and back to the start after close()', async () => {
+    await settled();
+    const clientBefore = clientFds();
+    const daemonBefore = await daemonFds();
+    const client = new SockpoolClient({ socketPath: daemon.socketPath, threads: 2, concurrencyPerThread: 16 });
+    const round = async (offset: number) => {
+      const responses = await Promise.all(
+        Array.from({ length: 100 }, (_, i) => client.request(`http://127.0.0.1:${origin.port}/f${offset + i}`)),
+      );
+      for (const response of responses) expect(response.status).toBe(200);
+    };
+    try {
+      for (let r = 0; r < 2; r++) await round(r * 100); // warm up: threads, links, curl's connection cache
+      const clientWarm = clientFds();
+      const daemonWarm = await daemonFds();
+      for (let r = 2; r < 10; r++) await round(r * 100);
+      // 800 more requests, and not one fd more on either side. (Each count is read from two sources a moment
+      // apart, /proc and the socket list or the daemon's stats, so a reading is retried until both agree.)
+      await noMoreThan('client', clientFds, clientWarm);
+      await noMoreThan('daemon', daemonFds, daemonWarm);
+    } finally {
+      await client.close();
+    }
+    await settled();
+    await noMoreThan('client', clientFds, clientBefore);
+    await noMoreThan('daemon', daemonFds, daemonBefore);
+  });
+});

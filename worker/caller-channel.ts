@@ -1,0 +1,182 @@
+// The caller's end of a request's MessagePort (see stream-protocol.ts): it forwards cancellation to the worker,
+// pumps a streamed request body into it under the upload window, and turns the response head and body chunks
+// coming back into a promise and a ReadableStream whose reads grant the worker more credit.
+//
+// The port pair is created here; `workerPort` is transferred to the worker with the task and closed there when the
+// transfer ends. This end closes when the response is complete, fails or is cancelled. It is unref'd: a response
+// nobody reads does not keep the process alive (piscina keeps it alive while the task runs).
+
+import { MessageChannel, type MessagePort } from 'node:worker_threads';
+import { ErrorCodes, fromPlainError, SockpoolError, toPlainError } from '../shared/errors.js';
+import {
+  type CallerMessage,
+  RESPONSE_WINDOW,
+  type ResponseHead,
+  UPLOAD_CHUNK,
+  UPLOAD_WINDOW,
+  type WorkerMessage,
+} from './stream-protocol.js';
+
+export type BodyStream = ReadableStream<Uint8Array> | AsyncIterable<Uint8Array>;
+
+export interface CallerChannelOptions {
+  /** The response body comes back as a stream (else the worker returns it whole through piscina). */
+  streamResponse: boolean;
+  /** A request body to send in chunks. */
+  upload?: BodyStream | undefined;
+}
+
+export class CallerChannel {
+  /** Goes to the worker with the task (transferList). */
+  readonly workerPort: MessagePort;
+  /** Resolves with the response head (streamed responses only). */
+  readonly head: Promise<ResponseHead>;
+  /** The response body (streamed responses only). */
+  readonly body: ReadableStream<Uint8Array> | undefined;
+  #port: MessagePort;
+  #done = false;
+  #resolveHead!: (head: ResponseHead) => void;
+  #rejectHead!: (error: Error) => void;
+  #body: ReadableStreamDefaultController<Uint8Array> | undefined;
+  /** Response bytes received, and the consumed count last granted to the worker. */
+  #received = 0;
+  #granted = 0;
+  /** Request body bytes curl has read (worker's acks), and a pump waiting for them. */
+  #acked = 0;
+  #wakePump: (() => void) | undefined;
+
+  constructor(options: CallerChannelOptions) {
+    const { port1, port2 } = new MessageChannel();
+    this.#port = port1;
+    this.workerPort = port2;
+    this.head = new Promise<ResponseHead>((resolve, reject) => {
+      this.#resolveHead = resolve;
+      this.#rejectHead = reject;
+    });
+    // Only streamed responses have a head here; keep an unused rejection from being reported as unhandled.
+    this.head.catch(() => {});
+    if (options.streamResponse) {
+      this.body = new ReadableStream<Uint8Array>(
+        {
+          start: (controller) => {
+            this.#body = controller;
+          },
+          pull: () => this.#grant(),
+          cancel: () => this.abort(new SockpoolError(ErrorCodes.ABORTED, 'the response body was cancelled')),
+        },
+        { highWaterMark: RESPONSE_WINDOW, size: (chunk) => chunk?.byteLength ?? 0 },
+      );
+    }
+    port1.on('message', (message: WorkerMessage) => this.#onMessage(message));
+    port1.unref();
+    if (options.upload) void this.#pump(options.upload);
+  }
+
+  /** Cancels the transfer in the worker and fails whatever is still open here with `error`. */
+  abort(error: Error): void {
+    if (this.#done) return;
+    this.#post({ t: 'abort', error: toPlainError(error) });
+    this.fail(error);
+  }
+
+  /** Fails the head and the body with `error` (the worker died, or the request was aborted) and closes. */
+  fail(error: Error): void {
+    if (this.#done) return;
+    this.#rejectHead(error);
+    try {
+      this.#body?.error(error);
+    } catch {
+      // already closed or errored
+    }
+    this.close();
+  }
+
+  close(): void {
+    if (this.#done) return;
+    this.#done = true;
+    this.#wakePump?.();
+    this.#port.close();
+  }
+
+  #onMessage(message: WorkerMessage): void {
+    if (this.#done) return;
+    switch (message.t) {
+      case 'head':
+        this.#resolveHead(message.head);
+        return;
+      case 'data':
+        for (const chunk of message.chunks) {
+          this.#received += chunk.byteLength;
+          this.#body?.enqueue(chunk);
+        }
+        return;
+      case 'end':
+        this.#body?.close();
+        this.close();
+        return;
+      case 'error':
+        this.fail(fromPlainError(message.error));
+        return;
+      case 'ack':
+        this.#acked = Math.max(this.#acked, message.consumed);
+        this.#wakePump?.();
+        return;
+    }
+  }
+
+  /** pull(): the reader took data; tell the worker how much has been consumed in all (see stream-protocol.ts). */
+  #grant(): void {
+    if (!this.#body || this.#done) return;
+    const queued = RESPONSE_WINDOW - (this.#body.desiredSize ?? RESPONSE_WINDOW);
+    const consumed = this.#received - Math.max(0, queued);
+    if (consumed > this.#granted && (consumed - this.#granted >= RESPONSE_WINDOW / 4 || queued <= 0)) {
+      this.#granted = consumed;
+      this.#post({ t: 'credit', consumed });
+    }
+  }
+
+  /** Sends the request body, never more than UPLOAD_WINDOW bytes ahead of what curl has read. */
+  async #pump(upload: BodyStream): Promise<void> {
+    let sent = 0;
+    try {
+      for await (const raw of upload) {
+        if (this.#done) return;
+        const chunk = bytesOf(raw);
+        for (let offset = 0; offset < chunk.byteLength; offset += UPLOAD_CHUNK) {
+          while (sent - this.#acked >= UPLOAD_WINDOW && !this.#done) {
+            await new Promise<void>((resolve) => {
+              this.#wakePump = resolve;
+            });
+            this.#wakePump = undefined;
+          }
+          if (this.#done) return;
+          // A copy in a buffer of its own, transferred (the caller may reuse or pool its chunk).
+          const piece = chunk.slice(offset, offset + UPLOAD_CHUNK);
+          sent += piece.byteLength; // (before the transfer detaches it)
+          this.#post({ t: 'data', data: piece }, [piece.buffer as ArrayBuffer]);
+        }
+      }
+      this.#post({ t: 'end' });
+    } catch (error) {
+      const failure =
+        error instanceof SockpoolError
+          ? error
+          : new SockpoolError(ErrorCodes.REQUEST_BODY, `the request body stream failed: ${(error as Error)?.message}`);
+      this.#post({ t: 'body-error', error: toPlainError(failure) });
+    }
+  }
+
+  #post(message: CallerMessage, transfer?: ArrayBuffer[]): void {
+    if (this.#done) return;
+    this.#port.postMessage(message, transfer);
+  }
+}
+
+/** A streamed body's chunk as a plain Uint8Array (a fresh one: slice() below copies). */
+function bytesOf(chunk: unknown): Uint8Array {
+  if (chunk instanceof Uint8Array) return new Uint8Array(chunk.buffer, chunk.byteOffset, chunk.byteLength);
+  if (typeof chunk === 'string') return new TextEncoder().encode(chunk);
+  if (ArrayBuffer.isView(chunk)) return new Uint8Array(chunk.buffer, chunk.byteOffset, chunk.byteLength);
+  if (chunk instanceof ArrayBuffer) return new Uint8Array(chunk);
+  throw new SockpoolError(ErrorCodes.REQUEST_BODY, `a request body stream yielded ${typeof chunk}, not bytes`);
+}

@@ -1,0 +1,54 @@
+// Messages on a request's own MessagePort, between the caller's thread (SockpoolClient) and the worker thread that
+// runs the transfer. A request gets a port only when it needs one: an AbortSignal, a streamed request body or a
+// streamed response body. Buffered requests without a signal go through piscina alone.
+//
+// Flow control is by credit, in bytes, each side acknowledging what it consumed (absolute counts, so a lost
+// acknowledgement is made good by the next): the worker sends response data while `sent - consumed` is below
+// RESPONSE_WINDOW, then pauses curl's receiving (CURL_WRITEFUNC_PAUSE) until the caller's reads catch up; the caller
+// sends request body data while `sent - acked` is below UPLOAD_WINDOW, and curl's READFUNCTION pauses
+// (CURL_READFUNC_PAUSE) when the worker has nothing buffered.
+
+import type { PlainError } from '../shared/errors.js';
+import type { TransferTimings } from './curl-engine.js';
+
+/** Response bytes the worker may have sent beyond what the caller has read. */
+export const RESPONSE_WINDOW = 1024 * 1024;
+/** Request body bytes the caller may have sent beyond what curl has read. */
+export const UPLOAD_WINDOW = 1024 * 1024;
+/** The worker gathers response chunks into messages of about this many bytes. */
+export const RESPONSE_CHUNK = 64 * 1024;
+/** The caller splits request body chunks to at most this size. */
+export const UPLOAD_CHUNK = 64 * 1024;
+
+/** Status line and headers of the final response, as soon as they are complete. */
+export interface ResponseHead {
+  status: number;
+  headers: Array<[string, string]>;
+  url: string;
+  httpVersion: string;
+  warm: boolean;
+  connection: 'leased' | 'reused' | 'direct';
+  /** Timings up to the response head (totalMs: until then). */
+  timings: TransferTimings;
+}
+
+/** Caller → worker. */
+export type CallerMessage =
+  /** Cancel the transfer (AbortSignal, timeout seen first by the caller, or the response body was cancelled). */
+  | { t: 'abort'; error: PlainError }
+  /** Response bytes the caller has consumed so far. */
+  | { t: 'credit'; consumed: number }
+  /** Request body data, the end of it, or the failure of the caller's stream. */
+  | { t: 'data'; data: Uint8Array }
+  | { t: 'end' }
+  | { t: 'body-error'; error: PlainError };
+
+/** Worker → caller. */
+export type WorkerMessage =
+  | { t: 'head'; head: ResponseHead }
+  /** Response body chunks, in order (their buffers are transferred). */
+  | { t: 'data'; chunks: Uint8Array[] }
+  | { t: 'end' }
+  | { t: 'error'; error: PlainError }
+  /** Request body bytes curl has read so far. */
+  | { t: 'ack'; consumed: number };

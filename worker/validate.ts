@@ -1,0 +1,95 @@
+// Everything a caller passes is checked in the caller's thread, before it reaches a worker or curl: URL scheme,
+// method token, header names and values (no CR, LF or NUL: no header injection), the body's type, the timeout.
+
+import { ErrorCodes, SockpoolError } from '../shared/errors.js';
+import type { BodyStream } from './caller-channel.js';
+
+export type HeadersInput = Record<string, string> | Array<[string, string]> | Headers;
+
+/** A request body: given whole, or streamed (ReadableStream or any AsyncIterable of bytes). */
+export type BodyInput = string | Uint8Array | ArrayBuffer | ArrayBufferView | Blob | BodyStream;
+
+export interface RequestOptions {
+  method?: string;
+  headers?: HeadersInput;
+  body?: BodyInput | null;
+  /** Overrides the client's timeoutMs for this request: acquire, connect, transfer and (streamed) body reading. */
+  timeoutMs?: number;
+  signal?: AbortSignal | null;
+}
+
+const TOKEN = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
+const FORBIDDEN_VALUE = /[\r\n\0]/;
+
+export function invalid(message: string, fields: Record<string, string> = {}): SockpoolError {
+  return new SockpoolError(ErrorCodes.INVALID_ARGUMENT, message, fields);
+}
+
+/** Checks everything curl would otherwise be handed blindly: URL scheme, method token, header names and values. */
+export function validateRequest(
+  url: string | URL,
+  options: Pick<RequestOptions, 'method' | 'headers'>,
+): {
+  url: URL;
+  method: string;
+  headers: Array<[string, string]>;
+} {
+  let parsed: URL;
+  try {
+    parsed = new URL(String(url));
+  } catch {
+    throw invalid(`invalid URL: ${JSON.stringify(String(url))}`);
+  }
+  if (parsed.protocol !== 'http:' && parsed.protocol !== 'https:') {
+    throw invalid(`unsupported URL scheme ${parsed.protocol} (http and https only)`, { url: parsed.href });
+  }
+  if (parsed.username || parsed.password) throw invalid('credentials in the URL are not supported');
+  const method = (options.method ?? 'GET').toUpperCase();
+  if (!TOKEN.test(method)) throw invalid(`invalid HTTP method ${JSON.stringify(options.method)}`);
+  if (method === 'CONNECT') throw invalid('CONNECT is not supported');
+  const headers: Array<[string, string]> = [];
+  const source =
+    options.headers instanceof Headers
+      ? [...options.headers.entries()]
+      : Array.isArray(options.headers)
+        ? options.headers
+        : Object.entries(options.headers ?? {});
+  for (const [name, value] of source) {
+    if (typeof name !== 'string' || !TOKEN.test(name)) throw invalid(`invalid header name ${JSON.stringify(name)}`);
+    if (typeof value !== 'string' || FORBIDDEN_VALUE.test(value)) {
+      throw invalid(`invalid value for header ${name}: CR, LF and NUL are not allowed`);
+    }
+    headers.push([name, value]);
+  }
+  return { url: parsed, method, headers };
+}
+
+export function validateTimeout(timeoutMs: unknown, what = 'timeoutMs'): number {
+  if (typeof timeoutMs !== 'number' || !Number.isFinite(timeoutMs) || timeoutMs <= 0) {
+    throw invalid(`${what} must be a positive number of milliseconds`);
+  }
+  return timeoutMs;
+}
+
+/** A body as bytes to send whole, or a stream to send in chunks. */
+export async function classifyBody(
+  body: BodyInput | null | undefined,
+): Promise<{ bytes?: Uint8Array; stream?: BodyStream }> {
+  if (body === undefined || body === null) return {};
+  if (typeof body === 'string') return { bytes: Buffer.from(body) };
+  if (body instanceof Uint8Array) return { bytes: body };
+  if (body instanceof ArrayBuffer) return { bytes: new Uint8Array(body) };
+  if (ArrayBuffer.isView(body)) return { bytes: new Uint8Array(body.buffer, body.byteOffset, body.byteLength) };
+  if (body instanceof Blob) return { bytes: new Uint8Array(await body.arrayBuffer()) };
+  if (body instanceof ReadableStream) return { stream: body };
+  if (typeof (body as AsyncIterable<Uint8Array>)[Symbol.asyncIterator] === 'function') return { stream: body };
+  throw invalid('body must be a string, bytes, a Blob, a ReadableStream or an AsyncIterable of bytes');
+}
+
+/** content-length given by the caller for a streamed body (curl then sends it as is instead of chunked). */
+export function declaredLength(headers: Array<[string, string]>): number | undefined {
+  const header = headers.find(([name]) => name.toLowerCase() === 'content-length');
+  if (!header) return undefined;
+  if (!/^\d{1,15}$/.test(header[1].trim())) throw invalid(`invalid content-length ${JSON.stringify(header[1])}`);
+  return Number(header[1].trim());
+}
