@@ -45,6 +45,12 @@ export interface SockpoolClientOptions {
   caFile?: string;
   /** Disable TLS verification. Only for tests against throwaway servers. */
   insecure?: boolean;
+  /**
+   * A forward proxy, `http://host:port`: the daemon connects to it (it must pass the daemon's egress policy), and
+   * curl speaks proxy HTTP (or CONNECT, for https) over the handed socket. Default: none (environment variables
+   * such as http_proxy are ignored: only the daemon decides where sockets go).
+   */
+  proxy?: string;
 }
 
 export type SockpoolTimings = TransferResult['timings'] & { queueMs: number };
@@ -95,7 +101,10 @@ interface Prepared {
 
 export class SockpoolClient {
   #pool: Piscina;
-  #options: Required<Omit<SockpoolClientOptions, 'caFile'>> & { caFile: string | undefined };
+  #options: Required<Omit<SockpoolClientOptions, 'caFile' | 'proxy'>> & {
+    caFile: string | undefined;
+    proxy: { host: string; port: number } | undefined;
+  };
   #closing: Promise<void> | undefined;
 
   constructor(options: SockpoolClientOptions = {}) {
@@ -117,6 +126,7 @@ export class SockpoolClient {
       fallback: options.fallback ?? 'fail',
       caFile: options.caFile,
       insecure: options.insecure ?? false,
+      proxy: options.proxy === undefined ? undefined : parseProxy(options.proxy),
     };
     const workerData: WorkerConfig = {
       socketPath: this.#options.socketPath,
@@ -258,6 +268,7 @@ export class SockpoolClient {
       acquireTimeoutMs: this.#options.acquireTimeoutMs,
       caFile: this.#options.caFile,
       insecure: this.#options.insecure,
+      proxy: this.#options.proxy,
       directFallback: this.#options.fallback === 'direct',
     };
     return { request, signal, upload: body.stream, queued };
@@ -313,4 +324,21 @@ export class SockpoolClient {
 
 function queueMs(queued: number, timings: { totalMs: number; acquireMs: number }): number {
   return Math.max(0, performance.now() - queued - timings.totalMs - timings.acquireMs);
+}
+
+/** `http://host:port` → the proxy's endpoint; anything else is a typed error naming the option. */
+function parseProxy(proxy: string): { host: string; port: number } {
+  let url: URL;
+  try {
+    url = new URL(proxy);
+  } catch {
+    throw invalid(`proxy must be a URL like http://host:port, got ${JSON.stringify(proxy)}`);
+  }
+  if (url.protocol !== 'http:' || url.pathname !== '/' || url.search || url.username) {
+    throw invalid(
+      `proxy must be http://host:port (no path, credentials or other scheme), got ${JSON.stringify(proxy)}`,
+    );
+  }
+  const host = url.hostname.startsWith('[') ? url.hostname.slice(1, -1) : url.hostname;
+  return { host, port: url.port ? Number(url.port) : 80 };
 }

@@ -26,7 +26,7 @@ import {
   Multi,
 } from 'node-libcurl';
 import { ErrorCodes, type PlainError, SockpoolError, toPlainError } from '../shared/errors.js';
-import { originOfUrl } from '../shared/origin.js';
+import { originKey, originOfUrl } from '../shared/origin.js';
 import { BufferSink, type ResponseSink } from './response-sink.js';
 import type { SocketSlot, SocketSupply } from './socket-supply.js';
 import type { ResponseHead } from './stream-protocol.js';
@@ -53,6 +53,8 @@ export interface TransferRequest {
   insecure?: boolean | undefined;
   /** With no daemon, let curl connect by itself instead of failing. */
   directFallback?: boolean | undefined;
+  /** Forward proxy the daemon connects to; curl speaks proxy HTTP or CONNECT over the handed socket. */
+  proxy?: { host: string; port: number } | undefined;
 }
 
 export interface TransferTimings {
@@ -223,6 +225,7 @@ export class CurlEngine {
       let slot: SocketSlot;
       try {
         slot = await this.#supply.prepare(origin.host, origin.port, {
+          proxy: request.proxy,
           secure,
           timeoutMs: Math.min(request.acquireTimeoutMs, remaining),
           force: forceSocket,
@@ -412,14 +415,20 @@ export class CurlEngine {
         this.#pinned.set(slot.originKey, slot.lease.address);
         if (this.#pinned.size > MAX_PINNED) this.#pinned.delete(this.#pinned.keys().next().value!);
       }
-      const host = url.hostname.startsWith('[') ? url.hostname.slice(1, -1) : url.hostname;
+      // The socket goes to the proxy when there is one: that is the name curl must find at the lease's address.
+      const target = request.proxy ?? { host: url.hostname, port: origin.port };
+      const host = target.host.startsWith('[') ? target.host.slice(1, -1) : target.host;
       if (address) {
         const literal = address.includes(':') ? `[${address}]` : address;
-        easy.setOpt('RESOLVE', [`${host}:${origin.port}:${literal}`]);
+        easy.setOpt('RESOLVE', [`${host}:${target.port}:${literal}`]);
       }
     } else {
       easy.setOpt('RESOLVE', null);
     }
+    // Only the configured proxy, never one from the environment (http_proxy and friends): the daemon decides
+    // where sockets go, and a handed socket is connected to exactly one place. '' means no proxy.
+    const proxyHost = request.proxy?.host.includes(':') ? `[${request.proxy.host}]` : request.proxy?.host;
+    easy.setOpt('PROXY', request.proxy ? `http://${proxyHost}:${request.proxy.port}` : '');
     if (attempt.mode === 'direct') {
       // curl connects by itself: its default socket callbacks for this attempt (restored in #perform).
       easy.setOpt('OPENSOCKETFUNCTION', null);
@@ -443,7 +452,7 @@ export class CurlEngine {
       io,
       slot,
       mode: slot ? 'leased' : 'direct',
-      originKey: `${origin.host}:${origin.port}`,
+      originKey: slot?.originKey ?? originKey({ host: origin.host, port: origin.port, proxy: request.proxy }),
       secure: url.protocol === 'https:',
       acquireMs,
       headers: [],

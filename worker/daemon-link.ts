@@ -73,10 +73,16 @@ export class DaemonLink {
 
   /** A connected socket for host:port. Rejects with signal.reason when `signal` aborts first (a lease that arrives
    *  after that goes back to the daemon). */
-  async acquire(host: string, port: number, timeoutMs: number, signal?: AbortSignal): Promise<Lease> {
+  async acquire(
+    host: string,
+    port: number,
+    timeoutMs: number,
+    signal?: AbortSignal,
+    proxy?: { host: string; port: number },
+  ): Promise<Lease> {
     const ms = Math.max(1, Math.ceil(timeoutMs));
     const { message, fds, generation } = await this.#request(
-      { type: 'acquire', host, port, timeoutMs: ms },
+      { type: 'acquire', host, port, timeoutMs: ms, ...(proxy ? { proxy } : {}) },
       ms + 1000,
       signal,
     );

@@ -54,6 +54,8 @@ interface OriginState {
 }
 
 export interface PrepareOptions {
+  /** The forward proxy the socket must be connected to (part of the origin's key). */
+  proxy?: { host: string; port: number } | undefined;
   /** https: the protocol is negotiated (ALPN); http: always HTTP/1.1. */
   secure: boolean;
   timeoutMs: number;
@@ -99,7 +101,7 @@ export class SocketSupply {
 
   /** Starts a transfer's accounting; acquires a socket when one will probably be needed (see the header). */
   async prepare(host: string, port: number, options: PrepareOptions): Promise<SocketSlot> {
-    const key = originKey({ host, port });
+    const key = originKey({ host, port, proxy: options.proxy });
     const origin = this.#origin(key);
     origin.inFlight++;
     const slot: SocketSlot = { originKey: key, lease: undefined, starved: false, taken: false };
@@ -124,7 +126,7 @@ export class SocketSupply {
         slot.first = origin.firstSocket;
       }
       try {
-        slot.lease = await this.#link.acquire(host, port, options.timeoutMs, options.signal);
+        slot.lease = await this.#link.acquire(host, port, options.timeoutMs, options.signal, options.proxy);
       } catch (error) {
         origin.supplying--;
         origin.inFlight--;
