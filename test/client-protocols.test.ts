@@ -204,6 +204,22 @@ describe('a handed connection that is dead at request time', () => {
   });
 });
 
+describe('retry policy', () => {
+  it('retry.deadConnection false fails a GET on a dead handed connection instead of retrying it', async () => {
+    const strict = new SockpoolClient({ socketPath: daemon.socketPath, threads: 1, retry: { deadConnection: false } });
+    try {
+      const before = flaky.connections;
+      await expect(strict.request(`http://127.0.0.1:${flaky.port}/get-strict`)).rejects.toMatchObject({
+        code: 'SOCKPOOL_ERR_TRANSFER',
+        deadConnection: true,
+      });
+      expect(flaky.connections - before).toBe(1);
+    } finally {
+      await strict.close();
+    }
+  });
+});
+
 describe('invalid input is refused before it reaches a worker', () => {
   const bad: Array<[string, () => Promise<unknown>]> = [
     ['a header name with a space', () => client.request('http://127.0.0.1:1/', { headers: { 'bad name': 'x' } })],

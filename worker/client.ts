@@ -51,6 +51,12 @@ export interface SockpoolClientOptions {
    * such as http_proxy are ignored: only the daemon decides where sockets go).
    */
   proxy?: string;
+  /**
+   * Retry policy for a handed connection that turns out dead under the request (reset, EOF before any response):
+   * `deadConnection` (default true) runs such a request once more on a fresh socket when its method is in
+   * `methods` (default the idempotent ones: GET HEAD OPTIONS PUT DELETE TRACE).
+   */
+  retry?: { deadConnection?: boolean; methods?: string[] };
 }
 
 export type SockpoolTimings = TransferResult['timings'] & { queueMs: number };
@@ -101,7 +107,8 @@ interface Prepared {
 
 export class SockpoolClient {
   #pool: Piscina;
-  #options: Required<Omit<SockpoolClientOptions, 'caFile' | 'proxy'>> & {
+  #options: Required<Omit<SockpoolClientOptions, 'caFile' | 'proxy' | 'retry'>> & {
+    retry: { deadConnection: boolean; methods: string[] };
     caFile: string | undefined;
     proxy: { host: string; port: number } | undefined;
   };
@@ -127,6 +134,12 @@ export class SockpoolClient {
       caFile: options.caFile,
       insecure: options.insecure ?? false,
       proxy: options.proxy === undefined ? undefined : parseProxy(options.proxy),
+      retry: {
+        deadConnection: options.retry?.deadConnection ?? true,
+        methods: (options.retry?.methods ?? ['GET', 'HEAD', 'OPTIONS', 'PUT', 'DELETE', 'TRACE']).map((method) =>
+          method.toUpperCase(),
+        ),
+      },
     };
     const workerData: WorkerConfig = {
       socketPath: this.#options.socketPath,
@@ -269,6 +282,8 @@ export class SockpoolClient {
       caFile: this.#options.caFile,
       insecure: this.#options.insecure,
       proxy: this.#options.proxy,
+      retryDeadConnection: this.#options.retry.deadConnection,
+      retryMethods: this.#options.retry.methods,
       directFallback: this.#options.fallback === 'direct',
     };
     return { request, signal, upload: body.stream, queued };

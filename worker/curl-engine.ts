@@ -55,6 +55,9 @@ export interface TransferRequest {
   directFallback?: boolean | undefined;
   /** Forward proxy the daemon connects to; curl speaks proxy HTTP or CONNECT over the handed socket. */
   proxy?: { host: string; port: number } | undefined;
+  /** Run a request whose handed connection died once more (default true), for these methods (default idempotent). */
+  retryDeadConnection?: boolean | undefined;
+  retryMethods?: string[] | undefined;
 }
 
 export interface TransferTimings {
@@ -214,7 +217,9 @@ export class CurlEngine {
     const url = new URL(request.url);
     const origin = originOfUrl(url);
     const secure = url.protocol === 'https:';
-    const idempotent = IDEMPOTENT_METHODS.has(request.method);
+    const retryable =
+      request.retryDeadConnection !== false &&
+      (request.retryMethods ? request.retryMethods.includes(request.method) : IDEMPOTENT_METHODS.has(request.method));
     let forceSocket = false;
     let retriedDead = false;
     for (let attempt = 0; ; attempt++) {
@@ -255,7 +260,7 @@ export class CurlEngine {
       // curl needed a new connection and we had not prepared one: once more, with a socket.
       if (slot.starved && !slot.taken && attempt < 2 && again()) continue;
       // The handed (or cached) connection died under the request: one retry on a fresh socket.
-      if (idempotent && !retriedDead && DEAD_CONNECTION_CODES.has(result.curlCode) && again()) {
+      if (retryable && !retriedDead && DEAD_CONNECTION_CODES.has(result.curlCode) && again()) {
         retriedDead = true;
         continue;
       }
