@@ -1,15 +1,17 @@
 // sockpoold as a real child process, real TCP servers on loopback, a bare protocol client: handoffs, refill,
 // limits and the fair queue, leases freed on disconnect, bad input, reload, restart from history, fd counts.
+import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { writeFileSync } from 'node:fs';
 import { Socket } from 'node:net';
+import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterEach, describe, expect, it } from 'vitest';
 import * as native from '../shared/native.js';
 import { MAX_MESSAGE_BYTES } from '../shared/protocol.js';
 import { startServer, type TestServer } from './fixtures/native-helpers.js';
-import { type DaemonProcess, eventually, startDaemon, writeConfigFile } from './helpers/daemon.js';
-import { openRawClient, RawClient } from './helpers/raw-client.js';
+import { type DaemonProcess, eventually, repoRoot, startDaemon, writeConfigFile } from './helpers/daemon.js';
+import { openRawClient, type RawClient } from './helpers/raw-client.js';
 
 const cleanups: Array<() => unknown> = [];
 afterEach(async () => {
@@ -133,20 +135,31 @@ describe('forward proxies', () => {
 });
 
 describe('limits and the fair queue', () => {
-  it('counts leases across clients against maxPerOrigin and frees them when a client disconnects', async () => {
+  it('counts leases of two client processes against maxPerOrigin and frees them when one exits', async () => {
     const echo = await server();
     const sockpoold = await daemon(echo.port, [], { pool: { defaults: { maxPerOrigin: 2, maxIdle: 2 } } });
-    const first = new RawClient(sockpoold.socketPath);
+    // Another process takes both slots and holds them.
+    const holder = spawn(
+      process.execPath,
+      [
+        join(repoRoot, 'test', 'fixtures', 'lease-holder.mjs'),
+        sockpoold.socketPath,
+        '127.0.0.1',
+        String(echo.port),
+        '2',
+      ],
+      { stdio: ['ignore', 'pipe', 'inherit'] },
+    );
+    cleanups.push(() => holder.kill('SIGKILL'));
+    const [line] = (await once(holder.stdout!, 'data')) as [Buffer];
+    expect(line.toString().trim()).toBe('held 2');
+    // This process waits in the queue...
     const second = client(sockpoold.socketPath);
-    const a = await first.request({ type: 'acquire', id: 1, host: '127.0.0.1', port: echo.port });
-    const b = await first.request({ type: 'acquire', id: 2, host: '127.0.0.1', port: echo.port });
-    expect([a.message?.type, b.message?.type]).toEqual(['lease', 'lease']);
-    // The second client waits in the queue...
     second.sendJson({ type: 'acquire', id: 7, host: '127.0.0.1', port: echo.port, timeoutMs: 20_000 });
     await eventually(async () => (await stats(second, 50)).waiting === 1, 'second client queued');
-    // ...until the first disconnects: its leases end (its fds still hold the connections, then close).
-    for (const fd of [...a.fds, ...b.fds]) native.close(fd);
-    first.close();
+    expect((await stats(second, 51)).leased).toBe(2);
+    // ...until the other process dies: the daemon ends its leases and serves the queue.
+    holder.kill('SIGKILL');
     const reply = await second.receive();
     expect(reply.message).toMatchObject({ type: 'lease', id: 7 });
     for (const fd of reply.fds) native.close(fd);
