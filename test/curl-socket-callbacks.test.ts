@@ -27,6 +27,7 @@ import {
   Multi,
 } from 'node-libcurl';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { requirePrerequisite } from './helpers/require.js';
 import { createTestPki, type TestPki } from './helpers/tls.js';
 
 const libcurlPath = createRequire(import.meta.url).resolve('node-libcurl');
@@ -313,8 +314,8 @@ describe('callbacks that refuse or fail', () => {
     expect(server.connections.length).toBe(before);
   });
 
-  it('OPENSOCKETFUNCTION gets IPv6 addresses without brackets', async (context) => {
-    if (!(await canListen('::1'))) context.skip();
+  it('OPENSOCKETFUNCTION gets IPv6 addresses without brackets', async () => {
+    requirePrerequisite(await canListen('::1'), 'an IPv6 loopback address (::1)');
     const addresses: CurlSockAddr[] = [];
     const curl = new Curl();
     curl.setOpt('URL', 'http://[::1]:8/');

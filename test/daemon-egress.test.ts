@@ -14,6 +14,7 @@ import type { ErrorReply, LeaseReply } from '../shared/protocol.js';
 import { type DaemonProcess, startDaemon, writeConfigFile } from './helpers/daemon.js';
 import { createNetns, type Netns, type NetnsAgent, netnsSupported } from './helpers/netns.js';
 import { openRawClient, type RawClient } from './helpers/raw-client.js';
+import { requirePrerequisite } from './helpers/require.js';
 
 const PORT = 443; // allowed by default
 const OTHER_PORT = 8080; // not in the default allowPorts
@@ -117,7 +118,8 @@ async function roundTrip(fd: number, text: string): Promise<string> {
   }
 }
 
-describe.runIf(netnsSupported())('egress policy with the daemon inside a namespace with no route out', () => {
+describe('egress policy with the daemon inside a namespace with no route out', () => {
+  requirePrerequisite(netnsSupported(), 'root and iproute2 (ip netns)');
   let ns: Netns;
   let agent: NetnsAgent;
   let dnsServer: string;

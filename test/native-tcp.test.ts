@@ -15,6 +15,7 @@ import {
   waitForEvents,
   warmUpChildProcesses,
 } from './fixtures/native-helpers.js';
+import { requirePrerequisite } from './helpers/require.js';
 
 const setMarkFixture = fileURLToPath(new URL('./fixtures/native-setmark.mjs', import.meta.url));
 const isRoot = process.getuid?.() === 0;
@@ -64,7 +65,8 @@ beforeAll(async () => {
 describe('connectTcp', () => {
   for (const host of ['127.0.0.1', '::1']) {
     const family = host === '::1' ? 6 : 4;
-    it.runIf(family === 4 || hasIpv6Loopback)(`connects to ${host} and the connection carries data`, async () => {
+    it(`connects to ${host} and the connection carries data`, async () => {
+      if (family === 6) requirePrerequisite(hasIpv6Loopback, 'an IPv6 loopback address (::1)');
       const server = await startServer(host);
       const before = fdCount();
       const fd = await connectTcp(host, server.port, {
@@ -135,7 +137,8 @@ describe('connectTcp', () => {
 
   // A veth pair whose far end sits in a fresh network namespace; a permanent neighbour entry sends our SYNs to a
   // MAC address nobody has, so they vanish: no reply, no ICMP, the connect can only time out.
-  it.runIf(canMakeNetns)('rejects with ETIMEDOUT when SYNs go unanswered', async () => {
+  it('rejects with ETIMEDOUT when SYNs go unanswered', async () => {
+    requirePrerequisite(canMakeNetns, 'root and iproute2 (ip netns, veth)');
     const suffix = process.pid % 100_000;
     const namespace = `sockpool-test-${process.pid}`;
     const hostSide = `spt${suffix}h`;
@@ -212,7 +215,8 @@ describe('socket options', () => {
     native.close(right);
   });
 
-  it.runIf(isRoot)('setMark without CAP_NET_ADMIN throws EPERM (unprivileged child)', async () => {
+  it('setMark without CAP_NET_ADMIN throws EPERM (unprivileged child)', async () => {
+    requirePrerequisite(isRoot, 'root (to start a child as another uid)');
     const child = spawn(process.execPath, [setMarkFixture], {
       uid: 65534,
       gid: 65534,
