@@ -41,8 +41,18 @@ export class BufferSink implements ResponseSink {
     this.#bytes = 0;
   }
 
+  /**
+   * The whole body, exact size and not from Node's shared buffer pool: it is moved (transferred, not copied) to
+   * the caller's thread, and a pooled slice would drag its whole 8 KiB pool along by structured clone.
+   */
   body(): Buffer {
-    return Buffer.concat(this.#chunks, this.#bytes);
+    const body = Buffer.from(new ArrayBuffer(this.#bytes));
+    let offset = 0;
+    for (const chunk of this.#chunks) {
+      body.set(chunk, offset);
+      offset += chunk.length;
+    }
+    return body;
   }
 }
 

@@ -11,6 +11,7 @@
 // See socket-supply.ts for each step.
 
 import { type MessagePort, workerData } from 'node:worker_threads';
+import { Piscina } from 'piscina';
 import { ErrorCodes, fromPlainError, SockpoolError, toPlainError } from '../shared/errors.js';
 import { CurlEngine, epochNow, type TransferOutcome, type TransferRequest, timeoutError } from './curl-engine.js';
 import { DaemonLink } from './daemon-link.js';
@@ -99,8 +100,18 @@ async function runRequest(request: TransferRequest, port: MessagePort | undefine
 
 export default async function runTask(task: Task): Promise<TaskResult> {
   switch (task.kind) {
-    case 'request':
-      return runRequest(task.request, task.port);
+    case 'request': {
+      const outcome = await runRequest(task.request, task.port);
+      // The body's memory moves to the caller's thread instead of being copied.
+      if (outcome.ok && 'result' in outcome && outcome.result.body.byteLength > 0) {
+        const movable = {
+          [Piscina.transferableSymbol]: outcome.result.body.buffer,
+          [Piscina.valueSymbol]: outcome,
+        };
+        return Piscina.move(movable as unknown as Parameters<typeof Piscina.move>[0]) as unknown as TaskResult;
+      }
+      return outcome;
+    }
     case 'prewarm':
       try {
         await Promise.all(task.origins.map((origin) => link.prewarm(origin.host, origin.port, origin.count)));

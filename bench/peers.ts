@@ -1,0 +1,790 @@
+// Peers benchmark (issue 4, Performance): sockpool against Node's fetch (undici), plain node-libcurl and the curl
+// CLI, in the same run, on loopback and over an emulated round trip (../shared/tools/rttlink, 20 ms by default):
+//
+//   1. the first request to each of 100 origins, HTTP and HTTPS (TLS 1.3): cold for the peers (a fresh agent, Multi
+//      or curl process per origin), over a socket sockpoold warmed for sockpool (the origins were announced with
+//      prewarm, as a crawler announces its next hosts, and the daemon was left to finish);
+//   2. steady keep-alive load to one origin: sequential, and 16 in flight; req/s against plain node-libcurl;
+//   3. a crawler mix: requests over the origins with Zipf weights, 32 in flight; sockpool with the hosts announced,
+//      and without (names sockpoold has never seen: predictive warming only);
+//   4. loopback throughput, 64 in flight, against undici.
+// Peers run interleaved (each origin, round or run rotates the order) so drift hits all alike.
+//
+//   node dist/bench/peers.js [--quick] [--rtt-ms 20] [--loopback-only] [--origins N] [--out FILE]
+//
+// The lab needs root and ../shared beside the checkout; without them only the loopback part runs (and says so).
+// docs/benchmarks.md explains the output; results go to bench/results/peers-<date>.json.
+
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import { dirname, join } from 'node:path';
+import { createTestPki, type TestPki } from '../test/helpers/tls.js';
+import type { Announce, FirstResult, LoadResult, PeerName } from './fixtures/peer-runner.js';
+import { certificateNames, OriginSet, type Scheme, zipfOrigins } from './lab/origins.js';
+import { inLab, LAB_ALLOW_CIDR, LAB_HOSTS_PREFIX, labDown, labUnavailable, labUp, verifyRoute } from './lab/rttlink.js';
+import { type BenchDaemon, repoRoot, startBenchDaemon } from './lib/daemon.js';
+import { formatJson } from './lib/json.js';
+import { type BenchChild, spawnChild } from './lib/proc.js';
+import { type LatencySummary, round, roundSummary, summarize, table } from './lib/stats.js';
+
+// ---------------------------------------------------------------------------------------------------------------
+// Settings.
+
+const argv = process.argv.slice(2);
+const flag = (name: string) => argv.includes(name);
+function option(name: string, fallback: number): number {
+  const index = argv.indexOf(name);
+  if (index === -1) return fallback;
+  const value = Number(argv[index + 1]);
+  if (!Number.isFinite(value) || value <= 0) throw new Error(`${name} needs a positive number`);
+  return value;
+}
+function optionText(name: string): string | undefined {
+  const index = argv.indexOf(name);
+  return index === -1 ? undefined : argv[index + 1];
+}
+
+const quick = flag('--quick');
+const settings = {
+  quick,
+  rttMs: option('--rtt-ms', 20),
+  loopbackOnly: flag('--loopback-only'),
+  origins: Math.min(250, option('--origins', quick ? 20 : 100)),
+  warmupOrigins: 4,
+  /** Rounds of the keep-alive, crawler and throughput runs (each rotates the peers' order). */
+  rounds: quick ? 1 : 2,
+  keepAlive: {
+    concurrency: 16,
+    lab: { sequential: quick ? 30 : 100, concurrent: quick ? 240 : 800 },
+    loopback: { sequential: quick ? 500 : 2_000, concurrent: quick ? 2_000 : 8_000 },
+  },
+  crawl: { requests: quick ? 150 : 500, concurrency: 32, maxAnnouncedPerOrigin: 8, seed: 4242 },
+  throughput: { requests: quick ? 4_000 : 20_000, concurrency: 64 },
+  bodyBytes: 1_024,
+  /** Untimed requests each client makes when it starts (JIT; sockpool's worker threads). */
+  jitWarmupRequests: quick ? 200 : 500,
+  ports: { lab: { http: 80, https: 443 }, loopback: { http: 47_080, https: 47_443 } },
+};
+
+const AIMS = { firstHttp: 1.8, firstHttps: 1.4, keepAliveOfLibcurl: 0.95, throughputOfUndici: 1 };
+const PEERS: PeerName[] = ['undici', 'libcurl', 'curl', 'sockpool'];
+const LABEL: Record<PeerName, string> = {
+  undici: 'Node fetch (undici)',
+  libcurl: 'node-libcurl',
+  curl: 'curl CLI',
+  sockpool: 'sockpool',
+};
+const SCHEMES: Scheme[] = ['http', 'https'];
+const fixtures = join(import.meta.dirname, 'fixtures');
+const resultsDir = join(repoRoot, 'bench', 'results');
+const node = process.execPath;
+const tmp = mkdtempSync(join(os.tmpdir(), 'sockpool-peers-'));
+
+function log(text: string): void {
+  process.stderr.write(`${text}\n`);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Processes: origin servers, sockpoold, one runner per peer.
+
+const daemons: BenchDaemon[] = [];
+const children: BenchChild[] = [];
+let labStarted = false;
+
+interface Reply {
+  id: number;
+  ok: boolean;
+  result?: unknown;
+  error?: string;
+}
+
+class Runner {
+  readonly peer: PeerName;
+  #child: BenchChild;
+  #nextId = 0;
+
+  constructor(peer: PeerName) {
+    this.peer = peer;
+    this.#child = spawnChild([node, join(fixtures, 'peer-runner.js'), peer], { nofile: 65_536 });
+    children.push(this.#child);
+  }
+
+  async call<T>(op: string, payload: Record<string, unknown> = {}, timeoutMs = 180_000): Promise<T> {
+    const id = ++this.#nextId;
+    this.#child.send(JSON.stringify({ id, op, ...payload }));
+    const reply = await this.#child.nextMessage<Reply>((message) => message.id === id, timeoutMs);
+    if (!reply.ok) throw new Error(`${this.peer} ${op}: ${reply.error}`);
+    return reply.result as T;
+  }
+
+  async stop(): Promise<void> {
+    await this.call('close', {}, 30_000).catch(() => {});
+    await this.#child.stop();
+  }
+}
+
+/** Hands out the zones of a set (../lab/origins.ts): one per load run, never twice. */
+class Zones {
+  #next = 0;
+  #count: number;
+
+  constructor(count: number) {
+    this.#count = count;
+  }
+
+  next(): number {
+    if (this.#next >= this.#count) throw new Error(`more than the ${this.#count} zones planned (zonesNeeded)`);
+    return ++this.#next;
+  }
+}
+
+/** Zones a set uses: keep-alive (2 schemes x 2 modes), crawler mix (2 schemes x 2 variants), throughput; per round. */
+function zonesNeeded(): number {
+  return settings.rounds * (4 + 4 + 1);
+}
+
+/** The order of the peers for the k-th origin, round or run: rotated, so nobody always goes first. */
+function rotate<T>(items: T[], k: number): T[] {
+  const shift = k % items.length;
+  return [...items.slice(shift), ...items.slice(0, shift)];
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Scenario 1: the first request to each origin.
+
+interface FirstSummary {
+  scheme: Scheme;
+  peer: PeerName;
+  /** requestMs (for the curl CLI: curl's own time_total). */
+  latency: LatencySummary;
+  /** Wall time seen by the caller (for the curl CLI: process start to exit). */
+  wallP50: number;
+  errors: number;
+  firstError?: string;
+  /** Peer over sockpool, of p50 and of mean (sockpool's own row: 1). */
+  ratioP50: number;
+  ratioMean: number;
+  /** Median of each timing the peer reports (sockpool: acquire, queue, TLS, ttfb...; curl: its phases). */
+  timingsP50: Record<string, number>;
+  /** sockpool: requests that ran over a socket connected before they started, and how they got it. */
+  warm?: number;
+  connections?: Record<string, number>;
+}
+
+async function firstRequests(set: OriginSet, runners: Runner[]): Promise<FirstSummary[]> {
+  const announce: Announce = {
+    origins: SCHEMES.flatMap((scheme) =>
+      Array.from({ length: set.options.origins }, (_, i) => ({
+        host: set.host(i + 1),
+        port: set.port(scheme),
+        count: 1,
+      })),
+    ),
+    timeoutMs: 60_000,
+  };
+  const prepareUrls = warmupUrls(set);
+  await Promise.all(
+    runners.map((runner) =>
+      runner.call('begin', { prepareUrls, announce: runner.peer === 'sockpool' ? announce : undefined }),
+    ),
+  );
+  const summaries: FirstSummary[] = [];
+  for (const scheme of SCHEMES) {
+    const results = new Map<PeerName, Array<FirstResult | Error>>(PEERS.map((peer) => [peer, []]));
+    const started = performance.now();
+    for (let n = 1; n <= set.options.origins; n++) {
+      const url = set.url(scheme, set.host(n), '/first');
+      for (const runner of rotate(runners, n)) {
+        const result = await runner.call<FirstResult>('first', { url }).catch((error: Error) => error);
+        results.get(runner.peer)!.push(result);
+      }
+    }
+    log(`  first requests, ${scheme}: ${((performance.now() - started) / 1000).toFixed(1)} s`);
+    const sockpoolP50 = summarizeFirst(results.get('sockpool')!).latency;
+    for (const peer of PEERS) {
+      const summary = summarizeFirst(results.get(peer)!);
+      summaries.push({
+        scheme,
+        peer,
+        ...summary,
+        ratioP50: summary.latency.p50 / sockpoolP50.p50,
+        ratioMean: summary.latency.mean / sockpoolP50.mean,
+      });
+    }
+  }
+  return summaries;
+}
+
+function summarizeFirst(
+  results: Array<FirstResult | Error>,
+): Omit<FirstSummary, 'scheme' | 'peer' | 'ratioP50' | 'ratioMean'> {
+  const ok = results.filter((result): result is FirstResult => !(result instanceof Error));
+  const failed = results.filter((result): result is Error => result instanceof Error);
+  const timingKeys = new Set(ok.flatMap((result) => Object.keys(result.timings ?? {})));
+  const timingsP50: Record<string, number> = {};
+  for (const key of timingKeys) timingsP50[key] = median(ok.map((result) => result.timings?.[key] ?? Number.NaN));
+  const summary: Omit<FirstSummary, 'scheme' | 'peer' | 'ratioP50' | 'ratioMean'> = {
+    latency: summarize(ok.map((result) => result.requestMs)),
+    wallP50: median(ok.map((result) => result.wallMs)),
+    errors: failed.length,
+    timingsP50,
+  };
+  if (failed[0]) summary.firstError = failed[0].message;
+  if (ok.some((result) => result.connection !== undefined)) {
+    summary.warm = ok.filter((result) => result.warm).length;
+    const connections: Record<string, number> = {};
+    for (const result of ok) connections[result.connection!] = (connections[result.connection!] ?? 0) + 1;
+    summary.connections = connections;
+  }
+  return summary;
+}
+
+function warmupUrls(set: OriginSet): string[] {
+  return SCHEMES.flatMap((scheme) =>
+    Array.from({ length: set.options.warmupOrigins }, (_, i) => set.url(scheme, set.warmupHost(i + 1), '/warmup')),
+  );
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Scenarios 2-4: load runs (keep-alive, crawler mix, throughput).
+
+interface LoadRun {
+  scenario: 'keep-alive' | 'crawl' | 'throughput';
+  scheme: Scheme;
+  /** keep-alive: sequential | concurrent; crawl: the peer, or sockpool announced / unannounced. */
+  mode: string;
+  variant: string;
+  peer: PeerName;
+  concurrency: number;
+  rounds: LoadResult[];
+  /** Medians over the rounds. */
+  perSecond: number;
+  elapsedMs: number;
+  errors: number;
+}
+
+interface LoadJob {
+  variant: string;
+  runner: Runner;
+  payload: Record<string, unknown>;
+}
+
+/** Runs each job once per round (order rotated per round) and keeps the per-round results. */
+async function loadRounds(
+  scenario: LoadRun['scenario'],
+  scheme: Scheme,
+  mode: string,
+  concurrency: number,
+  jobs: (round: number) => LoadJob[],
+): Promise<LoadRun[]> {
+  const byVariant = new Map<string, { peer: PeerName; rounds: LoadResult[] }>();
+  for (let r = 1; r <= settings.rounds; r++) {
+    for (const job of rotate(jobs(r), r)) {
+      const result = await job.runner.call<LoadResult>('load', { concurrency, ...job.payload });
+      if (result.errors > 0) log(`  ${job.variant}: ${result.errors} errors; first: ${result.firstError}`);
+      const entry = byVariant.get(job.variant) ?? { peer: job.runner.peer, rounds: [] };
+      entry.rounds.push(result);
+      byVariant.set(job.variant, entry);
+    }
+  }
+  return [...byVariant].map(([variant, { peer, rounds }]) => ({
+    scenario,
+    scheme,
+    mode,
+    variant,
+    peer,
+    concurrency,
+    rounds,
+    perSecond: median(rounds.map((result) => result.perSecond)),
+    elapsedMs: median(rounds.map((result) => result.elapsedMs)),
+    errors: rounds.reduce((sum, result) => sum + result.errors, 0),
+  }));
+}
+
+async function keepAlive(set: OriginSet, runners: Runner[], zones: Zones, lab: boolean): Promise<LoadRun[]> {
+  const counts = lab ? settings.keepAlive.lab : settings.keepAlive.loopback;
+  const prepareUrls = warmupUrls(set);
+  const runs: LoadRun[] = [];
+  for (const scheme of SCHEMES) {
+    for (const [mode, concurrency, count] of [
+      ['sequential', 1, counts.sequential],
+      ['concurrent', settings.keepAlive.concurrency, counts.concurrent],
+    ] as const) {
+      const started = performance.now();
+      runs.push(
+        ...(await loadRounds('keep-alive', scheme, mode, concurrency, () => {
+          const url = set.url(scheme, set.host(1, zones.next()), '/keep-alive');
+          const payload = { urls: [url], count, warmup: Math.max(10, 2 * concurrency), prepareUrls };
+          return runners.map((runner) => ({ variant: runner.peer, runner, payload }));
+        })),
+      );
+      log(`  keep-alive, ${scheme}, ${mode}: ${((performance.now() - started) / 1000).toFixed(1)} s`);
+    }
+  }
+  return runs;
+}
+
+async function crawl(set: OriginSet, runners: Runner[], zones: Zones): Promise<LoadRun[]> {
+  const { requests, concurrency, maxAnnouncedPerOrigin, seed } = settings.crawl;
+  const prepareUrls = warmupUrls(set);
+  const sockpool = runners.find((runner) => runner.peer === 'sockpool')!;
+  const runs: LoadRun[] = [];
+  for (const scheme of SCHEMES) {
+    const started = performance.now();
+    runs.push(
+      ...(await loadRounds('crawl', scheme, 'mix', concurrency, (r) => {
+        const mix = zipfOrigins(set.options.origins, requests, seed + r);
+        const announcedZone = zones.next();
+        const unannouncedZone = zones.next();
+        const urls = mix.map((n, i) => set.url(scheme, set.host(n, announcedZone), `/crawl/${r}/${i}`));
+        const perOrigin = new Map<number, number>();
+        for (const n of mix) perOrigin.set(n, (perOrigin.get(n) ?? 0) + 1);
+        const announce: Announce = {
+          origins: [...perOrigin].map(([n, count]) => ({
+            host: set.host(n, announcedZone),
+            port: set.port(scheme),
+            count: Math.min(count, maxAnnouncedPerOrigin),
+          })),
+          timeoutMs: 60_000,
+        };
+        const unannounced = mix.map((n, i) => set.url(scheme, set.host(n, unannouncedZone), `/crawl/${r}/${i}`));
+        const base = { count: requests, warmup: 0, prepareUrls };
+        return [
+          ...runners.map((runner) => ({ variant: runner.peer, runner, payload: { ...base, urls } })),
+          { variant: 'sockpool-unannounced', runner: sockpool, payload: { ...base, urls: unannounced } },
+        ].map((job) => (job.variant === 'sockpool' ? { ...job, payload: { ...job.payload, announce } } : job));
+      })),
+    );
+    log(`  crawler mix, ${scheme}: ${((performance.now() - started) / 1000).toFixed(1)} s`);
+  }
+  return runs;
+}
+
+async function throughput(set: OriginSet, runners: Runner[], zones: Zones): Promise<LoadRun[]> {
+  const { requests, concurrency } = settings.throughput;
+  const started = performance.now();
+  const runs = await loadRounds('throughput', 'http', 'concurrent', concurrency, () => {
+    const url = set.url('http', set.host(1, zones.next()), '/throughput');
+    const payload = { urls: [url], count: requests, warmup: 4 * concurrency, prepareUrls: warmupUrls(set) };
+    return runners.map((runner) => ({ variant: runner.peer, runner, payload }));
+  });
+  log(`  throughput: ${((performance.now() - started) / 1000).toFixed(1)} s`);
+  return runs;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// One set: servers, daemon, runners, scenarios.
+
+interface SetResult {
+  name: 'lab' | 'loopback';
+  rttMs: number | null;
+  origins: number;
+  first: FirstSummary[];
+  keepAlive: LoadRun[];
+  crawl: LoadRun[];
+  throughput: LoadRun[];
+  server: unknown;
+  durationS: number;
+}
+
+async function runSet(set: OriginSet, pki: TestPki, lab: boolean): Promise<SetResult> {
+  const started = performance.now();
+  log(`${set.name}: ${set.options.origins} origins${lab ? `, ${settings.rttMs} ms round trip` : ''}`);
+  const server = spawnChild(
+    [
+      node,
+      join(fixtures, 'peer-origin.js'),
+      JSON.stringify({
+        hosts: lab ? ['0.0.0.0'] : set.addresses(),
+        httpPort: set.port('http'),
+        httpsPort: set.port('https'),
+        certFile: join(pki.dir, 'server.pem'),
+        keyFile: join(pki.dir, 'server.key'),
+        bodyBytes: settings.bodyBytes,
+      }),
+    ],
+    { nofile: 65_536, wrap: lab ? inLab() : undefined },
+  );
+  children.push(server);
+  await server.nextMessage((message) => message.ready === true);
+  if (lab) verifyRoute();
+
+  const daemon = await startBenchDaemon({
+    dir: join(tmp, `daemon-${set.name}`),
+    config: {
+      dns: { resolve: set.resolveEntries() },
+      pool: {
+        maxIdleTotal: 10_000,
+        predictive: true,
+        warmOnStartOrigins: 0,
+        defaults: { maxIdle: 16, idleTtlMs: 3_600_000 },
+      },
+    },
+    args: [
+      '--allow',
+      lab ? LAB_ALLOW_CIDR : '127.0.0.0/8',
+      '--allow-port',
+      String(set.port('http')),
+      '--allow-port',
+      String(set.port('https')),
+    ],
+  });
+  daemons.push(daemon);
+
+  const runners = PEERS.map((peer) => new Runner(peer));
+  const jit = { urls: warmupUrls(set), requests: settings.jitWarmupRequests, concurrency: 16 };
+  const pins = set.pins();
+  await Promise.all(
+    runners.map((runner) => runner.call('init', { caFile: pki.caFile, pins, socketPath: daemon.socketPath, jit })),
+  );
+
+  const zones = new Zones(set.options.zones);
+  const first = await firstRequests(set, runners);
+  const keepAliveRuns = await keepAlive(set, runners, zones, lab);
+  const crawlRuns = await crawl(set, runners, zones);
+  const throughputRuns = lab ? [] : await throughput(set, runners, zones);
+
+  server.send('stats');
+  const serverStats = await server.nextMessage((message) => 'stats' in message).catch(() => null);
+  await Promise.all(runners.map((runner) => runner.stop()));
+  await daemon.stop();
+  await server.stop();
+  return {
+    name: set.options.name,
+    rttMs: lab ? settings.rttMs : null,
+    origins: set.options.origins,
+    first,
+    keepAlive: keepAliveRuns,
+    crawl: crawlRuns,
+    throughput: throughputRuns,
+    server: serverStats,
+    durationS: (performance.now() - started) / 1000,
+  };
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Report.
+
+interface Aim {
+  aim: string;
+  set: string;
+  value: number;
+  target: number;
+  met: boolean;
+}
+
+function ratioText(value: number): string {
+  return Number.isFinite(value) ? `${value.toFixed(2)}x` : 'n/a';
+}
+
+function ms(value: number): string {
+  return Number.isFinite(value) ? value.toFixed(value < 10 ? 2 : 1) : 'n/a';
+}
+
+function perSecond(value: number): string {
+  return Number.isFinite(value) ? Math.round(value).toLocaleString('en-US') : 'n/a';
+}
+
+function variantLabel(variant: string): string {
+  if (variant === 'sockpool') return 'sockpool';
+  if (variant === 'sockpool-unannounced') return 'sockpool, hosts not announced';
+  return LABEL[variant as PeerName] ?? variant;
+}
+
+function setTitle(result: SetResult): string {
+  return result.name === 'lab' ? `lab, ${result.rttMs} ms round trip` : 'loopback';
+}
+
+function report(sets: SetResult[]): { text: string; aims: Aim[] } {
+  const out: string[] = [];
+  const aims: Aim[] = [];
+  for (const result of sets) {
+    const title = setTitle(result);
+    out.push('', `== ${title}: ${result.origins} origins (${result.durationS.toFixed(0)} s) ==`, '');
+
+    out.push(
+      'First request to each origin, ms (peers cold; sockpool over a prewarmed socket). ratio = peer / sockpool',
+    );
+    const firstRows = [['scheme', 'client', 'p50', 'mean', 'p90', 'ratio p50', 'ratio mean', 'notes']];
+    for (const row of result.first) {
+      const notes: string[] = [];
+      if (row.peer === 'curl') notes.push(`curl time_total; wall incl. process ${ms(row.wallP50)}`);
+      if (row.warm !== undefined) {
+        notes.push(`warm ${row.warm}/${row.latency.count}`);
+        const t = row.timingsP50;
+        notes.push(`acquire ${ms(t.acquireMs ?? Number.NaN)}, tls ${ms(t.tlsMs ?? Number.NaN)}`);
+        notes.push(`curl total ${ms(t.totalMs ?? Number.NaN)}`);
+      }
+      if (row.errors > 0) notes.push(`${row.errors} errors: ${row.firstError}`);
+      firstRows.push([
+        row.scheme,
+        LABEL[row.peer],
+        ms(row.latency.p50),
+        ms(row.latency.mean),
+        ms(row.latency.p90),
+        row.peer === 'sockpool' ? '-' : ratioText(row.ratioP50),
+        row.peer === 'sockpool' ? '-' : ratioText(row.ratioMean),
+        notes.join('; '),
+      ]);
+    }
+    out.push(table(firstRows), '');
+
+    out.push('Steady keep-alive to one origin, req/s (median of rounds). ratio = sockpool or peer / node-libcurl');
+    const keepRows = [['scheme', 'mode', 'client', 'req/s', 'p50 ms', 'ratio', 'errors']];
+    for (const run of result.keepAlive) {
+      const libcurl = result.keepAlive.find(
+        (other) => other.scheme === run.scheme && other.mode === run.mode && other.peer === 'libcurl',
+      );
+      const ratio = run.perSecond / (libcurl?.perSecond ?? Number.NaN);
+      keepRows.push([
+        run.scheme,
+        `${run.mode} (${run.concurrency})`,
+        LABEL[run.peer],
+        perSecond(run.perSecond),
+        ms(median(run.rounds.map((r) => r.latency.p50))),
+        ratioText(ratio),
+        String(run.errors),
+      ]);
+      if (run.peer === 'sockpool') {
+        aims.push({
+          aim: `keep-alive ${run.scheme} ${run.mode}: sockpool req/s / node-libcurl`,
+          set: title,
+          value: ratio,
+          target: AIMS.keepAliveOfLibcurl,
+          met: ratio >= AIMS.keepAliveOfLibcurl,
+        });
+      }
+    }
+    out.push(table(keepRows), '');
+
+    out.push(
+      `Crawler mix: ${settings.crawl.requests} requests, Zipf over ${result.origins} origins, ` +
+        `${settings.crawl.concurrency} in flight; total ms (median of rounds). ratio = client / sockpool`,
+    );
+    const crawlRows = [['scheme', 'client', 'total ms', 'req/s', 'ratio', 'errors', 'notes']];
+    for (const run of result.crawl) {
+      const sockpool = result.crawl.find((other) => other.scheme === run.scheme && other.variant === 'sockpool');
+      const notes: string[] = [];
+      const connections = run.rounds[0]?.connections;
+      if (connections) {
+        const total = run.rounds.reduce((sum, r) => sum + r.count - r.errors, 0);
+        const sum = (key: 'warm' | 'leased' | 'reused') =>
+          run.rounds.reduce((acc, r) => acc + (r.connections?.[key] ?? 0), 0);
+        notes.push(`warm ${sum('warm')}/${total}, leased ${sum('leased')}, reused ${sum('reused')}`);
+      }
+      const announced = run.rounds.map((r) => r.announceMs).filter((v): v is number => v !== undefined);
+      if (announced.length > 0) notes.push(`prewarm took ${ms(median(announced))} (untimed)`);
+      crawlRows.push([
+        run.scheme,
+        variantLabel(run.variant),
+        ms(run.elapsedMs),
+        perSecond(run.perSecond),
+        run.variant === 'sockpool' ? '-' : ratioText(run.elapsedMs / (sockpool?.elapsedMs ?? Number.NaN)),
+        String(run.errors),
+        notes.join('; '),
+      ]);
+    }
+    out.push(table(crawlRows), '');
+
+    if (result.throughput.length > 0) {
+      out.push(
+        `Loopback throughput: ${settings.throughput.requests} requests, ${settings.throughput.concurrency} in ` +
+          'flight, req/s (median of rounds). ratio = client / undici',
+      );
+      const undici = result.throughput.find((run) => run.peer === 'undici');
+      const rows = [['client', 'req/s', 'p50 ms', 'p99 ms', 'ratio', 'errors']];
+      for (const run of result.throughput) {
+        const ratio = run.perSecond / (undici?.perSecond ?? Number.NaN);
+        rows.push([
+          LABEL[run.peer],
+          perSecond(run.perSecond),
+          ms(median(run.rounds.map((r) => r.latency.p50))),
+          ms(median(run.rounds.map((r) => r.latency.p99))),
+          ratioText(ratio),
+          String(run.errors),
+        ]);
+        if (run.peer === 'sockpool') {
+          aims.push({
+            aim: 'loopback throughput: sockpool req/s / undici',
+            set: title,
+            value: ratio,
+            target: AIMS.throughputOfUndici,
+            met: ratio >= AIMS.throughputOfUndici,
+          });
+        }
+      }
+      out.push(table(rows), '');
+    }
+
+    if (result.name === 'lab') {
+      for (const scheme of SCHEMES) {
+        const target = scheme === 'http' ? AIMS.firstHttp : AIMS.firstHttps;
+        const peers = result.first.filter((row) => row.scheme === scheme && row.peer !== 'sockpool');
+        const worst = peers.reduce((min, row) => Math.min(min, row.ratioP50), Number.POSITIVE_INFINITY);
+        const worstMean = peers.reduce((min, row) => Math.min(min, row.ratioMean), Number.POSITIVE_INFINITY);
+        aims.push({
+          aim: `first request ${scheme}: lowest peer / sockpool ratio, p50 (mean ${ratioText(worstMean)})`,
+          set: title,
+          value: worst,
+          target,
+          met: worst >= target,
+        });
+      }
+    }
+  }
+  out.push('Aims:');
+  for (const aim of aims) {
+    out.push(
+      `  ${aim.met ? 'met   ' : 'MISSED'}  ${aim.set}: ${aim.aim}: ${ratioText(aim.value)} (aim >= ${aim.target}x)`,
+    );
+  }
+  return { text: `${out.join('\n')}\n`, aims };
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Main.
+
+async function main(): Promise<void> {
+  const startedAt = new Date();
+  const wallStart = performance.now();
+  log(`sockpool peers benchmark${quick ? ' (--quick)' : ''}: node ${process.version}, ${os.cpus().length} CPUs`);
+  const setOptions = { origins: settings.origins, warmupOrigins: settings.warmupOrigins, zones: zonesNeeded() };
+  const pki = createTestPki(certificateNames(setOptions));
+  const sets: SetResult[] = [];
+  let labSkipped: string | undefined = settings.loopbackOnly ? '--loopback-only' : labUnavailable();
+  try {
+    const loopback = new OriginSet({
+      name: 'loopback',
+      addressPrefix: '127.0.1.',
+      httpPort: settings.ports.loopback.http,
+      httpsPort: settings.ports.loopback.https,
+      ...setOptions,
+    });
+    sets.push(await runSet(loopback, pki, false));
+    if (labSkipped === undefined) {
+      try {
+        await labUp(settings.rttMs);
+        labStarted = true;
+      } catch (error) {
+        labSkipped = (error as Error).message;
+      }
+    }
+    if (labStarted) {
+      const lab = new OriginSet({
+        name: 'lab',
+        addressPrefix: LAB_HOSTS_PREFIX,
+        httpPort: settings.ports.lab.http,
+        httpsPort: settings.ports.lab.https,
+        ...setOptions,
+      });
+      sets.push(await runSet(lab, pki, true));
+    }
+  } finally {
+    pki.cleanup();
+  }
+  if (labSkipped !== undefined) log(`latency lab not run: ${labSkipped}; loopback only`);
+
+  const durationS = (performance.now() - wallStart) / 1000;
+  const { text, aims } = report(sets);
+  process.stdout.write(text);
+  if (labSkipped !== undefined) process.stdout.write(`(latency lab not run: ${labSkipped})\n`);
+  log(`done in ${durationS.toFixed(0)} s`);
+
+  const results = {
+    benchmark: 'peers',
+    date: startedAt.toISOString(),
+    machine: {
+      node: process.version,
+      cpus: os.cpus().length,
+      cpuModel: os.cpus()[0]?.model ?? null,
+      kernel: os.release(),
+      loadAverage: os.loadavg().map((value) => round(value, 2)),
+    },
+    settings,
+    labSkipped: labSkipped ?? null,
+    sets: sets.map((set) => ({
+      ...set,
+      durationS: round(set.durationS),
+      first: set.first.map((row) => ({
+        ...row,
+        latency: roundSummary(row.latency, 2),
+        wallP50: round(row.wallP50, 2),
+        ratioP50: round(row.ratioP50, 3),
+        ratioMean: round(row.ratioMean, 3),
+        timingsP50: Object.fromEntries(Object.entries(row.timingsP50).map(([key, value]) => [key, round(value, 3)])),
+      })),
+      keepAlive: set.keepAlive.map(roundLoadRun),
+      crawl: set.crawl.map(roundLoadRun),
+      throughput: set.throughput.map(roundLoadRun),
+    })),
+    aims: aims.map((aim) => ({ ...aim, value: round(aim.value, 3) })),
+    durationS: round(durationS),
+  };
+  const outFile = optionText('--out') ?? join(resultsDir, `peers-${stamp(startedAt)}.json`);
+  mkdirSync(dirname(outFile), { recursive: true });
+  writeFileSync(outFile, formatJson(results));
+  log(`results written to ${outFile}`);
+}
+
+function roundLoadRun(run: LoadRun) {
+  return {
+    ...run,
+    perSecond: Math.round(run.perSecond),
+    elapsedMs: round(run.elapsedMs),
+    rounds: run.rounds.map((r) => ({
+      ...r,
+      elapsedMs: round(r.elapsedMs),
+      perSecond: Math.round(r.perSecond),
+      latency: roundSummary(r.latency, 3),
+      ...(r.announceMs === undefined ? {} : { announceMs: round(r.announceMs) }),
+    })),
+  };
+}
+
+/** The median (the mean of the middle two for an even count); NaN for none. */
+function median(values: number[]): number {
+  const sorted = values.filter((value) => !Number.isNaN(value)).sort((a, b) => a - b);
+  if (sorted.length === 0) return Number.NaN;
+  const mid = sorted.length >> 1;
+  return sorted.length % 2 === 1 ? sorted[mid]! : (sorted[mid - 1]! + sorted[mid]!) / 2;
+}
+
+function stamp(date: Date): string {
+  return date
+    .toISOString()
+    .replace(/[:.]/g, '-')
+    .replace(/-\d{3}Z$/, 'Z');
+}
+
+async function cleanup(): Promise<void> {
+  for (const child of children) await child.stop().catch(() => {});
+  for (const daemon of daemons) await daemon.stop().catch(() => {});
+  if (labStarted) {
+    try {
+      labDown();
+    } catch (error) {
+      log(`rttlink down: ${(error as Error).message}`);
+    }
+    labStarted = false;
+  }
+  rmSync(tmp, { recursive: true, force: true });
+}
+
+for (const signal of ['SIGINT', 'SIGTERM'] as const) {
+  process.once(signal, () => {
+    log(`${signal}: cleaning up`);
+    void cleanup().finally(() => process.exit(130));
+  });
+}
+
+main().then(
+  async () => {
+    await cleanup();
+    process.exit(0);
+  },
+  async (error: unknown) => {
+    log(`benchmark failed: ${(error as Error).stack ?? String(error)}`);
+    await cleanup();
+    process.exit(1);
+  },
+);
