@@ -19,6 +19,7 @@ import os from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import * as native from '../shared/native.js';
+import { flag, option, optionText } from './lib/args.js';
 import { type BenchDaemon, repoRoot, startBenchDaemon } from './lib/daemon.js';
 import { BenchDaemonClient, runHandoffs } from './lib/daemon-client.js';
 import { formatJson } from './lib/json.js';
@@ -36,20 +37,6 @@ import { type LatencySummary, round, roundSummary, Samples, summarize, table } f
 
 // ---------------------------------------------------------------------------------------------------------------
 // Settings.
-
-const argv = process.argv.slice(2);
-const flag = (name: string) => argv.includes(name);
-function option(name: string, fallback: number): number {
-  const index = argv.indexOf(name);
-  if (index === -1) return fallback;
-  const value = Number(argv[index + 1]);
-  if (!Number.isFinite(value) || value <= 0) throw new Error(`${name} needs a positive number`);
-  return value;
-}
-function optionText(name: string): string | undefined {
-  const index = argv.indexOf(name);
-  return index === -1 ? undefined : argv[index + 1];
-}
 
 const quick = flag('--quick');
 const settings = {

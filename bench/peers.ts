@@ -22,6 +22,7 @@ import { createTestPki, type TestPki } from '../test/helpers/tls.js';
 import type { Announce, FirstResult, LoadResult, PeerName } from './fixtures/peer-runner.js';
 import { certificateNames, OriginSet, type Scheme, zipfOrigins } from './lab/origins.js';
 import { inLab, LAB_ALLOW_CIDR, LAB_HOSTS_PREFIX, labDown, labUnavailable, labUp, verifyRoute } from './lab/rttlink.js';
+import { flag, option, optionText } from './lib/args.js';
 import { type BenchDaemon, repoRoot, startBenchDaemon } from './lib/daemon.js';
 import { formatJson } from './lib/json.js';
 import { type BenchChild, spawnChild } from './lib/proc.js';
@@ -29,20 +30,6 @@ import { type LatencySummary, round, roundSummary, summarize, table } from './li
 
 // ---------------------------------------------------------------------------------------------------------------
 // Settings.
-
-const argv = process.argv.slice(2);
-const flag = (name: string) => argv.includes(name);
-function option(name: string, fallback: number): number {
-  const index = argv.indexOf(name);
-  if (index === -1) return fallback;
-  const value = Number(argv[index + 1]);
-  if (!Number.isFinite(value) || value <= 0) throw new Error(`${name} needs a positive number`);
-  return value;
-}
-function optionText(name: string): string | undefined {
-  const index = argv.indexOf(name);
-  return index === -1 ? undefined : argv[index + 1];
-}
 
 const quick = flag('--quick');
 const settings = {

@@ -7,18 +7,7 @@ import { MAX_MESSAGE_BYTES } from '../shared/protocol.js';
 import { startServer, type TestServer } from './fixtures/native-helpers.js';
 import { type DaemonProcess, eventually, startDaemon } from './helpers/daemon.js';
 import { RawClient } from './helpers/raw-client.js';
-
-/** mulberry32: a tiny seeded generator, so a failure can be replayed from the printed seed. */
-function random(seed: number): () => number {
-  let state = seed >>> 0;
-  return () => {
-    state = (state + 0x6d2b79f5) >>> 0;
-    let t = state;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+import { seededRandom } from './helpers/seeded-random.js';
 
 const seed = Number(process.env.SOCKPOOL_FUZZ_SEED ?? Date.now() % 1_000_000);
 let echo: TestServer;
@@ -80,7 +69,7 @@ function mutate(next: () => number, port: number): Buffer {
 
 describe('protocol fuzzing', () => {
   it(`survives thousands of malformed messages with and without fds (seed ${seed})`, async () => {
-    const next = random(seed);
+    const next = seededRandom(seed);
     const baseline = sockpoold.fdCount();
     const alive = new Set(Array.from({ length: 4 }, () => new RawClient(sockpoold.socketPath)));
     let sent = 0;

@@ -6,6 +6,7 @@ import type { LeaseReply } from '../shared/protocol.js';
 import { startServer, type TestServer } from './fixtures/native-helpers.js';
 import { type DaemonProcess, eventually, startDaemon, writeConfigFile } from './helpers/daemon.js';
 import { openRawClient, type RawClient } from './helpers/raw-client.js';
+import { seededRandom } from './helpers/seeded-random.js';
 
 const HOST = '127.0.0.1';
 /** The pool manager sweeps (targets, ttl, recycling) every 500 ms; waits are expressed in sweeps. */
@@ -59,18 +60,6 @@ let statsId = 1_000_000;
 async function stats(raw: RawClient): Promise<Stats> {
   const reply = await raw.request({ type: 'stats', id: statsId++ });
   return (reply.message as unknown as { stats: Stats }).stats;
-}
-
-/** Small deterministic PRNG (mulberry32), so a failing run can be replayed with its seed. */
-function random(seed: number): () => number {
-  let state = seed >>> 0;
-  return () => {
-    state = (state + 0x6d2b79f5) >>> 0;
-    let t = state;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 /**
@@ -248,7 +237,7 @@ describe('learned idle lifetime', () => {
 
     // Traffic at random intervals of 0 to 1.5 s; every request goes over the handed-out fd.
     const seed = (Date.now() ^ process.pid) >>> 0;
-    const next = random(seed);
+    const next = seededRandom(seed);
     const outcomes: Array<{ warm: boolean; probe: string; ok: boolean; error?: string }> = [];
     const runUntil = performance.now() + 7000;
     while (performance.now() < runUntil) {

@@ -102,17 +102,9 @@ export function certificateNames(options: Pick<OriginSetOptions, 'origins' | 'wa
   return names;
 }
 
-/** A small seeded PRNG (mulberry32), so that every peer gets the same mix and runs are comparable. */
-export function seededRandom(seed: number): () => number {
-  let state = seed >>> 0;
-  return () => {
-    state = (state + 0x6d2b79f5) >>> 0;
-    let t = state;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+import { seededRandom } from '../../test/helpers/seeded-random.js';
+
+export { seededRandom };
 
 /**
  * The crawler mix: `requests` origin numbers drawn from 1..origins with Zipf weights (origin k has weight 1/k),
