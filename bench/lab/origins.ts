@@ -11,6 +11,8 @@
 // - `w<n>.lab` for warm-up requests (JIT, TLS code, the workers' first transfers), never timed.
 // The server certificate names the o<n>.lab and w<n>.lab hosts and `*.z<k>.lab` for each zone.
 
+import { seededRandom } from '../../test/helpers/seeded-random.js';
+
 export type Scheme = 'http' | 'https';
 
 export interface OriginSetOptions {
@@ -101,8 +103,6 @@ export function certificateNames(options: Pick<OriginSetOptions, 'origins' | 'wa
   for (let zone = 1; zone <= options.zones; zone++) names.push(`*.z${zone}.lab`);
   return names;
 }
-
-import { seededRandom } from '../../test/helpers/seeded-random.js';
 
 export { seededRandom };
 
