@@ -9,12 +9,14 @@
 import { existsSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import type { TransferListItem } from 'node:worker_threads';
 import { Piscina } from 'piscina';
 import { ErrorCodes, fromPlainError, SockpoolError } from '../shared/errors.js';
 import { type BodyStream, CallerChannel } from './caller-channel.js';
 import { epochNow, type TransferRequest, type TransferResult, timeoutError } from './curl-engine.js';
 import type { ResponseHead } from './stream-protocol.js';
 import type { Task, TaskResult, WorkerConfig } from './task.js';
+import { TransferRuntime } from './transfer-runtime.js';
 import {
   type BodyInput,
   classifyBody,
@@ -106,7 +108,9 @@ interface Prepared {
 }
 
 export class SockpoolClient {
-  #pool: Piscina;
+  /** The worker threads; undefined with `threads: 0` (the runtime then lives in this thread). */
+  #pool: Piscina | undefined;
+  #local: TransferRuntime | undefined;
   #options: Required<Omit<SockpoolClientOptions, 'caFile' | 'proxy' | 'retry'>> & {
     retry: { deadConnection: boolean; methods: string[] };
     caFile: string | undefined;
@@ -117,7 +121,7 @@ export class SockpoolClient {
   constructor(options: SockpoolClientOptions = {}) {
     const threads = options.threads ?? 2;
     const concurrency = options.concurrencyPerThread ?? 64;
-    if (!Number.isInteger(threads) || threads < 1) throw invalid('threads must be a positive integer');
+    if (!Number.isInteger(threads) || threads < 0) throw invalid('threads must be an integer >= 0');
     if (!Number.isInteger(concurrency) || concurrency < 1) {
       throw invalid('concurrencyPerThread must be a positive integer');
     }
@@ -146,6 +150,12 @@ export class SockpoolClient {
       maxConnects: Math.max(16, concurrency * 4),
       testHooks: process.env.SOCKPOOL_TEST_HOOKS === '1',
     };
+    if (threads === 0) {
+      // In the caller's own thread: no thread hops per request (the fastest for keep-alive loads), at the price
+      // of running curl's callbacks on the caller's event loop.
+      this.#local = new TransferRuntime(workerData, `sockpool-client-${process.pid}`);
+      return;
+    }
     this.#pool = new Piscina({
       filename: taskFile(),
       minThreads: threads,
@@ -224,40 +234,65 @@ export class SockpoolClient {
       kind: 'prewarm',
       origins: origins.map((origin) => ({ host: origin.host, port: origin.port, count: origin.count ?? 1 })),
     };
-    const outcome = (await this.#pool.run(task).catch((error) => this.#threadFailure(error))) as TaskResult;
+    const outcome = await this.#dispatch(task);
     if (!outcome.ok) throw fromPlainError(outcome.error);
   }
 
   async stats(): Promise<Record<string, unknown>> {
     const task: Task = { kind: 'stats' };
-    const outcome = (await this.#pool.run(task).catch((error) => this.#threadFailure(error))) as TaskResult;
+    const outcome = await this.#dispatch(task);
     if (!outcome.ok) throw fromPlainError(outcome.error);
     return 'stats' in outcome ? outcome.stats : {};
   }
 
   /** Waits for in-flight requests (streamed bodies included), then stops the worker threads. */
   close(): Promise<void> {
-    this.#closing ??= this.#pool.close();
+    this.#closing ??= this.#pool ? this.#pool.close() : this.#closeLocal();
     return this.#closing;
+  }
+
+  /** threads: 0 — wait for this client's requests to finish, then close curl's connections and the link. */
+  async #closeLocal(): Promise<void> {
+    await Promise.allSettled([...this.#inFlight]);
+    this.#local?.close();
+  }
+
+  #inFlight = new Set<Promise<unknown>>();
+
+  /** One task, on a worker thread or (threads: 0) here; a dead thread becomes SOCKPOOL_ERR_WORKER_EXITED. */
+  #dispatch(task: Task, transferList?: TransferListItem[]): Promise<TaskResult> {
+    if (this.#local) {
+      if (task.kind === 'test-crash' || task.kind === 'test-hang' || task.kind === 'test-gc') {
+        return Promise.reject(new Error('test hooks need worker threads'));
+      }
+      const running = this.#local.handle(task);
+      this.#inFlight.add(running);
+      void running.finally(() => this.#inFlight.delete(running));
+      return running;
+    }
+    const pool = this.#pool!;
+    return (pool.run(task, transferList ? { transferList } : {}) as Promise<TaskResult>).catch((error) =>
+      this.#threadFailure(error),
+    );
   }
 
   /** Test-only (see `testHooks`): kill the thread that takes the next task, by crash or by piscina terminate. */
   get [testHooks]() {
     return {
       crashWorker: async (): Promise<void> => {
-        await this.#pool.run({ kind: 'test-crash' } satisfies Task).catch(() => {});
+        await this.#dispatch({ kind: 'test-crash' }).catch(() => {});
       },
       terminateWorker: async (): Promise<void> => {
         const controller = new AbortController();
-        const task = this.#pool.run({ kind: 'test-hang' } satisfies Task, { signal: controller.signal });
+        const task = this.#pool!.run({ kind: 'test-hang' } satisfies Task, { signal: controller.signal });
         await new Promise((resolve) => setImmediate(resolve));
         controller.abort();
         await task.catch(() => {});
       },
       gc: async (): Promise<void> => {
-        await this.#pool.run({ kind: 'test-gc' } satisfies Task);
+        await this.#dispatch({ kind: 'test-gc' });
       },
-      threads: () => this.#pool.threads.map((thread) => thread.threadId),
+      threads: () => this.#pool?.threads.map((thread) => thread.threadId) ?? [],
     };
   }
 
@@ -314,8 +349,8 @@ export class SockpoolClient {
       }
     });
     try {
-      const run = this.#pool.run(task, channel ? { transferList: [channel.workerPort] } : {}) as Promise<TaskResult>;
-      const outcome = await Promise.race([run.catch((error) => this.#threadFailure(error)), cancelled]);
+      const run = this.#dispatch(task, channel ? [channel.workerPort] : undefined);
+      const outcome = await Promise.race([run, cancelled]);
       if (!outcome.ok) throw fromPlainError(outcome.error);
       if (!('result' in outcome)) throw new SockpoolError(ErrorCodes.PROTOCOL, 'worker returned no result');
       return outcome.result;

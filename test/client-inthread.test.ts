@@ -1,0 +1,60 @@
+// `threads: 0`: the client runs its TransferRuntime (curl engine, daemon link) in the caller's own thread, with no
+// thread hop per request. Same guarantees: warm handed sockets, keep-alive reuse, aborts, and no fd left behind.
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { SockpoolClient } from '../worker/index.js';
+import {
+  echoHandler,
+  eventually,
+  fdCount,
+  httpOrigin,
+  leasedTo,
+  type Origin,
+  startTestDaemon,
+} from './fixtures/client-helpers.js';
+import type { DaemonProcess } from './helpers/daemon.js';
+
+let origin: Origin;
+let slow: Origin;
+let daemon: DaemonProcess;
+
+beforeAll(async () => {
+  origin = await httpOrigin(echoHandler());
+  slow = await httpOrigin(echoHandler(5_000));
+  daemon = await startTestDaemon([origin.port, slow.port]);
+});
+
+afterAll(async () => {
+  await daemon?.stop();
+  await origin?.close();
+  await slow?.close();
+});
+
+describe('threads: 0 (in the caller thread)', () => {
+  it('serves requests over handed sockets, reuses keep-alive connections, and leaves no fd behind', async () => {
+    const before = fdCount();
+    const client = new SockpoolClient({ socketPath: daemon.socketPath, threads: 0 });
+    const first = await client.request(`http://127.0.0.1:${origin.port}/one`);
+    expect(first).toMatchObject({ status: 200, connection: 'leased' });
+    expect(first.body.toString()).toBe('GET /one 0');
+    for (let i = 0; i < 50; i++) {
+      const again = await client.request(`http://127.0.0.1:${origin.port}/n${i}`, { method: 'POST', body: 'abc' });
+      expect(again.body.toString()).toBe(`POST /n${i} 3`);
+      expect(again.connection).toBe('reused');
+    }
+    expect(origin.connections()).toBe(1);
+    // Aborts cancel the transfer here too.
+    const controller = new AbortController();
+    const pending = client.request(`http://127.0.0.1:${slow.port}/slow`, { signal: controller.signal });
+    setTimeout(() => controller.abort(), 50);
+    await expect(pending).rejects.toMatchObject({ code: 'SOCKPOOL_ERR_ABORTED' });
+    await client.close();
+    await eventually(async () => (await leasedTo(daemon.socketPath, origin.port)) === 0, 'leases ended');
+    await eventually(() => fdCount() === before, `fd count back to ${before}`);
+  });
+
+  it('rejects a negative thread count with a typed error', () => {
+    expect(() => new SockpoolClient({ socketPath: daemon.socketPath, threads: -1 })).toThrow(
+      expect.objectContaining({ code: 'SOCKPOOL_ERR_INVALID_ARGUMENT' }),
+    );
+  });
+});

@@ -1,0 +1,120 @@
+// One thread's transfer machinery: a link to the daemon, the socket supply, and one CurlEngine (one libcurl
+// Multi), running requests with their cancellation and streamed bodies. A piscina worker thread holds one
+// (worker/task.ts); a client created with `threads: 0` holds one in the caller's own thread.
+//
+// Cancellation never terminates a thread: each request gets an AbortController, aborted by its deadline (a timer)
+// or by an `abort` message on the request's own MessagePort, and the engine cancels just that transfer.
+//
+// fds: the daemon link's socket and leased fds not yet handed to curl are tracked by the addon (closed if the
+// thread dies); fds curl owns are closed through CLOSESOCKETFUNCTION. See socket-supply.ts for each step.
+
+import type { MessagePort } from 'node:worker_threads';
+import { ErrorCodes, fromPlainError, SockpoolError, toPlainError } from '../shared/errors.js';
+import { CurlEngine, epochNow, type TransferOutcome, type TransferRequest, timeoutError } from './curl-engine.js';
+import { DaemonLink } from './daemon-link.js';
+import { PortSink } from './response-sink.js';
+import { SocketSupply } from './socket-supply.js';
+import type { CallerMessage } from './stream-protocol.js';
+import { PortSource } from './upload-source.js';
+
+export interface RuntimeConfig {
+  socketPath: string;
+  /** Connections curl may keep in this thread's cache. */
+  maxConnects: number;
+}
+
+export type RuntimeTask =
+  /** `port`: the request's own MessagePort (abort, streamed bodies); see stream-protocol.ts. */
+  | { kind: 'request'; request: TransferRequest; port?: MessagePort | undefined }
+  | { kind: 'prewarm'; origins: Array<{ host: string; port: number; count: number }> }
+  | { kind: 'stats' };
+
+export type RuntimeResult =
+  | TransferOutcome
+  | { ok: true; stats: Record<string, unknown> }
+  | { ok: true }
+  | { ok: false; error: ReturnType<typeof toPlainError> };
+
+export class TransferRuntime {
+  readonly #link: DaemonLink;
+  readonly #engine: CurlEngine;
+
+  constructor(config: RuntimeConfig, clientName: string) {
+    this.#link = new DaemonLink({ socketPath: config.socketPath, clientName });
+    this.#engine = new CurlEngine(new SocketSupply(this.#link), { maxConnects: config.maxConnects });
+  }
+
+  async handle(task: RuntimeTask): Promise<RuntimeResult> {
+    switch (task.kind) {
+      case 'request':
+        return this.#runRequest(task.request, task.port);
+      case 'prewarm':
+        try {
+          await Promise.all(task.origins.map((origin) => this.#link.prewarm(origin.host, origin.port, origin.count)));
+          return { ok: true };
+        } catch (error) {
+          return { ok: false, error: toPlainError(error) };
+        }
+      case 'stats':
+        try {
+          return { ok: true, stats: await this.#link.stats() };
+        } catch (error) {
+          return { ok: false, error: toPlainError(error) };
+        }
+    }
+  }
+
+  /** Closes curl's connections (through CLOSESOCKETFUNCTION, so the daemon hears `closed`), then the link. */
+  close(): void {
+    this.#engine.close();
+    this.#link.close();
+  }
+
+  async #runRequest(request: TransferRequest, port: MessagePort | undefined): Promise<TransferOutcome> {
+    const controller = new AbortController();
+    const deadline = setTimeout(
+      () => controller.abort(timeoutError(request)),
+      Math.max(0, request.deadline - epochNow()),
+    );
+    let sink: PortSink | undefined;
+    let source: PortSource | undefined;
+    if (port) {
+      if (request.streamResponse) sink = new PortSink(port);
+      if (request.streamedBody) source = new PortSource(port, request.streamedBody.length);
+      port.on('message', (message: CallerMessage) => {
+        switch (message.t) {
+          case 'abort':
+          case 'body-error':
+            controller.abort(fromPlainError(message.error));
+            return;
+          case 'credit':
+            sink?.credit(message.consumed);
+            return;
+          case 'data':
+            source?.push(message.data);
+            return;
+          case 'end':
+            source?.end();
+            return;
+        }
+      });
+      // The caller's end closed before the transfer ended: nobody wants the rest.
+      port.on('close', () => controller.abort(new SockpoolError(ErrorCodes.ABORTED, 'the caller closed the request')));
+    }
+    try {
+      const outcome = await this.#engine.run(request, {
+        sink,
+        source,
+        signal: controller.signal,
+      });
+      if (sink) {
+        if (outcome.ok) sink.end();
+        else sink.fail(outcome.error);
+      }
+      return outcome;
+    } finally {
+      clearTimeout(deadline);
+      port?.close();
+    }
+  }
+}
