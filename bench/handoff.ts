@@ -22,7 +22,7 @@ import * as native from '../shared/native.js';
 import { flag, option, optionText } from './lib/args.js';
 import { type BenchDaemon, repoRoot, startBenchDaemon } from './lib/daemon.js';
 import { BenchDaemonClient, runHandoffs } from './lib/daemon-client.js';
-import { formatJson } from './lib/json.js';
+import { formatJson, stamp } from './lib/json.js';
 import {
   attachStrace,
   type BenchChild,
@@ -915,13 +915,6 @@ function cpuText(value: number | null): string {
 
 function mb(bytes: number): string {
   return `${(bytes / 1024 / 1024).toFixed(1)} MB`;
-}
-
-function stamp(date: Date): string {
-  return date
-    .toISOString()
-    .replace(/[:.]/g, '-')
-    .replace(/-\d{3}Z$/, 'Z');
 }
 
 async function cleanup(): Promise<void> {

@@ -24,7 +24,7 @@ import { certificateNames, OriginSet, type Scheme, zipfOrigins } from './lab/ori
 import { inLab, LAB_ALLOW_CIDR, LAB_HOSTS_PREFIX, labDown, labUnavailable, labUp, verifyRoute } from './lab/rttlink.js';
 import { flag, option, optionText } from './lib/args.js';
 import { type BenchDaemon, repoRoot, startBenchDaemon } from './lib/daemon.js';
-import { formatJson } from './lib/json.js';
+import { formatJson, stamp } from './lib/json.js';
 import { type BenchChild, spawnChild } from './lib/proc.js';
 import { type LatencySummary, round, roundSummary, summarize, table } from './lib/stats.js';
 
@@ -734,13 +734,6 @@ function median(values: number[]): number {
   if (sorted.length === 0) return Number.NaN;
   const mid = sorted.length >> 1;
   return sorted.length % 2 === 1 ? sorted[mid]! : (sorted[mid - 1]! + sorted[mid]!) / 2;
-}
-
-function stamp(date: Date): string {
-  return date
-    .toISOString()
-    .replace(/[:.]/g, '-')
-    .replace(/-\d{3}Z$/, 'Z');
 }
 
 async function cleanup(): Promise<void> {

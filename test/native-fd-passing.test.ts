@@ -12,6 +12,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import * as native from '../shared/native.js';
 import { connectTcp } from '../shared/tcp-connect.js';
 import {
+  catchError,
   fdCount,
   receiveMessage,
   socketClosed,
@@ -25,16 +26,6 @@ const senderFixture = fileURLToPath(new URL('./fixtures/native-fd-sender.mjs', i
 
 function abstractName(): string {
   return `@sockpool-test-${process.pid}-${randomBytes(6).toString('hex')}`;
-}
-
-function catchError(action: () => unknown): native.NativeError {
-  try {
-    action();
-  } catch (error) {
-    if (native.isNativeError(error)) return error;
-    throw error;
-  }
-  throw new Error('expected an error');
 }
 
 let directory: string;

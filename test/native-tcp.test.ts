@@ -9,6 +9,7 @@ import { beforeAll, describe, expect, it } from 'vitest';
 import * as native from '../shared/native.js';
 import { connectTcp } from '../shared/tcp-connect.js';
 import {
+  catchError,
   fdCount,
   receiveMessage,
   startServer,
@@ -47,16 +48,6 @@ function ipCommandWorks(): boolean {
 
 const hasIpv6Loopback = await canListen('::1');
 const canMakeNetns = isRoot && ipCommandWorks();
-
-function catchError(action: () => unknown): native.NativeError {
-  try {
-    action();
-  } catch (error) {
-    if (native.isNativeError(error)) return error;
-    throw error;
-  }
-  throw new Error('expected an error');
-}
 
 beforeAll(async () => {
   await warmUpChildProcesses();

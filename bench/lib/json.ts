@@ -16,3 +16,11 @@ export function formatJson(value: unknown, width = 120): string {
   );
   return `${collapsed}\n`;
 }
+
+/** A timestamp for result file names: 2026-11-25T18-22-04Z. */
+export function stamp(date: Date): string {
+  return date
+    .toISOString()
+    .replace(/[:.]/g, '-')
+    .replace(/-\d{3}Z$/, 'Z');
+}
