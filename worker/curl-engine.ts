@@ -114,7 +114,11 @@ interface HandleState {
   easy: Easy;
   current: Attempt | undefined;
   finish: ((code: CurlCode, error: Error | undefined, abortReason?: unknown) => void) | undefined;
+  /** The plain option values last set on this handle: setOpt is skipped when a transfer wants the same again. */
+  options: Map<string, string | number | boolean | null>;
 }
+
+type PlainOption = string | number | boolean | null;
 
 /** curl errors that mean the connection we handed over was dead (reset, closed before any response). */
 const DEAD_CONNECTION_CODES = new Set<number>([
@@ -272,7 +276,7 @@ export class CurlEngine {
     const reused = this.#free.pop();
     if (reused) return reused;
     const easy = new Easy();
-    const state: HandleState = { easy, current: undefined, finish: undefined };
+    const state: HandleState = { easy, current: undefined, finish: undefined, options: new Map() };
     // Ownership of a leased fd passes to curl when this returns it.
     const openSocket = () => {
       const slot = state.current?.slot;
@@ -379,6 +383,14 @@ export class CurlEngine {
 
   #configure(state: HandleState, attempt: Attempt): void {
     const { easy } = state;
+    // Options are set per transfer, but most repeat from one to the next on a reused handle: only changes reach
+    // curl (lists compare by their text). The request-method options interact in curl and are always set.
+    const set = (name: string, value: PlainOption | string[]) => {
+      const key = Array.isArray(value) ? `\n${value.join('\n')}` : value;
+      if (state.options.has(name) && state.options.get(name) === key) return;
+      state.options.set(name, key);
+      (easy.setOpt as (option: string, value: unknown) => unknown)(name, value);
+    };
     const { request, slot, io } = attempt;
     const url = new URL(request.url);
     const origin = originOfUrl(url);
@@ -389,10 +401,10 @@ export class CurlEngine {
     const headers = request.headers.map(([name, value]) => `${name}: ${value}`);
     // No "Expect: 100-continue" round trip before a large or streamed body, unless the caller asks for one.
     if (io.source && !request.headers.some(([name]) => name.toLowerCase() === 'expect')) headers.push('Expect:');
-    easy.setOpt('HTTPHEADER', headers);
+    set('HTTPHEADER', headers);
     // A backstop: the worker's own timer at the deadline cancels the transfer first (even while it is paused).
     easy.setOpt('TIMEOUT_MS', remaining);
-    easy.setOpt('ACCEPT_ENCODING', null);
+    set('ACCEPT_ENCODING', null);
     if (io.source) {
       easy.setOpt('POST', true);
       // -1: length unknown, sent chunked over HTTP/1.1
@@ -404,14 +416,14 @@ export class CurlEngine {
     // http: HTTP/1.1 only (no multiplexing, so curl never waits on a connection to learn whether it can).
     // https: HTTP/2 when ALPN agrees; PIPEWAIT makes transfers started meanwhile wait for the first connection
     // and multiplex over it instead of asking for sockets of their own.
-    easy.setOpt('HTTP_VERSION', attempt.secure ? CurlHttpVersion.V2Tls : CurlHttpVersion.V1_1);
-    easy.setOpt('PIPEWAIT', attempt.secure);
+    set('HTTP_VERSION', attempt.secure ? CurlHttpVersion.V2Tls : CurlHttpVersion.V1_1);
+    set('PIPEWAIT', attempt.secure);
     // node-libcurl defaults CAINFO_BLOB to Node's bundled CAs, and a blob beats CAINFO: clear it so that curl
     // verifies against the CA file given, or else the system store (libcurl's built-in default path).
-    easy.setOpt('CAINFO_BLOB', null);
-    easy.setOpt('CAINFO', request.caFile ?? null);
-    easy.setOpt('SSL_VERIFYPEER', request.insecure ? 0 : 1);
-    easy.setOpt('SSL_VERIFYHOST', request.insecure ? 0 : 2);
+    set('CAINFO_BLOB', null);
+    set('CAINFO', request.caFile ?? null);
+    set('SSL_VERIFYPEER', request.insecure ? 0 : 1);
+    set('SSL_VERIFYHOST', request.insecure ? 0 : 2);
     if (slot) {
       // Pin curl's DNS to the address the daemon connected to: the worker never resolves (it may have no network).
       const address = slot.lease?.address ?? this.#pinned.get(slot.originKey);
@@ -425,15 +437,15 @@ export class CurlEngine {
       const host = target.host.startsWith('[') ? target.host.slice(1, -1) : target.host;
       if (address) {
         const literal = address.includes(':') ? `[${address}]` : address;
-        easy.setOpt('RESOLVE', [`${host}:${target.port}:${literal}`]);
+        set('RESOLVE', [`${host}:${target.port}:${literal}`]);
       }
     } else {
-      easy.setOpt('RESOLVE', null);
+      set('RESOLVE', null);
     }
     // Only the configured proxy, never one from the environment (http_proxy and friends): the daemon decides
     // where sockets go, and a handed socket is connected to exactly one place. '' means no proxy.
     const proxyHost = request.proxy?.host.includes(':') ? `[${request.proxy.host}]` : request.proxy?.host;
-    easy.setOpt('PROXY', request.proxy ? `http://${proxyHost}:${request.proxy.port}` : '');
+    set('PROXY', request.proxy ? `http://${proxyHost}:${request.proxy.port}` : '');
     if (attempt.mode === 'direct') {
       // curl connects by itself: its default socket callbacks for this attempt (restored in #perform).
       easy.setOpt('OPENSOCKETFUNCTION', null);
