@@ -177,6 +177,36 @@ describe('pool bounds and DNS', () => {
   });
 });
 
+describe('per-origin socket settings', () => {
+  it('binds the source address and applies the socket options an origin override names', async () => {
+    const echo = await echoServer();
+    const sockpoold = await daemonWith(
+      {
+        pool: {
+          origins: [
+            {
+              match: `127.0.0.1:${echo.port}`,
+              sourceAddress: '127.0.0.2',
+              mark: 42,
+              keepAlive: { enabled: true, idleSec: 7, intervalSec: 3, count: 2 },
+              userTimeoutMs: 5000,
+            },
+          ],
+        },
+      },
+      ['--allow', '127.0.0.1/32', '--allow-port', String(echo.port)],
+    );
+    const raw = client(sockpoold.socketPath);
+    const lease = await raw.request({ type: 'acquire', id: 1, host: '127.0.0.1', port: echo.port });
+    expect(lease.message?.type).toBe('lease');
+    // The origin sees the connection coming from the configured source address.
+    await echo.waitForConnections(1);
+    expect(echo.connections[0]?.remoteAddress).toBe('127.0.0.2');
+    expect(native.localAddress(lease.fds[0]!).address).toBe('127.0.0.2');
+    for (const fd of lease.fds) native.close(fd);
+  });
+});
+
 describe('stats', () => {
   it('answers stats with hundreds of origins: the busiest 50 listed, the rest counted', async () => {
     const echo = await echoServer();
