@@ -33,6 +33,7 @@ import {
   type SyscallCount,
   spawnChild,
 } from './lib/proc.js';
+import { runBench } from './lib/run.js';
 import { type LatencySummary, round, roundSummary, Samples, summarize, table } from './lib/stats.js';
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -923,14 +924,4 @@ async function cleanup(): Promise<void> {
   rmSync(tmp, { recursive: true, force: true });
 }
 
-main().then(
-  async () => {
-    await cleanup();
-    process.exit(0);
-  },
-  async (error: unknown) => {
-    log(`benchmark failed: ${(error as Error).stack ?? String(error)}`);
-    await cleanup();
-    process.exit(1);
-  },
-);
+runBench(main, cleanup, log);

@@ -26,6 +26,7 @@ import { flag, option, optionText } from './lib/args.js';
 import { type BenchDaemon, repoRoot, startBenchDaemon } from './lib/daemon.js';
 import { formatJson, stamp } from './lib/json.js';
 import { type BenchChild, spawnChild } from './lib/proc.js';
+import { runBench } from './lib/run.js';
 import { type LatencySummary, round, roundSummary, summarize, table } from './lib/stats.js';
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -757,14 +758,4 @@ for (const signal of ['SIGINT', 'SIGTERM'] as const) {
   });
 }
 
-main().then(
-  async () => {
-    await cleanup();
-    process.exit(0);
-  },
-  async (error: unknown) => {
-    log(`benchmark failed: ${(error as Error).stack ?? String(error)}`);
-    await cleanup();
-    process.exit(1);
-  },
-);
+runBench(main, cleanup, log);

@@ -205,6 +205,24 @@ afterAll(async () => {
   pki?.cleanup();
 });
 
+/** curl took our socket exactly once, for a connection to 127.0.0.1:port, was told it is connected, closed it. */
+function expectLentOnce(calls: Calls, fd: number, port: number): void {
+  expect(calls.open).toEqual([
+    {
+      purpose: CurlSockType.Ipcxn,
+      address: {
+        family: AF_INET,
+        socktype: SOCK_STREAM,
+        protocol: IPPROTO_TCP,
+        address: '127.0.0.1',
+        port: port,
+      },
+    },
+  ]);
+  expect(calls.sockopt).toEqual([{ fd, purpose: CurlSockType.Ipcxn }]);
+  expect(calls.close).toEqual([fd]);
+}
+
 describe('a connection made by us, used by curl', () => {
   it('carries an HTTP transfer: one connection, the callbacks see our fd', async () => {
     const before = server.connections.length;
@@ -219,20 +237,7 @@ describe('a connection made by us, used by curl', () => {
     const accepted = server.connections.slice(before);
     expect(accepted).toHaveLength(1);
     expect(accepted[0]?.remotePort).toBe(socket.localPort);
-    expect(calls.open).toEqual([
-      {
-        purpose: CurlSockType.Ipcxn,
-        address: {
-          family: AF_INET,
-          socktype: SOCK_STREAM,
-          protocol: IPPROTO_TCP,
-          address: '127.0.0.1',
-          port: server.port,
-        },
-      },
-    ]);
-    expect(calls.sockopt).toEqual([{ fd, purpose: CurlSockType.Ipcxn }]);
-    expect(calls.close).toEqual([fd]);
+    expectLentOnce(calls, fd, server.port);
     socket.destroy();
   });
 
@@ -254,20 +259,7 @@ describe('a connection made by us, used by curl', () => {
     const accepted = tlsServer.connections.slice(before);
     expect(accepted).toHaveLength(1);
     expect(accepted[0]?.remotePort).toBe(socket.localPort);
-    expect(calls.open).toEqual([
-      {
-        purpose: CurlSockType.Ipcxn,
-        address: {
-          family: AF_INET,
-          socktype: SOCK_STREAM,
-          protocol: IPPROTO_TCP,
-          address: '127.0.0.1',
-          port: tlsServer.port,
-        },
-      },
-    ]);
-    expect(calls.sockopt).toEqual([{ fd, purpose: CurlSockType.Ipcxn }]);
-    expect(calls.close).toEqual([fd]);
+    expectLentOnce(calls, fd, tlsServer.port);
     socket.destroy();
   });
 

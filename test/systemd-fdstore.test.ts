@@ -16,6 +16,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { connectedAtFromTag, decodeFdName, encodeFdName } from '../daemon/sd-notify.js';
 import * as native from '../shared/native.js';
+import { connectTcp } from '../shared/tcp-connect.js';
 import { closeQuietly, NotifySocket } from './fixtures/systemd-notify-socket.js';
 import { daemonMain } from './helpers/daemon.js';
 import { RawClient } from './helpers/raw-client.js';
@@ -78,22 +79,6 @@ async function countingServer(
   });
   counts.port = await listen(server);
   return counts;
-}
-
-/** A connected TCP fd made with the addon, as the daemon's connector makes them. */
-function connectTcp(port: number): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const fd = native.tcpSocket(4);
-    if (native.connectStart(fd, '127.0.0.1', port)) return resolve(fd);
-    const poller = new native.Poller(fd, (status) => {
-      poller.close();
-      const error = status < 0 ? `poll status ${status}` : native.socketError(fd);
-      if (error === null) return resolve(fd);
-      native.close(fd);
-      reject(new Error(`connect: ${error}`));
-    });
-    poller.start(native.WRITABLE);
-  });
 }
 
 interface Sockpoold {
@@ -274,8 +259,8 @@ describe('sockpoold and the fd store', () => {
 
     // ---- What else a store may hold: a socket whose peer hung up, one to a port the policy no longer allows,
     // and an fd under a name that is not ours. ----
-    const dead = await connectTcp(hangUp.port);
-    const refused = await connectTcp(forbidden.port);
+    const dead = await connectTcp('127.0.0.1', hangUp.port, { timeoutMs: 5000 });
+    const refused = await connectTcp('127.0.0.1', forbidden.port, { timeoutMs: 5000 });
     const [unknown, unknownPeer] = native.seqpacketPair();
     toClose.push(unknownPeer);
     await eventually(() => native.probe(dead).state === 'eof', 'the hang-up server to close');
