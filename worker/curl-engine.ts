@@ -26,7 +26,7 @@ import {
   Multi,
 } from 'node-libcurl';
 import { ErrorCodes, type PlainError, SockpoolError, toPlainError } from '../shared/errors.js';
-import { originKey, originOfUrl } from '../shared/origin.js';
+import { type Origin, originKey, originOfUrl } from '../shared/origin.js';
 import { BufferSink, type ResponseSink } from './response-sink.js';
 import type { SocketSlot, SocketSupply } from './socket-supply.js';
 import type { ResponseHead } from './stream-protocol.js';
@@ -99,6 +99,9 @@ interface Attempt {
   io: TransferIO;
   slot: SocketSlot | undefined;
   mode: 'leased' | 'direct';
+  /** The request's URL and origin, parsed once per request (not per option or attempt). */
+  url: URL;
+  origin: Origin;
   originKey: string;
   secure: boolean;
   acquireMs: number;
@@ -243,14 +246,16 @@ export class CurlEngine {
       } catch (error) {
         const code = (error as { code?: string }).code;
         if (request.directFallback && code === ErrorCodes.DAEMON_UNAVAILABLE && !io.signal.aborted) {
-          const direct = await this.#perform(request, io, undefined, performance.now() - started);
+          const direct = await this.#perform(request, { url, origin }, io, undefined, performance.now() - started);
           if (direct instanceof TransferFailure) throw direct.error;
           return direct;
         }
         throw error;
       }
       const acquireMs = performance.now() - started;
-      const result = await this.#perform(request, io, slot, acquireMs).finally(() => this.#supply.finish(slot));
+      const result = await this.#perform(request, { url, origin }, io, slot, acquireMs).finally(() =>
+        this.#supply.finish(slot),
+      );
       if (!(result instanceof TransferFailure)) return result;
       // Nothing can be retried once cancelled, once the caller saw the response head, or when a streamed request
       // body was already read from.
@@ -391,9 +396,7 @@ export class CurlEngine {
       state.options.set(name, key);
       (easy.setOpt as (option: string, value: unknown) => unknown)(name, value);
     };
-    const { request, slot, io } = attempt;
-    const url = new URL(request.url);
-    const origin = originOfUrl(url);
+    const { request, slot, io, url, origin } = attempt;
     const remaining = Math.max(1, Math.ceil(request.deadline - epochNow()));
     easy.setOpt('URL', request.url);
     easy.setOpt('CUSTOMREQUEST', request.method);
@@ -455,13 +458,13 @@ export class CurlEngine {
 
   #perform(
     request: TransferRequest,
+    target: { url: URL; origin: Origin },
     io: TransferIO,
     slot: SocketSlot | undefined,
     acquireMs: number,
   ): Promise<TransferResult | TransferFailure> {
     if (this.#closed) return Promise.reject(new SockpoolError(ErrorCodes.CLOSED, 'worker is closing'));
-    const url = new URL(request.url);
-    const origin = originOfUrl(url);
+    const { url, origin } = target;
     const state = this.#handle();
     const attempt: Attempt = {
       seq: ++this.#seq,
@@ -469,6 +472,8 @@ export class CurlEngine {
       io,
       slot,
       mode: slot ? 'leased' : 'direct',
+      url,
+      origin,
       originKey: slot?.originKey ?? originKey({ host: origin.host, port: origin.port, proxy: request.proxy }),
       secure: url.protocol === 'https:',
       acquireMs,
