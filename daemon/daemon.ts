@@ -260,10 +260,6 @@ export class Sockpoold {
     );
   }
 
-  stats(): Record<string, unknown> {
-    return this.#pools.snapshot();
-  }
-
   /** SIGHUP: new policy, limits and DNS overrides; warm sockets and leases stay. A bad file keeps the old config. */
   reload(): void {
     if (!this.#reloadConfig) return;

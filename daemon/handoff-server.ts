@@ -81,10 +81,6 @@ export class HandoffServer {
     return this.#clients.size;
   }
 
-  get leaseCount(): number {
-    return this.#leases.size;
-  }
-
   /** Stops accepting new clients (the listening fd stays open: its owner closes or stores it). */
   stopAccepting(): void {
     if (this.#stopping) return;

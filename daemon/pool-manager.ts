@@ -193,10 +193,6 @@ export class PoolManager {
     return detached;
   }
 
-  get idleTotal(): number {
-    return this.#idleTotal;
-  }
-
   snapshot() {
     const origins = [...this.#pools.values()].map((pool) => {
       const stats = this.#statsOf(pool.key);

@@ -192,10 +192,6 @@ export class CurlEngine {
     });
   }
 
-  get activeTransfers(): number {
-    return this.#multi.getCount();
-  }
-
   /** Runs a transfer to the end (retrying as the rules allow); never throws. */
   async run(request: TransferRequest, io?: Partial<TransferIO>): Promise<TransferOutcome> {
     const sink = io?.sink ?? new BufferSink();

@@ -192,10 +192,6 @@ export class SocketSupply {
     if (origin) this.#forget(slot.originKey, origin);
   }
 
-  get curlOwnedCount(): number {
-    return this.#curlOwned.size;
-  }
-
   #needsSocket(origin: OriginState, secure: boolean): boolean {
     const supplied = origin.connections + origin.supplying;
     if (secure && origin.multiplexed === undefined) return supplied === 0;
