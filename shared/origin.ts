@@ -25,7 +25,8 @@ export function canonicalHost(host: string): string {
 
 function endpointKey(endpoint: Endpoint): string {
   const host = canonicalHost(endpoint.host);
-  return isIPv6(host) ? `[${host}]:${endpoint.port}` : `${host}:${endpoint.port}`;
+  // (Only a host with a colon can be an IPv6 literal: most keys skip isIPv6's costly pattern.)
+  return host.includes(':') && isIPv6(host) ? `[${host}]:${endpoint.port}` : `${host}:${endpoint.port}`;
 }
 
 export function originKey(origin: Origin): string {

@@ -16,7 +16,7 @@ import { type BodyStream, CallerChannel } from './caller-channel.js';
 import { epochNow, type TransferRequest, type TransferResult, timeoutError } from './curl-engine.js';
 import type { ResponseHead } from './stream-protocol.js';
 import type { Task, TaskResult, WorkerConfig } from './task.js';
-import { TransferRuntime } from './transfer-runtime.js';
+import { abortedError, TransferRuntime } from './transfer-runtime.js';
 import {
   type BodyInput,
   classifyBody,
@@ -91,12 +91,6 @@ function taskFile(): string {
   const compiled = join(dirname(here), '..', 'dist', 'worker', 'task.js');
   if (!existsSync(compiled)) throw new Error(`${compiled} is missing: run npm run build`);
   return compiled;
-}
-
-function abortedError(signal: AbortSignal): SockpoolError {
-  const reason = signal.reason as { message?: unknown } | undefined;
-  const detail = typeof reason?.message === 'string' ? `: ${reason.message}` : '';
-  return new SockpoolError(ErrorCodes.ABORTED, `request aborted${detail}`, {}, { cause: signal.reason });
 }
 
 /** What run() needs to start a request, after validation. */
@@ -174,7 +168,9 @@ export class SockpoolClient {
   async request(url: string | URL, options: RequestOptions = {}): Promise<SockpoolResponse> {
     const prepared = await this.#prepare(url, options, false);
     const { request, signal, upload, queued } = prepared;
-    const channel = signal || upload ? new CallerChannel({ streamResponse: false, upload }) : undefined;
+    // In the caller's thread (threads: 0) the runtime takes the signal itself; a worker thread needs a port for it.
+    const channel =
+      upload || (signal && !this.#local) ? new CallerChannel({ streamResponse: false, upload }) : undefined;
     const result = await this.#run(request, channel, signal);
     return {
       ...result,
@@ -254,8 +250,17 @@ export class SockpoolClient {
   /** threads: 0 — wait for this client's requests to finish, then close curl's connections and the link. */
   async #closeLocal(): Promise<void> {
     await Promise.allSettled([...this.#inFlight]);
+    if (this.#localActive > 0) {
+      await new Promise<void>((resolve) => {
+        this.#localIdle = resolve;
+      });
+    }
     this.#local?.close();
   }
+
+  /** threads: 0 — requests running through #runLocal, and close() waiting for them to end. */
+  #localActive = 0;
+  #localIdle: (() => void) | undefined;
 
   #inFlight = new Set<Promise<unknown>>();
 
@@ -303,9 +308,9 @@ export class SockpoolClient {
     const timeoutMs = options.timeoutMs === undefined ? this.#options.timeoutMs : validateTimeout(options.timeoutMs);
     const signal = options.signal ?? undefined;
     if (signal?.aborted) throw abortedError(signal);
-    const body = await classifyBody(options.body);
+    const body = options.body === undefined || options.body === null ? {} : await classifyBody(options.body);
     const request: TransferRequest = {
-      url: checked.url.href,
+      url: checked.target.href,
       method: checked.method,
       headers: checked.headers,
       body: body.bytes,
@@ -334,6 +339,7 @@ export class SockpoolClient {
     channel: CallerChannel | undefined,
     signal: AbortSignal | undefined,
   ): Promise<TransferResult> {
+    if (this.#local && !channel) return this.#runLocal(this.#local, request, signal);
     const task: Task = { kind: 'request', request, port: channel?.workerPort };
     let timer: NodeJS.Timeout | undefined;
     let onAbort: (() => void) | undefined;
@@ -361,6 +367,18 @@ export class SockpoolClient {
       clearTimeout(timer);
       if (onAbort) signal?.removeEventListener('abort', onAbort);
       if (!request.streamResponse) channel?.close();
+    }
+  }
+
+  /** threads: 0, a request without a port: the runtime enforces the deadline and the caller's signal itself. */
+  async #runLocal(local: TransferRuntime, request: TransferRequest, signal: AbortSignal | undefined) {
+    this.#localActive++;
+    try {
+      const outcome = await local.runRequest(request, undefined, signal);
+      if (!outcome.ok) throw fromPlainError(outcome.error);
+      return outcome.result;
+    } finally {
+      if (--this.#localActive === 0) this.#localIdle?.();
     }
   }
 

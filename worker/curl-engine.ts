@@ -26,11 +26,12 @@ import {
   Multi,
 } from 'node-libcurl';
 import { ErrorCodes, type PlainError, SockpoolError, toPlainError } from '../shared/errors.js';
-import { type Origin, originKey, originOfUrl } from '../shared/origin.js';
+import { originKey } from '../shared/origin.js';
 import { BufferSink, type ResponseSink } from './response-sink.js';
 import type { SocketSlot, SocketSupply } from './socket-supply.js';
 import type { ResponseHead } from './stream-protocol.js';
 import { BufferSource, READ_PAUSE, type UploadSource } from './upload-source.js';
+import { type UrlTarget, urlTarget } from './url-target.js';
 
 export interface TransferRequest {
   url: string;
@@ -99,15 +100,12 @@ interface Attempt {
   io: TransferIO;
   slot: SocketSlot | undefined;
   mode: 'leased' | 'direct';
-  /** The request's URL and origin, parsed once per request (not per option or attempt). */
-  url: URL;
-  origin: Origin;
+  /** The request's URL, parsed once (see url-target.ts). */
+  target: UrlTarget;
   originKey: string;
   secure: boolean;
   acquireMs: number;
-  headers: Array<[string, string]>;
-  status: number;
-  httpVersion: string;
+  /** The final response's head went to the sink. */
   headSent: boolean;
   /** CurlPause bits in force. */
   pause: number;
@@ -118,7 +116,9 @@ interface HandleState {
   current: Attempt | undefined;
   finish: ((code: CurlCode, error: Error | undefined, abortReason?: unknown) => void) | undefined;
   /** The plain option values last set on this handle: setOpt is skipped when a transfer wants the same again. */
-  options: Map<string, string | number | boolean | null>;
+  options: Map<string, PlainOption | ((data: Buffer) => number)>;
+  /** HEADERFUNCTION, for transfers that need the head as soon as it is complete. */
+  onHeader: (data: Buffer) => number;
 }
 
 type PlainOption = string | number | boolean | null;
@@ -132,6 +132,8 @@ const DEAD_CONNECTION_CODES = new Set<number>([
   // curl found its cached connection dead and could not rewind the body for its own retry
   CurlCode.CURLE_SEND_FAIL_REWIND,
 ]);
+/** CURLINFO_HTTP_VERSION's values (CURL_HTTP_VERSION_*) as the versions responses report. */
+const HTTP_VERSIONS: Record<number, string> = { 1: '1.0', 2: '1.1', 3: '2', 30: '3' };
 const IDEMPOTENT_METHODS = new Set(['GET', 'HEAD', 'OPTIONS', 'PUT', 'DELETE', 'TRACE']);
 const MAX_FREE_HANDLES = 256;
 /** Origins whose last address is remembered for RESOLVE (a crawler meets many origins). */
@@ -162,6 +164,8 @@ export class CurlEngine {
   /** Last address the daemon connected each origin to: curl's DNS cache is pinned to it (RESOLVE). */
   #pinned = new Map<string, string>();
   #seq = 0;
+  /** responseHead's numbers (status, version, timings), read right after each call. */
+  #headNumbers = new Float64Array(6);
   #closed = false;
   /** Transfers curl finished, to complete in the next immediate (see the constructor). */
   #completed: Array<() => void> = [];
@@ -217,9 +221,8 @@ export class CurlEngine {
   }
 
   async #runWithRetry(request: TransferRequest, io: TransferIO): Promise<TransferResult> {
-    const url = new URL(request.url);
-    const origin = originOfUrl(url);
-    const secure = url.protocol === 'https:';
+    const target = urlTarget(request.url);
+    const { origin, secure } = target;
     const retryable =
       request.retryDeadConnection !== false &&
       (request.retryMethods ? request.retryMethods.includes(request.method) : IDEMPOTENT_METHODS.has(request.method));
@@ -242,16 +245,14 @@ export class CurlEngine {
       } catch (error) {
         const code = (error as { code?: string }).code;
         if (request.directFallback && code === ErrorCodes.DAEMON_UNAVAILABLE && !io.signal.aborted) {
-          const direct = await this.#perform(request, { url, origin }, io, undefined, performance.now() - started);
+          const direct = await this.#perform(request, target, io, undefined, performance.now() - started);
           if (direct instanceof TransferFailure) throw direct.error;
           return direct;
         }
         throw error;
       }
       const acquireMs = performance.now() - started;
-      const result = await this.#perform(request, { url, origin }, io, slot, acquireMs).finally(() =>
-        this.#supply.finish(slot),
-      );
+      const result = await this.#perform(request, target, io, slot, acquireMs).finally(() => this.#supply.finish(slot));
       if (!(result instanceof TransferFailure)) return result;
       // Nothing can be retried once cancelled, once the caller saw the response head, or when a streamed request
       // body was already read from.
@@ -277,7 +278,12 @@ export class CurlEngine {
     const reused = this.#free.pop();
     if (reused) return reused;
     const easy = new Easy();
-    const state: HandleState = { easy, current: undefined, finish: undefined, options: new Map() };
+    // Set only while a transfer needs the head before the end (see #configure): curl's blank line ends a head.
+    const onHeader = (data: Buffer) => {
+      if (data.length <= 2) this.#onHeadEnd(state);
+      return data.length;
+    };
+    const state: HandleState = { easy, current: undefined, finish: undefined, options: new Map(), onHeader };
     // Ownership of a leased fd passes to curl when this returns it.
     const openSocket = () => {
       const slot = state.current?.slot;
@@ -288,11 +294,6 @@ export class CurlEngine {
     // Every socket curl closes comes here: leased ones end their lease; direct-fallback ones are just closed.
     // (May run with `this` undefined after the handle closed: it uses nothing but the supply.)
     easy.setOpt('CLOSESOCKETFUNCTION', (fd: number) => this.#supply.close(fd));
-    easy.setOpt('HEADERFUNCTION', (data: Buffer) => {
-      const attempt = state.current;
-      if (attempt) this.#onHeaderLine(easy, attempt, data.toString('latin1').replace(/\r?\n$/, ''));
-      return data.length;
-    });
     easy.setOpt('WRITEFUNCTION', (data: Buffer) => {
       const attempt = state.current;
       // The Buffer is curl's data copied for us: the sink may keep it, or transfer (detach) it to another thread.
@@ -324,45 +325,43 @@ export class CurlEngine {
     return state;
   }
 
-  #onHeaderLine(easy: Easy, attempt: Attempt, line: string): void {
-    const status = /^HTTP\/(\d(?:\.\d)?) (\d{3})/.exec(line);
-    if (status) {
-      attempt.headers = [];
-      attempt.httpVersion = status[1] === '2' || status[1] === '2.0' ? '2' : status[1]!;
-      attempt.status = Number(status[2]);
-      if (attempt.secure) this.#supply.learnProtocol(attempt.originKey, attempt.httpVersion === '2');
-      return;
-    }
-    if (line === '') {
-      // End of a header block: the final response's head (1xx blocks come before it).
-      if (attempt.status >= 200 && !attempt.headSent) {
-        attempt.headSent = true;
-        attempt.io.sink.head(this.#head(easy, attempt));
-      }
-      return;
-    }
-    const colon = line.indexOf(':');
-    if (colon > 0) attempt.headers.push([line.slice(0, colon).trim().toLowerCase(), line.slice(colon + 1).trim()]);
+  /** A header block ended (HEADERFUNCTION's blank line): the final response's head goes to the sink at once. */
+  #onHeadEnd(state: HandleState): void {
+    const attempt = state.current;
+    if (!attempt || attempt.headSent) return;
+    const head = this.#head(state.easy, attempt);
+    // 1xx blocks (and a proxy's CONNECT reply, whose code is not RESPONSE_CODE) come before the final head.
+    if (head.status < 200) return;
+    attempt.headSent = true;
+    attempt.io.sink.head(head);
   }
 
+  /** The response's head, from one native call (status, version, timings, headers); learns the protocol. */
   #head(easy: Easy, attempt: Attempt): ResponseHead {
-    const info = (name: Parameters<Easy['getInfo']>[0]) => Number(easy.getInfo(name).data ?? 0);
-    const connectUs = info('CONNECT_TIME_T');
-    const tlsUs = info('APPCONNECT_TIME_T');
+    const numbers = this.#headNumbers;
+    const flat = easy.responseHead(numbers);
+    const status = numbers[0]!;
+    const connectUs = numbers[2]!;
+    const appConnectUs = numbers[3]!;
     const reused = attempt.slot !== undefined && !attempt.slot.taken;
+    const httpVersion = HTTP_VERSIONS[numbers[1]!] ?? '1.1';
+    if (attempt.secure && status >= 200) this.#supply.learnProtocol(attempt.originKey, httpVersion === '2');
+    const headers: Array<[string, string]> = new Array(flat.length / 2);
+    for (let i = 0; i < flat.length; i += 2) headers[i / 2] = [flat[i]!, flat[i + 1]!];
     return {
-      status: attempt.status,
-      headers: attempt.headers,
-      url: String(easy.getInfo('EFFECTIVE_URL').data ?? attempt.request.url),
-      httpVersion: attempt.httpVersion,
+      status,
+      headers,
+      // (Redirects are not followed: the URL is the request's.)
+      url: attempt.target.href,
+      httpVersion,
       warm: attempt.mode === 'leased' && (reused || attempt.slot?.lease?.warm === true),
       connection: attempt.mode === 'direct' ? 'direct' : reused ? 'reused' : 'leased',
       timings: {
         acquireMs: attempt.acquireMs,
         connectMs: connectUs / 1000,
-        tlsMs: tlsUs > 0 ? (tlsUs - connectUs) / 1000 : 0,
-        ttfbMs: info('STARTTRANSFER_TIME_T') / 1000,
-        totalMs: info('TOTAL_TIME_T') / 1000,
+        tlsMs: appConnectUs > 0 ? (appConnectUs - connectUs) / 1000 : 0,
+        ttfbMs: numbers[4]! / 1000,
+        totalMs: numbers[5]! / 1000,
       },
     };
   }
@@ -385,33 +384,45 @@ export class CurlEngine {
   #configure(state: HandleState, attempt: Attempt): void {
     const { easy } = state;
     // Options are set per transfer, but most repeat from one to the next on a reused handle: only changes reach
-    // curl (lists compare by their text). The request-method options interact in curl and are always set.
-    const set = (name: string, value: PlainOption | string[]) => {
+    // curl (lists compare by their text). Each setOpt is a native call: a keep-alive request makes none.
+    const set = (name: string, value: PlainOption | string[] | HandleState['onHeader']) => {
       const key = Array.isArray(value) ? `\n${value.join('\n')}` : value;
       if (state.options.has(name) && state.options.get(name) === key) return;
       state.options.set(name, key);
       (easy.setOpt as (option: string, value: unknown) => unknown)(name, value);
     };
-    const { request, slot, io, url, origin } = attempt;
-    const remaining = Math.max(1, Math.ceil(request.deadline - epochNow()));
-    easy.setOpt('URL', request.url);
-    easy.setOpt('CUSTOMREQUEST', request.method);
-    easy.setOpt('NOBODY', request.method === 'HEAD');
+    const { request, slot, io, target: urlTarget } = attempt;
+    set('URL', request.url);
+    // The request-method options interact in curl (POST, HTTPGET and NOBODY each undo the others' effect): all
+    // of them are set together, whenever the method or the kind of body changes.
+    const methodKey = `${request.method} ${io.source ? (io.source.length ?? -1) : 'none'}`;
+    if (state.options.get('(method)') !== methodKey) {
+      state.options.set('(method)', methodKey);
+      easy.setOpt('CUSTOMREQUEST', request.method);
+      easy.setOpt('NOBODY', request.method === 'HEAD');
+      if (io.source) {
+        easy.setOpt('POST', true);
+        // -1: length unknown, sent chunked over HTTP/1.1
+        easy.setOpt('POSTFIELDSIZE_LARGE', io.source.length ?? -1);
+      } else {
+        easy.setOpt('POST', false);
+        easy.setOpt('HTTPGET', request.method === 'GET');
+      }
+    }
     const headers = request.headers.map(([name, value]) => `${name}: ${value}`);
     // No "Expect: 100-continue" round trip before a large or streamed body, unless the caller asks for one.
     if (io.source && !request.headers.some(([name]) => name.toLowerCase() === 'expect')) headers.push('Expect:');
     set('HTTPHEADER', headers);
-    // A backstop: the worker's own timer at the deadline cancels the transfer first (even while it is paused).
-    easy.setOpt('TIMEOUT_MS', remaining);
+    // A backstop only: the runtime's own timer at the deadline cancels the transfer first (even while it is
+    // paused). The whole timeout, not what is left of it, so that it repeats from one request to the next.
+    set('TIMEOUT_MS', Math.max(1, Math.ceil(request.timeoutMs)));
     set('ACCEPT_ENCODING', null);
-    if (io.source) {
-      easy.setOpt('POST', true);
-      // -1: length unknown, sent chunked over HTTP/1.1
-      easy.setOpt('POSTFIELDSIZE_LARGE', io.source.length ?? -1);
-    } else {
-      easy.setOpt('POST', false);
-      easy.setOpt('HTTPGET', request.method === 'GET');
-    }
+    // The head is taken from curl when the transfer ends (one native call, no callback per header line), unless
+    // it is needed before: a streamed response, or the first response of an https origin (HTTP/2 or not decides
+    // how the next transfers to it get their sockets; see socket-supply.ts).
+    const headEarly =
+      request.streamResponse === true || (attempt.secure && !this.#supply.knowsProtocol(attempt.originKey));
+    set('HEADERFUNCTION', headEarly ? state.onHeader : null);
     // http: HTTP/1.1 only (no multiplexing, so curl never waits on a connection to learn whether it can).
     // https: HTTP/2 when ALPN agrees; PIPEWAIT makes transfers started meanwhile wait for the first connection
     // and multiplex over it instead of asking for sockets of their own.
@@ -432,7 +443,7 @@ export class CurlEngine {
         if (this.#pinned.size > MAX_PINNED) this.#pinned.delete(this.#pinned.keys().next().value!);
       }
       // The socket goes to the proxy when there is one: that is the name curl must find at the lease's address.
-      const target = request.proxy ?? { host: url.hostname, port: origin.port };
+      const target = request.proxy ?? { host: urlTarget.hostname, port: urlTarget.origin.port };
       const host = target.host.startsWith('[') ? target.host.slice(1, -1) : target.host;
       if (address) {
         const literal = address.includes(':') ? `[${address}]` : address;
@@ -454,13 +465,12 @@ export class CurlEngine {
 
   #perform(
     request: TransferRequest,
-    target: { url: URL; origin: Origin },
+    target: UrlTarget,
     io: TransferIO,
     slot: SocketSlot | undefined,
     acquireMs: number,
   ): Promise<TransferResult | TransferFailure> {
     if (this.#closed) return Promise.reject(new SockpoolError(ErrorCodes.CLOSED, 'worker is closing'));
-    const { url, origin } = target;
     const state = this.#handle();
     const attempt: Attempt = {
       seq: ++this.#seq,
@@ -468,14 +478,10 @@ export class CurlEngine {
       io,
       slot,
       mode: slot ? 'leased' : 'direct',
-      url,
-      origin,
-      originKey: slot?.originKey ?? originKey({ host: origin.host, port: origin.port, proxy: request.proxy }),
-      secure: url.protocol === 'https:',
+      target,
+      originKey: slot?.originKey ?? originKey({ ...target.origin, proxy: request.proxy }),
+      secure: target.secure,
       acquireMs,
-      headers: [],
-      status: 0,
-      httpVersion: '1.1',
       headSent: false,
       pause: 0,
     };
@@ -524,6 +530,10 @@ export class CurlEngine {
           return;
         }
         const head = this.#head(state.easy, attempt);
+        if (!attempt.headSent) {
+          attempt.headSent = true;
+          attempt.io.sink.head(head);
+        }
         this.#release(state);
         resolve({ ...head, body: new Uint8Array(0) });
       };

@@ -46,6 +46,9 @@ export class BufferSink implements ResponseSink {
    * the caller's thread, and a pooled slice would drag its whole 8 KiB pool along by structured clone.
    */
   body(): Buffer {
+    // One chunk that already owns an exact-size buffer (curl's data copied for us) is the body as it is.
+    const only = this.#chunks.length === 1 ? this.#chunks[0]! : undefined;
+    if (only && only.byteOffset === 0 && only.buffer.byteLength === only.length) return only;
     const body = Buffer.from(new ArrayBuffer(this.#bytes));
     let offset = 0;
     for (const chunk of this.#chunks) {

@@ -144,6 +144,11 @@ export class SocketSupply {
     if (origin) origin.multiplexed = multiplexed;
   }
 
+  /** Whether an origin's protocol was learned (an https origin's first response says). */
+  knowsProtocol(key: string): boolean {
+    return this.#origins.get(key)?.multiplexed !== undefined;
+  }
+
   /** OPENSOCKETFUNCTION: the slot's fd, once; ownership passes to curl. -1 (CURL_SOCKET_BAD) if none. */
   open(slot: SocketSlot): number {
     const lease = slot.lease;

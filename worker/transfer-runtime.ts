@@ -35,6 +35,13 @@ export type RuntimeResult =
   | { ok: true }
   | { ok: false; error: ReturnType<typeof toPlainError> };
 
+/** The error a request fails with when the caller's AbortSignal fires (its reason is the cause). */
+export function abortedError(signal: AbortSignal): SockpoolError {
+  const reason = signal.reason as { message?: unknown } | undefined;
+  const detail = typeof reason?.message === 'string' ? `: ${reason.message}` : '';
+  return new SockpoolError(ErrorCodes.ABORTED, `request aborted${detail}`, {}, { cause: signal.reason });
+}
+
 export class TransferRuntime {
   readonly #link: DaemonLink;
   readonly #engine: CurlEngine;
@@ -47,7 +54,7 @@ export class TransferRuntime {
   async handle(task: RuntimeTask): Promise<RuntimeResult> {
     switch (task.kind) {
       case 'request':
-        return this.#runRequest(task.request, task.port);
+        return this.runRequest(task.request, task.port);
       case 'prewarm':
         try {
           await Promise.all(task.origins.map((origin) => this.#link.prewarm(origin.host, origin.port, origin.count)));
@@ -70,12 +77,22 @@ export class TransferRuntime {
     this.#link.close();
   }
 
-  async #runRequest(request: TransferRequest, port: MessagePort | undefined): Promise<TransferOutcome> {
+  /**
+   * One request. `port`: its own MessagePort (abort, streamed bodies; a worker thread's requests). `signal`: the
+   * caller's AbortSignal, when the runtime runs in the caller's thread (`threads: 0`) and needs no port for it.
+   */
+  async runRequest(
+    request: TransferRequest,
+    port: MessagePort | undefined,
+    signal?: AbortSignal,
+  ): Promise<TransferOutcome> {
     const controller = new AbortController();
     const deadline = setTimeout(
       () => controller.abort(timeoutError(request)),
       Math.max(0, request.deadline - epochNow()),
     );
+    const onCallerAbort = signal ? () => controller.abort(abortedError(signal)) : undefined;
+    if (onCallerAbort) signal!.addEventListener('abort', onCallerAbort, { once: true });
     let sink: PortSink | undefined;
     let source: PortSource | undefined;
     if (port) {
@@ -114,6 +131,7 @@ export class TransferRuntime {
       return outcome;
     } finally {
       clearTimeout(deadline);
+      if (onCallerAbort) signal!.removeEventListener('abort', onCallerAbort);
       port?.close();
     }
   }

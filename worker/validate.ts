@@ -3,6 +3,7 @@
 
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import type { BodyStream } from './caller-channel.js';
+import { type UrlTarget, urlTarget } from './url-target.js';
 
 export type HeadersInput = Record<string, string> | Array<[string, string]> | Headers;
 
@@ -30,20 +31,20 @@ export function validateRequest(
   url: string | URL,
   options: Pick<RequestOptions, 'method' | 'headers'>,
 ): {
-  url: URL;
+  target: UrlTarget;
   method: string;
   headers: Array<[string, string]>;
 } {
-  let parsed: URL;
+  let target: UrlTarget;
   try {
-    parsed = new URL(String(url));
+    target = urlTarget(typeof url === 'string' ? url : String(url));
   } catch {
     throw invalid(`invalid URL: ${JSON.stringify(String(url))}`);
   }
-  if (parsed.protocol !== 'http:' && parsed.protocol !== 'https:') {
-    throw invalid(`unsupported URL scheme ${parsed.protocol} (http and https only)`, { url: parsed.href });
+  if (target.protocol !== 'http:' && target.protocol !== 'https:') {
+    throw invalid(`unsupported URL scheme ${target.protocol} (http and https only)`, { url: target.href });
   }
-  if (parsed.username || parsed.password) throw invalid('credentials in the URL are not supported');
+  if (target.credentials) throw invalid('credentials in the URL are not supported');
   const method = (options.method ?? 'GET').toUpperCase();
   if (!TOKEN.test(method)) throw invalid(`invalid HTTP method ${JSON.stringify(options.method)}`);
   if (method === 'CONNECT') throw invalid('CONNECT is not supported');
@@ -61,7 +62,7 @@ export function validateRequest(
     }
     headers.push([name, value]);
   }
-  return { url: parsed, method, headers };
+  return { target, method, headers };
 }
 
 export function validateTimeout(timeoutMs: unknown, what = 'timeoutMs'): number {
