@@ -96,7 +96,11 @@ function applyLibcurlPatch(dir) {
   try {
     run(['-p1', '--dry-run', '-s', '-f', '-i', libcurlPatch]);
   } catch (error) {
-    fail(`patches/node-libcurl+5.1.2.patch does not apply to ${dir}:\n${error.stdout}${error.stderr}`);
+    // Most often: node_modules holds node-libcurl patched by an earlier version of the patch.
+    fail(
+      `patches/node-libcurl+5.1.2.patch does not apply to ${dir}:\n${error.stdout}${error.stderr}\n` +
+        'If an earlier version of the patch was applied there, reinstall it: rm -rf node_modules/node-libcurl && npm install',
+    );
   }
   run(['-p1', '-s', '-f', '-i', libcurlPatch]);
   log('applied patches/node-libcurl+5.1.2.patch');

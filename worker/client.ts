@@ -19,6 +19,7 @@ import type { Task, TaskResult, WorkerConfig } from './task.js';
 import { abortedError, TransferRuntime } from './transfer-runtime.js';
 import {
   type BodyInput,
+  type ClassifiedBody,
   classifyBody,
   declaredLength,
   invalid,
@@ -91,6 +92,12 @@ function taskFile(): string {
   const compiled = join(dirname(here), '..', 'dist', 'worker', 'task.js');
   if (!existsSync(compiled)) throw new Error(`${compiled} is missing: run npm run build`);
   return compiled;
+}
+
+/** What #prepared needs besides the checked request and its body. */
+interface PreparedTimes {
+  timeoutMs: number;
+  streamResponse: boolean;
 }
 
 /** What run() needs to start a request, after validation. */
@@ -166,17 +173,20 @@ export class SockpoolClient {
 
   /** One request; the response body is buffered whole. */
   async request(url: string | URL, options: RequestOptions = {}): Promise<SockpoolResponse> {
-    const prepared = await this.#prepare(url, options, false);
-    const { request, signal, upload, queued } = prepared;
+    const preparing = this.#prepare(url, options, false);
+    const { request, signal, upload, queued } = preparing instanceof Promise ? await preparing : preparing;
     // In the caller's thread (threads: 0) the runtime takes the signal itself; a worker thread needs a port for it.
     const channel =
       upload || (signal && !this.#local) ? new CallerChannel({ streamResponse: false, upload }) : undefined;
-    const result = await this.#run(request, channel, signal);
-    return {
-      ...result,
-      body: Buffer.from(result.body.buffer, result.body.byteOffset, result.body.byteLength),
-      timings: { ...result.timings, queueMs: queueMs(queued, result.timings) },
-    };
+    // The result is this request's own object: it becomes the response in place.
+    const running =
+      this.#local && !channel ? this.#runLocal(this.#local, request, signal) : this.#run(request, channel, signal);
+    const result = (await running) as TransferResult & SockpoolResponse;
+    const body: Uint8Array = result.body;
+    // (A body that crossed from a worker thread arrives as a plain Uint8Array over the moved memory.)
+    if (!Buffer.isBuffer(body)) result.body = Buffer.from(body.buffer, body.byteOffset, body.byteLength);
+    result.timings.queueMs = queueMs(queued, result.timings);
+    return result;
   }
 
   /** One request whose response body is a stream, resolved as soon as the response head is in. */
@@ -301,14 +311,27 @@ export class SockpoolClient {
     };
   }
 
-  async #prepare(url: string | URL, options: RequestOptions, streamResponse: boolean): Promise<Prepared> {
+  /** Validates a request (throws a typed error) and builds what the runtime gets; a promise only while a Blob
+   *  body is read. */
+  #prepare(url: string | URL, options: RequestOptions, streamResponse: boolean): Prepared | Promise<Prepared> {
     if (this.#closing) throw new SockpoolError(ErrorCodes.CLOSED, 'client is closed');
     const queued = performance.now();
     const checked = validateRequest(url, options);
     const timeoutMs = options.timeoutMs === undefined ? this.#options.timeoutMs : validateTimeout(options.timeoutMs);
     const signal = options.signal ?? undefined;
     if (signal?.aborted) throw abortedError(signal);
-    const body = options.body === undefined || options.body === null ? {} : await classifyBody(options.body);
+    const body = classifyBody(options.body);
+    if (body instanceof Promise) {
+      return body.then((read) => this.#prepared(checked, read, { timeoutMs, signal, streamResponse, queued }));
+    }
+    return this.#prepared(checked, body, { timeoutMs, signal, streamResponse, queued });
+  }
+
+  #prepared(
+    checked: ReturnType<typeof validateRequest>,
+    body: ClassifiedBody,
+    { timeoutMs, signal, streamResponse, queued }: Omit<Prepared, 'request' | 'upload'> & PreparedTimes,
+  ): Prepared {
     const request: TransferRequest = {
       url: checked.target.href,
       method: checked.method,
@@ -339,7 +362,6 @@ export class SockpoolClient {
     channel: CallerChannel | undefined,
     signal: AbortSignal | undefined,
   ): Promise<TransferResult> {
-    if (this.#local && !channel) return this.#runLocal(this.#local, request, signal);
     const task: Task = { kind: 'request', request, port: channel?.workerPort };
     let timer: NodeJS.Timeout | undefined;
     let onAbort: (() => void) | undefined;

@@ -10,7 +10,7 @@
 // A transfer's body goes to a ResponseSink (whole, or streamed to the caller with backpressure: WRITEFUNCTION
 // answers CURL_WRITEFUNC_PAUSE while the sink is full) and its request body comes from an UploadSource (READFUNCTION
 // answers CURL_READFUNC_PAUSE while a streamed body has nothing buffered); Easy.pause resumes either direction.
-// An AbortSignal cancels a transfer wherever it is: waiting for a socket (the acquire is dropped, a late lease goes
+// A CancelSignal (cancellation.ts) cancels a transfer wherever it is: waiting for a socket (the acquire is dropped, a late lease goes
 // back to the daemon) or inside curl (the handle leaves the Multi; curl closes a connection left mid-response
 // through CLOSESOCKETFUNCTION). The signal's reason is the error the transfer fails with.
 
@@ -27,6 +27,7 @@ import {
 } from 'node-libcurl';
 import { ErrorCodes, type PlainError, SockpoolError, toPlainError } from '../shared/errors.js';
 import { originKey } from '../shared/origin.js';
+import { Cancellation, type CancelSignal } from './cancellation.js';
 import { BufferSink, type ResponseSink } from './response-sink.js';
 import type { SocketSlot, SocketSupply } from './socket-supply.js';
 import type { ResponseHead } from './stream-protocol.js';
@@ -90,7 +91,7 @@ export interface TransferIO {
   sink: ResponseSink;
   source: UploadSource | undefined;
   /** Aborting fails the transfer with `signal.reason` (a SockpoolError: ABORTED or TIMEOUT). */
-  signal: AbortSignal;
+  signal: CancelSignal;
 }
 
 /** One attempt of a transfer on a handle. */
@@ -117,6 +118,9 @@ interface HandleState {
   finish: ((code: CurlCode, error: Error | undefined, abortReason?: unknown) => void) | undefined;
   /** The plain option values last set on this handle: setOpt is skipped when a transfer wants the same again. */
   options: Map<string, PlainOption | ((data: Buffer) => number)>;
+  /** The method and body length (null: none, -1: unknown) the request-method options were last set for. */
+  method: string | undefined;
+  bodyLength: number | null | undefined;
   /** HEADERFUNCTION, for transfers that need the head as soon as it is complete. */
   onHeader: (data: Buffer) => number;
 }
@@ -134,6 +138,8 @@ const DEAD_CONNECTION_CODES = new Set<number>([
 ]);
 /** CURLINFO_HTTP_VERSION's values (CURL_HTTP_VERSION_*) as the versions responses report. */
 const HTTP_VERSIONS: Record<number, string> = { 1: '1.0', 2: '1.1', 3: '2', 30: '3' };
+/** The body of a result whose body was streamed (never transferred: task.ts moves non-empty bodies only). */
+const EMPTY_BODY = new Uint8Array(0);
 const IDEMPOTENT_METHODS = new Set(['GET', 'HEAD', 'OPTIONS', 'PUT', 'DELETE', 'TRACE']);
 const MAX_FREE_HANDLES = 256;
 /** Origins whose last address is remembered for RESOLVE (a crawler meets many origins). */
@@ -161,7 +167,8 @@ export class CurlEngine {
   #supply: SocketSupply;
   #states = new Map<Easy, HandleState>();
   #free: HandleState[] = [];
-  /** Last address the daemon connected each origin to: curl's DNS cache is pinned to it (RESOLVE). */
+  /** Last address the daemon connected each origin to, as curl's RESOLVE entry (host:port:address): curl's DNS
+   *  cache is pinned to it. */
   #pinned = new Map<string, string>();
   #seq = 0;
   /** responseHead's numbers (status, version, timings), read right after each call. */
@@ -199,7 +206,7 @@ export class CurlEngine {
   /** Runs a transfer to the end (retrying as the rules allow); never throws. */
   async run(request: TransferRequest, io?: Partial<TransferIO>): Promise<TransferOutcome> {
     const sink = io?.sink ?? new BufferSink();
-    const full: TransferIO = { sink, source: io?.source, signal: io?.signal ?? new AbortController().signal };
+    const full: TransferIO = { sink, source: io?.source, signal: io?.signal ?? new Cancellation() };
     if (!full.source && request.body !== undefined) full.source = new BufferSource(request.body);
     try {
       const result = await this.#runWithRetry(request, full);
@@ -223,9 +230,7 @@ export class CurlEngine {
   async #runWithRetry(request: TransferRequest, io: TransferIO): Promise<TransferResult> {
     const target = urlTarget(request.url);
     const { origin, secure } = target;
-    const retryable =
-      request.retryDeadConnection !== false &&
-      (request.retryMethods ? request.retryMethods.includes(request.method) : IDEMPOTENT_METHODS.has(request.method));
+    const key = request.proxy ? originKey({ ...origin, proxy: request.proxy }) : target.key;
     let forceSocket = false;
     let retriedDead = false;
     for (let attempt = 0; ; attempt++) {
@@ -235,39 +240,43 @@ export class CurlEngine {
       const started = performance.now();
       let slot: SocketSlot;
       try {
-        slot = await this.#supply.prepare(origin.host, origin.port, {
+        const preparing = this.#supply.prepare(origin, key, {
           proxy: request.proxy,
           secure,
           timeoutMs: Math.min(request.acquireTimeoutMs, remaining),
           force: forceSocket,
           signal: io.signal,
         });
+        slot = preparing instanceof Promise ? await preparing : preparing;
       } catch (error) {
         const code = (error as { code?: string }).code;
         if (request.directFallback && code === ErrorCodes.DAEMON_UNAVAILABLE && !io.signal.aborted) {
-          const direct = await this.#perform(request, target, io, undefined, performance.now() - started);
+          const direct = await this.#perform(request, target, key, io, undefined, performance.now() - started);
           if (direct instanceof TransferFailure) throw direct.error;
           return direct;
         }
         throw error;
       }
       const acquireMs = performance.now() - started;
-      const result = await this.#perform(request, target, io, slot, acquireMs).finally(() => this.#supply.finish(slot));
+      let result: TransferResult | TransferFailure;
+      try {
+        result = await this.#perform(request, target, key, io, slot, acquireMs);
+      } finally {
+        this.#supply.finish(slot);
+      }
       if (!(result instanceof TransferFailure)) return result;
       // Nothing can be retried once cancelled, once the caller saw the response head, or when a streamed request
       // body was already read from.
       if (result.aborted || io.sink.committed) throw result.error;
-      const again = () => {
-        if (io.source && !io.source.rewind()) return false;
-        io.sink.reset();
-        forceSocket = true;
-        return true;
-      };
       // curl needed a new connection and we had not prepared one: once more, with a socket.
-      if (slot.starved && !slot.taken && attempt < 2 && again()) continue;
+      if (slot.starved && !slot.taken && attempt < 2 && rewound(io)) {
+        forceSocket = true;
+        continue;
+      }
       // The handed (or cached) connection died under the request: one retry on a fresh socket.
-      if (retryable && !retriedDead && DEAD_CONNECTION_CODES.has(result.curlCode) && again()) {
+      if (!retriedDead && DEAD_CONNECTION_CODES.has(result.curlCode) && retryable(request) && rewound(io)) {
         retriedDead = true;
+        forceSocket = true;
         continue;
       }
       throw result.error;
@@ -283,7 +292,15 @@ export class CurlEngine {
       if (data.length <= 2) this.#onHeadEnd(state);
       return data.length;
     };
-    const state: HandleState = { easy, current: undefined, finish: undefined, options: new Map(), onHeader };
+    const state: HandleState = {
+      easy,
+      current: undefined,
+      finish: undefined,
+      options: new Map(),
+      onHeader,
+      method: undefined,
+      bodyLength: undefined,
+    };
     // Ownership of a leased fd passes to curl when this returns it.
     const openSocket = () => {
       const slot = state.current?.slot;
@@ -385,19 +402,25 @@ export class CurlEngine {
     const { easy } = state;
     // Options are set per transfer, but most repeat from one to the next on a reused handle: only changes reach
     // curl (lists compare by their text). Each setOpt is a native call: a keep-alive request makes none.
-    const set = (name: string, value: PlainOption | string[] | HandleState['onHeader']) => {
-      const key = Array.isArray(value) ? `\n${value.join('\n')}` : value;
+    const set = (name: string, value: PlainOption | HandleState['onHeader']) => {
+      if (state.options.has(name) && state.options.get(name) === value) return;
+      state.options.set(name, value);
+      (easy.setOpt as (option: string, value: unknown) => unknown)(name, value);
+    };
+    // Lists compare by their text (`key`), built by the caller only when it may have changed.
+    const setList = (name: string, key: string, list: () => string[] | null) => {
       if (state.options.has(name) && state.options.get(name) === key) return;
       state.options.set(name, key);
-      (easy.setOpt as (option: string, value: unknown) => unknown)(name, value);
+      (easy.setOpt as (option: string, value: unknown) => unknown)(name, list());
     };
     const { request, slot, io, target: urlTarget } = attempt;
     set('URL', request.url);
     // The request-method options interact in curl (POST, HTTPGET and NOBODY each undo the others' effect): all
     // of them are set together, whenever the method or the kind of body changes.
-    const methodKey = `${request.method} ${io.source ? (io.source.length ?? -1) : 'none'}`;
-    if (state.options.get('(method)') !== methodKey) {
-      state.options.set('(method)', methodKey);
+    const bodyLength = io.source ? (io.source.length ?? -1) : null;
+    if (state.method !== request.method || state.bodyLength !== bodyLength) {
+      state.method = request.method;
+      state.bodyLength = bodyLength;
       easy.setOpt('CUSTOMREQUEST', request.method);
       easy.setOpt('NOBODY', request.method === 'HEAD');
       if (io.source) {
@@ -409,10 +432,13 @@ export class CurlEngine {
         easy.setOpt('HTTPGET', request.method === 'GET');
       }
     }
-    const headers = request.headers.map(([name, value]) => `${name}: ${value}`);
-    // No "Expect: 100-continue" round trip before a large or streamed body, unless the caller asks for one.
-    if (io.source && !request.headers.some(([name]) => name.toLowerCase() === 'expect')) headers.push('Expect:');
-    set('HTTPHEADER', headers);
+    if (request.headers.length === 0 && !io.source) setList('HTTPHEADER', '', () => []);
+    else {
+      const headers = request.headers.map(([name, value]) => `${name}: ${value}`);
+      // No "Expect: 100-continue" round trip before a large or streamed body, unless the caller asks for one.
+      if (io.source && !request.headers.some(([name]) => name.toLowerCase() === 'expect')) headers.push('Expect:');
+      setList('HTTPHEADER', headers.join('\n'), () => headers);
+    }
     // A backstop only: the runtime's own timer at the deadline cancels the transfer first (even while it is
     // paused). The whole timeout, not what is left of it, so that it repeats from one request to the next.
     set('TIMEOUT_MS', Math.max(1, Math.ceil(request.timeoutMs)));
@@ -436,21 +462,20 @@ export class CurlEngine {
     set('SSL_VERIFYHOST', request.insecure ? 0 : 2);
     if (slot) {
       // Pin curl's DNS to the address the daemon connected to: the worker never resolves (it may have no network).
-      const address = slot.lease?.address ?? this.#pinned.get(slot.originKey);
       if (slot.lease) {
+        // The socket goes to the proxy when there is one: that is the name curl must find at the lease's address.
+        const target = request.proxy ?? { host: urlTarget.hostname, port: urlTarget.origin.port };
+        const host = target.host.startsWith('[') ? target.host.slice(1, -1) : target.host;
+        const address = slot.lease.address;
+        const literal = address.includes(':') ? `[${address}]` : address;
         this.#pinned.delete(slot.originKey); // (re-inserted last: the map drops its oldest entries when full)
-        this.#pinned.set(slot.originKey, slot.lease.address);
+        this.#pinned.set(slot.originKey, `${host}:${target.port}:${literal}`);
         if (this.#pinned.size > MAX_PINNED) this.#pinned.delete(this.#pinned.keys().next().value!);
       }
-      // The socket goes to the proxy when there is one: that is the name curl must find at the lease's address.
-      const target = request.proxy ?? { host: urlTarget.hostname, port: urlTarget.origin.port };
-      const host = target.host.startsWith('[') ? target.host.slice(1, -1) : target.host;
-      if (address) {
-        const literal = address.includes(':') ? `[${address}]` : address;
-        set('RESOLVE', [`${host}:${target.port}:${literal}`]);
-      }
+      const entry = this.#pinned.get(slot.originKey);
+      if (entry) setList('RESOLVE', entry, () => [entry]);
     } else {
-      set('RESOLVE', null);
+      setList('RESOLVE', '', () => null);
     }
     // Only the configured proxy, never one from the environment (http_proxy and friends): the daemon decides
     // where sockets go, and a handed socket is connected to exactly one place. '' means no proxy.
@@ -466,6 +491,7 @@ export class CurlEngine {
   #perform(
     request: TransferRequest,
     target: UrlTarget,
+    key: string,
     io: TransferIO,
     slot: SocketSlot | undefined,
     acquireMs: number,
@@ -479,7 +505,7 @@ export class CurlEngine {
       slot,
       mode: slot ? 'leased' : 'direct',
       target,
-      originKey: slot?.originKey ?? originKey({ ...target.origin, proxy: request.proxy }),
+      originKey: key,
       secure: target.secure,
       acquireMs,
       headSent: false,
@@ -493,7 +519,8 @@ export class CurlEngine {
       this.#release(state);
       return Promise.reject(error);
     }
-    io.sink.onWritable(() => this.#resume(state, attempt.seq, CurlPause.Recv));
+    // (A BufferSink never refuses a chunk: nothing to resume.)
+    if (!(io.sink instanceof BufferSink)) io.sink.onWritable(() => this.#resume(state, attempt.seq, CurlPause.Recv));
     io.source?.onReadable(() => this.#resume(state, attempt.seq, CurlPause.Send));
     return new Promise((resolve) => {
       const { signal } = io;
@@ -535,7 +562,10 @@ export class CurlEngine {
           attempt.io.sink.head(head);
         }
         this.#release(state);
-        resolve({ ...head, body: new Uint8Array(0) });
+        // The head becomes the result (run() puts a buffered body in).
+        const result = head as TransferResult;
+        result.body = EMPTY_BODY;
+        resolve(result);
       };
       if (signal.aborted) {
         state.finish = undefined;
@@ -557,6 +587,19 @@ export class CurlEngine {
     });
     state.easy.setOpt('SOCKOPTFUNCTION', () => CurlSockOpt.AlreadyConnected);
   }
+}
+
+/** The retry policy lets this request run again after its connection died. */
+function retryable(request: TransferRequest): boolean {
+  if (request.retryDeadConnection === false) return false;
+  return request.retryMethods ? request.retryMethods.includes(request.method) : IDEMPOTENT_METHODS.has(request.method);
+}
+
+/** Readies a transfer's bodies for another attempt; false when its request body cannot be sent again. */
+function rewound(io: TransferIO): boolean {
+  if (io.source && !io.source.rewind()) return false;
+  io.sink.reset();
+  return true;
 }
 
 class TransferFailure {

@@ -25,6 +25,7 @@ import {
   PROTOCOL_VERSION,
 } from '../shared/protocol.js';
 import { SeqpacketChannel } from '../shared/seqpacket-channel.js';
+import type { CancelSignal } from './cancellation.js';
 
 export interface Lease extends LeaseReply {
   fd: number;
@@ -77,7 +78,7 @@ export class DaemonLink {
     host: string,
     port: number,
     timeoutMs: number,
-    signal?: AbortSignal,
+    signal?: CancelSignal,
     proxy?: { host: string; port: number },
   ): Promise<Lease> {
     const ms = Math.max(1, Math.ceil(timeoutMs));
@@ -131,7 +132,7 @@ export class DaemonLink {
   async #request(
     request: Request,
     timeoutMs: number,
-    signal?: AbortSignal,
+    signal?: CancelSignal,
   ): Promise<{ message: DaemonMessage; fds: number[]; generation: number }> {
     signal?.throwIfAborted();
     const channel = await this.#connect();

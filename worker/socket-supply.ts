@@ -18,7 +18,8 @@
 // and are run again with a socket.
 
 import * as native from '../shared/native.js';
-import { originKey } from '../shared/origin.js';
+import type { Endpoint } from '../shared/origin.js';
+import type { CancelSignal } from './cancellation.js';
 import type { DaemonLink, Lease } from './daemon-link.js';
 
 /** A socket prepared for one transfer, taken by curl at most once. */
@@ -61,7 +62,7 @@ export interface PrepareOptions {
   timeoutMs: number;
   /** Acquire whatever the prediction says (the previous attempt was starved or its connection died). */
   force: boolean;
-  signal?: AbortSignal | undefined;
+  signal?: CancelSignal | undefined;
 }
 
 function settleable(): Settleable {
@@ -73,7 +74,7 @@ function settleable(): Settleable {
 }
 
 /** `promise`, or signal.reason once `signal` aborts. */
-function abortable(promise: Promise<void>, signal: AbortSignal | undefined): Promise<void> {
+function abortable(promise: Promise<void>, signal: CancelSignal | undefined): Promise<void> {
   if (!signal) return promise;
   signal.throwIfAborted();
   return new Promise<void>((resolve, reject) => {
@@ -99,9 +100,9 @@ export class SocketSupply {
     this.#link = link;
   }
 
-  /** Starts a transfer's accounting; acquires a socket when one will probably be needed (see the header). */
-  async prepare(host: string, port: number, options: PrepareOptions): Promise<SocketSlot> {
-    const key = originKey({ host, port, proxy: options.proxy });
+  /** Starts a transfer's accounting; acquires a socket when one will probably be needed (see the header).
+   *  `key`: originKey of the target and options.proxy. */
+  prepare(target: Endpoint, key: string, options: PrepareOptions): SocketSlot | Promise<SocketSlot> {
     const origin = this.#origin(key);
     origin.inFlight++;
     const slot: SocketSlot = { originKey: key, lease: undefined, starved: false, taken: false };
@@ -110,14 +111,7 @@ export class SocketSupply {
     if (!options.force && mayMultiplex && origin.firstSocket) {
       // Another transfer is bringing the first connection: start only once curl has it, so as to multiplex over
       // it if it turns out to be HTTP/2 (else this transfer is starved and retried with a socket of its own).
-      try {
-        await abortable(origin.firstSocket.promise, options.signal);
-      } catch (error) {
-        origin.inFlight--;
-        this.#forget(key, origin);
-        throw error;
-      }
-      return slot;
+      return this.#afterFirstSocket(origin.firstSocket, key, origin, slot, options);
     }
     if (options.force || this.#needsSocket(origin, options.secure)) {
       origin.supplying++;
@@ -125,15 +119,44 @@ export class SocketSupply {
         origin.firstSocket = settleable();
         slot.first = origin.firstSocket;
       }
-      try {
-        slot.lease = await this.#link.acquire(host, port, options.timeoutMs, options.signal, options.proxy);
-      } catch (error) {
-        origin.supplying--;
-        origin.inFlight--;
-        this.#settleFirst(origin, slot);
-        this.#forget(key, origin);
-        throw error;
-      }
+      return this.#acquireInto(slot, target, key, origin, options);
+    }
+    // The common case under keep-alive: curl has a connection for it; no promise, no daemon round trip.
+    return slot;
+  }
+
+  async #afterFirstSocket(
+    first: Settleable,
+    key: string,
+    origin: OriginState,
+    slot: SocketSlot,
+    options: PrepareOptions,
+  ): Promise<SocketSlot> {
+    try {
+      await abortable(first.promise, options.signal);
+    } catch (error) {
+      origin.inFlight--;
+      this.#forget(key, origin);
+      throw error;
+    }
+    return slot;
+  }
+
+  async #acquireInto(
+    slot: SocketSlot,
+    target: Endpoint,
+    key: string,
+    origin: OriginState,
+    options: PrepareOptions,
+  ): Promise<SocketSlot> {
+    try {
+      slot.lease = await this.#link.acquire(target.host, target.port, options.timeoutMs, options.signal, options.proxy);
+    } catch (error) {
+      origin.supplying--;
+      origin.inFlight--;
+      this.#settleFirst(origin, slot);
+      this.#forget(key, origin);
+      throw error;
     }
     return slot;
   }

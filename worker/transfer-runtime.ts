@@ -2,7 +2,7 @@
 // Multi), running requests with their cancellation and streamed bodies. A piscina worker thread holds one
 // (worker/task.ts); a client created with `threads: 0` holds one in the caller's own thread.
 //
-// Cancellation never terminates a thread: each request gets an AbortController, aborted by its deadline (a timer)
+// Cancellation never terminates a thread: each request gets a Cancellation, cancelled by its deadline (a timer)
 // or by an `abort` message on the request's own MessagePort, and the engine cancels just that transfer.
 //
 // fds: the daemon link's socket and leased fds not yet handed to curl are tracked by the addon (closed if the
@@ -10,6 +10,7 @@
 
 import type { MessagePort } from 'node:worker_threads';
 import { ErrorCodes, fromPlainError, SockpoolError, toPlainError } from '../shared/errors.js';
+import { Cancellation } from './cancellation.js';
 import { CurlEngine, epochNow, type TransferOutcome, type TransferRequest, timeoutError } from './curl-engine.js';
 import { DaemonLink } from './daemon-link.js';
 import { PortSink } from './response-sink.js';
@@ -86,12 +87,12 @@ export class TransferRuntime {
     port: MessagePort | undefined,
     signal?: AbortSignal,
   ): Promise<TransferOutcome> {
-    const controller = new AbortController();
+    const cancellation = new Cancellation();
     const deadline = setTimeout(
-      () => controller.abort(timeoutError(request)),
+      () => cancellation.cancel(timeoutError(request)),
       Math.max(0, request.deadline - epochNow()),
     );
-    const onCallerAbort = signal ? () => controller.abort(abortedError(signal)) : undefined;
+    const onCallerAbort = signal ? () => cancellation.cancel(abortedError(signal)) : undefined;
     if (onCallerAbort) signal!.addEventListener('abort', onCallerAbort, { once: true });
     let sink: PortSink | undefined;
     let source: PortSource | undefined;
@@ -102,7 +103,7 @@ export class TransferRuntime {
         switch (message.t) {
           case 'abort':
           case 'body-error':
-            controller.abort(fromPlainError(message.error));
+            cancellation.cancel(fromPlainError(message.error));
             return;
           case 'credit':
             sink?.credit(message.consumed);
@@ -116,13 +117,15 @@ export class TransferRuntime {
         }
       });
       // The caller's end closed before the transfer ended: nobody wants the rest.
-      port.on('close', () => controller.abort(new SockpoolError(ErrorCodes.ABORTED, 'the caller closed the request')));
+      port.on('close', () =>
+        cancellation.cancel(new SockpoolError(ErrorCodes.ABORTED, 'the caller closed the request')),
+      );
     }
     try {
       const outcome = await this.#engine.run(request, {
         sink,
         source,
-        signal: controller.signal,
+        signal: cancellation,
       });
       if (sink) {
         if (outcome.ok) sink.end();

@@ -2,7 +2,7 @@
 // spends in curl's own code, and keep-alive and crawler loads repeat the same URLs: parsed targets are kept, by the
 // exact input string, for the next request (the client validates with it, the engine picks its origin with it).
 
-import { canonicalHost, type Origin } from '../shared/origin.js';
+import { canonicalHost, type Origin, originKey } from '../shared/origin.js';
 
 export interface UrlTarget {
   /** The URL as WHATWG URL serializes it: what curl is given. */
@@ -13,6 +13,8 @@ export interface UrlTarget {
   readonly hostname: string;
   /** Canonical host and port (the scheme's default when none is given): the pool the connection comes from. */
   readonly origin: Readonly<Origin>;
+  /** originKey(origin): the origin's key when no proxy is in between. */
+  readonly key: string;
   readonly secure: boolean;
   /** The URL carries a user name or password. */
   readonly credentials: boolean;
@@ -28,11 +30,16 @@ export function urlTarget(input: string): UrlTarget {
   if (cached) return cached;
   const url = new URL(input);
   const secure = url.protocol === 'https:';
+  const origin = Object.freeze({
+    host: canonicalHost(url.hostname),
+    port: url.port ? Number(url.port) : secure ? 443 : 80,
+  });
   const target: UrlTarget = Object.freeze({
     href: url.href,
     protocol: url.protocol,
     hostname: url.hostname,
-    origin: Object.freeze({ host: canonicalHost(url.hostname), port: url.port ? Number(url.port) : secure ? 443 : 80 }),
+    origin,
+    key: originKey(origin),
     secure,
     credentials: url.username !== '' || url.password !== '',
   });

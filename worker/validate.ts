@@ -72,16 +72,21 @@ export function validateTimeout(timeoutMs: unknown, what = 'timeoutMs'): number 
   return timeoutMs;
 }
 
-/** A body as bytes to send whole, or a stream to send in chunks. */
-export async function classifyBody(
-  body: BodyInput | null | undefined,
-): Promise<{ bytes?: Uint8Array; stream?: BodyStream }> {
-  if (body === undefined || body === null) return {};
+export interface ClassifiedBody {
+  bytes?: Uint8Array;
+  stream?: BodyStream;
+}
+
+const NO_BODY: ClassifiedBody = Object.freeze({});
+
+/** A body as bytes to send whole, or a stream to send in chunks; a promise only for a Blob (read first). */
+export function classifyBody(body: BodyInput | null | undefined): ClassifiedBody | Promise<ClassifiedBody> {
+  if (body === undefined || body === null) return NO_BODY;
   if (typeof body === 'string') return { bytes: Buffer.from(body) };
   if (body instanceof Uint8Array) return { bytes: body };
   if (body instanceof ArrayBuffer) return { bytes: new Uint8Array(body) };
   if (ArrayBuffer.isView(body)) return { bytes: new Uint8Array(body.buffer, body.byteOffset, body.byteLength) };
-  if (body instanceof Blob) return { bytes: new Uint8Array(await body.arrayBuffer()) };
+  if (body instanceof Blob) return body.arrayBuffer().then((bytes) => ({ bytes: new Uint8Array(bytes) }));
   if (body instanceof ReadableStream) return { stream: body };
   if (typeof (body as AsyncIterable<Uint8Array>)[Symbol.asyncIterator] === 'function') return { stream: body };
   throw invalid('body must be a string, bytes, a Blob, a ReadableStream or an AsyncIterable of bytes');
