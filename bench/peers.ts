@@ -44,7 +44,8 @@ const settings = {
   keepAlive: {
     concurrency: 16,
     lab: { sequential: quick ? 30 : 100, concurrent: quick ? 240 : 800 },
-    loopback: { sequential: quick ? 500 : 2_000, concurrent: quick ? 2_000 : 8_000 },
+    // Loopback requests take 0.03-0.1 ms: enough of them that a GC pause or a scheduler hiccup is not the result.
+    loopback: { sequential: quick ? 1_500 : 6_000, concurrent: quick ? 6_000 : 24_000 },
   },
   crawl: { requests: quick ? 150 : 500, concurrency: 32, maxAnnouncedPerOrigin: 8, seed: 4242 },
   throughput: { requests: quick ? 4_000 : 20_000, concurrency: 64 },
@@ -289,6 +290,14 @@ async function loadRounds(
   }));
 }
 
+/** One job per peer, and one more for sockpool's client with `threads: 0` (variant 'sockpool-inline'). */
+function withInlineSockpool(runners: Runner[], payload: Record<string, unknown>): LoadJob[] {
+  const jobs = runners.map((runner) => ({ variant: runner.peer as string, runner, payload }));
+  const sockpool = runners.find((runner) => runner.peer === 'sockpool')!;
+  jobs.push({ variant: 'sockpool-inline', runner: sockpool, payload: { ...payload, inline: true } });
+  return jobs;
+}
+
 async function keepAlive(set: OriginSet, runners: Runner[], zones: Zones, lab: boolean): Promise<LoadRun[]> {
   const counts = lab ? settings.keepAlive.lab : settings.keepAlive.loopback;
   const prepareUrls = warmupUrls(set);
@@ -303,7 +312,7 @@ async function keepAlive(set: OriginSet, runners: Runner[], zones: Zones, lab: b
         ...(await loadRounds('keep-alive', scheme, mode, concurrency, () => {
           const url = set.url(scheme, set.host(1, zones.next()), '/keep-alive');
           const payload = { urls: [url], count, warmup: Math.max(10, 2 * concurrency), prepareUrls };
-          return runners.map((runner) => ({ variant: runner.peer, runner, payload }));
+          return withInlineSockpool(runners, payload);
         })),
       );
       log(`  keep-alive, ${scheme}, ${mode}: ${((performance.now() - started) / 1000).toFixed(1)} s`);
@@ -354,7 +363,7 @@ async function throughput(set: OriginSet, runners: Runner[], zones: Zones): Prom
   const runs = await loadRounds('throughput', 'http', 'concurrent', concurrency, () => {
     const url = set.url('http', set.host(1, zones.next()), '/throughput');
     const payload = { urls: [url], count: requests, warmup: 4 * concurrency, prepareUrls: warmupUrls(set) };
-    return runners.map((runner) => ({ variant: runner.peer, runner, payload }));
+    return withInlineSockpool(runners, payload);
   });
   log(`  throughput: ${((performance.now() - started) / 1000).toFixed(1)} s`);
   return runs;
@@ -476,6 +485,7 @@ function perSecond(value: number): string {
 function variantLabel(variant: string): string {
   if (variant === 'sockpool') return 'sockpool';
   if (variant === 'sockpool-unannounced') return 'sockpool, hosts not announced';
+  if (variant === 'sockpool-inline') return 'sockpool, threads: 0';
   return LABEL[variant as PeerName] ?? variant;
 }
 
@@ -527,7 +537,7 @@ function report(sets: SetResult[]): { text: string; aims: Aim[] } {
       keepRows.push([
         run.scheme,
         `${run.mode} (${run.concurrency})`,
-        LABEL[run.peer],
+        variantLabel(run.variant),
         perSecond(run.perSecond),
         ms(median(run.rounds.map((r) => r.latency.p50))),
         ratioText(ratio),
@@ -535,7 +545,7 @@ function report(sets: SetResult[]): { text: string; aims: Aim[] } {
       ]);
       if (run.peer === 'sockpool') {
         aims.push({
-          aim: `keep-alive ${run.scheme} ${run.mode}: sockpool req/s / node-libcurl`,
+          aim: `keep-alive ${run.scheme} ${run.mode}: ${variantLabel(run.variant)} req/s / node-libcurl`,
           set: title,
           value: ratio,
           target: AIMS.keepAliveOfLibcurl,
@@ -584,7 +594,7 @@ function report(sets: SetResult[]): { text: string; aims: Aim[] } {
       for (const run of result.throughput) {
         const ratio = run.perSecond / (undici?.perSecond ?? Number.NaN);
         rows.push([
-          LABEL[run.peer],
+          variantLabel(run.variant),
           perSecond(run.perSecond),
           ms(median(run.rounds.map((r) => r.latency.p50))),
           ms(median(run.rounds.map((r) => r.latency.p99))),
@@ -593,7 +603,7 @@ function report(sets: SetResult[]): { text: string; aims: Aim[] } {
         ]);
         if (run.peer === 'sockpool') {
           aims.push({
-            aim: 'loopback throughput: sockpool req/s / undici',
+            aim: `loopback throughput: ${variantLabel(run.variant)} req/s / undici`,
             set: title,
             value: ratio,
             target: AIMS.throughputOfUndici,
