@@ -204,17 +204,17 @@ export class CurlEngine {
   }
 
   /** Runs a transfer to the end (retrying as the rules allow); never throws. */
-  async run(request: TransferRequest, io?: Partial<TransferIO>): Promise<TransferOutcome> {
+  run(request: TransferRequest, io?: Partial<TransferIO>): Promise<TransferOutcome> {
     const sink = io?.sink ?? new BufferSink();
     const full: TransferIO = { sink, source: io?.source, signal: io?.signal ?? new Cancellation() };
     if (!full.source && request.body !== undefined) full.source = new BufferSource(request.body);
-    try {
-      const result = await this.#runWithRetry(request, full);
-      if (sink instanceof BufferSink) result.body = sink.body();
-      return { ok: true, result };
-    } catch (error) {
-      return { ok: false, error: toPlainError(error) };
-    }
+    return this.#runWithRetry(request, full).then(
+      (result): TransferOutcome => {
+        if (sink instanceof BufferSink) result.body = sink.body();
+        return { ok: true, result };
+      },
+      (error: unknown): TransferOutcome => ({ ok: false, error: toPlainError(error) }),
+    );
   }
 
   close(): void {

@@ -13,6 +13,7 @@ import { ErrorCodes, fromPlainError, SockpoolError, toPlainError } from '../shar
 import { Cancellation } from './cancellation.js';
 import { CurlEngine, epochNow, type TransferOutcome, type TransferRequest, timeoutError } from './curl-engine.js';
 import { DaemonLink } from './daemon-link.js';
+import { Deadlines } from './deadlines.js';
 import { PortSink } from './response-sink.js';
 import { SocketSupply } from './socket-supply.js';
 import type { CallerMessage } from './stream-protocol.js';
@@ -46,6 +47,8 @@ export function abortedError(signal: AbortSignal): SockpoolError {
 export class TransferRuntime {
   readonly #link: DaemonLink;
   readonly #engine: CurlEngine;
+  /** Every request's deadline (epoch ms), on one timer. */
+  readonly #deadlines = new Deadlines(epochNow);
 
   constructor(config: RuntimeConfig, clientName: string) {
     this.#link = new DaemonLink({ socketPath: config.socketPath, clientName });
@@ -74,6 +77,7 @@ export class TransferRuntime {
 
   /** Closes curl's connections (through CLOSESOCKETFUNCTION, so the daemon hears `closed`), then the link. */
   close(): void {
+    this.#deadlines.close();
     this.#engine.close();
     this.#link.close();
   }
@@ -88,10 +92,7 @@ export class TransferRuntime {
     signal?: AbortSignal,
   ): Promise<TransferOutcome> {
     const cancellation = new Cancellation();
-    const deadline = setTimeout(
-      () => cancellation.cancel(timeoutError(request)),
-      Math.max(0, request.deadline - epochNow()),
-    );
+    const deadline = this.#deadlines.add(request.deadline, () => cancellation.cancel(timeoutError(request)));
     const onCallerAbort = signal ? () => cancellation.cancel(abortedError(signal)) : undefined;
     if (onCallerAbort) signal!.addEventListener('abort', onCallerAbort, { once: true });
     let sink: PortSink | undefined;
@@ -133,7 +134,7 @@ export class TransferRuntime {
       }
       return outcome;
     } finally {
-      clearTimeout(deadline);
+      this.#deadlines.remove(deadline);
       if (onCallerAbort) signal!.removeEventListener('abort', onCallerAbort);
       port?.close();
     }
