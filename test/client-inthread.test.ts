@@ -15,18 +15,21 @@ import type { DaemonProcess } from './helpers/daemon.js';
 
 let origin: Origin;
 let slow: Origin;
+let medium: Origin;
 let daemon: DaemonProcess;
 
 beforeAll(async () => {
   origin = await httpOrigin(echoHandler());
   slow = await httpOrigin(echoHandler(5_000));
-  daemon = await startTestDaemon([origin.port, slow.port]);
+  medium = await httpOrigin(echoHandler(300));
+  daemon = await startTestDaemon([origin.port, slow.port, medium.port]);
 });
 
 afterAll(async () => {
   await daemon?.stop();
   await origin?.close();
   await slow?.close();
+  await medium?.close();
 });
 
 describe('threads: 0 (in the caller thread)', () => {
@@ -50,6 +53,27 @@ describe('threads: 0 (in the caller thread)', () => {
     await client.close();
     await eventually(async () => (await leasedTo(daemon.socketPath, origin.port)) === 0, 'leases ended');
     await eventually(() => fdCount() === before, `fd count back to ${before}`);
+  });
+
+  it('close() waits for the requests in flight, then refuses new ones with SOCKPOOL_ERR_CLOSED', async () => {
+    const client = new SockpoolClient({ socketPath: daemon.socketPath, threads: 0 });
+    const pending = [1, 2, 3].map((i) => client.request(`http://127.0.0.1:${medium.port}/drain-${i}`));
+    await eventually(() => medium.sockets.size >= 3, 'the requests reached the server');
+    let closed = false;
+    const closing = client.close().then(() => {
+      closed = true;
+    });
+    const responses = await Promise.all(pending);
+    expect(responses.map((response) => response.body.toString())).toEqual([
+      'GET /drain-1 0',
+      'GET /drain-2 0',
+      'GET /drain-3 0',
+    ]);
+    await closing;
+    expect(closed).toBe(true);
+    await expect(client.request(`http://127.0.0.1:${origin.port}/after-close`)).rejects.toMatchObject({
+      code: 'SOCKPOOL_ERR_CLOSED',
+    });
   });
 
   it('rejects a negative thread count with a typed error', () => {

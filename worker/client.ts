@@ -179,9 +179,15 @@ export class SockpoolClient {
     const channel =
       upload || (signal && !this.#local) ? new CallerChannel({ streamResponse: false, upload }) : undefined;
     // The result is this request's own object: it becomes the response in place.
-    const running =
-      this.#local && !channel ? this.#runLocal(this.#local, request, signal) : this.#run(request, channel, signal);
-    const result = (await running) as TransferResult & SockpoolResponse;
+    let result: TransferResult & SockpoolResponse;
+    if (this.#local && !channel) {
+      // threads: 0, no port: the runtime enforces the deadline and the caller's signal itself.
+      const outcome = await this.#local.runRequest(request, undefined, signal);
+      if (!outcome.ok) throw fromPlainError(outcome.error);
+      result = outcome.result as TransferResult & SockpoolResponse;
+    } else {
+      result = (await this.#run(request, channel, signal)) as TransferResult & SockpoolResponse;
+    }
     const body: Uint8Array = result.body;
     // (A body that crossed from a worker thread arrives as a plain Uint8Array over the moved memory.)
     if (!Buffer.isBuffer(body)) result.body = Buffer.from(body.buffer, body.byteOffset, body.byteLength);
@@ -260,17 +266,9 @@ export class SockpoolClient {
   /** threads: 0 — wait for this client's requests to finish, then close curl's connections and the link. */
   async #closeLocal(): Promise<void> {
     await Promise.allSettled([...this.#inFlight]);
-    if (this.#localActive > 0) {
-      await new Promise<void>((resolve) => {
-        this.#localIdle = resolve;
-      });
-    }
+    await this.#local?.idle();
     this.#local?.close();
   }
-
-  /** threads: 0 — requests running through #runLocal, and close() waiting for them to end. */
-  #localActive = 0;
-  #localIdle: (() => void) | undefined;
 
   #inFlight = new Set<Promise<unknown>>();
 
@@ -389,18 +387,6 @@ export class SockpoolClient {
       clearTimeout(timer);
       if (onAbort) signal?.removeEventListener('abort', onAbort);
       if (!request.streamResponse) channel?.close();
-    }
-  }
-
-  /** threads: 0, a request without a port: the runtime enforces the deadline and the caller's signal itself. */
-  async #runLocal(local: TransferRuntime, request: TransferRequest, signal: AbortSignal | undefined) {
-    this.#localActive++;
-    try {
-      const outcome = await local.runRequest(request, undefined, signal);
-      if (!outcome.ok) throw fromPlainError(outcome.error);
-      return outcome.result;
-    } finally {
-      if (--this.#localActive === 0) this.#localIdle?.();
     }
   }
 

@@ -47,6 +47,9 @@ export function abortedError(signal: AbortSignal): SockpoolError {
 export class TransferRuntime {
   readonly #link: DaemonLink;
   readonly #engine: CurlEngine;
+  /** Requests running, and whoever waits for none to be (idle()). */
+  #running = 0;
+  #onIdle: (() => void) | undefined;
   /** Every request's deadline (epoch ms), on one timer. */
   readonly #deadlines = new Deadlines(epochNow);
 
@@ -73,6 +76,19 @@ export class TransferRuntime {
           return { ok: false, error: toPlainError(error) };
         }
     }
+  }
+
+  /** Resolves once no request is running here (at once if none is). */
+  idle(): Promise<void> {
+    if (this.#running === 0) return Promise.resolve();
+    return new Promise((resolve) => {
+      const previous = this.#onIdle;
+      this.#onIdle = () => {
+        this.#onIdle = undefined;
+        previous?.();
+        resolve();
+      };
+    });
   }
 
   /** Closes curl's connections (through CLOSESOCKETFUNCTION, so the daemon hears `closed`), then the link. */
@@ -122,6 +138,7 @@ export class TransferRuntime {
         cancellation.cancel(new SockpoolError(ErrorCodes.ABORTED, 'the caller closed the request')),
       );
     }
+    this.#running++;
     try {
       const outcome = await this.#engine.run(request, {
         sink,
@@ -135,6 +152,7 @@ export class TransferRuntime {
       return outcome;
     } finally {
       this.#deadlines.remove(deadline);
+      if (--this.#running === 0) this.#onIdle?.();
       if (onCallerAbort) signal!.removeEventListener('abort', onCallerAbort);
       port?.close();
     }
