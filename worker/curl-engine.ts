@@ -220,6 +220,19 @@ export class CurlEngine {
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
+    // Nothing is left hanging: transfers curl finished are completed now (their handles still open), and the ones
+    // still running fail with SOCKPOOL_ERR_CLOSED.
+    const completed = this.#completed;
+    this.#completed = [];
+    for (const complete of completed) complete();
+    const closing = new SockpoolError(ErrorCodes.CLOSED, 'the client is closing');
+    for (const state of this.#states.values()) {
+      const finish = state.finish;
+      if (!finish) continue;
+      state.finish = undefined;
+      this.#multi.removeHandle(state.easy);
+      finish(CurlCode.CURLE_ABORTED_BY_CALLBACK, undefined, closing);
+    }
     // Connections close through CLOSESOCKETFUNCTION now, while every handle still exists.
     this.#multi.close();
     for (const state of this.#states.values()) state.easy.close();
