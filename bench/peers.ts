@@ -40,7 +40,7 @@ const settings = {
   origins: Math.min(250, option('--origins', quick ? 20 : 100)),
   warmupOrigins: 4,
   /** Rounds of the keep-alive, crawler and throughput runs (each rotates the peers' order). */
-  rounds: quick ? 1 : 2,
+  rounds: quick ? 1 : 3,
   keepAlive: {
     concurrency: 16,
     lab: { sequential: quick ? 30 : 100, concurrent: quick ? 240 : 800 },

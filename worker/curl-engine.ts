@@ -147,9 +147,11 @@ const MAX_PINNED = 10_000;
 const CURL_SEEKFUNC_OK = 0;
 const CURL_SEEKFUNC_CANTSEEK = 2;
 
+const TIME_ORIGIN = performance.timeOrigin;
+
 /** Now, in ms since the epoch, comparable across threads. */
 export function epochNow(): number {
-  return performance.timeOrigin + performance.now();
+  return TIME_ORIGIN + performance.now();
 }
 
 export function timeoutError(request: Pick<TransferRequest, 'method' | 'url' | 'timeoutMs'>): SockpoolError {
@@ -248,9 +250,9 @@ export class CurlEngine {
     let retriedDead = false;
     for (let attempt = 0; ; attempt++) {
       io.signal.throwIfAborted();
-      const remaining = request.deadline - epochNow();
-      if (remaining <= 0) throw timeoutError(request);
       const started = performance.now();
+      const remaining = request.deadline - (TIME_ORIGIN + started);
+      if (remaining <= 0) throw timeoutError(request);
       let slot: SocketSlot;
       try {
         const preparing = this.#supply.prepare(origin, key, {

@@ -45,10 +45,9 @@ export function validateRequest(
     throw invalid(`unsupported URL scheme ${target.protocol} (http and https only)`, { url: target.href });
   }
   if (target.credentials) throw invalid('credentials in the URL are not supported');
-  const method = (options.method ?? 'GET').toUpperCase();
-  if (!TOKEN.test(method)) throw invalid(`invalid HTTP method ${JSON.stringify(options.method)}`);
-  if (method === 'CONNECT') throw invalid('CONNECT is not supported');
+  const method = options.method === undefined || options.method === null ? 'GET' : checkMethod(options.method);
   const headers: Array<[string, string]> = [];
+  if (options.headers === undefined) return { target, method, headers };
   const source =
     options.headers instanceof Headers
       ? [...options.headers.entries()]
@@ -63,6 +62,20 @@ export function validateRequest(
     headers.push([name, value]);
   }
   return { target, method, headers };
+}
+
+/** Methods already checked, upper-cased (a caller uses a handful). */
+const checkedMethods = new Map<string, string>();
+
+function checkMethod(given: string): string {
+  const known = checkedMethods.get(given);
+  if (known) return known;
+  const method = String(given).toUpperCase();
+  if (!TOKEN.test(method)) throw invalid(`invalid HTTP method ${JSON.stringify(given)}`);
+  if (method === 'CONNECT') throw invalid('CONNECT is not supported');
+  // (Bounded: a caller inventing methods without end gets them checked each time beyond this.)
+  if (checkedMethods.size < 64) checkedMethods.set(given, method);
+  return method;
 }
 
 export function validateTimeout(timeoutMs: unknown, what = 'timeoutMs'): number {
