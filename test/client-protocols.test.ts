@@ -97,6 +97,7 @@ beforeAll(async () => {
     // A little server time, so that the requests are in flight together.
     setTimeout(() => {
       h2Streams--;
+      response.setHeader('x-stream', request.url);
       response.end(`h2 ${request.url}`);
     }, 30);
   });
@@ -157,6 +158,11 @@ describe('HTTP/2 multiplexing over one handed fd', () => {
       Array.from({ length: 100 }, (_, i) => `h2 /s${i}`),
     );
     for (const response of responses) expect(response.httpVersion).toBe('2');
+    // Each stream's own headers (curl's header API, per transfer), names as HTTP/2 sends them (lower case).
+    responses.forEach((response, i) => {
+      expect(response.status).toBe(200);
+      expect(response.headers).toContainEqual(['x-stream', `/s${i}`]);
+    });
     // ALPN chose h2 over our CAINFO-verified TLS, and the requests really overlapped on the server ...
     expect(h2MaxConcurrent).toBeGreaterThan(1);
     // ... over the one connection the daemon made and handed over once.
