@@ -48,8 +48,14 @@ describe('threads: 0 (in the caller thread)', () => {
     // Aborts cancel the transfer here too.
     const controller = new AbortController();
     const pending = client.request(`http://127.0.0.1:${slow.port}/slow`, { signal: controller.signal });
-    setTimeout(() => controller.abort(), 50);
-    await expect(pending).rejects.toMatchObject({ code: 'SOCKPOOL_ERR_ABORTED' });
+    const reason = new Error('the user gave up');
+    setTimeout(() => controller.abort(reason), 50);
+    // The signal's reason is the error's cause, as with worker threads.
+    await expect(pending).rejects.toMatchObject({
+      code: 'SOCKPOOL_ERR_ABORTED',
+      message: 'request aborted: the user gave up',
+      cause: reason,
+    });
     await client.close();
     await eventually(async () => (await leasedTo(daemon.socketPath, origin.port)) === 0, 'leases ended');
     await eventually(() => fdCount() === before, `fd count back to ${before}`);

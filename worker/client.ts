@@ -183,7 +183,11 @@ export class SockpoolClient {
     if (this.#local && !channel) {
       // threads: 0, no port: the runtime enforces the deadline and the caller's signal itself.
       const outcome = await this.#local.runRequest(request, undefined, signal);
-      if (!outcome.ok) throw fromPlainError(outcome.error);
+      if (!outcome.ok) {
+        // Cancelled by the caller: the error carries the signal's reason as its cause, as with worker threads.
+        if (signal?.aborted && outcome.error.code === ErrorCodes.ABORTED) throw abortedError(signal);
+        throw fromPlainError(outcome.error);
+      }
       result = outcome.result as TransferResult & SockpoolResponse;
     } else {
       result = (await this.#run(request, channel, signal)) as TransferResult & SockpoolResponse;

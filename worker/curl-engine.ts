@@ -10,9 +10,9 @@
 // A transfer's body goes to a ResponseSink (whole, or streamed to the caller with backpressure: WRITEFUNCTION
 // answers CURL_WRITEFUNC_PAUSE while the sink is full) and its request body comes from an UploadSource (READFUNCTION
 // answers CURL_READFUNC_PAUSE while a streamed body has nothing buffered); Easy.pause resumes either direction.
-// A CancelSignal (cancellation.ts) cancels a transfer wherever it is: waiting for a socket (the acquire is dropped, a late lease goes
-// back to the daemon) or inside curl (the handle leaves the Multi; curl closes a connection left mid-response
-// through CLOSESOCKETFUNCTION). The signal's reason is the error the transfer fails with.
+// A CancelSignal (cancellation.ts) cancels a transfer wherever it is: waiting for a socket (the acquire is dropped,
+// a late lease goes back to the daemon) or inside curl (the handle leaves the Multi; curl closes a connection left
+// mid-response through CLOSESOCKETFUNCTION). The signal's reason is the error the transfer fails with.
 
 import {
   CURL_SOCKET_BAD,
