@@ -137,6 +137,9 @@ export class DaemonLink {
     signal?.throwIfAborted();
     const channel = await this.#connect();
     signal?.throwIfAborted();
+    // The daemon may have hung up between the connect (or its hello) and now: a message sent on a closed channel
+    // is dropped, and its reply would never come.
+    if (channel.closed) throw new SockpoolError(ErrorCodes.DAEMON_UNAVAILABLE, 'connection to sockpoold lost');
     const generation = this.#generation;
     const id = this.#nextId++;
     if (this.#nextId > 2 ** 31 - 1) this.#nextId = 1;

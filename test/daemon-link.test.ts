@@ -1,0 +1,132 @@
+// The worker's link to sockpoold when the daemon goes away at the worst moment: it answers hello and hangs up
+// before the requests queued behind that hello are sent (a daemon killed right after accepting a worker). Every
+// queued request must fail at once with SOCKPOOL_ERR_DAEMON_UNAVAILABLE, not wait for its own deadline, and the
+// link must reconnect afterwards. The "daemon" here is a real SOCK_SEQPACKET listener in this process that speaks
+// the real protocol (hello) and then closes; the link and its channel are the production code.
+import { mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import * as native from '../shared/native.js';
+import { decodeClientMessage, encodeMessage, MAX_MESSAGE_BYTES, PROTOCOL_VERSION } from '../shared/protocol.js';
+import { DaemonLink } from '../worker/daemon-link.js';
+
+interface FakeDaemon {
+  path: string;
+  /** Connections accepted so far. */
+  accepted(): number;
+  close(): void;
+}
+
+/**
+ * Listens on a fresh path. `behaviour` 'hangup-after-hello': answers hello, then closes the connection at once.
+ * 'serve': answers hello, and every acquire with an error reply (enough to show the link is back).
+ */
+function fakeDaemon(behaviour: () => 'hangup-after-hello' | 'serve'): FakeDaemon {
+  const path = join(mkdtempSync(join(tmpdir(), 'sockpool-link-')), 'fake.sock');
+  const listenFd = native.seqpacketListen(path, 16);
+  const pollers: native.Poller[] = [];
+  const fds: number[] = [];
+  let accepted = 0;
+  const listener = new native.Poller(listenFd, () => {
+    for (;;) {
+      const fd = native.accept(listenFd);
+      if (fd === null) return;
+      accepted++;
+      fds.push(fd);
+      const mode = behaviour();
+      const connection = new native.Poller(fd, () => {
+        for (;;) {
+          let received: native.ReceivedMessage | null;
+          try {
+            received = native.recvMessage(fd, MAX_MESSAGE_BYTES, 4);
+          } catch {
+            connection.close();
+            return;
+          }
+          if (received === null) return;
+          if (received.eof) {
+            connection.close();
+            return;
+          }
+          const message = decodeClientMessage(received.data);
+          if (message.type === 'hello') {
+            const reply = {
+              type: 'hello' as const,
+              id: message.id,
+              version: PROTOCOL_VERSION,
+              server: 'sockpoold' as const,
+              serverVersion: 'test',
+              maxMessageBytes: MAX_MESSAGE_BYTES,
+            };
+            native.sendMessage(fd, encodeMessage(reply));
+            if (mode === 'hangup-after-hello') {
+              connection.close();
+              native.close(fd);
+              fds.splice(fds.indexOf(fd), 1);
+              return;
+            }
+          } else if (message.type === 'acquire') {
+            const reply = { type: 'error' as const, id: message.id, code: 'SOCKPOOL_ERR_POLICY', message: 'test' };
+            native.sendMessage(fd, encodeMessage(reply as never));
+          }
+        }
+      });
+      connection.start(native.READABLE | native.DISCONNECT);
+      pollers.push(connection);
+    }
+  });
+  listener.start(native.READABLE);
+  return {
+    path,
+    accepted: () => accepted,
+    close: () => {
+      listener.close();
+      for (const poller of pollers) poller.close();
+      for (const fd of fds) native.close(fd);
+      native.close(listenFd);
+    },
+  };
+}
+
+let daemon: FakeDaemon | undefined;
+let link: DaemonLink | undefined;
+
+afterEach(() => {
+  link?.close();
+  daemon?.close();
+});
+
+describe('DaemonLink when the daemon hangs up right after hello', () => {
+  it('fails every request queued behind the hello at once, then reconnects', async () => {
+    let mode: 'hangup-after-hello' | 'serve' = 'hangup-after-hello';
+    daemon = fakeDaemon(() => mode);
+    link = new DaemonLink({ socketPath: daemon.path, requestTimeoutMs: 5_000 });
+    // Five acquires issued before the link exists: they all wait for the same connect + hello. A request left
+    // behind would end with the link's own deadline instead (SOCKPOOL_ERR_TIMEOUT, after 2 + 1 s).
+    const outcomes = await Promise.all(
+      Array.from({ length: 5 }, () =>
+        link!.acquire('example.test', 80, 2_000).then(
+          () => 'lease',
+          (error: { code?: string }) => error.code ?? 'untyped',
+        ),
+      ),
+    );
+    expect(outcomes).toEqual(Array(5).fill('SOCKPOOL_ERR_DAEMON_UNAVAILABLE'));
+
+    // The daemon behaves again: after the backoff, the link connects anew and requests get answers.
+    mode = 'serve';
+    const answered = async () =>
+      link!.acquire('example.test', 80, 1_000).then(
+        () => 'lease',
+        (error: { code?: string }) => error.code ?? 'untyped',
+      );
+    let outcome = await answered();
+    for (let i = 0; i < 50 && outcome === 'SOCKPOOL_ERR_DAEMON_UNAVAILABLE'; i++) {
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      outcome = await answered();
+    }
+    expect(outcome).toBe('SOCKPOOL_ERR_POLICY');
+    expect(daemon.accepted()).toBeGreaterThanOrEqual(2);
+  });
+});
