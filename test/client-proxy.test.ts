@@ -33,7 +33,10 @@ beforeAll(async () => {
   pki = createTestPki(['secure.test']);
   origin = await listen(createHttpServer((request, response) => response.end(`origin saw ${request.url}`)));
   secureOrigin = await listen(
-    createHttpsServer({ cert: pki.cert, key: pki.key }, (request, response) => response.end(`tls ${request.url}`)),
+    createHttpsServer({ cert: pki.cert, key: pki.key }, (request, response) => {
+      response.setHeader('x-origin', 'tls');
+      response.end(`tls ${request.url}`);
+    }),
   );
   proxy = await listen(
     createHttpServer((request, response) => {
@@ -97,6 +100,23 @@ describe('forward proxy', () => {
           `secure.test:${port(secureOrigin)} via 127.0.0.1:${port(proxy)}`,
         ].sort(),
       );
+    } finally {
+      await client.close();
+    }
+  });
+
+  it("a streamed response through CONNECT has the origin's head, not the proxy's CONNECT reply", async () => {
+    const client = new SockpoolClient({
+      socketPath: sockpoold.socketPath,
+      threads: 0,
+      proxy: `http://127.0.0.1:${port(proxy)}`,
+      caFile: pki.caFile,
+    });
+    try {
+      const streamed = await client.requestStream(`https://secure.test:${port(secureOrigin)}/stream`);
+      expect(streamed.status).toBe(200);
+      expect(streamed.headers).toContainEqual(['x-origin', 'tls']);
+      expect(await new Response(streamed.body).text()).toBe('tls /stream');
     } finally {
       await client.close();
     }
