@@ -149,6 +149,15 @@ export class SockpoolClient {
     const workerData: WorkerConfig = {
       socketPath: this.#options.socketPath,
       maxConnects: Math.max(16, concurrency * 4),
+      policy: {
+        acquireTimeoutMs: this.#options.acquireTimeoutMs,
+        caFile: this.#options.caFile,
+        insecure: this.#options.insecure,
+        proxy: this.#options.proxy,
+        retryDeadConnection: this.#options.retry.deadConnection,
+        retryMethods: this.#options.retry.methods,
+        directFallback: this.#options.fallback === 'direct',
+      },
       testHooks: process.env.SOCKPOOL_TEST_HOOKS === '1',
     };
     if (threads === 0) {
@@ -164,6 +173,8 @@ export class SockpoolClient {
       concurrentTasksPerWorker: concurrency,
       // Idle workers must keep their event loops running (daemon link, curl's connection cache).
       atomics: 'disabled',
+      // No per-task run and wait-time histograms: nobody reads them, and each task would pay for them.
+      recordTiming: false,
       idleTimeout: Number.POSITIVE_INFINITY,
       workerData,
     });
@@ -343,13 +354,6 @@ export class SockpoolClient {
       streamResponse,
       deadline: epochNow() + timeoutMs,
       timeoutMs,
-      acquireTimeoutMs: this.#options.acquireTimeoutMs,
-      caFile: this.#options.caFile,
-      insecure: this.#options.insecure,
-      proxy: this.#options.proxy,
-      retryDeadConnection: this.#options.retry.deadConnection,
-      retryMethods: this.#options.retry.methods,
-      directFallback: this.#options.fallback === 'direct',
     };
     return { request, signal, upload: body.stream, queued };
   }

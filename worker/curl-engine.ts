@@ -48,6 +48,11 @@ export interface TransferRequest {
   deadline: number;
   /** The timeout the deadline came from (for error messages). */
   timeoutMs: number;
+}
+
+/** What is the same for every request of a client: the engine gets it once (a worker thread in its workerData),
+ *  so that each request (cloned to a worker thread) carries only its own fields. */
+export interface ClientPolicy {
   /** Time allowed for the daemon to hand over a socket. */
   acquireTimeoutMs: number;
   caFile?: string | undefined;
@@ -167,6 +172,7 @@ export function timeoutError(request: Pick<TransferRequest, 'method' | 'url' | '
 export class CurlEngine {
   #multi = new Multi();
   #supply: SocketSupply;
+  #policy: ClientPolicy;
   #states = new Map<Easy, HandleState>();
   #free: HandleState[] = [];
   /** Last address the daemon connected each origin to, as curl's RESOLVE entry (host:port:address): curl's DNS
@@ -181,8 +187,9 @@ export class CurlEngine {
 
   /** `maxConnects`: idle connections curl keeps (its default, 4 × the transfers running at that moment, would close
    *  keep-alive connections whenever the load dips). */
-  constructor(supply: SocketSupply, options: { maxConnects?: number } = {}) {
+  constructor(supply: SocketSupply, policy: ClientPolicy, options: { maxConnects?: number } = {}) {
     this.#supply = supply;
+    this.#policy = policy;
     this.#multi.setOpt('MAXCONNECTS', options.maxConnects ?? 256);
     // node-libcurl runs this callback from libuv without a callback scope (Function::Call, not MakeCallback), so
     // no microtask checkpoint follows it: promise continuations of a finished transfer would wait for whatever
@@ -245,7 +252,8 @@ export class CurlEngine {
   async #runWithRetry(request: TransferRequest, io: TransferIO): Promise<TransferResult> {
     const target = urlTarget(request.url);
     const { origin, secure } = target;
-    const key = request.proxy ? originKey({ ...origin, proxy: request.proxy }) : target.key;
+    const policy = this.#policy;
+    const key = policy.proxy ? originKey({ ...origin, proxy: policy.proxy }) : target.key;
     let forceSocket = false;
     let retriedDead = false;
     for (let attempt = 0; ; attempt++) {
@@ -256,16 +264,16 @@ export class CurlEngine {
       let slot: SocketSlot;
       try {
         const preparing = this.#supply.prepare(origin, key, {
-          proxy: request.proxy,
+          proxy: policy.proxy,
           secure,
-          timeoutMs: Math.min(request.acquireTimeoutMs, remaining),
+          timeoutMs: Math.min(policy.acquireTimeoutMs, remaining),
           force: forceSocket,
           signal: io.signal,
         });
         slot = preparing instanceof Promise ? await preparing : preparing;
       } catch (error) {
         const code = (error as { code?: string }).code;
-        if (request.directFallback && code === ErrorCodes.DAEMON_UNAVAILABLE && !io.signal.aborted) {
+        if (policy.directFallback && code === ErrorCodes.DAEMON_UNAVAILABLE && !io.signal.aborted) {
           const direct = await this.#perform(request, target, key, io, undefined, performance.now() - started);
           if (direct instanceof TransferFailure) throw direct.error;
           return direct;
@@ -289,7 +297,7 @@ export class CurlEngine {
         continue;
       }
       // The handed (or cached) connection died under the request: one retry on a fresh socket.
-      if (!retriedDead && DEAD_CONNECTION_CODES.has(result.curlCode) && retryable(request) && rewound(io)) {
+      if (!retriedDead && DEAD_CONNECTION_CODES.has(result.curlCode) && retryable(policy, request) && rewound(io)) {
         retriedDead = true;
         forceSocket = true;
         continue;
@@ -472,14 +480,15 @@ export class CurlEngine {
     // node-libcurl defaults CAINFO_BLOB to Node's bundled CAs, and a blob beats CAINFO: clear it so that curl
     // verifies against the CA file given, or else the system store (libcurl's built-in default path).
     set('CAINFO_BLOB', null);
-    set('CAINFO', request.caFile ?? null);
-    set('SSL_VERIFYPEER', request.insecure ? 0 : 1);
-    set('SSL_VERIFYHOST', request.insecure ? 0 : 2);
+    const policy = this.#policy;
+    set('CAINFO', policy.caFile ?? null);
+    set('SSL_VERIFYPEER', policy.insecure ? 0 : 1);
+    set('SSL_VERIFYHOST', policy.insecure ? 0 : 2);
     if (slot) {
       // Pin curl's DNS to the address the daemon connected to: the worker never resolves (it may have no network).
       if (slot.lease) {
         // The socket goes to the proxy when there is one: that is the name curl must find at the lease's address.
-        const target = request.proxy ?? { host: urlTarget.hostname, port: urlTarget.origin.port };
+        const target = policy.proxy ?? { host: urlTarget.hostname, port: urlTarget.origin.port };
         const host = target.host.startsWith('[') ? target.host.slice(1, -1) : target.host;
         const address = slot.lease.address;
         const literal = address.includes(':') ? `[${address}]` : address;
@@ -494,8 +503,8 @@ export class CurlEngine {
     }
     // Only the configured proxy, never one from the environment (http_proxy and friends): the daemon decides
     // where sockets go, and a handed socket is connected to exactly one place. '' means no proxy.
-    const proxyHost = request.proxy?.host.includes(':') ? `[${request.proxy.host}]` : request.proxy?.host;
-    set('PROXY', request.proxy ? `http://${proxyHost}:${request.proxy.port}` : '');
+    const proxyHost = policy.proxy?.host.includes(':') ? `[${policy.proxy.host}]` : policy.proxy?.host;
+    set('PROXY', policy.proxy ? `http://${proxyHost}:${policy.proxy.port}` : '');
     if (attempt.mode === 'direct') {
       // curl connects by itself: its default socket callbacks for this attempt (restored in #perform).
       easy.setOpt('OPENSOCKETFUNCTION', null);
@@ -605,9 +614,9 @@ export class CurlEngine {
 }
 
 /** The retry policy lets this request run again after its connection died. */
-function retryable(request: TransferRequest): boolean {
-  if (request.retryDeadConnection === false) return false;
-  return request.retryMethods ? request.retryMethods.includes(request.method) : IDEMPOTENT_METHODS.has(request.method);
+function retryable(policy: ClientPolicy, request: TransferRequest): boolean {
+  if (policy.retryDeadConnection === false) return false;
+  return policy.retryMethods ? policy.retryMethods.includes(request.method) : IDEMPOTENT_METHODS.has(request.method);
 }
 
 /** Readies a transfer's bodies for another attempt; false when its request body cannot be sent again. */

@@ -11,7 +11,14 @@
 import type { MessagePort } from 'node:worker_threads';
 import { ErrorCodes, fromPlainError, SockpoolError, toPlainError } from '../shared/errors.js';
 import { Cancellation } from './cancellation.js';
-import { CurlEngine, epochNow, type TransferOutcome, type TransferRequest, timeoutError } from './curl-engine.js';
+import {
+  type ClientPolicy,
+  CurlEngine,
+  epochNow,
+  type TransferOutcome,
+  type TransferRequest,
+  timeoutError,
+} from './curl-engine.js';
 import { DaemonLink } from './daemon-link.js';
 import { Deadlines } from './deadlines.js';
 import { PortSink } from './response-sink.js';
@@ -23,6 +30,8 @@ export interface RuntimeConfig {
   socketPath: string;
   /** Connections curl may keep in this thread's cache. */
   maxConnects: number;
+  /** The client's options that apply to every request. */
+  policy: ClientPolicy;
 }
 
 export type RuntimeTask =
@@ -55,7 +64,7 @@ export class TransferRuntime {
 
   constructor(config: RuntimeConfig, clientName: string) {
     this.#link = new DaemonLink({ socketPath: config.socketPath, clientName });
-    this.#engine = new CurlEngine(new SocketSupply(this.#link), { maxConnects: config.maxConnects });
+    this.#engine = new CurlEngine(new SocketSupply(this.#link), config.policy, { maxConnects: config.maxConnects });
   }
 
   async handle(task: RuntimeTask): Promise<RuntimeResult> {
