@@ -58,7 +58,8 @@ export async function startDaemon(options: StartDaemonOptions = {}): Promise<Dae
   child.stderr!.on('data', (chunk) => {
     output += chunk;
   });
-  const exited = once(child, 'exit');
+  // 'close', not 'exit': by then stdout and stderr are read to the end, so output() has the last lines.
+  const exited = once(child, 'close');
   const deadline = Date.now() + 15_000;
   while (!output.includes('sockpoold ready')) {
     if (child.exitCode !== null || child.signalCode !== null) {
