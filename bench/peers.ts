@@ -62,6 +62,7 @@ const LABEL: Record<PeerName, string> = {
   libcurl: 'node-libcurl',
   curl: 'curl CLI',
   sockpool: 'sockpool',
+  'sockpool-inline': 'sockpool, threads: 0',
 };
 const SCHEMES: Scheme[] = ['http', 'https'];
 const fixtures = join(import.meta.dirname, 'fixtures');
@@ -290,11 +291,13 @@ async function loadRounds(
   }));
 }
 
-/** One job per peer, and one more for sockpool's client with `threads: 0` (variant 'sockpool-inline'). */
+/** The runner of sockpool's `threads: 0` client, while a set runs. */
+let inlineRunner: Runner | undefined;
+
+/** One job per peer, and one for sockpool's client with `threads: 0` (its own runner, 'sockpool-inline'). */
 function withInlineSockpool(runners: Runner[], payload: Record<string, unknown>): LoadJob[] {
   const jobs = runners.map((runner) => ({ variant: runner.peer as string, runner, payload }));
-  const sockpool = runners.find((runner) => runner.peer === 'sockpool')!;
-  jobs.push({ variant: 'sockpool-inline', runner: sockpool, payload: { ...payload, inline: true } });
+  if (inlineRunner) jobs.push({ variant: 'sockpool-inline', runner: inlineRunner, payload });
   return jobs;
 }
 
@@ -429,10 +432,14 @@ async function runSet(set: OriginSet, pki: TestPki, lab: boolean): Promise<SetRe
   daemons.push(daemon);
 
   const runners = PEERS.map((peer) => new Runner(peer));
+  // The threads: 0 client runs the keep-alive and throughput scenarios only.
+  inlineRunner = new Runner('sockpool-inline');
   const jit = { urls: warmupUrls(set), requests: settings.jitWarmupRequests, concurrency: 16 };
   const pins = set.pins();
   await Promise.all(
-    runners.map((runner) => runner.call('init', { caFile: pki.caFile, pins, socketPath: daemon.socketPath, jit })),
+    [...runners, inlineRunner].map((runner) =>
+      runner.call('init', { caFile: pki.caFile, pins, socketPath: daemon.socketPath, jit }),
+    ),
   );
 
   const zones = new Zones(set.options.zones);
@@ -443,7 +450,8 @@ async function runSet(set: OriginSet, pki: TestPki, lab: boolean): Promise<SetRe
 
   server.send('stats');
   const serverStats = await server.nextMessage((message) => 'stats' in message).catch(() => null);
-  await Promise.all(runners.map((runner) => runner.stop()));
+  await Promise.all([...runners, inlineRunner].map((runner) => runner.stop()));
+  inlineRunner = undefined;
   await daemon.stop();
   await server.stop();
   return {
@@ -543,7 +551,7 @@ function report(sets: SetResult[]): { text: string; aims: Aim[] } {
         ratioText(ratio),
         String(run.errors),
       ]);
-      if (run.peer === 'sockpool') {
+      if (run.peer === 'sockpool' || run.peer === 'sockpool-inline') {
         aims.push({
           aim: `keep-alive ${run.scheme} ${run.mode}: ${variantLabel(run.variant)} req/s / node-libcurl`,
           set: title,
@@ -601,7 +609,7 @@ function report(sets: SetResult[]): { text: string; aims: Aim[] } {
           ratioText(ratio),
           String(run.errors),
         ]);
-        if (run.peer === 'sockpool') {
+        if (run.peer === 'sockpool' || run.peer === 'sockpool-inline') {
           aims.push({
             aim: `loopback throughput: ${variantLabel(run.variant)} req/s / undici`,
             set: title,
