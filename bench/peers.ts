@@ -40,7 +40,8 @@ const settings = {
   origins: Math.min(250, option('--origins', quick ? 20 : 100)),
   warmupOrigins: 4,
   /** Rounds of the keep-alive, crawler and throughput runs (each rotates the peers' order). */
-  rounds: quick ? 1 : 3,
+  /** Loopback runs last about a second: more of them, so that a GC pause or a scheduler hiccup is not the result. */
+  rounds: { lab: quick ? 1 : 3, loopback: quick ? 1 : 5 },
   keepAlive: {
     concurrency: 16,
     lab: { sequential: quick ? 30 : 100, concurrent: quick ? 240 : 800 },
@@ -51,7 +52,7 @@ const settings = {
   throughput: { requests: quick ? 4_000 : 20_000, concurrency: 64 },
   bodyBytes: 1_024,
   /** Untimed requests each client makes when it starts (JIT; sockpool's worker threads). */
-  jitWarmupRequests: quick ? 200 : 500,
+  jitWarmupRequests: quick ? 200 : 1_000,
   ports: { lab: { http: 80, https: 443 }, loopback: { http: 47_080, https: 47_443 } },
 };
 
@@ -128,9 +129,13 @@ class Zones {
   }
 }
 
+function roundsFor(lab: boolean): number {
+  return lab ? settings.rounds.lab : settings.rounds.loopback;
+}
+
 /** Zones a set uses: keep-alive (2 schemes x 2 modes), crawler mix (2 schemes x 2 variants), throughput; per round. */
 function zonesNeeded(): number {
-  return settings.rounds * (4 + 4 + 1);
+  return Math.max(settings.rounds.lab, settings.rounds.loopback) * (4 + 4 + 1);
 }
 
 /** The order of the peers for the k-th origin, round or run: rotated, so nobody always goes first. */
@@ -265,10 +270,11 @@ async function loadRounds(
   scheme: Scheme,
   mode: string,
   concurrency: number,
+  rounds: number,
   jobs: (round: number) => LoadJob[],
 ): Promise<LoadRun[]> {
   const byVariant = new Map<string, { peer: PeerName; rounds: LoadResult[] }>();
-  for (let r = 1; r <= settings.rounds; r++) {
+  for (let r = 1; r <= rounds; r++) {
     for (const job of rotate(jobs(r), r)) {
       const result = await job.runner.call<LoadResult>('load', { concurrency, ...job.payload });
       if (result.errors > 0) log(`  ${job.variant}: ${result.errors} errors; first: ${result.firstError}`);
@@ -312,7 +318,7 @@ async function keepAlive(set: OriginSet, runners: Runner[], zones: Zones, lab: b
     ] as const) {
       const started = performance.now();
       runs.push(
-        ...(await loadRounds('keep-alive', scheme, mode, concurrency, () => {
+        ...(await loadRounds('keep-alive', scheme, mode, concurrency, roundsFor(lab), () => {
           const url = set.url(scheme, set.host(1, zones.next()), '/keep-alive');
           const payload = { urls: [url], count, warmup: Math.max(10, 2 * concurrency), prepareUrls };
           return withInlineSockpool(runners, payload);
@@ -324,7 +330,7 @@ async function keepAlive(set: OriginSet, runners: Runner[], zones: Zones, lab: b
   return runs;
 }
 
-async function crawl(set: OriginSet, runners: Runner[], zones: Zones): Promise<LoadRun[]> {
+async function crawl(set: OriginSet, runners: Runner[], zones: Zones, lab: boolean): Promise<LoadRun[]> {
   const { requests, concurrency, maxAnnouncedPerOrigin, seed } = settings.crawl;
   const prepareUrls = warmupUrls(set);
   const sockpool = runners.find((runner) => runner.peer === 'sockpool')!;
@@ -332,7 +338,7 @@ async function crawl(set: OriginSet, runners: Runner[], zones: Zones): Promise<L
   for (const scheme of SCHEMES) {
     const started = performance.now();
     runs.push(
-      ...(await loadRounds('crawl', scheme, 'mix', concurrency, (r) => {
+      ...(await loadRounds('crawl', scheme, 'mix', concurrency, roundsFor(lab), (r) => {
         const mix = zipfOrigins(set.options.origins, requests, seed + r);
         const announcedZone = zones.next();
         const unannouncedZone = zones.next();
@@ -363,7 +369,7 @@ async function crawl(set: OriginSet, runners: Runner[], zones: Zones): Promise<L
 async function throughput(set: OriginSet, runners: Runner[], zones: Zones): Promise<LoadRun[]> {
   const { requests, concurrency } = settings.throughput;
   const started = performance.now();
-  const runs = await loadRounds('throughput', 'http', 'concurrent', concurrency, () => {
+  const runs = await loadRounds('throughput', 'http', 'concurrent', concurrency, roundsFor(false), () => {
     const url = set.url('http', set.host(1, zones.next()), '/throughput');
     const payload = { urls: [url], count: requests, warmup: 4 * concurrency, prepareUrls: warmupUrls(set) };
     return withInlineSockpool(runners, payload);
@@ -445,7 +451,7 @@ async function runSet(set: OriginSet, pki: TestPki, lab: boolean): Promise<SetRe
   const zones = new Zones(set.options.zones);
   const first = await firstRequests(set, runners);
   const keepAliveRuns = await keepAlive(set, runners, zones, lab);
-  const crawlRuns = await crawl(set, runners, zones);
+  const crawlRuns = await crawl(set, runners, zones, lab);
   const throughputRuns = lab ? [] : await throughput(set, runners, zones);
 
   server.send('stats');
@@ -488,6 +494,16 @@ function ms(value: number): string {
 
 function perSecond(value: number): string {
   return Number.isFinite(value) ? Math.round(value).toLocaleString('en-US') : 'n/a';
+}
+
+/**
+ * req/s of `run` against `base`, round by round (both ran in the same round, minutes apart at most, while the
+ * machine's speed drifts from round to round), and the median of those ratios.
+ */
+function pairedRatio(run: LoadRun, base: LoadRun | undefined): number {
+  if (!base) return Number.NaN;
+  const ratios = run.rounds.map((round, r) => round.perSecond / (base.rounds[r]?.perSecond ?? Number.NaN));
+  return median(ratios.filter((ratio) => Number.isFinite(ratio)));
 }
 
 function variantLabel(variant: string): string {
@@ -535,13 +551,16 @@ function report(sets: SetResult[]): { text: string; aims: Aim[] } {
     }
     out.push(table(firstRows), '');
 
-    out.push('Steady keep-alive to one origin, req/s (median of rounds). ratio = sockpool or peer / node-libcurl');
+    out.push(
+      'Steady keep-alive to one origin, req/s (median of rounds). ratio = client / node-libcurl, the median of the ' +
+        'per-round ratios',
+    );
     const keepRows = [['scheme', 'mode', 'client', 'req/s', 'p50 ms', 'ratio', 'errors']];
     for (const run of result.keepAlive) {
       const libcurl = result.keepAlive.find(
         (other) => other.scheme === run.scheme && other.mode === run.mode && other.peer === 'libcurl',
       );
-      const ratio = run.perSecond / (libcurl?.perSecond ?? Number.NaN);
+      const ratio = pairedRatio(run, libcurl);
       keepRows.push([
         run.scheme,
         `${run.mode} (${run.concurrency})`,
@@ -595,12 +614,12 @@ function report(sets: SetResult[]): { text: string; aims: Aim[] } {
     if (result.throughput.length > 0) {
       out.push(
         `Loopback throughput: ${settings.throughput.requests} requests, ${settings.throughput.concurrency} in ` +
-          'flight, req/s (median of rounds). ratio = client / undici',
+          'flight, req/s (median of rounds). ratio = client / undici, the median of the per-round ratios',
       );
       const undici = result.throughput.find((run) => run.peer === 'undici');
       const rows = [['client', 'req/s', 'p50 ms', 'p99 ms', 'ratio', 'errors']];
       for (const run of result.throughput) {
-        const ratio = run.perSecond / (undici?.perSecond ?? Number.NaN);
+        const ratio = pairedRatio(run, undici);
         rows.push([
           variantLabel(run.variant),
           perSecond(run.perSecond),
