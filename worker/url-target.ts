@@ -22,6 +22,8 @@ export interface UrlTarget {
 
 /** Distinct URLs kept; beyond this the oldest entry goes. */
 const MAX_CACHED = 1024;
+/** Longer URLs are parsed every time rather than kept (the cache stays a few megabytes at most). */
+const MAX_CACHED_LENGTH = 2048;
 const cache = new Map<string, UrlTarget>();
 
 /** The parsed target of `input`; throws TypeError (as `new URL` does) for a string that is not a URL. */
@@ -43,6 +45,7 @@ export function urlTarget(input: string): UrlTarget {
     secure,
     credentials: url.username !== '' || url.password !== '',
   });
+  if (input.length > MAX_CACHED_LENGTH) return target;
   if (cache.size >= MAX_CACHED) cache.delete(cache.keys().next().value!);
   cache.set(input, target);
   return target;
