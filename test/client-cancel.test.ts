@@ -139,6 +139,20 @@ describe('aborts and timeouts cancel one transfer, not the thread', () => {
     await eventually(async () => (await leasedTo(daemon.socketPath, narrow.port)) === 1, 'no stray lease');
   });
 
+  it('acquireTimeoutMs shorter than the deadline: the wait for a socket fails with SOCKPOOL_ERR_ACQUIRE_TIMEOUT', async () => {
+    // The narrow origin's one connection is out: the other client's curl keeps it (the test above).
+    expect(await leasedTo(daemon.socketPath, narrow.port)).toBe(1);
+    const patient = new SockpoolClient({ socketPath: daemon.socketPath, threads: 1, acquireTimeoutMs: 200 });
+    try {
+      // The request's own deadline is far; the daemon gives up on a socket at acquireTimeoutMs.
+      await expect(patient.request(url('/acquire-wait', narrow), { timeoutMs: 10_000 })).rejects.toMatchObject({
+        code: 'SOCKPOOL_ERR_ACQUIRE_TIMEOUT',
+      });
+    } finally {
+      await patient.close();
+    }
+  });
+
   it('a request still queued behind a full thread times out in the caller, and never reaches the server', async () => {
     const single = new SockpoolClient({ socketPath: daemon.socketPath, threads: 1, concurrencyPerThread: 1 });
     try {

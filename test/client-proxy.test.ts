@@ -64,6 +64,8 @@ beforeAll(async () => {
       client.pipe(upstream);
     });
     upstream.on('error', () => client.destroy());
+    // A client that goes away (a connection closed by curl or the daemon) resets the tunnel: close both ends.
+    client.on('error', () => upstream.destroy());
   });
   // The destination ports must be allowed as well as the proxy: the policy checks both.
   const ports = [port(proxy), port(origin), port(secureOrigin)].flatMap((p) => ['--allow-port', String(p)]);

@@ -278,6 +278,9 @@ export class CurlEngine {
           if (direct instanceof TransferFailure) throw direct.error;
           return direct;
         }
+        // The daemon waited as long as the request's own deadline allowed (not acquireTimeoutMs): the request timed
+        // out, whichever of the two timers fired first.
+        if (code === ErrorCodes.ACQUIRE_TIMEOUT && remaining < policy.acquireTimeoutMs) throw timeoutError(request);
         throw error;
       }
       const acquireMs = performance.now() - started;
