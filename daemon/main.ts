@@ -5,7 +5,7 @@
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { applyFlags, type DaemonFlags, defaultConfig, loadConfigFile, type SockpoolConfig } from '../shared/config.js';
 import { Sockpoold } from './daemon.js';
-import { createLogger } from './log.js';
+import { createLogger, flushLogs } from './log.js';
 
 function collect(value: string, previous: string[]): string[] {
   return [...previous, value];
@@ -88,7 +88,7 @@ async function main(): Promise<void> {
     const withCode = error as Error & { code?: string };
     log.fatal({ code: withCode.code, err: withCode.message }, 'sockpoold failed to start');
     console.error(`sockpoold: ${withCode.code ?? 'error'}: ${withCode.message}`);
-    log.flush();
+    await flushLogs(log);
     process.exit(1);
   }
   process.on('SIGHUP', () => daemon.reload());
@@ -98,14 +98,10 @@ async function main(): Promise<void> {
     stopping = true;
     log.info({ signal }, 'stopping');
     daemon.stop().then(
-      () => {
-        log.flush();
-        process.exit(0);
-      },
+      () => flushLogs(log).then(() => process.exit(0)),
       (error: Error) => {
         log.error({ err: error.message }, 'unclean stop');
-        log.flush();
-        process.exit(1);
+        return flushLogs(log).then(() => process.exit(1));
       },
     );
   };
