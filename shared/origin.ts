@@ -46,9 +46,3 @@ export function parseOriginKey(key: string): Origin {
   if (port < 1 || port > 65535) throw new TypeError(`port out of range in ${JSON.stringify(key)}`);
   return { host: canonicalHost(match[1] ?? match[2] ?? ''), port };
 }
-
-/** The origin a URL's connection goes to, with the scheme's default port. */
-export function originOfUrl(url: URL): Origin {
-  const defaultPort = url.protocol === 'https:' ? 443 : 80;
-  return { host: canonicalHost(url.hostname), port: url.port ? Number(url.port) : defaultPort };
-}

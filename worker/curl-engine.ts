@@ -128,6 +128,8 @@ interface HandleState {
   bodyLength: number | null | undefined;
   /** HEADERFUNCTION, for transfers that need the head as soon as it is complete. */
   onHeader: (data: Buffer) => number;
+  /** OPENSOCKETFUNCTION: the current attempt's leased fd, once (ownership passes to curl), else CURL_SOCKET_BAD. */
+  openSocket: () => number;
 }
 
 type PlainOption = string | number | boolean | null;
@@ -324,16 +326,14 @@ export class CurlEngine {
       finish: undefined,
       options: new Map(),
       onHeader,
+      openSocket: () => {
+        const slot = state.current?.slot;
+        return slot ? this.#supply.open(slot) : CURL_SOCKET_BAD;
+      },
       method: undefined,
       bodyLength: undefined,
     };
-    // Ownership of a leased fd passes to curl when this returns it.
-    const openSocket = () => {
-      const slot = state.current?.slot;
-      return slot ? this.#supply.open(slot) : CURL_SOCKET_BAD;
-    };
-    easy.setOpt('OPENSOCKETFUNCTION', openSocket);
-    easy.setOpt('SOCKOPTFUNCTION', () => CurlSockOpt.AlreadyConnected);
+    this.#useLeasedSockets(state, true);
     // Every socket curl closes comes here: leased ones end their lease; direct-fallback ones are just closed.
     // (May run with `this` undefined after the handle closed: it uses nothing but the supply.)
     easy.setOpt('CLOSESOCKETFUNCTION', (fd: number) => this.#supply.close(fd));
@@ -508,11 +508,8 @@ export class CurlEngine {
     // where sockets go, and a handed socket is connected to exactly one place. '' means no proxy.
     const proxyHost = policy.proxy?.host.includes(':') ? `[${policy.proxy.host}]` : policy.proxy?.host;
     set('PROXY', policy.proxy ? `http://${proxyHost}:${policy.proxy.port}` : '');
-    if (attempt.mode === 'direct') {
-      // curl connects by itself: its default socket callbacks for this attempt (restored in #perform).
-      easy.setOpt('OPENSOCKETFUNCTION', null);
-      easy.setOpt('SOCKOPTFUNCTION', null);
-    }
+    // curl connects by itself: its default socket callbacks for this attempt (restored when it ends).
+    if (attempt.mode === 'direct') this.#useLeasedSockets(state, false);
   }
 
   #perform(
@@ -607,13 +604,19 @@ export class CurlEngine {
   }
 
   #restoreSocketCallbacks(state: HandleState, attempt: Attempt): void {
-    if (attempt.mode !== 'direct') return;
-    state.easy.setOpt('OPENSOCKETFUNCTION', () => {
-      const slot = state.current?.slot;
-      return slot ? this.#supply.open(slot) : CURL_SOCKET_BAD;
-    });
-    state.easy.setOpt('SOCKOPTFUNCTION', () => CurlSockOpt.AlreadyConnected);
+    if (attempt.mode === 'direct') this.#useLeasedSockets(state, true);
   }
+
+  /** curl's socket callbacks: ours (the leased fd, already connected), or curl's own for a direct-fallback attempt. */
+  #useLeasedSockets(state: HandleState, leased: boolean): void {
+    state.easy.setOpt('OPENSOCKETFUNCTION', leased ? state.openSocket : null);
+    state.easy.setOpt('SOCKOPTFUNCTION', leased ? alreadyConnected : null);
+  }
+}
+
+/** SOCKOPTFUNCTION for a handed socket: connected by the daemon already. */
+function alreadyConnected(): number {
+  return CurlSockOpt.AlreadyConnected;
 }
 
 /** The retry policy lets this request run again after its connection died. */
