@@ -297,14 +297,9 @@ async function loadRounds(
   }));
 }
 
-/** The runner of sockpool's `threads: 0` client, while a set runs. */
-let inlineRunner: Runner | undefined;
-
-/** One job per peer, and one for sockpool's client with `threads: 0` (its own runner, 'sockpool-inline'). */
-function withInlineSockpool(runners: Runner[], payload: Record<string, unknown>): LoadJob[] {
-  const jobs = runners.map((runner) => ({ variant: runner.peer as string, runner, payload }));
-  if (inlineRunner) jobs.push({ variant: 'sockpool-inline', runner: inlineRunner, payload });
-  return jobs;
+/** One job per runner: the peers, and sockpool's client with `threads: 0` (runner 'sockpool-inline'). */
+function jobsFor(runners: Runner[], payload: Record<string, unknown>): LoadJob[] {
+  return runners.map((runner) => ({ variant: runner.peer, runner, payload }));
 }
 
 async function keepAlive(set: OriginSet, runners: Runner[], zones: Zones, lab: boolean): Promise<LoadRun[]> {
@@ -321,7 +316,7 @@ async function keepAlive(set: OriginSet, runners: Runner[], zones: Zones, lab: b
         ...(await loadRounds('keep-alive', scheme, mode, concurrency, roundsFor(lab), () => {
           const url = set.url(scheme, set.host(1, zones.next()), '/keep-alive');
           const payload = { urls: [url], count, warmup: Math.max(10, 2 * concurrency), prepareUrls };
-          return withInlineSockpool(runners, payload);
+          return jobsFor(runners, payload);
         })),
       );
       log(`  keep-alive, ${scheme}, ${mode}: ${((performance.now() - started) / 1000).toFixed(1)} s`);
@@ -372,7 +367,7 @@ async function throughput(set: OriginSet, runners: Runner[], zones: Zones): Prom
   const runs = await loadRounds('throughput', 'http', 'concurrent', concurrency, roundsFor(false), () => {
     const url = set.url('http', set.host(1, zones.next()), '/throughput');
     const payload = { urls: [url], count: requests, warmup: 4 * concurrency, prepareUrls: warmupUrls(set) };
-    return withInlineSockpool(runners, payload);
+    return jobsFor(runners, payload);
   });
   log(`  throughput: ${((performance.now() - started) / 1000).toFixed(1)} s`);
   return runs;
@@ -439,25 +434,23 @@ async function runSet(set: OriginSet, pki: TestPki, lab: boolean): Promise<SetRe
 
   const runners = PEERS.map((peer) => new Runner(peer));
   // The threads: 0 client runs the keep-alive and throughput scenarios only.
-  inlineRunner = new Runner('sockpool-inline');
+  const inline = new Runner('sockpool-inline');
+  const withInline = [...runners, inline];
   const jit = { urls: warmupUrls(set), requests: settings.jitWarmupRequests, concurrency: 16 };
   const pins = set.pins();
   await Promise.all(
-    [...runners, inlineRunner].map((runner) =>
-      runner.call('init', { caFile: pki.caFile, pins, socketPath: daemon.socketPath, jit }),
-    ),
+    withInline.map((runner) => runner.call('init', { caFile: pki.caFile, pins, socketPath: daemon.socketPath, jit })),
   );
 
   const zones = new Zones(set.options.zones);
   const first = await firstRequests(set, runners);
-  const keepAliveRuns = await keepAlive(set, runners, zones, lab);
+  const keepAliveRuns = await keepAlive(set, withInline, zones, lab);
   const crawlRuns = await crawl(set, runners, zones, lab);
-  const throughputRuns = lab ? [] : await throughput(set, runners, zones);
+  const throughputRuns = lab ? [] : await throughput(set, withInline, zones);
 
   server.send('stats');
   const serverStats = await server.nextMessage((message) => 'stats' in message).catch(() => null);
-  await Promise.all([...runners, inlineRunner].map((runner) => runner.stop()));
-  inlineRunner = undefined;
+  await Promise.all(withInline.map((runner) => runner.stop()));
   await daemon.stop();
   await server.stop();
   return {
