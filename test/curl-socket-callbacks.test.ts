@@ -205,6 +205,33 @@ afterAll(async () => {
   pki?.cleanup();
 });
 
+/**
+ * Connects to `target` ourselves and lends the socket to a Curl set up by `configure` (curl closes the connection
+ * when the transfer ends). Checks that the server saw exactly that one connection and that curl took, used and
+ * closed our fd once; returns the response.
+ */
+async function runOverLentSocket(
+  target: TestServer,
+  configure: (curl: Curl) => void,
+): Promise<{ status: number; body: string }> {
+  const before = target.connections.length;
+  const { socket, fd } = await connectedSocket(target.port);
+  try {
+    const curl = new Curl();
+    configure(curl);
+    curl.setOpt('FORBID_REUSE', true);
+    const calls = lendSocket(curl, fd);
+    const response = await run(curl);
+    const accepted = target.connections.slice(before);
+    expect(accepted).toHaveLength(1);
+    expect(accepted[0]?.remotePort).toBe(socket.localPort);
+    expectLentOnce(calls, fd, target.port);
+    return response;
+  } finally {
+    socket.destroy();
+  }
+}
+
 /** curl took our socket exactly once, for a connection to 127.0.0.1:port, was told it is connected, closed it. */
 function expectLentOnce(calls: Calls, fd: number, port: number): void {
   expect(calls.open).toEqual([
@@ -225,42 +252,24 @@ function expectLentOnce(calls: Calls, fd: number, port: number): void {
 
 describe('a connection made by us, used by curl', () => {
   it('carries an HTTP transfer: one connection, the callbacks see our fd', async () => {
-    const before = server.connections.length;
-    const { socket, fd } = await connectedSocket(server.port);
-    const curl = new Curl();
-    curl.setOpt('URL', `http://sockpool.test:${server.port}/plain`);
-    curl.setOpt('RESOLVE', [`sockpool.test:${server.port}:127.0.0.1`]);
-    curl.setOpt('FORBID_REUSE', true); // curl closes the connection when the transfer ends
-    const calls = lendSocket(curl, fd);
-
-    expect(await run(curl)).toEqual({ status: 200, body: 'hello from /plain' });
-    const accepted = server.connections.slice(before);
-    expect(accepted).toHaveLength(1);
-    expect(accepted[0]?.remotePort).toBe(socket.localPort);
-    expectLentOnce(calls, fd, server.port);
-    socket.destroy();
+    const response = await runOverLentSocket(server, (curl) => {
+      curl.setOpt('URL', `http://sockpool.test:${server.port}/plain`);
+      curl.setOpt('RESOLVE', [`sockpool.test:${server.port}:127.0.0.1`]);
+    });
+    expect(response).toEqual({ status: 200, body: 'hello from /plain' });
   });
 
   it('carries an HTTPS transfer with certificate verification', async () => {
-    const before = tlsServer.connections.length;
-    const { socket, fd } = await connectedSocket(tlsServer.port);
-    const curl = new Curl();
-    curl.setOpt('URL', `https://localhost:${tlsServer.port}/secure`);
-    curl.setOpt('RESOLVE', [`localhost:${tlsServer.port}:127.0.0.1`]);
-    // node-libcurl sets CAINFO_BLOB to Node's CA list, and a blob wins over CAINFO: trust only our CA.
-    curl.setOpt('CAINFO_BLOB', null);
-    curl.setOpt('CAINFO', pki.caFile);
-    curl.setOpt('SSL_VERIFYPEER', true);
-    curl.setOpt('SSL_VERIFYHOST', 2);
-    curl.setOpt('FORBID_REUSE', true);
-    const calls = lendSocket(curl, fd);
-
-    expect(await run(curl)).toEqual({ status: 200, body: 'hello from /secure' });
-    const accepted = tlsServer.connections.slice(before);
-    expect(accepted).toHaveLength(1);
-    expect(accepted[0]?.remotePort).toBe(socket.localPort);
-    expectLentOnce(calls, fd, tlsServer.port);
-    socket.destroy();
+    const response = await runOverLentSocket(tlsServer, (curl) => {
+      curl.setOpt('URL', `https://localhost:${tlsServer.port}/secure`);
+      curl.setOpt('RESOLVE', [`localhost:${tlsServer.port}:127.0.0.1`]);
+      // node-libcurl sets CAINFO_BLOB to Node's CA list, and a blob wins over CAINFO: trust only our CA.
+      curl.setOpt('CAINFO_BLOB', null);
+      curl.setOpt('CAINFO', pki.caFile);
+      curl.setOpt('SSL_VERIFYPEER', true);
+      curl.setOpt('SSL_VERIFYHOST', 2);
+    });
+    expect(response).toEqual({ status: 200, body: 'hello from /secure' });
   });
 
   it('works with Easy and Multi, and a duplicated handle calls its callbacks with itself as this', async () => {

@@ -7,8 +7,16 @@ import { mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
+import { ErrorCodes } from '../shared/errors.js';
 import * as native from '../shared/native.js';
-import { decodeClientMessage, encodeMessage, MAX_MESSAGE_BYTES, PROTOCOL_VERSION } from '../shared/protocol.js';
+import {
+  decodeClientMessage,
+  encodeMessage,
+  MAX_FDS_PER_MESSAGE,
+  MAX_MESSAGE_BYTES,
+  PROTOCOL_VERSION,
+} from '../shared/protocol.js';
+import { SeqpacketChannel } from '../shared/seqpacket-channel.js';
 import { DaemonLink } from '../worker/daemon-link.js';
 
 interface FakeDaemon {
@@ -19,71 +27,53 @@ interface FakeDaemon {
 }
 
 /**
- * Listens on a fresh path. `behaviour` 'hangup-after-hello': answers hello, then closes the connection at once.
- * 'serve': answers hello, and every acquire with an error reply (enough to show the link is back).
+ * Listens on a fresh path; each connection is a SeqpacketChannel (which owns and closes its fd). `behaviour`
+ * 'hangup-after-hello': answers hello, then closes the connection at once. 'serve': answers hello, and every
+ * acquire with an error reply (enough to show the link is back).
  */
 function fakeDaemon(behaviour: () => 'hangup-after-hello' | 'serve'): FakeDaemon {
   const path = join(mkdtempSync(join(tmpdir(), 'sockpool-link-')), 'fake.sock');
   const listenFd = native.seqpacketListen(path, 16);
-  const pollers: native.Poller[] = [];
-  const fds: number[] = [];
-  let accepted = 0;
+  const channels: SeqpacketChannel[] = [];
+  const limits = { maxMessageBytes: MAX_MESSAGE_BYTES, maxFdsPerMessage: MAX_FDS_PER_MESSAGE };
   const listener = new native.Poller(listenFd, () => {
-    for (;;) {
-      const fd = native.accept(listenFd);
-      if (fd === null) return;
-      accepted++;
-      fds.push(fd);
+    for (let fd = native.accept(listenFd); fd !== null; fd = native.accept(listenFd)) {
       const mode = behaviour();
-      const connection = new native.Poller(fd, () => {
-        for (;;) {
-          let received: native.ReceivedMessage | null;
-          try {
-            received = native.recvMessage(fd, MAX_MESSAGE_BYTES, 4);
-          } catch {
-            connection.close();
-            return;
-          }
-          if (received === null) return;
-          if (received.eof) {
-            connection.close();
-            return;
-          }
-          const message = decodeClientMessage(received.data);
-          if (message.type === 'hello') {
-            const reply = {
-              type: 'hello' as const,
-              id: message.id,
-              version: PROTOCOL_VERSION,
-              server: 'sockpoold' as const,
-              serverVersion: 'test',
-              maxMessageBytes: MAX_MESSAGE_BYTES,
-            };
-            native.sendMessage(fd, encodeMessage(reply));
-            if (mode === 'hangup-after-hello') {
-              connection.close();
-              native.close(fd);
-              fds.splice(fds.indexOf(fd), 1);
-              return;
+      const channel: SeqpacketChannel = new SeqpacketChannel(
+        fd,
+        {
+          onMessage: (data) => {
+            const message = decodeClientMessage(data);
+            if (message.type === 'hello') {
+              channel.send(
+                encodeMessage({
+                  type: 'hello',
+                  id: message.id,
+                  version: PROTOCOL_VERSION,
+                  server: 'sockpoold',
+                  serverVersion: 'test',
+                  maxMessageBytes: MAX_MESSAGE_BYTES,
+                }),
+              );
+              if (mode === 'hangup-after-hello') channel.close();
+            } else if (message.type === 'acquire') {
+              channel.send(encodeMessage({ type: 'error', id: message.id, code: ErrorCodes.POLICY, message: 'test' }));
             }
-          } else if (message.type === 'acquire') {
-            const reply = { type: 'error' as const, id: message.id, code: 'SOCKPOOL_ERR_POLICY', message: 'test' };
-            native.sendMessage(fd, encodeMessage(reply as never));
-          }
-        }
-      });
-      connection.start(native.READABLE | native.DISCONNECT);
-      pollers.push(connection);
+          },
+          onClose: () => {},
+        },
+        limits,
+      );
+      channels.push(channel);
     }
   });
   listener.start(native.READABLE);
   return {
     path,
-    accepted: () => accepted,
+    accepted: () => channels.length,
     close: () => {
       listener.close();
-      for (const poller of pollers) poller.close();
-      for (const fd of fds) native.close(fd);
+      for (const channel of channels) channel.close();
       native.close(listenFd);
     },
   };

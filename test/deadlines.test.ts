@@ -2,16 +2,13 @@
 // in order, a removed one never does, an earlier deadline added after a later one is not held up by it, and the
 // timer keeps a process alive exactly while a deadline is pending (a child process shows whether it exits).
 import { spawnSync } from 'node:child_process';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
 import { Deadlines } from '../worker/deadlines.js';
 
 const now = () => performance.now();
 const distDeadlines = fileURLToPath(new URL('../dist/worker/deadlines.js', import.meta.url));
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
-}
 
 describe('Deadlines', () => {
   it('expires in deadline order, skips removed ones, and is empty afterwards', async () => {

@@ -18,7 +18,7 @@ import { connectedAtFromTag, decodeFdName, encodeFdName } from '../daemon/sd-not
 import * as native from '../shared/native.js';
 import { connectTcp } from '../shared/tcp-connect.js';
 import { closeQuietly, NotifySocket } from './fixtures/systemd-notify-socket.js';
-import { daemonMain } from './helpers/daemon.js';
+import { daemonMain, eventually } from './helpers/daemon.js';
 import { RawClient } from './helpers/raw-client.js';
 
 const workDir = mkdtempSync(join(tmpdir(), 'sockpool-fdstore-'));
@@ -149,14 +149,6 @@ async function rawClient(socketPath: string): Promise<RawClient> {
 async function stats(client: RawClient, id: number): Promise<{ idle: number; hits: number }> {
   const reply = await client.request({ type: 'stats', id });
   return (reply.message as unknown as { stats: { idle: number; hits: number } }).stats;
-}
-
-async function eventually(check: () => boolean | Promise<boolean>, what: string, timeoutMs = 10_000) {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await check())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await sleep(20);
-  }
 }
 
 let origin: Awaited<ReturnType<typeof countingServer>>;
