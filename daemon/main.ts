@@ -81,7 +81,26 @@ async function main(): Promise<void> {
     process.exit(2);
   }
   const log = createLogger(config.logLevel);
-  let daemon: Sockpoold;
+  // Signal handlers first: a SIGTERM while the daemon starts (its socket may already accept) stops it cleanly once
+  // the start has finished, instead of killing it half-way.
+  let daemon: Sockpoold | undefined;
+  let stopSignal: string | undefined;
+  const shutDown = (running: Sockpoold) =>
+    running.stop().then(
+      () => flushLogs(log).then(() => process.exit(0)),
+      (error: Error) => {
+        log.error({ err: error.message }, 'unclean stop');
+        return flushLogs(log).then(() => process.exit(1));
+      },
+    );
+  const stop = (signal: string) => {
+    if (stopSignal) return;
+    stopSignal = signal;
+    log.info({ signal }, 'stopping');
+    if (daemon) void shutDown(daemon);
+  };
+  process.on('SIGTERM', () => stop('SIGTERM'));
+  process.on('SIGINT', () => stop('SIGINT'));
   try {
     daemon = await Sockpoold.start({ config, log, reloadConfig: loadConfig });
   } catch (error) {
@@ -91,21 +110,9 @@ async function main(): Promise<void> {
     await flushLogs(log);
     process.exit(1);
   }
-  process.on('SIGHUP', () => daemon.reload());
-  let stopping = false;
-  const stop = (signal: string) => {
-    if (stopping) return;
-    stopping = true;
-    log.info({ signal }, 'stopping');
-    daemon.stop().then(
-      () => flushLogs(log).then(() => process.exit(0)),
-      (error: Error) => {
-        log.error({ err: error.message }, 'unclean stop');
-        return flushLogs(log).then(() => process.exit(1));
-      },
-    );
-  };
-  process.on('SIGTERM', () => stop('SIGTERM'));
+  const running = daemon;
+  process.on('SIGHUP', () => running.reload());
+  if (stopSignal) void shutDown(running);
   if (process.env.SOCKPOOL_TEST_HOOKS === '1') {
     // Tests only: SIGUSR2 stalls the event loop for good, so the watchdog test can see systemd restart us.
     process.on('SIGUSR2', () => {
@@ -114,7 +121,6 @@ async function main(): Promise<void> {
       for (;;) Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 1000);
     });
   }
-  process.on('SIGINT', () => stop('SIGINT'));
 }
 
 void main();

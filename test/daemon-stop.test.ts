@@ -1,6 +1,7 @@
 // sockpoold stops on SIGTERM even when nobody reads its log any more (the journal restarted, or the process that
 // piped its stderr died): pino's exit-time synchronous flush used to retry the write to the broken pipe for ever.
-// A real daemon child process; its stdout and stderr pipes are closed on our side before the signal.
+// A real daemon child process; its stdout and stderr pipes are closed on our side before the signal, which is sent
+// as soon as its socket exists: possibly before its start has finished (then it stops right after it).
 import { spawn } from 'node:child_process';
 import { existsSync, mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
