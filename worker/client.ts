@@ -280,12 +280,9 @@ export class SockpoolClient {
 
   /** threads: 0 — wait for this client's requests to finish, then close curl's connections and the link. */
   async #closeLocal(): Promise<void> {
-    await Promise.allSettled([...this.#inFlight]);
     await this.#local?.idle();
     this.#local?.close();
   }
-
-  #inFlight = new Set<Promise<unknown>>();
 
   /** One task, on a worker thread or (threads: 0) here; a dead thread becomes SOCKPOOL_ERR_WORKER_EXITED. */
   #dispatch(task: Task, transferList?: TransferListItem[]): Promise<TaskResult> {
@@ -293,10 +290,8 @@ export class SockpoolClient {
       if (task.kind === 'test-crash' || task.kind === 'test-hang' || task.kind === 'test-gc') {
         return Promise.reject(new Error('test hooks need worker threads'));
       }
-      const running = this.#local.handle(task);
-      this.#inFlight.add(running);
-      void running.finally(() => this.#inFlight.delete(running));
-      return running;
+      // (The runtime counts its tasks: close() waits for them with idle().)
+      return this.#local.handle(task);
     }
     const pool = this.#pool!;
     return (pool.run(task, transferList ? { transferList } : {}) as Promise<TaskResult>).catch((error) =>

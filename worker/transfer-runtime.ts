@@ -56,7 +56,7 @@ export function abortedError(signal: AbortSignal): SockpoolError {
 export class TransferRuntime {
   readonly #link: DaemonLink;
   readonly #engine: CurlEngine;
-  /** Requests running, and whoever waits for none to be (idle()). */
+  /** Tasks running (requests, prewarm, stats), and whoever waits for none to be (idle()). */
   #running = 0;
   #onIdle: (() => void) | undefined;
   /** Every request's deadline (epoch ms), on one timer. */
@@ -72,22 +72,32 @@ export class TransferRuntime {
       case 'request':
         return this.runRequest(task.request, task.port);
       case 'prewarm':
-        try {
+        return this.#counted(async () => {
           await Promise.all(task.origins.map((origin) => this.#link.prewarm(origin.host, origin.port, origin.count)));
           return { ok: true };
-        } catch (error) {
-          return { ok: false, error: toPlainError(error) };
-        }
+        });
       case 'stats':
-        try {
-          return { ok: true, stats: await this.#link.stats() };
-        } catch (error) {
-          return { ok: false, error: toPlainError(error) };
-        }
+        return this.#counted(async () => ({ ok: true, stats: await this.#link.stats() }));
     }
   }
 
-  /** Resolves once no request is running here (at once if none is). */
+  /** Runs a daemon request as one of this runtime's tasks (idle() waits for it); its failure becomes the result. */
+  async #counted(work: () => Promise<RuntimeResult>): Promise<RuntimeResult> {
+    this.#running++;
+    try {
+      return await work();
+    } catch (error) {
+      return { ok: false, error: toPlainError(error) };
+    } finally {
+      this.#ended();
+    }
+  }
+
+  #ended(): void {
+    if (--this.#running === 0) this.#onIdle?.();
+  }
+
+  /** Resolves once no task is running here (at once if none is). */
   idle(): Promise<void> {
     if (this.#running === 0) return Promise.resolve();
     return new Promise((resolve) => {
@@ -161,7 +171,7 @@ export class TransferRuntime {
       return outcome;
     } finally {
       this.#deadlines.remove(deadline);
-      if (--this.#running === 0) this.#onIdle?.();
+      this.#ended();
       if (onCallerAbort) signal!.removeEventListener('abort', onCallerAbort);
       port?.close();
     }
