@@ -5,13 +5,13 @@
 // fd ownership: connectTcp's fd belongs to this function until it resolves; on any failure it is closed here.
 // On success it passes to the caller (the origin pool).
 
-import type { OriginPolicy } from '../shared/config.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
 import { connectTarget, type Origin } from '../shared/origin.js';
-import { connectTcp } from '../shared/tcp-connect.js';
+import type { OriginPolicy } from './config.js';
 import type { EgressPolicy } from './egress-policy.js';
 import type { Resolver } from './resolver.js';
+import { connectTcp } from './tcp-connect.js';
 
 export interface ConnectedSocket {
   fd: number;

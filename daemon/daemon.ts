@@ -10,10 +10,10 @@
 
 import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, readFileSync, unlinkSync } from 'node:fs';
 import { dirname } from 'node:path';
-import type { SockpoolConfig } from '../shared/config.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
 import { type Origin, originKey } from '../shared/origin.js';
+import type { SockpoolConfig } from './config.js';
 import { type ConnectedSocket, TcpConnector } from './connector.js';
 import { EgressPolicy } from './egress-policy.js';
 import { HandoffServer } from './handoff-server.js';

@@ -6,7 +6,6 @@
 // A `release` message brings an fd back: it belongs to the server until the pool takes it (giveBack) or it is
 // closed because it is not the lease's socket.
 
-import type { SockpoolConfig } from '../shared/config.js';
 import { ErrorCodes, SockpoolError, toPlainError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
 import { connectTarget } from '../shared/origin.js';
@@ -22,6 +21,7 @@ import {
   salvageRequestId,
 } from '../shared/protocol.js';
 import { SeqpacketChannel } from '../shared/seqpacket-channel.js';
+import type { SockpoolConfig } from './config.js';
 import { LeaseTable } from './leases.js';
 import type { Logger } from './log.js';
 import type { Metrics } from './metrics.js';

@@ -3,7 +3,7 @@
 // start the daemon, wire the signals. Everything else lives in daemon.ts and the modules it composes.
 
 import { Command, InvalidArgumentError, Option } from 'commander';
-import { applyFlags, type DaemonFlags, defaultConfig, loadConfigFile, type SockpoolConfig } from '../shared/config.js';
+import { applyFlags, type DaemonFlags, defaultConfig, loadConfigFile, type SockpoolConfig } from './config.js';
 import { Sockpoold } from './daemon.js';
 import { createLogger, flushLogs } from './log.js';
 

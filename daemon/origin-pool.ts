@@ -6,10 +6,10 @@
 //
 // Slots: maxPerOrigin bounds leased + idle + connecting, across all clients (a crawler's politeness limit).
 
-import type { OriginPolicy } from '../shared/config.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
 import type { Origin } from '../shared/origin.js';
+import type { OriginPolicy } from './config.js';
 import type { ConnectedSocket, Connector } from './connector.js';
 
 export interface Handoff extends ConnectedSocket {

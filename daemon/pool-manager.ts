@@ -2,9 +2,9 @@
 // idle lifetimes), and the global cap on idle sockets. Like undici's agent over its pools: it only routes and
 // decides targets; the sockets themselves live in the origin pools.
 
-import { type OriginPolicy, policyFor, type SockpoolConfig } from '../shared/config.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import { canonicalHost, type Origin, originKey } from '../shared/origin.js';
+import { type OriginPolicy, policyFor, type SockpoolConfig } from './config.js';
 import type { ConnectedSocket, Connector } from './connector.js';
 import type { Logger } from './log.js';
 import type { Metrics } from './metrics.js';

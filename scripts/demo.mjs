@@ -10,7 +10,7 @@ import { existsSync, mkdirSync } from 'node:fs';
 import { createServer } from 'node:http';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { SockpoolClient } from '../dist/worker/index.js';
+import { SockpoolClient } from '../dist/client/index.js';
 
 const root = join(import.meta.dirname, '..');
 const stateDir = join(root, '.sockpool');

@@ -9,7 +9,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { type DaemonProcess, eventually, repoRoot, startDaemon } from './helpers/daemon.js';
 
 const run = promisify(execFile);
-const cli = join(repoRoot, 'dist', 'worker', 'cli.js');
+const cli = join(repoRoot, 'dist', 'client', 'cli.js');
 
 let origin: Server;
 let port: number;

@@ -7,8 +7,8 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { testHooks } from '../worker/client.js';
-import { SockpoolClient } from '../worker/index.js';
+import { testHooks } from '../client/client.js';
+import { SockpoolClient } from '../client/index.js';
 import {
   echoHandler,
   eventually,

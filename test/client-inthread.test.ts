@@ -1,7 +1,7 @@
 // `threads: 0`: the client runs its TransferRuntime (curl engine, daemon link) in the caller's own thread, with no
 // thread hop per request. Same guarantees: warm handed sockets, keep-alive reuse, aborts, and no fd left behind.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { SockpoolClient } from '../worker/index.js';
+import { SockpoolClient } from '../client/index.js';
 import {
   echoHandler,
   eventually,

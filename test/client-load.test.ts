@@ -2,7 +2,7 @@
 // on its one libcurl Multi), and open-fd counts that stay put, in this process and in the daemon, over a thousand
 // requests and after close(). Real daemon child process, real HTTP server with a little server time per request.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { SockpoolClient } from '../worker/index.js';
+import { SockpoolClient } from '../client/index.js';
 import {
   echoHandler,
   eventually,

@@ -4,7 +4,7 @@
 // dead, and typed refusals of bad input. Real daemon child process, real servers on 127.0.0.1.
 import net from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { SockpoolClient } from '../worker/index.js';
+import { SockpoolClient } from '../client/index.js';
 import {
   echoHandler,
   h2Origin,

@@ -7,7 +7,7 @@ import { createServer as createHttpServer, request as httpRequest, type Server }
 import { createServer as createHttpsServer } from 'node:https';
 import { type AddressInfo, connect, type Socket } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { SockpoolClient } from '../worker/index.js';
+import { SockpoolClient } from '../client/index.js';
 import { type DaemonProcess, startDaemon } from './helpers/daemon.js';
 import { createTestPki, type TestPki } from './helpers/tls.js';
 

@@ -5,7 +5,7 @@
 // worker threads and with `threads: 0`. Real daemon, real HTTP server.
 import type http from 'node:http';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { SockpoolClient } from '../worker/index.js';
+import { SockpoolClient } from '../client/index.js';
 import { eventually, httpOrigin, type Origin, startTestDaemon } from './fixtures/client-helpers.js';
 import type { DaemonProcess } from './helpers/daemon.js';
 

@@ -13,7 +13,7 @@ import {
   parseResolveEntry,
   policyFor,
   type SockpoolConfig,
-} from '../shared/config.js';
+} from '../daemon/config.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 
 const repo = resolve(import.meta.dirname, '..');

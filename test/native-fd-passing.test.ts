@@ -9,8 +9,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { connectTcp } from '../daemon/tcp-connect.js';
 import * as native from '../shared/native.js';
-import { connectTcp } from '../shared/tcp-connect.js';
 import {
   catchError,
   fdCount,

@@ -6,8 +6,8 @@ import { once } from 'node:events';
 import net from 'node:net';
 import { fileURLToPath } from 'node:url';
 import { beforeAll, describe, expect, it } from 'vitest';
+import { connectTcp } from '../daemon/tcp-connect.js';
 import * as native from '../shared/native.js';
-import { connectTcp } from '../shared/tcp-connect.js';
 import {
   catchError,
   fdCount,

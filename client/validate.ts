@@ -2,8 +2,8 @@
 // method token, header names and values (no CR, LF or NUL: no header injection), the body's type, the timeout.
 
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
+import { type UrlTarget, urlTarget } from '../worker/url-target.js';
 import type { BodyStream } from './caller-channel.js';
-import { type UrlTarget, urlTarget } from './url-target.js';
 
 export type HeadersInput = Record<string, string> | Array<[string, string]> | Headers;
 

@@ -15,7 +15,7 @@ import {
   UPLOAD_CHUNK,
   UPLOAD_WINDOW,
   type WorkerMessage,
-} from './stream-protocol.js';
+} from '../worker/stream-protocol.js';
 
 export type BodyStream = ReadableStream<Uint8Array> | AsyncIterable<Uint8Array>;
 

@@ -1,6 +1,8 @@
 // The public API of the `sockpool` package.
 
 export { type ErrorCode, ErrorCodes, SockpoolError } from '../shared/errors.js';
+export type { TransferTimings } from '../worker/curl-engine.js';
+export type { ResponseHead } from '../worker/stream-protocol.js';
 export type { BodyStream } from './caller-channel.js';
 export {
   defaultSocketPath,
@@ -10,6 +12,4 @@ export {
   type SockpoolStreamResponse,
   type SockpoolTimings,
 } from './client.js';
-export type { TransferTimings } from './curl-engine.js';
-export type { ResponseHead } from './stream-protocol.js';
 export { type BodyInput, type HeadersInput, type RequestOptions, validateRequest } from './validate.js';

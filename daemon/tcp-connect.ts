@@ -25,7 +25,7 @@ import {
   track,
   untrack,
   WRITABLE,
-} from './native.js';
+} from '../shared/native.js';
 
 export interface KeepAliveOptions {
   /** Default true. */

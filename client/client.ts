@@ -12,11 +12,11 @@ import { fileURLToPath } from 'node:url';
 import type { TransferListItem } from 'node:worker_threads';
 import { Piscina } from 'piscina';
 import { ErrorCodes, fromPlainError, SockpoolError } from '../shared/errors.js';
+import { epochNow, type TransferRequest, type TransferResult, timeoutError } from '../worker/curl-engine.js';
+import type { ResponseHead } from '../worker/stream-protocol.js';
+import type { Task, TaskResult, WorkerConfig } from '../worker/task.js';
+import { abortedError, TransferRuntime } from '../worker/transfer-runtime.js';
 import { type BodyStream, CallerChannel } from './caller-channel.js';
-import { epochNow, type TransferRequest, type TransferResult, timeoutError } from './curl-engine.js';
-import type { ResponseHead } from './stream-protocol.js';
-import type { Task, TaskResult, WorkerConfig } from './task.js';
-import { abortedError, TransferRuntime } from './transfer-runtime.js';
 import {
   type BodyInput,
   type ClassifiedBody,
@@ -85,10 +85,10 @@ export function defaultSocketPath(): string {
   return process.getuid?.() === 0 ? '/run/sockpool/sockpoold.sock' : join(process.cwd(), '.sockpool', 'sockpoold.sock');
 }
 
-/** The compiled task module: beside this file in dist/, or dist/worker/task.js when running from sources. */
+/** The compiled task module: dist/worker/task.js, beside this file's dist/client/ or found from the sources. */
 function taskFile(): string {
   const here = fileURLToPath(import.meta.url);
-  if (here.endsWith('.js')) return join(dirname(here), 'task.js');
+  if (here.endsWith('.js')) return join(dirname(here), '..', 'worker', 'task.js');
   const compiled = join(dirname(here), '..', 'dist', 'worker', 'task.js');
   if (!existsSync(compiled)) throw new Error(`${compiled} is missing: run npm run build`);
   return compiled;

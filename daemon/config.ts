@@ -11,8 +11,8 @@ import { isIP } from 'node:net';
 import { dirname, extname, resolve } from 'node:path';
 import { parse as parseToml, TomlError } from 'smol-toml';
 import { type core, z } from 'zod';
-import { ErrorCodes, SockpoolError } from './errors.js';
-import { canonicalHost } from './origin.js';
+import { ErrorCodes, SockpoolError } from '../shared/errors.js';
+import { canonicalHost } from '../shared/origin.js';
 
 // ---------------------------------------------------------------------------------------------------------------
 // Defaults: the one place they live.

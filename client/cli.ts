@@ -3,8 +3,8 @@
 
 import { Command, InvalidArgumentError } from 'commander';
 import { parseOriginKey } from '../shared/origin.js';
+import { DaemonLink } from '../worker/daemon-link.js';
 import { defaultSocketPath, SockpoolClient } from './client.js';
-import { DaemonLink } from './daemon-link.js';
 
 function positiveInt(value: string): number {
   const parsed = Number(value);
