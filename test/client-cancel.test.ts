@@ -25,6 +25,8 @@ process.env.SOCKPOOL_TEST_HOOKS = '1';
 
 /** Requests to /hang get no answer until released (or the connection goes). */
 const hanging: Array<{ request: IncomingMessage; response: ServerResponse }> = [];
+/** Every path the origins were asked for, in order. */
+const seenPaths: string[] = [];
 let origin: Origin;
 /** A second origin, limited to one connection by the daemon (maxPerOrigin 1): a second acquire must wait. */
 let narrow: Origin;
@@ -36,6 +38,7 @@ let client: SockpoolClient;
 beforeAll(async () => {
   const echo = echoHandler();
   const handler = (request: IncomingMessage, response: ServerResponse) => {
+    seenPaths.push(request.url ?? '');
     if (request.url?.startsWith('/hang')) {
       hanging.push({ request, response });
       return;
@@ -157,16 +160,22 @@ describe('aborts and timeouts cancel one transfer, not the thread', () => {
     const single = new SockpoolClient({ socketPath: daemon.socketPath, threads: 1, concurrencyPerThread: 1 });
     try {
       const hangsBefore = hanging.length;
-      const busy = single.request(url('/hang/busy'), { timeoutMs: 1000 });
+      // The busy request holds the only slot until it is aborted, however slow the machine is: a deadline of its
+      // own could expire first on a loaded machine and let the queued request through.
+      const holder = new AbortController();
+      const busy = single.request(url('/hang/busy'), { signal: holder.signal });
       await eventually(() => hanging.length > hangsBefore, 'the busy request is at the server');
       await expect(single.request(url('/queued'), { timeoutMs: 200 })).rejects.toMatchObject({
         code: 'SOCKPOOL_ERR_TIMEOUT',
       });
-      await expect(busy).rejects.toMatchObject({ code: 'SOCKPOOL_ERR_TIMEOUT' });
+      holder.abort();
+      await expect(busy).rejects.toMatchObject({ code: 'SOCKPOOL_ERR_ABORTED' });
       // The queued task ran after the busy one and found its deadline gone: the server never saw it.
       const after = await single.request(url('/after-queue'));
       expect(after.status).toBe(200);
       expect(hanging.length).toBe(hangsBefore + 1);
+      expect(seenPaths).toContain('/after-queue');
+      expect(seenPaths).not.toContain('/queued');
     } finally {
       await single.close();
     }
