@@ -87,16 +87,19 @@ function abortable(promise: Promise<void>, signal: CancelSignal | undefined): Pr
   });
 }
 
+/** What the supply needs of the daemon link (a fake one in test/socket-supply.test.ts). */
+export type SupplyLink = Pick<DaemonLink, 'acquire' | 'release' | 'closed'>;
+
 /** Idle origins whose protocol is remembered (a crawler meets many origins once). */
 const MAX_LEARNED = 10_000;
 
 export class SocketSupply {
-  #link: DaemonLink;
+  #link: SupplyLink;
   /** Sockets curl owns now, by fd: their leases, to report `closed`. */
   #curlOwned = new Map<number, { lease: Lease; originKey: string }>();
   #origins = new Map<string, OriginState>();
 
-  constructor(link: DaemonLink) {
+  constructor(link: SupplyLink) {
     this.#link = link;
   }
 

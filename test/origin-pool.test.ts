@@ -1,0 +1,395 @@
+// OriginPool in-process (daemon/origin-pool.ts): a fake connector hands out real loopback TCP connections the test
+// controls from the server side, and fake timers move the pool's clock (performance.now) and timers. Covered:
+// handoffs (warm and fresh, giveBack), maxPerOrigin with a FIFO queue of waiters and acquire timeouts, failed and
+// refused connects (the oldest waiter fails, refills back off), the refill target and prewarm bounds, recycling
+// (timers and the check before a handoff), dropping idle sockets the server closes, resets or writes to, the
+// idle TTL, eviction, detach/adopt, and close. Every test ends with as many fds open as it started with.
+import { once } from 'node:events';
+import type net from 'node:net';
+import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
+import { defaultConfig, type OriginPolicy, policyFor } from '../daemon/config.js';
+import { type DropReason, type Handoff, OriginPool, type OriginPoolEvents } from '../daemon/origin-pool.js';
+import { ErrorCodes, SockpoolError } from '../shared/errors.js';
+import * as native from '../shared/native.js';
+import type { Origin } from '../shared/origin.js';
+import { nextTurn, until, useFakeClock } from './fixtures/fake-clock.js';
+import { FakeConnector } from './fixtures/fake-connector.js';
+import { fdCount, waitForEvents } from './fixtures/native-helpers.js';
+
+const ORIGIN: Origin = { host: 'origin.test', port: 443 };
+const KEY = 'origin.test:443';
+
+function policy(overrides: Partial<OriginPolicy> = {}): OriginPolicy {
+  return { ...policyFor(defaultConfig(), ORIGIN.host, ORIGIN.port), ...overrides };
+}
+
+/** What the pool reported through its events. */
+class Recorder implements OriginPoolEvents {
+  idle = 0;
+  connects = 0;
+  drops: Array<{ reason: DropReason; idleMs: number; ageMs: number }> = [];
+  failures: Error[] = [];
+  idleChanged(_pool: OriginPool, delta: number): void {
+    this.idle += delta;
+  }
+  dropped(_pool: OriginPool, reason: DropReason, idleMs: number, ageMs: number): void {
+    this.drops.push({ reason, idleMs, ageMs });
+  }
+  connected(): void {
+    this.connects++;
+  }
+  connectFailed(_pool: OriginPool, error: Error): void {
+    this.failures.push(error);
+  }
+  get reasons(): DropReason[] {
+    return this.drops.map((drop) => drop.reason);
+  }
+}
+
+let connector: FakeConnector;
+let events: Recorder;
+let pools: OriginPool[];
+/** Handoffs the test holds (it owns their fds): closed after the test if it did not close them itself. */
+let held: Handoff[];
+let fdsBefore: number;
+
+beforeEach(async () => {
+  fdsBefore = fdCount();
+  connector = await FakeConnector.start();
+  events = new Recorder();
+  pools = [];
+  held = [];
+  useFakeClock();
+});
+
+afterEach(async () => {
+  vi.useRealTimers();
+  for (const pool of pools) pool.close();
+  for (const handoff of held.splice(0)) if (isOpen(handoff.fd)) native.close(handoff.fd);
+  await connector.close();
+  expect(fdCount()).toBe(fdsBefore);
+});
+
+function pool(overrides: Partial<OriginPolicy> = {}): OriginPool {
+  const created = new OriginPool(KEY, ORIGIN, policy(overrides), connector, events);
+  pools.push(created);
+  return created;
+}
+
+async function acquire(from: OriginPool, timeoutMs = 1_000): Promise<Handoff> {
+  const handoff = await from.acquire(timeoutMs);
+  held.push(handoff);
+  return handoff;
+}
+
+/** Ends a lease the way the handoff server learns it: curl closed the socket. */
+function endLease(from: OriginPool, handoff: Handoff): void {
+  native.close(handoff.fd);
+  held.splice(held.indexOf(handoff), 1);
+  from.leaseEnded();
+}
+
+/** Gives a leased socket back unused (ownership of the fd passes to the pool). */
+function giveBack(from: OriginPool, handoff: Handoff): void {
+  held.splice(held.indexOf(handoff), 1);
+  from.giveBack(handoff);
+}
+
+function isOpen(fd: number): boolean {
+  try {
+    native.probe(fd);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** Records when a promise settles, so a test can assert that it has not (yet). */
+function track<T>(promise: Promise<T>) {
+  const state: { settled: boolean; value?: T; error?: unknown } = { settled: false };
+  promise.then(
+    (value) => Object.assign(state, { settled: true, value }),
+    (error: unknown) => Object.assign(state, { settled: true, error }),
+  );
+  return state;
+}
+
+describe('OriginPool handoffs', () => {
+  it('connects for an acquire when nothing is idle; a socket given back is handed out again, warm', async () => {
+    const origin = pool();
+    const fresh = await acquire(origin);
+    expect(fresh.warm).toBe(false);
+    expect(origin.leasedCount).toBe(1);
+    expect(connector.calls).toBe(1);
+
+    giveBack(origin, fresh);
+    expect(origin.idleCount).toBe(1);
+    expect(origin.leasedCount).toBe(0);
+
+    const warm = await acquire(origin);
+    expect(warm.warm).toBe(true);
+    expect(warm.fd).toBe(fresh.fd);
+    expect(connector.calls).toBe(1);
+    endLease(origin, warm);
+    expect(origin.total).toBe(0);
+  });
+
+  it('closes a socket given back after its server closed it, instead of pooling it', async () => {
+    const origin = pool();
+    const handoff = await acquire(origin);
+    const peer = connector.peerOf(handoff.fd);
+    peer.end();
+    await waitForEvents(handoff.fd, native.READABLE); // the FIN has arrived
+    giveBack(origin, handoff);
+    expect(origin.idleCount).toBe(0);
+    expect(origin.leasedCount).toBe(0);
+    await once(peer, 'close'); // the pool closed its end
+  });
+});
+
+describe('OriginPool slots and waiters', () => {
+  it('holds acquires beyond maxPerOrigin in a FIFO queue and serves them as slots free up', async () => {
+    const origin = pool({ maxPerOrigin: 2 });
+    const first = await acquire(origin);
+    const second = await acquire(origin);
+    const served: string[] = [];
+    const third = acquire(origin).then((handoff) => {
+      served.push('third');
+      return handoff;
+    });
+    const fourth = acquire(origin).then((handoff) => {
+      served.push('fourth');
+      return handoff;
+    });
+    expect(origin.waitingCount).toBe(2);
+    await nextTurn();
+    expect(connector.calls).toBe(2); // the queue does not connect past the limit
+
+    // A lease given back unused goes straight to the oldest waiter.
+    giveBack(origin, second);
+    const thirdHandoff = await third;
+    expect(thirdHandoff.fd).toBe(second.fd);
+    expect(thirdHandoff.warm).toBe(true);
+    // A lease that ended frees a slot: a connect for the next waiter.
+    endLease(origin, first);
+    const fourthHandoff = await fourth;
+    expect(fourthHandoff.warm).toBe(false);
+    expect(served).toEqual(['third', 'fourth']);
+    expect(connector.calls).toBe(3);
+    expect(origin.waitingCount).toBe(0);
+    expect(origin.leasedCount).toBe(2);
+  });
+
+  it('fails an acquire that waited past its timeout with SOCKPOOL_ERR_ACQUIRE_TIMEOUT', async () => {
+    const origin = pool({ maxPerOrigin: 1 });
+    const leased = await acquire(origin);
+    const waiting = track(origin.acquire(250));
+    await vi.advanceTimersByTimeAsync(249);
+    expect(waiting.settled).toBe(false);
+    await vi.advanceTimersByTimeAsync(1);
+    expect(waiting.error).toBeInstanceOf(SockpoolError);
+    expect((waiting.error as SockpoolError).code).toBe(ErrorCodes.ACQUIRE_TIMEOUT);
+    expect(origin.waitingCount).toBe(0);
+    // The slot that frees up later is not spent on the waiter that gave up.
+    endLease(origin, leased);
+    await nextTurn();
+    expect(connector.calls).toBe(1);
+    expect(origin.total).toBe(0);
+  });
+
+  it('gives a failed connect to the oldest waiter and keeps the others waiting for theirs', async () => {
+    connector.manual = true;
+    const origin = pool();
+    const older = track(origin.acquire(1_000));
+    const younger = track(origin.acquire(1_000));
+    expect(connector.pending).toHaveLength(2);
+    const refused = Object.assign(new Error('connect ECONNREFUSED'), { code: 'ECONNREFUSED' });
+    // The younger waiter's connect fails first: the failure still goes to the oldest waiter (queue order).
+    connector.pending[1]!.fail(refused);
+    await until(() => older.settled, 'the older waiter fails');
+    expect(older.error).toBe(refused);
+    expect(younger.settled).toBe(false);
+    expect(events.failures).toEqual([refused]);
+    await connector.pending[0]!.succeed();
+    await until(() => younger.settled, 'the younger waiter is served');
+    held.push(younger.value!);
+    expect(younger.value!.warm).toBe(false);
+    expect(connector.pending).toHaveLength(2); // no third connect: nobody else was waiting
+  });
+
+  it('rejects waiters with SOCKPOOL_ERR_SHUTTING_DOWN on close and closes a connect that arrives afterwards', async () => {
+    connector.manual = true;
+    const origin = pool();
+    const waiting = track(origin.acquire(1_000));
+    origin.close();
+    await until(() => waiting.settled, 'the waiter fails');
+    expect((waiting.error as SockpoolError).code).toBe(ErrorCodes.SHUTTING_DOWN);
+    await connector.pending[0]!.succeed();
+    await once(connector.peers[0]!, 'close'); // the late socket was closed, not pooled
+    expect(origin.idleCount).toBe(0);
+    await expect(origin.acquire(1_000)).rejects.toMatchObject({ code: ErrorCodes.SHUTTING_DOWN });
+  });
+});
+
+describe('OriginPool warming', () => {
+  it('refills to max(minIdle, target), bounded by maxIdle and by maxPerOrigin', async () => {
+    const origin = pool({ minIdle: 1, maxIdle: 3, maxPerOrigin: 4 });
+    origin.setRefillTarget(0);
+    await until(() => origin.idleCount === 1, 'minIdle reached');
+    origin.setRefillTarget(10);
+    await until(() => origin.idleCount === 3, 'maxIdle reached');
+    expect(connector.calls).toBe(3);
+
+    // A handoff is refilled (4 sockets in all)...
+    await acquire(origin);
+    await until(() => origin.idleCount === 3, 'refilled after a handoff');
+    expect(connector.calls).toBe(4);
+    // ...but not beyond maxPerOrigin.
+    await acquire(origin);
+    await nextTurn();
+    expect(origin.idleCount).toBe(2);
+    expect(origin.total).toBe(4);
+    expect(connector.calls).toBe(4);
+  });
+
+  it('prewarm connects once, up to the count and maxIdle, and nothing is refilled after', async () => {
+    const origin = pool({ maxIdle: 4 });
+    origin.prewarm(10);
+    expect(origin.connectingCount).toBe(4);
+    origin.prewarm(2); // already covered by the connects in flight
+    expect(connector.calls).toBe(4);
+    await until(() => origin.idleCount === 4, 'prewarmed');
+    await acquire(origin);
+    await nextTurn();
+    expect(origin.idleCount).toBe(3);
+    expect(connector.calls).toBe(4);
+  });
+
+  it('stops refilling while connects fail and starts again when the backoff has passed', async () => {
+    const origin = pool({ minIdle: 2 });
+    connector.failures.push(Object.assign(new Error('connect ECONNREFUSED'), { code: 'ECONNREFUSED' }));
+    origin.setRefillTarget(0);
+    await until(() => origin.idleCount === 1 && events.failures.length === 1, 'one connect failed, one did not');
+    expect(connector.calls).toBe(2);
+    // One failure: 500 ms of backoff. Refills (sweeps) before then start nothing.
+    await vi.advanceTimersByTimeAsync(499);
+    origin.sweep(performance.now());
+    expect(connector.calls).toBe(2);
+    await vi.advanceTimersByTimeAsync(1);
+    origin.sweep(performance.now());
+    expect(connector.calls).toBe(3);
+    await until(() => origin.idleCount === 2, 'refilled to minIdle');
+  });
+
+  it('makes no background connects to an origin the policy refused until the policy changes', async () => {
+    connector.refuse.add(ORIGIN.host);
+    const origin = pool({ minIdle: 1 });
+    origin.setRefillTarget(0);
+    await until(() => events.failures.length === 1, 'the refusal');
+    expect((events.failures[0] as SockpoolError).code).toBe(ErrorCodes.POLICY);
+    await vi.advanceTimersByTimeAsync(60_000); // far past any backoff
+    origin.sweep(performance.now());
+    expect(connector.calls).toBe(1);
+    connector.refuse.clear();
+    origin.policyChanged(policy({ minIdle: 1 }));
+    await until(() => origin.idleCount === 1, 'warm again after the policy changed');
+    expect(connector.calls).toBe(2);
+  });
+});
+
+describe('OriginPool recycling and dead idle sockets', () => {
+  it('closes an idle socket at the recycle point', async () => {
+    const origin = pool();
+    origin.prewarm(1);
+    await until(() => origin.idleCount === 1, 'prewarmed');
+    const peer = connector.peers[0]!;
+    origin.setRecycleAfter(1_000);
+    await vi.advanceTimersByTimeAsync(999);
+    expect(origin.idleCount).toBe(1);
+    await vi.advanceTimersByTimeAsync(1);
+    expect(origin.idleCount).toBe(0);
+    expect(events.reasons).toEqual(['recycled']);
+    expect(events.drops[0]!.idleMs).toBe(1_000);
+    await once(peer, 'close');
+  });
+
+  it('never hands out a socket idle past the recycle point, even before its timer ran', async () => {
+    const origin = pool();
+    origin.prewarm(1);
+    await until(() => origin.idleCount === 1, 'prewarmed');
+    await vi.advanceTimersByTimeAsync(100);
+    origin.setRecycleAfter(100); // due now: its timer has not run yet when the acquire comes
+    const handoff = await acquire(origin);
+    expect(handoff.warm).toBe(false);
+    expect(events.reasons).toEqual(['recycled']);
+    expect(connector.calls).toBe(2);
+  });
+
+  it('drops idle sockets whose server closes, resets or writes to them', async () => {
+    const origin = pool();
+    origin.prewarm(3);
+    await until(() => origin.idleCount === 3, 'prewarmed');
+    await nextTurn(); // the idle sockets' pollers are armed one turn after they became idle
+    const [closing, resetting, writing] = connector.peers as [net.Socket, net.Socket, net.Socket];
+    await vi.advanceTimersByTimeAsync(5_000);
+    closing.end();
+    await until(() => events.drops.length === 1, 'the closed socket dropped');
+    resetting.resetAndDestroy();
+    await until(() => events.drops.length === 2, 'the reset socket dropped');
+    writing.write('unexpected');
+    await until(() => events.drops.length === 3, 'the socket with stray bytes dropped');
+    expect(events.reasons).toEqual(['eof', 'error', 'data']);
+    expect(events.drops[0]).toMatchObject({ idleMs: 5_000, ageMs: 5_000 });
+    expect(origin.idleCount).toBe(0);
+    expect(events.idle).toBe(0);
+  });
+
+  it('ages out idle sockets past idleTtlMs when swept', async () => {
+    const origin = pool({ idleTtlMs: 1_000 });
+    origin.prewarm(1);
+    await until(() => origin.idleCount === 1, 'prewarmed');
+    await vi.advanceTimersByTimeAsync(999);
+    origin.sweep(performance.now());
+    expect(origin.idleCount).toBe(1);
+    await vi.advanceTimersByTimeAsync(1);
+    origin.sweep(performance.now());
+    expect(origin.idleCount).toBe(0);
+    expect(events.reasons).toEqual(['ttl']);
+  });
+
+  it('evicts the oldest idle socket first', async () => {
+    const origin = pool();
+    const older = await acquire(origin);
+    const newer = await acquire(origin);
+    giveBack(origin, older);
+    giveBack(origin, newer);
+    const olderPeer = connector.peerOf(older.fd);
+    expect(origin.evictOne()).toBe(true);
+    expect(events.reasons).toEqual(['evicted']);
+    await once(olderPeer, 'close');
+    expect((await acquire(origin)).fd).toBe(newer.fd);
+    expect(origin.evictOne()).toBe(false);
+  });
+
+  it('detaches its idle sockets for the fd store, and a new pool adopts the live ones', async () => {
+    const origin = pool();
+    origin.prewarm(2);
+    await until(() => origin.idleCount === 2, 'prewarmed');
+    const detached = origin.detachIdle();
+    expect(detached).toHaveLength(2);
+    expect(origin.idleCount).toBe(0);
+    expect(events.idle).toBe(0);
+    const [live, dead] = detached as [(typeof detached)[0], (typeof detached)[0]];
+    const deadPeer = connector.peerOf(dead.fd);
+    deadPeer.end();
+    await waitForEvents(dead.fd, native.READABLE);
+
+    const successor = pool();
+    expect(successor.adopt(live)).toBe(true);
+    expect(successor.adopt(dead)).toBe(false); // closed by adopt
+    await once(deadPeer, 'close');
+    expect(successor.idleCount).toBe(1);
+    const handoff = await acquire(successor);
+    expect(handoff).toMatchObject({ fd: live.fd, warm: true });
+  });
+});
