@@ -55,6 +55,11 @@ export const DEFAULTS = {
     timeoutMs: 3_000,
     resolve: [] as string[],
   },
+  tls: {
+    warm: [] as string[],
+    relayThreads: 1,
+    handshakeTimeoutMs: 10_000,
+  },
   pool: {
     maxIdleTotal: 10_000,
     predictive: true,
@@ -70,6 +75,7 @@ export const DEFAULTS = {
       acquireTimeoutMs: 10_000,
       noDelay: true,
       keepAlive: { enabled: true, idleSec: 30, intervalSec: 10, count: 3 },
+      warmTls: false,
     },
   },
 };
@@ -234,6 +240,10 @@ const policyFields = {
   device: deviceName,
   noDelay: z.boolean(),
   userTimeoutMs: z.int().min(0),
+  warmTls: z.boolean(),
+  caFile: z.string().min(1),
+  clientCert: z.string().min(1),
+  clientKey: z.string().min(1),
 };
 
 const policyDefaults = DEFAULTS.pool.defaults;
@@ -252,6 +262,10 @@ const originPolicySchema = z
     noDelay: policyFields.noDelay.default(policyDefaults.noDelay),
     keepAlive: keepAliveSchema,
     userTimeoutMs: policyFields.userTimeoutMs.optional(),
+    warmTls: policyFields.warmTls.default(policyDefaults.warmTls),
+    caFile: policyFields.caFile.optional(),
+    clientCert: policyFields.clientCert.optional(),
+    clientKey: policyFields.clientKey.optional(),
   })
   .transform(({ maxIdle, ...policy }) => ({
     ...policy,
@@ -282,12 +296,22 @@ const originOverrideSchema = z.strictObject({
     })
     .optional(),
   userTimeoutMs: policyFields.userTimeoutMs.optional(),
+  warmTls: policyFields.warmTls.optional(),
+  caFile: policyFields.caFile.optional(),
+  clientCert: policyFields.clientCert.optional(),
+  clientKey: policyFields.clientKey.optional(),
+});
+
+/** A `tls.warm` entry: `*` (every https origin) or an origin match pattern as in `pool.origins[].match`. */
+const warmTlsEntry = z.string().refine((text) => text.trim() === '*' || parseOriginMatch(text) !== undefined, {
+  error: 'expected "*" or "host:port", "*.suffix:port", "*:port", "[v6]:port" (port may be "*")',
 });
 
 const accessDefaults = DEFAULTS.access;
 const egressDefaults = DEFAULTS.egress;
 const dnsDefaults = DEFAULTS.dns;
 const poolDefaults = DEFAULTS.pool;
+const tlsDefaults = DEFAULTS.tls;
 
 export const configSchema = z
   .strictObject({
@@ -332,6 +356,14 @@ export const configSchema = z
         resolve: z.array(resolveEntry).default(() => [...dnsDefaults.resolve]),
       })
       .prefault({}),
+    tls: z
+      .strictObject({
+        caFile: z.string().min(1).optional(),
+        warm: z.array(warmTlsEntry).default(() => [...tlsDefaults.warm]),
+        relayThreads: z.int().min(1).max(64).default(tlsDefaults.relayThreads),
+        handshakeTimeoutMs: positiveMs.default(tlsDefaults.handshakeTimeoutMs),
+      })
+      .prefault({}),
     pool: z
       .strictObject({
         maxIdleTotal: z.int().min(0).default(poolDefaults.maxIdleTotal),
@@ -346,7 +378,9 @@ export const configSchema = z
   })
   .superRefine((config, ctx) => {
     checkPolicyOrder(config.pool.defaults, ['pool', 'defaults'], ctx);
+    checkClientCertificate(config.pool.defaults, ['pool', 'defaults'], ctx);
     config.pool.origins.forEach((override, index) => {
+      checkClientCertificate(override, ['pool', 'origins', index], ctx);
       // Each entry must be coherent merged over the defaults. (Several entries that match one origin are merged in
       // order by policyFor, which clamps the result rather than fail at acquire time.)
       checkPolicyOrder(mergePolicy(config.pool.defaults, override), ['pool', 'origins', index], ctx, override);
@@ -394,6 +428,17 @@ function checkPolicyOrder(
   }
 }
 
+/** mTLS needs both halves, set together in one place. */
+function checkClientCertificate(
+  policy: { clientCert?: string | undefined; clientKey?: string | undefined },
+  path: Array<string | number>,
+  ctx: z.RefinementCtx,
+): void {
+  if ((policy.clientCert === undefined) === (policy.clientKey === undefined)) return;
+  const missing = policy.clientCert === undefined ? 'clientCert' : 'clientKey';
+  ctx.addIssue({ code: 'custom', path: [...path, missing], message: 'clientCert and clientKey go together' });
+}
+
 function mergePolicy(base: OriginPolicy, override: OriginOverride): OriginPolicy {
   const merged: OriginPolicy = { ...base, keepAlive: { ...base.keepAlive } };
   for (const [key, value] of Object.entries(override)) {
@@ -437,6 +482,13 @@ export function parseConfig(raw: unknown, source: string, options: ParseOptions 
   const baseDir = options.baseDir ?? process.cwd();
   config.socket = resolve(baseDir, config.socket);
   config.stateDir = resolve(baseDir, config.stateDir);
+  // TLS files are read when the daemon starts or reloads; relative paths are relative to the file that names them.
+  if (config.tls.caFile !== undefined) config.tls.caFile = resolve(baseDir, config.tls.caFile);
+  for (const policy of [config.pool.defaults, ...config.pool.origins]) {
+    for (const key of ['caFile', 'clientCert', 'clientKey'] as const) {
+      if (policy[key] !== undefined) policy[key] = resolve(baseDir, policy[key]);
+    }
+  }
   return config;
 }
 
@@ -562,6 +614,10 @@ export interface ConfigFlags {
   resolve?: string[];
   metricsPort?: number;
   logLevel?: string;
+  /** `--warm-tls HOST:PORT` (or `*`): appended to tls.warm. */
+  warmTls?: string[];
+  /** `--ca-file PATH`: tls.caFile. */
+  caFile?: string;
 }
 
 /** The flags as `sockpoold`'s command line collects them. */
@@ -576,6 +632,8 @@ const FLAG_OF_KEY: Array<[RegExp, string]> = [
   [/^dns\.resolve(\[\d+\])?$/, '--resolve'],
   [/^metricsPort$/, '--metrics-port'],
   [/^logLevel$/, '--log-level'],
+  [/^tls\.warm(\[\d+\])?$/, '--warm-tls'],
+  [/^tls\.caFile$/, '--ca-file'],
 ];
 
 /**
@@ -593,6 +651,8 @@ export function applyFlags(config: SockpoolConfig, flags: ConfigFlags): Sockpool
   if (flags.resolve?.length) raw.dns.resolve.push(...flags.resolve);
   if (flags.metricsPort !== undefined) raw.metricsPort = flags.metricsPort;
   if (flags.logLevel !== undefined) raw.logLevel = flags.logLevel as LogLevel;
+  if (flags.warmTls?.length) raw.tls.warm.push(...flags.warmTls);
+  if (flags.caFile !== undefined) raw.tls.caFile = flags.caFile;
   return parseConfig(raw, 'command-line flags', {
     label: (path) => FLAG_OF_KEY.find(([pattern]) => pattern.test(path))?.[1] ?? path,
   });
@@ -621,7 +681,8 @@ function overridesOf(config: SockpoolConfig): CompiledOverride[] {
   return compiled;
 }
 
-function matches(match: OriginMatch, host: string, port: number): boolean {
+/** Whether a parsed origin match pattern covers host (canonical) and port. */
+export function originMatches(match: OriginMatch, host: string, port: number): boolean {
   if (match.port !== undefined && match.port !== port) return false;
   if (match.host === '*') return true;
   if (match.host.startsWith('.')) return host.endsWith(match.host) && host.length > match.host.length;
@@ -637,7 +698,7 @@ export function policyFor(config: SockpoolConfig, host: string, port: number): O
   const canonical = canonicalHost(host);
   let policy: OriginPolicy = { ...config.pool.defaults, keepAlive: { ...config.pool.defaults.keepAlive } };
   for (const { match, override } of overridesOf(config)) {
-    if (matches(match, canonical, port)) policy = mergePolicy(policy, override);
+    if (originMatches(match, canonical, port)) policy = mergePolicy(policy, override);
   }
   policy.maxIdle = Math.min(policy.maxIdle, policy.maxPerOrigin);
   policy.minIdle = Math.min(policy.minIdle, policy.maxIdle);

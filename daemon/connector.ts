@@ -12,6 +12,7 @@ import type { OriginPolicy } from './config.js';
 import type { EgressPolicy } from './egress-policy.js';
 import type { Resolver } from './resolver.js';
 import { connectTcp } from './tcp-connect.js';
+import type { TlsSessionInfo } from './tls-relay.js';
 
 export interface ConnectedSocket {
   fd: number;
@@ -20,6 +21,8 @@ export interface ConnectedSocket {
   /** performance.now() when the connect completed. */
   connectedAt: number;
   connectMs: number;
+  /** Set for a warm TLS session: the fd is the daemon's end of a relay's socketpair (tls-sessions.ts). */
+  tls?: TlsSessionInfo | undefined;
 }
 
 export interface Connector {

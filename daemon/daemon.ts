@@ -39,6 +39,8 @@ import {
   retryWhileCongested,
 } from './sd-notify.js';
 import { StateStore } from './store.js';
+import { TlsRelays } from './tls-relay.js';
+import { TlsSessions } from './tls-sessions.js';
 
 const STATUS_INTERVAL_MS = 2000;
 const LISTEN_BACKLOG = 1024;
@@ -69,6 +71,7 @@ export class Sockpoold {
   #egress: EgressPolicy;
   #resolver: Resolver;
   #pools: PoolManager;
+  #relays: TlsRelays;
   #server: HandoffServer | undefined;
   /** The listening fd; we unlink the path at stop only when we bound it ourselves (not socket-activated). */
   #listenFd = -1;
@@ -84,6 +87,13 @@ export class Sockpoold {
     this.#log = options.log;
     this.#reloadConfig = options.reloadConfig;
     this.#socketPath = this.#config.socket;
+    const connector = new TcpConnector(
+      () => this.#resolver,
+      () => this.#egress,
+    );
+    // Relay threads start with the first warm TLS session; the TLS files are read now (a bad one stops the start).
+    this.#relays = new TlsRelays(this.#config.tls.relayThreads, this.#log.child({ part: 'tls' }));
+    const tls = new TlsSessions(this.#config, connector, this.#relays);
     mkdirSync(this.#config.stateDir, { recursive: true, mode: 0o750 });
     this.#store = StateStore.open(this.#config.stateDir);
     this.#store.startAutoFlush(this.#config.pool.statsFlushMs);
@@ -92,13 +102,11 @@ export class Sockpoold {
     this.#resolver = createResolver(this.#config);
     this.#pools = new PoolManager({
       config: this.#config,
-      connector: new TcpConnector(
-        () => this.#resolver,
-        () => this.#egress,
-      ),
+      connector,
       log: this.#log.child({ part: 'pool' }),
       metrics: this.#metrics,
       store: this.#store,
+      tls,
     });
   }
 
@@ -312,6 +320,8 @@ export class Sockpoold {
       } catch {}
     }
     await this.#metricsServer?.close();
+    // Warm TLS sessions end with their threads (process memory: nothing of them survives a restart).
+    await this.#relays.close();
     this.#store.close();
     this.#log.info({ stored, idle: detached.length }, 'sockpoold stopped');
     this.#notifier.close();

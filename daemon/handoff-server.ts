@@ -6,6 +6,7 @@
 // A `release` message brings an fd back: it belongs to the server until the pool takes it (giveBack) or it is
 // closed because it is not the lease's socket.
 
+import { fstatSync } from 'node:fs';
 import { ErrorCodes, SockpoolError, toPlainError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
 import { connectTarget } from '../shared/origin.js';
@@ -227,7 +228,8 @@ export class HandoffServer {
         return;
       case 'prewarm':
         try {
-          this.#pools.prewarm({ host: message.host, port: message.port, proxy: message.proxy }, message.count);
+          const origin = { host: message.host, port: message.port, proxy: message.proxy };
+          this.#pools.prewarm(origin, message.count, message.tls?.trust);
           this.#send(session, { type: 'ok', id: message.id });
         } catch (error) {
           this.#replyError(session, message.id, error);
@@ -281,7 +283,7 @@ export class HandoffServer {
     const started = performance.now();
     session.pending++;
     const origin = { host: message.host, port: message.port, proxy: message.proxy };
-    this.#pools.acquire(origin, message.timeoutMs).then(
+    this.#pools.acquire(origin, message.timeoutMs, message.tls?.trust).then(
       (handoff) => {
         session.pending--;
         if (session.closed) {
@@ -296,6 +298,7 @@ export class HandoffServer {
           address: handoff.address,
           peerPort: connectTarget(origin).port,
           family: handoff.family,
+          tls: handoff.tls && { info: handoff.tls, inode: inodeOf(handoff.fd) },
         });
         // Ownership of handoff.fd passes to the channel, which closes our copy once sent.
         this.#send(
@@ -310,6 +313,7 @@ export class HandoffServer {
             family: handoff.family,
             warm: handoff.warm,
             connectMs: handoff.warm ? 0 : Number(handoff.connectMs.toFixed(3)),
+            ...(handoff.tls ? { tls: handoff.tls } : {}),
           },
           [handoff.fd],
         );
@@ -336,8 +340,13 @@ export class HandoffServer {
     // The fd must be the lease's own socket: anything else (another socket, a pipe) is closed, never pooled.
     let sameSocket = false;
     try {
-      const peer = native.peerAddress(fd);
-      sameSocket = peer.address === lease.address && peer.port === lease.peerPort;
+      if (lease.tls) {
+        // A relayed session's end of the pair: the very socket handed out (same inode), not merely another one.
+        sameSocket = inodeOf(fd) === lease.tls.inode;
+      } else {
+        const peer = native.peerAddress(fd);
+        sameSocket = peer.address === lease.address && peer.port === lease.peerPort;
+      }
     } catch {}
     if (!sameSocket) {
       native.close(fd);
@@ -357,6 +366,7 @@ export class HandoffServer {
       family: lease.family,
       connectedAt: lease.startedAt,
       connectMs: 0,
+      tls: lease.tls?.info,
     });
     if (message.id !== undefined) this.#send(session, { type: 'ok', id: message.id });
   }
@@ -397,6 +407,15 @@ function statsForReply<T extends { origins: Array<{ demandRatePerS: number; leas
     .sort((a, b) => b.demandRatePerS - a.demandRatePerS || b.leased + b.idle - (a.leased + a.idle))
     .slice(0, STATS_MAX_ORIGINS);
   return { ...snapshot, origins, originsOmitted: snapshot.origins.length - origins.length };
+}
+
+/** The inode of an fd's file (a socket's, for the pair ends of relayed sessions); -1 if fstat fails. */
+function inodeOf(fd: number): number {
+  try {
+    return fstatSync(fd).ino;
+  } catch {
+    return -1;
+  }
 }
 
 function unknownLease(leaseId: number): SockpoolError {

@@ -4,6 +4,7 @@
 // only counts against the origin's `maxPerOrigin` and the client's own limit.
 
 import type { Origin } from '../shared/origin.js';
+import type { TlsSessionInfo } from './tls-relay.js';
 
 export interface Lease {
   leaseId: number;
@@ -15,6 +16,9 @@ export interface Lease {
   peerPort: number;
   family: 4 | 6;
   startedAt: number;
+  /** A relayed warm TLS session: what was negotiated, and the inode of the pair's end handed out (a released fd
+   *  must be that one). */
+  tls?: { info: TlsSessionInfo; inode: number } | undefined;
 }
 
 export class LeaseTable {

@@ -33,6 +33,8 @@ interface CliOptions {
   resolve: string[];
   metricsPort?: number;
   logLevel?: string;
+  warmTls: string[];
+  caFile?: string;
 }
 
 const program = new Command('sockpoold')
@@ -44,6 +46,13 @@ const program = new Command('sockpoold')
   .option('--deny <cidr>', 'deny this CIDR (repeatable; beats --allow)', collect, [])
   .option('--allow-port <n>', 'allowed destination port (repeatable; replaces the default 80, 443)', collectPort, [])
   .option('--resolve <host:port:addr>', 'pin a host to an address, like curl --resolve (repeatable)', collect, [])
+  .option(
+    '--warm-tls <host:port>',
+    'keep warm TLS sessions for this origin (repeatable; * = every https origin)',
+    collect,
+    [],
+  )
+  .option('--ca-file <file>', 'CA certificates (PEM) the warm TLS handshakes trust instead of the system store')
   .option('--metrics-port <n>', 'serve Prometheus metrics on 127.0.0.1:<n> (0 = off)', port)
   .addOption(
     new Option('--log-level <level>', 'log level').choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace']),
@@ -63,6 +72,8 @@ function flags(): DaemonFlags {
     resolve: options.resolve,
     metricsPort: options.metricsPort,
     logLevel: options.logLevel as SockpoolConfig['logLevel'] | undefined,
+    warmTls: options.warmTls,
+    caFile: options.caFile,
   };
 }
 

@@ -10,6 +10,7 @@ import type { Logger } from './log.js';
 import type { Metrics } from './metrics.js';
 import { type DropReason, type Handoff, OriginPool, type OriginPoolEvents } from './origin-pool.js';
 import type { StateStore } from './store.js';
+import { isTlsPoolKey, type TlsSessions, type TlsTrust, tlsPoolKey } from './tls-sessions.js';
 
 /** Per-origin demand and learning, kept beside the pool (it survives the pool being retired). */
 interface OriginStats {
@@ -33,6 +34,8 @@ export interface PoolManagerOptions {
   log: Logger;
   metrics?: Metrics;
   store?: StateStore;
+  /** Warm TLS (tls-sessions.ts); without it every lease is a TCP socket. */
+  tls?: TlsSessions;
 }
 
 const SWEEP_INTERVAL_MS = 500;
@@ -52,6 +55,7 @@ export class PoolManager {
   #log: Logger;
   #metrics: Metrics | undefined;
   #store: StateStore | undefined;
+  #tls: TlsSessions | undefined;
   #idleTotal = 0;
   #hits = 0;
   #misses = 0;
@@ -65,6 +69,7 @@ export class PoolManager {
     this.#log = options.log;
     this.#metrics = options.metrics;
     this.#store = options.store;
+    this.#tls = options.tls;
     this.#events = {
       idleChanged: (_pool, delta) => {
         this.#idleTotal += delta;
@@ -93,10 +98,17 @@ export class PoolManager {
     this.#sweepTimer.unref();
   }
 
-  /** Hands out a live socket for `origin`; ownership of its fd passes to the caller. */
-  async acquire(origin: Origin, timeoutMs: number | undefined): Promise<Handoff & { originKey: string }> {
+  /**
+   * Hands out a live socket for `origin`; ownership of its fd passes to the caller. `tlsTrust`: the client speaks
+   * https and would verify against this (tls-sessions.ts); then the socket may be a relayed warm TLS session.
+   */
+  async acquire(
+    origin: Origin,
+    timeoutMs: number | undefined,
+    tlsTrust?: TlsTrust,
+  ): Promise<Handoff & { originKey: string }> {
     if (this.#closed) throw new SockpoolError(ErrorCodes.SHUTTING_DOWN, 'sockpoold is stopping');
-    const pool = this.#poolFor(origin);
+    const pool = this.#poolFor(origin, tlsTrust);
     const stats = this.#statsOf(pool.key);
     this.#bumpRate(stats);
     let handoff: Handoff;
@@ -134,7 +146,7 @@ export class PoolManager {
   }
 
   /** Throws SOCKPOOL_ERR_POLICY at once for an origin the policy refuses (the connects run in the background). */
-  prewarm(origin: Origin, count: number): void {
+  prewarm(origin: Origin, count: number, tlsTrust?: TlsTrust): void {
     if (this.#closed) throw new SockpoolError(ErrorCodes.SHUTTING_DOWN, 'sockpoold is stopping');
     try {
       this.#connector.checkTarget(origin);
@@ -142,7 +154,7 @@ export class PoolManager {
       this.#metrics?.refusals.inc({ reason: policyReason(error as Error) });
       throw error;
     }
-    this.#poolFor(origin).prewarm(count);
+    this.#poolFor(origin, tlsTrust).prewarm(count);
   }
 
   /** Warms the origins the store ranks most likely needed (warm-on-start from history). */
@@ -174,6 +186,8 @@ export class PoolManager {
 
   /** New configuration (SIGHUP): policies are recomputed, warm sockets stay. */
   reconfigure(config: SockpoolConfig): void {
+    // First: a TLS file that cannot be read fails the reload before anything changed.
+    this.#tls?.configure(config);
     this.#config = config;
     for (const pool of this.#pools.values()) {
       pool.policyChanged(policyFor(config, pool.origin.host, pool.origin.port));
@@ -187,7 +201,10 @@ export class PoolManager {
     if (this.#sweepTimer) clearInterval(this.#sweepTimer);
     const detached: Array<{ origin: Origin; socket: ConnectedSocket }> = [];
     for (const pool of this.#pools.values()) {
-      if (detach) for (const socket of pool.detachIdle()) detached.push({ origin: pool.origin, socket });
+      // A warm TLS session is process memory (its relay thread ends with us): only TCP sockets outlive a restart.
+      if (detach && !isTlsPoolKey(pool.key)) {
+        for (const socket of pool.detachIdle()) detached.push({ origin: pool.origin, socket });
+      }
       pool.close();
     }
     return detached;
@@ -223,17 +240,27 @@ export class PoolManager {
     };
   }
 
-  #poolFor(origin: Origin): OriginPool {
+  /** The origin's pool: its warm TLS sessions' when the client's trust allows a relay there (tls-sessions.ts). */
+  #poolFor(origin: Origin, tlsTrust?: TlsTrust): OriginPool {
     const normalised: Origin = {
       host: canonicalHost(origin.host),
       port: origin.port,
       proxy: origin.proxy && { host: canonicalHost(origin.proxy.host), port: origin.proxy.port },
     };
-    const key = originKey(normalised);
+    let key = originKey(normalised);
+    let policy: OriginPolicy | undefined;
+    let connector = this.#connector;
+    if (tlsTrust !== undefined && this.#tls) {
+      policy = policyFor(this.#config, normalised.host, normalised.port);
+      if (this.#tls.relays(normalised, policy, tlsTrust)) {
+        key = tlsPoolKey(key);
+        connector = this.#tls;
+      }
+    }
     let pool = this.#pools.get(key);
     if (!pool) {
-      const policy: OriginPolicy = policyFor(this.#config, normalised.host, normalised.port);
-      pool = new OriginPool(key, normalised, policy, this.#connector, this.#events);
+      policy ??= policyFor(this.#config, normalised.host, normalised.port);
+      pool = new OriginPool(key, normalised, policy, connector, this.#events);
       this.#pools.set(key, pool);
       const learned = this.#store?.learnedIdleLifetime(key);
       if (learned !== undefined && learned !== null) this.#statsOf(key).learnedIdleLifetimeMs = learned;

@@ -406,6 +406,24 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     return result;
   }
 
+  // A connected AF_UNIX SOCK_STREAM pair: the daemon's warm TLS relay keeps one end and hands out the other (a
+  // byte stream, as curl expects of a socket, unlike the seqpacket pair above).
+  Napi::Value StreamPair(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    int fds[2];
+    if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, fds) < 0) {
+      ThrowErrno(env, errno, "socketpair");
+    }
+    FdGuard first(fds[0]);
+    FdGuard second(fds[1]);
+    Napi::Array result = Napi::Array::New(env, 2);
+    result.Set(0u, Napi::Number::New(env, fds[0]));
+    result.Set(1u, Napi::Number::New(env, fds[1]));
+    first.release();  // ownership of both passes to the caller
+    second.release();
+    return result;
+  }
+
   Napi::Value Accept(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     const int fd = FdArg(info, 0);
@@ -976,6 +994,7 @@ SockpoolAddon::SockpoolAddon(Napi::Env env, Napi::Object exports) {
                            InstanceMethod<&SockpoolAddon::SeqpacketListen>("seqpacketListen", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::SeqpacketConnect>("seqpacketConnect", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::SeqpacketPair>("seqpacketPair", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::StreamPair>("streamPair", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::Accept>("accept", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::SendMessage>("sendMessage", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::RecvMessage>("recvMessage", napi_enumerable),

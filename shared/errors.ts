@@ -16,6 +16,8 @@ export const ErrorCodes = {
   LIMIT: 'SOCKPOOL_ERR_LIMIT',
   /** The daemon could not reach the origin (every resolved address failed). */
   CONNECT: 'SOCKPOOL_ERR_CONNECT',
+  /** The daemon's TLS handshake with the origin failed; `reason`: expired, host-name-mismatch, unknown-ca, ... */
+  TLS: 'SOCKPOOL_ERR_TLS',
   /** The host name did not resolve. */
   DNS: 'SOCKPOOL_ERR_DNS',
   /** The daemon is not running or the link to it broke. */

@@ -125,6 +125,7 @@ interface NativeBinding {
   seqpacketListen(path: string, backlog: number): number;
   seqpacketConnect(path: string): number;
   seqpacketPair(): [number, number];
+  streamPair(): [number, number];
   accept(fd: number): number | null;
   sendMessage(fd: number, data: Uint8Array, fds?: readonly number[]): number | null;
   recvMessage(fd: number, maxBytes: number, maxFds: number): ReceivedMessage | null;
@@ -211,6 +212,11 @@ export function seqpacketConnect(path: string): number {
 /** A connected SOCK_SEQPACKET pair (socketpair). Both fds belong to the caller. */
 export function seqpacketPair(): [number, number] {
   return binding.seqpacketPair();
+}
+
+/** A connected AF_UNIX SOCK_STREAM pair (socketpair), non-blocking. Both fds belong to the caller. */
+export function streamPair(): [number, number] {
+  return binding.streamPair();
 }
 
 /** accept4 on a listening socket: a new fd the caller owns, or null when no connection is pending. */

@@ -28,6 +28,10 @@ const host = z
   .regex(/^[A-Za-z0-9._:%-]+$/, 'host may contain only letters, digits and . _ : % -');
 const port = z.number().int().min(1).max(65535);
 const leaseId = z.number().int().min(1);
+/** TLS trust: `system` (the system store) or the SHA-256 of a CA file's bytes, lower-case hex. */
+const TLS_TRUST_PATTERN = /^(?:system|[0-9a-f]{64})$/;
+/** The client speaks https to this origin and would verify the certificate against `trust`. */
+const tlsRequest = z.strictObject({ trust: z.string().regex(TLS_TRUST_PATTERN, 'expected "system" or a SHA-256 hex') });
 
 export const ClientMessage = z.discriminatedUnion('type', [
   z.strictObject({
@@ -45,6 +49,8 @@ export const ClientMessage = z.discriminatedUnion('type', [
     timeoutMs: z.number().int().min(1).max(600_000).optional(),
     /** A forward proxy: the socket connects to it (the pool stays per origin, keyed with the proxy). */
     proxy: z.strictObject({ host, port }).optional(),
+    /** https: the lease may be a warm TLS session relayed by the daemon, if it verifies as the client would. */
+    tls: tlsRequest.optional(),
   }),
   z.strictObject({
     type: z.literal('prewarm'),
@@ -53,6 +59,7 @@ export const ClientMessage = z.discriminatedUnion('type', [
     port,
     count: z.number().int().min(1).max(1000),
     proxy: z.strictObject({ host, port }).optional(),
+    tls: tlsRequest.optional(),
   }),
   z.strictObject({ type: z.literal('release'), id: requestId.optional(), leaseId }),
   z.strictObject({ type: z.literal('closed'), id: requestId.optional(), leaseId }),
@@ -83,6 +90,22 @@ export interface LeaseReply {
   warm: boolean;
   /** Time the daemon spent connecting this socket (0 when warm and measured earlier). */
   connectMs: number;
+  /**
+   * Present when the fd is not the TCP socket but one end of a Unix socketpair over which the daemon relays
+   * plaintext to and from a TLS session it completed (and verified) itself: speak plain HTTP over it.
+   */
+  tls?: LeaseTls;
+}
+
+/** What the daemon's handshake negotiated for a relayed lease. */
+export interface LeaseTls {
+  /** 'TLSv1.3' or 'TLSv1.2'. */
+  version: string;
+  /** 'h2' (speak HTTP/2 with prior knowledge) or 'http/1.1'. */
+  alpn: string;
+  cipher: string;
+  /** SHA-256 of the verified leaf certificate (DER), lower-case hex. */
+  certSha256: string;
 }
 
 export interface OkReply {
@@ -143,6 +166,12 @@ const HOST_PATTERN = /^[A-Za-z0-9._:%-]{1,253}$/;
 const isInt = (value: unknown, min: number, max: number): value is number =>
   typeof value === 'number' && Number.isInteger(value) && value >= min && value <= max;
 
+function isTlsRequest(value: unknown): boolean {
+  if (typeof value !== 'object' || value === null) return false;
+  const { trust, ...rest } = value as Record<string, unknown>;
+  return typeof trust === 'string' && TLS_TRUST_PATTERN.test(trust) && Object.keys(rest).length === 0;
+}
+
 /**
  * The handoff path's messages (acquire, release, closed) checked by hand: exactly what the schema accepts, at a
  * fraction of zod's cost. Anything that does not pass goes through zod, which names the bad field.
@@ -155,10 +184,11 @@ function fastPath(value: unknown): ClientMessage | undefined {
   const idOk = isInt(id, 0, 2 ** 31 - 1);
   switch (message.type) {
     case 'acquire': {
-      const { host, port, timeoutMs } = message;
-      const size = timeoutMs === undefined ? 4 : 5;
+      const { host, port, timeoutMs, tls } = message;
+      const size = 4 + (timeoutMs === undefined ? 0 : 1) + (tls === undefined ? 0 : 1);
       if (keys.length !== size || !idOk || typeof host !== 'string' || !HOST_PATTERN.test(host)) return undefined;
       if (!isInt(port, 1, 65535) || (timeoutMs !== undefined && !isInt(timeoutMs, 1, 600_000))) return undefined;
+      if (tls !== undefined && !isTlsRequest(tls)) return undefined;
       return message as ClientMessage;
     }
     case 'release':

@@ -71,7 +71,9 @@ describe('defaults', () => {
       acquireTimeoutMs: 10000,
       noDelay: true,
       keepAlive: { enabled: true, idleSec: 30, intervalSec: 10, count: 3 },
+      warmTls: false,
     });
+    expect(config.tls).toEqual({ warm: [], relayThreads: 1, handshakeTimeoutMs: 10000 });
     expect(config.pool.origins).toEqual([]);
   });
 
@@ -362,6 +364,21 @@ describe('applyFlags', () => {
     expect(error.message).toContain('--log-level: expected one of');
     expect(error.message).toContain('--allow-port:');
   });
+
+  it('appends --warm-tls entries, sets --ca-file, and names them in errors', () => {
+    const config = applyFlags(base(), { warmTls: ['api.example.com:443', '*'], caFile: 'ca.pem' });
+    expect(config.tls.warm).toEqual(['api.example.com:443', '*']);
+    expect(config.tls.caFile).toBe(resolve(process.cwd(), 'ca.pem'));
+    const error = configError(() => applyFlags(base(), { warmTls: ['no port'] }));
+    expect(error.message).toContain('--warm-tls: expected "*" or "host:port"');
+  });
+
+  it('wants clientCert and clientKey together', () => {
+    const error = configError(() =>
+      parseConfig({ pool: { origins: [{ match: 'a.example:443', clientCert: 'c.pem' }] } }, 'test'),
+    );
+    expect(error.message).toContain('pool.origins[0].clientKey: clientCert and clientKey go together');
+  });
 });
 
 describe('policyFor', () => {
@@ -468,8 +485,8 @@ describe('docs/config.md', () => {
   const keys = keyPaths(configSchema, '', []);
 
   it('has a section for every key, and none for keys that do not exist', () => {
-    // The four top-level tables are chapters (## access, ...); every key in them has its own section.
-    const tables = ['access', 'egress', 'dns', 'pool'];
+    // The top-level tables are chapters (## access, ...); every key in them has its own section.
+    const tables = ['access', 'egress', 'dns', 'tls', 'pool'];
     for (const table of tables) expect(doc).toMatch(new RegExp(`^## ${table}$`, 'm'));
     const documented = keys.filter((key) => !tables.includes(key));
     expect(documented.length).toBeGreaterThan(40);

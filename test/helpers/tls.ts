@@ -21,8 +21,11 @@ function openssl(dir: string, args: string[]): void {
   execFileSync('openssl', args, { cwd: dir, stdio: ['ignore', 'ignore', 'pipe'] });
 }
 
-/** Creates a CA and a server certificate valid for `hostnames` (DNS names) and 127.0.0.1, for one day. */
-export function createTestPki(hostnames: string[] = ['localhost']): TestPki {
+/**
+ * Creates a CA and a server certificate valid for `hostnames` (DNS names) and 127.0.0.1, for one day; with
+ * `expired`, the server certificate ended a day before it began (verification fails with CERT_HAS_EXPIRED).
+ */
+export function createTestPki(hostnames: string[] = ['localhost'], options: { expired?: boolean } = {}): TestPki {
   const dir = mkdtempSync(join(tmpdir(), 'sockpool-tls-'));
   const ecKey = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes'];
   openssl(dir, [
@@ -77,7 +80,7 @@ export function createTestPki(hostnames: string[] = ['localhost']): TestPki {
     '-out',
     'server.pem',
     '-days',
-    '1',
+    options.expired ? '-1' : '1',
     '-extfile',
     'server.ext',
   ]);

@@ -1,0 +1,220 @@
+// A relay thread of sockpoold (see tls-relay.ts): completes TLS handshakes over connected TCP sockets the main
+// thread hands in, then relays plaintext between each TLS connection and one end of a Unix socketpair whose other
+// end the main thread keeps as the session's "socket" (idle in the pool, then leased to a client).
+//
+// fd ownership: an `open` message passes the TCP fd to this thread; from the net.Socket built on it, Node owns and
+// closes it (destroy). The socketpair is made here once the handshake succeeded: this thread's end belongs to its
+// net.Socket, the other end passes to the main thread with the `ready` message. On a failed handshake no pair
+// exists and the TCP socket is destroyed here. If the thread ends, Node closes every handle it holds.
+//
+// One session, one direction at a time:
+// - idle (the client has not written yet): what the server sends (an h2 server's SETTINGS, TLS 1.3
+//   NewSessionTickets are consumed by TLS itself) is kept, up to MAX_EARLY_BYTES; the server's EOF or close_notify
+//   ends our end of the pair, so the main thread's poller sees EOF on the idle socket and drops it.
+// - leased (the client wrote): the kept bytes go first, then both directions flow with backpressure (a full
+//   destination pauses the source until it drains). EOF is carried each way as a half-close; an error on one side
+//   resets or destroys the other.
+
+import { createHash } from 'node:crypto';
+import { isIP, Socket } from 'node:net';
+import { type TLSSocket, connect as tlsConnect } from 'node:tls';
+import { parentPort, workerData } from 'node:worker_threads';
+import * as native from '../shared/native.js';
+import type { RelayCounters, RelayRequest, RelayResponse, TlsFailureReason } from './tls-relay.js';
+
+/** What the server may send before the client's first bytes (an h2 server's SETTINGS and WINDOW_UPDATE). */
+const MAX_EARLY_BYTES = 64 * 1024;
+/** After the client closed its side, how long the server gets to finish before the session is torn down. */
+const LINGER_MS = 5_000;
+
+const port = parentPort;
+if (!port) throw new Error('tls-relay-thread runs as a worker thread');
+const counters = new Float64Array((workerData as { counters: SharedArrayBuffer }).counters);
+// Slots (see RelayCounters in tls-relay.ts). Only this thread writes them; aligned 8-byte stores are not torn on
+// the platforms sockpoold runs on, and the main thread only reads them for stats.
+const COUNTER: Record<keyof RelayCounters, number> = {
+  bytesToOrigin: 0,
+  bytesFromOrigin: 1,
+  handshakes: 2,
+  handshakeFailures: 3,
+  sessions: 4,
+  cpuMicros: 5,
+};
+
+setInterval(() => {
+  counters[COUNTER.cpuMicros] = threadCpuMicros();
+}, 1_000).unref();
+
+port.on('message', (request: RelayRequest) => {
+  if (request.t === 'open') open(request);
+});
+
+function post(message: RelayResponse): void {
+  port!.postMessage(message);
+}
+
+function open(request: Extract<RelayRequest, { t: 'open' }>): void {
+  const tcp = new Socket({ fd: request.fd, readable: true, writable: true, allowHalfOpen: true });
+  const started = performance.now();
+  let settled = false;
+  const fail = (error: Error & { code?: string }) => {
+    if (settled) return;
+    settled = true;
+    clearTimeout(timer);
+    counters[COUNTER.handshakeFailures]!++;
+    tls.destroy();
+    tcp.destroy();
+    post({ t: 'failed', id: request.id, code: error.code ?? 'ERR', message: error.message, reason: reasonOf(error) });
+  };
+  const tls: TLSSocket = tlsConnect({
+    socket: tcp,
+    host: request.host,
+    // SNI carries host names only, never IP literals (RFC 6066); verification still checks the IP SANs.
+    servername: isIP(request.host) ? '' : request.host,
+    ALPNProtocols: ['h2', 'http/1.1'],
+    minVersion: 'TLSv1.2',
+    maxVersion: 'TLSv1.3',
+    rejectUnauthorized: true,
+    ...(request.ca !== undefined ? { ca: request.ca } : {}),
+    ...(request.cert !== undefined ? { cert: request.cert, key: request.key } : {}),
+  });
+  const timer = setTimeout(() => {
+    const error = new Error(`TLS handshake with ${request.host}:${request.port} took over ${request.timeoutMs} ms`);
+    fail(Object.assign(error, { code: 'ETIMEDOUT' }));
+  }, request.timeoutMs);
+  const closedEarly = () =>
+    fail(Object.assign(new Error('connection closed during the TLS handshake'), { code: 'EOF' }));
+  tls.once('error', fail);
+  tls.once('close', closedEarly);
+  tls.once('secureConnect', () => {
+    if (settled) return;
+    settled = true;
+    clearTimeout(timer);
+    tls.removeListener('error', fail);
+    tls.removeListener('close', closedEarly);
+    let pair: [number, number];
+    try {
+      pair = native.streamPair();
+    } catch (error) {
+      settled = false;
+      fail(error as Error);
+      return;
+    }
+    const certificate = tls.getPeerCertificate();
+    counters[COUNTER.handshakes]!++;
+    counters[COUNTER.sessions]!++;
+    relay(tls, tcp, new Socket({ fd: pair[0], readable: true, writable: true, allowHalfOpen: true }));
+    post({
+      t: 'ready',
+      id: request.id,
+      fd: pair[1],
+      handshakeMs: performance.now() - started,
+      info: {
+        version: tls.getProtocol() ?? 'unknown',
+        alpn: typeof tls.alpnProtocol === 'string' ? tls.alpnProtocol : 'http/1.1',
+        cipher: tls.getCipher()?.name ?? 'unknown',
+        certSha256: certificate.raw ? createHash('sha256').update(certificate.raw).digest('hex') : '',
+      },
+    });
+  });
+}
+
+function relay(tls: TLSSocket, tcp: Socket, client: Socket): void {
+  let leased = false;
+  let early: Buffer[] = [];
+  let earlyBytes = 0;
+  let clientEnded = false;
+  let originEnded = false;
+  let closed = false;
+  let linger: NodeJS.Timeout | undefined;
+
+  const teardown = (reset: boolean) => {
+    if (closed) return;
+    closed = true;
+    clearTimeout(linger);
+    counters[COUNTER.sessions]!--;
+    client.destroy();
+    // A client that failed mid-stream resets the origin's connection, as a direct client's crash would.
+    if (reset && !tcp.destroyed) tcp.resetAndDestroy();
+    tls.destroy();
+    tcp.destroy();
+  };
+  const bothEnded = () => {
+    if (clientEnded && originEnded) teardown(false);
+  };
+  // Nobody uses a session whose idle lifetime ran out in the middle of a message: what the server sent before the
+  // client spoke is kept for it (bounded), and more than that means the connection is not an idle HTTP one.
+  const deliver = (chunk: Buffer) => {
+    counters[COUNTER.bytesFromOrigin]! += chunk.length;
+    if (!client.write(chunk)) tls.pause();
+  };
+  tls.on('data', (chunk: Buffer) => {
+    if (leased) {
+      deliver(chunk);
+      return;
+    }
+    early.push(chunk);
+    earlyBytes += chunk.length;
+    if (earlyBytes > MAX_EARLY_BYTES) teardown(false);
+  });
+  client.on('drain', () => tls.resume());
+  client.on('data', (chunk: Buffer) => {
+    if (!leased) {
+      leased = true;
+      for (const kept of early) deliver(kept);
+      early = [];
+    }
+    counters[COUNTER.bytesToOrigin]! += chunk.length;
+    if (!tls.write(chunk)) client.pause();
+  });
+  tls.on('drain', () => client.resume());
+  // Half-close each way: the client's EOF becomes close_notify and FIN to the origin, the origin's EOF (or
+  // close_notify) an EOF on the client's socket. An idle session's EOF is how the pool learns the server closed it.
+  client.on('end', () => {
+    clientEnded = true;
+    if (!leased) early = [];
+    tls.end();
+    linger = setTimeout(() => teardown(false), LINGER_MS);
+    linger.unref();
+    bothEnded();
+  });
+  tls.on('end', () => {
+    originEnded = true;
+    if (early.length > 0 && !leased) early = [];
+    client.end();
+    bothEnded();
+  });
+  client.on('error', () => teardown(true));
+  tls.on('error', () => teardown(false));
+  client.on('close', () => teardown(!clientEnded));
+  tls.on('close', () => teardown(false));
+}
+
+/** Certificate failures by what the caller can act on; anything else is a handshake failure. */
+function reasonOf(error: Error & { code?: string }): TlsFailureReason {
+  switch (error.code) {
+    case 'CERT_HAS_EXPIRED':
+      return 'expired';
+    case 'CERT_NOT_YET_VALID':
+      return 'not-yet-valid';
+    case 'ERR_TLS_CERT_ALTNAME_INVALID':
+      return 'host-name-mismatch';
+    case 'UNABLE_TO_VERIFY_LEAF_SIGNATURE':
+    case 'UNABLE_TO_GET_ISSUER_CERT':
+    case 'UNABLE_TO_GET_ISSUER_CERT_LOCALLY':
+    case 'SELF_SIGNED_CERT_IN_CHAIN':
+    case 'DEPTH_ZERO_SELF_SIGNED_CERT':
+      return 'unknown-ca';
+    case 'CERT_REVOKED':
+      return 'revoked';
+    case 'ETIMEDOUT':
+      return 'timeout';
+    default:
+      return error.code?.startsWith('ERR_SSL') ? 'handshake' : 'connection';
+  }
+}
+
+function threadCpuMicros(): number {
+  const usage = (process as unknown as { threadCpuUsage?: () => NodeJS.CpuUsage }).threadCpuUsage?.();
+  return usage ? usage.user + usage.system : 0;
+}

@@ -1,0 +1,131 @@
+// Warm TLS: which origins get TLS sessions completed ahead of need, what they trust, and the connector that makes
+// them. A warm TLS session looks to the origin pool like any other socket: its fd is the daemon's end of a Unix
+// socketpair that a relay thread (tls-relay.ts) joins to the TLS connection. So the pool's warming, liveness
+// (the relay ends the pair when the server closes the session), learned idle lifetime and leases apply unchanged;
+// only the pool key differs (`host:port tls`), so that clients that verify differently keep plain TCP sockets.
+//
+// Never a weaker check than asked: a client gets a relayed session only when what it would trust (the system
+// store, or the SHA-256 of its CA file) is exactly what the daemon trusts for that origin. A client that turned
+// verification off, or trusts another CA file, sends no `tls` field or another trust, and gets a TCP socket.
+
+import { createHash } from 'node:crypto';
+import { readFileSync } from 'node:fs';
+import { ErrorCodes, SockpoolError } from '../shared/errors.js';
+import type { Origin } from '../shared/origin.js';
+import { type OriginPolicy, originMatches, parseOriginMatch, type SockpoolConfig } from './config.js';
+import type { ConnectedSocket, Connector } from './connector.js';
+import type { TlsRelays } from './tls-relay.js';
+
+/** What a client's acquire says about its TLS: `system` or the SHA-256 (hex) of the CA file it verifies with. */
+export type TlsTrust = string;
+export const SYSTEM_TRUST: TlsTrust = 'system';
+
+/** The pool key of an origin's warm TLS sessions. */
+export function tlsPoolKey(key: string): string {
+  return `${key} tls`;
+}
+
+export function isTlsPoolKey(key: string): boolean {
+  return key.endsWith(' tls');
+}
+
+interface PemFile {
+  text: string;
+  sha256: string;
+}
+
+type Match = NonNullable<ReturnType<typeof parseOriginMatch>>;
+
+export class TlsSessions implements Connector {
+  #config!: SockpoolConfig;
+  #files = new Map<string, PemFile>();
+  #warmAll = false;
+  #warm: Match[] = [];
+  #tcp: Connector;
+  #relays: TlsRelays;
+
+  constructor(config: SockpoolConfig, tcp: Connector, relays: TlsRelays) {
+    this.#tcp = tcp;
+    this.#relays = relays;
+    this.configure(config);
+  }
+
+  /** Reads every CA, certificate and key file the configuration names (start and reload); SOCKPOOL_ERR_CONFIG. */
+  configure(config: SockpoolConfig): void {
+    const files = new Map<string, PemFile>();
+    const read = (path: string | undefined, key: string) => {
+      if (path === undefined || files.has(path)) return;
+      let bytes: Buffer;
+      try {
+        bytes = readFileSync(path);
+      } catch (error) {
+        const code = (error as { code?: string }).code ?? 'EIO';
+        throw new SockpoolError(ErrorCodes.CONFIG, `${key}: cannot read ${path} (${code})`, { key, source: path });
+      }
+      files.set(path, { text: bytes.toString('utf8'), sha256: createHash('sha256').update(bytes).digest('hex') });
+    };
+    read(config.tls.caFile, 'tls.caFile');
+    for (const [index, policy] of [config.pool.defaults, ...config.pool.origins].entries()) {
+      const where = index === 0 ? 'pool.defaults' : `pool.origins[${index - 1}]`;
+      read(policy.caFile, `${where}.caFile`);
+      read(policy.clientCert, `${where}.clientCert`);
+      read(policy.clientKey, `${where}.clientKey`);
+    }
+    this.#files = files;
+    this.#warmAll = config.tls.warm.some((entry) => entry.trim() === '*');
+    this.#warm = config.tls.warm.flatMap((entry) => {
+      const match = entry.trim() === '*' ? undefined : parseOriginMatch(entry);
+      return match ? [match] : [];
+    });
+    this.#config = config;
+  }
+
+  /**
+   * Whether an acquire for `origin` gets a relayed TLS session: warm TLS is on for it and the client trusts
+   * exactly what the daemon trusts there. Proxied origins never (the tunnel is the client's business).
+   */
+  relays(origin: Origin, policy: OriginPolicy, clientTrust: TlsTrust | undefined): boolean {
+    if (clientTrust === undefined || origin.proxy) return false;
+    if (!this.enabled(origin, policy)) return false;
+    return clientTrust === this.trustOf(policy);
+  }
+
+  enabled(origin: Origin, policy: OriginPolicy): boolean {
+    if (policy.warmTls || this.#warmAll) return true;
+    return this.#warm.some((match) => originMatches(match, origin.host, origin.port));
+  }
+
+  /** What the daemon verifies an origin's certificate against. */
+  trustOf(policy: OriginPolicy): TlsTrust {
+    const caFile = policy.caFile ?? this.#config.tls.caFile;
+    return caFile === undefined ? SYSTEM_TRUST : (this.#files.get(caFile)?.sha256 ?? SYSTEM_TRUST);
+  }
+
+  checkTarget(origin: Origin): void {
+    this.#tcp.checkTarget(origin);
+  }
+
+  /** A TCP connect, then the handshake in a relay thread: the fd returned is the daemon's end of the pair. */
+  async connect(origin: Origin, policy: OriginPolicy): Promise<ConnectedSocket> {
+    const socket = await this.#tcp.connect(origin, policy);
+    const caFile = policy.caFile ?? this.#config.tls.caFile;
+    // From here the relay owns the TCP fd (open() takes it at once, failure or not).
+    const session = await this.#relays.open(socket.fd, {
+      host: origin.host,
+      port: origin.port,
+      ca: caFile === undefined ? undefined : this.#files.get(caFile)?.text,
+      cert: policy.clientCert === undefined ? undefined : this.#files.get(policy.clientCert)?.text,
+      key: policy.clientKey === undefined ? undefined : this.#files.get(policy.clientKey)?.text,
+      timeoutMs: this.#config.tls.handshakeTimeoutMs,
+    });
+    const connectedAt = performance.now();
+    return {
+      fd: session.fd,
+      address: socket.address,
+      family: socket.family,
+      connectedAt,
+      connectMs: socket.connectMs + session.handshakeMs,
+      tls: session.info,
+    };
+  }
+}

@@ -1,0 +1,277 @@
+// Warm TLS in the daemon, seen through the bare protocol: sessions completed ahead of need (prewarm) and handed
+// over as one end of a Unix socketpair with what was negotiated; plain HTTP/1.1 and HTTP/2 spoken over that fd
+// reach real node:https and node:http2 origins verified against a throwaway CA; a client that trusts otherwise
+// gets a TCP socket; certificate failures come back as SOCKPOOL_ERR_TLS with their reason; a session the server
+// closes while idle is never handed out; the daemon's fds come back to where they were. Real daemon process.
+import { createHash, X509Certificate } from 'node:crypto';
+import { once } from 'node:events';
+import { readFileSync } from 'node:fs';
+import http2 from 'node:http2';
+import net from 'node:net';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import * as native from '../shared/native.js';
+import type { LeaseReply } from '../shared/protocol.js';
+import {
+  echoHandler,
+  eventually,
+  h2Origin,
+  httpsOrigin,
+  type Origin,
+  startTestDaemon,
+} from './fixtures/client-helpers.js';
+import type { DaemonProcess } from './helpers/daemon.js';
+import { openRawClient, type RawClient } from './helpers/raw-client.js';
+import { createTestPki, type TestPki } from './helpers/tls.js';
+
+let pki: TestPki;
+let otherPki: TestPki;
+let h1: Origin;
+let h2: Origin;
+let daemon: DaemonProcess;
+let trust: string;
+const cleanups: Array<() => unknown> = [];
+
+beforeAll(async () => {
+  pki = createTestPki(['localhost']);
+  otherPki = createTestPki(['localhost']);
+  trust = createHash('sha256').update(readFileSync(pki.caFile)).digest('hex');
+  h1 = await httpsOrigin(pki, echoHandler());
+  h2 = await h2Origin(pki, (request, response) => {
+    response.end(`h2 ${request.method} ${request.url} ${request.headers[':scheme']} ${request.headers[':authority']}`);
+  });
+  daemon = await startTestDaemon([h1.port, h2.port], {
+    extraArgs: [
+      '--warm-tls',
+      `localhost:${h1.port}`,
+      '--warm-tls',
+      `localhost:${h2.port}`,
+      '--ca-file',
+      pki.caFile,
+      '--resolve',
+      `localhost:${h1.port}:127.0.0.1`,
+      '--resolve',
+      `localhost:${h2.port}:127.0.0.1`,
+    ],
+  });
+});
+
+afterAll(async () => {
+  for (const cleanup of cleanups.reverse()) await cleanup();
+  await daemon?.stop();
+  await h1?.close();
+  await h2?.close();
+  pki?.cleanup();
+  otherPki?.cleanup();
+});
+
+async function acquire(raw: RawClient, id: number, port: number, tls?: { trust: string }) {
+  const reply = await raw.request({ type: 'acquire', id, host: 'localhost', port, ...(tls ? { tls } : {}) });
+  return reply;
+}
+
+/** Sends `request` over a handed fd (a net.Socket takes ownership of it) and reads until the server closes. */
+async function exchange(fd: number, request: string): Promise<string> {
+  const socket = new net.Socket({ fd, readable: true, writable: true });
+  const chunks: Buffer[] = [];
+  socket.on('data', (chunk: Buffer) => chunks.push(chunk));
+  socket.write(request);
+  await once(socket, 'end');
+  socket.destroy();
+  return Buffer.concat(chunks).toString();
+}
+
+describe('warm TLS sessions', () => {
+  it('hands over a prewarmed, verified session over which plain HTTP/1.1 reaches the origin', async () => {
+    const raw = openRawClient(daemon.socketPath, cleanups);
+    const prewarm = await raw.request({
+      type: 'prewarm',
+      id: 1,
+      host: 'localhost',
+      port: h1.port,
+      count: 1,
+      tls: { trust },
+    });
+    expect(prewarm.message?.type).toBe('ok');
+    await eventually(async () => {
+      const stats = await raw.request({ type: 'stats', id: 2 });
+      const origins = (stats.message as unknown as { stats: { origins: Array<{ origin: string; idle: number }> } })
+        .stats.origins;
+      return origins.some((origin) => origin.origin === `localhost:${h1.port} tls` && origin.idle === 1);
+    }, 'a warm TLS session');
+    // An idle session holds three fds in the daemon: the TCP socket, and both ends of the pair.
+    const fdsWhileIdle = daemon.fdCount();
+    const reply = await acquire(raw, 3, h1.port, { trust });
+    const lease = reply.message as LeaseReply;
+    expect(lease.type).toBe('lease');
+    expect(lease.warm).toBe(true);
+    expect(lease.tls).toMatchObject({ version: 'TLSv1.3', alpn: 'http/1.1' });
+    expect(lease.tls?.certSha256).toBe(new X509Certificate(pki.cert).fingerprint256.replaceAll(':', '').toLowerCase());
+    expect(reply.fds).toHaveLength(1);
+    // Not the TCP socket: one end of a Unix stream socketpair.
+    expect(() => native.peerAddress(reply.fds[0]!)).toThrow();
+    const response = await exchange(
+      reply.fds[0]!,
+      'GET /hello HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n',
+    );
+    expect(response).toMatch(/^HTTP\/1\.1 200 OK/);
+    expect(response).toMatch(/GET \/hello 0$/);
+    raw.sendJson({ type: 'closed', leaseId: lease.leaseId });
+    await eventually(
+      () => daemon.fdCount() === fdsWhileIdle - 3,
+      'the daemon closed the session (pair and TCP socket)',
+    );
+  });
+
+  it('negotiates h2 by ALPN; HTTP/2 with prior knowledge goes through', async () => {
+    const raw = openRawClient(daemon.socketPath, cleanups);
+    const reply = await acquire(raw, 1, h2.port, { trust });
+    const lease = reply.message as LeaseReply;
+    expect(lease.tls?.alpn).toBe('h2');
+    const fd = reply.fds[0]!;
+    const session = http2.connect(`http://localhost:${h2.port}`, {
+      createConnection: () => new net.Socket({ fd, readable: true, writable: true }),
+    });
+    const stream = session.request({ ':path': '/two', ':scheme': 'https', ':authority': 'localhost' });
+    stream.setEncoding('utf8');
+    let body = '';
+    stream.on('data', (chunk: string) => {
+      body += chunk;
+    });
+    await once(stream, 'end');
+    session.close();
+    expect(body).toBe('h2 GET /two https localhost');
+    raw.sendJson({ type: 'closed', leaseId: lease.leaseId });
+  });
+
+  it('gives a client that trusts something else (or says nothing about TLS) a TCP socket', async () => {
+    const raw = openRawClient(daemon.socketPath, cleanups);
+    for (const [id, tls] of [
+      [1, { trust: 'system' }],
+      [2, undefined],
+    ] as const) {
+      const reply = await acquire(raw, id, h1.port, tls);
+      const lease = reply.message as LeaseReply;
+      expect(lease.type).toBe('lease');
+      expect(lease.tls).toBeUndefined();
+      expect(native.peerAddress(reply.fds[0]!).port).toBe(h1.port);
+      native.close(reply.fds[0]!);
+      raw.sendJson({ type: 'closed', leaseId: lease.leaseId });
+    }
+  });
+
+  it('never hands out a session the server closed while it was idle', async () => {
+    const raw = openRawClient(daemon.socketPath, cleanups);
+    await raw.request({ type: 'prewarm', id: 1, host: 'localhost', port: h1.port, count: 2, tls: { trust } });
+    await eventually(() => h1.sockets.size >= 2, 'two sessions at the origin');
+    const idle = async () => {
+      const stats = await raw.request({ type: 'stats', id: 2 });
+      const origins = (stats.message as unknown as { stats: { origins: Array<{ origin: string; idle: number }> } })
+        .stats.origins;
+      return origins.find((origin) => origin.origin === `localhost:${h1.port} tls`)?.idle ?? 0;
+    };
+    await eventually(async () => (await idle()) === 2, 'two idle sessions');
+    for (const socket of h1.sockets) socket.end();
+    await eventually(async () => (await idle()) === 0, 'the closed sessions dropped');
+    const reply = await acquire(raw, 3, h1.port, { trust });
+    const lease = reply.message as LeaseReply;
+    expect(lease.warm).toBe(false);
+    const response = await exchange(
+      reply.fds[0]!,
+      'GET /after HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n',
+    );
+    expect(response).toMatch(/GET \/after 0$/);
+    raw.sendJson({ type: 'closed', leaseId: lease.leaseId });
+  });
+
+  it('takes back a relayed session released unused, and refuses a foreign fd', async () => {
+    const raw = openRawClient(daemon.socketPath, cleanups);
+    const reply = await acquire(raw, 1, h1.port, { trust });
+    const lease = reply.message as LeaseReply;
+    const released = await raw.request({ type: 'release', id: 2, leaseId: lease.leaseId }, [reply.fds[0]!]);
+    native.close(reply.fds[0]!);
+    expect(released.message?.type).toBe('ok');
+    const again = await acquire(raw, 3, h1.port, { trust });
+    const second = again.message as LeaseReply;
+    expect(second.warm).toBe(true);
+    const [mine, theirs] = native.streamPair();
+    const foreign = await raw.request({ type: 'release', id: 4, leaseId: second.leaseId }, [mine]);
+    native.close(mine);
+    native.close(theirs);
+    native.close(again.fds[0]!);
+    expect(foreign.message).toMatchObject({ type: 'error', code: 'SOCKPOOL_ERR_PROTOCOL' });
+  });
+});
+
+describe('certificate failures', () => {
+  let strict: DaemonProcess;
+  let expiredPki: TestPki;
+  let expired: Origin;
+  beforeAll(async () => {
+    expiredPki = createTestPki(['localhost'], { expired: true });
+    expired = await httpsOrigin(expiredPki, echoHandler());
+    strict = await startTestDaemon([h1.port, expired.port], {
+      extraArgs: [
+        '--warm-tls',
+        '*',
+        '--ca-file',
+        otherPki.caFile,
+        '--resolve',
+        `localhost:${h1.port}:127.0.0.1`,
+        '--resolve',
+        `wrong.test:${h1.port}:127.0.0.1`,
+        '--resolve',
+        `localhost:${expired.port}:127.0.0.1`,
+      ],
+      config: {
+        pool: {
+          origins: [
+            { match: `*:${expired.port}`, caFile: expiredPki.caFile },
+            { match: 'wrong.test:*', caFile: pki.caFile },
+          ],
+        },
+      },
+    });
+  });
+  afterAll(async () => {
+    await strict?.stop();
+    await expired?.close();
+    expiredPki?.cleanup();
+  });
+
+  async function failure(host: string, port: number, caFile: string) {
+    const raw = openRawClient(strict.socketPath, cleanups);
+    const trustOf = createHash('sha256').update(readFileSync(caFile)).digest('hex');
+    const reply = await raw.request({ type: 'acquire', id: 1, host, port, tls: { trust: trustOf } });
+    expect(reply.fds).toHaveLength(0);
+    return reply.message;
+  }
+
+  it('reports a certificate for another host name as SOCKPOOL_ERR_TLS host-name-mismatch', async () => {
+    // The origin entry makes the daemon trust h1's CA for wrong.test: the chain verifies, the name does not.
+    const message = await failure('wrong.test', h1.port, pki.caFile);
+    expect(message).toMatchObject({
+      type: 'error',
+      code: 'SOCKPOOL_ERR_TLS',
+      fields: { reason: 'host-name-mismatch' },
+    });
+  });
+
+  it('reports an expired certificate as SOCKPOOL_ERR_TLS expired', async () => {
+    const message = await failure('localhost', expired.port, expiredPki.caFile);
+    expect(message).toMatchObject({ type: 'error', code: 'SOCKPOOL_ERR_TLS', fields: { reason: 'expired' } });
+  });
+
+  it('reports an unknown CA as SOCKPOOL_ERR_TLS with its reason', async () => {
+    const raw = openRawClient(strict.socketPath, cleanups);
+    const otherTrust = createHash('sha256').update(readFileSync(otherPki.caFile)).digest('hex');
+    const reply = await raw.request({
+      type: 'acquire',
+      id: 1,
+      host: 'localhost',
+      port: h1.port,
+      tls: { trust: otherTrust },
+    });
+    expect(reply.message).toMatchObject({ type: 'error', code: 'SOCKPOOL_ERR_TLS', fields: { reason: 'unknown-ca' } });
+    expect(reply.fds).toHaveLength(0);
+  });
+});
