@@ -1,22 +1,28 @@
 #!/usr/bin/env node
-// `npm test` needs a few system tools besides Node: openssl (test CAs), iproute2 (network namespaces), curl (the
-// CLI peer), systemd (systemd-analyze, systemd-socket-activate), systemd-container and debootstrap (the real
-// systemd test). On a fresh Debian machine, as root, this installs the missing ones with apt-get; otherwise it
-// names the packages and fails.
+// The tests need a few system tools besides Node. `npm test` (the unit tier): openssl (test CAs), curl (the CLI
+// peer), systemd (systemd-analyze, systemd-socket-activate), patch. `npm run test:system` (argument `system`) also:
+// iproute2 (network namespaces), util-linux (unshare, setpriv), systemd-container and debootstrap (the systemd
+// lab). On a fresh Debian machine, as root, this installs the missing ones with apt-get; otherwise it names the
+// packages and fails.
 
 import { execFileSync } from 'node:child_process';
 
-const needs = [
+const unitTier = [
   ['openssl', 'openssl'],
-  ['ip', 'iproute2'],
   ['curl', 'curl'],
   ['systemd-analyze', 'systemd'],
   ['systemd-socket-activate', 'systemd'],
+  ['patch', 'patch'],
+];
+const systemTier = [
+  ['ip', 'iproute2'],
   ['systemd-nspawn', 'systemd-container'],
   ['debootstrap', 'debootstrap'],
   ['unshare', 'util-linux'],
-  ['patch', 'patch'],
+  ['setpriv', 'util-linux'],
 ];
+const tier = process.argv[2] ?? 'unit';
+const needs = tier === 'system' ? [...unitTier, ...systemTier] : unitTier;
 
 function has(command) {
   try {
@@ -42,5 +48,7 @@ if (process.getuid?.() === 0 && has('apt-get')) {
   }
   process.exit(0);
 }
-console.error(`ensure-test-tools: missing system packages: ${missing.join(' ')} (install them, then npm test)`);
+console.error(
+  `ensure-test-tools: missing system packages: ${missing.join(' ')} (install them, then run the tests again)`,
+);
 process.exit(1);

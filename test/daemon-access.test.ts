@@ -1,29 +1,17 @@
 // Access control, per-client limits, the global idle cap, DNS fall-back between addresses and the metrics
-// endpoint: a real sockpoold child process each time, loopback servers only.
+// endpoint: a real sockpoold child process each time, loopback servers only. What needs root (a client of another
+// uid, socket marks) is in daemon-access.system.test.ts.
 import { execFile } from 'node:child_process';
 import { once } from 'node:events';
-import { chmodSync, mkdtempSync, writeFileSync } from 'node:fs';
 import { type AddressInfo, createServer } from 'node:net';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { promisify } from 'node:util';
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import * as native from '../shared/native.js';
-import { startServer, type TestServer } from './fixtures/native-helpers.js';
-import { type DaemonProcess, eventually, repoRoot, startDaemon } from './helpers/daemon.js';
-import { openRawClient, type RawClient } from './helpers/raw-client.js';
+import { daemonScope } from './fixtures/daemon-scope.js';
+import { eventually } from './helpers/daemon.js';
 
 const run = promisify(execFile);
-const cleanups: Array<() => unknown> = [];
-afterEach(async () => {
-  for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
-});
-
-async function echoServer(host = '127.0.0.1'): Promise<TestServer> {
-  const server = await startServer(host);
-  cleanups.push(() => server.close());
-  return server;
-}
+const { cleanups, echoServer, daemonWith, client } = daemonScope();
 
 /** A port nobody listens on right now (bound then released). */
 async function freePort(): Promise<number> {
@@ -35,63 +23,23 @@ async function freePort(): Promise<number> {
   return port;
 }
 
-async function daemonWith(config: object, args: string[]): Promise<DaemonProcess> {
-  // The socket lives in a directory everyone may traverse, so that other uids reach the daemon's own check.
-  const dir = mkdtempSync(join(tmpdir(), 'sockpoold-access-'));
-  chmodSync(dir, 0o755);
-  const path = join(dir, 'config.json');
-  writeFileSync(path, JSON.stringify(config));
-  const daemon = await startDaemon({ args: ['--config', path, ...args], socketPath: join(dir, 'sockpoold.sock') });
-  cleanups.push(() => daemon.stop());
-  return daemon;
-}
-
-function client(socketPath: string): RawClient {
-  return openRawClient(socketPath, cleanups);
-}
-
 describe('access control', () => {
-  it('refuses a peer whose uid is not allowed, with SOCKPOOL_ERR_ACCESS_DENIED, and serves an allowed one', async () => {
-    const echo = await echoServer();
-    const sockpoold = await daemonWith({ access: { socketMode: '0666', allowUids: [0] } }, [
-      '--allow',
-      '127.0.0.1/32',
-      '--allow-port',
-      String(echo.port),
-    ]);
-    // A client process running as nobody (uid 65534): the daemon answers with one error and hangs up.
-    const script = `
-      const native = require(${JSON.stringify(join(repoRoot, 'native/build/Release/sockpool_native.node'))});
-      const fd = native.seqpacketConnect(process.argv[1]);
-      // The daemon may already have answered and hung up: a failed send is fine, its reply is still queued.
-      try { native.sendMessage(fd, Buffer.from(JSON.stringify({ type: 'hello', id: 1, version: 1 })), []); } catch {}
-      const poll = () => {
-        let message = null;
-        // A daemon that hung up with our hello unread makes the kernel report ECONNRESET once; its reply follows.
-        try { message = native.recvMessage(fd, 65536, 1); } catch (error) {
-          if (error.code === 'ECONNRESET') return setTimeout(poll, 0);
-          console.log(JSON.stringify({ error: error.code })); return;
-        }
-        if (message === null) return setTimeout(poll, 10);
-        console.log(message.eof ? JSON.stringify({ eof: true }) : message.data.toString());
-        if (!message.eof) setTimeout(poll, 10);
-      };
-      poll();`;
-    const { stdout } = await run(
-      'setpriv',
-      ['--reuid=65534', '--regid=65534', '--clear-groups', process.execPath, '-e', script, sockpoold.socketPath],
-      { timeout: 20_000 },
-    );
-    const lines = stdout
-      .trim()
-      .split('\n')
-      .map((line) => JSON.parse(line) as Record<string, unknown>);
-    expect(lines[0]).toMatchObject({ type: 'error', code: 'SOCKPOOL_ERR_ACCESS_DENIED' });
-    expect(lines.at(-1)).toMatchObject({ eof: true });
-    // Root (uid 0) is allowed.
+  it('refuses a peer whose uid is not in allowUids: one SOCKPOOL_ERR_ACCESS_DENIED, then it hangs up', async () => {
+    const uid = process.getuid!();
+    const sockpoold = await daemonWith({ access: { allowUids: [uid + 1] } }, []);
     const raw = client(sockpoold.socketPath);
-    expect((await raw.request({ type: 'hello', id: 1, version: 1 })).message).toMatchObject({ type: 'hello' });
-    expect(sockpoold.output()).toContain('client refused by access control');
+    // Nothing sent: the daemon speaks first, with the refusal.
+    const refusal = await raw.receive();
+    expect(refusal.message).toMatchObject({
+      type: 'error',
+      id: null,
+      code: 'SOCKPOOL_ERR_ACCESS_DENIED',
+      message: expect.stringContaining(`uid ${uid} `),
+    });
+    expect(refusal.fds).toEqual([]);
+    expect((await raw.receive()).eof).toBe(true);
+    // The log line follows the refusal.
+    await eventually(() => sockpoold.output().includes('client refused by access control'), 'refusal logged');
   });
 
   it('applies the configured socket file mode', async () => {
@@ -187,7 +135,6 @@ describe('per-origin socket settings', () => {
             {
               match: `127.0.0.1:${echo.port}`,
               sourceAddress: '127.0.0.2',
-              mark: 42,
               keepAlive: { enabled: true, idleSec: 7, intervalSec: 3, count: 2 },
               userTimeoutMs: 5000,
             },

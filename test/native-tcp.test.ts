@@ -1,10 +1,7 @@
-// TCP through the addon, against real listeners: connectTcp on IPv4/IPv6 loopback, refused and timed-out
-// connects (the timeout through a veth whose far end drops everything, in a network namespace made here), socket
-// options, and probe() of idle connections.
-import { execFileSync, spawn } from 'node:child_process';
-import { once } from 'node:events';
+// TCP through the addon, against real listeners: connectTcp on IPv4/IPv6 loopback, refused connects, socket
+// options, and probe() of idle connections. What needs root (a timed-out connect through a network namespace, socket
+// marks) is in native-tcp.system.test.ts.
 import net from 'node:net';
-import { fileURLToPath } from 'node:url';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { connectTcp } from '../daemon/tcp-connect.js';
 import * as native from '../shared/native.js';
@@ -17,9 +14,6 @@ import {
   warmUpChildProcesses,
 } from './fixtures/native-helpers.js';
 import { requirePrerequisite } from './helpers/require.js';
-
-const setMarkFixture = fileURLToPath(new URL('./fixtures/native-setmark.mjs', import.meta.url));
-const isRoot = process.getuid?.() === 0;
 
 /** Whether this host can bind `address` (IPv6 loopback can be disabled). */
 async function canListen(address: string): Promise<boolean> {
@@ -37,17 +31,7 @@ async function canListen(address: string): Promise<boolean> {
   }
 }
 
-function ipCommandWorks(): boolean {
-  try {
-    execFileSync('ip', ['netns', 'list'], { stdio: 'ignore' });
-    return true;
-  } catch {
-    return false;
-  }
-}
-
 const hasIpv6Loopback = await canListen('::1');
-const canMakeNetns = isRoot && ipCommandWorks();
 
 beforeAll(async () => {
   await warmUpChildProcesses();
@@ -67,7 +51,6 @@ describe('connectTcp', () => {
         keepAlive: { idleSec: 30, intervalSec: 5, count: 3 },
         userTimeoutMs: 20_000,
         device: 'lo',
-        ...(isRoot ? { mark: 0x5350 } : {}),
       });
       // Ownership passed to us: connectTcp no longer tracks it.
       expect(native.trackedFds()).not.toContain(fd);
@@ -125,44 +108,6 @@ describe('connectTcp', () => {
     expect(fdCount()).toBe(before);
     await server.close();
   });
-
-  // A veth pair whose far end sits in a fresh network namespace; a permanent neighbour entry sends our SYNs to a
-  // MAC address nobody has, so they vanish: no reply, no ICMP, the connect can only time out.
-  it('rejects with ETIMEDOUT when SYNs go unanswered', async () => {
-    requirePrerequisite(canMakeNetns, 'root and iproute2 (ip netns, veth)');
-    const suffix = process.pid % 100_000;
-    const namespace = `sockpool-test-${process.pid}`;
-    const hostSide = `spt${suffix}h`;
-    const farSide = `spt${suffix}f`;
-    const subnet = `198.18.${process.pid % 256}`;
-    const ip = (...args: string[]) => execFileSync('ip', args, { stdio: 'pipe' });
-    ip('netns', 'add', namespace);
-    try {
-      ip('link', 'add', hostSide, 'type', 'veth', 'peer', 'name', farSide, 'netns', namespace);
-      ip('addr', 'add', `${subnet}.1/30`, 'dev', hostSide);
-      ip('link', 'set', hostSide, 'up');
-      ip('-n', namespace, 'link', 'set', farSide, 'up');
-      ip('neigh', 'replace', `${subnet}.2`, 'lladdr', '02:00:00:00:53:02', 'dev', hostSide, 'nud', 'permanent');
-
-      const before = fdCount();
-      await expect(connectTcp(`${subnet}.2`, 80, { timeoutMs: 200 })).rejects.toMatchObject({
-        code: 'ETIMEDOUT',
-        errno: -110,
-        syscall: 'connect',
-        address: `${subnet}.2`,
-        port: 80,
-      });
-      expect(native.trackedFds()).toEqual([]);
-      expect(fdCount()).toBe(before);
-    } finally {
-      try {
-        ip('link', 'del', hostSide);
-      } catch {
-        // already gone with the namespace
-      }
-      ip('netns', 'del', namespace);
-    }
-  });
 });
 
 describe('socket options', () => {
@@ -174,9 +119,8 @@ describe('socket options', () => {
     native.setKeepAlive(fd, true, 60, 10, 5);
     native.setKeepAlive(fd, false);
     native.setUserTimeout(fd, 30_000);
+    // Changing or removing a device binding once made needs CAP_NET_RAW: that is in the system tier.
     native.bindToDevice(fd, 'lo');
-    native.bindToDevice(fd, '');
-    if (isRoot) native.setMark(fd, 0xffffffff);
     native.bindAddress(fd, '127.0.0.1', 0);
     expect(native.localAddress(fd)).toMatchObject({ family: 4, address: '127.0.0.1' });
     native.close(fd);
@@ -204,28 +148,6 @@ describe('socket options', () => {
     expect(catchError(() => native.localAddress(left))).toMatchObject({ code: 'EAFNOSUPPORT' });
     native.close(left);
     native.close(right);
-  });
-
-  it('setMark without CAP_NET_ADMIN throws EPERM (unprivileged child)', async () => {
-    requirePrerequisite(isRoot, 'root (to start a child as another uid)');
-    const child = spawn(process.execPath, [setMarkFixture], {
-      uid: 65534,
-      gid: 65534,
-      stdio: ['ignore', 'pipe', 'inherit'],
-    });
-    let output = '';
-    child.stdout.on('data', (chunk: Buffer) => {
-      output += chunk.toString();
-    });
-    const [code] = await once(child, 'close');
-    expect(code).toBe(0);
-    expect(JSON.parse(output)).toEqual({
-      thrown: true,
-      code: 'EPERM',
-      errno: -1,
-      syscall: 'setsockopt',
-      message: 'setsockopt EPERM SO_MARK',
-    });
   });
 });
 

@@ -1,7 +1,7 @@
 // The real sockpoold (dist/daemon/main.js) and systemd's fd store, with systemd played by the test: it binds the
 // NOTIFY_SOCKET, keeps what arrives with FDSTORE=1, and passes the handoff socket and the stored sockets back as
 // LISTEN_FDS/LISTEN_FDNAMES at the next start, as systemd does on a restart. Checks the daemon's side of the warm
-// restart without booting systemd (test/systemd-lab.test.ts does it under the real one): every idle socket stored on
+// restart without booting systemd (test/systemd-lab.system.test.ts does it under the real one): every idle socket stored on
 // SIGTERM even when the notify queue is full; at the next start the live ones adopted, dead, forbidden and unknown
 // ones closed, every stored name removed (FDSTOREREMOVE=1) before READY=1; the first acquire served warm on a
 // connection the origin already had; the socket file of a socket-activated daemon left alone.

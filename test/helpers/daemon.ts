@@ -22,6 +22,8 @@ export interface DaemonProcess {
   fdCount(): number;
 }
 
+const READY_TIMEOUT_MS = 45_000;
+
 export interface StartDaemonOptions {
   args?: string[];
   env?: NodeJS.ProcessEnv;
@@ -52,25 +54,30 @@ export async function startDaemon(options: StartDaemonOptions = {}): Promise<Dae
     env: { ...process.env, ...options.env },
   });
   let output = '';
-  child.stdout!.on('data', (chunk) => {
-    output += chunk;
-  });
-  child.stderr!.on('data', (chunk) => {
-    output += chunk;
-  });
   // 'close', not 'exit': by then stdout and stderr are read to the end, so output() has the last lines.
   const exited = once(child, 'close');
-  const deadline = Date.now() + 15_000;
-  while (!output.includes('sockpoold ready')) {
-    if (child.exitCode !== null || child.signalCode !== null) {
-      throw new Error(`sockpoold exited early (${child.exitCode ?? child.signalCode}):\n${output}`);
-    }
-    if (Date.now() > deadline) {
+  // Ready when the daemon logs so: waited for on its output, with a bound generous enough for a loaded machine.
+  const ready = new Promise<void>((resolve, reject) => {
+    const timer = setTimeout(() => {
       child.kill('SIGKILL');
-      throw new Error(`sockpoold did not become ready:\n${output}`);
-    }
-    await sleep(20);
-  }
+      reject(new Error(`sockpoold did not become ready within ${READY_TIMEOUT_MS} ms:\n${output}`));
+    }, READY_TIMEOUT_MS);
+    const onData = (chunk: Buffer) => {
+      output += chunk;
+      if (output.includes('sockpoold ready')) {
+        clearTimeout(timer);
+        resolve();
+      }
+    };
+    child.stdout!.on('data', onData);
+    child.stderr!.on('data', onData);
+    child.once('exit', (code, signal) => {
+      clearTimeout(timer);
+      // Output may still be arriving: report it once both streams are read.
+      void exited.then(() => reject(new Error(`sockpoold exited early (${code ?? signal}):\n${output}`)));
+    });
+  });
+  await ready;
   return {
     child,
     socketPath,

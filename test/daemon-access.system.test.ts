@@ -1,0 +1,76 @@
+// Access control and per-origin socket settings that need root: a client process of another uid (setpriv), and
+// socket marks (SO_MARK needs CAP_NET_ADMIN). System tier; the rest is in daemon-access.test.ts.
+import { execFile } from 'node:child_process';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { describe, expect, it } from 'vitest';
+import * as native from '../shared/native.js';
+import { daemonScope } from './fixtures/daemon-scope.js';
+import { repoRoot } from './helpers/daemon.js';
+
+const run = promisify(execFile);
+const { echoServer, daemonWith, client } = daemonScope();
+
+describe('access control (root)', () => {
+  it('refuses a peer whose uid is not allowed, with SOCKPOOL_ERR_ACCESS_DENIED, and serves an allowed one', async () => {
+    const echo = await echoServer();
+    const sockpoold = await daemonWith({ access: { socketMode: '0666', allowUids: [0] } }, [
+      '--allow',
+      '127.0.0.1/32',
+      '--allow-port',
+      String(echo.port),
+    ]);
+    // A client process running as nobody (uid 65534): the daemon answers with one error and hangs up.
+    const script = `
+      const native = require(${JSON.stringify(join(repoRoot, 'native/build/Release/sockpool_native.node'))});
+      const fd = native.seqpacketConnect(process.argv[1]);
+      // The daemon may already have answered and hung up: a failed send is fine, its reply is still queued.
+      try { native.sendMessage(fd, Buffer.from(JSON.stringify({ type: 'hello', id: 1, version: 1 })), []); } catch {}
+      const poll = () => {
+        let message = null;
+        // A daemon that hung up with our hello unread makes the kernel report ECONNRESET once; its reply follows.
+        try { message = native.recvMessage(fd, 65536, 1); } catch (error) {
+          if (error.code === 'ECONNRESET') return setTimeout(poll, 0);
+          console.log(JSON.stringify({ error: error.code })); return;
+        }
+        if (message === null) return setTimeout(poll, 10);
+        console.log(message.eof ? JSON.stringify({ eof: true }) : message.data.toString());
+        if (!message.eof) setTimeout(poll, 10);
+      };
+      poll();`;
+    const { stdout } = await run(
+      'setpriv',
+      ['--reuid=65534', '--regid=65534', '--clear-groups', process.execPath, '-e', script, sockpoold.socketPath],
+      { timeout: 20_000 },
+    );
+    const lines = stdout
+      .trim()
+      .split('\n')
+      .map((line) => JSON.parse(line) as Record<string, unknown>);
+    expect(lines[0]).toMatchObject({ type: 'error', code: 'SOCKPOOL_ERR_ACCESS_DENIED' });
+    expect(lines.at(-1)).toMatchObject({ eof: true });
+    // Root (uid 0) is allowed.
+    const raw = client(sockpoold.socketPath);
+    expect((await raw.request({ type: 'hello', id: 1, version: 1 })).message).toMatchObject({ type: 'hello' });
+    expect(sockpoold.output()).toContain('client refused by access control');
+  });
+});
+
+describe('per-origin socket settings (root)', () => {
+  it('marks the connections of an origin whose override names a mark (SO_MARK)', async () => {
+    const echo = await echoServer();
+    const sockpoold = await daemonWith({ pool: { origins: [{ match: `127.0.0.1:${echo.port}`, mark: 42 }] } }, [
+      '--allow',
+      '127.0.0.1/32',
+      '--allow-port',
+      String(echo.port),
+    ]);
+    const raw = client(sockpoold.socketPath);
+    const lease = await raw.request({ type: 'acquire', id: 1, host: '127.0.0.1', port: echo.port });
+    expect(lease.message?.type).toBe('lease');
+    const { port } = native.localAddress(lease.fds[0]!);
+    const { stdout } = await run('ss', ['-tnHe', 'src', `127.0.0.1:${port}`]);
+    expect(/fwmark:(0x[0-9a-f]+)/.exec(stdout)?.[1]).toBe('0x2a');
+    for (const fd of lease.fds) native.close(fd);
+  });
+});

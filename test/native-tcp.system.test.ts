@@ -1,0 +1,107 @@
+// TCP through the addon where it needs root: a connect that times out (through a veth whose far end drops
+// everything, in a network namespace made here) and socket marks (SO_MARK needs CAP_NET_ADMIN). System tier.
+import { execFileSync, spawn } from 'node:child_process';
+import { once } from 'node:events';
+import { fileURLToPath } from 'node:url';
+import { beforeAll, describe, expect, it } from 'vitest';
+import { connectTcp } from '../daemon/tcp-connect.js';
+import * as native from '../shared/native.js';
+import { fdCount, startServer, warmUpChildProcesses } from './fixtures/native-helpers.js';
+
+const setMarkFixture = fileURLToPath(new URL('./fixtures/native-setmark.mjs', import.meta.url));
+
+/** The mark the kernel shows for our TCP connection from local port `port` (ss -e prints `fwmark:0x...`). */
+function kernelMark(port: number): string | undefined {
+  const listing = execFileSync('ss', ['-tnHe', 'src', `127.0.0.1:${port}`], { encoding: 'utf8' });
+  return /fwmark:(0x[0-9a-f]+)/.exec(listing)?.[1];
+}
+
+beforeAll(async () => {
+  await warmUpChildProcesses();
+});
+
+describe('connectTcp (root)', () => {
+  // A veth pair whose far end sits in a fresh network namespace; a permanent neighbour entry sends our SYNs to a
+  // MAC address nobody has, so they vanish: no reply, no ICMP, the connect can only time out.
+  it('rejects with ETIMEDOUT when SYNs go unanswered', async () => {
+    const suffix = process.pid % 100_000;
+    const namespace = `sockpool-test-${process.pid}`;
+    const hostSide = `spt${suffix}h`;
+    const farSide = `spt${suffix}f`;
+    const subnet = `198.18.${process.pid % 256}`;
+    const ip = (...args: string[]) => execFileSync('ip', args, { stdio: 'pipe' });
+    ip('netns', 'add', namespace);
+    try {
+      ip('link', 'add', hostSide, 'type', 'veth', 'peer', 'name', farSide, 'netns', namespace);
+      ip('addr', 'add', `${subnet}.1/30`, 'dev', hostSide);
+      ip('link', 'set', hostSide, 'up');
+      ip('-n', namespace, 'link', 'set', farSide, 'up');
+      ip('neigh', 'replace', `${subnet}.2`, 'lladdr', '02:00:00:00:53:02', 'dev', hostSide, 'nud', 'permanent');
+
+      const before = fdCount();
+      await expect(connectTcp(`${subnet}.2`, 80, { timeoutMs: 200 })).rejects.toMatchObject({
+        code: 'ETIMEDOUT',
+        errno: -110,
+        syscall: 'connect',
+        address: `${subnet}.2`,
+        port: 80,
+      });
+      expect(native.trackedFds()).toEqual([]);
+      expect(fdCount()).toBe(before);
+    } finally {
+      try {
+        ip('link', 'del', hostSide);
+      } catch {
+        // already gone with the namespace
+      }
+      ip('netns', 'del', namespace);
+    }
+  });
+
+  it('marks the connection before its SYN (SO_MARK, as root)', async () => {
+    const server = await startServer('127.0.0.1');
+    const before = fdCount();
+    const fd = await connectTcp('127.0.0.1', server.port, { timeoutMs: 10_000, mark: 0x5350 });
+    const { port } = native.localAddress(fd);
+    expect(kernelMark(port)).toBe('0x5350');
+    native.close(fd);
+    await server.allClosed();
+    expect(fdCount()).toBe(before);
+    await server.close();
+  });
+});
+
+describe('socket options (root)', () => {
+  it('setMark applies any 32-bit mark, and a device binding can be removed again, as root', () => {
+    const before = fdCount();
+    const fd = native.tcpSocket(4);
+    native.setMark(fd, 0xffffffff);
+    native.setMark(fd, 0);
+    // Changing a device binding once made needs CAP_NET_RAW.
+    native.bindToDevice(fd, 'lo');
+    native.bindToDevice(fd, '');
+    native.close(fd);
+    expect(fdCount()).toBe(before);
+  });
+
+  it('setMark without CAP_NET_ADMIN throws EPERM (unprivileged child)', async () => {
+    const child = spawn(process.execPath, [setMarkFixture], {
+      uid: 65534,
+      gid: 65534,
+      stdio: ['ignore', 'pipe', 'inherit'],
+    });
+    let output = '';
+    child.stdout.on('data', (chunk: Buffer) => {
+      output += chunk.toString();
+    });
+    const [code] = await once(child, 'close');
+    expect(code).toBe(0);
+    expect(JSON.parse(output)).toEqual({
+      thrown: true,
+      code: 'EPERM',
+      errno: -1,
+      syscall: 'setsockopt',
+      message: 'setsockopt EPERM SO_MARK',
+    });
+  });
+});
