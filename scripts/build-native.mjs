@@ -1,13 +1,16 @@
 #!/usr/bin/env node
-// Builds every native module sockpool loads, against Node 24's headers, from the root `postinstall`.
+// Builds every native module sockpool loads, against Node 24's headers: `npm run build:all` (which `npm run demo`,
+// `npm test` and the bench scripts run first) and `npm run build:native`.
 //
 // Why by hand: the machine's npm config points `nodedir` at Node 20's headers, node-libcurl's prebuilt binaries
 // cannot be downloaded (and lack our socket callbacks), and node-libcurl 5.1.2 needs our patch to compile against
-// Debian 12's libcurl 7.88. package.json's `allowScripts` stops the dependencies from building themselves; if an
-// npm ignores that map, this script still runs last and replaces whatever they built.
+// Debian 12's libcurl 7.88. The project's .npmrc sets `ignore-scripts`, so `npm install` runs no install script
+// (npm before 11.16 ignores package.json's `allowScripts` and would run node-libcurl's own fallback build, which
+// fails); if a dependency built itself anyway (scripts turned back on), the stamps and the load check below
+// replace what it built.
 //
 // Idempotent: each module gets a stamp (hash of its inputs plus the Node ABI); a module whose stamp matches and
-// whose binary exists is skipped, so a second `npm install` costs well under a second here.
+// whose binary exists is skipped, so running it again with nothing changed costs well under a second.
 //
 // better-sqlite3 13 ships N-API (ABI-stable) binaries inside its npm package; they load under Node 24 as they
 // are, so it is not rebuilt here (12.x aborted in Node 24.19+'s GC; 13 is the fix). The load check at the end
@@ -81,7 +84,7 @@ function ensureLibcurlDev() {
   }
   fail(
     'curl-config not found: install the libcurl development package (Debian/Ubuntu: apt-get install ' +
-      'libcurl4-openssl-dev) and run npm install again.',
+      'libcurl4-openssl-dev) and run npm run build:native again.',
   );
 }
 
@@ -99,7 +102,7 @@ function applyLibcurlPatch(dir) {
     // Most often: node_modules holds node-libcurl patched by an earlier version of the patch.
     fail(
       `patches/node-libcurl+5.1.2.patch does not apply to ${dir}:\n${error.stdout}${error.stderr}\n` +
-        'If an earlier version of the patch was applied there, reinstall it: rm -rf node_modules/node-libcurl && npm install',
+        'If an earlier version of the patch was applied there, reinstall it: rm -rf node_modules/node-libcurl && npm install && npm run build:native',
     );
   }
   run(['-p1', '-s', '-f', '-i', libcurlPatch]);

@@ -22,7 +22,8 @@ describe('sockpoold under a real systemd', () => {
   it('activates, notifies, restarts warm through the fd store, reloads, survives the watchdog, stops', () => {
     if (process.getuid?.() !== 0) throw new Error('the systemd lab needs root (debootstrap, systemd-nspawn)');
     for (const file of ['dist/daemon/main.js', 'dist/client/cli.js', 'native/build/Release/sockpool_native.node']) {
-      if (!existsSync(join(projectRoot, file))) throw new Error(`${file} missing: run npm install (it builds) first`);
+      if (!existsSync(join(projectRoot, file)))
+        throw new Error(`${file} missing: run npm install && npm run build:all first`);
     }
     const run = spawnSync('bash', [lab, 'run', cycle, results], {
       encoding: 'utf8',
