@@ -79,9 +79,16 @@ describe('systemd units', () => {
       'LimitNOFILE=65536',
       'RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6',
       'CapabilityBoundingSet=',
+      'SocketBindDeny=any',
     ]) {
       expect(settings.has(line), line).toBe(true);
     }
+    // The kernel backstop (issue 10): link-local (the metadata address 169.254.169.254) and multicast, both
+    // families; memory and task ceilings.
+    const denied = /^IPAddressDeny=(.*)$/m.exec(service)?.[1]?.split(/\s+/) ?? [];
+    expect(denied.sort()).toEqual(['169.254.0.0/16', '224.0.0.0/4', 'fe80::/10', 'ff00::/8']);
+    expect(service).toMatch(/^MemoryMax=\d+[KMG]$/m);
+    expect(service).toMatch(/^TasksMax=\d+$/m);
     // V8's JIT needs writable+executable memory; systemd 252 does not know FileDescriptorStorePreserve=.
     expect(service).not.toMatch(/^MemoryDenyWriteExecute=/m);
     expect(service).not.toMatch(/^FileDescriptorStorePreserve=/m);
