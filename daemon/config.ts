@@ -13,6 +13,7 @@ import { parse as parseToml, TomlError } from 'smol-toml';
 import { type core, z } from 'zod';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import { canonicalHost } from '../shared/origin.js';
+import { parseNat64Prefix } from './egress-policy.js';
 
 // ---------------------------------------------------------------------------------------------------------------
 // Defaults: the one place they live.
@@ -46,6 +47,8 @@ export const DEFAULTS = {
     allowPorts: [80, 443],
     allowHosts: [] as string[],
     denyHosts: [] as string[],
+    allowHostAddresses: false,
+    nat64Prefixes: [] as string[],
   },
   dns: {
     servers: [] as string[],
@@ -196,6 +199,17 @@ const hostPattern = z
   .string()
   .transform((text) => text.trim().toLowerCase())
   .refine(isHostPattern, { error: 'expected a host name, an IP address, "*.suffix" or "*"' });
+const nat64Prefix = z.string().refine(
+  (text) => {
+    try {
+      parseNat64Prefix('nat64Prefixes', text);
+      return true;
+    } catch {
+      return false;
+    }
+  },
+  { error: 'expected an IPv6 prefix of length 32, 40, 48, 56, 64 or 96, such as "2001:db8:64::/96"' },
+);
 const dnsServer = z.string().refine(
   (text) => {
     const match = /^(?:\[([^\]]+)\]|([^:\s]+))(?::(\d{1,5}))?$/.exec(text);
@@ -344,6 +358,8 @@ export const configSchema = z
         allowPorts: z.array(port).default(() => [...egressDefaults.allowPorts]),
         allowHosts: z.array(hostPattern).default(() => [...egressDefaults.allowHosts]),
         denyHosts: z.array(hostPattern).default(() => [...egressDefaults.denyHosts]),
+        allowHostAddresses: z.boolean().default(egressDefaults.allowHostAddresses),
+        nat64Prefixes: z.array(nat64Prefix).default(() => [...egressDefaults.nat64Prefixes]),
       })
       .prefault({}),
     dns: z

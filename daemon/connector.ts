@@ -29,6 +29,11 @@ export interface Connector {
   connect(origin: Origin, policy: OriginPolicy): Promise<ConnectedSocket>;
   /** Throws SOCKPOOL_ERR_POLICY when the egress policy refuses the origin before any lookup. */
   checkTarget(origin: Origin): void;
+  /**
+   * Throws SOCKPOOL_ERR_POLICY when the current policy would not connect `origin` to `address` now: for sockets the
+   * daemon already holds (idle after a reload, taken back from the fd store), checked as if new.
+   */
+  checkHeld(origin: Origin, address: string): void;
 }
 
 export class TcpConnector implements Connector {
@@ -46,6 +51,12 @@ export class TcpConnector implements Connector {
     const egress = this.#egress();
     egress.checkTarget(origin.host, origin.port);
     if (origin.proxy) egress.checkTarget(origin.proxy.host, origin.proxy.port);
+  }
+
+  checkHeld(origin: Origin, address: string): void {
+    this.checkTarget(origin);
+    const target = connectTarget(origin);
+    this.#egress().checkAddress(address, target.port, target.host);
   }
 
   async connect(origin: Origin, policy: OriginPolicy): Promise<ConnectedSocket> {

@@ -17,6 +17,7 @@ import type { SockpoolConfig } from './config.js';
 import { type ConnectedSocket, TcpConnector } from './connector.js';
 import { EgressPolicy } from './egress-policy.js';
 import { HandoffServer } from './handoff-server.js';
+import { hostAddressesProvider } from './host-addresses.js';
 import {
   type ClassifiedListenFds,
   classifyListenFds,
@@ -98,7 +99,7 @@ export class Sockpoold {
     this.#store = StateStore.open(this.#config.stateDir);
     this.#store.startAutoFlush(this.#config.pool.statsFlushMs);
     this.#metrics = createMetrics(() => this.#pools.snapshot());
-    this.#egress = new EgressPolicy(this.#config.egress);
+    this.#egress = createEgressPolicy(this.#config);
     this.#resolver = createResolver(this.#config);
     this.#pools = new PoolManager({
       config: this.#config,
@@ -188,6 +189,8 @@ export class Sockpoold {
     for (const stored of passed.origins) {
       try {
         const peer = native.peerAddress(stored.fd);
+        // Checked as if new: the origin's name and port, then the address it is connected to.
+        this.#egress.checkTarget(stored.origin.host, stored.origin.port);
         this.#egress.checkAddress(peer.address, peer.port, stored.origin.host);
         const now = performance.now();
         // The tag says when it connected: the idle TTL keeps counting from then, not from this restart.
@@ -279,13 +282,13 @@ export class Sockpoold {
     try {
       const config = this.#reloadConfig();
       // Build both first so a bad value leaves the old ones in place.
-      const egress = new EgressPolicy(config.egress);
+      const egress = createEgressPolicy(config);
       const resolver = createResolver(config);
       this.#egress = egress;
       this.#resolver = resolver;
       this.#config = { ...config, socket: this.#config.socket, stateDir: this.#config.stateDir };
-      this.#pools.reconfigure(this.#config);
-      this.#log.info('configuration reloaded');
+      const refused = this.#pools.reconfigure(this.#config);
+      this.#log.info({ idleClosedByPolicy: refused }, 'configuration reloaded');
     } catch (error) {
       this.#log.error({ err: (error as Error).message }, 'reload failed; keeping the previous configuration');
     }
@@ -415,6 +418,13 @@ function resolveId(value: string | number | undefined, kind: 'user' | 'group'): 
     ErrorCodes.CONFIG,
     `access.socket${kind === 'user' ? 'Owner' : 'Group'}: no ${kind} named ${JSON.stringify(value)} in ${table}`,
   );
+}
+
+/** One provider of the host's interface addresses for every policy this process builds (reloads included). */
+const hostAddresses = hostAddressesProvider();
+
+function createEgressPolicy(config: SockpoolConfig): EgressPolicy {
+  return new EgressPolicy({ ...config.egress, hostAddresses });
 }
 
 /** The configuration's `dns` section in the resolver's terms (`resolve` entries are curl-style overrides). */

@@ -15,6 +15,13 @@
 //      127.0.0.1/32 does not open 64:ff9b::7f00:1). Two exceptions: 'metadata' addresses open only for an allow
 //      entry naming that exact address (/32 or /128), so allowing 169.254.0.0/16 does not expose cloud
 //      credentials; 'unspecified' never opens (connecting to 0.0.0.0 or :: reaches the local host on Linux).
+//   4. the host's own interface addresses (daemon/host-addresses.ts; loopback excepted, the class rules govern it),
+//      and the IPv4 address embedded in an IPv6 one, are refused ('host-address') even when step 3 let them
+//      through, unless `allowHostAddresses` is set: a client must not reach services bound on the host itself.
+//
+// NAT64: the well-known prefix 64:ff9b::/96 is always read as carrying an IPv4 address; `nat64Prefixes` adds the
+// network-specific prefixes of the site (RFC 6052 lengths /32 to /96), whose embedded IPv4 address is classified,
+// denied and allowed exactly like that IPv4 address.
 
 import { isIPv6 } from 'node:net';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
@@ -41,7 +48,8 @@ export type PolicyReason =
   | 'host-denied'
   | 'host-not-allowed'
   | 'invalid-host'
-  | 'invalid-address';
+  | 'invalid-address'
+  | 'host-address';
 
 export interface EgressPolicyOptions {
   /** CIDRs (or bare addresses) that punch holes in the refused address classes. Default []. */
@@ -54,6 +62,12 @@ export interface EgressPolicyOptions {
   allowHosts?: string[];
   /** Host patterns always refused. Default []. */
   denyHosts?: string[];
+  /** Network-specific NAT64 prefixes (`2001:db8:64::/96`; RFC 6052 lengths 32, 40, 48, 56, 64, 96). Default []. */
+  nat64Prefixes?: string[];
+  /** Let connections reach this host's own interface addresses (loopback excepted: the class rules apply). */
+  allowHostAddresses?: boolean;
+  /** This host's interface addresses (daemon/host-addresses.ts); the same array while unchanged. Default none. */
+  hostAddresses?: () => readonly string[];
 }
 
 export const DEFAULT_ALLOW_PORTS: readonly number[] = [80, 443];
@@ -208,6 +222,11 @@ function formatIPv6(bytes: Uint8Array): string {
   return `${hex(groups.slice(0, bestStart))}::${hex(groups.slice(bestStart + bestLength))}`;
 }
 
+/** A map key for an address (family and bytes). */
+function ipKey(ip: ParsedIp): string {
+  return `${ip.family}:${ip.bytes.join('.')}`;
+}
+
 function formatIp(ip: ParsedIp): string {
   return ip.family === 4 ? formatIPv4(ip.bytes) : formatIPv6(ip.bytes);
 }
@@ -342,11 +361,13 @@ function lookUp(classes: ClassTable, bytes: Uint8Array): AddressClass | null {
   return null;
 }
 
-function classifyIp(input: ParsedIp): AddressClass | null {
+function classifyIp(input: ParsedIp, nat64: readonly Nat64Prefix[] = []): AddressClass | null {
   const ip = unmap(input);
   if (ip.family === 4) return lookUp(IPV4_CLASSES, ip.bytes);
   const exact = lookUp(IPV6_EXACT, ip.bytes);
   if (exact) return exact;
+  const translated = nat64Embedded(ip.bytes, nat64);
+  if (translated) return lookUp(IPV4_CLASSES, translated);
   const embedded = embeddedIPv4(ip.bytes);
   if (embedded) {
     const inner = lookUp(IPV4_CLASSES, embedded.v4);
@@ -360,6 +381,45 @@ function classifyIp(input: ParsedIp): AddressClass | null {
   if (listed) return listed;
   // Everything outside 2000::/3 is unassigned or special: not a public destination today.
   return matchesPrefix(ip.bytes, GLOBAL_UNICAST.bytes, GLOBAL_UNICAST.prefixLength) ? null : 'reserved';
+}
+
+/** A site's NAT64 prefix (RFC 6052): where in an IPv6 address the IPv4 address sits. */
+export interface Nat64Prefix {
+  bytes: Uint8Array;
+  prefixLength: 32 | 40 | 48 | 56 | 64 | 96;
+  text: string;
+}
+
+const NAT64_LENGTHS: ReadonlySet<number> = new Set([32, 40, 48, 56, 64, 96]);
+
+/** Parses a NAT64 prefix `v6/length`; throws SockpoolError(CONFIG) naming `option` when it is not one. */
+export function parseNat64Prefix(option: string, entry: unknown): Nat64Prefix {
+  const text = typeof entry === 'string' ? entry.trim() : '';
+  const slash = text.indexOf('/');
+  const ip = slash === -1 || text.includes('%') ? null : parseIp(text.slice(0, slash));
+  const length = Number(text.slice(slash + 1));
+  if (!ip || ip.family !== 6 || !/^\d{2}$/.test(text.slice(slash + 1)) || !NAT64_LENGTHS.has(length)) {
+    throw configError(option, entry, 'not an IPv6 prefix of length 32, 40, 48, 56, 64 or 96 (RFC 6052)');
+  }
+  return { bytes: ip.bytes, prefixLength: length as Nat64Prefix['prefixLength'], text };
+}
+
+/**
+ * The IPv4 address an IPv6 address carries under one of `prefixes`, or null. RFC 6052 section 2.2: the 32 bits
+ * follow the prefix, skipping bits 64 to 71 (the "u" octet).
+ */
+function nat64Embedded(bytes: Uint8Array, prefixes: readonly Nat64Prefix[]): Uint8Array | null {
+  for (const prefix of prefixes) {
+    if (!matchesPrefix(bytes, prefix.bytes, prefix.prefixLength)) continue;
+    const v4 = new Uint8Array(4);
+    let index = prefix.prefixLength / 8;
+    for (let taken = 0; taken < 4; index++) {
+      if (index === 8) continue;
+      v4[taken++] = bytes[index]!;
+    }
+    return v4;
+  }
+  return null;
 }
 
 /**
@@ -466,6 +526,12 @@ export class EgressPolicy {
   readonly #allowPorts: ReadonlySet<number>;
   readonly #allowHosts: HostPattern[];
   readonly #denyHosts: HostPattern[];
+  readonly #nat64: Nat64Prefix[];
+  readonly #allowHostAddresses: boolean;
+  readonly #hostAddresses: (() => readonly string[]) | undefined;
+  /** What #hostAddresses last returned, and its addresses as byte strings (see #isHostAddress). */
+  #hostAddressList: readonly string[] | undefined;
+  #hostAddressKeys = new Set<string>();
 
   /** Validates every entry; a bad one throws SockpoolError(CONFIG) naming the option and the entry. */
   constructor(options: EgressPolicyOptions = {}) {
@@ -478,6 +544,11 @@ export class EgressPolicy {
       parseHostPattern('allowHosts', entry),
     );
     this.#denyHosts = asList('denyHosts', options.denyHosts, []).map((entry) => parseHostPattern('denyHosts', entry));
+    this.#nat64 = asList('nat64Prefixes', options.nat64Prefixes, []).map((entry) =>
+      parseNat64Prefix('nat64Prefixes', entry),
+    );
+    this.#allowHostAddresses = options.allowHostAddresses ?? false;
+    this.#hostAddresses = options.hostAddresses;
   }
 
   /**
@@ -520,18 +591,43 @@ export class EgressPolicy {
   #checkIp(input: ParsedIp, port: number, host: string | undefined): void {
     const ip = unmap(input);
     const address = formatIp(input);
-    const embedded = ip.family === 6 ? embeddedIPv4(ip.bytes) : null;
-    if (matchesCidr(this.#deny, ip) || (embedded && matchesCidr(this.#deny, { family: 4, bytes: embedded.v4 }))) {
+    const embeddedV4 = ip.family === 6 ? (nat64Embedded(ip.bytes, this.#nat64) ?? embeddedIPv4(ip.bytes)?.v4) : null;
+    if (matchesCidr(this.#deny, ip) || (embeddedV4 && matchesCidr(this.#deny, { family: 4, bytes: embeddedV4 }))) {
       this.#refuse('denied-cidr', host, address, port);
     }
-    const addressClass = classifyIp(ip);
-    if (addressClass === null) return;
-    if (addressClass !== 'unspecified' && addressClass !== 'invalid') {
-      const hole = matchesCidr(this.#allow, ip);
-      const exactHost = hole !== undefined && hole.prefixLength === (ip.family === 4 ? 32 : 128);
-      if (hole && (addressClass !== 'metadata' || exactHost)) return;
+    const addressClass = classifyIp(ip, this.#nat64);
+    if (addressClass !== null && !this.#opensClass(addressClass, ip)) {
+      this.#refuse(addressClass === 'invalid' ? 'invalid-address' : addressClass, host, address, port);
     }
-    this.#refuse(addressClass === 'invalid' ? 'invalid-address' : addressClass, host, address, port);
+    if (
+      !this.#allowHostAddresses &&
+      (this.#isHostAddress(ip) || (embeddedV4 && this.#isHostAddress({ family: 4, bytes: embeddedV4 })))
+    ) {
+      this.#refuse('host-address', host, address, port);
+    }
+  }
+
+  /** Whether an `allow` entry opens a refused class for this address (see the decision order above). */
+  #opensClass(addressClass: AddressClass, ip: ParsedIp): boolean {
+    if (addressClass === 'unspecified' || addressClass === 'invalid') return false;
+    const hole = matchesCidr(this.#allow, ip);
+    const exactHost = hole !== undefined && hole.prefixLength === (ip.family === 4 ? 32 : 128);
+    return hole !== undefined && (addressClass !== 'metadata' || exactHost);
+  }
+
+  /** One of this host's interface addresses (the list re-derived only when the provider's array changes). */
+  #isHostAddress(ip: ParsedIp): boolean {
+    if (!this.#hostAddresses) return false;
+    const list = this.#hostAddresses();
+    if (list !== this.#hostAddressList) {
+      this.#hostAddressList = list;
+      this.#hostAddressKeys = new Set();
+      for (const text of list) {
+        const parsed = parseIp(text);
+        if (parsed) this.#hostAddressKeys.add(ipKey(unmap(parsed)));
+      }
+    }
+    return this.#hostAddressKeys.has(ipKey(ip));
   }
 
   #refuse(reason: PolicyReason, host: string | undefined, address: string | undefined, port: number): never {

@@ -17,7 +17,7 @@ export interface Handoff extends ConnectedSocket {
   warm: boolean;
 }
 
-export type DropReason = 'eof' | 'error' | 'data' | 'ttl' | 'recycled' | 'evicted' | 'excess' | 'shutdown';
+export type DropReason = 'eof' | 'error' | 'data' | 'ttl' | 'recycled' | 'evicted' | 'excess' | 'shutdown' | 'refused';
 
 /** What the pool tells the pool manager (stats, metrics, the global idle cap). */
 export interface OriginPoolEvents {
@@ -176,6 +176,17 @@ export class OriginPool {
       if (now - socket.connectedAt >= this.policy.idleTtlMs) this.#drop(socket, 'ttl');
     }
     this.#pump();
+  }
+
+  /** Closes every idle socket `refused` says no to (a reloaded egress policy); returns how many. */
+  dropIdleWhere(refused: (socket: ConnectedSocket) => boolean): number {
+    let dropped = 0;
+    for (const socket of [...this.#idle]) {
+      if (!refused(socket)) continue;
+      this.#drop(socket, 'refused');
+      dropped++;
+    }
+    return dropped;
   }
 
   /** Closes the least valuable idle socket (the oldest); used by the global idle cap. */

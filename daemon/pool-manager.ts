@@ -184,15 +184,28 @@ export class PoolManager {
     return this.#poolFor(origin).adopt(socket);
   }
 
-  /** New configuration (SIGHUP): policies are recomputed, warm sockets stay. */
-  reconfigure(config: SockpoolConfig): void {
+  /**
+   * New configuration (SIGHUP): policies are recomputed; warm sockets stay unless the egress policy (already
+   * swapped in the connector) now refuses their origin or address: those are closed. Returns how many.
+   */
+  reconfigure(config: SockpoolConfig): number {
     // First: a TLS file that cannot be read fails the reload before anything changed.
     this.#tls?.configure(config);
     this.#config = config;
+    let refused = 0;
     for (const pool of this.#pools.values()) {
+      refused += pool.dropIdleWhere((socket) => {
+        try {
+          this.#connector.checkHeld(pool.origin, socket.address);
+          return false;
+        } catch {
+          return true;
+        }
+      });
       pool.policyChanged(policyFor(config, pool.origin.host, pool.origin.port));
     }
     this.#sweep();
+    return refused;
   }
 
   /** Stops everything; returns the idle sockets (ownership passes to the caller) when `detach` is set. */

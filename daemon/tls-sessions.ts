@@ -105,6 +105,11 @@ export class TlsSessions implements Connector {
     this.#tcp.checkTarget(origin);
   }
 
+  /** A warm session's TCP connection is checked like any other (its `address` is the origin's). */
+  checkHeld(origin: Origin, address: string): void {
+    this.#tcp.checkHeld(origin, address);
+  }
+
   /** A TCP connect, then the handshake in a relay thread: the fd returned is the daemon's end of the pair. */
   async connect(origin: Origin, policy: OriginPolicy): Promise<ConnectedSocket> {
     const socket = await this.#tcp.connect(origin, policy);

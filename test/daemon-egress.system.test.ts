@@ -213,10 +213,31 @@ describe('egress policy with the daemon inside a namespace with no route out', (
     expect(stats.message).toMatchObject({ type: 'stats', stats: { idle: 0, leased: 0, hits: 0, misses: 0 } });
   });
 
+  it("refuses the host's own interface addresses even when allow covers them, unless allowHostAddresses", async () => {
+    // 10.1.2.3 is on the namespace's own loopback interface: in there it is the daemon host's own address.
+    const sockpoold = await daemonInNamespace(['--resolve', PINNED, '--allow', '10.1.2.3/32'], {
+      dns: { servers: [dnsServer] },
+      pool: { predictive: false },
+    });
+    const raw = client(sockpoold.socketPath);
+    const before = await arrivals(PORT);
+    let id = 1;
+    for (const host of ['10.1.2.3', 'private.test', 'pinned.test', '64:ff9b::a01:203']) {
+      const reply = await raw.request({ type: 'acquire', id: id++, host, port: PORT });
+      for (const fd of reply.fds) native.close(fd);
+      // The NAT64 spelling is refused by its class first (allow holes match the address itself only).
+      const reason = host.includes(':') ? 'private' : 'host-address';
+      expect(reply.message, host).toMatchObject({ type: 'error', code: 'SOCKPOOL_ERR_POLICY', fields: { reason } });
+    }
+    await sleep(SETTLE_MS);
+    expect(await arrivals(PORT)).toEqual(before);
+  });
+
   it('positive control: with --allow 10.1.2.3/32 the same acquires connect, each exactly once', async () => {
     const sockpoold = await daemonInNamespace(['--resolve', PINNED, '--allow', '10.1.2.3/32'], {
       dns: { servers: [dnsServer] },
       pool: { predictive: false }, // one acquire, one connection: no warming behind it
+      egress: { allowHostAddresses: true }, // 10.1.2.3 is an address of the namespace itself (see above)
     });
     const raw = client(sockpoold.socketPath);
     const before = (await arrivals(PORT)).length;

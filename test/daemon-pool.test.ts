@@ -341,6 +341,35 @@ describe('life cycle', () => {
     expect((await raw.request({ type: 'hello', id: 5, version: 1 })).message?.type).toBe('hello');
   });
 
+  it('closes idle sockets a reloaded egress policy refuses, and keeps the others', async () => {
+    const refused = await server();
+    const kept = await server();
+    const ports = [refused.port, kept.port];
+    // The allow list lives in the file (flags are applied again on reload: they could not be taken away).
+    const configPath = writeConfig({ egress: { allow: ['127.0.0.1/32'], allowPorts: ports } });
+    const sockpoold = await startDaemon({ args: ['--config', configPath] });
+    cleanups.push(() => sockpoold.stop());
+    const raw = client(sockpoold.socketPath);
+    for (const [index, port] of ports.entries()) {
+      await raw.request({ type: 'prewarm', id: index + 1, host: '127.0.0.1', port, count: 2 });
+    }
+    await refused.waitForConnections(2);
+    await kept.waitForConnections(2);
+    await eventually(async () => (await stats(raw)).idle === 4, 'four idle');
+    // The new policy no longer allows one of the ports: its two idle sockets are closed at once (the server sees
+    // them end), the other origin's stay warm.
+    writeFileSync(configPath, JSON.stringify({ egress: { allow: ['127.0.0.1/32'], allowPorts: [kept.port] } }));
+    sockpoold.child.kill('SIGHUP');
+    await eventually(() => sockpoold.output().includes('"idleClosedByPolicy":2'), 'reload closed two');
+    await refused.allClosed();
+    expect((await stats(raw)).idle).toBe(2);
+    const lease = await raw.request({ type: 'acquire', id: 10, host: '127.0.0.1', port: kept.port });
+    expect(lease.message).toMatchObject({ type: 'lease', warm: true });
+    for (const fd of lease.fds) native.close(fd);
+    const denied = await raw.request({ type: 'acquire', id: 11, host: '127.0.0.1', port: refused.port });
+    expect(denied.message).toMatchObject({ type: 'error', code: 'SOCKPOOL_ERR_POLICY', fields: { reason: 'port' } });
+  });
+
   it('warms the origins from its history after a restart', async () => {
     const echo = await server();
     const first = await daemon(echo.port);

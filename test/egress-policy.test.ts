@@ -1,7 +1,9 @@
 // Pure logic: the policy is asked about addresses and names, nothing is ever connected to.
 
+import { networkInterfaces } from 'node:os';
 import { describe, expect, it } from 'vitest';
 import { classifyAddress, EgressPolicy, isHostName, normaliseIpLiteral } from '../daemon/egress-policy.js';
+import { readHostAddresses } from '../daemon/host-addresses.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 
 function refusal(action: () => void): SockpoolError {
@@ -283,6 +285,81 @@ describe('EgressPolicy.checkAddress', () => {
     expect(error.fields).toEqual({ host: 'evil.test', address: '::ffff:127.0.0.1', port: 443, reason: 'loopback' });
     expect(error.message).toContain('evil.test');
     expect(error.message).toContain('loopback');
+  });
+});
+
+describe('EgressPolicy: NAT64 prefixes of the site', () => {
+  it('classifies the IPv4 address a configured prefix embeds like that address (RFC 6052, /32 to /96)', () => {
+    const unconfigured = new EgressPolicy({ allowPorts: [] });
+    // Without the prefix, a network-specific NAT64 address of 127.0.0.1 looks like any public IPv6 address.
+    expect(() => unconfigured.checkAddress('2a00:1450:64::7f00:1', 443)).not.toThrow();
+    const policy = new EgressPolicy({
+      allowPorts: [],
+      nat64Prefixes: ['2a00:1450:64::/96', '2a00:1450:64:1::/64', '2a01:4f8::/32'],
+      deny: ['93.184.216.0/24'],
+    });
+    expect(refusal(() => policy.checkAddress('2a00:1450:64::7f00:1', 443)).fields.reason).toBe('loopback');
+    expect(refusal(() => policy.checkAddress('2a00:1450:64::a9fe:a9fe', 443)).fields.reason).toBe('metadata');
+    // /64: bits 64 to 71 (the "u" octet) are skipped, 10.1.2.3 sits in bytes 9 to 12.
+    expect(refusal(() => policy.checkAddress('2a00:1450:64:1:a:102:300:0', 443)).fields.reason).toBe('private');
+    // /32: bytes 4 to 7.
+    expect(refusal(() => policy.checkAddress('2a01:4f8:a01:203::', 443)).fields.reason).toBe('private');
+    // IPv4 deny CIDRs reach through the prefix; a public IPv4 address behind it is public.
+    expect(refusal(() => policy.checkAddress('2a00:1450:64::5db8:d822', 443)).fields.reason).toBe('denied-cidr');
+    expect(() => policy.checkAddress('2a00:1450:64::5db9:d822', 443)).not.toThrow();
+    // The well-known prefix needs no entry.
+    expect(refusal(() => policy.checkAddress('64:ff9b::7f00:1', 443)).fields.reason).toBe('loopback');
+  });
+
+  it('refuses a prefix that is not IPv6 or not of an RFC 6052 length, naming the option', () => {
+    for (const entry of ['10.0.0.0/8', '2001:db8::/33', '2001:db8::', '2001:db8::/128', 'fe80::%eth0/96', 7]) {
+      let error: unknown;
+      try {
+        new EgressPolicy({ nat64Prefixes: [entry as string] });
+      } catch (caught) {
+        error = caught;
+      }
+      expect(error, String(entry)).toMatchObject({ code: 'SOCKPOOL_ERR_CONFIG', fields: { option: 'nat64Prefixes' } });
+    }
+  });
+});
+
+describe("EgressPolicy: the host's own addresses", () => {
+  let addresses: string[] = ['192.0.2.2', 'fd00::2', '203.0.113.9', '8.8.8.8'];
+  const hostAddresses = () => addresses;
+  const wide = { allow: ['192.0.2.0/24', 'fd00::/64', '127.0.0.1/32'], allowPorts: [], hostAddresses };
+
+  it('refuses them even where allow opens their class, and in their IPv6 spellings', () => {
+    const policy = new EgressPolicy(wide);
+    for (const address of ['192.0.2.2', '::ffff:192.0.2.2', 'fd00::2', '8.8.8.8', '64:ff9b::808:808']) {
+      const error = refusal(() => policy.checkAddress(address, 443, 'self.test'));
+      expect(error.fields, address).toMatchObject({ reason: 'host-address', host: 'self.test' });
+    }
+    expect(refusal(() => policy.checkTarget('203.0.113.9', 443)).fields.reason).toBe('reserved');
+    // Neighbours on the same networks pass; loopback stays governed by its class and allow.
+    expect(() => policy.checkAddress('192.0.2.3', 443)).not.toThrow();
+    expect(() => policy.checkAddress('fd00::3', 443)).not.toThrow();
+    expect(() => policy.checkAddress('127.0.0.1', 443)).not.toThrow();
+  });
+
+  it('allowHostAddresses lets them through; a changed list is read again', () => {
+    expect(() => new EgressPolicy({ ...wide, allowHostAddresses: true }).checkAddress('192.0.2.2', 443)).not.toThrow();
+    const policy = new EgressPolicy(wide);
+    expect(refusal(() => policy.checkAddress('192.0.2.2', 443)).fields.reason).toBe('host-address');
+    addresses = ['192.0.2.3'];
+    expect(() => policy.checkAddress('192.0.2.2', 443)).not.toThrow();
+    expect(refusal(() => policy.checkAddress('192.0.2.3', 443)).fields.reason).toBe('host-address');
+  });
+
+  it("reads this machine's interfaces without loopback", () => {
+    const read = readHostAddresses();
+    expect(read).not.toContain('127.0.0.1');
+    expect(read).not.toContain('::1');
+    const expected = Object.values(networkInterfaces())
+      .flatMap((entries) => entries ?? [])
+      .map((entry) => entry.address.toLowerCase())
+      .filter((address) => address !== '::1' && !address.startsWith('127.'));
+    expect(read).toEqual([...new Set(expected)].sort());
   });
 });
 

@@ -155,6 +155,7 @@ let origin: Awaited<ReturnType<typeof countingServer>>;
 let hangUp: Awaited<ReturnType<typeof countingServer>>;
 let forbidden: Awaited<ReturnType<typeof countingServer>>;
 let quiet: Awaited<ReturnType<typeof countingServer>>;
+let deniedByName: Awaited<ReturnType<typeof countingServer>>;
 let config: string;
 
 beforeAll(async () => {
@@ -163,12 +164,18 @@ beforeAll(async () => {
   hangUp = await countingServer('hang-up');
   forbidden = await countingServer('hold');
   quiet = await countingServer('hold');
+  deniedByName = await countingServer('hold');
   config = join(workDir, 'sockpoold.json');
-  // forbidden.port is not allowed: a stored socket to it must not be adopted.
+  // forbidden.port is not allowed: a stored socket to it must not be adopted. Nor one stored under a host name
+  // the policy now denies, whatever address it is connected to (stored sockets are checked as if new).
   writeFileSync(
     config,
     JSON.stringify({
-      egress: { allow: ['127.0.0.1/32'], allowPorts: [origin.port, hangUp.port, quiet.port] },
+      egress: {
+        allow: ['127.0.0.1/32'],
+        allowPorts: [origin.port, hangUp.port, quiet.port, deniedByName.port],
+        denyHosts: ['denied.test'],
+      },
       pool: { defaults: { maxIdle: 64 } },
     }),
   );
@@ -182,7 +189,7 @@ afterEach(() => {
 });
 
 afterAll(() => {
-  for (const server of [origin, hangUp, forbidden, quiet]) server?.close();
+  for (const server of [origin, hangUp, forbidden, quiet, deniedByName]) server?.close();
   rmSync(workDir, { recursive: true, force: true });
 });
 
@@ -255,12 +262,14 @@ describe('sockpoold and the fd store', () => {
     // and an fd under a name that is not ours. ----
     const dead = await connectTcp('127.0.0.1', hangUp.port, { timeoutMs: 5000 });
     const refused = await connectTcp('127.0.0.1', forbidden.port, { timeoutMs: 5000 });
+    const refusedByName = await connectTcp('127.0.0.1', deniedByName.port, { timeoutMs: 5000 });
     const [unknown, unknownPeer] = native.seqpacketPair();
     toClose.push(unknownPeer);
     await eventually(() => native.probe(dead).state === 'eof', 'the hang-up server to close');
     const extra = [
       { fd: dead, name: encodeFdName({ host: '127.0.0.1', port: hangUp.port }) },
       { fd: refused, name: encodeFdName({ host: '127.0.0.1', port: forbidden.port }) },
+      { fd: refusedByName, name: encodeFdName({ host: 'denied.test', port: deniedByName.port }) },
       { fd: unknown, name: 'stored' },
     ];
 
@@ -278,7 +287,7 @@ describe('sockpoold and the fd store', () => {
     // Like systemd, close the store's copies now.
     for (const entry of [...stored, ...extra]) native.close(entry.fd);
     await eventually(
-      () => /"stored":42,"adopted":40,.*taken back from the fd store/.test(second.output()),
+      () => /"stored":43,"adopted":40,.*taken back from the fd store/.test(second.output()),
       `the adoption logged:\n${second.output()}`,
     );
 
@@ -292,6 +301,7 @@ describe('sockpoold and the fd store', () => {
     expect(origin.open).toBe(40);
     // The dropped ones are closed in the daemon too: nothing holds them any more.
     await eventually(() => forbidden.open === 0, 'the forbidden connection to close');
+    await eventually(() => deniedByName.open === 0, 'the connection stored under a denied name to close');
     client2.close();
 
     second.child.kill('SIGTERM');
