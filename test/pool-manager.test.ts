@@ -1,0 +1,255 @@
+// PoolManager in-process (daemon/pool-manager.ts): the warming policy and what it learns, over origin pools whose
+// connects are real loopback connections from a fake connector, with fake timers moving the manager's clock
+// (performance.now) and its sweep. Covered: the predictive idle target (demand rate × connect time), minIdle, the
+// global idle cap and its share-out by demand, learning an origin's idle lifetime from peer closes (the shorter
+// observation wins, a floor, a server restart is not learned) and recycling before it, retiring unused pools,
+// refused prewarms, warm-on-start from the store's history, reconfiguration and close. No fd is left behind.
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import pino from 'pino';
+import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
+import { parseConfig, type SockpoolConfigInput } from '../daemon/config.js';
+import type { Handoff } from '../daemon/origin-pool.js';
+import { PoolManager } from '../daemon/pool-manager.js';
+import { StateStore } from '../daemon/store.js';
+import { ErrorCodes } from '../shared/errors.js';
+import * as native from '../shared/native.js';
+import type { Origin } from '../shared/origin.js';
+import { until, useFakeClock } from './fixtures/fake-clock.js';
+import { FakeConnector } from './fixtures/fake-connector.js';
+import { fdCount } from './fixtures/native-helpers.js';
+
+const BUSY: Origin = { host: 'busy.test', port: 443 };
+const QUIET: Origin = { host: 'quiet.test', port: 443 };
+const SWEEP_MS = 500;
+
+let connector: FakeConnector;
+let managers: PoolManager[];
+let held: Array<Handoff & { originKey: string }>;
+let fdsBefore: number;
+const cleanups: Array<() => void> = [];
+
+beforeEach(async () => {
+  fdsBefore = fdCount();
+  connector = await FakeConnector.start();
+  managers = [];
+  held = [];
+  useFakeClock();
+});
+
+afterEach(async () => {
+  vi.useRealTimers();
+  for (const manager of managers) manager.close(false);
+  for (const handoff of held.splice(0)) native.close(handoff.fd);
+  for (const cleanup of cleanups.splice(0).reverse()) cleanup();
+  await connector.close();
+  expect(fdCount()).toBe(fdsBefore);
+});
+
+function manager(pool: NonNullable<SockpoolConfigInput['pool']> = {}, store?: StateStore): PoolManager {
+  const created = new PoolManager({
+    config: parseConfig({ pool }, 'test'),
+    connector,
+    log: pino({ level: 'silent' }),
+    ...(store ? { store } : {}),
+  });
+  managers.push(created);
+  return created;
+}
+
+function originStats(from: PoolManager, origin: Origin) {
+  const stats = from.snapshot().origins.find((entry) => entry.origin === `${origin.host}:${origin.port}`);
+  if (!stats) throw new Error(`no pool for ${origin.host}`);
+  return stats;
+}
+
+const idleOf = (from: PoolManager, origin: Origin) => originStats(from, origin).idle;
+
+/** `count` acquires whose leases end at once (curl used and closed each socket): demand without idle sockets. */
+async function demand(from: PoolManager, origin: Origin, count: number): Promise<void> {
+  for (let i = 0; i < count; i++) {
+    const handoff = await from.acquire(origin, 1_000);
+    native.close(handoff.fd);
+    from.leaseEnded(handoff.originKey);
+  }
+}
+
+describe('PoolManager warming', () => {
+  it('keeps the predicted number of sockets idle: ⌈rate × connect time × 2⌉ + 1 while there is demand', async () => {
+    connector.connectMs = 1_000;
+    const pools = manager({ predictiveWindowMs: 10_000 });
+    pools.start();
+    // 10 acquires in a moment, over a 10 s window: 1 acquire/s; one connect takes 1 s.
+    await demand(pools, BUSY, 10);
+    expect(idleOf(pools, BUSY)).toBe(0);
+    await vi.advanceTimersByTimeAsync(SWEEP_MS);
+    // The rate decayed to 0.95/s by the sweep: ⌈0.95 × 1 × 2⌉ + 1 = 3.
+    await until(() => idleOf(pools, BUSY) === 3, 'three sockets warmed');
+    expect(connector.calls).toBe(13);
+    expect(originStats(pools, BUSY)).toMatchObject({ misses: 10, hits: 0, connectMs: 1_000 });
+
+    // The warmed sockets are handed out warm.
+    const handoff = await pools.acquire(BUSY, 1_000);
+    held.push(handoff);
+    expect(handoff.warm).toBe(true);
+    expect(originStats(pools, BUSY).hits).toBe(1);
+  });
+
+  it('warms nothing ahead of demand when predictive warming is off, and minIdle regardless', async () => {
+    const pools = manager({ predictive: false, defaults: { minIdle: 2 } });
+    pools.start();
+    await demand(pools, BUSY, 10);
+    await vi.advanceTimersByTimeAsync(SWEEP_MS);
+    await until(() => idleOf(pools, BUSY) === 2, 'minIdle warmed');
+    await vi.advanceTimersByTimeAsync(SWEEP_MS);
+    expect(connector.calls).toBe(12);
+  });
+
+  it('evicts from the least-wanted origin when idle sockets exceed the global cap', async () => {
+    const pools = manager({ maxIdleTotal: 3 });
+    await demand(pools, BUSY, 5);
+    pools.prewarm(QUIET, 2);
+    pools.prewarm(BUSY, 2);
+    // Four sockets come in for a cap of three: the one evicted is the quiet origin's (no demand per idle socket),
+    // whichever arrives last.
+    await until(() => connector.calls === 9 && pools.snapshot().connecting === 0, 'the prewarms arrived');
+    expect(idleOf(pools, BUSY)).toBe(2);
+    expect(idleOf(pools, QUIET)).toBe(1);
+    expect(pools.snapshot().idle).toBe(3);
+  });
+
+  it('shares the global idle budget out by demand, the busiest origin first', async () => {
+    connector.connectMs = 1_000;
+    const pools = manager({ maxIdleTotal: 4, predictiveWindowMs: 10_000 });
+    pools.start();
+    // Predicted: quiet ⌈0.285 × 1 × 2⌉ + 1 = 2, busy ⌈0.95 × 1 × 2⌉ + 1 = 3; the quiet pool was created first.
+    await demand(pools, QUIET, 3);
+    await demand(pools, BUSY, 10);
+    await vi.advanceTimersByTimeAsync(SWEEP_MS);
+    await until(() => pools.snapshot().idle === 4 && pools.snapshot().connecting === 0, 'the budget warmed');
+    expect(idleOf(pools, BUSY)).toBe(3);
+    expect(idleOf(pools, QUIET)).toBe(1);
+  });
+
+  it('retires a pool with nothing in it once its demand has decayed, and refuses prewarms the policy refuses', async () => {
+    // (Predictive warming off: with it, the demand would keep a socket warm, and the pool alive, until its TTL.)
+    const pools = manager({ predictive: false, predictiveWindowMs: 10_000 });
+    pools.start();
+    await demand(pools, BUSY, 1);
+    await vi.advanceTimersByTimeAsync(SWEEP_MS);
+    expect(pools.snapshot().originCount).toBe(1);
+    // 0.1/s decays below 0.001/s after 10 s × ln(100) ≈ 46 s.
+    await vi.advanceTimersByTimeAsync(45_000);
+    expect(pools.snapshot().originCount).toBe(1);
+    await vi.advanceTimersByTimeAsync(2_000);
+    expect(pools.snapshot().originCount).toBe(0);
+
+    connector.refuse.add(QUIET.host);
+    expect(() => pools.prewarm(QUIET, 3)).toThrow(expect.objectContaining({ code: ErrorCodes.POLICY }));
+    expect(pools.snapshot().originCount).toBe(0);
+    expect(connector.calls).toBe(1);
+  });
+});
+
+describe('PoolManager learned idle lifetime', () => {
+  it('learns from a peer close and recycles the other idle sockets at 80% of it', async () => {
+    const pools = manager();
+    pools.start();
+    pools.prewarm(BUSY, 2);
+    await until(() => idleOf(pools, BUSY) === 2, 'prewarmed');
+    await vi.advanceTimersByTimeAsync(3_000);
+    connector.peers[0]!.end(); // the server drops a connection silent for 3 s
+    await until(() => originStats(pools, BUSY).learnedIdleLifetimeMs !== null, 'the lifetime learned');
+    expect(originStats(pools, BUSY).learnedIdleLifetimeMs).toBe(3_000);
+    // The other socket has been idle 3 s, past 80% of that (2.4 s): recycled.
+    await vi.advanceTimersByTimeAsync(0);
+    expect(idleOf(pools, BUSY)).toBe(0);
+
+    // A socket warmed now is recycled at 2.4 s of idleness, before the server would close it.
+    pools.prewarm(BUSY, 1);
+    await until(() => idleOf(pools, BUSY) === 1, 'warmed again');
+    const peer = connector.peers[2]!;
+    await vi.advanceTimersByTimeAsync(2_399);
+    expect(idleOf(pools, BUSY)).toBe(1);
+    await vi.advanceTimersByTimeAsync(1);
+    expect(idleOf(pools, BUSY)).toBe(0);
+    await until(() => peer.destroyed, 'the recycled socket closed');
+  });
+
+  it('lets a shorter observation win at once, never below the floor', async () => {
+    const pools = manager();
+    pools.prewarm(BUSY, 1);
+    await until(() => idleOf(pools, BUSY) === 1, 'prewarmed');
+    await vi.advanceTimersByTimeAsync(3_000);
+    connector.peers[0]!.end();
+    await until(() => originStats(pools, BUSY).learnedIdleLifetimeMs === 3_000, 'learned 3 s');
+
+    pools.prewarm(BUSY, 1);
+    await until(() => idleOf(pools, BUSY) === 1, 'warmed again');
+    await vi.advanceTimersByTimeAsync(1_000);
+    connector.peers[1]!.end();
+    await until(() => originStats(pools, BUSY).learnedIdleLifetimeMs === 1_000, 'learned 1 s');
+
+    pools.prewarm(BUSY, 1);
+    await until(() => idleOf(pools, BUSY) === 1, 'warmed once more');
+    await vi.advanceTimersByTimeAsync(100); // (past the restart window: closes 50 ms apart are a restart)
+    connector.peers[2]!.end(); // one odd early close: the estimate does not go below 250 ms
+    await until(() => originStats(pools, BUSY).learnedIdleLifetimeMs === 250, 'the floor');
+  });
+
+  it('does not learn from sockets of different ages closing together (a server restart)', async () => {
+    const pools = manager();
+    pools.prewarm(BUSY, 1);
+    await until(() => idleOf(pools, BUSY) === 1, 'the first socket');
+    await vi.advanceTimersByTimeAsync(1_000);
+    pools.prewarm(BUSY, 2);
+    await until(() => idleOf(pools, BUSY) === 2, 'the second socket');
+    await vi.advanceTimersByTimeAsync(2_000);
+    // Ages 3 s and 2 s, closed within the same moment: the first close is learned, the second is a restart.
+    connector.peers[0]!.end();
+    await until(() => originStats(pools, BUSY).learnedIdleLifetimeMs === 3_000, 'the first close learned');
+    connector.peers[1]!.end();
+    await until(() => idleOf(pools, BUSY) === 0, 'the second socket dropped');
+    expect(originStats(pools, BUSY).learnedIdleLifetimeMs).toBe(3_000);
+  });
+});
+
+describe('PoolManager with its store and configuration', () => {
+  it('warms the origins the store ranks first, with their learned idle lifetime, skipping refused ones', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'sockpool-pool-manager-'));
+    const store = StateStore.open(dir, { now: () => 1_000_000 });
+    cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+    cleanups.push(() => store.close());
+    store.recordAcquire('busy.test:443', { hit: false });
+    store.recordAcquire('busy.test:443', { hit: false });
+    store.recordIdleLifetime('busy.test:443', 4_000);
+    store.recordAcquire('quiet.test:443', { hit: false });
+    store.flush();
+    connector.refuse.add(QUIET.host);
+
+    const pools = manager({ defaults: { minIdle: 2 } }, store);
+    expect(pools.warmFromHistory(10)).toBe(1);
+    await until(() => idleOf(pools, BUSY) === 2, 'warmed from history');
+    expect(originStats(pools, BUSY).learnedIdleLifetimeMs).toBe(4_000);
+    expect(pools.snapshot().originCount).toBe(1);
+  });
+
+  it('applies a new configuration to existing pools at once, and hands idle sockets over on a detaching close', async () => {
+    const pools = manager();
+    pools.prewarm(BUSY, 1);
+    await until(() => idleOf(pools, BUSY) === 1, 'prewarmed');
+    pools.reconfigure(parseConfig({ pool: { defaults: { minIdle: 3 } } }, 'reload'));
+    await until(() => idleOf(pools, BUSY) === 3, 'the new minIdle');
+
+    const detached = pools.close(true);
+    expect(detached).toHaveLength(3);
+    expect(detached.every(({ origin }) => origin.host === BUSY.host)).toBe(true);
+    // Ownership passed to the caller: these are live sockets only it closes.
+    for (const { socket } of detached) {
+      expect(native.probe(socket.fd).state).toBe('alive');
+      native.close(socket.fd);
+    }
+    await expect(pools.acquire(BUSY, 1_000)).rejects.toMatchObject({ code: ErrorCodes.SHUTTING_DOWN });
+  });
+});
