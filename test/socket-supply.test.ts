@@ -1,0 +1,224 @@
+// SocketSupply in-process (worker/socket-supply.ts): which transfers ask the daemon for a socket, with a fake daemon
+// link whose leases are real socketpair fds (the test keeps the far ends, which show when the supply closed one).
+// Covered: HTTP/1.1 (a socket per transfer in flight, none while curl holds a connection for it), a slot taken
+// once and a second OPENSOCKETFUNCTION starved, closing and releasing leases, https with an unknown protocol (one
+// socket at a time, the others wait for curl to take it), what HTTP/2 and HTTP/1.1 answers change, failed and
+// cancelled acquires, and forced acquires. Every test ends with as many fds open as it started with.
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { ErrorCodes, SockpoolError } from '../shared/errors.js';
+import * as native from '../shared/native.js';
+import { Cancellation } from '../worker/cancellation.js';
+import { type PrepareOptions, type SocketSlot, SocketSupply } from '../worker/socket-supply.js';
+import { FakeLink } from './fixtures/fake-link.js';
+import { fdCount } from './fixtures/native-helpers.js';
+
+const TARGET = { host: 'origin.test', port: 443 };
+const KEY = 'origin.test:443';
+const HTTPS: PrepareOptions = { secure: true, timeoutMs: 1_000, force: false };
+const HTTP: PrepareOptions = { secure: false, timeoutMs: 1_000, force: false };
+
+let link: FakeLink;
+let supply: SocketSupply;
+/** The far end of every lease's socketpair, by the lease's fd (numbers are reused once closed: the latest wins). */
+let farEnds: Map<number, number>;
+/** Every far end, closed after the test. */
+let allFarEnds: number[];
+let fdsBefore: number;
+
+beforeEach(() => {
+  fdsBefore = fdCount();
+  farEnds = new Map();
+  allFarEnds = [];
+  link = new FakeLink(async () => {
+    const [near, far] = native.seqpacketPair();
+    farEnds.set(near, far);
+    allFarEnds.push(far);
+    return { fd: near, address: '127.0.0.1', family: 4 };
+  });
+  supply = new SocketSupply(link);
+});
+
+afterEach(() => {
+  for (const far of allFarEnds) native.close(far);
+  expect(fdCount()).toBe(fdsBefore);
+});
+
+/** True once the supply (or the link) closed the lease fd whose far end this is. */
+function closedByUs(leaseFd: number): boolean {
+  return native.probe(farEnds.get(leaseFd)!).state === 'eof';
+}
+
+/** What the curl engine does around a transfer: prepare, let curl open the slot's socket (or not), finish. */
+async function prepare(options: PrepareOptions): Promise<SocketSlot> {
+  return await supply.prepare(TARGET, KEY, options);
+}
+
+function settledState<T>(promise: Promise<T>) {
+  const state: { settled: boolean; value?: T; error?: unknown } = { settled: false };
+  promise.then(
+    (value) => Object.assign(state, { settled: true, value }),
+    (error: unknown) => Object.assign(state, { settled: true, error }),
+  );
+  return state;
+}
+
+const nextTurn = () => new Promise<void>((resolve) => setImmediate(resolve));
+
+describe('SocketSupply over HTTP/1.1', () => {
+  it('asks for a socket per transfer in flight, and none for a transfer curl has a connection for', async () => {
+    const first = supply.prepare(TARGET, KEY, HTTP);
+    expect(first).toBeInstanceOf(Promise); // nothing in curl's cache: a daemon round trip
+    const slot = await first;
+    const fd = supply.open(slot);
+    expect(fd).toBe(slot.lease!.fd);
+    expect(slot.taken).toBe(true);
+    supply.finish(slot);
+
+    // curl keeps the connection: the next transfer gets no socket and no promise.
+    const reusing = supply.prepare(TARGET, KEY, HTTP);
+    expect(reusing).not.toBeInstanceOf(Promise);
+    expect((reusing as SocketSlot).lease).toBeUndefined();
+    // A second transfer at the same time needs a connection of its own.
+    const concurrent = await prepare(HTTP);
+    expect(concurrent.lease).toBeDefined();
+    expect(link.acquires).toHaveLength(2);
+
+    // CLOSESOCKETFUNCTION: the supply closes the fd and ends its lease.
+    expect(supply.close(fd)).toBe(0);
+    expect(closedByUs(fd)).toBe(true);
+    expect(link.closedLeases).toEqual([slot.lease!.leaseId]);
+    const unused = concurrent.lease!.leaseId;
+    supply.finish(reusing as SocketSlot);
+    supply.finish(concurrent);
+    expect(link.released).toEqual([unused]);
+    expect(link.outstanding.size).toBe(0);
+  });
+
+  it('hands a slot to curl once: a second OPENSOCKETFUNCTION finds it empty and marks it starved', async () => {
+    const slot = await prepare(HTTP);
+    const fd = supply.open(slot);
+    expect(supply.open(slot)).toBe(-1);
+    expect(slot.starved).toBe(true);
+    supply.finish(slot);
+    // curl holds a connection for the next transfer: its slot stays empty, and if curl still asks (that
+    // connection died), the transfer is starved.
+    const empty = supply.prepare(TARGET, KEY, HTTP) as SocketSlot;
+    expect(supply.open(empty)).toBe(-1);
+    expect(empty.starved).toBe(true);
+    supply.finish(empty);
+    supply.close(fd);
+    expect(link.acquires).toHaveLength(1);
+  });
+
+  it('gives a socket curl never took back to the daemon when the transfer ends', async () => {
+    const slot = await prepare(HTTP);
+    const { fd, leaseId } = slot.lease!;
+    supply.finish(slot);
+    expect(link.released).toEqual([leaseId]);
+    expect(slot.lease).toBeUndefined();
+    expect(closedByUs(fd)).toBe(true);
+    // Nothing is left counted as on its way: the next transfer asks again.
+    const next = await prepare(HTTP);
+    expect(next.lease).toBeDefined();
+    supply.finish(next);
+    expect(link.acquires).toHaveLength(2);
+  });
+
+  it('asks for a socket even with a connection in curl when the transfer is forced (a retry)', async () => {
+    const slot = await prepare(HTTP);
+    const fd = supply.open(slot);
+    supply.finish(slot);
+    const forced = await prepare({ ...HTTP, force: true });
+    expect(forced.lease).toBeDefined();
+    supply.finish(forced);
+    supply.close(fd);
+    expect(link.acquires).toHaveLength(2);
+  });
+});
+
+describe('SocketSupply over https', () => {
+  it('brings one socket at a time while the protocol is unknown; the others wait until curl took it', async () => {
+    link.manual = true;
+    const first = settledState(prepare(HTTPS));
+    const second = settledState(prepare(HTTPS));
+    const third = settledState(prepare(HTTPS));
+    expect(link.pending).toHaveLength(1);
+    await link.pending[0]!.grant();
+    await nextTurn();
+    expect(first.settled).toBe(true);
+    expect(second.settled).toBe(false); // granted is not enough: curl must have taken it
+    const fd = supply.open(first.value!);
+    await nextTurn(); // (released outside curl's callback, in an immediate)
+    await nextTurn();
+    expect(second.settled && third.settled).toBe(true);
+    expect(second.value!.lease).toBeUndefined();
+    expect(third.value!.lease).toBeUndefined();
+    expect(link.acquires).toHaveLength(1);
+
+    // The first response says HTTP/2: everything shares curl's one connection.
+    expect(supply.knowsProtocol(KEY)).toBe(false);
+    supply.learnProtocol(KEY, true);
+    expect(supply.knowsProtocol(KEY)).toBe(true);
+    for (const slot of [first.value!, second.value!, third.value!]) supply.finish(slot);
+    const more = supply.prepare(TARGET, KEY, HTTPS);
+    expect(more).not.toBeInstanceOf(Promise);
+    supply.finish(more as SocketSlot);
+    // curl closed that connection: the next transfer brings a new one (what was learned is kept).
+    supply.close(fd);
+    expect(supply.knowsProtocol(KEY)).toBe(true);
+    const after = supply.prepare(TARGET, KEY, HTTPS);
+    expect(after).toBeInstanceOf(Promise);
+    link.pending[1]!.grant();
+    supply.finish(await after);
+    expect(link.outstanding.size).toBe(0);
+  });
+
+  it('gives an https origin that answered HTTP/1.1 a socket per transfer in flight', async () => {
+    const first = await prepare(HTTPS);
+    const fd = supply.open(first);
+    supply.learnProtocol(KEY, false);
+    const second = supply.prepare(TARGET, KEY, HTTPS);
+    expect(second).toBeInstanceOf(Promise); // no waiting on the first socket: it will not be shared
+    const slot = await second;
+    expect(slot.lease).toBeDefined();
+    supply.finish(slot);
+    supply.finish(first);
+    supply.close(fd);
+  });
+
+  it('fails the transfer whose acquire failed and lets the ones waiting on it go on', async () => {
+    link.manual = true;
+    const first = settledState(prepare(HTTPS));
+    const second = settledState(prepare(HTTPS));
+    const failure = new SockpoolError(ErrorCodes.CONNECT, 'cannot connect');
+    link.pending[0]!.fail(failure);
+    await nextTurn();
+    expect(first.error).toBe(failure);
+    expect(second.settled).toBe(true);
+    expect(second.value!.lease).toBeUndefined(); // it runs, is starved, and the engine retries it forced
+    supply.finish(second.value!);
+    // Nothing is left counted as supplying: the next transfer brings a socket again.
+    const next = settledState(prepare(HTTPS));
+    expect(link.pending).toHaveLength(2);
+    await link.pending[1]!.grant();
+    await nextTurn();
+    supply.finish(next.value!);
+    expect(link.released).toHaveLength(1);
+  });
+
+  it('cancels a transfer waiting for the first socket with its signal', async () => {
+    link.manual = true;
+    const first = settledState(prepare(HTTPS));
+    const cancellation = new Cancellation();
+    const waiting = settledState(prepare({ ...HTTPS, signal: cancellation }));
+    const reason = new SockpoolError(ErrorCodes.ABORTED, 'aborted by the caller');
+    cancellation.cancel(reason);
+    await nextTurn();
+    expect(waiting.error).toBe(reason);
+    expect(first.settled).toBe(false);
+    await link.pending[0]!.grant();
+    await nextTurn();
+    supply.finish(first.value!);
+    expect(link.released).toHaveLength(1);
+  });
+});
