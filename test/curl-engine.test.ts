@@ -1,0 +1,236 @@
+// CurlEngine in-process (worker/curl-engine.ts): real libcurl and a real loopback HTTP server, with the socket
+// supply over a fake daemon link whose leases are real loopback connections made by the daemon's connectTcp (the
+// test decides which ones are dead on arrival). Covered: leased and reused connections, the retry rules (a dead
+// handed connection is retried once for idempotent methods only, unless retries are off; a starved transfer is run
+// again with a socket), the direct fallback when no daemon answers, acquire timeouts against the request's own
+// deadline, a deadline already passed, cancellation and close. Every test ends with as many fds as it began with.
+import { once } from 'node:events';
+import http from 'node:http';
+import type net from 'node:net';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { connectTcp } from '../daemon/tcp-connect.js';
+import { ErrorCodes, SockpoolError } from '../shared/errors.js';
+import * as native from '../shared/native.js';
+import { Cancellation } from '../worker/cancellation.js';
+import { type ClientPolicy, CurlEngine, epochNow, type TransferRequest } from '../worker/curl-engine.js';
+import { SocketSupply } from '../worker/socket-supply.js';
+import { FakeLink } from './fixtures/fake-link.js';
+import { fdCount } from './fixtures/native-helpers.js';
+
+let server: http.Server;
+let port: number;
+/** Server-side connections by the client's port, and every one in accept order. */
+let byClientPort: Map<number, net.Socket>;
+let connections: net.Socket[];
+let accepted: Array<() => void>;
+/** Requests that reached the server, by path. */
+let seen: string[];
+let requestArrived: Array<() => void>;
+/** Leases to hand out dead: the server closes them before curl gets them. */
+let deadOnArrival: number;
+let link: FakeLink;
+let engines: CurlEngine[];
+let fdsBefore: number;
+
+beforeEach(async () => {
+  fdsBefore = fdCount();
+  byClientPort = new Map();
+  connections = [];
+  accepted = [];
+  seen = [];
+  requestArrived = [];
+  deadOnArrival = 0;
+  engines = [];
+  server = http.createServer((request, response) => {
+    seen.push(`${request.method} ${request.url}`);
+    for (const wake of requestArrived.splice(0)) wake();
+    if (request.url === '/hang') return; // answered never: the transfer ends by cancel or close
+    request.resume();
+    request.on('end', () => response.end(`hello from ${request.url}`));
+  });
+  server.on('connection', (socket) => {
+    byClientPort.set(socket.remotePort!, socket);
+    connections.push(socket);
+    for (const wake of accepted.splice(0)) wake();
+  });
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  port = (server.address() as net.AddressInfo).port;
+  link = new FakeLink(async () => {
+    const fd = await connectTcp('127.0.0.1', port, { timeoutMs: 5_000 });
+    if (deadOnArrival > 0) {
+      deadOnArrival--;
+      const peer = await serverSideOf(fd);
+      peer.destroy();
+      await once(peer, 'close');
+    }
+    return { fd, address: '127.0.0.1', family: 4 };
+  });
+});
+
+afterEach(async () => {
+  for (const engine of engines) engine.close();
+  server.closeAllConnections();
+  await new Promise<void>((resolve) => server.close(() => resolve()));
+  expect(link.outstanding.size).toBe(0);
+  expect(fdCount()).toBe(fdsBefore);
+});
+
+async function serverSideOf(fd: number): Promise<net.Socket> {
+  const { port: clientPort } = native.localAddress(fd);
+  while (!byClientPort.has(clientPort)) await new Promise<void>((resolve) => accepted.push(resolve));
+  return byClientPort.get(clientPort)!;
+}
+
+function engine(policy: Partial<ClientPolicy> = {}): CurlEngine {
+  const created = new CurlEngine(new SocketSupply(link), { acquireTimeoutMs: 5_000, ...policy });
+  engines.push(created);
+  return created;
+}
+
+function request(path: string, overrides: Partial<TransferRequest> = {}): TransferRequest {
+  return {
+    url: `http://127.0.0.1:${port}${path}`,
+    method: 'GET',
+    headers: [],
+    deadline: epochNow() + 30_000,
+    timeoutMs: 30_000,
+    ...overrides,
+  };
+}
+
+/** Resolves when the server has seen `count` requests. */
+async function requestsSeen(count: number): Promise<void> {
+  while (seen.length < count) await new Promise<void>((resolve) => requestArrived.push(resolve));
+}
+
+const text = (body: Uint8Array) => Buffer.from(body).toString();
+
+describe('CurlEngine connections', () => {
+  it('runs a transfer over a leased socket and the next over the connection curl kept', async () => {
+    const curl = engine();
+    const first = await curl.run(request('/one'));
+    expect(first.ok && first.result).toMatchObject({ status: 200, connection: 'leased', httpVersion: '1.1' });
+    expect(first.ok && text(first.result.body)).toBe('hello from /one');
+    const second = await curl.run(request('/two'));
+    expect(second.ok && second.result).toMatchObject({ status: 200, connection: 'reused', warm: true });
+    expect(link.acquires).toHaveLength(1);
+    expect(connections).toHaveLength(1);
+    curl.close(); // curl closes its connection: the lease is reported closed
+    expect(link.closedLeases).toEqual([1]);
+  });
+
+  it('runs a starved transfer again with a socket of its own when the connection curl kept has died', async () => {
+    const curl = engine();
+    expect((await curl.run(request('/one'))).ok).toBe(true);
+    const kept = connections[0]!;
+    kept.destroy(); // the server drops the keep-alive connection
+    await once(kept, 'close');
+    const outcome = await curl.run(request('/two'));
+    expect(outcome.ok && outcome.result.connection).toBe('leased');
+    expect(link.acquires).toHaveLength(2);
+    expect(seen).toEqual(['GET /one', 'GET /two']);
+  });
+
+  it('lets curl connect by itself when no daemon answers and directFallback is on', async () => {
+    const unavailable = () => new SockpoolError(ErrorCodes.DAEMON_UNAVAILABLE, 'no daemon');
+    link.failures.push(unavailable());
+    const direct = await engine({ directFallback: true }).run(request('/direct'));
+    expect(direct.ok && direct.result.connection).toBe('direct');
+    expect(seen).toEqual(['GET /direct']);
+
+    link.failures.push(unavailable());
+    const refused = await engine().run(request('/refused'));
+    expect(refused.ok === false && refused.error.code).toBe(ErrorCodes.DAEMON_UNAVAILABLE);
+    expect(seen).toEqual(['GET /direct']);
+  });
+});
+
+describe('CurlEngine retries', () => {
+  it('retries an idempotent request once on a fresh socket when the handed connection was dead', async () => {
+    deadOnArrival = 1;
+    const outcome = await engine().run(request('/retried'));
+    expect(outcome.ok && outcome.result).toMatchObject({ status: 200, connection: 'leased' });
+    expect(link.acquires).toHaveLength(2);
+    expect(seen).toEqual(['GET /retried']);
+  });
+
+  it('retries a dead connection only once', async () => {
+    deadOnArrival = 2;
+    const outcome = await engine().run(request('/twice'));
+    expect(outcome.ok).toBe(false);
+    expect(!outcome.ok && outcome.error).toMatchObject({
+      code: ErrorCodes.TRANSFER,
+      fields: { deadConnection: true },
+    });
+    expect(link.acquires).toHaveLength(2);
+  });
+
+  it('does not retry a POST, nor anything when retries are off', async () => {
+    deadOnArrival = 1;
+    const post = await engine().run(request('/post', { method: 'POST', body: Buffer.from('once') }));
+    expect(!post.ok && post.error).toMatchObject({ code: ErrorCodes.TRANSFER, fields: { deadConnection: true } });
+    expect(link.acquires).toHaveLength(1);
+
+    deadOnArrival = 1;
+    const get = await engine({ retryDeadConnection: false }).run(request('/get'));
+    expect(!get.ok && get.error.code).toBe(ErrorCodes.TRANSFER);
+    expect(link.acquires).toHaveLength(2);
+
+    // POST may be allowed explicitly.
+    deadOnArrival = 1;
+    const allowed = await engine({ retryMethods: ['POST'] }).run(
+      request('/post', { method: 'POST', body: Buffer.from('again') }),
+    );
+    expect(allowed.ok).toBe(true);
+    expect(link.acquires).toHaveLength(4);
+    expect(seen).toEqual(['POST /post']);
+  });
+});
+
+describe('CurlEngine deadlines, cancellation and close', () => {
+  it('turns an acquire timeout cut short by the request deadline into the request timeout', async () => {
+    const curl = engine({ acquireTimeoutMs: 60_000 });
+    link.failures.push(new SockpoolError(ErrorCodes.ACQUIRE_TIMEOUT, 'no connection in time'));
+    const cut = await curl.run(request('/cut', { deadline: epochNow() + 1_000, timeoutMs: 1_000 }));
+    expect(!cut.ok && cut.error.code).toBe(ErrorCodes.TIMEOUT);
+    expect(link.acquires[0]!.timeoutMs).toBeLessThanOrEqual(1_000);
+
+    link.failures.push(new SockpoolError(ErrorCodes.ACQUIRE_TIMEOUT, 'no connection in time'));
+    const own = await engine({ acquireTimeoutMs: 500 }).run(request('/own'));
+    expect(!own.ok && own.error.code).toBe(ErrorCodes.ACQUIRE_TIMEOUT);
+    expect(link.acquires[1]!.timeoutMs).toBe(500);
+  });
+
+  it('fails a request whose deadline has passed without asking for a socket', async () => {
+    const late = await engine().run(request('/late', { deadline: epochNow() - 1 }));
+    expect(!late.ok && late.error.code).toBe(ErrorCodes.TIMEOUT);
+    expect(link.acquires).toHaveLength(0);
+  });
+
+  it('cancels a transfer inside curl with its signal and closes the connection it left mid-response', async () => {
+    const curl = engine();
+    const cancellation = new Cancellation();
+    const running = curl.run(request('/hang'), { signal: cancellation });
+    await requestsSeen(1);
+    const peer = connections[0]!;
+    const reason = new SockpoolError(ErrorCodes.ABORTED, 'aborted by the caller');
+    cancellation.cancel(reason);
+    const outcome = await running;
+    expect(!outcome.ok && outcome.error).toMatchObject({ code: ErrorCodes.ABORTED, message: reason.message });
+    await once(peer, 'close');
+    expect(link.closedLeases).toEqual([1]);
+  });
+
+  it('fails the transfers still running with SOCKPOOL_ERR_CLOSED on close', async () => {
+    const curl = engine();
+    const running = curl.run(request('/hang'));
+    await requestsSeen(1);
+    curl.close();
+    const outcome = await running;
+    expect(!outcome.ok && outcome.error.code).toBe(ErrorCodes.CLOSED);
+    expect(link.closedLeases).toEqual([1]);
+    const after = await curl.run(request('/after'));
+    expect(!after.ok && after.error.code).toBe(ErrorCodes.CLOSED);
+  });
+});
