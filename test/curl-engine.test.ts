@@ -2,20 +2,24 @@
 // supply over a fake daemon link whose leases are real loopback connections made by the daemon's connectTcp (the
 // test decides which ones are dead on arrival). Covered: leased and reused connections, the retry rules (a dead
 // handed connection is retried once for idempotent methods only, unless retries are off; a starved transfer is run
-// again with a socket), the direct fallback when no daemon answers, acquire timeouts against the request's own
-// deadline, a deadline already passed, cancellation and close. Every test ends with as many fds as it began with.
+// again with a socket), https transfers started together (one socket, multiplexed over HTTP/2; run again with
+// sockets of their own over HTTP/1.1), the direct fallback when no daemon answers, acquire timeouts against the
+// request's own deadline, a deadline already passed, cancellation and close. Every test ends with as many fds as
+// it began with.
 import { once } from 'node:events';
 import http from 'node:http';
 import type net from 'node:net';
-import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { connectTcp } from '../daemon/tcp-connect.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
 import { Cancellation } from '../worker/cancellation.js';
 import { type ClientPolicy, CurlEngine, epochNow, type TransferRequest } from '../worker/curl-engine.js';
 import { SocketSupply } from '../worker/socket-supply.js';
+import { h2Origin, httpsOrigin } from './fixtures/client-helpers.js';
 import { FakeLink } from './fixtures/fake-link.js';
 import { fdCount } from './fixtures/native-helpers.js';
+import { createTestPki, type TestPki } from './helpers/tls.js';
 
 let server: http.Server;
 let port: number;
@@ -29,6 +33,8 @@ let requestArrived: Array<() => void>;
 /** Leases to hand out dead: the server closes them before curl gets them. */
 let deadOnArrival: number;
 let link: FakeLink;
+/** Where the link's leases connect: the HTTP server, unless a test points it at an https origin. */
+let linkPort: number;
 let engines: CurlEngine[];
 let fdsBefore: number;
 
@@ -56,8 +62,9 @@ beforeEach(async () => {
   server.listen(0, '127.0.0.1');
   await once(server, 'listening');
   port = (server.address() as net.AddressInfo).port;
+  linkPort = port;
   link = new FakeLink(async () => {
-    const fd = await connectTcp('127.0.0.1', port, { timeoutMs: 5_000 });
+    const fd = await connectTcp('127.0.0.1', linkPort, { timeoutMs: 5_000 });
     if (deadOnArrival > 0) {
       deadOnArrival--;
       const peer = await serverSideOf(fd);
@@ -232,5 +239,61 @@ describe('CurlEngine deadlines, cancellation and close', () => {
     expect(link.closedLeases).toEqual([1]);
     const after = await curl.run(request('/after'));
     expect(!after.ok && after.error.code).toBe(ErrorCodes.CLOSED);
+  });
+});
+
+describe('CurlEngine over https', () => {
+  let pki: TestPki;
+  beforeAll(() => {
+    pki = createTestPki(['localhost']);
+  });
+  afterAll(() => pki.cleanup());
+
+  /** Holds every response until `count` requests are in: they can only all be answered if they ran together. */
+  function answerTogether(count: number) {
+    const held: Array<() => void> = [];
+    return (request: { url?: string | undefined }, response: { end(body: string): void }) => {
+      held.push(() => response.end(`together ${request.url}`));
+      if (held.length === count) for (const answer of held.splice(0)) answer();
+    };
+  }
+
+  async function runTogether(originPort: number): Promise<Array<{ httpVersion: string; connection: string }>> {
+    linkPort = originPort;
+    const curl = engine({ caFile: pki.caFile });
+    const outcomes = await Promise.all(
+      [1, 2, 3].map((i) => curl.run(request('', { url: `https://localhost:${originPort}/${i}` }))),
+    );
+    return outcomes.map((outcome) => {
+      if (!outcome.ok) throw new Error(`transfer failed: ${outcome.error.message}`);
+      return outcome.result;
+    });
+  }
+
+  it('brings one socket for transfers that start together, and multiplexes them when the origin speaks HTTP/2', async () => {
+    const origin = await h2Origin(pki, answerTogether(3));
+    try {
+      const results = await runTogether(origin.port);
+      expect(results.map((result) => result.httpVersion)).toEqual(['2', '2', '2']);
+      expect(link.acquires).toHaveLength(1);
+      expect(origin.connections()).toBe(1);
+    } finally {
+      for (const engine of engines.splice(0)) engine.close();
+      await origin.close();
+    }
+  });
+
+  it('runs the transfers that waited again with sockets of their own when the origin speaks HTTP/1.1', async () => {
+    const origin = await httpsOrigin(pki, answerTogether(3));
+    try {
+      const results = await runTogether(origin.port);
+      expect(results.map((result) => result.httpVersion)).toEqual(['1.1', '1.1', '1.1']);
+      expect(results.map((result) => result.connection)).toEqual(['leased', 'leased', 'leased']);
+      expect(link.acquires).toHaveLength(3);
+      expect(origin.connections()).toBe(3);
+    } finally {
+      for (const engine of engines.splice(0)) engine.close();
+      await origin.close();
+    }
   });
 });
