@@ -111,7 +111,7 @@ export class TcpConnector implements Connector {
       ErrorCodes.CONNECT,
       `cannot connect to ${target.host}:${target.port}${origin.proxy ? ` (proxy for ${origin.host}:${origin.port})` : ''}: ` +
         `${reason?.message ?? 'no usable address'}`,
-      { host: origin.host, port: origin.port, cause: reason?.code ?? null },
+      { host: origin.host, port: origin.port },
       { cause: reason },
     );
   }

@@ -160,9 +160,8 @@ export class HandoffServer {
             new SockpoolError(
               ErrorCodes.PROTOCOL,
               `message dropped (over ${MAX_MESSAGE_BYTES} bytes or fds): ${error.message}`,
-              {
-                cause: (error as { code?: string }).code ?? null,
-              },
+              {},
+              { cause: error },
             ),
           ),
         onClose: (error) => this.#disconnect(session, error ? error.message : 'client hung up'),

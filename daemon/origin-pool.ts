@@ -322,7 +322,7 @@ export class OriginPool {
 
   #serve(handoff: Handoff): void {
     const waiter = this.#waiters.shift();
-    if (!waiter) throw new Error('internal: #serve without a waiter');
+    if (!waiter) throw new SockpoolError(ErrorCodes.INTERNAL, '#serve without a waiter');
     clearTimeout(waiter.timer);
     waiter.settled = true;
     waiter.resolve(handoff);

@@ -141,7 +141,7 @@ export class PoolManager {
   /** A lease came back unused with its fd (ownership passes to the pool). */
   giveBack(key: string, socket: ConnectedSocket): void {
     const pool = this.#pools.get(key);
-    if (!pool) throw new Error(`internal: no pool ${key} for a lease`);
+    if (!pool) throw new SockpoolError(ErrorCodes.INTERNAL, `no pool ${key} for a lease`);
     pool.giveBack(socket);
   }
 

@@ -2,12 +2,19 @@
 // Kernel failures keep Node's shape (`code: 'ECONNREFUSED'`, `syscall: 'connect'`) and pass through untouched;
 // our own failures use the SOCKPOOL_ERR_* codes below (in the manner of undici's UND_ERR_*).
 //
+// Every SOCKPOOL_ERR_* code that is ever emitted is in `ErrorCodes` (test/errors.test.ts scans the sources, the
+// addon's C++ included), and our errors are built only through `SockpoolError` (the addon builds its own, in C++,
+// in Node's shape with these codes). A cause is kept as the standard `Error.cause`.
+//
 // Errors cross thread and process boundaries as plain objects ({ code, message, ...fields }): structured clone and
-// JSON both drop the class. `toPlainError` flattens, `fromPlainError` rebuilds the class from the code.
+// JSON both drop the class. `toPlainError` flattens (a cause's code goes along as the field `causeCode`),
+// `fromPlainError` rebuilds the class from the code.
 
 export const ErrorCodes = {
   /** A message on the daemon socket was malformed, oversize, of an unknown type or version. */
   PROTOCOL: 'SOCKPOOL_ERR_PROTOCOL',
+  /** A failure that has no code of its own (a bug): the message says what happened. */
+  INTERNAL: 'SOCKPOOL_ERR_INTERNAL',
   /** The egress policy refused the destination (address class, CIDR list, port or host pattern). */
   POLICY: 'SOCKPOOL_ERR_POLICY',
   /** An acquire waited for a free slot (maxPerOrigin) longer than its deadline. */
@@ -22,6 +29,8 @@ export const ErrorCodes = {
   DNS: 'SOCKPOOL_ERR_DNS',
   /** The daemon is not running or the link to it broke. */
   DAEMON_UNAVAILABLE: 'SOCKPOOL_ERR_DAEMON_UNAVAILABLE',
+  /** The daemon accepted a request and did not answer it in time (the link's request timeout). */
+  DAEMON_TIMEOUT: 'SOCKPOOL_ERR_DAEMON_TIMEOUT',
   /** The daemon is stopping and answers no new requests. */
   SHUTTING_DOWN: 'SOCKPOOL_ERR_SHUTTING_DOWN',
   /** The peer's credentials are not in the allowed uid/gid lists. */
@@ -46,36 +55,62 @@ export const ErrorCodes = {
   FD_TRUNCATED: 'SOCKPOOL_ERR_FD_TRUNCATED',
   /** A received message was larger than the buffer: it was dropped, with its fds. */
   MSG_TRUNCATED: 'SOCKPOOL_ERR_MSG_TRUNCATED',
+  /** The addon's close(): a Poller of this thread still watches the fd (close the Poller first). */
+  FD_POLLED: 'SOCKPOOL_ERR_FD_POLLED',
+  /** The addon's Poller.start after Poller.close. */
+  POLLER_CLOSED: 'SOCKPOOL_ERR_POLLER_CLOSED',
 } as const;
 
 export type ErrorCode = (typeof ErrorCodes)[keyof typeof ErrorCodes];
 
-/** Extra fields an error may carry across a boundary. Only JSON-safe values. */
-export type ErrorFields = Record<string, string | number | boolean | null | undefined>;
+const REGISTERED: ReadonlySet<string> = new Set(Object.values(ErrorCodes));
+
+export function isErrorCode(code: unknown): code is ErrorCode {
+  return typeof code === 'string' && REGISTERED.has(code);
+}
+
+/** Extra fields an error may carry across a boundary. Only JSON-safe values; never the Error's own properties
+ *  (a `cause` field would hide `Error.cause`: a cause's code goes as `causeCode`). */
+export type ErrorFields = Record<string, string | number | boolean | null | undefined> & {
+  [key in 'cause' | 'code' | 'message' | 'name' | 'stack' | 'fields']?: never;
+};
+
+const RESERVED_FIELDS: ReadonlySet<string> = new Set(['cause', 'code', 'message', 'name', 'stack', 'fields']);
 
 export class SockpoolError extends Error {
-  readonly code: string;
+  readonly code: ErrorCode;
   readonly fields: ErrorFields;
 
-  constructor(code: string, message: string, fields: ErrorFields = {}, options?: { cause?: unknown }) {
+  constructor(code: ErrorCode, message: string, fields: ErrorFields = {}, options?: { cause?: unknown }) {
     super(message, options);
     this.name = 'SockpoolError';
     this.code = code;
     this.fields = fields;
-    Object.assign(this, fields);
+    for (const [key, value] of Object.entries(fields)) {
+      if (!RESERVED_FIELDS.has(key)) Object.defineProperty(this, key, { value, enumerable: true });
+    }
   }
 }
 
-/** Plain, JSON- and clone-safe form of any error. */
+/** Plain, JSON- and clone-safe form of any error. `code`: a registered code or a kernel errno name. */
 export interface PlainError {
   code: string;
   message: string;
   fields?: ErrorFields;
 }
 
+/** The code of an error's cause (an errno name such as ECONNREFUSED, or one of ours), if it has one. */
+function causeCode(error: Error): string | undefined {
+  const code = (error.cause as { code?: unknown } | undefined)?.code;
+  return typeof code === 'string' ? code : undefined;
+}
+
 export function toPlainError(error: unknown): PlainError {
   if (error instanceof SockpoolError) {
-    return { code: error.code, message: error.message, fields: error.fields };
+    const cause = causeCode(error);
+    const fields =
+      cause === undefined || 'causeCode' in error.fields ? error.fields : { ...error.fields, causeCode: cause };
+    return { code: error.code, message: error.message, fields };
   }
   if (error instanceof Error) {
     const withCode = error as Error & { code?: unknown; syscall?: unknown; errno?: unknown };
@@ -83,18 +118,27 @@ export function toPlainError(error: unknown): PlainError {
     if (typeof withCode.syscall === 'string') fields.syscall = withCode.syscall;
     if (typeof withCode.errno === 'number') fields.errno = withCode.errno;
     return {
-      code: typeof withCode.code === 'string' ? withCode.code : 'SOCKPOOL_ERR_INTERNAL',
+      code: typeof withCode.code === 'string' ? withCode.code : ErrorCodes.INTERNAL,
       message: error.message,
       fields,
     };
   }
-  return { code: 'SOCKPOOL_ERR_INTERNAL', message: String(error) };
+  return { code: ErrorCodes.INTERNAL, message: String(error) };
 }
 
-export function fromPlainError(plain: PlainError): SockpoolError {
-  return new SockpoolError(plain.code, plain.message, plain.fields ?? {});
-}
-
-export function isErrorWithCode(error: unknown): error is Error & { code: string } {
-  return error instanceof Error && typeof (error as { code?: unknown }).code === 'string';
+/**
+ * Rebuilds an error from its plain form: a SockpoolError for a registered code (with a `causeCode` field, its
+ * cause is an Error of that code again), otherwise an Error in Node's shape for a kernel failure
+ * (`code: 'ECONNREFUSED'`, `syscall`, `errno`).
+ */
+export function fromPlainError(plain: PlainError): SockpoolError | (Error & { code: string }) {
+  const fields = plain.fields ?? {};
+  if (!isErrorCode(plain.code)) {
+    return Object.assign(new Error(plain.message), fields, { code: plain.code });
+  }
+  const cause =
+    typeof fields.causeCode === 'string'
+      ? { cause: Object.assign(new Error(fields.causeCode), { code: fields.causeCode }) }
+      : undefined;
+  return new SockpoolError(plain.code, plain.message, fields, cause);
 }

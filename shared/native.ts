@@ -23,6 +23,7 @@ import { existsSync, readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { ErrorCodes } from './errors.js';
 
 /** A failed syscall (`code` is the errno name) or one of NativeErrorCodes. */
 export interface NativeError extends Error {
@@ -37,16 +38,16 @@ export interface NativeError extends Error {
   fdsClosed?: number;
 }
 
-/** The addon's own error codes (everything else is an errno name). */
+/** The addon's own error codes (everything else is an errno name); registered in shared/errors.ts. */
 export const NativeErrorCodes = {
   /** recvMessage: the message carried more fds than maxFds; every fd that arrived was closed. */
-  FD_TRUNCATED: 'SOCKPOOL_ERR_FD_TRUNCATED',
+  FD_TRUNCATED: ErrorCodes.FD_TRUNCATED,
   /** recvMessage: the message was longer than maxBytes; it is lost and every fd that came with it was closed. */
-  MSG_TRUNCATED: 'SOCKPOOL_ERR_MSG_TRUNCATED',
+  MSG_TRUNCATED: ErrorCodes.MSG_TRUNCATED,
   /** close: a Poller of this thread still watches the fd; close the Poller first. */
-  FD_POLLED: 'SOCKPOOL_ERR_FD_POLLED',
+  FD_POLLED: ErrorCodes.FD_POLLED,
   /** Poller.start after Poller.close. */
-  POLLER_CLOSED: 'SOCKPOOL_ERR_POLLER_CLOSED',
+  POLLER_CLOSED: ErrorCodes.POLLER_CLOSED,
 } as const;
 
 export function isNativeError(error: unknown): error is NativeError {

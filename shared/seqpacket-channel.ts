@@ -7,6 +7,7 @@
 //   peer, or when the channel closes before they could be sent. The caller must not use them after send().
 // - Received fds belong to the onMessage handler from the moment it is called.
 
+import { ErrorCodes, SockpoolError } from './errors.js';
 import * as native from './native.js';
 
 export interface ChannelHandlers {
@@ -59,7 +60,7 @@ export class SeqpacketChannel {
     if (this.#queue.length === 0 && this.#sendNow({ data, fds })) return;
     if (this.#queue.length >= this.#options.maxQueuedMessages) {
       for (const fd of fds) native.close(fd);
-      this.#fail(Object.assign(new Error('peer is not reading: send queue full'), { code: 'SOCKPOOL_ERR_LIMIT' }));
+      this.#fail(new SockpoolError(ErrorCodes.LIMIT, 'peer is not reading: send queue full'));
       return;
     }
     this.#queue.push({ data, fds });
@@ -128,7 +129,7 @@ export class SeqpacketChannel {
         // A peer that hung up with our messages unread is reported once as ECONNRESET; whatever it sent before
         // hanging up (e.g. the reason it refused us) is still queued: read on, EOF follows.
         if (code === 'ECONNRESET') continue;
-        if (code === 'SOCKPOOL_ERR_FD_TRUNCATED' || code === 'SOCKPOOL_ERR_MSG_TRUNCATED') {
+        if (code === ErrorCodes.FD_TRUNCATED || code === ErrorCodes.MSG_TRUNCATED) {
           this.#handlers.onBadMessage?.(error as Error);
           continue;
         }

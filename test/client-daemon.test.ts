@@ -53,6 +53,10 @@ describe('no daemon', () => {
     const client = new SockpoolClient({ socketPath: missing, threads: 1 });
     try {
       const before = origin.connections();
+      // The first attempt says why (the kernel's error, kept as the cause); the next ones fail during the backoff.
+      const first = await client.request(`http://127.0.0.1:${origin.port}/fail`).catch((error: Error) => error);
+      expect(first).toMatchObject({ code: 'SOCKPOOL_ERR_DAEMON_UNAVAILABLE', causeCode: 'ENOENT' });
+      expect((first as Error).cause).toMatchObject({ code: 'ENOENT' });
       for (let i = 0; i < 3; i++) {
         await expect(client.request(`http://127.0.0.1:${origin.port}/fail`)).rejects.toMatchObject({
           code: 'SOCKPOOL_ERR_DAEMON_UNAVAILABLE',

@@ -115,8 +115,17 @@ describe('pool bounds and DNS', () => {
       String(echo.port),
       '--resolve',
       `multi.test:${echo.port}:127.0.0.2,127.0.0.1`,
+      '--resolve',
+      `refused.test:${echo.port}:127.0.0.2`,
     ]);
     const raw = client(sockpoold.socketPath);
+    // With no address left to fall back to, the error names the kernel's reason.
+    const refused = await raw.request({ type: 'acquire', id: 100, host: 'refused.test', port: echo.port });
+    expect(refused.message).toMatchObject({
+      type: 'error',
+      code: 'SOCKPOOL_ERR_CONNECT',
+      fields: { causeCode: 'ECONNREFUSED' },
+    });
     for (let i = 0; i < 3; i++) {
       const lease = await raw.request({ type: 'acquire', id: i, host: 'multi.test', port: echo.port });
       expect(lease.message).toMatchObject({ type: 'lease', address: '127.0.0.1' });

@@ -19,6 +19,8 @@ import {
 import { SeqpacketChannel } from '../shared/seqpacket-channel.js';
 import { DaemonLink } from '../worker/daemon-link.js';
 
+type Behaviour = 'hangup-after-hello' | 'serve' | 'silent';
+
 interface FakeDaemon {
   path: string;
   /** Connections accepted so far. */
@@ -29,9 +31,9 @@ interface FakeDaemon {
 /**
  * Listens on a fresh path; each connection is a SeqpacketChannel (which owns and closes its fd). `behaviour`
  * 'hangup-after-hello': answers hello, then closes the connection at once. 'serve': answers hello, and every
- * acquire with an error reply (enough to show the link is back).
+ * acquire with an error reply (enough to show the link is back). 'silent': answers hello, then nothing.
  */
-function fakeDaemon(behaviour: () => 'hangup-after-hello' | 'serve'): FakeDaemon {
+function fakeDaemon(behaviour: () => Behaviour): FakeDaemon {
   const path = join(mkdtempSync(join(tmpdir(), 'sockpool-link-')), 'fake.sock');
   const listenFd = native.seqpacketListen(path, 16);
   const channels: SeqpacketChannel[] = [];
@@ -56,7 +58,7 @@ function fakeDaemon(behaviour: () => 'hangup-after-hello' | 'serve'): FakeDaemon
                 }),
               );
               if (mode === 'hangup-after-hello') channel.close();
-            } else if (message.type === 'acquire') {
+            } else if (message.type === 'acquire' && mode === 'serve') {
               channel.send(encodeMessage({ type: 'error', id: message.id, code: ErrorCodes.POLICY, message: 'test' }));
             }
           },
@@ -89,11 +91,11 @@ afterEach(() => {
 
 describe('DaemonLink when the daemon hangs up right after hello', () => {
   it('fails every request queued behind the hello at once, then reconnects', async () => {
-    let mode: 'hangup-after-hello' | 'serve' = 'hangup-after-hello';
+    let mode: Behaviour = 'hangup-after-hello';
     daemon = fakeDaemon(() => mode);
     link = new DaemonLink({ socketPath: daemon.path, requestTimeoutMs: 5_000 });
     // Five acquires issued before the link exists: they all wait for the same connect + hello. A request left
-    // behind would end with the link's own deadline instead (SOCKPOOL_ERR_TIMEOUT, after 2 + 1 s).
+    // behind would end with the link's own deadline instead (SOCKPOOL_ERR_DAEMON_TIMEOUT, after 2 + 1 s).
     const outcomes = await Promise.all(
       Array.from({ length: 5 }, () =>
         link!.acquire('example.test', 80, 2_000).then(
@@ -118,5 +120,19 @@ describe('DaemonLink when the daemon hangs up right after hello', () => {
     }
     expect(outcome).toBe('SOCKPOOL_ERR_POLICY');
     expect(daemon.accepted()).toBeGreaterThanOrEqual(2);
+  });
+});
+
+describe('DaemonLink when the daemon accepts requests and never answers them', () => {
+  it('fails them with SOCKPOOL_ERR_DAEMON_TIMEOUT, not the caller-side SOCKPOOL_ERR_TIMEOUT', async () => {
+    daemon = fakeDaemon(() => 'silent');
+    link = new DaemonLink({ socketPath: daemon.path, requestTimeoutMs: 200 });
+    await expect(link.stats()).rejects.toMatchObject({
+      code: ErrorCodes.DAEMON_TIMEOUT,
+      message: 'sockpoold did not answer stats in 200 ms',
+    });
+    // An acquire waits for its own timeout plus a margin for the daemon's answer, then fails the same way.
+    await expect(link.acquire('example.test', 80, 10)).rejects.toMatchObject({ code: ErrorCodes.DAEMON_TIMEOUT });
+    expect(daemon.accepted()).toBe(1);
   });
 });

@@ -153,7 +153,9 @@ export class DaemonLink {
       const timer = setTimeout(() => {
         signal?.removeEventListener('abort', onAbort);
         this.#pending.delete(id);
-        reject(new SockpoolError(ErrorCodes.TIMEOUT, `daemon did not answer ${request.type} in ${timeoutMs} ms`));
+        reject(
+          new SockpoolError(ErrorCodes.DAEMON_TIMEOUT, `sockpoold did not answer ${request.type} in ${timeoutMs} ms`),
+        );
       }, timeoutMs);
       signal?.addEventListener('abort', onAbort, { once: true });
       this.#pending.set(id, {
@@ -200,7 +202,8 @@ export class DaemonLink {
       throw new SockpoolError(
         ErrorCodes.DAEMON_UNAVAILABLE,
         `cannot reach sockpoold at ${this.#options.socketPath}: ${cause.code ?? cause.message}`,
-        { socketPath: this.#options.socketPath, cause: cause.code ?? null },
+        { socketPath: this.#options.socketPath },
+        { cause },
       );
     }
     this.#generation++;
