@@ -12,13 +12,12 @@ import { once } from 'node:events';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
-import { setTimeout as sleep } from 'node:timers/promises';
 import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { testHooks } from '../client/client.js';
 import { SockpoolClient } from '../client/index.js';
-import { UPLOAD_WINDOW } from '../worker/stream-protocol.js';
+import { RESPONSE_WINDOW, UPLOAD_WINDOW } from '../worker/stream-protocol.js';
 import { daemonStats, eventually, fdCount, rss, startTestDaemon } from './fixtures/client-helpers.js';
 import type { DaemonProcess } from './helpers/daemon.js';
 
@@ -31,6 +30,9 @@ const MB = 1024 * 1024;
 const RESPONSE_BYTES = 50 * MB;
 const UPLOAD_BYTES = 20 * MB;
 const GC_EVERY = MB;
+
+/** The largest size the kernel lets a TCP socket buffer grow to (the third field of tcp_rmem / tcp_wmem). */
+const kernelMax = (file: string) => Number(readFileSync(file, 'utf8').trim().split(/\s+/)[2]);
 
 /** Byte i of every test body. */
 const patternByte = (i: number) => i % 251;
@@ -134,13 +136,38 @@ describe('streamed response bodies', () => {
   });
 
   it('a slow reader applies backpressure all the way to the server (curl pauses, the server waits for drain)', async () => {
-    const response = await client.requestStream(`http://127.0.0.1:${origin.port}/big?bytes=${8 * MB}`);
+    // What may sit between the server's writes and a reader that stopped: the server's socket send buffer and the
+    // worker's receive buffer (at most the kernel's tcp_wmem / tcp_rmem maximum), the worker's window in flight to
+    // this thread and the stream's queue (a window each), and a little in curl and in the server's own buffer.
+    const bound =
+      kernelMax('/proc/sys/net/ipv4/tcp_wmem') + kernelMax('/proc/sys/net/ipv4/tcp_rmem') + 2 * RESPONSE_WINDOW + MB;
+    // A body beyond that: without backpressure the server would write all of it.
+    const total = bound + 16 * MB;
+    const id = 'backpressure';
+    const progress = async (): Promise<{ written: number; waiting: boolean; done: boolean }> =>
+      (await fetch(`http://127.0.0.1:${origin.port}/progress?id=${id}`)).json() as Promise<{
+        written: number;
+        waiting: boolean;
+        done: boolean;
+      }>;
+    const response = await client.requestStream(`http://127.0.0.1:${origin.port}/big?bytes=${total}&id=${id}`);
     const reader = response.body.getReader();
     const first = await reader.read();
     expect(first.done).toBe(false);
-    // Nothing is read for a while: the worker may run at most its window ahead, curl pauses, the kernel buffers
-    // fill and the server stops writing. Then everything still arrives, in order.
-    await sleep(300);
+    // Nothing more is read: the worker runs at most its window ahead, curl pauses, the kernel buffers fill and the
+    // server is held back, waiting for 'drain' with the same count on consecutive looks (or it wrote everything,
+    // which fails below).
+    let held = await progress();
+    let steady = 0;
+    await eventually(async () => {
+      const now = await progress();
+      steady = now.done || (now.waiting && now.written === held.written) ? steady + 1 : 0;
+      held = now;
+      return steady >= 5;
+    }, 'the server stops writing');
+    expect(held.done).toBe(false);
+    expect(held.written).toBeLessThanOrEqual(bound);
+    // Reading again releases it: everything arrives, in order.
     const check = new PatternCheck();
     check.add(first.value!);
     for (;;) {
@@ -148,8 +175,9 @@ describe('streamed response bodies', () => {
       if (done) break;
       check.add(value);
     }
-    expect(check.bytes).toBe(8 * MB);
+    expect(check.bytes).toBe(total);
     expect(check.mismatches).toBe(0);
+    expect(await progress()).toMatchObject({ written: total, done: true });
   });
 
   it('fetch() returns a Response whose body streams', async () => {
@@ -230,14 +258,21 @@ describe('streamed request bodies', () => {
       }
     }
     const pending = client.request(`http://127.0.0.1:${origin.port}/slow-upload`, { method: 'POST', body: counted() });
-    await sleep(150);
-    // The server reads nothing yet: what was pulled is bounded by the upload window plus what the kernel's socket
-    // buffers can hold (their maximum sizes), plus one chunk.
-    const kernelMax = (file: string) => Number(readFileSync(file, 'utf8').trim().split(/\s+/)[2]);
+    // The server reads nothing until released: the pulls stop (the same count on consecutive looks), and what was
+    // pulled is bounded by the upload window plus what the kernel's socket buffers can hold (their maximum sizes),
+    // plus one chunk.
+    let last = -1;
+    let steady = 0;
+    await eventually(() => {
+      steady = produced > 0 && produced === last ? steady + 1 : 0;
+      last = produced;
+      return steady >= 5;
+    }, 'the caller stream is no longer pulled');
     const bound =
       UPLOAD_WINDOW + kernelMax('/proc/sys/net/ipv4/tcp_wmem') + kernelMax('/proc/sys/net/ipv4/tcp_rmem') + MB;
     expect(bound).toBeLessThan(total);
     expect(produced).toBeLessThan(bound);
+    await fetch(`http://127.0.0.1:${origin.port}/release-upload`);
     const response = await pending;
     expect(response.body.toString()).toBe(String(total));
   });

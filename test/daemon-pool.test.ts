@@ -66,7 +66,8 @@ async function roundTrip(fd: number, text: string): Promise<string> {
 describe('handoff', () => {
   it('answers hello and hands out a connected fd the server sees once', async () => {
     const echo = await server();
-    const sockpoold = await daemon(echo.port);
+    // No predictive warming: a spare warmed in the background would be a second connection the server sees.
+    const sockpoold = await daemon(echo.port, [], { pool: { predictive: false } });
     const raw = client(sockpoold.socketPath);
     const hello = await raw.request({ type: 'hello', id: 1, version: 1 });
     expect(hello.message).toMatchObject({ type: 'hello', version: 1, server: 'sockpoold' });

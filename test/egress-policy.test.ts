@@ -67,11 +67,12 @@ describe('normaliseIpLiteral', () => {
     '',
     '[127.0.0.1]',
     '1::2::3',
-    '127.0.0.1 ',
   ])('%j is not an IP literal', (input) => {
-    // '127.0.0.1 ' trims to a literal: inet_aton would accept trailing whitespace too.
-    if (input === '127.0.0.1 ') expect(normaliseIpLiteral(input)).toEqual({ address: '127.0.0.1', family: 4 });
-    else expect(normaliseIpLiteral(input)).toBeNull();
+    expect(normaliseIpLiteral(input)).toBeNull();
+  });
+
+  it('trims trailing whitespace, as inet_aton accepts it', () => {
+    expect(normaliseIpLiteral('127.0.0.1 ')).toEqual({ address: '127.0.0.1', family: 4 });
   });
 });
 
