@@ -133,11 +133,6 @@ export function parseResolveEntry(text: string): ResolveEntry | undefined {
   return { host, port, addresses };
 }
 
-/** Socket file mode from its octal string ("0660" → 0o660). */
-export function socketModeBits(mode: string): number {
-  return Number.parseInt(mode, 8);
-}
-
 const HOST_NAME =
   /^(?=.{1,253}$)[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)*$/;
 
@@ -416,7 +411,6 @@ export type SockpoolConfig = z.output<typeof configSchema>;
 export type SockpoolConfigInput = z.input<typeof configSchema>;
 /** The connection policy of one origin. */
 export type OriginPolicy = z.output<typeof originPolicySchema>;
-export type KeepAlivePolicy = OriginPolicy['keepAlive'];
 /** One `pool.origins` entry: a match pattern and the policy keys it overrides. */
 export type OriginOverride = z.output<typeof originOverrideSchema>;
 

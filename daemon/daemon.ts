@@ -4,9 +4,9 @@
 //
 // The fd store is used at stop only, not while running: an idle socket goes to systemd on SIGTERM (restart, stop) and
 // comes back at the next start; a crash or a watchdog kill loses the idle sockets and the new process warms again
-// from history. Keeping every idle socket in the store as it goes idle would cover crashes too, but costs PID 1
-// about 60 µs per store-and-remove pair with 16 sockets stored and 3.6 ms with 4000 (systemd 252 compares each new
-// fd with every stored one), on every handoff and refill: docs/operations.md has the measurements.
+// from history. Keeping every idle socket in the store as it goes idle would cover crashes too, but costs PID 1 CPU
+// on every handoff and refill, growing with the number of stored fds (systemd 252 compares each new fd with every
+// stored one): docs/operations.md has the measurements.
 
 import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, readFileSync, unlinkSync } from 'node:fs';
 import { dirname } from 'node:path';
@@ -48,7 +48,7 @@ const LISTEN_BACKLOG = 1024;
 /**
  * How long the stop path may spend handing idle sockets to systemd (waiting while its notify queue is full). The
  * unit's TimeoutStopSec= is 15 s. PID 1's own work comes after: systemd 252 checks each stored fd against every other,
- * about 0.5 s of its CPU for 1024 sockets and 7 s for 4000.
+ * seconds of its CPU for thousands of sockets (docs/operations.md has the measurements).
  */
 const FD_STORE_TIMEOUT_MS = 10_000;
 /** How long a notification that matters (READY=1, FDSTOREREMOVE=1) is retried while PID 1's queue is full. */
