@@ -3,7 +3,8 @@
 // (performance.now) and its sweep. Covered: the predictive idle target (demand rate × connect time), minIdle, the
 // global idle cap and its share-out by demand, learning an origin's idle lifetime from peer closes (the shorter
 // observation wins, a floor, a server restart is not learned) and recycling before it, retiring unused pools,
-// refused prewarms, warm-on-start from the store's history, reconfiguration and close. No fd is left behind.
+// refused prewarms, warm-on-start from the store's history, reconfiguration (idle sockets a reloaded policy
+// refuses are closed) and close. No fd is left behind.
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -233,6 +234,19 @@ describe('PoolManager with its store and configuration', () => {
     await until(() => idleOf(pools, BUSY) === 2, 'warmed from history');
     expect(originStats(pools, BUSY).learnedIdleLifetimeMs).toBe(4_000);
     expect(pools.snapshot().originCount).toBe(1);
+  });
+
+  it('closes on reload the idle sockets whose origin the new egress policy refuses, and keeps the others', async () => {
+    const pools = manager();
+    pools.prewarm(BUSY, 1);
+    pools.prewarm(QUIET, 2);
+    await until(() => pools.snapshot().idle === 3, 'prewarmed');
+    connector.refuse.add(QUIET.host); // the reloaded egress policy (the connector's) no longer allows it
+    expect(pools.reconfigure(parseConfig({}, 'reload'))).toBe(2);
+    expect(pools.snapshot().idle).toBe(1); // (the emptied pool, with no demand, is retired by the same sweep)
+    expect(idleOf(pools, BUSY)).toBe(1);
+    await until(() => connector.openPeers === 1, 'the refused sockets closed');
+    expect(connector.calls).toBe(3);
   });
 
   it('applies a new configuration to existing pools at once, and hands idle sockets over on a detaching close', async () => {
