@@ -1,15 +1,30 @@
-// One connect: resolve the origin, keep only the addresses the egress policy allows, try them in the resolver's
-// order until one connects, then check the address actually connected to once more (no rebinding gap) and apply
-// the origin's socket options. This is the only place in sockpool where a TCP socket is created.
+// One connect: resolve the origin, race its addresses with Happy Eyeballs (RFC 8305, daemon/happy-eyeballs.ts),
+// each address checked by the egress policy right before its attempt, and the winner's peer address checked once
+// more after it (no rebinding gap). This is the only place in sockpool where a TCP socket is created.
 //
-// fd ownership: connectTcp's fd belongs to this function until it resolves; on any failure it is closed here.
-// On success it passes to the caller (the origin pool).
+// Per host it remembers which family won (daemon/learned-families.ts), so later connects start with what works;
+// per origin it keeps a budget of attempts racing at once, shared by all connects to that origin.
+//
+// fd ownership: an attempt's fd belongs to connectTcp until it resolves, then to this attempt until the race takes
+// it. The winner's fd passes to the caller (the origin pool); every other attempt is cancelled (connectTcp closes
+// its fd), and a loser that completed anyway goes to `discard`, which closes it.
 
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
-import { connectTarget, type Origin } from '../shared/origin.js';
+import { canonicalHost, connectTarget, type Origin, originKey } from '../shared/origin.js';
 import type { OriginPolicy } from './config.js';
 import type { EgressPolicy } from './egress-policy.js';
+import {
+  AttemptBudget,
+  type Candidate,
+  type Family,
+  HappyEyeballsRace,
+  type RaceClock,
+  type RaceResult,
+  realClock,
+} from './happy-eyeballs.js';
+import { LearnedFamilies, type LearnedFamily } from './learned-families.js';
+import type { Metrics } from './metrics.js';
 import type { Resolver } from './resolver.js';
 import { connectTcp } from './tcp-connect.js';
 import type { TlsSessionInfo } from './tls-relay.js';
@@ -34,16 +49,32 @@ export interface Connector {
    * daemon already holds (idle after a reload, taken back from the fd store), checked as if new.
    */
   checkHeld(origin: Origin, address: string): void;
+  /** What Happy Eyeballs learned about the host this origin connects to (for stats). */
+  learnedFamily?(origin: Origin): LearnedFamily | undefined;
+}
+
+export interface TcpConnectorOptions {
+  metrics?: Metrics | undefined;
+  clock?: RaceClock;
+  learned?: LearnedFamilies;
 }
 
 export class TcpConnector implements Connector {
-  #resolver: () => Resolver;
-  #egress: () => EgressPolicy;
+  readonly #resolver: () => Resolver;
+  readonly #egress: () => EgressPolicy;
+  readonly #metrics: Metrics | undefined;
+  readonly #clock: RaceClock;
+  readonly #learned: LearnedFamilies;
+  /** Origin key → its attempt budget and the connects using it; dropped with the last connect. */
+  readonly #budgets = new Map<string, { budget: AttemptBudget; connects: number }>();
 
   /** Getters, so that a SIGHUP reload takes effect on the next connect. */
-  constructor(resolver: () => Resolver, egress: () => EgressPolicy) {
+  constructor(resolver: () => Resolver, egress: () => EgressPolicy, options: TcpConnectorOptions = {}) {
     this.#resolver = resolver;
     this.#egress = egress;
+    this.#metrics = options.metrics;
+    this.#clock = options.clock ?? realClock;
+    this.#learned = options.learned ?? new LearnedFamilies();
   }
 
   /** The origin (host patterns, port) and, when proxied, the proxy too: both must be allowed. */
@@ -59,6 +90,10 @@ export class TcpConnector implements Connector {
     this.#egress().checkAddress(address, target.port, target.host);
   }
 
+  learnedFamily(origin: Origin): LearnedFamily | undefined {
+    return this.#learned.describe(canonicalHost(connectTarget(origin).host));
+  }
+
   async connect(origin: Origin, policy: OriginPolicy): Promise<ConnectedSocket> {
     const egress = this.#egress();
     const resolver = this.#resolver();
@@ -66,47 +101,61 @@ export class TcpConnector implements Connector {
     // A proxied origin's socket goes to the proxy: that is the address the policy checks (the proxy resolves the
     // origin itself).
     const target = connectTarget(origin);
+    const host = canonicalHost(target.host);
     const addresses = await resolver.resolve(target.host, target.port);
-    let lastError: Error | undefined;
-    let refusal: Error | undefined;
-    for (const candidate of addresses) {
-      try {
-        egress.checkAddress(candidate.address, target.port, target.host);
-      } catch (error) {
-        refusal ??= error as Error;
-        continue;
-      }
-      const started = performance.now();
-      let fd: number;
-      try {
-        fd = await connectTcp(candidate.address, target.port, {
-          timeoutMs: policy.connectTimeoutMs,
-          sourceAddress: policy.sourceAddress,
-          mark: policy.mark,
-          device: policy.device,
-          noDelay: policy.noDelay,
-          keepAlive: policy.keepAlive,
-          userTimeoutMs: policy.userTimeoutMs,
+    const bothFamilies = addresses.some((a) => a.family === 4) && addresses.some((a) => a.family === 6);
+    // The resolver's order already puts addresses that failed lately last; a learned family goes before it.
+    const preferFamily: Family = this.#learned.preferred(host) ?? addresses[0]?.family ?? 6;
+
+    const key = originKey(origin);
+    const budget = this.#takeBudget(key, policy.maxRacingAttempts);
+    const count = (family: Family, outcome: string) => this.#metrics?.connectAttempts.inc({ family, outcome });
+    let result: RaceResult<ConnectedSocket>;
+    try {
+      result = await new Promise<RaceResult<ConnectedSocket>>((resolve) => {
+        const race = new HappyEyeballsRace<ConnectedSocket>({
+          clock: this.#clock,
+          preferFamily,
+          attemptDelayMs: policy.connectAttemptDelayMs,
+          budget,
+          check: (candidate) => {
+            try {
+              egress.checkAddress(candidate.address, target.port, target.host);
+            } catch (error) {
+              count(candidate.family, 'refused');
+              throw error;
+            }
+          },
+          attempt: (candidate, settle) =>
+            this.#attempt(candidate, { port: target.port, host: target.host, policy, egress, resolver }, settle),
+          discard: (socket) => {
+            count(socket.family, 'cancelled');
+            native.close(socket.fd);
+          },
+          onDone: resolve,
         });
-      } catch (error) {
-        resolver.reportFailure(target.host, candidate.address);
-        lastError = error as Error;
-        continue;
-      }
-      // From here the fd is ours: close it on every path that does not return it.
-      try {
-        const peer = native.peerAddress(fd);
-        egress.checkAddress(peer.address, peer.port, target.host);
-        resolver.reportSuccess(target.host, candidate.address);
-        const connectedAt = performance.now();
-        return { fd, address: peer.address, family: peer.family, connectedAt, connectMs: connectedAt - started };
-      } catch (error) {
-        native.close(fd);
-        throw error;
-      }
+        for (const family of [preferFamily, preferFamily === 6 ? 4 : 6] as const) {
+          race.answer(
+            family,
+            addresses.filter((candidate) => candidate.family === family),
+          );
+        }
+      });
+    } finally {
+      this.#returnBudget(key);
     }
-    if (refusal && !lastError) throw refusal;
-    const reason = lastError as (Error & { code?: string }) | undefined;
+
+    if (result.ok) {
+      count(result.candidate.family, 'won');
+      resolver.reportSuccess(target.host, result.candidate.address);
+      if (bothFamilies) this.#learned.record(host, result.families);
+      return result.value;
+    }
+    if (bothFamilies) this.#learned.record(host, result.families);
+    const connectFailures = result.failures.filter(({ error }) => !isRefusal(error));
+    const refusal = [...result.refusals, ...result.failures.filter(({ error }) => isRefusal(error))][0];
+    if (refusal && connectFailures.length === 0) throw refusal.error;
+    const reason = connectFailures.at(-1)?.error as (Error & { code?: string }) | undefined;
     throw new SockpoolError(
       ErrorCodes.CONNECT,
       `cannot connect to ${target.host}:${target.port}${origin.proxy ? ` (proxy for ${origin.host}:${origin.port})` : ''}: ` +
@@ -115,4 +164,73 @@ export class TcpConnector implements Connector {
       { cause: reason },
     );
   }
+
+  /** One attempt: connect, then check the peer the kernel connected to. Returns the canceller. */
+  #attempt(
+    candidate: Candidate,
+    context: { port: number; host: string; policy: OriginPolicy; egress: EgressPolicy; resolver: Resolver },
+    settle: (error: Error | undefined, socket?: ConnectedSocket) => void,
+  ): () => void {
+    const { port, host, policy, egress, resolver } = context;
+    const controller = new AbortController();
+    const started = performance.now();
+    connectTcp(candidate.address, port, {
+      timeoutMs: policy.connectTimeoutMs,
+      sourceAddress: policy.sourceAddress,
+      mark: policy.mark,
+      device: policy.device,
+      noDelay: policy.noDelay,
+      keepAlive: policy.keepAlive,
+      userTimeoutMs: policy.userTimeoutMs,
+      signal: controller.signal,
+    }).then(
+      (fd) => {
+        // The fd is this attempt's until settle() hands it to the race (which keeps or discards it).
+        let socket: ConnectedSocket;
+        try {
+          const peer = native.peerAddress(fd);
+          egress.checkAddress(peer.address, peer.port, host);
+          const connectedAt = performance.now();
+          socket = { fd, address: peer.address, family: peer.family, connectedAt, connectMs: connectedAt - started };
+        } catch (error) {
+          native.close(fd);
+          this.#metrics?.connectAttempts.inc({ family: candidate.family, outcome: 'refused' });
+          settle(error as Error);
+          return;
+        }
+        settle(undefined, socket);
+      },
+      (error: Error) => {
+        if (controller.signal.aborted) {
+          this.#metrics?.connectAttempts.inc({ family: candidate.family, outcome: 'cancelled' });
+        } else {
+          this.#metrics?.connectAttempts.inc({ family: candidate.family, outcome: 'failed' });
+          resolver.reportFailure(host, candidate.address);
+        }
+        settle(error);
+      },
+    );
+    return () => controller.abort();
+  }
+
+  #takeBudget(key: string, limit: number): AttemptBudget {
+    let entry = this.#budgets.get(key);
+    if (!entry) {
+      entry = { budget: new AttemptBudget(limit), connects: 0 };
+      this.#budgets.set(key, entry);
+    } else {
+      entry.budget.setLimit(limit);
+    }
+    entry.connects++;
+    return entry.budget;
+  }
+
+  #returnBudget(key: string): void {
+    const entry = this.#budgets.get(key);
+    if (entry && --entry.connects === 0) this.#budgets.delete(key);
+  }
+}
+
+function isRefusal(error: Error): boolean {
+  return (error as { code?: string }).code === ErrorCodes.POLICY;
 }

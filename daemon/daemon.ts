@@ -88,9 +88,11 @@ export class Sockpoold {
     this.#log = options.log;
     this.#reloadConfig = options.reloadConfig;
     this.#socketPath = this.#config.socket;
+    this.#metrics = createMetrics(() => this.#pools.snapshot());
     const connector = new TcpConnector(
       () => this.#resolver,
       () => this.#egress,
+      { metrics: this.#metrics },
     );
     // Relay threads start with the first warm TLS session; the TLS files are read now (a bad one stops the start).
     this.#relays = new TlsRelays(this.#config.tls.relayThreads, this.#log.child({ part: 'tls' }));
@@ -98,7 +100,6 @@ export class Sockpoold {
     mkdirSync(this.#config.stateDir, { recursive: true, mode: 0o750 });
     this.#store = StateStore.open(this.#config.stateDir);
     this.#store.startAutoFlush(this.#config.pool.statsFlushMs);
-    this.#metrics = createMetrics(() => this.#pools.snapshot());
     this.#egress = createEgressPolicy(this.#config);
     this.#resolver = createResolver(this.#config);
     this.#pools = new PoolManager({

@@ -11,7 +11,15 @@ import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry } from 'prom
 
 /** What a scrape reads from the pool manager; keep it cheap, it runs on every scrape. */
 export interface MetricsSnapshot {
-  origins: Iterable<{ origin: string; idle: number; leased: number; connecting?: number; waiting?: number }>;
+  origins: Iterable<{
+    origin: string;
+    idle: number;
+    leased: number;
+    connecting?: number;
+    waiting?: number;
+    /** What Happy Eyeballs learned for the origin's host (the family that won), when anything. */
+    learnedFamily?: { family: 4 | 6 } | null;
+  }>;
 }
 
 export interface MetricsOptions {
@@ -38,6 +46,11 @@ export class Metrics {
   readonly refusals: Counter<'reason'>;
   /** Idle sockets dropped; `reason`: eof, error, data (unexpected bytes), ttl, recycled (learned lifetime), ... */
   readonly deadDropped: Counter<'reason'>;
+  /**
+   * Happy Eyeballs connect attempts by `family` (4, 6) and `outcome`: won, failed, cancelled (lost the race),
+   * refused (egress policy, before the attempt or on its peer address).
+   */
+  readonly connectAttempts: Counter<'family' | 'outcome'>;
   /** Connects that failed; `reason`: the error code (ECONNREFUSED, SOCKPOOL_ERR_CONNECT, ...). */
   readonly connectFailures: Counter<'reason'>;
   /** Malformed messages received from clients. */
@@ -87,6 +100,12 @@ export class Metrics {
       (entry) => entry.waiting,
     );
 
+    perOrigin(
+      'sockpool_learned_family',
+      'Address family (4 or 6) that won the last connect race to the origin, while remembered.',
+      (entry) => entry.learnedFamily,
+    );
+
     this.hits = new Counter({
       name: 'sockpool_acquire_hits_total',
       help: 'Acquires served from a warm idle socket.',
@@ -110,6 +129,12 @@ export class Metrics {
       registers,
     });
     for (const reason of DEAD_SOCKET_REASONS) this.deadDropped.inc({ reason }, 0);
+    this.connectAttempts = new Counter({
+      name: 'sockpool_connect_attempts_total',
+      help: 'Connect attempts (Happy Eyeballs) by address family and outcome.',
+      labelNames: ['family', 'outcome'],
+      registers,
+    });
     this.connectFailures = new Counter({
       name: 'sockpool_connect_failures_total',
       help: 'Connects that failed, by error code.',
@@ -148,12 +173,13 @@ interface OriginEntry {
   leased: number;
   connecting: number | undefined;
   waiting: number | undefined;
+  learnedFamily: number | undefined;
 }
 
 function collectOrigins(snapshot: MetricsSnapshot): OriginEntry[] {
   const entries: OriginEntry[] = [];
-  for (const { origin, idle, leased, connecting, waiting } of snapshot.origins) {
-    entries.push({ origin, idle, leased, connecting, waiting });
+  for (const { origin, idle, leased, connecting, waiting, learnedFamily } of snapshot.origins) {
+    entries.push({ origin, idle, leased, connecting, waiting, learnedFamily: learnedFamily?.family });
   }
   return entries;
 }

@@ -237,6 +237,7 @@ export class PoolManager {
         demandRatePerS: Number(this.#decayedRate(stats).toFixed(3)),
         connectMs: Number(stats.connectMs.toFixed(2)),
         learnedIdleLifetimeMs: stats.learnedIdleLifetimeMs ?? null,
+        learnedFamily: this.#connector.learnedFamily?.(pool.origin) ?? null,
       };
     });
     const total = this.#hits + this.#misses;

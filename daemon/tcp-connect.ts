@@ -52,6 +52,8 @@ export interface ConnectTcpOptions {
   keepAlive?: boolean | KeepAliveOptions;
   /** TCP_USER_TIMEOUT in milliseconds. */
   userTimeoutMs?: number;
+  /** Cancels the connect: the promise rejects with an AbortError and the fd is closed here (a lost race). */
+  signal?: AbortSignal;
 }
 
 function connectError(code: string, address: string, port: number): NativeError {
@@ -89,8 +91,8 @@ function applyOptions(fd: number, options: ConnectTcpOptions): void {
 /**
  * Connects to `address:port` (numeric IPv4 or IPv6). Resolves with a connected, non-blocking, O_CLOEXEC fd that
  * the caller owns. Rejects with a NativeError: the connect errno (ECONNREFUSED, EHOSTUNREACH, ...; syscall
- * 'connect', with `address` and `port`), ETIMEDOUT when `timeoutMs` passes first, or the setsockopt/bind error of
- * an option. Nothing stays open after a rejection.
+ * 'connect', with `address` and `port`), ETIMEDOUT when `timeoutMs` passes first, the setsockopt/bind error of
+ * an option, or the signal's AbortError. Nothing stays open after a rejection.
  */
 export function connectTcp(address: string, port: number, options: ConnectTcpOptions): Promise<number> {
   return new Promise<number>((resolve, reject) => {
@@ -106,6 +108,8 @@ export function connectTcp(address: string, port: number, options: ConnectTcpOpt
     if (!Number.isFinite(options.timeoutMs) || options.timeoutMs <= 0) {
       throw invalidOption('timeoutMs', 'must be a positive number of milliseconds');
     }
+    const { signal } = options;
+    signal?.throwIfAborted();
 
     // Ownership: ours from here until resolve(); tracked so that thread teardown closes it if we never finish.
     const fd = tcpSocket(addressFamily as 4 | 6);
@@ -113,10 +117,12 @@ export function connectTcp(address: string, port: number, options: ConnectTcpOpt
     let poller: Poller | undefined;
     let timer: NodeJS.Timeout | undefined;
     let settled = false;
+    const onAbort = (): void => finish(signal?.reason);
     const finish = (error?: unknown): void => {
       if (settled) return;
       settled = true;
       if (timer !== undefined) clearTimeout(timer);
+      signal?.removeEventListener('abort', onAbort);
       poller?.close(); // before the fd is closed or handed over
       if (error !== undefined) {
         close(fd); // also untracks
@@ -143,6 +149,7 @@ export function connectTcp(address: string, port: number, options: ConnectTcpOpt
       });
       poller.start(WRITABLE);
       timer = setTimeout(() => finish(connectError('ETIMEDOUT', address, port)), options.timeoutMs);
+      signal?.addEventListener('abort', onAbort, { once: true });
     } catch (error) {
       finish(error);
     }

@@ -68,6 +68,8 @@ describe('defaults', () => {
       maxPerOrigin: 256,
       idleTtlMs: 60000,
       connectTimeoutMs: 5000,
+      connectAttemptDelayMs: 250,
+      maxRacingAttempts: 8,
       acquireTimeoutMs: 10000,
       noDelay: true,
       keepAlive: { enabled: true, idleSec: 30, intervalSec: 10, count: 3 },
@@ -202,6 +204,13 @@ describe('parseConfig', () => {
       [{ pool: { defaults: { mark: -1 } } }, 'pool.defaults.mark:'],
       [{ pool: { defaults: { keepAlive: { count: 1000 } } } }, 'pool.defaults.keepAlive.count:'],
       [{ pool: { defaults: { idleTtlMs: 1.5 } } }, 'pool.defaults.idleTtlMs: expected int'],
+      // RFC 8305 §8: a connection attempt delay below 100 ms is refused, in the defaults and per origin.
+      [{ pool: { defaults: { connectAttemptDelayMs: 99 } } }, 'pool.defaults.connectAttemptDelayMs: Too small'],
+      [
+        { pool: { origins: [{ match: '*:443', connectAttemptDelayMs: 10 }] } },
+        'pool.origins[0].connectAttemptDelayMs: Too small',
+      ],
+      [{ pool: { defaults: { maxRacingAttempts: -1 } } }, 'pool.defaults.maxRacingAttempts: Too small'],
       [{ pool: { origins: [{ match: 'example.com' }] } }, 'pool.origins[0].match: expected "host:port"'],
       [{ pool: { origins: [{}] } }, 'pool.origins[0].match:'],
       [{ metricsPort: 65536 }, 'metricsPort:'],

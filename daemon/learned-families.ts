@@ -1,0 +1,84 @@
+// What Happy Eyeballs races taught about each host: which address family won its last race and which family
+// failed or was outrun (silent, or slower than the attempt delay). A later connect to that host starts with the
+// family that won, so a host whose IPv6 path drops packets costs the attempt delay once per expiry, not on every
+// connect. Entries expire (the network may be repaired) and the oldest go first past `maxEntries` (a crawler
+// meets millions of hosts). Time comes from an injected clock.
+
+import type { Family, FamilyOutcome } from './happy-eyeballs.js';
+
+export interface LearnedFamily {
+  /** The family that won the last race to this host. */
+  family: Family;
+  /** Families that failed or were outrun in that race. */
+  failed: Family[];
+  /** Milliseconds until this is forgotten. */
+  expiresInMs: number;
+}
+
+/** Ten minutes: long enough to spare most connects the delay, short enough to notice a repaired path. */
+export const LEARNED_FAMILY_TTL_MS = 600_000;
+export const LEARNED_FAMILY_MAX_ENTRIES = 10_000;
+
+interface Entry {
+  family: Family;
+  failed: Family[];
+  expiresAt: number;
+}
+
+export class LearnedFamilies {
+  readonly #entries = new Map<string, Entry>();
+  readonly #ttlMs: number;
+  readonly #maxEntries: number;
+  readonly #now: () => number;
+
+  constructor(options: { ttlMs?: number; maxEntries?: number; now?: () => number } = {}) {
+    this.#ttlMs = options.ttlMs ?? LEARNED_FAMILY_TTL_MS;
+    this.#maxEntries = options.maxEntries ?? LEARNED_FAMILY_MAX_ENTRIES;
+    this.#now = options.now ?? (() => performance.now());
+  }
+
+  get size(): number {
+    return this.#entries.size;
+  }
+
+  /** The family to start with for `host`, when a race taught one and it has not expired. */
+  preferred(host: string): Family | undefined {
+    return this.#live(host)?.family;
+  }
+
+  describe(host: string): LearnedFamily | undefined {
+    const entry = this.#live(host);
+    if (!entry) return undefined;
+    return { family: entry.family, failed: [...entry.failed], expiresInMs: Math.round(entry.expiresAt - this.#now()) };
+  }
+
+  /**
+   * The outcome of one race. A win is remembered with the families that did worse; a race nobody won changes
+   * nothing (what failed then is the resolver's per-address business).
+   */
+  record(host: string, families: Record<Family, FamilyOutcome>): void {
+    const winner = families[6] === 'won' ? 6 : families[4] === 'won' ? 4 : undefined;
+    if (winner === undefined) return;
+    const failed = ([6, 4] as const).filter((family) => families[family] === 'failed' || families[family] === 'outrun');
+    this.#entries.delete(host); // re-insert: the map keeps entries oldest first
+    this.#entries.set(host, { family: winner, failed, expiresAt: this.#now() + this.#ttlMs });
+    while (this.#entries.size > this.#maxEntries) {
+      const oldest = this.#entries.keys().next();
+      if (oldest.done) break;
+      this.#entries.delete(oldest.value);
+    }
+  }
+
+  clear(): void {
+    this.#entries.clear();
+  }
+
+  #live(host: string): Entry | undefined {
+    const entry = this.#entries.get(host);
+    if (entry && entry.expiresAt <= this.#now()) {
+      this.#entries.delete(host);
+      return undefined;
+    }
+    return entry;
+  }
+}

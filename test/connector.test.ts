@@ -1,0 +1,158 @@
+// The connector with real sockets on loopback (no root): a host pinned to ::1 and 127.0.0.1 with a real listener,
+// raced by Happy Eyeballs. What needs a silent path (dropped packets) is in test/happy-eyeballs.system.test.ts; the
+// timing rules are in test/happy-eyeballs.test.ts with a fake clock.
+
+import { readdirSync } from 'node:fs';
+import net from 'node:net';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { defaultConfig, type OriginPolicy } from '../daemon/config.js';
+import { TcpConnector } from '../daemon/connector.js';
+import { EgressPolicy } from '../daemon/egress-policy.js';
+import { createMetrics, type Metrics } from '../daemon/metrics.js';
+import { Resolver } from '../daemon/resolver.js';
+import * as native from '../shared/native.js';
+
+const servers: net.Server[] = [];
+
+/**
+ * This process's open fds once the test servers have closed every connection they accepted (their side closes
+ * asynchronously, after the client's): what is left beyond that is the connector's.
+ */
+async function openFds(): Promise<number> {
+  for (const deadline = performance.now() + 5000; performance.now() < deadline; ) {
+    const counts = await Promise.all(
+      servers.map(
+        (server) => new Promise<number>((resolve) => server.getConnections((_error, count) => resolve(count ?? 0))),
+      ),
+    );
+    if (counts.every((count) => count === 0)) return readdirSync('/proc/self/fd').length;
+    await new Promise((resolve) => setImmediate(resolve));
+  }
+  throw new Error('test servers kept connections open');
+}
+
+/** Listens on one address only; returns its port and what arrived. */
+async function listen(host: string, port = 0): Promise<{ server: net.Server; port: number; arrivals: string[] }> {
+  const arrivals: string[] = [];
+  const server = net.createServer((socket) => {
+    arrivals.push(socket.localAddress ?? '?');
+    socket.on('error', () => {});
+    socket.end();
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen({ host, port, ipv6Only: true }, () => resolve());
+  });
+  servers.push(server);
+  return { server, port: (server.address() as net.AddressInfo).port, arrivals };
+}
+
+/** The value of one labelled counter sample. */
+async function attempts(metrics: Metrics, family: 4 | 6, outcome: string): Promise<number> {
+  const metric = await metrics.connectAttempts.get();
+  return metric.values.find((value) => value.labels.family === family && value.labels.outcome === outcome)?.value ?? 0;
+}
+
+describe('TcpConnector on loopback', () => {
+  let v4: Awaited<ReturnType<typeof listen>>;
+  let both: { v4: Awaited<ReturnType<typeof listen>>; v6: Awaited<ReturnType<typeof listen>> };
+  const policy: OriginPolicy = { ...defaultConfig().pool.defaults };
+
+  beforeAll(async () => {
+    // A port open on 127.0.0.1 only: ::1 refuses it (RST).
+    v4 = await listen('127.0.0.1');
+    // A port open on both.
+    const first = await listen('::1');
+    both = { v6: first, v4: await listen('127.0.0.1', first.port) };
+    // The first native connect sets up what stays open for the process (the addon's poller): not counted below.
+    const warmUp = connector();
+    native.close((await warmUp.connector.connect({ host: 'dual.test', port: both.v6.port }, policy)).fd);
+  });
+  afterAll(() => {
+    for (const server of [v4.server, both.v4.server, both.v6.server]) server.close();
+  });
+
+  function connector(allow = ['127.0.0.1/32', '::1/128']) {
+    const metrics = createMetrics(() => ({ origins: [] }), { processMetrics: false });
+    const resolver = new Resolver({
+      overrides: [`v6refused.test:${v4.port}:127.0.0.1,[::1]`, `dual.test:${both.v6.port}:[::1],127.0.0.1`],
+    });
+    const egress = new EgressPolicy({ allow, allowPorts: [v4.port, both.v6.port] });
+    return {
+      metrics,
+      connector: new TcpConnector(
+        () => resolver,
+        () => egress,
+        { metrics },
+      ),
+    };
+  }
+
+  it('both families working: IPv6 is used, and learned', async () => {
+    const { connector: c, metrics } = connector();
+    const before = await openFds();
+    const socket = await c.connect({ host: 'dual.test', port: both.v6.port }, policy);
+    expect(socket).toMatchObject({ address: '::1', family: 6 });
+    native.close(socket.fd);
+    expect(await attempts(metrics, 6, 'won')).toBe(1);
+    expect(await attempts(metrics, 4, 'won')).toBe(0); // never tried: IPv6 connected within the attempt delay
+    expect(c.learnedFamily({ host: 'dual.test', port: 1 })).toMatchObject({ family: 6, failed: [] });
+    expect(await openFds()).toBe(before);
+  });
+
+  it('IPv6 refused: IPv4 is tried at once and wins; the next connect starts with IPv4', async () => {
+    const { connector: c, metrics } = connector();
+    const before = await openFds();
+    const first = await c.connect({ host: 'v6refused.test', port: v4.port }, policy);
+    expect(first).toMatchObject({ address: '127.0.0.1', family: 4 });
+    // A refused attempt does not wait for the attempt delay.
+    expect(first.connectMs).toBeLessThan(policy.connectAttemptDelayMs);
+    native.close(first.fd);
+    expect(await attempts(metrics, 6, 'failed')).toBe(1);
+    expect(c.learnedFamily({ host: 'v6refused.test', port: v4.port })).toMatchObject({ family: 4, failed: [6] });
+
+    const second = await c.connect({ host: 'v6refused.test', port: v4.port }, policy);
+    native.close(second.fd);
+    expect(await attempts(metrics, 4, 'won')).toBe(2);
+    expect(await attempts(metrics, 6, 'failed')).toBe(1); // IPv6 was not tried again
+    expect(await openFds()).toBe(before);
+  });
+
+  it('an address the egress policy refuses is skipped, never connected to', async () => {
+    const { connector: c, metrics } = connector(['127.0.0.1/32']);
+    const arrivalsBefore = both.v6.arrivals.length;
+    const socket = await c.connect({ host: 'dual.test', port: both.v6.port }, policy);
+    expect(socket.family).toBe(4);
+    native.close(socket.fd);
+    expect(await attempts(metrics, 6, 'refused')).toBe(1);
+    expect(both.v6.arrivals.length).toBe(arrivalsBefore);
+  });
+
+  it('every candidate refused: SOCKPOOL_ERR_POLICY, nothing left open', async () => {
+    const { connector: c } = connector([]);
+    const before = await openFds();
+    await expect(c.connect({ host: 'dual.test', port: both.v6.port }, policy)).rejects.toMatchObject({
+      code: 'SOCKPOOL_ERR_POLICY',
+      reason: 'loopback',
+    });
+    expect(await openFds()).toBe(before);
+  });
+
+  it('every attempt failed: SOCKPOOL_ERR_CONNECT with the last cause, nothing left open', async () => {
+    const closed = await listen('127.0.0.1');
+    await new Promise((resolve) => closed.server.close(resolve));
+    servers.splice(servers.indexOf(closed.server), 1);
+    const resolver = new Resolver({ overrides: [`gone.test:${closed.port}:127.0.0.1,[::1]`] });
+    const egress = new EgressPolicy({ allow: ['127.0.0.1/32', '::1/128'], allowPorts: [closed.port] });
+    const gone = new TcpConnector(
+      () => resolver,
+      () => egress,
+    );
+    const before = await openFds();
+    await expect(gone.connect({ host: 'gone.test', port: closed.port }, policy)).rejects.toMatchObject({
+      code: 'SOCKPOOL_ERR_CONNECT',
+      cause: 'ECONNREFUSED',
+    });
+    expect(await openFds()).toBe(before);
+  });
+});
