@@ -14,7 +14,7 @@
 // refusal by the outcome of its attempt: cancelled (it never answered) vs failed.
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import * as native from '../shared/native.js';
-import type { LeaseReply } from '../shared/protocol.js';
+import type { LeaseReply, StatsReply } from '../shared/protocol.js';
 import { type DaemonProcess, eventually, startDaemon, writeConfigFile } from './helpers/daemon.js';
 import { createNetns, type Netns, type NetnsAgent, netnsSupported } from './helpers/netns.js';
 import { openRawClient, type RawClient } from './helpers/raw-client.js';
@@ -123,10 +123,20 @@ describe('Happy Eyeballs with the daemon in a namespace where one family is brok
     return lease;
   }
 
-  async function learned(host: string): Promise<unknown> {
+  /** The `stats` reply's entry for host:PORT. */
+  async function originStats(host: string): Promise<{ idle: number; learnedFamily: unknown } | undefined> {
     const reply = await raw.request({ type: 'stats', id: nextId++ });
-    const stats = (reply.message as { stats: { origins: Array<{ origin: string; learnedFamily: unknown }> } }).stats;
-    return stats.origins.find((origin) => origin.origin === `${host}:${PORT}`)?.learnedFamily;
+    expect(reply.message?.type).toBe('stats');
+    const origins = (reply.message as StatsReply).stats.origins as Array<{
+      origin: string;
+      idle: number;
+      learnedFamily: unknown;
+    }>;
+    return origins.find((origin) => origin.origin === `${host}:${PORT}`);
+  }
+
+  async function learned(host: string): Promise<unknown> {
+    return (await originStats(host))?.learnedFamily;
   }
 
   async function arrivals(address: string): Promise<number> {
@@ -205,12 +215,7 @@ describe('Happy Eyeballs with the daemon in a namespace where one family is brok
     const delta = await attemptsDuring(async () => {
       const reply = await raw.request({ type: 'prewarm', id: nextId++, host: 'warm.test', port: PORT, count });
       expect(reply.message).toMatchObject({ type: 'ok' });
-      await eventually(async () => {
-        const stats = await raw.request({ type: 'stats', id: nextId++ });
-        const origins = (stats.message as { stats: { origins: Array<{ origin: string; idle: number }> } }).stats
-          .origins;
-        return origins.find((origin) => origin.origin === `warm.test:${PORT}`)?.idle === count;
-      }, 'prewarmed sockets idle');
+      await eventually(async () => (await originStats('warm.test'))?.idle === count, 'prewarmed sockets idle');
     });
     // Each connect raced: its IPv6 attempt went nowhere and was cancelled when IPv4 connected; none waited for the
     // connect timeout (that would be "failed").
