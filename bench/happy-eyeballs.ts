@@ -17,6 +17,7 @@
 //   sockpool-200     the daemon with connectAttemptDelayMs 200 (curl's default)
 //   curl             curl's default Happy Eyeballs timeout (200 ms)
 //   curl-250         curl --happy-eyeballs-timeout-ms 250 (the daemon's default)
+//   acquire          the daemon alone: a raw `acquire` (wall time to the lease, and the lease's connectMs)
 // plus one sample of sockpool with racing off (maxRacingAttempts 0: IPv6 first, until the connect timeout), which
 // is how the daemon connected before.
 //
@@ -29,6 +30,7 @@ import os from 'node:os';
 import { dirname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { SockpoolClient } from '../client/index.js';
+import * as native from '../shared/native.js';
 import { createTestPki } from '../test/helpers/tls.js';
 import { rttlinkPath as defaultRttlinkPath } from './lab/rttlink.js';
 import { option, optionText } from './lib/args.js';
@@ -51,7 +53,7 @@ const settings = {
 const rttlinkPath = optionText('--rttlink') ?? defaultRttlinkPath;
 const CLIENT_NS = `he-client-${process.pid}`;
 const FAR_NS = `he-far-${process.pid}`;
-const CASES = ['sockpool', 'sockpool-200', 'curl', 'curl-250'] as const;
+const CASES = ['sockpool', 'sockpool-200', 'curl', 'curl-250', 'acquire'] as const;
 type Case = (typeof CASES)[number];
 
 const log = (text: string) => process.stdout.write(`${text}\n`);
@@ -168,7 +170,7 @@ async function main(): Promise<void> {
   const names = Array.from({ length: settings.rounds }, (_, index) => index);
   const resolve = [
     `warmup.test:${settings.port}:${settings.v4}`,
-    ...names.flatMap((index) => [pin(host('d250', index)), pin(host('d200', index))]),
+    ...names.flatMap((index) => [pin(host('d250', index)), pin(host('d200', index)), pin(host('acq', index))]),
     pin(host('serial', 0)),
   ];
   daemon = await startBenchDaemon({
@@ -204,11 +206,27 @@ async function main(): Promise<void> {
     'sockpool-200': [],
     curl: [],
     'curl-250': [],
+    acquire: [],
   };
+  const raw = new BenchDaemonClient(daemon.socketPath);
   for (const index of names) {
     const order = CASES.map((_, k) => CASES[(k + index) % CASES.length]!);
     for (const name of order) {
-      if (name === 'sockpool' || name === 'sockpool-200') {
+      if (name === 'acquire') {
+        const started = performance.now();
+        const { message, fds } = await raw.request({
+          type: 'acquire',
+          id: raw.nextId(),
+          host: host('acq', index),
+          port: settings.port,
+        });
+        const totalMs = performance.now() - started;
+        for (const fd of fds) native.close(fd);
+        if (message.type !== 'lease' || message.address !== settings.v4)
+          throw new Error(`acquire: ${JSON.stringify(message)}`);
+        raw.send({ type: 'closed', leaseId: message.leaseId });
+        samples.acquire.push({ totalMs, connectMs: message.connectMs });
+      } else if (name === 'sockpool' || name === 'sockpool-200') {
         const result = await viaSockpool(host(name === 'sockpool' ? 'd250' : 'd200', index));
         samples[name].push({ totalMs: result.totalMs, connectMs: result.acquireMs });
       } else {
@@ -219,6 +237,7 @@ async function main(): Promise<void> {
       }
     }
   }
+  raw.close();
   const serial = await viaSockpool(host('serial', 0));
 
   // What the daemon learned and counted: IPv6 silent (cancelled), IPv4 won.
@@ -255,7 +274,7 @@ async function main(): Promise<void> {
   log(`Happy Eyeballs, first request, IPv6 dropped silently, IPv4 RTT ${settings.rttMs} ms, ${settings.rounds} rounds`);
   log(
     table([
-      ['case', 'median total ms', 'min', 'max', 'connect/acquire ms'],
+      ['case', 'median total ms', 'min', 'max', 'connect ms (curl), acquire ms (sockpool), daemon connectMs'],
       ...CASES.map((name) => [
         name,
         String(summary[name].totalMs),
