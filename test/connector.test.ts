@@ -151,7 +151,7 @@ describe('TcpConnector on loopback', () => {
     const before = await openFds();
     await expect(gone.connect({ host: 'gone.test', port: closed.port }, policy)).rejects.toMatchObject({
       code: 'SOCKPOOL_ERR_CONNECT',
-      cause: 'ECONNREFUSED',
+      cause: { code: 'ECONNREFUSED' },
     });
     expect(await openFds()).toBe(before);
   });
