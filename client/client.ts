@@ -77,9 +77,6 @@ export interface SockpoolStreamResponse extends Omit<ResponseHead, 'timings'> {
   timings: SockpoolTimings;
 }
 
-/** Test-only hooks (not part of the API): enabled by SOCKPOOL_TEST_HOOKS=1 when the client is created. */
-export const testHooks: unique symbol = Symbol('sockpool.testHooks');
-
 export function defaultSocketPath(): string {
   if (process.env.SOCKPOOL_SOCKET) return process.env.SOCKPOOL_SOCKET;
   return process.getuid?.() === 0 ? '/run/sockpool/sockpoold.sock' : join(process.cwd(), '.sockpool', 'sockpoold.sock');
@@ -158,7 +155,6 @@ export class SockpoolClient {
         retryMethods: this.#options.retry.methods,
         directFallback: this.#options.fallback === 'direct',
       },
-      testHooks: process.env.SOCKPOOL_TEST_HOOKS === '1',
     };
     if (threads === 0) {
       // In the caller's own thread: no thread hops per request (the fastest for keep-alive loads), at the price
@@ -287,9 +283,6 @@ export class SockpoolClient {
   /** One task, on a worker thread or (threads: 0) here; a dead thread becomes SOCKPOOL_ERR_WORKER_EXITED. */
   #dispatch(task: Task, transferList?: TransferListItem[]): Promise<TaskResult> {
     if (this.#local) {
-      if (task.kind === 'test-crash' || task.kind === 'test-hang' || task.kind === 'test-gc') {
-        return Promise.reject(new Error('test hooks need worker threads'));
-      }
       // (The runtime counts its tasks: close() waits for them with idle().)
       return this.#local.handle(task);
     }
@@ -297,26 +290,6 @@ export class SockpoolClient {
     return (pool.run(task, transferList ? { transferList } : {}) as Promise<TaskResult>).catch((error) =>
       this.#threadFailure(error),
     );
-  }
-
-  /** Test-only (see `testHooks`): kill the thread that takes the next task, by crash or by piscina terminate. */
-  get [testHooks]() {
-    return {
-      crashWorker: async (): Promise<void> => {
-        await this.#dispatch({ kind: 'test-crash' }).catch(() => {});
-      },
-      terminateWorker: async (): Promise<void> => {
-        const controller = new AbortController();
-        const task = this.#pool!.run({ kind: 'test-hang' } satisfies Task, { signal: controller.signal });
-        await new Promise((resolve) => setImmediate(resolve));
-        controller.abort();
-        await task.catch(() => {});
-      },
-      gc: async (): Promise<void> => {
-        await this.#dispatch({ kind: 'test-gc' });
-      },
-      threads: () => this.#pool?.threads.map((thread) => thread.threadId) ?? [],
-    };
   }
 
   /** Validates a request (throws a typed error) and builds what the runtime gets; a promise only while a Blob

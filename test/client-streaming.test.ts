@@ -5,7 +5,7 @@
 //
 // Memory is measured as what is held, not as garbage waiting for a collector: every stream chunk is a fresh
 // buffer (the consumer owns it), and V8 lets up to 64 MB of such garbage pile up per isolate before it collects.
-// So the tests run a full GC in the caller's thread and in the worker thread (a test hook) every few MB, as memory
+// So the tests run a full GC in the caller's thread and in the worker thread (through the inspector, test/helpers/worker-threads.ts) every few MB, as memory
 // pressure would; a body buffered whole would still show up in full.
 import { type ChildProcess, spawn } from 'node:child_process';
 import { once } from 'node:events';
@@ -15,16 +15,15 @@ import { createInterface } from 'node:readline';
 import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { testHooks } from '../client/client.js';
 import { SockpoolClient } from '../client/index.js';
 import { RESPONSE_WINDOW, UPLOAD_WINDOW } from '../worker/stream-protocol.js';
 import { daemonStats, eventually, fdCount, rss, startTestDaemon } from './fixtures/client-helpers.js';
 import type { DaemonProcess } from './helpers/daemon.js';
+import { collectGarbage } from './helpers/worker-threads.js';
 
 // gc() in this thread and, since the flag is process-wide, in the worker threads created after this line.
 setFlagsFromString('--expose-gc');
 const gc = runInNewContext('gc') as () => void;
-process.env.SOCKPOOL_TEST_HOOKS = '1';
 
 const MB = 1024 * 1024;
 const RESPONSE_BYTES = 50 * MB;
@@ -96,7 +95,7 @@ async function* generate(total: number): AsyncGenerator<Uint8Array> {
 /** A full GC in this thread and in the client's worker thread. */
 async function collect(): Promise<void> {
   gc();
-  await client[testHooks].gc();
+  await collectGarbage();
 }
 
 /** Runs `work` while sampling RSS; returns the largest growth over the RSS before it. */

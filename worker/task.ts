@@ -6,21 +6,11 @@
 
 import { workerData } from 'node:worker_threads';
 import { Piscina } from 'piscina';
-import { toPlainError } from '../shared/errors.js';
 import { type RuntimeConfig, type RuntimeResult, type RuntimeTask, TransferRuntime } from './transfer-runtime.js';
 
-export interface WorkerConfig extends RuntimeConfig {
-  /** Accept the test-* tasks (SOCKPOOL_TEST_HOOKS=1 in the caller's environment). */
-  testHooks?: boolean;
-}
+export type WorkerConfig = RuntimeConfig;
 
-export type Task =
-  | RuntimeTask
-  /** Test hooks: die of an uncaught exception, never finish (so that piscina terminates the thread), or run a
-   *  full garbage collection (when the process exposes gc: memory tests measure what is held, not garbage). */
-  | { kind: 'test-crash' }
-  | { kind: 'test-hang' }
-  | { kind: 'test-gc' };
+export type Task = RuntimeTask;
 
 export type TaskResult = RuntimeResult;
 
@@ -44,19 +34,5 @@ export default async function runTask(task: Task): Promise<TaskResult> {
     case 'prewarm':
     case 'stats':
       return runtime.handle(task);
-    case 'test-crash':
-    case 'test-hang':
-    case 'test-gc':
-      if (!config.testHooks) return { ok: false, error: toPlainError(new Error(`unknown task ${task.kind}`)) };
-      if (task.kind === 'test-gc') {
-        (globalThis as { gc?: () => void }).gc?.();
-        return { ok: true };
-      }
-      if (task.kind === 'test-crash') {
-        setImmediate(() => {
-          throw new Error('sockpool test hook: worker crash');
-        });
-      }
-      return new Promise<never>(() => {});
   }
 }
