@@ -60,19 +60,19 @@ export class Metrics {
   /** Time to establish one TCP connection, in seconds. */
   readonly connectSeconds: Histogram;
 
+  /** The per-origin entries of the scrape in progress (see text()). */
+  #scrape: ReturnType<typeof collectOrigins> | undefined;
+  readonly #takeSnapshot: () => ReturnType<typeof collectOrigins>;
+
   constructor(snapshot: () => MetricsSnapshot, options: MetricsOptions = {}) {
     const registry = new Registry();
     this.registry = registry;
     const registers = [registry];
 
-    // One snapshot per scrape, shared by the four per-origin gauges (the registry collects them one after the other
-    // in the same tick).
-    let cached: { at: number; origins: ReturnType<typeof collectOrigins> } | undefined;
-    const origins = () => {
-      const at = performance.now();
-      if (!cached || at - cached.at > 50) cached = { at, origins: collectOrigins(snapshot()) };
-      return cached.origins;
-    };
+    // One snapshot per scrape, shared by the four per-origin gauges: text() takes it before the registry collects
+    // them (a collection outside text() takes its own).
+    const origins = () => this.#scrape ?? collectOrigins(snapshot());
+    this.#takeSnapshot = () => collectOrigins(snapshot());
     const perOrigin = (name: string, help: string, pick: (entry: OriginEntry) => number | undefined) =>
       new Gauge({
         name,
@@ -161,9 +161,15 @@ export class Metrics {
     if (options.processMetrics ?? true) collectDefaultMetrics({ register: registry });
   }
 
-  /** The Prometheus text exposition of every metric. */
-  text(): Promise<string> {
-    return this.registry.metrics();
+  /** The Prometheus text exposition of every metric, from one snapshot of the pools. */
+  async text(): Promise<string> {
+    const scrape = this.#takeSnapshot();
+    this.#scrape = scrape;
+    try {
+      return await this.registry.metrics();
+    } finally {
+      if (this.#scrape === scrape) this.#scrape = undefined;
+    }
   }
 }
 
@@ -202,6 +208,7 @@ export function startMetricsServer(
   host = '127.0.0.1',
 ): Promise<MetricsServer> {
   const registry = metrics instanceof Registry ? metrics : metrics.registry;
+  const text = () => (metrics instanceof Registry ? metrics.metrics() : metrics.text());
   const server = createServer((request: IncomingMessage, response: ServerResponse) => {
     const path = (request.url ?? '').split('?')[0];
     if (path !== '/metrics') {
@@ -212,7 +219,7 @@ export function startMetricsServer(
       response.writeHead(405, { allow: 'GET, HEAD', 'content-type': 'text/plain; charset=utf-8' }).end();
       return;
     }
-    registry.metrics().then(
+    text().then(
       (text) => {
         response.writeHead(200, { 'content-type': registry.contentType });
         response.end(request.method === 'HEAD' ? undefined : text);
