@@ -12,6 +12,7 @@ import { fileURLToPath } from 'node:url';
 import type { TransferListItem } from 'node:worker_threads';
 import { Piscina } from 'piscina';
 import { ErrorCodes, fromPlainError, SockpoolError } from '../shared/errors.js';
+import { PROXY_NAME } from '../shared/origin.js';
 import { epochNow, type TransferRequest, type TransferResult, timeoutError } from '../worker/curl-engine.js';
 import type { ResponseHead } from '../worker/stream-protocol.js';
 import type { Task, TaskResult, WorkerConfig } from '../worker/task.js';
@@ -49,9 +50,10 @@ export interface SockpoolClientOptions {
   /** Disable TLS verification. Only for tests against throwaway servers. */
   insecure?: boolean;
   /**
-   * A forward proxy, `http://host:port`: the daemon connects to it (it must pass the daemon's egress policy), and
-   * curl speaks proxy HTTP (or CONNECT, for https) over the handed socket. Default: none (environment variables
-   * such as http_proxy are ignored: only the daemon decides where sockets go).
+   * The name of a forward proxy in the daemon's configuration (`[[proxies]]`): the daemon opens a CONNECT tunnel
+   * through it to each origin and lends the tunnel, over which curl speaks to the origin as if directly (TLS
+   * included). A client cannot give a proxy's address: only the daemon's configuration says where proxies are.
+   * Default: none (environment variables such as http_proxy are ignored).
    */
   proxy?: string;
   /**
@@ -112,7 +114,7 @@ export class SockpoolClient {
   #options: Required<Omit<SockpoolClientOptions, 'caFile' | 'proxy' | 'retry'>> & {
     retry: { deadConnection: boolean; methods: string[] };
     caFile: string | undefined;
-    proxy: { host: string; port: number } | undefined;
+    proxy: string | undefined;
   };
   #closing: Promise<void> | undefined;
 
@@ -135,7 +137,7 @@ export class SockpoolClient {
       fallback: options.fallback ?? 'fail',
       caFile: options.caFile,
       insecure: options.insecure ?? false,
-      proxy: options.proxy === undefined ? undefined : parseProxy(options.proxy),
+      proxy: options.proxy === undefined ? undefined : validateProxyName(options.proxy),
       retry: {
         deadConnection: options.retry?.deadConnection ?? true,
         methods: (options.retry?.methods ?? ['GET', 'HEAD', 'OPTIONS', 'PUT', 'DELETE', 'TRACE']).map((method) =>
@@ -378,19 +380,13 @@ function queueMs(queued: number, timings: { totalMs: number; acquireMs: number }
   return Math.max(0, performance.now() - queued - timings.totalMs - timings.acquireMs);
 }
 
-/** `http://host:port` → the proxy's endpoint; anything else is a typed error naming the option. */
-function parseProxy(proxy: string): { host: string; port: number } {
-  let url: URL;
-  try {
-    url = new URL(proxy);
-  } catch {
-    throw invalid(`proxy must be a URL like http://host:port, got ${JSON.stringify(proxy)}`);
-  }
-  if (url.protocol !== 'http:' || url.pathname !== '/' || url.search || url.username) {
+/** A proxy's name as the daemon's configuration spells it; a URL or anything else is a typed error. */
+function validateProxyName(proxy: unknown): string {
+  if (typeof proxy !== 'string' || !PROXY_NAME.test(proxy)) {
     throw invalid(
-      `proxy must be http://host:port (no path, credentials or other scheme), got ${JSON.stringify(proxy)}`,
+      `proxy must be the name of a proxy in the daemon's configuration (proxies), such as "corp"; ` +
+        `got ${JSON.stringify(proxy)} (a client cannot choose a proxy's address)`,
     );
   }
-  const host = url.hostname.startsWith('[') ? url.hostname.slice(1, -1) : url.hostname;
-  return { host, port: url.port ? Number(url.port) : 80 };
+  return proxy;
 }

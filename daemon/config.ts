@@ -12,7 +12,7 @@ import { dirname, extname, resolve } from 'node:path';
 import { parse as parseToml, TomlError } from 'smol-toml';
 import { type core, z } from 'zod';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
-import { canonicalHost } from '../shared/origin.js';
+import { canonicalHost, PROXY_NAME } from '../shared/origin.js';
 import { parseNat64Prefix } from './egress-policy.js';
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -207,6 +207,26 @@ const nat64Prefix = z.string().refine(
   },
   { error: 'expected an IPv6 prefix of length 32, 40, 48, 56, 64 or 96, such as "2001:db8:64::/96"' },
 );
+/** `http://host:port` of a forward proxy: no credentials, path, query or other scheme. */
+export function parseProxyUrl(text: string): { host: string; port: number } | undefined {
+  let url: URL;
+  try {
+    url = new URL(text);
+  } catch {
+    return undefined;
+  }
+  const bare = url.username === '' && url.password === '' && url.search === '' && url.hash === '';
+  if (url.protocol !== 'http:' || !bare || (url.pathname !== '/' && url.pathname !== '')) return undefined;
+  const host = canonicalHost(url.hostname);
+  return { host, port: url.port === '' ? 80 : Number(url.port) };
+}
+const proxySchema = z
+  .strictObject({
+    name: z.string().regex(PROXY_NAME, 'expected a name of letters, digits, ".", "_" and "-" (at most 63)'),
+    url: z.string().refine((text) => parseProxyUrl(text) !== undefined, {
+      error: 'expected http://host:port (no credentials, path or other scheme)',
+    }),
+  });
 const dnsServer = z.string().refine(
   (text) => {
     const match = /^(?:\[([^\]]+)\]|([^:\s]+))(?::(\d{1,5}))?$/.exec(text);
@@ -384,6 +404,7 @@ export const configSchema = z
         handshakeTimeoutMs: positiveMs.default(tlsDefaults.handshakeTimeoutMs),
       })
       .prefault({}),
+    proxies: z.array(proxySchema).default(() => []),
     pool: z
       .strictObject({
         maxIdleTotal: z.int().min(0).default(poolDefaults.maxIdleTotal),
@@ -404,6 +425,13 @@ export const configSchema = z
       // Each entry must be coherent merged over the defaults. (Several entries that match one origin are merged in
       // order by policyFor, which clamps the result rather than fail at acquire time.)
       checkPolicyOrder(mergePolicy(config.pool.defaults, override), ['pool', 'origins', index], ctx, override);
+    });
+    const names = new Set<string>();
+    config.proxies.forEach((proxy, index) => {
+      if (names.has(proxy.name)) {
+        ctx.addIssue({ code: 'custom', path: ['proxies', index, 'name'], message: `${proxy.name} is named twice` });
+      }
+      names.add(proxy.name);
     });
     if (config.dns.minTtlMs > config.dns.maxTtlMs) {
       ctx.addIssue({

@@ -8,10 +8,15 @@
 // fd ownership: an attempt's fd belongs to connectTcp until it resolves, then to this attempt until the race takes
 // it. The winner's fd passes to the caller (the origin pool); every other attempt is cancelled (connectTcp closes
 // its fd), and a loser that completed anyway goes to `discard`, which closes it.
+//
+// A proxied origin names a proxy of the configuration: its name is checked against the policy (host patterns,
+// port: the proxy resolves it, so its addresses are the proxy's business), the sockets race to the proxy (whose
+// addresses the policy checks like any other), and the winner's CONNECT tunnel is opened here
+// (daemon/proxy-tunnel.ts); the fd stays ours until the tunnel stands, closed here if it does not.
 
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
-import { canonicalHost, connectTarget, type Origin, originKey } from '../shared/origin.js';
+import { canonicalHost, type Endpoint, type Origin, originKey } from '../shared/origin.js';
 import type { OriginPolicy } from './config.js';
 import type { EgressPolicy } from './egress-policy.js';
 import {
@@ -25,6 +30,7 @@ import {
 } from './happy-eyeballs.js';
 import { LearnedFamilies, type LearnedFamily } from './learned-families.js';
 import type { Metrics } from './metrics.js';
+import { openTunnel, type ProxyEndpoint } from './proxy-tunnel.js';
 import type { Resolver } from './resolver.js';
 import { connectTcp } from './tcp-connect.js';
 import type { TlsSessionInfo } from './tls-relay.js';
@@ -38,6 +44,8 @@ export interface ConnectedSocket {
   connectMs: number;
   /** Set for a warm TLS session: the fd is the daemon's end of a relay's socketpair (tls-sessions.ts). */
   tls?: TlsSessionInfo | undefined;
+  /** The peer's port: the origin's, or the proxy's for a tunnel (undefined: the origin's). */
+  port?: number | undefined;
 }
 
 export interface Connector {
@@ -57,6 +65,8 @@ export interface TcpConnectorOptions {
   metrics?: Metrics | undefined;
   clock?: RaceClock;
   learned?: LearnedFamilies;
+  /** The configured proxies by name (a getter: a reload takes effect on the next connect). */
+  proxies?: () => ReadonlyMap<string, ProxyEndpoint>;
 }
 
 export class TcpConnector implements Connector {
@@ -65,6 +75,7 @@ export class TcpConnector implements Connector {
   readonly #metrics: Metrics | undefined;
   readonly #clock: RaceClock;
   readonly #learned: LearnedFamilies;
+  readonly #proxies: () => ReadonlyMap<string, ProxyEndpoint>;
   /** Origin key → its attempt budget and the connects using it; dropped with the last connect. */
   readonly #budgets = new Map<string, { budget: AttemptBudget; connects: number }>();
 
@@ -75,23 +86,48 @@ export class TcpConnector implements Connector {
     this.#metrics = options.metrics;
     this.#clock = options.clock ?? realClock;
     this.#learned = options.learned ?? new LearnedFamilies();
+    this.#proxies = options.proxies ?? (() => new Map());
   }
 
-  /** The origin (host patterns, port) and, when proxied, the proxy too: both must be allowed. */
+  /** The origin (host patterns, port) and, when proxied, the configured proxy too: both must be allowed. */
   checkTarget(origin: Origin): void {
     const egress = this.#egress();
     egress.checkTarget(origin.host, origin.port);
-    if (origin.proxy) egress.checkTarget(origin.proxy.host, origin.proxy.port);
+    const proxy = this.#proxyOf(origin);
+    if (proxy) egress.checkTarget(proxy.host, proxy.port);
   }
 
   checkHeld(origin: Origin, address: string): void {
     this.checkTarget(origin);
-    const target = connectTarget(origin);
+    const target = this.#targetOf(origin);
     this.#egress().checkAddress(address, target.port, target.host);
   }
 
   learnedFamily(origin: Origin): LearnedFamily | undefined {
-    return this.#learned.describe(canonicalHost(connectTarget(origin).host));
+    try {
+      return this.#learned.describe(canonicalHost(this.#targetOf(origin).host));
+    } catch {
+      return undefined; // a proxy no longer configured
+    }
+  }
+
+  /** The configured proxy an origin names; SOCKPOOL_ERR_INVALID_ARGUMENT for a name the configuration lacks. */
+  #proxyOf(origin: Origin): ProxyEndpoint | undefined {
+    if (origin.proxy === undefined) return undefined;
+    const proxy = this.#proxies().get(origin.proxy);
+    if (!proxy) {
+      throw new SockpoolError(
+        ErrorCodes.INVALID_ARGUMENT,
+        `no proxy named ${JSON.stringify(origin.proxy)} in the daemon's configuration (proxies)`,
+        { proxy: origin.proxy },
+      );
+    }
+    return proxy;
+  }
+
+  /** Where the socket of an origin connects: its proxy when it has one. */
+  #targetOf(origin: Origin): Endpoint {
+    return this.#proxyOf(origin) ?? origin;
   }
 
   async connect(origin: Origin, policy: OriginPolicy): Promise<ConnectedSocket> {
@@ -100,7 +136,8 @@ export class TcpConnector implements Connector {
     this.checkTarget(origin);
     // A proxied origin's socket goes to the proxy: that is the address the policy checks (the proxy resolves the
     // origin itself).
-    const target = connectTarget(origin);
+    const proxy = this.#proxyOf(origin);
+    const target: Endpoint = proxy ?? origin;
     const host = canonicalHost(target.host);
     const addresses = await resolver.resolve(target.host, target.port);
     const bothFamilies = addresses.some((a) => a.family === 4) && addresses.some((a) => a.family === 6);
@@ -149,7 +186,17 @@ export class TcpConnector implements Connector {
       count(result.candidate.family, 'won');
       resolver.reportSuccess(target.host, result.candidate.address);
       if (bothFamilies) this.#learned.record(host, result.families);
-      return result.value;
+      if (!proxy) return result.value;
+      // Through a proxy, the socket is of use only once the tunnel to the origin stands. Ours until it is.
+      const socket = result.value;
+      try {
+        await openTunnel(socket.fd, origin.host, origin.port, proxy, policy.connectTimeoutMs);
+      } catch (error) {
+        native.close(socket.fd);
+        throw error;
+      }
+      const connectedAt = performance.now();
+      return { ...socket, connectedAt, connectMs: socket.connectMs + (connectedAt - socket.connectedAt) };
     }
     if (bothFamilies) this.#learned.record(host, result.families);
     const connectFailures = result.failures.filter(({ error }) => !isRefusal(error));
@@ -158,7 +205,7 @@ export class TcpConnector implements Connector {
     const reason = connectFailures.at(-1)?.error as (Error & { code?: string }) | undefined;
     throw new SockpoolError(
       ErrorCodes.CONNECT,
-      `cannot connect to ${target.host}:${target.port}${origin.proxy ? ` (proxy for ${origin.host}:${origin.port})` : ''}: ` +
+      `cannot connect to ${target.host}:${target.port}${proxy ? ` (proxy ${proxy.name} for ${origin.host}:${origin.port})` : ''}: ` +
         `${reason?.message ?? 'no usable address'}`,
       { host: origin.host, port: origin.port },
       { cause: reason },
@@ -191,7 +238,14 @@ export class TcpConnector implements Connector {
           const peer = native.peerAddress(fd);
           egress.checkAddress(peer.address, peer.port, host);
           const connectedAt = performance.now();
-          socket = { fd, address: peer.address, family: peer.family, connectedAt, connectMs: connectedAt - started };
+          socket = {
+            fd,
+            address: peer.address,
+            family: peer.family,
+            port: peer.port,
+            connectedAt,
+            connectMs: connectedAt - started,
+          };
         } catch (error) {
           native.close(fd);
           this.#metrics?.connectAttempts.inc({ family: candidate.family, outcome: 'refused' });

@@ -13,7 +13,7 @@ import { dirname } from 'node:path';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
 import { type Origin, originKey } from '../shared/origin.js';
-import type { SockpoolConfig } from './config.js';
+import { parseProxyUrl, type SockpoolConfig } from './config.js';
 import { type ConnectedSocket, TcpConnector } from './connector.js';
 import { EgressPolicy } from './egress-policy.js';
 import { HandoffServer } from './handoff-server.js';
@@ -28,6 +28,7 @@ import {
 import type { Logger } from './log.js';
 import { createMetrics, type Metrics, startMetricsServer } from './metrics.js';
 import { PoolManager } from './pool-manager.js';
+import type { ProxyEndpoint } from './proxy-tunnel.js';
 import { Resolver } from './resolver.js';
 import {
   connectedAtFromTag,
@@ -71,6 +72,7 @@ export class Sockpoold {
   #metricsServer: { port: number; close(): Promise<void> } | undefined;
   #egress: EgressPolicy;
   #resolver: Resolver;
+  #proxies: ReadonlyMap<string, ProxyEndpoint>;
   #pools: PoolManager;
   #relays: TlsRelays;
   #server: HandoffServer | undefined;
@@ -92,7 +94,7 @@ export class Sockpoold {
     const connector = new TcpConnector(
       () => this.#resolver,
       () => this.#egress,
-      { metrics: this.#metrics },
+      { metrics: this.#metrics, proxies: () => this.#proxies },
     );
     // Relay threads start with the first warm TLS session; the TLS files are read now (a bad one stops the start).
     this.#relays = new TlsRelays(this.#config.tls.relayThreads, this.#log.child({ part: 'tls' }));
@@ -102,6 +104,7 @@ export class Sockpoold {
     this.#store.startAutoFlush(this.#config.pool.statsFlushMs);
     this.#egress = createEgressPolicy(this.#config);
     this.#resolver = createResolver(this.#config);
+    this.#proxies = proxiesByName(this.#config);
     this.#pools = new PoolManager({
       config: this.#config,
       connector,
@@ -287,6 +290,7 @@ export class Sockpoold {
       const resolver = createResolver(config);
       this.#egress = egress;
       this.#resolver = resolver;
+      this.#proxies = proxiesByName(config);
       this.#config = { ...config, socket: this.#config.socket, stateDir: this.#config.stateDir };
       const refused = this.#pools.reconfigure(this.#config);
       this.#log.info({ idleClosedByPolicy: refused }, 'configuration reloaded');
@@ -419,6 +423,12 @@ function resolveId(value: string | number | undefined, kind: 'user' | 'group'): 
     ErrorCodes.CONFIG,
     `access.socket${kind === 'user' ? 'Owner' : 'Group'}: no ${kind} named ${JSON.stringify(value)} in ${table}`,
   );
+}
+
+/** The configured proxies by name (a client names one; only the configuration says where it is). */
+function proxiesByName(config: SockpoolConfig): ReadonlyMap<string, ProxyEndpoint> {
+  // (Each url was validated with the configuration: parseProxyUrl cannot fail here.)
+  return new Map(config.proxies.map(({ name, url }) => [name, { name, ...parseProxyUrl(url)! }] as const));
 }
 
 /** One provider of the host's interface addresses for every policy this process builds (reloads included). */

@@ -9,7 +9,6 @@
 import { fstatSync } from 'node:fs';
 import { ErrorCodes, SockpoolError, toPlainError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
-import { connectTarget } from '../shared/origin.js';
 import {
   type ClientMessage,
   type DaemonMessage,
@@ -295,7 +294,7 @@ export class HandoffServer {
           originKey: handoff.originKey,
           origin,
           address: handoff.address,
-          peerPort: connectTarget(origin).port,
+          peerPort: handoff.peerPort,
           family: handoff.family,
           tls: handoff.tls && { info: handoff.tls, inode: inodeOf(handoff.fd) },
         });
@@ -362,6 +361,7 @@ export class HandoffServer {
     this.#pools.giveBack(lease.originKey, {
       fd,
       address: lease.address,
+      port: lease.peerPort,
       family: lease.family,
       connectedAt: lease.startedAt,
       connectMs: 0,

@@ -106,7 +106,7 @@ export class PoolManager {
     origin: Origin,
     timeoutMs: number | undefined,
     tlsTrust?: TlsTrust,
-  ): Promise<Handoff & { originKey: string }> {
+  ): Promise<Handoff & { originKey: string; peerPort: number }> {
     if (this.#closed) throw new SockpoolError(ErrorCodes.SHUTTING_DOWN, 'sockpoold is stopping');
     const pool = this.#poolFor(origin, tlsTrust);
     const stats = this.#statsOf(pool.key);
@@ -130,7 +130,8 @@ export class PoolManager {
       this.#metrics?.misses.inc();
     }
     this.#store?.recordAcquire(pool.key, { hit: handoff.warm });
-    return { ...handoff, originKey: pool.key };
+    // The peer is the origin, or the proxy a tunnel goes through (a released fd must be connected to it).
+    return { ...handoff, originKey: pool.key, peerPort: handoff.port ?? pool.origin.port };
   }
 
   /** A lease ended: curl closed the socket. */
@@ -259,7 +260,7 @@ export class PoolManager {
     const normalised: Origin = {
       host: canonicalHost(origin.host),
       port: origin.port,
-      proxy: origin.proxy && { host: canonicalHost(origin.proxy.host), port: origin.proxy.port },
+      proxy: origin.proxy,
     };
     let key = originKey(normalised);
     let policy: OriginPolicy | undefined;

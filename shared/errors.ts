@@ -25,6 +25,8 @@ export const ErrorCodes = {
   CONNECT: 'SOCKPOOL_ERR_CONNECT',
   /** The daemon's TLS handshake with the origin failed; `reason`: expired, host-name-mismatch, unknown-ca, ... */
   TLS: 'SOCKPOOL_ERR_TLS',
+  /** A configured proxy refused or botched the daemon's CONNECT (`status` carries its answer, when it gave one). */
+  PROXY: 'SOCKPOOL_ERR_PROXY',
   /** The host name did not resolve. */
   DNS: 'SOCKPOOL_ERR_DNS',
   /** The daemon is not running or the link to it broke. */

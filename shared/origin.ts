@@ -1,7 +1,8 @@
-// An origin is where a pool's connections go: a host name (or literal address) and a TCP port, and the forward
-// proxy in between when requests go through one (then the sockets connect to the proxy; the pool is still per
-// origin, so a crawler's per-origin limits hold). Keys are canonical strings so that one origin has exactly one
-// pool: lower-case host, IPv6 in brackets, ` via proxy:port` when proxied.
+// An origin is where a pool's connections go: a host name (or literal address) and a TCP port, and the name of the
+// forward proxy in between when requests go through one (a proxy of the daemon's configuration: the daemon opens
+// the CONNECT tunnel, the pool holds tunnels to the origin, still per origin so a crawler's per-origin limits
+// hold). Keys are canonical strings so that one origin has exactly one pool: lower-case host, IPv6 in brackets,
+// ` via NAME` when proxied.
 
 import { isIPv6 } from 'node:net';
 
@@ -11,9 +12,12 @@ export interface Endpoint {
 }
 
 export interface Origin extends Endpoint {
-  /** The forward proxy the connection goes to (HTTP CONNECT or plain proxying is curl's business). */
-  proxy?: Endpoint | undefined;
+  /** The name of a proxy in the daemon's configuration (`[[proxies]]`) the connection is tunnelled through. */
+  proxy?: string | undefined;
 }
+
+/** What a proxy's name may look like (the daemon's configuration and the protocol both check it). */
+export const PROXY_NAME = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
 
 /** Canonical host: lower case, no brackets around IPv6 literals, no trailing dot. */
 export function canonicalHost(host: string): string {
@@ -30,12 +34,7 @@ function endpointKey(endpoint: Endpoint): string {
 }
 
 export function originKey(origin: Origin): string {
-  return origin.proxy ? `${endpointKey(origin)} via ${endpointKey(origin.proxy)}` : endpointKey(origin);
-}
-
-/** Where the socket of an origin actually connects: its proxy when it has one. */
-export function connectTarget(origin: Origin): Endpoint {
-  return origin.proxy ?? origin;
+  return origin.proxy ? `${endpointKey(origin)} via ${origin.proxy}` : endpointKey(origin);
 }
 
 /** Parses `host:port` or `[v6]:port`. Throws TypeError on anything else. */

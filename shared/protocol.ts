@@ -8,6 +8,7 @@
 
 import { z } from 'zod';
 import { ErrorCodes, SockpoolError } from './errors.js';
+import { PROXY_NAME } from './origin.js';
 
 export const PROTOCOL_VERSION = 1;
 /** Largest message either side sends or accepts; larger ones are a protocol error. */
@@ -32,6 +33,8 @@ const leaseId = z.number().int().min(1);
 const TLS_TRUST_PATTERN = /^(?:system|[0-9a-f]{64})$/;
 /** The client speaks https to this origin and would verify the certificate against `trust`. */
 const tlsRequest = z.strictObject({ trust: z.string().regex(TLS_TRUST_PATTERN, 'expected "system" or a SHA-256 hex') });
+/** A proxy is named, never given: only the daemon's configuration says where proxies are. */
+const proxyName = z.string().regex(PROXY_NAME, 'proxy must be the name of a proxy in the daemon configuration');
 
 export const ClientMessage = z.discriminatedUnion('type', [
   z.strictObject({
@@ -47,8 +50,8 @@ export const ClientMessage = z.discriminatedUnion('type', [
     port,
     /** How long the client is willing to wait for a slot and a connection, in ms. */
     timeoutMs: z.number().int().min(1).max(600_000).optional(),
-    /** A forward proxy: the socket connects to it (the pool stays per origin, keyed with the proxy). */
-    proxy: z.strictObject({ host, port }).optional(),
+    /** A proxy of the daemon's configuration, by name: the lent socket is a CONNECT tunnel through it. */
+    proxy: proxyName.optional(),
     /** https: the lease may be a warm TLS session relayed by the daemon, if it verifies as the client would. */
     tls: tlsRequest.optional(),
   }),
@@ -58,7 +61,7 @@ export const ClientMessage = z.discriminatedUnion('type', [
     host,
     port,
     count: z.number().int().min(1).max(1000),
-    proxy: z.strictObject({ host, port }).optional(),
+    proxy: proxyName.optional(),
     tls: tlsRequest.optional(),
   }),
   z.strictObject({ type: z.literal('release'), id: requestId.optional(), leaseId }),

@@ -1,14 +1,15 @@
-// Requests through a forward proxy: the daemon connects to the proxy (its egress policy checks the proxy), curl
-// speaks proxy HTTP (absolute-form requests) or CONNECT (https) over the handed socket, and the pool is keyed
-// with the proxy. The proxy here is a small real one on loopback that sends every host it is asked for to
-// 127.0.0.1 (so test names need no DNS).
+// Requests through a forward proxy of the daemon's configuration, named by the client: the daemon connects to the
+// proxy (its egress policy checks the proxy's address and the origin's name), opens the CONNECT tunnel itself,
+// pools warm tunnels, and lends them; curl speaks to the origin over the tunnel as if directly (TLS included), with
+// no proxy option of its own. The proxy here is a small real one on loopback that sends every host it is asked for
+// to 127.0.0.1 (so test names need no DNS); it answers 403 for forbidden.test.
 import { once } from 'node:events';
 import { createServer as createHttpServer, request as httpRequest, type Server } from 'node:http';
 import { createServer as createHttpsServer } from 'node:https';
 import { type AddressInfo, connect, type Socket } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SockpoolClient } from '../client/index.js';
-import { type DaemonProcess, startDaemon } from './helpers/daemon.js';
+import { type DaemonProcess, eventually, startDaemon, writeConfigFile } from './helpers/daemon.js';
 import { createTestPki, type TestPki } from './helpers/tls.js';
 
 let pki: TestPki;
@@ -18,6 +19,7 @@ let proxy: Server;
 const proxyConnections: Socket[] = [];
 const proxied: string[] = [];
 let sockpoold: DaemonProcess;
+const configCleanups: Array<() => unknown> = [];
 
 function port(server: Server): number {
   return (server.address() as AddressInfo).port;
@@ -30,7 +32,7 @@ async function listen(server: Server): Promise<Server> {
 }
 
 beforeAll(async () => {
-  pki = createTestPki(['secure.test']);
+  pki = createTestPki(['secure.test', 'warm.secure.test']);
   origin = await listen(createHttpServer((request, response) => response.end(`origin saw ${request.url}`)));
   secureOrigin = await listen(
     createHttpsServer({ cert: pki.cert, key: pki.key }, (request, response) => {
@@ -55,8 +57,12 @@ beforeAll(async () => {
   );
   proxy.on('connection', (socket: Socket) => proxyConnections.push(socket));
   proxy.on('connect', (request, client: Socket, head: Buffer) => {
-    const [, targetPort] = (request.url ?? '').split(':');
+    const [targetHost, targetPort] = (request.url ?? '').split(':');
     proxied.push(`CONNECT ${request.url}`);
+    if (targetHost === 'forbidden.test') {
+      client.end('HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n');
+      return;
+    }
     const upstream = connect(Number(targetPort), '127.0.0.1', () => {
       client.write('HTTP/1.1 200 Connection Established\r\n\r\n');
       upstream.write(head);
@@ -69,39 +75,83 @@ beforeAll(async () => {
   });
   // The destination ports must be allowed as well as the proxy: the policy checks both.
   const ports = [port(proxy), port(origin), port(secureOrigin)].flatMap((p) => ['--allow-port', String(p)]);
-  sockpoold = await startDaemon({ args: ['--allow', '127.0.0.1/32', ...ports] });
+  const config = writeConfigFile(
+    { proxies: [{ name: 'corp', url: `http://127.0.0.1:${port(proxy)}` }], egress: { denyHosts: ['denied.test'] } },
+    configCleanups,
+  );
+  sockpoold = await startDaemon({ args: ['--allow', '127.0.0.1/32', ...ports, '--config', config] });
 });
 
 afterAll(async () => {
   await sockpoold?.stop();
+  for (const cleanup of configCleanups) cleanup();
   for (const socket of proxyConnections) socket.destroy();
   for (const server of [origin, secureOrigin, proxy]) server?.close();
   pki?.cleanup();
 });
 
 describe('forward proxy', () => {
-  it('sends http and https requests through the proxy over sockets the daemon connected to it', async () => {
+  it('sends http and https requests through tunnels the daemon opened, the first one already warm', async () => {
     const client = new SockpoolClient({
       socketPath: sockpoold.socketPath,
       threads: 1,
-      proxy: `http://127.0.0.1:${port(proxy)}`,
+      proxy: 'corp',
       caFile: pki.caFile,
     });
     try {
+      proxied.length = 0;
       const plain = await client.request(`http://plain.test:${port(origin)}/a?b=1`);
       expect(plain).toMatchObject({ status: 200, connection: 'leased' });
       expect(plain.body.toString()).toBe('origin saw /a?b=1');
       const secure = await client.request(`https://secure.test:${port(secureOrigin)}/s`);
       expect(secure.status).toBe(200);
       expect(secure.body.toString()).toBe('tls /s');
-      expect(proxied).toEqual([`GET plain.test:${port(origin)}`, `CONNECT secure.test:${port(secureOrigin)}`]);
+      // Only the daemon's CONNECTs reached the proxy (refills may have added more of the same): curl sent no proxy
+      // request of its own (no absolute-form GET).
+      expect(new Set(proxied)).toEqual(
+        new Set([`CONNECT plain.test:${port(origin)}`, `CONNECT secure.test:${port(secureOrigin)}`]),
+      );
       const stats = (await client.stats()) as { origins: Array<{ origin: string }> };
       expect(stats.origins.map((entry) => entry.origin).sort()).toEqual(
-        [
-          `plain.test:${port(origin)} via 127.0.0.1:${port(proxy)}`,
-          `secure.test:${port(secureOrigin)} via 127.0.0.1:${port(proxy)}`,
-        ].sort(),
+        [`plain.test:${port(origin)} via corp`, `secure.test:${port(secureOrigin)} via corp`].sort(),
       );
+
+      // Warm tunnels: a prewarmed origin's first request through the proxy needs neither a connect nor a CONNECT.
+      const warmHost = `warm.secure.test:${port(secureOrigin)}`;
+      const warmConnects = () => proxied.filter((entry) => entry === `CONNECT ${warmHost}`).length;
+      await client.prewarm([{ host: 'warm.secure.test', port: port(secureOrigin), count: 1 }]);
+      await eventually(async () => {
+        const now = (await client.stats()) as { origins: Array<{ origin: string; idle: number }> };
+        return now.origins.some((entry) => entry.origin === `${warmHost} via corp` && entry.idle === 1);
+      }, 'a warm tunnel');
+      expect(warmConnects()).toBe(1);
+      const warm = await client.request(`https://${warmHost}/w`);
+      expect(warm).toMatchObject({ status: 200, warm: true });
+      expect(warm.body.toString()).toBe('tls /w');
+      // warm: the lease was the tunnel idle in the pool, the one CONNECT above: no connect, no CONNECT on this path.
+    } finally {
+      await client.close();
+    }
+  });
+
+  it('a proxy that refuses the CONNECT fails the request with SOCKPOOL_ERR_PROXY and its status', async () => {
+    const client = new SockpoolClient({ socketPath: sockpoold.socketPath, threads: 0, proxy: 'corp' });
+    try {
+      const error = await client.request(`http://forbidden.test:${port(origin)}/`).catch((caught) => caught);
+      expect(error).toMatchObject({ code: 'SOCKPOOL_ERR_PROXY', fields: { proxy: 'corp', status: 403 } });
+      // The origin's name is checked against the daemon's policy before the proxy hears of it.
+      proxied.length = 0;
+      const denied = await client.request(`http://denied.test:${port(origin)}/`).catch((caught) => caught);
+      expect(denied).toMatchObject({ code: 'SOCKPOOL_ERR_POLICY', fields: { reason: 'host-denied' } });
+      const unknown = new SockpoolClient({ socketPath: sockpoold.socketPath, threads: 0, proxy: 'elsewhere' });
+      try {
+        const refused = await unknown.request(`http://plain.test:${port(origin)}/`).catch((caught) => caught);
+        expect(refused).toMatchObject({ code: 'SOCKPOOL_ERR_INVALID_ARGUMENT', fields: { proxy: 'elsewhere' } });
+      } finally {
+        await unknown.close();
+      }
+      // (Refills of the origins used above may reach the proxy meanwhile: only denied.test must not.)
+      expect(proxied.filter((entry) => entry.includes('denied.test'))).toEqual([]);
     } finally {
       await client.close();
     }
@@ -111,7 +161,7 @@ describe('forward proxy', () => {
     const client = new SockpoolClient({
       socketPath: sockpoold.socketPath,
       threads: 0,
-      proxy: `http://127.0.0.1:${port(proxy)}`,
+      proxy: 'corp',
       caFile: pki.caFile,
     });
     try {
@@ -124,8 +174,8 @@ describe('forward proxy', () => {
     }
   });
 
-  it('rejects a proxy option that is not http://host:port', () => {
-    for (const bad of ['socks5://127.0.0.1:1080', 'http://user:pw@127.0.0.1:3128', 'not a url', 'http://p:1/path']) {
+  it('rejects a proxy option that is not the name of a configured proxy: a client cannot give an address', () => {
+    for (const bad of [`http://127.0.0.1:${port(proxy)}`, 'socks5://127.0.0.1:1080', 'not a name', '', '-x']) {
       expect(() => new SockpoolClient({ socketPath: sockpoold.socketPath, proxy: bad })).toThrow(
         expect.objectContaining({ code: 'SOCKPOOL_ERR_INVALID_ARGUMENT' }),
       );

@@ -481,9 +481,11 @@ describe('docs/config.md', () => {
     } else if (current.def.type === 'array') {
       const element = (current.def.element as typeof current).def;
       if (element.type === 'object') {
-        // pool.origins entries: `match`, plus the origin-policy keys documented under pool.defaults.
+        // pool.origins entries: `match`, plus the origin-policy keys documented under pool.defaults; the entries
+        // of other lists (proxies) have a section per key.
         for (const key of Object.keys(element.shape as Record<string, unknown>)) {
-          if (key === 'match') out.push(`${prefix}[].match`);
+          if (prefix !== 'pool.origins') out.push(`${prefix}[].${key}`);
+          else if (key === 'match') out.push(`${prefix}[].match`);
           else expect(sections.has(`pool.defaults.${key}`), `pool.defaults.${key} documented`).toBe(true);
         }
       }

@@ -117,23 +117,68 @@ describe('handoff', () => {
 });
 
 describe('forward proxies', () => {
-  it('connects a proxied origin to its proxy, in a pool of its own keyed with the proxy', async () => {
-    const proxy = await server();
-    // No predictive warming: the proxy must see exactly the one connection the acquire asked for.
-    const sockpoold = await daemon(proxy.port, ['--allow-port', '443'], { pool: { predictive: false } });
+  /** A proxy that answers every CONNECT with `answer`, then echoes (the tunnel's far end); records the requests. */
+  async function connectProxy(answer: (target: string) => string) {
+    const requests: string[] = [];
+    const proxy = await server((socket) => {
+      let head = '';
+      const onData = (chunk: Buffer) => {
+        head += chunk.toString('latin1');
+        const end = head.indexOf('\r\n\r\n');
+        if (end === -1) return;
+        socket.off('data', onData);
+        const target = /^CONNECT (\S+) HTTP\/1\.1\r\n/.exec(head)?.[1] ?? '?';
+        requests.push(head.slice(0, end));
+        socket.write(answer(target));
+        socket.pipe(socket);
+      };
+      socket.on('data', onData);
+    });
+    return { proxy, requests };
+  }
+
+  it('tunnels a proxied origin through a configured proxy, by name, in a pool of its own', async () => {
+    const { proxy, requests } = await connectProxy((target) =>
+      target.startsWith('teapot.example') ? 'HTTP/1.1 418 No\r\n\r\n' : 'HTTP/1.1 200 Connection established\r\n\r\n',
+    );
+    const sockpoold = await daemon(proxy.port, ['--allow-port', '443'], {
+      proxies: [{ name: 'corp', url: `http://127.0.0.1:${proxy.port}` }],
+      egress: { denyHosts: ['denied.example'] },
+      pool: { predictive: false }, // one acquire, one tunnel: no refills behind it
+    });
     const raw = client(sockpoold.socketPath);
-    const proxied = { host: 'origin.example', port: 443, proxy: { host: '127.0.0.1', port: proxy.port } };
-    const lease = await raw.request({ type: 'acquire', id: 1, ...proxied });
+    const lease = await raw.request({ type: 'acquire', id: 1, host: 'origin.example', port: 443, proxy: 'corp' });
     expect(lease.message).toMatchObject({ type: 'lease', address: '127.0.0.1', host: 'origin.example', port: 443 });
+    // The daemon asked for the tunnel; what the client writes goes through it (here: echoed by the far end).
+    expect(requests).toEqual(['CONNECT origin.example:443 HTTP/1.1\r\nHost: origin.example:443']);
     expect(await roundTrip(lease.fds[0]!, 'via proxy')).toBe('via proxy');
     expect(proxy.connections).toHaveLength(1);
     const snapshot = await stats(raw);
-    expect(snapshot.origins).toEqual([
-      expect.objectContaining({ origin: `origin.example:443 via 127.0.0.1:${proxy.port}` }),
-    ]);
-    // The proxy must be allowed too: one on a forbidden address is refused.
-    const refused = await raw.request({ type: 'acquire', id: 2, ...proxied, proxy: { host: '10.0.0.1', port: 3128 } });
-    expect(refused.message).toMatchObject({ type: 'error', code: 'SOCKPOOL_ERR_POLICY' });
+    expect(snapshot.origins).toEqual([expect.objectContaining({ origin: 'origin.example:443 via corp' })]);
+
+    // A status other than 200 is a typed error carrying it; the socket is closed, nothing is lent.
+    const teapot = await raw.request({ type: 'acquire', id: 2, host: 'teapot.example', port: 443, proxy: 'corp' });
+    expect(teapot.fds).toEqual([]);
+    expect(teapot.message).toMatchObject({
+      type: 'error',
+      code: 'SOCKPOOL_ERR_PROXY',
+      fields: { proxy: 'corp', status: 418, target: 'teapot.example:443' },
+    });
+    // The origin's name is checked against the policy before the proxy hears of it.
+    const denied = await raw.request({ type: 'acquire', id: 3, host: 'denied.example', port: 443, proxy: 'corp' });
+    expect(denied.message).toMatchObject({ code: 'SOCKPOOL_ERR_POLICY', fields: { reason: 'host-denied' } });
+    // Only configured proxies, by name: an unknown name, and an address (the old form), are refused.
+    const unknown = await raw.request({ type: 'acquire', id: 4, host: 'origin.example', port: 443, proxy: 'nope' });
+    expect(unknown.message).toMatchObject({ code: 'SOCKPOOL_ERR_INVALID_ARGUMENT', fields: { proxy: 'nope' } });
+    const address = await raw.request({
+      type: 'acquire',
+      id: 5,
+      host: 'origin.example',
+      port: 443,
+      proxy: { host: '10.0.0.1', port: 3128 },
+    });
+    expect(address.message).toMatchObject({ type: 'error', code: 'SOCKPOOL_ERR_PROTOCOL' });
+    expect(requests).toHaveLength(2);
   });
 });
 

@@ -60,8 +60,8 @@ export interface ClientPolicy {
   insecure?: boolean | undefined;
   /** With no daemon, let curl connect by itself instead of failing. */
   directFallback?: boolean | undefined;
-  /** Forward proxy the daemon connects to; curl speaks proxy HTTP or CONNECT over the handed socket. */
-  proxy?: { host: string; port: number } | undefined;
+  /** The daemon's proxy, by name: lent sockets are CONNECT tunnels through it, curl speaks to the origin over them. */
+  proxy?: string | undefined;
   /** Run a request whose handed connection died once more (default true), for these methods (default idempotent). */
   retryDeadConnection?: boolean | undefined;
   retryMethods?: string[] | undefined;
@@ -275,7 +275,8 @@ export class CurlEngine {
         slot = preparing instanceof Promise ? await preparing : preparing;
       } catch (error) {
         const code = (error as { code?: string }).code;
-        if (policy.directFallback && code === ErrorCodes.DAEMON_UNAVAILABLE && !io.signal.aborted) {
+        // Never direct when a proxy is named: that would bypass the proxy the caller asked for.
+        if (policy.directFallback && !policy.proxy && code === ErrorCodes.DAEMON_UNAVAILABLE && !io.signal.aborted) {
           const direct = await this.#perform(request, target, key, io, undefined, performance.now() - started);
           if (direct instanceof TransferFailure) throw direct.error;
           return direct;
@@ -490,8 +491,8 @@ export class CurlEngine {
     if (slot) {
       // Pin curl's DNS to the address the daemon connected to: the worker never resolves (it may have no network).
       if (slot.lease) {
-        // The socket goes to the proxy when there is one: that is the name curl must find at the lease's address.
-        const target = policy.proxy ?? { host: urlTarget.hostname, port: urlTarget.origin.port };
+        // Through a proxy the lent socket is a tunnel to the origin: curl connects "to the origin" as well.
+        const target = { host: urlTarget.hostname, port: urlTarget.origin.port };
         const host = target.host.startsWith('[') ? target.host.slice(1, -1) : target.host;
         const address = slot.lease.address;
         const literal = address.includes(':') ? `[${address}]` : address;
@@ -504,10 +505,9 @@ export class CurlEngine {
     } else {
       setList('RESOLVE', '', () => null);
     }
-    // Only the configured proxy, never one from the environment (http_proxy and friends): the daemon decides
-    // where sockets go, and a handed socket is connected to exactly one place. '' means no proxy.
-    const proxyHost = policy.proxy?.host.includes(':') ? `[${policy.proxy.host}]` : policy.proxy?.host;
-    set('PROXY', policy.proxy ? `http://${proxyHost}:${policy.proxy.port}` : '');
+    // Never a proxy of curl's own, nor one from the environment (http_proxy and friends): the daemon decides where
+    // sockets go, and opens the CONNECT tunnel itself when the client named one of its proxies. '' means no proxy.
+    set('PROXY', '');
     // curl connects by itself: its default socket callbacks for this attempt (restored when it ends).
     if (attempt.mode === 'direct') this.#useLeasedSockets(state, false);
   }

@@ -74,13 +74,7 @@ export class DaemonLink {
 
   /** A connected socket for host:port. Rejects with signal.reason when `signal` aborts first (a lease that arrives
    *  after that goes back to the daemon). */
-  async acquire(
-    host: string,
-    port: number,
-    timeoutMs: number,
-    signal?: CancelSignal,
-    proxy?: { host: string; port: number },
-  ): Promise<Lease> {
+  async acquire(host: string, port: number, timeoutMs: number, signal?: CancelSignal, proxy?: string): Promise<Lease> {
     const ms = Math.max(1, Math.ceil(timeoutMs));
     const { message, fds, generation } = await this.#request(
       { type: 'acquire', host, port, timeoutMs: ms, ...(proxy ? { proxy } : {}) },
@@ -94,8 +88,11 @@ export class DaemonLink {
     return { ...message, fd: fds[0]!, link: generation };
   }
 
-  async prewarm(host: string, port: number, count: number): Promise<void> {
-    await this.#request({ type: 'prewarm', host, port, count }, this.#options.requestTimeoutMs);
+  async prewarm(host: string, port: number, count: number, proxy?: string): Promise<void> {
+    await this.#request(
+      { type: 'prewarm', host, port, count, ...(proxy ? { proxy } : {}) },
+      this.#options.requestTimeoutMs,
+    );
   }
 
   async stats(): Promise<Record<string, unknown>> {

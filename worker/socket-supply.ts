@@ -55,8 +55,8 @@ interface OriginState {
 }
 
 export interface PrepareOptions {
-  /** The forward proxy the socket must be connected to (part of the origin's key). */
-  proxy?: { host: string; port: number } | undefined;
+  /** The daemon's proxy the socket must be tunnelled through, by name (part of the origin's key). */
+  proxy?: string | undefined;
   /** https: the protocol is negotiated (ALPN); http: always HTTP/1.1. */
   secure: boolean;
   timeoutMs: number;

@@ -56,6 +56,7 @@ export function abortedError(signal: AbortSignal): SockpoolError {
 export class TransferRuntime {
   readonly #link: DaemonLink;
   readonly #engine: CurlEngine;
+  readonly #proxy: string | undefined;
   /** Tasks running (requests, prewarm, stats), and whoever waits for none to be (idle()). */
   #running = 0;
   #onIdle: (() => void) | undefined;
@@ -65,6 +66,7 @@ export class TransferRuntime {
   constructor(config: RuntimeConfig, clientName: string) {
     this.#link = new DaemonLink({ socketPath: config.socketPath, clientName });
     this.#engine = new CurlEngine(new SocketSupply(this.#link), config.policy, { maxConnects: config.maxConnects });
+    this.#proxy = config.policy.proxy;
   }
 
   async handle(task: RuntimeTask): Promise<RuntimeResult> {
@@ -73,7 +75,11 @@ export class TransferRuntime {
         return this.runRequest(task.request, task.port);
       case 'prewarm':
         return this.#counted(async () => {
-          await Promise.all(task.origins.map((origin) => this.#link.prewarm(origin.host, origin.port, origin.count)));
+          // With a proxy named, the tunnels through it are what the requests will use: warm those.
+          const proxy = this.#proxy;
+          await Promise.all(
+            task.origins.map((origin) => this.#link.prewarm(origin.host, origin.port, origin.count, proxy)),
+          );
           return { ok: true };
         });
       case 'stats':

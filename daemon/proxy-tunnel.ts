@@ -1,0 +1,104 @@
+// The daemon's side of an HTTP forward proxy: on a TCP socket connected to the proxy, ask for a tunnel to the origin
+// (`CONNECT host:port`) and check the proxy's answer, before the socket is pooled or lent. A client is lent the
+// socket only once it is a byte stream to the origin: it never speaks to the proxy itself, so it cannot choose
+// where the proxy relays it.
+//
+// fd ownership: `fd` stays the caller's throughout (the connector closes it when this rejects). A Poller watches it
+// while the answer is awaited and is closed on every path before this settles.
+
+import { readSync, writeSync } from 'node:fs';
+import { ErrorCodes, SockpoolError } from '../shared/errors.js';
+import * as native from '../shared/native.js';
+
+/** A proxy of the daemon's configuration (`[[proxies]]`). */
+export interface ProxyEndpoint {
+  name: string;
+  host: string;
+  port: number;
+}
+
+/** The longest CONNECT answer accepted (status line and headers). */
+const MAX_ANSWER_BYTES = 8 * 1024;
+
+function proxyError(proxy: ProxyEndpoint, target: string, why: string, status: number | null): SockpoolError {
+  return new SockpoolError(ErrorCodes.PROXY, `proxy ${proxy.name} (${proxy.host}:${proxy.port}) ${why} for ${target}`, {
+    proxy: proxy.name,
+    target,
+    status,
+  });
+}
+
+/** `host:port` as a CONNECT request target (IPv6 literals in brackets). */
+export function connectTarget(host: string, port: number): string {
+  return host.includes(':') ? `[${host}]:${port}` : `${host}:${port}`;
+}
+
+/**
+ * Sends `CONNECT host:port` on `fd` (a connected, non-blocking TCP socket to the proxy) and resolves once the proxy
+ * answers 200 with nothing after its header block. Any other status rejects with SOCKPOOL_ERR_PROXY carrying it;
+ * a proxy that closes, sends garbage, sends more than its answer, or is silent for `timeoutMs`, too (status null).
+ */
+export function openTunnel(
+  fd: number,
+  host: string,
+  port: number,
+  proxy: ProxyEndpoint,
+  timeoutMs: number,
+): Promise<void> {
+  const target = connectTarget(host, port);
+  const request = Buffer.from(`CONNECT ${target} HTTP/1.1\r\nHost: ${target}\r\n\r\n`, 'latin1');
+  try {
+    // A fresh socket's send buffer is empty: the few bytes of the request go out in one write.
+    if (writeSync(fd, request) !== request.length) throw new Error('short write');
+  } catch (error) {
+    return Promise.reject(proxyError(proxy, target, `could not be sent CONNECT: ${(error as Error).message}`, null));
+  }
+  return new Promise<void>((resolve, reject) => {
+    const answer = Buffer.alloc(MAX_ANSWER_BYTES + 1);
+    let length = 0;
+    let settled = false;
+    const poller = new native.Poller(fd, () => onReadable());
+    const timer = setTimeout(
+      () => finish(proxyError(proxy, target, `did not answer CONNECT within ${timeoutMs} ms`, null)),
+      timeoutMs,
+    );
+    const finish = (error?: SockpoolError) => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
+      poller.close();
+      if (error) reject(error);
+      else resolve();
+    };
+    const onReadable = () => {
+      let read: number;
+      try {
+        read = readSync(fd, answer, length, answer.length - length, null);
+      } catch (error) {
+        if ((error as { code?: string }).code === 'EAGAIN') return;
+        finish(proxyError(proxy, target, `failed while answering CONNECT: ${(error as Error).message}`, null));
+        return;
+      }
+      if (read === 0) {
+        finish(proxyError(proxy, target, 'closed the connection instead of answering CONNECT', null));
+        return;
+      }
+      length += read;
+      const end = answer.subarray(0, length).indexOf('\r\n\r\n');
+      if (end === -1) {
+        if (length > MAX_ANSWER_BYTES) finish(proxyError(proxy, target, 'sent an oversized CONNECT answer', null));
+        return;
+      }
+      const statusLine = answer.subarray(0, answer.indexOf('\r\n')).toString('latin1');
+      const match = /^HTTP\/1\.[01] (\d{3})(?: |$)/.exec(statusLine);
+      const status = match ? Number(match[1]) : null;
+      if (status === null)
+        finish(proxyError(proxy, target, `answered CONNECT with ${JSON.stringify(statusLine.slice(0, 80))}`, null));
+      else if (status !== 200) finish(proxyError(proxy, target, `refused CONNECT with status ${status}`, status));
+      // Bytes past the answer would be read by the client as the origin's: the tunnel is out of step.
+      else if (length > end + 4) finish(proxyError(proxy, target, 'sent bytes after its CONNECT answer', status));
+      else finish();
+    };
+    poller.start(native.READABLE | native.DISCONNECT);
+  });
+}
