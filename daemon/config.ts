@@ -69,6 +69,7 @@ export const DEFAULTS = {
     predictiveWindowMs: 10_000,
     warmOnStartOrigins: 50,
     statsFlushMs: 2_000,
+    historyMaxOrigins: 100_000,
     defaults: {
       minIdle: 0,
       maxIdle: 16,
@@ -220,13 +221,12 @@ export function parseProxyUrl(text: string): { host: string; port: number } | un
   const host = canonicalHost(url.hostname);
   return { host, port: url.port === '' ? 80 : Number(url.port) };
 }
-const proxySchema = z
-  .strictObject({
-    name: z.string().regex(PROXY_NAME, 'expected a name of letters, digits, ".", "_" and "-" (at most 63)'),
-    url: z.string().refine((text) => parseProxyUrl(text) !== undefined, {
-      error: 'expected http://host:port (no credentials, path or other scheme)',
-    }),
-  });
+const proxySchema = z.strictObject({
+  name: z.string().regex(PROXY_NAME, 'expected a name of letters, digits, ".", "_" and "-" (at most 63)'),
+  url: z.string().refine((text) => parseProxyUrl(text) !== undefined, {
+    error: 'expected http://host:port (no credentials, path or other scheme)',
+  }),
+});
 const dnsServer = z.string().refine(
   (text) => {
     const match = /^(?:\[([^\]]+)\]|([^:\s]+))(?::(\d{1,5}))?$/.exec(text);
@@ -412,6 +412,7 @@ export const configSchema = z
         predictiveWindowMs: positiveMs.default(poolDefaults.predictiveWindowMs),
         warmOnStartOrigins: z.int().min(0).default(poolDefaults.warmOnStartOrigins),
         statsFlushMs: positiveMs.default(poolDefaults.statsFlushMs),
+        historyMaxOrigins: z.int().min(1).default(poolDefaults.historyMaxOrigins),
         defaults: originPolicySchema,
         origins: z.array(originOverrideSchema).default(() => []),
       })

@@ -100,7 +100,7 @@ export class Sockpoold {
     this.#relays = new TlsRelays(this.#config.tls.relayThreads, this.#log.child({ part: 'tls' }));
     const tls = new TlsSessions(this.#config, connector, this.#relays);
     mkdirSync(this.#config.stateDir, { recursive: true, mode: 0o750 });
-    this.#store = StateStore.open(this.#config.stateDir);
+    this.#store = StateStore.open(this.#config.stateDir, { maxOrigins: this.#config.pool.historyMaxOrigins });
     this.#store.startAutoFlush(this.#config.pool.statsFlushMs);
     this.#egress = createEgressPolicy(this.#config);
     this.#resolver = createResolver(this.#config);

@@ -8,6 +8,13 @@
 // process being killed at any moment (the WAL is in the OS page cache), so a crash loses at most what was recorded
 // since the last flush. A power loss may also lose the last commits before a checkpoint, never corrupt the file.
 //
+// What a client cannot bloat: only origins that connected get a row (an origin whose every connect failed, or
+// that the policy refused, leaves nothing); the `origins` table holds at most `maxOrigins` rows, the least recently
+// seen evicted first (with their demand history); and the timer's flushes write in slices of at most
+// SLICE_BUDGET_MS of event-loop time, continuing on the next turn, so a flood of new origins never holds the loop
+// for long (bench/store-flush.ts measures it with 100,000 origins). `flush()` itself (at close, and before
+// `topOrigins`) still writes everything at once.
+//
 // Wall-clock time (Date.now) is right here, unlike in the rest of the daemon: these timestamps must mean the same
 // thing after a restart or a reboot.
 
@@ -57,6 +64,8 @@ export interface StateStoreOptions {
   scoreHalfLifeMs?: number;
   /** Time constant of the stored demand rate. Default 60 s. */
   demandRateWindowMs?: number;
+  /** Most origins kept in history; past it the least recently seen are evicted. Default 100,000. */
+  maxOrigins?: number;
 }
 
 /** An origin as `topOrigins` ranks it for warm-on-start. */
@@ -97,6 +106,10 @@ const CONNECT_EWMA_ALPHA = 0.2;
 /** How fast the learned idle lifetime rises again after a longer observation (it drops at once on a shorter one). */
 const IDLE_LIFETIME_RISE = 0.1;
 const PRUNE_INTERVAL_MS = 10 * MINUTE_MS;
+/** Event-loop time one slice of a timed flush may take before it yields (the aim is no write over 20 ms). */
+const SLICE_BUDGET_MS = 8;
+/** Rows one statement of eviction or pruning deletes at most (each is an index range scan). */
+const DELETE_BATCH = 500;
 
 /** What the handoff path accumulated for one origin since the last flush. */
 interface Pending {
@@ -173,6 +186,11 @@ export class StateStore {
   /** Learned idle lifetimes: all of them, loaded at open and kept current in memory (the store is the only writer). */
   #learned = new Map<string, number>();
   #timer: NodeJS.Timeout | undefined;
+  /** A timed flush in progress (slices on setImmediate), so ticks do not overlap. */
+  #slicing = false;
+  readonly #maxOrigins: number;
+  /** Rows in `origins` (counted at open, kept current by inserts, evictions and prunes). */
+  #rowCount = 0;
   #lastPrune = 0;
   #closed = false;
   readonly #statements: {
@@ -180,7 +198,10 @@ export class StateStore {
     upsert: Database.Statement<[OriginRow]>;
     addDemand: Database.Statement<[string, number, number]>;
     pruneDemand: Database.Statement<[number]>;
-    pruneOrigins: Database.Statement<[number]>;
+    pruneOrigins: Database.Statement<[number, number]>;
+    oldest: Database.Statement<[number], string>;
+    forget: Database.Statement<[string]>;
+    forgetDemand: Database.Statement<[string]>;
     top: Database.Statement<
       [{ nowMinute: number; sinceMinute: number; halfLifeMinutes: number; limit: number }],
       {
@@ -230,6 +251,8 @@ export class StateStore {
     this.#originRetentionMs = (options.originRetentionDays ?? 30) * DAY_MS;
     this.#scoreHalfLifeMinutes = (options.scoreHalfLifeMs ?? 6 * 3_600_000) / MINUTE_MS;
     this.#rateWindowMs = options.demandRateWindowMs ?? MINUTE_MS;
+    this.#maxOrigins = Math.max(1, Math.floor(options.maxOrigins ?? 100_000));
+    this.#rowCount = db.prepare<[], number>('SELECT count(*) FROM origins').pluck().get() ?? 0;
     this.#statements = {
       select: db.prepare('SELECT * FROM origins WHERE origin_key = ?'),
       upsert: db.prepare(`
@@ -245,10 +268,16 @@ export class StateStore {
       addDemand: db.prepare(`
         INSERT INTO demand_history (origin_key, minute, acquires) VALUES (?, ?, ?)
         ON CONFLICT (origin_key, minute) DO UPDATE SET acquires = acquires + excluded.acquires`),
-      pruneDemand: db.prepare('DELETE FROM demand_history WHERE minute < ?'),
+      pruneDemand: db.prepare(`
+        DELETE FROM demand_history WHERE (origin_key, minute) IN
+          (SELECT origin_key, minute FROM demand_history WHERE minute < ? LIMIT ${DELETE_BATCH})`),
       pruneOrigins: db.prepare(`
-        DELETE FROM origins WHERE last_seen < ?
-          AND NOT EXISTS (SELECT 1 FROM demand_history d WHERE d.origin_key = origins.origin_key)`),
+        DELETE FROM origins WHERE origin_key IN
+          (SELECT origin_key FROM origins WHERE last_seen < ?
+             AND NOT EXISTS (SELECT 1 FROM demand_history d WHERE d.origin_key = origins.origin_key) LIMIT ?)`),
+      oldest: db.prepare<[number], string>('SELECT origin_key FROM origins ORDER BY last_seen LIMIT ?').pluck(),
+      forget: db.prepare('DELETE FROM origins WHERE origin_key = ?'),
+      forgetDemand: db.prepare('DELETE FROM demand_history WHERE origin_key = ?'),
       top: db.prepare(`
         SELECT o.origin_key, o.host, o.port, o.learned_idle_lifetime_ms, o.demand_rate_per_s, o.connect_ms_avg,
                o.last_seen,
@@ -356,7 +385,8 @@ export class StateStore {
     if (count === 0 && !prune) return 0;
     this.#db.transaction(() => {
       for (const [originKey, pending] of this.#pending) this.#write(originKey, pending, now);
-      if (prune) this.#pruneNow(now);
+      while (this.#evictSome()) {}
+      if (prune) while (this.#pruneSome(now)) {}
     })();
     // Only after the commit: if it threw, everything stays pending for the next flush.
     this.#pending.clear();
@@ -364,8 +394,64 @@ export class StateStore {
     return count;
   }
 
+  /**
+   * One slice of a timed flush: pending origins, then evictions over the cap, then pruning, in one transaction
+   * until SLICE_BUDGET_MS is spent. Returns true when there is more to do (the caller runs another slice on the
+   * next turn of the event loop).
+   */
+  flushSlice(budgetMs = SLICE_BUDGET_MS): boolean {
+    if (this.#closed) return false;
+    const now = this.#now();
+    const prune = now - this.#lastPrune >= PRUNE_INTERVAL_MS;
+    const started = performance.now();
+    const written: string[] = [];
+    let more = false;
+    this.#db.transaction(() => {
+      for (const [originKey, pending] of this.#pending) {
+        this.#write(originKey, pending, now);
+        written.push(originKey);
+        if ((written.length & 15) === 0 && performance.now() - started >= budgetMs) {
+          more = true;
+          return;
+        }
+      }
+      while (this.#evictSome()) {
+        if (performance.now() - started >= budgetMs) {
+          more = true;
+          return;
+        }
+      }
+      if (!prune) return;
+      while (this.#pruneSome(now)) {
+        if (performance.now() - started >= budgetMs) {
+          more = true;
+          return;
+        }
+      }
+      this.#lastPrune = now;
+    })();
+    for (const originKey of written) this.#pending.delete(originKey);
+    return more;
+  }
+
+  /** Evicts up to DELETE_BATCH of the least recently seen origins over the cap; true when it evicted any. */
+  #evictSome(): boolean {
+    const excess = Math.min(DELETE_BATCH, this.#rowCount - this.#maxOrigins);
+    if (excess <= 0) return false;
+    for (const originKey of this.#statements.oldest.all(excess)) {
+      this.#statements.forget.run(originKey);
+      this.#statements.forgetDemand.run(originKey);
+      this.#learned.delete(originKey);
+      this.#rowCount--;
+    }
+    return true;
+  }
+
   #write(originKey: string, pending: Pending, now: number): void {
     const old = this.#statements.select.get(originKey);
+    // Only origins that connected are remembered: failures and refusals of an origin never reached leave no row.
+    if (!old && pending.acquires === 0 && pending.connects === 0 && !pending.idleLifetimeChanged) return;
+    if (!old) this.#rowCount++;
     let connectMsAvg = old?.connect_ms_avg ?? null;
     if (pending.connects > 0) {
       connectMsAvg =
@@ -411,23 +497,42 @@ export class StateStore {
     for (const [minute, acquires] of pending.minutes) this.#statements.addDemand.run(originKey, minute, acquires);
   }
 
-  /** Deletes demand history older than `demandHistoryDays` and origins unseen for `originRetentionDays`. */
-  #pruneNow(now: number): void {
-    this.#statements.pruneDemand.run(Math.floor(now / MINUTE_MS) - this.#historyMinutes);
-    this.#statements.pruneOrigins.run(now - this.#originRetentionMs);
+  /**
+   * Deletes up to DELETE_BATCH rows of demand history older than `demandHistoryDays`, then of origins unseen for
+   * `originRetentionDays`; true when it deleted any (call again).
+   */
+  #pruneSome(now: number): boolean {
+    const demand = this.#statements.pruneDemand.run(Math.floor(now / MINUTE_MS) - this.#historyMinutes).changes;
+    if (demand > 0) return true;
+    const origins = this.#statements.pruneOrigins.run(now - this.#originRetentionMs, DELETE_BATCH).changes;
+    this.#rowCount -= origins;
+    return origins > 0;
   }
 
-  /** Flushes every `ms` from an unref'd timer (it never keeps the process alive). */
+  /** Flushes every `ms` from an unref'd timer (it never keeps the process alive), in slices (see flushSlice). */
   startAutoFlush(ms: number): void {
     this.stopAutoFlush();
-    this.#timer = setInterval(() => {
+    const slice = () => {
+      let more = false;
       try {
-        this.flush();
+        more = this.flushSlice();
       } catch {
         // A full disk or a locked file: the statistics stay pending and the next tick tries again.
       }
+      if (more && this.#timer) setImmediate(slice);
+      else this.#slicing = false;
+    };
+    this.#timer = setInterval(() => {
+      if (this.#slicing) return;
+      this.#slicing = true;
+      slice();
     }, ms);
     this.#timer.unref();
+  }
+
+  /** Rows in the origins table (history), for tests and the bench. */
+  get originCount(): number {
+    return this.#rowCount;
   }
 
   stopAutoFlush(): void {

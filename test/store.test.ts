@@ -191,6 +191,73 @@ describe('batching', () => {
   });
 });
 
+describe('what a client cannot bloat', () => {
+  it('records only origins that connected: failures and refusals of an origin never reached leave no row', () => {
+    const store = open();
+    for (let origin = 0; origin < 200; origin++) store.recordConnectFailure(`junk${origin}.example:443`);
+    store.recordConnect('real.example:443', 12);
+    store.recordConnectFailure('real.example:443');
+    expect(store.flush()).toBe(201);
+    const db = reader(dir);
+    expect(column(db, 'SELECT origin_key FROM origins')).toEqual(['real.example:443']);
+    expect(store.originCount).toBe(1);
+    // A failure of an origin that did connect before is still counted.
+    store.recordConnectFailure('real.example:443');
+    store.flush();
+    expect(store.origin('real.example:443')?.connectFailures).toBe(2);
+    db.close();
+    store.close();
+  });
+
+  it('keeps at most maxOrigins, evicting the least recently seen with their demand history', () => {
+    const store = StateStore.open(dir, { now, maxOrigins: 100 });
+    for (let origin = 0; origin < 250; origin++) {
+      clock += 1000;
+      store.recordAcquire(`o${origin}.example:443`, { hit: false });
+      store.recordConnect(`o${origin}.example:443`, 5);
+      store.recordIdleLifetime(`o${origin}.example:443`, 30_000);
+    }
+    store.flush();
+    const db = reader(dir);
+    expect(value(db, 'SELECT count(*) FROM origins')).toBe(100);
+    expect(store.originCount).toBe(100);
+    expect(value(db, 'SELECT min(origin_key) FROM origins')).toBe('o150.example:443');
+    expect(value(db, "SELECT count(*) FROM demand_history WHERE origin_key = 'o0.example:443'")).toBe(0);
+    expect(store.learnedIdleLifetime('o0.example:443')).toBeUndefined();
+    expect(store.learnedIdleLifetime('o249.example:443')).toBe(30_000);
+    // An origin seen again moves to the recent end and survives the next evictions.
+    clock += 1000;
+    store.recordAcquire('o150.example:443', { hit: true });
+    for (let origin = 250; origin < 260; origin++) store.recordConnect(`o${origin}.example:443`, 5);
+    store.flush();
+    expect(value(db, 'SELECT count(*) FROM origins')).toBe(100);
+    expect(store.origin('o150.example:443')).toBeDefined();
+    expect(store.origin('o151.example:443')).toBeUndefined();
+    // The count survives a reopening.
+    store.close();
+    const again = StateStore.open(dir, { now, maxOrigins: 100 });
+    expect(again.originCount).toBe(100);
+    again.close();
+    db.close();
+  });
+
+  it('a timed flush writes in slices and yields between them, ending with everything written', async () => {
+    const store = StateStore.open(dir, { now, maxOrigins: 1000 });
+    store.flush();
+    for (let origin = 0; origin < 3000; origin++) store.recordConnect(`s${origin}.example:443`, 5);
+    // A budget of 0 ms: each slice writes one check interval (16 origins) and says there is more.
+    let slices = 0;
+    while (store.flushSlice(0)) slices++;
+    expect(slices).toBeGreaterThan(100);
+    expect(store.pendingOrigins).toBe(0);
+    expect(store.originCount).toBe(1000);
+    const db = reader(dir);
+    expect(value(db, 'SELECT count(*) FROM origins')).toBe(1000);
+    db.close();
+    store.close();
+  });
+});
+
 describe('learned idle lifetime', () => {
   it('drops at once to a shorter observation, rises slowly, and survives a restart', () => {
     let store = open();
