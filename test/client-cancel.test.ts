@@ -277,7 +277,7 @@ describe('a worker thread that dies is replaced; its fds and leases go with it',
     }
   });
 
-  it('a thread that piscina terminates (task cancellation) while curl keeps connections in it', async () => {
+  it('a thread that is terminated (as piscina cancels a task) while curl keeps connections in it', async () => {
     const { dying, ...before } = await doomedClient();
     try {
       // Five concurrent requests leave five keep-alive connections in curl's cache: leased, owned by curl.
