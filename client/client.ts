@@ -254,10 +254,16 @@ export class SockpoolClient {
     return result;
   }
 
-  async prewarm(origins: Array<{ host: string; port: number; count?: number }>): Promise<void> {
+  /** `https` (default: port 443): warm TLS sessions where the daemon would relay them to this client. */
+  async prewarm(origins: Array<{ host: string; port: number; count?: number; https?: boolean }>): Promise<void> {
     const task: Task = {
       kind: 'prewarm',
-      origins: origins.map((origin) => ({ host: origin.host, port: origin.port, count: origin.count ?? 1 })),
+      origins: origins.map((origin) => ({
+        host: origin.host,
+        port: origin.port,
+        count: origin.count ?? 1,
+        https: origin.https ?? origin.port === 443,
+      })),
     };
     const outcome = await this.#dispatch(task);
     if (!outcome.ok) throw fromPlainError(outcome.error);

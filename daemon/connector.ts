@@ -42,7 +42,7 @@ export interface ConnectedSocket {
   /** performance.now() when the connect completed. */
   connectedAt: number;
   connectMs: number;
-  /** Set for a warm TLS session: the fd is the daemon's end of a relay's socketpair (tls-sessions.ts). */
+  /** Set for a warm TLS session: the fd is one end of a loopback connection a relay thread joins to the TLS connection (tls-sessions.ts). */
   tls?: TlsSessionInfo | undefined;
   /** The peer's port: the origin's, or the proxy's for a tunnel (undefined: the origin's). */
   port?: number | undefined;

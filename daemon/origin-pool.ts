@@ -130,7 +130,7 @@ export class OriginPool {
   giveBack(socket: ConnectedSocket): void {
     this.#leased = Math.max(0, this.#leased - 1);
     const probe = native.probe(socket.fd);
-    if (this.#closed || probe.state !== 'alive' || !isEstablished(probe.tcpState, socket)) {
+    if (this.#closed || probe.state !== 'alive' || !isEstablished(probe.tcpState)) {
       native.close(socket.fd);
       this.#pump();
       return;
@@ -212,7 +212,7 @@ export class OriginPool {
   /** Adopts an already connected socket (the fd store after a restart); it is probed first. */
   adopt(socket: ConnectedSocket): boolean {
     const probe = native.probe(socket.fd);
-    if (this.#closed || probe.state !== 'alive' || !isEstablished(probe.tcpState, socket)) {
+    if (this.#closed || probe.state !== 'alive' || !isEstablished(probe.tcpState)) {
       native.close(socket.fd);
       return false;
     }
@@ -239,7 +239,7 @@ export class OriginPool {
     for (let socket = this.#idle.pop(); socket; socket = this.#idle.pop()) {
       const recycle = this.#recycleAfterMs !== undefined && now - socket.idleSince >= this.#recycleAfterMs;
       const probe = recycle ? undefined : native.probe(socket.fd);
-      if (probe?.state === 'alive' && isEstablished(probe.tcpState, socket)) {
+      if (probe?.state === 'alive' && isEstablished(probe.tcpState)) {
         socket.poller?.close();
         clearTimeout(socket.recycleTimer);
         this.#events.idleChanged(this, -1);
@@ -303,7 +303,7 @@ export class OriginPool {
   #onIdleEvent(socket: IdleSocket): void {
     if (!this.#idle.includes(socket)) return;
     const probe = native.probe(socket.fd);
-    if (probe.state === 'alive' && isEstablished(probe.tcpState, socket)) return; // spurious wakeup
+    if (probe.state === 'alive' && isEstablished(probe.tcpState)) return; // spurious wakeup
     this.#drop(socket, dropReason(probe.state));
     this.#pump();
   }
@@ -410,10 +410,7 @@ function dropReason(state: native.ProbeResult['state']): DropReason {
   return state === 'data' ? 'data' : state === 'error' ? 'error' : 'eof';
 }
 
-/**
- * tcpi_state 1 is TCP_ESTABLISHED; undefined means not a TCP socket: never pooled, except a warm TLS session's end
- * of its relay's socketpair (whose EOF says the relay or the server ended it).
- */
-function isEstablished(tcpState: number | undefined, socket: ConnectedSocket): boolean {
-  return tcpState === 1 || (tcpState === undefined && socket.tls !== undefined);
+/** tcpi_state 1 is TCP_ESTABLISHED; undefined means not a TCP socket (never pooled). */
+function isEstablished(tcpState: number | undefined): boolean {
+  return tcpState === 1;
 }

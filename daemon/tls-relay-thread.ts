@@ -1,9 +1,10 @@
 // A relay thread of sockpoold (see tls-relay.ts): completes TLS handshakes over connected TCP sockets the main
-// thread hands in, then relays plaintext between each TLS connection and one end of a Unix socketpair whose other
-// end the main thread keeps as the session's "socket" (idle in the pool, then leased to a client).
+// thread hands in, then relays plaintext between each TLS connection and one end of a loopback TCP connection
+// (native.loopbackPair) whose other end the main thread keeps as the session's "socket" (idle in the pool, then
+// leased to a client).
 //
 // fd ownership: an `open` message passes the TCP fd to this thread; from the net.Socket built on it, Node owns and
-// closes it (destroy). The socketpair is made here once the handshake succeeded: this thread's end belongs to its
+// closes it (destroy). The pair is made here once the handshake succeeded: this thread's end belongs to its
 // net.Socket, the other end passes to the main thread with the `ready` message. On a failed handshake no pair
 // exists and the TCP socket is destroyed here. If the thread ends, Node closes every handle it holds.
 //
@@ -94,7 +95,7 @@ function open(request: Extract<RelayRequest, { t: 'open' }>): void {
     tls.removeListener('close', closedEarly);
     let pair: [number, number];
     try {
-      pair = native.streamPair();
+      pair = native.loopbackPair();
     } catch (error) {
       settled = false;
       fail(error as Error);

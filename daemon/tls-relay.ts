@@ -3,8 +3,8 @@
 // handoffs keep their latency while a relay is busy.
 //
 // open() passes a connected TCP fd to a thread (ownership passes with it) and resolves, once the handshake is done,
-// with the main thread's end of a Unix socketpair: a byte stream that behaves to the pool and to curl like a
-// socket connected to the origin, in plaintext. Closing that fd (or the client closing its copy) ends the session.
+// with the main thread's end of a loopback TCP connection (native.loopbackPair) whose other end the thread relays:
+// a socket that behaves to the pool and to curl like one connected to the origin, in plaintext. Closing that fd (or the client closing its copy) ends the session.
 
 import { Worker } from 'node:worker_threads';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';

@@ -1,6 +1,6 @@
 // Warm TLS: which origins get TLS sessions completed ahead of need, what they trust, and the connector that makes
-// them. A warm TLS session looks to the origin pool like any other socket: its fd is the daemon's end of a Unix
-// socketpair that a relay thread (tls-relay.ts) joins to the TLS connection. So the pool's warming, liveness
+// them. A warm TLS session looks to the origin pool like any other socket: its fd is one end of a loopback TCP
+// connection whose other end a relay thread (tls-relay.ts) joins to the TLS connection. So the pool's warming, liveness
 // (the relay ends the pair when the server closes the session), learned idle lifetime and leases apply unchanged;
 // only the pool key differs (`host:port tls`), so that clients that verify differently keep plain TCP sockets.
 //

@@ -27,6 +27,7 @@
 #include <net/if.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -406,22 +407,69 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     return result;
   }
 
-  // A connected AF_UNIX SOCK_STREAM pair: the daemon's warm TLS relay keeps one end and hands out the other (a
-  // byte stream, as curl expects of a socket, unlike the seqpacket pair above).
-  Napi::Value StreamPair(const Napi::CallbackInfo& info) {
+  // A connected pair of TCP sockets over 127.0.0.1, both non-blocking, TCP_NODELAY: the daemon's warm TLS relay
+  // keeps the accepted end and hands out the connecting one. A TCP socket, not a Unix socketpair, because curl
+  // 7.88 calls connect() again on a socket it is told is already connected: a TCP socket whose non-blocking
+  // connect nobody completed answers 0 (as the daemon's own TCP sockets do), a Unix one EISCONN or EINVAL.
+  // The listener lives only for this call; a connection from anyone else that lands on it is closed.
+  Napi::Value LoopbackPair(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    int fds[2];
-    if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, fds) < 0) {
-      ThrowErrno(env, errno, "socketpair");
+    FdGuard listener(::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+    if (listener.get() < 0) ThrowErrno(env, errno, "socket");
+    sockaddr_in address;
+    memset(&address, 0, sizeof address);
+    address.sin_family = AF_INET;
+    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t length = sizeof address;
+    if (::bind(listener.get(), reinterpret_cast<sockaddr*>(&address), length) < 0) ThrowErrno(env, errno, "bind");
+    if (::listen(listener.get(), 8) < 0) ThrowErrno(env, errno, "listen");
+    if (::getsockname(listener.get(), reinterpret_cast<sockaddr*>(&address), &length) < 0) {
+      ThrowErrno(env, errno, "getsockname");
     }
-    FdGuard first(fds[0]);
-    FdGuard second(fds[1]);
-    Napi::Array result = Napi::Array::New(env, 2);
-    result.Set(0u, Napi::Number::New(env, fds[0]));
-    result.Set(1u, Napi::Number::New(env, fds[1]));
-    first.release();  // ownership of both passes to the caller
-    second.release();
-    return result;
+    FdGuard client(::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+    if (client.get() < 0) ThrowErrno(env, errno, "socket");
+    int result;
+    do {
+      result = ::connect(client.get(), reinterpret_cast<sockaddr*>(&address), length);
+    } while (result < 0 && errno == EINTR);
+    if (result < 0 && errno != EINPROGRESS) ThrowErrno(env, errno, "connect");
+    sockaddr_in mine;
+    socklen_t mine_length = sizeof mine;
+    if (::getsockname(client.get(), reinterpret_cast<sockaddr*>(&mine), &mine_length) < 0) {
+      ThrowErrno(env, errno, "getsockname");
+    }
+    // Over loopback the handshake usually completes within connect(); the wait is bounded all the same. Ours is
+    // the connection whose peer port is the client's own port.
+    for (int attempt = 0; attempt < 8; attempt++) {
+      pollfd ready = {listener.get(), POLLIN, 0};
+      int polled;
+      do {
+        polled = ::poll(&ready, 1, 1000);
+      } while (polled < 0 && errno == EINTR);
+      if (polled < 0) ThrowErrno(env, errno, "poll");
+      if (polled == 0) ThrowErrno(env, ETIMEDOUT, "accept4", "loopback pair: our own connection never arrived");
+      sockaddr_in peer;
+      socklen_t peer_length = sizeof peer;
+      int accepted;
+      do {
+        accepted = ::accept4(listener.get(), reinterpret_cast<sockaddr*>(&peer), &peer_length,
+                             SOCK_NONBLOCK | SOCK_CLOEXEC);
+      } while (accepted < 0 && errno == EINTR);
+      if (accepted < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) continue;
+      if (accepted < 0) ThrowErrno(env, errno, "accept4");
+      FdGuard server(accepted);
+      if (peer.sin_port != mine.sin_port || peer.sin_addr.s_addr != mine.sin_addr.s_addr) continue;
+      const int on = 1;
+      ::setsockopt(server.get(), IPPROTO_TCP, TCP_NODELAY, &on, sizeof on);
+      ::setsockopt(client.get(), IPPROTO_TCP, TCP_NODELAY, &on, sizeof on);
+      Napi::Array pair = Napi::Array::New(env, 2);
+      pair.Set(0u, Napi::Number::New(env, server.get()));
+      pair.Set(1u, Napi::Number::New(env, client.get()));
+      server.release();  // ownership of both passes to the caller
+      client.release();
+      return pair;
+    }
+    ThrowErrno(env, ECONNABORTED, "accept4", "loopback pair: our own connection never arrived");
   }
 
   Napi::Value Accept(const Napi::CallbackInfo& info) {
@@ -994,7 +1042,7 @@ SockpoolAddon::SockpoolAddon(Napi::Env env, Napi::Object exports) {
                            InstanceMethod<&SockpoolAddon::SeqpacketListen>("seqpacketListen", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::SeqpacketConnect>("seqpacketConnect", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::SeqpacketPair>("seqpacketPair", napi_enumerable),
-                           InstanceMethod<&SockpoolAddon::StreamPair>("streamPair", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::LoopbackPair>("loopbackPair", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::Accept>("accept", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::SendMessage>("sendMessage", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::RecvMessage>("recvMessage", napi_enumerable),

@@ -126,7 +126,7 @@ interface NativeBinding {
   seqpacketListen(path: string, backlog: number): number;
   seqpacketConnect(path: string): number;
   seqpacketPair(): [number, number];
-  streamPair(): [number, number];
+  loopbackPair(): [number, number];
   accept(fd: number): number | null;
   sendMessage(fd: number, data: Uint8Array, fds?: readonly number[]): number | null;
   recvMessage(fd: number, maxBytes: number, maxFds: number): ReceivedMessage | null;
@@ -215,9 +215,12 @@ export function seqpacketPair(): [number, number] {
   return binding.seqpacketPair();
 }
 
-/** A connected AF_UNIX SOCK_STREAM pair (socketpair), non-blocking. Both fds belong to the caller. */
-export function streamPair(): [number, number] {
-  return binding.streamPair();
+/**
+ * Two connected TCP sockets over 127.0.0.1, non-blocking, TCP_NODELAY: [accepted end, connecting end]. The
+ * connecting end behaves to curl exactly as a socket the daemon connected (see the addon). Both belong to the caller.
+ */
+export function loopbackPair(): [number, number] {
+  return binding.loopbackPair();
 }
 
 /** accept4 on a listening socket: a new fd the caller owns, or null when no connection is pending. */

@@ -94,7 +94,7 @@ export interface LeaseReply {
   /** Time the daemon spent connecting this socket (0 when warm and measured earlier). */
   connectMs: number;
   /**
-   * Present when the fd is not the TCP socket but one end of a Unix socketpair over which the daemon relays
+   * Present when the fd is not the origin's TCP socket but one end of a loopback TCP connection over which the daemon relays
    * plaintext to and from a TLS session it completed (and verified) itself: speak plain HTTP over it.
    */
   tls?: LeaseTls;

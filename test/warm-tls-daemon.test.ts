@@ -1,5 +1,5 @@
 // Warm TLS in the daemon, seen through the bare protocol: sessions completed ahead of need (prewarm) and handed
-// over as one end of a Unix socketpair with what was negotiated; plain HTTP/1.1 and HTTP/2 spoken over that fd
+// over as one end of a loopback TCP connection with what was negotiated; plain HTTP/1.1 and HTTP/2 spoken over that fd
 // reach real node:https and node:http2 origins verified against a throwaway CA; a client that trusts otherwise
 // gets a TCP socket; certificate failures come back as SOCKPOOL_ERR_TLS with their reason; a session the server
 // closes while idle is never handed out; the daemon's fds come back to where they were. Real daemon process.
@@ -107,8 +107,8 @@ describe('warm TLS sessions', () => {
     expect(lease.tls).toMatchObject({ version: 'TLSv1.3', alpn: 'http/1.1' });
     expect(lease.tls?.certSha256).toBe(new X509Certificate(pki.cert).fingerprint256.replaceAll(':', '').toLowerCase());
     expect(reply.fds).toHaveLength(1);
-    // Not the TCP socket: one end of a Unix stream socketpair.
-    expect(() => native.peerAddress(reply.fds[0]!)).toThrow();
+    // Not the origin's TCP socket: one end of a loopback connection to the relay.
+    expect(native.peerAddress(reply.fds[0]!).port).not.toBe(h1.port);
     const response = await exchange(
       reply.fds[0]!,
       'GET /hello HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n',
@@ -193,7 +193,7 @@ describe('warm TLS sessions', () => {
     const again = await acquire(raw, 3, h1.port, { trust });
     const second = again.message as LeaseReply;
     expect(second.warm).toBe(true);
-    const [mine, theirs] = native.streamPair();
+    const [mine, theirs] = native.loopbackPair();
     const foreign = await raw.request({ type: 'release', id: 4, leaseId: second.leaseId }, [mine]);
     native.close(mine);
     native.close(theirs);

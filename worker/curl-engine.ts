@@ -27,10 +27,12 @@ import {
 } from 'node-libcurl';
 import { ErrorCodes, type PlainError, SockpoolError, toPlainError } from '../shared/errors.js';
 import { originKey } from '../shared/origin.js';
+import type { LeaseTls } from '../shared/protocol.js';
 import { Cancellation, type CancelSignal } from './cancellation.js';
 import { BufferSink, type ResponseSink } from './response-sink.js';
 import type { SocketSlot, SocketSupply } from './socket-supply.js';
 import type { ResponseHead } from './stream-protocol.js';
+import { tlsTrustOf } from './tls-trust.js';
 import { BufferSource, READ_PAUSE, type UploadSource } from './upload-source.js';
 import { type UrlTarget, urlTarget } from './url-target.js';
 
@@ -86,7 +88,16 @@ export interface TransferResult {
   warm: boolean;
   /** How the connection was obtained: a daemon lease, curl's cache, or curl's own connect (fallback). */
   connection: 'leased' | 'reused' | 'direct';
+  /** Set when the daemon did the TLS: curl spoke plaintext over a warm TLS session it relays (timings.tlsMs 0). */
+  tls?: RelayedTls | undefined;
   timings: TransferTimings;
+}
+
+/** How a relayed https response got there: the daemon's handshake's TLS version and ALPN protocol. */
+export interface RelayedTls {
+  version: string;
+  alpn: string;
+  by: 'daemon';
 }
 
 export type TransferOutcome = { ok: true; result: TransferResult } | { ok: false; error: PlainError };
@@ -110,6 +121,8 @@ interface Attempt {
   target: UrlTarget;
   originKey: string;
   secure: boolean;
+  /** The connection is a warm TLS session the daemon relays: curl speaks plaintext HTTP over it. */
+  relay: LeaseTls | undefined;
   acquireMs: number;
   /** The final response's head went to the sink. */
   headSent: boolean;
@@ -180,6 +193,11 @@ export class CurlEngine {
   /** Last address the daemon connected each origin to, as curl's RESOLVE entry (host:port:address): curl's DNS
    *  cache is pinned to it. */
   #pinned = new Map<string, string>();
+  /** https origins whose last lease was a relayed warm TLS session: curl's cached connection to them is plaintext
+   *  (an http:// URL), so a transfer without a lease of its own asks curl for that one. */
+  #relayed = new Map<string, LeaseTls>();
+  /** What this client verifies https against, for the daemon (tls-trust.ts); undefined: TCP leases only. */
+  #tlsTrust: string | undefined;
   #seq = 0;
   /** responseHead's numbers (status, version, timings), read right after each call. */
   #headNumbers = new Float64Array(6);
@@ -192,6 +210,7 @@ export class CurlEngine {
   constructor(supply: SocketSupply, policy: ClientPolicy, options: { maxConnects?: number } = {}) {
     this.#supply = supply;
     this.#policy = policy;
+    this.#tlsTrust = tlsTrustOf(policy);
     this.#multi.setOpt('MAXCONNECTS', options.maxConnects ?? 256);
     // node-libcurl runs this callback from libuv without a callback scope (Function::Call, not MakeCallback), so
     // no microtask checkpoint follows it: promise continuations of a finished transfer would wait for whatever
@@ -271,6 +290,7 @@ export class CurlEngine {
           timeoutMs: Math.min(policy.acquireTimeoutMs, remaining),
           force: forceSocket,
           signal: io.signal,
+          tlsTrust: secure ? this.#tlsTrust : undefined,
         });
         slot = preparing instanceof Promise ? await preparing : preparing;
       } catch (error) {
@@ -400,6 +420,7 @@ export class CurlEngine {
       httpVersion,
       warm: attempt.mode === 'leased' && (reused || attempt.slot?.lease?.warm === true),
       connection: attempt.mode === 'direct' ? 'direct' : reused ? 'reused' : 'leased',
+      tls: attempt.relay && { version: attempt.relay.version, alpn: attempt.relay.alpn, by: 'daemon' },
       timings: {
         acquireMs: attempt.acquireMs,
         connectMs: connectUs / 1000,
@@ -440,8 +461,9 @@ export class CurlEngine {
       state.options.set(name, key);
       (easy.setOpt as (option: string, value: unknown) => unknown)(name, list());
     };
-    const { request, slot, io, target: urlTarget } = attempt;
-    set('URL', request.url);
+    const { request, slot, io, target: urlTarget, relay } = attempt;
+    // Over a relayed warm TLS session curl speaks plaintext: the http:// form of the URL, the https authority.
+    set('URL', relay ? (urlTarget.plainHref ?? request.url) : request.url);
     // The request-method options interact in curl (POST, HTTPGET and NOBODY each undo the others' effect): all
     // of them are set together, whenever the method or the kind of body changes.
     const bodyLength = io.source ? (io.source.length ?? -1) : null;
@@ -459,9 +481,10 @@ export class CurlEngine {
         easy.setOpt('HTTPGET', request.method === 'GET');
       }
     }
-    if (request.headers.length === 0 && !io.source) setList('HTTPHEADER', '', () => []);
+    if (request.headers.length === 0 && !io.source && !relay) setList('HTTPHEADER', '', () => []);
     else {
       const headers = request.headers.map(([name, value]) => `${name}: ${value}`);
+      if (relay) headers.unshift(...relayHeaders(request, urlTarget, relay));
       // No "Expect: 100-continue" round trip before a large or streamed body, unless the caller asks for one.
       if (io.source && !request.headers.some(([name]) => name.toLowerCase() === 'expect')) headers.push('Expect:');
       setList('HTTPHEADER', headers.join('\n'), () => headers);
@@ -479,8 +502,23 @@ export class CurlEngine {
     // http: HTTP/1.1 only (no multiplexing, so curl never waits on a connection to learn whether it can).
     // https: HTTP/2 when ALPN agrees; PIPEWAIT makes transfers started meanwhile wait for the first connection
     // and multiplex over it instead of asking for sockets of their own.
-    set('HTTP_VERSION', attempt.secure ? CurlHttpVersion.V2Tls : CurlHttpVersion.V1_1);
-    set('PIPEWAIT', attempt.secure);
+    // Relayed: the daemon's ALPN decided, HTTP/2 with prior knowledge or HTTP/1.1. curl 7.88 fails a transfer that
+    // asks for prior knowledge and is then given an existing HTTP/2 connection (CURLE_HTTP2, nothing sent), so
+    // prior knowledge is asked only by a transfer that brings its own fresh session; the others ask for "HTTP/2
+    // over TLS", which to an http:// URL means reuse of the HTTP/2 connection curl has (or else HTTP/1.1, which
+    // never happens: without a lease of its own a transfer that needs a connection is starved and run again).
+    if (relay) {
+      const h2 = relay.alpn === 'h2';
+      const fresh = slot?.lease !== undefined;
+      set(
+        'HTTP_VERSION',
+        h2 ? (fresh ? CurlHttpVersion.V2PriorKnowledge : CurlHttpVersion.V2Tls) : CurlHttpVersion.V1_1,
+      );
+      set('PIPEWAIT', h2);
+    } else {
+      set('HTTP_VERSION', attempt.secure ? CurlHttpVersion.V2Tls : CurlHttpVersion.V1_1);
+      set('PIPEWAIT', attempt.secure);
+    }
     // node-libcurl defaults CAINFO_BLOB to Node's bundled CAs, and a blob beats CAINFO: clear it so that curl
     // verifies against the CA file given, or else the system store (libcurl's built-in default path).
     set('CAINFO_BLOB', null);
@@ -531,6 +569,7 @@ export class CurlEngine {
       target,
       originKey: key,
       secure: target.secure,
+      relay: target.secure ? this.#relayOf(key, slot) : undefined,
       acquireMs,
       headSent: false,
       pause: 0,
@@ -603,6 +642,19 @@ export class CurlEngine {
     });
   }
 
+  /** The warm TLS session an attempt's connection is: its lease's, or (none) the one curl keeps for the origin. */
+  #relayOf(key: string, slot: SocketSlot | undefined): LeaseTls | undefined {
+    if (!slot) return undefined;
+    const lease = slot.lease;
+    if (!lease) return this.#relayed.get(key);
+    this.#relayed.delete(key); // (re-inserted last: the map drops its oldest entries when full)
+    if (lease.tls) {
+      this.#relayed.set(key, lease.tls);
+      if (this.#relayed.size > MAX_PINNED) this.#relayed.delete(this.#relayed.keys().next().value!);
+    }
+    return lease.tls;
+  }
+
   #restoreSocketCallbacks(state: HandleState, attempt: Attempt): void {
     if (attempt.mode === 'direct') this.#useLeasedSockets(state, true);
   }
@@ -612,6 +664,18 @@ export class CurlEngine {
     state.easy.setOpt('OPENSOCKETFUNCTION', leased ? state.openSocket : null);
     state.easy.setOpt('SOCKOPTFUNCTION', leased ? alreadyConnected : null);
   }
+}
+
+/**
+ * What makes a plaintext request over a relayed session look, to the origin, as the https request would: the
+ * https authority as Host (curl would write the port of an http:// URL into it) and, for HTTP/2, `:scheme: https`
+ * (curl 7.88 takes a `:scheme` header as the pseudo-header; it would say `http`).
+ */
+function relayHeaders(request: TransferRequest, target: UrlTarget, relay: LeaseTls): string[] {
+  const headers: string[] = [];
+  if (!request.headers.some(([name]) => name.toLowerCase() === 'host')) headers.push(`Host: ${target.authority}`);
+  if (relay.alpn === 'h2') headers.push(':scheme: https');
+  return headers;
 }
 
 /** SOCKOPTFUNCTION for a handed socket: connected by the daemon already. */

@@ -74,10 +74,17 @@ export class DaemonLink {
 
   /** A connected socket for host:port. Rejects with signal.reason when `signal` aborts first (a lease that arrives
    *  after that goes back to the daemon). */
-  async acquire(host: string, port: number, timeoutMs: number, signal?: CancelSignal, proxy?: string): Promise<Lease> {
+  async acquire(
+    host: string,
+    port: number,
+    timeoutMs: number,
+    signal?: CancelSignal,
+    proxy?: string,
+    tls?: { trust: string },
+  ): Promise<Lease> {
     const ms = Math.max(1, Math.ceil(timeoutMs));
     const { message, fds, generation } = await this.#request(
-      { type: 'acquire', host, port, timeoutMs: ms, ...(proxy ? { proxy } : {}) },
+      { type: 'acquire', host, port, timeoutMs: ms, ...(proxy ? { proxy } : {}), ...(tls ? { tls } : {}) },
       ms + 1000,
       signal,
     );
@@ -88,9 +95,10 @@ export class DaemonLink {
     return { ...message, fd: fds[0]!, link: generation };
   }
 
-  async prewarm(host: string, port: number, count: number, proxy?: string): Promise<void> {
+  /** `tls`: warm TLS sessions where the daemon would relay them to a client with this trust (tls-trust.ts). */
+  async prewarm(host: string, port: number, count: number, proxy?: string, tls?: { trust: string }): Promise<void> {
     await this.#request(
-      { type: 'prewarm', host, port, count, ...(proxy ? { proxy } : {}) },
+      { type: 'prewarm', host, port, count, ...(proxy ? { proxy } : {}), ...(tls ? { tls } : {}) },
       this.#options.requestTimeoutMs,
     );
   }

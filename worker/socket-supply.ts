@@ -60,6 +60,8 @@ export interface PrepareOptions {
   /** https: the protocol is negotiated (ALPN); http: always HTTP/1.1. */
   secure: boolean;
   timeoutMs: number;
+  /** https: what the client verifies against (tls-trust.ts); the daemon may then hand over a warm TLS session. */
+  tlsTrust?: string | undefined;
   /** Acquire whatever the prediction says (the previous attempt was starved or its connection died). */
   force: boolean;
   signal?: CancelSignal | undefined;
@@ -153,7 +155,15 @@ export class SocketSupply {
     options: PrepareOptions,
   ): Promise<SocketSlot> {
     try {
-      slot.lease = await this.#link.acquire(target.host, target.port, options.timeoutMs, options.signal, options.proxy);
+      const tls = options.tlsTrust === undefined ? undefined : { trust: options.tlsTrust };
+      slot.lease = await this.#link.acquire(
+        target.host,
+        target.port,
+        options.timeoutMs,
+        options.signal,
+        options.proxy,
+        tls,
+      );
     } catch (error) {
       origin.supplying--;
       origin.inFlight--;

@@ -9,7 +9,7 @@
 // (CURL_READFUNC_PAUSE) when the worker has nothing buffered.
 
 import type { PlainError } from '../shared/errors.js';
-import type { TransferTimings } from './curl-engine.js';
+import type { RelayedTls, TransferTimings } from './curl-engine.js';
 
 /** Response bytes the worker may have sent beyond what the caller has read. */
 export const RESPONSE_WINDOW = 1024 * 1024;
@@ -28,6 +28,8 @@ export interface ResponseHead {
   httpVersion: string;
   warm: boolean;
   connection: 'leased' | 'reused' | 'direct';
+  /** Set when the daemon did the TLS (a warm TLS session it relays; curl spoke plaintext to it). */
+  tls?: RelayedTls | undefined;
   /** Timings up to the response head (totalMs: until then). */
   timings: TransferTimings;
 }

@@ -24,6 +24,7 @@ import { Deadlines } from './deadlines.js';
 import { PortSink } from './response-sink.js';
 import { SocketSupply } from './socket-supply.js';
 import type { CallerMessage } from './stream-protocol.js';
+import { tlsTrustOf } from './tls-trust.js';
 import { PortSource } from './upload-source.js';
 
 export interface RuntimeConfig {
@@ -37,7 +38,7 @@ export interface RuntimeConfig {
 export type RuntimeTask =
   /** `port`: the request's own MessagePort (abort, streamed bodies); see stream-protocol.ts. */
   | { kind: 'request'; request: TransferRequest; port?: MessagePort | undefined }
-  | { kind: 'prewarm'; origins: Array<{ host: string; port: number; count: number }> }
+  | { kind: 'prewarm'; origins: Array<{ host: string; port: number; count: number; https: boolean }> }
   | { kind: 'stats' };
 
 export type RuntimeResult =
@@ -57,6 +58,8 @@ export class TransferRuntime {
   readonly #link: DaemonLink;
   readonly #engine: CurlEngine;
   readonly #proxy: string | undefined;
+  /** What https prewarms say the client verifies against (tls-trust.ts). */
+  readonly #tlsTrust: string | undefined;
   /** Tasks running (requests, prewarm, stats), and whoever waits for none to be (idle()). */
   #running = 0;
   #onIdle: (() => void) | undefined;
@@ -67,6 +70,7 @@ export class TransferRuntime {
     this.#link = new DaemonLink({ socketPath: config.socketPath, clientName });
     this.#engine = new CurlEngine(new SocketSupply(this.#link), config.policy, { maxConnects: config.maxConnects });
     this.#proxy = config.policy.proxy;
+    this.#tlsTrust = tlsTrustOf(config.policy);
   }
 
   async handle(task: RuntimeTask): Promise<RuntimeResult> {
@@ -78,7 +82,10 @@ export class TransferRuntime {
           // With a proxy named, the tunnels through it are what the requests will use: warm those.
           const proxy = this.#proxy;
           await Promise.all(
-            task.origins.map((origin) => this.#link.prewarm(origin.host, origin.port, origin.count, proxy)),
+            task.origins.map((origin) => {
+              const trust = origin.https ? this.#tlsTrust : undefined;
+              return this.#link.prewarm(origin.host, origin.port, origin.count, proxy, trust ? { trust } : undefined);
+            }),
           );
           return { ok: true };
         });

@@ -18,6 +18,12 @@ export interface UrlTarget {
   readonly secure: boolean;
   /** The URL carries a user name or password. */
   readonly credentials: boolean;
+  /**
+   * https only: the same resource as an http URL with the port written out, for curl speaking plaintext over a
+   * warm TLS session the daemon relays; and the authority (`Host`, `:authority`) the https URL gives.
+   */
+  readonly plainHref: string | undefined;
+  readonly authority: string;
 }
 
 /** Distinct URLs kept; beyond this the oldest entry goes. */
@@ -44,9 +50,16 @@ export function urlTarget(input: string): UrlTarget {
     key: originKey(origin),
     secure,
     credentials: url.username !== '' || url.password !== '',
+    plainHref: secure ? plainHrefOf(url, origin.port) : undefined,
+    authority: url.host,
   });
   if (input.length > MAX_CACHED_LENGTH) return target;
   if (cache.size >= MAX_CACHED) cache.delete(cache.keys().next().value!);
   cache.set(input, target);
   return target;
+}
+
+function plainHrefOf(url: URL, port: number): string {
+  const userinfo = url.username !== '' || url.password !== '' ? `${url.username}:${url.password}@` : '';
+  return `http://${userinfo}${url.hostname}:${port}${url.pathname}${url.search}`;
 }
