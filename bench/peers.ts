@@ -11,6 +11,10 @@
 // Peers run interleaved (each origin, round or run rotates the order) so drift hits all alike.
 //
 //   node dist/bench/peers.js [--quick] [--rtt-ms 20] [--loopback-only] [--origins N] [--out FILE]
+//                            [--warm-tls] [--first-only]
+//
+// --warm-tls: sockpoold keeps warm TLS sessions for every https origin (docs/warm-tls.md), so sockpool's first
+// HTTPS requests run over a session the daemon completed and relays. --first-only: scenario 1 alone.
 //
 // The lab needs root and ../shared beside the checkout; without them only the loopback part runs (and says so).
 // docs/benchmarks.md explains the output; results go to bench/results/peers-<date>.json.
@@ -37,6 +41,8 @@ const settings = {
   quick,
   rttMs: option('--rtt-ms', 20),
   loopbackOnly: flag('--loopback-only'),
+  warmTls: flag('--warm-tls'),
+  firstOnly: flag('--first-only'),
   origins: Math.min(250, option('--origins', quick ? 20 : 100)),
   warmupOrigins: 4,
   /** Rounds of the keep-alive, crawler and throughput runs (each rotates the peers' order). */
@@ -173,6 +179,7 @@ async function firstRequests(set: OriginSet, runners: Runner[]): Promise<FirstSu
         host: set.host(i + 1),
         port: set.port(scheme),
         count: 1,
+        https: scheme === 'https',
       })),
     ),
     timeoutMs: 60_000,
@@ -414,6 +421,7 @@ async function runSet(set: OriginSet, pki: TestPki, lab: boolean): Promise<SetRe
     dir: join(tmp, `daemon-${set.name}`),
     config: {
       dns: { resolve: set.resolveEntries() },
+      ...(settings.warmTls ? { tls: { warm: ['*'], caFile: pki.caFile } } : {}),
       pool: {
         maxIdleTotal: 10_000,
         predictive: true,
@@ -444,9 +452,9 @@ async function runSet(set: OriginSet, pki: TestPki, lab: boolean): Promise<SetRe
 
   const zones = new Zones(set.options.zones);
   const first = await firstRequests(set, runners);
-  const keepAliveRuns = await keepAlive(set, withInline, zones, lab);
-  const crawlRuns = await crawl(set, runners, zones, lab);
-  const throughputRuns = lab ? [] : await throughput(set, withInline, zones);
+  const keepAliveRuns = settings.firstOnly ? [] : await keepAlive(set, withInline, zones, lab);
+  const crawlRuns = settings.firstOnly ? [] : await crawl(set, runners, zones, lab);
+  const throughputRuns = lab || settings.firstOnly ? [] : await throughput(set, withInline, zones);
 
   server.send('stats');
   const serverStats = await server.nextMessage((message) => 'stats' in message).catch(() => null);

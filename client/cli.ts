@@ -4,6 +4,8 @@
 import { Command, InvalidArgumentError } from 'commander';
 import { parseOriginKey } from '../shared/origin.js';
 import { DaemonLink } from '../worker/daemon-link.js';
+import { tlsTrustOf } from '../worker/tls-trust.js';
+import { urlTarget } from '../worker/url-target.js';
 import { defaultSocketPath, SockpoolClient } from './client.js';
 
 function positiveInt(value: string): number {
@@ -74,13 +76,26 @@ program
 
 program
   .command('warm')
-  .description('ask the daemon to open N idle connections to ORIGIN (host:port)')
-  .argument('<origin>', 'host:port')
+  .description(
+    'ask the daemon to open N idle connections to ORIGIN (host:port, or an http(s):// URL); for https, warm TLS ' +
+      'sessions where the daemon keeps them',
+  )
+  .argument('<origin>', 'host:port or URL')
   .argument('[count]', 'how many', positiveInt, 1)
-  .action(async (originText: string, count: number) => {
-    const origin = parseOriginKey(originText);
-    await withLink((link) => link.prewarm(origin.host, origin.port, count));
-    console.log(`warming ${count} connection(s) to ${originText}`);
+  .option('--cacert <file>', 'https: the CA file the requests to come will verify against (default: the system store)')
+  .action(async (originText: string, count: number, options: { cacert?: string }) => {
+    let origin: { host: string; port: number };
+    let tls: { trust: string } | undefined;
+    if (/^https?:\/\//i.test(originText)) {
+      const target = urlTarget(originText);
+      origin = target.origin;
+      const trust = target.secure ? tlsTrustOf({ caFile: options.cacert }) : undefined;
+      tls = trust === undefined ? undefined : { trust };
+    } else {
+      origin = parseOriginKey(originText);
+    }
+    await withLink((link) => link.prewarm(origin.host, origin.port, count, tls));
+    console.log(`warming ${count} ${tls ? 'TLS session' : 'connection'}(s) to ${originText}`);
   });
 
 program

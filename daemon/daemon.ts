@@ -41,7 +41,7 @@ import {
   retryWhileCongested,
 } from './sd-notify.js';
 import { StateStore } from './store.js';
-import { TlsRelays } from './tls-relay.js';
+import { registerRelayMetrics, TlsRelays } from './tls-relay.js';
 import { TlsSessions } from './tls-sessions.js';
 
 const STATUS_INTERVAL_MS = 2000;
@@ -98,6 +98,7 @@ export class Sockpoold {
     );
     // Relay threads start with the first warm TLS session; the TLS files are read now (a bad one stops the start).
     this.#relays = new TlsRelays(this.#config.tls.relayThreads, this.#log.child({ part: 'tls' }));
+    registerRelayMetrics(this.#metrics.registry, this.#relays);
     const tls = new TlsSessions(this.#config, connector, this.#relays);
     mkdirSync(this.#config.stateDir, { recursive: true, mode: 0o750 });
     this.#store = StateStore.open(this.#config.stateDir, { maxOrigins: this.#config.pool.historyMaxOrigins });
@@ -157,7 +158,11 @@ export class Sockpoold {
       config: () => this.#config,
       log: this.#log.child({ part: 'handoff' }),
       metrics: this.#metrics,
-      extraStats: () => ({ rssBytes: process.memoryUsage.rss(), adoptedFromFdStore: this.#adoptedFromFdStore }),
+      extraStats: () => ({
+        rssBytes: process.memoryUsage.rss(),
+        adoptedFromFdStore: this.#adoptedFromFdStore,
+        tls: this.#relays.counters(),
+      }),
     });
     this.#server.start();
     this.#pools.start();

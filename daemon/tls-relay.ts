@@ -7,6 +7,7 @@
 // a socket that behaves to the pool and to curl like one connected to the origin, in plaintext. Closing that fd (or the client closing its copy) ends the session.
 
 import { Worker } from 'node:worker_threads';
+import { Gauge, type Registry } from 'prom-client';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
 import type { Logger } from './log.js';
@@ -184,4 +185,31 @@ export class TlsRelays {
     worker.on('exit', (code) => fail(`exit code ${code}`));
     return thread;
   }
+}
+
+/** The relay threads' counters as Prometheus gauges (read at scrape time; nothing on the relay path). */
+export function registerRelayMetrics(registry: Registry, relays: TlsRelays): void {
+  const gauge = (name: string, help: string, read: (counters: RelayCounters) => number) =>
+    new Gauge({
+      name,
+      help,
+      registers: [registry],
+      collect() {
+        this.set(read(relays.counters()));
+      },
+    });
+  gauge(
+    'sockpool_tls_relay_bytes_to_origin',
+    'Plaintext bytes relayed from clients to origins',
+    (c) => c.bytesToOrigin,
+  );
+  gauge(
+    'sockpool_tls_relay_bytes_from_origin',
+    'Plaintext bytes relayed from origins to clients',
+    (c) => c.bytesFromOrigin,
+  );
+  gauge('sockpool_tls_handshakes', 'Warm TLS handshakes completed', (c) => c.handshakes);
+  gauge('sockpool_tls_handshake_failures', 'Warm TLS handshakes that failed', (c) => c.handshakeFailures);
+  gauge('sockpool_tls_sessions', 'Warm TLS sessions alive (idle or leased)', (c) => c.sessions);
+  gauge('sockpool_tls_relay_cpu_seconds', 'CPU time of the relay threads', (c) => c.cpuMicros / 1e6);
 }

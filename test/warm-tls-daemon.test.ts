@@ -116,6 +116,11 @@ describe('warm TLS sessions', () => {
     expect(response).toMatch(/^HTTP\/1\.1 200 OK/);
     expect(response).toMatch(/GET \/hello 0$/);
     raw.sendJson({ type: 'closed', leaseId: lease.leaseId });
+    const stats = await raw.request({ type: 'stats', id: 4 });
+    const relay = (stats.message as unknown as { stats: { tls: Record<string, number> } }).stats.tls;
+    expect(relay.handshakes).toBeGreaterThanOrEqual(1);
+    expect(relay.bytesToOrigin).toBeGreaterThan(0);
+    expect(relay.bytesFromOrigin).toBeGreaterThanOrEqual(response.length);
     await eventually(
       () => daemon.fdCount() === fdsWhileIdle - 3,
       'the daemon closed the session (pair and TCP socket)',
