@@ -11,10 +11,11 @@
 // Peers run interleaved (each origin, round or run rotates the order) so drift hits all alike.
 //
 //   node dist/bench/peers.js [--quick] [--rtt-ms 20] [--loopback-only] [--origins N] [--out FILE]
-//                            [--warm-tls] [--first-only]
+//                            [--warm-tls] [--first-only] [--lab-only]
 //
 // --warm-tls: sockpoold keeps warm TLS sessions for every https origin (docs/warm-tls.md), so sockpool's first
-// HTTPS requests run over a session the daemon completed and relays. --first-only: scenario 1 alone.
+// HTTPS requests run over a session the daemon completed and relays. --first-only: scenario 1 alone. --lab-only:
+// no loopback set.
 //
 // The lab needs root and ../shared beside the checkout; without them only the loopback part runs (and says so).
 // docs/benchmarks.md explains the output; results go to bench/results/peers-<date>.json.
@@ -43,6 +44,7 @@ const settings = {
   loopbackOnly: flag('--loopback-only'),
   warmTls: flag('--warm-tls'),
   firstOnly: flag('--first-only'),
+  labOnly: flag('--lab-only'),
   origins: Math.min(250, option('--origins', quick ? 20 : 100)),
   warmupOrigins: 4,
   /** Rounds of the keep-alive, crawler and throughput runs (each rotates the peers' order). */
@@ -686,7 +688,7 @@ async function main(): Promise<void> {
       httpsPort: settings.ports.loopback.https,
       ...setOptions,
     });
-    sets.push(await runSet(loopback, pki, false));
+    if (!settings.labOnly) sets.push(await runSet(loopback, pki, false));
     if (labSkipped === undefined) {
       try {
         await labUp(settings.rttMs);
