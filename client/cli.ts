@@ -94,7 +94,7 @@ program
     } else {
       origin = parseOriginKey(originText);
     }
-    await withLink((link) => link.prewarm(origin.host, origin.port, count, tls));
+    await withLink((link) => link.prewarm(origin.host, origin.port, count, undefined, tls));
     console.log(`warming ${count} ${tls ? 'TLS session' : 'connection'}(s) to ${originText}`);
   });
 
