@@ -31,7 +31,7 @@ import {
 import { LearnedFamilies, type LearnedFamily } from './learned-families.js';
 import type { Metrics } from './metrics.js';
 import { openTunnel, type ProxyEndpoint } from './proxy-tunnel.js';
-import type { Resolver } from './resolver.js';
+import type { ResolvedAddress, Resolver } from './resolver.js';
 import { connectTcp } from './tcp-connect.js';
 import type { TlsSessionInfo } from './tls-relay.js';
 
@@ -139,10 +139,19 @@ export class TcpConnector implements Connector {
     const proxy = this.#proxyOf(origin);
     const target: Endpoint = proxy ?? origin;
     const host = canonicalHost(target.host);
-    const addresses = await resolver.resolve(target.host, target.port);
-    const bothFamilies = addresses.some((a) => a.family === 4) && addresses.some((a) => a.family === 6);
+    const resolving = resolver.resolve(target.host, target.port);
+    // A query to the DNS servers in flight: each family joins the race as soon as its own answer is in. Otherwise
+    // (literal, override, cached, system resolver) both families are there at once.
+    const early = resolver.answersInFlight(target.host);
+    let addresses: ResolvedAddress[] | undefined;
+    if (early) {
+      resolving.catch(() => {}); // its DNS error is taken below, when no family had an address
+    } else {
+      addresses = await resolving;
+    }
     // The resolver's order already puts addresses that failed lately last; a learned family goes before it.
-    const preferFamily: Family = this.#learned.preferred(host) ?? addresses[0]?.family ?? 6;
+    const defaultFamily: Family = addresses?.[0]?.family ?? resolver.preferFamily;
+    const preferFamily: Family = this.#learned.preferred(host) ?? defaultFamily;
 
     const key = originKey(origin);
     const budget = this.#takeBudget(key, policy.maxRacingAttempts);
@@ -171,21 +180,33 @@ export class TcpConnector implements Connector {
           },
           onDone: resolve,
         });
-        for (const family of [preferFamily, preferFamily === 6 ? 4 : 6] as const) {
-          race.answer(
-            family,
-            addresses.filter((candidate) => candidate.family === family),
-          );
+        const families = [preferFamily, preferFamily === 6 ? 4 : 6] as const;
+        if (addresses) {
+          for (const family of families) {
+            race.answer(
+              family,
+              addresses.filter((candidate) => candidate.family === family),
+            );
+          }
+        } else if (early) {
+          for (const family of families) {
+            early[family].then(
+              (list) => race.answer(family, list),
+              (error: Error) => race.answer(family, error),
+            );
+          }
         }
       });
     } finally {
       this.#returnBudget(key);
     }
 
+    if (result.answered[4] > 0 && result.answered[6] > 0) {
+      this.#learned.record(host, result.families, defaultFamily);
+    }
     if (result.ok) {
       count(result.candidate.family, 'won');
       resolver.reportSuccess(target.host, result.candidate.address);
-      if (bothFamilies) this.#learned.record(host, result.families);
       if (!proxy) return result.value;
       // Through a proxy, the socket is of use only once the tunnel to the origin stands. Ours until it is.
       const socket = result.value;
@@ -198,7 +219,8 @@ export class TcpConnector implements Connector {
       const connectedAt = performance.now();
       return { ...socket, connectedAt, connectMs: socket.connectMs + (connectedAt - socket.connectedAt) };
     }
-    if (bothFamilies) this.#learned.record(host, result.families);
+    // No family had an address: the resolution failed, and resolve() says how (SOCKPOOL_ERR_DNS).
+    if (result.failures.length === 0 && result.refusals.length === 0) await resolving;
     const connectFailures = result.failures.filter(({ error }) => !isRefusal(error));
     const refusal = [...result.refusals, ...result.failures.filter(({ error }) => isRefusal(error))][0];
     if (refusal && connectFailures.length === 0) throw refusal.error;

@@ -44,9 +44,17 @@ export const MIN_ATTEMPT_DELAY_MS = 100;
 export type FamilyOutcome = 'won' | 'failed' | 'outrun' | 'untried';
 
 export type RaceResult<T> =
-  | { ok: true; value: T; candidate: Candidate; families: Record<Family, FamilyOutcome> }
+  | {
+      ok: true;
+      value: T;
+      candidate: Candidate;
+      families: Record<Family, FamilyOutcome>;
+      /** How many addresses each family's answer had. */
+      answered: Record<Family, number>;
+    }
   | {
       ok: false;
+      answered: Record<Family, number>;
       /** Attempts that ran and failed, in the order they failed. */
       failures: Array<{ candidate: Candidate; error: Error }>;
       /** Candidates the check refused before any attempt. */
@@ -93,6 +101,7 @@ export class HappyEyeballsRace<T> {
   readonly #queues: Record<Family, Candidate[]> = { 4: [], 6: [] };
   /** True once the family answered (with addresses, none, or an error). */
   readonly #answered: Record<Family, boolean> = { 4: false, 6: false };
+  readonly #addressCount: Record<Family, number> = { 4: 0, 6: 0 };
   readonly #tried: Record<Family, { started: number; failed: number }> = {
     4: { started: 0, failed: 0 },
     6: { started: 0, failed: 0 },
@@ -131,7 +140,10 @@ export class HappyEyeballsRace<T> {
     if (this.#done || this.#answered[family]) return;
     this.#answered[family] = true;
     if (result instanceof Error) this.#answerErrors.push({ family, error: result });
-    else for (const candidate of result) if (candidate.family === family) this.#queues[family].push(candidate);
+    else {
+      for (const candidate of result) if (candidate.family === family) this.#queues[family].push(candidate);
+      this.#addressCount[family] = this.#queues[family].length;
+    }
     if (this.#started) {
       // A late answer joins the queue: its first address is tried when the attempt delay since the last attempt has
       // passed (at once when nothing runs).
@@ -300,7 +312,13 @@ export class HappyEyeballsRace<T> {
     this.#clearTimers();
     const families = this.#outcomes(winner);
     for (const running of [...this.#running]) this.#cancel(running);
-    this.#options.onDone({ ok: true, value, candidate: winner.candidate, families });
+    this.#options.onDone({
+      ok: true,
+      value,
+      candidate: winner.candidate,
+      families,
+      answered: { ...this.#addressCount },
+    });
   }
 
   #outcomes(winner: RunningAttempt | undefined): Record<Family, FamilyOutcome> {
@@ -331,6 +349,7 @@ export class HappyEyeballsRace<T> {
       refusals: this.#refusals,
       answerErrors: this.#answerErrors,
       families: this.#outcomes(undefined),
+      answered: { ...this.#addressCount },
     });
   }
 

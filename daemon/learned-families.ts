@@ -53,13 +53,18 @@ export class LearnedFamilies {
   }
 
   /**
-   * The outcome of one race. A win is remembered with the families that did worse; a race nobody won changes
-   * nothing (what failed then is the resolver's per-address business).
+   * The outcome of one race between both families. A win teaches something when the other family did worse
+   * (failed, or was outrun), or when it confirms `defaultFamily`. A win of the other family while the default was
+   * never tried (its DNS answer came after the resolution delay) teaches nothing, and neither does a race nobody
+   * won (what failed then is the resolver's per-address business).
    */
-  record(host: string, families: Record<Family, FamilyOutcome>): void {
+  record(host: string, families: Record<Family, FamilyOutcome>, defaultFamily: Family): void {
     const winner = families[6] === 'won' ? 6 : families[4] === 'won' ? 4 : undefined;
     if (winner === undefined) return;
-    const failed = ([6, 4] as const).filter((family) => families[family] === 'failed' || families[family] === 'outrun');
+    const loser = winner === 6 ? 4 : 6;
+    const worse = (family: Family) => families[family] === 'failed' || families[family] === 'outrun';
+    if (!worse(loser) && winner !== defaultFamily) return;
+    const failed = ([6, 4] as const).filter(worse);
     this.#entries.delete(host); // re-insert: the map keeps entries oldest first
     this.#entries.set(host, { family: winner, failed, expiresAt: this.#now() + this.#ttlMs });
     while (this.#entries.size > this.#maxEntries) {

@@ -3,7 +3,8 @@
 // - IP literals (any spelling `normaliseIpLiteral` accepts) return themselves, normalised.
 // - Overrides (curl's --resolve syntax, `HOST:PORT:ADDR[,ADDR...]`) win over DNS for that host and port.
 // - With `servers`, A and AAAA are asked in parallel through a c-ares `dns.promises.Resolver` (no search domains,
-//   no /etc/hosts), and the answer's TTL sets the cache lifetime, clamped to [minTtlMs, maxTtlMs].
+//   no /etc/hosts), and the answer's TTL sets the cache lifetime, clamped to [minTtlMs, maxTtlMs]. While they are
+//   in flight, `answersInFlight` gives each family's answer as soon as it is in (Happy Eyeballs starts on it).
 // - Without `servers`, the system resolver answers: `dns.lookup` (getaddrinfo), so /etc/hosts, nsswitch,
 //   search domains and a local stub such as systemd-resolved behave as for every other program on the machine.
 //   getaddrinfo gives no TTL, so such answers are cached for minTtlMs. It also runs in the libuv threadpool and
@@ -167,6 +168,8 @@ export class Resolver {
   readonly #overrides = new Map<string, AddressSet>();
   readonly #cache = new Map<string, CacheEntry>();
   readonly #inFlight = new Map<string, Promise<CacheEntry>>();
+  /** Queries to DNS servers in flight: each family's own answer (answersInFlight). */
+  readonly #pendingFamilies = new Map<string, Record<4 | 6, Promise<string[]>>>();
   /** host → address → time (monotonic ms) of the last reported failure. */
   readonly #failures = new Map<string, Map<string, number>>();
   readonly #minTtlMs: number;
@@ -256,6 +259,28 @@ export class Resolver {
       });
     }
     return this.#order(name, entry);
+  }
+
+  /** The family tried first when both are present (`preferFamily`). */
+  get preferFamily(): 4 | 6 {
+    return this.#preferFamily;
+  }
+
+  /**
+   * While a query to the DNS servers for `host` is in flight (call it right after resolve()): each family's
+   * addresses as soon as its own answer is in, so that a connect can start before the other family has answered
+   * (RFC 8305 §3). A family whose query failed rejects. In the order DNS gave them (resolve() adds the rotation
+   * and puts failed addresses last). Undefined when no such query is in flight: literals, overrides, cached
+   * answers and the system resolver, for which resolve() has both families at once.
+   */
+  answersInFlight(host: string): Record<4 | 6, Promise<ResolvedAddress[]>> | undefined {
+    const pending = this.#pendingFamilies.get(canonicalHost(host));
+    if (!pending) return undefined;
+    const addresses = (family: 4 | 6) =>
+      pending[family].then((list) =>
+        list.map((address): ResolvedAddress => ({ address: normaliseIpLiteral(address)?.address ?? address, family })),
+      );
+    return { 4: addresses(4), 6: addresses(6) };
   }
 
   /** A connect to `address` for `host` failed: put it last for failurePenaltyMs. */
@@ -367,10 +392,23 @@ export class Resolver {
   async #askServers(resolver: dns.Resolver, name: string): Promise<Answer> {
     const wantV4 = this.#family !== 6;
     const wantV6 = this.#family !== 4;
-    const [v4, v6] = await Promise.allSettled([
-      wantV4 ? this.#withDeadline(resolver.resolve4(name, { ttl: true })) : Promise.resolve([]),
-      wantV6 ? this.#withDeadline(resolver.resolve6(name, { ttl: true })) : Promise.resolve([]),
-    ]);
+    const v4Query = wantV4 ? this.#withDeadline(resolver.resolve4(name, { ttl: true })) : Promise.resolve([]);
+    const v6Query = wantV6 ? this.#withDeadline(resolver.resolve6(name, { ttl: true })) : Promise.resolve([]);
+    const pending = {
+      4: v4Query.then((records) => records.map((record) => record.address)),
+      6: v6Query.then((records) => records.map((record) => record.address)),
+    };
+    // Nobody may ask for them: their failures reach callers through resolve().
+    pending[4].catch(() => {});
+    pending[6].catch(() => {});
+    this.#pendingFamilies.set(name, pending);
+    let v4: PromiseSettledResult<Awaited<typeof v4Query>>;
+    let v6: PromiseSettledResult<Awaited<typeof v6Query>>;
+    try {
+      [v4, v6] = await Promise.allSettled([v4Query, v6Query]);
+    } finally {
+      this.#pendingFamilies.delete(name);
+    }
     const records = [...(v4.status === 'fulfilled' ? v4.value : []), ...(v6.status === 'fulfilled' ? v6.value : [])];
     const failures = [v4, v6].filter((result) => result.status === 'rejected').map((result) => result.reason);
     if (records.length > 0) {

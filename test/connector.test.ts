@@ -11,6 +11,7 @@ import { EgressPolicy } from '../daemon/egress-policy.js';
 import { createMetrics, type Metrics } from '../daemon/metrics.js';
 import { Resolver } from '../daemon/resolver.js';
 import * as native from '../shared/native.js';
+import { type DnsTestServer, startDnsServer } from './helpers/dns-server.js';
 
 const servers: net.Server[] = [];
 
@@ -136,6 +137,35 @@ describe('TcpConnector on loopback', () => {
       reason: 'loopback',
     });
     expect(await openFds()).toBe(before);
+  });
+
+  it('asks for A and AAAA together and starts on A when AAAA is late (past the resolution delay)', async () => {
+    const dns: DnsTestServer = await startDnsServer({
+      // Both addresses work: had the connector waited for both answers, IPv6 would have been tried first and won.
+      'late-aaaa.test': { a: ['127.0.0.1'], aaaa: ['::1'], aaaaDelayMs: 2000, ttl: 60 },
+      'none.test': { ttl: 60 },
+    });
+    try {
+      const resolver = new Resolver({ servers: [dns.server] });
+      const egress = new EgressPolicy({ allow: ['127.0.0.1/32', '::1/128'], allowPorts: [both.v6.port] });
+      const c = new TcpConnector(
+        () => resolver,
+        () => egress,
+      );
+      const socket = await c.connect({ host: 'late-aaaa.test', port: both.v6.port }, policy);
+      native.close(socket.fd);
+      expect(socket).toMatchObject({ address: '127.0.0.1', family: 4 });
+      expect(dns.count('late-aaaa.test', 'A')).toBeGreaterThanOrEqual(1);
+      expect(dns.count('late-aaaa.test', 'AAAA')).toBeGreaterThanOrEqual(1);
+      // IPv4 won only because IPv6 was never tried: nothing is learned from that.
+      expect(c.learnedFamily({ host: 'late-aaaa.test', port: both.v6.port })).toBeUndefined();
+      // A name with no address at all is still a DNS error.
+      await expect(c.connect({ host: 'none.test', port: both.v6.port }, policy)).rejects.toMatchObject({
+        code: 'SOCKPOOL_ERR_DNS',
+      });
+    } finally {
+      await dns.close();
+    }
   });
 
   it('every attempt failed: SOCKPOOL_ERR_CONNECT with the last cause, nothing left open', async () => {

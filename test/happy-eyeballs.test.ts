@@ -114,7 +114,13 @@ describe('HappyEyeballsRace', () => {
     t.clock.advance(10);
     t.attempt('2001:db8::1').settle(undefined, '2001:db8::1');
     expect(t.results).toEqual([
-      { ok: true, value: '2001:db8::1', candidate: v6('2001:db8::1'), families: { 6: 'won', 4: 'untried' } },
+      {
+        ok: true,
+        value: '2001:db8::1',
+        candidate: v6('2001:db8::1'),
+        families: { 6: 'won', 4: 'untried' },
+        answered: { 6: 1, 4: 1 },
+      },
     ]);
     t.clock.advance(1000);
     expect(t.started()).toEqual(['2001:db8::1@0']);
@@ -390,7 +396,7 @@ describe('LearnedFamilies', () => {
     let now = 0;
     const learned = new LearnedFamilies({ ttlMs: 1000, now: () => now });
     expect(learned.preferred('dual.test')).toBeUndefined();
-    learned.record('dual.test', { 6: 'outrun', 4: 'won' });
+    learned.record('dual.test', { 6: 'outrun', 4: 'won' }, 6);
     expect(learned.preferred('dual.test')).toBe(4);
     now = 400;
     expect(learned.describe('dual.test')).toEqual({ family: 4, failed: [6], expiresInMs: 600 });
@@ -402,19 +408,31 @@ describe('LearnedFamilies', () => {
   it('a race nobody won changes nothing; a later win replaces the entry', () => {
     let now = 0;
     const learned = new LearnedFamilies({ ttlMs: 1000, now: () => now });
-    learned.record('dual.test', { 6: 'won', 4: 'untried' });
-    learned.record('dual.test', { 6: 'failed', 4: 'failed' });
+    learned.record('dual.test', { 6: 'won', 4: 'untried' }, 6);
+    learned.record('dual.test', { 6: 'failed', 4: 'failed' }, 6);
     expect(learned.describe('dual.test')).toEqual({ family: 6, failed: [], expiresInMs: 1000 });
     now = 10;
-    learned.record('dual.test', { 6: 'failed', 4: 'won' });
+    learned.record('dual.test', { 6: 'failed', 4: 'won' }, 6);
     expect(learned.describe('dual.test')).toEqual({ family: 4, failed: [6], expiresInMs: 1000 });
+  });
+
+  it('learns nothing from a win of the other family while the default was never tried', () => {
+    const learned = new LearnedFamilies({ now: () => 0 });
+    // IPv4 won because AAAA answered after the resolution delay: IPv6 may work perfectly well.
+    learned.record('late-aaaa.test', { 4: 'won', 6: 'untried' }, 6);
+    expect(learned.preferred('late-aaaa.test')).toBeUndefined();
+    // A learned IPv4 preference is not renewed by IPv4 winning without a race: it expires and IPv6 is tried again.
+    learned.record('v6broken.test', { 4: 'won', 6: 'outrun' }, 6);
+    const before = learned.describe('v6broken.test');
+    learned.record('v6broken.test', { 4: 'won', 6: 'untried' }, 6);
+    expect(learned.describe('v6broken.test')).toEqual(before);
   });
 
   it('keeps at most maxEntries hosts, forgetting the oldest', () => {
     const learned = new LearnedFamilies({ maxEntries: 2, now: () => 0 });
-    learned.record('a.test', { 6: 'won', 4: 'untried' });
-    learned.record('b.test', { 6: 'won', 4: 'untried' });
-    learned.record('c.test', { 4: 'won', 6: 'failed' });
+    learned.record('a.test', { 6: 'won', 4: 'untried' }, 6);
+    learned.record('b.test', { 6: 'won', 4: 'untried' }, 6);
+    learned.record('c.test', { 4: 'won', 6: 'failed' }, 6);
     expect(learned.size).toBe(2);
     expect(learned.preferred('a.test')).toBeUndefined();
     expect(learned.preferred('c.test')).toBe(4);

@@ -23,6 +23,7 @@ beforeAll(async () => {
     'mixed.case.test': { a: ['198.51.100.15'], ttl: 300 },
     'failures.test': { a: ['198.51.100.1', '198.51.100.2', '198.51.100.3'], ttl: 300 },
     'v6fail.test': { a: ['198.51.100.1'], aaaa: ['2001:db8::1'], ttl: 300 },
+    'late-aaaa.test': { a: ['198.51.100.1'], aaaa: ['2001:db8::1'], aaaaDelayMs: 500, ttl: 300 },
   });
 });
 
@@ -161,6 +162,24 @@ describe('Resolver through a DNS server', () => {
     r.reportFailure('v6fail.test', '2001:db8::1');
     expect((await r.resolve('v6fail.test', 443)).map((item) => item.family)).toEqual([4, 6]);
     await eventually(async () => (await r.resolve('v6fail.test', 443))[0]?.family === 6);
+  });
+
+  it('gives each family as soon as its own answer is in while the query is in flight', async () => {
+    const r = resolver();
+    const all = r.resolve('late-aaaa.test', 443);
+    const early = r.answersInFlight('LATE-AAAA.test');
+    expect(early).toBeDefined();
+    const order: string[] = [];
+    await Promise.all([
+      early![4].then((list) => order.push(`4 ${addresses(list)}`)),
+      early![6].then((list) => order.push(`6 ${addresses(list)}`)),
+      all.then((list) => order.push(`all ${addresses(list)}`)),
+    ]);
+    expect(order).toEqual(['4 198.51.100.1', '6 2001:db8::1', 'all 2001:db8::1,198.51.100.1']);
+    // Answered and cached: nothing in flight, and so for literals and overrides.
+    expect(r.answersInFlight('late-aaaa.test')).toBeUndefined();
+    await r.resolve('192.0.2.1', 443);
+    expect(r.answersInFlight('192.0.2.1')).toBeUndefined();
   });
 
   it('shares one query between concurrent resolves of a host', async () => {

@@ -12,6 +12,8 @@ export interface DnsRecordSet {
   ttl?: number;
   /** Answer after this many milliseconds (to keep queries in flight). */
   delayMs?: number;
+  /** Answer AAAA queries after this many milliseconds instead (A answers first). */
+  aaaaDelayMs?: number;
   /** Never answer (to make clients time out). */
   drop?: boolean;
 }
@@ -155,7 +157,7 @@ export class DnsTestServer {
     const header = this.#header(id, flags, set ? 0 : RCODE_NXDOMAIN, 1, answers.length / 2);
     // The question is echoed byte for byte (case included, as resolvers using 0x20 randomisation expect).
     const reply = Buffer.concat([header, message.subarray(12, questionEnd), ...answers]);
-    const delayMs = set?.delayMs ?? 0;
+    const delayMs = (type === TYPE_AAAA ? set?.aaaaDelayMs : undefined) ?? set?.delayMs ?? 0;
     if (delayMs <= 0) {
       this.#send(reply, address, port);
       return;
