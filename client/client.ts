@@ -12,7 +12,7 @@ import { fileURLToPath } from 'node:url';
 import type { TransferListItem } from 'node:worker_threads';
 import { Piscina } from 'piscina';
 import { ErrorCodes, fromPlainError, SockpoolError } from '../shared/errors.js';
-import { PROXY_NAME } from '../shared/origin.js';
+import { canonicalOrigin, PROXY_NAME } from '../shared/origin.js';
 import { epochNow, type TransferRequest, type TransferResult, timeoutError } from '../worker/curl-engine.js';
 import type { ResponseHead } from '../worker/stream-protocol.js';
 import type { Task, TaskResult, WorkerConfig } from '../worker/task.js';
@@ -258,9 +258,9 @@ export class SockpoolClient {
   async prewarm(origins: Array<{ host: string; port: number; count?: number; https?: boolean }>): Promise<void> {
     const task: Task = {
       kind: 'prewarm',
+      // Canonical hosts (the daemon keys them so again): a bad host or a zone id fails here, before any thread.
       origins: origins.map((origin) => ({
-        host: origin.host,
-        port: origin.port,
+        ...canonicalOrigin(origin),
         count: origin.count ?? 1,
         https: origin.https ?? origin.port === 443,
       })),

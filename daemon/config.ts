@@ -7,13 +7,23 @@
 // (`applyFlags`). `policyFor` resolves the per-origin policy from `pool.defaults` and the `pool.origins` overrides.
 
 import { readFileSync } from 'node:fs';
-import { isIP } from 'node:net';
 import { dirname, extname, resolve } from 'node:path';
 import { parse as parseToml, TomlError } from 'smol-toml';
 import { type core, z } from 'zod';
+import {
+  canonicalHost,
+  hostMatches,
+  type OriginMatch,
+  parseCidr,
+  parseDnsServer,
+  parseHostPattern,
+  parseNat64Prefix,
+  parseOriginMatch,
+  parseResolveEntry,
+  parseStrictIp,
+} from '../shared/address.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
-import { canonicalHost, PROXY_NAME } from '../shared/origin.js';
-import { parseNat64Prefix } from './egress-policy.js';
+import { PROXY_NAME } from '../shared/origin.js';
 
 // ---------------------------------------------------------------------------------------------------------------
 // Defaults: the one place they live.
@@ -87,97 +97,27 @@ export const DEFAULTS = {
 };
 
 // ---------------------------------------------------------------------------------------------------------------
-// Value parsers shared by the schema and by the modules that use the values (egress policy, resolver).
-
-/** An IPv4 (strict dotted quad) or IPv6 address without a zone index. 0 when it is neither. */
-export function ipFamily(text: string): 0 | 4 | 6 {
-  if (text.includes('%')) return 0;
-  const family = isIP(text);
-  return family === 4 || family === 6 ? family : 0;
-}
-
-/** Parses `ADDR/PREFIX` (or a bare address, meaning a single host). Returns undefined when it is not one. */
-export function parseCidr(text: string): { address: string; prefix: number; family: 4 | 6 } | undefined {
-  const slash = text.indexOf('/');
-  const address = slash === -1 ? text : text.slice(0, slash);
-  const family = ipFamily(address);
-  if (family !== 4 && family !== 6) return undefined;
-  const bits = family === 4 ? 32 : 128;
-  if (slash === -1) return { address: address.toLowerCase(), prefix: bits, family };
-  const prefixText = text.slice(slash + 1);
-  if (!/^\d{1,3}$/.test(prefixText)) return undefined;
-  const prefix = Number(prefixText);
-  if (prefix > bits) return undefined;
-  return { address: address.toLowerCase(), prefix, family };
-}
-
-/** A `--resolve` entry: `HOST:PORT:ADDR[,ADDR]...` as curl takes it (IPv6 addresses in brackets). */
-export interface ResolveEntry {
-  host: string;
-  port: number;
-  addresses: string[];
-}
-
-export function parseResolveEntry(text: string): ResolveEntry | undefined {
-  // curl's leading '+' (keep the entry for a while) means nothing here and is accepted.
-  const match = /^\+?([^:[\]\s]+):(\d{1,5}):(.+)$/.exec(text.trim());
-  if (!match) return undefined;
-  const host = canonicalHost(match[1] ?? '');
-  const port = Number(match[2]);
-  if (!HOST_NAME.test(host) || port < 1 || port > 65535) return undefined;
-  const addresses: string[] = [];
-  for (const part of (match[3] ?? '').split(',')) {
-    const item = part.trim();
-    const bracketed = /^\[(.*)\]$/.exec(item);
-    const address = bracketed ? (bracketed[1] ?? '') : item;
-    if (ipFamily(address) !== (bracketed ? 6 : 4)) return undefined;
-    addresses.push(address.toLowerCase());
-  }
-  return { host, port, addresses };
-}
-
-const HOST_NAME =
-  /^(?=.{1,253}$)[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)*$/;
-
-/** Host pattern: an exact host name or IP literal, `*.suffix` (any subdomain of suffix, not suffix itself), or `*`. */
-function isHostPattern(text: string): boolean {
-  if (text === '*') return true;
-  const host = text.startsWith('*.') ? text.slice(2) : text;
-  if (text.startsWith('*.')) return HOST_NAME.test(host);
-  return HOST_NAME.test(host) || ipFamily(host) !== 0;
-}
-
-interface OriginMatch {
-  /** '*' for any host, `.suffix` for subdomains of suffix, else the exact canonical host. */
-  host: string;
-  /** undefined: any port. */
-  port: number | undefined;
-}
-
-/** Parses an origin match pattern: `HOST:PORT`, `*.SUFFIX:PORT`, `*:PORT`, `[V6]:PORT`; PORT may be `*`. */
-export function parseOriginMatch(text: string): OriginMatch | undefined {
-  const match = /^(?:\[([^\]]+)\]|([^:[\]\s]+)):(\*|\d{1,5})$/.exec(text.trim());
-  if (!match) return undefined;
-  const portText = match[3] ?? '';
-  const port = portText === '*' ? undefined : Number(portText);
-  if (port !== undefined && (port < 1 || port > 65535)) return undefined;
-  if (match[1] !== undefined) {
-    if (ipFamily(match[1]) !== 6) return undefined;
-    return { host: canonicalHost(match[1]), port };
-  }
-  const host = (match[2] ?? '').toLowerCase();
-  if (!isHostPattern(host)) return undefined;
-  if (host === '*') return { host: '*', port };
-  if (host.startsWith('*.')) return { host: `.${canonicalHost(host.slice(2))}`, port };
-  return { host: canonicalHost(host), port };
-}
-
-// ---------------------------------------------------------------------------------------------------------------
 // Schema.
 
 const port = z.int().min(1).max(65535);
 const positiveMs = z.int().min(1);
-const ipAddress = z.string().refine((text) => ipFamily(text) !== 0, { error: 'expected an IPv4 or IPv6 address' });
+/**
+ * A string entry parsed by one of shared/address.ts's parsers into its typed value; a refusal becomes an issue
+ * saying what is expected, the entry, and why.
+ */
+function parsedEntry<T>(parse: (text: string) => T, expected: string) {
+  return z.string().transform((text, ctx): T => {
+    try {
+      return parse(text);
+    } catch (error) {
+      const why = error instanceof SockpoolError ? String(error.fields.reason) : String(error);
+      ctx.addIssue({ code: 'custom', message: `${expected}, got ${JSON.stringify(text)} (${why})` });
+      return z.NEVER;
+    }
+  });
+}
+
+const ipAddress = parsedEntry(parseStrictIp, 'expected an IPv4 or IPv6 address').transform((ip) => ip.text);
 const userOrGroup = z.union([
   z.int().min(0).max(0xffffffff),
   z
@@ -185,28 +125,11 @@ const userOrGroup = z.union([
     .regex(/^(?:\d+|[A-Za-z_][A-Za-z0-9_.-]*\$?)$/, 'expected a user or group name or a numeric id')
     .transform((text) => (/^\d+$/.test(text) ? Number(text) : text)),
 ]);
-const cidr = z.string().transform((text, ctx) => {
-  const parsed = parseCidr(text.trim());
-  if (!parsed) {
-    ctx.addIssue({ code: 'custom', message: `expected a CIDR such as "10.0.0.0/8" or "2001:db8::/32", got "${text}"` });
-    return z.NEVER;
-  }
-  return `${parsed.address}/${parsed.prefix}`;
-});
-const hostPattern = z
-  .string()
-  .transform((text) => text.trim().toLowerCase())
-  .refine(isHostPattern, { error: 'expected a host name, an IP address, "*.suffix" or "*"' });
-const nat64Prefix = z.string().refine(
-  (text) => {
-    try {
-      parseNat64Prefix('nat64Prefixes', text);
-      return true;
-    } catch {
-      return false;
-    }
-  },
-  { error: 'expected an IPv6 prefix of length 32, 40, 48, 56, 64 or 96, such as "2001:db8:64::/96"' },
+const cidr = parsedEntry(parseCidr, 'expected a CIDR such as "10.0.0.0/8" or "2001:db8::/32"');
+const hostPattern = parsedEntry(parseHostPattern, 'expected a host name, an IP address, "*.suffix" or "*"');
+const nat64Prefix = parsedEntry(
+  parseNat64Prefix,
+  'expected an IPv6 prefix of length 32, 40, 48, 56, 64 or 96, such as "2001:db8:64::/96"',
 );
 /** `http://host:port` of a forward proxy: no credentials, path, query or other scheme. */
 export function parseProxyUrl(text: string): { host: string; port: number } | undefined {
@@ -227,18 +150,14 @@ const proxySchema = z.strictObject({
     error: 'expected http://host:port (no credentials, path or other scheme)',
   }),
 });
-const dnsServer = z.string().refine(
-  (text) => {
-    const match = /^(?:\[([^\]]+)\]|([^:\s]+))(?::(\d{1,5}))?$/.exec(text);
-    if (match && match[3] !== undefined && (Number(match[3]) < 1 || Number(match[3]) > 65535)) return false;
-    if (match && ipFamily(match[1] ?? match[2] ?? '') !== 0) return true;
-    return ipFamily(text) === 6; // a bare IPv6 address without a port
-  },
-  { error: 'expected an IP address, optionally with a port: "1.1.1.1", "1.1.1.1:53" or "[2606:4700::1111]:53"' },
+const dnsServer = parsedEntry(
+  parseDnsServer,
+  'expected an IP address, optionally with a port: "1.1.1.1", "1.1.1.1:53" or "[2606:4700::1111]:53"',
 );
-const resolveEntry = z.string().refine((text) => parseResolveEntry(text) !== undefined, {
-  error: 'expected HOST:PORT:ADDR[,ADDR]... such as "example.com:443:192.0.2.10" (IPv6 in brackets: "[2001:db8::10]")',
-});
+const resolveEntry = parsedEntry(
+  parseResolveEntry,
+  'expected HOST:PORT:ADDR[,ADDR]... such as "example.com:443:192.0.2.10" (IPv6 in brackets: "[2001:db8::10]")',
+);
 // Linux interface names: at most 15 bytes (IFNAMSIZ - 1), no '/', no whitespace.
 const deviceName = z.string().regex(/^[^/\s:]{1,15}$/, 'expected a network interface name of 1 to 15 characters');
 
@@ -310,9 +229,10 @@ const originPolicySchema = z
   .prefault({});
 
 const originOverrideSchema = z.strictObject({
-  match: z.string().refine((text) => parseOriginMatch(text) !== undefined, {
-    error: 'expected "host:port", "*.suffix:port", "*:port" or "[v6]:port" (port may be "*")',
-  }),
+  match: parsedEntry(
+    parseOriginMatch,
+    'expected "host:port", "*.suffix:port", "*:port" or "[v6]:port" (port may be "*")',
+  ),
   minIdle: policyFields.minIdle.optional(),
   maxIdle: policyFields.maxIdle.optional(),
   maxPerOrigin: policyFields.maxPerOrigin.optional(),
@@ -341,9 +261,11 @@ const originOverrideSchema = z.strictObject({
 });
 
 /** A `tls.warm` entry: `*` (every https origin) or an origin match pattern as in `pool.origins[].match`. */
-const warmTlsEntry = z.string().refine((text) => text.trim() === '*' || parseOriginMatch(text) !== undefined, {
-  error: 'expected "*" or "host:port", "*.suffix:port", "*:port", "[v6]:port" (port may be "*")',
-});
+const warmTlsEntry = parsedEntry(
+  (text): OriginMatch =>
+    text.trim() === '*' ? { host: { kind: 'any', text: '*' }, port: undefined, text: '*' } : parseOriginMatch(text),
+  'expected "*" or "host:port", "*.suffix:port", "*:port", "[v6]:port" (port may be "*")',
+);
 
 const accessDefaults = DEFAULTS.access;
 const egressDefaults = DEFAULTS.egress;
@@ -376,30 +298,30 @@ export const configSchema = z
       .prefault({}),
     egress: z
       .strictObject({
-        allow: z.array(cidr).default(() => [...egressDefaults.allow]),
-        deny: z.array(cidr).default(() => [...egressDefaults.deny]),
+        allow: z.array(cidr).prefault(() => [...egressDefaults.allow]),
+        deny: z.array(cidr).prefault(() => [...egressDefaults.deny]),
         // An empty list allows every port (as the egress policy reads it).
         allowPorts: z.array(port).default(() => [...egressDefaults.allowPorts]),
-        allowHosts: z.array(hostPattern).default(() => [...egressDefaults.allowHosts]),
-        denyHosts: z.array(hostPattern).default(() => [...egressDefaults.denyHosts]),
+        allowHosts: z.array(hostPattern).prefault(() => [...egressDefaults.allowHosts]),
+        denyHosts: z.array(hostPattern).prefault(() => [...egressDefaults.denyHosts]),
         allowHostAddresses: z.boolean().default(egressDefaults.allowHostAddresses),
-        nat64Prefixes: z.array(nat64Prefix).default(() => [...egressDefaults.nat64Prefixes]),
+        nat64Prefixes: z.array(nat64Prefix).prefault(() => [...egressDefaults.nat64Prefixes]),
       })
       .prefault({}),
     dns: z
       .strictObject({
-        servers: z.array(dnsServer).default(() => [...dnsDefaults.servers]),
+        servers: z.array(dnsServer).prefault(() => [...dnsDefaults.servers]),
         minTtlMs: z.int().min(0).default(dnsDefaults.minTtlMs),
         maxTtlMs: z.int().min(0).default(dnsDefaults.maxTtlMs),
         negativeTtlMs: z.int().min(0).default(dnsDefaults.negativeTtlMs),
         timeoutMs: positiveMs.default(dnsDefaults.timeoutMs),
-        resolve: z.array(resolveEntry).default(() => [...dnsDefaults.resolve]),
+        resolve: z.array(resolveEntry).prefault(() => [...dnsDefaults.resolve]),
       })
       .prefault({}),
     tls: z
       .strictObject({
         caFile: z.string().min(1).optional(),
-        warm: z.array(warmTlsEntry).default(() => [...tlsDefaults.warm]),
+        warm: z.array(warmTlsEntry).prefault(() => [...tlsDefaults.warm]),
         relayThreads: z.int().min(1).max(64).default(tlsDefaults.relayThreads),
         handshakeTimeoutMs: positiveMs.default(tlsDefaults.handshakeTimeoutMs),
       })
@@ -646,6 +568,29 @@ export function defaultConfig(): SockpoolConfig {
   return parseConfig({}, 'built-in defaults');
 }
 
+/** A parsed configuration as input again (typed entries back to their text): parseConfig(configInput(c)) equals c. */
+export function configInput(config: SockpoolConfig) {
+  const text = (entry: { text: string }) => entry.text;
+  const raw = structuredClone({
+    ...config,
+    egress: {
+      ...config.egress,
+      allow: config.egress.allow.map(text),
+      deny: config.egress.deny.map(text),
+      allowHosts: config.egress.allowHosts.map(text),
+      denyHosts: config.egress.denyHosts.map(text),
+      nat64Prefixes: config.egress.nat64Prefixes.map(text),
+    },
+    dns: { ...config.dns, servers: config.dns.servers.map(text), resolve: config.dns.resolve.map(text) },
+    tls: { ...config.tls, warm: config.tls.warm.map(text) },
+    pool: {
+      ...config.pool,
+      origins: config.pool.origins.map((override) => ({ ...override, match: override.match.text })),
+    },
+  });
+  return raw satisfies SockpoolConfigInput;
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Command-line flags.
 
@@ -690,7 +635,7 @@ const FLAG_OF_KEY: Array<[RegExp, string]> = [
  * Relative paths in flags are resolved against the working directory.
  */
 export function applyFlags(config: SockpoolConfig, flags: ConfigFlags): SockpoolConfig {
-  const raw = structuredClone(config);
+  const raw = configInput(config);
   if (flags.socket !== undefined) raw.socket = flags.socket;
   if (flags.stateDir !== undefined) raw.stateDir = flags.stateDir;
   if (flags.allow?.length) raw.egress.allow.push(...flags.allow);
@@ -709,32 +654,9 @@ export function applyFlags(config: SockpoolConfig, flags: ConfigFlags): Sockpool
 // ---------------------------------------------------------------------------------------------------------------
 // Per-origin policy.
 
-interface CompiledOverride {
-  match: OriginMatch;
-  override: OriginOverride;
-}
-
-const compiledOverrides = new WeakMap<SockpoolConfig, CompiledOverride[]>();
-
-function overridesOf(config: SockpoolConfig): CompiledOverride[] {
-  let compiled = compiledOverrides.get(config);
-  if (!compiled) {
-    compiled = config.pool.origins.map((override) => {
-      const match = parseOriginMatch(override.match);
-      if (!match) throw new SockpoolError(ErrorCodes.CONFIG, `pool.origins: bad match "${override.match}"`);
-      return { match, override };
-    });
-    compiledOverrides.set(config, compiled);
-  }
-  return compiled;
-}
-
 /** Whether a parsed origin match pattern covers host (canonical) and port. */
 export function originMatches(match: OriginMatch, host: string, port: number): boolean {
-  if (match.port !== undefined && match.port !== port) return false;
-  if (match.host === '*') return true;
-  if (match.host.startsWith('.')) return host.endsWith(match.host) && host.length > match.host.length;
-  return match.host === host;
+  return (match.port === undefined || match.port === port) && hostMatches(match.host, host);
 }
 
 /**
@@ -745,8 +667,8 @@ export function originMatches(match: OriginMatch, host: string, port: number): b
 export function policyFor(config: SockpoolConfig, host: string, port: number): OriginPolicy {
   const canonical = canonicalHost(host);
   let policy: OriginPolicy = { ...config.pool.defaults, keepAlive: { ...config.pool.defaults.keepAlive } };
-  for (const { match, override } of overridesOf(config)) {
-    if (originMatches(match, canonical, port)) policy = mergePolicy(policy, override);
+  for (const override of config.pool.origins) {
+    if (originMatches(override.match, canonical, port)) policy = mergePolicy(policy, override);
   }
   policy.maxIdle = Math.min(policy.maxIdle, policy.maxPerOrigin);
   policy.minIdle = Math.min(policy.minIdle, policy.maxIdle);

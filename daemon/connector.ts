@@ -14,9 +14,10 @@
 // addresses the policy checks like any other), and the winner's CONNECT tunnel is opened here
 // (daemon/proxy-tunnel.ts); the fd stays ours until the tunnel stands, closed here if it does not.
 
+import { canonicalHost } from '../shared/address.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
-import { canonicalHost, type Endpoint, type Origin, originKey } from '../shared/origin.js';
+import { type Endpoint, type Origin, originKey } from '../shared/origin.js';
 import type { OriginPolicy } from './config.js';
 import type { EgressPolicy } from './egress-policy.js';
 import {

@@ -104,7 +104,7 @@ export class Sockpoold {
     this.#store = StateStore.open(this.#config.stateDir, { maxOrigins: this.#config.pool.historyMaxOrigins });
     this.#store.startAutoFlush(this.#config.pool.statsFlushMs);
     this.#egress = createEgressPolicy(this.#config);
-    this.#resolver = createResolver(this.#config);
+    this.#resolver = new Resolver(this.#config.dns);
     this.#proxies = proxiesByName(this.#config);
     this.#pools = new PoolManager({
       config: this.#config,
@@ -292,7 +292,7 @@ export class Sockpoold {
       const config = this.#reloadConfig();
       // Build both first so a bad value leaves the old ones in place.
       const egress = createEgressPolicy(config);
-      const resolver = createResolver(config);
+      const resolver = new Resolver(config.dns);
       this.#egress = egress;
       this.#resolver = resolver;
       this.#proxies = proxiesByName(config);
@@ -441,10 +441,4 @@ const hostAddresses = hostAddressesProvider();
 
 function createEgressPolicy(config: SockpoolConfig): EgressPolicy {
   return new EgressPolicy({ ...config.egress, hostAddresses });
-}
-
-/** The configuration's `dns` section in the resolver's terms (`resolve` entries are curl-style overrides). */
-function createResolver(config: SockpoolConfig): Resolver {
-  const { resolve, ...dns } = config.dns;
-  return new Resolver({ ...dns, overrides: resolve });
 }

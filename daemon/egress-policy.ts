@@ -23,9 +23,21 @@
 // network-specific prefixes of the site (RFC 6052 lengths /32 to /96), whose embedded IPv4 address is classified,
 // denied and allowed exactly like that IPv4 address.
 
-import { isIPv6 } from 'node:net';
+import {
+  type Cidr,
+  cidrContains,
+  type Host,
+  type HostPattern,
+  hostMatches,
+  type IpAddress,
+  matchesPrefix,
+  type Nat64Prefix,
+  parseCidr,
+  parseHost,
+  parseIpLiteral,
+  unmapIPv4,
+} from '../shared/address.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
-import { canonicalHost } from '../shared/origin.js';
 
 /** Why an address is refused by default. null (from `classifyAddress`) means public. */
 export type AddressClass =
@@ -51,223 +63,32 @@ export type PolicyReason =
   | 'invalid-address'
   | 'host-address';
 
-export interface EgressPolicyOptions {
-  /** CIDRs (or bare addresses) that punch holes in the refused address classes. Default []. */
-  allow?: string[];
-  /** CIDRs (or bare addresses) always refused, whatever `allow` says. Default []. */
-  deny?: string[];
-  /** Destination ports allowed. Default [80, 443]; an empty list allows every port. */
-  allowPorts?: number[];
-  /** Host patterns ("example.org", "*.example.com", "*", or an IP literal). Non-empty: the host must match one. */
-  allowHosts?: string[];
-  /** Host patterns always refused. Default []. */
-  denyHosts?: string[];
-  /** Network-specific NAT64 prefixes (`2001:db8:64::/96`; RFC 6052 lengths 32, 40, 48, 56, 64, 96). Default []. */
-  nat64Prefixes?: string[];
+/** The policy's rules: the configuration's `egress` section, parsed (daemon/config.ts holds the defaults). */
+export interface EgressRules {
+  /** CIDRs that punch holes in the refused address classes. */
+  readonly allow: readonly Cidr[];
+  /** CIDRs always refused, whatever `allow` says. */
+  readonly deny: readonly Cidr[];
+  /** Destination ports allowed; an empty list allows every port. */
+  readonly allowPorts: readonly number[];
+  /** Non-empty: the host must match one of these. */
+  readonly allowHosts: readonly HostPattern[];
+  /** Hosts always refused. */
+  readonly denyHosts: readonly HostPattern[];
+  /** The site's network-specific NAT64 prefixes. */
+  readonly nat64Prefixes: readonly Nat64Prefix[];
   /** Let connections reach this host's own interface addresses (loopback excepted: the class rules apply). */
-  allowHostAddresses?: boolean;
+  readonly allowHostAddresses: boolean;
   /** This host's interface addresses (daemon/host-addresses.ts); the same array while unchanged. Default none. */
-  hostAddresses?: () => readonly string[];
-}
-
-export const DEFAULT_ALLOW_PORTS: readonly number[] = [80, 443];
-
-interface ParsedIp {
-  family: 4 | 6;
-  bytes: Uint8Array;
-}
-
-interface Cidr {
-  family: 4 | 6;
-  bytes: Uint8Array;
-  prefixLength: number;
-  text: string;
-}
-
-interface HostPattern {
-  /** Exact name (or normalised IP literal), or the parent domain when `subdomains` is set. */
-  name: string;
-  subdomains: boolean;
-  any: boolean;
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// Parsing and formatting
-
-const HEX_PART = /^0x[0-9a-f]*$/;
-const OCTAL_PART = /^0[0-7]*$/;
-const DECIMAL_PART = /^[1-9][0-9]*$/;
-
-/** Parses one part of an inet_aton-style IPv4 address (decimal, 0-prefixed octal, 0x-prefixed hex). */
-function parseIPv4Part(part: string): number | null {
-  if (part.length === 0 || part.length > 40) return null;
-  if (HEX_PART.test(part)) return part.length === 2 ? 0 : Number.parseInt(part.slice(2), 16);
-  if (OCTAL_PART.test(part)) return Number.parseInt(part, 8);
-  if (DECIMAL_PART.test(part)) return Number.parseInt(part, 10);
-  return null;
-}
-
-/** True when the last dot-separated label is a number: such a host is an IPv4 literal or invalid (WHATWG URL). */
-function endsInNumber(host: string): boolean {
-  const last = host.slice(host.lastIndexOf('.') + 1);
-  return /^[0-9]+$/.test(last) || HEX_PART.test(last);
-}
-
-/**
- * IPv4 in every spelling inet_aton (and so getaddrinfo) accepts: 1 to 4 parts, each decimal, octal (leading 0)
- * or hex (0x); the last part fills the remaining bytes (`127.1`, `2130706433`, `0x7f.1`).
- */
-function parseIPv4Loose(text: string): Uint8Array | null {
-  const parts = text.split('.');
-  if (parts.length > 4) return null;
-  const values: number[] = [];
-  for (const part of parts) {
-    const value = parseIPv4Part(part);
-    if (value === null) return null;
-    values.push(value);
-  }
-  const last = values.pop()!;
-  for (const value of values) if (value > 255) return null;
-  const lastBytes = 4 - values.length;
-  if (last >= 2 ** (8 * lastBytes)) return null;
-  const bytes = new Uint8Array(4);
-  values.forEach((value, index) => {
-    bytes[index] = value;
-  });
-  let rest = last;
-  for (let index = 3; index >= values.length; index--) {
-    bytes[index] = rest % 256;
-    rest = Math.floor(rest / 256);
-  }
-  return bytes;
-}
-
-/** Strict dotted quad (used for the IPv4 tail of an IPv6 literal, already validated by isIPv6). */
-function parseDottedQuad(text: string): number[] {
-  return text.split('.').map((part) => Number.parseInt(part, 10));
-}
-
-/** Parses an IPv6 literal (no brackets; a zone id after `%` is dropped). */
-function parseIPv6(text: string): Uint8Array | null {
-  const withoutZone = text.includes('%') ? text.slice(0, text.indexOf('%')) : text;
-  if (!isIPv6(withoutZone)) return null;
-  const toGroups = (side: string): number[] => {
-    if (side === '') return [];
-    const groups: number[] = [];
-    for (const piece of side.split(':')) {
-      if (piece.includes('.')) {
-        const [a = 0, b = 0, c = 0, d = 0] = parseDottedQuad(piece);
-        groups.push((a << 8) | b, (c << 8) | d);
-      } else {
-        groups.push(Number.parseInt(piece, 16));
-      }
-    }
-    return groups;
-  };
-  const gap = withoutZone.indexOf('::');
-  const head = toGroups(gap === -1 ? withoutZone : withoutZone.slice(0, gap));
-  const tail = gap === -1 ? [] : toGroups(withoutZone.slice(gap + 2));
-  const groups = [...head, ...new Array<number>(8 - head.length - tail.length).fill(0), ...tail];
-  if (groups.length !== 8) return null;
-  const bytes = new Uint8Array(16);
-  groups.forEach((group, index) => {
-    bytes[index * 2] = group >> 8;
-    bytes[index * 2 + 1] = group & 0xff;
-  });
-  return bytes;
-}
-
-/** Parses an IP literal in any accepted spelling: bracketed or bare IPv6, any inet_aton IPv4 form. */
-function parseIp(input: string): ParsedIp | null {
-  let text = input.trim().toLowerCase();
-  if (text.startsWith('[') && text.endsWith(']')) {
-    const bytes = parseIPv6(text.slice(1, -1));
-    return bytes ? { family: 6, bytes } : null;
-  }
-  if (text.includes(':')) {
-    const bytes = parseIPv6(text);
-    return bytes ? { family: 6, bytes } : null;
-  }
-  if (text.endsWith('.') && text.length > 1) text = text.slice(0, -1);
-  const bytes = parseIPv4Loose(text);
-  return bytes ? { family: 4, bytes } : null;
-}
-
-function formatIPv4(bytes: Uint8Array, offset = 0): string {
-  return `${bytes[offset]}.${bytes[offset + 1]}.${bytes[offset + 2]}.${bytes[offset + 3]}`;
-}
-
-/** RFC 5952 text: lower case, no leading zeros, the longest run of two or more zero groups as `::`. */
-function formatIPv6(bytes: Uint8Array): string {
-  if (isMapped(bytes)) return `::ffff:${formatIPv4(bytes, 12)}`;
-  const groups: number[] = [];
-  for (let index = 0; index < 16; index += 2) groups.push((bytes[index]! << 8) | bytes[index + 1]!);
-  let bestStart = -1;
-  let bestLength = 1;
-  for (let start = 0; start < 8; ) {
-    if (groups[start] !== 0) {
-      start++;
-      continue;
-    }
-    let end = start;
-    while (end < 8 && groups[end] === 0) end++;
-    if (end - start > bestLength) {
-      bestStart = start;
-      bestLength = end - start;
-    }
-    start = end;
-  }
-  const hex = (list: number[]) => list.map((group) => group.toString(16)).join(':');
-  if (bestStart === -1) return hex(groups);
-  return `${hex(groups.slice(0, bestStart))}::${hex(groups.slice(bestStart + bestLength))}`;
-}
-
-/** A map key for an address (family and bytes). */
-function ipKey(ip: ParsedIp): string {
-  return `${ip.family}:${ip.bytes.join('.')}`;
-}
-
-function formatIp(ip: ParsedIp): string {
-  return ip.family === 4 ? formatIPv4(ip.bytes) : formatIPv6(ip.bytes);
-}
-
-/**
- * Normalises an IP literal in any spelling (bracketed IPv6, zone id, decimal/octal/hex/short IPv4) to its
- * canonical text and family; null when `host` is not an IP literal. `::ffff:a.b.c.d` stays IPv6 (family 6).
- */
-export function normaliseIpLiteral(host: string): { address: string; family: 4 | 6 } | null {
-  const ip = parseIp(host);
-  return ip ? { address: formatIp(ip), family: ip.family } : null;
-}
-
-const LABEL = /^[a-z0-9_-]{1,63}$/;
-
-/**
- * True for a syntactically valid DNS name (canonical form: lower case, no trailing dot) that is not an IP
- * literal and does not end in a number (`1.2.3.999` is an invalid address, not a name, as in the WHATWG URL parser).
- */
-export function isHostName(name: string): boolean {
-  if (name.length === 0 || name.length > 253 || endsInNumber(name)) return false;
-  return name.split('.').every((label) => LABEL.test(label));
+  readonly hostAddresses?: () => readonly string[];
 }
 
 // ---------------------------------------------------------------------------------------------------------------
 // Prefixes and address classes
 
-function matchesPrefix(bytes: Uint8Array, prefix: Uint8Array, prefixLength: number, offset = 0): boolean {
-  const whole = prefixLength >> 3;
-  for (let index = 0; index < whole; index++) if (bytes[offset + index] !== prefix[index]) return false;
-  const bits = prefixLength & 7;
-  if (bits === 0) return true;
-  const mask = (0xff << (8 - bits)) & 0xff;
-  return ((bytes[offset + whole]! ^ prefix[whole]!) & mask) === 0;
-}
-
 function prefix(text: string): { bytes: Uint8Array; prefixLength: number } {
-  const [address = '', length = ''] = text.split('/');
-  const ip = parseIp(address);
-  if (!ip) throw new Error(`bad built-in prefix ${text}`);
-  return { bytes: ip.bytes, prefixLength: Number(length) };
+  const { bytes, prefixLength } = parseCidr(text);
+  return { bytes, prefixLength };
 }
 
 type ClassTable = Array<{ bytes: Uint8Array; prefixLength: number; addressClass: AddressClass }>;
@@ -323,11 +144,6 @@ const IPV6_CLASSES = table([
 ]);
 
 const GLOBAL_UNICAST = prefix('2000::/3');
-const MAPPED = prefix('::ffff:0:0/96');
-
-function isMapped(bytes: Uint8Array): boolean {
-  return bytes.length === 16 && matchesPrefix(bytes, MAPPED.bytes, MAPPED.prefixLength);
-}
 
 type EmbeddingKind = 'compatible' | 'siit' | 'nat64' | '6to4';
 
@@ -349,11 +165,6 @@ function embeddedIPv4(bytes: Uint8Array): { kind: EmbeddingKind; v4: Uint8Array 
   return null;
 }
 
-/** `::ffff:a.b.c.d` is the IPv4 address a.b.c.d reached through a dual-stack socket: treat it as IPv4. */
-function unmap(ip: ParsedIp): ParsedIp {
-  return ip.family === 6 && isMapped(ip.bytes) ? { family: 4, bytes: ip.bytes.slice(12) } : ip;
-}
-
 function lookUp(classes: ClassTable, bytes: Uint8Array): AddressClass | null {
   for (const entry of classes) {
     if (matchesPrefix(bytes, entry.bytes, entry.prefixLength)) return entry.addressClass;
@@ -361,8 +172,8 @@ function lookUp(classes: ClassTable, bytes: Uint8Array): AddressClass | null {
   return null;
 }
 
-function classifyIp(input: ParsedIp, nat64: readonly Nat64Prefix[] = []): AddressClass | null {
-  const ip = unmap(input);
+function classifyIp(input: IpAddress, nat64: readonly Nat64Prefix[] = []): AddressClass | null {
+  const ip = unmapIPv4(input);
   if (ip.family === 4) return lookUp(IPV4_CLASSES, ip.bytes);
   const exact = lookUp(IPV6_EXACT, ip.bytes);
   if (exact) return exact;
@@ -383,27 +194,6 @@ function classifyIp(input: ParsedIp, nat64: readonly Nat64Prefix[] = []): Addres
   return matchesPrefix(ip.bytes, GLOBAL_UNICAST.bytes, GLOBAL_UNICAST.prefixLength) ? null : 'reserved';
 }
 
-/** A site's NAT64 prefix (RFC 6052): where in an IPv6 address the IPv4 address sits. */
-export interface Nat64Prefix {
-  bytes: Uint8Array;
-  prefixLength: 32 | 40 | 48 | 56 | 64 | 96;
-  text: string;
-}
-
-const NAT64_LENGTHS: ReadonlySet<number> = new Set([32, 40, 48, 56, 64, 96]);
-
-/** Parses a NAT64 prefix `v6/length`; throws SockpoolError(CONFIG) naming `option` when it is not one. */
-export function parseNat64Prefix(option: string, entry: unknown): Nat64Prefix {
-  const text = typeof entry === 'string' ? entry.trim() : '';
-  const slash = text.indexOf('/');
-  const ip = slash === -1 || text.includes('%') ? null : parseIp(text.slice(0, slash));
-  const length = Number(text.slice(slash + 1));
-  if (!ip || ip.family !== 6 || !/^\d{2}$/.test(text.slice(slash + 1)) || !NAT64_LENGTHS.has(length)) {
-    throw configError(option, entry, 'not an IPv6 prefix of length 32, 40, 48, 56, 64 or 96 (RFC 6052)');
-  }
-  return { bytes: ip.bytes, prefixLength: length as Nat64Prefix['prefixLength'], text };
-}
-
 /**
  * The IPv4 address an IPv6 address carries under one of `prefixes`, or null. RFC 6052 section 2.2: the 32 bits
  * follow the prefix, skipping bits 64 to 71 (the "u" octet).
@@ -422,133 +212,41 @@ function nat64Embedded(bytes: Uint8Array, prefixes: readonly Nat64Prefix[]): Uin
   return null;
 }
 
+/** A map key for an address (family and bytes). */
+function ipKey(ip: { family: 4 | 6; bytes: Uint8Array }): string {
+  return `${ip.family}:${ip.bytes.join('.')}`;
+}
+
 /**
  * The class of an address refused by default, or null for a public address. Accepts every spelling that
- * `normaliseIpLiteral` accepts; returns 'invalid' for text that is not an IP address.
+ * `parseIpLiteral` accepts; returns 'invalid' for text that is not an IP address.
  */
 export function classifyAddress(address: string): AddressClass | null {
-  const ip = parseIp(address);
+  const ip = parseIpLiteral(address);
   return ip ? classifyIp(ip) : 'invalid';
 }
 
-// ---------------------------------------------------------------------------------------------------------------
-// Configuration parsing
-
-function configError(option: string, entry: unknown, why: string): SockpoolError {
-  return new SockpoolError(ErrorCodes.CONFIG, `egress policy: ${option} entry ${JSON.stringify(entry)}: ${why}`, {
-    option,
-    entry: String(entry),
-  });
+function matchesHost(patterns: readonly HostPattern[], host: string): boolean {
+  return patterns.some((pattern) => hostMatches(pattern, host));
 }
 
-const OCTET = '(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])';
-/** Dotted quad of decimal octets without leading zeros: the only IPv4 spelling accepted in configuration. */
-const STRICT_IPV4 = new RegExp(`^(?:${OCTET}\\.){3}${OCTET}$`);
-
-/** Parses `address/length` or a bare address (a single host). Strict spelling; host bits are masked off. */
-function parseCidr(option: string, entry: unknown): Cidr {
-  if (typeof entry !== 'string') throw configError(option, entry, 'not a string');
-  const text = entry.trim();
-  const slash = text.indexOf('/');
-  const addressText = slash === -1 ? text : text.slice(0, slash);
-  const lengthText = slash === -1 ? undefined : text.slice(slash + 1);
-  let ip: ParsedIp | null = null;
-  if (STRICT_IPV4.test(addressText)) ip = parseIp(addressText);
-  else if (addressText.includes(':') && !addressText.includes('%')) ip = parseIp(addressText);
-  if (!ip) throw configError(option, entry, 'not an IPv4 or IPv6 address (dotted quad or RFC 4291 text)');
-  const maxLength = ip.family === 4 ? 32 : 128;
-  let prefixLength = maxLength;
-  if (lengthText !== undefined) {
-    if (!/^[0-9]{1,3}$/.test(lengthText) || Number(lengthText) > maxLength) {
-      throw configError(option, entry, `prefix length must be 0 to ${maxLength}`);
-    }
-    prefixLength = Number(lengthText);
-  }
-  let family = ip.family;
-  let bytes = ip.bytes;
-  // ::ffff:a.b.c.d/N (N >= 96) is the IPv4 range a.b.c.d/(N-96): addresses are unmapped before matching.
-  if (family === 6 && prefixLength >= 96 && isMapped(bytes)) {
-    family = 4;
-    bytes = bytes.slice(12);
-    prefixLength -= 96;
-  }
-  const masked = new Uint8Array(bytes.length);
-  for (let index = 0; index < bytes.length; index++) {
-    const bits = Math.max(0, Math.min(8, prefixLength - index * 8));
-    masked[index] = bytes[index]! & ((0xff << (8 - bits)) & 0xff);
-  }
-  return { family, bytes: masked, prefixLength, text };
-}
-
-function parsePort(option: string, entry: unknown): number {
-  if (typeof entry !== 'number' || !Number.isInteger(entry) || entry < 1 || entry > 65535) {
-    throw configError(option, entry, 'not a port number (1 to 65535)');
-  }
-  return entry;
-}
-
-function parseHostPattern(option: string, entry: unknown): HostPattern {
-  if (typeof entry !== 'string') throw configError(option, entry, 'not a string');
-  if (entry.trim() === '*') return { name: '', subdomains: false, any: true };
-  const text = canonicalHost(entry);
-  const literal = normaliseIpLiteral(text);
-  if (literal) return { name: literal.address, subdomains: false, any: false };
-  const subdomains = text.startsWith('*.');
-  const name = subdomains ? text.slice(2) : text;
-  if (!isHostName(name)) {
-    throw configError(option, entry, 'not a host name, "*.domain", "*" or an IP literal');
-  }
-  return { name, subdomains, any: false };
-}
-
-function matchesHost(patterns: HostPattern[], name: string): boolean {
-  return patterns.some(
-    (pattern) => pattern.any || (pattern.subdomains ? name.endsWith(`.${pattern.name}`) : name === pattern.name),
-  );
-}
-
-function matchesCidr(cidrs: Cidr[], ip: ParsedIp): Cidr | undefined {
-  return cidrs.find((cidr) => cidr.family === ip.family && matchesPrefix(ip.bytes, cidr.bytes, cidr.prefixLength));
-}
-
-function asList(option: string, value: unknown, fallback: readonly unknown[]): unknown[] {
-  if (value === undefined) return [...fallback];
-  if (!Array.isArray(value)) throw configError(option, value, 'not a list');
-  return value;
+function matchesCidr(cidrs: readonly Cidr[], ip: { family: 4 | 6; bytes: Uint8Array }): Cidr | undefined {
+  return cidrs.find((cidr) => cidrContains(cidr, ip));
 }
 
 // ---------------------------------------------------------------------------------------------------------------
 // The policy
 
 export class EgressPolicy {
-  readonly #allow: Cidr[];
-  readonly #deny: Cidr[];
+  readonly #rules: EgressRules;
   readonly #allowPorts: ReadonlySet<number>;
-  readonly #allowHosts: HostPattern[];
-  readonly #denyHosts: HostPattern[];
-  readonly #nat64: Nat64Prefix[];
-  readonly #allowHostAddresses: boolean;
-  readonly #hostAddresses: (() => readonly string[]) | undefined;
-  /** What #hostAddresses last returned, and its addresses as byte strings (see #isHostAddress). */
+  /** What rules.hostAddresses last returned, and its addresses as byte strings (see #isHostAddress). */
   #hostAddressList: readonly string[] | undefined;
   #hostAddressKeys = new Set<string>();
 
-  /** Validates every entry; a bad one throws SockpoolError(CONFIG) naming the option and the entry. */
-  constructor(options: EgressPolicyOptions = {}) {
-    this.#allow = asList('allow', options.allow, []).map((entry) => parseCidr('allow', entry));
-    this.#deny = asList('deny', options.deny, []).map((entry) => parseCidr('deny', entry));
-    this.#allowPorts = new Set(
-      asList('allowPorts', options.allowPorts, DEFAULT_ALLOW_PORTS).map((entry) => parsePort('allowPorts', entry)),
-    );
-    this.#allowHosts = asList('allowHosts', options.allowHosts, []).map((entry) =>
-      parseHostPattern('allowHosts', entry),
-    );
-    this.#denyHosts = asList('denyHosts', options.denyHosts, []).map((entry) => parseHostPattern('denyHosts', entry));
-    this.#nat64 = asList('nat64Prefixes', options.nat64Prefixes, []).map((entry) =>
-      parseNat64Prefix('nat64Prefixes', entry),
-    );
-    this.#allowHostAddresses = options.allowHostAddresses ?? false;
-    this.#hostAddresses = options.hostAddresses;
+  constructor(rules: EgressRules) {
+    this.#rules = rules;
+    this.#allowPorts = new Set(rules.allowPorts);
   }
 
   /**
@@ -557,15 +255,19 @@ export class EgressPolicy {
    */
   checkTarget(host: string, port: number): void {
     this.#checkPort(port, host, undefined);
-    const name = canonicalHost(host);
-    const literal = parseIp(name);
-    if (!literal && !isHostName(name)) this.#refuse('invalid-host', host, undefined, port);
-    const patternName = literal ? formatIp(literal) : name;
-    if (matchesHost(this.#denyHosts, patternName)) {
-      this.#refuse('host-denied', host, literal ? patternName : undefined, port);
+    let parsed: Host;
+    try {
+      parsed = parseHost(host);
+    } catch {
+      this.#refuse('invalid-host', host, undefined, port);
     }
-    if (this.#allowHosts.length > 0 && !matchesHost(this.#allowHosts, patternName)) {
-      this.#refuse('host-not-allowed', host, literal ? patternName : undefined, port);
+    const literal = parsed.kind === 'ip' ? parsed.ip : undefined;
+    const patternName = literal ? literal.text : (parsed as { name: string }).name;
+    if (matchesHost(this.#rules.denyHosts, patternName)) {
+      this.#refuse('host-denied', host, literal?.text, port);
+    }
+    if (this.#rules.allowHosts.length > 0 && !matchesHost(this.#rules.allowHosts, patternName)) {
+      this.#refuse('host-not-allowed', host, literal?.text, port);
     }
     if (literal) this.#checkIp(literal, port, host);
   }
@@ -576,7 +278,7 @@ export class EgressPolicy {
    */
   checkAddress(address: string, port: number, host?: string): void {
     this.#checkPort(port, host, address);
-    const ip = parseIp(address);
+    const ip = parseIpLiteral(address);
     if (!ip) this.#refuse('invalid-address', host, address, port);
     this.#checkIp(ip, port, host);
   }
@@ -588,19 +290,21 @@ export class EgressPolicy {
     }
   }
 
-  #checkIp(input: ParsedIp, port: number, host: string | undefined): void {
-    const ip = unmap(input);
-    const address = formatIp(input);
-    const embeddedV4 = ip.family === 6 ? (nat64Embedded(ip.bytes, this.#nat64) ?? embeddedIPv4(ip.bytes)?.v4) : null;
-    if (matchesCidr(this.#deny, ip) || (embeddedV4 && matchesCidr(this.#deny, { family: 4, bytes: embeddedV4 }))) {
+  #checkIp(input: IpAddress, port: number, host: string | undefined): void {
+    const ip = unmapIPv4(input);
+    const address = input.text;
+    const nat64 = this.#rules.nat64Prefixes;
+    const embeddedV4 = ip.family === 6 ? (nat64Embedded(ip.bytes, nat64) ?? embeddedIPv4(ip.bytes)?.v4) : null;
+    const deny = this.#rules.deny;
+    if (matchesCidr(deny, ip) || (embeddedV4 && matchesCidr(deny, { family: 4, bytes: embeddedV4 }))) {
       this.#refuse('denied-cidr', host, address, port);
     }
-    const addressClass = classifyIp(ip, this.#nat64);
+    const addressClass = classifyIp(ip, nat64);
     if (addressClass !== null && !this.#opensClass(addressClass, ip)) {
       this.#refuse(addressClass === 'invalid' ? 'invalid-address' : addressClass, host, address, port);
     }
     if (
-      !this.#allowHostAddresses &&
+      !this.#rules.allowHostAddresses &&
       (this.#isHostAddress(ip) || (embeddedV4 && this.#isHostAddress({ family: 4, bytes: embeddedV4 })))
     ) {
       this.#refuse('host-address', host, address, port);
@@ -608,23 +312,23 @@ export class EgressPolicy {
   }
 
   /** Whether an `allow` entry opens a refused class for this address (see the decision order above). */
-  #opensClass(addressClass: AddressClass, ip: ParsedIp): boolean {
+  #opensClass(addressClass: AddressClass, ip: IpAddress): boolean {
     if (addressClass === 'unspecified' || addressClass === 'invalid') return false;
-    const hole = matchesCidr(this.#allow, ip);
+    const hole = matchesCidr(this.#rules.allow, ip);
     const exactHost = hole !== undefined && hole.prefixLength === (ip.family === 4 ? 32 : 128);
     return hole !== undefined && (addressClass !== 'metadata' || exactHost);
   }
 
   /** One of this host's interface addresses (the list re-derived only when the provider's array changes). */
-  #isHostAddress(ip: ParsedIp): boolean {
-    if (!this.#hostAddresses) return false;
-    const list = this.#hostAddresses();
+  #isHostAddress(ip: { family: 4 | 6; bytes: Uint8Array }): boolean {
+    if (!this.#rules.hostAddresses) return false;
+    const list = this.#rules.hostAddresses();
     if (list !== this.#hostAddressList) {
       this.#hostAddressList = list;
       this.#hostAddressKeys = new Set();
       for (const text of list) {
-        const parsed = parseIp(text);
-        if (parsed) this.#hostAddressKeys.add(ipKey(unmap(parsed)));
+        const parsed = parseIpLiteral(text);
+        if (parsed) this.#hostAddressKeys.add(ipKey(unmapIPv4(parsed)));
       }
     }
     return this.#hostAddressKeys.has(ipKey(ip));

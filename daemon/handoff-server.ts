@@ -9,6 +9,7 @@
 import { fstatSync } from 'node:fs';
 import { ErrorCodes, SockpoolError, toPlainError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
+import { canonicalOrigin, type Origin } from '../shared/origin.js';
 import {
   type ClientMessage,
   type DaemonMessage,
@@ -226,8 +227,7 @@ export class HandoffServer {
         return;
       case 'prewarm':
         try {
-          const origin = { host: message.host, port: message.port, proxy: message.proxy };
-          this.#pools.prewarm(origin, message.count, message.tls?.trust);
+          this.#pools.prewarm(canonicalOrigin(message), message.count, message.tls?.trust);
           this.#send(session, { type: 'ok', id: message.id });
         } catch (error) {
           this.#replyError(session, message.id, error);
@@ -261,6 +261,14 @@ export class HandoffServer {
   }
 
   #acquire(session: ClientSession, message: Extract<ClientMessage, { type: 'acquire' }>): void {
+    let origin: Origin;
+    try {
+      // Any spelling a client sends is keyed as its one canonical origin (and a zone id is refused here).
+      origin = canonicalOrigin(message);
+    } catch (error) {
+      this.#replyError(session, message.id, error);
+      return;
+    }
     const access = this.#config().access;
     if (session.pending >= access.maxPendingPerClient) {
       this.#replyError(
@@ -280,7 +288,6 @@ export class HandoffServer {
     }
     const started = performance.now();
     session.pending++;
-    const origin = { host: message.host, port: message.port, proxy: message.proxy };
     this.#pools.acquire(origin, message.timeoutMs, message.tls?.trust).then(
       (handoff) => {
         session.pending--;

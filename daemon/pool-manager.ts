@@ -3,7 +3,7 @@
 // decides targets; the sockets themselves live in the origin pools.
 
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
-import { canonicalHost, type Origin, originKey } from '../shared/origin.js';
+import { canonicalOrigin, type Origin, originKey } from '../shared/origin.js';
 import { type OriginPolicy, policyFor, type SockpoolConfig } from './config.js';
 import type { ConnectedSocket, Connector } from './connector.js';
 import type { Logger } from './log.js';
@@ -257,11 +257,7 @@ export class PoolManager {
 
   /** The origin's pool: its warm TLS sessions' when the client's trust allows a relay there (tls-sessions.ts). */
   #poolFor(origin: Origin, tlsTrust?: TlsTrust): OriginPool {
-    const normalised: Origin = {
-      host: canonicalHost(origin.host),
-      port: origin.port,
-      proxy: origin.proxy,
-    };
+    const normalised = canonicalOrigin(origin);
     let key = originKey(normalised);
     let policy: OriginPolicy | undefined;
     let connector = this.#connector;

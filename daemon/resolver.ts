@@ -1,7 +1,7 @@
 // Resolver: host name → ordered list of addresses for the connector, with a TTL cache.
 //
-// - IP literals (any spelling `normaliseIpLiteral` accepts) return themselves, normalised.
-// - Overrides (curl's --resolve syntax, `HOST:PORT:ADDR[,ADDR...]`) win over DNS for that host and port.
+// - IP literals (any spelling a URL host may have) return themselves, canonical.
+// - `resolve` entries (curl's --resolve, `HOST:PORT:ADDR[,ADDR...]`) win over DNS for that host and port.
 // - With `servers`, A and AAAA are asked in parallel through a c-ares `dns.promises.Resolver` (no search domains,
 //   no /etc/hosts), and the answer's TTL sets the cache lifetime, clamped to [minTtlMs, maxTtlMs]. While they are
 //   in flight, `answersInFlight` gives each family's answer as soon as it is in (Happy Eyeballs starts on it).
@@ -11,11 +11,10 @@
 //   cannot be cancelled: after timeoutMs we answer with a DNS error, but the thread stays busy until the system
 //   resolver gives up. Configure `servers` for TTLs and real timeouts.
 //
-// Order of the addresses returned: the families interleave, preferred family first (IPv6 by default, as in
-// RFC 8305; set `preferFamily: 4` on a machine without an IPv6 route, or let `reportFailure` push the IPv6
-// addresses back after the first ENETUNREACH). Within each family the start rotates on every call (round robin
-// over the origin's addresses). Addresses reported failed within `failurePenaltyMs` go last, least recently
-// failed first; `reportSuccess` clears the mark.
+// Order of the addresses returned: both families, interleaved, IPv6 first (RFC 8305; on a machine without an
+// IPv6 route `reportFailure` pushes the IPv6 addresses back after the first ENETUNREACH). Within each family the
+// start rotates on every call (round robin over the origin's addresses). Addresses reported failed within
+// `failurePenaltyMs` go last, least recently failed first; `reportSuccess` clears the mark.
 //
 // Errors: SockpoolError(DNS) with fields { host, reason, dnsCode }. NXDOMAIN and "no address" answers are cached
 // for negativeTtlMs; timeouts and server failures are not cached (the next call asks again). Concurrent calls for
@@ -25,48 +24,35 @@
 // (and on the connected peer), since a public name may resolve to a refused address.
 
 import { promises as dns } from 'node:dns';
+import { type DnsServer, parseHost, parseIpLiteral, type ResolveEntry } from '../shared/address.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
-import { canonicalHost } from '../shared/origin.js';
-import { isHostName, normaliseIpLiteral } from './egress-policy.js';
 
 export interface ResolvedAddress {
   address: string;
   family: 4 | 6;
 }
 
+/** The configuration's `dns` section (daemon/config.ts validates it and holds the defaults). */
 export interface ResolverOptions {
-  /** DNS servers as 'ip', 'ip:port' or '[ipv6]:port'. Empty (default): the system resolver (getaddrinfo). */
-  servers?: string[];
-  /** curl-style overrides 'HOST:PORT:ADDR[,ADDR...]', IPv6 ADDR in brackets. Default []. */
-  overrides?: string[];
-  /** Shortest cache lifetime of an answer, and the lifetime of system-resolver answers. Default 1000. */
-  minTtlMs?: number;
-  /** Longest cache lifetime of an answer. Default 300000. */
-  maxTtlMs?: number;
-  /** Cache lifetime of NXDOMAIN / no-address answers. Default 5000. */
-  negativeTtlMs?: number;
-  /** Deadline of one resolution (both families). Default 3000. */
-  timeoutMs?: number;
-  /** 0: both families (default); 4 or 6: only that family. Applies to names, not to literals or overrides. */
-  family?: 0 | 4 | 6;
-  /** Family tried first when both are present. Default 6 (RFC 8305). */
-  preferFamily?: 4 | 6;
+  /** DNS servers. Empty: the system resolver (getaddrinfo). */
+  readonly servers: readonly DnsServer[];
+  /** curl-style `--resolve` entries. */
+  readonly resolve: readonly ResolveEntry[];
+  /** Shortest cache lifetime of an answer, and the lifetime of system-resolver answers. */
+  readonly minTtlMs: number;
+  /** Longest cache lifetime of an answer (at least minTtlMs). */
+  readonly maxTtlMs: number;
+  /** Cache lifetime of NXDOMAIN / no-address answers. */
+  readonly negativeTtlMs: number;
+  /** Deadline of one resolution (both families), at least 1. */
+  readonly timeoutMs: number;
   /** How long an address reported failed stays at the end of the list. Default 30000. */
-  failurePenaltyMs?: number;
-  /** Most host names cached (positive and negative); the oldest entry goes first. Default 10000. */
-  maxCacheEntries?: number;
+  readonly failurePenaltyMs?: number;
 }
 
-export const RESOLVER_DEFAULTS = {
-  minTtlMs: 1000,
-  maxTtlMs: 300_000,
-  negativeTtlMs: 5000,
-  timeoutMs: 3000,
-  family: 0,
-  preferFamily: 6,
-  failurePenaltyMs: 30_000,
-  maxCacheEntries: 10_000,
-} as const;
+const DEFAULT_FAILURE_PENALTY_MS = 30_000;
+/** Most host names cached (positive and negative); the oldest entry goes first. */
+const MAX_CACHE_ENTRIES = 10_000;
 
 /** The addresses of one host (or override), split by family, with the round-robin turn counter. */
 interface AddressSet {
@@ -97,13 +83,6 @@ type Answer =
 
 const NEGATIVE_CODES = new Set(['ENOTFOUND', 'ENODATA']);
 
-function configError(option: string, entry: unknown, why: string): SockpoolError {
-  return new SockpoolError(ErrorCodes.CONFIG, `resolver: ${option} entry ${JSON.stringify(entry)}: ${why}`, {
-    option,
-    entry: String(entry),
-  });
-}
-
 function errorCode(error: unknown): string | undefined {
   const code = (error as { code?: unknown } | null)?.code;
   return typeof code === 'string' ? code : undefined;
@@ -113,54 +92,6 @@ function rotate<T>(list: readonly T[], turn: number): T[] {
   if (list.length < 2) return [...list];
   const start = turn % list.length;
   return [...list.slice(start), ...list.slice(0, start)];
-}
-
-/** Parses one curl-style override; the key is 'host:port'. */
-function parseOverride(entry: unknown): { key: string; set: AddressSet } {
-  if (typeof entry !== 'string') throw configError('overrides', entry, 'not a string');
-  const text = entry.trim().replace(/^\+/, ''); // curl's '+' (keep-for-a-while marker) means nothing here
-  const match = /^([^:[\]]+):([0-9]{1,5}):(.+)$/.exec(text);
-  if (!match) throw configError('overrides', entry, 'expected HOST:PORT:ADDR[,ADDR...]');
-  const host = canonicalHost(match[1]!);
-  const port = Number(match[2]);
-  if (!isHostName(host)) throw configError('overrides', entry, `bad host name ${JSON.stringify(match[1])}`);
-  if (port < 1 || port > 65535) throw configError('overrides', entry, 'port must be 1 to 65535');
-  const set: AddressSet = { v4: [], v6: [], turn: 0 };
-  for (const raw of match[3]!.split(',')) {
-    const item = raw.trim();
-    const bracketed = item.startsWith('[') && item.endsWith(']');
-    const strictV4 = /^[0-9]{1,3}(?:\.[0-9]{1,3}){3}$/.test(item);
-    const literal = bracketed || strictV4 ? normaliseIpLiteral(item) : null;
-    if (!literal || (bracketed && literal.family !== 6) || item.includes('%')) {
-      throw configError('overrides', entry, `bad address ${JSON.stringify(item)} (IPv4, or IPv6 in brackets)`);
-    }
-    const list = literal.family === 4 ? set.v4 : set.v6;
-    if (!list.includes(literal.address)) list.push(literal.address);
-  }
-  return { key: `${host}:${port}`, set };
-}
-
-function validateServer(entry: unknown): string {
-  if (typeof entry !== 'string' || entry.trim() === '') throw configError('servers', entry, 'not a server address');
-  const text = entry.trim();
-  const ipv6Port = /^\[([^\]]+)\](?::([0-9]{1,5}))?$/.exec(text);
-  const ipv4Port = /^([0-9.]+)(?::([0-9]{1,5}))?$/.exec(text);
-  const address = ipv6Port?.[1] ?? ipv4Port?.[1] ?? text;
-  const port = ipv6Port?.[2] ?? ipv4Port?.[2];
-  const literal = normaliseIpLiteral(address);
-  const strictV4 = /^[0-9]{1,3}(?:\.[0-9]{1,3}){3}$/.test(address);
-  if (!literal || (literal.family === 4 && !strictV4) || (port !== undefined && (+port < 1 || +port > 65535))) {
-    throw configError('servers', entry, "expected 'ip', 'ip:port' or '[ipv6]:port'");
-  }
-  return text;
-}
-
-function positiveNumber(option: string, value: number | undefined, fallback: number): number {
-  if (value === undefined) return fallback;
-  if (typeof value !== 'number' || !Number.isFinite(value) || value < 0) {
-    throw configError(option, value, 'must be a finite number >= 0');
-  }
-  return value;
 }
 
 export class Resolver {
@@ -176,60 +107,33 @@ export class Resolver {
   readonly #maxTtlMs: number;
   readonly #negativeTtlMs: number;
   readonly #timeoutMs: number;
-  readonly #family: 0 | 4 | 6;
-  readonly #preferFamily: 4 | 6;
   readonly #failurePenaltyMs: number;
-  readonly #maxCacheEntries: number;
 
-  /** Validates every option; a bad entry throws SockpoolError(CONFIG) naming it. */
-  constructor(options: ResolverOptions = {}) {
-    this.#minTtlMs = positiveNumber('minTtlMs', options.minTtlMs, RESOLVER_DEFAULTS.minTtlMs);
-    this.#maxTtlMs = positiveNumber('maxTtlMs', options.maxTtlMs, RESOLVER_DEFAULTS.maxTtlMs);
-    if (this.#maxTtlMs < this.#minTtlMs) throw configError('maxTtlMs', this.#maxTtlMs, 'must be >= minTtlMs');
-    this.#negativeTtlMs = positiveNumber('negativeTtlMs', options.negativeTtlMs, RESOLVER_DEFAULTS.negativeTtlMs);
-    this.#timeoutMs = positiveNumber('timeoutMs', options.timeoutMs, RESOLVER_DEFAULTS.timeoutMs);
-    if (this.#timeoutMs < 1) throw configError('timeoutMs', this.#timeoutMs, 'must be >= 1');
-    this.#failurePenaltyMs = positiveNumber(
-      'failurePenaltyMs',
-      options.failurePenaltyMs,
-      RESOLVER_DEFAULTS.failurePenaltyMs,
-    );
-    this.#maxCacheEntries = positiveNumber(
-      'maxCacheEntries',
-      options.maxCacheEntries,
-      RESOLVER_DEFAULTS.maxCacheEntries,
-    );
-    const family = options.family ?? RESOLVER_DEFAULTS.family;
-    if (family !== 0 && family !== 4 && family !== 6) throw configError('family', family, 'must be 0, 4 or 6');
-    this.#family = family;
-    const preferFamily = options.preferFamily ?? RESOLVER_DEFAULTS.preferFamily;
-    if (preferFamily !== 4 && preferFamily !== 6) throw configError('preferFamily', preferFamily, 'must be 4 or 6');
-    this.#preferFamily = preferFamily;
+  constructor(options: ResolverOptions) {
+    this.#minTtlMs = options.minTtlMs;
+    this.#maxTtlMs = options.maxTtlMs;
+    this.#negativeTtlMs = options.negativeTtlMs;
+    this.#timeoutMs = options.timeoutMs;
+    this.#failurePenaltyMs = options.failurePenaltyMs ?? DEFAULT_FAILURE_PENALTY_MS;
 
-    for (const entry of options.overrides ?? []) {
-      const { key, set } = parseOverride(entry);
-      const existing = this.#overrides.get(key);
-      if (existing) {
-        for (const address of set.v4) if (!existing.v4.includes(address)) existing.v4.push(address);
-        for (const address of set.v6) if (!existing.v6.includes(address)) existing.v6.push(address);
-      } else {
+    for (const entry of options.resolve) {
+      const key = `${entry.host}:${entry.port}`;
+      let set = this.#overrides.get(key);
+      if (!set) {
+        set = { v4: [], v6: [], turn: 0 };
         this.#overrides.set(key, set);
+      }
+      for (const address of entry.addresses) {
+        const list = address.family === 4 ? set.v4 : set.v6;
+        if (!list.includes(address.text)) list.push(address.text);
       }
     }
 
-    const servers = (options.servers ?? []).map(validateServer);
-    if (servers.length > 0) {
+    if (options.servers.length > 0) {
       // c-ares: per-try timeout with one retry; our own deadline (timeoutMs) bounds the whole resolution.
       const perTryMs = Math.max(1, Math.floor(this.#timeoutMs / 2));
       this.#dns = new dns.Resolver({ timeout: perTryMs, tries: 2, maxTimeout: this.#timeoutMs });
-      try {
-        this.#dns.setServers(servers);
-      } catch (error) {
-        throw new SockpoolError(ErrorCodes.CONFIG, `resolver: servers ${JSON.stringify(servers)}: ${error}`, {
-          option: 'servers',
-          entry: servers.join(','),
-        });
-      }
+      this.#dns.setServers(options.servers.map((server) => server.text));
     }
   }
 
@@ -238,17 +142,10 @@ export class Resolver {
    * has no address, or resolution timed out.
    */
   async resolve(host: string, port: number): Promise<ResolvedAddress[]> {
-    const name = canonicalHost(host);
-    const literal = normaliseIpLiteral(name);
-    if (literal) return [literal];
+    const name = this.#nameOf(host);
+    if (typeof name !== 'string') return [name];
     const override = this.#overrides.get(`${name}:${port}`);
     if (override) return this.#order(name, override);
-    if (!isHostName(name)) {
-      throw new SockpoolError(ErrorCodes.DNS, `not a host name: ${JSON.stringify(host)}`, {
-        host,
-        reason: 'invalid-host',
-      });
-    }
     let entry = this.#cache.get(name);
     if (!entry || entry.expiresAt <= performance.now()) entry = await this.#refresh(name);
     if (entry.kind === 'negative') {
@@ -261,9 +158,9 @@ export class Resolver {
     return this.#order(name, entry);
   }
 
-  /** The family tried first when both are present (`preferFamily`). */
+  /** The family tried first when both are present (IPv6, RFC 8305). */
   get preferFamily(): 4 | 6 {
-    return this.#preferFamily;
+    return 6;
   }
 
   /**
@@ -274,19 +171,34 @@ export class Resolver {
    * answers and the system resolver, for which resolve() has both families at once.
    */
   answersInFlight(host: string): Record<4 | 6, Promise<ResolvedAddress[]>> | undefined {
-    const pending = this.#pendingFamilies.get(canonicalHost(host));
+    const pending = this.#pendingFamilies.get(canonicalName(host));
     if (!pending) return undefined;
     const addresses = (family: 4 | 6) =>
       pending[family].then((list) =>
-        list.map((address): ResolvedAddress => ({ address: normaliseIpLiteral(address)?.address ?? address, family })),
+        list.map((address): ResolvedAddress => ({ address: canonicalAddress(address), family })),
       );
     return { 4: addresses(4), 6: addresses(6) };
   }
 
+  /** The canonical name of `host`, or the address itself when it is an IP literal. Throws DNS 'invalid-host'. */
+  #nameOf(host: string): string | ResolvedAddress {
+    try {
+      const parsed = parseHost(host);
+      return parsed.kind === 'ip' ? { address: parsed.ip.text, family: parsed.ip.family } : parsed.name;
+    } catch (error) {
+      throw new SockpoolError(
+        ErrorCodes.DNS,
+        `not a host name: ${JSON.stringify(host)}`,
+        { host, reason: 'invalid-host' },
+        { cause: error },
+      );
+    }
+  }
+
   /** A connect to `address` for `host` failed: put it last for failurePenaltyMs. */
   reportFailure(host: string, address: string): void {
-    const name = canonicalHost(host);
-    const normalised = normaliseIpLiteral(address)?.address ?? address;
+    const name = canonicalName(host);
+    const normalised = canonicalAddress(address);
     let marks = this.#failures.get(name);
     if (!marks) {
       marks = new Map();
@@ -299,17 +211,11 @@ export class Resolver {
 
   /** A connect to `address` for `host` succeeded: forget its failure mark. */
   reportSuccess(host: string, address: string): void {
-    const name = canonicalHost(host);
+    const name = canonicalName(host);
     const marks = this.#failures.get(name);
     if (!marks) return;
-    marks.delete(normaliseIpLiteral(address)?.address ?? address);
+    marks.delete(canonicalAddress(address));
     if (marks.size === 0) this.#failures.delete(name);
-  }
-
-  /** Forgets every cached answer and failure mark (overrides stay). */
-  clear(): void {
-    this.#cache.clear();
-    this.#failures.clear();
   }
 
   /** One query per host at a time: concurrent callers share it. */
@@ -367,7 +273,7 @@ export class Resolver {
   }
 
   #evictOldest(map: Map<string, unknown>): void {
-    while (map.size > this.#maxCacheEntries) {
+    while (map.size > MAX_CACHE_ENTRIES) {
       const oldest = map.keys().next();
       if (oldest.done) return;
       map.delete(oldest.value);
@@ -390,10 +296,8 @@ export class Resolver {
   }
 
   async #askServers(resolver: dns.Resolver, name: string): Promise<Answer> {
-    const wantV4 = this.#family !== 6;
-    const wantV6 = this.#family !== 4;
-    const v4Query = wantV4 ? this.#withDeadline(resolver.resolve4(name, { ttl: true })) : Promise.resolve([]);
-    const v6Query = wantV6 ? this.#withDeadline(resolver.resolve6(name, { ttl: true })) : Promise.resolve([]);
+    const v4Query = this.#withDeadline(resolver.resolve4(name, { ttl: true }));
+    const v6Query = this.#withDeadline(resolver.resolve6(name, { ttl: true }));
     const pending = {
       4: v4Query.then((records) => records.map((record) => record.address)),
       6: v6Query.then((records) => records.map((record) => record.address)),
@@ -426,7 +330,7 @@ export class Resolver {
 
   async #askSystem(name: string): Promise<Answer> {
     try {
-      const found = await this.#withDeadline(dns.lookup(name, { all: true, family: this.#family, order: 'verbatim' }));
+      const found = await this.#withDeadline(dns.lookup(name, { all: true, order: 'verbatim' }));
       const v4 = found.filter((item) => item.family === 4).map((item) => item.address);
       const v6 = found.filter((item) => item.family === 6).map((item) => item.address);
       if (v4.length + v6.length === 0) return this.#failure([]);
@@ -437,9 +341,7 @@ export class Resolver {
   }
 
   #addresses(v4: string[], v6: string[], ttlMs: number): Answer {
-    const unique = (list: string[]) => [
-      ...new Set(list.map((address) => normaliseIpLiteral(address)?.address ?? address)),
-    ];
+    const unique = (list: string[]) => [...new Set(list.map(canonicalAddress))];
     return { kind: 'addresses', v4: unique(v4), v6: unique(v6), ttlMs };
   }
 
@@ -461,16 +363,15 @@ export class Resolver {
     return { kind: 'transient', reason: timedOut ? 'timeout' : 'server-failure', dnsCode, cause };
   }
 
-  /** Interleaves the families (preferred first), rotates each family, and moves failed addresses last. */
+  /** Interleaves the families (IPv6 first), rotates each family, and moves failed addresses last. */
   #order(name: string, set: AddressSet): ResolvedAddress[] {
     const turn = set.turn++;
     const v4 = rotate(set.v4, turn).map((address): ResolvedAddress => ({ address, family: 4 }));
     const v6 = rotate(set.v6, turn).map((address): ResolvedAddress => ({ address, family: 6 }));
-    const [first, second] = this.#preferFamily === 6 ? [v6, v4] : [v4, v6];
     const interleaved: ResolvedAddress[] = [];
-    for (let index = 0; index < Math.max(first.length, second.length); index++) {
-      if (first[index]) interleaved.push(first[index]!);
-      if (second[index]) interleaved.push(second[index]!);
+    for (let index = 0; index < Math.max(v6.length, v4.length); index++) {
+      if (v6[index]) interleaved.push(v6[index]!);
+      if (v4[index]) interleaved.push(v4[index]!);
     }
     const marks = this.#failures.get(name);
     if (!marks) return interleaved;
@@ -488,4 +389,18 @@ export class Resolver {
       .sort((a, b) => marks.get(a.address)! - marks.get(b.address)!);
     return [...good, ...bad];
   }
+}
+
+/** The key of a host's failure marks: its canonical name (or its text, when it is none: it then has no marks). */
+function canonicalName(host: string): string {
+  try {
+    const parsed = parseHost(host);
+    return parsed.kind === 'ip' ? parsed.ip.text : parsed.name;
+  } catch {
+    return host;
+  }
+}
+
+function canonicalAddress(address: string): string {
+  return parseIpLiteral(address)?.text ?? address;
 }

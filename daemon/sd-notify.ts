@@ -15,9 +15,10 @@
 import { createRequire } from 'node:module';
 import { getSystemErrorName } from 'node:util';
 import { isMainThread } from 'node:worker_threads';
+import { canonicalHost } from '../shared/address.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import { sendDatagram } from '../shared/native.js';
-import { canonicalHost, type Origin } from '../shared/origin.js';
+import type { Origin } from '../shared/origin.js';
 
 /** Longest FDNAME systemd accepts (FDNAME_MAX in systemd's fdname_is_valid()). */
 export const FDNAME_MAX_LENGTH = 255;
@@ -387,9 +388,9 @@ export function decodeFdName(name: string): StoredOrigin | null {
   const port = Number(portText);
   if (port > 65535) return null;
   const host = unescapeHost(hostAndPort.slice(0, dash));
-  if (host === null || host !== canonicalHost(host) || host === '') return null;
+  if (host === null || host === '') return null;
   const origin: StoredOrigin = tag === undefined ? { host, port } : { host, port, tag };
-  // Only canonical spellings are ours: decoding must be the exact inverse of encoding.
+  // Only canonical spellings are ours (encoding canonicalizes): decoding must be the exact inverse of encoding.
   try {
     if (encodeFdName(origin, tag) !== name) return null;
   } catch {

@@ -10,9 +10,10 @@
 
 import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
+import type { OriginMatch } from '../shared/address.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import type { Origin } from '../shared/origin.js';
-import { type OriginPolicy, originMatches, parseOriginMatch, type SockpoolConfig } from './config.js';
+import { type OriginPolicy, originMatches, type SockpoolConfig } from './config.js';
 import type { ConnectedSocket, Connector } from './connector.js';
 import type { TlsRelays } from './tls-relay.js';
 
@@ -34,13 +35,11 @@ interface PemFile {
   sha256: string;
 }
 
-type Match = NonNullable<ReturnType<typeof parseOriginMatch>>;
-
 export class TlsSessions implements Connector {
   #config!: SockpoolConfig;
   #files = new Map<string, PemFile>();
   #warmAll = false;
-  #warm: Match[] = [];
+  #warm: readonly OriginMatch[] = [];
   #tcp: Connector;
   #relays: TlsRelays;
 
@@ -72,11 +71,8 @@ export class TlsSessions implements Connector {
       read(policy.clientKey, `${where}.clientKey`);
     }
     this.#files = files;
-    this.#warmAll = config.tls.warm.some((entry) => entry.trim() === '*');
-    this.#warm = config.tls.warm.flatMap((entry) => {
-      const match = entry.trim() === '*' ? undefined : parseOriginMatch(entry);
-      return match ? [match] : [];
-    });
+    this.#warmAll = config.tls.warm.some((match) => match.text === '*');
+    this.#warm = config.tls.warm;
     this.#config = config;
   }
 

@@ -1,10 +1,13 @@
 // An origin is where a pool's connections go: a host name (or literal address) and a TCP port, and the name of the
 // forward proxy in between when requests go through one (a proxy of the daemon's configuration: the daemon opens
 // the CONNECT tunnel, the pool holds tunnels to the origin, still per origin so a crawler's per-origin limits
-// hold). Keys are canonical strings so that one origin has exactly one pool: lower-case host, IPv6 in brackets,
-// ` via NAME` when proxied.
+// hold). One origin has exactly one key, however it is spelled: hosts are canonical (shared/address.ts: lower
+// case, punycode, no trailing dot, IP literals in one form), IPv6 in brackets, ` via NAME` when proxied. The
+// client keys its sockets with these and the daemon keys its pools, stats and history with them again, from
+// whatever a client sent.
 
-import { isIPv6 } from 'node:net';
+import { canonicalHost } from './address.js';
+import { ErrorCodes, SockpoolError } from './errors.js';
 
 export interface Endpoint {
   host: string;
@@ -19,29 +22,38 @@ export interface Origin extends Endpoint {
 /** What a proxy's name may look like (the daemon's configuration and the protocol both check it). */
 export const PROXY_NAME = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
 
-/** Canonical host: lower case, no brackets around IPv6 literals, no trailing dot. */
-export function canonicalHost(host: string): string {
-  let result = host.trim().toLowerCase();
-  if (result.startsWith('[') && result.endsWith(']')) result = result.slice(1, -1);
-  if (result.endsWith('.') && result.length > 1) result = result.slice(0, -1);
-  return result;
+function canonicalEndpoint(endpoint: Endpoint): Endpoint {
+  const { port } = endpoint;
+  if (!Number.isInteger(port) || port < 1 || port > 65535) {
+    throw new SockpoolError(ErrorCodes.INVALID_ARGUMENT, `port must be 1 to 65535, got ${port}`, { port });
+  }
+  return { host: canonicalHost(endpoint.host), port };
+}
+
+/** The origin with its canonical host. Throws SOCKPOOL_ERR_INVALID_ARGUMENT for a host or port that is none. */
+export function canonicalOrigin(origin: Origin): Origin {
+  const { host, port } = canonicalEndpoint(origin);
+  return origin.proxy ? { host, port, proxy: origin.proxy } : { host, port };
 }
 
 function endpointKey(endpoint: Endpoint): string {
   const host = canonicalHost(endpoint.host);
-  // (Only a host with a colon can be an IPv6 literal: most keys skip isIPv6's costly pattern.)
-  return host.includes(':') && isIPv6(host) ? `[${host}]:${endpoint.port}` : `${host}:${endpoint.port}`;
+  return host.includes(':') ? `[${host}]:${endpoint.port}` : `${host}:${endpoint.port}`;
 }
 
+/** The key of an origin in any spelling. Throws SOCKPOOL_ERR_INVALID_ARGUMENT for a host that is none. */
 export function originKey(origin: Origin): string {
   return origin.proxy ? `${endpointKey(origin)} via ${origin.proxy}` : endpointKey(origin);
 }
 
-/** Parses `host:port` or `[v6]:port`. Throws TypeError on anything else. */
+/** Parses `host:port` or `[v6]:port` into a canonical origin. Throws SOCKPOOL_ERR_INVALID_ARGUMENT. */
 export function parseOriginKey(key: string): Origin {
   const match = /^(?:\[([^\]]+)\]|([^:[\]]+)):(\d{1,5})$/.exec(key.trim());
-  if (!match) throw new TypeError(`not an origin (host:port): ${JSON.stringify(key)}`);
-  const port = Number(match[3]);
-  if (port < 1 || port > 65535) throw new TypeError(`port out of range in ${JSON.stringify(key)}`);
-  return { host: canonicalHost(match[1] ?? match[2] ?? ''), port };
+  if (!match) {
+    throw new SockpoolError(ErrorCodes.INVALID_ARGUMENT, `not an origin (host:port): ${JSON.stringify(key)}`, {
+      input: key,
+    });
+  }
+  const host = match[1] !== undefined ? `[${match[1]}]` : (match[2] ?? '');
+  return canonicalEndpoint({ host, port: Number(match[3]) });
 }

@@ -5,12 +5,12 @@ import { parse as parseToml } from 'smol-toml';
 import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import {
   applyFlags,
+  configInput,
   configSchema,
   DEFAULTS,
   defaultConfig,
   loadConfigFile,
   parseConfig,
-  parseResolveEntry,
   policyFor,
   type SockpoolConfig,
 } from '../daemon/config.js';
@@ -185,8 +185,8 @@ describe('parseConfig', () => {
     expect(config.access.socketMode).toBe('0600');
     expect(config.access.socketOwner).toBe(1000);
     expect(config.access.socketGroup).toBe('crawlers');
-    expect(config.egress.allow).toEqual(['192.0.2.7/32', '2001:db8::/32']);
-    expect(config.egress.allowHosts).toEqual(['*.example.com']);
+    expect(config.egress.allow.map((cidr) => cidr.text)).toEqual(['192.0.2.7/32', '2001:db8::/32']);
+    expect(config.egress.allowHosts.map((pattern) => pattern.text)).toEqual(['*.example.com']);
   });
 
   it('refuses malformed values with a message saying what is expected', () => {
@@ -220,15 +220,10 @@ describe('parseConfig', () => {
     }
   });
 
-  it('accepts the curl --resolve forms the resolver accepts', () => {
-    expect(parseResolveEntry('Example.com:443:192.0.2.1,[2001:db8::1]')).toEqual({
-      host: 'example.com',
-      port: 443,
-      addresses: ['192.0.2.1', '2001:db8::1'],
-    });
-    expect(parseResolveEntry('+example.com:80:192.0.2.1')?.host).toBe('example.com');
-    expect(parseResolveEntry('example.com:0:192.0.2.1')).toBeUndefined();
-    expect(parseResolveEntry('example.com:443:[192.0.2.1]')).toBeUndefined();
+  it('parses --resolve entries into host, port and addresses', () => {
+    const [entry] = parseConfig({ dns: { resolve: ['+Example.com:443:192.0.2.1,[2001:DB8::1]'] } }, 'f').dns.resolve;
+    expect(entry).toMatchObject({ host: 'example.com', port: 443, text: 'example.com:443:192.0.2.1,[2001:db8::1]' });
+    expect(entry?.addresses.map((address) => address.text)).toEqual(['192.0.2.1', '2001:db8::1']);
   });
 
   it('resolves relative paths against the base directory', () => {
@@ -237,9 +232,9 @@ describe('parseConfig', () => {
     expect(config.stateDir).toBe('/abs/state');
   });
 
-  it('accepts its own output (a reload, or flags applied on top, parse it again)', () => {
+  it('accepts its own output as input again (flags are applied on top of a parsed file)', () => {
     const config = loadConfigFile(join(repo, 'docs', 'sockpoold.example.toml'));
-    expect(parseConfig(structuredClone(config), 'again')).toEqual(config);
+    expect(parseConfig(configInput(config), 'again')).toEqual(config);
   });
 });
 
@@ -276,7 +271,9 @@ maxPerOrigin = 8
     expect(fromToml.socket).toBe(join(dir, 'sock', 'sockpoold.sock'));
     expect(fromToml.pool.defaults.maxIdle).toBe(4);
     expect(fromToml.pool.defaults.keepAlive).toEqual({ enabled: true, idleSec: 20, intervalSec: 10, count: 3 });
-    expect(fromToml.pool.origins).toEqual([{ match: '*.example.com:443', maxPerOrigin: 8 }]);
+    expect(fromToml.pool.origins).toEqual([
+      { match: expect.objectContaining({ text: '*.example.com:443' }), maxPerOrigin: 8 },
+    ]);
   });
 
   it('accepts an empty TOML file (every default)', () => {
@@ -317,7 +314,7 @@ maxPerOrigin = 8
     const config = loadConfigFile(join(repo, 'docs', 'sockpoold.example.toml'));
     expect(config.metricsPort).toBe(9464);
     expect(config.egress.allowPorts).toEqual([80, 443, 8443]);
-    expect(config.pool.origins.map((entry) => entry.match)).toEqual([
+    expect(config.pool.origins.map((entry) => entry.match.text)).toEqual([
       '*.example.com:443',
       'api.example.com:443',
       '*:80',
@@ -348,10 +345,11 @@ describe('applyFlags', () => {
       socket: 'x.sock',
       stateDir: '/tmp/state',
     });
-    expect(config.egress.allow).toEqual(['10.0.0.0/8', '192.168.1.0/24']);
-    expect(config.egress.deny).toEqual(['203.0.113.0/24', '198.51.100.7/32']);
+    const texts = (list: Array<{ text: string }>) => list.map((entry) => entry.text);
+    expect(texts(config.egress.allow)).toEqual(['10.0.0.0/8', '192.168.1.0/24']);
+    expect(texts(config.egress.deny)).toEqual(['203.0.113.0/24', '198.51.100.7/32']);
     expect(config.egress.allowPorts).toEqual([8080]);
-    expect(config.dns.resolve).toEqual(['a.example:443:192.0.2.1', 'b.example:80:192.0.2.2']);
+    expect(texts(config.dns.resolve)).toEqual(['a.example:443:192.0.2.1', 'b.example:80:192.0.2.2']);
     expect(config.metricsPort).toBe(0);
     expect(config.logLevel).toBe('warn');
     expect(config.socket).toBe(join(process.cwd(), 'x.sock'));

@@ -5,7 +5,7 @@
 import { readdirSync } from 'node:fs';
 import net from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { defaultConfig, type OriginPolicy } from '../daemon/config.js';
+import { defaultConfig, type OriginPolicy, parseConfig } from '../daemon/config.js';
 import { TcpConnector } from '../daemon/connector.js';
 import { EgressPolicy } from '../daemon/egress-policy.js';
 import { createMetrics, type Metrics } from '../daemon/metrics.js';
@@ -75,10 +75,15 @@ describe('TcpConnector on loopback', () => {
 
   function connector(allow = ['127.0.0.1/32', '::1/128']) {
     const metrics = createMetrics(() => ({ origins: [] }), { processMetrics: false });
-    const resolver = new Resolver({
-      overrides: [`v6refused.test:${v4.port}:127.0.0.1,[::1]`, `dual.test:${both.v6.port}:[::1],127.0.0.1`],
-    });
-    const egress = new EgressPolicy({ allow, allowPorts: [v4.port, both.v6.port] });
+    const config = parseConfig(
+      {
+        dns: { resolve: [`v6refused.test:${v4.port}:127.0.0.1,[::1]`, `dual.test:${both.v6.port}:[::1],127.0.0.1`] },
+        egress: { allow, allowPorts: [v4.port, both.v6.port] },
+      },
+      'test',
+    );
+    const resolver = new Resolver(config.dns);
+    const egress = new EgressPolicy(config.egress);
     return {
       metrics,
       connector: new TcpConnector(
@@ -146,8 +151,12 @@ describe('TcpConnector on loopback', () => {
       'none.test': { ttl: 60 },
     });
     try {
-      const resolver = new Resolver({ servers: [dns.server] });
-      const egress = new EgressPolicy({ allow: ['127.0.0.1/32', '::1/128'], allowPorts: [both.v6.port] });
+      const config = parseConfig(
+        { dns: { servers: [dns.server] }, egress: { allow: ['127.0.0.1/32', '::1/128'], allowPorts: [both.v6.port] } },
+        'test',
+      );
+      const resolver = new Resolver(config.dns);
+      const egress = new EgressPolicy(config.egress);
       const c = new TcpConnector(
         () => resolver,
         () => egress,
@@ -172,8 +181,15 @@ describe('TcpConnector on loopback', () => {
     const closed = await listen('127.0.0.1');
     await new Promise((resolve) => closed.server.close(resolve));
     servers.splice(servers.indexOf(closed.server), 1);
-    const resolver = new Resolver({ overrides: [`gone.test:${closed.port}:127.0.0.1,[::1]`] });
-    const egress = new EgressPolicy({ allow: ['127.0.0.1/32', '::1/128'], allowPorts: [closed.port] });
+    const config = parseConfig(
+      {
+        dns: { resolve: [`gone.test:${closed.port}:127.0.0.1,[::1]`] },
+        egress: { allow: ['127.0.0.1/32', '::1/128'], allowPorts: [closed.port] },
+      },
+      'test',
+    );
+    const resolver = new Resolver(config.dns);
+    const egress = new EgressPolicy(config.egress);
     const gone = new TcpConnector(
       () => resolver,
       () => egress,

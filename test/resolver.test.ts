@@ -2,7 +2,8 @@
 // traffic anywhere else. Timing-dependent checks poll with deadlines instead of asserting exact durations.
 
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { Resolver, type ResolverOptions } from '../daemon/resolver.js';
+import { parseConfig, type SockpoolConfigInput } from '../daemon/config.js';
+import { Resolver } from '../daemon/resolver.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import { type DnsTestServer, startDnsServer } from './helpers/dns-server.js';
 
@@ -31,8 +32,17 @@ afterAll(async () => {
   await dnsServer?.close();
 });
 
-function resolver(options: ResolverOptions = {}): Resolver {
-  return new Resolver({ servers: [dnsServer.server], ...options });
+type DnsInput = NonNullable<SockpoolConfigInput['dns']>;
+
+/** A resolver from a `dns` section as a config file has it (parsed as the daemon parses it, defaults filled). */
+function resolverOf(dns: DnsInput, failurePenaltyMs?: number): Resolver {
+  return new Resolver({ ...parseConfig({ dns }, 'test').dns, failurePenaltyMs });
+}
+
+/** A resolver asking the test DNS server. */
+function resolver(options: DnsInput & { failurePenaltyMs?: number } = {}): Resolver {
+  const { failurePenaltyMs, ...dns } = options;
+  return resolverOf({ servers: [dnsServer.server], ...dns }, failurePenaltyMs);
 }
 
 async function dnsError(promise: Promise<unknown>): Promise<SockpoolError> {
@@ -66,20 +76,10 @@ describe('Resolver through a DNS server', () => {
     expect(dnsServer.count('one.test', 'AAAA')).toBeGreaterThanOrEqual(1);
   });
 
-  it('keeps every address and interleaves the families, IPv6 first by default', async () => {
+  it('keeps every address of both families and interleaves them, IPv6 first', async () => {
     const result = await resolver().resolve('dual.test', 443);
     expect(result.map((item) => item.family)).toEqual([6, 4, 6, 4]);
     expect(new Set(addresses(result))).toEqual(new Set(['198.51.100.1', '198.51.100.2', '2001:db8::1', '2001:db8::2']));
-    const preferV4 = await resolver({ preferFamily: 4 }).resolve('dual.test', 443);
-    expect(preferV4.map((item) => item.family)).toEqual([4, 6, 4, 6]);
-  });
-
-  it('asks one family only when told', async () => {
-    const v4 = await resolver({ family: 4 }).resolve('dual.test', 443);
-    expect(v4.every((item) => item.family === 4)).toBe(true);
-    expect(v4).toHaveLength(2);
-    const v6 = await resolver({ family: 6 }).resolve('dual.test', 443);
-    expect(v6.every((item) => item.family === 6)).toBe(true);
     expect(await resolver().resolve('v6only.test', 80)).toEqual([{ address: '2001:db8::a', family: 6 }]);
   });
 
@@ -138,7 +138,7 @@ describe('Resolver through a DNS server', () => {
   });
 
   it('puts addresses that failed last until reportSuccess', async () => {
-    const r = resolver({ family: 4 });
+    const r = resolver();
     r.reportFailure('failures.test', '198.51.100.2');
     r.reportFailure('FAILURES.test', '198.51.100.1');
     for (let index = 0; index < 3; index++) {
@@ -252,7 +252,7 @@ describe('Resolver without DNS', () => {
 
   it('overrides win over DNS for that host and port', async () => {
     const r = resolver({
-      overrides: ['one.test:443:198.18.0.1,[2001:db8::99]', '+Dual.test:80:198.18.0.2', 'dual.test:80:198.18.0.3'],
+      resolve: ['one.test:443:198.18.0.1,[2001:db8::99]', '+Dual.test:80:198.18.0.2', 'dual.test:80:198.18.0.3'],
     });
     const before = dnsServer.queries.length;
     const result = await r.resolve('ONE.test', 443);
@@ -269,14 +269,13 @@ describe('Resolver without DNS', () => {
   });
 
   it('works without any DNS server for overridden names', async () => {
-    const r = new Resolver({ servers: ['127.0.0.1:9'], overrides: ['lab.test:443:198.18.0.10'], timeoutMs: 100 });
+    const r = resolverOf({ servers: ['127.0.0.1:9'], resolve: ['lab.test:443:198.18.0.10'], timeoutMs: 100 });
     expect(await r.resolve('lab.test', 443)).toEqual([{ address: '198.18.0.10', family: 4 }]);
   });
 
   it('without servers, uses the system resolver (localhost comes from /etc/hosts, no DNS traffic)', async () => {
-    const result = await new Resolver({ family: 4 }).resolve('localhost', 443);
+    const result = await resolverOf({}).resolve('localhost', 443);
     expect(addresses(result)).toContain('127.0.0.1');
-    expect(result.every((item) => item.family === 4)).toBe(true);
   });
 
   it('refuses names that are not host names without asking', async () => {
@@ -300,9 +299,9 @@ describe('Resolver without DNS', () => {
     'one.test:443:198.18.0.1,',
     '[::1]:443:198.18.0.1',
     'bad host:443:198.18.0.1',
-  ])('override %j is a config error naming it', (entry) => {
+  ])('resolve entry %j is a config error naming it', (entry) => {
     try {
-      new Resolver({ overrides: [entry] });
+      resolverOf({ resolve: [entry] });
     } catch (error) {
       expect(error).toBeInstanceOf(SockpoolError);
       expect((error as SockpoolError).code).toBe(ErrorCodes.CONFIG);
@@ -320,10 +319,9 @@ describe('Resolver without DNS', () => {
       { minTtlMs: -1 },
       { minTtlMs: 10, maxTtlMs: 5 },
       { timeoutMs: 0 },
-      { family: 5 as 4 },
     ]) {
-      expect(() => new Resolver(options)).toThrow(expect.objectContaining({ code: ErrorCodes.CONFIG }));
+      expect(() => resolverOf(options)).toThrow(expect.objectContaining({ code: ErrorCodes.CONFIG }));
     }
-    expect(() => new Resolver({ servers: ['127.0.0.1', '127.0.0.1:5353', '[::1]:53', '::1'] })).not.toThrow();
+    expect(() => resolverOf({ servers: ['127.0.0.1', '127.0.0.1:5353', '[::1]:53', '::1'] })).not.toThrow();
   });
 });

@@ -2,7 +2,8 @@
 // spends in curl's own code, and keep-alive and crawler loads repeat the same URLs: parsed targets are kept, by the
 // exact input string, for the next request (the client validates with it, the engine picks its origin with it).
 
-import { canonicalHost, type Origin, originKey } from '../shared/origin.js';
+import { canonicalHost } from '../shared/address.js';
+import { type Origin, originKey } from '../shared/origin.js';
 
 export interface UrlTarget {
   /** The URL as WHATWG URL serializes it: what curl is given. */
@@ -32,7 +33,10 @@ const MAX_CACHED = 1024;
 const MAX_CACHED_LENGTH = 2048;
 const cache = new Map<string, UrlTarget>();
 
-/** The parsed target of `input`; throws TypeError (as `new URL` does) for a string that is not a URL. */
+/**
+ * The parsed target of `input`; throws TypeError (as `new URL` does) for a string that is not a URL, and
+ * SOCKPOOL_ERR_INVALID_ARGUMENT for a URL whose host is no host name (`a!b.example`) or has an IPv6 zone id.
+ */
 export function urlTarget(input: string): UrlTarget {
   const cached = cache.get(input);
   if (cached) return cached;
