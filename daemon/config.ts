@@ -5,6 +5,10 @@
 //
 // Sources, weakest first: DEFAULTS, the config file (TOML or JSON, camelCase keys), command-line flags
 // (`applyFlags`). `policyFor` resolves the per-origin policy from `pool.defaults` and the `pool.origins` overrides.
+//
+// Entries made of addresses and host names (CIDRs, host patterns, DNS servers, `--resolve` entries, `pool.origins`
+// matches) are parsed here, once, by shared/address.ts into typed values: the egress policy and the resolver take
+// `config.egress` and `config.dns` as they are. `configInput` turns a parsed configuration back into input.
 
 import { readFileSync } from 'node:fs';
 import { dirname, extname, resolve } from 'node:path';

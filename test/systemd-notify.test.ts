@@ -273,8 +273,9 @@ describe('FDNAME encoding of origins', () => {
     [{ host: 'Sub-Domain.Example.COM.', port: 80 }, undefined, 'o-sub-domain.example.com-80'],
     [{ host: '127.0.0.1', port: 8080 }, '12', 'o-127.0.0.1-8080~12'],
     [{ host: '[2001:db8::1]', port: 443 }, undefined, 'o-2001%3Adb8%3A%3A1-443'],
-    [{ host: 'fe80::1%eth0', port: 443 }, undefined, 'o-fe80%3A%3A1%25eth0-443'],
-    [{ host: 'bücher.example', port: 443 }, undefined, 'o-b%C3%BCcher.example-443'],
+    [{ host: 'fe80::1', port: 443 }, undefined, 'o-fe80%3A%3A1-443'],
+    [{ host: 'bücher.example', port: 443 }, undefined, 'o-xn--bcher-kva.example-443'],
+    [{ host: '127.1', port: 80 }, undefined, 'o-127.0.0.1-80'],
   ];
   it.each(cases)('encodes %j (tag %s) as %s and back', (origin, tag, name) => {
     expect(encodeFdName(origin, tag)).toBe(name);
@@ -303,6 +304,9 @@ describe('FDNAME encoding of origins', () => {
       'o-a%41-443',
       'o-example.com-443~',
       'o-a:b-443',
+      'o-b%C3%BCcher.example-443',
+      'o-127.1-80',
+      'o-fe80%3A%3A1%25eth0-443',
     ]) {
       expect(decodeFdName(name), name).toBeNull();
     }
@@ -324,6 +328,9 @@ describe('FDNAME encoding of origins', () => {
       expect.objectContaining({ code: 'SOCKPOOL_ERR_INVALID_ARGUMENT' }),
     );
     expect(() => encodeFdName({ host: 'example.com', port: 0 })).toThrow();
+    expect(() => encodeFdName({ host: 'fe80::1%eth0', port: 443 })).toThrow(
+      expect.objectContaining({ code: 'SOCKPOOL_ERR_INVALID_ARGUMENT' }),
+    );
     expect(isValidFdName('a:b')).toBe(false);
     expect(isValidFdName('a\nb')).toBe(false);
     expect(isValidFdName('x'.repeat(256))).toBe(false);
