@@ -299,10 +299,22 @@ export function parseHost(input: string): Host {
   return { kind: 'name', name: ascii };
 }
 
+/** Hosts already made canonical (every acquire asks again for the same few): input → canonical. */
+const canonicalHosts = new Map<string, string>();
+/** Distinct hosts kept; beyond this the oldest entry goes (a client inventing hosts only costs the parsing). */
+const MAX_CANONICAL_HOSTS = 4096;
+
 /** The one spelling of a host: what pools, stats and the state store are keyed by. Throws INVALID_ARGUMENT. */
 export function canonicalHost(input: string): string {
+  const known = canonicalHosts.get(input);
+  if (known !== undefined) return known;
   const host = parseHost(input);
-  return host.kind === 'ip' ? host.ip.text : host.name;
+  const canonical = host.kind === 'ip' ? host.ip.text : host.name;
+  if (input.length <= 253) {
+    if (canonicalHosts.size >= MAX_CANONICAL_HOSTS) canonicalHosts.delete(canonicalHosts.keys().next().value!);
+    canonicalHosts.set(input, canonical);
+  }
+  return canonical;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
