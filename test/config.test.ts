@@ -374,7 +374,7 @@ describe('applyFlags', () => {
 
   it('appends --warm-tls entries, sets --ca-file, and names them in errors', () => {
     const config = applyFlags(base(), { warmTls: ['api.example.com:443', '*'], caFile: 'ca.pem' });
-    expect(config.tls.warm).toEqual(['api.example.com:443', '*']);
+    expect(config.tls.warm.map((match) => match.text)).toEqual(['api.example.com:443', '*']);
     expect(config.tls.caFile).toBe(resolve(process.cwd(), 'ca.pem'));
     const error = configError(() => applyFlags(base(), { warmTls: ['no port'] }));
     expect(error.message).toContain('--warm-tls: expected "*" or "host:port"');
