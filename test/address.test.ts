@@ -11,6 +11,7 @@ import {
   parseHost,
   parseHostPattern,
   parseIpLiteral,
+  parseNat64Prefix,
   parseOriginMatch,
   parseResolveEntry,
   parseStrictIp,
@@ -203,6 +204,28 @@ describe('parseCidr', () => {
     ['fe80::1%eth0/64', 'zone-id'],
   ])('%j is refused (%s)', (input, reason) => {
     expect(refusal(() => parseCidr(input)).fields.reason).toBe(reason);
+  });
+});
+
+describe('parseNat64Prefix', () => {
+  it.each([
+    ['64:ff9b::/96', '64:ff9b::/96', 96],
+    ['2001:DB8:64::/48', '2001:db8:64::/48', 48],
+    ['2a01:4f8::/32', '2a01:4f8::/32', 32],
+  ])('%j → %j', (input, text, prefixLength) => {
+    expect(parseNat64Prefix(input)).toMatchObject({ text, family: 6, prefixLength });
+  });
+
+  it.each([
+    ['10.0.0.0/8', 'prefix-length'],
+    ['2001:db8::/33', 'prefix-length'],
+    ['2001:db8::/128', 'prefix-length'],
+    ['2001:db8::', 'prefix-length'],
+    ['::ffff:0:0/96', 'prefix-length'], // the IPv4-mapped range is IPv4, not a NAT64 prefix
+    ['fe80::%eth0/96', 'zone-id'],
+    ['64:ff9b::/x', 'prefix-length'],
+  ])('%j is refused (%s)', (input, reason) => {
+    expect(refusal(() => parseNat64Prefix(input)).fields.reason).toBe(reason);
   });
 });
 
