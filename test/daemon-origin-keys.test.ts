@@ -80,7 +80,6 @@ describe('origin keys in sockpoold', () => {
       [{ type: 'acquire', host: 'fe80::1%25eth0', port: 80 }, 'zone-id'],
       [{ type: 'acquire', host: '1.2.3.999', port: 80 }, 'ipv4'],
       [{ type: 'acquire', host: 'a..b', port: 80 }, 'host-name'],
-      [{ type: 'acquire', host: 'a.test', port: 80, proxy: { host: 'fe80::1%eth0', port: 3128 } }, 'zone-id'],
       [{ type: 'prewarm', host: 'fe80::1%eth0', port: 80, count: 1 }, 'zone-id'],
       [{ type: 'prewarm', host: '256.0.0.1', port: 80, count: 1 }, 'ipv4'],
     ];
