@@ -55,6 +55,15 @@ export const DEFAULTS = {
     maxPendingPerClient: 256,
     maxBadMessages: 10,
   },
+  quotas: {
+    maxSessionsPerUid: 64,
+    maxLeasesPerUid: 4096,
+    maxPendingPerUid: 1024,
+    maxLookupsPerUid: 256,
+    maxPrewarmPerUid: 512,
+    maxConnectsInFlight: 512,
+    maxLeaseMs: 0,
+  },
   egress: {
     allow: [] as string[],
     deny: [] as string[],
@@ -272,6 +281,7 @@ const warmTlsEntry = parsedEntry(
 );
 
 const accessDefaults = DEFAULTS.access;
+const quotaDefaults = DEFAULTS.quotas;
 const egressDefaults = DEFAULTS.egress;
 const dnsDefaults = DEFAULTS.dns;
 const poolDefaults = DEFAULTS.pool;
@@ -298,6 +308,18 @@ export const configSchema = z
         maxLeasesPerClient: z.int().min(1).default(accessDefaults.maxLeasesPerClient),
         maxPendingPerClient: z.int().min(1).default(accessDefaults.maxPendingPerClient),
         maxBadMessages: z.int().min(0).default(accessDefaults.maxBadMessages),
+      })
+      .prefault({}),
+    quotas: z
+      .strictObject({
+        maxSessionsPerUid: z.int().min(1).default(quotaDefaults.maxSessionsPerUid),
+        maxLeasesPerUid: z.int().min(1).default(quotaDefaults.maxLeasesPerUid),
+        maxPendingPerUid: z.int().min(1).default(quotaDefaults.maxPendingPerUid),
+        maxLookupsPerUid: z.int().min(1).default(quotaDefaults.maxLookupsPerUid),
+        maxPrewarmPerUid: z.int().min(0).default(quotaDefaults.maxPrewarmPerUid),
+        maxConnectsInFlight: z.int().min(1).default(quotaDefaults.maxConnectsInFlight),
+        // 0: leases last until the client ends them.
+        maxLeaseMs: z.int().min(0).default(quotaDefaults.maxLeaseMs),
       })
       .prefault({}),
     egress: z

@@ -14,6 +14,7 @@ import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
 import { type Origin, originKey } from '../shared/origin.js';
 import { parseProxyUrl, type SockpoolConfig } from './config.js';
+import { ConnectGate } from './connect-gate.js';
 import { type ConnectedSocket, TcpConnector } from './connector.js';
 import { EgressPolicy } from './egress-policy.js';
 import { HandoffServer } from './handoff-server.js';
@@ -91,10 +92,14 @@ export class Sockpoold {
     this.#reloadConfig = options.reloadConfig;
     this.#socketPath = this.#config.socket;
     this.#metrics = createMetrics(() => this.#pools.snapshot());
-    const connector = new TcpConnector(
-      () => this.#resolver,
-      () => this.#egress,
-      { metrics: this.#metrics, proxies: () => this.#proxies },
+    // Every connect (plain, through a proxy, or under a warm TLS session) passes the global cap on connects in flight.
+    const connector = new ConnectGate(
+      new TcpConnector(
+        () => this.#resolver,
+        () => this.#egress,
+        { metrics: this.#metrics, proxies: () => this.#proxies },
+      ),
+      () => this.#config.quotas.maxConnectsInFlight,
     );
     // Relay threads start with the first warm TLS session; the TLS files are read now (a bad one stops the start).
     this.#relays = new TlsRelays(this.#config.tls.relayThreads, this.#log.child({ part: 'tls' }));

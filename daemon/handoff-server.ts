@@ -1,12 +1,12 @@
 // The daemon's front: accepts clients on the Unix SOCK_SEQPACKET socket, checks their credentials, validates
 // every message, and turns `acquire` into a lease whose fd travels to the client with SCM_RIGHTS.
 //
-// fd ownership on this path: the pool manager resolves an acquire with an fd that then belongs to this server;
-// channel.send() takes it and closes our copy once the kernel has passed it on (or when the client is gone).
-// A `release` message brings an fd back: it belongs to the server until the pool takes it (giveBack) or it is
-// closed because it is not the lease's socket.
+// fd ownership on this path: the pool manager resolves an acquire with an fd that then belongs to this server.
+// lend() makes a copy: channel.send() takes the copy and closes it once the kernel has passed it on (or when the
+// client is gone); the original stays in the lease (lease-guard.ts) until the lease ends (shut down and closed)
+// or the socket is given back to the pool. A `release` message brings the client's copy back: it is closed here
+// once checked.
 
-import { fstatSync } from 'node:fs';
 import { ErrorCodes, SockpoolError, toPlainError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
 import { canonicalOrigin, type Origin } from '../shared/origin.js';
@@ -23,10 +23,12 @@ import {
 } from '../shared/protocol.js';
 import { SeqpacketChannel } from '../shared/seqpacket-channel.js';
 import type { SockpoolConfig } from './config.js';
-import { LeaseTable } from './leases.js';
+import { endConnection, lend, usedSinceLent } from './lease-guard.js';
+import { type Lease, LeaseTable } from './leases.js';
 import type { Logger } from './log.js';
 import type { Metrics } from './metrics.js';
 import type { PoolManager } from './pool-manager.js';
+import { UidQuotas } from './quotas.js';
 
 export const SERVER_VERSION = '0.1.0';
 
@@ -63,6 +65,10 @@ export class HandoffServer {
   #clients = new Map<number, ClientSession>();
   #nextClientId = 1;
   #stopping = false;
+  #quotas: UidQuotas;
+  /** Out of fds: the listener is not polled until this timer fires (then the wait doubles while it lasts). */
+  #acceptRetry: NodeJS.Timeout | undefined;
+  #acceptBackoffMs = 0;
 
   constructor(options: HandoffServerOptions) {
     this.#listenFd = options.listenFd;
@@ -71,6 +77,7 @@ export class HandoffServer {
     this.#log = options.log;
     this.#metrics = options.metrics;
     this.#extraStats = options.extraStats;
+    this.#quotas = new UidQuotas(() => this.#config().quotas);
     this.#listenPoller = new native.Poller(this.#listenFd, (status) => this.#onAcceptable(status));
   }
 
@@ -86,12 +93,22 @@ export class HandoffServer {
   stopAccepting(): void {
     if (this.#stopping) return;
     this.#stopping = true;
+    clearTimeout(this.#acceptRetry);
     this.#listenPoller.close();
   }
 
-  /** Disconnects every client. Call after the pools have failed pending acquires, so their replies go out first. */
+  /**
+   * Disconnects every client. Call after the pools have failed pending acquires, so their replies go out first.
+   * The daemon's copies of lent sockets are closed without a shutdown: transfers in flight finish on the
+   * clients' own copies (a restart must not break them).
+   */
   disconnectAll(): void {
-    for (const session of [...this.#clients.values()]) this.#disconnect(session, 'daemon stopping');
+    for (const session of [...this.#clients.values()]) this.#disconnect(session, 'daemon stopping', false);
+  }
+
+  /** What a uid uses now (tests and stats). */
+  usageOf(uid: number) {
+    return this.#quotas.usageOf(uid);
   }
 
   #onAcceptable(status: number): void {
@@ -101,13 +118,35 @@ export class HandoffServer {
       try {
         fd = native.accept(this.#listenFd);
       } catch (error) {
-        // EMFILE and friends: log and try again on the next readiness; the listener itself is fine.
-        this.#log.error({ err: (error as Error).message }, 'accept failed');
+        const code = (error as { code?: string }).code;
+        if (code === 'EMFILE' || code === 'ENFILE' || code === 'ENOBUFS' || code === 'ENOMEM') {
+          this.#pauseAccepting(code);
+        } else {
+          // A connection that died in the backlog (ECONNABORTED) and the like: the next one may be fine.
+          this.#log.warn({ err: (error as Error).message }, 'accept failed');
+        }
         return;
       }
       if (fd === null) return;
+      this.#acceptBackoffMs = 0;
       this.#admit(fd);
     }
+  }
+
+  /**
+   * Out of fds (or kernel memory): the pending connection stays in the backlog and the listener stays readable,
+   * so polling it now would spin. Stop polling, retry after a wait that doubles (10 ms up to 1 s) while it lasts.
+   */
+  #pauseAccepting(code: string): void {
+    this.#acceptBackoffMs = Math.min(ACCEPT_BACKOFF_MAX_MS, Math.max(ACCEPT_BACKOFF_MIN_MS, this.#acceptBackoffMs * 2));
+    this.#listenPoller.stop();
+    this.#metrics?.refusals.inc({ reason: `accept-${code.toLowerCase()}` });
+    this.#log.warn({ code, retryInMs: this.#acceptBackoffMs }, 'accept failed: accepting paused');
+    this.#acceptRetry = setTimeout(() => {
+      this.#acceptRetry = undefined;
+      if (this.#stopping) return;
+      this.#listenPoller.start(native.READABLE);
+    }, this.#acceptBackoffMs);
   }
 
   /** A new client fd: owned here until the session's channel takes it. */
@@ -137,6 +176,22 @@ export class HandoffServer {
       native.close(fd);
       this.#metrics?.refusals.inc({ reason: 'access' });
       this.#log.warn(credentials, 'client refused by access control');
+      return;
+    }
+    try {
+      this.#quotas.openSession(credentials.uid);
+    } catch (error) {
+      const plain = toPlainError(error);
+      try {
+        native.sendMessage(
+          fd,
+          encodeMessage({ type: 'error', id: null, code: plain.code, message: plain.message }),
+          [],
+        );
+      } catch {}
+      native.close(fd);
+      this.#metrics?.refusals.inc({ reason: 'quota' });
+      this.#log.warn({ ...credentials, err: plain.message }, 'client refused by quota');
       return;
     }
     const id = this.#nextClientId++;
@@ -227,7 +282,8 @@ export class HandoffServer {
         return;
       case 'prewarm':
         try {
-          this.#pools.prewarm(canonicalOrigin(message), message.count, message.tls?.trust);
+          const granted = this.#quotas.takePrewarm(session.uid, message.count);
+          this.#pools.prewarm(canonicalOrigin(message), granted, message.tls?.trust);
           this.#send(session, { type: 'ok', id: message.id });
         } catch (error) {
           this.#replyError(session, message.id, error);
@@ -237,8 +293,9 @@ export class HandoffServer {
         this.#release(session, message, fds[0]!);
         return;
       case 'closed': {
+        // The client says it closed the socket; the daemon's shutdown makes it true for any copy it kept.
         const lease = this.#leases.end(message.leaseId, session.id);
-        if (lease) this.#pools.leaseEnded(lease.originKey);
+        if (lease) this.#endLease(lease, true);
         if (message.id !== undefined) {
           if (lease) this.#send(session, { type: 'ok', id: message.id });
           else this.#replyError(session, message.id, unknownLease(message.leaseId));
@@ -286,16 +343,34 @@ export class HandoffServer {
       );
       return;
     }
+    try {
+      this.#quotas.startAcquire(session.uid, message.host);
+    } catch (error) {
+      this.#replyError(session, message.id, error);
+      return;
+    }
     const started = performance.now();
     session.pending++;
-    this.#pools.acquire(origin, message.timeoutMs, message.tls?.trust).then(
+    this.#pools.acquire(origin, message.timeoutMs, message.tls?.trust, session.uid).then(
       (handoff) => {
         session.pending--;
         if (session.closed) {
-          // Nobody to hand it to: the socket goes back to the pool, unused.
-          this.#pools.giveBack(handoff.originKey, handoff);
+          // Nobody to hand it to: the socket goes back to the pool, unused and never seen by a client.
+          this.#quotas.acquireSettled(session.uid, message.host, false);
+          this.#pools.giveBack(handoff.originKey, handoff, session.uid);
           return;
         }
+        let lent: ReturnType<typeof lend>;
+        try {
+          lent = lend(handoff.fd);
+        } catch (error) {
+          // No fd left for the copy (EMFILE): the socket was never lent, so it stays shared.
+          this.#quotas.acquireSettled(session.uid, message.host, false);
+          this.#pools.giveBack(handoff.originKey, handoff, session.uid);
+          this.#replyError(session, message.id, error);
+          return;
+        }
+        this.#quotas.acquireSettled(session.uid, message.host, true);
         const lease = this.#leases.create({
           clientId: session.id,
           originKey: handoff.originKey,
@@ -303,9 +378,21 @@ export class HandoffServer {
           address: handoff.address,
           peerPort: handoff.peerPort,
           family: handoff.family,
-          tls: handoff.tls && { info: handoff.tls, inode: inodeOf(handoff.fd) },
+          tls: handoff.tls,
+          uid: session.uid,
+          fd: handoff.fd,
+          mark: lent.mark,
         });
-        // Ownership of handoff.fd passes to the channel, which closes our copy once sent.
+        const maxLeaseMs = this.#config().quotas.maxLeaseMs;
+        if (maxLeaseMs > 0) {
+          lease.deadline = setTimeout(() => {
+            if (this.#leases.end(lease.leaseId, session.id)) {
+              this.#log.debug({ client: session.id, lease: lease.leaseId, maxLeaseMs }, 'lease ended at maxLeaseMs');
+              this.#endLease(lease, true);
+            }
+          }, maxLeaseMs);
+        }
+        // The copy goes to the channel, which closes it once sent; the lease keeps handoff.fd.
         this.#send(
           session,
           {
@@ -320,12 +407,13 @@ export class HandoffServer {
             connectMs: handoff.warm ? 0 : Number(handoff.connectMs.toFixed(3)),
             ...(handoff.tls ? { tls: handoff.tls } : {}),
           },
-          [handoff.fd],
+          [lent.copy],
         );
         this.#metrics?.handoffSeconds.observe((performance.now() - started) / 1000);
       },
       (error: Error) => {
         session.pending--;
+        this.#quotas.acquireSettled(session.uid, message.host, false);
         if (session.closed) return;
         if ((error as { code?: string }).code === ErrorCodes.POLICY) {
           this.#log.warn({ client: session.id, host: message.host, port: message.port, err: error.message }, 'refused');
@@ -342,39 +430,67 @@ export class HandoffServer {
       if (message.id !== undefined) this.#replyError(session, message.id, unknownLease(message.leaseId));
       return;
     }
-    // The fd must be the lease's own socket: anything else (another socket, a pipe) is closed, never pooled.
+    // The fd must be a copy of the lease's own socket: anything else (another socket, a pipe) is closed, and the
+    // lease ends with its connection shut down.
     let sameSocket = false;
     try {
-      if (lease.tls) {
-        // A relayed session's end of the pair: the very socket handed out (same inode), not merely another one.
-        sameSocket = inodeOf(fd) === lease.tls.inode;
-      } else {
-        const peer = native.peerAddress(fd);
-        sameSocket = peer.address === lease.address && peer.port === lease.peerPort;
-      }
+      // One socket whatever its kind (a TCP connection, or the client's end of a relayed TLS session's pair).
+      sameSocket = native.sameSocket(fd, lease.fd);
     } catch {}
-    if (!sameSocket) {
-      native.close(fd);
-      this.#pools.leaseEnded(lease.originKey);
+    native.close(fd);
+    if (sameSocket && lease.tls) {
+      // A relayed TLS session's pair carries no byte counters the daemon could compare (the relay thread reads
+      // what the client writes): whether it was used cannot be known, so it is closed, never lent again.
+      this.#endLease(lease, true);
+      if (message.id !== undefined) this.#send(session, { type: 'ok', id: message.id });
+      return;
+    }
+    const misuse = sameSocket ? usedSinceLent(lease.fd, lease.mark) : undefined;
+    if (!sameSocket || misuse !== undefined) {
+      this.#endLease(lease, true);
+      this.#metrics?.refusals.inc({ reason: sameSocket ? 'release-used' : 'release-foreign' });
       if (message.id !== undefined) {
         this.#replyError(
           session,
           message.id,
-          new SockpoolError(ErrorCodes.PROTOCOL, `released fd is not the socket of lease ${lease.leaseId}`),
+          new SockpoolError(
+            ErrorCodes.PROTOCOL,
+            sameSocket
+              ? `released socket of lease ${lease.leaseId} was used (${misuse}); it is closed, not pooled`
+              : `released fd is not the socket of lease ${lease.leaseId}; the lease's connection is closed`,
+            { leaseId: lease.leaseId, reason: sameSocket ? 'used' : 'foreign' },
+          ),
         );
       }
       return;
     }
-    this.#pools.giveBack(lease.originKey, {
-      fd,
-      address: lease.address,
-      port: lease.peerPort,
-      family: lease.family,
-      connectedAt: lease.startedAt,
-      connectMs: 0,
-      tls: lease.tls?.info,
-    });
+    this.#quotas.leaseEnded(lease.uid);
+    // Unused, but the client may still hold a copy: the pool keeps it for this uid alone.
+    this.#pools.giveBack(
+      lease.originKey,
+      {
+        fd: lease.fd,
+        address: lease.address,
+        port: lease.peerPort,
+        family: lease.family,
+        connectedAt: lease.startedAt,
+        connectMs: 0,
+      },
+      lease.uid,
+      true,
+    );
     if (message.id !== undefined) this.#send(session, { type: 'ok', id: message.id });
+  }
+
+  /**
+   * A lease is over (already removed from the table): with `shutDown`, the connection ends for every copy (the
+   * client's included); the daemon's copy is closed either way and the slot is free.
+   */
+  #endLease(lease: Lease, shutDown: boolean): void {
+    if (shutDown) endConnection(lease.fd);
+    else native.close(lease.fd);
+    this.#quotas.leaseEnded(lease.uid);
+    this.#pools.leaseEnded(lease.originKey, lease.uid);
   }
 
   #onBadMessage(session: ClientSession, id: number | null, error: Error): void {
@@ -393,18 +509,23 @@ export class HandoffServer {
     this.#send(session, { type: 'error', id, code: plain.code, message: plain.message, fields });
   }
 
-  #disconnect(session: ClientSession, why: string): void {
+  /** `shutDown`: the client's leases end with their connections (a client that hung up cannot use them). */
+  #disconnect(session: ClientSession, why: string, shutDown = true): void {
     if (session.closed) return;
     session.closed = true;
     session.channel.close();
     this.#clients.delete(session.id);
-    for (const lease of this.#leases.endAllOf(session.id)) this.#pools.leaseEnded(lease.originKey);
+    this.#quotas.closeSession(session.uid);
+    for (const lease of this.#leases.endAllOf(session.id)) this.#endLease(lease, shutDown);
     this.#log.debug({ client: session.id, why }, 'client disconnected');
   }
 }
 
 /** Origins listed in a `stats` reply, busiest first: the whole list of a crawler would not fit in a message. */
 export const STATS_MAX_ORIGINS = 50;
+
+const ACCEPT_BACKOFF_MIN_MS = 10;
+const ACCEPT_BACKOFF_MAX_MS = 1_000;
 
 function statsForReply<T extends { origins: Array<{ demandRatePerS: number; leased: number; idle: number }> }>(
   snapshot: T,
@@ -413,15 +534,6 @@ function statsForReply<T extends { origins: Array<{ demandRatePerS: number; leas
     .sort((a, b) => b.demandRatePerS - a.demandRatePerS || b.leased + b.idle - (a.leased + a.idle))
     .slice(0, STATS_MAX_ORIGINS);
   return { ...snapshot, origins, originsOmitted: snapshot.origins.length - origins.length };
-}
-
-/** The inode of an fd's file (a socket's, for the pair ends of relayed sessions); -1 if fstat fails. */
-function inodeOf(fd: number): number {
-  try {
-    return fstatSync(fd).ino;
-  } catch {
-    return -1;
-  }
 }
 
 function unknownLease(leaseId: number): SockpoolError {

@@ -1,9 +1,10 @@
 // Leases: every fd the daemon hands out is a lease owned by one client connection until the client reports it
 // `closed` (curl closed the socket) or `release`s it (never used; the fd comes back). A client that disconnects
-// ends all its leases. The daemon holds no fd for a lease: it closed its copy right after the send; the lease
-// only counts against the origin's `maxPerOrigin` and the client's own limit.
+// ends all its leases. The daemon keeps its own copy of every lent socket (`fd`, see lease-guard.ts): the table
+// records it; whoever ends the lease (the handoff server) closes it or gives it back to the pool.
 
 import type { Origin } from '../shared/origin.js';
+import type { UsageMark } from './lease-guard.js';
 import type { TlsSessionInfo } from './tls-relay.js';
 
 export interface Lease {
@@ -16,9 +17,16 @@ export interface Lease {
   peerPort: number;
   family: 4 | 6;
   startedAt: number;
-  /** A relayed warm TLS session: what was negotiated, and the inode of the pair's end handed out (a released fd
-   *  must be that one). */
-  tls?: { info: TlsSessionInfo; inode: number } | undefined;
+  /** A relayed warm TLS session: what was negotiated (`fd` is then the client's end of the session's pair). */
+  tls?: TlsSessionInfo | undefined;
+  /** The client's uid (quotas, and whose socket a released one becomes). */
+  uid: number;
+  /** The daemon's copy of the lent socket: owned by the lease until it ends. */
+  fd: number;
+  /** The socket's byte counters when it was lent. */
+  mark: UsageMark | undefined;
+  /** Ends the lease at quotas.maxLeaseMs; cleared when it ends otherwise. */
+  deadline: NodeJS.Timeout | undefined;
 }
 
 export class LeaseTable {
@@ -26,8 +34,8 @@ export class LeaseTable {
   #leases = new Map<number, Lease>();
   #byClient = new Map<number, Set<number>>();
 
-  create(fields: Omit<Lease, 'leaseId' | 'startedAt'>): Lease {
-    const lease: Lease = { ...fields, leaseId: this.#next++, startedAt: performance.now() };
+  create(fields: Omit<Lease, 'leaseId' | 'startedAt' | 'deadline'>): Lease {
+    const lease: Lease = { ...fields, leaseId: this.#next++, startedAt: performance.now(), deadline: undefined };
     this.#leases.set(lease.leaseId, lease);
     let set = this.#byClient.get(lease.clientId);
     if (!set) {
@@ -44,6 +52,7 @@ export class LeaseTable {
     if (!lease || lease.clientId !== clientId) return undefined;
     this.#leases.delete(leaseId);
     this.#byClient.get(clientId)?.delete(leaseId);
+    clearTimeout(lease.deadline);
     return lease;
   }
 
@@ -57,6 +66,7 @@ export class LeaseTable {
       const lease = this.#leases.get(id);
       if (lease) {
         this.#leases.delete(id);
+        clearTimeout(lease.deadline);
         ended.push(lease);
       }
     }

@@ -5,12 +5,15 @@
 // then belongs to the caller (the handoff server, which sends it and closes its copy). giveBack() hands one back.
 //
 // Slots: maxPerOrigin bounds leased + idle + connecting, across all clients (a crawler's politeness limit).
+// Waiters queue fairly across uids (fair-queue.ts). A socket a client gave back unused is idle again but kept for
+// that client's uid alone (`ownerUid`): the client may still hold a copy of it.
 
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
 import type { Origin } from '../shared/origin.js';
 import type { OriginPolicy } from './config.js';
 import type { ConnectedSocket, Connector } from './connector.js';
+import { FairWaitQueue } from './fair-queue.js';
 
 export interface Handoff extends ConnectedSocket {
   /** True when the socket was idle in the pool; false when it was connected for this acquire. */
@@ -37,9 +40,12 @@ interface IdleSocket extends ConnectedSocket {
   poller: native.Poller | undefined;
   /** Closes the socket before the origin's servers would (learned idle lifetime); unref'd. */
   recycleTimer: NodeJS.Timeout | undefined;
+  /** Set for a socket a client released: only that uid may have it (shared sockets: undefined). */
+  ownerUid: number | undefined;
 }
 
 interface Waiter {
+  uid: number;
   resolve(handoff: Handoff): void;
   reject(error: Error): void;
   timer: NodeJS.Timeout;
@@ -56,7 +62,7 @@ export class OriginPool {
   #connecting = 0;
   /** Connects started for waiters (the rest are refills and prewarms). */
   #connectingForWaiters = 0;
-  #waiters: Waiter[] = [];
+  #waiters = new FairWaitQueue<Waiter>();
   #refillTarget = 0;
   /** Idle time after which a socket is closed by us before the server closes it; undefined until learned. */
   #recycleAfterMs: number | undefined;
@@ -93,13 +99,17 @@ export class OriginPool {
     return this.#idle.length + this.#leased + this.#connecting;
   }
 
-  /** Resolves with a live connected socket; ownership of its fd passes to the caller. */
-  acquire(timeoutMs: number): Promise<Handoff> {
+  /** Resolves with a live connected socket for a client of `uid`; ownership of its fd passes to the caller. */
+  acquire(timeoutMs: number, uid = 0): Promise<Handoff> {
     if (this.#closed) return Promise.reject(new SockpoolError(ErrorCodes.SHUTTING_DOWN, 'pool is closing'));
-    const warm = this.#takeIdle();
-    if (warm) return Promise.resolve(warm);
+    const warm = this.#takeIdle(uid);
+    if (warm) {
+      this.#waiters.held(uid, +1);
+      return Promise.resolve(warm);
+    }
     return new Promise<Handoff>((resolve, reject) => {
       const waiter: Waiter = {
+        uid,
         resolve,
         reject,
         settled: false,
@@ -120,22 +130,28 @@ export class OriginPool {
     });
   }
 
-  /** A lease ended (curl closed the socket): its slot is free. */
-  leaseEnded(): void {
+  /** A lease of `uid` ended (the socket is closed): its slot is free. */
+  leaseEnded(uid = 0): void {
     this.#leased = Math.max(0, this.#leased - 1);
+    this.#waiters.held(uid, -1);
     this.#pump();
   }
 
-  /** A lease came back unused: the fd returns to the pool (or is closed if it is dead or not wanted). */
-  giveBack(socket: ConnectedSocket): void {
+  /**
+   * A lease of `uid` came back unused: the fd returns to the pool (or is closed if it is dead or not wanted).
+   * `lent`: the client had the socket (it may keep a copy), so it is kept for `uid` alone; a socket that never
+   * reached the client is shared again.
+   */
+  giveBack(socket: ConnectedSocket, uid = 0, lent = false): void {
     this.#leased = Math.max(0, this.#leased - 1);
+    this.#waiters.held(uid, -1);
     const probe = native.probe(socket.fd);
     if (this.#closed || probe.state !== 'alive' || !isEstablished(probe.tcpState)) {
       native.close(socket.fd);
       this.#pump();
       return;
     }
-    this.#addIdle(socket);
+    this.#addIdle(socket, lent ? uid : undefined);
   }
 
   /**
@@ -197,8 +213,12 @@ export class OriginPool {
     return true;
   }
 
-  /** Takes the idle sockets out of the pool (for the fd store at shutdown); the caller owns them. */
+  /**
+   * Takes the idle sockets out of the pool (for the fd store at shutdown); the caller owns them. Sockets kept for
+   * one uid are closed instead: after a restart nothing would remember whose they are.
+   */
   detachIdle(): ConnectedSocket[] {
+    for (const socket of this.#idle.filter((idle) => idle.ownerUid !== undefined)) this.#drop(socket, 'shutdown');
     const sockets = this.#idle;
     this.#idle = [];
     for (const socket of sockets) {
@@ -206,7 +226,9 @@ export class OriginPool {
       clearTimeout(socket.recycleTimer);
     }
     this.#events.idleChanged(this, -sockets.length);
-    return sockets.map(({ poller: _poller, idleSince: _idleSince, recycleTimer: _timer, ...rest }) => rest);
+    return sockets.map(
+      ({ poller: _poller, idleSince: _idleSince, recycleTimer: _timer, ownerUid: _owner, ...rest }) => rest,
+    );
   }
 
   /** Adopts an already connected socket (the fd store after a restart); it is probed first. */
@@ -223,7 +245,7 @@ export class OriginPool {
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
-    for (const waiter of [...this.#waiters]) {
+    for (const waiter of this.#waiters.drain()) {
       this.#removeWaiter(waiter);
       waiter.reject(new SockpoolError(ErrorCodes.SHUTTING_DOWN, `sockpoold is stopping; ${this.key} unavailable`));
     }
@@ -231,33 +253,37 @@ export class OriginPool {
   }
 
   /**
-   * Newest first; every candidate is probed right before the handoff so a closed socket is never handed out, and
-   * one idle past the recycle point (its server may close it any moment) is dropped instead.
+   * Newest first, among the shared sockets and those kept for `uid`; every candidate is probed right before the
+   * handoff so a closed socket is never handed out, and one idle past the recycle point (its server may close it
+   * any moment) is dropped instead.
    */
-  #takeIdle(): Handoff | undefined {
+  #takeIdle(uid: number): Handoff | undefined {
     const now = performance.now();
-    for (let socket = this.#idle.pop(); socket; socket = this.#idle.pop()) {
+    for (let index = this.#idle.length - 1; index >= 0; index = Math.min(index - 1, this.#idle.length - 1)) {
+      const socket = this.#idle[index]!;
+      if (socket.ownerUid !== undefined && socket.ownerUid !== uid) continue;
       const recycle = this.#recycleAfterMs !== undefined && now - socket.idleSince >= this.#recycleAfterMs;
       const probe = recycle ? undefined : native.probe(socket.fd);
       if (probe?.state === 'alive' && isEstablished(probe.tcpState)) {
+        this.#idle.splice(index, 1);
         socket.poller?.close();
         clearTimeout(socket.recycleTimer);
         this.#events.idleChanged(this, -1);
         this.#leased++;
-        const { poller: _poller, idleSince: _idleSince, recycleTimer: _timer, ...rest } = socket;
+        const { poller: _poller, idleSince: _idleSince, recycleTimer: _timer, ownerUid: _owner, ...rest } = socket;
         this.#pumpSoon();
         return { ...rest, warm: true };
       }
-      this.#idle.push(socket);
       this.#drop(socket, probe === undefined ? 'recycled' : dropReason(probe.state));
     }
     return undefined;
   }
 
-  #addIdle(socket: ConnectedSocket): void {
-    if (this.#waiters.length > 0) {
+  #addIdle(socket: ConnectedSocket, ownerUid?: number): void {
+    const waiter = ownerUid === undefined ? this.#waiters.peek() : this.#waiters.shiftOf(ownerUid);
+    if (waiter) {
       this.#leased++;
-      this.#serve({ ...socket, warm: true });
+      this.#serve({ ...socket, warm: true }, waiter);
       return;
     }
     if (this.#idle.length >= this.policy.maxIdle) {
@@ -265,7 +291,13 @@ export class OriginPool {
       this.#events.dropped(this, 'excess', 0, performance.now() - socket.connectedAt);
       return;
     }
-    const idle: IdleSocket = { ...socket, idleSince: performance.now(), poller: undefined, recycleTimer: undefined };
+    const idle: IdleSocket = {
+      ...socket,
+      idleSince: performance.now(),
+      poller: undefined,
+      recycleTimer: undefined,
+      ownerUid,
+    };
     this.#idle.push(idle);
     this.#armSoon();
     this.#scheduleRecycle(idle);
@@ -320,17 +352,19 @@ export class OriginPool {
     this.#events.dropped(this, reason, now - socket.idleSince, now - socket.connectedAt);
   }
 
-  #serve(handoff: Handoff): void {
-    const waiter = this.#waiters.shift();
+  /** Resolves `waiter` (default: the next in fair order) with a socket already counted as leased. */
+  #serve(handoff: Handoff, chosen?: Waiter): void {
+    const waiter = chosen ?? this.#waiters.shift();
     if (!waiter) throw new SockpoolError(ErrorCodes.INTERNAL, '#serve without a waiter');
+    if (chosen) this.#waiters.remove(chosen);
+    this.#waiters.held(waiter.uid, +1);
     clearTimeout(waiter.timer);
     waiter.settled = true;
     waiter.resolve(handoff);
   }
 
   #removeWaiter(waiter: Waiter): void {
-    const index = this.#waiters.indexOf(waiter);
-    if (index !== -1) this.#waiters.splice(index, 1);
+    this.#waiters.remove(waiter);
     clearTimeout(waiter.timer);
     waiter.settled = true;
   }
@@ -348,12 +382,18 @@ export class OriginPool {
   /** Serves waiters from idle sockets, then starts the connects that waiters and the refill target call for. */
   #pump(): void {
     if (this.#closed) return;
-    while (this.#waiters.length > 0) {
-      const warm = this.#takeIdle();
+    for (let next = this.#waiters.peek(); next; next = this.#waiters.peek()) {
+      const warm = this.#takeIdle(next.uid);
       if (!warm) break;
-      this.#serve(warm);
+      this.#serve(warm, next);
     }
     const limit = this.policy.maxPerOrigin;
+    // Sockets kept for one uid hold slots that waiting clients of other uids need: free them.
+    while (this.#waiters.length > this.#connectingForWaiters && this.total >= limit) {
+      const kept = this.#idle.find((idle) => idle.ownerUid !== undefined);
+      if (!kept) break;
+      this.#drop(kept, 'evicted');
+    }
     // Waiters first: one connect per waiter not already covered by a connect in flight.
     while (this.#waiters.length > this.#connectingForWaiters && this.total < limit) {
       this.#startConnect(true);

@@ -99,13 +99,15 @@ export class PoolManager {
   }
 
   /**
-   * Hands out a live socket for `origin`; ownership of its fd passes to the caller. `tlsTrust`: the client speaks
-   * https and would verify against this (tls-sessions.ts); then the socket may be a relayed warm TLS session.
+   * Hands out a live socket for `origin` to a client of `uid`; ownership of its fd passes to the caller.
+   * `tlsTrust`: the client speaks https and would verify against this (tls-sessions.ts); then the socket may be a
+   * relayed warm TLS session.
    */
   async acquire(
     origin: Origin,
     timeoutMs: number | undefined,
     tlsTrust?: TlsTrust,
+    uid = 0,
   ): Promise<Handoff & { originKey: string; peerPort: number }> {
     if (this.#closed) throw new SockpoolError(ErrorCodes.SHUTTING_DOWN, 'sockpoold is stopping');
     const pool = this.#poolFor(origin, tlsTrust);
@@ -113,7 +115,7 @@ export class PoolManager {
     this.#bumpRate(stats);
     let handoff: Handoff;
     try {
-      handoff = await pool.acquire(timeoutMs ?? pool.policy.acquireTimeoutMs);
+      handoff = await pool.acquire(timeoutMs ?? pool.policy.acquireTimeoutMs, uid);
     } catch (error) {
       if ((error as { code?: string }).code === ErrorCodes.POLICY) {
         this.#metrics?.refusals.inc({ reason: policyReason(error as Error) });
@@ -134,16 +136,19 @@ export class PoolManager {
     return { ...handoff, originKey: pool.key, peerPort: handoff.port ?? pool.origin.port };
   }
 
-  /** A lease ended: curl closed the socket. */
-  leaseEnded(key: string): void {
-    this.#pools.get(key)?.leaseEnded();
+  /** A lease of `uid` ended: its socket is closed. */
+  leaseEnded(key: string, uid = 0): void {
+    this.#pools.get(key)?.leaseEnded(uid);
   }
 
-  /** A lease came back unused with its fd (ownership passes to the pool). */
-  giveBack(key: string, socket: ConnectedSocket): void {
+  /**
+   * A lease of `uid` came back unused with its fd (ownership passes to the pool); `lent`: the client had it, so
+   * it is kept for `uid` alone (see OriginPool.giveBack).
+   */
+  giveBack(key: string, socket: ConnectedSocket, uid = 0, lent = false): void {
     const pool = this.#pools.get(key);
     if (!pool) throw new SockpoolError(ErrorCodes.INTERNAL, `no pool ${key} for a lease`);
-    pool.giveBack(socket);
+    pool.giveBack(socket, uid, lent);
   }
 
   /** Throws SOCKPOOL_ERR_POLICY at once for an origin the policy refuses (the connects run in the background). */

@@ -31,7 +31,11 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <fcntl.h>
+#include <linux/sockios.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -49,6 +53,32 @@ constexpr int64_t kMaxMessageBytes = 64 * 1024 * 1024;
 constexpr int kPollEventMask = UV_READABLE | UV_WRITABLE | UV_DISCONNECT;
 
 using FdSet = std::unordered_set<int>;
+
+// glibc's struct tcp_info stops at tcpi_total_retrans; the kernel's (linux/tcp.h, which clashes with
+// netinet/tcp.h) goes on with the byte counters. The same layout, continued.
+struct KernelTcpInfo {
+  tcp_info base;
+  uint64_t pacing_rate;
+  uint64_t max_pacing_rate;
+  uint64_t bytes_acked;
+  uint64_t bytes_received;
+  uint32_t segs_out;
+  uint32_t segs_in;
+  uint32_t notsent_bytes;
+  uint32_t min_rtt;
+  uint32_t data_segs_in;
+  uint32_t data_segs_out;
+  uint64_t delivery_rate;
+  uint64_t busy_time;
+  uint64_t rwnd_limited;
+  uint64_t sndbuf_limited;
+  uint32_t delivered;
+  uint32_t delivered_ce;
+  uint64_t bytes_sent;
+  uint64_t bytes_retrans;
+};
+static_assert(offsetof(KernelTcpInfo, pacing_rate) == 104, "tcp_info layout");
+static_assert(offsetof(KernelTcpInfo, bytes_sent) == 200, "tcp_info layout");
 
 // ---------------------------------------------------------------------------------------------------------------
 // Errors
@@ -785,6 +815,52 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     return result;
   }
 
+  // What a TCP socket carried since it was connected, and what waits in its queues: the daemon compares a lent
+  // socket's counters before and after the lease to know whether a client used it.
+  Napi::Value TcpCounters(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const int fd = FdArg(info, 0);
+    KernelTcpInfo tcp;
+    memset(&tcp, 0, sizeof tcp);
+    socklen_t length = sizeof tcp;
+    if (::getsockopt(fd, IPPROTO_TCP, TCP_INFO, &tcp, &length) < 0) ThrowErrno(env, errno, "getsockopt", "TCP_INFO");
+    int outq = 0;
+    int inq = 0;
+    if (::ioctl(fd, SIOCOUTQ, &outq) < 0) ThrowErrno(env, errno, "ioctl", "SIOCOUTQ");
+    if (::ioctl(fd, SIOCINQ, &inq) < 0) ThrowErrno(env, errno, "ioctl", "SIOCINQ");
+    Napi::Object result = Napi::Object::New(env);
+    result.Set("tcpState", tcp.base.tcpi_state);
+    // Kernels older than 4.19 fill less of the struct: a counter they do not report is left out.
+    if (length >= offsetof(KernelTcpInfo, segs_out)) {
+      result.Set("bytesAcked", static_cast<double>(tcp.bytes_acked));
+      result.Set("bytesReceived", static_cast<double>(tcp.bytes_received));
+    }
+    if (length >= offsetof(KernelTcpInfo, min_rtt)) result.Set("notsentBytes", tcp.notsent_bytes);
+    if (length >= offsetof(KernelTcpInfo, bytes_retrans)) result.Set("bytesSent", static_cast<double>(tcp.bytes_sent));
+    result.Set("outq", outq);
+    result.Set("inq", inq);
+    return result;
+  }
+
+  // Does fd a refer to the same open socket as fd b (the kernel's own identity: device and inode)?
+  Napi::Value SameSocket(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    struct stat a;
+    struct stat b;
+    if (::fstat(FdArg(info, 0), &a) < 0) ThrowErrno(env, errno, "fstat");
+    if (::fstat(FdArg(info, 1), &b) < 0) ThrowErrno(env, errno, "fstat");
+    return Napi::Boolean::New(env, S_ISSOCK(a.st_mode) && a.st_dev == b.st_dev && a.st_ino == b.st_ino);
+  }
+
+  // shutdown(SHUT_RDWR): the connection ends for every process holding a copy of the socket. A socket that is
+  // already not connected returns false.
+  Napi::Value Shutdown(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (::shutdown(FdArg(info, 0), SHUT_RDWR) == 0) return Napi::Boolean::New(env, true);
+    if (errno == ENOTCONN) return Napi::Boolean::New(env, false);
+    ThrowErrno(env, errno, "shutdown");
+  }
+
   Napi::Value PeerCredentials(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     ucred credentials;
@@ -814,6 +890,14 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     // Linux releases the fd even when close() reports EINTR: never retry, and report only real errors (EBADF).
     if (::close(fd) < 0 && errno != EINTR) ThrowErrno(env, errno, "close");
     return env.Undefined();
+  }
+
+  // A second fd for the same socket (O_CLOEXEC); it belongs to the caller.
+  Napi::Value Dup(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const int copy = ::fcntl(FdArg(info, 0), F_DUPFD_CLOEXEC, 0);
+    if (copy < 0) ThrowErrno(env, errno, "fcntl", "F_DUPFD_CLOEXEC");
+    return Napi::Number::New(env, copy);  // ownership passes to the caller
   }
 
   Napi::Value Untrack(const Napi::CallbackInfo& info) {
@@ -1061,6 +1145,10 @@ SockpoolAddon::SockpoolAddon(Napi::Env env, Napi::Object exports) {
                            InstanceMethod<&SockpoolAddon::BindToDevice>("bindToDevice", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::Probe>("probe", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::PeerCredentials>("peerCredentials", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::TcpCounters>("tcpCounters", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::SameSocket>("sameSocket", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::Shutdown>("shutdown", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::Dup>("dup", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::Close>("close", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::Untrack>("untrack", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::Track>("track", napi_enumerable),

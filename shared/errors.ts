@@ -21,6 +21,8 @@ export const ErrorCodes = {
   ACQUIRE_TIMEOUT: 'SOCKPOOL_ERR_ACQUIRE_TIMEOUT',
   /** A per-client limit (leases held, acquires pending) was reached. */
   LIMIT: 'SOCKPOOL_ERR_LIMIT',
+  /** A per-uid quota (sessions, leases, pending acquires, lookups, prewarm demand) was reached. */
+  QUOTA: 'SOCKPOOL_ERR_QUOTA',
   /** The daemon could not reach the origin (every resolved address failed). */
   CONNECT: 'SOCKPOOL_ERR_CONNECT',
   /** The daemon's TLS handshake with the origin failed; `reason`: expired, host-name-mismatch, unknown-ca, ... */

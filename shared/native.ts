@@ -86,6 +86,23 @@ export interface ProbeResult {
   tcpState?: number;
 }
 
+/** What a TCP socket carried since it was connected (TCP_INFO) and what its queues hold (SIOCOUTQ/SIOCINQ). */
+export interface TcpCounters {
+  tcpState: number;
+  /** Bytes of data sent, retransmissions included (Linux 4.19+; absent on older kernels). */
+  bytesSent?: number;
+  /** Bytes acknowledged by the peer (Linux 4.1+). */
+  bytesAcked?: number;
+  /** Bytes of data received (Linux 4.1+). */
+  bytesReceived?: number;
+  /** Bytes written but not yet sent (Linux 4.6+). */
+  notsentBytes?: number;
+  /** Bytes in the send queue not yet acknowledged (SIOCOUTQ). */
+  outq: number;
+  /** Bytes received and not yet read (SIOCINQ). */
+  inq: number;
+}
+
 export interface PeerCredentials {
   pid: number;
   uid: number;
@@ -145,6 +162,10 @@ interface NativeBinding {
   bindToDevice(fd: number, name: string): void;
   probe(fd: number): ProbeResult;
   peerCredentials(fd: number): PeerCredentials;
+  tcpCounters(fd: number): TcpCounters;
+  sameSocket(a: number, b: number): boolean;
+  shutdown(fd: number): boolean;
+  dup(fd: number): number;
   close(fd: number): void;
   untrack(fd: number): void;
   track(fd: number): void;
@@ -339,7 +360,30 @@ export function peerCredentials(fd: number): PeerCredentials {
   return binding.peerCredentials(fd);
 }
 
+/** TCP_INFO's byte counters and the socket's queue lengths (ENOPROTOOPT for a socket that is not TCP). */
+export function tcpCounters(fd: number): TcpCounters {
+  return binding.tcpCounters(fd);
+}
+
+/** Whether two fds are copies of one socket (same device and inode; false for anything but sockets). */
+export function sameSocket(a: number, b: number): boolean {
+  return binding.sameSocket(a, b);
+}
+
+/**
+ * shutdown(SHUT_RDWR): the connection ends for every process that holds a copy of the socket (their reads see
+ * EOF, their writes fail with EPIPE). false when it was not connected any more. The fd stays open.
+ */
+export function shutdown(fd: number): boolean {
+  return binding.shutdown(fd);
+}
+
 // ---- Ownership
+
+/** A second fd (O_CLOEXEC) for the same socket or file; it belongs to the caller. */
+export function dup(fd: number): number {
+  return binding.dup(fd);
+}
 
 /**
  * close(2), and untrack. Throws SOCKPOOL_ERR_FD_POLLED if a Poller of this thread still watches the fd (nothing

@@ -1,0 +1,90 @@
+// The acquires waiting for a slot of one origin, fair across uids: when a slot frees, it goes to the waiting uid
+// that holds the fewest of the origin's slots (ties: the longest waiting), and within a uid in arrival order. So
+// while other uids wait, no uid's share of maxPerOrigin grows past theirs; with nobody else waiting, one uid may
+// use every slot.
+
+export interface UidWaiter {
+  uid: number;
+}
+
+export class FairWaitQueue<T extends UidWaiter> {
+  /** Per uid, its waiters in arrival order; each entry remembers its arrival number. */
+  #byUid = new Map<number, Array<{ waiter: T; seq: number }>>();
+  #seq = 0;
+  #length = 0;
+  /** Slots of this origin each uid holds now (leases, counted by the pool). */
+  #held = new Map<number, number>();
+
+  get length(): number {
+    return this.#length;
+  }
+
+  push(waiter: T): void {
+    let queue = this.#byUid.get(waiter.uid);
+    if (!queue) {
+      queue = [];
+      this.#byUid.set(waiter.uid, queue);
+    }
+    queue.push({ waiter, seq: this.#seq++ });
+    this.#length++;
+  }
+
+  /** The waiter the next free slot goes to (not removed). */
+  peek(): T | undefined {
+    let best: { waiter: T; seq: number } | undefined;
+    let bestHeld = 0;
+    for (const [uid, queue] of this.#byUid) {
+      const head = queue[0]!;
+      const held = this.#held.get(uid) ?? 0;
+      if (!best || held < bestHeld || (held === bestHeld && head.seq < best.seq)) {
+        best = head;
+        bestHeld = held;
+      }
+    }
+    return best?.waiter;
+  }
+
+  shift(): T | undefined {
+    const waiter = this.peek();
+    if (waiter) this.remove(waiter);
+    return waiter;
+  }
+
+  /** The longest-waiting waiter of `uid`, removed; undefined when that uid waits for nothing here. */
+  shiftOf(uid: number): T | undefined {
+    const head = this.#byUid.get(uid)?.[0];
+    if (!head) return undefined;
+    this.remove(head.waiter);
+    return head.waiter;
+  }
+
+  hasWaiterOf(uid: number): boolean {
+    return this.#byUid.has(uid);
+  }
+
+  remove(waiter: T): boolean {
+    const queue = this.#byUid.get(waiter.uid);
+    if (!queue) return false;
+    const index = queue.findIndex((entry) => entry.waiter === waiter);
+    if (index === -1) return false;
+    queue.splice(index, 1);
+    if (queue.length === 0) this.#byUid.delete(waiter.uid);
+    this.#length--;
+    return true;
+  }
+
+  /** Every waiter, removed (the pool is closing). */
+  drain(): T[] {
+    const all = [...this.#byUid.values()].flat().sort((a, b) => a.seq - b.seq);
+    this.#byUid.clear();
+    this.#length = 0;
+    return all.map((entry) => entry.waiter);
+  }
+
+  /** A slot of this origin was taken (`+1`) or given up (`-1`) by `uid`. */
+  held(uid: number, delta: 1 | -1): void {
+    const count = (this.#held.get(uid) ?? 0) + delta;
+    if (count <= 0) this.#held.delete(uid);
+    else this.#held.set(uid, count);
+  }
+}

@@ -1,0 +1,159 @@
+// Per-uid quotas: what one uid may hold at once in the daemon, whatever number of connections it opens. The
+// per-connection limits (access.maxLeasesPerClient, maxPendingPerClient) stay as a first line; these bound a uid
+// that opens many connections. Every refusal is a SOCKPOOL_ERR_QUOTA with the quota's name in the message.
+//
+// Counted per uid: sessions (connections), leases held, acquires pending, acquires pending for a host name (each
+// may need a DNS lookup; IP literals need none), and prewarm demand (sockets asked for, refilled over a window).
+// A uid's entry is kept once made (one small record per uid that ever connected), so closing and reopening
+// connections does not refill its prewarm allowance.
+
+import { isIP } from 'node:net';
+import { ErrorCodes, SockpoolError } from '../shared/errors.js';
+import type { SockpoolConfig } from './config.js';
+
+export type QuotaConfig = SockpoolConfig['quotas'];
+
+/** Prewarm demand refills at maxPrewarmPerUid sockets per this window. */
+export const PREWARM_WINDOW_MS = 10_000;
+
+interface UidUsage {
+  sessions: number;
+  leases: number;
+  pending: number;
+  lookups: number;
+  /** Prewarm sockets still allowed (a token bucket holding at most maxPrewarmPerUid). */
+  prewarmTokens: number;
+  prewarmUpdatedAt: number;
+}
+
+export class UidQuotas {
+  #config: () => QuotaConfig;
+  #now: () => number;
+  #usage = new Map<number, UidUsage>();
+
+  constructor(config: () => QuotaConfig, now: () => number = () => performance.now()) {
+    this.#config = config;
+    this.#now = now;
+  }
+
+  /** A new connection from `uid`; throws SOCKPOOL_ERR_QUOTA past maxSessionsPerUid. */
+  openSession(uid: number): void {
+    const usage = this.#of(uid);
+    const limit = this.#config().maxSessionsPerUid;
+    if (usage.sessions >= limit) {
+      throw quotaError(uid, 'maxSessionsPerUid', limit, `uid ${uid} already has ${limit} connections to sockpoold`);
+    }
+    usage.sessions++;
+  }
+
+  closeSession(uid: number): void {
+    const usage = this.#of(uid);
+    usage.sessions = Math.max(0, usage.sessions - 1);
+  }
+
+  /**
+   * An acquire from `uid` starts waiting; throws SOCKPOOL_ERR_QUOTA past maxPendingPerUid, maxLeasesPerUid (leases
+   * held plus acquires pending) or, for a host name, maxLookupsPerUid. Pair with acquireSettled.
+   */
+  startAcquire(uid: number, host: string): void {
+    const usage = this.#of(uid);
+    const config = this.#config();
+    if (usage.pending >= config.maxPendingPerUid) {
+      throw quotaError(
+        uid,
+        'maxPendingPerUid',
+        config.maxPendingPerUid,
+        `uid ${uid} has ${usage.pending} acquires pending`,
+      );
+    }
+    if (usage.leases + usage.pending >= config.maxLeasesPerUid) {
+      throw quotaError(
+        uid,
+        'maxLeasesPerUid',
+        config.maxLeasesPerUid,
+        `uid ${uid} holds ${usage.leases} leases with ${usage.pending} acquires pending`,
+      );
+    }
+    const needsLookup = isIP(host) === 0;
+    if (needsLookup && usage.lookups >= config.maxLookupsPerUid) {
+      throw quotaError(
+        uid,
+        'maxLookupsPerUid',
+        config.maxLookupsPerUid,
+        `uid ${uid} has ${usage.lookups} acquires for host names pending`,
+      );
+    }
+    usage.pending++;
+    if (needsLookup) usage.lookups++;
+  }
+
+  /** The acquire settled; `leased` when it became a lease (counted until leaseEnded). */
+  acquireSettled(uid: number, host: string, leased: boolean): void {
+    const usage = this.#of(uid);
+    usage.pending = Math.max(0, usage.pending - 1);
+    if (isIP(host) === 0) usage.lookups = Math.max(0, usage.lookups - 1);
+    if (leased) usage.leases++;
+  }
+
+  leaseEnded(uid: number): void {
+    const usage = this.#of(uid);
+    usage.leases = Math.max(0, usage.leases - 1);
+  }
+
+  /**
+   * A prewarm of `count` sockets from `uid`: returns how many it may have (its demand is capped, not refused, while
+   * some allowance is left); throws SOCKPOOL_ERR_QUOTA when none is left.
+   */
+  takePrewarm(uid: number, count: number): number {
+    const usage = this.#of(uid);
+    const limit = this.#config().maxPrewarmPerUid;
+    const now = this.#now();
+    usage.prewarmTokens = Math.min(
+      limit,
+      usage.prewarmTokens + ((now - usage.prewarmUpdatedAt) * limit) / PREWARM_WINDOW_MS,
+    );
+    usage.prewarmUpdatedAt = now;
+    const granted = Math.min(count, Math.floor(usage.prewarmTokens));
+    if (granted <= 0) {
+      throw quotaError(
+        uid,
+        'maxPrewarmPerUid',
+        limit,
+        `uid ${uid} asked for more than ${limit} prewarmed sockets within ${PREWARM_WINDOW_MS / 1000} s`,
+      );
+    }
+    usage.prewarmTokens -= granted;
+    return granted;
+  }
+
+  /** What a uid uses now (stats and tests). */
+  usageOf(uid: number): { sessions: number; leases: number; pending: number; lookups: number } {
+    const usage = this.#usage.get(uid);
+    return {
+      sessions: usage?.sessions ?? 0,
+      leases: usage?.leases ?? 0,
+      pending: usage?.pending ?? 0,
+      lookups: usage?.lookups ?? 0,
+    };
+  }
+
+  #of(uid: number): UidUsage {
+    let usage = this.#usage.get(uid);
+    if (!usage) {
+      usage = {
+        sessions: 0,
+        leases: 0,
+        pending: 0,
+        lookups: 0,
+        prewarmTokens: this.#config().maxPrewarmPerUid,
+        prewarmUpdatedAt: this.#now(),
+      };
+      this.#usage.set(uid, usage);
+    }
+    return usage;
+  }
+}
+
+function quotaError(uid: number, quota: string, limit: number, what: string): SockpoolError {
+  return new SockpoolError(ErrorCodes.QUOTA, `${what} (quotas.${quota} = ${limit})`, { uid, quota, limit });
+}
