@@ -258,6 +258,16 @@ export class HandoffServer {
       this.#onBadMessage(session, salvageRequestId(data), error as Error);
       return;
     }
+    try {
+      this.#handle(session, message, fds);
+    } catch (error) {
+      // A failure of the daemon's own (EMFILE while reading its memory for stats, say) fails this request only.
+      this.#log.error({ client: session.id, type: message.type, err: (error as Error).message }, 'request failed');
+      this.#replyError(session, 'id' in message && message.id !== undefined ? message.id : null, error);
+    }
+  }
+
+  #handle(session: ClientSession, message: ClientMessage, fds: number[]): void {
     switch (message.type) {
       case 'hello':
         if (message.version !== PROTOCOL_VERSION) {

@@ -1,0 +1,325 @@
+// sockpoold trusts no client: hostile client processes (test/fixtures/hostile-client.mjs) speak the raw protocol
+// beside an honest client, against a real daemon and a real HTTP origin on loopback. Each hostile action is
+// checked to fail in its stated way, and the honest client's answers are all its own.
+// Tests that need clients of different uids are in daemon-trust.system.test.ts (root).
+import { execFile } from 'node:child_process';
+import { once } from 'node:events';
+import http from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { Socket } from 'node:net';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { afterEach, describe, expect, it } from 'vitest';
+import * as native from '../shared/native.js';
+import { waitForEvents } from './fixtures/native-helpers.js';
+import { type DaemonProcess, eventually, repoRoot, startDaemon, writeConfigFile } from './helpers/daemon.js';
+import { openRawClient, RawClient } from './helpers/raw-client.js';
+
+const run = promisify(execFile);
+const hostileClient = join(repoRoot, 'test', 'fixtures', 'hostile-client.mjs');
+
+const cleanups: Array<() => unknown> = [];
+afterEach(async () => {
+  for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
+});
+
+/** An HTTP/1.1 origin whose answer is the request's own path, and that counts the requests it saw per path. */
+async function pathOrigin(): Promise<{ port: number; seen: Map<string, number> }> {
+  const seen = new Map<string, number>();
+  const server = http.createServer((request, response) => {
+    seen.set(request.url!, (seen.get(request.url!) ?? 0) + 1);
+    response.setHeader('content-type', 'text/plain');
+    response.end(request.url);
+  });
+  server.keepAliveTimeout = 60_000;
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  cleanups.push(async () => {
+    server.closeAllConnections();
+    server.close();
+  });
+  return { port: (server.address() as AddressInfo).port, seen };
+}
+
+async function daemon(port: number, config: object = {}): Promise<DaemonProcess> {
+  const args = ['--allow', '127.0.0.1/32', '--allow-port', String(port)];
+  const started = await startDaemon({ args: [...args, '--config', writeConfigFile(config, cleanups)] });
+  cleanups.push(() => started.stop());
+  return started;
+}
+
+function client(socketPath: string): RawClient {
+  return openRawClient(socketPath, cleanups);
+}
+
+/** Runs a hostile client process to its end and returns what it printed. */
+async function hostile(...args: Array<string | number>): Promise<Record<string, number>> {
+  const { stdout } = await run(process.execPath, [hostileClient, ...args.map(String)], { timeout: 60_000 });
+  return JSON.parse(stdout.trim().split('\n').at(-1)!) as Record<string, number>;
+}
+
+let nextId = 1;
+/**
+ * One honest request over a leased socket: GET `path`, read the whole answer, close the socket and say so.
+ * Returns the body and whether the socket came warm from the pool.
+ */
+async function honestRequest(raw: RawClient, port: number, path: string): Promise<{ body: string; warm: boolean }> {
+  const lease = await raw.request({ type: 'acquire', id: nextId++, host: '127.0.0.1', port });
+  if (lease.message?.type !== 'lease') throw new Error(`acquire failed: ${JSON.stringify(lease.message)}`);
+  const { leaseId, warm } = lease.message as { leaseId: number; warm: boolean };
+  const fd = lease.fds[0]!;
+  native.untrack(fd);
+  const socket = new Socket({ fd, readable: true, writable: true });
+  let text = '';
+  socket.setEncoding('latin1');
+  socket.on('data', (chunk) => {
+    text += chunk;
+  });
+  socket.on('error', () => {});
+  socket.write(`GET ${path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer honest\r\n\r\n`);
+  const body = await new Promise<string>((resolve, reject) => {
+    const check = () => {
+      const end = text.indexOf('\r\n\r\n');
+      if (end === -1) return;
+      const length = Number(/content-length: (\d+)/i.exec(text.slice(0, end))?.[1] ?? Number.NaN);
+      if (text.length >= end + 4 + length) resolve(text.slice(end + 4, end + 4 + length));
+    };
+    socket.on('data', check);
+    socket.on('close', () => reject(new Error(`connection closed with ${JSON.stringify(text)}`)));
+  });
+  socket.destroy();
+  raw.sendJson({ type: 'closed', leaseId });
+  return { body, warm };
+}
+
+async function stats(raw: RawClient): Promise<{ leased: number; idle: number; leases: number }> {
+  const reply = await raw.request({ type: 'stats', id: nextId++ });
+  return (reply.message as unknown as { stats: { leased: number; idle: number; leases: number } }).stats;
+}
+
+describe('released sockets', () => {
+  it('closes a socket released after a write: over 1,000 tries the honest client never gets an answer it did not ask for', async () => {
+    const origin = await pathOrigin();
+    const sockpoold = await daemon(origin.port, { pool: { defaults: { minIdle: 4, maxIdle: 8 } } });
+    const raw = client(sockpoold.socketPath);
+    let honestDone = 0;
+    let warm = 0;
+    let stop = false;
+    const honest = (async () => {
+      while (!stop) {
+        const path = `/honest-${honestDone}`;
+        const answer = await honestRequest(raw, origin.port, path);
+        expect(answer.body).toBe(path);
+        if (answer.warm) warm++;
+        honestDone++;
+      }
+    })();
+    const seen = await hostile('write-release', sockpoold.socketPath, origin.port, 1000);
+    stop = true;
+    await honest;
+    // Every poisoned release was refused in its stated way and closed.
+    expect(seen).toEqual({ 'SOCKPOOL_ERR_PROTOCOL:used': 1000 });
+    expect(honestDone).toBeGreaterThan(0);
+    expect(warm).toBeGreaterThan(0);
+    // Nothing ever completed a poisoned request: each connection that carried one was closed before anyone else
+    // could write on it (an unfinished request is never answered).
+    expect(origin.seen.get('/poisoned')).toBeUndefined();
+    await eventually(async () => (await stats(raw)).leased === 0, 'every lease ended');
+  });
+
+  it('pools a socket released unused, for the same uid, and hands it out warm', async () => {
+    const origin = await pathOrigin();
+    const sockpoold = await daemon(origin.port);
+    const raw = client(sockpoold.socketPath);
+    const lease = await raw.request({ type: 'acquire', id: 1, host: '127.0.0.1', port: origin.port });
+    const leaseId = (lease.message as { leaseId: number }).leaseId;
+    const released = await raw.request({ type: 'release', id: 2, leaseId }, lease.fds);
+    native.close(lease.fds[0]!);
+    expect(released.message).toMatchObject({ type: 'ok', id: 2 });
+    const again = await honestRequest(raw, origin.port, '/after-release');
+    expect(again).toEqual({ body: '/after-release', warm: true });
+  });
+
+  it('closes a released socket the peer wrote to, and answers the release with reason "used"', async () => {
+    const origin = await pathOrigin();
+    const sockpoold = await daemon(origin.port);
+    const raw = client(sockpoold.socketPath);
+    const lease = await raw.request({ type: 'acquire', id: 1, host: '127.0.0.1', port: origin.port });
+    const fd = lease.fds[0]!;
+    const leaseId = (lease.message as { leaseId: number }).leaseId;
+    // A whole request and its answer, unread: sent and received bytes both changed.
+    const copy = native.dup(fd);
+    const socket = new Socket({ fd: copy, readable: false, writable: true });
+    await new Promise<void>((resolve) => socket.write('GET /used HTTP/1.1\r\nHost: x\r\n\r\n', () => resolve()));
+    socket.destroy();
+    await eventually(() => native.probe(fd).state === 'data', 'the answer arrived');
+    const released = await raw.request({ type: 'release', id: 2, leaseId }, [fd]);
+    expect(released.message).toMatchObject({
+      type: 'error',
+      id: 2,
+      code: 'SOCKPOOL_ERR_PROTOCOL',
+      fields: { reason: 'used', leaseId },
+    });
+    // Our copy is dead: the daemon shut the connection down.
+    await waitForEvents(fd, native.READABLE | native.DISCONNECT);
+    expect((await stats(raw)).leased).toBe(0);
+    native.close(fd);
+  });
+});
+
+describe('lease ends are enforced', () => {
+  it('shuts a connection down on `closed`: a copy the client kept is dead', async () => {
+    const origin = await pathOrigin();
+    const sockpoold = await daemon(origin.port);
+    const seen = await hostile('closed-keep', sockpoold.socketPath, origin.port, 20);
+    expect(seen).toEqual({ 'probe:eof': 20, 'write:EPIPE': 20 });
+    expect(origin.seen.size).toBe(0);
+  });
+
+  it('shuts every lease of a client that disconnects', async () => {
+    const origin = await pathOrigin();
+    const sockpoold = await daemon(origin.port);
+    const raw = new RawClient(sockpoold.socketPath);
+    const lease = await raw.request({ type: 'acquire', id: 1, host: '127.0.0.1', port: origin.port });
+    const fd = lease.fds[0]!;
+    raw.close();
+    await waitForEvents(fd, native.READABLE | native.DISCONNECT);
+    expect(native.probe(fd).state).toBe('eof');
+    native.close(fd);
+  });
+
+  it('ends a lease at quotas.maxLeaseMs and frees its slot for the next acquire', async () => {
+    const origin = await pathOrigin();
+    const sockpoold = await daemon(origin.port, {
+      quotas: { maxLeaseMs: 300 },
+      pool: { defaults: { maxPerOrigin: 1 } },
+    });
+    const raw = client(sockpoold.socketPath);
+    const lease = await raw.request({ type: 'acquire', id: 1, host: '127.0.0.1', port: origin.port });
+    const fd = lease.fds[0]!;
+    // The only slot is held; the next acquire waits for it and gets it once the daemon ends the first lease.
+    const next = raw.request({ type: 'acquire', id: 2, host: '127.0.0.1', port: origin.port, timeoutMs: 30_000 });
+    await waitForEvents(fd, native.READABLE | native.DISCONNECT);
+    expect(native.probe(fd).state).toBe('eof');
+    native.close(fd);
+    const second = await next;
+    expect(second.message).toMatchObject({ type: 'lease', id: 2 });
+    for (const other of second.fds) native.close(other);
+  });
+});
+
+describe('per-uid quotas', () => {
+  it('refuses connections past maxSessionsPerUid with SOCKPOOL_ERR_QUOTA, and takes new ones once some close', async () => {
+    const origin = await pathOrigin();
+    const sockpoold = await daemon(origin.port, { quotas: { maxSessionsPerUid: 3 } });
+    const child = execFile(process.execPath, [hostileClient, 'sessions', sockpoold.socketPath, '5']);
+    cleanups.push(() => child.kill('SIGKILL'));
+    const [line] = (await once(child.stdout!, 'data')) as [Buffer];
+    expect(JSON.parse(line.toString())).toEqual({ hello: 3, SOCKPOOL_ERR_QUOTA: 2 });
+    expect(sockpoold.output()).toContain('client refused by quota');
+    child.kill('SIGKILL');
+    await once(child, 'exit');
+    await eventually(async () => {
+      const raw = client(sockpoold.socketPath);
+      return (await raw.request({ type: 'hello', id: 1, version: 1 })).message?.type === 'hello';
+    }, 'a new connection accepted once the flood is gone');
+  });
+
+  it('bounds pending acquires and leases per uid across connections', async () => {
+    const origin = await pathOrigin();
+    const sockpoold = await daemon(origin.port, {
+      quotas: { maxPendingPerUid: 2, maxLeasesPerUid: 3 },
+      pool: { defaults: { maxPerOrigin: 1 } },
+    });
+    const first = client(sockpoold.socketPath);
+    const held = await first.request({ type: 'acquire', id: 1, host: '127.0.0.1', port: origin.port });
+    expect(held.message).toMatchObject({ type: 'lease' });
+    // Two more connections of the same uid each queue one acquire behind the held slot...
+    const second = client(sockpoold.socketPath);
+    const third = client(sockpoold.socketPath);
+    const queued = [
+      second.request({ type: 'acquire', id: 2, host: '127.0.0.1', port: origin.port, timeoutMs: 30_000 }),
+      third.request({ type: 'acquire', id: 3, host: '127.0.0.1', port: origin.port, timeoutMs: 30_000 }),
+    ];
+    await eventually(async () => (await stats(first)).leased === 1, 'one lease held');
+    // ...and a fourth connection is over the uid's pending quota.
+    const fourth = client(sockpoold.socketPath);
+    const refused = await fourth.request({ type: 'acquire', id: 4, host: '127.0.0.1', port: origin.port });
+    expect(refused.message).toMatchObject({
+      type: 'error',
+      code: 'SOCKPOOL_ERR_QUOTA',
+      fields: { quota: 'maxPendingPerUid', limit: 2 },
+    });
+    expect((refused.message as { message: string }).message).toContain('quotas.maxPendingPerUid = 2');
+    first.sendJson({ type: 'closed', leaseId: (held.message as { leaseId: number }).leaseId });
+    for (const fd of held.fds) native.close(fd);
+    const granted = await queued[0]!;
+    expect(granted.message).toMatchObject({ type: 'lease' });
+    for (const fd of granted.fds) native.close(fd);
+  });
+
+  it('caps prewarm demand per uid: cut to what is left, then SOCKPOOL_ERR_QUOTA', async () => {
+    const origin = await pathOrigin();
+    const sockpoold = await daemon(origin.port, {
+      quotas: { maxPrewarmPerUid: 3 },
+      pool: { defaults: { maxIdle: 16 } },
+    });
+    const seen = await hostile('prewarm', sockpoold.socketPath, origin.port, 5);
+    expect(seen.ok).toBeGreaterThanOrEqual(1);
+    expect(seen.SOCKPOOL_ERR_QUOTA).toBeGreaterThanOrEqual(1);
+    expect((seen.ok ?? 0) + (seen.SOCKPOOL_ERR_QUOTA ?? 0)).toBe(5);
+    const raw = client(sockpoold.socketPath);
+    // The demand announced was cut to 3 sockets in all.
+    await eventually(async () => (await stats(raw)).idle >= 1, 'prewarmed sockets idle');
+    expect((await stats(raw)).idle).toBeLessThanOrEqual(3);
+  });
+});
+
+describe('bad input with fds', () => {
+  it('closes every fd that came with a garbage message, and disconnects the sender past maxBadMessages', async () => {
+    const origin = await pathOrigin();
+    const sockpoold = await daemon(origin.port, { access: { maxBadMessages: 5 } });
+    const before = sockpoold.fdCount();
+    const seen = await hostile('garbage', sockpoold.socketPath, 20);
+    expect(seen.leftOpen).toBe(0);
+    expect(seen.eof).toBe(1);
+    expect(seen['error:SOCKPOOL_ERR_PROTOCOL']).toBe(6);
+    await eventually(() => sockpoold.fdCount() <= before, 'the daemon holds no fd of the garbage');
+    const raw = client(sockpoold.socketPath);
+    expect((await honestRequest(raw, origin.port, '/after-garbage')).body).toBe('/after-garbage');
+  });
+});
+
+describe('accept when out of fds', () => {
+  it('stops polling its listener on EMFILE, retries with a growing wait, and serves the waiting clients once fds free up', async () => {
+    const origin = await pathOrigin();
+    const limit = 64;
+    const sockpoold = await startDaemon({
+      args: ['--allow', '127.0.0.1/32', '--allow-port', String(origin.port)],
+      wrap: ['sh', '-c', `ulimit -n ${limit}; exec "$0" "$@"`],
+    });
+    cleanups.push(() => sockpoold.stop());
+    const observer = client(sockpoold.socketPath);
+    expect((await observer.request({ type: 'hello', id: 0, version: 1 })).message).toMatchObject({ type: 'hello' });
+    // More clients than the daemon has fds: the first ones are accepted, the rest wait in the backlog.
+    const clients: RawClient[] = [];
+    for (let i = 0; i < limit; i++) clients.push(client(sockpoold.socketPath));
+    for (const [index, raw] of clients.entries()) raw.sendJson({ type: 'hello', id: index, version: 1 });
+    await eventually(() => sockpoold.output().includes('accept failed: accepting paused'), 'accepting paused');
+    // The wait grows while fds stay short (a later pause waits longer than the first).
+    await eventually(
+      () => /"retryInMs":(?:[2-9]\d|\d{3,})\b/.test(sockpoold.output()),
+      'a longer wait after repeated failures',
+    );
+    // Out of fds, the daemon still answers its connected clients (a stats reply needs an fd: it fails alone).
+    const reply = await observer.request({ type: 'stats', id: 1 });
+    expect(reply.message).toMatchObject({ id: 1 });
+    // Clients are accepted in the order they connected: each one is answered once enough of those before it have
+    // left and freed their fds, however many that takes.
+    for (const [index, raw] of clients.entries()) {
+      const hello = await raw.receive();
+      expect(hello.message).toMatchObject({ type: 'hello', id: index });
+      raw.close();
+    }
+  });
+});
