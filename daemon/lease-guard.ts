@@ -19,7 +19,7 @@ export interface UsageMark {
   bytesReceived: number | undefined;
 }
 
-/** Makes the copy that goes to the client (one fcntl) and reads the counters (one getsockopt + two ioctls). */
+/** Makes the copy that goes to the client (one fcntl) and reads the counters (one getsockopt). */
 export function lend(fd: number): { copy: number; mark: UsageMark | undefined } {
   const mark = readMark(fd);
   return { copy: native.dup(fd), mark };
@@ -35,8 +35,9 @@ export function usedSinceLent(fd: number, mark: UsageMark | undefined): string |
     return `its byte counters are unreadable (${(error as Error).message})`;
   }
   if (now.tcpState !== 1) return `it is not established (TCP state ${now.tcpState})`;
-  if (now.outq > 0 || (now.notsentBytes ?? 0) > 0) return `${now.outq} bytes are waiting to be sent or acknowledged`;
-  if (now.inq > 0) return `${now.inq} bytes arrived that nobody read`;
+  const outq = (now.outq ?? 0) + (now.notsentBytes ?? 0);
+  if (outq > 0) return `${outq} bytes are waiting to be sent or acknowledged`;
+  if ((now.inq ?? 0) > 0) return `${now.inq} bytes arrived that nobody read`;
   if (now.bytesSent !== mark.bytesSent) return `${(now.bytesSent ?? 0) - (mark.bytesSent ?? 0)} bytes were sent on it`;
   if (now.bytesAcked !== mark.bytesAcked) return 'bytes were sent on it';
   if (now.bytesReceived !== mark.bytesReceived) {
@@ -57,7 +58,7 @@ export function endConnection(fd: number): void {
 
 function readMark(fd: number): UsageMark | undefined {
   try {
-    const counters = native.tcpCounters(fd);
+    const counters = native.tcpCounters(fd, false);
     return { bytesSent: counters.bytesSent, bytesAcked: counters.bytesAcked, bytesReceived: counters.bytesReceived };
   } catch {
     return undefined;

@@ -159,7 +159,7 @@ export class OriginPool {
    * maxIdle and maxPerOrigin, and nothing is left pending for later.
    */
   prewarm(count: number): void {
-    const have = this.#idle.length + this.#connecting - this.#connectingForWaiters;
+    const have = this.#sharedIdleCount() + this.#connecting - this.#connectingForWaiters;
     const want = Math.min(count, this.policy.maxIdle) - have;
     for (let i = 0; i < want && this.total < this.policy.maxPerOrigin && !this.#closed; i++) {
       this.#startConnect(false);
@@ -304,6 +304,13 @@ export class OriginPool {
     this.#events.idleChanged(this, +1);
   }
 
+  /** Idle sockets any client may have (those kept for one uid are no supply for the others). */
+  #sharedIdleCount(): number {
+    let count = 0;
+    for (const idle of this.#idle) if (idle.ownerUid === undefined) count++;
+    return count;
+  }
+
   #armScheduled = false;
   /** Starts watching, once per event-loop turn, every idle socket not watched yet. */
   #armSoon(): void {
@@ -400,7 +407,7 @@ export class OriginPool {
     }
     if (this.#refused || performance.now() < this.#backoffUntil) return;
     const target = Math.min(this.policy.maxIdle, Math.max(this.policy.minIdle, this.#refillTarget));
-    while (this.#idle.length + this.#connecting - this.#connectingForWaiters < target && this.total < limit) {
+    while (this.#sharedIdleCount() + this.#connecting - this.#connectingForWaiters < target && this.total < limit) {
       this.#startConnect(false);
     }
   }

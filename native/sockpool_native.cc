@@ -824,11 +824,16 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     memset(&tcp, 0, sizeof tcp);
     socklen_t length = sizeof tcp;
     if (::getsockopt(fd, IPPROTO_TCP, TCP_INFO, &tcp, &length) < 0) ThrowErrno(env, errno, "getsockopt", "TCP_INFO");
-    int outq = 0;
-    int inq = 0;
-    if (::ioctl(fd, SIOCOUTQ, &outq) < 0) ThrowErrno(env, errno, "ioctl", "SIOCOUTQ");
-    if (::ioctl(fd, SIOCINQ, &inq) < 0) ThrowErrno(env, errno, "ioctl", "SIOCINQ");
     Napi::Object result = Napi::Object::New(env);
+    // The queue lengths are two more syscalls: callers that only need the counters say so.
+    if (IsAbsent(info, 1) || BoolArg(info, 1, "queues")) {
+      int outq = 0;
+      int inq = 0;
+      if (::ioctl(fd, SIOCOUTQ, &outq) < 0) ThrowErrno(env, errno, "ioctl", "SIOCOUTQ");
+      if (::ioctl(fd, SIOCINQ, &inq) < 0) ThrowErrno(env, errno, "ioctl", "SIOCINQ");
+      result.Set("outq", outq);
+      result.Set("inq", inq);
+    }
     result.Set("tcpState", tcp.base.tcpi_state);
     // Kernels older than 4.19 fill less of the struct: a counter they do not report is left out.
     if (length >= offsetof(KernelTcpInfo, segs_out)) {
@@ -837,8 +842,6 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     }
     if (length >= offsetof(KernelTcpInfo, min_rtt)) result.Set("notsentBytes", tcp.notsent_bytes);
     if (length >= offsetof(KernelTcpInfo, bytes_retrans)) result.Set("bytesSent", static_cast<double>(tcp.bytes_sent));
-    result.Set("outq", outq);
-    result.Set("inq", inq);
     return result;
   }
 

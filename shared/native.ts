@@ -97,10 +97,10 @@ export interface TcpCounters {
   bytesReceived?: number;
   /** Bytes written but not yet sent (Linux 4.6+). */
   notsentBytes?: number;
-  /** Bytes in the send queue not yet acknowledged (SIOCOUTQ). */
-  outq: number;
-  /** Bytes received and not yet read (SIOCINQ). */
-  inq: number;
+  /** Bytes in the send queue not yet acknowledged (SIOCOUTQ); absent when queues were not asked for. */
+  outq?: number;
+  /** Bytes received and not yet read (SIOCINQ); absent when queues were not asked for. */
+  inq?: number;
 }
 
 export interface PeerCredentials {
@@ -162,7 +162,7 @@ interface NativeBinding {
   bindToDevice(fd: number, name: string): void;
   probe(fd: number): ProbeResult;
   peerCredentials(fd: number): PeerCredentials;
-  tcpCounters(fd: number): TcpCounters;
+  tcpCounters(fd: number, queues?: boolean): TcpCounters;
   sameSocket(a: number, b: number): boolean;
   shutdown(fd: number): boolean;
   dup(fd: number): number;
@@ -360,9 +360,12 @@ export function peerCredentials(fd: number): PeerCredentials {
   return binding.peerCredentials(fd);
 }
 
-/** TCP_INFO's byte counters and the socket's queue lengths (ENOPROTOOPT for a socket that is not TCP). */
-export function tcpCounters(fd: number): TcpCounters {
-  return binding.tcpCounters(fd);
+/**
+ * TCP_INFO's byte counters and, unless `queues` is false, the socket's queue lengths (SIOCOUTQ, SIOCINQ: two more
+ * syscalls). ENOPROTOOPT for a socket that is not TCP.
+ */
+export function tcpCounters(fd: number, queues = true): TcpCounters {
+  return binding.tcpCounters(fd, queues);
 }
 
 /** Whether two fds are copies of one socket (same device and inode; false for anything but sockets). */

@@ -248,7 +248,11 @@ describe('a worker thread that dies is replaced; its fds and leases go with it',
     expect((await dying.request(url('/after', doomed))).status).toBe(200);
     // Same fds as before, plus the connection curl now keeps.
     await eventually(() => clientFds() <= before.fdsBefore + 1, `client fds back to ${before.fdsBefore} + 1`);
-    await eventually(() => daemon.fdCount() <= before.daemonFdsBefore, `daemon fds back to ${before.daemonFdsBefore}`);
+    // The daemon keeps its own copy of every lent socket: the one curl keeps now may be one more than before.
+    await eventually(
+      () => daemon.fdCount() <= before.daemonFdsBefore + 1,
+      `daemon fds back to ${before.daemonFdsBefore} + 1`,
+    );
   }
 
   it('a thread that crashes (uncaught exception) fails its transfers in flight with SOCKPOOL_ERR_WORKER_EXITED', async () => {

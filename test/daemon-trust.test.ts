@@ -4,42 +4,18 @@
 // Tests that need clients of different uids are in daemon-trust.system.test.ts (root).
 import { execFile } from 'node:child_process';
 import { once } from 'node:events';
-import http from 'node:http';
-import type { AddressInfo } from 'node:net';
 import { Socket } from 'node:net';
-import { join } from 'node:path';
-import { promisify } from 'node:util';
 import { afterEach, describe, expect, it } from 'vitest';
 import * as native from '../shared/native.js';
 import { waitForEvents } from './fixtures/native-helpers.js';
-import { type DaemonProcess, eventually, repoRoot, startDaemon, writeConfigFile } from './helpers/daemon.js';
+import { type DaemonProcess, eventually, startDaemon, writeConfigFile } from './helpers/daemon.js';
 import { openRawClient, RawClient } from './helpers/raw-client.js';
-
-const run = promisify(execFile);
-const hostileClient = join(repoRoot, 'test', 'fixtures', 'hostile-client.mjs');
+import { honestRequest, hostileClient, pathOrigin, runHostile } from './helpers/trust.js';
 
 const cleanups: Array<() => unknown> = [];
 afterEach(async () => {
   for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
 });
-
-/** An HTTP/1.1 origin whose answer is the request's own path, and that counts the requests it saw per path. */
-async function pathOrigin(): Promise<{ port: number; seen: Map<string, number> }> {
-  const seen = new Map<string, number>();
-  const server = http.createServer((request, response) => {
-    seen.set(request.url!, (seen.get(request.url!) ?? 0) + 1);
-    response.setHeader('content-type', 'text/plain');
-    response.end(request.url);
-  });
-  server.keepAliveTimeout = 60_000;
-  server.listen(0, '127.0.0.1');
-  await once(server, 'listening');
-  cleanups.push(async () => {
-    server.closeAllConnections();
-    server.close();
-  });
-  return { port: (server.address() as AddressInfo).port, seen };
-}
 
 async function daemon(port: number, config: object = {}): Promise<DaemonProcess> {
   const args = ['--allow', '127.0.0.1/32', '--allow-port', String(port)];
@@ -52,45 +28,7 @@ function client(socketPath: string): RawClient {
   return openRawClient(socketPath, cleanups);
 }
 
-/** Runs a hostile client process to its end and returns what it printed. */
-async function hostile(...args: Array<string | number>): Promise<Record<string, number>> {
-  const { stdout } = await run(process.execPath, [hostileClient, ...args.map(String)], { timeout: 60_000 });
-  return JSON.parse(stdout.trim().split('\n').at(-1)!) as Record<string, number>;
-}
-
 let nextId = 1;
-/**
- * One honest request over a leased socket: GET `path`, read the whole answer, close the socket and say so.
- * Returns the body and whether the socket came warm from the pool.
- */
-async function honestRequest(raw: RawClient, port: number, path: string): Promise<{ body: string; warm: boolean }> {
-  const lease = await raw.request({ type: 'acquire', id: nextId++, host: '127.0.0.1', port });
-  if (lease.message?.type !== 'lease') throw new Error(`acquire failed: ${JSON.stringify(lease.message)}`);
-  const { leaseId, warm } = lease.message as { leaseId: number; warm: boolean };
-  const fd = lease.fds[0]!;
-  native.untrack(fd);
-  const socket = new Socket({ fd, readable: true, writable: true });
-  let text = '';
-  socket.setEncoding('latin1');
-  socket.on('data', (chunk) => {
-    text += chunk;
-  });
-  socket.on('error', () => {});
-  socket.write(`GET ${path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer honest\r\n\r\n`);
-  const body = await new Promise<string>((resolve, reject) => {
-    const check = () => {
-      const end = text.indexOf('\r\n\r\n');
-      if (end === -1) return;
-      const length = Number(/content-length: (\d+)/i.exec(text.slice(0, end))?.[1] ?? Number.NaN);
-      if (text.length >= end + 4 + length) resolve(text.slice(end + 4, end + 4 + length));
-    };
-    socket.on('data', check);
-    socket.on('close', () => reject(new Error(`connection closed with ${JSON.stringify(text)}`)));
-  });
-  socket.destroy();
-  raw.sendJson({ type: 'closed', leaseId });
-  return { body, warm };
-}
 
 async function stats(raw: RawClient): Promise<{ leased: number; idle: number; leases: number }> {
   const reply = await raw.request({ type: 'stats', id: nextId++ });
@@ -99,7 +37,7 @@ async function stats(raw: RawClient): Promise<{ leased: number; idle: number; le
 
 describe('released sockets', () => {
   it('closes a socket released after a write: over 1,000 tries the honest client never gets an answer it did not ask for', async () => {
-    const origin = await pathOrigin();
+    const origin = await pathOrigin(cleanups);
     const sockpoold = await daemon(origin.port, { pool: { defaults: { minIdle: 4, maxIdle: 8 } } });
     const raw = client(sockpoold.socketPath);
     let honestDone = 0;
@@ -114,7 +52,7 @@ describe('released sockets', () => {
         honestDone++;
       }
     })();
-    const seen = await hostile('write-release', sockpoold.socketPath, origin.port, 1000);
+    const seen = await runHostile(['write-release', sockpoold.socketPath, origin.port, 1000]);
     stop = true;
     await honest;
     // Every poisoned release was refused in its stated way and closed.
@@ -128,7 +66,7 @@ describe('released sockets', () => {
   });
 
   it('pools a socket released unused, for the same uid, and hands it out warm', async () => {
-    const origin = await pathOrigin();
+    const origin = await pathOrigin(cleanups);
     const sockpoold = await daemon(origin.port);
     const raw = client(sockpoold.socketPath);
     const lease = await raw.request({ type: 'acquire', id: 1, host: '127.0.0.1', port: origin.port });
@@ -141,7 +79,7 @@ describe('released sockets', () => {
   });
 
   it('closes a released socket the peer wrote to, and answers the release with reason "used"', async () => {
-    const origin = await pathOrigin();
+    const origin = await pathOrigin(cleanups);
     const sockpoold = await daemon(origin.port);
     const raw = client(sockpoold.socketPath);
     const lease = await raw.request({ type: 'acquire', id: 1, host: '127.0.0.1', port: origin.port });
@@ -169,15 +107,15 @@ describe('released sockets', () => {
 
 describe('lease ends are enforced', () => {
   it('shuts a connection down on `closed`: a copy the client kept is dead', async () => {
-    const origin = await pathOrigin();
+    const origin = await pathOrigin(cleanups);
     const sockpoold = await daemon(origin.port);
-    const seen = await hostile('closed-keep', sockpoold.socketPath, origin.port, 20);
+    const seen = await runHostile(['closed-keep', sockpoold.socketPath, origin.port, 20]);
     expect(seen).toEqual({ 'probe:eof': 20, 'write:EPIPE': 20 });
     expect(origin.seen.size).toBe(0);
   });
 
   it('shuts every lease of a client that disconnects', async () => {
-    const origin = await pathOrigin();
+    const origin = await pathOrigin(cleanups);
     const sockpoold = await daemon(origin.port);
     const raw = new RawClient(sockpoold.socketPath);
     const lease = await raw.request({ type: 'acquire', id: 1, host: '127.0.0.1', port: origin.port });
@@ -189,7 +127,7 @@ describe('lease ends are enforced', () => {
   });
 
   it('ends a lease at quotas.maxLeaseMs and frees its slot for the next acquire', async () => {
-    const origin = await pathOrigin();
+    const origin = await pathOrigin(cleanups);
     const sockpoold = await daemon(origin.port, {
       quotas: { maxLeaseMs: 300 },
       pool: { defaults: { maxPerOrigin: 1 } },
@@ -210,7 +148,7 @@ describe('lease ends are enforced', () => {
 
 describe('per-uid quotas', () => {
   it('refuses connections past maxSessionsPerUid with SOCKPOOL_ERR_QUOTA, and takes new ones once some close', async () => {
-    const origin = await pathOrigin();
+    const origin = await pathOrigin(cleanups);
     const sockpoold = await daemon(origin.port, { quotas: { maxSessionsPerUid: 3 } });
     const child = execFile(process.execPath, [hostileClient, 'sessions', sockpoold.socketPath, '5']);
     cleanups.push(() => child.kill('SIGKILL'));
@@ -226,7 +164,7 @@ describe('per-uid quotas', () => {
   });
 
   it('bounds pending acquires and leases per uid across connections', async () => {
-    const origin = await pathOrigin();
+    const origin = await pathOrigin(cleanups);
     const sockpoold = await daemon(origin.port, {
       quotas: { maxPendingPerUid: 2, maxLeasesPerUid: 3 },
       pool: { defaults: { maxPerOrigin: 1 } },
@@ -259,12 +197,12 @@ describe('per-uid quotas', () => {
   });
 
   it('caps prewarm demand per uid: cut to what is left, then SOCKPOOL_ERR_QUOTA', async () => {
-    const origin = await pathOrigin();
+    const origin = await pathOrigin(cleanups);
     const sockpoold = await daemon(origin.port, {
       quotas: { maxPrewarmPerUid: 3 },
       pool: { defaults: { maxIdle: 16 } },
     });
-    const seen = await hostile('prewarm', sockpoold.socketPath, origin.port, 5);
+    const seen = await runHostile(['prewarm', sockpoold.socketPath, origin.port, 5]);
     expect(seen.ok).toBeGreaterThanOrEqual(1);
     expect(seen.SOCKPOOL_ERR_QUOTA).toBeGreaterThanOrEqual(1);
     expect((seen.ok ?? 0) + (seen.SOCKPOOL_ERR_QUOTA ?? 0)).toBe(5);
@@ -277,10 +215,10 @@ describe('per-uid quotas', () => {
 
 describe('bad input with fds', () => {
   it('closes every fd that came with a garbage message, and disconnects the sender past maxBadMessages', async () => {
-    const origin = await pathOrigin();
+    const origin = await pathOrigin(cleanups);
     const sockpoold = await daemon(origin.port, { access: { maxBadMessages: 5 } });
     const before = sockpoold.fdCount();
-    const seen = await hostile('garbage', sockpoold.socketPath, 20);
+    const seen = await runHostile(['garbage', sockpoold.socketPath, 20]);
     expect(seen.leftOpen).toBe(0);
     expect(seen.eof).toBe(1);
     expect(seen['error:SOCKPOOL_ERR_PROTOCOL']).toBe(6);
@@ -292,7 +230,7 @@ describe('bad input with fds', () => {
 
 describe('accept when out of fds', () => {
   it('stops polling its listener on EMFILE, retries with a growing wait, and serves the waiting clients once fds free up', async () => {
-    const origin = await pathOrigin();
+    const origin = await pathOrigin(cleanups);
     const limit = 64;
     const sockpoold = await startDaemon({
       args: ['--allow', '127.0.0.1/32', '--allow-port', String(origin.port)],

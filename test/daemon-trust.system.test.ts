@@ -1,0 +1,142 @@
+// sockpoold trusts no client, across uids (root: the hostile clients run as other uids): a socket a client gave
+// back goes only to its own uid, quotas of one uid leave another's alone, and the wait queue of an origin is fair
+// across uids. Same-uid hostile tests are in daemon-trust.test.ts.
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
+import { chmodSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { afterEach, beforeAll, describe, expect, it } from 'vitest';
+import * as native from '../shared/native.js';
+import { type DaemonProcess, eventually, repoRoot, startDaemon, writeConfigFile } from './helpers/daemon.js';
+import { openRawClient, type RawClient } from './helpers/raw-client.js';
+import { honestRequest, hostileClient, pathOrigin, runHostile } from './helpers/trust.js';
+
+/** The uids the hostile clients run as (nobody, and one with no passwd entry). */
+const HOSTILE_UID = 65534;
+const OTHER_UID = 65533;
+
+beforeAll(() => {
+  if (process.getuid?.() !== 0) {
+    throw new Error('daemon-trust.system.test.ts runs clients as other uids and needs root (npm run test:system)');
+  }
+});
+
+const cleanups: Array<() => unknown> = [];
+afterEach(async () => {
+  for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
+});
+
+/** A daemon whose socket every uid may open (mode 0666 in a directory every uid may enter). */
+async function daemon(port: number, config: object = {}): Promise<DaemonProcess> {
+  const args = ['--allow', '127.0.0.1/32', '--allow-port', String(port)];
+  const file = writeConfigFile({ ...config, access: { socketMode: '0666' } }, cleanups);
+  const started = await startDaemon({ args: [...args, '--config', file] });
+  chmodSync(dirname(started.socketPath), 0o755);
+  cleanups.push(() => started.stop());
+  return started;
+}
+
+function client(socketPath: string): RawClient {
+  return openRawClient(socketPath, cleanups);
+}
+
+let nextId = 1;
+async function stats(raw: RawClient): Promise<{ leased: number; waiting: number }> {
+  const reply = await raw.request({ type: 'stats', id: nextId++ });
+  return (reply.message as unknown as { stats: { leased: number; waiting: number } }).stats;
+}
+
+/** lease-holder.mjs as `uid`: acquires `count` leases and holds them; resolves once it holds them all. */
+async function holder(socketPath: string, port: number, count: number, uid: number, waitForAll = true) {
+  const child = spawn(
+    process.execPath,
+    [join(repoRoot, 'test', 'fixtures', 'lease-holder.mjs'), socketPath, '127.0.0.1', String(port), String(count)],
+    { stdio: ['ignore', 'pipe', 'inherit'], uid, gid: uid },
+  );
+  cleanups.push(() => child.kill('SIGKILL'));
+  if (waitForAll) {
+    const [line] = (await once(child.stdout!, 'data')) as [Buffer];
+    expect(line.toString().trim()).toBe(`held ${count}`);
+  }
+  return child;
+}
+
+describe('released sockets across uids', () => {
+  it('lends a socket released by one uid to that uid alone: its kept copies never reach another client', async () => {
+    const origin = await pathOrigin(cleanups);
+    const sockpoold = await daemon(origin.port, { pool: { defaults: { minIdle: 2, maxIdle: 8 } } });
+    const raw = client(sockpoold.socketPath);
+    let stop = false;
+    let done = 0;
+    const honest = (async () => {
+      while (!stop) {
+        const path = `/honest-${done}`;
+        expect((await honestRequest(raw, origin.port, path)).body).toBe(path);
+        done++;
+      }
+    })();
+    // The hostile uid releases 50 leases unused while keeping a copy of each, then writes the start of a request
+    // on every copy: the sockets are alive and in the pool, but kept for its uid alone.
+    const seen = await runHostile(['dup-release', sockpoold.socketPath, origin.port, 50], HOSTILE_UID);
+    expect(seen).toEqual({ ok: 50, 'write:ok': 50 });
+    // The honest client goes on well after the poisoning; none of its answers is someone else's.
+    const after = done + 100;
+    await eventually(() => done >= after, 'a hundred more honest requests', 60_000);
+    stop = true;
+    await honest;
+  });
+});
+
+describe('per-uid quotas across uids', () => {
+  it("refuses one uid's connection flood without touching another uid", async () => {
+    const origin = await pathOrigin(cleanups);
+    const sockpoold = await daemon(origin.port, { quotas: { maxSessionsPerUid: 4 } });
+    const flood = spawn(process.execPath, [hostileClient, 'sessions', sockpoold.socketPath, '10'], {
+      stdio: ['ignore', 'pipe', 'inherit'],
+      uid: HOSTILE_UID,
+      gid: HOSTILE_UID,
+    });
+    cleanups.push(() => flood.kill('SIGKILL'));
+    const [line] = (await once(flood.stdout!, 'data')) as [Buffer];
+    expect(JSON.parse(line.toString())).toEqual({ hello: 4, SOCKPOOL_ERR_QUOTA: 6 });
+    // Another uid still connects and is served while the flood holds its four connections.
+    const raw = client(sockpoold.socketPath);
+    expect((await honestRequest(raw, origin.port, '/beside-the-flood')).body).toBe('/beside-the-flood');
+  });
+});
+
+describe('the fair queue across uids', () => {
+  it('gives a freed slot to the waiting uid that holds fewer, ahead of an earlier waiter of a uid that holds more', async () => {
+    const origin = await pathOrigin(cleanups);
+    const sockpoold = await daemon(origin.port, { pool: { defaults: { maxPerOrigin: 3, maxIdle: 0 } } });
+    const raw = client(sockpoold.socketPath);
+    // One uid holds two of the three slots, this process (root) the third.
+    await holder(sockpoold.socketPath, origin.port, 2, HOSTILE_UID);
+    const mine = await raw.request({ type: 'acquire', id: nextId++, host: '127.0.0.1', port: origin.port });
+    expect(mine.message).toMatchObject({ type: 'lease' });
+    // A second process of the busy uid queues first; then this process queues too.
+    await holder(sockpoold.socketPath, origin.port, 1, HOSTILE_UID, false);
+    await eventually(async () => (await stats(raw)).waiting === 1, 'the busy uid waits');
+    const queued = client(sockpoold.socketPath);
+    queued.sendJson({ type: 'acquire', id: 7, host: '127.0.0.1', port: origin.port, timeoutMs: 30_000 });
+    await eventually(async () => (await stats(raw)).waiting === 2, 'both uids wait');
+    // The slot this process frees goes to this process's uid (it then holds 1 against the other uid's 2).
+    raw.sendJson({ type: 'closed', leaseId: (mine.message as { leaseId: number }).leaseId });
+    for (const fd of mine.fds) native.close(fd);
+    const granted = await queued.receive();
+    expect(granted.message).toMatchObject({ type: 'lease', id: 7 });
+    for (const fd of granted.fds) native.close(fd);
+    expect((await stats(raw)).waiting).toBe(1);
+  });
+
+  it("caps one uid's prewarm flood with SOCKPOOL_ERR_QUOTA while another uid is served", async () => {
+    const origin = await pathOrigin(cleanups);
+    const sockpoold = await daemon(origin.port, { quotas: { maxPrewarmPerUid: 8 } });
+    const seen = await runHostile(['prewarm', sockpoold.socketPath, origin.port, 50], OTHER_UID);
+    expect(seen.SOCKPOOL_ERR_QUOTA).toBeGreaterThan(40);
+    const raw = client(sockpoold.socketPath);
+    for (let i = 0; i < 20; i++) {
+      expect((await honestRequest(raw, origin.port, `/after-flood-${i}`)).body).toBe(`/after-flood-${i}`);
+    }
+  });
+});

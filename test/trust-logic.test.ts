@@ -1,0 +1,259 @@
+// The pure logic behind the daemon's trust boundary, in-process: the fair wait queue across uids, per-uid quotas
+// (with an injected clock), the global connect gate (a connector the test settles by hand), and the origin pool's
+// per-uid handling of released sockets (a fake connector with real loopback connections).
+import { Socket } from 'node:net';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { defaultConfig, type OriginPolicy, policyFor } from '../daemon/config.js';
+import { ConnectGate } from '../daemon/connect-gate.js';
+import type { ConnectedSocket, Connector } from '../daemon/connector.js';
+import { FairWaitQueue } from '../daemon/fair-queue.js';
+import { endConnection, lend, usedSinceLent } from '../daemon/lease-guard.js';
+import { type Handoff, OriginPool, type OriginPoolEvents } from '../daemon/origin-pool.js';
+import { PREWARM_WINDOW_MS, type QuotaConfig, UidQuotas } from '../daemon/quotas.js';
+import { ErrorCodes } from '../shared/errors.js';
+import * as native from '../shared/native.js';
+import type { Origin } from '../shared/origin.js';
+import { FakeConnector } from './fixtures/fake-connector.js';
+import { fdCount } from './fixtures/native-helpers.js';
+
+describe('FairWaitQueue', () => {
+  const waiter = (uid: number, name: string) => ({ uid, name });
+
+  it('is FIFO within one uid', () => {
+    const queue = new FairWaitQueue<{ uid: number; name: string }>();
+    for (const name of ['a', 'b', 'c']) queue.push(waiter(1, name));
+    expect([queue.shift()?.name, queue.shift()?.name, queue.shift()?.name]).toEqual(['a', 'b', 'c']);
+    expect(queue.length).toBe(0);
+    expect(queue.shift()).toBeUndefined();
+  });
+
+  it('serves the waiting uid that holds the fewest slots first, then the longest waiting', () => {
+    const queue = new FairWaitQueue<{ uid: number; name: string }>();
+    queue.held(1, +1);
+    queue.held(1, +1);
+    queue.push(waiter(1, 'busy-early'));
+    queue.push(waiter(2, 'idle-late'));
+    queue.push(waiter(3, 'idle-later'));
+    expect(queue.shift()?.name).toBe('idle-late');
+    queue.held(2, +1);
+    // uid 3 holds 0, uid 1 holds 2, uid 2 (nothing waiting) holds 1.
+    expect(queue.shift()?.name).toBe('idle-later');
+    queue.held(3, +1);
+    expect(queue.shift()?.name).toBe('busy-early');
+  });
+
+  it('alternates between two uids that both keep asking, whatever their order of arrival', () => {
+    const queue = new FairWaitQueue<{ uid: number; name: string }>();
+    for (let i = 0; i < 6; i++) queue.push(waiter(1, `one-${i}`));
+    for (let i = 0; i < 2; i++) queue.push(waiter(2, `two-${i}`));
+    const served: number[] = [];
+    for (let next = queue.shift(); next; next = queue.shift()) {
+      served.push(next.uid);
+      queue.held(next.uid, +1);
+    }
+    expect(served).toEqual([1, 2, 1, 2, 1, 1, 1, 1]);
+  });
+
+  it('removes a waiter (timeout) and takes the oldest waiter of one uid', () => {
+    const queue = new FairWaitQueue<{ uid: number; name: string }>();
+    const a = waiter(1, 'a');
+    queue.push(a);
+    queue.push(waiter(2, 'b'));
+    queue.push(waiter(1, 'c'));
+    expect(queue.remove(a)).toBe(true);
+    expect(queue.remove(a)).toBe(false);
+    expect(queue.shiftOf(1)?.name).toBe('c');
+    expect(queue.hasWaiterOf(1)).toBe(false);
+    expect(queue.shiftOf(1)).toBeUndefined();
+    expect(queue.drain().map((entry) => entry.name)).toEqual(['b']);
+    expect(queue.length).toBe(0);
+  });
+});
+
+describe('UidQuotas', () => {
+  const config = (overrides: Partial<QuotaConfig> = {}): QuotaConfig => ({ ...defaultConfig().quotas, ...overrides });
+
+  it('counts sessions per uid and refuses past maxSessionsPerUid with SOCKPOOL_ERR_QUOTA', () => {
+    const quotas = new UidQuotas(() => config({ maxSessionsPerUid: 2 }));
+    quotas.openSession(1000);
+    quotas.openSession(1000);
+    expect(() => quotas.openSession(1000)).toThrow(
+      expect.objectContaining({ code: ErrorCodes.QUOTA, quota: 'maxSessionsPerUid', uid: 1000, limit: 2 }),
+    );
+    quotas.openSession(1001);
+    quotas.closeSession(1000);
+    quotas.openSession(1000);
+    expect(quotas.usageOf(1000).sessions).toBe(2);
+  });
+
+  it('bounds pending acquires, leases and host-name acquires per uid', () => {
+    const quotas = new UidQuotas(() => config({ maxPendingPerUid: 3, maxLeasesPerUid: 4, maxLookupsPerUid: 1 }));
+    quotas.startAcquire(7, 'example.com');
+    expect(() => quotas.startAcquire(7, 'other.example')).toThrow(
+      expect.objectContaining({ code: ErrorCodes.QUOTA, quota: 'maxLookupsPerUid' }),
+    );
+    // IP literals need no lookup.
+    quotas.startAcquire(7, '192.0.2.1');
+    quotas.startAcquire(7, '2001:db8::1');
+    expect(() => quotas.startAcquire(7, '192.0.2.2')).toThrow(expect.objectContaining({ quota: 'maxPendingPerUid' }));
+    quotas.acquireSettled(7, 'example.com', true);
+    quotas.acquireSettled(7, '192.0.2.1', true);
+    quotas.acquireSettled(7, '2001:db8::1', true);
+    expect(quotas.usageOf(7)).toEqual({ sessions: 0, leases: 3, pending: 0, lookups: 0 });
+    quotas.startAcquire(7, '192.0.2.3');
+    expect(() => quotas.startAcquire(7, '192.0.2.4')).toThrow(expect.objectContaining({ quota: 'maxLeasesPerUid' }));
+    quotas.leaseEnded(7);
+    quotas.startAcquire(7, '192.0.2.4');
+  });
+
+  it('cuts prewarm demand to the allowance left, refills it over the window, and refuses when none is left', () => {
+    let now = 0;
+    const quotas = new UidQuotas(
+      () => config({ maxPrewarmPerUid: 10 }),
+      () => now,
+    );
+    expect(quotas.takePrewarm(1, 4)).toBe(4);
+    expect(quotas.takePrewarm(1, 100)).toBe(6);
+    expect(() => quotas.takePrewarm(1, 1)).toThrow(expect.objectContaining({ quota: 'maxPrewarmPerUid' }));
+    // Another uid has its own allowance; closing and reopening sessions does not refill one.
+    expect(quotas.takePrewarm(2, 100)).toBe(10);
+    quotas.openSession(1);
+    quotas.closeSession(1);
+    expect(() => quotas.takePrewarm(1, 1)).toThrow(expect.objectContaining({ code: ErrorCodes.QUOTA }));
+    now += PREWARM_WINDOW_MS / 2;
+    expect(quotas.takePrewarm(1, 100)).toBe(5);
+    now += PREWARM_WINDOW_MS * 10;
+    expect(quotas.takePrewarm(1, 100)).toBe(10);
+  });
+});
+
+describe('ConnectGate', () => {
+  /** A connector whose connects the test settles by hand. */
+  function manualConnector() {
+    const pending: Array<{ resolve: (socket: ConnectedSocket) => void; reject: (error: Error) => void }> = [];
+    const connector: Connector = {
+      checkTarget() {},
+      connect: () => new Promise((resolve, reject) => pending.push({ resolve, reject })),
+    };
+    return { connector, pending };
+  }
+  const socket = (fd: number): ConnectedSocket => ({
+    fd,
+    address: '192.0.2.1',
+    family: 4,
+    connectedAt: 0,
+    connectMs: 1,
+  });
+  const origin: Origin = { host: 'example.com', port: 443 };
+  const policy = policyFor(defaultConfig(), origin.host, origin.port);
+  const turn = () => new Promise((resolve) => setImmediate(resolve));
+
+  it('runs at most the limit at once, starts queued connects in arrival order as others finish or fail', async () => {
+    const { connector, pending } = manualConnector();
+    const gate = new ConnectGate(connector, () => 2);
+    const results = [1, 2, 3, 4].map(() => gate.connect(origin, policy));
+    // Settled (and checked) at the end; a rejection is not unhandled meanwhile.
+    for (const result of results) result.catch(() => {});
+    await turn();
+    expect(pending).toHaveLength(2);
+    expect([gate.inFlight, gate.queued]).toEqual([2, 2]);
+    pending[0]!.resolve(socket(101));
+    await turn();
+    expect(pending).toHaveLength(3);
+    pending[1]!.reject(new Error('refused'));
+    await turn();
+    expect(pending).toHaveLength(4);
+    expect([gate.inFlight, gate.queued]).toEqual([2, 0]);
+    pending[2]!.resolve(socket(103));
+    pending[3]!.resolve(socket(104));
+    const settled = await Promise.allSettled(results);
+    expect(settled.map((result) => result.status)).toEqual(['fulfilled', 'rejected', 'fulfilled', 'fulfilled']);
+    expect(gate.inFlight).toBe(0);
+  });
+});
+
+describe('lease guard', () => {
+  it('sees bytes sent or received since a socket was lent, and its end kills every copy', async () => {
+    const before = fdCount();
+    const connector = await FakeConnector.start();
+    const connected = await connector.connect({ host: 'x', port: 1 }, policyFor(defaultConfig(), 'x', 1));
+    const { copy, mark } = lend(connected.fd);
+    expect(usedSinceLent(connected.fd, mark)).toBeUndefined();
+    // The client writes through its copy: the daemon's copy shows it.
+    const peer = connector.peerOf(connected.fd);
+    const received = new Promise((resolve) => peer.once('data', resolve));
+    const client = new Socket({ fd: copy, readable: false, writable: true });
+    client.write('GET / HTTP/1.1\r\n');
+    await received;
+    expect(usedSinceLent(connected.fd, mark)).toMatch(/bytes were sent|waiting to be sent/);
+    endConnection(connected.fd);
+    await new Promise((resolve) => peer.once('end', resolve));
+    client.destroy();
+    await connector.close();
+    expect(fdCount()).toBe(before);
+  });
+});
+
+describe('OriginPool with several uids', () => {
+  let connector: FakeConnector;
+  let pools: OriginPool[];
+  let held: Handoff[];
+  const ORIGIN: Origin = { host: 'origin.test', port: 443 };
+  const events: OriginPoolEvents = {
+    idleChanged() {},
+    dropped() {},
+    connected() {},
+    connectFailed() {},
+  };
+
+  beforeEach(async () => {
+    connector = await FakeConnector.start();
+    pools = [];
+    held = [];
+  });
+  afterEach(async () => {
+    for (const pool of pools) pool.close();
+    for (const handoff of held.splice(0)) native.close(handoff.fd);
+    await connector.close();
+  });
+
+  function pool(overrides: Partial<OriginPolicy> = {}): OriginPool {
+    const policy = { ...policyFor(defaultConfig(), ORIGIN.host, ORIGIN.port), ...overrides };
+    const created = new OriginPool('origin.test:443', ORIGIN, policy, connector, events);
+    pools.push(created);
+    return created;
+  }
+
+  it('lends a socket a client released to the same uid only; other uids get a fresh one', async () => {
+    const origin = pool();
+    const first = await origin.acquire(1_000, 1000);
+    origin.giveBack(first, 1000, true);
+    const other = await origin.acquire(1_000, 2000);
+    held.push(other);
+    expect(other.warm).toBe(false);
+    expect(other.fd).not.toBe(first.fd);
+    const same = await origin.acquire(1_000, 1000);
+    held.push(same);
+    expect(same).toMatchObject({ warm: true, fd: first.fd });
+  });
+
+  it('a socket given back that never reached a client is shared again', async () => {
+    const origin = pool();
+    const first = await origin.acquire(1_000, 1000);
+    origin.giveBack(first, 1000, false);
+    const other = await origin.acquire(1_000, 2000);
+    held.push(other);
+    expect(other).toMatchObject({ warm: true, fd: first.fd });
+  });
+
+  it('closes a socket kept for one uid when another uid waits for the slot it holds', async () => {
+    const origin = pool({ maxPerOrigin: 1 });
+    const first = await origin.acquire(1_000, 1000);
+    origin.giveBack(first, 1000, true);
+    expect(origin.idleCount).toBe(1);
+    const other = await origin.acquire(5_000, 2000);
+    held.push(other);
+    expect(other.warm).toBe(false);
+    expect(origin.idleCount).toBe(0);
+  });
+});
