@@ -29,6 +29,10 @@ export class ConnectGate implements Connector {
     this.#inner.checkTarget(origin);
   }
 
+  checkHeld(origin: Origin, address: string): void {
+    this.#inner.checkHeld(origin, address);
+  }
+
   async connect(origin: Origin, policy: OriginPolicy): Promise<ConnectedSocket> {
     // A queued connect is counted in flight by #admit before it resumes.
     if (this.#inFlight >= this.#limit()) await new Promise<void>((resolve) => this.#queue.push(resolve));

@@ -133,6 +133,7 @@ describe('ConnectGate', () => {
     const pending: Array<{ resolve: (socket: ConnectedSocket) => void; reject: (error: Error) => void }> = [];
     const connector: Connector = {
       checkTarget() {},
+      checkHeld() {},
       connect: () => new Promise((resolve, reject) => pending.push({ resolve, reject })),
     };
     return { connector, pending };
