@@ -5,6 +5,7 @@
 import type { Origin } from '../shared/origin.js';
 import type { OriginPolicy } from './config.js';
 import type { ConnectedSocket, Connector } from './connector.js';
+import type { LearnedFamily } from './learned-families.js';
 
 export class ConnectGate implements Connector {
   #inner: Connector;
@@ -31,6 +32,10 @@ export class ConnectGate implements Connector {
 
   checkHeld(origin: Origin, address: string): void {
     this.#inner.checkHeld(origin, address);
+  }
+
+  learnedFamily(origin: Origin): LearnedFamily | undefined {
+    return this.#inner.learnedFamily?.(origin);
   }
 
   async connect(origin: Origin, policy: OriginPolicy): Promise<ConnectedSocket> {
