@@ -72,6 +72,7 @@ export class Sockpoold {
   #metrics: Metrics;
   #metricsServer: { port: number; close(): Promise<void> } | undefined;
   #egress: EgressPolicy;
+  #hostAddresses: () => readonly string[];
   #resolver: Resolver;
   #proxies: ReadonlyMap<string, ProxyEndpoint>;
   #pools: PoolManager;
@@ -91,6 +92,11 @@ export class Sockpoold {
     this.#log = options.log;
     this.#reloadConfig = options.reloadConfig;
     this.#socketPath = this.#config.socket;
+    // One provider of the host's interface addresses for every policy this daemon builds (reloads included); read
+    // first, before anything that holds an fd, because it is what fails in a sandbox without AF_NETLINK.
+    this.#hostAddresses = hostAddressesProvider(undefined, undefined, (error) =>
+      this.#log.warn({ err: error.message }, 'host interface addresses not refreshed; keeping the last list'),
+    );
     this.#metrics = createMetrics(() => this.#pools.snapshot());
     // Every connect (plain, through a proxy, or under a warm TLS session) passes the global cap on connects in flight.
     const connector = new ConnectGate(
@@ -108,7 +114,7 @@ export class Sockpoold {
     mkdirSync(this.#config.stateDir, { recursive: true, mode: 0o750 });
     this.#store = StateStore.open(this.#config.stateDir, { maxOrigins: this.#config.pool.historyMaxOrigins });
     this.#store.startAutoFlush(this.#config.pool.statsFlushMs);
-    this.#egress = createEgressPolicy(this.#config);
+    this.#egress = createEgressPolicy(this.#config, this.#hostAddresses);
     this.#resolver = new Resolver(this.#config.dns);
     this.#proxies = proxiesByName(this.#config);
     this.#pools = new PoolManager({
@@ -296,7 +302,7 @@ export class Sockpoold {
     try {
       const config = this.#reloadConfig();
       // Build both first so a bad value leaves the old ones in place.
-      const egress = createEgressPolicy(config);
+      const egress = createEgressPolicy(config, this.#hostAddresses);
       const resolver = new Resolver(config.dns);
       this.#egress = egress;
       this.#resolver = resolver;
@@ -441,9 +447,6 @@ function proxiesByName(config: SockpoolConfig): ReadonlyMap<string, ProxyEndpoin
   return new Map(config.proxies.map(({ name, url }) => [name, { name, ...parseProxyUrl(url)! }] as const));
 }
 
-/** One provider of the host's interface addresses for every policy this process builds (reloads included). */
-const hostAddresses = hostAddressesProvider();
-
-function createEgressPolicy(config: SockpoolConfig): EgressPolicy {
+function createEgressPolicy(config: SockpoolConfig, hostAddresses: () => readonly string[]): EgressPolicy {
   return new EgressPolicy({ ...config.egress, hostAddresses });
 }

@@ -7,6 +7,7 @@
 // what it derived from it.
 
 import { networkInterfaces } from 'node:os';
+import { SockpoolError } from '../shared/errors.js';
 
 const REFRESH_MS = 5_000;
 
@@ -25,18 +26,43 @@ export function readHostAddresses(): string[] {
   return [...addresses].sort();
 }
 
-/** A cached view of readHostAddresses(): the same array instance until the set of addresses changes. */
+/**
+ * A cached view of readHostAddresses(): the same array instance until the set of addresses changes.
+ *
+ * The first read happens here, so a daemon that cannot list its interfaces (a sandbox without AF_NETLINK, which
+ * getifaddrs needs) fails at start with SOCKPOOL_ERR_CONFIG instead of running with a host-address class it cannot
+ * enforce. A later refresh that fails keeps the last list (interfaces rarely vanish between two reads) and tells
+ * onRefreshError, so one failed read never crashes the connect path.
+ */
 export function hostAddressesProvider(
   read: () => string[] = readHostAddresses,
   refreshMs = REFRESH_MS,
+  onRefreshError: (error: Error) => void = () => {},
 ): () => readonly string[] {
-  let current = read();
+  let current: string[];
+  try {
+    current = read();
+  } catch (error) {
+    throw new SockpoolError(
+      'SOCKPOOL_ERR_CONFIG',
+      `cannot list this host's interface addresses for the egress policy (${(error as Error).message}); ` +
+        'a systemd unit must allow AF_NETLINK in RestrictAddressFamilies=',
+      {},
+      { cause: error },
+    );
+  }
   let readAt = performance.now();
   return () => {
     const now = performance.now();
     if (now - readAt < refreshMs) return current;
     readAt = now;
-    const fresh = read();
+    let fresh: string[];
+    try {
+      fresh = read();
+    } catch (error) {
+      onRefreshError(error as Error);
+      return current;
+    }
     if (fresh.length !== current.length || fresh.some((address, index) => address !== current[index])) {
       current = fresh;
     }

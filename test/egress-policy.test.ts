@@ -4,7 +4,7 @@ import { networkInterfaces } from 'node:os';
 import { describe, expect, it } from 'vitest';
 import { parseConfig, type SockpoolConfigInput } from '../daemon/config.js';
 import { classifyAddress, EgressPolicy } from '../daemon/egress-policy.js';
-import { readHostAddresses } from '../daemon/host-addresses.js';
+import { hostAddressesProvider, readHostAddresses } from '../daemon/host-addresses.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 
 function refusal(action: () => void): SockpoolError {
@@ -306,6 +306,36 @@ describe("EgressPolicy: the host's own addresses", () => {
       .map((entry) => entry.address.toLowerCase())
       .filter((address) => address !== '::1' && !address.startsWith('127.'));
     expect(read).toEqual([...new Set(expected)].sort());
+  });
+
+  it('a daemon that cannot list its interfaces fails at start; a failed refresh keeps the last list', () => {
+    // What a sandbox without AF_NETLINK does to getifaddrs (uv_interface_addresses: EAFNOSUPPORT).
+    const eafnosupport = () => {
+      throw new Error('uv_interface_addresses returned Unknown system error 97');
+    };
+    let thrown: unknown;
+    try {
+      hostAddressesProvider(eafnosupport);
+    } catch (error) {
+      thrown = error;
+    }
+    expect(thrown).toBeInstanceOf(SockpoolError);
+    expect((thrown as SockpoolError).code).toBe('SOCKPOOL_ERR_CONFIG');
+    expect((thrown as SockpoolError).message).toMatch(/AF_NETLINK/);
+
+    let fail = false;
+    const failures: Error[] = [];
+    const provider = hostAddressesProvider(
+      () => {
+        if (fail) eafnosupport();
+        return ['192.0.2.9'];
+      },
+      0,
+      (error) => failures.push(error),
+    );
+    fail = true;
+    expect(provider()).toEqual(['192.0.2.9']);
+    expect(failures).toHaveLength(1);
   });
 });
 

