@@ -124,14 +124,6 @@ async function main(): Promise<void> {
   const running = daemon;
   process.on('SIGHUP', () => running.reload());
   if (stopSignal) void shutDown(running);
-  if (process.env.SOCKPOOL_TEST_HOOKS === '1') {
-    // Tests only: SIGUSR2 stalls the event loop for good, so the watchdog test can see systemd restart us.
-    process.on('SIGUSR2', () => {
-      log.warn('SOCKPOOL_TEST_HOOKS: stalling the event loop on SIGUSR2');
-      log.flush();
-      for (;;) Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 1000);
-    });
-  }
 }
 
 void main();
