@@ -293,7 +293,7 @@ export const configSchema = z
     stateDir: z.string().min(1).default(DEFAULTS.stateDir),
     logLevel: z.enum(LOG_LEVELS).default(DEFAULTS.logLevel),
     metricsPort: z.int().min(0).max(65535).default(DEFAULTS.metricsPort),
-    metricsHost: z.string().min(1).default(DEFAULTS.metricsHost),
+    metricsHost: ipAddress.default(DEFAULTS.metricsHost),
     access: z
       .strictObject({
         socketMode: z

@@ -151,7 +151,8 @@ export class TcpConnector implements Connector {
       addresses = await resolving;
     }
     // The resolver's order already puts addresses that failed lately last; a learned family goes before it.
-    const defaultFamily: Family = addresses?.[0]?.family ?? resolver.preferFamily;
+    // Before any answer: IPv6 first (RFC 8305 §3).
+    const defaultFamily: Family = addresses?.[0]?.family ?? 6;
     const preferFamily: Family = this.#learned.preferred(host) ?? defaultFamily;
 
     const key = originKey(origin);

@@ -158,11 +158,6 @@ export class Resolver {
     return this.#order(name, entry);
   }
 
-  /** The family tried first when both are present (IPv6, RFC 8305). */
-  get preferFamily(): 4 | 6 {
-    return 6;
-  }
-
   /**
    * While a query to the DNS servers for `host` is in flight (call it right after resolve()): each family's
    * addresses as soon as its own answer is in, so that a connect can start before the other family has answered

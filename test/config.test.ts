@@ -108,6 +108,13 @@ describe('parseConfig', () => {
     expect(error.fields).toMatchObject({ source: '/etc/sockpoold.toml', key: 'pool.defaults.maxIdle' });
   });
 
+  it('metricsHost must be an IP address (what the endpoint binds to), canonical when it is one', () => {
+    const error = configError(() => parseConfig({ metricsHost: 'metrics.internal' }, 'f'));
+    expect(error.fields).toMatchObject({ key: 'metricsHost' });
+    expect(error.message).toContain('expected an IPv4 or IPv6 address');
+    expect(parseConfig({ metricsHost: '0:0::1' }, 'f').metricsHost).toBe('::1');
+  });
+
   it('refuses unknown keys at every level and hints at camelCase', () => {
     const error = configError(() =>
       parseConfig(
