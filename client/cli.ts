@@ -37,22 +37,29 @@ program
   .description('one line: is the daemon up, and what it holds')
   .action(async () => {
     const stats = (await withLink((link) => link.stats())) as {
+      view?: 'all' | 'uid';
+      uid?: number;
       idle: number;
       leased: number;
       origins: unknown[];
       originCount?: number;
       hitRate: number;
-      clients: number;
+      clients?: number;
+      own?: { sessions: number; leases: number; pending: number };
     };
-    console.log(
-      `sockpoold up at ${socketPath()}: idle ${stats.idle}, leased ${stats.leased}, origins ${stats.originCount ?? stats.origins.length}, ` +
-        `hit rate ${(stats.hitRate * 100).toFixed(1)}%, clients ${stats.clients}`,
-    );
+    // A client that is not an admin sees its own uid's origins only (docs/security.md): the line says so.
+    const whose =
+      stats.view === 'uid'
+        ? `uid ${stats.uid}'s origins ${stats.originCount ?? stats.origins.length}: idle ${stats.idle}, ` +
+          `leased ${stats.leased}, hit rate ${(stats.hitRate * 100).toFixed(1)}%, your connections ${stats.own?.sessions}`
+        : `idle ${stats.idle}, leased ${stats.leased}, origins ${stats.originCount ?? stats.origins.length}, ` +
+          `hit rate ${(stats.hitRate * 100).toFixed(1)}%, clients ${stats.clients}`;
+    console.log(`sockpoold up at ${socketPath()}: ${whose}`);
   });
 
 program
   .command('stats')
-  .description('pool statistics per origin')
+  .description("pool statistics per origin (an admin uid sees every origin; any other uid its own uid's)")
   .option('--json', 'print JSON')
   .action(async (options: { json?: boolean }) => {
     const stats = await withLink((link) => link.stats());
@@ -78,7 +85,7 @@ program
   .command('warm')
   .description(
     'ask the daemon to open N idle connections to ORIGIN (host:port, or an http(s):// URL); for https, warm TLS ' +
-      'sessions where the daemon keeps them',
+      "sessions where the daemon keeps them (admin uids only: root, the daemon's uid, access.adminUids)",
   )
   .argument('<origin>', 'host:port or URL')
   .argument('[count]', 'how many', positiveInt, 1)
@@ -94,7 +101,7 @@ program
     } else {
       origin = parseOriginKey(originText);
     }
-    await withLink((link) => link.prewarm(origin.host, origin.port, count, undefined, tls));
+    await withLink((link) => link.warm(origin.host, origin.port, count, undefined, tls));
     console.log(`warming ${count} ${tls ? 'TLS session' : 'connection'}(s) to ${originText}`);
   });
 

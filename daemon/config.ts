@@ -51,6 +51,7 @@ export const DEFAULTS = {
     socketMode: '0660',
     allowUids: [] as number[],
     allowGids: [] as number[],
+    adminUids: [] as number[],
     maxLeasesPerClient: 1024,
     maxPendingPerClient: 256,
     maxBadMessages: 10,
@@ -305,6 +306,8 @@ export const configSchema = z
         socketGroup: userOrGroup.optional(),
         allowUids: z.array(z.int().min(0).max(0xffffffff)).default(() => [...accessDefaults.allowUids]),
         allowGids: z.array(z.int().min(0).max(0xffffffff)).default(() => [...accessDefaults.allowGids]),
+        // Besides root and the daemon's own uid: who sees every origin in stats and may warm any origin.
+        adminUids: z.array(z.int().min(0).max(0xffffffff)).default(() => [...accessDefaults.adminUids]),
         maxLeasesPerClient: z.int().min(1).default(accessDefaults.maxLeasesPerClient),
         maxPendingPerClient: z.int().min(1).default(accessDefaults.maxPendingPerClient),
         maxBadMessages: z.int().min(0).default(accessDefaults.maxBadMessages),

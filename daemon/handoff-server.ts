@@ -22,6 +22,7 @@ import {
   salvageRequestId,
 } from '../shared/protocol.js';
 import { SeqpacketChannel } from '../shared/seqpacket-channel.js';
+import { isAdminUid, statsView } from './client-view.js';
 import type { SockpoolConfig } from './config.js';
 import { endConnection, lend, usedSinceLent } from './lease-guard.js';
 import { type Lease, LeaseTable } from './leases.js';
@@ -292,8 +293,9 @@ export class HandoffServer {
         return;
       case 'prewarm':
         try {
+          // The client's own demand: capped by its uid's prewarm allowance, and counted as demand (pool-manager.ts).
           const granted = this.#quotas.takePrewarm(session.uid, message.count);
-          this.#pools.prewarm(canonicalOrigin(message), granted, message.tls?.trust);
+          this.#pools.prewarm(canonicalOrigin(message), granted, message.tls?.trust, session.uid);
           this.#send(session, { type: 'ok', id: message.id });
         } catch (error) {
           this.#replyError(session, message.id, error);
@@ -312,19 +314,49 @@ export class HandoffServer {
         }
         return;
       }
+      case 'warm':
+        this.#warm(session, message);
+        return;
       case 'stats':
-        this.#send(session, {
-          type: 'stats',
-          id: message.id,
-          stats: {
-            ...statsForReply(this.#pools.snapshot()),
-            clients: this.#clients.size,
-            leases: this.#leases.size,
-            ...this.#extraStats?.(),
-          },
-        });
+        this.#send(session, { type: 'stats', id: message.id, stats: this.#statsFor(session) });
         return;
     }
+  }
+
+  /** An operator's warming of any origin (`sockpool warm`): admins only, not charged to a prewarm allowance. */
+  #warm(session: ClientSession, message: Extract<ClientMessage, { type: 'warm' }>): void {
+    try {
+      if (!this.#isAdmin(session)) {
+        throw new SockpoolError(
+          ErrorCodes.ACCESS_DENIED,
+          `warm is for admin uids (access.adminUids; root and the daemon's own uid are admins) and uid ` +
+            `${session.uid} is not one; a client announces its own demand with prewarm`,
+          { uid: session.uid },
+        );
+      }
+      this.#pools.warm(canonicalOrigin(message), message.count, message.tls?.trust, session.uid);
+      this.#send(session, { type: 'ok', id: message.id });
+    } catch (error) {
+      this.#replyError(session, message.id, error);
+    }
+  }
+
+  /** The `stats` reply this client may see (client-view.ts). */
+  #statsFor(session: ClientSession): Record<string, unknown> {
+    return statsView(
+      this.#pools.snapshot(),
+      { uid: session.uid, admin: this.#isAdmin(session) },
+      (key) => this.#pools.usersOf(key),
+      () => ({ clients: this.#clients.size, leases: this.#leases.size, ...this.#extraStats?.() }),
+      () => {
+        const usage = this.#quotas.usageOf(session.uid);
+        return { sessions: usage.sessions, leases: usage.leases, pending: usage.pending };
+      },
+    );
+  }
+
+  #isAdmin(session: ClientSession): boolean {
+    return isAdminUid(session.uid, this.#config().access.adminUids);
   }
 
   #acquire(session: ClientSession, message: Extract<ClientMessage, { type: 'acquire' }>): void {
@@ -531,20 +563,8 @@ export class HandoffServer {
   }
 }
 
-/** Origins listed in a `stats` reply, busiest first: the whole list of a crawler would not fit in a message. */
-export const STATS_MAX_ORIGINS = 50;
-
 const ACCEPT_BACKOFF_MIN_MS = 10;
 const ACCEPT_BACKOFF_MAX_MS = 1_000;
-
-function statsForReply<T extends { origins: Array<{ demandRatePerS: number; leased: number; idle: number }> }>(
-  snapshot: T,
-): T & { originsOmitted: number } {
-  const origins = [...snapshot.origins]
-    .sort((a, b) => b.demandRatePerS - a.demandRatePerS || b.leased + b.idle - (a.leased + a.idle))
-    .slice(0, STATS_MAX_ORIGINS);
-  return { ...snapshot, origins, originsOmitted: snapshot.origins.length - origins.length };
-}
 
 function unknownLease(leaseId: number): SockpoolError {
   return new SockpoolError(ErrorCodes.PROTOCOL, `unknown lease ${leaseId}`, { leaseId });

@@ -26,6 +26,8 @@ interface OriginStats {
   /** When the last peer close of an idle socket was seen, and the socket's age then (restart detection). */
   lastPeerCloseAt: number;
   lastPeerCloseAgeMs: number;
+  /** The uids that named this origin (acquire, prewarm, warm): whose `stats` show it (client-view.ts). */
+  uids: Set<number>;
 }
 
 export interface PoolManagerOptions {
@@ -112,6 +114,7 @@ export class PoolManager {
     if (this.#closed) throw new SockpoolError(ErrorCodes.SHUTTING_DOWN, 'sockpoold is stopping');
     const pool = this.#poolFor(origin, tlsTrust);
     const stats = this.#statsOf(pool.key);
+    stats.uids.add(uid);
     this.#bumpRate(stats);
     let handoff: Handoff;
     try {
@@ -151,8 +154,22 @@ export class PoolManager {
     pool.giveBack(socket, uid, lent);
   }
 
-  /** Throws SOCKPOOL_ERR_POLICY at once for an origin the policy refuses (the connects run in the background). */
-  prewarm(origin: Origin, count: number, tlsTrust?: TlsTrust): void {
+  /**
+   * A client of `uid` announces demand: `count` idle sockets soon, counted as demand as `count` acquires would be
+   * (the predictive target keeps the origin warm while that demand decays). Capping `count` is the caller's (the
+   * per-uid prewarm allowance, quotas.ts). Throws SOCKPOOL_ERR_POLICY at once for an origin the policy refuses (the
+   * connects run in the background).
+   */
+  prewarm(origin: Origin, count: number, tlsTrust?: TlsTrust, uid = 0): void {
+    this.#warmUp(origin, count, tlsTrust, uid, true);
+  }
+
+  /** An operator's one-shot warming (`sockpool warm`, admins only): `count` idle sockets soon, not demand. */
+  warm(origin: Origin, count: number, tlsTrust?: TlsTrust, uid = 0): void {
+    this.#warmUp(origin, count, tlsTrust, uid, false);
+  }
+
+  #warmUp(origin: Origin, count: number, tlsTrust: TlsTrust | undefined, uid: number, demand: boolean): void {
     if (this.#closed) throw new SockpoolError(ErrorCodes.SHUTTING_DOWN, 'sockpoold is stopping');
     try {
       this.#connector.checkTarget(origin);
@@ -160,7 +177,16 @@ export class PoolManager {
       this.#metrics?.refusals.inc({ reason: policyReason(error as Error) });
       throw error;
     }
-    this.#poolFor(origin, tlsTrust).prewarm(count);
+    const pool = this.#poolFor(origin, tlsTrust);
+    const stats = this.#statsOf(pool.key);
+    stats.uids.add(uid);
+    if (demand) this.#bumpRate(stats, count);
+    pool.prewarm(count);
+  }
+
+  /** The uids that named an origin (by pool key), for the `stats` view; undefined for an origin not pooled. */
+  usersOf(key: string): ReadonlySet<number> | undefined {
+    return this.#stats.get(key)?.uids;
   }
 
   /** Warms the origins the store ranks most likely needed (warm-on-start from history). */
@@ -296,6 +322,7 @@ export class PoolManager {
         learnedIdleLifetimeMs: undefined,
         lastPeerCloseAt: Number.NEGATIVE_INFINITY,
         lastPeerCloseAgeMs: 0,
+        uids: new Set(),
       };
       this.#stats.set(key, stats);
     }
@@ -303,8 +330,8 @@ export class PoolManager {
   }
 
   /** Rate as an exponentially decaying event count: each acquire adds 1/τ, the total decays with time constant τ. */
-  #bumpRate(stats: OriginStats): void {
-    stats.ratePerS = this.#decayedRate(stats) + 1000 / this.#config.pool.predictiveWindowMs;
+  #bumpRate(stats: OriginStats, events = 1): void {
+    stats.ratePerS = this.#decayedRate(stats) + (events * 1000) / this.#config.pool.predictiveWindowMs;
     stats.rateUpdatedAt = performance.now();
   }
 

@@ -64,6 +64,16 @@ export const ClientMessage = z.discriminatedUnion('type', [
     proxy: proxyName.optional(),
     tls: tlsRequest.optional(),
   }),
+  /** An operator's warming of any origin (`sockpool warm`): admin uids only, not counted as demand. */
+  z.strictObject({
+    type: z.literal('warm'),
+    id: requestId,
+    host,
+    port,
+    count: z.number().int().min(1).max(1000),
+    proxy: proxyName.optional(),
+    tls: tlsRequest.optional(),
+  }),
   z.strictObject({ type: z.literal('release'), id: requestId.optional(), leaseId }),
   z.strictObject({ type: z.literal('closed'), id: requestId.optional(), leaseId }),
   z.strictObject({ type: z.literal('stats'), id: requestId }),

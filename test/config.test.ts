@@ -49,6 +49,7 @@ describe('defaults', () => {
       socketMode: '0660',
       allowUids: [],
       allowGids: [],
+      adminUids: [],
       maxLeasesPerClient: 1024,
       maxPendingPerClient: 256,
       maxBadMessages: 10,

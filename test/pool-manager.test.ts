@@ -97,6 +97,26 @@ describe('PoolManager warming', () => {
     expect(originStats(pools, BUSY).hits).toBe(1);
   });
 
+  it("counts a client's prewarm as demand, as that many acquires, and an admin's warm not", async () => {
+    connector.connectMs = 1_000;
+    const pools = manager({ predictiveWindowMs: 10_000 });
+    pools.start();
+    // uid 1000 announces one socket's worth of demand; an admin warms QUIET (a one-shot, not demand).
+    pools.prewarm(BUSY, 1, undefined, 1000);
+    pools.warm(QUIET, 1);
+    expect(originStats(pools, BUSY).demandRatePerS).toBeCloseTo(0.1, 3);
+    expect(originStats(pools, QUIET).demandRatePerS).toBe(0);
+    expect([...(pools.usersOf(`${BUSY.host}:${BUSY.port}`) ?? [])]).toEqual([1000]);
+    expect([...(pools.usersOf(`${QUIET.host}:${QUIET.port}`) ?? [])]).toEqual([0]);
+    await until(() => pools.snapshot().idle === 2, 'both prewarms arrived');
+    // The sweep keeps the announced origin at its predicted target, ⌈0.095 × 1 × 2⌉ + 1 = 2; the warmed one stays at
+    // what the admin asked for.
+    await vi.advanceTimersByTimeAsync(SWEEP_MS);
+    await until(() => idleOf(pools, BUSY) === 2 && pools.snapshot().connecting === 0, 'the demand refilled');
+    expect(idleOf(pools, QUIET)).toBe(1);
+    expect(connector.calls).toBe(3);
+  });
+
   it('warms nothing ahead of demand when predictive warming is off, and minIdle regardless', async () => {
     const pools = manager({ predictive: false, defaults: { minIdle: 2 } });
     pools.start();
@@ -157,7 +177,7 @@ describe('PoolManager learned idle lifetime', () => {
   it('learns from a peer close and recycles the other idle sockets at 80% of it', async () => {
     const pools = manager();
     pools.start();
-    pools.prewarm(BUSY, 2);
+    pools.warm(BUSY, 2);
     await until(() => idleOf(pools, BUSY) === 2, 'prewarmed');
     await vi.advanceTimersByTimeAsync(3_000);
     connector.peers[0]!.end(); // the server drops a connection silent for 3 s
@@ -168,7 +188,7 @@ describe('PoolManager learned idle lifetime', () => {
     expect(idleOf(pools, BUSY)).toBe(0);
 
     // A socket warmed now is recycled at 2.4 s of idleness, before the server would close it.
-    pools.prewarm(BUSY, 1);
+    pools.warm(BUSY, 1);
     await until(() => idleOf(pools, BUSY) === 1, 'warmed again');
     const peer = connector.peers[2]!;
     await vi.advanceTimersByTimeAsync(2_399);
@@ -238,8 +258,8 @@ describe('PoolManager with its store and configuration', () => {
 
   it('closes on reload the idle sockets whose origin the new egress policy refuses, and keeps the others', async () => {
     const pools = manager();
-    pools.prewarm(BUSY, 1);
-    pools.prewarm(QUIET, 2);
+    pools.warm(BUSY, 1);
+    pools.warm(QUIET, 2);
     await until(() => pools.snapshot().idle === 3, 'prewarmed');
     connector.refuse.add(QUIET.host); // the reloaded egress policy (the connector's) no longer allows it
     expect(pools.reconfigure(parseConfig({}, 'reload'))).toBe(2);

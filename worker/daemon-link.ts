@@ -103,6 +103,14 @@ export class DaemonLink {
     );
   }
 
+  /** An operator's warming of any origin (admin uids only; others get SOCKPOOL_ERR_ACCESS_DENIED). */
+  async warm(host: string, port: number, count: number, proxy?: string, tls?: { trust: string }): Promise<void> {
+    await this.#request(
+      { type: 'warm', host, port, count, ...(proxy ? { proxy } : {}), ...(tls ? { tls } : {}) },
+      this.#options.requestTimeoutMs,
+    );
+  }
+
   async stats(): Promise<Record<string, unknown>> {
     const { message } = await this.#request({ type: 'stats' }, this.#options.requestTimeoutMs);
     if (message.type !== 'stats') throw new SockpoolError(ErrorCodes.PROTOCOL, 'daemon answered stats wrongly');
