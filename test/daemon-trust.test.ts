@@ -210,6 +210,12 @@ describe('per-uid quotas', () => {
     // The demand announced was cut to 3 sockets in all.
     await eventually(async () => (await stats(raw)).idle >= 1, 'prewarmed sockets idle');
     expect((await stats(raw)).idle).toBeLessThanOrEqual(3);
+    // What was granted counts as demand (0.1/s per socket over the 10 s window), and no more: 5 × 1000 asked
+    // would be 500/s. (A token or two may refill while the rounds run; decay takes some off.)
+    const reply = await raw.request({ type: 'stats', id: nextId++ });
+    const [row] = (reply.message as unknown as { stats: { origins: Array<{ demandRatePerS: number }> } }).stats.origins;
+    expect(row?.demandRatePerS).toBeGreaterThan(0.1);
+    expect(row?.demandRatePerS).toBeLessThanOrEqual(0.5);
   });
 });
 
