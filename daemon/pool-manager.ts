@@ -3,12 +3,14 @@
 // decides targets; the sockets themselves live in the origin pools.
 
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
+import * as native from '../shared/native.js';
 import { canonicalOrigin, type Origin, originKey } from '../shared/origin.js';
 import { type OriginPolicy, policyFor, type SockpoolConfig } from './config.js';
 import type { ConnectedSocket, Connector } from './connector.js';
 import type { Logger } from './log.js';
 import type { Metrics } from './metrics.js';
 import { type DropReason, type Handoff, OriginPool, type OriginPoolEvents } from './origin-pool.js';
+import { changedProxies } from './proxy-tunnel.js';
 import type { StateStore } from './store.js';
 import { isTlsPoolKey, type TlsSessions, type TlsTrust, tlsPoolKey } from './tls-sessions.js';
 
@@ -64,6 +66,10 @@ export class PoolManager {
   #sweepTimer: NodeJS.Timeout | undefined;
   #closed = false;
   #events: OriginPoolEvents;
+  /** When the last reload happened: a socket connected before it is checked again when it comes back idle. */
+  #reloadedAt = Number.NEGATIVE_INFINITY;
+  /** Per proxy name, the reload that changed its URL or removed it: tunnels connected before it are closed. */
+  #proxyChangedAt = new Map<string, number>();
 
   constructor(options: PoolManagerOptions) {
     this.#config = options.config;
@@ -151,6 +157,13 @@ export class PoolManager {
   giveBack(key: string, socket: ConnectedSocket, uid = 0, lent = false): void {
     const pool = this.#pools.get(key);
     if (!pool) throw new SockpoolError(ErrorCodes.INTERNAL, `no pool ${key} for a lease`);
+    // Lent before a reload: judged by the policy now in force, as the idle sockets were at the reload.
+    if (socket.connectedAt <= this.#reloadedAt && this.#refusedAfterReload(pool, socket)) {
+      native.close(socket.fd);
+      pool.leaseEnded(uid);
+      this.#metrics?.deadDropped.inc({ reason: 'refused' });
+      return;
+    }
     pool.giveBack(socket, uid, lent);
   }
 
@@ -218,26 +231,41 @@ export class PoolManager {
 
   /**
    * New configuration (SIGHUP): policies are recomputed; warm sockets stay unless the egress policy (already
-   * swapped in the connector) now refuses their origin or address: those are closed. Returns how many.
+   * swapped in the connector) now refuses their origin or address, or they are tunnels through a proxy whose URL
+   * changed or that was removed: those are closed. Returns how many. Sockets lent before the reload are judged the
+   * same way when they come back (giveBack).
    */
   reconfigure(config: SockpoolConfig): number {
     // First: a TLS file that cannot be read fails the reload before anything changed.
     this.#tls?.configure(config);
+    const now = performance.now();
+    for (const name of changedProxies(this.#config.proxies, config.proxies)) this.#proxyChangedAt.set(name, now);
+    this.#reloadedAt = now;
     this.#config = config;
     let refused = 0;
     for (const pool of this.#pools.values()) {
-      refused += pool.dropIdleWhere((socket) => {
-        try {
-          this.#connector.checkHeld(pool.origin, socket.address);
-          return false;
-        } catch {
-          return true;
-        }
-      });
+      refused += pool.dropIdleWhere((socket) => this.#refusedAfterReload(pool, socket));
       pool.policyChanged(policyFor(config, pool.origin.host, pool.origin.port));
     }
     this.#sweep();
     return refused;
+  }
+
+  /**
+   * Whether a socket held since before a reload must go: a tunnel through a proxy whose URL changed or that was
+   * removed since it connected, or a socket the egress policy (already swapped in the connector) now refuses.
+   */
+  #refusedAfterReload(pool: OriginPool, socket: ConnectedSocket): boolean {
+    const proxy = pool.origin.proxy;
+    if (proxy !== undefined && socket.connectedAt <= (this.#proxyChangedAt.get(proxy) ?? Number.NEGATIVE_INFINITY)) {
+      return true;
+    }
+    try {
+      this.#connector.checkHeld(pool.origin, socket.address);
+      return false;
+    } catch {
+      return true;
+    }
   }
 
   /** Stops everything; returns the idle sockets (ownership passes to the caller) when `detach` is set. */

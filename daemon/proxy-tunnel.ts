@@ -17,6 +17,18 @@ export interface ProxyEndpoint {
   port: number;
 }
 
+/**
+ * The proxies a reload changed: named in `before` and, in `after`, gone or at another URL. Tunnels pooled through
+ * them lead through a proxy the configuration no longer names, so they are closed (pool-manager.ts).
+ */
+export function changedProxies(
+  before: ReadonlyArray<{ name: string; url: string }>,
+  after: ReadonlyArray<{ name: string; url: string }>,
+): string[] {
+  const urls = new Map(after.map((proxy) => [proxy.name, proxy.url] as const));
+  return before.filter((proxy) => urls.get(proxy.name) !== proxy.url).map((proxy) => proxy.name);
+}
+
 /** The longest CONNECT answer accepted (status line and headers). */
 const MAX_ANSWER_BYTES = 8 * 1024;
 

@@ -180,6 +180,37 @@ describe('forward proxies', () => {
     expect(address.message).toMatchObject({ type: 'error', code: 'SOCKPOOL_ERR_PROTOCOL' });
     expect(requests).toHaveLength(2);
   });
+
+  it('closes on reload the idle tunnels through a proxy whose URL changed, and tunnels through the new one', async () => {
+    const ok = () => 'HTTP/1.1 200 Connection established\r\n\r\n';
+    const before = await connectProxy(ok);
+    const after = await connectProxy(ok);
+    const ports = [before.proxy.port, after.proxy.port, 443];
+    const configOf = (proxyPort: number) => ({
+      proxies: [{ name: 'corp', url: `http://127.0.0.1:${proxyPort}` }],
+      egress: { allow: ['127.0.0.1/32'], allowPorts: ports },
+      pool: { predictive: false }, // the prewarmed tunnels only: no refills behind them
+    });
+    const configPath = writeConfig(configOf(before.proxy.port));
+    const sockpoold = await startDaemon({ args: ['--config', configPath] });
+    cleanups.push(() => sockpoold.stop());
+    const raw = client(sockpoold.socketPath);
+    await raw.request({ type: 'prewarm', id: 1, host: 'origin.example', port: 443, proxy: 'corp', count: 2 });
+    await before.proxy.waitForConnections(2);
+    await eventually(async () => (await stats(raw)).idle === 2, 'two tunnels idle');
+
+    // corp now names the other proxy: the two tunnels through the old one are closed at once.
+    writeFileSync(configPath, JSON.stringify(configOf(after.proxy.port)));
+    sockpoold.child.kill('SIGHUP');
+    await eventually(() => sockpoold.output().includes('"idleClosedByPolicy":2'), 'reload closed two');
+    await before.proxy.allClosed();
+    expect((await stats(raw)).idle).toBe(0);
+    const lease = await raw.request({ type: 'acquire', id: 2, host: 'origin.example', port: 443, proxy: 'corp' });
+    expect(lease.message).toMatchObject({ type: 'lease', warm: false });
+    expect(await roundTrip(lease.fds[0]!, 'via the new proxy')).toBe('via the new proxy');
+    expect(after.requests).toEqual(['CONNECT origin.example:443 HTTP/1.1\r\nHost: origin.example:443']);
+    expect(before.requests).toHaveLength(2);
+  });
 });
 
 describe('limits and the fair queue', () => {

@@ -269,6 +269,51 @@ describe('PoolManager with its store and configuration', () => {
     expect(connector.calls).toBe(3);
   });
 
+  it('closes on reload the idle tunnels of a proxy whose URL changed or that was removed, and those lent before', async () => {
+    const proxies = [
+      { name: 'corp', url: 'http://10.0.0.1:3128' },
+      { name: 'lab', url: 'http://10.0.0.2:3128' },
+      { name: 'edge', url: 'http://10.0.0.3:3128' },
+    ];
+    const pools = new PoolManager({
+      config: parseConfig({ proxies }, 'test'),
+      connector,
+      log: pino({ level: 'silent' }),
+    });
+    managers.push(pools);
+    const viaCorp: Origin = { ...BUSY, proxy: 'corp' };
+    const viaLab: Origin = { ...BUSY, proxy: 'lab' };
+    const viaEdge: Origin = { ...BUSY, proxy: 'edge' };
+    pools.warm(viaCorp, 2);
+    pools.warm(viaLab, 1);
+    pools.warm(viaEdge, 1);
+    pools.warm(BUSY, 1);
+    await until(() => pools.snapshot().idle === 5, 'warmed');
+    // A corp tunnel lent before the reload, given back unused after it.
+    const lent = await pools.acquire(viaCorp, 1_000);
+    const idle = (origin: Origin) =>
+      pools.snapshot().origins.find((entry) => entry.origin === `${origin.host}:${origin.port} via ${origin.proxy}`)
+        ?.idle;
+    expect(idle(viaCorp)).toBe(1);
+
+    // corp now points elsewhere, lab is gone, edge is as it was.
+    const reloaded = parseConfig({ proxies: [{ name: 'corp', url: 'http://10.0.0.9:3128' }, proxies[2]!] }, 'reload');
+    expect(pools.reconfigure(reloaded)).toBe(2);
+    expect(idle(viaCorp)).toBe(0);
+    expect(idleOf(pools, BUSY)).toBe(1);
+    expect(idle(viaEdge)).toBe(1);
+    pools.giveBack(lent.originKey, lent, 0, true);
+    expect(idle(viaCorp)).toBe(0);
+    expect(pools.snapshot().leased).toBe(0);
+    // Closed: the corp and lab tunnels idle at the reload, and the corp tunnel lent before it. (The corp pool's
+    // demand, one acquire, may already be refilling it through the new URL.)
+    await until(() => connector.peers.filter((peer) => peer.destroyed).length === 3, 'the old tunnels closed');
+
+    // Tunnels through the new corp URL are pooled as usual (the refill for its demand, and this warm).
+    pools.warm(viaCorp, 1);
+    await until(() => (idle(viaCorp) ?? 0) >= 1, 'a new corp tunnel');
+  });
+
   it('applies a new configuration to existing pools at once, and hands idle sockets over on a detaching close', async () => {
     const pools = manager();
     pools.prewarm(BUSY, 1);
