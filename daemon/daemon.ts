@@ -37,6 +37,7 @@ import {
   encodeFdName,
   FDS_PER_MESSAGE_MAX,
   fdStoreMax,
+  isCongestion,
   isValidFdName,
   Notifier,
   retryWhileCongested,
@@ -244,10 +245,25 @@ export class Sockpoold {
     }
   }
 
-  /** Sends one notification, retrying while PID 1's queue is full; a failure is logged, never thrown. */
+  /**
+   * Sends one notification, retrying while PID 1's queue is full (said once in the log: a stop or reload that
+   * seems stuck is waiting for PID 1); a failure is logged, never thrown.
+   */
   async #notifyReliably(what: string, send: () => void, timeoutMs = NOTIFY_TIMEOUT_MS): Promise<boolean> {
+    let waiting = false;
+    const sendOrSayWaiting = (): void => {
+      try {
+        send();
+      } catch (error) {
+        if (!waiting && isCongestion(error)) {
+          waiting = true;
+          this.#log.warn({ notification: what }, 'sd_notify queue full: waiting for room');
+        }
+        throw error;
+      }
+    };
     try {
-      await retryWhileCongested(send, timeoutMs);
+      await retryWhileCongested(sendOrSayWaiting, timeoutMs);
       return true;
     } catch (error) {
       this.#log.error({ err: (error as Error).message, notification: what }, 'sd_notify failed');

@@ -1,17 +1,24 @@
-// Deadlines: every request deadline of a runtime on one timer (worker/deadlines.ts). Real timers: deadlines expire
-// in order, a removed one never does, an earlier deadline added after a later one is not held up by it, and the
-// timer keeps a process alive exactly while a deadline is pending (a child process shows whether it exits).
-import { spawnSync } from 'node:child_process';
-import { setTimeout as sleep } from 'node:timers/promises';
+// Deadlines: every request deadline of a runtime on one timer (worker/deadlines.ts). On the fake clock (timers and
+// performance.now move together): deadlines expire in order and exactly when due, a removed one never does, an
+// earlier deadline added after a later one is not held up by it. With real timers, in a child process: the timer
+// keeps a process alive exactly while a deadline is pending (the child shows whether it exits).
+import { execFile } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
-import { describe, expect, it } from 'vitest';
+import { promisify } from 'node:util';
+import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import { Deadlines } from '../worker/deadlines.js';
+import { useFakeClock } from './fixtures/fake-clock.js';
 
 const now = () => performance.now();
 const distDeadlines = fileURLToPath(new URL('../dist/worker/deadlines.js', import.meta.url));
 
 describe('Deadlines', () => {
-  it('expires in deadline order, skips removed ones, and is empty afterwards', async () => {
+  beforeEach(() => useFakeClock());
+  afterEach(() => {
+    vi.useRealTimers();
+  });
+
+  it('expires in deadline order, each when due, skips removed ones, and is empty afterwards', () => {
     const deadlines = new Deadlines(now);
     const expired: string[] = [];
     const start = now();
@@ -22,13 +29,21 @@ describe('Deadlines', () => {
     deadlines.remove(removed);
     deadlines.remove(removed); // twice: nothing happens
     expect(deadlines.size).toBe(3);
-    await sleep(120);
+    vi.advanceTimersByTime(9);
+    expect(expired).toEqual([]);
+    vi.advanceTimersByTime(1);
+    expect(expired).toEqual(['a']);
+    vi.advanceTimersByTime(29);
+    expect(expired).toEqual(['a']);
+    vi.advanceTimersByTime(1);
+    expect(expired).toEqual(['a', 'b']);
+    vi.advanceTimersByTime(20);
     expect(expired).toEqual(['a', 'b', 'c']);
     expect(deadlines.size).toBe(0);
     deadlines.close();
   });
 
-  it('an earlier deadline added after a later one fires on time, not with the later one', async () => {
+  it('an earlier deadline added after a later one fires on time, not with the later one', () => {
     const deadlines = new Deadlines(now);
     let firedAt = 0;
     const start = now();
@@ -36,13 +51,15 @@ describe('Deadlines', () => {
     deadlines.add(start + 30, () => {
       firedAt = now();
     });
-    await sleep(200);
-    expect(firedAt).toBeGreaterThan(0);
+    vi.advanceTimersByTime(29);
+    expect(firedAt).toBe(0);
+    vi.advanceTimersByTime(1);
+    expect(firedAt).toBe(start + 30);
     expect(deadlines.size).toBe(1);
     deadlines.close();
   });
 
-  it('many deadlines added and removed in random order: each pending one expires once, none of the removed', async () => {
+  it('many deadlines added and removed in random order: each pending one expires once, when due, none of the removed', () => {
     const deadlines = new Deadlines(now);
     const start = now();
     const fired = new Map<number, number>();
@@ -54,28 +71,31 @@ describe('Deadlines', () => {
       deadlines.remove(entries[i]!);
       removed.add(i);
     }
-    await sleep(150);
-    for (let i = 0; i < 200; i++) expect(fired.get(i) ?? 0).toBe(removed.has(i) ? 0 : 1);
+    // Step by step through the range (20..69 ms): at each moment exactly the pending ones due so far have fired.
+    for (let at = 0; at <= 80; at++) {
+      vi.advanceTimersByTime(at === 0 ? 0 : 1);
+      const due = entries.flatMap((entry, i) => (!removed.has(i) && entry.at - start <= at ? [`${i}:1`] : []));
+      expect([...fired].map(([i, times]) => `${i}:${times}`).sort(), `at ${at} ms`).toEqual(due.sort());
+    }
     deadlines.close();
   });
 
-  it('keeps the process alive while a deadline is pending, and not after it was removed', () => {
+  it('keeps the process alive while a deadline is pending, and not after it was removed (real timers)', async () => {
+    vi.useRealTimers();
     const script = (removeIt: boolean) => `
       import { Deadlines } from ${JSON.stringify(distDeadlines)};
       const deadlines = new Deadlines(() => performance.now());
       const entry = deadlines.add(performance.now() + 300, () => console.log('expired'));
       ${removeIt ? 'deadlines.remove(entry);' : ''}
     `;
+    // (Both children at once; a child still running at the timeout is killed, and execFile rejects.)
     const run = (removeIt: boolean) =>
-      spawnSync(process.execPath, ['--input-type=module', '-e', script(removeIt)], {
+      promisify(execFile)(process.execPath, ['--input-type=module', '-e', script(removeIt)], {
         encoding: 'utf8',
         timeout: 10_000,
       });
-    const pending = run(false);
-    expect(pending.status).toBe(0);
+    const [pending, removed] = await Promise.all([run(false), run(true)]);
     expect(pending.stdout.trim()).toBe('expired');
-    const removed = run(true);
-    expect(removed.status).toBe(0);
     expect(removed.stdout.trim()).toBe('');
   });
 });
