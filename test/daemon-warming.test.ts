@@ -9,8 +9,6 @@ import { openRawClient, type RawClient } from './helpers/raw-client.js';
 import { seededRandom } from './helpers/seeded-random.js';
 
 const HOST = '127.0.0.1';
-/** The pool manager sweeps (targets, ttl, recycling) every 500 ms; waits are expressed in sweeps. */
-const SWEEP_MS = 500;
 
 const cleanups: Array<() => unknown> = [];
 afterEach(async () => {
@@ -53,6 +51,7 @@ interface Stats {
   hits: number;
   misses: number;
   hitRate: number;
+  originCount: number;
   origins: OriginStats[];
 }
 
@@ -158,12 +157,11 @@ describe('predictive warming', () => {
       'idle sockets expired and not refilled',
       25_000,
     );
-    const settled = echo.connections.length;
-    await sleep(4 * SWEEP_MS);
-    const after = await stats(raw);
-    expect(after.idle).toBe(0);
-    expect(after.connecting).toBe(0);
-    expect(echo.connections.length, 'connections opened after the demand was gone and idle reached 0').toBe(settled);
+    const settled = await echo.acceptedSoFar();
+    // The pool is retired once the demand has decayed to nothing, by a sweep: every sweep before it could have
+    // refilled, and none may have. (Retired: gone from the stats; a refill would have kept it.)
+    await eventually(async () => (await stats(raw)).originCount === 0, 'the unused pool retired', 25_000);
+    expect(await echo.acceptedSoFar(), 'connections opened after the demand was gone and idle reached 0').toBe(settled);
     // While the estimate decayed, expiring sockets were replaced a bounded number of times.
     expect(settled - connectionsAtEnd).toBeLessThanOrEqual(30);
   });
@@ -317,9 +315,12 @@ describe('learned idle lifetime', () => {
     // unused ones: the learned lifetime is acted on.
     const serverClosedBefore = seen.closedByServerTimer;
     const daemonClosedBefore = seen.closedUnusedByDaemon;
+    // Each round's socket ends one way or the other (nothing refills it: no predictive warming, minIdle 0).
+    const ended = () => seen.closedByServerTimer + seen.closedUnusedByDaemon;
     for (let round = 0; round < 5; round++) {
+      const endedBefore = ended();
       await raw.request({ type: 'prewarm', id: id++, ...target, count: 1 });
-      await sleep(lifetimeMs);
+      await eventually(() => ended() > endedBefore, `round ${round}: the idle socket closed`);
     }
     const byServer = seen.closedByServerTimer - serverClosedBefore;
     const byDaemon = seen.closedUnusedByDaemon - daemonClosedBefore;
@@ -339,18 +340,17 @@ describe('prewarm', () => {
       id: 1,
     });
     await eventually(async () => (await stats(raw)).idle === 4, 'four idle sockets');
-    await sleep(3 * SWEEP_MS);
     expect(await stats(raw)).toMatchObject({ idle: 4, connecting: 0, leased: 0, hits: 0, misses: 0 });
-    expect(echo.connections).toHaveLength(4);
+    expect(await echo.acceptedSoFar()).toBe(4);
 
     // More than maxIdle: capped at maxIdle.
     expect((await raw.request({ type: 'prewarm', id: 2, ...target, count: 20 })).message).toMatchObject({
       type: 'ok',
     });
     await eventually(async () => (await stats(raw)).idle === 6, 'maxIdle (6) idle sockets');
-    await sleep(3 * SWEEP_MS);
     expect(await stats(raw)).toMatchObject({ idle: 6, connecting: 0 });
-    expect(echo.connections).toHaveLength(6);
+    expect(await echo.acceptedSoFar()).toBe(6);
+    // (That later sweeps open nothing more: test/pool-manager.test.ts, on the fake clock.)
 
     // They are the sockets handed out: warm, no new connection for the acquire.
     const lease = await raw.request({ type: 'acquire', id: 3, ...target });

@@ -127,6 +127,21 @@ describe('PoolManager warming', () => {
     expect(connector.calls).toBe(12);
   });
 
+  it('prewarms the number asked for, bounded by maxIdle, and later sweeps open nothing more', async () => {
+    const pools = manager({ defaults: { minIdle: 0, maxIdle: 6 } });
+    pools.start();
+    pools.prewarm(BUSY, 4);
+    await until(() => idleOf(pools, BUSY) === 4, 'four prewarmed');
+    await vi.advanceTimersByTimeAsync(10 * SWEEP_MS);
+    expect(connector.calls).toBe(4);
+    expect(idleOf(pools, BUSY)).toBe(4);
+    pools.prewarm(BUSY, 20);
+    await until(() => idleOf(pools, BUSY) === 6, 'maxIdle prewarmed');
+    await vi.advanceTimersByTimeAsync(10 * SWEEP_MS);
+    expect(connector.calls).toBe(6);
+    expect(originStats(pools, BUSY)).toMatchObject({ idle: 6, connecting: 0, hits: 0, misses: 0 });
+  });
+
   it('evicts from the least-wanted origin when idle sockets exceed the global cap', async () => {
     const pools = manager({ maxIdleTotal: 3 });
     await demand(pools, BUSY, 5);
