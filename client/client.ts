@@ -12,19 +12,24 @@ import { fileURLToPath } from 'node:url';
 import type { TransferListItem } from 'node:worker_threads';
 import { Piscina } from 'piscina';
 import { ErrorCodes, fromPlainError, SockpoolError } from '../shared/errors.js';
-import { canonicalOrigin, PROXY_NAME } from '../shared/origin.js';
+import { PROXY_NAME } from '../shared/origin.js';
+import { MAX_PREWARM_COUNT } from '../shared/protocol.js';
 import { epochNow, type TransferRequest, type TransferResult, timeoutError } from '../worker/curl-engine.js';
 import type { ResponseHead } from '../worker/stream-protocol.js';
 import type { Task, TaskResult, WorkerConfig } from '../worker/task.js';
 import { abortedError, TransferRuntime } from '../worker/transfer-runtime.js';
+import type { UrlTarget } from '../worker/url-target.js';
 import { type BodyStream, CallerChannel } from './caller-channel.js';
+import { type AnnouncedOrigin, type AnnounceOptions, RequestQueue } from './request-queue.js';
 import {
   type BodyInput,
   type ClassifiedBody,
   classifyBody,
   declaredLength,
   invalid,
+  type PrewarmTarget,
   type RequestOptions,
+  validatePrewarm,
   validateRequest,
   validateTimeout,
 } from './validate.js';
@@ -62,6 +67,13 @@ export interface SockpoolClientOptions {
    * `methods` (default the idempotent ones: GET HEAD OPTIONS PUT DELETE TRACE).
    */
   retry?: { deadConnection?: boolean; methods?: string[] };
+  /**
+   * Requests waiting in the client's queue (beyond threads × concurrencyPerThread running) announce their origins
+   * to the daemon, which warms sockets for them before they start: the first `origins` distinct origins among the
+   * waiting requests (default 64), each once while it has requests waiting, with as many sockets as requests wait
+   * for it, at most `socketsPerOrigin` (default 8). The daemon's prewarm quota per uid bounds it. `false`: off.
+   */
+  announce?: false | { origins?: number; socketsPerOrigin?: number };
 }
 
 export type SockpoolTimings = TransferResult['timings'] & { queueMs: number };
@@ -105,17 +117,26 @@ interface Prepared {
   signal: AbortSignal | undefined;
   upload: BodyStream | undefined;
   queued: number;
+  /** The request's URL, parsed: its origin is what the client's queue announces. */
+  target: UrlTarget;
 }
+
+/** piscina tasks one thread may run beyond concurrencyPerThread requests: prewarm and stats never wait behind
+ *  requests (the client's own queue holds those back), so that announcing a waiting request's origin is not
+ *  itself waiting. */
+const CONTROL_TASKS_PER_THREAD = 4;
 
 export class SockpoolClient {
   /** The worker threads; undefined with `threads: 0` (the runtime then lives in this thread). */
   #pool: Piscina | undefined;
   #local: TransferRuntime | undefined;
-  #options: Required<Omit<SockpoolClientOptions, 'caFile' | 'proxy' | 'retry'>> & {
+  #options: Required<Omit<SockpoolClientOptions, 'caFile' | 'proxy' | 'retry' | 'announce'>> & {
     retry: { deadConnection: boolean; methods: string[] };
     caFile: string | undefined;
     proxy: string | undefined;
   };
+  /** Requests beyond the client's concurrency wait here, and announce their origins. */
+  readonly #queue: RequestQueue;
   #closing: Promise<void> | undefined;
 
   constructor(options: SockpoolClientOptions = {}) {
@@ -158,6 +179,9 @@ export class SockpoolClient {
         directFallback: this.#options.fallback === 'direct',
       },
     };
+    this.#queue = new RequestQueue(Math.max(1, threads) * concurrency, validateAnnounce(options.announce), (origins) =>
+      this.#announce(origins),
+    );
     if (threads === 0) {
       // In the caller's own thread: no thread hops per request (the fastest for keep-alive loads), at the price
       // of running curl's callbacks on the caller's event loop.
@@ -168,7 +192,7 @@ export class SockpoolClient {
       filename: taskFile(),
       minThreads: threads,
       maxThreads: threads,
-      concurrentTasksPerWorker: concurrency,
+      concurrentTasksPerWorker: concurrency + CONTROL_TASKS_PER_THREAD,
       // Idle workers must keep their event loops running (daemon link, curl's connection cache).
       atomics: 'disabled',
       // No per-task run and wait-time histograms: nobody reads them, and each task would pay for them.
@@ -183,37 +207,48 @@ export class SockpoolClient {
   /** One request; the response body is buffered whole. */
   async request(url: string | URL, options: RequestOptions = {}): Promise<SockpoolResponse> {
     const preparing = this.#prepare(url, options, false);
-    const { request, signal, upload, queued } = preparing instanceof Promise ? await preparing : preparing;
-    // In the caller's thread (threads: 0) the runtime takes the signal itself; a worker thread needs a port for it.
-    const channel =
-      upload || (signal && !this.#local) ? new CallerChannel({ streamResponse: false, upload }) : undefined;
-    // The result is this request's own object: it becomes the response in place.
-    let result: TransferResult & SockpoolResponse;
-    if (this.#local && !channel) {
-      // threads: 0, no port: the runtime enforces the deadline and the caller's signal itself.
-      const outcome = await this.#local.runRequest(request, undefined, signal);
-      if (!outcome.ok) {
-        // Cancelled by the caller: the error carries the signal's reason as its cause, as with worker threads.
-        if (signal?.aborted && outcome.error.code === ErrorCodes.ABORTED) throw abortedError(signal);
-        throw fromPlainError(outcome.error);
+    const { request, signal, upload, queued, target } = preparing instanceof Promise ? await preparing : preparing;
+    const waiting = this.#queue.enter(target, request, signal);
+    if (waiting) await waiting;
+    try {
+      // In the caller's thread (threads: 0) the runtime takes the signal itself; a worker thread needs a port for it.
+      const channel =
+        upload || (signal && !this.#local) ? new CallerChannel({ streamResponse: false, upload }) : undefined;
+      // The result is this request's own object: it becomes the response in place.
+      let result: TransferResult & SockpoolResponse;
+      if (this.#local && !channel) {
+        // threads: 0, no port: the runtime enforces the deadline and the caller's signal itself.
+        const outcome = await this.#local.runRequest(request, undefined, signal);
+        if (!outcome.ok) {
+          // Cancelled by the caller: the error carries the signal's reason as its cause, as with worker threads.
+          if (signal?.aborted && outcome.error.code === ErrorCodes.ABORTED) throw abortedError(signal);
+          throw fromPlainError(outcome.error);
+        }
+        result = outcome.result as TransferResult & SockpoolResponse;
+      } else {
+        result = (await this.#run(request, channel, signal)) as TransferResult & SockpoolResponse;
       }
-      result = outcome.result as TransferResult & SockpoolResponse;
-    } else {
-      result = (await this.#run(request, channel, signal)) as TransferResult & SockpoolResponse;
+      const body: Uint8Array = result.body;
+      // (A body that crossed from a worker thread arrives as a plain Uint8Array over the moved memory.)
+      if (!Buffer.isBuffer(body)) result.body = Buffer.from(body.buffer, body.byteOffset, body.byteLength);
+      result.timings.queueMs = queueMs(queued, result.timings);
+      return result;
+    } finally {
+      this.#queue.leave();
     }
-    const body: Uint8Array = result.body;
-    // (A body that crossed from a worker thread arrives as a plain Uint8Array over the moved memory.)
-    if (!Buffer.isBuffer(body)) result.body = Buffer.from(body.buffer, body.byteOffset, body.byteLength);
-    result.timings.queueMs = queueMs(queued, result.timings);
-    return result;
   }
 
   /** One request whose response body is a stream, resolved as soon as the response head is in. */
   async requestStream(url: string | URL, options: RequestOptions = {}): Promise<SockpoolStreamResponse> {
-    const { request, signal, upload, queued } = await this.#prepare(url, options, true);
+    const { request, signal, upload, queued, target } = await this.#prepare(url, options, true);
+    const waiting = this.#queue.enter(target, request, signal);
+    if (waiting) await waiting;
     const channel = new CallerChannel({ streamResponse: true, upload });
-    // The task ends when the transfer does; its failures (and a dead worker) fail the head or the body.
-    this.#run(request, channel, signal).catch((error: Error) => channel.fail(error));
+    // The task ends when the transfer does (the body read or cancelled); its failures (and a dead worker) fail the
+    // head or the body. The slot is held until then.
+    this.#run(request, channel, signal)
+      .catch((error: Error) => channel.fail(error))
+      .finally(() => this.#queue.leave());
     const head = await channel.head;
     return { ...head, body: channel.body!, timings: { ...head.timings, queueMs: queueMs(queued, head.timings) } };
   }
@@ -254,17 +289,15 @@ export class SockpoolClient {
     return result;
   }
 
-  /** `https` (default: port 443): warm TLS sessions where the daemon would relay them to this client. */
-  async prewarm(origins: Array<{ host: string; port: number; count?: number; https?: boolean }>): Promise<void> {
-    const task: Task = {
-      kind: 'prewarm',
-      // Canonical hosts (the daemon keys them so again): a bad host or a zone id fails here, before any thread.
-      origins: origins.map((origin) => ({
-        ...canonicalOrigin(origin),
-        count: origin.count ?? 1,
-        https: origin.https ?? origin.port === 443,
-      })),
-    };
+  /**
+   * Asks the daemon to warm sockets to these origins: URLs (strings or URL objects: their origin, one socket each)
+   * or `{ host, port, count?, https? }` (`https`, default port 443: warm TLS sessions where the daemon would relay
+   * them to this client). One target or an array; targets of one origin are merged, their counts added.
+   */
+  async prewarm(origins: PrewarmTarget | PrewarmTarget[]): Promise<void> {
+    if (this.#closing) throw new SockpoolError(ErrorCodes.CLOSED, 'client is closed');
+    // Canonical hosts (the daemon keys them so again): bad input fails here, before any thread.
+    const task: Task = { kind: 'prewarm', origins: validatePrewarm(origins) };
     const outcome = await this.#dispatch(task);
     if (!outcome.ok) throw fromPlainError(outcome.error);
   }
@@ -278,8 +311,15 @@ export class SockpoolClient {
 
   /** Waits for in-flight requests (streamed bodies included), then stops the worker threads. */
   close(): Promise<void> {
-    this.#closing ??= this.#pool ? this.#pool.close() : this.#closeLocal();
+    // Requests already made run first, those still waiting in the queue included.
+    this.#closing ??= this.#queue.idle().then(() => (this.#pool ? this.#pool.close() : this.#closeLocal()));
     return this.#closing;
+  }
+
+  /** Origins of waiting requests, announced to the daemon (best effort: a refusal, a quota, a daemon down are
+   *  the requests' business when they run). */
+  #announce(origins: AnnouncedOrigin[]): void {
+    this.#dispatch({ kind: 'prewarm', origins }).catch(() => {});
   }
 
   /** threads: 0 — wait for this client's requests to finish, then close curl's connections and the link. */
@@ -319,7 +359,7 @@ export class SockpoolClient {
   #prepared(
     checked: ReturnType<typeof validateRequest>,
     body: ClassifiedBody,
-    { timeoutMs, signal, streamResponse, queued }: Omit<Prepared, 'request' | 'upload'> & PreparedTimes,
+    { timeoutMs, signal, streamResponse, queued }: Omit<Prepared, 'request' | 'upload' | 'target'> & PreparedTimes,
   ): Prepared {
     const request: TransferRequest = {
       url: checked.target.href,
@@ -331,7 +371,7 @@ export class SockpoolClient {
       deadline: epochNow() + timeoutMs,
       timeoutMs,
     };
-    return { request, signal, upload: body.stream, queued };
+    return { request, signal, upload: body.stream, queued, target: checked.target };
   }
 
   /**
@@ -384,6 +424,21 @@ export class SockpoolClient {
 
 function queueMs(queued: number, timings: { totalMs: number; acquireMs: number }): number {
   return Math.max(0, performance.now() - queued - timings.totalMs - timings.acquireMs);
+}
+
+/** The `announce` option with its defaults; undefined when off. */
+function validateAnnounce(announce: SockpoolClientOptions['announce']): AnnounceOptions | undefined {
+  if (announce === false) return undefined;
+  if (announce !== undefined && (typeof announce !== 'object' || announce === null)) {
+    throw invalid('announce must be false or { origins?, socketsPerOrigin? }');
+  }
+  const origins = announce?.origins ?? 64;
+  const socketsPerOrigin = announce?.socketsPerOrigin ?? 8;
+  if (!Number.isInteger(origins) || origins < 1) throw invalid('announce.origins must be a positive integer');
+  if (!Number.isInteger(socketsPerOrigin) || socketsPerOrigin < 1 || socketsPerOrigin > MAX_PREWARM_COUNT) {
+    throw invalid(`announce.socketsPerOrigin must be an integer from 1 to ${MAX_PREWARM_COUNT}`);
+  }
+  return { origins, socketsPerOrigin };
 }
 
 /** A proxy's name as the daemon's configuration spells it; a URL or anything else is a typed error. */

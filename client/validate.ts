@@ -2,6 +2,8 @@
 // method token, header names and values (no CR, LF or NUL: no header injection), the body's type, the timeout.
 
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
+import { canonicalOrigin, originKey } from '../shared/origin.js';
+import { MAX_PREWARM_COUNT } from '../shared/protocol.js';
 import { type UrlTarget, urlTarget } from '../worker/url-target.js';
 import type { BodyStream } from './caller-channel.js';
 
@@ -26,6 +28,21 @@ export function invalid(message: string, fields: Record<string, string> = {}): S
   return new SockpoolError(ErrorCodes.INVALID_ARGUMENT, message, fields);
 }
 
+/** A URL the client can reach: http or https, no credentials. `what` starts the error messages. */
+function checkedTarget(url: string | URL, what = ''): UrlTarget {
+  let target: UrlTarget;
+  try {
+    target = urlTarget(typeof url === 'string' ? url : String(url));
+  } catch {
+    throw invalid(`${what}invalid URL: ${JSON.stringify(String(url))}`);
+  }
+  if (target.protocol !== 'http:' && target.protocol !== 'https:') {
+    throw invalid(`${what}unsupported URL scheme ${target.protocol} (http and https only)`, { url: target.href });
+  }
+  if (target.credentials) throw invalid(`${what}credentials in the URL are not supported`);
+  return target;
+}
+
 /** Checks everything curl would otherwise be handed blindly: URL scheme, method token, header names and values. */
 export function validateRequest(
   url: string | URL,
@@ -35,16 +52,7 @@ export function validateRequest(
   method: string;
   headers: Array<[string, string]>;
 } {
-  let target: UrlTarget;
-  try {
-    target = urlTarget(typeof url === 'string' ? url : String(url));
-  } catch {
-    throw invalid(`invalid URL: ${JSON.stringify(String(url))}`);
-  }
-  if (target.protocol !== 'http:' && target.protocol !== 'https:') {
-    throw invalid(`unsupported URL scheme ${target.protocol} (http and https only)`, { url: target.href });
-  }
-  if (target.credentials) throw invalid('credentials in the URL are not supported');
+  const target = checkedTarget(url);
   const method = options.method === undefined || options.method === null ? 'GET' : checkMethod(options.method);
   const headers: Array<[string, string]> = [];
   if (options.headers === undefined) return { target, method, headers };
@@ -111,4 +119,71 @@ export function declaredLength(headers: Array<[string, string]>): number | undef
   if (!header) return undefined;
   if (!/^\d{1,15}$/.test(header[1].trim())) throw invalid(`invalid content-length ${JSON.stringify(header[1])}`);
   return Number(header[1].trim());
+}
+
+/** An origin to prewarm: a URL (string or URL object: its origin, one socket), or the origin spelled out. */
+export type PrewarmTarget = string | URL | { host: string; port: number; count?: number; https?: boolean };
+
+/** What the runtime's prewarm takes: canonical hosts, counts, and whether TLS sessions would be relayed. */
+export interface PrewarmOrigin {
+  host: string;
+  port: number;
+  count: number;
+  https: boolean;
+}
+
+/**
+ * Checks prewarm's argument (one target or an array of them) and merges targets of the same origin (their counts
+ * add up, to at most what one prewarm may ask for). Throws SOCKPOOL_ERR_INVALID_ARGUMENT naming the bad entry.
+ */
+export function validatePrewarm(input: unknown): PrewarmOrigin[] {
+  const entries: unknown[] = Array.isArray(input) ? input : [input];
+  const merged = new Map<string, PrewarmOrigin>();
+  entries.forEach((entry, index) => {
+    const what = Array.isArray(input) ? `prewarm: origins[${index}]: ` : 'prewarm: ';
+    const origin = prewarmOrigin(entry, what);
+    const key = `${originKey(origin)} ${origin.https}`;
+    const known = merged.get(key);
+    if (known) known.count = Math.min(MAX_PREWARM_COUNT, known.count + origin.count);
+    else merged.set(key, origin);
+  });
+  return [...merged.values()];
+}
+
+function prewarmOrigin(entry: unknown, what: string): PrewarmOrigin {
+  if (typeof entry === 'string' || entry instanceof URL) {
+    const target = checkedTarget(entry, what);
+    return { ...target.origin, count: 1, https: target.secure };
+  }
+  if (typeof entry !== 'object' || entry === null) {
+    throw invalid(`${what}expected a URL string, a URL or { host, port, count?, https? }; got ${describe(entry)}`);
+  }
+  const { host, port, count = 1, https } = entry as Record<string, unknown>;
+  if (typeof host !== 'string' || host === '') throw invalid(`${what}host must be a non-empty string`);
+  if (typeof port !== 'number' || !Number.isInteger(port) || port < 1 || port > 65535) {
+    throw invalid(`${what}port must be an integer from 1 to 65535, got ${describe(port)}`);
+  }
+  if (typeof count !== 'number' || !Number.isInteger(count) || count < 1 || count > MAX_PREWARM_COUNT) {
+    throw invalid(`${what}count must be an integer from 1 to ${MAX_PREWARM_COUNT}, got ${describe(count)}`);
+  }
+  if (https !== undefined && typeof https !== 'boolean') {
+    throw invalid(`${what}https must be true or false, got ${describe(https)}`);
+  }
+  let canonical: { host: string; port: number };
+  try {
+    canonical = canonicalOrigin({ host, port });
+  } catch (error) {
+    throw invalid(`${what}${(error as Error).message}`);
+  }
+  return { host: canonical.host, port, count, https: https ?? port === 443 };
+}
+
+function describe(value: unknown): string {
+  if (value === undefined) return 'undefined';
+  if (typeof value === 'bigint' || typeof value === 'symbol' || typeof value === 'function') return String(value);
+  try {
+    return JSON.stringify(value) ?? String(value);
+  } catch {
+    return Object.prototype.toString.call(value);
+  }
 }

@@ -15,6 +15,8 @@ export const PROTOCOL_VERSION = 1;
 export const MAX_MESSAGE_BYTES = 16 * 1024;
 /** Most fds one message may carry. */
 export const MAX_FDS_PER_MESSAGE = 1;
+/** Sockets one prewarm may ask for. */
+export const MAX_PREWARM_COUNT = 1000;
 
 const requestId = z
   .number()
@@ -60,7 +62,7 @@ export const ClientMessage = z.discriminatedUnion('type', [
     id: requestId,
     host,
     port,
-    count: z.number().int().min(1).max(1000),
+    count: z.number().int().min(1).max(MAX_PREWARM_COUNT),
     proxy: proxyName.optional(),
     tls: tlsRequest.optional(),
   }),

@@ -176,7 +176,7 @@ describe('aborts and timeouts cancel one transfer, not the thread', () => {
       });
       holder.abort();
       await expect(busy).rejects.toMatchObject({ code: 'SOCKPOOL_ERR_ABORTED' });
-      // The queued task ran after the busy one and found its deadline gone: the server never saw it.
+      // The queued request left the client's queue at its deadline, unsent: the server never saw it.
       const after = await single.request(url('/after-queue'));
       expect(after.status).toBe(200);
       expect(hanging.length).toBe(hangsBefore + 1);

@@ -1,0 +1,214 @@
+// The client's queue, and what it tells the daemon about it. A client runs at most `capacity` requests at once
+// (threads × concurrencyPerThread; `threads: 0` counts as one thread); later ones wait here, in order, until a
+// running one ends. A crawler that hands over its whole frontier thus leaves most of it waiting here, and the
+// daemon could be warming sockets for it: the queue announces the origins of the first `origins` distinct origins
+// among the waiting requests (a `prewarm` each, with as many sockets as requests wait for that origin, at most
+// `socketsPerOrigin`), once while the origin has requests waiting. When an announced origin's last waiting request
+// starts (or gives up), the lookahead moves on to the next origin not yet announced. The daemon's prewarm quota per
+// uid still bounds what all this asks for; announcing is best effort and never fails a request.
+//
+// The waiting list is an array with a head index: waiters before `#head` have left it (started, or gave up: a
+// waiter that gave up stays in place, marked, and is skipped). `#cursor` is how far the lookahead has looked:
+// every origin of a waiter between `#head` and `#cursor` is announced (or was, while it still has waiters), so each
+// waiter is looked at once.
+
+import { epochNow, type TransferRequest, timeoutError } from '../worker/curl-engine.js';
+import { Deadlines } from '../worker/deadlines.js';
+import { abortedError } from '../worker/transfer-runtime.js';
+import type { UrlTarget } from '../worker/url-target.js';
+
+/** What the client's `announce` option sets. */
+export interface AnnounceOptions {
+  /** Distinct origins among the waiting requests announced at once (the lookahead). */
+  origins: number;
+  /** Sockets asked for per origin: as many as requests wait for it, at most this. */
+  socketsPerOrigin: number;
+}
+
+/** One origin as the queue announces it (what `prewarm` takes). */
+export interface AnnouncedOrigin {
+  host: string;
+  port: number;
+  count: number;
+  https: boolean;
+}
+
+interface Waiter {
+  target: UrlTarget;
+  /** Set once the waiter left the queue: it started, or its deadline passed, or its signal fired. */
+  gone: boolean;
+  start: () => void;
+  fail: (error: Error) => void;
+  deadline: ReturnType<Deadlines['add']> | undefined;
+  signal: AbortSignal | undefined;
+  onAbort: (() => void) | undefined;
+}
+
+/** Waiting requests of one origin, and whether the daemon has been told about them. */
+interface WaitingOrigin {
+  waiting: number;
+  announced: boolean;
+}
+
+/** Waiters before the head are dropped from the array once this many have piled up (and they are most of it). */
+const COMPACT_AFTER = 1024;
+
+export class RequestQueue {
+  readonly #capacity: number;
+  readonly #lookahead: AnnounceOptions | undefined;
+  readonly #announce: (origins: AnnouncedOrigin[]) => void;
+  /** Requests holding a slot (from enter() to leave()). */
+  #running = 0;
+  #waiters: Waiter[] = [];
+  #head = 0;
+  #cursor = 0;
+  /** Waiters still in the queue. */
+  #waiting = 0;
+  /** By origin key: every origin with waiters. */
+  #origins = new Map<string, WaitingOrigin>();
+  /** Origins with waiters that were announced. */
+  #announced = 0;
+  #lookPending = false;
+  /** Whoever waits for the queue to be empty and no request to hold a slot (close()). */
+  #onIdle: Array<() => void> = [];
+  /** Deadlines of the waiters, on one timer. */
+  readonly #deadlines = new Deadlines(epochNow);
+
+  /** `announce` gets each batch of origins to announce; it must not throw (the caller ignores its failures). */
+  constructor(
+    capacity: number,
+    lookahead: AnnounceOptions | undefined,
+    announce: (origins: AnnouncedOrigin[]) => void,
+  ) {
+    this.#capacity = capacity;
+    this.#lookahead = lookahead && lookahead.origins > 0 ? lookahead : undefined;
+    this.#announce = announce;
+  }
+
+  /** Requests waiting for a slot. */
+  get waiting(): number {
+    return this.#waiting;
+  }
+
+  /**
+   * A request wants to run: undefined when it has a slot at once, else a promise that resolves when it gets one
+   * (in order of arrival) and rejects with SOCKPOOL_ERR_TIMEOUT at the request's deadline or SOCKPOOL_ERR_ABORTED
+   * when its signal fires, while it waits. A request that got a slot must give it back with leave().
+   */
+  enter(target: UrlTarget, request: TransferRequest, signal: AbortSignal | undefined): Promise<void> | undefined {
+    if (this.#running < this.#capacity && this.#waiting === 0) {
+      this.#running++;
+      return undefined;
+    }
+    return new Promise<void>((resolve, reject) => {
+      const waiter: Waiter = {
+        target,
+        gone: false,
+        start: resolve,
+        fail: reject,
+        deadline: undefined,
+        signal,
+        onAbort: undefined,
+      };
+      waiter.deadline = this.#deadlines.add(request.deadline, () => this.#giveUp(waiter, timeoutError(request)));
+      if (signal) {
+        waiter.onAbort = () => this.#giveUp(waiter, abortedError(signal));
+        signal.addEventListener('abort', waiter.onAbort, { once: true });
+      }
+      this.#waiters.push(waiter);
+      this.#waiting++;
+      const origin = this.#origins.get(target.key);
+      if (origin) origin.waiting++;
+      else this.#origins.set(target.key, { waiting: 1, announced: false });
+      if (this.#lookahead && this.#announced < this.#lookahead.origins) this.#lookLater();
+    });
+  }
+
+  /** A request that held a slot is over: the slot goes to the next waiter. */
+  leave(): void {
+    this.#running--;
+    while (this.#running < this.#capacity && this.#head < this.#waiters.length) {
+      const waiter = this.#waiters[this.#head++]!;
+      if (waiter.gone) continue;
+      this.#left(waiter);
+      this.#running++;
+      waiter.start();
+    }
+    this.#compact();
+    if (this.#running === 0 && this.#waiting === 0 && this.#onIdle.length > 0) {
+      const waiting = this.#onIdle;
+      this.#onIdle = [];
+      for (const resolve of waiting) resolve();
+    }
+  }
+
+  /** Resolves once nothing waits and no request holds a slot (at once if so now). */
+  idle(): Promise<void> {
+    if (this.#running === 0 && this.#waiting === 0) return Promise.resolve();
+    return new Promise((resolve) => this.#onIdle.push(resolve));
+  }
+
+  #giveUp(waiter: Waiter, error: Error): void {
+    if (waiter.gone) return;
+    this.#left(waiter);
+    // (It stays in the array, marked, until leave() passes it: waiters exist only while every slot is taken.)
+    waiter.fail(error);
+  }
+
+  /** The waiter leaves the queue: its deadline and abort listener go, and its origin has one waiter less. */
+  #left(waiter: Waiter): void {
+    waiter.gone = true;
+    this.#waiting--;
+    if (waiter.deadline) this.#deadlines.remove(waiter.deadline);
+    if (waiter.onAbort) waiter.signal!.removeEventListener('abort', waiter.onAbort);
+    const origin = this.#origins.get(waiter.target.key)!;
+    if (--origin.waiting > 0) return;
+    this.#origins.delete(waiter.target.key);
+    if (origin.announced) {
+      this.#announced--;
+      this.#lookLater();
+    }
+  }
+
+  /** Looks ahead once the caller's current burst of requests is in (a crawler queues its frontier in one go). */
+  #lookLater(): void {
+    if (this.#lookPending) return;
+    this.#lookPending = true;
+    queueMicrotask(() => {
+      this.#lookPending = false;
+      this.#lookAhead();
+    });
+  }
+
+  /** Announces origins of waiters past the cursor until `origins` distinct ones are announced. */
+  #lookAhead(): void {
+    const lookahead = this.#lookahead;
+    if (!lookahead) return;
+    const batch: AnnouncedOrigin[] = [];
+    if (this.#cursor < this.#head) this.#cursor = this.#head;
+    while (this.#announced < lookahead.origins && this.#cursor < this.#waiters.length) {
+      const waiter = this.#waiters[this.#cursor++]!;
+      if (waiter.gone) continue;
+      const origin = this.#origins.get(waiter.target.key)!;
+      if (origin.announced) continue;
+      origin.announced = true;
+      this.#announced++;
+      const { host, port } = waiter.target.origin;
+      batch.push({
+        host,
+        port,
+        https: waiter.target.secure,
+        count: Math.min(origin.waiting, lookahead.socketsPerOrigin),
+      });
+    }
+    if (batch.length > 0) this.#announce(batch);
+  }
+
+  /** Drops waiters before the head once they are many and most of the array. */
+  #compact(): void {
+    if (this.#head < COMPACT_AFTER || this.#head * 2 < this.#waiters.length) return;
+    this.#waiters = this.#waiters.slice(this.#head);
+    this.#cursor = Math.max(0, this.#cursor - this.#head);
+    this.#head = 0;
+  }
+}

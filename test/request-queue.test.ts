@@ -1,0 +1,135 @@
+// The client's queue (client/request-queue.ts) as pure logic: slots in order of arrival, waiters that give up, and
+// the lookahead that announces the origins of waiting requests (which ones, with how many sockets, when it moves).
+import { describe, expect, it } from 'vitest';
+import { type AnnouncedOrigin, RequestQueue } from '../client/request-queue.js';
+import { epochNow, type TransferRequest } from '../worker/curl-engine.js';
+import { urlTarget } from '../worker/url-target.js';
+
+function request(timeoutMs = 60_000): TransferRequest {
+  return { url: 'http://unused/', method: 'GET', headers: [], deadline: epochNow() + timeoutMs, timeoutMs };
+}
+
+/** A queue of `capacity` slots whose announcements are recorded, one batch per entry. */
+function recordingQueue(capacity: number, lookahead = { origins: 2, socketsPerOrigin: 3 }) {
+  const batches: AnnouncedOrigin[][] = [];
+  const queue = new RequestQueue(capacity, lookahead, (origins) => batches.push(origins));
+  /** enter() for a URL; a waiter's start and failure are recorded in `order`. */
+  const order: string[] = [];
+  const enter = (url: string, options: { timeoutMs?: number; signal?: AbortSignal } = {}) => {
+    const waiting = queue.enter(urlTarget(url), request(options.timeoutMs), options.signal);
+    if (!waiting) return 'started';
+    return waiting.then(
+      () => {
+        order.push(url);
+      },
+      (error: { code: string }) => {
+        order.push(`${url} ${error.code}`);
+      },
+    );
+  };
+  return { queue, batches, order, enter };
+}
+
+/** Lets queued microtasks (the lookahead, promise reactions) run. */
+const settle = () => new Promise((resolve) => setImmediate(resolve));
+
+describe('RequestQueue', () => {
+  it('runs up to its capacity at once and hands slots to waiters in order of arrival', async () => {
+    const { queue, order, enter } = recordingQueue(2);
+    expect(enter('http://a.test/1')).toBe('started');
+    expect(enter('http://a.test/2')).toBe('started');
+    const waiting = [enter('http://b.test/1'), enter('http://c.test/1'), enter('http://b.test/2')];
+    expect(queue.waiting).toBe(3);
+    queue.leave();
+    await settle();
+    expect(order).toEqual(['http://b.test/1']);
+    queue.leave();
+    queue.leave();
+    await Promise.all(waiting);
+    expect(order).toEqual(['http://b.test/1', 'http://c.test/1', 'http://b.test/2']);
+    // A newcomer does not pass waiters: with a free slot and nobody waiting it starts at once.
+    queue.leave();
+    expect(enter('http://d.test/')).toBe('started');
+  });
+
+  it('announces the first distinct origins among the waiters, with as many sockets as wait for each (capped)', async () => {
+    const { queue, batches, enter } = recordingQueue(1, { origins: 2, socketsPerOrigin: 3 });
+    enter('http://running.test/');
+    // A burst: one lookahead after it, with the counts of the whole burst.
+    const waiting = [
+      ...Array.from({ length: 5 }, (_, i) => enter(`http://a.test/${i}`)),
+      enter('https://b.test/'),
+      enter('http://c.test:8080/'),
+      enter('http://b.test/'),
+      enter('http://a.test/last'),
+    ];
+    await settle();
+    expect(batches).toEqual([
+      [
+        { host: 'a.test', port: 80, https: false, count: 3 },
+        { host: 'b.test', port: 443, https: true, count: 1 },
+      ],
+    ]);
+    // a.test's five first waiters start: a.test still has one waiting, so nothing moves.
+    for (let i = 0; i < 5; i++) queue.leave();
+    await settle();
+    expect(batches).toHaveLength(1);
+    // b.test's (https) waiter starts: its origin has no waiter left, so the lookahead moves on to c.test
+    // (http://b.test, port 80, is another origin: it was looked at before c.test, but comes after in distinctness).
+    queue.leave();
+    await settle();
+    expect(batches[1]).toEqual([{ host: 'c.test', port: 8080, https: false, count: 1 }]);
+    queue.leave();
+    await settle();
+    expect(batches[2]).toEqual([{ host: 'b.test', port: 80, https: false, count: 1 }]);
+    queue.leave();
+    queue.leave();
+    queue.leave();
+    await Promise.all(waiting);
+    await queue.idle();
+    expect(batches).toHaveLength(3);
+  });
+
+  it('bounds the lookahead: 1,000 waiting requests to 1,000 origins announce only the first N', async () => {
+    const { queue, batches, enter } = recordingQueue(1, { origins: 8, socketsPerOrigin: 8 });
+    enter('http://running.test/');
+    const controller = new AbortController();
+    const waiting = Array.from({ length: 1000 }, (_, i) => enter(`http://o${i}.test/`, { signal: controller.signal }));
+    await settle();
+    expect(batches.flat().map((origin) => origin.host)).toEqual(Array.from({ length: 8 }, (_, i) => `o${i}.test`));
+    // Waiters that give up leave the lookahead too; when all give up at once, nobody is left to announce.
+    controller.abort();
+    await Promise.all(waiting);
+    await settle();
+    expect(queue.waiting).toBe(0);
+    expect(batches.flat()).toHaveLength(8);
+    queue.leave();
+    await queue.idle();
+  });
+
+  it('a waiter fails at its deadline or when its signal fires, and leaves the queue', async () => {
+    const { queue, order, enter } = recordingQueue(1);
+    enter('http://running.test/');
+    const controller = new AbortController();
+    const timedOut = enter('http://late.test/', { timeoutMs: 30 });
+    const aborted = enter('http://aborted.test/', { signal: controller.signal });
+    const next = enter('http://next.test/');
+    controller.abort();
+    await aborted;
+    await timedOut;
+    expect(order).toEqual(['http://aborted.test/ SOCKPOOL_ERR_ABORTED', 'http://late.test/ SOCKPOOL_ERR_TIMEOUT']);
+    expect(queue.waiting).toBe(1);
+    // The slot skips both and goes to the next waiter.
+    queue.leave();
+    await next;
+    expect(order.at(-1)).toBe('http://next.test/');
+    let idle = false;
+    const idling = queue.idle().then(() => {
+      idle = true;
+    });
+    await settle();
+    expect(idle).toBe(false);
+    queue.leave();
+    await idling;
+  });
+});
