@@ -234,7 +234,7 @@ export class SockpoolClient {
       result.timings.queueMs = queueMs(queued, result.timings);
       return result;
     } finally {
-      this.#queue.leave();
+      this.#queue.leave(target);
     }
   }
 
@@ -248,7 +248,7 @@ export class SockpoolClient {
     // head or the body. The slot is held until then.
     this.#run(request, channel, signal)
       .catch((error: Error) => channel.fail(error))
-      .finally(() => this.#queue.leave());
+      .finally(() => this.#queue.leave(target));
     const head = await channel.head;
     return { ...head, body: channel.body!, timings: { ...head.timings, queueMs: queueMs(queued, head.timings) } };
   }

@@ -1,11 +1,13 @@
 // The client's queue, and what it tells the daemon about it. A client runs at most `capacity` requests at once
 // (threads × concurrencyPerThread; `threads: 0` counts as one thread); later ones wait here, in order, until a
 // running one ends. A crawler that hands over its whole frontier thus leaves most of it waiting here, and the
-// daemon could be warming sockets for it: the queue announces the origins of the first `origins` distinct origins
-// among the waiting requests (a `prewarm` each, with as many sockets as requests wait for that origin, at most
-// `socketsPerOrigin`), once while the origin has requests waiting. When an announced origin's last waiting request
-// starts (or gives up), the lookahead moves on to the next origin not yet announced. The daemon's prewarm quota per
-// uid still bounds what all this asks for; announcing is best effort and never fails a request.
+// daemon could be warming sockets for it: the queue announces the first `origins` distinct origins among the
+// waiting requests (a `prewarm` each), once while the origin has requests waiting. It asks for as many sockets as
+// requests wait for the origin, at most `socketsPerOrigin`, less the requests running to it now: those leave
+// connections behind for the waiting ones (keep-alive; HTTP/2 multiplexes them all over one), and an origin they
+// already cover is passed over without taking a place in the lookahead. When an announced origin's last waiting
+// request starts (or gives up), the lookahead moves on to the next origin not yet looked at. The daemon's prewarm
+// quota per uid still bounds what all this asks for; announcing is best effort and never fails a request.
 //
 // The waiting list is an array with a head index: waiters before `#head` have left it (started, or gave up: a
 // waiter that gave up stays in place, marked, and is skipped). `#cursor` is how far the lookahead has looked:
@@ -44,10 +46,11 @@ interface Waiter {
   onAbort: (() => void) | undefined;
 }
 
-/** Waiting requests of one origin, and whether the daemon has been told about them. */
+/** Waiting requests of one origin, and whether the lookahead has looked at it (and announced it, or passed it over
+ *  because its running requests cover what waits). */
 interface WaitingOrigin {
   waiting: number;
-  announced: boolean;
+  looked: 'no' | 'announced' | 'passed';
 }
 
 /** Waiters before the head are dropped from the array once this many have piled up (and they are most of it). */
@@ -68,6 +71,8 @@ export class RequestQueue {
   #origins = new Map<string, WaitingOrigin>();
   /** Origins with waiters that were announced. */
   #announced = 0;
+  /** By origin key: requests holding a slot (kept only while announcing is on). */
+  #runningTo = new Map<string, number>();
   #lookPending = false;
   /** Whoever waits for the queue to be empty and no request to hold a slot (close()). */
   #onIdle: Array<() => void> = [];
@@ -98,6 +103,7 @@ export class RequestQueue {
   enter(target: UrlTarget, request: TransferRequest, signal: AbortSignal | undefined): Promise<void> | undefined {
     if (this.#running < this.#capacity && this.#waiting === 0) {
       this.#running++;
+      if (this.#lookahead) this.#runningTo.set(target.key, (this.#runningTo.get(target.key) ?? 0) + 1);
       return undefined;
     }
     return new Promise<void>((resolve, reject) => {
@@ -119,19 +125,27 @@ export class RequestQueue {
       this.#waiting++;
       const origin = this.#origins.get(target.key);
       if (origin) origin.waiting++;
-      else this.#origins.set(target.key, { waiting: 1, announced: false });
+      else this.#origins.set(target.key, { waiting: 1, looked: 'no' });
       if (this.#lookahead && this.#announced < this.#lookahead.origins) this.#lookLater();
     });
   }
 
-  /** A request that held a slot is over: the slot goes to the next waiter. */
-  leave(): void {
+  /** A request to `target` that held a slot is over: the slot goes to the next waiter. */
+  leave(target: UrlTarget): void {
     this.#running--;
+    if (this.#lookahead) {
+      const running = this.#runningTo.get(target.key)! - 1;
+      if (running > 0) this.#runningTo.set(target.key, running);
+      else this.#runningTo.delete(target.key);
+    }
     while (this.#running < this.#capacity && this.#head < this.#waiters.length) {
       const waiter = this.#waiters[this.#head++]!;
       if (waiter.gone) continue;
       this.#left(waiter);
       this.#running++;
+      if (this.#lookahead) {
+        this.#runningTo.set(waiter.target.key, (this.#runningTo.get(waiter.target.key) ?? 0) + 1);
+      }
       waiter.start();
     }
     this.#compact();
@@ -164,7 +178,7 @@ export class RequestQueue {
     const origin = this.#origins.get(waiter.target.key)!;
     if (--origin.waiting > 0) return;
     this.#origins.delete(waiter.target.key);
-    if (origin.announced) {
+    if (origin.looked === 'announced') {
       this.#announced--;
       this.#lookLater();
     }
@@ -190,16 +204,17 @@ export class RequestQueue {
       const waiter = this.#waiters[this.#cursor++]!;
       if (waiter.gone) continue;
       const origin = this.#origins.get(waiter.target.key)!;
-      if (origin.announced) continue;
-      origin.announced = true;
+      if (origin.looked !== 'no') continue;
+      const count =
+        Math.min(origin.waiting, lookahead.socketsPerOrigin) - (this.#runningTo.get(waiter.target.key) ?? 0);
+      if (count <= 0) {
+        origin.looked = 'passed';
+        continue;
+      }
+      origin.looked = 'announced';
       this.#announced++;
       const { host, port } = waiter.target.origin;
-      batch.push({
-        host,
-        port,
-        https: waiter.target.secure,
-        count: Math.min(origin.waiting, lookahead.socketsPerOrigin),
-      });
+      batch.push({ host, port, https: waiter.target.secure, count });
     }
     if (batch.length > 0) this.#announce(batch);
   }

@@ -27,7 +27,9 @@ function recordingQueue(capacity: number, lookahead = { origins: 2, socketsPerOr
       },
     );
   };
-  return { queue, batches, order, enter };
+  /** The request to `url` that held a slot is over. */
+  const leave = (url: string) => queue.leave(urlTarget(url));
+  return { queue, batches, order, enter, leave };
 }
 
 /** Lets queued microtasks (the lookahead, promise reactions) run. */
@@ -35,25 +37,25 @@ const settle = () => new Promise((resolve) => setImmediate(resolve));
 
 describe('RequestQueue', () => {
   it('runs up to its capacity at once and hands slots to waiters in order of arrival', async () => {
-    const { queue, order, enter } = recordingQueue(2);
+    const { queue, order, enter, leave } = recordingQueue(2);
     expect(enter('http://a.test/1')).toBe('started');
     expect(enter('http://a.test/2')).toBe('started');
     const waiting = [enter('http://b.test/1'), enter('http://c.test/1'), enter('http://b.test/2')];
     expect(queue.waiting).toBe(3);
-    queue.leave();
+    leave('http://a.test/1');
     await settle();
     expect(order).toEqual(['http://b.test/1']);
-    queue.leave();
-    queue.leave();
+    leave('http://a.test/2');
+    leave('http://b.test/1');
     await Promise.all(waiting);
     expect(order).toEqual(['http://b.test/1', 'http://c.test/1', 'http://b.test/2']);
     // A newcomer does not pass waiters: with a free slot and nobody waiting it starts at once.
-    queue.leave();
+    leave('http://c.test/1');
     expect(enter('http://d.test/')).toBe('started');
   });
 
   it('announces the first distinct origins among the waiters, with as many sockets as wait for each (capped)', async () => {
-    const { queue, batches, enter } = recordingQueue(1, { origins: 2, socketsPerOrigin: 3 });
+    const { queue, batches, enter, leave } = recordingQueue(1, { origins: 2, socketsPerOrigin: 3 });
     enter('http://running.test/');
     // A burst: one lookahead after it, with the counts of the whole burst.
     const waiting = [
@@ -70,28 +72,54 @@ describe('RequestQueue', () => {
         { host: 'b.test', port: 443, https: true, count: 1 },
       ],
     ]);
-    // a.test's five first waiters start: a.test still has one waiting, so nothing moves.
-    for (let i = 0; i < 5; i++) queue.leave();
+    // a.test's five first waiters start, one after the other: a.test still has one waiting, so nothing moves.
+    leave('http://running.test/');
+    for (let i = 0; i < 4; i++) leave('http://a.test/');
     await settle();
     expect(batches).toHaveLength(1);
-    // b.test's (https) waiter starts: its origin has no waiter left, so the lookahead moves on to c.test
-    // (http://b.test, port 80, is another origin: it was looked at before c.test, but comes after in distinctness).
-    queue.leave();
+    // b.test's (https) waiter starts: its origin has no waiter left, so the lookahead moves on: to c.test, then
+    // (once c.test's waiter starts) http://b.test, another origin than https://b.test.
+    leave('http://a.test/');
     await settle();
     expect(batches[1]).toEqual([{ host: 'c.test', port: 8080, https: false, count: 1 }]);
-    queue.leave();
+    leave('https://b.test/');
     await settle();
     expect(batches[2]).toEqual([{ host: 'b.test', port: 80, https: false, count: 1 }]);
-    queue.leave();
-    queue.leave();
-    queue.leave();
+    leave('http://c.test:8080/');
+    leave('http://b.test/');
     await Promise.all(waiting);
+    leave('http://a.test/last');
     await queue.idle();
     expect(batches).toHaveLength(3);
   });
 
+  it('asks for sockets beyond what running requests to the origin leave behind; passes over origins they cover', async () => {
+    const { queue, batches, enter, leave } = recordingQueue(3, { origins: 1, socketsPerOrigin: 8 });
+    enter('https://h2.test/1');
+    enter('https://h2.test/2');
+    enter('http://busy.test/1');
+    // h2.test: 2 running cover 2 waiting (passed over, no place in the lookahead); busy.test: 4 waiting, 1 running.
+    const waiting = [
+      enter('https://h2.test/3'),
+      enter('https://h2.test/4'),
+      ...Array.from({ length: 4 }, (_, i) => enter(`http://busy.test/w${i}`)),
+      enter('http://other.test/'),
+    ];
+    await settle();
+    expect(batches).toEqual([[{ host: 'busy.test', port: 80, https: false, count: 3 }]]);
+    for (const url of ['https://h2.test/1', 'https://h2.test/2', 'http://busy.test/1']) leave(url);
+    for (let i = 0; i < 3; i++) leave('http://busy.test/');
+    // busy.test's last waiter started: other.test takes its place in the lookahead.
+    await settle();
+    expect(batches[1]).toEqual([{ host: 'other.test', port: 80, https: false, count: 1 }]);
+    leave('http://busy.test/');
+    await Promise.all(waiting);
+    for (const url of ['https://h2.test/', 'https://h2.test/', 'http://other.test/']) leave(url);
+    await queue.idle();
+  });
+
   it('bounds the lookahead: 1,000 waiting requests to 1,000 origins announce only the first N', async () => {
-    const { queue, batches, enter } = recordingQueue(1, { origins: 8, socketsPerOrigin: 8 });
+    const { queue, batches, enter, leave } = recordingQueue(1, { origins: 8, socketsPerOrigin: 8 });
     enter('http://running.test/');
     const controller = new AbortController();
     const waiting = Array.from({ length: 1000 }, (_, i) => enter(`http://o${i}.test/`, { signal: controller.signal }));
@@ -103,12 +131,12 @@ describe('RequestQueue', () => {
     await settle();
     expect(queue.waiting).toBe(0);
     expect(batches.flat()).toHaveLength(8);
-    queue.leave();
+    leave('http://running.test/');
     await queue.idle();
   });
 
   it('a waiter fails at its deadline or when its signal fires, and leaves the queue', async () => {
-    const { queue, order, enter } = recordingQueue(1);
+    const { queue, order, enter, leave } = recordingQueue(1);
     enter('http://running.test/');
     const controller = new AbortController();
     const timedOut = enter('http://late.test/', { timeoutMs: 30 });
@@ -120,7 +148,7 @@ describe('RequestQueue', () => {
     expect(order).toEqual(['http://aborted.test/ SOCKPOOL_ERR_ABORTED', 'http://late.test/ SOCKPOOL_ERR_TIMEOUT']);
     expect(queue.waiting).toBe(1);
     // The slot skips both and goes to the next waiter.
-    queue.leave();
+    leave('http://running.test/');
     await next;
     expect(order.at(-1)).toBe('http://next.test/');
     let idle = false;
@@ -129,7 +157,7 @@ describe('RequestQueue', () => {
     });
     await settle();
     expect(idle).toBe(false);
-    queue.leave();
+    leave('http://next.test/');
     await idling;
   });
 });
