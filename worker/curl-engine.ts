@@ -29,6 +29,7 @@ import { ErrorCodes, type PlainError, SockpoolError, toPlainError } from '../sha
 import { originKey } from '../shared/origin.js';
 import type { LeaseTls } from '../shared/protocol.js';
 import { Cancellation, type CancelSignal } from './cancellation.js';
+import { H2StallWatch, type StallWatched } from './h2-stall-watch.js';
 import { BufferSink, type ResponseSink } from './response-sink.js';
 import type { SocketSlot, SocketSupply } from './socket-supply.js';
 import type { ResponseHead } from './stream-protocol.js';
@@ -128,6 +129,8 @@ interface Attempt {
   headSent: boolean;
   /** CurlPause bits in force. */
   pause: number;
+  /** Relayed HTTP/2 transfers that were paused once: watched for curl 7.88's lost WINDOW_UPDATE (h2-stall-watch.ts). */
+  stallWatch: StallWatched | undefined;
 }
 
 interface HandleState {
@@ -202,6 +205,7 @@ export class CurlEngine {
   /** responseHead's numbers (status, version, timings), read right after each call. */
   #headNumbers = new Float64Array(6);
   #closed = false;
+  #stallWatch = new H2StallWatch();
   /** Transfers curl finished, to complete in the next immediate (see the constructor). */
   #completed: Array<() => void> = [];
 
@@ -250,6 +254,7 @@ export class CurlEngine {
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
+    this.#stallWatch.close();
     // Nothing is left hanging: transfers curl finished are completed now (their handles still open), and the ones
     // still running fail with SOCKPOOL_ERR_CLOSED.
     const completed = this.#completed;
@@ -363,6 +368,7 @@ export class CurlEngine {
       // The Buffer is curl's data copied for us: the sink may keep it, or transfer (detach) it to another thread.
       const length = data.length;
       if (!attempt) return length;
+      if (attempt.stallWatch) attempt.stallWatch.received += length;
       if (!attempt.io.sink.write(data)) {
         attempt.pause |= CurlPause.Recv;
         return CurlWriteFunc.Pause;
@@ -436,6 +442,19 @@ export class CurlEngine {
     const attempt = state.current;
     if (!attempt || attempt.seq !== seq || !state.finish || (attempt.pause & direction) === 0) return;
     attempt.pause &= ~direction;
+    if (direction === CurlPause.Recv && attempt.relay?.alpn === 'h2' && !attempt.stallWatch) {
+      attempt.stallWatch = {
+        received: 0,
+        running: () => state.current === attempt && state.finish !== undefined,
+        paused: () => (attempt.pause & CurlPause.Recv) !== 0,
+        kick: () => {
+          state.easy.pause(attempt.pause | CurlPause.Recv);
+          // May call WRITEFUNCTION, as below.
+          state.easy.pause(attempt.pause);
+        },
+      };
+      this.#stallWatch.watch(attempt.stallWatch);
+    }
     // May call WRITEFUNCTION at once with the data curl held back (which may pause again).
     state.easy.pause(attempt.pause);
   }
@@ -573,6 +592,7 @@ export class CurlEngine {
       acquireMs,
       headSent: false,
       pause: 0,
+      stallWatch: undefined,
     };
     state.current = attempt;
     try {

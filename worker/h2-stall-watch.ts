@@ -1,0 +1,63 @@
+// A workaround for a libcurl 7.88 stall in HTTP/2 over a plaintext socket (how curl speaks to a warm TLS session the
+// daemon relays). After a stream paused (CURL_WRITEFUNC_PAUSE) and resumed, curl now and then leaves the
+// WINDOW_UPDATE that would reopen the flow-control window unsent: the server, its window spent, waits for it, curl
+// waits for data, and the transfer hangs until its deadline. Reproduced with node-libcurl alone against a node:http2
+// h2c server (a 64 MiB download read by a slower consumer stalls at exactly 64 MiB, two windows' worth, in about 1
+// run of 8), never with curl's own TLS; later curl versions rewrote this code (http2_data_pause runs the transfer
+// again on unpause). curl_easy_pause itself sends whatever nghttp2 has queued (it sets the stream's window, then
+// sends), so a watched transfer that received nothing for a whole interval while not paused gets its receive pause
+// toggled: that sends the update. For a transfer that is merely waiting on a slow server the toggle changes nothing.
+
+/** What the watch needs of one transfer; the engine counts `received`. */
+export interface StallWatched {
+  received: number;
+  /** Still running on its handle. */
+  running(): boolean;
+  /** Paused by us (the sink is full): no data is expected. */
+  paused(): boolean;
+  /** Toggles the receive pause (see above). */
+  kick(): void;
+}
+
+export class H2StallWatch {
+  #watched = new Map<StallWatched, number>();
+  #timer: NodeJS.Timeout | undefined;
+  #intervalMs: number;
+  /** Kicks so far (tests and stats). */
+  kicks = 0;
+
+  constructor(intervalMs = 250) {
+    this.#intervalMs = intervalMs;
+  }
+
+  /** Watches a transfer until it stops running (idempotent). */
+  watch(transfer: StallWatched): void {
+    if (this.#watched.has(transfer)) return;
+    this.#watched.set(transfer, transfer.received);
+    if (!this.#timer) {
+      this.#timer = setInterval(() => this.#tick(), this.#intervalMs);
+      this.#timer.unref();
+    }
+  }
+
+  close(): void {
+    clearInterval(this.#timer);
+    this.#timer = undefined;
+    this.#watched.clear();
+  }
+
+  #tick(): void {
+    for (const [transfer, seen] of this.#watched) {
+      if (!transfer.running()) {
+        this.#watched.delete(transfer);
+        continue;
+      }
+      if (!transfer.paused() && transfer.received === seen) {
+        this.kicks++;
+        transfer.kick();
+      }
+      this.#watched.set(transfer, transfer.received);
+    }
+    if (this.#watched.size === 0) this.close();
+  }
+}
