@@ -108,7 +108,18 @@ export const DEFAULTS = {
       warmTls: false,
     },
   },
+  fleet: {
+    name: 'default',
+    onUnavailable: 'local' as FleetUnavailableMode,
+    shareWarming: false,
+    heartbeatMs: 1_000,
+    slotTtlMs: 5_000,
+    demandPublishMs: 5_000,
+  },
 };
+
+export const FLEET_UNAVAILABLE_MODES = ['local', 'refuse'] as const;
+export type FleetUnavailableMode = (typeof FLEET_UNAVAILABLE_MODES)[number];
 
 // ---------------------------------------------------------------------------------------------------------------
 // Schema.
@@ -211,6 +222,11 @@ const policyFields = {
   caFile: z.string().min(1),
   clientCert: z.string().min(1),
   clientKey: z.string().min(1),
+  // Fleet-wide (daemon/fleet/): connections to the origin from every daemon of the fleet together.
+  maxPerOriginFleet: z.int().min(1),
+  // Politeness: requests per second to the origin (a fleet's together, or this daemon's alone), GCRA with `burst`.
+  requestsPerSecond: z.number().positive().max(1_000_000),
+  burst: z.int().min(1).max(1_000_000),
 };
 
 const policyDefaults = DEFAULTS.pool.defaults;
@@ -235,6 +251,9 @@ const originPolicySchema = z
     caFile: policyFields.caFile.optional(),
     clientCert: policyFields.clientCert.optional(),
     clientKey: policyFields.clientKey.optional(),
+    maxPerOriginFleet: policyFields.maxPerOriginFleet.optional(),
+    requestsPerSecond: policyFields.requestsPerSecond.optional(),
+    burst: policyFields.burst.optional(),
   })
   .transform(({ maxIdle, ...policy }) => ({
     ...policy,
@@ -272,6 +291,9 @@ const originOverrideSchema = z.strictObject({
   caFile: policyFields.caFile.optional(),
   clientCert: policyFields.clientCert.optional(),
   clientKey: policyFields.clientKey.optional(),
+  maxPerOriginFleet: policyFields.maxPerOriginFleet.optional(),
+  requestsPerSecond: policyFields.requestsPerSecond.optional(),
+  burst: policyFields.burst.optional(),
 });
 
 /** A `tls.warm` entry: `*` (every https origin) or an origin match pattern as in `pool.origins[].match`. */
@@ -287,6 +309,30 @@ const egressDefaults = DEFAULTS.egress;
 const dnsDefaults = DEFAULTS.dns;
 const poolDefaults = DEFAULTS.pool;
 const tlsDefaults = DEFAULTS.tls;
+const fleetDefaults = DEFAULTS.fleet;
+
+/**
+ * `redis://[user:password@]host[:port][/db]` (or `rediss://` for TLS): where the fleet's shared state lives. No
+ * query or fragment: every option of the connection is sockpool's own.
+ */
+export function parseRedisUrl(text: string): { host: string; port: number; db: number; tls: boolean } | undefined {
+  let url: URL;
+  try {
+    url = new URL(text);
+  } catch {
+    return undefined;
+  }
+  if ((url.protocol !== 'redis:' && url.protocol !== 'rediss:') || url.hostname === '') return undefined;
+  if (url.search !== '' || url.hash !== '') return undefined;
+  const path = url.pathname.replace(/^\//, '');
+  if (path !== '' && !/^\d{1,2}$/.test(path)) return undefined;
+  return {
+    host: url.hostname.replace(/^\[(.*)\]$/, '$1'),
+    port: url.port === '' ? 6379 : Number(url.port),
+    db: path === '' ? 0 : Number(path),
+    tls: url.protocol === 'rediss:',
+  };
+}
 
 export const configSchema = z
   .strictObject({
@@ -368,6 +414,28 @@ export const configSchema = z
         origins: z.array(originOverrideSchema).default(() => []),
       })
       .prefault({}),
+    fleet: z
+      .strictObject({
+        redis: z
+          .string()
+          .refine((text) => parseRedisUrl(text) !== undefined, {
+            error: 'expected redis://host:port/db (or rediss:// for TLS; no query string)',
+          })
+          .optional(),
+        name: z
+          .string()
+          .regex(
+            /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/,
+            'expected a name of letters, digits, ".", "_" and "-" (at most 63)',
+          )
+          .default(fleetDefaults.name),
+        onUnavailable: z.enum(FLEET_UNAVAILABLE_MODES).default(fleetDefaults.onUnavailable),
+        shareWarming: z.boolean().default(fleetDefaults.shareWarming),
+        heartbeatMs: z.int().min(100).max(60_000).default(fleetDefaults.heartbeatMs),
+        slotTtlMs: z.int().min(300).max(600_000).default(fleetDefaults.slotTtlMs),
+        demandPublishMs: z.int().min(100).max(600_000).default(fleetDefaults.demandPublishMs),
+      })
+      .prefault({}),
   })
   .superRefine((config, ctx) => {
     checkPolicyOrder(config.pool.defaults, ['pool', 'defaults'], ctx);
@@ -385,6 +453,18 @@ export const configSchema = z
       }
       names.add(proxy.name);
     });
+    checkRate(config.pool.defaults, ['pool', 'defaults'], ctx);
+    config.pool.origins.forEach((override, index) => {
+      checkRate(mergePolicy(config.pool.defaults, override), ['pool', 'origins', index], ctx, override);
+    });
+    // A renewal must land well before the slots it renews expire (one lost heartbeat is not an expiry).
+    if (config.fleet.slotTtlMs < 3 * config.fleet.heartbeatMs) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['fleet', 'slotTtlMs'],
+        message: `must be at least 3 × fleet.heartbeatMs (${3 * config.fleet.heartbeatMs}), got ${config.fleet.slotTtlMs}`,
+      });
+    }
     if (config.dns.minTtlMs > config.dns.maxTtlMs) {
       ctx.addIssue({
         code: 'custom',
@@ -425,6 +505,18 @@ function checkPolicyOrder(
       message: `${describe(low)} must be at most ${describe(high)}`,
     });
   }
+}
+
+/** `burst` is a property of a rate: alone it means nothing. */
+function checkRate(
+  policy: OriginPolicy,
+  path: Array<string | number>,
+  ctx: z.RefinementCtx,
+  override?: OriginOverride,
+): void {
+  if (policy.burst === undefined || policy.requestsPerSecond !== undefined) return;
+  if (override !== undefined && override.burst === undefined) return;
+  ctx.addIssue({ code: 'custom', path: [...path, 'burst'], message: 'burst needs requestsPerSecond' });
 }
 
 /** mTLS needs both halves, set together in one place. */
@@ -640,6 +732,8 @@ export interface ConfigFlags {
   warmTls?: string[];
   /** `--ca-file PATH`: tls.caFile. */
   caFile?: string;
+  /** `--fleet-redis URL`: fleet.redis. */
+  fleetRedis?: string;
 }
 
 /** The flags as `sockpoold`'s command line collects them. */
@@ -656,6 +750,7 @@ const FLAG_OF_KEY: Array<[RegExp, string]> = [
   [/^logLevel$/, '--log-level'],
   [/^tls\.warm(\[\d+\])?$/, '--warm-tls'],
   [/^tls\.caFile$/, '--ca-file'],
+  [/^fleet\.redis$/, '--fleet-redis'],
 ];
 
 /**
@@ -675,6 +770,7 @@ export function applyFlags(config: SockpoolConfig, flags: ConfigFlags): Sockpool
   if (flags.logLevel !== undefined) raw.logLevel = flags.logLevel as LogLevel;
   if (flags.warmTls?.length) raw.tls.warm.push(...flags.warmTls);
   if (flags.caFile !== undefined) raw.tls.caFile = flags.caFile;
+  if (flags.fleetRedis !== undefined) raw.fleet.redis = flags.fleetRedis;
   return parseConfig(raw, 'command-line flags', {
     label: (path) => FLAG_OF_KEY.find(([pattern]) => pattern.test(path))?.[1] ?? path,
   });

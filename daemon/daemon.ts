@@ -17,6 +17,9 @@ import { parseProxyUrl, type SockpoolConfig } from './config.js';
 import { ConnectGate } from './connect-gate.js';
 import { type ConnectedSocket, TcpConnector } from './connector.js';
 import { EgressPolicy } from './egress-policy.js';
+import { Fleet } from './fleet/fleet.js';
+import { registerFleetMetrics } from './fleet/metrics.js';
+import { LocalSlots, slotKeeper } from './fleet/slots.js';
 import { HandoffServer } from './handoff-server.js';
 import { hostAddressesProvider } from './host-addresses.js';
 import {
@@ -78,6 +81,8 @@ export class Sockpoold {
   #proxies: ReadonlyMap<string, ProxyEndpoint>;
   #pools: PoolManager;
   #relays: TlsRelays;
+  /** With `fleet.redis`: the fleet's shared limits and demand (fleet/). Without it no Redis code runs. */
+  #fleet: Fleet | undefined;
   #server: HandoffServer | undefined;
   /** The listening fd; we unlink the path at stop only when we bound it ourselves (not socket-activated). */
   #listenFd = -1;
@@ -118,6 +123,10 @@ export class Sockpoold {
     this.#egress = createEgressPolicy(this.#config, this.#hostAddresses);
     this.#resolver = new Resolver(this.#config.dns);
     this.#proxies = proxiesByName(this.#config);
+    if (this.#config.fleet.redis !== undefined) {
+      this.#fleet = new Fleet(this.#config.fleet, this.#log.child({ part: 'fleet' }));
+    }
+    registerFleetMetrics(this.#metrics.registry, () => this.#fleet);
     this.#pools = new PoolManager({
       config: this.#config,
       connector,
@@ -125,6 +134,8 @@ export class Sockpoold {
       metrics: this.#metrics,
       store: this.#store,
       tls,
+      // A daemon without a fleet is a fleet of one: maxPerOriginFleet bounds its own connections.
+      slots: slotKeeper(this.#fleet ?? new LocalSlots()),
     });
   }
 
@@ -174,6 +185,7 @@ export class Sockpoold {
         rssBytes: process.memoryUsage.rss(),
         adoptedFromFdStore: this.#adoptedFromFdStore,
         tls: this.#relays.counters(),
+        ...(this.#fleet ? { fleet: this.#fleet.snapshot() } : {}),
       }),
     });
     this.#server.start();
@@ -184,6 +196,7 @@ export class Sockpoold {
     if (this.#config.metricsPort > 0) {
       this.#metricsServer = await startMetricsServer(this.#metrics, this.#config.metricsPort, this.#config.metricsHost);
     }
+    await this.#fleet?.start();
     const warming = this.#pools.warmFromHistory(this.#config.pool.warmOnStartOrigins);
     this.#log.info(
       { socket: this.#socketPath, stateDir: this.#config.stateDir, warming, metricsPort: this.metricsPort },
@@ -323,7 +336,15 @@ export class Sockpoold {
       this.#egress = egress;
       this.#resolver = resolver;
       this.#proxies = proxiesByName(config);
-      this.#config = { ...config, socket: this.#config.socket, stateDir: this.#config.stateDir };
+      if (JSON.stringify(config.fleet) !== JSON.stringify(this.#config.fleet)) {
+        this.#log.warn('fleet.* changed: the fleet settings take effect at the next start, not on reload');
+      }
+      this.#config = {
+        ...config,
+        socket: this.#config.socket,
+        stateDir: this.#config.stateDir,
+        fleet: this.#config.fleet,
+      };
       const refused = this.#pools.reconfigure(this.#config);
       this.#log.info({ idleClosedByPolicy: refused }, 'configuration reloaded');
     } catch (error) {
@@ -359,6 +380,7 @@ export class Sockpoold {
         unlinkSync(this.#boundPath);
       } catch {}
     }
+    await this.#fleet?.close();
     await this.#metricsServer?.close();
     // Warm TLS sessions end with their threads (process memory: nothing of them survives a restart).
     await this.#relays.close();

@@ -35,6 +35,7 @@ interface CliOptions {
   logLevel?: string;
   warmTls: string[];
   caFile?: string;
+  fleetRedis?: string;
 }
 
 const program = new Command('sockpoold')
@@ -53,6 +54,10 @@ const program = new Command('sockpoold')
     [],
   )
   .option('--ca-file <file>', 'CA certificates (PEM) the warm TLS handshakes trust instead of the system store')
+  .option(
+    '--fleet-redis <url>',
+    'share per-origin limits and warming with a fleet through Redis (redis://host:port/db)',
+  )
   .option('--metrics-port <n>', 'serve Prometheus metrics on 127.0.0.1:<n> (0 = off)', port)
   .addOption(
     new Option('--log-level <level>', 'log level').choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace']),
@@ -74,6 +79,7 @@ function flags(): DaemonFlags {
     logLevel: options.logLevel as SockpoolConfig['logLevel'] | undefined,
     warmTls: options.warmTls,
     caFile: options.caFile,
+    fleetRedis: options.fleetRedis,
   };
 }
 

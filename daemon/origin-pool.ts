@@ -14,6 +14,7 @@ import type { Origin } from '../shared/origin.js';
 import type { OriginPolicy } from './config.js';
 import type { ConnectedSocket, Connector } from './connector.js';
 import { FairWaitQueue } from './fair-queue.js';
+import type { SlotKeeper } from './fleet/slots.js';
 
 export interface Handoff extends ConnectedSocket {
   /** True when the socket was idle in the pool; false when it was connected for this acquire. */
@@ -74,13 +75,26 @@ export class OriginPool {
   /** Consecutive failed background connects; refills back off while the origin is failing. */
   #failures = 0;
   #backoffUntil = 0;
+  /** `maxPerOriginFleet` (fleet/slots.ts): a connect first takes a slot, a closed connection gives it back. */
+  #slots: SlotKeeper | undefined;
+  /** Slots this pool holds, and connects still waiting for theirs (counted in #connecting meanwhile). */
+  #slotsHeld = 0;
+  #awaitingSlot = 0;
 
-  constructor(key: string, origin: Origin, policy: OriginPolicy, connector: Connector, events: OriginPoolEvents) {
+  constructor(
+    key: string,
+    origin: Origin,
+    policy: OriginPolicy,
+    connector: Connector,
+    events: OriginPoolEvents,
+    slots?: SlotKeeper,
+  ) {
     this.key = key;
     this.origin = origin;
     this.policy = policy;
     this.#connector = connector;
     this.#events = events;
+    this.#slots = slots;
   }
 
   get idleCount(): number {
@@ -134,6 +148,7 @@ export class OriginPool {
   leaseEnded(uid = 0): void {
     this.#leased = Math.max(0, this.#leased - 1);
     this.#waiters.held(uid, -1);
+    this.#settleSlots();
     this.#pump();
   }
 
@@ -148,6 +163,7 @@ export class OriginPool {
     const probe = native.probe(socket.fd);
     if (this.#closed || probe.state !== 'alive' || !isEstablished(probe.tcpState)) {
       native.close(socket.fd);
+      this.#settleSlots();
       this.#pump();
       return;
     }
@@ -226,6 +242,7 @@ export class OriginPool {
       clearTimeout(socket.recycleTimer);
     }
     this.#events.idleChanged(this, -sockets.length);
+    this.#settleSlots();
     return sockets.map(
       ({ poller: _poller, idleSince: _idleSince, recycleTimer: _timer, ownerUid: _owner, ...rest }) => rest,
     );
@@ -238,6 +255,8 @@ export class OriginPool {
       native.close(socket.fd);
       return false;
     }
+    this.#slots?.count(this);
+    this.#slotsHeld++;
     this.#addIdle(socket);
     return true;
   }
@@ -250,6 +269,15 @@ export class OriginPool {
       waiter.reject(new SockpoolError(ErrorCodes.SHUTTING_DOWN, `sockpoold is stopping; ${this.key} unavailable`));
     }
     for (const socket of [...this.#idle]) this.#drop(socket, 'shutdown');
+    this.#settleSlots();
+  }
+
+  /** Gives back the slots of connections that are gone (a no-op without a fleet cap: nothing is held). */
+  #settleSlots(): void {
+    const extra = this.#slotsHeld - (this.total - this.#awaitingSlot);
+    if (extra <= 0) return;
+    this.#slotsHeld -= extra;
+    this.#slots?.release(this, extra);
   }
 
   /**
@@ -288,6 +316,7 @@ export class OriginPool {
     }
     if (this.#idle.length >= this.policy.maxIdle) {
       native.close(socket.fd);
+      this.#settleSlots();
       this.#events.dropped(this, 'excess', 0, performance.now() - socket.connectedAt);
       return;
     }
@@ -354,6 +383,7 @@ export class OriginPool {
     socket.poller?.close();
     clearTimeout(socket.recycleTimer);
     native.close(socket.fd);
+    this.#settleSlots();
     const now = performance.now();
     this.#events.idleChanged(this, -1);
     this.#events.dropped(this, reason, now - socket.idleSince, now - socket.connectedAt);
@@ -415,6 +445,35 @@ export class OriginPool {
   #startConnect(forWaiter: boolean): void {
     this.#connecting++;
     if (forWaiter) this.#connectingForWaiters++;
+    // A waiter's connect waits for a fleet slot while someone still waits; a refill or prewarm only takes a free one.
+    const slot = this.#slots?.take(this, forWaiter, () => !this.#closed && (!forWaiter || this.#waiters.length > 0));
+    if (slot === undefined) {
+      this.#connect(forWaiter);
+      return;
+    }
+    this.#awaitingSlot++;
+    slot.then(
+      (granted) => {
+        this.#awaitingSlot--;
+        if (granted) {
+          this.#slotsHeld++;
+          this.#connect(forWaiter);
+          return;
+        }
+        // Not needed any more, or the fleet is full for a refill: try again later, quietly.
+        this.#connecting--;
+        if (forWaiter) this.#connectingForWaiters--;
+        else this.#backoffUntil = performance.now() + FLEET_FULL_BACKOFF_MS;
+        this.#pump();
+      },
+      (error: Error) => {
+        this.#awaitingSlot--;
+        this.#connectFailed(forWaiter, error);
+      },
+    );
+  }
+
+  #connect(forWaiter: boolean): void {
     this.#connector.connect(this.origin, this.policy).then(
       (socket) => {
         this.#connecting--;
@@ -423,6 +482,7 @@ export class OriginPool {
         this.#events.connected(this, socket.connectMs);
         if (this.#closed) {
           native.close(socket.fd);
+          this.#settleSlots();
           return;
         }
         if (this.#waiters.length > 0) {
@@ -433,25 +493,31 @@ export class OriginPool {
         }
         this.#pump();
       },
-      (error: Error) => {
-        this.#connecting--;
-        if (forWaiter) this.#connectingForWaiters--;
-        this.#failures++;
-        if ((error as { code?: string }).code === ErrorCodes.POLICY) this.#refused = true;
-        this.#backoffUntil = performance.now() + Math.min(30_000, 250 * 2 ** Math.min(this.#failures, 7));
-        this.#events.connectFailed(this, error);
-        // The oldest waiter gets the failure: queue order is kept and nobody waits on a dead origin until timeout.
-        if (forWaiter && this.#waiters.length > 0) {
-          const waiter = this.#waiters.shift()!;
-          clearTimeout(waiter.timer);
-          waiter.settled = true;
-          waiter.reject(error);
-        }
-        this.#pump();
-      },
+      (error: Error) => this.#connectFailed(forWaiter, error),
     );
   }
+
+  #connectFailed(forWaiter: boolean, error: Error): void {
+    this.#connecting--;
+    if (forWaiter) this.#connectingForWaiters--;
+    this.#settleSlots();
+    this.#failures++;
+    if ((error as { code?: string }).code === ErrorCodes.POLICY) this.#refused = true;
+    this.#backoffUntil = performance.now() + Math.min(30_000, 250 * 2 ** Math.min(this.#failures, 7));
+    this.#events.connectFailed(this, error);
+    // The oldest waiter gets the failure: queue order is kept and nobody waits on a dead origin until timeout.
+    if (forWaiter && this.#waiters.length > 0) {
+      const waiter = this.#waiters.shift()!;
+      clearTimeout(waiter.timer);
+      waiter.settled = true;
+      waiter.reject(error);
+    }
+    this.#pump();
+  }
 }
+
+/** A refill that found the fleet's cap reached waits this long before it tries again. */
+const FLEET_FULL_BACKOFF_MS = 250;
 
 function dropReason(state: native.ProbeResult['state']): DropReason {
   return state === 'data' ? 'data' : state === 'error' ? 'error' : 'eof';

@@ -7,6 +7,7 @@ import * as native from '../shared/native.js';
 import { canonicalOrigin, type Origin, originKey } from '../shared/origin.js';
 import { type OriginPolicy, policyFor, type SockpoolConfig } from './config.js';
 import type { ConnectedSocket, Connector } from './connector.js';
+import type { SlotKeeper } from './fleet/slots.js';
 import type { Logger } from './log.js';
 import type { Metrics } from './metrics.js';
 import { type DropReason, type Handoff, OriginPool, type OriginPoolEvents } from './origin-pool.js';
@@ -40,6 +41,8 @@ export interface PoolManagerOptions {
   store?: StateStore;
   /** Warm TLS (tls-sessions.ts); without it every lease is a TCP socket. */
   tls?: TlsSessions;
+  /** Connection slots under `maxPerOriginFleet` (fleet/slots.ts); without it that key is not enforced. */
+  slots?: SlotKeeper;
 }
 
 const SWEEP_INTERVAL_MS = 500;
@@ -60,6 +63,7 @@ export class PoolManager {
   #metrics: Metrics | undefined;
   #store: StateStore | undefined;
   #tls: TlsSessions | undefined;
+  #slots: SlotKeeper | undefined;
   #idleTotal = 0;
   #hits = 0;
   #misses = 0;
@@ -78,6 +82,7 @@ export class PoolManager {
     this.#metrics = options.metrics;
     this.#store = options.store;
     this.#tls = options.tls;
+    this.#slots = options.slots;
     this.#events = {
       idleChanged: (_pool, delta) => {
         this.#idleTotal += delta;
@@ -330,7 +335,7 @@ export class PoolManager {
     let pool = this.#pools.get(key);
     if (!pool) {
       policy ??= policyFor(this.#config, normalised.host, normalised.port);
-      pool = new OriginPool(key, normalised, policy, connector, this.#events);
+      pool = new OriginPool(key, normalised, policy, connector, this.#events, this.#slots);
       this.#pools.set(key, pool);
       const learned = this.#store?.learnedIdleLifetime(key);
       if (learned !== undefined && learned !== null) this.#statsOf(key).learnedIdleLifetimeMs = learned;

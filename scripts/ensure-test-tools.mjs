@@ -2,7 +2,7 @@
 // The tests need a few system tools besides Node. `npm test` (the unit tier): openssl (test CAs), curl (the CLI
 // peer), systemd (systemd-analyze, systemd-socket-activate), patch. `npm run test:system` (argument `system`) also:
 // iproute2 (network namespaces), util-linux (unshare, setpriv), systemd-container and debootstrap (the systemd
-// lab). On a fresh Debian machine, as root, this installs the missing ones with apt-get; otherwise it names the
+// lab), redis-server and redis-tools (the fleet's shared state). On a fresh Debian machine, as root, this installs the missing ones with apt-get; otherwise it names the
 // packages and fails.
 
 import { execFileSync } from 'node:child_process';
@@ -20,6 +20,8 @@ const systemTier = [
   ['debootstrap', 'debootstrap'],
   ['unshare', 'util-linux'],
   ['setpriv', 'util-linux'],
+  ['redis-server', 'redis-server'],
+  ['redis-cli', 'redis-tools'],
 ];
 const tier = process.argv[2] ?? 'unit';
 const needs = tier === 'system' ? [...unitTier, ...systemTier] : unitTier;

@@ -23,6 +23,13 @@ export const ErrorCodes = {
   LIMIT: 'SOCKPOOL_ERR_LIMIT',
   /** A per-uid quota (sessions, leases, pending acquires, lookups, prewarm demand) was reached. */
   QUOTA: 'SOCKPOOL_ERR_QUOTA',
+  /**
+   * The origin's rate limit (requestsPerSecond, burst) would have made the request wait past its deadline;
+   * `waitMs`: how long it would have had to wait for a token.
+   */
+  RATE_LIMITED: 'SOCKPOOL_ERR_RATE_LIMITED',
+  /** The fleet's Redis is unavailable and `fleet.onUnavailable` is "refuse": nothing that needs the fleet goes ahead. */
+  FLEET_UNAVAILABLE: 'SOCKPOOL_ERR_FLEET_UNAVAILABLE',
   /** The daemon could not reach the origin (every resolved address failed). */
   CONNECT: 'SOCKPOOL_ERR_CONNECT',
   /** The daemon's TLS handshake with the origin failed; `reason`: expired, host-name-mismatch, unknown-ca, ... */

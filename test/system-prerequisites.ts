@@ -10,6 +10,8 @@ const COMMANDS: Array<[string, string]> = [
   ['setpriv', 'util-linux'],
   ['systemd-nspawn', 'systemd-container'],
   ['debootstrap', 'debootstrap'],
+  ['redis-server', 'redis-server'],
+  ['redis-cli', 'redis-tools'],
 ];
 
 function has(command: string): boolean {

@@ -1,0 +1,412 @@
+// A daemon's membership in a fleet: what several sockpoold on several hosts share through one Redis (docs/fleet.md).
+// File descriptors never leave a host; what is shared is what the fleet owes each origin (connection slots under
+// `maxPerOriginFleet`, request tokens under `requestsPerSecond`/`burst`) and what the fleet has seen of demand.
+//
+// Nothing here is on the warm handoff path: slots are taken when this daemon connects and given back when a
+// connection closes (origin-pool.ts calls the SlotKeeper below); tokens are taken in batches (rate-limiter.ts).
+//
+// Redis down: `fleet.onUnavailable = "local"` keeps going with this daemon's share of each limit (the limit divided
+// by the members last seen), counted in `fallbacks` and logged once per outage; `"refuse"` fails new connects and
+// token requests with SOCKPOOL_ERR_FLEET_UNAVAILABLE. ioredis reconnects with backoff; the first heartbeat after a
+// reconnect states again every slot this daemon holds (Redis may have restarted empty).
+
+import { randomBytes } from 'node:crypto';
+import { hostname } from 'node:os';
+import { Redis } from 'ioredis';
+import { ErrorCodes, SockpoolError } from '../../shared/errors.js';
+import { parseRedisUrl, type SockpoolConfig } from '../config.js';
+import type { Logger } from '../log.js';
+import type { Grant, RateParams } from './gcra.js';
+import { HEARTBEAT_SCRIPT, LEAVE_SCRIPT, RATE_SCRIPT, RELEASE_SLOTS_SCRIPT, TAKE_SLOTS_SCRIPT } from './scripts.js';
+import { SLOT_POLL_MS, type SlotLedger } from './slots.js';
+
+type FleetConfig = SockpoolConfig['fleet'];
+
+/** How long one Redis command may take before this daemon counts Redis as unavailable for it. */
+const COMMAND_TIMEOUT_MS = 1_000;
+/** Reconnect backoff: 50 ms doubling up to 2 s. */
+const MAX_RECONNECT_DELAY_MS = 2_000;
+
+export type FleetState = 'connecting' | 'connected' | 'unavailable';
+
+export interface FleetCounters {
+  /** Slots and tokens granted by this daemon's share alone while Redis was unavailable (`local` mode). */
+  fallbackSlots: number;
+  fallbackTokens: number;
+  /** Connects and token requests refused while Redis was unavailable (`refuse` mode). */
+  refused: number;
+  /** Times Redis became unavailable. */
+  outages: number;
+  /** Connects that found the fleet's cap reached and waited for a slot. */
+  slotWaits: number;
+}
+
+export interface FleetDemand {
+  host: string;
+  port: number;
+  ratePerS: number;
+}
+
+interface RedisWithScripts extends Redis {
+  fleetTakeSlots(...args: Array<string | number>): Promise<[number, number]>;
+  fleetReleaseSlots(...args: Array<string | number>): Promise<number>;
+  fleetHeartbeat(...args: Array<string | number>): Promise<number>;
+  fleetRate(...args: Array<string | number>): Promise<[number, string]>;
+  fleetLeave(...args: Array<string | number>): Promise<number>;
+}
+
+export class Fleet implements SlotLedger {
+  /** This daemon in the fleet: host, pid and a random part (a restarted daemon is a new member). */
+  readonly id = `${hostname()}:${process.pid}:${randomBytes(4).toString('hex')}`;
+  readonly #config: FleetConfig;
+  readonly #redisUrl: string;
+  readonly #log: Logger;
+  readonly #redis: RedisWithScripts;
+  readonly #prefix: string;
+  #state: FleetState = 'connecting';
+  /** Live members at the last heartbeat (at least this one). */
+  #members = 1;
+  /** Origin key -> slots this daemon holds (granted and not given back). */
+  #held = new Map<string, number>();
+  /**
+   * Takes sent to Redis and not answered yet, by origin: a heartbeat sent meanwhile states them as held (Redis may
+   * have counted them already; stating fewer would let another daemon past the cap until the next heartbeat).
+   */
+  #taking = new Map<string, number>();
+  /** Origins whose count the last heartbeat stated (a count gone to 0 must be stated once more). */
+  #reported = new Set<string>();
+  #heartbeatTimer: NodeJS.Timeout | undefined;
+  #closed = false;
+  readonly counters: FleetCounters = { fallbackSlots: 0, fallbackTokens: 0, refused: 0, outages: 0, slotWaits: 0 };
+
+  constructor(config: FleetConfig, log: Logger) {
+    if (config.redis === undefined) throw new SockpoolError(ErrorCodes.INTERNAL, 'a fleet needs fleet.redis');
+    const target = parseRedisUrl(config.redis);
+    if (!target) throw new SockpoolError(ErrorCodes.CONFIG, `fleet.redis: not a redis:// URL`, { key: 'fleet.redis' });
+    this.#config = config;
+    this.#redisUrl = config.redis;
+    this.#log = log;
+    this.#prefix = `sockpool:{${config.name}}:`;
+    // The URL carries host, port, db and credentials; ioredis parses it. No offline queue: a command while Redis is
+    // down fails at once, and the caller falls back as configured instead of waiting.
+    this.#redis = new Redis(config.redis, {
+      lazyConnect: true,
+      enableOfflineQueue: false,
+      maxRetriesPerRequest: 0,
+      commandTimeout: COMMAND_TIMEOUT_MS,
+      connectTimeout: COMMAND_TIMEOUT_MS,
+      retryStrategy: (times) => Math.min(MAX_RECONNECT_DELAY_MS, 50 * 2 ** Math.min(times, 6)),
+      connectionName: `sockpoold ${this.id}`,
+    }) as RedisWithScripts;
+    this.#redis.defineCommand('fleetTakeSlots', { numberOfKeys: 2, lua: TAKE_SLOTS_SCRIPT });
+    this.#redis.defineCommand('fleetReleaseSlots', { numberOfKeys: 1, lua: RELEASE_SLOTS_SCRIPT });
+    this.#redis.defineCommand('fleetHeartbeat', { lua: HEARTBEAT_SCRIPT });
+    this.#redis.defineCommand('fleetRate', { numberOfKeys: 1, lua: RATE_SCRIPT });
+    this.#redis.defineCommand('fleetLeave', { lua: LEAVE_SCRIPT });
+    // Rejoin at once when the connection is back: Redis may have restarted empty, or expired us while we were away.
+    // The heartbeat's success is what makes the fleet available again.
+    this.#redis.on('ready', () => void this.#heartbeat());
+    this.#redis.on('error', (error: Error) => this.#unavailable(error));
+    this.#redis.on('close', () => this.#unavailable(new Error('connection closed')));
+  }
+
+  /** host:port/db of the fleet's Redis (never its credentials): for logs and status. */
+  get redisTarget(): string {
+    const target = parseRedisUrl(this.#redisUrl)!;
+    const host = target.host.includes(':') ? `[${target.host}]` : target.host;
+    return `${target.tls ? 'rediss' : 'redis'}://${host}:${target.port}/${target.db}`;
+  }
+
+  get state(): FleetState {
+    return this.#state;
+  }
+
+  get available(): boolean {
+    return this.#state === 'connected';
+  }
+
+  get members(): number {
+    return this.#members;
+  }
+
+  get config(): FleetConfig {
+    return this.#config;
+  }
+
+  /**
+   * Connects and joins (the first heartbeat). Redis down at start is not fatal: the daemon starts in the mode
+   * `onUnavailable` says and joins when Redis comes.
+   */
+  async start(): Promise<void> {
+    try {
+      await this.#redis.connect();
+      await this.#heartbeat();
+    } catch (error) {
+      this.#unavailable(error as Error);
+    }
+    this.#heartbeatTimer = setInterval(() => void this.#heartbeat(), this.#config.heartbeatMs);
+    this.#heartbeatTimer.unref();
+  }
+
+  /** Leaves the fleet: this daemon's slots are given back at once rather than at their expiry. */
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    clearInterval(this.#heartbeatTimer);
+    if (this.available) {
+      const keys = [...new Set([...this.#held.keys(), ...this.#reported])].map((key) => this.#slotsKey(key));
+      try {
+        await this.#redis.fleetLeave(1 + keys.length, this.#membersKey(), ...keys, this.id);
+      } catch (error) {
+        this.#log.warn({ err: (error as Error).message }, 'fleet: leaving failed; slots free at their expiry');
+      }
+    }
+    this.#redis.disconnect(false);
+  }
+
+  // -------------------------------------------------------------------------------------------------------------
+  // Connection slots.
+
+  /** Slots this daemon holds for `key`. */
+  held(key: string): number {
+    return this.#held.get(key) ?? 0;
+  }
+
+  /** Slots held for every origin. */
+  heldTotal(): number {
+    let total = 0;
+    for (const count of this.#held.values()) total += count;
+    return total;
+  }
+
+  /**
+   * One slot of `key` under the fleet cap `cap`. `wait`: while the fleet is full, ask again until a slot frees or
+   * `wanted()` says the connect is no longer needed (then false). Without `wait`, false at once when full.
+   * Throws SOCKPOOL_ERR_FLEET_UNAVAILABLE in `refuse` mode while Redis is unavailable.
+   */
+  async takeSlot(key: string, cap: number, wait: boolean, wanted: () => boolean): Promise<boolean> {
+    let counted = false;
+    for (;;) {
+      if (this.#closed) return false;
+      const granted = await this.#tryTakeSlot(key, cap);
+      if (granted) {
+        this.#held.set(key, this.held(key) + 1);
+        return true;
+      }
+      if (!wait || !wanted()) return false;
+      if (!counted) this.counters.slotWaits++;
+      counted = true;
+      await new Promise((resolve) => setTimeout(resolve, SLOT_POLL_MS + Math.random() * SLOT_POLL_MS));
+      if (!wanted()) return false;
+    }
+  }
+
+  /** A connection this daemon holds without having connected it (the fd store): counted, stated at the heartbeat. */
+  countSlot(key: string): void {
+    this.#held.set(key, this.held(key) + 1);
+  }
+
+  /** Gives back `count` slots of `key` (a connection closed, a connect failed or was not needed). */
+  releaseSlots(key: string, count: number): void {
+    const held = this.held(key);
+    const released = Math.min(held, count);
+    if (released <= 0) return;
+    if (held === released) this.#held.delete(key);
+    else this.#held.set(key, held - released);
+    if (!this.available) return; // the first heartbeat after the outage states the right count
+    this.#redis.fleetReleaseSlots(this.#slotsKey(key), this.id, released).catch((error: Error) => {
+      this.#log.debug({ err: error.message, origin: key }, 'fleet: release failed; the next heartbeat corrects it');
+    });
+  }
+
+  async #tryTakeSlot(key: string, cap: number): Promise<boolean> {
+    if (this.available) {
+      this.#taking.set(key, (this.#taking.get(key) ?? 0) + 1);
+      try {
+        const [granted] = await this.#redis.fleetTakeSlots(
+          this.#slotsKey(key),
+          this.#membersKey(),
+          this.id,
+          cap,
+          1,
+          this.#config.slotTtlMs * 10,
+          this.#config.slotTtlMs,
+        );
+        return granted === 1;
+      } catch (error) {
+        this.#unavailable(error as Error);
+      } finally {
+        const taking = (this.#taking.get(key) ?? 1) - 1;
+        if (taking > 0) this.#taking.set(key, taking);
+        else this.#taking.delete(key);
+      }
+    }
+    this.#whileUnavailable();
+    this.counters.fallbackSlots++;
+    // This daemon's share of the cap, by the members last seen (at least one slot: a fleet member is never shut out).
+    return this.held(key) < Math.max(1, Math.floor(cap / this.#members));
+  }
+
+  // -------------------------------------------------------------------------------------------------------------
+  // Request tokens (rate-limiter.ts batches them).
+
+  /** Up to `wanted` tokens of `key` from the fleet's GCRA; in `local` mode while Redis is down, from `local`. */
+  async takeTokens(
+    key: string,
+    params: RateParams,
+    wanted: number,
+    local: (share: RateParams) => Grant,
+  ): Promise<Grant> {
+    if (this.available) {
+      try {
+        const [granted, waitMs] = await this.#redis.fleetRate(
+          this.#rateKey(key),
+          1000 / params.requestsPerSecond,
+          params.burst,
+          wanted,
+        );
+        return { granted: Number(granted), waitMs: Number(waitMs) };
+      } catch (error) {
+        this.#unavailable(error as Error);
+      }
+    }
+    this.#whileUnavailable();
+    const grant = local({
+      requestsPerSecond: params.requestsPerSecond / this.#members,
+      burst: Math.max(1, Math.floor(params.burst / this.#members)),
+    });
+    this.counters.fallbackTokens += grant.granted;
+    return grant;
+  }
+
+  // -------------------------------------------------------------------------------------------------------------
+  // Demand (shared warming).
+
+  /** States this daemon's per-origin demand (replacing the last statement); it expires unless stated again. */
+  async publishDemand(entries: ReadonlyArray<{ key: string; host: string; port: number; ratePerS: number }>) {
+    if (!this.available) return;
+    const key = this.#demandKey(this.id);
+    const fields: string[] = [];
+    for (const entry of entries) fields.push(JSON.stringify([entry.host, entry.port]), entry.ratePerS.toFixed(3));
+    try {
+      const multi = this.#redis.multi().del(key);
+      if (fields.length > 0) multi.hset(key, ...fields).pexpire(key, this.#config.demandPublishMs * 3);
+      await multi.exec();
+    } catch (error) {
+      this.#log.debug({ err: (error as Error).message }, 'fleet: demand not published');
+    }
+  }
+
+  /** The fleet's demand (every live member's, summed), busiest first; empty while Redis is unavailable. */
+  async fleetDemand(limit: number): Promise<FleetDemand[]> {
+    if (!this.available || limit <= 0) return [];
+    try {
+      const members = await this.#redis.zrange(this.#membersKey(), '0', '-1');
+      const pipeline = this.#redis.pipeline();
+      for (const member of members) pipeline.hgetall(this.#demandKey(member));
+      const replies = (await pipeline.exec()) ?? [];
+      const sums = new Map<string, number>();
+      for (const [error, value] of replies) {
+        if (error || value === null || typeof value !== 'object') continue;
+        for (const [field, rate] of Object.entries(value as Record<string, string>)) {
+          sums.set(field, (sums.get(field) ?? 0) + Number(rate));
+        }
+      }
+      const demand: FleetDemand[] = [];
+      for (const [field, ratePerS] of sums) {
+        try {
+          const [host, port] = JSON.parse(field) as [unknown, unknown];
+          if (typeof host === 'string' && typeof port === 'number' && Number.isFinite(ratePerS)) {
+            demand.push({ host, port, ratePerS });
+          }
+        } catch {
+          // A field this version did not write: skipped.
+        }
+      }
+      return demand.sort((a, b) => b.ratePerS - a.ratePerS).slice(0, limit);
+    } catch (error) {
+      this.#log.debug({ err: (error as Error).message }, 'fleet: demand not read');
+      return [];
+    }
+  }
+
+  snapshot() {
+    return {
+      name: this.#config.name,
+      id: this.id,
+      redis: this.redisTarget,
+      state: this.#state,
+      members: this.#members,
+      onUnavailable: this.#config.onUnavailable,
+      shareWarming: this.#config.shareWarming,
+      heldSlots: this.heldTotal(),
+      ...this.counters,
+    };
+  }
+
+  // -------------------------------------------------------------------------------------------------------------
+
+  async #heartbeat(): Promise<void> {
+    // Also while `unavailable` with the connection up (a command timed out): a heartbeat that succeeds ends that.
+    if (this.#closed || this.#redis.status !== 'ready') return;
+    const keys = [...new Set([...this.#held.keys(), ...this.#taking.keys(), ...this.#reported])];
+    try {
+      this.#members = Math.max(
+        1,
+        await this.#redis.fleetHeartbeat(
+          1 + keys.length,
+          this.#membersKey(),
+          ...keys.map((key) => this.#slotsKey(key)),
+          this.id,
+          this.#config.slotTtlMs,
+          this.#config.slotTtlMs * 10,
+          ...keys.map((key) => this.held(key) + (this.#taking.get(key) ?? 0)),
+        ),
+      );
+      this.#reported = new Set(keys.filter((key) => this.held(key) + (this.#taking.get(key) ?? 0) > 0));
+      if (this.#state !== 'connected') this.#log.info({ redis: this.redisTarget }, 'fleet: Redis available again');
+      this.#state = 'connected';
+    } catch (error) {
+      this.#unavailable(error as Error);
+    }
+  }
+
+  /** In `refuse` mode nothing that needs the fleet goes ahead without Redis. */
+  #whileUnavailable(): void {
+    if (this.#config.onUnavailable === 'refuse') {
+      this.counters.refused++;
+      throw new SockpoolError(
+        ErrorCodes.FLEET_UNAVAILABLE,
+        `the fleet's Redis (${this.redisTarget}) is unavailable and fleet.onUnavailable is "refuse"`,
+        { redis: this.redisTarget },
+      );
+    }
+  }
+
+  #unavailable(error: Error): void {
+    if (this.#closed) return;
+    if (this.#state !== 'unavailable') {
+      this.counters.outages++;
+      this.#log.warn(
+        { redis: this.redisTarget, err: error.message, mode: this.#config.onUnavailable },
+        this.#config.onUnavailable === 'local'
+          ? "fleet: Redis unavailable; this daemon's share of each fleet limit applies until it is back"
+          : 'fleet: Redis unavailable; connects and tokens that need the fleet are refused until it is back',
+      );
+    }
+    this.#state = 'unavailable';
+  }
+
+  #membersKey(): string {
+    return `${this.#prefix}members`;
+  }
+  #slotsKey(origin: string): string {
+    return `${this.#prefix}slots:${origin}`;
+  }
+  #rateKey(origin: string): string {
+    return `${this.#prefix}rate:${origin}`;
+  }
+  #demandKey(member: string): string {
+    return `${this.#prefix}demand:${member}`;
+  }
+}

@@ -1,0 +1,104 @@
+// GCRA (the generic cell rate algorithm): a rate limit kept as one number per origin, the theoretical arrival time
+// (TAT) of the next request. With an emission interval T = 1000 / requestsPerSecond ms and a burst of B, a grant of
+// k tokens at time `now` is allowed while max(TAT, now) + k·T <= now + B·T, and moves TAT there. Over any window W
+// at most B + W / T tokens are granted. The same arithmetic runs in Redis (scripts.ts, RATE_SCRIPT, with Redis's
+// clock) for a fleet and here for a daemon alone or a fleet whose Redis is down; test/fleet-logic.test.ts checks it
+// with an injected clock.
+
+export interface RateParams {
+  requestsPerSecond: number;
+  burst: number;
+}
+
+export interface Grant {
+  /** Tokens granted now (0..wanted). */
+  granted: number;
+  /** When none was granted: how long until one would be, ms (0 otherwise). */
+  waitMs: number;
+}
+
+/** Emission interval: ms between two tokens at the sustained rate. */
+export function emissionIntervalMs(params: RateParams): number {
+  return 1000 / params.requestsPerSecond;
+}
+
+/**
+ * Up to `wanted` tokens at `now` (ms, any monotonic origin shared with `tat`); returns the grant and the new TAT.
+ * `tat` undefined: the origin has not been asked for yet (a full burst is available).
+ */
+export function gcraTake(
+  tat: number | undefined,
+  now: number,
+  wanted: number,
+  params: RateParams,
+): Grant & { tat: number } {
+  const interval = emissionIntervalMs(params);
+  const start = Math.max(tat ?? now, now);
+  // Room left under the burst tolerance, in whole tokens (a hair of float slack so exact multiples count).
+  const room = Math.floor((now + params.burst * interval - start) / interval + 1e-9);
+  const granted = Math.max(0, Math.min(wanted, room));
+  if (granted > 0) return { granted, waitMs: 0, tat: start + granted * interval };
+  return { granted: 0, waitMs: Math.max(0, start + interval - (now + params.burst * interval)), tat: start };
+}
+
+/** A rate kept in this process: GCRA over an injected clock (performance.now by default). */
+export class LocalGcra {
+  #tat = new Map<string, number>();
+  #now: () => number;
+
+  constructor(now: () => number = () => performance.now()) {
+    this.#now = now;
+  }
+
+  take(key: string, wanted: number, params: RateParams): Grant {
+    const now = this.#now();
+    const result = gcraTake(this.#tat.get(key), now, wanted, params);
+    this.#tat.set(key, result.tat);
+    // Forget origins whose TAT is past: they are back to a full burst, the same as never asked.
+    if (this.#tat.size > 10_000) {
+      for (const [other, tat] of this.#tat) if (tat < now) this.#tat.delete(other);
+    }
+    return { granted: result.granted, waitMs: result.waitMs };
+  }
+}
+
+/**
+ * How many tokens to ask for at once: enough that the asking is rare (a tenth of a second of the rate), never more
+ * than the burst (a larger batch would only be refused) nor than `max`, at least one. A holder spends its batch
+ * within TOKEN_LIFETIME_MS or loses it (tokens kept longer would let a holder spend past the rate later).
+ */
+export function batchSize(params: RateParams, max: number): number {
+  return Math.max(1, Math.min(max, params.burst, Math.floor(params.requestsPerSecond / 10)));
+}
+
+/** How long a token taken in a batch may wait to be spent. */
+export const TOKEN_LIFETIME_MS = 1_000;
+
+/** Tokens held for one origin, taken in batches, each batch spendable until it expires (injected clock). */
+export class TokenBatch {
+  #tokens = 0;
+  #expiresAt = 0;
+
+  get count(): number {
+    return this.#tokens;
+  }
+
+  /** Spends one token if one is held and not expired. */
+  spend(now: number): boolean {
+    if (this.#tokens === 0) return false;
+    if (now >= this.#expiresAt) {
+      this.#tokens = 0;
+      return false;
+    }
+    this.#tokens--;
+    return true;
+  }
+
+  /** Adds `count` tokens taken at `now` (the older ones' lifetime is renewed with them: they came in order). */
+  add(count: number, now: number): void {
+    if (count <= 0) return;
+    if (now >= this.#expiresAt) this.#tokens = 0;
+    this.#tokens += count;
+    this.#expiresAt = now + TOKEN_LIFETIME_MS;
+  }
+}

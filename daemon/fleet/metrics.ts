@@ -1,0 +1,42 @@
+// The fleet's Prometheus metrics, read at scrape time from the Fleet (nothing on the hot path). Registered whether or
+// not a fleet is configured: `sockpool_fleet_up` then reads -1 (no fleet) and the counters stay at 0.
+
+import { Gauge, type Registry } from 'prom-client';
+import type { Fleet, FleetCounters } from './fleet.js';
+
+export function registerFleetMetrics(registry: Registry, fleet: () => Fleet | undefined): void {
+  const gauge = (name: string, help: string, read: (fleet: Fleet) => number, none = 0) =>
+    new Gauge({
+      name,
+      help,
+      registers: [registry],
+      collect() {
+        const current = fleet();
+        this.set(current ? read(current) : none);
+      },
+    });
+  gauge(
+    'sockpool_fleet_up',
+    "1 while the fleet's Redis answers, 0 while it is unavailable, -1 without a fleet",
+    (f) => (f.available ? 1 : 0),
+    -1,
+  );
+  gauge('sockpool_fleet_members', 'Live daemons of the fleet at the last heartbeat', (f) => f.members);
+  gauge('sockpool_fleet_slots_held', 'Connection slots this daemon holds under maxPerOriginFleet', (f) =>
+    f.heldTotal(),
+  );
+  const counter = (key: keyof FleetCounters, name: string, help: string) => gauge(name, help, (f) => f.counters[key]);
+  counter('outages', 'sockpool_fleet_outages', 'Times the fleet’s Redis became unavailable');
+  counter(
+    'fallbackSlots',
+    'sockpool_fleet_fallback_slots',
+    "Slot decisions taken on this daemon's share alone while Redis was unavailable",
+  );
+  counter(
+    'fallbackTokens',
+    'sockpool_fleet_fallback_tokens',
+    "Request tokens granted from this daemon's share alone while Redis was unavailable",
+  );
+  counter('refused', 'sockpool_fleet_refused', 'Connects and token requests refused while Redis was unavailable');
+  counter('slotWaits', 'sockpool_fleet_slot_waits', "Connects that waited for a slot under the fleet's cap");
+}

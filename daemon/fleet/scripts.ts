@@ -1,0 +1,93 @@
+// The fleet's Redis scripts. Each runs atomically in Redis, reads the time from Redis itself (one clock for the
+// whole fleet, whatever the hosts' clocks say) and touches only the keys it is given.
+//
+// Keys (prefix `sockpool:{NAME}:`, NAME = fleet.name; the braces keep one fleet in one Redis Cluster slot):
+//   members           ZSET  daemon id -> ms (Redis time) until which its heartbeat holds it alive
+//   slots:ORIGIN      HASH  daemon id -> connection slots it holds for ORIGIN
+//   rate:ORIGIN       STRING  GCRA theoretical arrival time of the next request, ms (Redis time)
+//   demand:DAEMON     HASH  origin key -> requests per second that daemon saw (published every demandPublishMs)
+
+/** Redis time in ms (float). Scripts that call TIME replicate their effects, not the script (Redis >= 5 default). */
+const NOW = `local t = redis.call('TIME'); local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000`;
+
+/**
+ * Takes `n` slots of ORIGIN for a daemon if the fleet stays within `cap`. Slots of daemons whose heartbeat expired
+ * are dropped first. KEYS: slots hash, members zset. ARGV: daemon id, cap, n, hash ttl ms, membership ttl ms
+ * (a daemon taking a slot is alive: it joins if Redis lost its membership). Returns {1, held by all after} or {0, held by all}.
+ */
+export const TAKE_SLOTS_SCRIPT = `
+${NOW}
+if not redis.call('ZSCORE', KEYS[2], ARGV[1]) then redis.call('ZADD', KEYS[2], now + tonumber(ARGV[5]), ARGV[1]) end
+local fields = redis.call('HGETALL', KEYS[1])
+local total = 0
+for i = 1, #fields, 2 do
+  local alive = redis.call('ZSCORE', KEYS[2], fields[i])
+  if (not alive) or tonumber(alive) < now then
+    redis.call('HDEL', KEYS[1], fields[i])
+  else
+    total = total + tonumber(fields[i + 1])
+  end
+end
+local n = tonumber(ARGV[3])
+if total + n > tonumber(ARGV[2]) then return {0, total} end
+redis.call('HINCRBY', KEYS[1], ARGV[1], n)
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return {1, total + n}
+`;
+
+/** Gives back `n` slots of ORIGIN. KEYS: slots hash. ARGV: daemon id, n. Returns what the daemon holds after. */
+export const RELEASE_SLOTS_SCRIPT = `
+local left = redis.call('HINCRBY', KEYS[1], ARGV[1], -tonumber(ARGV[2]))
+if left <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]); return 0 end
+return left
+`;
+
+/**
+ * The heartbeat: renews the daemon's membership and states what it holds (absolute counts, so a lost release or a
+ * Redis that restarted empty is corrected within one heartbeat). KEYS: members zset, then one slots hash per origin.
+ * ARGV: daemon id, membership ttl ms, hash ttl ms, then one count per origin key. Returns the live members.
+ */
+export const HEARTBEAT_SCRIPT = `
+${NOW}
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('PEXPIRE', KEYS[1], ARGV[2] * 10)
+for i = 2, #KEYS do
+  local held = tonumber(ARGV[i + 2])
+  if held > 0 then
+    redis.call('HSET', KEYS[i], ARGV[1], held)
+    redis.call('PEXPIRE', KEYS[i], ARGV[3])
+  else
+    redis.call('HDEL', KEYS[i], ARGV[1])
+  end
+end
+return redis.call('ZCARD', KEYS[1])
+`;
+
+/**
+ * GCRA (gcra.ts has the same arithmetic): up to `wanted` tokens of ORIGIN. KEYS: rate key. ARGV: emission interval
+ * ms, burst, wanted. Returns {granted, wait ms as a string} (Lua numbers come back truncated to integers).
+ */
+export const RATE_SCRIPT = `
+${NOW}
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local wanted = tonumber(ARGV[3])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+local start = math.max(tat, now)
+local room = math.floor((now + burst * interval - start) / interval + 1e-9)
+local granted = math.max(0, math.min(wanted, room))
+if granted > 0 then
+  local new_tat = start + granted * interval
+  redis.call('SET', KEYS[1], string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now + 1000))
+  return {granted, '0'}
+end
+return {0, string.format('%.3f', math.max(0, start + interval - (now + burst * interval)))}
+`;
+
+/** Removes a daemon from the fleet at a clean stop. KEYS: members zset, then its slots hashes. ARGV: daemon id. */
+export const LEAVE_SCRIPT = `
+redis.call('ZREM', KEYS[1], ARGV[1])
+for i = 2, #KEYS do redis.call('HDEL', KEYS[i], ARGV[1]) end
+return 1
+`;

@@ -1,0 +1,86 @@
+// A real redis-server (the Debian package) for tests and benchmarks: on a free loopback port, in its own temp dir,
+// with no persistence (`--save ''`, no AOF), so that a restart on the same port comes back empty like a crashed
+// Redis without a disk. `kill()` is SIGKILL (an outage); `start()` again brings it back on the same port.
+import { type ChildProcess, spawn } from 'node:child_process';
+import { once } from 'node:events';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+export interface RedisServer {
+  port: number;
+  url: string;
+  /** Starts it (again) on the same port; resolves once it accepts connections. */
+  start(): Promise<void>;
+  /** SIGKILL, and wait for the exit. */
+  kill(): Promise<void>;
+  /** Runs redis-cli against it and returns its output (tests read INFO, MONITOR-free counters, keys). */
+  cli(...args: string[]): Promise<string>;
+  close(): Promise<void>;
+}
+
+async function freePort(): Promise<number> {
+  const server = createServer();
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  const { port } = server.address() as { port: number };
+  server.close();
+  await once(server, 'close');
+  return port;
+}
+
+export async function startRedis(): Promise<RedisServer> {
+  const port = await freePort();
+  const dir = mkdtempSync(join(tmpdir(), 'sockpool-redis-'));
+  let child: ChildProcess | undefined;
+  const start = async () => {
+    const started = spawn(
+      'redis-server',
+      ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--dir', dir],
+      { stdio: ['ignore', 'pipe', 'pipe'] },
+    );
+    child = started;
+    let output = '';
+    await new Promise<void>((resolve, reject) => {
+      const onData = (chunk: Buffer) => {
+        output += chunk;
+        if (output.includes('Ready to accept connections')) resolve();
+      };
+      started.stdout!.on('data', onData);
+      started.stderr!.on('data', onData);
+      started.once('error', reject);
+      started.once('exit', (code) => reject(new Error(`redis-server exited (${code}):\n${output}`)));
+    });
+  };
+  const kill = async () => {
+    const running = child;
+    child = undefined;
+    if (!running || running.exitCode !== null || running.signalCode !== null) return;
+    const exited = once(running, 'exit');
+    running.kill('SIGKILL');
+    await exited;
+  };
+  const cli = (...args: string[]) =>
+    new Promise<string>((resolve, reject) => {
+      const run = spawn('redis-cli', ['-p', String(port), ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+      let output = '';
+      run.stdout.on('data', (chunk: Buffer) => {
+        output += chunk;
+      });
+      run.once('error', reject);
+      run.once('exit', (code) => (code === 0 ? resolve(output) : reject(new Error(`redis-cli exited ${code}`))));
+    });
+  await start();
+  return {
+    port,
+    url: `redis://127.0.0.1:${port}/0`,
+    start,
+    kill,
+    cli,
+    async close() {
+      await kill();
+      rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}
