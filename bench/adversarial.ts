@@ -9,10 +9,18 @@
 //
 // Prints p50/p99 of the honest requests in each phase and the ratio hostile/quiet (the aim: p99 within 2x). Every
 // honest answer is checked: a body that is not the request's own path fails the run.
+//
+// Where the time goes, per phase: the honest latency split into the acquire (the daemon's answer, as the client
+// saw it) and the rest (curl and the HTTP exchange with the origin, which runs in this process), and the CPU each
+// party used: the daemon, this process (honest client and origin), the hostile processes (reaped children), and
+// the whole machine (/proc/stat: other users of the cores included). `--hostile-nice N` runs the hostile
+// processes at that nice level: what is left of the gap then is the work they cause, not their own CPU.
+// `--fresh`: every honest request asks for `connection: close`, so each takes a new lease through the daemon
+// (otherwise curl keeps its connection and most honest requests never reach the daemon).
 
 import { type ChildProcess, spawn } from 'node:child_process';
 import { once } from 'node:events';
-import { chmodSync, mkdtempSync, rmSync } from 'node:fs';
+import { chmodSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import os from 'node:os';
@@ -20,14 +28,86 @@ import { join } from 'node:path';
 import { SockpoolClient } from '../client/client.js';
 import { option } from './lib/args.js';
 import { type BenchDaemon, repoRoot, startBenchDaemon } from './lib/daemon.js';
+import { cpuTimeMs } from './lib/proc.js';
 import { runBench } from './lib/run.js';
 import { round, Samples, summarize, table } from './lib/stats.js';
 
 const rounds = option('--rounds', 6);
 const requestsPerRound = option('--requests', 1_000);
+const hostileNice = option('--hostile-nice', 0);
+/** Every honest request on a fresh lease (`connection: close`): each one goes through the daemon's acquire. */
+const fresh = process.argv.includes('--fresh');
+/**
+ * The hostile processes run in sessions of their own (setsid), as processes of other services and users do on a
+ * shared host. With the kernel's autogroup scheduling (sched_autogroup_enabled, on by default on desktops and this
+ * VM) a session is one scheduling group: hostile processes started in this benchmark's own session would split the
+ * honest client's CPU share among themselves, whatever the daemon does. `--same-session` starts them that way.
+ */
+const ownSessions = !process.argv.includes('--same-session');
 const inFlight = 4;
 const hostileUid = process.getuid?.() === 0 ? 65534 : undefined;
 const hostileClient = join(repoRoot, 'test', 'fixtures', 'hostile-client.mjs');
+
+/**
+ * CPU time (ms) of the hostile processes: those that ended (this process's reaped children, cutime + cstime; the
+ * daemon is reaped only at the end) and those running now.
+ */
+function hostileCpuMs(): number {
+  const stat = readFileSync('/proc/self/stat', 'utf8');
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  let ms = ((Number(fields[13]) + Number(fields[14])) * 1000) / 100; // USER_HZ is 100 on Linux
+  for (const child of hostiles) {
+    try {
+      ms += cpuTimeMs(child.pid!);
+    } catch {
+      // Ended between the two reads (then not reaped yet either): its time is lost to the tally.
+    }
+  }
+  return ms;
+}
+
+/** Busy CPU time (ms) of the whole machine, all cores, from /proc/stat (everything but idle and iowait). */
+function machineBusyMs(): number {
+  const [, ...ticks] = readFileSync('/proc/stat', 'utf8').split('\n')[0]!.trim().split(/\s+/);
+  const values = ticks.map(Number);
+  const busy = values.reduce((sum, value) => sum + value, 0) - values[3]! - values[4]!;
+  return (busy * 1000) / 100;
+}
+
+interface CpuMark {
+  at: number;
+  daemon: number;
+  self: number;
+  hostile: number;
+  machine: number;
+}
+
+function cpuMark(): CpuMark {
+  const self = process.cpuUsage();
+  return {
+    at: performance.now(),
+    daemon: cpuTimeMs(daemon!.pid),
+    self: (self.user + self.system) / 1000,
+    hostile: hostileCpuMs(),
+    machine: machineBusyMs(),
+  };
+}
+
+/** CPU used between marks, summed over phases, in ms. */
+class CpuTally {
+  wallMs = 0;
+  daemon = 0;
+  self = 0;
+  hostile = 0;
+  machine = 0;
+  add(from: CpuMark, to: CpuMark): void {
+    this.wallMs += to.at - from.at;
+    this.daemon += to.daemon - from.daemon;
+    this.self += to.self - from.self;
+    this.hostile += to.hostile - from.hostile;
+    this.machine += to.machine - from.machine;
+  }
+}
 
 function log(text: string): void {
   process.stderr.write(`${text}\n`);
@@ -39,6 +119,7 @@ let server: http.Server | undefined;
 const dir = mkdtempSync(join(os.tmpdir(), 'sockpool-adversarial-'));
 const hostiles = new Set<ChildProcess>();
 let attacking = false;
+let hostileSpawns = 0;
 
 /** Keeps one hostile mode running (a new process as soon as the last one ends) while `attacking`. */
 function keepAttacking(args: string[]): Promise<void> {
@@ -48,8 +129,16 @@ function keepAttacking(args: string[]): Promise<void> {
         resolve();
         return;
       }
-      const child = spawn(process.execPath, [hostileClient, ...args], {
+      const [command, ...argv] = [
+        ...(hostileNice > 0 ? ['nice', '-n', String(hostileNice)] : []),
+        process.execPath,
+        hostileClient,
+        ...args,
+      ];
+      hostileSpawns++;
+      const child = spawn(command!, argv, {
         stdio: 'ignore',
+        detached: ownSessions,
         ...(hostileUid === undefined ? {} : { uid: hostileUid, gid: hostileUid }),
       });
       hostiles.add(child);
@@ -80,27 +169,37 @@ async function main(): Promise<void> {
   client = new SockpoolClient({ socketPath: daemon.socketPath, threads: 0 });
   const origin = `http://127.0.0.1:${port}`;
   let next = 0;
-  const request = async (samples: Samples) => {
+  const request = async (samples: PhaseSamples) => {
     const path = `/honest-${next++}`;
     const started = performance.now();
-    const response = await client!.request(`${origin}${path}`);
-    samples.push((performance.now() - started) * 1000);
+    const response = await client!.request(`${origin}${path}`, fresh ? { headers: { connection: 'close' } } : {});
+    const totalMs = performance.now() - started;
+    samples.total.push(totalMs * 1000);
+    samples.acquire.push(response.timings.acquireMs * 1000);
+    samples.rest.push((totalMs - response.timings.acquireMs) * 1000);
+    // A lease this request asked for: warm from the pool, or connected for it (a miss).
+    if (response.timings.acquireMs > 0) {
+      samples.leases++;
+      if (response.warm) samples.warmLeases++;
+    }
     if (response.status !== 200 || response.body.toString() !== path) {
       throw new Error(`honest request ${path} got ${response.status} ${JSON.stringify(response.body.toString())}`);
     }
   };
-  const phase = async (samples: Samples) => {
+  const phase = async (samples: PhaseSamples) => {
     let issued = 0;
+    const from = cpuMark();
     await Promise.all(
       Array.from({ length: inFlight }, async () => {
         while (issued++ < requestsPerRound) await request(samples);
       }),
     );
+    samples.cpu.add(from, cpuMark());
   };
   log(`warm-up; hostile clients run as ${hostileUid === undefined ? 'this uid' : `uid ${hostileUid}`}`);
-  await phase(new Samples());
-  const quiet = new Samples();
-  const hostile = new Samples();
+  await phase(new PhaseSamples());
+  const quiet = new PhaseSamples();
+  const hostile = new PhaseSamples();
   for (let i = 0; i < rounds; i++) {
     await phase(quiet);
     attacking = true;
@@ -111,8 +210,10 @@ async function main(): Promise<void> {
       keepAttacking(['prewarm', socket, String(port), '50']),
       keepAttacking(['garbage', socket, '20']),
     ];
+    const spawnsBefore = hostileSpawns;
     const flood = spawn(process.execPath, [hostileClient, 'sessions', socket, '100'], {
       stdio: 'ignore',
+      detached: ownSessions,
       ...(hostileUid === undefined ? {} : { uid: hostileUid, gid: hostileUid }),
     });
     hostiles.add(flood);
@@ -122,22 +223,81 @@ async function main(): Promise<void> {
     hostiles.delete(flood);
     for (const child of hostiles) child.kill('SIGKILL');
     await Promise.all(attacks);
+    hostile.spawns += hostileSpawns - spawnsBefore + 1;
     log(`round ${i + 1}/${rounds} done`);
   }
-  const q = summarize(quiet.values());
-  const h = summarize(hostile.values());
   const ms = (us: number) => String(round(us / 1000, 2));
-  console.log(
-    table([
-      ['phase', 'requests', 'p50 ms', 'p99 ms', 'max ms'],
-      ['quiet', String(q.count), ms(q.p50), ms(q.p99), ms(q.max)],
-      ['hostile', String(h.count), ms(h.p50), ms(h.p99), ms(h.max)],
-    ]),
-  );
+  const rows = [
+    ['phase', 'requests', 'p50 ms', 'p99 ms', 'max ms', 'acquire p50', 'acquire p99', 'rest p50', 'rest p99'],
+  ];
+  for (const [name, samples] of [
+    ['quiet', quiet],
+    ['hostile', hostile],
+  ] as const) {
+    const total = summarize(samples.total.values());
+    const acquire = summarize(samples.acquire.values());
+    const rest = summarize(samples.rest.values());
+    rows.push([
+      name,
+      String(total.count),
+      ms(total.p50),
+      ms(total.p99),
+      ms(total.max),
+      ms(acquire.p50),
+      ms(acquire.p99),
+      ms(rest.p50),
+      ms(rest.p99),
+    ]);
+  }
+  console.log(table(rows));
+  // CPU as a share of one core over the phase's wall time (2 cores = 200%).
+  const share = (cpuMs: number, tally: CpuTally) => `${round((100 * cpuMs) / tally.wallMs, 0)}%`;
+  const cpuRows = [
+    [
+      'phase',
+      'wall s',
+      'daemon',
+      'bench (honest + origin)',
+      'hostile processes',
+      'whole machine',
+      'honest leases warm',
+    ],
+  ];
+  for (const [name, samples] of [
+    ['quiet', quiet],
+    ['hostile', hostile],
+  ] as const) {
+    const cpu = samples.cpu;
+    cpuRows.push([
+      name,
+      String(round(cpu.wallMs / 1000, 1)),
+      share(cpu.daemon, cpu),
+      share(cpu.self, cpu),
+      share(cpu.hostile, cpu),
+      share(cpu.machine, cpu),
+      `${samples.warmLeases}/${samples.leases}`,
+    ]);
+  }
+  console.log(table(cpuRows));
+  const q = summarize(quiet.total.values());
+  const h = summarize(hostile.total.values());
   console.log(
     `p50 ratio ${round(h.p50 / q.p50, 2)}, p99 ratio ${round(h.p99 / q.p99, 2)} (aim: p99 within 2x); ` +
-      `every honest answer was its own (${q.count + h.count} checked)`,
+      `every honest answer was its own (${q.count + h.count} checked); ${hostile.spawns} hostile processes started` +
+      `${hostileNice > 0 ? ` at nice ${hostileNice}` : ''}${fresh ? '; a fresh lease per honest request' : ''}${ownSessions ? '' : '; hostile processes in this session'}; load average ${os.loadavg()[0]!.toFixed(1)} on ` +
+      `${os.availableParallelism()} cores`,
   );
+}
+
+/** One phase's honest latencies (µs): whole request, the acquire part, the rest; and the CPU it used. */
+class PhaseSamples {
+  total = new Samples();
+  acquire = new Samples();
+  rest = new Samples();
+  cpu = new CpuTally();
+  spawns = 0;
+  leases = 0;
+  warmLeases = 0;
 }
 
 runBench(
