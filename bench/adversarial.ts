@@ -41,7 +41,8 @@ const fresh = process.argv.includes('--fresh');
  * The hostile processes run in sessions of their own (setsid), as processes of other services and users do on a
  * shared host. With the kernel's autogroup scheduling (sched_autogroup_enabled, on by default on desktops and this
  * VM) a session is one scheduling group: hostile processes started in this benchmark's own session would split the
- * honest client's CPU share among themselves, whatever the daemon does. `--same-session` starts them that way.
+ * honest client's CPU share among themselves, whatever the daemon does. `--same-session` starts them that way
+ * (and the daemon too, which otherwise runs in a session of its own, as the system service it is).
  */
 const ownSessions = !process.argv.includes('--same-session');
 const inFlight = 4;
@@ -164,6 +165,8 @@ async function main(): Promise<void> {
     dir,
     config: { access: { socketMode: '0666' }, pool: { defaults: { minIdle: 8, maxIdle: 32 } } },
     args: ['--allow', '127.0.0.1/32', '--allow-port', String(port)],
+    // As a system service: a CPU share of its own, not a part of this benchmark's (see ownSessions).
+    ownSession: ownSessions,
   });
   chmodSync(dir, 0o755);
   client = new SockpoolClient({ socketPath: daemon.socketPath, threads: 0 });

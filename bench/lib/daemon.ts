@@ -24,6 +24,8 @@ export interface BenchDaemonOptions {
   nofile?: number;
   /** Another build's main.js (A/B comparisons of a daemon change); default dist/daemon/main.js. */
   main?: string;
+  /** Runs the daemon in a session of its own (see SpawnOptions.ownSession). */
+  ownSession?: boolean;
 }
 
 export interface BenchDaemon {
@@ -55,7 +57,7 @@ export async function startBenchDaemon(options: BenchDaemonOptions): Promise<Ben
       'warn',
       ...options.args,
     ],
-    { nofile: options.nofile ?? 65536, wrap: options.wrap },
+    { nofile: options.nofile ?? 65536, wrap: options.wrap, ownSession: options.ownSession },
   );
   // Generous: on a loaded machine a cold start (Node, SQLite, the configuration) has taken over 15 s.
   const deadline = performance.now() + 60_000;

@@ -26,6 +26,8 @@ export interface SpawnOptions {
   nofile?: number;
   /** Prepended to the command (after the ulimit shell), e.g. ['strace', '-c', '-f', '-o', file]. */
   wrap?: string[];
+  /** A session of its own (setsid): with autogroup scheduling, a CPU share of its own, as a system service has. */
+  ownSession?: boolean;
 }
 
 /** Spawns `command` (argv) with stdin and stdout piped; stdout lines that parse as JSON are messages. */
@@ -34,7 +36,10 @@ export function spawnChild(command: string[], options: SpawnOptions = {}): Bench
   // Without CAP_SYS_RESOURCE the hard limit caps it: then take the hard limit (nofileLimit() says which).
   const wanted = options.nofile ?? 65536;
   const shell = `ulimit -n ${wanted} 2>/dev/null || ulimit -n "$(ulimit -Hn)"; exec "$0" "$@"`;
-  const child = spawn('/bin/sh', ['-c', shell, ...argv], { stdio: ['pipe', 'pipe', 'pipe'] });
+  const child = spawn('/bin/sh', ['-c', shell, ...argv], {
+    stdio: ['pipe', 'pipe', 'pipe'],
+    detached: options.ownSession ?? false,
+  });
   children.add(child);
   child.on('exit', () => children.delete(child));
   child.stdin!.on('error', () => {}); // a child that exited early: its exit is reported elsewhere
