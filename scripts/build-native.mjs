@@ -18,6 +18,7 @@
 //
 // Usage: node scripts/build-native.mjs [--force] [module...]   (modules: libcurl dgram addon)
 
+import './require-npm.mjs'; // first: an npm too old stops here, before anything is built or installed
 import { execFileSync, spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { existsSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';

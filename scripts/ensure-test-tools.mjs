@@ -5,6 +5,7 @@
 // lab), redis-server and redis-tools (the fleet's shared state). On a fresh Debian machine, as root, this installs the missing ones with apt-get; otherwise it names the
 // packages and fails.
 
+import './require-npm.mjs'; // first: an npm too old stops here, before anything is built or installed
 import { execFileSync } from 'node:child_process';
 
 const unitTier = [
