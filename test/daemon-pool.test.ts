@@ -7,6 +7,7 @@ import { Socket } from 'node:net';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterEach, describe, expect, it } from 'vitest';
+import type { PoolSnapshot } from '../daemon/client-view.js';
 import * as native from '../shared/native.js';
 import { MAX_MESSAGE_BYTES } from '../shared/protocol.js';
 import { startServer, type TestServer } from './fixtures/native-helpers.js';
@@ -39,15 +40,8 @@ function client(socketPath: string): RawClient {
   return openRawClient(socketPath, cleanups);
 }
 
-interface Stats {
-  idle: number;
-  leased: number;
-  connecting: number;
-  waiting: number;
-  hits: number;
-  misses: number;
-  origins: unknown[];
-}
+/** What a stats reply carries (the daemon's view for this client's uid). */
+type Stats = PoolSnapshot;
 
 async function stats(raw: RawClient, id = 999_999): Promise<Stats> {
   const reply = await raw.request({ type: 'stats', id });

@@ -1,6 +1,7 @@
 import net from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterEach, describe, expect, it } from 'vitest';
+import type { OriginRow, PoolSnapshot } from '../daemon/client-view.js';
 import * as native from '../shared/native.js';
 import type { LeaseReply } from '../shared/protocol.js';
 import { startServer, type TestServer } from './fixtures/native-helpers.js';
@@ -34,26 +35,8 @@ function client(socketPath: string): RawClient {
   return openRawClient(socketPath, cleanups);
 }
 
-interface OriginStats {
-  origin: string;
-  idle: number;
-  leased: number;
-  connecting: number;
-  hits: number;
-  misses: number;
-  demandRatePerS: number;
-  learnedIdleLifetimeMs: number | null;
-}
-interface Stats {
-  idle: number;
-  leased: number;
-  connecting: number;
-  hits: number;
-  misses: number;
-  hitRate: number;
-  originCount: number;
-  origins: OriginStats[];
-}
+/** What a stats reply carries (the daemon's view for this client's uid), with the learned lifetime per origin. */
+type Stats = PoolSnapshot<OriginRow & { learnedIdleLifetimeMs: number | null }>;
 
 let statsId = 1_000_000;
 async function stats(raw: RawClient): Promise<Stats> {

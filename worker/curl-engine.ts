@@ -78,20 +78,10 @@ export interface TransferTimings {
   totalMs: number;
 }
 
-export interface TransferResult {
-  status: number;
-  headers: Array<[string, string]>;
+/** A finished transfer: the final response's head, with the whole transfer's timings, and its body. */
+export interface TransferResult extends ResponseHead {
   /** The whole body (empty when it was streamed). */
   body: Uint8Array;
-  url: string;
-  httpVersion: string;
-  /** True when the transfer ran over a socket that was already connected before it started. */
-  warm: boolean;
-  /** How the connection was obtained: a daemon lease, curl's cache, or curl's own connect (fallback). */
-  connection: 'leased' | 'reused' | 'direct';
-  /** Set when the daemon did the TLS: curl spoke plaintext over a warm TLS session it relays (timings.tlsMs 0). */
-  tls?: RelayedTls | undefined;
-  timings: TransferTimings;
 }
 
 /** How a relayed https response got there: the daemon's handshake's TLS version and ALPN protocol. */

@@ -26,11 +26,13 @@ export interface ResponseHead {
   headers: Array<[string, string]>;
   url: string;
   httpVersion: string;
+  /** True when the transfer ran over a socket that was already connected before it started. */
   warm: boolean;
+  /** How the connection was obtained: a daemon lease, curl's cache, or curl's own connect (fallback). */
   connection: 'leased' | 'reused' | 'direct';
-  /** Set when the daemon did the TLS (a warm TLS session it relays; curl spoke plaintext to it). */
+  /** Set when the daemon did the TLS: curl spoke plaintext over a warm TLS session it relays (timings.tlsMs 0). */
   tls?: RelayedTls | undefined;
-  /** Timings up to the response head (totalMs: until then). */
+  /** Timings up to the response head (totalMs: until then); a TransferResult's are the whole transfer's. */
   timings: TransferTimings;
 }
 
