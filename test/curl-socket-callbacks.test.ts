@@ -14,7 +14,6 @@ import http from 'node:http';
 import https from 'node:https';
 import { createRequire } from 'node:module';
 import net from 'node:net';
-import { setTimeout as sleep } from 'node:timers/promises';
 import { Worker } from 'node:worker_threads';
 import {
   CURL_SOCKET_BAD,
@@ -27,6 +26,7 @@ import {
   Multi,
 } from 'node-libcurl';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { eventually } from './helpers/daemon.js';
 import { requirePrerequisite } from './helpers/require.js';
 import { createTestPki, type TestPki } from './helpers/tls.js';
 
@@ -45,14 +45,6 @@ function fdTarget(fd: number): string | null {
     return readlinkSync(`/proc/self/fd/${fd}`);
   } catch {
     return null;
-  }
-}
-
-async function until(what: string, condition: () => boolean, timeoutMs = 5_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!condition()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting until ${what}`);
-    await sleep(20);
   }
 }
 
@@ -311,8 +303,13 @@ describe('callbacks that refuse or fail', () => {
     curl.setOpt('OPENSOCKETFUNCTION', () => CURL_SOCKET_BAD);
     const error = await runFailure(curl);
     expect(error.code).toBe(CurlCode.CURLE_COULDNT_CONNECT);
-    await sleep(50);
-    expect(server.connections.length).toBe(before);
+    // A marker connection through the same (first in, first out) accept queue: a connect curl made came in before.
+    const marker = net.connect({ host: '127.0.0.1', port: server.port, localAddress: '127.0.0.2' });
+    marker.on('error', () => {});
+    const isMarker = (socket: net.Socket) => socket.remoteAddress === '127.0.0.2';
+    await eventually(() => server.connections.some(isMarker), 'the marker connection accepted');
+    marker.destroy();
+    expect(server.connections.filter((socket) => !isMarker(socket)).length).toBe(before);
   });
 
   it('OPENSOCKETFUNCTION gets IPv6 addresses without brackets', async () => {
@@ -502,7 +499,7 @@ describe('in worker threads', () => {
     );
     const messages: unknown[] = [];
     worker.on('message', (message) => messages.push(message));
-    await until('the worker reports', () => messages.length > 0);
+    await eventually(() => messages.length > 0, 'the worker reports');
     const report = messages[0] as { code: number; fd: number };
     expect(report.code).toBe(0);
     const target = fdTarget(report.fd);
@@ -516,7 +513,7 @@ describe('in worker threads', () => {
     // the server reads a FIN: the last copy of the client's fd was closed
     await withDeadline('the server sees the client close', clientClosed);
     expect(fdTarget(report.fd)).not.toBe(target);
-    await until('the fd count is back to its baseline', () => fdCount() <= baseline);
+    await eventually(() => fdCount() <= baseline, 'the fd count is back to its baseline');
     expect(messages).toEqual([report]); // the JavaScript callback never ran
   });
 
@@ -544,7 +541,7 @@ describe('in worker threads', () => {
       await once(worker, 'message');
       await worker.terminate();
     }
-    await until('the fd count is back to its baseline', () => fdCount() <= baseline);
+    await eventually(() => fdCount() <= baseline, 'the fd count is back to its baseline');
   });
 
   it('an Easy garbage collected with a cached connection closes it without running JavaScript', async () => {

@@ -97,12 +97,16 @@ describe('pool bounds and DNS', () => {
     await raw.request({ type: 'prewarm', id: 2, host: '127.0.0.1', port: second.port, count: 5 });
     await first.waitForConnections(1);
     await second.waitForConnections(1);
-    for (let i = 0; i < 20; i++) {
-      const reply = await raw.request({ type: 'stats', id: 100 + i });
-      const stats = (reply.message as unknown as { stats: { idle: number } }).stats;
+    // Sampled while the ten connects come in (each arrival over the cap evicts at once), and after the last.
+    let id = 100;
+    await eventually(async () => {
+      const reply = await raw.request({ type: 'stats', id: id++ });
+      const stats = (reply.message as unknown as { stats: { idle: number; connecting: number } }).stats;
       expect(stats.idle).toBeLessThanOrEqual(3);
-      await new Promise((resolve) => setTimeout(resolve, 25));
-    }
+      return stats.connecting === 0;
+    }, 'every prewarm connect in');
+    const reply = await raw.request({ type: 'stats', id: id++ });
+    expect((reply.message as unknown as { stats: { idle: number } }).stats.idle).toBe(3);
   });
 
   it('falls back to the next address when one refuses the connection', async () => {

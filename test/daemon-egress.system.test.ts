@@ -7,12 +7,11 @@
 // do connect once allowed, exactly once each.
 import { once } from 'node:events';
 import net from 'node:net';
-import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { canonicalHost } from '../shared/address.js';
 import * as native from '../shared/native.js';
 import type { ErrorReply, LeaseReply } from '../shared/protocol.js';
-import { type DaemonProcess, startDaemon, writeConfigFile } from './helpers/daemon.js';
+import { type DaemonProcess, eventually, startDaemon, writeConfigFile } from './helpers/daemon.js';
 import { createNetns, type Netns, type NetnsAgent, netnsSupported } from './helpers/netns.js';
 import { openRawClient, type RawClient } from './helpers/raw-client.js';
 import { requirePrerequisite } from './helpers/require.js';
@@ -20,8 +19,6 @@ import { requirePrerequisite } from './helpers/require.js';
 const PORT = 443; // allowed by default
 const OTHER_PORT = 8080; // not in the default allowPorts
 const METRICS_PORT = 9464; // inside the namespace: nothing else listens there
-/** A sweep of the pool manager is every 500 ms: wait for several, so background refills have been tried too. */
-const SETTLE_MS = 1600;
 
 /** Put on the namespace's loopback: a connect to any of them succeeds in there unless the policy refuses it. */
 const LOCAL_ADDRESSES = [
@@ -141,6 +138,19 @@ describe('egress policy with the daemon inside a namespace with no route out', (
     return (await agent.connections(port)).filter((connection) => !connection.probe);
   }
 
+  /**
+   * Returns once every connection opened to `port` before the call has been accepted: a probe through the same
+   * listener (one accept queue, first in, first out) is waited for. A connect the policy let through shows then,
+   * without waiting an arbitrary time for it. (That a refused origin gets no background refills later, in the
+   * pool's sweeps, is test/origin-pool.test.ts's "makes no background connects to an origin the policy refused".)
+   */
+  async function acceptedSoFar(port: number): Promise<void> {
+    const probes = async () => (await agent.connections(port)).filter((connection) => connection.probe).length;
+    const before = await probes();
+    expect(await agent.probe('10.1.2.3', port)).toEqual({ ok: true });
+    await eventually(async () => (await probes()) > before, `the probe to port ${port} accepted`);
+  }
+
   async function daemonInNamespace(args: string[], config: object): Promise<DaemonProcess> {
     const daemon = await startDaemon({ wrap: ns.exec, args: [...args, '--config', writeConfig(config)] });
     cleanups.push(() => daemon.stop());
@@ -189,8 +199,8 @@ describe('egress policy with the daemon inside a namespace with no route out', (
     const bracketed = await raw.request({ type: 'acquire', id: id++, host: '[::ffff:127.0.0.1]', port: PORT });
     expect(bracketed.message).toMatchObject({ type: 'error', code: 'SOCKPOOL_ERR_PROTOCOL' });
 
-    // Several sweeps: predictive refills of these origins are attempted in the background and refused as well.
-    await sleep(SETTLE_MS);
+    await acceptedSoFar(PORT);
+    await acceptedSoFar(OTHER_PORT);
     expect(await arrivals()).toEqual(before);
 
     // Every refusal is in the log with its host, port and reason.
@@ -231,7 +241,7 @@ describe('egress policy with the daemon inside a namespace with no route out', (
       const reason = host.includes(':') ? 'private' : 'host-address';
       expect(reply.message, host).toMatchObject({ type: 'error', code: 'SOCKPOOL_ERR_POLICY', fields: { reason } });
     }
-    await sleep(SETTLE_MS);
+    await acceptedSoFar(PORT);
     expect(await arrivals(PORT)).toEqual(before);
   });
 
@@ -268,7 +278,8 @@ describe('egress policy with the daemon inside a namespace with no route out', (
         fields: { reason },
       });
     }
-    await sleep(SETTLE_MS);
+    await acceptedSoFar(PORT);
+    await acceptedSoFar(OTHER_PORT);
     expect((await arrivals(PORT)).length - before).toBe(hosts.length);
     expect(await arrivals(OTHER_PORT)).toEqual([]);
   });

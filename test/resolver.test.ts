@@ -5,6 +5,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { parseConfig, type SockpoolConfigInput } from '../daemon/config.js';
 import { Resolver } from '../daemon/resolver.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
+import { eventually } from './helpers/daemon.js';
 import { type DnsTestServer, startDnsServer } from './helpers/dns-server.js';
 
 let dnsServer: DnsTestServer;
@@ -56,16 +57,6 @@ async function dnsError(promise: Promise<unknown>): Promise<SockpoolError> {
   throw new Error('expected a DNS error');
 }
 
-/** Polls `check` until it returns true or the deadline passes. */
-async function eventually(check: () => boolean | Promise<boolean>, deadlineMs = 10_000): Promise<void> {
-  const end = performance.now() + deadlineMs;
-  while (performance.now() < end) {
-    if (await check()) return;
-    await new Promise((resolve) => setTimeout(resolve, 25));
-  }
-  throw new Error(`condition not met within ${deadlineMs} ms`);
-}
-
 const addresses = (list: Array<{ address: string }>) => list.map((item) => item.address);
 
 describe('Resolver through a DNS server', () => {
@@ -108,7 +99,7 @@ describe('Resolver through a DNS server', () => {
     await eventually(async () => {
       const result = await r.resolve('short.test', 443);
       return result[0]?.address === '198.51.100.20';
-    });
+    }, 'the new answer after the TTL');
     expect(dnsServer.count('short.test', 'A')).toBeGreaterThan(afterFirst);
   });
 
@@ -125,7 +116,7 @@ describe('Resolver through a DNS server', () => {
     await eventually(async () => {
       await capped.resolve('long.test', 443);
       return dnsServer.count('long.test', 'A') > afterFirst; // a one-day TTL expired after maxTtlMs
-    });
+    }, 'asked again after maxTtlMs');
   });
 
   it('rotates the starting address on each call', async () => {
@@ -161,7 +152,7 @@ describe('Resolver through a DNS server', () => {
     const r = resolver({ failurePenaltyMs: 100 });
     r.reportFailure('v6fail.test', '2001:db8::1');
     expect((await r.resolve('v6fail.test', 443)).map((item) => item.family)).toEqual([4, 6]);
-    await eventually(async () => (await r.resolve('v6fail.test', 443))[0]?.family === 6);
+    await eventually(async () => (await r.resolve('v6fail.test', 443))[0]?.family === 6, 'the failure forgotten');
   });
 
   it('gives each family as soon as its own answer is in while the query is in flight', async () => {
@@ -210,7 +201,7 @@ describe('Resolver through a DNS server', () => {
       } catch {
         return false;
       }
-    });
+    }, 'the negative answer expired');
   });
 
   it('a name without addresses is a DNS error (no-addresses), cached too', async () => {

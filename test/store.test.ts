@@ -3,9 +3,10 @@ import { existsSync, mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import Database from 'better-sqlite3';
-import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import { MIGRATIONS, migrate, StateStore } from '../daemon/store.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
+import { useFakeClock } from './fixtures/fake-clock.js';
 
 const repo = resolve(import.meta.dirname, '..');
 const MINUTE = 60_000;
@@ -178,11 +179,18 @@ describe('batching', () => {
     store.close();
   });
 
-  it('flushes from an unref-ed timer', async () => {
+  it('flushes from a timer', () => {
     const store = open();
-    store.startAutoFlush(20);
-    store.recordAcquire('timer.example:80', { hit: false });
-    await new Promise((done) => setTimeout(done, 150));
+    useFakeClock();
+    try {
+      store.startAutoFlush(20);
+      store.recordAcquire('timer.example:80', { hit: false });
+      vi.advanceTimersByTime(19);
+      expect(store.pendingOrigins).toBe(1);
+      vi.advanceTimersByTime(1);
+    } finally {
+      vi.useRealTimers();
+    }
     expect(store.pendingOrigins).toBe(0);
     expect(store.origin('timer.example:80')?.acquires).toBe(1);
     store.close();
