@@ -552,12 +552,16 @@ function crawlAims(result: SetResult, title: string): Aim[] {
     const speedUpAnnounced = fastest.elapsedMs / announced.elapsedMs;
     const speedUpUnannounced = fastest.elapsedMs / unannounced.elapsedMs;
     const value = speedUpUnannounced / speedUpAnnounced;
-    const savedShare = (fastest.elapsedMs - unannounced.elapsedMs) / (fastest.elapsedMs - announced.elapsedMs);
+    // (Only meaningful when announcing saved time at all.)
+    const saved = fastest.elapsedMs - announced.elapsedMs;
+    const savedShare = saved > 0 ? (fastest.elapsedMs - unannounced.elapsedMs) / saved : Number.NaN;
     aims.push({
       aim:
         `crawler mix ${scheme}, hosts not announced: speed-up over ${variantLabel(fastest.variant)} ` +
         `${ratioText(speedUpUnannounced)} of the announced ${ratioText(speedUpAnnounced)} ` +
-        `(time saved: ${Number.isFinite(savedShare) ? Math.round(savedShare * 100) : 'n/a'}% of the announced)`,
+        (Number.isFinite(savedShare)
+          ? `(time saved: ${Math.round(savedShare * 100)}% of the announced)`
+          : '(announcing saved no time over that peer)'),
       set: title,
       value,
       target: AIMS.unannouncedOfAnnounced,
@@ -692,7 +696,7 @@ function report(sets: SetResult[]): { text: string; aims: Aim[] } {
       out.push(table(rows), '');
     }
 
-    if (result.name === 'lab') {
+    if (result.name === 'lab' && result.first.length > 0) {
       for (const scheme of SCHEMES) {
         const target = scheme === 'http' ? AIMS.firstHttp : AIMS.firstHttps;
         const peers = result.first.filter((row) => row.scheme === scheme && row.peer !== 'sockpool');

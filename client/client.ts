@@ -71,7 +71,8 @@ export interface SockpoolClientOptions {
    * Requests waiting in the client's queue (beyond threads × concurrencyPerThread running) announce their origins
    * to the daemon, which warms sockets for them before they start: the first `origins` distinct origins among the
    * waiting requests (default 64), each once while it has requests waiting, with as many sockets as requests wait
-   * for it, at most `socketsPerOrigin` (default 8). The daemon's prewarm quota per uid bounds it. `false`: off.
+   * for it, at most `socketsPerOrigin` (default 4), less the requests running to it. The daemon's prewarm quota per
+   * uid bounds it. `false`: off.
    */
   announce?: false | { origins?: number; socketsPerOrigin?: number };
 }
@@ -433,7 +434,9 @@ function validateAnnounce(announce: SockpoolClientOptions['announce']): Announce
     throw invalid('announce must be false or { origins?, socketsPerOrigin? }');
   }
   const origins = announce?.origins ?? 64;
-  const socketsPerOrigin = announce?.socketsPerOrigin ?? 8;
+  // Requests that wait behind others to the same origin mostly reuse those connections (keep-alive), so a few
+  // sockets per origin cover it; more mostly go unused and cost the daemon and the origin a connect each.
+  const socketsPerOrigin = announce?.socketsPerOrigin ?? 4;
   if (!Number.isInteger(origins) || origins < 1) throw invalid('announce.origins must be a positive integer');
   if (!Number.isInteger(socketsPerOrigin) || socketsPerOrigin < 1 || socketsPerOrigin > MAX_PREWARM_COUNT) {
     throw invalid(`announce.socketsPerOrigin must be an integer from 1 to ${MAX_PREWARM_COUNT}`);
