@@ -46,7 +46,8 @@ const settings = {
   samplesPerRound: quick ? 1_000 : 2_000,
   rounds: quick ? 3 : 10,
   warmupRequests: quick ? 500 : 2_000,
-  throughputMs: quick ? 1_000 : 4_000,
+  throughputMs: quick ? 1_000 : 2_000,
+  throughputRounds: quick ? 3 : 5,
   inFlight: 8,
   memorySockets: option('--sockets', quick ? 2_000 : 10_000),
   memoryOrigins: option('--origins', quick ? 20 : 100),
@@ -59,7 +60,15 @@ const settings = {
 };
 
 const AIMS = { p50Ratio: 1.5, p99Ratio: 3, handoffsPerS: 20_000, rssBytes: 200 * 1024 * 1024 };
+/**
+ * Issue 14: ratios to the raw server measured side by side (median of paired rounds): the daemon's CPU per warm
+ * handoff at most 2× the raw server's per request, throughput with 8 in flight at least half the raw pipelined
+ * rate, and the p50 within 1.3× of raw in both placements.
+ */
+const HOT_AIMS = { cpuRatio: 2, throughputRatio: 0.5, p50Ratio: 1.3 };
 const HOST = '127.0.0.1';
+/** Other sessions share this machine: the report says how loaded it was. */
+const loadAtStart = os.loadavg();
 const fixtures = join(import.meta.dirname, 'fixtures');
 const resultsDir = join(repoRoot, 'bench', 'results');
 const profileDir = join(resultsDir, 'profiles');
@@ -195,6 +204,14 @@ interface ThroughputResult {
   warmFraction: number;
   daemonCpuPercent: number | null;
   daemonCpuUsPerHandoff: number | null;
+  /** One entry per paired round (the raw case and every sockpoold case ran in each round, back to back). */
+  perRound: ThroughputRound[];
+}
+
+interface ThroughputRound {
+  perSecond: number;
+  cpuUsPerHandoff: number | null;
+  warmFraction: number;
 }
 
 const children: BenchChild[] = [];
@@ -373,129 +390,172 @@ async function measureLatency(startedAt: Date): Promise<LatencyResult> {
     for (const pid of [process.pid, scmServer.pid, jsonServer.pid, daemon.pid]) setAffinity(pid, all);
   }
 
-  // Throughput with 8 requesters in flight.
-  const throughput: ThroughputResult[] = [];
-  {
-    log(`throughput: raw SCM_RIGHTS, ${settings.inFlight} pipelined`);
-    const samples = new Samples();
+  // Throughput with 8 requesters in flight, in paired rounds: each round runs the raw baseline and then every
+  // sockpoold arrangement back to back, so each ratio compares runs made under the same load.
+  type ThroughputRun = (
+    onSample: (us: number, warm: boolean) => void,
+  ) => Promise<{ handoffs: number; elapsedMs: number }>;
+  interface ThroughputCase {
+    name: string;
+    requesters: string;
+    pid: number;
+    raw: boolean;
+    run: ThroughputRun;
+  }
+  const rawRun: ThroughputRun = async (onSample) => {
     const started = performance.now();
-    const cpuBefore = safeCpu(scmServer.pid);
     let count = 0;
     while (performance.now() - started < settings.throughputMs) {
-      await scm.run(10_000, settings.inFlight, (us) => samples.push(us));
-      count += 10_000;
+      await scm.run(5_000, settings.inFlight, (us) => onSample(us, true));
+      count += 5_000;
     }
-    const elapsedMs = performance.now() - started;
-    const cpuMs = diffCpu(cpuBefore, safeCpu(scmServer.pid));
-    throughput.push({
+    return { handoffs: count, elapsedMs: performance.now() - started };
+  };
+  const cases: ThroughputCase[] = [
+    {
       name: '(a) raw SCM_RIGHTS req/resp',
       requesters: `1 connection, ${settings.inFlight} pipelined`,
-      handoffs: count,
-      elapsedMs,
-      perSecond: (count / elapsedMs) * 1000,
-      latency: summarize(samples.values()),
-      warmFraction: Number.NaN,
-      // For (a), the "daemon" is the scm-server fixture: the floor for a Node process answering with an fd.
-      daemonCpuPercent: cpuMs === null ? null : (cpuMs / elapsedMs) * 100,
-      daemonCpuUsPerHandoff: cpuMs === null ? null : (cpuMs * 1000) / count,
-    });
-  }
-  const measure = async (
-    requesters: string,
-    run: (onSample: (us: number, warm: boolean) => void) => Promise<{ handoffs: number; elapsedMs: number }>,
-  ) => {
-    log(`throughput: sockpoold, ${requesters}`);
-    const samples = new Samples();
-    let warm = 0;
-    const cpuBefore = safeCpu(daemon.pid);
-    const { handoffs, elapsedMs } = await run((us, isWarm) => {
-      samples.push(us);
-      countWarm(isWarm);
-      if (isWarm) warm++;
-    });
-    const cpuMs = diffCpu(cpuBefore, safeCpu(daemon.pid));
-    throughput.push({
+      pid: scmServer.pid,
+      raw: true,
+      run: rawRun,
+    },
+    {
       name: 'sockpoold warm handoff',
-      requesters,
-      handoffs,
-      elapsedMs,
-      perSecond: (handoffs / elapsedMs) * 1000,
-      latency: summarize(samples.values()),
-      warmFraction: samples.length === 0 ? 0 : warm / samples.length,
-      daemonCpuPercent: cpuMs === null ? null : (cpuMs / elapsedMs) * 100,
-      daemonCpuUsPerHandoff: cpuMs === null ? null : (cpuMs * 1000) / handoffs,
-    });
-  };
-  await measure(`1 connection, ${settings.inFlight} pipelined`, (onSample) =>
-    runHandoffs(client, {
-      host: HOST,
-      port,
-      inFlight: settings.inFlight,
-      maxHandoffs: Number.POSITIVE_INFINITY,
-      durationMs: settings.throughputMs,
-      release: 'fire',
-      onSample,
-    }),
-  );
-  await measure(`${settings.inFlight} connections, 1 process`, async (onSample) => {
-    const links = Array.from({ length: settings.inFlight }, () => new BenchDaemonClient(daemon.socketPath));
-    await Promise.all(links.map((link) => link.hello()));
-    const started = performance.now();
-    const runs = await Promise.all(
-      links.map((link) =>
-        runHandoffs(link, {
+      requesters: `1 connection, ${settings.inFlight} pipelined`,
+      pid: daemon.pid,
+      raw: false,
+      run: (onSample) =>
+        runHandoffs(client, {
           host: HOST,
           port,
-          inFlight: 1,
+          inFlight: settings.inFlight,
           maxHandoffs: Number.POSITIVE_INFINITY,
           durationMs: settings.throughputMs,
           release: 'fire',
           onSample,
         }),
-      ),
-    );
-    const elapsedMs = performance.now() - started;
-    for (const link of links) link.close();
-    return { handoffs: runs.reduce((sum, run) => sum + run.handoffs, 0), elapsedMs };
-  });
-  await measure(`${settings.inFlight} processes, 1 each`, async (onSample) => {
-    const clients = await Promise.all(
-      Array.from({ length: settings.inFlight }, () =>
-        start(
-          [
-            node,
-            join(fixtures, 'handoff-client.js'),
-            daemon.socketPath,
-            HOST,
-            String(port),
-            '1',
-            '1',
-            String(settings.throughputMs),
-          ],
-          'requester',
-        ),
-      ),
-    );
-    await Promise.all(clients.map((child) => child.nextMessage((m) => m.ready === true)));
-    for (const child of clients) child.send('go');
-    const results = await Promise.all(
-      clients.map((child) =>
-        child.nextMessage<{ handoffs: number; elapsedMs: number; warm: number; samples: number[] }>(
-          (m) => typeof m.handoffs === 'number',
-        ),
-      ),
-    );
-    for (const result of results) {
-      // Each process reports its warm count, not which ones; only the fraction is used.
-      result.samples.forEach((us, i) => {
-        onSample(us, i < result.warm);
+    },
+    {
+      name: 'sockpoold warm handoff',
+      requesters: `${settings.inFlight} connections, 1 process`,
+      pid: daemon.pid,
+      raw: false,
+      run: async (onSample) => {
+        const links = Array.from({ length: settings.inFlight }, () => new BenchDaemonClient(daemon.socketPath));
+        await Promise.all(links.map((link) => link.hello()));
+        const started = performance.now();
+        const runs = await Promise.all(
+          links.map((link) =>
+            runHandoffs(link, {
+              host: HOST,
+              port,
+              inFlight: 1,
+              maxHandoffs: Number.POSITIVE_INFINITY,
+              durationMs: settings.throughputMs,
+              release: 'fire',
+              onSample,
+            }),
+          ),
+        );
+        const elapsedMs = performance.now() - started;
+        for (const link of links) link.close();
+        return { handoffs: runs.reduce((sum, run) => sum + run.handoffs, 0), elapsedMs };
+      },
+    },
+    {
+      name: 'sockpoold warm handoff',
+      requesters: `${settings.inFlight} processes, 1 each`,
+      pid: daemon.pid,
+      raw: false,
+      run: async (onSample) => {
+        const clients = await Promise.all(
+          Array.from({ length: settings.inFlight }, () =>
+            start(
+              [
+                node,
+                join(fixtures, 'handoff-client.js'),
+                daemon.socketPath,
+                HOST,
+                String(port),
+                '1',
+                '1',
+                String(settings.throughputMs),
+              ],
+              'requester',
+            ),
+          ),
+        );
+        await Promise.all(clients.map((child) => child.nextMessage((m) => m.ready === true)));
+        for (const child of clients) child.send('go');
+        const results = await Promise.all(
+          clients.map((child) =>
+            child.nextMessage<{ handoffs: number; elapsedMs: number; warm: number; samples: number[] }>(
+              (m) => typeof m.handoffs === 'number',
+            ),
+          ),
+        );
+        for (const result of results) {
+          // Each process reports its warm count, not which ones; only the fraction is used.
+          result.samples.forEach((us, i) => {
+            onSample(us, i < result.warm);
+          });
+        }
+        for (const child of clients) await child.stop();
+        // Conservative: the processes got "go" within a millisecond of each other; take the longest run.
+        return {
+          handoffs: results.reduce((sum, r) => sum + r.handoffs, 0),
+          elapsedMs: Math.max(...results.map((r) => r.elapsedMs)),
+        };
+      },
+    },
+  ];
+  const totals = cases.map(() => ({
+    handoffs: 0,
+    elapsedMs: 0,
+    warm: 0,
+    cpuMs: 0 as number | null,
+    samples: new Samples(),
+    perRound: [] as ThroughputRound[],
+  }));
+  for (let round = 0; round < settings.throughputRounds; round++) {
+    log(`throughput round ${round + 1}/${settings.throughputRounds}: raw, then sockpoold ×${cases.length - 1}`);
+    for (const [index, entry] of cases.entries()) {
+      const total = totals[index]!;
+      let warm = 0;
+      let sampled = 0;
+      const cpuBefore = safeCpu(entry.pid);
+      const { handoffs, elapsedMs } = await entry.run((us, isWarm) => {
+        total.samples.push(us);
+        sampled++;
+        if (isWarm) warm++;
+        if (!entry.raw) countWarm(isWarm);
+      });
+      const cpuMs = diffCpu(cpuBefore, safeCpu(entry.pid));
+      total.handoffs += handoffs;
+      total.elapsedMs += elapsedMs;
+      total.warm += entry.raw ? 0 : warm;
+      total.cpuMs = total.cpuMs === null || cpuMs === null ? null : total.cpuMs + cpuMs;
+      total.perRound.push({
+        perSecond: (handoffs / elapsedMs) * 1000,
+        cpuUsPerHandoff: cpuMs === null ? null : (cpuMs * 1000) / handoffs,
+        warmFraction: entry.raw ? Number.NaN : warm / Math.max(1, sampled),
       });
     }
-    for (const child of clients) await child.stop();
-    // Conservative: the processes got "go" within a millisecond of each other; take the longest run.
+  }
+  const throughput: ThroughputResult[] = cases.map((entry, index) => {
+    const total = totals[index]!;
     return {
-      handoffs: results.reduce((sum, r) => sum + r.handoffs, 0),
-      elapsedMs: Math.max(...results.map((r) => r.elapsedMs)),
+      name: entry.name,
+      requesters: entry.requesters,
+      handoffs: total.handoffs,
+      elapsedMs: total.elapsedMs,
+      perSecond: (total.handoffs / total.elapsedMs) * 1000,
+      latency: summarize(total.samples.values()),
+      warmFraction: entry.raw ? Number.NaN : total.warm / Math.max(1, total.samples.length),
+      // For (a), the "daemon" is the scm-server fixture: the floor for a Node process answering with an fd.
+      daemonCpuPercent: total.cpuMs === null ? null : (total.cpuMs / total.elapsedMs) * 100,
+      daemonCpuUsPerHandoff: total.cpuMs === null ? null : (total.cpuMs * 1000) / total.handoffs,
+      perRound: total.perRound,
     };
   });
 
@@ -563,6 +623,7 @@ async function main(): Promise<void> {
       cpuModel: os.cpus()[0]?.model ?? null,
       kernel: os.release(),
       totalMemBytes: os.totalmem(),
+      loadAverageAtStart: loadAtStart.map((value) => round(value, 2)),
       loadAverage: os.loadavg().map((value) => round(value, 2)),
     },
     settings,
@@ -588,6 +649,11 @@ async function main(): Promise<void> {
       warmFraction: Number.isNaN(t.warmFraction) ? null : round(t.warmFraction, 5),
       daemonCpuPercent: t.daemonCpuPercent === null ? null : round(t.daemonCpuPercent),
       daemonCpuUsPerHandoff: t.daemonCpuUsPerHandoff === null ? null : round(t.daemonCpuUsPerHandoff),
+      perRound: t.perRound.map((r) => ({
+        perSecond: Math.round(r.perSecond),
+        cpuUsPerHandoff: r.cpuUsPerHandoff === null ? null : round(r.cpuUsPerHandoff),
+        warmFraction: Number.isNaN(r.warmFraction) ? null : round(r.warmFraction, 5),
+      })),
     })),
     handoffDaemon: latency?.handoffDaemon ?? null,
     syscalls: latency?.syscalls ?? null,
@@ -616,6 +682,7 @@ function report(
   const us = (value: number) => value.toFixed(1);
   const x = (value: number) => `${value.toFixed(2)}x`;
   const aims: Record<string, Aim | Aim[]> = {};
+  const hotAims: Array<Aim & { rounds: number[] }> = [];
   const out: string[] = [''];
   out.push(
     `sockpool warm handoff benchmark — ${startedAt.toISOString()} — node ${process.version}, ` +
@@ -683,6 +750,12 @@ function report(
       };
       aims[`p50-${seq.placement}`] = p50;
       aims[`p99-${seq.placement}`] = p99;
+      hotAims.push({
+        aim: `[${seq.placement}] p50 ≤ ${HOT_AIMS.p50Ratio}× raw (a) p50, median of per-round ratios`,
+        value: roundRatioA,
+        met: roundRatioA <= HOT_AIMS.p50Ratio,
+        rounds: rounds.map((r) => round(r.handoffP50 / r.scmP50, 3)),
+      });
     }
     out.push(
       `warm: ${((latency.warmCount / Math.max(1, latency.totalCount)) * 100).toFixed(2)}% of all ` +
@@ -726,6 +799,44 @@ function report(
           ['total', sum(raw).toFixed(2), sum(traced).toFixed(2)],
         ]),
       );
+    }
+    // Issue 14: each sockpoold arrangement against the raw pipelined run of the same round.
+    const raw = latency.throughput.find((t) => t.name.startsWith('(a)'));
+    if (raw) {
+      out.push('');
+      out.push(`Per round (${settings.throughputRounds} paired rounds; ratios to the raw run of the same round):`);
+      out.push(
+        `  (a) raw, 1 connection, ${settings.inFlight} pipelined: ` +
+          `${raw.perRound.map((r) => Math.round(r.perSecond)).join(' ')}/s, ` +
+          `CPU ${raw.perRound.map((r) => (r.cpuUsPerHandoff === null ? '-' : r.cpuUsPerHandoff.toFixed(1))).join(' ')} µs/req`,
+      );
+      for (const t of latency.throughput.filter((entry) => entry !== raw)) {
+        const rates = t.perRound.map((r, i) => r.perSecond / raw.perRound[i]!.perSecond);
+        const cpus = t.perRound.map((r, i) => {
+          const base = raw.perRound[i]!.cpuUsPerHandoff;
+          return r.cpuUsPerHandoff === null || base === null || base === 0 ? Number.NaN : r.cpuUsPerHandoff / base;
+        });
+        out.push(
+          `  sockpoold, ${t.requesters}: ${t.perRound.map((r) => Math.round(r.perSecond)).join(' ')}/s ` +
+            `(× raw: ${rates.map((v) => v.toFixed(2)).join(' ')}), CPU ` +
+            `${t.perRound.map((r) => (r.cpuUsPerHandoff === null ? '-' : r.cpuUsPerHandoff.toFixed(1))).join(' ')} µs/handoff ` +
+            `(× raw: ${cpus.map((v) => v.toFixed(2)).join(' ')})`,
+        );
+        const rateRatio = median(rates);
+        hotAims.push({
+          aim: `handoffs/s ≥ ${HOT_AIMS.throughputRatio}× raw pipelined, ${t.requesters}, median of per-round ratios`,
+          value: rateRatio,
+          met: rateRatio >= HOT_AIMS.throughputRatio,
+          rounds: rates.map((v) => round(v, 3)),
+        });
+        const cpuRatio = cpus.some(Number.isNaN) ? Number.NaN : median(cpus);
+        hotAims.push({
+          aim: `daemon CPU per handoff ≤ ${HOT_AIMS.cpuRatio}× raw server's per request, ${t.requesters}, median of per-round ratios`,
+          value: cpuRatio,
+          met: cpuRatio <= HOT_AIMS.cpuRatio,
+          rounds: cpus.map((v) => round(v, 3)),
+        });
+      }
     }
     aims.throughput = latency.throughput
       .filter((t) => t.name.startsWith('sockpoold'))
@@ -778,9 +889,20 @@ function report(
     for (const aim of aims.throughput) out.push(line(aim, `${Math.round(aim.value).toLocaleString('en-US')}/s`));
   }
   if (aims.memory && !Array.isArray(aims.memory)) out.push(line(aims.memory, mb(aims.memory.value)));
+  if (hotAims.length > 0) {
+    out.push('');
+    out.push('Aims (issue 14; ratios to the raw server in the same run, median of paired rounds):');
+    for (const aim of hotAims) {
+      out.push(`${line(aim, x(aim.value))} (rounds: ${aim.rounds.map((v) => v.toFixed(2)).join(' ')})`);
+    }
+    aims.hot = hotAims;
+  }
   if (settings.profile) out.push(`CPU profile of the handoff daemon: ${profileDir}`);
   if (settings.strace) out.push(`strace -c output: ${straceFile(startedAt)}-{raw,daemon}.txt`);
-  out.push(`(run took ${durationS.toFixed(1)} s; load average before the report ${os.loadavg()[0]?.toFixed(2)})`);
+  out.push(
+    `(run took ${durationS.toFixed(1)} s; load average at start ${loadAtStart[0]?.toFixed(2)}, ` +
+      `before the report ${os.loadavg()[0]?.toFixed(2)})`,
+  );
   return { text: `${out.join('\n')}\n`, aims };
 }
 
