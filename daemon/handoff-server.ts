@@ -2,10 +2,9 @@
 // every message, and turns `acquire` into a lease whose fd travels to the client with SCM_RIGHTS.
 //
 // fd ownership on this path: the pool manager resolves an acquire with an fd that then belongs to this server.
-// lend() makes a copy: channel.send() takes the copy and closes it once the kernel has passed it on (or when the
-// client is gone); the original stays in the lease (lease-guard.ts) until the lease ends (shut down and closed)
-// or the socket is given back to the pool. A `release` message brings the client's copy back: it is closed here
-// once checked.
+// The lease keeps it (lease-guard.ts) until the lease ends (shut down and closed) or the socket is given back to
+// the pool; the `lease` message lends it (channel.send with `borrowed`: the kernel gives the client its own copy,
+// ours stays open). A `release` message brings the client's copy back: it is closed here once checked.
 
 import { ErrorCodes, SockpoolError, toPlainError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
@@ -24,7 +23,7 @@ import {
 import { SeqpacketChannel } from '../shared/seqpacket-channel.js';
 import { isAdminUid, statsView } from './client-view.js';
 import type { SockpoolConfig } from './config.js';
-import { endConnection, lend, usedSinceLent } from './lease-guard.js';
+import { checkReturned, endConnection, markOf } from './lease-guard.js';
 import { type Lease, LeaseTable } from './leases.js';
 import type { Logger } from './log.js';
 import type { Metrics } from './metrics.js';
@@ -228,19 +227,20 @@ export class HandoffServer {
     this.#log.debug({ client: id, pid: credentials.pid, uid: credentials.uid }, 'client connected');
   }
 
-  #send(session: ClientSession, message: DaemonMessage, fds: number[] = []): void {
+  /** `borrowed`: the fds stay the caller's (see SeqpacketChannel.send); otherwise the channel takes them. */
+  #send(session: ClientSession, message: DaemonMessage, fds: number[] = [], borrowed = false): void {
     let bytes: Buffer;
     try {
       bytes = encodeMessage(message);
     } catch (error) {
       // Too large to send (a bug here, not the client's fault): the request gets an error, the daemon lives on.
-      for (const fd of fds) native.close(fd);
+      if (!borrowed) for (const fd of fds) native.close(fd);
       this.#log.error({ type: message.type, err: (error as Error).message }, 'reply could not be encoded');
       const id = 'id' in message ? message.id : null;
       bytes = encodeMessage({ type: 'error', id, code: ErrorCodes.PROTOCOL, message: 'reply too large to send' });
       fds = [];
     }
-    session.channel.send(bytes, fds);
+    session.channel.send(bytes, fds, borrowed ? BORROWED : undefined);
   }
 
   #onMessage(session: ClientSession, data: Buffer, fds: number[]): void {
@@ -402,17 +402,8 @@ export class HandoffServer {
           this.#pools.giveBack(handoff.originKey, handoff, session.uid);
           return;
         }
-        let lent: ReturnType<typeof lend>;
-        try {
-          lent = lend(handoff.fd);
-        } catch (error) {
-          // No fd left for the copy (EMFILE): the socket was never lent, so it stays shared.
-          this.#quotas.acquireSettled(session.uid, message.host, false);
-          this.#pools.giveBack(handoff.originKey, handoff, session.uid);
-          this.#replyError(session, message.id, error);
-          return;
-        }
-        this.#quotas.acquireSettled(session.uid, message.host, true);
+        // Identity and counters: from the pool's probe for a warm socket, read here for a fresh one.
+        const mark = handoff.mark ?? markOf(handoff.fd);
         const lease = this.#leases.create({
           clientId: session.id,
           originKey: handoff.originKey,
@@ -423,18 +414,10 @@ export class HandoffServer {
           tls: handoff.tls,
           uid: session.uid,
           fd: handoff.fd,
-          mark: lent.mark,
+          mark,
         });
-        const maxLeaseMs = this.#config().quotas.maxLeaseMs;
-        if (maxLeaseMs > 0) {
-          lease.deadline = setTimeout(() => {
-            if (this.#leases.end(lease.leaseId, session.id)) {
-              this.#log.debug({ client: session.id, lease: lease.leaseId, maxLeaseMs }, 'lease ended at maxLeaseMs');
-              this.#endLease(lease, true);
-            }
-          }, maxLeaseMs);
-        }
-        // The copy goes to the channel, which closes it once sent; the lease keeps handoff.fd.
+        // The lease's own fd is lent: the kernel gives the client a copy, the daemon's stays open in the lease.
+        // Everything that can wait (quotas, the lease deadline, metrics) comes after the send.
         this.#send(
           session,
           {
@@ -449,8 +432,19 @@ export class HandoffServer {
             connectMs: handoff.warm ? 0 : Number(handoff.connectMs.toFixed(3)),
             ...(handoff.tls ? { tls: handoff.tls } : {}),
           },
-          [lent.copy],
+          [handoff.fd],
+          true,
         );
+        this.#quotas.acquireSettled(session.uid, message.host, true);
+        const maxLeaseMs = this.#config().quotas.maxLeaseMs;
+        if (maxLeaseMs > 0) {
+          lease.deadline = setTimeout(() => {
+            if (this.#leases.end(lease.leaseId, session.id)) {
+              this.#log.debug({ client: session.id, lease: lease.leaseId, maxLeaseMs }, 'lease ended at maxLeaseMs');
+              this.#endLease(lease, true);
+            }
+          }, maxLeaseMs);
+        }
         this.#metrics?.handoffSeconds.observe((performance.now() - started) / 1000);
       },
       (error: Error) => {
@@ -476,8 +470,9 @@ export class HandoffServer {
     // lease ends with its connection shut down.
     let sameSocket = false;
     try {
-      // One socket whatever its kind (a TCP connection, or the client's end of a relayed TLS session's pair).
-      sameSocket = native.sameSocket(fd, lease.fd);
+      // One socket whatever its kind (a TCP connection, or the client's end of a relayed TLS session's pair): the
+      // daemon's copy is open, so no other socket can have its inode.
+      sameSocket = lease.mark ? native.socketInode(fd) === lease.mark.inode : native.sameSocket(fd, lease.fd);
     } catch {}
     native.close(fd);
     if (sameSocket && lease.tls) {
@@ -487,8 +482,9 @@ export class HandoffServer {
       if (message.id !== undefined) this.#send(session, { type: 'ok', id: message.id });
       return;
     }
-    const misuse = sameSocket ? usedSinceLent(lease.fd, lease.mark) : undefined;
-    if (!sameSocket || misuse !== undefined) {
+    const verdict = sameSocket ? checkReturned(lease.fd, lease.mark) : 'foreign';
+    if (typeof verdict === 'string') {
+      const misuse = verdict;
       this.#endLease(lease, true);
       this.#metrics?.refusals.inc({ reason: sameSocket ? 'release-used' : 'release-foreign' });
       if (message.id !== undefined) {
@@ -520,6 +516,7 @@ export class HandoffServer {
       },
       lease.uid,
       true,
+      verdict,
     );
     if (message.id !== undefined) this.#send(session, { type: 'ok', id: message.id });
   }
@@ -563,6 +560,7 @@ export class HandoffServer {
   }
 }
 
+const BORROWED = { borrowed: true };
 const ACCEPT_BACKOFF_MIN_MS = 10;
 const ACCEPT_BACKOFF_MAX_MS = 1_000;
 

@@ -1,49 +1,137 @@
-// What the daemon keeps of a lent socket so that a client's word is not needed: its own copy of the fd (a dup;
-// the client gets the other) and the socket's byte counters at the moment it was lent.
+// What the daemon keeps of a lent socket so that a client's word is not needed: its own copy of the fd (the fd
+// stays open in the daemon while the client holds the copy the kernel made when the lease was sent) and the
+// socket's identity and byte counters at the moment it was lent (a UsageMark).
 //
 // - End of a lease (`closed`, the client's disconnect, maxLeaseMs): shutdown(SHUT_RDWR) on the daemon's copy ends
 //   the connection for every process holding one, so a copy a client kept is dead; then the copy is closed.
 // - `release`: the socket may go back to the pool only if the fd that came back is a copy of the same socket and
 //   TCP_INFO shows no byte sent or received since it was lent and nothing queued either way. The caller then
 //   pools it for the releasing uid alone (the client may still hold a copy); otherwise it is ended as above.
+// - Idle in the pool: the mark travels with the socket, so the next handoff needs one TCP_INFO read to know the
+//   socket is still established and received nothing (checkIdle), and that read is the next lease's mark.
 //
-// fd ownership: `lend` returns a new fd (the copy to send) owned by the caller; the lent fd stays with the caller
-// as the daemon's copy until `endConnection` closes it or the pool takes it back.
+// Why one TCP_INFO read is enough once a mark is `quiet` (nothing queued either way when it was taken):
+// unread input means bytes_received moved (it counts every byte the kernel accepted); output not yet sent shows
+// as notsent_bytes, output sent as bytes_sent, and an ack of earlier output as bytes_acked. A FIN or a reset
+// changes the TCP state. So equal counters, notsent 0 and ESTABLISHED mean the queues are still empty. A mark
+// that is not quiet (or a kernel without these counters) makes the check read the queues (SIOCOUTQ/SIOCINQ) too.
+//
+// fd ownership: nothing here opens or keeps an fd; `endConnection` closes the fd it is given.
 
 import * as native from '../shared/native.js';
 
-/** The socket's counters when it was lent; undefined when they could not be read (never pooled again). */
+/** The socket when it was lent (or went idle); undefined when its counters could not be read (never pooled again). */
 export interface UsageMark {
+  /** The socket's inode: a released fd is the same socket exactly when its inode is this one. */
+  inode: number;
   bytesSent: number | undefined;
   bytesAcked: number | undefined;
   bytesReceived: number | undefined;
+  /** Nothing was queued either way when the counters were read (see the header). */
+  quiet: boolean;
 }
 
-/** Makes the copy that goes to the client (one fcntl) and reads the counters (one getsockopt). */
-export function lend(fd: number): { copy: number; mark: UsageMark | undefined } {
-  const mark = readMark(fd);
-  return { copy: native.dup(fd), mark };
+/** Why an idle socket cannot be handed out (the pool's drop reasons). */
+export type IdleFault = 'eof' | 'data' | 'error';
+
+const info = new Float64Array(native.TCP_INFO_FIELDS);
+const { tcpState, bytesSent, bytesAcked, bytesReceived, notsentBytes } = native.TcpInfoField;
+const TCP_ESTABLISHED = 1;
+const TCP_CLOSE_WAIT = 8;
+
+/**
+ * The socket's mark read in full (fstat, TCP_INFO and both queue lengths): for sockets the daemon did not see go
+ * quiet itself (fresh connects, sockets adopted from the fd store). Undefined when it is not an established TCP
+ * socket or its counters cannot be read.
+ */
+export function markOf(fd: number): UsageMark | undefined {
+  try {
+    const inode = native.socketInode(fd);
+    const now = native.tcpCounters(fd, true);
+    if (inode < 0 || now.tcpState !== TCP_ESTABLISHED) return undefined;
+    const queued = (now.outq ?? 0) + (now.notsentBytes ?? 0) + (now.inq ?? 0);
+    return {
+      inode,
+      bytesSent: now.bytesSent,
+      bytesAcked: now.bytesAcked,
+      bytesReceived: now.bytesReceived,
+      quiet: queued === 0 && hasCounters(now.bytesSent, now.bytesAcked, now.bytesReceived, now.notsentBytes),
+    };
+  } catch {
+    return undefined;
+  }
 }
 
-/** Why the socket cannot be lent to anyone again, or undefined when it is exactly as it was lent. */
-export function usedSinceLent(fd: number, mark: UsageMark | undefined): string | undefined {
+/**
+ * The one probe of a warm handoff: is the idle socket with quiet mark `mark` exactly as it went idle (one
+ * TCP_INFO read)? Returns the mark for the lease that follows, or why the socket must be dropped. Without a
+ * quiet mark it falls back to the full probe (recv MSG_PEEK and TCP_INFO) and a full mark.
+ */
+export function checkIdle(fd: number, mark: UsageMark | undefined): UsageMark | IdleFault {
+  if (mark?.quiet) {
+    try {
+      native.tcpInfo(fd, info);
+    } catch {
+      return 'error';
+    }
+    const state = info[tcpState];
+    if (state === TCP_CLOSE_WAIT) return 'eof';
+    if (state !== TCP_ESTABLISHED) return 'error';
+    // Anything received (even a FIN's data before it), or anything written by a holder of a copy: not idle.
+    if (info[bytesReceived] !== mark.bytesReceived) return 'data';
+    if (info[bytesSent] !== mark.bytesSent || info[bytesAcked] !== mark.bytesAcked || info[notsentBytes] !== 0) {
+      return 'error';
+    }
+    return mark;
+  }
+  const probe = native.probe(fd);
+  if (probe.state !== 'alive' || probe.tcpState !== TCP_ESTABLISHED) {
+    return probe.state === 'alive' ? 'error' : probe.state;
+  }
+  return markOf(fd) ?? 'error';
+}
+
+/**
+ * Why the socket cannot be lent to anyone again, or its mark (quiet: it goes back to the pool with it) when it is
+ * exactly as it was lent.
+ */
+export function checkReturned(fd: number, mark: UsageMark | undefined): UsageMark | string {
   if (!mark) return 'its byte counters are unreadable';
+  if (mark.quiet) {
+    // One TCP_INFO read decides (see the header).
+    try {
+      native.tcpInfo(fd, info);
+    } catch (error) {
+      return `its byte counters are unreadable (${(error as Error).message})`;
+    }
+    if (info[tcpState] !== TCP_ESTABLISHED) return `it is not established (TCP state ${info[tcpState]})`;
+    if (info[notsentBytes]! > 0) return `${info[notsentBytes]} bytes are waiting to be sent`;
+    const misuse = changedSince(mark, info[bytesSent], info[bytesAcked], info[bytesReceived]);
+    return misuse ?? mark;
+  }
   let now: native.TcpCounters;
   try {
     now = native.tcpCounters(fd);
   } catch (error) {
     return `its byte counters are unreadable (${(error as Error).message})`;
   }
-  if (now.tcpState !== 1) return `it is not established (TCP state ${now.tcpState})`;
+  if (now.tcpState !== TCP_ESTABLISHED) return `it is not established (TCP state ${now.tcpState})`;
   const outq = (now.outq ?? 0) + (now.notsentBytes ?? 0);
   if (outq > 0) return `${outq} bytes are waiting to be sent or acknowledged`;
   if ((now.inq ?? 0) > 0) return `${now.inq} bytes arrived that nobody read`;
-  if (now.bytesSent !== mark.bytesSent) return `${(now.bytesSent ?? 0) - (mark.bytesSent ?? 0)} bytes were sent on it`;
-  if (now.bytesAcked !== mark.bytesAcked) return 'bytes were sent on it';
-  if (now.bytesReceived !== mark.bytesReceived) {
-    return `${(now.bytesReceived ?? 0) - (mark.bytesReceived ?? 0)} bytes were received on it`;
-  }
-  return undefined;
+  const misuse = changedSince(mark, now.bytesSent, now.bytesAcked, now.bytesReceived);
+  if (misuse !== undefined) return misuse;
+  // The queues were just read empty: from here on one TCP_INFO read per check is enough.
+  return {
+    ...mark,
+    quiet: hasCounters(now.bytesSent, now.bytesAcked, now.bytesReceived, now.notsentBytes),
+  };
+}
+
+/** Why the socket cannot be lent again, or undefined when it is exactly as it was lent (checkReturned's verdict). */
+export function usedSinceLent(fd: number, mark: UsageMark | undefined): string | undefined {
+  const verdict = checkReturned(fd, mark);
+  return typeof verdict === 'string' ? verdict : undefined;
 }
 
 /** Ends the connection for every holder of a copy, then closes the daemon's copy. */
@@ -56,11 +144,26 @@ export function endConnection(fd: number): void {
   native.close(fd);
 }
 
-function readMark(fd: number): UsageMark | undefined {
-  try {
-    const counters = native.tcpCounters(fd, false);
-    return { bytesSent: counters.bytesSent, bytesAcked: counters.bytesAcked, bytesReceived: counters.bytesReceived };
-  } catch {
-    return undefined;
+function changedSince(
+  mark: UsageMark,
+  sent: number | undefined,
+  acked: number | undefined,
+  received: number | undefined,
+): string | undefined {
+  if (!sameCount(sent, mark.bytesSent)) return `${(sent ?? 0) - (mark.bytesSent ?? 0)} bytes were sent on it`;
+  if (!sameCount(acked, mark.bytesAcked)) return 'bytes were sent on it';
+  if (!sameCount(received, mark.bytesReceived)) {
+    return `${(received ?? 0) - (mark.bytesReceived ?? 0)} bytes were received on it`;
   }
+  return undefined;
+}
+
+/** Equal counts; a counter this kernel does not report (undefined, or NaN from tcpInfo) matches itself. */
+function sameCount(now: number | undefined, then: number | undefined): boolean {
+  const a = now === undefined || Number.isNaN(now) ? undefined : now;
+  return a === then;
+}
+
+function hasCounters(...values: Array<number | undefined>): boolean {
+  return values.every((value) => value !== undefined && !Number.isNaN(value));
 }

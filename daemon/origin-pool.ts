@@ -15,10 +15,13 @@ import type { OriginPolicy } from './config.js';
 import type { ConnectedSocket, Connector } from './connector.js';
 import { FairWaitQueue } from './fair-queue.js';
 import type { SlotKeeper } from './fleet/slots.js';
+import { checkIdle, markOf, type UsageMark } from './lease-guard.js';
 
 export interface Handoff extends ConnectedSocket {
   /** True when the socket was idle in the pool; false when it was connected for this acquire. */
   warm: boolean;
+  /** The socket's identity and counters as of this handoff's probe (undefined: not read yet). */
+  mark?: UsageMark | undefined;
 }
 
 export type DropReason = 'eof' | 'error' | 'data' | 'ttl' | 'recycled' | 'evicted' | 'excess' | 'shutdown' | 'refused';
@@ -34,15 +37,18 @@ export interface OriginPoolEvents {
 interface IdleSocket extends ConnectedSocket {
   idleSince: number;
   /**
-   * Watches for EOF, reset or stray bytes. Armed one event-loop turn after the socket goes idle (see #armSoon):
-   * a socket released and acquired again in the same turn never touches epoll. Until then the probe before
-   * every handoff is the guard.
+   * Watches for EOF, reset or stray bytes. Armed once the socket has been idle IDLE_WATCH_DELAY_MS (see
+   * #armSoon): a socket that circulates (released and acquired again within that time, as under load) never
+   * touches epoll. Until then the probe before every handoff is the guard, and a dead socket is closed a little
+   * later than it could have been.
    */
   poller: native.Poller | undefined;
   /** Closes the socket before the origin's servers would (learned idle lifetime); unref'd. */
   recycleTimer: NodeJS.Timeout | undefined;
   /** Set for a socket a client released: only that uid may have it (shared sockets: undefined). */
   ownerUid: number | undefined;
+  /** Identity and counters when it went idle: the handoff's one probe compares against them (lease-guard.ts). */
+  mark: UsageMark | undefined;
 }
 
 interface Waiter {
@@ -155,11 +161,16 @@ export class OriginPool {
   /**
    * A lease of `uid` came back unused: the fd returns to the pool (or is closed if it is dead or not wanted).
    * `lent`: the client had the socket (it may keep a copy), so it is kept for `uid` alone; a socket that never
-   * reached the client is shared again.
+   * reached the client is shared again. `checked`: the mark the release check just read (lease-guard.ts): the
+   * socket is known to be established and quiet, so it is not probed again.
    */
-  giveBack(socket: ConnectedSocket, uid = 0, lent = false): void {
+  giveBack(socket: ConnectedSocket, uid = 0, lent = false, checked?: UsageMark): void {
     this.#leased = Math.max(0, this.#leased - 1);
     this.#waiters.held(uid, -1);
+    if (checked && !this.#closed) {
+      this.#addIdle(socket, lent ? uid : undefined, checked);
+      return;
+    }
     const probe = native.probe(socket.fd);
     if (this.#closed || probe.state !== 'alive' || !isEstablished(probe.tcpState)) {
       native.close(socket.fd);
@@ -244,7 +255,8 @@ export class OriginPool {
     this.#events.idleChanged(this, -sockets.length);
     this.#settleSlots();
     return sockets.map(
-      ({ poller: _poller, idleSince: _idleSince, recycleTimer: _timer, ownerUid: _owner, ...rest }) => rest,
+      ({ poller: _poller, idleSince: _idleSince, recycleTimer: _timer, ownerUid: _owner, mark: _mark, ...rest }) =>
+        rest,
     );
   }
 
@@ -264,6 +276,8 @@ export class OriginPool {
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
+    clearTimeout(this.#armTimer);
+    this.#armTimer = undefined;
     for (const waiter of this.#waiters.drain()) {
       this.#removeWaiter(waiter);
       waiter.reject(new SockpoolError(ErrorCodes.SHUTTING_DOWN, `sockpoold is stopping; ${this.key} unavailable`));
@@ -282,8 +296,8 @@ export class OriginPool {
 
   /**
    * Newest first, among the shared sockets and those kept for `uid`; every candidate is probed right before the
-   * handoff so a closed socket is never handed out, and one idle past the recycle point (its server may close it
-   * any moment) is dropped instead.
+   * handoff (one TCP_INFO read: checkIdle) so a closed or used socket is never handed out, and one idle past the
+   * recycle point (its server may close it any moment) is dropped instead.
    */
   #takeIdle(uid: number): Handoff | undefined {
     const now = performance.now();
@@ -291,27 +305,35 @@ export class OriginPool {
       const socket = this.#idle[index]!;
       if (socket.ownerUid !== undefined && socket.ownerUid !== uid) continue;
       const recycle = this.#recycleAfterMs !== undefined && now - socket.idleSince >= this.#recycleAfterMs;
-      const probe = recycle ? undefined : native.probe(socket.fd);
-      if (probe?.state === 'alive' && isEstablished(probe.tcpState)) {
+      const checked = recycle ? 'recycled' : checkIdle(socket.fd, socket.mark);
+      if (typeof checked !== 'string') {
         this.#idle.splice(index, 1);
         socket.poller?.close();
         clearTimeout(socket.recycleTimer);
         this.#events.idleChanged(this, -1);
         this.#leased++;
-        const { poller: _poller, idleSince: _idleSince, recycleTimer: _timer, ownerUid: _owner, ...rest } = socket;
         this.#pumpSoon();
-        return { ...rest, warm: true };
+        const {
+          poller: _poller,
+          idleSince: _idleSince,
+          recycleTimer: _timer,
+          ownerUid: _owner,
+          mark: _mark,
+          ...rest
+        } = socket;
+        return { ...rest, warm: true, mark: checked };
       }
-      this.#drop(socket, probe === undefined ? 'recycled' : dropReason(probe.state));
+      this.#drop(socket, checked);
     }
     return undefined;
   }
 
-  #addIdle(socket: ConnectedSocket, ownerUid?: number): void {
+  /** `mark`: the socket's quiet mark when the caller just read it (a release); otherwise it is read here. */
+  #addIdle(socket: ConnectedSocket, ownerUid?: number, mark?: UsageMark): void {
     const waiter = ownerUid === undefined ? this.#waiters.peek() : this.#waiters.shiftOf(ownerUid);
     if (waiter) {
       this.#leased++;
-      this.#serve({ ...socket, warm: true }, waiter);
+      this.#serve({ ...socket, warm: true, mark }, waiter);
       return;
     }
     if (this.#idle.length >= this.policy.maxIdle) {
@@ -326,6 +348,8 @@ export class OriginPool {
       poller: undefined,
       recycleTimer: undefined,
       ownerUid,
+      // Read once when a socket enters the pool from elsewhere (a connect, the fd store), not per handoff.
+      mark: mark ?? markOf(socket.fd),
     };
     this.#idle.push(idle);
     this.#armSoon();
@@ -340,20 +364,27 @@ export class OriginPool {
     return count;
   }
 
-  #armScheduled = false;
-  /** Starts watching, once per event-loop turn, every idle socket not watched yet. */
+  #armTimer: NodeJS.Timeout | undefined;
+  /** Starts watching every socket idle for IDLE_WATCH_DELAY_MS and not watched yet (one timer per pool). */
   #armSoon(): void {
-    if (this.#armScheduled) return;
-    this.#armScheduled = true;
-    setImmediate(() => {
-      this.#armScheduled = false;
+    if (this.#armTimer || this.#closed) return;
+    this.#armTimer = setTimeout(() => {
+      this.#armTimer = undefined;
+      const now = performance.now();
+      let waiting = false;
       for (const idle of this.#idle) {
         if (idle.poller) continue;
+        if (now - idle.idleSince < IDLE_WATCH_DELAY_MS) {
+          waiting = true;
+          continue;
+        }
         // Any readiness on an idle socket (EOF, RST, unexpected bytes) means it is no longer safe to hand out.
         idle.poller = new native.Poller(idle.fd, () => this.#onIdleEvent(idle));
         idle.poller.start(native.READABLE | native.DISCONNECT);
       }
-    });
+      if (waiting) this.#armSoon();
+    }, IDLE_WATCH_DELAY_MS);
+    this.#armTimer.unref();
   }
 
   #scheduleRecycle(socket: IdleSocket): void {
@@ -518,6 +549,12 @@ export class OriginPool {
 
 /** A refill that found the fleet's cap reached waits this long before it tries again. */
 const FLEET_FULL_BACKOFF_MS = 250;
+
+/**
+ * How long a socket stays idle before its own poller watches it. Sockets that circulate faster never touch
+ * epoll (creating and closing a poller costs about four syscalls per handoff); slower ones are watched.
+ */
+const IDLE_WATCH_DELAY_MS = 50;
 
 function dropReason(state: native.ProbeResult['state']): DropReason {
   return state === 'data' ? 'data' : state === 'error' ? 'error' : 'eof';

@@ -8,6 +8,7 @@ import { canonicalOrigin, type Origin, originKey } from '../shared/origin.js';
 import { type OriginPolicy, policyFor, type SockpoolConfig } from './config.js';
 import type { ConnectedSocket, Connector } from './connector.js';
 import type { SlotKeeper } from './fleet/slots.js';
+import type { UsageMark } from './lease-guard.js';
 import type { Logger } from './log.js';
 import type { Metrics } from './metrics.js';
 import { type DropReason, type Handoff, OriginPool, type OriginPoolEvents } from './origin-pool.js';
@@ -157,9 +158,9 @@ export class PoolManager {
 
   /**
    * A lease of `uid` came back unused with its fd (ownership passes to the pool); `lent`: the client had it, so
-   * it is kept for `uid` alone (see OriginPool.giveBack).
+   * it is kept for `uid` alone; `checked`: the mark the release check read (see OriginPool.giveBack).
    */
-  giveBack(key: string, socket: ConnectedSocket, uid = 0, lent = false): void {
+  giveBack(key: string, socket: ConnectedSocket, uid = 0, lent = false, checked?: UsageMark): void {
     const pool = this.#pools.get(key);
     if (!pool) throw new SockpoolError(ErrorCodes.INTERNAL, `no pool ${key} for a lease`);
     // Lent before a reload: judged by the policy now in force, as the idle sockets were at the reload.
@@ -169,7 +170,7 @@ export class PoolManager {
       this.#metrics?.deadDropped.inc({ reason: 'refused' });
       return;
     }
-    pool.giveBack(socket, uid, lent);
+    pool.giveBack(socket, uid, lent, checked);
   }
 
   /**

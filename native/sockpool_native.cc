@@ -41,6 +41,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <memory>
 #include <string>
 #include <unordered_set>
@@ -79,6 +80,7 @@ struct KernelTcpInfo {
 };
 static_assert(offsetof(KernelTcpInfo, pacing_rate) == 104, "tcp_info layout");
 static_assert(offsetof(KernelTcpInfo, bytes_sent) == 200, "tcp_info layout");
+constexpr size_t kTcpInfoFields = 5;
 
 // ---------------------------------------------------------------------------------------------------------------
 // Errors
@@ -389,6 +391,8 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
   // Fds watched by this environment's open Pollers; shared with them because a Poller may outlive this object
   // by a few callbacks during teardown.
   std::shared_ptr<FdSet> polled_ = std::make_shared<FdSet>();
+  // recvMessage's landing buffer (grown to the largest maxBytes asked for).
+  std::vector<uint8_t> recv_buffer_;
 
   // -- AF_UNIX
 
@@ -543,8 +547,10 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     const int fd = FdArg(info, 0);
     const size_t max_bytes = static_cast<size_t>(IntegerArg(info, 1, "maxBytes", 0, kMaxMessageBytes));
     const size_t max_fds = static_cast<size_t>(IntegerArg(info, 2, "maxFds", 0, kMaxFdsPerMessage));
-    std::unique_ptr<uint8_t[]> data(new uint8_t[max_bytes > 0 ? max_bytes : 1]);
-    iovec vector{data.get(), max_bytes};
+    // One buffer per environment, reused: a message is copied out of it before this returns.
+    if (recv_buffer_.size() < max_bytes + 1) recv_buffer_.resize(max_bytes + 1);
+    uint8_t* data = recv_buffer_.data();
+    iovec vector{data, max_bytes};
     // Room for max_fds descriptors. CMSG_SPACE rounds up to 8 bytes, so the kernel may deliver one more than
     // asked for; that case is treated as truncation below, so maxFds is exact.
     const size_t control_length = max_fds > 0 ? CMSG_SPACE(max_fds * sizeof(int)) : 0;
@@ -598,12 +604,14 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     // Ownership: the received fds belong to this environment until close() or untrack(); if the thread ends
     // first, ~SockpoolAddon closes them.
     for (const int received_fd : fds) tracked_.insert(received_fd);
-    Napi::Object result = Napi::Object::New(env);
-    result.Set("data", Napi::Buffer<uint8_t>::Copy(env, data.get(), static_cast<size_t>(received)));
+    // [data, fds, eof]: an array, not an object, so no property key is looked up per call (the JS wrapper in
+    // shared/native.ts names the fields).
     Napi::Array fd_array = Napi::Array::New(env, fds.size());
     for (size_t i = 0; i < fds.size(); i++) fd_array.Set(static_cast<uint32_t>(i), Napi::Number::New(env, fds[i]));
-    result.Set("fds", fd_array);
-    result.Set("eof", Napi::Boolean::New(env, received == 0 && fds.empty()));
+    Napi::Array result = Napi::Array::New(env, 3);
+    result.Set(0u, Napi::Buffer<uint8_t>::Copy(env, data, static_cast<size_t>(received)));
+    result.Set(1u, fd_array);
+    result.Set(2u, Napi::Boolean::New(env, received == 0 && fds.empty()));
     return result;
   }
 
@@ -843,6 +851,38 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     if (length >= offsetof(KernelTcpInfo, min_rtt)) result.Set("notsentBytes", tcp.notsent_bytes);
     if (length >= offsetof(KernelTcpInfo, bytes_retrans)) result.Set("bytesSent", static_cast<double>(tcp.bytes_sent));
     return result;
+  }
+
+  // The handoff path's one probe: a single TCP_INFO read written into a caller's Float64Array (no object built):
+  // [tcpState, bytesSent, bytesAcked, bytesReceived, notsentBytes]; a counter the kernel does not report is NaN.
+  Napi::Value TcpInfo(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const int fd = FdArg(info, 0);
+    if (!info[1].IsTypedArray() || info[1].As<Napi::TypedArray>().TypedArrayType() != napi_float64_array ||
+        info[1].As<Napi::Float64Array>().ElementLength() < kTcpInfoFields) {
+      throw Napi::TypeError::New(env, "out must be a Float64Array of at least 5 elements");
+    }
+    double* out = info[1].As<Napi::Float64Array>().Data();
+    KernelTcpInfo tcp;
+    memset(&tcp, 0, sizeof tcp);
+    socklen_t length = sizeof tcp;
+    if (::getsockopt(fd, IPPROTO_TCP, TCP_INFO, &tcp, &length) < 0) ThrowErrno(env, errno, "getsockopt", "TCP_INFO");
+    const double absent = std::numeric_limits<double>::quiet_NaN();
+    const bool counters = length >= offsetof(KernelTcpInfo, segs_out);
+    out[0] = tcp.base.tcpi_state;
+    out[1] = length >= offsetof(KernelTcpInfo, bytes_retrans) ? static_cast<double>(tcp.bytes_sent) : absent;
+    out[2] = counters ? static_cast<double>(tcp.bytes_acked) : absent;
+    out[3] = counters ? static_cast<double>(tcp.bytes_received) : absent;
+    out[4] = length >= offsetof(KernelTcpInfo, min_rtt) ? static_cast<double>(tcp.notsent_bytes) : absent;
+    return env.Undefined();
+  }
+
+  // The socket's inode (its identity while any copy of it is open), or -1 when fd is not a socket.
+  Napi::Value SocketInode(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    struct stat st;
+    if (::fstat(FdArg(info, 0), &st) < 0) ThrowErrno(env, errno, "fstat");
+    return Napi::Number::New(env, S_ISSOCK(st.st_mode) ? static_cast<double>(st.st_ino) : -1.0);
   }
 
   // Does fd a refer to the same open socket as fd b (the kernel's own identity: device and inode)?
@@ -1150,6 +1190,8 @@ SockpoolAddon::SockpoolAddon(Napi::Env env, Napi::Object exports) {
                            InstanceMethod<&SockpoolAddon::PeerCredentials>("peerCredentials", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::TcpCounters>("tcpCounters", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::SameSocket>("sameSocket", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::TcpInfo>("tcpInfo", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::SocketInode>("socketInode", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::Shutdown>("shutdown", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::Dup>("dup", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::Close>("close", napi_enumerable),

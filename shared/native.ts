@@ -146,7 +146,7 @@ interface NativeBinding {
   loopbackPair(): [number, number];
   accept(fd: number): number | null;
   sendMessage(fd: number, data: Uint8Array, fds?: readonly number[]): number | null;
-  recvMessage(fd: number, maxBytes: number, maxFds: number): ReceivedMessage | null;
+  recvMessage(fd: number, maxBytes: number, maxFds: number): [Buffer, number[], boolean] | null;
   sendDatagram(path: string, data: Uint8Array, fds?: readonly number[]): void;
   datagramBind(path: string): number;
   tcpSocket(family: 4 | 6): number;
@@ -164,6 +164,8 @@ interface NativeBinding {
   peerCredentials(fd: number): PeerCredentials;
   tcpCounters(fd: number, queues?: boolean): TcpCounters;
   sameSocket(a: number, b: number): boolean;
+  tcpInfo(fd: number, out: Float64Array): void;
+  socketInode(fd: number): number;
   shutdown(fd: number): boolean;
   dup(fd: number): number;
   close(fd: number): void;
@@ -266,7 +268,8 @@ export function sendMessage(fd: number, data: Uint8Array, fds?: readonly number[
  * gone, and the socket remains usable.
  */
 export function recvMessage(fd: number, maxBytes: number, maxFds: number): ReceivedMessage | null {
-  return binding.recvMessage(fd, maxBytes, maxFds);
+  const received = binding.recvMessage(fd, maxBytes, maxFds);
+  return received === null ? null : { data: received[0], fds: received[1], eof: received[2] };
 }
 
 /**
@@ -366,6 +369,24 @@ export function peerCredentials(fd: number): PeerCredentials {
  */
 export function tcpCounters(fd: number, queues = true): TcpCounters {
   return binding.tcpCounters(fd, queues);
+}
+
+/** Where tcpInfo() writes each field (a counter the kernel does not report is NaN). */
+export const TcpInfoField = { tcpState: 0, bytesSent: 1, bytesAcked: 2, bytesReceived: 3, notsentBytes: 4 } as const;
+/** Length of the array tcpInfo() fills. */
+export const TCP_INFO_FIELDS = 5;
+
+/**
+ * One getsockopt(TCP_INFO), written into `out` (a Float64Array of TCP_INFO_FIELDS, indexed by TcpInfoField)
+ * instead of a new object: the handoff path's single probe. Throws the getsockopt error (ENOPROTOOPT: not TCP).
+ */
+export function tcpInfo(fd: number, out: Float64Array): void {
+  binding.tcpInfo(fd, out);
+}
+
+/** The socket's inode (its identity while any copy of it is open), or -1 when `fd` is not a socket. */
+export function socketInode(fd: number): number {
+  return binding.socketInode(fd);
 }
 
 /** Whether two fds are copies of one socket (same device and inode; false for anything but sockets). */

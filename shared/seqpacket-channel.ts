@@ -5,6 +5,9 @@
 // - The channel owns its socket fd and closes it in close().
 // - send(data, fds) takes ownership of `fds`: they are closed once the kernel has duplicated them into the
 //   peer, or when the channel closes before they could be sent. The caller must not use them after send().
+// - send(data, fds, { borrowed: true }) leaves `fds` with the caller (the daemon lends the socket it keeps): sent
+//   at once, nothing is closed; if the message must wait, the channel queues copies (dup) of its own, so the
+//   caller may close its fds whenever it likes.
 // - Received fds belong to the onMessage handler from the moment it is called.
 
 import { ErrorCodes, SockpoolError } from './errors.js';
@@ -51,19 +54,32 @@ export class SeqpacketChannel {
     return this.#closed;
   }
 
-  /** Queues one message; takes ownership of `fds` (see the header). */
-  send(data: Uint8Array, fds: number[] = []): void {
+  /** Queues one message; takes ownership of `fds` unless `borrowed` (see the header). */
+  send(data: Uint8Array, fds: number[] = [], options?: { borrowed: boolean }): void {
+    const borrowed = options?.borrowed === true;
     if (this.#closed) {
-      for (const fd of fds) native.close(fd);
+      if (!borrowed) for (const fd of fds) native.close(fd);
       return;
     }
-    if (this.#queue.length === 0 && this.#sendNow({ data, fds })) return;
+    if (this.#queue.length === 0 && this.#sendNow({ data, fds }, borrowed)) return;
     if (this.#queue.length >= this.#options.maxQueuedMessages) {
-      for (const fd of fds) native.close(fd);
+      if (!borrowed) for (const fd of fds) native.close(fd);
       this.#fail(new SockpoolError(ErrorCodes.LIMIT, 'peer is not reading: send queue full'));
       return;
     }
-    this.#queue.push({ data, fds });
+    let owned = fds;
+    if (borrowed && fds.length > 0) {
+      // The message waits: the queue holds copies of its own, closed once sent or when the channel closes.
+      owned = [];
+      try {
+        for (const fd of fds) owned.push(native.dup(fd));
+      } catch (error) {
+        for (const fd of owned) native.close(fd);
+        this.#fail(error as Error);
+        return;
+      }
+    }
+    this.#queue.push({ data, fds: owned });
     this.#watch(native.READABLE | native.WRITABLE | native.DISCONNECT);
   }
 
@@ -77,18 +93,21 @@ export class SeqpacketChannel {
     native.close(this.fd);
   }
 
-  /** Sends at once if the kernel takes it; false when it would block. Throws on a broken socket. */
-  #sendNow(message: Outgoing): boolean {
+  /**
+   * Sends at once if the kernel takes it; false when it would block (nothing closed then). A broken socket
+   * fails the channel. `borrowed`: the fds stay open (the caller's).
+   */
+  #sendNow(message: Outgoing, borrowed = false): boolean {
     try {
       const sent = native.sendMessage(this.fd, message.data, message.fds);
       if (sent === null) return false;
     } catch (error) {
-      for (const fd of message.fds) native.close(fd);
+      if (!borrowed) for (const fd of message.fds) native.close(fd);
       this.#fail(error as Error);
       return true;
     }
     // The peer holds its own copies now; ours are closed here.
-    for (const fd of message.fds) native.close(fd);
+    if (!borrowed) for (const fd of message.fds) native.close(fd);
     return true;
   }
 

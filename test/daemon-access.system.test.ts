@@ -29,7 +29,11 @@ describe('access control (root)', () => {
       const poll = () => {
         let message = null;
         // A daemon that hung up with our hello unread makes the kernel report ECONNRESET once; its reply follows.
-        try { message = native.recvMessage(fd, 65536, 1); } catch (error) {
+        // The raw binding answers [data, fds, eof] (shared/native.ts names the fields).
+        try {
+          const received = native.recvMessage(fd, 65536, 1);
+          message = received && { data: received[0], fds: received[1], eof: received[2] };
+        } catch (error) {
           if (error.code === 'ECONNRESET') return setTimeout(poll, 0);
           console.log(JSON.stringify({ error: error.code })); return;
         }

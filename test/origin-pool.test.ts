@@ -329,9 +329,9 @@ describe('OriginPool recycling and dead idle sockets', () => {
     const origin = pool();
     origin.prewarm(3);
     await until(() => origin.idleCount === 3, 'prewarmed');
-    await nextTurn(); // the idle sockets' pollers are armed one turn after they became idle
+    await nextTurn();
     const [closing, resetting, writing] = connector.peers as [net.Socket, net.Socket, net.Socket];
-    await vi.advanceTimersByTimeAsync(5_000);
+    await vi.advanceTimersByTimeAsync(5_000); // long enough for the idle sockets' pollers to be armed
     closing.end();
     await until(() => events.drops.length === 1, 'the closed socket dropped');
     resetting.resetAndDestroy();

@@ -7,7 +7,7 @@ import { defaultConfig, type OriginPolicy, policyFor } from '../daemon/config.js
 import { ConnectGate } from '../daemon/connect-gate.js';
 import type { ConnectedSocket, Connector } from '../daemon/connector.js';
 import { FairWaitQueue } from '../daemon/fair-queue.js';
-import { endConnection, lend, usedSinceLent } from '../daemon/lease-guard.js';
+import { checkIdle, checkReturned, endConnection, markOf, usedSinceLent } from '../daemon/lease-guard.js';
 import { type Handoff, OriginPool, type OriginPoolEvents } from '../daemon/origin-pool.js';
 import { PREWARM_WINDOW_MS, type QuotaConfig, UidQuotas } from '../daemon/quotas.js';
 import { ErrorCodes } from '../shared/errors.js';
@@ -178,7 +178,9 @@ describe('lease guard', () => {
     const before = fdCount();
     const connector = await FakeConnector.start();
     const connected = await connector.connect({ host: 'x', port: 1 }, policyFor(defaultConfig(), 'x', 1));
-    const { copy, mark } = lend(connected.fd);
+    const mark = markOf(connected.fd);
+    expect(mark).toMatchObject({ quiet: true, inode: native.socketInode(connected.fd) });
+    const copy = native.dup(connected.fd); // what the client holds
     expect(usedSinceLent(connected.fd, mark)).toBeUndefined();
     // The client writes through its copy: the daemon's copy shows it.
     const peer = connector.peerOf(connected.fd);
@@ -187,13 +189,59 @@ describe('lease guard', () => {
     client.write('GET / HTTP/1.1\r\n');
     await received;
     expect(usedSinceLent(connected.fd, mark)).toMatch(/bytes were sent|waiting to be sent/);
+    expect(checkIdle(connected.fd, mark)).not.toEqual(mark);
     endConnection(connected.fd);
     await new Promise((resolve) => peer.once('end', resolve));
     client.destroy();
     await connector.close();
     expect(fdCount()).toBe(before);
   });
+
+  it("one TCP_INFO read (a quiet mark) sees input, input a holder already read, and the peer's close", async () => {
+    const before = fdCount();
+    const connector = await FakeConnector.start();
+    const connected = await connector.connect({ host: 'x', port: 1 }, policyFor(defaultConfig(), 'x', 1));
+    const mark = markOf(connected.fd)!;
+    expect(mark.quiet).toBe(true);
+    // Untouched: the idle check and the release check both pass and hand the same mark on.
+    expect(checkIdle(connected.fd, mark)).toBe(mark);
+    expect(checkReturned(connected.fd, mark)).toBe(mark);
+    // The origin sends a byte nobody asked for.
+    const peer = connector.peerOf(connected.fd);
+    peer.write('x');
+    await until(() => checkIdle(connected.fd, mark) === 'data');
+    expect(checkReturned(connected.fd, mark)).toMatch(/1 bytes were received/);
+    // A holder of a copy reads it: the queue is empty again, the counters still tell (a MSG_PEEK would not).
+    const copy = native.dup(connected.fd);
+    const drained = await new Promise<Buffer>((resolve) => {
+      const reader = new Socket({ fd: copy, readable: true, writable: false });
+      reader.once('data', (chunk: Buffer) => {
+        reader.pause();
+        reader.destroy();
+        resolve(chunk);
+      });
+    });
+    expect(drained.toString()).toBe('x');
+    expect(native.tcpCounters(connected.fd).inq).toBe(0);
+    expect(checkIdle(connected.fd, mark)).toBe('data');
+    expect(checkReturned(connected.fd, mark)).toMatch(/bytes were received/);
+    // A socket whose mark was taken after the byte is quiet again; then the origin closes: 'eof'.
+    const later = markOf(connected.fd)!;
+    expect(checkIdle(connected.fd, later)).toBe(later);
+    peer.end();
+    await until(() => checkIdle(connected.fd, later) === 'eof');
+    expect(checkReturned(connected.fd, later)).toMatch(/not established/);
+    native.close(connected.fd);
+    await connector.close();
+    expect(fdCount()).toBe(before);
+  });
 });
+
+/** Waits (event-loop turns, bounded) until `check` holds: the kernel's counters move when a segment lands. */
+async function until(check: () => boolean): Promise<void> {
+  for (let i = 0; i < 2_000 && !check(); i++) await new Promise((resolve) => setTimeout(resolve, 1));
+  expect(check()).toBe(true);
+}
 
 describe('OriginPool with several uids', () => {
   let connector: FakeConnector;
