@@ -147,6 +147,12 @@ interface NativeBinding {
   accept(fd: number): number | null;
   sendMessage(fd: number, data: Uint8Array, fds?: readonly number[]): number | null;
   recvMessage(fd: number, maxBytes: number, maxFds: number): [Buffer, number[], boolean] | null;
+  recvMessages(
+    fd: number,
+    maxBytes: number,
+    maxFds: number,
+    maxCount: number,
+  ): Array<Buffer | Error | number[] | boolean> | null;
   sendDatagram(path: string, data: Uint8Array, fds?: readonly number[]): void;
   datagramBind(path: string): number;
   tcpSocket(family: 4 | 6): number;
@@ -270,6 +276,31 @@ export function sendMessage(fd: number, data: Uint8Array, fds?: readonly number[
 export function recvMessage(fd: number, maxBytes: number, maxFds: number): ReceivedMessage | null {
   const received = binding.recvMessage(fd, maxBytes, maxFds);
   return received === null ? null : { data: received[0], fds: received[1], eof: received[2] };
+}
+
+/** Most messages one recvMessages call returns. */
+export const MAX_BATCH = 64;
+
+/**
+ * recvmmsg: every message waiting now, up to `maxCount`, in one syscall (each as recvMessage would return it).
+ * Returns null when nothing is waiting. A message that did not fit is an Error in its place (code
+ * SOCKPOOL_ERR_FD_TRUNCATED or SOCKPOOL_ERR_MSG_TRUNCATED; its fds are closed already, the others are fine). The
+ * list ends at the first EOF. Received fds belong to the caller as with recvMessage.
+ */
+export function recvMessages(
+  fd: number,
+  maxBytes: number,
+  maxFds: number,
+  maxCount: number,
+): Array<ReceivedMessage | NativeError> | null {
+  const flat = binding.recvMessages(fd, maxBytes, maxFds, maxCount);
+  if (flat === null) return null;
+  const messages: Array<ReceivedMessage | NativeError> = [];
+  for (let i = 0; i < flat.length; i += 3) {
+    const data = flat[i] as Buffer | NativeError;
+    messages.push(data instanceof Error ? data : { data, fds: flat[i + 1] as number[], eof: flat[i + 2] as boolean });
+  }
+  return messages;
 }
 
 /**

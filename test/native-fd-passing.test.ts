@@ -157,6 +157,45 @@ describe('recvMessage truncation', () => {
   });
 });
 
+describe('recvMessages (recvmmsg)', () => {
+  it('takes every queued message in one call; a truncated one is an error in its place with its fds closed', () => {
+    const before = fdCount();
+    const [sender, receiver] = native.seqpacketPair();
+    expect(native.recvMessages(receiver, 64, 1, 16)).toBeNull();
+    const [fd, extraA] = native.seqpacketPair(); // fds to pass: one fits, two are too many
+    const extraB = native.dup(extraA);
+    native.sendMessage(sender, Buffer.from('first'));
+    native.sendMessage(sender, Buffer.from('with fd'), [fd]);
+    native.sendMessage(sender, Buffer.from('too many'), [extraA, extraB]);
+    native.sendMessage(sender, Buffer.alloc(100, 1));
+    native.sendMessage(sender, Buffer.from('last'));
+    for (const sent of [fd, extraA, extraB]) native.close(sent);
+
+    const batch = native.recvMessages(receiver, 64, 1, 16)!;
+    expect(batch).toHaveLength(5);
+    expect(batch[0]).toMatchObject({ fds: [], eof: false });
+    expect((batch[0] as native.ReceivedMessage).data.toString()).toBe('first');
+    const withFd = batch[1] as native.ReceivedMessage;
+    expect(withFd.fds).toHaveLength(1);
+    expect(native.trackedFds()).toEqual(withFd.fds);
+    expect(batch[2]).toMatchObject({ code: native.NativeErrorCodes.FD_TRUNCATED, fdsClosed: 2 });
+    expect(batch[3]).toMatchObject({ code: native.NativeErrorCodes.MSG_TRUNCATED });
+    expect((batch[4] as native.ReceivedMessage).data.toString()).toBe('last');
+    native.close(withFd.fds[0]!);
+    expect(native.recvMessages(receiver, 64, 1, 16)).toBeNull();
+
+    // At most maxCount per call; the list ends at EOF.
+    for (const text of ['a', 'b', 'c']) native.sendMessage(sender, Buffer.from(text));
+    expect(native.recvMessages(receiver, 64, 1, 2)).toHaveLength(2);
+    native.close(sender);
+    const tail = native.recvMessages(receiver, 64, 1, 16)!;
+    expect(tail.map((m) => (m instanceof Error ? m.message : m.eof ? 'eof' : m.data.toString()))).toEqual(['c', 'eof']);
+    native.close(receiver);
+    expect(native.trackedFds()).toEqual([]);
+    expect(fdCount()).toBe(before);
+  });
+});
+
 describe('seqpacket basics', () => {
   it('recvMessage: null when nothing is waiting, eof after the peer closes', () => {
     const before = fdCount();
