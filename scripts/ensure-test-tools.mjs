@@ -2,7 +2,8 @@
 // The tests need a few system tools besides Node. `npm test` (the unit tier): openssl (test CAs), curl (the CLI
 // peer), systemd (systemd-analyze, systemd-socket-activate), patch. `npm run test:system` (argument `system`) also:
 // iproute2 (network namespaces), util-linux (unshare, setpriv), systemd-container and debootstrap (the systemd
-// lab), redis-server and redis-tools (the fleet's shared state). On a fresh Debian machine, as root, this installs the missing ones with apt-get; otherwise it names the
+// lab), redis-server and redis-tools (the fleet's shared state), nginx (a real origin behind warm TLS sessions). On a
+// fresh Debian machine, as root, this installs the missing ones with apt-get; otherwise it names the
 // packages and fails.
 
 import './require-npm.mjs'; // first: an npm too old stops here, before anything is built or installed
@@ -23,6 +24,7 @@ const systemTier = [
   ['setpriv', 'util-linux'],
   ['redis-server', 'redis-server'],
   ['redis-cli', 'redis-tools'],
+  ['nginx', 'nginx'],
 ];
 const tier = process.argv[2] ?? 'unit';
 const needs = tier === 'system' ? [...unitTier, ...systemTier] : unitTier;

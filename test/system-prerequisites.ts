@@ -12,6 +12,7 @@ const COMMANDS: Array<[string, string]> = [
   ['debootstrap', 'debootstrap'],
   ['redis-server', 'redis-server'],
   ['redis-cli', 'redis-tools'],
+  ['nginx', 'nginx'],
 ];
 
 function has(command: string): boolean {
