@@ -22,6 +22,7 @@ import { registerFleetMetrics } from './fleet/metrics.js';
 import { LocalSlots, slotKeeper } from './fleet/slots.js';
 import { HandoffServer } from './handoff-server.js';
 import { hostAddressesProvider } from './host-addresses.js';
+import { detectKernelTls } from './kernel-tls.js';
 import {
   type ClassifiedListenFds,
   classifyListenFds,
@@ -198,8 +199,9 @@ export class Sockpoold {
     }
     await this.#fleet?.start();
     const warming = this.#pools.warmFromHistory(this.#config.pool.warmOnStartOrigins);
+    const kernelTls = detectKernelTls();
     this.#log.info(
-      { socket: this.#socketPath, stateDir: this.#config.stateDir, warming, metricsPort: this.metricsPort },
+      { socket: this.#socketPath, stateDir: this.#config.stateDir, warming, metricsPort: this.metricsPort, kernelTls },
       'sockpoold ready',
     );
     await this.#notifyReliably('READY=1', () => this.#notifier.ready(this.#statusLine()));

@@ -27,6 +27,9 @@
 #include <net/if.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#ifndef TCP_ULP
+#define TCP_ULP 31  // linux/tcp.h; older C libraries lack it
+#endif
 #include <poll.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -880,6 +883,20 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     return env.Undefined();
   }
 
+  // TCP_ULP: attaches an upper-layer protocol ("tls" for kernel TLS) to a TCP socket. Used only to learn whether the
+  // kernel has TLS ULP (ENOENT: neither built in nor loadable); nothing hands a socket with kernel TLS to anyone yet.
+  Napi::Value SetTcpUlp(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const int fd = FdArg(info, 0);
+    const std::string name = StringArg(info, 1, "name");
+    // TCP_ULP_NAME_MAX is 16 with the NUL; the kernel answers ENOENT for unknown names.
+    if (name.empty() || name.size() >= 16 || name.find('\0') != std::string::npos) {
+      ThrowErrno(env, EINVAL, "setsockopt", "TCP_ULP");
+    }
+    SetOption(env, fd, IPPROTO_TCP, TCP_ULP, name.c_str(), static_cast<socklen_t>(name.size()), "TCP_ULP");
+    return env.Undefined();
+  }
+
   // -- Liveness and identity
 
   // Is an idle socket still usable? Peeks one byte without consuming it; for TCP also reads tcpi_state.
@@ -1286,6 +1303,7 @@ SockpoolAddon::SockpoolAddon(Napi::Env env, Napi::Object exports) {
                            InstanceMethod<&SockpoolAddon::SetUserTimeout>("setUserTimeout", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::SetMark>("setMark", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::BindToDevice>("bindToDevice", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::SetTcpUlp>("setTcpUlp", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::Probe>("probe", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::PeerCredentials>("peerCredentials", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::TcpCounters>("tcpCounters", napi_enumerable),

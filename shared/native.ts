@@ -166,6 +166,7 @@ interface NativeBinding {
   setUserTimeout(fd: number, ms: number): void;
   setMark(fd: number, mark: number): void;
   bindToDevice(fd: number, name: string): void;
+  setTcpUlp(fd: number, name: string): void;
   probe(fd: number): ProbeResult;
   peerCredentials(fd: number): PeerCredentials;
   tcpCounters(fd: number, queues?: boolean): TcpCounters;
@@ -375,6 +376,11 @@ export function setUserTimeout(fd: number, ms: number): void {
 /** SO_MARK (0 to 2^32-1). Needs CAP_NET_ADMIN: without it this throws EPERM. */
 export function setMark(fd: number, mark: number): void {
   binding.setMark(fd, mark);
+}
+
+/** TCP_ULP: attaches an upper-layer protocol ("tls") to a connected TCP socket. ENOENT: the kernel has none by that name. */
+export function setTcpUlp(fd: number, name: string): void {
+  binding.setTcpUlp(fd, name);
 }
 
 /** SO_BINDTODEVICE; '' removes the binding. Unknown or over-long names throw ENODEV. */
