@@ -220,14 +220,26 @@ export class PoolManager {
         return false;
       }
     });
+    let warmed = 0;
     for (const entry of top) {
-      const pool = this.#poolFor({ host: entry.host, port: entry.port });
+      // A warm TLS pool is warmed as TLS sessions where the configuration still keeps them for that origin (with the
+      // daemon's own trust: the one a relayed client shares); otherwise it is skipped.
+      let tlsTrust: TlsTrust | undefined;
+      if (isTlsPoolKey(entry.originKey)) {
+        if (!this.#tls) continue;
+        const origin = canonicalOrigin({ host: entry.host, port: entry.port });
+        const policy = policyFor(this.#config, origin.host, origin.port);
+        if (!this.#tls.enabled(origin, policy)) continue;
+        tlsTrust = this.#tls.trustOf(policy);
+      }
+      const pool = this.#poolFor({ host: entry.host, port: entry.port }, tlsTrust);
       const stats = this.#statsOf(pool.key);
       stats.learnedIdleLifetimeMs = entry.learnedIdleLifetimeMs ?? undefined;
       stats.ratePerS = Math.max(stats.ratePerS, entry.demandRatePerS ?? 0);
       pool.prewarm(Math.max(1, pool.policy.minIdle));
+      warmed++;
     }
-    return top.length;
+    return warmed;
   }
 
   /** Adopts a socket kept across a restart (fd store); ownership passes to the pool unless it is dead. */

@@ -469,12 +469,13 @@ export class StateStore {
     }
     let host = originKey;
     let port = 0;
-    if (old) {
+    if (old && old.port > 0) {
       host = old.host;
       port = old.port;
     } else {
       try {
-        ({ host, port } = parseOriginKey(originKey));
+        // A warm TLS pool's key is the origin's with ` tls` after it (daemon/tls-sessions.ts).
+        ({ host, port } = parseOriginKey(originKey.endsWith(' tls') ? originKey.slice(0, -4) : originKey));
       } catch {
         // Not host:port (a key format of a later version?): kept, but never warmed from history.
       }
