@@ -8,8 +8,8 @@
 // Flags: --quick; --no-memory / --memory-only; --sockets N and --origins N (memory part: 10000 over 100);
 // --pin (throughput runs pinned too: requesters on CPU 0, servers and daemon on CPU 1); --profile (daemon under
 // node --cpu-prof, profile in bench/results/profiles); --strace (syscalls per request, strace -c attached to the
-// raw server and the daemon); --daemon PATH (another build's daemon/main.js, for A/B runs); --out FILE (JSON
-// results; default bench/results/handoff-<date>.json).
+// raw server and the daemon); --daemon PATH (another build's daemon/main.js, for A/B runs); --json (requesters
+// without binary framing); --out FILE (JSON results; default bench/results/handoff-<date>.json).
 // docs/benchmarks.md explains every line of the output.
 
 import { spawnSync } from 'node:child_process';
@@ -57,6 +57,8 @@ const settings = {
   pin: flag('--pin'),
   daemonMain: optionText('--daemon') === undefined ? undefined : resolve(optionText('--daemon')!),
   strace: flag('--strace'),
+  /** Requesters speak JSON only (no binary framing), as clients before it did. */
+  json: flag('--json'),
 };
 
 const AIMS = { p50Ratio: 1.5, p99Ratio: 3, handoffsPerS: 20_000, rssBytes: 200 * 1024 * 1024 };
@@ -297,7 +299,7 @@ async function measureLatency(startedAt: Date): Promise<LatencyResult> {
     wrap: pinned('responder'),
   });
   daemons.push(daemon);
-  const client = new BenchDaemonClient(daemon.socketPath);
+  const client = new BenchDaemonClient(daemon.socketPath, { binary: !settings.json });
   await client.hello();
   await client.prewarm(HOST, port, 64);
   await until(async () => (await client.stats()).idle >= 64, 'prewarm of 64 sockets', 10_000);
@@ -441,7 +443,10 @@ async function measureLatency(startedAt: Date): Promise<LatencyResult> {
       pid: daemon.pid,
       raw: false,
       run: async (onSample) => {
-        const links = Array.from({ length: settings.inFlight }, () => new BenchDaemonClient(daemon.socketPath));
+        const links = Array.from(
+          { length: settings.inFlight },
+          () => new BenchDaemonClient(daemon.socketPath, { binary: !settings.json }),
+        );
         await Promise.all(links.map((link) => link.hello()));
         const started = performance.now();
         const runs = await Promise.all(
@@ -480,6 +485,7 @@ async function measureLatency(startedAt: Date): Promise<LatencyResult> {
                 '1',
                 '1',
                 String(settings.throughputMs),
+                settings.json ? 'json' : 'binary',
               ],
               'requester',
             ),
@@ -950,7 +956,7 @@ async function measureMemory(): Promise<MemoryResult> {
         'raise the hard RLIMIT_NOFILE or pass --sockets',
     );
   }
-  const client = new BenchDaemonClient(daemon.socketPath);
+  const client = new BenchDaemonClient(daemon.socketPath, { binary: !settings.json });
   await client.hello();
   await sleep(1_000);
   const rssBefore = procStatusBytes(daemon.pid, 'VmRSS');

@@ -10,9 +10,11 @@ import { ErrorCodes, SockpoolError, toPlainError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
 import { canonicalOrigin, type Origin } from '../shared/origin.js';
 import {
+  BINARY_FRAMING,
   type ClientMessage,
   type DaemonMessage,
   decodeClientMessage,
+  encodeFor,
   encodeMessage,
   expectedFds,
   MAX_FDS_PER_MESSAGE,
@@ -41,6 +43,8 @@ interface ClientSession {
   pending: number;
   badMessages: number;
   closed: boolean;
+  /** Binary framing was negotiated in hello (shared/protocol.ts): hot replies go as frames, frames are accepted. */
+  binary: boolean;
 }
 
 export interface HandoffServerOptions {
@@ -202,6 +206,7 @@ export class HandoffServer {
       pending: 0,
       badMessages: 0,
       closed: false,
+      binary: false,
       channel: undefined as unknown as SeqpacketChannel,
     };
     session.channel = new SeqpacketChannel(
@@ -231,7 +236,7 @@ export class HandoffServer {
   #send(session: ClientSession, message: DaemonMessage, fds: number[] = [], borrowed = false): void {
     let bytes: Buffer;
     try {
-      bytes = encodeMessage(message);
+      bytes = encodeFor(session.binary, message);
     } catch (error) {
       // Too large to send (a bug here, not the client's fault): the request gets an error, the daemon lives on.
       if (!borrowed) for (const fd of fds) native.close(fd);
@@ -246,7 +251,7 @@ export class HandoffServer {
   #onMessage(session: ClientSession, data: Buffer, fds: number[]): void {
     let message: ClientMessage;
     try {
-      message = decodeClientMessage(data);
+      message = decodeClientMessage(data, session.binary);
       const wanted = expectedFds(message.type);
       if (fds.length !== wanted) {
         throw new SockpoolError(
@@ -286,7 +291,10 @@ export class HandoffServer {
           server: 'sockpoold',
           serverVersion: SERVER_VERSION,
           maxMessageBytes: MAX_MESSAGE_BYTES,
+          // The client asked for binary framing: agreed (this reply itself is JSON; frames may follow).
+          ...(message.binary !== undefined && message.binary >= BINARY_FRAMING ? { binary: BINARY_FRAMING } : {}),
         });
+        session.binary = message.binary !== undefined && message.binary >= BINARY_FRAMING;
         return;
       case 'acquire':
         this.#acquire(session, message);

@@ -5,12 +5,19 @@
 //
 // Every request has an `id` (a non-negative integer chosen by the client) that its reply repeats; `release` and
 // `closed` may leave it out and then get no reply (curl's close callback has nobody to wait for an answer).
+//
+// Binary framing (negotiated in `hello`: the client asks with `binary: 1`, the daemon agrees by answering it): the
+// hot messages (acquire, release, closed; lease and ok) may then travel as compact binary frames beside JSON for
+// the rest. A JSON message starts with `{`; a binary frame with its type byte (FrameType), never `{`. Layouts and
+// checks are below (encodeFrame/decodeFrame) and in docs/protocol.md.
 
 import { z } from 'zod';
 import { ErrorCodes, SockpoolError } from './errors.js';
 import { PROXY_NAME } from './origin.js';
 
 export const PROTOCOL_VERSION = 1;
+/** The binary framing this side speaks (hello's `binary`). */
+export const BINARY_FRAMING = 1;
 /** Largest message either side sends or accepts; larger ones are a protocol error. */
 export const MAX_MESSAGE_BYTES = 16 * 1024;
 /** Most fds one message may carry. */
@@ -44,6 +51,8 @@ export const ClientMessage = z.discriminatedUnion('type', [
     id: requestId,
     version: z.number().int().min(1),
     client: z.string().max(200).optional(),
+    /** The client speaks binary framing of this version and would like the daemon to use it too. */
+    binary: z.number().int().min(1).optional(),
   }),
   z.strictObject({
     type: z.literal('acquire'),
@@ -89,6 +98,8 @@ export interface HelloReply {
   server: 'sockpoold';
   serverVersion: string;
   maxMessageBytes: number;
+  /** Present when the daemon agreed to binary framing (the version both speak). */
+  binary?: number;
 }
 
 /** Reply to `acquire`; the message carries the connected socket as its one fd. */
@@ -168,6 +179,12 @@ function parseJson(data: Uint8Array): unknown {
 
 /** Id of a request that failed validation, when one can be read, so the error reply can name it. */
 export function salvageRequestId(data: Uint8Array): number | null {
+  if (isBinaryFrame(data)) {
+    // acquire always has one; release and closed when their flags say so.
+    if (data.length < 6 || (data[0] !== FrameType.acquire && (data[1]! & HAS_ID) === 0)) return null;
+    const id = Buffer.from(data.buffer, data.byteOffset, data.length).readUInt32LE(2);
+    return id <= MAX_REQUEST_ID ? id : null;
+  }
   try {
     const value = JSON.parse(Buffer.from(data).toString('utf8')) as { id?: unknown };
     const parsed = requestId.safeParse(value?.id);
@@ -218,8 +235,20 @@ function fastPath(value: unknown): ClientMessage | undefined {
   }
 }
 
-/** Validates a client message; throws SOCKPOOL_ERR_PROTOCOL naming the first bad field. */
-export function decodeClientMessage(data: Uint8Array): ClientMessage {
+/**
+ * Validates a client message (JSON, or a binary frame when `binary` framing was negotiated); throws
+ * SOCKPOOL_ERR_PROTOCOL naming the first bad field.
+ */
+export function decodeClientMessage(data: Uint8Array, binary = false): ClientMessage {
+  if (isBinaryFrame(data)) {
+    if (!binary) {
+      throw new SockpoolError(
+        ErrorCodes.PROTOCOL,
+        'binary frame on a connection that did not negotiate binary framing',
+      );
+    }
+    return decodeClientFrame(Buffer.isBuffer(data) ? data : Buffer.from(data.buffer, data.byteOffset, data.length));
+  }
   const value = parseJson(data);
   const fast = fastPath(value);
   if (fast) return fast;
@@ -234,6 +263,9 @@ export function decodeClientMessage(data: Uint8Array): ClientMessage {
 
 /** Daemon messages are trusted less strictly (the daemon is ours), but still checked for shape. */
 export function decodeDaemonMessage(data: Uint8Array): DaemonMessage {
+  if (isBinaryFrame(data)) {
+    return decodeDaemonFrame(Buffer.isBuffer(data) ? data : Buffer.from(data.buffer, data.byteOffset, data.length));
+  }
   const value = parseJson(data) as Partial<DaemonMessage> | null;
   if (
     value === null ||
@@ -244,6 +276,188 @@ export function decodeDaemonMessage(data: Uint8Array): DaemonMessage {
     throw new SockpoolError(ErrorCodes.PROTOCOL, 'daemon sent a message of unknown shape');
   }
   return value as DaemonMessage;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Binary framing. All integers little-endian; strings are ASCII with a one-byte length (hosts, addresses and
+// trust values are ASCII by the schema). Each frame has an exact length: anything else is a protocol error.
+
+/** The first byte of a binary frame. */
+export const FrameType = { acquire: 0x01, release: 0x02, closed: 0x03, lease: 0x81, ok: 0x82 } as const;
+const FRAME_TYPES = new Set<number>(Object.values(FrameType));
+const JSON_START = 0x7b; // '{'
+const MAX_REQUEST_ID = 2 ** 31 - 1;
+/** acquire flags */
+const HAS_TIMEOUT = 1;
+const HAS_TLS = 2;
+/** release/closed flags */
+const HAS_ID = 1;
+/** lease flags */
+const WARM = 1;
+const FAMILY_6 = 2;
+
+/** True when `data` is a binary frame (not JSON). */
+export function isBinaryFrame(data: Uint8Array): boolean {
+  return data.length > 0 && data[0] !== JSON_START && FRAME_TYPES.has(data[0]!);
+}
+
+function frameError(type: string, why: string): SockpoolError {
+  return new SockpoolError(ErrorCodes.PROTOCOL, `invalid binary ${type} frame: ${why}`);
+}
+
+function asciiLength(value: string, what: string, max = 255): number {
+  if (value.length > max || !/^[\x20-\x7e]*$/.test(value)) {
+    throw new SockpoolError(ErrorCodes.PROTOCOL, `${what} cannot go in a binary frame`);
+  }
+  return value.length;
+}
+
+/**
+ * A message as a binary frame, or undefined when it has no binary form (acquire through a proxy, a relayed TLS
+ * lease, every other type): send it as JSON then.
+ */
+export function encodeFrame(message: ClientMessage | DaemonMessage): Buffer | undefined {
+  switch (message.type) {
+    case 'acquire': {
+      if ('proxy' in message && message.proxy !== undefined) return undefined;
+      const host = asciiLength(message.host, 'host');
+      const trust = message.tls ? asciiLength(message.tls.trust, 'tls.trust') : 0;
+      const frame = Buffer.allocUnsafe(13 + host + (message.tls ? 1 + trust : 0));
+      frame[0] = FrameType.acquire;
+      frame[1] = (message.timeoutMs !== undefined ? HAS_TIMEOUT : 0) | (message.tls ? HAS_TLS : 0);
+      frame.writeUInt32LE(message.id, 2);
+      frame.writeUInt16LE(message.port, 6);
+      frame.writeUInt32LE(message.timeoutMs ?? 0, 8);
+      frame[12] = host;
+      frame.write(message.host, 13, 'latin1');
+      if (message.tls) {
+        frame[13 + host] = trust;
+        frame.write(message.tls.trust, 14 + host, 'latin1');
+      }
+      return frame;
+    }
+    case 'release':
+    case 'closed': {
+      const frame = Buffer.allocUnsafe(14);
+      frame[0] = message.type === 'release' ? FrameType.release : FrameType.closed;
+      frame[1] = message.id !== undefined ? HAS_ID : 0;
+      frame.writeUInt32LE(message.id ?? 0, 2);
+      frame.writeDoubleLE(message.leaseId, 6);
+      return frame;
+    }
+    case 'lease': {
+      if (message.tls) return undefined;
+      const host = asciiLength(message.host, 'host');
+      const address = asciiLength(message.address, 'address');
+      const frame = Buffer.allocUnsafe(26 + host + address);
+      frame[0] = FrameType.lease;
+      frame[1] = (message.warm ? WARM : 0) | (message.family === 6 ? FAMILY_6 : 0);
+      frame.writeUInt32LE(message.id, 2);
+      frame.writeDoubleLE(message.leaseId, 6);
+      frame.writeUInt16LE(message.port, 14);
+      frame.writeDoubleLE(message.connectMs, 16);
+      frame[24] = host;
+      frame.write(message.host, 25, 'latin1');
+      frame[25 + host] = address;
+      frame.write(message.address, 26 + host, 'latin1');
+      return frame;
+    }
+    case 'ok': {
+      const frame = Buffer.allocUnsafe(5);
+      frame[0] = FrameType.ok;
+      frame.writeUInt32LE(message.id, 1);
+      return frame;
+    }
+    default:
+      return undefined;
+  }
+}
+
+/** encodeFrame when binary framing was negotiated and the message has a binary form; JSON otherwise. */
+export function encodeFor(binary: boolean, message: ClientMessage | DaemonMessage): Buffer {
+  return (binary ? encodeFrame(message) : undefined) ?? encodeMessage(message);
+}
+
+function readId(frame: Buffer, offset: number, type: string): number {
+  const id = frame.readUInt32LE(offset);
+  if (id > MAX_REQUEST_ID) throw frameError(type, `id ${id} is over ${MAX_REQUEST_ID}`);
+  return id;
+}
+
+function readLeaseId(frame: Buffer, offset: number, type: string): number {
+  const leaseId = frame.readDoubleLE(offset);
+  if (!Number.isSafeInteger(leaseId) || leaseId < 1) throw frameError(type, 'leaseId must be a positive integer');
+  return leaseId;
+}
+
+/** A client frame, checked as strictly as the JSON schema checks the same message. */
+function decodeClientFrame(frame: Buffer): ClientMessage {
+  switch (frame[0]) {
+    case FrameType.acquire: {
+      if (frame.length < 13) throw frameError('acquire', `${frame.length} bytes is too short`);
+      const flags = frame[1]!;
+      if ((flags & ~(HAS_TIMEOUT | HAS_TLS)) !== 0) throw frameError('acquire', `unknown flags ${flags}`);
+      const hostLength = frame[12]!;
+      const trustAt = 13 + hostLength;
+      const trustLength = flags & HAS_TLS ? frame[trustAt] : undefined;
+      const expected = trustAt + (trustLength === undefined ? 0 : 1 + trustLength);
+      if (frame.length !== expected || (flags & HAS_TLS && frame.length <= trustAt)) {
+        throw frameError('acquire', `length ${frame.length} does not match its fields`);
+      }
+      const id = readId(frame, 2, 'acquire');
+      const port = frame.readUInt16LE(6);
+      if (port < 1) throw frameError('acquire', 'port must be 1-65535');
+      const timeoutMs = frame.readUInt32LE(8);
+      if (flags & HAS_TIMEOUT ? timeoutMs < 1 || timeoutMs > 600_000 : timeoutMs !== 0) {
+        throw frameError('acquire', 'timeoutMs must be 1-600000 when present, 0 when absent');
+      }
+      const host = frame.toString('latin1', 13, trustAt);
+      if (!HOST_PATTERN.test(host)) throw frameError('acquire', 'host may contain only letters, digits and . _ : % -');
+      const message: Extract<ClientMessage, { type: 'acquire' }> = { type: 'acquire', id, host, port };
+      if (flags & HAS_TIMEOUT) message.timeoutMs = timeoutMs;
+      if (trustLength !== undefined) {
+        const trust = frame.toString('latin1', trustAt + 1, expected);
+        if (!TLS_TRUST_PATTERN.test(trust)) throw frameError('acquire', 'tls.trust must be "system" or a SHA-256 hex');
+        message.tls = { trust };
+      }
+      return message;
+    }
+    case FrameType.release:
+    case FrameType.closed: {
+      const type = frame[0] === FrameType.release ? 'release' : 'closed';
+      if (frame.length !== 14) throw frameError(type, `length ${frame.length}, expected 14`);
+      const flags = frame[1]!;
+      if ((flags & ~HAS_ID) !== 0) throw frameError(type, `unknown flags ${flags}`);
+      const id = readId(frame, 2, type);
+      if (!(flags & HAS_ID) && id !== 0) throw frameError(type, 'id must be 0 when absent');
+      const leaseId = readLeaseId(frame, 6, type);
+      return flags & HAS_ID ? { type, id, leaseId } : { type, leaseId };
+    }
+    default:
+      throw new SockpoolError(ErrorCodes.PROTOCOL, `binary frame type 0x${frame[0]!.toString(16)} is not a request`);
+  }
+}
+
+function decodeDaemonFrame(frame: Buffer): DaemonMessage {
+  if (frame[0] === FrameType.ok && frame.length === 5) return { type: 'ok', id: frame.readUInt32LE(1) };
+  if (frame[0] === FrameType.lease && frame.length >= 26) {
+    const hostLength = frame[24]!;
+    const addressAt = 25 + hostLength;
+    if (frame.length > addressAt && frame.length === addressAt + 1 + frame[addressAt]!) {
+      return {
+        type: 'lease',
+        id: frame.readUInt32LE(2),
+        leaseId: frame.readDoubleLE(6),
+        port: frame.readUInt16LE(14),
+        connectMs: frame.readDoubleLE(16),
+        host: frame.toString('latin1', 25, addressAt),
+        address: frame.toString('latin1', addressAt + 1, frame.length),
+        family: frame[1]! & FAMILY_6 ? 6 : 4,
+        warm: (frame[1]! & WARM) !== 0,
+      };
+    }
+  }
+  throw new SockpoolError(ErrorCodes.PROTOCOL, 'daemon sent a binary frame of unknown shape');
 }
 
 /** Which client messages must carry exactly one fd. */

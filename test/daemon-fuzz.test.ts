@@ -3,7 +3,7 @@
 // did not hold before once the clients are gone.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import * as native from '../shared/native.js';
-import { MAX_MESSAGE_BYTES } from '../shared/protocol.js';
+import { type ClientMessage, encodeFrame, FrameType, MAX_MESSAGE_BYTES } from '../shared/protocol.js';
 import { startServer, type TestServer } from './fixtures/native-helpers.js';
 import { type DaemonProcess, eventually, startDaemon } from './helpers/daemon.js';
 import { RawClient } from './helpers/raw-client.js';
@@ -34,6 +34,7 @@ function mutate(next: () => number, port: number): Buffer {
   ];
   const pick = <T>(items: T[]): T => items[Math.floor(next() * items.length)]!;
   const base = JSON.stringify(pick(valid));
+  if (next() < 0.35) return mutateFrame(next, port, pick);
   switch (Math.floor(next() * 8)) {
     case 0: // random bytes
       return Buffer.from(Array.from({ length: 1 + Math.floor(next() * 200) }, () => Math.floor(next() * 256)));
@@ -67,18 +68,64 @@ function mutate(next: () => number, port: number): Buffer {
   }
 }
 
+/** Binary frames (shared/protocol.ts): valid ones, and each way one can be broken. */
+function mutateFrame(next: () => number, port: number, pick: <T>(items: T[]) => T): Buffer {
+  const valid: ClientMessage[] = [
+    { type: 'acquire', id: 7, host: '127.0.0.1', port },
+    { type: 'acquire', id: 8, host: '127.0.0.1', port, timeoutMs: 500, tls: { trust: 'system' } },
+    { type: 'release', id: 9, leaseId: 1 },
+    { type: 'release', leaseId: 2 },
+    { type: 'closed', leaseId: 3 },
+    { type: 'closed', id: 10, leaseId: 4 },
+  ];
+  const frame = encodeFrame(pick(valid))!;
+  switch (Math.floor(next() * 7)) {
+    case 0: // truncated
+      return frame.subarray(0, Math.max(1, Math.floor(next() * frame.length)));
+    case 1: {
+      // one byte flipped (type, flags, ids, lengths, text)
+      const bytes = Buffer.from(frame);
+      bytes[Math.floor(next() * bytes.length)] = Math.floor(next() * 256);
+      return bytes;
+    }
+    case 2: // trailing garbage
+      return Buffer.concat([frame, Buffer.from([Math.floor(next() * 256)])]);
+    case 3: // a frame type byte, then random bytes
+      return Buffer.from([
+        pick(Object.values(FrameType)),
+        ...Array.from({ length: Math.floor(next() * 64) }, () => Math.floor(next() * 256)),
+      ]);
+    case 4: {
+      // impossible numbers: NaN, negative or fractional lease ids, id over 2^31-1
+      const bytes = Buffer.from(frame);
+      if (bytes[0] === FrameType.acquire) bytes.writeUInt32LE(0xffffffff, 2);
+      else bytes.writeDoubleLE(pick([Number.NaN, -1, 1.5, 2 ** 60, 0]), 6);
+      return bytes;
+    }
+    default: // valid
+      return frame;
+  }
+}
+
 describe('protocol fuzzing', () => {
   it(`survives thousands of malformed messages with and without fds (seed ${seed})`, async () => {
     const next = seededRandom(seed);
     const baseline = sockpoold.fdCount();
-    const alive = new Set(Array.from({ length: 4 }, () => new RawClient(sockpoold.socketPath)));
+    // Half the clients negotiate binary framing first, so frames reach both the frame decoder and the refusal of
+    // frames on a JSON-only connection.
+    const open = () => {
+      const client = new RawClient(sockpoold.socketPath);
+      if (next() < 0.5) client.sendJson({ type: 'hello', id: 1, version: 1, binary: 1 });
+      return client;
+    };
+    const alive = new Set(Array.from({ length: 4 }, open));
     let sent = 0;
     let hungUp = 0;
     const replace = (gone: RawClient) => {
       alive.delete(gone);
       gone.close();
       hungUp++;
-      alive.add(new RawClient(sockpoold.socketPath));
+      alive.add(open());
     };
     for (let round = 0; round < 3000; round++) {
       const client = [...alive][Math.floor(next() * alive.size)]!;

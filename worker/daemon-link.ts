@@ -15,10 +15,11 @@
 import { ErrorCodes, fromPlainError, SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
 import {
+  BINARY_FRAMING,
   type ClientMessage,
   type DaemonMessage,
   decodeDaemonMessage,
-  encodeMessage,
+  encodeFor,
   type LeaseReply,
   MAX_FDS_PER_MESSAGE,
   MAX_MESSAGE_BYTES,
@@ -62,6 +63,8 @@ export class DaemonLink {
   #retryAt = 0;
   /** Counts connections to the daemon; the current one's number tags its leases. */
   #generation = 0;
+  /** The current connection's daemon agreed to binary framing in hello (shared/protocol.ts). */
+  #binary = false;
 
   constructor(options: DaemonLinkOptions) {
     this.#options = { requestTimeoutMs: 5000, clientName: `worker-${process.pid}`, ...options };
@@ -124,14 +127,14 @@ export class DaemonLink {
       native.close(lease.fd);
       return;
     }
-    channel.send(encodeMessage({ type: 'release', leaseId: lease.leaseId }), [lease.fd]);
+    channel.send(encodeFor(this.#binary, { type: 'release', leaseId: lease.leaseId }), [lease.fd]);
   }
 
   /** Tells the daemon curl closed a leased socket. Fire and forget: a lost link frees the lease anyway. */
   closed(lease: Pick<Lease, 'leaseId' | 'link'>): void {
     const channel = this.#channel;
     if (channel && !channel.closed && lease.link === this.#generation) {
-      channel.send(encodeMessage({ type: 'closed', leaseId: lease.leaseId }));
+      channel.send(encodeFor(this.#binary, { type: 'closed', leaseId: lease.leaseId }));
     }
   }
 
@@ -185,7 +188,7 @@ export class DaemonLink {
         },
         timer,
       });
-      channel.send(encodeMessage({ ...request, id } as ClientMessage));
+      channel.send(encodeFor(this.#binary, { ...request, id } as ClientMessage));
     });
   }
 
@@ -220,6 +223,7 @@ export class DaemonLink {
       );
     }
     this.#generation++;
+    this.#binary = false;
     // The channel owns fd from here. Tracked: if this thread dies, the addon closes the link, and the daemon
     // then frees every lease this thread held.
     native.track(fd);
@@ -240,24 +244,9 @@ export class DaemonLink {
       { maxMessageBytes: MAX_MESSAGE_BYTES, maxFdsPerMessage: MAX_FDS_PER_MESSAGE },
     );
     this.#channel = channel;
-    const id = this.#nextId++;
-    const hello = new Promise<void>((resolve, reject) => {
-      const timer = setTimeout(() => {
-        this.#pending.delete(id);
-        reject(new SockpoolError(ErrorCodes.DAEMON_UNAVAILABLE, 'sockpoold did not answer hello'));
-      }, this.#options.requestTimeoutMs);
-      this.#pending.set(id, {
-        resolve: ({ message }) => {
-          if (message.type === 'error') reject(fromPlainError(message));
-          else resolve();
-        },
-        reject,
-        timer,
-      });
-    });
-    channel.send(encodeMessage({ type: 'hello', id, version: PROTOCOL_VERSION, client: this.#options.clientName }));
     try {
-      await hello;
+      // Binary framing asked for; a daemon from before it refuses the unknown field, and is asked again plainly.
+      if (!(await this.#hello(channel, true))) await this.#hello(channel, false);
     } catch (error) {
       channel.close();
       if (this.#channel === channel) this.#channel = undefined;
@@ -266,6 +255,43 @@ export class DaemonLink {
     }
     this.#failures = 0;
     return channel;
+  }
+
+  /**
+   * Sends hello and waits for its answer; with `binary`, asks for binary framing. Resolves false when the daemon
+   * refused a binary hello with SOCKPOOL_ERR_PROTOCOL (it predates binary framing); throws any other refusal.
+   */
+  #hello(channel: SeqpacketChannel, binary: boolean): Promise<boolean> {
+    const id = this.#nextId++;
+    const answer = new Promise<boolean>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.#pending.delete(id);
+        reject(new SockpoolError(ErrorCodes.DAEMON_UNAVAILABLE, 'sockpoold did not answer hello'));
+      }, this.#options.requestTimeoutMs);
+      this.#pending.set(id, {
+        resolve: ({ message }) => {
+          if (message.type === 'error') {
+            if (binary && message.code === ErrorCodes.PROTOCOL) resolve(false);
+            else reject(fromPlainError(message));
+            return;
+          }
+          this.#binary = message.type === 'hello' && message.binary === BINARY_FRAMING;
+          resolve(true);
+        },
+        reject,
+        timer,
+      });
+    });
+    channel.send(
+      encodeFor(false, {
+        type: 'hello',
+        id,
+        version: PROTOCOL_VERSION,
+        client: this.#options.clientName,
+        ...(binary ? { binary: BINARY_FRAMING } : {}),
+      }),
+    );
+    return answer;
   }
 
   #onMessage(data: Buffer, fds: number[]): void {

@@ -4,7 +4,14 @@
 // fd ownership: fds that arrive with a reply belong to the reply's callback (it must close, release or keep them);
 // replies nobody waits for have their fds closed here.
 import * as native from '../../shared/native.js';
-import { type DaemonMessage, MAX_MESSAGE_BYTES } from '../../shared/protocol.js';
+import {
+  BINARY_FRAMING,
+  type ClientMessage,
+  type DaemonMessage,
+  decodeDaemonMessage,
+  encodeFor,
+  MAX_MESSAGE_BYTES,
+} from '../../shared/protocol.js';
 
 export type ReplyHandler = (message: DaemonMessage, fds: number[]) => void;
 
@@ -15,8 +22,13 @@ export class BenchDaemonClient {
   #nextId = 1;
   #closed = false;
   onClose: ((why: string) => void) | undefined;
+  /** Ask for binary framing in hello (the worker's link does); false: JSON only, as clients before it. */
+  readonly wantBinary: boolean;
+  /** The daemon agreed to binary framing. */
+  binary = false;
 
-  constructor(socketPath: string) {
+  constructor(socketPath: string, options: { binary?: boolean } = {}) {
+    this.wantBinary = options.binary ?? true;
     this.fd = native.seqpacketConnect(socketPath);
     this.#poller = new native.Poller(this.fd, (status) => this.#drain(status));
     this.#poller.start(native.READABLE | native.DISCONNECT);
@@ -31,7 +43,7 @@ export class BenchDaemonClient {
   /** Sends one message; `onReply` gets the reply with the same id. The caller keeps ownership of `fds`. */
   send(message: Record<string, unknown>, fds: number[] = [], onReply?: ReplyHandler): void {
     if (onReply) this.#handlers.set(message.id as number, onReply);
-    const sent = native.sendMessage(this.fd, Buffer.from(JSON.stringify(message)), fds);
+    const sent = native.sendMessage(this.fd, encodeFor(this.binary, message as ClientMessage), fds);
     if (sent === null) throw new Error('daemon socket is full (benchmark sends faster than the daemon reads)');
   }
 
@@ -40,8 +52,19 @@ export class BenchDaemonClient {
   }
 
   async hello(): Promise<void> {
-    const { message } = await this.request({ type: 'hello', id: this.nextId(), version: 1, client: 'bench' });
+    const ask = (binary: boolean) =>
+      this.request({
+        type: 'hello',
+        id: this.nextId(),
+        version: 1,
+        client: 'bench',
+        ...(binary ? { binary: BINARY_FRAMING } : {}),
+      });
+    let { message } = await ask(this.wantBinary);
+    // A daemon from before binary framing (--daemon PATH) refuses the field: ask again plainly.
+    if (message.type === 'error' && this.wantBinary) ({ message } = await ask(false));
     if (message.type !== 'hello') throw new Error(`hello refused: ${JSON.stringify(message)}`);
+    this.binary = message.binary === BINARY_FRAMING;
   }
 
   async stats(): Promise<Record<string, unknown> & { idle: number; connecting: number; rssBytes?: number }> {
@@ -75,7 +98,7 @@ export class BenchDaemonClient {
         this.#hangUp('daemon hung up');
         return;
       }
-      const message = JSON.parse(received.data.toString()) as DaemonMessage;
+      const message = decodeDaemonMessage(received.data);
       const handler = message.id === null ? undefined : this.#handlers.get(message.id);
       if (!handler) {
         for (const fd of received.fds) native.close(fd);

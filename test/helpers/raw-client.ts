@@ -1,7 +1,7 @@
 // A bare protocol client for tests: sends exactly the bytes and fds a test wants and reads replies, with no
 // retries or validation in the way (the worker's DaemonLink is the real client).
 import * as native from '../../shared/native.js';
-import { type DaemonMessage, MAX_MESSAGE_BYTES } from '../../shared/protocol.js';
+import { type DaemonMessage, decodeDaemonMessage, MAX_MESSAGE_BYTES } from '../../shared/protocol.js';
 import { receiveMessage } from '../fixtures/native-helpers.js';
 
 export class RawClient {
@@ -30,7 +30,8 @@ export class RawClient {
       throw error;
     }
     if (received.eof) return { message: null, fds: [], eof: true };
-    return { message: JSON.parse(received.data.toString()) as DaemonMessage, fds: received.fds, eof: false };
+    // JSON, or a binary frame when the test negotiated binary framing.
+    return { message: decodeDaemonMessage(received.data), fds: received.fds, eof: false };
   }
 
   /** Sends a request and waits for its reply (by id). */

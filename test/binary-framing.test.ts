@@ -1,0 +1,172 @@
+// Binary framing (shared/protocol.ts): the hot messages as compact frames once hello negotiated them. Pure round
+// trips and every way a frame is refused, then a real daemon: negotiation, a binary acquire → lease with its fd,
+// release → ok, typed errors for bad frames, and JSON for clients that did not ask.
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { ErrorCodes } from '../shared/errors.js';
+import * as native from '../shared/native.js';
+import {
+  type ClientMessage,
+  decodeClientMessage,
+  decodeDaemonMessage,
+  encodeFor,
+  encodeFrame,
+  FrameType,
+  isBinaryFrame,
+  salvageRequestId,
+} from '../shared/protocol.js';
+import { startServer, type TestServer } from './fixtures/native-helpers.js';
+import { type DaemonProcess, startDaemon } from './helpers/daemon.js';
+import { RawClient } from './helpers/raw-client.js';
+
+const TRUST = 'a'.repeat(64);
+
+describe('binary frames', () => {
+  it('carry acquire, release and closed exactly as their JSON form says', () => {
+    const messages: ClientMessage[] = [
+      { type: 'acquire', id: 1, host: 'example.com', port: 443 },
+      { type: 'acquire', id: 2 ** 31 - 1, host: '::1', port: 65535, timeoutMs: 600_000, tls: { trust: TRUST } },
+      { type: 'acquire', id: 0, host: '127.0.0.1', port: 1, tls: { trust: 'system' } },
+      { type: 'release', id: 3, leaseId: 1 },
+      { type: 'release', leaseId: Number.MAX_SAFE_INTEGER },
+      { type: 'closed', leaseId: 7 },
+      { type: 'closed', id: 9, leaseId: 8 },
+    ];
+    for (const message of messages) {
+      const frame = encodeFrame(message)!;
+      expect(isBinaryFrame(frame)).toBe(true);
+      expect(decodeClientMessage(frame, true)).toEqual(message);
+      // The same message as JSON decodes to the same thing.
+      expect(decodeClientMessage(encodeFor(false, message), true)).toEqual(message);
+    }
+    expect(salvageRequestId(encodeFrame(messages[1]!)!)).toBe(2 ** 31 - 1);
+    expect(salvageRequestId(encodeFrame(messages[4]!)!)).toBeNull();
+  });
+
+  it('carry lease and ok; what has no binary form goes as JSON', () => {
+    const lease = {
+      type: 'lease' as const,
+      id: 5,
+      leaseId: 12,
+      host: 'example.com',
+      port: 443,
+      address: '2001:db8::1',
+      family: 6 as const,
+      warm: true,
+      connectMs: 1.25,
+    };
+    expect(decodeDaemonMessage(encodeFrame(lease)!)).toEqual(lease);
+    expect(decodeDaemonMessage(encodeFrame({ type: 'ok', id: 77 })!)).toEqual({ type: 'ok', id: 77 });
+    const tls = { version: 'TLSv1.3', alpn: 'h2', cipher: 'TLS_AES_128_GCM_SHA256', certSha256: TRUST };
+    expect(encodeFrame({ ...lease, tls })).toBeUndefined();
+    expect(encodeFrame({ type: 'acquire', id: 1, host: 'example.com', port: 443, proxy: 'corp' })).toBeUndefined();
+    expect(encodeFrame({ type: 'stats', id: 1 })).toBeUndefined();
+    expect(encodeFor(true, { type: 'stats', id: 1 })[0]).toBe('{'.charCodeAt(0));
+  });
+
+  it('are refused with SOCKPOOL_ERR_PROTOCOL for every malformed field, and on a connection that did not ask', () => {
+    const acquire = encodeFrame({ type: 'acquire', id: 4, host: 'example.com', port: 443, timeoutMs: 100 })!;
+    const release = encodeFrame({ type: 'release', id: 4, leaseId: 3 })!;
+    const edit = (frame: Buffer, change: (copy: Buffer) => void) => {
+      const copy = Buffer.from(frame);
+      change(copy);
+      return copy;
+    };
+    const setByte = (frame: Buffer, index: number, value: number) =>
+      edit(frame, (copy) => {
+        copy[index] = value;
+      });
+    const bad: Array<[Buffer, RegExp]> = [
+      [acquire.subarray(0, 10), /too short/],
+      [Buffer.concat([acquire, Buffer.from([0])]), /length/],
+      [setByte(acquire, 1, 0x80), /unknown flags/],
+      [edit(acquire, (f) => f.writeUInt32LE(2 ** 31, 2)), /id 2147483648/],
+      [edit(acquire, (f) => f.writeUInt16LE(0, 6)), /port/],
+      [edit(acquire, (f) => f.writeUInt32LE(600_001, 8)), /timeoutMs/],
+      [setByte(acquire, 1, 0), /timeoutMs/], // absent, yet not 0
+      [setByte(acquire, 13, '/'.charCodeAt(0)), /host/],
+      [setByte(acquire, 12, 200), /length/],
+      [
+        encodeFrame({ type: 'acquire', id: 1, host: 'x', port: 1, tls: { trust: 'system' } })!.subarray(0, 15),
+        /length/,
+      ],
+      [
+        setByte(encodeFrame({ type: 'acquire', id: 1, host: 'x', port: 1, tls: { trust: 'system' } })!, 15, 0x41),
+        /trust/,
+      ],
+      [release.subarray(0, 13), /length 13/],
+      [edit(release, (f) => f.writeDoubleLE(Number.NaN, 6)), /leaseId/],
+      [edit(release, (f) => f.writeDoubleLE(0, 6)), /leaseId/],
+      [edit(release, (f) => f.writeDoubleLE(1.5, 6)), /leaseId/],
+      [edit(release, (f) => f.writeDoubleLE(2 ** 60, 6)), /leaseId/],
+      [setByte(release, 1, 0), /id must be 0/],
+      [setByte(release, 1, 2), /unknown flags/],
+      [Buffer.from([FrameType.lease, 0, 0, 0, 0]), /not a request/],
+    ];
+    for (const [frame, why] of bad) {
+      let caught: unknown;
+      try {
+        decodeClientMessage(frame, true);
+      } catch (error) {
+        caught = error;
+      }
+      expect(caught, `${frame.toString('hex')} should be refused (${why})`).toMatchObject({
+        code: ErrorCodes.PROTOCOL,
+        message: expect.stringMatching(why),
+      });
+    }
+    expect(() => decodeClientMessage(acquire, false)).toThrow(/did not negotiate binary framing/);
+  });
+});
+
+describe('binary framing with sockpoold', () => {
+  let echo: TestServer;
+  let sockpoold: DaemonProcess;
+
+  beforeAll(async () => {
+    echo = await startServer('127.0.0.1');
+    sockpoold = await startDaemon({ args: ['--allow', '127.0.0.1/32', '--allow-port', String(echo.port)] });
+  });
+  afterAll(async () => {
+    await sockpoold?.stop();
+    await echo?.close();
+  });
+
+  it('negotiated in hello: frames both ways for acquire, lease, release and ok; errors stay JSON and typed', async () => {
+    const client = new RawClient(sockpoold.socketPath);
+    const hello = await client.request({ type: 'hello', id: 1, version: 1, binary: 1 });
+    expect(hello.message).toMatchObject({ type: 'hello', binary: 1 });
+
+    client.sendBytes(encodeFrame({ type: 'acquire', id: 2, host: '127.0.0.1', port: echo.port, timeoutMs: 5_000 })!);
+    const leased = await client.receive();
+    expect(leased.message).toMatchObject({ type: 'lease', id: 2, host: '127.0.0.1', port: echo.port, family: 4 });
+    expect(leased.fds).toHaveLength(1);
+    const leaseId = (leased.message as { leaseId: number }).leaseId;
+
+    client.sendBytes(encodeFrame({ type: 'release', id: 3, leaseId })!, leased.fds);
+    native.close(leased.fds[0]!);
+    const ok = await client.receive();
+    expect(ok.message).toEqual({ type: 'ok', id: 3 });
+
+    // A bad frame: a JSON error naming the request (its id salvaged from the frame) and the field.
+    const bad = encodeFrame({ type: 'acquire', id: 4, host: '127.0.0.1', port: echo.port })!;
+    bad.writeUInt16LE(0, 6);
+    client.sendBytes(bad);
+    const refused = await client.receive();
+    expect(refused.message).toMatchObject({ type: 'error', id: 4, code: ErrorCodes.PROTOCOL });
+    expect((refused.message as { message: string }).message).toMatch(/invalid binary acquire frame: port/);
+    client.close();
+  });
+
+  it('not negotiated: frames are refused with a typed error, and replies are JSON', async () => {
+    const client = new RawClient(sockpoold.socketPath);
+    await client.request({ type: 'hello', id: 1, version: 1 });
+    client.sendBytes(encodeFrame({ type: 'acquire', id: 2, host: '127.0.0.1', port: echo.port })!);
+    const refused = await client.receive();
+    expect(refused.message).toMatchObject({ type: 'error', id: 2, code: ErrorCodes.PROTOCOL });
+    expect((refused.message as { message: string }).message).toMatch(/did not negotiate binary framing/);
+    const leased = await client.request({ type: 'acquire', id: 3, host: '127.0.0.1', port: echo.port });
+    expect(leased.message).toMatchObject({ type: 'lease', id: 3 });
+    for (const fd of leased.fds) native.close(fd);
+    client.close();
+  });
+});
