@@ -12,13 +12,14 @@ import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, readFileSync, u
 import { dirname } from 'node:path';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
-import { type Origin, originKey } from '../shared/origin.js';
+import { type Origin, originKey, parseOriginKey } from '../shared/origin.js';
 import { parseProxyUrl, type SockpoolConfig } from './config.js';
 import { ConnectGate } from './connect-gate.js';
 import { type ConnectedSocket, TcpConnector } from './connector.js';
 import { EgressPolicy } from './egress-policy.js';
 import { Fleet } from './fleet/fleet.js';
 import { registerFleetMetrics } from './fleet/metrics.js';
+import { RateLimiter } from './fleet/rate-limiter.js';
 import { LocalSlots, slotKeeper } from './fleet/slots.js';
 import { HandoffServer } from './handoff-server.js';
 import { hostAddressesProvider } from './host-addresses.js';
@@ -84,6 +85,9 @@ export class Sockpoold {
   #relays: TlsRelays;
   /** With `fleet.redis`: the fleet's shared limits and demand (fleet/). Without it no Redis code runs. */
   #fleet: Fleet | undefined;
+  /** requestsPerSecond/burst: the fleet's (with a fleet) or this daemon's. */
+  #rates: RateLimiter;
+  #demandTimer: NodeJS.Timeout | undefined;
   #server: HandoffServer | undefined;
   /** The listening fd; we unlink the path at stop only when we bound it ourselves (not socket-activated). */
   #listenFd = -1;
@@ -127,7 +131,8 @@ export class Sockpoold {
     if (this.#config.fleet.redis !== undefined) {
       this.#fleet = new Fleet(this.#config.fleet, this.#log.child({ part: 'fleet' }));
     }
-    registerFleetMetrics(this.#metrics.registry, () => this.#fleet);
+    this.#rates = new RateLimiter(this.#config, this.#fleet);
+    registerFleetMetrics(this.#metrics.registry, () => this.#fleet, this.#rates);
     this.#pools = new PoolManager({
       config: this.#config,
       connector,
@@ -182,11 +187,13 @@ export class Sockpoold {
       config: () => this.#config,
       log: this.#log.child({ part: 'handoff' }),
       metrics: this.#metrics,
+      rates: this.#rates,
       extraStats: () => ({
         rssBytes: process.memoryUsage.rss(),
         adoptedFromFdStore: this.#adoptedFromFdStore,
         tls: this.#relays.counters(),
         ...(this.#fleet ? { fleet: this.#fleet.snapshot() } : {}),
+        rates: this.#rates.counters,
       }),
     });
     this.#server.start();
@@ -199,6 +206,7 @@ export class Sockpoold {
     }
     await this.#fleet?.start();
     const warming = this.#pools.warmFromHistory(this.#config.pool.warmOnStartOrigins);
+    if (this.#fleet) await this.#startSharedWarming(this.#fleet);
     const kernelTls = detectKernelTls();
     this.#log.info(
       { socket: this.#socketPath, stateDir: this.#config.stateDir, warming, metricsPort: this.metricsPort, kernelTls },
@@ -214,6 +222,39 @@ export class Sockpoold {
       }
     }, STATUS_INTERVAL_MS);
     this.#statusTimer.unref();
+  }
+
+  /**
+   * Shared warming: this daemon's per-origin demand goes to Redis every demandPublishMs; at start it warms the
+   * fleet's busiest origins its own policy allows, and with fleet.shareWarming keeps their share of the fleet's
+   * demand as a floor of its own prediction.
+   */
+  async #startSharedWarming(fleet: Fleet): Promise<void> {
+    const limit = this.#config.pool.warmOnStartOrigins;
+    const share = async (prewarm: boolean) => {
+      const demand = await fleet.fleetDemand(limit);
+      const members = Math.max(1, fleet.members);
+      return this.#pools.shareDemand(
+        demand.map((entry) => ({ ...entry, ratePerS: entry.ratePerS / members })),
+        prewarm,
+      );
+    };
+    const warmed = await share(true);
+    if (warmed > 0) this.#log.info({ origins: warmed }, "fleet: warming the fleet's busiest origins");
+    this.#demandTimer = setInterval(() => {
+      const origins: Array<{ key: string; host: string; port: number; ratePerS: number }> = [];
+      for (const entry of this.#pools.snapshot().origins) {
+        if (entry.demandRatePerS <= 0.01) continue;
+        try {
+          // Plain host:port pools only (warm TLS and proxied pools are the same origins for the fleet).
+          const origin = parseOriginKey(entry.origin);
+          origins.push({ key: entry.origin, host: origin.host, port: origin.port, ratePerS: entry.demandRatePerS });
+        } catch {}
+      }
+      void fleet.publishDemand(origins);
+      if (fleet.config.shareWarming) void share(false);
+    }, fleet.config.demandPublishMs);
+    this.#demandTimer.unref();
   }
 
   /**
@@ -348,6 +389,7 @@ export class Sockpoold {
         fleet: this.#config.fleet,
       };
       const refused = this.#pools.reconfigure(this.#config);
+      this.#rates.configure(this.#config);
       this.#log.info({ idleClosedByPolicy: refused }, 'configuration reloaded');
     } catch (error) {
       this.#log.error({ err: (error as Error).message }, 'reload failed; keeping the previous configuration');
@@ -382,6 +424,7 @@ export class Sockpoold {
         unlinkSync(this.#boundPath);
       } catch {}
     }
+    clearInterval(this.#demandTimer);
     await this.#fleet?.close();
     await this.#metricsServer?.close();
     // Warm TLS sessions end with their threads (process memory: nothing of them survives a restart).

@@ -25,6 +25,7 @@ import {
 import { SeqpacketChannel } from '../shared/seqpacket-channel.js';
 import { isAdminUid, statsView } from './client-view.js';
 import type { SockpoolConfig } from './config.js';
+import type { RateLimiter } from './fleet/rate-limiter.js';
 import { checkReturned, endConnection, markOf } from './lease-guard.js';
 import { type Lease, LeaseTable } from './leases.js';
 import type { Logger } from './log.js';
@@ -55,6 +56,8 @@ export interface HandoffServerOptions {
   metrics?: Metrics;
   /** Extra fields for the `stats` reply (e.g. process figures). */
   extraStats?: () => Record<string, unknown>;
+  /** Per-origin request rates (fleet/rate-limiter.ts); without it `requestsPerSecond` is not enforced. */
+  rates?: RateLimiter;
 }
 
 export class HandoffServer {
@@ -64,6 +67,7 @@ export class HandoffServer {
   #config: () => SockpoolConfig;
   #log: Logger;
   #metrics: Metrics | undefined;
+  #rates: RateLimiter | undefined;
   #extraStats: (() => Record<string, unknown>) | undefined;
   #leases = new LeaseTable();
   #clients = new Map<number, ClientSession>();
@@ -81,6 +85,7 @@ export class HandoffServer {
     this.#log = options.log;
     this.#metrics = options.metrics;
     this.#extraStats = options.extraStats;
+    this.#rates = options.rates;
     this.#quotas = new UidQuotas(() => this.#config().quotas);
     this.#listenPoller = new native.Poller(this.#listenFd, (status) => this.#onAcceptable(status));
   }
@@ -299,6 +304,9 @@ export class HandoffServer {
       case 'acquire':
         this.#acquire(session, message);
         return;
+      case 'tokens':
+        this.#tokens(session, message);
+        return;
       case 'prewarm':
         try {
           // The client's own demand: capped by its uid's prewarm allowance, and counted as demand (pool-manager.ts).
@@ -367,6 +375,32 @@ export class HandoffServer {
     return isAdminUid(session.uid, this.#config().access.adminUids);
   }
 
+  /** Tokens of a rate-limited origin for a client's requests (none is needed for an origin without a rate). */
+  #tokens(session: ClientSession, message: Extract<ClientMessage, { type: 'tokens' }>): void {
+    let origin: Origin;
+    try {
+      origin = canonicalOrigin(message);
+    } catch (error) {
+      this.#replyError(session, message.id, error);
+      return;
+    }
+    const rate = this.#rates?.paramsFor(origin);
+    if (!rate) {
+      // No rate (any more, after a reload): as many as asked, free.
+      this.#send(session, { type: 'tokens', id: message.id, granted: message.count });
+      return;
+    }
+    const timeoutMs = message.timeoutMs ?? this.#config().pool.defaults.acquireTimeoutMs;
+    this.#rates!.take(origin, rate, message.count, timeoutMs).then(
+      (granted) => {
+        if (!session.closed) this.#send(session, { type: 'tokens', id: message.id, granted });
+      },
+      (error: Error) => {
+        if (!session.closed) this.#replyError(session, message.id, error);
+      },
+    );
+  }
+
   #acquire(session: ClientSession, message: Extract<ClientMessage, { type: 'acquire' }>): void {
     let origin: Origin;
     try {
@@ -401,7 +435,25 @@ export class HandoffServer {
     }
     const started = performance.now();
     session.pending++;
-    this.#pools.acquire(origin, message.timeoutMs, message.tls?.trust, session.uid).then(
+    // A rate-limited origin: the lease tells the client its rate, and an acquire whose request took no token yet
+    // (the client did not know the rate) is charged one here: its request goes out on this socket.
+    const rate = this.#rates?.paramsFor(origin);
+    const charge =
+      rate && message.tokenTaken !== true
+        ? this.#rates!.take(origin, rate, 1, message.timeoutMs ?? this.#config().pool.defaults.acquireTimeoutMs)
+        : undefined;
+    const acquiring = charge
+      ? charge.then(() => {
+          const left = message.timeoutMs === undefined ? undefined : message.timeoutMs - (performance.now() - started);
+          return this.#pools.acquire(
+            origin,
+            left === undefined ? undefined : Math.max(1, left),
+            message.tls?.trust,
+            session.uid,
+          );
+        })
+      : this.#pools.acquire(origin, message.timeoutMs, message.tls?.trust, session.uid);
+    acquiring.then(
       (handoff) => {
         session.pending--;
         if (session.closed) {
@@ -439,6 +491,7 @@ export class HandoffServer {
             warm: handoff.warm,
             connectMs: handoff.warm ? 0 : Number(handoff.connectMs.toFixed(3)),
             ...(handoff.tls ? { tls: handoff.tls } : {}),
+            ...(rate ? { rate } : {}),
           },
           [handoff.fd],
           true,

@@ -242,6 +242,32 @@ export class PoolManager {
     return warmed;
   }
 
+  /**
+   * The fleet's demand (fleet/fleet.ts): origins other daemons are busy with, each with this daemon's share of
+   * their rate. Those the egress policy refuses are skipped; the others get the share as a floor of their predicted
+   * demand (the sweep keeps that many warm) and, with `prewarm` (a daemon that just started), a first socket now.
+   * Returns how many origins were taken.
+   */
+  shareDemand(entries: ReadonlyArray<{ host: string; port: number; ratePerS: number }>, prewarm: boolean): number {
+    if (this.#closed) return 0;
+    let taken = 0;
+    for (const entry of entries) {
+      const origin = { host: entry.host, port: entry.port };
+      try {
+        this.#connector.checkTarget(origin);
+      } catch {
+        continue;
+      }
+      const pool = this.#poolFor(origin);
+      const stats = this.#statsOf(pool.key);
+      stats.ratePerS = Math.max(this.#decayedRate(stats), entry.ratePerS);
+      stats.rateUpdatedAt = performance.now();
+      if (prewarm) pool.prewarm(Math.max(1, pool.policy.minIdle));
+      taken++;
+    }
+    return taken;
+  }
+
   /** Adopts a socket kept across a restart (fd store); ownership passes to the pool unless it is dead. */
   adopt(origin: Origin, socket: ConnectedSocket): boolean {
     return this.#poolFor(origin).adopt(socket);

@@ -65,6 +65,8 @@ export const ClientMessage = z.discriminatedUnion('type', [
     proxy: proxyName.optional(),
     /** https: the lease may be a warm TLS session relayed by the daemon, if it verifies as the client would. */
     tls: tlsRequest.optional(),
+    /** The request this socket is for took its token of a rate-limited origin already (`tokens`): none is charged. */
+    tokenTaken: z.literal(true).optional(),
   }),
   z.strictObject({
     type: z.literal('prewarm'),
@@ -84,6 +86,16 @@ export const ClientMessage = z.discriminatedUnion('type', [
     count: z.number().int().min(1).max(1000),
     proxy: proxyName.optional(),
     tls: tlsRequest.optional(),
+  }),
+  z.strictObject({
+    type: z.literal('tokens'),
+    id: requestId,
+    host,
+    port,
+    /** Request tokens wanted of a rate-limited origin (the daemon grants 1 to count, or refuses). */
+    count: z.number().int().min(1).max(1000),
+    /** How long the client is willing to wait for the first token, in ms. */
+    timeoutMs: z.number().int().min(1).max(600_000).optional(),
   }),
   z.strictObject({ type: z.literal('release'), id: requestId.optional(), leaseId }),
   z.strictObject({ type: z.literal('closed'), id: requestId.optional(), leaseId }),
@@ -121,6 +133,18 @@ export interface LeaseReply {
    * plaintext to and from a TLS session it completed (and verified) itself: speak plain HTTP over it.
    */
   tls?: LeaseTls;
+  /**
+   * Present when the origin is rate-limited (`requestsPerSecond`): from then on this connection's client takes a
+   * token (`tokens`) before each request to it, and says so in its acquires (`tokenTaken`).
+   */
+  rate?: { requestsPerSecond: number; burst: number };
+}
+
+/** Reply to `tokens`: how many the client may spend (at least 1). */
+export interface TokensReply {
+  type: 'tokens';
+  id: number;
+  granted: number;
 }
 
 /** What the daemon's handshake negotiated for a relayed lease. */
@@ -154,7 +178,7 @@ export interface ErrorReply {
   fields?: Record<string, string | number | boolean | null>;
 }
 
-export type DaemonMessage = HelloReply | LeaseReply | OkReply | StatsReply | ErrorReply;
+export type DaemonMessage = HelloReply | LeaseReply | OkReply | StatsReply | TokensReply | ErrorReply;
 
 const decoder = new TextDecoder('utf-8', { fatal: true });
 
@@ -271,7 +295,7 @@ export function decodeDaemonMessage(data: Uint8Array): DaemonMessage {
     value === null ||
     typeof value !== 'object' ||
     typeof value.type !== 'string' ||
-    !['hello', 'lease', 'ok', 'stats', 'error'].includes(value.type)
+    !['hello', 'lease', 'ok', 'stats', 'tokens', 'error'].includes(value.type)
   ) {
     throw new SockpoolError(ErrorCodes.PROTOCOL, 'daemon sent a message of unknown shape');
   }

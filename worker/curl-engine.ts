@@ -30,6 +30,7 @@ import { originKey } from '../shared/origin.js';
 import type { LeaseTls } from '../shared/protocol.js';
 import { Cancellation, type CancelSignal } from './cancellation.js';
 import { H2StallWatch, type StallWatched } from './h2-stall-watch.js';
+import type { RateTokens } from './rate-tokens.js';
 import { BufferSink, type ResponseSink } from './response-sink.js';
 import type { SocketSlot, SocketSupply } from './socket-supply.js';
 import type { ResponseHead } from './stream-protocol.js';
@@ -195,14 +196,21 @@ export class CurlEngine {
   /** responseHead's numbers (status, version, timings), read right after each call. */
   #headNumbers = new Float64Array(6);
   #closed = false;
+  /** Rate-limited origins: a token per request before it goes out (rate-tokens.ts). */
+  #rateTokens: RateTokens | undefined;
   #stallWatch = new H2StallWatch();
   /** Transfers curl finished, to complete in the next immediate (see the constructor). */
   #completed: Array<() => void> = [];
 
   /** `maxConnects`: idle connections curl keeps (its default, 4 × the transfers running at that moment, would close
    *  keep-alive connections whenever the load dips). */
-  constructor(supply: SocketSupply, policy: ClientPolicy, options: { maxConnects?: number } = {}) {
+  constructor(
+    supply: SocketSupply,
+    policy: ClientPolicy,
+    options: { maxConnects?: number; rateTokens?: RateTokens } = {},
+  ) {
     this.#supply = supply;
+    this.#rateTokens = options.rateTokens;
     this.#policy = policy;
     this.#tlsTrust = tlsTrustOf(policy);
     this.#multi.setOpt('MAXCONNECTS', options.maxConnects ?? 256);
@@ -279,6 +287,10 @@ export class CurlEngine {
       if (remaining <= 0) throw timeoutError(request);
       let slot: SocketSlot;
       try {
+        // Each attempt is a request the origin sees: each takes a token of a rate-limited origin.
+        const token = this.#rateTokens?.take(origin.host, origin.port, remaining);
+        if (token) await token;
+        const tokenTaken = this.#rateTokens?.rated(origin.host, origin.port) === true;
         const preparing = this.#supply.prepare(origin, key, {
           proxy: policy.proxy,
           secure,
@@ -286,6 +298,7 @@ export class CurlEngine {
           force: forceSocket,
           signal: io.signal,
           tlsTrust: secure ? this.#tlsTrust : undefined,
+          tokenTaken,
         });
         slot = preparing instanceof Promise ? await preparing : preparing;
       } catch (error) {

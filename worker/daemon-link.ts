@@ -27,6 +27,7 @@ import {
 } from '../shared/protocol.js';
 import { SeqpacketChannel } from '../shared/seqpacket-channel.js';
 import type { CancelSignal } from './cancellation.js';
+import { RateTokens } from './rate-tokens.js';
 
 export interface Lease extends LeaseReply {
   fd: number;
@@ -53,6 +54,8 @@ const RECONNECT_MIN_MS = 50;
 const RECONNECT_MAX_MS = 2000;
 
 export class DaemonLink {
+  /** Request tokens of the rate-limited origins this link's leases named (rate-tokens.ts). */
+  readonly rateTokens: RateTokens = new RateTokens(this);
   #options: Required<DaemonLinkOptions>;
   #channel: SeqpacketChannel | undefined;
   #connecting: Promise<SeqpacketChannel> | undefined;
@@ -84,10 +87,19 @@ export class DaemonLink {
     signal?: CancelSignal,
     proxy?: string,
     tls?: { trust: string },
+    tokenTaken?: boolean,
   ): Promise<Lease> {
     const ms = Math.max(1, Math.ceil(timeoutMs));
     const { message, fds, generation } = await this.#request(
-      { type: 'acquire', host, port, timeoutMs: ms, ...(proxy ? { proxy } : {}), ...(tls ? { tls } : {}) },
+      {
+        type: 'acquire',
+        host,
+        port,
+        timeoutMs: ms,
+        ...(proxy ? { proxy } : {}),
+        ...(tls ? { tls } : {}),
+        ...(tokenTaken ? { tokenTaken: true } : {}),
+      },
       ms + 1000,
       signal,
     );
@@ -95,6 +107,7 @@ export class DaemonLink {
       for (const fd of fds) native.close(fd);
       throw new SockpoolError(ErrorCodes.PROTOCOL, `daemon answered acquire with ${message.type}`);
     }
+    this.rateTokens.learn(host, port, message.rate);
     return { ...message, fd: fds[0]!, link: generation };
   }
 
@@ -112,6 +125,16 @@ export class DaemonLink {
       { type: 'warm', host, port, count, ...(proxy ? { proxy } : {}), ...(tls ? { tls } : {}) },
       this.#options.requestTimeoutMs,
     );
+  }
+
+  /** Request tokens of a rate-limited origin (rate-tokens.ts takes them through here). */
+  async tokens(host: string, port: number, count: number, timeoutMs: number): Promise<number> {
+    const ms = Math.max(1, Math.ceil(timeoutMs));
+    const { message } = await this.#request({ type: 'tokens', host, port, count, timeoutMs: ms }, ms + 1000);
+    if (message.type !== 'tokens' || !Number.isInteger(message.granted) || message.granted < 1) {
+      throw new SockpoolError(ErrorCodes.PROTOCOL, `daemon answered tokens with ${message.type}`);
+    }
+    return message.granted;
   }
 
   async stats(): Promise<Record<string, unknown>> {

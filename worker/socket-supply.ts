@@ -65,6 +65,8 @@ export interface PrepareOptions {
   /** Acquire whatever the prediction says (the previous attempt was starved or its connection died). */
   force: boolean;
   signal?: CancelSignal | undefined;
+  /** The transfer took a token of its rate-limited origin already (rate-tokens.ts): the daemon charges none. */
+  tokenTaken?: boolean | undefined;
 }
 
 function settleable(): Settleable {
@@ -163,6 +165,7 @@ export class SocketSupply {
         options.signal,
         options.proxy,
         tls,
+        options.tokenTaken,
       );
     } catch (error) {
       origin.supplying--;

@@ -68,7 +68,10 @@ export class TransferRuntime {
 
   constructor(config: RuntimeConfig, clientName: string) {
     this.#link = new DaemonLink({ socketPath: config.socketPath, clientName });
-    this.#engine = new CurlEngine(new SocketSupply(this.#link), config.policy, { maxConnects: config.maxConnects });
+    this.#engine = new CurlEngine(new SocketSupply(this.#link), config.policy, {
+      maxConnects: config.maxConnects,
+      rateTokens: this.#link.rateTokens,
+    });
     this.#proxy = config.policy.proxy;
     this.#tlsTrust = tlsTrustOf(config.policy);
   }

@@ -76,6 +76,12 @@ export class Fleet implements SlotLedger {
   /** Origins whose count the last heartbeat stated (a count gone to 0 must be stated once more). */
   #reported = new Set<string>();
   #heartbeatTimer: NodeJS.Timeout | undefined;
+  /**
+   * After an outage, slot decisions stay local until every live member has had time to reconnect and state its
+   * slots again (a Redis that restarted empty knows none of them): until this performance.now().
+   */
+  #trustSlotsAfter = 0;
+  #hadOutage = false;
   #closed = false;
   readonly counters: FleetCounters = { fallbackSlots: 0, fallbackTokens: 0, refused: 0, outages: 0, slotWaits: 0 };
 
@@ -220,7 +226,7 @@ export class Fleet implements SlotLedger {
   }
 
   async #tryTakeSlot(key: string, cap: number): Promise<boolean> {
-    if (this.available) {
+    if (this.available && performance.now() >= this.#trustSlotsAfter) {
       this.#taking.set(key, (this.#taking.get(key) ?? 0) + 1);
       try {
         const [granted] = await this.#redis.fleetTakeSlots(
@@ -234,6 +240,8 @@ export class Fleet implements SlotLedger {
         );
         return granted === 1;
       } catch (error) {
+        // Redis may have counted the slot before the answer was lost: the next heartbeat states the true count.
+        this.#reported.add(key);
         this.#unavailable(error as Error);
       } finally {
         const taking = (this.#taking.get(key) ?? 1) - 1;
@@ -241,7 +249,7 @@ export class Fleet implements SlotLedger {
         else this.#taking.delete(key);
       }
     }
-    this.#whileUnavailable();
+    if (!this.available) this.#whileUnavailable();
     this.counters.fallbackSlots++;
     // This daemon's share of the cap, by the members last seen (at least one slot: a fleet member is never shut out).
     return this.held(key) < Math.max(1, Math.floor(cap / this.#members));
@@ -364,7 +372,13 @@ export class Fleet implements SlotLedger {
         ),
       );
       this.#reported = new Set(keys.filter((key) => this.held(key) + (this.#taking.get(key) ?? 0) > 0));
-      if (this.#state !== 'connected') this.#log.info({ redis: this.redisTarget }, 'fleet: Redis available again');
+      if (this.#state !== 'connected') {
+        this.#log.info({ redis: this.redisTarget }, 'fleet: Redis available again');
+        if (this.#hadOutage) {
+          this.#trustSlotsAfter =
+            performance.now() + Math.max(this.#config.slotTtlMs, MAX_RECONNECT_DELAY_MS + 2 * this.#config.heartbeatMs);
+        }
+      }
       this.#state = 'connected';
     } catch (error) {
       this.#unavailable(error as Error);
@@ -386,6 +400,7 @@ export class Fleet implements SlotLedger {
   #unavailable(error: Error): void {
     if (this.#closed) return;
     if (this.#state !== 'unavailable') {
+      this.#hadOutage = true;
       this.counters.outages++;
       this.#log.warn(
         { redis: this.redisTarget, err: error.message, mode: this.#config.onUnavailable },

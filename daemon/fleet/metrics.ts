@@ -3,8 +3,25 @@
 
 import { Gauge, type Registry } from 'prom-client';
 import type { Fleet, FleetCounters } from './fleet.js';
+import type { RateLimiter } from './rate-limiter.js';
 
-export function registerFleetMetrics(registry: Registry, fleet: () => Fleet | undefined): void {
+export function registerFleetMetrics(registry: Registry, fleet: () => Fleet | undefined, rates: RateLimiter): void {
+  const rateGauge = (name: string, help: string, read: () => number) =>
+    new Gauge({
+      name,
+      help,
+      registers: [registry],
+      collect() {
+        this.set(read());
+      },
+    });
+  rateGauge(
+    'sockpool_rate_tokens_granted',
+    'Request tokens granted for rate-limited origins',
+    () => rates.counters.granted,
+  );
+  rateGauge('sockpool_rate_limited', 'Requests refused with SOCKPOOL_ERR_RATE_LIMITED', () => rates.counters.limited);
+  rateGauge('sockpool_rate_waits', 'Requests that waited for a token', () => rates.counters.waits);
   const gauge = (name: string, help: string, read: (fleet: Fleet) => number, none = 0) =>
     new Gauge({
       name,

@@ -1,0 +1,127 @@
+// The fleet's pure logic on an injected clock: GCRA arithmetic (the same as RATE_SCRIPT in Redis), token batches
+// and their lifetime, the daemon's rate limiter alone (a fleet of one) with SOCKPOOL_ERR_RATE_LIMITED, the worker's
+// token batches (no message for origins without a rate), and local slots.
+import { describe, expect, it } from 'vitest';
+import { defaultConfig, parseConfig } from '../daemon/config.js';
+import { gcraTake, LocalGcra } from '../daemon/fleet/gcra.js';
+import { RateLimiter } from '../daemon/fleet/rate-limiter.js';
+import { LocalSlots } from '../daemon/fleet/slots.js';
+import { ErrorCodes } from '../shared/errors.js';
+import { batchSize, TOKEN_LIFETIME_MS, TokenBatch } from '../shared/rate.js';
+import { RateTokens } from '../worker/rate-tokens.js';
+
+describe('GCRA', () => {
+  const rate = { requestsPerSecond: 10, burst: 3 };
+
+  it('grants a full burst at once, then one token per emission interval', () => {
+    let tat: number | undefined;
+    const first = gcraTake(tat, 0, 5, rate);
+    expect(first.granted).toBe(3);
+    tat = first.tat;
+    const empty = gcraTake(tat, 0, 1, rate);
+    expect(empty).toMatchObject({ granted: 0, waitMs: 100 });
+    expect(gcraTake(tat, 99, 1, rate).granted).toBe(0);
+    const next = gcraTake(tat, 100, 5, rate);
+    expect(next.granted).toBe(1);
+  });
+
+  it('over any window W grants at most burst + W × rate', () => {
+    const gcra = new LocalGcra(() => now);
+    let now = 0;
+    let granted = 0;
+    for (now = 0; now <= 10_000; now += 7) granted += gcra.take('o', 4, rate).granted;
+    // 10 s at 10/s plus the burst of 3.
+    expect(granted).toBeLessThanOrEqual(3 + 100 + 1);
+    expect(granted).toBeGreaterThanOrEqual(100);
+  });
+
+  it('says how long until the next token', () => {
+    const gcra = new LocalGcra(() => 0);
+    gcra.take('o', 1, { requestsPerSecond: 2, burst: 1 });
+    expect(gcra.take('o', 1, { requestsPerSecond: 2, burst: 1 })).toEqual({ granted: 0, waitMs: 500 });
+  });
+});
+
+describe('token batches', () => {
+  it('asks a tenth of a second of the rate, within the burst and the cap, at least one', () => {
+    expect(batchSize({ requestsPerSecond: 50, burst: 10 }, 64)).toBe(5);
+    expect(batchSize({ requestsPerSecond: 1000, burst: 20 }, 64)).toBe(20);
+    expect(batchSize({ requestsPerSecond: 1000, burst: 500 }, 16)).toBe(16);
+    expect(batchSize({ requestsPerSecond: 0.5, burst: 1 }, 64)).toBe(1);
+  });
+
+  it('spends what it holds until the lifetime ends, then nothing', () => {
+    const batch = new TokenBatch();
+    batch.add(2, 0);
+    expect(batch.spend(10)).toBe(true);
+    batch.add(1, 20);
+    expect(batch.spend(TOKEN_LIFETIME_MS + 19)).toBe(true);
+    expect(batch.spend(TOKEN_LIFETIME_MS + 20)).toBe(false);
+    expect(batch.count).toBe(0);
+  });
+});
+
+describe('the daemon alone: a fleet of one', () => {
+  const config = parseConfig(
+    { pool: { origins: [{ match: 'slow.example:443', requestsPerSecond: 2, burst: 1 }] } },
+    'test',
+  );
+  const slow = { host: 'slow.example', port: 443 };
+
+  it('knows which origins have a rate', () => {
+    const limiter = new RateLimiter(config, undefined, () => 0);
+    expect(limiter.paramsFor(slow)).toEqual({ requestsPerSecond: 2, burst: 1 });
+    expect(limiter.paramsFor({ host: 'other.example', port: 443 })).toBeUndefined();
+    expect(new RateLimiter(defaultConfig(), undefined).paramsFor(slow)).toBeUndefined();
+  });
+
+  it('a request that would wait past its deadline fails with SOCKPOOL_ERR_RATE_LIMITED and the wait', async () => {
+    const limiter = new RateLimiter(config, undefined, () => 0);
+    const params = limiter.paramsFor(slow)!;
+    expect(await limiter.take(slow, params, 1, 100)).toBe(1);
+    await expect(limiter.take(slow, params, 1, 100)).rejects.toMatchObject({
+      code: ErrorCodes.RATE_LIMITED,
+      fields: { waitMs: 500, origin: 'slow.example:443' },
+    });
+    expect(limiter.counters).toMatchObject({ granted: 1, limited: 1 });
+  });
+});
+
+describe('worker tokens', () => {
+  it('origins without a rate send nothing; a rated origin asks in batches and spends them', async () => {
+    const asked: number[] = [];
+    const tokens = new RateTokens(
+      {
+        async tokens(_host, _port, count) {
+          asked.push(count);
+          return count;
+        },
+      },
+      () => 0,
+    );
+    expect(tokens.take('a.example', 80, 1000)).toBeUndefined();
+    tokens.learn('a.example', 80, { requestsPerSecond: 50, burst: 10 });
+    expect(tokens.take('b.example', 80, 1000)).toBeUndefined();
+    await tokens.take('a.example', 80, 1000);
+    expect(asked).toEqual([5]);
+    // Four more held: spent without asking.
+    for (let i = 0; i < 4; i++) expect(tokens.take('a.example', 80, 1000)).toBeUndefined();
+    await tokens.take('a.example', 80, 1000);
+    expect(asked).toEqual([5, 5]);
+    tokens.learn('a.example', 80, undefined);
+    expect(tokens.take('a.example', 80, 1000)).toBeUndefined();
+  });
+});
+
+describe('local slots', () => {
+  it('hold the cap, and a waiting take gets the slot a release frees', async () => {
+    const slots = new LocalSlots();
+    expect(await slots.takeSlot('o', 1, false, () => true)).toBe(true);
+    expect(await slots.takeSlot('o', 1, false, () => true)).toBe(false);
+    const waiting = slots.takeSlot('o', 1, true, () => true);
+    slots.releaseSlots('o', 1);
+    expect(await waiting).toBe(true);
+    expect(slots.held('o')).toBe(1);
+    expect(await slots.takeSlot('o', 1, true, () => false)).toBe(false);
+  });
+});
