@@ -46,6 +46,7 @@ program
       hitRate: number;
       clients?: number;
       own?: { sessions: number; leases: number; pending: number };
+      fleet?: { name: string; state: string; members: number; heldSlots: number; fallbackSlots: number };
     };
     // A client that is not an admin sees its own uid's origins only (docs/security.md): the line says so.
     const whose =
@@ -54,7 +55,13 @@ program
           `leased ${stats.leased}, hit rate ${(stats.hitRate * 100).toFixed(1)}%, your connections ${stats.own?.sessions}`
         : `idle ${stats.idle}, leased ${stats.leased}, origins ${stats.originCount ?? stats.origins.length}, ` +
           `hit rate ${(stats.hitRate * 100).toFixed(1)}%, clients ${stats.clients}`;
-    console.log(`sockpoold up at ${socketPath()}: ${whose}`);
+    // A fleet member (docs/fleet.md): its Redis state, the members it sees, the fleet slots it holds.
+    const fleet = stats.fleet
+      ? `; fleet ${stats.fleet.name}: ${stats.fleet.state}, ${stats.fleet.members} members, ` +
+        `${stats.fleet.heldSlots} slots held` +
+        (stats.fleet.fallbackSlots > 0 ? `, ${stats.fleet.fallbackSlots} local decisions` : '')
+      : '';
+    console.log(`sockpoold up at ${socketPath()}: ${whose}${fleet}`);
   });
 
 program
