@@ -337,13 +337,15 @@ function asciiLength(value: string, what: string, max = 255): number {
 }
 
 /**
- * A message as a binary frame, or undefined when it has no binary form (acquire through a proxy, a relayed TLS
- * lease, every other type): send it as JSON then.
+ * A message as a binary frame, or undefined when it has no binary form (acquire through a proxy or with `tokenTaken`,
+ * a relayed TLS lease or one with `rate`, every other type): send it as JSON then.
  */
 export function encodeFrame(message: ClientMessage | DaemonMessage): Buffer | undefined {
   switch (message.type) {
     case 'acquire': {
       if ('proxy' in message && message.proxy !== undefined) return undefined;
+      // A rate-limited origin's acquire says its token was taken: JSON (rare beside the hot path's plain acquires).
+      if ('tokenTaken' in message && message.tokenTaken !== undefined) return undefined;
       const host = asciiLength(message.host, 'host');
       const trust = message.tls ? asciiLength(message.tls.trust, 'tls.trust') : 0;
       const frame = Buffer.allocUnsafe(13 + host + (message.tls ? 1 + trust : 0));
@@ -370,7 +372,8 @@ export function encodeFrame(message: ClientMessage | DaemonMessage): Buffer | un
       return frame;
     }
     case 'lease': {
-      if (message.tls) return undefined;
+      // A relayed TLS lease, or one of a rate-limited origin (its `rate`): JSON.
+      if (message.tls || message.rate) return undefined;
       const host = asciiLength(message.host, 'host');
       const address = asciiLength(message.address, 'address');
       const frame = Buffer.allocUnsafe(26 + host + address);
