@@ -3,7 +3,7 @@
 // 1. Cap: maxPerOriginFleet = 10 for one origin, load from clients of all three daemons (more requests in flight
 //    than the cap). The origin, a bare TCP server answering with `Connection: close`, counts its open connections
 //    (a FIN the kernel has delivered counts as closed, read or not): the most at once must be <= 10.
-// 2. Rate: requestsPerSecond = 50 (burst 1) for another origin, load from all three for --seconds (default 30):
+// 2. Rate: requestsPerSecond = 50 (burst 5) for another origin, load from all three for --seconds (default 30):
 //    the rate the origin saw over the run, from its first request to its last, must be within 5% of 50.
 //
 // `npm run bench:fleet [-- --seconds 30]`. Prints a table and JSON; exits 1 when an aim is missed.
@@ -22,6 +22,9 @@ import { runBench } from './lib/run.js';
 const seconds = option('--seconds', 30);
 const CAP = 10;
 const RATE = 50;
+// A little burst absorbs timer and scheduling jitter (with burst 1 a token not asked for the moment it is due is lost); over
+// the run it adds at most BURST requests.
+const BURST = 5;
 
 interface Origin {
   port: number;
@@ -110,7 +113,7 @@ async function main(): Promise<void> {
             predictive: false,
             origins: [
               { match: `127.0.0.1:${capped.port}`, maxPerOriginFleet: CAP },
-              { match: `127.0.0.1:${rated.port}`, requestsPerSecond: RATE, burst: 1 },
+              { match: `127.0.0.1:${rated.port}`, requestsPerSecond: RATE, burst: BURST },
             ],
           },
         },
