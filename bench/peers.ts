@@ -13,11 +13,15 @@
 // Peers run interleaved (each origin, round or run rotates the order) so drift hits all alike.
 //
 //   node dist/bench/peers.js [--quick] [--rtt-ms 20] [--loopback-only] [--origins N] [--out FILE]
-//                            [--warm-tls] [--first-only] [--crawl-only] [--lab-only]
+//                            [--warm-tls] [--first-only] [--crawl-only] [--lab-only] [--keep-alive-only]
+//                            [--rounds N] [--profile]
 //
 // --warm-tls: sockpoold keeps warm TLS sessions for every https origin (docs/warm-tls.md), so sockpool's first
 // HTTPS requests run over a session the daemon completed and relays. --first-only: scenario 1 alone. --crawl-only:
-// scenario 3 alone. --lab-only: no loopback set.
+// scenario 3 alone. --lab-only: no loopback set. --keep-alive-only: scenario 2 alone, on loopback, for node-libcurl
+// and the two sockpool clients (the runs issue 14's aims are about). --rounds N: rounds of every load run.
+// --profile: node-libcurl's and sockpool's runner processes (worker threads included) run under node --cpu-prof;
+// profiles in bench/results/profiles/peers-<date>/<peer>/.
 //
 // The lab needs root and ../shared beside the checkout; without them only the loopback part runs (and says so).
 // docs/benchmarks.md explains the output; results go to bench/results/peers-<date>.json.
@@ -43,16 +47,18 @@ const quick = flag('--quick');
 const settings = {
   quick,
   rttMs: option('--rtt-ms', 20),
-  loopbackOnly: flag('--loopback-only'),
+  loopbackOnly: flag('--loopback-only') || flag('--keep-alive-only'),
   warmTls: flag('--warm-tls'),
   firstOnly: flag('--first-only'),
   crawlOnly: flag('--crawl-only'),
   labOnly: flag('--lab-only'),
+  keepAliveOnly: flag('--keep-alive-only'),
+  profile: flag('--profile'),
   origins: Math.min(250, option('--origins', quick ? 20 : 100)),
   warmupOrigins: 4,
   /** Rounds of the keep-alive, crawler and throughput runs (each rotates the peers' order). */
   /** Loopback runs last about a second: more of them, so that a GC pause or a scheduler hiccup is not the result. */
-  rounds: { lab: quick ? 1 : 3, loopback: quick ? 1 : 5 },
+  rounds: { lab: option('--rounds', quick ? 1 : 3), loopback: option('--rounds', quick ? 1 : 5) },
   keepAlive: {
     concurrency: 16,
     lab: { sequential: quick ? 30 : 100, concurrent: quick ? 240 : 800 },
@@ -75,7 +81,17 @@ const AIMS = {
   /** Crawler mix in the lab: sockpool's speed-up over the fastest peer with hosts not announced / announced. */
   unannouncedOfAnnounced: 0.9,
 };
-const PEERS: PeerName[] = ['undici', 'libcurl', 'curl', 'sockpool'];
+/**
+ * Issue 14's keep-alive aims on loopback, req/s over plain node-libcurl's: the default client (worker threads)
+ * sequential and with 16 in flight, and the client with `threads: 0` in both modes. (In the lab: issue 4's 0.95.)
+ */
+const LOOPBACK_KEEP_ALIVE_AIMS: Record<'sockpool' | 'sockpool-inline', Record<'sequential' | 'concurrent', number>> = {
+  sockpool: { sequential: 0.8, concurrent: 0.95 },
+  'sockpool-inline': { sequential: 1, concurrent: 1 },
+};
+const PEERS: PeerName[] = settings.keepAliveOnly ? ['libcurl', 'sockpool'] : ['undici', 'libcurl', 'curl', 'sockpool'];
+/** The runners profiled with --profile: the compared clients. */
+const PROFILED: PeerName[] = ['libcurl', 'sockpool', 'sockpool-inline'];
 const LABEL: Record<PeerName, string> = {
   undici: 'Node fetch (undici)',
   libcurl: 'node-libcurl',
@@ -88,6 +104,7 @@ const fixtures = join(import.meta.dirname, 'fixtures');
 const resultsDir = join(repoRoot, 'bench', 'results');
 const node = process.execPath;
 const tmp = mkdtempSync(join(os.tmpdir(), 'sockpool-peers-'));
+const profileDir = join(resultsDir, 'profiles', `peers-${stamp(new Date())}`);
 
 function log(text: string): void {
   process.stderr.write(`${text}\n`);
@@ -114,7 +131,10 @@ class Runner {
 
   constructor(peer: PeerName) {
     this.peer = peer;
-    this.#child = spawnChild([node, join(fixtures, 'peer-runner.js'), peer], { nofile: 65_536 });
+    const profile = settings.profile && PROFILED.includes(peer);
+    if (profile) mkdirSync(join(profileDir, peer), { recursive: true });
+    const nodeArgs = profile ? ['--cpu-prof', '--cpu-prof-dir', join(profileDir, peer)] : [];
+    this.#child = spawnChild([node, ...nodeArgs, join(fixtures, 'peer-runner.js'), peer], { nofile: 65_536 });
     children.push(this.#child);
   }
 
@@ -467,11 +487,12 @@ async function runSet(set: OriginSet, pki: TestPki, lab: boolean): Promise<SetRe
   );
 
   const zones = new Zones(set.options.zones);
-  const first = settings.crawlOnly ? [] : await firstRequests(set, runners);
+  const only = settings.keepAliveOnly;
+  const first = settings.crawlOnly || only ? [] : await firstRequests(set, runners);
   const keepAliveRuns = settings.firstOnly || settings.crawlOnly ? [] : await keepAlive(set, withInline, zones, lab);
-  const crawlRuns = settings.firstOnly ? [] : await crawl(set, runners, zones, lab);
+  const crawlRuns = settings.firstOnly || only ? [] : await crawl(set, runners, zones, lab);
   const throughputRuns =
-    lab || settings.firstOnly || settings.crawlOnly ? [] : await throughput(set, withInline, zones);
+    lab || settings.firstOnly || settings.crawlOnly || only ? [] : await throughput(set, withInline, zones);
 
   server.send('stats');
   const serverStats = await server.nextMessage((message) => 'stats' in message).catch(() => null);
@@ -500,6 +521,8 @@ interface Aim {
   value: number;
   target: number;
   met: boolean;
+  /** Paired rounds behind a ratio aim: the client's req/s, node-libcurl's in the same round, their ratio. */
+  rounds?: Array<{ perSecond: number; libcurlPerSecond: number; ratio: number }>;
 }
 
 function ratioText(value: number): string {
@@ -519,9 +542,14 @@ function perSecond(value: number): string {
  * machine's speed drifts from round to round), and the median of those ratios.
  */
 function pairedRatio(run: LoadRun, base: LoadRun | undefined): number {
-  if (!base) return Number.NaN;
+  return median(roundRatios(run, base));
+}
+
+/** `run`'s req/s over `base`'s, round by round (rounds without a partner left out). */
+function roundRatios(run: LoadRun, base: LoadRun | undefined): number[] {
+  if (!base) return [];
   const ratios = run.rounds.map((round, r) => round.perSecond / (base.rounds[r]?.perSecond ?? Number.NaN));
-  return median(ratios.filter((ratio) => Number.isFinite(ratio)));
+  return ratios.filter((ratio) => Number.isFinite(ratio));
 }
 
 function variantLabel(variant: string): string {
@@ -609,12 +637,13 @@ function report(sets: SetResult[]): { text: string; aims: Aim[] } {
       'Steady keep-alive to one origin, req/s (median of rounds). ratio = client / node-libcurl, the median of the ' +
         'per-round ratios',
     );
-    const keepRows = [['scheme', 'mode', 'client', 'req/s', 'p50 ms', 'ratio', 'errors']];
+    const keepRows = [['scheme', 'mode', 'client', 'req/s', 'p50 ms', 'ratio', 'per-round ratios', 'errors']];
     for (const run of result.keepAlive) {
       const libcurl = result.keepAlive.find(
         (other) => other.scheme === run.scheme && other.mode === run.mode && other.peer === 'libcurl',
       );
-      const ratio = pairedRatio(run, libcurl);
+      const ratios = roundRatios(run, libcurl);
+      const ratio = median(ratios);
       keepRows.push([
         run.scheme,
         `${run.mode} (${run.concurrency})`,
@@ -622,15 +651,25 @@ function report(sets: SetResult[]): { text: string; aims: Aim[] } {
         perSecond(run.perSecond),
         ms(median(run.rounds.map((r) => r.latency.p50))),
         ratioText(ratio),
+        run.peer === 'libcurl' ? '' : ratios.map((value) => value.toFixed(2)).join(' '),
         String(run.errors),
       ]);
       if (run.peer === 'sockpool' || run.peer === 'sockpool-inline') {
+        const target =
+          result.name === 'loopback'
+            ? LOOPBACK_KEEP_ALIVE_AIMS[run.peer][run.mode as 'sequential' | 'concurrent']
+            : AIMS.keepAliveOfLibcurl;
         aims.push({
           aim: `keep-alive ${run.scheme} ${run.mode}: ${variantLabel(run.variant)} req/s / node-libcurl`,
           set: title,
           value: ratio,
-          target: AIMS.keepAliveOfLibcurl,
-          met: ratio >= AIMS.keepAliveOfLibcurl,
+          target,
+          met: ratio >= target,
+          rounds: run.rounds.map((r, i) => ({
+            perSecond: r.perSecond,
+            libcurlPerSecond: libcurl?.rounds[i]?.perSecond ?? Number.NaN,
+            ratio: ratios[i] ?? Number.NaN,
+          })),
         });
       }
     }
@@ -715,7 +754,8 @@ function report(sets: SetResult[]): { text: string; aims: Aim[] } {
   out.push('Aims:');
   for (const aim of aims) {
     out.push(
-      `  ${aim.met ? 'met   ' : 'MISSED'}  ${aim.set}: ${aim.aim}: ${ratioText(aim.value)} (aim >= ${aim.target}x)`,
+      `  ${aim.met ? 'met   ' : 'MISSED'}  ${aim.set}: ${aim.aim}: ${ratioText(aim.value)} (aim >= ${aim.target}x)` +
+        (aim.rounds ? `; rounds ${aim.rounds.map((r) => r.ratio.toFixed(2)).join(' ')}` : ''),
     );
   }
   return { text: `${out.join('\n')}\n`, aims };
@@ -727,6 +767,7 @@ function report(sets: SetResult[]): { text: string; aims: Aim[] } {
 async function main(): Promise<void> {
   const startedAt = new Date();
   const wallStart = performance.now();
+  const loadAtStart = os.loadavg();
   log(`sockpool peers benchmark${quick ? ' (--quick)' : ''}: node ${process.version}, ${os.cpus().length} CPUs`);
   const setOptions = { origins: settings.origins, warmupOrigins: settings.warmupOrigins, zones: zonesNeeded() };
   const pki = createTestPki(certificateNames(setOptions));
@@ -768,7 +809,9 @@ async function main(): Promise<void> {
   const { text, aims } = report(sets);
   process.stdout.write(text);
   if (labSkipped !== undefined) process.stdout.write(`(latency lab not run: ${labSkipped})\n`);
-  log(`done in ${durationS.toFixed(0)} s`);
+  log(
+    `done in ${durationS.toFixed(0)} s; load average ${loadAtStart[0]!.toFixed(1)} at the start, ${os.loadavg()[0]!.toFixed(1)} at the end`,
+  );
 
   const results = {
     benchmark: 'peers',
@@ -778,6 +821,8 @@ async function main(): Promise<void> {
       cpus: os.cpus().length,
       cpuModel: os.cpus()[0]?.model ?? null,
       kernel: os.release(),
+      /** 1, 5 and 15 minute load averages at the start and at the end of the run (2 CPUs shared with others). */
+      loadAverageAtStart: loadAtStart.map((value) => round(value, 2)),
       loadAverage: os.loadavg().map((value) => round(value, 2)),
     },
     settings,
@@ -797,13 +842,26 @@ async function main(): Promise<void> {
       crawl: set.crawl.map(roundLoadRun),
       throughput: set.throughput.map(roundLoadRun),
     })),
-    aims: aims.map((aim) => ({ ...aim, value: round(aim.value, 3) })),
+    aims: aims.map((aim) => ({
+      ...aim,
+      value: round(aim.value, 3),
+      ...(aim.rounds
+        ? {
+            rounds: aim.rounds.map((r) => ({
+              perSecond: Math.round(r.perSecond),
+              libcurlPerSecond: Math.round(r.libcurlPerSecond),
+              ratio: round(r.ratio, 3),
+            })),
+          }
+        : {}),
+    })),
     durationS: round(durationS),
   };
   const outFile = optionText('--out') ?? join(resultsDir, `peers-${stamp(startedAt)}.json`);
   mkdirSync(dirname(outFile), { recursive: true });
   writeFileSync(outFile, formatJson(results));
   log(`results written to ${outFile}`);
+  if (settings.profile) log(`CPU profiles (one per process and thread): ${profileDir}`);
 }
 
 function roundLoadRun(run: LoadRun) {
