@@ -14,14 +14,15 @@
 //
 //   node dist/bench/peers.js [--quick] [--rtt-ms 20] [--loopback-only] [--origins N] [--out FILE]
 //                            [--warm-tls] [--first-only] [--crawl-only] [--lab-only] [--keep-alive-only]
-//                            [--rounds N] [--profile]
+//                            [--rounds N] [--profile] [--baseline DIR]
 //
 // --warm-tls: sockpoold keeps warm TLS sessions for every https origin (docs/warm-tls.md), so sockpool's first
 // HTTPS requests run over a session the daemon completed and relays. --first-only: scenario 1 alone. --crawl-only:
 // scenario 3 alone. --lab-only: no loopback set. --keep-alive-only: scenario 2 alone, on loopback, for node-libcurl
 // and the two sockpool clients (the runs issue 14's aims are about). --rounds N: rounds of every load run.
 // --profile: node-libcurl's and sockpool's runner processes (worker threads included) run under node --cpu-prof;
-// profiles in bench/results/profiles/peers-<date>/<peer>/.
+// profiles in bench/results/profiles/peers-<date>/<peer>/. --baseline DIR: the two sockpool clients of another
+// build (its dist/, e.g. of main) run beside this build's in the same rounds, for an A/B of a client change.
 //
 // The lab needs root and ../shared beside the checkout; without them only the loopback part runs (and says so).
 // docs/benchmarks.md explains the output; results go to bench/results/peers-<date>.json.
@@ -54,6 +55,8 @@ const settings = {
   labOnly: flag('--lab-only'),
   keepAliveOnly: flag('--keep-alive-only'),
   profile: flag('--profile'),
+  /** Another build's dist/ whose sockpool clients run beside this one's in the keep-alive runs (A/B). */
+  baseline: optionText('--baseline'),
   origins: Math.min(250, option('--origins', quick ? 20 : 100)),
   warmupOrigins: 4,
   /** Rounds of the keep-alive, crawler and throughput runs (each rotates the peers' order). */
@@ -126,15 +129,21 @@ interface Reply {
 
 class Runner {
   readonly peer: PeerName;
+  /** The label of its rows: the peer, or `<peer> (baseline)` for a sockpool client from --baseline's build. */
+  readonly variant: string;
   #child: BenchChild;
   #nextId = 0;
 
-  constructor(peer: PeerName) {
+  constructor(peer: PeerName, baselineDist?: string) {
     this.peer = peer;
+    this.variant = baselineDist ? `${peer} (baseline)` : peer;
     const profile = settings.profile && PROFILED.includes(peer);
     if (profile) mkdirSync(join(profileDir, peer), { recursive: true });
     const nodeArgs = profile ? ['--cpu-prof', '--cpu-prof-dir', join(profileDir, peer)] : [];
-    this.#child = spawnChild([node, ...nodeArgs, join(fixtures, 'peer-runner.js'), peer], { nofile: 65_536 });
+    const clientModule = baselineDist ? [join(baselineDist, 'client', 'index.js')] : [];
+    this.#child = spawnChild([node, ...nodeArgs, join(fixtures, 'peer-runner.js'), peer, ...clientModule], {
+      nofile: 65_536,
+    });
     children.push(this.#child);
   }
 
@@ -338,7 +347,7 @@ async function loadRounds(
 
 /** One job per runner: the peers, and sockpool's client with `threads: 0` (runner 'sockpool-inline'). */
 function jobsFor(runners: Runner[], payload: Record<string, unknown>): LoadJob[] {
-  return runners.map((runner) => ({ variant: runner.peer, runner, payload }));
+  return runners.map((runner) => ({ variant: runner.variant, runner, payload }));
 }
 
 async function keepAlive(set: OriginSet, runners: Runner[], zones: Zones, lab: boolean): Promise<LoadRun[]> {
@@ -479,7 +488,11 @@ async function runSet(set: OriginSet, pki: TestPki, lab: boolean): Promise<SetRe
   const runners = PEERS.map((peer) => new Runner(peer));
   // The threads: 0 client runs the keep-alive and throughput scenarios only.
   const inline = new Runner('sockpool-inline');
-  const withInline = [...runners, inline];
+  // --baseline: the two sockpool clients of another build beside this one's, in the same rounds (A/B).
+  const baseline = settings.baseline
+    ? [new Runner('sockpool', settings.baseline), new Runner('sockpool-inline', settings.baseline)]
+    : [];
+  const withInline = [...runners, inline, ...baseline];
   const jit = { urls: warmupUrls(set), requests: settings.jitWarmupRequests, concurrency: 16 };
   const pins = set.pins();
   await Promise.all(
@@ -533,6 +546,10 @@ function ms(value: number): string {
   return Number.isFinite(value) ? value.toFixed(value < 10 ? 2 : 1) : 'n/a';
 }
 
+function cpuText(value: number): string {
+  return Number.isFinite(value) ? value.toFixed(0) : 'n/a';
+}
+
 function perSecond(value: number): string {
   return Number.isFinite(value) ? Math.round(value).toLocaleString('en-US') : 'n/a';
 }
@@ -553,6 +570,7 @@ function roundRatios(run: LoadRun, base: LoadRun | undefined): number[] {
 }
 
 function variantLabel(variant: string): string {
+  if (variant.endsWith(' (baseline)')) return `${variantLabel(variant.slice(0, -' (baseline)'.length))} (baseline)`;
   if (variant === 'sockpool') return 'sockpool';
   if (variant === 'sockpool-unannounced') return 'sockpool, hosts not announced';
   if (variant === 'sockpool-inline') return 'sockpool, threads: 0';
@@ -637,7 +655,9 @@ function report(sets: SetResult[]): { text: string; aims: Aim[] } {
       'Steady keep-alive to one origin, req/s (median of rounds). ratio = client / node-libcurl, the median of the ' +
         'per-round ratios',
     );
-    const keepRows = [['scheme', 'mode', 'client', 'req/s', 'p50 ms', 'ratio', 'per-round ratios', 'errors']];
+    const keepRows = [
+      ['scheme', 'mode', 'client', 'req/s', 'p50 ms', 'CPU µs/req', 'ratio', 'per-round ratios', 'errors'],
+    ];
     for (const run of result.keepAlive) {
       const libcurl = result.keepAlive.find(
         (other) => other.scheme === run.scheme && other.mode === run.mode && other.peer === 'libcurl',
@@ -650,11 +670,12 @@ function report(sets: SetResult[]): { text: string; aims: Aim[] } {
         variantLabel(run.variant),
         perSecond(run.perSecond),
         ms(median(run.rounds.map((r) => r.latency.p50))),
+        cpuText(median(run.rounds.map((r) => r.cpuUsPerRequest ?? Number.NaN))),
         ratioText(ratio),
         run.peer === 'libcurl' ? '' : ratios.map((value) => value.toFixed(2)).join(' '),
         String(run.errors),
       ]);
-      if (run.peer === 'sockpool' || run.peer === 'sockpool-inline') {
+      if ((run.peer === 'sockpool' || run.peer === 'sockpool-inline') && run.variant === run.peer) {
         const target =
           result.name === 'loopback'
             ? LOOPBACK_KEEP_ALIVE_AIMS[run.peer][run.mode as 'sequential' | 'concurrent']
@@ -722,7 +743,7 @@ function report(sets: SetResult[]): { text: string; aims: Aim[] } {
           ratioText(ratio),
           String(run.errors),
         ]);
-        if (run.peer === 'sockpool' || run.peer === 'sockpool-inline') {
+        if ((run.peer === 'sockpool' || run.peer === 'sockpool-inline') && run.variant === run.peer) {
           aims.push({
             aim: `loopback throughput: ${variantLabel(run.variant)} req/s / undici`,
             set: title,
@@ -875,6 +896,7 @@ function roundLoadRun(run: LoadRun) {
       perSecond: Math.round(r.perSecond),
       latency: roundSummary(r.latency, 3),
       ...(r.announceMs === undefined ? {} : { announceMs: round(r.announceMs) }),
+      ...(r.cpuUsPerRequest === undefined ? {} : { cpuUsPerRequest: round(r.cpuUsPerRequest, 1) }),
     })),
   };
 }

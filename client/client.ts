@@ -9,18 +9,20 @@
 import { existsSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import type { TransferListItem } from 'node:worker_threads';
+import type { MessagePort, TransferListItem } from 'node:worker_threads';
 import { Piscina } from 'piscina';
 import { ErrorCodes, fromPlainError, SockpoolError } from '../shared/errors.js';
 import { PROXY_NAME } from '../shared/origin.js';
 import { MAX_PREWARM_COUNT } from '../shared/protocol.js';
 import { epochNow, type TransferRequest, type TransferResult, timeoutError } from '../worker/curl-engine.js';
+import { LANE } from '../worker/lane-protocol.js';
 import type { ResponseHead } from '../worker/stream-protocol.js';
 import type { Task, TaskResult, WorkerConfig } from '../worker/task.js';
 import { abortedError, TransferRuntime } from '../worker/transfer-runtime.js';
 import type { UrlTarget } from '../worker/url-target.js';
 import { type BodyStream, CallerChannel } from './caller-channel.js';
 import { type AnnouncedOrigin, type AnnounceOptions, RequestQueue } from './request-queue.js';
+import { ThreadLanes } from './thread-lanes.js';
 import {
   type BodyInput,
   type ClassifiedBody,
@@ -130,6 +132,8 @@ const CONTROL_TASKS_PER_THREAD = 4;
 export class SockpoolClient {
   /** The worker threads; undefined with `threads: 0` (the runtime then lives in this thread). */
   #pool: Piscina | undefined;
+  /** The worker threads' lanes: buffered requests go there, not through piscina (worker/lane-protocol.ts). */
+  #lanes: ThreadLanes | undefined;
   #local: TransferRuntime | undefined;
   #options: Required<Omit<SockpoolClientOptions, 'caFile' | 'proxy' | 'retry' | 'announce'>> & {
     retry: { deadConnection: boolean; methods: string[] };
@@ -203,6 +207,12 @@ export class SockpoolClient {
     });
     // A thread that dies with no task of its own is replaced by piscina; its requests (if any) already failed.
     this.#pool.on('error', () => {});
+    const lanes = new ThreadLanes(concurrency);
+    this.#lanes = lanes;
+    // Each thread (a replacement too) announces its lane when it starts.
+    this.#pool.on('message', (message: { [LANE]?: MessagePort }) => {
+      if (message?.[LANE]) lanes.attach(message[LANE]);
+    });
   }
 
   /** One request; the response body is buffered whole. */
@@ -212,12 +222,16 @@ export class SockpoolClient {
     const waiting = this.#queue.enter(target, request, signal);
     if (waiting) await waiting;
     try {
-      // In the caller's thread (threads: 0) the runtime takes the signal itself; a worker thread needs a port for it.
-      const channel =
-        upload || (signal && !this.#local) ? new CallerChannel({ streamResponse: false, upload }) : undefined;
+      // In the caller's thread (threads: 0) the runtime takes the signal itself, and so does a worker thread's lane;
+      // a streamed request body needs a port of its own.
+      const channel = upload ? new CallerChannel({ streamResponse: false, upload }) : undefined;
       // The result is this request's own object: it becomes the response in place.
       let result: TransferResult & SockpoolResponse;
-      if (this.#local && !channel) {
+      if (this.#lanes && !channel) {
+        const outcome = await this.#lanes.run(request, signal);
+        if (!outcome.ok) throw fromPlainError(outcome.error);
+        result = outcome.result as TransferResult & SockpoolResponse;
+      } else if (this.#local && !channel) {
         // threads: 0, no port: the runtime enforces the deadline and the caller's signal itself.
         const outcome = await this.#local.runRequest(request, undefined, signal);
         if (!outcome.ok) {
@@ -313,8 +327,17 @@ export class SockpoolClient {
   /** Waits for in-flight requests (streamed bodies included), then stops the worker threads. */
   close(): Promise<void> {
     // Requests already made run first, those still waiting in the queue included.
-    this.#closing ??= this.#queue.idle().then(() => (this.#pool ? this.#pool.close() : this.#closeLocal()));
+    this.#closing ??= this.#queue
+      .idle()
+      .then(() => (this.#pool ? this.#closePool(this.#pool, this.#lanes!) : this.#closeLocal()));
     return this.#closing;
+  }
+
+  /** Waits for the requests on the lanes, then for piscina's tasks, and stops the threads. */
+  async #closePool(pool: Piscina, lanes: ThreadLanes): Promise<void> {
+    await lanes.idle();
+    lanes.close();
+    await pool.close();
   }
 
   /** Origins of waiting requests, announced to the daemon (best effort: a refusal, a quota, a daemon down are

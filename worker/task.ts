@@ -2,10 +2,12 @@
 // the daemon), created when the thread starts and kept for its life. piscina runs many tasks at once here
 // (concurrentTasksPerWorker), and the pool is created with atomics disabled so the event loop of an idle worker
 // keeps turning (curl's connection cache and the daemon link need it). Buffered response bodies are moved (not
-// copied) to the caller's thread. If the thread dies, the addon closes the fds it held (see transfer-runtime.ts).
+// copied) to the caller's thread. Buffered requests without a port of their own come over the thread's lane instead
+// (lane.ts). If the thread dies, the addon closes the fds it held (see transfer-runtime.ts).
 
 import { workerData } from 'node:worker_threads';
 import { Piscina } from 'piscina';
+import { openLane } from './lane.js';
 import { type RuntimeConfig, type RuntimeResult, type RuntimeTask, TransferRuntime } from './transfer-runtime.js';
 
 export type WorkerConfig = RuntimeConfig;
@@ -16,6 +18,8 @@ export type TaskResult = RuntimeResult;
 
 const config = workerData as WorkerConfig;
 const runtime = new TransferRuntime(config, `sockpool-worker-${process.pid}`);
+// Buffered requests come over the lane (lane-protocol.ts); the tasks below are the rest.
+openLane(runtime);
 
 export default async function runTask(task: Task): Promise<TaskResult> {
   switch (task.kind) {

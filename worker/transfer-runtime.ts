@@ -10,7 +10,7 @@
 
 import type { MessagePort } from 'node:worker_threads';
 import { ErrorCodes, fromPlainError, SockpoolError, toPlainError } from '../shared/errors.js';
-import { Cancellation } from './cancellation.js';
+import { Cancellation, type CancelSignal } from './cancellation.js';
 import {
   type ClientPolicy,
   CurlEngine,
@@ -48,7 +48,7 @@ export type RuntimeResult =
   | { ok: false; error: ReturnType<typeof toPlainError> };
 
 /** The error a request fails with when the caller's AbortSignal fires (its reason is the cause). */
-export function abortedError(signal: AbortSignal): SockpoolError {
+export function abortedError(signal: Pick<CancelSignal, 'reason'>): SockpoolError {
   const reason = signal.reason as { message?: unknown } | undefined;
   const detail = typeof reason?.message === 'string' ? `: ${reason.message}` : '';
   return new SockpoolError(ErrorCodes.ABORTED, `request aborted${detail}`, {}, { cause: signal.reason });
@@ -135,12 +135,13 @@ export class TransferRuntime {
 
   /**
    * One request. `port`: its own MessagePort (abort, streamed bodies; a worker thread's requests). `signal`: the
-   * caller's AbortSignal, when the runtime runs in the caller's thread (`threads: 0`) and needs no port for it.
+   * caller's AbortSignal, when the runtime runs in the caller's thread (`threads: 0`) and needs no port for it, or
+   * the cancellation of a request that came over the thread's lane (lane.ts).
    */
   async runRequest(
     request: TransferRequest,
     port: MessagePort | undefined,
-    signal?: AbortSignal,
+    signal?: CancelSignal,
   ): Promise<TransferOutcome> {
     const cancellation = new Cancellation();
     const deadline = this.#deadlines.add(request.deadline, () => cancellation.cancel(timeoutError(request)));

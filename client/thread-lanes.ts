@@ -1,0 +1,219 @@
+// The caller's ends of the worker threads' lanes (../worker/lane-protocol.ts): buffered requests go to the thread
+// with the fewest in flight (at most `perThread` each; beyond that they wait here, in order), gathered per turn of
+// this thread's event loop into one message per thread; outcomes come back the same way.
+//
+// Every request's deadline is kept here too, on one timer (as piscina's queue could hold a task past it, a thread
+// can be too busy to fail it in time): at the deadline, or when the caller's signal fires, the request fails here
+// at once and the thread is told to cancel it. That timer also keeps the process alive while requests are in
+// flight (the lanes' ports are unref'd).
+
+import type { MessagePort } from 'node:worker_threads';
+import { ErrorCodes, SockpoolError, toPlainError } from '../shared/errors.js';
+import { epochNow, type TransferOutcome, type TransferRequest, timeoutError } from '../worker/curl-engine.js';
+import { type Deadline, Deadlines } from '../worker/deadlines.js';
+import type { LaneCall, LaneReply } from '../worker/lane-protocol.js';
+import { abortedError } from '../worker/transfer-runtime.js';
+
+interface Lane {
+  port: MessagePort;
+  inFlight: number;
+  outbox: LaneCall[];
+  flush: NodeJS.Immediate | undefined;
+}
+
+interface Pending {
+  id: number;
+  request: TransferRequest;
+  signal: AbortSignal | undefined;
+  resolve: (outcome: TransferOutcome) => void;
+  reject: (error: Error) => void;
+  /** The lane it went to (undefined while it waits here for room). */
+  lane: Lane | undefined;
+  deadline: Deadline | undefined;
+  onAbort: (() => void) | undefined;
+  /** Resolved or rejected already (a cancelled request stays counted on its lane until the thread answers). */
+  settled: boolean;
+}
+
+export class ThreadLanes {
+  readonly #perThread: number;
+  #lanes: Lane[] = [];
+  /** Requests sent to a lane and not answered yet, and requests waiting for room, by id. */
+  readonly #pending = new Map<number, Pending>();
+  #waiting: Pending[] = [];
+  #nextId = 0;
+  readonly #deadlines = new Deadlines(epochNow);
+  #onIdle: Array<() => void> = [];
+  #closed = false;
+
+  constructor(perThread: number) {
+    this.#perThread = perThread;
+  }
+
+  /** A thread announced its lane. */
+  attach(port: MessagePort): void {
+    if (this.#closed) {
+      port.close();
+      return;
+    }
+    const lane: Lane = { port, inFlight: 0, outbox: [], flush: undefined };
+    port.on('message', (replies: LaneReply[]) => this.#receive(lane, replies));
+    // The thread exited (crash, terminate): its requests in flight are lost.
+    port.on('close', () => this.#lost(lane));
+    port.unref();
+    this.#lanes.push(lane);
+    this.#dispatchWaiting();
+  }
+
+  /** Runs a buffered request on a thread; rejects with SOCKPOOL_ERR_TIMEOUT / _ABORTED / _WORKER_EXITED. */
+  run(request: TransferRequest, signal: AbortSignal | undefined): Promise<TransferOutcome> {
+    return new Promise<TransferOutcome>((resolve, reject) => {
+      const pending: Pending = {
+        id: ++this.#nextId,
+        request,
+        signal,
+        resolve,
+        reject,
+        lane: undefined,
+        deadline: undefined,
+        onAbort: undefined,
+        settled: false,
+      };
+      pending.deadline = this.#deadlines.add(request.deadline, () => this.#cancel(pending, timeoutError(request)));
+      if (signal) {
+        pending.onAbort = () => this.#cancel(pending, abortedError(signal));
+        signal.addEventListener('abort', pending.onAbort, { once: true });
+      }
+      this.#pending.set(pending.id, pending);
+      const lane = this.#waiting.length === 0 ? this.#pick() : undefined;
+      if (lane) this.#send(lane, pending);
+      else this.#waiting.push(pending);
+    });
+  }
+
+  /** Resolves once no request is in flight or waiting. */
+  idle(): Promise<void> {
+    if (this.#pending.size === 0) return Promise.resolve();
+    return new Promise((resolve) => this.#onIdle.push(resolve));
+  }
+
+  /** Closes the lanes (after idle(): nothing is in flight). */
+  close(): void {
+    this.#closed = true;
+    this.#deadlines.close();
+    const lanes = this.#lanes;
+    this.#lanes = [];
+    for (const lane of lanes) {
+      if (lane.flush) clearImmediate(lane.flush);
+      lane.port.close();
+    }
+  }
+
+  /** The lane with the fewest requests in flight, if one has room. */
+  #pick(): Lane | undefined {
+    let best: Lane | undefined;
+    for (const lane of this.#lanes) {
+      if (lane.inFlight < this.#perThread && (!best || lane.inFlight < best.inFlight)) best = lane;
+    }
+    return best;
+  }
+
+  #send(lane: Lane, pending: Pending): void {
+    pending.lane = lane;
+    lane.inFlight++;
+    const call: LaneCall = pending.signal
+      ? { id: pending.id, request: pending.request, abortable: true }
+      : { id: pending.id, request: pending.request };
+    this.#post(lane, call);
+  }
+
+  /** Queues a call for the lane's next message (one per turn of this event loop). */
+  #post(lane: Lane, call: LaneCall): void {
+    lane.outbox.push(call);
+    lane.flush ??= setImmediate(() => {
+      lane.flush = undefined;
+      const outbox = lane.outbox;
+      lane.outbox = [];
+      if (outbox.length > 0) lane.port.postMessage(outbox);
+    });
+  }
+
+  #receive(lane: Lane, replies: LaneReply[]): void {
+    for (const { id, outcome } of replies) {
+      const pending = this.#pending.get(id);
+      if (!pending) continue;
+      this.#pending.delete(id);
+      lane.inFlight--;
+      if (!pending.settled) {
+        this.#settle(pending);
+        pending.resolve(outcome);
+      }
+    }
+    this.#dispatchWaiting();
+    this.#checkIdle();
+  }
+
+  /** Timeout or the caller's signal: fails the request now, and cancels it in its thread if it went there. */
+  #cancel(pending: Pending, error: SockpoolError): void {
+    if (pending.settled) return;
+    this.#settle(pending);
+    const lane = pending.lane;
+    const unsent = lane ? lane.outbox.findIndex((call) => call.id === pending.id) : -1;
+    if (lane && unsent === -1) {
+      // At once, not with the next batch: the thread must hear it before whatever the caller does next (closing
+      // the connection at the server would make a dead-connection retry of the request it gave up on).
+      lane.port.postMessage([{ id: pending.id, abort: toPlainError(error) }]);
+    } else {
+      // Still here (waiting for room, or in the batch not sent yet): it never reaches a thread.
+      if (lane) {
+        lane.outbox.splice(unsent, 1);
+        lane.inFlight--;
+      } else this.#waiting.splice(this.#waiting.indexOf(pending), 1);
+      this.#pending.delete(pending.id);
+      this.#dispatchWaiting();
+      this.#checkIdle();
+    }
+    pending.reject(error);
+  }
+
+  #settle(pending: Pending): void {
+    pending.settled = true;
+    if (pending.deadline) this.#deadlines.remove(pending.deadline);
+    if (pending.onAbort) pending.signal!.removeEventListener('abort', pending.onAbort);
+  }
+
+  /** A thread is gone: its requests fail; the others (and piscina's replacement thread's lane) carry on. */
+  #lost(lane: Lane): void {
+    const index = this.#lanes.indexOf(lane);
+    if (index >= 0) this.#lanes.splice(index, 1);
+    if (lane.flush) clearImmediate(lane.flush);
+    for (const pending of [...this.#pending.values()]) {
+      if (pending.lane !== lane) continue;
+      this.#pending.delete(pending.id);
+      if (pending.settled) continue;
+      this.#settle(pending);
+      pending.reject(
+        this.#closed
+          ? new SockpoolError(ErrorCodes.CLOSED, 'client is closed')
+          : new SockpoolError(ErrorCodes.WORKER_EXITED, 'the worker thread running the request exited'),
+      );
+    }
+    this.#dispatchWaiting();
+    this.#checkIdle();
+  }
+
+  #dispatchWaiting(): void {
+    while (this.#waiting.length > 0) {
+      const lane = this.#pick();
+      if (!lane) return;
+      this.#send(lane, this.#waiting.shift()!);
+    }
+  }
+
+  #checkIdle(): void {
+    if (this.#pending.size > 0 || this.#onIdle.length === 0) return;
+    const waiters = this.#onIdle;
+    this.#onIdle = [];
+    for (const resolve of waiters) resolve();
+  }
+}
