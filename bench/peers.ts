@@ -157,6 +157,14 @@ class Runner {
 
   async stop(): Promise<void> {
     await this.call('close', {}, 30_000).catch(() => {});
+    // The runner exits by itself after `close`; under --cpu-prof it writes its profiles first.
+    const { child } = this.#child;
+    if (child.exitCode === null && child.signalCode === null) {
+      await new Promise((resolve) => {
+        const timer = setTimeout(resolve, 30_000);
+        child.once('exit', () => resolve(clearTimeout(timer)));
+      });
+    }
     await this.#child.stop();
   }
 }
