@@ -661,7 +661,17 @@ export class CurlEngine {
         return;
       }
       signal.addEventListener('abort', onAbort, { once: true });
-      this.#multi.addHandle(state.easy);
+      try {
+        this.#multi.addHandle(state.easy);
+      } catch (error) {
+        // Started from a microtask that ran at the end of one of curl's own callbacks (inside
+        // curl_multi_socket_action: a retry after the daemon link failed there), where curl refuses the call
+        // (CURLM_RECURSIVE_API_CALL): add it on the next turn, unless the attempt ended meanwhile.
+        if (!/within callback/i.test((error as Error).message)) throw error;
+        setImmediate(() => {
+          if (state.current === attempt && state.finish) this.#multi.addHandle(state.easy);
+        });
+      }
     });
   }
 

@@ -78,8 +78,10 @@ class WorkerLane {
     if (this.#flushing) return;
     this.#flushing = true;
     // After the other transfers curl finished in the same turn (they complete together, see curl-engine.ts) have
-    // replied too: one message for all of them.
-    queueMicrotask(() => queueMicrotask(() => this.#flush()));
+    // replied too: one message for all of them. In an immediate, never in a microtask: microtasks also run at the
+    // end of curl's own callbacks (inside curl_multi_socket_action), and the spin below may start requests, whose
+    // addHandle curl refuses there (CURLM_RECURSIVE_API_CALL).
+    setImmediate(() => this.#flush());
   }
 
   #flush(): void {
