@@ -941,6 +941,8 @@ async function measureMemory(): Promise<MemoryResult> {
         warmOnStartOrigins: 0,
         defaults: { minIdle: perOrigin, maxIdle: perOrigin, maxPerOrigin: perOrigin + 16, idleTtlMs: 3_600_000 },
       },
+      // One uid asks for every socket here; the per-uid prewarm quota (512 in 10 s by default) is for shared pools.
+      quotas: { maxPrewarmPerUid: target + 1_000 },
     },
     args: ['--allow', '127.0.0.0/8', ...ports.flatMap((p) => ['--allow-port', String(p)])],
     main: settings.daemonMain,
