@@ -408,13 +408,20 @@ describe('socket activation through systemd-socket-activate', () => {
       { stdio: ['ignore', 'inherit', 'inherit'] },
     );
     children.push(child);
-    // systemd-socket-activate binds, then waits for the first connection before it execs the program.
+    // systemd-socket-activate binds, listens, then waits for the first connection before it execs the program. The
+    // path exists from bind() on, and a connect between bind() and listen() is refused: retry until it listens.
     const deadline = Date.now() + 10_000;
-    while (!existsSync(path)) {
-      if (Date.now() > deadline) throw new Error('socket never appeared');
+    let client: number | undefined;
+    while (client === undefined) {
+      try {
+        if (existsSync(path)) client = native.seqpacketConnect(path);
+      } catch (error) {
+        if ((error as NodeJS.ErrnoException).code !== 'ECONNREFUSED') throw error;
+      }
+      if (client !== undefined) break;
+      if (Date.now() > deadline) throw new Error('socket never listened');
       await new Promise((resolve) => setTimeout(resolve, 20));
     }
-    const client = native.seqpacketConnect(path);
     try {
       native.sendMessage(client, Buffer.from('hello'));
       const ready = await notify.waitFor((text) => text.startsWith('READY=1'));
