@@ -809,26 +809,19 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     return Napi::String::New(env, ErrnoName(error));
   }
 
-  Napi::Value LocalAddress(const Napi::CallbackInfo& info) {
-    Napi::Env env = info.Env();
-    sockaddr_storage storage;
-    memset(&storage, 0, sizeof storage);
-    socklen_t length = sizeof storage;
-    if (::getsockname(FdArg(info, 0), reinterpret_cast<sockaddr*>(&storage), &length) < 0) {
-      ThrowErrno(env, errno, "getsockname");
-    }
-    return FormatInet(env, storage, "getsockname");
-  }
+  Napi::Value LocalAddress(const Napi::CallbackInfo& info) { return SocketAddress(info, ::getsockname, "getsockname"); }
 
-  Napi::Value PeerAddress(const Napi::CallbackInfo& info) {
+  Napi::Value PeerAddress(const Napi::CallbackInfo& info) { return SocketAddress(info, ::getpeername, "getpeername"); }
+
+  // getsockname or getpeername of the fd argument, as { address, family, port }.
+  static Napi::Value SocketAddress(const Napi::CallbackInfo& info, int (*query)(int, sockaddr*, socklen_t*),
+                                   const char* syscall) {
     Napi::Env env = info.Env();
     sockaddr_storage storage;
     memset(&storage, 0, sizeof storage);
     socklen_t length = sizeof storage;
-    if (::getpeername(FdArg(info, 0), reinterpret_cast<sockaddr*>(&storage), &length) < 0) {
-      ThrowErrno(env, errno, "getpeername");
-    }
-    return FormatInet(env, storage, "getpeername");
+    if (query(FdArg(info, 0), reinterpret_cast<sockaddr*>(&storage), &length) < 0) ThrowErrno(env, errno, syscall);
+    return FormatInet(env, storage, syscall);
   }
 
   // -- Socket options
