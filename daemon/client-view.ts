@@ -14,28 +14,44 @@
 /** Origins listed in a `stats` reply, busiest first: the whole list of a crawler would not fit in a message. */
 export const STATS_MAX_ORIGINS = 50;
 
-/** One origin's row in the pool manager's snapshot (the fields the view needs; the rest are passed through). */
-export interface OriginRow {
-  origin: string;
+/** The counts a snapshot keeps per origin and in total. */
+export interface PoolCounts {
   idle: number;
   leased: number;
   connecting: number;
   waiting: number;
   hits: number;
   misses: number;
+}
+
+/** One origin's row in the pool manager's snapshot (the fields the view needs; the rest are passed through). */
+export interface OriginRow extends PoolCounts {
+  origin: string;
   demandRatePerS: number;
 }
 
-export interface PoolSnapshot<Row extends OriginRow = OriginRow> {
-  idle: number;
-  leased: number;
-  connecting: number;
-  waiting: number;
-  hits: number;
-  misses: number;
+export interface PoolSnapshot<Row extends OriginRow = OriginRow> extends PoolCounts {
   hitRate: number;
   originCount: number;
   origins: Row[];
+}
+
+/** A snapshot whose totals are the sums over `origins`. */
+export function snapshotOf<Row extends OriginRow>(origins: Row[]): PoolSnapshot<Row> {
+  const sum = (field: keyof PoolCounts) => origins.reduce((total, row) => total + row[field], 0);
+  const hits = sum('hits');
+  const misses = sum('misses');
+  return {
+    idle: sum('idle'),
+    leased: sum('leased'),
+    connecting: sum('connecting'),
+    waiting: sum('waiting'),
+    hits,
+    misses,
+    hitRate: hits + misses === 0 ? 0 : hits / (hits + misses),
+    originCount: origins.length,
+    origins,
+  };
 }
 
 /** The client asking: its uid and whether it is an admin (isAdminUid). */
@@ -62,21 +78,7 @@ export function statsView<Row extends OriginRow>(
 ): Record<string, unknown> {
   if (viewer.admin) return { view: 'all', ...busiestFirst(snapshot), ...processWide() };
   const origins = snapshot.origins.filter((row) => usersOf(row.origin)?.has(viewer.uid) === true);
-  const sum = (field: 'idle' | 'leased' | 'connecting' | 'waiting' | 'hits' | 'misses') =>
-    origins.reduce((total, row) => total + row[field], 0);
-  const hits = sum('hits');
-  const misses = sum('misses');
-  const mine: PoolSnapshot<Row> = {
-    idle: sum('idle'),
-    leased: sum('leased'),
-    connecting: sum('connecting'),
-    waiting: sum('waiting'),
-    hits,
-    misses,
-    hitRate: hits + misses === 0 ? 0 : hits / (hits + misses),
-    originCount: origins.length,
-    origins,
-  };
+  const mine = snapshotOf(origins);
   return { view: 'uid', uid: viewer.uid, ...busiestFirst(mine), own: own() };
 }
 

@@ -3,28 +3,20 @@
 // daemon's process-wide figures. Who is an admin. Pure logic; the same with real uids is in
 // client-view.system.test.ts.
 import { describe, expect, it } from 'vitest';
-import { isAdminUid, type OriginRow, type PoolSnapshot, STATS_MAX_ORIGINS, statsView } from '../daemon/client-view.js';
+import {
+  isAdminUid,
+  type OriginRow,
+  type PoolSnapshot,
+  STATS_MAX_ORIGINS,
+  snapshotOf,
+  statsView,
+} from '../daemon/client-view.js';
 
 function row(origin: string, fields: Partial<OriginRow> = {}): OriginRow {
   return { origin, idle: 1, leased: 0, connecting: 0, waiting: 0, hits: 0, misses: 0, demandRatePerS: 0, ...fields };
 }
 
-function snapshot(origins: OriginRow[]): PoolSnapshot {
-  const sum = (field: keyof Omit<OriginRow, 'origin'>) => origins.reduce((total, entry) => total + entry[field], 0);
-  const hits = sum('hits');
-  const misses = sum('misses');
-  return {
-    idle: sum('idle'),
-    leased: sum('leased'),
-    connecting: sum('connecting'),
-    waiting: sum('waiting'),
-    hits,
-    misses,
-    hitRate: hits / (hits + misses),
-    originCount: origins.length,
-    origins,
-  };
-}
+const snapshot = (origins: OriginRow[]): PoolSnapshot => snapshotOf(origins);
 
 const pool = snapshot([
   row('a.test:443', { idle: 2, leased: 1, hits: 3, misses: 1, demandRatePerS: 1 }),
