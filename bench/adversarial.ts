@@ -18,7 +18,7 @@
 // `--fresh`: every honest request asks for `connection: close`, so each takes a new lease through the daemon
 // (otherwise curl keeps its connection and most honest requests never reach the daemon).
 
-import { type ChildProcess, spawn } from 'node:child_process';
+import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { chmodSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import http from 'node:http';
@@ -45,6 +45,14 @@ const fresh = process.argv.includes('--fresh');
  * (and the daemon too, which otherwise runs in a session of its own, as the system service it is).
  */
 const ownSessions = !process.argv.includes('--same-session');
+/**
+ * `--pin`: the honest side (this process: the honest client and its origin) on CPU 0, the daemon and every hostile
+ * process on CPU 1. The hostile processes can then take no CPU from the honest client itself, only from the daemon
+ * that serves both, as on a host where the honest service has cores of its own: what is left of the gap is what
+ * the attack costs through the daemon.
+ */
+const pin = process.argv.includes('--pin');
+const onDaemonCpu = pin ? ['taskset', '-c', '1'] : [];
 const inFlight = 4;
 const hostileUid = process.getuid?.() === 0 ? 65534 : undefined;
 const hostileClient = join(repoRoot, 'test', 'fixtures', 'hostile-client.mjs');
@@ -131,6 +139,7 @@ function keepAttacking(args: string[]): Promise<void> {
         return;
       }
       const [command, ...argv] = [
+        ...onDaemonCpu,
         ...(hostileNice > 0 ? ['nice', '-n', String(hostileNice)] : []),
         process.execPath,
         hostileClient,
@@ -153,6 +162,8 @@ function keepAttacking(args: string[]): Promise<void> {
 }
 
 async function main(): Promise<void> {
+  // Every thread of this process (the honest client runs with threads: 0, but libuv and V8 have threads too).
+  if (pin) execFileSync('taskset', ['-apc', '0', String(process.pid)], { stdio: 'ignore' });
   server = http.createServer((request, response) => {
     response.setHeader('content-type', 'text/plain');
     response.end(request.url);
@@ -167,6 +178,7 @@ async function main(): Promise<void> {
     args: ['--allow', '127.0.0.1/32', '--allow-port', String(port)],
     // As a system service: a CPU share of its own, not a part of this benchmark's (see ownSessions).
     ownSession: ownSessions,
+    ...(pin ? { wrap: onDaemonCpu } : {}),
   });
   chmodSync(dir, 0o755);
   client = new SockpoolClient({ socketPath: daemon.socketPath, threads: 0 });
@@ -214,7 +226,8 @@ async function main(): Promise<void> {
       keepAttacking(['garbage', socket, '20']),
     ];
     const spawnsBefore = hostileSpawns;
-    const flood = spawn(process.execPath, [hostileClient, 'sessions', socket, '100'], {
+    const [floodCommand, ...floodArgs] = [...onDaemonCpu, process.execPath, hostileClient, 'sessions', socket, '100'];
+    const flood = spawn(floodCommand!, floodArgs, {
       stdio: 'ignore',
       detached: ownSessions,
       ...(hostileUid === undefined ? {} : { uid: hostileUid, gid: hostileUid }),
@@ -287,7 +300,7 @@ async function main(): Promise<void> {
   console.log(
     `p50 ratio ${round(h.p50 / q.p50, 2)}, p99 ratio ${round(h.p99 / q.p99, 2)} (aim: p99 within 2x); ` +
       `every honest answer was its own (${q.count + h.count} checked); ${hostile.spawns} hostile processes started` +
-      `${hostileNice > 0 ? ` at nice ${hostileNice}` : ''}${fresh ? '; a fresh lease per honest request' : ''}${ownSessions ? '' : '; hostile processes in this session'}; load average ${os.loadavg()[0]!.toFixed(1)} on ` +
+      `${hostileNice > 0 ? ` at nice ${hostileNice}` : ''}${fresh ? '; a fresh lease per honest request' : ''}${ownSessions ? '' : '; hostile processes in this session'}${pin ? '; honest side on CPU 0, daemon and hostile processes on CPU 1' : ''}; load average ${os.loadavg()[0]!.toFixed(1)} on ` +
       `${os.availableParallelism()} cores`,
   );
 }
