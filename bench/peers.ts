@@ -15,6 +15,7 @@
 //   node dist/bench/peers.js [--quick] [--rtt-ms 20] [--loopback-only] [--origins N] [--out FILE]
 //                            [--warm-tls] [--first-only] [--crawl-only] [--lab-only] [--keep-alive-only]
 //                            [--rounds N] [--profile] [--baseline DIR]
+//   node dist/bench/peers.js --charts-from FILE.json
 //
 // --warm-tls: sockpoold keeps warm TLS sessions for every https origin (docs/warm-tls.md), so sockpool's first
 // HTTPS requests run over a session the daemon completed and relays. --first-only: scenario 1 alone. --crawl-only:
@@ -25,9 +26,12 @@
 // build (its dist/, e.g. of main) run beside this build's in the same rounds, for an A/B of a client change.
 //
 // The lab needs root and ../shared beside the checkout; without them only the loopback part runs (and says so).
-// docs/benchmarks.md explains the output; results go to bench/results/peers-<date>.json.
+// docs/benchmarks.md explains the output; results go to bench/results/peers-<date>.json, with one SVG chart per
+// scenario and set beside it (peers-<date>-<set>-<scenario>.svg, scenario first | keep-alive | crawl | throughput).
+// --charts-from FILE.json redraws the charts of an earlier result file. While it runs, a progress line on stderr
+// says which scenario, round and client (overwriting itself on a terminal, plain lines in a pipe).
 
-import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import { dirname, join } from 'node:path';
 import { createTestPki, type TestPki } from '../test/helpers/tls.js';
@@ -37,9 +41,18 @@ import { inLab, LAB_ALLOW_CIDR, LAB_HOSTS_PREFIX, labDown, labUnavailable, labUp
 import { flag, option, optionText } from './lib/args.js';
 import { type BenchDaemon, repoRoot, startBenchDaemon } from './lib/daemon.js';
 import { formatJson, stamp } from './lib/json.js';
+import {
+  type ChartContext,
+  type ChartSet,
+  PEER_LABEL as LABEL,
+  peersCharts,
+  roundRatios,
+  variantLabel,
+} from './lib/peers-charts.js';
 import { type BenchChild, spawnChild } from './lib/proc.js';
+import { Progress } from './lib/progress.js';
 import { runBench } from './lib/run.js';
-import { type LatencySummary, round, roundSummary, summarize, table } from './lib/stats.js';
+import { type LatencySummary, median, round, roundSummary, summarize, table } from './lib/stats.js';
 
 // ---------------------------------------------------------------------------------------------------------------
 // Settings.
@@ -79,6 +92,8 @@ const settings = {
 const AIMS = {
   firstHttp: 1.8,
   firstHttps: 1.4,
+  /** With --warm-tls (issue 11): sockpool's first HTTPS request over a session the daemon completed and relays. */
+  firstHttpsWarmTls: 2.5,
   keepAliveOfLibcurl: 0.95,
   throughputOfUndici: 1,
   /** Crawler mix in the lab: sockpool's speed-up over the fastest peer with hosts not announced / announced. */
@@ -95,13 +110,6 @@ const LOOPBACK_KEEP_ALIVE_AIMS: Record<'sockpool' | 'sockpool-inline', Record<'s
 const PEERS: PeerName[] = settings.keepAliveOnly ? ['libcurl', 'sockpool'] : ['undici', 'libcurl', 'curl', 'sockpool'];
 /** The runners profiled with --profile: the compared clients. */
 const PROFILED: PeerName[] = ['libcurl', 'sockpool', 'sockpool-inline'];
-const LABEL: Record<PeerName, string> = {
-  undici: 'Node fetch (undici)',
-  libcurl: 'node-libcurl',
-  curl: 'curl CLI',
-  sockpool: 'sockpool',
-  'sockpool-inline': 'sockpool, threads: 0',
-};
 const SCHEMES: Scheme[] = ['http', 'https'];
 const fixtures = join(import.meta.dirname, 'fixtures');
 const resultsDir = join(repoRoot, 'bench', 'results');
@@ -109,8 +117,10 @@ const node = process.execPath;
 const tmp = mkdtempSync(join(os.tmpdir(), 'sockpool-peers-'));
 const profileDir = join(resultsDir, 'profiles', `peers-${stamp(new Date())}`);
 
+const progress = new Progress();
+
 function log(text: string): void {
-  process.stderr.write(`${text}\n`);
+  progress.log(text);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -234,6 +244,7 @@ async function firstRequests(set: OriginSet, runners: Runner[]): Promise<FirstSu
     timeoutMs: 60_000,
   };
   const prepareUrls = warmupUrls(set);
+  progress.update('first requests', 'clients prepare; sockpool announces the origins and waits for the prewarm');
   await Promise.all(
     runners.map((runner) =>
       runner.call('begin', { prepareUrls, announce: runner.peer === 'sockpool' ? announce : undefined }),
@@ -246,6 +257,7 @@ async function firstRequests(set: OriginSet, runners: Runner[]): Promise<FirstSu
     for (let n = 1; n <= set.options.origins; n++) {
       const url = set.url(scheme, set.host(n), '/first');
       for (const runner of rotate(runners, n)) {
+        progress.update(`first requests, ${scheme}`, `origin ${n}/${set.options.origins}, ${LABEL[runner.peer]}`);
         const result = await runner.call<FirstResult>('first', { url }).catch((error: Error) => error);
         results.get(runner.peer)!.push(result);
       }
@@ -332,6 +344,7 @@ async function loadRounds(
   const byVariant = new Map<string, { peer: PeerName; rounds: LoadResult[] }>();
   for (let r = 1; r <= rounds; r++) {
     for (const job of rotate(jobs(r), r)) {
+      progress.update(`${scenario}, ${scheme}, ${mode}, round ${r}/${rounds}`, variantLabel(job.variant));
       const result = await job.runner.call<LoadResult>('load', { concurrency, ...job.payload });
       if (result.errors > 0) log(`  ${job.variant}: ${result.errors} errors; first: ${result.firstError}`);
       const entry = byVariant.get(job.variant) ?? { peer: job.runner.peer, rounds: [] };
@@ -570,21 +583,6 @@ function pairedRatio(run: LoadRun, base: LoadRun | undefined): number {
   return median(roundRatios(run, base));
 }
 
-/** `run`'s req/s over `base`'s, round by round (rounds without a partner left out). */
-function roundRatios(run: LoadRun, base: LoadRun | undefined): number[] {
-  if (!base) return [];
-  const ratios = run.rounds.map((round, r) => round.perSecond / (base.rounds[r]?.perSecond ?? Number.NaN));
-  return ratios.filter((ratio) => Number.isFinite(ratio));
-}
-
-function variantLabel(variant: string): string {
-  if (variant.endsWith(' (baseline)')) return `${variantLabel(variant.slice(0, -' (baseline)'.length))} (baseline)`;
-  if (variant === 'sockpool') return 'sockpool';
-  if (variant === 'sockpool-unannounced') return 'sockpool, hosts not announced';
-  if (variant === 'sockpool-inline') return 'sockpool, threads: 0';
-  return LABEL[variant as PeerName] ?? variant;
-}
-
 function setTitle(result: SetResult): string {
   return result.name === 'lab' ? `lab, ${result.rttMs} ms round trip` : 'loopback';
 }
@@ -657,7 +655,9 @@ function report(sets: SetResult[]): { text: string; aims: Aim[] } {
         notes.join('; '),
       ]);
     }
-    out.push(table(firstRows), '');
+    // (Scenarios that did not run, --first-only and the like, print nothing.)
+    if (result.first.length > 0) out.push(table(firstRows), '');
+    else out.pop();
 
     out.push(
       'Steady keep-alive to one origin, req/s (median of rounds). ratio = client / node-libcurl, the median of the ' +
@@ -702,7 +702,8 @@ function report(sets: SetResult[]): { text: string; aims: Aim[] } {
         });
       }
     }
-    out.push(table(keepRows), '');
+    if (result.keepAlive.length > 0) out.push(table(keepRows), '');
+    else out.pop();
 
     out.push(
       `Crawler mix: ${settings.crawl.requests} requests, Zipf over ${result.origins} origins, ` +
@@ -731,7 +732,8 @@ function report(sets: SetResult[]): { text: string; aims: Aim[] } {
         notes.join('; '),
       ]);
     }
-    out.push(table(crawlRows), '');
+    if (result.crawl.length > 0) out.push(table(crawlRows), '');
+    else out.pop();
     if (result.name === 'lab') aims.push(...crawlAims(result, title));
 
     if (result.throughput.length > 0) {
@@ -766,7 +768,7 @@ function report(sets: SetResult[]): { text: string; aims: Aim[] } {
 
     if (result.name === 'lab' && result.first.length > 0) {
       for (const scheme of SCHEMES) {
-        const target = scheme === 'http' ? AIMS.firstHttp : AIMS.firstHttps;
+        const target = scheme === 'http' ? AIMS.firstHttp : settings.warmTls ? AIMS.firstHttpsWarmTls : AIMS.firstHttps;
         const peers = result.first.filter((row) => row.scheme === scheme && row.peer !== 'sockpool');
         const worst = peers.reduce((min, row) => Math.min(min, row.ratioP50), Number.POSITIVE_INFINITY);
         const worstMean = peers.reduce((min, row) => Math.min(min, row.ratioMean), Number.POSITIVE_INFINITY);
@@ -793,7 +795,39 @@ function report(sets: SetResult[]): { text: string; aims: Aim[] } {
 // ---------------------------------------------------------------------------------------------------------------
 // Main.
 
+/** One SVG per scenario and set beside the JSON: <name>-<set>-<scenario>.svg. */
+function writeCharts(outFile: string, sets: ChartSet[], context: ChartContext): string[] {
+  const base = outFile.replace(/\.json$/, '');
+  return peersCharts(sets, context).map(({ name, svg }) => {
+    const file = `${base}-${name}.svg`;
+    writeFileSync(file, svg);
+    return file;
+  });
+}
+
+/** --charts-from FILE: redraws the charts of an earlier run from its JSON, beside it. */
+function chartsFrom(file: string): void {
+  const saved = JSON.parse(readFileSync(file, 'utf8')) as {
+    date: string;
+    machine: { cpus: number; loadAverageAtStart?: number[]; loadAverage: number[] };
+    settings: { warmTls?: boolean };
+    sets: ChartSet[];
+  };
+  const context: ChartContext = {
+    date: saved.date,
+    loadAverage: [saved.machine.loadAverageAtStart?.[0] ?? Number.NaN, saved.machine.loadAverage[0] ?? Number.NaN],
+    cpus: saved.machine.cpus,
+    warmTls: saved.settings.warmTls === true,
+  };
+  for (const chart of writeCharts(file, saved.sets, context)) log(`chart written to ${chart}`);
+}
+
 async function main(): Promise<void> {
+  const chartsSource = optionText('--charts-from');
+  if (chartsSource !== undefined) {
+    chartsFrom(chartsSource);
+    return;
+  }
   const startedAt = new Date();
   const wallStart = performance.now();
   const loadAtStart = os.loadavg();
@@ -836,6 +870,7 @@ async function main(): Promise<void> {
 
   const durationS = (performance.now() - wallStart) / 1000;
   const { text, aims } = report(sets);
+  progress.clear();
   process.stdout.write(text);
   if (labSkipped !== undefined) process.stdout.write(`(latency lab not run: ${labSkipped})\n`);
   log(
@@ -890,6 +925,13 @@ async function main(): Promise<void> {
   mkdirSync(dirname(outFile), { recursive: true });
   writeFileSync(outFile, formatJson(results));
   log(`results written to ${outFile}`);
+  const context: ChartContext = {
+    date: results.date,
+    loadAverage: [loadAtStart[0]!, os.loadavg()[0]!],
+    cpus: results.machine.cpus,
+    warmTls: settings.warmTls,
+  };
+  for (const file of writeCharts(outFile, results.sets, context)) log(`chart written to ${file}`);
   if (settings.profile) log(`CPU profiles (one per process and thread): ${profileDir}`);
 }
 
@@ -907,14 +949,6 @@ function roundLoadRun(run: LoadRun) {
       ...(r.cpuUsPerRequest === undefined ? {} : { cpuUsPerRequest: round(r.cpuUsPerRequest, 1) }),
     })),
   };
-}
-
-/** The median (the mean of the middle two for an even count); NaN for none. */
-function median(values: number[]): number {
-  const sorted = values.filter((value) => !Number.isNaN(value)).sort((a, b) => a - b);
-  if (sorted.length === 0) return Number.NaN;
-  const mid = sorted.length >> 1;
-  return sorted.length % 2 === 1 ? sorted[mid]! : (sorted[mid - 1]! + sorted[mid]!) / 2;
 }
 
 async function cleanup(): Promise<void> {

@@ -98,3 +98,11 @@ export function table(rows: ReadonlyArray<ReadonlyArray<string>>): string {
   const rule = widths.map((w) => '-'.repeat(w)).join('  ');
   return [lines[0], rule, ...lines.slice(1)].join('\n');
 }
+
+/** The median (the mean of the middle two for an even count), NaN values left out; NaN for none. */
+export function median(values: number[]): number {
+  const sorted = values.filter((value) => !Number.isNaN(value)).sort((a, b) => a - b);
+  if (sorted.length === 0) return Number.NaN;
+  const mid = sorted.length >> 1;
+  return sorted.length % 2 === 1 ? sorted[mid]! : (sorted[mid - 1]! + sorted[mid]!) / 2;
+}
