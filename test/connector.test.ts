@@ -62,15 +62,23 @@ describe('TcpConnector on loopback', () => {
   beforeAll(async () => {
     // A port open on 127.0.0.1 only: ::1 refuses it (RST).
     v4 = await listen('127.0.0.1');
-    // A port open on both.
-    const first = await listen('::1');
-    both = { v6: first, v4: await listen('127.0.0.1', first.port) };
+    // A port open on both: the port the kernel picked for ::1 may be taken on 127.0.0.1 (another process's socket
+    // on a busy machine), so a pair is tried until one binds.
+    for (let tries = 0; both === undefined; tries++) {
+      const first = await listen('::1');
+      try {
+        both = { v6: first, v4: await listen('127.0.0.1', first.port) };
+      } catch (error) {
+        if ((error as NodeJS.ErrnoException).code !== 'EADDRINUSE' || tries >= 20) throw error;
+        first.server.close();
+      }
+    }
     // The first native connect sets up what stays open for the process (the addon's poller): not counted below.
     const warmUp = connector();
     native.close((await warmUp.connector.connect({ host: 'dual.test', port: both.v6.port }, policy)).fd);
   });
   afterAll(() => {
-    for (const server of [v4.server, both.v4.server, both.v6.server]) server.close();
+    for (const server of [v4?.server, both?.v4.server, both?.v6.server]) server?.close();
   });
 
   function connector(allow = ['127.0.0.1/32', '::1/128']) {
