@@ -213,6 +213,11 @@ interface ThroughputResult {
 interface ThroughputRound {
   perSecond: number;
   cpuUsPerHandoff: number | null;
+  /**
+   * CPU time of the requesters per handoff (this process, or the requester processes of the multi-process case):
+   * on 2 cores, what the requesters take is not there for the responder.
+   */
+  requesterCpuUsPerHandoff: number | null;
   warmFraction: number;
 }
 
@@ -394,9 +399,10 @@ async function measureLatency(startedAt: Date): Promise<LatencyResult> {
 
   // Throughput with 8 requesters in flight, in paired rounds: each round runs the raw baseline and then every
   // sockpoold arrangement back to back, so each ratio compares runs made under the same load.
+  /** `requesterCpuMs`: the requester processes' CPU time, when they are not this process. */
   type ThroughputRun = (
     onSample: (us: number, warm: boolean) => void,
-  ) => Promise<{ handoffs: number; elapsedMs: number }>;
+  ) => Promise<{ handoffs: number; elapsedMs: number; requesterCpuMs?: number | null }>;
   interface ThroughputCase {
     name: string;
     requesters: string;
@@ -492,6 +498,7 @@ async function measureLatency(startedAt: Date): Promise<LatencyResult> {
           ),
         );
         await Promise.all(clients.map((child) => child.nextMessage((m) => m.ready === true)));
+        const cpuBefore = clients.map((child) => safeCpu(child.pid));
         for (const child of clients) child.send('go');
         const results = await Promise.all(
           clients.map((child) =>
@@ -506,11 +513,15 @@ async function measureLatency(startedAt: Date): Promise<LatencyResult> {
             onSample(us, i < result.warm);
           });
         }
+        const cpuSpent = clients.map((child, i) => diffCpu(cpuBefore[i]!, safeCpu(child.pid)));
         for (const child of clients) await child.stop();
         // Conservative: the processes got "go" within a millisecond of each other; take the longest run.
         return {
           handoffs: results.reduce((sum, r) => sum + r.handoffs, 0),
           elapsedMs: Math.max(...results.map((r) => r.elapsedMs)),
+          requesterCpuMs: cpuSpent.some((ms) => ms === null)
+            ? null
+            : cpuSpent.reduce<number>((sum, ms) => sum + ms!, 0),
         };
       },
     },
@@ -530,13 +541,16 @@ async function measureLatency(startedAt: Date): Promise<LatencyResult> {
       let warm = 0;
       let sampled = 0;
       const cpuBefore = safeCpu(entry.pid);
-      const { handoffs, elapsedMs } = await entry.run((us, isWarm) => {
+      const selfBefore = process.cpuUsage();
+      const { handoffs, elapsedMs, requesterCpuMs } = await entry.run((us, isWarm) => {
         total.samples.push(us);
         sampled++;
         if (isWarm) warm++;
         if (!entry.raw) countWarm(isWarm);
       });
       const cpuMs = diffCpu(cpuBefore, safeCpu(entry.pid));
+      const self = process.cpuUsage(selfBefore);
+      const requesterMs = requesterCpuMs === undefined ? (self.user + self.system) / 1000 : requesterCpuMs;
       total.handoffs += handoffs;
       total.elapsedMs += elapsedMs;
       total.warm += entry.raw ? 0 : warm;
@@ -544,6 +558,7 @@ async function measureLatency(startedAt: Date): Promise<LatencyResult> {
       total.perRound.push({
         perSecond: (handoffs / elapsedMs) * 1000,
         cpuUsPerHandoff: cpuMs === null ? null : (cpuMs * 1000) / handoffs,
+        requesterCpuUsPerHandoff: requesterMs === null ? null : (requesterMs * 1000) / handoffs,
         warmFraction: entry.raw ? Number.NaN : warm / Math.max(1, sampled),
       });
     }
@@ -658,6 +673,7 @@ async function main(): Promise<void> {
       perRound: t.perRound.map((r) => ({
         perSecond: Math.round(r.perSecond),
         cpuUsPerHandoff: r.cpuUsPerHandoff === null ? null : round(r.cpuUsPerHandoff),
+        requesterCpuUsPerHandoff: r.requesterCpuUsPerHandoff === null ? null : round(r.requesterCpuUsPerHandoff),
         warmFraction: Number.isNaN(r.warmFraction) ? null : round(r.warmFraction, 5),
       })),
     })),
@@ -814,7 +830,8 @@ function report(
       out.push(
         `  (a) raw, 1 connection, ${settings.inFlight} pipelined: ` +
           `${raw.perRound.map((r) => Math.round(r.perSecond)).join(' ')}/s, ` +
-          `CPU ${raw.perRound.map((r) => (r.cpuUsPerHandoff === null ? '-' : r.cpuUsPerHandoff.toFixed(1))).join(' ')} µs/req`,
+          `CPU ${raw.perRound.map((r) => (r.cpuUsPerHandoff === null ? '-' : r.cpuUsPerHandoff.toFixed(1))).join(' ')} µs/req; ` +
+          `requester CPU ${usList(raw.perRound)} µs/req`,
       );
       for (const t of latency.throughput.filter((entry) => entry !== raw)) {
         const rates = t.perRound.map((r, i) => r.perSecond / raw.perRound[i]!.perSecond);
@@ -826,7 +843,7 @@ function report(
           `  sockpoold, ${t.requesters}: ${t.perRound.map((r) => Math.round(r.perSecond)).join(' ')}/s ` +
             `(× raw: ${rates.map((v) => v.toFixed(2)).join(' ')}), CPU ` +
             `${t.perRound.map((r) => (r.cpuUsPerHandoff === null ? '-' : r.cpuUsPerHandoff.toFixed(1))).join(' ')} µs/handoff ` +
-            `(× raw: ${cpus.map((v) => v.toFixed(2)).join(' ')})`,
+            `(× raw: ${cpus.map((v) => v.toFixed(2)).join(' ')}); requesters' CPU ${usList(t.perRound)} µs/handoff`,
         );
         const rateRatio = median(rates);
         hotAims.push({
@@ -1034,6 +1051,13 @@ function safeCpu(pid: number): number | null {
 
 function diffCpu(before: number | null, after: number | null): number | null {
   return before === null || after === null ? null : after - before;
+}
+
+/** Each round's requester CPU per request, for the per-round lines. */
+function usList(rounds: ThroughputRound[]): string {
+  return rounds
+    .map((r) => (r.requesterCpuUsPerHandoff === null ? '-' : r.requesterCpuUsPerHandoff.toFixed(1)))
+    .join(' ');
 }
 
 function median(values: number[]): number {

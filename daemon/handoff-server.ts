@@ -257,7 +257,7 @@ export class HandoffServer {
     let message: ClientMessage;
     try {
       message = decodeClientMessage(data, session.binary);
-      const wanted = expectedFds(message.type);
+      const wanted = expectedFds(message);
       if (fds.length !== wanted) {
         throw new SockpoolError(
           ErrorCodes.PROTOCOL,
@@ -296,10 +296,11 @@ export class HandoffServer {
           server: 'sockpoold',
           serverVersion: SERVER_VERSION,
           maxMessageBytes: MAX_MESSAGE_BYTES,
-          // The client asked for binary framing: agreed (this reply itself is JSON; frames may follow).
-          ...(message.binary !== undefined && message.binary >= BINARY_FRAMING ? { binary: BINARY_FRAMING } : {}),
+          // The client asked for binary framing: the highest version both speak (this reply itself is JSON;
+          // frames may follow).
+          ...(message.binary !== undefined ? { binary: Math.min(message.binary, BINARY_FRAMING) } : {}),
         });
-        session.binary = message.binary !== undefined && message.binary >= BINARY_FRAMING;
+        session.binary = message.binary !== undefined;
         return;
       case 'acquire':
         this.#acquire(session, message);
@@ -318,7 +319,7 @@ export class HandoffServer {
         }
         return;
       case 'release':
-        this.#release(session, message, fds[0]!);
+        this.#release(session, message, fds[0]);
         return;
       case 'closed': {
         // The client says it closed the socket; the daemon's shutdown makes it true for any copy it kept.
@@ -520,22 +521,26 @@ export class HandoffServer {
     );
   }
 
-  #release(session: ClientSession, message: Extract<ClientMessage, { type: 'release' }>, fd: number): void {
+  /** `fd`: the client's copy that came back, or undefined for a release `withoutFd` (the client closed it). */
+  #release(session: ClientSession, message: Extract<ClientMessage, { type: 'release' }>, fd: number | undefined): void {
     const lease = this.#leases.end(message.leaseId, session.id);
     if (!lease) {
-      native.close(fd);
+      if (fd !== undefined) native.close(fd);
       if (message.id !== undefined) this.#replyError(session, message.id, unknownLease(message.leaseId));
       return;
     }
-    // The fd must be a copy of the lease's own socket: anything else (another socket, a pipe) is closed, and the
-    // lease ends with its connection shut down.
-    let sameSocket = false;
-    try {
-      // One socket whatever its kind (a TCP connection, or the client's end of a relayed TLS session's pair): the
-      // daemon's copy is open, so no other socket can have its inode.
-      sameSocket = lease.mark ? native.socketInode(fd) === lease.mark.inode : native.sameSocket(fd, lease.fd);
-    } catch {}
-    native.close(fd);
+    // An fd that came back must be a copy of the lease's own socket: anything else (another socket, a pipe) is
+    // closed, and the lease ends with its connection shut down. Without one, only the daemon's own copy is checked
+    // (below), as it is with one.
+    let sameSocket = fd === undefined;
+    if (fd !== undefined) {
+      try {
+        // One socket whatever its kind (a TCP connection, or the client's end of a relayed TLS session's pair):
+        // the daemon's copy is open, so no other socket can have its inode.
+        sameSocket = lease.mark ? native.socketInode(fd) === lease.mark.inode : native.sameSocket(fd, lease.fd);
+      } catch {}
+      native.close(fd);
+    }
     if (sameSocket && lease.tls) {
       // A relayed TLS session's pair carries no byte counters the daemon could compare (the relay thread reads
       // what the client writes): whether it was used cannot be known, so it is closed, never lent again.

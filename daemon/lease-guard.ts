@@ -16,6 +16,12 @@
 // changes the TCP state. So equal counters, notsent 0 and ESTABLISHED mean the queues are still empty. A mark
 // that is not quiet (or a kernel without these counters) makes the check read the queues (SIOCOUTQ/SIOCINQ) too.
 //
+// A socket released and acquired again in one synchronous run of the daemon (its release and the next acquire came
+// in one read of a client's messages, as under load) is not read twice: the release check's TCP_INFO read is as
+// recent as the idle check's would be (both come before the lease is sent, microseconds apart, with no wait on the
+// event loop between), and a released socket goes only to the releasing uid (origin-pool.ts), as it already does
+// without a second read when a waiter takes it straight from the release.
+//
 // fd ownership: nothing here opens or keeps an fd; `endConnection` closes the fd it is given.
 
 import * as native from '../shared/native.js';
@@ -29,6 +35,18 @@ export interface UsageMark {
   bytesReceived: number | undefined;
   /** Nothing was queued either way when the counters were read (see the header). */
   quiet: boolean;
+}
+
+/**
+ * Marks whose socket passed the release check in the current synchronous run (see the header); emptied by a
+ * microtask, which runs before the event loop can wait for anything.
+ */
+const checkedThisRun = new Set<UsageMark>();
+const forgetChecked = () => checkedThisRun.clear();
+
+function noteChecked(mark: UsageMark): void {
+  if (checkedThisRun.size === 0) queueMicrotask(forgetChecked);
+  checkedThisRun.add(mark);
 }
 
 /** Why an idle socket cannot be handed out (the pool's drop reasons). */
@@ -68,6 +86,7 @@ export function markOf(fd: number): UsageMark | undefined {
  * quiet mark it falls back to the full probe (recv MSG_PEEK and TCP_INFO) and a full mark.
  */
 export function checkIdle(fd: number, mark: UsageMark | undefined): UsageMark | IdleFault {
+  if (mark !== undefined && checkedThisRun.delete(mark)) return mark;
   if (mark?.quiet) {
     try {
       native.tcpInfo(fd, info);
@@ -107,7 +126,9 @@ export function checkReturned(fd: number, mark: UsageMark | undefined): UsageMar
     if (info[tcpState] !== TCP_ESTABLISHED) return `it is not established (TCP state ${info[tcpState]})`;
     if (info[notsentBytes]! > 0) return `${info[notsentBytes]} bytes are waiting to be sent`;
     const misuse = changedSince(mark, info[bytesSent], info[bytesAcked], info[bytesReceived]);
-    return misuse ?? mark;
+    if (misuse !== undefined) return misuse;
+    noteChecked(mark);
+    return mark;
   }
   let now: native.TcpCounters;
   try {

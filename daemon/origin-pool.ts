@@ -296,8 +296,9 @@ export class OriginPool {
 
   /**
    * Newest first, among the shared sockets and those kept for `uid`; every candidate is probed right before the
-   * handoff (one TCP_INFO read: checkIdle) so a closed or used socket is never handed out, and one idle past the
-   * recycle point (its server may close it any moment) is dropped instead.
+   * handoff (one TCP_INFO read: checkIdle; for a socket released in this same synchronous run, the release check's
+   * read) so a closed or used socket is never handed out, and one idle past the recycle point (its server may close
+   * it any moment) is dropped instead.
    */
   #takeIdle(uid: number): Handoff | undefined {
     const now = performance.now();

@@ -1,14 +1,15 @@
 // The sockpoold wire protocol: one JSON object per SOCK_SEQPACKET message, UTF-8, at most MAX_MESSAGE_BYTES.
 // A message may carry file descriptors (SCM_RIGHTS): `lease` (daemon → client) carries exactly one connected
-// socket, `release` (client → daemon) carries back the one it never used. Every other message carries none.
+// socket, `release` (client → daemon) carries back the one it never used, unless it says `withoutFd` (binary
+// framing 2: the client closes its copy itself). Every other message carries none.
 // See docs/protocol.md for each message with its fields and defaults.
 //
 // Every request has an `id` (a non-negative integer chosen by the client) that its reply repeats; `release` and
 // `closed` may leave it out and then get no reply (curl's close callback has nobody to wait for an answer).
 //
-// Binary framing (negotiated in `hello`: the client asks with `binary: 1`, the daemon agrees by answering it): the
-// hot messages (acquire, release, closed; lease and ok) may then travel as compact binary frames beside JSON for
-// the rest. A JSON message starts with `{`; a binary frame with its type byte (FrameType), never `{`. Layouts and
+// Binary framing (negotiated in `hello`: the client asks with `binary: N`, the daemon answers the highest version
+// both speak): the hot messages (acquire, release, closed; lease and ok) may then travel as compact binary frames
+// beside JSON for the rest. Version 2 adds the release without an fd (`withoutFd`). A JSON message starts with `{`; a binary frame with its type byte (FrameType), never `{`. Layouts and
 // checks are below (encodeFrame/decodeFrame) and in docs/protocol.md.
 
 import { z } from 'zod';
@@ -16,8 +17,10 @@ import { ErrorCodes, SockpoolError } from './errors.js';
 import { PROXY_NAME } from './origin.js';
 
 export const PROTOCOL_VERSION = 1;
-/** The binary framing this side speaks (hello's `binary`). */
-export const BINARY_FRAMING = 1;
+/** The binary framing this side speaks (hello's `binary`); 2: version 1 plus the release without an fd. */
+export const BINARY_FRAMING = 2;
+/** The first binary framing version whose `release` may leave its fd out (`withoutFd`). */
+export const RELEASE_WITHOUT_FD = 2;
 /** Largest message either side sends or accepts; larger ones are a protocol error. */
 export const MAX_MESSAGE_BYTES = 16 * 1024;
 /** Most fds one message may carry. */
@@ -97,7 +100,16 @@ export const ClientMessage = z.discriminatedUnion('type', [
     /** How long the client is willing to wait for the first token, in ms. */
     timeoutMs: z.number().int().min(1).max(600_000).optional(),
   }),
-  z.strictObject({ type: z.literal('release'), id: requestId.optional(), leaseId }),
+  z.strictObject({
+    type: z.literal('release'),
+    id: requestId.optional(),
+    leaseId,
+    /**
+     * No fd comes back: the client closes its copy itself (binary framing 2). The daemon checks its own copy of
+     * the socket either way; the fd that came back only ever proved the client had had it, which the lease does.
+     */
+    withoutFd: z.literal(true).optional(),
+  }),
   z.strictObject({ type: z.literal('closed'), id: requestId.optional(), leaseId }),
   z.strictObject({ type: z.literal('stats'), id: requestId }),
 ]);
@@ -316,6 +328,8 @@ const HAS_TIMEOUT = 1;
 const HAS_TLS = 2;
 /** release/closed flags */
 const HAS_ID = 1;
+/** release only: no fd comes with it (binary framing 2) */
+const WITHOUT_FD = 2;
 /** lease flags */
 const WARM = 1;
 const FAMILY_6 = 2;
@@ -366,7 +380,8 @@ export function encodeFrame(message: ClientMessage | DaemonMessage): Buffer | un
     case 'closed': {
       const frame = Buffer.allocUnsafe(14);
       frame[0] = message.type === 'release' ? FrameType.release : FrameType.closed;
-      frame[1] = message.id !== undefined ? HAS_ID : 0;
+      frame[1] =
+        (message.id !== undefined ? HAS_ID : 0) | ('withoutFd' in message && message.withoutFd ? WITHOUT_FD : 0);
       frame.writeUInt32LE(message.id ?? 0, 2);
       frame.writeDoubleLE(message.leaseId, 6);
       return frame;
@@ -454,11 +469,15 @@ function decodeClientFrame(frame: Buffer): ClientMessage {
       const type = frame[0] === FrameType.release ? 'release' : 'closed';
       if (frame.length !== 14) throw frameError(type, `length ${frame.length}, expected 14`);
       const flags = frame[1]!;
-      if ((flags & ~HAS_ID) !== 0) throw frameError(type, `unknown flags ${flags}`);
+      const known = type === 'release' ? HAS_ID | WITHOUT_FD : HAS_ID;
+      if ((flags & ~known) !== 0) throw frameError(type, `unknown flags ${flags}`);
       const id = readId(frame, 2, type);
       if (!(flags & HAS_ID) && id !== 0) throw frameError(type, 'id must be 0 when absent');
       const leaseId = readLeaseId(frame, 6, type);
-      return flags & HAS_ID ? { type, id, leaseId } : { type, leaseId };
+      const message: Extract<ClientMessage, { type: 'release' | 'closed' }> =
+        flags & HAS_ID ? { type, id, leaseId } : { type, leaseId };
+      if (flags & WITHOUT_FD) (message as Extract<ClientMessage, { type: 'release' }>).withoutFd = true;
+      return message;
     }
     default:
       throw new SockpoolError(ErrorCodes.PROTOCOL, `binary frame type 0x${frame[0]!.toString(16)} is not a request`);
@@ -487,7 +506,7 @@ function decodeDaemonFrame(frame: Buffer): DaemonMessage {
   throw new SockpoolError(ErrorCodes.PROTOCOL, 'daemon sent a binary frame of unknown shape');
 }
 
-/** Which client messages must carry exactly one fd. */
-export function expectedFds(type: ClientMessage['type']): number {
-  return type === 'release' ? 1 : 0;
+/** How many fds a client message must carry: one for a release (unless `withoutFd`), none for the others. */
+export function expectedFds(message: ClientMessage): number {
+  return message.type === 'release' && message.withoutFd !== true ? 1 : 0;
 }

@@ -28,6 +28,8 @@ describe('binary frames', () => {
       { type: 'acquire', id: 0, host: '127.0.0.1', port: 1, tls: { trust: 'system' } },
       { type: 'release', id: 3, leaseId: 1 },
       { type: 'release', leaseId: Number.MAX_SAFE_INTEGER },
+      { type: 'release', leaseId: 5, withoutFd: true },
+      { type: 'release', id: 6, leaseId: 5, withoutFd: true },
       { type: 'closed', leaseId: 7 },
       { type: 'closed', id: 9, leaseId: 8 },
     ];
@@ -99,7 +101,8 @@ describe('binary frames', () => {
       [edit(release, (f) => f.writeDoubleLE(1.5, 6)), /leaseId/],
       [edit(release, (f) => f.writeDoubleLE(2 ** 60, 6)), /leaseId/],
       [setByte(release, 1, 0), /id must be 0/],
-      [setByte(release, 1, 2), /unknown flags/],
+      [setByte(release, 1, 4), /unknown flags/],
+      [setByte(encodeFrame({ type: 'closed', id: 4, leaseId: 3 })!, 1, 3), /unknown flags/], // withoutFd: release only
       [Buffer.from([FrameType.lease, 0, 0, 0, 0]), /not a request/],
     ];
     for (const [frame, why] of bad) {
@@ -134,6 +137,7 @@ describe('binary framing with sockpoold', () => {
   it('negotiated in hello: frames both ways for acquire, lease, release and ok; errors stay JSON and typed', async () => {
     const client = new RawClient(sockpoold.socketPath);
     const hello = await client.request({ type: 'hello', id: 1, version: 1, binary: 1 });
+    // A client of framing 1 gets framing 1 (its releases carry their fd).
     expect(hello.message).toMatchObject({ type: 'hello', binary: 1 });
 
     client.sendBytes(encodeFrame({ type: 'acquire', id: 2, host: '127.0.0.1', port: echo.port, timeoutMs: 5_000 })!);
@@ -154,6 +158,48 @@ describe('binary framing with sockpoold', () => {
     const refused = await client.receive();
     expect(refused.message).toMatchObject({ type: 'error', id: 4, code: ErrorCodes.PROTOCOL });
     expect((refused.message as { message: string }).message).toMatch(/invalid binary acquire frame: port/);
+    client.close();
+  });
+
+  it('framing 2: a release without its fd pools the socket again, checked as strictly; one with an fd is refused', async () => {
+    const client = new RawClient(sockpoold.socketPath);
+    const hello = await client.request({ type: 'hello', id: 1, version: 1, binary: 2 });
+    expect(hello.message).toMatchObject({ type: 'hello', binary: 2 });
+    const acquire = async (id: number) => {
+      client.sendBytes(encodeFrame({ type: 'acquire', id, host: '127.0.0.1', port: echo.port, timeoutMs: 5_000 })!);
+      const leased = await client.receive();
+      expect(leased.message).toMatchObject({ type: 'lease', id });
+      expect(leased.fds).toHaveLength(1);
+      return { leaseId: (leased.message as { leaseId: number }).leaseId, fd: leased.fds[0]! };
+    };
+
+    // Unused: released without the fd (the client closes its copy), lent again warm, the same socket.
+    const first = await acquire(2);
+    const inode = native.socketInode(first.fd);
+    native.close(first.fd);
+    client.sendBytes(encodeFrame({ type: 'release', id: 3, leaseId: first.leaseId, withoutFd: true })!);
+    expect((await client.receive()).message).toEqual({ type: 'ok', id: 3 });
+    const again = await acquire(4);
+    expect(native.socketInode(again.fd)).toBe(inode);
+
+    // Used through the client's copy, then released without it: the daemon's own copy shows the bytes.
+    native.sendMessage(again.fd, Buffer.from('GET / HTTP/1.1\r\n'), []);
+    client.sendBytes(encodeFrame({ type: 'release', id: 5, leaseId: again.leaseId, withoutFd: true })!);
+    const used = await client.receive();
+    expect(used.message).toMatchObject({ type: 'error', id: 5, code: ErrorCodes.PROTOCOL, fields: { reason: 'used' } });
+    // ...and its connection is shut down (before the reply) for every copy: the client's is dead too.
+    expect(native.probe(again.fd).state).not.toBe('alive');
+    native.close(again.fd);
+
+    // withoutFd with an fd attached: refused, and the fd is closed by the daemon (the lease stays).
+    const third = await acquire(6);
+    client.sendBytes(encodeFrame({ type: 'release', id: 7, leaseId: third.leaseId, withoutFd: true })!, [third.fd]);
+    const refused = await client.receive();
+    expect(refused.message).toMatchObject({ type: 'error', id: 7, code: ErrorCodes.PROTOCOL });
+    expect((refused.message as { message: string }).message).toMatch(/release must carry 0 fds, got 1/);
+    client.sendBytes(encodeFrame({ type: 'release', id: 8, leaseId: third.leaseId })!, [third.fd]);
+    native.close(third.fd);
+    expect((await client.receive()).message).toEqual({ type: 'ok', id: 8 });
     client.close();
   });
 

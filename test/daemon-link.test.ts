@@ -18,13 +18,17 @@ import {
 } from '../shared/protocol.js';
 import { SeqpacketChannel } from '../shared/seqpacket-channel.js';
 import { DaemonLink } from '../worker/daemon-link.js';
+import { fdCount, startServer } from './fixtures/native-helpers.js';
+import { startDaemon } from './helpers/daemon.js';
 
-type Behaviour = 'hangup-after-hello' | 'serve' | 'silent';
+type Behaviour = 'hangup-after-hello' | 'serve' | 'silent' | 'framing-1';
 
 interface FakeDaemon {
   path: string;
   /** Connections accepted so far. */
   accepted(): number;
+  /** 'framing-1': each release received, with how many fds it carried. */
+  releases: Array<{ leaseId: number; fds: number }>;
   close(): void;
 }
 
@@ -32,11 +36,15 @@ interface FakeDaemon {
  * Listens on a fresh path; each connection is a SeqpacketChannel (which owns and closes its fd). `behaviour`
  * 'hangup-after-hello': answers hello, then closes the connection at once. 'serve': answers hello, and every
  * acquire with an error reply (enough to show the link is back). 'silent': answers hello, then nothing.
+ * 'framing-1': a daemon of binary framing 1 (before the release without an fd): agrees to framing 1, leases one
+ * end of a socketpair per acquire and records each release.
  */
 function fakeDaemon(behaviour: () => Behaviour): FakeDaemon {
   const path = join(mkdtempSync(join(tmpdir(), 'sockpool-link-')), 'fake.sock');
   const listenFd = native.seqpacketListen(path, 16);
   const channels: SeqpacketChannel[] = [];
+  const releases: FakeDaemon['releases'] = [];
+  let nextLease = 1;
   const limits = { maxMessageBytes: MAX_MESSAGE_BYTES, maxFdsPerMessage: MAX_FDS_PER_MESSAGE };
   const listener = new native.Poller(listenFd, () => {
     for (let fd = native.accept(listenFd); fd !== null; fd = native.accept(listenFd)) {
@@ -44,8 +52,8 @@ function fakeDaemon(behaviour: () => Behaviour): FakeDaemon {
       const channel: SeqpacketChannel = new SeqpacketChannel(
         fd,
         {
-          onMessage: (data) => {
-            const message = decodeClientMessage(data);
+          onMessage: (data, fds) => {
+            const message = decodeClientMessage(data, mode === 'framing-1');
             if (message.type === 'hello') {
               channel.send(
                 encodeMessage({
@@ -55,9 +63,19 @@ function fakeDaemon(behaviour: () => Behaviour): FakeDaemon {
                   server: 'sockpoold',
                   serverVersion: 'test',
                   maxMessageBytes: MAX_MESSAGE_BYTES,
+                  ...(mode === 'framing-1' && message.binary !== undefined ? { binary: 1 } : {}),
                 }),
               );
               if (mode === 'hangup-after-hello') channel.close();
+            } else if (message.type === 'acquire' && mode === 'framing-1') {
+              const [ours, theirs] = native.seqpacketPair();
+              native.close(ours);
+              const lease = { type: 'lease' as const, id: message.id, leaseId: nextLease++, host: message.host };
+              const reply = { ...lease, port: message.port, address: '127.0.0.1', family: 4 as const, warm: true };
+              channel.send(encodeMessage({ ...reply, connectMs: 0 }), [theirs]);
+            } else if (message.type === 'release') {
+              releases.push({ leaseId: message.leaseId, fds: fds.length });
+              for (const fd of fds) native.close(fd);
             } else if (message.type === 'acquire' && mode === 'serve') {
               channel.send(encodeMessage({ type: 'error', id: message.id, code: ErrorCodes.POLICY, message: 'test' }));
             }
@@ -73,6 +91,7 @@ function fakeDaemon(behaviour: () => Behaviour): FakeDaemon {
   return {
     path,
     accepted: () => channels.length,
+    releases,
     close: () => {
       listener.close();
       for (const channel of channels) channel.close();
@@ -136,3 +155,45 @@ describe('DaemonLink when the daemon accepts requests and never answers them', (
     expect(daemon.accepted()).toBe(1);
   });
 });
+
+describe('DaemonLink releases', () => {
+  it('leave their fd out with a daemon of framing 2 (the socket comes back warm), and carry it to one of framing 1', async () => {
+    const before = fdCount();
+    const echo = await startServer('127.0.0.1');
+    const sockpoold = await startDaemon({ args: ['--allow', '127.0.0.1/32', '--allow-port', String(echo.port)] });
+    try {
+      link = new DaemonLink({ socketPath: sockpoold.socketPath, requestTimeoutMs: 5_000 });
+      const first = await link.acquire('127.0.0.1', echo.port, 5_000);
+      const inode = native.socketInode(first.fd);
+      link.release(first); // takes the fd: closed here, the daemon checks its own copy
+      const again = await link.acquire('127.0.0.1', echo.port, 5_000);
+      expect(again.warm).toBe(true);
+      expect(native.socketInode(again.fd)).toBe(inode);
+      link.release(again);
+      link.close();
+      link = undefined;
+
+      // A daemon of framing 1 gets the fd back with the release.
+      daemon = fakeDaemon(() => 'framing-1');
+      link = new DaemonLink({ socketPath: daemon.path, requestTimeoutMs: 5_000 });
+      const old = await link.acquire('example.test', 80, 2_000);
+      link.release(old);
+      await waitFor(() => daemon!.releases.length === 1);
+      expect(daemon.releases).toEqual([{ leaseId: old.leaseId, fds: 1 }]);
+    } finally {
+      link?.close();
+      link = undefined;
+      daemon?.close();
+      daemon = undefined;
+      await sockpoold.stop();
+      await echo.close();
+    }
+    expect(fdCount()).toBe(before);
+  });
+});
+
+/** Waits (event-loop turns, bounded) until `check` holds. */
+async function waitFor(check: () => boolean): Promise<void> {
+  for (let i = 0; i < 500 && !check(); i++) await new Promise((resolve) => setTimeout(resolve, 10));
+  expect(check()).toBe(true);
+}

@@ -1,6 +1,7 @@
 // The pure logic behind the daemon's trust boundary, in-process: the fair wait queue across uids, per-uid quotas
 // (with an injected clock), the global connect gate (a connector the test settles by hand), and the origin pool's
 // per-uid handling of released sockets (a fake connector with real loopback connections).
+import { writeSync } from 'node:fs';
 import { Socket } from 'node:net';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { defaultConfig, type OriginPolicy, policyFor } from '../daemon/config.js';
@@ -232,6 +233,35 @@ describe('lease guard', () => {
     await until(() => checkIdle(connected.fd, later) === 'eof');
     expect(checkReturned(connected.fd, later)).toMatch(/not established/);
     native.close(connected.fd);
+    await connector.close();
+    expect(fdCount()).toBe(before);
+  });
+
+  it('an idle check right after a passed release check, in the same synchronous run, reuses its read once', async () => {
+    const before = fdCount();
+    const connector = await FakeConnector.start();
+    const policy = policyFor(defaultConfig(), 'x', 1);
+    const first = await connector.connect({ host: 'x', port: 1 }, policy);
+    const second = await connector.connect({ host: 'x', port: 1 }, policy);
+    const copies = [native.dup(first.fd), native.dup(second.fd)]; // what the releasing client may still hold
+    const firstMark = markOf(first.fd)!;
+    expect(checkReturned(first.fd, firstMark)).toBe(firstMark);
+    // Written through the copy after the release check: within this run the check is not read again (the
+    // release check is as recent as the lease that follows it, and that lease goes to the same uid)...
+    writeSync(copies[0]!, 'x');
+    expect(checkIdle(first.fd, firstMark)).toBe(firstMark);
+    // ...once: the next check reads, and the bytes show.
+    expect(checkIdle(first.fd, firstMark)).toBe('error');
+    // A failed release check is never reused.
+    expect(checkReturned(first.fd, firstMark)).toMatch(/bytes were sent/);
+    expect(checkIdle(first.fd, firstMark)).toBe('error');
+    // A release check of an earlier run is not reused either.
+    const secondMark = markOf(second.fd)!;
+    expect(checkReturned(second.fd, secondMark)).toBe(secondMark);
+    await Promise.resolve();
+    writeSync(copies[1]!, 'x');
+    expect(checkIdle(second.fd, secondMark)).toBe('error');
+    for (const fd of [...copies, first.fd, second.fd]) native.close(fd);
     await connector.close();
     expect(fdCount()).toBe(before);
   });

@@ -24,6 +24,7 @@ import {
   MAX_FDS_PER_MESSAGE,
   MAX_MESSAGE_BYTES,
   PROTOCOL_VERSION,
+  RELEASE_WITHOUT_FD,
 } from '../shared/protocol.js';
 import { SeqpacketChannel } from '../shared/seqpacket-channel.js';
 import type { CancelSignal } from './cancellation.js';
@@ -68,6 +69,8 @@ export class DaemonLink {
   #generation = 0;
   /** The current connection's daemon agreed to binary framing in hello (shared/protocol.ts). */
   #binary = false;
+  /** ...and to framing 2: a release leaves its fd out (this side closes it). */
+  #releaseWithoutFd = false;
 
   constructor(options: DaemonLinkOptions) {
     this.#options = { requestTimeoutMs: 5000, clientName: `worker-${process.pid}`, ...options };
@@ -147,6 +150,12 @@ export class DaemonLink {
   release(lease: Pick<Lease, 'leaseId' | 'fd' | 'link'>): void {
     const channel = this.#channel;
     if (!channel || channel.closed || lease.link !== this.#generation) {
+      native.close(lease.fd);
+      return;
+    }
+    if (this.#releaseWithoutFd) {
+      // The daemon checks its own copy; ours is closed here (binary framing 2).
+      channel.send(encodeFor(true, { type: 'release', leaseId: lease.leaseId, withoutFd: true }));
       native.close(lease.fd);
       return;
     }
@@ -247,6 +256,7 @@ export class DaemonLink {
     }
     this.#generation++;
     this.#binary = false;
+    this.#releaseWithoutFd = false;
     // The channel owns fd from here. Tracked: if this thread dies, the addon closes the link, and the daemon
     // then frees every lease this thread held.
     native.track(fd);
@@ -298,7 +308,10 @@ export class DaemonLink {
             else reject(fromPlainError(message));
             return;
           }
-          this.#binary = message.type === 'hello' && message.binary === BINARY_FRAMING;
+          // The daemon answers the highest binary framing both speak (an older one: 1).
+          const framing = message.type === 'hello' ? (message.binary ?? 0) : 0;
+          this.#binary = framing >= 1;
+          this.#releaseWithoutFd = framing >= RELEASE_WITHOUT_FD;
           resolve(true);
         },
         reject,

@@ -11,6 +11,7 @@ import {
   decodeDaemonMessage,
   encodeFor,
   MAX_MESSAGE_BYTES,
+  RELEASE_WITHOUT_FD,
 } from '../../shared/protocol.js';
 
 export type ReplyHandler = (message: DaemonMessage, fds: number[]) => void;
@@ -26,6 +27,8 @@ export class BenchDaemonClient {
   readonly wantBinary: boolean;
   /** The daemon agreed to binary framing. */
   binary = false;
+  /** The daemon's framing takes a release without its fd (the client closes its copy). */
+  releaseWithoutFd = false;
 
   constructor(socketPath: string, options: { binary?: boolean } = {}) {
     this.wantBinary = options.binary ?? true;
@@ -64,7 +67,8 @@ export class BenchDaemonClient {
     // A daemon from before binary framing (--daemon PATH) refuses the field: ask again plainly.
     if (message.type === 'error' && this.wantBinary) ({ message } = await ask(false));
     if (message.type !== 'hello') throw new Error(`hello refused: ${JSON.stringify(message)}`);
-    this.binary = message.binary === BINARY_FRAMING;
+    this.binary = (message.binary ?? 0) >= 1;
+    this.releaseWithoutFd = (message.binary ?? 0) >= RELEASE_WITHOUT_FD;
   }
 
   async stats(): Promise<Record<string, unknown> & { idle: number; connecting: number; rssBytes?: number }> {
@@ -187,14 +191,17 @@ export function runHandoffs(
           const fd = fds[0]!;
           const more = issued < options.maxHandoffs && now < deadline;
           if (options.release === 'fire') {
-            client.send({ type: 'release', leaseId: reply.leaseId }, [fd]);
+            if (client.releaseWithoutFd) client.send({ type: 'release', leaseId: reply.leaseId, withoutFd: true });
+            else client.send({ type: 'release', leaseId: reply.leaseId }, [fd]);
             native.close(fd); // the daemon holds its copy now
             outstanding--;
             if (more) issue();
             else if (outstanding === 0) finish();
             return;
           }
-          client.send({ type: 'release', id: client.nextId(), leaseId: reply.leaseId }, [fd], (ok) => {
+          const release = { type: 'release', id: client.nextId(), leaseId: reply.leaseId };
+          const withoutFd = client.releaseWithoutFd;
+          client.send(withoutFd ? { ...release, withoutFd } : release, withoutFd ? [] : [fd], (ok) => {
             if (ok.type !== 'ok') {
               failed = true;
               reject(new Error(`release failed: ${JSON.stringify(ok)}`));
