@@ -8,7 +8,8 @@
 // Flags: --quick; --no-memory / --memory-only; --sockets N and --origins N (memory part: 10000 over 100);
 // --pin (throughput runs pinned too: requesters on CPU 0, servers and daemon on CPU 1); --profile (daemon under
 // node --cpu-prof, profile in bench/results/profiles); --strace (syscalls per request, strace -c attached to the
-// raw server and the daemon); --daemon PATH (another build's daemon/main.js, for A/B runs); --json (requesters
+// raw server and the daemon); --daemon PATH (another build's daemon/main.js, for A/B runs); --compare PATH (another
+// build's daemon beside this one, both in every throughput round: an A/B in one run); --json (requesters
 // without binary framing); --out FILE (JSON results; default bench/results/handoff-<date>.json).
 // docs/benchmarks.md explains every line of the output.
 
@@ -56,6 +57,11 @@ const settings = {
   profile: flag('--profile'),
   pin: flag('--pin'),
   daemonMain: optionText('--daemon') === undefined ? undefined : resolve(optionText('--daemon')!),
+  /**
+   * Another build's daemon/main.js, run beside this one: each throughput round then runs every arrangement on
+   * both daemons, back to back, and the report adds their per-round ratios (an A/B in one run).
+   */
+  compareMain: optionText('--compare') === undefined ? undefined : resolve(optionText('--compare')!),
   strace: flag('--strace'),
   /** Requesters speak JSON only (no binary framing), as clients before it did. */
   json: flag('--json'),
@@ -198,6 +204,8 @@ class JsonBaseline {
 
 interface ThroughputResult {
   name: string;
+  /** Run on the --compare build's daemon (not this build's). */
+  compare: boolean;
   requesters: string;
   handoffs: number;
   elapsedMs: number;
@@ -308,6 +316,38 @@ async function measureLatency(startedAt: Date): Promise<LatencyResult> {
   await client.hello();
   await client.prewarm(HOST, port, 64);
   await until(async () => (await client.stats()).idle >= 64, 'prewarm of 64 sockets', 10_000);
+  // --compare: the other build's daemon, same origin and settings, prewarmed alike (throughput rounds only).
+  let other: { daemon: BenchDaemon; client: BenchDaemonClient } | undefined;
+  if (settings.compareMain) {
+    const otherDaemon = await startBenchDaemon({
+      dir: join(tmp, 'handoff-compare'),
+      config: {
+        pool: {
+          maxIdleTotal: 1_000,
+          warmOnStartOrigins: 0,
+          defaults: { minIdle: 32, maxIdle: 64, maxPerOrigin: 256, idleTtlMs: 3_600_000 },
+        },
+      },
+      args: ['--allow', '127.0.0.1/32', '--allow-port', String(port)],
+      main: settings.compareMain,
+      wrap: pinned('responder'),
+    });
+    daemons.push(otherDaemon);
+    const otherClient = new BenchDaemonClient(otherDaemon.socketPath, { binary: !settings.json });
+    await otherClient.hello();
+    await otherClient.prewarm(HOST, port, 64);
+    await until(async () => (await otherClient.stats()).idle >= 64, 'prewarm of 64 sockets (--compare)', 10_000);
+    await runHandoffs(otherClient, {
+      host: HOST,
+      port,
+      inFlight: 1,
+      maxHandoffs: settings.warmupRequests,
+      durationMs: 60_000,
+      release: 'ack',
+      onSample: () => {},
+    });
+    other = { daemon: otherDaemon, client: otherClient };
+  }
 
   const scm = new ScmBaseline(scmPath);
   const json = await JsonBaseline.connect(jsonPath);
@@ -395,6 +435,7 @@ async function measureLatency(startedAt: Date): Promise<LatencyResult> {
     // Throughput runs where the scheduler puts things (with --pin: requesters CPU 0, responders CPU 1).
     const all = `0-${os.cpus().length - 1}`;
     for (const pid of [process.pid, scmServer.pid, jsonServer.pid, daemon.pid]) setAffinity(pid, all);
+    if (other) setAffinity(other.daemon.pid, all);
   }
 
   // Throughput with 8 requesters in flight, in paired rounds: each round runs the raw baseline and then every
@@ -405,6 +446,7 @@ async function measureLatency(startedAt: Date): Promise<LatencyResult> {
   ) => Promise<{ handoffs: number; elapsedMs: number; requesterCpuMs?: number | null }>;
   interface ThroughputCase {
     name: string;
+    compare: boolean;
     requesters: string;
     pid: number;
     raw: boolean;
@@ -423,109 +465,126 @@ async function measureLatency(startedAt: Date): Promise<LatencyResult> {
     {
       name: '(a) raw SCM_RIGHTS req/resp',
       requesters: `1 connection, ${settings.inFlight} pipelined`,
+      compare: false,
       pid: scmServer.pid,
       raw: true,
       run: rawRun,
     },
-    {
-      name: 'sockpoold warm handoff',
-      requesters: `1 connection, ${settings.inFlight} pipelined`,
-      pid: daemon.pid,
-      raw: false,
-      run: (onSample) =>
-        runHandoffs(client, {
-          host: HOST,
-          port,
-          inFlight: settings.inFlight,
-          maxHandoffs: Number.POSITIVE_INFINITY,
-          durationMs: settings.throughputMs,
-          release: 'fire',
-          onSample,
-        }),
-    },
-    {
-      name: 'sockpoold warm handoff',
-      requesters: `${settings.inFlight} connections, 1 process`,
-      pid: daemon.pid,
-      raw: false,
-      run: async (onSample) => {
-        const links = Array.from(
-          { length: settings.inFlight },
-          () => new BenchDaemonClient(daemon.socketPath, { binary: !settings.json }),
-        );
-        await Promise.all(links.map((link) => link.hello()));
-        const started = performance.now();
-        const runs = await Promise.all(
-          links.map((link) =>
-            runHandoffs(link, {
-              host: HOST,
-              port,
-              inFlight: 1,
-              maxHandoffs: Number.POSITIVE_INFINITY,
-              durationMs: settings.throughputMs,
-              release: 'fire',
-              onSample,
-            }),
-          ),
-        );
-        const elapsedMs = performance.now() - started;
-        for (const link of links) link.close();
-        return { handoffs: runs.reduce((sum, run) => sum + run.handoffs, 0), elapsedMs };
-      },
-    },
-    {
-      name: 'sockpoold warm handoff',
-      requesters: `${settings.inFlight} processes, 1 each`,
-      pid: daemon.pid,
-      raw: false,
-      run: async (onSample) => {
-        const clients = await Promise.all(
-          Array.from({ length: settings.inFlight }, () =>
-            start(
-              [
-                node,
-                join(fixtures, 'handoff-client.js'),
-                daemon.socketPath,
-                HOST,
-                String(port),
-                '1',
-                '1',
-                String(settings.throughputMs),
-                settings.json ? 'json' : 'binary',
-              ],
-              'requester',
-            ),
-          ),
-        );
-        await Promise.all(clients.map((child) => child.nextMessage((m) => m.ready === true)));
-        const cpuBefore = clients.map((child) => safeCpu(child.pid));
-        for (const child of clients) child.send('go');
-        const results = await Promise.all(
-          clients.map((child) =>
-            child.nextMessage<{ handoffs: number; elapsedMs: number; warm: number; samples: number[] }>(
-              (m) => typeof m.handoffs === 'number',
-            ),
-          ),
-        );
-        for (const result of results) {
-          // Each process reports its warm count, not which ones; only the fraction is used.
-          result.samples.forEach((us, i) => {
-            onSample(us, i < result.warm);
-          });
-        }
-        const cpuSpent = clients.map((child, i) => diffCpu(cpuBefore[i]!, safeCpu(child.pid)));
-        for (const child of clients) await child.stop();
-        // Conservative: the processes got "go" within a millisecond of each other; take the longest run.
-        return {
-          handoffs: results.reduce((sum, r) => sum + r.handoffs, 0),
-          elapsedMs: Math.max(...results.map((r) => r.elapsedMs)),
-          requesterCpuMs: cpuSpent.some((ms) => ms === null)
-            ? null
-            : cpuSpent.reduce<number>((sum, ms) => sum + ms!, 0),
-        };
-      },
-    },
   ];
+  /** The three requester arrangements against one daemon (this build's, or the --compare build's). */
+  const daemonCases = (target: BenchDaemon, targetClient: BenchDaemonClient, compare: boolean): ThroughputCase[] => {
+    const name = compare ? 'sockpoold (--compare build)' : 'sockpoold warm handoff';
+    return [
+      {
+        name,
+        requesters: `1 connection, ${settings.inFlight} pipelined`,
+        pid: target.pid,
+        compare,
+        raw: false,
+        run: (onSample) =>
+          runHandoffs(targetClient, {
+            host: HOST,
+            port,
+            inFlight: settings.inFlight,
+            maxHandoffs: Number.POSITIVE_INFINITY,
+            durationMs: settings.throughputMs,
+            release: 'fire',
+            onSample,
+          }),
+      },
+      {
+        name,
+        requesters: `${settings.inFlight} connections, 1 process`,
+        pid: target.pid,
+        compare,
+        raw: false,
+        run: async (onSample) => {
+          const links = Array.from(
+            { length: settings.inFlight },
+            () => new BenchDaemonClient(target.socketPath, { binary: !settings.json }),
+          );
+          await Promise.all(links.map((link) => link.hello()));
+          const started = performance.now();
+          const runs = await Promise.all(
+            links.map((link) =>
+              runHandoffs(link, {
+                host: HOST,
+                port,
+                inFlight: 1,
+                maxHandoffs: Number.POSITIVE_INFINITY,
+                durationMs: settings.throughputMs,
+                release: 'fire',
+                onSample,
+              }),
+            ),
+          );
+          const elapsedMs = performance.now() - started;
+          for (const link of links) link.close();
+          return { handoffs: runs.reduce((sum, run) => sum + run.handoffs, 0), elapsedMs };
+        },
+      },
+      {
+        name,
+        requesters: `${settings.inFlight} processes, 1 each`,
+        pid: target.pid,
+        compare,
+        raw: false,
+        run: async (onSample) => {
+          const clients = await Promise.all(
+            Array.from({ length: settings.inFlight }, () =>
+              start(
+                [
+                  node,
+                  join(fixtures, 'handoff-client.js'),
+                  target.socketPath,
+                  HOST,
+                  String(port),
+                  '1',
+                  '1',
+                  String(settings.throughputMs),
+                  settings.json ? 'json' : 'binary',
+                ],
+                'requester',
+              ),
+            ),
+          );
+          await Promise.all(clients.map((child) => child.nextMessage((m) => m.ready === true)));
+          const cpuBefore = clients.map((child) => safeCpu(child.pid));
+          for (const child of clients) child.send('go');
+          const results = await Promise.all(
+            clients.map((child) =>
+              child.nextMessage<{ handoffs: number; elapsedMs: number; warm: number; samples: number[] }>(
+                (m) => typeof m.handoffs === 'number',
+              ),
+            ),
+          );
+          for (const result of results) {
+            // Each process reports its warm count, not which ones; only the fraction is used.
+            result.samples.forEach((us, i) => {
+              onSample(us, i < result.warm);
+            });
+          }
+          const cpuSpent = clients.map((child, i) => diffCpu(cpuBefore[i]!, safeCpu(child.pid)));
+          for (const child of clients) await child.stop();
+          // Conservative: the processes got "go" within a millisecond of each other; take the longest run.
+          return {
+            handoffs: results.reduce((sum, r) => sum + r.handoffs, 0),
+            elapsedMs: Math.max(...results.map((r) => r.elapsedMs)),
+            requesterCpuMs: cpuSpent.some((ms) => ms === null)
+              ? null
+              : cpuSpent.reduce<number>((sum, ms) => sum + ms!, 0),
+          };
+        },
+      },
+    ];
+  };
+  const ours = daemonCases(daemon, client, false);
+  const theirs = other ? daemonCases(other.daemon, other.client, true) : [];
+  // With --compare, each arrangement runs on both daemons back to back.
+  for (const [index, entry] of ours.entries()) {
+    cases.push(entry);
+    if (theirs[index]) cases.push(theirs[index]);
+  }
   const totals = cases.map(() => ({
     handoffs: 0,
     elapsedMs: 0,
@@ -567,6 +626,7 @@ async function measureLatency(startedAt: Date): Promise<LatencyResult> {
     const total = totals[index]!;
     return {
       name: entry.name,
+      compare: entry.compare,
       requesters: entry.requesters,
       handoffs: total.handoffs,
       elapsedMs: total.elapsedMs,
@@ -609,6 +669,8 @@ async function measureLatency(startedAt: Date): Promise<LatencyResult> {
   scm.close();
   json.close();
   client.close();
+  other?.client.close();
+  if (other) await other.daemon.stop();
   const handoffRss = procStatusBytes(daemon.pid, 'VmRSS');
   await daemon.stop();
   for (const child of [sink, scmServer, jsonServer]) await child.stop();
@@ -833,7 +895,7 @@ function report(
           `CPU ${raw.perRound.map((r) => (r.cpuUsPerHandoff === null ? '-' : r.cpuUsPerHandoff.toFixed(1))).join(' ')} µs/req; ` +
           `requester CPU ${usList(raw.perRound)} µs/req`,
       );
-      for (const t of latency.throughput.filter((entry) => entry !== raw)) {
+      for (const t of latency.throughput.filter((entry) => entry !== raw && !entry.compare)) {
         const rates = t.perRound.map((r, i) => r.perSecond / raw.perRound[i]!.perSecond);
         const cpus = t.perRound.map((r, i) => {
           const base = raw.perRound[i]!.cpuUsPerHandoff;
@@ -860,9 +922,29 @@ function report(
           rounds: cpus.map((v) => round(v, 3)),
         });
       }
+      const compared = latency.throughput.filter((entry) => entry.compare);
+      if (compared.length > 0) {
+        out.push('');
+        out.push(`A/B against --compare ${settings.compareMain} (this build ÷ that build, per paired round):`);
+        for (const theirs of compared) {
+          const ours = latency.throughput.find((t) => !t.compare && t !== raw && t.requesters === theirs.requesters);
+          if (!ours) continue;
+          const rates = ours.perRound.map((r, i) => r.perSecond / theirs.perRound[i]!.perSecond);
+          const cpus = ours.perRound.map((r, i) => {
+            const base = theirs.perRound[i]!.cpuUsPerHandoff;
+            return r.cpuUsPerHandoff === null || base === null || base === 0 ? Number.NaN : r.cpuUsPerHandoff / base;
+          });
+          out.push(
+            `  ${ours.requesters}: that build ${theirs.perRound.map((r) => Math.round(r.perSecond)).join(' ')}/s, CPU ` +
+              `${theirs.perRound.map((r) => (r.cpuUsPerHandoff === null ? '-' : r.cpuUsPerHandoff.toFixed(1))).join(' ')} µs/handoff; ` +
+              `rate × ${rates.map((v) => v.toFixed(2)).join(' ')} (median ${median(rates).toFixed(2)}), ` +
+              `CPU × ${cpus.map((v) => v.toFixed(2)).join(' ')} (median ${median(cpus).toFixed(2)})`,
+          );
+        }
+      }
     }
     aims.throughput = latency.throughput
-      .filter((t) => t.name.startsWith('sockpoold'))
+      .filter((t) => t.name.startsWith('sockpoold') && !t.compare)
       .map((t) => ({
         aim: `> ${AIMS.handoffsPerS.toLocaleString('en-US')} handoffs/s, ${t.requesters}`,
         value: t.perSecond,
