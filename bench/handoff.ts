@@ -19,7 +19,6 @@ import net from 'node:net';
 import os from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import * as native from '../shared/native.js';
 import { flag, option, optionText } from './lib/args.js';
 import { type BenchDaemon, repoRoot, startBenchDaemon } from './lib/daemon.js';
 import { BenchDaemonClient, runHandoffs } from './lib/daemon-client.js';
@@ -35,6 +34,7 @@ import {
   spawnChild,
 } from './lib/proc.js';
 import { runBench } from './lib/run.js';
+import { ScmBaseline } from './lib/scm-baseline.js';
 import { type LatencySummary, round, roundSummary, Samples, summarize, table } from './lib/stats.js';
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -88,63 +88,7 @@ function log(text: string): void {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Baseline (a): 1-byte request, reply carrying one fd (SCM_RIGHTS), on a SOCK_SEQPACKET connection; the fd is
-// closed on receipt. Both sides are driven by the addon's Poller, as sockpoold and its clients are.
-
-class ScmBaseline {
-  readonly fd: number;
-  #poller: native.Poller;
-  #onReply: (() => void) | undefined;
-  static readonly request = Buffer.from([0x71]);
-
-  constructor(path: string) {
-    this.fd = native.seqpacketConnect(path);
-    this.#poller = new native.Poller(this.fd, () => {
-      for (;;) {
-        const message = native.recvMessage(this.fd, 64, 1);
-        if (message === null) return;
-        if (message.eof) throw new Error('scm-server hung up');
-        for (const fd of message.fds) native.close(fd);
-        this.#onReply?.();
-      }
-    });
-    this.#poller.start(native.READABLE | native.DISCONNECT);
-  }
-
-  /** `count` request/response pairs with `inFlight` outstanding; each latency goes to `onSample` (µs). */
-  run(count: number, inFlight: number, onSample: (us: number) => void): Promise<{ count: number; elapsedMs: number }> {
-    return new Promise((resolve) => {
-      const sentAt: number[] = []; // FIFO: replies come back in request order on one connection
-      let head = 0;
-      let issued = 0;
-      let done = 0;
-      const started = performance.now();
-      const issue = () => {
-        issued++;
-        sentAt.push(performance.now());
-        if (native.sendMessage(this.fd, ScmBaseline.request, []) === null) throw new Error('scm-server not reading');
-      };
-      this.#onReply = () => {
-        const now = performance.now();
-        onSample((now - sentAt[head++]!) * 1000);
-        done++;
-        if (issued < count) issue();
-        else if (done === count) {
-          this.#onReply = undefined;
-          resolve({ count, elapsedMs: now - started });
-        }
-      };
-      for (let i = 0; i < inFlight && i < count; i++) issue();
-    });
-  }
-
-  close(): void {
-    this.#poller.close();
-    native.close(this.fd);
-  }
-}
-
-// ---------------------------------------------------------------------------------------------------------------
+// Baseline (a), the raw fd pass: bench/lib/scm-baseline.ts.
 // Baseline (b): newline-delimited JSON request/response over a Unix stream socket with node:net.
 
 class JsonBaseline {
