@@ -216,41 +216,67 @@ export class SockpoolClient {
   }
 
   /** One request; the response body is buffered whole. */
-  async request(url: string | URL, options: RequestOptions = {}): Promise<SockpoolResponse> {
-    const preparing = this.#prepare(url, options, false);
-    const { request, signal, upload, queued, target } = preparing instanceof Promise ? await preparing : preparing;
-    const waiting = this.#queue.enter(target, request, signal);
-    if (waiting) await waiting;
+  request(url: string | URL, options: RequestOptions = {}): Promise<SockpoolResponse> {
+    let preparing: Prepared | Promise<Prepared>;
     try {
-      // In the caller's thread (threads: 0) the runtime takes the signal itself, and so does a worker thread's lane;
-      // a streamed request body needs a port of its own.
-      const channel = upload ? new CallerChannel({ streamResponse: false, upload }) : undefined;
-      // The result is this request's own object: it becomes the response in place.
-      let result: TransferResult & SockpoolResponse;
-      if (this.#lanes && !channel) {
-        const outcome = await this.#lanes.run(request, signal);
-        if (!outcome.ok) throw fromPlainError(outcome.error);
-        result = outcome.result as TransferResult & SockpoolResponse;
-      } else if (this.#local && !channel) {
-        // threads: 0, no port: the runtime enforces the deadline and the caller's signal itself.
-        const outcome = await this.#local.runRequest(request, undefined, signal);
-        if (!outcome.ok) {
-          // Cancelled by the caller: the error carries the signal's reason as its cause, as with worker threads.
-          if (signal?.aborted && outcome.error.code === ErrorCodes.ABORTED) throw abortedError(signal);
-          throw fromPlainError(outcome.error);
-        }
-        result = outcome.result as TransferResult & SockpoolResponse;
-      } else {
-        result = (await this.#run(request, channel, signal)) as TransferResult & SockpoolResponse;
-      }
-      const body: Uint8Array = result.body;
-      // (A body that crossed from a worker thread arrives as a plain Uint8Array over the moved memory.)
-      if (!Buffer.isBuffer(body)) result.body = Buffer.from(body.buffer, body.byteOffset, body.byteLength);
-      result.timings.queueMs = queueMs(queued, result.timings);
-      return result;
+      preparing = this.#prepare(url, options, false);
+    } catch (error) {
+      return Promise.reject(error);
+    }
+    if (preparing instanceof Promise || preparing.upload) return this.#requestWaiting(preparing);
+    const prepared = preparing;
+    const waiting = this.#queue.enter(prepared.target, prepared.request, prepared.signal);
+    if (waiting) return this.#requestWaiting(prepared, waiting);
+    // The common case, without an async frame: one promise, settled when the outcome comes back.
+    return new Promise((resolve, reject) => this.#start(prepared, resolve, reject));
+  }
+
+  /** request() for what needs awaiting first: a Blob body read, a place in the queue, a streamed request body. */
+  async #requestWaiting(preparing: Prepared | Promise<Prepared>, waiting?: Promise<void>): Promise<SockpoolResponse> {
+    const prepared = await preparing;
+    const { request, signal, upload, queued, target } = prepared;
+    if (!waiting) waiting = this.#queue.enter(target, request, signal);
+    if (waiting) await waiting;
+    if (!upload) return new Promise((resolve, reject) => this.#start(prepared, resolve, reject));
+    try {
+      // A streamed request body needs a port of its own.
+      const channel = new CallerChannel({ streamResponse: false, upload });
+      const result = (await this.#run(request, channel, signal)) as TransferResult & SockpoolResponse;
+      return response(result, queued);
     } finally {
       this.#queue.leave(target);
     }
+  }
+
+  /**
+   * Runs a buffered request that holds a slot in the queue (given back here): on a worker thread's lane, or in
+   * this thread (threads: 0). In both the signal goes to the runtime itself: no port.
+   */
+  #start(prepared: Prepared, resolve: (response: SockpoolResponse) => void, reject: (error: Error) => void): void {
+    const { request, signal, queued, target } = prepared;
+    if (this.#lanes) {
+      this.#lanes.start(
+        request,
+        signal,
+        (outcome) => {
+          this.#queue.leave(target);
+          if (outcome.ok) resolve(response(outcome.result as TransferResult & SockpoolResponse, queued));
+          else reject(fromPlainError(outcome.error));
+        },
+        (error) => {
+          this.#queue.leave(target);
+          reject(error);
+        },
+      );
+      return;
+    }
+    this.#local!.startRequest(request, undefined, signal, (outcome) => {
+      this.#queue.leave(target);
+      if (outcome.ok) resolve(response(outcome.result as TransferResult & SockpoolResponse, queued));
+      // Cancelled by the caller: the error carries the signal's reason as its cause, as with worker threads.
+      else if (signal?.aborted && outcome.error.code === ErrorCodes.ABORTED) reject(abortedError(signal));
+      else reject(fromPlainError(outcome.error));
+    });
   }
 
   /** One request whose response body is a stream, resolved as soon as the response head is in. */
@@ -444,6 +470,15 @@ export class SockpoolClient {
     if (this.#closing) throw new SockpoolError(ErrorCodes.CLOSED, `client is closed (${message})`);
     throw new SockpoolError(ErrorCodes.WORKER_EXITED, `the worker thread running the request exited: ${message}`);
   }
+}
+
+/** A buffered result becomes the response in place (it is this request's own object). */
+function response(result: TransferResult & SockpoolResponse, queued: number): SockpoolResponse {
+  const body: Uint8Array = result.body;
+  // (A body that crossed from a worker thread arrives as a plain Uint8Array over the moved memory.)
+  if (!Buffer.isBuffer(body)) result.body = Buffer.from(body.buffer, body.byteOffset, body.byteLength);
+  result.timings.queueMs = queueMs(queued, result.timings);
+  return result;
 }
 
 function queueMs(queued: number, timings: { totalMs: number; acquireMs: number }): number {

@@ -67,28 +67,36 @@ export class ThreadLanes {
 
   /** Runs a buffered request on a thread; rejects with SOCKPOOL_ERR_TIMEOUT / _ABORTED / _WORKER_EXITED. */
   run(request: TransferRequest, signal: AbortSignal | undefined): Promise<TransferOutcome> {
-    return new Promise<TransferOutcome>((resolve, reject) => {
-      const pending: Pending = {
-        id: ++this.#nextId,
-        request,
-        signal,
-        resolve,
-        reject,
-        lane: undefined,
-        deadline: undefined,
-        onAbort: undefined,
-        settled: false,
-      };
-      pending.deadline = this.#deadlines.add(request.deadline, () => this.#cancel(pending, timeoutError(request)));
-      if (signal) {
-        pending.onAbort = () => this.#cancel(pending, abortedError(signal));
-        signal.addEventListener('abort', pending.onAbort, { once: true });
-      }
-      this.#pending.set(pending.id, pending);
-      const lane = this.#waiting.length === 0 ? this.#pick() : undefined;
-      if (lane) this.#send(lane, pending);
-      else this.#waiting.push(pending);
-    });
+    return new Promise<TransferOutcome>((resolve, reject) => this.start(request, signal, resolve, reject));
+  }
+
+  /** run() without a promise of its own: one of `resolve` and `reject` is called, once. */
+  start(
+    request: TransferRequest,
+    signal: AbortSignal | undefined,
+    resolve: (outcome: TransferOutcome) => void,
+    reject: (error: Error) => void,
+  ): void {
+    const pending: Pending = {
+      id: ++this.#nextId,
+      request,
+      signal,
+      resolve,
+      reject,
+      lane: undefined,
+      deadline: undefined,
+      onAbort: undefined,
+      settled: false,
+    };
+    pending.deadline = this.#deadlines.add(request.deadline, () => this.#cancel(pending, timeoutError(request)));
+    if (signal) {
+      pending.onAbort = () => this.#cancel(pending, abortedError(signal));
+      signal.addEventListener('abort', pending.onAbort, { once: true });
+    }
+    this.#pending.set(pending.id, pending);
+    const lane = this.#waiting.length === 0 ? this.#pick() : undefined;
+    if (lane) this.#send(lane, pending);
+    else this.#waiting.push(pending);
   }
 
   /** Resolves once no request is in flight or waiting. */

@@ -8,15 +8,19 @@ export interface CancelSignal {
   /** Why it was cancelled (the error the transfer fails with). */
   readonly reason: unknown;
   throwIfAborted(): void;
-  addEventListener(type: 'abort', listener: () => void, options?: { once?: boolean }): void;
-  removeEventListener(type: 'abort', listener: () => void): void;
+  addEventListener(type: 'abort', listener: AbortListener, options?: { once?: boolean }): void;
+  removeEventListener(type: 'abort', listener: AbortListener): void;
 }
+
+/** A function, or an object whose handleEvent() runs (as EventTarget takes them). */
+export type AbortListener = (() => void) | { handleEvent(): void };
 
 /** A CancelSignal and its controller in one small object. Listeners run once, in order, when it is cancelled. */
 export class Cancellation implements CancelSignal {
   aborted = false;
   reason: unknown = undefined;
-  #listeners: Array<() => void> | undefined;
+  /** The only listener, or (two or more) all of them: most cancellations have one, and need no array. */
+  #listeners: AbortListener | AbortListener[] | undefined;
 
   /** Cancels with `reason`; later calls do nothing. A listener that throws does not stop the others: the first
    *  error is rethrown once all ran (as an EventTarget reports it, to the process). */
@@ -28,9 +32,10 @@ export class Cancellation implements CancelSignal {
     this.#listeners = undefined;
     if (!listeners) return;
     let failure: { error: unknown } | undefined;
-    for (const listener of listeners) {
+    for (const listener of Array.isArray(listeners) ? listeners : [listeners]) {
       try {
-        listener();
+        if (typeof listener === 'function') listener();
+        else listener.handleEvent();
       } catch (error) {
         failure ??= { error };
       }
@@ -42,15 +47,21 @@ export class Cancellation implements CancelSignal {
     if (this.aborted) throw this.reason;
   }
 
-  addEventListener(_type: 'abort', listener: () => void): void {
+  addEventListener(_type: 'abort', listener: AbortListener): void {
     if (this.aborted) return;
-    this.#listeners ??= [];
-    this.#listeners.push(listener);
+    const listeners = this.#listeners;
+    if (listeners === undefined) this.#listeners = listener;
+    else if (Array.isArray(listeners)) listeners.push(listener);
+    else this.#listeners = [listeners, listener];
   }
 
-  removeEventListener(_type: 'abort', listener: () => void): void {
+  removeEventListener(_type: 'abort', listener: AbortListener): void {
     const listeners = this.#listeners;
-    if (!listeners) return;
+    if (listeners === listener) {
+      this.#listeners = undefined;
+      return;
+    }
+    if (!Array.isArray(listeners)) return;
     const index = listeners.indexOf(listener);
     if (index >= 0) listeners.splice(index, 1);
   }

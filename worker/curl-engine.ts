@@ -102,6 +102,22 @@ export interface TransferIO {
   signal: CancelSignal;
 }
 
+/** One request's way through the engine: its attempts (a retry is another), and where its outcome goes. */
+interface Transfer {
+  request: TransferRequest;
+  io: TransferIO;
+  /** The request's URL, parsed once (see url-target.ts). */
+  target: UrlTarget;
+  /** Its origin's key (with the client's proxy, if any). */
+  key: string;
+  /** Attempts made before this one. */
+  attempt: number;
+  /** Ask the daemon for a socket whatever the prediction says (the last attempt was starved or its connection died). */
+  forceSocket: boolean;
+  retriedDead: boolean;
+  done: (outcome: TransferOutcome) => void;
+}
+
 /** One attempt of a transfer on a handle. */
 interface Attempt {
   seq: number;
@@ -154,6 +170,8 @@ const DEAD_CONNECTION_CODES = new Set<number>([
 const HTTP_VERSIONS: Record<number, string> = { 1: '1.0', 2: '1.1', 3: '2', 30: '3' };
 /** The body of a result whose body was streamed (never transferred: task.ts moves non-empty bodies only). */
 const EMPTY_BODY = new Uint8Array(0);
+/** HTTPHEADER of a request without headers of its own. */
+const NO_HEADERS: string[] = [];
 const IDEMPOTENT_METHODS = new Set(['GET', 'HEAD', 'OPTIONS', 'PUT', 'DELETE', 'TRACE']);
 const MAX_FREE_HANDLES = 256;
 /** Origins whose last address is remembered for RESOLVE (a crawler meets many origins). */
@@ -199,8 +217,9 @@ export class CurlEngine {
   /** Rate-limited origins: a token per request before it goes out (rate-tokens.ts). */
   #rateTokens: RateTokens | undefined;
   #stallWatch = new H2StallWatch();
-  /** Transfers curl finished, to complete in the next immediate (see the constructor). */
-  #completed: Array<() => void> = [];
+  /** Transfers curl finished, to complete in the next immediate (see the constructor): each as its finish
+   *  function, curl's code and error, flat (no closure per transfer). */
+  #completed: Array<HandleState['finish'] | CurlCode | Error | undefined> = [];
 
   /** `maxConnects`: idle connections curl keeps (its default, 4 × the transfers running at that moment, would close
    *  keep-alive connections whenever the load dips). */
@@ -224,29 +243,175 @@ export class CurlEngine {
       const finish = state.finish;
       state.finish = undefined;
       this.#multi.removeHandle(easy);
-      this.#completed.push(() => finish(code, error ?? undefined));
-      if (this.#completed.length === 1) {
-        setImmediate(() => {
-          const completed = this.#completed;
-          this.#completed = [];
-          for (const complete of completed) complete();
-        });
-      }
+      this.#completed.push(finish, code, error ?? undefined);
+      if (this.#completed.length === 3) setImmediate(() => this.#completeFinished());
     });
+  }
+
+  /** Finishes the transfers curl finished (in an immediate, or at close()). */
+  #completeFinished(): void {
+    const completed = this.#completed;
+    this.#completed = [];
+    for (let i = 0; i < completed.length; i += 3) {
+      const finish = completed[i] as NonNullable<HandleState['finish']>;
+      finish(completed[i + 1] as CurlCode, completed[i + 2] as Error | undefined);
+    }
   }
 
   /** Runs a transfer to the end (retrying as the rules allow); never throws. */
   run(request: TransferRequest, io?: Partial<TransferIO>): Promise<TransferOutcome> {
+    return new Promise((resolve) => this.start(request, io, resolve));
+  }
+
+  /**
+   * run() without a promise of its own: `done` gets the outcome, once (maybe before start returns, for a request
+   * that cannot start). A keep-alive request thus costs one promise in all, made by whoever waits for it.
+   */
+  start(request: TransferRequest, io: Partial<TransferIO> | undefined, done: (outcome: TransferOutcome) => void): void {
     const sink = io?.sink ?? new BufferSink();
-    const full: TransferIO = { sink, source: io?.source, signal: io?.signal ?? new Cancellation() };
-    if (!full.source && request.body !== undefined) full.source = new BufferSource(request.body);
-    return this.#runWithRetry(request, full).then(
-      (result): TransferOutcome => {
-        if (sink instanceof BufferSink) result.body = sink.body();
-        return { ok: true, result };
-      },
-      (error: unknown): TransferOutcome => ({ ok: false, error: toPlainError(error) }),
+    let source = io?.source;
+    if (!source && request.body !== undefined) source = new BufferSource(request.body);
+    let target: UrlTarget;
+    try {
+      target = urlTarget(request.url);
+    } catch (error) {
+      done({ ok: false, error: toPlainError(error) });
+      return;
+    }
+    const proxy = this.#policy.proxy;
+    const transfer: Transfer = {
+      request,
+      io: { sink, source, signal: io?.signal ?? new Cancellation() },
+      target,
+      key: proxy ? originKey({ ...target.origin, proxy }) : target.key,
+      attempt: 0,
+      forceSocket: false,
+      retriedDead: false,
+      done,
+    };
+    this.#attempt(transfer);
+  }
+
+  /** Starts the transfer's next attempt: a token (rate-limited origins), a socket when one is needed, then curl. */
+  #attempt(transfer: Transfer): void {
+    const { request, io } = transfer;
+    if (io.signal.aborted) {
+      this.#fail(transfer, io.signal.reason);
+      return;
+    }
+    const started = performance.now();
+    const remaining = request.deadline - (TIME_ORIGIN + started);
+    if (remaining <= 0) {
+      this.#fail(transfer, timeoutError(request));
+      return;
+    }
+    const rateTokens = this.#rateTokens;
+    if (rateTokens) {
+      // Each attempt is a request the origin sees: each takes a token of a rate-limited origin.
+      const { host, port } = transfer.target.origin;
+      let token: Promise<void> | undefined;
+      try {
+        token = rateTokens.take(host, port, remaining);
+      } catch (error) {
+        this.#prepareFailed(transfer, error, started, remaining);
+        return;
+      }
+      if (token) {
+        token.then(
+          () => this.#prepare(transfer, started, remaining),
+          (error: unknown) => this.#prepareFailed(transfer, error, started, remaining),
+        );
+        return;
+      }
+    }
+    this.#prepare(transfer, started, remaining);
+  }
+
+  #prepare(transfer: Transfer, started: number, remaining: number): void {
+    const { io, target } = transfer;
+    const policy = this.#policy;
+    const { secure, origin } = target;
+    let preparing: SocketSlot | Promise<SocketSlot>;
+    try {
+      preparing = this.#supply.prepare(origin, transfer.key, {
+        proxy: policy.proxy,
+        secure,
+        timeoutMs: Math.min(policy.acquireTimeoutMs, remaining),
+        force: transfer.forceSocket,
+        signal: io.signal,
+        tlsTrust: secure ? this.#tlsTrust : undefined,
+        tokenTaken: this.#rateTokens?.rated(origin.host, origin.port) === true,
+      });
+    } catch (error) {
+      this.#prepareFailed(transfer, error, started, remaining);
+      return;
+    }
+    if (!(preparing instanceof Promise)) {
+      this.#perform(transfer, preparing, performance.now() - started);
+      return;
+    }
+    preparing.then(
+      (slot) => this.#perform(transfer, slot, performance.now() - started),
+      (error: unknown) => this.#prepareFailed(transfer, error, started, remaining),
     );
+  }
+
+  /** No token or no socket for the attempt: the daemon is down (maybe direct), or the request fails. */
+  #prepareFailed(transfer: Transfer, error: unknown, started: number, remaining: number): void {
+    const code = (error as { code?: string } | undefined)?.code;
+    const policy = this.#policy;
+    // Never direct when a proxy is named: that would bypass the proxy the caller asked for.
+    if (
+      policy.directFallback &&
+      !policy.proxy &&
+      code === ErrorCodes.DAEMON_UNAVAILABLE &&
+      !transfer.io.signal.aborted
+    ) {
+      this.#perform(transfer, undefined, performance.now() - started);
+      return;
+    }
+    // The daemon waited as long as the request's own deadline allowed (not acquireTimeoutMs): the request timed
+    // out, whichever of the two timers fired first.
+    if (code === ErrorCodes.ACQUIRE_TIMEOUT && remaining < policy.acquireTimeoutMs) {
+      this.#fail(transfer, timeoutError(transfer.request));
+      return;
+    }
+    this.#fail(transfer, error);
+  }
+
+  /** An attempt ended (`slot`: its socket; none for a direct one): the transfer ends, or runs again. */
+  #attemptEnded(transfer: Transfer, slot: SocketSlot | undefined, result: TransferResult | TransferFailure): void {
+    if (slot) this.#supply.finish(slot);
+    if (!(result instanceof TransferFailure)) {
+      const sink = transfer.io.sink;
+      if (sink instanceof BufferSink) result.body = sink.body();
+      transfer.done({ ok: true, result });
+      return;
+    }
+    const { io, request } = transfer;
+    // A direct attempt (the daemon down) is never retried. Nothing can be retried once cancelled, once the caller
+    // saw the response head, or when a streamed request body was already read from.
+    if (!slot || result.aborted || io.sink.committed) {
+      this.#fail(transfer, result.error);
+      return;
+    }
+    // curl needed a new connection and we had not prepared one: once more, with a socket.
+    if (slot.starved && !slot.taken && transfer.attempt < 2 && rewound(io)) {
+      this.#retry(transfer);
+      return;
+    }
+    // The handed (or cached) connection died under the request: one retry on a fresh socket.
+    if (
+      !transfer.retriedDead &&
+      DEAD_CONNECTION_CODES.has(result.curlCode) &&
+      retryable(this.#policy, request) &&
+      rewound(io)
+    ) {
+      transfer.retriedDead = true;
+      this.#retry(transfer);
+      return;
+    }
+    this.#fail(transfer, result.error);
   }
 
   close(): void {
@@ -255,9 +420,7 @@ export class CurlEngine {
     this.#stallWatch.close();
     // Nothing is left hanging: transfers curl finished are completed now (their handles still open), and the ones
     // still running fail with SOCKPOOL_ERR_CLOSED.
-    const completed = this.#completed;
-    this.#completed = [];
-    for (const complete of completed) complete();
+    this.#completeFinished();
     const closing = new SockpoolError(ErrorCodes.CLOSED, 'the client is closing');
     for (const state of this.#states.values()) {
       const finish = state.finish;
@@ -273,71 +436,14 @@ export class CurlEngine {
     this.#free = [];
   }
 
-  async #runWithRetry(request: TransferRequest, io: TransferIO): Promise<TransferResult> {
-    const target = urlTarget(request.url);
-    const { origin, secure } = target;
-    const policy = this.#policy;
-    const key = policy.proxy ? originKey({ ...origin, proxy: policy.proxy }) : target.key;
-    let forceSocket = false;
-    let retriedDead = false;
-    for (let attempt = 0; ; attempt++) {
-      io.signal.throwIfAborted();
-      const started = performance.now();
-      const remaining = request.deadline - (TIME_ORIGIN + started);
-      if (remaining <= 0) throw timeoutError(request);
-      let slot: SocketSlot;
-      try {
-        // Each attempt is a request the origin sees: each takes a token of a rate-limited origin.
-        const token = this.#rateTokens?.take(origin.host, origin.port, remaining);
-        if (token) await token;
-        const tokenTaken = this.#rateTokens?.rated(origin.host, origin.port) === true;
-        const preparing = this.#supply.prepare(origin, key, {
-          proxy: policy.proxy,
-          secure,
-          timeoutMs: Math.min(policy.acquireTimeoutMs, remaining),
-          force: forceSocket,
-          signal: io.signal,
-          tlsTrust: secure ? this.#tlsTrust : undefined,
-          tokenTaken,
-        });
-        slot = preparing instanceof Promise ? await preparing : preparing;
-      } catch (error) {
-        const code = (error as { code?: string }).code;
-        // Never direct when a proxy is named: that would bypass the proxy the caller asked for.
-        if (policy.directFallback && !policy.proxy && code === ErrorCodes.DAEMON_UNAVAILABLE && !io.signal.aborted) {
-          const direct = await this.#perform(request, target, key, io, undefined, performance.now() - started);
-          if (direct instanceof TransferFailure) throw direct.error;
-          return direct;
-        }
-        // The daemon waited as long as the request's own deadline allowed (not acquireTimeoutMs): the request timed
-        // out, whichever of the two timers fired first.
-        if (code === ErrorCodes.ACQUIRE_TIMEOUT && remaining < policy.acquireTimeoutMs) throw timeoutError(request);
-        throw error;
-      }
-      const acquireMs = performance.now() - started;
-      let result: TransferResult | TransferFailure;
-      try {
-        result = await this.#perform(request, target, key, io, slot, acquireMs);
-      } finally {
-        this.#supply.finish(slot);
-      }
-      if (!(result instanceof TransferFailure)) return result;
-      // Nothing can be retried once cancelled, once the caller saw the response head, or when a streamed request
-      // body was already read from.
-      if (result.aborted || io.sink.committed) throw result.error;
-      // curl needed a new connection and we had not prepared one: once more, with a socket.
-      if (slot.starved && !slot.taken && attempt < 2 && rewound(io)) {
-        forceSocket = true;
-        continue;
-      }
-      // The handed (or cached) connection died under the request: one retry on a fresh socket.
-      if (!retriedDead && DEAD_CONNECTION_CODES.has(result.curlCode) && retryable(policy, request) && rewound(io)) {
-        retriedDead = true;
-        forceSocket = true;
-        continue;
-      }
-      throw result.error;
-    }
+  #retry(transfer: Transfer): void {
+    transfer.forceSocket = true;
+    transfer.attempt++;
+    this.#attempt(transfer);
+  }
+
+  #fail(transfer: Transfer, error: unknown): void {
+    transfer.done({ ok: false, error: toPlainError(error) });
   }
 
   #handle(): HandleState {
@@ -394,6 +500,18 @@ export class CurlEngine {
       offset === 0 && state.current?.io.source?.rewind() ? CURL_SEEKFUNC_OK : CURL_SEEKFUNC_CANTSEEK,
     );
     easy.setOpt('NOSIGNAL', true);
+    // What is the same for every transfer of this engine is set once per handle.
+    easy.setOpt('ACCEPT_ENCODING', null);
+    // node-libcurl defaults CAINFO_BLOB to Node's bundled CAs, and a blob beats CAINFO: clear it so that curl
+    // verifies against the CA file given, or else the system store (libcurl's built-in default path).
+    easy.setOpt('CAINFO_BLOB', null);
+    const policy = this.#policy;
+    if (policy.caFile !== undefined) easy.setOpt('CAINFO', policy.caFile);
+    easy.setOpt('SSL_VERIFYPEER', policy.insecure ? 0 : 1);
+    easy.setOpt('SSL_VERIFYHOST', policy.insecure ? 0 : 2);
+    // Never a proxy of curl's own, nor one from the environment (http_proxy and friends): the daemon decides where
+    // sockets go, and opens the CONNECT tunnel itself when the client named one of its proxies. '' means no proxy.
+    easy.setOpt('PROXY', '');
     this.#states.set(easy, state);
     return state;
   }
@@ -473,15 +591,15 @@ export class CurlEngine {
     // Options are set per transfer, but most repeat from one to the next on a reused handle: only changes reach
     // curl (lists compare by their text). Each setOpt is a native call: a keep-alive request makes none.
     const set = (name: string, value: PlainOption | HandleState['onHeader']) => {
-      if (state.options.has(name) && state.options.get(name) === value) return;
+      if (state.options.get(name) === value && state.options.has(name)) return;
       state.options.set(name, value);
       (easy.setOpt as (option: string, value: unknown) => unknown)(name, value);
     };
-    // Lists compare by their text (`key`), built by the caller only when it may have changed.
-    const setList = (name: string, key: string, list: () => string[] | null) => {
-      if (state.options.has(name) && state.options.get(name) === key) return;
+    // Lists compare by their text (`key`); `list` is built only when it may have changed (a function), or given.
+    const setList = (name: string, key: string, list: string[] | null | (() => string[])) => {
+      if (state.options.get(name) === key && state.options.has(name)) return;
       state.options.set(name, key);
-      (easy.setOpt as (option: string, value: unknown) => unknown)(name, list());
+      (easy.setOpt as (option: string, value: unknown) => unknown)(name, typeof list === 'function' ? list() : list);
     };
     const { request, slot, io, target: urlTarget, relay } = attempt;
     // Over a relayed warm TLS session curl speaks plaintext: the http:// form of the URL, the https authority.
@@ -503,7 +621,7 @@ export class CurlEngine {
         easy.setOpt('HTTPGET', request.method === 'GET');
       }
     }
-    if (request.headers.length === 0 && !io.source && !relay) setList('HTTPHEADER', '', () => []);
+    if (request.headers.length === 0 && !io.source && !relay) setList('HTTPHEADER', '', NO_HEADERS);
     else {
       const headers = request.headers.map(([name, value]) => `${name}: ${value}`);
       if (relay) headers.unshift(...relayHeaders(request, urlTarget, relay));
@@ -514,7 +632,6 @@ export class CurlEngine {
     // A backstop only: the runtime's own timer at the deadline cancels the transfer first (even while it is
     // paused). The whole timeout, not what is left of it, so that it repeats from one request to the next.
     set('TIMEOUT_MS', Math.max(1, Math.ceil(request.timeoutMs)));
-    set('ACCEPT_ENCODING', null);
     // The head is taken from curl when the transfer ends (one native call, no callback per header line), unless
     // it is needed before: a streamed response, or the first response of an https origin (HTTP/2 or not decides
     // how the next transfers to it get their sockets; see socket-supply.ts).
@@ -541,13 +658,6 @@ export class CurlEngine {
       set('HTTP_VERSION', attempt.secure ? CurlHttpVersion.V2Tls : CurlHttpVersion.V1_1);
       set('PIPEWAIT', attempt.secure);
     }
-    // node-libcurl defaults CAINFO_BLOB to Node's bundled CAs, and a blob beats CAINFO: clear it so that curl
-    // verifies against the CA file given, or else the system store (libcurl's built-in default path).
-    set('CAINFO_BLOB', null);
-    const policy = this.#policy;
-    set('CAINFO', policy.caFile ?? null);
-    set('SSL_VERIFYPEER', policy.insecure ? 0 : 1);
-    set('SSL_VERIFYHOST', policy.insecure ? 0 : 2);
     if (slot) {
       // Pin curl's DNS to the address the daemon connected to: the worker never resolves (it may have no network).
       if (slot.lease) {
@@ -561,26 +671,24 @@ export class CurlEngine {
         if (this.#pinned.size > MAX_PINNED) this.#pinned.delete(this.#pinned.keys().next().value!);
       }
       const entry = this.#pinned.get(slot.originKey);
-      if (entry) setList('RESOLVE', entry, () => [entry]);
+      if (entry && (state.options.get('RESOLVE') !== entry || !state.options.has('RESOLVE'))) {
+        setList('RESOLVE', entry, [entry]);
+      }
     } else {
-      setList('RESOLVE', '', () => null);
+      setList('RESOLVE', '', null);
     }
-    // Never a proxy of curl's own, nor one from the environment (http_proxy and friends): the daemon decides where
-    // sockets go, and opens the CONNECT tunnel itself when the client named one of its proxies. '' means no proxy.
-    set('PROXY', '');
     // curl connects by itself: its default socket callbacks for this attempt (restored when it ends).
     if (attempt.mode === 'direct') this.#useLeasedSockets(state, false);
   }
 
-  #perform(
-    request: TransferRequest,
-    target: UrlTarget,
-    key: string,
-    io: TransferIO,
-    slot: SocketSlot | undefined,
-    acquireMs: number,
-  ): Promise<TransferResult | TransferFailure> {
-    if (this.#closed) return Promise.reject(new SockpoolError(ErrorCodes.CLOSED, 'worker is closing'));
+  /** Runs one attempt in curl; its end (success or TransferFailure) goes to #attemptEnded. */
+  #perform(transfer: Transfer, slot: SocketSlot | undefined, acquireMs: number): void {
+    if (this.#closed) {
+      const closing = new SockpoolError(ErrorCodes.CLOSED, 'worker is closing');
+      this.#attemptEnded(transfer, slot, new TransferFailure(0, closing, true));
+      return;
+    }
+    const { request, io, target, key } = transfer;
     const state = this.#handle();
     const attempt: Attempt = {
       seq: ++this.#seq,
@@ -603,76 +711,80 @@ export class CurlEngine {
     } catch (error) {
       this.#restoreSocketCallbacks(state, attempt);
       this.#release(state);
-      return Promise.reject(error);
+      this.#attemptEnded(transfer, slot, new TransferFailure(0, error, true));
+      return;
     }
     // (A BufferSink never refuses a chunk: nothing to resume.)
     if (!(io.sink instanceof BufferSink)) io.sink.onWritable(() => this.#resume(state, attempt.seq, CurlPause.Recv));
     io.source?.onReadable(() => this.#resume(state, attempt.seq, CurlPause.Send));
-    return new Promise((resolve) => {
-      const { signal } = io;
-      const onAbort = () => {
-        if (!state.finish || state.current !== attempt) return;
-        const finish = state.finish;
+    const { signal } = io;
+    const onAbort = () => {
+      if (!state.finish || state.current !== attempt) return;
+      const finish = state.finish;
+      state.finish = undefined;
+      // Out of the Multi at once: curl closes a connection left mid-response (CLOSESOCKETFUNCTION).
+      this.#multi.removeHandle(state.easy);
+      finish(CurlCode.CURLE_ABORTED_BY_CALLBACK, undefined, signal.reason);
+    };
+    state.finish = (code, error, abortReason) => {
+      signal.removeEventListener('abort', onAbort);
+      this.#restoreSocketCallbacks(state, attempt);
+      if (abortReason !== undefined) {
+        this.#release(state);
+        return this.#attemptEnded(transfer, slot, new TransferFailure(code, abortReason, true));
+      }
+      if (code !== CurlCode.CURLE_OK) {
+        const message = error?.message ?? `curl error ${code}`;
+        const failure =
+          code === CurlCode.CURLE_OPERATION_TIMEDOUT
+            ? new TransferFailure(code, timeoutError(request), true)
+            : new TransferFailure(
+                code,
+                new SockpoolError(ErrorCodes.TRANSFER, `${request.method} ${request.url}: ${message}`, {
+                  curlCode: code,
+                  deadConnection: DEAD_CONNECTION_CODES.has(code),
+                }),
+              );
+        this.#release(state);
+        return this.#attemptEnded(transfer, slot, failure);
+      }
+      const head = this.#head(state.easy, attempt);
+      if (!attempt.headSent) {
+        attempt.headSent = true;
+        attempt.io.sink.head(head);
+      }
+      this.#release(state);
+      // The head becomes the result (#attemptEnded puts a buffered body in).
+      const result = head as TransferResult;
+      result.body = EMPTY_BODY;
+      this.#attemptEnded(transfer, slot, result);
+    };
+    if (signal.aborted) {
+      state.finish = undefined;
+      this.#restoreSocketCallbacks(state, attempt);
+      this.#release(state);
+      this.#attemptEnded(transfer, slot, new TransferFailure(CurlCode.CURLE_ABORTED_BY_CALLBACK, signal.reason, true));
+      return;
+    }
+    signal.addEventListener('abort', onAbort, { once: true });
+    try {
+      this.#multi.addHandle(state.easy);
+    } catch (error) {
+      // Started from a microtask that ran at the end of one of curl's own callbacks (inside
+      // curl_multi_socket_action: a retry after the daemon link failed there), where curl refuses the call
+      // (CURLM_RECURSIVE_API_CALL): add it on the next turn, unless the attempt ended meanwhile.
+      if (!/within callback/i.test((error as Error).message)) {
         state.finish = undefined;
-        // Out of the Multi at once: curl closes a connection left mid-response (CLOSESOCKETFUNCTION).
-        this.#multi.removeHandle(state.easy);
-        finish(CurlCode.CURLE_ABORTED_BY_CALLBACK, undefined, signal.reason);
-      };
-      state.finish = (code, error, abortReason) => {
         signal.removeEventListener('abort', onAbort);
         this.#restoreSocketCallbacks(state, attempt);
-        if (abortReason !== undefined) {
-          this.#release(state);
-          resolve(new TransferFailure(code, abortReason, true));
-          return;
-        }
-        if (code !== CurlCode.CURLE_OK) {
-          const message = error?.message ?? `curl error ${code}`;
-          const failure =
-            code === CurlCode.CURLE_OPERATION_TIMEDOUT
-              ? new TransferFailure(code, timeoutError(request), true)
-              : new TransferFailure(
-                  code,
-                  new SockpoolError(ErrorCodes.TRANSFER, `${request.method} ${request.url}: ${message}`, {
-                    curlCode: code,
-                    deadConnection: DEAD_CONNECTION_CODES.has(code),
-                  }),
-                );
-          this.#release(state);
-          resolve(failure);
-          return;
-        }
-        const head = this.#head(state.easy, attempt);
-        if (!attempt.headSent) {
-          attempt.headSent = true;
-          attempt.io.sink.head(head);
-        }
         this.#release(state);
-        // The head becomes the result (run() puts a buffered body in).
-        const result = head as TransferResult;
-        result.body = EMPTY_BODY;
-        resolve(result);
-      };
-      if (signal.aborted) {
-        state.finish = undefined;
-        this.#restoreSocketCallbacks(state, attempt);
-        this.#release(state);
-        resolve(new TransferFailure(CurlCode.CURLE_ABORTED_BY_CALLBACK, signal.reason, true));
+        this.#attemptEnded(transfer, slot, new TransferFailure(0, error, true));
         return;
       }
-      signal.addEventListener('abort', onAbort, { once: true });
-      try {
-        this.#multi.addHandle(state.easy);
-      } catch (error) {
-        // Started from a microtask that ran at the end of one of curl's own callbacks (inside
-        // curl_multi_socket_action: a retry after the daemon link failed there), where curl refuses the call
-        // (CURLM_RECURSIVE_API_CALL): add it on the next turn, unless the attempt ended meanwhile.
-        if (!/within callback/i.test((error as Error).message)) throw error;
-        setImmediate(() => {
-          if (state.current === attempt && state.finish) this.#multi.addHandle(state.easy);
-        });
-      }
-    });
+      setImmediate(() => {
+        if (state.current === attempt && state.finish) this.#multi.addHandle(state.easy);
+      });
+    }
   }
 
   /** The warm TLS session an attempt's connection is: its lease's, or (none) the one curl keeps for the origin. */

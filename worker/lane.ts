@@ -63,7 +63,7 @@ class WorkerLane {
       this.#cancellations.set(id, cancellation);
     }
     this.#inFlight++;
-    this.#runtime.runRequest(call.request, undefined, cancellation).then((outcome) => {
+    this.#runtime.startRequest(call.request, undefined, cancellation, (outcome) => {
       this.#inFlight--;
       if (cancellation) this.#cancellations.delete(id);
       this.#reply(id, outcome);

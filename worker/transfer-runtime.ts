@@ -20,7 +20,7 @@ import {
   timeoutError,
 } from './curl-engine.js';
 import { DaemonLink } from './daemon-link.js';
-import { Deadlines } from './deadlines.js';
+import { type Deadline, Deadlines } from './deadlines.js';
 import { PortSink } from './response-sink.js';
 import { SocketSupply } from './socket-supply.js';
 import type { CallerMessage } from './stream-protocol.js';
@@ -138,15 +138,20 @@ export class TransferRuntime {
    * caller's AbortSignal, when the runtime runs in the caller's thread (`threads: 0`) and needs no port for it, or
    * the cancellation of a request that came over the thread's lane (lane.ts).
    */
-  async runRequest(
+  runRequest(request: TransferRequest, port: MessagePort | undefined, signal?: CancelSignal): Promise<TransferOutcome> {
+    return new Promise((resolve) => this.startRequest(request, port, signal, resolve));
+  }
+
+  /** runRequest() without a promise of its own: `done` gets the outcome, once. */
+  startRequest(
     request: TransferRequest,
     port: MessagePort | undefined,
-    signal?: CancelSignal,
-  ): Promise<TransferOutcome> {
-    const cancellation = new Cancellation();
-    const deadline = this.#deadlines.add(request.deadline, () => cancellation.cancel(timeoutError(request)));
-    const onCallerAbort = signal ? () => cancellation.cancel(abortedError(signal)) : undefined;
-    if (onCallerAbort) signal!.addEventListener('abort', onCallerAbort, { once: true });
+    signal: CancelSignal | undefined,
+    done: (outcome: TransferOutcome) => void,
+  ): void {
+    const run = new RequestRun(request, signal);
+    this.#deadlines.insert(run);
+    if (signal) signal.addEventListener('abort', run, { once: true });
     let sink: PortSink | undefined;
     let source: PortSource | undefined;
     if (port) {
@@ -156,7 +161,7 @@ export class TransferRuntime {
         switch (message.t) {
           case 'abort':
           case 'body-error':
-            cancellation.cancel(fromPlainError(message.error));
+            run.cancel(fromPlainError(message.error));
             return;
           case 'credit':
             sink?.credit(message.consumed);
@@ -170,27 +175,48 @@ export class TransferRuntime {
         }
       });
       // The caller's end closed before the transfer ended: nobody wants the rest.
-      port.on('close', () =>
-        cancellation.cancel(new SockpoolError(ErrorCodes.ABORTED, 'the caller closed the request')),
-      );
+      port.on('close', () => run.cancel(new SockpoolError(ErrorCodes.ABORTED, 'the caller closed the request')));
     }
     this.#running++;
-    try {
-      const outcome = await this.#engine.run(request, {
-        sink,
-        source,
-        signal: cancellation,
-      });
+    const ended = (outcome: TransferOutcome) => {
       if (sink) {
         if (outcome.ok) sink.end();
         else sink.fail(outcome.error);
       }
-      return outcome;
-    } finally {
-      this.#deadlines.remove(deadline);
+      this.#deadlines.remove(run);
       this.#ended();
-      if (onCallerAbort) signal!.removeEventListener('abort', onCallerAbort);
+      if (signal) signal.removeEventListener('abort', run);
       port?.close();
-    }
+      done(outcome);
+    };
+    // (Without a port: the sink and source are the engine's defaults.)
+    this.#engine.start(request, port ? { sink, source, signal: run } : { signal: run }, ended);
+  }
+}
+
+/**
+ * One request's run in the runtime: its cancellation, its entry among the deadlines (expire() at the deadline),
+ * and the listener on the caller's signal (handleEvent), in one object.
+ */
+class RequestRun extends Cancellation implements Deadline {
+  at: number;
+  index = -1;
+  readonly #request: TransferRequest;
+  readonly #callerSignal: CancelSignal | undefined;
+
+  constructor(request: TransferRequest, callerSignal: CancelSignal | undefined) {
+    super();
+    this.at = request.deadline;
+    this.#request = request;
+    this.#callerSignal = callerSignal;
+  }
+
+  expire(): void {
+    this.cancel(timeoutError(this.#request));
+  }
+
+  /** The caller's signal fired. */
+  handleEvent(): void {
+    this.cancel(abortedError(this.#callerSignal!));
   }
 }
