@@ -9,7 +9,8 @@
 // --pin (throughput runs pinned too: requesters on CPU 0, servers and daemon on CPU 1); --profile (daemon under
 // node --cpu-prof, profile in bench/results/profiles); --strace (syscalls per request, strace -c attached to the
 // raw server and the daemon); --daemon PATH (another build's daemon/main.js, for A/B runs); --compare PATH (another
-// build's daemon beside this one, both in every throughput round: an A/B in one run); --json (requesters
+// build's daemon beside this one, both in every sequential and throughput round: an A/B in one run);
+// --throughput-rounds N; --json (requesters
 // without binary framing); --out FILE (JSON results; default bench/results/handoff-<date>.json).
 // docs/benchmarks.md explains every line of the output.
 
@@ -48,7 +49,7 @@ const settings = {
   rounds: quick ? 3 : 10,
   warmupRequests: quick ? 500 : 2_000,
   throughputMs: quick ? 1_000 : 2_000,
-  throughputRounds: quick ? 3 : 5,
+  throughputRounds: option('--throughput-rounds', quick ? 3 : 5),
   inFlight: 8,
   memorySockets: option('--sockets', quick ? 2_000 : 10_000),
   memoryOrigins: option('--origins', quick ? 20 : 100),
@@ -58,8 +59,9 @@ const settings = {
   pin: flag('--pin'),
   daemonMain: optionText('--daemon') === undefined ? undefined : resolve(optionText('--daemon')!),
   /**
-   * Another build's daemon/main.js, run beside this one: each throughput round then runs every arrangement on
-   * both daemons, back to back, and the report adds their per-round ratios (an A/B in one run).
+   * Another build's daemon/main.js, run beside this one: each sequential round runs it right after this build's
+   * daemon and each throughput round runs every arrangement on both, back to back; the report adds their per-round
+   * ratios (an A/B in one run).
    */
   compareMain: optionText('--compare') === undefined ? undefined : resolve(optionText('--compare')!),
   strace: flag('--strace'),
@@ -194,6 +196,8 @@ interface RoundResult {
   scmP50: number;
   jsonP50: number;
   handoffP50: number;
+  /** --compare: the other build's daemon, run right after this one's in the same round. */
+  compareP50?: number;
 }
 
 /**
@@ -260,7 +264,7 @@ async function measureLatency(startedAt: Date): Promise<LatencyResult> {
   await client.hello();
   await client.prewarm(HOST, port, 64);
   await until(async () => (await client.stats()).idle >= 64, 'prewarm of 64 sockets', 10_000);
-  // --compare: the other build's daemon, same origin and settings, prewarmed alike (throughput rounds only).
+  // --compare: the other build's daemon, same origin and settings, prewarmed alike.
   let other: { daemon: BenchDaemon; client: BenchDaemonClient } | undefined;
   if (settings.compareMain) {
     const otherDaemon = await startBenchDaemon({
@@ -320,6 +324,7 @@ async function measureLatency(startedAt: Date): Promise<LatencyResult> {
   const runSequential = async (placement: Placement): Promise<SequentialResult> => {
     setAffinity(process.pid, placement === 'cross-cpu' ? '0' : '1');
     for (const pid of [scmServer.pid, jsonServer.pid, daemon.pid]) setAffinity(pid, '1');
+    if (other) setAffinity(other.daemon.pid, '1');
     const scmSamples = new Samples(settings.samplesPerRound * settings.rounds);
     const jsonSamples = new Samples(settings.samplesPerRound * settings.rounds);
     const handoffSamples = new Samples(settings.samplesPerRound * settings.rounds);
@@ -356,10 +361,25 @@ async function measureLatency(startedAt: Date): Promise<LatencyResult> {
       });
       daemonCpuMs = add(daemonCpuMs, diffCpu(daemonBefore, safeCpu(daemon.pid)));
       handoffCount += handoffs;
+      let compareP50: number | undefined;
+      if (other) {
+        const compareSamples = new Samples(settings.samplesPerRound);
+        await runHandoffs(other.client, {
+          host: HOST,
+          port,
+          inFlight: 1,
+          maxHandoffs: settings.samplesPerRound,
+          durationMs: 600_000,
+          release: 'ack',
+          onSample: (us) => compareSamples.push(us),
+        });
+        compareP50 = summarize(compareSamples.values()).p50;
+      }
       perRound.push({
         scmP50: summarize(scmSamples.values().subarray(marks[0])).p50,
         jsonP50: summarize(jsonSamples.values().subarray(marks[1])).p50,
         handoffP50: summarize(handoffSamples.values().subarray(marks[2])).p50,
+        ...(compareP50 === undefined ? {} : { compareP50 }),
       });
     }
     return {
@@ -663,6 +683,7 @@ async function main(): Promise<void> {
         rawScm: round(r.scmP50),
         jsonNet: round(r.jsonP50),
         handoff: round(r.handoffP50),
+        ...(r.compareP50 === undefined ? {} : { compare: round(r.compareP50) }),
       })),
       serverCpuUsPerRequest: seq.serverCpuUsPerRequest === null ? null : round(seq.serverCpuUsPerRequest),
       daemonCpuUsPerHandoff: seq.daemonCpuUsPerHandoff === null ? null : round(seq.daemonCpuUsPerHandoff),
@@ -764,6 +785,14 @@ function report(
           `scm-server ${cpuText(seq.serverCpuUsPerRequest)} per request, sockpoold ` +
           `${cpuText(seq.daemonCpuUsPerHandoff)} per handoff (acquire plus acked release)`,
       );
+      if (rounds.every((r) => r.compareP50 !== undefined)) {
+        const ab = rounds.map((r) => r.handoffP50 / r.compareP50!);
+        out.push(
+          `A/B: --compare build's p50 per round ${rounds.map((r) => r.compareP50!.toFixed(1)).join(' ')}; this build ÷ ` +
+            `that build ${ab.map((v) => v.toFixed(2)).join(' ')} (median ${median(ab).toFixed(2)}); that build / (a) ` +
+            `median ${median(rounds.map((r) => r.compareP50! / r.scmP50)).toFixed(2)}x`,
+        );
+      }
       // The verdict uses the per-round ratio: each round measures (a) and sockpoold back to back under the same
       // conditions, which the pooled percentiles mix when the wakeup cost shifts during the run.
       const p50: Aim = {

@@ -435,10 +435,25 @@ export class HandoffServer {
       return;
     }
     const started = performance.now();
-    session.pending++;
     // A rate-limited origin: the lease tells the client its rate, and an acquire whose request took no token yet
     // (the client did not know the rate) is charged one here: its request goes out on this socket.
     const rate = this.#rates?.paramsFor(origin);
+    if (!rate) {
+      // A warm socket idle now: the lease goes out in this turn, without a promise.
+      let warm: Awaited<ReturnType<PoolManager['acquire']>> | undefined;
+      try {
+        warm = this.#pools.takeWarm(origin, message.tls?.trust, session.uid);
+      } catch (error) {
+        this.#quotas.acquireSettled(session.uid, message.host, false);
+        this.#replyError(session, message.id, error);
+        return;
+      }
+      if (warm) {
+        this.#lend(session, message, origin, warm, undefined, started);
+        return;
+      }
+    }
+    session.pending++;
     const charge =
       rate && message.tokenTaken !== true
         ? this.#rates!.take(origin, rate, 1, message.timeoutMs ?? this.#config().pool.defaults.acquireTimeoutMs)
@@ -463,51 +478,7 @@ export class HandoffServer {
           this.#pools.giveBack(handoff.originKey, handoff, session.uid);
           return;
         }
-        // Identity and counters: from the pool's probe for a warm socket, read here for a fresh one.
-        const mark = handoff.mark ?? markOf(handoff.fd);
-        const lease = this.#leases.create({
-          clientId: session.id,
-          originKey: handoff.originKey,
-          origin,
-          address: handoff.address,
-          peerPort: handoff.peerPort,
-          family: handoff.family,
-          tls: handoff.tls,
-          uid: session.uid,
-          fd: handoff.fd,
-          mark,
-        });
-        // The lease's own fd is lent: the kernel gives the client a copy, the daemon's stays open in the lease.
-        // Everything that can wait (quotas, the lease deadline, metrics) comes after the send.
-        this.#send(
-          session,
-          {
-            type: 'lease',
-            id: message.id,
-            leaseId: lease.leaseId,
-            host: message.host,
-            port: message.port,
-            address: handoff.address,
-            family: handoff.family,
-            warm: handoff.warm,
-            connectMs: handoff.warm ? 0 : Number(handoff.connectMs.toFixed(3)),
-            ...(handoff.tls ? { tls: handoff.tls } : {}),
-            ...(rate ? { rate } : {}),
-          },
-          [handoff.fd],
-          true,
-        );
-        this.#quotas.acquireSettled(session.uid, message.host, true);
-        const maxLeaseMs = this.#config().quotas.maxLeaseMs;
-        if (maxLeaseMs > 0) {
-          lease.deadline = setTimeout(() => {
-            if (this.#leases.end(lease.leaseId, session.id)) {
-              this.#log.debug({ client: session.id, lease: lease.leaseId, maxLeaseMs }, 'lease ended at maxLeaseMs');
-              this.#endLease(lease, true);
-            }
-          }, maxLeaseMs);
-        }
-        this.#metrics?.handoffSeconds.observe((performance.now() - started) / 1000);
+        this.#lend(session, message, origin, handoff, rate, started);
       },
       (error: Error) => {
         session.pending--;
@@ -521,7 +492,62 @@ export class HandoffServer {
     );
   }
 
-  /** `fd`: the client's copy that came back, or undefined for a release `withoutFd` (the client closed it). */
+  /** The socket becomes a lease of this client and goes out with the `lease` reply. */
+  #lend(
+    session: ClientSession,
+    message: Extract<ClientMessage, { type: 'acquire' }>,
+    origin: Origin,
+    handoff: Awaited<ReturnType<PoolManager['acquire']>>,
+    rate: ReturnType<RateLimiter['paramsFor']>,
+    started: number,
+  ): void {
+    // Identity and counters: from the pool's probe for a warm socket, read here for a fresh one.
+    const mark = handoff.mark ?? markOf(handoff.fd);
+    const lease = this.#leases.create({
+      clientId: session.id,
+      originKey: handoff.originKey,
+      origin,
+      address: handoff.address,
+      peerPort: handoff.peerPort,
+      family: handoff.family,
+      tls: handoff.tls,
+      uid: session.uid,
+      fd: handoff.fd,
+      mark,
+    });
+    // The lease's own fd is lent: the kernel gives the client a copy, the daemon's stays open in the lease.
+    // Everything that can wait (quotas, the lease deadline, metrics) comes after the send.
+    this.#send(
+      session,
+      {
+        type: 'lease',
+        id: message.id,
+        leaseId: lease.leaseId,
+        host: message.host,
+        port: message.port,
+        address: handoff.address,
+        family: handoff.family,
+        warm: handoff.warm,
+        connectMs: handoff.warm ? 0 : Number(handoff.connectMs.toFixed(3)),
+        ...(handoff.tls ? { tls: handoff.tls } : {}),
+        ...(rate ? { rate } : {}),
+      },
+      [handoff.fd],
+      true,
+    );
+    this.#quotas.acquireSettled(session.uid, message.host, true);
+    const maxLeaseMs = this.#config().quotas.maxLeaseMs;
+    if (maxLeaseMs > 0) {
+      lease.deadline = setTimeout(() => {
+        if (this.#leases.end(lease.leaseId, session.id)) {
+          this.#log.debug({ client: session.id, lease: lease.leaseId, maxLeaseMs }, 'lease ended at maxLeaseMs');
+          this.#endLease(lease, true);
+        }
+      }, maxLeaseMs);
+    }
+    this.#metrics?.handoffSeconds.observe((performance.now() - started) / 1000);
+  }
+
   #release(session: ClientSession, message: Extract<ClientMessage, { type: 'release' }>, fd: number | undefined): void {
     const lease = this.#leases.end(message.leaseId, session.id);
     if (!lease) {

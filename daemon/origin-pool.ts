@@ -122,11 +122,8 @@ export class OriginPool {
   /** Resolves with a live connected socket for a client of `uid`; ownership of its fd passes to the caller. */
   acquire(timeoutMs: number, uid = 0): Promise<Handoff> {
     if (this.#closed) return Promise.reject(new SockpoolError(ErrorCodes.SHUTTING_DOWN, 'pool is closing'));
-    const warm = this.#takeIdle(uid);
-    if (warm) {
-      this.#waiters.held(uid, +1);
-      return Promise.resolve(warm);
-    }
+    const warm = this.takeWarm(uid);
+    if (warm) return Promise.resolve(warm);
     return new Promise<Handoff>((resolve, reject) => {
       const waiter: Waiter = {
         uid,
@@ -148,6 +145,14 @@ export class OriginPool {
       this.#waiters.push(waiter);
       this.#pump();
     });
+  }
+
+  /** A checked idle socket for a client of `uid` at once (acquire's warm path), or undefined when none is idle. */
+  takeWarm(uid = 0): Handoff | undefined {
+    if (this.#closed) return undefined;
+    const warm = this.#takeIdle(uid);
+    if (warm) this.#waiters.held(uid, +1);
+    return warm;
   }
 
   /** A lease of `uid` ended (the socket is closed): its slot is free. */
@@ -313,7 +318,7 @@ export class OriginPool {
         clearTimeout(socket.recycleTimer);
         this.#events.idleChanged(this, -1);
         this.#leased++;
-        this.#pumpSoon();
+        if (this.#mayNeedPump()) this.#pumpSoon();
         const {
           poller: _poller,
           idleSince: _idleSince,
@@ -439,6 +444,24 @@ export class OriginPool {
   }
 
   #pumpScheduled = false;
+  /**
+   * Whether a pump after a handoff could do anything: serve a waiter, or start a refill connect because the idle
+   * supply fell below the target. Most warm handoffs leave the pool above its target (and the socket often comes
+   * back in the same turn): they schedule nothing, which spares the event loop a turn that polls without waiting.
+   */
+  #mayNeedPump(): boolean {
+    if (this.#waiters.length > 0) return true;
+    // The same arithmetic as #pump's refill loop, counted once with the socket just taken already gone.
+    if (this.total >= this.policy.maxPerOrigin) return false;
+    const target = Math.min(this.policy.maxIdle, Math.max(this.policy.minIdle, this.#refillTarget));
+    let wanted = target - (this.#connecting - this.#connectingForWaiters);
+    // Counts shared idle sockets only until there are enough (the pool may hold many).
+    for (let index = this.#idle.length - 1; index >= 0 && wanted > 0; index--) {
+      if (this.#idle[index]!.ownerUid === undefined) wanted--;
+    }
+    return wanted > 0;
+  }
+
   #pumpSoon(): void {
     if (this.#pumpScheduled) return;
     this.#pumpScheduled = true;

@@ -137,6 +137,35 @@ export class PoolManager {
       }
       throw error;
     }
+    return this.#handedOut(pool, stats, handoff);
+  }
+
+  /**
+   * acquire()'s warm path without a promise: a checked idle socket for `origin` at once, or undefined when none is
+   * idle for `uid` (call acquire() then: it waits or connects). The handoff server sends the lease in the turn its
+   * acquire arrived.
+   */
+  takeWarm(
+    origin: Origin,
+    tlsTrust?: TlsTrust,
+    uid = 0,
+  ): (Handoff & { originKey: string; peerPort: number }) | undefined {
+    if (this.#closed) return undefined;
+    const pool = this.#poolFor(origin, tlsTrust);
+    const handoff = pool.takeWarm(uid);
+    if (!handoff) return undefined;
+    const stats = this.#statsOf(pool.key);
+    stats.uids.add(uid);
+    this.#bumpRate(stats);
+    return this.#handedOut(pool, stats, handoff);
+  }
+
+  /** Counts a handoff (hit or miss) and names its pool and peer port. */
+  #handedOut(
+    pool: OriginPool,
+    stats: OriginStats,
+    handoff: Handoff,
+  ): Handoff & { originKey: string; peerPort: number } {
     if (handoff.warm) {
       stats.hits++;
       this.#hits++;
