@@ -8,10 +8,16 @@
 // Rounds alternate the peers. The origin (node:https, HTTP/1.1, a throwaway CA) runs in a child process, so that
 // the blocking node-libcurl peer and the origin do not share a loop.
 //
-//   node dist/bench/relay.js [--quick] [--mib 100] [--out FILE]
+//   node dist/bench/relay.js [--quick] [--mib 100] [--keep-alive-only] [--profile] [--out FILE]
 //   node dist/bench/relay.js --handoff-under-load [--quick] [--mib-per-s 100] [--out FILE]
 //
-// Results: bench/results/relay-<date>.json and an SVG chart of the ratios beside it.
+// Results: bench/results/relay-<date>.json and an SVG chart of the ratios beside it. Each keep-alive round also
+// records where a request's time goes: wall µs per request, and CPU µs per request of this process (the client:
+// sockpool's runtime or node-libcurl, curl and OpenSSL included), of the daemon (all threads: with a kept-alive
+// relayed session only the relay thread works) and of the origin. --keep-alive-only: no downloads. --profile: the
+// daemon runs under node --cpu-prof (the relay threads write profiles of their own) into
+// bench/results/profiles/relay-<date>/; `node dist/bench/profile-summary.js DIR` summarizes them. (For the client
+// side, run this script itself under `node --cpu-prof`.)
 //
 // --handoff-under-load (issue 11: "TCP warm handoff aims of the pool unchanged while a relay thread moves 100
 // MiB/s"): one daemon with warm TLS relays a continuous download (fixtures/relay-load.js, its own process, paced
@@ -24,7 +30,7 @@
 
 import { execFileSync, spawn } from 'node:child_process';
 import { once } from 'node:events';
-import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import os from 'node:os';
 import { dirname, join } from 'node:path';
@@ -34,14 +40,14 @@ import { flag, option, optionText } from './lib/args.js';
 import { repoRoot, startBenchDaemon } from './lib/daemon.js';
 import { BenchDaemonClient, runHandoffs } from './lib/daemon-client.js';
 import { formatJson, stamp } from './lib/json.js';
-import { type BenchChild, cpuTimeMs, spawnChild } from './lib/proc.js';
+import { type BenchChild, cpuTimeMs, cpuTimesMs, spawnChild } from './lib/proc.js';
 import { Progress } from './lib/progress.js';
 import { ScmBaseline } from './lib/scm-baseline.js';
 import { type LatencySummary, median, round, roundSummary, Samples, summarize, table } from './lib/stats.js';
 import { barChartSvg } from './lib/svg.js';
 
 const require = createRequire(import.meta.url);
-const { Easy } = require('node-libcurl') as typeof import('node-libcurl');
+const { Easy, Multi } = require('node-libcurl') as typeof import('node-libcurl');
 
 const quick = flag('--quick');
 const mib = option('--mib', quick ? 20 : 100);
@@ -89,9 +95,18 @@ async function startOrigin(pki: ReturnType<typeof createTestPki>) {
   return { origin, port: Number(line.toString().trim()) };
 }
 
+/** Per keep-alive request: wall time, CPU of each process, and the kernel's (system) share of the first two. */
+const PER_REQUEST_KEYS = ['wall', 'clientCpu', 'clientSystemCpu', 'daemonCpu', 'daemonSystemCpu', 'originCpu'] as const;
+type PerRequestKey = (typeof PER_REQUEST_KEYS)[number];
+
 async function main(): Promise<void> {
   if (flag('--handoff-under-load')) return handoffUnderLoad();
   const startedAt = new Date();
+  const loadAtStart = os.loadavg();
+  const profileDir = flag('--profile')
+    ? join(repoRoot, 'bench', 'results', 'profiles', `relay-${stamp(startedAt)}`)
+    : undefined;
+  if (profileDir) mkdirSync(profileDir, { recursive: true });
   const pki = createTestPki(['localhost']);
   const dir = mkdtempSync(join(os.tmpdir(), 'sockpool-bench-relay-'));
   const { origin, port } = await startOrigin(pki);
@@ -100,6 +115,7 @@ async function main(): Promise<void> {
     dir: join(dir, 'daemon'),
     config: { pool: { predictive: false } },
     args: ['--allow', '127.0.0.1/32', '--allow-port', String(port), '--warm-tls', '*', '--ca-file', pki.caFile],
+    nodeArgs: profileDir ? ['--cpu-prof', '--cpu-prof-dir', profileDir] : [],
   });
   const stats = new BenchDaemonClient(daemon.socketPath);
   const client = new SockpoolClient({ socketPath: daemon.socketPath, threads: 0, caFile: pki.caFile });
@@ -109,8 +125,41 @@ async function main(): Promise<void> {
   easy.setOpt('RESOLVE', [`localhost:${port}:127.0.0.1`]);
   easy.setOpt('WRITEFUNCTION', (data: Buffer) => data.length);
   easy.setOpt('URL', `${base}/small`);
+  // Two more keep-alive rows that split the gap (docs/benchmarks.md): sockpool with its own TLS over a TCP lease
+  // (a CA file of other bytes but the same CA: the client's TLS options differ from the daemon's, so no relay), and
+  // node-libcurl driven asynchronously through a Multi as an event-loop program drives it (the baseline row above
+  // is the blocking Easy.perform, which needs no event loop turn at all).
+  const ownTlsCa = join(dir, 'ca-own-tls.pem');
+  writeFileSync(ownTlsCa, `${readFileSync(pki.caFile, 'utf8')}\n`);
+  const ownTlsClient = new SockpoolClient({ socketPath: daemon.socketPath, threads: 0, caFile: ownTlsCa });
+  const multi = new Multi();
+  const multiEasy = new Easy();
+  multiEasy.setOpt('CAINFO_BLOB', null as unknown as string);
+  multiEasy.setOpt('CAINFO', pki.caFile);
+  multiEasy.setOpt('RESOLVE', [`localhost:${port}:127.0.0.1`]);
+  multiEasy.setOpt('WRITEFUNCTION', (data: Buffer) => data.length);
+  multiEasy.setOpt('URL', `${base}/small`);
+  let multiDone: ((code: number) => void) | undefined;
+  multi.onMessage((_error, handle, code) => {
+    multi.removeHandle(handle);
+    // Not inside node-libcurl's callback (no callback scope: see fixtures/peer-runner.ts): on the next turn.
+    setImmediate(() => multiDone?.(code));
+  });
+  const multiPerform = () =>
+    new Promise<void>((resolve, reject) => {
+      multiDone = (code) => (code === 0 ? resolve() : reject(new Error(`curl error ${code}`)));
+      multi.addHandle(multiEasy);
+    });
   const results = {
-    keepAlive: [] as Array<{ round: number; sockpoolReqPerS: number; libcurlReqPerS: number; ratio: number }>,
+    keepAlive: [] as Array<{
+      round: number;
+      sockpoolReqPerS: number;
+      libcurlReqPerS: number;
+      ratio: number;
+      ratios: Record<string, number>;
+      /** Per request, µs: wall time and CPU of this process (the client), the daemon and the origin. */
+      perRequestUs: Record<string, Record<PerRequestKey, number>>;
+    }>,
     download: [] as Array<{ round: number; sockpoolMiBPerS: number; curlMiBPerS: number; ratio: number }>,
     relayCpuMsPerMiB: 0,
   };
@@ -119,28 +168,54 @@ async function main(): Promise<void> {
     for (let i = 0; i < 50; i++) {
       const response = await client.request(`${base}/small`);
       if (response.tls?.by !== 'daemon') throw new Error('not relayed: is warm TLS on?');
+      const own = await ownTlsClient.request(`${base}/small`);
+      if (own.tls?.by === 'daemon') throw new Error('the own-TLS client was relayed');
       easy.perform();
+      await multiPerform();
     }
     for (let round = 1; round <= rounds; round++) {
-      const order = round % 2 === 0 ? ['libcurl', 'sockpool'] : ['sockpool', 'libcurl'];
+      const peers = ['sockpool', 'libcurl', 'sockpool-own-tls', 'libcurl-multi'];
+      const order = [...peers.slice(round % peers.length), ...peers.slice(0, round % peers.length)];
       const perS: Record<string, number> = {};
+      const perRequestUs: (typeof results.keepAlive)[number]['perRequestUs'] = {};
       for (const peer of order) {
         progress(`keep-alive round ${round}/${rounds}: ${peer} (${requests} requests)`);
+        const cpu0 = process.cpuUsage();
+        const daemon0 = cpuTimesMs(daemon.pid);
+        const origin0 = cpuTimeMs(origin.pid!);
         const t0 = performance.now();
         if (peer === 'sockpool') for (let i = 0; i < requests; i++) await client.request(`${base}/small`);
+        else if (peer === 'sockpool-own-tls')
+          for (let i = 0; i < requests; i++) await ownTlsClient.request(`${base}/small`);
+        else if (peer === 'libcurl-multi') for (let i = 0; i < requests; i++) await multiPerform();
         else for (let i = 0; i < requests; i++) easy.perform();
-        perS[peer] = requests / ((performance.now() - t0) / 1000);
+        const elapsed = performance.now() - t0;
+        const cpu = process.cpuUsage(cpu0);
+        const daemon1 = cpuTimesMs(daemon.pid);
+        perS[peer] = requests / (elapsed / 1000);
+        const us = (value: number) => Number(value.toFixed(1));
+        perRequestUs[peer] = {
+          wall: us((elapsed * 1000) / requests),
+          clientCpu: us((cpu.user + cpu.system) / requests),
+          clientSystemCpu: us(cpu.system / requests),
+          daemonCpu: us(((daemon1.userMs + daemon1.systemMs - daemon0.userMs - daemon0.systemMs) * 1000) / requests),
+          daemonSystemCpu: us(((daemon1.systemMs - daemon0.systemMs) * 1000) / requests),
+          originCpu: us(((cpuTimeMs(origin.pid!) - origin0) * 1000) / requests),
+        };
       }
       results.keepAlive.push({
         round,
         sockpoolReqPerS: Math.round(perS.sockpool!),
         libcurlReqPerS: Math.round(perS.libcurl!),
         ratio: Number((perS.sockpool! / perS.libcurl!).toFixed(3)),
+        /** Every row's req/s over the blocking node-libcurl's, this round. */
+        ratios: Object.fromEntries(peers.map((peer) => [peer, Number((perS[peer]! / perS.libcurl!).toFixed(3))])),
+        perRequestUs,
       });
     }
     const bytes = mib * 1024 * 1024;
     const before = (await stats.stats()).tls as { cpuMicros: number; bytesFromOrigin: number };
-    for (let round = 1; round <= rounds; round++) {
+    for (let round = 1; round <= (flag('--keep-alive-only') ? 0 : rounds); round++) {
       const order = round % 2 === 0 ? ['curl', 'sockpool'] : ['sockpool', 'curl'];
       const rate: Record<string, number> = {};
       for (const peer of order) {
@@ -176,10 +251,16 @@ async function main(): Promise<void> {
     await new Promise((resolve) => setTimeout(resolve, 1200));
     const after = (await stats.stats()).tls as { cpuMicros: number; bytesFromOrigin: number };
     const relayedMiB = (after.bytesFromOrigin - before.bytesFromOrigin) / (1024 * 1024);
-    results.relayCpuMsPerMiB = Number(((after.cpuMicros - before.cpuMicros) / 1000 / relayedMiB).toFixed(3));
+    if (relayedMiB > 0) {
+      results.relayCpuMsPerMiB = Number(((after.cpuMicros - before.cpuMicros) / 1000 / relayedMiB).toFixed(3));
+    }
     progress('');
   } finally {
     easy.close();
+    await new Promise((resolve) => setImmediate(resolve));
+    multi.close();
+    multiEasy.close();
+    await ownTlsClient.close();
     await client.close();
     stats.close();
     await daemon.stop();
@@ -187,18 +268,41 @@ async function main(): Promise<void> {
     rmSync(dir, { recursive: true, force: true });
     pki.cleanup();
   }
-  const median = (values: number[]) => [...values].sort((a, b) => a - b)[Math.floor(values.length / 2)]!;
   const summary = {
-    keepAliveRatioMedian: median(results.keepAlive.map((r) => r.ratio)),
-    downloadRatioMedian: median(results.download.map((r) => r.ratio)),
+    keepAliveRatioMedian: round(median(results.keepAlive.map((r) => r.ratio)), 3),
+    /** Each row over the blocking node-libcurl, median of the per-round ratios. */
+    keepAliveRatios: Object.fromEntries(
+      ['sockpool', 'sockpool-own-tls', 'libcurl-multi'].map((peer) => [
+        peer,
+        round(median(results.keepAlive.map((r) => r.ratios[peer] ?? Number.NaN)), 3),
+      ]),
+    ),
+    /** Medians over the rounds of the per-request figures (µs). */
+    keepAlivePerRequestUs: Object.fromEntries(
+      ['sockpool', 'sockpool-own-tls', 'libcurl-multi', 'libcurl'].map((peer) => [
+        peer,
+        Object.fromEntries(
+          PER_REQUEST_KEYS.map((key) => [
+            key,
+            round(median(results.keepAlive.map((r) => r.perRequestUs[peer]![key])), 1),
+          ]),
+        ),
+      ]),
+    ),
+    downloadRatioMedian: round(median(results.download.map((r) => r.ratio)), 3),
     relayCpuMsPerMiB: results.relayCpuMsPerMiB,
     aims: { keepAlive: 0.8, download: 0.5 },
   };
   const report = {
     bench: 'relay',
     startedAt: startedAt.toISOString(),
-    machine: { cpus: os.cpus().length, loadAverage: os.loadavg(), note: 'shared with other sessions' },
-    settings: { quick, mib, rounds, requests },
+    machine: {
+      cpus: os.cpus().length,
+      loadAverageAtStart: loadAtStart.map((v) => round(v, 2)),
+      loadAverage: os.loadavg().map((v) => round(v, 2)),
+      note: 'shared with other sessions',
+    },
+    settings: { quick, mib, rounds, requests, keepAliveOnly: flag('--keep-alive-only'), profile: profileDir ?? null },
     results,
     summary,
   };
@@ -211,11 +315,37 @@ async function main(): Promise<void> {
       title: 'Warm TLS relay on loopback: sockpool ÷ peer (median of rounds; higher is better)',
       bars: [
         { label: 'keep-alive req/s vs node-libcurl (own TLS)', value: summary.keepAliveRatioMedian, aim: 0.8 },
-        { label: `${mib} MiB download vs curl CLI (own TLS)`, value: summary.downloadRatioMedian, aim: 0.5 },
+        ...(results.download.length > 0
+          ? [{ label: `${mib} MiB download vs curl CLI (own TLS)`, value: summary.downloadRatioMedian, aim: 0.5 }]
+          : []),
       ],
     }),
   );
+  const breakdown = [
+    ['client', 'ratio', 'wall µs/req', 'client CPU', 'of it kernel', 'daemon CPU', 'of it kernel', 'origin CPU'],
+  ];
+  const rowLabel: Record<string, string> = {
+    sockpool: 'sockpool, threads: 0, relayed',
+    'sockpool-own-tls': 'sockpool, threads: 0, own TLS',
+    'libcurl-multi': 'node-libcurl Multi, own TLS',
+    libcurl: 'node-libcurl Easy.perform, own TLS',
+  };
+  for (const [peer, figures] of Object.entries(summary.keepAlivePerRequestUs)) {
+    breakdown.push([
+      rowLabel[peer] ?? peer,
+      peer === 'libcurl' ? '1' : (summary.keepAliveRatios[peer] ?? Number.NaN).toFixed(2),
+      ...PER_REQUEST_KEYS.map((key) => (figures[key] ?? Number.NaN).toFixed(1)),
+    ]);
+  }
+  console.log(
+    `keep-alive, ${requests} sequential requests per round; ratio: req/s over the blocking node-libcurl's (median ` +
+      `of ${rounds} paired rounds); µs per request (medians), CPU of this process, the daemon and the origin:\n${table(breakdown)}`,
+  );
+  console.log(
+    `load average ${loadAtStart[0]!.toFixed(1)} at the start, ${os.loadavg()[0]!.toFixed(1)} at the end (${os.cpus().length} CPUs, shared)`,
+  );
   console.log(JSON.stringify(summary));
+  if (profileDir) console.log(`daemon CPU profiles (one per thread): ${profileDir}`);
   console.log(`results: ${outFile}`);
 }
 

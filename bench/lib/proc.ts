@@ -126,11 +126,17 @@ export function fdCount(pid: number): number {
 
 /** CPU time (user + system) of a process so far, in ms, from /proc/<pid>/stat. */
 export function cpuTimeMs(pid: number): number {
+  const { userMs, systemMs } = cpuTimesMs(pid);
+  return userMs + systemMs;
+}
+
+/** User and system (kernel) CPU time of a process so far, in ms (10 ms resolution), from /proc/<pid>/stat. */
+export function cpuTimesMs(pid: number): { userMs: number; systemMs: number } {
   const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
   const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
   // Fields after the command: state is index 0, so utime (14th overall) is index 11 and stime index 12.
-  const ticks = Number(fields[11]) + Number(fields[12]);
-  return (ticks * 1000) / 100; // USER_HZ is 100 on Linux
+  // USER_HZ is 100 on Linux.
+  return { userMs: Number(fields[11]) * 10, systemMs: Number(fields[12]) * 10 };
 }
 
 export interface SyscallCount {
