@@ -3,11 +3,15 @@
 // running one ends. A crawler that hands over its whole frontier thus leaves most of it waiting here, and the
 // daemon could be warming sockets for it: the queue announces the first `origins` distinct origins among the
 // waiting requests (a `prewarm` each), once while the origin has requests waiting. It asks for as many sockets as
-// requests wait for the origin, at most `socketsPerOrigin`, less the requests running to it now: those leave
-// connections behind for the waiting ones (keep-alive; HTTP/2 multiplexes them all over one), and an origin they
-// already cover is passed over without taking a place in the lookahead. When an announced origin's last waiting
-// request starts (or gives up), the lookahead moves on to the next origin not yet looked at. The daemon's prewarm
-// quota per uid still bounds what all this asks for; announcing is best effort and never fails a request.
+// requests wait for the origin, at most `socketsPerOrigin`; for an https origin, less the requests running to it
+// now: it may speak HTTP/2, where their connection carries the waiting requests too, and an https origin they
+// already cover is passed over without taking a place in the lookahead. An http origin speaks HTTP/1.1: one
+// connection per request at once, and those of its running requests stay in the connection cache of the worker
+// thread that ran them (no use to a waiting request that starts on another thread), while the origins a crawler
+// visits most run more requests at once at times than they do now; so they are not taken off. When an announced
+// origin's last waiting request starts (or gives up), the lookahead moves on to the next origin not yet looked at.
+// The daemon's prewarm quota per uid still bounds what all this asks for; announcing is best effort and never fails
+// a request.
 //
 // The waiting list is an array with a head index: waiters before `#head` have left it (started, or gave up: a
 // waiter that gave up stays in place, marked, and is skipped). `#cursor` is how far the lookahead has looked:
@@ -47,7 +51,7 @@ interface Waiter {
 }
 
 /** Waiting requests of one origin, and whether the lookahead has looked at it (and announced it, or passed it over
- *  because its running requests cover what waits). */
+ *  because the requests running to it, an https origin, cover what waits). */
 interface WaitingOrigin {
   waiting: number;
   looked: 'no' | 'announced' | 'passed';
@@ -71,7 +75,7 @@ export class RequestQueue {
   #origins = new Map<string, WaitingOrigin>();
   /** Origins with waiters that were announced. */
   #announced = 0;
-  /** By origin key: requests holding a slot (kept only while announcing is on). */
+  /** By origin key: requests to https origins holding a slot (kept only while announcing is on). */
   #runningTo = new Map<string, number>();
   #lookPending = false;
   /** Whoever waits for the queue to be empty and no request to hold a slot (close()). */
@@ -103,7 +107,7 @@ export class RequestQueue {
   enter(target: UrlTarget, request: TransferRequest, signal: AbortSignal | undefined): Promise<void> | undefined {
     if (this.#running < this.#capacity && this.#waiting === 0) {
       this.#running++;
-      if (this.#lookahead) this.#runningTo.set(target.key, (this.#runningTo.get(target.key) ?? 0) + 1);
+      if (this.#lookahead && target.secure) this.#runningTo.set(target.key, (this.#runningTo.get(target.key) ?? 0) + 1);
       return undefined;
     }
     return new Promise<void>((resolve, reject) => {
@@ -133,7 +137,7 @@ export class RequestQueue {
   /** A request to `target` that held a slot is over: the slot goes to the next waiter. */
   leave(target: UrlTarget): void {
     this.#running--;
-    if (this.#lookahead) {
+    if (this.#lookahead && target.secure) {
       const running = this.#runningTo.get(target.key)! - 1;
       if (running > 0) this.#runningTo.set(target.key, running);
       else this.#runningTo.delete(target.key);
@@ -143,7 +147,7 @@ export class RequestQueue {
       if (waiter.gone) continue;
       this.#left(waiter);
       this.#running++;
-      if (this.#lookahead) {
+      if (this.#lookahead && waiter.target.secure) {
         this.#runningTo.set(waiter.target.key, (this.#runningTo.get(waiter.target.key) ?? 0) + 1);
       }
       waiter.start();
@@ -205,6 +209,7 @@ export class RequestQueue {
       if (waiter.gone) continue;
       const origin = this.#origins.get(waiter.target.key)!;
       if (origin.looked !== 'no') continue;
+      // (#runningTo holds https origins only.)
       const count =
         Math.min(origin.waiting, lookahead.socketsPerOrigin) - (this.#runningTo.get(waiter.target.key) ?? 0);
       if (count <= 0) {

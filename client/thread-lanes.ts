@@ -135,15 +135,26 @@ export class ThreadLanes {
     this.#post(lane, call);
   }
 
-  /** Queues a call for the lane's next message (one per turn of this event loop). */
+  /**
+   * Queues a call for the lane's next message (one per turn of this event loop). A lane that is full now takes no
+   * more calls this turn, so its message goes at once: a caller that hands over a crawler's whole frontier in one
+   * turn has its first requests on their way before it has queued the rest.
+   */
   #post(lane: Lane, call: LaneCall): void {
     lane.outbox.push(call);
-    lane.flush ??= setImmediate(() => {
-      lane.flush = undefined;
-      const outbox = lane.outbox;
-      lane.outbox = [];
-      if (outbox.length > 0) lane.port.postMessage(outbox);
-    });
+    if (lane.inFlight >= this.#perThread) {
+      this.#flush(lane);
+      return;
+    }
+    lane.flush ??= setImmediate(() => this.#flush(lane));
+  }
+
+  #flush(lane: Lane): void {
+    if (lane.flush) clearImmediate(lane.flush);
+    lane.flush = undefined;
+    const outbox = lane.outbox;
+    lane.outbox = [];
+    if (outbox.length > 0) lane.port.postMessage(outbox);
   }
 
   #receive(lane: Lane, replies: LaneReply[]): void {

@@ -93,29 +93,45 @@ describe('RequestQueue', () => {
     expect(batches).toHaveLength(3);
   });
 
-  it('asks for sockets beyond what running requests to the origin leave behind; passes over origins they cover', async () => {
-    const { queue, batches, enter, leave } = recordingQueue(3, { origins: 1, socketsPerOrigin: 8 });
+  it('https: asks for sockets beyond what running requests leave (HTTP/2 may carry all), passing over origins they cover; http: counts every waiting request', async () => {
+    const { queue, batches, enter, leave } = recordingQueue(4, { origins: 2, socketsPerOrigin: 8 });
     enter('https://h2.test/1');
     enter('https://h2.test/2');
+    enter('https://tls.test/1');
     enter('http://busy.test/1');
-    // h2.test: 2 running cover 2 waiting (passed over, no place in the lookahead); busy.test: 4 waiting, 1 running.
+    // h2.test: 2 running cover 2 waiting (passed over, no place in the lookahead). tls.test: 3 waiting, 1 running: 2.
+    // busy.test (http, HTTP/1.1): 4 waiting, 1 running: all 4 (its running request's connection sits in the cache
+    // of the thread that ran it). other.test waits for a place in the lookahead.
     const waiting = [
       enter('https://h2.test/3'),
       enter('https://h2.test/4'),
+      ...Array.from({ length: 3 }, (_, i) => enter(`https://tls.test/w${i}`)),
       ...Array.from({ length: 4 }, (_, i) => enter(`http://busy.test/w${i}`)),
       enter('http://other.test/'),
     ];
     await settle();
-    expect(batches).toEqual([[{ host: 'busy.test', port: 80, https: false, count: 3 }]]);
-    for (const url of ['https://h2.test/1', 'https://h2.test/2', 'http://busy.test/1']) leave(url);
-    for (let i = 0; i < 3; i++) leave('http://busy.test/');
-    // busy.test's last waiter started: other.test takes its place in the lookahead.
+    expect(batches).toEqual([
+      [
+        { host: 'tls.test', port: 443, https: true, count: 2 },
+        { host: 'busy.test', port: 80, https: false, count: 4 },
+      ],
+    ]);
+    // The first four waiters start (h2.test's two, two of tls.test's); then tls.test's last, and busy.test's.
+    for (const url of ['https://h2.test/1', 'https://h2.test/2', 'https://tls.test/1', 'http://busy.test/1'])
+      leave(url);
+    for (const url of ['https://h2.test/3', 'https://h2.test/4', 'https://tls.test/w0', 'https://tls.test/w1']) {
+      leave(url);
+    }
+    // tls.test's last waiter started: other.test takes its place in the lookahead.
     await settle();
     expect(batches[1]).toEqual([{ host: 'other.test', port: 80, https: false, count: 1 }]);
-    leave('http://busy.test/');
+    for (const url of ['https://tls.test/w2', 'http://busy.test/w0', 'http://busy.test/w1', 'http://busy.test/w2']) {
+      leave(url);
+    }
     await Promise.all(waiting);
-    for (const url of ['https://h2.test/', 'https://h2.test/', 'http://other.test/']) leave(url);
+    for (const url of ['http://busy.test/w3', 'http://other.test/']) leave(url);
     await queue.idle();
+    expect(batches).toHaveLength(2);
   });
 
   it('bounds the lookahead: 1,000 waiting requests to 1,000 origins announce only the first N', async () => {
