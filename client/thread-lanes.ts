@@ -18,7 +18,8 @@ interface Lane {
   port: MessagePort;
   inFlight: number;
   outbox: LaneCall[];
-  flush: NodeJS.Immediate | undefined;
+  /** A flush of the outbox is queued (a microtask). */
+  flushing: boolean;
 }
 
 interface Pending {
@@ -56,7 +57,7 @@ export class ThreadLanes {
       port.close();
       return;
     }
-    const lane: Lane = { port, inFlight: 0, outbox: [], flush: undefined };
+    const lane: Lane = { port, inFlight: 0, outbox: [], flushing: false };
     port.on('message', (replies: LaneReply[]) => this.#receive(lane, replies));
     // The thread exited (crash, terminate): its requests in flight are lost.
     port.on('close', () => this.#lost(lane));
@@ -111,10 +112,7 @@ export class ThreadLanes {
     this.#deadlines.close();
     const lanes = this.#lanes;
     this.#lanes = [];
-    for (const lane of lanes) {
-      if (lane.flush) clearImmediate(lane.flush);
-      lane.port.close();
-    }
+    for (const lane of lanes) lane.port.close();
   }
 
   /** The lane with the fewest requests in flight, if one has room. */
@@ -136,9 +134,10 @@ export class ThreadLanes {
   }
 
   /**
-   * Queues a call for the lane's next message (one per turn of this event loop). A lane that is full now takes no
-   * more calls this turn, so its message goes at once: a caller that hands over a crawler's whole frontier in one
-   * turn has its first requests on their way before it has queued the rest.
+   * Queues a call for the lane's next message: the calls made before the microtasks run out go together (a caller
+   * that answers a batch of replies with new requests makes them in the same round of microtasks). A lane that is
+   * full now takes no more calls this round, so its message goes at once: a caller that hands over a crawler's
+   * whole frontier in one turn has its first requests on their way before it has queued the rest.
    */
   #post(lane: Lane, call: LaneCall): void {
     lane.outbox.push(call);
@@ -146,15 +145,17 @@ export class ThreadLanes {
       this.#flush(lane);
       return;
     }
-    lane.flush ??= setImmediate(() => this.#flush(lane));
+    if (lane.flushing) return;
+    lane.flushing = true;
+    queueMicrotask(() => this.#flush(lane));
   }
 
   #flush(lane: Lane): void {
-    if (lane.flush) clearImmediate(lane.flush);
-    lane.flush = undefined;
+    lane.flushing = false;
     const outbox = lane.outbox;
     lane.outbox = [];
-    if (outbox.length > 0) lane.port.postMessage(outbox);
+    if (outbox.length === 0 || this.#closed) return;
+    lane.port.postMessage(outbox);
   }
 
   #receive(lane: Lane, replies: LaneReply[]): void {
@@ -205,7 +206,7 @@ export class ThreadLanes {
   #lost(lane: Lane): void {
     const index = this.#lanes.indexOf(lane);
     if (index >= 0) this.#lanes.splice(index, 1);
-    if (lane.flush) clearImmediate(lane.flush);
+    lane.outbox = [];
     for (const pending of [...this.#pending.values()]) {
       if (pending.lane !== lane) continue;
       this.#pending.delete(pending.id);

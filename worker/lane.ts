@@ -35,6 +35,8 @@ class WorkerLane {
   #outbox: LaneReply[] = [];
   #transfer: ArrayBuffer[] = [];
   #flushing = false;
+  /** A spin is queued (an immediate). */
+  #spinQueued: NodeJS.Immediate | undefined;
   /** Requests running here. */
   #inFlight = 0;
   /** Spins in a row that found nothing, and chances to spin skipped since. */
@@ -77,11 +79,9 @@ class WorkerLane {
       this.#transfer.push(outcome.result.body.buffer as ArrayBuffer);
     if (this.#flushing) return;
     this.#flushing = true;
-    // After the other transfers curl finished in the same turn (they complete together, see curl-engine.ts) have
-    // replied too: one message for all of them. In an immediate, never in a microtask: microtasks also run at the
-    // end of curl's own callbacks (inside curl_multi_socket_action), and the spin below may start requests, whose
-    // addHandle curl refuses there (CURLM_RECURSIVE_API_CALL).
-    setImmediate(() => this.#flush());
+    // After the other transfers curl finished in the same turn have replied too (they complete together, in one
+    // immediate: see curl-engine.ts): one message for all of them.
+    queueMicrotask(() => this.#flush());
   }
 
   #flush(): void {
@@ -91,11 +91,16 @@ class WorkerLane {
     this.#transfer = [];
     this.#flushing = false;
     this.#port.postMessage(outbox, transfer);
-    if (this.#inFlight === 0) this.#spin();
+    // The spin in an immediate, never in a microtask: microtasks also run at the end of curl's own callbacks
+    // (inside curl_multi_socket_action), and the spin may start requests, whose addHandle curl refuses there
+    // (CURLM_RECURSIVE_API_CALL).
+    if (this.#inFlight === 0 && !this.#spinQueued) this.#spinQueued = setImmediate(() => this.#spin());
   }
 
   /** Polls the lane for the caller's next requests for up to SPIN_MS (see the header). */
   #spin(): void {
+    this.#spinQueued = undefined;
+    if (this.#inFlight !== 0) return;
     if (this.#misses >= MAX_MISSES) {
       if (++this.#skipped < RETRY_EVERY) return;
       this.#skipped = 0;
