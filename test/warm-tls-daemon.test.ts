@@ -208,6 +208,17 @@ describe('warm TLS sessions', () => {
     native.close(theirs);
     native.close(again.fds[0]!);
     expect(foreign.message).toMatchObject({ type: 'error', code: 'SOCKPOOL_ERR_PROTOCOL' });
+    // Released without its fd (binary framing 2's release; JSON says the same): closed all the same.
+    const third = await acquire(raw, 5, h1.port, { trust });
+    const withoutFd = await raw.request({
+      type: 'release',
+      id: 6,
+      leaseId: (third.message as LeaseReply).leaseId,
+      withoutFd: true,
+    });
+    expect(withoutFd.message?.type).toBe('ok');
+    await eventually(() => native.probe(third.fds[0]!).state === 'eof', 'the session released without its fd closed');
+    native.close(third.fds[0]!);
   });
 });
 
