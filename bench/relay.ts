@@ -26,7 +26,7 @@
 // phase with the download running and one without, in alternating order. The aims: the pool's own handoff aims
 // (p50 ≤ 1.5× raw p50, p99 ≤ 3× raw p99) still met under the load, and the handoff p50/p99 under load against
 // the same round's without (≤ 1.25× and ≤ 2×: this bench's reading of "unchanged"). Results:
-// bench/results/relay-handoff-<date>.json.
+// bench/results/relay-handoff-<date>.json and a chart of the percentiles beside it (.svg).
 
 import { execFileSync, spawn } from 'node:child_process';
 import { once } from 'node:events';
@@ -44,7 +44,7 @@ import { type BenchChild, cpuTimeMs, cpuTimesMs, spawnChild } from './lib/proc.j
 import { Progress } from './lib/progress.js';
 import { ScmBaseline } from './lib/scm-baseline.js';
 import { type LatencySummary, median, round, roundSummary, Samples, summarize, table } from './lib/stats.js';
-import { barChartSvg } from './lib/svg.js';
+import { barChartSvg, groupedBarChartSvg } from './lib/svg.js';
 
 const require = createRequire(import.meta.url);
 const { Easy, Multi } = require('node-libcurl') as typeof import('node-libcurl');
@@ -638,7 +638,37 @@ async function handoffUnderLoad(): Promise<void> {
   const outFile = optionText('--out') ?? join(repoRoot, 'bench', 'results', `relay-handoff-${stamp(startedAt)}.json`);
   mkdirSync(dirname(outFile), { recursive: true });
   writeFileSync(outFile, formatJson(report));
-  console.log(`results: ${outFile}`);
+  const chartFile = outFile.replace(/\.json$/, '.svg');
+  const medianOf = (phase: 'quiet' | 'loaded', pick: (p: HandoffPhase) => number) =>
+    median(rounds.map((r) => pick(r[phase])));
+  const bars = (pick: (p: HandoffPhase) => number) =>
+    (['quiet', 'loaded'] as const).map((phase) => {
+      const value = medianOf(phase, pick);
+      return {
+        series: phase === 'quiet' ? 'no relay load' : `relay load, ${rate.toFixed(0)} MiB/s`,
+        value,
+        text: `${value.toFixed(0)} µs`,
+      };
+    });
+  writeFileSync(
+    chartFile,
+    groupedBarChartSvg({
+      title: 'TCP warm handoffs with and without a relay moving a download',
+      subtitle:
+        `${settings.rounds} paired rounds × ${settings.samplesPerPhase} sequential handoffs; ` +
+        `${startedAt.toISOString().slice(0, 16).replace('T', ' ')} UTC; load average ${loadAtStart[0]!.toFixed(1)} at ` +
+        `the start, ${loadAtEnd[0]!.toFixed(1)} at the end (${os.cpus().length} CPUs)`,
+      unit: 'µs',
+      groups: [
+        { label: 'warm handoff p50', bars: bars((p) => p.handoff.p50) },
+        { label: 'warm handoff p99', bars: bars((p) => p.handoff.p99) },
+        { label: 'raw fd pass p50 (baseline)', bars: bars((p) => p.raw.p50) },
+        { label: 'raw fd pass p99 (baseline)', bars: bars((p) => p.raw.p99) },
+      ],
+      note: 'Medians over the rounds of each phase’s percentile; lower is better.',
+    }),
+  );
+  console.log(`results: ${outFile}; chart: ${chartFile}`);
 }
 
 await main();
