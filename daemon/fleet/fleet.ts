@@ -194,11 +194,8 @@ export class Fleet implements SlotLedger {
     let counted = false;
     for (;;) {
       if (this.#closed) return false;
-      const granted = await this.#tryTakeSlot(key, cap);
-      if (granted) {
-        this.#held.set(key, this.held(key) + 1);
-        return true;
-      }
+      // (#tryTakeSlot counts a slot it grants as held, in the same turn as it decides.)
+      if (await this.#tryTakeSlot(key, cap)) return true;
       if (!wait || !wanted()) return false;
       if (!counted) this.counters.slotWaits++;
       counted = true;
@@ -238,7 +235,9 @@ export class Fleet implements SlotLedger {
           this.#config.slotTtlMs * 10,
           this.#config.slotTtlMs,
         );
-        return granted === 1;
+        if (granted !== 1) return false;
+        this.#held.set(key, this.held(key) + 1);
+        return true;
       } catch (error) {
         // Redis may have counted the slot before the answer was lost: the next heartbeat states the true count.
         this.#reported.add(key);
@@ -252,7 +251,15 @@ export class Fleet implements SlotLedger {
     if (!this.available) this.#whileUnavailable();
     this.counters.fallbackSlots++;
     // This daemon's share of the cap, by the members last seen (at least one slot: a fleet member is never shut out).
-    return this.held(key) < Math.max(1, Math.floor(cap / this.#members));
+    // Decided and counted in one step: connects asking in the same turn each see the ones granted before them.
+    if (this.held(key) >= this.#localShare(cap)) return false;
+    this.#held.set(key, this.held(key) + 1);
+    return true;
+  }
+
+  /** This daemon's share of a fleet-wide cap while Redis is unavailable: the cap / the members last seen, at least 1. */
+  #localShare(cap: number): number {
+    return Math.max(1, Math.floor(cap / this.#members));
   }
 
   // -------------------------------------------------------------------------------------------------------------
