@@ -188,14 +188,16 @@ export class OriginPool {
 
   /**
    * A client announced demand: make `count` idle sockets available soon. One-shot: connects start now, up to
-   * maxIdle and maxPerOrigin, and nothing is left pending for later.
+   * maxIdle and maxPerOrigin, and nothing is left pending for later. Returns how many connects it started.
    */
-  prewarm(count: number): void {
+  prewarm(count: number): number {
     const have = this.#sharedIdleCount() + this.#connecting - this.#connectingForWaiters;
     const want = Math.min(count, this.policy.maxIdle) - have;
-    for (let i = 0; i < want && this.total < this.policy.maxPerOrigin && !this.#closed; i++) {
+    let started = 0;
+    for (; started < want && this.total < this.policy.maxPerOrigin && !this.#closed; started++) {
       this.#startConnect(false);
     }
+    return started;
   }
 
   /** The pool manager learned how long the origin's servers keep silent connections. */

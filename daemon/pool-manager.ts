@@ -55,6 +55,9 @@ const RESTART_AGE_SPREAD = 0.2;
 /** No origin is believed to drop silent connections sooner than this (protects against one odd observation). */
 const MIN_LEARNED_LIFETIME_MS = 250;
 
+/** Connects prewarms start in one turn of the event loop; the rest wait for the next turn (#startPrewarms). */
+const PREWARM_CONNECTS_PER_TURN = 16;
+
 export class PoolManager {
   #pools = new Map<string, OriginPool>();
   #stats = new Map<string, OriginStats>();
@@ -70,6 +73,10 @@ export class PoolManager {
   #misses = 0;
   #sweepTimer: NodeJS.Timeout | undefined;
   #closed = false;
+  /** Prewarms not started yet (see #startPrewarms), connects started by prewarms in this turn, and the next turn. */
+  #prewarms: Array<{ pool: OriginPool; count: number }> = [];
+  #prewarmsThisTurn = 0;
+  #prewarmTurn: NodeJS.Immediate | undefined;
   #events: OriginPoolEvents;
   /** When the last reload happened: a socket connected before it is checked again when it comes back idle. */
   #reloadedAt = Number.NEGATIVE_INFINITY;
@@ -229,7 +236,27 @@ export class PoolManager {
     const stats = this.#statsOf(pool.key);
     stats.uids.add(uid);
     if (demand) this.#bumpRate(stats, count);
-    pool.prewarm(count);
+    this.#prewarms.push({ pool, count });
+    this.#startPrewarms();
+  }
+
+  /**
+   * Starts queued prewarms, PREWARM_CONNECTS_PER_TURN connects per turn of the event loop: a burst of them (a
+   * client's queue announcing 64 origins at once asks for about 200 sockets) would otherwise keep this thread busy
+   * for tens of milliseconds, while the connects of acquires that came before it complete and wait to be handed
+   * over. A small prewarm starts in the turn it came in, as before.
+   */
+  #startPrewarms(): void {
+    while (this.#prewarms.length > 0 && this.#prewarmsThisTurn < PREWARM_CONNECTS_PER_TURN && !this.#closed) {
+      const { pool, count } = this.#prewarms.shift()!;
+      this.#prewarmsThisTurn += pool.prewarm(count);
+    }
+    if (this.#prewarmsThisTurn === 0 || this.#prewarmTurn) return;
+    this.#prewarmTurn = setImmediate(() => {
+      this.#prewarmTurn = undefined;
+      this.#prewarmsThisTurn = 0;
+      this.#startPrewarms();
+    });
   }
 
   /** The uids that named an origin (by pool key), for the `stats` view; undefined for an origin not pooled. */
@@ -345,6 +372,8 @@ export class PoolManager {
   close(detach: boolean): Array<{ origin: Origin; socket: ConnectedSocket }> {
     this.#closed = true;
     if (this.#sweepTimer) clearInterval(this.#sweepTimer);
+    clearImmediate(this.#prewarmTurn);
+    this.#prewarms = [];
     const detached: Array<{ origin: Origin; socket: ConnectedSocket }> = [];
     for (const pool of this.#pools.values()) {
       // A warm TLS session is process memory (its relay thread ends with us): only TCP sockets outlive a restart.

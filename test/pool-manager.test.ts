@@ -17,7 +17,7 @@ import { StateStore } from '../daemon/store.js';
 import { ErrorCodes } from '../shared/errors.js';
 import * as native from '../shared/native.js';
 import type { Origin } from '../shared/origin.js';
-import { until, useFakeClock } from './fixtures/fake-clock.js';
+import { nextTurn, until, useFakeClock } from './fixtures/fake-clock.js';
 import { FakeConnector } from './fixtures/fake-connector.js';
 import { fdCount } from './fixtures/native-helpers.js';
 
@@ -140,6 +140,23 @@ describe('PoolManager warming', () => {
     await vi.advanceTimersByTimeAsync(10 * SWEEP_MS);
     expect(connector.calls).toBe(6);
     expect(originStats(pools, BUSY)).toMatchObject({ idle: 6, connecting: 0, hits: 0, misses: 0 });
+  });
+
+  it('starts a burst of prewarms 16 connects per turn of the event loop; an acquire meanwhile connects at once', async () => {
+    const pools = manager({ defaults: { minIdle: 0, maxIdle: 16 } });
+    pools.start();
+    const burst = Array.from({ length: 10 }, (_, i): Origin => ({ host: `burst${i}.test`, port: 443 }));
+    // (What a client's queue announcing many origins at once sends.)
+    for (const origin of burst) pools.prewarm(origin, 4);
+    expect(connector.calls).toBe(16);
+    // The daemon's thread is free for whatever came meanwhile: an acquire's connect does not wait for the burst.
+    const acquired = pools.acquire(QUIET, 1_000);
+    expect(connector.calls).toBe(17);
+    await nextTurn();
+    expect(connector.calls).toBe(33);
+    await until(() => burst.every((origin) => idleOf(pools, origin) === 4), 'every prewarmed socket idle');
+    expect(connector.calls).toBe(41);
+    held.push(await acquired);
   });
 
   it('evicts from the least-wanted origin when idle sockets exceed the global cap', async () => {
