@@ -433,8 +433,11 @@ async function crawl(
         const unannounced = mix.map((n, i) => set.url(scheme, set.host(n, unannouncedZone), `/crawl/${r}/${i}`));
         const base = { count: requests, warmup: 0, prepareUrls, ...(settings.trace ? { trace: true } : {}) };
         // The baseline's not-announced run needs names neither sockpool client has used (a zone of its own).
-        const baselineZone = baseline ? zones.next() : 0;
-        const baselineUrls = mix.map((n, i) => set.url(scheme, set.host(n, baselineZone), `/crawl/${r}/${i}`));
+        const baselineZone = baseline ? zones.next() : undefined;
+        const baselineUrls =
+          baselineZone === undefined
+            ? []
+            : mix.map((n, i) => set.url(scheme, set.host(n, baselineZone), `/crawl/${r}/${i}`));
         return [
           ...runners.map((runner) => ({ variant: runner.peer, runner, payload: { ...base, urls } })),
           // The whole list at once, to a client running `concurrency` at a time: the rest wait in its queue.
