@@ -165,6 +165,8 @@ export class Sockpoold {
   }
 
   async #start(): Promise<void> {
+    // The history's checkpointer thread opens its own connection: ready before the daemon is.
+    await this.#store.checkpointerReady();
     const passed = classifyListenFds(listenFds());
     if (passed.listener) {
       // systemd owns the socket file (sockpoold.socket: its mode, owner, group, removal): never chmod or unlink it.

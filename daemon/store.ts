@@ -13,13 +13,17 @@
 // seen evicted first (with their demand history); and the timer's flushes write in slices of at most
 // SLICE_BUDGET_MS of event-loop time, continuing on the next turn, so a flood of new origins never holds the loop
 // for long (bench/store-flush.ts measures it with 100,000 origins). `flush()` itself (at close, and before
-// `topOrigins`) still writes everything at once.
+// `topOrigins`) still writes everything at once. While the timer runs, the WAL is copied into the database file
+// (the checkpoint, with its fsync) by a thread of its own with a second connection, never by a commit on the
+// event loop: SQLite's automatic checkpoint at the end of a commit was the longest part of a slice.
 //
 // Wall-clock time (Date.now) is right here, unlike in the rest of the daemon: these timestamps must mean the same
 // thing after a restart or a reboot.
 
 import { mkdirSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import { join } from 'node:path';
+import { Worker } from 'node:worker_threads';
 import Database from 'better-sqlite3';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import { parseOriginKey } from '../shared/origin.js';
@@ -106,10 +110,46 @@ const CONNECT_EWMA_ALPHA = 0.2;
 /** How fast the learned idle lifetime rises again after a longer observation (it drops at once on a shorter one). */
 const IDLE_LIFETIME_RISE = 0.1;
 const PRUNE_INTERVAL_MS = 10 * MINUTE_MS;
-/** Event-loop time one slice of a timed flush may take before it yields (the aim is no write over 20 ms). */
-const SLICE_BUDGET_MS = 8;
+/**
+ * Event-loop time one slice of a timed flush may spend writing before it commits and yields. The aim is no slice
+ * over 20 ms; the commit (the slice's pages into the WAL) comes on top, hence the margin.
+ */
+const SLICE_BUDGET_MS = 5;
 /** Rows one statement of eviction or pruning deletes at most (each is an index range scan). */
 const DELETE_BATCH = 500;
+
+/** Slices of one long flush after which the checkpointer is asked again (the WAL stays bounded meanwhile). */
+const SLICES_PER_CHECKPOINT = 16;
+/** SQLite's own default, back in force when no checkpointer runs. */
+const AUTOCHECKPOINT_PAGES = 1000;
+
+/**
+ * The checkpointer thread. An eval'd worker, so that the same code runs from daemon/*.ts (in-process tests) and
+ * from dist/. It owns a second connection and runs a PASSIVE checkpoint when asked: PASSIVE never waits for the
+ * daemon's connection and never blocks its writes (what it cannot copy now, the next request copies).
+ */
+const CHECKPOINTER_SOURCE = `
+const { parentPort, workerData } = require('node:worker_threads');
+const Database = require(workerData.betterSqlite3);
+const db = new Database(workerData.path, { fileMustExist: true });
+// The first checkpoint opens the WAL and its index: every fd of this connection is open before 'ready'.
+db.pragma('wal_checkpoint(PASSIVE)');
+parentPort.postMessage({ ready: true });
+parentPort.on('message', () => {
+  try {
+    const [result] = db.pragma('wal_checkpoint(PASSIVE)');
+    parentPort.postMessage({ log: result.log, checkpointed: result.checkpointed });
+  } catch (error) {
+    parentPort.postMessage({ error: String((error && error.message) || error) });
+  }
+});
+`;
+
+/** What the checkpointer answered last: frames in the WAL and frames copied into the database file. */
+export interface CheckpointResult {
+  log: number;
+  checkpointed: number;
+}
 
 /** What the handoff path accumulated for one origin since the last flush. */
 interface Pending {
@@ -188,6 +228,15 @@ export class StateStore {
   #timer: NodeJS.Timeout | undefined;
   /** A timed flush in progress (slices on setImmediate), so ticks do not overlap. */
   #slicing = false;
+  #checkpointer: Worker | undefined;
+  #checkpointPending = false;
+  #checkpointAgain = false;
+  /** Commits since the last checkpoint request. */
+  #uncheckpointed = false;
+  #checkpointerReady: Promise<void> = Promise.resolve();
+  #slicesSinceCheckpoint = 0;
+  #checkpoints = 0;
+  #lastCheckpoint: CheckpointResult | undefined;
   readonly #maxOrigins: number;
   /** Rows in `origins` (counted at open, kept current by inserts, evictions and prunes). */
   #rowCount = 0;
@@ -431,7 +480,81 @@ export class StateStore {
       this.#lastPrune = now;
     })();
     for (const originKey of written) this.#pending.delete(originKey);
+    // A slice that wrote nothing (the timer's usual tick) asks for nothing.
+    if (written.length > 0 || more || prune) this.#uncheckpointed = true;
+    if (this.#uncheckpointed && (!more || ++this.#slicesSinceCheckpoint >= SLICES_PER_CHECKPOINT)) {
+      this.#requestCheckpoint();
+    }
     return more;
+  }
+
+  #requestCheckpoint(): void {
+    if (!this.#checkpointer) return;
+    if (this.#checkpointPending) {
+      // Asked while one runs: once more after it, so the last commits are copied too.
+      this.#checkpointAgain = true;
+      return;
+    }
+    this.#checkpointPending = true;
+    this.#checkpointAgain = false;
+    this.#uncheckpointed = false;
+    this.#slicesSinceCheckpoint = 0;
+    this.#checkpointer.postMessage(0);
+  }
+
+  /** Starts the checkpointer thread; from now on commits leave the WAL to it. */
+  #startCheckpointer(): void {
+    if (this.#checkpointer || this.#closed) return;
+    const worker = new Worker(CHECKPOINTER_SOURCE, {
+      eval: true,
+      name: 'sockpoold state checkpointer',
+      workerData: { path: this.path, betterSqlite3: createRequire(import.meta.url).resolve('better-sqlite3') },
+    });
+    worker.unref();
+    let ready: () => void = () => {};
+    this.#checkpointerReady = new Promise((resolve) => {
+      ready = resolve;
+    });
+    worker.on('message', (message: CheckpointResult | { error: string } | { ready: true }) => {
+      if ('ready' in message) {
+        ready();
+        return;
+      }
+      this.#checkpointPending = false;
+      if (!('error' in message)) {
+        this.#checkpoints++;
+        this.#lastCheckpoint = message;
+      } // else a locked or full disk: the next request tries again.
+      if (this.#checkpointAgain) this.#requestCheckpoint();
+    });
+    // A thread that cannot run (or dies) hands checkpoints back to the commits, as without it.
+    worker.on('error', () => this.#stopCheckpointer());
+    worker.on('exit', () => ready());
+    this.#db.pragma('wal_autocheckpoint = 0');
+    this.#checkpointer = worker;
+  }
+
+  #stopCheckpointer(): void {
+    const worker = this.#checkpointer;
+    if (!worker) return;
+    this.#checkpointer = undefined;
+    this.#checkpointPending = false;
+    // Its connection closes with the thread; a checkpoint it was running completes or is rolled back by SQLite.
+    void worker.terminate();
+    if (!this.#closed) this.#db.pragma(`wal_autocheckpoint = ${AUTOCHECKPOINT_PAGES}`);
+  }
+
+  /**
+   * Resolves once the checkpointer thread has its connection open (or has failed: then the commits checkpoint), so
+   * that a daemon reports ready with every fd it keeps already open.
+   */
+  checkpointerReady(): Promise<void> {
+    return this.#checkpointerReady;
+  }
+
+  /** Checkpoints the checkpointer thread completed, and its last answer (for tests and the bench). */
+  get checkpoints(): { count: number; last: CheckpointResult | undefined } {
+    return { count: this.#checkpoints, last: this.#lastCheckpoint };
   }
 
   /** Evicts up to DELETE_BATCH of the least recently seen origins over the cap; true when it evicted any. */
@@ -510,9 +633,13 @@ export class StateStore {
     return origins > 0;
   }
 
-  /** Flushes every `ms` from an unref'd timer (it never keeps the process alive), in slices (see flushSlice). */
+  /**
+   * Flushes every `ms` from an unref'd timer (it never keeps the process alive), in slices (see flushSlice), and
+   * leaves the WAL's checkpoints to the checkpointer thread while it runs.
+   */
   startAutoFlush(ms: number): void {
     this.stopAutoFlush();
+    this.#startCheckpointer();
     const slice = () => {
       let more = false;
       try {
@@ -539,6 +666,7 @@ export class StateStore {
   stopAutoFlush(): void {
     if (this.#timer) clearInterval(this.#timer);
     this.#timer = undefined;
+    this.#stopCheckpointer();
   }
 
   /**

@@ -7,6 +7,7 @@ import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import { MIGRATIONS, migrate, StateStore } from '../daemon/store.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import { useFakeClock } from './fixtures/fake-clock.js';
+import { eventually } from './helpers/daemon.js';
 
 const repo = resolve(import.meta.dirname, '..');
 const MINUTE = 60_000;
@@ -263,6 +264,30 @@ describe('what a client cannot bloat', () => {
     expect(value(db, 'SELECT count(*) FROM origins')).toBe(1000);
     db.close();
     store.close();
+  });
+});
+
+describe('the checkpointer thread', () => {
+  it('with the auto flush on, copies the WAL into the database file off the event loop, and stops with it', async () => {
+    const store = StateStore.open(dir, { now, maxOrigins: 10_000 });
+    // The timer never fires in this test: the slices are run here, as the timer would.
+    store.startAutoFlush(3_600_000);
+    for (let origin = 0; origin < 3000; origin++) store.recordConnect(`c${origin}.example:443`, 5);
+    while (store.flushSlice(0)) {}
+    // Every slice's commit went to the WAL; the thread copied all of it (asked again after each run it was busy).
+    await eventually(() => {
+      const { count, last } = store.checkpoints;
+      return count >= 1 && last !== undefined && last.log > 0 && last.checkpointed === last.log;
+    }, 'the WAL checkpointed to its last frame');
+    store.stopAutoFlush();
+    const stopped = store.checkpoints.count;
+    store.recordConnect('after.example:443', 5);
+    expect(store.flushSlice()).toBe(false);
+    expect(store.checkpoints.count).toBe(stopped);
+    store.close();
+    const db = reader(dir);
+    expect(value(db, 'SELECT count(*) FROM origins')).toBe(3001);
+    db.close();
   });
 });
 
