@@ -3,8 +3,12 @@
 // coming back into a promise and a ReadableStream whose reads grant the worker more credit.
 //
 // The port pair is created here; `workerPort` is transferred to the worker with the task and closed there when the
-// transfer ends. This end closes when the response is complete, fails or is cancelled. It is unref'd: a response
-// nobody reads does not keep the process alive (piscina keeps it alive while the task runs).
+// transfer ends. This end closes when the response is complete, fails or is cancelled, and keeps the process alive
+// until then. (It was unref'd, leaving that to piscina while the task runs; but the task's completion comes over
+// piscina's own port and can be handled before the last body messages on this one: with nothing else pending, the
+// process then exited with those messages undelivered and the caller's read never settled. An unread body keeps
+// the process alive no longer than before: the worker holds the transfer, and so its task, until it is read,
+// cancelled or past its deadline.)
 
 import { MessageChannel, type MessagePort } from 'node:worker_threads';
 import { ErrorCodes, fromPlainError, SockpoolError, toPlainError } from '../shared/errors.js';
@@ -68,7 +72,6 @@ export class CallerChannel {
       );
     }
     port1.on('message', (message: WorkerMessage) => this.#onMessage(message));
-    port1.unref();
     if (options.upload) void this.#pump(options.upload);
   }
 

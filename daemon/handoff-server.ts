@@ -376,15 +376,26 @@ export class HandoffServer {
     return isAdminUid(session.uid, this.#config().access.adminUids);
   }
 
-  /** Tokens of a rate-limited origin for a client's requests (none is needed for an origin without a rate). */
-  #tokens(session: ClientSession, message: Extract<ClientMessage, { type: 'tokens' }>): void {
-    let origin: Origin;
+  /**
+   * The message's origin in its one canonical key, whatever spelling the client sent; undefined after replying with
+   * the error when it is none (a zone id is refused here).
+   */
+  #originOf(
+    session: ClientSession,
+    message: Extract<ClientMessage, { type: 'tokens' | 'acquire' }>,
+  ): Origin | undefined {
     try {
-      origin = canonicalOrigin(message);
+      return canonicalOrigin(message);
     } catch (error) {
       this.#replyError(session, message.id, error);
-      return;
+      return undefined;
     }
+  }
+
+  /** Tokens of a rate-limited origin for a client's requests (none is needed for an origin without a rate). */
+  #tokens(session: ClientSession, message: Extract<ClientMessage, { type: 'tokens' }>): void {
+    const origin = this.#originOf(session, message);
+    if (!origin) return;
     const rate = this.#rates?.paramsFor(origin);
     if (!rate) {
       // No rate (any more, after a reload): as many as asked, free.
@@ -403,14 +414,8 @@ export class HandoffServer {
   }
 
   #acquire(session: ClientSession, message: Extract<ClientMessage, { type: 'acquire' }>): void {
-    let origin: Origin;
-    try {
-      // Any spelling a client sends is keyed as its one canonical origin (and a zone id is refused here).
-      origin = canonicalOrigin(message);
-    } catch (error) {
-      this.#replyError(session, message.id, error);
-      return;
-    }
+    const origin = this.#originOf(session, message);
+    if (!origin) return;
     const access = this.#config().access;
     if (session.pending >= access.maxPendingPerClient) {
       this.#replyError(
