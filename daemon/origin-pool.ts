@@ -366,10 +366,20 @@ export class OriginPool {
   }
 
   /** Idle sockets any client may have (those kept for one uid are no supply for the others). */
-  #sharedIdleCount(): number {
+  /** Idle sockets any uid may take, counted up to `atMost` (the pool may hold many more than a caller needs). */
+  #sharedIdleCount(atMost = Number.POSITIVE_INFINITY): number {
     let count = 0;
-    for (const idle of this.#idle) if (idle.ownerUid === undefined) count++;
+    for (let index = this.#idle.length - 1; index >= 0 && count < atMost; index--) {
+      if (this.#idle[index]!.ownerUid === undefined) count++;
+    }
     return count;
+  }
+
+  /** Refill connects the idle supply lacks: the target less shared idle sockets and refill connects in flight. */
+  #refillWanted(): number {
+    const target = Math.min(this.policy.maxIdle, Math.max(this.policy.minIdle, this.#refillTarget));
+    const inFlight = this.#connecting - this.#connectingForWaiters;
+    return target - inFlight - this.#sharedIdleCount(target - inFlight);
   }
 
   #armTimer: NodeJS.Timeout | undefined;
@@ -452,16 +462,7 @@ export class OriginPool {
    * back in the same turn): they schedule nothing, which spares the event loop a turn that polls without waiting.
    */
   #mayNeedPump(): boolean {
-    if (this.#waiters.length > 0) return true;
-    // The same arithmetic as #pump's refill loop, counted once with the socket just taken already gone.
-    if (this.total >= this.policy.maxPerOrigin) return false;
-    const target = Math.min(this.policy.maxIdle, Math.max(this.policy.minIdle, this.#refillTarget));
-    let wanted = target - (this.#connecting - this.#connectingForWaiters);
-    // Counts shared idle sockets only until there are enough (the pool may hold many).
-    for (let index = this.#idle.length - 1; index >= 0 && wanted > 0; index--) {
-      if (this.#idle[index]!.ownerUid === undefined) wanted--;
-    }
-    return wanted > 0;
+    return this.#waiters.length > 0 || (this.total < this.policy.maxPerOrigin && this.#refillWanted() > 0);
   }
 
   #pumpSoon(): void {
@@ -493,10 +494,7 @@ export class OriginPool {
       this.#startConnect(true);
     }
     if (this.#refused || performance.now() < this.#backoffUntil) return;
-    const target = Math.min(this.policy.maxIdle, Math.max(this.policy.minIdle, this.#refillTarget));
-    while (this.#sharedIdleCount() + this.#connecting - this.#connectingForWaiters < target && this.total < limit) {
-      this.#startConnect(false);
-    }
+    while (this.#refillWanted() > 0 && this.total < limit) this.#startConnect(false);
   }
 
   #startConnect(forWaiter: boolean): void {
