@@ -245,30 +245,10 @@ async function measureLatency(startedAt: Date): Promise<LatencyResult> {
 
   if (settings.profile) mkdirSync(profileDir, { recursive: true });
   if (settings.strace) mkdirSync(resultsDir, { recursive: true });
-  const daemon = await startBenchDaemon({
-    dir: join(tmp, 'handoff'),
-    config: {
-      pool: {
-        maxIdleTotal: 1_000,
-        warmOnStartOrigins: 0,
-        defaults: { minIdle: 32, maxIdle: 64, maxPerOrigin: 256, idleTtlMs: 3_600_000 },
-      },
-    },
-    args: ['--allow', '127.0.0.1/32', '--allow-port', String(port)],
-    nodeArgs: settings.profile ? ['--cpu-prof', '--cpu-prof-dir', profileDir] : [],
-    main: settings.daemonMain,
-    wrap: pinned('responder'),
-  });
-  daemons.push(daemon);
-  const client = new BenchDaemonClient(daemon.socketPath, { binary: !settings.json });
-  await client.hello();
-  await client.prewarm(HOST, port, 64);
-  await until(async () => (await client.stats()).idle >= 64, 'prewarm of 64 sockets', 10_000);
-  // --compare: the other build's daemon, same origin and settings, prewarmed alike.
-  let other: { daemon: BenchDaemon; client: BenchDaemonClient } | undefined;
-  if (settings.compareMain) {
-    const otherDaemon = await startBenchDaemon({
-      dir: join(tmp, 'handoff-compare'),
+  /** A daemon of `main` for the origin on `port`, with a client that has prewarmed 64 sockets. */
+  const prewarmedDaemon = async (name: string, main: string | undefined, nodeArgs: string[] = []) => {
+    const started = await startBenchDaemon({
+      dir: join(tmp, name),
       config: {
         pool: {
           maxIdleTotal: 1_000,
@@ -277,14 +257,26 @@ async function measureLatency(startedAt: Date): Promise<LatencyResult> {
         },
       },
       args: ['--allow', '127.0.0.1/32', '--allow-port', String(port)],
-      main: settings.compareMain,
+      nodeArgs,
+      main,
       wrap: pinned('responder'),
     });
-    daemons.push(otherDaemon);
-    const otherClient = new BenchDaemonClient(otherDaemon.socketPath, { binary: !settings.json });
-    await otherClient.hello();
-    await otherClient.prewarm(HOST, port, 64);
-    await until(async () => (await otherClient.stats()).idle >= 64, 'prewarm of 64 sockets (--compare)', 10_000);
+    daemons.push(started);
+    const startedClient = new BenchDaemonClient(started.socketPath, { binary: !settings.json });
+    await startedClient.hello();
+    await startedClient.prewarm(HOST, port, 64);
+    await until(async () => (await startedClient.stats()).idle >= 64, `prewarm of 64 sockets (${name})`, 10_000);
+    return { daemon: started, client: startedClient };
+  };
+  const { daemon, client } = await prewarmedDaemon(
+    'handoff',
+    settings.daemonMain,
+    settings.profile ? ['--cpu-prof', '--cpu-prof-dir', profileDir] : [],
+  );
+  // --compare: the other build's daemon, same origin and settings, prewarmed alike.
+  let other: { daemon: BenchDaemon; client: BenchDaemonClient } | undefined;
+  if (settings.compareMain) {
+    const { daemon: otherDaemon, client: otherClient } = await prewarmedDaemon('handoff-compare', settings.compareMain);
     await runHandoffs(otherClient, {
       host: HOST,
       port,
