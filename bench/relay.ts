@@ -119,12 +119,17 @@ async function main(): Promise<void> {
   });
   const stats = new BenchDaemonClient(daemon.socketPath);
   const client = new SockpoolClient({ socketPath: daemon.socketPath, threads: 0, caFile: pki.caFile });
-  const easy = new Easy();
-  easy.setOpt('CAINFO_BLOB', null as unknown as string);
-  easy.setOpt('CAINFO', pki.caFile);
-  easy.setOpt('RESOLVE', [`localhost:${port}:127.0.0.1`]);
-  easy.setOpt('WRITEFUNCTION', (data: Buffer) => data.length);
-  easy.setOpt('URL', `${base}/small`);
+  /** A plain node-libcurl handle for the keep-alive rows: the origin's CA, its name pinned, the body dropped. */
+  const smallRequestHandle = () => {
+    const handle = new Easy();
+    handle.setOpt('CAINFO_BLOB', null as unknown as string);
+    handle.setOpt('CAINFO', pki.caFile);
+    handle.setOpt('RESOLVE', [`localhost:${port}:127.0.0.1`]);
+    handle.setOpt('WRITEFUNCTION', (data: Buffer) => data.length);
+    handle.setOpt('URL', `${base}/small`);
+    return handle;
+  };
+  const easy = smallRequestHandle();
   // Two more keep-alive rows that split the gap (docs/benchmarks.md): sockpool with its own TLS over a TCP lease
   // (a CA file of other bytes but the same CA: the client's TLS options differ from the daemon's, so no relay), and
   // node-libcurl driven asynchronously through a Multi as an event-loop program drives it (the baseline row above
@@ -133,12 +138,7 @@ async function main(): Promise<void> {
   writeFileSync(ownTlsCa, `${readFileSync(pki.caFile, 'utf8')}\n`);
   const ownTlsClient = new SockpoolClient({ socketPath: daemon.socketPath, threads: 0, caFile: ownTlsCa });
   const multi = new Multi();
-  const multiEasy = new Easy();
-  multiEasy.setOpt('CAINFO_BLOB', null as unknown as string);
-  multiEasy.setOpt('CAINFO', pki.caFile);
-  multiEasy.setOpt('RESOLVE', [`localhost:${port}:127.0.0.1`]);
-  multiEasy.setOpt('WRITEFUNCTION', (data: Buffer) => data.length);
-  multiEasy.setOpt('URL', `${base}/small`);
+  const multiEasy = smallRequestHandle();
   let multiDone: ((code: number) => void) | undefined;
   multi.onMessage((_error, handle, code) => {
     multi.removeHandle(handle);
