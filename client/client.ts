@@ -14,7 +14,13 @@ import { Piscina } from 'piscina';
 import { ErrorCodes, fromPlainError, SockpoolError } from '../shared/errors.js';
 import { PROXY_NAME } from '../shared/origin.js';
 import { MAX_PREWARM_COUNT } from '../shared/protocol.js';
-import { epochNow, type TransferRequest, type TransferResult, timeoutError } from '../worker/curl-engine.js';
+import {
+  epochNow,
+  type TransferOutcome,
+  type TransferRequest,
+  type TransferResult,
+  timeoutError,
+} from '../worker/curl-engine.js';
 import { LANE } from '../worker/lane-protocol.js';
 import type { ResponseHead } from '../worker/stream-protocol.js';
 import type { Task, TaskResult, WorkerConfig } from '../worker/task.js';
@@ -254,29 +260,21 @@ export class SockpoolClient {
    */
   #start(prepared: Prepared, resolve: (response: SockpoolResponse) => void, reject: (error: Error) => void): void {
     const { request, signal, queued, target } = prepared;
-    if (this.#lanes) {
-      this.#lanes.start(
-        request,
-        signal,
-        (outcome) => {
-          this.#queue.leave(target);
-          if (outcome.ok) resolve(response(outcome.result as TransferResult & SockpoolResponse, queued));
-          else reject(fromPlainError(outcome.error));
-        },
-        (error) => {
-          this.#queue.leave(target);
-          reject(error);
-        },
-      );
-      return;
-    }
-    this.#local!.startRequest(request, undefined, signal, (outcome) => {
+    const finish = (outcome: TransferOutcome) => {
       this.#queue.leave(target);
       if (outcome.ok) resolve(response(outcome.result as TransferResult & SockpoolResponse, queued));
-      // Cancelled by the caller: the error carries the signal's reason as its cause, as with worker threads.
+      // Cancelled by the caller: the error carries the signal's reason as its cause, on a lane or in this thread.
       else if (signal?.aborted && outcome.error.code === ErrorCodes.ABORTED) reject(abortedError(signal));
       else reject(fromPlainError(outcome.error));
-    });
+    };
+    if (this.#lanes) {
+      this.#lanes.start(request, signal, finish, (error) => {
+        this.#queue.leave(target);
+        reject(error);
+      });
+      return;
+    }
+    this.#local!.startRequest(request, undefined, signal, finish);
   }
 
   /** One request whose response body is a stream, resolved as soon as the response head is in. */
