@@ -1,5 +1,5 @@
 import { type ChildProcess, spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import Database from 'better-sqlite3';
@@ -269,6 +269,7 @@ describe('what a client cannot bloat', () => {
 
 describe('the checkpointer thread', () => {
   it('with the auto flush on, copies the WAL into the database file off the event loop, and stops with it', async () => {
+    const fdsBefore = readdirSync('/proc/self/fd').length;
     const store = StateStore.open(dir, { now, maxOrigins: 10_000 });
     // The timer never fires in this test: the slices are run here, as the timer would.
     store.startAutoFlush(3_600_000);
@@ -288,6 +289,8 @@ describe('the checkpointer thread', () => {
     const db = reader(dir);
     expect(value(db, 'SELECT count(*) FROM origins')).toBe(3001);
     db.close();
+    // The thread's connection (the database, its WAL and index) closed with the thread.
+    await eventually(() => readdirSync('/proc/self/fd').length <= fdsBefore, 'the store and its thread hold no fd');
   });
 });
 
