@@ -402,12 +402,25 @@ export class HandoffServer {
       this.#send(session, { type: 'tokens', id: message.id, granted: message.count });
       return;
     }
+    // A wait for tokens is a pending request like an acquire: bounded per client (and so per uid, by its sessions).
+    const { maxPendingPerClient } = this.#config().access;
+    if (session.pending >= maxPendingPerClient) {
+      this.#replyError(
+        session,
+        message.id,
+        new SockpoolError(ErrorCodes.LIMIT, `more than ${maxPendingPerClient} acquires and token requests pending`),
+      );
+      return;
+    }
+    session.pending++;
     const timeoutMs = message.timeoutMs ?? this.#config().pool.defaults.acquireTimeoutMs;
     this.#rates!.take(origin, rate, message.count, timeoutMs).then(
       (granted) => {
+        session.pending--;
         if (!session.closed) this.#send(session, { type: 'tokens', id: message.id, granted });
       },
       (error: Error) => {
+        session.pending--;
         if (!session.closed) this.#replyError(session, message.id, error);
       },
     );

@@ -80,6 +80,24 @@ describe('per-client limits', () => {
   });
 });
 
+describe('per-client limits on token requests', () => {
+  it('counts token requests waiting on a rate-limited origin as pending: one beyond maxPendingPerClient is refused', async () => {
+    const echo = await echoServer();
+    const sockpoold = await daemonWith(
+      { access: { maxPendingPerClient: 2 }, pool: { defaults: { requestsPerSecond: 0.01, burst: 1 } } },
+      ['--allow', '127.0.0.1/32', '--allow-port', String(echo.port)],
+    );
+    const raw = client(sockpoold.socketPath);
+    const first = await raw.request({ type: 'tokens', id: 1, host: '127.0.0.1', port: echo.port, count: 1 });
+    expect(first.message).toMatchObject({ type: 'tokens', id: 1, granted: 1 });
+    // The burst is spent: the next two wait for a token (pending 2), the third is over the pending limit.
+    raw.sendJson({ type: 'tokens', id: 2, host: '127.0.0.1', port: echo.port, count: 1, timeoutMs: 600_000 });
+    raw.sendJson({ type: 'tokens', id: 3, host: '127.0.0.1', port: echo.port, count: 1, timeoutMs: 600_000 });
+    const over = await raw.request({ type: 'tokens', id: 4, host: '127.0.0.1', port: echo.port, count: 1 });
+    expect(over.message).toMatchObject({ type: 'error', id: 4, code: 'SOCKPOOL_ERR_LIMIT' });
+  });
+});
+
 describe('pool bounds and DNS', () => {
   it('never holds more idle sockets than maxIdleTotal across origins', async () => {
     const first = await echoServer();
