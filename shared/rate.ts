@@ -29,6 +29,11 @@ export class TokenBatch {
     return this.#tokens;
   }
 
+  /** Tokens still spendable at `now` (0 once the batch expired). */
+  held(now: number): number {
+    return now >= this.#expiresAt ? 0 : this.#tokens;
+  }
+
   /** Spends one token if one is held and not expired. */
   spend(now: number): boolean {
     if (this.#tokens === 0) return false;

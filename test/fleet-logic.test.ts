@@ -55,6 +55,8 @@ describe('token batches', () => {
     batch.add(2, 0);
     expect(batch.spend(10)).toBe(true);
     batch.add(1, 20);
+    expect(batch.held(TOKEN_LIFETIME_MS + 19)).toBe(2);
+    expect(batch.held(TOKEN_LIFETIME_MS + 20)).toBe(0); // what the limiter forgets a batch by
     expect(batch.spend(TOKEN_LIFETIME_MS + 19)).toBe(true);
     expect(batch.spend(TOKEN_LIFETIME_MS + 20)).toBe(false);
     expect(batch.count).toBe(0);

@@ -14,6 +14,8 @@ import { fleetKey } from './slots.js';
 
 /** The most tokens the daemon asks Redis for at once (batchSize caps it lower for slow rates). */
 const MAX_DAEMON_BATCH = 64;
+/** Batches kept before spent or expired ones are forgotten (see #grant). */
+const MAX_IDLE_BATCHES = 10_000;
 /** The most tokens one `tokens` request may be granted. */
 export const MAX_TOKENS_PER_REQUEST = 1000;
 
@@ -103,6 +105,13 @@ export class RateLimiter {
     if (!batch) {
       batch = new TokenBatch();
       this.#batches.set(key, batch);
+      // Forget origins whose batch is spent or expired (the same as none): clients naming ever more origins under
+      // a default rate cannot grow the map without bound (as LocalGcra forgets past TATs).
+      if (this.#batches.size > MAX_IDLE_BATCHES) {
+        const now = this.#now();
+        for (const [other, held] of this.#batches)
+          if (held !== batch && held.held(now) === 0) this.#batches.delete(other);
+      }
     }
     let spent = 0;
     while (spent < wanted && batch.spend(this.#now())) spent++;
