@@ -9,11 +9,10 @@
 // `npm run bench:fleet [-- --seconds 30]`. Prints a table and JSON; exits 1 when an aim is missed.
 
 import { mkdtempSync, rmSync } from 'node:fs';
-import { createServer, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { SockpoolClient } from '../client/client.js';
-import * as native from '../shared/native.js';
+import { type CountingOrigin, countingOrigin } from '../test/helpers/counting-origin.js';
 import { type RedisServer, startRedis } from '../test/helpers/redis.js';
 import { option } from './lib/args.js';
 import { type BenchDaemon, startBenchDaemon } from './lib/daemon.js';
@@ -26,80 +25,17 @@ const RATE = 50;
 // the run it adds at most BURST requests.
 const BURST = 5;
 
-interface Origin {
-  port: number;
-  open: number;
-  maxOpen: number;
-  arrivals: number[];
-  close(): Promise<void>;
-}
-
-async function origin(keepAlive: boolean): Promise<Origin> {
-  const sockets = new Map<Socket, () => void>();
-  const state: Origin = {
-    port: 0,
-    open: 0,
-    maxOpen: 0,
-    arrivals: [],
-    async close() {
-      for (const socket of sockets.keys()) socket.destroy();
-      await new Promise((resolve) => server.close(resolve));
-    },
-  };
-  const server = createServer((socket) => {
-    for (const [other, done] of sockets) {
-      const fd = (other as unknown as { _handle?: { fd?: number } })._handle?.fd;
-      if (fd !== undefined && fd >= 0) {
-        const probe = native.probe(fd).state;
-        if (probe === 'eof' || probe === 'error') done();
-      }
-    }
-    let gone = false;
-    const done = () => {
-      if (gone) return;
-      gone = true;
-      state.open--;
-      sockets.delete(socket);
-    };
-    sockets.set(socket, done);
-    state.open++;
-    state.maxOpen = Math.max(state.maxOpen, state.open);
-    let pending = '';
-    socket.on('data', (chunk: Buffer) => {
-      pending += chunk.toString('latin1');
-      for (let end = pending.indexOf('\r\n\r\n'); end !== -1; end = pending.indexOf('\r\n\r\n')) {
-        pending = pending.slice(end + 4);
-        state.arrivals.push(performance.now());
-        const connection = keepAlive ? 'keep-alive' : 'close';
-        setTimeout(() => {
-          if (socket.writable) {
-            socket.write(`HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: ${connection}\r\n\r\nok`);
-          }
-        }, 5);
-      }
-    });
-    socket.on('end', () => {
-      done();
-      socket.end();
-    });
-    socket.on('error', done);
-    socket.on('close', done);
-  });
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  state.port = (server.address() as { port: number }).port;
-  return state;
-}
-
 let redis: RedisServer | undefined;
 const daemons: BenchDaemon[] = [];
 const clients: SockpoolClient[] = [];
-const origins: Origin[] = [];
+const origins: CountingOrigin[] = [];
 const dirs: string[] = [];
 
 async function main(): Promise<void> {
   redis = await startRedis();
-  const capped = await origin(false);
-  const rated = await origin(true);
+  // Answers after 5 ms: the cap's origin closes each connection after it (one request, one slot).
+  const capped = await countingOrigin(5);
+  const rated = await countingOrigin(5, true);
   origins.push(capped, rated);
   for (let i = 0; i < 3; i++) {
     const dir = mkdtempSync(join(tmpdir(), 'sockpool-bench-fleet-'));
