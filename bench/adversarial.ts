@@ -17,6 +17,7 @@
 // processes at that nice level: what is left of the gap then is the work they cause, not their own CPU.
 // `--fresh`: every honest request asks for `connection: close`, so each takes a new lease through the daemon
 // (otherwise curl keeps its connection and most honest requests never reach the daemon).
+// `--pin` and `--cpu-groups` (root) place the parties on the cores as a real host would (see each option below).
 
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
 import { once } from 'node:events';
@@ -27,6 +28,7 @@ import os from 'node:os';
 import { join } from 'node:path';
 import { SockpoolClient } from '../client/client.js';
 import { option } from './lib/args.js';
+import { CpuGroups } from './lib/cpu-groups.js';
 import { type BenchDaemon, repoRoot, startBenchDaemon } from './lib/daemon.js';
 import { cpuTimeMs } from './lib/proc.js';
 import { runBench } from './lib/run.js';
@@ -53,6 +55,21 @@ const ownSessions = !process.argv.includes('--same-session');
  */
 const pin = process.argv.includes('--pin');
 const onDaemonCpu = pin ? ['taskset', '-c', '1'] : [];
+/**
+ * `--cpu-groups` (root): each party in a CPU control group of its own with the same weight, as systemd runs them
+ * on a shared host: the daemon as its service, the honest side as another, and every hostile process in one group
+ * for their uid (user-65534.slice). The cores are then shared between the three groups, however many processes
+ * the hostile uid starts (bench/lib/cpu-groups.ts).
+ */
+const cpuGroups = process.argv.includes('--cpu-groups') ? CpuGroups.create('sockpool-adversarial') : undefined;
+const honestGroup = cpuGroups?.group('honest');
+/** The daemon group's weight: the shipped unit's `CPUWeight=` (systemd/sockpoold.service) unless `--daemon-weight`. */
+const unitCpuWeight = Number(
+  /^CPUWeight=(\d+)$/m.exec(readFileSync(join(repoRoot, 'systemd', 'sockpoold.service'), 'utf8'))?.[1] ?? 100,
+);
+const daemonWeight = option('--daemon-weight', unitCpuWeight);
+const daemonGroup = cpuGroups?.group('daemon', daemonWeight);
+const hostileGroup = cpuGroups?.group('hostile');
 const inFlight = 4;
 const hostileUid = process.getuid?.() === 0 ? 65534 : undefined;
 const hostileClient = join(repoRoot, 'test', 'fixtures', 'hostile-client.mjs');
@@ -151,6 +168,9 @@ function keepAttacking(args: string[]): Promise<void> {
         detached: ownSessions,
         ...(hostileUid === undefined ? {} : { uid: hostileUid, gid: hostileUid }),
       });
+      // Moved by its pid as soon as it exists (it runs as another uid, so it cannot move itself): the first
+      // instructions of its start-up may run outside the group, nothing it starts does.
+      if (hostileGroup && child.pid !== undefined) cpuGroups!.move(hostileGroup, child.pid);
       hostiles.add(child);
       child.once('exit', () => {
         hostiles.delete(child);
@@ -164,6 +184,7 @@ function keepAttacking(args: string[]): Promise<void> {
 async function main(): Promise<void> {
   // Every thread of this process (the honest client runs with threads: 0, but libuv and V8 have threads too).
   if (pin) execFileSync('taskset', ['-apc', '0', String(process.pid)], { stdio: 'ignore' });
+  if (honestGroup) cpuGroups!.move(honestGroup, process.pid);
   server = http.createServer((request, response) => {
     response.setHeader('content-type', 'text/plain');
     response.end(request.url);
@@ -178,7 +199,7 @@ async function main(): Promise<void> {
     args: ['--allow', '127.0.0.1/32', '--allow-port', String(port)],
     // As a system service: a CPU share of its own, not a part of this benchmark's (see ownSessions).
     ownSession: ownSessions,
-    ...(pin ? { wrap: onDaemonCpu } : {}),
+    ...(pin || daemonGroup ? { wrap: [...(daemonGroup ? cpuGroups!.wrap(daemonGroup) : []), ...onDaemonCpu] } : {}),
   });
   chmodSync(dir, 0o755);
   client = new SockpoolClient({ socketPath: daemon.socketPath, threads: 0 });
@@ -232,6 +253,7 @@ async function main(): Promise<void> {
       detached: ownSessions,
       ...(hostileUid === undefined ? {} : { uid: hostileUid, gid: hostileUid }),
     });
+    if (hostileGroup && flood.pid !== undefined) cpuGroups!.move(hostileGroup, flood.pid);
     hostiles.add(flood);
     await phase(hostile);
     attacking = false;
@@ -300,7 +322,7 @@ async function main(): Promise<void> {
   console.log(
     `p50 ratio ${round(h.p50 / q.p50, 2)}, p99 ratio ${round(h.p99 / q.p99, 2)} (aim: p99 within 2x); ` +
       `every honest answer was its own (${q.count + h.count} checked); ${hostile.spawns} hostile processes started` +
-      `${hostileNice > 0 ? ` at nice ${hostileNice}` : ''}${fresh ? '; a fresh lease per honest request' : ''}${ownSessions ? '' : '; hostile processes in this session'}${pin ? '; honest side on CPU 0, daemon and hostile processes on CPU 1' : ''}; load average ${os.loadavg()[0]!.toFixed(1)} on ` +
+      `${hostileNice > 0 ? ` at nice ${hostileNice}` : ''}${fresh ? '; a fresh lease per honest request' : ''}${ownSessions ? '' : '; hostile processes in this session'}${pin ? '; honest side on CPU 0, daemon and hostile processes on CPU 1' : ''}${cpuGroups ? `; honest side, daemon and hostile uid in one CPU group each (daemon weight ${daemonWeight}, the others 100)` : ''}; load average ${os.loadavg()[0]!.toFixed(1)} on ` +
       `${os.availableParallelism()} cores`,
   );
 }
@@ -326,6 +348,7 @@ runBench(
     server?.closeAllConnections();
     server?.close();
     rmSync(dir, { recursive: true, force: true });
+    cpuGroups?.close();
   },
   log,
 );

@@ -80,6 +80,8 @@ describe('systemd units', () => {
       'RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK',
       'CapabilityBoundingSet=',
       'SocketBindDeny=any',
+      // Wins a core when it wakes beside busy clients (bench/adversarial.ts --cpu-groups).
+      'CPUWeight=1000',
     ]) {
       expect(settings.has(line), line).toBe(true);
     }
