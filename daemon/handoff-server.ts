@@ -158,6 +158,16 @@ export class HandoffServer {
     }, this.#acceptBackoffMs);
   }
 
+  /** The peer's supplementary groups; none when the kernel cannot say (the client is then judged on its primary gid). */
+  #supplementaryGroups(fd: number): number[] {
+    try {
+      return native.peerGroups(fd);
+    } catch (error) {
+      this.#log.warn({ err: (error as Error).message }, 'peer groups unavailable; primary gid only');
+      return [];
+    }
+  }
+
   /** A new client fd: owned here until the session's channel takes it. */
   #admit(fd: number): void {
     let credentials: { pid: number; uid: number; gid: number };
@@ -170,7 +180,12 @@ export class HandoffServer {
     }
     const access = this.#config().access;
     const uidAllowed = access.allowUids.length === 0 || access.allowUids.includes(credentials.uid);
-    const gidAllowed = access.allowGids.length === 0 || access.allowGids.includes(credentials.gid);
+    // The primary gid or a supplementary one, as the socket file's group permission counts them (a person added
+    // to the group with `usermod -aG` passes both). The groups are read only when the primary gid does not decide.
+    const gidAllowed =
+      access.allowGids.length === 0 ||
+      access.allowGids.includes(credentials.gid) ||
+      this.#supplementaryGroups(fd).some((gid) => access.allowGids.includes(gid));
     if (!uidAllowed || !gidAllowed) {
       // One error message, then the door closes: the client learns why.
       const refusal = encodeMessage({

@@ -1027,6 +1027,23 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     return result;
   }
 
+  // SO_PEERGROUPS (Linux 4.13): the peer's supplementary groups at connect time, which SO_PEERCRED leaves out.
+  Napi::Value PeerGroups(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const int fd = FdArg(info, 0);
+    std::vector<gid_t> groups(32);
+    socklen_t length = groups.size() * sizeof(gid_t);
+    while (::getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, groups.data(), &length) < 0) {
+      // ERANGE: `length` now says how much the list needs.
+      if (errno != ERANGE || length <= groups.size() * sizeof(gid_t)) ThrowErrno(env, errno, "getsockopt", "SO_PEERGROUPS");
+      groups.resize(length / sizeof(gid_t));
+    }
+    const size_t count = length / sizeof(gid_t);
+    Napi::Array result = Napi::Array::New(env, count);
+    for (size_t i = 0; i < count; i++) result.Set(static_cast<uint32_t>(i), Napi::Number::New(env, groups[i]));
+    return result;
+  }
+
   // -- Ownership
 
   Napi::Value Close(const Napi::CallbackInfo& info) {
@@ -1299,6 +1316,7 @@ SockpoolAddon::SockpoolAddon(Napi::Env env, Napi::Object exports) {
                            InstanceMethod<&SockpoolAddon::SetTcpUlp>("setTcpUlp", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::Probe>("probe", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::PeerCredentials>("peerCredentials", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::PeerGroups>("peerGroups", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::TcpCounters>("tcpCounters", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::SameSocket>("sameSocket", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::TcpInfo>("tcpInfo", napi_enumerable),

@@ -169,6 +169,7 @@ interface NativeBinding {
   setTcpUlp(fd: number, name: string): void;
   probe(fd: number): ProbeResult;
   peerCredentials(fd: number): PeerCredentials;
+  peerGroups(fd: number): number[];
   tcpCounters(fd: number, queues?: boolean): TcpCounters;
   sameSocket(a: number, b: number): boolean;
   tcpInfo(fd: number, out: Float64Array): void;
@@ -398,6 +399,11 @@ export function probe(fd: number): ProbeResult {
 /** SO_PEERCRED of a connected AF_UNIX socket: the peer process at connect time. */
 export function peerCredentials(fd: number): PeerCredentials {
   return binding.peerCredentials(fd);
+}
+
+/** SO_PEERGROUPS of a connected AF_UNIX socket: the peer process's supplementary groups at connect time. */
+export function peerGroups(fd: number): number[] {
+  return binding.peerGroups(fd);
 }
 
 /**

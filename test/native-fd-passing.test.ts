@@ -245,6 +245,10 @@ describe('seqpacket basics', () => {
       const self = { pid: process.pid, uid: process.getuid!(), gid: process.getgid!() };
       expect(native.peerCredentials(accepted!)).toEqual(self);
       expect(native.peerCredentials(client)).toEqual(self);
+      // SO_PEERGROUPS: the supplementary groups SO_PEERCRED leaves out (allowGids counts them).
+      // (Node's getgroups() adds the effective gid to the list when it is not a supplementary group itself.)
+      const groups = (list: number[]) => [...new Set([...list, process.getegid!()])].sort((a, b) => a - b);
+      expect(groups(native.peerGroups(accepted!))).toEqual(groups(process.getgroups!()));
       native.sendMessage(client, Buffer.from('over the listener'));
       expect(native.recvMessage(accepted!, 64, 0)?.data.toString()).toBe('over the listener');
       native.close(client);
