@@ -87,6 +87,35 @@ describe('grouped bar chart', () => {
     expect([...fill('undici')][0]).not.toBe([...fill('sockpool')][0]);
   });
 
+  it('gives one colour to a client whose label differs between groups (colourKey)', () => {
+    const keyed = parse(
+      groupedBarChartSvg({
+        title: 't',
+        unit: 'ms',
+        groups: [
+          {
+            label: 'HTTP',
+            bars: [
+              { series: 'undici', value: 1 },
+              { series: 'sockpool, warm TCP', value: 1, colourKey: 'sockpool' },
+            ],
+          },
+          {
+            label: 'HTTPS',
+            bars: [
+              { series: 'sockpool, warm TLS', value: 1, colourKey: 'sockpool' },
+              { series: 'undici', value: 1 },
+            ],
+          },
+        ],
+      }),
+    );
+    const fills = bars(keyed).map((rect) => `${rect.getAttribute('data-series')}=${rect.getAttribute('fill')}`);
+    const fillOf = (series: string) => fills.find((entry) => entry.startsWith(`${series}=`))!.split('=')[1];
+    expect(fillOf('sockpool, warm TCP')).toBe(fillOf('sockpool, warm TLS'));
+    expect(fillOf('sockpool, warm TCP')).not.toBe(fillOf('undici'));
+  });
+
   it('draws bar lengths in proportion to the values on one axis', () => {
     const width = (series: string) =>
       bars(root)

@@ -112,6 +112,8 @@ export function firstRequestChart(set: ChartSet, context: ChartContext): Grouped
       .filter((row) => row.scheme === scheme)
       .map((row) => ({
         series: firstLabel(row, context.warmTls),
+        // sockpool's label says how it connected, which differs per scheme: one colour for it all the same.
+        colourKey: row.peer,
         value: row.latency.p50,
         whisker: row.latency.p90,
         text:

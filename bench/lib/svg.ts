@@ -54,6 +54,8 @@ export function barChartSvg(chart: { title: string; bars: Bar[] }): string {
 export interface GroupBar {
   /** The series (client): bars of one series have one colour in every group. */
   series: string;
+  /** What picks the colour when the series' name differs between groups for one client (default: `series`). */
+  colourKey?: string;
   /** NaN or Infinity (no result): no bar, the text says n/a. */
   value: number;
   /** A second, larger value of the same row (p90 beside a p50 bar): a whisker from the bar's end. */
@@ -140,7 +142,7 @@ export function groupedBarChartSvg(chart: GroupedBarChart): string {
     y += groupHead;
     for (const bar of group.bars) {
       const series = escapeXml(bar.series);
-      const fill = colour(bar.series);
+      const fill = colour(bar.colourKey ?? bar.series);
       parts.push(`<text x="22" y="${y + 16}">${series}</text>`);
       let end = left;
       if (finite(bar.value)) {
