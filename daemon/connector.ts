@@ -209,7 +209,7 @@ export class TcpConnector implements Connector {
     if (result.ok) {
       count(result.candidate.family, 'won');
       resolver.reportSuccess(target.host, result.candidate.address);
-      if (!proxy) return result.value;
+      if (!proxy) return this.#judgedAfterReload(origin, policy, result.value, egress, proxy);
       // Through a proxy, the socket is of use only once the tunnel to the origin stands. Ours until it is.
       const socket = result.value;
       try {
@@ -219,7 +219,8 @@ export class TcpConnector implements Connector {
         throw error;
       }
       const connectedAt = performance.now();
-      return { ...socket, connectedAt, connectMs: socket.connectMs + (connectedAt - socket.connectedAt) };
+      const tunnel = { ...socket, connectedAt, connectMs: socket.connectMs + (connectedAt - socket.connectedAt) };
+      return this.#judgedAfterReload(origin, policy, tunnel, egress, proxy);
     }
     // No family had an address: the resolution failed, and resolve() says how (SOCKPOOL_ERR_DNS).
     if (result.failures.length === 0 && result.refusals.length === 0) await resolving;
@@ -234,6 +235,36 @@ export class TcpConnector implements Connector {
       { host: origin.host, port: origin.port },
       { cause: reason },
     );
+  }
+
+  /**
+   * A connect that a reload (SIGHUP) overtook: it began under the egress policy and proxies of before. Its socket
+   * is judged by the configuration now in force, as the idle sockets were at the reload (pool-manager.ts): a
+   * tunnel through a proxy that moved or went is closed and the connect starts over; a socket the policy now
+   * refuses is closed with SOCKPOOL_ERR_POLICY. (The socket is ours until returned.)
+   */
+  #judgedAfterReload(
+    origin: Origin,
+    policy: OriginPolicy,
+    socket: ConnectedSocket,
+    egress: EgressPolicy,
+    proxy: ProxyEndpoint | undefined,
+  ): ConnectedSocket | Promise<ConnectedSocket> {
+    const proxies = this.#proxies();
+    const current = origin.proxy === undefined ? undefined : proxies.get(origin.proxy);
+    const proxyMoved = proxy !== undefined && (current?.host !== proxy.host || current.port !== proxy.port);
+    if (this.#egress() === egress && !proxyMoved) return socket;
+    if (proxyMoved) {
+      native.close(socket.fd);
+      return this.connect(origin, policy);
+    }
+    try {
+      this.checkHeld(origin, socket.address);
+    } catch (error) {
+      native.close(socket.fd);
+      throw error;
+    }
+    return socket;
   }
 
   /** One attempt: connect, then check the peer the kernel connected to. Returns the canceller. */

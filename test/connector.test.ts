@@ -9,6 +9,7 @@ import { defaultConfig, type OriginPolicy, parseConfig } from '../daemon/config.
 import { TcpConnector } from '../daemon/connector.js';
 import { EgressPolicy } from '../daemon/egress-policy.js';
 import { createMetrics, type Metrics } from '../daemon/metrics.js';
+import type { ProxyEndpoint } from '../daemon/proxy-tunnel.js';
 import { Resolver } from '../daemon/resolver.js';
 import * as native from '../shared/native.js';
 import { type DnsTestServer, startDnsServer } from './helpers/dns-server.js';
@@ -208,5 +209,96 @@ describe('TcpConnector on loopback', () => {
       cause: { code: 'ECONNREFUSED' },
     });
     expect(await openFds()).toBe(before);
+  });
+});
+
+describe('TcpConnector: a reload during a connect', () => {
+  const policy: OriginPolicy = { ...defaultConfig().pool.defaults };
+  const origin = { host: 'origin.test', port: 443, proxy: 'corp' };
+
+  /** A CONNECT proxy on 127.0.0.1 that answers 200 when `answer()` is called (at once if `prompt`). */
+  async function proxy(prompt: boolean) {
+    const pending: net.Socket[] = [];
+    const sockets: net.Socket[] = [];
+    let open = prompt;
+    const server = net.createServer((socket) => {
+      sockets.push(socket);
+      socket.on('error', () => {});
+      socket.once('data', () => {
+        if (open) socket.write('HTTP/1.1 200 Connection established\r\n\r\n');
+        else pending.push(socket);
+      });
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    servers.push(server);
+    const port = (server.address() as net.AddressInfo).port;
+    return {
+      port,
+      sockets,
+      /** Resolves once a CONNECT is waiting for its answer. */
+      async waiting() {
+        while (pending.length === 0) await new Promise((resolve) => setImmediate(resolve));
+      },
+      answer() {
+        open = true;
+        for (const socket of pending.splice(0)) socket.write('HTTP/1.1 200 Connection established\r\n\r\n');
+      },
+      /** Resolves once the listener is closed (its fd with it). */
+      close() {
+        for (const socket of sockets) socket.destroy();
+        servers.splice(servers.indexOf(server), 1);
+        return new Promise((resolve) => server.close(resolve));
+      },
+    };
+  }
+
+  function setup(ports: number[]) {
+    const config = parseConfig({ egress: { allow: ['127.0.0.1/32'], allowPorts: [443, ...ports] } }, 'test');
+    const resolver = new Resolver(config.dns);
+    const state = {
+      egress: new EgressPolicy(config.egress),
+      proxies: new Map<string, ProxyEndpoint>(),
+    };
+    const connector = new TcpConnector(
+      () => resolver,
+      () => state.egress,
+      { proxies: () => state.proxies },
+    );
+    return { state, connector };
+  }
+
+  it('a tunnel begun through a proxy the reload moved is opened again through the new one', async () => {
+    const fds = await openFds();
+    const [before, after] = [await proxy(false), await proxy(true)];
+    const { state, connector } = setup([before.port, after.port]);
+    state.proxies = new Map([['corp', { name: 'corp', host: '127.0.0.1', port: before.port }]]);
+    const connecting = connector.connect(origin, policy);
+    await before.waiting();
+    // The reload: "corp" is now another proxy (a new map, as the daemon builds one per configuration).
+    state.proxies = new Map([['corp', { name: 'corp', host: '127.0.0.1', port: after.port }]]);
+    before.answer();
+    const socket = await connecting;
+    expect(native.peerAddress(socket.fd).port).toBe(after.port);
+    native.close(socket.fd);
+    await before.close();
+    await after.close();
+    expect(await openFds()).toBe(fds);
+  });
+
+  it('a socket the new egress policy refuses is closed: SOCKPOOL_ERR_POLICY', async () => {
+    const fds = await openFds();
+    const corp = await proxy(false);
+    const { state, connector } = setup([corp.port]);
+    state.proxies = new Map([['corp', { name: 'corp', host: '127.0.0.1', port: corp.port }]]);
+    const connecting = connector.connect(origin, policy);
+    await corp.waiting();
+    // The reload: the proxy's port is no longer allowed.
+    state.egress = new EgressPolicy(
+      parseConfig({ egress: { allow: ['127.0.0.1/32'], allowPorts: [443] } }, 'test').egress,
+    );
+    corp.answer();
+    await expect(connecting).rejects.toMatchObject({ code: 'SOCKPOOL_ERR_POLICY' });
+    await corp.close();
+    expect(await openFds()).toBe(fds);
   });
 });
