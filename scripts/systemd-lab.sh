@@ -17,6 +17,13 @@
 # The root file system is mounted read-only with a tmpfs overlay (--volatile=overlay): everything a run writes
 # (units in /etc/systemd/system, /var/lib/sockpool) is gone when it powers off, and any number of runs can share
 # the cache at the same time.
+# The container has its own network namespace (--private-network: a loopback only, and CAP_NET_ADMIN within it, so
+# a script may add addresses and routes there without touching the host's network) and may use bpf(2)
+# (--system-call-filter=bpf): systemd-nspawn's seccomp filter refuses bpf(2) by default, and without it the
+# container's systemd logs "Can't load kernel CGROUP SKB BPF program, BPF firewalling is not supported: Operation not
+# permitted" and runs every unit's IPAddressDeny= unenforced (also DevicePolicy=/DeviceAllow= and
+# PrivateDevices='s device filter). The container's root could load BPF programs anyway as root of the host
+# (it has CAP_SYS_ADMIN; there is no user namespace): the lab is no boundary against a hostile test script.
 #
 # Environment:
 #   SOCKPOOL_SYSTEMD_ROOTFS  root file system cache (default /var/cache/sockpool/systemd-rootfs)
@@ -27,11 +34,12 @@
 # Locking: `flock` on ROOTFS.lock. A build holds it exclusively; runs hold it shared.
 set -euo pipefail
 
-readonly recipe_version=3
+readonly recipe_version=4
 readonly suite=bookworm
 # procps: /bin/kill for ExecReload=, ps for debugging; libcurl4: the runtime library node-libcurl links against (the
-# clients, `sockpool get`, run inside too).
-readonly packages=systemd,systemd-sysv,dbus,procps,libcurl4
+# clients, `sockpool get`, run inside too); iproute2: `ip`, to give the container's loopback the link-local and
+# multicast addresses the kernel backstop check reaches for.
+readonly packages=systemd,systemd-sysv,dbus,procps,libcurl4,iproute2
 readonly recipe="sockpool-lab v${recipe_version} ${suite} minbase ${packages}"
 
 rootfs=${SOCKPOOL_SYSTEMD_ROOTFS:-/var/cache/sockpool/systemd-rootfs}
@@ -161,6 +169,7 @@ run_script() {
     systemd-nspawn --quiet --directory="$rootfs" --register=no --keep-unit --volatile=overlay \
     --machine="sockpool-lab-$$" --console="$console" \
     --bind-ro="$project:/opt/sockpool" --bind-ro="$rundir:/lab" --bind="$results:/results" \
+    --private-network --system-call-filter=bpf \
     --boot -- systemd.show_status=auto || status=$?
   log "container ran $((($(date +%s%N) - started) / 1000000)) ms, results in ${results}"
   if [[ $status -eq 124 || $status -eq 137 ]]; then
