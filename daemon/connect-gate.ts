@@ -38,12 +38,12 @@ export class ConnectGate implements Connector {
     return this.#inner.learnedFamily?.(origin);
   }
 
-  async connect(origin: Origin, policy: OriginPolicy): Promise<ConnectedSocket> {
+  async connect(origin: Origin, policy: OriginPolicy, urgent?: () => boolean): Promise<ConnectedSocket> {
     // A queued connect is counted in flight by #admit before it resumes.
     if (this.#inFlight >= this.#limit()) await new Promise<void>((resolve) => this.#queue.push(resolve));
     else this.#inFlight++;
     try {
-      return await this.#inner.connect(origin, policy);
+      return await this.#inner.connect(origin, policy, urgent);
     } finally {
       this.#inFlight--;
       this.#admit();

@@ -50,7 +50,11 @@ export interface ConnectedSocket {
 }
 
 export interface Connector {
-  connect(origin: Origin, policy: OriginPolicy): Promise<ConnectedSocket>;
+  /**
+   * `urgent()`: whether an acquire waits for the origin's sockets now (a prewarm's connect becomes urgent when a
+   * client comes to wait): where work queues, urgent connects may go first.
+   */
+  connect(origin: Origin, policy: OriginPolicy, urgent?: () => boolean): Promise<ConnectedSocket>;
   /** Throws SOCKPOOL_ERR_POLICY when the egress policy refuses the origin before any lookup. */
   checkTarget(origin: Origin): void;
   /**

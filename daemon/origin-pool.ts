@@ -70,6 +70,8 @@ export class OriginPool {
   /** Connects started for waiters (the rest are refills and prewarms). */
   #connectingForWaiters = 0;
   #waiters = new FairWaitQueue<Waiter>();
+  /** Whether an acquire waits here now: the connector may put this origin's connects first (a relay's handshakes). */
+  readonly #hasWaiters = () => this.#waiters.length > 0;
   #refillTarget = 0;
   /** Idle time after which a socket is closed by us before the server closes it; undefined until learned. */
   #recycleAfterMs: number | undefined;
@@ -529,7 +531,7 @@ export class OriginPool {
   }
 
   #connect(forWaiter: boolean): void {
-    this.#connector.connect(this.origin, this.policy).then(
+    this.#connector.connect(this.origin, this.policy, this.#hasWaiters).then(
       (socket) => {
         this.#connecting--;
         if (forWaiter) this.#connectingForWaiters--;

@@ -18,7 +18,7 @@
 
 import { createHash } from 'node:crypto';
 import { isIP, Socket } from 'node:net';
-import { type TLSSocket, connect as tlsConnect } from 'node:tls';
+import { createSecureContext, type SecureContext, type TLSSocket, connect as tlsConnect } from 'node:tls';
 import { parentPort, workerData } from 'node:worker_threads';
 import * as native from '../shared/native.js';
 import type { RelayCounters, RelayRequest, RelayResponse, TlsFailureReason } from './tls-relay.js';
@@ -54,6 +54,27 @@ function post(message: RelayResponse): void {
   port!.postMessage(message);
 }
 
+/** TLS contexts by the request's contextKey (what they trust and present); few: one per configured CA and client
+ *  certificate, new ones after a reload that changed a file. */
+const contexts = new Map<string, SecureContext>();
+const MAX_CONTEXTS = 64;
+
+function contextFor(request: Extract<RelayRequest, { t: 'open' }>): SecureContext {
+  let context = contexts.get(request.contextKey);
+  if (!context) {
+    // Files that changed leave their contexts behind: past the bound, start over.
+    if (contexts.size >= MAX_CONTEXTS) contexts.clear();
+    context = createSecureContext({
+      minVersion: 'TLSv1.2',
+      maxVersion: 'TLSv1.3',
+      ...(request.ca !== undefined ? { ca: request.ca } : {}),
+      ...(request.cert !== undefined ? { cert: request.cert, key: request.key } : {}),
+    });
+    contexts.set(request.contextKey, context);
+  }
+  return context;
+}
+
 function open(request: Extract<RelayRequest, { t: 'open' }>): void {
   const tcp = new Socket({ fd: request.fd, readable: true, writable: true, allowHalfOpen: true });
   const started = performance.now();
@@ -67,17 +88,24 @@ function open(request: Extract<RelayRequest, { t: 'open' }>): void {
     tcp.destroy();
     post({ t: 'failed', id: request.id, code: error.code ?? 'ERR', message: error.message, reason: reasonOf(error) });
   };
+  let secureContext: SecureContext;
+  try {
+    secureContext = contextFor(request);
+  } catch (error) {
+    tcp.destroy();
+    counters[COUNTER.handshakeFailures]!++;
+    const failure = error as Error & { code?: string };
+    post({ t: 'failed', id: request.id, code: failure.code ?? 'ERR', message: failure.message, reason: 'handshake' });
+    return;
+  }
   const tls: TLSSocket = tlsConnect({
     socket: tcp,
     host: request.host,
     // SNI carries host names only, never IP literals (RFC 6066); verification still checks the IP SANs.
     servername: isIP(request.host) ? '' : request.host,
     ALPNProtocols: ['h2', 'http/1.1'],
-    minVersion: 'TLSv1.2',
-    maxVersion: 'TLSv1.3',
     rejectUnauthorized: true,
-    ...(request.ca !== undefined ? { ca: request.ca } : {}),
-    ...(request.cert !== undefined ? { cert: request.cert, key: request.key } : {}),
+    secureContext,
   });
   const timer = setTimeout(() => {
     const error = new Error(`TLS handshake with ${request.host}:${request.port} took over ${request.timeoutMs} ms`);

@@ -5,6 +5,14 @@
 // open() passes a connected TCP fd to a thread (ownership passes with it) and resolves, once the handshake is done,
 // with the main thread's end of a loopback TCP connection (native.loopbackPair) whose other end the thread relays:
 // a socket that behaves to the pool and to curl like one connected to the origin, in plaintext. Closing that fd (or the client closing its copy) ends the session.
+//
+// A handshake costs its thread a millisecond or two of CPU (key exchange, certificate checks, Node's TLS socket),
+// during which the sessions that thread relays wait. A burst of prewarms (a crawler announcing its next hundred
+// hosts) started all at once would hold back the bytes of every relayed session on the thread, and the handshakes
+// that acquires are waiting for, for the length of the burst. So a thread runs at most HANDSHAKES_PER_THREAD at
+// once; the others wait here (their TCP fds owned by this class until sent). The next to go is the oldest one an
+// acquire waits for at that moment (a prewarm's handshake becomes urgent when a client comes to wait for its
+// origin), else the oldest.
 
 import { Worker } from 'node:worker_threads';
 import { Gauge, type Registry } from 'prom-client';
@@ -42,6 +50,12 @@ export interface TlsHandshakeParams {
   /** Client certificate and key (mTLS). */
   cert?: string | undefined;
   key?: string | undefined;
+  /**
+   * Names what `ca`, `cert` and `key` hold (their SHA-256s): a relay thread builds one TLS context per name and
+   * reuses it (a context made per handshake parsed the CA file each time: with a full CA bundle, most of the
+   * handshake's CPU).
+   */
+  contextKey: string;
   timeoutMs: number;
 }
 
@@ -72,10 +86,29 @@ export interface RelayedSession {
   info: TlsSessionInfo;
 }
 
+/** Handshakes one relay thread runs at once (see the header). */
+export const HANDSHAKES_PER_THREAD = 16;
+
+interface HandshakeWaiter {
+  resolve(session: RelayedSession): void;
+  reject(error: Error): void;
+  where: string;
+}
+
+/** A handshake not sent to a thread yet: its TCP fd is this class's until then. */
+interface QueuedHandshake extends HandshakeWaiter {
+  fd: number;
+  params: TlsHandshakeParams;
+  urgent: (() => boolean) | undefined;
+  /** The socket's inode once sent: tells, after the thread ended, whether `fd` is still that socket. */
+  inode?: number;
+}
+
 interface RelayThread {
   worker: Worker;
   counters: Float64Array;
-  pending: Map<number, { resolve(session: RelayedSession): void; reject(error: Error): void; where: string }>;
+  /** Handshakes sent to the thread and not answered yet. */
+  pending: Map<number, QueuedHandshake>;
   exited: boolean;
 }
 
@@ -83,8 +116,9 @@ export class TlsRelays {
   /** Started on demand, up to #threadCount; a thread that died is replaced at the next open. */
   #threads: Array<RelayThread | undefined> = [];
   #threadCount: number;
-  #next = 0;
   #nextId = 1;
+  /** Handshakes waiting for room in a thread, oldest first. */
+  #queue: QueuedHandshake[] = [];
   #log: Logger;
   #closed = false;
 
@@ -93,26 +127,61 @@ export class TlsRelays {
     this.#threadCount = threadCount;
   }
 
-  /** Handshakes over `fd` (ownership passes here at once) in a relay thread. Rejects with SOCKPOOL_ERR_TLS. */
-  open(fd: number, params: TlsHandshakeParams): Promise<RelayedSession> {
+  /**
+   * Handshakes over `fd` (ownership passes here at once) in a relay thread; `urgent()`: whether an acquire waits
+   * for it now (asked when a thread has room; those go first). Rejects with SOCKPOOL_ERR_TLS.
+   */
+  open(fd: number, params: TlsHandshakeParams, urgent?: () => boolean): Promise<RelayedSession> {
     const where = `${params.host}:${params.port}`;
     if (this.#closed) {
       native.close(fd);
       return Promise.reject(new SockpoolError(ErrorCodes.SHUTTING_DOWN, 'sockpoold is stopping'));
     }
-    const index = this.#next++ % this.#threadCount;
-    let thread = this.#threads[index];
-    if (!thread || thread.exited) {
-      thread = this.#spawn();
-      this.#threads[index] = thread;
-    }
-    const id = this.#nextId++;
     return new Promise<RelayedSession>((resolve, reject) => {
-      thread.pending.set(id, { resolve, reject, where });
-      const request: RelayRequest = { t: 'open', id, fd, ...params };
+      this.#queue.push({ fd, params, where, resolve, reject, urgent });
+      this.#dispatch();
+    });
+  }
+
+  /** Handshakes waiting for room in a thread (for stats and tests). */
+  get queued(): number {
+    return this.#queue.length;
+  }
+
+  /** Sends waiting handshakes to the least busy threads with room, starting threads up to the configured count. */
+  #dispatch(): void {
+    while (this.#queue.length > 0) {
+      const thread = this.#roomiest();
+      if (!thread) return;
+      const urgent = this.#queue.findIndex((queued) => queued.urgent?.() === true);
+      const [job] = this.#queue.splice(urgent === -1 ? 0 : urgent, 1) as [QueuedHandshake];
+      try {
+        job.inode = native.socketInode(job.fd);
+      } catch {
+        job.inode = undefined;
+      }
+      const id = this.#nextId++;
+      thread.pending.set(id, job);
+      const request: RelayRequest = { t: 'open', id, fd: job.fd, ...job.params };
       // From here the thread owns fd (its net.Socket closes it).
       thread.worker.postMessage(request);
-    });
+    }
+  }
+
+  /** The thread with the fewest handshakes under way if it has room; a slot without a live thread gets one. */
+  #roomiest(): RelayThread | undefined {
+    let best: RelayThread | undefined;
+    for (let index = 0; index < this.#threadCount; index++) {
+      let thread = this.#threads[index];
+      if (!thread || thread.exited) {
+        thread = this.#spawn();
+        this.#threads[index] = thread;
+      }
+      if (thread.pending.size < HANDSHAKES_PER_THREAD && (!best || thread.pending.size < best.pending.size)) {
+        best = thread;
+      }
+    }
+    return best;
   }
 
   counters(): RelayCounters {
@@ -140,6 +209,10 @@ export class TlsRelays {
   /** Ends every relay thread; their sessions close with them (Node closes a thread's handles). */
   async close(): Promise<void> {
     this.#closed = true;
+    for (const job of this.#queue.splice(0)) {
+      native.close(job.fd);
+      job.reject(new SockpoolError(ErrorCodes.SHUTTING_DOWN, 'sockpoold is stopping'));
+    }
     await Promise.all(this.#threads.map((thread) => thread?.worker.terminate()));
   }
 
@@ -159,6 +232,8 @@ export class TlsRelays {
         return;
       }
       thread.pending.delete(message.id);
+      // Room for the next handshake (after this one's waiter ran: a waiter may queue another).
+      queueMicrotask(() => this.#dispatch());
       if (message.t === 'ready') {
         waiter.resolve({ fd: message.fd, handshakeMs: message.handshakeMs, info: message.info });
       } else {
@@ -171,18 +246,28 @@ export class TlsRelays {
         );
       }
     });
-    const fail = (why: string) => {
-      thread.exited = true;
-      for (const waiter of thread.pending.values()) {
-        waiter.reject(new SockpoolError(ErrorCodes.TLS, `TLS relay thread ended: ${why}`, { reason: 'connection' }));
-      }
-      thread.pending.clear();
-    };
+    let failure: string | undefined;
     worker.on('error', (error) => {
       this.#log.error({ err: error.message }, 'TLS relay thread failed');
-      fail(error.message);
+      failure = error.message;
     });
-    worker.on('exit', (code) => fail(`exit code ${code}`));
+    // Once the thread is gone: Node closed the sockets it had built on the fds it was given, but an `open` it had
+    // not read yet left its fd open here, still the same socket (same inode): that one is closed now.
+    worker.on('exit', (code) => {
+      thread.exited = true;
+      for (const job of thread.pending.values()) {
+        try {
+          if (job.inode !== undefined && native.socketInode(job.fd) === job.inode) native.close(job.fd);
+        } catch {
+          // Closed by the thread's teardown (and not reused): nothing to do.
+        }
+        const why = failure ?? `exit code ${code}`;
+        job.reject(new SockpoolError(ErrorCodes.TLS, `TLS relay thread ended: ${why}`, { reason: 'connection' }));
+      }
+      thread.pending.clear();
+      // The slot gets a new thread for what waits here.
+      if (!this.#closed) queueMicrotask(() => this.#dispatch());
+    });
     return thread;
   }
 }

@@ -106,19 +106,29 @@ export class TlsSessions implements Connector {
     this.#tcp.checkHeld(origin, address);
   }
 
-  /** A TCP connect, then the handshake in a relay thread: the fd returned is the daemon's end of the pair. */
-  async connect(origin: Origin, policy: OriginPolicy): Promise<ConnectedSocket> {
-    const socket = await this.#tcp.connect(origin, policy);
+  /**
+   * A TCP connect, then the handshake in a relay thread (before others queued there while `urgent()`): the fd
+   * returned is the daemon's end of the pair.
+   */
+  async connect(origin: Origin, policy: OriginPolicy, urgent?: () => boolean): Promise<ConnectedSocket> {
+    const socket = await this.#tcp.connect(origin, policy, urgent);
     const caFile = policy.caFile ?? this.#config.tls.caFile;
+    const file = (path: string | undefined) => (path === undefined ? undefined : this.#files.get(path));
+    const [ca, cert, key] = [file(caFile), file(policy.clientCert), file(policy.clientKey)];
     // From here the relay owns the TCP fd (open() takes it at once, failure or not).
-    const session = await this.#relays.open(socket.fd, {
-      host: origin.host,
-      port: origin.port,
-      ca: caFile === undefined ? undefined : this.#files.get(caFile)?.text,
-      cert: policy.clientCert === undefined ? undefined : this.#files.get(policy.clientCert)?.text,
-      key: policy.clientKey === undefined ? undefined : this.#files.get(policy.clientKey)?.text,
-      timeoutMs: this.#config.tls.handshakeTimeoutMs,
-    });
+    const session = await this.#relays.open(
+      socket.fd,
+      {
+        host: origin.host,
+        port: origin.port,
+        ca: ca?.text,
+        cert: cert?.text,
+        key: key?.text,
+        contextKey: `${ca?.sha256 ?? SYSTEM_TRUST}/${cert?.sha256 ?? '-'}/${key?.sha256 ?? '-'}`,
+        timeoutMs: this.#config.tls.handshakeTimeoutMs,
+      },
+      urgent,
+    );
     const connectedAt = performance.now();
     return {
       fd: session.fd,

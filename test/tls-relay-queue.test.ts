@@ -1,0 +1,98 @@
+// The relay threads' handshake queue (daemon/tls-relay.ts) with a real relay thread (from dist/: npm run build)
+// and real loopback TCP pairs standing in for connections to an origin: the far end of each pair records when the
+// thread's ClientHello arrives and never answers, so a handshake stays under way until the test ends it. A thread
+// runs at most HANDSHAKES_PER_THREAD at once; the others wait, the ones an acquire waits for at that moment first.
+import { readdirSync } from 'node:fs';
+import { Socket } from 'node:net';
+import { join } from 'node:path';
+import pino from 'pino';
+import { describe, expect, it } from 'vitest';
+import * as native from '../shared/native.js';
+import { repoRoot } from './helpers/daemon.js';
+
+type RelayModule = typeof import('../daemon/tls-relay.js');
+
+const fdCount = () => readdirSync('/proc/self/fd').length;
+
+async function until(condition: () => boolean): Promise<void> {
+  while (!condition()) await new Promise((resolve) => setTimeout(resolve, 5));
+}
+
+describe('TlsRelays handshake queue', () => {
+  it('runs a few handshakes per thread at once; a queued one an acquire comes to wait for goes first', async () => {
+    const { TlsRelays, HANDSHAKES_PER_THREAD } = (await import(
+      join(repoRoot, 'dist', 'daemon', 'tls-relay.js')
+    )) as RelayModule;
+    // Connections 0..N-1 fill the thread; N and then `waited` (N + 1) queue behind them.
+    const N = HANDSHAKES_PER_THREAD;
+    const waited = N + 1;
+    const before = fdCount();
+    const relays = new TlsRelays(1, pino({ level: 'silent' }));
+    const params = { host: 'origin.test', port: 443, contextKey: 'system/-/-', timeoutMs: 30_000 };
+    // Which connections' ClientHellos arrived, in order. The far ends are this test's (closed at the end).
+    const hellos: number[] = [];
+    const farEnds: Socket[] = [];
+    const outcomes: Array<Promise<string>> = [];
+    // Whether an acquire waits for each connection's origin: asked when a thread has room.
+    const waitedFor = new Set<number>();
+    const open = (index: number) => {
+      const [near, far] = native.loopbackPair();
+      const socket = new Socket({ fd: far, readable: true, writable: true });
+      socket.on('error', () => {});
+      socket.once('data', () => hellos.push(index));
+      farEnds[index] = socket;
+      // Ownership of `near` passes to the relays here.
+      outcomes[index] = relays
+        .open(near, params, () => waitedFor.has(index))
+        .then(
+          () => 'ready',
+          (error: { code?: string }) => error.code ?? 'error',
+        );
+    };
+    for (let index = 0; index < N + 2; index++) open(index);
+    expect(relays.queued).toBe(2);
+    await until(() => hellos.length === N);
+    expect(hellos.sort((a, b) => a - b)).toEqual([...Array(N).keys()]);
+    // A client comes to wait for `waited`'s origin; then one handshake ends (the origin hangs up): `waited` is sent
+    // next, before N, which came first.
+    waitedFor.add(waited);
+    farEnds[0]!.destroy();
+    expect(await outcomes[0]).toBe('SOCKPOOL_ERR_TLS');
+    await until(() => hellos.length === N + 1);
+    expect(hellos[N]).toBe(waited);
+    expect(relays.queued).toBe(1);
+    for (const socket of farEnds) socket.destroy();
+    expect(await Promise.all(outcomes)).toEqual(Array(N + 2).fill('SOCKPOOL_ERR_TLS'));
+    await relays.close();
+    await until(() => fdCount() === before);
+  });
+
+  it('closes the TCP fds still queued when it closes, and fails their handshakes', async () => {
+    const { TlsRelays, HANDSHAKES_PER_THREAD } = (await import(
+      join(repoRoot, 'dist', 'daemon', 'tls-relay.js')
+    )) as RelayModule;
+    const before = fdCount();
+    const relays = new TlsRelays(1, pino({ level: 'silent' }));
+    const params = { host: 'origin.test', port: 443, contextKey: 'system/-/-', timeoutMs: 30_000 };
+    const farEnds: Socket[] = [];
+    const outcomes: Array<Promise<string>> = [];
+    for (let index = 0; index < HANDSHAKES_PER_THREAD + 2; index++) {
+      const [near, far] = native.loopbackPair();
+      farEnds.push(new Socket({ fd: far, readable: true, writable: true }).on('error', () => {}));
+      outcomes.push(
+        relays.open(near, params).then(
+          () => 'ready',
+          (error: { code?: string }) => error.code ?? 'error',
+        ),
+      );
+    }
+    expect(relays.queued).toBe(2);
+    await relays.close();
+    const codes = await Promise.all(outcomes);
+    // Two never left the queue; the others were in the thread when it ended (their fds closed, read or not).
+    expect(codes.filter((code) => code === 'SOCKPOOL_ERR_SHUTTING_DOWN')).toHaveLength(2);
+    expect(codes.filter((code) => code === 'SOCKPOOL_ERR_TLS')).toHaveLength(HANDSHAKES_PER_THREAD);
+    for (const socket of farEnds) socket.destroy();
+    await until(() => fdCount() === before);
+  });
+});
