@@ -45,6 +45,8 @@ export interface ConnectedSocket {
   connectMs: number;
   /** Set for a warm TLS session: the fd is one end of a loopback connection a relay thread joins to the TLS connection (tls-sessions.ts). */
   tls?: TlsSessionInfo | undefined;
+  /** A warm TLS session's credentials: what it was verified against and presented (TlsSessions.credentialsOf). */
+  tlsCredentials?: string | undefined;
   /** The peer's port: the origin's, or the proxy's for a tunnel (undefined: the origin's). */
   port?: number | undefined;
 }

@@ -353,9 +353,11 @@ export class PoolManager {
 
   /**
    * Whether a socket held since before a reload must go: a tunnel through a proxy whose URL changed or that was
-   * removed since it connected, or a socket the egress policy (already swapped in the connector) now refuses.
+   * removed since it connected, a warm TLS session verified against (or presenting) files that changed, or a
+   * socket the egress policy (already swapped in the connector) now refuses.
    */
   #refusedAfterReload(pool: OriginPool, socket: ConnectedSocket): boolean {
+    if (this.#tls?.stale(pool.origin, socket)) return true;
     const proxy = pool.origin.proxy;
     if (proxy !== undefined && socket.connectedAt <= (this.#proxyChangedAt.get(proxy) ?? Number.NEGATIVE_INFINITY)) {
       return true;

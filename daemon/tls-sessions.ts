@@ -12,8 +12,9 @@ import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import type { OriginMatch } from '../shared/address.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
+import * as native from '../shared/native.js';
 import type { Origin } from '../shared/origin.js';
-import { type OriginPolicy, originMatches, type SockpoolConfig } from './config.js';
+import { type OriginPolicy, originMatches, policyFor, type SockpoolConfig } from './config.js';
 import type { ConnectedSocket, Connector } from './connector.js';
 import type { TlsRelays } from './tls-relay.js';
 
@@ -97,6 +98,35 @@ export class TlsSessions implements Connector {
     return caFile === undefined ? SYSTEM_TRUST : (this.#files.get(caFile)?.sha256 ?? SYSTEM_TRUST);
   }
 
+  /**
+   * Names what a session of this policy is verified against and presents: the SHA-256s of the CA file (or the
+   * system store) and of the client certificate and key, as read at the last start or reload.
+   */
+  credentialsOf(policy: OriginPolicy): string {
+    const { ca, cert, key } = this.#filesOf(policy);
+    return `${ca?.sha256 ?? SYSTEM_TRUST}/${cert?.sha256 ?? '-'}/${key?.sha256 ?? '-'}`;
+  }
+
+  /** The CA file (undefined: the system store), client certificate and key of a policy, as last read. */
+  #filesOf(policy: OriginPolicy): { ca?: PemFile | undefined; cert?: PemFile | undefined; key?: PemFile | undefined } {
+    const file = (path: string | undefined) => (path === undefined ? undefined : this.#files.get(path));
+    return {
+      ca: file(policy.caFile ?? this.#config.tls.caFile),
+      cert: file(policy.clientCert),
+      key: file(policy.clientKey),
+    };
+  }
+
+  /**
+   * Whether a session made before a reload no longer matches what the configuration now in force would verify
+   * against or present for its origin (a CA file or client certificate changed): it must not be handed out, as a
+   * client trusting the new CA would get a session verified against the old one.
+   */
+  stale(origin: Origin, socket: ConnectedSocket): boolean {
+    if (socket.tlsCredentials === undefined) return false;
+    return socket.tlsCredentials !== this.credentialsOf(policyFor(this.#config, origin.host, origin.port));
+  }
+
   checkTarget(origin: Origin): void {
     this.#tcp.checkTarget(origin);
   }
@@ -112,9 +142,8 @@ export class TlsSessions implements Connector {
    */
   async connect(origin: Origin, policy: OriginPolicy, urgent?: () => boolean): Promise<ConnectedSocket> {
     const socket = await this.#tcp.connect(origin, policy, urgent);
-    const caFile = policy.caFile ?? this.#config.tls.caFile;
-    const file = (path: string | undefined) => (path === undefined ? undefined : this.#files.get(path));
-    const [ca, cert, key] = [file(caFile), file(policy.clientCert), file(policy.clientKey)];
+    const { ca, cert, key } = this.#filesOf(policy);
+    const credentials = this.credentialsOf(policy);
     // From here the relay owns the TCP fd (open() takes it at once, failure or not).
     const session = await this.#relays.open(
       socket.fd,
@@ -124,19 +153,27 @@ export class TlsSessions implements Connector {
         ca: ca?.text,
         cert: cert?.text,
         key: key?.text,
-        contextKey: `${ca?.sha256 ?? SYSTEM_TRUST}/${cert?.sha256 ?? '-'}/${key?.sha256 ?? '-'}`,
+        contextKey: credentials,
         timeoutMs: this.#config.tls.handshakeTimeoutMs,
       },
       urgent,
     );
     const connectedAt = performance.now();
-    return {
+    const made: ConnectedSocket = {
       fd: session.fd,
       address: socket.address,
       family: socket.family,
       connectedAt,
       connectMs: socket.connectMs + session.handshakeMs,
       tls: session.info,
+      tlsCredentials: credentials,
     };
+    // A reload during the handshake changed what this origin's sessions are verified against: start over with
+    // the configuration in force (the session is ours until returned).
+    if (this.stale(origin, made)) {
+      native.close(made.fd);
+      return this.connect(origin, policyFor(this.#config, origin.host, origin.port), urgent);
+    }
+    return made;
   }
 }

@@ -1,0 +1,87 @@
+// Warm TLS sessions across a reload (SIGHUP) that changes the CA file they were verified against: the idle ones
+// are closed, and the next session is verified against the new file. Otherwise a client that trusts only the new
+// CA would be handed a session the daemon verified against the old one: a weaker check than the client asked.
+// Real daemon process, a real node:https origin with a throwaway CA, the bare protocol.
+import { createHash } from 'node:crypto';
+import { copyFileSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import * as native from '../shared/native.js';
+import { echoHandler, eventually, httpsOrigin, startTestDaemon } from './fixtures/client-helpers.js';
+import { openRawClient } from './helpers/raw-client.js';
+import { createTestPki } from './helpers/tls.js';
+
+const cleanups: Array<() => unknown> = [];
+afterAll(async () => {
+  for (const cleanup of cleanups.reverse()) await cleanup();
+});
+
+const sha256Of = (path: string) => createHash('sha256').update(readFileSync(path)).digest('hex');
+
+describe('warm TLS and a reload', () => {
+  it('closes the idle sessions verified against a CA file that changed; the next is verified against the new one', async () => {
+    const pki = createTestPki(['localhost']);
+    const otherPki = createTestPki(['localhost']);
+    cleanups.push(
+      () => pki.cleanup(),
+      () => otherPki.cleanup(),
+    );
+    const origin = await httpsOrigin(pki, echoHandler());
+    cleanups.push(() => origin.close());
+    // The daemon's CA file, rewritten in place below (same path, other bytes).
+    const dir = mkdtempSync(join(tmpdir(), 'sockpool-tls-reload-'));
+    cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+    const caFile = join(dir, 'ca.pem');
+    copyFileSync(pki.caFile, caFile);
+    const daemon = await startTestDaemon([origin.port], {
+      extraArgs: [
+        '--warm-tls',
+        `localhost:${origin.port}`,
+        '--ca-file',
+        caFile,
+        '--resolve',
+        `localhost:${origin.port}:127.0.0.1`,
+      ],
+    });
+    cleanups.push(() => daemon.stop());
+    const raw = openRawClient(daemon.socketPath, cleanups);
+    const idleSessions = async () => {
+      const stats = await raw.request({ type: 'stats', id: 0 });
+      const origins = (stats.message as unknown as { stats: { origins: Array<{ origin: string; idle: number }> } })
+        .stats.origins;
+      return origins.find((entry) => entry.origin === `localhost:${origin.port} tls`)?.idle ?? 0;
+    };
+    const oldTrust = sha256Of(caFile);
+    await raw.request({
+      type: 'prewarm',
+      id: 1,
+      host: 'localhost',
+      port: origin.port,
+      count: 2,
+      tls: { trust: oldTrust },
+    });
+    await eventually(async () => (await idleSessions()) === 2, 'two warm sessions');
+
+    // The CA file now holds another CA, which did not sign the origin's certificate.
+    copyFileSync(otherPki.caFile, caFile);
+    daemon.child.kill('SIGHUP');
+    await eventually(() => daemon.output().includes('"idleClosedByPolicy":2'), 'the reload closed both sessions');
+    expect(await idleSessions()).toBe(0);
+
+    // A client trusting only the new CA: the daemon verifies a new session against it, and the origin fails that.
+    const reply = await raw.request({
+      type: 'acquire',
+      id: 2,
+      host: 'localhost',
+      port: origin.port,
+      tls: { trust: sha256Of(caFile) },
+    });
+    for (const fd of reply.fds) native.close(fd);
+    expect(reply.message).toMatchObject({
+      type: 'error',
+      code: 'SOCKPOOL_ERR_TLS',
+      message: expect.stringMatching(/unknown-ca/),
+    });
+  });
+});
