@@ -113,7 +113,7 @@ interface RelayThread {
 }
 
 export class TlsRelays {
-  /** Started on demand, up to #threadCount; a thread that died is replaced at the next open. */
+  /** Started on demand, up to #threadCount; a thread that died is replaced when a handshake waits for room. */
   #threads: Array<RelayThread | undefined> = [];
   #threadCount: number;
   #nextId = 1;
@@ -141,11 +141,6 @@ export class TlsRelays {
       this.#queue.push({ fd, params, where, resolve, reject, urgent });
       this.#dispatch();
     });
-  }
-
-  /** Handshakes waiting for room in a thread (for stats and tests). */
-  get queued(): number {
-    return this.#queue.length;
   }
 
   /** Sends waiting handshakes to the least busy threads with room, starting threads up to the configured count. */
@@ -184,8 +179,10 @@ export class TlsRelays {
     return best;
   }
 
-  counters(): RelayCounters {
-    const totals: RelayCounters = {
+  /** The relay threads' totals, and the handshakes waiting here for room in one. */
+  counters(): RelayCounters & { handshakesQueued: number } {
+    const totals: RelayCounters & { handshakesQueued: number } = {
+      handshakesQueued: this.#queue.length,
       bytesToOrigin: 0,
       bytesFromOrigin: 0,
       handshakes: 0,
@@ -274,7 +271,7 @@ export class TlsRelays {
 
 /** The relay threads' counters as Prometheus gauges (read at scrape time; nothing on the relay path). */
 export function registerRelayMetrics(registry: Registry, relays: TlsRelays): void {
-  const gauge = (name: string, help: string, read: (counters: RelayCounters) => number) =>
+  const gauge = (name: string, help: string, read: (counters: ReturnType<TlsRelays['counters']>) => number) =>
     new Gauge({
       name,
       help,
@@ -296,5 +293,10 @@ export function registerRelayMetrics(registry: Registry, relays: TlsRelays): voi
   gauge('sockpool_tls_handshakes', 'Warm TLS handshakes completed', (c) => c.handshakes);
   gauge('sockpool_tls_handshake_failures', 'Warm TLS handshakes that failed', (c) => c.handshakeFailures);
   gauge('sockpool_tls_sessions', 'Warm TLS sessions alive (idle or leased)', (c) => c.sessions);
+  gauge(
+    'sockpool_tls_handshakes_queued',
+    'Warm TLS handshakes waiting for room in a relay thread',
+    (c) => c.handshakesQueued,
+  );
   gauge('sockpool_tls_relay_cpu_seconds', 'CPU time of the relay threads', (c) => c.cpuMicros / 1e6);
 }

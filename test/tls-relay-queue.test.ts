@@ -50,7 +50,7 @@ describe('TlsRelays handshake queue', () => {
         );
     };
     for (let index = 0; index < N + 2; index++) open(index);
-    expect(relays.queued).toBe(2);
+    expect(relays.counters().handshakesQueued).toBe(2);
     await until(() => hellos.length === N);
     expect(hellos.sort((a, b) => a - b)).toEqual([...Array(N).keys()]);
     // A client comes to wait for `waited`'s origin; then one handshake ends (the origin hangs up): `waited` is sent
@@ -60,7 +60,7 @@ describe('TlsRelays handshake queue', () => {
     expect(await outcomes[0]).toBe('SOCKPOOL_ERR_TLS');
     await until(() => hellos.length === N + 1);
     expect(hellos[N]).toBe(waited);
-    expect(relays.queued).toBe(1);
+    expect(relays.counters().handshakesQueued).toBe(1);
     for (const socket of farEnds) socket.destroy();
     expect(await Promise.all(outcomes)).toEqual(Array(N + 2).fill('SOCKPOOL_ERR_TLS'));
     await relays.close();
@@ -86,7 +86,7 @@ describe('TlsRelays handshake queue', () => {
         ),
       );
     }
-    expect(relays.queued).toBe(2);
+    expect(relays.counters().handshakesQueued).toBe(2);
     await relays.close();
     const codes = await Promise.all(outcomes);
     // Two never left the queue; the others were in the thread when it ended (their fds closed, read or not).
