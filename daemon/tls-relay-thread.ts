@@ -18,6 +18,7 @@
 
 import { createHash } from 'node:crypto';
 import { isIP, Socket } from 'node:net';
+import { setPriority } from 'node:os';
 import { createSecureContext, type SecureContext, type TLSSocket, connect as tlsConnect } from 'node:tls';
 import { parentPort, workerData } from 'node:worker_threads';
 import * as native from '../shared/native.js';
@@ -30,7 +31,14 @@ const LINGER_MS = 5_000;
 
 const port = parentPort;
 if (!port) throw new Error('tls-relay-thread runs as a worker thread');
-const counters = new Float64Array((workerData as { counters: SharedArrayBuffer }).counters);
+const { counters: sharedCounters, nice } = workerData as { counters: SharedArrayBuffer; nice: number };
+const counters = new Float64Array(sharedCounters);
+try {
+  // pid 0: this thread alone (Linux keeps a nice value per thread); see RELAY_THREAD_NICE in tls-relay.ts.
+  setPriority(0, nice);
+} catch {
+  // Not allowed here (a seccomp filter without setpriority): the relay runs at the main thread's priority.
+}
 // Slots (see RelayCounters in tls-relay.ts). Only this thread writes them; aligned 8-byte stores are not torn on
 // the platforms sockpoold runs on, and the main thread only reads them for stats.
 const COUNTER: Record<keyof RelayCounters, number> = {

@@ -86,6 +86,13 @@ export interface RelayedSession {
   info: TlsSessionInfo;
 }
 
+/**
+ * A relay thread's nice value, above the daemon's main thread (0): when the two want the same core, the main
+ * thread's handoffs (small, on every client's path) go before the relay's bulk bytes. It weighs only against the
+ * daemon's own threads (they share one CPU group or session); against other processes the daemon's weight applies.
+ */
+export const RELAY_THREAD_NICE = 10;
+
 /** Handshakes one relay thread runs at once (see the header). */
 export const HANDSHAKES_PER_THREAD = 16;
 
@@ -216,7 +223,7 @@ export class TlsRelays {
   #spawn(): RelayThread {
     const shared = new SharedArrayBuffer(COUNTER_SLOTS * Float64Array.BYTES_PER_ELEMENT);
     const worker = new Worker(new URL('./tls-relay-thread.js', import.meta.url), {
-      workerData: { counters: shared },
+      workerData: { counters: shared, nice: RELAY_THREAD_NICE },
       name: 'sockpoold tls relay',
     });
     const thread: RelayThread = { worker, counters: new Float64Array(shared), pending: new Map(), exited: false };

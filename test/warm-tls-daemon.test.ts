@@ -5,10 +5,11 @@
 // closes while idle is never handed out; the daemon's fds come back to where they were. Real daemon process.
 import { createHash, X509Certificate } from 'node:crypto';
 import { once } from 'node:events';
-import { readFileSync } from 'node:fs';
+import { readdirSync, readFileSync } from 'node:fs';
 import http2 from 'node:http2';
 import net from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { RELAY_THREAD_NICE } from '../daemon/tls-relay.js';
 import * as native from '../shared/native.js';
 import type { LeaseReply } from '../shared/protocol.js';
 import {
@@ -81,6 +82,21 @@ async function exchange(fd: number, request: string): Promise<string> {
 }
 
 describe('warm TLS sessions', () => {
+  it("runs its relay thread at a nice value above the main thread's (handoffs go first on a shared core)", async () => {
+    const raw = openRawClient(daemon.socketPath, cleanups);
+    await raw.request({ type: 'prewarm', id: 1, host: 'localhost', port: h1.port, count: 1, tls: { trust } });
+    // Field 19 of /proc/PID/task/TID/stat is the thread's nice value (after the parenthesised name).
+    const niceOf = (tid: string) => {
+      const stat = readFileSync(`/proc/${daemon.child.pid}/task/${tid}/stat`, 'utf8');
+      return Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[16]);
+    };
+    await eventually(
+      () => readdirSync(`/proc/${daemon.child.pid}/task`).some((tid) => niceOf(tid) === RELAY_THREAD_NICE),
+      'a relay thread at its nice value',
+    );
+    expect(niceOf(String(daemon.child.pid))).toBe(0);
+  });
+
   it('hands over a prewarmed, verified session over which plain HTTP/1.1 reaches the origin', async () => {
     const raw = openRawClient(daemon.socketPath, cleanups);
     const prewarm = await raw.request({
