@@ -1,8 +1,9 @@
 // The fleet's pure logic on an injected clock: GCRA arithmetic (the same as RATE_SCRIPT in Redis), token batches
 // and their lifetime, the daemon's rate limiter alone (a fleet of one) with SOCKPOOL_ERR_RATE_LIMITED, the worker's
-// token batches (no message for origins without a rate), and local slots.
+// token batches (no message for origins without a rate), local slots, and the maps of per-origin rate state.
 import { describe, expect, it } from 'vitest';
 import { defaultConfig, parseConfig } from '../daemon/config.js';
+import { ForgetfulMap } from '../daemon/fleet/forgetful-map.js';
 import { gcraTake, LocalGcra } from '../daemon/fleet/gcra.js';
 import { RateLimiter } from '../daemon/fleet/rate-limiter.js';
 import { LocalSlots } from '../daemon/fleet/slots.js';
@@ -125,5 +126,29 @@ describe('local slots', () => {
     expect(await waiting).toBe(true);
     expect(slots.held('o')).toBe(1);
     expect(await slots.takeSlot('o', 1, true, () => false)).toBe(false);
+  });
+});
+
+describe('ForgetfulMap (per-origin rate state clients can make grow)', () => {
+  it('forgets what is forgettable past its limit, never the key just set, and rescans only after doubling', () => {
+    let checks = 0;
+    // Values are expiry times: forgettable once past.
+    const map = new ForgetfulMap<string, number>(4, (expiresAt, now) => {
+      checks++;
+      return expiresAt <= now;
+    });
+    for (let i = 0; i < 4; i++) map.set(`live${i}`, 100, 0);
+    expect(checks).toBe(0); // at the limit: no scan yet
+    map.set('live4', 100, 0); // past it: one scan over the others, all live
+    expect(map.size).toBe(5);
+    expect(checks).toBe(4);
+    // The next scan comes at twice the size: inserts up to 10 entries scan nothing.
+    for (let i = 5; i < 10; i++) map.set(`live${i}`, 100, 0);
+    expect(checks).toBe(4);
+    // At now = 100 every entry but the one being set has expired: the scan forgets them all.
+    map.set('new', 200, 100);
+    expect(map.size).toBe(1);
+    expect(map.get('new')).toBe(200);
+    expect(map.get('live0')).toBeUndefined();
   });
 });

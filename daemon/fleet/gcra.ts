@@ -6,6 +6,7 @@
 // with an injected clock.
 
 import type { RateParams } from '../../shared/rate.js';
+import { ForgetfulMap } from './forgetful-map.js';
 
 export type { RateParams };
 
@@ -40,9 +41,13 @@ export function gcraTake(
   return { granted: 0, waitMs: Math.max(0, start + interval - (now + params.burst * interval)), tat: start };
 }
 
+/** TATs kept before those in the past are forgotten (ForgetfulMap). */
+const MAX_TATS = 10_000;
+
 /** A rate kept in this process: GCRA over an injected clock (performance.now by default). */
 export class LocalGcra {
-  #tat = new Map<string, number>();
+  /** Origins whose TAT is past are back to a full burst, the same as never asked: those are forgotten. */
+  #tat = new ForgetfulMap<string, number>(MAX_TATS, (tat, now) => tat < now);
   #now: () => number;
 
   constructor(now: () => number = () => performance.now()) {
@@ -52,11 +57,7 @@ export class LocalGcra {
   take(key: string, wanted: number, params: RateParams): Grant {
     const now = this.#now();
     const result = gcraTake(this.#tat.get(key), now, wanted, params);
-    this.#tat.set(key, result.tat);
-    // Forget origins whose TAT is past: they are back to a full burst, the same as never asked.
-    if (this.#tat.size > 10_000) {
-      for (const [other, tat] of this.#tat) if (tat < now) this.#tat.delete(other);
-    }
+    this.#tat.set(key, result.tat, now);
     return { granted: result.granted, waitMs: result.waitMs };
   }
 }

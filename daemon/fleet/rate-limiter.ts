@@ -9,13 +9,14 @@ import type { Origin } from '../../shared/origin.js';
 import { batchSize, type RateParams, TokenBatch } from '../../shared/rate.js';
 import { policyFor, type SockpoolConfig } from '../config.js';
 import type { Fleet } from './fleet.js';
+import { ForgetfulMap } from './forgetful-map.js';
 import { type Grant, LocalGcra } from './gcra.js';
 import { fleetKey } from './slots.js';
 
 /** The most tokens the daemon asks Redis for at once (batchSize caps it lower for slow rates). */
 const MAX_DAEMON_BATCH = 64;
-/** Batches kept before spent or expired ones are forgotten (see #grant). */
-const MAX_IDLE_BATCHES = 10_000;
+/** Batches kept before spent or expired ones are forgotten (ForgetfulMap). */
+const MAX_BATCHES = 10_000;
 /** The most tokens one `tokens` request may be granted. */
 export const MAX_TOKENS_PER_REQUEST = 1000;
 
@@ -33,7 +34,9 @@ export class RateLimiter {
   #fleet: Fleet | undefined;
   #local: LocalGcra;
   #now: () => number;
-  #batches = new Map<string, TokenBatch>();
+  /** A spent or expired batch is the same as none: clients naming ever more origins under a default rate cannot
+   *  grow this without bound (as LocalGcra's TATs). */
+  #batches = new ForgetfulMap<string, TokenBatch>(MAX_BATCHES, (batch, now) => batch.held(now) === 0);
   /** fleetKey -> its rate, or null when it has none (policyFor is not cheap enough for every acquire). */
   #params = new Map<string, RateParams | null>();
   readonly counters: RateCounters = { granted: 0, limited: 0, waits: 0 };
@@ -104,14 +107,7 @@ export class RateLimiter {
     let batch = this.#batches.get(key);
     if (!batch) {
       batch = new TokenBatch();
-      this.#batches.set(key, batch);
-      // Forget origins whose batch is spent or expired (the same as none): clients naming ever more origins under
-      // a default rate cannot grow the map without bound (as LocalGcra forgets past TATs).
-      if (this.#batches.size > MAX_IDLE_BATCHES) {
-        const now = this.#now();
-        for (const [other, held] of this.#batches)
-          if (held !== batch && held.held(now) === 0) this.#batches.delete(other);
-      }
+      this.#batches.set(key, batch, this.#now());
     }
     let spent = 0;
     while (spent < wanted && batch.spend(this.#now())) spent++;
