@@ -94,8 +94,7 @@ export class TlsSessions implements Connector {
 
   /** What the daemon verifies an origin's certificate against. */
   trustOf(policy: OriginPolicy): TlsTrust {
-    const caFile = policy.caFile ?? this.#config.tls.caFile;
-    return caFile === undefined ? SYSTEM_TRUST : (this.#files.get(caFile)?.sha256 ?? SYSTEM_TRUST);
+    return this.#filesOf(policy).ca?.sha256 ?? SYSTEM_TRUST;
   }
 
   /**
@@ -103,8 +102,8 @@ export class TlsSessions implements Connector {
    * system store) and of the client certificate and key, as read at the last start or reload.
    */
   credentialsOf(policy: OriginPolicy): string {
-    const { ca, cert, key } = this.#filesOf(policy);
-    return `${ca?.sha256 ?? SYSTEM_TRUST}/${cert?.sha256 ?? '-'}/${key?.sha256 ?? '-'}`;
+    const { cert, key } = this.#filesOf(policy);
+    return `${this.trustOf(policy)}/${cert?.sha256 ?? '-'}/${key?.sha256 ?? '-'}`;
   }
 
   /** The CA file (undefined: the system store), client certificate and key of a policy, as last read. */
@@ -142,6 +141,7 @@ export class TlsSessions implements Connector {
    */
   async connect(origin: Origin, policy: OriginPolicy, urgent?: () => boolean): Promise<ConnectedSocket> {
     const socket = await this.#tcp.connect(origin, policy, urgent);
+    const configured = this.#config;
     const { ca, cert, key } = this.#filesOf(policy);
     const credentials = this.credentialsOf(policy);
     // From here the relay owns the TCP fd (open() takes it at once, failure or not).
@@ -168,9 +168,9 @@ export class TlsSessions implements Connector {
       tls: session.info,
       tlsCredentials: credentials,
     };
-    // A reload during the handshake changed what this origin's sessions are verified against: start over with
-    // the configuration in force (the session is ours until returned).
-    if (this.stale(origin, made)) {
+    // A reload during the handshake that changed what this origin's sessions are verified against: start over
+    // with the configuration in force (the session is ours until returned).
+    if (this.#config !== configured && this.stale(origin, made)) {
       native.close(made.fd);
       return this.connect(origin, policyFor(this.#config, origin.host, origin.port), urgent);
     }
