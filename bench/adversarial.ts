@@ -56,10 +56,10 @@ const ownSessions = !process.argv.includes('--same-session');
 const pin = process.argv.includes('--pin');
 const onDaemonCpu = pin ? ['taskset', '-c', '1'] : [];
 /**
- * `--cpu-groups` (root): each party in a CPU control group of its own with the same weight, as systemd runs them
- * on a shared host: the daemon as its service, the honest side as another, and every hostile process in one group
- * for their uid (user-65534.slice). The cores are then shared between the three groups, however many processes
- * the hostile uid starts (bench/lib/cpu-groups.ts).
+ * `--cpu-groups` (root): each party in a CPU control group of its own, as systemd runs them on a shared host: the
+ * daemon as its service (at the unit's CPUWeight), the honest side as another and every hostile process in one
+ * group for their uid (user-65534.slice), both at the default weight. The cores are then shared between the three
+ * groups, however many processes the hostile uid starts (bench/lib/cpu-groups.ts).
  */
 const cpuGroups = process.argv.includes('--cpu-groups') ? CpuGroups.create('sockpool-adversarial') : undefined;
 const honestGroup = cpuGroups?.group('honest');

@@ -50,6 +50,7 @@ const require = createRequire(import.meta.url);
 const { Easy, Multi } = require('node-libcurl') as typeof import('node-libcurl');
 
 const quick = flag('--quick');
+const keepAliveOnly = flag('--keep-alive-only');
 const mib = option('--mib', quick ? 20 : 100);
 const rounds = quick ? 2 : 3;
 const requests = quick ? 500 : 2000;
@@ -215,7 +216,7 @@ async function main(): Promise<void> {
     }
     const bytes = mib * 1024 * 1024;
     const before = (await stats.stats()).tls as { cpuMicros: number; bytesFromOrigin: number };
-    for (let round = 1; round <= (flag('--keep-alive-only') ? 0 : rounds); round++) {
+    for (let round = 1; round <= (keepAliveOnly ? 0 : rounds); round++) {
       const order = round % 2 === 0 ? ['curl', 'sockpool'] : ['sockpool', 'curl'];
       const rate: Record<string, number> = {};
       for (const peer of order) {
@@ -302,7 +303,7 @@ async function main(): Promise<void> {
       loadAverage: os.loadavg().map((v) => round(v, 2)),
       note: 'shared with other sessions',
     },
-    settings: { quick, mib, rounds, requests, keepAliveOnly: flag('--keep-alive-only'), profile: profileDir ?? null },
+    settings: { quick, mib, rounds, requests, keepAliveOnly, profile: profileDir ?? null },
     results,
     summary,
   };

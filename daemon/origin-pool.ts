@@ -367,8 +367,10 @@ export class OriginPool {
     this.#events.idleChanged(this, +1);
   }
 
-  /** Idle sockets any client may have (those kept for one uid are no supply for the others). */
-  /** Idle sockets any uid may take, counted up to `atMost` (the pool may hold many more than a caller needs). */
+  /**
+   * Idle sockets any uid may take (those kept for one uid are no supply for the others), counted up to `atMost`
+   * (the pool may hold many more than a caller needs).
+   */
   #sharedIdleCount(atMost = Number.POSITIVE_INFINITY): number {
     let count = 0;
     for (let index = this.#idle.length - 1; index >= 0 && count < atMost; index--) {
