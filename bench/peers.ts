@@ -13,12 +13,13 @@
 // Peers run interleaved (each origin, round or run rotates the order) so drift hits all alike.
 //
 //   node dist/bench/peers.js [--quick] [--rtt-ms 20] [--loopback-only] [--origins N] [--out FILE]
-//                            [--warm-tls] [--first-only] [--crawl-only] [--lab-only] [--keep-alive-only]
+//                            [--warm-tls [--warm-tls-on-miss]] [--first-only] [--crawl-only] [--lab-only] [--keep-alive-only]
 //                            [--rounds N] [--profile] [--baseline DIR] [--trace]
 //   node dist/bench/peers.js --charts-from FILE.json
 //
 // --warm-tls: sockpoold keeps warm TLS sessions for every https origin (docs/warm-tls.md), so sockpool's first
-// HTTPS requests run over a session the daemon completed and relays. --first-only: scenario 1 alone. --crawl-only:
+// HTTPS requests run over a session the daemon completed and relays; --warm-tls-on-miss adds
+// `warmTlsOnMiss = "tcp"` (an acquire with no session idle or on its way gets a TCP lease). --first-only: scenario 1 alone. --crawl-only:
 // scenario 3 alone. --lab-only: no loopback set. --keep-alive-only: scenario 2 alone, on loopback, for node-libcurl
 // and the two sockpool clients (the runs issue 14's aims are about). --rounds N: rounds of every load run.
 // --profile: node-libcurl's and sockpool's runner processes (worker threads included) run under node --cpu-prof;
@@ -63,7 +64,8 @@ const settings = {
   quick,
   rttMs: option('--rtt-ms', 20),
   loopbackOnly: flag('--loopback-only') || flag('--keep-alive-only'),
-  warmTls: flag('--warm-tls'),
+  warmTls: flag('--warm-tls') || flag('--warm-tls-on-miss'),
+  warmTlsOnMiss: flag('--warm-tls-on-miss'),
   firstOnly: flag('--first-only'),
   crawlOnly: flag('--crawl-only'),
   labOnly: flag('--lab-only'),
@@ -520,7 +522,11 @@ async function runSet(set: OriginSet, pki: TestPki, lab: boolean): Promise<SetRe
         maxIdleTotal: 10_000,
         predictive: true,
         warmOnStartOrigins: 0,
-        defaults: { maxIdle: 16, idleTtlMs: 3_600_000 },
+        defaults: {
+          maxIdle: 16,
+          idleTtlMs: 3_600_000,
+          ...(settings.warmTlsOnMiss ? { warmTlsOnMiss: 'tcp' } : {}),
+        },
       },
     },
     args: [

@@ -106,6 +106,7 @@ export const DEFAULTS = {
       noDelay: true,
       keepAlive: { enabled: true, idleSec: 30, intervalSec: 10, count: 3 },
       warmTls: false,
+      warmTlsOnMiss: 'session' as WarmTlsOnMiss,
     },
   },
   fleet: {
@@ -120,6 +121,13 @@ export const DEFAULTS = {
 
 export const FLEET_UNAVAILABLE_MODES = ['local', 'refuse'] as const;
 export type FleetUnavailableMode = (typeof FLEET_UNAVAILABLE_MODES)[number];
+/**
+ * What an https acquire of a warm TLS origin gets when no session is idle or on its way for it: 'session', one
+ * made for it (the daemon's handshake, relayed); 'tcp', a TCP lease over which the client does TLS itself (the
+ * same round trips, no relay for the connection's life; never for an origin with a client certificate).
+ */
+export const WARM_TLS_ON_MISS = ['session', 'tcp'] as const;
+export type WarmTlsOnMiss = (typeof WARM_TLS_ON_MISS)[number];
 
 // ---------------------------------------------------------------------------------------------------------------
 // Schema.
@@ -219,6 +227,7 @@ const policyFields = {
   noDelay: z.boolean(),
   userTimeoutMs: z.int().min(0),
   warmTls: z.boolean(),
+  warmTlsOnMiss: z.enum(WARM_TLS_ON_MISS),
   caFile: z.string().min(1),
   clientCert: z.string().min(1),
   clientKey: z.string().min(1),
@@ -248,6 +257,7 @@ const originPolicySchema = z
     keepAlive: keepAliveSchema,
     userTimeoutMs: policyFields.userTimeoutMs.optional(),
     warmTls: policyFields.warmTls.default(policyDefaults.warmTls),
+    warmTlsOnMiss: policyFields.warmTlsOnMiss.default(policyDefaults.warmTlsOnMiss),
     caFile: policyFields.caFile.optional(),
     clientCert: policyFields.clientCert.optional(),
     clientKey: policyFields.clientKey.optional(),
@@ -288,6 +298,7 @@ const originOverrideSchema = z.strictObject({
     .optional(),
   userTimeoutMs: policyFields.userTimeoutMs.optional(),
   warmTls: policyFields.warmTls.optional(),
+  warmTlsOnMiss: policyFields.warmTlsOnMiss.optional(),
   caFile: policyFields.caFile.optional(),
   clientCert: policyFields.clientCert.optional(),
   clientKey: policyFields.clientKey.optional(),

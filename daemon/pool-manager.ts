@@ -131,10 +131,14 @@ export class PoolManager {
     uid = 0,
   ): Promise<Handoff & { originKey: string; peerPort: number }> {
     if (this.#closed) throw new SockpoolError(ErrorCodes.SHUTTING_DOWN, 'sockpoold is stopping');
-    const pool = this.#poolFor(origin, tlsTrust);
-    const stats = this.#statsOf(pool.key);
-    stats.uids.add(uid);
-    this.#bumpRate(stats);
+    const wanted = this.#poolFor(origin, tlsTrust);
+    const wantedStats = this.#statsOf(wanted.key);
+    wantedStats.uids.add(uid);
+    this.#bumpRate(wantedStats);
+    // warmTlsOnMiss 'tcp': the demand counts for the sessions (predictive warming makes them for later), but this
+    // acquire takes a TCP socket of the origin rather than wait for a handshake made for it.
+    const pool = this.#tcpPoolOnMiss(wanted, origin, uid) ?? wanted;
+    const stats = pool === wanted ? wantedStats : this.#statsOf(pool.key);
     let handoff: Handoff;
     try {
       handoff = await pool.acquire(timeoutMs ?? pool.policy.acquireTimeoutMs, uid);
@@ -165,6 +169,19 @@ export class PoolManager {
     stats.uids.add(uid);
     this.#bumpRate(stats);
     return this.#handedOut(pool, stats, handoff);
+  }
+
+  /**
+   * The origin's TCP pool, for an acquire of a warm TLS pool whose policy says `warmTlsOnMiss = "tcp"` and that has
+   * no session idle for `uid` nor one on its way; otherwise undefined. Never for an origin with a client
+   * certificate: the client doing its own TLS has no key to present.
+   */
+  #tcpPoolOnMiss(pool: OriginPool, origin: Origin, uid: number): OriginPool | undefined {
+    if (!isTlsPoolKey(pool.key) || pool.policy.warmTlsOnMiss !== 'tcp' || pool.policy.clientCert !== undefined) {
+      return undefined;
+    }
+    if (pool.suppliesSoon(uid)) return undefined;
+    return this.#poolFor(origin);
   }
 
   /** Counts a handoff (hit or miss) and names its pool and peer port. */

@@ -75,6 +75,7 @@ describe('defaults', () => {
       noDelay: true,
       keepAlive: { enabled: true, idleSec: 30, intervalSec: 10, count: 3 },
       warmTls: false,
+      warmTlsOnMiss: 'session',
     });
     expect(config.tls).toEqual({ warm: [], relayThreads: 1, handshakeTimeoutMs: 10000 });
     expect(config.pool.origins).toEqual([]);
@@ -393,6 +394,17 @@ describe('applyFlags', () => {
       parseConfig({ pool: { origins: [{ match: 'a.example:443', clientCert: 'c.pem' }] } }, 'test'),
     );
     expect(error.message).toContain('pool.origins[0].clientKey: clientCert and clientKey go together');
+  });
+
+  it('takes warmTlsOnMiss "session" or "tcp" per origin, and names a bad value', () => {
+    const config = parseConfig(
+      { pool: { defaults: { warmTlsOnMiss: 'tcp' }, origins: [{ match: 'a.example:443', warmTlsOnMiss: 'session' }] } },
+      'test',
+    );
+    expect(policyFor(config, 'a.example', 443).warmTlsOnMiss).toBe('session');
+    expect(policyFor(config, 'b.example', 443).warmTlsOnMiss).toBe('tcp');
+    const error = configError(() => parseConfig({ pool: { defaults: { warmTlsOnMiss: 'relay' } } }, 'test'));
+    expect(error.message).toContain('pool.defaults.warmTlsOnMiss');
   });
 });
 

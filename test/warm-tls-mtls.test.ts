@@ -1,7 +1,8 @@
 // mTLS with warm TLS: the client certificate and its key are named in the daemon's configuration only, and the
 // daemon presents them in its handshakes; a SockpoolClient calls the origin that demands a client certificate
 // without ever holding the key. A client that does its own TLS (insecure: a TCP lease) has no certificate to
-// present, and the origin refuses it. Real daemon, a real node:https origin with requestCert.
+// present, and the origin refuses it; so `warmTlsOnMiss = "tcp"` never applies to such an origin. Real daemon, a real
+// node:https origin with requestCert.
 import { execFileSync } from 'node:child_process';
 import https from 'node:https';
 import { join } from 'node:path';
@@ -57,7 +58,17 @@ beforeAll(async () => {
     extraArgs: ['--ca-file', pki.caFile, '--resolve', `localhost:${port}:127.0.0.1`],
     config: {
       pool: {
-        origins: [{ match: `localhost:${port}`, warmTls: true, clientCert: client.cert, clientKey: client.key }],
+        // warmTlsOnMiss "tcp" is ignored for an origin with a client certificate: the first request, a miss, is
+        // still a session the daemon made (a TCP lease would leave the client without a certificate to present).
+        origins: [
+          {
+            match: `localhost:${port}`,
+            warmTls: true,
+            warmTlsOnMiss: 'tcp',
+            clientCert: client.cert,
+            clientKey: client.key,
+          },
+        ],
       },
     },
   });

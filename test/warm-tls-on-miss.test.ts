@@ -1,0 +1,160 @@
+// `warmTlsOnMiss = "tcp"`: an https acquire of a warm TLS origin that finds no session idle or on its way gets a
+// TCP lease and the client does TLS itself, instead of waiting for a handshake made for it (a crawler that does
+// not announce its hosts would otherwise pay the daemon's handshake and the relay for every connection it opens).
+// A session idle or being made still goes to the acquire; the demand still counts for the sessions, so predictive
+// warming makes them for later; fds come back. Real daemon process, a real node:https origin. (The mTLS side, never
+// a TCP lease for an origin with a client certificate, is in warm-tls-mtls.test.ts.)
+import { createHash } from 'node:crypto';
+import { once } from 'node:events';
+import { readFileSync } from 'node:fs';
+import net from 'node:net';
+import tls from 'node:tls';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { SockpoolClient } from '../client/index.js';
+import * as native from '../shared/native.js';
+import type { LeaseReply } from '../shared/protocol.js';
+import {
+  echoHandler,
+  eventually,
+  fdCount,
+  httpsOrigin,
+  type Origin,
+  startTestDaemon,
+} from './fixtures/client-helpers.js';
+import type { DaemonProcess } from './helpers/daemon.js';
+import { openRawClient } from './helpers/raw-client.js';
+import { createTestPki, type TestPki } from './helpers/tls.js';
+
+let pki: TestPki;
+let origin: Origin;
+/** An origin no test warms: every acquire to it is a miss. */
+let untouched: Origin;
+let daemon: DaemonProcess;
+let trust: string;
+const cleanups: Array<() => unknown> = [];
+
+beforeAll(async () => {
+  pki = createTestPki(['localhost']);
+  trust = createHash('sha256').update(readFileSync(pki.caFile)).digest('hex');
+  origin = await httpsOrigin(pki, echoHandler());
+  untouched = await httpsOrigin(pki, echoHandler());
+  daemon = await startTestDaemon([origin.port, untouched.port], {
+    extraArgs: [
+      '--warm-tls',
+      '*',
+      '--ca-file',
+      pki.caFile,
+      '--resolve',
+      `localhost:${origin.port}:127.0.0.1`,
+      '--resolve',
+      `localhost:${untouched.port}:127.0.0.1`,
+    ],
+    config: { pool: { defaults: { warmTlsOnMiss: 'tcp' } } },
+  });
+});
+
+afterAll(async () => {
+  for (const cleanup of cleanups.reverse()) await cleanup();
+  await daemon?.stop();
+  await origin?.close();
+  await untouched?.close();
+  pki?.cleanup();
+});
+
+interface OriginRow {
+  origin: string;
+  idle: number;
+  misses: number;
+  hits: number;
+}
+
+async function originRows(raw: ReturnType<typeof openRawClient>, id: number): Promise<OriginRow[]> {
+  const stats = await raw.request({ type: 'stats', id });
+  return (stats.message as unknown as { stats: { origins: OriginRow[] } }).stats.origins;
+}
+
+/** TLS (verified against the test CA) and one HTTP/1.1 request over a handed TCP fd; the answer's text. */
+async function httpsOver(fd: number, path: string): Promise<string> {
+  const socket = tls.connect({
+    socket: new net.Socket({ fd, readable: true, writable: true }),
+    servername: 'localhost',
+    ca: pki.ca,
+  });
+  await once(socket, 'secureConnect');
+  const chunks: Buffer[] = [];
+  socket.on('data', (chunk: Buffer) => chunks.push(chunk));
+  socket.write(`GET ${path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n`);
+  await once(socket, 'end');
+  const closed = once(socket, 'close');
+  socket.destroy(); // closes the fd (net.Socket owned it since it was handed over)
+  await closed;
+  return Buffer.concat(chunks).toString();
+}
+
+describe('warmTlsOnMiss = "tcp"', () => {
+  it('gives a cold acquire a TCP lease to the origin; an idle session or one on its way still goes out', async () => {
+    const raw = openRawClient(daemon.socketPath, cleanups);
+    const cold = await raw.request({ type: 'acquire', id: 1, host: 'localhost', port: origin.port, tls: { trust } });
+    const coldLease = cold.message as LeaseReply;
+    expect(coldLease.type).toBe('lease');
+    expect(coldLease.tls).toBeUndefined();
+    expect(coldLease.warm).toBe(false);
+    // The origin's own socket: the client's TLS runs over it, verified against what the client trusts.
+    expect(native.peerAddress(cold.fds[0]!).port).toBe(origin.port);
+    expect(await httpsOver(cold.fds[0]!, '/cold')).toMatch(/^HTTP\/1\.1 200 OK[\s\S]*GET \/cold 0$/);
+    raw.sendJson({ type: 'closed', leaseId: coldLease.leaseId });
+    let rows = await originRows(raw, 2);
+    expect(rows.find((row) => row.origin === `localhost:${origin.port}`)?.misses).toBe(1);
+
+    // A session on its way: the acquire right behind the prewarm gets a session (that one, or one the pool starts
+    // for it beside it, whichever is first), never TCP.
+    const prewarm = await raw.request({
+      type: 'prewarm',
+      id: 3,
+      host: 'localhost',
+      port: origin.port,
+      count: 1,
+      tls: { trust },
+    });
+    expect(prewarm.message?.type).toBe('ok');
+    const coming = await raw.request({ type: 'acquire', id: 4, host: 'localhost', port: origin.port, tls: { trust } });
+    const comingLease = coming.message as LeaseReply;
+    expect(comingLease.tls).toMatchObject({ alpn: 'http/1.1' });
+    native.close(coming.fds[0]!);
+    raw.sendJson({ type: 'closed', leaseId: comingLease.leaseId });
+
+    // An idle session goes out too.
+    await raw.request({ type: 'prewarm', id: 5, host: 'localhost', port: origin.port, count: 1, tls: { trust } });
+    await eventually(async () => {
+      rows = await originRows(raw, 6);
+      return rows.some((row) => row.origin === `localhost:${origin.port} tls` && row.idle >= 1);
+    }, 'an idle warm TLS session');
+    const idle = await raw.request({ type: 'acquire', id: 7, host: 'localhost', port: origin.port, tls: { trust } });
+    const idleLease = idle.message as LeaseReply;
+    expect(idleLease.tls).toBeDefined();
+    expect(idleLease.warm).toBe(true);
+    native.close(idle.fds[0]!);
+    raw.sendJson({ type: 'closed', leaseId: idleLease.leaseId });
+  });
+
+  it('a SockpoolClient request on a miss does TLS itself; the fds of both sides come back', async () => {
+    const before = fdCount();
+    const daemonBefore = daemon.fdCount();
+    const client = new SockpoolClient({ socketPath: daemon.socketPath, threads: 1, caFile: pki.caFile });
+    try {
+      const response = await client.request(`https://localhost:${untouched.port}/miss`);
+      expect(response.status).toBe(200);
+      expect(response.body.toString()).toBe('GET /miss 0');
+      expect(response.tls?.by).toBeUndefined();
+      expect(response.connection).toBe('leased');
+      expect(response.timings.tlsMs).toBeGreaterThan(0);
+    } finally {
+      await client.close();
+    }
+    await eventually(() => fdCount() <= before, `client fds back to ${before} (now ${fdCount()})`);
+    await eventually(
+      () => daemon.fdCount() <= daemonBefore,
+      `the daemon's fds back to ${daemonBefore} (now ${daemon.fdCount()})`,
+    );
+  });
+});
