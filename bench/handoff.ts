@@ -1026,8 +1026,8 @@ async function measureMemory(): Promise<MemoryResult> {
   await client.hello();
   await sleep(1_000);
   const rssBefore = procStatusBytes(daemon.pid, 'VmRSS');
-  // Sockets held are counted as the daemon's fds above this baseline, not with `stats`: a stats reply listing
-  // ~80 or more origins exceeds the 16 KiB message limit and crashes sockpoold (reported; see docs/benchmarks.md).
+  // Sockets held are counted as the daemon's fds above this baseline, not with `stats`, whose reply lists only the
+  // 50 busiest origins (and totals).
   const baseFds = fdCount(daemon.pid);
   const held = () => fdCount(daemon.pid) - baseFds;
   const started = performance.now();
