@@ -3,10 +3,14 @@
 // restarted mid-load, rate limits across daemons, no Redis call on the warm handoff path, and bad fleet
 // configuration refused with the key named. The origin is a real HTTP server that counts its open connections;
 // it closes each connection after its answer (`Connection: close`), so every request is one connection, one slot.
+// The order of a take and a heartbeat in Redis is set with CLIENT PAUSE on the members of the fleet in this process.
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
+import pino from 'pino';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { SockpoolClient } from '../client/index.js';
+import { parseConfig } from '../daemon/config.js';
+import { Fleet } from '../daemon/fleet/fleet.js';
 import * as native from '../shared/native.js';
 import { daemonStats, fdCount, startTestDaemon } from './fixtures/client-helpers.js';
 import { countingOrigin } from './helpers/counting-origin.js';
@@ -102,6 +106,48 @@ describe('fleet-wide connection caps', () => {
       'slots released',
     );
     expect(fdCount()).toBe(before);
+    // And Redis counts none of them any more: a count left there would hold the cap against the whole fleet.
+    await eventually(
+      async () => (await redis.cli('HLEN', `sockpool:{default}:slots:127.0.0.1:${origin.port}`)).trim() === '0',
+      'Redis counts no slot of the origin',
+    );
+  });
+
+  it('a take that Redis refused after a heartbeat had stated it as held leaves no slot behind', async () => {
+    // Members in this process, so that each take can be made alone (a daemon's connect asks again until it gets
+    // one). A heartbeat states the takes still under way as held: Redis may have granted them already.
+    const config = parseConfig({ fleet: { redis: redis.url, name: 'refused', heartbeatMs: 100 } }, 'test').fleet;
+    const log = pino({ level: 'silent' });
+    const [holder, asker, other] = [new Fleet(config, log), new Fleet(config, log), new Fleet(config, log)];
+    for (const member of [holder, asker, other]) {
+      await member.start();
+      cleanups.push(() => member.close());
+    }
+    const origin = '127.0.0.1:9';
+    const cap = 1;
+    expect(await holder.takeSlot(origin, cap, false, () => true)).toBe(true);
+    // Redis holds the asker's take while the asker's heartbeat is sent behind it: Redis refuses the take (the cap is
+    // reached), then applies the heartbeat that stated it as held.
+    cleanups.push(() => redis.cli('CLIENT', 'UNPAUSE'));
+    await redis.cli('CLIENT', 'PAUSE', '30000', 'WRITE');
+    const take = asker.takeSlot(origin, cap, false, () => true);
+    await eventually(async () => {
+      const line = (await redis.cli('CLIENT', 'LIST'))
+        .split('\n')
+        .find((l) => l.includes(`name=sockpoold/${asker.id} `));
+      // Paused on its take (flags=b), with its heartbeat read behind it (qbuf).
+      return line !== undefined && / flags=b /.test(line) && !/ qbuf=0 /.test(line);
+    }, "the asker's heartbeat sent while its take waits");
+    await redis.cli('CLIENT', 'UNPAUSE');
+    expect(await take).toBe(false);
+    expect(asker.held(origin)).toBe(0);
+    // The holder gives its slot back: nobody holds one, so another member gets it (heartbeats go on meanwhile).
+    holder.releaseSlots(origin, 1);
+    await eventually(
+      () => other.takeSlot(origin, cap, false, () => true),
+      'another member takes the slot nobody holds',
+    );
+    expect(await redis.cli('HGETALL', `sockpool:{refused}:slots:${origin}`)).toBe(`${other.id}\n1\n`);
   });
 
   it('a daemon killed with SIGKILL: its slots come back after the heartbeat expiry', async () => {

@@ -9,6 +9,13 @@
 // by the members last seen), counted in `fallbacks` and logged once per outage; `"refuse"` fails new connects and
 // token requests with SOCKPOOL_ERR_FLEET_UNAVAILABLE. ioredis reconnects with backoff; the first heartbeat after a
 // reconnect states again every slot this daemon holds (Redis may have restarted empty).
+//
+// Slot counts in Redis: a take or a release changes this daemon's count by one (HINCRBY), a heartbeat states it
+// whole. Every command goes over one connection, so Redis applies them in the order they were sent. A count Redis
+// may hold wrong (a heartbeat counted a take that came back refused, an answer was lost, a release failed or was
+// skipped while Redis was unavailable) is corrected at once where this daemon knows the error, else by the next
+// heartbeat; a count Redis kept too high would hold the fleet's cap against every member for as long as this
+// daemon lives.
 
 import { randomBytes } from 'node:crypto';
 import { hostname } from 'node:os';
@@ -70,11 +77,20 @@ export class Fleet implements SlotLedger {
   #held = new Map<string, number>();
   /**
    * Takes sent to Redis and not answered yet, by origin: a heartbeat sent meanwhile states them as held (Redis may
-   * have counted them already; stating fewer would let another daemon past the cap until the next heartbeat).
+   * have counted them already; stating fewer would let another daemon past the cap until the next heartbeat). One
+   * that comes back refused is then given back (#tryTakeSlot).
    */
   #taking = new Map<string, number>();
-  /** Origins whose count the last heartbeat stated (a count gone to 0 must be stated once more). */
-  #reported = new Set<string>();
+  /** Heartbeats sent: a take answered after one was sent meanwhile was stated as held by it. */
+  #heartbeatsSent = 0;
+  /**
+   * Origins whose count in Redis may differ from what this daemon holds and takes, so the next heartbeat states
+   * them too: a count a heartbeat stated above 0 (only a statement of 0 ends that), a take whose answer was lost, a
+   * release that failed or was skipped. By the number of the mark: a heartbeat's success clears only the marks made
+   * before it was sent (a release skipped while it was under way is stated by the next one).
+   */
+  #restate = new Map<string, number>();
+  #marks = 0;
   #heartbeatTimer: NodeJS.Timeout | undefined;
   /**
    * After an outage, slot decisions stay local until every live member has had time to reconnect and state its
@@ -102,7 +118,8 @@ export class Fleet implements SlotLedger {
       commandTimeout: COMMAND_TIMEOUT_MS,
       connectTimeout: COMMAND_TIMEOUT_MS,
       retryStrategy: (times) => Math.min(MAX_RECONNECT_DELAY_MS, 50 * 2 ** Math.min(times, 6)),
-      connectionName: `sockpoold ${this.id}`,
+      // (Redis refuses a client name with a space, and ioredis ignores the refusal.)
+      connectionName: `sockpoold/${this.id}`,
     }) as RedisWithScripts;
     this.#redis.defineCommand('fleetTakeSlots', { numberOfKeys: 2, lua: TAKE_SLOTS_SCRIPT });
     this.#redis.defineCommand('fleetReleaseSlots', { numberOfKeys: 1, lua: RELEASE_SLOTS_SCRIPT });
@@ -160,7 +177,7 @@ export class Fleet implements SlotLedger {
     this.#closed = true;
     clearInterval(this.#heartbeatTimer);
     if (this.available) {
-      const keys = [...new Set([...this.#held.keys(), ...this.#reported])].map((key) => this.#slotsKey(key));
+      const keys = [...new Set([...this.#held.keys(), ...this.#restate.keys()])].map((key) => this.#slotsKey(key));
       try {
         await this.#redis.fleetLeave(1 + keys.length, this.#membersKey(), ...keys, this.id);
       } catch (error) {
@@ -216,15 +233,29 @@ export class Fleet implements SlotLedger {
     if (released <= 0) return;
     if (held === released) this.#held.delete(key);
     else this.#held.set(key, held - released);
-    if (!this.available) return; // the first heartbeat after the outage states the right count
-    this.#redis.fleetReleaseSlots(this.#slotsKey(key), this.id, released).catch((error: Error) => {
+    this.#giveBack(key, released);
+  }
+
+  /** Lowers this daemon's count of `key` in Redis by `count`; unavailable or failed, the next heartbeat states it. */
+  #giveBack(key: string, count: number): void {
+    if (!this.available) {
+      this.#markRestate(key);
+      return;
+    }
+    this.#redis.fleetReleaseSlots(this.#slotsKey(key), this.id, count).catch((error: Error) => {
+      this.#markRestate(key);
       this.#log.debug({ err: error.message, origin: key }, 'fleet: release failed; the next heartbeat corrects it');
     });
+  }
+
+  #markRestate(key: string): void {
+    this.#restate.set(key, ++this.#marks);
   }
 
   async #tryTakeSlot(key: string, cap: number): Promise<boolean> {
     if (this.available && performance.now() >= this.#trustSlotsAfter) {
       this.#taking.set(key, (this.#taking.get(key) ?? 0) + 1);
+      const heartbeatsBefore = this.#heartbeatsSent;
       try {
         const [granted] = await this.#redis.fleetTakeSlots(
           this.#slotsKey(key),
@@ -235,12 +266,19 @@ export class Fleet implements SlotLedger {
           this.#config.slotTtlMs * 10,
           this.#config.slotTtlMs,
         );
-        if (granted !== 1) return false;
+        if (granted !== 1) {
+          // A heartbeat sent while this take was under way stated it as held, and Redis applied that statement after
+          // refusing the take: that slot is given back (sent after the heartbeat, so applied after it too). Left
+          // there, nothing would state this origin again while this daemon held none of it: a slot nobody holds,
+          // counted against the cap for every member until this daemon stops.
+          if (this.#heartbeatsSent !== heartbeatsBefore) this.#giveBack(key, 1);
+          return false;
+        }
         this.#held.set(key, this.held(key) + 1);
         return true;
       } catch (error) {
         // Redis may have counted the slot before the answer was lost: the next heartbeat states the true count.
-        this.#reported.add(key);
+        this.#markRestate(key);
         this.#unavailable(error as Error);
       } finally {
         const taking = (this.#taking.get(key) ?? 1) - 1;
@@ -364,7 +402,11 @@ export class Fleet implements SlotLedger {
   async #heartbeat(): Promise<void> {
     // Also while `unavailable` with the connection up (a command timed out): a heartbeat that succeeds ends that.
     if (this.#closed || this.#redis.status !== 'ready') return;
-    const keys = [...new Set([...this.#held.keys(), ...this.#taking.keys(), ...this.#reported])];
+    const keys = [...new Set([...this.#held.keys(), ...this.#taking.keys(), ...this.#restate.keys()])];
+    const counts = keys.map((key) => this.held(key) + (this.#taking.get(key) ?? 0));
+    const markedBefore = this.#marks;
+    for (const [index, key] of keys.entries()) if (counts[index]! > 0) this.#markRestate(key);
+    this.#heartbeatsSent++;
     try {
       this.#members = Math.max(
         1,
@@ -375,10 +417,12 @@ export class Fleet implements SlotLedger {
           this.id,
           this.#config.slotTtlMs,
           this.#config.slotTtlMs * 10,
-          ...keys.map((key) => this.held(key) + (this.#taking.get(key) ?? 0)),
+          ...counts,
         ),
       );
-      this.#reported = new Set(keys.filter((key) => this.held(key) + (this.#taking.get(key) ?? 0) > 0));
+      for (const [index, key] of keys.entries()) {
+        if (counts[index] === 0 && (this.#restate.get(key) ?? 0) <= markedBefore) this.#restate.delete(key);
+      }
       if (this.#state !== 'connected') {
         this.#log.info({ redis: this.redisTarget }, 'fleet: Redis available again');
         if (this.#hadOutage) {

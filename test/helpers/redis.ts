@@ -69,7 +69,8 @@ export async function startRedis(): Promise<RedisServer> {
         output += chunk;
       });
       run.once('error', reject);
-      run.once('exit', (code) => (code === 0 ? resolve(output) : reject(new Error(`redis-cli exited ${code}`))));
+      // 'close', not 'exit': its pipes are closed by then (tests count their fds).
+      run.once('close', (code) => (code === 0 ? resolve(output) : reject(new Error(`redis-cli exited ${code}`))));
     });
   await start();
   return {
