@@ -19,7 +19,7 @@
 //
 // --warm-tls: sockpoold keeps warm TLS sessions for every https origin (docs/warm-tls.md), so sockpool's first
 // HTTPS requests run over a session the daemon completed and relays; --warm-tls-on-miss adds
-// `warmTlsOnMiss = "tcp"` (an acquire with no session idle or on its way gets a TCP lease). --first-only: scenario 1 alone. --crawl-only:
+// `warmTlsOnMiss = "tcp"` (an acquire with no session idle gets a TCP lease). --first-only: scenario 1 alone. --crawl-only:
 // scenario 3 alone. --lab-only: no loopback set. --keep-alive-only: scenario 2 alone, on loopback, for node-libcurl
 // and the two sockpool clients (the runs issue 14's aims are about). --rounds N: rounds of every load run.
 // --profile: node-libcurl's and sockpool's runner processes (worker threads included) run under node --cpu-prof;

@@ -122,9 +122,9 @@ export const DEFAULTS = {
 export const FLEET_UNAVAILABLE_MODES = ['local', 'refuse'] as const;
 export type FleetUnavailableMode = (typeof FLEET_UNAVAILABLE_MODES)[number];
 /**
- * What an https acquire of a warm TLS origin gets when no session is idle or on its way for it: 'session', one
- * made for it (the daemon's handshake, relayed); 'tcp', a TCP lease over which the client does TLS itself (the
- * same round trips, no relay for the connection's life; never for an origin with a client certificate).
+ * What an https acquire of a warm TLS origin gets when no session is idle for it: 'session', a session under way
+ * or one made for it (the daemon's handshake, relayed); 'tcp', a TCP lease at once, over which the client does TLS
+ * itself (no relay for the connection's life; never for an origin with a client certificate).
  */
 export const WARM_TLS_ON_MISS = ['session', 'tcp'] as const;
 export type WarmTlsOnMiss = (typeof WARM_TLS_ON_MISS)[number];

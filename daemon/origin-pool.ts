@@ -157,15 +157,6 @@ export class OriginPool {
     return warm;
   }
 
-  /**
-   * Whether an acquire of `uid` would be served without a connect of its own: a socket idle for it, or a connect in
-   * flight that no waiter has claimed yet.
-   */
-  suppliesSoon(uid = 0): boolean {
-    if (this.#connecting > this.#waiters.length) return true;
-    return this.#idle.some((idle) => idle.ownerUid === undefined || idle.ownerUid === uid);
-  }
-
   /** A lease of `uid` ended (the socket is closed): its slot is free. */
   leaseEnded(uid = 0): void {
     this.#leased = Math.max(0, this.#leased - 1);

@@ -135,10 +135,16 @@ export class PoolManager {
     const wantedStats = this.#statsOf(wanted.key);
     wantedStats.uids.add(uid);
     this.#bumpRate(wantedStats);
-    // warmTlsOnMiss 'tcp': the demand counts for the sessions (predictive warming makes them for later), but this
-    // acquire takes a TCP socket of the origin rather than wait for a handshake made for it.
-    const pool = this.#tcpPoolOnMiss(wanted, origin, uid) ?? wanted;
-    const stats = pool === wanted ? wantedStats : this.#statsOf(pool.key);
+    let pool = wanted;
+    let stats = wantedStats;
+    if (this.#tcpOnMiss(wanted)) {
+      // The demand counts for the sessions (predictive warming makes them for later), but without an idle one this
+      // acquire takes a TCP socket of the origin rather than wait for a handshake.
+      const session = wanted.takeWarm(uid);
+      if (session) return this.#handedOut(wanted, wantedStats, session);
+      pool = this.#poolFor(origin);
+      stats = this.#statsOf(pool.key);
+    }
     let handoff: Handoff;
     try {
       handoff = await pool.acquire(timeoutMs ?? pool.policy.acquireTimeoutMs, uid);
@@ -172,16 +178,13 @@ export class PoolManager {
   }
 
   /**
-   * The origin's TCP pool, for an acquire of a warm TLS pool whose policy says `warmTlsOnMiss = "tcp"` and that has
-   * no session idle for `uid` nor one on its way; otherwise undefined. Never for an origin with a client
-   * certificate: the client doing its own TLS has no key to present.
+   * Whether an acquire of this pool that finds no idle session takes a TCP socket of the origin instead: a warm TLS
+   * pool whose policy says `warmTlsOnMiss = "tcp"`. A session still being made is not waited for: under a burst its
+   * handshake may queue behind many in the relay thread, and the point of "tcp" is that no acquire waits for a
+   * handshake. Never for an origin with a client certificate: the client doing its own TLS has no key to present.
    */
-  #tcpPoolOnMiss(pool: OriginPool, origin: Origin, uid: number): OriginPool | undefined {
-    if (!isTlsPoolKey(pool.key) || pool.policy.warmTlsOnMiss !== 'tcp' || pool.policy.clientCert !== undefined) {
-      return undefined;
-    }
-    if (pool.suppliesSoon(uid)) return undefined;
-    return this.#poolFor(origin);
+  #tcpOnMiss(pool: OriginPool): boolean {
+    return isTlsPoolKey(pool.key) && pool.policy.warmTlsOnMiss === 'tcp' && pool.policy.clientCert === undefined;
   }
 
   /** Counts a handoff (hit or miss) and names its pool and peer port. */

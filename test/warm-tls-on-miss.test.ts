@@ -1,8 +1,7 @@
-// `warmTlsOnMiss = "tcp"`: an https acquire of a warm TLS origin that finds no session idle or on its way gets a
-// TCP lease and the client does TLS itself, instead of waiting for a handshake made for it (a crawler that does
-// not announce its hosts would otherwise pay the daemon's handshake and the relay for every connection it opens).
-// A session idle or being made still goes to the acquire; the demand still counts for the sessions, so predictive
-// warming makes them for later; fds come back. Real daemon process, a real node:https origin. (The mTLS side, never
+// `warmTlsOnMiss = "tcp"`: an https acquire of a warm TLS origin that finds no session idle gets a TCP lease and the
+// client does TLS itself, instead of waiting for a handshake (a crawler that does not announce its hosts would
+// otherwise pay the daemon's handshake and the relay for every connection it opens). An idle session still goes to
+// the acquire; fds come back. Real daemon process, a real node:https origin. (The mTLS side, never
 // a TCP lease for an origin with a client certificate, is in warm-tls-mtls.test.ts.)
 import { createHash } from 'node:crypto';
 import { once } from 'node:events';
@@ -29,6 +28,10 @@ let pki: TestPki;
 let origin: Origin;
 /** An origin no test warms: every acquire to it is a miss. */
 let untouched: Origin;
+/** Accepts and never answers: a TLS handshake with it stays under way until the test ends. */
+let silent: net.Server;
+let silentPort: number;
+const silentSockets = new Set<net.Socket>();
 let daemon: DaemonProcess;
 let trust: string;
 const cleanups: Array<() => unknown> = [];
@@ -38,7 +41,13 @@ beforeAll(async () => {
   trust = createHash('sha256').update(readFileSync(pki.caFile)).digest('hex');
   origin = await httpsOrigin(pki, echoHandler());
   untouched = await httpsOrigin(pki, echoHandler());
-  daemon = await startTestDaemon([origin.port, untouched.port], {
+  silent = net.createServer((socket) => {
+    silentSockets.add(socket);
+    socket.on('close', () => silentSockets.delete(socket));
+  });
+  await new Promise<void>((resolve) => silent.listen(0, '127.0.0.1', resolve));
+  silentPort = (silent.address() as net.AddressInfo).port;
+  daemon = await startTestDaemon([origin.port, untouched.port, silentPort], {
     extraArgs: [
       '--warm-tls',
       '*',
@@ -48,6 +57,8 @@ beforeAll(async () => {
       `localhost:${origin.port}:127.0.0.1`,
       '--resolve',
       `localhost:${untouched.port}:127.0.0.1`,
+      '--resolve',
+      `localhost:${silentPort}:127.0.0.1`,
     ],
     config: { pool: { defaults: { warmTlsOnMiss: 'tcp' } } },
   });
@@ -58,12 +69,16 @@ afterAll(async () => {
   await daemon?.stop();
   await origin?.close();
   await untouched?.close();
+  for (const socket of silentSockets) socket.destroy();
+  await new Promise<void>((resolve) => (silent ? silent.close(() => resolve()) : resolve()));
   pki?.cleanup();
 });
 
 interface OriginRow {
   origin: string;
   idle: number;
+  connecting: number;
+  demandRatePerS: number;
   misses: number;
   hits: number;
 }
@@ -92,7 +107,7 @@ async function httpsOver(fd: number, path: string): Promise<string> {
 }
 
 describe('warmTlsOnMiss = "tcp"', () => {
-  it('gives a cold acquire a TCP lease to the origin; an idle session or one on its way still goes out', async () => {
+  it('gives a cold acquire a TCP lease to the origin; an idle session still goes out', async () => {
     const raw = openRawClient(daemon.socketPath, cleanups);
     const cold = await raw.request({ type: 'acquire', id: 1, host: 'localhost', port: origin.port, tls: { trust } });
     const coldLease = cold.message as LeaseReply;
@@ -106,24 +121,7 @@ describe('warmTlsOnMiss = "tcp"', () => {
     let rows = await originRows(raw, 2);
     expect(rows.find((row) => row.origin === `localhost:${origin.port}`)?.misses).toBe(1);
 
-    // A session on its way: the acquire right behind the prewarm gets a session (that one, or one the pool starts
-    // for it beside it, whichever is first), never TCP.
-    const prewarm = await raw.request({
-      type: 'prewarm',
-      id: 3,
-      host: 'localhost',
-      port: origin.port,
-      count: 1,
-      tls: { trust },
-    });
-    expect(prewarm.message?.type).toBe('ok');
-    const coming = await raw.request({ type: 'acquire', id: 4, host: 'localhost', port: origin.port, tls: { trust } });
-    const comingLease = coming.message as LeaseReply;
-    expect(comingLease.tls).toMatchObject({ alpn: 'http/1.1' });
-    native.close(coming.fds[0]!);
-    raw.sendJson({ type: 'closed', leaseId: comingLease.leaseId });
-
-    // An idle session goes out too.
+    // An idle session goes out.
     await raw.request({ type: 'prewarm', id: 5, host: 'localhost', port: origin.port, count: 1, tls: { trust } });
     await eventually(async () => {
       rows = await originRows(raw, 6);
@@ -135,6 +133,34 @@ describe('warmTlsOnMiss = "tcp"', () => {
     expect(idleLease.warm).toBe(true);
     native.close(idle.fds[0]!);
     raw.sendJson({ type: 'closed', leaseId: idleLease.leaseId });
+  });
+
+  it('does not wait for a session still being made: the acquire gets a TCP lease, the demand counts', async () => {
+    const raw = openRawClient(daemon.socketPath, cleanups);
+    const prewarm = await raw.request({
+      type: 'prewarm',
+      id: 1,
+      host: 'localhost',
+      port: silentPort,
+      count: 1,
+      tls: { trust },
+    });
+    expect(prewarm.message?.type).toBe('ok');
+    await eventually(async () => {
+      const rows = await originRows(raw, 2);
+      return rows.some((row) => row.origin === `localhost:${silentPort} tls` && row.connecting === 1);
+    }, 'a session under way (its server never answers the handshake)');
+    const reply = await raw.request({ type: 'acquire', id: 3, host: 'localhost', port: silentPort, tls: { trust } });
+    const lease = reply.message as LeaseReply;
+    expect(lease.type).toBe('lease');
+    expect(lease.tls).toBeUndefined();
+    expect(native.peerAddress(reply.fds[0]!).port).toBe(silentPort);
+    native.close(reply.fds[0]!);
+    raw.sendJson({ type: 'closed', leaseId: lease.leaseId });
+    const rows = await originRows(raw, 4);
+    const sessions = rows.find((row) => row.origin === `localhost:${silentPort} tls`);
+    expect(sessions?.connecting).toBe(1);
+    expect(sessions?.demandRatePerS).toBeGreaterThan(0);
   });
 
   it('a SockpoolClient request on a miss does TLS itself; the fds of both sides come back', async () => {
