@@ -3,11 +3,11 @@
 // restarted mid-load, rate limits across daemons, no Redis call on the warm handoff path, and bad fleet
 // configuration refused with the key named. The origin is a real HTTP server that counts its open connections;
 // it closes each connection after its answer (`Connection: close`), so every request is one connection, one slot.
-// The order of a take and a heartbeat in Redis is set with CLIENT PAUSE on the members of the fleet in this process.
+// The order of a take and a heartbeat in Redis is set with CLIENT PAUSE and a fleet member's fake heartbeat timer.
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
 import pino from 'pino';
-import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 import { SockpoolClient } from '../client/index.js';
 import { parseConfig } from '../daemon/config.js';
 import { Fleet } from '../daemon/fleet/fleet.js';
@@ -114,9 +114,17 @@ describe('fleet-wide connection caps', () => {
   });
 
   it('a take that Redis refused after a heartbeat had stated it as held leaves no slot behind', async () => {
-    // Members in this process, so that each take can be made alone (a daemon's connect asks again until it gets
-    // one). A heartbeat states the takes still under way as held: Redis may have granted them already.
-    const config = parseConfig({ fleet: { redis: redis.url, name: 'refused', heartbeatMs: 100 } }, 'test').fleet;
+    // Members in this process, so that each take is made once (a daemon's connect asks again until it gets one), and
+    // their heartbeats beat when the test says (a fake setInterval; Redis commands and their timeouts run as ever).
+    // A heartbeat states the takes still under way as held: Redis may have granted them already.
+    vi.useFakeTimers({ toFake: ['setInterval', 'clearInterval'] });
+    cleanups.push(() => vi.useRealTimers());
+    // (Memberships outlive the test: a member the test does not beat for stays in.)
+    const config = parseConfig(
+      { fleet: { redis: redis.url, name: 'refused', heartbeatMs: 100, slotTtlMs: 60_000 } },
+      'test',
+    ).fleet;
+    const beat = () => vi.advanceTimersByTime(config.heartbeatMs);
     const log = pino({ level: 'silent' });
     const [holder, asker, other] = [new Fleet(config, log), new Fleet(config, log), new Fleet(config, log)];
     for (const member of [holder, asker, other]) {
@@ -128,26 +136,50 @@ describe('fleet-wide connection caps', () => {
     expect(await holder.takeSlot(origin, cap, false, () => true)).toBe(true);
     // Redis holds the asker's take while the asker's heartbeat is sent behind it: Redis refuses the take (the cap is
     // reached), then applies the heartbeat that stated it as held.
+    const askerInRedis = async () =>
+      (await redis.cli('CLIENT', 'LIST')).split('\n').find((line) => line.includes(`name=sockpoold/${asker.id} `));
     cleanups.push(() => redis.cli('CLIENT', 'UNPAUSE'));
     await redis.cli('CLIENT', 'PAUSE', '30000', 'WRITE');
     const take = asker.takeSlot(origin, cap, false, () => true);
-    await eventually(async () => {
-      const line = (await redis.cli('CLIENT', 'LIST'))
-        .split('\n')
-        .find((l) => l.includes(`name=sockpoold/${asker.id} `));
-      // Paused on its take (flags=b), with its heartbeat read behind it (qbuf).
-      return line !== undefined && / flags=b /.test(line) && !/ qbuf=0 /.test(line);
-    }, "the asker's heartbeat sent while its take waits");
+    await eventually(async () => / flags=b /.test((await askerInRedis()) ?? ''), "the asker's take held by the pause");
+    beat();
+    await eventually(async () => !/ qbuf=0 /.test((await askerInRedis()) ?? ' qbuf=0 '), 'its heartbeat behind it');
     await redis.cli('CLIENT', 'UNPAUSE');
     expect(await take).toBe(false);
     expect(asker.held(origin)).toBe(0);
-    // The holder gives its slot back: nobody holds one, so another member gets it (heartbeats go on meanwhile).
+    // The holder gives its slot back: nobody holds one, so another member gets it, at once (no heartbeat since;
+    // before, the asker's count stayed in Redis, and no later heartbeat of the asker named the origin again).
     holder.releaseSlots(origin, 1);
     await eventually(
       () => other.takeSlot(origin, cap, false, () => true),
       'another member takes the slot nobody holds',
     );
     expect(await redis.cli('HGETALL', `sockpool:{refused}:slots:${origin}`)).toBe(`${other.id}\n1\n`);
+  });
+
+  it('a slot given back while Redis was unavailable is stated by the next heartbeat', async () => {
+    vi.useFakeTimers({ toFake: ['setInterval', 'clearInterval'] });
+    cleanups.push(() => vi.useRealTimers());
+    const config = parseConfig({ fleet: { redis: redis.url, name: 'skipped', heartbeatMs: 100 } }, 'test').fleet;
+    const member = new Fleet(config, pino({ level: 'silent' }));
+    await member.start();
+    cleanups.push(() => member.close());
+    const slots = (origin: string) => redis.cli('HGETALL', `sockpool:{skipped}:slots:${origin}`);
+    // A slot of one origin taken in Redis; no heartbeat has stated it (the heartbeats beat when the test says).
+    expect(await member.takeSlot('127.0.0.1:1', 4, false, () => true)).toBe(true);
+    expect(await slots('127.0.0.1:1')).toBe(`${member.id}\n1\n`);
+    // A take of another origin over 1 s (Redis paused): Redis counts as unavailable, the connection stays up.
+    cleanups.push(() => redis.cli('CLIENT', 'UNPAUSE'));
+    await redis.cli('CLIENT', 'PAUSE', '30000', 'WRITE');
+    expect(await member.takeSlot('127.0.0.1:2', 4, false, () => true)).toBe(true); // its local share
+    expect(member.state).toBe('unavailable');
+    // Given back meanwhile: not sent to Redis. Redis answers again; the next heartbeat states the origin's count.
+    member.releaseSlots('127.0.0.1:1', 1);
+    await redis.cli('CLIENT', 'UNPAUSE');
+    await eventually(async () => {
+      vi.advanceTimersByTime(config.heartbeatMs);
+      return member.state === 'connected' && (await slots('127.0.0.1:1')).trim() === '';
+    }, 'Redis counts no slot of the origin given back');
   });
 
   it('a daemon killed with SIGKILL: its slots come back after the heartbeat expiry', async () => {
