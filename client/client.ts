@@ -367,7 +367,7 @@ export class SockpoolClient {
   /** Origins of waiting requests, announced to the daemon (best effort: a refusal, a quota, a daemon down are
    *  the requests' business when they run). */
   #announce(origins: AnnouncedOrigin[]): void {
-    this.#dispatch({ kind: 'prewarm', origins }).catch(() => {});
+    this.#dispatch({ kind: 'prewarm', origins, lookahead: true }).catch(() => {});
   }
 
   /** threads: 0 — wait for this client's requests to finish, then close curl's connections and the link. */

@@ -327,7 +327,13 @@ export class HandoffServer {
         try {
           // The client's own demand: capped by its uid's prewarm allowance, and counted as demand (pool-manager.ts).
           const granted = this.#quotas.takePrewarm(session.uid, message.count);
-          this.#pools.prewarm(canonicalOrigin(message), granted, message.tls?.trust, session.uid);
+          this.#pools.prewarm(
+            canonicalOrigin(message),
+            granted,
+            message.tls?.trust,
+            session.uid,
+            message.lookahead === true,
+          );
           this.#send(session, { type: 'ok', id: message.id });
         } catch (error) {
           this.#replyError(session, message.id, error);

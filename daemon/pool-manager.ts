@@ -184,7 +184,7 @@ export class PoolManager {
    * handshake. Never for an origin with a client certificate: the client doing its own TLS has no key to present.
    */
   #tcpOnMiss(pool: OriginPool): boolean {
-    return isTlsPoolKey(pool.key) && pool.policy.warmTlsOnMiss === 'tcp' && pool.policy.clientCert === undefined;
+    return isTlsPoolKey(pool.key) && tcpOnMiss(pool.policy);
   }
 
   /** Counts a handoff (hit or miss) and names its pool and peer port. */
@@ -235,8 +235,8 @@ export class PoolManager {
    * per-uid prewarm allowance, quotas.ts). Throws SOCKPOOL_ERR_POLICY at once for an origin the policy refuses (the
    * connects run in the background).
    */
-  prewarm(origin: Origin, count: number, tlsTrust?: TlsTrust, uid = 0): void {
-    this.#warmUp(origin, count, tlsTrust, uid, true);
+  prewarm(origin: Origin, count: number, tlsTrust?: TlsTrust, uid = 0, lookahead = false): void {
+    this.#warmUp(origin, count, tlsTrust, uid, true, lookahead);
   }
 
   /** An operator's one-shot warming (`sockpool warm`, admins only): `count` idle sockets soon, not demand. */
@@ -244,7 +244,19 @@ export class PoolManager {
     this.#warmUp(origin, count, tlsTrust, uid, false);
   }
 
-  #warmUp(origin: Origin, count: number, tlsTrust: TlsTrust | undefined, uid: number, demand: boolean): void {
+  /**
+   * `lookahead`: a client's queue guessing from its waiting requests; it warms what their acquires will take, so
+   * with warmTlsOnMiss "tcp" TCP sockets (an acquire without an idle session takes one): no handshake is spent on a
+   * guess.
+   */
+  #warmUp(
+    origin: Origin,
+    count: number,
+    tlsTrust: TlsTrust | undefined,
+    uid: number,
+    demand: boolean,
+    lookahead = false,
+  ): void {
     if (this.#closed) throw new SockpoolError(ErrorCodes.SHUTTING_DOWN, 'sockpoold is stopping');
     try {
       this.#connector.checkTarget(origin);
@@ -252,7 +264,7 @@ export class PoolManager {
       this.#metrics?.refusals.inc({ reason: policyReason(error as Error) });
       throw error;
     }
-    const pool = this.#poolFor(origin, tlsTrust);
+    const pool = this.#poolFor(origin, tlsTrust, lookahead);
     const stats = this.#statsOf(pool.key);
     stats.uids.add(uid);
     if (demand) this.#bumpRate(stats, count);
@@ -439,14 +451,19 @@ export class PoolManager {
   }
 
   /** The origin's pool: its warm TLS sessions' when the client's trust allows a relay there (tls-sessions.ts). */
-  #poolFor(origin: Origin, tlsTrust?: TlsTrust): OriginPool {
+  /**
+   * The pool of `origin` for a client with `tlsTrust` (its warm TLS sessions where the daemon relays them to such a
+   * client, else its TCP sockets), made on first use. `lookahead`: for a client queue's guess, which warms what an
+   * acquire without an idle session will take: TCP sockets where the policy says warmTlsOnMiss "tcp".
+   */
+  #poolFor(origin: Origin, tlsTrust?: TlsTrust, lookahead = false): OriginPool {
     const normalised = canonicalOrigin(origin);
     let key = originKey(normalised);
     let policy: OriginPolicy | undefined;
     let connector = this.#connector;
     if (tlsTrust !== undefined && this.#tls) {
       policy = policyFor(this.#config, normalised.host, normalised.port);
-      if (this.#tls.relays(normalised, policy, tlsTrust)) {
+      if (this.#tls.relays(normalised, policy, tlsTrust) && !(lookahead && tcpOnMiss(policy))) {
         key = tlsPoolKey(key);
         connector = this.#tls;
       }
@@ -582,6 +599,11 @@ export class PoolManager {
       if (!victim?.evictOne()) return;
     }
   }
+}
+
+/** See PoolManager.#tcpOnMiss. */
+function tcpOnMiss(policy: OriginPolicy): boolean {
+  return policy.warmTlsOnMiss === 'tcp' && policy.clientCert === undefined;
 }
 
 function policyReason(error: Error): string {

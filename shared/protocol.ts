@@ -79,6 +79,11 @@ export const ClientMessage = z.discriminatedUnion('type', [
     count: z.number().int().min(1).max(MAX_PREWARM_COUNT),
     proxy: proxyName.optional(),
     tls: tlsRequest.optional(),
+    /**
+     * The client's queue guessing from its waiting requests, not the caller announcing: where an origin's policy
+     * says `warmTlsOnMiss = "tcp"`, the daemon warms TCP sockets for it rather than TLS sessions.
+     */
+    lookahead: z.literal(true).optional(),
   }),
   /** An operator's warming of any origin (`sockpool warm`): admin uids only, not counted as demand. */
   z.strictObject({

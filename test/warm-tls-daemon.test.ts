@@ -143,6 +143,31 @@ describe('warm TLS sessions', () => {
     );
   });
 
+  it("makes sessions for a client queue's lookahead too (warmTlsOnMiss is 'session' here)", async () => {
+    const raw = openRawClient(daemon.socketPath, cleanups);
+    const before = await raw.request({ type: 'stats', id: 1 });
+    const idleOf = (reply: typeof before, key: string) =>
+      (reply.message as unknown as { stats: { origins: Array<{ origin: string; idle: number }> } }).stats.origins.find(
+        (origin) => origin.origin === key,
+      )?.idle ?? 0;
+    const sessionsBefore = idleOf(before, `localhost:${h2.port} tls`);
+    const prewarm = await raw.request({
+      type: 'prewarm',
+      id: 2,
+      host: 'localhost',
+      port: h2.port,
+      count: sessionsBefore + 1,
+      tls: { trust },
+      lookahead: true,
+    });
+    expect(prewarm.message?.type).toBe('ok');
+    await eventually(
+      async () => idleOf(await raw.request({ type: 'stats', id: 3 }), `localhost:${h2.port} tls`) > sessionsBefore,
+      'one more warm TLS session',
+    );
+    expect(idleOf(await raw.request({ type: 'stats', id: 4 }), `localhost:${h2.port}`)).toBe(0);
+  });
+
   it('negotiates h2 by ALPN; HTTP/2 with prior knowledge goes through', async () => {
     const raw = openRawClient(daemon.socketPath, cleanups);
     const reply = await acquire(raw, 1, h2.port, { trust });

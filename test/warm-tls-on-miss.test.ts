@@ -28,6 +28,10 @@ let pki: TestPki;
 let origin: Origin;
 /** An origin no test warms: every acquire to it is a miss. */
 let untouched: Origin;
+/** Answers after a while: a request to it keeps a client's only slot taken. */
+let slow: Origin;
+/** Only ever named by a request waiting in a client's queue (its lookahead). */
+let queued: Origin;
 /** Accepts and never answers: a TLS handshake with it stays under way until the test ends. */
 let silent: net.Server;
 let silentPort: number;
@@ -41,13 +45,15 @@ beforeAll(async () => {
   trust = createHash('sha256').update(readFileSync(pki.caFile)).digest('hex');
   origin = await httpsOrigin(pki, echoHandler());
   untouched = await httpsOrigin(pki, echoHandler());
+  slow = await httpsOrigin(pki, echoHandler(1_000));
+  queued = await httpsOrigin(pki, echoHandler());
   silent = net.createServer((socket) => {
     silentSockets.add(socket);
     socket.on('close', () => silentSockets.delete(socket));
   });
   await new Promise<void>((resolve) => silent.listen(0, '127.0.0.1', resolve));
   silentPort = (silent.address() as net.AddressInfo).port;
-  daemon = await startTestDaemon([origin.port, untouched.port, silentPort], {
+  daemon = await startTestDaemon([origin.port, untouched.port, slow.port, queued.port, silentPort], {
     extraArgs: [
       '--warm-tls',
       '*',
@@ -59,6 +65,10 @@ beforeAll(async () => {
       `localhost:${untouched.port}:127.0.0.1`,
       '--resolve',
       `localhost:${silentPort}:127.0.0.1`,
+      '--resolve',
+      `localhost:${slow.port}:127.0.0.1`,
+      '--resolve',
+      `localhost:${queued.port}:127.0.0.1`,
     ],
     config: { pool: { defaults: { warmTlsOnMiss: 'tcp' } } },
   });
@@ -69,6 +79,8 @@ afterAll(async () => {
   await daemon?.stop();
   await origin?.close();
   await untouched?.close();
+  await slow?.close();
+  await queued?.close();
   for (const socket of silentSockets) socket.destroy();
   await new Promise<void>((resolve) => (silent ? silent.close(() => resolve()) : resolve()));
   pki?.cleanup();
@@ -182,5 +194,49 @@ describe('warmTlsOnMiss = "tcp"', () => {
       () => daemon.fdCount() <= daemonBefore,
       `the daemon's fds back to ${daemonBefore} (now ${daemon.fdCount()})`,
     );
+  });
+
+  it("warms TCP sockets, not sessions, for what a client's queue announces (lookahead)", async () => {
+    const raw = openRawClient(daemon.socketPath, cleanups);
+    // One request at a time: the second waits in the queue behind the slow one, and the queue announces its origin.
+    const client = new SockpoolClient({
+      socketPath: daemon.socketPath,
+      threads: 0,
+      concurrencyPerThread: 1,
+      caFile: pki.caFile,
+    });
+    try {
+      const first = client.request(`https://localhost:${slow.port}/slow`);
+      const second = client.request(`https://localhost:${queued.port}/queued`);
+      await eventually(async () => {
+        const rows = await originRows(raw, 1);
+        return rows.some((row) => row.origin === `localhost:${queued.port}` && row.idle >= 1);
+      }, 'a warm TCP socket for the queued request');
+      const rows = await originRows(raw, 2);
+      expect(rows.find((row) => row.origin === `localhost:${queued.port} tls`)).toBeUndefined();
+      expect((await first).status).toBe(200);
+      const response = await second;
+      expect(response.body.toString()).toBe('GET /queued 0');
+      expect(response.warm).toBe(true);
+      expect(response.tls?.by).toBeUndefined();
+    } finally {
+      await client.close();
+    }
+  });
+
+  it('an application prewarm still makes sessions', async () => {
+    const raw = openRawClient(daemon.socketPath, cleanups);
+    const client = new SockpoolClient({ socketPath: daemon.socketPath, threads: 0, caFile: pki.caFile });
+    try {
+      await client.prewarm(`https://localhost:${queued.port}/`);
+      await eventually(async () => {
+        const rows = await originRows(raw, 1);
+        return rows.some((row) => row.origin === `localhost:${queued.port} tls` && row.idle >= 1);
+      }, 'a warm TLS session for the prewarmed origin');
+      const response = await client.request(`https://localhost:${queued.port}/prewarmed`);
+      expect(response.tls?.by).toBe('daemon');
+    } finally {
+      await client.close();
+    }
   });
 });

@@ -114,10 +114,28 @@ export class DaemonLink {
     return { ...message, fd: fds[0]!, link: generation };
   }
 
-  /** `tls`: warm TLS sessions where the daemon would relay them to a client with this trust (tls-trust.ts). */
-  async prewarm(host: string, port: number, count: number, proxy?: string, tls?: { trust: string }): Promise<void> {
+  /**
+   * `tls`: warm TLS sessions where the daemon would relay them to a client with this trust (tls-trust.ts).
+   * `lookahead`: the client's queue announcing, not the caller (see the protocol's prewarm).
+   */
+  async prewarm(
+    host: string,
+    port: number,
+    count: number,
+    proxy?: string,
+    tls?: { trust: string },
+    lookahead = false,
+  ): Promise<void> {
     await this.#request(
-      { type: 'prewarm', host, port, count, ...(proxy ? { proxy } : {}), ...(tls ? { tls } : {}) },
+      {
+        type: 'prewarm',
+        host,
+        port,
+        count,
+        ...(proxy ? { proxy } : {}),
+        ...(tls ? { tls } : {}),
+        ...(lookahead ? { lookahead: true } : {}),
+      },
       this.#options.requestTimeoutMs,
     );
   }

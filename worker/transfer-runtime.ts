@@ -38,7 +38,12 @@ export interface RuntimeConfig {
 export type RuntimeTask =
   /** `port`: the request's own MessagePort (abort, streamed bodies); see stream-protocol.ts. */
   | { kind: 'request'; request: TransferRequest; port?: MessagePort | undefined }
-  | { kind: 'prewarm'; origins: Array<{ host: string; port: number; count: number; https: boolean }> }
+  /** `lookahead`: the client's queue announcing its waiting requests' origins (the daemon may warm TCP for those). */
+  | {
+      kind: 'prewarm';
+      origins: Array<{ host: string; port: number; count: number; https: boolean }>;
+      lookahead?: boolean;
+    }
   | { kind: 'stats' };
 
 export type RuntimeResult =
@@ -87,7 +92,14 @@ export class TransferRuntime {
           await Promise.all(
             task.origins.map((origin) => {
               const trust = origin.https ? this.#tlsTrust : undefined;
-              return this.#link.prewarm(origin.host, origin.port, origin.count, proxy, trust ? { trust } : undefined);
+              return this.#link.prewarm(
+                origin.host,
+                origin.port,
+                origin.count,
+                proxy,
+                trust ? { trust } : undefined,
+                task.lookahead === true,
+              );
             }),
           );
           return { ok: true };
