@@ -131,20 +131,17 @@ export class PoolManager {
     uid = 0,
   ): Promise<Handoff & { originKey: string; peerPort: number }> {
     if (this.#closed) throw new SockpoolError(ErrorCodes.SHUTTING_DOWN, 'sockpoold is stopping');
-    const wanted = this.#poolFor(origin, tlsTrust);
-    const wantedStats = this.#statsOf(wanted.key);
-    wantedStats.uids.add(uid);
-    this.#bumpRate(wantedStats);
-    let pool = wanted;
-    let stats = wantedStats;
-    if (this.#tcpOnMiss(wanted)) {
-      // The demand counts for the sessions (predictive warming makes them for later), but without an idle one this
-      // acquire takes a TCP socket of the origin rather than wait for a handshake.
-      const session = wanted.takeWarm(uid);
-      if (session) return this.#handedOut(wanted, wantedStats, session);
+    let pool = this.#poolFor(origin, tlsTrust);
+    if (this.#tcpOnMiss(pool)) {
+      // Without an idle session this acquire takes a TCP socket of the origin at once, and is demand for those:
+      // with warmTlsOnMiss "tcp" sessions are made only when asked for (prewarm, warm, warm-on-start).
+      const session = this.takeWarm(origin, tlsTrust, uid);
+      if (session) return session;
       pool = this.#poolFor(origin);
-      stats = this.#statsOf(pool.key);
     }
+    const stats = this.#statsOf(pool.key);
+    stats.uids.add(uid);
+    this.#bumpRate(stats);
     let handoff: Handoff;
     try {
       handoff = await pool.acquire(timeoutMs ?? pool.policy.acquireTimeoutMs, uid);
