@@ -17,7 +17,7 @@ import { parseProxyUrl, type SockpoolConfig } from './config.js';
 import { ConnectGate } from './connect-gate.js';
 import { type ConnectedSocket, TcpConnector } from './connector.js';
 import { EgressPolicy } from './egress-policy.js';
-import { Fleet } from './fleet/fleet.js';
+import type { Fleet } from './fleet/fleet.js';
 import { registerFleetMetrics } from './fleet/metrics.js';
 import { RateLimiter } from './fleet/rate-limiter.js';
 import { LocalSlots, slotKeeper } from './fleet/slots.js';
@@ -98,7 +98,8 @@ export class Sockpoold {
   #statusTimer: NodeJS.Timeout | undefined;
   #stopped: Promise<void> | undefined;
 
-  private constructor(options: DaemonOptions) {
+  /** `fleetClass`: the fleet module's class, loaded by start() when the configuration names a Redis. */
+  private constructor(options: DaemonOptions, fleetClass: typeof Fleet | undefined) {
     this.#config = options.config;
     this.#log = options.log;
     this.#reloadConfig = options.reloadConfig;
@@ -128,8 +129,8 @@ export class Sockpoold {
     this.#egress = createEgressPolicy(this.#config, this.#hostAddresses);
     this.#resolver = new Resolver(this.#config.dns);
     this.#proxies = proxiesByName(this.#config);
-    if (this.#config.fleet.redis !== undefined) {
-      this.#fleet = new Fleet(this.#config.fleet, this.#log.child({ part: 'fleet' }));
+    if (fleetClass && this.#config.fleet.redis !== undefined) {
+      this.#fleet = new fleetClass(this.#config.fleet, this.#log.child({ part: 'fleet' }));
     }
     this.#rates = new RateLimiter(this.#config, this.#fleet);
     registerFleetMetrics(this.#metrics.registry, () => this.#fleet, this.#rates);
@@ -146,7 +147,10 @@ export class Sockpoold {
   }
 
   static async start(options: DaemonOptions): Promise<Sockpoold> {
-    const daemon = new Sockpoold(options);
+    // The Redis client (ioredis, with its tracing) is loaded only by a fleet member: a tenth of a plain daemon's
+    // start, which a socket-activated daemon's first client waits for.
+    const fleetClass = options.config.fleet.redis === undefined ? undefined : (await import('./fleet/fleet.js')).Fleet;
+    const daemon = new Sockpoold(options, fleetClass);
     try {
       await daemon.#start();
     } catch (error) {
