@@ -182,6 +182,26 @@ describe('fleet-wide connection caps', () => {
     }, 'Redis counts no slot of the origin given back');
   });
 
+  it("a connect waiting for a slot is woken by another member's release (the freed channel), not by polling", async () => {
+    const config = parseConfig({ fleet: { redis: redis.url, name: 'freed' } }, 'test').fleet;
+    const log = pino({ level: 'silent' });
+    // The asker's fallback poll is longer than the test may take: only the channel can wake it in time.
+    const [holder, asker] = [new Fleet(config, log), new Fleet(config, log, { slotWaitHeardMs: 600_000 })];
+    for (const member of [holder, asker]) {
+      await member.start();
+      cleanups.push(() => member.close());
+    }
+    const origin = '127.0.0.1:10';
+    expect(await holder.takeSlot(origin, 1, false, () => true)).toBe(true);
+    let waiting = true;
+    const taken = asker.takeSlot(origin, 1, true, () => waiting);
+    await eventually(() => asker.counters.slotWaits === 1, 'the asker waiting for the slot');
+    holder.releaseSlots(origin, 1);
+    expect(await taken).toBe(true);
+    expect(asker.held(origin)).toBe(1);
+    waiting = false;
+  });
+
   it('a daemon killed with SIGKILL: its slots come back after the heartbeat expiry', async () => {
     const origin = await countingOrigin(0, true);
     cleanups.push(() => origin.close());

@@ -33,6 +33,17 @@ type FleetConfig = SockpoolConfig['fleet'];
 const COMMAND_TIMEOUT_MS = 1_000;
 /** Reconnect backoff: 50 ms doubling up to 2 s. */
 const MAX_RECONNECT_DELAY_MS = 2_000;
+/**
+ * How often a connect waiting for a slot asks again while this daemon hears the fleet's `freed` channel (a release
+ * wakes it at once): for slots freed without a word, those of a daemon whose heartbeat expired. Without the
+ * channel it asks every SLOT_POLL_MS to 2 × SLOT_POLL_MS.
+ */
+const SLOT_WAIT_HEARD_MS = 250;
+
+export interface FleetOptions {
+  /** SLOT_WAIT_HEARD_MS, for tests that must see a waiting connect woken by the channel alone. */
+  slotWaitHeardMs?: number;
+}
 
 export type FleetState = 'connecting' | 'connected' | 'unavailable';
 
@@ -69,7 +80,12 @@ export class Fleet implements SlotLedger {
   readonly #redisUrl: string;
   readonly #log: Logger;
   readonly #redis: RedisWithScripts;
+  /** A second connection, subscribed to the `freed` channel (a subscribed connection can send nothing else). */
+  readonly #subscriber: Redis;
   readonly #prefix: string;
+  readonly #slotWaitHeardMs: number;
+  /** Connects waiting for a slot, by origin: each one's wake-up (a `freed` message, or its own timer). */
+  readonly #slotWaiters = new Map<string, Set<() => void>>();
   #state: FleetState = 'connecting';
   /** Live members at the last heartbeat (at least this one). */
   #members = 1;
@@ -101,7 +117,7 @@ export class Fleet implements SlotLedger {
   #closed = false;
   readonly counters: FleetCounters = { fallbackSlots: 0, fallbackTokens: 0, refused: 0, outages: 0, slotWaits: 0 };
 
-  constructor(config: FleetConfig, log: Logger) {
+  constructor(config: FleetConfig, log: Logger, options: FleetOptions = {}) {
     if (config.redis === undefined) throw new SockpoolError(ErrorCodes.INTERNAL, 'a fleet needs fleet.redis');
     const target = parseRedisUrl(config.redis);
     if (!target) throw new SockpoolError(ErrorCodes.CONFIG, `fleet.redis: not a redis:// URL`, { key: 'fleet.redis' });
@@ -109,6 +125,7 @@ export class Fleet implements SlotLedger {
     this.#redisUrl = config.redis;
     this.#log = log;
     this.#prefix = `sockpool:{${config.name}}:`;
+    this.#slotWaitHeardMs = options.slotWaitHeardMs ?? SLOT_WAIT_HEARD_MS;
     // The URL carries host, port, db and credentials; ioredis parses it. No offline queue: a command while Redis is
     // down fails at once, and the caller falls back as configured instead of waiting.
     this.#redis = new Redis(config.redis, {
@@ -131,6 +148,15 @@ export class Fleet implements SlotLedger {
     this.#redis.on('ready', () => void this.#heartbeat());
     this.#redis.on('error', (error: Error) => this.#unavailable(error));
     this.#redis.on('close', () => this.#unavailable(new Error('connection closed')));
+    // ioredis subscribes again by itself after a reconnect; while it is away, waiting connects poll (#waitForSlot).
+    this.#subscriber = this.#redis.duplicate({ connectionName: `sockpoold/${this.id}/freed` });
+    this.#subscriber.on('error', (error: Error) =>
+      this.#log.debug({ err: error.message }, 'fleet: the freed channel connection failed; waiting connects poll'),
+    );
+    this.#subscriber.on('message', (_channel: string, slotsKey: string) => {
+      const origin = slotsKey.slice(this.#slotsKey('').length);
+      for (const wake of [...(this.#slotWaiters.get(origin) ?? [])]) wake();
+    });
   }
 
   /** host:port/db of the fleet's Redis (never its credentials): for logs and status. */
@@ -167,6 +193,13 @@ export class Fleet implements SlotLedger {
     } catch (error) {
       this.#unavailable(error as Error);
     }
+    try {
+      await this.#subscriber.connect();
+      await this.#subscriber.subscribe(this.#freedChannel());
+    } catch (error) {
+      // Redis down at start: ioredis connects and subscribes when it comes; meanwhile waiting connects poll.
+      this.#log.debug({ err: (error as Error).message }, 'fleet: not subscribed to the freed channel yet');
+    }
     this.#heartbeatTimer = setInterval(() => void this.#heartbeat(), this.#config.heartbeatMs);
     this.#heartbeatTimer.unref();
   }
@@ -179,12 +212,14 @@ export class Fleet implements SlotLedger {
     if (this.available) {
       const keys = [...new Set([...this.#held.keys(), ...this.#restate.keys()])].map((key) => this.#slotsKey(key));
       try {
-        await this.#redis.fleetLeave(1 + keys.length, this.#membersKey(), ...keys, this.id);
+        await this.#redis.fleetLeave(1 + keys.length, this.#membersKey(), ...keys, this.id, this.#freedChannel());
       } catch (error) {
         this.#log.warn({ err: (error as Error).message }, 'fleet: leaving failed; slots free at their expiry');
       }
     }
     this.#redis.disconnect(false);
+    this.#subscriber.disconnect(false);
+    for (const waiters of [...this.#slotWaiters.values()]) for (const wake of [...waiters]) wake();
   }
 
   // -------------------------------------------------------------------------------------------------------------
@@ -216,9 +251,33 @@ export class Fleet implements SlotLedger {
       if (!wait || !wanted()) return false;
       if (!counted) this.counters.slotWaits++;
       counted = true;
-      await new Promise((resolve) => setTimeout(resolve, SLOT_POLL_MS + Math.random() * SLOT_POLL_MS));
+      await this.#waitForSlot(key);
       if (!wanted()) return false;
     }
+  }
+
+  /**
+   * Until a slot of `key` may have freed: a `freed` message for it, else (for slots freed without a word) a while;
+   * without the channel, SLOT_POLL_MS to twice that.
+   */
+  #waitForSlot(key: string): Promise<void> {
+    const heard = this.#subscriber.status === 'ready';
+    const ms = heard ? this.#slotWaitHeardMs : SLOT_POLL_MS + Math.random() * SLOT_POLL_MS;
+    return new Promise<void>((resolve) => {
+      let waiters = this.#slotWaiters.get(key);
+      if (!waiters) {
+        waiters = new Set();
+        this.#slotWaiters.set(key, waiters);
+      }
+      const wake = () => {
+        clearTimeout(timer);
+        waiters.delete(wake);
+        if (waiters.size === 0 && this.#slotWaiters.get(key) === waiters) this.#slotWaiters.delete(key);
+        resolve();
+      };
+      const timer = setTimeout(wake, ms);
+      waiters.add(wake);
+    });
   }
 
   /** A connection this daemon holds without having connected it (the fd store): counted, stated at the heartbeat. */
@@ -242,7 +301,7 @@ export class Fleet implements SlotLedger {
       this.#markRestate(key);
       return;
     }
-    this.#redis.fleetReleaseSlots(this.#slotsKey(key), this.id, count).catch((error: Error) => {
+    this.#redis.fleetReleaseSlots(this.#slotsKey(key), this.id, count, this.#freedChannel()).catch((error: Error) => {
       this.#markRestate(key);
       this.#log.debug({ err: error.message, origin: key }, 'fleet: release failed; the next heartbeat corrects it');
     });
@@ -463,6 +522,9 @@ export class Fleet implements SlotLedger {
     this.#state = 'unavailable';
   }
 
+  #freedChannel(): string {
+    return `${this.#prefix}freed`;
+  }
   #membersKey(): string {
     return `${this.#prefix}members`;
   }

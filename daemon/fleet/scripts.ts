@@ -6,6 +6,8 @@
 //   slots:ORIGIN      HASH  daemon id -> connection slots it holds for ORIGIN
 //   rate:ORIGIN       STRING  GCRA theoretical arrival time of the next request, ms (Redis time)
 //   demand:DAEMON     HASH  origin key -> requests per second that daemon saw (published every demandPublishMs)
+// Channel `sockpool:{NAME}:freed`: the slots hash of an origin whose slots were given back (a release, a daemon
+// leaving), so that connects waiting for one of them ask again at once (fleet.ts).
 
 /** Redis time in ms (float). Scripts that call TIME replicate their effects, not the script (Redis >= 5 default). */
 const NOW = `local t = redis.call('TIME'); local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000`;
@@ -35,9 +37,13 @@ redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return {1, total + n}
 `;
 
-/** Gives back `n` slots of ORIGIN. KEYS: slots hash. ARGV: daemon id, n. Returns what the daemon holds after. */
+/**
+ * Gives back `n` slots of ORIGIN and says so on the `freed` channel. KEYS: slots hash. ARGV: daemon id, n, channel.
+ * Returns what the daemon holds after.
+ */
 export const RELEASE_SLOTS_SCRIPT = `
 local left = redis.call('HINCRBY', KEYS[1], ARGV[1], -tonumber(ARGV[2]))
+redis.call('PUBLISH', ARGV[3], KEYS[1])
 if left <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]); return 0 end
 return left
 `;
@@ -85,9 +91,14 @@ end
 return {0, string.format('%.3f', math.max(0, start + interval - (now + burst * interval)))}
 `;
 
-/** Removes a daemon from the fleet at a clean stop. KEYS: members zset, then its slots hashes. ARGV: daemon id. */
+/**
+ * Removes a daemon from the fleet at a clean stop. KEYS: members zset, then its slots hashes. ARGV: daemon id, the
+ * `freed` channel.
+ */
 export const LEAVE_SCRIPT = `
 redis.call('ZREM', KEYS[1], ARGV[1])
-for i = 2, #KEYS do redis.call('HDEL', KEYS[i], ARGV[1]) end
+for i = 2, #KEYS do
+  if redis.call('HDEL', KEYS[i], ARGV[1]) > 0 then redis.call('PUBLISH', ARGV[2], KEYS[i]) end
+end
 return 1
 `;
