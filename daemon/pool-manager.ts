@@ -447,7 +447,6 @@ export class PoolManager {
     };
   }
 
-  /** The origin's pool: its warm TLS sessions' when the client's trust allows a relay there (tls-sessions.ts). */
   /**
    * The pool of `origin` for a client with `tlsTrust` (its warm TLS sessions where the daemon relays them to such a
    * client, else its TCP sockets), made on first use. `lookahead`: for a client queue's guess, which warms what an
