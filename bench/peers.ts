@@ -334,6 +334,9 @@ interface LoadRun {
   errors: number;
 }
 
+/** TCP connections the origin server has accepted so far, per scheme (set by runSet while its server runs). */
+let originConnections: (() => Promise<Record<Scheme, number>>) | undefined;
+
 interface LoadJob {
   variant: string;
   runner: Runner;
@@ -353,7 +356,10 @@ async function loadRounds(
   for (let r = 1; r <= rounds; r++) {
     for (const job of rotate(jobs(r), r)) {
       progress.update(`${scenario}, ${scheme}, ${mode}, round ${r}/${rounds}`, variantLabel(job.variant));
+      const before = scenario === 'crawl' ? await originConnections?.() : undefined;
       const result = await job.runner.call<LoadResult>('load', { concurrency, ...job.payload });
+      const after = before ? await originConnections?.() : undefined;
+      if (before && after) result.originConnections = after[scheme] - before[scheme];
       if (result.errors > 0) log(`  ${job.variant}: ${result.errors} errors; first: ${result.firstError}`);
       const entry = byVariant.get(job.variant) ?? { peer: job.runner.peer, rounds: [] };
       entry.rounds.push(result);
@@ -509,6 +515,13 @@ async function runSet(set: OriginSet, pki: TestPki, lab: boolean): Promise<SetRe
   children.push(server);
   await server.nextMessage((message) => message.ready === true);
   if (lab) verifyRoute();
+  originConnections = async () => {
+    server.send('stats');
+    const { stats } = await server.nextMessage<{ stats: { connections: Record<Scheme, number> } }>(
+      (message) => 'stats' in message,
+    );
+    return stats.connections;
+  };
 
   const daemon = await startBenchDaemon({
     dir: join(tmp, `daemon-${set.name}`),
@@ -562,6 +575,7 @@ async function runSet(set: OriginSet, pki: TestPki, lab: boolean): Promise<SetRe
   const throughputRuns =
     lab || settings.firstOnly || settings.crawlOnly || only ? [] : await throughput(set, withInline, zones);
 
+  originConnections = undefined;
   server.send('stats');
   const serverStats = await server.nextMessage((message) => 'stats' in message).catch(() => null);
   await Promise.all(withInline.map((runner) => runner.stop()));
@@ -766,6 +780,8 @@ function report(sets: SetResult[]): { text: string; aims: Aim[] } {
       }
       const announced = run.rounds.map((r) => r.announceMs).filter((v): v is number => v !== undefined);
       if (announced.length > 0) notes.push(`prewarm took ${ms(median(announced))} (untimed)`);
+      const accepted = run.rounds.map((r) => r.originConnections).filter((v): v is number => v !== undefined);
+      if (accepted.length > 0) notes.push(`origin accepted ${median(accepted)} connections a round (median)`);
       crawlRows.push([
         run.scheme,
         variantLabel(run.variant),
