@@ -8,7 +8,15 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SockpoolClient } from '../client/index.js';
-import { eventually, fdCount, h2Origin, httpsOrigin, type Origin, startTestDaemon } from './fixtures/client-helpers.js';
+import {
+  eventually,
+  fdCount,
+  h2Origin,
+  httpsOrigin,
+  type Origin,
+  startTestDaemon,
+  warmTlsArgs,
+} from './fixtures/client-helpers.js';
 import type { DaemonProcess } from './helpers/daemon.js';
 import { createTestPki, type TestPki } from './helpers/tls.js';
 
@@ -72,16 +80,7 @@ beforeAll(async () => {
     answer(request, response);
   });
   daemon = await startTestDaemon([h1.port, h2.port], {
-    extraArgs: [
-      '--warm-tls',
-      '*',
-      '--ca-file',
-      pki.caFile,
-      '--resolve',
-      `localhost:${h1.port}:127.0.0.1`,
-      '--resolve',
-      `localhost:${h2.port}:127.0.0.1`,
-    ],
+    extraArgs: warmTlsArgs(pki.caFile, [h1.port, h2.port]),
   });
   client = new SockpoolClient({ socketPath: daemon.socketPath, threads: 1, caFile: pki.caFile });
 });
@@ -167,7 +166,7 @@ describe('certificate failure in the daemon', () => {
     // The daemon trusts pki's CA; this origin's certificate comes from another CA, and the client trusts pki's too.
     const origin = await httpsOrigin(wrong, (_request, response) => response.end('never'));
     const strict = await startTestDaemon([origin.port], {
-      extraArgs: ['--warm-tls', '*', '--ca-file', pki.caFile, '--resolve', `localhost:${origin.port}:127.0.0.1`],
+      extraArgs: warmTlsArgs(pki.caFile, [origin.port]),
     });
     const other = new SockpoolClient({ socketPath: strict.socketPath, threads: 1, caFile: pki.caFile });
     try {

@@ -5,7 +5,14 @@
 // transfer's error. Real daemon child process, real node:https origin, a throwaway CA.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SockpoolClient } from '../client/index.js';
-import { eventually, fdCount, httpsOrigin, type Origin, startTestDaemon } from './fixtures/client-helpers.js';
+import {
+  eventually,
+  fdCount,
+  httpsOrigin,
+  type Origin,
+  startTestDaemon,
+  warmTlsArgs,
+} from './fixtures/client-helpers.js';
 import type { DaemonProcess } from './helpers/daemon.js';
 import { createTestPki, type TestPki } from './helpers/tls.js';
 
@@ -33,7 +40,7 @@ beforeAll(async () => {
     response.end(`${request.method} ${path} answered on attempt ${count}`);
   });
   daemon = await startTestDaemon([origin.port], {
-    extraArgs: ['--warm-tls', '*', '--ca-file', pki.caFile, '--resolve', `localhost:${origin.port}:127.0.0.1`],
+    extraArgs: warmTlsArgs(pki.caFile, [origin.port]),
   });
 });
 

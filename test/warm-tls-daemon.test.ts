@@ -19,6 +19,7 @@ import {
   httpsOrigin,
   type Origin,
   startTestDaemon,
+  warmTlsArgs,
 } from './fixtures/client-helpers.js';
 import type { DaemonProcess } from './helpers/daemon.js';
 import { openRawClient, type RawClient } from './helpers/raw-client.js';
@@ -41,18 +42,7 @@ beforeAll(async () => {
     response.end(`h2 ${request.method} ${request.url} ${request.headers[':scheme']} ${request.headers[':authority']}`);
   });
   daemon = await startTestDaemon([h1.port, h2.port], {
-    extraArgs: [
-      '--warm-tls',
-      `localhost:${h1.port}`,
-      '--warm-tls',
-      `localhost:${h2.port}`,
-      '--ca-file',
-      pki.caFile,
-      '--resolve',
-      `localhost:${h1.port}:127.0.0.1`,
-      '--resolve',
-      `localhost:${h2.port}:127.0.0.1`,
-    ],
+    extraArgs: warmTlsArgs(pki.caFile, [h1.port, h2.port], [`localhost:${h1.port}`, `localhost:${h2.port}`]),
   });
 });
 

@@ -5,7 +5,14 @@
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SockpoolClient } from '../client/index.js';
-import { daemonStats, eventually, httpsOrigin, type Origin, startTestDaemon } from './fixtures/client-helpers.js';
+import {
+  daemonStats,
+  eventually,
+  httpsOrigin,
+  type Origin,
+  startTestDaemon,
+  warmTlsArgs,
+} from './fixtures/client-helpers.js';
 import { type DaemonProcess, startDaemon } from './helpers/daemon.js';
 import { createTestPki, type TestPki } from './helpers/tls.js';
 
@@ -38,7 +45,7 @@ function readyLine(daemon: DaemonProcess): { warming: number } {
 
 describe('warm-on-start of warm TLS pools', () => {
   it('warms the TLS sessions of its history after a restart; the first relayed request is warm', async () => {
-    const tlsArgs = ['--warm-tls', '*', '--ca-file', pki.caFile, '--resolve', `localhost:${origin.port}:127.0.0.1`];
+    const tlsArgs = warmTlsArgs(pki.caFile, [origin.port]);
     const first = await startTestDaemon([origin.port], { extraArgs: tlsArgs });
     daemons.push(first);
     const client = new SockpoolClient({ socketPath: first.socketPath, threads: 0, caFile: pki.caFile });

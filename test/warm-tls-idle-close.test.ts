@@ -9,7 +9,7 @@ import type { AddressInfo } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SockpoolClient } from '../client/index.js';
-import { startTestDaemon } from './fixtures/client-helpers.js';
+import { startTestDaemon, warmTlsArgs } from './fixtures/client-helpers.js';
 import type { DaemonProcess } from './helpers/daemon.js';
 import { createTestPki, type TestPki } from './helpers/tls.js';
 
@@ -30,7 +30,7 @@ beforeAll(async () => {
   await once(server, 'listening');
   port = (server.address() as AddressInfo).port;
   daemon = await startTestDaemon([port], {
-    extraArgs: ['--warm-tls', '*', '--ca-file', pki.caFile, '--resolve', `localhost:${port}:127.0.0.1`],
+    extraArgs: warmTlsArgs(pki.caFile, [port]),
     config: { pool: { predictive: true } },
   });
 });

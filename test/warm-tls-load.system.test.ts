@@ -14,6 +14,7 @@ import {
   httpsOrigin,
   type Origin,
   startTestDaemon,
+  warmTlsArgs,
 } from './fixtures/client-helpers.js';
 import type { DaemonProcess } from './helpers/daemon.js';
 import { createTestPki, type TestPki } from './helpers/tls.js';
@@ -66,7 +67,7 @@ beforeAll(async () => {
     });
   });
   daemon = await startTestDaemon([origin.port], {
-    extraArgs: ['--warm-tls', '*', '--ca-file', pki.caFile, '--resolve', `localhost:${origin.port}:127.0.0.1`],
+    extraArgs: warmTlsArgs(pki.caFile, [origin.port]),
     config: {
       pool: { defaults: { maxPerOrigin: 2 * TRANSFERS, maxIdle: 2 * TRANSFERS } },
       access: { maxPendingPerClient: TRANSFERS },

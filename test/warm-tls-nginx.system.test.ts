@@ -14,7 +14,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SockpoolClient } from '../client/index.js';
-import { eventually, fdCount, startTestDaemon } from './fixtures/client-helpers.js';
+import { eventually, fdCount, startTestDaemon, warmTlsArgs } from './fixtures/client-helpers.js';
 import type { DaemonProcess } from './helpers/daemon.js';
 import { createTestPki, type TestPki } from './helpers/tls.js';
 
@@ -82,16 +82,7 @@ beforeAll(async () => {
   await Promise.race([started, exited]);
   exited.catch(() => {});
   daemon = await startTestDaemon([h2Port, h1Port], {
-    extraArgs: [
-      '--warm-tls',
-      '*',
-      '--ca-file',
-      pki.caFile,
-      '--resolve',
-      `localhost:${h2Port}:127.0.0.1`,
-      '--resolve',
-      `localhost:${h1Port}:127.0.0.1`,
-    ],
+    extraArgs: warmTlsArgs(pki.caFile, [h2Port, h1Port]),
   });
   client = new SockpoolClient({ socketPath: daemon.socketPath, threads: 1, caFile: pki.caFile });
 }, 60_000);

@@ -4,15 +4,14 @@
 // the acquire; the miss and a client queue's lookahead are demand for TCP sockets, while the application's prewarm
 // still makes sessions; fds come back. Real daemon process, real node:https origins. (The mTLS side, never a TCP
 // lease for an origin with a client certificate, is in warm-tls-mtls.test.ts.)
-import { createHash } from 'node:crypto';
 import { once } from 'node:events';
-import { readFileSync } from 'node:fs';
 import net from 'node:net';
 import tls from 'node:tls';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SockpoolClient } from '../client/index.js';
 import * as native from '../shared/native.js';
 import type { LeaseReply } from '../shared/protocol.js';
+import { tlsTrustOf } from '../worker/tls-trust.js';
 import {
   echoHandler,
   eventually,
@@ -20,6 +19,7 @@ import {
   httpsOrigin,
   type Origin,
   startTestDaemon,
+  warmTlsArgs,
 } from './fixtures/client-helpers.js';
 import type { DaemonProcess } from './helpers/daemon.js';
 import { openRawClient } from './helpers/raw-client.js';
@@ -43,7 +43,7 @@ const cleanups: Array<() => unknown> = [];
 
 beforeAll(async () => {
   pki = createTestPki(['localhost']);
-  trust = createHash('sha256').update(readFileSync(pki.caFile)).digest('hex');
+  trust = tlsTrustOf({ caFile: pki.caFile })!;
   origin = await httpsOrigin(pki, echoHandler());
   untouched = await httpsOrigin(pki, echoHandler());
   slow = await httpsOrigin(pki, echoHandler(1_000));
@@ -55,22 +55,7 @@ beforeAll(async () => {
   await new Promise<void>((resolve) => silent.listen(0, '127.0.0.1', resolve));
   silentPort = (silent.address() as net.AddressInfo).port;
   daemon = await startTestDaemon([origin.port, untouched.port, slow.port, queued.port, silentPort], {
-    extraArgs: [
-      '--warm-tls',
-      '*',
-      '--ca-file',
-      pki.caFile,
-      '--resolve',
-      `localhost:${origin.port}:127.0.0.1`,
-      '--resolve',
-      `localhost:${untouched.port}:127.0.0.1`,
-      '--resolve',
-      `localhost:${silentPort}:127.0.0.1`,
-      '--resolve',
-      `localhost:${slow.port}:127.0.0.1`,
-      '--resolve',
-      `localhost:${queued.port}:127.0.0.1`,
-    ],
+    extraArgs: warmTlsArgs(pki.caFile, [origin.port, untouched.port, slow.port, queued.port, silentPort]),
     config: { pool: { defaults: { warmTlsOnMiss: 'tcp' } } },
   });
 });

@@ -8,7 +8,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import * as native from '../shared/native.js';
-import { echoHandler, eventually, httpsOrigin, startTestDaemon } from './fixtures/client-helpers.js';
+import { echoHandler, eventually, httpsOrigin, startTestDaemon, warmTlsArgs } from './fixtures/client-helpers.js';
 import { openRawClient } from './helpers/raw-client.js';
 import { createTestPki } from './helpers/tls.js';
 
@@ -35,14 +35,7 @@ describe('warm TLS and a reload', () => {
     const caFile = join(dir, 'ca.pem');
     copyFileSync(pki.caFile, caFile);
     const daemon = await startTestDaemon([origin.port], {
-      extraArgs: [
-        '--warm-tls',
-        `localhost:${origin.port}`,
-        '--ca-file',
-        caFile,
-        '--resolve',
-        `localhost:${origin.port}:127.0.0.1`,
-      ],
+      extraArgs: warmTlsArgs(caFile, [origin.port], [`localhost:${origin.port}`]),
     });
     cleanups.push(() => daemon.stop());
     const raw = openRawClient(daemon.socketPath, cleanups);

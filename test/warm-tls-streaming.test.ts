@@ -6,7 +6,15 @@
 import { createHash } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SockpoolClient } from '../client/index.js';
-import { eventually, fdCount, h2Origin, httpsOrigin, type Origin, startTestDaemon } from './fixtures/client-helpers.js';
+import {
+  eventually,
+  fdCount,
+  h2Origin,
+  httpsOrigin,
+  type Origin,
+  startTestDaemon,
+  warmTlsArgs,
+} from './fixtures/client-helpers.js';
 import type { DaemonProcess } from './helpers/daemon.js';
 import { createTestPki, type TestPki } from './helpers/tls.js';
 
@@ -73,16 +81,7 @@ beforeAll(async () => {
   h1 = await httpsOrigin(pki, answer);
   h2 = await h2Origin(pki, answer);
   daemon = await startTestDaemon([h1.port, h2.port], {
-    extraArgs: [
-      '--warm-tls',
-      '*',
-      '--ca-file',
-      pki.caFile,
-      '--resolve',
-      `localhost:${h1.port}:127.0.0.1`,
-      '--resolve',
-      `localhost:${h2.port}:127.0.0.1`,
-    ],
+    extraArgs: warmTlsArgs(pki.caFile, [h1.port, h2.port]),
   });
   client = new SockpoolClient({ socketPath: daemon.socketPath, threads: 1, caFile: pki.caFile });
 });
