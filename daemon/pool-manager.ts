@@ -135,7 +135,7 @@ export class PoolManager {
     if (this.#tcpOnMiss(pool)) {
       // Without an idle session this acquire takes a TCP socket of the origin at once, and is demand for those:
       // with warmTlsOnMiss "tcp" sessions are made only when asked for (prewarm, warm, warm-on-start).
-      const session = this.takeWarm(origin, tlsTrust, uid);
+      const session = this.#takeWarmFrom(pool, uid);
       if (session) return session;
       pool = this.#poolFor(origin);
     }
@@ -165,7 +165,11 @@ export class PoolManager {
     uid = 0,
   ): (Handoff & { originKey: string; peerPort: number }) | undefined {
     if (this.#closed) return undefined;
-    const pool = this.#poolFor(origin, tlsTrust);
+    return this.#takeWarmFrom(this.#poolFor(origin, tlsTrust), uid);
+  }
+
+  /** takeWarm() once the pool is known: a checked idle socket of `pool` for `uid`, counted as demand and a hit. */
+  #takeWarmFrom(pool: OriginPool, uid: number): (Handoff & { originKey: string; peerPort: number }) | undefined {
     const handoff = pool.takeWarm(uid);
     if (!handoff) return undefined;
     const stats = this.#statsOf(pool.key);
