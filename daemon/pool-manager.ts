@@ -55,6 +55,14 @@ const RESTART_AGE_SPREAD = 0.2;
 /** No origin is believed to drop silent connections sooner than this (protects against one odd observation). */
 const MIN_LEARNED_LIFETIME_MS = 250;
 
+/**
+ * The predicted idle target's spare socket (the one that keeps an origin warm while the refill of the socket just
+ * handed out connects) is kept only where a second acquire within one connect is this likely (rate × connect time):
+ * below it the spare is almost never taken, and a crawler touching many origins a few times each left one unused
+ * connection per origin at every server it visited.
+ */
+const SPARE_FROM_ACQUIRES_PER_CONNECT = 0.05;
+
 /** Connects prewarms start in one turn of the event loop; the rest wait for the next turn (#startPrewarms). */
 const PREWARM_CONNECTS_PER_TURN = 16;
 
@@ -535,8 +543,8 @@ export class PoolManager {
 
   /**
    * Every SWEEP_INTERVAL_MS: age out idle sockets, recycle them before the learned server lifetime, and give each
-   * pool its idle target: max(minIdle, predicted demand) where predicted = ⌈rate × connect time × 2⌉ + 1 while
-   * there is demand (Envoy's predictive preconnect in spirit). The global cap is shared out by demand.
+   * pool its idle target: max(minIdle, predicted demand) where predicted = ⌈rate × connect time × 2⌉, plus one
+   * spare where rate × connect time ≥ SPARE_FROM_ACQUIRES_PER_CONNECT, while there is demand (Envoy's predictive preconnect in spirit). The global cap is shared out by demand.
    */
   #sweep(): void {
     if (this.#closed) return;
@@ -546,9 +554,11 @@ export class PoolManager {
       const stats = this.#statsOf(pool.key);
       const rate = this.#decayedRate(stats);
       const connectS = Math.max(stats.connectMs, 1) / 1000;
-      // Expected acquires during one connect, doubled, plus one socket of margin (so the one handed out while the
-      // refill connects is not the last).
-      const predicted = this.#config.pool.predictive && rate > 0.05 ? Math.ceil(rate * connectS * 2) + 1 : 0;
+      // Expected acquires during one connect, doubled, plus a spare where a second acquire may come while the
+      // refill connects (so the one handed out is not the last).
+      const perConnect = rate * connectS;
+      const spare = perConnect >= SPARE_FROM_ACQUIRES_PER_CONNECT ? 1 : 0;
+      const predicted = this.#config.pool.predictive && rate > 0.05 ? Math.ceil(perConnect * 2) + spare : 0;
       const want = Math.min(pool.policy.maxIdle, Math.max(pool.policy.minIdle, predicted));
       wants.push({ pool, want, rate });
       const learned = stats.learnedIdleLifetimeMs;
