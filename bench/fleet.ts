@@ -65,12 +65,15 @@ async function main(): Promise<void> {
   const capUntil = performance.now() + (seconds * 1000) / 3;
   let capRequests = 0;
   let capFailures = 0;
+  // Requests answered through each daemon: the fleet's queue of waiters shares the slots out between them.
+  const capAnswered = clients.map(() => 0);
   await Promise.all(
-    clients.flatMap((client) =>
+    clients.flatMap((client, daemon) =>
       Array.from({ length: 16 }, async () => {
         while (performance.now() < capUntil) {
           try {
             await client.request(`http://127.0.0.1:${capped.port}/c${capRequests++}`);
+            capAnswered[daemon]!++;
           } catch {
             capFailures++;
           }
@@ -101,7 +104,13 @@ async function main(): Promise<void> {
   const capOk = capped.maxOpen <= CAP && capFailures === 0;
   const rateOk = Math.abs(measured - RATE) / RATE <= 0.05 && rateFailures === 0;
   const result = {
-    cap: { cap: CAP, maxOpenAtOrigin: capped.maxOpen, requests: capped.arrivals.length, failures: capFailures },
+    cap: {
+      cap: CAP,
+      maxOpenAtOrigin: capped.maxOpen,
+      requests: capped.arrivals.length,
+      failures: capFailures,
+      answeredPerDaemon: capAnswered,
+    },
     rate: {
       rate: RATE,
       measuredPerS: Number(measured.toFixed(2)),
@@ -112,7 +121,7 @@ async function main(): Promise<void> {
     },
   };
   console.log(
-    `cap ${CAP}: the origin saw at most ${capped.maxOpen} open at once over ${capped.arrivals.length} requests (${capOk ? 'aim met' : 'AIM MISSED'})`,
+    `cap ${CAP}: the origin saw at most ${capped.maxOpen} open at once over ${capped.arrivals.length} requests (${capOk ? 'aim met' : 'AIM MISSED'}); answered through each daemon: ${capAnswered.join(', ')}`,
   );
   console.log(
     `rate ${RATE}/s: ${result.rate.measuredPerS}/s over ${result.rate.seconds} s, ${result.rate.requests} requests, ` +

@@ -202,6 +202,59 @@ describe('fleet-wide connection caps', () => {
     waiting = false;
   });
 
+  it('a freed slot goes to the member that waits for it, then round robin; a member that stops waiting leaves the queue', async () => {
+    const config = parseConfig({ fleet: { redis: redis.url, name: 'fair' } }, 'test').fleet;
+    const log = pino({ level: 'silent' });
+    // Waiting members wake only when the test publishes on the freed channel (their fallback poll is out of reach).
+    const quiet = { slotWaitHeardMs: 600_000 };
+    const [holder, waiter, other] = [
+      new Fleet(config, log),
+      new Fleet(config, log, quiet),
+      new Fleet(config, log, quiet),
+    ];
+    for (const member of [holder, waiter, other]) {
+      await member.start();
+      cleanups.push(() => member.close());
+    }
+    const origin = '127.0.0.1:11';
+    const slotsKey = `sockpool:{fair}:slots:${origin}`;
+    const queue = async () => (await redis.cli('ZRANGE', `sockpool:{fair}:waiters:${origin}`, '0', '-1')).trim();
+    // The slot is freed without a word (as a dead member's expire): nobody is woken.
+    const freeSilently = (member: Fleet) => redis.cli('HDEL', slotsKey, member.id);
+    const wakeAll = () => redis.cli('PUBLISH', 'sockpool:{fair}:freed', slotsKey);
+    expect(await holder.takeSlot(origin, 1, false, () => true)).toBe(true);
+
+    let waiting = true;
+    const first = waiter.takeSlot(origin, 1, true, () => waiting);
+    await eventually(() => waiter.counters.slotWaits === 1, 'the waiter waiting');
+    expect(await queue()).toBe(waiter.id);
+    // Free, but the waiter was first: another member's take that does not wait (a refill, a prewarm) is refused.
+    await freeSilently(holder);
+    expect(await other.takeSlot(origin, 1, false, () => true)).toBe(false);
+    await wakeAll();
+    expect(await first).toBe(true);
+    expect(await queue()).toBe('');
+
+    // Round robin: `other` waits, then the waiter again; the waiter's slot frees and everyone is woken: `other` first.
+    const others = other.takeSlot(origin, 1, true, () => true);
+    await eventually(() => other.counters.slotWaits === 1, 'the other member waiting');
+    const second = waiter.takeSlot(origin, 1, true, () => waiting);
+    await eventually(() => waiter.counters.slotWaits === 2, 'the waiter waiting again');
+    expect(await queue()).toBe(`${other.id}\n${waiter.id}`);
+    await freeSilently(waiter);
+    await wakeAll();
+    expect(await others).toBe(true);
+    expect(await queue()).toBe(waiter.id);
+
+    // The waiter gives up: it leaves the queue, so a slot freed later is free for any member at once.
+    waiting = false;
+    await wakeAll();
+    expect(await second).toBe(false);
+    await eventually(async () => (await queue()) === '', 'the waiter out of the queue');
+    await freeSilently(other);
+    expect(await holder.takeSlot(origin, 1, false, () => true)).toBe(true);
+  });
+
   it('a daemon killed with SIGKILL: its slots come back after the heartbeat expiry', async () => {
     const origin = await countingOrigin(0, true);
     cleanups.push(() => origin.close());

@@ -24,7 +24,14 @@ import { ErrorCodes, SockpoolError } from '../../shared/errors.js';
 import { parseRedisUrl, type SockpoolConfig } from '../config.js';
 import type { Logger } from '../log.js';
 import type { Grant, RateParams } from './gcra.js';
-import { HEARTBEAT_SCRIPT, LEAVE_SCRIPT, RATE_SCRIPT, RELEASE_SLOTS_SCRIPT, TAKE_SLOTS_SCRIPT } from './scripts.js';
+import {
+  HEARTBEAT_SCRIPT,
+  LEAVE_SCRIPT,
+  RATE_SCRIPT,
+  RELEASE_SLOTS_SCRIPT,
+  TAKE_SLOTS_SCRIPT,
+  UNWAIT_SCRIPT,
+} from './scripts.js';
 import { SLOT_POLL_MS, type SlotLedger } from './slots.js';
 
 type FleetConfig = SockpoolConfig['fleet'];
@@ -39,6 +46,12 @@ const MAX_RECONNECT_DELAY_MS = 2_000;
  * channel it asks every SLOT_POLL_MS to 2 × SLOT_POLL_MS.
  */
 const SLOT_WAIT_HEARD_MS = 250;
+/**
+ * A daemon in an origin's queue of waiters (scripts.ts, TAKE_SLOTS_SCRIPT) that has not asked for this long is
+ * dropped from it: its waiting connects ask at least every SLOT_WAIT_HEARD_MS, so it stopped waiting (or died)
+ * without a word, and the daemons behind it wait at most this long for that entry.
+ */
+const WAITER_TTL_MS = 4 * SLOT_WAIT_HEARD_MS;
 
 export interface FleetOptions {
   /** SLOT_WAIT_HEARD_MS, for tests that must see a waiting connect woken by the channel alone. */
@@ -71,6 +84,7 @@ interface RedisWithScripts extends Redis {
   fleetHeartbeat(...args: Array<string | number>): Promise<number>;
   fleetRate(...args: Array<string | number>): Promise<[number, string]>;
   fleetLeave(...args: Array<string | number>): Promise<number>;
+  fleetUnwait(...args: Array<string | number>): Promise<number>;
 }
 
 export class Fleet implements SlotLedger {
@@ -86,6 +100,8 @@ export class Fleet implements SlotLedger {
   readonly #slotWaitHeardMs: number;
   /** Connects waiting for a slot, by origin: each one's wake-up (a `freed` message, or its own timer). */
   readonly #slotWaiters = new Map<string, Set<() => void>>();
+  /** Connects of this daemon waiting for a slot, by origin: the last to stop without one takes it out of the queue. */
+  readonly #waitingConnects = new Map<string, number>();
   #state: FleetState = 'connecting';
   /** Live members at the last heartbeat (at least this one). */
   #members = 1;
@@ -138,7 +154,8 @@ export class Fleet implements SlotLedger {
       // (Redis refuses a client name with a space, and ioredis ignores the refusal.)
       connectionName: `sockpoold/${this.id}`,
     }) as RedisWithScripts;
-    this.#redis.defineCommand('fleetTakeSlots', { numberOfKeys: 2, lua: TAKE_SLOTS_SCRIPT });
+    this.#redis.defineCommand('fleetTakeSlots', { numberOfKeys: 4, lua: TAKE_SLOTS_SCRIPT });
+    this.#redis.defineCommand('fleetUnwait', { numberOfKeys: 2, lua: UNWAIT_SCRIPT });
     this.#redis.defineCommand('fleetReleaseSlots', { numberOfKeys: 1, lua: RELEASE_SLOTS_SCRIPT });
     this.#redis.defineCommand('fleetHeartbeat', { lua: HEARTBEAT_SCRIPT });
     this.#redis.defineCommand('fleetRate', { numberOfKeys: 1, lua: RATE_SCRIPT });
@@ -244,16 +261,44 @@ export class Fleet implements SlotLedger {
    */
   async takeSlot(key: string, cap: number, wait: boolean, wanted: () => boolean): Promise<boolean> {
     let counted = false;
-    for (;;) {
-      if (this.#closed) return false;
-      // (#tryTakeSlot counts a slot it grants as held, in the same turn as it decides.)
-      if (await this.#tryTakeSlot(key, cap)) return true;
-      if (!wait || !wanted()) return false;
-      if (!counted) this.counters.slotWaits++;
-      counted = true;
-      await this.#waitForSlot(key);
-      if (!wanted()) return false;
+    let granted = false;
+    try {
+      for (;;) {
+        if (this.#closed) return false;
+        // (#tryTakeSlot counts a slot it grants as held, in the same turn as it decides.)
+        if (await this.#tryTakeSlot(key, cap, wait)) {
+          granted = true;
+          return true;
+        }
+        if (!wait || !wanted()) return false;
+        if (!counted) {
+          this.counters.slotWaits++;
+          this.#waitingConnects.set(key, (this.#waitingConnects.get(key) ?? 0) + 1);
+        }
+        counted = true;
+        await this.#waitForSlot(key);
+        if (!wanted()) return false;
+      }
+    } finally {
+      if (counted) this.#stopWaiting(key, granted);
     }
+  }
+
+  /**
+   * A connect that waited for a slot of `key` stops waiting. The last one of this daemon to stop without a slot takes
+   * the daemon out of the origin's queue (a grant already did); failed or unavailable, the entry goes stale.
+   */
+  #stopWaiting(key: string, granted: boolean): void {
+    const left = (this.#waitingConnects.get(key) ?? 1) - 1;
+    if (left > 0) {
+      this.#waitingConnects.set(key, left);
+      return;
+    }
+    this.#waitingConnects.delete(key);
+    if (granted || !this.available || this.#closed) return;
+    this.#redis.fleetUnwait(this.#waitersKey(key), this.#askedKey(key), this.id).catch((error: Error) => {
+      this.#log.debug({ err: error.message, origin: key }, 'fleet: leaving the queue failed; the entry goes stale');
+    });
   }
 
   /**
@@ -311,7 +356,8 @@ export class Fleet implements SlotLedger {
     this.#restate.set(key, ++this.#marks);
   }
 
-  async #tryTakeSlot(key: string, cap: number): Promise<boolean> {
+  /** `wait`: refused, this daemon joins the origin's queue of waiters (scripts.ts, TAKE_SLOTS_SCRIPT). */
+  async #tryTakeSlot(key: string, cap: number, wait: boolean): Promise<boolean> {
     if (this.available && performance.now() >= this.#trustSlotsAfter) {
       this.#taking.set(key, (this.#taking.get(key) ?? 0) + 1);
       const heartbeatsBefore = this.#heartbeatsSent;
@@ -319,11 +365,15 @@ export class Fleet implements SlotLedger {
         const [granted] = await this.#redis.fleetTakeSlots(
           this.#slotsKey(key),
           this.#membersKey(),
+          this.#waitersKey(key),
+          this.#askedKey(key),
           this.id,
           cap,
           1,
           this.#config.slotTtlMs * 10,
           this.#config.slotTtlMs,
+          wait ? 1 : 0,
+          Math.max(WAITER_TTL_MS, 4 * this.#slotWaitHeardMs),
         );
         if (granted !== 1) {
           // A heartbeat sent while this take was under way stated it as held, and Redis applied that statement after
@@ -530,6 +580,12 @@ export class Fleet implements SlotLedger {
   }
   #slotsKey(origin: string): string {
     return `${this.#prefix}slots:${origin}`;
+  }
+  #waitersKey(origin: string): string {
+    return `${this.#prefix}waiters:${origin}`;
+  }
+  #askedKey(origin: string): string {
+    return `${this.#prefix}asked:${origin}`;
   }
   #rateKey(origin: string): string {
     return `${this.#prefix}rate:${origin}`;

@@ -4,6 +4,8 @@
 // Keys (prefix `sockpool:{NAME}:`, NAME = fleet.name; the braces keep one fleet in one Redis Cluster slot):
 //   members           ZSET  daemon id -> ms (Redis time) until which its heartbeat holds it alive
 //   slots:ORIGIN      HASH  daemon id -> connection slots it holds for ORIGIN
+//   waiters:ORIGIN    ZSET  daemon id -> ms (Redis time) since which it waits for a slot of ORIGIN (the queue's order)
+//   asked:ORIGIN      HASH  daemon id -> ms (Redis time) it last asked for one (a waiter silent for long is dropped)
 //   rate:ORIGIN       STRING  GCRA theoretical arrival time of the next request, ms (Redis time)
 //   demand:DAEMON     HASH  origin key -> requests per second that daemon saw (published every demandPublishMs)
 // Channel `sockpool:{NAME}:freed`: the slots hash of an origin whose slots were given back (a release, a daemon
@@ -13,9 +15,16 @@
 const NOW = `local t = redis.call('TIME'); local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000`;
 
 /**
- * Takes `n` slots of ORIGIN for a daemon if the fleet stays within `cap`. Slots of daemons whose heartbeat expired
- * are dropped first. KEYS: slots hash, members zset. ARGV: daemon id, cap, n, hash ttl ms, membership ttl ms
- * (a daemon taking a slot is alive: it joins if Redis lost its membership). Returns {1, held by all after} or {0, held by all}.
+ * Takes `n` slots of ORIGIN for a daemon if the fleet stays within `cap` and no daemon that waits for one is ahead
+ * of it. Slots of daemons whose heartbeat expired are dropped first. Fair across daemons: a daemon refused while
+ * `wait` is 1 joins the origin's queue of waiters (at its end, unless it is in it); a free slot goes to the waiters
+ * in the queue's order, so a daemon that asks more often, or is nearer Redis, or only takes free slots (refills,
+ * prewarms: `wait` 0), cannot take the slot another daemon waits for; a daemon granted a slot leaves the queue and
+ * joins its end again if it still waits (round robin). A waiter that has not asked for `waiter ttl` ms is dropped
+ * (a waiting connect asks at least every SLOT_WAIT_HEARD_MS, fleet.ts). KEYS: slots hash, members zset, waiters
+ * zset, asked hash. ARGV: daemon id, cap, n, hash ttl ms, membership ttl ms (a daemon taking a slot is alive: it
+ * joins if Redis lost its membership), wait (1 or 0), waiter ttl ms. Returns {1, held by all after} or
+ * {0, held by all}.
  */
 export const TAKE_SLOTS_SCRIPT = `
 ${NOW}
@@ -31,10 +40,48 @@ for i = 1, #fields, 2 do
   end
 end
 local n = tonumber(ARGV[3])
-if total + n > tonumber(ARGV[2]) then return {0, total} end
-redis.call('HINCRBY', KEYS[1], ARGV[1], n)
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-return {1, total + n}
+local waiter_ttl = tonumber(ARGV[7])
+local ahead = 0
+local queued = false
+for _, waiter in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
+  if waiter == ARGV[1] then
+    queued = true
+    break
+  end
+  local asked = tonumber(redis.call('HGET', KEYS[4], waiter) or '0')
+  if asked + waiter_ttl < now then
+    redis.call('ZREM', KEYS[3], waiter)
+    redis.call('HDEL', KEYS[4], waiter)
+  else
+    ahead = ahead + 1
+  end
+end
+if total + ahead + n <= tonumber(ARGV[2]) then
+  redis.call('HINCRBY', KEYS[1], ARGV[1], n)
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  if queued then
+    redis.call('ZREM', KEYS[3], ARGV[1])
+    redis.call('HDEL', KEYS[4], ARGV[1])
+  end
+  return {1, total + n}
+end
+if ARGV[6] == '1' then
+  redis.call('ZADD', KEYS[3], 'NX', now, ARGV[1])
+  redis.call('HSET', KEYS[4], ARGV[1], now)
+  redis.call('PEXPIRE', KEYS[3], waiter_ttl * 10)
+  redis.call('PEXPIRE', KEYS[4], waiter_ttl * 10)
+end
+return {0, total}
+`;
+
+/**
+ * A daemon no longer waits for a slot of ORIGIN (its waiting connects gave up): it leaves the queue, so that the
+ * daemons behind it need not wait for its entry to go stale. KEYS: waiters zset, asked hash. ARGV: daemon id.
+ */
+export const UNWAIT_SCRIPT = `
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+return 1
 `;
 
 /**
