@@ -51,7 +51,7 @@ import {
   roundRatios,
   variantLabel,
 } from './lib/peers-charts.js';
-import { type BenchChild, spawnChild } from './lib/proc.js';
+import { type BenchChild, spawnChild, threadsCpuMs } from './lib/proc.js';
 import { Progress } from './lib/progress.js';
 import { runBench } from './lib/run.js';
 import { type LatencySummary, median, round, roundSummary, summarize, table } from './lib/stats.js';
@@ -336,6 +336,8 @@ interface LoadRun {
 
 /** TCP connections the origin server has accepted so far, per scheme (set by runSet while its server runs). */
 let originConnections: (() => Promise<Record<Scheme, number>>) | undefined;
+/** CPU time of the set's sockpoold so far, ms (crawl runs report what each run cost it). */
+let daemonCpu: (() => number) | undefined;
 
 interface LoadJob {
   variant: string;
@@ -357,9 +359,12 @@ async function loadRounds(
     for (const job of rotate(jobs(r), r)) {
       progress.update(`${scenario}, ${scheme}, ${mode}, round ${r}/${rounds}`, variantLabel(job.variant));
       const before = scenario === 'crawl' ? await originConnections?.() : undefined;
+      const cpuBefore = scenario === 'crawl' ? daemonCpu?.() : undefined;
       const result = await job.runner.call<LoadResult>('load', { concurrency, ...job.payload });
+      const cpuAfter = cpuBefore === undefined ? undefined : daemonCpu?.();
       const after = before ? await originConnections?.() : undefined;
       if (before && after) result.originConnections = after[scheme] - before[scheme];
+      if (cpuBefore !== undefined && cpuAfter !== undefined) result.daemonCpuMs = cpuAfter - cpuBefore;
       if (result.errors > 0) log(`  ${job.variant}: ${result.errors} errors; first: ${result.firstError}`);
       const entry = byVariant.get(job.variant) ?? { peer: job.runner.peer, rounds: [] };
       entry.rounds.push(result);
@@ -552,6 +557,7 @@ async function runSet(set: OriginSet, pki: TestPki, lab: boolean): Promise<SetRe
     ],
   });
   daemons.push(daemon);
+  daemonCpu = () => threadsCpuMs(daemon.pid);
 
   const runners = PEERS.map((peer) => new Runner(peer));
   // The threads: 0 client runs the keep-alive and throughput scenarios only.
@@ -576,6 +582,7 @@ async function runSet(set: OriginSet, pki: TestPki, lab: boolean): Promise<SetRe
     lab || settings.firstOnly || settings.crawlOnly || only ? [] : await throughput(set, withInline, zones);
 
   originConnections = undefined;
+  daemonCpu = undefined;
   server.send('stats');
   const serverStats = await server.nextMessage((message) => 'stats' in message).catch(() => null);
   await Promise.all(withInline.map((runner) => runner.stop()));
@@ -782,6 +789,12 @@ function report(sets: SetResult[]): { text: string; aims: Aim[] } {
       if (announced.length > 0) notes.push(`prewarm took ${ms(median(announced))} (untimed)`);
       const accepted = run.rounds.map((r) => r.originConnections).filter((v): v is number => v !== undefined);
       if (accepted.length > 0) notes.push(`origin accepted ${median(accepted)} connections a round (median)`);
+      const daemonMs = run.rounds.map((r) => r.daemonCpuMs).filter((v): v is number => v !== undefined);
+      if (daemonMs.length > 0 && run.peer === 'sockpool') {
+        notes.push(
+          `sockpoold CPU ${ms(median(daemonMs))} a round${run.variant === 'sockpool' ? ', prewarm included' : ''}`,
+        );
+      }
       crawlRows.push([
         run.scheme,
         variantLabel(run.variant),
