@@ -202,6 +202,10 @@ export class Sockpoold {
         rates: this.#rates.counters,
       }),
     });
+    const server = this.#server;
+    this.#pools.onReclaim = (poolKey) => server.reclaim(poolKey);
+    const pools = this.#pools;
+    if (this.#fleet) this.#fleet.onContended = (key) => pools.reclaimFleetKey(key);
     this.#server.start();
     this.#pools.start();
     // Empty the store: systemd's copies of the adopted sockets would keep a connection open after a client closed

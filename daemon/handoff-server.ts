@@ -60,6 +60,9 @@ export interface HandoffServerOptions {
   rates?: RateLimiter;
 }
 
+/** Lease ids per `reclaim` message (each about 8 bytes of JSON: well under the message size limit). */
+const RECLAIM_IDS_PER_MESSAGE = 1000;
+
 export class HandoffServer {
   #listenFd: number;
   #listenPoller: native.Poller;
@@ -253,6 +256,26 @@ export class HandoffServer {
   }
 
   /** `borrowed`: the fds stay the caller's (see SeqpacketChannel.send); otherwise the channel takes them. */
+  /**
+   * Acquires wait at the cap of the pool `originKey` (PoolManager.onReclaim): every client holding leases of it is
+   * asked to end those idle in its connection cache (`reclaim`; the client shuts them down and sends `closed`, which
+   * frees their room as any `closed` does). The daemon cannot tell an idle kept-alive connection from a slow
+   * request, so it only asks; a client that does not answer changes nothing.
+   */
+  reclaim(originKey: string): void {
+    for (const [clientId, leaseIds] of this.#leases.ofOrigin(originKey)) {
+      const session = this.#clients.get(clientId);
+      if (!session) continue;
+      for (let start = 0; start < leaseIds.length; start += RECLAIM_IDS_PER_MESSAGE) {
+        this.#send(session, {
+          type: 'reclaim',
+          id: null,
+          leaseIds: leaseIds.slice(start, start + RECLAIM_IDS_PER_MESSAGE),
+        });
+      }
+    }
+  }
+
   #send(session: ClientSession, message: DaemonMessage, fds: number[] = [], borrowed = false): void {
     let bytes: Buffer;
     try {

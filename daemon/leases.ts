@@ -80,4 +80,16 @@ export class LeaseTable {
   get size(): number {
     return this.#leases.size;
   }
+
+  /** The leases of a pool (by its key), by the client holding them: a scan, for the rare reclaim (not per handoff). */
+  ofOrigin(originKey: string): Map<number, number[]> {
+    const byClient = new Map<number, number[]>();
+    for (const lease of this.#leases.values()) {
+      if (lease.originKey !== originKey) continue;
+      const ids = byClient.get(lease.clientId);
+      if (ids) ids.push(lease.leaseId);
+      else byClient.set(lease.clientId, [lease.leaseId]);
+    }
+    return byClient;
+  }
 }

@@ -32,6 +32,8 @@ export interface OriginPoolEvents {
   dropped(pool: OriginPool, reason: DropReason, idleMs: number, ageMs: number): void;
   connected(pool: OriginPool, connectMs: number): void;
   connectFailed(pool: OriginPool, error: Error): void;
+  /** Acquires wait for room that only a lease's end can make (see OriginPool.waitingForRoom). */
+  waitingForRoom(pool: OriginPool): void;
 }
 
 interface IdleSocket extends ConnectedSocket {
@@ -119,6 +121,17 @@ export class OriginPool {
   }
   get total(): number {
     return this.#idle.length + this.#leased + this.#connecting;
+  }
+
+  /**
+   * Acquires wait and nothing under way will serve them: the origin is at maxPerOrigin, or their connects wait for
+   * a fleet slot. Only a lease that ends makes room then, and a client's connection cache may hold idle leases for a
+   * long time (the pool manager asks their clients to give those back: HandoffServer.reclaim).
+   */
+  get waitingForRoom(): boolean {
+    const waiting = this.#waiters.length;
+    if (waiting === 0) return false;
+    return (waiting > this.#connectingForWaiters && this.total >= this.policy.maxPerOrigin) || this.#awaitingSlot > 0;
   }
 
   /** Resolves with a live connected socket for a client of `uid`; ownership of its fd passes to the caller. */
@@ -497,6 +510,7 @@ export class OriginPool {
     while (this.#waiters.length > this.#connectingForWaiters && this.total < limit) {
       this.#startConnect(true);
     }
+    if (this.waitingForRoom) this.#events.waitingForRoom(this);
     if (this.#refused || performance.now() < this.#backoffUntil) return;
     while (this.#refillWanted() > 0 && this.total < limit) this.#startConnect(false);
   }

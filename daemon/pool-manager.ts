@@ -7,7 +7,7 @@ import * as native from '../shared/native.js';
 import { canonicalOrigin, type Origin, originKey } from '../shared/origin.js';
 import { type OriginPolicy, policyFor, type SockpoolConfig } from './config.js';
 import type { ConnectedSocket, Connector } from './connector.js';
-import type { SlotKeeper } from './fleet/slots.js';
+import { fleetKey, type SlotKeeper } from './fleet/slots.js';
 import type { UsageMark } from './lease-guard.js';
 import type { Logger } from './log.js';
 import type { Metrics } from './metrics.js';
@@ -63,6 +63,9 @@ const MIN_LEARNED_LIFETIME_MS = 250;
  */
 const SPARE_FROM_ACQUIRES_PER_CONNECT = 0.05;
 
+/** While acquires wait for room at an origin's cap, the clients holding its leases are asked this often. */
+const RECLAIM_INTERVAL_MS = 100;
+
 /** Connects prewarms start in one turn of the event loop; the rest wait for the next turn (#startPrewarms). */
 const PREWARM_CONNECTS_PER_TURN = 16;
 
@@ -86,6 +89,13 @@ export class PoolManager {
   #prewarmsThisTurn = 0;
   #prewarmTurn: NodeJS.Immediate | undefined;
   #events: OriginPoolEvents;
+  /** Pools whose waiting acquires have their leases' clients asked to give idle ones back, by key: the re-ask timer. */
+  #reclaiming = new Map<string, NodeJS.Timeout>();
+  /**
+   * Asks the clients holding leases of a pool (by key) to end those idle in their connection caches (the handoff
+   * server sends `reclaim`); set once the server exists.
+   */
+  onReclaim: ((poolKey: string) => void) | undefined;
   /** When the last reload happened: a socket connected before it is checked again when it comes back idle. */
   #reloadedAt = Number.NEGATIVE_INFINITY;
   /** Per proxy name, the reload that changed its URL or removed it: tunnels connected before it are closed. */
@@ -119,6 +129,7 @@ export class PoolManager {
         this.#metrics?.connectFailures.inc({ reason: code });
         this.#log.warn({ origin: pool.key, code, err: error.message }, 'connect failed');
       },
+      waitingForRoom: (pool) => this.#reclaimFor(pool),
     };
   }
 
@@ -417,6 +428,8 @@ export class PoolManager {
     if (this.#sweepTimer) clearInterval(this.#sweepTimer);
     clearImmediate(this.#prewarmTurn);
     this.#prewarms = [];
+    for (const timer of this.#reclaiming.values()) clearInterval(timer);
+    this.#reclaiming.clear();
     const detached: Array<{ origin: Origin; socket: ConnectedSocket }> = [];
     for (const pool of this.#pools.values()) {
       // A warm TLS session is process memory (its relay thread ends with us): only TCP sockets outlive a restart.
@@ -504,6 +517,34 @@ export class PoolManager {
       this.#stats.set(key, stats);
     }
     return stats;
+  }
+
+  /**
+   * Another fleet member waits for a slot of this host and port (fleet.ts, onContended, at a heartbeat): the clients
+   * holding leases of its pools (plain, warm TLS, proxied: one fleet key) are asked for their idle ones once.
+   */
+  reclaimFleetKey(key: string): void {
+    if (this.#closed || !this.onReclaim) return;
+    for (const pool of this.#pools.values()) if (fleetKey(pool.origin) === key) this.onReclaim(pool.key);
+  }
+
+  /**
+   * Acquires wait at the pool's cap: its leases' clients are asked at once, and again every RECLAIM_INTERVAL_MS
+   * while they still wait (a connection in use now may be idle in its client's cache a moment later).
+   */
+  #reclaimFor(pool: OriginPool): void {
+    if (this.#closed || !this.onReclaim || this.#reclaiming.has(pool.key)) return;
+    this.onReclaim(pool.key);
+    const timer = setInterval(() => {
+      if (this.#closed || !pool.waitingForRoom || this.#pools.get(pool.key) !== pool) {
+        clearInterval(timer);
+        this.#reclaiming.delete(pool.key);
+        return;
+      }
+      this.onReclaim?.(pool.key);
+    }, RECLAIM_INTERVAL_MS);
+    timer.unref();
+    this.#reclaiming.set(pool.key, timer);
   }
 
   /** Rate as an exponentially decaying event count: each acquire adds 1/τ, the total decays with time constant τ. */

@@ -195,7 +195,19 @@ export interface ErrorReply {
   fields?: Record<string, string | number | boolean | null>;
 }
 
-export type DaemonMessage = HelloReply | LeaseReply | OkReply | StatsReply | TokensReply | ErrorReply;
+/**
+ * Unasked (`id` null): acquires wait for a connection to an origin at its cap (`maxPerOrigin`, or a fleet slot) while
+ * this client holds these leases of it. A client ends those whose connections sit idle in its cache (nothing runs
+ * over them): it shuts its copy down and sends `closed`. A client that does not know the message ignores it; the
+ * waiters then wait until the client closes the connections itself.
+ */
+export interface ReclaimNotice {
+  type: 'reclaim';
+  id: null;
+  leaseIds: number[];
+}
+
+export type DaemonMessage = HelloReply | LeaseReply | OkReply | StatsReply | TokensReply | ErrorReply | ReclaimNotice;
 
 const decoder = new TextDecoder('utf-8', { fatal: true });
 
@@ -312,7 +324,7 @@ export function decodeDaemonMessage(data: Uint8Array): DaemonMessage {
     value === null ||
     typeof value !== 'object' ||
     typeof value.type !== 'string' ||
-    !['hello', 'lease', 'ok', 'stats', 'tokens', 'error'].includes(value.type)
+    !['hello', 'lease', 'ok', 'stats', 'tokens', 'error', 'reclaim'].includes(value.type)
   ) {
     throw new SockpoolError(ErrorCodes.PROTOCOL, 'daemon sent a message of unknown shape');
   }

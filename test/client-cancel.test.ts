@@ -149,7 +149,12 @@ describe('aborts and timeouts cancel one transfer, not the thread', () => {
   });
 
   it('acquireTimeoutMs shorter than the deadline: the wait for a socket fails with SOCKPOOL_ERR_ACQUIRE_TIMEOUT', async () => {
-    // The narrow origin's one connection is out: the other client's curl keeps it (the test above).
+    // The narrow origin's one connection is out and busy: a request hangs on it (an idle one would be given back
+    // to the waiting client: test/reclaim.test.ts).
+    const hangsBefore = hanging.length;
+    const holder = new AbortController();
+    const busy = client.request(url('/hang/acquire-holder', narrow), { signal: holder.signal });
+    await eventually(() => hanging.length > hangsBefore, 'the holding request is at the server');
     expect(await leasedTo(daemon.socketPath, narrow.port)).toBe(1);
     const patient = new SockpoolClient({ socketPath: daemon.socketPath, threads: 1, acquireTimeoutMs: 200 });
     try {
@@ -158,6 +163,8 @@ describe('aborts and timeouts cancel one transfer, not the thread', () => {
         code: 'SOCKPOOL_ERR_ACQUIRE_TIMEOUT',
       });
     } finally {
+      holder.abort();
+      await expect(busy).rejects.toMatchObject({ code: 'SOCKPOOL_ERR_ABORTED' });
       await patient.close();
     }
   });

@@ -379,8 +379,12 @@ describe('fd accounting', () => {
     }
     const snapshot = await stats(raw);
     expect(snapshot.leased).toBe(0);
-    await eventually(() => Math.abs(sockpoold.fdCount() - baseline) <= 4, 'daemon fd count back near baseline');
-    expect(sockpoold.fdCount() - baseline).toBeLessThanOrEqual(4); // idle sockets may differ by maxIdle at most
+    // Idle sockets may differ by maxIdle at most; a refill the sweep starts at any moment adds a connecting fd for a
+    // while, so the count is read when nothing connects (a leak of one fd per handoff would be hundreds over).
+    await eventually(async () => {
+      const { connecting } = await stats(raw);
+      return connecting === 0 && Math.abs(sockpoold.fdCount() - baseline) <= 4;
+    }, 'daemon fd count back near baseline, nothing connecting');
   });
 });
 

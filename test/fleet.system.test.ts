@@ -255,6 +255,22 @@ describe('fleet-wide connection caps', () => {
     expect(await holder.takeSlot(origin, 1, false, () => true)).toBe(true);
   });
 
+  it("a slot held by a connection idle in another member's client cache goes to the member that waits", async () => {
+    // A kept-alive origin: the first client's curl keeps its connection (and so its daemon's fleet slot) after the
+    // request. The other member's heartbeat-borne wait makes the holder ask its client for idle leases (`reclaim`).
+    const origin = await countingOrigin(0, true);
+    cleanups.push(() => origin.close());
+    const [holder, waiter] = await startFleet(2, origin.port, {
+      origins: [{ match: `127.0.0.1:${origin.port}`, maxPerOriginFleet: 1 }],
+    });
+    const url = `http://127.0.0.1:${origin.port}/idle`;
+    expect((await clientOf(holder!, 1).request(url)).status).toBe(200);
+    expect((await fleetStats(holder!)).heldSlots).toBe(1);
+    // Before: the waiting member's request timed out (the slot stayed with the idle connection for minutes).
+    expect((await clientOf(waiter!, 1).request(url, { timeoutMs: 10_000 })).status).toBe(200);
+    expect(origin.maxOpen).toBe(1);
+  });
+
   it('a daemon killed with SIGKILL: its slots come back after the heartbeat expiry', async () => {
     const origin = await countingOrigin(0, true);
     cleanups.push(() => origin.close());

@@ -41,6 +41,11 @@ class Recorder implements OriginPoolEvents {
   connectFailed(_pool: OriginPool, error: Error): void {
     this.failures.push(error);
   }
+  /** Times the pool said acquires wait for room only a lease's end can make. */
+  waitingForRoomCount = 0;
+  waitingForRoom(): void {
+    this.waitingForRoomCount++;
+  }
   get reasons(): DropReason[] {
     return this.drops.map((drop) => drop.reason);
   }

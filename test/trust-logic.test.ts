@@ -283,6 +283,7 @@ describe('OriginPool with several uids', () => {
     dropped() {},
     connected() {},
     connectFailed() {},
+    waitingForRoom() {},
   };
 
   beforeEach(async () => {

@@ -55,6 +55,8 @@ const RECONNECT_MIN_MS = 50;
 const RECONNECT_MAX_MS = 2000;
 
 export class DaemonLink {
+  /** The daemon asks for these leases back if idle (`reclaim`, see the protocol): the socket supply decides. */
+  onReclaim: ((leaseIds: number[]) => void) | undefined;
   /** Request tokens of the rate-limited origins this link's leases named (rate-tokens.ts). */
   readonly rateTokens: RateTokens = new RateTokens(this);
   #options: Required<DaemonLinkOptions>;
@@ -357,6 +359,11 @@ export class DaemonLink {
       return;
     }
     const id = message.id;
+    if (message.type === 'reclaim') {
+      for (const fd of fds) native.close(fd);
+      this.onReclaim?.(message.leaseIds);
+      return;
+    }
     if (id === null && message.type === 'error') {
       // An error about the link itself (access denied, a message it could not parse): every waiter learns it.
       for (const fd of fds) native.close(fd);

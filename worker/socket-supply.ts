@@ -16,10 +16,17 @@
 // transfers get no socket of their own: they wait until curl has taken that one, then wait on its connection
 // (curl's PIPEWAIT) and multiplex over it, or, if it turns out to be HTTP/1.1, find their slot empty ("starved")
 // and are run again with a socket.
+//
+// A connection that frees goes to a transfer of this thread waiting for a socket to the same HTTP/1.1 origin: when
+// a transfer ends while another one's acquire is still under way (the daemon may be connecting, or waiting for a
+// slot under maxPerOrigin that this very connection holds) and the origin then has more connections and sockets on
+// their way than transfers, the oldest such acquire is given up (a lease that comes later goes back to the daemon)
+// and that transfer runs on curl's idle connection. If curl finds none after all, the transfer is starved and runs
+// again with a socket (`force`: that acquire is never given up).
 
 import * as native from '../shared/native.js';
 import type { Endpoint } from '../shared/origin.js';
-import type { CancelSignal } from './cancellation.js';
+import { Cancellation, type CancelSignal } from './cancellation.js';
 import type { DaemonLink, Lease } from './daemon-link.js';
 
 /** A socket prepared for one transfer, taken by curl at most once. */
@@ -52,7 +59,20 @@ interface OriginState {
   /** While a socket for an https origin that multiplexes (or may) is on its way to curl: settles when curl took
    *  it (the connection then exists in curl's cache, and PIPEWAIT can wait on it) or that attempt ended without. */
   firstSocket: Settleable | undefined;
+  /** Acquires under way that a connection freeing here makes unnecessary (see the header), oldest first. */
+  givenUpBy: GiveUp[];
+  /** A lease of the origin said it is rate-limited (`rate`): its requests take tokens. */
+  rated: boolean;
 }
+
+/** An acquire that may be given up, and whether its request took its token here (rate-tokens.ts). */
+interface GiveUp {
+  cancellation: Cancellation;
+  tokenTaken: boolean;
+}
+
+/** The reason an acquire is cancelled with when a connection of its origin freed in this thread. */
+const CONNECTION_FREED = Symbol('a connection of the origin freed');
 
 export interface PrepareOptions {
   /** The daemon's proxy the socket must be tunnelled through, by name (part of the origin's key). */
@@ -92,19 +112,42 @@ function abortable(promise: Promise<void>, signal: CancelSignal | undefined): Pr
 }
 
 /** What the supply needs of the daemon link (a fake one in test/socket-supply.test.ts). */
-export type SupplyLink = Pick<DaemonLink, 'acquire' | 'release' | 'closed'>;
+export type SupplyLink = Pick<DaemonLink, 'acquire' | 'release' | 'closed'> & Partial<Pick<DaemonLink, 'onReclaim'>>;
 
 /** Idle origins whose protocol is remembered (a crawler meets many origins once). */
 const MAX_LEARNED = 10_000;
 
 export class SocketSupply {
   #link: SupplyLink;
-  /** Sockets curl owns now, by fd: their leases, to report `closed`. */
-  #curlOwned = new Map<number, { lease: Lease; originKey: string }>();
+  /** Sockets curl owns now, by fd: their leases, to report `closed` (unless reclaimed: reported already). */
+  #curlOwned = new Map<number, { lease: Lease; originKey: string; reclaimed?: true }>();
   #origins = new Map<string, OriginState>();
 
   constructor(link: SupplyLink) {
     this.#link = link;
+    link.onReclaim = (leaseIds) => this.reclaim(leaseIds);
+  }
+
+  /**
+   * The daemon's `reclaim`: acquires of another client (or thread) wait at the origin's cap. Of the leases named,
+   * those of origins with no transfer in flight in this thread sit idle in curl's cache: each is shut down (curl
+   * finds it dead when it looks again, and closes it) and reported `closed` now, so that its room goes to the
+   * waiters. While a transfer to the origin is in flight its connections are left alone (which one it uses is
+   * curl's to know); the daemon asks again while its acquires still wait.
+   */
+  reclaim(leaseIds: number[]): void {
+    const wanted = new Set(leaseIds);
+    for (const [fd, owned] of this.#curlOwned) {
+      if (owned.reclaimed || !wanted.has(owned.lease.leaseId)) continue;
+      if ((this.#origins.get(owned.originKey)?.inFlight ?? 0) > 0) continue;
+      try {
+        native.shutdown(fd);
+      } catch {
+        // (Not a socket any more: curl's, to close; the lease ends all the same.)
+      }
+      owned.reclaimed = true;
+      this.#link.closed(owned.lease);
+    }
   }
 
   /** Starts a transfer's accounting; acquires a socket when one will probably be needed (see the header).
@@ -156,23 +199,44 @@ export class SocketSupply {
     origin: OriginState,
     options: PrepareOptions,
   ): Promise<SocketSlot> {
+    // HTTP/1.1 (one transfer per connection) and not forced: a connection freeing here may serve it instead.
+    const mayGiveUp = !options.force && (!options.secure || origin.multiplexed === false);
+    let signal = options.signal;
+    let giveUp: GiveUp | undefined;
+    let onAbort: (() => void) | undefined;
+    if (mayGiveUp) {
+      options.signal?.throwIfAborted();
+      const cancellation = new Cancellation();
+      giveUp = { cancellation, tokenTaken: options.tokenTaken === true };
+      onAbort = () => cancellation.cancel(options.signal!.reason);
+      options.signal?.addEventListener('abort', onAbort, { once: true });
+      origin.givenUpBy.push(giveUp);
+      signal = cancellation;
+    }
     try {
       const tls = options.tlsTrust === undefined ? undefined : { trust: options.tlsTrust };
       slot.lease = await this.#link.acquire(
         target.host,
         target.port,
         options.timeoutMs,
-        options.signal,
+        signal,
         options.proxy,
         tls,
         options.tokenTaken,
       );
     } catch (error) {
       origin.supplying--;
+      if (giveUp?.cancellation.reason === CONNECTION_FREED) return slot;
       origin.inFlight--;
       this.#settleFirst(origin, slot);
       this.#forget(key, origin);
       throw error;
+    } finally {
+      if (giveUp) {
+        options.signal?.removeEventListener('abort', onAbort!);
+        const index = origin.givenUpBy.indexOf(giveUp);
+        if (index >= 0) origin.givenUpBy.splice(index, 1);
+      }
     }
     return slot;
   }
@@ -201,6 +265,7 @@ export class SocketSupply {
     const origin = this.#origin(slot.originKey);
     origin.connections++;
     origin.supplying--;
+    if (lease.rate) origin.rated = true;
     // Waiters go on once curl has registered the connection, and outside curl's call stack: they add handles to
     // the Multi, which must not happen from inside one of its callbacks.
     if (slot.first) setImmediate(() => this.#settleFirst(origin, slot));
@@ -218,7 +283,7 @@ export class SocketSupply {
         origin.connections--;
         this.#forget(owned.originKey, origin);
       }
-      this.#link.closed(owned.lease);
+      if (!owned.reclaimed) this.#link.closed(owned.lease);
     }
     return 0;
   }
@@ -227,6 +292,19 @@ export class SocketSupply {
   finish(slot: SocketSlot): void {
     const origin = this.#origins.get(slot.originKey);
     if (origin) origin.inFlight--;
+    // Its connection (if curl kept it) is idle now. If the origin has more connections and sockets on their way
+    // than transfers in flight, one of those sockets is not needed: the oldest transfer still waiting for one takes
+    // the idle connection instead (no more than that: the others are counted on to run over it already). Not one
+    // whose token of a rate-limited origin the daemon charges on that acquire (it went before the rate was known).
+    if (
+      origin &&
+      origin.givenUpBy.length > 0 &&
+      origin.connections > 0 &&
+      origin.connections + origin.supplying > origin.inFlight
+    ) {
+      const index = origin.givenUpBy.findIndex((waiting) => waiting.tokenTaken || !origin.rated);
+      if (index >= 0) origin.givenUpBy.splice(index, 1)[0]!.cancellation.cancel(CONNECTION_FREED);
+    }
     if (origin) this.#settleFirst(origin, slot);
     if (slot.lease && !slot.taken) {
       if (origin) origin.supplying--;
@@ -246,7 +324,15 @@ export class SocketSupply {
   #origin(key: string): OriginState {
     let origin = this.#origins.get(key);
     if (!origin) {
-      origin = { inFlight: 0, connections: 0, supplying: 0, multiplexed: undefined, firstSocket: undefined };
+      origin = {
+        inFlight: 0,
+        connections: 0,
+        supplying: 0,
+        multiplexed: undefined,
+        firstSocket: undefined,
+        givenUpBy: [],
+        rated: false,
+      };
       this.#origins.set(key, origin);
     }
     return origin;

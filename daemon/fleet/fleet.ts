@@ -81,7 +81,7 @@ export interface FleetDemand {
 interface RedisWithScripts extends Redis {
   fleetTakeSlots(...args: Array<string | number>): Promise<[number, number]>;
   fleetReleaseSlots(...args: Array<string | number>): Promise<number>;
-  fleetHeartbeat(...args: Array<string | number>): Promise<number>;
+  fleetHeartbeat(...args: Array<string | number>): Promise<[number, number[]]>;
   fleetRate(...args: Array<string | number>): Promise<[number, string]>;
   fleetLeave(...args: Array<string | number>): Promise<number>;
   fleetUnwait(...args: Array<string | number>): Promise<number>;
@@ -132,6 +132,11 @@ export class Fleet implements SlotLedger {
   #hadOutage = false;
   #closed = false;
   readonly counters: FleetCounters = { fallbackSlots: 0, fallbackTokens: 0, refused: 0, outages: 0, slotWaits: 0 };
+  /**
+   * At a heartbeat: another member waits for a slot of this origin (fleet key) while this daemon holds some. The
+   * daemon asks its clients to give back leases idle in their connection caches (PoolManager.reclaimFleetKey).
+   */
+  onContended: ((key: string) => void) | undefined;
 
   constructor(config: FleetConfig, log: Logger, options: FleetOptions = {}) {
     if (config.redis === undefined) throw new SockpoolError(ErrorCodes.INTERNAL, 'a fleet needs fleet.redis');
@@ -373,7 +378,7 @@ export class Fleet implements SlotLedger {
           this.#config.slotTtlMs * 10,
           this.#config.slotTtlMs,
           wait ? 1 : 0,
-          Math.max(WAITER_TTL_MS, 4 * this.#slotWaitHeardMs),
+          this.#waiterTtlMs(),
         );
         if (granted !== 1) {
           // A heartbeat sent while this take was under way stated it as held, and Redis applied that statement after
@@ -517,18 +522,22 @@ export class Fleet implements SlotLedger {
     for (const [index, key] of keys.entries()) if (counts[index]! > 0) this.#markRestate(key);
     this.#heartbeatsSent++;
     try {
-      this.#members = Math.max(
-        1,
-        await this.#redis.fleetHeartbeat(
-          1 + keys.length,
-          this.#membersKey(),
-          ...keys.map((key) => this.#slotsKey(key)),
-          this.id,
-          this.#config.slotTtlMs,
-          this.#config.slotTtlMs * 10,
-          ...counts,
-        ),
+      const [members, contended] = await this.#redis.fleetHeartbeat(
+        1 + 2 * keys.length,
+        this.#membersKey(),
+        ...keys.map((key) => this.#slotsKey(key)),
+        ...keys.map((key) => this.#askedKey(key)),
+        this.id,
+        this.#config.slotTtlMs,
+        this.#config.slotTtlMs * 10,
+        this.#waiterTtlMs(),
+        ...counts,
       );
+      this.#members = Math.max(1, members);
+      for (const index of contended) {
+        const key = keys[index - 1];
+        if (key !== undefined) this.onContended?.(key);
+      }
       for (const [index, key] of keys.entries()) {
         if (counts[index] === 0 && (this.#restate.get(key) ?? 0) <= markedBefore) this.#restate.delete(key);
       }
@@ -581,6 +590,11 @@ export class Fleet implements SlotLedger {
   #slotsKey(origin: string): string {
     return `${this.#prefix}slots:${origin}`;
   }
+  /** How long a daemon that stopped asking stays in an origin's queue of waiters (TAKE_SLOTS_SCRIPT). */
+  #waiterTtlMs(): number {
+    return Math.max(WAITER_TTL_MS, 4 * this.#slotWaitHeardMs);
+  }
+
   #waitersKey(origin: string): string {
     return `${this.#prefix}waiters:${origin}`;
   }

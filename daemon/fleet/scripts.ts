@@ -97,24 +97,38 @@ return left
 
 /**
  * The heartbeat: renews the daemon's membership and states what it holds (absolute counts, so a lost release or a
- * Redis that restarted empty is corrected within one heartbeat). KEYS: members zset, then one slots hash per origin.
- * ARGV: daemon id, membership ttl ms, hash ttl ms, then one count per origin key. Returns the live members.
+ * Redis that restarted empty is corrected within one heartbeat), and says which of the origins it holds slots of
+ * another daemon waits for (asked within `waiter ttl`): idle connections of this daemon's clients should give theirs
+ * back (fleet.ts, onContended). KEYS: members zset, then one slots hash per origin, then one asked hash per origin
+ * (same order). ARGV: daemon id, membership ttl ms, hash ttl ms, waiter ttl ms, then one count per origin. Returns
+ * {live members, {1-based indexes of the contended origins}}.
  */
 export const HEARTBEAT_SCRIPT = `
 ${NOW}
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('PEXPIRE', KEYS[1], ARGV[2] * 10)
-for i = 2, #KEYS do
-  local held = tonumber(ARGV[i + 2])
+local n = (#KEYS - 1) / 2
+local waiter_ttl = tonumber(ARGV[4])
+local contended = {}
+for i = 1, n do
+  local held = tonumber(ARGV[i + 4])
+  local slots = KEYS[i + 1]
   if held > 0 then
-    redis.call('HSET', KEYS[i], ARGV[1], held)
-    redis.call('PEXPIRE', KEYS[i], ARGV[3])
+    redis.call('HSET', slots, ARGV[1], held)
+    redis.call('PEXPIRE', slots, ARGV[3])
+    local asked = redis.call('HGETALL', KEYS[n + i + 1])
+    for j = 1, #asked, 2 do
+      if asked[j] ~= ARGV[1] and tonumber(asked[j + 1]) + waiter_ttl >= now then
+        contended[#contended + 1] = i
+        break
+      end
+    end
   else
-    redis.call('HDEL', KEYS[i], ARGV[1])
+    redis.call('HDEL', slots, ARGV[1])
   end
 end
-return redis.call('ZCARD', KEYS[1])
+return {redis.call('ZCARD', KEYS[1]), contended}
 `;
 
 /**

@@ -9,6 +9,8 @@ export interface CountingOrigin {
   /** Connections open right now, and the most open at once since the last reset. */
   open: number;
   maxOpen: number;
+  /** Connections accepted since the last reset. */
+  accepted: number;
   requests: number;
   /** When each request arrived (performance.now()), since the last reset. */
   arrivals: number[];
@@ -29,10 +31,12 @@ export async function countingOrigin(delayMs: number, keepAlive = false): Promis
     port: 0,
     open: 0,
     maxOpen: 0,
+    accepted: 0,
     requests: 0,
     arrivals: [],
     reset() {
       this.maxOpen = this.open;
+      this.accepted = 0;
       this.requests = 0;
       this.arrivals = [];
     },
@@ -51,6 +55,7 @@ export async function countingOrigin(delayMs: number, keepAlive = false): Promis
       }
     }
     sockets.add(socket);
+    origin.accepted++;
     origin.open++;
     origin.maxOpen = Math.max(origin.maxOpen, origin.open);
     let gone = false;

@@ -1,0 +1,82 @@
+// Room at an origin's cap (maxPerOrigin) that a client's connection cache holds: curl keeps a kept-alive connection
+// idle after its request, and its lease holds one of the origin's slots until curl closes it (minutes). Within one
+// thread, a transfer waiting for a socket takes a connection that frees there (worker/socket-supply.ts); across
+// clients (or threads) the daemon asks the holders to give idle ones back (`reclaim`, docs/protocol.md), and a
+// connection with a request in flight is never taken. Real daemon, real clients, a real kept-alive origin.
+import { afterEach, describe, expect, it } from 'vitest';
+import { SockpoolClient } from '../client/index.js';
+import { fdCount, startTestDaemon } from './fixtures/client-helpers.js';
+import { countingOrigin } from './helpers/counting-origin.js';
+import { eventually } from './helpers/daemon.js';
+
+const cleanups: Array<() => unknown> = [];
+afterEach(async () => {
+  for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
+});
+
+/** A kept-alive origin answering after `delayMs`, a daemon capping it at one connection, and `clients` clients. */
+async function capped(delayMs: number, clients: number, threads = 1) {
+  const origin = await countingOrigin(delayMs, true);
+  cleanups.push(() => origin.close());
+  const daemon = await startTestDaemon([origin.port], {
+    config: { pool: { origins: [{ match: `127.0.0.1:${origin.port}`, maxPerOrigin: 1 }] } },
+  });
+  cleanups.push(() => daemon.stop());
+  const made = Array.from({ length: clients }, () => {
+    const client = new SockpoolClient({ socketPath: daemon.socketPath, threads });
+    cleanups.push(() => client.close());
+    return client;
+  });
+  return { origin, url: `http://127.0.0.1:${origin.port}/x`, clients: made };
+}
+
+function statuses(results: PromiseSettledResult<{ status: number }>[]): Array<number | string> {
+  return results.map((result) =>
+    result.status === 'fulfilled' ? result.value.status : String((result.reason as { code?: string }).code),
+  );
+}
+
+describe('room at an origin’s cap held by idle kept-alive connections', () => {
+  it('goes to another client: the holder gives its idle connection back, and connects again when it needs one', async () => {
+    const { origin, url, clients } = await capped(0, 2);
+    // (The origin and the daemon are open now; the clients start their threads and take leases from here on.)
+    const before = fdCount();
+    const [a, b] = clients as [SockpoolClient, SockpoolClient];
+    expect((await a.request(url)).status).toBe(200);
+    // a's connection is idle in its cache and holds the one slot. Before: b waited until its deadline.
+    expect((await b.request(url, { timeoutMs: 5_000 })).status).toBe(200);
+    expect((await a.request(url, { timeoutMs: 5_000 })).status).toBe(200);
+    expect(origin.maxOpen).toBe(1);
+    await Promise.all(clients.map((client) => client.close()));
+    // The reclaimed lease's fd too: curl closed its dead connection, or the client's close did.
+    await eventually(() => fdCount() <= before, `fd count back to ${before}`);
+  });
+
+  it('within one client, the transfers waiting for a socket run one after another on the connection it holds', async () => {
+    const { origin, url, clients } = await capped(0, 1);
+    const [client] = clients as [SockpoolClient];
+    expect((await client.request(url)).status).toBe(200);
+    const results = await Promise.allSettled(
+      Array.from({ length: 8 }, () => client.request(url, { timeoutMs: 5_000 })),
+    );
+    expect(statuses(results)).toEqual(Array(8).fill(200));
+    // All of them over the first connection: a freed connection goes to the next transfer, no new connect.
+    expect(origin.requests).toBe(9);
+    expect(origin.maxOpen).toBe(1);
+    expect(origin.accepted).toBe(1);
+  });
+
+  it('is never taken from a request in flight: the other client waits until it ends', async () => {
+    const { origin, url, clients } = await capped(300, 2);
+    const [a, b] = clients as [SockpoolClient, SockpoolClient];
+    expect((await a.request(url)).status).toBe(200);
+    // a's second request is in flight on its connection (the origin answers after 300 ms) while b waits for room:
+    // the daemon asks a every 100 ms, and a gives nothing back until its request is over.
+    const slow = a.request(url, { timeoutMs: 5_000 });
+    await eventually(() => origin.requests === 2, 'a’s second request at the origin');
+    const waiting = b.request(url, { timeoutMs: 5_000 });
+    const results = await Promise.allSettled([slow, waiting]);
+    expect(statuses(results)).toEqual([200, 200]);
+    expect(origin.maxOpen).toBe(1);
+  });
+});
