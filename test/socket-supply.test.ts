@@ -3,7 +3,8 @@
 // Covered: HTTP/1.1 (a socket per transfer in flight, none while curl holds a connection for it), a slot taken
 // once and a second OPENSOCKETFUNCTION starved, closing and releasing leases, https with an unknown protocol (one
 // socket at a time, the others wait for curl to take it), what HTTP/2 and HTTP/1.1 answers change, failed and
-// cancelled acquires, and forced acquires. Every test ends with as many fds open as it started with.
+// cancelled acquires, forced acquires, an acquire given up when a connection frees (not one that carries a rate
+// token), and the daemon's reclaim of idle leases. Every test ends with as many fds open as it started with.
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
@@ -133,6 +134,83 @@ describe('SocketSupply over HTTP/1.1', () => {
     supply.finish(forced);
     supply.close(fd);
     expect(link.acquires).toHaveLength(2);
+  });
+});
+
+describe('SocketSupply when a connection frees, or the daemon asks for idle ones back', () => {
+  it("gives up a transfer's pending acquire when a connection of its HTTP/1.1 origin frees in the thread", async () => {
+    link.manual = true;
+    const first = supply.prepare(TARGET, KEY, HTTP) as Promise<SocketSlot>;
+    await link.pending[0]!.grant();
+    const slot = await first;
+    const fd = supply.open(slot);
+    // A second transfer needs a connection of its own while the first runs: its acquire waits (at the cap, say).
+    const second = supply.prepare(TARGET, KEY, HTTP) as Promise<SocketSlot>;
+    expect(link.acquires).toHaveLength(2);
+    const waiting = settledState(second);
+    await nextTurn();
+    expect(waiting.settled).toBe(false);
+    // The first ends: its connection is idle in curl's cache, and the second runs on it without a socket.
+    supply.finish(slot);
+    const given = await second;
+    expect(given.lease).toBeUndefined();
+    // The lease that comes later is not the transfer's any more (the link gives it back).
+    await link.pending[1]!.grant();
+    supply.finish(given);
+    supply.close(fd);
+    expect(link.closedLeases).toEqual([slot.lease!.leaseId]);
+  });
+
+  it("keeps the acquire of a rate-limited origin's request whose token that acquire carries", async () => {
+    link = new FakeLink(async () => {
+      const [near, far] = native.seqpacketPair();
+      farEnds.set(near, far);
+      allFarEnds.push(far);
+      // (The lease says the origin is rate-limited.)
+      return { fd: near, address: '127.0.0.1', family: 4, rate: { requestsPerSecond: 10, burst: 1 } } as never;
+    });
+    supply = new SocketSupply(link);
+    link.manual = true;
+    const first = supply.prepare(TARGET, KEY, HTTP) as Promise<SocketSlot>;
+    await link.pending[0]!.grant();
+    const slot = await first;
+    const fd = supply.open(slot);
+    // Sent before the worker knew the rate: the daemon charges this request's token on the acquire.
+    const second = supply.prepare(TARGET, KEY, HTTP) as Promise<SocketSlot>;
+    // Sent once it knew: the request took its token here.
+    const third = supply.prepare(TARGET, KEY, { ...HTTP, tokenTaken: true }) as Promise<SocketSlot>;
+    const secondState = settledState(second);
+    supply.finish(slot);
+    // The freed connection goes to the third; the second keeps waiting for its own socket.
+    expect((await third).lease).toBeUndefined();
+    await nextTurn();
+    expect(secondState.settled).toBe(false);
+    await link.pending[1]!.grant();
+    const kept = await second;
+    expect(kept.lease).toBeDefined();
+    await link.pending[2]!.grant();
+    supply.finish(kept);
+    supply.finish(await third);
+    supply.close(fd);
+  });
+
+  it('ends, on reclaim, the leases of origins with no transfer in flight here, and no other', async () => {
+    const slot = await prepare(HTTP);
+    const fd = supply.open(slot);
+    const leaseId = slot.lease!.leaseId;
+    // A transfer in flight on the connection: the lease stays.
+    supply.reclaim([leaseId]);
+    expect(link.closedLeases).toEqual([]);
+    expect(native.probe(farEnds.get(fd)!).state).toBe('alive');
+    // Idle in curl's cache: shut down (curl finds it dead) and reported closed now, once.
+    supply.finish(slot);
+    supply.reclaim([leaseId, 999]);
+    expect(link.closedLeases).toEqual([leaseId]);
+    expect(closedByUs(fd)).toBe(true);
+    supply.reclaim([leaseId]);
+    // curl closes it later: no second `closed`.
+    expect(supply.close(fd)).toBe(0);
+    expect(link.closedLeases).toEqual([leaseId]);
   });
 });
 
