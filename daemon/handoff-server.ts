@@ -46,6 +46,8 @@ interface ClientSession {
   closed: boolean;
   /** Binary framing was negotiated in hello (shared/protocol.ts): hot replies go as frames, frames are accepted. */
   binary: boolean;
+  /** The hello said the client takes `reclaim` notices (unasked messages). */
+  reclaim: boolean;
 }
 
 export interface HandoffServerOptions {
@@ -230,6 +232,7 @@ export class HandoffServer {
       badMessages: 0,
       closed: false,
       binary: false,
+      reclaim: false,
       channel: undefined as unknown as SeqpacketChannel,
     };
     session.channel = new SeqpacketChannel(
@@ -265,7 +268,8 @@ export class HandoffServer {
   reclaim(originKey: string): void {
     for (const [clientId, leaseIds] of this.#leases.ofOrigin(originKey)) {
       const session = this.#clients.get(clientId);
-      if (!session) continue;
+      // (A client that did not say it takes the notice gets none: an unasked message could confuse it.)
+      if (!session?.reclaim) continue;
       for (let start = 0; start < leaseIds.length; start += RECLAIM_IDS_PER_MESSAGE) {
         this.#send(session, {
           type: 'reclaim',
@@ -339,6 +343,7 @@ export class HandoffServer {
           ...(message.binary !== undefined ? { binary: Math.min(message.binary, BINARY_FRAMING) } : {}),
         });
         session.binary = message.binary !== undefined;
+        session.reclaim = message.reclaim === true;
         return;
       case 'acquire':
         this.#acquire(session, message);

@@ -56,6 +56,8 @@ export const ClientMessage = z.discriminatedUnion('type', [
     client: z.string().max(200).optional(),
     /** The client speaks binary framing of this version and would like the daemon to use it too. */
     binary: z.number().int().min(1).optional(),
+    /** The client takes `reclaim` notices (unasked messages, see ReclaimNotice); without it none is sent. */
+    reclaim: z.literal(true).optional(),
   }),
   z.strictObject({
     type: z.literal('acquire'),
@@ -196,10 +198,10 @@ export interface ErrorReply {
 }
 
 /**
- * Unasked (`id` null): acquires wait for a connection to an origin at its cap (`maxPerOrigin`, or a fleet slot) while
- * this client holds these leases of it. A client ends those whose connections sit idle in its cache (nothing runs
- * over them): it shuts its copy down and sends `closed`. A client that does not know the message ignores it; the
- * waiters then wait until the client closes the connections itself.
+ * Unasked (`id` null), only to a client whose hello said `reclaim: true`: acquires wait for a connection to an origin
+ * at its cap (`maxPerOrigin`, or a fleet slot) while this client holds these leases of it. The client ends those
+ * whose connections sit idle in its cache (nothing runs over them): it shuts its copy down and sends `closed`. A
+ * client that did not ask gets none; the waiters then wait until it closes its connections itself.
  */
 export interface ReclaimNotice {
   type: 'reclaim';

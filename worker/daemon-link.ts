@@ -344,7 +344,9 @@ export class DaemonLink {
         id,
         version: PROTOCOL_VERSION,
         client: this.#options.clientName,
-        ...(binary ? { binary: BINARY_FRAMING } : {}),
+        // (With binary framing only: a daemon that refuses this hello is older, and the hello sent again without
+        // binary framing asks for neither.)
+        ...(binary ? { binary: BINARY_FRAMING, reclaim: true as const } : {}),
       }),
     );
     return answer;
