@@ -75,6 +75,8 @@ export class HandoffServer {
   #rates: RateLimiter | undefined;
   #extraStats: (() => Record<string, unknown>) | undefined;
   #leases = new LeaseTable();
+  /** `reclaim` notices sent (stats: `reclaimNotices`). */
+  #reclaimNotices = 0;
   #clients = new Map<number, ClientSession>();
   #nextClientId = 1;
   #stopping = false;
@@ -276,6 +278,8 @@ export class HandoffServer {
           id: null,
           leaseIds: leaseIds.slice(start, start + RECLAIM_IDS_PER_MESSAGE),
         });
+        this.#reclaimNotices++;
+        this.#metrics?.reclaimNotices.inc();
       }
     }
   }
@@ -413,7 +417,12 @@ export class HandoffServer {
       this.#pools.snapshot(),
       { uid: session.uid, admin: this.#isAdmin(session) },
       (key) => this.#pools.usersOf(key),
-      () => ({ clients: this.#clients.size, leases: this.#leases.size, ...this.#extraStats?.() }),
+      () => ({
+        clients: this.#clients.size,
+        leases: this.#leases.size,
+        reclaimNotices: this.#reclaimNotices,
+        ...this.#extraStats?.(),
+      }),
       () => {
         const usage = this.#quotas.usageOf(session.uid);
         return { sessions: usage.sessions, leases: usage.leases, pending: usage.pending };

@@ -55,6 +55,8 @@ export class Metrics {
   readonly connectFailures: Counter<'reason'>;
   /** Malformed messages received from clients. */
   readonly protocolErrors: Counter;
+  /** `reclaim` notices sent: acquires waited at an origin's cap while a client held idle-able leases of it. */
+  readonly reclaimNotices: Counter;
   /** From the acquire message received to the fd sent, in seconds. */
   readonly handoffSeconds: Histogram;
   /** Time to establish one TCP connection, in seconds. */
@@ -144,6 +146,11 @@ export class Metrics {
     this.protocolErrors = new Counter({
       name: 'sockpool_protocol_errors_total',
       help: 'Malformed messages received from clients.',
+      registers,
+    });
+    this.reclaimNotices = new Counter({
+      name: 'sockpool_reclaim_notices_total',
+      help: "Notices asking a client for its idle leases of an origin whose acquires wait at the origin's cap.",
       registers,
     });
     this.handoffSeconds = new Histogram({

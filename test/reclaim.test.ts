@@ -5,7 +5,7 @@
 // connection with a request in flight is never taken. Real daemon, real clients, a real kept-alive origin.
 import { afterEach, describe, expect, it } from 'vitest';
 import { SockpoolClient } from '../client/index.js';
-import { fdCount, startTestDaemon } from './fixtures/client-helpers.js';
+import { daemonStats, fdCount, startTestDaemon } from './fixtures/client-helpers.js';
 import { countingOrigin } from './helpers/counting-origin.js';
 import { eventually } from './helpers/daemon.js';
 
@@ -27,7 +27,7 @@ async function capped(delayMs: number, clients: number, threads = 1) {
     cleanups.push(() => client.close());
     return client;
   });
-  return { origin, url: `http://127.0.0.1:${origin.port}/x`, clients: made };
+  return { origin, daemon, url: `http://127.0.0.1:${origin.port}/x`, clients: made };
 }
 
 function statuses(results: PromiseSettledResult<{ status: number }>[]): Array<number | string> {
@@ -38,13 +38,14 @@ function statuses(results: PromiseSettledResult<{ status: number }>[]): Array<nu
 
 describe('room at an origin’s cap held by idle kept-alive connections', () => {
   it('goes to another client: the holder gives its idle connection back, and connects again when it needs one', async () => {
-    const { origin, url, clients } = await capped(0, 2);
+    const { origin, daemon, url, clients } = await capped(0, 2);
     // (The origin and the daemon are open now; the clients start their threads and take leases from here on.)
     const before = fdCount();
     const [a, b] = clients as [SockpoolClient, SockpoolClient];
     expect((await a.request(url)).status).toBe(200);
     // a's connection is idle in its cache and holds the one slot. Before: b waited until its deadline.
     expect((await b.request(url, { timeoutMs: 5_000 })).status).toBe(200);
+    expect((await daemonStats(daemon.socketPath)).reclaimNotices).toBeGreaterThanOrEqual(1);
     expect((await a.request(url, { timeoutMs: 5_000 })).status).toBe(200);
     expect(origin.maxOpen).toBe(1);
     await Promise.all(clients.map((client) => client.close()));
