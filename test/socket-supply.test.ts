@@ -150,6 +150,9 @@ describe('SocketSupply when a connection frees, or the daemon asks for idle ones
     const waiting = settledState(second);
     await nextTurn();
     expect(waiting.settled).toBe(false);
+    // The daemon says the origin is at its cap (the first's lease is named; its transfer runs, so it stays).
+    supply.reclaim([slot.lease!.leaseId]);
+    expect(link.closedLeases).toEqual([]);
     // The first ends: its connection is idle in curl's cache, and the second runs on it without a socket.
     supply.finish(slot);
     const given = await second;
@@ -159,6 +162,24 @@ describe('SocketSupply when a connection frees, or the daemon asks for idle ones
     supply.finish(given);
     supply.close(fd);
     expect(link.closedLeases).toEqual([slot.lease!.leaseId]);
+  });
+
+  it('gives nothing up away from a cap: the pending acquire brings its socket', async () => {
+    link.manual = true;
+    const first = supply.prepare(TARGET, KEY, HTTP) as Promise<SocketSlot>;
+    await link.pending[0]!.grant();
+    const slot = await first;
+    const fd = supply.open(slot);
+    const second = supply.prepare(TARGET, KEY, HTTP) as Promise<SocketSlot>;
+    supply.finish(slot);
+    const state = settledState(second);
+    await nextTurn();
+    expect(state.settled).toBe(false);
+    await link.pending[1]!.grant();
+    const kept = await second;
+    expect(kept.lease).toBeDefined();
+    supply.finish(kept);
+    supply.close(fd);
   });
 
   it("keeps the acquire of a rate-limited origin's request whose token that acquire carries", async () => {
@@ -180,6 +201,7 @@ describe('SocketSupply when a connection frees, or the daemon asks for idle ones
     // Sent once it knew: the request took its token here.
     const third = supply.prepare(TARGET, KEY, { ...HTTP, tokenTaken: true }) as Promise<SocketSlot>;
     const secondState = settledState(second);
+    supply.reclaim([slot.lease!.leaseId]); // at the cap
     supply.finish(slot);
     // The freed connection goes to the third; the second keeps waiting for its own socket.
     expect((await third).lease).toBeUndefined();

@@ -17,12 +17,14 @@
 // (curl's PIPEWAIT) and multiplex over it, or, if it turns out to be HTTP/1.1, find their slot empty ("starved")
 // and are run again with a socket.
 //
-// A connection that frees goes to a transfer of this thread waiting for a socket to the same HTTP/1.1 origin: when
-// a transfer ends while another one's acquire is still under way (the daemon may be connecting, or waiting for a
-// slot under maxPerOrigin that this very connection holds) and the origin then has more connections and sockets on
-// their way than transfers, the oldest such acquire is given up (a lease that comes later goes back to the daemon)
-// and that transfer runs on curl's idle connection. If curl finds none after all, the transfer is starved and runs
-// again with a socket (`force`: that acquire is never given up).
+// At an origin's cap (the daemon said so with a `reclaim` naming this thread's leases of it, within the last
+// CONTENDED_MS), a connection that frees goes to a transfer of this thread waiting for a socket to the same HTTP/1.1
+// origin: when a transfer ends while another one's acquire is still under way (waiting for room that this very
+// connection may hold) and the origin then has more connections and sockets on their way than transfers, the oldest
+// such acquire is given up (a lease that comes later goes back to the daemon) and that transfer runs on curl's idle
+// connection. If curl finds none after all, the transfer is starved and runs again with a socket (`force`: that
+// acquire is never given up). Away from a cap nothing is given up: the daemon would keep the abandoned acquire
+// queued, and lend it a connection that only comes back.
 
 import * as native from '../shared/native.js';
 import type { Endpoint } from '../shared/origin.js';
@@ -63,7 +65,15 @@ interface OriginState {
   givenUpBy: GiveUp[];
   /** A lease of the origin said it is rate-limited (`rate`): its requests take tokens. */
   rated: boolean;
+  /** Until when (performance.now()) the origin counts as at its cap: a `reclaim` named a lease of it. */
+  contendedUntil: number;
 }
+
+/**
+ * How long after a `reclaim` naming an origin's lease the origin counts as at its cap (the daemon sends one every
+ * 100 ms while acquires wait there).
+ */
+const CONTENDED_MS = 1_000;
 
 /** An acquire that may be given up, and whether its request took its token here (rate-tokens.ts). */
 interface GiveUp {
@@ -137,9 +147,12 @@ export class SocketSupply {
    */
   reclaim(leaseIds: number[]): void {
     const wanted = new Set(leaseIds);
+    const contendedUntil = performance.now() + CONTENDED_MS;
     for (const [fd, owned] of this.#curlOwned) {
       if (owned.reclaimed || !wanted.has(owned.lease.leaseId)) continue;
-      if ((this.#origins.get(owned.originKey)?.inFlight ?? 0) > 0) continue;
+      const origin = this.#origins.get(owned.originKey);
+      if (origin) origin.contendedUntil = contendedUntil;
+      if ((origin?.inFlight ?? 0) > 0) continue;
       try {
         native.shutdown(fd);
       } catch {
@@ -300,7 +313,8 @@ export class SocketSupply {
       origin &&
       origin.givenUpBy.length > 0 &&
       origin.connections > 0 &&
-      origin.connections + origin.supplying > origin.inFlight
+      origin.connections + origin.supplying > origin.inFlight &&
+      origin.contendedUntil > performance.now()
     ) {
       const index = origin.givenUpBy.findIndex((waiting) => waiting.tokenTaken || !origin.rated);
       if (index >= 0) origin.givenUpBy.splice(index, 1)[0]!.cancellation.cancel(CONNECTION_FREED);
@@ -332,6 +346,7 @@ export class SocketSupply {
         firstSocket: undefined,
         givenUpBy: [],
         rated: false,
+        contendedUntil: 0,
       };
       this.#origins.set(key, origin);
     }
