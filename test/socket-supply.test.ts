@@ -137,13 +137,18 @@ describe('SocketSupply over HTTP/1.1', () => {
   });
 });
 
+/** A transfer whose socket curl took (the link settles acquires by hand from here on): a connection in curl. */
+async function firstConnection(): Promise<{ slot: SocketSlot; fd: number }> {
+  link.manual = true;
+  const first = supply.prepare(TARGET, KEY, HTTP) as Promise<SocketSlot>;
+  await link.pending[0]!.grant();
+  const slot = await first;
+  return { slot, fd: supply.open(slot) };
+}
+
 describe('SocketSupply when a connection frees, or the daemon asks for idle ones back', () => {
   it("gives up a transfer's pending acquire when a connection of its HTTP/1.1 origin frees in the thread", async () => {
-    link.manual = true;
-    const first = supply.prepare(TARGET, KEY, HTTP) as Promise<SocketSlot>;
-    await link.pending[0]!.grant();
-    const slot = await first;
-    const fd = supply.open(slot);
+    const { slot, fd } = await firstConnection();
     // A second transfer needs a connection of its own while the first runs: its acquire waits (at the cap, say).
     const second = supply.prepare(TARGET, KEY, HTTP) as Promise<SocketSlot>;
     expect(link.acquires).toHaveLength(2);
@@ -165,11 +170,7 @@ describe('SocketSupply when a connection frees, or the daemon asks for idle ones
   });
 
   it('gives nothing up away from a cap: the pending acquire brings its socket', async () => {
-    link.manual = true;
-    const first = supply.prepare(TARGET, KEY, HTTP) as Promise<SocketSlot>;
-    await link.pending[0]!.grant();
-    const slot = await first;
-    const fd = supply.open(slot);
+    const { slot, fd } = await firstConnection();
     const second = supply.prepare(TARGET, KEY, HTTP) as Promise<SocketSlot>;
     supply.finish(slot);
     const state = settledState(second);
@@ -191,11 +192,7 @@ describe('SocketSupply when a connection frees, or the daemon asks for idle ones
       return { fd: near, address: '127.0.0.1', family: 4, rate: { requestsPerSecond: 10, burst: 1 } } as never;
     });
     supply = new SocketSupply(link);
-    link.manual = true;
-    const first = supply.prepare(TARGET, KEY, HTTP) as Promise<SocketSlot>;
-    await link.pending[0]!.grant();
-    const slot = await first;
-    const fd = supply.open(slot);
+    const { slot, fd } = await firstConnection();
     // Sent before the worker knew the rate: the daemon charges this request's token on the acquire.
     const second = supply.prepare(TARGET, KEY, HTTP) as Promise<SocketSlot>;
     // Sent once it knew: the request took its token here.
