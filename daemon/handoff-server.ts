@@ -48,6 +48,8 @@ interface ClientSession {
   binary: boolean;
   /** The hello said the client takes `reclaim` notices (unasked messages). */
   reclaim: boolean;
+  /** Acquires waiting for a socket, by request id: `cancel` aborts one (created on the first). */
+  cancels: Map<number, AbortController> | undefined;
 }
 
 export interface HandoffServerOptions {
@@ -235,6 +237,7 @@ export class HandoffServer {
       closed: false,
       binary: false,
       reclaim: false,
+      cancels: undefined,
       channel: undefined as unknown as SeqpacketChannel,
     };
     session.channel = new SeqpacketChannel(
@@ -345,6 +348,7 @@ export class HandoffServer {
           // The client asked for binary framing: the highest version both speak (this reply itself is JSON;
           // frames may follow).
           ...(message.binary !== undefined ? { binary: Math.min(message.binary, BINARY_FRAMING) } : {}),
+          cancel: true,
         });
         session.binary = message.binary !== undefined;
         session.reclaim = message.reclaim === true;
@@ -373,6 +377,10 @@ export class HandoffServer {
         return;
       case 'release':
         this.#release(session, message, fds[0]);
+        return;
+      case 'cancel':
+        // (An acquire already answered, or unknown: nothing to do, and no reply either way.)
+        session.cancels?.get(message.acquireId)?.abort();
         return;
       case 'closed': {
         // The client says it closed the socket; the daemon's shutdown makes it true for any copy it kept.
@@ -530,6 +538,9 @@ export class HandoffServer {
       }
     }
     session.pending++;
+    const cancel = new AbortController();
+    const cancels = (session.cancels ??= new Map());
+    cancels.set(message.id, cancel);
     const charge =
       rate && message.tokenTaken !== true
         ? this.#rates!.take(origin, rate, 1, message.timeoutMs ?? this.#config().pool.defaults.acquireTimeoutMs)
@@ -542,13 +553,15 @@ export class HandoffServer {
             left === undefined ? undefined : Math.max(1, left),
             message.tls?.trust,
             session.uid,
+            cancel.signal,
           );
         })
-      : this.#pools.acquire(origin, message.timeoutMs, message.tls?.trust, session.uid);
+      : this.#pools.acquire(origin, message.timeoutMs, message.tls?.trust, session.uid, cancel.signal);
     acquiring.then(
       (handoff) => {
         session.pending--;
-        if (session.closed) {
+        if (cancels.get(message.id) === cancel) cancels.delete(message.id);
+        if (session.closed || cancel.signal.aborted) {
           // Nobody to hand it to: the socket goes back to the pool, unused and never seen by a client.
           this.#quotas.acquireSettled(session.uid, message.host, false);
           this.#pools.giveBack(handoff.originKey, handoff, session.uid);
@@ -558,8 +571,9 @@ export class HandoffServer {
       },
       (error: Error) => {
         session.pending--;
+        if (cancels.get(message.id) === cancel) cancels.delete(message.id);
         this.#quotas.acquireSettled(session.uid, message.host, false);
-        if (session.closed) return;
+        if (session.closed || cancel.signal.aborted) return;
         if ((error as { code?: string }).code === ErrorCodes.POLICY) {
           this.#log.warn({ client: session.id, host: message.host, port: message.port, err: error.message }, 'refused');
         }

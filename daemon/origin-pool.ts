@@ -134,9 +134,13 @@ export class OriginPool {
     return (waiting > this.#connectingForWaiters && this.total >= this.policy.maxPerOrigin) || this.#awaitingSlot > 0;
   }
 
-  /** Resolves with a live connected socket for a client of `uid`; ownership of its fd passes to the caller. */
-  acquire(timeoutMs: number, uid = 0): Promise<Handoff> {
+  /**
+   * Resolves with a live connected socket for a client of `uid`; ownership of its fd passes to the caller. `signal`:
+   * the client gave the acquire up (`cancel`): a waiting one leaves the queue and rejects with SOCKPOOL_ERR_ABORTED.
+   */
+  acquire(timeoutMs: number, uid = 0, signal?: AbortSignal): Promise<Handoff> {
     if (this.#closed) return Promise.reject(new SockpoolError(ErrorCodes.SHUTTING_DOWN, 'pool is closing'));
+    if (signal?.aborted) return Promise.reject(cancelledError(this.key));
     const warm = this.takeWarm(uid);
     if (warm) return Promise.resolve(warm);
     return new Promise<Handoff>((resolve, reject) => {
@@ -158,6 +162,16 @@ export class OriginPool {
         }, timeoutMs),
       };
       this.#waiters.push(waiter);
+      signal?.addEventListener(
+        'abort',
+        () => {
+          if (waiter.settled) return;
+          this.#removeWaiter(waiter);
+          reject(cancelledError(this.key));
+          // A connect started for it goes to the next waiter, or idle.
+        },
+        { once: true },
+      );
       this.#pump();
     });
   }
@@ -587,6 +601,11 @@ export class OriginPool {
     }
     this.#pump();
   }
+}
+
+/** The acquire's client gave it up (`cancel`). */
+function cancelledError(origin: string): SockpoolError {
+  return new SockpoolError(ErrorCodes.ABORTED, `the client gave up its acquire of ${origin}`, { origin });
 }
 
 /** A refill that found the fleet's cap reached waits this long before it tries again. */

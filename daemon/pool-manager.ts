@@ -148,6 +148,7 @@ export class PoolManager {
     timeoutMs: number | undefined,
     tlsTrust?: TlsTrust,
     uid = 0,
+    signal?: AbortSignal,
   ): Promise<Handoff & { originKey: string; peerPort: number }> {
     if (this.#closed) throw new SockpoolError(ErrorCodes.SHUTTING_DOWN, 'sockpoold is stopping');
     let pool = this.#poolFor(origin, tlsTrust);
@@ -163,7 +164,7 @@ export class PoolManager {
     this.#bumpRate(stats);
     let handoff: Handoff;
     try {
-      handoff = await pool.acquire(timeoutMs ?? pool.policy.acquireTimeoutMs, uid);
+      handoff = await pool.acquire(timeoutMs ?? pool.policy.acquireTimeoutMs, uid, signal);
     } catch (error) {
       if ((error as { code?: string }).code === ErrorCodes.POLICY) {
         this.#metrics?.refusals.inc({ reason: policyReason(error as Error) });

@@ -118,6 +118,8 @@ export const ClientMessage = z.discriminatedUnion('type', [
     withoutFd: z.literal(true).optional(),
   }),
   z.strictObject({ type: z.literal('closed'), id: requestId.optional(), leaseId }),
+  /** The client no longer waits for the acquire with this id: the daemon drops it (no reply; see HelloReply.cancel). */
+  z.strictObject({ type: z.literal('cancel'), acquireId: requestId }),
   z.strictObject({ type: z.literal('stats'), id: requestId }),
 ]);
 export type ClientMessage = z.infer<typeof ClientMessage>;
@@ -131,6 +133,8 @@ export interface HelloReply {
   maxMessageBytes: number;
   /** Present when the daemon agreed to binary framing (the version both speak). */
   binary?: number;
+  /** The daemon takes `cancel` for a pending acquire (a client sends it only when this is true). */
+  cancel?: true;
 }
 
 /** Reply to `acquire`; the message carries the connected socket as its one fd. */

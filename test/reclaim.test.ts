@@ -5,9 +5,11 @@
 // connection with a request in flight is never taken. Real daemon, real clients, a real kept-alive origin.
 import { afterEach, describe, expect, it } from 'vitest';
 import { SockpoolClient } from '../client/index.js';
+import * as native from '../shared/native.js';
 import { daemonStats, fdCount, startTestDaemon } from './fixtures/client-helpers.js';
 import { countingOrigin } from './helpers/counting-origin.js';
 import { eventually } from './helpers/daemon.js';
+import { openRawClient } from './helpers/raw-client.js';
 
 const cleanups: Array<() => unknown> = [];
 afterEach(async () => {
@@ -54,16 +56,19 @@ describe('room at an origin’s cap held by idle kept-alive connections', () => 
   });
 
   it('within one client, the transfers waiting for a socket run one after another on the connection it holds', async () => {
-    const { origin, url, clients } = await capped(0, 1);
+    const { origin, daemon, url, clients } = await capped(0, 1);
     const [client] = clients as [SockpoolClient];
     expect((await client.request(url)).status).toBe(200);
     const results = await Promise.allSettled(
-      Array.from({ length: 8 }, () => client.request(url, { timeoutMs: 5_000 })),
+      Array.from({ length: 8 }, () => client.request(url, { timeoutMs: 60_000 })),
     );
     expect(statuses(results)).toEqual(Array(8).fill(200));
     // All of them over the first connection: a freed connection goes to the next transfer, no new connect.
     expect(origin.requests).toBe(9);
     expect(origin.maxOpen).toBe(1);
+    // The acquires given up were cancelled at the daemon (`cancel`), not left queued until their deadline (a minute
+    // here), where each would have taken a connection only to give it back.
+    await eventually(async () => (await daemonStats(daemon.socketPath)).waiting === 0, 'no acquire left waiting');
     expect(origin.accepted).toBe(1);
   });
 
@@ -79,5 +84,25 @@ describe('room at an origin’s cap held by idle kept-alive connections', () => 
     const results = await Promise.allSettled([slow, waiting]);
     expect(statuses(results)).toEqual([200, 200]);
     expect(origin.maxOpen).toBe(1);
+  });
+
+  it('a client that gives an acquire up cancels it: the daemon drops it from the queue and lends it nothing', async () => {
+    const { origin, daemon } = await capped(0, 0);
+    // Raw clients: they ask for no reclaim notices, so the holder's lease stays where it is.
+    const holder = openRawClient(daemon.socketPath, cleanups);
+    const lease = await holder.request({ type: 'acquire', id: 1, host: '127.0.0.1', port: origin.port });
+    expect(lease.message).toMatchObject({ type: 'lease' });
+    const raw = openRawClient(daemon.socketPath, cleanups);
+    expect((await raw.request({ type: 'hello', id: 1, version: 1 })).message).toMatchObject({ cancel: true });
+    raw.sendJson({ type: 'acquire', id: 2, host: '127.0.0.1', port: origin.port, timeoutMs: 60_000 });
+    await eventually(async () => (await daemonStats(daemon.socketPath)).waiting === 1, 'the acquire waits at the cap');
+    raw.sendJson({ type: 'cancel', acquireId: 2 });
+    await eventually(async () => (await daemonStats(daemon.socketPath)).waiting === 0, 'the acquire is dropped');
+    // The room frees: nothing goes to the cancelled acquire (the next message the raw client gets is its own reply).
+    for (const fd of lease.fds) native.close(fd);
+    holder.sendJson({ type: 'closed', leaseId: (lease.message as { leaseId: number }).leaseId });
+    await eventually(async () => (await daemonStats(daemon.socketPath)).leased === 0, 'the holder’s lease ended');
+    expect((await raw.request({ type: 'stats', id: 3 })).message).toMatchObject({ type: 'stats', id: 3 });
+    expect(origin.accepted).toBe(1);
   });
 });

@@ -169,6 +169,25 @@ describe('SocketSupply when a connection frees, or the daemon asks for idle ones
     expect(link.closedLeases).toEqual([slot.lease!.leaseId]);
   });
 
+  it('gives a pending acquire up when the notice of the cap comes after the connection went idle', async () => {
+    const { slot, fd } = await firstConnection();
+    const second = supply.prepare(TARGET, KEY, HTTP) as Promise<SocketSlot>;
+    // The first ends before the daemon says the origin is at its cap: nothing is given up yet.
+    supply.finish(slot);
+    const state = settledState(second);
+    await nextTurn();
+    expect(state.settled).toBe(false);
+    // The notice names the idle connection's lease; a transfer waits in this thread, so the connection is not shut
+    // down, and that transfer takes it (before: both waited until the acquire's deadline).
+    supply.reclaim([slot.lease!.leaseId]);
+    expect(link.closedLeases).toEqual([]);
+    const given = await second;
+    expect(given.lease).toBeUndefined();
+    await link.pending[1]!.grant();
+    supply.finish(given);
+    supply.close(fd);
+  });
+
   it('gives nothing up away from a cap: the pending acquire brings its socket', async () => {
     const { slot, fd } = await firstConnection();
     const second = supply.prepare(TARGET, KEY, HTTP) as Promise<SocketSlot>;

@@ -73,6 +73,8 @@ export class DaemonLink {
   #binary = false;
   /** ...and to framing 2: a release leaves its fd out (this side closes it). */
   #releaseWithoutFd = false;
+  /** The daemon said in hello that it takes `cancel` for a pending acquire. */
+  #cancelSupported = false;
 
   constructor(options: DaemonLinkOptions) {
     this.#options = { requestTimeoutMs: 5000, clientName: `worker-${process.pid}`, ...options };
@@ -211,11 +213,14 @@ export class DaemonLink {
     const generation = this.#generation;
     const id = this.#nextId++;
     if (this.#nextId > 2 ** 31 - 1) this.#nextId = 1;
+    const cancellable = request.type === 'acquire' && this.#cancelSupported;
     return new Promise((resolve, reject) => {
       const onAbort = () => {
-        // A reply that still comes finds no pending entry: its fd goes back to the daemon (see #onMessage).
+        // A reply that still comes finds no pending entry: its fd goes back to the daemon (see #onMessage). A daemon
+        // that takes `cancel` drops the acquire now instead of keeping it queued until its deadline.
         clearTimeout(timer);
         this.#pending.delete(id);
+        if (cancellable && !channel.closed) channel.send(encodeFor(false, { type: 'cancel', acquireId: id }));
         reject(signal!.reason);
       };
       const timer = setTimeout(() => {
@@ -277,6 +282,7 @@ export class DaemonLink {
     this.#generation++;
     this.#binary = false;
     this.#releaseWithoutFd = false;
+    this.#cancelSupported = false;
     // The channel owns fd from here. Tracked: if this thread dies, the addon closes the link, and the daemon
     // then frees every lease this thread held.
     native.track(fd);
@@ -332,6 +338,7 @@ export class DaemonLink {
           const framing = message.type === 'hello' ? (message.binary ?? 0) : 0;
           this.#binary = framing >= 1;
           this.#releaseWithoutFd = framing >= RELEASE_WITHOUT_FD;
+          this.#cancelSupported = message.type === 'hello' && message.cancel === true;
           resolve(true);
         },
         reject,

@@ -148,10 +148,14 @@ export class SocketSupply {
   reclaim(leaseIds: number[]): void {
     const wanted = new Set(leaseIds);
     const contendedUntil = performance.now() + CONTENDED_MS;
+    const contended = new Set<OriginState>();
     for (const [fd, owned] of this.#curlOwned) {
       if (owned.reclaimed || !wanted.has(owned.lease.leaseId)) continue;
       const origin = this.#origins.get(owned.originKey);
-      if (origin) origin.contendedUntil = contendedUntil;
+      if (origin) {
+        origin.contendedUntil = contendedUntil;
+        contended.add(origin);
+      }
       if ((origin?.inFlight ?? 0) > 0) continue;
       try {
         native.shutdown(fd);
@@ -161,6 +165,9 @@ export class SocketSupply {
       owned.reclaimed = true;
       this.#link.closed(owned.lease);
     }
+    // Transfers of this thread may wait for room its own idle connection holds (it went idle before the notice came):
+    // one of them takes it now, and each transfer that ends hands it on (finish).
+    for (const origin of contended) this.#giveUpOne(origin);
   }
 
   /** Starts a transfer's accounting; acquires a socket when one will probably be needed (see the header).
@@ -305,20 +312,8 @@ export class SocketSupply {
   finish(slot: SocketSlot): void {
     const origin = this.#origins.get(slot.originKey);
     if (origin) origin.inFlight--;
-    // Its connection (if curl kept it) is idle now. If the origin has more connections and sockets on their way
-    // than transfers in flight, one of those sockets is not needed: the oldest transfer still waiting for one takes
-    // the idle connection instead (no more than that: the others are counted on to run over it already). Not one
-    // whose token of a rate-limited origin the daemon charges on that acquire (it went before the rate was known).
-    if (
-      origin &&
-      origin.givenUpBy.length > 0 &&
-      origin.connections > 0 &&
-      origin.connections + origin.supplying > origin.inFlight &&
-      origin.contendedUntil > performance.now()
-    ) {
-      const index = origin.givenUpBy.findIndex((waiting) => waiting.tokenTaken || !origin.rated);
-      if (index >= 0) origin.givenUpBy.splice(index, 1)[0]!.cancellation.cancel(CONNECTION_FREED);
-    }
+    // Its connection (if curl kept it) is idle now: at a cap it may serve a transfer waiting for a socket.
+    if (origin) this.#giveUpOne(origin);
     if (origin) this.#settleFirst(origin, slot);
     if (slot.lease && !slot.taken) {
       if (origin) origin.supplying--;
@@ -326,6 +321,25 @@ export class SocketSupply {
       slot.lease = undefined;
     }
     if (origin) this.#forget(slot.originKey, origin);
+  }
+
+  /**
+   * At the origin's cap, if it has more connections and sockets on their way than transfers in flight, one of those
+   * sockets is not needed: the oldest transfer still waiting for one takes an idle connection instead (no more than
+   * one: the others are counted on to run over it already). Not one whose token of a rate-limited origin the daemon
+   * charges on that acquire (it went before the rate was known).
+   */
+  #giveUpOne(origin: OriginState): void {
+    if (
+      origin.givenUpBy.length === 0 ||
+      origin.connections === 0 ||
+      origin.connections + origin.supplying <= origin.inFlight ||
+      origin.contendedUntil <= performance.now()
+    ) {
+      return;
+    }
+    const index = origin.givenUpBy.findIndex((waiting) => waiting.tokenTaken || !origin.rated);
+    if (index >= 0) origin.givenUpBy.splice(index, 1)[0]!.cancellation.cancel(CONNECTION_FREED);
   }
 
   #needsSocket(origin: OriginState, secure: boolean): boolean {
