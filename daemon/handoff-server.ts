@@ -539,7 +539,8 @@ export class HandoffServer {
     }
     session.pending++;
     const cancel = new AbortController();
-    const cancels = (session.cancels ??= new Map());
+    session.cancels ??= new Map();
+    const cancels = session.cancels;
     cancels.set(message.id, cancel);
     const charge =
       rate && message.tokenTaken !== true
