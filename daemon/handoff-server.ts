@@ -263,7 +263,6 @@ export class HandoffServer {
     this.#log.debug({ client: id, pid: credentials.pid, uid: credentials.uid }, 'client connected');
   }
 
-  /** `borrowed`: the fds stay the caller's (see SeqpacketChannel.send); otherwise the channel takes them. */
   /**
    * Acquires wait at the cap of the pool `originKey` (PoolManager.onReclaim): every client holding leases of it is
    * asked to end those idle in its connection cache (`reclaim`; the client shuts them down and sends `closed`, which
@@ -287,6 +286,7 @@ export class HandoffServer {
     }
   }
 
+  /** `borrowed`: the fds stay the caller's (see SeqpacketChannel.send); otherwise the channel takes them. */
   #send(session: ClientSession, message: DaemonMessage, fds: number[] = [], borrowed = false): void {
     let bytes: Buffer;
     try {

@@ -165,10 +165,10 @@ export class OriginPool {
       signal?.addEventListener(
         'abort',
         () => {
+          // (A connect started for it goes to the next waiter, or idle, as at a timeout.)
           if (waiter.settled) return;
           this.#removeWaiter(waiter);
           reject(cancelledError(this.key));
-          // A connect started for it goes to the next waiter, or idle.
         },
         { once: true },
       );

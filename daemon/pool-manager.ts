@@ -586,7 +586,8 @@ export class PoolManager {
   /**
    * Every SWEEP_INTERVAL_MS: age out idle sockets, recycle them before the learned server lifetime, and give each
    * pool its idle target: max(minIdle, predicted demand) where predicted = ⌈rate × connect time × 2⌉, plus one
-   * spare where rate × connect time ≥ SPARE_FROM_ACQUIRES_PER_CONNECT, while there is demand (Envoy's predictive preconnect in spirit). The global cap is shared out by demand.
+   * spare where rate × connect time ≥ SPARE_FROM_ACQUIRES_PER_CONNECT, while there is demand (Envoy's predictive
+   * preconnect in spirit). The global cap is shared out by demand.
    */
   #sweep(): void {
     if (this.#closed) return;

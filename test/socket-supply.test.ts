@@ -65,6 +65,13 @@ function settledState<T>(promise: Promise<T>) {
 
 const nextTurn = () => new Promise<void>((resolve) => setImmediate(resolve));
 
+/** The promise has not settled a turn later: the acquire behind it still waits. */
+async function expectStillPending(promise: Promise<unknown>): Promise<void> {
+  const state = settledState(promise);
+  await nextTurn();
+  expect(state.settled).toBe(false);
+}
+
 describe('SocketSupply over HTTP/1.1', () => {
   it('asks for a socket per transfer in flight, and none for a transfer curl has a connection for', async () => {
     const first = supply.prepare(TARGET, KEY, HTTP);
@@ -152,9 +159,7 @@ describe('SocketSupply when a connection frees, or the daemon asks for idle ones
     // A second transfer needs a connection of its own while the first runs: its acquire waits (at the cap, say).
     const second = supply.prepare(TARGET, KEY, HTTP) as Promise<SocketSlot>;
     expect(link.acquires).toHaveLength(2);
-    const waiting = settledState(second);
-    await nextTurn();
-    expect(waiting.settled).toBe(false);
+    await expectStillPending(second);
     // The daemon says the origin is at its cap (the first's lease is named; its transfer runs, so it stays).
     supply.reclaim([slot.lease!.leaseId]);
     expect(link.closedLeases).toEqual([]);
@@ -174,9 +179,7 @@ describe('SocketSupply when a connection frees, or the daemon asks for idle ones
     const second = supply.prepare(TARGET, KEY, HTTP) as Promise<SocketSlot>;
     // The first ends before the daemon says the origin is at its cap: nothing is given up yet.
     supply.finish(slot);
-    const state = settledState(second);
-    await nextTurn();
-    expect(state.settled).toBe(false);
+    await expectStillPending(second);
     // The notice names the idle connection's lease; a transfer waits in this thread, so the connection is not shut
     // down, and that transfer takes it (before: both waited until the acquire's deadline).
     supply.reclaim([slot.lease!.leaseId]);
@@ -192,9 +195,7 @@ describe('SocketSupply when a connection frees, or the daemon asks for idle ones
     const { slot, fd } = await firstConnection();
     const second = supply.prepare(TARGET, KEY, HTTP) as Promise<SocketSlot>;
     supply.finish(slot);
-    const state = settledState(second);
-    await nextTurn();
-    expect(state.settled).toBe(false);
+    await expectStillPending(second);
     await link.pending[1]!.grant();
     const kept = await second;
     expect(kept.lease).toBeDefined();

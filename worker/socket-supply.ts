@@ -311,10 +311,12 @@ export class SocketSupply {
   /** The transfer ended: an fd curl did not take goes back to the daemon (ownership passes to the link). */
   finish(slot: SocketSlot): void {
     const origin = this.#origins.get(slot.originKey);
-    if (origin) origin.inFlight--;
-    // Its connection (if curl kept it) is idle now: at a cap it may serve a transfer waiting for a socket.
-    if (origin) this.#giveUpOne(origin);
-    if (origin) this.#settleFirst(origin, slot);
+    if (origin) {
+      origin.inFlight--;
+      // Its connection (if curl kept it) is idle now: at a cap it may serve a transfer waiting for a socket.
+      this.#giveUpOne(origin);
+      this.#settleFirst(origin, slot);
+    }
     if (slot.lease && !slot.taken) {
       if (origin) origin.supplying--;
       this.#link.release(slot.lease);

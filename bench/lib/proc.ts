@@ -141,7 +141,8 @@ export function cpuTimesMs(pid: number): { userMs: number; systemMs: number } {
 
 /**
  * CPU time of every thread of a process so far, in ms with ns precision (the first field of each thread's
- * /proc/<pid>/task/<tid>/schedstat): threads that ended are not counted, so take it around a span its threads live through.
+ * /proc/<pid>/task/<tid>/schedstat). Threads that ended are not counted: take it around a span its threads live
+ * through.
  */
 export function threadsCpuMs(pid: number): number {
   let ns = 0;

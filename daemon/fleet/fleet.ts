@@ -98,6 +98,8 @@ export class Fleet implements SlotLedger {
   readonly #subscriber: Redis;
   readonly #prefix: string;
   readonly #slotWaitHeardMs: number;
+  /** How long a daemon that stopped asking stays in an origin's queue of waiters (TAKE_SLOTS_SCRIPT). */
+  readonly #waiterTtlMs: number;
   /** Connects waiting for a slot, by origin: each one's wake-up (a `freed` message, or its own timer). */
   readonly #slotWaiters = new Map<string, Set<() => void>>();
   /** Connects of this daemon waiting for a slot, by origin: the last to stop without one takes it out of the queue. */
@@ -147,6 +149,7 @@ export class Fleet implements SlotLedger {
     this.#log = log;
     this.#prefix = `sockpool:{${config.name}}:`;
     this.#slotWaitHeardMs = options.slotWaitHeardMs ?? SLOT_WAIT_HEARD_MS;
+    this.#waiterTtlMs = Math.max(WAITER_TTL_MS, 4 * this.#slotWaitHeardMs);
     // The URL carries host, port, db and credentials; ioredis parses it. No offline queue: a command while Redis is
     // down fails at once, and the caller falls back as configured instead of waiting.
     this.#redis = new Redis(config.redis, {
@@ -378,7 +381,7 @@ export class Fleet implements SlotLedger {
           this.#config.slotTtlMs * 10,
           this.#config.slotTtlMs,
           wait ? 1 : 0,
-          this.#waiterTtlMs(),
+          this.#waiterTtlMs,
         );
         if (granted !== 1) {
           // A heartbeat sent while this take was under way stated it as held, and Redis applied that statement after
@@ -530,7 +533,7 @@ export class Fleet implements SlotLedger {
         this.id,
         this.#config.slotTtlMs,
         this.#config.slotTtlMs * 10,
-        this.#waiterTtlMs(),
+        this.#waiterTtlMs,
         ...counts,
       );
       this.#members = Math.max(1, members);
@@ -589,10 +592,6 @@ export class Fleet implements SlotLedger {
   }
   #slotsKey(origin: string): string {
     return `${this.#prefix}slots:${origin}`;
-  }
-  /** How long a daemon that stopped asking stays in an origin's queue of waiters (TAKE_SLOTS_SCRIPT). */
-  #waiterTtlMs(): number {
-    return Math.max(WAITER_TTL_MS, 4 * this.#slotWaitHeardMs);
   }
 
   #waitersKey(origin: string): string {
