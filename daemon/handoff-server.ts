@@ -738,6 +738,8 @@ export class HandoffServer {
     session.channel.close();
     this.#clients.delete(session.id);
     this.#quotas.closeSession(session.uid);
+    // Its acquires still waiting leave their origins' queues now (as a `cancel` each), not at their deadlines.
+    for (const cancel of session.cancels?.values() ?? []) cancel.abort();
     for (const lease of this.#leases.endAllOf(session.id)) this.#endLease(lease, shutDown);
     this.#log.debug({ client: session.id, why }, 'client disconnected');
   }

@@ -98,6 +98,12 @@ describe('room at an origin’s cap held by idle kept-alive connections', () => 
     await eventually(async () => (await daemonStats(daemon.socketPath)).waiting === 1, 'the acquire waits at the cap');
     raw.sendJson({ type: 'cancel', acquireId: 2 });
     await eventually(async () => (await daemonStats(daemon.socketPath)).waiting === 0, 'the acquire is dropped');
+    // A client that hangs up with an acquire waiting: the acquire leaves the queue with it, not at its deadline.
+    const leaver = openRawClient(daemon.socketPath, cleanups);
+    leaver.sendJson({ type: 'acquire', id: 1, host: '127.0.0.1', port: origin.port, timeoutMs: 60_000 });
+    await eventually(async () => (await daemonStats(daemon.socketPath)).waiting === 1, 'the leaver’s acquire waits');
+    leaver.close();
+    await eventually(async () => (await daemonStats(daemon.socketPath)).waiting === 0, 'it left with its client');
     // The room frees: nothing goes to the cancelled acquire (the next message the raw client gets is its own reply).
     for (const fd of lease.fds) native.close(fd);
     holder.sendJson({ type: 'closed', leaseId: (lease.message as { leaseId: number }).leaseId });
