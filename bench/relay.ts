@@ -8,13 +8,15 @@
 // Rounds alternate the peers. The origin (node:https, HTTP/1.1, a throwaway CA) runs in a child process, so that
 // the blocking node-libcurl peer and the origin do not share a loop.
 //
-//   node dist/bench/relay.js [--quick] [--mib 100] [--keep-alive-only] [--profile] [--out FILE]
+//   node dist/bench/relay.js [--quick] [--mib 100] [--keep-alive-only | --download-only] [--profile] [--out FILE]
 //   node dist/bench/relay.js --handoff-under-load [--quick] [--mib-per-s 100] [--out FILE]
 //
 // Results: bench/results/relay-<date>.json and an SVG chart of the ratios beside it. Each keep-alive round also
 // records where a request's time goes: wall µs per request, and CPU µs per request of this process (the client:
 // sockpool's runtime or node-libcurl, curl and OpenSSL included), of the daemon (all threads: with a kept-alive
-// relayed session only the relay thread works) and of the origin. --keep-alive-only: no downloads. --profile: the
+// relayed session only the relay thread works) and of the origin; each download, the CPU per MiB of the client (for
+// curl: the child's), the daemon and the origin. --keep-alive-only: no downloads; --download-only: no keep-alive
+// rounds. --profile: the
 // daemon runs under node --cpu-prof (the relay threads write profiles of their own) into
 // bench/results/profiles/relay-<date>/; `node dist/bench/profile-summary.js DIR` summarizes them. (For the client
 // side, run this script itself under `node --cpu-prof`.)
@@ -28,12 +30,13 @@
 // the same round's without (≤ 1.25× and ≤ 2×: this bench's reading of "unchanged"). Results:
 // bench/results/relay-handoff-<date>.json and a chart of the percentiles beside it (.svg).
 
-import { execFileSync, spawn } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import os from 'node:os';
 import { dirname, join } from 'node:path';
+import { createInterface } from 'node:readline';
 import { SockpoolClient } from '../client/index.js';
 import { createTestPki } from '../test/helpers/tls.js';
 import { flag, option, optionText } from './lib/args.js';
@@ -51,8 +54,9 @@ const { Easy, Multi } = require('node-libcurl') as typeof import('node-libcurl')
 
 const quick = flag('--quick');
 const keepAliveOnly = flag('--keep-alive-only');
+const downloadOnly = flag('--download-only');
 const mib = option('--mib', quick ? 20 : 100);
-const rounds = quick ? 2 : 3;
+const rounds = option('--rounds', quick ? 2 : 3);
 const requests = quick ? 500 : 2000;
 
 const ORIGIN = `
@@ -96,7 +100,55 @@ async function startOrigin(pki: ReturnType<typeof createTestPki>) {
   return { origin, port: Number(line.toString().trim()) };
 }
 
+// The curl CLI runs are started by a small process of their own, spawned once at the start: forking from this
+// process would mark every page of its heap copy-on-write, and the next sockpool download (measured in this
+// process) would pay a page fault per page it writes (13,000–20,000 of them were counted after each curl run).
+const CURL_RUNNER = `
+const { execFileSync } = require('node:child_process');
+const { readFileSync } = require('node:fs');
+const childrenCpuMs = () => {
+  const stat = readFileSync('/proc/self/stat', 'utf8');
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return (Number(fields[13]) + Number(fields[14])) * 10; // cutime + cstime, USER_HZ 100
+};
+require('node:readline').createInterface({ input: process.stdin }).on('line', (line) => {
+  const before = childrenCpuMs();
+  let error = null;
+  try { execFileSync('curl', JSON.parse(line), { stdio: ['ignore', 'ignore', 'pipe'] }); }
+  catch (e) { error = String(e.stderr || e.message); }
+  process.stdout.write(JSON.stringify({ error, cpuMs: childrenCpuMs() - before }) + '\\n');
+});
+`;
+
+/** Runs the curl CLI with the given arguments in the runner process; resolves with curl's CPU time in ms. */
+class CurlRunner {
+  #child = spawn(process.execPath, ['-e', CURL_RUNNER], { stdio: ['pipe', 'pipe', 'inherit'] });
+  #lines = createInterface({ input: this.#child.stdout! });
+
+  async run(args: string[]): Promise<number> {
+    const answer = once(this.#lines, 'line');
+    this.#child.stdin!.write(`${JSON.stringify(args)}\n`);
+    const [line] = (await answer) as [string];
+    const { error, cpuMs } = JSON.parse(line) as { error: string | null; cpuMs: number };
+    if (error) throw new Error(`curl failed: ${error}`);
+    return cpuMs;
+  }
+
+  close(): void {
+    this.#child.kill();
+  }
+}
+
 /** Per keep-alive request: wall time, CPU of each process, and the kernel's (system) share of the first two. */
+interface DownloadRound {
+  round: number;
+  sockpoolMiBPerS: number;
+  curlMiBPerS: number;
+  ratio: number;
+  /** CPU ms per MiB downloaded, per peer: the client (sockpool's runtime, or the curl CLI), daemon, origin. */
+  cpuMsPerMiB: Record<string, { client: number; clientSystem?: number; daemon: number; origin: number }>;
+}
+
 const PER_REQUEST_KEYS = ['wall', 'clientCpu', 'clientSystemCpu', 'daemonCpu', 'daemonSystemCpu', 'originCpu'] as const;
 type PerRequestKey = (typeof PER_REQUEST_KEYS)[number];
 
@@ -119,6 +171,7 @@ async function main(): Promise<void> {
     nodeArgs: profileDir ? ['--cpu-prof', '--cpu-prof-dir', profileDir] : [],
   });
   const stats = new BenchDaemonClient(daemon.socketPath);
+  const curlRunner = new CurlRunner();
   const client = new SockpoolClient({ socketPath: daemon.socketPath, threads: 0, caFile: pki.caFile });
   /** A plain node-libcurl handle for the keep-alive rows: the origin's CA, its name pinned, the body dropped. */
   const smallRequestHandle = () => {
@@ -161,7 +214,9 @@ async function main(): Promise<void> {
       /** Per request, µs: wall time and CPU of this process (the client), the daemon and the origin. */
       perRequestUs: Record<string, Record<PerRequestKey, number>>;
     }>,
-    download: [] as Array<{ round: number; sockpoolMiBPerS: number; curlMiBPerS: number; ratio: number }>,
+    download: [] as DownloadRound[],
+    /** The first download of the run, untimed for the aim (see the download loop). */
+    downloadFirst: [] as DownloadRound[],
     relayCpuMsPerMiB: 0,
   };
   try {
@@ -174,7 +229,7 @@ async function main(): Promise<void> {
       easy.perform();
       await multiPerform();
     }
-    for (let round = 1; round <= rounds; round++) {
+    for (let round = 1; round <= (downloadOnly ? 0 : rounds); round++) {
       const peers = ['sockpool', 'libcurl', 'sockpool-own-tls', 'libcurl-multi'];
       const order = [...peers.slice(round % peers.length), ...peers.slice(0, round % peers.length)];
       const perS: Record<string, number> = {};
@@ -215,20 +270,34 @@ async function main(): Promise<void> {
       });
     }
     const bytes = mib * 1024 * 1024;
-    const before = (await stats.stats()).tls as { cpuMicros: number; bytesFromOrigin: number };
-    for (let round = 1; round <= (keepAliveOnly ? 0 : rounds); round++) {
+    let before = (await stats.stats()).tls as { cpuMicros: number; bytesFromOrigin: number };
+    // Round 0 is the first download of the run (the relay thread's and the client's code still cold, their heaps
+    // still growing): kept apart as `downloadFirst`; the aim is judged on the rounds after it, as a long-running
+    // daemon and client would run.
+    for (let round = 0; round <= (keepAliveOnly ? -1 : rounds); round++) {
       const order = round % 2 === 0 ? ['curl', 'sockpool'] : ['sockpool', 'curl'];
+      // The relay's CPU per MiB is the steady state's too: counted from the first timed round (the counter is
+      // published once a second).
+      if (round === 1) {
+        await new Promise((resolve) => setTimeout(resolve, 1200));
+        before = (await stats.stats()).tls as { cpuMicros: number; bytesFromOrigin: number };
+      }
       const rate: Record<string, number> = {};
+      const cpuMsPerMiB: DownloadRound['cpuMsPerMiB'] = {};
       for (const peer of order) {
-        progress(`download round ${round}/${rounds}: ${peer} (${mib} MiB)`);
+        progress(`download round ${round === 0 ? 'first (untimed)' : `${round}/${rounds}`}: ${peer} (${mib} MiB)`);
+        const client0 = process.cpuUsage();
+        const daemon0 = cpuTimeMs(daemon.pid);
+        const origin0 = cpuTimeMs(origin.pid!);
         const t0 = performance.now();
+        let curlCpuMs = 0;
         if (peer === 'sockpool') {
           const response = await client.requestStream(`${base}/big?${bytes}`, { timeoutMs: 600_000 });
           let got = 0;
           for await (const chunk of response.body) got += chunk.length;
           if (got !== bytes) throw new Error(`sockpool got ${got} of ${bytes} bytes`);
         } else {
-          execFileSync('curl', [
+          curlCpuMs = await curlRunner.run([
             '-sS',
             '-o',
             '/dev/null',
@@ -240,12 +309,22 @@ async function main(): Promise<void> {
           ]);
         }
         rate[peer] = mib / ((performance.now() - t0) / 1000);
+        const clientCpu = process.cpuUsage(client0);
+        const clientMs = peer === 'curl' ? curlCpuMs : (clientCpu.user + clientCpu.system) / 1000;
+        const perMiB = (ms: number) => Number((ms / mib).toFixed(2));
+        cpuMsPerMiB[peer] = {
+          client: perMiB(clientMs),
+          ...(peer === 'curl' ? {} : { clientSystem: perMiB(clientCpu.system / 1000) }),
+          daemon: perMiB(cpuTimeMs(daemon.pid) - daemon0),
+          origin: perMiB(cpuTimeMs(origin.pid!) - origin0),
+        };
       }
-      results.download.push({
+      (round === 0 ? results.downloadFirst : results.download).push({
         round,
         sockpoolMiBPerS: Number(rate.sockpool!.toFixed(1)),
         curlMiBPerS: Number(rate.curl!.toFixed(1)),
         ratio: Number((rate.sockpool! / rate.curl!).toFixed(3)),
+        cpuMsPerMiB,
       });
     }
     // The relay threads publish their CPU once a second.
@@ -261,6 +340,7 @@ async function main(): Promise<void> {
     await new Promise((resolve) => setImmediate(resolve));
     multi.close();
     multiEasy.close();
+    curlRunner.close();
     await ownTlsClient.close();
     await client.close();
     stats.close();
@@ -338,10 +418,22 @@ async function main(): Promise<void> {
       ...PER_REQUEST_KEYS.map((key) => (figures[key] ?? Number.NaN).toFixed(1)),
     ]);
   }
-  console.log(
-    `keep-alive, ${requests} sequential requests per round; ratio: req/s over the blocking node-libcurl's (median ` +
-      `of ${rounds} paired rounds); µs per request (medians), CPU of this process, the daemon and the origin:\n${table(breakdown)}`,
-  );
+  if (!downloadOnly)
+    console.log(
+      `keep-alive, ${requests} sequential requests per round; ratio: req/s over the blocking node-libcurl's (median ` +
+        `of ${rounds} paired rounds); µs per request (medians), CPU of this process, the daemon and the origin:\n${table(breakdown)}`,
+    );
+  for (const round of [...results.downloadFirst, ...results.download]) {
+    const cpu = (peer: string) => {
+      const figures = round.cpuMsPerMiB[peer]!;
+      const system = figures.clientSystem === undefined ? '' : ` (kernel ${figures.clientSystem})`;
+      return `client ${figures.client}${system}, daemon ${figures.daemon}, origin ${figures.origin}`;
+    };
+    console.log(
+      `download ${round.round === 0 ? 'first (not in the median)' : `round ${round.round}`}: sockpool ${round.sockpoolMiBPerS} MiB/s (CPU ms/MiB: ${cpu('sockpool')}), ` +
+        `curl ${round.curlMiBPerS} MiB/s (${cpu('curl')}): ${round.ratio.toFixed(2)}×`,
+    );
+  }
   console.log(
     `load average ${loadAtStart[0]!.toFixed(1)} at the start, ${os.loadavg()[0]!.toFixed(1)} at the end (${os.cpus().length} CPUs, shared)`,
   );

@@ -181,8 +181,21 @@ function relay(tls: TLSSocket, tcp: Socket, client: Socket): void {
   };
   // Nobody uses a session whose idle lifetime ran out in the middle of a message: what the server sent before the
   // client spoke is kept for it (bounded), and more than that means the connection is not an idle HTTP one.
+  // The records TLS decrypts from one read of the origin's socket come as separate 'data' events in the same tick:
+  // corked until the tick ends, they reach the client's socket in one writev instead of a write each (fewer
+  // syscalls here, fewer wake-ups of the client).
+  let corked = false;
+  const uncork = () => {
+    corked = false;
+    client.uncork();
+  };
   const deliver = (chunk: Buffer) => {
     counters[COUNTER.bytesFromOrigin]! += chunk.length;
+    if (!corked) {
+      corked = true;
+      client.cork();
+      process.nextTick(uncork);
+    }
     if (!client.write(chunk)) tls.pause();
   };
   tls.on('data', (chunk: Buffer) => {
