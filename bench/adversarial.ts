@@ -12,12 +12,13 @@
 //
 // Where the time goes, per phase: the honest latency split into the acquire (the daemon's answer, as the client
 // saw it) and the rest (curl and the HTTP exchange with the origin, which runs in this process), and the CPU each
-// party used: the daemon, this process (honest client and origin), the hostile processes (reaped children), and
+// party used: the daemon, this process (honest client and origin), the hostile processes (and their launcher), and
 // the whole machine (/proc/stat: other users of the cores included). `--hostile-nice N` runs the hostile
 // processes at that nice level: what is left of the gap then is the work they cause, not their own CPU.
 // `--fresh`: every honest request asks for `connection: close`, so each takes a new lease through the daemon
 // (otherwise curl keeps its connection and most honest requests never reach the daemon).
 // `--pin` and `--cpu-groups` (root) place the parties on the cores as a real host would (see each option below).
+// The hostile processes are started by a launcher process, never by this one (see HostileLauncher).
 
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
 import { once } from 'node:events';
@@ -26,7 +27,9 @@ import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import os from 'node:os';
 import { join } from 'node:path';
+import { createInterface } from 'node:readline';
 import { SockpoolClient } from '../client/client.js';
+import type { LauncherSettings } from './fixtures/hostile-launcher.js';
 import { option } from './lib/args.js';
 import { CpuGroups } from './lib/cpu-groups.js';
 import { type BenchDaemon, repoRoot, startBenchDaemon } from './lib/daemon.js';
@@ -74,24 +77,6 @@ const inFlight = 4;
 const hostileUid = process.getuid?.() === 0 ? 65534 : undefined;
 const hostileClient = join(repoRoot, 'test', 'fixtures', 'hostile-client.mjs');
 
-/**
- * CPU time (ms) of the hostile processes: those that ended (this process's reaped children, cutime + cstime; the
- * daemon is reaped only at the end) and those running now.
- */
-function hostileCpuMs(): number {
-  const stat = readFileSync('/proc/self/stat', 'utf8');
-  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  let ms = ((Number(fields[13]) + Number(fields[14])) * 1000) / 100; // USER_HZ is 100 on Linux
-  for (const child of hostiles) {
-    try {
-      ms += cpuTimeMs(child.pid!);
-    } catch {
-      // Ended between the two reads (then not reaped yet either): its time is lost to the tally.
-    }
-  }
-  return ms;
-}
-
 /** Busy CPU time (ms) of the whole machine, all cores, from /proc/stat (everything but idle and iowait). */
 function machineBusyMs(): number {
   const [, ...ticks] = readFileSync('/proc/stat', 'utf8').split('\n')[0]!.trim().split(/\s+/);
@@ -108,13 +93,14 @@ interface CpuMark {
   machine: number;
 }
 
-function cpuMark(): CpuMark {
+async function cpuMark(): Promise<CpuMark> {
+  const hostile = ((await launcher!.command({ t: 'cpu' })) as { ms: number }).ms;
   const self = process.cpuUsage();
   return {
     at: performance.now(),
     daemon: cpuTimeMs(daemon!.pid),
     self: (self.user + self.system) / 1000,
-    hostile: hostileCpuMs(),
+    hostile,
     machine: machineBusyMs(),
   };
 }
@@ -143,48 +129,53 @@ let daemon: BenchDaemon | undefined;
 let client: SockpoolClient | undefined;
 let server: http.Server | undefined;
 const dir = mkdtempSync(join(os.tmpdir(), 'sockpool-adversarial-'));
-const hostiles = new Set<ChildProcess>();
-let attacking = false;
-let hostileSpawns = 0;
+let launcher: HostileLauncher | undefined;
 
-/** Keeps one hostile mode running (a new process as soon as the last one ends) while `attacking`. */
-function keepAttacking(args: string[]): Promise<void> {
-  return new Promise((resolve) => {
-    const next = () => {
-      if (!attacking) {
-        resolve();
-        return;
-      }
-      const [command, ...argv] = [
-        ...onDaemonCpu,
-        ...(hostileNice > 0 ? ['nice', '-n', String(hostileNice)] : []),
-        process.execPath,
-        hostileClient,
-        ...args,
-      ];
-      hostileSpawns++;
-      const child = spawn(command!, argv, {
-        stdio: 'ignore',
-        detached: ownSessions,
-        ...(hostileUid === undefined ? {} : { uid: hostileUid, gid: hostileUid }),
-      });
-      // Moved by its pid as soon as it exists (it runs as another uid, so it cannot move itself): the first
-      // instructions of its start-up may run outside the group, nothing it starts does.
-      if (hostileGroup && child.pid !== undefined) cpuGroups!.move(hostileGroup, child.pid);
-      hostiles.add(child);
-      child.once('exit', () => {
-        hostiles.delete(child);
-        next();
-      });
+/**
+ * The hostile processes are started by a launcher process (fixtures/hostile-launcher.ts), not by this one: a spawn
+ * forks the process it is called in, and this one is the honest side being measured (see the launcher's header).
+ * The launcher runs where the hostile processes run (the daemon's CPU with --pin, the hostile CPU group).
+ */
+class HostileLauncher {
+  #child: ChildProcess;
+  #lines: ReturnType<typeof createInterface>;
+
+  constructor() {
+    const settings: LauncherSettings = {
+      hostileClient,
+      prefix: onDaemonCpu,
+      nice: hostileNice,
+      ownSessions,
+      uid: hostileUid,
     };
-    next();
-  });
+    const [command, ...argv] = [
+      ...(hostileGroup ? cpuGroups!.wrap(hostileGroup) : []),
+      ...onDaemonCpu,
+      process.execPath,
+      join(repoRoot, 'dist', 'bench', 'fixtures', 'hostile-launcher.js'),
+      JSON.stringify(settings),
+    ];
+    this.#child = spawn(command!, argv, { stdio: ['pipe', 'pipe', 'inherit'], detached: ownSessions });
+    this.#lines = createInterface({ input: this.#child.stdout! });
+  }
+
+  async command(message: object): Promise<object> {
+    const answer = once(this.#lines, 'line');
+    this.#child.stdin!.write(`${JSON.stringify(message)}\n`);
+    const [line] = (await answer) as [string];
+    return JSON.parse(line) as object;
+  }
+
+  close(): void {
+    this.#child.stdin!.end();
+  }
 }
 
 async function main(): Promise<void> {
   // Every thread of this process (the honest client runs with threads: 0, but libuv and V8 have threads too).
   if (pin) execFileSync('taskset', ['-apc', '0', String(process.pid)], { stdio: 'ignore' });
   if (honestGroup) cpuGroups!.move(honestGroup, process.pid);
+  launcher = new HostileLauncher();
   server = http.createServer((request, response) => {
     response.setHeader('content-type', 'text/plain');
     response.end(request.url);
@@ -224,44 +215,26 @@ async function main(): Promise<void> {
   };
   const phase = async (samples: PhaseSamples) => {
     let issued = 0;
-    const from = cpuMark();
+    const from = await cpuMark();
     await Promise.all(
       Array.from({ length: inFlight }, async () => {
         while (issued++ < requestsPerRound) await request(samples);
       }),
     );
-    samples.cpu.add(from, cpuMark());
+    samples.cpu.add(from, await cpuMark());
   };
   log(`warm-up; hostile clients run as ${hostileUid === undefined ? 'this uid' : `uid ${hostileUid}`}`);
   await phase(new PhaseSamples());
   const quiet = new PhaseSamples();
   const hostile = new PhaseSamples();
+  let spawnsSoFar = 0;
   for (let i = 0; i < rounds; i++) {
     await phase(quiet);
-    attacking = true;
-    const socket = daemon.socketPath;
-    const attacks = [
-      keepAttacking(['write-release', socket, String(port), '200']),
-      keepAttacking(['closed-keep', socket, String(port), '50']),
-      keepAttacking(['prewarm', socket, String(port), '50']),
-      keepAttacking(['garbage', socket, '20']),
-    ];
-    const spawnsBefore = hostileSpawns;
-    const [floodCommand, ...floodArgs] = [...onDaemonCpu, process.execPath, hostileClient, 'sessions', socket, '100'];
-    const flood = spawn(floodCommand!, floodArgs, {
-      stdio: 'ignore',
-      detached: ownSessions,
-      ...(hostileUid === undefined ? {} : { uid: hostileUid, gid: hostileUid }),
-    });
-    if (hostileGroup && flood.pid !== undefined) cpuGroups!.move(hostileGroup, flood.pid);
-    hostiles.add(flood);
+    const spawnsBefore = spawnsSoFar;
+    await launcher.command({ t: 'start', socket: daemon.socketPath, port });
     await phase(hostile);
-    attacking = false;
-    flood.kill('SIGKILL');
-    hostiles.delete(flood);
-    for (const child of hostiles) child.kill('SIGKILL');
-    await Promise.all(attacks);
-    hostile.spawns += hostileSpawns - spawnsBefore + 1;
+    spawnsSoFar = ((await launcher.command({ t: 'stop' })) as { spawns: number }).spawns;
+    hostile.spawns += spawnsSoFar - spawnsBefore;
     log(`round ${i + 1}/${rounds} done`);
   }
   const ms = (us: number) => String(round(us / 1000, 2));
@@ -341,8 +314,7 @@ class PhaseSamples {
 runBench(
   main,
   async () => {
-    attacking = false;
-    for (const child of hostiles) child.kill('SIGKILL');
+    launcher?.close();
     await client?.close();
     await daemon?.stop();
     server?.closeAllConnections();
