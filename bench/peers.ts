@@ -205,11 +205,22 @@ function roundsFor(lab: boolean): number {
 
 /**
  * Zones a set uses: keep-alive (2 schemes x 2 modes), crawler mix (2 schemes x 2 variants, 3 with --baseline),
- * throughput; per round.
+ * throughput; per round; and the crawl's warm-up rounds.
  */
 function zonesNeeded(): number {
-  return Math.max(settings.rounds.lab, settings.rounds.loopback) * (4 + (settings.baseline ? 6 : 4) + 1);
+  const crawlZones = settings.baseline ? 6 : 4;
+  return (
+    Math.max(settings.rounds.lab, settings.rounds.loopback) * (4 + crawlZones + 1) + CRAWL_WARMUP_ROUNDS * crawlZones
+  );
 }
+
+/**
+ * Untimed crawl rounds before the timed ones, every variant run as in a timed round (host names of their own): the
+ * first crawl after the runners and the daemon started ran on cold code (JIT) and measured that, not the crawl; the
+ * first timed round was the slowest of three in most runs, sockpool's not-announced variant most of all (the daemon's
+ * connects are in its timed part).
+ */
+const CRAWL_WARMUP_ROUNDS = 1;
 
 /** The order of the peers for the k-th origin, round or run: rotated, so nobody always goes first. */
 function rotate<T>(items: T[], k: number): T[] {
@@ -353,11 +364,13 @@ async function loadRounds(
   concurrency: number,
   rounds: number,
   jobs: (round: number) => LoadJob[],
+  warmupRounds = 0,
 ): Promise<LoadRun[]> {
   const byVariant = new Map<string, { peer: PeerName; rounds: LoadResult[] }>();
-  for (let r = 1; r <= rounds; r++) {
+  for (let r = 1 - warmupRounds; r <= rounds; r++) {
     for (const job of rotate(jobs(r), r)) {
-      progress.update(`${scenario}, ${scheme}, ${mode}, round ${r}/${rounds}`, variantLabel(job.variant));
+      const label = r < 1 ? `warm-up round ${r + warmupRounds}/${warmupRounds} (untimed)` : `round ${r}/${rounds}`;
+      progress.update(`${scenario}, ${scheme}, ${mode}, ${label}`, variantLabel(job.variant));
       const before = scenario === 'crawl' ? await originConnections?.() : undefined;
       const cpuBefore = scenario === 'crawl' ? daemonCpu?.() : undefined;
       const result = await job.runner.call<LoadResult>('load', { concurrency, ...job.payload });
@@ -366,6 +379,7 @@ async function loadRounds(
       if (before && after) result.originConnections = after[scheme] - before[scheme];
       if (cpuBefore !== undefined && cpuAfter !== undefined) result.daemonCpuMs = cpuAfter - cpuBefore;
       if (result.errors > 0) log(`  ${job.variant}: ${result.errors} errors; first: ${result.firstError}`);
+      if (r < 1) continue;
       const entry = byVariant.get(job.variant) ?? { peer: job.runner.peer, rounds: [] };
       entry.rounds.push(result);
       byVariant.set(job.variant, entry);
@@ -428,44 +442,52 @@ async function crawl(
   for (const scheme of SCHEMES) {
     const started = performance.now();
     runs.push(
-      ...(await loadRounds('crawl', scheme, 'mix', concurrency, roundsFor(lab), (r) => {
-        const mix = zipfOrigins(set.options.origins, requests, seed + r);
-        const announcedZone = zones.next();
-        const unannouncedZone = zones.next();
-        const urls = mix.map((n, i) => set.url(scheme, set.host(n, announcedZone), `/crawl/${r}/${i}`));
-        const perOrigin = new Map<number, number>();
-        for (const n of mix) perOrigin.set(n, (perOrigin.get(n) ?? 0) + 1);
-        const announce: Announce = {
-          origins: [...perOrigin].map(([n, count]) => ({
-            host: set.host(n, announcedZone),
-            port: set.port(scheme),
-            count: Math.min(count, maxAnnouncedPerOrigin),
-          })),
-          timeoutMs: 60_000,
-        };
-        const unannounced = mix.map((n, i) => set.url(scheme, set.host(n, unannouncedZone), `/crawl/${r}/${i}`));
-        const base = { count: requests, warmup: 0, prepareUrls, ...(settings.trace ? { trace: true } : {}) };
-        // The baseline's not-announced run needs names neither sockpool client has used (a zone of its own).
-        const baselineZone = baseline ? zones.next() : undefined;
-        const baselineUrls =
-          baselineZone === undefined
-            ? []
-            : mix.map((n, i) => set.url(scheme, set.host(n, baselineZone), `/crawl/${r}/${i}`));
-        return [
-          ...runners.map((runner) => ({ variant: runner.peer, runner, payload: { ...base, urls } })),
-          // The whole list at once, to a client running `concurrency` at a time: the rest wait in its queue.
-          { variant: 'sockpool-unannounced', runner: sockpool, payload: { ...base, urls: unannounced, queue: true } },
-          ...(baseline
-            ? [
-                {
-                  variant: 'sockpool-unannounced (baseline)',
-                  runner: baseline,
-                  payload: { ...base, urls: baselineUrls, queue: true },
-                },
-              ]
-            : []),
-        ].map((job) => (job.variant === 'sockpool' ? { ...job, payload: { ...job.payload, announce } } : job));
-      })),
+      ...(await loadRounds(
+        'crawl',
+        scheme,
+        'mix',
+        concurrency,
+        roundsFor(lab),
+        (r) => {
+          const mix = zipfOrigins(set.options.origins, requests, seed + r);
+          const announcedZone = zones.next();
+          const unannouncedZone = zones.next();
+          const urls = mix.map((n, i) => set.url(scheme, set.host(n, announcedZone), `/crawl/${r}/${i}`));
+          const perOrigin = new Map<number, number>();
+          for (const n of mix) perOrigin.set(n, (perOrigin.get(n) ?? 0) + 1);
+          const announce: Announce = {
+            origins: [...perOrigin].map(([n, count]) => ({
+              host: set.host(n, announcedZone),
+              port: set.port(scheme),
+              count: Math.min(count, maxAnnouncedPerOrigin),
+            })),
+            timeoutMs: 60_000,
+          };
+          const unannounced = mix.map((n, i) => set.url(scheme, set.host(n, unannouncedZone), `/crawl/${r}/${i}`));
+          const base = { count: requests, warmup: 0, prepareUrls, ...(settings.trace ? { trace: true } : {}) };
+          // The baseline's not-announced run needs names neither sockpool client has used (a zone of its own).
+          const baselineZone = baseline ? zones.next() : undefined;
+          const baselineUrls =
+            baselineZone === undefined
+              ? []
+              : mix.map((n, i) => set.url(scheme, set.host(n, baselineZone), `/crawl/${r}/${i}`));
+          return [
+            ...runners.map((runner) => ({ variant: runner.peer, runner, payload: { ...base, urls } })),
+            // The whole list at once, to a client running `concurrency` at a time: the rest wait in its queue.
+            { variant: 'sockpool-unannounced', runner: sockpool, payload: { ...base, urls: unannounced, queue: true } },
+            ...(baseline
+              ? [
+                  {
+                    variant: 'sockpool-unannounced (baseline)',
+                    runner: baseline,
+                    payload: { ...base, urls: baselineUrls, queue: true },
+                  },
+                ]
+              : []),
+          ].map((job) => (job.variant === 'sockpool' ? { ...job, payload: { ...job.payload, announce } } : job));
+        },
+        CRAWL_WARMUP_ROUNDS,
+      )),
     );
     log(`  crawler mix, ${scheme}: ${((performance.now() - started) / 1000).toFixed(1)} s`);
   }
