@@ -47,6 +47,7 @@ export const DEFAULTS = {
   logLevel: 'info' as LogLevel,
   metricsPort: 0,
   metricsHost: '127.0.0.1',
+  restrictBind: true,
   access: {
     socketMode: '0660',
     allowUids: [] as number[],
@@ -352,6 +353,8 @@ export const configSchema = z
     logLevel: z.enum(LOG_LEVELS).default(DEFAULTS.logLevel),
     metricsPort: z.int().min(0).max(65535).default(DEFAULTS.metricsPort),
     metricsHost: ipAddress.default(DEFAULTS.metricsHost),
+    // Landlock: TCP binds only to port 0 and metricsPort (bind-restriction.ts); applied by sockpoold's entry point.
+    restrictBind: z.boolean().default(DEFAULTS.restrictBind),
     access: z
       .strictObject({
         socketMode: z

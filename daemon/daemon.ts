@@ -13,6 +13,7 @@ import { dirname } from 'node:path';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
 import { type Origin, originKey, parseOriginKey } from '../shared/origin.js';
+import type { BindRestrictionReport } from './bind-restriction.js';
 import { parseProxyUrl, type SockpoolConfig } from './config.js';
 import { ConnectGate } from './connect-gate.js';
 import { type ConnectedSocket, TcpConnector } from './connector.js';
@@ -67,12 +68,15 @@ export interface DaemonOptions {
   log: Logger;
   /** Re-reads the configuration (file plus flags) for SIGHUP; throws SOCKPOOL_ERR_CONFIG on a bad file. */
   reloadConfig?: () => SockpoolConfig;
+  /** What the process entry point did about TCP binds (bind-restriction.ts), for stats and the ready line. */
+  bindRestriction?: BindRestrictionReport;
 }
 
 export class Sockpoold {
   #config: SockpoolConfig;
   #log: Logger;
   #reloadConfig: (() => SockpoolConfig) | undefined;
+  #bindRestriction: BindRestrictionReport | undefined;
   #notifier = new Notifier();
   #store: StateStore;
   #metrics: Metrics;
@@ -103,6 +107,7 @@ export class Sockpoold {
     this.#config = options.config;
     this.#log = options.log;
     this.#reloadConfig = options.reloadConfig;
+    this.#bindRestriction = options.bindRestriction;
     this.#socketPath = this.#config.socket;
     // One provider of the host's interface addresses for every policy this daemon builds (reloads included); read
     // first, before anything that holds an fd, because it is what fails in a sandbox without AF_NETLINK.
@@ -196,6 +201,7 @@ export class Sockpoold {
       rates: this.#rates,
       extraStats: () => ({
         rssBytes: process.memoryUsage.rss(),
+        bindRestriction: this.#bindRestriction ?? { state: 'off', detail: 'embedded: not restricted by sockpoold' },
         adoptedFromFdStore: this.#adoptedFromFdStore,
         tls: this.#relays.counters(),
         ...(this.#fleet ? { fleet: this.#fleet.snapshot() } : {}),
@@ -219,7 +225,14 @@ export class Sockpoold {
     if (this.#fleet) await this.#startSharedWarming(this.#fleet);
     const kernelTls = detectKernelTls();
     this.#log.info(
-      { socket: this.#socketPath, stateDir: this.#config.stateDir, warming, metricsPort: this.metricsPort, kernelTls },
+      {
+        socket: this.#socketPath,
+        stateDir: this.#config.stateDir,
+        warming,
+        metricsPort: this.metricsPort,
+        kernelTls,
+        bindRestriction: this.#bindRestriction?.state,
+      },
       'sockpoold ready',
     );
     await this.#notifyReliably('READY=1', () => this.#notifier.ready(this.#statusLine()));

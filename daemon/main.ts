@@ -3,6 +3,7 @@
 // start the daemon, wire the signals. Everything else lives in daemon.ts and the modules it composes.
 
 import { Command, InvalidArgumentError, Option } from 'commander';
+import { restrictBinds } from './bind-restriction.js';
 import { applyFlags, type DaemonFlags, defaultConfig, loadConfigFile, type SockpoolConfig } from './config.js';
 import { Sockpoold } from './daemon.js';
 import { createLogger, flushLogs } from './log.js';
@@ -118,8 +119,12 @@ async function main(): Promise<void> {
   };
   process.on('SIGTERM', () => stop('SIGTERM'));
   process.on('SIGINT', () => stop('SIGINT'));
+  // Before the daemon starts any thread (they inherit it): TCP binds only to port 0 and metricsPort.
+  const bindRestriction = restrictBinds(config.restrictBind, config.metricsPort);
+  if (bindRestriction.state === 'failed') log.error(bindRestriction, 'TCP bind restriction (Landlock) failed');
+  else log.info(bindRestriction, 'TCP bind restriction (Landlock)');
   try {
-    daemon = await Sockpoold.start({ config, log, reloadConfig: loadConfig });
+    daemon = await Sockpoold.start({ config, log, reloadConfig: loadConfig, bindRestriction });
   } catch (error) {
     const withCode = error as Error & { code?: string };
     log.fatal({ code: withCode.code, err: withCode.message }, 'sockpoold failed to start');

@@ -37,7 +37,9 @@
 #include <fcntl.h>
 #include <linux/sockios.h>
 #include <sys/ioctl.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -58,6 +60,21 @@ constexpr int64_t kMaxBatch = 64;  // recvMessages: most messages per recvmmsg
 constexpr int kPollEventMask = UV_READABLE | UV_WRITABLE | UV_DISCONNECT;
 
 using FdSet = std::unordered_set<int>;
+
+// Landlock's network rules (linux/landlock.h of Linux 6.7, ABI 4; the C library's copy of the header may be older):
+// only what restrictTcpBind needs.
+struct LandlockRulesetAttr {
+  uint64_t handled_access_fs;
+  uint64_t handled_access_net;
+};
+struct LandlockNetPortAttr {
+  uint64_t allowed_access;
+  uint64_t port;
+};
+constexpr uint32_t kLandlockCreateRulesetVersion = 1U << 0;
+constexpr int kLandlockRuleNetPort = 2;
+constexpr uint64_t kLandlockAccessNetBindTcp = 1ULL << 0;
+constexpr long kLandlockFirstNetAbi = 4;
 
 // glibc's struct tcp_info stops at tcpi_total_retrans; the kernel's (linux/tcp.h, which clashes with
 // netinet/tcp.h) goes on with the byte counters. The same layout, continued.
@@ -890,6 +907,57 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     return env.Undefined();
   }
 
+  // -- Sandboxing
+
+  // Landlock: from now on this thread (and every thread and process it starts afterwards) may bind a TCP socket
+  // only to the ports listed (0: an ephemeral port the kernel picks). Threads that exist already are not
+  // restricted: Landlock applies to the calling thread. Sets no_new_privs on it first, as Landlock requires of a
+  // caller without CAP_SYS_ADMIN. Returns { abi, applied }: abi 0 when the kernel has no Landlock (or it is
+  // disabled; blocked: a system call filter refused it); applied false when its ABI predates network rules (Linux
+  // < 6.7).
+  Napi::Value RestrictTcpBind(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (info.Length() < 1 || !info[0].IsArray()) {
+      throw Napi::TypeError::New(env, "ports must be an array of integers 0-65535");
+    }
+    Napi::Array list = info[0].As<Napi::Array>();
+    std::vector<uint64_t> ports;
+    for (uint32_t i = 0; i < list.Length(); i++) {
+      Napi::Value value = list.Get(i);
+      const double number = value.IsNumber() ? value.As<Napi::Number>().DoubleValue() : -1;
+      if (!(number >= 0 && number <= 65535) || std::floor(number) != number) {
+        throw Napi::TypeError::New(env, "ports must be an array of integers 0-65535");
+      }
+      ports.push_back(static_cast<uint64_t>(number));
+    }
+    Napi::Object result = Napi::Object::New(env);
+    const long abi = ::syscall(SYS_landlock_create_ruleset, nullptr, 0, kLandlockCreateRulesetVersion);
+    // ENOSYS: no Landlock in this kernel; EOPNOTSUPP: not enabled at boot; EPERM: a seccomp filter refused the call
+    // (systemd's @system-service of systemd 252 lacks the Landlock calls).
+    if (abi < 0 && errno != ENOSYS && errno != EOPNOTSUPP && errno != EPERM) {
+      ThrowErrno(env, errno, "landlock_create_ruleset");
+    }
+    result.Set("abi", Napi::Number::New(env, abi < 0 ? 0 : static_cast<double>(abi)));
+    result.Set("blocked", Napi::Boolean::New(env, abi < 0 && errno == EPERM));
+    if (abi < kLandlockFirstNetAbi) {
+      result.Set("applied", Napi::Boolean::New(env, false));
+      return result;
+    }
+    LandlockRulesetAttr ruleset = {0, kLandlockAccessNetBindTcp};
+    FdGuard ruleset_fd(static_cast<int>(::syscall(SYS_landlock_create_ruleset, &ruleset, sizeof ruleset, 0)));
+    if (ruleset_fd.get() < 0) ThrowErrno(env, errno, "landlock_create_ruleset");
+    for (const uint64_t port : ports) {
+      LandlockNetPortAttr rule = {kLandlockAccessNetBindTcp, port};
+      if (::syscall(SYS_landlock_add_rule, ruleset_fd.get(), kLandlockRuleNetPort, &rule, 0) < 0) {
+        ThrowErrno(env, errno, "landlock_add_rule", "port " + std::to_string(port));
+      }
+    }
+    if (::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) ThrowErrno(env, errno, "prctl", "PR_SET_NO_NEW_PRIVS");
+    if (::syscall(SYS_landlock_restrict_self, ruleset_fd.get(), 0) < 0) ThrowErrno(env, errno, "landlock_restrict_self");
+    result.Set("applied", Napi::Boolean::New(env, true));
+    return result;
+  }
+
   // -- Liveness and identity
 
   // Is an idle socket still usable? Peeks one byte without consuming it; for TCP also reads tcpi_state.
@@ -1314,6 +1382,7 @@ SockpoolAddon::SockpoolAddon(Napi::Env env, Napi::Object exports) {
                            InstanceMethod<&SockpoolAddon::SetMark>("setMark", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::BindToDevice>("bindToDevice", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::SetTcpUlp>("setTcpUlp", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::RestrictTcpBind>("restrictTcpBind", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::Probe>("probe", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::PeerCredentials>("peerCredentials", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::PeerGroups>("peerGroups", napi_enumerable),

@@ -167,6 +167,7 @@ interface NativeBinding {
   setMark(fd: number, mark: number): void;
   bindToDevice(fd: number, name: string): void;
   setTcpUlp(fd: number, name: string): void;
+  restrictTcpBind(ports: number[]): BindRestriction;
   probe(fd: number): ProbeResult;
   peerCredentials(fd: number): PeerCredentials;
   peerGroups(fd: number): number[];
@@ -252,6 +253,23 @@ export function seqpacketPair(): [number, number] {
  */
 export function loopbackPair(): [number, number] {
   return binding.loopbackPair();
+}
+
+/** What restrictTcpBind did: the kernel's Landlock ABI (0: none) and whether the restriction is now in force. */
+export interface BindRestriction {
+  abi: number;
+  applied: boolean;
+  /** A system call filter (seccomp) refused the Landlock calls. */
+  blocked: boolean;
+}
+
+/**
+ * Landlock: from now on this thread, and the threads and processes it starts afterwards, may bind TCP sockets only to
+ * `ports` (0: an ephemeral port the kernel picks). Threads that exist already are not restricted (Landlock applies to
+ * the calling thread). `applied` false: the kernel's Landlock has no network rules (before Linux 6.7) or is off.
+ */
+export function restrictTcpBind(ports: number[]): BindRestriction {
+  return binding.restrictTcpBind(ports);
 }
 
 /** accept4 on a listening socket: a new fd the caller owns, or null when no connection is pending. */

@@ -43,6 +43,8 @@ describe('sockpoold under a real systemd', () => {
       'service-not-started',
       'first-connect-activates',
       'ready-status',
+      // sockpoold's own TCP bind restriction (Landlock) under the unit's system call filter.
+      'bind-restriction-enforced',
       'listen-fdnames',
       'first-request-warm',
       'first-request-on-old-connection',
