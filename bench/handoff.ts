@@ -10,8 +10,8 @@
 // node --cpu-prof, profile in bench/results/profiles); --strace (syscalls per request, strace -c attached to the
 // raw server and the daemon); --daemon PATH (another build's daemon/main.js, for A/B runs); --compare PATH (another
 // build's daemon beside this one, both in every sequential and throughput round: an A/B in one run);
-// --throughput-rounds N; --json (requesters
-// without binary framing); --out FILE (JSON results; default bench/results/handoff-<date>.json).
+// --throughput-rounds N; --json (requesters without binary framing); --fleet (the daemons as fleet members: a
+// redis-server, a fleet cap on the origin); --out FILE (JSON results; default bench/results/handoff-<date>.json).
 // docs/benchmarks.md explains every line of the output.
 
 import { spawnSync } from 'node:child_process';
@@ -20,6 +20,7 @@ import net from 'node:net';
 import os from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { type RedisServer, startRedis } from '../test/helpers/redis.js';
 import { flag, option, optionText } from './lib/args.js';
 import { type BenchDaemon, repoRoot, startBenchDaemon } from './lib/daemon.js';
 import { BenchDaemonClient, runHandoffs } from './lib/daemon-client.js';
@@ -67,6 +68,11 @@ const settings = {
   strace: flag('--strace'),
   /** Requesters speak JSON only (no binary framing), as clients before it did. */
   json: flag('--json'),
+  /**
+   * The daemons are fleet members (issue 12: "with fleet caps on, the warm handoff aims of the pool still hold"): a
+   * real redis-server, `fleet.redis` set and a `maxPerOriginFleet` on the origin (high enough never to bind).
+   */
+  fleet: flag('--fleet'),
 };
 
 const AIMS = { p50Ratio: 1.5, p99Ratio: 3, handoffsPerS: 20_000, rssBytes: 200 * 1024 * 1024 };
@@ -177,6 +183,7 @@ interface ThroughputRound {
 
 const children: BenchChild[] = [];
 const daemons: BenchDaemon[] = [];
+let redis: RedisServer | undefined;
 const tmp = mkdtempSync(join(os.tmpdir(), 'sockpool-bench-'));
 
 /** Responders (servers, the daemon) run on CPU 1 and requesters on CPU 0 with --pin; unpinned otherwise. */
@@ -245,6 +252,10 @@ async function measureLatency(startedAt: Date): Promise<LatencyResult> {
 
   if (settings.profile) mkdirSync(profileDir, { recursive: true });
   if (settings.strace) mkdirSync(resultsDir, { recursive: true });
+  if (settings.fleet) {
+    redis = await startRedis();
+    log(`fleet: the daemons are members of a fleet (redis-server on port ${redis.port}, a fleet cap on the origin)`);
+  }
   /** A daemon of `main` for the origin on `port`, with a client that has prewarmed 64 sockets. */
   const prewarmedDaemon = async (name: string, main: string | undefined, nodeArgs: string[] = []) => {
     const started = await startBenchDaemon({
@@ -254,7 +265,9 @@ async function measureLatency(startedAt: Date): Promise<LatencyResult> {
           maxIdleTotal: 1_000,
           warmOnStartOrigins: 0,
           defaults: { minIdle: 32, maxIdle: 64, maxPerOrigin: 256, idleTtlMs: 3_600_000 },
+          ...(redis ? { origins: [{ match: `${HOST}:${port}`, maxPerOriginFleet: 10_000 }] } : {}),
         },
+        ...(redis ? { fleet: { redis: redis.url } } : {}),
       },
       args: ['--allow', '127.0.0.1/32', '--allow-port', String(port)],
       nodeArgs,
@@ -1122,6 +1135,7 @@ function mb(bytes: number): string {
 async function cleanup(): Promise<void> {
   for (const daemon of daemons) await daemon.stop().catch(() => {});
   for (const child of children) await child.stop().catch(() => {});
+  await redis?.close().catch(() => {});
   rmSync(tmp, { recursive: true, force: true });
 }
 
