@@ -210,9 +210,18 @@ function roundsFor(lab: boolean): number {
 function zonesNeeded(): number {
   const crawlZones = settings.baseline ? 6 : 4;
   return (
-    Math.max(settings.rounds.lab, settings.rounds.loopback) * (4 + crawlZones + 1) + CRAWL_WARMUP_ROUNDS * crawlZones
+    Math.max(settings.rounds.lab, settings.rounds.loopback) * (4 + crawlZones + 1) +
+    KEEP_ALIVE_WARMUP_ROUNDS * 4 +
+    CRAWL_WARMUP_ROUNDS * crawlZones
   );
 }
+
+/**
+ * Untimed keep-alive rounds before the timed ones, for the same reason as the crawl's (below): sockpool's client has
+ * more JavaScript on a request's path than node-libcurl, and its per-round ratios kept rising over the first rounds
+ * (`threads: 0` http sequential 0.63, 0.74, 1.01 in one run): a round of a few thousand requests does not compile it.
+ */
+const KEEP_ALIVE_WARMUP_ROUNDS = 1;
 
 /**
  * Untimed crawl rounds before the timed ones, every variant run as in a timed round (host names of their own): the
@@ -415,11 +424,19 @@ async function keepAlive(set: OriginSet, runners: Runner[], zones: Zones, lab: b
     ] as const) {
       const started = performance.now();
       runs.push(
-        ...(await loadRounds('keep-alive', scheme, mode, concurrency, roundsFor(lab), () => {
-          const url = set.url(scheme, set.host(1, zones.next()), '/keep-alive');
-          const payload = { urls: [url], count, warmup: Math.max(10, 2 * concurrency), prepareUrls };
-          return jobsFor(runners, payload);
-        })),
+        ...(await loadRounds(
+          'keep-alive',
+          scheme,
+          mode,
+          concurrency,
+          roundsFor(lab),
+          () => {
+            const url = set.url(scheme, set.host(1, zones.next()), '/keep-alive');
+            const payload = { urls: [url], count, warmup: Math.max(10, 2 * concurrency), prepareUrls };
+            return jobsFor(runners, payload);
+          },
+          KEEP_ALIVE_WARMUP_ROUNDS,
+        )),
       );
       log(`  keep-alive, ${scheme}, ${mode}: ${((performance.now() - started) / 1000).toFixed(1)} s`);
     }
