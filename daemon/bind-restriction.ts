@@ -15,6 +15,7 @@
 //
 // fd ownership: the self-check's two sockets are closed here.
 
+import { Gauge, type Registry } from 'prom-client';
 import * as native from '../shared/native.js';
 
 export interface BindRestrictionReport {
@@ -53,6 +54,22 @@ export function restrictBinds(enabled: boolean, metricsPort: number): BindRestri
     };
   }
   return { ...selfCheck(), abi: result.abi, allowedPorts };
+}
+
+const STATES: BindRestrictionReport['state'][] = ['enforced', 'unsupported', 'off', 'unverified', 'failed'];
+
+/**
+ * `sockpool_bind_restriction{state}`: 1 for the state the daemon is in, 0 for the others, so that an alert can ask
+ * for `state="enforced"`. An embedded daemon without a report reads `off`.
+ */
+export function registerBindRestrictionMetrics(registry: Registry, report: BindRestrictionReport | undefined): void {
+  const gauge = new Gauge({
+    name: 'sockpool_bind_restriction',
+    help: "The daemon's own TCP bind restriction (Landlock): 1 for its state.",
+    labelNames: ['state'],
+    registers: [registry],
+  });
+  for (const state of STATES) gauge.set({ state }, state === (report?.state ?? 'off') ? 1 : 0);
 }
 
 /** Binds a port the kernel just handed out, by number: the restriction must refuse it. */

@@ -13,7 +13,7 @@ import { dirname } from 'node:path';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
 import { type Origin, originKey, parseOriginKey } from '../shared/origin.js';
-import type { BindRestrictionReport } from './bind-restriction.js';
+import { type BindRestrictionReport, registerBindRestrictionMetrics } from './bind-restriction.js';
 import { parseProxyUrl, type SockpoolConfig } from './config.js';
 import { ConnectGate } from './connect-gate.js';
 import { type ConnectedSocket, TcpConnector } from './connector.js';
@@ -139,6 +139,7 @@ export class Sockpoold {
     }
     this.#rates = new RateLimiter(this.#config, this.#fleet);
     registerFleetMetrics(this.#metrics.registry, () => this.#fleet, this.#rates);
+    registerBindRestrictionMetrics(this.#metrics.registry, this.#bindRestriction);
     this.#pools = new PoolManager({
       config: this.#config,
       connector,

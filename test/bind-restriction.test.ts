@@ -113,7 +113,10 @@ describe('TCP bind restriction (Landlock)', () => {
     // The port it allowed itself is the one it serves metrics on.
     const metrics = await fetch(`http://127.0.0.1:${metricsPort}/metrics`);
     expect(metrics.status).toBe(200);
-    expect(await metrics.text()).toContain('sockpool_');
+    const text = await metrics.text();
+    const state = kernelAbi.applied ? 'enforced' : 'unsupported';
+    expect(text).toContain(`sockpool_bind_restriction{state="${state}"} 1`);
+    expect(text).toContain('sockpool_bind_restriction{state="off"} 0');
     expect(daemon.output()).toContain('TCP bind restriction (Landlock)');
   });
 
