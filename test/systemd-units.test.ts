@@ -80,6 +80,8 @@ describe('systemd units', () => {
       'RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK',
       'CapabilityBoundingSet=',
       'SocketBindDeny=any',
+      // The daemon's own bind restriction (Landlock): systemd 252's @system-service lacks these calls.
+      'SystemCallFilter=landlock_create_ruleset landlock_add_rule landlock_restrict_self',
       // Wins a core when it wakes beside busy clients (bench/adversarial.ts --cpu-groups).
       'CPUWeight=1000',
     ]) {
