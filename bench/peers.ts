@@ -219,7 +219,7 @@ function zonesNeeded(): number {
 /**
  * Untimed keep-alive rounds before the timed ones, for the same reason as the crawl's (below): sockpool's client has
  * more JavaScript on a request's path than node-libcurl, and its per-round ratios kept rising over the first rounds
- * (`threads: 0` http sequential 0.63, 0.74, 1.01 in one run): a round of a few thousand requests does not compile it.
+ * (docs/benchmarks.md, fifth session): a round of a few thousand requests does not finish compiling it.
  */
 const KEEP_ALIVE_WARMUP_ROUNDS = 1;
 

@@ -102,7 +102,7 @@ async function startOrigin(pki: ReturnType<typeof createTestPki>) {
 
 // The curl CLI runs are started by a small process of their own, spawned once at the start: forking from this
 // process would mark every page of its heap copy-on-write, and the next sockpool download (measured in this
-// process) would pay a page fault per page it writes (13,000–20,000 of them were counted after each curl run).
+// process) would pay a page fault per page it writes (docs/benchmarks.md, fifth session).
 const CURL_RUNNER = `
 const { execFileSync } = require('node:child_process');
 const { readFileSync } = require('node:fs');
