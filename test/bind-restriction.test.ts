@@ -98,8 +98,16 @@ describe('TCP bind restriction (Landlock)', () => {
   });
 
   it('sockpoold restricts itself at start: enforced (self-checked), metrics served, no_new_privs set', async () => {
-    const metricsPort = await freePort();
-    daemon = await startDaemon({ args: ['--metrics-port', String(metricsPort)] });
+    // A port free a moment ago may be taken by another test before the daemon binds it: a few tries.
+    let metricsPort = 0;
+    for (let attempt = 1; !daemon; attempt++) {
+      metricsPort = await freePort();
+      try {
+        daemon = await startDaemon({ args: ['--metrics-port', String(metricsPort)] });
+      } catch (error) {
+        if (attempt === 3) throw error;
+      }
+    }
     const client = new SockpoolClient({ socketPath: daemon.socketPath, threads: 0 });
     cleanups.push(() => client.close());
     const stats = (await client.stats()) as { bindRestriction: Record<string, unknown> };
