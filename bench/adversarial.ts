@@ -18,22 +18,21 @@
 // `--fresh`: every honest request asks for `connection: close`, so each takes a new lease through the daemon
 // (otherwise curl keeps its connection and most honest requests never reach the daemon).
 // `--pin` and `--cpu-groups` (root) place the parties on the cores as a real host would (see each option below).
-// The hostile processes are started by a launcher process, never by this one (see HostileLauncher).
+// The hostile processes are started by a launcher process, never by this one (see startLauncher).
 
-import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import { once } from 'node:events';
 import { chmodSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import os from 'node:os';
 import { join } from 'node:path';
-import { createInterface } from 'node:readline';
 import { SockpoolClient } from '../client/client.js';
 import type { LauncherSettings } from './fixtures/hostile-launcher.js';
 import { option } from './lib/args.js';
 import { CpuGroups } from './lib/cpu-groups.js';
 import { type BenchDaemon, repoRoot, startBenchDaemon } from './lib/daemon.js';
-import { cpuTimeMs } from './lib/proc.js';
+import { type BenchChild, cpuTimeMs, spawnChild } from './lib/proc.js';
 import { runBench } from './lib/run.js';
 import { round, Samples, summarize, table } from './lib/stats.js';
 
@@ -94,7 +93,7 @@ interface CpuMark {
 }
 
 async function cpuMark(): Promise<CpuMark> {
-  const hostile = ((await launcher!.command({ t: 'cpu' })) as { ms: number }).ms;
+  const { ms: hostile } = await launcherCommand<{ ms: number }>({ t: 'cpu' });
   const self = process.cpuUsage();
   return {
     at: performance.now(),
@@ -129,53 +128,38 @@ let daemon: BenchDaemon | undefined;
 let client: SockpoolClient | undefined;
 let server: http.Server | undefined;
 const dir = mkdtempSync(join(os.tmpdir(), 'sockpool-adversarial-'));
-let launcher: HostileLauncher | undefined;
-
 /**
  * The hostile processes are started by a launcher process (fixtures/hostile-launcher.ts), not by this one: a spawn
  * forks the process it is called in, and this one is the honest side being measured (see the launcher's header).
  * The launcher runs where the hostile processes run (the daemon's CPU with --pin, the hostile CPU group).
  */
-class HostileLauncher {
-  #child: ChildProcess;
-  #lines: ReturnType<typeof createInterface>;
+let launcher: BenchChild | undefined;
 
-  constructor() {
-    const settings: LauncherSettings = {
-      hostileClient,
-      prefix: onDaemonCpu,
-      nice: hostileNice,
-      ownSessions,
-      uid: hostileUid,
-    };
-    const [command, ...argv] = [
-      ...(hostileGroup ? cpuGroups!.wrap(hostileGroup) : []),
-      ...onDaemonCpu,
-      process.execPath,
-      join(repoRoot, 'dist', 'bench', 'fixtures', 'hostile-launcher.js'),
-      JSON.stringify(settings),
-    ];
-    this.#child = spawn(command!, argv, { stdio: ['pipe', 'pipe', 'inherit'], detached: ownSessions });
-    this.#lines = createInterface({ input: this.#child.stdout! });
-  }
+function startLauncher(): BenchChild {
+  const settings: LauncherSettings = {
+    hostileClient,
+    prefix: onDaemonCpu,
+    nice: hostileNice,
+    ownSessions,
+    uid: hostileUid,
+  };
+  return spawnChild(
+    [process.execPath, join(repoRoot, 'dist', 'bench', 'fixtures', 'hostile-launcher.js'), JSON.stringify(settings)],
+    { wrap: [...(hostileGroup ? cpuGroups!.wrap(hostileGroup) : []), ...onDaemonCpu], ownSession: ownSessions },
+  );
+}
 
-  async command(message: object): Promise<object> {
-    const answer = once(this.#lines, 'line');
-    this.#child.stdin!.write(`${JSON.stringify(message)}\n`);
-    const [line] = (await answer) as [string];
-    return JSON.parse(line) as object;
-  }
-
-  close(): void {
-    this.#child.stdin!.end();
-  }
+/** One command to the launcher, and its answer. */
+async function launcherCommand<T>(message: object): Promise<T> {
+  launcher!.send(JSON.stringify(message));
+  return launcher!.nextMessage<T>();
 }
 
 async function main(): Promise<void> {
   // Every thread of this process (the honest client runs with threads: 0, but libuv and V8 have threads too).
   if (pin) execFileSync('taskset', ['-apc', '0', String(process.pid)], { stdio: 'ignore' });
   if (honestGroup) cpuGroups!.move(honestGroup, process.pid);
-  launcher = new HostileLauncher();
+  launcher = startLauncher();
   server = http.createServer((request, response) => {
     response.setHeader('content-type', 'text/plain');
     response.end(request.url);
@@ -231,9 +215,9 @@ async function main(): Promise<void> {
   for (let i = 0; i < rounds; i++) {
     await phase(quiet);
     const spawnsBefore = spawnsSoFar;
-    await launcher.command({ t: 'start', socket: daemon.socketPath, port });
+    await launcherCommand({ t: 'start', socket: daemon.socketPath, port });
     await phase(hostile);
-    spawnsSoFar = ((await launcher.command({ t: 'stop' })) as { spawns: number }).spawns;
+    ({ spawns: spawnsSoFar } = await launcherCommand<{ spawns: number }>({ t: 'stop' }));
     hostile.spawns += spawnsSoFar - spawnsBefore;
     log(`round ${i + 1}/${rounds} done`);
   }
@@ -314,7 +298,7 @@ class PhaseSamples {
 runBench(
   main,
   async () => {
-    launcher?.close();
+    await launcher?.stop();
     await client?.close();
     await daemon?.stop();
     server?.closeAllConnections();

@@ -36,7 +36,6 @@ import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'nod
 import { createRequire } from 'node:module';
 import os from 'node:os';
 import { dirname, join } from 'node:path';
-import { createInterface } from 'node:readline';
 import { SockpoolClient } from '../client/index.js';
 import { createTestPki } from '../test/helpers/tls.js';
 import { flag, option, optionText } from './lib/args.js';
@@ -100,46 +99,7 @@ async function startOrigin(pki: ReturnType<typeof createTestPki>) {
   return { origin, port: Number(line.toString().trim()) };
 }
 
-// The curl CLI runs are started by a small process of their own, spawned once at the start: forking from this
-// process would mark every page of its heap copy-on-write, and the next sockpool download (measured in this
-// process) would pay a page fault per page it writes (docs/benchmarks.md, fifth session).
-const CURL_RUNNER = `
-const { execFileSync } = require('node:child_process');
-const { readFileSync } = require('node:fs');
-const childrenCpuMs = () => {
-  const stat = readFileSync('/proc/self/stat', 'utf8');
-  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  return (Number(fields[13]) + Number(fields[14])) * 10; // cutime + cstime, USER_HZ 100
-};
-require('node:readline').createInterface({ input: process.stdin }).on('line', (line) => {
-  const before = childrenCpuMs();
-  let error = null;
-  try { execFileSync('curl', JSON.parse(line), { stdio: ['ignore', 'ignore', 'pipe'] }); }
-  catch (e) { error = String(e.stderr || e.message); }
-  process.stdout.write(JSON.stringify({ error, cpuMs: childrenCpuMs() - before }) + '\\n');
-});
-`;
-
-/** Runs the curl CLI with the given arguments in the runner process; resolves with curl's CPU time in ms. */
-class CurlRunner {
-  #child = spawn(process.execPath, ['-e', CURL_RUNNER], { stdio: ['pipe', 'pipe', 'inherit'] });
-  #lines = createInterface({ input: this.#child.stdout! });
-
-  async run(args: string[]): Promise<number> {
-    const answer = once(this.#lines, 'line');
-    this.#child.stdin!.write(`${JSON.stringify(args)}\n`);
-    const [line] = (await answer) as [string];
-    const { error, cpuMs } = JSON.parse(line) as { error: string | null; cpuMs: number };
-    if (error) throw new Error(`curl failed: ${error}`);
-    return cpuMs;
-  }
-
-  close(): void {
-    this.#child.kill();
-  }
-}
-
-/** Per keep-alive request: wall time, CPU of each process, and the kernel's (system) share of the first two. */
+/** One download round: each peer's rate and CPU per MiB. */
 interface DownloadRound {
   round: number;
   sockpoolMiBPerS: number;
@@ -149,6 +109,7 @@ interface DownloadRound {
   cpuMsPerMiB: Record<string, { client: number; clientSystem?: number; daemon: number; origin: number }>;
 }
 
+/** Per keep-alive request: wall time, CPU of each process, and the kernel's (system) share of the first two. */
 const PER_REQUEST_KEYS = ['wall', 'clientCpu', 'clientSystemCpu', 'daemonCpu', 'daemonSystemCpu', 'originCpu'] as const;
 type PerRequestKey = (typeof PER_REQUEST_KEYS)[number];
 
@@ -171,7 +132,16 @@ async function main(): Promise<void> {
     nodeArgs: profileDir ? ['--cpu-prof', '--cpu-prof-dir', profileDir] : [],
   });
   const stats = new BenchDaemonClient(daemon.socketPath);
-  const curlRunner = new CurlRunner();
+  // The curl CLI runs from a runner process started now, while this process is small: never forked from here
+  // (fixtures/curl-runner.ts says why).
+  const curlRunner = spawnChild([process.execPath, join(import.meta.dirname, 'fixtures', 'curl-runner.js')]);
+  /** Runs the curl CLI with these arguments; resolves with curl's CPU time in ms. */
+  const runCurl = async (args: string[]): Promise<number> => {
+    curlRunner.send(JSON.stringify(args));
+    const { error, cpuMs } = await curlRunner.nextMessage<{ error: string | null; cpuMs: number }>(() => true, 600_000);
+    if (error) throw new Error(`curl failed: ${error}`);
+    return cpuMs;
+  };
   const client = new SockpoolClient({ socketPath: daemon.socketPath, threads: 0, caFile: pki.caFile });
   /** A plain node-libcurl handle for the keep-alive rows: the origin's CA, its name pinned, the body dropped. */
   const smallRequestHandle = () => {
@@ -297,7 +267,7 @@ async function main(): Promise<void> {
           for await (const chunk of response.body) got += chunk.length;
           if (got !== bytes) throw new Error(`sockpool got ${got} of ${bytes} bytes`);
         } else {
-          curlCpuMs = await curlRunner.run([
+          curlCpuMs = await runCurl([
             '-sS',
             '-o',
             '/dev/null',
@@ -340,7 +310,7 @@ async function main(): Promise<void> {
     await new Promise((resolve) => setImmediate(resolve));
     multi.close();
     multiEasy.close();
-    curlRunner.close();
+    await curlRunner.stop();
     await ownTlsClient.close();
     await client.close();
     stats.close();
