@@ -32,6 +32,14 @@ export interface BindRestrictionReport {
   detail?: string;
 }
 
+/** A Sockpoold embedded in another program: the process entry point did not run (see the header). */
+export const EMBEDDED_UNRESTRICTED: BindRestrictionReport = {
+  state: 'off',
+  abi: 0,
+  allowedPorts: [],
+  detail: 'embedded: not restricted by sockpoold',
+};
+
 export function restrictBinds(enabled: boolean, metricsPort: number): BindRestrictionReport {
   if (!enabled) return { state: 'off', abi: 0, allowedPorts: [], detail: 'restrictBind = false' };
   const allowedPorts = metricsPort > 0 ? [0, metricsPort] : [0];
@@ -60,16 +68,16 @@ const STATES: BindRestrictionReport['state'][] = ['enforced', 'unsupported', 'of
 
 /**
  * `sockpool_bind_restriction{state}`: 1 for the state the daemon is in, 0 for the others, so that an alert can ask
- * for `state="enforced"`. An embedded daemon without a report reads `off`.
+ * for `state="enforced"`.
  */
-export function registerBindRestrictionMetrics(registry: Registry, report: BindRestrictionReport | undefined): void {
+export function registerBindRestrictionMetrics(registry: Registry, report: BindRestrictionReport): void {
   const gauge = new Gauge({
     name: 'sockpool_bind_restriction',
     help: "The daemon's own TCP bind restriction (Landlock): 1 for its state.",
     labelNames: ['state'],
     registers: [registry],
   });
-  for (const state of STATES) gauge.set({ state }, state === (report?.state ?? 'off') ? 1 : 0);
+  for (const state of STATES) gauge.set({ state }, state === report.state ? 1 : 0);
 }
 
 /** Binds a port the kernel just handed out, by number: the restriction must refuse it. */

@@ -13,7 +13,11 @@ import { dirname } from 'node:path';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
 import { type Origin, originKey, parseOriginKey } from '../shared/origin.js';
-import { type BindRestrictionReport, registerBindRestrictionMetrics } from './bind-restriction.js';
+import {
+  type BindRestrictionReport,
+  EMBEDDED_UNRESTRICTED,
+  registerBindRestrictionMetrics,
+} from './bind-restriction.js';
 import { parseProxyUrl, type SockpoolConfig } from './config.js';
 import { ConnectGate } from './connect-gate.js';
 import { type ConnectedSocket, TcpConnector } from './connector.js';
@@ -76,7 +80,7 @@ export class Sockpoold {
   #config: SockpoolConfig;
   #log: Logger;
   #reloadConfig: (() => SockpoolConfig) | undefined;
-  #bindRestriction: BindRestrictionReport | undefined;
+  #bindRestriction: BindRestrictionReport;
   #notifier = new Notifier();
   #store: StateStore;
   #metrics: Metrics;
@@ -107,7 +111,7 @@ export class Sockpoold {
     this.#config = options.config;
     this.#log = options.log;
     this.#reloadConfig = options.reloadConfig;
-    this.#bindRestriction = options.bindRestriction;
+    this.#bindRestriction = options.bindRestriction ?? EMBEDDED_UNRESTRICTED;
     this.#socketPath = this.#config.socket;
     // One provider of the host's interface addresses for every policy this daemon builds (reloads included); read
     // first, before anything that holds an fd, because it is what fails in a sandbox without AF_NETLINK.
@@ -202,7 +206,7 @@ export class Sockpoold {
       rates: this.#rates,
       extraStats: () => ({
         rssBytes: process.memoryUsage.rss(),
-        bindRestriction: this.#bindRestriction ?? { state: 'off', detail: 'embedded: not restricted by sockpoold' },
+        bindRestriction: this.#bindRestriction,
         adoptedFromFdStore: this.#adoptedFromFdStore,
         tls: this.#relays.counters(),
         ...(this.#fleet ? { fleet: this.#fleet.snapshot() } : {}),
@@ -232,7 +236,7 @@ export class Sockpoold {
         warming,
         metricsPort: this.metricsPort,
         kernelTls,
-        bindRestriction: this.#bindRestriction?.state,
+        bindRestriction: this.#bindRestriction.state,
       },
       'sockpoold ready',
     );
