@@ -251,6 +251,21 @@ describe('SocketSupply when a connection frees, or the daemon asks for idle ones
     expect(supply.close(fd)).toBe(0);
     expect(link.closedLeases).toEqual([leaseId]);
   });
+
+  it('fails a transfer whose signal fired before it started, and counts it no more', async () => {
+    const cancellation = new Cancellation();
+    const reason = new SockpoolError(ErrorCodes.ABORTED, 'aborted before the request started');
+    cancellation.cancel(reason);
+    await expect(prepare({ ...HTTP, signal: cancellation })).rejects.toBe(reason);
+    // The origin has nothing in flight: the next transfer's connection, once idle, is reclaimable. (Counted as
+    // still in flight, the origin's idle connections were never given back.)
+    const slot = await prepare(HTTP);
+    const fd = supply.open(slot);
+    supply.finish(slot);
+    supply.reclaim([slot.lease!.leaseId]);
+    expect(link.closedLeases).toEqual([slot.lease!.leaseId]);
+    expect(supply.close(fd)).toBe(0);
+  });
 });
 
 describe('SocketSupply over https', () => {

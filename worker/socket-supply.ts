@@ -225,11 +225,12 @@ export class SocketSupply {
     let giveUp: GiveUp | undefined;
     let onAbort: (() => void) | undefined;
     if (mayGiveUp) {
-      options.signal?.throwIfAborted();
       const cancellation = new Cancellation();
       giveUp = { cancellation, tokenTaken: options.tokenTaken === true };
       onAbort = () => cancellation.cancel(options.signal!.reason);
-      options.signal?.addEventListener('abort', onAbort, { once: true });
+      // (Already aborted: the acquire below fails at once, in the try that undoes this transfer's accounting.)
+      if (options.signal?.aborted) onAbort();
+      else options.signal?.addEventListener('abort', onAbort, { once: true });
       origin.givenUpBy.push(giveUp);
       signal = cancellation;
     }
