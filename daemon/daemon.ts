@@ -214,7 +214,7 @@ export class Sockpoold {
       }),
     });
     const server = this.#server;
-    this.#pools.onReclaim = (poolKey) => server.reclaim(poolKey);
+    this.#pools.onReclaim = (poolKeys) => server.reclaim(poolKeys);
     const pools = this.#pools;
     if (this.#fleet) this.#fleet.onContended = (key) => pools.reclaimFleetKey(key);
     this.#server.start();

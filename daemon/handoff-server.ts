@@ -264,13 +264,13 @@ export class HandoffServer {
   }
 
   /**
-   * Acquires wait at the cap of the pool `originKey` (PoolManager.onReclaim): every client holding leases of it is
-   * asked to end those idle in its connection cache (`reclaim`; the client shuts them down and sends `closed`, which
-   * frees their room as any `closed` does). The daemon cannot tell an idle kept-alive connection from a slow
-   * request, so it only asks; a client that does not answer changes nothing.
+   * Acquires wait at the cap of these pools (PoolManager.onReclaim): every client holding leases of them is asked to
+   * end those idle in its connection cache (`reclaim`; the client shuts them down and sends `closed`, which frees
+   * their room as any `closed` does). The daemon cannot tell an idle kept-alive connection from a slow request, so
+   * it only asks; a client that does not answer changes nothing. Each client hears only of its own leases.
    */
-  reclaim(originKey: string): void {
-    for (const [clientId, leaseIds] of this.#leases.ofOrigin(originKey)) {
+  reclaim(poolKeys: string[]): void {
+    for (const [clientId, leaseIds] of this.#leases.ofOrigins(new Set(poolKeys))) {
       const session = this.#clients.get(clientId);
       // (A client that did not say it takes the notice gets none: an unasked message could confuse it.)
       if (!session?.reclaim) continue;

@@ -81,11 +81,15 @@ export class LeaseTable {
     return this.#leases.size;
   }
 
-  /** The leases of a pool (by its key), by the client holding them: a scan, for the rare reclaim (not per handoff). */
-  ofOrigin(originKey: string): Map<number, number[]> {
+  /**
+   * The leases of these pools (by key), by the client holding them: one scan for all of them, for the reclaim (the
+   * pool manager asks for every waiting pool together, once per RECLAIM_INTERVAL_MS; an index per pool would cost
+   * every handoff).
+   */
+  ofOrigins(originKeys: ReadonlySet<string>): Map<number, number[]> {
     const byClient = new Map<number, number[]>();
     for (const lease of this.#leases.values()) {
-      if (lease.originKey !== originKey) continue;
+      if (!originKeys.has(lease.originKey)) continue;
       const ids = byClient.get(lease.clientId);
       if (ids) ids.push(lease.leaseId);
       else byClient.set(lease.clientId, [lease.leaseId]);

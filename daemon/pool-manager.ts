@@ -89,13 +89,14 @@ export class PoolManager {
   #prewarmsThisTurn = 0;
   #prewarmTurn: NodeJS.Immediate | undefined;
   #events: OriginPoolEvents;
-  /** Pools whose waiting acquires have their leases' clients asked to give idle ones back, by key: the re-ask timer. */
-  #reclaiming = new Map<string, NodeJS.Timeout>();
+  /** Pools whose waiting acquires have their leases' clients asked to give idle ones back, and the one re-ask timer. */
+  #reclaiming = new Set<OriginPool>();
+  #reclaimTimer: NodeJS.Timeout | undefined;
   /**
-   * Asks the clients holding leases of a pool (by key) to end those idle in their connection caches (the handoff
-   * server sends `reclaim`); set once the server exists.
+   * Asks the clients holding leases of these pools (by key) to end those idle in their connection caches (the handoff
+   * server sends `reclaim`, reading the lease table once for all of them); set once the server exists.
    */
-  onReclaim: ((poolKey: string) => void) | undefined;
+  onReclaim: ((poolKeys: string[]) => void) | undefined;
   /** When the last reload happened: a socket connected before it is checked again when it comes back idle. */
   #reloadedAt = Number.NEGATIVE_INFINITY;
   /** Per proxy name, the reload that changed its URL or removed it: tunnels connected before it are closed. */
@@ -429,7 +430,7 @@ export class PoolManager {
     if (this.#sweepTimer) clearInterval(this.#sweepTimer);
     clearImmediate(this.#prewarmTurn);
     this.#prewarms = [];
-    for (const timer of this.#reclaiming.values()) clearInterval(timer);
+    clearInterval(this.#reclaimTimer);
     this.#reclaiming.clear();
     const detached: Array<{ origin: Origin; socket: ConnectedSocket }> = [];
     for (const pool of this.#pools.values()) {
@@ -526,26 +527,32 @@ export class PoolManager {
    */
   reclaimFleetKey(key: string): void {
     if (this.#closed || !this.onReclaim) return;
-    for (const pool of this.#pools.values()) if (fleetKey(pool.origin) === key) this.onReclaim(pool.key);
+    const keys = [...this.#pools.values()].filter((pool) => fleetKey(pool.origin) === key).map((pool) => pool.key);
+    if (keys.length > 0) this.onReclaim(keys);
   }
 
   /**
    * Acquires wait at the pool's cap: its leases' clients are asked at once, and again every RECLAIM_INTERVAL_MS
-   * while they still wait (a connection in use now may be idle in its client's cache a moment later).
+   * while they still wait (a connection in use now may be idle in its client's cache a moment later). One timer asks
+   * for every such pool at once: the lease table is read once a tick, however many pools wait.
    */
   #reclaimFor(pool: OriginPool): void {
-    if (this.#closed || !this.onReclaim || this.#reclaiming.has(pool.key)) return;
-    this.onReclaim(pool.key);
-    const timer = setInterval(() => {
-      if (this.#closed || !pool.waitingForRoom || this.#pools.get(pool.key) !== pool) {
-        clearInterval(timer);
-        this.#reclaiming.delete(pool.key);
+    if (this.#closed || !this.onReclaim || this.#reclaiming.has(pool)) return;
+    this.#reclaiming.add(pool);
+    this.onReclaim([pool.key]);
+    if (this.#reclaimTimer) return;
+    this.#reclaimTimer = setInterval(() => {
+      for (const waiting of this.#reclaiming) {
+        if (!waiting.waitingForRoom || this.#pools.get(waiting.key) !== waiting) this.#reclaiming.delete(waiting);
+      }
+      if (this.#closed || this.#reclaiming.size === 0) {
+        clearInterval(this.#reclaimTimer);
+        this.#reclaimTimer = undefined;
         return;
       }
-      this.onReclaim?.(pool.key);
+      this.onReclaim?.([...this.#reclaiming].map((waiting) => waiting.key));
     }, RECLAIM_INTERVAL_MS);
-    timer.unref();
-    this.#reclaiming.set(pool.key, timer);
+    this.#reclaimTimer.unref();
   }
 
   /** Rate as an exponentially decaying event count: each acquire adds 1/τ, the total decays with time constant τ. */

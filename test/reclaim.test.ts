@@ -86,6 +86,34 @@ describe('room at an origin’s cap held by idle kept-alive connections', () => 
     expect(origin.maxOpen).toBe(1);
   });
 
+  it('several origins at their caps at once: each waiting client gets its room when the holder’s requests end', async () => {
+    const origins = [await countingOrigin(300, true), await countingOrigin(300, true)];
+    for (const origin of origins) cleanups.push(() => origin.close());
+    const daemon = await startTestDaemon(
+      origins.map((origin) => origin.port),
+      {
+        config: {
+          pool: { origins: origins.map((origin) => ({ match: `127.0.0.1:${origin.port}`, maxPerOrigin: 1 })) },
+        },
+      },
+    );
+    cleanups.push(() => daemon.stop());
+    const [a, b] = [0, 1].map(() => {
+      const client = new SockpoolClient({ socketPath: daemon.socketPath, threads: 1 });
+      cleanups.push(() => client.close());
+      return client;
+    }) as [SockpoolClient, SockpoolClient];
+    const urls = origins.map((origin) => `http://127.0.0.1:${origin.port}/x`);
+    // a's requests are in flight at both origins while b waits at both caps: the first asks find nothing idle, and
+    // the daemon's later asks (one for both pools together) get both connections back once a's requests are over.
+    const slow = urls.map((url) => a.request(url, { timeoutMs: 5_000 }));
+    await eventually(() => origins.every((origin) => origin.requests === 1), 'a’s requests at both origins');
+    const waiting = urls.map((url) => b.request(url, { timeoutMs: 5_000 }));
+    expect(statuses(await Promise.allSettled([...slow, ...waiting]))).toEqual([200, 200, 200, 200]);
+    for (const origin of origins) expect(origin.maxOpen).toBe(1);
+    expect((await daemonStats(daemon.socketPath)).reclaimNotices).toBeGreaterThanOrEqual(2);
+  });
+
   it('a client that gives an acquire up cancels it: the daemon drops it from the queue and lends it nothing', async () => {
     const { origin, daemon } = await capped(0, 0);
     // Raw clients: they ask for no reclaim notices, so the holder's lease stays where it is.
