@@ -35,18 +35,28 @@ export interface UsageMark {
   bytesReceived: number | undefined;
   /** Nothing was queued either way when the counters were read (see the header). */
   quiet: boolean;
+  /** The synchronous run in which this mark passed the release check (see the header); 0 when none did. */
+  checkedInRun: number;
 }
 
 /**
- * Marks whose socket passed the release check in the current synchronous run (see the header); emptied by a
- * microtask, which runs before the event loop can wait for anything.
+ * The current synchronous run (see the header): a mark that passed the release check in it carries its number. A
+ * microtask, which runs before the event loop can wait for anything, ends the run. (A number per mark instead of a
+ * set of marks: clearing a set allocates its table again, once per run on the handoff path.)
  */
-const checkedThisRun = new Set<UsageMark>();
-const forgetChecked = () => checkedThisRun.clear();
+let currentRun = 1;
+let runEnding = false;
+const endRun = () => {
+  currentRun++;
+  runEnding = false;
+};
 
 function noteChecked(mark: UsageMark): void {
-  if (checkedThisRun.size === 0) queueMicrotask(forgetChecked);
-  checkedThisRun.add(mark);
+  if (!runEnding) {
+    runEnding = true;
+    queueMicrotask(endRun);
+  }
+  mark.checkedInRun = currentRun;
 }
 
 /** Why an idle socket cannot be handed out (the pool's drop reasons). */
@@ -74,6 +84,7 @@ export function markOf(fd: number): UsageMark | undefined {
       bytesAcked: now.bytesAcked,
       bytesReceived: now.bytesReceived,
       quiet: queued === 0 && hasCounters(now.bytesSent, now.bytesAcked, now.bytesReceived, now.notsentBytes),
+      checkedInRun: 0,
     };
   } catch {
     return undefined;
@@ -86,7 +97,10 @@ export function markOf(fd: number): UsageMark | undefined {
  * quiet mark it falls back to the full probe (recv MSG_PEEK and TCP_INFO) and a full mark.
  */
 export function checkIdle(fd: number, mark: UsageMark | undefined): UsageMark | IdleFault {
-  if (mark !== undefined && checkedThisRun.delete(mark)) return mark;
+  if (mark !== undefined && mark.checkedInRun === currentRun) {
+    mark.checkedInRun = 0; // once: the next handoff of this socket reads it again
+    return mark;
+  }
   if (mark?.quiet) {
     try {
       native.tcpInfo(fd, info);
@@ -146,6 +160,7 @@ export function checkReturned(fd: number, mark: UsageMark | undefined): UsageMar
   return {
     ...mark,
     quiet: hasCounters(now.bytesSent, now.bytesAcked, now.bytesReceived, now.notsentBytes),
+    checkedInRun: 0,
   };
 }
 

@@ -57,6 +57,11 @@ namespace {
 constexpr int64_t kMaxFdsPerMessage = 253;  // the kernel's SCM_MAX_FD
 constexpr int64_t kMaxMessageBytes = 64 * 1024 * 1024;
 constexpr int64_t kMaxBatch = 64;  // recvMessages: most messages per recvmmsg
+// recvMessages' status per message (shared/native.ts reads them).
+constexpr int32_t kRecvOk = 0;
+constexpr int32_t kRecvEof = 1;
+constexpr int32_t kRecvFdTruncated = 2;
+constexpr int32_t kRecvMsgTruncated = 3;
 constexpr int kPollEventMask = UV_READABLE | UV_WRITABLE | UV_DISCONNECT;
 
 using FdSet = std::unordered_set<int>;
@@ -637,27 +642,40 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     return result;
   }
 
-  // recvmmsg: up to maxCount messages in one syscall (what is queued now; never blocks). Returns null when
-  // nothing is waiting, otherwise a flat array of [data, fds, eof] per message, where `data` is an Error (code
-  // SOCKPOOL_ERR_FD_TRUNCATED or SOCKPOOL_ERR_MSG_TRUNCATED, its fds already closed) for a message that did not
-  // fit. Stops at the first EOF. Received fds are tracked as in recvMessage.
+  // recvmmsg: up to maxCount messages in one syscall (what is queued now; never blocks), straight into the
+  // caller's `arena` (message i at i * maxBytes) with what arrived described in `meta` (per message, at
+  // i * (3 + maxFds): length, status, fd count, then the fds). Status: kRecvOk, kRecvEof, kRecvFdTruncated (the
+  // message carried more than maxFds fds; the fd count says how many arrived, all closed already),
+  // kRecvMsgTruncated (longer than maxBytes; its fds closed too). Returns how many entries it wrote, -1 when nothing
+  // is waiting. Stops at the first EOF. Received fds are tracked as in recvMessage.
+  //
+  // No JS object is made here: building a Buffer, an fd array and a result array per message through N-API cost
+  // more than the syscall itself on the daemon's hot path; the JS wrapper (shared/native.ts) builds them with
+  // plain JS, which V8 allocates inline.
   Napi::Value RecvMessages(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     const int fd = FdArg(info, 0);
-    const size_t max_bytes = static_cast<size_t>(IntegerArg(info, 1, "maxBytes", 0, kMaxMessageBytes));
+    const size_t max_bytes = static_cast<size_t>(IntegerArg(info, 1, "maxBytes", 1, kMaxMessageBytes));
     const size_t max_fds = static_cast<size_t>(IntegerArg(info, 2, "maxFds", 0, kMaxFdsPerMessage));
     const size_t max_count = static_cast<size_t>(IntegerArg(info, 3, "maxCount", 1, kMaxBatch));
-    const size_t slot_bytes = max_bytes + 1;
+    const Bytes arena = BytesArg(info, 4, "arena");
+    if (!info[5].IsTypedArray() || info[5].As<Napi::TypedArray>().TypedArrayType() != napi_int32_array) {
+      ThrowTypeError(env, "ERR_INVALID_ARG_TYPE", "The \"meta\" argument must be an instance of Int32Array");
+    }
+    Napi::Int32Array meta_array = info[5].As<Napi::Int32Array>();
+    const size_t stride = 3 + max_fds;
+    if (arena.length < max_bytes * max_count || meta_array.ElementLength() < stride * max_count) {
+      ThrowRangeError(env, "ERR_OUT_OF_RANGE", "arena or meta too small for maxCount messages");
+    }
+    int32_t* meta = meta_array.Data();
     const size_t control_length = max_fds > 0 ? CMSG_SPACE(max_fds * sizeof(int)) : 0;
     const size_t control_words = (control_length + sizeof(uint64_t) - 1) / sizeof(uint64_t) + 1;
-    if (recv_buffer_.size() < slot_bytes * max_count) recv_buffer_.resize(slot_bytes * max_count);
     if (recv_control_.size() < control_words * max_count) recv_control_.resize(control_words * max_count);
-    std::fill(recv_control_.begin(), recv_control_.begin() + control_words * max_count, 0);
     iovec vectors[kMaxBatch];
     mmsghdr messages[kMaxBatch];
     memset(messages, 0, sizeof(mmsghdr) * max_count);
     for (size_t i = 0; i < max_count; i++) {
-      vectors[i] = {recv_buffer_.data() + i * slot_bytes, max_bytes};
+      vectors[i] = {arena.data + i * max_bytes, max_bytes};
       messages[i].msg_hdr.msg_iov = &vectors[i];
       messages[i].msg_hdr.msg_iovlen = 1;
       messages[i].msg_hdr.msg_control = control_length > 0 ? recv_control_.data() + i * control_words : nullptr;
@@ -668,70 +686,74 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
       count = ::recvmmsg(fd, messages, static_cast<unsigned int>(max_count), MSG_CMSG_CLOEXEC | MSG_DONTWAIT, nullptr);
     } while (count < 0 && errno == EINTR);
     if (count < 0) {
-      if (errno == EAGAIN || errno == EWOULDBLOCK) return env.Null();
+      if (errno == EAGAIN || errno == EWOULDBLOCK) return Napi::Number::New(env, -1);
       ThrowErrno(env, errno, "recvmmsg");
     }
-    // Every fd that arrived is ours from here on: collected first, so none leaks if building the result throws.
-    std::vector<std::vector<int>> received_fds(static_cast<size_t>(count));
+    // Every fd that arrived is ours from here on: written to meta and tracked, or closed. Nothing below throws.
+    int written = 0;
     for (int m = 0; m < count; m++) {
       msghdr& header_set = messages[m].msg_hdr;
-      if (header_set.msg_controllen == 0) continue;
-      for (cmsghdr* header = CMSG_FIRSTHDR(&header_set); header != nullptr; header = CMSG_NXTHDR(&header_set, header)) {
-        if (header->cmsg_level != SOL_SOCKET || header->cmsg_type != SCM_RIGHTS) continue;
-        const size_t fd_count = (header->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-        const unsigned char* payload = CMSG_DATA(header);
-        for (size_t i = 0; i < fd_count; i++) {
-          int received_fd;
-          memcpy(&received_fd, payload + i * sizeof(int), sizeof received_fd);
-          received_fds[static_cast<size_t>(m)].push_back(received_fd);
+      int32_t* entry = meta + static_cast<size_t>(m) * stride;
+      int fds[kMaxFdsPerMessage + 2];
+      size_t fd_count = 0;
+      if (header_set.msg_controllen > 0) {
+        for (cmsghdr* header = CMSG_FIRSTHDR(&header_set); header != nullptr;
+             header = CMSG_NXTHDR(&header_set, header)) {
+          if (header->cmsg_level != SOL_SOCKET || header->cmsg_type != SCM_RIGHTS) continue;
+          const size_t n = (header->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+          const unsigned char* payload = CMSG_DATA(header);
+          for (size_t i = 0; i < n; i++) {
+            int received_fd;
+            memcpy(&received_fd, payload + i * sizeof(int), sizeof received_fd);
+            if (fd_count < sizeof fds / sizeof fds[0]) {
+              fds[fd_count++] = received_fd;
+            } else {
+              CloseQuietly(received_fd);  // cannot happen (the control buffer holds fewer), but never leak one
+            }
+          }
         }
       }
-    }
-    Napi::Array result = Napi::Array::New(env);
-    uint32_t slot = 0;
-    for (int m = 0; m < count; m++) {
-      const msghdr& header_set = messages[m].msg_hdr;
-      std::vector<int>& fds = received_fds[static_cast<size_t>(m)];
       const size_t length = messages[m].msg_len;
-      Napi::Value data;
-      if ((header_set.msg_flags & MSG_CTRUNC) != 0 || fds.size() > max_fds) {
-        for (const int received_fd : fds) CloseQuietly(received_fd);
-        Napi::Error error = CodeError(env, "SOCKPOOL_ERR_FD_TRUNCATED", "recvmmsg",
-                                      "recvmmsg SOCKPOOL_ERR_FD_TRUNCATED: the message carried more than " +
-                                          std::to_string(max_fds) + " fds; the " + std::to_string(fds.size()) +
-                                          " that arrived were closed");
-        error.Set("fdsClosed", Napi::Number::New(env, static_cast<double>(fds.size())));
-        data = error.Value();
-        fds.clear();
+      int32_t status = kRecvOk;
+      if ((header_set.msg_flags & MSG_CTRUNC) != 0 || fd_count > max_fds) {
+        status = kRecvFdTruncated;
       } else if ((header_set.msg_flags & MSG_TRUNC) != 0) {
-        for (const int received_fd : fds) CloseQuietly(received_fd);
-        Napi::Error error = CodeError(env, "SOCKPOOL_ERR_MSG_TRUNCATED", "recvmmsg",
-                                      "recvmmsg SOCKPOOL_ERR_MSG_TRUNCATED: the message was longer than " +
-                                          std::to_string(max_bytes) + " bytes; " + std::to_string(fds.size()) +
-                                          " fds that came with it were closed");
-        error.Set("fdsClosed", Napi::Number::New(env, static_cast<double>(fds.size())));
-        data = error.Value();
-        fds.clear();
-      } else {
-        for (const int received_fd : fds) tracked_.insert(received_fd);
-        data = Napi::Buffer<uint8_t>::Copy(env, recv_buffer_.data() + static_cast<size_t>(m) * slot_bytes, length);
+        status = kRecvMsgTruncated;
+      } else if (length == 0 && fd_count == 0) {
+        status = kRecvEof;
       }
-      Napi::Array fd_array = Napi::Array::New(env, fds.size());
-      for (size_t i = 0; i < fds.size(); i++) fd_array.Set(static_cast<uint32_t>(i), Napi::Number::New(env, fds[i]));
-      const bool at_eof = length == 0 && fds.empty() && (header_set.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) == 0;
-      result.Set(slot++, data);
-      result.Set(slot++, fd_array);
-      result.Set(slot++, Napi::Boolean::New(env, at_eof));
-      if (at_eof) {
+      entry[0] = static_cast<int32_t>(length);
+      entry[1] = status;
+      entry[2] = static_cast<int32_t>(fd_count);
+      if (status == kRecvOk) {
+        for (size_t i = 0; i < fd_count; i++) {
+          tracked_.insert(fds[i]);
+          entry[3 + i] = fds[i];
+        }
+      } else {
+        for (size_t i = 0; i < fd_count; i++) CloseQuietly(fds[i]);
+      }
+      written++;
+      if (status == kRecvEof) {
         // recvmmsg fills the remaining slots with the same EOF: the first one says it all. Any fds in later
         // entries cannot exist (EOF carries none), but close whatever came, to be sure nothing leaks.
         for (int rest = m + 1; rest < count; rest++) {
-          for (const int received_fd : received_fds[static_cast<size_t>(rest)]) CloseQuietly(received_fd);
+          msghdr& later = messages[rest].msg_hdr;
+          if (later.msg_controllen == 0) continue;
+          for (cmsghdr* header = CMSG_FIRSTHDR(&later); header != nullptr; header = CMSG_NXTHDR(&later, header)) {
+            if (header->cmsg_level != SOL_SOCKET || header->cmsg_type != SCM_RIGHTS) continue;
+            const size_t n = (header->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+            for (size_t i = 0; i < n; i++) {
+              int received_fd;
+              memcpy(&received_fd, CMSG_DATA(header) + i * sizeof(int), sizeof received_fd);
+              CloseQuietly(received_fd);
+            }
+          }
         }
         break;
       }
     }
-    return result;
+    return Napi::Number::New(env, written);
   }
 
   Napi::Value SendDatagram(const Napi::CallbackInfo& info) {

@@ -147,12 +147,7 @@ interface NativeBinding {
   accept(fd: number): number | null;
   sendMessage(fd: number, data: Uint8Array, fds?: readonly number[]): number | null;
   recvMessage(fd: number, maxBytes: number, maxFds: number): [Buffer, number[], boolean] | null;
-  recvMessages(
-    fd: number,
-    maxBytes: number,
-    maxFds: number,
-    maxCount: number,
-  ): Array<Buffer | Error | number[] | boolean> | null;
+  recvMessages(fd: number, maxBytes: number, maxFds: number, maxCount: number, arena: Buffer, meta: Int32Array): number;
   sendDatagram(path: string, data: Uint8Array, fds?: readonly number[]): void;
   datagramBind(path: string): number;
   tcpSocket(family: 4 | 6): number;
@@ -298,6 +293,23 @@ export function recvMessage(fd: number, maxBytes: number, maxFds: number): Recei
   return received === null ? null : { data: received[0], fds: received[1], eof: received[2] };
 }
 
+// recvMessages' buffers, one pair per thread (this module is loaded once per thread), grown as needed: the addon
+// reads into them and says what arrived (status codes as in native/sockpool_native.cc).
+let recvArena = Buffer.allocUnsafeSlow(0);
+let recvMeta = new Int32Array(0);
+const RECV_OK = 0;
+const RECV_EOF = 1;
+const RECV_FD_TRUNCATED = 2;
+
+/** A message recvMessages dropped (too many fds, or too long): its fds are closed already. */
+function truncationError(fdTruncated: boolean, maxBytes: number, maxFds: number, fdsClosed: number): NativeError {
+  const code = fdTruncated ? NativeErrorCodes.FD_TRUNCATED : NativeErrorCodes.MSG_TRUNCATED;
+  const message = fdTruncated
+    ? `recvmmsg ${code}: the message carried more than ${maxFds} fds; the ${fdsClosed} that arrived were closed`
+    : `recvmmsg ${code}: the message was longer than ${maxBytes} bytes; ${fdsClosed} fds that came with it were closed`;
+  return Object.assign(new Error(message), { code, syscall: 'recvmmsg', fdsClosed });
+}
+
 /** Most messages one recvMessages call returns. */
 export const MAX_BATCH = 64;
 
@@ -313,12 +325,29 @@ export function recvMessages(
   maxFds: number,
   maxCount: number,
 ): Array<ReceivedMessage | NativeError> | null {
-  const flat = binding.recvMessages(fd, maxBytes, maxFds, maxCount);
-  if (flat === null) return null;
+  const stride = 3 + maxFds;
+  if (recvArena.length < maxBytes * maxCount) recvArena = Buffer.allocUnsafeSlow(maxBytes * maxCount);
+  if (recvMeta.length < stride * maxCount) recvMeta = new Int32Array(stride * maxCount);
+  const count = binding.recvMessages(fd, maxBytes, maxFds, maxCount, recvArena, recvMeta);
+  if (count < 0) return null;
   const messages: Array<ReceivedMessage | NativeError> = [];
-  for (let i = 0; i < flat.length; i += 3) {
-    const data = flat[i] as Buffer | NativeError;
-    messages.push(data instanceof Error ? data : { data, fds: flat[i + 1] as number[], eof: flat[i + 2] as boolean });
+  for (let i = 0; i < count; i++) {
+    const at = i * stride;
+    const length = recvMeta[at]!;
+    const status = recvMeta[at + 1]!;
+    const fdCount = recvMeta[at + 2]!;
+    if (status === RECV_OK) {
+      // A copy (from Buffer's shared pool for small ones): the arena is overwritten by the next call.
+      const data = Buffer.allocUnsafe(length);
+      recvArena.copy(data, 0, i * maxBytes, i * maxBytes + length);
+      const fds: number[] = [];
+      for (let f = 0; f < fdCount; f++) fds.push(recvMeta[at + 3 + f]!);
+      messages.push({ data, fds, eof: false });
+    } else if (status === RECV_EOF) {
+      messages.push({ data: Buffer.alloc(0), fds: [], eof: true });
+    } else {
+      messages.push(truncationError(status === RECV_FD_TRUNCATED, maxBytes, maxFds, fdCount));
+    }
   }
   return messages;
 }
