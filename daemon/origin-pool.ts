@@ -290,10 +290,7 @@ export class OriginPool {
     }
     this.#events.idleChanged(this, -sockets.length);
     this.#settleSlots();
-    return sockets.map(
-      ({ poller: _poller, idleSince: _idleSince, recycleTimer: _timer, ownerUid: _owner, mark: _mark, ...rest }) =>
-        rest,
-    );
+    return sockets.map(connectedPart);
   }
 
   /** Adopts an already connected socket (the fd store after a restart); it is probed first. */
@@ -350,15 +347,7 @@ export class OriginPool {
         this.#events.idleChanged(this, -1);
         this.#leased++;
         if (this.#mayNeedPump()) this.#pumpSoon();
-        const {
-          poller: _poller,
-          idleSince: _idleSince,
-          recycleTimer: _timer,
-          ownerUid: _owner,
-          mark: _mark,
-          ...rest
-        } = socket;
-        return { ...rest, warm: true, mark: checked };
+        return handoffOf(socket, true, checked);
       }
       this.#drop(socket, checked);
     }
@@ -370,7 +359,7 @@ export class OriginPool {
     const waiter = ownerUid === undefined ? this.#waiters.peek() : this.#waiters.shiftOf(ownerUid);
     if (waiter) {
       this.#leased++;
-      this.#serve({ ...socket, warm: true, mark }, waiter);
+      this.#serve(handoffOf(socket, true, mark), waiter);
       return;
     }
     if (this.#idle.length >= this.policy.maxIdle) {
@@ -380,7 +369,14 @@ export class OriginPool {
       return;
     }
     const idle: IdleSocket = {
-      ...socket,
+      fd: socket.fd,
+      address: socket.address,
+      family: socket.family,
+      connectedAt: socket.connectedAt,
+      connectMs: socket.connectMs,
+      tls: socket.tls,
+      tlsCredentials: socket.tlsCredentials,
+      port: socket.port,
       idleSince: performance.now(),
       poller: undefined,
       recycleTimer: undefined,
@@ -574,7 +570,7 @@ export class OriginPool {
         }
         if (this.#waiters.length > 0) {
           this.#leased++;
-          this.#serve({ ...socket, warm: false });
+          this.#serve(handoffOf(socket, false, undefined));
         } else {
           this.#addIdle(socket);
         }
@@ -624,4 +620,36 @@ function dropReason(state: native.ProbeResult['state']): DropReason {
 /** tcpi_state 1 is TCP_ESTABLISHED; undefined means not a TCP socket (never pooled). */
 function isEstablished(tcpState: number | undefined): boolean {
   return tcpState === 1;
+}
+
+// The handoff path builds these objects field by field: an object spread or rest there (generic property copying)
+// cost more than the rest of the pool's work per handoff.
+
+/** What a pooled socket is without the pool's own fields (connector.ts ConnectedSocket). */
+function connectedPart(socket: ConnectedSocket): ConnectedSocket {
+  return {
+    fd: socket.fd,
+    address: socket.address,
+    family: socket.family,
+    connectedAt: socket.connectedAt,
+    connectMs: socket.connectMs,
+    tls: socket.tls,
+    tlsCredentials: socket.tlsCredentials,
+    port: socket.port,
+  };
+}
+
+function handoffOf(socket: ConnectedSocket, warm: boolean, mark: UsageMark | undefined): Handoff {
+  return {
+    fd: socket.fd,
+    address: socket.address,
+    family: socket.family,
+    connectedAt: socket.connectedAt,
+    connectMs: socket.connectMs,
+    tls: socket.tls,
+    tlsCredentials: socket.tlsCredentials,
+    port: socket.port,
+    warm,
+    mark,
+  };
 }

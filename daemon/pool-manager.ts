@@ -226,7 +226,21 @@ export class PoolManager {
     }
     this.#store?.recordAcquire(pool.key, { hit: handoff.warm });
     // The peer is the origin, or the proxy a tunnel goes through (a released fd must be connected to it).
-    return { ...handoff, originKey: pool.key, peerPort: handoff.port ?? pool.origin.port };
+    // Field by field, not a spread: this is on every handoff's path (see origin-pool.ts handoffOf).
+    return {
+      fd: handoff.fd,
+      address: handoff.address,
+      family: handoff.family,
+      connectedAt: handoff.connectedAt,
+      connectMs: handoff.connectMs,
+      tls: handoff.tls,
+      tlsCredentials: handoff.tlsCredentials,
+      port: handoff.port,
+      warm: handoff.warm,
+      mark: handoff.mark,
+      originKey: pool.key,
+      peerPort: handoff.port ?? pool.origin.port,
+    };
   }
 
   /** A lease of `uid` ended: its socket is closed. */

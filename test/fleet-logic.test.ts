@@ -78,6 +78,17 @@ describe('the daemon alone: a fleet of one', () => {
     expect(new RateLimiter(defaultConfig(), undefined).paramsFor(slow)).toBeUndefined();
   });
 
+  it('a reload that adds or removes the only rate is seen (a daemon without rates skips the lookup)', () => {
+    const limiter = new RateLimiter(defaultConfig(), undefined, () => 0);
+    expect(limiter.paramsFor(slow)).toBeUndefined();
+    limiter.configure(config);
+    expect(limiter.paramsFor(slow)).toEqual({ requestsPerSecond: 2, burst: 1 });
+    limiter.configure(parseConfig({ pool: { defaults: { requestsPerSecond: 5 } } }, 'reload'));
+    expect(limiter.paramsFor({ host: 'other.example', port: 80 })).toEqual({ requestsPerSecond: 5, burst: 1 });
+    limiter.configure(defaultConfig());
+    expect(limiter.paramsFor(slow)).toBeUndefined();
+  });
+
   it('a request that would wait past its deadline fails with SOCKPOOL_ERR_RATE_LIMITED and the wait', async () => {
     const limiter = new RateLimiter(config, undefined, () => 0);
     const params = limiter.paramsFor(slow)!;

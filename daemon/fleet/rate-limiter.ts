@@ -39,6 +39,8 @@ export class RateLimiter {
   #batches = new ForgetfulMap<string, TokenBatch>(MAX_BATCHES, (batch, now) => batch.held(now) === 0);
   /** fleetKey -> its rate, or null when it has none (policyFor is not cheap enough for every acquire). */
   #params = new Map<string, RateParams | null>();
+  /** Some policy (the defaults or an origin entry) has a rate: without one, every origin is answered at once. */
+  #anyRate: boolean;
   readonly counters: RateCounters = { granted: 0, limited: 0, waits: 0 };
 
   constructor(config: SockpoolConfig, fleet: Fleet | undefined, now: () => number = () => performance.now()) {
@@ -46,16 +48,20 @@ export class RateLimiter {
     this.#fleet = fleet;
     this.#now = now;
     this.#local = new LocalGcra(now);
+    this.#anyRate = hasAnyRate(config);
   }
 
   /** A reload: rates are read again. */
   configure(config: SockpoolConfig): void {
     this.#config = config;
+    this.#anyRate = hasAnyRate(config);
     this.#params.clear();
   }
 
   /** The origin's rate, or undefined when it has none. */
   paramsFor(origin: Origin): RateParams | undefined {
+    // (Every acquire asks: a daemon with no rate configured pays no key and no lookup for it.)
+    if (!this.#anyRate) return undefined;
     const key = fleetKey(origin);
     let params = this.#params.get(key);
     if (params === undefined) {
@@ -117,4 +123,11 @@ export class RateLimiter {
     if (grant.granted > wanted) batch.add(grant.granted - wanted, this.#now());
     return { granted: Math.min(wanted, grant.granted), waitMs: grant.waitMs };
   }
+}
+
+function hasAnyRate(config: SockpoolConfig): boolean {
+  return (
+    config.pool.defaults.requestsPerSecond !== undefined ||
+    config.pool.origins.some((entry) => entry.requestsPerSecond !== undefined)
+  );
 }
