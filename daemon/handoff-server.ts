@@ -534,6 +534,8 @@ export class HandoffServer {
       }
       if (warm) {
         this.#lend(session, message, origin, warm, undefined, started);
+        // Counted once the lease is out: the client's wait does not include the bookkeeping.
+        this.#pools.countWarmHandoff(warm.originKey, session.uid);
         return;
       }
     }

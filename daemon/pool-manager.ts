@@ -172,13 +172,15 @@ export class PoolManager {
       }
       throw error;
     }
-    return this.#handedOut(pool, stats, handoff);
+    this.#countHandoff(pool.key, stats, handoff.warm);
+    return this.#named(pool, handoff);
   }
 
   /**
    * acquire()'s warm path without a promise: a checked idle socket for `origin` at once, or undefined when none is
    * idle for `uid` (call acquire() then: it waits or connects). The handoff server sends the lease in the turn its
-   * acquire arrived.
+   * acquire arrived, then counts the handoff with countWarmHandoff (bookkeeping that can wait until the lease is
+   * out).
    */
   takeWarm(
     origin: Origin,
@@ -186,17 +188,25 @@ export class PoolManager {
     uid = 0,
   ): (Handoff & { originKey: string; peerPort: number }) | undefined {
     if (this.#closed) return undefined;
-    return this.#takeWarmFrom(this.#poolFor(origin, tlsTrust), uid);
+    const pool = this.#poolFor(origin, tlsTrust);
+    const handoff = pool.takeWarm(uid);
+    return handoff && this.#named(pool, handoff);
   }
 
-  /** takeWarm() once the pool is known: a checked idle socket of `pool` for `uid`, counted as demand and a hit. */
+  /** A handoff takeWarm() gave out, counted as the origin's demand and a hit (stats, metrics, history). */
+  countWarmHandoff(originKey: string, uid: number): void {
+    const stats = this.#statsOf(originKey);
+    stats.uids.add(uid);
+    this.#bumpRate(stats);
+    this.#countHandoff(originKey, stats, true);
+  }
+
+  /** takeWarm() once the pool is known, counted at once. */
   #takeWarmFrom(pool: OriginPool, uid: number): (Handoff & { originKey: string; peerPort: number }) | undefined {
     const handoff = pool.takeWarm(uid);
     if (!handoff) return undefined;
-    const stats = this.#statsOf(pool.key);
-    stats.uids.add(uid);
-    this.#bumpRate(stats);
-    return this.#handedOut(pool, stats, handoff);
+    this.countWarmHandoff(pool.key, uid);
+    return this.#named(pool, handoff);
   }
 
   /**
@@ -209,13 +219,9 @@ export class PoolManager {
     return isTlsPoolKey(pool.key) && tcpOnMiss(pool.policy);
   }
 
-  /** Counts a handoff (hit or miss) and names its pool and peer port. */
-  #handedOut(
-    pool: OriginPool,
-    stats: OriginStats,
-    handoff: Handoff,
-  ): Handoff & { originKey: string; peerPort: number } {
-    if (handoff.warm) {
+  /** Counts a handoff, a hit (warm) or a miss. */
+  #countHandoff(key: string, stats: OriginStats, warm: boolean): void {
+    if (warm) {
       stats.hits++;
       this.#hits++;
       this.#metrics?.hits.inc();
@@ -224,7 +230,11 @@ export class PoolManager {
       this.#misses++;
       this.#metrics?.misses.inc();
     }
-    this.#store?.recordAcquire(pool.key, { hit: handoff.warm });
+    this.#store?.recordAcquire(key, { hit: warm });
+  }
+
+  /** The handoff with its pool and peer port named. */
+  #named(pool: OriginPool, handoff: Handoff): Handoff & { originKey: string; peerPort: number } {
     // The peer is the origin, or the proxy a tunnel goes through (a released fd must be connected to it).
     // Field by field, not a spread: this is on every handoff's path (see origin-pool.ts handoffOf).
     return {
