@@ -196,6 +196,29 @@ describe('recvMessages (recvmmsg)', () => {
   });
 });
 
+describe('recvMessages buffers', () => {
+  it('grows its buffers for a larger maxBytes or maxCount, and a kept Buffer survives later reads', () => {
+    const before = fdCount();
+    const [sender, receiver] = native.seqpacketPair();
+    native.sendMessage(sender, Buffer.from('small'));
+    const first = native.recvMessages(receiver, 16, 0, 1)!;
+    const kept = (first[0] as native.ReceivedMessage).data;
+    const big = Buffer.alloc(60_000, 7);
+    native.sendMessage(sender, big);
+    for (let i = 0; i < 40; i++) native.sendMessage(sender, Buffer.from(`m${i}`));
+    const second = native.recvMessages(receiver, 64 * 1024, 1, native.MAX_BATCH)!;
+    expect(second).toHaveLength(41);
+    expect((second[0] as native.ReceivedMessage).data.equals(big)).toBe(true);
+    expect(second.slice(1).map((m) => (m as native.ReceivedMessage).data.toString())).toEqual(
+      Array.from({ length: 40 }, (_, i) => `m${i}`),
+    );
+    expect(kept.toString()).toBe('small');
+    native.close(sender);
+    native.close(receiver);
+    expect(fdCount()).toBe(before);
+  });
+});
+
 describe('seqpacket basics', () => {
   it('recvMessage: null when nothing is waiting, eof after the peer closes', () => {
     const before = fdCount();
