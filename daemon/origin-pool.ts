@@ -12,7 +12,7 @@ import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
 import type { Origin } from '../shared/origin.js';
 import type { OriginPolicy } from './config.js';
-import type { ConnectedSocket, Connector } from './connector.js';
+import { type ConnectedSocket, type Connector, connectedPart } from './connector.js';
 import { FairWaitQueue } from './fair-queue.js';
 import type { SlotKeeper } from './fleet/slots.js';
 import { checkIdle, markOf, type UsageMark } from './lease-guard.js';
@@ -368,22 +368,13 @@ export class OriginPool {
       this.#events.dropped(this, 'excess', 0, performance.now() - socket.connectedAt);
       return;
     }
-    const idle: IdleSocket = {
-      fd: socket.fd,
-      address: socket.address,
-      family: socket.family,
-      connectedAt: socket.connectedAt,
-      connectMs: socket.connectMs,
-      tls: socket.tls,
-      tlsCredentials: socket.tlsCredentials,
-      port: socket.port,
-      idleSince: performance.now(),
-      poller: undefined,
-      recycleTimer: undefined,
-      ownerUid,
-      // Read once when a socket enters the pool from elsewhere (a connect, the fd store), not per handoff.
-      mark: mark ?? markOf(socket.fd),
-    };
+    const idle = connectedPart(socket) as IdleSocket;
+    idle.idleSince = performance.now();
+    idle.poller = undefined;
+    idle.recycleTimer = undefined;
+    idle.ownerUid = ownerUid;
+    // Read once when a socket enters the pool from elsewhere (a connect, the fd store), not per handoff.
+    idle.mark = mark ?? markOf(socket.fd);
     this.#idle.push(idle);
     this.#armSoon();
     this.#scheduleRecycle(idle);
@@ -622,34 +613,9 @@ function isEstablished(tcpState: number | undefined): boolean {
   return tcpState === 1;
 }
 
-// The handoff path builds these objects field by field: an object spread or rest there (generic property copying)
-// cost more than the rest of the pool's work per handoff.
-
-/** What a pooled socket is without the pool's own fields (connector.ts ConnectedSocket). */
-function connectedPart(socket: ConnectedSocket): ConnectedSocket {
-  return {
-    fd: socket.fd,
-    address: socket.address,
-    family: socket.family,
-    connectedAt: socket.connectedAt,
-    connectMs: socket.connectMs,
-    tls: socket.tls,
-    tlsCredentials: socket.tlsCredentials,
-    port: socket.port,
-  };
-}
-
 function handoffOf(socket: ConnectedSocket, warm: boolean, mark: UsageMark | undefined): Handoff {
-  return {
-    fd: socket.fd,
-    address: socket.address,
-    family: socket.family,
-    connectedAt: socket.connectedAt,
-    connectMs: socket.connectMs,
-    tls: socket.tls,
-    tlsCredentials: socket.tlsCredentials,
-    port: socket.port,
-    warm,
-    mark,
-  };
+  const handoff = connectedPart(socket) as Handoff;
+  handoff.warm = warm;
+  handoff.mark = mark;
+  return handoff;
 }

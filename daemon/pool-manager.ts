@@ -6,7 +6,7 @@ import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
 import { canonicalOrigin, type Origin, originKey } from '../shared/origin.js';
 import { type OriginPolicy, policyFor, type SockpoolConfig } from './config.js';
-import type { ConnectedSocket, Connector } from './connector.js';
+import { type ConnectedSocket, type Connector, connectedPart } from './connector.js';
 import { fleetKey, type SlotKeeper } from './fleet/slots.js';
 import type { UsageMark } from './lease-guard.js';
 import type { Logger } from './log.js';
@@ -235,22 +235,13 @@ export class PoolManager {
 
   /** The handoff with its pool and peer port named. */
   #named(pool: OriginPool, handoff: Handoff): Handoff & { originKey: string; peerPort: number } {
+    const named = connectedPart(handoff) as Handoff & { originKey: string; peerPort: number };
+    named.warm = handoff.warm;
+    named.mark = handoff.mark;
+    named.originKey = pool.key;
     // The peer is the origin, or the proxy a tunnel goes through (a released fd must be connected to it).
-    // Field by field, not a spread: this is on every handoff's path (see origin-pool.ts handoffOf).
-    return {
-      fd: handoff.fd,
-      address: handoff.address,
-      family: handoff.family,
-      connectedAt: handoff.connectedAt,
-      connectMs: handoff.connectMs,
-      tls: handoff.tls,
-      tlsCredentials: handoff.tlsCredentials,
-      port: handoff.port,
-      warm: handoff.warm,
-      mark: handoff.mark,
-      originKey: pool.key,
-      peerPort: handoff.port ?? pool.origin.port,
-    };
+    named.peerPort = handoff.port ?? pool.origin.port;
+    return named;
   }
 
   /** A lease of `uid` ended: its socket is closed. */

@@ -394,6 +394,23 @@ void AttachRights(msghdr* message, RightsBuffer* buffer, const std::vector<int>&
   memcpy(CMSG_DATA(header), fds.data(), payload);
 }
 
+// Calls `take(fd)` for every fd that arrived in `message`'s SCM_RIGHTS control messages (received fds: the caller
+// owns each one from that call on).
+template <typename Take>
+void ForEachReceivedFd(msghdr* message, Take&& take) {
+  if (message->msg_controllen == 0) return;
+  for (cmsghdr* header = CMSG_FIRSTHDR(message); header != nullptr; header = CMSG_NXTHDR(message, header)) {
+    if (header->cmsg_level != SOL_SOCKET || header->cmsg_type != SCM_RIGHTS) continue;
+    const size_t count = (header->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+    const unsigned char* payload = CMSG_DATA(header);
+    for (size_t i = 0; i < count; i++) {
+      int received_fd;
+      memcpy(&received_fd, payload + i * sizeof(int), sizeof received_fd);
+      take(received_fd);
+    }
+  }
+}
+
 class Poller;
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -598,18 +615,7 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     }
     // From here on the received fds are ours: either tracked and returned, or closed before throwing.
     std::vector<int> fds;
-    if (message.msg_controllen > 0) {
-      for (cmsghdr* header = CMSG_FIRSTHDR(&message); header != nullptr; header = CMSG_NXTHDR(&message, header)) {
-        if (header->cmsg_level != SOL_SOCKET || header->cmsg_type != SCM_RIGHTS) continue;
-        const size_t count = (header->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-        const unsigned char* payload = CMSG_DATA(header);
-        for (size_t i = 0; i < count; i++) {
-          int received_fd;
-          memcpy(&received_fd, payload + i * sizeof(int), sizeof received_fd);
-          fds.push_back(received_fd);
-        }
-      }
-    }
+    ForEachReceivedFd(&message, [&fds](int received_fd) { fds.push_back(received_fd); });
     if ((message.msg_flags & MSG_CTRUNC) != 0 || fds.size() > max_fds) {
       for (const int received_fd : fds) CloseQuietly(received_fd);
       Napi::Error error = CodeError(env, "SOCKPOOL_ERR_FD_TRUNCATED", "recvmsg",
@@ -696,23 +702,13 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
       int32_t* entry = meta + static_cast<size_t>(m) * stride;
       int fds[kMaxFdsPerMessage + 2];
       size_t fd_count = 0;
-      if (header_set.msg_controllen > 0) {
-        for (cmsghdr* header = CMSG_FIRSTHDR(&header_set); header != nullptr;
-             header = CMSG_NXTHDR(&header_set, header)) {
-          if (header->cmsg_level != SOL_SOCKET || header->cmsg_type != SCM_RIGHTS) continue;
-          const size_t n = (header->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-          const unsigned char* payload = CMSG_DATA(header);
-          for (size_t i = 0; i < n; i++) {
-            int received_fd;
-            memcpy(&received_fd, payload + i * sizeof(int), sizeof received_fd);
-            if (fd_count < sizeof fds / sizeof fds[0]) {
-              fds[fd_count++] = received_fd;
-            } else {
-              CloseQuietly(received_fd);  // cannot happen (the control buffer holds fewer), but never leak one
-            }
-          }
+      ForEachReceivedFd(&header_set, [&fds, &fd_count](int received_fd) {
+        if (fd_count < sizeof fds / sizeof fds[0]) {
+          fds[fd_count++] = received_fd;
+        } else {
+          CloseQuietly(received_fd);  // cannot happen (the control buffer holds fewer), but never leak one
         }
-      }
+      });
       const size_t length = messages[m].msg_len;
       int32_t status = kRecvOk;
       if ((header_set.msg_flags & MSG_CTRUNC) != 0 || fd_count > max_fds) {
@@ -737,19 +733,7 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
       if (status == kRecvEof) {
         // recvmmsg fills the remaining slots with the same EOF: the first one says it all. Any fds in later
         // entries cannot exist (EOF carries none), but close whatever came, to be sure nothing leaks.
-        for (int rest = m + 1; rest < count; rest++) {
-          msghdr& later = messages[rest].msg_hdr;
-          if (later.msg_controllen == 0) continue;
-          for (cmsghdr* header = CMSG_FIRSTHDR(&later); header != nullptr; header = CMSG_NXTHDR(&later, header)) {
-            if (header->cmsg_level != SOL_SOCKET || header->cmsg_type != SCM_RIGHTS) continue;
-            const size_t n = (header->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-            for (size_t i = 0; i < n; i++) {
-              int received_fd;
-              memcpy(&received_fd, CMSG_DATA(header) + i * sizeof(int), sizeof received_fd);
-              CloseQuietly(received_fd);
-            }
-          }
-        }
+        for (int rest = m + 1; rest < count; rest++) ForEachReceivedFd(&messages[rest].msg_hdr, CloseQuietly);
         break;
       }
     }

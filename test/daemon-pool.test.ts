@@ -380,11 +380,19 @@ describe('fd accounting', () => {
     const snapshot = await stats(raw);
     expect(snapshot.leased).toBe(0);
     // Idle sockets may differ by maxIdle at most; a refill the sweep starts at any moment adds a connecting fd for a
-    // while, so the count is read when nothing connects (a leak of one fd per handoff would be hundreds over).
-    await eventually(async () => {
-      const { connecting } = await stats(raw);
-      return connecting === 0 && Math.abs(sockpoold.fdCount() - baseline) <= 4;
-    }, 'daemon fd count back near baseline, nothing connecting');
+    // while, so connecting sockets are not counted (a leak of one fd per handoff would be hundreds over). (Under a
+    // heavily loaded machine a refill's SYN once went unanswered for over 10 s: the origin's accept queue
+    // overflowed; the connect times out and is tried again, which is not what this test is about.)
+    let last = '';
+    await eventually(
+      async () => {
+        const { connecting, idle } = await stats(raw);
+        const count = sockpoold.fdCount();
+        last = `${count} fds against ${baseline} at the baseline, ${idle} idle, ${connecting} connecting`;
+        return Math.abs(count - connecting - baseline) <= 4;
+      },
+      () => `daemon fd count back near baseline (last: ${last})`,
+    );
   });
 });
 

@@ -94,11 +94,17 @@ export async function startDaemon(options: StartDaemonOptions = {}): Promise<Dae
 }
 
 /** Polls `check` until it returns true or the deadline passes (no wall-clock assertions: only a bound). */
-export async function eventually(check: () => boolean | Promise<boolean>, what: string, timeoutMs = 10_000) {
+export async function eventually(
+  check: () => boolean | Promise<boolean>,
+  what: string | (() => string),
+  timeoutMs = 10_000,
+) {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     if (await check()) return;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for: ${what}`);
+    if (Date.now() > deadline) {
+      throw new Error(`timed out waiting for: ${typeof what === 'function' ? what() : what}`);
+    }
     await sleep(20);
   }
 }
