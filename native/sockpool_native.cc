@@ -938,13 +938,15 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     }
     Napi::Object result = Napi::Object::New(env);
     const long abi = ::syscall(SYS_landlock_create_ruleset, nullptr, 0, kLandlockCreateRulesetVersion);
+    // Read before any N-API call, which may change errno.
+    const int version_error = abi < 0 ? errno : 0;
     // ENOSYS: no Landlock in this kernel; EOPNOTSUPP: not enabled at boot; EPERM: a seccomp filter refused the call
     // (systemd's @system-service of systemd 252 lacks the Landlock calls).
-    if (abi < 0 && errno != ENOSYS && errno != EOPNOTSUPP && errno != EPERM) {
-      ThrowErrno(env, errno, "landlock_create_ruleset");
+    if (abi < 0 && version_error != ENOSYS && version_error != EOPNOTSUPP && version_error != EPERM) {
+      ThrowErrno(env, version_error, "landlock_create_ruleset");
     }
     result.Set("abi", Napi::Number::New(env, abi < 0 ? 0 : static_cast<double>(abi)));
-    result.Set("blocked", Napi::Boolean::New(env, abi < 0 && errno == EPERM));
+    result.Set("blocked", Napi::Boolean::New(env, version_error == EPERM));
     if (abi < kLandlockFirstNetAbi) {
       result.Set("applied", Napi::Boolean::New(env, false));
       return result;
