@@ -53,8 +53,8 @@ export interface ConnectedSocket {
 
 /**
  * The ConnectedSocket fields of `socket`, which may carry more (the pool's, a handoff's): a new object, built field
- * by field. The warm handoff path makes several of these per handoff; an object spread or rest there (V8's generic
- * property copying) cost more than the rest of the pool's work.
+ * by field. The pool makes one per warm handoff and one per socket going idle; an object spread or rest there (V8's
+ * generic property copying) cost more than the rest of the pool's work.
  */
 export function connectedPart(socket: ConnectedSocket): ConnectedSocket {
   return {

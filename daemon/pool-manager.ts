@@ -6,7 +6,7 @@ import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
 import { canonicalOrigin, type Origin, originKey } from '../shared/origin.js';
 import { type OriginPolicy, policyFor, type SockpoolConfig } from './config.js';
-import { type ConnectedSocket, type Connector, connectedPart } from './connector.js';
+import type { ConnectedSocket, Connector } from './connector.js';
 import { fleetKey, type SlotKeeper } from './fleet/slots.js';
 import type { UsageMark } from './lease-guard.js';
 import type { Logger } from './log.js';
@@ -173,7 +173,7 @@ export class PoolManager {
       throw error;
     }
     this.#countHandoff(pool.key, stats, handoff.warm);
-    return this.#named(pool, handoff);
+    return named(pool, handoff);
   }
 
   /**
@@ -190,7 +190,7 @@ export class PoolManager {
     if (this.#closed) return undefined;
     const pool = this.#poolFor(origin, tlsTrust);
     const handoff = pool.takeWarm(uid);
-    return handoff && this.#named(pool, handoff);
+    return handoff && named(pool, handoff);
   }
 
   /** A handoff takeWarm() gave out, counted as the origin's demand and a hit (stats, metrics, history). */
@@ -204,9 +204,8 @@ export class PoolManager {
   /** takeWarm() once the pool is known, counted at once. */
   #takeWarmFrom(pool: OriginPool, uid: number): (Handoff & { originKey: string; peerPort: number }) | undefined {
     const handoff = pool.takeWarm(uid);
-    if (!handoff) return undefined;
-    this.countWarmHandoff(pool.key, uid);
-    return this.#named(pool, handoff);
+    if (handoff) this.countWarmHandoff(pool.key, uid);
+    return handoff && named(pool, handoff);
   }
 
   /**
@@ -231,17 +230,6 @@ export class PoolManager {
       this.#metrics?.misses.inc();
     }
     this.#store?.recordAcquire(key, { hit: warm });
-  }
-
-  /** The handoff with its pool and peer port named. */
-  #named(pool: OriginPool, handoff: Handoff): Handoff & { originKey: string; peerPort: number } {
-    const named = connectedPart(handoff) as Handoff & { originKey: string; peerPort: number };
-    named.warm = handoff.warm;
-    named.mark = handoff.mark;
-    named.originKey = pool.key;
-    // The peer is the origin, or the proxy a tunnel goes through (a released fd must be connected to it).
-    named.peerPort = handoff.port ?? pool.origin.port;
-    return named;
   }
 
   /** A lease of `uid` ended: its socket is closed. */
@@ -684,4 +672,16 @@ function tcpOnMiss(policy: OriginPolicy): boolean {
 function policyReason(error: Error): string {
   const reason = (error as { reason?: unknown }).reason;
   return typeof reason === 'string' ? reason : 'policy';
+}
+
+/**
+ * The handoff with its pool and peer port named. The pool made the handoff object for this acquire alone and keeps
+ * no reference to it, so it is named in place rather than copied (one object per handoff on the warm path).
+ */
+function named(pool: OriginPool, handoff: Handoff): Handoff & { originKey: string; peerPort: number } {
+  const result = handoff as Handoff & { originKey: string; peerPort: number };
+  result.originKey = pool.key;
+  // The peer is the origin, or the proxy a tunnel goes through (a released fd must be connected to it).
+  result.peerPort = handoff.port ?? pool.origin.port;
+  return result;
 }
