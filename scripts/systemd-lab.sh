@@ -13,6 +13,7 @@
 #   /results        RESULTS_DIR, writable; the runner adds output.log (SCRIPT's stdout+stderr), exit-code and
 #                   journal.log (the whole boot's journal)
 #   /lab/test       a copy of SCRIPT
+#   /lab/cgroups    how the lab set up the memory and pids controllers (setup_lab_cgroups below)
 #   env SOCKPOOL_LAB=1 RESULTS=/results PATH with the project's Node first
 # The root file system is mounted read-only with a tmpfs overlay (--volatile=overlay): everything a run writes
 # (units in /etc/systemd/system, /var/lib/sockpool) is gone when it powers off, and any number of runs can share
@@ -26,6 +27,9 @@
 # (it has CAP_SYS_ADMIN; there is no user namespace): the lab is no boundary against a hostile test script.
 # The Landlock calls are let through for the same reason (nspawn 252's filter refuses them, as it did not know
 # them): sockpoold restricts its own TCP binds with them (daemon/bind-restriction.ts), as it does on a host.
+# On a host with the memory and pids controllers on cgroup v1 (hybrid or legacy), the container gets writable
+# hierarchies of them, in cgroups the lab makes for the run and removes after it (setup_lab_cgroups), so that its
+# systemd applies MemoryMax= and TasksMax= (on a cgroup v2 host, not tried here, nspawn gives it a cgroup itself).
 #
 # Environment:
 #   SOCKPOOL_SYSTEMD_ROOTFS  root file system cache (default /var/cache/sockpool/systemd-rootfs)
@@ -155,11 +159,78 @@ lock_current_rootfs() {
   fi
 }
 
+# Controllers on cgroup v1 (a hybrid or legacy host): systemd-nspawn mounts their hierarchies read-only in the
+# container, which then stays in the cgroup it was started in, and its systemd can apply no limit of them. For the
+# memory and pids controllers (MemoryMax=, TasksMax=) the lab makes a cgroup of its own below the one it runs in, in
+# each of those hierarchies, starts systemd-nspawn in it (so the container's cgroup namespace is rooted there), and
+# bind-mounts it writable where the container's systemd looks for the hierarchy (/sys/fs/cgroup/HIERARCHY, inside a
+# tmpfs of its own at /sys/fs/cgroup: nspawn mounts neither over what is already mounted there, and mounts the other
+# hierarchies read-only as before). The container's systemd then makes its units' cgroups in them and writes their
+# limits (memory.limit_in_bytes, pids.max). Limits of the cgroup the lab runs in still apply (they are hierarchical).
+# Sets lab_cgroups (the directories made, for cleanup_lab_cgroups) and lab_cgroup_args (systemd-nspawn options);
+# on a host where a controller is on cgroup v2, or its hierarchy cannot be written, leaves it as nspawn has it. Writes
+# what it did to FILE (the container's /lab/cgroups), one line per controller: "CONTROLLER v1-writable HOST_DIR",
+# "CONTROLLER v1-read-only: WHY" or "CONTROLLER not-v1".
+lab_cgroups=()
+lab_cgroup_args=()
+setup_lab_cgroups() { # setup_lab_cgroups FILE
+  local file=$1 controller hierarchy path mountpoint dir error
+  : >"$file"
+  for controller in memory pids; do
+    # /proc/self/cgroup: "ID:CONTROLLERS:PATH"; a v1 hierarchy names its controllers (co-mounted ones joined by ",").
+    hierarchy=$(awk -F: -v c="$controller" '("," $2 ",") ~ ("," c ",") { print $2; exit }' /proc/self/cgroup)
+    path=$(awk -F: -v c="$controller" '("," $2 ",") ~ ("," c ",") { sub(/^[^:]*:[^:]*:/, ""); print; exit }' \
+      /proc/self/cgroup)
+    if [[ -z $hierarchy ]]; then
+      echo "${controller} not-v1" >>"$file"
+      continue
+    fi
+    # The hierarchy's mount point: a cgroup (v1) mount whose super options name the controller.
+    mountpoint=$(awk -v c="$controller" '$3 == "cgroup" && ("," $4 ",") ~ ("," c ",") { print $2; exit }' /proc/mounts)
+    dir=${mountpoint}${path%/}/sockpool-lab-$$
+    if [[ -z $mountpoint ]]; then
+      echo "${controller} v1-read-only: the host has its v1 hierarchy (${hierarchy}) mounted nowhere" >>"$file"
+      log "$(tail -1 "$file")"
+      continue
+    fi
+    if ! error=$(mkdir "$dir" 2>&1); then
+      echo "${controller} v1-read-only: the lab cannot make a cgroup in its v1 hierarchy (${error})" >>"$file"
+      log "$(tail -1 "$file")"
+      continue
+    fi
+    echo "${controller} v1-writable ${dir}" >>"$file"
+    lab_cgroups+=("$dir")
+    lab_cgroup_args+=("--bind=${dir}:/sys/fs/cgroup/${hierarchy}")
+  done
+  ((${#lab_cgroups[@]} == 0)) || lab_cgroup_args=(--tmpfs=/sys/fs/cgroup:mode=755 "${lab_cgroup_args[@]}")
+}
+
+# Removes the lab's cgroups, deepest first (with any the container's systemd left in them). Processes still in them
+# can only be the container's (systemd-nspawn killed, or this script stopped by a signal, while it ran): they are
+# killed first.
+cleanup_lab_cgroups() {
+  local dir pids
+  for dir in "${lab_cgroups[@]}"; do
+    [[ -d $dir ]] || continue
+    for _ in {1..10}; do
+      pids=$(find "$dir" -name cgroup.procs -exec cat {} + 2>/dev/null | sort -u)
+      [[ -z $pids ]] && break
+      log "killing processes left in ${dir}: $(echo $pids)"
+      # shellcheck disable=SC2086 # one PID per word
+      kill -KILL $pids 2>/dev/null || true
+      sleep 0.5
+    done
+    find "$dir" -depth -type d -exec rmdir {} + 2>/dev/null || log "could not remove ${dir}"
+  done
+}
+
 run_script() {
   local script=$1 results=${2:-} rundir status started
   [[ -f $script ]] || die "no such script: ${script}"
   rundir=$(mktemp -d /tmp/sockpool-lab.XXXXXX)
-  trap 'rm -rf "$rundir"' EXIT
+  trap 'cleanup_lab_cgroups; rm -rf "$rundir"' EXIT
+  trap 'exit 143' TERM INT HUP
+  setup_lab_cgroups "$rundir/cgroups"
   [[ -n $results ]] || results=$(mktemp -d /tmp/sockpool-lab-results.XXXXXX)
   mkdir -p "$results"
   rm -f "$results/exit-code" "$results/output.log" "$results/journal.log"
@@ -167,12 +238,16 @@ run_script() {
   started=$(date +%s%N)
   status=0
   # --keep-unit --register=no: there is no systemd on the host to make a scope or register a machine with.
-  timeout --kill-after=10 "$timeout_seconds" \
-    systemd-nspawn --quiet --directory="$rootfs" --register=no --keep-unit --volatile=overlay \
-    --machine="sockpool-lab-$$" --console="$console" \
-    --bind-ro="$project:/opt/sockpool" --bind-ro="$rundir:/lab" --bind="$results:/results" \
-    --private-network --system-call-filter='bpf landlock_create_ruleset landlock_add_rule landlock_restrict_self' \
-    --boot -- systemd.show_status=auto || status=$?
+  # The subshell moves itself into the lab's cgroups (setup_lab_cgroups) and becomes timeout, then systemd-nspawn.
+  (
+    for dir in "${lab_cgroups[@]}"; do echo "$BASHPID" >"${dir}/cgroup.procs"; done
+    exec timeout --kill-after=10 "$timeout_seconds" \
+      systemd-nspawn --quiet --directory="$rootfs" --register=no --keep-unit --volatile=overlay \
+      --machine="sockpool-lab-$$" --console="$console" \
+      --bind-ro="$project:/opt/sockpool" --bind-ro="$rundir:/lab" --bind="$results:/results" "${lab_cgroup_args[@]}" \
+      --private-network --system-call-filter='bpf landlock_create_ruleset landlock_add_rule landlock_restrict_self' \
+      --boot -- systemd.show_status=auto
+  ) || status=$?
   log "container ran $((($(date +%s%N) - started) / 1000000)) ms, results in ${results}"
   if [[ $status -eq 124 || $status -eq 137 ]]; then
     log "timed out after ${timeout_seconds} s"

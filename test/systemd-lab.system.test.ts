@@ -67,8 +67,8 @@ describe('sockpoold under a real systemd', () => {
       expect(summary, context).toMatch(new RegExp(`^ok ${check}$`, 'm'));
     }
     // What this systemd or host cannot apply is reported as "unsupported NAME: why", the fixture having checked the
-    // why (systemd built without BPF_FRAMEWORK; the controller on a read-only cgroup v1 hierarchy); anything else
-    // that is not "ok" is a FAIL line above.
+    // why (systemd built without BPF_FRAMEWORK; the controller on a read-only cgroup v1 hierarchy because the lab
+    // could not make a writable one, scripts/systemd-lab.sh); anything else that is not "ok" is a FAIL line above.
     for (const check of ['socket-bind-refused', 'memory-max-applied', 'tasks-max-applied']) {
       expect(summary, context).toMatch(new RegExp(`^(ok ${check}|unsupported ${check}: .+)$`, 'm'));
     }
