@@ -19,6 +19,8 @@
 // (otherwise curl keeps its connection and most honest requests never reach the daemon).
 // `--pin` and `--cpu-groups` (root) place the parties on the cores as a real host would (see each option below).
 // The hostile processes are started by a launcher process, never by this one (see startLauncher).
+// `--control`: the same run with no hostile process in the "hostile" phases either (an A/A run): how far the ratio
+// strays from 1 on this machine with no attack at all, the noise any attack's ratio is read against.
 
 import { execFileSync } from 'node:child_process';
 import { once } from 'node:events';
@@ -38,9 +40,17 @@ import { round, Samples, summarize, table } from './lib/stats.js';
 
 const rounds = option('--rounds', 6);
 const requestsPerRound = option('--requests', 1_000);
+/**
+ * Quiet requests before the measured rounds, for at least this long (s). In A/A runs (--control) the honest p99 of
+ * both phases was 2-10x higher and jumped from round to round for about the first 30 s of the run (the cause was not
+ * found), and a ratio over those rounds measured that noise more than the attack (A/A ratios up to 2.2x); a
+ * long-running daemon is past it.
+ */
+const warmUpSeconds = option('--warm-up-s', 30);
 const hostileNice = option('--hostile-nice', 0);
 /** Every honest request on a fresh lease (`connection: close`): each one goes through the daemon's acquire. */
 const fresh = process.argv.includes('--fresh');
+const control = process.argv.includes('--control');
 /**
  * The hostile processes run in sessions of their own (setsid), as processes of other services and users do on a
  * shared host. With the kernel's autogroup scheduling (sched_autogroup_enabled, on by default on desktops and this
@@ -199,6 +209,7 @@ async function main(): Promise<void> {
   };
   const phase = async (samples: PhaseSamples) => {
     let issued = 0;
+    const first = samples.total.length;
     const from = await cpuMark();
     await Promise.all(
       Array.from({ length: inFlight }, async () => {
@@ -206,19 +217,36 @@ async function main(): Promise<void> {
       }),
     );
     samples.cpu.add(from, await cpuMark());
+    samples.roundP99s.push(summarize(samples.total.values().subarray(first)).p99);
+    samples.roundAcquireP99s.push(summarize(samples.acquire.values().subarray(first)).p99);
   };
-  log(`warm-up; hostile clients run as ${hostileUid === undefined ? 'this uid' : `uid ${hostileUid}`}`);
-  await phase(new PhaseSamples());
+  log(
+    `warm-up (${warmUpSeconds} s); hostile clients run as ${hostileUid === undefined ? 'this uid' : `uid ${hostileUid}`}`,
+  );
+  const warmUpUntil = performance.now() + warmUpSeconds * 1000;
+  do await phase(new PhaseSamples());
+  while (performance.now() < warmUpUntil);
   const quiet = new PhaseSamples();
   const hostile = new PhaseSamples();
   let spawnsSoFar = 0;
-  for (let i = 0; i < rounds; i++) {
-    await phase(quiet);
+  const socketPath = daemon.socketPath;
+  const attacked = async () => {
     const spawnsBefore = spawnsSoFar;
-    await launcherCommand({ t: 'start', socket: daemon.socketPath, port });
+    if (!control) await launcherCommand({ t: 'start', socket: socketPath, port });
     await phase(hostile);
-    ({ spawns: spawnsSoFar } = await launcherCommand<{ spawns: number }>({ t: 'stop' }));
+    if (!control) ({ spawns: spawnsSoFar } = await launcherCommand<{ spawns: number }>({ t: 'stop' }));
     hostile.spawns += spawnsSoFar - spawnsBefore;
+  };
+  // The two phases take turns going first (quiet first in even rounds, attacked first in odd ones), so that an effect
+  // of the order (what the phase before left behind: a drained pool, deferred work) cannot count as the attack's.
+  for (let i = 0; i < rounds; i++) {
+    if (i % 2 === 0) {
+      await phase(quiet);
+      await attacked();
+    } else {
+      await attacked();
+      await phase(quiet);
+    }
     log(`round ${i + 1}/${rounds} done`);
   }
   const ms = (us: number) => String(round(us / 1000, 2));
@@ -245,6 +273,11 @@ async function main(): Promise<void> {
     ]);
   }
   console.log(table(rows));
+  const perRound = (values: number[]) => values.map((us) => ms(us)).join(', ');
+  console.log(`p99 per round, ms: quiet ${perRound(quiet.roundP99s)}; hostile ${perRound(hostile.roundP99s)}`);
+  console.log(
+    `acquire p99 per round, ms: quiet ${perRound(quiet.roundAcquireP99s)}; hostile ${perRound(hostile.roundAcquireP99s)}`,
+  );
   // CPU as a share of one core over the phase's wall time (2 cores = 200%).
   const share = (cpuMs: number, tally: CpuTally) => `${round((100 * cpuMs) / tally.wallMs, 0)}%`;
   const cpuRows = [
@@ -278,7 +311,8 @@ async function main(): Promise<void> {
   const h = summarize(hostile.total.values());
   console.log(
     `p50 ratio ${round(h.p50 / q.p50, 2)}, p99 ratio ${round(h.p99 / q.p99, 2)} (aim: p99 within 2x); ` +
-      `every honest answer was its own (${q.count + h.count} checked); ${hostile.spawns} hostile processes started` +
+      `every honest answer was its own (${q.count + h.count} checked); ` +
+      `${control ? 'control run: no hostile process in either phase' : `${hostile.spawns} hostile processes started`}` +
       `${hostileNice > 0 ? ` at nice ${hostileNice}` : ''}${fresh ? '; a fresh lease per honest request' : ''}${ownSessions ? '' : '; hostile processes in this session'}${pin ? '; honest side on CPU 0, daemon and hostile processes on CPU 1' : ''}${cpuGroups ? `; honest side, daemon and hostile uid in one CPU group each (daemon weight ${daemonWeight}, the others 100)` : ''}; load average ${os.loadavg()[0]!.toFixed(1)} on ` +
       `${os.availableParallelism()} cores`,
   );
@@ -293,6 +327,9 @@ class PhaseSamples {
   spawns = 0;
   leases = 0;
   warmLeases = 0;
+  /** Each round's p99 of the whole request and of its acquire (µs), in the order the rounds ran. */
+  roundP99s: number[] = [];
+  roundAcquireP99s: number[] = [];
 }
 
 runBench(
