@@ -21,6 +21,9 @@
 // The hostile processes are started by a launcher process, never by this one (see startLauncher).
 // `--control`: the same run with no hostile process in the "hostile" phases either (an A/A run): how far the ratio
 // strays from 1 on this machine with no attack at all, the noise any attack's ratio is read against.
+// `--rate N`: the honest client sends N requests a second on a fixed schedule (an open loop, as an API caller's
+// traffic arrives) instead of 4 in flight back to back (a closed loop that runs the daemon as fast as it answers,
+// where any other load on its core turns into queueing).
 
 import { execFileSync } from 'node:child_process';
 import { once } from 'node:events';
@@ -51,6 +54,8 @@ const hostileNice = option('--hostile-nice', 0);
 /** Every honest request on a fresh lease (`connection: close`): each one goes through the daemon's acquire. */
 const fresh = process.argv.includes('--fresh');
 const control = process.argv.includes('--control');
+/** Honest requests a second, sent on a schedule whatever the answers (0: a closed loop of `inFlight`). */
+const rate = option('--rate', 0);
 /**
  * The hostile processes run in sessions of their own (setsid), as processes of other services and users do on a
  * shared host. With the kernel's autogroup scheduling (sched_autogroup_enabled, on by default on desktops and this
@@ -211,11 +216,23 @@ async function main(): Promise<void> {
     let issued = 0;
     const first = samples.total.length;
     const from = await cpuMark();
-    await Promise.all(
-      Array.from({ length: inFlight }, async () => {
-        while (issued++ < requestsPerRound) await request(samples);
-      }),
-    );
+    if (rate > 0) {
+      // Every request whose time has come goes out at each timer tick (timers are about 1 ms apart at best).
+      const started = performance.now();
+      const sent: Array<Promise<void>> = [];
+      while (sent.length < requestsPerRound) {
+        const due = Math.min(requestsPerRound, Math.floor(((performance.now() - started) * rate) / 1000) + 1);
+        while (sent.length < due) sent.push(request(samples));
+        if (sent.length < requestsPerRound) await new Promise((resolve) => setTimeout(resolve, 1000 / rate));
+      }
+      await Promise.all(sent);
+    } else {
+      await Promise.all(
+        Array.from({ length: inFlight }, async () => {
+          while (issued++ < requestsPerRound) await request(samples);
+        }),
+      );
+    }
     samples.cpu.add(from, await cpuMark());
     samples.roundP99s.push(summarize(samples.total.values().subarray(first)).p99);
     samples.roundAcquireP99s.push(summarize(samples.acquire.values().subarray(first)).p99);
@@ -313,7 +330,7 @@ async function main(): Promise<void> {
     `p50 ratio ${round(h.p50 / q.p50, 2)}, p99 ratio ${round(h.p99 / q.p99, 2)} (aim: p99 within 2x); ` +
       `every honest answer was its own (${q.count + h.count} checked); ` +
       `${control ? 'control run: no hostile process in either phase' : `${hostile.spawns} hostile processes started`}` +
-      `${hostileNice > 0 ? ` at nice ${hostileNice}` : ''}${fresh ? '; a fresh lease per honest request' : ''}${ownSessions ? '' : '; hostile processes in this session'}${pin ? '; honest side on CPU 0, daemon and hostile processes on CPU 1' : ''}${cpuGroups ? `; honest side, daemon and hostile uid in one CPU group each (daemon weight ${daemonWeight}, the others 100)` : ''}; load average ${os.loadavg()[0]!.toFixed(1)} on ` +
+      `${hostileNice > 0 ? ` at nice ${hostileNice}` : ''}${fresh ? '; a fresh lease per honest request' : ''}${rate > 0 ? `; honest requests at ${rate}/s (open loop)` : `; ${inFlight} honest requests in flight (closed loop)`}${ownSessions ? '' : '; hostile processes in this session'}${pin ? '; honest side on CPU 0, daemon and hostile processes on CPU 1' : ''}${cpuGroups ? `; honest side, daemon and hostile uid in one CPU group each (daemon weight ${daemonWeight}, the others 100)` : ''}; load average ${os.loadavg()[0]!.toFixed(1)} on ` +
       `${os.availableParallelism()} cores`,
   );
 }
