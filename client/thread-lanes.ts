@@ -9,6 +9,7 @@
 
 import type { MessagePort } from 'node:worker_threads';
 import { ErrorCodes, SockpoolError, toPlainError } from '../shared/errors.js';
+import { IdTable } from '../shared/id-table.js';
 import { epochNow, type TransferOutcome, type TransferRequest, timeoutError } from '../worker/curl-engine.js';
 import { type Deadline, Deadlines } from '../worker/deadlines.js';
 import type { LaneCall, LaneReply } from '../worker/lane-protocol.js';
@@ -39,10 +40,10 @@ interface Pending {
 export class ThreadLanes {
   readonly #perThread: number;
   #lanes: Lane[] = [];
-  /** Requests sent to a lane and not answered yet, and requests waiting for room, by id. */
-  readonly #pending = new Map<number, Pending>();
+  /** Requests sent to a lane and not answered yet, and requests waiting for room, by id (an IdTable, not a Map:
+   *  ../shared/id-table.ts says why). */
+  readonly #pending = new IdTable<Pending>();
   #waiting: Pending[] = [];
-  #nextId = 0;
   readonly #deadlines = new Deadlines(epochNow);
   #onIdle: Array<() => void> = [];
   #closed = false;
@@ -79,7 +80,7 @@ export class ThreadLanes {
     reject: (error: Error) => void,
   ): void {
     const pending: Pending = {
-      id: ++this.#nextId,
+      id: 0,
       request,
       signal,
       resolve,
@@ -94,7 +95,7 @@ export class ThreadLanes {
       pending.onAbort = () => this.#cancel(pending, abortedError(signal));
       signal.addEventListener('abort', pending.onAbort, { once: true });
     }
-    this.#pending.set(pending.id, pending);
+    pending.id = this.#pending.add(pending);
     const lane = this.#waiting.length === 0 ? this.#pick() : undefined;
     if (lane) this.#send(lane, pending);
     else this.#waiting.push(pending);
@@ -207,7 +208,7 @@ export class ThreadLanes {
     const index = this.#lanes.indexOf(lane);
     if (index >= 0) this.#lanes.splice(index, 1);
     lane.outbox = [];
-    for (const pending of [...this.#pending.values()]) {
+    for (const pending of this.#pending.values()) {
       if (pending.lane !== lane) continue;
       this.#pending.delete(pending.id);
       if (pending.settled) continue;

@@ -32,11 +32,12 @@ describe('ThreadLanes', () => {
     const outcomes = [lanes.run(request('/1'), undefined), lanes.run(request('/2'), undefined)];
     expect(nextMessage(thread)).toBeUndefined();
     await nextTurn();
-    expect(nextMessage(thread)?.map((call) => call.id)).toEqual([1, 2]);
+    // (Ids are the lanes' own: an IdTable's, from 0.)
+    expect(nextMessage(thread)?.map((call) => call.id)).toEqual([0, 1]);
     // The third fills the lane: nothing more can join it this turn, so it goes before the caller's turn ends (a
     // crawler queueing its whole frontier in one turn has its first requests on their way meanwhile).
     outcomes.push(lanes.run(request('/3'), undefined));
-    expect(nextMessage(thread)?.map((call) => call.id)).toEqual([3]);
+    expect(nextMessage(thread)?.map((call) => call.id)).toEqual([2]);
     // Beyond the lane's places requests wait here, in order, until an outcome frees one.
     outcomes.push(lanes.run(request('/4'), undefined));
     await nextTurn();
@@ -45,11 +46,14 @@ describe('ThreadLanes', () => {
       id,
       outcome: { ok: false, error: { code: 'SOCKPOOL_ERR_TIMEOUT', message: `test ${id}` } },
     });
-    thread.postMessage([reply(1)]);
+    thread.postMessage([reply(0)]);
     await outcomes[0]!.catch(() => {});
     await nextTurn();
-    expect(nextMessage(thread)?.map((call) => call.id)).toEqual([4]);
-    thread.postMessage([reply(2), reply(3), reply(4)]);
+    // The fourth takes the slot the first freed: a new id all the same (the slot's second use).
+    const [fourth] = nextMessage(thread)!.map((call) => call.id);
+    expect(fourth).not.toBe(0);
+    expect([1, 2]).not.toContain(fourth);
+    thread.postMessage([reply(0), reply(1), reply(2), reply(fourth!)]);
     await Promise.allSettled(outcomes);
     await lanes.idle();
     lanes.close();

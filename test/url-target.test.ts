@@ -2,7 +2,7 @@
 // with and the engine picks its pool by: canonical host, the scheme's default port, the origin key, IPv6 in
 // brackets, credentials flagged; repeated URLs come from the cache, very long ones are parsed each time.
 import { describe, expect, it } from 'vitest';
-import { urlTarget } from '../worker/url-target.js';
+import { GENERATION, urlTarget } from '../worker/url-target.js';
 
 describe('urlTarget', () => {
   it('normalizes like WHATWG URL and derives the origin and its key', () => {
@@ -29,6 +29,19 @@ describe('urlTarget', () => {
     const first = urlTarget(long);
     expect(urlTarget(long)).not.toBe(first);
     expect(urlTarget(long)).toEqual(first);
+  });
+
+  it('keeps the last GENERATION distinct URLs at least and twice as many at most', () => {
+    const first = urlTarget('http://bound.test/0');
+    expect(urlTarget('http://bound.test/0')).toBe(first);
+    // Two generations of other URLs later the first one is gone (parsed afresh: equal, not the same object)...
+    for (let i = 1; i <= 2 * GENERATION; i++) urlTarget(`http://bound.test/${i}`);
+    const again = urlTarget('http://bound.test/0');
+    expect(again).not.toBe(first);
+    expect(again).toEqual(first);
+    // ...while each of the last GENERATION is still kept, whichever generation holds it.
+    const recent = Array.from({ length: GENERATION }, (_, i) => urlTarget(`http://bound.test/${2 * GENERATION - i}`));
+    for (let i = 0; i < GENERATION; i++) expect(urlTarget(`http://bound.test/${2 * GENERATION - i}`)).toBe(recent[i]);
   });
 
   it('targets are frozen: nobody can change what the next request with that URL gets', () => {
