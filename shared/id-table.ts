@@ -1,5 +1,6 @@
-// Values by an id the table gives out, for registries that add and delete on every request: what is in flight on a
-// worker thread's lane, what waits for an answer.
+// Values by an id the table gives out (IdTable) or by an integer key of the caller's (IntMap), for registries that add
+// and delete on every request or lease: what is in flight on a worker thread's lane, what waits for the daemon's
+// answer, the fds curl owns.
 //
 // Not a Map, on purpose. A Map that keeps adding and deleting rehashes again and again, and V8 links each hash table
 // a Map leaves behind to the next one (so that live iterators can follow). Once one of those tables is promoted to
@@ -67,5 +68,42 @@ export class IdTable<T> {
     const out: T[] = [];
     for (const value of this.#values) if (value !== undefined) out.push(value);
     return out;
+  }
+}
+
+/**
+ * Values by an integer key the caller chooses (an fd, an id the peer echoes back): a Map's job, for registries that
+ * add and delete per lease or per message, without a Map's chain of left-behind tables (see the header). A plain
+ * object without a prototype: V8 keeps its integer keys in a dictionary of their own, which links nothing.
+ */
+export class IntMap<T> {
+  #entries: Record<number, T> = Object.create(null);
+  #size = 0;
+
+  get size(): number {
+    return this.#size;
+  }
+
+  get(key: number): T | undefined {
+    return this.#entries[key];
+  }
+
+  set(key: number, value: T): this {
+    if (!(key in this.#entries)) this.#size++;
+    this.#entries[key] = value;
+    return this;
+  }
+
+  /** Deletes `key`; false if it was not there. */
+  delete(key: number): boolean {
+    if (!(key in this.#entries)) return false;
+    delete this.#entries[key];
+    this.#size--;
+    return true;
+  }
+
+  /** The entries now, keys ascending (a copy: deleting while going through it is safe). */
+  entries(): Array<[number, T]> {
+    return Object.keys(this.#entries).map((key) => [Number(key), this.#entries[Number(key)]!]);
   }
 }

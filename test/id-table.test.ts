@@ -1,7 +1,7 @@
 // shared/id-table.ts: ids are unique while values come and go, a deleted id finds nothing (even once its slot holds
 // a new value), and the table holds what was added and not deleted.
 import { describe, expect, it } from 'vitest';
-import { IdTable } from '../shared/id-table.js';
+import { IdTable, IntMap } from '../shared/id-table.js';
 
 describe('IdTable', () => {
   it('gives out unique ids, reuses slots, and never answers an id that was deleted', () => {
@@ -38,5 +38,20 @@ describe('IdTable', () => {
     }
     expect(table.size).toBe(4);
     expect(live.map((id) => table.get(id))).toEqual([9_996, 9_997, 9_998, 9_999]);
+  });
+
+  it('IntMap: keys the caller chooses, with size, deletes and a copy of the entries', () => {
+    const map = new IntMap<string>();
+    expect(map.set(7, 'seven').set(3, 'three').set(7, 'SEVEN').size).toBe(2);
+    expect(map.get(7)).toBe('SEVEN');
+    expect(map.get(4)).toBeUndefined();
+    expect(map.entries()).toEqual([
+      [3, 'three'],
+      [7, 'SEVEN'],
+    ]);
+    // Deleting while going through the entries is safe: they are a copy.
+    for (const [key] of map.entries()) expect(map.delete(key)).toBe(true);
+    expect(map.size).toBe(0);
+    expect(map.delete(3)).toBe(false);
   });
 });

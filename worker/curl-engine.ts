@@ -28,6 +28,7 @@ import {
 import { ErrorCodes, type PlainError, SockpoolError, toPlainError } from '../shared/errors.js';
 import { originKey } from '../shared/origin.js';
 import type { LeaseTls } from '../shared/protocol.js';
+import { RecentMap } from '../shared/recent-map.js';
 import { Cancellation, type CancelSignal } from './cancellation.js';
 import { H2StallWatch, type StallWatched } from './h2-stall-watch.js';
 import type { RateTokens } from './rate-tokens.js';
@@ -174,7 +175,9 @@ const EMPTY_BODY = new Uint8Array(0);
 const NO_HEADERS: string[] = [];
 const IDEMPOTENT_METHODS = new Set(['GET', 'HEAD', 'OPTIONS', 'PUT', 'DELETE', 'TRACE']);
 const MAX_FREE_HANDLES = 256;
-/** Origins whose last address is remembered for RESOLVE (a crawler meets many origins). */
+/** Origins whose last address is remembered for RESOLVE (a crawler meets many origins): the last half of them at
+ *  least (a RecentMap, set per lease: a Map deleting and re-adding per lease kept every lease's objects past the
+ *  young-generation GCs, ../shared/recent-map.ts). */
 const MAX_PINNED = 10_000;
 const CURL_SEEKFUNC_OK = 0;
 const CURL_SEEKFUNC_CANTSEEK = 2;
@@ -204,7 +207,7 @@ export class CurlEngine {
   #free: HandleState[] = [];
   /** Last address the daemon connected each origin to, as curl's RESOLVE entry (host:port:address): curl's DNS
    *  cache is pinned to it. */
-  #pinned = new Map<string, string>();
+  #pinned = new RecentMap<string, string>(MAX_PINNED / 2);
   /** https origins whose last lease was a relayed warm TLS session: curl's cached connection to them is plaintext
    *  (an http:// URL), so a transfer without a lease of its own asks curl for that one. */
   #relayed = new Map<string, LeaseTls>();
@@ -666,9 +669,7 @@ export class CurlEngine {
         const host = target.host.startsWith('[') ? target.host.slice(1, -1) : target.host;
         const address = slot.lease.address;
         const literal = address.includes(':') ? `[${address}]` : address;
-        this.#pinned.delete(slot.originKey); // (re-inserted last: the map drops its oldest entries when full)
         this.#pinned.set(slot.originKey, `${host}:${target.port}:${literal}`);
-        if (this.#pinned.size > MAX_PINNED) this.#pinned.delete(this.#pinned.keys().next().value!);
       }
       const entry = this.#pinned.get(slot.originKey);
       if (entry && (state.options.get('RESOLVE') !== entry || !state.options.has('RESOLVE'))) {

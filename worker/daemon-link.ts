@@ -13,6 +13,7 @@
 // delay has passed; the first request after it tries again.
 
 import { ErrorCodes, fromPlainError, SockpoolError } from '../shared/errors.js';
+import { IntMap } from '../shared/id-table.js';
 import * as native from '../shared/native.js';
 import {
   BINARY_FRAMING,
@@ -62,7 +63,8 @@ export class DaemonLink {
   #options: Required<DaemonLinkOptions>;
   #channel: SeqpacketChannel | undefined;
   #connecting: Promise<SeqpacketChannel> | undefined;
-  #pending = new Map<number, Pending>();
+  /** By request id (an IntMap, not a Map: ../shared/id-table.ts says why). */
+  #pending = new IntMap<Pending>();
   #nextId = 1;
   #closed = false;
   #failures = 0;
@@ -399,7 +401,7 @@ export class DaemonLink {
   }
 
   #failAll(error: Error): void {
-    for (const [id, pending] of this.#pending) {
+    for (const [id, pending] of this.#pending.entries()) {
       clearTimeout(pending.timer);
       this.#pending.delete(id);
       pending.reject(error);

@@ -26,6 +26,7 @@
 // acquire is never given up). Away from a cap nothing is given up: the daemon would keep the abandoned acquire
 // queued, and lend it a connection that only comes back.
 
+import { IntMap } from '../shared/id-table.js';
 import * as native from '../shared/native.js';
 import type { Endpoint } from '../shared/origin.js';
 import { Cancellation, type CancelSignal } from './cancellation.js';
@@ -130,7 +131,8 @@ const MAX_LEARNED = 10_000;
 export class SocketSupply {
   #link: SupplyLink;
   /** Sockets curl owns now, by fd: their leases, to report `closed` (unless reclaimed: reported already). */
-  #curlOwned = new Map<number, { lease: Lease; originKey: string; reclaimed?: true }>();
+  /** By fd (an IntMap, not a Map: ../shared/id-table.ts says why). */
+  #curlOwned = new IntMap<{ lease: Lease; originKey: string; reclaimed?: true }>();
   #origins = new Map<string, OriginState>();
 
   constructor(link: SupplyLink) {
@@ -149,7 +151,7 @@ export class SocketSupply {
     const wanted = new Set(leaseIds);
     const contendedUntil = performance.now() + CONTENDED_MS;
     const contended = new Set<OriginState>();
-    for (const [fd, owned] of this.#curlOwned) {
+    for (const [fd, owned] of this.#curlOwned.entries()) {
       if (owned.reclaimed || !wanted.has(owned.lease.leaseId)) continue;
       const origin = this.#origins.get(owned.originKey);
       if (origin) {
