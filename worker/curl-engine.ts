@@ -175,9 +175,9 @@ const EMPTY_BODY = new Uint8Array(0);
 const NO_HEADERS: string[] = [];
 const IDEMPOTENT_METHODS = new Set(['GET', 'HEAD', 'OPTIONS', 'PUT', 'DELETE', 'TRACE']);
 const MAX_FREE_HANDLES = 256;
-/** Origins whose last address is remembered for RESOLVE (a crawler meets many origins): the last half of them at
- *  least (a RecentMap, set per lease: a Map deleting and re-adding per lease kept every lease's objects past the
- *  young-generation GCs, ../shared/recent-map.ts). */
+/** Origins whose last address (and relayed session) is remembered (a crawler meets many origins): the last half
+ *  of them at least (RecentMaps, set per lease: a Map deleting and re-adding per lease kept every lease's objects
+ *  past the young-generation GCs, ../shared/recent-map.ts). */
 const MAX_PINNED = 10_000;
 const CURL_SEEKFUNC_OK = 0;
 const CURL_SEEKFUNC_CANTSEEK = 2;
@@ -209,8 +209,9 @@ export class CurlEngine {
    *  cache is pinned to it. */
   #pinned = new RecentMap<string, string>(MAX_PINNED / 2);
   /** https origins whose last lease was a relayed warm TLS session: curl's cached connection to them is plaintext
-   *  (an http:// URL), so a transfer without a lease of its own asks curl for that one. */
-  #relayed = new Map<string, LeaseTls>();
+   *  (an http:// URL), so a transfer without a lease of its own asks curl for that one. null: the last lease was
+   *  not relayed (a RecentMap never deletes, as #pinned). */
+  #relayed = new RecentMap<string, LeaseTls | null>(MAX_PINNED / 2);
   /** What this client verifies https against, for the daemon (tls-trust.ts); undefined: TCP leases only. */
   #tlsTrust: string | undefined;
   #seq = 0;
@@ -792,12 +793,8 @@ export class CurlEngine {
   #relayOf(key: string, slot: SocketSlot | undefined): LeaseTls | undefined {
     if (!slot) return undefined;
     const lease = slot.lease;
-    if (!lease) return this.#relayed.get(key);
-    this.#relayed.delete(key); // (re-inserted last: the map drops its oldest entries when full)
-    if (lease.tls) {
-      this.#relayed.set(key, lease.tls);
-      if (this.#relayed.size > MAX_PINNED) this.#relayed.delete(this.#relayed.keys().next().value!);
-    }
+    if (!lease) return this.#relayed.get(key) ?? undefined;
+    if (lease.tls || this.#relayed.get(key)) this.#relayed.set(key, lease.tls ?? null);
     return lease.tls;
   }
 

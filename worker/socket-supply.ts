@@ -130,8 +130,8 @@ const MAX_LEARNED = 10_000;
 
 export class SocketSupply {
   #link: SupplyLink;
-  /** Sockets curl owns now, by fd: their leases, to report `closed` (unless reclaimed: reported already). */
-  /** By fd (an IntMap, not a Map: ../shared/id-table.ts says why). */
+  /** Sockets curl owns now, by fd: their leases, to report `closed` (unless reclaimed: reported already). An IntMap,
+   *  not a Map: ../shared/id-table.ts says why. */
   #curlOwned = new IntMap<{ lease: Lease; originKey: string; reclaimed?: true }>();
   #origins = new Map<string, OriginState>();
 
