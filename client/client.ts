@@ -105,11 +105,12 @@ export function defaultSocketPath(): string {
   return process.getuid?.() === 0 ? '/run/sockpool/sockpoold.sock' : join(process.cwd(), '.sockpool', 'sockpoold.sock');
 }
 
-/** The compiled task module: dist/worker/task.js, beside this file's dist/client/ or found from the sources. */
+/** The compiled entry of the worker threads (dist/worker/task-entry.cjs, which loads task.js), beside this file's
+ *  dist/client/ or found from the sources. */
 function taskFile(): string {
   const here = fileURLToPath(import.meta.url);
-  if (here.endsWith('.js')) return join(dirname(here), '..', 'worker', 'task.js');
-  const compiled = join(dirname(here), '..', 'dist', 'worker', 'task.js');
+  if (here.endsWith('.js')) return join(dirname(here), '..', 'worker', 'task-entry.cjs');
+  const compiled = join(dirname(here), '..', 'dist', 'worker', 'task-entry.cjs');
   if (!existsSync(compiled)) throw new Error(`${compiled} is missing: run npm run build`);
   return compiled;
 }
