@@ -151,6 +151,53 @@ describe('RequestQueue', () => {
     await queue.idle();
   });
 
+  it('drops idle origin records in bulk once many pile up, keeping the counts of busy origins and what they announced', async () => {
+    const { queue, batches, enter, leave } = recordingQueue(2, { origins: 1, socketsPerOrigin: 4 });
+    /** 3,000 origins come and go (each request gives up at once): well past the idle records kept, so the records
+     *  are rebuilt more than once. */
+    const churn = async () => {
+      for (let round = 0; round < 3; round++) {
+        const controller = new AbortController();
+        const gone = Array.from({ length: 1000 }, (_, i) =>
+          enter(`http://o${round}-${i}.test/`, { signal: controller.signal }),
+        );
+        controller.abort();
+        await Promise.all(gone);
+      }
+      await settle();
+    };
+    // running.test (https): two requests running, none waiting.
+    enter('https://running.test/1');
+    enter('https://running.test/2');
+    // waiting.test: announced once for its two waiters.
+    const waiting = [enter('http://waiting.test/1'), enter('http://waiting.test/2')];
+    await settle();
+    expect(batches).toEqual([[{ host: 'waiting.test', port: 80, https: false, count: 2 }]]);
+    await churn();
+    // Two busy records and at most 1,024 idle ones are left of the 3,002.
+    expect(queue.originRecords).toBeLessThanOrEqual(2 + 1024);
+    // Not announced again: it still holds the lookahead's one place.
+    expect(batches).toHaveLength(1);
+    // Its waiters start (running.test's requests end): the lookahead is free. A waiter for running.test is passed
+    // over (the request still running there covers it: the count survived the rebuilds); the next origin is announced.
+    leave('https://running.test/1');
+    leave('https://running.test/2');
+    await Promise.all(waiting);
+    enter('https://running.test/3');
+    leave('http://waiting.test/1');
+    await churn();
+    const covered = enter('https://running.test/4');
+    const next = enter('http://next.test/');
+    await settle();
+    expect(batches[1]).toEqual([{ host: 'next.test', port: 80, https: false, count: 1 }]);
+    leave('http://waiting.test/2');
+    leave('https://running.test/3');
+    await Promise.all([covered, next]);
+    leave('https://running.test/4');
+    leave('http://next.test/');
+    await queue.idle();
+  });
+
   it('a waiter fails at its deadline or when its signal fires, and leaves the queue', async () => {
     const { queue, order, enter, leave } = recordingQueue(1);
     enter('http://running.test/');

@@ -9,6 +9,7 @@
 
 import { MessageChannel, type MessagePort, parentPort, receiveMessageOnPort } from 'node:worker_threads';
 import { fromPlainError } from '../shared/errors.js';
+import { IntMap } from '../shared/id-table.js';
 import { Cancellation } from './cancellation.js';
 import type { TransferOutcome } from './curl-engine.js';
 import { LANE, type LaneCall, type LaneReply } from './lane-protocol.js';
@@ -30,8 +31,9 @@ export function openLane(runtime: TransferRuntime): void {
 class WorkerLane {
   readonly #runtime: TransferRuntime;
   readonly #port: MessagePort;
-  /** Requests the caller may cancel, by id. */
-  readonly #cancellations = new Map<number, Cancellation>();
+  /** Requests the caller may cancel, by id (an IntMap: a Map with a delete per request keeps garbage alive,
+   *  ../shared/id-table.ts). */
+  readonly #cancellations = new IntMap<Cancellation>();
   #outbox: LaneReply[] = [];
   #transfer: ArrayBuffer[] = [];
   #flushing = false;
