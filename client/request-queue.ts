@@ -21,8 +21,7 @@
 // The per-origin records are not deleted when an origin's last request leaves: a Map that adds and deletes per
 // request keeps garbage alive past young-generation GCs (../shared/id-table.ts). An idle record stays, ready for the
 // origin's next request, until IDLE_ORIGINS_KEPT of them have piled up; then the Map is rebuilt whole with the busy
-// ones. (With 200 requests queued over 40 origins, the caller's thread kept about 4 MB past each scavenge with a
-// delete per idle origin, and about 1 MB without.)
+// ones (docs/benchmarks.md, "The queue's Map churn", has what it saves).
 
 import { epochNow, type TransferRequest, timeoutError } from '../worker/curl-engine.js';
 import { Deadlines } from '../worker/deadlines.js';

@@ -1,9 +1,9 @@
 // A client closed while its worker threads are still starting: piscina terminates them mid-load, and that must end
-// the threads, not the process. Two such aborts were seen (rarely, under load): require() of the ES task module
+// the threads, not the process. Two such aborts were seen: require() of the ES task module
 // failing an assertion in Node's CommonJS facade (the threads now load it with import(), worker/task-entry.cts),
 // and the addon's module init rethrowing as a C++ exception when it could not throw into a terminating thread
-// (native/binding.gyp). Each was about one close in a thousand, so this test is a smoke test of the path, run in a
-// child process; the loop in NOTES.md is the stress version.
+// (native/binding.gyp). Both were rare (the second about one close in 350 under a stress loop), so this test is a
+// smoke test of the path, run in a child process; the loop in NOTES.md is the stress version.
 import { execFile } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
