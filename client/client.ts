@@ -21,7 +21,7 @@ import {
   type TransferResult,
   timeoutError,
 } from '../worker/curl-engine.js';
-import { LANE } from '../worker/lane-protocol.js';
+import { LANE, STARTUP_FAILED } from '../worker/lane-protocol.js';
 import type { ResponseHead } from '../worker/stream-protocol.js';
 import type { Task, TaskResult, WorkerConfig } from '../worker/task.js';
 import { abortedError, TransferRuntime } from '../worker/transfer-runtime.js';
@@ -216,10 +216,14 @@ export class SockpoolClient {
     this.#pool.on('error', () => {});
     const lanes = new ThreadLanes(concurrency);
     this.#lanes = lanes;
-    // Each thread (a replacement too) announces its lane when it starts.
-    this.#pool.on('message', (message: { [LANE]?: MessagePort }) => {
-      if (message?.[LANE]) lanes.attach(message[LANE]);
-    });
+    // Each thread (a replacement too) announces its lane when it starts, or why it could not start.
+    this.#pool.on(
+      'message',
+      (message: { [LANE]?: MessagePort; [STARTUP_FAILED]?: { message: string; code: string | undefined } }) => {
+        if (message?.[LANE]) lanes.attach(message[LANE]);
+        else if (message?.[STARTUP_FAILED]) lanes.startupFailed(message[STARTUP_FAILED]);
+      },
+    );
   }
 
   /** One request; the response body is buffered whole. */
@@ -384,6 +388,8 @@ export class SockpoolClient {
       return this.#local.handle(task);
     }
     const pool = this.#pool!;
+    const cannotStart = this.#lanes!.startupError();
+    if (cannotStart) return Promise.reject(cannotStart);
     return (pool.run(task, transferList ? { transferList } : {}) as Promise<TaskResult>).catch((error) =>
       this.#threadFailure(error),
     );

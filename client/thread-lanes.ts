@@ -47,6 +47,8 @@ export class ThreadLanes {
   readonly #deadlines = new Deadlines(epochNow);
   #onIdle: Array<() => void> = [];
   #closed = false;
+  /** Why the last thread that could not start failed (task-entry.cts), while no thread has a lane. */
+  #startupFailure: { message: string; code: string | undefined } | undefined;
 
   constructor(perThread: number) {
     this.#perThread = perThread;
@@ -58,6 +60,7 @@ export class ThreadLanes {
       port.close();
       return;
     }
+    this.#startupFailure = undefined;
     const lane: Lane = { port, inFlight: 0, outbox: [], flushing: false };
     port.on('message', (replies: LaneReply[]) => this.#receive(lane, replies));
     // The thread exited (crash, terminate): its requests in flight are lost.
@@ -67,7 +70,23 @@ export class ThreadLanes {
     this.#dispatchWaiting();
   }
 
-  /** Runs a buffered request on a thread; rejects with SOCKPOOL_ERR_TIMEOUT / _ABORTED / _WORKER_EXITED. */
+  /**
+   * A thread could not start (it posted its cause instead of a lane). While no thread has a lane, the requests
+   * waiting for one fail now, and new ones at once, with SOCKPOOL_ERR_WORKER_START: nothing would run them before
+   * their deadlines (piscina starts no thread in place of one that failed to start). A lane that attaches later
+   * ends that.
+   */
+  startupFailed(cause: { message: string; code: string | undefined }): void {
+    if (this.#lanes.length > 0) return;
+    this.#startupFailure = cause;
+    const waiting = this.#waiting;
+    this.#waiting = [];
+    for (const pending of waiting) this.#failToStart(pending);
+    this.#checkIdle();
+  }
+
+  /** Runs a buffered request on a thread; rejects with SOCKPOOL_ERR_TIMEOUT / _ABORTED / _WORKER_EXITED /
+   *  _WORKER_START. */
   run(request: TransferRequest, signal: AbortSignal | undefined): Promise<TransferOutcome> {
     return new Promise<TransferOutcome>((resolve, reject) => this.start(request, signal, resolve, reject));
   }
@@ -96,9 +115,31 @@ export class ThreadLanes {
       signal.addEventListener('abort', pending.onAbort, { once: true });
     }
     pending.id = this.#pending.add(pending);
+    if (this.startupError()) {
+      this.#failToStart(pending);
+      return;
+    }
     const lane = this.#waiting.length === 0 ? this.#pick() : undefined;
     if (lane) this.#send(lane, pending);
     else this.#waiting.push(pending);
+  }
+
+  /** SOCKPOOL_ERR_WORKER_START while no thread has a lane and the last one to try could not start (else undefined):
+   *  what a request that needs a thread fails with (piscina's tasks too: the client checks before sending one). */
+  startupError(): SockpoolError | undefined {
+    const cause = this.#startupFailure;
+    if (cause === undefined || this.#lanes.length > 0) return undefined;
+    return new SockpoolError(
+      ErrorCodes.WORKER_START,
+      `no worker thread of the client could start: ${cause.message}${cause.code ? ` (${cause.code})` : ''}`,
+    );
+  }
+
+  /** Fails a request that waits for a lane (or would) because no thread could start. */
+  #failToStart(pending: Pending): void {
+    this.#pending.delete(pending.id);
+    this.#settle(pending);
+    pending.reject(this.startupError()!);
   }
 
   /** Resolves once no request is in flight or waiting. */

@@ -62,6 +62,9 @@ export const ErrorCodes = {
   CLOSED: 'SOCKPOOL_ERR_CLOSED',
   /** The worker thread running the request died (crashed or was terminated); it has been replaced. */
   WORKER_EXITED: 'SOCKPOOL_ERR_WORKER_EXITED',
+  /** No worker thread of the client could start (the message says why: a broken install, an addon that does not
+   *  load); requests fail with it while no thread is running. */
+  WORKER_START: 'SOCKPOOL_ERR_WORKER_START',
   /** A received control message was truncated: every fd it brought was closed. */
   FD_TRUNCATED: 'SOCKPOOL_ERR_FD_TRUNCATED',
   /** A received message was larger than the buffer: it was dropped, with its fds. */

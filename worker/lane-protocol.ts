@@ -15,6 +15,11 @@ import type { TransferOutcome, TransferRequest } from './curl-engine.js';
 /** The key of the message that hands the caller a thread's lane. */
 export const LANE = 'sockpoolLane';
 
+/** The key of the message a thread posts instead when it could not start (task-entry.cts, which cannot import this
+ *  module and spells the key out): `{ [STARTUP_FAILED]: { message, code } }`. The caller then fails the requests
+ *  waiting for a lane at once instead of at their deadlines. */
+export const STARTUP_FAILED = 'sockpoolStartupFailed';
+
 /** Caller → thread, in arrays (one message per turn of the caller's event loop). */
 export type LaneCall =
   /** Run a request. `abortable`: an `abort` for it may follow (the caller gave an AbortSignal). */
