@@ -73,15 +73,19 @@ export class ThreadLanes {
   /**
    * A thread could not start (it posted its cause instead of a lane). While no thread has a lane, the requests
    * waiting for one fail now, and new ones at once, with SOCKPOOL_ERR_WORKER_START: nothing would run them before
-   * their deadlines (piscina starts no thread in place of one that failed to start). A lane that attaches later
-   * ends that.
+   * their deadlines (piscina tries one replacement for a thread that failed to start, then starts none). A lane
+   * that attaches later ends that.
    */
   startupFailed(cause: { message: string; code: string | undefined }): void {
     if (this.#lanes.length > 0) return;
     this.#startupFailure = cause;
     const waiting = this.#waiting;
     this.#waiting = [];
-    for (const pending of waiting) this.#failToStart(pending);
+    for (const pending of waiting) {
+      this.#pending.delete(pending.id);
+      this.#settle(pending);
+      pending.reject(this.startupError()!);
+    }
     this.#checkIdle();
   }
 
@@ -98,6 +102,11 @@ export class ThreadLanes {
     resolve: (outcome: TransferOutcome) => void,
     reject: (error: Error) => void,
   ): void {
+    const cannotStart = this.startupError();
+    if (cannotStart) {
+      reject(cannotStart);
+      return;
+    }
     const pending: Pending = {
       id: 0,
       request,
@@ -115,10 +124,6 @@ export class ThreadLanes {
       signal.addEventListener('abort', pending.onAbort, { once: true });
     }
     pending.id = this.#pending.add(pending);
-    if (this.startupError()) {
-      this.#failToStart(pending);
-      return;
-    }
     const lane = this.#waiting.length === 0 ? this.#pick() : undefined;
     if (lane) this.#send(lane, pending);
     else this.#waiting.push(pending);
@@ -133,13 +138,6 @@ export class ThreadLanes {
       ErrorCodes.WORKER_START,
       `no worker thread of the client could start: ${cause.message}${cause.code ? ` (${cause.code})` : ''}`,
     );
-  }
-
-  /** Fails a request that waits for a lane (or would) because no thread could start. */
-  #failToStart(pending: Pending): void {
-    this.#pending.delete(pending.id);
-    this.#settle(pending);
-    pending.reject(this.startupError()!);
   }
 
   /** Resolves once no request is in flight or waiting. */

@@ -51,6 +51,9 @@ it('fails requests with SOCKPOOL_ERR_WORKER_START and the cause when no worker t
     ['buffered', 'SOCKPOOL_ERR_WORKER_START'],
     ['streamed', 'SOCKPOOL_ERR_WORKER_START'],
     ['prewarm', 'SOCKPOOL_ERR_WORKER_START'],
+    ['buffered, later 1', 'SOCKPOOL_ERR_WORKER_START'],
+    ['buffered, later 2', 'SOCKPOOL_ERR_WORKER_START'],
+    ['buffered, later 3', 'SOCKPOOL_ERR_WORKER_START'],
   ]);
   for (const { message } of outcomes) {
     expect(message).toContain('no worker thread of the client could start');
