@@ -6,10 +6,11 @@
 // that way, and the thread keeps running. piscina's own task cancellation (which terminates the thread) is never
 // used for requests.
 
+import { once } from 'node:events';
 import { existsSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import type { MessagePort, TransferListItem } from 'node:worker_threads';
+import type { TransferListItem, Worker } from 'node:worker_threads';
 import { Piscina } from 'piscina';
 import { ErrorCodes, fromPlainError, SockpoolError } from '../shared/errors.js';
 import { PROXY_NAME } from '../shared/origin.js';
@@ -21,7 +22,7 @@ import {
   type TransferResult,
   timeoutError,
 } from '../worker/curl-engine.js';
-import { LANE, STARTUP_FAILED } from '../worker/lane-protocol.js';
+import { LANE, STARTUP_FAILED, type ThreadAnnouncement } from '../worker/lane-protocol.js';
 import type { ResponseHead } from '../worker/stream-protocol.js';
 import type { Task, TaskResult, WorkerConfig } from '../worker/task.js';
 import { abortedError, TransferRuntime } from '../worker/transfer-runtime.js';
@@ -141,6 +142,10 @@ export class SockpoolClient {
   #pool: Piscina | undefined;
   /** The worker threads' lanes: buffered requests go there, not through piscina (worker/lane-protocol.ts). */
   #lanes: ThreadLanes | undefined;
+  /** Threads that have not exited yet, as seen whenever piscina drops one: piscina terminates a thread that failed
+   *  or crashed without waiting for it, and close() waits for their exits too, so that no thread (with its event
+   *  loop's fds) outlives it. Each leaves the set when it exits. */
+  readonly #threadsNotExited = new Set<Worker>();
   #local: TransferRuntime | undefined;
   #options: Required<Omit<SockpoolClientOptions, 'caFile' | 'proxy' | 'retry' | 'announce'>> & {
     retry: { deadConnection: boolean; methods: string[] };
@@ -216,14 +221,24 @@ export class SockpoolClient {
     this.#pool.on('error', () => {});
     const lanes = new ThreadLanes(concurrency);
     this.#lanes = lanes;
-    // Each thread (a replacement too) announces its lane when it starts, or why it could not start.
-    this.#pool.on(
-      'message',
-      (message: { [LANE]?: MessagePort; [STARTUP_FAILED]?: { message: string; code: string | undefined } }) => {
-        if (message?.[LANE]) lanes.attach(message[LANE]);
-        else if (message?.[STARTUP_FAILED]) lanes.startupFailed(message[STARTUP_FAILED]);
-      },
-    );
+    const pool = this.#pool;
+    // Each thread (a replacement too) announces its lane when it starts, or why it could not start, with its id:
+    // the lanes fail requests fast only once no thread is still starting (see ThreadLanes.startupFailed).
+    const reported = new Set<number>();
+    const othersStarting = () => pool.threads.some((thread) => !reported.has(thread.threadId));
+    pool.on('message', (message: ThreadAnnouncement) => {
+      if (typeof message?.threadId === 'number') reported.add(message.threadId);
+      if (message?.[LANE]) lanes.attach(message[LANE]);
+      else if (message?.[STARTUP_FAILED]) lanes.startupFailed(message[STARTUP_FAILED], othersStarting());
+    });
+    // A thread removed (failed, exited) may have been the last one starting, and one may end without a word.
+    // Checked in a microtask: piscina emits this before it drops the thread from `threads` (and then starts its
+    // replacement, if it starts one).
+    pool.on('workerDestroy', () => {
+      // The dropped thread is still among `threads` here (terminated, not yet exited).
+      for (const thread of pool.threads) this.#trackExit(thread);
+      queueMicrotask(() => lanes.threadsSettled(othersStarting()));
+    });
   }
 
   /** One request; the response body is buffered whole. */
@@ -362,11 +377,21 @@ export class SockpoolClient {
     return this.#closing;
   }
 
-  /** Waits for the requests on the lanes, then for piscina's tasks, and stops the threads. */
+  /** Waits for the requests on the lanes, then for piscina's tasks, and stops the threads; resolves once every
+   *  thread has exited. */
   async #closePool(pool: Piscina, lanes: ThreadLanes): Promise<void> {
     await lanes.idle();
     lanes.close();
     await pool.close();
+    await Promise.all(Array.from(this.#threadsNotExited, (thread) => once(thread, 'exit')));
+  }
+
+  #trackExit(thread: Worker): void {
+    // threadId is -1 once the thread has exited (piscina may drop it from inside its 'exit' event, too late for a
+    // listener added now).
+    if (thread.threadId === -1 || this.#threadsNotExited.has(thread)) return;
+    this.#threadsNotExited.add(thread);
+    thread.once('exit', () => this.#threadsNotExited.delete(thread));
   }
 
   /** Origins of waiting requests, announced to the daemon (best effort: a refusal, a quota, a daemon down are
@@ -473,6 +498,9 @@ export class SockpoolClient {
   #threadFailure(error: unknown): never {
     const message = error instanceof Error ? error.message : String(error);
     if (this.#closing) throw new SockpoolError(ErrorCodes.CLOSED, `client is closed (${message})`);
+    // A task sent while its thread was still starting, and the thread could not start.
+    const cannotStart = this.#lanes?.threadStartFailure();
+    if (cannotStart) throw cannotStart;
     throw new SockpoolError(ErrorCodes.WORKER_EXITED, `the worker thread running the request exited: ${message}`);
   }
 }

@@ -49,6 +49,8 @@ export class ThreadLanes {
   #closed = false;
   /** Why the last thread that could not start failed (task-entry.cts), while no thread has a lane. */
   #startupFailure: { message: string; code: string | undefined } | undefined;
+  /** A thread could not start and no other was starting then: requests fail at once until a lane attaches. */
+  #failFast = false;
 
   constructor(perThread: number) {
     this.#perThread = perThread;
@@ -61,6 +63,7 @@ export class ThreadLanes {
       return;
     }
     this.#startupFailure = undefined;
+    this.#failFast = false;
     const lane: Lane = { port, inFlight: 0, outbox: [], flushing: false };
     port.on('message', (replies: LaneReply[]) => this.#receive(lane, replies));
     // The thread exited (crash, terminate): its requests in flight are lost.
@@ -71,14 +74,27 @@ export class ThreadLanes {
   }
 
   /**
-   * A thread could not start (it posted its cause instead of a lane). While no thread has a lane, the requests
-   * waiting for one fail now, and new ones at once, with SOCKPOOL_ERR_WORKER_START: nothing would run them before
-   * their deadlines (piscina tries one replacement for a thread that failed to start, then starts none). A lane
-   * that attaches later ends that.
+   * A thread could not start (it posted its cause instead of a lane). Once no thread has a lane and none is still
+   * starting (`othersStarting` false), the requests waiting for one fail now, and new ones at once, with
+   * SOCKPOOL_ERR_WORKER_START: nothing would run them before their deadlines (piscina starts one replacement for a
+   * thread that failed to start, and none after a replacement failed). While another thread may still start, the
+   * cause is only kept: a client of two threads whose first fails for a passing reason runs its requests on the
+   * second. A lane that attaches later ends all of it.
    */
-  startupFailed(cause: { message: string; code: string | undefined }): void {
+  startupFailed(cause: { message: string; code: string | undefined }, othersStarting: boolean): void {
     if (this.#lanes.length > 0) return;
     this.#startupFailure = cause;
+    this.threadsSettled(othersStarting);
+  }
+
+  /**
+   * A thread was removed, or one reported: if a thread could not start, none has a lane and none is still
+   * starting, the client now fails fast (startupFailed() says why). Called again when piscina removes a thread,
+   * since a thread may also end without reporting anything.
+   */
+  threadsSettled(othersStarting: boolean): void {
+    if (this.#startupFailure === undefined || this.#lanes.length > 0 || othersStarting) return;
+    this.#failFast = true;
     const waiting = this.#waiting;
     this.#waiting = [];
     for (const pending of waiting) {
@@ -129,11 +145,20 @@ export class ThreadLanes {
     else this.#waiting.push(pending);
   }
 
-  /** SOCKPOOL_ERR_WORKER_START while no thread has a lane and the last one to try could not start (else undefined):
-   *  what a request that needs a thread fails with (piscina's tasks too: the client checks before sending one). */
+  /** SOCKPOOL_ERR_WORKER_START once no thread has a lane and none can start any more (else undefined): what a
+   *  request that needs a thread fails with (piscina's tasks too: the client checks before sending one). */
   startupError(): SockpoolError | undefined {
+    return this.#failFast && this.#lanes.length === 0 ? this.#startupErrorOf(this.#startupFailure!) : undefined;
+  }
+
+  /** SOCKPOOL_ERR_WORKER_START while no thread has a lane and one could not start, even if another still may: what
+   *  a piscina task whose thread failed under it reports (rather than SOCKPOOL_ERR_WORKER_EXITED). */
+  threadStartFailure(): SockpoolError | undefined {
     const cause = this.#startupFailure;
-    if (cause === undefined || this.#lanes.length > 0) return undefined;
+    return cause !== undefined && this.#lanes.length === 0 ? this.#startupErrorOf(cause) : undefined;
+  }
+
+  #startupErrorOf(cause: { message: string; code: string | undefined }): SockpoolError {
     return new SockpoolError(
       ErrorCodes.WORKER_START,
       `no worker thread of the client could start: ${cause.message}${cause.code ? ` (${cause.code})` : ''}`,

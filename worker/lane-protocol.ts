@@ -9,16 +9,24 @@
 // the caller keeps the other end. If the thread dies, the caller's end closes and the requests in flight on that
 // lane fail with SOCKPOOL_ERR_WORKER_EXITED. Response bodies are transferred (moved), never copied.
 
+import type { MessagePort } from 'node:worker_threads';
 import type { PlainError } from '../shared/errors.js';
 import type { TransferOutcome, TransferRequest } from './curl-engine.js';
 
-/** The key of the message that hands the caller a thread's lane. */
+/** The key of the message that hands the caller a thread's lane: `{ [LANE]: port, threadId }`. */
 export const LANE = 'sockpoolLane';
 
 /** The key of the message a thread posts instead when it could not start (task-entry.cts, which cannot import this
- *  module and spells the key out): `{ [STARTUP_FAILED]: { message, code } }`. The caller then fails the requests
- *  waiting for a lane at once instead of at their deadlines. */
+ *  module and spells the key out): `{ [STARTUP_FAILED]: { message, code }, threadId }`. Once no thread can start,
+ *  the caller fails the requests waiting for a lane at once instead of at their deadlines. */
 export const STARTUP_FAILED = 'sockpoolStartupFailed';
+
+/** What a thread posts on its parentPort when it starts (piscina's 'message' event on the caller's side). */
+export interface ThreadAnnouncement {
+  [LANE]?: MessagePort;
+  [STARTUP_FAILED]?: { message: string; code: string | undefined };
+  threadId?: number;
+}
 
 /** Caller → thread, in arrays (one message per turn of the caller's event loop). */
 export type LaneCall =

@@ -7,7 +7,7 @@
 // sleeps. The spin adapts: after a few in a row that found nothing, the thread stops spinning and only tries again
 // now and then, so that a caller with gaps between its requests costs no CPU.
 
-import { MessageChannel, type MessagePort, parentPort, receiveMessageOnPort } from 'node:worker_threads';
+import { MessageChannel, type MessagePort, parentPort, receiveMessageOnPort, threadId } from 'node:worker_threads';
 import { fromPlainError } from '../shared/errors.js';
 import { IntMap } from '../shared/id-table.js';
 import { Cancellation } from './cancellation.js';
@@ -21,11 +21,12 @@ const SPIN_MS = 0.1;
 const MAX_MISSES = 4;
 const RETRY_EVERY = 32;
 
-/** Opens this thread's lane and announces it to the caller's thread (through piscina's 'message' event). */
+/** Opens this thread's lane and announces it to the caller's thread (through piscina's 'message' event), with the
+ *  thread's id (the caller counts the threads still starting). */
 export function openLane(runtime: TransferRuntime): void {
   const { port1, port2 } = new MessageChannel();
   new WorkerLane(runtime, port1);
-  parentPort!.postMessage({ [LANE]: port2 }, [port2]);
+  parentPort!.postMessage({ [LANE]: port2, threadId }, [port2]);
 }
 
 class WorkerLane {

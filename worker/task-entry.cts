@@ -6,9 +6,10 @@
 // step. piscina awaits whatever it finds under the export name ('default'): here, task.js's default export.
 //
 // A thread that cannot load task.js (a broken install, an addon that does not load) never opens its lane, so it
-// says why first: the caller fails the requests waiting for a lane with that cause (client/thread-lanes.ts). This
+// says why first, with its thread id: once no thread of the client can start, the caller fails the requests waiting
+// for a lane with that cause (client/thread-lanes.ts). This
 // file is CommonJS and imports no ES module of ours: the key is lane-protocol.ts's STARTUP_FAILED, spelled out.
-import { parentPort } from 'node:worker_threads';
+import { parentPort, threadId } from 'node:worker_threads';
 
 export = import('./task.js').then(
   (task) => task.default,
@@ -19,6 +20,7 @@ export = import('./task.js').then(
         message: typeof message === 'string' ? message : String(error),
         code: typeof code === 'string' ? code : undefined,
       },
+      threadId,
     });
     throw error;
   },
