@@ -7,6 +7,9 @@
 //   - Node: two threads exchanging a small message over a MessagePort with 'message' events, as the lanes do
 //     (client/thread-lanes.ts, worker/lane.ts), on whichever CPUs the scheduler picks, and pinned to one CPU
 //     (taskset -c 0);
+//   - sockpool's lanes themselves: a sequential caller's requests through ThreadLanes to a thread whose lane
+//     (worker/lane.ts) answers each a turn later with a small response (bench/fixtures/lane-echo.ts):
+//     the default client's round trip without curl, the daemon or an origin;
 // and prints the ceiling it puts on a sequential caller: a request that takes T µs on one thread takes at least
 // T + hop with the hop, so the ratio to plain node-libcurl is at most T / (T + hop). T is --request-us (default 100:
 // plain node-libcurl's keep-alive request over loopback on this kind of machine, bench/peers.ts --keep-alive-only).
@@ -20,6 +23,9 @@ import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { MessageChannel, Worker } from 'node:worker_threads';
+import { ThreadLanes } from '../client/thread-lanes.js';
+import { epochNow, type TransferRequest } from '../worker/curl-engine.js';
+import { LANE, type ThreadAnnouncement } from '../worker/lane-protocol.js';
 import { flag, option } from './lib/args.js';
 import { formatJson, stamp } from './lib/json.js';
 import { median, table } from './lib/stats.js';
@@ -33,10 +39,42 @@ interface Hop {
   cpuUs: number;
 }
 
-// --node-child: one Node measurement in this process (the parent runs it under taskset or not), printed as JSON.
-if (flag('--node-child')) {
-  console.log(JSON.stringify(await nodePingPong(option('--count', 20_000))));
+// --node-child / --lanes-child: one Node measurement in this process (the parent runs it under taskset or not),
+// printed as JSON.
+if (flag('--node-child') || flag('--lanes-child')) {
+  const count = option('--count', 20_000);
+  console.log(JSON.stringify(flag('--node-child') ? await nodePingPong(count) : await lanesRoundTrips(count)));
   process.exit(0);
+}
+
+async function lanesRoundTrips(count: number): Promise<Hop> {
+  const lanes = new ThreadLanes(64);
+  const thread = new Worker(join(import.meta.dirname, 'fixtures', 'lane-echo.js'));
+  thread.on('message', (message: ThreadAnnouncement) => {
+    if (message[LANE]) lanes.attach(message[LANE]);
+  });
+  const request = (): TransferRequest => ({
+    url: 'http://127.0.0.1:9/x',
+    method: 'GET',
+    headers: [],
+    deadline: epochNow() + 60_000,
+    timeoutMs: 60_000,
+  });
+  const sequential = async (n: number) => {
+    for (let i = 0; i < n; i++) {
+      const outcome = await lanes.run(request(), undefined);
+      if (!outcome.ok) throw new Error('the echo lane failed a request');
+    }
+  };
+  await sequential(1_000); // untimed: the lane attached, both sides' code warmed up
+  const wall = performance.now();
+  const cpu = process.cpuUsage();
+  await sequential(count);
+  const used = process.cpuUsage(cpu);
+  const hop = { wallUs: ((performance.now() - wall) * 1000) / count, cpuUs: (used.user + used.system) / count };
+  lanes.close();
+  await thread.terminate();
+  return hop;
 }
 
 async function nodePingPong(count: number): Promise<Hop> {
@@ -99,8 +137,8 @@ function floor(binary: string, placement: 'cross' | 'same'): Hop {
   return { wallUs: wallUs!, cpuUs: cpuUs! };
 }
 
-function node(pinned: boolean): Hop {
-  const command = [process.execPath, import.meta.filename, '--node-child', '--count', String(count)];
+function node(pinned: boolean, child = '--node-child'): Hop {
+  const command = [process.execPath, import.meta.filename, child, '--count', String(count)];
   const [file, ...args] = pinned ? ['taskset', '-c', '0', ...command] : command;
   return JSON.parse(execFileSync(file!, args, { encoding: 'utf8' })) as Hop;
 }
@@ -114,6 +152,8 @@ if (binary) {
 }
 cases.push({ name: "Node MessagePort 'message', unpinned", measure: () => node(false) });
 cases.push({ name: "Node MessagePort 'message', one CPU", measure: () => node(true) });
+cases.push({ name: 'sockpool lanes, an echo thread, unpinned', measure: () => node(false, '--lanes-child') });
+cases.push({ name: 'sockpool lanes, an echo thread, one CPU', measure: () => node(true, '--lanes-child') });
 
 const results: Array<{ name: string; rounds: Hop[]; wallUs: number; cpuUs: number; ceiling: number }> = [];
 for (const { name, measure } of cases) {
