@@ -15,6 +15,7 @@ import { Piscina } from 'piscina';
 import { ErrorCodes, fromPlainError, SockpoolError } from '../shared/errors.js';
 import { PROXY_NAME } from '../shared/origin.js';
 import { MAX_PREWARM_COUNT } from '../shared/protocol.js';
+import { RecentMap } from '../shared/recent-map.js';
 import {
   epochNow,
   type TransferOutcome,
@@ -84,6 +85,14 @@ export interface SockpoolClientOptions {
    * carries them all over one connection). The daemon's prewarm quota per uid bounds it. `false`: off.
    */
   announce?: false | { origins?: number; socketsPerOrigin?: number };
+  /**
+   * With worker threads: a buffered request made while the client has no other request in flight runs in the
+   * caller's own thread, as with `threads: 0` (default true). For one request at a time the two thread hops cost
+   * more than the transfer's own work, and the caller's thread would only wait for them; requests made while
+   * others run go to the worker threads. `false`: every request goes to a worker thread (curl's work never runs
+   * on the caller's event loop).
+   */
+  inlineWhenIdle?: boolean;
 }
 
 export type SockpoolTimings = TransferResult['timings'] & { queueMs: number };
@@ -132,6 +141,22 @@ interface Prepared {
   target: UrlTarget;
 }
 
+/** Where an origin's requests ran lately (inlineWhenIdle): its idle connections are there, in that runtime's curl
+ *  cache, and a lone request that runs elsewhere takes a new one. */
+interface OriginRoute {
+  /** A request to it ran in the caller's thread: a connection to it may be idle there. */
+  ranInline: boolean;
+  /** Lone requests to it sent to the threads (where its connections were) since it last had company. */
+  loneOnThreads: number;
+}
+
+/** Origins whose route is remembered (RecentMap: at most twice as many). */
+const ROUTES_KEPT = 1024;
+
+/** Lone requests in a row that follow an origin's connections to the threads before one runs in the caller's
+ *  thread after all: a caller that has become sequential then pays one new connection and no hops from there on. */
+const LONE_ON_THREADS_BEFORE_INLINE = 4;
+
 /** piscina tasks one thread may run beyond concurrencyPerThread requests: prewarm and stats never wait behind
  *  requests (the client's own queue holds those back), so that announcing a waiting request's origin is not
  *  itself waiting. */
@@ -146,8 +171,19 @@ export class SockpoolClient {
    *  or crashed without waiting for it, and close() waits for their exits too, so that no thread (with its event
    *  loop's fds) outlives it. Each leaves the set when it exits. */
   readonly #threadsNotExited = new Set<Worker>();
+  /** threads: 0 — the runtime in this thread, for every request. */
   #local: TransferRuntime | undefined;
-  #options: Required<Omit<SockpoolClientOptions, 'caFile' | 'proxy' | 'retry' | 'announce'>> & {
+  /** With worker threads and `inlineWhenIdle`: the runtime in this thread for a request made while nothing else
+   *  is in flight, made at the first such request (its daemon session and curl's connection cache with it);
+   *  undefined until then, or when inlineWhenIdle is off, or if it could not be made (requests then go to the
+   *  threads). */
+  #inline: TransferRuntime | undefined;
+  /** Whether a lone request may run in this thread (inlineWhenIdle, and the runtime could be made). */
+  #inlineWanted: boolean;
+  /** Where each recent origin's requests ran (only with #inlineWanted). */
+  readonly #routes = new RecentMap<string, OriginRoute>(ROUTES_KEPT);
+  readonly #workerData: WorkerConfig;
+  #options: Required<Omit<SockpoolClientOptions, 'caFile' | 'proxy' | 'retry' | 'announce' | 'inlineWhenIdle'>> & {
     retry: { deadConnection: boolean; methods: string[] };
     caFile: string | undefined;
     proxy: string | undefined;
@@ -165,6 +201,9 @@ export class SockpoolClient {
     }
     if (options.fallback !== undefined && options.fallback !== 'fail' && options.fallback !== 'direct') {
       throw invalid("fallback must be 'fail' or 'direct'");
+    }
+    if (options.inlineWhenIdle !== undefined && typeof options.inlineWhenIdle !== 'boolean') {
+      throw invalid('inlineWhenIdle must be a boolean');
     }
     this.#options = {
       socketPath: options.socketPath ?? defaultSocketPath(),
@@ -196,6 +235,8 @@ export class SockpoolClient {
         directFallback: this.#options.fallback === 'direct',
       },
     };
+    this.#workerData = workerData;
+    this.#inlineWanted = threads > 0 && (options.inlineWhenIdle ?? true);
     this.#queue = new RequestQueue(Math.max(1, threads) * concurrency, validateAnnounce(options.announce), (origins) =>
       this.#announce(origins),
     );
@@ -266,6 +307,7 @@ export class SockpoolClient {
     if (!upload) return new Promise((resolve, reject) => this.#start(prepared, resolve, reject));
     try {
       // A streamed request body needs a port of its own.
+      if (this.#inlineWanted) this.#inCompany(target.key);
       const channel = new CallerChannel({ streamResponse: false, upload });
       const result = (await this.#run(request, channel, signal)) as TransferResult & SockpoolResponse;
       return response(result, queued);
@@ -276,7 +318,8 @@ export class SockpoolClient {
 
   /**
    * Runs a buffered request that holds a slot in the queue (given back here): on a worker thread's lane, or in
-   * this thread (threads: 0). In both the signal goes to the runtime itself: no port.
+   * this thread (threads: 0, or alone in flight with inlineWhenIdle). In both the signal goes to the runtime
+   * itself: no port.
    */
   #start(prepared: Prepared, resolve: (response: SockpoolResponse) => void, reject: (error: Error) => void): void {
     const { request, signal, queued, target } = prepared;
@@ -287,14 +330,74 @@ export class SockpoolClient {
       else if (signal?.aborted && outcome.error.code === ErrorCodes.ABORTED) reject(abortedError(signal));
       else reject(fromPlainError(outcome.error));
     };
-    if (this.#lanes) {
-      this.#lanes.start(request, signal, finish, (error) => {
-        this.#queue.leave(target);
-        reject(error);
+    const fail = (error: Error) => {
+      this.#queue.leave(target);
+      reject(error);
+    };
+    if (!this.#inlineWanted) this.#toThreads(request, signal, finish, fail);
+    else if (this.#queue.running === 1) {
+      // Alone in flight (it holds the only slot): it may run in this thread, with no hop (see inlineWhenIdle).
+      // Decided at the end of the caller's turn, so that requests the caller makes together (a burst, an HTTP/2
+      // fan-out) go to the threads together and share their connections.
+      queueMicrotask(() => {
+        const inline =
+          this.#queue.running === 1 && this.#loneRunsInline(target.key) ? this.#inlineRuntime() : undefined;
+        if (!inline) this.#toThreads(request, signal, finish, fail);
+        // (A signal fired in the same turn, after request() returned.)
+        else if (signal?.aborted) fail(abortedError(signal));
+        else inline.startRequest(request, undefined, signal, finish);
       });
-      return;
+    } else {
+      this.#inCompany(target.key);
+      this.#toThreads(request, signal, finish, fail);
     }
-    this.#local!.startRequest(request, undefined, signal, finish);
+  }
+
+  /**
+   * Whether a lone request to this origin runs in the caller's thread: yes where a connection to it may be idle
+   * here, or where none is anywhere yet; where only the threads have run its requests, after
+   * LONE_ON_THREADS_BEFORE_INLINE lone requests in a row went there (each reusing their connection).
+   */
+  #loneRunsInline(key: string): boolean {
+    const route = this.#routes.get(key);
+    if (route === undefined) {
+      this.#routes.set(key, { ranInline: true, loneOnThreads: 0 });
+      return true;
+    }
+    if (route.ranInline) return true;
+    if (++route.loneOnThreads < LONE_ON_THREADS_BEFORE_INLINE) return false;
+    route.ranInline = true;
+    return true;
+  }
+
+  /** A request to this origin runs beside others, on a thread. */
+  #inCompany(key: string): void {
+    const route = this.#routes.get(key);
+    if (route === undefined) this.#routes.set(key, { ranInline: false, loneOnThreads: 0 });
+    else route.loneOnThreads = 0;
+  }
+
+  /** A buffered request to a worker thread's lane, or (threads: 0) to the runtime in this thread. */
+  #toThreads(
+    request: TransferRequest,
+    signal: AbortSignal | undefined,
+    finish: (outcome: TransferOutcome) => void,
+    fail: (error: Error) => void,
+  ): void {
+    if (this.#lanes) this.#lanes.start(request, signal, finish, fail);
+    else this.#local!.startRequest(request, undefined, signal, finish);
+  }
+
+  /** The runtime for lone requests in this thread, made on first use; undefined (for good) if it cannot be made:
+   *  the worker threads then run every request. */
+  #inlineRuntime(): TransferRuntime | undefined {
+    if (this.#inline) return this.#inline;
+    try {
+      this.#inline = new TransferRuntime(this.#workerData, `sockpool-client-${process.pid}`);
+    } catch {
+      this.#inlineWanted = false;
+    }
+    return this.#inline;
   }
 
   /** One request whose response body is a stream, resolved as soon as the response head is in. */
@@ -302,6 +405,7 @@ export class SockpoolClient {
     const { request, signal, upload, queued, target } = await this.#prepare(url, options, true);
     const waiting = this.#queue.enter(target, request, signal);
     if (waiting) await waiting;
+    if (this.#inlineWanted) this.#inCompany(target.key);
     const channel = new CallerChannel({ streamResponse: true, upload });
     // The task ends when the transfer does (the body read or cancelled); its failures (and a dead worker) fail the
     // head or the body. The slot is held until then.
@@ -380,6 +484,11 @@ export class SockpoolClient {
   /** Waits for the requests on the lanes, then for piscina's tasks, and stops the threads; resolves once every
    *  thread has exited. */
   async #closePool(pool: Piscina, lanes: ThreadLanes): Promise<void> {
+    this.#inlineWanted = false;
+    if (this.#inline) {
+      await this.#inline.idle();
+      this.#inline.close();
+    }
     await lanes.idle();
     lanes.close();
     await pool.close();

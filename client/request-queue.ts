@@ -104,6 +104,11 @@ export class RequestQueue {
     this.#announce = announce;
   }
 
+  /** Requests holding a slot (running, or about to). */
+  get running(): number {
+    return this.#running;
+  }
+
   /** Requests waiting for a slot. */
   get waiting(): number {
     return this.#waiting;

@@ -229,7 +229,13 @@ describe('aborts and timeouts cancel one transfer, not the thread', () => {
 describe('a worker thread that dies is replaced; its fds and leases go with it', () => {
   /** A client with one thread, its link up; returns the fd counts to come back to. */
   async function doomedClient() {
-    const dying = new SockpoolClient({ socketPath: daemon.socketPath, threads: 1, concurrencyPerThread: 16 });
+    // (inlineWhenIdle off: the requests made after the death must run in the new thread too.)
+    const dying = new SockpoolClient({
+      socketPath: daemon.socketPath,
+      threads: 1,
+      concurrencyPerThread: 16,
+      inlineWhenIdle: false,
+    });
     await dying.stats(); // the thread and its daemon link are up
     return { dying, fdsBefore: clientFds(), daemonFdsBefore: daemon.fdCount(), thread: threadIds(otherWorkers()) };
   }

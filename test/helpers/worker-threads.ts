@@ -108,3 +108,25 @@ export async function crashWorker(worker: Worker): Promise<void> {
   });
   await exited;
 }
+
+/**
+ * Blocks the worker's event loop until `unblock()` is called: the thread reads a FIFO synchronously (run there
+ * through the inspector), and unblock() writes to it. Resolves once the thread is about to block. Unblock it
+ * before the thread is terminated: a thread in a blocking read cannot stop.
+ */
+export async function blockWorker(worker: Worker, fifo: string): Promise<{ unblock: () => void }> {
+  const session = await workerInspector();
+  await session.call(worker.threadId, 'Runtime.evaluate', {
+    expression: `setImmediate(() => process.getBuiltinModule('node:fs').readFileSync(${JSON.stringify(fifo)})); undefined`,
+  });
+  const { writeFileSync } = await import('node:fs');
+  let blocked = true;
+  return {
+    unblock: () => {
+      if (!blocked) return;
+      blocked = false;
+      // (Opening a FIFO to write waits for its reader: the thread, blocked in its read or about to be.)
+      writeFileSync(fifo, 'go');
+    },
+  };
+}

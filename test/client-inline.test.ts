@@ -1,0 +1,172 @@
+// A lone request in the caller's thread (SockpoolClient's `inlineWhenIdle`, on by default with worker threads): a
+// buffered request made while the client has nothing else in flight runs in the caller's own thread, with no hop to
+// a worker thread and back; requests made together go to the threads together. Where a request ran is seen by
+// blocking the only worker thread's event loop (through the inspector): a request that went there cannot finish
+// until it is unblocked, one that ran here does. fds are counted before the client and after its close.
+import { execFileSync } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import type { Worker } from 'node:worker_threads';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { SockpoolClient, type SockpoolClientOptions } from '../client/index.js';
+import {
+  echoHandler,
+  eventually,
+  fdCount,
+  httpOrigin,
+  leasedTo,
+  type Origin,
+  startTestDaemon,
+} from './fixtures/client-helpers.js';
+import type { DaemonProcess } from './helpers/daemon.js';
+import { blockWorker, liveWorkers } from './helpers/worker-threads.js';
+
+/** Requests to /hang get no answer until the test ends (or the connection goes). */
+const hanging: ServerResponse[] = [];
+let origin: Origin;
+/** maxPerOrigin 1 at the daemon. */
+let capped: Origin;
+let daemon: DaemonProcess;
+let fifoDir: string;
+let fifos = 0;
+const unblocks: Array<() => void> = [];
+const clients: SockpoolClient[] = [];
+
+beforeAll(async () => {
+  const echo = echoHandler();
+  const handler = (request: IncomingMessage, response: ServerResponse) => {
+    if (request.url?.startsWith('/hang')) hanging.push(response);
+    else echo(request, response);
+  };
+  origin = await httpOrigin(handler);
+  capped = await httpOrigin(handler);
+  daemon = await startTestDaemon([origin.port, capped.port], {
+    config: { pool: { origins: [{ match: `127.0.0.1:${capped.port}`, maxPerOrigin: 1 }] } },
+  });
+  fifoDir = mkdtempSync(join(tmpdir(), 'sockpool-inline-test-'));
+});
+
+afterEach(async () => {
+  for (const unblock of unblocks.splice(0)) unblock();
+  for (const response of hanging.splice(0)) response.destroy();
+  await Promise.all(clients.splice(0).map((client) => client.close()));
+});
+
+afterAll(async () => {
+  await daemon?.stop();
+  await origin?.close();
+  await capped?.close();
+  if (fifoDir) rmSync(fifoDir, { recursive: true, force: true });
+});
+
+const url = (path: string, server: Origin = origin) => `http://127.0.0.1:${server.port}${path}`;
+/** fds of this process less the origins' server-side sockets (they run in this process). */
+const clientFds = () => fdCount() - origin.sockets.size - capped.sockets.size;
+
+/** A client with one worker thread, started (its lane up), and that thread. */
+async function clientWithThread(
+  options: SockpoolClientOptions = {},
+): Promise<{ client: SockpoolClient; thread: Worker }> {
+  const before = new Set(liveWorkers());
+  const client = new SockpoolClient({ socketPath: daemon.socketPath, threads: 1, ...options });
+  clients.push(client);
+  await client.stats(); // the thread is up
+  const [thread] = liveWorkers().filter((worker) => !before.has(worker));
+  return { client, thread: thread! };
+}
+
+/** The thread's event loop stops until the test unblocks it (or the test ends). */
+async function block(thread: Worker): Promise<() => void> {
+  const fifo = join(fifoDir, `fifo-${fifos++}`);
+  execFileSync('mkfifo', [fifo]);
+  const { unblock } = await blockWorker(thread, fifo);
+  unblocks.push(unblock);
+  return unblock;
+}
+
+const codeOf = (promise: Promise<unknown>) =>
+  promise.then(
+    () => 'ok',
+    (error: { code?: string }) => error.code,
+  );
+
+describe('a lone request runs in the caller’s thread', () => {
+  it('finishes while the only worker thread is blocked; requests made together go to that thread', async () => {
+    const { client, thread } = await clientWithThread();
+    const unblock = await block(thread);
+    const lone = await client.request(url('/lone'), { timeoutMs: 10_000 });
+    expect(lone.status).toBe(200);
+    expect(lone.body.toString()).toContain('/lone');
+    // Two made in one turn: neither is alone, both go to the blocked thread and meet their deadlines there.
+    const together = [client.request(url('/a'), { timeoutMs: 300 }), client.request(url('/b'), { timeoutMs: 300 })];
+    expect(await Promise.all(together.map(codeOf))).toEqual(['SOCKPOOL_ERR_TIMEOUT', 'SOCKPOOL_ERR_TIMEOUT']);
+    // Unblocked, the thread runs requests again.
+    unblock();
+    const after = [client.request(url('/c')), client.request(url('/d'))];
+    expect((await Promise.all(after)).map((response) => response.status)).toEqual([200, 200]);
+  });
+
+  it('with inlineWhenIdle: false every request goes to the thread (a lone one times out while it is blocked)', async () => {
+    const { client, thread } = await clientWithThread({ inlineWhenIdle: false });
+    await block(thread);
+    expect(await codeOf(client.request(url('/lone'), { timeoutMs: 300 }))).toBe('SOCKPOOL_ERR_TIMEOUT');
+  });
+
+  it('a signal fired in the same turn as the call cancels it; one fired later cancels it in flight', async () => {
+    const { client } = await clientWithThread();
+    const now = new AbortController();
+    const cancelledAtOnce = client.request(url('/never'), { signal: now.signal });
+    now.abort(new Error('changed my mind'));
+    await expect(cancelledAtOnce).rejects.toMatchObject({ code: 'SOCKPOOL_ERR_ABORTED' });
+    const leasedBefore = await leasedTo(daemon.socketPath, origin.port);
+    const later = new AbortController();
+    const hangsBefore = hanging.length;
+    const inFlight = client.request(url('/hang/inline'), { signal: later.signal });
+    await eventually(() => hanging.length > hangsBefore, 'the request at the origin');
+    later.abort();
+    await expect(inFlight).rejects.toMatchObject({ code: 'SOCKPOOL_ERR_ABORTED' });
+    // curl closed the half-used connection: its lease ended at the daemon.
+    await eventually(
+      async () => (await leasedTo(daemon.socketPath, origin.port)) <= leasedBefore,
+      'the cancelled request’s lease back',
+    );
+  });
+});
+
+describe('a lone request follows its origin’s connections', () => {
+  it('to the threads after a burst ran there, and here again after a few lone requests in a row', async () => {
+    const { client } = await clientWithThread();
+    // Two together: on the thread, two connections in its cache.
+    const burst = await Promise.all([client.request(url('/x1')), client.request(url('/x2'))]);
+    expect(burst.map((response) => response.status)).toEqual([200, 200]);
+    const connections: string[] = [];
+    for (let i = 0; i < 6; i++) connections.push((await client.request(url(`/seq-${i}`))).connection);
+    // Three on the thread's connections, then one here on a new lease, kept from then on.
+    expect(connections).toEqual(['reused', 'reused', 'reused', 'leased', 'reused', 'reused']);
+  });
+
+  it('at a capped origin (maxPerOrigin 1) a burst gets the room a lone request’s idle connection holds here', async () => {
+    const { client } = await clientWithThread();
+    expect((await client.request(url('/first', capped))).status).toBe(200);
+    // Its connection is idle in this thread's cache, holding the origin's one slot: the thread's requests wait
+    // until the daemon's reclaim notice makes it give the connection back.
+    const burst = await Promise.all(
+      Array.from({ length: 4 }, (_, i) => client.request(url(`/burst-${i}`, capped), { timeoutMs: 20_000 })),
+    );
+    expect(burst.map((response) => response.status)).toEqual([200, 200, 200, 200]);
+    expect(capped.sockets.size).toBeLessThanOrEqual(1);
+  });
+});
+
+it('close() closes what the caller’s thread held: its daemon link and curl’s connections', async () => {
+  const before = clientFds();
+  const leasedBefore = await leasedTo(daemon.socketPath, origin.port);
+  const client = new SockpoolClient({ socketPath: daemon.socketPath, threads: 1 });
+  for (let i = 0; i < 3; i++) expect((await client.request(url(`/fd-${i}`))).status).toBe(200);
+  expect(await leasedTo(daemon.socketPath, origin.port)).toBe(leasedBefore + 1);
+  await client.close();
+  await eventually(() => clientFds() <= before, `fds back to ${before} (now ${clientFds()})`);
+  await eventually(async () => (await leasedTo(daemon.socketPath, origin.port)) === leasedBefore, 'lease ended');
+});
