@@ -12,13 +12,20 @@ import { ErrorCodes, SockpoolError, toPlainError } from '../shared/errors.js';
 import { IdTable } from '../shared/id-table.js';
 import { epochNow, type TransferOutcome, type TransferRequest, timeoutError } from '../worker/curl-engine.js';
 import { type Deadline, Deadlines } from '../worker/deadlines.js';
-import type { LaneCall, LaneReply } from '../worker/lane-protocol.js';
+import {
+  type LaneCalls,
+  type LaneReplies,
+  pushAbortCall,
+  pushRequestCall,
+  readReplies,
+  removeCall,
+} from '../worker/lane-protocol.js';
 import { abortedError } from '../worker/transfer-runtime.js';
 
 interface Lane {
   port: MessagePort;
   inFlight: number;
-  outbox: LaneCall[];
+  outbox: LaneCalls;
   /** A flush of the outbox is queued (a microtask). */
   flushing: boolean;
 }
@@ -65,7 +72,7 @@ export class ThreadLanes {
     this.#startupFailure = undefined;
     this.#failFast = false;
     const lane: Lane = { port, inFlight: 0, outbox: [], flushing: false };
-    port.on('message', (replies: LaneReply[]) => this.#receive(lane, replies));
+    port.on('message', (replies: LaneReplies) => this.#receive(lane, replies));
     // The thread exited (crash, terminate): its requests in flight are lost.
     port.on('close', () => this.#lost(lane));
     port.unref();
@@ -192,20 +199,17 @@ export class ThreadLanes {
   #send(lane: Lane, pending: Pending): void {
     pending.lane = lane;
     lane.inFlight++;
-    const call: LaneCall = pending.signal
-      ? { id: pending.id, request: pending.request, abortable: true }
-      : { id: pending.id, request: pending.request };
-    this.#post(lane, call);
+    pushRequestCall(lane.outbox, pending.id, pending.request, pending.signal !== undefined);
+    this.#posted(lane);
   }
 
   /**
-   * Queues a call for the lane's next message: the calls made before the microtasks run out go together (a caller
+   * A call was queued for the lane's next message: the calls made before the microtasks run out go together (a caller
    * that answers a batch of replies with new requests makes them in the same round of microtasks). A lane that is
    * full now takes no more calls this round, so its message goes at once: a caller that hands over a crawler's
    * whole frontier in one turn has its first requests on their way before it has queued the rest.
    */
-  #post(lane: Lane, call: LaneCall): void {
-    lane.outbox.push(call);
+  #posted(lane: Lane): void {
     if (lane.inFlight >= this.#perThread) {
       this.#flush(lane);
       return;
@@ -223,17 +227,17 @@ export class ThreadLanes {
     lane.port.postMessage(outbox);
   }
 
-  #receive(lane: Lane, replies: LaneReply[]): void {
-    for (const { id, outcome } of replies) {
+  #receive(lane: Lane, replies: LaneReplies): void {
+    readReplies(replies, (id, outcome) => {
       const pending = this.#pending.get(id);
-      if (!pending) continue;
+      if (!pending) return;
       this.#pending.delete(id);
       lane.inFlight--;
       if (!pending.settled) {
         this.#settle(pending);
         pending.resolve(outcome);
       }
-    }
+    });
     this.#dispatchWaiting();
     this.#checkIdle();
   }
@@ -243,17 +247,17 @@ export class ThreadLanes {
     if (pending.settled) return;
     this.#settle(pending);
     const lane = pending.lane;
-    const unsent = lane ? lane.outbox.findIndex((call) => call.id === pending.id) : -1;
-    if (lane && unsent === -1) {
+    const unsent = lane ? removeCall(lane.outbox, pending.id) : false;
+    if (lane && !unsent) {
       // At once, not with the next batch: the thread must hear it before whatever the caller does next (closing
       // the connection at the server would make a dead-connection retry of the request it gave up on).
-      lane.port.postMessage([{ id: pending.id, abort: toPlainError(error) }]);
+      const abort: LaneCalls = [];
+      pushAbortCall(abort, pending.id, toPlainError(error));
+      lane.port.postMessage(abort);
     } else {
       // Still here (waiting for room, or in the batch not sent yet): it never reaches a thread.
-      if (lane) {
-        lane.outbox.splice(unsent, 1);
-        lane.inFlight--;
-      } else this.#waiting.splice(this.#waiting.indexOf(pending), 1);
+      if (lane) lane.inFlight--;
+      else this.#waiting.splice(this.#waiting.indexOf(pending), 1);
       this.#pending.delete(pending.id);
       this.#dispatchWaiting();
       this.#checkIdle();

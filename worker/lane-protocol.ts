@@ -11,7 +11,7 @@
 
 import type { MessagePort } from 'node:worker_threads';
 import type { PlainError } from '../shared/errors.js';
-import type { TransferOutcome, TransferRequest } from './curl-engine.js';
+import type { TransferOutcome, TransferRequest, TransferResult } from './curl-engine.js';
 
 /** The key of the message that hands the caller a thread's lane: `{ [LANE]: port, threadId }`. */
 export const LANE = 'sockpoolLane';
@@ -28,15 +28,156 @@ export interface ThreadAnnouncement {
   threadId?: number;
 }
 
-/** Caller → thread, in arrays (one message per turn of the caller's event loop). */
-export type LaneCall =
-  /** Run a request. `abortable`: an `abort` for it may follow (the caller gave an AbortSignal). */
-  | { id: number; request: TransferRequest; abortable?: boolean }
-  /** Cancel request `id` (the caller already failed it: its signal fired or its deadline passed there). */
-  | { id: number; abort: PlainError };
+// The messages are flat arrays of primitives, a fixed number of slots per call or reply, not an object per call:
+// a structured clone pays for every object and array it copies, and a request or an outcome as objects is a
+// handful of each (the request, its header pairs; the outcome, its result, timings and header pairs).
+// docs/benchmarks.md ("Tenth session") has what the flat form saved.
 
-/** Thread → caller, in arrays: the outcome of request `id`. */
-export interface LaneReply {
-  id: number;
-  outcome: TransferOutcome;
+/** Caller → thread: one message, CALL_SLOTS values per call. A request to run:
+ *  `id, url, method, headers (name, value, name, value, …), body, deadline, timeoutMs, abortable` (`abortable`: an
+ *  abort for it may follow, the caller gave an AbortSignal). A cancellation of request `id` (the caller already
+ *  failed it: its signal fired or its deadline passed there): `id, error (a PlainError), 0, …` — the second slot
+ *  is an object, never a URL string. */
+export type LaneCalls = unknown[];
+
+export const CALL_SLOTS = 8;
+
+/** Queues a buffered request (no streamed body either way: those go through piscina). */
+export function pushRequestCall(calls: LaneCalls, id: number, request: TransferRequest, abortable: boolean): void {
+  calls.push(
+    id,
+    request.url,
+    request.method,
+    flatHeaders(request.headers),
+    request.body,
+    request.deadline,
+    request.timeoutMs,
+    abortable,
+  );
+}
+
+export function pushAbortCall(calls: LaneCalls, id: number, error: PlainError): void {
+  calls.push(id, error, 0, 0, 0, 0, 0, 0);
+}
+
+/** Takes request `id` out of calls not sent yet; false if it is not among them. */
+export function removeCall(calls: LaneCalls, id: number): boolean {
+  for (let i = 0; i < calls.length; i += CALL_SLOTS) {
+    if (calls[i] === id) {
+      calls.splice(i, CALL_SLOTS);
+      return true;
+    }
+  }
+  return false;
+}
+
+/** Reads one message of calls, in order. */
+export function readCalls(
+  calls: LaneCalls,
+  run: (id: number, request: TransferRequest, abortable: boolean) => void,
+  abort: (id: number, error: PlainError) => void,
+): void {
+  for (let i = 0; i + CALL_SLOTS <= calls.length; i += CALL_SLOTS) {
+    const id = calls[i] as number;
+    const url = calls[i + 1];
+    if (typeof url !== 'string') {
+      abort(id, url as PlainError);
+      continue;
+    }
+    run(
+      id,
+      {
+        url,
+        method: calls[i + 2] as string,
+        headers: pairedHeaders(calls[i + 3] as string[]),
+        body: calls[i + 4] as Uint8Array | undefined,
+        deadline: calls[i + 5] as number,
+        timeoutMs: calls[i + 6] as number,
+      },
+      calls[i + 7] === true,
+    );
+  }
+}
+
+/** Thread → caller: one message, REPLY_SLOTS values per outcome. A response: `id, status, url, httpVersion,
+ *  warm, connection, tls, acquireMs, connectMs, tlsMs, ttfbMs, totalMs, headers (name, value, …), body`. A failure:
+ *  `id, error (a PlainError), 0, …` — the second slot is an object, never a status number. */
+export type LaneReplies = unknown[];
+
+export const REPLY_SLOTS = 14;
+
+/** Queues an outcome; returns the response body's buffer when it has bytes (the caller moves it: transfer list). */
+export function pushReply(replies: LaneReplies, id: number, outcome: TransferOutcome): ArrayBuffer | undefined {
+  if (!outcome.ok) {
+    replies.push(id, outcome.error, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+    return undefined;
+  }
+  const result = outcome.result;
+  const timings = result.timings;
+  replies.push(
+    id,
+    result.status,
+    result.url,
+    result.httpVersion,
+    result.warm,
+    result.connection,
+    result.tls,
+    timings.acquireMs,
+    timings.connectMs,
+    timings.tlsMs,
+    timings.ttfbMs,
+    timings.totalMs,
+    flatHeaders(result.headers),
+    result.body,
+  );
+  return result.body.byteLength > 0 ? (result.body.buffer as ArrayBuffer) : undefined;
+}
+
+/** Reads one message of outcomes, in order. */
+export function readReplies(replies: LaneReplies, each: (id: number, outcome: TransferOutcome) => void): void {
+  for (let i = 0; i + REPLY_SLOTS <= replies.length; i += REPLY_SLOTS) {
+    const id = replies[i] as number;
+    const status = replies[i + 1];
+    if (typeof status !== 'number') {
+      each(id, { ok: false, error: status as PlainError });
+      continue;
+    }
+    each(id, {
+      ok: true,
+      result: {
+        status,
+        headers: pairedHeaders(replies[i + 12] as string[]),
+        url: replies[i + 2] as string,
+        httpVersion: replies[i + 3] as string,
+        warm: replies[i + 4] as boolean,
+        connection: replies[i + 5] as TransferResult['connection'],
+        tls: replies[i + 6] as TransferResult['tls'],
+        timings: {
+          acquireMs: replies[i + 7] as number,
+          connectMs: replies[i + 8] as number,
+          tlsMs: replies[i + 9] as number,
+          ttfbMs: replies[i + 10] as number,
+          totalMs: replies[i + 11] as number,
+        },
+        body: replies[i + 13] as Uint8Array,
+      },
+    });
+  }
+}
+
+/** Header pairs as one array of strings (any bytes a header may hold survive: no separator to escape). */
+function flatHeaders(headers: Array<[string, string]>): string[] {
+  const flat: string[] = new Array(headers.length * 2);
+  for (let i = 0; i < headers.length; i++) {
+    const [name, value] = headers[i]!;
+    flat[i * 2] = name;
+    flat[i * 2 + 1] = value;
+  }
+  return flat;
+}
+
+function pairedHeaders(flat: string[]): Array<[string, string]> {
+  const headers: Array<[string, string]> = new Array(flat.length / 2);
+  for (let i = 0; i < flat.length; i += 2) headers[i / 2] = [flat[i]!, flat[i + 1]!];
+  return headers;
 }

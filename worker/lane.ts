@@ -7,11 +7,11 @@
 // runs of bench/peers.ts, in docs/benchmarks.md).
 
 import { MessageChannel, type MessagePort, parentPort, threadId } from 'node:worker_threads';
-import { fromPlainError } from '../shared/errors.js';
+import { fromPlainError, type PlainError } from '../shared/errors.js';
 import { IntMap } from '../shared/id-table.js';
 import { Cancellation } from './cancellation.js';
-import type { TransferOutcome } from './curl-engine.js';
-import { LANE, type LaneCall, type LaneReply } from './lane-protocol.js';
+import type { TransferOutcome, TransferRequest } from './curl-engine.js';
+import { LANE, type LaneCalls, type LaneReplies, pushReply, readCalls } from './lane-protocol.js';
 import type { TransferRuntime } from './transfer-runtime.js';
 
 /** Opens this thread's lane and announces it to the caller's thread (through piscina's 'message' event), with the
@@ -28,42 +28,42 @@ class WorkerLane {
   /** Requests the caller may cancel, by id (an IntMap: a Map with a delete per request keeps garbage alive,
    *  ../shared/id-table.ts). */
   readonly #cancellations = new IntMap<Cancellation>();
-  #outbox: LaneReply[] = [];
+  #outbox: LaneReplies = [];
   #transfer: ArrayBuffer[] = [];
   #flushing = false;
 
   constructor(runtime: TransferRuntime, port: MessagePort) {
     this.#runtime = runtime;
     this.#port = port;
-    port.on('message', (calls: LaneCall[]) => this.#receive(calls));
+    port.on('message', (calls: LaneCalls) => this.#receive(calls));
     // piscina keeps the thread alive; the lane does not have to.
     port.unref();
   }
 
-  #receive(calls: LaneCall[]): void {
-    for (const call of calls) {
-      if ('abort' in call) this.#cancellations.get(call.id)?.cancel(fromPlainError(call.abort));
-      else this.#run(call.id, call);
-    }
+  #receive(calls: LaneCalls): void {
+    readCalls(calls, this.#run, this.#abort);
   }
 
-  #run(id: number, call: Extract<LaneCall, { request: unknown }>): void {
+  readonly #abort = (id: number, error: PlainError): void => {
+    this.#cancellations.get(id)?.cancel(fromPlainError(error));
+  };
+
+  readonly #run = (id: number, request: TransferRequest, abortable: boolean): void => {
     let cancellation: Cancellation | undefined;
-    if (call.abortable) {
+    if (abortable) {
       cancellation = new Cancellation();
       this.#cancellations.set(id, cancellation);
     }
-    this.#runtime.startRequest(call.request, undefined, cancellation, (outcome) => {
+    this.#runtime.startRequest(request, undefined, cancellation, (outcome) => {
       if (cancellation) this.#cancellations.delete(id);
       this.#reply(id, outcome);
     });
-  }
+  };
 
   #reply(id: number, outcome: TransferOutcome): void {
-    this.#outbox.push({ id, outcome });
     // The body's memory moves to the caller's thread (exact-size, never a pooled slice: response-sink.ts).
-    if (outcome.ok && outcome.result.body.byteLength > 0)
-      this.#transfer.push(outcome.result.body.buffer as ArrayBuffer);
+    const body = pushReply(this.#outbox, id, outcome);
+    if (body) this.#transfer.push(body);
     if (this.#flushing) return;
     this.#flushing = true;
     // After the other transfers curl finished in the same turn have replied too (they complete together, in one
