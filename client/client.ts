@@ -86,8 +86,8 @@ export interface SockpoolClientOptions {
    */
   announce?: false | { origins?: number; socketsPerOrigin?: number };
   /**
-   * With worker threads: a buffered request made while the client has no other request in flight runs in the
-   * caller's own thread, as with `threads: 0` (default true). For one request at a time the two thread hops cost
+   * With worker threads: a request made while the client has no other request in flight (buffered or streamed)
+   * runs in the caller's own thread, as with `threads: 0` (default true). For one request at a time the two thread hops cost
    * more than the transfer's own work, and the caller's thread would only wait for them; requests made while
    * others run go to the worker threads. `false`: every request goes to a worker thread (curl's work never runs
    * on the caller's event loop).
@@ -307,9 +307,8 @@ export class SockpoolClient {
     if (!upload) return new Promise((resolve, reject) => this.#start(prepared, resolve, reject));
     try {
       // A streamed request body needs a port of its own.
-      if (this.#inlineWanted) this.#inCompany(target.key);
       const channel = new CallerChannel({ streamResponse: false, upload });
-      const result = (await this.#run(request, channel, signal)) as TransferResult & SockpoolResponse;
+      const result = (await this.#run(request, target, channel, signal)) as TransferResult & SockpoolResponse;
       return response(result, queued);
     } finally {
       this.#queue.leave(target);
@@ -405,11 +404,10 @@ export class SockpoolClient {
     const { request, signal, upload, queued, target } = await this.#prepare(url, options, true);
     const waiting = this.#queue.enter(target, request, signal);
     if (waiting) await waiting;
-    if (this.#inlineWanted) this.#inCompany(target.key);
     const channel = new CallerChannel({ streamResponse: true, upload });
     // The task ends when the transfer does (the body read or cancelled); its failures (and a dead worker) fail the
     // head or the body. The slot is held until then.
-    this.#run(request, channel, signal)
+    this.#run(request, target, channel, signal)
       .catch((error: Error) => channel.fail(error))
       .finally(() => this.#queue.leave(target));
     const head = await channel.head;
@@ -570,6 +568,7 @@ export class SockpoolClient {
    */
   async #run(
     request: TransferRequest,
+    target: UrlTarget,
     channel: CallerChannel | undefined,
     signal: AbortSignal | undefined,
   ): Promise<TransferResult> {
@@ -588,7 +587,10 @@ export class SockpoolClient {
       }
     });
     try {
-      const run = this.#dispatch(task, channel ? [channel.workerPort] : undefined);
+      const transferList = channel ? [channel.workerPort] : undefined;
+      const run = this.#inlineWanted
+        ? this.#dispatchRequest(task, target.key, transferList)
+        : this.#dispatch(task, transferList);
       const outcome = await Promise.race([run, cancelled]);
       if (!outcome.ok) throw fromPlainError(outcome.error);
       if (!('result' in outcome)) throw new SockpoolError(ErrorCodes.PROTOCOL, 'worker returned no result');
@@ -601,6 +603,21 @@ export class SockpoolClient {
       if (onAbort) signal?.removeEventListener('abort', onAbort);
       if (!request.streamResponse) channel?.close();
     }
+  }
+
+  /**
+   * A request task (a streamed body either way): in this thread when it is alone in flight, as a buffered request
+   * would be (inlineWhenIdle, decided at the end of the caller's turn, the origin's route followed), its port then
+   * staying in this thread as with `threads: 0`; else on a worker thread.
+   */
+  async #dispatchRequest(task: Task, key: string, transferList: TransferListItem[] | undefined): Promise<TaskResult> {
+    if (this.#queue.running === 1) {
+      // (The requests the caller made in the same turn enter the queue in the microtasks queued before this one.)
+      await null;
+      const inline = this.#queue.running === 1 && this.#loneRunsInline(key) ? this.#inlineRuntime() : undefined;
+      if (inline) return inline.handle(task);
+    } else this.#inCompany(key);
+    return this.#dispatch(task, transferList);
   }
 
   /** piscina rejected the task itself: the thread died (crash, terminate) or the pool is closing. */

@@ -108,6 +108,29 @@ describe('a lone request runs in the caller’s thread', () => {
     expect((await Promise.all(after)).map((response) => response.status)).toEqual([200, 200]);
   });
 
+  it('so does a lone streamed one (fetch, requestStream, a streamed upload); streams made together go to the thread', async () => {
+    const { client, thread } = await clientWithThread({ timeoutMs: 10_000 });
+    const unblock = await block(thread);
+    const fetched = await client.fetch(url('/fetched'));
+    expect(await fetched.text()).toBe('GET /fetched 0');
+    const streamed = await client.requestStream(url('/streamed'));
+    expect(await new Response(streamed.body).text()).toBe('GET /streamed 0');
+    const upload = new ReadableStream<Uint8Array>({
+      start(controller) {
+        controller.enqueue(new Uint8Array([1, 2, 3]));
+        controller.close();
+      },
+    });
+    const uploaded = await client.request(url('/uploaded'), { method: 'PUT', body: upload });
+    expect(uploaded.body.toString()).toBe('PUT /uploaded 3');
+    const together = [
+      client.requestStream(url('/s1'), { timeoutMs: 300 }),
+      client.requestStream(url('/s2'), { timeoutMs: 300 }),
+    ];
+    expect(await Promise.all(together.map(codeOf))).toEqual(['SOCKPOOL_ERR_TIMEOUT', 'SOCKPOOL_ERR_TIMEOUT']);
+    unblock();
+  });
+
   it('with inlineWhenIdle: false every request goes to the thread (a lone one times out while it is blocked)', async () => {
     const { client, thread } = await clientWithThread({ inlineWhenIdle: false });
     await block(thread);
