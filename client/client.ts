@@ -1,5 +1,7 @@
 // SockpoolClient: runs in the caller's thread. It validates requests, sends them to a piscina pool of worker
-// threads (each running libcurl over sockets the daemon hands in) and rebuilds results and typed errors.
+// threads (each running libcurl over sockets the daemon hands in) and rebuilds results and typed errors. Buffered
+// requests go over each thread's lane (thread-lanes.ts), the others as piscina tasks; a request alone in flight
+// runs in the caller's own thread instead (`inlineWhenIdle`), and with `threads: 0` every request does.
 //
 // A request that needs more than a task and its result (an AbortSignal, a streamed request or response body) also
 // gets a MessagePort of its own (caller-channel.ts ↔ task.ts): cancellation reaches the one transfer in the worker
@@ -87,10 +89,10 @@ export interface SockpoolClientOptions {
   announce?: false | { origins?: number; socketsPerOrigin?: number };
   /**
    * With worker threads: a request made while the client has no other request in flight (buffered or streamed)
-   * runs in the caller's own thread, as with `threads: 0` (default true). For one request at a time the two thread hops cost
-   * more than the transfer's own work, and the caller's thread would only wait for them; requests made while
-   * others run go to the worker threads. `false`: every request goes to a worker thread (curl's work never runs
-   * on the caller's event loop).
+   * runs in the caller's own thread, as with `threads: 0` (default true). For one request at a time the two
+   * thread hops cost more than the transfer's own work, and the caller's thread would only wait for them;
+   * requests made while others run go to the worker threads. `false`: every request goes to a worker thread
+   * (curl's work never runs on the caller's event loop).
    */
   inlineWhenIdle?: boolean;
 }
@@ -333,7 +335,7 @@ export class SockpoolClient {
       this.#queue.leave(target);
       reject(error);
     };
-    if (!this.#inlineWanted) this.#toThreads(request, signal, finish, fail);
+    if (!this.#inlineWanted) this.#startAsConfigured(request, signal, finish, fail);
     else if (this.#queue.running === 1) {
       // Alone in flight (it holds the only slot): it may run in this thread, with no hop (see inlineWhenIdle).
       // Decided at the end of the caller's turn, so that requests the caller makes together (a burst, an HTTP/2
@@ -341,14 +343,14 @@ export class SockpoolClient {
       queueMicrotask(() => {
         const inline =
           this.#queue.running === 1 && this.#loneRunsInline(target.key) ? this.#inlineRuntime() : undefined;
-        if (!inline) this.#toThreads(request, signal, finish, fail);
+        if (!inline) this.#startAsConfigured(request, signal, finish, fail);
         // (A signal fired in the same turn, after request() returned.)
         else if (signal?.aborted) fail(abortedError(signal));
         else inline.startRequest(request, undefined, signal, finish);
       });
     } else {
       this.#inCompany(target.key);
-      this.#toThreads(request, signal, finish, fail);
+      this.#startAsConfigured(request, signal, finish, fail);
     }
   }
 
@@ -376,8 +378,9 @@ export class SockpoolClient {
     else route.loneOnThreads = 0;
   }
 
-  /** A buffered request to a worker thread's lane, or (threads: 0) to the runtime in this thread. */
-  #toThreads(
+  /** A buffered request where the `threads` option puts it: a worker thread's lane, or (threads: 0) the runtime in
+   *  this thread. */
+  #startAsConfigured(
     request: TransferRequest,
     signal: AbortSignal | undefined,
     finish: (outcome: TransferOutcome) => void,
@@ -394,6 +397,7 @@ export class SockpoolClient {
     try {
       this.#inline = new TransferRuntime(this.#workerData, `sockpool-client-${process.pid}`);
     } catch {
+      // (Nothing is lost: the threads have their own runtimes, and a request they cannot run says why.)
       this.#inlineWanted = false;
     }
     return this.#inline;
