@@ -3,7 +3,8 @@
 // coming back into a promise and a ReadableStream whose reads grant the worker more credit.
 //
 // The port pair is created here; `workerPort` is transferred to the worker with the task and closed there when the
-// transfer ends. This end closes when the response is complete, fails or is cancelled, and keeps the process alive
+// transfer ends. When the runtime runs in this thread (`local`), the pair is a LocalPort pair instead: no
+// MessageChannel to make, nothing to clone (local-port.ts). This end closes when the response is complete, fails or is cancelled, and keeps the process alive
 // until then. (It was unref'd, leaving that to piscina while the task runs; but the task's completion comes over
 // piscina's own port and can be handled before the last body messages on this one: with nothing else pending, the
 // process then exited with those messages undelivered and the caller's read never settled. An unread body keeps
@@ -15,11 +16,13 @@ import { ErrorCodes, fromPlainError, SockpoolError, toPlainError } from '../shar
 import {
   type CallerMessage,
   RESPONSE_WINDOW,
+  type RequestPort,
   type ResponseHead,
   UPLOAD_CHUNK,
   UPLOAD_WINDOW,
   type WorkerMessage,
 } from '../worker/stream-protocol.js';
+import { LocalPort } from './local-port.js';
 
 export type BodyStream = ReadableStream<Uint8Array> | AsyncIterable<Uint8Array>;
 
@@ -28,16 +31,20 @@ export interface CallerChannelOptions {
   streamResponse: boolean;
   /** A request body to send in chunks. */
   upload?: BodyStream | undefined;
+  /** The runtime runs in this thread: an in-thread port pair instead of a MessageChannel. */
+  local?: boolean;
 }
 
 export class CallerChannel {
-  /** Goes to the worker with the task (transferList). */
-  readonly workerPort: MessagePort;
+  /** Goes to the runtime with the task. */
+  readonly workerPort: RequestPort;
+  /** workerPort when it is a MessagePort, for the task's transferList (undefined when local). */
+  readonly transferable: MessagePort | undefined;
   /** Resolves with the response head (streamed responses only). */
   readonly head: Promise<ResponseHead>;
   /** The response body (streamed responses only). */
   readonly body: ReadableStream<Uint8Array> | undefined;
-  #port: MessagePort;
+  #port: RequestPort;
   #done = false;
   #resolveHead!: (head: ResponseHead) => void;
   #rejectHead!: (error: Error) => void;
@@ -50,9 +57,16 @@ export class CallerChannel {
   #wakePump: (() => void) | undefined;
 
   constructor(options: CallerChannelOptions) {
-    const { port1, port2 } = new MessageChannel();
+    let port1: RequestPort;
+    if (options.local) {
+      [port1, this.workerPort] = LocalPort.pair();
+      this.transferable = undefined;
+    } else {
+      const channel = new MessageChannel();
+      port1 = channel.port1;
+      this.workerPort = this.transferable = channel.port2;
+    }
     this.#port = port1;
-    this.workerPort = port2;
     this.head = new Promise<ResponseHead>((resolve, reject) => {
       this.#resolveHead = resolve;
       this.#rejectHead = reject;

@@ -309,8 +309,9 @@ export class SockpoolClient {
     if (!upload) return new Promise((resolve, reject) => this.#start(prepared, resolve, reject));
     try {
       // A streamed request body needs a port of its own.
-      const channel = new CallerChannel({ streamResponse: false, upload });
-      const result = (await this.#run(request, target, channel, signal)) as TransferResult & SockpoolResponse;
+      const runtime = await this.#streamRuntime(target.key);
+      const channel = new CallerChannel({ streamResponse: false, upload, local: runtime !== undefined });
+      const result = (await this.#run(request, channel, signal, runtime)) as TransferResult & SockpoolResponse;
       return response(result, queued);
     } finally {
       this.#queue.leave(target);
@@ -408,10 +409,11 @@ export class SockpoolClient {
     const { request, signal, upload, queued, target } = await this.#prepare(url, options, true);
     const waiting = this.#queue.enter(target, request, signal);
     if (waiting) await waiting;
-    const channel = new CallerChannel({ streamResponse: true, upload });
+    const runtime = await this.#streamRuntime(target.key);
+    const channel = new CallerChannel({ streamResponse: true, upload, local: runtime !== undefined });
     // The task ends when the transfer does (the body read or cancelled); its failures (and a dead worker) fail the
     // head or the body. The slot is held until then.
-    this.#run(request, target, channel, signal)
+    this.#run(request, channel, signal, runtime)
       .catch((error: Error) => channel.fail(error))
       .finally(() => this.#queue.leave(target));
     const head = await channel.head;
@@ -569,32 +571,32 @@ export class SockpoolClient {
    * Runs the task; rejects with the transfer's typed error, SOCKPOOL_ERR_TIMEOUT at the deadline even while the
    * task waits in piscina's queue (the worker enforces the same deadline), SOCKPOOL_ERR_ABORTED when the signal
    * fires, or SOCKPOOL_ERR_WORKER_EXITED when the thread died. Cancellations reach the worker over the channel.
+   * `runtime`: the runtime in this thread that runs it (#streamRuntime), else a worker thread does.
    */
   async #run(
     request: TransferRequest,
-    target: UrlTarget,
-    channel: CallerChannel | undefined,
+    channel: CallerChannel,
     signal: AbortSignal | undefined,
+    runtime: TransferRuntime | undefined,
   ): Promise<TransferResult> {
-    const task: Task = { kind: 'request', request, port: channel?.workerPort };
+    const task: Task = { kind: 'request', request, port: channel.workerPort };
     let timer: NodeJS.Timeout | undefined;
     let onAbort: (() => void) | undefined;
     const cancelled = new Promise<never>((_, reject) => {
       const cancel = (error: SockpoolError) => {
-        channel?.abort(error);
+        channel.abort(error);
         reject(error);
       };
       timer = setTimeout(() => cancel(timeoutError(request)), Math.max(0, request.deadline - epochNow()));
       if (signal) {
         onAbort = () => cancel(abortedError(signal));
         signal.addEventListener('abort', onAbort, { once: true });
+        // (Fired while the request waited for its place or its runtime: the listener will never be called.)
+        if (signal.aborted) onAbort();
       }
     });
     try {
-      const transferList = channel ? [channel.workerPort] : undefined;
-      const run = this.#inlineWanted
-        ? this.#dispatchRequest(task, target.key, transferList)
-        : this.#dispatch(task, transferList);
+      const run = runtime ? runtime.handle(task) : this.#dispatch(task, [channel.transferable!]);
       const outcome = await Promise.race([run, cancelled]);
       if (!outcome.ok) throw fromPlainError(outcome.error);
       if (!('result' in outcome)) throw new SockpoolError(ErrorCodes.PROTOCOL, 'worker returned no result');
@@ -610,18 +612,21 @@ export class SockpoolClient {
   }
 
   /**
-   * A request task (a streamed body either way): in this thread when it is alone in flight, as a buffered request
-   * would be (inlineWhenIdle, decided at the end of the caller's turn, the origin's route followed), its port then
-   * staying in this thread as with `threads: 0`; else on a worker thread.
+   * The runtime in this thread that runs a streamed request (either way), if one does: with `threads: 0`, the
+   * client's own; with worker threads, the caller's runtime when the request is alone in flight, as a buffered
+   * request would be (inlineWhenIdle, decided at the end of the caller's turn, the origin's route followed).
+   * Decided before the request's channel is made: a request that stays in this thread needs no MessageChannel.
    */
-  async #dispatchRequest(task: Task, key: string, transferList: TransferListItem[] | undefined): Promise<TaskResult> {
-    if (this.#queue.running === 1) {
-      // (The requests the caller made in the same turn enter the queue in the microtasks queued before this one.)
-      await null;
-      const inline = this.#queue.running === 1 && this.#loneRunsInline(key) ? this.#inlineRuntime() : undefined;
-      if (inline) return inline.handle(task);
-    } else this.#inCompany(key);
-    return this.#dispatch(task, transferList);
+  async #streamRuntime(key: string): Promise<TransferRuntime | undefined> {
+    if (this.#local) return this.#local;
+    if (!this.#inlineWanted) return undefined;
+    if (this.#queue.running !== 1) {
+      this.#inCompany(key);
+      return undefined;
+    }
+    // (The requests the caller made in the same turn enter the queue in the microtasks queued before this one.)
+    await null;
+    return this.#queue.running === 1 && this.#loneRunsInline(key) ? this.#inlineRuntime() : undefined;
   }
 
   /** piscina rejected the task itself: the thread died (crash, terminate) or the pool is closing. */

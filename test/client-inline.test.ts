@@ -4,7 +4,7 @@
 // blocking the only worker thread's event loop (through the inspector): a request that went there cannot finish
 // until it is unblocked, one that ran here does. fds are counted before the client and after its close.
 import { execFileSync } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readlinkSync, rmSync } from 'node:fs';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -183,13 +183,35 @@ describe('a lone request follows its origin’s connections', () => {
   });
 });
 
+/** What each open fd of this process is (socket:[inode], anon_inode:[eventpoll], a path). */
+function fdTargets(): Map<string, string> {
+  const targets = new Map<string, string>();
+  for (const fd of readdirSync('/proc/self/fd')) {
+    try {
+      targets.set(fd, readlinkSync(`/proc/self/fd/${fd}`));
+    } catch {
+      // closed meanwhile
+    }
+  }
+  return targets;
+}
+
 it('close() closes what the caller’s thread held: its daemon link and curl’s connections', async () => {
   const before = clientFds();
+  const targetsBefore = fdTargets();
   const leasedBefore = await leasedTo(daemon.socketPath, origin.port);
   const client = new SockpoolClient({ socketPath: daemon.socketPath, threads: 1 });
   for (let i = 0; i < 3; i++) expect((await client.request(url(`/fd-${i}`))).status).toBe(200);
   expect(await leasedTo(daemon.socketPath, origin.port)).toBe(leasedBefore + 1);
   await client.close();
-  await eventually(() => clientFds() <= before, `fds back to ${before} (now ${clientFds()})`);
+  // (On failure, the fds that are new since the start say what was left open.)
+  const left = () =>
+    [...fdTargets()]
+      .filter(([fd, target]) => targetsBefore.get(fd) !== target)
+      .map(([fd, target]) => `${fd} ${target}`);
+  await eventually(
+    () => clientFds() <= before,
+    () => `fds back to ${before} (now ${clientFds()}; new: ${left().join(', ')})`,
+  );
   await eventually(async () => (await leasedTo(daemon.socketPath, origin.port)) === leasedBefore, 'lease ended');
 });

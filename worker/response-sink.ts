@@ -3,9 +3,14 @@
 // requestStream() and fetch()). The curl engine offers each chunk curl writes; a sink that has no room refuses it,
 // and the engine pauses curl's receiving until the sink calls back (see stream-protocol.ts).
 
-import type { MessagePort } from 'node:worker_threads';
 import type { PlainError } from '../shared/errors.js';
-import { RESPONSE_CHUNK, RESPONSE_WINDOW, type ResponseHead, type WorkerMessage } from './stream-protocol.js';
+import {
+  RESPONSE_CHUNK,
+  RESPONSE_WINDOW,
+  type RequestPort,
+  type ResponseHead,
+  type WorkerMessage,
+} from './stream-protocol.js';
 
 export interface ResponseSink {
   /** True once the response head went out to the caller: the transfer can no longer be retried. */
@@ -61,7 +66,7 @@ export class BufferSink implements ResponseSink {
 
 /** Streams the body to the caller over `port`; holds at most RESPONSE_WINDOW bytes the caller has not read. */
 export class PortSink implements ResponseSink {
-  #port: MessagePort;
+  #port: RequestPort;
   #committed = false;
   #pending: Buffer[] = [];
   #pendingBytes = 0;
@@ -73,7 +78,7 @@ export class PortSink implements ResponseSink {
   #onWritable: (() => void) | undefined;
   #done = false;
 
-  constructor(port: MessagePort) {
+  constructor(port: RequestPort) {
     this.#port = port;
   }
 

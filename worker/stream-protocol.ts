@@ -20,6 +20,16 @@ export const RESPONSE_CHUNK = 64 * 1024;
 /** The caller splits request body chunks to at most this size. */
 export const UPLOAD_CHUNK = 64 * 1024;
 
+/** A request's port: a MessagePort to a worker thread, or an in-thread LocalPort (client/local-port.ts) when the
+ *  runtime runs in the caller's thread. Only this much of MessagePort is used on either side. */
+export interface RequestPort {
+  postMessage(message: unknown, transfer?: ArrayBuffer[]): void;
+  /** 'message' (a CallerMessage or a WorkerMessage) or 'close'. */
+  // biome-ignore lint/suspicious/noExplicitAny: as MessagePort's and EventEmitter's own listeners (the message's type is the listener's)
+  on(event: 'message' | 'close', listener: (...args: any[]) => void): unknown;
+  close(): void;
+}
+
 /** Status line and headers of the final response, as soon as they are complete. */
 export interface ResponseHead {
   status: number;

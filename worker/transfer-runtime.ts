@@ -8,7 +8,6 @@
 // fds: the daemon link's socket and leased fds not yet handed to curl are tracked by the addon (closed if the
 // thread dies); fds curl owns are closed through CLOSESOCKETFUNCTION. See socket-supply.ts for each step.
 
-import type { MessagePort } from 'node:worker_threads';
 import { ErrorCodes, fromPlainError, SockpoolError, toPlainError } from '../shared/errors.js';
 import { Cancellation, type CancelSignal } from './cancellation.js';
 import {
@@ -23,7 +22,7 @@ import { DaemonLink } from './daemon-link.js';
 import { type Deadline, Deadlines } from './deadlines.js';
 import { PortSink } from './response-sink.js';
 import { SocketSupply } from './socket-supply.js';
-import type { CallerMessage } from './stream-protocol.js';
+import type { CallerMessage, RequestPort } from './stream-protocol.js';
 import { tlsTrustOf } from './tls-trust.js';
 import { PortSource } from './upload-source.js';
 
@@ -36,8 +35,9 @@ export interface RuntimeConfig {
 }
 
 export type RuntimeTask =
-  /** `port`: the request's own MessagePort (abort, streamed bodies); see stream-protocol.ts. */
-  | { kind: 'request'; request: TransferRequest; port?: MessagePort | undefined }
+  /** `port`: the request's own port (abort, streamed bodies): a MessagePort, or a LocalPort in the caller's
+   *  thread; see stream-protocol.ts. */
+  | { kind: 'request'; request: TransferRequest; port?: RequestPort | undefined }
   /** `lookahead`: the client's queue announcing its waiting requests' origins (the daemon may warm TCP for those). */
   | {
       kind: 'prewarm';
@@ -150,14 +150,14 @@ export class TransferRuntime {
    * caller's AbortSignal, when the runtime runs in the caller's thread (`threads: 0`) and needs no port for it, or
    * the cancellation of a request that came over the thread's lane (lane.ts).
    */
-  runRequest(request: TransferRequest, port: MessagePort | undefined, signal?: CancelSignal): Promise<TransferOutcome> {
+  runRequest(request: TransferRequest, port: RequestPort | undefined, signal?: CancelSignal): Promise<TransferOutcome> {
     return new Promise((resolve) => this.startRequest(request, port, signal, resolve));
   }
 
   /** runRequest() without a promise of its own: `done` gets the outcome, once. */
   startRequest(
     request: TransferRequest,
-    port: MessagePort | undefined,
+    port: RequestPort | undefined,
     signal: CancelSignal | undefined,
     done: (outcome: TransferOutcome) => void,
   ): void {

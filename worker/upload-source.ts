@@ -3,8 +3,7 @@
 // stream-protocol.ts). curl's READFUNCTION calls read(); with nothing buffered yet a PortSource answers PAUSE and
 // calls back when data arrives, and the engine then resumes curl's sending.
 
-import type { MessagePort } from 'node:worker_threads';
-import { UPLOAD_WINDOW, type WorkerMessage } from './stream-protocol.js';
+import { type RequestPort, UPLOAD_WINDOW, type WorkerMessage } from './stream-protocol.js';
 
 /** read() has nothing yet: pause sending until the readable callback runs. */
 export const READ_PAUSE = Symbol('read-pause');
@@ -49,7 +48,7 @@ export class BufferSource implements UploadSource {
 
 export class PortSource implements UploadSource {
   readonly length: number | undefined;
-  #port: MessagePort;
+  #port: RequestPort;
   #chunks: Uint8Array[] = [];
   /** Read position in #chunks[0]. */
   #offset = 0;
@@ -59,7 +58,7 @@ export class PortSource implements UploadSource {
   #waiting = false;
   #onReadable: (() => void) | undefined;
 
-  constructor(port: MessagePort, length: number | undefined) {
+  constructor(port: RequestPort, length: number | undefined) {
     this.#port = port;
     this.length = length;
   }
