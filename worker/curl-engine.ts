@@ -753,7 +753,9 @@ export class CurlEngine {
       const head = this.#head(state.easy, attempt);
       if (!attempt.headSent) {
         attempt.headSent = true;
-        attempt.io.sink.head(head);
+        // A copy: the head becomes the result below, and a port in this thread (client/local-port.ts) does not
+        // clone what it carries. (Only when the head did not end a header block first, which is rare.)
+        attempt.io.sink.head({ ...head });
       }
       this.#release(state);
       // The head becomes the result (#attemptEnded puts a buffered body in).
