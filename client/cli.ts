@@ -120,9 +120,10 @@ program
   .option('--cacert <file>', 'CA bundle for HTTPS')
   .option('-k, --insecure', 'skip TLS verification')
   .action(async (url: string, options: { verbose?: boolean; cacert?: string; insecure?: boolean }) => {
+    // One request: it runs in this thread (a worker thread would only add its start-up).
     const client = new SockpoolClient({
       socketPath: socketPath(),
-      threads: 1,
+      threads: 0,
       caFile: options.cacert,
       insecure: options.insecure,
     });
