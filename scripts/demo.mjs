@@ -58,14 +58,18 @@ try {
   console.log(
     `           connection=${first.connection} warm=${first.warm} total ${first.timings.totalMs.toFixed(2)} ms`,
   );
-  await client.prewarm([{ host: '127.0.0.1', port, count: 2 }]);
+  // The first request was alone in flight, so it ran in this thread (inlineWhenIdle). Three at once go to the
+  // worker thread, whose curl has no connection yet: each takes one from the pool, warmed here beforehand.
+  await client.prewarm([{ host: '127.0.0.1', port, count: 3 }]);
   await sleep(200);
-  // Three at once: one reuses curl's keep-alive connection, the others need new ones, served from the warm pool.
   const concurrent = await Promise.all([1, 2, 3].map((n) => client.request(`${url}?n=${n}`)));
   for (const [index, response] of concurrent.entries()) {
     const n = index + 2;
     console.log(`request ${n}: ${response.status} connection=${response.connection} warm=${response.warm}`);
   }
+  // Alone again: in this thread, over the keep-alive connection the first request left in its curl.
+  const last = await client.request(`${url}?n=5`);
+  console.log(`request 5: ${last.status} connection=${last.connection} warm=${last.warm}`);
   const stats = await client.stats();
   console.log(
     `daemon stats: idle ${stats.idle}, leased ${stats.leased}, hits ${stats.hits}, misses ${stats.misses}, ` +
