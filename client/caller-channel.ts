@@ -3,13 +3,17 @@
 // coming back into a promise and a ReadableStream whose reads grant the worker more credit.
 //
 // The port pair is created here; `workerPort` is transferred to the worker with the task and closed there when the
-// transfer ends. When the runtime runs in this thread (`local`), the pair is a LocalPort pair instead: no
-// MessageChannel to make, nothing to clone (local-port.ts). This end closes when the response is complete, fails or is cancelled, and keeps the process alive
+// transfer ends. This end closes when the response is complete, fails or is cancelled, and keeps the process alive
 // until then. (It was unref'd, leaving that to piscina while the task runs; but the task's completion comes over
 // piscina's own port and can be handled before the last body messages on this one: with nothing else pending, the
 // process then exited with those messages undelivered and the caller's read never settled. An unread body keeps
 // the process alive no longer than before: the worker holds the transfer, and so its task, until it is read,
 // cancelled or past its deadline.)
+//
+// When the runtime runs in this thread (`local`: threads: 0, or a request alone in flight), the pair is a LocalPort
+// pair instead (local-port.ts): no MessageChannel to make, nothing cloned. It holds no handle of its own; the
+// transfer's deadline timer keeps the process alive while it runs, and the immediates that deliver its last
+// messages after that.
 
 import { MessageChannel, type MessagePort } from 'node:worker_threads';
 import { ErrorCodes, fromPlainError, SockpoolError, toPlainError } from '../shared/errors.js';

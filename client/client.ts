@@ -336,23 +336,36 @@ export class SockpoolClient {
       this.#queue.leave(target);
       reject(error);
     };
-    if (!this.#inlineWanted) this.#startAsConfigured(request, signal, finish, fail);
-    else if (this.#queue.running === 1) {
-      // Alone in flight (it holds the only slot): it may run in this thread, with no hop (see inlineWhenIdle).
-      // Decided at the end of the caller's turn, so that requests the caller makes together (a burst, an HTTP/2
-      // fan-out) go to the threads together and share their connections.
-      queueMicrotask(() => {
-        const inline =
-          this.#queue.running === 1 && this.#loneRunsInline(target.key) ? this.#inlineRuntime() : undefined;
-        if (!inline) this.#startAsConfigured(request, signal, finish, fail);
-        // (A signal fired in the same turn, after request() returned.)
-        else if (signal?.aborted) fail(abortedError(signal));
-        else inline.startRequest(request, undefined, signal, finish);
-      });
-    } else {
-      this.#inCompany(target.key);
+    if (!this.#mayRunAlone(target.key)) {
       this.#startAsConfigured(request, signal, finish, fail);
+      return;
     }
+    queueMicrotask(() => {
+      const inline = this.#aloneRuntime(target.key);
+      if (!inline) this.#startAsConfigured(request, signal, finish, fail);
+      // (A signal fired in the same turn, after request() returned.)
+      else if (signal?.aborted) fail(abortedError(signal));
+      else inline.startRequest(request, undefined, signal, finish);
+    });
+  }
+
+  /**
+   * Whether a request may run in this thread (inlineWhenIdle): it holds the queue's only slot now. The caller then
+   * asks #aloneRuntime at the end of its turn (a microtask), so that requests made together (a burst, an HTTP/2
+   * fan-out) go to the threads together and share their connections. Otherwise the request keeps company on a
+   * thread, and its origin's route says so.
+   */
+  #mayRunAlone(key: string): boolean {
+    if (!this.#inlineWanted) return false;
+    if (this.#queue.running === 1) return true;
+    this.#inCompany(key);
+    return false;
+  }
+
+  /** At the end of the caller's turn: the runtime in this thread if the request is still alone in flight and its
+   *  origin's route sends it here. */
+  #aloneRuntime(key: string): TransferRuntime | undefined {
+    return this.#queue.running === 1 && this.#loneRunsInline(key) ? this.#inlineRuntime() : undefined;
   }
 
   /**
@@ -488,7 +501,7 @@ export class SockpoolClient {
   /** Waits for the requests on the lanes, then for piscina's tasks, and stops the threads; resolves once every
    *  thread has exited. */
   async #closePool(pool: Piscina, lanes: ThreadLanes): Promise<void> {
-    this.#inlineWanted = false;
+    // (No request can start any more: close() waited for the queue, and #prepare refuses new ones.)
     if (this.#inline) {
       await this.#inline.idle();
       this.#inline.close();
@@ -619,14 +632,10 @@ export class SockpoolClient {
    */
   async #streamRuntime(key: string): Promise<TransferRuntime | undefined> {
     if (this.#local) return this.#local;
-    if (!this.#inlineWanted) return undefined;
-    if (this.#queue.running !== 1) {
-      this.#inCompany(key);
-      return undefined;
-    }
+    if (!this.#mayRunAlone(key)) return undefined;
     // (The requests the caller made in the same turn enter the queue in the microtasks queued before this one.)
     await null;
-    return this.#queue.running === 1 && this.#loneRunsInline(key) ? this.#inlineRuntime() : undefined;
+    return this.#aloneRuntime(key);
   }
 
   /** piscina rejected the task itself: the thread died (crash, terminate) or the pool is closing. */

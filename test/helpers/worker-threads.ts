@@ -3,6 +3,7 @@
 // threadId, terminate()), and the inspector's NodeWorker domain runs a garbage collection or an uncaught exception
 // inside one. Import this module before the client is created: workers started earlier are not seen.
 import dc from 'node:diagnostics_channel';
+import { writeFileSync } from 'node:fs';
 import { Session } from 'node:inspector/promises';
 import type { Worker } from 'node:worker_threads';
 
@@ -119,7 +120,6 @@ export async function blockWorker(worker: Worker, fifo: string): Promise<{ unblo
   await session.call(worker.threadId, 'Runtime.evaluate', {
     expression: `setImmediate(() => process.getBuiltinModule('node:fs').readFileSync(${JSON.stringify(fifo)})); undefined`,
   });
-  const { writeFileSync } = await import('node:fs');
   let blocked = true;
   return {
     unblock: () => {
