@@ -1,21 +1,17 @@
-// The caller's end of a request's MessagePort (see stream-protocol.ts): it forwards cancellation to the worker,
-// pumps a streamed request body into it under the upload window, and turns the response head and body chunks
-// coming back into a promise and a ReadableStream whose reads grant the worker more credit.
+// The caller's end of a request's port (see stream-protocol.ts): it forwards cancellation to the worker, pumps a
+// streamed request body into it under the upload window, and turns the response head and body chunks coming back
+// into a promise and a ReadableStream whose reads grant the worker more credit.
 //
-// The port pair is created here; `workerPort` is transferred to the worker with the task and closed there when the
-// transfer ends. This end closes when the response is complete, fails or is cancelled, and keeps the process alive
-// until then. (It was unref'd, leaving that to piscina while the task runs; but the task's completion comes over
-// piscina's own port and can be handled before the last body messages on this one: with nothing else pending, the
-// process then exited with those messages undelivered and the caller's read never settled. An unread body keeps
-// the process alive no longer than before: the worker holds the transfer, and so its task, until it is read,
-// cancelled or past its deadline.)
-//
-// When the runtime runs in this thread (`local`: threads: 0, or a request alone in flight), the pair is a LocalPort
-// pair instead (local-port.ts): no MessageChannel to make, nothing cloned. It holds no handle of its own; the
-// transfer's deadline timer keeps the process alive while it runs, and the immediates that deliver its last
-// messages after that.
+// The port is one of two kinds, neither a MessageChannel (making one and sending a message through it costs about
+// as much as the rest of a small request, docs/benchmarks.md, tenth session):
+// - on a worker thread's lane (`port`, from ThreadLanes.stream: ../worker/lane-port.ts), when a worker thread runs
+//   the request: its messages travel in the lane's batches;
+// - otherwise an in-thread LocalPort pair (threads: 0, or a request alone in flight; local-port.ts), whose other end
+//   (`workerPort`) goes to the runtime in this thread with the task.
+// This end closes when the response is complete, fails or is cancelled (the worker's end then cancels the transfer
+// if it still runs). Neither kind holds a handle: while the transfer runs, its deadline timer (SockpoolClient#run)
+// keeps the process alive (and, with a LocalPort pair, the immediates that deliver its last messages after that).
 
-import { MessageChannel, type MessagePort } from 'node:worker_threads';
 import { ErrorCodes, fromPlainError, SockpoolError, toPlainError } from '../shared/errors.js';
 import {
   type CallerMessage,
@@ -35,15 +31,13 @@ export interface CallerChannelOptions {
   streamResponse: boolean;
   /** A request body to send in chunks. */
   upload?: BodyStream | undefined;
-  /** The runtime runs in this thread: an in-thread port pair instead of a MessageChannel. */
-  local?: boolean;
+  /** The caller's end of the request's port on a worker thread's lane (ThreadLanes.stream). */
+  port?: RequestPort | undefined;
 }
 
 export class CallerChannel {
-  /** Goes to the runtime with the task. */
-  readonly workerPort: RequestPort;
-  /** workerPort when it is a MessagePort, for the task's transferList (undefined when local). */
-  readonly transferable: MessagePort | undefined;
+  /** Without `port`: the other end of an in-thread pair, for the runtime in this thread (with the task). */
+  readonly workerPort: RequestPort | undefined;
   /** Resolves with the response head (streamed responses only). */
   readonly head: Promise<ResponseHead>;
   /** The response body (streamed responses only). */
@@ -62,14 +56,10 @@ export class CallerChannel {
 
   constructor(options: CallerChannelOptions) {
     let port1: RequestPort;
-    if (options.local) {
-      [port1, this.workerPort] = LocalPort.pair();
-      this.transferable = undefined;
-    } else {
-      const channel = new MessageChannel();
-      port1 = channel.port1;
-      this.workerPort = this.transferable = channel.port2;
-    }
+    if (options.port) {
+      port1 = options.port;
+      this.workerPort = undefined;
+    } else [port1, this.workerPort] = LocalPort.pair();
     this.#port = port1;
     this.head = new Promise<ResponseHead>((resolve, reject) => {
       this.#resolveHead = resolve;

@@ -12,7 +12,7 @@ import { once } from 'node:events';
 import { existsSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import type { TransferListItem, Worker } from 'node:worker_threads';
+import type { Worker } from 'node:worker_threads';
 import { Piscina } from 'piscina';
 import { ErrorCodes, fromPlainError, SockpoolError } from '../shared/errors.js';
 import { PROXY_NAME } from '../shared/origin.js';
@@ -28,7 +28,7 @@ import {
 import { LANE, STARTUP_FAILED, type ThreadAnnouncement } from '../worker/lane-protocol.js';
 import type { ResponseHead } from '../worker/stream-protocol.js';
 import type { Task, TaskResult, WorkerConfig } from '../worker/task.js';
-import { abortedError, TransferRuntime } from '../worker/transfer-runtime.js';
+import { abortedError, type RuntimeResult, TransferRuntime } from '../worker/transfer-runtime.js';
 import type { UrlTarget } from '../worker/url-target.js';
 import { type BodyStream, CallerChannel } from './caller-channel.js';
 import { type AnnouncedOrigin, type AnnounceOptions, RequestQueue } from './request-queue.js';
@@ -309,9 +309,8 @@ export class SockpoolClient {
     if (!upload) return new Promise((resolve, reject) => this.#start(prepared, resolve, reject));
     try {
       // A streamed request body needs a port of its own.
-      const runtime = await this.#streamRuntime(target.key);
-      const channel = new CallerChannel({ streamResponse: false, upload, local: runtime !== undefined });
-      const result = (await this.#run(request, channel, signal, runtime)) as TransferResult & SockpoolResponse;
+      const { channel, started } = await this.#startStreamed(request, target.key, upload);
+      const result = (await this.#run(request, channel, signal, started)) as TransferResult & SockpoolResponse;
       return response(result, queued);
     } finally {
       this.#queue.leave(target);
@@ -422,11 +421,10 @@ export class SockpoolClient {
     const { request, signal, upload, queued, target } = await this.#prepare(url, options, true);
     const waiting = this.#queue.enter(target, request, signal);
     if (waiting) await waiting;
-    const runtime = await this.#streamRuntime(target.key);
-    const channel = new CallerChannel({ streamResponse: true, upload, local: runtime !== undefined });
-    // The task ends when the transfer does (the body read or cancelled); its failures (and a dead worker) fail the
+    const { channel, started } = await this.#startStreamed(request, target.key, upload);
+    // The run ends when the transfer does (the body read or cancelled); its failures (and a dead worker) fail the
     // head or the body. The slot is held until then.
-    this.#run(request, channel, signal, runtime)
+    this.#run(request, channel, signal, started)
       .catch((error: Error) => channel.fail(error))
       .finally(() => this.#queue.leave(target));
     const head = await channel.head;
@@ -533,7 +531,7 @@ export class SockpoolClient {
   }
 
   /** One task, on a worker thread or (threads: 0) here; a dead thread becomes SOCKPOOL_ERR_WORKER_EXITED. */
-  #dispatch(task: Task, transferList?: TransferListItem[]): Promise<TaskResult> {
+  #dispatch(task: Task): Promise<TaskResult> {
     if (this.#local) {
       // (The runtime counts its tasks: close() waits for them with idle().)
       return this.#local.handle(task);
@@ -541,9 +539,7 @@ export class SockpoolClient {
     const pool = this.#pool!;
     const cannotStart = this.#lanes!.startupError();
     if (cannotStart) return Promise.reject(cannotStart);
-    return (pool.run(task, transferList ? { transferList } : {}) as Promise<TaskResult>).catch((error) =>
-      this.#threadFailure(error),
-    );
+    return (pool.run(task) as Promise<TaskResult>).catch((error) => this.#threadFailure(error));
   }
 
   /** Validates a request (throws a typed error) and builds what the runtime gets; a promise only while a Blob
@@ -581,18 +577,36 @@ export class SockpoolClient {
   }
 
   /**
-   * Runs the task; rejects with the transfer's typed error, SOCKPOOL_ERR_TIMEOUT at the deadline even while the
-   * task waits in piscina's queue (the worker enforces the same deadline), SOCKPOOL_ERR_ABORTED when the signal
-   * fires, or SOCKPOOL_ERR_WORKER_EXITED when the thread died. Cancellations reach the worker over the channel.
-   * `runtime`: the runtime in this thread that runs it (#streamRuntime), else a worker thread does.
+   * Starts a streamed request (either way) with its channel: on the runtime in this thread when one runs it
+   * (#streamRuntime), else on a worker thread's lane, with a port of its own there. `started` is its outcome.
+   */
+  async #startStreamed(
+    request: TransferRequest,
+    key: string,
+    upload: BodyStream | undefined,
+  ): Promise<{ channel: CallerChannel; started: Promise<RuntimeResult> }> {
+    const streamResponse = request.streamResponse === true;
+    const runtime = await this.#streamRuntime(key);
+    if (runtime) {
+      const channel = new CallerChannel({ streamResponse, upload });
+      return { channel, started: runtime.handle({ kind: 'request', request, port: channel.workerPort }) };
+    }
+    const stream = this.#lanes!.stream(request);
+    return { channel: new CallerChannel({ streamResponse, upload, port: stream.port }), started: stream.outcome };
+  }
+
+  /**
+   * Waits for a streamed request's outcome (`started`); rejects with the transfer's typed error,
+   * SOCKPOOL_ERR_TIMEOUT at the deadline even while the request waits for room on a thread (the runtime enforces
+   * the same deadline), SOCKPOOL_ERR_ABORTED when the signal fires, or SOCKPOOL_ERR_WORKER_EXITED when the thread
+   * died. Cancellations reach the runtime over the channel.
    */
   async #run(
     request: TransferRequest,
     channel: CallerChannel,
     signal: AbortSignal | undefined,
-    runtime: TransferRuntime | undefined,
+    started: Promise<RuntimeResult>,
   ): Promise<TransferResult> {
-    const task: Task = { kind: 'request', request, port: channel.workerPort };
     let timer: NodeJS.Timeout | undefined;
     let onAbort: (() => void) | undefined;
     const cancelled = new Promise<never>((_, reject) => {
@@ -609,8 +623,7 @@ export class SockpoolClient {
       }
     });
     try {
-      const run = runtime ? runtime.handle(task) : this.#dispatch(task, [channel.transferable!]);
-      const outcome = await Promise.race([run, cancelled]);
+      const outcome = await Promise.race([started, cancelled]);
       if (!outcome.ok) throw fromPlainError(outcome.error);
       if (!('result' in outcome)) throw new SockpoolError(ErrorCodes.PROTOCOL, 'worker returned no result');
       return outcome.result;

@@ -1,31 +1,42 @@
-// The caller's ends of the worker threads' lanes (../worker/lane-protocol.ts): buffered requests go to the thread
-// with the fewest in flight (at most `perThread` each; beyond that they wait here, in order), gathered per turn of
-// this thread's event loop into one message per thread; outcomes come back the same way.
+// The caller's ends of the worker threads' lanes (../worker/lane-protocol.ts): requests go to the thread with the
+// fewest in flight (at most `perThread` each; beyond that they wait here, in order), gathered per turn of this
+// thread's event loop into one message per thread; outcomes come back the same way. A streamed request (stream())
+// has a port of its own on its lane (../worker/lane-port.ts), whose messages go in the same batches.
 //
-// Every request's deadline is kept here too, on one timer (as piscina's queue could hold a task past it, a thread
-// can be too busy to fail it in time): at the deadline, or when the caller's signal fires, the request fails here
-// at once and the thread is told to cancel it. That timer also keeps the process alive while requests are in
-// flight (the lanes' ports are unref'd).
+// Every buffered request's deadline is kept here too, on one timer (a thread can be too busy to fail it in time):
+// at the deadline, or when the caller's signal fires, the request fails here at once and the thread is told to
+// cancel it. That timer also keeps the process alive while requests are in flight (the lanes' ports are unref'd).
+// A streamed request's deadline and signal are its channel's business (SockpoolClient#run: its timer keeps the
+// process alive, and it cancels over the request's port).
 
 import type { MessagePort } from 'node:worker_threads';
 import { ErrorCodes, SockpoolError, toPlainError } from '../shared/errors.js';
 import { IdTable } from '../shared/id-table.js';
 import { epochNow, type TransferOutcome, type TransferRequest, timeoutError } from '../worker/curl-engine.js';
 import { type Deadline, Deadlines } from '../worker/deadlines.js';
+import { LanePort } from '../worker/lane-port.js';
 import {
+  CALL_ABORTABLE,
+  CALL_PORT,
+  CALL_SLOTS,
   type LaneCalls,
   type LaneReplies,
   pushAbortCall,
+  pushPortEvent,
   pushRequestCall,
+  type ReplyHandlers,
   readReplies,
   removeCall,
 } from '../worker/lane-protocol.js';
+import type { RequestPort } from '../worker/stream-protocol.js';
 import { abortedError } from '../worker/transfer-runtime.js';
 
 interface Lane {
   port: MessagePort;
   inFlight: number;
   outbox: LaneCalls;
+  /** Buffers the outbox moves (a streamed request body's chunks). */
+  transfer: ArrayBuffer[];
   /** A flush of the outbox is queued (a microtask). */
   flushing: boolean;
 }
@@ -42,10 +53,22 @@ interface Pending {
   onAbort: (() => void) | undefined;
   /** Resolved or rejected already (a cancelled request stays counted on its lane until the thread answers). */
   settled: boolean;
+  /** A streamed request's end of its port; undefined for a buffered one. */
+  port: LanePort | undefined;
+  /** What the port posted before the request had a lane (it waited for room): message, transfer, …; sent after
+   *  the request. */
+  early: unknown[] | undefined;
 }
 
 export class ThreadLanes {
   readonly #perThread: number;
+  /** What this end does with each lane's replies (one object: no closure per message). */
+  readonly #replyHandlers: ReplyHandlers = {
+    outcome: (id, outcome) => this.#outcome(id, outcome),
+    portMessage: (id, message) => this.#pending.get(id)?.port?.deliver(message),
+    // (Never sent by a thread: its outcome ends the port.)
+    portClose: () => {},
+  };
   #lanes: Lane[] = [];
   /** Requests sent to a lane and not answered yet, and requests waiting for room, by id (an IdTable, not a Map:
    *  ../shared/id-table.ts says why). */
@@ -71,8 +94,8 @@ export class ThreadLanes {
     }
     this.#startupFailure = undefined;
     this.#failFast = false;
-    const lane: Lane = { port, inFlight: 0, outbox: [], flushing: false };
-    port.on('message', (replies: LaneReplies) => this.#receive(lane, replies));
+    const lane: Lane = { port, inFlight: 0, outbox: [], transfer: [], flushing: false };
+    port.on('message', (replies: LaneReplies) => this.#receive(replies));
     // The thread exited (crash, terminate): its requests in flight are lost.
     port.on('close', () => this.#lost(lane));
     port.unref();
@@ -107,6 +130,7 @@ export class ThreadLanes {
     for (const pending of waiting) {
       this.#pending.delete(pending.id);
       this.#settle(pending);
+      pending.port?.peerClosed();
       pending.reject(this.startupError()!);
     }
     this.#checkIdle();
@@ -140,16 +164,94 @@ export class ThreadLanes {
       deadline: undefined,
       onAbort: undefined,
       settled: false,
+      port: undefined,
+      early: undefined,
     };
     pending.deadline = this.#deadlines.add(request.deadline, () => this.#cancel(pending, timeoutError(request)));
     if (signal) {
       pending.onAbort = () => this.#cancel(pending, abortedError(signal));
       signal.addEventListener('abort', pending.onAbort, { once: true });
     }
+    this.#enter(pending);
+  }
+
+  /**
+   * Runs a request that streams a body either way on a thread, with a port of its own on the thread's lane: the
+   * caller's end of it (`port`, for a CallerChannel) and the outcome (rejects with SOCKPOOL_ERR_WORKER_EXITED /
+   * _WORKER_START). Its deadline and signal are the caller's to watch: it cancels over the port (an `abort`
+   * message, or closing its end).
+   */
+  stream(request: TransferRequest): { port: RequestPort; outcome: Promise<TransferOutcome> } {
+    let resolve!: (outcome: TransferOutcome) => void;
+    let reject!: (error: Error) => void;
+    const outcome = new Promise<TransferOutcome>((resolveOutcome, rejectOutcome) => {
+      resolve = resolveOutcome;
+      reject = rejectOutcome;
+    });
+    const pending: Pending = {
+      id: 0,
+      request,
+      signal: undefined,
+      resolve,
+      reject,
+      lane: undefined,
+      deadline: undefined,
+      onAbort: undefined,
+      settled: false,
+      port: undefined,
+      early: undefined,
+    };
+    const port = new LanePort(
+      (message, transfer) => this.#postPortMessage(pending, message, transfer),
+      () => this.#portClosed(pending),
+    );
+    pending.port = port;
+    const cannotStart = this.startupError();
+    if (cannotStart) {
+      port.peerClosed();
+      reject(cannotStart);
+    } else this.#enter(pending);
+    return { port, outcome };
+  }
+
+  /** A request made: to the least busy lane with room, or it waits here for one. */
+  #enter(pending: Pending): void {
     pending.id = this.#pending.add(pending);
     const lane = this.#waiting.length === 0 ? this.#pick() : undefined;
     if (lane) this.#send(lane, pending);
     else this.#waiting.push(pending);
+  }
+
+  /** A streamed request's port posts: into its lane's next batch, or kept until it has a lane. */
+  #postPortMessage(pending: Pending, message: unknown, transfer: ArrayBuffer[] | undefined): void {
+    const lane = pending.lane;
+    if (!lane) {
+      if (pending.early) pending.early.push(message, transfer);
+      else pending.early = [message, transfer];
+      return;
+    }
+    pushPortEvent(lane.outbox, CALL_SLOTS, pending.id, message);
+    if (transfer) for (const buffer of transfer) lane.transfer.push(buffer);
+    this.#flushSoon(lane);
+  }
+
+  /**
+   * The caller closed a streamed request's end of its port (it failed the request: deadline, signal, a cancelled
+   * body). On a lane: the thread cancels the transfer and answers as usual. Still waiting for room: it never goes.
+   */
+  #portClosed(pending: Pending): void {
+    const lane = pending.lane;
+    if (lane) {
+      pushPortEvent(lane.outbox, CALL_SLOTS, pending.id, undefined);
+      this.#flushSoon(lane);
+      return;
+    }
+    if (pending.settled || this.#pending.get(pending.id) !== pending) return;
+    this.#waiting.splice(this.#waiting.indexOf(pending), 1);
+    this.#pending.delete(pending.id);
+    this.#settle(pending);
+    pending.reject(new SockpoolError(ErrorCodes.ABORTED, 'the caller closed the request'));
+    this.#checkIdle();
   }
 
   /** SOCKPOOL_ERR_WORKER_START once no thread has a lane and none can start any more (else undefined): what a
@@ -199,7 +301,21 @@ export class ThreadLanes {
   #send(lane: Lane, pending: Pending): void {
     pending.lane = lane;
     lane.inFlight++;
-    pushRequestCall(lane.outbox, pending.id, pending.request, pending.signal !== undefined);
+    const port = pending.port;
+    pushRequestCall(
+      lane.outbox,
+      pending.id,
+      pending.request,
+      port ? CALL_PORT : pending.signal !== undefined ? CALL_ABORTABLE : 0,
+    );
+    const early = pending.early;
+    if (early) {
+      pending.early = undefined;
+      for (let i = 0; i < early.length; i += 2) {
+        this.#postPortMessage(pending, early[i], early[i + 1] as ArrayBuffer[] | undefined);
+      }
+    }
+    // (Closed while it waited: then it was never sent. Closed in this turn after a message: sent with it.)
     this.#posted(lane);
   }
 
@@ -214,6 +330,11 @@ export class ThreadLanes {
       this.#flush(lane);
       return;
     }
+    this.#flushSoon(lane);
+  }
+
+  /** The lane's batch goes at the end of this round of microtasks. */
+  #flushSoon(lane: Lane): void {
     if (lane.flushing) return;
     lane.flushing = true;
     queueMicrotask(() => this.#flush(lane));
@@ -222,24 +343,33 @@ export class ThreadLanes {
   #flush(lane: Lane): void {
     lane.flushing = false;
     const outbox = lane.outbox;
+    const transfer = lane.transfer;
     lane.outbox = [];
     if (outbox.length === 0 || this.#closed) return;
-    lane.port.postMessage(outbox);
+    if (transfer.length === 0) lane.port.postMessage(outbox);
+    else {
+      lane.transfer = [];
+      lane.port.postMessage(outbox, transfer);
+    }
   }
 
-  #receive(lane: Lane, replies: LaneReplies): void {
-    readReplies(replies, (id, outcome) => {
-      const pending = this.#pending.get(id);
-      if (!pending) return;
-      this.#pending.delete(id);
-      lane.inFlight--;
-      if (!pending.settled) {
-        this.#settle(pending);
-        pending.resolve(outcome);
-      }
-    });
+  #receive(replies: LaneReplies): void {
+    readReplies(replies, this.#replyHandlers);
     this.#dispatchWaiting();
     this.#checkIdle();
+  }
+
+  #outcome(id: number, outcome: TransferOutcome): void {
+    const pending = this.#pending.get(id);
+    if (!pending) return;
+    this.#pending.delete(id);
+    pending.lane!.inFlight--;
+    // (After its last message, in the same batch or an earlier one.)
+    pending.port?.peerClosed();
+    if (!pending.settled) {
+      this.#settle(pending);
+      pending.resolve(outcome);
+    }
   }
 
   /** Timeout or the caller's signal: fails the request now, and cancels it in its thread if it went there. */
@@ -276,9 +406,11 @@ export class ThreadLanes {
     const index = this.#lanes.indexOf(lane);
     if (index >= 0) this.#lanes.splice(index, 1);
     lane.outbox = [];
+    lane.transfer = [];
     for (const pending of this.#pending.values()) {
       if (pending.lane !== lane) continue;
       this.#pending.delete(pending.id);
+      pending.port?.peerClosed();
       if (pending.settled) continue;
       this.#settle(pending);
       pending.reject(

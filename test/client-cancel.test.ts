@@ -268,7 +268,7 @@ describe('a worker thread that dies is replaced; its fds and leases go with it',
     );
   }
 
-  it('a thread that crashes (uncaught exception) fails its transfers in flight with SOCKPOOL_ERR_WORKER_EXITED', async () => {
+  it('a thread that crashes (uncaught exception) fails its transfers in flight (streamed ones too) with SOCKPOOL_ERR_WORKER_EXITED', async () => {
     const { dying, ...before } = await doomedClient();
     try {
       const hangsBefore = hanging.length;
@@ -280,14 +280,29 @@ describe('a worker thread that dies is replaced; its fds and leases go with it',
         ),
       );
       await eventually(() => hanging.length === hangsBefore + 5, 'five requests at the server');
+      // And two streamed ones (their ports on the thread's lane): one whose body has begun, one waiting for its head.
+      const midBody = dying.fetch(url('/hang/crash-body', doomed));
+      await eventually(() => hanging.length === hangsBefore + 6, 'the streamed request at the server');
+      const bodyResponse = hanging.at(-1)!.response;
+      bodyResponse.writeHead(200, { 'content-type': 'text/plain' });
+      bodyResponse.write('first part;');
+      const reader = (await midBody).body!.getReader();
+      expect(new TextDecoder().decode((await reader.read()).value)).toBe('first part;');
+      const headless = dying.requestStream(url('/hang/crash-head', doomed)).then(
+        () => 'head',
+        (error: { code?: string }) => error.code,
+      );
+      await eventually(() => hanging.length === hangsBefore + 7, 'the second streamed request at the server');
       const sockets = hanging.slice(hangsBefore).map(({ request }) => request.socket);
-      expect(await leasedTo(daemon.socketPath, doomed.port)).toBe(5);
+      expect(await leasedTo(daemon.socketPath, doomed.port)).toBe(7);
 
       // An uncaught exception in the thread, as a bug would throw (run there through the inspector).
       const [thread] = otherWorkers();
       await crashWorker(thread!);
 
       expect(await Promise.all(requests)).toEqual(Array(5).fill('SOCKPOOL_ERR_WORKER_EXITED'));
+      await expect(reader.read()).rejects.toMatchObject({ code: 'SOCKPOOL_ERR_WORKER_EXITED' });
+      expect(await headless).toBe('SOCKPOOL_ERR_WORKER_EXITED');
       await afterDeath(dying, sockets, before);
     } finally {
       await dying.close();

@@ -7,11 +7,16 @@ import { describe, expect, it } from 'vitest';
 import { ThreadLanes } from '../client/thread-lanes.js';
 import { epochNow, type TransferRequest } from '../worker/curl-engine.js';
 import {
+  CALL_ABORTABLE,
+  CALL_PORT,
+  CALL_SLOTS,
   type LaneCalls,
   type LaneReplies,
   pushAbortCall,
+  pushPortEvent,
   pushReply,
   pushRequestCall,
+  REPLY_SLOTS,
   readCalls,
   readReplies,
   removeCall,
@@ -32,12 +37,23 @@ function nextMessage(port: MessagePort): number[] | undefined {
   const calls = receiveMessageOnPort(port)?.message as LaneCalls | undefined;
   if (!calls) return undefined;
   const ids: number[] = [];
-  readCalls(
-    calls,
-    (id) => ids.push(id),
-    (id) => ids.push(id),
-  );
+  const push = (id: number) => ids.push(id);
+  readCalls(calls, { run: push, abort: push, portMessage: push, portClose: push });
   return ids;
+}
+
+/** Everything the next message on the thread's end holds, as read (undefined if none was posted yet). */
+function nextCalls(port: MessagePort): unknown[] | undefined {
+  const calls = receiveMessageOnPort(port)?.message as LaneCalls | undefined;
+  if (!calls) return undefined;
+  const read: unknown[] = [];
+  readCalls(calls, {
+    run: (id, got, flags) => read.push({ id, run: got.url, flags }),
+    abort: (id, error) => read.push({ id, abort: error.code }),
+    portMessage: (id, message) => read.push({ id, message }),
+    portClose: (id) => read.push({ id, close: true }),
+  });
+  return read;
 }
 
 const nextTurn = () => new Promise((resolve) => setImmediate(resolve));
@@ -81,6 +97,98 @@ describe('ThreadLanes', () => {
     lanes.close();
     thread.close();
   });
+
+  it("carries a streamed request's port messages both ways in the lane's batches, and ends the port with its outcome", async () => {
+    const lanes = new ThreadLanes(4);
+    const { port1, port2: thread } = new MessageChannel();
+    lanes.attach(port1);
+    const streamed = { ...request('/stream'), streamResponse: true };
+    const { port, outcome } = lanes.stream(streamed);
+    const got: unknown[] = [];
+    port.on('message', (message) => got.push(message));
+    // Posted in the same turn as the request: in the same batch, after it, the chunk's memory moved.
+    const chunk = new Uint8Array([1, 2, 3]);
+    port.postMessage({ t: 'credit', consumed: 0 });
+    port.postMessage({ t: 'data', data: chunk }, [chunk.buffer as ArrayBuffer]);
+    expect(chunk.byteLength).toBe(3);
+    await nextTurn();
+    expect(chunk.byteLength).toBe(0);
+    expect(nextCalls(thread)).toEqual([
+      { id: 0, run: 'http://lane.test/stream', flags: CALL_PORT },
+      { id: 0, message: { t: 'credit', consumed: 0 } },
+      { id: 0, message: { t: 'data', data: new Uint8Array([1, 2, 3]) } },
+    ]);
+    // The thread answers with the head, a chunk and the end, then the outcome, in one message: delivered in order.
+    const replies: LaneReplies = [];
+    pushPortEvent(replies, REPLY_SLOTS, 0, { t: 'head', status: 200 });
+    pushPortEvent(replies, REPLY_SLOTS, 0, { t: 'end' });
+    pushReply(replies, 0, { ok: false, error: { code: 'SOCKPOOL_ERR_TIMEOUT', message: 'test' } });
+    thread.postMessage(replies);
+    await expect(outcome).resolves.toEqual({ ok: false, error: { code: 'SOCKPOOL_ERR_TIMEOUT', message: 'test' } });
+    expect(got).toEqual([{ t: 'head', status: 200 }, { t: 'end' }]);
+    // The outcome ended the port: posting or closing now sends nothing.
+    port.postMessage({ t: 'credit', consumed: 1 });
+    port.close();
+    await nextTurn();
+    expect(nextCalls(thread)).toBeUndefined();
+    await lanes.idle();
+    lanes.close();
+    thread.close();
+  });
+
+  it('holds what a waiting streamed request posts until it has a lane, and drops it if its port closes first', async () => {
+    const lanes = new ThreadLanes(1);
+    const { port1, port2: thread } = new MessageChannel();
+    lanes.attach(port1);
+    const first = lanes.run(request('/busy'), undefined);
+    // No room: both wait here.
+    const waiting = lanes.stream({ ...request('/waits'), streamResponse: true });
+    const dropped = lanes.stream({ ...request('/dropped'), streamResponse: true });
+    waiting.port.postMessage({ t: 'credit', consumed: 5 });
+    dropped.port.postMessage({ t: 'credit', consumed: 6 });
+    expect(nextMessage(thread)).toEqual([0]);
+    // The caller gives up the second before it ever reached a thread.
+    dropped.port.close();
+    await expect(dropped.outcome).rejects.toMatchObject({ code: 'SOCKPOOL_ERR_ABORTED' });
+    const done: LaneReplies = [];
+    pushReply(done, 0, { ok: false, error: { code: 'SOCKPOOL_ERR_TIMEOUT', message: 'test' } });
+    thread.postMessage(done);
+    await first.catch(() => {});
+    await nextTurn();
+    // The freed place goes to the waiting one, with what it posted meanwhile; the dropped one never goes.
+    expect(nextCalls(thread)).toEqual([
+      { id: 1, run: 'http://lane.test/waits', flags: CALL_PORT },
+      { id: 1, message: { t: 'credit', consumed: 5 } },
+    ]);
+    // Its caller closes it while it runs: the thread hears the close (and answers as usual).
+    waiting.port.close();
+    await nextTurn();
+    expect(nextCalls(thread)).toEqual([{ id: 1, close: true }]);
+    const answer: LaneReplies = [];
+    pushReply(answer, 1, { ok: false, error: { code: 'SOCKPOOL_ERR_ABORTED', message: 'closed' } });
+    thread.postMessage(answer);
+    await expect(waiting.outcome).resolves.toMatchObject({ ok: false });
+    await lanes.idle();
+    lanes.close();
+    thread.close();
+  });
+
+  it('fails a streamed request whose thread is gone, and ends its port', async () => {
+    const lanes = new ThreadLanes(2);
+    const { port1, port2: thread } = new MessageChannel();
+    lanes.attach(port1);
+    const { port, outcome } = lanes.stream({ ...request('/lost'), streamResponse: true });
+    let closed = false;
+    port.on('close', () => {
+      closed = true;
+    });
+    await nextTurn();
+    thread.close();
+    await expect(outcome).rejects.toMatchObject({ code: 'SOCKPOOL_ERR_WORKER_EXITED' });
+    expect(closed).toBe(true);
+    await lanes.idle();
+    lanes.close();
+  });
 });
 
 /** A value as the other thread gets it: a structured clone. */
@@ -106,23 +214,41 @@ describe('the lanes’ flat messages', () => {
       timeoutMs: 2_500,
     };
     const calls: LaneCalls = [];
-    pushRequestCall(calls, 7, withBody, true);
+    pushRequestCall(calls, 7, withBody, CALL_ABORTABLE);
     pushAbortCall(calls, 3, { code: 'SOCKPOOL_ERR_ABORTED', message: 'gone' });
     const plain = request('/plain');
-    pushRequestCall(calls, 8, plain, false);
-    pushRequestCall(calls, 9, request('/unsent'), false);
+    pushRequestCall(calls, 8, plain, 0);
+    // Streamed either way: the declared length of a streamed body (or none), the response streamed.
+    const upload: TransferRequest = { ...request('/upload'), method: 'PUT', streamedBody: { length: 10 } };
+    const download: TransferRequest = {
+      ...request('/download'),
+      streamedBody: { length: undefined },
+      streamResponse: true,
+    };
+    pushRequestCall(calls, 10, upload, CALL_PORT);
+    // A port event of request 10 (with the same id as the request): not a call that removeCall takes out.
+    pushPortEvent(calls, CALL_SLOTS, 10, { t: 'end' });
+    pushRequestCall(calls, 11, download, CALL_PORT);
+    pushPortEvent(calls, CALL_SLOTS, 11, undefined);
+    pushRequestCall(calls, 9, request('/unsent'), 0);
     expect(removeCall(calls, 9)).toBe(true);
     expect(removeCall(calls, 9)).toBe(false);
     const read: unknown[] = [];
-    readCalls(
-      cloned(calls),
-      (id, got, abortable) => read.push({ id, request: got, abortable }),
-      (id, error) => read.push({ id, error }),
-    );
+    readCalls(cloned(calls), {
+      run: (id, got, flags) => read.push({ id, request: got, flags }),
+      abort: (id, error) => read.push({ id, error }),
+      portMessage: (id, message) => read.push({ id, message }),
+      portClose: (id) => read.push({ id, close: true }),
+    });
+    const buffered = { streamedBody: undefined, streamResponse: false };
     expect(read).toEqual([
-      { id: 7, request: { ...withBody, body: new Uint8Array([1, 2, 3]) }, abortable: true },
+      { id: 7, request: { ...withBody, ...buffered, body: new Uint8Array([1, 2, 3]) }, flags: CALL_ABORTABLE },
       { id: 3, error: { code: 'SOCKPOOL_ERR_ABORTED', message: 'gone' } },
-      { id: 8, request: { ...plain, body: undefined }, abortable: false },
+      { id: 8, request: { ...plain, ...buffered, body: undefined }, flags: 0 },
+      { id: 10, request: { ...upload, body: undefined, streamResponse: false }, flags: CALL_PORT },
+      { id: 10, message: { t: 'end' } },
+      { id: 11, request: { ...download, body: undefined }, flags: CALL_PORT },
+      { id: 11, close: true },
     ]);
   });
 
@@ -150,11 +276,17 @@ describe('the lanes’ flat messages', () => {
     const empty = { ...result, headers: [], tls: undefined, connection: 'reused' as const, body: new Uint8Array(0) };
     expect(pushReply(replies, 6, { ok: true, result: empty })).toBeUndefined();
     const read: unknown[] = [];
-    readReplies(cloned(replies), (id, outcome) => read.push({ id, outcome }));
+    pushPortEvent(replies, REPLY_SLOTS, 7, { t: 'head', head: { status: 200 } });
+    readReplies(cloned(replies), {
+      outcome: (id, outcome) => read.push({ id, outcome }),
+      portMessage: (id, message) => read.push({ id, message }),
+      portClose: (id) => read.push({ id, close: true }),
+    });
     expect(read).toEqual([
       { id: 4, outcome: { ok: true, result } },
       { id: 5, outcome: { ok: false, error: failure } },
       { id: 6, outcome: { ok: true, result: empty } },
+      { id: 7, message: { t: 'head', head: { status: 200 } } },
     ]);
   });
 });

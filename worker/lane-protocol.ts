@@ -1,9 +1,11 @@
-// A worker thread's lane: one MessagePort per thread, opened by the thread when it starts, that carries buffered
-// requests (request(), no streamed body either way) and their outcomes in batches, beside piscina. A task through
-// piscina costs a message each way per request, each waking the other thread, plus piscina's own bookkeeping; over
-// the lane, the requests a caller makes in one turn of its event loop go to the thread in one message, and the
-// outcomes the thread has at the end of one of its turns come back in one. Requests that stream a body, prewarm
-// and stats still go through piscina (with a request's own port when it needs one: stream-protocol.ts).
+// A worker thread's lane: one MessagePort per thread, opened by the thread when it starts, that carries the
+// thread's requests and their outcomes in batches, beside piscina. A task through piscina costs a message each way
+// per request, each waking the other thread, plus piscina's own bookkeeping; over the lane, the requests a caller
+// makes in one turn of its event loop go to the thread in one message, and the outcomes the thread has at the end
+// of one of its turns come back in one. A request that streams a body either way (requestStream(), fetch(), a
+// streamed upload) has a port of its own on the lane (lane-port.ts): its messages (stream-protocol.ts: head, body
+// chunks, credit, aborts) travel in the same batches, tagged with its id, so a small fetch() costs no MessageChannel
+// and usually one lane message back. Only prewarm and stats go through piscina.
 //
 // The thread posts `{ [LANE]: port }` on its parentPort once (piscina hands it to the pool's 'message' listeners);
 // the caller keeps the other end. If the thread dies, the caller's end closes and the requests in flight on that
@@ -34,36 +36,57 @@ export interface ThreadAnnouncement {
 // docs/benchmarks.md ("Tenth session") has what the flat form saved.
 
 /** Caller → thread: one message, CALL_SLOTS values per call. A request to run:
- *  `id, url, method, headers (name, value, name, value, …), body, deadline, timeoutMs, abortable` (`abortable`: an
- *  abort for it may follow, the caller gave an AbortSignal). A cancellation of request `id` (the caller already
- *  failed it: its signal fired or its deadline passed there): `id, error (a PlainError), 0, …` — the second slot
- *  is an object, never a URL string. */
+ *  `id, url, method, headers (name, value, name, value, …), body, deadline, timeoutMs, flags` (CALL_ABORTABLE,
+ *  CALL_PORT, CALL_STREAM_RESPONSE; `body`: the bytes, or for a streamed request body its declared length, -1 when
+ *  none was declared). A cancellation of buffered request `id` (the caller already failed it: its signal fired or
+ *  its deadline passed there): `id, error (a PlainError), 0, …`. A port event of request `id`: `id, PORT_MESSAGE,
+ *  message, 0, …` or `id, PORT_CLOSE, 0, …`. The second slot tells them apart: a URL string, an object, a number. */
 export type LaneCalls = unknown[];
 
 export const CALL_SLOTS = 8;
 
-/** Queues a buffered request (no streamed body either way: those go through piscina). */
-export function pushRequestCall(calls: LaneCalls, id: number, request: TransferRequest, abortable: boolean): void {
+/** A buffered request's flag: an abort for it may follow (the caller gave an AbortSignal). */
+export const CALL_ABORTABLE = 1;
+/** The request has a port of its own on the lane (lane-port.ts): its port events follow, tagged with its id. */
+export const CALL_PORT = 2;
+/** The response body streams over the request's port (TransferRequest.streamResponse). */
+const CALL_STREAM_RESPONSE = 4;
+
+/** Slot 1 of a call or a reply that is an event of a request's port: a message (slot 2), or the port closed. Never a
+ *  status (a reply's) nor a URL (a call's). */
+const PORT_MESSAGE = -1;
+const PORT_CLOSE = -2;
+
+/** Queues a request: buffered (`CALL_ABORTABLE` if the caller may abort it), or with a port (`CALL_PORT`). */
+export function pushRequestCall(calls: LaneCalls, id: number, request: TransferRequest, flags: number): void {
+  const streamed = request.streamedBody;
   calls.push(
     id,
     request.url,
     request.method,
     flatHeaders(request.headers),
-    request.body,
+    streamed ? (streamed.length ?? -1) : request.body,
     request.deadline,
     request.timeoutMs,
-    abortable,
+    request.streamResponse ? flags | CALL_STREAM_RESPONSE : flags,
   );
+}
+
+/** Queues an event of request `id`'s port (caller → thread: `slots` CALL_SLOTS; thread → caller: REPLY_SLOTS): a
+ *  message, or (`message` undefined) the port's close. */
+export function pushPortEvent(queue: unknown[], slots: number, id: number, message: unknown): void {
+  queue.push(id, message === undefined ? PORT_CLOSE : PORT_MESSAGE, message ?? 0);
+  for (let slot = 3; slot < slots; slot++) queue.push(0);
 }
 
 export function pushAbortCall(calls: LaneCalls, id: number, error: PlainError): void {
   calls.push(id, error, 0, 0, 0, 0, 0, 0);
 }
 
-/** Takes request `id` out of calls not sent yet; false if it is not among them. */
+/** Takes buffered request `id` out of calls not sent yet; false if it is not among them. */
 export function removeCall(calls: LaneCalls, id: number): boolean {
   for (let i = 0; i < calls.length; i += CALL_SLOTS) {
-    if (calls[i] === id) {
+    if (calls[i] === id && typeof calls[i + 1] === 'string') {
       calls.splice(i, CALL_SLOTS);
       return true;
     }
@@ -71,37 +94,56 @@ export function removeCall(calls: LaneCalls, id: number): boolean {
   return false;
 }
 
+/** What a port event's reader does with it. */
+export interface PortEvents {
+  portMessage(id: number, message: unknown): void;
+  portClose(id: number): void;
+}
+
+/** What the thread does with the calls it reads. `flags`: CALL_ABORTABLE, CALL_PORT. */
+export interface CallHandlers extends PortEvents {
+  run(id: number, request: TransferRequest, flags: number): void;
+  abort(id: number, error: PlainError): void;
+}
+
 /** Reads one message of calls, in order. */
-export function readCalls(
-  calls: LaneCalls,
-  run: (id: number, request: TransferRequest, abortable: boolean) => void,
-  abort: (id: number, error: PlainError) => void,
-): void {
+export function readCalls(calls: LaneCalls, handlers: CallHandlers): void {
   for (let i = 0; i + CALL_SLOTS <= calls.length; i += CALL_SLOTS) {
     const id = calls[i] as number;
     const url = calls[i + 1];
-    if (typeof url !== 'string') {
-      abort(id, url as PlainError);
-      continue;
-    }
-    run(
-      id,
-      {
-        url,
-        method: calls[i + 2] as string,
-        headers: pairedHeaders(calls[i + 3] as string[]),
-        body: calls[i + 4] as Uint8Array | undefined,
-        deadline: calls[i + 5] as number,
-        timeoutMs: calls[i + 6] as number,
-      },
-      calls[i + 7] === true,
-    );
+    if (typeof url === 'string') {
+      const body = calls[i + 4];
+      const flags = calls[i + 7] as number;
+      const streamed = typeof body === 'number';
+      handlers.run(
+        id,
+        {
+          url,
+          method: calls[i + 2] as string,
+          headers: pairedHeaders(calls[i + 3] as string[]),
+          body: streamed ? undefined : (body as Uint8Array | undefined),
+          streamedBody: streamed ? { length: body < 0 ? undefined : body } : undefined,
+          streamResponse: (flags & CALL_STREAM_RESPONSE) !== 0,
+          deadline: calls[i + 5] as number,
+          timeoutMs: calls[i + 6] as number,
+        },
+        flags & ~CALL_STREAM_RESPONSE,
+      );
+    } else if (typeof url === 'number') readPortEvent(calls, i, handlers);
+    else handlers.abort(id, url as PlainError);
   }
+}
+
+function readPortEvent(queue: unknown[], i: number, events: PortEvents): void {
+  if (queue[i + 1] === PORT_MESSAGE) events.portMessage(queue[i] as number, queue[i + 2]);
+  else events.portClose(queue[i] as number);
 }
 
 /** Thread → caller: one message, REPLY_SLOTS values per outcome. A response: `id, status, url, httpVersion,
  *  warm, connection, tls, acquireMs, connectMs, tlsMs, ttfbMs, totalMs, headers (name, value, …), body`. A failure:
- *  `id, error (a PlainError), 0, …` — the second slot is an object, never a status number. */
+ *  `id, error (a PlainError), 0, …`. A port event of request `id` (pushPortEvent): `id, PORT_MESSAGE, message, 0, …`.
+ *  The second slot tells them apart: a status (positive), an object, a negative number. A request with a port
+ *  sends no PORT_CLOSE: its outcome, after its last port message, ends both. */
 export type LaneReplies = unknown[];
 
 export const REPLY_SLOTS = 14;
@@ -133,16 +175,25 @@ export function pushReply(replies: LaneReplies, id: number, outcome: TransferOut
   return result.body.byteLength > 0 ? (result.body.buffer as ArrayBuffer) : undefined;
 }
 
-/** Reads one message of outcomes, in order. */
-export function readReplies(replies: LaneReplies, each: (id: number, outcome: TransferOutcome) => void): void {
+/** What the caller does with the replies it reads. */
+export interface ReplyHandlers extends PortEvents {
+  outcome(id: number, outcome: TransferOutcome): void;
+}
+
+/** Reads one message of outcomes and port events, in order. */
+export function readReplies(replies: LaneReplies, handlers: ReplyHandlers): void {
   for (let i = 0; i + REPLY_SLOTS <= replies.length; i += REPLY_SLOTS) {
     const id = replies[i] as number;
     const status = replies[i + 1];
     if (typeof status !== 'number') {
-      each(id, { ok: false, error: status as PlainError });
+      handlers.outcome(id, { ok: false, error: status as PlainError });
       continue;
     }
-    each(id, {
+    if (status < 0) {
+      readPortEvent(replies, i, handlers);
+      continue;
+    }
+    handlers.outcome(id, {
       ok: true,
       result: {
         status,

@@ -1,5 +1,12 @@
 // The thread's end of its lane (lane-protocol.ts): runs the requests that come in on the runtime and sends their
-// outcomes back, gathered per turn of this thread's event loop, with their bodies' memory moved.
+// outcomes back, gathered per turn of this thread's event loop, with their bodies' memory moved; a request with a
+// port of its own gets its end here (lane-port.ts), whose messages travel in the same batches.
+//
+// When a batch goes: an outcome is ready in an immediate (curl-engine.ts completes transfers there, in a callback
+// scope), so a microtask after it sends the outcomes of that turn together. A port message may be posted from inside
+// curl's callbacks (the head, from HEADERFUNCTION), which node-libcurl runs without a callback scope: a microtask
+// queued there could wait for the next event of the thread, so port messages go out in an immediate instead (or
+// with the next outcomes, whichever comes first).
 //
 // The thread does not spin for a sequential caller's next request: it sleeps in its event loop like any other. Until
 // the ninth session it polled its lane for 0.1 ms after its last outcome went out; on a quiet machine that cost
@@ -11,7 +18,19 @@ import { fromPlainError, type PlainError } from '../shared/errors.js';
 import { IntMap } from '../shared/id-table.js';
 import { Cancellation } from './cancellation.js';
 import type { TransferOutcome, TransferRequest } from './curl-engine.js';
-import { LANE, type LaneCalls, type LaneReplies, pushReply, readCalls } from './lane-protocol.js';
+import { LanePort } from './lane-port.js';
+import {
+  CALL_ABORTABLE,
+  CALL_PORT,
+  type CallHandlers,
+  LANE,
+  type LaneCalls,
+  type LaneReplies,
+  pushPortEvent,
+  pushReply,
+  REPLY_SLOTS,
+  readCalls,
+} from './lane-protocol.js';
 import type { TransferRuntime } from './transfer-runtime.js';
 
 /** Opens this thread's lane and announces it to the caller's thread (through piscina's 'message' event), with the
@@ -22,15 +41,19 @@ export function openLane(runtime: TransferRuntime): void {
   parentPort!.postMessage({ [LANE]: port2, threadId }, [port2]);
 }
 
-class WorkerLane {
+class WorkerLane implements CallHandlers {
   readonly #runtime: TransferRuntime;
   readonly #port: MessagePort;
   /** Requests the caller may cancel, by id (an IntMap: a Map with a delete per request keeps garbage alive,
    *  ../shared/id-table.ts). */
   readonly #cancellations = new IntMap<Cancellation>();
+  /** This thread's ends of the requests' ports, by id, until their transfers end or the caller closes them. */
+  readonly #ports = new IntMap<LanePort>();
   #outbox: LaneReplies = [];
   #transfer: ArrayBuffer[] = [];
-  #flushing = false;
+  /** A flush is queued: a microtask (after outcomes), an immediate (after port messages). */
+  #microtaskQueued = false;
+  #immediate: NodeJS.Immediate | undefined;
 
   constructor(runtime: TransferRuntime, port: MessagePort) {
     this.#runtime = runtime;
@@ -41,16 +64,20 @@ class WorkerLane {
   }
 
   #receive(calls: LaneCalls): void {
-    readCalls(calls, this.#run, this.#abort);
+    readCalls(calls, this);
   }
 
-  readonly #abort = (id: number, error: PlainError): void => {
+  abort(id: number, error: PlainError): void {
     this.#cancellations.get(id)?.cancel(fromPlainError(error));
-  };
+  }
 
-  readonly #run = (id: number, request: TransferRequest, abortable: boolean): void => {
+  run(id: number, request: TransferRequest, flags: number): void {
+    if ((flags & CALL_PORT) !== 0) {
+      this.#runWithPort(id, request);
+      return;
+    }
     let cancellation: Cancellation | undefined;
-    if (abortable) {
+    if ((flags & CALL_ABORTABLE) !== 0) {
       cancellation = new Cancellation();
       this.#cancellations.set(id, cancellation);
     }
@@ -58,25 +85,67 @@ class WorkerLane {
       if (cancellation) this.#cancellations.delete(id);
       this.#reply(id, outcome);
     });
-  };
+  }
+
+  /** A streamed request: its port's messages go out tagged with its id; the runtime closes the port at the end. */
+  #runWithPort(id: number, request: TransferRequest): void {
+    const port = new LanePort(
+      (message, transfer) => this.#postPortMessage(id, message, transfer),
+      // (Nothing to tell the caller: the outcome follows on the lane.)
+      () => this.#ports.delete(id),
+    );
+    this.#ports.set(id, port);
+    this.#runtime.startRequest(request, port, undefined, (outcome) => {
+      this.#ports.delete(id);
+      this.#reply(id, outcome);
+    });
+  }
+
+  portMessage(id: number, message: unknown): void {
+    this.#ports.get(id)?.deliver(message);
+  }
+
+  /** The caller closed its end (cancelled, or gave up the response): the runtime cancels the transfer. */
+  portClose(id: number): void {
+    const port = this.#ports.get(id);
+    if (!port) return;
+    this.#ports.delete(id);
+    port.peerClosed();
+  }
+
+  #postPortMessage(id: number, message: unknown, transfer: ArrayBuffer[] | undefined): void {
+    pushPortEvent(this.#outbox, REPLY_SLOTS, id, message);
+    if (transfer) for (const buffer of transfer) this.#transfer.push(buffer);
+    this.#immediate ??= setImmediate(() => {
+      this.#immediate = undefined;
+      this.#flush();
+    });
+  }
 
   #reply(id: number, outcome: TransferOutcome): void {
     // The body's memory moves to the caller's thread (exact-size, never a pooled slice: response-sink.ts).
     const body = pushReply(this.#outbox, id, outcome);
     if (body) this.#transfer.push(body);
-    if (this.#flushing) return;
-    this.#flushing = true;
+    if (this.#microtaskQueued) return;
+    this.#microtaskQueued = true;
     // After the other transfers curl finished in the same turn have replied too (they complete together, in one
     // immediate: see curl-engine.ts): one message for all of them.
-    queueMicrotask(() => this.#flush());
+    queueMicrotask(() => {
+      this.#microtaskQueued = false;
+      this.#flush();
+    });
   }
 
   #flush(): void {
+    if (this.#outbox.length === 0) return;
+    if (this.#immediate) {
+      clearImmediate(this.#immediate);
+      this.#immediate = undefined;
+    }
     const outbox = this.#outbox;
     const transfer = this.#transfer;
     this.#outbox = [];
     this.#transfer = [];
-    this.#flushing = false;
     this.#port.postMessage(outbox, transfer);
   }
 }
