@@ -242,8 +242,14 @@ export class ThreadLanes {
   #portClosed(pending: Pending): void {
     const lane = pending.lane;
     if (lane) {
-      pushPortEvent(lane.outbox, CALL_SLOTS, pending.id, undefined);
-      this.#flushSoon(lane);
+      // Decided after the lane's message being read: a caller's channel closes its end at the response's `end`,
+      // and the outcome that follows it in the same message means the thread is done with the port already (a
+      // close sent then would wake the thread for nothing).
+      queueMicrotask(() => {
+        if (this.#pending.get(pending.id) !== pending || pending.lane !== lane) return;
+        pushPortEvent(lane.outbox, CALL_SLOTS, pending.id, undefined);
+        this.#flushSoon(lane);
+      });
       return;
     }
     if (pending.settled || this.#pending.get(pending.id) !== pending) return;

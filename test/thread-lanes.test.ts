@@ -105,7 +105,11 @@ describe('ThreadLanes', () => {
     const streamed = { ...request('/stream'), streamResponse: true };
     const { port, outcome } = lanes.stream(streamed);
     const got: unknown[] = [];
-    port.on('message', (message) => got.push(message));
+    port.on('message', (message: { t: string }) => {
+      got.push(message);
+      // As a caller's channel does at the response's end, before the outcome that follows in the same message.
+      if (message.t === 'end') port.close();
+    });
     // Posted in the same turn as the request: in the same batch, after it, the chunk's memory moved.
     const chunk = new Uint8Array([1, 2, 3]);
     port.postMessage({ t: 'credit', consumed: 0 });
@@ -126,9 +130,9 @@ describe('ThreadLanes', () => {
     thread.postMessage(replies);
     await expect(outcome).resolves.toEqual({ ok: false, error: { code: 'SOCKPOOL_ERR_TIMEOUT', message: 'test' } });
     expect(got).toEqual([{ t: 'head', status: 200 }, { t: 'end' }]);
-    // The outcome ended the port: posting or closing now sends nothing.
+    // The thread was done with the port (its outcome came right after the end): the close is not sent, and
+    // posting now sends nothing either.
     port.postMessage({ t: 'credit', consumed: 1 });
-    port.close();
     await nextTurn();
     expect(nextCalls(thread)).toBeUndefined();
     await lanes.idle();

@@ -186,11 +186,17 @@ export class TransferRuntime {
             return;
         }
       });
-      // The caller's end closed before the transfer ended: nobody wants the rest.
-      port.on('close', () => run.cancel(new SockpoolError(ErrorCodes.ABORTED, 'the caller closed the request')));
+      // The caller's end closed before the transfer ended: nobody wants the rest. (A port pair in one thread emits
+      // 'close' on both ends, this one too when the transfer's end closes it: no error is made for nothing then,
+      // an Error's stack costs more than the rest of a small request's end.)
+      port.on('close', () => {
+        if (!finished) run.cancel(new SockpoolError(ErrorCodes.ABORTED, 'the caller closed the request'));
+      });
     }
+    let finished = false;
     this.#running++;
     const ended = (outcome: TransferOutcome) => {
+      finished = true;
       if (sink) {
         if (outcome.ok) sink.end();
         else sink.fail(outcome.error);
