@@ -31,6 +31,7 @@ import type { Task, TaskResult, WorkerConfig } from '../worker/task.js';
 import { abortedError, type RuntimeResult, TransferRuntime } from '../worker/transfer-runtime.js';
 import type { UrlTarget } from '../worker/url-target.js';
 import { type BodyStream, CallerChannel } from './caller-channel.js';
+import { discardBody, type Hop, isRedirectStatus, locationOf, nextHop, redirectMode } from './fetch-redirect.js';
 import { type AnnouncedOrigin, type AnnounceOptions, RequestQueue } from './request-queue.js';
 import { ThreadLanes } from './thread-lanes.js';
 import {
@@ -431,10 +432,14 @@ export class SockpoolClient {
     return { ...head, body: channel.body!, timings: { ...head.timings, queueMs: queueMs(queued, head.timings) } };
   }
 
-  /** A standard fetch Response over requestStream(): the body streams. Redirects are not followed. */
+  /**
+   * A standard fetch Response over requestStream(): the body streams. Redirects are followed as the Fetch standard
+   * says (`init.redirect`: 'follow' by default, 'manual' returns the 3xx response, 'error' rejects), each hop a
+   * request of its own through the daemon (client/fetch-redirect.ts).
+   */
   async fetch(input: string | URL | Request, init: RequestInit = {}): Promise<Response> {
     const source = input instanceof Request ? input : undefined;
-    const method = (init.method ?? source?.method ?? 'GET').toUpperCase();
+    const mode = redirectMode(init.redirect ?? source?.redirect);
     const headers = new Headers(init.headers ?? source?.headers);
     const raw = init.body !== undefined ? init.body : (source?.body ?? null);
     let body: BodyInput | undefined;
@@ -448,23 +453,40 @@ export class SockpoolClient {
         body = new Uint8Array(await wrapped.arrayBuffer());
       }
     }
-    const response = await this.requestStream(source ? source.url : (input as string | URL), {
-      method,
+    const signal = init.signal ?? source?.signal ?? undefined;
+    let hop: Hop = {
+      url: source ? source.url : String(input),
+      method: (init.method ?? source?.method ?? 'GET').toUpperCase(),
       headers,
       body,
-      signal: init.signal ?? source?.signal ?? undefined,
-    });
-    const nullBody = method === 'HEAD' || [101, 204, 205, 304].includes(response.status);
-    if (nullBody) {
-      // Let the (empty) transfer finish normally, so that curl keeps its connection.
-      response.body.pipeTo(new WritableStream()).catch(() => {});
+    };
+    for (let followed = 0; ; followed++) {
+      const { url, method, headers: hopHeaders, body: hopBody } = hop;
+      const response = await this.requestStream(url, { method, headers: hopHeaders, body: hopBody, signal });
+      const location = locationOf(response.headers);
+      if (mode === 'manual' || !isRedirectStatus(response.status) || (mode === 'follow' && location === undefined)) {
+        return fetchResponse(response, method, followed > 0);
+      }
+      let next: Hop;
+      try {
+        if (mode === 'error') {
+          throw new SockpoolError(
+            ErrorCodes.REDIRECT,
+            `${url}: redirected (${response.status}) while redirect is 'error'`,
+            {
+              url,
+              status: response.status,
+            },
+          );
+        }
+        next = nextHop(hop, response.status, location!, followed);
+      } catch (error) {
+        await response.body.cancel();
+        throw error;
+      }
+      await discardBody(response.body);
+      hop = next;
     }
-    const result = new Response(nullBody ? null : response.body, {
-      status: response.status,
-      headers: response.headers,
-    });
-    Object.defineProperty(result, 'url', { value: response.url });
-    return result;
   }
 
   /**
@@ -539,7 +561,13 @@ export class SockpoolClient {
     const pool = this.#pool!;
     const cannotStart = this.#lanes!.startupError();
     if (cannotStart) return Promise.reject(cannotStart);
-    return (pool.run(task) as Promise<TaskResult>).catch((error) => this.#threadFailure(error));
+    return (pool.run(task) as Promise<TaskResult>).catch(async (error) => {
+      // A thread that cannot start posts why on its parentPort and then fails; piscina's rejection comes through
+      // another port, so it may be handled first. Both are in by the end of this turn's poll: the cause is known
+      // then (SOCKPOOL_ERR_WORKER_START rather than _WORKER_EXITED).
+      await new Promise((resolve) => setImmediate(resolve));
+      return this.#threadFailure(error);
+    });
   }
 
   /** Validates a request (throws a typed error) and builds what the runtime gets; a promise only while a Blob
@@ -660,6 +688,22 @@ export class SockpoolClient {
     if (cannotStart) throw cannotStart;
     throw new SockpoolError(ErrorCodes.WORKER_EXITED, `the worker thread running the request exited: ${message}`);
   }
+}
+
+/** A streamed response as a standard Response (`redirected`: reached through a redirect). */
+function fetchResponse(response: SockpoolStreamResponse, method: string, redirected: boolean): Response {
+  const nullBody = method === 'HEAD' || [101, 204, 205, 304].includes(response.status);
+  if (nullBody) {
+    // Let the (empty) transfer finish normally, so that curl keeps its connection.
+    response.body.pipeTo(new WritableStream()).catch(() => {});
+  }
+  const result = new Response(nullBody ? null : response.body, {
+    status: response.status,
+    headers: response.headers,
+  });
+  Object.defineProperty(result, 'url', { value: response.url });
+  if (redirected) Object.defineProperty(result, 'redirected', { value: true });
+  return result;
 }
 
 /** A buffered result becomes the response in place (it is this request's own object). */

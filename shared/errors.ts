@@ -58,6 +58,9 @@ export const ErrorCodes = {
   ABORTED: 'SOCKPOOL_ERR_ABORTED',
   /** A streamed request body failed (the caller's stream threw) or yielded something other than bytes. */
   REQUEST_BODY: 'SOCKPOOL_ERR_REQUEST_BODY',
+  /** fetch() could not follow a redirect: `redirect: 'error'`, too many, a Location that is not http(s), or a
+   *  streamed request body the redirect would send again. */
+  REDIRECT: 'SOCKPOOL_ERR_REDIRECT',
   /** The client was closed. */
   CLOSED: 'SOCKPOOL_ERR_CLOSED',
   /** The worker thread running the request died (crashed or was terminated); it has been replaced. */

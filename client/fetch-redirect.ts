@@ -1,0 +1,124 @@
+// What fetch() does with a redirect, as the Fetch standard's "HTTP-redirect fetch" says and Node's own fetch (undici)
+// does it: the next hop's URL, method, body and headers, or why there is none. The hops themselves are requests
+// like any other (SockpoolClient.fetch): each goes through the daemon, whose egress policy judges every address a
+// redirect leads to, as it judges the first.
+
+import { ErrorCodes, SockpoolError } from '../shared/errors.js';
+import type { BodyInput } from './validate.js';
+
+/** The statuses that redirect (with a Location header). */
+const REDIRECT_STATUSES = new Set([301, 302, 303, 307, 308]);
+
+/** As the Fetch standard (and browsers, and undici): a 21st redirect is an error. */
+export const MAX_REDIRECTS = 20;
+
+export type RedirectMode = 'follow' | 'manual' | 'error';
+
+/** Headers that describe a request body: dropped with the body when a redirect turns the request into a GET. */
+const BODY_HEADERS = ['content-encoding', 'content-language', 'content-location', 'content-type', 'content-length'];
+
+/** Credentials meant for one origin: dropped when a redirect leads to another (undici drops the same four). */
+const ORIGIN_BOUND_HEADERS = ['authorization', 'proxy-authorization', 'cookie', 'host'];
+
+/** One hop of a fetch. */
+export interface Hop {
+  url: string;
+  method: string;
+  headers: Headers;
+  body: BodyInput | undefined;
+}
+
+/** `init.redirect` (or a Request's), checked: a typed error for anything but the three modes. */
+export function redirectMode(value: unknown): RedirectMode {
+  if (value === undefined || value === 'follow' || value === 'manual' || value === 'error') return value ?? 'follow';
+  throw new SockpoolError(
+    ErrorCodes.INVALID_ARGUMENT,
+    `redirect must be 'follow', 'manual' or 'error'; got ${JSON.stringify(value)}`,
+  );
+}
+
+export function isRedirectStatus(status: number): boolean {
+  return REDIRECT_STATUSES.has(status);
+}
+
+/** A response's Location header (a redirect status without one is returned as it is, not followed). */
+export function locationOf(headers: Array<[string, string]>): string | undefined {
+  for (const [name, value] of headers) if (name.toLowerCase() === 'location') return value;
+  return undefined;
+}
+
+/**
+ * The hop after `hop`, which was answered with `status` and `location`, having followed `followed` redirects
+ * before it (mode 'follow'). Throws SOCKPOOL_ERR_REDIRECT when it cannot be followed: too many redirects, a
+ * Location that is not an http(s) URL, or a streamed request body that the redirect would have to send again.
+ */
+export function nextHop(hop: Hop, status: number, location: string, followed: number): Hop {
+  if (followed >= MAX_REDIRECTS) {
+    throw new SockpoolError(ErrorCodes.REDIRECT, `${hop.url}: more than ${MAX_REDIRECTS} redirects`, {
+      url: hop.url,
+      redirects: followed + 1,
+    });
+  }
+  let next: URL;
+  try {
+    next = new URL(location, hop.url);
+  } catch {
+    throw new SockpoolError(ErrorCodes.REDIRECT, `${hop.url}: redirect to an invalid URL ${JSON.stringify(location)}`, {
+      url: hop.url,
+      location,
+    });
+  }
+  if (next.protocol !== 'http:' && next.protocol !== 'https:') {
+    throw new SockpoolError(ErrorCodes.REDIRECT, `${hop.url}: redirect to a ${next.protocol} URL, not http or https`, {
+      url: hop.url,
+      location,
+    });
+  }
+  const headers = new Headers(hop.headers);
+  let { method, body } = hop;
+  // 301 and 302 turn a POST into a GET (as every browser does), 303 anything but GET and HEAD; the body goes.
+  if (
+    ((status === 301 || status === 302) && method === 'POST') ||
+    (status === 303 && method !== 'GET' && method !== 'HEAD')
+  ) {
+    method = 'GET';
+    body = undefined;
+    for (const name of BODY_HEADERS) headers.delete(name);
+  } else if (body !== undefined && isStream(body)) {
+    // 307 and 308 (and a 301/302 of another method) send the body again: a stream was read once already.
+    throw new SockpoolError(
+      ErrorCodes.REDIRECT,
+      `${hop.url}: a ${status} redirect must send the request body again, and a streamed body cannot be replayed`,
+      { url: hop.url, location: next.href },
+    );
+  }
+  if (new URL(hop.url).origin !== next.origin) for (const name of ORIGIN_BOUND_HEADERS) headers.delete(name);
+  // (Fragments stay with the URL a response reports; curl sends no fragment.)
+  return { url: next.href, method, headers, body };
+}
+
+function isStream(body: BodyInput): boolean {
+  return body instanceof ReadableStream || (typeof body === 'object' && body !== null && Symbol.asyncIterator in body);
+}
+
+/** A redirect response's body, read to its end so its connection stays in curl's cache, unless it is long. */
+export async function discardBody(body: ReadableStream<Uint8Array>): Promise<void> {
+  const reader = body.getReader();
+  let bytes = 0;
+  try {
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) return;
+      bytes += value.byteLength;
+      // A long one is not worth waiting for: cancelled (curl closes that connection).
+      if (bytes > 64 * 1024) {
+        await reader.cancel();
+        return;
+      }
+    }
+  } catch {
+    // Whatever became of it, the redirect is followed (the hop's own error, if any, was the transfer's).
+  } finally {
+    reader.releaseLock();
+  }
+}

@@ -1,0 +1,210 @@
+// fetch() follows redirects as the Fetch standard says (client/fetch-redirect.ts), against real origins and a real
+// daemon: every hop is a request of its own through the daemon (so its egress policy judges where a redirect
+// leads), a 303 (and a 301/302 of a POST) becomes a GET without its body, a 307/308 sends the same method and body
+// again (never a streamed body: it was read once), credentials do not follow a redirect to another origin, and
+// loops, odd Locations and `redirect: 'error'` fail with SOCKPOOL_ERR_REDIRECT. Nothing is left open after.
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { SockpoolClient } from '../client/index.js';
+import { fdCount, httpOrigin, type Origin, startTestDaemon } from './fixtures/client-helpers.js';
+import type { DaemonProcess } from './helpers/daemon.js';
+
+let origin: Origin;
+/** Another origin the daemon allows: a redirect there is cross-origin. */
+let other: Origin;
+/** An origin the daemon does not allow (its port is not in the policy). */
+let refused: Origin;
+let daemon: DaemonProcess;
+let client: SockpoolClient;
+/** Every request the origins saw, as `METHOD path`. */
+const seen: string[] = [];
+
+interface Echo {
+  method: string;
+  path: string;
+  headers: Record<string, string | string[] | undefined>;
+  body: string;
+}
+
+function handler(request: IncomingMessage, response: ServerResponse): void {
+  const path = request.url ?? '/';
+  seen.push(`${request.method} ${path}`);
+  const chunks: Buffer[] = [];
+  request.on('data', (chunk: Buffer) => chunks.push(chunk));
+  request.on('end', () => {
+    const redirect = (status: number, location?: string) => {
+      response.writeHead(status, location === undefined ? {} : { location });
+      response.end(`redirecting ${status}`);
+    };
+    const chain = /^\/chain\/(\d+)$/.exec(path);
+    if (chain) {
+      const left = Number(chain[1]);
+      if (left === 0) redirect(302, '/target');
+      else redirect(302, `/chain/${left - 1}`);
+      return;
+    }
+    switch (path) {
+      case '/r301':
+        return redirect(301, '/target');
+      case '/r302':
+        return redirect(302, '/target');
+      case '/r303':
+        return redirect(303, '/target');
+      case '/r307':
+        return redirect(307, '/target');
+      case '/r308':
+        return redirect(308, '/target?permanent');
+      case '/loop':
+        return redirect(302, '/loop');
+      case '/to-other':
+        return redirect(302, `http://127.0.0.1:${other.port}/target`);
+      case '/to-refused':
+        return redirect(302, `http://127.0.0.1:${refused.port}/target`);
+      case '/to-ftp':
+        return redirect(302, 'ftp://127.0.0.1/file');
+      case '/no-location':
+        return redirect(302);
+      default: {
+        const echo: Echo = {
+          method: request.method ?? '',
+          path,
+          headers: request.headers,
+          body: Buffer.concat(chunks).toString(),
+        };
+        response.writeHead(200, { 'content-type': 'application/json' });
+        response.end(JSON.stringify(echo));
+      }
+    }
+  });
+}
+
+beforeAll(async () => {
+  origin = await httpOrigin(handler);
+  other = await httpOrigin(handler);
+  refused = await httpOrigin(handler);
+  daemon = await startTestDaemon([origin.port, other.port]);
+  client = new SockpoolClient({ socketPath: daemon.socketPath, threads: 1 });
+});
+
+afterAll(async () => {
+  await client?.close();
+  await daemon?.stop();
+  await origin?.close();
+  await other?.close();
+  await refused?.close();
+});
+
+const url = (path: string, server: Origin = origin) => `http://127.0.0.1:${server.port}${path}`;
+const echoed = async (response: Response) => (await response.json()) as Echo;
+
+describe('fetch() follows redirects', () => {
+  it('follows 301, 302, 303, 307 and 308 to the end, with redirected and the final url set', async () => {
+    for (const path of ['/r301', '/r302', '/r303', '/r307', '/r308', '/chain/5']) {
+      const response = await client.fetch(url(path));
+      expect(response.status).toBe(200);
+      expect(response.redirected).toBe(true);
+      expect(response.url).toBe(url(path === '/r308' ? '/target?permanent' : '/target'));
+      expect((await echoed(response)).method).toBe('GET');
+    }
+    const direct = await client.fetch(url('/target'));
+    expect(direct.redirected).toBe(false);
+    await direct.arrayBuffer();
+  });
+
+  it('turns a POST into a GET without its body at 301, 302 and 303; keeps method and body at 307 and 308', async () => {
+    const post = { method: 'POST', body: 'payload', headers: { 'content-type': 'text/plain' } };
+    for (const path of ['/r301', '/r302', '/r303']) {
+      const target = await echoed(await client.fetch(url(path), post));
+      expect(target).toMatchObject({ method: 'GET', body: '' });
+      expect(target.headers['content-type']).toBeUndefined();
+    }
+    for (const path of ['/r307', '/r308']) {
+      const target = await echoed(await client.fetch(url(path), post));
+      expect(target).toMatchObject({ method: 'POST', body: 'payload' });
+      expect(target.headers['content-type']).toBe('text/plain');
+    }
+    // A PUT at 303 becomes a GET too; at 302 it stays a PUT (only POST changes there).
+    expect(await echoed(await client.fetch(url('/r303'), { ...post, method: 'PUT' }))).toMatchObject({ method: 'GET' });
+    expect(await echoed(await client.fetch(url('/r302'), { ...post, method: 'PUT' }))).toMatchObject({
+      method: 'PUT',
+      body: 'payload',
+    });
+  });
+
+  it('keeps credentials on the same origin and drops them on the way to another', async () => {
+    const headers = { authorization: 'Bearer secret', cookie: 'session=1', 'x-trace': 'kept' };
+    const same = await echoed(await client.fetch(url('/r302'), { headers }));
+    expect(same.headers).toMatchObject({ authorization: 'Bearer secret', cookie: 'session=1', 'x-trace': 'kept' });
+    const crossed = await client.fetch(url('/to-other'), { headers });
+    expect(crossed.url).toBe(url('/target', other));
+    const there = await echoed(crossed);
+    expect(there.headers.authorization).toBeUndefined();
+    expect(there.headers.cookie).toBeUndefined();
+    expect(there.headers['x-trace']).toBe('kept');
+  });
+
+  it("returns the 3xx with redirect: 'manual', and a redirect status without a Location as it is", async () => {
+    const manual = await client.fetch(url('/r301'), { redirect: 'manual' });
+    expect(manual.status).toBe(301);
+    expect(manual.redirected).toBe(false);
+    expect(manual.headers.get('location')).toBe('/target');
+    expect(await manual.text()).toBe('redirecting 301');
+    const bare = await client.fetch(url('/no-location'));
+    expect(bare.status).toBe(302);
+    expect(await bare.text()).toBe('redirecting 302');
+  });
+
+  it('fails what it cannot follow with SOCKPOOL_ERR_REDIRECT, and a bad mode with SOCKPOOL_ERR_INVALID_ARGUMENT', async () => {
+    await expect(client.fetch(url('/r302'), { redirect: 'error' })).rejects.toMatchObject({
+      code: 'SOCKPOOL_ERR_REDIRECT',
+      status: 302,
+    });
+    // 20 redirects are followed; the 21st is an error (and no 22nd request is made).
+    const loopsBefore = seen.filter((line) => line === 'GET /loop').length;
+    await expect(client.fetch(url('/loop'))).rejects.toMatchObject({
+      code: 'SOCKPOOL_ERR_REDIRECT',
+      message: expect.stringContaining('more than 20 redirects'),
+    });
+    expect(seen.filter((line) => line === 'GET /loop').length - loopsBefore).toBe(21);
+    await expect(client.fetch(url('/to-ftp'))).rejects.toMatchObject({
+      code: 'SOCKPOOL_ERR_REDIRECT',
+      message: expect.stringContaining('ftp: URL'),
+    });
+    // A streamed body was read once: a redirect that must send it again fails; one that drops it is followed.
+    const stream = () =>
+      new ReadableStream<Uint8Array>({
+        start(controller) {
+          controller.enqueue(new TextEncoder().encode('streamed'));
+          controller.close();
+        },
+      });
+    await expect(
+      client.fetch(url('/r307'), { method: 'POST', body: stream(), duplex: 'half' } as RequestInit),
+    ).rejects.toMatchObject({ code: 'SOCKPOOL_ERR_REDIRECT', message: expect.stringContaining('cannot be replayed') });
+    const dropped = await client.fetch(url('/r303'), { method: 'POST', body: stream(), duplex: 'half' } as RequestInit);
+    expect(await echoed(dropped)).toMatchObject({ method: 'GET', body: '' });
+    await expect(client.fetch(url('/r301'), { redirect: 'sideways' as RequestInit['redirect'] })).rejects.toMatchObject(
+      {
+        code: 'SOCKPOOL_ERR_INVALID_ARGUMENT',
+      },
+    );
+  });
+
+  it("asks the daemon for every hop: a redirect to an address its policy refuses fails with the policy's error", async () => {
+    const before = seen.length;
+    await expect(client.fetch(url('/to-refused'))).rejects.toMatchObject({ code: 'SOCKPOOL_ERR_POLICY' });
+    // The refused origin never saw the request.
+    expect(seen.slice(before)).toEqual(['GET /to-refused']);
+  });
+
+  it('leaves no fd open once the client is closed', async () => {
+    // (The origins run in this process: their side of the connections the daemon keeps warm are not the client's.)
+    const clientFds = () => fdCount() - origin.sockets.size - other.sockets.size - refused.sockets.size;
+    const before = clientFds();
+    const own = new SockpoolClient({ socketPath: daemon.socketPath, threads: 1 });
+    for (const path of ['/chain/3', '/to-other', '/r307']) await (await own.fetch(url(path))).arrayBuffer();
+    await expect(own.fetch(url('/loop'))).rejects.toMatchObject({ code: 'SOCKPOOL_ERR_REDIRECT' });
+    await own.close();
+    expect(clientFds()).toBeLessThanOrEqual(before);
+  });
+});
