@@ -132,6 +132,7 @@ function taskFile(): string {
 interface PreparedTimes {
   timeoutMs: number;
   streamResponse: boolean;
+  decompress: boolean;
 }
 
 /** What run() needs to start a request, after validation. */
@@ -462,7 +463,14 @@ export class SockpoolClient {
     };
     for (let followed = 0; ; followed++) {
       const { url, method, headers: hopHeaders, body: hopBody } = hop;
-      const response = await this.requestStream(url, { method, headers: hopHeaders, body: hopBody, signal });
+      // As Node's fetch: compressed bodies asked for and decoded.
+      const response = await this.requestStream(url, {
+        method,
+        headers: hopHeaders,
+        body: hopBody,
+        signal,
+        decompress: true,
+      });
       const location = locationOf(response.headers);
       if (mode === 'manual' || !isRedirectStatus(response.status) || (mode === 'follow' && location === undefined)) {
         return fetchResponse(response, method, followed > 0);
@@ -579,17 +587,26 @@ export class SockpoolClient {
     const timeoutMs = options.timeoutMs === undefined ? this.#options.timeoutMs : validateTimeout(options.timeoutMs);
     const signal = options.signal ?? undefined;
     if (signal?.aborted) throw abortedError(signal);
-    const body = classifyBody(options.body);
-    if (body instanceof Promise) {
-      return body.then((read) => this.#prepared(checked, read, { timeoutMs, signal, streamResponse, queued }));
+    if (options.decompress !== undefined && typeof options.decompress !== 'boolean') {
+      throw invalid('decompress must be a boolean');
     }
-    return this.#prepared(checked, body, { timeoutMs, signal, streamResponse, queued });
+    const decompress = options.decompress === true;
+    const body = classifyBody(options.body);
+    const times = { timeoutMs, signal, streamResponse, decompress, queued };
+    if (body instanceof Promise) return body.then((read) => this.#prepared(checked, read, times));
+    return this.#prepared(checked, body, times);
   }
 
   #prepared(
     checked: ReturnType<typeof validateRequest>,
     body: ClassifiedBody,
-    { timeoutMs, signal, streamResponse, queued }: Omit<Prepared, 'request' | 'upload' | 'target'> & PreparedTimes,
+    {
+      timeoutMs,
+      signal,
+      streamResponse,
+      decompress,
+      queued,
+    }: Omit<Prepared, 'request' | 'upload' | 'target'> & PreparedTimes,
   ): Prepared {
     const request: TransferRequest = {
       url: checked.target.href,
@@ -598,6 +615,7 @@ export class SockpoolClient {
       body: body.bytes,
       streamedBody: body.stream ? { length: declaredLength(checked.headers) } : undefined,
       streamResponse,
+      decompress,
       deadline: epochNow() + timeoutMs,
       timeoutMs,
     };

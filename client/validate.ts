@@ -19,6 +19,13 @@ export interface RequestOptions {
   /** Overrides the client's timeoutMs for this request: acquire, connect, transfer and (streamed) body reading. */
   timeoutMs?: number;
   signal?: AbortSignal | null;
+  /**
+   * Ask for a compressed body and get it decoded: curl sends `Accept-Encoding` with the codings it decodes (gzip,
+   * deflate, br, zstd) unless you send your own, and decodes whichever of them the response uses. The response's
+   * headers stay as the server sent them (`content-encoding`, `content-length` of the compressed body), as with
+   * Node's fetch. Default false (the body as sent); fetch() always decodes.
+   */
+  decompress?: boolean;
 }
 
 const TOKEN = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;

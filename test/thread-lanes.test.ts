@@ -228,6 +228,7 @@ describe('the lanes’ flat messages', () => {
       ...request('/download'),
       streamedBody: { length: undefined },
       streamResponse: true,
+      decompress: true,
     };
     pushRequestCall(calls, 10, upload, CALL_PORT);
     // A port event of request 10 (with the same id as the request): not a call that removeCall takes out.
@@ -244,12 +245,12 @@ describe('the lanes’ flat messages', () => {
       portMessage: (id, message) => read.push({ id, message }),
       portClose: (id) => read.push({ id, close: true }),
     });
-    const buffered = { streamedBody: undefined, streamResponse: false };
+    const buffered = { streamedBody: undefined, streamResponse: false, decompress: false };
     expect(read).toEqual([
       { id: 7, request: { ...withBody, ...buffered, body: new Uint8Array([1, 2, 3]) }, flags: CALL_ABORTABLE },
       { id: 3, error: { code: 'SOCKPOOL_ERR_ABORTED', message: 'gone' } },
       { id: 8, request: { ...plain, ...buffered, body: undefined }, flags: 0 },
-      { id: 10, request: { ...upload, body: undefined, streamResponse: false }, flags: CALL_PORT },
+      { id: 10, request: { ...upload, body: undefined, streamResponse: false, decompress: false }, flags: CALL_PORT },
       { id: 10, message: { t: 'end' } },
       { id: 11, request: { ...download, body: undefined }, flags: CALL_PORT },
       { id: 11, close: true },

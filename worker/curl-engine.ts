@@ -49,6 +49,8 @@ export interface TransferRequest {
   streamedBody?: { length: number | undefined } | undefined;
   /** Stream the response body over the request's port instead of returning it. */
   streamResponse?: boolean | undefined;
+  /** Ask for a compressed body (Accept-Encoding: the codings curl decodes) and get it decoded (curl does it). */
+  decompress?: boolean | undefined;
   /** When the request must be over, in ms since the epoch (performance.timeOrigin + performance.now()). */
   deadline: number;
   /** The timeout the deadline came from (for error messages). */
@@ -505,7 +507,6 @@ export class CurlEngine {
     );
     easy.setOpt('NOSIGNAL', true);
     // What is the same for every transfer of this engine is set once per handle.
-    easy.setOpt('ACCEPT_ENCODING', null);
     // node-libcurl defaults CAINFO_BLOB to Node's bundled CAs, and a blob beats CAINFO: clear it so that curl
     // verifies against the CA file given, or else the system store (libcurl's built-in default path).
     easy.setOpt('CAINFO_BLOB', null);
@@ -633,6 +634,8 @@ export class CurlEngine {
       if (io.source && !request.headers.some(([name]) => name.toLowerCase() === 'expect')) headers.push('Expect:');
       setList('HTTPHEADER', headers.join('\n'), () => headers);
     }
+    // '': curl sends every coding it decodes (gzip, deflate, br, zstd here) and decodes the body; null: neither.
+    set('ACCEPT_ENCODING', request.decompress ? '' : null);
     // A backstop only: the runtime's own timer at the deadline cancels the transfer first (even while it is
     // paused). The whole timeout, not what is left of it, so that it repeats from one request to the next.
     set('TIMEOUT_MS', Math.max(1, Math.ceil(request.timeoutMs)));

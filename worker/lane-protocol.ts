@@ -37,7 +37,7 @@ export interface ThreadAnnouncement {
 
 /** Caller → thread: one message, CALL_SLOTS values per call. A request to run:
  *  `id, url, method, headers (name, value, name, value, …), body, deadline, timeoutMs, flags` (CALL_ABORTABLE,
- *  CALL_PORT, CALL_STREAM_RESPONSE; `body`: the bytes, or for a streamed request body its declared length, -1 when
+ *  CALL_PORT, CALL_STREAM_RESPONSE, CALL_DECOMPRESS; `body`: the bytes, or for a streamed request body its declared length, -1 when
  *  none was declared). A cancellation of buffered request `id` (the caller already failed it: its signal fired or
  *  its deadline passed there): `id, error (a PlainError), 0, …`. A port event of request `id`: `id, PORT_MESSAGE,
  *  message, 0, …` or `id, PORT_CLOSE, 0, …`. The second slot tells them apart: a URL string, an object, a number. */
@@ -51,6 +51,10 @@ export const CALL_ABORTABLE = 1;
 export const CALL_PORT = 2;
 /** The response body streams over the request's port (TransferRequest.streamResponse). */
 const CALL_STREAM_RESPONSE = 4;
+/** TransferRequest.decompress. */
+const CALL_DECOMPRESS = 8;
+/** The flags that describe the request itself, not how it travels. */
+const REQUEST_FLAGS = CALL_STREAM_RESPONSE | CALL_DECOMPRESS;
 
 /** Slot 1 of a call or a reply that is an event of a request's port: a message (slot 2), or the port closed. Never a
  *  status (a reply's) nor a URL (a call's). */
@@ -68,7 +72,7 @@ export function pushRequestCall(calls: LaneCalls, id: number, request: TransferR
     streamed ? (streamed.length ?? -1) : request.body,
     request.deadline,
     request.timeoutMs,
-    request.streamResponse ? flags | CALL_STREAM_RESPONSE : flags,
+    flags | (request.streamResponse ? CALL_STREAM_RESPONSE : 0) | (request.decompress ? CALL_DECOMPRESS : 0),
   );
 }
 
@@ -124,10 +128,11 @@ export function readCalls(calls: LaneCalls, handlers: CallHandlers): void {
           body: streamed ? undefined : (body as Uint8Array | undefined),
           streamedBody: streamed ? { length: body < 0 ? undefined : body } : undefined,
           streamResponse: (flags & CALL_STREAM_RESPONSE) !== 0,
+          decompress: (flags & CALL_DECOMPRESS) !== 0,
           deadline: calls[i + 5] as number,
           timeoutMs: calls[i + 6] as number,
         },
-        flags & ~CALL_STREAM_RESPONSE,
+        flags & ~REQUEST_FLAGS,
       );
     } else if (typeof url === 'number') readPortEvent(calls, i, handlers);
     else handlers.abort(id, url as PlainError);

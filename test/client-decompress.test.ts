@@ -1,0 +1,132 @@
+// Compressed bodies (`decompress`, and fetch() always): curl asks for the codings it decodes and decodes them, on
+// a worker thread's lane and in the caller's thread alike, buffered and streamed; the response's headers stay as the
+// server sent them. Without it nothing is asked and the body is the server's bytes. A real origin that compresses
+// only what the request accepted.
+import { createHash } from 'node:crypto';
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import { brotliCompressSync, deflateSync, gzipSync, zstdCompressSync } from 'node:zlib';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { SockpoolClient } from '../client/index.js';
+import { httpOrigin, type Origin, startTestDaemon } from './fixtures/client-helpers.js';
+import type { DaemonProcess } from './helpers/daemon.js';
+
+const CODERS: Record<string, (data: Buffer) => Buffer> = {
+  gzip: gzipSync,
+  deflate: deflateSync,
+  br: brotliCompressSync,
+  zstd: zstdCompressSync,
+};
+/** 256 KiB that compress well but not to nothing: a line repeated with its number. */
+const plain = Buffer.from(Array.from({ length: 6_000 }, (_, i) => `line ${i} of a compressible body\n`).join(''));
+const plainHash = createHash('sha256').update(plain).digest('hex');
+const sha256 = (data: Uint8Array) => createHash('sha256').update(data).digest('hex');
+
+let origin: Origin;
+let daemon: DaemonProcess;
+/** On a worker thread's lane (every request goes there), and with threads: 0 (in this thread). */
+let clients: Array<[string, SockpoolClient]>;
+
+/** /coded?coding=X: the body in coding X if the request accepted X, else as is; says what Accept-Encoding came. */
+function handler(request: IncomingMessage, response: ServerResponse): void {
+  const url = new URL(request.url ?? '/', 'http://origin.test');
+  const coding = url.searchParams.get('coding') ?? 'gzip';
+  const accepted = request.headers['accept-encoding'] ?? '';
+  const headers: Record<string, string> = { 'x-seen-accept-encoding': String(accepted || '(none)') };
+  let body: Buffer<ArrayBufferLike> = plain;
+  const forced = url.searchParams.get('force');
+  if (forced) headers['content-encoding'] = forced;
+  else if (
+    String(accepted)
+      .split(/\s*,\s*/)
+      .includes(coding)
+  ) {
+    body = CODERS[coding]!(plain);
+    headers['content-encoding'] = coding;
+  }
+  headers['content-length'] = String(body.length);
+  response.writeHead(200, headers);
+  response.end(body);
+}
+
+beforeAll(async () => {
+  origin = await httpOrigin(handler);
+  daemon = await startTestDaemon([origin.port]);
+  clients = [
+    ['a worker thread', new SockpoolClient({ socketPath: daemon.socketPath, threads: 1, inlineWhenIdle: false })],
+    ['threads: 0', new SockpoolClient({ socketPath: daemon.socketPath, threads: 0 })],
+  ];
+});
+
+afterAll(async () => {
+  for (const [, client] of clients ?? []) await client.close();
+  await daemon?.stop();
+  await origin?.close();
+});
+
+const url = (coding: string) => `http://127.0.0.1:${origin.port}/coded?coding=${coding}`;
+const header = (headers: Array<[string, string]>, name: string) => headers.find(([key]) => key === name)?.[1];
+
+describe('compressed bodies', () => {
+  it('are neither asked for nor decoded by default: request() gets the bytes as sent', async () => {
+    for (const [, client] of clients) {
+      const response = await client.request(url('gzip'));
+      expect(header(response.headers, 'x-seen-accept-encoding')).toBe('(none)');
+      expect(header(response.headers, 'content-encoding')).toBeUndefined();
+      expect(sha256(response.body)).toBe(plainHash);
+    }
+  });
+
+  it('with decompress: every coding curl decodes is asked for, and each comes back decoded', async () => {
+    for (const [where, client] of clients) {
+      for (const coding of Object.keys(CODERS)) {
+        const response = await client.request(url(coding), { decompress: true });
+        expect(header(response.headers, 'x-seen-accept-encoding'), where).toMatch(/gzip/);
+        // The headers are the server's: the coding it used and the compressed length.
+        expect(header(response.headers, 'content-encoding'), `${where} ${coding}`).toBe(coding);
+        expect(Number(header(response.headers, 'content-length'))).toBeLessThan(plain.length);
+        expect(sha256(response.body), `${where} ${coding}`).toBe(plainHash);
+      }
+    }
+  });
+
+  it('streams decoded bodies too (requestStream)', async () => {
+    for (const [where, client] of clients) {
+      const response = await client.requestStream(url('br'), { decompress: true });
+      const hash = createHash('sha256');
+      for await (const chunk of response.body) hash.update(chunk);
+      expect(hash.digest('hex'), where).toBe(plainHash);
+    }
+  });
+
+  it('fetch() always decodes, as Node’s fetch does, also under an Accept-Encoding of the caller’s', async () => {
+    for (const [where, client] of clients) {
+      const response = await client.fetch(url('zstd'));
+      expect(response.headers.get('content-encoding'), where).toBe('zstd');
+      expect(sha256(new Uint8Array(await response.arrayBuffer())), where).toBe(plainHash);
+      const own = await client.fetch(url('gzip'), { headers: { 'accept-encoding': 'gzip' } });
+      expect(own.headers.get('x-seen-accept-encoding'), where).toBe('gzip');
+      expect(sha256(new Uint8Array(await own.arrayBuffer())), where).toBe(plainHash);
+    }
+  });
+
+  it('fails a body in a coding curl cannot decode with SOCKPOOL_ERR_TRANSFER (curlCode 61); without decompress it is passed on', async () => {
+    for (const [where, client] of clients) {
+      const odd = `http://127.0.0.1:${origin.port}/coded?force=compress`;
+      await expect(client.request(odd, { decompress: true }), where).rejects.toMatchObject({
+        code: 'SOCKPOOL_ERR_TRANSFER',
+        curlCode: 61,
+      });
+      const raw = await client.request(odd);
+      expect(header(raw.headers, 'content-encoding')).toBe('compress');
+      expect(sha256(raw.body)).toBe(plainHash);
+    }
+  });
+
+  it('refuses a decompress that is not a boolean with SOCKPOOL_ERR_INVALID_ARGUMENT', async () => {
+    const [, client] = clients[0]!;
+    await expect(client.request(url('gzip'), { decompress: 'yes' as unknown as boolean })).rejects.toMatchObject({
+      code: 'SOCKPOOL_ERR_INVALID_ARGUMENT',
+      message: 'decompress must be a boolean',
+    });
+  });
+});
