@@ -31,7 +31,7 @@ import type { Task, TaskResult, WorkerConfig } from '../worker/task.js';
 import { abortedError, type RuntimeResult, TransferRuntime } from '../worker/transfer-runtime.js';
 import type { UrlTarget } from '../worker/url-target.js';
 import { type BodyStream, CallerChannel } from './caller-channel.js';
-import { discardBody, type Hop, isRedirectStatus, locationOf, nextHop, redirectMode } from './fetch-redirect.js';
+import { discardBody, followRedirects, type Hop, redirectMode } from './redirects.js';
 import { type AnnouncedOrigin, type AnnounceOptions, RequestQueue } from './request-queue.js';
 import { ThreadLanes } from './thread-lanes.js';
 import {
@@ -103,6 +103,8 @@ export type SockpoolTimings = TransferResult['timings'] & { queueMs: number };
 export interface SockpoolResponse extends Omit<TransferResult, 'body' | 'timings'> {
   body: Buffer;
   timings: SockpoolTimings;
+  /** Set when redirects were followed to it (`redirect: 'follow'`); `url` is then the last hop's. */
+  redirected?: true;
 }
 
 /** A response whose body is still arriving. Read it to the end or cancel it: a body nobody reads holds its
@@ -111,6 +113,8 @@ export interface SockpoolStreamResponse extends Omit<ResponseHead, 'timings'> {
   body: ReadableStream<Uint8Array>;
   /** Timings up to the response head (totalMs: until then). */
   timings: SockpoolTimings;
+  /** Set when redirects were followed to it (`redirect: 'follow'`); `url` is then the last hop's. */
+  redirected?: true;
 }
 
 export function defaultSocketPath(): string {
@@ -288,6 +292,14 @@ export class SockpoolClient {
 
   /** One request; the response body is buffered whole. */
   request(url: string | URL, options: RequestOptions = {}): Promise<SockpoolResponse> {
+    if (options.redirect !== undefined && options.redirect !== 'manual') {
+      return this.#following(
+        url,
+        options,
+        (hop) => this.request(hop.url, hopOptions(options, hop)),
+        async () => {},
+      );
+    }
     let preparing: Prepared | Promise<Prepared>;
     try {
       preparing = this.#prepare(url, options, false);
@@ -420,6 +432,15 @@ export class SockpoolClient {
 
   /** One request whose response body is a stream, resolved as soon as the response head is in. */
   async requestStream(url: string | URL, options: RequestOptions = {}): Promise<SockpoolStreamResponse> {
+    if (options.redirect !== undefined && options.redirect !== 'manual') {
+      return this.#following(
+        url,
+        options,
+        (hop) => this.requestStream(hop.url, hopOptions(options, hop)),
+        // A redirect's body: read to its end (its connection stays in curl's cache), or cancelled on a failure.
+        (response, failed) => (failed ? response.body.cancel() : discardBody(response.body)),
+      );
+    }
     const { request, signal, upload, queued, target } = await this.#prepare(url, options, true);
     const waiting = this.#queue.enter(target, request, signal);
     if (waiting) await waiting;
@@ -436,11 +457,10 @@ export class SockpoolClient {
   /**
    * A standard fetch Response over requestStream(): the body streams. Redirects are followed as the Fetch standard
    * says (`init.redirect`: 'follow' by default, 'manual' returns the 3xx response, 'error' rejects), each hop a
-   * request of its own through the daemon (client/fetch-redirect.ts).
+   * request of its own through the daemon (client/redirects.ts).
    */
   async fetch(input: string | URL | Request, init: RequestInit = {}): Promise<Response> {
     const source = input instanceof Request ? input : undefined;
-    const mode = redirectMode(init.redirect ?? source?.redirect);
     const headers = new Headers(init.headers ?? source?.headers);
     const raw = init.body !== undefined ? init.body : (source?.body ?? null);
     let body: BodyInput | undefined;
@@ -454,47 +474,42 @@ export class SockpoolClient {
         body = new Uint8Array(await wrapped.arrayBuffer());
       }
     }
-    const signal = init.signal ?? source?.signal ?? undefined;
-    let hop: Hop = {
-      url: source ? source.url : String(input),
-      method: (init.method ?? source?.method ?? 'GET').toUpperCase(),
+    const method = (init.method ?? source?.method ?? 'GET').toUpperCase();
+    // As Node's fetch: compressed bodies asked for and decoded, redirects followed unless told otherwise.
+    const response = await this.requestStream(source ? source.url : (input as string | URL), {
+      method,
       headers,
       body,
+      signal: init.signal ?? source?.signal ?? undefined,
+      decompress: true,
+      redirect: redirectMode(init.redirect ?? source?.redirect, 'follow'),
+    });
+    // (A HEAD stays a HEAD through any redirect.)
+    return fetchResponse(response, method);
+  }
+
+  /**
+   * A request with `redirect` 'follow' or 'error' (client/redirects.ts): `send` makes each hop (a request of its
+   * own, `redirect: 'manual'`), `drop` disposes of a redirect's body. The response says `redirected` when it came
+   * through any.
+   */
+  async #following<R extends SockpoolResponse | SockpoolStreamResponse>(
+    url: string | URL,
+    options: RequestOptions,
+    send: (hop: Hop) => Promise<R>,
+    drop: (response: R, failed: boolean) => Promise<void>,
+  ): Promise<R> {
+    const mode = redirectMode(options.redirect, 'manual');
+    const first: Hop = {
+      url: String(url),
+      method: options.method ?? 'GET',
+      headers: options.headers,
+      body: options.body,
     };
-    for (let followed = 0; ; followed++) {
-      const { url, method, headers: hopHeaders, body: hopBody } = hop;
-      // As Node's fetch: compressed bodies asked for and decoded.
-      const response = await this.requestStream(url, {
-        method,
-        headers: hopHeaders,
-        body: hopBody,
-        signal,
-        decompress: true,
-      });
-      const location = locationOf(response.headers);
-      if (mode === 'manual' || !isRedirectStatus(response.status) || (mode === 'follow' && location === undefined)) {
-        return fetchResponse(response, method, followed > 0);
-      }
-      let next: Hop;
-      try {
-        if (mode === 'error') {
-          throw new SockpoolError(
-            ErrorCodes.REDIRECT,
-            `${url}: redirected (${response.status}) while redirect is 'error'`,
-            {
-              url,
-              status: response.status,
-            },
-          );
-        }
-        next = nextHop(hop, response.status, location!, followed);
-      } catch (error) {
-        await response.body.cancel();
-        throw error;
-      }
-      await discardBody(response.body);
-      hop = next;
-    }
+    if (mode === 'manual') return send(first);
+    const { response, followed } = await followRedirects(first, mode, send, drop);
+    if (followed > 0) response.redirected = true;
+    return response;
   }
 
   /**
@@ -708,8 +723,14 @@ export class SockpoolClient {
   }
 }
 
-/** A streamed response as a standard Response (`redirected`: reached through a redirect). */
-function fetchResponse(response: SockpoolStreamResponse, method: string, redirected: boolean): Response {
+/** One hop's options: the request's own, with the hop's method, headers and body, redirects not followed (the
+ *  caller follows them). */
+function hopOptions(options: RequestOptions, hop: Hop): RequestOptions {
+  return { ...options, method: hop.method, headers: hop.headers, body: hop.body, redirect: 'manual' };
+}
+
+/** A streamed response as a standard Response. */
+function fetchResponse(response: SockpoolStreamResponse, method: string): Response {
   const nullBody = method === 'HEAD' || [101, 204, 205, 304].includes(response.status);
   if (nullBody) {
     // Let the (empty) transfer finish normally, so that curl keeps its connection.
@@ -720,7 +741,7 @@ function fetchResponse(response: SockpoolStreamResponse, method: string, redirec
     headers: response.headers,
   });
   Object.defineProperty(result, 'url', { value: response.url });
-  if (redirected) Object.defineProperty(result, 'redirected', { value: true });
+  if (response.redirected) Object.defineProperty(result, 'redirected', { value: true });
   return result;
 }
 

@@ -26,6 +26,12 @@ export interface RequestOptions {
    * Node's fetch. Default false (the body as sent); fetch() always decodes.
    */
   decompress?: boolean;
+  /**
+   * What a redirect (301, 302, 303, 307, 308 with a Location) does: 'manual' (the default for request() and
+   * requestStream()) returns it; 'follow' (fetch()'s default) follows it as the Fetch standard says, each hop a
+   * request of its own through the daemon (client/redirects.ts); 'error' fails with SOCKPOOL_ERR_REDIRECT.
+   */
+  redirect?: 'follow' | 'manual' | 'error';
 }
 
 const TOKEN = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;

@@ -1,10 +1,10 @@
-// What fetch() does with a redirect, as the Fetch standard's "HTTP-redirect fetch" says and Node's own fetch (undici)
-// does it: the next hop's URL, method, body and headers, or why there is none. The hops themselves are requests
-// like any other (SockpoolClient.fetch): each goes through the daemon, whose egress policy judges every address a
-// redirect leads to, as it judges the first.
+// Following redirects (request() and requestStream() with `redirect: 'follow'`, fetch() by default) as the Fetch
+// standard's "HTTP-redirect fetch" says and Node's own fetch (undici) does it: the next hop's URL, method, body and
+// headers, or why there is none. The hops themselves are requests like any other: each goes through the daemon,
+// whose egress policy judges every address a redirect leads to, as it judges the first.
 
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
-import type { BodyInput } from './validate.js';
+import type { BodyInput, HeadersInput } from './validate.js';
 
 /** The statuses that redirect (with a Location header). */
 const REDIRECT_STATUSES = new Set([301, 302, 303, 307, 308]);
@@ -20,31 +20,69 @@ const BODY_HEADERS = ['content-encoding', 'content-language', 'content-location'
 /** Credentials meant for one origin: dropped when a redirect leads to another (undici drops the same four). */
 const ORIGIN_BOUND_HEADERS = ['authorization', 'proxy-authorization', 'cookie', 'host'];
 
-/** One hop of a fetch. */
+/** One hop of a request that follows redirects. */
 export interface Hop {
   url: string;
   method: string;
-  headers: Headers;
-  body: BodyInput | undefined;
+  headers: HeadersInput | undefined;
+  body: BodyInput | null | undefined;
 }
 
-/** `init.redirect` (or a Request's), checked: a typed error for anything but the three modes. */
-export function redirectMode(value: unknown): RedirectMode {
-  if (value === undefined || value === 'follow' || value === 'manual' || value === 'error') return value ?? 'follow';
+/** A `redirect` option (fetch's `init.redirect`, or a Request's), checked: a typed error for anything but the
+ *  three modes; `fallback` when it is not given. */
+export function redirectMode(value: unknown, fallback: RedirectMode): RedirectMode {
+  if (value === undefined) return fallback;
+  if (value === 'follow' || value === 'manual' || value === 'error') return value;
   throw new SockpoolError(
     ErrorCodes.INVALID_ARGUMENT,
     `redirect must be 'follow', 'manual' or 'error'; got ${JSON.stringify(value)}`,
   );
 }
 
-export function isRedirectStatus(status: number): boolean {
-  return REDIRECT_STATUSES.has(status);
-}
-
 /** A response's Location header (a redirect status without one is returned as it is, not followed). */
-export function locationOf(headers: Array<[string, string]>): string | undefined {
+function locationOf(headers: Array<[string, string]>): string | undefined {
   for (const [name, value] of headers) if (name.toLowerCase() === 'location') return value;
   return undefined;
+}
+
+/**
+ * Sends `first`, and then (mode 'follow') each hop its redirects lead to, until a response that is not a redirect
+ * (or one without a Location), and returns that one with the hop it answered and how many redirects came before.
+ * Mode 'error': a redirect fails with SOCKPOOL_ERR_REDIRECT. `drop` disposes of a redirect's response (its body):
+ * `failed` when following it failed.
+ */
+export async function followRedirects<R extends { status: number; headers: Array<[string, string]> }>(
+  first: Hop,
+  mode: 'follow' | 'error',
+  send: (hop: Hop) => Promise<R>,
+  drop: (response: R, failed: boolean) => Promise<void>,
+): Promise<{ response: R; hop: Hop; followed: number }> {
+  let hop = first;
+  for (let followed = 0; ; followed++) {
+    const response = await send(hop);
+    if (!REDIRECT_STATUSES.has(response.status)) return { response, hop, followed };
+    const location = locationOf(response.headers);
+    if (mode === 'follow' && location === undefined) return { response, hop, followed };
+    let next: Hop;
+    try {
+      if (mode === 'error') {
+        throw new SockpoolError(
+          ErrorCodes.REDIRECT,
+          `${hop.url}: redirected (${response.status}) while redirect is 'error'`,
+          {
+            url: hop.url,
+            status: response.status,
+          },
+        );
+      }
+      next = nextHop(hop, response.status, location!, followed);
+    } catch (error) {
+      await drop(response, true);
+      throw error;
+    }
+    await drop(response, false);
+    hop = next;
+  }
 }
 
 /**
@@ -84,7 +122,7 @@ export function nextHop(hop: Hop, status: number, location: string, followed: nu
     method = 'GET';
     body = undefined;
     for (const name of BODY_HEADERS) headers.delete(name);
-  } else if (body !== undefined && isStream(body)) {
+  } else if (body !== undefined && body !== null && isStream(body)) {
     // 307 and 308 (and a 301/302 of another method) send the body again: a stream was read once already.
     throw new SockpoolError(
       ErrorCodes.REDIRECT,

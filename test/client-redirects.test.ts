@@ -1,4 +1,5 @@
-// fetch() follows redirects as the Fetch standard says (client/fetch-redirect.ts), against real origins and a real
+// Redirects followed as the Fetch standard says (client/redirects.ts): by fetch() by default, by request() and
+// requestStream() with `redirect: 'follow'` (by default they return the 3xx), against real origins and a real
 // daemon: every hop is a request of its own through the daemon (so its egress policy judges where a redirect
 // leads), a 303 (and a 301/302 of a POST) becomes a GET without its body, a 307/308 sends the same method and body
 // again (never a streamed body: it was read once), credentials do not follow a redirect to another origin, and
@@ -197,6 +198,40 @@ describe('fetch() follows redirects', () => {
     expect(seen.slice(before)).toEqual(['GET /to-refused']);
   });
 
+  it("request() and requestStream() return the 3xx by default, and follow with redirect: 'follow'", async () => {
+    const plain = await client.request(url('/r302'));
+    expect(plain.status).toBe(302);
+    expect(plain.redirected).toBeUndefined();
+    const followed = await client.request(url('/chain/3'), {
+      method: 'POST',
+      body: 'payload',
+      headers: { authorization: 'Bearer secret' },
+      redirect: 'follow',
+    });
+    expect(followed).toMatchObject({ status: 200, redirected: true, url: url('/target') });
+    // A 302 turned the POST into a GET without its body; the same origin kept the credentials.
+    const echo = JSON.parse(followed.body.toString()) as Echo;
+    expect(echo).toMatchObject({ method: 'GET', body: '' });
+    expect(echo.headers.authorization).toBe('Bearer secret');
+    const kept = await client.request(url('/r308'), { method: 'PUT', body: 'again', redirect: 'follow' });
+    expect(JSON.parse(kept.body.toString())).toMatchObject({ method: 'PUT', body: 'again', path: '/target?permanent' });
+    await expect(client.request(url('/r301'), { redirect: 'error' })).rejects.toMatchObject({
+      code: 'SOCKPOOL_ERR_REDIRECT',
+    });
+    await expect(client.request(url('/loop'), { redirect: 'follow' })).rejects.toMatchObject({
+      code: 'SOCKPOOL_ERR_REDIRECT',
+    });
+    await expect(client.request(url('/r301'), { redirect: 'always' as 'follow' })).rejects.toMatchObject({
+      code: 'SOCKPOOL_ERR_INVALID_ARGUMENT',
+    });
+    const streamed = await client.requestStream(url('/to-other'), { redirect: 'follow' });
+    expect(streamed).toMatchObject({ status: 200, redirected: true, url: url('/target', other) });
+    expect(JSON.parse(await new Response(streamed.body).text())).toMatchObject({ method: 'GET', path: '/target' });
+    const unfollowed = await client.requestStream(url('/r303'));
+    expect(unfollowed.status).toBe(303);
+    expect(await new Response(unfollowed.body).text()).toBe('redirecting 303');
+  });
+
   it('leaves no fd open once the client is closed', async () => {
     // (The origins run in this process: their side of the connections the daemon keeps warm are not the client's.)
     const clientFds = () => fdCount() - origin.sockets.size - other.sockets.size - refused.sockets.size;
@@ -204,6 +239,10 @@ describe('fetch() follows redirects', () => {
     const own = new SockpoolClient({ socketPath: daemon.socketPath, threads: 1 });
     for (const path of ['/chain/3', '/to-other', '/r307']) await (await own.fetch(url(path))).arrayBuffer();
     await expect(own.fetch(url('/loop'))).rejects.toMatchObject({ code: 'SOCKPOOL_ERR_REDIRECT' });
+    await own.request(url('/chain/2'), { redirect: 'follow' });
+    await expect(own.requestStream(url('/loop'), { redirect: 'follow' })).rejects.toMatchObject({
+      code: 'SOCKPOOL_ERR_REDIRECT',
+    });
     await own.close();
     expect(clientFds()).toBeLessThanOrEqual(before);
   });
