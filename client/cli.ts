@@ -119,29 +119,40 @@ program
   .option('-v, --verbose', 'print status, timings and whether the connection was warm (on stderr)')
   .option('--cacert <file>', 'CA bundle for HTTPS')
   .option('-k, --insecure', 'skip TLS verification')
-  .action(async (url: string, options: { verbose?: boolean; cacert?: string; insecure?: boolean }) => {
-    // One request: it runs in this thread (a worker thread would only add its start-up).
-    const client = new SockpoolClient({
-      socketPath: socketPath(),
-      threads: 0,
-      caFile: options.cacert,
-      insecure: options.insecure,
-    });
-    try {
-      const response = await client.request(url);
-      if (options.verbose) {
-        const t = response.timings;
-        console.error(
-          `< HTTP/${response.httpVersion} ${response.status}  warm=${response.warm} connection=${response.connection}\n` +
-            `* timings ms: acquire ${t.acquireMs.toFixed(2)} connect ${t.connectMs.toFixed(2)} ` +
-            `tls ${t.tlsMs.toFixed(2)} ttfb ${t.ttfbMs.toFixed(2)} total ${t.totalMs.toFixed(2)}`,
-        );
+  .option('-L, --location', 'follow redirects (each hop through the daemon, as fetch() does)')
+  .option('--compressed', 'ask for a compressed body and print it decoded')
+  .action(
+    async (
+      url: string,
+      options: { verbose?: boolean; cacert?: string; insecure?: boolean; location?: boolean; compressed?: boolean },
+    ) => {
+      // One request: it runs in this thread (a worker thread would only add its start-up).
+      const client = new SockpoolClient({
+        socketPath: socketPath(),
+        threads: 0,
+        caFile: options.cacert,
+        insecure: options.insecure,
+      });
+      try {
+        const response = await client.request(url, {
+          redirect: options.location ? 'follow' : 'manual',
+          decompress: options.compressed === true,
+        });
+        if (options.verbose) {
+          const t = response.timings;
+          const redirected = response.redirected ? ` (redirected: ${response.url})` : '';
+          console.error(
+            `< HTTP/${response.httpVersion} ${response.status}${redirected}  warm=${response.warm} connection=${response.connection}\n` +
+              `* timings ms: acquire ${t.acquireMs.toFixed(2)} connect ${t.connectMs.toFixed(2)} ` +
+              `tls ${t.tlsMs.toFixed(2)} ttfb ${t.ttfbMs.toFixed(2)} total ${t.totalMs.toFixed(2)}`,
+          );
+        }
+        process.stdout.write(response.body);
+      } finally {
+        await client.close();
       }
-      process.stdout.write(response.body);
-    } finally {
-      await client.close();
-    }
-  });
+    },
+  );
 
 program.parseAsync().catch((error: Error & { code?: string }) => {
   console.error(`sockpool: ${error.code ?? 'error'}: ${error.message}`);

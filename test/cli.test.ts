@@ -1,10 +1,12 @@
-// The `sockpool` command line against a real daemon and a local origin: status, stats, warm, get -v.
+// The `sockpool` command line against a real daemon and a local origin: status, stats, warm, get -v, -L and
+// --compressed.
 import { execFile } from 'node:child_process';
 import { once } from 'node:events';
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo, Socket } from 'node:net';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
+import { gzipSync } from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { type DaemonProcess, eventually, repoRoot, startDaemon } from './helpers/daemon.js';
 
@@ -17,7 +19,15 @@ const connections: Socket[] = [];
 let sockpoold: DaemonProcess;
 
 beforeAll(async () => {
-  origin = createServer((_request, response) => response.end('cli body'));
+  origin = createServer((request, response) => {
+    if (request.url === '/moved') {
+      response.writeHead(301, { location: '/x' });
+      response.end();
+    } else if (request.url === '/packed' && /gzip/.test(request.headers['accept-encoding'] ?? '')) {
+      response.writeHead(200, { 'content-encoding': 'gzip' });
+      response.end(gzipSync('cli body, unpacked'));
+    } else response.end('cli body');
+  });
   origin.on('connection', (socket: Socket) => connections.push(socket));
   origin.listen(0, '127.0.0.1');
   await once(origin, 'listening');
@@ -56,6 +66,19 @@ describe('sockpool CLI', () => {
     expect(stdout).toBe('cli body');
     expect(stderr).toMatch(/HTTP\/1\.1 200 {2}warm=true connection=leased/);
     expect(stderr).toMatch(/timings ms: acquire [\d.]+ connect [\d.]+ tls [\d.]+ ttfb [\d.]+ total [\d.]+/);
+  });
+
+  it('get -L follows a redirect and --compressed decodes the body; without them neither happens', async () => {
+    const followed = await sockpool('get', '-v', '-L', `http://127.0.0.1:${port}/moved`);
+    expect(followed.stdout).toBe('cli body');
+    expect(followed.stderr).toContain(`200 (redirected: http://127.0.0.1:${port}/x)`);
+    const unfollowed = await sockpool('get', '-v', `http://127.0.0.1:${port}/moved`);
+    expect(unfollowed.stdout).toBe('');
+    expect(unfollowed.stderr).toMatch(/HTTP\/1\.1 301 /);
+    expect((await sockpool('get', '--compressed', `http://127.0.0.1:${port}/packed`)).stdout).toBe(
+      'cli body, unpacked',
+    );
+    expect((await sockpool('get', `http://127.0.0.1:${port}/packed`)).stdout).toBe('cli body');
   });
 
   it('fails with a typed error and exit code 1 when the daemon is not there', async () => {
