@@ -20,6 +20,7 @@ import { join, resolve } from 'node:path';
 import { createTestPki } from '../test/helpers/tls.js';
 import { flag, option, optionText } from './lib/args.js';
 import { startBenchDaemon } from './lib/daemon.js';
+import { freePorts } from './lib/free-ports.js';
 import { formatJson, stamp } from './lib/json.js';
 import { spawnChild } from './lib/proc.js';
 import { median, table } from './lib/stats.js';
@@ -52,8 +53,7 @@ const apis: Api[] = onlyApi ? [onlyApi] : ['request', 'stream', 'fetch'];
 const repoRoot = join(import.meta.dirname, '..', '..');
 const tmp = mkdtempSync(join(tmpdir(), 'sockpool-client-apis-'));
 const pki = createTestPki(['localhost']);
-const httpPort = 47_180;
-const httpsPort = 47_543;
+const [httpPort, httpsPort] = await freePorts(2);
 
 const origin = spawnChild(
   [

@@ -42,6 +42,7 @@ import { certificateNames, OriginSet, type Scheme, zipfOrigins } from './lab/ori
 import { inLab, LAB_ALLOW_CIDR, LAB_HOSTS_PREFIX, labDown, labUnavailable, labUp, verifyRoute } from './lab/rttlink.js';
 import { flag, option, optionText } from './lib/args.js';
 import { type BenchDaemon, repoRoot, startBenchDaemon } from './lib/daemon.js';
+import { freePorts } from './lib/free-ports.js';
 import { formatJson, stamp } from './lib/json.js';
 import {
   type ChartContext,
@@ -91,7 +92,8 @@ const settings = {
   bodyBytes: 1_024,
   /** Untimed requests each client makes when it starts (JIT; sockpool's worker threads). */
   jitWarmupRequests: quick ? 200 : 1_000,
-  ports: { lab: { http: 80, https: 443 }, loopback: { http: 47_080, https: 47_443 } },
+  // Loopback ports are picked free at the start (bench/lib/free-ports.ts): two runs at once do not collide.
+  ports: { lab: { http: 80, https: 443 }, loopback: { http: 0, https: 0 } },
 };
 
 const AIMS = {
@@ -949,6 +951,8 @@ async function main(): Promise<void> {
   const sets: SetResult[] = [];
   let labSkipped: string | undefined = settings.loopbackOnly ? '--loopback-only' : labUnavailable();
   try {
+    const [httpPort, httpsPort] = await freePorts(2);
+    settings.ports.loopback = { http: httpPort!, https: httpsPort! };
     const loopback = new OriginSet({
       name: 'loopback',
       addressPrefix: '127.0.1.',
