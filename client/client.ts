@@ -31,6 +31,7 @@ import type { Task, TaskResult, WorkerConfig } from '../worker/task.js';
 import { abortedError, type RuntimeResult, TransferRuntime } from '../worker/transfer-runtime.js';
 import type { UrlTarget } from '../worker/url-target.js';
 import { type BodyStream, CallerChannel } from './caller-channel.js';
+import { curlDecodes } from './content-coding.js';
 import { discardBody, followRedirects, type Hop, redirectMode } from './redirects.js';
 import { type AnnouncedOrigin, type AnnounceOptions, RequestQueue } from './request-queue.js';
 import { ThreadLanes } from './thread-lanes.js';
@@ -475,15 +476,26 @@ export class SockpoolClient {
       }
     }
     const method = (init.method ?? source?.method ?? 'GET').toUpperCase();
+    const url = source ? source.url : (input as string | URL);
     // As Node's fetch: compressed bodies asked for and decoded, redirects followed unless told otherwise.
-    const response = await this.requestStream(source ? source.url : (input as string | URL), {
+    const options: RequestOptions = {
       method,
       headers,
       body,
       signal: init.signal ?? source?.signal ?? undefined,
       decompress: true,
       redirect: redirectMode(init.redirect ?? source?.redirect, 'follow'),
-    });
+    };
+    let response = await this.requestStream(url, options);
+    if (
+      !curlDecodes(response.headers) &&
+      REPEATABLE_METHODS.has(method) &&
+      (body === undefined || !isBodyStream(body))
+    ) {
+      // A coding curl cannot decode fails the body (Node's fetch hands it on as it came): asked again, not decoded.
+      await response.body.cancel();
+      response = await this.requestStream(url, { ...options, decompress: false });
+    }
     // (A HEAD stays a HEAD through any redirect.)
     return fetchResponse(response, method);
   }
@@ -721,6 +733,13 @@ export class SockpoolClient {
     if (cannotStart) throw cannotStart;
     throw new SockpoolError(ErrorCodes.WORKER_EXITED, `the worker thread running the request exited: ${message}`);
   }
+}
+
+/** Methods a fetch() may send again to get a body it cannot decode as it came (no side effects, RFC 9110). */
+const REPEATABLE_METHODS = new Set(['GET', 'HEAD', 'OPTIONS']);
+
+function isBodyStream(body: BodyInput): boolean {
+  return body instanceof ReadableStream;
 }
 
 /** One hop's options: the request's own, with the hop's method, headers and body, redirects not followed (the

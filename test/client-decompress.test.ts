@@ -109,7 +109,7 @@ describe('compressed bodies', () => {
     }
   });
 
-  it('fails a body in a coding curl cannot decode with SOCKPOOL_ERR_TRANSFER (curlCode 61); without decompress it is passed on', async () => {
+  it('fails a body in a coding curl cannot decode with SOCKPOOL_ERR_TRANSFER (curlCode 61); without decompress, and from fetch(), it is passed on', async () => {
     for (const [where, client] of clients) {
       const odd = `http://127.0.0.1:${origin.port}/coded?force=compress`;
       await expect(client.request(odd, { decompress: true }), where).rejects.toMatchObject({
@@ -119,6 +119,13 @@ describe('compressed bodies', () => {
       const raw = await client.request(odd);
       expect(header(raw.headers, 'content-encoding')).toBe('compress');
       expect(sha256(raw.body)).toBe(plainHash);
+      // fetch() hands such a body on as it came, as Node's fetch does: a GET is asked again without decoding...
+      const fetched = await client.fetch(odd);
+      expect(fetched.headers.get('content-encoding'), where).toBe('compress');
+      expect(sha256(new Uint8Array(await fetched.arrayBuffer())), where).toBe(plainHash);
+      // ... a POST is not sent twice: its body fails as curl failed it.
+      const posted = await client.fetch(odd, { method: 'POST', body: 'once' });
+      await expect(posted.arrayBuffer(), where).rejects.toMatchObject({ code: 'SOCKPOOL_ERR_TRANSFER', curlCode: 61 });
     }
   });
 
