@@ -200,6 +200,9 @@ export class SockpoolClient {
   /** Requests beyond the client's concurrency wait here, and announce their origins. */
   readonly #queue: RequestQueue;
   #closing: Promise<void> | undefined;
+  /** Requests that make more than one now (#chain), and close()'s wait for none. */
+  #chains = 0;
+  #chainsDone: Array<() => void> = [];
 
   constructor(options: SockpoolClientOptions = {}) {
     const threads = options.threads ?? 2;
@@ -297,7 +300,7 @@ export class SockpoolClient {
       return this.#following(
         url,
         options,
-        (hop) => this.request(hop.url, hopOptions(options, hop)),
+        (hopUrl, hop) => this.request(hopUrl, hop),
         async () => {},
       );
     }
@@ -437,7 +440,7 @@ export class SockpoolClient {
       return this.#following(
         url,
         options,
-        (hop) => this.requestStream(hop.url, hopOptions(options, hop)),
+        (hopUrl, hop) => this.requestStream(hopUrl, hop),
         // A redirect's body: read to its end (its connection stays in curl's cache), or cancelled on a failure.
         (response, failed) => (failed ? response.body.cancel() : discardBody(response.body)),
       );
@@ -478,50 +481,75 @@ export class SockpoolClient {
     const method = (init.method ?? source?.method ?? 'GET').toUpperCase();
     const url = source ? source.url : (input as string | URL);
     // As Node's fetch: compressed bodies asked for and decoded, redirects followed unless told otherwise.
-    const options: RequestOptions = {
+    const options: InternalOptions = {
       method,
       headers,
       body,
       signal: init.signal ?? source?.signal ?? undefined,
       decompress: true,
       redirect: redirectMode(init.redirect ?? source?.redirect, 'follow'),
+      [CONTINUING]: true,
     };
-    let response = await this.requestStream(url, options);
-    if (
-      !curlDecodes(response.headers) &&
-      REPEATABLE_METHODS.has(method) &&
-      (body === undefined || !isBodyStream(body))
-    ) {
-      // A coding curl cannot decode fails the body (Node's fetch hands it on as it came): asked again, not decoded.
-      await response.body.cancel();
-      response = await this.requestStream(url, { ...options, decompress: false });
+    return this.#chain(async () => {
+      let response = await this.requestStream(url, options);
+      if (
+        !curlDecodes(response.headers) &&
+        !hasNullBody(response.status, method) &&
+        REPEATABLE_METHODS.has(method) &&
+        (body === undefined || !isBodyStream(body))
+      ) {
+        // A coding curl cannot decode fails the body (Node's fetch hands it on as it came): asked again, not decoded.
+        await response.body.cancel();
+        response = await this.requestStream(url, { ...options, decompress: false });
+      }
+      // (A HEAD stays a HEAD through any redirect.)
+      return fetchResponse(response, method);
+    });
+  }
+
+  /**
+   * Runs a request that makes more than one (redirects followed, fetch()'s second try) as one: refused once the
+   * client is closing, and close() waits for it; the requests it makes pass `CONTINUING` (#prepare lets them through
+   * while the client closes).
+   */
+  async #chain<T>(work: () => Promise<T>): Promise<T> {
+    if (this.#closing) throw new SockpoolError(ErrorCodes.CLOSED, 'client is closed');
+    this.#chains++;
+    try {
+      return await work();
+    } finally {
+      if (--this.#chains === 0) for (const done of this.#chainsDone.splice(0)) done();
     }
-    // (A HEAD stays a HEAD through any redirect.)
-    return fetchResponse(response, method);
   }
 
   /**
    * A request with `redirect` 'follow' or 'error' (client/redirects.ts): `send` makes each hop (a request of its
-   * own, `redirect: 'manual'`), `drop` disposes of a redirect's body. The response says `redirected` when it came
-   * through any.
+   * own, `redirect: 'manual'`, with what is left of the request's `timeoutMs`), `drop` disposes of a redirect's
+   * body. The response says `redirected` when it came through any.
    */
   async #following<R extends SockpoolResponse | SockpoolStreamResponse>(
     url: string | URL,
     options: RequestOptions,
-    send: (hop: Hop) => Promise<R>,
+    send: (url: string, options: InternalOptions) => Promise<R>,
     drop: (response: R, failed: boolean) => Promise<void>,
   ): Promise<R> {
     const mode = redirectMode(options.redirect, 'manual');
+    const timeoutMs = options.timeoutMs === undefined ? this.#options.timeoutMs : validateTimeout(options.timeoutMs);
+    const deadline = performance.now() + timeoutMs;
     const first: Hop = {
       url: String(url),
-      method: options.method ?? 'GET',
+      // (As the request will send it: nextHop compares methods.)
+      method: String(options.method ?? 'GET').toUpperCase(),
       headers: options.headers,
       body: options.body,
     };
-    if (mode === 'manual') return send(first);
-    const { response, followed } = await followRedirects(first, mode, send, drop);
-    if (followed > 0) response.redirected = true;
-    return response;
+    if (mode === 'manual') return send(first.url, options);
+    const sendHop = (hop: Hop) => send(hop.url, hopOptions(options, hop, deadline, timeoutMs));
+    return this.#chain(async () => {
+      const { response, followed } = await followRedirects(first, mode, sendHop, drop);
+      if (followed > 0) response.redirected = true;
+      return response;
+    });
   }
 
   /**
@@ -546,11 +574,16 @@ export class SockpoolClient {
 
   /** Waits for in-flight requests (streamed bodies included), then stops the worker threads. */
   close(): Promise<void> {
-    // Requests already made run first, those still waiting in the queue included.
-    this.#closing ??= this.#queue
-      .idle()
+    // Requests already made run first, those still waiting in the queue included, and every redirect they follow.
+    this.#closing ??= this.#chainsIdle()
+      .then(() => this.#queue.idle())
       .then(() => (this.#pool ? this.#closePool(this.#pool, this.#lanes!) : this.#closeLocal()));
     return this.#closing;
+  }
+
+  #chainsIdle(): Promise<void> {
+    if (this.#chains === 0) return Promise.resolve();
+    return new Promise((resolve) => this.#chainsDone.push(resolve));
   }
 
   /** Waits for the requests on the lanes, then for piscina's tasks, and stops the threads; resolves once every
@@ -607,8 +640,8 @@ export class SockpoolClient {
 
   /** Validates a request (throws a typed error) and builds what the runtime gets; a promise only while a Blob
    *  body is read. */
-  #prepare(url: string | URL, options: RequestOptions, streamResponse: boolean): Prepared | Promise<Prepared> {
-    if (this.#closing) throw new SockpoolError(ErrorCodes.CLOSED, 'client is closed');
+  #prepare(url: string | URL, options: InternalOptions, streamResponse: boolean): Prepared | Promise<Prepared> {
+    if (this.#closing && options[CONTINUING] !== true) throw new SockpoolError(ErrorCodes.CLOSED, 'client is closed');
     const queued = performance.now();
     const checked = validateRequest(url, options);
     const timeoutMs = options.timeoutMs === undefined ? this.#options.timeoutMs : validateTimeout(options.timeoutMs);
@@ -742,15 +775,39 @@ function isBodyStream(body: BodyInput): boolean {
   return body instanceof ReadableStream;
 }
 
+/** Marks a request made by a request that makes several (SockpoolClient#chain): it runs while the client closes. */
+const CONTINUING = Symbol('continuing');
+
+type InternalOptions = RequestOptions & { [CONTINUING]?: true };
+
 /** One hop's options: the request's own, with the hop's method, headers and body, redirects not followed (the
- *  caller follows them). */
-function hopOptions(options: RequestOptions, hop: Hop): RequestOptions {
-  return { ...options, method: hop.method, headers: hop.headers, body: hop.body, redirect: 'manual' };
+ *  caller follows them), and what is left of its time (`timeoutMs` covers the whole chain). */
+function hopOptions(options: RequestOptions, hop: Hop, deadline: number, totalMs: number): InternalOptions {
+  const timeoutMs = deadline - performance.now();
+  if (timeoutMs <= 0) {
+    throw new SockpoolError(ErrorCodes.TIMEOUT, `${hop.method} ${hop.url}: timed out after ${totalMs} ms`, {
+      timeoutMs: totalMs,
+    });
+  }
+  return {
+    ...options,
+    method: hop.method,
+    headers: hop.headers,
+    body: hop.body,
+    redirect: 'manual',
+    timeoutMs,
+    [CONTINUING]: true,
+  };
+}
+
+/** A response that has no body to read (as fetch() sees it). */
+function hasNullBody(status: number, method: string): boolean {
+  return method === 'HEAD' || [101, 204, 205, 304].includes(status);
 }
 
 /** A streamed response as a standard Response. */
 function fetchResponse(response: SockpoolStreamResponse, method: string): Response {
-  const nullBody = method === 'HEAD' || [101, 204, 205, 304].includes(response.status);
+  const nullBody = hasNullBody(response.status, method);
   if (nullBody) {
     // Let the (empty) transfer finish normally, so that curl keeps its connection.
     response.body.pipeTo(new WritableStream()).catch(() => {});

@@ -112,6 +112,21 @@ export function nextHop(hop: Hop, status: number, location: string, followed: nu
       location,
     });
   }
+  if (next.username !== '' || next.password !== '') {
+    // (The client takes no credentials in URLs at all; the Fetch standard refuses them across origins.)
+    throw new SockpoolError(ErrorCodes.REDIRECT, `${hop.url}: redirect to a URL with credentials in it`, {
+      url: hop.url,
+    });
+  }
+  // As the Fetch standard: a streamed body (read once already) fails any redirect but a 303, even a 301 or 302
+  // that would turn the POST into a GET.
+  if (status !== 303 && hop.body !== undefined && hop.body !== null && isStream(hop.body)) {
+    throw new SockpoolError(
+      ErrorCodes.REDIRECT,
+      `${hop.url}: a ${status} redirect of a request with a streamed body, which cannot be replayed`,
+      { url: hop.url, location: next.href },
+    );
+  }
   const headers = new Headers(hop.headers);
   let { method, body } = hop;
   // 301 and 302 turn a POST into a GET (as every browser does), 303 anything but GET and HEAD; the body goes.
@@ -122,13 +137,6 @@ export function nextHop(hop: Hop, status: number, location: string, followed: nu
     method = 'GET';
     body = undefined;
     for (const name of BODY_HEADERS) headers.delete(name);
-  } else if (body !== undefined && body !== null && isStream(body)) {
-    // 307 and 308 (and a 301/302 of another method) send the body again: a stream was read once already.
-    throw new SockpoolError(
-      ErrorCodes.REDIRECT,
-      `${hop.url}: a ${status} redirect must send the request body again, and a streamed body cannot be replayed`,
-      { url: hop.url, location: next.href },
-    );
   }
   if (new URL(hop.url).origin !== next.origin) for (const name of ORIGIN_BOUND_HEADERS) headers.delete(name);
   // (Fragments stay with the URL a response reports; curl sends no fragment.)

@@ -27,9 +27,10 @@ export interface RequestOptions {
    */
   decompress?: boolean;
   /**
-   * What a redirect (301, 302, 303, 307, 308 with a Location) does: 'manual' (the default for request() and
-   * requestStream()) returns it; 'follow' (fetch()'s default) follows it as the Fetch standard says, each hop a
-   * request of its own through the daemon (client/redirects.ts); 'error' fails with SOCKPOOL_ERR_REDIRECT.
+   * What a redirect (301, 302, 303, 307, 308) does: 'manual' (the default for request() and requestStream())
+   * returns it; 'follow' (fetch()'s default) follows it, when it has a Location, as the Fetch standard says, each
+   * hop a request of its own through the daemon, `timeoutMs` covering them all (client/redirects.ts); 'error' fails
+   * with SOCKPOOL_ERR_REDIRECT.
    */
   redirect?: 'follow' | 'manual' | 'error';
 }

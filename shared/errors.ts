@@ -58,8 +58,8 @@ export const ErrorCodes = {
   ABORTED: 'SOCKPOOL_ERR_ABORTED',
   /** A streamed request body failed (the caller's stream threw) or yielded something other than bytes. */
   REQUEST_BODY: 'SOCKPOOL_ERR_REQUEST_BODY',
-  /** fetch() could not follow a redirect: `redirect: 'error'`, too many, a Location that is not http(s), or a
-   *  streamed request body the redirect would send again. */
+  /** A redirect could not be followed (fetch(), or `redirect` on request()/requestStream()): `redirect: 'error'`,
+   *  too many, a Location that is not an http(s) URL or has credentials, or a request with a streamed body. */
   REDIRECT: 'SOCKPOOL_ERR_REDIRECT',
   /** The client was closed. */
   CLOSED: 'SOCKPOOL_ERR_CLOSED',

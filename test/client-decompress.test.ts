@@ -22,6 +22,8 @@ const plainHash = createHash('sha256').update(plain).digest('hex');
 const sha256 = (data: Uint8Array) => createHash('sha256').update(data).digest('hex');
 
 let origin: Origin;
+/** Requests answered with a forced Content-Encoding. */
+let forcedRequests = 0;
 let daemon: DaemonProcess;
 /** On a worker thread's lane (every request goes there), and with threads: 0 (in this thread). */
 let clients: Array<[string, SockpoolClient]>;
@@ -34,8 +36,10 @@ function handler(request: IncomingMessage, response: ServerResponse): void {
   const headers: Record<string, string> = { 'x-seen-accept-encoding': String(accepted || '(none)') };
   let body: Buffer<ArrayBufferLike> = plain;
   const forced = url.searchParams.get('force');
-  if (forced) headers['content-encoding'] = forced;
-  else if (
+  if (forced) {
+    forcedRequests++;
+    headers['content-encoding'] = forced;
+  } else if (
     String(accepted)
       .split(/\s*,\s*/)
       .includes(coding)
@@ -123,6 +127,10 @@ describe('compressed bodies', () => {
       const fetched = await client.fetch(odd);
       expect(fetched.headers.get('content-encoding'), where).toBe('compress');
       expect(sha256(new Uint8Array(await fetched.arrayBuffer())), where).toBe(plainHash);
+      // ... a HEAD has no body to decode: sent once...
+      const before = forcedRequests;
+      expect((await client.fetch(odd, { method: 'HEAD' })).status, where).toBe(200);
+      expect(forcedRequests - before, where).toBe(1);
       // ... a POST is not sent twice: its body fails as curl failed it.
       const posted = await client.fetch(odd, { method: 'POST', body: 'once' });
       await expect(posted.arrayBuffer(), where).rejects.toMatchObject({ code: 'SOCKPOOL_ERR_TRANSFER', curlCode: 61 });

@@ -65,6 +65,14 @@ function handler(request: IncomingMessage, response: ServerResponse): void {
         return redirect(302, 'ftp://127.0.0.1/file');
       case '/no-location':
         return redirect(302);
+      case '/to-credentials':
+        return redirect(302, `http://user:secret@127.0.0.1:${other.port}/target`);
+      case '/slow-1':
+        setTimeout(() => redirect(302, '/slow-2'), 150);
+        return;
+      case '/slow-2':
+        setTimeout(() => redirect(302, '/target'), 150);
+        return;
       default: {
         const echo: Echo = {
           method: request.method ?? '',
@@ -230,6 +238,45 @@ describe('fetch() follows redirects', () => {
     const unfollowed = await client.requestStream(url('/r303'));
     expect(unfollowed.status).toBe(303);
     expect(await new Response(unfollowed.body).text()).toBe('redirecting 303');
+  });
+
+  it('reviewed edge cases: a lower-case method, credentials in a Location, a streamed body at 302, one deadline for the chain', async () => {
+    // The method is compared as it is sent: a lower-case 'post' becomes a GET at 302 as 'POST' does.
+    const lower = await client.request(url('/r302'), { method: 'post', body: 'payload', redirect: 'follow' });
+    expect(JSON.parse(lower.body.toString())).toMatchObject({ method: 'GET', body: '' });
+    await expect(client.fetch(url('/to-credentials'))).rejects.toMatchObject({
+      code: 'SOCKPOOL_ERR_REDIRECT',
+      message: expect.stringContaining('credentials'),
+    });
+    // As the Fetch standard: a streamed body fails a 302 even though the POST would become a GET.
+    const stream = new ReadableStream<Uint8Array>({
+      start(controller) {
+        controller.enqueue(new TextEncoder().encode('streamed'));
+        controller.close();
+      },
+    });
+    await expect(
+      client.fetch(url('/r302'), { method: 'POST', body: stream, duplex: 'half' } as RequestInit),
+    ).rejects.toMatchObject({ code: 'SOCKPOOL_ERR_REDIRECT' });
+    // timeoutMs covers the whole chain: two hops of 150 ms each do not fit in 250 ms, though each alone would.
+    await expect(client.request(url('/slow-1'), { redirect: 'follow', timeoutMs: 250 })).rejects.toMatchObject({
+      code: 'SOCKPOOL_ERR_TIMEOUT',
+    });
+    expect((await client.request(url('/slow-1'), { redirect: 'follow', timeoutMs: 5_000 })).status).toBe(200);
+  });
+
+  it('close() waits for a request that is following redirects, and refuses new ones', async () => {
+    const own = new SockpoolClient({ socketPath: daemon.socketPath, threads: 1 });
+    const following = own.fetch(url('/slow-1'));
+    const moving = own.request(url('/chain/4'), { redirect: 'follow' });
+    // Closing while both are between hops: they finish, anything new is refused.
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    const closing = own.close();
+    await expect(own.request(url('/target'))).rejects.toMatchObject({ code: 'SOCKPOOL_ERR_CLOSED' });
+    expect((await following).status).toBe(200);
+    expect(await (await following).text()).toContain('"path":"/target"');
+    expect((await moving).redirected).toBe(true);
+    await closing;
   });
 
   it('leaves no fd open once the client is closed', async () => {
