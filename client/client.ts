@@ -41,6 +41,7 @@ import {
   classifyBody,
   declaredLength,
   invalid,
+  isStreamBody,
   type PrewarmTarget,
   type RequestOptions,
   validatePrewarm,
@@ -496,7 +497,7 @@ export class SockpoolClient {
         !curlDecodes(response.headers) &&
         !hasNullBody(response.status, method) &&
         REPEATABLE_METHODS.has(method) &&
-        (body === undefined || !isBodyStream(body))
+        !isStreamBody(body)
       ) {
         // A coding curl cannot decode fails the body (Node's fetch hands it on as it came): asked again, not decoded.
         await response.body.cancel();
@@ -533,7 +534,8 @@ export class SockpoolClient {
     send: (url: string, options: InternalOptions) => Promise<R>,
     drop: (response: R, failed: boolean) => Promise<void>,
   ): Promise<R> {
-    const mode = redirectMode(options.redirect, 'manual');
+    // (request() and requestStream() come here for 'follow' and 'error' only: anything else throws here.)
+    const mode = redirectMode(options.redirect, 'follow') as 'follow' | 'error';
     const timeoutMs = options.timeoutMs === undefined ? this.#options.timeoutMs : validateTimeout(options.timeoutMs);
     const deadline = performance.now() + timeoutMs;
     const first: Hop = {
@@ -543,7 +545,6 @@ export class SockpoolClient {
       headers: options.headers,
       body: options.body,
     };
-    if (mode === 'manual') return send(first.url, options);
     const sendHop = (hop: Hop) => send(hop.url, hopOptions(options, hop, deadline, timeoutMs));
     return this.#chain(async () => {
       const { response, followed } = await followRedirects(first, mode, sendHop, drop);
@@ -770,10 +771,6 @@ export class SockpoolClient {
 
 /** Methods a fetch() may send again to get a body it cannot decode as it came (no side effects, RFC 9110). */
 const REPEATABLE_METHODS = new Set(['GET', 'HEAD', 'OPTIONS']);
-
-function isBodyStream(body: BodyInput): boolean {
-  return body instanceof ReadableStream;
-}
 
 /** Marks a request made by a request that makes several (SockpoolClient#chain): it runs while the client closes. */
 const CONTINUING = Symbol('continuing');

@@ -4,7 +4,7 @@
 // whose egress policy judges every address a redirect leads to, as it judges the first.
 
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
-import type { BodyInput, HeadersInput } from './validate.js';
+import { type BodyInput, type HeadersInput, isStreamBody } from './validate.js';
 
 /** The statuses that redirect (with a Location header). */
 const REDIRECT_STATUSES = new Set([301, 302, 303, 307, 308]);
@@ -120,7 +120,7 @@ export function nextHop(hop: Hop, status: number, location: string, followed: nu
   }
   // As the Fetch standard: a streamed body (read once already) fails any redirect but a 303, even a 301 or 302
   // that would turn the POST into a GET.
-  if (status !== 303 && hop.body !== undefined && hop.body !== null && isStream(hop.body)) {
+  if (status !== 303 && isStreamBody(hop.body)) {
     throw new SockpoolError(
       ErrorCodes.REDIRECT,
       `${hop.url}: a ${status} redirect of a request with a streamed body, which cannot be replayed`,
@@ -141,10 +141,6 @@ export function nextHop(hop: Hop, status: number, location: string, followed: nu
   if (new URL(hop.url).origin !== next.origin) for (const name of ORIGIN_BOUND_HEADERS) headers.delete(name);
   // (Fragments stay with the URL a response reports; curl sends no fragment.)
   return { url: next.href, method, headers, body };
-}
-
-function isStream(body: BodyInput): boolean {
-  return body instanceof ReadableStream || (typeof body === 'object' && body !== null && Symbol.asyncIterator in body);
 }
 
 /** A redirect response's body, read to its end so its connection stays in curl's cache, unless it is long. */

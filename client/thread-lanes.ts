@@ -60,6 +60,27 @@ interface Pending {
   early: unknown[] | undefined;
 }
 
+function newPending(
+  request: TransferRequest,
+  signal: AbortSignal | undefined,
+  resolve: (outcome: TransferOutcome) => void,
+  reject: (error: Error) => void,
+): Pending {
+  return {
+    id: 0,
+    request,
+    signal,
+    resolve,
+    reject,
+    lane: undefined,
+    deadline: undefined,
+    onAbort: undefined,
+    settled: false,
+    port: undefined,
+    early: undefined,
+  };
+}
+
 export class ThreadLanes {
   readonly #perThread: number;
   /** What this end does with each lane's replies (one object: no closure per message). */
@@ -154,19 +175,7 @@ export class ThreadLanes {
       reject(cannotStart);
       return;
     }
-    const pending: Pending = {
-      id: 0,
-      request,
-      signal,
-      resolve,
-      reject,
-      lane: undefined,
-      deadline: undefined,
-      onAbort: undefined,
-      settled: false,
-      port: undefined,
-      early: undefined,
-    };
+    const pending = newPending(request, signal, resolve, reject);
     pending.deadline = this.#deadlines.add(request.deadline, () => this.#cancel(pending, timeoutError(request)));
     if (signal) {
       pending.onAbort = () => this.#cancel(pending, abortedError(signal));
@@ -182,25 +191,10 @@ export class ThreadLanes {
    * message, or closing its end).
    */
   stream(request: TransferRequest): { port: RequestPort; outcome: Promise<TransferOutcome> } {
-    let resolve!: (outcome: TransferOutcome) => void;
-    let reject!: (error: Error) => void;
-    const outcome = new Promise<TransferOutcome>((resolveOutcome, rejectOutcome) => {
-      resolve = resolveOutcome;
-      reject = rejectOutcome;
+    let pending!: Pending;
+    const outcome = new Promise<TransferOutcome>((resolve, reject) => {
+      pending = newPending(request, undefined, resolve, reject);
     });
-    const pending: Pending = {
-      id: 0,
-      request,
-      signal: undefined,
-      resolve,
-      reject,
-      lane: undefined,
-      deadline: undefined,
-      onAbort: undefined,
-      settled: false,
-      port: undefined,
-      early: undefined,
-    };
     const port = new LanePort(
       (message, transfer) => this.#postPortMessage(pending, message, transfer),
       () => this.#portClosed(pending),
@@ -209,7 +203,7 @@ export class ThreadLanes {
     const cannotStart = this.startupError();
     if (cannotStart) {
       port.peerClosed();
-      reject(cannotStart);
+      pending.reject(cannotStart);
     } else this.#enter(pending);
     return { port, outcome };
   }

@@ -122,9 +122,18 @@ export function classifyBody(body: BodyInput | null | undefined): ClassifiedBody
   if (body instanceof ArrayBuffer) return { bytes: new Uint8Array(body) };
   if (ArrayBuffer.isView(body)) return { bytes: new Uint8Array(body.buffer, body.byteOffset, body.byteLength) };
   if (body instanceof Blob) return body.arrayBuffer().then((bytes) => ({ bytes: new Uint8Array(bytes) }));
-  if (body instanceof ReadableStream) return { stream: body };
-  if (typeof (body as AsyncIterable<Uint8Array>)[Symbol.asyncIterator] === 'function') return { stream: body };
+  if (isStreamBody(body)) return { stream: body };
   throw invalid('body must be a string, bytes, a Blob, a ReadableStream or an AsyncIterable of bytes');
+}
+
+/** Whether a body is sent as it is read (a ReadableStream or any AsyncIterable): it can be read only once. */
+export function isStreamBody(body: BodyInput | null | undefined): body is BodyStream {
+  return (
+    body instanceof ReadableStream ||
+    (typeof body === 'object' &&
+      body !== null &&
+      typeof (body as AsyncIterable<Uint8Array>)[Symbol.asyncIterator] === 'function')
+  );
 }
 
 /** content-length given by the caller for a streamed body (curl then sends it as is instead of chunked). */

@@ -91,14 +91,12 @@ class WorkerLane implements CallHandlers {
   #runWithPort(id: number, request: TransferRequest): void {
     const port = new LanePort(
       (message, transfer) => this.#postPortMessage(id, message, transfer),
-      // (Nothing to tell the caller: the outcome follows on the lane.)
+      // Closed by the runtime as the transfer ends, before its outcome (nothing to tell the caller: the outcome
+      // follows on the lane).
       () => this.#ports.delete(id),
     );
     this.#ports.set(id, port);
-    this.#runtime.startRequest(request, port, undefined, (outcome) => {
-      this.#ports.delete(id);
-      this.#reply(id, outcome);
-    });
+    this.#runtime.startRequest(request, port, undefined, (outcome) => this.#reply(id, outcome));
   }
 
   portMessage(id: number, message: unknown): void {
