@@ -121,10 +121,18 @@ program
   .option('-k, --insecure', 'skip TLS verification')
   .option('-L, --location', 'follow redirects (each hop through the daemon, as fetch() does)')
   .option('--compressed', 'ask for a compressed body and print it decoded')
+  .option('--max-filesize <bytes>', 'fail (printing nothing) when the body, decoded, is larger', positiveInt)
   .action(
     async (
       url: string,
-      options: { verbose?: boolean; cacert?: string; insecure?: boolean; location?: boolean; compressed?: boolean },
+      options: {
+        verbose?: boolean;
+        cacert?: string;
+        insecure?: boolean;
+        location?: boolean;
+        compressed?: boolean;
+        maxFilesize?: number;
+      },
     ) => {
       // One request: it runs in this thread (a worker thread would only add its start-up).
       const client = new SockpoolClient({
@@ -137,6 +145,7 @@ program
         const response = await client.request(url, {
           redirect: options.location ? 'follow' : 'manual',
           decompress: options.compressed === true,
+          maxBodyBytes: options.maxFilesize,
         });
         if (options.verbose) {
           const t = response.timings;

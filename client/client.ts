@@ -44,6 +44,7 @@ import {
   isStreamBody,
   type PrewarmTarget,
   type RequestOptions,
+  validateMaxBodyBytes,
   validatePrewarm,
   validateRequest,
   validateTimeout,
@@ -61,6 +62,12 @@ export interface SockpoolClientOptions {
   concurrencyPerThread?: number;
   /** Default per-request timeout, from the call to the end of the body. Default 30000 ms. */
   timeoutMs?: number;
+  /**
+   * Default for every request (fetch() included): the most bytes a response body may have, after decoding; beyond
+   * them the request fails with SOCKPOOL_ERR_BODY_TOO_LARGE. Default Infinity (no limit, as Node's fetch and
+   * undici): a crawler that buffers what it fetches should set one.
+   */
+  maxBodyBytes?: number;
   /** How long a request may wait for the daemon to hand over a socket. Default 10000 ms. */
   acquireTimeoutMs?: number;
   /** With the daemon down: fail ('fail', default) or let curl connect by itself ('direct'). */
@@ -139,6 +146,7 @@ interface PreparedTimes {
   timeoutMs: number;
   streamResponse: boolean;
   decompress: boolean;
+  maxBodyBytes: number | undefined;
 }
 
 /** What run() needs to start a request, after validation. */
@@ -193,8 +201,12 @@ export class SockpoolClient {
   /** Where each recent origin's requests ran (only with #inlineWanted). */
   readonly #routes = new RecentMap<string, OriginRoute>(ROUTES_KEPT);
   readonly #workerData: WorkerConfig;
-  #options: Required<Omit<SockpoolClientOptions, 'caFile' | 'proxy' | 'retry' | 'announce' | 'inlineWhenIdle'>> & {
+  #options: Required<
+    Omit<SockpoolClientOptions, 'caFile' | 'proxy' | 'retry' | 'announce' | 'inlineWhenIdle' | 'maxBodyBytes'>
+  > & {
     retry: { deadConnection: boolean; methods: string[] };
+    /** undefined: no limit. */
+    maxBodyBytes: number | undefined;
     caFile: string | undefined;
     proxy: string | undefined;
   };
@@ -223,6 +235,7 @@ export class SockpoolClient {
       threads,
       concurrencyPerThread: concurrency,
       timeoutMs: validateTimeout(options.timeoutMs ?? 30_000),
+      maxBodyBytes: options.maxBodyBytes === undefined ? undefined : validateMaxBodyBytes(options.maxBodyBytes),
       acquireTimeoutMs: validateTimeout(options.acquireTimeoutMs ?? 10_000, 'acquireTimeoutMs'),
       fallback: options.fallback ?? 'fail',
       caFile: options.caFile,
@@ -652,8 +665,10 @@ export class SockpoolClient {
       throw invalid('decompress must be a boolean');
     }
     const decompress = options.decompress === true;
+    const maxBodyBytes =
+      options.maxBodyBytes === undefined ? this.#options.maxBodyBytes : validateMaxBodyBytes(options.maxBodyBytes);
     const body = classifyBody(options.body);
-    const times = { timeoutMs, signal, streamResponse, decompress, queued };
+    const times = { timeoutMs, signal, streamResponse, decompress, maxBodyBytes, queued };
     if (body instanceof Promise) return body.then((read) => this.#prepared(checked, read, times));
     return this.#prepared(checked, body, times);
   }
@@ -666,6 +681,7 @@ export class SockpoolClient {
       signal,
       streamResponse,
       decompress,
+      maxBodyBytes,
       queued,
     }: Omit<Prepared, 'request' | 'upload' | 'target'> & PreparedTimes,
   ): Prepared {
@@ -677,6 +693,7 @@ export class SockpoolClient {
       streamedBody: body.stream ? { length: declaredLength(checked.headers) } : undefined,
       streamResponse,
       decompress,
+      maxBodyBytes,
       deadline: epochNow() + timeoutMs,
       timeoutMs,
     };

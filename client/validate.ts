@@ -27,6 +27,12 @@ export interface RequestOptions {
    */
   decompress?: boolean;
   /**
+   * The most bytes the response body may have, counted after decoding (`decompress`); beyond them the transfer
+   * stops, its connection is closed, and the request (or, streamed, the body) fails with
+   * SOCKPOOL_ERR_BODY_TOO_LARGE. Overrides the client's `maxBodyBytes`; `Infinity`: no limit.
+   */
+  maxBodyBytes?: number;
+  /**
    * What a redirect (301, 302, 303, 307, 308) does: 'manual' (the default for request() and requestStream())
    * returns it; 'follow' (fetch()'s default) follows it, when it has a Location, as the Fetch standard says, each
    * hop a request of its own through the daemon, `timeoutMs` covering them all (client/redirects.ts); 'error' fails
@@ -105,6 +111,15 @@ export function validateTimeout(timeoutMs: unknown, what = 'timeoutMs'): number 
     throw invalid(`${what} must be a positive number of milliseconds`);
   }
   return timeoutMs;
+}
+
+/** A body size limit: a whole number of bytes >= 0, or Infinity (none, returned as undefined). */
+export function validateMaxBodyBytes(value: unknown): number | undefined {
+  if (value === Number.POSITIVE_INFINITY) return undefined;
+  if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < 0) {
+    throw invalid('maxBodyBytes must be a whole number of bytes >= 0, or Infinity');
+  }
+  return value;
 }
 
 export interface ClassifiedBody {

@@ -61,6 +61,8 @@ export const ErrorCodes = {
   /** A redirect could not be followed (fetch(), or `redirect` on request()/requestStream()): `redirect: 'error'`,
    *  too many, a Location that is not an http(s) URL or has credentials, or a request with a streamed body. */
   REDIRECT: 'SOCKPOOL_ERR_REDIRECT',
+  /** The response body (decoded) is larger than the request's `maxBodyBytes`: the transfer was stopped there. */
+  BODY_TOO_LARGE: 'SOCKPOOL_ERR_BODY_TOO_LARGE',
   /** The client was closed. */
   CLOSED: 'SOCKPOOL_ERR_CLOSED',
   /** The worker thread running the request died (crashed or was terminated); it has been replaced. */

@@ -1,5 +1,5 @@
-// The `sockpool` command line against a real daemon and a local origin: status, stats, warm, get -v, -L and
-// --compressed.
+// The `sockpool` command line against a real daemon and a local origin: status, stats, warm, get -v, -L,
+// --compressed and --max-filesize.
 import { execFile } from 'node:child_process';
 import { once } from 'node:events';
 import { createServer, type Server } from 'node:http';
@@ -79,6 +79,15 @@ describe('sockpool CLI', () => {
       'cli body, unpacked',
     );
     expect((await sockpool('get', `http://127.0.0.1:${port}/packed`)).stdout).toBe('cli body');
+  });
+
+  it('get --max-filesize fails with a typed error, printing nothing, when the body is larger', async () => {
+    expect((await sockpool('get', '--max-filesize', '8', `http://127.0.0.1:${port}/x`)).stdout).toBe('cli body');
+    const failed = await sockpool('get', '--max-filesize', '7', `http://127.0.0.1:${port}/x`).catch(
+      (error: { code: number; stdout: string; stderr: string }) => error,
+    );
+    expect(failed).toMatchObject({ code: 1, stdout: '' });
+    expect((failed as { stderr: string }).stderr).toContain('SOCKPOOL_ERR_BODY_TOO_LARGE');
   });
 
   it('fails with a typed error and exit code 1 when the daemon is not there', async () => {

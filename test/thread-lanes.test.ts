@@ -214,6 +214,7 @@ describe('the lanes’ flat messages', () => {
         ['x-odd', 'a, b; c=\u00e9'],
       ],
       body: new Uint8Array([1, 2, 3]),
+      maxBodyBytes: 4096,
       deadline: 1_700_000_000_123.5,
       timeoutMs: 2_500,
     };
@@ -229,6 +230,8 @@ describe('the lanes’ flat messages', () => {
       streamedBody: { length: undefined },
       streamResponse: true,
       decompress: true,
+      // (0 is a limit: only an empty body passes.)
+      maxBodyBytes: 0,
     };
     pushRequestCall(calls, 10, upload, CALL_PORT);
     // A port event of request 10 (with the same id as the request): not a call that removeCall takes out.

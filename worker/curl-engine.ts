@@ -51,6 +51,9 @@ export interface TransferRequest {
   streamResponse?: boolean | undefined;
   /** Ask for a compressed body (Accept-Encoding: the codings curl decodes) and get it decoded (curl does it). */
   decompress?: boolean | undefined;
+  /** The most body bytes (after decoding) the response may have: beyond them the transfer stops and fails with
+   *  SOCKPOOL_ERR_BODY_TOO_LARGE. None when undefined. */
+  maxBodyBytes?: number | undefined;
   /** When the request must be over, in ms since the epoch (performance.timeOrigin + performance.now()). */
   deadline: number;
   /** The timeout the deadline came from (for error messages). */
@@ -141,6 +144,11 @@ interface Attempt {
   pause: number;
   /** Relayed HTTP/2 transfers that were paused once: watched for curl 7.88's lost WINDOW_UPDATE (h2-stall-watch.ts). */
   stallWatch: StallWatched | undefined;
+  /** Body bytes curl wrote (decoded), and what the request allows (Infinity: no limit). */
+  bodyBytes: number;
+  maxBodyBytes: number;
+  /** The body went past maxBodyBytes: WRITEFUNCTION stopped the transfer (curl's CURLE_WRITE_ERROR). */
+  tooLarge: boolean;
 }
 
 interface HandleState {
@@ -189,6 +197,14 @@ const TIME_ORIGIN = performance.timeOrigin;
 /** Now, in ms since the epoch, comparable across threads. */
 export function epochNow(): number {
   return TIME_ORIGIN + performance.now();
+}
+
+function bodyTooLargeError(request: TransferRequest): SockpoolError {
+  return new SockpoolError(
+    ErrorCodes.BODY_TOO_LARGE,
+    `${request.method} ${request.url}: the response body is larger than maxBodyBytes (${request.maxBodyBytes} bytes)`,
+    { maxBodyBytes: request.maxBodyBytes ?? 0 },
+  );
 }
 
 export function timeoutError(request: Pick<TransferRequest, 'method' | 'url' | 'timeoutMs'>): SockpoolError {
@@ -483,6 +499,13 @@ export class CurlEngine {
       // The Buffer is curl's data copied for us: the sink may keep it, or transfer (detach) it to another thread.
       const length = data.length;
       if (!attempt) return length;
+      attempt.bodyBytes += length;
+      // Counted as curl writes it, decoded: a small compressed body can decode into a large one. Anything but
+      // `length` makes curl stop the transfer (and close its connection, which is mid-body).
+      if (attempt.bodyBytes > attempt.maxBodyBytes) {
+        attempt.tooLarge = true;
+        return 0;
+      }
       if (attempt.stallWatch) attempt.stallWatch.received += length;
       if (!attempt.io.sink.write(data)) {
         attempt.pause |= CurlPause.Recv;
@@ -709,6 +732,9 @@ export class CurlEngine {
       headSent: false,
       pause: 0,
       stallWatch: undefined,
+      bodyBytes: 0,
+      maxBodyBytes: request.maxBodyBytes ?? Number.POSITIVE_INFINITY,
+      tooLarge: false,
     };
     state.current = attempt;
     try {
@@ -743,13 +769,15 @@ export class CurlEngine {
         const failure =
           code === CurlCode.CURLE_OPERATION_TIMEDOUT
             ? new TransferFailure(code, timeoutError(request), true)
-            : new TransferFailure(
-                code,
-                new SockpoolError(ErrorCodes.TRANSFER, `${request.method} ${request.url}: ${message}`, {
-                  curlCode: code,
-                  deadConnection: DEAD_CONNECTION_CODES.has(code),
-                }),
-              );
+            : attempt.tooLarge
+              ? new TransferFailure(code, bodyTooLargeError(request), true)
+              : new TransferFailure(
+                  code,
+                  new SockpoolError(ErrorCodes.TRANSFER, `${request.method} ${request.url}: ${message}`, {
+                    curlCode: code,
+                    deadConnection: DEAD_CONNECTION_CODES.has(code),
+                  }),
+                );
         this.#release(state);
         return this.#attemptEnded(transfer, slot, failure);
       }

@@ -36,14 +36,15 @@ export interface ThreadAnnouncement {
 // docs/benchmarks.md ("Tenth session") has what the flat form saved.
 
 /** Caller → thread: one message, CALL_SLOTS values per call. A request to run:
- *  `id, url, method, headers (name, value, name, value, …), body, deadline, timeoutMs, flags` (CALL_ABORTABLE,
+ *  `id, url, method, headers (name, value, name, value, …), body, deadline, timeoutMs, flags, maxBodyBytes (-1:
+ *  none)` (CALL_ABORTABLE,
  *  CALL_PORT, CALL_STREAM_RESPONSE, CALL_DECOMPRESS; `body`: the bytes, or for a streamed request body its declared length, -1 when
  *  none was declared). A cancellation of buffered request `id` (the caller already failed it: its signal fired or
  *  its deadline passed there): `id, error (a PlainError), 0, …`. A port event of request `id`: `id, PORT_MESSAGE,
  *  message, 0, …` or `id, PORT_CLOSE, 0, …`. The second slot tells them apart: a URL string, an object, a number. */
 export type LaneCalls = unknown[];
 
-export const CALL_SLOTS = 8;
+export const CALL_SLOTS = 9;
 
 /** A buffered request's flag: an abort for it may follow (the caller gave an AbortSignal). */
 export const CALL_ABORTABLE = 1;
@@ -73,6 +74,7 @@ export function pushRequestCall(calls: LaneCalls, id: number, request: TransferR
     request.deadline,
     request.timeoutMs,
     flags | (request.streamResponse ? CALL_STREAM_RESPONSE : 0) | (request.decompress ? CALL_DECOMPRESS : 0),
+    request.maxBodyBytes ?? -1,
   );
 }
 
@@ -84,7 +86,7 @@ export function pushPortEvent(queue: unknown[], slots: number, id: number, messa
 }
 
 export function pushAbortCall(calls: LaneCalls, id: number, error: PlainError): void {
-  calls.push(id, error, 0, 0, 0, 0, 0, 0);
+  calls.push(id, error, 0, 0, 0, 0, 0, 0, 0);
 }
 
 /** Takes buffered request `id` out of calls not sent yet; false if it is not among them. */
@@ -118,6 +120,7 @@ export function readCalls(calls: LaneCalls, handlers: CallHandlers): void {
     if (typeof url === 'string') {
       const body = calls[i + 4];
       const flags = calls[i + 7] as number;
+      const maxBodyBytes = calls[i + 8] as number;
       const streamed = typeof body === 'number';
       handlers.run(
         id,
@@ -129,6 +132,7 @@ export function readCalls(calls: LaneCalls, handlers: CallHandlers): void {
           streamedBody: streamed ? { length: body < 0 ? undefined : body } : undefined,
           streamResponse: (flags & CALL_STREAM_RESPONSE) !== 0,
           decompress: (flags & CALL_DECOMPRESS) !== 0,
+          maxBodyBytes: maxBodyBytes < 0 ? undefined : maxBodyBytes,
           deadline: calls[i + 5] as number,
           timeoutMs: calls[i + 6] as number,
         },
