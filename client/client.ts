@@ -311,12 +311,9 @@ export class SockpoolClient {
   /** One request; the response body is buffered whole. */
   request(url: string | URL, options: RequestOptions = {}): Promise<SockpoolResponse> {
     if (options.redirect !== undefined && options.redirect !== 'manual') {
-      return this.#following(
-        url,
-        options,
-        (hopUrl, hop) => this.request(hopUrl, hop),
-        async () => {},
-      );
+      // Each hop streamed, as requestStream() follows them: a redirect's own body is read past or cancelled (its
+      // maxBodyBytes does not fail the chain: the caller never gets that body), the last hop's is buffered here.
+      return this.requestStream(url, options).then(bufferedResponse);
     }
     let preparing: Prepared | Promise<Prepared>;
     try {
@@ -784,6 +781,18 @@ export class SockpoolClient {
     if (cannotStart) throw cannotStart;
     throw new SockpoolError(ErrorCodes.WORKER_EXITED, `the worker thread running the request exited: ${message}`);
   }
+}
+
+/** A streamed response read whole: its body (failing as the stream does, e.g. SOCKPOOL_ERR_BODY_TOO_LARGE) in one
+ *  Buffer, `totalMs` to its end. */
+async function bufferedResponse(response: SockpoolStreamResponse): Promise<SockpoolResponse> {
+  const headAt = performance.now();
+  const chunks: Uint8Array[] = [];
+  for await (const chunk of response.body) chunks.push(chunk);
+  // (A streamed head's totalMs is curl's at the head, which may lag its ttfbMs.)
+  const { totalMs, ttfbMs } = response.timings;
+  const timings = { ...response.timings, totalMs: Math.max(totalMs, ttfbMs) + (performance.now() - headAt) };
+  return { ...response, body: Buffer.concat(chunks), timings };
 }
 
 /** Methods a fetch() may send again to get a body it cannot decode as it came (no side effects, RFC 9110). */

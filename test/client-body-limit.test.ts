@@ -4,6 +4,7 @@
 // stream. A body of exactly the limit passes. Against a real daemon and a real origin, on a worker thread's lane and
 // with threads: 0; an endless body shows the transfer is stopped, not read to its end; nothing is left open.
 import type { IncomingMessage, ServerResponse } from 'node:http';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { gzipSync } from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SockpoolClient } from '../client/index.js';
@@ -12,6 +13,9 @@ import type { DaemonProcess } from './helpers/daemon.js';
 
 const SIZE = 100_000;
 const body = Buffer.alloc(SIZE, 'a');
+/** The response window of a streamed body (worker/stream-protocol.ts RESPONSE_WINDOW), and a little more. */
+const WINDOW = 1024 * 1024;
+const PAST_WINDOW = WINDOW + 100;
 /** 1 MiB of one byte: gzip makes it about a thousandth of that. */
 const bomb = gzipSync(Buffer.alloc(1 << 20, 'b'));
 
@@ -28,6 +32,24 @@ function handler(request: IncomingMessage, response: ServerResponse): void {
       response.writeHead(200, { 'content-length': String(SIZE) });
       response.end(body);
       return;
+    case '/window':
+      // The whole response window at once, the rest a moment later: it reaches curl while the caller has read
+      // nothing, so the sink refuses it, and curl offers it again when the caller reads (from Easy.pause()).
+      response.writeHead(200, { 'content-length': String(PAST_WINDOW) });
+      response.write(Buffer.alloc(WINDOW, 'w'));
+      setTimeout(() => response.end(Buffer.alloc(PAST_WINDOW - WINDOW, 'x')), 200);
+      return;
+    case '/large':
+      response.writeHead(200, { 'content-length': String(4 * WINDOW) });
+      response.end(Buffer.alloc(4 * WINDOW, 'l'));
+      return;
+    case '/moved': {
+      // A redirect with a page of its own, larger than the limits below ("Moved: click here").
+      const page = Buffer.alloc(20_000, 'r');
+      response.writeHead(302, { location: '/exact', 'content-length': String(page.length) });
+      response.end(page);
+      return;
+    }
     case '/bomb':
       response.writeHead(200, { 'content-encoding': 'gzip', 'content-length': String(bomb.length) });
       response.end(bomb);
@@ -124,6 +146,48 @@ describe('maxBodyBytes', () => {
       // A request's own limit overrides the client's.
       expect((await limited.request(url('/exact'), { maxBodyBytes: Number.POSITIVE_INFINITY })).body.length).toBe(SIZE);
       await expect(limited.request(url('/exact'))).rejects.toMatchObject(tooLarge(50_000));
+    } finally {
+      await limited.close();
+    }
+  });
+
+  it('counts a chunk curl offers again after a pause once: a streamed body of exactly the limit, read late or slowly, arrives whole', async () => {
+    for (const [, client] of clients) {
+      // Read late: the chunk past the window is refused, then offered again from Easy.pause() (a failure there
+      // used to leave the transfer stalled until its timeout).
+      const late = await client.requestStream(url('/window'), { maxBodyBytes: PAST_WINDOW, timeoutMs: 10_000 });
+      await sleep(500);
+      expect((await new Response(late.body).arrayBuffer()).byteLength).toBe(PAST_WINDOW);
+      // Read slowly: curl pauses again and again.
+      const slow = await client.requestStream(url('/large'), { maxBodyBytes: 4 * WINDOW, timeoutMs: 20_000 });
+      let bytes = 0;
+      for await (const chunk of slow.body) {
+        bytes += chunk.byteLength;
+        await sleep(2);
+      }
+      expect(bytes).toBe(4 * WINDOW);
+      // One byte less, read late: fails with the typed error (not a timeout), when the chunk is offered again.
+      const over = await client.requestStream(url('/window'), { maxBodyBytes: PAST_WINDOW - 1, timeoutMs: 10_000 });
+      await sleep(500);
+      await expect(new Response(over.body).arrayBuffer()).rejects.toMatchObject(tooLarge(PAST_WINDOW - 1));
+    }
+  });
+
+  it("bounds the body the caller gets, not a redirect's: followed by request(), requestStream() and fetch()", async () => {
+    const limited = new SockpoolClient({ socketPath: daemon.socketPath, threads: 1, maxBodyBytes: SIZE });
+    try {
+      for (const [, client] of [...clients, ['limited', limited] as const]) {
+        const followed = await client.request(url('/moved'), { redirect: 'follow', maxBodyBytes: SIZE });
+        expect(followed).toMatchObject({ status: 200, redirected: true });
+        expect(followed.body.length).toBe(SIZE);
+        const streamed = await client.requestStream(url('/moved'), { redirect: 'follow', maxBodyBytes: SIZE });
+        expect((await new Response(streamed.body).arrayBuffer()).byteLength).toBe(SIZE);
+        // The final body over the limit still fails, through a followed redirect too.
+        await expect(
+          client.request(url('/moved'), { redirect: 'follow', maxBodyBytes: SIZE - 1 }),
+        ).rejects.toMatchObject(tooLarge(SIZE - 1));
+      }
+      expect((await (await limited.fetch(url('/moved'))).arrayBuffer()).byteLength).toBe(SIZE);
     } finally {
       await limited.close();
     }

@@ -499,18 +499,19 @@ export class CurlEngine {
       // The Buffer is curl's data copied for us: the sink may keep it, or transfer (detach) it to another thread.
       const length = data.length;
       if (!attempt) return length;
-      attempt.bodyBytes += length;
       // Counted as curl writes it, decoded: a small compressed body can decode into a large one. Anything but
       // `length` makes curl stop the transfer (and close its connection, which is mid-body).
-      if (attempt.bodyBytes > attempt.maxBodyBytes) {
+      if (attempt.bodyBytes + length > attempt.maxBodyBytes) {
         attempt.tooLarge = true;
         return 0;
       }
-      if (attempt.stallWatch) attempt.stallWatch.received += length;
       if (!attempt.io.sink.write(data)) {
+        // curl keeps the chunk and offers it again once resumed: counted only when a sink takes it.
         attempt.pause |= CurlPause.Recv;
         return CurlWriteFunc.Pause;
       }
+      attempt.bodyBytes += length;
+      if (attempt.stallWatch) attempt.stallWatch.received += length;
       return length;
     });
     easy.setOpt('READFUNCTION', (buffer: Buffer) => {
@@ -597,15 +598,29 @@ export class CurlEngine {
         running: () => state.current === attempt && state.finish !== undefined,
         paused: () => (attempt.pause & CurlPause.Recv) !== 0,
         kick: () => {
-          state.easy.pause(attempt.pause | CurlPause.Recv);
+          this.#paused(state, attempt, state.easy.pause(attempt.pause | CurlPause.Recv));
           // May call WRITEFUNCTION, as below.
-          state.easy.pause(attempt.pause);
+          if (state.current === attempt) this.#paused(state, attempt, state.easy.pause(attempt.pause));
         },
       };
       this.#stallWatch.watch(attempt.stallWatch);
     }
     // May call WRITEFUNCTION at once with the data curl held back (which may pause again).
-    state.easy.pause(attempt.pause);
+    this.#paused(state, attempt, state.easy.pause(attempt.pause));
+  }
+
+  /**
+   * What curl_easy_pause returned. Lifting a pause runs the callbacks with the data curl held back, and one of them
+   * may fail the transfer there (WRITEFUNCTION past maxBodyBytes: CURLE_WRITE_ERROR). curl then returns the error and
+   * leaves the transfer as it is, never to be driven again: it ends here, as an abort does, or it would stall until
+   * its deadline.
+   */
+  #paused(state: HandleState, attempt: Attempt, code: CurlCode): void {
+    if (code === CurlCode.CURLE_OK || state.current !== attempt || !state.finish) return;
+    const finish = state.finish;
+    state.finish = undefined;
+    this.#multi.removeHandle(state.easy);
+    finish(code, undefined);
   }
 
   #release(state: HandleState): void {

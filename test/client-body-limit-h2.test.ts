@@ -1,0 +1,85 @@
+// maxBodyBytes over HTTP/2: a stream stopped at its limit does not take the other streams of its connection with
+// it, later requests on the connection are served, and nothing is left open. With curl's own TLS and over the
+// warm-TLS relay (curl speaks h2 in plaintext over it), on a worker thread and with threads: 0.
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { SockpoolClient } from '../client/index.js';
+import { eventually, fdCount, h2Origin, type Origin, startTestDaemon, warmTlsArgs } from './fixtures/client-helpers.js';
+import type { DaemonProcess } from './helpers/daemon.js';
+import { createTestPki, type TestPki } from './helpers/tls.js';
+
+let pki: TestPki;
+let h2: Origin;
+let plainDaemon: DaemonProcess;
+let warmDaemon: DaemonProcess;
+
+beforeAll(async () => {
+  pki = createTestPki(['localhost']);
+  h2 = await h2Origin(pki, (request, response) => {
+    if (request.url === '/big') {
+      // 4 MiB, written as the stream's flow control allows.
+      const chunk = Buffer.alloc(64 * 1024, 7);
+      let left = 64;
+      const write = () => {
+        while (left > 0) {
+          left--;
+          if (!response.write(chunk)) return void response.once('drain', write);
+        }
+        response.end();
+      };
+      write();
+      return;
+    }
+    // Slow enough to be in flight on the same connection while /big is stopped.
+    setTimeout(() => response.end(`ok ${request.url}`), 300);
+  });
+  const resolve = ['--resolve', `localhost:${h2.port}:127.0.0.1`];
+  plainDaemon = await startTestDaemon([h2.port], { extraArgs: resolve });
+  warmDaemon = await startTestDaemon([h2.port], { extraArgs: warmTlsArgs(pki.caFile, [h2.port]) });
+});
+
+afterAll(async () => {
+  await plainDaemon?.stop();
+  await warmDaemon?.stop();
+  await h2?.close();
+  pki?.cleanup();
+});
+
+describe.each([
+  ['curl TLS', () => plainDaemon],
+  ['warm-TLS relay', () => warmDaemon],
+])('maxBodyBytes over HTTP/2 (%s)', (_name, daemon) => {
+  for (const threads of [0, 1]) {
+    it(`stops one stream; its siblings finish (threads: ${threads})`, async () => {
+      const before = fdCount() - h2.sockets.size;
+      const client = new SockpoolClient({
+        socketPath: daemon().socketPath,
+        threads,
+        caFile: pki.caFile,
+        inlineWhenIdle: false,
+      });
+      const base = `https://localhost:${h2.port}`;
+      const tooLarge = { code: 'SOCKPOOL_ERR_BODY_TOO_LARGE' };
+      try {
+        expect((await client.request(`${base}/first`)).httpVersion).toBe('2');
+        const slow = [1, 2, 3].map((i) => client.request(`${base}/slow${i}`));
+        await expect(client.request(`${base}/big`, { maxBodyBytes: 100_000 })).rejects.toMatchObject(tooLarge);
+        const bodies = await Promise.all(
+          slow.map((pending) =>
+            pending.then(
+              (response) => response.body.toString(),
+              (error: { code?: string }) => error.code,
+            ),
+          ),
+        );
+        expect(bodies).toEqual(['ok /slow1', 'ok /slow2', 'ok /slow3']);
+        expect((await client.request(`${base}/after`)).body.toString()).toBe('ok /after');
+        const streamed = await client.requestStream(`${base}/big`, { maxBodyBytes: 100_000 });
+        await expect(new Response(streamed.body).arrayBuffer()).rejects.toMatchObject(tooLarge);
+        expect((await client.request(`${base}/after2`)).body.toString()).toBe('ok /after2');
+      } finally {
+        await client.close();
+      }
+      await eventually(() => fdCount() - h2.sockets.size <= before, `fds back to ${before}`);
+    }, 30_000);
+  }
+});
