@@ -38,6 +38,10 @@ export class ConnectGate implements Connector {
     return this.#inner.learnedFamily?.(origin);
   }
 
+  lookupInFlight(host: string): Promise<unknown> | undefined {
+    return this.#inner.lookupInFlight?.(host);
+  }
+
   async connect(origin: Origin, policy: OriginPolicy, urgent?: () => boolean): Promise<ConnectedSocket> {
     // A queued connect is counted in flight by #admit before it resumes.
     if (this.#inFlight >= this.#limit()) await new Promise<void>((resolve) => this.#queue.push(resolve));

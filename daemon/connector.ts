@@ -84,6 +84,8 @@ export interface Connector {
   checkHeld(origin: Origin, address: string): void;
   /** What Happy Eyeballs learned about the host this origin connects to (for stats). */
   learnedFamily?(origin: Origin): LearnedFamily | undefined;
+  /** The DNS query for `host` in flight now, if any (the per-uid lookup quota holds its charge until it ends). */
+  lookupInFlight?(host: string): Promise<unknown> | undefined;
 }
 
 export interface TcpConnectorOptions {
@@ -126,6 +128,10 @@ export class TcpConnector implements Connector {
     this.checkTarget(origin);
     const target = this.#targetOf(origin);
     this.#egress().checkAddress(address, target.port, target.host);
+  }
+
+  lookupInFlight(host: string): Promise<unknown> | undefined {
+    return this.#resolver().lookupInFlight(host);
   }
 
   learnedFamily(origin: Origin): LearnedFamily | undefined {

@@ -493,6 +493,16 @@ export class HandoffServer {
   }
 
   #acquire(session: ClientSession, message: Extract<ClientMessage, { type: 'acquire' }>): void {
+    if (session.cancels?.has(message.id)) {
+      // Its `cancel`, and the disconnect's, reach the acquires pending by id: a second one under the same id could
+      // not be cancelled, and would wait out its deadline for a client that is gone.
+      this.#replyError(
+        session,
+        message.id,
+        new SockpoolError(ErrorCodes.PROTOCOL, `acquire ${message.id} is already pending`, { id: message.id }),
+      );
+      return;
+    }
     const origin = this.#originOf(session, message);
     if (!origin) return;
     const access = this.#config().access;
@@ -566,7 +576,7 @@ export class HandoffServer {
         if (cancels.get(message.id) === cancel) cancels.delete(message.id);
         if (session.closed || cancel.signal.aborted) {
           // Nobody to hand it to: the socket goes back to the pool, unused and never seen by a client.
-          this.#quotas.acquireSettled(session.uid, message.host, false);
+          this.#quotas.acquireSettled(session.uid, message.host, false, this.#pools.lookupInFlight);
           this.#pools.giveBack(handoff.originKey, handoff, session.uid);
           return;
         }
@@ -575,7 +585,7 @@ export class HandoffServer {
       (error: Error) => {
         session.pending--;
         if (cancels.get(message.id) === cancel) cancels.delete(message.id);
-        this.#quotas.acquireSettled(session.uid, message.host, false);
+        this.#quotas.acquireSettled(session.uid, message.host, false, this.#pools.lookupInFlight);
         if (session.closed || cancel.signal.aborted) return;
         if ((error as { code?: string }).code === ErrorCodes.POLICY) {
           this.#log.warn({ client: session.id, host: message.host, port: message.port, err: error.message }, 'refused');
@@ -608,8 +618,11 @@ export class HandoffServer {
       fd: handoff.fd,
       mark,
     });
+    // Counted before the send: a send that fails (the client hung up) disconnects the session inside it, and its
+    // leases end there, this one with its count.
+    this.#quotas.acquireSettled(session.uid, message.host, true);
     // The lease's own fd is lent: the kernel gives the client a copy, the daemon's stays open in the lease.
-    // Everything that can wait (quotas, the lease deadline, metrics) comes after the send.
+    // Everything that can wait (the lease deadline, metrics) comes after the send.
     this.#send(
       session,
       {
@@ -628,7 +641,8 @@ export class HandoffServer {
       [handoff.fd],
       true,
     );
-    this.#quotas.acquireSettled(session.uid, message.host, true);
+    // The send failed and the session is gone: the lease ended with it.
+    if (session.closed) return;
     const maxLeaseMs = this.#config().quotas.maxLeaseMs;
     if (maxLeaseMs > 0) {
       lease.deadline = setTimeout(() => {

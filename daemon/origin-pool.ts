@@ -15,7 +15,7 @@ import type { OriginPolicy } from './config.js';
 import { type ConnectedSocket, type Connector, connectedPart } from './connector.js';
 import { FairWaitQueue } from './fair-queue.js';
 import type { SlotKeeper } from './fleet/slots.js';
-import { checkIdle, markOf, type UsageMark } from './lease-guard.js';
+import { checkIdle, endConnection, markOf, type UsageMark } from './lease-guard.js';
 
 export interface Handoff extends ConnectedSocket {
   /** True when the socket was idle in the pool; false when it was connected for this acquire. */
@@ -207,7 +207,7 @@ export class OriginPool {
     }
     const probe = native.probe(socket.fd);
     if (this.#closed || probe.state !== 'alive' || !isEstablished(probe.tcpState)) {
-      native.close(socket.fd);
+      closePooled(socket.fd, lent);
       this.#settleSlots();
       this.#pump();
       return;
@@ -363,7 +363,7 @@ export class OriginPool {
       return;
     }
     if (this.#idle.length >= this.policy.maxIdle) {
-      native.close(socket.fd);
+      closePooled(socket.fd, ownerUid !== undefined);
       this.#settleSlots();
       this.#events.dropped(this, 'excess', 0, performance.now() - socket.connectedAt);
       return;
@@ -449,7 +449,7 @@ export class OriginPool {
     this.#idle.splice(index, 1);
     socket.poller?.close();
     clearTimeout(socket.recycleTimer);
-    native.close(socket.fd);
+    closePooled(socket.fd, socket.ownerUid !== undefined);
     this.#settleSlots();
     const now = performance.now();
     this.#events.idleChanged(this, -1);
@@ -618,4 +618,14 @@ function handoffOf(socket: ConnectedSocket, warm: boolean, mark: UsageMark | und
   handoff.warm = warm;
   handoff.mark = mark;
   return handoff;
+}
+
+/**
+ * Closes a socket of the pool. One that a client had (`lent`: released to the pool for its uid) is shut down
+ * first: the client may have kept a copy of the fd, and a plain close would leave that copy a live connection
+ * that no count of the daemon's holds (maxPerOrigin, the uid's leases, maxLeaseMs).
+ */
+function closePooled(fd: number, lent: boolean): void {
+  if (lent) endConnection(fd);
+  else native.close(fd);
 }

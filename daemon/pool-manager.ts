@@ -316,6 +316,9 @@ export class PoolManager {
     });
   }
 
+  /** The DNS query for `host` in flight now, if any (see UidQuotas.acquireSettled). */
+  readonly lookupInFlight = (host: string): Promise<unknown> | undefined => this.#connector.lookupInFlight?.(host);
+
   /** The uids that named an origin (by pool key), for the `stats` view; undefined for an origin not pooled. */
   usersOf(key: string): ReadonlySet<number> | undefined {
     return this.#stats.get(key)?.uids;

@@ -87,11 +87,28 @@ export class UidQuotas {
     if (needsLookup) usage.lookups++;
   }
 
-  /** The acquire settled; `leased` when it became a lease (counted until leaseEnded). */
-  acquireSettled(uid: number, host: string, leased: boolean): void {
+  /**
+   * The acquire settled; `leased` when it became a lease (counted until leaseEnded). `lookupInFlight`: for an
+   * acquire for a host name that got no lease (it timed out, was cancelled, its client left), the DNS query for
+   * that name still running, if any: the uid's lookup stays charged until it ends, or a uid could start any number
+   * of lookups with acquires that give up at once.
+   */
+  acquireSettled(
+    uid: number,
+    host: string,
+    leased: boolean,
+    lookupInFlight?: (host: string) => Promise<unknown> | undefined,
+  ): void {
     const usage = this.#of(uid);
     usage.pending = Math.max(0, usage.pending - 1);
-    if (isIP(host) === 0) usage.lookups = Math.max(0, usage.lookups - 1);
+    if (isIP(host) === 0) {
+      const lookup = leased ? undefined : lookupInFlight?.(host);
+      const release = () => {
+        usage.lookups = Math.max(0, usage.lookups - 1);
+      };
+      if (lookup) lookup.then(release, release);
+      else release();
+    }
     if (leased) usage.leases++;
   }
 

@@ -175,6 +175,15 @@ export class Resolver {
     return { 4: addresses(4), 6: addresses(6) };
   }
 
+  /** The query for `host` in flight now (settles when it ends), or undefined when none is. */
+  lookupInFlight(host: string): Promise<unknown> | undefined {
+    try {
+      return this.#inFlight.get(canonicalName(host));
+    } catch {
+      return undefined;
+    }
+  }
+
   /** The canonical name of `host`, or the address itself when it is an IP literal. Throws DNS 'invalid-host'. */
   #nameOf(host: string): string | ResolvedAddress {
     try {

@@ -107,6 +107,32 @@ describe('UidQuotas', () => {
     quotas.startAcquire(7, '192.0.2.4');
   });
 
+  it('keeps a host-name acquire that got no lease charged as a lookup until the DNS query it started ends', async () => {
+    const quotas = new UidQuotas(() => config({ maxLookupsPerUid: 1 }));
+    let answer!: () => void;
+    const query = new Promise<void>((resolve) => {
+      answer = resolve;
+    });
+    const inFlight = (host: string) => (host === 'slow.example' ? query : undefined);
+    quotas.startAcquire(7, 'slow.example');
+    // It timed out (no lease) while its name's query runs: still one lookup of this uid's.
+    quotas.acquireSettled(7, 'slow.example', false, inFlight);
+    expect(quotas.usageOf(7)).toMatchObject({ pending: 0, lookups: 1 });
+    expect(() => quotas.startAcquire(7, 'other.example')).toThrow(
+      expect.objectContaining({ quota: 'maxLookupsPerUid' }),
+    );
+    answer();
+    await query;
+    await Promise.resolve();
+    expect(quotas.usageOf(7)).toMatchObject({ lookups: 0 });
+    // No query in flight, or a lease (the lookup is over): released at once.
+    quotas.startAcquire(7, 'other.example');
+    quotas.acquireSettled(7, 'other.example', false, inFlight);
+    quotas.startAcquire(7, 'slow.example');
+    quotas.acquireSettled(7, 'slow.example', true, () => new Promise(() => {}));
+    expect(quotas.usageOf(7)).toMatchObject({ lookups: 0, leases: 1 });
+  });
+
   it('cuts prewarm demand to the allowance left, refills it over the window, and refuses when none is left', () => {
     let now = 0;
     const quotas = new UidQuotas(

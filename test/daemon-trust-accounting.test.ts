@@ -1,0 +1,195 @@
+// The daemon's own accounting of what a client holds and causes, against a real daemon and raw protocol clients:
+// a lease whose send failed (the client hung up right after its acquire) is not charged to its uid for good; a
+// socket a client released while keeping a copy is shut down when the pool drops it, so the copy dies with the
+// daemon's count (maxPerOrigin holds); a second pending acquire under one request id is refused, so a disconnect
+// cancels everything its client had waiting; and an acquire for a host name that gives up keeps its uid's lookup
+// charged while the DNS query it started runs (maxLookupsPerUid bounds lookups in flight, not acquires).
+import { once } from 'node:events';
+import http from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { Socket } from 'node:net';
+import { afterEach, describe, expect, it } from 'vitest';
+import * as native from '../shared/native.js';
+import { type DaemonProcess, eventually, startDaemon, writeConfigFile } from './helpers/daemon.js';
+import { openRawClient, RawClient } from './helpers/raw-client.js';
+import { pathOrigin } from './helpers/trust.js';
+
+const cleanups: Array<() => unknown> = [];
+afterEach(async () => {
+  for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
+});
+
+async function daemon(port: number, config: object = {}): Promise<DaemonProcess> {
+  const args = ['--allow', '127.0.0.1/32', '--allow-port', String(port)];
+  const started = await startDaemon({ args: [...args, '--config', writeConfigFile(config, cleanups)] });
+  cleanups.push(() => started.stop());
+  return started;
+}
+
+let nextId = 1;
+async function stats(raw: RawClient): Promise<Record<string, number>> {
+  const reply = await raw.request({ type: 'stats', id: nextId++ });
+  return (reply.message as unknown as { stats: Record<string, number> }).stats;
+}
+
+/** An HTTP origin that counts the TCP connections open at it now. */
+async function countingOrigin(): Promise<{ port: number; open: () => number }> {
+  let open = 0;
+  const server = http.createServer((request, response) => response.end(request.url));
+  server.keepAliveTimeout = 60_000;
+  server.on('connection', (socket) => {
+    open++;
+    socket.on('close', () => open--);
+  });
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  cleanups.push(() => {
+    server.closeAllConnections();
+    server.close();
+  });
+  return { port: (server.address() as AddressInfo).port, open: () => open };
+}
+
+async function get(fd: number, path: string): Promise<string> {
+  const socket = new Socket({ fd: native.dup(fd), readable: true, writable: true });
+  socket.on('error', () => {});
+  let text = '';
+  socket.setEncoding('latin1');
+  socket.write(`GET ${path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n`);
+  return await new Promise<string>((resolve, reject) => {
+    socket.on('data', (chunk) => {
+      text += chunk;
+      if (text.endsWith(path)) {
+        socket.destroy();
+        resolve(path);
+      }
+    });
+    socket.on('close', () => reject(new Error(`closed with ${JSON.stringify(text)}`)));
+  });
+}
+
+describe('per-uid lease quota', () => {
+  it('does not count a lease whose send failed (the client hung up right after its acquire) against the uid forever', async () => {
+    const origin = await pathOrigin(cleanups);
+    const sockpoold = await daemon(origin.port, {
+      quotas: { maxLeasesPerUid: 1 },
+      pool: { defaults: { minIdle: 1, maxIdle: 2 } },
+    });
+    const observer = openRawClient(sockpoold.socketPath, cleanups);
+    // The origin's pool exists once it was named (minIdle then keeps one socket warm).
+    const first = await observer.request({ type: 'acquire', id: 1, host: '127.0.0.1', port: origin.port });
+    expect(first.message).toMatchObject({ type: 'lease' });
+    await observer.request({ type: 'closed', id: 2, leaseId: (first.message as { leaseId: number }).leaseId });
+    for (const fd of first.fds) native.close(fd);
+    for (let round = 0; round < 5; round++) {
+      let last: unknown;
+      await eventually(
+        async () => {
+          last = await stats(observer);
+          return (last as { idle: number }).idle >= 1;
+        },
+        () => `a warm socket idle (round ${round}): ${JSON.stringify(last)}`,
+      );
+      // A client that asks for a warm socket and hangs up at once: the daemon's lease send fails (EPIPE).
+      const hostile = new RawClient(sockpoold.socketPath);
+      hostile.sendJson({ type: 'acquire', id: 1, host: '127.0.0.1', port: origin.port });
+      hostile.close();
+      await eventually(async () => (await stats(observer)).clients === 1, 'the hostile client gone');
+      await eventually(async () => (await stats(observer)).leases === 0, 'no lease left');
+    }
+    // No lease is held by anyone: the uid's one lease is free.
+    const honest = openRawClient(sockpoold.socketPath, cleanups);
+    const lease = await honest.request({ type: 'acquire', id: 2, host: '127.0.0.1', port: origin.port });
+    for (const fd of lease.fds) native.close(fd);
+    expect(lease.message).toEqual(expect.objectContaining({ type: 'lease' }));
+  });
+});
+
+describe('sockets a client released while keeping a copy', () => {
+  it('are shut down when the daemon drops them: a kept copy does not outlive the daemon’s count (maxPerOrigin 1)', async () => {
+    const origin = await countingOrigin();
+    const sockpoold = await daemon(origin.port, { pool: { defaults: { maxPerOrigin: 1, maxIdle: 0 } } });
+    const raw = openRawClient(sockpoold.socketPath, cleanups);
+    const kept: number[] = [];
+    cleanups.push(() => {
+      for (const fd of kept) native.close(fd);
+    });
+    for (let round = 0; round < 3; round++) {
+      const lease = await raw.request({ type: 'acquire', id: nextId++, host: '127.0.0.1', port: origin.port });
+      expect(lease.message).toMatchObject({ type: 'lease' });
+      const fd = lease.fds[0]!;
+      kept.push(fd);
+      // Released unused, with its fd (which the client keeps: SCM_RIGHTS sends a copy).
+      const leaseId = (lease.message as { leaseId: number }).leaseId;
+      const released = await raw.request({ type: 'release', id: nextId++, leaseId }, [fd]);
+      expect(released.message).toMatchObject({ type: 'ok' });
+    }
+    // The daemon counts nothing at the origin, yet the client holds 3 live connections to it with maxPerOrigin 1.
+    expect(await stats(raw)).toMatchObject({ leased: 0, idle: 0 });
+    const states = kept.map((fd) => native.probe(fd).state);
+    const answers = await Promise.allSettled(kept.map((fd, index) => get(fd, `/kept-${index}`)));
+    expect({ states, open: origin.open(), served: answers.filter((a) => a.status === 'fulfilled').length }).toEqual({
+      states: ['eof', 'eof', 'eof'],
+      open: 0,
+      served: 0,
+    });
+  });
+});
+
+describe('pending acquires of a client that disconnects', () => {
+  it('refuses a second acquire under a pending id, so that the disconnect cancels everything its client had waiting', async () => {
+    const origin = await pathOrigin(cleanups);
+    const sockpoold = await daemon(origin.port, { pool: { defaults: { maxPerOrigin: 1 } } });
+    const holder = openRawClient(sockpoold.socketPath, cleanups);
+    const held = await holder.request({ type: 'acquire', id: 1, host: '127.0.0.1', port: origin.port });
+    expect(held.message).toMatchObject({ type: 'lease' });
+    cleanups.push(() => {
+      for (const fd of held.fds) native.close(fd);
+    });
+    // An acquire waits behind the held slot; a second one under its id is refused at once, and does not wait.
+    const waiting = new RawClient(sockpoold.socketPath);
+    const acquire = { type: 'acquire', id: 7, host: '127.0.0.1', port: origin.port, timeoutMs: 600_000 };
+    waiting.sendJson(acquire);
+    await eventually(async () => (await stats(holder)).waiting === 1, 'one acquire waiting');
+    const duplicate = await waiting.request(acquire);
+    expect(duplicate.message).toMatchObject({
+      type: 'error',
+      id: 7,
+      code: 'SOCKPOOL_ERR_PROTOCOL',
+      message: 'acquire 7 is already pending',
+    });
+    expect((await stats(holder)).waiting).toBe(1);
+    // The first one's id is free again once it settled: a new acquire under it is taken.
+    waiting.close();
+    await eventually(async () => (await stats(holder)).clients === 1, 'the waiting client gone');
+    // Nothing waits for a gone client.
+    await eventually(async () => (await stats(holder)).waiting === 0, 'no acquire waiting');
+  });
+});
+
+describe('maxLookupsPerUid', () => {
+  it('bounds the DNS lookups one uid can cause, also when its acquires give up before the lookup ends', async () => {
+    const { startDnsServer } = await import('./helpers/dns-server.js');
+    const names = Array.from({ length: 12 }, (_, i) => `n${i}.test`);
+    const dns = await startDnsServer(
+      Object.fromEntries(names.map((name) => [name, { a: ['127.0.0.1'], delayMs: 3_000 }])),
+    );
+    cleanups.push(() => dns.close());
+    const origin = await pathOrigin(cleanups);
+    const sockpoold = await daemon(origin.port, {
+      quotas: { maxLookupsPerUid: 2 },
+      dns: { servers: [dns.server] },
+    });
+    const raw = openRawClient(sockpoold.socketPath, cleanups);
+    const seen: string[] = [];
+    for (const host of names) {
+      const reply = await raw.request({ type: 'acquire', id: nextId++, host, port: origin.port, timeoutMs: 1 });
+      seen.push((reply.message as { code?: string }).code ?? reply.message!.type);
+    }
+    await eventually(() => dns.queries.length > 0, 'lookups started');
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    const lookedUp = new Set(dns.queries.map((query) => query.name)).size;
+    // At most maxLookupsPerUid names being looked up for this uid at once (all answers take 3 s).
+    expect({ seen: seen[0], lookedUp }).toEqual({ seen: 'SOCKPOOL_ERR_ACQUIRE_TIMEOUT', lookedUp: 2 });
+  });
+});
