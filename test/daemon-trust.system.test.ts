@@ -76,9 +76,12 @@ describe('released sockets across uids', () => {
       }
     })();
     // The hostile uid releases 50 leases unused while keeping a copy of each, then writes the start of a request
-    // on every copy: the sockets are alive and in the pool, but kept for its uid alone.
+    // on every copy: those still in the pool are alive there, but kept for its uid alone; those the pool dropped
+    // (beyond its maxIdle) were shut down, so a write on their copies fails (EPIPE).
     const seen = await runHostile(['dup-release', sockpoold.socketPath, origin.port, 50], HOSTILE_UID);
-    expect(seen).toEqual({ ok: 50, 'write:ok': 50 });
+    expect(seen.ok).toBe(50);
+    expect((seen['write:ok'] ?? 0) + (seen['write:EPIPE'] ?? 0)).toBe(50);
+    expect(seen['write:ok']).toBeGreaterThan(0);
     // The honest client goes on well after the poisoning; none of its answers is someone else's.
     const after = done + 100;
     await eventually(() => done >= after, 'a hundred more honest requests', 60_000);
