@@ -104,6 +104,19 @@ export class Fleet implements SlotLedger {
   readonly #slotWaiters = new Map<string, Set<() => void>>();
   /** Connects of this daemon waiting for a slot, by origin: the last to stop without one takes it out of the queue. */
   readonly #waitingConnects = new Map<string, number>();
+  /**
+   * Origins whose queue of waiters in Redis has this daemon in it: a take that asked to wait was refused, and no
+   * slot Redis granted since took it out. Left when no connect of this daemon waits for one any more, whatever
+   * ended the wait (no longer wanted before it began, a local grant, a failure): an entry nobody stands behind
+   * would hold a free slot from every other member until it goes stale.
+   */
+  readonly #queued = new Set<string>();
+  /** The subscription to the `freed` channel was confirmed (ioredis renews it after a reconnect by itself). */
+  #subscribed = false;
+  #subscribing: Promise<void> | undefined;
+  /** Set when Redis refused the database `fleet.redis` names: ioredis then goes on in database 0, which this
+   *  daemon must not write to. The fleet stays unavailable until the configuration is fixed. */
+  #wrongDatabase: Error | undefined;
   #state: FleetState = 'connecting';
   /** Live members at the last heartbeat (at least this one). */
   #members = 1;
@@ -171,13 +184,20 @@ export class Fleet implements SlotLedger {
     // Rejoin at once when the connection is back: Redis may have restarted empty, or expired us while we were away.
     // The heartbeat's success is what makes the fleet available again.
     this.#redis.on('ready', () => void this.#heartbeat());
-    this.#redis.on('error', (error: Error) => this.#unavailable(error));
+    this.#redis.on('error', (error: Error) => {
+      // A failed SELECT comes as an error before 'ready' (its reply precedes the ready check's), and ioredis then
+      // carries on in database 0.
+      if (/DB index is out of range|invalid DB index/i.test(error.message)) this.#refuseDatabase(error);
+      this.#unavailable(error);
+    });
     this.#redis.on('close', () => this.#unavailable(new Error('connection closed')));
     // ioredis subscribes again by itself after a reconnect; while it is away, waiting connects poll (#waitForSlot).
     this.#subscriber = this.#redis.duplicate({ connectionName: `sockpoold/${this.id}/freed` });
     this.#subscriber.on('error', (error: Error) =>
       this.#log.debug({ err: error.message }, 'fleet: the freed channel connection failed; waiting connects poll'),
     );
+    // Subscribed at the first 'ready', whenever that comes (Redis may be down at start); ioredis renews it after.
+    this.#subscriber.on('ready', () => void this.#subscribeFreed());
     this.#subscriber.on('message', (_channel: string, slotsKey: string) => {
       const origin = slotsKey.slice(this.#slotsKey('').length);
       for (const wake of [...(this.#slotWaiters.get(origin) ?? [])]) wake();
@@ -220,13 +240,48 @@ export class Fleet implements SlotLedger {
     }
     try {
       await this.#subscriber.connect();
-      await this.#subscriber.subscribe(this.#freedChannel());
+      await this.#subscribeFreed();
     } catch (error) {
-      // Redis down at start: ioredis connects and subscribes when it comes; meanwhile waiting connects poll.
+      // Redis down at start: ioredis connects when it comes, and its 'ready' subscribes; meanwhile waiting connects
+      // poll.
       this.#log.debug({ err: (error as Error).message }, 'fleet: not subscribed to the freed channel yet');
     }
     this.#heartbeatTimer = setInterval(() => void this.#heartbeat(), this.#config.heartbeatMs);
     this.#heartbeatTimer.unref();
+  }
+
+  /** Subscribes to the `freed` channel once; a failure is retried at the subscriber's next 'ready'. */
+  #subscribeFreed(): Promise<void> {
+    if (this.#subscribed || this.#closed || this.#wrongDatabase) return Promise.resolve();
+    this.#subscribing ??= this.#subscriber
+      .subscribe(this.#freedChannel())
+      .then(
+        () => {
+          this.#subscribed = true;
+        },
+        (error: Error) => {
+          this.#log.debug(
+            { err: error.message },
+            'fleet: subscribing to the freed channel failed; waiting connects poll',
+          );
+        },
+      )
+      .finally(() => {
+        this.#subscribing = undefined;
+      });
+    return this.#subscribing;
+  }
+
+  /** Redis refused the database of `fleet.redis`: nothing goes to Redis from now on (see #wrongDatabase). */
+  #refuseDatabase(error: Error): void {
+    if (this.#wrongDatabase) return;
+    this.#wrongDatabase = error;
+    this.#log.error(
+      { redis: this.redisTarget, err: error.message, key: 'fleet.redis' },
+      'fleet: Redis has no such database (fleet.redis); the fleet stays unavailable until the configuration names one it has',
+    );
+    this.#redis.disconnect(false);
+    this.#subscriber.disconnect(false);
   }
 
   /** Leaves the fleet: this daemon's slots are given back at once rather than at their expiry. */
@@ -269,15 +324,11 @@ export class Fleet implements SlotLedger {
    */
   async takeSlot(key: string, cap: number, wait: boolean, wanted: () => boolean): Promise<boolean> {
     let counted = false;
-    let granted = false;
     try {
       for (;;) {
         if (this.#closed) return false;
         // (#tryTakeSlot counts a slot it grants as held, in the same turn as it decides.)
-        if (await this.#tryTakeSlot(key, cap, wait)) {
-          granted = true;
-          return true;
-        }
+        if (await this.#tryTakeSlot(key, cap, wait)) return true;
         if (!wait || !wanted()) return false;
         if (!counted) {
           this.counters.slotWaits++;
@@ -288,22 +339,24 @@ export class Fleet implements SlotLedger {
         if (!wanted()) return false;
       }
     } finally {
-      if (counted) this.#stopWaiting(key, granted);
+      if (counted) this.#stopWaiting(key);
+      if (!this.#waitingConnects.has(key)) this.#leaveQueue(key);
     }
   }
 
-  /**
-   * A connect that waited for a slot of `key` stops waiting. The last one of this daemon to stop without a slot takes
-   * the daemon out of the origin's queue (a grant already did); failed or unavailable, the entry goes stale.
-   */
-  #stopWaiting(key: string, granted: boolean): void {
+  /** A connect that waited for a slot of `key` stops waiting. */
+  #stopWaiting(key: string): void {
     const left = (this.#waitingConnects.get(key) ?? 1) - 1;
-    if (left > 0) {
-      this.#waitingConnects.set(key, left);
-      return;
-    }
-    this.#waitingConnects.delete(key);
-    if (granted || !this.available || this.#closed) return;
+    if (left > 0) this.#waitingConnects.set(key, left);
+    else this.#waitingConnects.delete(key);
+  }
+
+  /**
+   * No connect of this daemon waits for a slot of `key`: if a refused take put the daemon in the origin's queue (and
+   * no grant from Redis took it out), it leaves it. Failed or unavailable, the entry goes stale.
+   */
+  #leaveQueue(key: string): void {
+    if (!this.#queued.delete(key) || !this.available || this.#closed) return;
     this.#redis.fleetUnwait(this.#waitersKey(key), this.#askedKey(key), this.id).catch((error: Error) => {
       this.#log.debug({ err: error.message, origin: key }, 'fleet: leaving the queue failed; the entry goes stale');
     });
@@ -314,7 +367,7 @@ export class Fleet implements SlotLedger {
    * without the channel, SLOT_POLL_MS to twice that.
    */
   #waitForSlot(key: string): Promise<void> {
-    const heard = this.#subscriber.status === 'ready';
+    const heard = this.#subscribed && this.#subscriber.status === 'ready';
     const ms = heard ? this.#slotWaitHeardMs : SLOT_POLL_MS + Math.random() * SLOT_POLL_MS;
     return new Promise<void>((resolve) => {
       let waiters = this.#slotWaiters.get(key);
@@ -383,6 +436,9 @@ export class Fleet implements SlotLedger {
           wait ? 1 : 0,
           this.#waiterTtlMs,
         );
+        // (The script queues a refused take that asks to wait, and takes a granted one out of the queue.)
+        if (granted === 1) this.#queued.delete(key);
+        else if (wait) this.#queued.add(key);
         if (granted !== 1) {
           // A heartbeat sent while this take was under way stated it as held, and Redis applied that statement after
           // refusing the take: that slot is given back (sent after the heartbeat, so applied after it too). Left
@@ -518,7 +574,7 @@ export class Fleet implements SlotLedger {
 
   async #heartbeat(): Promise<void> {
     // Also while `unavailable` with the connection up (a command timed out): a heartbeat that succeeds ends that.
-    if (this.#closed || this.#redis.status !== 'ready') return;
+    if (this.#closed || this.#wrongDatabase || this.#redis.status !== 'ready') return;
     const keys = [...new Set([...this.#held.keys(), ...this.#taking.keys(), ...this.#restate.keys()])];
     const counts = keys.map((key) => this.held(key) + (this.#taking.get(key) ?? 0));
     const markedBefore = this.#marks;

@@ -15,6 +15,13 @@
 const NOW = `local t = redis.call('TIME'); local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000`;
 
 /**
+ * Sets a shared key's expiry to `ms` unless it already lasts longer. The keys every member writes (members, slots,
+ * waiters, asked) expire only to clean up after a fleet that is gone, and members may run with different
+ * `slotTtlMs`: one with a short one must not cut short the key another member's live slots are counted in.
+ */
+const EXTEND = `local function extend(key, ms) if redis.call('PTTL', key) < tonumber(ms) then redis.call('PEXPIRE', key, ms) end end`;
+
+/**
  * Takes `n` slots of ORIGIN for a daemon if the fleet stays within `cap` and no daemon that waits for one is ahead
  * of it. Slots of daemons whose heartbeat expired are dropped first. Fair across daemons: a daemon refused while
  * `wait` is 1 joins the origin's queue of waiters (at its end, unless it is in it); a free slot goes to the waiters
@@ -28,6 +35,7 @@ const NOW = `local t = redis.call('TIME'); local now = tonumber(t[1]) * 1000 + t
  */
 export const TAKE_SLOTS_SCRIPT = `
 ${NOW}
+${EXTEND}
 if not redis.call('ZSCORE', KEYS[2], ARGV[1]) then redis.call('ZADD', KEYS[2], now + tonumber(ARGV[5]), ARGV[1]) end
 local fields = redis.call('HGETALL', KEYS[1])
 local total = 0
@@ -58,7 +66,7 @@ for _, waiter in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
 end
 if total + ahead + n <= tonumber(ARGV[2]) then
   redis.call('HINCRBY', KEYS[1], ARGV[1], n)
-  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  extend(KEYS[1], ARGV[4])
   if queued then
     redis.call('ZREM', KEYS[3], ARGV[1])
     redis.call('HDEL', KEYS[4], ARGV[1])
@@ -68,8 +76,8 @@ end
 if ARGV[6] == '1' then
   redis.call('ZADD', KEYS[3], 'NX', now, ARGV[1])
   redis.call('HSET', KEYS[4], ARGV[1], now)
-  redis.call('PEXPIRE', KEYS[3], waiter_ttl * 10)
-  redis.call('PEXPIRE', KEYS[4], waiter_ttl * 10)
+  extend(KEYS[3], waiter_ttl * 10)
+  extend(KEYS[4], waiter_ttl * 10)
 end
 return {0, total}
 `;
@@ -105,9 +113,10 @@ return left
  */
 export const HEARTBEAT_SCRIPT = `
 ${NOW}
+${EXTEND}
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-redis.call('PEXPIRE', KEYS[1], ARGV[2] * 10)
+extend(KEYS[1], ARGV[2] * 10)
 local n = (#KEYS - 1) / 2
 local waiter_ttl = tonumber(ARGV[4])
 local contended = {}
@@ -116,7 +125,7 @@ for i = 1, n do
   local slots = KEYS[i + 1]
   if held > 0 then
     redis.call('HSET', slots, ARGV[1], held)
-    redis.call('PEXPIRE', slots, ARGV[3])
+    extend(slots, ARGV[3])
     local asked = redis.call('HGETALL', KEYS[n + i + 1])
     for j = 1, #asked, 2 do
       if asked[j] ~= ARGV[1] and tonumber(asked[j + 1]) + waiter_ttl >= now then

@@ -1,0 +1,143 @@
+// The fleet's shared state kept honest, with in-process Fleet members against a real redis-server
+// (test/helpers/redis.ts): a member started while Redis was down still hears the `freed` channel once Redis is up; a
+// connect refused once and no longer wanted leaves no entry in the origin's queue to hold a free slot from the
+// others; a member with a short slotTtlMs does not cut short the keys a live member's slots are counted in (the
+// fleet stays within its cap); and a fleet.redis database the server does not have leaves the fleet unavailable
+// instead of writing to database 0.
+import pino from 'pino';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { parseConfig } from '../daemon/config.js';
+import { Fleet } from '../daemon/fleet/fleet.js';
+import { eventually } from './helpers/daemon.js';
+import { type RedisServer, startRedis } from './helpers/redis.js';
+
+let redis: RedisServer;
+const cleanups: Array<() => unknown> = [];
+beforeAll(async () => {
+  redis = await startRedis();
+});
+afterEach(async () => {
+  for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
+});
+afterAll(async () => {
+  await redis?.close();
+});
+const log = pino({ level: 'silent' });
+
+describe('the freed channel', () => {
+  it('a member started while Redis was down hears the freed channel once Redis is up', async () => {
+    const config = parseConfig(
+      { fleet: { redis: redis.url, name: 'downatstart', heartbeatMs: 100, slotTtlMs: 300 } },
+      'test',
+    ).fleet;
+    await redis.kill();
+    // Its fallback poll is out of reach: only the channel can wake it in time (as in fleet.system.test.ts).
+    const asker = new Fleet(config, log, { slotWaitHeardMs: 600_000 });
+    await asker.start();
+    cleanups.push(() => asker.close());
+    expect(asker.available).toBe(false);
+    await redis.start();
+    const holder = new Fleet(config, log);
+    await holder.start();
+    cleanups.push(() => holder.close());
+    await eventually(() => asker.available, 'the asker connected', 15_000);
+    // Past the trust window after an outage (max(slotTtlMs, 2 s + 2 heartbeats)): slot decisions are Redis's again.
+    await new Promise((resolve) => setTimeout(resolve, 2_600));
+    // Both members should be subscribed to the freed channel by now.
+    const subscribers = (await redis.cli('PUBSUB', 'NUMSUB', 'sockpool:{downatstart}:freed')).trim().split('\n')[1];
+    expect(subscribers, 'subscribers of the freed channel').toBe('2');
+    const origin = '127.0.0.1:20';
+    expect(await holder.takeSlot(origin, 1, false, () => true)).toBe(true);
+    let waiting = true;
+    cleanups.push(() => {
+      waiting = false;
+    });
+    const taken = asker.takeSlot(origin, 1, true, () => waiting);
+    await eventually(() => asker.counters.slotWaits === 1, 'the asker waiting for the slot');
+    holder.releaseSlots(origin, 1);
+    const outcome = await Promise.race([
+      taken,
+      new Promise<string>((resolve) => setTimeout(() => resolve('not woken within 5 s'), 5_000)),
+    ]);
+    expect(outcome).toBe(true);
+  });
+});
+
+describe('the queue of waiters', () => {
+  it('a connect refused once and no longer wanted leaves no entry in the queue that holds a free slot', async () => {
+    const config = parseConfig({ fleet: { redis: redis.url, name: 'stalequeue' } }, 'test').fleet;
+    const [holder, quitter, other] = [new Fleet(config, log), new Fleet(config, log), new Fleet(config, log)];
+    for (const member of [holder, quitter, other]) {
+      await member.start();
+      cleanups.push(() => member.close());
+    }
+    const origin = '127.0.0.1:21';
+    const queue = async () => (await redis.cli('ZRANGE', `sockpool:{stalequeue}:waiters:${origin}`, '0', '-1')).trim();
+    expect(await holder.takeSlot(origin, 1, false, () => true)).toBe(true);
+    // A waiter's connect (wait: true) whose acquire timed out or was served while its take was under way: refused,
+    // then not wanted any more. It never waited, so nothing of this daemon waits for the origin.
+    expect(await quitter.takeSlot(origin, 1, true, () => false)).toBe(false);
+    expect(quitter.counters.slotWaits).toBe(0);
+    // The slot frees; nobody waits for it: another member's refill (wait: false) should get it.
+    holder.releaseSlots(origin, 1);
+    await eventually(
+      async () => (await redis.cli('HLEN', `sockpool:{stalequeue}:slots:${origin}`)).trim() === '0',
+      'released',
+    );
+    const queued = await queue();
+    const took = await other.takeSlot(origin, 1, false, () => true);
+    expect({ queued, took }).toEqual({ queued: '', took: true });
+  });
+});
+
+describe('key expiry set by members of different settings', () => {
+  it("a member with a short slotTtlMs does not expire a live member's slots (the fleet stays within its cap)", async () => {
+    // Both settings are valid (slotTtlMs >= 3 × heartbeatMs); members of one fleet need not share them.
+    const slow = parseConfig(
+      { fleet: { redis: redis.url, name: 'mixedttl', heartbeatMs: 20_000, slotTtlMs: 60_000 } },
+      'test',
+    ).fleet;
+    const fast = parseConfig(
+      { fleet: { redis: redis.url, name: 'mixedttl', heartbeatMs: 100, slotTtlMs: 300 } },
+      'test',
+    ).fleet;
+    const [holder, quick, other] = [new Fleet(slow, log), new Fleet(fast, log), new Fleet(fast, log)];
+    for (const member of [holder, quick, other]) {
+      await member.start();
+      cleanups.push(() => member.close());
+    }
+    const origin = '127.0.0.1:22';
+    const cap = 2;
+    // The holder (alive, heartbeat every 20 s, slots good for 60 s) holds one slot.
+    expect(await holder.takeSlot(origin, cap, false, () => true)).toBe(true);
+    // The quick member takes the other and gives it back: its take set the origin's hash to expire in 3 s.
+    expect(await quick.takeSlot(origin, cap, false, () => true)).toBe(true);
+    quick.releaseSlots(origin, 1);
+    await new Promise((resolve) => setTimeout(resolve, 3_500));
+    // The holder still holds its slot and is alive: only one more slot is free.
+    const slots = (await redis.cli('HGETALL', `sockpool:{mixedttl}:slots:${origin}`)).trim();
+    const first = await other.takeSlot(origin, cap, false, () => true);
+    const second = await other.takeSlot(origin, cap, false, () => true);
+    expect({ holderInRedis: slots.includes(holder.id), granted: [first, second] }).toEqual({
+      holderInRedis: true,
+      granted: [true, false],
+    });
+  });
+});
+
+describe('the fleet.redis database', () => {
+  it('a database the server does not have is not silently replaced by db 0', async () => {
+    // redis-server's default is 16 databases; parseRedisUrl accepts /0 to /99.
+    const config = parseConfig(
+      { fleet: { redis: `${redis.url.replace(/\/0$/, '')}/42`, name: 'wrongdb' } },
+      'test',
+    ).fleet;
+    const member = new Fleet(config, log);
+    await member.start();
+    cleanups.push(() => member.close());
+    await new Promise((resolve) => setTimeout(resolve, 500));
+    // Its membership (and so its slots, rates, demand) lands in db 0, shared with whatever fleet uses db 0.
+    const membersInDb0 = (await redis.cli('-n', '0', 'ZRANGE', 'sockpool:{wrongdb}:members', '0', '-1')).trim();
+    expect({ state: member.state, membersInDb0 }).toEqual({ state: 'unavailable', membersInDb0: '' });
+  });
+});
