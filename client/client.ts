@@ -331,9 +331,10 @@ export class SockpoolClient {
 
   /** request() for what needs awaiting first: a Blob body read, a place in the queue, a streamed request body. */
   async #requestWaiting(preparing: Prepared | Promise<Prepared>, waiting?: Promise<void>): Promise<SockpoolResponse> {
-    const prepared = await preparing;
+    let prepared: Prepared;
+    if (waiting === undefined) ({ prepared, waiting } = await this.#enter(preparing));
+    else prepared = preparing as Prepared;
     const { request, signal, upload, queued, target } = prepared;
-    if (!waiting) waiting = this.#queue.enter(target, request, signal);
     if (waiting) await waiting;
     if (!upload) return new Promise((resolve, reject) => this.#start(prepared, resolve, reject));
     try {
@@ -343,6 +344,25 @@ export class SockpoolClient {
       return response(result, queued);
     } finally {
       this.#queue.leave(target);
+    }
+  }
+
+  /**
+   * Enters a prepared request into the queue (its place, or the wait for one). One whose Blob body is still being read
+   * counts as a chain until it is in (#chain): close() called meanwhile waits for it, as for any request made before
+   * it, instead of finding the queue empty and closing the runtimes under it.
+   */
+  async #enter(preparing: Prepared | Promise<Prepared>): Promise<{ prepared: Prepared; waiting: Promise<void> | undefined }> {
+    if (!(preparing instanceof Promise)) {
+      return { prepared: preparing, waiting: this.#queue.enter(preparing.target, preparing.request, preparing.signal) };
+    }
+    this.#chains++;
+    try {
+      const prepared = await preparing;
+      return { prepared, waiting: this.#queue.enter(prepared.target, prepared.request, prepared.signal) };
+    } finally {
+      // (After the enter: the queue holds it when close() looks there.)
+      this.#chainEnded();
     }
   }
 
@@ -456,8 +476,8 @@ export class SockpoolClient {
         (response, failed) => (failed ? response.body.cancel() : discardBody(response.body)),
       );
     }
-    const { request, signal, upload, queued, target } = await this.#prepare(url, options, true);
-    const waiting = this.#queue.enter(target, request, signal);
+    const { prepared, waiting } = await this.#enter(this.#prepare(url, options, true));
+    const { request, signal, upload, queued, target } = prepared;
     if (waiting) await waiting;
     const { channel, started } = await this.#startStreamed(request, target.key, upload);
     // The run ends when the transfer does (the body read or cancelled); its failures (and a dead worker) fail the
@@ -529,8 +549,12 @@ export class SockpoolClient {
     try {
       return await work();
     } finally {
-      if (--this.#chains === 0) for (const done of this.#chainsDone.splice(0)) done();
+      this.#chainEnded();
     }
+  }
+
+  #chainEnded(): void {
+    if (--this.#chains === 0) for (const done of this.#chainsDone.splice(0)) done();
   }
 
   /**
