@@ -352,7 +352,9 @@ export class SockpoolClient {
    * counts as a chain until it is in (#chain): close() called meanwhile waits for it, as for any request made before
    * it, instead of finding the queue empty and closing the runtimes under it.
    */
-  async #enter(preparing: Prepared | Promise<Prepared>): Promise<{ prepared: Prepared; waiting: Promise<void> | undefined }> {
+  async #enter(
+    preparing: Prepared | Promise<Prepared>,
+  ): Promise<{ prepared: Prepared; waiting: Promise<void> | undefined }> {
     if (!(preparing instanceof Promise)) {
       return { prepared: preparing, waiting: this.#queue.enter(preparing.target, preparing.request, preparing.signal) };
     }
