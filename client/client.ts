@@ -44,6 +44,7 @@ import {
   isStreamBody,
   type PrewarmTarget,
   type RequestOptions,
+  validateAcquireTimeout,
   validateMaxBodyBytes,
   validatePrewarm,
   validateRequest,
@@ -68,7 +69,7 @@ export interface SockpoolClientOptions {
    * undici): a crawler that buffers what it fetches should set one.
    */
   maxBodyBytes?: number;
-  /** How long a request may wait for the daemon to hand over a socket. Default 10000 ms. */
+  /** How long a request may wait for the daemon to hand over a socket. Default 10000 ms, at most 600000. */
   acquireTimeoutMs?: number;
   /** With the daemon down: fail ('fail', default) or let curl connect by itself ('direct'). */
   fallback?: 'fail' | 'direct';
@@ -236,7 +237,7 @@ export class SockpoolClient {
       concurrencyPerThread: concurrency,
       timeoutMs: validateTimeout(options.timeoutMs ?? 30_000),
       maxBodyBytes: options.maxBodyBytes === undefined ? undefined : validateMaxBodyBytes(options.maxBodyBytes),
-      acquireTimeoutMs: validateTimeout(options.acquireTimeoutMs ?? 10_000, 'acquireTimeoutMs'),
+      acquireTimeoutMs: validateAcquireTimeout(options.acquireTimeoutMs ?? 10_000),
       fallback: options.fallback ?? 'fail',
       caFile: options.caFile,
       insecure: options.insecure ?? false,

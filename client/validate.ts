@@ -3,7 +3,7 @@
 
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import { canonicalOrigin, originKey } from '../shared/origin.js';
-import { MAX_PREWARM_COUNT } from '../shared/protocol.js';
+import { MAX_PREWARM_COUNT, MAX_TIMEOUT_MS } from '../shared/protocol.js';
 import { type UrlTarget, urlTarget } from '../worker/url-target.js';
 import type { BodyStream } from './caller-channel.js';
 
@@ -111,6 +111,15 @@ export function validateTimeout(timeoutMs: unknown, what = 'timeoutMs'): number 
     throw invalid(`${what} must be a positive number of milliseconds`);
   }
   return timeoutMs;
+}
+
+/** acquireTimeoutMs: a timeout (validateTimeout) the daemon may be asked to wait, at most the protocol's bound. */
+export function validateAcquireTimeout(timeoutMs: unknown): number {
+  const checked = validateTimeout(timeoutMs, 'acquireTimeoutMs');
+  if (checked > MAX_TIMEOUT_MS) {
+    throw invalid(`acquireTimeoutMs must be at most ${MAX_TIMEOUT_MS} ms (the longest the daemon waits)`);
+  }
+  return checked;
 }
 
 /** A body size limit: a whole number of bytes >= 0, or Infinity (none, returned as undefined). */

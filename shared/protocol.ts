@@ -27,6 +27,8 @@ export const MAX_MESSAGE_BYTES = 16 * 1024;
 export const MAX_FDS_PER_MESSAGE = 1;
 /** Sockets one prewarm may ask for. */
 export const MAX_PREWARM_COUNT = 1000;
+/** The longest wait an acquire or a `tokens` request may ask the daemon for (`timeoutMs`), in ms. */
+export const MAX_TIMEOUT_MS = 600_000;
 
 const requestId = z
   .number()
@@ -65,7 +67,7 @@ export const ClientMessage = z.discriminatedUnion('type', [
     host,
     port,
     /** How long the client is willing to wait for a slot and a connection, in ms. */
-    timeoutMs: z.number().int().min(1).max(600_000).optional(),
+    timeoutMs: z.number().int().min(1).max(MAX_TIMEOUT_MS).optional(),
     /** A proxy of the daemon's configuration, by name: the lent socket is a CONNECT tunnel through it. */
     proxy: proxyName.optional(),
     /** https: the lease may be a warm TLS session relayed by the daemon, if it verifies as the client would. */
@@ -105,7 +107,7 @@ export const ClientMessage = z.discriminatedUnion('type', [
     /** Request tokens wanted of a rate-limited origin (the daemon grants 1 to count, or refuses). */
     count: z.number().int().min(1).max(1000),
     /** How long the client is willing to wait for the first token, in ms. */
-    timeoutMs: z.number().int().min(1).max(600_000).optional(),
+    timeoutMs: z.number().int().min(1).max(MAX_TIMEOUT_MS).optional(),
   }),
   z.strictObject({
     type: z.literal('release'),
@@ -278,7 +280,7 @@ function fastPath(value: unknown): ClientMessage | undefined {
       const { host, port, timeoutMs, tls } = message;
       const size = 4 + (timeoutMs === undefined ? 0 : 1) + (tls === undefined ? 0 : 1);
       if (keys.length !== size || !idOk || typeof host !== 'string' || !HOST_PATTERN.test(host)) return undefined;
-      if (!isInt(port, 1, 65535) || (timeoutMs !== undefined && !isInt(timeoutMs, 1, 600_000))) return undefined;
+      if (!isInt(port, 1, 65535) || (timeoutMs !== undefined && !isInt(timeoutMs, 1, MAX_TIMEOUT_MS))) return undefined;
       if (tls !== undefined && !isTlsRequest(tls)) return undefined;
       return message as ClientMessage;
     }
@@ -473,7 +475,7 @@ function decodeClientFrame(frame: Buffer): ClientMessage {
       const port = frame.readUInt16LE(6);
       if (port < 1) throw frameError('acquire', 'port must be 1-65535');
       const timeoutMs = frame.readUInt32LE(8);
-      if (flags & HAS_TIMEOUT ? timeoutMs < 1 || timeoutMs > 600_000 : timeoutMs !== 0) {
+      if (flags & HAS_TIMEOUT ? timeoutMs < 1 || timeoutMs > MAX_TIMEOUT_MS : timeoutMs !== 0) {
         throw frameError('acquire', 'timeoutMs must be 1-600000 when present, 0 when absent');
       }
       const host = frame.toString('latin1', 13, trustAt);

@@ -20,36 +20,48 @@ export function batchSize(params: RateParams, max: number): number {
 /** How long a token taken in a batch may wait to be spent. */
 export const TOKEN_LIFETIME_MS = 1_000;
 
-/** Tokens held for one origin, taken in batches, each batch spendable until it expires (injected clock). */
+/**
+ * Tokens held for one origin, taken in batches (injected clock). Each batch is spendable until TOKEN_LIFETIME_MS
+ * after it was taken, and no longer: tokens added later never lengthen the lifetime of those held already. The
+ * oldest are spent first (they expire first). (Holders ask for a batch when theirs is spent: one or two at a time.)
+ */
 export class TokenBatch {
+  /** Batches held, oldest first: tokens left and when they expire. */
+  #held: Array<{ tokens: number; expiresAt: number }> = [];
   #tokens = 0;
-  #expiresAt = 0;
 
+  /** Tokens held, expired ones not dropped yet included. */
   get count(): number {
     return this.#tokens;
   }
 
-  /** Tokens still spendable at `now` (0 once the batch expired). */
+  /** Tokens still spendable at `now` (0 once every batch expired). */
   held(now: number): number {
-    return now >= this.#expiresAt ? 0 : this.#tokens;
+    let held = 0;
+    for (const batch of this.#held) if (now < batch.expiresAt) held += batch.tokens;
+    return held;
   }
 
-  /** Spends one token if one is held and not expired. */
+  /** Spends one token (of the oldest batch) if one is held and not expired. */
   spend(now: number): boolean {
     if (this.#tokens === 0) return false;
-    if (now >= this.#expiresAt) {
-      this.#tokens = 0;
-      return false;
-    }
+    this.#dropExpired(now);
+    const oldest = this.#held[0];
+    if (!oldest) return false;
     this.#tokens--;
+    if (--oldest.tokens === 0) this.#held.shift();
     return true;
   }
 
-  /** Adds `count` tokens taken at `now` (the older ones' lifetime is renewed with them: they came in order). */
+  /** Adds `count` tokens taken at `now`: they expire TOKEN_LIFETIME_MS later, the ones held already as before. */
   add(count: number, now: number): void {
     if (count <= 0) return;
-    if (now >= this.#expiresAt) this.#tokens = 0;
+    this.#dropExpired(now);
+    this.#held.push({ tokens: count, expiresAt: now + TOKEN_LIFETIME_MS });
     this.#tokens += count;
-    this.#expiresAt = now + TOKEN_LIFETIME_MS;
+  }
+
+  #dropExpired(now: number): void {
+    while (this.#held.length > 0 && now >= this.#held[0]!.expiresAt) this.#tokens -= this.#held.shift()!.tokens;
   }
 }

@@ -1,15 +1,19 @@
 // The fleet's pure logic on an injected clock: GCRA arithmetic (the same as RATE_SCRIPT in Redis), token batches
-// and their lifetime, the daemon's rate limiter alone (a fleet of one) with SOCKPOOL_ERR_RATE_LIMITED, the worker's
-// token batches (no message for origins without a rate), local slots, and the maps of per-origin rate state.
+// and their lifetime (each batch its own), the daemon's rate limiter alone (a fleet of one) with
+// SOCKPOOL_ERR_RATE_LIMITED, the worker's token batches (no message for origins without a rate; one batch request
+// per origin at a time; a wait over the protocol's bound asked for again), local slots, and the maps of per-origin
+// rate state.
 import { describe, expect, it } from 'vitest';
 import { defaultConfig, parseConfig } from '../daemon/config.js';
 import { ForgetfulMap } from '../daemon/fleet/forgetful-map.js';
 import { gcraTake, LocalGcra } from '../daemon/fleet/gcra.js';
 import { RateLimiter } from '../daemon/fleet/rate-limiter.js';
 import { LocalSlots } from '../daemon/fleet/slots.js';
-import { ErrorCodes } from '../shared/errors.js';
+import { ErrorCodes, SockpoolError } from '../shared/errors.js';
+import { MAX_TIMEOUT_MS } from '../shared/protocol.js';
 import { batchSize, TOKEN_LIFETIME_MS, TokenBatch } from '../shared/rate.js';
 import { RateTokens } from '../worker/rate-tokens.js';
+import { eventually } from './helpers/daemon.js';
 
 describe('GCRA', () => {
   const rate = { requestsPerSecond: 10, burst: 3 };
@@ -56,11 +60,25 @@ describe('token batches', () => {
     batch.add(2, 0);
     expect(batch.spend(10)).toBe(true);
     batch.add(1, 20);
-    expect(batch.held(TOKEN_LIFETIME_MS + 19)).toBe(2);
+    expect(batch.held(TOKEN_LIFETIME_MS - 1)).toBe(2);
     expect(batch.held(TOKEN_LIFETIME_MS + 20)).toBe(0); // what the limiter forgets a batch by
     expect(batch.spend(TOKEN_LIFETIME_MS + 19)).toBe(true);
     expect(batch.spend(TOKEN_LIFETIME_MS + 20)).toBe(false);
     expect(batch.count).toBe(0);
+  });
+
+  it('keeps each batch for its own lifetime: tokens added later do not lengthen the older ones', () => {
+    const batch = new TokenBatch();
+    batch.add(3, 0);
+    batch.add(2, 500);
+    // The first batch's tokens are spent first (they expire first).
+    expect(batch.spend(100)).toBe(true);
+    expect(batch.held(TOKEN_LIFETIME_MS - 1)).toBe(4);
+    // The first batch ends at its own lifetime (before: the second one's add renewed it to 1500).
+    expect(batch.held(TOKEN_LIFETIME_MS)).toBe(2);
+    expect(batch.spend(TOKEN_LIFETIME_MS)).toBe(true);
+    expect(batch.spend(TOKEN_LIFETIME_MS + 1)).toBe(true);
+    expect(batch.spend(TOKEN_LIFETIME_MS + 2)).toBe(false);
   });
 });
 
@@ -124,6 +142,90 @@ describe('worker tokens', () => {
     expect(asked).toEqual([5, 5]);
     tokens.learn('a.example', 80, undefined);
     expect(tokens.take('a.example', 80, 1000)).toBeUndefined();
+  });
+  /** A link whose `tokens` requests the test answers by hand. */
+  function manualLink() {
+    const asks: Array<{ count: number; timeoutMs: number; grant(granted: number): void; fail(error: Error): void }> =
+      [];
+    const link = {
+      tokens(_host: string, _port: number, count: number, timeoutMs: number) {
+        return new Promise<number>((resolve, reject) => asks.push({ count, timeoutMs, grant: resolve, fail: reject }));
+      },
+    };
+    return { asks, link };
+  }
+
+  /** Settles once the microtasks queued so far (and those they queue) ran. */
+  const settle = () => new Promise<void>((resolve) => setImmediate(resolve));
+
+  it('one batch request per origin at a time: the requests that find the batch empty meanwhile spend from it', async () => {
+    const { asks, link } = manualLink();
+    const tokens = new RateTokens(link, () => 0);
+    tokens.learn('a.example', 80, { requestsPerSecond: 100, burst: 10 });
+    let done = 0;
+    const takes = Array.from({ length: 12 }, () => tokens.take('a.example', 80, 1000)!.then(() => done++));
+    // Twelve requests, one `tokens` request (before: twelve, each for a batch of ten).
+    expect(asks.map((ask) => ask.count)).toEqual([10]);
+    asks[0]!.grant(10);
+    await settle();
+    // Ten had their token from it; the other two ask once more, together.
+    expect(done).toBe(10);
+    expect(asks.map((ask) => ask.count)).toEqual([10, 10]);
+    asks[1]!.grant(10);
+    await Promise.all(takes);
+    expect(asks).toHaveLength(2);
+    // The rest is held: the next requests send nothing.
+    for (let i = 0; i < 8; i++) expect(tokens.take('a.example', 80, 1000)).toBeUndefined();
+  });
+
+  it('a refused batch request fails its own request only: the waiting ones ask again', async () => {
+    const { asks, link } = manualLink();
+    const tokens = new RateTokens(link, () => 0);
+    tokens.learn('a.example', 80, { requestsPerSecond: 100, burst: 10 });
+    const first = tokens.take('a.example', 80, 1000)!;
+    const second = tokens.take('a.example', 80, 2000)!;
+    const refusal = new SockpoolError(ErrorCodes.RATE_LIMITED, 'refused', { waitMs: 1500 });
+    asks[0]!.fail(refusal);
+    await expect(first).rejects.toBe(refusal);
+    expect(asks.map((ask) => ask.timeoutMs)).toEqual([1000, 2000]);
+    asks[1]!.grant(10);
+    await second;
+  });
+
+  it('a request whose deadline comes before the batch request under way asks for its own single token', async () => {
+    const { asks, link } = manualLink();
+    const tokens = new RateTokens(link, () => 0);
+    tokens.learn('a.example', 80, { requestsPerSecond: 100, burst: 10 });
+    const long = tokens.take('a.example', 80, 5000)!;
+    // Waiting for the first one's request could take it past its deadline.
+    const short = tokens.take('a.example', 80, 100)!;
+    expect(asks.map(({ count, timeoutMs }) => ({ count, timeoutMs }))).toEqual([
+      { count: 10, timeoutMs: 5000 },
+      { count: 1, timeoutMs: 100 },
+    ]);
+    asks[1]!.grant(1);
+    await short;
+    asks[0]!.grant(10);
+    await long;
+  });
+
+  it('a token the daemon would not wait for (over the protocol bound) is asked for again when due within it', async () => {
+    const { asks, link } = manualLink();
+    const tokens = new RateTokens(link, () => 0);
+    tokens.learn('slow.example', 80, { requestsPerSecond: 0.001, burst: 1 });
+    // The daemon waits at most MAX_TIMEOUT_MS: the next token, due 20 ms after that, is refused...
+    const taking = tokens.take('slow.example', 80, MAX_TIMEOUT_MS + 100_000)!;
+    asks[0]!.fail(new SockpoolError(ErrorCodes.RATE_LIMITED, 'refused', { waitMs: MAX_TIMEOUT_MS + 20 }));
+    // ...and asked for again once it is due within the bound (before: the request failed, its deadline ahead).
+    await eventually(() => asks.length === 2, 'the second tokens request');
+    asks[1]!.grant(1);
+    await taking;
+    // A token due after the request's deadline fails it.
+    const late = tokens.take('slow.example', 80, MAX_TIMEOUT_MS + 100_000)!;
+    const refusal = new SockpoolError(ErrorCodes.RATE_LIMITED, 'refused', { waitMs: MAX_TIMEOUT_MS + 200_000 });
+    asks[2]!.fail(refusal);
+    await expect(late).rejects.toBe(refusal);
+    expect(asks).toHaveLength(3);
   });
 });
 

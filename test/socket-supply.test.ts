@@ -4,7 +4,8 @@
 // once and a second OPENSOCKETFUNCTION starved, closing and releasing leases, https with an unknown protocol (one
 // socket at a time, the others wait for curl to take it), what HTTP/2 and HTTP/1.1 answers change, failed and
 // cancelled acquires, forced acquires, an acquire given up when a connection frees (not one that carries a rate
-// token), and the daemon's reclaim of idle leases. Every test ends with as many fds open as it started with.
+// token), and the daemon's reclaim of idle leases (of the link connection the notice came on only: lease ids start
+// again at 1 when the daemon restarts). Every test ends with as many fds open as it started with.
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
@@ -17,6 +18,8 @@ const TARGET = { host: 'origin.test', port: 443 };
 const KEY = 'origin.test:443';
 const HTTPS: PrepareOptions = { secure: true, timeoutMs: 1_000, force: false };
 const HTTP: PrepareOptions = { secure: false, timeoutMs: 1_000, force: false };
+/** The link connection FakeLink's leases come from (reclaim notices name leases of one connection). */
+const LINK = 1;
 
 let link: FakeLink;
 let supply: SocketSupply;
@@ -161,7 +164,7 @@ describe('SocketSupply when a connection frees, or the daemon asks for idle ones
     expect(link.acquires).toHaveLength(2);
     await expectStillPending(second);
     // The daemon says the origin is at its cap (the first's lease is named; its transfer runs, so it stays).
-    supply.reclaim([slot.lease!.leaseId]);
+    supply.reclaim([slot.lease!.leaseId], LINK);
     expect(link.closedLeases).toEqual([]);
     // The first ends: its connection is idle in curl's cache, and the second runs on it without a socket.
     supply.finish(slot);
@@ -182,7 +185,7 @@ describe('SocketSupply when a connection frees, or the daemon asks for idle ones
     await expectStillPending(second);
     // The notice names the idle connection's lease; a transfer waits in this thread, so the connection is not shut
     // down, and that transfer takes it (before: both waited until the acquire's deadline).
-    supply.reclaim([slot.lease!.leaseId]);
+    supply.reclaim([slot.lease!.leaseId], LINK);
     expect(link.closedLeases).toEqual([]);
     const given = await second;
     expect(given.lease).toBeUndefined();
@@ -218,7 +221,7 @@ describe('SocketSupply when a connection frees, or the daemon asks for idle ones
     // Sent once it knew: the request took its token here.
     const third = supply.prepare(TARGET, KEY, { ...HTTP, tokenTaken: true }) as Promise<SocketSlot>;
     const secondState = settledState(second);
-    supply.reclaim([slot.lease!.leaseId]); // at the cap
+    supply.reclaim([slot.lease!.leaseId], LINK); // at the cap
     supply.finish(slot);
     // The freed connection goes to the third; the second keeps waiting for its own socket.
     expect((await third).lease).toBeUndefined();
@@ -238,18 +241,39 @@ describe('SocketSupply when a connection frees, or the daemon asks for idle ones
     const fd = supply.open(slot);
     const leaseId = slot.lease!.leaseId;
     // A transfer in flight on the connection: the lease stays.
-    supply.reclaim([leaseId]);
+    supply.reclaim([leaseId], LINK);
     expect(link.closedLeases).toEqual([]);
     expect(native.probe(farEnds.get(fd)!).state).toBe('alive');
     // Idle in curl's cache: shut down (curl finds it dead) and reported closed now, once.
     supply.finish(slot);
-    supply.reclaim([leaseId, 999]);
+    supply.reclaim([leaseId, 999], LINK);
     expect(link.closedLeases).toEqual([leaseId]);
     expect(closedByUs(fd)).toBe(true);
-    supply.reclaim([leaseId]);
+    supply.reclaim([leaseId], LINK);
     // curl closes it later: no second `closed`.
     expect(supply.close(fd)).toBe(0);
     expect(link.closedLeases).toEqual([leaseId]);
+  });
+
+  it('leaves alone, on reclaim, a lease of the daemon before a restart that has an id the notice names', async () => {
+    // Origin A: lease 1 of the first daemon, idle in curl's cache.
+    const slotA = await supply.prepare({ host: 'a.test', port: 80 }, 'a.test:80', HTTP);
+    const fdA = supply.open(slotA);
+    supply.finish(slotA);
+    // The daemon restarts: its lease ids start again at 1. Origin B: lease 1 of the new daemon, idle too.
+    const restarted = link.restart();
+    const slotB = await supply.prepare({ host: 'b.test', port: 80 }, 'b.test:80', HTTP);
+    expect([slotA.lease!.leaseId, slotB.lease!.leaseId]).toEqual([1, 1]);
+    const fdB = supply.open(slotB);
+    supply.finish(slotB);
+    // The new daemon's reclaim of its lease 1 is B's; A's (before: shut down too, and A marked at its cap).
+    supply.reclaim([1], restarted);
+    expect(closedByUs(fdB)).toBe(true);
+    expect(native.probe(farEnds.get(fdA)!).state).toBe('alive');
+    expect(link.closedLeases).toEqual([1]);
+    expect(supply.close(fdB)).toBe(0);
+    expect(supply.close(fdA)).toBe(0);
+    expect(link.closedLeases).toEqual([1, 1]);
   });
 
   it('fails a transfer whose signal fired before it started, and counts it no more', async () => {
@@ -262,7 +286,7 @@ describe('SocketSupply when a connection frees, or the daemon asks for idle ones
     const slot = await prepare(HTTP);
     const fd = supply.open(slot);
     supply.finish(slot);
-    supply.reclaim([slot.lease!.leaseId]);
+    supply.reclaim([slot.lease!.leaseId], LINK);
     expect(link.closedLeases).toEqual([slot.lease!.leaseId]);
     expect(supply.close(fd)).toBe(0);
   });

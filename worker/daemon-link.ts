@@ -9,6 +9,10 @@
 // old ones, and its new lease ids start again at 1, so `closed` and `release` for a lease of an earlier connection
 // are not sent (a released fd is closed instead).
 //
+// The daemon is asked to wait at most MAX_TIMEOUT_MS (the protocol's bound on an acquire's or a `tokens` request's
+// `timeoutMs`): a longer wait is sent as that. The client allows no acquireTimeoutMs over it; a token that comes
+// later than that, but before the request's deadline, is asked for again by rate-tokens.ts.
+//
 // While reconnecting after a failure, requests fail at once with SOCKPOOL_ERR_DAEMON_UNAVAILABLE until the backoff
 // delay has passed; the first request after it tries again.
 
@@ -24,6 +28,7 @@ import {
   type LeaseReply,
   MAX_FDS_PER_MESSAGE,
   MAX_MESSAGE_BYTES,
+  MAX_TIMEOUT_MS,
   PROTOCOL_VERSION,
   RELEASE_WITHOUT_FD,
 } from '../shared/protocol.js';
@@ -56,8 +61,9 @@ const RECONNECT_MIN_MS = 50;
 const RECONNECT_MAX_MS = 2000;
 
 export class DaemonLink {
-  /** The daemon asks for these leases back if idle (`reclaim`, see the protocol): the socket supply decides. */
-  onReclaim: ((leaseIds: number[]) => void) | undefined;
+  /** The daemon asks for these leases back if idle (`reclaim`, see the protocol): the socket supply decides.
+   *  `link`: the connection the notice came on (its lease ids are that daemon's: `Lease.link`). */
+  onReclaim: ((leaseIds: number[], link: number) => void) | undefined;
   /** Request tokens of the rate-limited origins this link's leases named (rate-tokens.ts). */
   readonly rateTokens: RateTokens = new RateTokens(this);
   #options: Required<DaemonLinkOptions>;
@@ -98,7 +104,7 @@ export class DaemonLink {
     tls?: { trust: string },
     tokenTaken?: boolean,
   ): Promise<Lease> {
-    const ms = Math.max(1, Math.ceil(timeoutMs));
+    const ms = daemonWait(timeoutMs);
     const { message, fds, generation } = await this.#request(
       {
         type: 'acquire',
@@ -156,7 +162,7 @@ export class DaemonLink {
 
   /** Request tokens of a rate-limited origin (rate-tokens.ts takes them through here). */
   async tokens(host: string, port: number, count: number, timeoutMs: number): Promise<number> {
-    const ms = Math.max(1, Math.ceil(timeoutMs));
+    const ms = daemonWait(timeoutMs);
     const { message } = await this.#request({ type: 'tokens', host, port, count, timeoutMs: ms }, ms + 1000);
     if (message.type !== 'tokens' || !Number.isInteger(message.granted) || message.granted < 1) {
       throw new SockpoolError(ErrorCodes.PROTOCOL, `daemon answered tokens with ${message.type}`);
@@ -281,7 +287,7 @@ export class DaemonLink {
         { cause },
       );
     }
-    this.#generation++;
+    const generation = ++this.#generation;
     this.#binary = false;
     this.#releaseWithoutFd = false;
     this.#cancelSupported = false;
@@ -291,7 +297,7 @@ export class DaemonLink {
     const channel = new SeqpacketChannel(
       fd,
       {
-        onMessage: (data, fds) => this.#onMessage(data, fds),
+        onMessage: (data, fds) => this.#onMessage(data, fds, generation),
         onClose: (error) => {
           if (this.#channel === channel) this.#channel = undefined;
           this.#failAll(
@@ -361,7 +367,8 @@ export class DaemonLink {
     return answer;
   }
 
-  #onMessage(data: Buffer, fds: number[]): void {
+  /** A message on the connection numbered `generation`. */
+  #onMessage(data: Buffer, fds: number[], generation: number): void {
     let message: DaemonMessage;
     try {
       message = decodeDaemonMessage(data);
@@ -372,7 +379,7 @@ export class DaemonLink {
     const id = message.id;
     if (message.type === 'reclaim') {
       for (const fd of fds) native.close(fd);
-      this.onReclaim?.(message.leaseIds);
+      this.onReclaim?.(message.leaseIds, generation);
       return;
     }
     if (id === null && message.type === 'error') {
@@ -407,4 +414,9 @@ export class DaemonLink {
       pending.reject(error);
     }
   }
+}
+
+/** A wait to ask the daemon for: whole ms, 1 to the protocol's MAX_TIMEOUT_MS. */
+function daemonWait(timeoutMs: number): number {
+  return Math.min(MAX_TIMEOUT_MS, Math.max(1, Math.ceil(timeoutMs)));
 }

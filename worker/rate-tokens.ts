@@ -4,16 +4,37 @@
 // send nothing. Origins without a rate cost one Map lookup: no message at all. A request to an origin whose rate we
 // do not know yet is charged by the daemon on its acquire (such a request always needs a connection: curl has none
 // cached there); an acquire says `tokenTaken` when the request took its token here.
+//
+// One `tokens` request per origin at a time: requests that find the batch empty while one is under way wait for it
+// and spend from the batch it fills; only those still without a token then ask again. (Each asking for a batch of
+// its own, a burst of N requests took up to N batches: tokens that expired unspent, lost to the whole fleet, and
+// waits the origin's rate did not call for.) A request whose deadline comes before the one under way's asks for
+// its own single token instead, so that it never waits past its deadline behind another request.
+//
+// The daemon waits at most MAX_TIMEOUT_MS for a token (the protocol's bound). A request with more time left that
+// the daemon refuses (SOCKPOOL_ERR_RATE_LIMITED: the next token comes later than that) waits here until the token
+// is within that bound, and asks again; it fails only when the token would come after its own deadline.
 
+import { ErrorCodes } from '../shared/errors.js';
 import { originKey } from '../shared/origin.js';
+import { MAX_TIMEOUT_MS } from '../shared/protocol.js';
 import { batchSize, type RateParams, TokenBatch } from '../shared/rate.js';
 
 /** The most tokens a worker asks for at once. */
 const MAX_WORKER_BATCH = 16;
 
 export interface TokenLink {
-  /** Tokens of host:port from the daemon: resolves with how many (>= 1), or rejects (SOCKPOOL_ERR_RATE_LIMITED...). */
+  /** Tokens of host:port from the daemon: resolves with how many (>= 1), or rejects (SOCKPOOL_ERR_RATE_LIMITED...).
+   *  The daemon is asked to wait at most MAX_TIMEOUT_MS of `timeoutMs`. */
   tokens(host: string, port: number, count: number, timeoutMs: number): Promise<number>;
+}
+
+/** An origin's tokens held here, and its `tokens` request under way (the one that fills the batch). */
+interface OriginTokens {
+  batch: TokenBatch;
+  asking: Promise<void> | undefined;
+  /** The deadline (this clock) of the request that asked: a wait for `asking` ends by then. */
+  askingUntil: number;
 }
 
 export class RateTokens {
@@ -21,7 +42,7 @@ export class RateTokens {
   #now: () => number;
   /** host:port -> its rate, as the last lease for it said. */
   #rates = new Map<string, RateParams>();
-  #batches = new Map<string, TokenBatch>();
+  #origins = new Map<string, OriginTokens>();
 
   constructor(link: TokenLink, now: () => number = () => performance.now()) {
     this.#link = link;
@@ -32,7 +53,7 @@ export class RateTokens {
   learn(host: string, port: number, rate: RateParams | undefined): void {
     const key = originKey({ host, port });
     if (rate) this.#rates.set(key, rate);
-    else if (this.#rates.delete(key)) this.#batches.delete(key);
+    else if (this.#rates.delete(key)) this.#origins.delete(key);
   }
 
   /** Whether requests to host:port take tokens (its rate is known). */
@@ -44,17 +65,73 @@ export class RateTokens {
   take(host: string, port: number, timeoutMs: number): Promise<void> | undefined {
     if (this.#rates.size === 0) return undefined;
     const key = originKey({ host, port });
-    const rate = this.#rates.get(key);
-    if (!rate) return undefined;
-    let batch = this.#batches.get(key);
-    if (!batch) {
-      batch = new TokenBatch();
-      this.#batches.set(key, batch);
-    }
-    if (batch.spend(this.#now())) return undefined;
-    const held = batch;
-    return this.#link
-      .tokens(host, port, batchSize(rate, MAX_WORKER_BATCH), Math.max(1, Math.ceil(timeoutMs)))
-      .then((granted) => held.add(granted - 1, this.#now()));
+    if (!this.#rates.has(key)) return undefined;
+    if (this.#originOf(key).batch.spend(this.#now())) return undefined;
+    return this.#wait(host, port, key, this.#now() + timeoutMs);
   }
+
+  #originOf(key: string): OriginTokens {
+    let origin = this.#origins.get(key);
+    if (!origin) {
+      origin = { batch: new TokenBatch(), asking: undefined, askingUntil: 0 };
+      this.#origins.set(key, origin);
+    }
+    return origin;
+  }
+
+  /** A token for a request whose origin's batch was empty, by `deadline`. */
+  async #wait(host: string, port: number, key: string, deadline: number): Promise<void> {
+    for (;;) {
+      // (Looked up again each time: a lease may have said meanwhile that the origin has no rate any more.)
+      const rate = this.#rates.get(key);
+      if (!rate) return;
+      const origin = this.#originOf(key);
+      if (origin.batch.spend(this.#now())) return;
+      if (origin.asking && origin.askingUntil <= deadline) {
+        // It ends (with tokens, or refused) before this request's deadline: spend from what it brings.
+        await origin.asking.then(ignore, ignore);
+        continue;
+      }
+      if (origin.asking) {
+        // The request under way may wait past this one's deadline: a token of its own, on its own deadline.
+        await this.#ask(host, port, 1, deadline, origin.batch);
+        return;
+      }
+      const asking = this.#ask(host, port, batchSize(rate, MAX_WORKER_BATCH), deadline, origin.batch).finally(() => {
+        if (origin.asking === asking) origin.asking = undefined;
+      });
+      origin.asking = asking;
+      origin.askingUntil = deadline;
+      await asking;
+      return;
+    }
+  }
+
+  /** Asks the daemon for `count` tokens: one is the caller's, the rest go to `batch`. */
+  async #ask(host: string, port: number, count: number, deadline: number, batch: TokenBatch): Promise<void> {
+    for (;;) {
+      const left = Math.max(1, Math.ceil(deadline - this.#now()));
+      try {
+        const granted = await this.#link.tokens(host, port, count, left);
+        batch.add(granted - 1, this.#now());
+        return;
+      } catch (error) {
+        // The daemon waited at most MAX_TIMEOUT_MS: a token due after that, but before the deadline, is waited for
+        // here (until it is due within that bound), then asked for again.
+        const waitMs = rateLimitedWait(error);
+        if (left <= MAX_TIMEOUT_MS || waitMs === undefined || waitMs > deadline - this.#now()) throw error;
+        await new Promise((resolve) => setTimeout(resolve, Math.max(1, waitMs - MAX_TIMEOUT_MS)));
+      }
+    }
+  }
+}
+
+function ignore(): void {}
+
+/** A SOCKPOOL_ERR_RATE_LIMITED refusal's wait for the next token (ms), if the error is one. */
+function rateLimitedWait(error: unknown): number | undefined {
+  const { code, fields } = error as { code?: unknown; fields?: { waitMs?: unknown } };
+  if (code !== ErrorCodes.RATE_LIMITED) return undefined;
+  const waitMs = fields?.waitMs;
+  return typeof waitMs === 'number' && Number.isFinite(waitMs) ? waitMs : undefined;
 }

@@ -137,7 +137,7 @@ export class SocketSupply {
 
   constructor(link: SupplyLink) {
     this.#link = link;
-    link.onReclaim = (leaseIds) => this.reclaim(leaseIds);
+    link.onReclaim = (leaseIds, generation) => this.reclaim(leaseIds, generation);
   }
 
   /**
@@ -146,13 +146,17 @@ export class SocketSupply {
    * finds it dead when it looks again, and closes it) and reported `closed` now, so that its room goes to the
    * waiters. While a transfer to the origin is in flight its connections are left alone (which one it uses is
    * curl's to know); the daemon asks again while its acquires still wait.
+   *
+   * `link`: the link connection the notice came on (`Lease.link`). Lease ids are the daemon process's own, from 1
+   * again after it restarted: curl may still hold a lease of the daemon before with an id the notice names, which
+   * this daemon knows nothing of (and which may be another origin's connection). Only leases of `link` count.
    */
-  reclaim(leaseIds: number[]): void {
+  reclaim(leaseIds: number[], link: number): void {
     const wanted = new Set(leaseIds);
     const contendedUntil = performance.now() + CONTENDED_MS;
     const contended = new Set<OriginState>();
     for (const [fd, owned] of this.#curlOwned.entries()) {
-      if (owned.reclaimed || !wanted.has(owned.lease.leaseId)) continue;
+      if (owned.reclaimed || owned.lease.link !== link || !wanted.has(owned.lease.leaseId)) continue;
       const origin = this.#origins.get(owned.originKey);
       if (origin) {
         origin.contendedUntil = contendedUntil;
