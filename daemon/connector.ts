@@ -82,6 +82,11 @@ export interface Connector {
    * daemon already holds (idle after a reload, taken back from the fd store), checked as if new.
    */
   checkHeld(origin: Origin, address: string): void;
+  /**
+   * Whether a socket this connector made no longer fits the configuration in force (a warm TLS session verified
+   * against, or presenting, files a reload changed since): it is neither pooled nor handed out.
+   */
+  stale?(origin: Origin, socket: ConnectedSocket): boolean;
   /** What Happy Eyeballs learned about the host this origin connects to (for stats). */
   learnedFamily?(origin: Origin): LearnedFamily | undefined;
   /** The DNS query for `host` in flight now, if any (the per-uid lookup quota holds its charge until it ends). */

@@ -550,6 +550,13 @@ export class OriginPool {
   #connect(forWaiter: boolean): void {
     this.#connector.connect(this.origin, this.policy, this.#hasWaiters).then(
       (socket) => {
+        // A backstop (the connector itself starts over when a reload overtook the connect): a socket made under a
+        // configuration replaced since is neither handed out nor kept idle; its slot goes to a connect made anew.
+        if (!this.#closed && this.#connector.stale?.(this.origin, socket)) {
+          native.close(socket.fd);
+          this.#connect(forWaiter);
+          return;
+        }
         this.#connecting--;
         if (forWaiter) this.#connectingForWaiters--;
         this.#failures = 0;

@@ -13,8 +13,12 @@
 //   NewSessionTickets are consumed by TLS itself) is kept, up to MAX_EARLY_BYTES; the server's EOF or close_notify
 //   ends our end of the pair, so the main thread's poller sees EOF on the idle socket and drops it.
 // - leased (the client wrote): the kept bytes go first, then both directions flow with backpressure (a full
-//   destination pauses the source until it drains). EOF is carried each way as a half-close; an error on one side
-//   resets or destroys the other.
+//   destination pauses the source until it drains). A clean EOF is carried each way as a half-close (the client's
+//   socket ends with FIN once what the origin sent has gone out); an origin that ends without a clean EOF (a reset,
+//   an error, a close without close_notify or FIN) resets the client's socket, so a truncated response never looks
+//   complete; an error on the client's side resets the origin's TCP connection.
+// - after the client's half-close the origin may take its time to answer: the relay gives up only after LINGER_MS
+//   in which the origin sent nothing (and then resets the client's socket: the response did not end cleanly).
 
 import { createHash } from 'node:crypto';
 import { isIP, Socket } from 'node:net';
@@ -26,8 +30,12 @@ import type { RelayCounters, RelayRequest, RelayResponse, TlsFailureReason } fro
 
 /** What the server may send before the client's first bytes (an h2 server's SETTINGS and WINDOW_UPDATE). */
 const MAX_EARLY_BYTES = 64 * 1024;
-/** After the client closed its side, how long the server gets to finish before the session is torn down. */
-const LINGER_MS = 5_000;
+/**
+ * After the client closed its side: how long the server may stay silent before the relay gives up on it (an idle
+ * timeout, restarted by every byte the server sends; time the client's full socket holds the server back does
+ * not count).
+ */
+const LINGER_MS = 60_000;
 
 const port = parentPort;
 if (!port) throw new Error('tls-relay-thread runs as a worker thread');
@@ -165,19 +173,42 @@ function relay(tls: TLSSocket, tcp: Socket, client: Socket): void {
   let closed = false;
   let linger: NodeJS.Timeout | undefined;
 
-  const teardown = (reset: boolean) => {
+  /**
+   * `resetOrigin`: a client that failed mid-stream resets the origin's connection, as a direct client's crash would.
+   * `resetClient`: an origin that did not end cleanly (reset, error, gone silent) resets the client's socket, as a
+   * direct client would see it: a FIN would tell it that a truncated response was complete. Only once the client
+   * has spoken: an idle session (no client yet) ends with FIN, the EOF from which the pool learns idle lifetimes.
+   */
+  const teardown = (resetOrigin: boolean, resetClient = false) => {
     if (closed) return;
     closed = true;
     clearTimeout(linger);
     counters[COUNTER.sessions]!--;
-    client.destroy();
-    // A client that failed mid-stream resets the origin's connection, as a direct client's crash would.
-    if (reset && !tcp.destroyed) tcp.resetAndDestroy();
+    if (resetClient && leased && !client.destroyed) client.resetAndDestroy();
+    else if (client.writableEnded && !client.writableFinished && !client.destroyed) {
+      // A clean end on its way to the client (end() was called): its last bytes and FIN go out first. A client that
+      // reads none of it for LINGER_MS gets a reset, not a FIN after a cut.
+      const flushed = setTimeout(() => client.resetAndDestroy(), LINGER_MS);
+      flushed.unref();
+      client.once('finish', () => client.destroy());
+      client.once('close', () => clearTimeout(flushed));
+    } else client.destroy();
+    if (resetOrigin && !tcp.destroyed) tcp.resetAndDestroy();
     tls.destroy();
     tcp.destroy();
   };
+  // Both sides ended cleanly, and the client's FIN went out after the last bytes for it (client.end() flushes).
   const bothEnded = () => {
-    if (clientEnded && originEnded) teardown(false);
+    if (clientEnded && originEnded && client.writableFinished) teardown(false);
+  };
+  const lingerOver = () => {
+    // The client's socket is full: the client is slow, not the origin (which is paused meanwhile).
+    if (client.writableLength > 0) {
+      linger?.refresh();
+      return;
+    }
+    // The origin ended cleanly (the client's FIN is on its way) or went silent without ending: give up.
+    teardown(false, !originEnded);
   };
   // Nobody uses a session whose idle lifetime ran out in the middle of a message: what the server sent before the
   // client spoke is kept for it (bounded), and more than that means the connection is not an idle HTTP one.
@@ -200,6 +231,8 @@ function relay(tls: TLSSocket, tcp: Socket, client: Socket): void {
   };
   tls.on('data', (chunk: Buffer) => {
     if (leased) {
+      // After the client's half-close, an origin that still sends keeps the session (an idle timeout).
+      linger?.refresh();
       deliver(chunk);
       return;
     }
@@ -224,10 +257,13 @@ function relay(tls: TLSSocket, tcp: Socket, client: Socket): void {
     clientEnded = true;
     if (!leased) early = [];
     tls.end();
-    linger = setTimeout(() => teardown(false), LINGER_MS);
-    linger.unref();
+    if (!originEnded) {
+      linger = setTimeout(lingerOver, LINGER_MS);
+      linger.unref();
+    }
     bothEnded();
   });
+  client.on('finish', bothEnded);
   tls.on('end', () => {
     originEnded = true;
     if (early.length > 0 && !leased) early = [];
@@ -235,9 +271,10 @@ function relay(tls: TLSSocket, tcp: Socket, client: Socket): void {
     bothEnded();
   });
   client.on('error', () => teardown(true));
-  tls.on('error', () => teardown(false));
   client.on('close', () => teardown(!clientEnded));
-  tls.on('close', () => teardown(false));
+  // The origin's reset or a broken TLS stream: the client must not read a clean end.
+  tls.on('error', () => teardown(false, true));
+  tls.on('close', () => teardown(false, !originEnded));
 }
 
 /** Certificate failures by what the caller can act on; anything else is a handshake failure. */

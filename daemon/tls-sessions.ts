@@ -137,11 +137,16 @@ export class TlsSessions implements Connector {
 
   /**
    * A TCP connect, then the handshake in a relay thread (before others queued there while `urgent()`): the fd
-   * returned is the daemon's end of the pair.
+   * returned is the daemon's end of the pair. The handshake verifies against the configuration in force when it
+   * starts, whatever was in force when the connect began; a reload it overtakes makes it start over (see `stale`).
    */
   async connect(origin: Origin, policy: OriginPolicy, urgent?: () => boolean): Promise<ConnectedSocket> {
+    const atStart = this.#config;
     const socket = await this.#tcp.connect(origin, policy, urgent);
+    // A reload during the lookup or the TCP connect: `policy` is the origin's entry of before, so the handshake
+    // takes the origin's entry from the configuration now in force (its CA file, its client certificate).
     const configured = this.#config;
+    if (configured !== atStart) policy = policyFor(configured, origin.host, origin.port);
     const { ca, cert, key } = this.#filesOf(policy);
     const credentials = this.credentialsOf(policy);
     // From here the relay owns the TCP fd (open() takes it at once, failure or not).
@@ -170,7 +175,7 @@ export class TlsSessions implements Connector {
     };
     // A reload during the handshake that changed what this origin's sessions are verified against: start over
     // with the configuration in force (the session is ours until returned).
-    if (this.#config !== configured && this.stale(origin, made)) {
+    if (this.stale(origin, made)) {
       native.close(made.fd);
       return this.connect(origin, policyFor(this.#config, origin.host, origin.port), urgent);
     }

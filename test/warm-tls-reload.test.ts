@@ -1,15 +1,19 @@
 // Warm TLS sessions across a reload (SIGHUP) that changes the CA file they were verified against: the idle ones
-// are closed, and the next session is verified against the new file. Otherwise a client that trusts only the new
-// CA would be handed a session the daemon verified against the old one: a weaker check than the client asked.
-// Real daemon process, a real node:https origin with a throwaway CA, the bare protocol.
+// are closed, and the next session is verified against the new file; a reload that lands while a session's connect
+// is still in its DNS lookup (here a DNS answer held back 3 s) makes its handshake verify against the origin entry
+// now in force, not the one the connect began with. Otherwise a client that trusts only the new CA would be handed
+// a session the daemon verified against the old one: a weaker check than the client asked.
+// Real daemon process, a real node:https origin with a throwaway CA, a real DNS server, the bare protocol.
 import { createHash } from 'node:crypto';
-import { copyFileSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { copyFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import * as native from '../shared/native.js';
 import { echoHandler, eventually, httpsOrigin, startTestDaemon, warmTlsArgs } from './fixtures/client-helpers.js';
-import { openRawClient } from './helpers/raw-client.js';
+import { startDaemon, writeConfigFile } from './helpers/daemon.js';
+import { startDnsServer } from './helpers/dns-server.js';
+import { openRawClient, type RawClient } from './helpers/raw-client.js';
 import { createTestPki } from './helpers/tls.js';
 
 const cleanups: Array<() => unknown> = [];
@@ -18,6 +22,15 @@ afterAll(async () => {
 });
 
 const sha256Of = (path: string) => createHash('sha256').update(readFileSync(path)).digest('hex');
+
+/** The stats row of a pool (`host:port tls` for warm TLS sessions). */
+async function poolStats(raw: RawClient, key: string) {
+  const stats = await raw.request({ type: 'stats', id: 0 });
+  const origins = (
+    stats.message as unknown as { stats: { origins: Array<{ origin: string; idle: number; connecting: number }> } }
+  ).stats.origins;
+  return origins.find((entry) => entry.origin === key);
+}
 
 describe('warm TLS and a reload', () => {
   it('closes the idle sessions verified against a CA file that changed; the next is verified against the new one', async () => {
@@ -77,4 +90,66 @@ describe('warm TLS and a reload', () => {
       message: expect.stringMatching(/unknown-ca/),
     });
   });
+
+  it('a reload during the DNS lookup of a connect: its handshake verifies against the origin entry now in force', async () => {
+    const pki = createTestPki(['slow.test']);
+    const otherPki = createTestPki(['slow.test']);
+    cleanups.push(
+      () => pki.cleanup(),
+      () => otherPki.cleanup(),
+    );
+    const origin = await httpsOrigin(pki, echoHandler());
+    cleanups.push(() => origin.close());
+    const dns = await startDnsServer({ 'slow.test': { a: ['127.0.0.1'], aaaa: [], delayMs: 3_000 } });
+    const records = dns.records['slow.test']!;
+    cleanups.push(() => dns.close());
+    const configOf = (originCa: string) => ({
+      pool: { predictive: false, origins: [{ match: `slow.test:${origin.port}`, warmTls: true, caFile: originCa }] },
+      // The old CA file stays read after the reload (tls.caFile): only the origin's entry changes.
+      tls: { caFile: pki.caFile },
+      dns: { servers: [dns.server], timeoutMs: 10_000 },
+    });
+    const configFile = writeConfigFile(configOf(pki.caFile), cleanups);
+    const daemon = await startDaemon({
+      args: ['--config', configFile, '--allow', '127.0.0.1/32', '--allow-port', String(origin.port)],
+    });
+    cleanups.push(() => daemon.stop());
+    const raw = openRawClient(daemon.socketPath, cleanups);
+    const key = `slow.test:${origin.port} tls`;
+
+    await raw.request({
+      type: 'prewarm',
+      id: 1,
+      host: 'slow.test',
+      port: origin.port,
+      count: 1,
+      tls: { trust: sha256Of(pki.caFile) },
+    });
+    await eventually(() => dns.count('slow.test') > 0, 'the lookup started');
+    // While the DNS answer is held back: the origin's entry now trusts only the other CA, which did not sign the
+    // origin's certificate.
+    writeFileSync(configFile, JSON.stringify(configOf(otherPki.caFile)));
+    daemon.child.kill('SIGHUP');
+    await eventually(() => daemon.output().includes('configuration reloaded'), 'the reload');
+    // Later lookups are answered at once (the one in flight is still held back).
+    records.delayMs = 0;
+    await eventually(async () => (await poolStats(raw, key))?.connecting === 0, 'the connect finished');
+    // Verified against the new CA, the session failed: none is kept.
+    expect((await poolStats(raw, key))?.idle).toBe(0);
+
+    // A client trusting only the new CA: no session verified against the old one is handed to it.
+    const reply = await raw.request({
+      type: 'acquire',
+      id: 2,
+      host: 'slow.test',
+      port: origin.port,
+      tls: { trust: sha256Of(otherPki.caFile) },
+    });
+    for (const fd of reply.fds) native.close(fd);
+    expect(reply.message).toMatchObject({
+      type: 'error',
+      code: 'SOCKPOOL_ERR_TLS',
+      message: expect.stringMatching(/unknown-ca/),
+    });
+  }, 30_000);
 });
