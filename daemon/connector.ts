@@ -42,6 +42,11 @@ export interface ConnectedSocket {
   family: 4 | 6;
   /** performance.now() when the connect completed. */
   connectedAt: number;
+  /**
+   * performance.now() when the connect began, when that matters (a warm TLS session: before its TCP connect, so
+   * that a reload during its handshake counts as one before it); undefined: connectedAt.
+   */
+  startedAt?: number | undefined;
   connectMs: number;
   /** Set for a warm TLS session: the fd is one end of a loopback connection a relay thread joins to the TLS connection (tls-sessions.ts). */
   tls?: TlsSessionInfo | undefined;
@@ -62,6 +67,7 @@ export function connectedPart(socket: ConnectedSocket): ConnectedSocket {
     address: socket.address,
     family: socket.family,
     connectedAt: socket.connectedAt,
+    startedAt: socket.startedAt,
     connectMs: socket.connectMs,
     tls: socket.tls,
     tlsCredentials: socket.tlsCredentials,
@@ -178,7 +184,7 @@ export class TcpConnector implements Connector {
     const resolving = resolver.resolve(target.host, target.port);
     // A query to the DNS servers in flight: each family joins the race as soon as its own answer is in. Otherwise
     // (literal, override, cached, system resolver) both families are there at once.
-    const early = resolver.answersInFlight(target.host);
+    const early = resolver.answersInFlight(target.host, target.port);
     let addresses: ResolvedAddress[] | undefined;
     if (early) {
       resolving.catch(() => {}); // its DNS error is taken below, when no family had an address

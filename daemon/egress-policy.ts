@@ -261,6 +261,7 @@ export class EgressPolicy {
     } catch {
       this.#refuse('invalid-host', host, undefined, port);
     }
+    // An IPv4-mapped literal is already its IPv4 address here (parseHost): patterns match it as that address.
     const literal = parsed.kind === 'ip' ? parsed.ip : undefined;
     const patternName = literal ? literal.text : (parsed as { name: string }).name;
     if (matchesHost(this.#rules.denyHosts, patternName)) {

@@ -291,16 +291,18 @@ export class HappyEyeballsRace<T> {
       return;
     }
     this.#running.delete(running);
+    if (error === undefined && !this.#done) {
+      // The race is decided before the slot goes back: a wait of this race for it would start another attempt.
+      this.#win(running, value as T);
+      if (running.slotted) this.#options.budget.release();
+      return;
+    }
     if (running.slotted) this.#options.budget.release();
     if (this.#done) {
       if (error === undefined && value !== undefined) this.#options.discard(value);
       return;
     }
-    if (error === undefined) {
-      this.#win(running, value as T);
-      return;
-    }
-    this.#failures.push({ candidate: running.candidate, error });
+    this.#failures.push({ candidate: running.candidate, error: error as Error });
     this.#tried[running.candidate.family].failed++;
     // A failure starts the next attempt at once (no waiting for the delay).
     this.#startNext();

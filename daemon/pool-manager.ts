@@ -244,8 +244,9 @@ export class PoolManager {
   giveBack(key: string, socket: ConnectedSocket, uid = 0, lent = false, checked?: UsageMark): void {
     const pool = this.#pools.get(key);
     if (!pool) throw new SockpoolError(ErrorCodes.INTERNAL, `no pool ${key} for a lease`);
-    // Lent before a reload: judged by the policy now in force, as the idle sockets were at the reload.
-    if (socket.connectedAt <= this.#reloadedAt && this.#refusedAfterReload(pool, socket)) {
+    // Lent before a reload, or its connect began before one (a warm TLS session's handshake): judged by the policy
+    // now in force, as the idle sockets were at the reload.
+    if ((socket.startedAt ?? socket.connectedAt) <= this.#reloadedAt && this.#refusedAfterReload(pool, socket)) {
       native.close(socket.fd);
       pool.leaseEnded(uid);
       this.#metrics?.deadDropped.inc({ reason: 'refused' });

@@ -159,14 +159,17 @@ export class Resolver {
   }
 
   /**
-   * While a query to the DNS servers for `host` is in flight (call it right after resolve()): each family's
-   * addresses as soon as its own answer is in, so that a connect can start before the other family has answered
-   * (RFC 8305 §3). A family whose query failed rejects. In the order DNS gave them (resolve() adds the rotation
-   * and puts failed addresses last). Undefined when no such query is in flight: literals, overrides, cached
-   * answers and the system resolver, for which resolve() has both families at once.
+   * While a query to the DNS servers for `host` is in flight (call it right after resolve(host, port)): each
+   * family's addresses as soon as its own answer is in, so that a connect can start before the other family has
+   * answered (RFC 8305 §3). A family whose query failed rejects. In the order DNS gave them (resolve() adds the
+   * rotation and puts failed addresses last). Undefined when resolve(host, port) does not take DNS's answer:
+   * literals, a `dns.resolve` entry for host:port (even while a query for another port of the host, or a refresh,
+   * is in flight), cached answers and the system resolver, for which resolve() has both families at once.
    */
-  answersInFlight(host: string): Record<4 | 6, Promise<ResolvedAddress[]>> | undefined {
-    const pending = this.#pendingFamilies.get(canonicalName(host));
+  answersInFlight(host: string, port: number): Record<4 | 6, Promise<ResolvedAddress[]>> | undefined {
+    const name = canonicalName(host);
+    if (this.#overrides.has(`${name}:${port}`)) return undefined;
+    const pending = this.#pendingFamilies.get(name);
     if (!pending) return undefined;
     const addresses = (family: 4 | 6) =>
       pending[family].then((list) =>

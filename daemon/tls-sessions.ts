@@ -138,9 +138,11 @@ export class TlsSessions implements Connector {
   /**
    * A TCP connect, then the handshake in a relay thread (before others queued there while `urgent()`): the fd
    * returned is the daemon's end of the pair. The handshake verifies against the configuration in force when it
-   * starts, whatever was in force when the connect began; a reload it overtakes makes it start over (see `stale`).
+   * starts, whatever was in force when the connect began; a reload it overtakes makes it start over (see `stale`),
+   * or fails it with SOCKPOOL_ERR_POLICY when the egress policy now refuses the origin or its address.
    */
   async connect(origin: Origin, policy: OriginPolicy, urgent?: () => boolean): Promise<ConnectedSocket> {
+    const startedAt = performance.now();
     const atStart = this.#config;
     const socket = await this.#tcp.connect(origin, policy, urgent);
     // A reload during the lookup or the TCP connect: `policy` is the origin's entry of before, so the handshake
@@ -169,6 +171,7 @@ export class TlsSessions implements Connector {
       address: socket.address,
       family: socket.family,
       connectedAt,
+      startedAt,
       connectMs: socket.connectMs + session.handshakeMs,
       tls: session.info,
       tlsCredentials: credentials,
@@ -178,6 +181,16 @@ export class TlsSessions implements Connector {
     if (this.stale(origin, made)) {
       native.close(made.fd);
       return this.connect(origin, policyFor(this.#config, origin.host, origin.port), urgent);
+    }
+    // A reload during the handshake: the TCP connector judged the connection by the egress policy of before; the
+    // one in force now judges it, as it judges the sockets held at a reload.
+    if (this.#config !== configured) {
+      try {
+        this.checkHeld(origin, made.address);
+      } catch (error) {
+        native.close(made.fd);
+        throw error;
+      }
     }
     return made;
   }

@@ -10,8 +10,11 @@
 // - a configuration entry or an address from the kernel: strict text (decimal dotted quad without leading zeros,
 //   RFC 4291 IPv6), so a reader of the file sees what it means.
 // Canonical text: dotted quad; RFC 5952 IPv6 (lower case, `::` for the longest zero run, `::ffff:a.b.c.d` for
-// IPv4-mapped). IPv6 zone ids (`fe80::1%eth0`) are refused everywhere: a zone names an interface of one machine,
-// and the egress policy has no rule for it.
+// IPv4-mapped addresses as the kernel gives them). A host that is an IPv4-mapped literal is the IPv4 host it maps
+// (`[::ffff:127.0.0.1]` and `::ffff:7f00:1` are 127.0.0.1: keyed, matched against host patterns and connected to
+// as that address); other IPv6 forms that embed an IPv4 address (`::a.b.c.d`, NAT64) stay IPv6 hosts. IPv6 zone
+// ids (`fe80::1%eth0`) are refused everywhere: a zone names an interface of one machine, and the egress policy has
+// no rule for it.
 //
 // Host names: lower case, IDNA to punycode (node:url's `domainToASCII`, the URL parser's own), one trailing dot
 // removed; then each label 1 to 63 of [a-z0-9_-], 253 characters at most. A name whose last label is a number is
@@ -282,7 +285,8 @@ export function parseHost(input: string): Host {
     if (inner.includes('%')) throw refuse(input, 'zone-id', 'IPv6 zone ids are not supported');
     const bytes = text.startsWith('[') && !bracketed ? null : parseIPv6(inner.toLowerCase());
     if (!bytes) throw refuse(input, 'ipv6', 'not an IPv6 address');
-    return { kind: 'ip', ip: ipAddress(6, bytes) };
+    // `::ffff:a.b.c.d` is the IPv4 host a.b.c.d (a dual-stack socket connects there): one host, one spelling.
+    return { kind: 'ip', ip: unmapIPv4(ipAddress(6, bytes)) };
   }
   if (NOT_IN_HOST.test(text)) throw refuse(input, 'host-name', 'not a host name (a character no host may have)');
   let ascii = ASCII_HOST.test(text) && !/xn--/i.test(text) ? text.toLowerCase() : domainToASCII(text);

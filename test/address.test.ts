@@ -59,9 +59,14 @@ describe('canonicalHost', () => {
     ['2001:db8:0:0:1:0:0:1', '2001:db8::1:0:0:1'],
     ['2001:db8:0:1:1:1:1:1', '2001:db8:0:1:1:1:1:1'],
     ['0:0:0:0:0:0:0:0', '::'],
-    ['[::ffff:127.0.0.1]', '::ffff:127.0.0.1'],
-    ['::ffff:7f00:1', '::ffff:127.0.0.1'],
+    // IPv4-mapped: the IPv4 host itself (a dual-stack socket connects there); other embedding forms stay IPv6
+    ['[::ffff:127.0.0.1]', '127.0.0.1'],
+    ['::ffff:7f00:1', '127.0.0.1'],
+    ['[::FFFF:7F00:1]', '127.0.0.1'],
+    ['0:0:0:0:0:ffff:5db8:d822', '93.184.216.34'],
     ['::127.0.0.1', '::7f00:1'],
+    ['::ffff:0:127.0.0.1', '::ffff:0:7f00:1'],
+    ['64:ff9b::127.0.0.1', '64:ff9b::7f00:1'],
     // names: lower case, no trailing dot, IDNA to punycode
     ['example.com', 'example.com'],
     ['Example.COM.', 'example.com'],
@@ -237,6 +242,7 @@ describe('parseHostPattern', () => {
     ['1572395042', 'exact', '93.184.216.34'],
     ['[2001:DB8::1]', 'exact', '[2001:db8::1]'],
     ['2001:db8::1', 'exact', '[2001:db8::1]'],
+    ['[::ffff:93.184.216.34]', 'exact', '93.184.216.34'],
   ])('%j → %s %j', (input, kind, text) => {
     expect(parseHostPattern(input)).toMatchObject({ kind, text });
   });
@@ -248,6 +254,7 @@ describe('parseHostPattern', () => {
     expect(hostMatches(sub, 'example.com')).toBe(false);
     expect(hostMatches(sub, 'badexample.com')).toBe(false);
     expect(hostMatches(parseHostPattern('127.1'), '127.0.0.1')).toBe(true);
+    expect(hostMatches(parseHostPattern('::ffff:127.0.0.1'), '127.0.0.1')).toBe(true);
     expect(hostMatches(parseHostPattern('*'), '::1')).toBe(true);
   });
 
@@ -355,7 +362,16 @@ describe('parseOriginMatch', () => {
 
 describe('origin keys', () => {
   it('every spelling of one origin has one key', () => {
-    const spellings = ['127.0.0.1', '127.1', '2130706433', '0x7f000001', '0177.0.0.1', '127.0.0.1.'];
+    const spellings = [
+      '127.0.0.1',
+      '127.1',
+      '2130706433',
+      '0x7f000001',
+      '0177.0.0.1',
+      '127.0.0.1.',
+      '::ffff:127.0.0.1',
+      '[::ffff:7f00:1]',
+    ];
     expect(new Set(spellings.map((host) => originKey({ host, port: 80 })))).toEqual(new Set(['127.0.0.1:80']));
     expect(originKey({ host: '[0:0::1]', port: 443 })).toBe('[::1]:443');
     expect(originKey({ host: 'Bücher.Example.', port: 443 })).toBe('xn--bcher-kva.example:443');
@@ -366,7 +382,7 @@ describe('origin keys', () => {
     expect(canonicalOrigin({ host: 'EXAMPLE.com', port: 80 })).toEqual({ host: 'example.com', port: 80 });
     expect(refusal(() => canonicalOrigin({ host: 'fe80::1%eth0', port: 80 })).fields.reason).toBe('zone-id');
     expect(refusal(() => canonicalOrigin({ host: 'a.test', port: 0 })).fields.port).toBe(0);
-    expect(parseOriginKey('[::FFFF:7F00:1]:80')).toEqual({ host: '::ffff:127.0.0.1', port: 80 });
+    expect(parseOriginKey('[::FFFF:7F00:1]:80')).toEqual({ host: '127.0.0.1', port: 80 });
     expect(parseOriginKey('127.1:80')).toEqual({ host: '127.0.0.1', port: 80 });
     expect(refusal(() => parseOriginKey('[127.0.0.1]:80')).fields.reason).toBe('ipv6');
     expect(refusal(() => parseOriginKey('example.com')).fields.input).toBe('example.com');

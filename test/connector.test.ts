@@ -49,6 +49,8 @@ async function listen(host: string, port = 0): Promise<{ server: net.Server; por
   return { server, port: (server.address() as net.AddressInfo).port, arrivals };
 }
 
+const addresses = (list: Array<{ address: string }>) => list.map((item) => item.address);
+
 /** The value of one labelled counter sample. */
 async function attempts(metrics: Metrics, family: 4 | 6, outcome: string): Promise<number> {
   const metric = await metrics.connectAttempts.get();
@@ -183,6 +185,45 @@ describe('TcpConnector on loopback', () => {
       });
     } finally {
       await dns.close();
+    }
+  });
+
+  it('a dns.resolve entry wins while a DNS query for another port of the host is in flight', async () => {
+    // The entry pins pin.test:PORT to 127.0.0.1; DNS says 127.0.0.2 (listening on the same port). A connect to
+    // another port of pin.test (no entry) has a query in flight: its answers are not this origin's.
+    const pinned = await listen('127.0.0.1');
+    const dnsTarget = await listen('127.0.0.2', pinned.port);
+    const dns = await startDnsServer({ 'pin.test': { a: ['127.0.0.2'], delayMs: 500, ttl: 60 } });
+    try {
+      const config = parseConfig(
+        {
+          dns: { servers: [dns.server], resolve: [`pin.test:${pinned.port}:127.0.0.1`] },
+          egress: { allow: ['127.0.0.0/8'], allowPorts: [] },
+        },
+        'test',
+      );
+      const resolver = new Resolver(config.dns);
+      const egress = new EgressPolicy(config.egress);
+      const c = new TcpConnector(
+        () => resolver,
+        () => egress,
+      );
+      const other = resolver.resolve('pin.test', 80);
+      const inFlight = resolver.answersInFlight('pin.test', 80);
+      expect(inFlight).toBeDefined();
+      inFlight?.[6].catch(() => {}); // no AAAA record: that family's answer is an error
+      expect(resolver.answersInFlight('pin.test', pinned.port)).toBeUndefined();
+      const socket = await c.connect({ host: 'pin.test', port: pinned.port }, policy);
+      native.close(socket.fd);
+      expect(addresses(await other)).toEqual(['127.0.0.2']);
+      expect(socket.address).toBe('127.0.0.1');
+      expect({ pinned: pinned.arrivals.length, dns: dnsTarget.arrivals.length }).toEqual({ pinned: 1, dns: 0 });
+    } finally {
+      await dns.close();
+      for (const { server } of [pinned, dnsTarget]) {
+        server.close();
+        servers.splice(servers.indexOf(server), 1);
+      }
     }
   });
 

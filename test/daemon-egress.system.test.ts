@@ -51,7 +51,7 @@ interface RefusalCase {
 
 const CASES: RefusalCase[] = [
   { host: '127.0.0.1', port: PORT, reason: 'loopback', address: '127.0.0.1', reachable: true },
-  { host: '::ffff:127.0.0.1', port: PORT, reason: 'loopback', address: '::ffff:127.0.0.1', reachable: true },
+  { host: '::ffff:127.0.0.1', port: PORT, reason: 'loopback', address: '127.0.0.1', reachable: true },
   { host: '2130706433', port: PORT, reason: 'loopback', address: '127.0.0.1', reachable: true },
   { host: '0177.0.0.1', port: PORT, reason: 'loopback', address: '127.0.0.1', reachable: true },
   { host: '0x7f.1', port: PORT, reason: 'loopback', address: '127.0.0.1', reachable: true },

@@ -1,13 +1,15 @@
 // One origin, one key, against sockpoold as a real child process: a client speaking the raw protocol names one IP
-// literal in every spelling the URL parser accepts, and the daemon keeps one pool for it — one stats row, one row
-// in its SQLite history. Hosts that are no host, and IPv6 zone ids, are refused with SOCKPOOL_ERR_INVALID_ARGUMENT.
+// literal in every spelling the URL parser accepts (and its IPv4-mapped IPv6 spellings), and the daemon keeps one
+// pool for it — one stats row, one row in its SQLite history — and judges it by one name: a denyHosts entry naming
+// the address refuses every spelling. Hosts that are no host, and IPv6 zone ids, are refused with
+// SOCKPOOL_ERR_INVALID_ARGUMENT.
 
 import { join } from 'node:path';
 import Database from 'better-sqlite3';
 import { afterEach, describe, expect, it } from 'vitest';
 import * as native from '../shared/native.js';
 import { startServer } from './fixtures/native-helpers.js';
-import { startDaemon } from './helpers/daemon.js';
+import { startDaemon, writeConfigFile } from './helpers/daemon.js';
 import { openRawClient } from './helpers/raw-client.js';
 
 const cleanups: Array<() => unknown> = [];
@@ -26,6 +28,8 @@ const SPELLINGS = [
   '0177.0.0.1',
   '0177.0.0.01',
   '127.0.0.1.',
+  '::ffff:127.0.0.1',
+  '::ffff:7f00:1',
 ];
 
 interface OriginRow {
@@ -69,6 +73,33 @@ describe('origin keys in sockpoold', () => {
     } finally {
       db.close();
     }
+  });
+
+  it('a denyHosts entry naming an IP literal refuses it in every spelling, the IPv4-mapped ones included', async () => {
+    const echo = await startServer('127.0.0.1');
+    cleanups.push(() => echo.close());
+    // allow opens the address: the denied host literal is the only thing refusing it.
+    const config = writeConfigFile(
+      { egress: { allow: ['127.0.0.1/32'], allowPorts: [echo.port], denyHosts: ['127.0.0.1'] } },
+      cleanups,
+    );
+    const sockpoold = await startDaemon({ args: ['--config', config] });
+    cleanups.push(() => sockpoold.stop());
+    const raw = openRawClient(sockpoold.socketPath, cleanups);
+    let id = 0;
+    const outcomes: Record<string, unknown> = {};
+    for (const host of ['127.0.0.1', '2130706433', '::ffff:127.0.0.1', '::ffff:7f00:1']) {
+      const reply = await raw.request({ type: 'acquire', id: ++id, host, port: echo.port });
+      for (const fd of reply.fds) native.close(fd);
+      const message = reply.message as { type: string; address?: string; fields?: { reason?: string } };
+      outcomes[host] = message.type === 'lease' ? `lease to ${message.address}` : message.fields?.reason;
+    }
+    expect(outcomes).toEqual({
+      '127.0.0.1': 'host-denied',
+      '2130706433': 'host-denied',
+      '::ffff:127.0.0.1': 'host-denied',
+      '::ffff:7f00:1': 'host-denied',
+    });
   });
 
   it('refuses hosts that are none, and IPv6 zone ids, with SOCKPOOL_ERR_INVALID_ARGUMENT', async () => {

@@ -411,6 +411,33 @@ describe('EgressPolicy.checkTarget', () => {
     expect(refusal(() => denyOnly.checkTarget('10.0.0.1', 80)).fields.reason).toBe('host-denied');
   });
 
+  it('matches host patterns against an IPv4-mapped literal as the IPv4 address it is', () => {
+    // A dual-stack socket connects `::ffff:a.b.c.d` to a.b.c.d: a pattern naming a.b.c.d names it in every spelling.
+    const denied = egressPolicy({ denyHosts: ['93.184.216.34'] });
+    for (const host of [
+      '93.184.216.34',
+      '1572395042',
+      '::ffff:93.184.216.34',
+      '[::ffff:93.184.216.34]',
+      '::ffff:5db8:d822',
+    ]) {
+      expect(refusal(() => denied.checkTarget(host, 443)).fields, host).toMatchObject({
+        reason: 'host-denied',
+        address: '93.184.216.34',
+      });
+    }
+    const allowed = egressPolicy({ allowHosts: ['93.184.216.34'] });
+    for (const host of ['1572395042', '::ffff:93.184.216.34', '[::ffff:5db8:d822]']) {
+      expect(() => allowed.checkTarget(host, 443), host).not.toThrow();
+    }
+    // A mapped spelling in the pattern itself is the IPv4 address too.
+    const mappedPattern = egressPolicy({ denyHosts: ['::ffff:93.184.216.34'] });
+    expect(refusal(() => mappedPattern.checkTarget('93.184.216.34', 443)).fields.reason).toBe('host-denied');
+    // The forms that only embed an IPv4 address (compatible, NAT64) are other hosts: the address rules judge them.
+    expect(() => allowed.checkTarget('64:ff9b::5db8:d822', 443)).toThrow(/host-not-allowed/);
+    expect(() => denied.checkTarget('64:ff9b::5db8:d822', 443)).not.toThrow();
+  });
+
   it('a host pattern never opens a refused address', () => {
     const patterns = egressPolicy({ allowHosts: ['127.0.0.1', '*'] });
     expect(refusal(() => patterns.checkTarget('127.0.0.1', 443)).fields.reason).toBe('loopback');

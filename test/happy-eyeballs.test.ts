@@ -377,6 +377,21 @@ describe('AttemptBudget shared by the races of one origin', () => {
     expect(budget.waiting).toBe(0);
   });
 
+  it('a slotted attempt that wins starts no attempt of its own race waiting for that slot', () => {
+    const budget = new AttemptBudget(1);
+    const t = setup({ budget });
+    t.race.answer(6, [v6('2001:db8::1'), v6('2001:db8::2')]);
+    t.race.answer(4, [v4('192.0.2.1')]);
+    t.clock.advance(500); // 2001:db8::1 (no slot) at 0, 192.0.2.1 (the one slot) at 250; at 500 2001:db8::2 waits
+    expect(t.started()).toEqual(['2001:db8::1@0', '192.0.2.1@250']);
+    expect(budget.waiting).toBe(1);
+    // The win is decided before the slot goes back: no socket is made (nor cancelled) for 2001:db8::2.
+    t.attempt('192.0.2.1').settle(undefined, '192.0.2.1');
+    expect(t.results).toMatchObject([{ ok: true, value: '192.0.2.1' }]);
+    expect(t.started()).toEqual(['2001:db8::1@0', '192.0.2.1@250']);
+    expect(budget.idle).toBe(true);
+  });
+
   it('gives every slot back when a race ends', () => {
     const budget = new AttemptBudget(4);
     const t = setup({ budget });

@@ -301,6 +301,26 @@ describe('PoolManager with its store and configuration', () => {
     expect(connector.calls).toBe(3);
   });
 
+  it('judges a socket given back whose connect began before the reload though it completed after (a TLS handshake)', async () => {
+    connector.manual = true;
+    connector.recordStart = true;
+    const pools = manager();
+    const acquiring = pools.acquire(QUIET, 60_000);
+    await until(() => connector.pending.length === 1, 'the connect began');
+    vi.advanceTimersByTime(10);
+    connector.refuse.add(QUIET.host); // the reloaded egress policy refuses the origin
+    pools.reconfigure(parseConfig({}, 'reload'));
+    vi.advanceTimersByTime(10);
+    // The connect completes after the reload (a connector that did not judge it then lends it all the same).
+    await connector.pending[0]!.succeed();
+    const lent = await acquiring;
+    expect(lent.connectedAt).toBeGreaterThan(lent.startedAt!);
+    pools.giveBack(lent.originKey, lent, 0, true);
+    expect(idleOf(pools, QUIET)).toBe(0);
+    expect(pools.snapshot().leased).toBe(0);
+    await until(() => connector.openPeers === 0, 'the refused socket closed');
+  });
+
   it('closes on reload the idle tunnels of a proxy whose URL changed or that was removed, and those lent before', async () => {
     const proxies = [
       { name: 'corp', url: 'http://10.0.0.1:3128' },

@@ -158,7 +158,7 @@ describe('Resolver through a DNS server', () => {
   it('gives each family as soon as its own answer is in while the query is in flight', async () => {
     const r = resolver();
     const all = r.resolve('late-aaaa.test', 443);
-    const early = r.answersInFlight('LATE-AAAA.test');
+    const early = r.answersInFlight('LATE-AAAA.test', 443);
     expect(early).toBeDefined();
     const order: string[] = [];
     await Promise.all([
@@ -168,9 +168,9 @@ describe('Resolver through a DNS server', () => {
     ]);
     expect(order).toEqual(['4 198.51.100.1', '6 2001:db8::1', 'all 2001:db8::1,198.51.100.1']);
     // Answered and cached: nothing in flight, and so for literals and overrides.
-    expect(r.answersInFlight('late-aaaa.test')).toBeUndefined();
+    expect(r.answersInFlight('late-aaaa.test', 443)).toBeUndefined();
     await r.resolve('192.0.2.1', 443);
-    expect(r.answersInFlight('192.0.2.1')).toBeUndefined();
+    expect(r.answersInFlight('192.0.2.1', 443)).toBeUndefined();
   });
 
   it('shares one query between concurrent resolves of a host', async () => {
@@ -235,7 +235,7 @@ describe('Resolver without DNS', () => {
     const before = dnsServer.queries.length;
     expect(await r.resolve('198.51.100.7', 443)).toEqual([{ address: '198.51.100.7', family: 4 }]);
     expect(await r.resolve('[2001:DB8::0:1]', 443)).toEqual([{ address: '2001:db8::1', family: 6 }]);
-    expect(await r.resolve('::ffff:7f00:1', 443)).toEqual([{ address: '::ffff:127.0.0.1', family: 6 }]);
+    expect(await r.resolve('::ffff:7f00:1', 443)).toEqual([{ address: '127.0.0.1', family: 4 }]);
     expect(await r.resolve('2130706433', 443)).toEqual([{ address: '127.0.0.1', family: 4 }]);
     expect(await r.resolve('0x7f.1', 443)).toEqual([{ address: '127.0.0.1', family: 4 }]);
     expect(dnsServer.queries.length).toBe(before);

@@ -18,6 +18,9 @@ describe('urlTarget', () => {
     });
     expect(urlTarget('https://[::1]:8443/').origin).toEqual({ host: '::1', port: 8443 });
     expect(urlTarget('https://[::1]:8443/').key).toBe('[::1]:8443');
+    // An IPv4-mapped literal is the IPv4 origin (the daemon keys it so too).
+    expect(urlTarget('http://[::ffff:127.0.0.1]/')).toMatchObject({ origin: { host: '127.0.0.1', port: 80 } });
+    expect(urlTarget('http://[::ffff:7f00:1]:8080/').key).toBe('127.0.0.1:8080');
     expect(urlTarget('https://h.test/').origin.port).toBe(443);
     expect(urlTarget('http://user:pw@h.test/').credentials).toBe(true);
   });

@@ -2,10 +2,13 @@
 // are closed, and the next session is verified against the new file; a reload that lands while a session's connect
 // is still in its DNS lookup (here a DNS answer held back 3 s) makes its handshake verify against the origin entry
 // now in force, not the one the connect began with. Otherwise a client that trusts only the new CA would be handed
-// a session the daemon verified against the old one: a weaker check than the client asked.
+// a session the daemon verified against the old one: a weaker check than the client asked. A reload that lands
+// during a session's handshake and makes the egress policy refuse its origin fails that connect with
+// SOCKPOOL_ERR_POLICY (the TCP connect before it was judged by the policy of before): nothing is lent.
 // Real daemon process, a real node:https origin with a throwaway CA, a real DNS server, the bare protocol.
 import { createHash } from 'node:crypto';
 import { copyFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -151,5 +154,76 @@ describe('warm TLS and a reload', () => {
       code: 'SOCKPOOL_ERR_TLS',
       message: expect.stringMatching(/unknown-ca/),
     });
+  }, 30_000);
+
+  it('a reload during the handshake that makes the egress policy refuse the origin: SOCKPOOL_ERR_POLICY', async () => {
+    const pki = createTestPki(['localhost']);
+    cleanups.push(() => pki.cleanup());
+    const origin = await httpsOrigin(pki, echoHandler());
+    cleanups.push(() => origin.close());
+    // A TCP front that accepts at once and relays to the origin only once released: the handshake waits.
+    const held: net.Socket[] = [];
+    let released = false;
+    const relay = (socket: net.Socket) => {
+      const upstream = net.connect(origin.port, '127.0.0.1');
+      upstream.on('error', () => {});
+      socket.pipe(upstream).pipe(socket);
+    };
+    const front = net.createServer((socket) => {
+      socket.on('error', () => {});
+      if (released) relay(socket);
+      else {
+        socket.pause();
+        held.push(socket);
+      }
+    });
+    await new Promise<void>((resolve) => front.listen(0, '127.0.0.1', resolve));
+    cleanups.push(() => {
+      for (const socket of held) socket.destroy();
+      front.close();
+    });
+    const port = (front.address() as net.AddressInfo).port;
+    const egress = { allow: ['127.0.0.1/32'], allowPorts: [port] };
+    const configFile = writeConfigFile({ pool: { predictive: false }, egress }, cleanups);
+    const daemon = await startDaemon({
+      args: [
+        '--config',
+        configFile,
+        '--warm-tls',
+        `localhost:${port}`,
+        '--ca-file',
+        pki.caFile,
+        '--resolve',
+        `localhost:${port}:127.0.0.1`,
+      ],
+    });
+    cleanups.push(() => daemon.stop());
+    const raw = openRawClient(daemon.socketPath, cleanups);
+    const trust = sha256Of(pki.caFile);
+    const acquiring = raw.request({ type: 'acquire', id: 1, host: 'localhost', port, tls: { trust } });
+    await eventually(() => held.length === 1, 'the TCP connect to the origin completed');
+
+    // The reload: localhost is now a denied host.
+    writeFileSync(
+      configFile,
+      JSON.stringify({ pool: { predictive: false }, egress: { ...egress, denyHosts: ['localhost'] } }),
+    );
+    daemon.child.kill('SIGHUP');
+    await eventually(() => daemon.output().includes('configuration reloaded'), 'the reload');
+    // The handshake the reload overtook completes now.
+    released = true;
+    for (const socket of held.splice(0)) {
+      relay(socket);
+      socket.resume();
+    }
+    const reply = await acquiring;
+    for (const fd of reply.fds) native.close(fd);
+    expect(reply.message).toMatchObject({
+      type: 'error',
+      code: 'SOCKPOOL_ERR_POLICY',
+      fields: { reason: 'host-denied' },
+    });
+    // Nothing kept for the origin either.
+    expect((await poolStats(raw, `localhost:${port} tls`))?.idle ?? 0).toBe(0);
   }, 30_000);
 });
