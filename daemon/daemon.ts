@@ -133,7 +133,12 @@ export class Sockpoold {
     registerRelayMetrics(this.#metrics.registry, this.#relays);
     const tls = new TlsSessions(this.#config, connector, this.#relays);
     mkdirSync(this.#config.stateDir, { recursive: true, mode: 0o750 });
-    this.#store = StateStore.open(this.#config.stateDir, { maxOrigins: this.#config.pool.historyMaxOrigins });
+    this.#store = StateStore.open(this.#config.stateDir, {
+      maxOrigins: this.#config.pool.historyMaxOrigins,
+      // The history only warms: a corrupt file costs it, not the start (a restart loop under systemd).
+      onCorrupt: ({ path, movedTo, err }) =>
+        this.#log.warn({ path, movedTo, err }, 'state database corrupt: moved aside; starting with an empty history'),
+    });
     this.#store.startAutoFlush(this.#config.pool.statsFlushMs);
     this.#egress = createEgressPolicy(this.#config, this.#hostAddresses);
     this.#resolver = new Resolver(this.#config.dns);
@@ -391,33 +396,43 @@ export class Sockpoold {
     );
   }
 
-  /** SIGHUP: new policy, limits and DNS overrides; warm sockets and leases stay. A bad file keeps the old config. */
+  /**
+   * SIGHUP: new policy, limits, DNS overrides, TLS files and history settings; warm sockets and leases stay. Whatever
+   * can fail (the file, the policy, the TLS files) is done before anything is swapped in: a refused reload keeps the
+   * previous configuration whole. Ignored once the daemon is stopping. Keys read only at start (START_ONLY_KEYS)
+   * keep their value, with a warning when the file changed them.
+   */
   reload(): void {
     if (!this.#reloadConfig) return;
+    if (this.#stopped) {
+      this.#log.info('reload ignored: sockpoold is stopping');
+      return;
+    }
     try {
       this.#notifier.reloading();
     } catch (error) {
       this.#log.warn({ err: (error as Error).message }, 'sd_notify RELOADING=1 failed');
     }
     try {
-      const config = this.#reloadConfig();
-      // Build both first so a bad value leaves the old ones in place.
+      const loaded = this.#reloadConfig();
+      const config = withStartOnlyKeys(loaded, this.#config);
+      // Everything that can fail, before anything changes.
       const egress = createEgressPolicy(config, this.#hostAddresses);
       const resolver = new Resolver(config.dns);
+      const proxies = proxiesByName(config);
+      const prepared = this.#pools.prepare(config);
+      const startOnly = changedStartOnlyKeys(this.#config, loaded);
+      // From here nothing throws: the new configuration goes in whole.
       this.#egress = egress;
       this.#resolver = resolver;
-      this.#proxies = proxiesByName(config);
-      if (JSON.stringify(config.fleet) !== JSON.stringify(this.#config.fleet)) {
-        this.#log.warn('fleet.* changed: the fleet settings take effect at the next start, not on reload');
+      this.#proxies = proxies;
+      this.#config = config;
+      const refused = this.#pools.reconfigure(prepared);
+      this.#rates.configure(config);
+      this.#store.configure({ maxOrigins: config.pool.historyMaxOrigins, flushMs: config.pool.statsFlushMs });
+      if (startOnly.length > 0) {
+        this.#log.warn({ keys: startOnly }, 'changed settings that take effect at the next start, not on reload');
       }
-      this.#config = {
-        ...config,
-        socket: this.#config.socket,
-        stateDir: this.#config.stateDir,
-        fleet: this.#config.fleet,
-      };
-      const refused = this.#pools.reconfigure(this.#config);
-      this.#rates.configure(this.#config);
       this.#log.info({ idleClosedByPolicy: refused }, 'configuration reloaded');
     } catch (error) {
       this.#log.error({ err: (error as Error).message }, 'reload failed; keeping the previous configuration');
@@ -549,6 +564,58 @@ function resolveId(value: string | number | undefined, kind: 'user' | 'group'): 
   throw new SockpoolError(
     ErrorCodes.CONFIG,
     `access.socket${kind === 'user' ? 'Owner' : 'Group'}: no ${kind} named ${JSON.stringify(value)} in ${table}`,
+  );
+}
+
+/**
+ * Keys read only when the daemon starts (a reload keeps the running value): the handoff socket and its file's mode
+ * and owner, the state directory, the log level (the loggers are made at start), the metrics endpoint, the bind
+ * restriction (applied once by the entry point), the number of relay threads, how many origins to warm at start,
+ * and the fleet. docs/config.md lists them too.
+ */
+const START_ONLY_KEYS: ReadonlyArray<readonly string[]> = [
+  ['socket'],
+  ['stateDir'],
+  ['logLevel'],
+  ['metricsPort'],
+  ['metricsHost'],
+  ['restrictBind'],
+  ['access', 'socketMode'],
+  ['access', 'socketOwner'],
+  ['access', 'socketGroup'],
+  ['tls', 'relayThreads'],
+  ['pool', 'warmOnStartOrigins'],
+  ['fleet'],
+];
+
+/** A reloaded configuration with the running values of the start-only keys (what is in force). */
+function withStartOnlyKeys(loaded: SockpoolConfig, running: SockpoolConfig): SockpoolConfig {
+  return {
+    ...loaded,
+    socket: running.socket,
+    stateDir: running.stateDir,
+    logLevel: running.logLevel,
+    metricsPort: running.metricsPort,
+    metricsHost: running.metricsHost,
+    restrictBind: running.restrictBind,
+    access: {
+      ...loaded.access,
+      socketMode: running.access.socketMode,
+      socketOwner: running.access.socketOwner,
+      socketGroup: running.access.socketGroup,
+    },
+    tls: { ...loaded.tls, relayThreads: running.tls.relayThreads },
+    pool: { ...loaded.pool, warmOnStartOrigins: running.pool.warmOnStartOrigins },
+    fleet: running.fleet,
+  };
+}
+
+/** The start-only keys whose value differs between the running configuration and a reloaded one. */
+function changedStartOnlyKeys(running: SockpoolConfig, loaded: SockpoolConfig): string[] {
+  const at = (config: SockpoolConfig, path: readonly string[]) =>
+    JSON.stringify(path.reduce<unknown>((value, key) => (value as Record<string, unknown> | undefined)?.[key], config));
+  return START_ONLY_KEYS.filter((path) => at(running, path) !== at(loaded, path)).map((path) =>
+    path.length === 1 && path[0] === 'fleet' ? 'fleet.*' : path.join('.'),
   );
 }
 

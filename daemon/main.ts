@@ -100,9 +100,11 @@ async function main(): Promise<void> {
   }
   const log = createLogger(config.logLevel);
   // Signal handlers first: a SIGTERM while the daemon starts (its socket may already accept) stops it cleanly once
-  // the start has finished, instead of killing it half-way.
+  // the start has finished, instead of killing it half-way; a SIGHUP then (Node's default would kill the process)
+  // reloads once the start has finished, unless a stop came too. After a stop began, reload() ignores a SIGHUP.
   let daemon: Sockpoold | undefined;
   let stopSignal: string | undefined;
+  let reloadPending = false;
   const shutDown = (running: Sockpoold) =>
     running.stop().then(
       () => flushLogs(log).then(() => process.exit(0)),
@@ -119,6 +121,14 @@ async function main(): Promise<void> {
   };
   process.on('SIGTERM', () => stop('SIGTERM'));
   process.on('SIGINT', () => stop('SIGINT'));
+  process.on('SIGHUP', () => {
+    if (daemon) {
+      daemon.reload();
+    } else if (!reloadPending) {
+      reloadPending = true;
+      log.info({ signal: 'SIGHUP' }, 'reload requested while starting: it runs once the start has finished');
+    }
+  });
   // Before the daemon starts any thread (they inherit it): TCP binds only to port 0 and metricsPort.
   const bindRestriction = restrictBinds(config.restrictBind, config.metricsPort);
   if (bindRestriction.state === 'failed') log.error(bindRestriction, 'TCP bind restriction (Landlock) failed');
@@ -132,9 +142,8 @@ async function main(): Promise<void> {
     await flushLogs(log);
     process.exit(1);
   }
-  const running = daemon;
-  process.on('SIGHUP', () => running.reload());
-  if (stopSignal) void shutDown(running);
+  if (stopSignal) void shutDown(daemon);
+  else if (reloadPending) daemon.reload();
 }
 
 void main();

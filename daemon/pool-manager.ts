@@ -14,7 +14,14 @@ import type { Metrics } from './metrics.js';
 import { type DropReason, type Handoff, OriginPool, type OriginPoolEvents } from './origin-pool.js';
 import { changedProxies } from './proxy-tunnel.js';
 import type { StateStore } from './store.js';
-import { isTlsPoolKey, type TlsSessions, type TlsTrust, tlsPoolKey } from './tls-sessions.js';
+import {
+  isTlsPoolKey,
+  readTlsFiles,
+  type TlsFiles,
+  type TlsSessions,
+  type TlsTrust,
+  tlsPoolKey,
+} from './tls-sessions.js';
 
 /** Per-origin demand and learning, kept beside the pool (it survives the pool being retired). */
 interface OriginStats {
@@ -32,6 +39,17 @@ interface OriginStats {
   lastPeerCloseAgeMs: number;
   /** The uids that named this origin (acquire, prewarm, warm): whose `stats` show it (client-view.ts). */
   uids: Set<number>;
+}
+
+/** A configuration with what applying it needs that could fail already done (PoolManager.prepare). */
+export interface PreparedConfig {
+  readonly config: SockpoolConfig;
+  /** The TLS files it names, read; undefined without warm TLS. */
+  readonly tlsFiles: TlsFiles | undefined;
+}
+
+function isPrepared(next: SockpoolConfig | PreparedConfig): next is PreparedConfig {
+  return 'config' in next && 'tlsFiles' in next;
 }
 
 export interface PoolManagerOptions {
@@ -391,14 +409,23 @@ export class PoolManager {
   }
 
   /**
+   * What reconfigure needs that can fail, done before anything changes: the TLS files the configuration names are
+   * read (SOCKPOOL_ERR_CONFIG naming one that cannot be). A reload prepares, then swaps everything in.
+   */
+  prepare(config: SockpoolConfig): PreparedConfig {
+    return { config, tlsFiles: this.#tls ? readTlsFiles(config) : undefined };
+  }
+
+  /**
    * New configuration (SIGHUP): policies are recomputed; warm sockets stay unless the egress policy (already
    * swapped in the connector) now refuses their origin or address, or they are tunnels through a proxy whose URL
    * changed or that was removed: those are closed. Returns how many. Sockets lent before the reload are judged the
-   * same way when they come back (giveBack).
+   * same way when they come back (giveBack). Given a prepared configuration (prepare) it throws nothing; given a
+   * configuration, a TLS file that cannot be read throws before anything changed.
    */
-  reconfigure(config: SockpoolConfig): number {
-    // First: a TLS file that cannot be read fails the reload before anything changed.
-    this.#tls?.configure(config);
+  reconfigure(next: SockpoolConfig | PreparedConfig): number {
+    const { config, tlsFiles } = isPrepared(next) ? next : this.prepare(next);
+    if (tlsFiles) this.#tls?.configure(config, tlsFiles);
     const now = performance.now();
     for (const name of changedProxies(this.#config.proxies, config.proxies)) this.#proxyChangedAt.set(name, now);
     this.#reloadedAt = now;

@@ -20,7 +20,7 @@
 // Wall-clock time (Date.now) is right here, unlike in the rest of the daemon: these timestamps must mean the same
 // thing after a restart or a reboot.
 
-import { mkdirSync } from 'node:fs';
+import { mkdirSync, renameSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { join } from 'node:path';
 import { Worker } from 'node:worker_threads';
@@ -70,6 +70,11 @@ export interface StateStoreOptions {
   demandRateWindowMs?: number;
   /** Most origins kept in history; past it the least recently seen are evicted. Default 100,000. */
   maxOrigins?: number;
+  /**
+   * Told when the database file was corrupt (or not a database) and was moved aside to `movedTo`, with the SQLite
+   * error: the store then starts with an empty history (the history only warms; losing it costs no correctness).
+   */
+  onCorrupt?: (info: { path: string; movedTo: string; err: string }) => void;
 }
 
 /** An origin as `topOrigins` ranks it for warm-on-start. */
@@ -214,6 +219,28 @@ export function migrate(
   return { from, to: migrations.length };
 }
 
+function maxOriginsOf(value: number | undefined): number {
+  return Math.max(1, Math.floor(value ?? 100_000));
+}
+
+/** SQLite found the file corrupt, or not a database at all (SQLITE_CORRUPT and its extended codes, SQLITE_NOTADB). */
+function isCorruption(error: unknown): boolean {
+  const code = (error as { code?: unknown }).code;
+  return typeof code === 'string' && /^SQLITE_(CORRUPT|NOTADB)/.test(code);
+}
+
+/** A failure to open the state database, as a SOCKPOOL_ERR_CONFIG naming the file (one already typed is kept). */
+function openError(path: string, error: unknown): Error {
+  if (error instanceof SockpoolError) return error;
+  const code = (error as { code?: unknown }).code;
+  return new SockpoolError(
+    ErrorCodes.CONFIG,
+    `${path}: cannot open the state database: ${(error as Error).message}`,
+    { path, ...(typeof code === 'string' ? { sqliteCode: code } : {}) },
+    { cause: error },
+  );
+}
+
 export class StateStore {
   readonly path: string;
   readonly #db: Database.Database;
@@ -237,7 +264,8 @@ export class StateStore {
   #slicesSinceCheckpoint = 0;
   #checkpoints = 0;
   #lastCheckpoint: CheckpointResult | undefined;
-  readonly #maxOrigins: number;
+  #maxOrigins: number;
+  #flushMs = 0;
   /** Rows in `origins` (counted at open, kept current by inserts, evictions and prunes). */
   #rowCount = 0;
   #lastPrune = 0;
@@ -266,24 +294,45 @@ export class StateStore {
     >;
   };
 
-  /** Opens (creating if needed) `<stateDir>/sockpool.sqlite`; the directory is created with mode 0750. */
+  /**
+   * Opens (creating if needed) `<stateDir>/sockpool.sqlite`; the directory is created with mode 0750. A file SQLite
+   * finds corrupt or not a database is moved aside (with its -wal and -shm) to `sockpool.sqlite.corrupt-<time>` and
+   * a new one created (options.onCorrupt is told); any other failure is a SOCKPOOL_ERR_CONFIG naming the file.
+   */
   static open(stateDir: string, options: StateStoreOptions = {}): StateStore {
     mkdirSync(stateDir, { recursive: true, mode: 0o750 });
     const path = join(stateDir, 'sockpool.sqlite');
-    let db: Database.Database;
     try {
-      db = new Database(path);
+      return StateStore.#openFile(path, options);
     } catch (error) {
-      throw new SockpoolError(
-        ErrorCodes.CONFIG,
-        `${path}: cannot open the state database: ${(error as Error).message}`,
-        {
-          path,
-        },
-      );
+      if (!isCorruption(error)) throw openError(path, error);
+      const movedTo = `${path}.corrupt-${new Date().toISOString().replace(/[:.]/g, '-')}`;
+      try {
+        renameSync(path, movedTo);
+        for (const suffix of ['-wal', '-shm']) {
+          try {
+            renameSync(path + suffix, movedTo + suffix);
+          } catch (renameError) {
+            if ((renameError as { code?: string }).code !== 'ENOENT') throw renameError;
+          }
+        }
+      } catch (renameError) {
+        throw openError(path, renameError);
+      }
+      options.onCorrupt?.({ path, movedTo, err: (error as Error).message });
+      try {
+        return StateStore.#openFile(path, options);
+      } catch (retryError) {
+        throw openError(path, retryError);
+      }
     }
+  }
+
+  static #openFile(path: string, options: StateStoreOptions): StateStore {
+    const db = new Database(path);
     try {
-      db.exec('PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 2000');
+      // busy_timeout first: setting journal_mode may wait for a lock (another process on the file).
+      db.exec('PRAGMA busy_timeout = 2000; PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL');
       migrate(db, MIGRATIONS, path);
       return new StateStore(db, path, options);
     } catch (error) {
@@ -300,7 +349,7 @@ export class StateStore {
     this.#originRetentionMs = (options.originRetentionDays ?? 30) * DAY_MS;
     this.#scoreHalfLifeMinutes = (options.scoreHalfLifeMs ?? 6 * 3_600_000) / MINUTE_MS;
     this.#rateWindowMs = options.demandRateWindowMs ?? MINUTE_MS;
-    this.#maxOrigins = Math.max(1, Math.floor(options.maxOrigins ?? 100_000));
+    this.#maxOrigins = maxOriginsOf(options.maxOrigins);
     this.#rowCount = db.prepare<[], number>('SELECT count(*) FROM origins').pluck().get() ?? 0;
     this.#statements = {
       select: db.prepare('SELECT * FROM origins WHERE origin_key = ?'),
@@ -640,6 +689,23 @@ export class StateStore {
   startAutoFlush(ms: number): void {
     this.stopAutoFlush();
     this.#startCheckpointer();
+    this.#startTimer(ms);
+  }
+
+  /**
+   * A reload: a new cap on the history (origins over it are evicted, least recently seen first, by the next flush)
+   * and, when the timer runs, a new flush interval.
+   */
+  configure(options: { maxOrigins?: number; flushMs?: number }): void {
+    if (options.maxOrigins !== undefined) this.#maxOrigins = maxOriginsOf(options.maxOrigins);
+    if (options.flushMs !== undefined && this.#timer && options.flushMs !== this.#flushMs) {
+      this.#startTimer(options.flushMs);
+    }
+  }
+
+  #startTimer(ms: number): void {
+    if (this.#timer) clearInterval(this.#timer);
+    this.#flushMs = ms;
     const slice = () => {
       let more = false;
       try {

@@ -36,9 +36,36 @@ interface PemFile {
   sha256: string;
 }
 
+/** The CA, certificate and key files a configuration names, by path, as read by readTlsFiles. */
+export type TlsFiles = ReadonlyMap<string, PemFile>;
+
+/** Reads every CA, certificate and key file the configuration names; SOCKPOOL_ERR_CONFIG naming one it cannot. */
+export function readTlsFiles(config: SockpoolConfig): TlsFiles {
+  const files = new Map<string, PemFile>();
+  const read = (path: string | undefined, key: string) => {
+    if (path === undefined || files.has(path)) return;
+    let bytes: Buffer;
+    try {
+      bytes = readFileSync(path);
+    } catch (error) {
+      const code = (error as { code?: string }).code ?? 'EIO';
+      throw new SockpoolError(ErrorCodes.CONFIG, `${key}: cannot read ${path} (${code})`, { key, source: path });
+    }
+    files.set(path, { text: bytes.toString('utf8'), sha256: createHash('sha256').update(bytes).digest('hex') });
+  };
+  read(config.tls.caFile, 'tls.caFile');
+  for (const [index, policy] of [config.pool.defaults, ...config.pool.origins].entries()) {
+    const where = index === 0 ? 'pool.defaults' : `pool.origins[${index - 1}]`;
+    read(policy.caFile, `${where}.caFile`);
+    read(policy.clientCert, `${where}.clientCert`);
+    read(policy.clientKey, `${where}.clientKey`);
+  }
+  return files;
+}
+
 export class TlsSessions implements Connector {
   #config!: SockpoolConfig;
-  #files = new Map<string, PemFile>();
+  #files: TlsFiles = new Map();
   #warmAll = false;
   #warm: readonly OriginMatch[] = [];
   #tcp: Connector;
@@ -50,27 +77,11 @@ export class TlsSessions implements Connector {
     this.configure(config);
   }
 
-  /** Reads every CA, certificate and key file the configuration names (start and reload); SOCKPOOL_ERR_CONFIG. */
-  configure(config: SockpoolConfig): void {
-    const files = new Map<string, PemFile>();
-    const read = (path: string | undefined, key: string) => {
-      if (path === undefined || files.has(path)) return;
-      let bytes: Buffer;
-      try {
-        bytes = readFileSync(path);
-      } catch (error) {
-        const code = (error as { code?: string }).code ?? 'EIO';
-        throw new SockpoolError(ErrorCodes.CONFIG, `${key}: cannot read ${path} (${code})`, { key, source: path });
-      }
-      files.set(path, { text: bytes.toString('utf8'), sha256: createHash('sha256').update(bytes).digest('hex') });
-    };
-    read(config.tls.caFile, 'tls.caFile');
-    for (const [index, policy] of [config.pool.defaults, ...config.pool.origins].entries()) {
-      const where = index === 0 ? 'pool.defaults' : `pool.origins[${index - 1}]`;
-      read(policy.caFile, `${where}.caFile`);
-      read(policy.clientCert, `${where}.clientCert`);
-      read(policy.clientKey, `${where}.clientKey`);
-    }
+  /**
+   * Takes the files of a configuration (start and reload): read here unless `files` (readTlsFiles) were read before,
+   * as a reload does so that nothing can fail once it has started to swap its configuration in.
+   */
+  configure(config: SockpoolConfig, files: TlsFiles = readTlsFiles(config)): void {
     this.#files = files;
     this.#warmAll = config.tls.warm.some((match) => match.text === '*');
     this.#warm = config.tls.warm;

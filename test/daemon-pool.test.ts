@@ -2,10 +2,12 @@
 // limits and the fair queue, leases freed on disconnect, bad input, reload, restart from history, fd counts.
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
-import { writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { Socket } from 'node:net';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
+import Database from 'better-sqlite3';
 import { afterEach, describe, expect, it } from 'vitest';
 import type { PoolSnapshot } from '../daemon/client-view.js';
 import * as native from '../shared/native.js';
@@ -462,6 +464,85 @@ describe('life cycle', () => {
     for (const fd of lease.fds) native.close(fd);
     const denied = await raw.request({ type: 'acquire', id: 11, host: '127.0.0.1', port: refused.port });
     expect(denied.message).toMatchObject({ type: 'error', code: 'SOCKPOOL_ERR_POLICY', fields: { reason: 'port' } });
+  });
+
+  it('refuses a reload whole when a TLS file cannot be read: the egress policy of before stays', async () => {
+    const a = await server();
+    const b = await server();
+    const configPath = writeConfig({ egress: { allow: ['127.0.0.1/32'], allowPorts: [a.port, b.port] } });
+    const sockpoold = await startDaemon({ args: ['--config', configPath] });
+    cleanups.push(() => sockpoold.stop());
+    const raw = client(sockpoold.socketPath);
+    // The new file no longer allows b, and names a CA file that does not exist: reading it fails the reload.
+    writeFileSync(
+      configPath,
+      JSON.stringify({
+        egress: { allow: ['127.0.0.1/32'], allowPorts: [a.port] },
+        tls: { caFile: '/nonexistent/ca.pem' },
+      }),
+    );
+    sockpoold.child.kill('SIGHUP');
+    await eventually(() => sockpoold.output().includes('reload failed'), 'reload failure logged');
+    expect(sockpoold.output()).toMatch(/tls\.caFile: cannot read \/nonexistent\/ca\.pem/);
+    // Nothing of the refused file is in force: b is still allowed.
+    const lease = await raw.request({ type: 'acquire', id: 1, host: '127.0.0.1', port: b.port });
+    for (const fd of lease.fds) native.close(fd);
+    expect(lease.message).toMatchObject({ type: 'lease' });
+  });
+
+  it('applies pool.historyMaxOrigins on reload, and warns about the keys read only at start', async () => {
+    const servers = await Promise.all([server(), server(), server(), server()]);
+    const ports = servers.map((started) => started.port);
+    const configOf = (historyMaxOrigins: number, metricsHost: string) => ({
+      metricsHost,
+      egress: { allow: ['127.0.0.1/32'], allowPorts: ports },
+      pool: { predictive: false, statsFlushMs: 50, historyMaxOrigins },
+    });
+    const configPath = writeConfig(configOf(100, '127.0.0.1'));
+    const sockpoold = await startDaemon({ args: ['--config', configPath] });
+    cleanups.push(() => sockpoold.stop());
+    const raw = client(sockpoold.socketPath);
+    let id = 1;
+    const touch = async (port: number) => {
+      const lease = await raw.request({ type: 'acquire', id: id++, host: '127.0.0.1', port });
+      expect(lease.message).toMatchObject({ type: 'lease' });
+      for (const fd of lease.fds) native.close(fd);
+    };
+    for (const port of ports.slice(0, 3)) await touch(port);
+    writeFileSync(configPath, JSON.stringify(configOf(1, '::1')));
+    sockpoold.child.kill('SIGHUP');
+    await eventually(() => sockpoold.output().includes('configuration reloaded'), 'reload logged');
+    const warnings = sockpoold
+      .output()
+      .split('\n')
+      .filter((line) => line.includes('take effect at the next start'));
+    expect(warnings.map((line) => (JSON.parse(line) as { keys: string[] }).keys)).toEqual([['metricsHost']]);
+    await touch(ports[3]!);
+    expect(await sockpoold.stop()).toBe(0);
+    const db = new Database(join(sockpoold.stateDir, 'sockpool.sqlite'), { readonly: true });
+    const origins = db.prepare('SELECT origin_key FROM origins').pluck().all();
+    db.close();
+    expect(origins).toEqual([`127.0.0.1:${ports[3]}`]);
+  });
+
+  it('starts on an empty history when its state database is corrupt, moving the file aside', async () => {
+    const stateDir = mkdtempSync(join(tmpdir(), 'sockpoold-test-'));
+    const path = join(stateDir, 'sockpool.sqlite');
+    // A torn or foreign file: systemd would restart a daemon that stopped on it into the same failure, for ever.
+    const garbage = Buffer.alloc(8192, 0x5a);
+    writeFileSync(path, garbage);
+    const sockpoold = await startDaemon({ stateDir });
+    cleanups.push(() => sockpoold.stop());
+    const moved = readdirSync(stateDir).filter((name) => name.startsWith('sockpool.sqlite.corrupt-'));
+    expect(moved).toHaveLength(1);
+    expect(readFileSync(join(stateDir, moved[0]!))).toEqual(garbage);
+    const warning = sockpoold
+      .output()
+      .split('\n')
+      .find((line) => line.includes('state database corrupt'));
+    expect(JSON.parse(warning ?? '{}')).toMatchObject({ path, movedTo: join(stateDir, moved[0]!) });
+    expect(existsSync(path)).toBe(true);
+    expect(await sockpoold.stop()).toBe(0);
   });
 
   it('warms the origins from its history after a restart', async () => {

@@ -1,5 +1,5 @@
 import { type ChildProcess, spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import Database from 'better-sqlite3';
@@ -89,6 +89,48 @@ describe('StateStore.open', () => {
     expect(tables).toEqual(['demand_history', 'origins']);
     db.close();
     store.close();
+  });
+
+  it('moves a corrupt file aside and starts with an empty history, saying where', () => {
+    // A torn or foreign file: SQLite says SQLITE_NOTADB at the first statement. The history only warms, so a
+    // daemon that stopped on it would be restarted by systemd into the same failure, for ever.
+    const path = join(dir, 'sockpool.sqlite');
+    const garbage = Buffer.alloc(8192, 0x5a);
+    writeFileSync(path, garbage);
+    const told: Array<{ path: string; movedTo: string; err: string }> = [];
+    const store = StateStore.open(dir, { now, onCorrupt: (info) => told.push(info) });
+    expect(told).toEqual([
+      { path, movedTo: expect.stringMatching(/\/sockpool\.sqlite\.corrupt-[\dTZ-]+$/), err: expect.any(String) },
+    ]);
+    const movedTo = told[0]!.movedTo;
+    expect(readFileSync(movedTo)).toEqual(garbage);
+    store.recordAcquire('fresh.example:443', { hit: false });
+    store.flush();
+    expect(store.origin('fresh.example:443')?.acquires).toBe(1);
+    store.close();
+    const db = reader(dir);
+    expect(value(db, 'PRAGMA user_version')).toBe(MIGRATIONS.length);
+    db.close();
+  });
+
+  it('reports any other failure to open the file as SOCKPOOL_ERR_CONFIG naming it, and leaves the file alone', () => {
+    // Another connection (as another process would) holds the file locked past the busy timeout.
+    const path = join(dir, 'sockpool.sqlite');
+    const holder = openDatabase(path);
+    holder.exec('BEGIN EXCLUSIVE');
+    let caught: unknown;
+    try {
+      open();
+    } catch (error) {
+      caught = error;
+    }
+    holder.exec('COMMIT');
+    holder.close();
+    expect(caught).toBeInstanceOf(SockpoolError);
+    expect((caught as SockpoolError).code).toBe(ErrorCodes.CONFIG);
+    expect((caught as SockpoolError).message).toContain(path);
+    expect((caught as SockpoolError).fields).toMatchObject({ path, sqliteCode: 'SQLITE_BUSY' });
+    expect(readdirSync(dir).filter((name) => name.includes('corrupt'))).toEqual([]);
   });
 });
 
@@ -198,6 +240,23 @@ describe('batching', () => {
     expect(store.flush()).toBe(0); // closed: a no-op
     store.close(); // idempotent
   });
+
+  it('takes a new flush interval on reload (configure)', () => {
+    const store = open();
+    useFakeClock();
+    try {
+      store.startAutoFlush(20);
+      store.configure({ flushMs: 1000 });
+      store.recordAcquire('timer.example:80', { hit: false });
+      vi.advanceTimersByTime(999);
+      expect(store.pendingOrigins).toBe(1);
+      vi.advanceTimersByTime(1);
+    } finally {
+      vi.useRealTimers();
+    }
+    expect(store.pendingOrigins).toBe(0);
+    store.close();
+  });
 });
 
 describe('what a client cannot bloat', () => {
@@ -248,6 +307,28 @@ describe('what a client cannot bloat', () => {
     expect(again.originCount).toBe(100);
     again.close();
     db.close();
+  });
+
+  it('takes a lower maxOrigins on reload (configure): the next flush evicts down to it', () => {
+    const store = StateStore.open(dir, { now, maxOrigins: 100 });
+    for (let origin = 0; origin < 5; origin++) {
+      clock += 1000;
+      store.recordConnect(`o${origin}.example:443`, 5);
+    }
+    store.flush();
+    expect(store.originCount).toBe(5);
+    store.configure({ maxOrigins: 2 });
+    clock += 1000;
+    store.recordConnect('o5.example:443', 5);
+    store.flush();
+    expect(store.originCount).toBe(2);
+    const db = reader(dir);
+    expect(column(db, 'SELECT origin_key FROM origins ORDER BY origin_key')).toEqual([
+      'o4.example:443',
+      'o5.example:443',
+    ]);
+    db.close();
+    store.close();
   });
 
   it('a timed flush writes in slices and yields between them, ending with everything written', async () => {

@@ -1,0 +1,116 @@
+// sockpoold's signals around its start and its stop, against the real daemon child process: a SIGHUP while it
+// starts (Node's default action for it is to end the process) reloads once the start has finished; a SIGHUP once a
+// stop has begun is ignored (no reload of closed pools, no RELOADING=1 or READY=1 to systemd after STOPPING=1).
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import type { PoolSnapshot } from '../daemon/client-view.js';
+import * as native from '../shared/native.js';
+import { startServer } from './fixtures/native-helpers.js';
+import { NotifySocket } from './fixtures/systemd-notify-socket.js';
+import { daemonMain, eventually, startDaemon, writeConfigFile } from './helpers/daemon.js';
+import { openRawClient, type RawClient } from './helpers/raw-client.js';
+
+const cleanups: Array<() => unknown> = [];
+afterEach(async () => {
+  for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
+});
+
+function tempDir(): string {
+  const dir = mkdtempSync(join(tmpdir(), 'sockpoold-signals-'));
+  cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+  return dir;
+}
+
+async function stats(raw: RawClient): Promise<PoolSnapshot> {
+  const reply = await raw.request({ type: 'stats', id: 999_999 });
+  return (reply.message as unknown as { stats: PoolSnapshot }).stats;
+}
+
+describe('SIGHUP', () => {
+  it('while the daemon starts: it survives, and reloads once the start has finished', async () => {
+    const dir = tempDir();
+    const child = spawn(
+      process.execPath,
+      [daemonMain, '--socket', join(dir, 's.sock'), '--state-dir', dir, '--log-level', 'debug'],
+      { stdio: ['ignore', 'pipe', 'pipe'] },
+    );
+    cleanups.push(() => {
+      if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+    });
+    const closed = once(child, 'close');
+    let output = '';
+    let hupSent = false;
+    const onData = (chunk: Buffer) => {
+      output += chunk;
+      // The bind restriction's line is logged before Sockpoold.start(): the daemon is starting.
+      if (!hupSent && output.includes('TCP bind restriction')) {
+        hupSent = true;
+        child.kill('SIGHUP');
+      }
+    };
+    child.stdout.on('data', onData);
+    child.stderr.on('data', onData);
+    await eventually(
+      () => output.includes('configuration reloaded') || child.exitCode !== null || child.signalCode !== null,
+      'a reload after the start, or an exit',
+      30_000,
+    );
+    expect({ signal: child.signalCode, exitCode: child.exitCode }).toEqual({ signal: null, exitCode: null });
+    expect(output.indexOf('configuration reloaded')).toBeGreaterThan(output.indexOf('sockpoold ready'));
+    child.kill('SIGTERM');
+    await closed;
+    expect(child.exitCode).toBe(0);
+  }, 40_000);
+
+  it('once a stop has begun: ignored, and nothing after STOPPING=1 says reloading or ready', async () => {
+    const echo = await startServer('127.0.0.1');
+    cleanups.push(() => echo.close());
+    const dir = tempDir();
+    const notify = new NotifySocket(join(dir, 'notify.sock'));
+    cleanups.push(() => notify.close());
+    const configPath = writeConfigFile(
+      { egress: { allow: ['127.0.0.1/32'], allowPorts: [echo.port] }, pool: { predictive: false } },
+      cleanups,
+    );
+    const sockpoold = await startDaemon({
+      args: ['--config', configPath],
+      env: { NOTIFY_SOCKET: notify.path },
+      stateDir: dir,
+    });
+    cleanups.push(() => sockpoold.stop());
+    await notify.waitFor((text) => text.startsWith('READY=1'));
+    const raw = openRawClient(sockpoold.socketPath, cleanups);
+    await raw.request({ type: 'prewarm', id: 1, host: '127.0.0.1', port: echo.port, count: 4 });
+    await eventually(async () => (await stats(raw)).idle === 4, 'four idle');
+    // PID 1 busy: the stop waits for room in the notify queue to store the idle sockets, so the SIGHUP comes
+    // while it is under way.
+    notify.pause();
+    for (let filler = 0; ; filler++) {
+      try {
+        native.sendDatagram(notify.path, Buffer.from(`STATUS=filler ${filler}`));
+      } catch {
+        break;
+      }
+    }
+    sockpoold.child.kill('SIGTERM');
+    await eventually(() => sockpoold.output().includes('"msg":"stopping"'), 'stopping');
+    sockpoold.child.kill('SIGHUP');
+    await eventually(
+      () => /reload ignored|configuration reloaded|reload failed/.test(sockpoold.output()),
+      'the SIGHUP handled',
+    );
+    notify.resume();
+    await once(sockpoold.child, 'close');
+    expect(sockpoold.child.exitCode).toBe(0);
+    expect(sockpoold.output()).toContain('reload ignored');
+    const texts = notify.texts().filter((text) => !text.startsWith('STATUS=filler'));
+    const afterStart = texts.slice(texts.findIndex((text) => text.startsWith('READY=1')) + 1);
+    const firstLines = afterStart.map((text) => text.split('\n')[0]);
+    expect(firstLines).toContain('STOPPING=1');
+    expect(firstLines.filter((line) => line === 'READY=1' || line === 'RELOADING=1')).toEqual([]);
+  }, 40_000);
+});
