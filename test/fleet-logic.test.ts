@@ -1,6 +1,6 @@
 // The fleet's pure logic on an injected clock: GCRA arithmetic (the same as RATE_SCRIPT in Redis), token batches
 // and their lifetime (each batch its own), the daemon's rate limiter alone (a fleet of one) with
-// SOCKPOOL_ERR_RATE_LIMITED, the worker's token batches (no message for origins without a rate; one batch request
+// SOCKPOOL_ERR_RATE_LIMITED and as a fleet member (one batch asked of Redis per origin at a time), the worker's token batches (no message for origins without a rate; one batch request
 // per origin at a time; a wait over the protocol's bound asked for again), local slots, and the maps of per-origin
 // rate state.
 import { describe, expect, it } from 'vitest';
@@ -116,6 +116,31 @@ describe('the daemon alone: a fleet of one', () => {
       fields: { waitMs: 500, origin: 'slow.example:443' },
     });
     expect(limiter.counters).toMatchObject({ granted: 1, limited: 1 });
+  });
+
+  it('a fleet member asks Redis for one batch per origin at a time: concurrent requests spend from it', async () => {
+    const fast = parseConfig(
+      { pool: { origins: [{ match: 'fast.example:443', requestsPerSecond: 100, burst: 10 }] } },
+      'test',
+    );
+    const origin = { host: 'fast.example', port: 443 };
+    const asked: number[] = [];
+    // Only takeTokens is used with a fleet: each call answers a turn later with all it was asked for.
+    const fleet = {
+      async takeTokens(_key: string, _params: unknown, wanted: number) {
+        asked.push(wanted);
+        await new Promise((resolve) => setImmediate(resolve));
+        return { granted: wanted, waitMs: 0 };
+      },
+    } as unknown as ConstructorParameters<typeof RateLimiter>[1];
+    const limiter = new RateLimiter(fast, fleet, () => 0);
+    const params = limiter.paramsFor(origin)!;
+    const batch = batchSize(params, 64);
+    const granted = await Promise.all(Array.from({ length: batch }, () => limiter.take(origin, params, 1, 1_000)));
+    expect(granted).toEqual(Array.from({ length: batch }, () => 1));
+    // One batch covered them all (each asking for its own, they took one batch each).
+    expect(asked).toEqual([batch]);
+    expect(limiter.counters.granted).toBe(batch);
   });
 });
 

@@ -37,6 +37,8 @@ export class RateLimiter {
   /** A spent or expired batch is the same as none: clients naming ever more origins under a default rate cannot
    *  grow this without bound (as LocalGcra's TATs). */
   #batches = new ForgetfulMap<string, TokenBatch>(MAX_BATCHES, (batch, now) => batch.held(now) === 0);
+  /** fleetKey -> the batch being asked of Redis for it now (settles when the answer is in, never rejects). */
+  #asking = new Map<string, Promise<void>>();
   /** fleetKey -> its rate, or null when it has none (policyFor is not cheap enough for every acquire). */
   #params = new Map<string, RateParams | null>();
   /** Some policy (the defaults or an origin entry) has a rate: without one, every origin is answered at once. */
@@ -108,20 +110,45 @@ export class RateLimiter {
   }
 
   async #grant(key: string, params: RateParams, wanted: number): Promise<Grant> {
-    if (!this.#fleet) return this.#local.take(key, wanted, params);
+    const fleet = this.#fleet;
+    if (!fleet) return this.#local.take(key, wanted, params);
     // A fleet: from this daemon's batch first, then a new batch from Redis (the rest kept for the next requests).
-    let batch = this.#batches.get(key);
-    if (!batch) {
-      batch = new TokenBatch();
-      this.#batches.set(key, batch, this.#now());
+    // One batch asked of Redis per origin at a time: requests that find the batch empty meanwhile wait for it and
+    // spend from it (each asking for a batch of its own, a burst took a batch per request, and the tokens it did not
+    // spend expired, lost to the whole fleet); one that finds it spent after that asks next.
+    for (;;) {
+      let batch = this.#batches.get(key);
+      if (!batch) {
+        batch = new TokenBatch();
+        this.#batches.set(key, batch, this.#now());
+      }
+      let spent = 0;
+      while (spent < wanted && batch.spend(this.#now())) spent++;
+      if (spent > 0) return { granted: spent, waitMs: 0 };
+      const asking = this.#asking.get(key);
+      if (asking) {
+        await asking;
+        continue;
+      }
+      const ask = Math.max(wanted, batchSize(params, MAX_DAEMON_BATCH));
+      const held = batch;
+      const granting = fleet
+        .takeTokens(key, params, ask, (share) => this.#local.take(key, ask, share))
+        .then((grant) => {
+          if (grant.granted > wanted) held.add(grant.granted - wanted, this.#now());
+          return { granted: Math.min(wanted, grant.granted), waitMs: grant.waitMs };
+        });
+      const settled = granting.then(
+        () => {},
+        () => {},
+      );
+      this.#asking.set(key, settled);
+      try {
+        return await granting;
+      } finally {
+        if (this.#asking.get(key) === settled) this.#asking.delete(key);
+      }
     }
-    let spent = 0;
-    while (spent < wanted && batch.spend(this.#now())) spent++;
-    if (spent > 0) return { granted: spent, waitMs: 0 };
-    const ask = Math.max(wanted, batchSize(params, MAX_DAEMON_BATCH));
-    const grant = await this.#fleet.takeTokens(key, params, ask, (share) => this.#local.take(key, ask, share));
-    if (grant.granted > wanted) batch.add(grant.granted - wanted, this.#now());
-    return { granted: Math.min(wanted, grant.granted), waitMs: grant.waitMs };
   }
 }
 
