@@ -38,8 +38,8 @@ import { ThreadLanes } from './thread-lanes.js';
 import {
   type BodyInput,
   type ClassifiedBody,
+  checkFraming,
   classifyBody,
-  declaredLength,
   invalid,
   isStreamBody,
   type PrewarmTarget,
@@ -709,12 +709,13 @@ export class SockpoolClient {
       queued,
     }: Omit<Prepared, 'request' | 'upload' | 'target'> & PreparedTimes,
   ): Prepared {
+    const declared = checkFraming(checked.headers, body);
     const request: TransferRequest = {
       url: checked.target.href,
       method: checked.method,
       headers: checked.headers,
       body: body.bytes,
-      streamedBody: body.stream ? { length: declaredLength(checked.headers) } : undefined,
+      streamedBody: body.stream ? { length: declared } : undefined,
       streamResponse,
       decompress,
       maxBodyBytes,

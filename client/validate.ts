@@ -161,11 +161,36 @@ export function isStreamBody(body: BodyInput | null | undefined): body is BodySt
 }
 
 /** content-length given by the caller for a streamed body (curl then sends it as is instead of chunked). */
-export function declaredLength(headers: Array<[string, string]>): number | undefined {
-  const header = headers.find(([name]) => name.toLowerCase() === 'content-length');
-  if (!header) return undefined;
-  if (!/^\d{1,15}$/.test(header[1].trim())) throw invalid(`invalid content-length ${JSON.stringify(header[1])}`);
-  return Number(header[1].trim());
+/**
+ * The request's framing, checked against its body; returns the content-length the caller gave, if any (a streamed
+ * body's declared length). A content-length must say what is sent: a whole body's length, 0 without a body, and
+ * a streamed body must then have that length; one at most. Transfer-Encoding is curl's to choose (chunked for a
+ * streamed body of unknown length). Wrong framing would send the body under a length the origin reads otherwise:
+ * on a kept-alive connection the rest of it is read as another request, whose answer the next request on that
+ * connection gets.
+ */
+export function checkFraming(headers: Array<[string, string]>, body: ClassifiedBody): number | undefined {
+  let declared: number | undefined;
+  for (const [name, value] of headers) {
+    // (Most headers are neither: their length says so without lower-casing them.)
+    if (name.length !== 14 && name.length !== 17) continue;
+    const lower = name.toLowerCase();
+    if (lower === 'transfer-encoding') {
+      throw invalid('transfer-encoding cannot be set: curl frames the body (chunked when its length is unknown)');
+    }
+    if (lower !== 'content-length') continue;
+    if (declared !== undefined) throw invalid('more than one content-length header');
+    if (!/^\d{1,15}$/.test(value.trim())) throw invalid(`invalid content-length ${JSON.stringify(value)}`);
+    declared = Number(value.trim());
+  }
+  if (declared === undefined || body.stream) return declared;
+  const length = body.bytes?.byteLength ?? 0;
+  if (declared !== length) {
+    throw invalid(`content-length ${declared} does not match the body, ${length} bytes`, {
+      contentLength: String(declared),
+    });
+  }
+  return declared;
 }
 
 /** An origin to prewarm: a URL (string or URL object: its origin, one socket), or the origin spelled out. */

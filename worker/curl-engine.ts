@@ -666,7 +666,11 @@ export class CurlEngine {
     }
     if (request.headers.length === 0 && !io.source && !relay) setList('HTTPHEADER', '', NO_HEADERS);
     else {
-      const headers = request.headers.map(([name, value]) => `${name}: ${value}`);
+      // curl reads "Name:" with nothing after it as "do not send Name" (and drops its own Accept or Host so):
+      // an empty value goes as "Name;", curl's way of sending "Name:" empty.
+      const headers = request.headers.map(([name, value]) =>
+        value === '' || value.trim() === '' ? `${name};` : `${name}: ${value}`,
+      );
       if (relay) headers.unshift(...relayHeaders(request, urlTarget, relay));
       // No "Expect: 100-continue" round trip before a large or streamed body, unless the caller asks for one.
       if (io.source && !request.headers.some(([name]) => name.toLowerCase() === 'expect')) headers.push('Expect:');

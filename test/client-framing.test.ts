@@ -1,0 +1,108 @@
+// What the client lets through to the wire as a request's framing and headers, against a real daemon and origin,
+// on a worker thread and with threads: 0. A content-length must say what is sent: one that does not match a whole
+// body (or a non-zero one without a body, or two of them), and any transfer-encoding, are refused with
+// SOCKPOOL_ERR_INVALID_ARGUMENT before anything is sent. Sent as given, `content-length: 0` with a body made the
+// origin read the body as a request of its own on the kept-alive connection, and the next request there got its
+// answer. A header with an empty value is sent empty: curl reads "Name:" as "do not send Name", which also dropped
+// curl's own Accept.
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { SockpoolClient } from '../client/index.js';
+import { httpOrigin, type Origin, startTestDaemon } from './fixtures/client-helpers.js';
+import type { DaemonProcess } from './helpers/daemon.js';
+
+let origin: Origin;
+let daemon: DaemonProcess;
+/** Every request the origin read: its path, body size and headers. */
+const seen: Array<{ url: string; bytes: number; headers: Record<string, unknown> }> = [];
+
+beforeAll(async () => {
+  origin = await httpOrigin((request, response) => {
+    let bytes = 0;
+    request.on('data', (chunk: Buffer) => {
+      bytes += chunk.length;
+    });
+    request.on('end', () => {
+      seen.push({ url: request.url ?? '', bytes, headers: request.headers });
+      response.end(`${request.method} ${request.url} ${bytes}`);
+    });
+  });
+  daemon = await startTestDaemon([origin.port]);
+});
+
+afterAll(async () => {
+  await daemon?.stop();
+  await origin?.close();
+});
+
+const modes = [
+  ['a worker thread', { threads: 1, inlineWhenIdle: false }],
+  ['threads: 0', { threads: 0 }],
+] as const;
+
+describe.each(modes)('request framing and headers (%s)', (_name, mode) => {
+  it('refuses a content-length that does not say what is sent, before anything is sent; the connection stays in step', async () => {
+    const client = new SockpoolClient({ socketPath: daemon.socketPath, ...mode });
+    const url = (path: string) => `http://127.0.0.1:${origin.port}${path}`;
+    const invalid = (message: string) => ({
+      code: 'SOCKPOOL_ERR_INVALID_ARGUMENT',
+      message: expect.stringContaining(message),
+    });
+    try {
+      const before = seen.length;
+      // A request hidden in a body sent under content-length 0.
+      const smuggle = 'GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n';
+      await expect(
+        client.request(url('/cl'), { method: 'POST', headers: { 'content-length': '0' }, body: smuggle }),
+      ).rejects.toMatchObject(invalid(`content-length 0 does not match the body, ${smuggle.length} bytes`));
+      await expect(
+        client.request(url('/cl'), { method: 'POST', headers: { 'content-length': '3' }, body: 'four' }),
+      ).rejects.toMatchObject(invalid('does not match'));
+      await expect(client.request(url('/cl'), { headers: { 'content-length': '5' } })).rejects.toMatchObject(
+        invalid('does not match the body, 0 bytes'),
+      );
+      await expect(
+        client.request(url('/cl'), {
+          method: 'POST',
+          headers: [
+            ['content-length', '4'],
+            ['Content-Length', '4'],
+          ],
+          body: 'four',
+        }),
+      ).rejects.toMatchObject(invalid('more than one content-length'));
+      await expect(
+        client.request(url('/cl'), { method: 'POST', headers: { 'transfer-encoding': 'chunked' }, body: 'four' }),
+      ).rejects.toMatchObject(invalid('transfer-encoding cannot be set'));
+      // Nothing of those reached the origin; the next requests are answered in step.
+      expect((await client.request(url('/next'))).body.toString()).toBe('GET /next 0');
+      const matching = await client.request(url('/match'), {
+        method: 'POST',
+        headers: { 'content-length': '4' },
+        body: 'four',
+      });
+      expect(matching.body.toString()).toBe('POST /match 4');
+      expect(seen.slice(before).map((entry) => entry.url)).toEqual(['/next', '/match']);
+    } finally {
+      await client.close();
+    }
+  });
+
+  it('sends a header with an empty value as an empty header, not dropped (nor curl’s own Accept with it)', async () => {
+    const client = new SockpoolClient({ socketPath: daemon.socketPath, ...mode });
+    try {
+      const before = seen.length;
+      await client.request(`http://127.0.0.1:${origin.port}/empty-header`, {
+        headers: { 'x-empty': '', accept: '', 'x-spaces': '  ', 'x-kept': 'value' },
+      });
+      const headers = seen[before]!.headers;
+      expect({
+        xEmpty: headers['x-empty'],
+        accept: headers.accept,
+        xSpaces: headers['x-spaces'],
+        xKept: headers['x-kept'],
+      }).toEqual({ xEmpty: '', accept: '', xSpaces: '', xKept: 'value' });
+    } finally {
+      await client.close();
+    }
+  });
+});
