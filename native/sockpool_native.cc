@@ -234,8 +234,19 @@ std::vector<int> FdListArg(const Napi::CallbackInfo& info, size_t index) {
 // ---------------------------------------------------------------------------------------------------------------
 // Small syscall helpers
 
+// Every socket this addon closes gets its linger turned off first. A client can set SO_LINGER on a socket it sends
+// us, or on its copy of one we lent it; then close() of the last copy, even of a non-blocking socket, waits up to
+// the linger time (any number of seconds) while unsent data is queued, and the thread that closes it (the
+// daemon's only one) serves nobody meanwhile. {0, 0} is the kernel's default: close() returns at once and the
+// kernel sends what is queued in the background (never an RST, as {1, 0} would). Not a socket: ENOTSOCK, ignored.
+void DisarmLinger(int fd) {
+  const linger off = {0, 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_LINGER, &off, sizeof off);
+}
+
 void CloseQuietly(int fd) {
   const int saved = errno;
+  DisarmLinger(fd);
   ::close(fd);  // Linux releases the fd even when close() reports EINTR: never retry.
   errno = saved;
 }
@@ -1132,6 +1143,7 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
                           " is watched by a Poller of this thread; close the Poller first");
     }
     tracked_.erase(fd);
+    DisarmLinger(fd);  // (see DisarmLinger: no client can make this close wait)
     // Linux releases the fd even when close() reports EINTR: never retry, and report only real errors (EBADF).
     if (::close(fd) < 0 && errno != EINTR) ThrowErrno(env, errno, "close");
     return env.Undefined();

@@ -1,0 +1,70 @@
+// A client cannot make the daemon's thread wait in close(). With SO_LINGER set and unsent data queued, Linux makes
+// close() of the last copy of a TCP socket wait up to the linger time, even when the socket is non-blocking; the
+// daemon closes sockets a client had its hands on (an fd sent with a message, a lent socket at `closed`), and the
+// addon turns their linger off before every close (native DisarmLinger). A hostile client (Python, which can set
+// SO_LINGER: test/fixtures/linger-client.py) sets a linger of 600 s, longer than this test may take: before the
+// fix, the honest client's hello below waited for it.
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
+import { existsSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { afterEach, describe, expect, it } from 'vitest';
+import { type DaemonProcess, startDaemon } from './helpers/daemon.js';
+import { RawClient } from './helpers/raw-client.js';
+
+const script = join(import.meta.dirname, 'fixtures', 'linger-client.py');
+const LINGER_SECONDS = '600';
+const cleanups: Array<() => unknown> = [];
+
+afterEach(async () => {
+  for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
+});
+
+/** An honest client's hello, answered (a daemon stuck in close() would answer nobody). */
+async function honestHello(sockpoold: DaemonProcess): Promise<void> {
+  const honest = new RawClient(sockpoold.socketPath);
+  cleanups.push(() => honest.close());
+  const reply = await honest.request({ type: 'hello', id: 7, version: 1 });
+  expect(reply.message).toMatchObject({ type: 'hello', id: 7 });
+}
+
+describe('sockets a client set SO_LINGER on', () => {
+  it('an fd sent with a message that takes none is closed without waiting for its linger', async () => {
+    const sockpoold = await startDaemon();
+    cleanups.push(() => sockpoold.stop());
+    const hostile = spawn('python3', [script, 'send', sockpoold.socketPath, LINGER_SECONDS], {
+      stdio: ['ignore', 'pipe', 'inherit'],
+    });
+    cleanups.push(() => hostile.kill());
+    await once(hostile.stdout!, 'data');
+    await honestHello(sockpoold);
+  }, 30_000);
+
+  it('a lent socket the client set SO_LINGER on through its copy: `closed` does not make the daemon wait', async () => {
+    const portFile = join(tmpdir(), `sockpool-linger-port-${process.pid}`);
+    rmSync(portFile, { force: true });
+    rmSync(`${portFile}.go`, { force: true });
+    cleanups.push(
+      () => rmSync(portFile, { force: true }),
+      () => rmSync(`${portFile}.go`, { force: true }),
+    );
+    // The hostile client's own sink (which never reads) is the origin: up before the daemon is told its port.
+    const socketPath = join(tmpdir(), `sockpool-linger-${process.pid}.sock`);
+    const hostile = spawn('python3', [script, 'lease', socketPath, LINGER_SECONDS, portFile], {
+      stdio: ['ignore', 'pipe', 'inherit'],
+    });
+    cleanups.push(() => hostile.kill());
+    while (!existsSync(portFile) || readFileSync(portFile, 'utf8') === '') await sleep(20);
+    const port = readFileSync(portFile, 'utf8');
+    const sockpoold = await startDaemon({ socketPath, args: ['--allow', '127.0.0.1/32', '--allow-port', port] });
+    cleanups.push(() => sockpoold.stop());
+    writeFileSync(`${portFile}.go`, '');
+    // It printed once its `closed` was sent; the hello goes after it on another connection, so it may overtake it:
+    // a second hello after the first reply is surely behind the lease's end.
+    await once(hostile.stdout!, 'data');
+    await honestHello(sockpoold);
+    await honestHello(sockpoold);
+  }, 30_000);
+});
