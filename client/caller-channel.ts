@@ -53,6 +53,8 @@ export class CallerChannel {
   /** Request body bytes curl has read (worker's acks), and a pump waiting for them. */
   #acked = 0;
   #wakePump: (() => void) | undefined;
+  /** The request body being read, until it is read to its end: close() cancels it (even while a read is pending). */
+  #source: UploadSource | undefined;
 
   constructor(options: CallerChannelOptions) {
     let port1: RequestPort;
@@ -99,13 +101,20 @@ export class CallerChannel {
     } catch {
       // already closed or errored
     }
-    this.close();
+    this.close(error);
   }
 
-  close(): void {
+  /** Closes this end; a request body still being read is cancelled (with `reason`, the failure if there was one). */
+  close(reason?: Error): void {
     if (this.#done) return;
     this.#done = true;
     this.#wakePump?.();
+    // A body not read to its end (the transfer ended, failed or was cancelled first): stop reading it. A source that
+    // has stalled would otherwise keep its reader waiting forever (a ReadableStream left locked, a file or a socket
+    // left open).
+    const source = this.#source;
+    this.#source = undefined;
+    source?.cancel(reason ?? new SockpoolError(ErrorCodes.ABORTED, 'the request ended before its body was read'));
     this.#port.close();
   }
 
@@ -149,10 +158,14 @@ export class CallerChannel {
   /** Sends the request body, never more than UPLOAD_WINDOW bytes ahead of what curl has read. */
   async #pump(upload: BodyStream): Promise<void> {
     let sent = 0;
+    let source: UploadSource | undefined;
     try {
-      for await (const raw of upload) {
+      source = this.#source = openSource(upload);
+      for (;;) {
+        const next = await source.next();
         if (this.#done) return;
-        const chunk = bytesOf(raw);
+        if (next.done) break;
+        const chunk = bytesOf(next.value);
         for (let offset = 0; offset < chunk.byteLength; offset += UPLOAD_CHUNK) {
           while (sent - this.#acked >= UPLOAD_WINDOW && !this.#done) {
             await new Promise<void>((resolve) => {
@@ -167,13 +180,22 @@ export class CallerChannel {
           this.#post({ t: 'data', data: piece }, [piece.buffer as ArrayBuffer]);
         }
       }
+      // Read to its end: nothing left to cancel.
+      this.#source = undefined;
       this.#post({ t: 'end' });
     } catch (error) {
       const failure =
         error instanceof SockpoolError
           ? error
           : new SockpoolError(ErrorCodes.REQUEST_BODY, `the request body stream failed: ${(error as Error)?.message}`);
+      // The source failed, or yielded something other than bytes: it is read no further.
+      if (this.#source === source) {
+        this.#source = undefined;
+        source?.cancel(failure);
+      }
       this.#post({ t: 'body-error', error: toPlainError(failure) });
+    } finally {
+      source?.release();
     }
   }
 
@@ -181,6 +203,52 @@ export class CallerChannel {
     if (this.#done) return;
     this.#port.postMessage(message, transfer);
   }
+}
+
+/** A request body being read, whichever kind it is, and how to stop reading it. */
+interface UploadSource {
+  next(): Promise<IteratorResult<unknown>>;
+  /** Stops the source, a read pending or not (that read then ends or fails); never throws. */
+  cancel(reason: Error): void;
+  /** After the last read: lets go of the source (a ReadableStream's lock). */
+  release(): void;
+}
+
+/**
+ * A ReadableStream is read through a reader of its own, which cancel() cancels (a read pending on a stalled source
+ * then ends; the lock is released after it). A Node Readable is destroyed (its file or socket closed). Any other
+ * AsyncIterable is asked to return(), all that can be done (an async generator waiting inside does so once that wait
+ * ends).
+ */
+function openSource(upload: BodyStream): UploadSource {
+  if (upload instanceof ReadableStream) {
+    const reader = (upload as ReadableStream<unknown>).getReader();
+    return {
+      next: () => reader.read() as Promise<IteratorResult<unknown>>,
+      cancel: (reason) => void reader.cancel(reason).catch(() => {}),
+      release: () => reader.releaseLock(),
+    };
+  }
+  const iterator = (upload as AsyncIterable<unknown>)[Symbol.asyncIterator]();
+  const readable = upload as Partial<NodeReadableLike>;
+  const cancel =
+    typeof readable.destroy === 'function' && typeof readable.pipe === 'function'
+      ? // (No error given: destroying with one would emit 'error' on a stream nobody may listen to any more.)
+        () => void readable.destroy!()
+      : () => {
+          try {
+            void Promise.resolve(iterator.return?.()).catch(() => {});
+          } catch {
+            // an iterator whose return() throws: nothing more to do
+          }
+        };
+  return { next: () => iterator.next(), cancel, release: () => {} };
+}
+
+/** A Node Readable (or anything like one) as far as cancelling it goes. */
+interface NodeReadableLike {
+  destroy(error?: Error): unknown;
+  pipe(destination: unknown): unknown;
 }
 
 /** A streamed body's chunk as a plain Uint8Array (a fresh one: slice() below copies). */

@@ -503,7 +503,10 @@ export class SockpoolClient {
     const raw = init.body !== undefined ? init.body : (source?.body ?? null);
     let body: BodyInput | undefined;
     if (raw !== null && raw !== undefined) {
-      if (raw instanceof ReadableStream || raw instanceof Uint8Array || raw instanceof ArrayBuffer) body = raw;
+      if (raw instanceof Uint8Array || raw instanceof ArrayBuffer) body = raw;
+      // ReadableStreams, AsyncIterables, Node Readables: streamed as they are read (as Node's fetch does), under the
+      // request's signal and deadline, never buffered first.
+      else if (isStreamBody(raw as BodyInput)) body = raw as BodyInput;
       else {
         // Strings, Blobs, FormData, URLSearchParams: bytes and content type as fetch would send them.
         const wrapped = new Response(raw as ConstructorParameters<typeof Response>[0]);
