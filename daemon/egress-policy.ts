@@ -104,6 +104,7 @@ const IPV4_CLASSES = table([
   ['169.254.170.2/32', 'metadata'], // AWS ECS task metadata and credentials
   ['169.254.170.23/32', 'metadata'], // AWS EKS pod identity agent
   ['100.100.100.200/32', 'metadata'], // Alibaba Cloud
+  ['168.63.129.16/32', 'metadata'], // Azure WireServer (VM agent, extension settings and their secrets): public space
   ['255.255.255.255/32', 'broadcast'],
   ['0.0.0.0/8', 'unspecified'], // "this network"; connect() to 0.0.0.0 reaches the local host
   ['10.0.0.0/8', 'private'],

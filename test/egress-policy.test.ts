@@ -57,6 +57,7 @@ describe('classifyAddress', () => {
     ['169.254.169.254', 'metadata'],
     ['169.254.170.2', 'metadata'],
     ['100.100.100.200', 'metadata'],
+    ['168.63.129.16', 'metadata'],
     ['198.18.0.1', 'reserved'],
     ['198.19.255.255', 'reserved'],
     ['192.0.2.1', 'reserved'],
