@@ -47,6 +47,7 @@ export const DEFAULTS = {
   logLevel: 'info' as LogLevel,
   metricsPort: 0,
   metricsHost: '127.0.0.1',
+  metricsPerOrigin: false,
   restrictBind: true,
   access: {
     socketMode: '0660',
@@ -353,6 +354,8 @@ export const configSchema = z
     logLevel: z.enum(LOG_LEVELS).default(DEFAULTS.logLevel),
     metricsPort: z.int().min(0).max(65535).default(DEFAULTS.metricsPort),
     metricsHost: ipAddress.default(DEFAULTS.metricsHost),
+    // The per-origin gauges name every uid's origins to whoever reaches the endpoint: only when asked for.
+    metricsPerOrigin: z.boolean().default(DEFAULTS.metricsPerOrigin),
     // Landlock: TCP binds only to port 0 and metricsPort (bind-restriction.ts); applied by sockpoold's entry point.
     restrictBind: z.boolean().default(DEFAULTS.restrictBind),
     access: z

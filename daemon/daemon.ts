@@ -118,7 +118,7 @@ export class Sockpoold {
     this.#hostAddresses = hostAddressesProvider(undefined, undefined, (error) =>
       this.#log.warn({ err: error.message }, 'host interface addresses not refreshed; keeping the last list'),
     );
-    this.#metrics = createMetrics(() => this.#pools.snapshot());
+    this.#metrics = createMetrics(() => this.#pools.snapshot(), { perOrigin: this.#config.metricsPerOrigin });
     // Every connect (plain, through a proxy, or under a warm TLS session) passes the global cap on connects in flight.
     const connector = new ConnectGate(
       new TcpConnector(
@@ -579,6 +579,7 @@ const START_ONLY_KEYS: ReadonlyArray<readonly string[]> = [
   ['logLevel'],
   ['metricsPort'],
   ['metricsHost'],
+  ['metricsPerOrigin'],
   ['restrictBind'],
   ['access', 'socketMode'],
   ['access', 'socketOwner'],
@@ -597,6 +598,7 @@ function withStartOnlyKeys(loaded: SockpoolConfig, running: SockpoolConfig): Soc
     logLevel: running.logLevel,
     metricsPort: running.metricsPort,
     metricsHost: running.metricsHost,
+    metricsPerOrigin: running.metricsPerOrigin,
     restrictBind: running.restrictBind,
     access: {
       ...loaded.access,

@@ -25,6 +25,11 @@ export interface MetricsSnapshot {
 export interface MetricsOptions {
   /** Also export prom-client's process metrics (RSS, CPU, fds, event loop lag, GC). Default true. */
   processMetrics?: boolean;
+  /**
+   * Export the per-origin gauges (an `origin` label each: every uid's origins, to whoever reaches the endpoint).
+   * Default false (config `metricsPerOrigin`); the totals are exported either way.
+   */
+  perOrigin?: boolean;
 }
 
 /** Handoff latency: 10 µs to 100 ms. */
@@ -71,24 +76,42 @@ export class Metrics {
     this.registry = registry;
     const registers = [registry];
 
-    // One snapshot per scrape, shared by the four per-origin gauges: text() takes it before the registry collects
-    // them (a collection outside text() takes its own).
+    // One snapshot per scrape, shared by the per-origin gauges and their totals: text() takes it before the registry
+    // collects them (a collection outside text() takes its own).
     const origins = () => this.#scrape ?? collectOrigins(snapshot());
     this.#takeSnapshot = () => collectOrigins(snapshot());
     const perOrigin = (name: string, help: string, pick: (entry: OriginEntry) => number | undefined) =>
+      options.perOrigin !== true
+        ? undefined
+        : new Gauge({
+            name,
+            help,
+            labelNames: ['origin'],
+            registers,
+            collect(this: Gauge<'origin'>) {
+              this.reset();
+              for (const entry of origins()) {
+                const value = pick(entry);
+                if (value !== undefined) this.set({ origin: entry.origin }, value);
+              }
+            },
+          });
+    // The same, summed over every origin: no origin named (exported whether or not the per-origin gauges are).
+    const total = (name: string, help: string, pick: (entry: OriginEntry) => number | undefined) =>
       new Gauge({
         name,
         help,
-        labelNames: ['origin'],
         registers,
-        collect(this: Gauge<'origin'>) {
-          this.reset();
-          for (const entry of origins()) {
-            const value = pick(entry);
-            if (value !== undefined) this.set({ origin: entry.origin }, value);
-          }
+        collect(this: Gauge) {
+          let sum = 0;
+          for (const entry of origins()) sum += pick(entry) ?? 0;
+          this.set(sum);
         },
       });
+    total('sockpool_pool_idle_sockets', 'Warm idle sockets, all origins.', (entry) => entry.idle);
+    total('sockpool_pool_leased_sockets', 'Sockets handed out, all origins.', (entry) => entry.leased);
+    total('sockpool_pool_connecting_sockets', 'Connects in progress, all origins.', (entry) => entry.connecting);
+    total('sockpool_pool_waiting_acquires', 'Acquires waiting at a cap, all origins.', (entry) => entry.waiting);
     perOrigin('sockpool_idle_sockets', 'Warm idle sockets per origin.', (entry) => entry.idle);
     perOrigin(
       'sockpool_leased_sockets',

@@ -64,6 +64,8 @@ describe('Happy Eyeballs with the daemon in a namespace where one family is brok
         egress: { allow: ['2001:db8::/32', '203.0.113.0/24', '198.51.100.0/24'], allowHostAddresses: true },
         // One acquire, one connection: no predictive warming behind it, so fd counts and arrivals are exact.
         pool: { predictive: false },
+        // The learned family is a per-origin gauge.
+        metricsPerOrigin: true,
       },
       cleanups,
     );

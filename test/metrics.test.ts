@@ -21,10 +21,13 @@ describe('metrics', () => {
       ],
     };
     let snapshots = 0;
-    const metrics = createMetrics(() => {
-      snapshots++;
-      return snapshot;
-    });
+    const metrics = createMetrics(
+      () => {
+        snapshots++;
+        return snapshot;
+      },
+      { perOrigin: true },
+    );
     metrics.hits.inc();
     metrics.hits.inc();
     metrics.misses.inc();
@@ -53,6 +56,10 @@ describe('metrics', () => {
       'sockpool_leased_sockets{origin="[2001:db8::1]:80"} 5',
       'sockpool_connecting_sockets{origin="example.com:443"} 1',
       'sockpool_waiting_acquires{origin="example.com:443"} 0',
+      'sockpool_pool_idle_sockets 3',
+      'sockpool_pool_leased_sockets 7',
+      'sockpool_pool_connecting_sockets 1',
+      'sockpool_pool_waiting_acquires 0',
       'sockpool_acquire_hits_total 2',
       'sockpool_acquire_misses_total 1',
       'sockpool_refusals_total{reason="loopback"} 1',
@@ -78,7 +85,7 @@ describe('metrics', () => {
     expect(text).toContain('# TYPE sockpool_handoff_duration_seconds histogram');
     expect(text).toContain('# HELP sockpool_idle_sockets ');
     expect(text).toMatch(/^process_resident_memory_bytes \d+/m);
-    // One snapshot per scrape, shared by the four per-origin gauges.
+    // One snapshot per scrape, shared by the per-origin gauges and their totals.
     expect(snapshots).toBe(1);
 
     // Gauges follow the pool at the next scrape, however soon: an origin gone from the snapshot disappears.
@@ -86,6 +93,21 @@ describe('metrics', () => {
     const next = await (await scrape(server.port)).text();
     expect(next.split('\n')).toContain('sockpool_idle_sockets{origin="example.com:443"} 7');
     expect(next).not.toContain('[2001:db8::1]:80');
+  });
+
+  it('names no origin unless asked to (metricsPerOrigin): the totals only', async () => {
+    const metrics = createMetrics(
+      () => ({ origins: [{ origin: 'secret.example:443', idle: 2, leased: 1, connecting: 0, waiting: 0 }] }),
+      { processMetrics: false },
+    );
+    const server = await startMetricsServer(metrics, 0, '127.0.0.1');
+    servers.push(server);
+    const text = await (await scrape(server.port)).text();
+    expect(text).not.toContain('secret.example');
+    expect(text).not.toContain('origin=');
+    expect(text.split('\n')).toEqual(
+      expect.arrayContaining(['sockpool_pool_idle_sockets 2', 'sockpool_pool_leased_sockets 1']),
+    );
   });
 
   it("keeps its metrics off prom-client's global registry, so two daemons in one process do not clash", async () => {
