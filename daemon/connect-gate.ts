@@ -7,11 +7,28 @@ import type { OriginPolicy } from './config.js';
 import type { ConnectedSocket, Connector } from './connector.js';
 import type { LearnedFamily } from './learned-families.js';
 
+/** The queue is swept no sooner than at this length. */
+const MIN_SWEEP_AT = 64;
+
+/** A connect that waited its turn at the gate and was no longer wanted when it came: never started. */
+export class ConnectAbandoned extends Error {
+  constructor() {
+    super('connect abandoned: no longer wanted when its turn came');
+  }
+}
+
+interface Queued {
+  admit: (admitted: boolean) => void;
+  wanted: (() => boolean) | undefined;
+}
+
 export class ConnectGate implements Connector {
   #inner: Connector;
   #limit: () => number;
   #inFlight = 0;
-  #queue: Array<() => void> = [];
+  #queue: Queued[] = [];
+  /** Past this many queued, the ones no longer wanted are dropped before another is queued (see connect). */
+  #sweepAt = MIN_SWEEP_AT;
 
   constructor(inner: Connector, limit: () => number) {
     this.#inner = inner;
@@ -42,12 +59,22 @@ export class ConnectGate implements Connector {
     return this.#inner.lookupInFlight?.(host);
   }
 
-  async connect(origin: Origin, policy: OriginPolicy, urgent?: () => boolean): Promise<ConnectedSocket> {
-    // A queued connect is counted in flight by #admit before it resumes.
-    if (this.#inFlight >= this.#limit()) await new Promise<void>((resolve) => this.#queue.push(resolve));
-    else this.#inFlight++;
+  async connect(
+    origin: Origin,
+    policy: OriginPolicy,
+    urgent?: () => boolean,
+    wanted?: () => boolean,
+  ): Promise<ConnectedSocket> {
+    // A queued connect is counted in flight by #admit before it resumes; one no longer wanted is not started. The
+    // acquires that asked for them may be long gone (a client's acquires that give up at once would otherwise queue
+    // lookups and connects without bound, charged to nobody when they run).
+    if (this.#inFlight >= this.#limit()) {
+      if (this.#queue.length >= this.#sweepAt) this.#sweep();
+      const admitted = await new Promise<boolean>((admit) => this.#queue.push({ admit, wanted }));
+      if (!admitted) throw new ConnectAbandoned();
+    } else this.#inFlight++;
     try {
-      return await this.#inner.connect(origin, policy, urgent);
+      return await this.#inner.connect(origin, policy, urgent, wanted);
     } finally {
       this.#inFlight--;
       this.#admit();
@@ -57,8 +84,24 @@ export class ConnectGate implements Connector {
   /** Starts queued connects while there is room (a lowered limit after a reload drains first). */
   #admit(): void {
     while (this.#queue.length > 0 && this.#inFlight < this.#limit()) {
+      const next = this.#queue.shift()!;
+      if (next.wanted?.() === false) {
+        next.admit(false);
+        continue;
+      }
       this.#inFlight++;
-      this.#queue.shift()!();
+      next.admit(true);
     }
+  }
+
+  /** Drops the queued connects no longer wanted; the queue may then grow to twice what is left. */
+  #sweep(): void {
+    const kept: Queued[] = [];
+    for (const entry of this.#queue) {
+      if (entry.wanted?.() === false) entry.admit(false);
+      else kept.push(entry);
+    }
+    this.#queue = kept;
+    this.#sweepAt = Math.max(MIN_SWEEP_AT, 2 * kept.length);
   }
 }

@@ -79,8 +79,15 @@ export interface Connector {
   /**
    * `urgent()`: whether an acquire waits for the origin's sockets now (a prewarm's connect becomes urgent when a
    * client comes to wait): where work queues, urgent connects may go first.
+   * `wanted()`: whether the connect is still needed; one that waits its turn (ConnectGate) and is no longer wanted
+   * when its turn comes is abandoned (ConnectAbandoned) instead of looking up and connecting for nobody.
    */
-  connect(origin: Origin, policy: OriginPolicy, urgent?: () => boolean): Promise<ConnectedSocket>;
+  connect(
+    origin: Origin,
+    policy: OriginPolicy,
+    urgent?: () => boolean,
+    wanted?: () => boolean,
+  ): Promise<ConnectedSocket>;
   /** Throws SOCKPOOL_ERR_POLICY when the egress policy refuses the origin before any lookup. */
   checkTarget(origin: Origin): void;
   /**

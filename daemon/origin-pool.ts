@@ -12,6 +12,7 @@ import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
 import type { Origin } from '../shared/origin.js';
 import type { OriginPolicy } from './config.js';
+import { ConnectAbandoned } from './connect-gate.js';
 import { type ConnectedSocket, type Connector, connectedPart } from './connector.js';
 import { FairWaitQueue } from './fair-queue.js';
 import type { SlotKeeper } from './fleet/slots.js';
@@ -548,7 +549,9 @@ export class OriginPool {
   }
 
   #connect(forWaiter: boolean): void {
-    this.#connector.connect(this.origin, this.policy, this.#hasWaiters).then(
+    // Still needed when its turn comes at the gate: a waiter to serve, or the refill target not met without it.
+    const wanted = () => !this.#closed && (this.#waiters.length > 0 || this.#refillWanted() + (forWaiter ? 0 : 1) > 0);
+    this.#connector.connect(this.origin, this.policy, this.#hasWaiters, wanted).then(
       (socket) => {
         // A backstop (the connector itself starts over when a reload overtook the connect): a socket made under a
         // configuration replaced since is neither handed out nor kept idle; its slot goes to a connect made anew.
@@ -582,6 +585,11 @@ export class OriginPool {
     this.#connecting--;
     if (forWaiter) this.#connectingForWaiters--;
     this.#settleSlots();
+    if (error instanceof ConnectAbandoned) {
+      // Nobody wanted it any more: not a failure of the origin's (no backoff, no waiter failed).
+      this.#pump();
+      return;
+    }
     this.#failures++;
     if ((error as { code?: string }).code === ErrorCodes.POLICY) this.#refused = true;
     this.#backoffUntil = performance.now() + Math.min(30_000, 250 * 2 ** Math.min(this.#failures, 7));

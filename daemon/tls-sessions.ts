@@ -152,10 +152,15 @@ export class TlsSessions implements Connector {
    * starts, whatever was in force when the connect began; a reload it overtakes makes it start over (see `stale`),
    * or fails it with SOCKPOOL_ERR_POLICY when the egress policy now refuses the origin or its address.
    */
-  async connect(origin: Origin, policy: OriginPolicy, urgent?: () => boolean): Promise<ConnectedSocket> {
+  async connect(
+    origin: Origin,
+    policy: OriginPolicy,
+    urgent?: () => boolean,
+    wanted?: () => boolean,
+  ): Promise<ConnectedSocket> {
     const startedAt = performance.now();
     const atStart = this.#config;
-    const socket = await this.#tcp.connect(origin, policy, urgent);
+    const socket = await this.#tcp.connect(origin, policy, urgent, wanted);
     // A reload during the lookup or the TCP connect: `policy` is the origin's entry of before, so the handshake
     // takes the origin's entry from the configuration now in force (its CA file, its client certificate).
     const configured = this.#config;

@@ -198,3 +198,35 @@ describe('maxLookupsPerUid', () => {
     expect({ seen: seen[0], lookedUp }).toEqual({ seen: 'SOCKPOOL_ERR_ACQUIRE_TIMEOUT', lookedUp: 2 });
   });
 });
+
+describe('connects waiting at maxConnectsInFlight', () => {
+  it('are not started when their turn comes if nobody wants them any more: no lookup, no connect for a gone acquire', async () => {
+    const { startDnsServer } = await import('./helpers/dns-server.js');
+    // `slow.test` holds the one connect slot for 2 s (its answer is late); the `gone*.test` acquires give up while
+    // their connects wait behind it; `later.test` is wanted when its turn comes, after theirs.
+    const gone = Array.from({ length: 5 }, (_, i) => `gone${i}.test`);
+    const dns = await startDnsServer({
+      'slow.test': { a: ['127.0.0.1'], delayMs: 2_000 },
+      ...Object.fromEntries([...gone, 'later.test'].map((name) => [name, { a: ['127.0.0.1'] }])),
+    });
+    cleanups.push(() => dns.close());
+    const origin = await pathOrigin(cleanups);
+    const sockpoold = await daemon(origin.port, {
+      quotas: { maxConnectsInFlight: 1 },
+      dns: { servers: [dns.server] },
+      pool: { predictive: false },
+    });
+    const raw = openRawClient(sockpoold.socketPath, cleanups);
+    raw.sendJson({ type: 'acquire', id: nextId++, host: 'slow.test', port: origin.port, timeoutMs: 10_000 });
+    await eventually(() => dns.queries.some((query) => query.name === 'slow.test'), 'the slow lookup under way');
+    for (const host of gone) {
+      const reply = await raw.request({ type: 'acquire', id: nextId++, host, port: origin.port, timeoutMs: 1 });
+      expect(reply.message).toMatchObject({ type: 'error', code: 'SOCKPOOL_ERR_ACQUIRE_TIMEOUT' });
+    }
+    // Queued after them, and wanted: by the time it is leased, their turns have come and gone.
+    const later = await raw.request({ type: 'acquire', id: nextId++, host: 'later.test', port: origin.port });
+    expect(later.message).toMatchObject({ type: 'lease' });
+    for (const fd of later.fds) native.close(fd);
+    expect(dns.queries.filter((query) => query.name.startsWith('gone')).map((query) => query.name)).toEqual([]);
+  });
+});
