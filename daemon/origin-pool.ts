@@ -549,8 +549,11 @@ export class OriginPool {
   }
 
   #connect(forWaiter: boolean): void {
-    // Still needed when its turn comes at the gate: a waiter to serve, or the refill target not met without it.
-    const wanted = () => !this.#closed && (this.#waiters.length > 0 || this.#refillWanted() + (forWaiter ? 0 : 1) > 0);
+    // A waiter's connect is still needed when its turn comes at the gate if a waiter is left to serve, or the refill
+    // target is not met. (Refills and prewarms are bounded where they start: a prewarm by its uid's allowance.)
+    const wanted = forWaiter
+      ? () => !this.#closed && (this.#waiters.length > 0 || this.#refillWanted() > 0)
+      : undefined;
     this.#connector.connect(this.origin, this.policy, this.#hasWaiters, wanted).then(
       (socket) => {
         // A backstop (the connector itself starts over when a reload overtook the connect): a socket made under a
