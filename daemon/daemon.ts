@@ -589,27 +589,22 @@ const START_ONLY_KEYS: ReadonlyArray<readonly string[]> = [
   ['fleet'],
 ];
 
-/** A reloaded configuration with the running values of the start-only keys (what is in force). */
+/** A reloaded configuration with the running values of the start-only keys (what is in force): the objects on
+ *  each key's path are copied, not shared with either configuration. */
 function withStartOnlyKeys(loaded: SockpoolConfig, running: SockpoolConfig): SockpoolConfig {
-  return {
-    ...loaded,
-    socket: running.socket,
-    stateDir: running.stateDir,
-    logLevel: running.logLevel,
-    metricsPort: running.metricsPort,
-    metricsHost: running.metricsHost,
-    metricsPerOrigin: running.metricsPerOrigin,
-    restrictBind: running.restrictBind,
-    access: {
-      ...loaded.access,
-      socketMode: running.access.socketMode,
-      socketOwner: running.access.socketOwner,
-      socketGroup: running.access.socketGroup,
-    },
-    tls: { ...loaded.tls, relayThreads: running.tls.relayThreads },
-    pool: { ...loaded.pool, warmOnStartOrigins: running.pool.warmOnStartOrigins },
-    fleet: running.fleet,
-  };
+  const config = { ...loaded } as Record<string, unknown>;
+  for (const path of START_ONLY_KEYS) {
+    let into = config;
+    let from = running as unknown as Record<string, unknown>;
+    for (const key of path.slice(0, -1)) {
+      into[key] = { ...(into[key] as Record<string, unknown>) };
+      into = into[key] as Record<string, unknown>;
+      from = from[key] as Record<string, unknown>;
+    }
+    const leaf = path.at(-1)!;
+    into[leaf] = from[leaf];
+  }
+  return config as unknown as SockpoolConfig;
 }
 
 /** The start-only keys whose value differs between the running configuration and a reloaded one. */

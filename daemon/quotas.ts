@@ -103,11 +103,12 @@ export class UidQuotas {
     usage.pending = Math.max(0, usage.pending - 1);
     if (isIP(host) === 0) {
       const lookup = leased ? undefined : lookupInFlight?.(host);
-      const release = () => {
-        usage.lookups = Math.max(0, usage.lookups - 1);
-      };
-      if (lookup) lookup.then(release, release);
-      else release();
+      if (lookup) {
+        const release = () => {
+          usage.lookups = Math.max(0, usage.lookups - 1);
+        };
+        lookup.then(release, release);
+      } else usage.lookups = Math.max(0, usage.lookups - 1);
     }
     if (leased) usage.leases++;
   }
