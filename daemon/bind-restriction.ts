@@ -4,7 +4,7 @@
 // The unit's `SocketBindDeny=any` says the same, but only a systemd built with its BPF framework enforces it
 // (Debian 12's is not); Landlock needs no privilege and no systemd, so it holds for a daemon started by hand too.
 //
-// Applied by the process entry point (main.ts) before the daemon starts, so that the threads the daemon starts (the
+// Applied by the sockpoold command (command.ts) before the daemon starts, so that the threads the daemon starts (the
 // history's checkpointer, the TLS relays, libuv's thread pool) inherit it. Landlock restricts the calling thread and
 // what it starts afterwards: threads Node started before (V8's platform threads, which run no code of ours) are not
 // restricted. A Sockpoold embedded in another program (the tests) is left alone: the restriction is process-wide

@@ -186,6 +186,12 @@ export class Sockpoold {
   async #start(): Promise<void> {
     // The history's checkpointer thread opens its own connection: ready before the daemon is.
     await this.#store.checkpointerReady();
+    // The metrics endpoint is the one part of the start that fails on what another process does (its port taken):
+    // bound first, so a start that fails there has accepted no client and asked systemd to forget no stored socket
+    // (the next start gets them back).
+    if (this.#config.metricsPort > 0) {
+      this.#metricsServer = await startMetricsServer(this.#metrics, this.#config.metricsPort, this.#config.metricsHost);
+    }
     const passed = classifyListenFds(listenFds());
     if (passed.listener) {
       // systemd owns the socket file (sockpoold.socket: its mode, owner, group, removal): never chmod or unlink it.
@@ -227,9 +233,6 @@ export class Sockpoold {
     // Empty the store: systemd's copies of the adopted sockets would keep a connection open after a client closed
     // it, and the dead ones are of no use. One FDSTOREREMOVE=1 per name (it removes every fd with that name).
     await this.#forgetStored(storedNames);
-    if (this.#config.metricsPort > 0) {
-      this.#metricsServer = await startMetricsServer(this.#metrics, this.#config.metricsPort, this.#config.metricsHost);
-    }
     await this.#fleet?.start();
     const warming = this.#pools.warmFromHistory(this.#config.pool.warmOnStartOrigins);
     if (this.#fleet) await this.#startSharedWarming(this.#fleet);

@@ -1,149 +1,19 @@
 #!/usr/bin/env node
-// `sockpoold`: parse the command line, load the configuration (embedded defaults, then the file, then flags),
-// start the daemon, wire the signals. Everything else lives in daemon.ts and the modules it composes.
+// `sockpoold`'s entry point. Its first act is to catch SIGHUP: loading the daemon's modules takes a few hundred
+// milliseconds, and Node's default action for SIGHUP ends the process, so a reload sent while the daemon starts (an
+// operator, a log rotation's hook) would kill it. A SIGHUP caught here is handed to the command, which reloads once
+// the start has finished. SIGTERM keeps its default meanwhile: nothing is open yet that a stop would have to close.
+// The command is imported dynamically: a static import would load every module before this line ran.
 
-import { Command, InvalidArgumentError, Option } from 'commander';
-import { restrictBinds } from './bind-restriction.js';
-import { applyFlags, type DaemonFlags, defaultConfig, loadConfigFile, type SockpoolConfig } from './config.js';
-import { Sockpoold } from './daemon.js';
-import { createLogger, flushLogs } from './log.js';
+let reloadRequested = false;
+const onEarlySighup = (): void => {
+  reloadRequested = true;
+};
+process.on('SIGHUP', onEarlySighup);
 
-function collect(value: string, previous: string[]): string[] {
-  return [...previous, value];
-}
-
-function port(value: string): number {
-  const parsed = Number(value);
-  if (!Number.isInteger(parsed) || parsed < 0 || parsed > 65535) {
-    throw new InvalidArgumentError('must be a port number (0-65535)');
-  }
-  return parsed;
-}
-
-function collectPort(value: string, previous: number[]): number[] {
-  return [...previous, port(value)];
-}
-
-interface CliOptions {
-  config?: string;
-  socket?: string;
-  stateDir?: string;
-  allow: string[];
-  deny: string[];
-  allowPort: number[];
-  resolve: string[];
-  metricsPort?: number;
-  logLevel?: string;
-  warmTls: string[];
-  caFile?: string;
-  fleetRedis?: string;
-}
-
-const program = new Command('sockpoold')
-  .description('Keeps warm TCP connections and hands them to sockpool clients over a Unix socket')
-  .option('--config <file>', 'configuration file (.toml or .json); without it, embedded defaults')
-  .option('--socket <path>', 'handoff socket path')
-  .option('--state-dir <dir>', 'directory for the SQLite state')
-  .option('--allow <cidr>', 'allow this CIDR (repeatable; punches through the default refusals)', collect, [])
-  .option('--deny <cidr>', 'deny this CIDR (repeatable; beats --allow)', collect, [])
-  .option('--allow-port <n>', 'allowed destination port (repeatable; replaces the default 80, 443)', collectPort, [])
-  .option('--resolve <host:port:addr>', 'pin a host to an address, like curl --resolve (repeatable)', collect, [])
-  .option(
-    '--warm-tls <host:port>',
-    'keep warm TLS sessions for this origin (repeatable; * = every https origin)',
-    collect,
-    [],
-  )
-  .option('--ca-file <file>', 'CA certificates (PEM) the warm TLS handshakes trust instead of the system store')
-  .option(
-    '--fleet-redis <url>',
-    'share per-origin limits and warming with a fleet through Redis (redis://host:port/db)',
-  )
-  .option('--metrics-port <n>', 'serve Prometheus metrics on 127.0.0.1:<n> (0 = off)', port)
-  .addOption(
-    new Option('--log-level <level>', 'log level').choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace']),
-  )
-  .showHelpAfterError();
-
-program.parse();
-const options = program.opts<CliOptions>();
-
-function flags(): DaemonFlags {
-  return {
-    socket: options.socket,
-    stateDir: options.stateDir,
-    allow: options.allow,
-    deny: options.deny,
-    allowPort: options.allowPort.length > 0 ? options.allowPort : undefined,
-    resolve: options.resolve,
-    metricsPort: options.metricsPort,
-    logLevel: options.logLevel as SockpoolConfig['logLevel'] | undefined,
-    warmTls: options.warmTls,
-    caFile: options.caFile,
-    fleetRedis: options.fleetRedis,
-  };
-}
-
-function loadConfig(): SockpoolConfig {
-  const base = options.config ? loadConfigFile(options.config) : defaultConfig();
-  return applyFlags(base, flags());
-}
-
-async function main(): Promise<void> {
-  let config: SockpoolConfig;
-  try {
-    config = loadConfig();
-  } catch (error) {
-    const withCode = error as Error & { code?: string };
-    console.error(`sockpoold: ${withCode.code ?? 'error'}: ${withCode.message}`);
-    process.exit(2);
-  }
-  const log = createLogger(config.logLevel);
-  // Signal handlers first: a SIGTERM while the daemon starts (its socket may already accept) stops it cleanly once
-  // the start has finished, instead of killing it half-way; a SIGHUP then (Node's default would kill the process)
-  // reloads once the start has finished, unless a stop came too. After a stop began, reload() ignores a SIGHUP.
-  let daemon: Sockpoold | undefined;
-  let stopSignal: string | undefined;
-  let reloadPending = false;
-  const shutDown = (running: Sockpoold) =>
-    running.stop().then(
-      () => flushLogs(log).then(() => process.exit(0)),
-      (error: Error) => {
-        log.error({ err: error.message }, 'unclean stop');
-        return flushLogs(log).then(() => process.exit(1));
-      },
-    );
-  const stop = (signal: string) => {
-    if (stopSignal) return;
-    stopSignal = signal;
-    log.info({ signal }, 'stopping');
-    if (daemon) void shutDown(daemon);
-  };
-  process.on('SIGTERM', () => stop('SIGTERM'));
-  process.on('SIGINT', () => stop('SIGINT'));
-  process.on('SIGHUP', () => {
-    if (daemon) {
-      daemon.reload();
-    } else if (!reloadPending) {
-      reloadPending = true;
-      log.info({ signal: 'SIGHUP' }, 'reload requested while starting: it runs once the start has finished');
-    }
-  });
-  // Before the daemon starts any thread (they inherit it): TCP binds only to port 0 and metricsPort.
-  const bindRestriction = restrictBinds(config.restrictBind, config.metricsPort);
-  if (bindRestriction.state === 'failed') log.error(bindRestriction, 'TCP bind restriction (Landlock) failed');
-  else log.info(bindRestriction, 'TCP bind restriction (Landlock)');
-  try {
-    daemon = await Sockpoold.start({ config, log, reloadConfig: loadConfig, bindRestriction });
-  } catch (error) {
-    const withCode = error as Error & { code?: string };
-    log.fatal({ code: withCode.code, err: withCode.message }, 'sockpoold failed to start');
-    console.error(`sockpoold: ${withCode.code ?? 'error'}: ${withCode.message}`);
-    await flushLogs(log);
-    process.exit(1);
-  }
-  if (stopSignal) void shutDown(daemon);
-  else if (reloadPending) daemon.reload();
-}
-
-void main();
+const { runSockpoold } = await import('./command.js');
+// runSockpoold installs its own SIGHUP handler before its first await: this one goes only after that, so SIGHUP is
+// never left to its default action in between. (A JS signal handler runs on the event loop, never in that window.)
+const running = runSockpoold({ reloadRequested });
+process.off('SIGHUP', onEarlySighup);
+await running;

@@ -3,7 +3,7 @@
 // stop has begun is ignored (no reload of closed pools, no RELOADING=1 or READY=1 to systemd after STOPPING=1).
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
@@ -23,6 +23,18 @@ function tempDir(): string {
   const dir = mkdtempSync(join(tmpdir(), 'sockpoold-signals-'));
   cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
   return dir;
+}
+
+/** Whether a SIGHUP sent to the process waits to be delivered (ShdPnd: signals pending for the whole process). */
+function sighupPending(pid: number): boolean {
+  let status: string;
+  try {
+    status = readFileSync(`/proc/${pid}/status`, 'utf8');
+  } catch {
+    return false; // gone: delivered, with the default action
+  }
+  const mask = /^ShdPnd:\s*([0-9a-f]+)$/m.exec(status)?.[1] ?? '0';
+  return (BigInt(`0x${mask}`) & 1n) !== 0n; // SIGHUP is signal 1: bit 0
 }
 
 async function stats(raw: RawClient): Promise<PoolSnapshot> {
@@ -54,6 +66,57 @@ describe('SIGHUP', () => {
     };
     child.stdout.on('data', onData);
     child.stderr.on('data', onData);
+    await eventually(
+      () => output.includes('configuration reloaded') || child.exitCode !== null || child.signalCode !== null,
+      'a reload after the start, or an exit',
+      30_000,
+    );
+    expect({ signal: child.signalCode, exitCode: child.exitCode }).toEqual({ signal: null, exitCode: null });
+    expect(output.indexOf('configuration reloaded')).toBeGreaterThan(output.indexOf('sockpoold ready'));
+    child.kill('SIGTERM');
+    await closed;
+    expect(child.exitCode).toBe(0);
+  }, 40_000);
+
+  it('while the daemon loads its modules: it survives, and reloads once the start has finished', async () => {
+    const dir = tempDir();
+    const marker = join(dir, 'loading');
+    const go = join(dir, 'go');
+    // The preload holds the load of daemon.js (one of the modules the command needs) until the test says go.
+    const child = spawn(
+      process.execPath,
+      [
+        '--import',
+        join(import.meta.dirname, 'fixtures', 'hold-module-load.mjs'),
+        daemonMain,
+        '--socket',
+        join(dir, 's.sock'),
+        '--state-dir',
+        dir,
+        '--log-level',
+        'debug',
+      ],
+      {
+        stdio: ['ignore', 'pipe', 'pipe'],
+        env: { ...process.env, HOLD_MODULE: '/dist/daemon/daemon.js', HOLD_MARKER: marker, HOLD_UNTIL: go },
+      },
+    );
+    cleanups.push(() => {
+      if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+    });
+    const closed = once(child, 'close');
+    let output = '';
+    child.stdout.on('data', (chunk: Buffer) => {
+      output += chunk;
+    });
+    child.stderr.on('data', (chunk: Buffer) => {
+      output += chunk;
+    });
+    await eventually(() => existsSync(marker) || child.exitCode !== null, 'the module load to be held', 30_000);
+    child.kill('SIGHUP');
+    // The signal is delivered at once (the default action would end the process now); then the load goes on.
+    await eventually(() => !sighupPending(child.pid!), 'the SIGHUP to be delivered');
+    writeFileSync(go, '');
     await eventually(
       () => output.includes('configuration reloaded') || child.exitCode !== null || child.signalCode !== null,
       'a reload after the start, or an exit',

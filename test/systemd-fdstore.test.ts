@@ -312,6 +312,39 @@ describe('sockpoold and the fd store', () => {
     notify2.close();
   }, 30_000);
 
+  it('a start that fails (its metricsPort taken) asks systemd to forget no stored socket', async () => {
+    const socketPath = join(workDir, 'failing.sock');
+    const listener = native.seqpacketListen(socketPath, 64);
+    toClose.push(listener);
+    const taken = createServer();
+    const metricsPort = await listen(taken);
+    try {
+      const storedFd = await connectTcp('127.0.0.1', origin.port, { timeoutMs: 5000 });
+      toClose.push(storedFd);
+      const failingConfig = join(workDir, 'metrics-taken.json');
+      writeFileSync(
+        failingConfig,
+        JSON.stringify({ egress: { allow: ['127.0.0.1/32'], allowPorts: [origin.port] }, metricsPort }),
+      );
+      const notify = new NotifySocket(join(workDir, 'notify-failing.sock'));
+      const daemon = startSockpoold(
+        notify,
+        [
+          { fd: listener, name: 'sockpoold' },
+          { fd: storedFd, name: encodeFdName({ host: '127.0.0.1', port: origin.port }) },
+        ],
+        failingConfig,
+      );
+      expect(await daemon.exited).not.toBe(0);
+      expect(daemon.output()).toContain('sockpoold failed to start');
+      // The store keeps its copy for the next start: nothing was removed, and nothing said ready.
+      expect(notify.texts().filter((text) => /FDSTOREREMOVE|READY=1/.test(text))).toEqual([]);
+      notify.close();
+    } finally {
+      taken.close();
+    }
+  }, 30_000);
+
   it('stores at most $FDSTORE sockets (systemd >= 254 sets it), the origins in demand first', async () => {
     const socketPath = join(workDir, 'limited.sock');
     const listener = native.seqpacketListen(socketPath, 64);
