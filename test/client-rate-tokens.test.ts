@@ -7,6 +7,7 @@
 //   such request failed with SOCKPOOL_ERR_PROTOCOL). The same for an acquire asked for a longer wait.
 // - acquireTimeoutMs over that bound is refused by the client's constructor (before: accepted, then every
 //   acquire failed with SOCKPOOL_ERR_PROTOCOL).
+// - A request cancelled while it waits for a token ends at once (before: only when the token came).
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { SockpoolClient } from '../client/index.js';
 import { ErrorCodes } from '../shared/errors.js';
@@ -16,19 +17,29 @@ import { daemonStats, echoHandler, httpOrigin, type Origin, startTestDaemon } fr
 import type { DaemonProcess } from './helpers/daemon.js';
 
 let origin: Origin;
+/** One per client mode below (threads: 0, 1), each with its burst unspent. */
+let slow: Origin[];
 let daemon: DaemonProcess;
 
 beforeAll(async () => {
   origin = await httpOrigin(echoHandler());
-  // 100 requests/s, burst 10: a worker's batch is 10 tokens (a tenth of a second of the rate).
-  daemon = await startTestDaemon([origin.port], {
-    config: { pool: { defaults: { requestsPerSecond: 100, burst: 10 } } },
+  slow = [await httpOrigin(echoHandler()), await httpOrigin(echoHandler())];
+  // 100 requests/s, burst 10: a worker's batch is 10 tokens (a tenth of a second of the rate). `slow`: a token a
+  // minute.
+  daemon = await startTestDaemon([origin.port, ...slow.map((each) => each.port)], {
+    config: {
+      pool: {
+        defaults: { requestsPerSecond: 100, burst: 10 },
+        origins: slow.map((each) => ({ match: `127.0.0.1:${each.port}`, requestsPerSecond: 1 / 60, burst: 1 })),
+      },
+    },
   });
 });
 
 afterAll(async () => {
   await daemon?.stop();
   await origin?.close();
+  for (const each of slow ?? []) await each.close();
 });
 
 async function tokensGranted(): Promise<number> {
@@ -76,6 +87,27 @@ it('an acquire asked for a wait over the protocol bound waits as long as the dae
     link.close();
   }
 });
+
+it('a request cancelled while it waits for its token ends at once (before: it waited for the token)', async () => {
+  for (const threads of [0, 1]) {
+    const client = new SockpoolClient({ socketPath: daemon.socketPath, threads, timeoutMs: 120_000 });
+    try {
+      const url = `http://127.0.0.1:${slow[threads]!.port}/`;
+      // The first request spends the burst (the daemon charges it on the acquire, and the lease tells the runtime
+      // the origin's rate): the next token is a minute away.
+      expect((await client.request(url)).status).toBe(200);
+      const controller = new AbortController();
+      const waiting = client.request(url, { signal: controller.signal });
+      waiting.catch(() => {});
+      // Cancelled while it waits for the token (the abort reaches it wherever it is; the test's bound is well
+      // short of the token's minute).
+      setTimeout(() => controller.abort(new Error('not any more')), 100);
+      await expect(waiting).rejects.toMatchObject({ code: ErrorCodes.ABORTED });
+    } finally {
+      await client.close();
+    }
+  }
+}, 20_000);
 
 it('refuses acquireTimeoutMs over the protocol bound, naming it', () => {
   const options = { socketPath: daemon.socketPath, threads: 0, acquireTimeoutMs: MAX_TIMEOUT_MS + 1 };

@@ -12,6 +12,7 @@ import { LocalSlots } from '../daemon/fleet/slots.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import { MAX_TIMEOUT_MS } from '../shared/protocol.js';
 import { batchSize, TOKEN_LIFETIME_MS, TokenBatch } from '../shared/rate.js';
+import { Cancellation } from '../worker/cancellation.js';
 import { RateTokens } from '../worker/rate-tokens.js';
 import { eventually } from './helpers/daemon.js';
 
@@ -215,6 +216,34 @@ describe('worker tokens', () => {
     expect(asks.map((ask) => ask.timeoutMs)).toEqual([1000, 2000]);
     asks[1]!.grant(10);
     await second;
+  });
+
+  it('a request cancelled while it waits stops waiting at once, and its token stays for the others', async () => {
+    const { asks, link } = manualLink();
+    const tokens = new RateTokens(link, () => 0);
+    tokens.learn('a.example', 80, { requestsPerSecond: 10, burst: 2 });
+    // The first request's wait asks for the batch (2); the second waits for that.
+    const asker = new Cancellation();
+    const first = tokens.take('a.example', 80, 1000, asker)!;
+    const waiter = new Cancellation();
+    const second = tokens.take('a.example', 80, 1000, waiter)!;
+    const reason = new Error('cancelled');
+    asker.cancel(reason);
+    await expect(first).rejects.toBe(reason);
+    // The batch request goes on for the second; the cancelled one's token goes to the batch with the rest.
+    asks[0]!.grant(2);
+    await second;
+    expect(tokens.take('a.example', 80, 1000)).toBeUndefined();
+    expect(asks).toHaveLength(1);
+    // A waiter cancelled while the batch request is under way spends nothing of what it brings.
+    const third = tokens.take('a.example', 80, 1000)!;
+    const cancelled = new Cancellation();
+    const fourth = tokens.take('a.example', 80, 1000, cancelled)!;
+    cancelled.cancel(reason);
+    await expect(fourth).rejects.toBe(reason);
+    asks[1]!.grant(2);
+    await third;
+    expect(tokens.take('a.example', 80, 1000)).toBeUndefined();
   });
 
   it('a request whose deadline comes before the batch request under way asks for its own single token', async () => {

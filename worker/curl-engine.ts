@@ -333,7 +333,7 @@ export class CurlEngine {
       const { host, port } = transfer.target.origin;
       let token: Promise<void> | undefined;
       try {
-        token = rateTokens.take(host, port, remaining);
+        token = rateTokens.take(host, port, remaining, io.signal);
       } catch (error) {
         this.#prepareFailed(transfer, error, started, remaining);
         return;

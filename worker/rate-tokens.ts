@@ -14,11 +14,15 @@
 // The daemon waits at most MAX_TIMEOUT_MS for a token (the protocol's bound). A request with more time left that
 // the daemon refuses (SOCKPOOL_ERR_RATE_LIMITED: the next token comes later than that) waits here until the token
 // is within that bound, and asks again; it fails only when the token would come after its own deadline.
+//
+// A request cancelled while it waits (its AbortSignal, its thread's close) stops waiting at once; the wait it
+// started goes on for the requests that share it, and the token it would have spent stays in the batch for them.
 
 import { ErrorCodes } from '../shared/errors.js';
 import { originKey } from '../shared/origin.js';
 import { MAX_TIMEOUT_MS } from '../shared/protocol.js';
 import { batchSize, type RateParams, TokenBatch } from '../shared/rate.js';
+import type { CancelSignal } from './cancellation.js';
 
 /** The most tokens a worker asks for at once. */
 const MAX_WORKER_BATCH = 16;
@@ -61,13 +65,29 @@ export class RateTokens {
     return this.#rates.size > 0 && this.#rates.has(originKey({ host, port }));
   }
 
-  /** Takes one token for a request to host:port (none needed: resolves at once, synchronously undefined). */
-  take(host: string, port: number, timeoutMs: number): Promise<void> | undefined {
+  /** Takes one token for a request to host:port (none needed: resolves at once, synchronously undefined). A
+   *  cancelled `signal` rejects the wait with its reason at once, and the token is not spent. */
+  take(host: string, port: number, timeoutMs: number, signal?: CancelSignal): Promise<void> | undefined {
     if (this.#rates.size === 0) return undefined;
     const key = originKey({ host, port });
     if (!this.#rates.has(key)) return undefined;
     if (this.#originOf(key).batch.spend(this.#now())) return undefined;
-    return this.#wait(host, port, key, this.#now() + timeoutMs);
+    const waiting = this.#wait(host, port, key, this.#now() + timeoutMs, signal);
+    if (!signal) return waiting;
+    return new Promise<void>((resolve, reject) => {
+      const onAbort = (): void => reject(signal.reason);
+      signal.addEventListener('abort', onAbort, { once: true });
+      waiting.then(
+        () => {
+          signal.removeEventListener('abort', onAbort);
+          resolve();
+        },
+        (error: unknown) => {
+          signal.removeEventListener('abort', onAbort);
+          reject(error);
+        },
+      );
+    });
   }
 
   #originOf(key: string): OriginTokens {
@@ -80,11 +100,11 @@ export class RateTokens {
   }
 
   /** A token for a request whose origin's batch was empty, by `deadline`. */
-  async #wait(host: string, port: number, key: string, deadline: number): Promise<void> {
+  async #wait(host: string, port: number, key: string, deadline: number, signal?: CancelSignal): Promise<void> {
     for (;;) {
       // (Looked up again each time: a lease may have said meanwhile that the origin has no rate any more.)
       const rate = this.#rates.get(key);
-      if (!rate) return;
+      if (!rate || signal?.aborted) return;
       const origin = this.#originOf(key);
       if (origin.batch.spend(this.#now())) return;
       if (origin.asking && origin.askingUntil <= deadline) {
@@ -94,10 +114,11 @@ export class RateTokens {
       }
       if (origin.asking) {
         // The request under way may wait past this one's deadline: a token of its own, on its own deadline.
-        await this.#ask(host, port, 1, deadline, origin.batch);
+        await this.#ask(host, port, 1, deadline, origin.batch, signal);
         return;
       }
-      const asking = this.#ask(host, port, batchSize(rate, MAX_WORKER_BATCH), deadline, origin.batch).finally(() => {
+      const count = batchSize(rate, MAX_WORKER_BATCH);
+      const asking = this.#ask(host, port, count, deadline, origin.batch, signal).finally(() => {
         if (origin.asking === asking) origin.asking = undefined;
       });
       origin.asking = asking;
@@ -107,13 +128,21 @@ export class RateTokens {
     }
   }
 
-  /** Asks the daemon for `count` tokens: one is the caller's, the rest go to `batch`. */
-  async #ask(host: string, port: number, count: number, deadline: number, batch: TokenBatch): Promise<void> {
+  /** Asks the daemon for `count` tokens: one is the caller's (unless it was cancelled meanwhile), the rest go to
+   *  `batch`. */
+  async #ask(
+    host: string,
+    port: number,
+    count: number,
+    deadline: number,
+    batch: TokenBatch,
+    signal: CancelSignal | undefined,
+  ): Promise<void> {
     for (;;) {
       const left = Math.max(1, Math.ceil(deadline - this.#now()));
       try {
         const granted = await this.#link.tokens(host, port, count, left);
-        batch.add(granted - 1, this.#now());
+        batch.add(signal?.aborted ? granted : granted - 1, this.#now());
         return;
       } catch (error) {
         // The daemon waited at most MAX_TIMEOUT_MS: a token due after that, but before the deadline, is waited for
@@ -121,6 +150,8 @@ export class RateTokens {
         const waitMs = rateLimitedWait(error);
         if (left <= MAX_TIMEOUT_MS || waitMs === undefined || waitMs > deadline - this.#now()) throw error;
         await new Promise((resolve) => setTimeout(resolve, Math.max(1, waitMs - MAX_TIMEOUT_MS)));
+        // Cancelled meanwhile: requests that shared this wait ask for themselves.
+        if (signal?.aborted) return;
       }
     }
   }
