@@ -4,7 +4,8 @@
 // SOCKPOOL_ERR_INVALID_ARGUMENT before anything is sent. Sent as given, `content-length: 0` with a body made the
 // origin read the body as a request of its own on the kept-alive connection, and the next request there got its
 // answer. A header with an empty value is sent empty: curl reads "Name:" as "do not send Name", which also dropped
-// curl's own Accept.
+// curl's own Accept. A request with a body carries no content-type the caller did not give (curl's own form type
+// is taken out, as Node's fetch sends none for bytes or a stream).
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SockpoolClient } from '../client/index.js';
 import { httpOrigin, type Origin, startTestDaemon } from './fixtures/client-helpers.js';
@@ -101,6 +102,39 @@ describe.each(modes)('request framing and headers (%s)', (_name, mode) => {
         xSpaces: headers['x-spaces'],
         xKept: headers['x-kept'],
       }).toEqual({ xEmpty: '', accept: '', xSpaces: '', xKept: 'value' });
+    } finally {
+      await client.close();
+    }
+  });
+
+  it('sends no content-type the caller did not give (curl adds a form type to any request with a body)', async () => {
+    const client = new SockpoolClient({ socketPath: daemon.socketPath, ...mode });
+    const url = `http://127.0.0.1:${origin.port}/typed`;
+    try {
+      const before = seen.length;
+      await client.request(url, { method: 'POST', body: Buffer.from('bytes') });
+      await client.request(url, { method: 'PUT', body: 'text' });
+      await client.request(url, {
+        method: 'POST',
+        body: new ReadableStream({
+          start(controller) {
+            controller.enqueue(new TextEncoder().encode('streamed'));
+            controller.close();
+          },
+        }),
+      });
+      await client.request(url, { method: 'POST', body: 'a=1', headers: { 'content-type': 'application/x-test' } });
+      // fetch() types what the Fetch standard types (a string body is text/plain), and nothing else.
+      await client.fetch(url, { method: 'POST', body: 'text' });
+      await client.fetch(url, { method: 'POST', body: new Uint8Array([1, 2, 3]) });
+      expect(seen.slice(before).map((request) => [request.bytes, request.headers['content-type']])).toEqual([
+        [5, undefined],
+        [4, undefined],
+        [8, undefined],
+        [3, 'application/x-test'],
+        [4, 'text/plain;charset=UTF-8'],
+        [3, undefined],
+      ]);
     } finally {
       await client.close();
     }

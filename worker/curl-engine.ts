@@ -672,8 +672,20 @@ export class CurlEngine {
         value === '' || value.trim() === '' ? `${name};` : `${name}: ${value}`,
       );
       if (relay) headers.unshift(...relayHeaders(request, urlTarget, relay));
-      // No "Expect: 100-continue" round trip before a large or streamed body, unless the caller asks for one.
-      if (io.source && !request.headers.some(([name]) => name.toLowerCase() === 'expect')) headers.push('Expect:');
+      if (io.source) {
+        // No "Expect: 100-continue" round trip before a large or streamed body, unless the caller asks for one; and
+        // no content-type the caller did not give (curl sends a form type with any body it POSTs, Node's fetch
+        // none for bytes or a stream).
+        let expect = false;
+        let contentType = false;
+        for (const [name] of request.headers) {
+          const lower = name.toLowerCase();
+          if (lower === 'expect') expect = true;
+          else if (lower === 'content-type') contentType = true;
+        }
+        if (!expect) headers.push('Expect:');
+        if (!contentType) headers.push('Content-Type:');
+      }
       setList('HTTPHEADER', headers.join('\n'), () => headers);
     }
     // '': curl sends every coding it decodes (gzip, deflate, br, zstd here) and decodes the body; null: neither.
