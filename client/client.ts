@@ -287,13 +287,13 @@ export class SockpoolClient {
     });
     // A thread that dies with no task of its own is replaced by piscina; its requests (if any) already failed.
     this.#pool.on('error', () => {});
-    const lanes = new ThreadLanes(concurrency);
-    this.#lanes = lanes;
     const pool = this.#pool;
     // Each thread (a replacement too) announces its lane when it starts, or why it could not start, with its id:
     // the lanes fail requests fast only once no thread is still starting (see ThreadLanes.startupFailed).
     const reported = new Set<number>();
     const othersStarting = () => pool.threads.some((thread) => !reported.has(thread.threadId));
+    const lanes = new ThreadLanes(concurrency, othersStarting);
+    this.#lanes = lanes;
     pool.on('message', (message: ThreadAnnouncement) => {
       if (typeof message?.threadId === 'number') reported.add(message.threadId);
       if (message?.[LANE]) lanes.attach(message[LANE]);

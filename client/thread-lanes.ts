@@ -103,8 +103,14 @@ export class ThreadLanes {
   /** A thread could not start and no other was starting then: requests fail at once until a lane attaches. */
   #failFast = false;
 
-  constructor(perThread: number) {
+  /** Whether a thread of the client is still starting (has announced neither a lane nor a failure). */
+  readonly #othersStarting: () => boolean;
+
+  /** `othersStarting`: whether a thread is still starting (by default one is assumed to be: never fails fast when
+   *  the last lane is lost). */
+  constructor(perThread: number, othersStarting: () => boolean = () => true) {
     this.#perThread = perThread;
+    this.#othersStarting = othersStarting;
   }
 
   /** A thread announced its lane. */
@@ -130,10 +136,11 @@ export class ThreadLanes {
    * SOCKPOOL_ERR_WORKER_START: nothing would run them before their deadlines (piscina starts one replacement for a
    * thread that failed to start, and none after a replacement failed). While another thread may still start, the
    * cause is only kept: a client of two threads whose first fails for a passing reason runs its requests on the
-   * second. A lane that attaches later ends all of it.
+   * second. A lane that attaches later ends all of it. The cause is kept while other threads have lanes too: piscina
+   * replaces no thread after one failed to start, so once those threads are gone too (#lost) nothing would run the
+   * requests left waiting.
    */
   startupFailed(cause: { message: string; code: string | undefined }, othersStarting: boolean): void {
-    if (this.#lanes.length > 0) return;
     this.#startupFailure = cause;
     this.threadsSettled(othersStarting);
   }
@@ -420,6 +427,9 @@ export class ThreadLanes {
       );
     }
     this.#dispatchWaiting();
+    // The last lane gone after a thread could not start: piscina starts no replacement (see startupFailed), and the
+    // requests waiting here would wait for their deadlines. (piscina's workerDestroy may have come before this.)
+    if (this.#lanes.length === 0 && !this.#closed) this.threadsSettled(this.#othersStarting());
     this.#checkIdle();
   }
 

@@ -112,3 +112,40 @@ it('runs requests on the thread that started when another could not', async () =
     ['buffered 3', 'SOCKPOOL_ERR_DAEMON_UNAVAILABLE'],
   ]);
 });
+
+// A thread that dies is replaced by piscina, but not once a thread failed to start (piscina then starts none any
+// more). A client of two threads whose first thread crashed and whose replacement could not start (its cause was
+// only kept while the second thread ran) lost its last thread when the second one crashed: its requests then
+// waited for a lane that never came, until their deadlines (SOCKPOOL_ERR_TIMEOUT), and close() waited for them.
+it('fails requests fast once the last thread is gone and its replacements could not start', async () => {
+  const install = installWithoutTask();
+  const control = mkdtempSync(join(tmpdir(), 'sockpool-thread-control-'));
+  installs.push(control);
+  const worker = join(install, 'dist', 'worker');
+  cpSync(taskModule, join(worker, 'task-real.js'));
+  writeFileSync(
+    join(worker, 'task.js'),
+    [
+      "import { existsSync, writeFileSync } from 'node:fs';",
+      "import { threadId } from 'node:worker_threads';",
+      `const file = (name) => ${JSON.stringify(control)} + '/' + name;`,
+      "if (existsSync(file('fail-start'))) throw Object.assign(new Error('threads cannot start now'), { code: 'TEST_NO_START' });",
+      "const task = (await import('./task-real.js')).default;",
+      "writeFileSync(file('started-' + threadId), '');",
+      'setInterval(() => {',
+      "  if (existsSync(file('crash-' + threadId))) throw new Error('worker crashed (test)');",
+      '}, 10).unref();',
+      'export default task;',
+      '',
+    ].join('\n'),
+  );
+  const lines = await runFixture('client-replacement-fails.mjs', join(install, 'dist'), control);
+  const closed = lines.at(-1)!;
+  expect(closed).toMatchObject({ closed: true, after: closed.before, threads: 3 });
+  const outcomes = lines.slice(0, -1);
+  expect(outcomes.map(({ name, code }) => [name, code])).toEqual([
+    ['buffered', 'SOCKPOOL_ERR_WORKER_START'],
+    ['streamed', 'SOCKPOOL_ERR_WORKER_START'],
+  ]);
+  for (const { message } of outcomes) expect(message).toContain('threads cannot start now');
+});
