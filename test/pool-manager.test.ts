@@ -11,6 +11,7 @@ import { join } from 'node:path';
 import pino from 'pino';
 import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import { parseConfig, type SockpoolConfigInput } from '../daemon/config.js';
+import { LocalSlots, slotKeeper } from '../daemon/fleet/slots.js';
 import type { Handoff } from '../daemon/origin-pool.js';
 import { PoolManager } from '../daemon/pool-manager.js';
 import { StateStore } from '../daemon/store.js';
@@ -364,6 +365,31 @@ describe('PoolManager with its store and configuration', () => {
     // Tunnels through the new corp URL are pooled as usual (the refill for its demand, and this warm).
     pools.warm(viaCorp, 1);
     await until(() => (idle(viaCorp) ?? 0) >= 1, 'a new corp tunnel');
+  });
+
+  it('a reload that changes maxPerOriginFleet reaches a connect already waiting for a slot', async () => {
+    const pools = new PoolManager({
+      // (No predictive warming: a refill started after the reload would take the new slot and serve the waiter.)
+      config: parseConfig({ pool: { predictive: false, defaults: { maxPerOriginFleet: 1 } } }, 'test'),
+      connector,
+      log: pino({ level: 'silent' }),
+      slots: slotKeeper(new LocalSlots()),
+    });
+    managers.push(pools);
+    held.push(await pools.acquire(BUSY, 60_000));
+    let second: (Handoff & { originKey: string }) | undefined;
+    void pools.acquire(BUSY, 60_000).then((handoff) => {
+      second = handoff;
+      held.push(handoff);
+    });
+    // Its connect waits for the one slot (asking again every SLOT_POLL_MS)...
+    await vi.advanceTimersByTimeAsync(200);
+    expect(second).toBeUndefined();
+    // ...and takes the second one the reload makes (before: it asked under the cap of its start, for ever).
+    pools.reconfigure(parseConfig({ pool: { predictive: false, defaults: { maxPerOriginFleet: 2 } } }, 'reload'));
+    await vi.advanceTimersByTimeAsync(200);
+    await until(() => second !== undefined, 'the waiting acquire served');
+    expect(connector.calls).toBe(2);
   });
 
   it('applies a new configuration to existing pools at once, and hands idle sockets over on a detaching close', async () => {

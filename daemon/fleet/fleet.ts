@@ -32,7 +32,7 @@ import {
   TAKE_SLOTS_SCRIPT,
   UNWAIT_SCRIPT,
 } from './scripts.js';
-import { SLOT_POLL_MS, type SlotLedger } from './slots.js';
+import { capNow, SLOT_POLL_MS, type SlotCap, type SlotLedger } from './slots.js';
 
 type FleetConfig = SockpoolConfig['fleet'];
 
@@ -322,13 +322,13 @@ export class Fleet implements SlotLedger {
    * `wanted()` says the connect is no longer needed (then false). Without `wait`, false at once when full.
    * Throws SOCKPOOL_ERR_FLEET_UNAVAILABLE in `refuse` mode while Redis is unavailable.
    */
-  async takeSlot(key: string, cap: number, wait: boolean, wanted: () => boolean): Promise<boolean> {
+  async takeSlot(key: string, cap: SlotCap, wait: boolean, wanted: () => boolean): Promise<boolean> {
     let counted = false;
     try {
       for (;;) {
         if (this.#closed) return false;
         // (#tryTakeSlot counts a slot it grants as held, in the same turn as it decides.)
-        if (await this.#tryTakeSlot(key, cap, wait)) return true;
+        if (await this.#tryTakeSlot(key, capNow(cap), wait)) return true;
         if (!wait || !wanted()) return false;
         if (!counted) {
           this.counters.slotWaits++;

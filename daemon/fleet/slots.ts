@@ -20,9 +20,16 @@ export interface SlotKeeper {
   count(pool: OriginPool): void;
 }
 
+/** An origin's cap, or how to read it: a take that waits reads it at each try, so a reload reaches it. */
+export type SlotCap = number | (() => number);
+
+export function capNow(cap: SlotCap): number {
+  return typeof cap === 'number' ? cap : cap();
+}
+
 /** Where slots are counted: the fleet's Redis (fleet.ts) or this process (LocalSlots). */
 export interface SlotLedger {
-  takeSlot(key: string, cap: number, wait: boolean, wanted: () => boolean): Promise<boolean>;
+  takeSlot(key: string, cap: SlotCap, wait: boolean, wanted: () => boolean): Promise<boolean>;
   releaseSlots(key: string, count: number): void;
   countSlot(key: string): void;
 }
@@ -35,8 +42,10 @@ export function fleetKey(origin: { host: string; port: number }): string {
 export function slotKeeper(ledger: SlotLedger): SlotKeeper {
   return {
     take(pool, wait, wanted) {
-      const cap = pool.policy.maxPerOriginFleet;
-      if (cap === undefined) return undefined;
+      if (pool.policy.maxPerOriginFleet === undefined) return undefined;
+      // Read at each try from the pool's policy, which a reload replaces: a connect waiting for a slot under the old
+      // cap is held to the new one (no cap any more: the take succeeds, and the slot is given back as any other).
+      const cap = () => pool.policy.maxPerOriginFleet ?? Number.MAX_SAFE_INTEGER;
       return ledger.takeSlot(fleetKey(pool.origin), cap, wait, wanted);
     },
     release(pool, count) {
@@ -59,9 +68,9 @@ export class LocalSlots implements SlotLedger {
     return this.#held.get(key) ?? 0;
   }
 
-  async takeSlot(key: string, cap: number, wait: boolean, wanted: () => boolean): Promise<boolean> {
+  async takeSlot(key: string, cap: SlotCap, wait: boolean, wanted: () => boolean): Promise<boolean> {
     for (;;) {
-      if (this.held(key) < cap) {
+      if (this.held(key) < capNow(cap)) {
         this.countSlot(key);
         return true;
       }
