@@ -362,14 +362,13 @@ export class HandoffServer {
       case 'prewarm':
         try {
           // The client's own demand: capped by its uid's prewarm allowance, and counted as demand (pool-manager.ts).
+          // A prewarm the daemon refuses (a host that is none, a proxy it lacks, an origin its policy refuses) warms
+          // nothing, so it is refused before it is charged: a client's queue announcing the denied hosts of its
+          // frontier must not use up the allowance its good announcements need.
+          const origin = canonicalOrigin(message);
+          this.#pools.checkWarmUp(origin);
           const granted = this.#quotas.takePrewarm(session.uid, message.count);
-          this.#pools.prewarm(
-            canonicalOrigin(message),
-            granted,
-            message.tls?.trust,
-            session.uid,
-            message.lookahead === true,
-          );
+          this.#pools.prewarm(origin, granted, message.tls?.trust, session.uid, message.lookahead === true);
           this.#send(session, { type: 'ok', id: message.id });
         } catch (error) {
           this.#replyError(session, message.id, error);

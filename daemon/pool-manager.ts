@@ -289,6 +289,21 @@ export class PoolManager {
   }
 
   /**
+   * What prewarm() and warm() refuse before anything starts: SOCKPOOL_ERR_SHUTTING_DOWN, SOCKPOOL_ERR_POLICY for an
+   * origin (or its proxy) the egress policy refuses, SOCKPOOL_ERR_INVALID_ARGUMENT for a proxy the configuration
+   * lacks. The handoff server asks first, so that a refused prewarm is not charged to the uid's allowance.
+   */
+  checkWarmUp(origin: Origin): void {
+    if (this.#closed) throw new SockpoolError(ErrorCodes.SHUTTING_DOWN, 'sockpoold is stopping');
+    try {
+      this.#connector.checkTarget(origin);
+    } catch (error) {
+      this.#metrics?.refusals.inc({ reason: policyReason(error as Error) });
+      throw error;
+    }
+  }
+
+  /**
    * `lookahead`: a client's queue guessing from its waiting requests; it warms what their acquires will take, so
    * with warmTlsOnMiss "tcp" TCP sockets (an acquire without an idle session takes one): no handshake is spent on a
    * guess.
@@ -301,13 +316,7 @@ export class PoolManager {
     demand: boolean,
     lookahead = false,
   ): void {
-    if (this.#closed) throw new SockpoolError(ErrorCodes.SHUTTING_DOWN, 'sockpoold is stopping');
-    try {
-      this.#connector.checkTarget(origin);
-    } catch (error) {
-      this.#metrics?.refusals.inc({ reason: policyReason(error as Error) });
-      throw error;
-    }
+    this.checkWarmUp(origin);
     const pool = this.#poolFor(origin, tlsTrust, lookahead);
     const stats = this.#statsOf(pool.key);
     stats.uids.add(uid);

@@ -218,6 +218,35 @@ describe('per-uid quotas', () => {
     expect(row?.demandRatePerS).toBeGreaterThan(0.1);
     expect(row?.demandRatePerS).toBeLessThanOrEqual(0.5);
   });
+
+  it('refuses a bad prewarm with its own typed error without spending the uid’s allowance on it', async () => {
+    // A client's queue announces whatever its waiting requests name: a host the policy denies, a port it does not
+    // allow, a proxy the configuration lacks, a host that is none. Each is refused with its own error, and none of
+    // them may use up the allowance the uid's good announcements need (they warm nothing).
+    const origin = await pathOrigin(cleanups);
+    const sockpoold = await daemon(origin.port, {
+      quotas: { maxPrewarmPerUid: 4 },
+      egress: { denyHosts: ['denied.test'] },
+      pool: { defaults: { maxIdle: 16 } },
+    });
+    const raw = client(sockpoold.socketPath);
+    const bad: Array<[object, string]> = [
+      [{ host: 'denied.test', port: origin.port }, 'SOCKPOOL_ERR_POLICY'],
+      [{ host: '127.0.0.1', port: 9 }, 'SOCKPOOL_ERR_POLICY'],
+      [{ host: '127.0.0.1', port: origin.port, proxy: 'nowhere' }, 'SOCKPOOL_ERR_INVALID_ARGUMENT'],
+      [{ host: 'fe80::1%eth0', port: origin.port }, 'SOCKPOOL_ERR_INVALID_ARGUMENT'],
+    ];
+    for (let round = 0; round < 3; round++) {
+      for (const [target, code] of bad) {
+        const reply = await raw.request({ type: 'prewarm', id: nextId++, ...target, count: 4 });
+        expect(reply.message).toMatchObject({ type: 'error', code });
+      }
+    }
+    // The whole allowance is still there for a good one.
+    const good = await raw.request({ type: 'prewarm', id: nextId++, host: '127.0.0.1', port: origin.port, count: 4 });
+    expect(good.message).toMatchObject({ type: 'ok' });
+    await eventually(async () => (await stats(raw)).idle === 4, 'the four sockets asked for');
+  });
 });
 
 describe('bad input with fds', () => {
