@@ -8,7 +8,7 @@ import { canonicalOrigin, type Origin, originKey } from '../shared/origin.js';
 import { type OriginPolicy, policyFor, type SockpoolConfig } from './config.js';
 import type { ConnectedSocket, Connector } from './connector.js';
 import { fleetKey, type SlotKeeper } from './fleet/slots.js';
-import type { UsageMark } from './lease-guard.js';
+import { endConnection, type UsageMark } from './lease-guard.js';
 import type { Logger } from './log.js';
 import type { Metrics } from './metrics.js';
 import { type DropReason, type Handoff, OriginPool, type OriginPoolEvents } from './origin-pool.js';
@@ -265,7 +265,11 @@ export class PoolManager {
     // Lent before a reload, or its connect began before one (a warm TLS session's handshake): judged by the policy
     // now in force, as the idle sockets were at the reload.
     if ((socket.startedAt ?? socket.connectedAt) <= this.#reloadedAt && this.#refusedAfterReload(pool, socket)) {
-      native.close(socket.fd);
+      // One a client had may still be held in a copy it kept (dup-then-release): shut down for every copy, as the
+      // pool does with any lent socket it closes, or the copy would stay a live connection (through a proxy the
+      // configuration no longer names, or to an address it now refuses) that no count of the daemon's holds.
+      if (lent) endConnection(socket.fd);
+      else native.close(socket.fd);
       pool.leaseEnded(uid);
       this.#metrics?.deadDropped.inc({ reason: 'refused' });
       return;

@@ -208,6 +208,40 @@ describe('forward proxies', () => {
     expect(after.requests).toEqual(['CONNECT origin.example:443 HTTP/1.1\r\nHost: origin.example:443']);
     expect(before.requests).toHaveLength(2);
   });
+
+  it('shuts down a tunnel released unused after its proxy moved: a copy the client kept is dead too', async () => {
+    const ok = () => 'HTTP/1.1 200 Connection established\r\n\r\n';
+    const before = await connectProxy(ok);
+    const after = await connectProxy(ok);
+    const ports = [before.proxy.port, after.proxy.port, 443];
+    const configOf = (proxyPort: number) => ({
+      proxies: [{ name: 'corp', url: `http://127.0.0.1:${proxyPort}` }],
+      egress: { allow: ['127.0.0.1/32'], allowPorts: ports },
+      pool: { predictive: false },
+    });
+    const configPath = writeConfig(configOf(before.proxy.port));
+    const sockpoold = await startDaemon({ args: ['--config', configPath] });
+    cleanups.push(() => sockpoold.stop());
+    const raw = client(sockpoold.socketPath);
+    const lease = await raw.request({ type: 'acquire', id: 1, host: 'origin.example', port: 443, proxy: 'corp' });
+    expect(lease.message).toMatchObject({ type: 'lease' });
+    const kept = lease.fds[0]!;
+    cleanups.push(() => native.close(kept));
+
+    // corp moves while the tunnel is lent.
+    writeFileSync(configPath, JSON.stringify(configOf(after.proxy.port)));
+    sockpoold.child.kill('SIGHUP');
+    await eventually(() => sockpoold.output().includes('configuration reloaded'), 'reloaded');
+
+    // The client gives the tunnel back unused and keeps its own copy of the fd (release sends a copy). The tunnel
+    // leads through a proxy the configuration no longer names, so the daemon does not pool it; it must end the
+    // connection for every copy, as it does for any lease it ends, not just close its own fd.
+    const leaseId = (lease.message as { leaseId: number }).leaseId;
+    const released = await raw.request({ type: 'release', id: 2, leaseId }, [kept]);
+    expect(released.message).toMatchObject({ type: 'ok', id: 2 });
+    expect(native.probe(kept).state).not.toBe('alive');
+    await before.proxy.allClosed();
+  });
 });
 
 describe('limits and the fair queue', () => {
