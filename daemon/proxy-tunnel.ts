@@ -97,10 +97,14 @@ export function openTunnel(
       }
       length += read;
       const end = answer.subarray(0, length).indexOf('\r\n\r\n');
-      if (end === -1) {
-        if (length > MAX_ANSWER_BYTES) finish(proxyError(proxy, target, 'sent an oversized CONNECT answer', null));
+      // The buffer has one byte more than the longest answer, so that a read that ends the longest answer also
+      // takes the first byte queued after it (refused below). An answer that needs that byte is oversized: were it
+      // taken, bytes queued after it would stay unread and unseen, and the client would read them as the origin's.
+      if (end === -1 ? length > MAX_ANSWER_BYTES : end + 4 > MAX_ANSWER_BYTES) {
+        finish(proxyError(proxy, target, 'sent an oversized CONNECT answer', null));
         return;
       }
+      if (end === -1) return;
       const statusLine = answer.subarray(0, answer.indexOf('\r\n')).toString('latin1');
       const match = /^HTTP\/1\.[01] (\d{3})(?: |$)/.exec(statusLine);
       const status = match ? Number(match[1]) : null;

@@ -343,3 +343,63 @@ describe('TcpConnector: a reload during a connect', () => {
     expect(await openFds()).toBe(fds);
   });
 });
+
+describe('TcpConnector: what a proxy answers to CONNECT', () => {
+  const policy: OriginPolicy = { ...defaultConfig().pool.defaults };
+  const origin = { host: 'origin.test', port: 443, proxy: 'corp' };
+
+  /** A proxy on 127.0.0.1 that answers the first CONNECT with `answer` (one write) and keeps the connection open. */
+  async function answeringProxy(answer: string) {
+    const server = net.createServer((socket) => {
+      socket.on('error', () => {});
+      socket.once('data', () => socket.write(answer, 'latin1'));
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    servers.push(server);
+    const port = (server.address() as net.AddressInfo).port;
+    const config = parseConfig({ egress: { allow: ['127.0.0.1/32'], allowPorts: [443, port] } }, 'test');
+    const resolver = new Resolver(config.dns);
+    const egress = new EgressPolicy(config.egress);
+    const proxies = new Map<string, ProxyEndpoint>([['corp', { name: 'corp', host: '127.0.0.1', port }]]);
+    const connector = new TcpConnector(
+      () => resolver,
+      () => egress,
+      { proxies: () => proxies },
+    );
+    return {
+      connector,
+      close: () => {
+        servers.splice(servers.indexOf(server), 1);
+        return new Promise((resolve) => server.close(resolve));
+      },
+    };
+  }
+
+  /** A 200 answer whose head (status line, one padding header, blank line) is exactly `bytes` long. */
+  function okHead(bytes: number): string {
+    const start = 'HTTP/1.1 200 Connection established\r\nX-Pad: ';
+    return `${start}${'p'.repeat(bytes - start.length - 4)}\r\n\r\n`;
+  }
+
+  it('refuses a head past 8 KiB even when it ends right at the edge of what was read, with the bytes after it', async () => {
+    const fds = await openFds();
+    // 8,192 bytes is the longest answer taken; one more, followed by bytes of a stream out of step: refused, not
+    // lent with the proxy's bytes in front of the origin's.
+    const oversized = await answeringProxy(`${okHead(8193)}HTTP/1.1 400 Bad Request\r\n\r\n`);
+    await expect(oversized.connector.connect(origin, policy)).rejects.toMatchObject({
+      code: 'SOCKPOOL_ERR_PROXY',
+      fields: { proxy: 'corp', target: 'origin.test:443' },
+    });
+    await oversized.close();
+    // At the limit, with bytes after it: refused too; alone: a tunnel.
+    const trailing = await answeringProxy(`${okHead(8192)}junk`);
+    await expect(trailing.connector.connect(origin, policy)).rejects.toMatchObject({ code: 'SOCKPOOL_ERR_PROXY' });
+    await trailing.close();
+    const longest = await answeringProxy(okHead(8192));
+    const tunnel = await longest.connector.connect(origin, policy);
+    expect(native.probe(tunnel.fd).state).toBe('alive');
+    native.close(tunnel.fd);
+    await longest.close();
+    expect(await openFds()).toBe(fds);
+  });
+});
