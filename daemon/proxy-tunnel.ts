@@ -48,7 +48,8 @@ export function connectTarget(host: string, port: number): string {
 /**
  * Sends `CONNECT host:port` on `fd` (a connected, non-blocking TCP socket to the proxy) and resolves once the proxy
  * answers 200 with nothing after its header block. Any other status rejects with SOCKPOOL_ERR_PROXY carrying it;
- * a proxy that closes, sends garbage, sends more than its answer, or is silent for `timeoutMs`, too (status null).
+ * a proxy that closes, sends garbage, or is silent for `timeoutMs`, too (status null), and one whose 200 came with
+ * more than its answer, or with its hang-up (status 200).
  */
 export function openTunnel(
   fd: number,
@@ -113,7 +114,25 @@ export function openTunnel(
       else if (status !== 200) finish(proxyError(proxy, target, `refused CONNECT with status ${status}`, status));
       // Bytes past the answer would be read by the client as the origin's: the tunnel is out of step.
       else if (length > end + 4) finish(proxyError(proxy, target, 'sent bytes after its CONNECT answer', status));
-      else finish();
+      else finish(afterAnswer(status));
+    };
+    /**
+     * The 200 is in, alone: one more read (into the spare byte) for what came with it. Nothing (EAGAIN) is a
+     * tunnel. A proxy that hung up right after its 200 (one that answers before its own connect to the origin,
+     * which then failed) would otherwise be a dead socket lent as a working tunnel: the client's request fails as an
+     * empty reply from the origin, and the pool counts a connect that worked and opens the next one at once.
+     */
+    const afterAnswer = (status: number): SockpoolError | undefined => {
+      let read: number;
+      try {
+        read = readSync(fd, answer, length, 1, null);
+      } catch (error) {
+        if ((error as { code?: string }).code === 'EAGAIN') return undefined;
+        return proxyError(proxy, target, `failed right after answering CONNECT: ${(error as Error).message}`, status);
+      }
+      return read === 0
+        ? proxyError(proxy, target, 'closed the connection right after answering CONNECT', status)
+        : proxyError(proxy, target, 'sent bytes after its CONNECT answer', status);
     };
     poller.start(native.READABLE | native.DISCONNECT);
   });

@@ -2,7 +2,7 @@
 // raced by Happy Eyeballs. What needs a silent path (dropped packets) is in test/happy-eyeballs.system.test.ts; the
 // timing rules are in test/happy-eyeballs.test.ts with a fake clock.
 
-import { readdirSync } from 'node:fs';
+import { readdirSync, writeSync } from 'node:fs';
 import net from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { defaultConfig, type OriginPolicy, parseConfig } from '../daemon/config.js';
@@ -348,11 +348,23 @@ describe('TcpConnector: what a proxy answers to CONNECT', () => {
   const policy: OriginPolicy = { ...defaultConfig().pool.defaults };
   const origin = { host: 'origin.test', port: 443, proxy: 'corp' };
 
-  /** A proxy on 127.0.0.1 that answers the first CONNECT with `answer` (one write) and keeps the connection open. */
-  async function answeringProxy(answer: string) {
+  /**
+   * A proxy on 127.0.0.1 that answers the first CONNECT with `answer` (one write) and keeps the connection open, or
+   * with `thenClose` shuts it down right after that write, in the same synchronous run: the connector (this
+   * process's only thread) cannot read between the two, so the answer and the FIN are both queued when it does.
+   */
+  async function answeringProxy(answer: string, thenClose = false) {
     const server = net.createServer((socket) => {
       socket.on('error', () => {});
-      socket.once('data', () => socket.write(answer, 'latin1'));
+      socket.once('data', () => {
+        if (!thenClose) {
+          socket.write(answer, 'latin1');
+          return;
+        }
+        const fd = (socket as unknown as { _handle: { fd: number } })._handle.fd;
+        writeSync(fd, Buffer.from(answer, 'latin1'));
+        native.shutdown(fd);
+      });
     });
     await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
     servers.push(server);
@@ -400,6 +412,20 @@ describe('TcpConnector: what a proxy answers to CONNECT', () => {
     expect(native.probe(tunnel.fd).state).toBe('alive');
     native.close(tunnel.fd);
     await longest.close();
+    expect(await openFds()).toBe(fds);
+  });
+
+  it('refuses a tunnel its proxy closed right after answering 200: SOCKPOOL_ERR_PROXY, not a dead socket', async () => {
+    const fds = await openFds();
+    // A proxy that says 200 and hangs up (one that answers before its own connect to the origin, which then
+    // failed): lent, the tunnel would fail the client's request as an empty reply from the origin, and the pool
+    // would count a connect that worked and open the next one at once.
+    const closing = await answeringProxy('HTTP/1.1 200 Connection established\r\n\r\n', true);
+    await expect(closing.connector.connect(origin, policy)).rejects.toMatchObject({
+      code: 'SOCKPOOL_ERR_PROXY',
+      fields: { proxy: 'corp', target: 'origin.test:443', status: 200 },
+    });
+    await closing.close();
     expect(await openFds()).toBe(fds);
   });
 });
