@@ -446,7 +446,10 @@ export class PoolManager {
     let refused = 0;
     for (const pool of this.#pools.values()) {
       refused += pool.dropIdleWhere((socket) => this.#refusedAfterReload(pool, socket));
-      pool.policyChanged(policyFor(config, pool.origin.host, pool.origin.port));
+      const policy = policyFor(config, pool.origin.host, pool.origin.port);
+      // Through a proxy the configuration no longer names, nothing is kept idle or refilled (minIdle would go on
+      // connecting, each connect failing, for ever); the pool is retired once its leases and waiters are gone.
+      pool.policyChanged(this.#proxyRemoved(pool) ? { ...policy, minIdle: 0, maxIdle: 0 } : policy);
     }
     this.#sweep();
     return refused;
@@ -656,7 +659,11 @@ export class PoolManager {
       const perConnect = rate * connectS;
       const spare = perConnect >= SPARE_FROM_ACQUIRES_PER_CONNECT ? 1 : 0;
       const predicted = this.#config.pool.predictive && rate > 0.05 ? Math.ceil(perConnect * 2) + spare : 0;
-      const want = Math.min(pool.policy.maxIdle, Math.max(pool.policy.minIdle, predicted));
+      // A pool of a proxy a reload removed connects nothing more (each connect would fail: no such proxy); it is
+      // retired once empty.
+      const want = this.#proxyRemoved(pool)
+        ? 0
+        : Math.min(pool.policy.maxIdle, Math.max(pool.policy.minIdle, predicted));
       wants.push({ pool, want, rate });
       const learned = stats.learnedIdleLifetimeMs;
       pool.setRecycleAfter(learned === undefined ? undefined : learned * RECYCLE_MARGIN);
@@ -679,15 +686,23 @@ export class PoolManager {
    */
   #retireUnused(): void {
     for (const [key, pool] of this.#pools) {
-      if (pool.total === 0 && pool.waitingCount === 0 && pool.policy.minIdle === 0) {
+      if (pool.total !== 0 || pool.waitingCount !== 0) continue;
+      const removed = this.#proxyRemoved(pool);
+      if (removed || pool.policy.minIdle === 0) {
         const stats = this.#statsOf(key);
-        if (this.#decayedRate(stats) < 0.001) {
+        if (removed || this.#decayedRate(stats) < 0.001) {
           pool.close();
           this.#pools.delete(key);
           this.#stats.delete(key);
         }
       }
     }
+  }
+
+  /** Whether the pool's origin is reached through a proxy the configuration no longer names. */
+  #proxyRemoved(pool: OriginPool): boolean {
+    const proxy = pool.origin.proxy;
+    return proxy !== undefined && !this.#config.proxies.some((configured) => configured.name === proxy);
   }
 
   /** Over the global cap: close idle sockets of the origins least likely needed (lowest demand per idle socket). */

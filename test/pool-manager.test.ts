@@ -367,6 +367,29 @@ describe('PoolManager with its store and configuration', () => {
     await until(() => (idle(viaCorp) ?? 0) >= 1, 'a new corp tunnel');
   });
 
+  it('retires the pool of a proxy a reload removed, minIdle or not, and connects nothing more through it', async () => {
+    const proxies = [{ name: 'lab', url: 'http://10.0.0.2:3128' }];
+    const pool = { defaults: { minIdle: 2 } };
+    const pools = new PoolManager({
+      config: parseConfig({ proxies, pool }, 'test'),
+      connector,
+      log: pino({ level: 'silent' }),
+    });
+    managers.push(pools);
+    pools.start();
+    const viaLab: Origin = { ...BUSY, proxy: 'lab' };
+    pools.warm(viaLab, 1);
+    const labKey = `${BUSY.host}:${BUSY.port} via lab`;
+    await until(() => pools.snapshot().origins.find((entry) => entry.origin === labKey)?.idle === 2, 'minIdle');
+    const calls = connector.calls;
+    expect(pools.reconfigure(parseConfig({ proxies: [], pool }, 'reload'))).toBe(2);
+    // Before: minIdle kept the pool refilling through a proxy that is no more (each connect failing, for ever).
+    await vi.advanceTimersByTimeAsync(SWEEP_MS * 2);
+    await nextTurn();
+    expect(pools.snapshot().origins.map((entry) => entry.origin)).not.toContain(labKey);
+    expect(connector.calls).toBe(calls);
+  });
+
   it('a reload that changes maxPerOriginFleet reaches a connect already waiting for a slot', async () => {
     const pools = new PoolManager({
       // (No predictive warming: a refill started after the reload would take the new slot and serve the waiter.)
