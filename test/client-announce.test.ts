@@ -62,7 +62,7 @@ async function originFigures(socketPath: string, label: string) {
  * Open fds of this process, less the origins' own sockets: the far end of a socket the daemon keeps idle is open
  * here, in the origin, for as long as the daemon keeps it.
  */
-const fdCount = () => processFdCount() - holder.sockets.size - target.sockets.size;
+const fdCount = () => processFdCount() - holder.openSockets() - target.openSockets();
 
 const LABELS = ['warm-0', 'warm-1', 'url-1', 'url-2', 'url-3', ...Array.from({ length: MANY }, (_, i) => i)];
 

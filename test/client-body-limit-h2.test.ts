@@ -50,7 +50,7 @@ describe.each([
 ])('maxBodyBytes over HTTP/2 (%s)', (_name, daemon) => {
   for (const threads of [0, 1]) {
     it(`stops one stream; its siblings finish (threads: ${threads})`, async () => {
-      const before = fdCount() - h2.sockets.size;
+      const before = fdCount() - h2.openSockets();
       const client = new SockpoolClient({
         socketPath: daemon().socketPath,
         threads,
@@ -79,7 +79,7 @@ describe.each([
       } finally {
         await client.close();
       }
-      await eventually(() => fdCount() - h2.sockets.size <= before, `fds back to ${before}`);
+      await eventually(() => fdCount() - h2.openSockets() <= before, `fds back to ${before}`);
     }, 30_000);
   }
 });

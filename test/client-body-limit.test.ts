@@ -207,7 +207,7 @@ describe('maxBodyBytes', () => {
   });
 
   it('leaves no fd open once the client is closed', async () => {
-    const clientFds = () => fdCount() - origin.sockets.size;
+    const clientFds = () => fdCount() - origin.openSockets();
     // Every endless response of the tests before has closed (a socket the origin still counts until its 'close'
     // event would hide one of the client's).
     await eventually(() => endlessWritten.length === endlessStarted, 'the endless responses closed');

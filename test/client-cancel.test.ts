@@ -70,7 +70,7 @@ afterAll(async () => {
 
 const url = (path: string, server: Origin = origin) => `http://127.0.0.1:${server.port}${path}`;
 /** fds of the client: this process's, less the server-side sockets of the origins (they run in this process). */
-const clientFds = () => fdCount() - [origin, narrow, doomed].reduce((sum, server) => sum + server.sockets.size, 0);
+const clientFds = () => fdCount() - [origin, narrow, doomed].reduce((sum, server) => sum + server.openSockets(), 0);
 const hangingCount = () => hanging.filter(({ response }) => !response.destroyed && !response.writableEnded).length;
 
 /** Nothing more held than before: leases to the origin, fds here and in the daemon. */

@@ -35,7 +35,7 @@ afterAll(async () => {
 describe('close() and a request whose Blob body is still being read', () => {
   for (const api of ['request', 'requestStream'] as const) {
     it(`${api}(): settled before close() resolves, and nothing of it left open`, async () => {
-      const fdsBefore = fdCount() - origin.sockets.size;
+      const fdsBefore = fdCount() - origin.openSockets();
       const client = new SockpoolClient({ socketPath: daemon.socketPath, threads: 1 });
       const events: string[] = [];
       const url = `http://127.0.0.1:${origin.port}/blob`;
@@ -61,8 +61,8 @@ describe('close() and a request whose Blob body is still being read', () => {
       // Nothing of the client is left: no lease at the daemon, no fd here.
       await eventually(async () => (await leasedTo(daemon.socketPath, origin.port)) === 0, 'lease ended');
       await eventually(
-        () => fdCount() - origin.sockets.size <= fdsBefore,
-        () => `fds back to ${fdsBefore} (now ${fdCount() - origin.sockets.size})`,
+        () => fdCount() - origin.openSockets() <= fdsBefore,
+        () => `fds back to ${fdsBefore} (now ${fdCount() - origin.openSockets()})`,
       );
     });
   }

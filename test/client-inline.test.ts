@@ -65,8 +65,7 @@ const url = (path: string, server: Origin = origin) => `http://127.0.0.1:${serve
 /** fds of this process less the origins' server-side sockets (they run in this process). */
 /** Open sockets of an origin of this process: a destroyed one has closed its fd already, though it stays in
  *  `sockets` until its 'close' event (counted, it made a `before` one too low: a failure with nothing new open). */
-const openAt = (server: Origin) => [...server.sockets].filter((socket) => !socket.destroyed).length;
-const clientFds = () => fdCount() - openAt(origin) - openAt(capped);
+const clientFds = () => fdCount() - origin.openSockets() - capped.openSockets();
 
 /** A client with one worker thread, started (its lane up), and that thread. */
 async function clientWithThread(

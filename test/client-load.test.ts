@@ -65,7 +65,7 @@ afterAll(async () => {
 });
 
 /** fds of the client alone: this process's, less the server-side sockets of the origin (it runs here too). */
-const clientFds = () => fdCount() - origin.sockets.size;
+const clientFds = () => fdCount() - origin.openSockets();
 /** fds of the client other than the connections it holds: each of those is a lease in the daemon's stats. */
 async function clientFdsBesideLeases(): Promise<number> {
   return clientFds() - (await originStats(daemon.socketPath, origin.port)).leased;

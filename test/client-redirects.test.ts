@@ -283,7 +283,7 @@ describe('fetch() follows redirects', () => {
 
   it('leaves no fd open once the client is closed', async () => {
     // (The origins run in this process: their side of the connections the daemon keeps warm are not the client's.)
-    const clientFds = () => fdCount() - origin.sockets.size - other.sockets.size - refused.sockets.size;
+    const clientFds = () => fdCount() - origin.openSockets() - other.openSockets() - refused.openSockets();
     const before = clientFds();
     const own = new SockpoolClient({ socketPath: daemon.socketPath, threads: 1 });
     for (const path of ['/chain/3', '/to-other', '/r307']) await (await own.fetch(url(path))).arrayBuffer();

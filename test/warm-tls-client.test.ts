@@ -145,7 +145,7 @@ describe('warm TLS through SockpoolClient', () => {
   it('runs 200 concurrent relayed transfers with intact bodies, and gives every fd back', async () => {
     // The origins run in this process: their server-side sockets (one per session the daemon keeps, and it may keep
     // more after this burst) are not the client's.
-    const clientFds = () => fdCount() - h1.sockets.size - h2.sockets.size;
+    const clientFds = () => fdCount() - h1.openSockets() - h2.openSockets();
     const before = clientFds();
     const requests = Array.from({ length: 200 }, (_, i) => {
       const body = pattern(1000 + i);
