@@ -268,6 +268,8 @@ export class StateStore {
   #flushMs = 0;
   /** Rows in `origins` (counted at open, kept current by inserts, evictions and prunes). */
   #rowCount = 0;
+  /** Origins the transaction under way evicted: their learned lifetimes are forgotten once it commits (#commit). */
+  #evicted: string[] | undefined;
   #lastPrune = 0;
   #closed = false;
   readonly #statements: {
@@ -279,6 +281,7 @@ export class StateStore {
     oldest: Database.Statement<[number], string>;
     forget: Database.Statement<[string]>;
     forgetDemand: Database.Statement<[string]>;
+    count: Database.Statement<[], number>;
     top: Database.Statement<
       [{ nowMinute: number; sinceMinute: number; halfLifeMinutes: number; limit: number }],
       {
@@ -376,6 +379,7 @@ export class StateStore {
       oldest: db.prepare<[number], string>('SELECT origin_key FROM origins ORDER BY last_seen LIMIT ?').pluck(),
       forget: db.prepare('DELETE FROM origins WHERE origin_key = ?'),
       forgetDemand: db.prepare('DELETE FROM demand_history WHERE origin_key = ?'),
+      count: db.prepare<[], number>('SELECT count(*) FROM origins').pluck(),
       top: db.prepare(`
         SELECT o.origin_key, o.host, o.port, o.learned_idle_lifetime_ms, o.demand_rate_per_s, o.connect_ms_avg,
                o.last_seen,
@@ -481,11 +485,11 @@ export class StateStore {
     const count = this.#pending.size;
     const prune = now - this.#lastPrune >= PRUNE_INTERVAL_MS;
     if (count === 0 && !prune) return 0;
-    this.#db.transaction(() => {
+    this.#commit(() => {
       for (const [originKey, pending] of this.#pending) this.#write(originKey, pending, now);
       while (this.#evictSome()) {}
       if (prune) while (this.#pruneSome(now)) {}
-    })();
+    });
     // Only after the commit: if it threw, everything stays pending for the next flush.
     this.#pending.clear();
     if (prune) this.#lastPrune = now;
@@ -504,7 +508,7 @@ export class StateStore {
     const started = performance.now();
     const written: string[] = [];
     let more = false;
-    this.#db.transaction(() => {
+    this.#commit(() => {
       for (const [originKey, pending] of this.#pending) {
         this.#write(originKey, pending, now);
         written.push(originKey);
@@ -527,7 +531,7 @@ export class StateStore {
         }
       }
       this.#lastPrune = now;
-    })();
+    });
     for (const originKey of written) this.#pending.delete(originKey);
     // A slice that wrote nothing (the timer's usual tick) asks for nothing.
     if (written.length > 0 || more || prune) this.#uncheckpointed = true;
@@ -535,6 +539,29 @@ export class StateStore {
       this.#requestCheckpoint();
     }
     return more;
+  }
+
+  /**
+   * Runs `work` in one transaction. What it changes in memory (the row count, the learned lifetimes of evicted
+   * origins, the time of the last prune) holds only once the commit did: a transaction that fails (a full disk, a
+   * file locked by another process) is rolled back and its in-memory effects with it. A row count left raised by a
+   * failed insert made a later flush evict rows that were not over the cap, down to none, and then loop for good.
+   */
+  #commit(work: () => void): void {
+    const rowCount = this.#rowCount;
+    const lastPrune = this.#lastPrune;
+    const evicted: string[] = [];
+    this.#evicted = evicted;
+    try {
+      this.#db.transaction(work)();
+    } catch (error) {
+      this.#rowCount = rowCount;
+      this.#lastPrune = lastPrune;
+      throw error;
+    } finally {
+      this.#evicted = undefined;
+    }
+    for (const originKey of evicted) this.#learned.delete(originKey);
   }
 
   #requestCheckpoint(): void {
@@ -610,13 +637,16 @@ export class StateStore {
   #evictSome(): boolean {
     const excess = Math.min(DELETE_BATCH, this.#rowCount - this.#maxOrigins);
     if (excess <= 0) return false;
-    for (const originKey of this.#statements.oldest.all(excess)) {
+    const oldest = this.#statements.oldest.all(excess);
+    for (const originKey of oldest) {
       this.#statements.forget.run(originKey);
       this.#statements.forgetDemand.run(originKey);
-      this.#learned.delete(originKey);
+      this.#evicted?.push(originKey);
       this.#rowCount--;
     }
-    return true;
+    // Fewer rows than counted: the count is wrong, never loop on it (take the table's).
+    if (oldest.length < excess) this.#rowCount = this.#statements.count.get() ?? 0;
+    return oldest.length > 0;
   }
 
   #write(originKey: string, pending: Pending, now: number): void {

@@ -331,6 +331,37 @@ describe('what a client cannot bloat', () => {
     store.close();
   });
 
+  it('a flush that fails (the file locked by another process) changes nothing: the next one evicts to the cap', () => {
+    const store = StateStore.open(dir, { now, maxOrigins: 2 });
+    for (const name of ['a', 'b']) {
+      clock += 1000;
+      store.recordConnect(`${name}.example:443`, 5);
+    }
+    store.flush();
+    clock += 1000;
+    store.recordConnect('c.example:443', 5);
+    // Another process holds the write lock: each flush fails, and everything stays pending.
+    const other = openDatabase(join(dir, 'sockpool.sqlite'));
+    other.exec('PRAGMA busy_timeout = 0; BEGIN IMMEDIATE');
+    for (let attempt = 0; attempt < 3; attempt++) expect(() => store.flushSlice()).toThrow(/locked|busy/i);
+    expect(store.pendingOrigins).toBe(1);
+    expect(store.originCount).toBe(2);
+    other.exec('ROLLBACK');
+    other.close();
+    // Once the lock is gone the flush ends (it used to evict every row, then loop for good on an empty table).
+    let slices = 0;
+    while (store.flushSlice() && slices < 100) slices++;
+    expect(slices).toBeLessThan(100);
+    const db = reader(dir);
+    expect(column(db, 'SELECT origin_key FROM origins ORDER BY origin_key')).toEqual([
+      'b.example:443',
+      'c.example:443',
+    ]);
+    expect(store.originCount).toBe(2);
+    db.close();
+    store.close();
+  });
+
   it('a timed flush writes in slices and yields between them, ending with everything written', async () => {
     const store = StateStore.open(dir, { now, maxOrigins: 1000 });
     store.flush();
