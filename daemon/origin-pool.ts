@@ -30,7 +30,11 @@ export type DropReason = 'eof' | 'error' | 'data' | 'ttl' | 'recycled' | 'evicte
 /** What the pool tells the pool manager (stats, metrics, the global idle cap). */
 export interface OriginPoolEvents {
   idleChanged(pool: OriginPool, delta: number): void;
-  dropped(pool: OriginPool, reason: DropReason, idleMs: number, ageMs: number): void;
+  /**
+   * An idle socket was closed. `lent`: a client had it (released unused, kept for its uid): what happened to it may
+   * be that client's doing through a copy it kept, not the origin's.
+   */
+  dropped(pool: OriginPool, reason: DropReason, idleMs: number, ageMs: number, lent: boolean): void;
   connected(pool: OriginPool, connectMs: number): void;
   connectFailed(pool: OriginPool, error: Error): void;
   /** Acquires wait for room that only a lease's end can make (see OriginPool.waitingForRoom). */
@@ -366,7 +370,7 @@ export class OriginPool {
     if (this.#idle.length >= this.policy.maxIdle) {
       closePooled(socket.fd, ownerUid !== undefined);
       this.#settleSlots();
-      this.#events.dropped(this, 'excess', 0, performance.now() - socket.connectedAt);
+      this.#events.dropped(this, 'excess', 0, performance.now() - socket.connectedAt, ownerUid !== undefined);
       return;
     }
     const idle = connectedPart(socket) as IdleSocket;
@@ -454,7 +458,7 @@ export class OriginPool {
     this.#settleSlots();
     const now = performance.now();
     this.#events.idleChanged(this, -1);
-    this.#events.dropped(this, reason, now - socket.idleSince, now - socket.connectedAt);
+    this.#events.dropped(this, reason, now - socket.idleSince, now - socket.connectedAt, socket.ownerUid !== undefined);
   }
 
   /** Resolves `waiter` (default: the next in fair order) with a socket already counted as leased. */

@@ -133,7 +133,7 @@ export class PoolManager {
         this.#idleTotal += delta;
         if (delta > 0) this.#enforceIdleCap();
       },
-      dropped: (pool, reason, idleMs, ageMs) => this.#onDropped(pool, reason, idleMs, ageMs),
+      dropped: (pool, reason, idleMs, ageMs, lent) => this.#onDropped(pool, reason, idleMs, ageMs, lent),
       connected: (pool, connectMs) => {
         const stats = this.#statsOf(pool.key);
         stats.connectMs = stats.connectMs === 0 ? connectMs : stats.connectMs * 0.8 + connectMs * 0.2;
@@ -616,9 +616,12 @@ export class PoolManager {
     return stats.ratePerS * Math.exp(-elapsed / this.#config.pool.predictiveWindowMs);
   }
 
-  #onDropped(pool: OriginPool, reason: DropReason, idleMs: number, ageMs: number): void {
+  #onDropped(pool: OriginPool, reason: DropReason, idleMs: number, ageMs: number, lent: boolean): void {
     this.#metrics?.deadDropped.inc({ reason });
-    if (reason === 'eof') {
+    // Only from a socket no client ever had: one released to the pool may have been ended by the copy its client
+    // kept (shutdown), and a client must not teach every uid of the origin (and, through the store, every later
+    // start) a tiny lifetime that recycles all its idle sockets.
+    if (reason === 'eof' && !lent) {
       // The server closed a connection that had sent nothing: learn how long its servers keep such connections.
       const stats = this.#statsOf(pool.key);
       const now = performance.now();

@@ -105,6 +105,35 @@ describe('released sockets', () => {
   });
 });
 
+describe('what the daemon learns', () => {
+  it("a copy kept across a release cannot teach the origin's idle lifetime: ending it early is not the server's timeout", async () => {
+    const origin = await pathOrigin(cleanups);
+    // No predictive refills: the only idle socket is the one released.
+    const sockpoold = await daemon(origin.port, { pool: { predictive: false } });
+    const raw = client(sockpoold.socketPath);
+    const lease = await raw.request({ type: 'acquire', id: nextId++, host: '127.0.0.1', port: origin.port });
+    const fd = lease.fds[0]!;
+    const leaseId = (lease.message as { leaseId: number }).leaseId;
+    const kept = native.dup(fd);
+    const released = await raw.request({ type: 'release', id: nextId++, leaseId }, [fd]);
+    native.close(fd);
+    expect(released.message).toMatchObject({ type: 'ok' });
+    expect((await stats(raw)).idle).toBe(1);
+    // The kept copy ends the connection while the daemon holds it idle: its watch sees the end and drops it.
+    native.shutdown(kept);
+    await eventually(async () => (await stats(raw)).idle === 0, 'the idle socket dropped');
+    const row = (
+      (await raw.request({ type: 'stats', id: nextId++ })).message as unknown as {
+        stats: { origins: Array<{ learnedIdleLifetimeMs: number | null }> };
+      }
+    ).stats.origins[0];
+    // The origin keeps connections silent for 60 s; one the client ended after a few ms taught nothing (it used to
+    // set 250 ms for every uid: each idle socket of the origin recycled after 200 ms, and so after a restart).
+    expect(row?.learnedIdleLifetimeMs).toBeNull();
+    native.close(kept);
+  });
+});
+
 describe('lease ends are enforced', () => {
   it('shuts a connection down on `closed`: a copy the client kept is dead', async () => {
     const origin = await pathOrigin(cleanups);
