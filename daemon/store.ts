@@ -276,7 +276,8 @@ export class StateStore {
     select: Database.Statement<[string], OriginRow>;
     upsert: Database.Statement<[OriginRow]>;
     addDemand: Database.Statement<[string, number, number]>;
-    pruneDemand: Database.Statement<[number]>;
+    pruneDemand: Database.Statement<[number, number]>;
+    unstampFuture: Database.Statement<[{ now: number }]>;
     pruneOrigins: Database.Statement<[number, number]>;
     oldest: Database.Statement<[number], string>;
     forget: Database.Statement<[string]>;
@@ -371,7 +372,10 @@ export class StateStore {
         ON CONFLICT (origin_key, minute) DO UPDATE SET acquires = acquires + excluded.acquires`),
       pruneDemand: db.prepare(`
         DELETE FROM demand_history WHERE (origin_key, minute) IN
-          (SELECT origin_key, minute FROM demand_history WHERE minute < ? LIMIT ${DELETE_BATCH})`),
+          (SELECT origin_key, minute FROM demand_history WHERE minute < ? OR minute > ? LIMIT ${DELETE_BATCH})`),
+      unstampFuture: db.prepare(`
+        UPDATE origins SET last_seen = @now, demand_updated_at = min(demand_updated_at, @now) WHERE origin_key IN
+          (SELECT origin_key FROM origins WHERE last_seen > @now LIMIT ${DELETE_BATCH})`),
       pruneOrigins: db.prepare(`
         DELETE FROM origins WHERE origin_key IN
           (SELECT origin_key FROM origins WHERE last_seen < ?
@@ -385,7 +389,7 @@ export class StateStore {
                o.last_seen,
                SUM(d.acquires * pow(2.0, -((@nowMinute - d.minute) * 1.0 / @halfLifeMinutes))) AS score
         FROM demand_history d JOIN origins o ON o.origin_key = d.origin_key
-        WHERE d.minute >= @sinceMinute AND o.port > 0
+        WHERE d.minute >= @sinceMinute AND d.minute <= @nowMinute AND o.port > 0
         GROUP BY o.origin_key
         ORDER BY score DESC, o.last_seen DESC, o.origin_key
         LIMIT @limit`),
@@ -703,10 +707,16 @@ export class StateStore {
   /**
    * Deletes up to DELETE_BATCH rows of demand history older than `demandHistoryDays`, then of origins unseen for
    * `originRetentionDays`; true when it deleted any (call again).
+   *
+   * What a clock that ran ahead stamped in what is now the future goes too: its demand (an acquire a year ahead
+   * weighed 2^1460 in the ranking, first at every start for that year) and its `last_seen`, pulled back to now (it
+   * was the most recently seen for that year: evicted and pruned last, after real origins).
    */
   #pruneSome(now: number): boolean {
-    const demand = this.#statements.pruneDemand.run(Math.floor(now / MINUTE_MS) - this.#historyMinutes).changes;
+    const nowMinute = Math.floor(now / MINUTE_MS);
+    const demand = this.#statements.pruneDemand.run(nowMinute - this.#historyMinutes, nowMinute).changes;
     if (demand > 0) return true;
+    if (this.#statements.unstampFuture.run({ now }).changes > 0) return true;
     const origins = this.#statements.pruneOrigins.run(now - this.#originRetentionMs, DELETE_BATCH).changes;
     this.#rowCount -= origins;
     return origins > 0;

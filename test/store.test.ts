@@ -620,4 +620,28 @@ describe('topOrigins', () => {
     db.close();
     store.close();
   });
+  it('a clock that ran ahead and was set back: what it stamped neither outranks real demand nor outlives the cap', () => {
+    const store = StateStore.open(dir, { now, maxOrigins: 2 });
+    const right = clock;
+    // A year ahead (a wrong RTC at boot, until NTP steps the clock back): one acquire of future.example.
+    clock = right + 365 * 24 * HOUR;
+    store.recordAcquire('future.example:443', { hit: false });
+    store.flush();
+    // Set right: a store opened now (the next start) sees real demand for busy.example.
+    store.close();
+    clock = right;
+    const again = StateStore.open(dir, { now, maxOrigins: 2 });
+    again.flush(); // a start's first flush (before its warm-on-start ranking)
+    clock += MINUTE;
+    for (let index = 0; index < 100; index++) again.recordAcquire('busy.example:443', { hit: false });
+    // One acquire stamped a year ahead weighed 2^1460 (Infinity) and came first at every start for a year.
+    expect(again.topOrigins(2).map((entry) => entry.originKey)).toEqual(['busy.example:443']);
+    // And it was the most recently seen for a year: the least recently seen real origins went before it.
+    clock += MINUTE;
+    again.recordAcquire('next.example:443', { hit: false });
+    again.flush();
+    expect(again.origin('busy.example:443')).toBeDefined();
+    expect(again.origin('future.example:443')).toBeUndefined();
+    again.close();
+  });
 });
