@@ -234,7 +234,13 @@ export class Sockpoold {
     // it, and the dead ones are of no use. One FDSTOREREMOVE=1 per name (it removes every fd with that name).
     await this.#forgetStored(storedNames);
     await this.#fleet?.start();
-    const warming = this.#pools.warmFromHistory(this.#config.pool.warmOnStartOrigins);
+    let warming = 0;
+    try {
+      warming = this.#pools.warmFromHistory(this.#config.pool.warmOnStartOrigins);
+    } catch (error) {
+      // The history only warms: one that cannot be read (locked in another process's transaction) costs the warming.
+      this.#log.warn({ err: (error as Error).message }, 'history unreadable: not warming from it');
+    }
     if (this.#fleet) await this.#startSharedWarming(this.#fleet);
     const kernelTls = detectKernelTls();
     this.#log.info(
@@ -475,7 +481,12 @@ export class Sockpoold {
     await this.#metricsServer?.close();
     // Warm TLS sessions end with their threads (process memory: nothing of them survives a restart).
     await this.#relays.close();
-    this.#store.close();
+    try {
+      this.#store.close();
+    } catch (error) {
+      // Closed all the same; what was recorded since the last flush is lost (the file locked, a full disk).
+      this.#log.warn({ err: (error as Error).message }, 'history not written at stop');
+    }
     this.#log.info({ stored, idle: detached.length }, 'sockpoold stopped');
     this.#notifier.close();
   }

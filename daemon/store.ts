@@ -777,11 +777,15 @@ export class StateStore {
 
   /**
    * The origins most likely needed, best first: ranked by recent demand (each acquire in the demand history
-   * weighs 1, halved every `scoreHalfLifeMs` of age). Flushes first, so it includes what was just recorded.
+   * weighs 1, halved every `scoreHalfLifeMs` of age). Flushes first, so it includes what was just recorded; a
+   * flush that fails (the file locked by another process, a full disk) leaves that pending for the timer, and what
+   * is stored is ranked: the history only warms, and warm-on-start must not fail the start.
    */
   topOrigins(limit: number): TopOrigin[] {
     if (limit <= 0) return [];
-    this.flush();
+    try {
+      this.flush();
+    } catch {}
     const nowMinute = Math.floor(this.#now() / MINUTE_MS);
     const rows = this.#statements.top.all({
       nowMinute,

@@ -603,4 +603,32 @@ describe('life cycle', () => {
     expect(lease.message).toMatchObject({ type: 'lease', warm: true });
     for (const fd of lease.fds) native.close(fd);
   });
+  it('starts, warms from its history and stops cleanly while another process holds the database write lock', async () => {
+    const echo = await server();
+    const first = await daemon(echo.port);
+    const raw = client(first.socketPath);
+    for (let i = 0; i < 3; i++) {
+      const lease = await raw.request({ type: 'acquire', id: i, host: '127.0.0.1', port: echo.port });
+      for (const fd of lease.fds) native.close(fd);
+    }
+    raw.close();
+    cleanups.pop();
+    expect(await first.stop()).toBe(0);
+    // Another process (an operator's sqlite3 shell, a backup tool) in a write transaction on the file.
+    const other = new Database(join(first.stateDir, 'sockpool.sqlite'));
+    other.exec('BEGIN IMMEDIATE');
+    cleanups.push(() => other.close());
+    cleanups.push(() => other.exec('ROLLBACK'));
+    const before = echo.connections.length;
+    // The history only warms: it used to fail the start (SQLITE_BUSY from the flush before the ranking).
+    const second = await startDaemon({
+      stateDir: first.stateDir,
+      args: ['--allow', '127.0.0.1/32', '--allow-port', String(echo.port)],
+    });
+    cleanups.push(() => second.stop());
+    // What is stored can still be read: the origin is warmed.
+    await echo.waitForConnections(before + 1);
+    // What could not be written is lost at stop, which is still a clean one.
+    expect(await second.stop()).toBe(0);
+  });
 });
