@@ -278,7 +278,7 @@ export class StateStore {
     addDemand: Database.Statement<[string, number, number]>;
     pruneDemand: Database.Statement<[number, number]>;
     unstampFuture: Database.Statement<[{ now: number }]>;
-    pruneOrigins: Database.Statement<[number, number]>;
+    pruneOrigins: Database.Statement<[number, number], string>;
     oldest: Database.Statement<[number], string>;
     forget: Database.Statement<[string]>;
     forgetDemand: Database.Statement<[string]>;
@@ -376,10 +376,13 @@ export class StateStore {
       unstampFuture: db.prepare(`
         UPDATE origins SET last_seen = @now, demand_updated_at = min(demand_updated_at, @now) WHERE origin_key IN
           (SELECT origin_key FROM origins WHERE last_seen > @now LIMIT ${DELETE_BATCH})`),
-      pruneOrigins: db.prepare(`
+      pruneOrigins: db
+        .prepare<[number, number], string>(`
         DELETE FROM origins WHERE origin_key IN
           (SELECT origin_key FROM origins WHERE last_seen < ?
-             AND NOT EXISTS (SELECT 1 FROM demand_history d WHERE d.origin_key = origins.origin_key) LIMIT ?)`),
+             AND NOT EXISTS (SELECT 1 FROM demand_history d WHERE d.origin_key = origins.origin_key) LIMIT ?)
+        RETURNING origin_key`)
+        .pluck(),
       oldest: db.prepare<[number], string>('SELECT origin_key FROM origins ORDER BY last_seen LIMIT ?').pluck(),
       forget: db.prepare('DELETE FROM origins WHERE origin_key = ?'),
       forgetDemand: db.prepare('DELETE FROM demand_history WHERE origin_key = ?'),
@@ -717,9 +720,11 @@ export class StateStore {
     const demand = this.#statements.pruneDemand.run(nowMinute - this.#historyMinutes, nowMinute).changes;
     if (demand > 0) return true;
     if (this.#statements.unstampFuture.run({ now }).changes > 0) return true;
-    const origins = this.#statements.pruneOrigins.run(now - this.#originRetentionMs, DELETE_BATCH).changes;
-    this.#rowCount -= origins;
-    return origins > 0;
+    const origins = this.#statements.pruneOrigins.all(now - this.#originRetentionMs, DELETE_BATCH);
+    this.#rowCount -= origins.length;
+    // Their learned lifetimes go with them, as an eviction's (once committed): else kept in memory for good.
+    this.#evicted?.push(...origins);
+    return origins.length > 0;
   }
 
   /**

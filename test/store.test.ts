@@ -407,6 +407,20 @@ describe('the checkpointer thread', () => {
 });
 
 describe('learned idle lifetime', () => {
+  it('forgets the learned lifetime of an origin pruned for being unseen, as of one evicted', () => {
+    const store = StateStore.open(dir, { now, originRetentionDays: 30, demandHistoryDays: 7 });
+    store.recordConnect('gone.example:443', 5);
+    store.recordIdleLifetime('gone.example:443', 30_000);
+    store.flush();
+    clock += 31 * 24 * HOUR;
+    store.recordConnect('here.example:443', 5);
+    store.flush(); // prunes: gone.example was not seen for 31 days
+    expect(store.origin('gone.example:443')).toBeUndefined();
+    // Kept in memory for good it was a leak (a crawler meets millions of origins), and came back with the origin.
+    expect(store.learnedIdleLifetime('gone.example:443')).toBeUndefined();
+    store.close();
+  });
+
   it('drops at once to a shorter observation, rises slowly, and survives a restart', () => {
     let store = open();
     const key = 'idle.example:443';
