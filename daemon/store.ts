@@ -410,6 +410,16 @@ export class StateStore {
   #pendingOf(originKey: string, now: number): Pending {
     let pending = this.#pending.get(originKey);
     if (!pending) {
+      // At most maxOrigins pending: a flush that keeps failing (a full disk, a file locked by another process)
+      // leaves everything pending, and without a bound every origin any client touched grew the daemon's memory
+      // for as long as that lasted. The first recorded since the last flush goes, as the cap would evict it anyway
+      // (least recently seen; an origin recorded again since is kept at its first place: an approximation), with
+      // a lifetime it taught since (else kept in memory for good for an origin that never gets a row).
+      if (this.#pending.size >= this.#maxOrigins) {
+        const [dropped, record] = this.#pending.entries().next().value!;
+        this.#pending.delete(dropped);
+        if (record.idleLifetimeChanged) this.#learned.delete(dropped);
+      }
       pending = {
         firstSeen: now,
         lastSeen: now,
