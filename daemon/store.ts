@@ -338,6 +338,11 @@ export class StateStore {
       // busy_timeout first: setting journal_mode may wait for a lock (another process on the file).
       db.exec('PRAGMA busy_timeout = 2000; PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL');
       migrate(db, MIGRATIONS, path);
+      // Once open, a lock held by another process (an operator's sqlite3 shell, a backup tool) fails a flush at once
+      // instead of holding the event loop for busy_timeout at every flush tick: what was not written stays pending
+      // (bounded) for the next. The daemon is the file's only writer; its checkpointer's PASSIVE checkpoints never
+      // block a writer.
+      db.exec('PRAGMA busy_timeout = 0');
       return new StateStore(db, path, options);
     } catch (error) {
       db.close();
