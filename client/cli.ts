@@ -14,6 +14,14 @@ function positiveInt(value: string): number {
   return parsed;
 }
 
+// stdout fails when its reader stops early (`sockpool get URL | head -c1`: EPIPE) or the disk is full (ENOSPC).
+// Without a listener the stream's 'error' is an uncaught exception (a stack trace), and console.log drops it (exit
+// 0, output lost): say so in one line and exit 1 instead.
+process.stdout.on('error', (error: NodeJS.ErrnoException) => {
+  console.error(`sockpool: cannot write to stdout: ${error.code ?? error.message}`);
+  process.exit(1);
+});
+
 const program = new Command('sockpool')
   .description('Talk to sockpoold: status, statistics, warming, and one request through the pool')
   .option('--socket <path>', 'sockpoold socket', defaultSocketPath())

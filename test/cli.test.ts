@@ -1,7 +1,8 @@
 // The `sockpool` command line against a real daemon and a local origin: status, stats, warm, get -v, -L,
 // --compressed and --max-filesize.
-import { execFile } from 'node:child_process';
+import { execFile, spawn } from 'node:child_process';
 import { once } from 'node:events';
+import { closeSync, openSync } from 'node:fs';
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo, Socket } from 'node:net';
 import { join } from 'node:path';
@@ -26,6 +27,8 @@ beforeAll(async () => {
     } else if (request.url === '/packed' && /gzip/.test(request.headers['accept-encoding'] ?? '')) {
       response.writeHead(200, { 'content-encoding': 'gzip' });
       response.end(gzipSync('cli body, unpacked'));
+    } else if (request.url === '/large') {
+      response.end(Buffer.alloc(4 << 20, 'x'));
     } else response.end('cli body');
   });
   origin.on('connection', (socket: Socket) => connections.push(socket));
@@ -102,5 +105,45 @@ describe('sockpool CLI', () => {
     const failed = await sockpool('warm', 'no-port-here').catch((error: { code: number; stderr: string }) => error);
     expect(failed).toMatchObject({ code: 1 });
     expect((failed as { stderr: string }).stderr).toContain('not an origin');
+  });
+
+  it('exits 1 with one line, no stack trace, when stdout closes early or cannot be written', async () => {
+    // As `sockpool get URL | head -c1`: the reader takes its first bytes and goes away (EPIPE).
+    const child = spawn(
+      process.execPath,
+      [cli, '--socket', sockpoold.socketPath, 'get', `http://127.0.0.1:${port}/large`],
+      {
+        stdio: ['ignore', 'pipe', 'pipe'],
+      },
+    );
+    let stderr = '';
+    child.stderr.on('data', (chunk: Buffer) => {
+      stderr += chunk;
+    });
+    child.stdout.once('data', () => child.stdout.destroy());
+    const [code] = (await once(child, 'close')) as [number | null];
+    expect({ code, stderr }).toEqual({ code: 1, stderr: 'sockpool: cannot write to stdout: EPIPE\n' });
+
+    // A full disk (ENOSPC): console.log dropped the error (status exited 0 with its line lost).
+    for (const args of [['status'], ['get', `http://127.0.0.1:${port}/x`]]) {
+      const full = openSync('/dev/full', 'w');
+      try {
+        const writer = spawn(process.execPath, [cli, '--socket', sockpoold.socketPath, ...args], {
+          stdio: ['ignore', full, 'pipe'],
+        });
+        let written = '';
+        writer.stderr!.on('data', (chunk: Buffer) => {
+          written += chunk;
+        });
+        const [exit] = (await once(writer, 'close')) as [number | null];
+        expect({ args, exit, written }).toEqual({
+          args,
+          exit: 1,
+          written: 'sockpool: cannot write to stdout: ENOSPC\n',
+        });
+      } finally {
+        closeSync(full);
+      }
+    }
   });
 });
