@@ -3,15 +3,23 @@
 
 import { Command, InvalidArgumentError } from 'commander';
 import { parseOriginKey } from '../shared/origin.js';
+import { MAX_PREWARM_COUNT } from '../shared/protocol.js';
 import { DaemonLink } from '../worker/daemon-link.js';
 import { tlsTrustOf } from '../worker/tls-trust.js';
 import { urlTarget } from '../worker/url-target.js';
 import { defaultSocketPath, SockpoolClient } from './client.js';
 
-function positiveInt(value: string): number {
-  const parsed = Number(value);
-  if (!Number.isInteger(parsed) || parsed < 1) throw new InvalidArgumentError('must be a positive integer');
-  return parsed;
+/**
+ * A whole number written in decimal digits, from 1 to `max`. Number() alone takes "0x10", "1e3" and " 5", and
+ * 1e300 is an integer to it: past what the option means, the client or the daemon refused it later, naming its own
+ * API (maxBodyBytes; a SOCKPOOL_ERR_PROTOCOL for a count over the protocol's bound).
+ */
+function wholeNumber(max: number): (value: string) => number {
+  return (value) => {
+    const parsed = /^\d+$/.test(value) ? Number(value) : Number.NaN;
+    if (!(parsed >= 1 && parsed <= max)) throw new InvalidArgumentError(`must be a whole number from 1 to ${max}`);
+    return parsed;
+  };
 }
 
 // stdout fails when its reader stops early (`sockpool get URL | head -c1`: EPIPE) or the disk is full (ENOSPC).
@@ -103,7 +111,7 @@ program
       "sessions where the daemon keeps them (admin uids only: root, the daemon's uid, access.adminUids)",
   )
   .argument('<origin>', 'host:port or URL')
-  .argument('[count]', 'how many', positiveInt, 1)
+  .argument('[count]', 'how many', wholeNumber(MAX_PREWARM_COUNT), 1)
   .option('--cacert <file>', 'https: the CA file the requests to come will verify against (default: the system store)')
   .action(async (originText: string, count: number, options: { cacert?: string }) => {
     let origin: { host: string; port: number };
@@ -129,7 +137,11 @@ program
   .option('-k, --insecure', 'skip TLS verification')
   .option('-L, --location', 'follow redirects (each hop through the daemon, as fetch() does)')
   .option('--compressed', 'ask for a compressed body and print it decoded')
-  .option('--max-filesize <bytes>', 'fail (printing nothing) when the body, decoded, is larger', positiveInt)
+  .option(
+    '--max-filesize <bytes>',
+    'fail (printing nothing) when the body, decoded, is larger',
+    wholeNumber(Number.MAX_SAFE_INTEGER),
+  )
   .action(
     async (
       url: string,

@@ -107,6 +107,25 @@ describe('sockpool CLI', () => {
     expect((failed as { stderr: string }).stderr).toContain('not an origin');
   });
 
+  it('refuses numbers past what the option means, naming the option', async () => {
+    // Number() read "0x10" as 16 and "1e3" as 1000; 1e300 and 2^53 + 1 are "integers" to it, which the client then
+    // refused naming maxBodyBytes, and a count over the protocol's 1000 came back as SOCKPOOL_ERR_PROTOCOL.
+    const url = `http://127.0.0.1:${port}/x`;
+    for (const [args, option] of [
+      [['get', '--max-filesize', '1e300', url], "option '--max-filesize <bytes>' argument '1e300' is invalid"],
+      [['get', '--max-filesize', '9007199254740993', url], "argument '9007199254740993' is invalid"],
+      [['get', '--max-filesize', '0x10', url], "argument '0x10' is invalid"],
+      [['warm', `127.0.0.1:${port}`, '1001'], "value '1001' is invalid for argument 'count'"],
+      [['warm', `127.0.0.1:${port}`, '1e3'], "value '1e3' is invalid for argument 'count'"],
+    ] as Array<[string[], string]>) {
+      const failed = await sockpool(...args).catch((error: { code: number; stdout: string; stderr: string }) => error);
+      expect(failed, args.join(' ')).toMatchObject({ code: 1, stdout: '' });
+      const { stderr } = failed as { stderr: string };
+      expect(stderr, args.join(' ')).toContain(option);
+      expect(stderr, args.join(' ')).toContain('must be a whole number from 1 to');
+    }
+  });
+
   it('exits 1 with one line, no stack trace, when stdout closes early or cannot be written', async () => {
     // As `sockpool get URL | head -c1`: the reader takes its first bytes and goes away (EPIPE).
     const child = spawn(
