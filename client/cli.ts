@@ -1,7 +1,9 @@
 #!/usr/bin/env node
 // `sockpool`: a small command line over the daemon and the client: status, stats, warm, get.
 
+import { readFileSync } from 'node:fs';
 import { Command, InvalidArgumentError } from 'commander';
+import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import { parseOriginKey } from '../shared/origin.js';
 import { MAX_PREWARM_COUNT } from '../shared/protocol.js';
 import { DaemonLink } from '../worker/daemon-link.js';
@@ -34,6 +36,10 @@ const program = new Command('sockpool')
   .description('Talk to sockpoold: status, statistics, warming, and one request through the pool')
   .option('--socket <path>', 'sockpoold socket', defaultSocketPath())
   .showHelpAfterError();
+
+function invalidArgument(message: string): SockpoolError {
+  return new SockpoolError(ErrorCodes.INVALID_ARGUMENT, message);
+}
 
 function socketPath(): string {
   return program.opts<{ socket: string }>().socket;
@@ -114,6 +120,18 @@ program
   .argument('[count]', 'how many', wholeNumber(MAX_PREWARM_COUNT), 1)
   .option('--cacert <file>', 'https: the CA file the requests to come will verify against (default: the system store)')
   .action(async (originText: string, count: number, options: { cacert?: string }) => {
+    // --cacert means nothing without https, and tlsTrustOf answers "no trust" (TCP warming) for a CA file it cannot
+    // read: the operator was told "warming" for something else than asked.
+    if (options.cacert !== undefined) {
+      if (!/^https:\/\//i.test(originText)) {
+        throw invalidArgument(`--cacert applies to an https:// URL, not to ${JSON.stringify(originText)}`);
+      }
+      try {
+        readFileSync(options.cacert);
+      } catch (error) {
+        throw invalidArgument(`--cacert ${options.cacert}: cannot read it (${(error as NodeJS.ErrnoException).code})`);
+      }
+    }
     let origin: { host: string; port: number };
     let tls: { trust: string } | undefined;
     if (/^https?:\/\//i.test(originText)) {

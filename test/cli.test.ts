@@ -126,6 +126,19 @@ describe('sockpool CLI', () => {
     }
   });
 
+  it('warm refuses a --cacert it cannot read, or without an https URL, instead of warming plain TCP', async () => {
+    // Before, both printed "warming 1 connection(s)" and exited 0: the unreadable file made the trust "none".
+    for (const [args, message] of [
+      [['warm', `https://127.0.0.1:${port}`, '--cacert', '/nonexistent/ca.pem'], 'cannot read it (ENOENT)'],
+      [['warm', `127.0.0.1:${port}`, '--cacert', cli], 'applies to an https:// URL'],
+    ] as Array<[string[], string]>) {
+      const failed = await sockpool(...args).catch((error: { code: number; stdout: string; stderr: string }) => error);
+      expect(failed, args.join(' ')).toMatchObject({ code: 1, stdout: '' });
+      expect((failed as { stderr: string }).stderr).toContain(`SOCKPOOL_ERR_INVALID_ARGUMENT: --cacert`);
+      expect((failed as { stderr: string }).stderr).toContain(message);
+    }
+  });
+
   it('exits 1 with one line, no stack trace, when stdout closes early or cannot be written', async () => {
     // As `sockpool get URL | head -c1`: the reader takes its first bytes and goes away (EPIPE).
     const child = spawn(
