@@ -135,7 +135,15 @@ export type WarmTlsOnMiss = (typeof WARM_TLS_ON_MISS)[number];
 // Schema.
 
 const port = z.int().min(1).max(65535);
-const positiveMs = z.int().min(1);
+/**
+ * The longest duration a key may have: Node's timers take at most 2^31 - 1 ms (24.8 days) and turn a longer one
+ * into 1 ms with a mere warning (maxLeaseMs = 3e9 ended every lease at once), and TCP_USER_TIMEOUT is an int.
+ */
+export const MAX_DURATION_MS = 2 ** 31 - 1;
+const maxDuration = { error: `must be at most ${MAX_DURATION_MS} ms (about 24.8 days, the longest timer Node has)` };
+/** A duration in ms from `min` (1 unless said) up to MAX_DURATION_MS. */
+const durationMs = (min = 1) => z.int().min(min).max(MAX_DURATION_MS, maxDuration);
+const positiveMs = durationMs();
 /**
  * A string entry parsed by one of shared/address.ts's parsers into its typed value; a refusal becomes an issue
  * saying what is expected, the entry, and why.
@@ -220,14 +228,14 @@ const policyFields = {
   idleTtlMs: positiveMs,
   connectTimeoutMs: positiveMs,
   // RFC 8305 §8: never below 100 ms (MIN_ATTEMPT_DELAY_MS in happy-eyeballs.ts).
-  connectAttemptDelayMs: z.int().min(100),
+  connectAttemptDelayMs: durationMs(100),
   maxRacingAttempts: z.int().min(0),
   acquireTimeoutMs: positiveMs,
   sourceAddress: ipAddress,
   mark: z.int().min(0).max(0xffffffff),
   device: deviceName,
   noDelay: z.boolean(),
-  userTimeoutMs: z.int().min(0),
+  userTimeoutMs: durationMs(0),
   warmTls: z.boolean(),
   warmTlsOnMiss: z.enum(WARM_TLS_ON_MISS),
   caFile: z.string().min(1),
@@ -385,7 +393,7 @@ export const configSchema = z
         maxPrewarmPerUid: z.int().min(0).default(quotaDefaults.maxPrewarmPerUid),
         maxConnectsInFlight: z.int().min(1).default(quotaDefaults.maxConnectsInFlight),
         // 0: leases last until the client ends them.
-        maxLeaseMs: z.int().min(0).default(quotaDefaults.maxLeaseMs),
+        maxLeaseMs: durationMs(0).default(quotaDefaults.maxLeaseMs),
       })
       .prefault({}),
     egress: z
@@ -403,9 +411,9 @@ export const configSchema = z
     dns: z
       .strictObject({
         servers: z.array(dnsServer).prefault(() => [...dnsDefaults.servers]),
-        minTtlMs: z.int().min(0).default(dnsDefaults.minTtlMs),
-        maxTtlMs: z.int().min(0).default(dnsDefaults.maxTtlMs),
-        negativeTtlMs: z.int().min(0).default(dnsDefaults.negativeTtlMs),
+        minTtlMs: durationMs(0).default(dnsDefaults.minTtlMs),
+        maxTtlMs: durationMs(0).default(dnsDefaults.maxTtlMs),
+        negativeTtlMs: durationMs(0).default(dnsDefaults.negativeTtlMs),
         timeoutMs: positiveMs.default(dnsDefaults.timeoutMs),
         resolve: z.array(resolveEntry).prefault(() => [...dnsDefaults.resolve]),
       })

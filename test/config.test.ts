@@ -229,6 +229,30 @@ describe('parseConfig', () => {
     }
   });
 
+  it('refuses durations longer than a timer can wait (2^31 - 1 ms), naming the key', () => {
+    // Node turns a longer setTimeout into 1 ms with a mere warning: quotas.maxLeaseMs = 3e9 ended every lease at once.
+    const durations: Array<[string, (ms: number) => unknown]> = [
+      ['quotas.maxLeaseMs', (ms) => ({ quotas: { maxLeaseMs: ms } })],
+      ['dns.minTtlMs', (ms) => ({ dns: { minTtlMs: ms, maxTtlMs: ms } })],
+      ['dns.maxTtlMs', (ms) => ({ dns: { maxTtlMs: ms } })],
+      ['dns.negativeTtlMs', (ms) => ({ dns: { negativeTtlMs: ms } })],
+      ['dns.timeoutMs', (ms) => ({ dns: { timeoutMs: ms } })],
+      ['tls.handshakeTimeoutMs', (ms) => ({ tls: { handshakeTimeoutMs: ms } })],
+      ['pool.predictiveWindowMs', (ms) => ({ pool: { predictiveWindowMs: ms } })],
+      ['pool.statsFlushMs', (ms) => ({ pool: { statsFlushMs: ms } })],
+    ];
+    for (const key of ['idleTtlMs', 'connectTimeoutMs', 'connectAttemptDelayMs', 'acquireTimeoutMs', 'userTimeoutMs']) {
+      durations.push([`pool.defaults.${key}`, (ms) => ({ pool: { defaults: { [key]: ms } } })]);
+      durations.push([`pool.origins[0].${key}`, (ms) => ({ pool: { origins: [{ match: '*:443', [key]: ms }] } })]);
+    }
+    for (const [key, raw] of durations) {
+      const error = configError(() => parseConfig(raw(2 ** 31), 'f'));
+      expect(error.fields, key).toMatchObject({ key });
+      expect(error.message, key).toContain(`${key}: must be at most 2147483647 ms`);
+      expect(() => parseConfig(raw(2 ** 31 - 1), 'f'), key).not.toThrow();
+    }
+  });
+
   it('parses --resolve entries into host, port and addresses', () => {
     const [entry] = parseConfig({ dns: { resolve: ['+Example.com:443:192.0.2.1,[2001:DB8::1]'] } }, 'f').dns.resolve;
     expect(entry).toMatchObject({ host: 'example.com', port: 443, text: 'example.com:443:192.0.2.1,[2001:db8::1]' });
