@@ -463,13 +463,25 @@ export const configSchema = z
       .prefault({}),
   })
   .superRefine((config, ctx) => {
-    checkPolicyOrder(config.pool.defaults, ['pool', 'defaults'], ctx);
-    checkClientCertificate(config.pool.defaults, ['pool', 'defaults'], ctx);
+    // The checks across keys read parsed values: under a table with a refused key (reported already; zod still
+    // runs this, without the table's transforms, so the default maxIdle is missing) they would add errors about keys
+    // the file never set ("minIdle (0) must be at most maxIdle (undefined)"). They wait for a file that passes.
+    const refused = (...path: PropertyKey[]) =>
+      ctx.issues.some((issue) => path.every((part, index) => issue.path?.[index] === part));
+    const defaultsRefused = refused('pool', 'defaults');
+    if (!defaultsRefused) {
+      checkPolicyOrder(config.pool.defaults, ['pool', 'defaults'], ctx);
+      checkClientCertificate(config.pool.defaults, ['pool', 'defaults'], ctx);
+      checkRate(config.pool.defaults, ['pool', 'defaults'], ctx);
+    }
     config.pool.origins.forEach((override, index) => {
+      if (defaultsRefused || refused('pool', 'origins', index)) return;
       checkClientCertificate(override, ['pool', 'origins', index], ctx);
       // Each entry must be coherent merged over the defaults. (Several entries that match one origin are merged in
       // order by policyFor, which clamps the result rather than fail at acquire time.)
-      checkPolicyOrder(mergePolicy(config.pool.defaults, override), ['pool', 'origins', index], ctx, override);
+      const merged = mergePolicy(config.pool.defaults, override);
+      checkPolicyOrder(merged, ['pool', 'origins', index], ctx, override);
+      checkRate(merged, ['pool', 'origins', index], ctx, override);
     });
     const names = new Set<string>();
     config.proxies.forEach((proxy, index) => {
@@ -478,19 +490,15 @@ export const configSchema = z
       }
       names.add(proxy.name);
     });
-    checkRate(config.pool.defaults, ['pool', 'defaults'], ctx);
-    config.pool.origins.forEach((override, index) => {
-      checkRate(mergePolicy(config.pool.defaults, override), ['pool', 'origins', index], ctx, override);
-    });
     // A renewal must land well before the slots it renews expire (one lost heartbeat is not an expiry).
-    if (config.fleet.slotTtlMs < 3 * config.fleet.heartbeatMs) {
+    if (!refused('fleet') && config.fleet.slotTtlMs < 3 * config.fleet.heartbeatMs) {
       ctx.addIssue({
         code: 'custom',
         path: ['fleet', 'slotTtlMs'],
         message: `must be at least 3 × fleet.heartbeatMs (${3 * config.fleet.heartbeatMs}), got ${config.fleet.slotTtlMs}`,
       });
     }
-    if (config.dns.minTtlMs > config.dns.maxTtlMs) {
+    if (!refused('dns') && config.dns.minTtlMs > config.dns.maxTtlMs) {
       ctx.addIssue({
         code: 'custom',
         path: ['dns', 'minTtlMs'],

@@ -177,6 +177,37 @@ describe('parseConfig', () => {
     expect(policyFor(withMinIdle, 'other.example', 443)).toMatchObject({ minIdle: 3, maxIdle: 16, maxPerOrigin: 256 });
   });
 
+  it('reports a refused key alone, without errors about keys checked against it', () => {
+    // A refused key left its table without its transforms (no default maxIdle), and the checks across keys still ran.
+    const cases: Array<[unknown, string]> = [
+      [{ pool: { defaults: { connectTimeoutMs: 0 } } }, 'pool.defaults.connectTimeoutMs: Too small'],
+      [
+        { pool: { defaults: { connectTimeoutMs: 0 }, origins: [{ match: '*:443', minIdle: 2 }] } },
+        'pool.defaults.connectTimeoutMs: Too small',
+      ],
+      [{ pool: { defaults: { maxIdle: -1 } } }, 'pool.defaults.maxIdle: Too small'],
+      [{ pool: { origins: [{ match: '*:443', maxIdle: -1 }] } }, 'pool.origins[0].maxIdle: Too small'],
+      [{ fleet: { heartbeatMs: 70_000 } }, 'fleet.heartbeatMs: Too big'],
+      [{ dns: { maxTtlMs: -1 } }, 'dns.maxTtlMs: Too small'],
+    ];
+    for (const [raw, expected] of cases) {
+      const lines = configError(() => parseConfig(raw, 'f'))
+        .message.split('\n')
+        .slice(1);
+      expect(
+        lines.map((line) => line.trim().split(':')[0]),
+        JSON.stringify(raw),
+      ).toEqual([expected.split(':')[0]]);
+      expect(lines[0]).toContain(expected);
+    }
+    // A key refused in one place does not hide the checks elsewhere.
+    const both = configError(() =>
+      parseConfig({ fleet: { heartbeatMs: 70_000 }, pool: { defaults: { minIdle: 20 } } }, 'f'),
+    ).message;
+    expect(both).toContain('fleet.heartbeatMs: Too big');
+    expect(both).toContain('pool.defaults.minIdle: minIdle (20) must be at most maxIdle (16)');
+  });
+
   it('checks dns.minTtlMs <= dns.maxTtlMs', () => {
     expect(configError(() => parseConfig({ dns: { minTtlMs: 10, maxTtlMs: 5 } }, 'f')).message).toContain(
       'dns.minTtlMs: must be at most dns.maxTtlMs',
