@@ -132,7 +132,7 @@ export class Sockpoold {
     this.#relays = new TlsRelays(this.#config.tls.relayThreads, this.#log.child({ part: 'tls' }));
     registerRelayMetrics(this.#metrics.registry, this.#relays);
     const tls = new TlsSessions(this.#config, connector, this.#relays);
-    mkdirSync(this.#config.stateDir, { recursive: true, mode: 0o750 });
+    makeDirectory(this.#config.stateDir, 0o750, 'stateDir');
     this.#store = StateStore.open(this.#config.stateDir, {
       maxOrigins: this.#config.pool.historyMaxOrigins,
       // The history only warms: a corrupt file costs it, not the start (a restart loop under systemd).
@@ -372,7 +372,7 @@ export class Sockpoold {
   /** Binds the handoff socket ourselves (not socket-activated), replacing a stale socket file. */
   #bindSocket(): number {
     const path = this.#config.socket;
-    mkdirSync(dirname(path), { recursive: true, mode: 0o755 });
+    makeDirectory(dirname(path), 0o755, 'socket');
     if (existsSync(path)) {
       if (!lstatSync(path).isSocket()) {
         throw new SockpoolError(ErrorCodes.CONFIG, `${path} exists and is not a socket; refusing to replace it`);
@@ -628,6 +628,25 @@ function changedStartOnlyKeys(running: SockpoolConfig, loaded: SockpoolConfig): 
   return START_ONLY_KEYS.filter((path) => at(running, path) !== at(loaded, path)).map((path) =>
     path.length === 1 && path[0] === 'fleet' ? 'fleet.*' : path.join('.'),
   );
+}
+
+/**
+ * mkdir -p of a directory the configuration names. Its failure (a file in the way, no permission) is a
+ * SOCKPOOL_ERR_CONFIG naming the key, as the state database's is: node's own error named neither the key nor a code
+ * of ours ("sockpoold: EEXIST: EEXIST: file already exists, mkdir '…'").
+ */
+function makeDirectory(path: string, mode: number, key: string): void {
+  try {
+    mkdirSync(path, { recursive: true, mode });
+  } catch (error) {
+    const code = (error as NodeJS.ErrnoException).code ?? 'EIO';
+    throw new SockpoolError(
+      ErrorCodes.CONFIG,
+      `${key}: cannot create the directory ${path} (${code})`,
+      { key, path },
+      { cause: error },
+    );
+  }
 }
 
 /** The configured proxies by name (a client names one; only the configuration says where it is). */

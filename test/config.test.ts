@@ -1,3 +1,4 @@
+import { execFileSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -15,6 +16,7 @@ import {
   type SockpoolConfig,
 } from '../daemon/config.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
+import { daemonMain } from './helpers/daemon.js';
 
 const repo = resolve(import.meta.dirname, '..');
 
@@ -384,6 +386,27 @@ maxPerOrigin = 8
       '*:80',
     ]);
     expect(policyFor(config, 'api.example.com', 443)).toMatchObject({ minIdle: 2, maxIdle: 4, maxPerOrigin: 8 });
+  });
+});
+
+describe('sockpoold with a directory it cannot create', () => {
+  it('stops at start with SOCKPOOL_ERR_CONFIG naming stateDir or socket', () => {
+    const file = join(dir, 'a-file');
+    writeFileSync(file, '');
+    for (const [args, expected] of [
+      [['--socket', join(dir, 'sockpoold.sock'), '--state-dir', file], `stateDir: cannot create the directory ${file}`],
+      [['--socket', join(file, 'sockpoold.sock'), '--state-dir', dir], `socket: cannot create the directory ${file}`],
+    ] as Array<[string[], string]>) {
+      let failure: { status: number; stderr: string } | undefined;
+      try {
+        execFileSync(process.execPath, [daemonMain, ...args], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
+      } catch (error) {
+        failure = error as { status: number; stderr: string };
+      }
+      expect(failure?.status, expected).toBe(1);
+      // Before: "sockpoold: EEXIST: EEXIST: file already exists, mkdir '…'", neither key nor SOCKPOOL_ERR_CONFIG.
+      expect(failure?.stderr).toContain(`sockpoold: SOCKPOOL_ERR_CONFIG: ${expected} (EEXIST)`);
+    }
   });
 });
 
