@@ -757,7 +757,7 @@ export interface ConfigFlags {
   deny?: string[];
   /** `--allow-port N`: replaces egress.allowPorts (so `--allow-port 8080` alone allows only 8080). */
   allowPort?: number[];
-  /** `--resolve HOST:PORT:ADDR`: appended to dns.resolve (a flag entry for the same HOST:PORT wins). */
+  /** `--resolve HOST:PORT:ADDR`: appended to dns.resolve (entries for the same HOST:PORT add up their addresses). */
   resolve?: string[];
   metricsPort?: number;
   logLevel?: string;
