@@ -13,8 +13,9 @@ function collect(value: string, previous: string[]): string[] {
 }
 
 function port(value: string): number {
-  const parsed = Number(value);
-  if (!Number.isInteger(parsed) || parsed < 0 || parsed > 65535) {
+  // Digits only: Number() alone reads "0x50" as 80 and "1e3" as 1000.
+  const parsed = /^\d+$/.test(value) ? Number(value) : Number.NaN;
+  if (!(parsed >= 0 && parsed <= 65535)) {
     throw new InvalidArgumentError('must be a port number (0-65535)');
   }
   return parsed;

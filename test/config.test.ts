@@ -410,6 +410,30 @@ describe('sockpoold with a directory it cannot create', () => {
   });
 });
 
+describe('sockpoold flags', () => {
+  it('takes port numbers in decimal digits only', () => {
+    // Number() read "0x50" as 80 and "1e3" as 1000: the daemon started on a port nobody wrote.
+    for (const args of [
+      ['--metrics-port', '0x50'],
+      ['--metrics-port', '1e3'],
+      ['--allow-port', '8e1'],
+    ]) {
+      let failure: { status: number; stderr: string } | undefined;
+      try {
+        execFileSync(process.execPath, [daemonMain, '--socket', join(dir, 's.sock'), '--state-dir', dir, ...args], {
+          encoding: 'utf8',
+          stdio: ['ignore', 'pipe', 'pipe'],
+          timeout: 30_000,
+        });
+      } catch (error) {
+        failure = error as { status: number; stderr: string };
+      }
+      expect(failure?.status, args.join(' ')).toBe(1);
+      expect(failure?.stderr).toContain(`argument '${args[1]}' is invalid. must be a port number (0-65535)`);
+    }
+  });
+});
+
 describe('applyFlags', () => {
   const base = () =>
     parseConfig(
