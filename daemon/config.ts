@@ -643,7 +643,11 @@ function describeIssues(issues: core.$ZodIssue[], label: (path: string) => strin
       }
       continue;
     }
-    const message = issue.message.replace(/^Invalid (?:input|option): /, '');
+    // zod words TOML's `inf` (and 1e400, which parses as Infinity) "expected number, received number".
+    const infinite = issue.code === 'invalid_type' && (issue as { received?: unknown }).received === 'Infinity';
+    const message = infinite
+      ? 'expected a finite number, got an infinity (inf, or a literal too large such as 1e400)'
+      : issue.message.replace(/^Invalid (?:input|option): /, '');
     lines.push(`${label(formatPath(issue.path))}: ${message}`);
   }
   return lines;

@@ -246,6 +246,9 @@ describe('parseConfig', () => {
       [{ pool: { defaults: { mark: -1 } } }, 'pool.defaults.mark:'],
       [{ pool: { defaults: { keepAlive: { count: 1000 } } } }, 'pool.defaults.keepAlive.count:'],
       [{ pool: { defaults: { idleTtlMs: 1.5 } } }, 'pool.defaults.idleTtlMs: expected int'],
+      // TOML's inf, or 1e400: zod said "expected number, received number".
+      [{ pool: { defaults: { idleTtlMs: Infinity } } }, 'pool.defaults.idleTtlMs: expected a finite number'],
+      [{ pool: { defaults: { requestsPerSecond: -Infinity } } }, 'pool.defaults.requestsPerSecond: expected a finite'],
       // RFC 8305 §8: a connection attempt delay below 100 ms is refused, in the defaults and per origin.
       [{ pool: { defaults: { connectAttemptDelayMs: 99 } } }, 'pool.defaults.connectAttemptDelayMs: Too small'],
       [
