@@ -149,6 +149,10 @@ interface Attempt {
   maxBodyBytes: number;
   /** The body went past maxBodyBytes: WRITEFUNCTION stopped the transfer (curl's CURLE_WRITE_ERROR). */
   tooLarge: boolean;
+  /** The request may go out once more on a new connection (the retry policy allows it, and it has not yet). */
+  mayResend: boolean;
+  /** curl asked for a new connection after it had sent the request: its own retry (see openSocket). */
+  resent: boolean;
 }
 
 interface HandleState {
@@ -417,15 +421,16 @@ export class CurlEngine {
       this.#fail(transfer, result.error);
       return;
     }
-    // curl needed a new connection and we had not prepared one: once more, with a socket.
-    if (slot.starved && !slot.taken && transfer.attempt < 2 && rewound(io)) {
+    // curl needed a new connection and we had not prepared one: once more, with a socket. (Not when curl wanted it
+    // to send the request again: that is the dead-connection rule's to decide, below.)
+    if (slot.starved && !slot.taken && !result.resent && transfer.attempt < 2 && rewound(io)) {
       this.#retry(transfer);
       return;
     }
     // The handed (or cached) connection died under the request: one retry on a fresh socket.
     if (
       !transfer.retriedDead &&
-      DEAD_CONNECTION_CODES.has(result.curlCode) &&
+      (result.resent || DEAD_CONNECTION_CODES.has(result.curlCode)) &&
       retryable(this.#policy, request) &&
       rewound(io)
     ) {
@@ -484,8 +489,22 @@ export class CurlEngine {
       options: new Map(),
       onHeader,
       openSocket: () => {
-        const slot = state.current?.slot;
-        return slot ? this.#supply.open(slot) : CURL_SOCKET_BAD;
+        const attempt = state.current;
+        const slot = attempt?.slot;
+        if (!slot) return CURL_SOCKET_BAD;
+        // A request already sent (REQUEST_SIZE counts what this attempt wrote; each attempt starts at 0): curl is
+        // retrying it by itself, as it does when a reused connection dies before any response comes (HTTP/1.1
+        // keep-alive or every stream of an HTTP/2 connection closed under them) or a stream is refused (GOAWAY,
+        // REFUSED_STREAM). The origin may have acted on it: a request the retry policy does not let run again
+        // (POST by default) gets no socket and fails as a dead connection; otherwise curl goes on (a socket of the
+        // slot's, or none: starved, and #attemptEnded runs it again under the dead-connection rule, once).
+        // Found in review: a POST on a reused HTTP/2 connection that closed went out twice, once more per starved
+        // retry (test/client-h2-edges.test.ts).
+        if (Number(state.easy.getInfo('REQUEST_SIZE').data) > 0) {
+          attempt.resent = true;
+          if (!attempt.mayResend) return CURL_SOCKET_BAD;
+        }
+        return this.#supply.open(slot);
       },
       method: undefined,
       bodyLength: undefined,
@@ -766,6 +785,8 @@ export class CurlEngine {
       bodyBytes: 0,
       maxBodyBytes: request.maxBodyBytes ?? Number.POSITIVE_INFINITY,
       tooLarge: false,
+      mayResend: !transfer.retriedDead && retryable(this.#policy, request),
+      resent: false,
     };
     state.current = attempt;
     try {
@@ -802,13 +823,15 @@ export class CurlEngine {
             ? new TransferFailure(code, timeoutError(request), true)
             : attempt.tooLarge
               ? new TransferFailure(code, bodyTooLargeError(request), true)
-              : new TransferFailure(
-                  code,
-                  new SockpoolError(ErrorCodes.TRANSFER, `${request.method} ${request.url}: ${message}`, {
-                    curlCode: code,
-                    deadConnection: DEAD_CONNECTION_CODES.has(code),
-                  }),
-                );
+              : attempt.resent
+                ? resentFailure(code, request)
+                : new TransferFailure(
+                    code,
+                    new SockpoolError(ErrorCodes.TRANSFER, `${request.method} ${request.url}: ${message}`, {
+                      curlCode: code,
+                      deadConnection: DEAD_CONNECTION_CODES.has(code),
+                    }),
+                  );
         this.#release(state);
         return this.#attemptEnded(transfer, slot, failure);
       }
@@ -903,14 +926,31 @@ function rewound(io: TransferIO): boolean {
   return true;
 }
 
+/**
+ * An attempt whose request curl wanted to send again on a new connection (see openSocket) and that failed: its
+ * connection died under it (or its HTTP/2 stream was refused) after it went out; `code` is curl's, of what followed.
+ */
+function resentFailure(code: number, request: TransferRequest): TransferFailure {
+  const error = new SockpoolError(
+    ErrorCodes.TRANSFER,
+    `${request.method} ${request.url}: the connection died (or the HTTP/2 stream was refused) after the request ` +
+      'was sent, before any response',
+    { curlCode: code, deadConnection: true },
+  );
+  return new TransferFailure(code, error, false, true);
+}
+
 class TransferFailure {
   curlCode: number;
   error: unknown;
   /** Cancelled (abort, timeout): never retried. */
   aborted: boolean;
-  constructor(curlCode: number, error: unknown, aborted = false) {
+  /** The request went out and curl wanted to send it again on a new connection (see openSocket). */
+  resent: boolean;
+  constructor(curlCode: number, error: unknown, aborted = false, resent = false) {
     this.curlCode = curlCode;
     this.error = error;
     this.aborted = aborted;
+    this.resent = resent;
   }
 }

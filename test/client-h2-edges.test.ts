@@ -1,0 +1,177 @@
+// HTTP/2 origins that misbehave while many streams share one handed connection: the connection closed under streams
+// in flight. What must hold: a request the retry policy does not allow to run again (POST) reaches the origin at most
+// once, whatever curl would retry by itself; requests that may run again do; every fd is closed once the client is.
+// Real daemon child process, real node:http2 origin over TLS on 127.0.0.1 (and one HTTP/1.1 origin for the same retry
+// rule over keep-alive).
+import { once } from 'node:events';
+import type http from 'node:http';
+import http2 from 'node:http2';
+import type { AddressInfo, Socket } from 'node:net';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { SockpoolClient } from '../client/index.js';
+import {
+  eventually,
+  fdCount,
+  httpOrigin,
+  type Origin,
+  startTestDaemon,
+} from './fixtures/client-helpers.js';
+import type { DaemonProcess } from './helpers/daemon.js';
+import { createTestPki, type TestPki } from './helpers/tls.js';
+
+type StreamHandler = (stream: http2.ServerHttp2Stream, headers: http2.IncomingHttpHeaders) => void;
+
+interface H2Origin {
+  port: number;
+  /** TCP connections accepted so far, and those still open. */
+  accepted(): number;
+  sockets: Set<Socket>;
+  /** How many times each "METHOD /path" arrived. */
+  seen: Map<string, number>;
+  /** What the origin does with each stream (set by each test). */
+  handle: StreamHandler;
+  close(): Promise<void>;
+}
+
+let pki: TestPki;
+let h2: H2Origin;
+let h1: Origin;
+const h1Seen = new Map<string, number>();
+let h1Handle: (request: http.IncomingMessage, response: http.ServerResponse) => void;
+let daemon: DaemonProcess;
+
+async function h2Origin(): Promise<H2Origin> {
+  const server = http2.createSecureServer({ cert: pki.cert, key: pki.key, allowHTTP1: false });
+  let accepted = 0;
+  const origin: H2Origin = {
+    port: 0,
+    accepted: () => accepted,
+    sockets: new Set(),
+    seen: new Map(),
+    handle: answer,
+    close: async () => {
+      for (const socket of origin.sockets) socket.destroy();
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+    },
+  };
+  server.on('connection', (socket: Socket) => {
+    accepted++;
+    origin.sockets.add(socket);
+    socket.on('close', () => origin.sockets.delete(socket));
+  });
+  server.on('session', (session) => session.on('error', () => {}));
+  server.on('stream', (stream, headers) => {
+    stream.on('error', () => {});
+    const key = `${headers[':method']} ${headers[':path']}`;
+    origin.seen.set(key, (origin.seen.get(key) ?? 0) + 1);
+    origin.handle(stream, headers);
+  });
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  origin.port = (server.address() as AddressInfo).port;
+  return origin;
+}
+
+/** Answers `METHOD /path` once the request body (if any) is in. */
+function answer(stream: http2.ServerHttp2Stream, headers: http2.IncomingHttpHeaders): void {
+  stream.resume();
+  stream.on('end', () => {
+    if (stream.destroyed) return;
+    stream.respond({ ':status': 200 });
+    stream.end(`${headers[':method']} ${headers[':path']}`);
+  });
+}
+
+beforeAll(async () => {
+  pki = createTestPki(['localhost']);
+  h2 = await h2Origin();
+  h1 = await httpOrigin((request, response) => {
+    const key = `${request.method} ${request.url}`;
+    h1Seen.set(key, (h1Seen.get(key) ?? 0) + 1);
+    h1Handle(request, response);
+  });
+  daemon = await startTestDaemon([h2.port, h1.port], { extraArgs: ['--resolve', `localhost:${h2.port}:127.0.0.1`] });
+});
+
+afterAll(async () => {
+  await daemon?.stop();
+  await h2?.close();
+  await h1?.close();
+  pki?.cleanup();
+});
+
+function newClient(): SockpoolClient {
+  return new SockpoolClient({ socketPath: daemon.socketPath, threads: 1, caFile: pki.caFile, inlineWhenIdle: false });
+}
+
+/** A response's body, or the error's code and deadConnection flag. */
+function outcome(pending: Promise<{ body: Buffer }>): Promise<string> {
+  return pending.then(
+    (response) => response.body.toString(),
+    (error: { code?: string; deadConnection?: boolean }) => `${error.code} dead=${error.deadConnection}`,
+  );
+}
+
+describe('an HTTP/2 connection that closes with streams in flight', () => {
+  it('sends no POST twice (it fails, deadConnection); GETs run again', async () => {
+    const base = `https://localhost:${h2.port}`;
+    const client = newClient();
+    const fdsBefore = fdCount() - h2.sockets.size;
+    try {
+      h2.handle = answer;
+      expect((await client.request(`${base}/first`)).httpVersion).toBe('2');
+      // The origin reads every request of the batch, answers none, and then drops the connection (no GOAWAY): from
+      // the client's side each stream of its reused connection died after its request went out.
+      const posts = 5;
+      const gets = 20;
+      let arrived = 0;
+      h2.handle = (stream, headers) => {
+        if (h2.seen.get(`${headers[':method']} ${headers[':path']}`)! > 1) return answer(stream, headers);
+        stream.resume();
+        stream.on('end', () => {
+          if (++arrived === posts + gets) for (const socket of h2.sockets) socket.destroy();
+        });
+      };
+      const pending = [
+        ...Array.from({ length: posts }, (_, i) =>
+          outcome(client.request(`${base}/p${i}`, { method: 'POST', body: 'x' })),
+        ),
+        ...Array.from({ length: gets }, (_, i) => outcome(client.request(`${base}/g${i}`))),
+      ];
+      const results = await Promise.all(pending);
+      expect(results.slice(0, posts)).toEqual(Array(posts).fill('SOCKPOOL_ERR_TRANSFER dead=true'));
+      expect(results.slice(posts)).toEqual(Array.from({ length: gets }, (_, i) => `GET /g${i}`));
+      for (let i = 0; i < posts; i++) expect(h2.seen.get(`POST /p${i}`)).toBe(1);
+      for (let i = 0; i < gets; i++) expect(h2.seen.get(`GET /g${i}`)).toBe(2);
+    } finally {
+      await client.close();
+    }
+    await eventually(() => fdCount() - h2.sockets.size <= fdsBefore, `fds back to ${fdsBefore}`);
+  }, 30_000);
+});
+
+describe('HTTP/1.1 keep-alive', () => {
+  it('a POST on a reused connection that the origin drops after reading it is not sent again', async () => {
+    const base = `http://127.0.0.1:${h1.port}`;
+    const client = newClient();
+    try {
+      h1Handle = (request, response) => {
+        request.resume();
+        request.on('end', () => response.end('ok'));
+      };
+      expect((await client.request(`${base}/first`)).body.toString()).toBe('ok');
+      // The next request reuses the kept-alive connection; the origin reads it whole, then drops the connection.
+      h1Handle = (request) => {
+        request.resume();
+        request.on('end', () => request.socket.destroy());
+      };
+      await expect(client.request(`${base}/once`, { method: 'POST', body: 'x' })).rejects.toMatchObject({
+        code: 'SOCKPOOL_ERR_TRANSFER',
+        deadConnection: true,
+      });
+      expect(h1Seen.get('POST /once')).toBe(1);
+    } finally {
+      await client.close();
+    }
+  });
+});
