@@ -1,6 +1,7 @@
 // HTTP/2 origins that misbehave while many streams share one handed connection: the connection closed under streams
 // in flight. What must hold: a request the retry policy does not allow to run again (POST) reaches the origin at most
-// once, whatever curl would retry by itself; requests that may run again do; every fd is closed once the client is.
+// once, whatever curl would retry by itself; requests that may run again do, over one new connection for the lot
+// (not one each); every fd is closed once the client is.
 // Real daemon child process, real node:http2 origin over TLS on 127.0.0.1 (and one HTTP/1.1 origin for the same retry
 // rule over keep-alive).
 import { once } from 'node:events';
@@ -9,13 +10,7 @@ import http2 from 'node:http2';
 import type { AddressInfo, Socket } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SockpoolClient } from '../client/index.js';
-import {
-  eventually,
-  fdCount,
-  httpOrigin,
-  type Origin,
-  startTestDaemon,
-} from './fixtures/client-helpers.js';
+import { eventually, fdCount, httpOrigin, type Origin, startTestDaemon } from './fixtures/client-helpers.js';
 import type { DaemonProcess } from './helpers/daemon.js';
 import { createTestPki, type TestPki } from './helpers/tls.js';
 
@@ -143,6 +138,31 @@ describe('an HTTP/2 connection that closes with streams in flight', () => {
       expect(results.slice(posts)).toEqual(Array.from({ length: gets }, (_, i) => `GET /g${i}`));
       for (let i = 0; i < posts; i++) expect(h2.seen.get(`POST /p${i}`)).toBe(1);
       for (let i = 0; i < gets; i++) expect(h2.seen.get(`GET /g${i}`)).toBe(2);
+    } finally {
+      await client.close();
+    }
+    await eventually(() => fdCount() - h2.sockets.size <= fdsBefore, `fds back to ${fdsBefore}`);
+  }, 30_000);
+});
+
+describe('streams that lose their HTTP/2 connection together', () => {
+  it('20 GETs whose connection the origin drops run again over one new connection, not one each', async () => {
+    const base = `https://localhost:${h2.port}`;
+    const client = newClient();
+    const fdsBefore = fdCount() - h2.sockets.size;
+    try {
+      h2.handle = answer;
+      expect((await client.request(`${base}/drop-first`)).httpVersion).toBe('2');
+      const acceptedBefore = h2.accepted();
+      let arrived = 0;
+      h2.handle = (stream, headers) => {
+        if (h2.seen.get(`${headers[':method']} ${headers[':path']}`)! > 1) answer(stream, headers);
+        else if (++arrived === 20) for (const socket of h2.sockets) socket.destroy();
+      };
+      const gets = Array.from({ length: 20 }, (_, i) => outcome(client.request(`${base}/drop${i}`)));
+      expect(await Promise.all(gets)).toEqual(Array.from({ length: 20 }, (_, i) => `GET /drop${i}`));
+      // One more TCP connection (the code before made 15–20: each retry acquired a socket of its own).
+      expect(h2.accepted() - acceptedBefore).toBe(1);
     } finally {
       await client.close();
     }

@@ -120,6 +120,8 @@ interface Transfer {
   attempt: number;
   /** Ask the daemon for a socket whatever the prediction says (the last attempt was starved or its connection died). */
   forceSocket: boolean;
+  /** An attempt waited for another transfer's new HTTP/2 connection (socket-supply.ts, `join`): later ones do not. */
+  joined: boolean;
   retriedDead: boolean;
   done: (outcome: TransferOutcome) => void;
 }
@@ -312,6 +314,7 @@ export class CurlEngine {
       key: proxy ? originKey({ ...target.origin, proxy }) : target.key,
       attempt: 0,
       forceSocket: false,
+      joined: false,
       retriedDead: false,
       done,
     };
@@ -364,6 +367,7 @@ export class CurlEngine {
         secure,
         timeoutMs: Math.min(policy.acquireTimeoutMs, remaining),
         force: transfer.forceSocket,
+        join: !transfer.joined,
         signal: io.signal,
         tlsTrust: secure ? this.#tlsTrust : undefined,
         tokenTaken: this.#rateTokens?.rated(origin.host, origin.port) === true,
@@ -407,7 +411,10 @@ export class CurlEngine {
 
   /** An attempt ended (`slot`: its socket; none for a direct one): the transfer ends, or runs again. */
   #attemptEnded(transfer: Transfer, slot: SocketSlot | undefined, result: TransferResult | TransferFailure): void {
-    if (slot) this.#supply.finish(slot);
+    if (slot) {
+      this.#supply.finish(slot);
+      if (slot.joined) transfer.joined = true;
+    }
     if (!(result instanceof TransferFailure)) {
       const sink = transfer.io.sink;
       if (sink instanceof BufferSink) result.body = sink.body();

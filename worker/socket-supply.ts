@@ -43,6 +43,8 @@ export interface SocketSlot {
   /** A socket for an https origin that multiplexes or may (protocol not known yet): others wait for curl to take
    *  it, then share its connection. */
   first?: Settleable | undefined;
+  /** The transfer waited for another's first socket, to share its connection (the engine lets a transfer do so once). */
+  joined?: true;
 }
 
 interface Settleable {
@@ -95,6 +97,12 @@ export interface PrepareOptions {
   tlsTrust?: string | undefined;
   /** Acquire whatever the prediction says (the previous attempt was starved or its connection died). */
   force: boolean;
+  /** Forced, but an origin known to speak HTTP/2 whose new connection is on its way has it shared instead: the
+   *  transfers that lost their connection together (it closed, or a GOAWAY refused their streams) all run again
+   *  at once, and each acquiring a socket of its own opened as many TCP connections as there were streams. A
+   *  transfer that joined and was starved all the same (the connection turned out HTTP/1.1, or full) does not
+   *  join again (the engine's `joined`). */
+  join?: boolean | undefined;
   signal?: CancelSignal | undefined;
   /** The transfer took a token of its rate-limited origin already (rate-tokens.ts): the daemon charges none. */
   tokenTaken?: boolean | undefined;
@@ -184,9 +192,11 @@ export class SocketSupply {
     const slot: SocketSlot = { originKey: key, lease: undefined, starved: false, taken: false };
     // https origins that multiplex, or may: one socket at a time is brought for them.
     const mayMultiplex = options.secure && origin.multiplexed !== false;
-    if (!options.force && mayMultiplex && origin.firstSocket) {
+    const join = !options.force || (options.join === true && origin.multiplexed === true);
+    if (join && mayMultiplex && origin.firstSocket) {
       // Another transfer is bringing the first connection: start only once curl has it, so as to multiplex over
       // it if it turns out to be HTTP/2 (else this transfer is starved and retried with a socket of its own).
+      slot.joined = true;
       return this.#afterFirstSocket(origin.firstSocket, key, origin, slot, options);
     }
     if (options.force || this.#needsSocket(origin, options.secure)) {
