@@ -3,10 +3,14 @@
 // daemon.ts and the modules it composes.
 
 import { Command, InvalidArgumentError, Option } from 'commander';
+import { ErrorCodes } from '../shared/errors.js';
 import { restrictBinds } from './bind-restriction.js';
 import { applyFlags, type DaemonFlags, defaultConfig, loadConfigFile, type SockpoolConfig } from './config.js';
 import { Sockpoold } from './daemon.js';
 import { createLogger, flushLogs } from './log.js';
+
+/** The exit status of a start refused for its configuration (SOCKPOOL_ERR_CONFIG); any other failure exits 1. */
+const EXIT_CONFIG = 2;
 
 function collect(value: string, previous: string[]): string[] {
   return [...previous, value];
@@ -64,7 +68,9 @@ const program = new Command('sockpoold')
   .addOption(
     new Option('--log-level <level>', 'log level').choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace']),
   )
-  .showHelpAfterError();
+  .showHelpAfterError()
+  // A command line refused (an unknown flag, a value a flag does not take) is a configuration refused: exit 2.
+  .exitOverride((error) => process.exit(error.exitCode === 0 ? 0 : EXIT_CONFIG));
 
 program.parse();
 const options = program.opts<CliOptions>();
@@ -102,7 +108,7 @@ export async function runSockpoold(early: EarlySignals): Promise<void> {
   } catch (error) {
     const withCode = error as Error & { code?: string };
     console.error(`sockpoold: ${withCode.code ?? 'error'}: ${withCode.message}`);
-    process.exit(2);
+    process.exit(EXIT_CONFIG);
   }
   const log = createLogger(config.logLevel);
   // Signal handlers first: a SIGTERM while the daemon starts (its socket may already accept) stops it cleanly once
@@ -148,7 +154,9 @@ export async function runSockpoold(early: EarlySignals): Promise<void> {
     log.fatal({ code: withCode.code, err: withCode.message }, 'sockpoold failed to start');
     console.error(`sockpoold: ${withCode.code ?? 'error'}: ${withCode.message}`);
     await flushLogs(log);
-    process.exit(1);
+    // A configuration the start found wrong (an unreadable file it names, a directory it cannot create) is the
+    // operator's to fix, like one the parser refused: the same exit status (the unit does not restart on it).
+    process.exit(withCode.code === ErrorCodes.CONFIG ? EXIT_CONFIG : 1);
   }
   if (stopSignal) void shutDown(daemon);
   else if (reloadPending) daemon.reload();

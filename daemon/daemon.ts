@@ -8,8 +8,8 @@
 // on every handoff and refill, growing with the number of stored fds (systemd 252 compares each new fd with every
 // stored one): docs/operations.md has the measurements.
 
-import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, readFileSync, unlinkSync } from 'node:fs';
-import { dirname } from 'node:path';
+import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, readFileSync, statSync, unlinkSync } from 'node:fs';
+import { dirname, resolve as resolvePath } from 'node:path';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
 import { type Origin, originKey, parseOriginKey } from '../shared/origin.js';
@@ -637,7 +637,7 @@ function changedStartOnlyKeys(running: SockpoolConfig, loaded: SockpoolConfig): 
  */
 function makeDirectory(path: string, mode: number, key: string): void {
   try {
-    mkdirSync(path, { recursive: true, mode });
+    mkdirParents(path, mode);
   } catch (error) {
     const code = (error as NodeJS.ErrnoException).code ?? 'EIO';
     throw new SockpoolError(
@@ -646,6 +646,24 @@ function makeDirectory(path: string, mode: number, key: string): void {
       { key, path },
       { cause: error },
     );
+  }
+}
+
+/**
+ * mkdir -p, one level at a time. Node's own recursive mkdirSync loops for ever, synchronously (no signal handler
+ * runs), when mkdir answers ENOENT although the parent exists, as a pseudo-filesystem does (`/proc/nope`).
+ */
+function mkdirParents(path: string, mode: number): void {
+  const absolute = resolvePath(path);
+  const parent = dirname(absolute);
+  try {
+    mkdirSync(absolute, { mode });
+  } catch (error) {
+    const code = (error as NodeJS.ErrnoException).code;
+    if (code === 'EEXIST' && statSync(absolute).isDirectory()) return;
+    if (code !== 'ENOENT' || parent === absolute || existsSync(parent)) throw error;
+    mkdirParents(parent, mode);
+    mkdirSync(absolute, { mode });
   }
 }
 
