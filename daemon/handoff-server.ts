@@ -24,7 +24,7 @@ import {
 } from '../shared/protocol.js';
 import { SeqpacketChannel } from '../shared/seqpacket-channel.js';
 import { isAdminUid, statsView } from './client-view.js';
-import type { SockpoolConfig } from './config.js';
+import { policyFor, type SockpoolConfig } from './config.js';
 import type { RateLimiter } from './fleet/rate-limiter.js';
 import { checkReturned, endConnection, markOf } from './lease-guard.js';
 import { type Lease, LeaseTable } from './leases.js';
@@ -445,6 +445,11 @@ export class HandoffServer {
    * The message's origin in its one canonical key, whatever spelling the client sent; undefined after replying with
    * the error when it is none (a zone id is refused here).
    */
+  /** How long a request that names no timeoutMs waits: its origin's acquireTimeoutMs, as the pool waits for it. */
+  #acquireTimeoutOf(origin: Origin): number {
+    return policyFor(this.#config(), origin.host, origin.port).acquireTimeoutMs;
+  }
+
   #originOf(
     session: ClientSession,
     message: Extract<ClientMessage, { type: 'tokens' | 'acquire' }>,
@@ -478,7 +483,7 @@ export class HandoffServer {
       return;
     }
     session.pending++;
-    const timeoutMs = message.timeoutMs ?? this.#config().pool.defaults.acquireTimeoutMs;
+    const timeoutMs = message.timeoutMs ?? this.#acquireTimeoutOf(origin);
     this.#rates!.take(origin, rate, message.count, timeoutMs).then(
       (granted) => {
         session.pending--;
@@ -555,7 +560,7 @@ export class HandoffServer {
     cancels.set(message.id, cancel);
     const charge =
       rate && message.tokenTaken !== true
-        ? this.#rates!.take(origin, rate, 1, message.timeoutMs ?? this.#config().pool.defaults.acquireTimeoutMs)
+        ? this.#rates!.take(origin, rate, 1, message.timeoutMs ?? this.#acquireTimeoutOf(origin))
         : undefined;
     const acquiring = charge
       ? charge.then(() => {

@@ -15,22 +15,29 @@ import { MAX_TIMEOUT_MS } from '../shared/protocol.js';
 import { DaemonLink } from '../worker/daemon-link.js';
 import { daemonStats, echoHandler, httpOrigin, type Origin, startTestDaemon } from './fixtures/client-helpers.js';
 import type { DaemonProcess } from './helpers/daemon.js';
+import { openRawClient } from './helpers/raw-client.js';
 
 let origin: Origin;
 /** One per client mode below (threads: 0, 1), each with its burst unspent. */
 let slow: Origin[];
+/** A token every 5 s, and an acquireTimeoutMs of its own (1 s) shorter than the defaults' (10 s). */
+let quick: Origin;
 let daemon: DaemonProcess;
 
 beforeAll(async () => {
   origin = await httpOrigin(echoHandler());
   slow = [await httpOrigin(echoHandler()), await httpOrigin(echoHandler())];
+  quick = await httpOrigin(echoHandler());
   // 100 requests/s, burst 10: a worker's batch is 10 tokens (a tenth of a second of the rate). `slow`: a token a
   // minute.
-  daemon = await startTestDaemon([origin.port, ...slow.map((each) => each.port)], {
+  daemon = await startTestDaemon([origin.port, quick.port, ...slow.map((each) => each.port)], {
     config: {
       pool: {
         defaults: { requestsPerSecond: 100, burst: 10 },
-        origins: slow.map((each) => ({ match: `127.0.0.1:${each.port}`, requestsPerSecond: 1 / 60, burst: 1 })),
+        origins: [
+          ...slow.map((each) => ({ match: `127.0.0.1:${each.port}`, requestsPerSecond: 1 / 60, burst: 1 })),
+          { match: `127.0.0.1:${quick.port}`, requestsPerSecond: 0.2, burst: 1, acquireTimeoutMs: 1_000 },
+        ],
       },
     },
   });
@@ -40,6 +47,7 @@ afterAll(async () => {
   await daemon?.stop();
   await origin?.close();
   for (const each of slow ?? []) await each.close();
+  await quick?.close();
 });
 
 async function tokensGranted(): Promise<number> {
@@ -108,6 +116,26 @@ it('a request cancelled while it waits for its token ends at once (before: it wa
     }
   }
 }, 20_000);
+
+it("a tokens request that names no timeoutMs waits its origin's acquireTimeoutMs, not the defaults'", async () => {
+  const cleanups: Array<() => unknown> = [];
+  const raw = openRawClient(daemon.socketPath, cleanups);
+  try {
+    await raw.request({ type: 'hello', id: 1, version: 1 });
+    const target = { host: '127.0.0.1', port: quick.port, count: 1 };
+    expect((await raw.request({ type: 'tokens', id: 2, ...target, timeoutMs: 1_000 })).message).toMatchObject({
+      type: 'tokens',
+      granted: 1,
+    });
+    // The next token is 5 s away: past the origin's 1 s (before: it waited the defaults' 10 s, and was granted).
+    expect((await raw.request({ type: 'tokens', id: 3, ...target })).message).toMatchObject({
+      type: 'error',
+      code: ErrorCodes.RATE_LIMITED,
+    });
+  } finally {
+    for (const cleanup of cleanups.reverse()) await cleanup();
+  }
+});
 
 it('refuses acquireTimeoutMs over the protocol bound, naming it', () => {
   const options = { socketPath: daemon.socketPath, threads: 0, acquireTimeoutMs: MAX_TIMEOUT_MS + 1 };
