@@ -183,7 +183,7 @@ export class HandoffServer {
     try {
       credentials = native.peerCredentials(fd);
     } catch (error) {
-      native.close(fd);
+      native.discard(fd);
       this.#log.warn({ err: (error as Error).message }, 'peer credentials unavailable; client dropped');
       return;
     }
@@ -206,7 +206,8 @@ export class HandoffServer {
       try {
         native.sendMessage(fd, refusal, []);
       } catch {}
-      native.close(fd);
+      // Discarded, not closed: a refused client may already have queued messages with fds (native.discard).
+      native.discard(fd);
       this.#metrics?.refusals.inc({ reason: 'access' });
       this.#log.warn(credentials, 'client refused by access control');
       return;
@@ -222,7 +223,7 @@ export class HandoffServer {
           [],
         );
       } catch {}
-      native.close(fd);
+      native.discard(fd);
       this.#metrics?.refusals.inc({ reason: 'quota' });
       this.#log.warn({ ...credentials, err: plain.message }, 'client refused by quota');
       return;
@@ -314,7 +315,8 @@ export class HandoffServer {
         );
       }
     } catch (error) {
-      for (const fd of fds) native.close(fd);
+      // Whatever the client sent (a Unix socket with fds queued in it too): native.discard.
+      for (const fd of fds) native.discard(fd);
       this.#onBadMessage(session, salvageRequestId(data), error as Error);
       return;
     }
@@ -662,7 +664,7 @@ export class HandoffServer {
   #release(session: ClientSession, message: Extract<ClientMessage, { type: 'release' }>, fd: number | undefined): void {
     const lease = this.#leases.end(message.leaseId, session.id);
     if (!lease) {
-      if (fd !== undefined) native.close(fd);
+      if (fd !== undefined) native.discard(fd);
       if (message.id !== undefined) this.#replyError(session, message.id, unknownLease(message.leaseId));
       return;
     }
@@ -676,7 +678,7 @@ export class HandoffServer {
         // the daemon's copy is open, so no other socket can have its inode.
         sameSocket = lease.mark ? native.socketInode(fd) === lease.mark.inode : native.sameSocket(fd, lease.fd);
       } catch {}
-      native.close(fd);
+      native.discard(fd);
     }
     if (sameSocket && lease.tls) {
       // A relayed TLS session's pair carries no byte counters the daemon could compare (the relay thread reads

@@ -422,6 +422,89 @@ void ForEachReceivedFd(msghdr* message, Take&& take) {
   }
 }
 
+// How many fds wait in flight in a Unix socket's receive queue ("scm_fds" in /proc/self/fdinfo, Linux 5.6+); -1
+// when that cannot be read.
+int QueuedFds(int fd) {
+  char path[64];
+  snprintf(path, sizeof path, "/proc/self/fdinfo/%d", fd);
+  const int info = ::open(path, O_RDONLY | O_CLOEXEC);
+  if (info < 0) return -1;
+  char text[1024];
+  ssize_t length;
+  do {
+    length = ::read(info, text, sizeof text - 1);
+  } while (length < 0 && errno == EINTR);
+  ::close(info);
+  if (length <= 0) return -1;
+  text[length] = '\0';
+  const char* field = strstr(text, "scm_fds:");
+  return field == nullptr ? -1 : atoi(field + strlen("scm_fds:"));
+}
+
+void DiscardQuietly(int fd, int depth);
+
+// Every fd queued in the Unix socket `fd` (a message a client sent that nobody read, or one inside a socket a client
+// sent), taken out and discarded, so that none is dropped by the kernel when `fd` closes. The kernel's drop of the
+// last reference runs in the closing thread with no DisarmLinger before it: a TCP socket queued there with SO_LINGER
+// set and unsent data would hold the daemon's thread for its linger time. shutdown(SHUT_RD) first: the peer cannot
+// queue more while we drain (its sends fail with EPIPE). Only for sockets whose queue is ours to drop.
+void DrainUnixQueue(int fd, int depth) {
+  int listening = 0;
+  socklen_t length = sizeof listening;
+  if (::getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &length) == 0 && listening != 0) {
+    // A listening socket's pending connections may hold fds their peers sent before any accept. Shut down first, so
+    // no new connection arrives (connect() is refused) while we accept the pending ones.
+    ::shutdown(fd, SHUT_RD);
+    for (;;) {
+      const int accepted = ::accept4(fd, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
+      if (accepted >= 0) {
+        DiscardQuietly(accepted, depth + 1);
+      } else if (errno != EINTR && errno != ECONNABORTED) {
+        return;
+      }
+    }
+  }
+  if (QueuedFds(fd) == 0) return;  // nothing in flight: dropping the queue closes no fd
+  ::shutdown(fd, SHUT_RD);
+  const int on = 1;
+  ::setsockopt(fd, SOL_SOCKET, SO_OOBINLINE, &on, sizeof on);  // a stream's out-of-band byte may carry fds too
+  static thread_local uint8_t data[4096];  // what the messages say does not matter
+  uint64_t control[(CMSG_SPACE(kMaxFdsPerMessage * sizeof(int)) + 7) / 8];
+  std::vector<int> fds;
+  // Each round takes one message out of a queue that cannot grow: the bound only guards against the unexpected.
+  for (int round = 0; round < 1 << 20; round++) {
+    iovec vector{data, sizeof data};
+    msghdr message;
+    memset(&message, 0, sizeof message);
+    message.msg_iov = &vector;
+    message.msg_iovlen = 1;
+    message.msg_control = control;
+    message.msg_controllen = sizeof control;
+    const ssize_t received = ::recvmsg(fd, &message, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+    if (received < 0 && errno == EINTR) continue;
+    if (received < 0) return;  // EAGAIN: empty (a datagram socket), or an error
+    fds.clear();
+    ForEachReceivedFd(&message, [&fds](int received_fd) { fds.push_back(received_fd); });
+    for (const int received_fd : fds) DiscardQuietly(received_fd, depth + 1);
+    // 0 bytes and no fd: the queue is empty (a shut-down socket reads as EOF), or this was an empty message.
+    if (received == 0 && fds.empty() && QueuedFds(fd) <= 0) return;
+  }
+}
+
+// Closes an fd a client may have prepared (see DisarmLinger and DrainUnixQueue). Nesting is bounded by the kernel
+// (a Unix socket in flight inside another, at most 4 deep); the depth bound only guards against the unexpected.
+void DiscardQuietly(int fd, int depth) {
+  const int saved = errno;
+  DisarmLinger(fd);
+  int domain = 0;
+  socklen_t length = sizeof domain;
+  if (depth < 8 && ::getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &length) == 0 && domain == AF_UNIX) {
+    DrainUnixQueue(fd, depth);
+  }
+  ::close(fd);
+  errno = saved;
+}
+
 class Poller;
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -606,15 +689,17 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     if (recv_buffer_.size() < max_bytes + 1) recv_buffer_.resize(max_bytes + 1);
     uint8_t* data = recv_buffer_.data();
     iovec vector{data, max_bytes};
-    // Room for max_fds descriptors. CMSG_SPACE rounds up to 8 bytes, so the kernel may deliver one more than
-    // asked for; that case is treated as truncation below, so maxFds is exact.
-    const size_t control_length = max_fds > 0 ? CMSG_SPACE(max_fds * sizeof(int)) : 0;
+    // Room for every fd a message can carry (SCM_MAX_FD), whatever maxFds says: an fd that does not fit is dropped
+    // by the kernel itself, in this thread and before DisarmLinger could run (see DiscardQuietly), so a client could
+    // make this thread wait in the close of a lingering socket by sending one fd more than we take. More than
+    // max_fds is refused below, after every fd arrived.
+    const size_t control_length = CMSG_SPACE(kMaxFdsPerMessage * sizeof(int));
     std::vector<uint64_t> control((control_length + sizeof(uint64_t) - 1) / sizeof(uint64_t) + 1, 0);
     msghdr message;
     memset(&message, 0, sizeof message);
     message.msg_iov = &vector;
     message.msg_iovlen = 1;
-    message.msg_control = control_length > 0 ? control.data() : nullptr;
+    message.msg_control = control.data();
     message.msg_controllen = control_length;
     ssize_t received;
     do {
@@ -628,7 +713,7 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     std::vector<int> fds;
     ForEachReceivedFd(&message, [&fds](int received_fd) { fds.push_back(received_fd); });
     if ((message.msg_flags & MSG_CTRUNC) != 0 || fds.size() > max_fds) {
-      for (const int received_fd : fds) CloseQuietly(received_fd);
+      for (const int received_fd : fds) DiscardQuietly(received_fd, 0);
       Napi::Error error = CodeError(env, "SOCKPOOL_ERR_FD_TRUNCATED", "recvmsg",
                                     "recvmsg SOCKPOOL_ERR_FD_TRUNCATED: the message carried more than " +
                                         std::to_string(max_fds) + " fds; the " + std::to_string(fds.size()) +
@@ -637,7 +722,7 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
       throw error;
     }
     if ((message.msg_flags & MSG_TRUNC) != 0) {
-      for (const int received_fd : fds) CloseQuietly(received_fd);
+      for (const int received_fd : fds) DiscardQuietly(received_fd, 0);
       Napi::Error error = CodeError(env, "SOCKPOOL_ERR_MSG_TRUNCATED", "recvmsg",
                                     "recvmsg SOCKPOOL_ERR_MSG_TRUNCATED: the message was longer than " +
                                         std::to_string(max_bytes) + " bytes; " + std::to_string(fds.size()) +
@@ -685,7 +770,8 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
       ThrowRangeError(env, "ERR_OUT_OF_RANGE", "arena or meta too small for maxCount messages");
     }
     int32_t* meta = meta_array.Data();
-    const size_t control_length = max_fds > 0 ? CMSG_SPACE(max_fds * sizeof(int)) : 0;
+    // Room for SCM_MAX_FD fds per message whatever maxFds says (see recvMessage): none is dropped by the kernel.
+    const size_t control_length = CMSG_SPACE(kMaxFdsPerMessage * sizeof(int));
     const size_t control_words = (control_length + sizeof(uint64_t) - 1) / sizeof(uint64_t) + 1;
     if (recv_control_.size() < control_words * max_count) recv_control_.resize(control_words * max_count);
     iovec vectors[kMaxBatch];
@@ -695,7 +781,7 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
       vectors[i] = {arena.data + i * max_bytes, max_bytes};
       messages[i].msg_hdr.msg_iov = &vectors[i];
       messages[i].msg_hdr.msg_iovlen = 1;
-      messages[i].msg_hdr.msg_control = control_length > 0 ? recv_control_.data() + i * control_words : nullptr;
+      messages[i].msg_hdr.msg_control = recv_control_.data() + i * control_words;
       messages[i].msg_hdr.msg_controllen = control_length;
     }
     int count;
@@ -717,7 +803,7 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
         if (fd_count < sizeof fds / sizeof fds[0]) {
           fds[fd_count++] = received_fd;
         } else {
-          CloseQuietly(received_fd);  // cannot happen (the control buffer holds fewer), but never leak one
+          DiscardQuietly(received_fd, 0);  // cannot happen (the control buffer holds fewer), but never leak one
         }
       });
       const size_t length = messages[m].msg_len;
@@ -738,13 +824,15 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
           entry[3 + i] = fds[i];
         }
       } else {
-        for (size_t i = 0; i < fd_count; i++) CloseQuietly(fds[i]);
+        for (size_t i = 0; i < fd_count; i++) DiscardQuietly(fds[i], 0);
       }
       written++;
       if (status == kRecvEof) {
         // recvmmsg fills the remaining slots with the same EOF: the first one says it all. Any fds in later
         // entries cannot exist (EOF carries none), but close whatever came, to be sure nothing leaks.
-        for (int rest = m + 1; rest < count; rest++) ForEachReceivedFd(&messages[rest].msg_hdr, CloseQuietly);
+        for (int rest = m + 1; rest < count; rest++) {
+          ForEachReceivedFd(&messages[rest].msg_hdr, [](int received_fd) { DiscardQuietly(received_fd, 0); });
+        }
         break;
       }
     }
@@ -1149,6 +1237,22 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     return env.Undefined();
   }
 
+  // close() for an fd a client sent, or a Unix socket whose unread messages a client sent: every fd queued in it
+  // is taken out and discarded first (DiscardQuietly), so no close waits for a client's lingering socket.
+  Napi::Value Discard(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const int fd = FdArg(info, 0);
+    if (polled_->count(fd) != 0) {
+      throw CodeError(env, "SOCKPOOL_ERR_FD_POLLED", "close",
+                      "close SOCKPOOL_ERR_FD_POLLED: fd " + std::to_string(fd) +
+                          " is watched by a Poller of this thread; close the Poller first");
+    }
+    if (::fcntl(fd, F_GETFD) < 0) ThrowErrno(env, errno, "close");
+    tracked_.erase(fd);
+    DiscardQuietly(fd, 0);
+    return env.Undefined();
+  }
+
   // A second fd for the same socket (O_CLOEXEC); it belongs to the caller.
   Napi::Value Dup(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
@@ -1413,6 +1517,7 @@ SockpoolAddon::SockpoolAddon(Napi::Env env, Napi::Object exports) {
                            InstanceMethod<&SockpoolAddon::Shutdown>("shutdown", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::Dup>("dup", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::Close>("close", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::Discard>("discard", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::Untrack>("untrack", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::Track>("track", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::TrackedFds>("trackedFds", napi_enumerable),

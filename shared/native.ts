@@ -173,6 +173,7 @@ interface NativeBinding {
   shutdown(fd: number): boolean;
   dup(fd: number): number;
   close(fd: number): void;
+  discard(fd: number): void;
   untrack(fd: number): void;
   track(fd: number): void;
   trackedFds(): number[];
@@ -505,6 +506,16 @@ export function dup(fd: number): number {
  */
 export function close(fd: number): void {
   binding.close(fd);
+}
+
+/**
+ * close() for an fd a peer sent (or a Unix socket whose unread messages a peer sent): any fd still queued in a Unix
+ * socket is taken out and discarded first, and every socket's linger is turned off before it closes. The kernel
+ * would otherwise drop the queued fds itself, in this thread, and the last close of a TCP socket with SO_LINGER set
+ * and unsent data waits up to its linger time. Throws as close() does.
+ */
+export function discard(fd: number): void {
+  binding.discard(fd);
 }
 
 /**

@@ -83,14 +83,18 @@ export class SeqpacketChannel {
     this.#watch(native.READABLE | native.WRITABLE | native.DISCONNECT);
   }
 
-  /** Closes the socket and every fd still queued. Does not call onClose. */
+  /**
+   * Closes the socket and every fd still queued. Does not call onClose. The socket is discarded, not just closed:
+   * messages the peer sent that were never read may carry fds, which must not be dropped by the kernel in this
+   * thread (native.discard).
+   */
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
     this.#poller.close();
     for (const message of this.#queue) for (const fd of message.fds) native.close(fd);
     this.#queue = [];
-    native.close(this.fd);
+    native.discard(this.fd);
   }
 
   /**
@@ -159,7 +163,8 @@ export class SeqpacketChannel {
         const message = batch[i]!;
         if (this.#closed) {
           // Closed by a handler: the fds of the messages not delivered are ours to close.
-          for (const rest of batch.slice(i)) if (!(rest instanceof Error)) for (const fd of rest.fds) native.close(fd);
+          for (const rest of batch.slice(i))
+            if (!(rest instanceof Error)) for (const fd of rest.fds) native.discard(fd);
           return;
         }
         if (message instanceof Error) {

@@ -11,7 +11,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterEach, describe, expect, it } from 'vitest';
-import { type DaemonProcess, startDaemon } from './helpers/daemon.js';
+import { type DaemonProcess, eventually, startDaemon, writeConfigFile } from './helpers/daemon.js';
 import { RawClient } from './helpers/raw-client.js';
 
 const script = join(import.meta.dirname, 'fixtures', 'linger-client.py');
@@ -25,9 +25,12 @@ afterEach(async () => {
 /** An honest client's hello, answered (a daemon stuck in close() would answer nobody). */
 async function honestHello(sockpoold: DaemonProcess): Promise<void> {
   const honest = new RawClient(sockpoold.socketPath);
-  cleanups.push(() => honest.close());
-  const reply = await honest.request({ type: 'hello', id: 7, version: 1 });
-  expect(reply.message).toMatchObject({ type: 'hello', id: 7 });
+  try {
+    const reply = await honest.request({ type: 'hello', id: 7, version: 1 });
+    expect(reply.message).toMatchObject({ type: 'hello', id: 7 });
+  } finally {
+    honest.close();
+  }
 }
 
 describe('sockets a client set SO_LINGER on', () => {
@@ -66,5 +69,51 @@ describe('sockets a client set SO_LINGER on', () => {
     await once(hostile.stdout!, 'data');
     await honestHello(sockpoold);
     await honestHello(sockpoold);
+  }, 30_000);
+
+  // The kernel drops fds that never reach the daemon's userspace itself, in the daemon's thread: no DisarmLinger ran on
+  // them, so each of these waited for the linger time before the fix.
+  for (const [mode, what] of [
+    ['extra', 'an fd past the one a message may carry (more than the control buffer held)'],
+    ['queued', 'an fd in a message still queued when the daemon hangs up on a bad client'],
+    ['nested', 'an fd queued inside a Unix socket the client sent'],
+  ] as const) {
+    it(`${what} is closed without waiting for its linger`, async () => {
+      const sockpoold = await startDaemon();
+      cleanups.push(() => sockpoold.stop());
+      const before = sockpoold.fdCount();
+      const hostile = spawn('python3', [script, mode, sockpoold.socketPath, LINGER_SECONDS], {
+        stdio: ['ignore', 'pipe', 'inherit'],
+      });
+      cleanups.push(() => hostile.kill());
+      await once(hostile.stdout!, 'data');
+      await honestHello(sockpoold);
+      await honestHello(sockpoold);
+      // (The hostile client's session stays open but in `queued`, where the daemon hung up on it.)
+      const session = mode === 'queued' ? 0 : 1;
+      await eventually(() => sockpoold.fdCount() <= before + session, 'the daemon holds none of the hostile fds');
+    }, 30_000);
+  }
+
+  it('an fd a refused client queued before the daemon refused it is closed without waiting for its linger', async () => {
+    const config = writeConfigFile({ access: { allowUids: [4_000_000] } }, cleanups);
+    const sockpoold = await startDaemon({ args: ['--config', config] });
+    cleanups.push(() => sockpoold.stop());
+    const before = sockpoold.fdCount();
+    const hostile = spawn('python3', [script, 'refused', sockpoold.socketPath, LINGER_SECONDS], {
+      stdio: ['ignore', 'pipe', 'inherit'],
+    });
+    cleanups.push(() => hostile.kill());
+    await once(hostile.stdout!, 'data');
+    // Every client is refused here: a refusal that arrives says the daemon's thread is not held.
+    for (let i = 0; i < 2; i++) {
+      const refused = new RawClient(sockpoold.socketPath);
+      try {
+        expect((await refused.receive()).message).toMatchObject({ type: 'error', code: 'SOCKPOOL_ERR_ACCESS_DENIED' });
+      } finally {
+        refused.close();
+      }
+    }
+    await eventually(() => sockpoold.fdCount() <= before, 'the daemon holds none of the hostile fds');
   }, 30_000);
 });
