@@ -453,7 +453,9 @@ void DrainUnixQueue(int fd, int depth) {
   socklen_t length = sizeof listening;
   if (::getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &length) == 0 && listening != 0) {
     // A listening socket's pending connections may hold fds their peers sent before any accept. Shut down first, so
-    // no new connection arrives (connect() is refused) while we accept the pending ones.
+    // no new connection arrives (connect() is refused) while we accept the pending ones. Non-blocking too (the flag
+    // is the sender's open file's, which is being discarded): accept must never wait in this thread.
+    ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) | O_NONBLOCK);
     ::shutdown(fd, SHUT_RD);
     for (;;) {
       const int accepted = ::accept4(fd, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
