@@ -77,6 +77,7 @@ describe('sockets a client set SO_LINGER on', () => {
     ['extra', 'an fd past the one a message may carry (more than the control buffer held)'],
     ['queued', 'an fd in a message still queued when the daemon hangs up on a bad client'],
     ['nested', 'an fd queued inside a Unix socket the client sent'],
+    ['listening', 'an fd queued in a pending connection of a (blocking) listening socket the client sent'],
   ] as const) {
     it(`${what} is closed without waiting for its linger`, async () => {
       const sockpoold = await startDaemon();
