@@ -866,12 +866,28 @@ function fetchResponse(response: SockpoolStreamResponse, method: string): Respon
     // Let the (empty) transfer finish normally, so that curl keeps its connection.
     response.body.pipeTo(new WritableStream()).catch(() => {});
   }
+  // The Response constructor takes only 200-599 and refuses a reason phrase with control characters; Node's fetch
+  // passes on whatever the origin said (LinkedIn answers crawlers 999): such a status is set on the object below.
+  const { status } = response;
+  const statusText = REASON_PHRASE.test(response.statusText ?? '') ? (response.statusText ?? '') : '';
   const result = new Response(nullBody ? null : response.body, {
-    status: response.status,
+    status: status >= 200 && status <= 599 ? status : 599,
+    statusText,
     headers: response.headers,
   });
-  Object.defineProperty(result, 'url', { value: response.url });
-  if (response.redirected) Object.defineProperty(result, 'redirected', { value: true });
+  return fetchFields(result, { url: response.url, redirected: response.redirected === true, status });
+}
+
+/** A status line's reason phrase as the Response constructor takes it (RFC 9110: HTAB, SP, VCHAR, obs-text). */
+const REASON_PHRASE = /^[\t\x20-\x7e\x80-\xff]*$/;
+
+/** What fetch() knows of a response that a Response cannot be constructed with (`url`, `redirected`, a status
+ *  outside 200-599), set on the object; its clone() gets them too (Response.prototype.clone would drop them). */
+function fetchFields(result: Response, fields: { url: string; redirected: boolean; status: number }): Response {
+  Object.defineProperty(result, 'url', { value: fields.url });
+  if (fields.redirected) Object.defineProperty(result, 'redirected', { value: true });
+  if (fields.status !== result.status) Object.defineProperty(result, 'status', { value: fields.status });
+  Object.defineProperty(result, 'clone', { value: () => fetchFields(Response.prototype.clone.call(result), fields) });
   return result;
 }
 

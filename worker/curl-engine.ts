@@ -142,6 +142,9 @@ interface Attempt {
   acquireMs: number;
   /** The final response's head went to the sink. */
   headSent: boolean;
+  /** The reason phrase of the last status line HEADERFUNCTION saw ('' over HTTP/2, which has none); curl has no
+   *  getinfo for it, and fetch() gives it as statusText. Only transfers with a HEADERFUNCTION (see #configure). */
+  statusText: string | undefined;
   /** CurlPause bits in force. */
   pause: number;
   /** Relayed HTTP/2 transfers that were paused once: watched for curl 7.88's lost WINDOW_UPDATE (h2-stall-watch.ts). */
@@ -487,6 +490,8 @@ export class CurlEngine {
     // Set only while a transfer needs the head before the end (see #configure): curl's blank line ends a head.
     const onHeader = (data: Buffer) => {
       if (data.length <= 2) this.#onHeadEnd(state);
+      // A status line ("HTTP/1.1 404 Not Found", "HTTP/2 200"): each header block starts with one.
+      else if (data[0] === 0x48 && data[4] === 0x2f && state.current) state.current.statusText = reasonPhrase(data);
       return data.length;
     };
     const state: HandleState = {
@@ -579,6 +584,7 @@ export class CurlEngine {
     // 1xx blocks (and a proxy's CONNECT reply, whose code is not RESPONSE_CODE) come before the final head.
     if (head.status < 200) return;
     attempt.headSent = true;
+    if (attempt.statusText !== undefined) head.statusText = attempt.statusText;
     attempt.io.sink.head(head);
   }
 
@@ -787,6 +793,7 @@ export class CurlEngine {
       relay: target.secure ? this.#relayOf(key, slot) : undefined,
       acquireMs,
       headSent: false,
+      statusText: undefined,
       pause: 0,
       stallWatch: undefined,
       bodyBytes: 0,
@@ -960,4 +967,12 @@ class TransferFailure {
     this.aborted = aborted;
     this.resent = resent;
   }
+}
+
+/** The reason phrase of a status line as HEADERFUNCTION hands it ("HTTP/1.1 404 Not Found\r\n" → "Not Found";
+ *  "HTTP/2 200 \r\n" → ""). Latin-1, as the headers are. */
+function reasonPhrase(line: Buffer): string {
+  const text = line.toString('latin1').replace(/\r?\n$/, '');
+  const match = /^HTTP\/[^ ]+ \d{3}(?: (.*))?$/.exec(text);
+  return match?.[1]?.trim() ?? '';
 }

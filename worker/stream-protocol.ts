@@ -42,6 +42,8 @@ export interface ResponseHead {
   connection: 'leased' | 'reused' | 'direct';
   /** Set when the daemon did the TLS: curl spoke plaintext over a warm TLS session it relays (timings.tlsMs 0). */
   tls?: RelayedTls | undefined;
+  /** The status line's reason phrase ('' over HTTP/2): streamed heads only (fetch() gives it as statusText). */
+  statusText?: string | undefined;
   /** Timings up to the response head (totalMs: until then); a TransferResult's are the whole transfer's. */
   timings: TransferTimings;
 }

@@ -1,0 +1,109 @@
+// fetch() as a drop-in for Node's own fetch (undici): the same calls made with globalThis.fetch and client.fetch()
+// against the same local origin give the same Response (status, statusText, url and redirected, also on a clone)
+// and the origin sees the same request (framing headers included). A real daemon, real origins.
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { SockpoolClient } from '../client/index.js';
+import { httpOrigin, type Origin, startTestDaemon } from './fixtures/client-helpers.js';
+import type { DaemonProcess } from './helpers/daemon.js';
+
+let origin: Origin;
+let daemon: DaemonProcess;
+let client: SockpoolClient;
+
+interface Echo {
+  method: string;
+  headers: Record<string, string | undefined>;
+  body: string;
+}
+
+function handler(request: IncomingMessage, response: ServerResponse): void {
+  const chunks: Buffer[] = [];
+  request.on('data', (chunk: Buffer) => chunks.push(chunk));
+  request.on('end', () => {
+    const url = new URL(request.url ?? '/', 'http://origin');
+    if (url.pathname === '/status') {
+      response.statusCode = Number(url.searchParams.get('code'));
+      const message = url.searchParams.get('message');
+      if (message !== null) response.statusMessage = message;
+      response.end([204, 304].includes(response.statusCode) ? undefined : 'body');
+      return;
+    }
+    if (url.pathname === '/moved') {
+      response.writeHead(302, { location: '/echo' });
+      response.end('moved');
+      return;
+    }
+    const echo: Echo = {
+      method: request.method ?? '',
+      headers: request.headers as Record<string, string>,
+      body: Buffer.concat(chunks).toString(),
+    };
+    response.writeHead(200, { 'content-type': 'application/json' });
+    response.end(JSON.stringify(echo));
+  });
+}
+
+beforeAll(async () => {
+  origin = await httpOrigin(handler);
+  daemon = await startTestDaemon([origin.port]);
+  client = new SockpoolClient({ socketPath: daemon.socketPath, threads: 1 });
+});
+
+afterAll(async () => {
+  await client?.close();
+  await daemon?.stop();
+  await origin?.close();
+});
+
+const url = (path: string) => `http://127.0.0.1:${origin.port}${path}`;
+const sockpoolFetch: typeof fetch = (input, init) => client.fetch(input as string | URL | Request, init);
+
+/** What a caller sees of a response: everything but the body's own bytes. */
+async function seen(response: Response) {
+  return {
+    status: response.status,
+    statusText: response.statusText,
+    ok: response.ok,
+    url: response.url,
+    redirected: response.redirected,
+    nullBody: response.body === null,
+    text: await response.text(),
+  };
+}
+
+describe('fetch() answers as Node’s fetch does', () => {
+  it('gives the status line’s reason phrase as statusText, and any status the origin sends (LinkedIn’s 999 too)', async () => {
+    for (const path of [
+      '/status?code=200',
+      '/status?code=201',
+      '/status?code=204',
+      '/status?code=304',
+      '/status?code=404',
+      '/status?code=503',
+      '/status?code=200&message=Fine%20Indeed',
+      '/status?code=299&message=Odd',
+      '/status?code=999&message=Request%20denied',
+      '/status?code=600',
+    ]) {
+      const expected = await seen(await fetch(url(path)));
+      expect(await seen(await client.fetch(url(path))), path).toEqual(expected);
+    }
+  });
+
+  it('keeps url and redirected on a clone, as on the response itself', async () => {
+    for (const f of [fetch, sockpoolFetch]) {
+      const response = await f(url('/moved'));
+      const copy = response.clone();
+      // A clone of a clone too.
+      const second = copy.clone();
+      expect(copy).toMatchObject({ url: url('/echo'), redirected: true, statusText: 'OK' });
+      expect(second).toMatchObject({ url: url('/echo'), redirected: true, statusText: 'OK' });
+      expect(await seen(copy)).toEqual(await seen(response));
+      await second.arrayBuffer();
+    }
+    const odd = await client.fetch(url('/status?code=999'));
+    expect(odd.clone().status).toBe(999);
+    await odd.arrayBuffer();
+  });
+});
