@@ -500,7 +500,13 @@ export class SockpoolClient {
   async fetch(input: string | URL | Request, init: RequestInit = {}): Promise<Response> {
     const source = input instanceof Request ? input : undefined;
     const headers = new Headers(init.headers ?? source?.headers);
-    const raw = init.body !== undefined ? init.body : (source?.body ?? null);
+    // As Node's fetch says who it is ('node'): some servers refuse a request without one (GitHub's API: 403).
+    if (!headers.has('user-agent')) headers.set('user-agent', 'node');
+    // A Request's body is read whole, as bytes: Node's fetch sends a body a Request holds (a string, JSON, bytes)
+    // with its content-length and sends it again at a 307/308; streamed as the Request's ReadableStream, it went
+    // chunked (a server wanting a length answers 411) and could not follow a 307/308. (A Request hides whether its
+    // body came from a stream; to stream an upload, give the stream in `init.body`.)
+    const raw = init.body !== undefined ? init.body : source?.body ? await source.arrayBuffer() : null;
     let body: BodyInput | undefined;
     if (raw !== null && raw !== undefined) {
       if (raw instanceof Uint8Array || raw instanceof ArrayBuffer) body = raw;
@@ -516,13 +522,17 @@ export class SockpoolClient {
       }
     }
     const method = (init.method ?? source?.method ?? 'GET').toUpperCase();
+    // A POST or PUT without a body says content-length: 0, as Node's fetch (and the Fetch standard) does: curl would
+    // send no length at all, which some servers answer with 411 Length Required.
+    if (body === undefined && (method === 'POST' || method === 'PUT')) body = new Uint8Array(0);
     const url = source ? source.url : (input as string | URL);
     // As Node's fetch: compressed bodies asked for and decoded, redirects followed unless told otherwise.
     const options: InternalOptions = {
       method,
       headers,
       body,
-      signal: init.signal ?? source?.signal ?? undefined,
+      // (init.signal null: no signal, even where the Request has one.)
+      signal: (init.signal !== undefined ? init.signal : source?.signal) ?? undefined,
       decompress: true,
       redirect: redirectMode(init.redirect ?? source?.redirect, 'follow'),
       [CONTINUING]: true,

@@ -29,8 +29,8 @@ function handler(request: IncomingMessage, response: ServerResponse): void {
       response.end([204, 304].includes(response.statusCode) ? undefined : 'body');
       return;
     }
-    if (url.pathname === '/moved') {
-      response.writeHead(302, { location: '/echo' });
+    if (url.pathname === '/moved' || url.pathname === '/r307') {
+      response.writeHead(url.pathname === '/r307' ? 307 : 302, { location: '/echo' });
       response.end('moved');
       return;
     }
@@ -105,5 +105,55 @@ describe('fetch() answers as Node’s fetch does', () => {
     const odd = await client.fetch(url('/status?code=999'));
     expect(odd.clone().status).toBe(999);
     await odd.arrayBuffer();
+  });
+});
+
+describe('fetch() sends what Node’s fetch sends', () => {
+  /** The request as the origin saw it: method, body and the headers that frame or describe it. */
+  async function sent(f: typeof fetch, input: string | Request, init?: RequestInit) {
+    const echo = (await (await f(input, init)).json()) as Echo;
+    const { headers } = echo;
+    return {
+      method: echo.method,
+      body: echo.body,
+      'content-length': headers['content-length'],
+      'transfer-encoding': headers['transfer-encoding'],
+      'content-type': headers['content-type'],
+      'user-agent': headers['user-agent'],
+      'x-custom': headers['x-custom'],
+    };
+  }
+
+  it('frames a POST or PUT without a body with content-length: 0 (servers may answer 411 without it)', async () => {
+    for (const method of ['POST', 'PUT', 'GET', 'DELETE']) {
+      expect(await sent(sockpoolFetch, url('/echo'), { method }), method).toEqual(
+        await sent(fetch, url('/echo'), { method }),
+      );
+    }
+  });
+
+  it('sends a Request object’s body with its length, and again at a 307 (as Node does for a body it holds)', async () => {
+    const make = (path = '/echo') =>
+      new Request(url(path), { method: 'POST', body: '{"a":1}', headers: { 'x-custom': 'yes' } });
+    const expected = await sent(fetch, make());
+    expect(expected['content-length']).toBe('7');
+    expect(await sent(sockpoolFetch, make())).toEqual(expected);
+    expect(await sent(fetch, make('/r307'))).toEqual(expected);
+    expect(await sent(sockpoolFetch, make('/r307'))).toEqual(expected);
+    const used = make();
+    await client.fetch(used).then((response) => response.arrayBuffer());
+    expect(used.bodyUsed).toBe(true);
+  });
+
+  it('says user-agent: node unless told otherwise, as Node’s fetch does', async () => {
+    expect(await sent(sockpoolFetch, url('/echo'))).toEqual(await sent(fetch, url('/echo')));
+    const own = { headers: { 'user-agent': 'crawler/1.0' } };
+    expect(await sent(sockpoolFetch, url('/echo'), own)).toEqual(await sent(fetch, url('/echo'), own));
+  });
+
+  it('takes a Request’s signal unless init names one (null: none)', async () => {
+    const aborted = () => new Request(url('/echo'), { signal: AbortSignal.abort() });
+    expect((await client.fetch(aborted(), { signal: null })).status).toBe(200);
+    await expect(client.fetch(aborted())).rejects.toThrow();
   });
 });
