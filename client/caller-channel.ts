@@ -33,6 +33,8 @@ export interface CallerChannelOptions {
   upload?: BodyStream | undefined;
   /** The caller's end of the request's port on a worker thread's lane (ThreadLanes.stream). */
   port?: RequestPort | undefined;
+  /** What the response body fails with for a failure (fetch(): as Node's fetch's body fails); default the failure. */
+  bodyFailure?: ((error: Error) => unknown) | undefined;
 }
 
 export class CallerChannel {
@@ -55,8 +57,10 @@ export class CallerChannel {
   #wakePump: (() => void) | undefined;
   /** The request body being read, until it is read to its end: close() cancels it (even while a read is pending). */
   #source: UploadSource | undefined;
+  #bodyFailure: ((error: Error) => unknown) | undefined;
 
   constructor(options: CallerChannelOptions) {
+    this.#bodyFailure = options.bodyFailure;
     let port1: RequestPort;
     if (options.port) {
       port1 = options.port;
@@ -97,7 +101,7 @@ export class CallerChannel {
     if (this.#done) return;
     this.#rejectHead(error);
     try {
-      this.#body?.error(error);
+      this.#body?.error(this.#bodyFailure && this.#body ? this.#bodyFailure(error) : error);
     } catch {
       // already closed or errored
     }

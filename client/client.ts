@@ -482,7 +482,12 @@ export class SockpoolClient {
     const { prepared, waiting } = await this.#enter(this.#prepare(url, options, true));
     const { request, signal, upload, queued, target } = prepared;
     if (waiting) await waiting;
-    const { channel, started } = await this.#startStreamed(request, target.key, upload);
+    const { channel, started } = await this.#startStreamed(
+      request,
+      target.key,
+      upload,
+      (options as InternalOptions)[BODY_FAILURE],
+    );
     // The run ends when the transfer does (the body read or cancelled); its failures (and a dead worker) fail the
     // head or the body. The slot is held until then.
     this.#run(request, channel, signal, started)
@@ -498,6 +503,17 @@ export class SockpoolClient {
    * request of its own through the daemon (client/redirects.ts).
    */
   async fetch(input: string | URL | Request, init: RequestInit = {}): Promise<Response> {
+    // (Read before anything can fail: a rejection is the signal's reason once it has fired.)
+    const signal =
+      (init.signal !== undefined ? init.signal : input instanceof Request ? input.signal : null) ?? undefined;
+    try {
+      return await this.#fetch(input, init, signal);
+    } catch (error) {
+      throw fetchFailure(error, signal, 'fetch failed');
+    }
+  }
+
+  async #fetch(input: string | URL | Request, init: RequestInit, signal: AbortSignal | undefined): Promise<Response> {
     const source = input instanceof Request ? input : undefined;
     const headers = new Headers(init.headers ?? source?.headers);
     // As Node's fetch says who it is ('node'): some servers refuse a request without one (GitHub's API: 403).
@@ -532,10 +548,12 @@ export class SockpoolClient {
       headers,
       body,
       // (init.signal null: no signal, even where the Request has one.)
-      signal: (init.signal !== undefined ? init.signal : source?.signal) ?? undefined,
+      signal,
       decompress: true,
       redirect: redirectMode(init.redirect ?? source?.redirect, 'follow'),
       [CONTINUING]: true,
+      // The body fails as Node's fetch's does (the signal's reason, or TypeError 'terminated').
+      [BODY_FAILURE]: (error: Error) => fetchFailure(error, signal, 'terminated'),
     };
     return this.#chain(async () => {
       let response = await this.requestStream(url, options);
@@ -746,15 +764,19 @@ export class SockpoolClient {
     request: TransferRequest,
     key: string,
     upload: BodyStream | undefined,
+    bodyFailure?: (error: Error) => unknown,
   ): Promise<{ channel: CallerChannel; started: Promise<RuntimeResult> }> {
     const streamResponse = request.streamResponse === true;
     const runtime = await this.#streamRuntime(key);
     if (runtime) {
-      const channel = new CallerChannel({ streamResponse, upload });
+      const channel = new CallerChannel({ streamResponse, upload, bodyFailure });
       return { channel, started: runtime.handle({ kind: 'request', request, port: channel.workerPort }) };
     }
     const stream = this.#lanes!.stream(request);
-    return { channel: new CallerChannel({ streamResponse, upload, port: stream.port }), started: stream.outcome };
+    return {
+      channel: new CallerChannel({ streamResponse, upload, port: stream.port, bodyFailure }),
+      started: stream.outcome,
+    };
   }
 
   /**
@@ -842,7 +864,24 @@ const REPEATABLE_METHODS = new Set(['GET', 'HEAD', 'OPTIONS']);
 /** Marks a request made by a request that makes several (SockpoolClient#chain): it runs while the client closes. */
 const CONTINUING = Symbol('continuing');
 
-type InternalOptions = RequestOptions & { [CONTINUING]?: true };
+/** fetch()'s own: what a streamed response body fails with, for a failure of the transfer (fetchFailure). */
+const BODY_FAILURE = Symbol('body-failure');
+
+type InternalOptions = RequestOptions & { [CONTINUING]?: true; [BODY_FAILURE]?: (error: Error) => unknown };
+
+/**
+ * A failure as Node's fetch reports it, for code written for it: once the signal has fired, its reason (as the Fetch
+ * standard says: an AbortError, a TimeoutError for AbortSignal.timeout(), or the caller's own); else a TypeError
+ * ('fetch failed', a body's 'terminated') whose cause is the typed error, with its `code` and fields copied on it
+ * (branch on `error.code` as for request()). Anything else (a TypeError of a Request's body) as it is.
+ */
+function fetchFailure(error: unknown, signal: AbortSignal | undefined, message: string): unknown {
+  if (signal?.aborted) return signal.reason;
+  if (!(error instanceof SockpoolError)) return error;
+  const failure = new TypeError(message, { cause: error });
+  const { name: _name, ...fields } = error;
+  return Object.assign(failure, fields);
+}
 
 /** One hop's options: the request's own, with the hop's method, headers and body, redirects not followed (the
  *  caller follows them), and what is left of its time (`timeoutMs` covers the whole chain). */

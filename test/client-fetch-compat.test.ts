@@ -3,11 +3,13 @@
 // and the origin sees the same request (framing headers included). A real daemon, real origins.
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { SockpoolClient } from '../client/index.js';
+import { SockpoolClient, SockpoolError } from '../client/index.js';
 import { httpOrigin, type Origin, startTestDaemon } from './fixtures/client-helpers.js';
 import type { DaemonProcess } from './helpers/daemon.js';
 
 let origin: Origin;
+/** A port the daemon may connect to where nothing listens. */
+let closedPort: number;
 let daemon: DaemonProcess;
 let client: SockpoolClient;
 
@@ -29,6 +31,20 @@ function handler(request: IncomingMessage, response: ServerResponse): void {
       response.end([204, 304].includes(response.statusCode) ? undefined : 'body');
       return;
     }
+    if (url.pathname === '/slow') {
+      setTimeout(() => response.end('slow'), 2_000);
+      return;
+    }
+    if (url.pathname === '/hang-up') {
+      request.socket.destroy();
+      return;
+    }
+    if (url.pathname === '/half') {
+      response.writeHead(200, { 'content-length': '1000000' });
+      response.write(Buffer.alloc(100_000));
+      setTimeout(() => (url.searchParams.has('cut') ? request.socket.destroy() : response.end()), 300);
+      return;
+    }
     if (url.pathname === '/moved' || url.pathname === '/r307') {
       response.writeHead(url.pathname === '/r307' ? 307 : 302, { location: '/echo' });
       response.end('moved');
@@ -46,7 +62,10 @@ function handler(request: IncomingMessage, response: ServerResponse): void {
 
 beforeAll(async () => {
   origin = await httpOrigin(handler);
-  daemon = await startTestDaemon([origin.port]);
+  const closed = await httpOrigin(handler);
+  closedPort = closed.port;
+  await closed.close();
+  daemon = await startTestDaemon([origin.port, closedPort]);
   client = new SockpoolClient({ socketPath: daemon.socketPath, threads: 1 });
 });
 
@@ -155,5 +174,65 @@ describe('fetch() sends what Node’s fetch sends', () => {
     const aborted = () => new Request(url('/echo'), { signal: AbortSignal.abort() });
     expect((await client.fetch(aborted(), { signal: null })).status).toBe(200);
     await expect(client.fetch(aborted())).rejects.toThrow();
+  });
+});
+
+describe('fetch() fails as Node’s fetch does', () => {
+  /** How a rejection looks to code written for Node's fetch. */
+  function shape(error: unknown) {
+    const e = error as Error & { cause?: unknown };
+    return { type: e.constructor.name, name: e.name, message: e.message };
+  }
+
+  it('rejects with the signal’s own reason when it aborts: before, while waiting, and while the body streams', async () => {
+    for (const f of [fetch, sockpoolFetch]) {
+      const before = AbortSignal.abort();
+      await expect(f(url('/echo'), { signal: before })).rejects.toBe(before.reason);
+      const controller = new AbortController();
+      const waiting = f(url('/slow'), { signal: controller.signal });
+      setTimeout(() => controller.abort(), 50);
+      const waited = await waiting.catch((error: unknown) => error);
+      expect(waited).toBe(controller.signal.reason);
+      expect(shape(waited)).toMatchObject({ type: 'DOMException', name: 'AbortError' });
+      const mine = new Error('mine');
+      const custom = new AbortController();
+      const aborting = f(url('/slow'), { signal: custom.signal });
+      setTimeout(() => custom.abort(mine), 50);
+      await expect(aborting).rejects.toBe(mine);
+      const timeout = await f(url('/slow'), { signal: AbortSignal.timeout(50) }).catch((error: unknown) => error);
+      expect(shape(timeout)).toMatchObject({ type: 'DOMException', name: 'TimeoutError' });
+      const streaming = new AbortController();
+      const response = await f(url('/half'), { signal: streaming.signal });
+      const reader = response.body!.getReader();
+      await reader.read();
+      streaming.abort();
+      await expect(reader.read()).rejects.toBe(streaming.signal.reason);
+    }
+  });
+
+  it('rejects a failed request with TypeError “fetch failed”, the typed error as its cause (and its code on it)', async () => {
+    for (const path of [`http://127.0.0.1:${closedPort}/`, url('/hang-up')]) {
+      const node = await fetch(path).catch((error: unknown) => error);
+      const ours = (await client.fetch(path).catch((error: unknown) => error)) as TypeError & { code?: string };
+      expect(shape(ours), path).toEqual(shape(node));
+      expect(ours.cause).toBeInstanceOf(SockpoolError);
+      expect(ours.code).toBe((ours.cause as SockpoolError).code);
+    }
+    const refusedRedirect = await client.fetch(url('/moved'), { redirect: 'error' }).catch((error: unknown) => error);
+    expect(shape(refusedRedirect)).toEqual(shape(await fetch(url('/moved'), { redirect: 'error' }).catch((e) => e)));
+    expect(refusedRedirect).toMatchObject({ code: 'SOCKPOOL_ERR_REDIRECT', cause: { code: 'SOCKPOOL_ERR_REDIRECT' } });
+    // A bad argument is a TypeError too (Node: "Failed to parse URL from ..."), before anything is sent.
+    for (const bad of ['not a url', '/relative', 'ftp://127.0.0.1/']) {
+      await expect(client.fetch(bad), bad).rejects.toBeInstanceOf(TypeError);
+      await expect(fetch(bad), bad).rejects.toBeInstanceOf(TypeError);
+    }
+  });
+
+  it('fails a body cut short with TypeError “terminated”, as Node’s does', async () => {
+    for (const f of [fetch, sockpoolFetch]) {
+      const response = await f(url('/half?cut'));
+      const failure = await response.arrayBuffer().catch((error: unknown) => error);
+      expect(shape(failure)).toEqual({ type: 'TypeError', name: 'TypeError', message: 'terminated' });
+    }
   });
 });
