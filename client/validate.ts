@@ -110,8 +110,14 @@ export function validateTimeout(timeoutMs: unknown, what = 'timeoutMs'): number 
   if (typeof timeoutMs !== 'number' || !Number.isFinite(timeoutMs) || timeoutMs <= 0) {
     throw invalid(`${what} must be a positive number of milliseconds`);
   }
+  // Node runs a longer timer after 1 ms (TimeoutOverflowWarning): a streamed request or fetch() timed out at once,
+  // and the worker's deadline timer fired every millisecond. (About 24.8 days: long enough for any download.)
+  if (timeoutMs > MAX_TIMER_MS) throw invalid(`${what} must be at most ${MAX_TIMER_MS} ms (the longest Node timer)`);
   return timeoutMs;
 }
+
+/** The longest delay a Node timer waits (2^31 - 1 ms). */
+const MAX_TIMER_MS = 2 ** 31 - 1;
 
 /** acquireTimeoutMs: a timeout (validateTimeout) the daemon may be asked to wait, at most the protocol's bound. */
 export function validateAcquireTimeout(timeoutMs: unknown): number {

@@ -236,3 +236,23 @@ describe('fetch() fails as Node’s fetch does', () => {
     }
   });
 });
+
+describe('fetch()’s deadline (Node’s fetch has none)', () => {
+  it('refuses a timeoutMs longer than a Node timer can wait, rather than timing out at once', async () => {
+    // A caller who wants a long download or an event stream through fetch() raises the client's timeoutMs; past
+    // 2^31 - 1 ms Node runs a timer after 1 ms, and fetch() failed with SOCKPOOL_ERR_TIMEOUT at once.
+    expect(() => new SockpoolClient({ socketPath: daemon.socketPath, timeoutMs: 1e10 })).toThrow(
+      expect.objectContaining({ code: 'SOCKPOOL_ERR_INVALID_ARGUMENT' }),
+    );
+    await expect(client.request(url('/echo'), { timeoutMs: 2 ** 31 })).rejects.toMatchObject({
+      code: 'SOCKPOOL_ERR_INVALID_ARGUMENT',
+    });
+    const longest = new SockpoolClient({ socketPath: daemon.socketPath, threads: 0, timeoutMs: 2 ** 31 - 1 });
+    try {
+      const response = await longest.fetch(url('/slow'));
+      expect(await response.text()).toBe('slow');
+    } finally {
+      await longest.close();
+    }
+  });
+});
