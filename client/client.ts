@@ -924,7 +924,10 @@ function fetchResponse(response: SockpoolStreamResponse, method: string): Respon
     statusText,
     headers: response.headers,
   });
-  return fetchFields(result, { url: response.url, redirected: response.redirected === true, status });
+  // (A Response's url has no fragment, as the Fetch standard serializes it: curl's URL is the request's, with it.)
+  const hash = response.url.indexOf('#');
+  const url = hash < 0 ? response.url : response.url.slice(0, hash);
+  return fetchFields(result, { url, redirected: response.redirected === true, status });
 }
 
 /** A status line's reason phrase as the Response constructor takes it (RFC 9110: HTAB, SP, VCHAR, obs-text). */

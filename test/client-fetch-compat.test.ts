@@ -45,6 +45,11 @@ function handler(request: IncomingMessage, response: ServerResponse): void {
       setTimeout(() => (url.searchParams.has('cut') ? request.socket.destroy() : response.end()), 300);
       return;
     }
+    if (url.pathname === '/to-fragment') {
+      response.writeHead(302, { location: '/echo#there' });
+      response.end();
+      return;
+    }
     if (url.pathname === '/moved' || url.pathname === '/r307') {
       response.writeHead(url.pathname === '/r307' ? 307 : 302, { location: '/echo' });
       response.end('moved');
@@ -107,6 +112,15 @@ describe('fetch() answers as Node’s fetch does', () => {
     ]) {
       const expected = await seen(await fetch(url(path)));
       expect(await seen(await client.fetch(url(path))), path).toEqual(expected);
+    }
+  });
+
+  it('gives the url without its fragment, as Node’s fetch does (the request’s, or a Location’s)', async () => {
+    for (const path of ['/status?code=200#here', '/to-fragment', '/moved#here']) {
+      const { text: _node, ...expected } = await seen(await fetch(url(path)));
+      const { text: _ours, ...ours } = await seen(await client.fetch(url(path)));
+      expect(ours, path).toEqual(expected);
+      expect(expected.url).not.toContain('#');
     }
   });
 
