@@ -522,7 +522,8 @@ export class SockpoolClient {
     // with its content-length and sends it again at a 307/308; streamed as the Request's ReadableStream, it went
     // chunked (a server wanting a length answers 411) and could not follow a 307/308. (A Request hides whether its
     // body came from a stream; to stream an upload, give the stream in `init.body`.)
-    const raw = init.body !== undefined ? init.body : source?.body ? await source.arrayBuffer() : null;
+    // (init.body null: the Request's body, as the Fetch standard takes "input or init body".)
+    const raw = init.body != null ? init.body : source?.body ? await source.arrayBuffer() : null;
     let body: BodyInput | undefined;
     if (raw !== null && raw !== undefined) {
       if (raw instanceof Uint8Array || raw instanceof ArrayBuffer) body = raw;

@@ -173,6 +173,8 @@ describe('fetch() sends what Node’s fetch sends', () => {
     expect(await sent(sockpoolFetch, make())).toEqual(expected);
     expect(await sent(fetch, make('/r307'))).toEqual(expected);
     expect(await sent(sockpoolFetch, make('/r307'))).toEqual(expected);
+    // init.body null leaves the Request's body in place (the Fetch standard's "input or init body").
+    expect(await sent(sockpoolFetch, make(), { body: null })).toEqual(await sent(fetch, make(), { body: null }));
     const used = make();
     await client.fetch(used).then((response) => response.arrayBuffer());
     expect(used.bodyUsed).toBe(true);
