@@ -113,6 +113,14 @@ describe('fetch() answers as Node’s fetch does', () => {
       const expected = await seen(await fetch(url(path)));
       expect(await seen(await client.fetch(url(path))), path).toEqual(expected);
     }
+    // The same from a worker thread (the head crosses the thread's lane), not only from the caller's runtime.
+    const threaded = new SockpoolClient({ socketPath: daemon.socketPath, threads: 1, inlineWhenIdle: false });
+    try {
+      const path = '/status?code=999&message=Request%20denied';
+      expect(await seen(await threaded.fetch(url(path)))).toEqual(await seen(await fetch(url(path))));
+    } finally {
+      await threaded.close();
+    }
   });
 
   it('gives the url without its fragment, as Node’s fetch does (the request’s, or a Location’s)', async () => {
