@@ -482,12 +482,17 @@ export class SockpoolClient {
     const { prepared, waiting } = await this.#enter(this.#prepare(url, options, true));
     const { request, signal, upload, queued, target } = prepared;
     if (waiting) await waiting;
-    const { channel, started } = await this.#startStreamed(
-      request,
-      target.key,
-      upload,
-      (options as InternalOptions)[BODY_FAILURE],
-    );
+    let streamed: { channel: CallerChannel; started: Promise<RuntimeResult> };
+    try {
+      streamed = await this.#startStreamed(request, target.key, upload, (options as InternalOptions)[BODY_FAILURE]);
+    } catch (error) {
+      // The slot is held from here: a start that throws must give it back, or the queue runs one request less for
+      // good and close() waits for it for ever (found in review with a body detached while queued, which threw
+      // from the lane's postMessage; test/client-queue-edges.test.ts).
+      this.#queue.leave(target);
+      throw error;
+    }
+    const { channel, started } = streamed;
     // The run ends when the transfer does (the body read or cancelled); its failures (and a dead worker) fail the
     // head or the body. The slot is held until then.
     this.#run(request, channel, signal, started)

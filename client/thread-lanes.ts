@@ -27,9 +27,10 @@ import {
   type ReplyHandlers,
   readReplies,
   removeCall,
+  takeDetachedCalls,
 } from '../worker/lane-protocol.js';
 import type { RequestPort } from '../worker/stream-protocol.js';
-import { abortedError } from '../worker/transfer-runtime.js';
+import { abortedError, detachedBodyError } from '../worker/transfer-runtime.js';
 
 interface Lane {
   port: MessagePort;
@@ -353,11 +354,36 @@ export class ThreadLanes {
     const transfer = lane.transfer;
     lane.outbox = [];
     if (outbox.length === 0 || this.#closed) return;
-    if (transfer.length === 0) lane.port.postMessage(outbox);
-    else {
-      lane.transfer = [];
-      lane.port.postMessage(outbox, transfer);
+    // A request whose body the caller detached since cannot be cloned, and postMessage would throw for the whole
+    // batch: from a microtask (an uncaught exception), or inside the call that filled the lane (the request's queue
+    // slot and every other call of the batch lost, close() waiting for them for good). Found in review
+    // (test/client-queue-edges.test.ts). Such a request fails alone, as it would in this thread.
+    const detached = takeDetachedCalls(outbox);
+    if (outbox.length > 0) {
+      if (transfer.length === 0) lane.port.postMessage(outbox);
+      else {
+        lane.transfer = [];
+        lane.port.postMessage(outbox, transfer);
+      }
     }
+    if (detached) this.#failUnsent(lane, detached);
+  }
+
+  /** Requests taken out of `lane`'s batch before it went (takeDetachedCalls): they fail, never having reached the
+   *  thread, and their room on the lane goes to requests waiting for it. */
+  #failUnsent(lane: Lane, ids: number[]): void {
+    for (const id of ids) {
+      const pending = this.#pending.get(id);
+      if (!pending || pending.lane !== lane) continue;
+      this.#pending.delete(id);
+      lane.inFlight--;
+      pending.port?.peerClosed();
+      if (pending.settled) continue;
+      this.#settle(pending);
+      pending.reject(detachedBodyError());
+    }
+    this.#dispatchWaiting();
+    this.#checkIdle();
   }
 
   #receive(replies: LaneReplies): void {

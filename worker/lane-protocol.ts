@@ -89,6 +89,30 @@ export function pushAbortCall(calls: LaneCalls, id: number, error: PlainError): 
   calls.push(id, error, 0, 0, 0, 0, 0, 0, 0);
 }
 
+/**
+ * Takes out of calls not sent yet the requests whose body bytes can no longer be cloned (the caller detached their
+ * ArrayBuffer, e.g. by transferring it, after handing them over) and returns their ids: postMessage would throw a
+ * DataCloneError for the whole batch, losing the other calls in it. Bodies are the caller's own bytes, not copied
+ * (a copy per request costs more than this look).
+ */
+export function takeDetachedCalls(calls: LaneCalls): number[] | undefined {
+  let ids: number[] | undefined;
+  for (let i = 0; i < calls.length; ) {
+    const body = calls[i + 4];
+    if (typeof calls[i + 1] === 'string' && body instanceof Uint8Array && isDetached(body)) {
+      ids ??= [];
+      ids.push(calls[i] as number);
+      calls.splice(i, CALL_SLOTS);
+    } else i += CALL_SLOTS;
+  }
+  return ids;
+}
+
+/** Whether a view's buffer was detached (transferred): then it reads as empty and cannot be cloned. */
+export function isDetached(bytes: Uint8Array): boolean {
+  return (bytes.buffer as ArrayBuffer & { detached?: boolean }).detached === true;
+}
+
 /** Takes buffered request `id` out of calls not sent yet; false if it is not among them. */
 export function removeCall(calls: LaneCalls, id: number): boolean {
   for (let i = 0; i < calls.length; i += CALL_SLOTS) {

@@ -20,6 +20,7 @@ import {
 } from './curl-engine.js';
 import { DaemonLink } from './daemon-link.js';
 import { type Deadline, Deadlines } from './deadlines.js';
+import { isDetached } from './lane-protocol.js';
 import { PortSink } from './response-sink.js';
 import { SocketSupply } from './socket-supply.js';
 import type { CallerMessage, RequestPort } from './stream-protocol.js';
@@ -57,6 +58,14 @@ export function abortedError(signal: Pick<CancelSignal, 'reason'>): SockpoolErro
   const reason = signal.reason as { message?: unknown } | undefined;
   const detail = typeof reason?.message === 'string' ? `: ${reason.message}` : '';
   return new SockpoolError(ErrorCodes.ABORTED, `request aborted${detail}`, {}, { cause: signal.reason });
+}
+
+/** The error of a request whose body bytes the caller detached (transferred their ArrayBuffer) before it was sent. */
+export function detachedBodyError(): SockpoolError {
+  return new SockpoolError(
+    ErrorCodes.INVALID_ARGUMENT,
+    'the request body was detached (its ArrayBuffer transferred) before the request was sent',
+  );
 }
 
 export class TransferRuntime {
@@ -161,6 +170,13 @@ export class TransferRuntime {
     signal: CancelSignal | undefined,
     done: (outcome: TransferOutcome) => void,
   ): void {
+    // (In the caller's thread the body is the caller's own view: one detached since reads as empty. Refused, as over
+    // a thread's lane, where it cannot be cloned.)
+    if (request.body !== undefined && isDetached(request.body)) {
+      port?.close();
+      done({ ok: false, error: toPlainError(detachedBodyError()) });
+      return;
+    }
     const run = new RequestRun(request, signal);
     this.#deadlines.insert(run);
     if (signal) signal.addEventListener('abort', run, { once: true });

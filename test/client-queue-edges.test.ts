@@ -1,0 +1,82 @@
+// The client's queue and lanes where a request goes wrong on its way in (found in review): a request body the caller
+// detached after handing it over (its ArrayBuffer transferred) cannot be cloned onto a thread's lane. It must fail
+// alone with a typed error, leaving the queue's and the lanes' counts as they were: no uncaught exception, no slot
+// held for ever, close() not waiting for it. Real daemon child process, real HTTP origin.
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { SockpoolClient } from '../client/index.js';
+import { echoHandler, httpOrigin, type Origin, startTestDaemon } from './fixtures/client-helpers.js';
+import type { DaemonProcess } from './helpers/daemon.js';
+
+let origin: Origin;
+let daemon: DaemonProcess;
+
+beforeAll(async () => {
+  origin = await httpOrigin(echoHandler(20));
+  daemon = await startTestDaemon([origin.port]);
+});
+
+afterAll(async () => {
+  await daemon?.stop();
+  await origin?.close();
+});
+
+/** Detaches a body's ArrayBuffer, as transferring it to another thread does. */
+function detach(body: Uint8Array): void {
+  structuredClone(body.buffer, { transfer: [body.buffer as ArrayBuffer] });
+}
+
+describe('a request body detached after the call', () => {
+  it('while the request waits in the queue (the lane full when it is sent): it fails typed, its slot is given back', async () => {
+    const client = new SockpoolClient({
+      socketPath: daemon.socketPath,
+      threads: 1,
+      concurrencyPerThread: 1,
+      inlineWhenIdle: false,
+    });
+    const url = `http://127.0.0.1:${origin.port}/`;
+    const first = client.request(url);
+    const body = new Uint8Array(16);
+    // Waits behind `first`; sent alone on a full lane (the lane's message goes at once) once `first` ends.
+    const streamed = client.requestStream(url, { method: 'POST', body });
+    const buffered = client.request(url, { method: 'POST', body });
+    detach(body);
+    expect((await first).status).toBe(200);
+    await expect(streamed).rejects.toMatchObject({ code: 'SOCKPOOL_ERR_INVALID_ARGUMENT' });
+    await expect(buffered).rejects.toMatchObject({ code: 'SOCKPOOL_ERR_INVALID_ARGUMENT' });
+    // The only slot is free again: the next request runs (it waited for its deadline before), and close() ends.
+    expect((await client.request(url, { method: 'POST', body: 'ok' })).body.toString()).toBe('POST / 2');
+    await client.close();
+  });
+
+  it('in a burst sent together: only that request fails, the others of the batch are answered', async () => {
+    const client = new SockpoolClient({ socketPath: daemon.socketPath, threads: 1, inlineWhenIdle: false });
+    const url = `http://127.0.0.1:${origin.port}/`;
+    const body = new Uint8Array(16);
+    const before = client.request(`${url}a`);
+    const detached = client.request(url, { method: 'POST', body });
+    const detachedStream = client.requestStream(url, { method: 'POST', body });
+    const after = client.request(`${url}b`, { method: 'POST', body: 'xyz' });
+    // (The lane's batch goes at the end of this round of microtasks: it would throw there, uncaught.)
+    detach(body);
+    await expect(detached).rejects.toMatchObject({ code: 'SOCKPOOL_ERR_INVALID_ARGUMENT' });
+    await expect(detachedStream).rejects.toMatchObject({ code: 'SOCKPOOL_ERR_INVALID_ARGUMENT' });
+    expect((await before).body.toString()).toBe('GET /a 0');
+    expect((await after).body.toString()).toBe('POST /b 3');
+    await client.close();
+  });
+
+  it("in the caller's thread (threads: 0), waiting in the queue: it fails the same way, rather than sending an empty body", async () => {
+    const client = new SockpoolClient({ socketPath: daemon.socketPath, threads: 0, concurrencyPerThread: 1 });
+    const url = `http://127.0.0.1:${origin.port}/`;
+    const first = client.request(url);
+    const body = new Uint8Array(16);
+    const buffered = client.request(url, { method: 'POST', body });
+    const streamed = client.requestStream(url, { method: 'POST', body });
+    detach(body);
+    expect((await first).status).toBe(200);
+    await expect(buffered).rejects.toMatchObject({ code: 'SOCKPOOL_ERR_INVALID_ARGUMENT' });
+    await expect(streamed).rejects.toMatchObject({ code: 'SOCKPOOL_ERR_INVALID_ARGUMENT' });
+    expect((await client.request(url)).status).toBe(200);
+    await client.close();
+  });
+});
