@@ -16,7 +16,10 @@
 // The waiting list is an array with a head index: waiters before `#head` have left it (started, or gave up: a
 // waiter that gave up stays in place, marked, and is skipped). `#cursor` is how far the lookahead has looked:
 // every origin of a waiter between `#head` and `#cursor` is announced (or was, while it still has waiters), so each
-// waiter is looked at once.
+// waiter is looked at once. A waiter that gives up lets go of its request at once (its deadline entry held it, body
+// and all), and once many have given up behind the head they are dropped from the array (#dropGone): while every
+// slot stays taken (slow origins, bodies nobody reads) the head does not move, and a caller whose requests keep
+// timing out in the queue would otherwise grow it without bound (found in review; test/request-queue.test.ts).
 //
 // The per-origin records are not deleted when an origin's last request leaves: a Map that adds and deletes per
 // request keeps garbage alive past young-generation GCs (../shared/id-table.ts). An idle record stays, ready for the
@@ -67,8 +70,11 @@ interface OriginRequests {
 /** Idle origin records kept before the records are rebuilt with the busy ones only (see the header). */
 const IDLE_ORIGINS_KEPT = 1024;
 
-/** Waiters before the head are dropped from the array once this many have piled up (and they are most of it). */
+/** Waiters before the head are dropped from the array once this many have piled up (and they are most of it); so
+ *  are waiters that gave up, after the head. */
 const COMPACT_AFTER = 1024;
+
+const noop = () => {};
 
 export class RequestQueue {
   readonly #capacity: number;
@@ -81,6 +87,8 @@ export class RequestQueue {
   #cursor = 0;
   /** Waiters still in the queue. */
   #waiting = 0;
+  /** Waiters at or after `#head` that gave up (marked, still in the array). */
+  #gone = 0;
   /** By origin key: every origin with waiters or (https, announcing on) running requests, and some idle ones. */
   #origins = new Map<string, OriginRequests>();
   /** Idle records in #origins. */
@@ -162,7 +170,10 @@ export class RequestQueue {
     }
     while (this.#running < this.#capacity && this.#head < this.#waiters.length) {
       const waiter = this.#waiters[this.#head++]!;
-      if (waiter.gone) continue;
+      if (waiter.gone) {
+        this.#gone--;
+        continue;
+      }
       this.#left(waiter);
       this.#running++;
       if (this.#lookahead && waiter.target.secure) this.#busy(waiter.target.key).running++;
@@ -185,8 +196,31 @@ export class RequestQueue {
   #giveUp(waiter: Waiter, error: Error): void {
     if (waiter.gone) return;
     this.#left(waiter);
-    // (It stays in the array, marked, until leave() passes it: waiters exist only while every slot is taken.)
-    waiter.fail(error);
+    // (It stays in the array, marked, until leave() passes it or #dropGone drops it: waiters exist only while every
+    // slot is taken.)
+    this.#gone++;
+    const fail = waiter.fail;
+    waiter.start = waiter.fail = noop;
+    fail(error);
+    this.#dropGone();
+  }
+
+  /** Drops the waiters that gave up from the array once they are many and most of what is left of it. */
+  #dropGone(): void {
+    if (this.#gone < COMPACT_AFTER || this.#gone * 2 < this.#waiters.length - this.#head) return;
+    const kept: Waiter[] = [];
+    let cursor = 0;
+    for (let index = this.#head; index < this.#waiters.length; index++) {
+      const waiter = this.#waiters[index]!;
+      if (waiter.gone) continue;
+      kept.push(waiter);
+      // (The lookahead has looked at the waiters before the cursor: it stays past the same ones.)
+      if (index < this.#cursor) cursor = kept.length;
+    }
+    this.#waiters = kept;
+    this.#head = 0;
+    this.#cursor = cursor;
+    this.#gone = 0;
   }
 
   /** The waiter leaves the queue: its deadline and abort listener go, and its origin has one waiter less. */
@@ -195,6 +229,10 @@ export class RequestQueue {
     this.#waiting--;
     if (waiter.deadline) this.#deadlines.remove(waiter.deadline);
     if (waiter.onAbort) waiter.signal!.removeEventListener('abort', waiter.onAbort);
+    // (The deadline's callback holds the request, body and all; a waiter that gave up may stay in the array a while.)
+    waiter.deadline = undefined;
+    waiter.signal = undefined;
+    waiter.onAbort = undefined;
     const origin = this.#origins.get(waiter.target.key)!;
     if (--origin.waiting > 0) return;
     const looked = origin.looked;

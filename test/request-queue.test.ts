@@ -1,5 +1,7 @@
 // The client's queue (client/request-queue.ts) as pure logic: slots in order of arrival, waiters that give up, and
 // the lookahead that announces the origins of waiting requests (which ones, with how many sockets, when it moves).
+import { setFlagsFromString } from 'node:v8';
+import { runInNewContext } from 'node:vm';
 import { describe, expect, it } from 'vitest';
 import { type AnnouncedOrigin, RequestQueue } from '../client/request-queue.js';
 import { epochNow, type TransferRequest } from '../worker/curl-engine.js';
@@ -222,5 +224,57 @@ describe('RequestQueue', () => {
     expect(idle).toBe(false);
     leave('http://next.test/');
     await idling;
+  });
+
+  it('waiters that give up while every slot stays taken are let go: neither they nor their requests pile up', async () => {
+    // Found in review: a waiter that gave up stayed in the waiting list until a slot freed, and through its deadline
+    // entry kept its request (its body too). With every slot held by slow requests, a caller whose requests time
+    // out in the queue (and who makes new ones) grew the client's memory without bound.
+    setFlagsFromString('--expose-gc');
+    const gc = runInNewContext('gc') as () => void;
+    const { queue, batches, order, enter, leave } = recordingQueue(1, { origins: 2, socketsPerOrigin: 1 });
+    enter('http://slow.test/');
+    const requests: WeakRef<TransferRequest>[] = [];
+    const signals: WeakRef<AbortSignal>[] = [];
+    const live: Array<Promise<void> | string> = [];
+    const total = 3000;
+    for (let i = 0; i < total; i++) {
+      // Every 500th waiter stays (to an origin of its own); the others give up at once.
+      if (i % 500 === 250) {
+        live.push(enter(`http://live${i}.test/`));
+        // (The lookahead looks at it now: the waiters it has looked at are dropped from around it later.)
+        await settle();
+        continue;
+      }
+      const controller = new AbortController();
+      // A request with a body of its own, as a crawler's POSTs have.
+      const held = { ...request(), body: new Uint8Array(1024) };
+      requests.push(new WeakRef(held));
+      signals.push(new WeakRef(controller.signal));
+      const waiting = queue.enter(urlTarget(`http://w${i % 10}.test/`), held, controller.signal)!;
+      waiting.catch(() => {});
+      controller.abort();
+    }
+    expect(queue.waiting).toBe(6);
+    // (A WeakRef holds its target until the job that made it ends.)
+    await settle();
+    gc();
+    const alive = (refs: WeakRef<object>[]) => refs.filter((ref) => ref.deref() !== undefined).length;
+    expect(alive(requests)).toBe(0);
+    expect(alive(signals)).toBe(0);
+    // The waiters that stayed start in order, and the lookahead moves on over them as before.
+    expect(batches.flat().map((origin) => origin.host)).toEqual(['live250.test', 'live750.test']);
+    leave('http://slow.test/');
+    for (let i = 250; i < total; i += 500) {
+      await settle();
+      expect(order.at(-1)).toBe(`http://live${i}.test/`);
+      leave(`http://live${i}.test/`);
+    }
+    await Promise.all(live);
+    expect(batches.flat().map((origin) => origin.host)).toEqual(
+      [250, 750, 1250, 1750, 2250, 2750].map((i) => `live${i}.test`),
+    );
+    expect(queue.running).toBe(0);
+    await queue.idle();
   });
 });
