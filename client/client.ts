@@ -48,6 +48,7 @@ import {
   validateMaxBodyBytes,
   validatePrewarm,
   validateRequest,
+  validateSignal,
   validateTimeout,
 } from './validate.js';
 
@@ -720,7 +721,7 @@ export class SockpoolClient {
     const queued = performance.now();
     const checked = validateRequest(url, options);
     const timeoutMs = options.timeoutMs === undefined ? this.#options.timeoutMs : validateTimeout(options.timeoutMs);
-    const signal = options.signal ?? undefined;
+    const signal = validateSignal(options.signal);
     if (signal?.aborted) throw abortedError(signal);
     if (options.decompress !== undefined && typeof options.decompress !== 'boolean') {
       throw invalid('decompress must be a boolean');

@@ -119,6 +119,25 @@ export function validateTimeout(timeoutMs: unknown, what = 'timeoutMs'): number 
 /** The longest delay a Node timer waits (2^31 - 1 ms). */
 const MAX_TIMER_MS = 2 ** 31 - 1;
 
+/**
+ * A request's `signal`: none, or something that is an AbortSignal as far as the client uses one (as undici's own
+ * check: `aborted`, addEventListener, removeEventListener). Anything else used to fail only where the queue or a lane
+ * listened to it, after the request held a slot or a deadline: a raw TypeError, the slot never given back (close()
+ * waiting for good), and at the deadline an uncaught exception (found in review; test/client-queue-edges.test.ts).
+ */
+export function validateSignal(signal: unknown): AbortSignal | undefined {
+  if (signal === undefined || signal === null) return undefined;
+  const candidate = signal as Partial<AbortSignal>;
+  if (
+    typeof candidate.aborted !== 'boolean' ||
+    typeof candidate.addEventListener !== 'function' ||
+    typeof candidate.removeEventListener !== 'function'
+  ) {
+    throw invalid('signal must be an AbortSignal');
+  }
+  return signal as AbortSignal;
+}
+
 /** acquireTimeoutMs: a timeout (validateTimeout) the daemon may be asked to wait, at most the protocol's bound. */
 export function validateAcquireTimeout(timeoutMs: unknown): number {
   const checked = validateTimeout(timeoutMs, 'acquireTimeoutMs');

@@ -80,3 +80,26 @@ describe('a request body detached after the call', () => {
     await client.close();
   });
 });
+
+describe('a signal that is not an AbortSignal', () => {
+  it('is refused before the request enters the queue, leaving no slot and no deadline behind', async () => {
+    const client = new SockpoolClient({ socketPath: daemon.socketPath, threads: 1, inlineWhenIdle: false });
+    const url = `http://127.0.0.1:${origin.port}/`;
+    const notASignal = { aborted: false } as unknown as AbortSignal;
+    for (const call of [
+      () => client.request(url, { signal: notASignal, timeoutMs: 200 }),
+      () => client.requestStream(url, { signal: notASignal, timeoutMs: 200 }),
+      () => client.fetch(url, { signal: notASignal }),
+    ]) {
+      await expect(call()).rejects.toMatchObject({ code: 'SOCKPOOL_ERR_INVALID_ARGUMENT' });
+    }
+    // Requests waiting on the lane past the refused one's deadline are untouched by it.
+    const later = await Promise.all(
+      Array.from({ length: 3 }, (_, i) =>
+        new Promise((resolve) => setTimeout(resolve, 300)).then(() => client.request(`${url}${i}`)),
+      ),
+    );
+    expect(later.map((response) => response.body.toString())).toEqual(['GET /0 0', 'GET /1 0', 'GET /2 0']);
+    await client.close();
+  });
+});
