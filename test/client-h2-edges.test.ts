@@ -171,6 +171,36 @@ describe('streams that lose their HTTP/2 connection together', () => {
     }
     await eventually(() => fdCount() - h2.openSockets() <= fdsBefore, `fds back to ${fdsBefore}`);
   }, 30_000);
+  it('20 GETs that joined a new connection together, dropped together, run again over one new connection', async () => {
+    // The origin is known to speak HTTP/2 and its connection is gone: the 20 wait for one new connection (one brings
+    // it, the others join it). Having joined once must not keep them from sharing the next one when that connection
+    // is dropped too (before, each of the 19 that had joined acquired a connection of its own).
+    const base = `https://localhost:${h2.port}`;
+    const client = newClient();
+    const fdsBefore = fdCount() - h2.sockets.size;
+    try {
+      h2.handle = answer;
+      expect((await client.request(`${base}/rejoin-first`)).httpVersion).toBe('2');
+      for (const socket of h2.sockets) socket.destroy();
+      await eventually(() => h2.sockets.size === 0, 'the first connection closed');
+      let arrived = 0;
+      let acceptedAtDrop = 0;
+      h2.handle = (stream, headers) => {
+        if (h2.seen.get(`${headers[':method']} ${headers[':path']}`)! > 1) answer(stream, headers);
+        else if (++arrived === 20) {
+          acceptedAtDrop = h2.accepted();
+          for (const socket of h2.sockets) socket.destroy();
+        }
+      };
+      const gets = Array.from({ length: 20 }, (_, i) => outcome(client.request(`${base}/rejoin${i}`)));
+      expect(await Promise.all(gets)).toEqual(Array.from({ length: 20 }, (_, i) => `GET /rejoin${i}`));
+      expect(h2.accepted() - acceptedAtDrop).toBeLessThanOrEqual(2);
+    } finally {
+      h2.handle = answer;
+      await client.close();
+    }
+    await eventually(() => fdCount() - h2.sockets.size <= fdsBefore, `fds back to ${fdsBefore}`);
+  }, 30_000);
 });
 
 describe('HTTP/1.1 keep-alive', () => {

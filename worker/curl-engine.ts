@@ -120,7 +120,8 @@ interface Transfer {
   attempt: number;
   /** Ask the daemon for a socket whatever the prediction says (the last attempt was starved or its connection died). */
   forceSocket: boolean;
-  /** An attempt waited for another transfer's new HTTP/2 connection (socket-supply.ts, `join`): later ones do not. */
+  /** An attempt waited for another transfer's new HTTP/2 connection (socket-supply.ts, `join`) and was starved all the
+   *  same: later ones do not wait. */
   joined: boolean;
   retriedDead: boolean;
   done: (outcome: TransferOutcome) => void;
@@ -416,7 +417,10 @@ export class CurlEngine {
   #attemptEnded(transfer: Transfer, slot: SocketSlot | undefined, result: TransferResult | TransferFailure): void {
     if (slot) {
       this.#supply.finish(slot);
-      if (slot.joined) transfer.joined = true;
+      // A join that could not put the transfer on the shared connection (starved at its first connect: it turned out
+      // HTTP/1.1, or full) is not tried again. One whose connection died after the request went out (curl wanted it
+      // sent again: `resent`) was no fault of the join: the transfers that lost it together share the next one.
+      if (slot.joined && slot.starved && !(result instanceof TransferFailure && result.resent)) transfer.joined = true;
     }
     if (!(result instanceof TransferFailure)) {
       const sink = transfer.io.sink;
