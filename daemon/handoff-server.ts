@@ -443,15 +443,15 @@ export class HandoffServer {
     return isAdminUid(session.uid, this.#config().access.adminUids);
   }
 
-  /**
-   * The message's origin in its one canonical key, whatever spelling the client sent; undefined after replying with
-   * the error when it is none (a zone id is refused here).
-   */
   /** How long a request that names no timeoutMs waits: its origin's acquireTimeoutMs, as the pool waits for it. */
   #acquireTimeoutOf(origin: Origin): number {
     return policyFor(this.#config(), origin.host, origin.port).acquireTimeoutMs;
   }
 
+  /**
+   * The message's origin in its one canonical key, whatever spelling the client sent; undefined after replying with
+   * the error when it is none (a zone id is refused here).
+   */
   #originOf(
     session: ClientSession,
     message: Extract<ClientMessage, { type: 'tokens' | 'acquire' }>,
