@@ -177,7 +177,7 @@ describe('streams that lose their HTTP/2 connection together', () => {
     // is dropped too (before, each of the 19 that had joined acquired a connection of its own).
     const base = `https://localhost:${h2.port}`;
     const client = newClient();
-    const fdsBefore = fdCount() - h2.sockets.size;
+    const fdsBefore = fdCount() - h2.openSockets();
     try {
       h2.handle = answer;
       expect((await client.request(`${base}/rejoin-first`)).httpVersion).toBe('2');
@@ -199,7 +199,7 @@ describe('streams that lose their HTTP/2 connection together', () => {
       h2.handle = answer;
       await client.close();
     }
-    await eventually(() => fdCount() - h2.sockets.size <= fdsBefore, `fds back to ${fdsBefore}`);
+    await eventually(() => fdCount() - h2.openSockets() <= fdsBefore, `fds back to ${fdsBefore}`);
   }, 30_000);
 });
 
