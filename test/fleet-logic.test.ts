@@ -246,6 +246,27 @@ describe('worker tokens', () => {
     expect(tokens.take('a.example', 80, 1000)).toBeUndefined();
   });
 
+  it('a request cancelled while the worker waits out a token past the daemon’s bound leaves no timer behind', async () => {
+    const { asks, link } = manualLink();
+    const tokens = new RateTokens(link, () => 0);
+    tokens.learn('slow.example', 80, { requestsPerSecond: 0.001, burst: 1 });
+    const timers = () => process.getActiveResourcesInfo().filter((kind) => kind === 'Timeout').length;
+    const before = timers();
+    const cancellation = new Cancellation();
+    const taking = tokens.take('slow.example', 80, MAX_TIMEOUT_MS + 700_000, cancellation)!;
+    // The daemon waits at most MAX_TIMEOUT_MS: a token 10 minutes past that is waited for here.
+    asks[0]!.fail(new SockpoolError(ErrorCodes.RATE_LIMITED, 'refused', { waitMs: MAX_TIMEOUT_MS + 600_000 }));
+    await settle();
+    expect(timers()).toBe(before + 1);
+    const reason = new Error('cancelled');
+    cancellation.cancel(reason);
+    await expect(taking).rejects.toBe(reason);
+    await settle();
+    // Before: the 10-minute timer stayed (a process that closed its client waited for it).
+    expect(timers()).toBe(before);
+    expect(asks).toHaveLength(1);
+  });
+
   it('a request whose deadline comes before the batch request under way asks for its own single token', async () => {
     const { asks, link } = manualLink();
     const tokens = new RateTokens(link, () => 0);

@@ -149,7 +149,7 @@ export class RateTokens {
         // here (until it is due within that bound), then asked for again.
         const waitMs = rateLimitedWait(error);
         if (left <= MAX_TIMEOUT_MS || waitMs === undefined || waitMs > deadline - this.#now()) throw error;
-        await new Promise((resolve) => setTimeout(resolve, Math.max(1, waitMs - MAX_TIMEOUT_MS)));
+        await sleep(Math.max(1, waitMs - MAX_TIMEOUT_MS), signal);
         // Cancelled meanwhile: requests that shared this wait ask for themselves.
         if (signal?.aborted) return;
       }
@@ -158,6 +158,20 @@ export class RateTokens {
 }
 
 function ignore(): void {}
+
+/** Waits `ms`, or until `signal` is cancelled: the timer goes with the request (it could hold a process that closed
+ *  its client for minutes). */
+function sleep(ms: number, signal: CancelSignal | undefined): Promise<void> {
+  return new Promise((resolve) => {
+    const done = (): void => {
+      clearTimeout(timer);
+      signal?.removeEventListener('abort', done);
+      resolve();
+    };
+    const timer = setTimeout(done, ms);
+    signal?.addEventListener('abort', done, { once: true });
+  });
+}
 
 /** A SOCKPOOL_ERR_RATE_LIMITED refusal's wait for the next token (ms), if the error is one. */
 function rateLimitedWait(error: unknown): number | undefined {
