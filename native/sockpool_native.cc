@@ -1223,15 +1223,19 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
 
   // -- Ownership
 
+  // An fd a Poller of this thread watches is not closed: libuv would keep watching a number that the next socket()
+  // may reuse.
+  void ThrowIfPolled(Napi::Env env, int fd) {
+    if (polled_->count(fd) == 0) return;
+    throw CodeError(env, "SOCKPOOL_ERR_FD_POLLED", "close",
+                    "close SOCKPOOL_ERR_FD_POLLED: fd " + std::to_string(fd) +
+                        " is watched by a Poller of this thread; close the Poller first");
+  }
+
   Napi::Value Close(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     const int fd = FdArg(info, 0);
-    if (polled_->count(fd) != 0) {
-      // libuv would keep watching a number that the next socket() may reuse.
-      throw CodeError(env, "SOCKPOOL_ERR_FD_POLLED", "close",
-                      "close SOCKPOOL_ERR_FD_POLLED: fd " + std::to_string(fd) +
-                          " is watched by a Poller of this thread; close the Poller first");
-    }
+    ThrowIfPolled(env, fd);
     tracked_.erase(fd);
     DisarmLinger(fd);  // (see DisarmLinger: no client can make this close wait)
     // Linux releases the fd even when close() reports EINTR: never retry, and report only real errors (EBADF).
@@ -1244,11 +1248,7 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
   Napi::Value Discard(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     const int fd = FdArg(info, 0);
-    if (polled_->count(fd) != 0) {
-      throw CodeError(env, "SOCKPOOL_ERR_FD_POLLED", "close",
-                      "close SOCKPOOL_ERR_FD_POLLED: fd " + std::to_string(fd) +
-                          " is watched by a Poller of this thread; close the Poller first");
-    }
+    ThrowIfPolled(env, fd);
     if (::fcntl(fd, F_GETFD) < 0) ThrowErrno(env, errno, "close");
     tracked_.erase(fd);
     DiscardQuietly(fd, 0);

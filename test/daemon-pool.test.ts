@@ -579,17 +579,23 @@ describe('life cycle', () => {
     expect(await sockpoold.stop()).toBe(0);
   });
 
-  it('warms the origins from its history after a restart', async () => {
-    const echo = await server();
-    const first = await daemon(echo.port);
+  /** A daemon that served `acquires` leases of `port` (its history has the origin), stopped. */
+  async function stoppedWithHistory(port: number, acquires: number): Promise<DaemonProcess> {
+    const first = await daemon(port);
     const raw = client(first.socketPath);
-    for (let i = 0; i < 5; i++) {
-      const lease = await raw.request({ type: 'acquire', id: i, host: '127.0.0.1', port: echo.port });
+    for (let i = 0; i < acquires; i++) {
+      const lease = await raw.request({ type: 'acquire', id: i, host: '127.0.0.1', port });
       for (const fd of lease.fds) native.close(fd);
     }
     raw.close();
     cleanups.pop();
     expect(await first.stop()).toBe(0);
+    return first;
+  }
+
+  it('warms the origins from its history after a restart', async () => {
+    const echo = await server();
+    const first = await stoppedWithHistory(echo.port, 5);
     const before = echo.connections.length;
     const second = await startDaemon({
       stateDir: first.stateDir,
@@ -605,15 +611,7 @@ describe('life cycle', () => {
   });
   it('starts, warms from its history and stops cleanly while another process holds the database write lock', async () => {
     const echo = await server();
-    const first = await daemon(echo.port);
-    const raw = client(first.socketPath);
-    for (let i = 0; i < 3; i++) {
-      const lease = await raw.request({ type: 'acquire', id: i, host: '127.0.0.1', port: echo.port });
-      for (const fd of lease.fds) native.close(fd);
-    }
-    raw.close();
-    cleanups.pop();
-    expect(await first.stop()).toBe(0);
+    const first = await stoppedWithHistory(echo.port, 3);
     // Another process (an operator's sqlite3 shell, a backup tool) in a write transaction on the file.
     const other = new Database(join(first.stateDir, 'sockpool.sqlite'));
     other.exec('BEGIN IMMEDIATE');
