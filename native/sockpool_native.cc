@@ -466,8 +466,11 @@ void DrainUnixQueue(int fd, int depth) {
       }
     }
   }
-  if (QueuedFds(fd) == 0) return;  // nothing in flight: dropping the queue closes no fd
+  // Shut first, then look: a message the peer sends between a look that finds nothing and the close would be
+  // queued, and dropped by the close (a clean-clone run of test/daemon-linger caught it with refused clients). Once
+  // shut, the peer's sends fail (EPIPE): nothing more can be queued.
   ::shutdown(fd, SHUT_RD);
+  if (QueuedFds(fd) == 0) return;  // nothing in flight: dropping the queue closes no fd
   const int on = 1;
   ::setsockopt(fd, SOL_SOCKET, SO_OOBINLINE, &on, sizeof on);  // a stream's out-of-band byte may carry fds too
   static thread_local uint8_t data[4096];  // what the messages say does not matter
