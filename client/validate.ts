@@ -4,6 +4,7 @@
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import { canonicalOrigin, originKey } from '../shared/origin.js';
 import { MAX_PREWARM_COUNT, MAX_TIMEOUT_MS } from '../shared/protocol.js';
+import { MAX_TIMER_MS } from '../shared/timers.js';
 import { type UrlTarget, urlTarget } from '../worker/url-target.js';
 import type { BodyStream } from './caller-channel.js';
 
@@ -115,9 +116,6 @@ export function validateTimeout(timeoutMs: unknown, what = 'timeoutMs'): number 
   if (timeoutMs > MAX_TIMER_MS) throw invalid(`${what} must be at most ${MAX_TIMER_MS} ms (the longest Node timer)`);
   return timeoutMs;
 }
-
-/** The longest delay a Node timer waits (2^31 - 1 ms). */
-const MAX_TIMER_MS = 2 ** 31 - 1;
 
 /**
  * A request's `signal`: none, or something that is an AbortSignal as far as the client uses one (as undici's own

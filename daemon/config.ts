@@ -28,6 +28,7 @@ import {
 } from '../shared/address.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import { PROXY_NAME } from '../shared/origin.js';
+import { MAX_TIMER_MS } from '../shared/timers.js';
 
 // ---------------------------------------------------------------------------------------------------------------
 // Defaults: the one place they live.
@@ -135,14 +136,11 @@ export type WarmTlsOnMiss = (typeof WARM_TLS_ON_MISS)[number];
 // Schema.
 
 const port = z.int().min(1).max(65535);
-/**
- * The longest duration a key may have: Node's timers take at most 2^31 - 1 ms (24.8 days) and turn a longer one
- * into 1 ms with a mere warning (maxLeaseMs = 3e9 ended every lease at once), and TCP_USER_TIMEOUT is an int.
- */
-export const MAX_DURATION_MS = 2 ** 31 - 1;
-const maxDuration = { error: `must be at most ${MAX_DURATION_MS} ms (about 24.8 days, the longest timer Node has)` };
-/** A duration in ms from `min` (1 unless said) up to MAX_DURATION_MS. */
-const durationMs = (min = 1) => z.int().min(min).max(MAX_DURATION_MS, maxDuration);
+// The longest duration a key may have is the longest timer (shared/timers.ts): quotas.maxLeaseMs = 3e9 ended every
+// lease at once.
+const maxDuration = { error: `must be at most ${MAX_TIMER_MS} ms (about 24.8 days, the longest timer Node has)` };
+/** A duration in ms from `min` (1 unless said) up to MAX_TIMER_MS. */
+const durationMs = (min = 1) => z.int().min(min).max(MAX_TIMER_MS, maxDuration);
 const positiveMs = durationMs();
 /**
  * A string entry parsed by one of shared/address.ts's parsers into its typed value; a refusal becomes an issue
