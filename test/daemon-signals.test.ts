@@ -1,7 +1,7 @@
 // sockpoold's signals around its start and its stop, against the real daemon child process: a SIGHUP while it
 // starts (Node's default action for it is to end the process) reloads once the start has finished; a SIGHUP once a
 // stop has begun is ignored (no reload of closed pools, no RELOADING=1 or READY=1 to systemd after STOPPING=1).
-import { spawn } from 'node:child_process';
+import { type ChildProcess, spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -42,40 +42,69 @@ async function stats(raw: RawClient): Promise<PoolSnapshot> {
   return (reply.message as unknown as { stats: PoolSnapshot }).stats;
 }
 
+/** sockpoold as a child process of its own (its state in a temporary directory), its output collected. */
+function spawnDaemon(options: {
+  nodeArgs?: string[];
+  env?: Record<string, string>;
+  onOutput?: (output: string, child: ChildProcess) => void;
+}): { child: ChildProcess; output(): string; closed: Promise<unknown> } {
+  const dir = tempDir();
+  const child = spawn(
+    process.execPath,
+    [
+      ...(options.nodeArgs ?? []),
+      daemonMain,
+      '--socket',
+      join(dir, 's.sock'),
+      '--state-dir',
+      dir,
+      '--log-level',
+      'debug',
+    ],
+    { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...options.env } },
+  );
+  cleanups.push(() => {
+    if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+  });
+  const closed = once(child, 'close');
+  let output = '';
+  const onData = (chunk: Buffer) => {
+    output += chunk;
+    options.onOutput?.(output, child);
+  };
+  child.stdout!.on('data', onData);
+  child.stderr!.on('data', onData);
+  return { child, output: () => output, closed };
+}
+
+/** The daemon survived the SIGHUP, reloaded after it said ready, and stops cleanly. */
+async function expectReloadedAfterStart(daemon: ReturnType<typeof spawnDaemon>): Promise<void> {
+  const { child, output } = daemon;
+  await eventually(
+    () => output().includes('configuration reloaded') || child.exitCode !== null || child.signalCode !== null,
+    'a reload after the start, or an exit',
+    30_000,
+  );
+  expect({ signal: child.signalCode, exitCode: child.exitCode }).toEqual({ signal: null, exitCode: null });
+  expect(output().indexOf('configuration reloaded')).toBeGreaterThan(output().indexOf('sockpoold ready'));
+  child.kill('SIGTERM');
+  await daemon.closed;
+  expect(child.exitCode).toBe(0);
+}
+
 describe('SIGHUP', () => {
   it('while the daemon starts: it survives, and reloads once the start has finished', async () => {
-    const dir = tempDir();
-    const child = spawn(
-      process.execPath,
-      [daemonMain, '--socket', join(dir, 's.sock'), '--state-dir', dir, '--log-level', 'debug'],
-      { stdio: ['ignore', 'pipe', 'pipe'] },
-    );
-    cleanups.push(() => {
-      if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
-    });
-    const closed = once(child, 'close');
-    let output = '';
     let hupSent = false;
-    const onData = (chunk: Buffer) => {
-      output += chunk;
-      // The bind restriction's line is logged before Sockpoold.start(): the daemon is starting.
-      if (!hupSent && output.includes('TCP bind restriction')) {
-        hupSent = true;
-        child.kill('SIGHUP');
-      }
-    };
-    child.stdout.on('data', onData);
-    child.stderr.on('data', onData);
-    await eventually(
-      () => output.includes('configuration reloaded') || child.exitCode !== null || child.signalCode !== null,
-      'a reload after the start, or an exit',
-      30_000,
-    );
-    expect({ signal: child.signalCode, exitCode: child.exitCode }).toEqual({ signal: null, exitCode: null });
-    expect(output.indexOf('configuration reloaded')).toBeGreaterThan(output.indexOf('sockpoold ready'));
-    child.kill('SIGTERM');
-    await closed;
-    expect(child.exitCode).toBe(0);
+    const daemon = spawnDaemon({
+      onOutput: (output, child) => {
+        // The bind restriction's line is logged before Sockpoold.start(): the daemon is starting.
+        if (!hupSent && output.includes('TCP bind restriction')) {
+          hupSent = true;
+          child.kill('SIGHUP');
+        }
+      },
+    });
+    await expectReloadedAfterStart(daemon);
   }, 40_000);
 
   it('while the daemon loads its modules: it survives, and reloads once the start has finished', async () => {
@@ -83,50 +112,17 @@ describe('SIGHUP', () => {
     const marker = join(dir, 'loading');
     const go = join(dir, 'go');
     // The preload holds the load of daemon.js (one of the modules the command needs) until the test says go.
-    const child = spawn(
-      process.execPath,
-      [
-        '--import',
-        join(import.meta.dirname, 'fixtures', 'hold-module-load.mjs'),
-        daemonMain,
-        '--socket',
-        join(dir, 's.sock'),
-        '--state-dir',
-        dir,
-        '--log-level',
-        'debug',
-      ],
-      {
-        stdio: ['ignore', 'pipe', 'pipe'],
-        env: { ...process.env, HOLD_MODULE: '/dist/daemon/daemon.js', HOLD_MARKER: marker, HOLD_UNTIL: go },
-      },
-    );
-    cleanups.push(() => {
-      if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+    const daemon = spawnDaemon({
+      nodeArgs: ['--import', join(import.meta.dirname, 'fixtures', 'hold-module-load.mjs')],
+      env: { HOLD_MODULE: '/dist/daemon/daemon.js', HOLD_MARKER: marker, HOLD_UNTIL: go },
     });
-    const closed = once(child, 'close');
-    let output = '';
-    child.stdout.on('data', (chunk: Buffer) => {
-      output += chunk;
-    });
-    child.stderr.on('data', (chunk: Buffer) => {
-      output += chunk;
-    });
+    const { child } = daemon;
     await eventually(() => existsSync(marker) || child.exitCode !== null, 'the module load to be held', 30_000);
     child.kill('SIGHUP');
     // The signal is delivered at once (the default action would end the process now); then the load goes on.
     await eventually(() => !sighupPending(child.pid!), 'the SIGHUP to be delivered');
     writeFileSync(go, '');
-    await eventually(
-      () => output.includes('configuration reloaded') || child.exitCode !== null || child.signalCode !== null,
-      'a reload after the start, or an exit',
-      30_000,
-    );
-    expect({ signal: child.signalCode, exitCode: child.exitCode }).toEqual({ signal: null, exitCode: null });
-    expect(output.indexOf('configuration reloaded')).toBeGreaterThan(output.indexOf('sockpoold ready'));
-    child.kill('SIGTERM');
-    await closed;
-    expect(child.exitCode).toBe(0);
+    await expectReloadedAfterStart(daemon);
   }, 40_000);
 
   it('once a stop has begun: ignored, and nothing after STOPPING=1 says reloading or ready', async () => {
