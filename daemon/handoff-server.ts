@@ -678,7 +678,10 @@ export class HandoffServer {
         // the daemon's copy is open, so no other socket can have its inode.
         sameSocket = lease.mark ? native.socketInode(fd) === lease.mark.inode : native.sameSocket(fd, lease.fd);
       } catch {}
-      native.discard(fd);
+      // The lease's own socket needs only a close (linger disarmed): a TCP connection, or the client's end of a
+      // relay pair, whose queue only the relay fills (no fd ever). Anything else the client may have prepared.
+      if (sameSocket) native.close(fd);
+      else native.discard(fd);
     }
     if (sameSocket && lease.tls) {
       // A relayed TLS session's pair carries no byte counters the daemon could compare (the relay thread reads
