@@ -114,7 +114,15 @@ describe('sockets a client set SO_LINGER on', () => {
       stdio: ['ignore', 'pipe', 'inherit'],
     });
     cleanups.push(() => hostile.kill());
-    await once(hostile.stdout!, 'data');
+    let output = '';
+    hostile.stdout!.setEncoding('utf8');
+    for await (const chunk of hostile.stdout!) {
+      output += chunk;
+      if (output.includes('sent\n')) break;
+    }
+    // Some hellos may have been refused before they went out; the test needs one that did (a lingering socket the
+    // daemon's side held when it refused).
+    expect(Number(/queued (\d+)/.exec(output)?.[1])).toBeGreaterThan(0);
     // Every client is refused here: a refusal that arrives says the daemon's thread is not held.
     for (let i = 0; i < 2; i++) {
       const refused = new RawClient(sockpoold.socketPath);
