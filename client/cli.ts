@@ -142,8 +142,15 @@ program
     } else {
       origin = parseOriginKey(originText);
     }
-    await withLink((link) => link.warm(origin.host, origin.port, count, undefined, tls));
-    console.log(`warming ${count} ${tls ? 'TLS session' : 'connection'}(s) to ${originText}`);
+    const warming = await withLink((link) => link.warm(origin.host, origin.port, count, undefined, tls));
+    if (warming === 'tls') console.log(`warming ${count} TLS session(s) to ${originText}`);
+    else if (tls) {
+      // The daemon keeps no TLS sessions for this origin (warm TLS off for it, or trusting another CA than --cacert).
+      console.log(
+        `warming ${count} TCP connection(s) to ${originText} (the daemon keeps no TLS sessions for it that ` +
+          'verify as asked: requests will handshake themselves)',
+      );
+    } else console.log(`warming ${count} connection(s) to ${originText}`);
   });
 
 program

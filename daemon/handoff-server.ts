@@ -413,8 +413,8 @@ export class HandoffServer {
           { uid: session.uid },
         );
       }
-      this.#pools.warm(canonicalOrigin(message), message.count, message.tls?.trust, session.uid);
-      this.#send(session, { type: 'ok', id: message.id });
+      const warming = this.#pools.warm(canonicalOrigin(message), message.count, message.tls?.trust, session.uid);
+      this.#send(session, { type: 'ok', id: message.id, warming });
     } catch (error) {
       this.#replyError(session, message.id, error);
     }

@@ -42,6 +42,9 @@ interface OriginStats {
 }
 
 /** A configuration with what applying it needs that could fail already done (PoolManager.prepare). */
+/** What a warming opens: relayed TLS sessions, or TCP connections (where the daemon keeps no sessions for it). */
+export type WarmKind = 'tls' | 'tcp';
+
 export interface PreparedConfig {
   readonly config: SockpoolConfig;
   /** The TLS files it names, read; undefined without warm TLS. */
@@ -288,8 +291,8 @@ export class PoolManager {
   }
 
   /** An operator's one-shot warming (`sockpool warm`, admins only): `count` idle sockets soon, not demand. */
-  warm(origin: Origin, count: number, tlsTrust?: TlsTrust, uid = 0): void {
-    this.#warmUp(origin, count, tlsTrust, uid, false);
+  warm(origin: Origin, count: number, tlsTrust?: TlsTrust, uid = 0): WarmKind {
+    return this.#warmUp(origin, count, tlsTrust, uid, false);
   }
 
   /**
@@ -319,7 +322,7 @@ export class PoolManager {
     uid: number,
     demand: boolean,
     lookahead = false,
-  ): void {
+  ): WarmKind {
     this.checkWarmUp(origin);
     const pool = this.#poolFor(origin, tlsTrust, lookahead);
     const stats = this.#statsOf(pool.key);
@@ -327,6 +330,7 @@ export class PoolManager {
     if (demand) this.#bumpRate(stats, count);
     this.#prewarms.push({ pool, count });
     this.#startPrewarms();
+    return isTlsPoolKey(pool.key) ? 'tls' : 'tcp';
   }
 
   /**

@@ -186,6 +186,8 @@ export interface LeaseTls {
 export interface OkReply {
   type: 'ok';
   id: number;
+  /** A `warm`'s answer: what the daemon warms (an https origin gets TCP where the daemon keeps no TLS sessions). */
+  warming?: 'tls' | 'tcp';
 }
 
 export interface StatsReply {
@@ -430,6 +432,7 @@ export function encodeFrame(message: ClientMessage | DaemonMessage): Buffer | un
       return frame;
     }
     case 'ok': {
+      if (message.warming !== undefined) return undefined; // a warm's answer: JSON (the frame has no room for it)
       const frame = Buffer.allocUnsafe(5);
       frame[0] = FrameType.ok;
       frame.writeUInt32LE(message.id, 1);

@@ -9,7 +9,9 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { gzipSync } from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { httpsOrigin, startTestDaemon, warmTlsArgs } from './fixtures/client-helpers.js';
 import { type DaemonProcess, eventually, repoRoot, startDaemon } from './helpers/daemon.js';
+import { createTestPki } from './helpers/tls.js';
 
 const run = promisify(execFile);
 const cli = join(repoRoot, 'dist', 'client', 'cli.js');
@@ -62,6 +64,30 @@ describe('sockpool CLI', () => {
       return stats.idle === 2;
     }, 'two idle sockets');
     await eventually(() => connections.length === 2, 'the origin accepted both');
+  });
+
+  it('warm of an https URL says TCP connections where the daemon keeps no TLS sessions for it', async () => {
+    // This daemon has no warm TLS: it warms TCP for the URL, and the operator is told so (it said "TLS session(s)").
+    const { stdout } = await sockpool('warm', `https://127.0.0.1:${port}`, '1');
+    expect(stdout).toMatch(/^warming 1 TCP connection\(s\) to https:\/\/127\.0\.0\.1:\d+ \(/);
+  });
+
+  it('warm of an https URL says TLS sessions where the daemon keeps them for what --cacert trusts', async () => {
+    const pki = createTestPki(['localhost']);
+    const tlsOrigin = await httpsOrigin(pki, (request, response) => response.end('tls'));
+    const tlsDaemon = await startTestDaemon([tlsOrigin.port], { extraArgs: warmTlsArgs(pki.caFile, [tlsOrigin.port]) });
+    try {
+      const warm = (...extra: string[]) =>
+        run(process.execPath, [cli, '--socket', tlsDaemon.socketPath, 'warm', ...extra], { timeout: 30_000 });
+      const url = `https://localhost:${tlsOrigin.port}`;
+      expect((await warm(url, '1', '--cacert', pki.caFile)).stdout).toBe(`warming 1 TLS session(s) to ${url}\n`);
+      // Trusting the system store, not the daemon's CA: the daemon's sessions would not verify as asked.
+      expect((await warm(url, '1')).stdout).toMatch(/^warming 1 TCP connection\(s\) to /);
+    } finally {
+      await tlsDaemon.stop();
+      await tlsOrigin.close();
+      pki.cleanup();
+    }
   });
 
   it('get -v prints the body, and on stderr whether the connection was warm', async () => {

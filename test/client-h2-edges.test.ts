@@ -227,4 +227,40 @@ describe('HTTP/1.1 keep-alive', () => {
       await client.close();
     }
   });
+
+  it('a GET whose kept-alive connection died, sent again, answered and then cut short, fails as a cut-short transfer (not run a third time)', async () => {
+    const base = `http://127.0.0.1:${h1.port}`;
+    const client = newClient();
+    try {
+      h1Handle = (request, response) => {
+        request.resume();
+        request.on('end', () => response.end('ok'));
+      };
+      expect((await client.request(`${base}/warm`)).body.toString()).toBe('ok');
+      // The kept-alive connection is dropped under the next GET (curl sends it again on a new connection by
+      // itself); the new connection gets a response head and part of the body, then is dropped too.
+      h1Handle = (request, response) => {
+        const arrivals = h1Seen.get('GET /cut') ?? 0;
+        if (arrivals === 1) {
+          request.socket.destroy();
+        } else if (arrivals === 2) {
+          response.writeHead(200, { 'content-length': '100' });
+          response.write('0123456789', () => request.socket.destroy());
+        } else {
+          response.end('whole');
+        }
+      };
+      const error = await client.request(`${base}/cut`).then(
+        () => undefined,
+        (failure: { code?: string; deadConnection?: boolean; message?: string }) => failure,
+      );
+      // A response came after curl's resend: what failed is that response, as for any transfer cut short; the
+      // dead-connection rule (before any response) does not run it a third time.
+      expect(error).toMatchObject({ code: 'SOCKPOOL_ERR_TRANSFER', deadConnection: false });
+      expect(error?.message).not.toMatch(/before any response/);
+      expect(h1Seen.get('GET /cut')).toBe(2);
+    } finally {
+      await client.close();
+    }
+  });
 });

@@ -152,12 +152,22 @@ export class DaemonLink {
     );
   }
 
-  /** An operator's warming of any origin (admin uids only; others get SOCKPOOL_ERR_ACCESS_DENIED). */
-  async warm(host: string, port: number, count: number, proxy?: string, tls?: { trust: string }): Promise<void> {
-    await this.#request(
+  /**
+   * An operator's warming of any origin (admin uids only; others get SOCKPOOL_ERR_ACCESS_DENIED). Answers what the
+   * daemon warms: 'tls' sessions, or 'tcp' connections (also for an https origin it keeps no sessions for).
+   */
+  async warm(
+    host: string,
+    port: number,
+    count: number,
+    proxy?: string,
+    tls?: { trust: string },
+  ): Promise<'tls' | 'tcp'> {
+    const { message } = await this.#request(
       { type: 'warm', host, port, count, ...(proxy ? { proxy } : {}), ...(tls ? { tls } : {}) },
       this.#options.requestTimeoutMs,
     );
+    return message.type === 'ok' && message.warming === 'tls' ? 'tls' : 'tcp';
   }
 
   /** Request tokens of a rate-limited origin (rate-tokens.ts takes them through here). */
