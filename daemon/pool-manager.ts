@@ -173,7 +173,14 @@ export class PoolManager {
     signal?: AbortSignal,
   ): Promise<Handoff & { originKey: string; peerPort: number }> {
     if (this.#closed) throw new SockpoolError(ErrorCodes.SHUTTING_DOWN, 'sockpoold is stopping');
-    let pool = this.#poolFor(origin, tlsTrust);
+    let pool = this.#existingPoolFor(origin, tlsTrust);
+    if (!pool) {
+      // A pool is made only for an origin the policy lets through, so an acquire refused at once leaves nothing
+      // behind: a client naming thousands of refused origins (ports, proxies the configuration lacks) made a pool
+      // and stats for each, swept only once their demand had decayed, minutes later.
+      this.checkWarmUp(origin);
+      pool = this.#poolFor(origin, tlsTrust);
+    }
     if (this.#tcpOnMiss(pool)) {
       // Without an idle session this acquire takes a TCP socket of the origin at once, and is demand for those:
       // with warmTlsOnMiss "tcp" sessions are made only when asked for (prewarm, warm, warm-on-start).
@@ -190,6 +197,8 @@ export class PoolManager {
     } catch (error) {
       if ((error as { code?: string }).code === ErrorCodes.POLICY) {
         this.#metrics?.refusals.inc({ reason: policyReason(error as Error) });
+        // Refused at its addresses (the name resolved where the policy does not go): nothing to keep either.
+        this.#retireIfEmpty(pool);
       }
       throw error;
     }
@@ -209,9 +218,10 @@ export class PoolManager {
     uid = 0,
   ): (Handoff & { originKey: string; peerPort: number }) | undefined {
     if (this.#closed) return undefined;
-    const pool = this.#poolFor(origin, tlsTrust);
-    const handoff = pool.takeWarm(uid);
-    return handoff && named(pool, handoff);
+    // Looked up, never made here: acquire() makes a pool once the policy let its origin through.
+    const pool = this.#existingPoolFor(origin, tlsTrust);
+    const handoff = pool?.takeWarm(uid);
+    return handoff && named(pool!, handoff);
   }
 
   /** A handoff takeWarm() gave out, counted as the origin's demand and a hit (stats, metrics, history). */
@@ -535,25 +545,38 @@ export class PoolManager {
    */
   #poolFor(origin: Origin, tlsTrust?: TlsTrust, lookahead = false): OriginPool {
     const normalised = canonicalOrigin(origin);
-    let key = originKey(normalised);
-    let policy: OriginPolicy | undefined;
-    let connector = this.#connector;
-    if (tlsTrust !== undefined && this.#tls) {
-      policy = policyFor(this.#config, normalised.host, normalised.port);
-      if (this.#tls.relays(normalised, policy, tlsTrust) && !(lookahead && tcpOnMiss(policy))) {
-        key = tlsPoolKey(key);
-        connector = this.#tls;
-      }
-    }
+    const key = this.#keyOf(normalised, tlsTrust, lookahead);
     let pool = this.#pools.get(key);
     if (!pool) {
-      policy ??= policyFor(this.#config, normalised.host, normalised.port);
+      const policy = policyFor(this.#config, normalised.host, normalised.port);
+      const connector = isTlsPoolKey(key) && this.#tls ? this.#tls : this.#connector;
       pool = new OriginPool(key, normalised, policy, connector, this.#events, this.#slots);
       this.#pools.set(key, pool);
       const learned = this.#store?.learnedIdleLifetime(key);
       if (learned !== undefined && learned !== null) this.#statsOf(key).learnedIdleLifetimeMs = learned;
     }
     return pool;
+  }
+
+  /** The pool #poolFor would give, if it exists. */
+  #existingPoolFor(origin: Origin, tlsTrust?: TlsTrust): OriginPool | undefined {
+    return this.#pools.get(this.#keyOf(canonicalOrigin(origin), tlsTrust, false));
+  }
+
+  /** The key of a (canonical) origin's pool for a client with `tlsTrust`: its warm TLS pool's where it relays. */
+  #keyOf(origin: Origin, tlsTrust: TlsTrust | undefined, lookahead: boolean): string {
+    const key = originKey(origin);
+    if (tlsTrust === undefined || !this.#tls) return key;
+    const policy = policyFor(this.#config, origin.host, origin.port);
+    return this.#tls.relays(origin, policy, tlsTrust) && !(lookahead && tcpOnMiss(policy)) ? tlsPoolKey(key) : key;
+  }
+
+  /** A pool holding and awaiting nothing, forgotten now rather than at a sweep (see #retireUnused). */
+  #retireIfEmpty(pool: OriginPool): void {
+    if (pool.total !== 0 || pool.waitingCount !== 0 || this.#pools.get(pool.key) !== pool) return;
+    pool.close();
+    this.#pools.delete(pool.key);
+    this.#stats.delete(pool.key);
   }
 
   #statsOf(key: string): OriginStats {

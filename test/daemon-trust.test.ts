@@ -134,6 +134,46 @@ describe('what the daemon learns', () => {
   });
 });
 
+describe('refused origins', () => {
+  it('acquires the policy refuses (by port, proxy name or address), for thousands of distinct origins, leave no pool behind', async () => {
+    const origin = await pathOrigin(cleanups);
+    // Names that resolve where the policy does not go: refused at their address, after the lookup.
+    const names = Array.from({ length: 50 }, (_, i) => `refused${i}.test`);
+    const sockpoold = await daemon(origin.port, {
+      pool: { predictive: false },
+      dns: { resolve: names.map((name) => `${name}:${origin.port}:127.0.0.2`) },
+    });
+    const raw = client(sockpoold.socketPath);
+    for (const host of names) {
+      const reply = await raw.request({ type: 'acquire', id: nextId++, host, port: origin.port });
+      expect(reply.message).toMatchObject({ type: 'error', code: 'SOCKPOOL_ERR_POLICY' });
+    }
+    // Ports the policy refuses (only origin.port is allowed), and proxies the configuration lacks: each a distinct
+    // origin. Each acquire is answered with its refusal; none may leave a pool (and its stats) for the sweep to find
+    // minutes later, once its demand decayed (a client could grow the daemon's memory and sweep without bound).
+    const refused = 2_000;
+    for (let i = 0; i < refused; i++) {
+      const message =
+        i % 2 === 0
+          ? { type: 'acquire', id: nextId++, host: '127.0.0.1', port: 20_000 + i }
+          : { type: 'acquire', id: nextId++, host: '127.0.0.1', port: origin.port, proxy: `nope${i}` };
+      const reply = await raw.request(message);
+      expect(reply.message).toMatchObject({
+        type: 'error',
+        code: i % 2 === 0 ? 'SOCKPOOL_ERR_POLICY' : 'SOCKPOOL_ERR_INVALID_ARGUMENT',
+      });
+    }
+    const view = (await raw.request({ type: 'stats', id: nextId++ })).message as unknown as {
+      stats: { originCount: number };
+    };
+    expect(view.stats.originCount).toBe(0);
+    // The allowed origin still works, and is the one pool.
+    const lease = await raw.request({ type: 'acquire', id: nextId++, host: '127.0.0.1', port: origin.port });
+    expect(lease.message).toMatchObject({ type: 'lease' });
+    native.close(lease.fds[0]!);
+  });
+});
+
 describe('lease ends are enforced', () => {
   it('shuts a connection down on `closed`: a copy the client kept is dead', async () => {
     const origin = await pathOrigin(cleanups);
