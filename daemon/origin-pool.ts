@@ -222,11 +222,12 @@ export class OriginPool {
 
   /**
    * A client announced demand: make `count` idle sockets available soon. One-shot: connects start now, up to
-   * maxIdle and maxPerOrigin, and nothing is left pending for later. Returns how many connects it started.
+   * maxIdle and maxPerOrigin, and nothing is left pending for later; at most `maxStarts` of them now (the pool
+   * manager's per-turn budget: it calls again next turn). Returns how many connects it started.
    */
-  prewarm(count: number): number {
+  prewarm(count: number, maxStarts = Number.POSITIVE_INFINITY): number {
     const have = this.#sharedIdleCount() + this.#connecting - this.#connectingForWaiters;
-    const want = Math.min(count, this.policy.maxIdle) - have;
+    const want = Math.min(count, this.policy.maxIdle, have + maxStarts) - have;
     let started = 0;
     for (; started < want && this.total < this.policy.maxPerOrigin && !this.#closed; started++) {
       this.#startConnect(false);

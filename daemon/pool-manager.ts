@@ -351,8 +351,13 @@ export class PoolManager {
    */
   #startPrewarms(): void {
     while (this.#prewarms.length > 0 && this.#prewarmsThisTurn < PREWARM_CONNECTS_PER_TURN && !this.#closed) {
-      const { pool, count } = this.#prewarms.shift()!;
-      this.#prewarmsThisTurn += pool.prewarm(count);
+      const { pool, count } = this.#prewarms[0]!;
+      const budget = PREWARM_CONNECTS_PER_TURN - this.#prewarmsThisTurn;
+      const started = pool.prewarm(count, budget);
+      this.#prewarmsThisTurn += started;
+      // One entry may want more than a turn's budget (up to maxIdle): it stays first and goes on next turn (where
+      // prewarm counts what it already started), until a turn starts less than it may.
+      if (started < budget) this.#prewarms.shift();
     }
     if (this.#prewarmsThisTurn === 0 || this.#prewarmTurn) return;
     this.#prewarmTurn = setImmediate(() => {

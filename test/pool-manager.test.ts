@@ -160,6 +160,19 @@ describe('PoolManager warming', () => {
     held.push(await acquired);
   });
 
+  it('starts one large prewarm 16 connects per turn too (a single entry is split across turns)', async () => {
+    const pools = manager({ defaults: { minIdle: 0, maxIdle: 64, maxPerOrigin: 64 } });
+    pools.start();
+    pools.prewarm(BUSY, 40);
+    expect(connector.calls).toBe(16);
+    await nextTurn();
+    expect(connector.calls).toBe(32);
+    await nextTurn();
+    expect(connector.calls).toBe(40);
+    await until(() => idleOf(pools, BUSY) === 40, 'every prewarmed socket idle');
+    expect(connector.calls).toBe(40);
+  });
+
   it('evicts from the least-wanted origin when idle sockets exceed the global cap', async () => {
     const pools = manager({ maxIdleTotal: 3 });
     await demand(pools, BUSY, 5);
