@@ -162,6 +162,9 @@ export class Sockpoold {
   }
 
   static async start(options: DaemonOptions): Promise<Sockpoold> {
+    // No close of a socket a client prepared may hold this thread (or a relay thread) for its linger time, not even
+    // one the addon could not disarm first (native startCloseWatchdog; it takes SIGURG, as only a daemon may).
+    native.startCloseWatchdog();
     // The Redis client (ioredis, with its tracing) is loaded only by a fleet member: a tenth of a plain daemon's
     // start, which a socket-activated daemon's first client waits for.
     const fleetClass = options.config.fleet.redis === undefined ? undefined : (await import('./fleet/fleet.js')).Fleet;

@@ -31,6 +31,8 @@
 #define TCP_ULP 31  // linux/tcp.h; older C libraries lack it
 #endif
 #include <poll.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -45,10 +47,14 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <unordered_set>
 #include <vector>
 
@@ -510,6 +516,116 @@ void DiscardQuietly(int fd, int depth) {
   errno = saved;
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// The close watchdog
+//
+// DisarmLinger keeps the closes this addon makes from waiting, but not every last close of a socket a client
+// prepared is ours to disarm: the kernel drops fds by itself (past what fits in a thread's fd table; the FUSE-like
+// cases we cannot drain), and a client holding a copy of a lent socket can set SO_LINGER again between our disarm
+// and our close, then close its copy. Such a close waits in the kernel for the linger time, but interruptibly: a
+// signal ends the wait, and the socket is then closed in the background as if it had no linger. So a watchdog
+// thread looks at the calls here that close or receive fds (WatchedCall) every kWatchdogPeriodMs, and signals a
+// thread found in the same call twice in a row; the handler does nothing, and without SA_RESTART the wait ends.
+// On only where the daemon asks (startCloseWatchdog): a library must not take over a signal of its users' process.
+constexpr int kWatchdogSignal = SIGURG;  // ignored by default; Node and libuv leave it alone
+constexpr auto kWatchdogPeriod = std::chrono::milliseconds(25);
+
+struct WatchedThread {
+  pthread_t thread;
+  std::atomic<uint64_t> entered{0};  // watched calls this thread entered so far
+  std::atomic<bool> inside{false};
+  uint64_t seen = 0;  // the watchdog's own: `entered` at its last look
+};
+
+std::atomic<bool> watchdog_on{false};
+// Never destroyed: the watchdog thread runs until the process ends, past static destructors.
+std::mutex& WatchedMutex() {
+  static auto* mutex = new std::mutex();
+  return *mutex;
+}
+std::vector<WatchedThread*>& Watched() {
+  static auto* threads = new std::vector<WatchedThread*>();
+  return *threads;
+}
+
+// A thread's entry in Watched(), taken out when the thread ends (under the mutex: while the watchdog holds it, every
+// thread listed is alive, so its pthread_t is valid for pthread_kill).
+struct WatchedThreadEntry {
+  WatchedThread* thread = nullptr;
+  ~WatchedThreadEntry() {
+    if (thread == nullptr) return;
+    {
+      std::lock_guard<std::mutex> lock(WatchedMutex());
+      auto& threads = Watched();
+      threads.erase(std::remove(threads.begin(), threads.end(), thread), threads.end());
+    }
+    delete thread;
+  }
+};
+thread_local WatchedThreadEntry this_thread_entry;
+
+WatchedThread* ThisWatchedThread() {
+  if (this_thread_entry.thread == nullptr) {
+    auto* thread = new WatchedThread();
+    thread->thread = pthread_self();
+    std::lock_guard<std::mutex> lock(WatchedMutex());
+    Watched().push_back(thread);
+    this_thread_entry.thread = thread;
+  }
+  return this_thread_entry.thread;
+}
+
+// Marks a call the watchdog may interrupt (one relaxed load when the watchdog is off).
+class WatchedCall {
+ public:
+  WatchedCall() : thread_(watchdog_on.load(std::memory_order_relaxed) ? ThisWatchedThread() : nullptr) {
+    if (thread_ == nullptr) return;
+    thread_->entered.fetch_add(1, std::memory_order_relaxed);
+    thread_->inside.store(true, std::memory_order_release);
+  }
+  ~WatchedCall() {
+    if (thread_ != nullptr) thread_->inside.store(false, std::memory_order_release);
+  }
+  WatchedCall(const WatchedCall&) = delete;
+  WatchedCall& operator=(const WatchedCall&) = delete;
+
+ private:
+  WatchedThread* thread_;
+};
+
+void WatchdogLoop() {
+  sigset_t all;
+  sigfillset(&all);
+  pthread_sigmask(SIG_BLOCK, &all, nullptr);  // the process's signals go to the threads that handle them
+  for (;;) {
+    std::this_thread::sleep_for(kWatchdogPeriod);
+    std::lock_guard<std::mutex> lock(WatchedMutex());
+    for (WatchedThread* thread : Watched()) {
+      const uint64_t entered = thread->entered.load(std::memory_order_relaxed);
+      if (thread->inside.load(std::memory_order_acquire) && entered == thread->seen) {
+        pthread_kill(thread->thread, kWatchdogSignal);  // again at each look, until the call returns
+      }
+      thread->seen = entered;
+    }
+  }
+}
+
+void InterruptOnly(int) {}
+
+void StartWatchdogOnce() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    struct sigaction action;
+    memset(&action, 0, sizeof action);
+    action.sa_handler = InterruptOnly;
+    sigemptyset(&action.sa_mask);
+    action.sa_flags = 0;  // no SA_RESTART: the interrupted wait returns
+    sigaction(kWatchdogSignal, &action, nullptr);
+    std::thread(WatchdogLoop).detach();
+    watchdog_on.store(true, std::memory_order_relaxed);
+  });
+}
+
 class Poller;
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -687,6 +803,7 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
 
   Napi::Value RecvMessage(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
+    const WatchedCall watched;  // the kernel may drop (and so close) fds here
     const int fd = FdArg(info, 0);
     const size_t max_bytes = static_cast<size_t>(IntegerArg(info, 1, "maxBytes", 0, kMaxMessageBytes));
     const size_t max_fds = static_cast<size_t>(IntegerArg(info, 2, "maxFds", 0, kMaxFdsPerMessage));
@@ -761,6 +878,7 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
   // plain JS, which V8 allocates inline.
   Napi::Value RecvMessages(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
+    const WatchedCall watched;  // the kernel may drop (and so close) fds here
     const int fd = FdArg(info, 0);
     const size_t max_bytes = static_cast<size_t>(IntegerArg(info, 1, "maxBytes", 1, kMaxMessageBytes));
     const size_t max_fds = static_cast<size_t>(IntegerArg(info, 2, "maxFds", 0, kMaxFdsPerMessage));
@@ -1240,6 +1358,7 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     const int fd = FdArg(info, 0);
     ThrowIfPolled(env, fd);
     tracked_.erase(fd);
+    const WatchedCall watched;  // (a linger set again after the disarm: see the close watchdog)
     DisarmLinger(fd);  // (see DisarmLinger: no client can make this close wait)
     // Linux releases the fd even when close() reports EINTR: never retry, and report only real errors (EBADF).
     if (::close(fd) < 0 && errno != EINTR) ThrowErrno(env, errno, "close");
@@ -1254,8 +1373,15 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     ThrowIfPolled(env, fd);
     if (::fcntl(fd, F_GETFD) < 0) ThrowErrno(env, errno, "close");
     tracked_.erase(fd);
+    const WatchedCall watched;
     DiscardQuietly(fd, 0);
     return env.Undefined();
+  }
+
+  // The close watchdog, for this process from now on (see WatchedCall). Idempotent.
+  Napi::Value StartCloseWatchdog(const Napi::CallbackInfo& info) {
+    StartWatchdogOnce();
+    return info.Env().Undefined();
   }
 
   // A second fd for the same socket (O_CLOEXEC); it belongs to the caller.
@@ -1523,6 +1649,7 @@ SockpoolAddon::SockpoolAddon(Napi::Env env, Napi::Object exports) {
                            InstanceMethod<&SockpoolAddon::Dup>("dup", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::Close>("close", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::Discard>("discard", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::StartCloseWatchdog>("startCloseWatchdog", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::Untrack>("untrack", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::Track>("track", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::TrackedFds>("trackedFds", napi_enumerable),

@@ -174,6 +174,7 @@ interface NativeBinding {
   dup(fd: number): number;
   close(fd: number): void;
   discard(fd: number): void;
+  startCloseWatchdog(): void;
   untrack(fd: number): void;
   track(fd: number): void;
   trackedFds(): number[];
@@ -516,6 +517,16 @@ export function close(fd: number): void {
  */
 export function discard(fd: number): void {
   binding.discard(fd);
+}
+
+/**
+ * For the rest of this process, a thread found in close(), discard() or a receive for two looks of a watchdog
+ * thread (25 ms apart) gets SIGURG, whose handler does nothing: that ends a close waiting out a linger the addon
+ * could not turn off (the kernel's own drop of fds, or a client's copy of a lent socket given SO_LINGER again
+ * between the addon's disarm and its close). Takes SIGURG for the process: the daemon's, never a library user's.
+ */
+export function startCloseWatchdog(): void {
+  binding.startCloseWatchdog();
 }
 
 /**

@@ -105,6 +105,15 @@ describe('sockets a client set SO_LINGER on', () => {
     }, 30_000);
   }
 
+  it('runs the close watchdog (test/native-close-watchdog): it catches SIGURG, which ends any close still waiting', async () => {
+    // For the closes no DisarmLinger can reach (a linger set again through a client's copy between the disarm and
+    // the close); the watchdog itself is tested in-process by test/native-close-watchdog.
+    const sockpoold = await startDaemon();
+    cleanups.push(() => sockpoold.stop());
+    const caught = /SigCgt:\s*([0-9a-f]+)/.exec(readFileSync(`/proc/${sockpoold.child.pid}/status`, 'utf8'))?.[1];
+    expect((BigInt(`0x${caught}`) >> 22n) & 1n).toBe(1n); // SIGURG is 23: bit 22
+  });
+
   it('an fd a refused client queued before the daemon refused it is closed without waiting for its linger', async () => {
     const config = writeConfigFile({ access: { allowUids: [4_000_000] } }, cleanups);
     const sockpoold = await startDaemon({ args: ['--config', config] });
