@@ -9,11 +9,11 @@
 // since the last flush. A power loss may also lose the last commits before a checkpoint, never corrupt the file.
 //
 // What a client cannot bloat: only origins that connected get a row (an origin whose every connect failed, or
-// that the policy refused, leaves nothing); the `origins` table holds at most `maxOrigins` rows, the least recently
-// seen evicted first (with their demand history); and the timer's flushes write in slices of at most
-// SLICE_BUDGET_MS of event-loop time, continuing on the next turn, so a flood of new origins never holds the loop
-// for long (bench/store-flush.ts measures it with 100,000 origins). `flush()` itself (at close, and before
-// `topOrigins`) still writes everything at once. While the timer runs, the WAL is copied into the database file
+// that the policy refused, leaves nothing); the `origins` table holds at most `maxOrigins` rows, those without
+// demand (reached only by prewarms) evicted first, then the least recently seen (with their demand history); and
+// the timer's flushes write in slices of at most SLICE_BUDGET_MS of event-loop time, continuing on the next turn,
+// so a flood of new origins never holds the loop for long (bench/store-flush.ts measures it with 100,000 origins).
+// `flush()` itself (at close, and before `topOrigins`) still writes everything at once. While the timer runs, the WAL is copied into the database file
 // (the checkpoint, with its fsync) by a thread of its own with a second connection, never by a commit on the
 // event loop: SQLite's automatic checkpoint at the end of a commit was the longest part of a slice.
 //
@@ -55,6 +55,11 @@ export const MIGRATIONS: readonly string[] = [
   ) WITHOUT ROWID;
   CREATE INDEX demand_history_minute ON demand_history (minute);
   `,
+  // Eviction order (#evictSome): origins no acquire ever asked for (reached only by prewarms) first, then the least
+  // recently seen; an index range scan, as the plain last_seen order was.
+  `
+  CREATE INDEX origins_eviction ON origins (acquires > 0, last_seen);
+  `,
 ];
 
 export interface StateStoreOptions {
@@ -68,7 +73,10 @@ export interface StateStoreOptions {
   scoreHalfLifeMs?: number;
   /** Time constant of the stored demand rate. Default 60 s. */
   demandRateWindowMs?: number;
-  /** Most origins kept in history; past it the least recently seen are evicted. Default 100,000. */
+  /**
+   * Most origins kept in history; past it those without demand (no acquire) are evicted first, then the least
+   * recently seen. Default 100,000.
+   */
   maxOrigins?: number;
   /**
    * Told when the database file was corrupt (or not a database) and was moved aside to `movedTo`, with the SQLite
@@ -388,7 +396,10 @@ export class StateStore {
              AND NOT EXISTS (SELECT 1 FROM demand_history d WHERE d.origin_key = origins.origin_key) LIMIT ?)
         RETURNING origin_key`)
         .pluck(),
-      oldest: db.prepare<[number], string>('SELECT origin_key FROM origins ORDER BY last_seen LIMIT ?').pluck(),
+      // The expression is the index's (origins_eviction), written the same way so that SQLite uses it.
+      oldest: db
+        .prepare<[number], string>('SELECT origin_key FROM origins ORDER BY acquires > 0, last_seen LIMIT ?')
+        .pluck(),
       forget: db.prepare('DELETE FROM origins WHERE origin_key = ?'),
       forgetDemand: db.prepare('DELETE FROM demand_history WHERE origin_key = ?'),
       count: db.prepare<[], number>('SELECT count(*) FROM origins').pluck(),
@@ -655,7 +666,11 @@ export class StateStore {
     return { count: this.#checkpoints, last: this.#lastCheckpoint };
   }
 
-  /** Evicts up to DELETE_BATCH of the least recently seen origins over the cap; true when it evicted any. */
+  /**
+   * Evicts up to DELETE_BATCH origins over the cap; true when it evicted any. Origins without demand go first (no
+   * acquire ever: a uid's prewarms within its allowance must not push out the history of origins clients used),
+   * then the least recently seen.
+   */
   #evictSome(): boolean {
     const excess = Math.min(DELETE_BATCH, this.#rowCount - this.#maxOrigins);
     if (excess <= 0) return false;
@@ -753,7 +768,7 @@ export class StateStore {
   }
 
   /**
-   * A reload: a new cap on the history (origins over it are evicted, least recently seen first, by the next flush)
+   * A reload: a new cap on the history (origins over it are evicted by the next flush, as #evictSome orders them)
    * and, when the timer runs, a new flush interval.
    */
   configure(options: { maxOrigins?: number; flushMs?: number }): void {

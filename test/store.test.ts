@@ -296,7 +296,7 @@ describe('what a client cannot bloat', () => {
     // An origin seen again moves to the recent end and survives the next evictions.
     clock += 1000;
     store.recordAcquire('o150.example:443', { hit: true });
-    for (let origin = 250; origin < 260; origin++) store.recordConnect(`o${origin}.example:443`, 5);
+    for (let origin = 250; origin < 260; origin++) store.recordAcquire(`o${origin}.example:443`, { hit: false });
     store.flush();
     expect(value(db, 'SELECT count(*) FROM origins')).toBe(100);
     expect(store.origin('o150.example:443')).toBeDefined();
@@ -307,6 +307,45 @@ describe('what a client cannot bloat', () => {
     expect(again.originCount).toBe(100);
     again.close();
     db.close();
+  });
+
+  it('evicts origins without demand (reached only by prewarms) first, then the least recently seen', () => {
+    // One uid's prewarms (within its allowance) make rows that no acquire ever asked for: at the cap they must not
+    // push out the history of origins that clients used.
+    const store = StateStore.open(dir, { now, maxOrigins: 4 });
+    for (let origin = 0; origin < 3; origin++) {
+      clock += 1000;
+      store.recordAcquire(`used${origin}.example:443`, { hit: false });
+      store.recordConnect(`used${origin}.example:443`, 5);
+    }
+    store.flush();
+    for (let origin = 0; origin < 50; origin++) {
+      clock += 1000;
+      store.recordConnect(`prewarmed${origin}.example:443`, 5); // a prewarm's connect: no acquire
+    }
+    store.flush();
+    const db = reader(dir);
+    expect(column(db, 'SELECT origin_key FROM origins ORDER BY origin_key')).toEqual([
+      'prewarmed49.example:443',
+      'used0.example:443',
+      'used1.example:443',
+      'used2.example:443',
+    ]);
+    // Among origins with demand, the least recently seen goes first.
+    clock += 1000;
+    store.recordAcquire('used0.example:443', { hit: true });
+    store.recordAcquire('used3.example:443', { hit: false });
+    store.recordAcquire('used4.example:443', { hit: false });
+    store.flush();
+    expect(column(db, 'SELECT origin_key FROM origins ORDER BY origin_key')).toEqual([
+      'used0.example:443',
+      'used2.example:443',
+      'used3.example:443',
+      'used4.example:443',
+    ]);
+    expect(store.originCount).toBe(4);
+    db.close();
+    store.close();
   });
 
   it('takes a lower maxOrigins on reload (configure): the next flush evicts down to it', () => {
@@ -574,6 +613,31 @@ describe('migrations', () => {
     });
     expect(migrate(db, later)).toEqual({ from: MIGRATIONS.length + 2, to: MIGRATIONS.length + 2 }); // nothing to do
     db.close();
+  });
+
+  it('gives a file of the first schema (older sockpoold) the eviction index, and evicts rows without demand first', () => {
+    const db = openDatabase(join(dir, 'sockpool.sqlite'));
+    migrate(db, MIGRATIONS.slice(0, 1));
+    const insert = statement(
+      db,
+      'INSERT INTO origins (origin_key, host, port, first_seen, last_seen, acquires) VALUES (?, ?, 443, ?, ?, ?)',
+    );
+    insert.run('used.example:443', 'used.example', clock - 2000, clock - 2000, 5);
+    insert.run('prewarmed.example:443', 'prewarmed.example', clock - 1000, clock - 1000, 0);
+    db.close();
+    const store = StateStore.open(dir, { now, maxOrigins: 2 });
+    store.recordAcquire('new.example:443', { hit: false });
+    store.flush();
+    const after = reader(dir);
+    expect(column(after, "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'origins'")).toContain(
+      'origins_eviction',
+    );
+    expect(column(after, 'SELECT origin_key FROM origins ORDER BY origin_key')).toEqual([
+      'new.example:443',
+      'used.example:443',
+    ]);
+    after.close();
+    store.close();
   });
 
   it('rolls back a migration that fails, leaving the version where it was', () => {
