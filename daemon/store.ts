@@ -7,6 +7,7 @@
 // an unref'd timer (`startAutoFlush`). The database is in WAL mode with synchronous=NORMAL: a commit survives the
 // process being killed at any moment (the WAL is in the OS page cache), so a crash loses at most what was recorded
 // since the last flush. A power loss may also lose the last commits before a checkpoint, never corrupt the file.
+// The WAL file goes back to at most WAL_SIZE_LIMIT when it starts over after a complete checkpoint.
 //
 // What a client cannot bloat: only origins that connected get a row (an origin whose every connect failed, or
 // that the policy refused, leaves nothing); the `origins` table holds at most `maxOrigins` rows, those without
@@ -133,6 +134,13 @@ const DELETE_BATCH = 500;
 
 /** Slices of one long flush after which the checkpointer is asked again (the WAL stays bounded meanwhile). */
 const SLICES_PER_CHECKPOINT = 16;
+/**
+ * Bytes the WAL file is truncated to when a commit starts it over after a complete checkpoint (journal_size_limit).
+ * Without it the file kept the size of the largest transaction ever written (a flush at close of many origins)
+ * for good. About SQLite's default autocheckpoint (1000 pages of 4 KiB): the WAL's usual size, so a file in steady
+ * use is not truncated and grown again at every reset.
+ */
+export const WAL_SIZE_LIMIT = 4 * 1024 * 1024;
 /** SQLite's own default, back in force when no checkpointer runs. */
 const AUTOCHECKPOINT_PAGES = 1000;
 
@@ -345,6 +353,8 @@ export class StateStore {
     try {
       // busy_timeout first: setting journal_mode may wait for a lock (another process on the file).
       db.exec('PRAGMA busy_timeout = 2000; PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL');
+      // Per connection: this one's commits are the ones that start the WAL over (the checkpointer only copies it).
+      db.pragma(`journal_size_limit = ${WAL_SIZE_LIMIT}`);
       migrate(db, MIGRATIONS, path);
       // Once open, a lock held by another process (an operator's sqlite3 shell, a backup tool) fails a flush at once
       // instead of holding the event loop for busy_timeout at every flush tick: what was not written stays pending

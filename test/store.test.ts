@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import Database from 'better-sqlite3';
 import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
-import { MIGRATIONS, migrate, StateStore } from '../daemon/store.js';
+import { MIGRATIONS, migrate, StateStore, WAL_SIZE_LIMIT } from '../daemon/store.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import { useFakeClock } from './fixtures/fake-clock.js';
 import { eventually } from './helpers/daemon.js';
@@ -169,6 +169,25 @@ describe('batching', () => {
     expect(store.flush()).toBe(0);
     expect(walCommits(database) - commitsBefore).toBe(1);
     db.close();
+    store.close();
+  });
+
+  it('truncates the WAL back to WAL_SIZE_LIMIT once a checkpoint copied it all (it kept its peak size for good)', () => {
+    const store = StateStore.open(dir, { now, maxOrigins: 100_000 });
+    const wal = `${store.path}-wal`;
+    for (let origin = 0; origin < 40_000; origin++) {
+      store.recordAcquire(`w${origin}.example:443`, { hit: false });
+      store.recordConnect(`w${origin}.example:443`, 5);
+    }
+    // One transaction: the WAL grows past the limit; SQLite's automatic checkpoint at its end copies it all (no
+    // checkpointer thread without the auto flush).
+    store.flush();
+    expect(statSync(wal).size).toBeGreaterThan(WAL_SIZE_LIMIT);
+    // The next commit starts the WAL over from its beginning, and then truncates the file to the limit.
+    clock += 1000;
+    store.recordAcquire('one.example:443', { hit: false });
+    store.flush();
+    expect(statSync(wal).size).toBeLessThanOrEqual(WAL_SIZE_LIMIT);
     store.close();
   });
 
