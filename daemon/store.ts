@@ -61,6 +61,13 @@ export const MIGRATIONS: readonly string[] = [
   `
   CREATE INDEX origins_eviction ON origins (acquires > 0, last_seen);
   `,
+  // Older versions learned idle lifetimes from sockets a client had: one ended early by the copy its client kept
+  // taught the origin 250 ms (the floor), recycling every idle socket within 200 ms at every later start. Those
+  // cannot be told from real ones, so every lifetime under 1 s goes, once: no common server drops silent
+  // connections that soon, and a real one is learned again from the first idle socket its server closes.
+  `
+  UPDATE origins SET learned_idle_lifetime_ms = NULL WHERE learned_idle_lifetime_ms < 1000;
+  `,
 ];
 
 export interface StateStoreOptions {

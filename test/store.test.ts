@@ -519,6 +519,37 @@ describe('learned idle lifetime', () => {
     expect(store.origin(key)?.learnedIdleLifetimeMs).toBe(14_800);
     store.close();
   });
+  it('forgets, once, the lifetimes under 1 s that older versions saved (a client keeping a copy taught 250 ms)', () => {
+    // A file written before the fix: schema 2, lifetimes learned from sockets a client had ended early.
+    const db = openDatabase(join(dir, 'sockpool.sqlite'));
+    migrate(db, MIGRATIONS.slice(0, 2));
+    const insert = statement(
+      db,
+      `INSERT INTO origins (origin_key, host, port, first_seen, last_seen, learned_idle_lifetime_ms)
+       VALUES (?, 'h', 443, ?, ?, ?)`,
+    );
+    insert.run('poisoned.example:443', clock, clock, 250);
+    insert.run('under.example:443', clock, clock, 999);
+    insert.run('short.example:443', clock, clock, 1000);
+    insert.run('real.example:443', clock, clock, 60_000);
+    insert.run('unknown.example:443', clock, clock, null);
+    db.close();
+
+    let store = open();
+    // Relearned from the first idle socket the server closes; until then idle sockets are kept to idleTtlMs.
+    expect(store.learnedIdleLifetime('poisoned.example:443')).toBeUndefined();
+    expect(store.origin('poisoned.example:443')?.learnedIdleLifetimeMs).toBeNull();
+    expect(store.learnedIdleLifetime('under.example:443')).toBeUndefined();
+    expect(store.learnedIdleLifetime('short.example:443')).toBe(1000);
+    expect(store.learnedIdleLifetime('real.example:443')).toBe(60_000);
+    expect(store.origin('unknown.example:443')?.learnedIdleLifetimeMs).toBeNull();
+    // Once: a short lifetime this version learned (from sockets no client had) stays across restarts.
+    store.recordIdleLifetime('poisoned.example:443', 300);
+    store.close();
+    store = open();
+    expect(store.learnedIdleLifetime('poisoned.example:443')).toBe(300);
+    store.close();
+  });
 });
 
 describe('crash durability', () => {
