@@ -95,6 +95,7 @@ export const DEFAULTS = {
     predictive: true,
     predictiveWindowMs: 10_000,
     warmOnStartOrigins: 50,
+    warmOnStartSockets: 200,
     statsFlushMs: 2_000,
     historyMaxOrigins: 100_000,
     defaults: {
@@ -431,6 +432,7 @@ export const configSchema = z
         predictive: z.boolean().default(poolDefaults.predictive),
         predictiveWindowMs: positiveMs.default(poolDefaults.predictiveWindowMs),
         warmOnStartOrigins: z.int().min(0).default(poolDefaults.warmOnStartOrigins),
+        warmOnStartSockets: z.int().min(0).default(poolDefaults.warmOnStartSockets),
         statsFlushMs: positiveMs.default(poolDefaults.statsFlushMs),
         historyMaxOrigins: z.int().min(1).default(poolDefaults.historyMaxOrigins),
         defaults: originPolicySchema,

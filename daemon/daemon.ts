@@ -587,8 +587,8 @@ function resolveId(value: string | number | undefined, kind: 'user' | 'group'): 
 /**
  * Keys read only when the daemon starts (a reload keeps the running value): the handoff socket and its file's mode
  * and owner, the state directory, the log level (the loggers are made at start), the metrics endpoint, the bind
- * restriction (applied once by the entry point), the number of relay threads, how many origins to warm at start,
- * and the fleet. docs/config.md lists them too.
+ * restriction (applied once by the entry point), the number of relay threads, how many origins and sockets to warm
+ * at start, and the fleet. docs/config.md lists them too.
  */
 const START_ONLY_KEYS: ReadonlyArray<readonly string[]> = [
   ['socket'],
@@ -603,6 +603,7 @@ const START_ONLY_KEYS: ReadonlyArray<readonly string[]> = [
   ['access', 'socketGroup'],
   ['tls', 'relayThreads'],
   ['pool', 'warmOnStartOrigins'],
+  ['pool', 'warmOnStartSockets'],
   ['fleet'],
 ];
 

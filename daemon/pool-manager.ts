@@ -87,6 +87,9 @@ const SPARE_FROM_ACQUIRES_PER_CONNECT = 0.05;
 /** While acquires wait for room at an origin's cap, the clients holding its leases are asked this often. */
 const RECLAIM_INTERVAL_MS = 100;
 
+/** The connect time warm-on-start counts its budget with for an origin whose history has none (ms). */
+const UNKNOWN_CONNECT_MS = 1_000;
+
 /** Connects prewarms start in one turn of the event loop; the rest wait for the next turn (#startPrewarms). */
 const PREWARM_CONNECTS_PER_TURN = 16;
 
@@ -375,7 +378,12 @@ export class PoolManager {
     return this.#stats.get(key)?.uids;
   }
 
-  /** Warms the origins the store ranks most likely needed (warm-on-start from history). */
+  /**
+   * Warms the origins the store ranks most likely needed (warm-on-start from history): each its first socket (or
+   * its minIdle), and the demand rate it had (halved for every 6 hours since, topOrigins) as a start for its
+   * predicted target. The sockets those rates ask for beyond the first are `pool.warmOnStartSockets` in all, busiest
+   * origin first: one uid's busy origins used to open up to `limit` × maxIdle sockets at every start.
+   */
   warmFromHistory(limit: number): number {
     if (!this.#store || limit <= 0) return 0;
     // Origins the current policy refuses (history from an older configuration) are skipped quietly.
@@ -388,6 +396,7 @@ export class PoolManager {
       }
     });
     let warmed = 0;
+    let budget = this.#config.pool.warmOnStartSockets;
     for (const entry of top) {
       // A warm TLS pool is warmed as TLS sessions where the configuration still keeps them for that origin (with the
       // daemon's own trust: the one a relayed client shares); otherwise it is skipped.
@@ -402,8 +411,24 @@ export class PoolManager {
       const pool = this.#poolFor({ host: entry.host, port: entry.port }, tlsTrust);
       const stats = this.#statsOf(pool.key);
       stats.learnedIdleLifetimeMs = entry.learnedIdleLifetimeMs ?? undefined;
-      stats.ratePerS = Math.max(stats.ratePerS, entry.demandRatePerS ?? 0);
-      pool.prewarm(Math.max(1, pool.policy.minIdle));
+      // The connect time the history knows, until this start's connects refine it: the budget below is counted with
+      // it, and the sweep then predicts with (about) the same number.
+      if (stats.connectMs === 0 && entry.connectMsAvg !== null && entry.connectMsAvg > 0) {
+        stats.connectMs = entry.connectMsAvg;
+      }
+      const first = Math.max(1, pool.policy.minIdle);
+      let rate = entry.demandRatePerS ?? 0;
+      if (this.#config.pool.predictive) {
+        // No connect time known: counted as a slow one (the target only grows with it), so the budget still holds.
+        const connectMs = stats.connectMs > 0 ? stats.connectMs : UNKNOWN_CONNECT_MS;
+        const wanted = Math.max(0, Math.min(pool.policy.maxIdle, predictedTarget(rate, connectMs)) - first);
+        const granted = Math.min(wanted, budget);
+        budget -= granted;
+        if (granted < wanted) rate = rateForTarget(first + granted, connectMs);
+      }
+      stats.ratePerS = Math.max(this.#decayedRate(stats), rate);
+      stats.rateUpdatedAt = performance.now();
+      pool.prewarm(first);
       warmed++;
     }
     return warmed;
@@ -688,12 +713,7 @@ export class PoolManager {
     for (const pool of this.#pools.values()) {
       const stats = this.#statsOf(pool.key);
       const rate = this.#decayedRate(stats);
-      const connectS = Math.max(stats.connectMs, 1) / 1000;
-      // Expected acquires during one connect, doubled, plus a spare where a second acquire may come while the
-      // refill connects (so the one handed out is not the last).
-      const perConnect = rate * connectS;
-      const spare = perConnect >= SPARE_FROM_ACQUIRES_PER_CONNECT ? 1 : 0;
-      const predicted = this.#config.pool.predictive && rate > 0.05 ? Math.ceil(perConnect * 2) + spare : 0;
+      const predicted = this.#config.pool.predictive ? predictedTarget(rate, stats.connectMs) : 0;
       // A pool of a proxy a reload removed connects nothing more (each connect would fail: no such proxy); it is
       // retired once empty.
       const want = this.#proxyRemoved(pool)
@@ -756,6 +776,27 @@ export class PoolManager {
       if (!victim?.evictOne()) return;
     }
   }
+}
+
+/**
+ * The predicted idle target for a demand rate (per s) and connect time (ms), before minIdle and maxIdle: expected
+ * acquires during one connect, doubled, plus a spare where a second acquire may come while the refill connects (so
+ * the one handed out is not the last). Nothing below 0.05 acquires a second.
+ */
+function predictedTarget(rate: number, connectMs: number): number {
+  if (rate <= 0.05) return 0;
+  const perConnect = (rate * Math.max(connectMs, 1)) / 1000;
+  return Math.ceil(perConnect * 2) + (perConnect >= SPARE_FROM_ACQUIRES_PER_CONNECT ? 1 : 0);
+}
+
+/**
+ * A rate whose predicted target is at most `target` (the highest, but for rounding): `target` − 1 expected acquires
+ * per connect doubled, plus the spare. 0 for a target of 1 (the socket warm-on-start gives every origin anyway).
+ */
+function rateForTarget(target: number, connectMs: number): number {
+  if (target <= 1) return 0;
+  // Just under, so that rounding never makes ⌈perConnect × 2⌉ one more.
+  return (((target - 1) / 2) * 1000 * (1 - 1e-9)) / Math.max(connectMs, 1);
 }
 
 /** See PoolManager.#tcpOnMiss. */

@@ -101,7 +101,11 @@ export interface TopOrigin {
   /** Recency-weighted acquires: each acquire counts 1, halved every `scoreHalfLifeMs` of age. */
   score: number;
   learnedIdleLifetimeMs: number | null;
-  /** The demand rate the last time the origin was in use (not decayed to now: that would be ~0 after a restart). */
+  /**
+   * The demand rate the last time the origin was in use, halved for every `scoreHalfLifeMs` since (as the score
+   * weighs acquires): not decayed with the rate's own window, which leaves ~0 after a restart, but a burst a day ago
+   * is not asked for again in full.
+   */
   demandRatePerS: number;
   connectMsAvg: number | null;
   lastSeen: number;
@@ -315,6 +319,7 @@ export class StateStore {
         score: number;
         learned_idle_lifetime_ms: number | null;
         demand_rate_per_s: number;
+        demand_updated_at: number;
         connect_ms_avg: number | null;
         last_seen: number;
       }
@@ -421,8 +426,8 @@ export class StateStore {
       forgetDemand: db.prepare('DELETE FROM demand_history WHERE origin_key = ?'),
       count: db.prepare<[], number>('SELECT count(*) FROM origins').pluck(),
       top: db.prepare(`
-        SELECT o.origin_key, o.host, o.port, o.learned_idle_lifetime_ms, o.demand_rate_per_s, o.connect_ms_avg,
-               o.last_seen,
+        SELECT o.origin_key, o.host, o.port, o.learned_idle_lifetime_ms, o.demand_rate_per_s, o.demand_updated_at,
+               o.connect_ms_avg, o.last_seen,
                SUM(d.acquires * pow(2.0, -((@nowMinute - d.minute) * 1.0 / @halfLifeMinutes))) AS score
         FROM demand_history d JOIN origins o ON o.origin_key = d.origin_key
         WHERE d.minute >= @sinceMinute AND d.minute <= @nowMinute AND o.port > 0
@@ -838,7 +843,8 @@ export class StateStore {
     try {
       this.flush();
     } catch {}
-    const nowMinute = Math.floor(this.#now() / MINUTE_MS);
+    const now = this.#now();
+    const nowMinute = Math.floor(now / MINUTE_MS);
     const rows = this.#statements.top.all({
       nowMinute,
       sinceMinute: nowMinute - this.#historyMinutes,
@@ -851,7 +857,9 @@ export class StateStore {
       port: row.port,
       score: row.score,
       learnedIdleLifetimeMs: row.learned_idle_lifetime_ms,
-      demandRatePerS: row.demand_rate_per_s,
+      demandRatePerS:
+        row.demand_rate_per_s *
+        2 ** (-Math.max(0, now - row.demand_updated_at) / MINUTE_MS / this.#scoreHalfLifeMinutes),
       connectMsAvg: row.connect_ms_avg,
       lastSeen: row.last_seen,
     }));

@@ -3,8 +3,8 @@
 // (performance.now) and its sweep. Covered: the predictive idle target (demand rate × connect time), minIdle, the
 // global idle cap and its share-out by demand, learning an origin's idle lifetime from peer closes (the shorter
 // observation wins, a floor, a server restart is not learned) and recycling before it, retiring unused pools,
-// refused prewarms, warm-on-start from the store's history, reconfiguration (idle sockets a reloaded policy
-// refuses are closed) and close. No fd is left behind.
+// refused prewarms, warm-on-start from the store's history (within warmOnStartSockets), reconfiguration (idle
+// sockets a reloaded policy refuses are closed) and close. No fd is left behind.
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -300,6 +300,35 @@ describe('PoolManager with its store and configuration', () => {
     await until(() => idleOf(pools, BUSY) === 2, 'warmed from history');
     expect(originStats(pools, BUSY).learnedIdleLifetimeMs).toBe(4_000);
     expect(pools.snapshot().originCount).toBe(1);
+  });
+
+  it('warms from history within warmOnStartSockets: the replayed demand rates ask for that many sockets in all', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'sockpool-pool-manager-'));
+    // A 1 ms rate window: each acquire adds 1000/s to the stored rate (a busy origin without 10,000 acquires here).
+    const store = StateStore.open(dir, { now: () => 1_000_000, demandRateWindowMs: 1 });
+    cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+    cleanups.push(() => store.close());
+    // One uid's busy origins: each replayed rate alone asks for maxIdle (16) sockets (rate × 10 ms × 2 + a spare).
+    for (let origin = 0; origin < 5; origin++) {
+      for (let acquire = 0; acquire < 10 - origin; acquire++) {
+        store.recordAcquire(`busy${origin}.test:443`, { hit: false });
+      }
+      store.recordConnect(`busy${origin}.test:443`, 10);
+    }
+    store.flush();
+
+    const pools = manager({ warmOnStartSockets: 10 }, store);
+    pools.start();
+    expect(pools.warmFromHistory(10)).toBe(5);
+    // Each origin its first socket; the busiest takes the 10 the budget has (it wants 15 more): 15 in all, where
+    // the replayed rates opened 5 × 16 = 80.
+    for (let sweep = 0; sweep < 4; sweep++) {
+      await vi.advanceTimersByTimeAsync(SWEEP_MS);
+      await until(() => pools.snapshot().idle >= Math.min(15, connector.calls), 'the connects of this sweep');
+    }
+    expect(connector.calls).toBe(15);
+    await until(() => pools.snapshot().idle === 15, 'warmed from history');
+    expect(idleOf(pools, { host: 'busy0.test', port: 443 })).toBe(11);
   });
 
   it('closes on reload the idle sockets whose origin the new egress policy refuses, and keeps the others', async () => {

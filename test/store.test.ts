@@ -754,6 +754,21 @@ describe('topOrigins', () => {
     store.close();
   });
 
+  it('replays a demand rate halved for every 6 hours since it was last seen (a burst a day ago is not demand now)', () => {
+    const store = open();
+    for (let index = 0; index < 600; index++) store.recordAcquire('burst.example:443', { hit: false });
+    store.flush();
+    const stored = store.origin('burst.example:443')!.demandRatePerS;
+    expect(stored).toBeCloseTo(10, 6); // 600 acquires over the 60 s window
+    expect(store.topOrigins(1)[0]?.demandRatePerS).toBeCloseTo(stored, 6); // a restart right after: all of it
+    clock += 12 * HOUR;
+    expect(store.topOrigins(1)[0]?.demandRatePerS).toBeCloseTo(stored / 4, 6);
+    clock += 12 * HOUR;
+    expect(store.topOrigins(1)[0]?.demandRatePerS).toBeCloseTo(stored / 16, 6);
+    expect(store.origin('burst.example:443')!.demandRatePerS).toBe(stored); // the stored value is left as it was
+    store.close();
+  });
+
   it('forgets demand older than the history window', () => {
     const store = StateStore.open(dir, { now, demandHistoryDays: 1 });
     clock -= 2 * 24 * HOUR;
