@@ -4,7 +4,7 @@
 
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
-import { canonicalOrigin, type Origin, originKey } from '../shared/origin.js';
+import { canonicalOrigin, type Origin, originKey, originOfKey } from '../shared/origin.js';
 import { type OriginPolicy, policyFor, type SockpoolConfig } from './config.js';
 import type { ConnectedSocket, Connector } from './connector.js';
 import { fleetKey, type SlotKeeper } from './fleet/slots.js';
@@ -386,13 +386,17 @@ export class PoolManager {
    */
   warmFromHistory(limit: number): number {
     if (!this.#store || limit <= 0) return 0;
-    // Origins the current policy refuses (history from an older configuration) are skipped quietly.
-    const top = this.#store.topOrigins(limit).filter((entry) => {
+    // Origins the current policy refuses (history from an older configuration, a proxy it no longer names) are
+    // skipped quietly. A proxied origin is warmed through its proxy: its key names it.
+    const top = this.#store.topOrigins(limit).flatMap((entry) => {
       try {
-        this.#connector.checkTarget({ host: entry.host, port: entry.port });
-        return true;
+        const { proxy } = originOfKey(isTlsPoolKey(entry.originKey) ? entry.originKey.slice(0, -4) : entry.originKey);
+        const origin: Origin =
+          proxy === undefined ? { host: entry.host, port: entry.port } : { host: entry.host, port: entry.port, proxy };
+        this.#connector.checkTarget(origin);
+        return [{ ...entry, origin }];
       } catch {
-        return false;
+        return [];
       }
     });
     let warmed = 0;
@@ -408,7 +412,7 @@ export class PoolManager {
         if (!this.#tls.enabled(origin, policy)) continue;
         tlsTrust = this.#tls.trustOf(policy);
       }
-      const pool = this.#poolFor({ host: entry.host, port: entry.port }, tlsTrust);
+      const pool = this.#poolFor(entry.origin, tlsTrust);
       const stats = this.#statsOf(pool.key);
       stats.learnedIdleLifetimeMs = entry.learnedIdleLifetimeMs ?? undefined;
       // The connect time the history knows, until this start's connects refine it: the budget below is counted with

@@ -27,7 +27,7 @@ import { join } from 'node:path';
 import { Worker } from 'node:worker_threads';
 import Database from 'better-sqlite3';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
-import { parseOriginKey } from '../shared/origin.js';
+import { originOfKey } from '../shared/origin.js';
 
 /** Schema migrations, oldest first: entry i takes `PRAGMA user_version` from i to i + 1. Append; never edit. */
 export const MIGRATIONS: readonly string[] = [
@@ -735,8 +735,9 @@ export class StateStore {
       port = old.port;
     } else {
       try {
-        // A warm TLS pool's key is the origin's with ` tls` after it (daemon/tls-sessions.ts).
-        ({ host, port } = parseOriginKey(originKey.endsWith(' tls') ? originKey.slice(0, -4) : originKey));
+        // A warm TLS pool's key is the origin's with ` tls` after it (daemon/tls-sessions.ts); a proxied one's has
+        // ` via NAME` (its proxy is read from the key again when warmed).
+        ({ host, port } = originOfKey(originKey.endsWith(' tls') ? originKey.slice(0, -4) : originKey));
       } catch {
         // Not host:port (a key format of a later version?): kept, but never warmed from history.
       }

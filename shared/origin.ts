@@ -46,6 +46,16 @@ export function originKey(origin: Origin): string {
   return origin.proxy ? `${endpointKey(origin)} via ${origin.proxy}` : endpointKey(origin);
 }
 
+/**
+ * The origin an originKey() names: `host:port` or `[v6]:port`, either with ` via NAME` (a proxied origin's). Throws
+ * SOCKPOOL_ERR_INVALID_ARGUMENT.
+ */
+export function originOfKey(key: string): Origin {
+  const via = key.indexOf(' via ');
+  if (via < 0) return parseOriginKey(key);
+  return { ...parseOriginKey(key.slice(0, via)), proxy: key.slice(via + ' via '.length) };
+}
+
 /** Parses `host:port` or `[v6]:port` into a canonical origin. Throws SOCKPOOL_ERR_INVALID_ARGUMENT. */
 export function parseOriginKey(key: string): Origin {
   const match = /^(?:\[([^\]]+)\]|([^:[\]]+)):(\d{1,5})$/.exec(key.trim());

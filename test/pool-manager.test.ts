@@ -302,6 +302,32 @@ describe('PoolManager with its store and configuration', () => {
     expect(pools.snapshot().originCount).toBe(1);
   });
 
+  it('warms proxied origins of its history through their proxy, where the configuration still names it', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'sockpool-pool-manager-'));
+    const store = StateStore.open(dir, { now: () => 1_000_000 });
+    cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+    cleanups.push(() => store.close());
+    store.recordAcquire('busy.test:443 via corp', { hit: false });
+    store.recordAcquire('busy.test:443 via corp', { hit: false });
+    store.recordAcquire('quiet.test:443 via gone', { hit: false });
+    store.flush();
+    connector.proxies = new Set(['corp']);
+    const pools = new PoolManager({
+      config: parseConfig(
+        { pool: { defaults: { minIdle: 1 } }, proxies: [{ name: 'corp', url: 'http://127.0.0.1:3128' }] },
+        'test',
+      ),
+      connector,
+      log: pino({ level: 'silent' }),
+      store,
+    });
+    managers.push(pools);
+    // Its key names the proxy: the pool warmed is the one an acquire through `corp` takes (not the direct one).
+    expect(pools.warmFromHistory(10)).toBe(1);
+    await until(() => pools.snapshot().idle === 1, 'warmed from history');
+    expect(pools.snapshot().origins.map((row) => [row.origin, row.idle])).toEqual([['busy.test:443 via corp', 1]]);
+  });
+
   it('warms from history within warmOnStartSockets: the replayed demand rates ask for that many sockets in all', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'sockpool-pool-manager-'));
     // A 1 ms rate window: each acquire adds 1000/s to the stored rate (a busy origin without 10,000 acquires here).
