@@ -1,6 +1,7 @@
 // One connect: resolve the origin, race its addresses with Happy Eyeballs (RFC 8305, daemon/happy-eyeballs.ts),
-// each address checked by the egress policy right before its attempt, and the winner's peer address checked once
-// more after it (no rebinding gap). This is the only place in sockpool where a TCP socket is created.
+// each address checked by the egress policy in force right before its attempt (a reload mid-race included), and
+// the winner's peer address checked once more after it (no rebinding gap). This is the only place in sockpool where
+// a TCP socket is created.
 //
 // Per host it remembers which family won (daemon/learned-families.ts), so later connects start with what works;
 // per origin it keeps a budget of attempts racing at once, shared by all connects to that origin.
@@ -203,6 +204,18 @@ export class TcpConnector implements Connector {
     const defaultFamily: Family = addresses?.[0]?.family ?? 6;
     const preferFamily: Family = this.#learned.preferred(host) ?? defaultFamily;
 
+    // Each address is judged by the egress policy in force when it is about to be connected to (and its peer when
+    // it connected): a reload during the lookup or the race must not let the policy of before reach an address the
+    // new one refuses. (The winner is judged once more after the race, #judgedAfterReload.)
+    const judge = (address: string, port: number): void => {
+      const now = this.#egress();
+      if (now !== egress) {
+        now.checkTarget(origin.host, origin.port);
+        if (proxy) now.checkTarget(proxy.host, proxy.port);
+      }
+      now.checkAddress(address, port, target.host);
+    };
+
     const key = originKey(origin);
     const budget = this.#takeBudget(key, policy.maxRacingAttempts);
     const count = (family: Family, outcome: string) => this.#metrics?.connectAttempts.inc({ family, outcome });
@@ -216,14 +229,14 @@ export class TcpConnector implements Connector {
           budget,
           check: (candidate) => {
             try {
-              egress.checkAddress(candidate.address, target.port, target.host);
+              judge(candidate.address, target.port);
             } catch (error) {
               count(candidate.family, 'refused');
               throw error;
             }
           },
           attempt: (candidate, settle) =>
-            this.#attempt(candidate, { port: target.port, host: target.host, policy, egress, resolver }, settle),
+            this.#attempt(candidate, { port: target.port, host: target.host, policy, judge, resolver }, settle),
           discard: (socket) => {
             count(socket.family, 'cancelled');
             native.close(socket.fd);
@@ -318,10 +331,16 @@ export class TcpConnector implements Connector {
   /** One attempt: connect, then check the peer the kernel connected to. Returns the canceller. */
   #attempt(
     candidate: Candidate,
-    context: { port: number; host: string; policy: OriginPolicy; egress: EgressPolicy; resolver: Resolver },
+    context: {
+      port: number;
+      host: string;
+      policy: OriginPolicy;
+      judge: (address: string, port: number) => void;
+      resolver: Resolver;
+    },
     settle: (error: Error | undefined, socket?: ConnectedSocket) => void,
   ): () => void {
-    const { port, host, policy, egress, resolver } = context;
+    const { port, host, policy, judge, resolver } = context;
     const controller = new AbortController();
     const started = performance.now();
     connectTcp(candidate.address, port, {
@@ -339,7 +358,7 @@ export class TcpConnector implements Connector {
         let socket: ConnectedSocket;
         try {
           const peer = native.peerAddress(fd);
-          egress.checkAddress(peer.address, peer.port, host);
+          judge(peer.address, peer.port);
           const connectedAt = performance.now();
           socket = {
             fd,

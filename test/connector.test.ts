@@ -326,6 +326,38 @@ describe('TcpConnector: a reload during a connect', () => {
     expect(await openFds()).toBe(fds);
   });
 
+  it('an address a reload refused while the connect resolved is never connected to', async () => {
+    const target = await listen('127.0.0.1');
+    const allowing = parseConfig(
+      {
+        dns: { resolve: [`reload.test:${target.port}:127.0.0.1`] },
+        egress: { allow: ['127.0.0.1/32'], allowPorts: [target.port] },
+      },
+      'test',
+    );
+    const resolver = new Resolver(allowing.dns);
+    const state = { egress: new EgressPolicy(allowing.egress) };
+    const connector = new TcpConnector(
+      () => resolver,
+      () => state.egress,
+    );
+    const fds = await openFds();
+    const connecting = connector.connect({ host: 'reload.test', port: target.port }, policy);
+    // The reload, while the connect resolves: loopback is no longer allowed.
+    state.egress = new EgressPolicy(parseConfig({ egress: { allowPorts: [target.port] } }, 'test').egress);
+    await expect(connecting).rejects.toMatchObject({ code: 'SOCKPOOL_ERR_POLICY', reason: 'loopback' });
+    // A connection of our own after it: the listener accepts in order (and ends what it accepts), so once ours has
+    // ended, one the connector made would have arrived too.
+    const probe = net.connect(target.port, '127.0.0.1');
+    probe.on('error', () => {});
+    probe.resume();
+    await new Promise((resolve) => probe.once('close', resolve));
+    expect(target.arrivals).toHaveLength(1);
+    servers.splice(servers.indexOf(target.server), 1);
+    await new Promise((resolve) => target.server.close(resolve));
+    expect(await openFds()).toBe(fds - 1); // the listener closed
+  });
+
   it('a socket the new egress policy refuses is closed: SOCKPOOL_ERR_POLICY', async () => {
     const fds = await openFds();
     const corp = await proxy(false);
