@@ -3,8 +3,8 @@
 // the winner's peer address checked once more after it (no rebinding gap). This is the only place in sockpool where
 // a TCP socket is created.
 //
-// Per host it remembers which family won (daemon/learned-families.ts), so later connects start with what works;
-// per origin it keeps a budget of attempts racing at once, shared by all connects to that origin.
+// Per host and port it remembers which family won (daemon/learned-families.ts), so later connects start with what
+// works; per origin it keeps a budget of attempts racing at once, shared by all connects to that origin.
 //
 // fd ownership: an attempt's fd belongs to connectTcp until it resolves, then to this attempt until the race takes
 // it. The winner's fd passes to the caller (the origin pool); every other attempt is cancelled (connectTcp closes
@@ -155,7 +155,7 @@ export class TcpConnector implements Connector {
 
   learnedFamily(origin: Origin): LearnedFamily | undefined {
     try {
-      return this.#learned.describe(canonicalHost(this.#targetOf(origin).host));
+      return this.#learned.describe(learnedKey(this.#targetOf(origin)));
     } catch {
       return undefined; // a proxy no longer configured
     }
@@ -188,7 +188,6 @@ export class TcpConnector implements Connector {
     // origin itself).
     const proxy = this.#proxyOf(origin);
     const target: Endpoint = proxy ?? origin;
-    const host = canonicalHost(target.host);
     const resolving = resolver.resolve(target.host, target.port);
     // A query to the DNS servers in flight: each family joins the race as soon as its own answer is in. Otherwise
     // (literal, override, cached, system resolver) both families are there at once.
@@ -202,7 +201,7 @@ export class TcpConnector implements Connector {
     // The resolver's order already puts addresses that failed lately last; a learned family goes before it.
     // Before any answer: IPv6 first (RFC 8305 §3).
     const defaultFamily: Family = addresses?.[0]?.family ?? 6;
-    const preferFamily: Family = this.#learned.preferred(host) ?? defaultFamily;
+    const preferFamily: Family = this.#learned.preferred(learnedKey(target)) ?? defaultFamily;
 
     // Each address is judged by the egress policy in force when it is about to be connected to (and its peer when
     // it connected): a reload during the lookup or the race must not let the policy of before reach an address the
@@ -265,11 +264,11 @@ export class TcpConnector implements Connector {
     }
 
     if (result.answered[4] > 0 && result.answered[6] > 0) {
-      this.#learned.record(host, result.families, defaultFamily);
+      this.#learned.record(learnedKey(target), result.families, defaultFamily);
     }
     if (result.ok) {
       count(result.candidate.family, 'won');
-      resolver.reportSuccess(target.host, result.candidate.address);
+      resolver.reportSuccess(target.host, target.port, result.candidate.address);
       if (!proxy) return this.#judgedAfterReload(origin, policy, result.value, egress, proxy);
       // Through a proxy, the socket is of use only once the tunnel to the origin stands. Ours until it is.
       const socket = result.value;
@@ -381,7 +380,7 @@ export class TcpConnector implements Connector {
           this.#metrics?.connectAttempts.inc({ family: candidate.family, outcome: 'cancelled' });
         } else {
           this.#metrics?.connectAttempts.inc({ family: candidate.family, outcome: 'failed' });
-          resolver.reportFailure(host, candidate.address);
+          resolver.reportFailure(host, port, candidate.address);
         }
         settle(error);
       },
@@ -405,6 +404,14 @@ export class TcpConnector implements Connector {
     const entry = this.#budgets.get(key);
     if (entry && --entry.connects === 0) this.#budgets.delete(key);
   }
+}
+
+/**
+ * What a race teaches is kept per host and port: a port the host serves over one family only (a client may pick any
+ * port the policy allows) must not steer the connects of every other port of the host to that family.
+ */
+function learnedKey(target: Endpoint): string {
+  return `${canonicalHost(target.host)} ${target.port}`;
 }
 
 function isRefusal(error: Error): boolean {

@@ -1,7 +1,7 @@
-// What Happy Eyeballs races taught about each host: which address family won its last race and which family
-// failed or was outrun (silent, or slower than the attempt delay). A later connect to that host starts with the
-// family that won, so a host whose IPv6 path drops packets costs the attempt delay once per expiry, not on every
-// connect. Entries expire (the network may be repaired) and the oldest go first past `maxEntries` (a crawler
+// What Happy Eyeballs races taught about each host (the connector keys it by host and port): which address family
+// won its last race and which family failed or was outrun (silent, or slower than the attempt delay). A later connect
+// to that host starts with the family that won, so a host whose IPv6 path drops packets costs the attempt delay once
+// per expiry, not on every connect. Entries expire (the network may be repaired) and the oldest go first past `maxEntries` (a crawler
 // meets millions of hosts). Time comes from an injected clock.
 
 import type { Family, FamilyOutcome } from './happy-eyeballs.js';

@@ -14,7 +14,7 @@
 // Order of the addresses returned: both families, interleaved, IPv6 first (RFC 8305; on a machine without an
 // IPv6 route `reportFailure` pushes the IPv6 addresses back after the first ENETUNREACH). Within each family the
 // start rotates on every call (round robin over the origin's addresses). Addresses reported failed within
-// `failurePenaltyMs` go last, least recently failed first; `reportSuccess` clears the mark.
+// `failurePenaltyMs` for that host and port go last, least recently failed first; `reportSuccess` clears the mark.
 //
 // Errors: SockpoolError(DNS) with fields { host, reason, dnsCode }. NXDOMAIN and "no address" answers are cached
 // for negativeTtlMs; timeouts and server failures are not cached (the next call asks again). Concurrent calls for
@@ -101,7 +101,7 @@ export class Resolver {
   readonly #inFlight = new Map<string, Promise<CacheEntry>>();
   /** Queries to DNS servers in flight: each family's own answer (answersInFlight). */
   readonly #pendingFamilies = new Map<string, Record<4 | 6, Promise<string[]>>>();
-  /** host → address → time (monotonic ms) of the last reported failure. */
+  /** host and port → address → time (monotonic ms) of the last reported failure. */
   readonly #failures = new Map<string, Map<string, number>>();
   readonly #minTtlMs: number;
   readonly #maxTtlMs: number;
@@ -145,7 +145,7 @@ export class Resolver {
     const name = this.#nameOf(host);
     if (typeof name !== 'string') return [name];
     const override = this.#overrides.get(`${name}:${port}`);
-    if (override) return this.#order(name, override);
+    if (override) return this.#order(name, port, override);
     let entry = this.#cache.get(name);
     if (!entry || entry.expiresAt <= performance.now()) entry = await this.#refresh(name);
     if (entry.kind === 'negative') {
@@ -155,7 +155,7 @@ export class Resolver {
         dnsCode: entry.dnsCode,
       });
     }
-    return this.#order(name, entry);
+    return this.#order(name, port, entry);
   }
 
   /**
@@ -202,27 +202,30 @@ export class Resolver {
     }
   }
 
-  /** A connect to `address` for `host` failed: put it last for failurePenaltyMs. */
-  reportFailure(host: string, address: string): void {
-    const name = canonicalName(host);
+  /**
+   * A connect to `address` for `host`:`port` failed: put it last for failurePenaltyMs, for that port only (a client's
+   * connects to a port the host serves over one family only must not reorder every other port's addresses).
+   */
+  reportFailure(host: string, port: number, address: string): void {
+    const key = marksKey(host, port);
     const normalised = canonicalAddress(address);
-    let marks = this.#failures.get(name);
+    let marks = this.#failures.get(key);
     if (!marks) {
       marks = new Map();
-      this.#failures.set(name, marks);
+      this.#failures.set(key, marks);
       this.#evictOldest(this.#failures);
     }
     marks.delete(normalised); // re-insert: the map keeps marks in failure order
     marks.set(normalised, performance.now());
   }
 
-  /** A connect to `address` for `host` succeeded: forget its failure mark. */
-  reportSuccess(host: string, address: string): void {
-    const name = canonicalName(host);
-    const marks = this.#failures.get(name);
+  /** A connect to `address` for `host`:`port` succeeded: forget its failure mark. */
+  reportSuccess(host: string, port: number, address: string): void {
+    const key = marksKey(host, port);
+    const marks = this.#failures.get(key);
     if (!marks) return;
     marks.delete(canonicalAddress(address));
-    if (marks.size === 0) this.#failures.delete(name);
+    if (marks.size === 0) this.#failures.delete(key);
   }
 
   /** One query per host at a time: concurrent callers share it. */
@@ -371,7 +374,7 @@ export class Resolver {
   }
 
   /** Interleaves the families (IPv6 first), rotates each family, and moves failed addresses last. */
-  #order(name: string, set: AddressSet): ResolvedAddress[] {
+  #order(name: string, port: number, set: AddressSet): ResolvedAddress[] {
     const turn = set.turn++;
     const v4 = rotate(set.v4, turn).map((address): ResolvedAddress => ({ address, family: 4 }));
     const v6 = rotate(set.v6, turn).map((address): ResolvedAddress => ({ address, family: 6 }));
@@ -380,14 +383,15 @@ export class Resolver {
       if (v6[index]) interleaved.push(v6[index]!);
       if (v4[index]) interleaved.push(v4[index]!);
     }
-    const marks = this.#failures.get(name);
+    const key = marksKey(name, port);
+    const marks = this.#failures.get(key);
     if (!marks) return interleaved;
     const now = performance.now();
     for (const [address, failedAt] of marks) {
       if (now - failedAt >= this.#failurePenaltyMs) marks.delete(address);
     }
     if (marks.size === 0) {
-      this.#failures.delete(name);
+      this.#failures.delete(key);
       return interleaved;
     }
     const good = interleaved.filter((item) => !marks.has(item.address));
@@ -398,7 +402,12 @@ export class Resolver {
   }
 }
 
-/** The key of a host's failure marks: its canonical name (or its text, when it is none: it then has no marks). */
+/** The key of the failure marks of host:port (a space cannot be in a host name or an address). */
+function marksKey(host: string, port: number): string {
+  return `${canonicalName(host)} ${port}`;
+}
+
+/** A host's canonical name (or its text, when it is none: it then has no marks). */
 function canonicalName(host: string): string {
   try {
     const parsed = parseHost(host);

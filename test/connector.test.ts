@@ -88,7 +88,15 @@ describe('TcpConnector on loopback', () => {
     const metrics = createMetrics(() => ({ origins: [] }), { processMetrics: false });
     const config = parseConfig(
       {
-        dns: { resolve: [`v6refused.test:${v4.port}:127.0.0.1,[::1]`, `dual.test:${both.v6.port}:[::1],127.0.0.1`] },
+        dns: {
+          resolve: [
+            `v6refused.test:${v4.port}:127.0.0.1,[::1]`,
+            `dual.test:${both.v6.port}:[::1],127.0.0.1`,
+            // One host, two ports: the first open on IPv4 only, the second on both families.
+            `ports.test:${v4.port}:127.0.0.1,[::1]`,
+            `ports.test:${both.v6.port}:[::1],127.0.0.1`,
+          ],
+        },
         egress: { allow, allowPorts: [v4.port, both.v6.port] },
       },
       'test',
@@ -113,7 +121,7 @@ describe('TcpConnector on loopback', () => {
     native.close(socket.fd);
     expect(await attempts(metrics, 6, 'won')).toBe(1);
     expect(await attempts(metrics, 4, 'won')).toBe(0); // never tried: IPv6 connected within the attempt delay
-    expect(c.learnedFamily({ host: 'dual.test', port: 1 })).toMatchObject({ family: 6, failed: [] });
+    expect(c.learnedFamily({ host: 'dual.test', port: both.v6.port })).toMatchObject({ family: 6, failed: [] });
     expect(await openFds()).toBe(before);
   });
 
@@ -133,6 +141,20 @@ describe('TcpConnector on loopback', () => {
     expect(await attempts(metrics, 4, 'won')).toBe(2);
     expect(await attempts(metrics, 6, 'failed')).toBe(1); // IPv6 was not tried again
     expect(await openFds()).toBe(before);
+  });
+
+  it("what one port of a host taught does not steer another port's connects away from IPv6", async () => {
+    const { connector: c } = connector();
+    // A client's connect to a port its host serves over IPv4 only: IPv6 is refused there.
+    const v4only = await c.connect({ host: 'ports.test', port: v4.port }, policy);
+    expect(v4only.family).toBe(4);
+    native.close(v4only.fd);
+    expect(c.learnedFamily({ host: 'ports.test', port: v4.port })).toMatchObject({ family: 4, failed: [6] });
+    // Another client's connect to the port served over both families still starts with IPv6 (RFC 8305).
+    expect(c.learnedFamily({ host: 'ports.test', port: both.v6.port })).toBeUndefined();
+    const dual = await c.connect({ host: 'ports.test', port: both.v6.port }, policy);
+    native.close(dual.fd);
+    expect(dual).toMatchObject({ address: '::1', family: 6 });
   });
 
   it('an address the egress policy refuses is skipped, never connected to', async () => {

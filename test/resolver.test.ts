@@ -130,19 +130,19 @@ describe('Resolver through a DNS server', () => {
 
   it('puts addresses that failed last until reportSuccess', async () => {
     const r = resolver();
-    r.reportFailure('failures.test', '198.51.100.2');
-    r.reportFailure('FAILURES.test', '198.51.100.1');
+    r.reportFailure('failures.test', 443, '198.51.100.2');
+    r.reportFailure('FAILURES.test', 443, '198.51.100.1');
     for (let index = 0; index < 3; index++) {
       // The least recently failed of the bad ones comes first among them.
       expect(addresses(await r.resolve('failures.test', 443)).slice(1)).toEqual(['198.51.100.2', '198.51.100.1']);
     }
-    r.reportSuccess('failures.test', '198.51.100.2');
+    r.reportSuccess('failures.test', 443, '198.51.100.2');
     for (let index = 0; index < 3; index++) {
       const result = addresses(await r.resolve('failures.test', 443));
       expect(result[2]).toBe('198.51.100.1');
       expect(result).toHaveLength(3);
     }
-    r.reportSuccess('failures.test', '198.51.100.1');
+    r.reportSuccess('failures.test', 443, '198.51.100.1');
     const starts = new Set<string | undefined>();
     for (let index = 0; index < 3; index++) starts.add(addresses(await r.resolve('failures.test', 443))[0]);
     expect(starts.size).toBe(3);
@@ -150,8 +150,10 @@ describe('Resolver through a DNS server', () => {
 
   it('forgets a failure after failurePenaltyMs', async () => {
     const r = resolver({ failurePenaltyMs: 100 });
-    r.reportFailure('v6fail.test', '2001:db8::1');
+    r.reportFailure('v6fail.test', 443, '2001:db8::1');
     expect((await r.resolve('v6fail.test', 443)).map((item) => item.family)).toEqual([4, 6]);
+    // A failure on one port says nothing of another port of the host.
+    expect((await r.resolve('v6fail.test', 8443)).map((item) => item.family)).toEqual([6, 4]);
     await eventually(async () => (await r.resolve('v6fail.test', 443))[0]?.family === 6, 'the failure forgotten');
   });
 
