@@ -67,11 +67,14 @@ export class ConnectGate implements Connector {
   ): Promise<ConnectedSocket> {
     // A queued connect is counted in flight by #admit before it resumes; one no longer wanted is not started. The
     // acquires that asked for them may be long gone (a client's acquires that give up at once would otherwise queue
-    // lookups and connects without bound, charged to nobody when they run).
-    if (this.#inFlight >= this.#limit()) {
+    // lookups and connects without bound, charged to nobody when they run). While some are queued, a new one queues
+    // behind them: after a reload raised the limit, those queued under the old one start now, in arrival order, not
+    // only when a connect in flight finishes (while newcomers went past them).
+    if (this.#queue.length > 0 || this.#inFlight >= this.#limit()) {
       if (this.#queue.length >= this.#sweepAt) this.#sweep();
-      const admitted = await new Promise<boolean>((admit) => this.#queue.push({ admit, wanted }));
-      if (!admitted) throw new ConnectAbandoned();
+      const admitted = new Promise<boolean>((admit) => this.#queue.push({ admit, wanted }));
+      this.#admit();
+      if (!(await admitted)) throw new ConnectAbandoned();
     } else this.#inFlight++;
     try {
       return await this.#inner.connect(origin, policy, urgent, wanted);

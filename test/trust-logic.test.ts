@@ -200,6 +200,33 @@ describe('ConnectGate', () => {
   });
 });
 
+describe('ConnectGate after a reload raised its limit', () => {
+  it('starts the connects already queued before a newcomer, and as many as the new limit allows', async () => {
+    const started: number[] = [];
+    const connector: Connector = {
+      checkTarget() {},
+      checkHeld() {},
+      connect: (origin) => {
+        started.push(origin.port);
+        return new Promise(() => {});
+      },
+    };
+    let limit = 1;
+    const gate = new ConnectGate(connector, () => limit);
+    const policy = policyFor(defaultConfig(), 'example.com', 443);
+    const turn = () => new Promise((resolve) => setImmediate(resolve));
+    for (const port of [1, 2, 3]) gate.connect({ host: 'example.com', port }, policy).catch(() => {});
+    await turn();
+    expect(started).toEqual([1]);
+    // The reload: room for four at once. The connect in flight has not finished.
+    limit = 4;
+    gate.connect({ host: 'example.com', port: 4 }, policy).catch(() => {});
+    await turn();
+    expect(started).toEqual([1, 2, 3, 4]);
+    expect([gate.inFlight, gate.queued]).toEqual([4, 0]);
+  });
+});
+
 describe('lease guard', () => {
   it('sees bytes sent or received since a socket was lent, and its end kills every copy', async () => {
     const before = fdCount();
