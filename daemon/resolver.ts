@@ -9,7 +9,8 @@
 //   search domains and a local stub such as systemd-resolved behave as for every other program on the machine.
 //   getaddrinfo gives no TTL, so such answers are cached for minTtlMs. It also runs in the libuv threadpool and
 //   cannot be cancelled: after timeoutMs we answer with a DNS error, but the thread stays busy until the system
-//   resolver gives up. Configure `servers` for TTLs and real timeouts.
+//   resolver gives up; meanwhile the name's later resolutions wait for that same lookup (one per name at a time).
+//   Configure `servers` for TTLs and real timeouts.
 //
 // Order of the addresses returned: both families, interleaved, IPv6 first (RFC 8305; on a machine without an
 // IPv6 route `reportFailure` pushes the IPv6 addresses back after the first ENETUNREACH). Within each family the
@@ -83,6 +84,11 @@ type Answer =
 
 const NEGATIVE_CODES = new Set(['ENOTFOUND', 'ENODATA']);
 
+/** The system resolver's lookup of every address of a name (dns.lookup; tests pass their own). */
+export type SystemLookup = (name: string) => Promise<Array<{ address: string; family: number }>>;
+
+const systemLookup: SystemLookup = (name) => dns.lookup(name, { all: true, order: 'verbatim' });
+
 function errorCode(error: unknown): string | undefined {
   const code = (error as { code?: unknown } | null)?.code;
   return typeof code === 'string' ? code : undefined;
@@ -108,8 +114,16 @@ export class Resolver {
   readonly #negativeTtlMs: number;
   readonly #timeoutMs: number;
   readonly #failurePenaltyMs: number;
+  readonly #systemLookup: SystemLookup;
+  /**
+   * System lookups still running, by name, also past our deadline: getaddrinfo cannot be cancelled and holds a libuv
+   * thread (or a place in its queue) until the system resolver gives up. A name has one at a time, which later
+   * resolutions join: while the system resolver hangs, each connect must not queue another lookup of its own.
+   */
+  readonly #systemLookups = new Map<string, ReturnType<SystemLookup>>();
 
-  constructor(options: ResolverOptions) {
+  constructor(options: ResolverOptions, lookup: SystemLookup = systemLookup) {
+    this.#systemLookup = lookup;
     this.#minTtlMs = options.minTtlMs;
     this.#maxTtlMs = options.maxTtlMs;
     this.#negativeTtlMs = options.negativeTtlMs;
@@ -178,13 +192,13 @@ export class Resolver {
     return { 4: addresses(4), 6: addresses(6) };
   }
 
-  /** The query for `host` in flight now (settles when it ends), or undefined when none is. */
+  /**
+   * The query for `host` in flight now (settles when it ends), or undefined when none is: a system lookup counts
+   * until it really ends, also after its resolution gave up at the deadline.
+   */
   lookupInFlight(host: string): Promise<unknown> | undefined {
-    try {
-      return this.#inFlight.get(canonicalName(host));
-    } catch {
-      return undefined;
-    }
+    const name = canonicalName(host);
+    return this.#inFlight.get(name) ?? this.#systemLookups.get(name);
   }
 
   /** The canonical name of `host`, or the address itself when it is an IP literal. Throws DNS 'invalid-host'. */
@@ -339,8 +353,18 @@ export class Resolver {
   }
 
   async #askSystem(name: string): Promise<Answer> {
+    let running = this.#systemLookups.get(name);
+    if (!running) {
+      const lookup = this.#systemLookup(name);
+      running = lookup;
+      this.#systemLookups.set(name, lookup);
+      const ended = () => {
+        if (this.#systemLookups.get(name) === lookup) this.#systemLookups.delete(name);
+      };
+      lookup.then(ended, ended);
+    }
     try {
-      const found = await this.#withDeadline(dns.lookup(name, { all: true, order: 'verbatim' }));
+      const found = await this.#withDeadline(running);
       const v4 = found.filter((item) => item.family === 4).map((item) => item.address);
       const v6 = found.filter((item) => item.family === 6).map((item) => item.address);
       if (v4.length + v6.length === 0) return this.#failure([]);

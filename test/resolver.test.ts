@@ -271,6 +271,30 @@ describe('Resolver without DNS', () => {
     expect(addresses(result)).toContain('127.0.0.1');
   });
 
+  it('a system lookup still running past the deadline is joined, not asked again, and holds the lookup charge', async () => {
+    // getaddrinfo cannot be cancelled: a hung system resolver keeps a libuv thread (or a place in its queue) per
+    // lookup. One that is abandoned at the deadline must not be followed by another for the same name on every
+    // connect, and a uid's lookup charge (lookupInFlight) must last until it really ends.
+    const calls: string[] = [];
+    let answer: (found: Array<{ address: string; family: number }>) => void = () => {};
+    const r = new Resolver({ ...parseConfig({ dns: { timeoutMs: 20 } }, 'test').dns }, (name) => {
+      calls.push(name);
+      return new Promise((resolve) => {
+        answer = resolve;
+      });
+    });
+    expect((await dnsError(r.resolve('hung.test', 443))).fields).toMatchObject({ reason: 'timeout' });
+    expect(r.lookupInFlight('hung.test')).toBeDefined();
+    expect((await dnsError(r.resolve('hung.test', 443))).fields).toMatchObject({ reason: 'timeout' });
+    expect(calls).toEqual(['hung.test']);
+    // It ends at last: its answer is the next one's.
+    const next = r.resolve('hung.test', 443);
+    answer([{ address: '198.51.100.7', family: 4 }]);
+    expect(addresses(await next)).toEqual(['198.51.100.7']);
+    expect(calls).toEqual(['hung.test']);
+    expect(r.lookupInFlight('hung.test')).toBeUndefined();
+  });
+
   it('refuses names that are not host names without asking', async () => {
     const r = resolver();
     const before = dnsServer.queries.length;
