@@ -285,14 +285,27 @@ export class TcpConnector implements Connector {
     // No family had an address: the resolution failed, and resolve() says how (SOCKPOOL_ERR_DNS).
     if (result.failures.length === 0 && result.refusals.length === 0) await resolving;
     const connectFailures = result.failures.filter(({ error }) => !isRefusal(error));
-    const refusal = [...result.refusals, ...result.failures.filter(({ error }) => isRefusal(error))][0];
-    if (refusal && connectFailures.length === 0) throw refusal.error;
+    const refusals = [...result.refusals, ...result.failures.filter(({ error }) => isRefusal(error))];
+    if (refusals.length > 0 && connectFailures.length === 0) throw refusals[0]!.error;
     const reason = connectFailures.at(-1)?.error as (Error & { code?: string }) | undefined;
+    // The last failure is the cause; the addresses the policy skipped are named too: "refused by 203.0.113.5" alone
+    // hides that the name's other address was never tried, and why.
+    const tried = connectFailures.length;
+    const skipped = refusals.map(({ candidate, error }) => {
+      const why = (error as { reason?: unknown }).reason;
+      return typeof why === 'string' ? `${candidate.address} (${why})` : candidate.address;
+    });
+    const summary =
+      skipped.length > 0
+        ? ` (${tried} tried; ${skipped.length} refused by the egress policy: ${skipped.slice(0, 4).join(', ')}${skipped.length > 4 ? ', ...' : ''})`
+        : tried > 1
+          ? ` (${tried} addresses tried)`
+          : '';
     throw new SockpoolError(
       ErrorCodes.CONNECT,
       `cannot connect to ${target.host}:${target.port}${proxy ? ` (proxy ${proxy.name} for ${origin.host}:${origin.port})` : ''}: ` +
-        `${reason?.message ?? 'no usable address'}`,
-      { host: origin.host, port: origin.port },
+        `${reason?.message ?? 'no usable address'}${summary}`,
+      { host: origin.host, port: origin.port, tried, refused: skipped.length },
       { cause: reason },
     );
   }

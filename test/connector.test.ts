@@ -11,6 +11,7 @@ import { EgressPolicy } from '../daemon/egress-policy.js';
 import { createMetrics, type Metrics } from '../daemon/metrics.js';
 import type { ProxyEndpoint } from '../daemon/proxy-tunnel.js';
 import { Resolver } from '../daemon/resolver.js';
+import type { SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
 import { type DnsTestServer, startDnsServer } from './helpers/dns-server.js';
 
@@ -272,6 +273,38 @@ describe('TcpConnector on loopback', () => {
       cause: { code: 'ECONNREFUSED' },
     });
     expect(await openFds()).toBe(before);
+  });
+});
+
+describe('TcpConnector: what the caller sees when no address connects', () => {
+  const policy: OriginPolicy = { ...defaultConfig().pool.defaults };
+
+  it('the addresses the egress policy skipped are named beside the failure of those tried', async () => {
+    const closed = await listen('127.0.0.1');
+    servers.splice(servers.indexOf(closed.server), 1);
+    await new Promise((resolve) => closed.server.close(resolve));
+    const config = parseConfig(
+      {
+        dns: { resolve: [`mixed.test:${closed.port}:[::1],127.0.0.1`] },
+        egress: { allow: ['127.0.0.1/32'], allowPorts: [closed.port] },
+      },
+      'test',
+    );
+    const resolver = new Resolver(config.dns);
+    const egress = new EgressPolicy(config.egress);
+    const connector = new TcpConnector(
+      () => resolver,
+      () => egress,
+    );
+    const error = await connector.connect({ host: 'mixed.test', port: closed.port }, policy).then(
+      () => expect.unreachable(),
+      (caught: SockpoolError) => caught,
+    );
+    expect(error).toMatchObject({ code: 'SOCKPOOL_ERR_CONNECT', cause: { code: 'ECONNREFUSED' } });
+    // Not only "connection refused by 127.0.0.1": ::1 was never tried, and the caller is told why.
+    expect(error.message).toContain(`connect ECONNREFUSED 127.0.0.1:${closed.port}`);
+    expect(error.message).toContain('1 refused by the egress policy: ::1 (loopback)');
+    expect(error.fields).toMatchObject({ tried: 1, refused: 1 });
   });
 });
 
