@@ -430,7 +430,9 @@ export class Sockpoold {
       const config = withStartOnlyKeys(loaded, this.#config);
       // Everything that can fail, before anything changes.
       const egress = createEgressPolicy(config, this.#hostAddresses);
-      const resolver = new Resolver(config.dns);
+      // A `dns` section left as it was keeps the resolver: its cache, the lookups under way (which the per-uid lookup
+      // charges wait for) and the failure marks; a new one would send every host to DNS again after each SIGHUP.
+      const resolver = dnsKey(config) === dnsKey(this.#config) ? this.#resolver : new Resolver(config.dns);
       const proxies = proxiesByName(config);
       const prepared = this.#pools.prepare(config);
       const startOnly = changedStartOnlyKeys(this.#config, loaded);
@@ -623,6 +625,13 @@ function withStartOnlyKeys(loaded: SockpoolConfig, running: SockpoolConfig): Soc
     into[leaf] = from[leaf];
   }
   return config as unknown as SockpoolConfig;
+}
+
+/** The `dns` section as text: equal for sections that make the same resolver. */
+function dnsKey(config: SockpoolConfig): string {
+  const { dns } = config;
+  const text = (entry: { text: string }) => entry.text;
+  return JSON.stringify({ ...dns, servers: dns.servers.map(text), resolve: dns.resolve.map(text) });
 }
 
 /** The start-only keys whose value differs between the running configuration and a reloaded one. */

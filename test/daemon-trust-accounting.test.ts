@@ -199,6 +199,28 @@ describe('maxLookupsPerUid', () => {
   });
 });
 
+describe('a reload that leaves the dns section as it was', () => {
+  it('keeps the DNS cache (and the lookups under way): the next connect asks no DNS server again', async () => {
+    const { startDnsServer } = await import('./helpers/dns-server.js');
+    const dns = await startDnsServer({ 'kept.test': { a: ['127.0.0.1'], ttl: 300 } });
+    cleanups.push(() => dns.close());
+    const origin = await pathOrigin(cleanups);
+    const sockpoold = await daemon(origin.port, { dns: { servers: [dns.server] }, pool: { predictive: false } });
+    const raw = openRawClient(sockpoold.socketPath, cleanups);
+    const first = await raw.request({ type: 'acquire', id: nextId++, host: 'kept.test', port: origin.port });
+    expect(first.message).toMatchObject({ type: 'lease' });
+    const asked = dns.count('kept.test', 'A');
+    expect(asked).toBeGreaterThan(0);
+    sockpoold.child.kill('SIGHUP');
+    await eventually(() => sockpoold.output().includes('configuration reloaded'), 'reloaded');
+    // The first lease is still held: this acquire needs a connect of its own, so a lookup unless cached.
+    const second = await raw.request({ type: 'acquire', id: nextId++, host: 'kept.test', port: origin.port });
+    expect(second.message).toMatchObject({ type: 'lease' });
+    for (const fd of [...first.fds, ...second.fds]) native.close(fd);
+    expect(dns.count('kept.test', 'A')).toBe(asked);
+  });
+});
+
 describe('connects waiting at maxConnectsInFlight', () => {
   it('are not started when their turn comes if nobody wants them any more: no lookup, no connect for a gone acquire', async () => {
     const { startDnsServer } = await import('./helpers/dns-server.js');
