@@ -1,6 +1,8 @@
 // A global cap on connects in flight (quotas.maxConnectsInFlight): however many origins and clients ask at once,
 // the daemon has at most that many sockets connecting (each one a DNS lookup and a SYN). Connects beyond it wait
-// their turn in arrival order; the acquire's own deadline still bounds the wait.
+// their turn in arrival order, except that one an acquire waits for at that moment (`urgent()`) goes before the
+// others (prewarms and refills: a client's prewarm of many origins must not hold up another client's acquire); the
+// acquire's own deadline still bounds the wait.
 
 import type { Origin } from '../shared/origin.js';
 import type { OriginPolicy } from './config.js';
@@ -19,6 +21,7 @@ export class ConnectAbandoned extends Error {
 
 interface Queued {
   admit: (admitted: boolean) => void;
+  urgent: (() => boolean) | undefined;
   wanted: (() => boolean) | undefined;
 }
 
@@ -72,7 +75,7 @@ export class ConnectGate implements Connector {
     // only when a connect in flight finishes (while newcomers went past them).
     if (this.#queue.length > 0 || this.#inFlight >= this.#limit()) {
       if (this.#queue.length >= this.#sweepAt) this.#sweep();
-      const admitted = new Promise<boolean>((admit) => this.#queue.push({ admit, wanted }));
+      const admitted = new Promise<boolean>((admit) => this.#queue.push({ admit, urgent, wanted }));
       this.#admit();
       if (!(await admitted)) throw new ConnectAbandoned();
     } else this.#inFlight++;
@@ -84,10 +87,14 @@ export class ConnectGate implements Connector {
     }
   }
 
-  /** Starts queued connects while there is room (a lowered limit after a reload drains first). */
+  /**
+   * Starts queued connects while there is room (a lowered limit after a reload drains first): the oldest one an
+   * acquire waits for now, else the oldest.
+   */
   #admit(): void {
     while (this.#queue.length > 0 && this.#inFlight < this.#limit()) {
-      const next = this.#queue.shift()!;
+      const urgent = this.#queue.findIndex((queued) => queued.urgent?.() === true);
+      const [next] = this.#queue.splice(urgent === -1 ? 0 : urgent, 1) as [Queued];
       if (next.wanted?.() === false) {
         next.admit(false);
         continue;

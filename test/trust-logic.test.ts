@@ -227,6 +227,38 @@ describe('ConnectGate after a reload raised its limit', () => {
   });
 });
 
+describe('ConnectGate with connects an acquire waits for', () => {
+  it('starts a queued connect a client waits for before the prewarms queued ahead of it', async () => {
+    const started: number[] = [];
+    const finish: Array<() => void> = [];
+    const connector: Connector = {
+      checkTarget() {},
+      checkHeld() {},
+      connect: (origin) => {
+        started.push(origin.port);
+        return new Promise((_, reject) => finish.push(() => reject(new Error('done'))));
+      },
+    };
+    const gate = new ConnectGate(connector, () => 1);
+    const policy = policyFor(defaultConfig(), 'example.com', 443);
+    const turn = () => new Promise((resolve) => setImmediate(resolve));
+    const connect = (port: number, urgent: boolean) =>
+      gate.connect({ host: 'example.com', port }, policy, () => urgent).catch(() => {});
+    connect(1, false);
+    // Another client's prewarms queue behind it; then an acquire's connect, which a client waits for.
+    for (const port of [2, 3, 4]) connect(port, false);
+    connect(5, true);
+    await turn();
+    expect(started).toEqual([1]);
+    finish[0]!();
+    await turn();
+    expect(started).toEqual([1, 5]);
+    finish[1]!();
+    await turn();
+    expect(started).toEqual([1, 5, 2]);
+  });
+});
+
 describe('lease guard', () => {
   it('sees bytes sent or received since a socket was lent, and its end kills every copy', async () => {
     const before = fdCount();
