@@ -50,6 +50,8 @@ interface ClientSession {
   reclaim: boolean;
   /** Acquires waiting for a socket, by request id: `cancel` aborts one (created on the first). */
   cancels: Map<number, AbortController> | undefined;
+  /** Waits for rate tokens (`tokens`): the disconnect ends them (created on the first). */
+  tokenWaits: Set<AbortController> | undefined;
 }
 
 export interface HandoffServerOptions {
@@ -239,6 +241,7 @@ export class HandoffServer {
       binary: false,
       reclaim: false,
       cancels: undefined,
+      tokenWaits: undefined,
       channel: undefined as unknown as SeqpacketChannel,
     };
     session.channel = new SeqpacketChannel(
@@ -486,13 +489,21 @@ export class HandoffServer {
     }
     session.pending++;
     const timeoutMs = message.timeoutMs ?? this.#acquireTimeoutOf(origin);
-    this.#rates!.take(origin, rate, message.count, timeoutMs).then(
+    // Ended by the disconnect: a wait left behind would take a token nobody can use, racing the clients still here,
+    // and a client hanging up and coming back could leave any number of them.
+    const wait = new AbortController();
+    session.tokenWaits ??= new Set();
+    const waits = session.tokenWaits;
+    waits.add(wait);
+    this.#rates!.take(origin, rate, message.count, timeoutMs, wait.signal).then(
       (granted) => {
         session.pending--;
+        waits.delete(wait);
         if (!session.closed) this.#send(session, { type: 'tokens', id: message.id, granted });
       },
       (error: Error) => {
         session.pending--;
+        waits.delete(wait);
         if (!session.closed) this.#replyError(session, message.id, error);
       },
     );
@@ -562,7 +573,7 @@ export class HandoffServer {
     cancels.set(message.id, cancel);
     const charge =
       rate && message.tokenTaken !== true
-        ? this.#rates!.take(origin, rate, 1, message.timeoutMs ?? this.#acquireTimeoutOf(origin))
+        ? this.#rates!.take(origin, rate, 1, message.timeoutMs ?? this.#acquireTimeoutOf(origin), cancel.signal)
         : undefined;
     const acquiring = charge
       ? charge.then(() => {
@@ -765,6 +776,7 @@ export class HandoffServer {
     this.#quotas.closeSession(session.uid);
     // Its acquires still waiting leave their origins' queues now (as a `cancel` each), not at their deadlines.
     for (const cancel of session.cancels?.values() ?? []) cancel.abort();
+    for (const wait of session.tokenWaits ?? []) wait.abort();
     for (const lease of this.#leases.endAllOf(session.id)) this.#endLease(lease, shutDown);
     this.#log.debug({ client: session.id, why }, 'client disconnected');
   }

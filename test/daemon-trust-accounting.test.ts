@@ -3,7 +3,8 @@
 // socket a client released while keeping a copy is shut down when the pool drops it, so the copy dies with the
 // daemon's count (maxPerOrigin holds); a second pending acquire under one request id is refused, so a disconnect
 // cancels everything its client had waiting; and an acquire for a host name that gives up keeps its uid's lookup
-// charged while the DNS query it started runs (maxLookupsPerUid bounds lookups in flight, not acquires).
+// charged while the DNS query it started runs (maxLookupsPerUid bounds lookups in flight, not acquires); waits
+// for rate tokens end with their client's session.
 import { once } from 'node:events';
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
@@ -250,5 +251,43 @@ describe('connects waiting at maxConnectsInFlight', () => {
     expect(later.message).toMatchObject({ type: 'lease' });
     for (const fd of later.fds) native.close(fd);
     expect(dns.queries.filter((query) => query.name.startsWith('gone')).map((query) => query.name)).toEqual([]);
+  });
+});
+
+describe('token waits of a client that disconnects', () => {
+  it('end with its session: a reconnect loop leaves no waiter behind to take the tokens other clients wait for', async () => {
+    const origin = await pathOrigin(cleanups);
+    // A token every 250 ms, a burst of one: spent at once below.
+    const sockpoold = await daemon(origin.port, {
+      access: { maxPendingPerClient: 4 },
+      pool: { defaults: { requestsPerSecond: 4, burst: 1 } },
+    });
+    const tokens = (id: number, timeoutMs = 600_000) => ({
+      type: 'tokens',
+      id,
+      host: '127.0.0.1',
+      port: origin.port,
+      count: 1,
+      timeoutMs,
+    });
+    const observer = openRawClient(sockpoold.socketPath, cleanups);
+    expect((await observer.request(tokens(nextId++))).message).toMatchObject({ type: 'tokens', granted: 1 });
+    // A client that asks for tokens and hangs up, over and over: each session is within its limits, but the
+    // waits it leaves behind would add up without bound and race every other client for each token.
+    for (let round = 0; round < 20; round++) {
+      const hostile = new RawClient(sockpoold.socketPath);
+      for (let i = 0; i < 4; i++) hostile.sendJson(tokens(i + 1));
+      // (The stats reply comes after the four requests were taken in.)
+      await hostile.request({ type: 'stats', id: 99 });
+      hostile.close();
+    }
+    // Every hung-up session is gone before the count is read: a token granted after it went to nobody.
+    await eventually(async () => (await stats(observer)).clients === 1, 'the hung-up clients are gone');
+    const before = (await stats(observer)) as unknown as { rates: { granted: number } };
+    const honest = await observer.request(tokens(nextId++, 30_000));
+    expect(honest.message).toMatchObject({ type: 'tokens', granted: 1 });
+    // Nobody but the honest client got a token: the hung-up clients' waits ended with their sessions.
+    const after = (await stats(observer)) as unknown as { rates: { granted: number } };
+    expect(after.rates.granted - before.rates.granted).toBe(1);
   });
 });

@@ -80,13 +80,23 @@ export class RateLimiter {
 
   /**
    * Between 1 and `wanted` tokens of `origin`, waiting for the first as long as `timeoutMs` allows. Throws
-   * SOCKPOOL_ERR_RATE_LIMITED (with `waitMs`) when the wait would be longer.
+   * SOCKPOOL_ERR_RATE_LIMITED (with `waitMs`) when the wait would be longer. `signal`: the client gave the request
+   * up (a `cancel`, its disconnect): the wait ends with SOCKPOOL_ERR_ABORTED and takes no token, or a client that
+   * asks and hangs up, over and over, would leave waits behind without bound, each racing the clients still there
+   * for every token.
    */
-  async take(origin: Origin, params: RateParams, wanted: number, timeoutMs: number): Promise<number> {
+  async take(
+    origin: Origin,
+    params: RateParams,
+    wanted: number,
+    timeoutMs: number,
+    signal?: AbortSignal,
+  ): Promise<number> {
     const key = fleetKey(origin);
     const deadline = this.#now() + timeoutMs;
     let waited = false;
     for (;;) {
+      if (signal?.aborted) throw abortedError(key);
       const grant = await this.#grant(key, params, wanted);
       if (grant.granted > 0) {
         this.counters.granted += grant.granted;
@@ -105,7 +115,7 @@ export class RateLimiter {
       }
       if (!waited) this.counters.waits++;
       waited = true;
-      await new Promise((resolve) => setTimeout(resolve, Math.max(1, Math.ceil(grant.waitMs))));
+      await sleep(Math.max(1, Math.ceil(grant.waitMs)), signal);
     }
   }
 
@@ -150,6 +160,23 @@ export class RateLimiter {
       }
     }
   }
+}
+
+/** Resolves after `ms`, or at once when `signal` aborts (the loop above then throws). */
+function sleep(ms: number, signal: AbortSignal | undefined): Promise<void> {
+  return new Promise((resolve) => {
+    const timer = setTimeout(done, ms);
+    signal?.addEventListener('abort', done, { once: true });
+    function done() {
+      clearTimeout(timer);
+      signal?.removeEventListener('abort', done);
+      resolve();
+    }
+  });
+}
+
+function abortedError(origin: string): SockpoolError {
+  return new SockpoolError(ErrorCodes.ABORTED, `the client gave up its wait for a token of ${origin}`, { origin });
 }
 
 function hasAnyRate(config: SockpoolConfig): boolean {
