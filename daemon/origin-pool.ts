@@ -362,7 +362,17 @@ export class OriginPool {
 
   /** `mark`: the socket's quiet mark when the caller just read it (a release); otherwise it is read here. */
   #addIdle(socket: ConnectedSocket, ownerUid?: number, mark?: UsageMark): void {
-    const waiter = ownerUid === undefined ? this.#waiters.peek() : this.#waiters.shiftOf(ownerUid);
+    // A socket kept for one uid goes to a waiter of that uid when the slot is that uid's turn anyway, or when the
+    // waiters ahead of it still have room to connect: a uid releasing unused with an acquire of its own queued must
+    // not keep the slot for good while a uid holding fewer waits at the cap (each lease is new, so maxLeaseMs never
+    // ends it). Otherwise it is kept idle and the pump below closes it for the waiter whose turn it is.
+    const next = this.#waiters.peek();
+    let waiter = next;
+    if (ownerUid !== undefined && next !== undefined && next.uid !== ownerUid) {
+      const roomForOthers =
+        this.#connectingForWaiters + (this.policy.maxPerOrigin - this.total - 1) >= this.#waiters.length - 1;
+      waiter = roomForOthers ? this.#waiters.shiftOf(ownerUid) : undefined;
+    }
     if (waiter) {
       this.#leased++;
       this.#serve(handoffOf(socket, true, mark), waiter);
@@ -385,6 +395,9 @@ export class OriginPool {
     this.#armSoon();
     this.#scheduleRecycle(idle);
     this.#events.idleChanged(this, +1);
+    // Kept for its uid while another uid waits: the pump gives its slot to that waiter (not at the next sweep, and
+    // not back to its own uid's next acquire, warm, in between).
+    if (ownerUid !== undefined && this.#waiters.length > 0) this.#pump();
   }
 
   /**

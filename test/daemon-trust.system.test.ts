@@ -132,6 +132,31 @@ describe('the fair queue across uids', () => {
     expect((await stats(raw)).waiting).toBe(1);
   });
 
+  it('gives a slot released unused to a waiting uid holding fewer, not to a waiter of the releasing uid', async () => {
+    const origin = await pathOrigin(cleanups);
+    const sockpoold = await daemon(origin.port, { pool: { defaults: { maxPerOrigin: 1, maxIdle: 1 } } });
+    const raw = client(sockpoold.socketPath);
+    // The other uid holds the one slot; once this process waits for it, it queues an acquire of its own before
+    // each release of its lease unused, for 4 s: the socket kept for its uid must not go round to it while this
+    // process, holding none, waits.
+    const cycling = runHostile(['release-cycle', sockpoold.socketPath, origin.port, 4000], HOSTILE_UID);
+    // (Awaited below; a failure before that must not be an unhandled rejection: the daemon's stop ends it.)
+    cycling.catch(() => {});
+    await eventually(async () => (await stats(raw)).leased === 1, 'the other uid holds the slot');
+    const mine = await raw.request({
+      type: 'acquire',
+      id: nextId++,
+      host: '127.0.0.1',
+      port: origin.port,
+      timeoutMs: 3000,
+    });
+    expect(mine.message).toMatchObject({ type: 'lease' });
+    // Given back, so the other uid's waiter is served in turn and it finishes.
+    raw.sendJson({ type: 'closed', leaseId: (mine.message as { leaseId: number }).leaseId });
+    for (const fd of mine.fds) native.close(fd);
+    expect(await cycling).not.toHaveProperty('unexpected');
+  });
+
   it("caps one uid's prewarm flood with SOCKPOOL_ERR_QUOTA while another uid is served", async () => {
     const origin = await pathOrigin(cleanups);
     const sockpoold = await daemon(origin.port, { quotas: { maxPrewarmPerUid: 8 } });
