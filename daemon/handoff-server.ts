@@ -66,6 +66,13 @@ export interface HandoffServerOptions {
   rates?: RateLimiter;
 }
 
+/**
+ * Replies waiting in the daemon for a client that does not read (past what the kernel's socket buffer holds): beyond
+ * this the client is disconnected. Per session, so per uid at most maxSessionsPerUid times this (64 MiB by default);
+ * a client that reads, however slowly, never comes near it.
+ */
+const MAX_QUEUED_REPLY_BYTES = 1024 * 1024;
+
 /** Lease ids per `reclaim` message (each about 8 bytes of JSON: well under the message size limit). */
 const RECLAIM_IDS_PER_MESSAGE = 1000;
 
@@ -261,7 +268,11 @@ export class HandoffServer {
           ),
         onClose: (error) => this.#disconnect(session, error ? error.message : 'client hung up'),
       },
-      { maxMessageBytes: MAX_MESSAGE_BYTES, maxFdsPerMessage: MAX_FDS_PER_MESSAGE },
+      {
+        maxMessageBytes: MAX_MESSAGE_BYTES,
+        maxFdsPerMessage: MAX_FDS_PER_MESSAGE,
+        maxQueuedBytes: MAX_QUEUED_REPLY_BYTES,
+      },
     );
     this.#clients.set(id, session);
     this.#log.debug({ client: id, pid: credentials.pid, uid: credentials.uid }, 'client connected');
@@ -278,6 +289,9 @@ export class HandoffServer {
       const session = this.#clients.get(clientId);
       // (A client that did not say it takes the notice gets none: an unasked message could confuse it.)
       if (!session?.reclaim) continue;
+      // Nor one that has not read what was sent before: a notice every RECLAIM_INTERVAL_MS would pile up in its queue
+      // (and, past MAX_QUEUED_REPLY_BYTES, disconnect a client that is only slow); the next one after it reads will do.
+      if (session.channel.queuedBytes > 0) continue;
       for (let start = 0; start < leaseIds.length; start += RECLAIM_IDS_PER_MESSAGE) {
         this.#send(session, {
           type: 'reclaim',

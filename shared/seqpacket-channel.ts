@@ -31,6 +31,11 @@ export interface ChannelOptions {
   maxFdsPerMessage: number;
   /** Messages queued while the peer does not read; beyond this the channel closes with an error. */
   maxQueuedMessages?: number;
+  /**
+   * Bytes of those messages; beyond this the channel closes with an error too. The count alone let a peer that asks
+   * and never reads make the daemon hold thousands of replies of up to a message's size each, per connection.
+   */
+  maxQueuedBytes?: number;
 }
 
 export class SeqpacketChannel {
@@ -39,19 +44,25 @@ export class SeqpacketChannel {
   #handlers: ChannelHandlers;
   #options: Required<ChannelOptions>;
   #queue: Outgoing[] = [];
+  #queuedBytes = 0;
   #closed = false;
   #watching = 0;
 
   constructor(fd: number, handlers: ChannelHandlers, options: ChannelOptions) {
     this.fd = fd;
     this.#handlers = handlers;
-    this.#options = { maxQueuedMessages: 4096, ...options };
+    this.#options = { maxQueuedMessages: 4096, maxQueuedBytes: Number.POSITIVE_INFINITY, ...options };
     this.#poller = new native.Poller(fd, (status, events) => this.#onReady(status, events));
     this.#watch(native.READABLE | native.DISCONNECT);
   }
 
   get closed(): boolean {
     return this.#closed;
+  }
+
+  /** Bytes of the messages waiting for the peer to read (past what the kernel's socket buffer holds). */
+  get queuedBytes(): number {
+    return this.#queuedBytes;
   }
 
   /** Queues one message; takes ownership of `fds` unless `borrowed` (see the header). */
@@ -62,7 +73,10 @@ export class SeqpacketChannel {
       return;
     }
     if (this.#queue.length === 0 && this.#sendNow({ data, fds }, borrowed)) return;
-    if (this.#queue.length >= this.#options.maxQueuedMessages) {
+    if (
+      this.#queue.length >= this.#options.maxQueuedMessages ||
+      this.#queuedBytes + data.byteLength > this.#options.maxQueuedBytes
+    ) {
       if (!borrowed) for (const fd of fds) native.close(fd);
       this.#fail(new SockpoolError(ErrorCodes.LIMIT, 'peer is not reading: send queue full'));
       return;
@@ -80,6 +94,7 @@ export class SeqpacketChannel {
       }
     }
     this.#queue.push({ data, fds: owned });
+    this.#queuedBytes += data.byteLength;
     this.#watch(native.READABLE | native.WRITABLE | native.DISCONNECT);
   }
 
@@ -94,6 +109,7 @@ export class SeqpacketChannel {
     this.#poller.close();
     for (const message of this.#queue) for (const fd of message.fds) native.close(fd);
     this.#queue = [];
+    this.#queuedBytes = 0;
     native.discard(this.fd);
   }
 
@@ -136,6 +152,7 @@ export class SeqpacketChannel {
       const head = this.#queue[0]!;
       if (!this.#sendNow(head)) return;
       this.#queue.shift();
+      this.#queuedBytes -= head.data.byteLength;
     }
     if (!this.#closed) this.#watch(native.READABLE | native.DISCONNECT);
   }

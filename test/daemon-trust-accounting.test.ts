@@ -4,7 +4,7 @@
 // daemon's count (maxPerOrigin holds); a second pending acquire under one request id is refused, so a disconnect
 // cancels everything its client had waiting; and an acquire for a host name that gives up keeps its uid's lookup
 // charged while the DNS query it started runs (maxLookupsPerUid bounds lookups in flight, not acquires); waits
-// for rate tokens end with their client's session.
+// for rate tokens end with their client's session; replies a client does not read are bounded in bytes.
 import { once } from 'node:events';
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
@@ -289,5 +289,30 @@ describe('token waits of a client that disconnects', () => {
     // Nobody but the honest client got a token: the hung-up clients' waits ended with their sessions.
     const after = (await stats(observer)) as unknown as { rates: { granted: number } };
     expect(after.rates.granted - before.rates.granted).toBe(1);
+  });
+});
+
+describe('replies a client does not read', () => {
+  it('are bounded in bytes per session: a client that asks and never reads is disconnected, not buffered for', async () => {
+    const origin = await pathOrigin(cleanups);
+    const sockpoold = await daemon(origin.port);
+    const observer = openRawClient(sockpoold.socketPath, cleanups);
+    const clients = async () => (await stats(observer)).clients;
+    expect(await clients()).toBe(1);
+    // 4,000 stats requests, about 500 bytes of reply each (2 MB), and never a read: once the kernel's buffer is
+    // full, every reply waited in the daemon's memory (up to 4,096 messages of up to 16 KiB a session, times
+    // maxSessionsPerUid: gigabytes for one uid).
+    const hoarder = openRawClient(sockpoold.socketPath, cleanups);
+    for (let sent = 0; sent < 4000; ) {
+      try {
+        hoarder.sendJson({ type: 'stats', id: sent + 1 });
+        sent++;
+      } catch (error) {
+        // Hung up on (EPIPE): done. Otherwise the daemon's receive queue is full: it reads on its next turn.
+        if ((error as Error).message !== 'socket full') break;
+        await new Promise((resolve) => setTimeout(resolve, 1));
+      }
+    }
+    await eventually(async () => (await clients()) === 1, 'the client that never reads is disconnected');
   });
 });
