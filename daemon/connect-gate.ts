@@ -1,12 +1,15 @@
 // A global cap on connects in flight (quotas.maxConnectsInFlight): however many origins and clients ask at once,
 // the daemon has at most that many sockets connecting (each one a DNS lookup and a SYN). Connects beyond it wait
-// their turn in arrival order, except that one an acquire waits for at that moment (`urgent()`) goes before the
-// others (prewarms and refills: a client's prewarm of many origins must not hold up another client's acquire); the
-// acquire's own deadline still bounds the wait.
+// their turn: first the oldest one an acquire waits for at that moment (`urgent()`: prewarms and refills must not
+// hold up a client's acquire), then fairly across uids (fair-queue.ts): the next goes to the uid with the fewest
+// connects in flight, in arrival order within a uid; so one uid's backlog (its acquires of slow or silent origins,
+// up to maxPendingPerUid) does not make another uid's connect wait behind all of it. The acquire's own deadline
+// still bounds the wait.
 
 import type { Origin } from '../shared/origin.js';
 import type { OriginPolicy } from './config.js';
 import type { ConnectedSocket, Connector } from './connector.js';
+import { FairWaitQueue } from './fair-queue.js';
 import type { LearnedFamily } from './learned-families.js';
 
 /** The queue is swept no sooner than at this length. */
@@ -23,13 +26,19 @@ interface Queued {
   admit: (admitted: boolean) => void;
   urgent: (() => boolean) | undefined;
   wanted: (() => boolean) | undefined;
+  /** Whose connect it is (DAEMON_UID: the daemon's own refills). */
+  uid: number;
 }
+
+/** The queue's uid for connects no client asked for (refills): a party of its own. */
+const DAEMON_UID = -1;
 
 export class ConnectGate implements Connector {
   #inner: Connector;
   #limit: () => number;
   #inFlight = 0;
-  #queue: Queued[] = [];
+  /** Fair across uids; its `held` counts are each uid's connects in flight. */
+  #queue = new FairWaitQueue<Queued>();
   /** Past this many queued, the ones no longer wanted are dropped before another is queued (see connect). */
   #sweepAt = MIN_SWEEP_AT;
 
@@ -67,51 +76,57 @@ export class ConnectGate implements Connector {
     policy: OriginPolicy,
     urgent?: () => boolean,
     wanted?: () => boolean,
+    uid = DAEMON_UID,
   ): Promise<ConnectedSocket> {
     // A queued connect is counted in flight by #admit before it resumes; one no longer wanted is not started. The
     // acquires that asked for them may be long gone (a client's acquires that give up at once would otherwise queue
     // lookups and connects without bound, charged to nobody when they run). While some are queued, a new one queues
-    // behind them: after a reload raised the limit, those queued under the old one start now, in arrival order, not
+    // behind them: after a reload raised the limit, those queued under the old one start now, in their order, not
     // only when a connect in flight finishes (while newcomers went past them).
     if (this.#queue.length > 0 || this.#inFlight >= this.#limit()) {
       if (this.#queue.length >= this.#sweepAt) this.#sweep();
-      const admitted = new Promise<boolean>((admit) => this.#queue.push({ admit, urgent, wanted }));
+      const admitted = new Promise<boolean>((admit) => this.#queue.push({ admit, urgent, wanted, uid }));
       this.#admit();
       if (!(await admitted)) throw new ConnectAbandoned();
-    } else this.#inFlight++;
+    } else this.#started(uid);
     try {
-      return await this.#inner.connect(origin, policy, urgent, wanted);
+      return await this.#inner.connect(origin, policy, urgent, wanted, uid);
     } finally {
       this.#inFlight--;
+      this.#queue.held(uid, -1);
       this.#admit();
     }
   }
 
+  #started(uid: number): void {
+    this.#inFlight++;
+    this.#queue.held(uid, +1);
+  }
+
   /**
    * Starts queued connects while there is room (a lowered limit after a reload drains first): the oldest one an
-   * acquire waits for now, else the oldest.
+   * acquire waits for now, else the next fairly across uids. (Finding an urgent one scans the queue.)
    */
   #admit(): void {
     while (this.#queue.length > 0 && this.#inFlight < this.#limit()) {
-      const urgent = this.#queue.findIndex((queued) => queued.urgent?.() === true);
-      const [next] = this.#queue.splice(urgent === -1 ? 0 : urgent, 1) as [Queued];
+      const next = this.#queue.oldest((queued) => queued.urgent?.() === true) ?? this.#queue.peek()!;
+      this.#queue.remove(next);
       if (next.wanted?.() === false) {
         next.admit(false);
         continue;
       }
-      this.#inFlight++;
+      this.#started(next.uid);
       next.admit(true);
     }
   }
 
   /** Drops the queued connects no longer wanted; the queue may then grow to twice what is left. */
   #sweep(): void {
-    const kept: Queued[] = [];
-    for (const entry of this.#queue) {
+    // (Drained in arrival order and queued again in it: the order within each uid is kept.)
+    for (const entry of this.#queue.drain()) {
       if (entry.wanted?.() === false) entry.admit(false);
-      else kept.push(entry);
+      else this.#queue.push(entry);
     }
-    this.#queue = kept;
-    this.#sweepAt = Math.max(MIN_SWEEP_AT, 2 * kept.length);
+    this.#sweepAt = Math.max(MIN_SWEEP_AT, 2 * this.#queue.length);
   }
 }

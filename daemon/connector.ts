@@ -82,12 +82,15 @@ export interface Connector {
    * client comes to wait): where work queues, urgent connects may go first.
    * `wanted()`: whether the connect is still needed; one that waits its turn (ConnectGate) and is no longer wanted
    * when its turn comes is abandoned (ConnectAbandoned) instead of looking up and connecting for nobody.
+   * `uid`: the client uid the connect is for (an acquire's, a prewarm's; undefined: the daemon's own refill), so
+   * that connects waiting their turn take it fairly across uids (ConnectGate).
    */
   connect(
     origin: Origin,
     policy: OriginPolicy,
     urgent?: () => boolean,
     wanted?: () => boolean,
+    uid?: number,
   ): Promise<ConnectedSocket>;
   /** Throws SOCKPOOL_ERR_POLICY when the egress policy refuses the origin before any lookup. */
   checkTarget(origin: Origin): void;

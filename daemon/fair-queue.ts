@@ -44,6 +44,21 @@ export class FairWaitQueue<T extends UidWaiter> {
     return best?.waiter;
   }
 
+  /** The longest-waiting waiter for which `matches` is true (not removed), whatever its uid; scans every waiter. */
+  oldest(matches: (waiter: T) => boolean): T | undefined {
+    let best: { waiter: T; seq: number } | undefined;
+    for (const queue of this.#byUid.values()) {
+      for (const entry of queue) {
+        if (best && entry.seq > best.seq) break; // (each uid's entries are in arrival order)
+        if (matches(entry.waiter)) {
+          best = entry;
+          break;
+        }
+      }
+    }
+    return best?.waiter;
+  }
+
   shift(): T | undefined {
     const waiter = this.peek();
     if (waiter) this.remove(waiter);

@@ -225,12 +225,12 @@ export class OriginPool {
    * maxIdle and maxPerOrigin, and nothing is left pending for later; at most `maxStarts` of them now (the pool
    * manager's per-turn budget: it calls again next turn). Returns how many connects it started.
    */
-  prewarm(count: number, maxStarts = Number.POSITIVE_INFINITY): number {
+  prewarm(count: number, uid?: number, maxStarts = Number.POSITIVE_INFINITY): number {
     const have = this.#sharedIdleCount() + this.#connecting - this.#connectingForWaiters;
     const want = Math.min(count, this.policy.maxIdle, have + maxStarts) - have;
     let started = 0;
     for (; started < want && this.total < this.policy.maxPerOrigin && !this.#closed; started++) {
-      this.#startConnect(false);
+      this.#startConnect(false, uid);
     }
     return started;
   }
@@ -535,13 +535,17 @@ export class OriginPool {
     while (this.#refillWanted() > 0 && this.total < limit) this.#startConnect(false);
   }
 
-  #startConnect(forWaiter: boolean): void {
+  /**
+   * `uid`: whose connect it is at the connect gate (ConnectGate): a waiter's is the uid whose turn is next here; a
+   * prewarm's, the uid that announced it; a refill's, nobody's (undefined).
+   */
+  #startConnect(forWaiter: boolean, uid = forWaiter ? this.#waiters.peek()?.uid : undefined): void {
     this.#connecting++;
     if (forWaiter) this.#connectingForWaiters++;
     // A waiter's connect waits for a fleet slot while someone still waits; a refill or prewarm only takes a free one.
     const slot = this.#slots?.take(this, forWaiter, () => !this.#closed && (!forWaiter || this.#waiters.length > 0));
     if (slot === undefined) {
-      this.#connect(forWaiter);
+      this.#connect(forWaiter, uid);
       return;
     }
     this.#awaitingSlot++;
@@ -550,7 +554,7 @@ export class OriginPool {
         this.#awaitingSlot--;
         if (granted) {
           this.#slotsHeld++;
-          this.#connect(forWaiter);
+          this.#connect(forWaiter, uid);
           return;
         }
         // Not needed any more, or the fleet is full for a refill: try again later, quietly.
@@ -566,19 +570,19 @@ export class OriginPool {
     );
   }
 
-  #connect(forWaiter: boolean): void {
+  #connect(forWaiter: boolean, uid: number | undefined): void {
     // A waiter's connect is still needed when its turn comes at the gate if a waiter is left to serve, or the refill
     // target is not met. (Refills and prewarms are bounded where they start: a prewarm by its uid's allowance.)
     const wanted = forWaiter
       ? () => !this.#closed && (this.#waiters.length > 0 || this.#refillWanted() > 0)
       : undefined;
-    this.#connector.connect(this.origin, this.policy, this.#hasWaiters, wanted).then(
+    this.#connector.connect(this.origin, this.policy, this.#hasWaiters, wanted, uid).then(
       (socket) => {
         // A backstop (the connector itself starts over when a reload overtook the connect): a socket made under a
         // configuration replaced since is neither handed out nor kept idle; its slot goes to a connect made anew.
         if (!this.#closed && this.#connector.stale?.(this.origin, socket)) {
           native.close(socket.fd);
-          this.#connect(forWaiter);
+          this.#connect(forWaiter, uid);
           return;
         }
         this.#connecting--;

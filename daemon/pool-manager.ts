@@ -108,8 +108,11 @@ export class PoolManager {
   #misses = 0;
   #sweepTimer: NodeJS.Timeout | undefined;
   #closed = false;
-  /** Prewarms not started yet (see #startPrewarms), connects started by prewarms in this turn, and the next turn. */
-  #prewarms: Array<{ pool: OriginPool; count: number }> = [];
+  /**
+   * Prewarms not started yet (see #startPrewarms), each with the uid that asked (whose connects they are at the
+   * connect gate); connects started by prewarms in this turn, and the next turn.
+   */
+  #prewarms: Array<{ pool: OriginPool; count: number; uid: number }> = [];
   #prewarmsThisTurn = 0;
   #prewarmTurn: NodeJS.Immediate | undefined;
   #events: OriginPoolEvents;
@@ -341,7 +344,7 @@ export class PoolManager {
     const stats = this.#statsOf(pool.key);
     stats.uids.add(uid);
     if (demand) this.#bumpRate(stats, count);
-    this.#prewarms.push({ pool, count });
+    this.#prewarms.push({ pool, count, uid });
     this.#startPrewarms();
     return isTlsPoolKey(pool.key) ? 'tls' : 'tcp';
   }
@@ -354,9 +357,9 @@ export class PoolManager {
    */
   #startPrewarms(): void {
     while (this.#prewarms.length > 0 && this.#prewarmsThisTurn < PREWARM_CONNECTS_PER_TURN && !this.#closed) {
-      const { pool, count } = this.#prewarms[0]!;
+      const { pool, count, uid } = this.#prewarms[0]!;
       const budget = PREWARM_CONNECTS_PER_TURN - this.#prewarmsThisTurn;
-      const started = pool.prewarm(count, budget);
+      const started = pool.prewarm(count, uid, budget);
       this.#prewarmsThisTurn += started;
       // One entry may want more than a turn's budget (up to maxIdle): it stays first and goes on next turn (where
       // prewarm counts what it already started), until a turn starts less than it may.

@@ -157,10 +157,11 @@ export class TlsSessions implements Connector {
     policy: OriginPolicy,
     urgent?: () => boolean,
     wanted?: () => boolean,
+    uid?: number,
   ): Promise<ConnectedSocket> {
     const startedAt = performance.now();
     const atStart = this.#config;
-    const socket = await this.#tcp.connect(origin, policy, urgent, wanted);
+    const socket = await this.#tcp.connect(origin, policy, urgent, wanted, uid);
     // A reload during the lookup or the TCP connect: `policy` is the origin's entry of before, so the handshake
     // takes the origin's entry from the configuration now in force (its CA file, its client certificate).
     const configured = this.#config;
@@ -196,7 +197,7 @@ export class TlsSessions implements Connector {
     // with the configuration in force (the session is ours until returned).
     if (this.stale(origin, made)) {
       native.close(made.fd);
-      return this.connect(origin, policyFor(this.#config, origin.host, origin.port), urgent);
+      return this.connect(origin, policyFor(this.#config, origin.host, origin.port), urgent, undefined, uid);
     }
     // A reload during the handshake: the TCP connector judged the connection by the egress policy of before; the
     // one in force now judges it, as it judges the sockets held at a reload.

@@ -108,6 +108,45 @@ describe('per-uid quotas across uids', () => {
   });
 });
 
+describe('the connect gate across uids', () => {
+  it("starts another uid's connect ahead of one uid's backlog at maxConnectsInFlight", async () => {
+    const { startDnsServer } = await import('./helpers/dns-server.js');
+    // Twenty names whose lookups take 1 s each: with two connects in flight at most, the other uid's twenty take
+    // 10 s to get through the gate.
+    const slow = Array.from({ length: 20 }, (_, i) => `slow${i}.test`);
+    const dns = await startDnsServer(
+      Object.fromEntries(slow.map((name) => [name, { a: ['127.0.0.1'], delayMs: 1_000 }])),
+    );
+    cleanups.push(() => dns.close());
+    const origin = await pathOrigin(cleanups);
+    const sockpoold = await daemon(origin.port, {
+      quotas: { maxConnectsInFlight: 2 },
+      dns: { servers: [dns.server] },
+      pool: { predictive: false },
+    });
+    const raw = client(sockpoold.socketPath);
+    const flooding = runHostile(['acquire-hosts', sockpoold.socketPath, origin.port, 60_000, ...slow], HOSTILE_UID);
+    // (Awaited below; a failure before that must not be an unhandled rejection: the daemon's stop ends it.)
+    flooding.catch(() => {});
+    await eventually(
+      async () => ((await stats(raw)) as unknown as { connecting: number }).connecting === 20,
+      'the other uid has twenty connects at the gate',
+    );
+    // This uid has none in flight: its connect goes next, not after the other uid's eighteen waiting.
+    const mine = await raw.request({
+      type: 'acquire',
+      id: nextId++,
+      host: '127.0.0.1',
+      port: origin.port,
+      timeoutMs: 5_000,
+    });
+    expect(mine.message).toMatchObject({ type: 'lease' });
+    for (const fd of mine.fds) native.close(fd);
+    // (Every one of the other uid's acquires is answered, in its turn.)
+    expect(await flooding).not.toHaveProperty('unexpected');
+  }, 60_000);
+});
+
 describe('the fair queue across uids', () => {
   it('gives a freed slot to the waiting uid that holds fewer, ahead of an earlier waiter of a uid that holds more', async () => {
     const origin = await pathOrigin(cleanups);

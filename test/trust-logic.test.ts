@@ -198,6 +198,39 @@ describe('ConnectGate', () => {
     expect(settled.map((result) => result.status)).toEqual(['fulfilled', 'rejected', 'fulfilled', 'fulfilled']);
     expect(gate.inFlight).toBe(0);
   });
+
+  it('starts the queued connect of the uid with the fewest in flight next, in arrival order within a uid', async () => {
+    const uids: Array<number | undefined> = [];
+    const pending: Array<() => void> = [];
+    const connector: Connector = {
+      checkTarget() {},
+      checkHeld() {},
+      connect: (_origin, _policy, _urgent, _wanted, uid) => {
+        uids.push(uid);
+        return new Promise((resolve) => pending.push(() => resolve(socket(200 + pending.length))));
+      },
+    };
+    const gate = new ConnectGate(connector, () => 2);
+    // uid 1 fills the gate and queues three more; uid 2 comes after with two.
+    const results = [1, 1, 1, 1, 1, 2, 2].map((uid) => gate.connect(origin, policy, undefined, undefined, uid));
+    await turn();
+    expect(uids).toEqual([1, 1]);
+    pending[0]!();
+    await turn();
+    // uid 2 holds none in flight, uid 1 holds one: uid 2 goes first.
+    expect(uids).toEqual([1, 1, 2]);
+    pending[1]!();
+    await turn();
+    // One each in flight: the longest waiting (uid 1's third) goes.
+    expect(uids).toEqual([1, 1, 2, 1]);
+    for (let index = 2; index < 7; index++) {
+      pending[index]!();
+      await turn();
+    }
+    expect(uids).toEqual([1, 1, 2, 1, 2, 1, 1]);
+    await Promise.all(results);
+    expect(gate.inFlight).toBe(0);
+  });
 });
 
 describe('ConnectGate after a reload raised its limit', () => {
