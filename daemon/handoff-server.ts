@@ -491,7 +491,7 @@ export class HandoffServer {
       this.#send(session, { type: 'tokens', id: message.id, granted: message.count });
       return;
     }
-    // A wait for tokens is a pending request like an acquire: bounded per client (and so per uid, by its sessions).
+    // A wait for tokens is a pending request like an acquire: bounded per client and per uid (maxPendingPerUid).
     const { maxPendingPerClient } = this.#config().access;
     if (session.pending >= maxPendingPerClient) {
       this.#replyError(
@@ -499,6 +499,12 @@ export class HandoffServer {
         message.id,
         new SockpoolError(ErrorCodes.LIMIT, `more than ${maxPendingPerClient} acquires and token requests pending`),
       );
+      return;
+    }
+    try {
+      this.#quotas.startWait(session.uid);
+    } catch (error) {
+      this.#replyError(session, message.id, error);
       return;
     }
     session.pending++;
@@ -512,11 +518,13 @@ export class HandoffServer {
     this.#rates!.take(origin, rate, message.count, timeoutMs, wait.signal).then(
       (granted) => {
         session.pending--;
+        this.#quotas.waitSettled(session.uid);
         waits.delete(wait);
         if (!session.closed) this.#send(session, { type: 'tokens', id: message.id, granted });
       },
       (error: Error) => {
         session.pending--;
+        this.#quotas.waitSettled(session.uid);
         waits.delete(wait);
         if (!session.closed) this.#replyError(session, message.id, error);
       },

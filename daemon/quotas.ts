@@ -88,6 +88,25 @@ export class UidQuotas {
   }
 
   /**
+   * A `tokens` request from `uid` may wait for a rate's tokens: it counts as pending, as an acquire does (per
+   * connection alone, a uid's waits grew with every connection it opened); throws SOCKPOOL_ERR_QUOTA past
+   * maxPendingPerUid. Pair with waitSettled.
+   */
+  startWait(uid: number): void {
+    const usage = this.#of(uid);
+    const limit = this.#config().maxPendingPerUid;
+    if (usage.pending >= limit) {
+      throw quotaError(uid, 'maxPendingPerUid', limit, `uid ${uid} has ${usage.pending} requests pending`);
+    }
+    usage.pending++;
+  }
+
+  waitSettled(uid: number): void {
+    const usage = this.#of(uid);
+    usage.pending = Math.max(0, usage.pending - 1);
+  }
+
+  /**
    * The acquire settled; `leased` when it became a lease (counted until leaseEnded). `lookupInFlight`: for an
    * acquire for a host name that got no lease (it timed out, was cancelled, its client left), the DNS query for
    * that name still running, if any: the uid's lookup stays charged until it ends, or a uid could start any number

@@ -316,3 +316,38 @@ describe('replies a client does not read', () => {
     await eventually(async () => (await clients()) === 1, 'the client that never reads is disconnected');
   });
 });
+
+describe('token waits of one uid across connections', () => {
+  it('count against maxPendingPerUid, as acquires do: more connections do not make more room', async () => {
+    const origin = await pathOrigin(cleanups);
+    // A token every 100 s: after the burst every request waits (or is refused when its deadline is sooner).
+    const sockpoold = await daemon(origin.port, {
+      quotas: { maxPendingPerUid: 2 },
+      pool: { defaults: { requestsPerSecond: 0.01, burst: 1 } },
+    });
+    const tokens = (id: number, timeoutMs = 600_000) => ({
+      type: 'tokens',
+      id,
+      host: '127.0.0.1',
+      port: origin.port,
+      count: 1,
+      timeoutMs,
+    });
+    const first = openRawClient(sockpoold.socketPath, cleanups);
+    expect((await first.request(tokens(nextId++))).message).toMatchObject({ type: 'tokens', granted: 1 });
+    // (Each stats reply comes after the wait before it was taken in.)
+    first.sendJson(tokens(nextId++));
+    await stats(first);
+    const second = openRawClient(sockpoold.socketPath, cleanups);
+    second.sendJson(tokens(nextId++));
+    await stats(second);
+    // The uid waits for two tokens already: a third wait, on a third connection, is over its quota.
+    const third = openRawClient(sockpoold.socketPath, cleanups);
+    const over = await third.request(tokens(nextId++, 1));
+    expect(over.message).toMatchObject({
+      type: 'error',
+      code: 'SOCKPOOL_ERR_QUOTA',
+      fields: { quota: 'maxPendingPerUid' },
+    });
+  });
+});
