@@ -1,7 +1,7 @@
 // A global cap on connects in flight (quotas.maxConnectsInFlight): however many origins and clients ask at once,
 // the daemon has at most that many sockets connecting (each one a DNS lookup and a SYN). Connects beyond it wait
-// their turn: first the oldest one an acquire waits for at that moment (`urgent()`: prewarms and refills must not
-// hold up a client's acquire), then fairly across uids (fair-queue.ts): the next goes to the uid with the fewest
+// their turn: those an acquire waits for at that moment first (`urgent()`: prewarms and refills must not hold up a
+// client's acquire), each kind fairly across uids (fair-queue.ts): the next goes to the uid with the fewest
 // connects in flight, in arrival order within a uid; so one uid's backlog (its acquires of slow or silent origins,
 // up to maxPendingPerUid) does not make another uid's connect wait behind all of it. The acquire's own deadline
 // still bounds the wait.
@@ -104,12 +104,12 @@ export class ConnectGate implements Connector {
   }
 
   /**
-   * Starts queued connects while there is room (a lowered limit after a reload drains first): the oldest one an
-   * acquire waits for now, else the next fairly across uids. (Finding an urgent one scans the queue.)
+   * Starts queued connects while there is room (a lowered limit after a reload drains first): one an acquire waits
+   * for now if any, else any; either way fairly across uids. (Finding an urgent one scans the queue.)
    */
   #admit(): void {
     while (this.#queue.length > 0 && this.#inFlight < this.#limit()) {
-      const next = this.#queue.oldest((queued) => queued.urgent?.() === true) ?? this.#queue.peek()!;
+      const next = this.#queue.peekWhere((queued) => queued.urgent?.() === true) ?? this.#queue.peek()!;
       this.#queue.remove(next);
       if (next.wanted?.() === false) {
         next.admit(false);

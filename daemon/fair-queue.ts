@@ -44,16 +44,17 @@ export class FairWaitQueue<T extends UidWaiter> {
     return best?.waiter;
   }
 
-  /** The longest-waiting waiter for which `matches` is true (not removed), whatever its uid; scans every waiter. */
-  oldest(matches: (waiter: T) => boolean): T | undefined {
+  /** As peek(), among the waiters for which `matches` is true (each uid's first such one); scans every waiter. */
+  peekWhere(matches: (waiter: T) => boolean): T | undefined {
     let best: { waiter: T; seq: number } | undefined;
-    for (const queue of this.#byUid.values()) {
-      for (const entry of queue) {
-        if (best && entry.seq > best.seq) break; // (each uid's entries are in arrival order)
-        if (matches(entry.waiter)) {
-          best = entry;
-          break;
-        }
+    let bestHeld = 0;
+    for (const [uid, queue] of this.#byUid) {
+      const first = queue.find((entry) => matches(entry.waiter));
+      if (!first) continue;
+      const held = this.#held.get(uid) ?? 0;
+      if (!best || held < bestHeld || (held === bestHeld && first.seq < best.seq)) {
+        best = first;
+        bestHeld = held;
       }
     }
     return best?.waiter;
