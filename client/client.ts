@@ -181,6 +181,9 @@ const LONE_ON_THREADS_BEFORE_INLINE = 4;
  *  requests (the client's own queue holds those back), so that announcing a waiting request's origin is not
  *  itself waiting. */
 const CONTROL_TASKS_PER_THREAD = 4;
+/** A wait for tokens this long is the origin's rate at work, not a batch's round trip to the daemon: the origin is
+ *  throttled (#noteThrottled). */
+const THROTTLED_TOKEN_WAIT_MS = 50;
 
 export class SockpoolClient {
   /** The worker threads; undefined with `threads: 0` (the runtime then lives in this thread). */
@@ -343,7 +346,11 @@ export class SockpoolClient {
       // A streamed request body needs a port of its own.
       const { channel, started } = await this.#startStreamed(request, target.key, upload);
       const result = (await this.#run(request, channel, signal, started)) as TransferResult & SockpoolResponse;
+      this.#noteThrottled(target, result.timings);
       return response(result, queued);
+    } catch (error) {
+      this.#noteThrottled(target, error as { code?: string });
+      throw error;
     } finally {
       this.#queue.leave(target);
     }
@@ -378,6 +385,7 @@ export class SockpoolClient {
   #start(prepared: Prepared, resolve: (response: SockpoolResponse) => void, reject: (error: Error) => void): void {
     const { request, signal, queued, target } = prepared;
     const finish = (outcome: TransferOutcome) => {
+      this.#noteThrottled(target, outcome.ok ? outcome.result.timings : outcome.error);
       this.#queue.leave(target);
       if (outcome.ok) resolve(response(outcome.result as TransferResult & SockpoolResponse, queued));
       // Cancelled by the caller: the error carries the signal's reason as its cause, on a lane or in this thread.
@@ -399,6 +407,14 @@ export class SockpoolClient {
       else if (signal?.aborted) fail(abortedError(signal));
       else inline.startRequest(request, undefined, signal, finish);
     });
+  }
+
+  /** A request that waited for its origin's rate tokens (or was refused for its rate) makes the origin throttled in
+   *  the queue (request-queue.ts): its requests hold at most a share of the slots from then on. */
+  #noteThrottled(target: UrlTarget, seen: { tokenWaitMs?: number; code?: string }): void {
+    if ((seen.tokenWaitMs ?? 0) >= THROTTLED_TOKEN_WAIT_MS || seen.code === ErrorCodes.RATE_LIMITED) {
+      this.#queue.throttled(target);
+    }
   }
 
   /**
@@ -497,9 +513,13 @@ export class SockpoolClient {
     // The run ends when the transfer does (the body read or cancelled); its failures (and a dead worker) fail the
     // head or the body. The slot is held until then.
     this.#run(request, channel, signal, started)
-      .catch((error: Error) => channel.fail(error))
+      .catch((error: Error) => {
+        this.#noteThrottled(target, error as { code?: string });
+        channel.fail(error);
+      })
       .finally(() => this.#queue.leave(target));
     const head = await channel.head;
+    this.#noteThrottled(target, head.timings);
     return { ...head, body: channel.body!, timings: { ...head.timings, queueMs: queueMs(queued, head.timings) } };
   }
 

@@ -21,6 +21,15 @@
 // slot stays taken (slow origins, bodies nobody reads) the head does not move, and a caller whose requests keep
 // timing out in the queue would otherwise grow it without bound (found in review; test/request-queue.test.ts).
 //
+// Throttled origins. A request holds its slot while it waits for a token of a rate-limited origin, so requests to
+// such an origin, queued ahead of others, could take every slot and hold up the rest of the queue for as long as
+// the origin's rate makes them wait (4 slots, 8 requests to an origin at 1 request/s: a request to another origin
+// behind them waited 4–5 s). Once a request of an origin waited for its token (the client tells throttled()), the
+// origin's requests together with every other throttled origin's hold at most half the slots (THROTTLED_SHARE): a
+// waiter of a throttled origin that finds that share taken is parked, in order, and starts before later waiters once
+// the share has room; the waiters behind it go on. Most of a throttled origin's requests wait for its tokens anyway,
+// so the share costs it little, and the rest of the queue keeps at least half the slots.
+//
 // The per-origin records are not deleted when an origin's last request leaves: a Map that adds and deletes per
 // request keeps garbage alive past young-generation GCs (../shared/id-table.ts). An idle record stays, ready for the
 // origin's next request, until IDLE_ORIGINS_KEPT of them have piled up; then the Map is rebuilt whole with the busy
@@ -51,6 +60,8 @@ interface Waiter {
   target: UrlTarget;
   /** Set once the waiter left the queue: it started, or its deadline passed, or its signal fired. */
   gone: boolean;
+  /** In #parked (a throttled origin's, waiting for the throttled share to have room), not in #waiters. */
+  parked: boolean;
   start: () => void;
   fail: (error: Error) => void;
   deadline: ReturnType<Deadlines['add']> | undefined;
@@ -58,13 +69,14 @@ interface Waiter {
   onAbort: (() => void) | undefined;
 }
 
-/** One origin's requests in the queue: how many wait, how many hold a slot (counted for https origins while
- *  announcing is on, the only use), and whether the lookahead has looked at it (and announced it, or passed it over
- *  because the requests running to it, an https origin, cover what waits). Idle while both counts are 0. */
+/** One origin's requests in the queue: how many wait, how many hold a slot, whether the lookahead has looked at it
+ *  (and announced it, or passed it over because the requests running to it, an https origin, cover what waits), and
+ *  whether it is throttled (see the header). Idle while both counts are 0. */
 interface OriginRequests {
   waiting: number;
   running: number;
   looked: 'no' | 'announced' | 'passed';
+  throttled: boolean;
 }
 
 /** Idle origin records kept before the records are rebuilt with the busy ones only (see the header). */
@@ -76,12 +88,23 @@ const COMPACT_AFTER = 1024;
 
 const noop = () => {};
 
+/** The part of the slots that requests to throttled origins may hold together (see the header). */
+const THROTTLED_SHARE = 0.5;
+
 export class RequestQueue {
   readonly #capacity: number;
   readonly #lookahead: AnnounceOptions | undefined;
   readonly #announce: (origins: AnnouncedOrigin[]) => void;
   /** Requests holding a slot (from enter() to leave()). */
   #running = 0;
+  /** Slots that requests to throttled origins may hold together, and how many they hold. */
+  readonly #throttledCapacity: number;
+  #throttledRunning = 0;
+  /** Waiters of throttled origins that found the throttled share taken, in order; `#parkedHead` as for #waiters. */
+  #parked: Waiter[] = [];
+  #parkedHead = 0;
+  /** Waiters in #parked that are still waiting (also counted in #waiting). */
+  #parkedWaiting = 0;
   #waiters: Waiter[] = [];
   #head = 0;
   #cursor = 0;
@@ -108,6 +131,7 @@ export class RequestQueue {
     announce: (origins: AnnouncedOrigin[]) => void,
   ) {
     this.#capacity = capacity;
+    this.#throttledCapacity = Math.max(1, Math.floor(capacity * THROTTLED_SHARE));
     this.#lookahead = lookahead && lookahead.origins > 0 ? lookahead : undefined;
     this.#announce = announce;
   }
@@ -133,15 +157,21 @@ export class RequestQueue {
    * when its signal fires, while it waits. A request that got a slot must give it back with leave().
    */
   enter(target: UrlTarget, request: TransferRequest, signal: AbortSignal | undefined): Promise<void> | undefined {
-    if (this.#running < this.#capacity && this.#waiting === 0) {
+    const origin = this.#busy(target.key);
+    // (Parked waiters wait for the throttled share only: a request to another origin may start past them.)
+    const roomInQueue = this.#running < this.#capacity && this.#waiting === this.#parkedWaiting;
+    const throttledFull = origin.throttled && this.#throttledRunning >= this.#throttledCapacity;
+    if (roomInQueue && !throttledFull) {
       this.#running++;
-      if (this.#lookahead && target.secure) this.#busy(target.key).running++;
+      origin.running++;
+      if (origin.throttled) this.#throttledRunning++;
       return undefined;
     }
     return new Promise<void>((resolve, reject) => {
       const waiter: Waiter = {
         target,
         gone: false,
+        parked: roomInQueue,
         start: resolve,
         fail: reject,
         deadline: undefined,
@@ -153,20 +183,46 @@ export class RequestQueue {
         waiter.onAbort = () => this.#giveUp(waiter, abortedError(signal));
         signal.addEventListener('abort', waiter.onAbort, { once: true });
       }
-      this.#waiters.push(waiter);
       this.#waiting++;
-      this.#busy(target.key).waiting++;
+      origin.waiting++;
+      if (waiter.parked) {
+        this.#parked.push(waiter);
+        this.#parkedWaiting++;
+        return;
+      }
+      this.#waiters.push(waiter);
       if (this.#lookahead && this.#announced < this.#lookahead.origins) this.#lookLater();
     });
+  }
+
+  /**
+   * A request to `target` waited for a token of its origin's rate: from now on the origin's requests count in the
+   * throttled share (see the header), the ones running now included. Call it before that request's leave().
+   */
+  throttled(target: UrlTarget): void {
+    const origin = this.#origins.get(target.key);
+    if (origin === undefined || origin.throttled) return;
+    origin.throttled = true;
+    this.#throttledRunning += origin.running;
   }
 
   /** A request to `target` that held a slot is over: the slot goes to the next waiter. */
   leave(target: UrlTarget): void {
     this.#running--;
-    if (this.#lookahead && target.secure) {
-      const origin = this.#origins.get(target.key)!;
-      origin.running--;
-      this.#maybeIdle(origin);
+    const origin = this.#origins.get(target.key)!;
+    origin.running--;
+    if (origin.throttled) this.#throttledRunning--;
+    this.#maybeIdle(origin);
+    // Parked waiters came before every waiter still in #waiters: they go first, while the throttled share has room.
+    while (
+      this.#running < this.#capacity &&
+      this.#throttledRunning < this.#throttledCapacity &&
+      this.#parkedHead < this.#parked.length
+    ) {
+      const waiter = this.#parked[this.#parkedHead++]!;
+      if (waiter.gone) continue;
+      this.#parkedWaiting--;
+      this.#start(waiter);
     }
     while (this.#running < this.#capacity && this.#head < this.#waiters.length) {
       const waiter = this.#waiters[this.#head++]!;
@@ -174,10 +230,13 @@ export class RequestQueue {
         this.#gone--;
         continue;
       }
-      this.#left(waiter);
-      this.#running++;
-      if (this.#lookahead && waiter.target.secure) this.#busy(waiter.target.key).running++;
-      waiter.start();
+      if (this.#origins.get(waiter.target.key)!.throttled && this.#throttledRunning >= this.#throttledCapacity) {
+        waiter.parked = true;
+        this.#parked.push(waiter);
+        this.#parkedWaiting++;
+        continue;
+      }
+      this.#start(waiter);
     }
     this.#compact();
     if (this.#running === 0 && this.#waiting === 0 && this.#onIdle.length > 0) {
@@ -193,15 +252,34 @@ export class RequestQueue {
     return new Promise((resolve) => this.#onIdle.push(resolve));
   }
 
+  /** A waiter gets its slot. */
+  #start(waiter: Waiter): void {
+    this.#left(waiter);
+    this.#running++;
+    const origin = this.#busy(waiter.target.key);
+    origin.running++;
+    if (origin.throttled) this.#throttledRunning++;
+    waiter.start();
+  }
+
   #giveUp(waiter: Waiter, error: Error): void {
     if (waiter.gone) return;
     this.#left(waiter);
-    // (It stays in the array, marked, until leave() passes it or #dropGone drops it: waiters exist only while every
-    // slot is taken.)
-    this.#gone++;
     const fail = waiter.fail;
     waiter.start = waiter.fail = noop;
     fail(error);
+    if (waiter.parked) {
+      // (Marked in #parked, passed by leave(); dropped with the others once most of #parked gave up.)
+      this.#parkedWaiting--;
+      if (this.#parked.length - this.#parkedHead >= COMPACT_AFTER + 2 * this.#parkedWaiting) {
+        this.#parked = this.#parked.slice(this.#parkedHead).filter((parked) => !parked.gone);
+        this.#parkedHead = 0;
+      }
+      return;
+    }
+    // (It stays in the array, marked, until leave() passes it or #dropGone drops it: waiters exist only while every
+    // slot is taken.)
+    this.#gone++;
     this.#dropGone();
   }
 
@@ -248,7 +326,7 @@ export class RequestQueue {
   #busy(key: string): OriginRequests {
     const origin = this.#origins.get(key);
     if (origin === undefined) {
-      const made: OriginRequests = { waiting: 0, running: 0, looked: 'no' };
+      const made: OriginRequests = { waiting: 0, running: 0, looked: 'no', throttled: false };
       this.#origins.set(key, made);
       return made;
     }
@@ -287,8 +365,8 @@ export class RequestQueue {
       if (waiter.gone) continue;
       const origin = this.#origins.get(waiter.target.key)!;
       if (origin.looked !== 'no') continue;
-      // (Running requests are counted for https origins only.)
-      const count = Math.min(origin.waiting, lookahead.socketsPerOrigin) - origin.running;
+      // (Running requests are taken off for https origins only: see the header.)
+      const count = Math.min(origin.waiting, lookahead.socketsPerOrigin) - (waiter.target.secure ? origin.running : 0);
       if (count <= 0) {
         origin.looked = 'passed';
         continue;
@@ -303,6 +381,10 @@ export class RequestQueue {
 
   /** Drops waiters before the head once they are many and most of the array. */
   #compact(): void {
+    if (this.#parkedHead >= COMPACT_AFTER && this.#parkedHead * 2 >= this.#parked.length) {
+      this.#parked = this.#parked.slice(this.#parkedHead);
+      this.#parkedHead = 0;
+    }
     if (this.#head < COMPACT_AFTER || this.#head * 2 < this.#waiters.length) return;
     this.#waiters = this.#waiters.slice(this.#head);
     this.#cursor = Math.max(0, this.#cursor - this.#head);

@@ -597,8 +597,10 @@ export class HandoffServer {
       rate && message.tokenTaken !== true
         ? this.#rates!.take(origin, rate, 1, message.timeoutMs ?? this.#acquireTimeoutOf(origin), cancel.signal)
         : undefined;
+    let tokenWaitMs: number | undefined;
     const acquiring = charge
       ? charge.then(() => {
+          tokenWaitMs = performance.now() - started;
           const left = message.timeoutMs === undefined ? undefined : message.timeoutMs - (performance.now() - started);
           return this.#pools.acquire(
             origin,
@@ -619,7 +621,7 @@ export class HandoffServer {
           this.#pools.giveBack(handoff.originKey, handoff, session.uid);
           return;
         }
-        this.#lend(session, message, origin, handoff, rate, started);
+        this.#lend(session, message, origin, handoff, rate, started, tokenWaitMs);
       },
       (error: Error) => {
         session.pending--;
@@ -642,6 +644,7 @@ export class HandoffServer {
     handoff: Awaited<ReturnType<PoolManager['acquire']>>,
     rate: ReturnType<RateLimiter['paramsFor']>,
     started: number,
+    tokenWaitMs?: number,
   ): void {
     // Identity and counters: from the pool's probe for a warm socket, read here for a fresh one.
     const mark = handoff.mark ?? markOf(handoff.fd);
@@ -676,6 +679,7 @@ export class HandoffServer {
         connectMs: handoff.warm ? 0 : Number(handoff.connectMs.toFixed(3)),
         ...(handoff.tls ? { tls: handoff.tls } : {}),
         ...(rate ? { rate } : {}),
+        ...(tokenWaitMs === undefined ? {} : { tokenWaitMs: Number(tokenWaitMs.toFixed(3)) }),
       },
       [handoff.fd],
       true,

@@ -163,6 +163,8 @@ export interface LeaseReply {
    * token (`tokens`) before each request to it, and says so in its acquires (`tokenTaken`).
    */
   rate?: { requestsPerSecond: number; burst: number };
+  /** Present when the daemon charged this acquire its token (see `tokenTaken`): how long it waited for it (ms). */
+  tokenWaitMs?: number;
 }
 
 /** Reply to `tokens`: how many the client may spend (at least 1). */
@@ -415,7 +417,7 @@ export function encodeFrame(message: ClientMessage | DaemonMessage): Buffer | un
     }
     case 'lease': {
       // A relayed TLS lease, or one of a rate-limited origin (its `rate`): JSON.
-      if (message.tls || message.rate) return undefined;
+      if (message.tls || message.rate || message.tokenWaitMs !== undefined) return undefined;
       const host = asciiLength(message.host, 'host');
       const address = asciiLength(message.address, 'address');
       const frame = Buffer.allocUnsafe(26 + host + address);

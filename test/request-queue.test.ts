@@ -56,6 +56,66 @@ describe('RequestQueue', () => {
     expect(enter('http://d.test/')).toBe('started');
   });
 
+  it('a throttled origin holds at most half the slots: its waiters past that park, in order, and others go on', async () => {
+    const { queue, order, enter, leave } = recordingQueue(4, { origins: 0, socketsPerOrigin: 1 });
+    const slow = (n: number) => `http://slow.test/${n}`;
+    for (let n = 0; n < 4; n++) expect(enter(slow(n))).toBe('started');
+    const waiting = [enter(slow(4)), enter(slow(5)), enter('http://other.test/1'), enter(slow(6))];
+    // slow/1 waited for its origin's token: from now on slow.test counts in the throttled share (2 of 4), its four
+    // running requests included. Its slot goes to other.test, past the slow waiters, which park.
+    queue.throttled(urlTarget(slow(1)));
+    leave(slow(1));
+    await settle();
+    expect(order).toEqual(['http://other.test/1']);
+    // A newcomer of another origin starts at once in a free slot; one of slow.test parks behind the others.
+    leave('http://other.test/1');
+    expect(enter('http://third.test/1')).toBe('started');
+    const late = enter(slow(7));
+    expect(late).not.toBe('started');
+    // slow.test runs 3 (0, 2, 3): one ending leaves it at its share, and nothing starts; the next one ending makes
+    // room, and the first parked waiter starts, in arrival order.
+    leave(slow(0));
+    await settle();
+    expect(order).toEqual(['http://other.test/1']);
+    leave(slow(2));
+    await settle();
+    expect(order).toEqual(['http://other.test/1', slow(4)]);
+    expect(queue.running).toBe(3);
+    expect(queue.waiting).toBe(3);
+    leave(slow(3));
+    leave(slow(4));
+    leave('http://third.test/1');
+    leave(slow(5));
+    leave(slow(6));
+    await Promise.all([...waiting, late]);
+    expect(order).toEqual(['http://other.test/1', slow(4), slow(5), slow(6), slow(7)]);
+    leave(slow(7));
+    expect(queue.running).toBe(0);
+    await queue.idle();
+  });
+
+  it('a parked waiter that gives up is passed over; the queue still ends idle', async () => {
+    const { queue, order, enter, leave } = recordingQueue(2, { origins: 0, socketsPerOrigin: 1 });
+    const slow = (n: number) => `http://slow.test/${n}`;
+    expect(enter(slow(0))).toBe('started');
+    queue.throttled(urlTarget(slow(0)));
+    // Share: 1 of 2. slow.test holds it: its next request parks although a slot is free.
+    const controller = new AbortController();
+    const parked = enter(slow(1), { signal: controller.signal });
+    const next = enter(slow(2));
+    expect(enter('http://other.test/1')).toBe('started');
+    controller.abort();
+    await settle();
+    expect(order).toEqual([`${slow(1)} SOCKPOOL_ERR_ABORTED`]);
+    leave(slow(0));
+    await Promise.all([parked, next]);
+    expect(order).toEqual([`${slow(1)} SOCKPOOL_ERR_ABORTED`, slow(2)]);
+    leave(slow(2));
+    leave('http://other.test/1');
+    expect(queue.waiting).toBe(0);
+    await queue.idle();
+  });
+
   it('announces the first distinct origins among the waiters, with as many sockets as wait for each (capped)', async () => {
     const { queue, batches, enter, leave } = recordingQueue(1, { origins: 2, socketsPerOrigin: 3 });
     enter('http://running.test/');

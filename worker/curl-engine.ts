@@ -83,6 +83,8 @@ export interface TransferTimings {
   tlsMs: number;
   ttfbMs: number;
   totalMs: number;
+  /** Of acquireMs, the time spent waiting for tokens of the origin's rate (requestsPerSecond); 0 without one. */
+  tokenWaitMs: number;
 }
 
 /** A finished transfer: the final response's head, with the whole transfer's timings, and its body. */
@@ -124,6 +126,8 @@ interface Transfer {
    *  same: later ones do not wait. */
   joined: boolean;
   retriedDead: boolean;
+  /** Time its attempts waited for tokens of a rate-limited origin (rate-tokens.ts), in all. */
+  tokenWaitMs: number;
   done: (outcome: TransferOutcome) => void;
 }
 
@@ -141,6 +145,7 @@ interface Attempt {
   /** The connection is a warm TLS session the daemon relays: curl speaks plaintext HTTP over it. */
   relay: LeaseTls | undefined;
   acquireMs: number;
+  tokenWaitMs: number;
   /** The final response's head went to the sink. */
   headSent: boolean;
   /** The reason phrase of the last status line HEADERFUNCTION saw ('' over HTTP/2, which has none); curl has no
@@ -320,6 +325,7 @@ export class CurlEngine {
       forceSocket: false,
       joined: false,
       retriedDead: false,
+      tokenWaitMs: 0,
       done,
     };
     this.#attempt(transfer);
@@ -351,7 +357,10 @@ export class CurlEngine {
       }
       if (token) {
         token.then(
-          () => this.#prepare(transfer, started, remaining),
+          () => {
+            transfer.tokenWaitMs += performance.now() - started;
+            this.#prepare(transfer, started, remaining);
+          },
           (error: unknown) => this.#prepareFailed(transfer, error, started, remaining),
         );
         return;
@@ -619,6 +628,7 @@ export class CurlEngine {
         tlsMs: appConnectUs > 0 ? (appConnectUs - connectUs) / 1000 : 0,
         ttfbMs: numbers[4]! / 1000,
         totalMs: numbers[5]! / 1000,
+        tokenWaitMs: attempt.tokenWaitMs,
       },
     };
   }
@@ -784,6 +794,10 @@ export class CurlEngine {
       return;
     }
     const { request, io, target, key } = transfer;
+    // A token the daemon charged on this attempt's acquire (its origin's rate not known here yet) was waited for
+    // there: part of the transfer's token wait too.
+    const charged = slot?.lease?.tokenWaitMs;
+    if (charged !== undefined) transfer.tokenWaitMs += charged;
     const state = this.#handle();
     const attempt: Attempt = {
       seq: ++this.#seq,
@@ -796,6 +810,7 @@ export class CurlEngine {
       secure: target.secure,
       relay: target.secure ? this.#relayOf(key, slot) : undefined,
       acquireMs,
+      tokenWaitMs: transfer.tokenWaitMs,
       headSent: false,
       statusText: undefined,
       pause: 0,

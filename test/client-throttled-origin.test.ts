@@ -1,0 +1,51 @@
+// A rate-limited origin's requests must not hold up the client's queue for other origins (client/request-queue.ts,
+// "Throttled origins"): a request holds its slot while it waits for its origin's token, and the queue is first in,
+// first out, so requests to an origin at 1 request/s, queued ahead, took every slot. Real daemon child process,
+// real loopback origins; the order of the answers is asserted, never a duration.
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { SockpoolClient } from '../client/index.js';
+import { echoHandler, httpOrigin, type Origin, startTestDaemon } from './fixtures/client-helpers.js';
+import type { DaemonProcess } from './helpers/daemon.js';
+
+let slow: Origin;
+let other: Origin;
+let daemon: DaemonProcess;
+
+beforeAll(async () => {
+  slow = await httpOrigin(echoHandler());
+  other = await httpOrigin(echoHandler());
+  daemon = await startTestDaemon([slow.port, other.port], {
+    config: { pool: { origins: [{ match: `127.0.0.1:${slow.port}`, requestsPerSecond: 1, burst: 1 }] } },
+  });
+});
+
+afterAll(async () => {
+  await daemon?.stop();
+  await slow?.close();
+  await other?.close();
+});
+
+describe('an origin whose rate makes its requests wait', () => {
+  for (const threads of [0, 1]) {
+    it(`does not hold up a request to another origin queued behind its requests (threads: ${threads})`, async () => {
+      const client = new SockpoolClient({ socketPath: daemon.socketPath, threads, concurrencyPerThread: 4 });
+      try {
+        const finished: string[] = [];
+        const track = (name: string, pending: Promise<unknown>) => pending.then(() => finished.push(name));
+        // Eight requests at 1 request/s take 7 s; all four slots are theirs at first. The queue learns the origin is
+        // throttled from the first request that waited for its token (the second, after about 1 s): from then on
+        // its requests hold at most two slots, and the other origin's request starts then, long before the third
+        // slow request can have its token.
+        const all = Array.from({ length: 8 }, (_, i) =>
+          track(`slow${i}`, client.request(`http://127.0.0.1:${slow.port}/s${i}`)),
+        );
+        all.push(track('other', client.request(`http://127.0.0.1:${other.port}/o`)));
+        await Promise.all(all);
+        expect(finished.indexOf('other')).toBeLessThan(3);
+        // (Before, it was always behind the first five: it got a slot only when the fifth slow request ended.)
+      } finally {
+        await client.close();
+      }
+    }, 30_000);
+  }
+});
