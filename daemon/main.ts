@@ -5,6 +5,13 @@
 // the start has finished. SIGTERM keeps its default meanwhile: nothing is open yet that a stop would have to close.
 // The command is imported dynamically: a static import would load every module before this line ran.
 
+// The system resolver's lookups (getaddrinfo, without dns.servers) each hold one of libuv's threads until glibc
+// answers or gives up, seconds for a name whose servers do not answer: with libuv's default of 4, four such names
+// held up every other lookup of the daemon (test/daemon-threadpool). A larger pool, unless the operator chose a size;
+// libuv reads it at the pool's first use, which is later than this line. (The unit's TasksMax= leaves room for it:
+// libuv aborts the process when it cannot start a thread of its pool.)
+process.env.UV_THREADPOOL_SIZE ??= '32';
+
 let reloadRequested = false;
 const onEarlySighup = (): void => {
   reloadRequested = true;
