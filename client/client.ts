@@ -181,9 +181,9 @@ const LONE_ON_THREADS_BEFORE_INLINE = 4;
  *  requests (the client's own queue holds those back), so that announcing a waiting request's origin is not
  *  itself waiting. */
 const CONTROL_TASKS_PER_THREAD = 4;
-/** A wait for tokens this long is the origin's rate at work, not a batch's round trip to the daemon: the origin is
- *  throttled (#noteThrottled). */
-const THROTTLED_TOKEN_WAIT_MS = 50;
+/** A wait this long for tokens or at the origin's cap is the origin's limits at work, not a round trip to the
+ *  daemon: the origin is throttled (#noteThrottled). */
+const THROTTLED_WAIT_MS = 50;
 
 export class SockpoolClient {
   /** The worker threads; undefined with `threads: 0` (the runtime then lives in this thread). */
@@ -409,10 +409,15 @@ export class SockpoolClient {
     });
   }
 
-  /** A request that waited for its origin's rate tokens (or was refused for its rate) makes the origin throttled in
-   *  the queue (request-queue.ts): its requests hold at most a share of the slots from then on. */
-  #noteThrottled(target: UrlTarget, seen: { tokenWaitMs?: number; code?: string }): void {
-    if ((seen.tokenWaitMs ?? 0) >= THROTTLED_TOKEN_WAIT_MS || seen.code === ErrorCodes.RATE_LIMITED) {
+  /** A request that waited for its origin's rate tokens or at its connection cap (or was refused for its rate)
+   *  makes the origin throttled in the queue (request-queue.ts): its requests hold at most a share of the slots from
+   *  then on. */
+  #noteThrottled(target: UrlTarget, seen: { tokenWaitMs?: number; capWaitMs?: number; code?: string }): void {
+    if (
+      (seen.tokenWaitMs ?? 0) >= THROTTLED_WAIT_MS ||
+      (seen.capWaitMs ?? 0) >= THROTTLED_WAIT_MS ||
+      seen.code === ErrorCodes.RATE_LIMITED
+    ) {
       this.#queue.throttled(target);
     }
   }

@@ -680,6 +680,7 @@ export class HandoffServer {
         ...(handoff.tls ? { tls: handoff.tls } : {}),
         ...(rate ? { rate } : {}),
         ...(tokenWaitMs === undefined ? {} : { tokenWaitMs: Number(tokenWaitMs.toFixed(3)) }),
+        ...(handoff.capWaitMs === undefined ? {} : { capWaitMs: Number(handoff.capWaitMs.toFixed(3)) }),
       },
       [handoff.fd],
       true,

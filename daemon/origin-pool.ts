@@ -23,6 +23,8 @@ export interface Handoff extends ConnectedSocket {
   warm: boolean;
   /** The socket's identity and counters as of this handoff's probe (undefined: not read yet). */
   mark?: UsageMark | undefined;
+  /** How long the acquire it served waited while the origin was at its cap (maxPerOrigin, a fleet slot), if at all. */
+  capWaitMs?: number;
 }
 
 export type DropReason = 'eof' | 'error' | 'data' | 'ttl' | 'recycled' | 'evicted' | 'excess' | 'shutdown' | 'refused';
@@ -64,6 +66,8 @@ interface Waiter {
   reject(error: Error): void;
   timer: NodeJS.Timeout;
   settled: boolean;
+  /** #roomWaitClock() when it began to wait. */
+  roomWaitAtStart: number;
 }
 
 export class OriginPool {
@@ -95,6 +99,9 @@ export class OriginPool {
   /** Slots this pool holds, and connects still waiting for theirs (counted in #connecting meanwhile). */
   #slotsHeld = 0;
   #awaitingSlot = 0;
+  /** Time waited for room so far (closed periods), and since when it waits now (see #roomWaitClock). */
+  #roomWaitTotal = 0;
+  #roomWaitSince: number | undefined;
 
   constructor(
     key: string,
@@ -133,6 +140,14 @@ export class OriginPool {
    * a fleet slot. Only a lease that ends makes room then, and a client's connection cache may hold idle leases for a
    * long time (the pool manager asks their clients to give those back: HandoffServer.reclaim).
    */
+  /**
+   * How long the pool has waited for room, in all (ms): the time waitingForRoom was true, as #pump sees it. A served
+   * waiter's capWaitMs is how much of this passed while it waited.
+   */
+  #roomWaitClock(): number {
+    return this.#roomWaitTotal + (this.#roomWaitSince === undefined ? 0 : performance.now() - this.#roomWaitSince);
+  }
+
   get waitingForRoom(): boolean {
     const waiting = this.#waiters.length;
     if (waiting === 0) return false;
@@ -154,6 +169,7 @@ export class OriginPool {
         resolve,
         reject,
         settled: false,
+        roomWaitAtStart: this.#roomWaitClock(),
         timer: setTimeout(() => {
           this.#removeWaiter(waiter);
           reject(
@@ -483,6 +499,8 @@ export class OriginPool {
     this.#waiters.held(waiter.uid, +1);
     clearTimeout(waiter.timer);
     waiter.settled = true;
+    const capWaitMs = this.#roomWaitClock() - waiter.roomWaitAtStart;
+    if (capWaitMs > 0) handoff.capWaitMs = capWaitMs;
     waiter.resolve(handoff);
   }
 
@@ -530,7 +548,13 @@ export class OriginPool {
     while (this.#waiters.length > this.#connectingForWaiters && this.total < limit) {
       this.#startConnect(true);
     }
-    if (this.waitingForRoom) this.#events.waitingForRoom(this);
+    if (this.waitingForRoom) {
+      this.#roomWaitSince ??= performance.now();
+      this.#events.waitingForRoom(this);
+    } else if (this.#roomWaitSince !== undefined) {
+      this.#roomWaitTotal += performance.now() - this.#roomWaitSince;
+      this.#roomWaitSince = undefined;
+    }
     if (this.#refused || performance.now() < this.#backoffUntil) return;
     while (this.#refillWanted() > 0 && this.total < limit) this.#startConnect(false);
   }

@@ -165,6 +165,8 @@ export interface LeaseReply {
   rate?: { requestsPerSecond: number; burst: number };
   /** Present when the daemon charged this acquire its token (see `tokenTaken`): how long it waited for it (ms). */
   tokenWaitMs?: number;
+  /** Present when this acquire waited while the origin was at its cap (maxPerOrigin, a fleet slot): how long (ms). */
+  capWaitMs?: number;
 }
 
 /** Reply to `tokens`: how many the client may spend (at least 1). */
@@ -417,7 +419,10 @@ export function encodeFrame(message: ClientMessage | DaemonMessage): Buffer | un
     }
     case 'lease': {
       // A relayed TLS lease, or one of a rate-limited origin (its `rate`): JSON.
-      if (message.tls || message.rate || message.tokenWaitMs !== undefined) return undefined;
+      // (So is one that waited at a cap or for a token: it says how long.)
+      if (message.tls || message.rate || message.tokenWaitMs !== undefined || message.capWaitMs !== undefined) {
+        return undefined;
+      }
       const host = asciiLength(message.host, 'host');
       const address = asciiLength(message.address, 'address');
       const frame = Buffer.allocUnsafe(26 + host + address);

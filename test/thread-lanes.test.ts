@@ -273,7 +273,15 @@ describe('the lanes’ flat messages', () => {
       warm: true,
       connection: 'leased' as const,
       tls: { version: 'TLSv1.3', alpn: 'h2', by: 'daemon' as const },
-      timings: { acquireMs: 0.25, connectMs: 0, tlsMs: 0, ttfbMs: 1.5, totalMs: 2.75, tokenWaitMs: 0.125 },
+      timings: {
+        acquireMs: 0.25,
+        connectMs: 0,
+        tlsMs: 0,
+        ttfbMs: 1.5,
+        totalMs: 2.75,
+        tokenWaitMs: 0.125,
+        capWaitMs: 0.375,
+      },
       body: new Uint8Array([104, 105]),
     };
     const replies: LaneReplies = [];

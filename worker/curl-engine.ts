@@ -85,6 +85,8 @@ export interface TransferTimings {
   totalMs: number;
   /** Of acquireMs, the time spent waiting for tokens of the origin's rate (requestsPerSecond); 0 without one. */
   tokenWaitMs: number;
+  /** Of acquireMs, the time the daemon's acquire waited while the origin was at its cap (maxPerOrigin, a fleet slot). */
+  capWaitMs: number;
 }
 
 /** A finished transfer: the final response's head, with the whole transfer's timings, and its body. */
@@ -128,6 +130,10 @@ interface Transfer {
   retriedDead: boolean;
   /** Time its attempts waited for tokens of a rate-limited origin (rate-tokens.ts), in all. */
   tokenWaitMs: number;
+  /** Time its attempts' acquires waited at the origin's cap (the leases' capWaitMs), in all. */
+  capWaitMs: number;
+  /** The current attempt's part of tokenWaitMs. */
+  attemptTokenWaitMs: number;
   done: (outcome: TransferOutcome) => void;
 }
 
@@ -146,6 +152,7 @@ interface Attempt {
   relay: LeaseTls | undefined;
   acquireMs: number;
   tokenWaitMs: number;
+  capWaitMs: number;
   /** The final response's head went to the sink. */
   headSent: boolean;
   /** The reason phrase of the last status line HEADERFUNCTION saw ('' over HTTP/2, which has none); curl has no
@@ -326,6 +333,8 @@ export class CurlEngine {
       joined: false,
       retriedDead: false,
       tokenWaitMs: 0,
+      capWaitMs: 0,
+      attemptTokenWaitMs: 0,
       done,
     };
     this.#attempt(transfer);
@@ -339,6 +348,7 @@ export class CurlEngine {
       return;
     }
     const started = performance.now();
+    transfer.attemptTokenWaitMs = 0;
     const remaining = request.deadline - (TIME_ORIGIN + started);
     if (remaining <= 0) {
       this.#fail(transfer, timeoutError(request));
@@ -358,7 +368,8 @@ export class CurlEngine {
       if (token) {
         token.then(
           () => {
-            transfer.tokenWaitMs += performance.now() - started;
+            transfer.attemptTokenWaitMs = performance.now() - started;
+            transfer.tokenWaitMs += transfer.attemptTokenWaitMs;
             this.#prepare(transfer, started, remaining);
           },
           (error: unknown) => this.#prepareFailed(transfer, error, started, remaining),
@@ -629,6 +640,7 @@ export class CurlEngine {
         ttfbMs: numbers[4]! / 1000,
         totalMs: numbers[5]! / 1000,
         tokenWaitMs: attempt.tokenWaitMs,
+        capWaitMs: attempt.capWaitMs,
       },
     };
   }
@@ -798,6 +810,10 @@ export class CurlEngine {
     // there: part of the transfer's token wait too.
     const charged = slot?.lease?.tokenWaitMs;
     if (charged !== undefined) transfer.tokenWaitMs += charged;
+    // A wait at the origin's cap: the daemon's acquire says so (capWaitMs); at an origin that counts as at its cap
+    // here (contended: curl's own connections are taken in turn), the whole wait for a socket but for its token.
+    if (this.#supply.contended(key)) transfer.capWaitMs += Math.max(0, acquireMs - transfer.attemptTokenWaitMs);
+    else if (slot?.lease?.capWaitMs !== undefined) transfer.capWaitMs += slot.lease.capWaitMs;
     const state = this.#handle();
     const attempt: Attempt = {
       seq: ++this.#seq,
@@ -811,6 +827,7 @@ export class CurlEngine {
       relay: target.secure ? this.#relayOf(key, slot) : undefined,
       acquireMs,
       tokenWaitMs: transfer.tokenWaitMs,
+      capWaitMs: transfer.capWaitMs,
       headSent: false,
       statusText: undefined,
       pause: 0,

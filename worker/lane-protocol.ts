@@ -173,18 +173,19 @@ function readPortEvent(queue: unknown[], i: number, events: PortEvents): void {
 }
 
 /** Thread → caller: one message, REPLY_SLOTS values per outcome. A response: `id, status, url, httpVersion,
- *  warm, connection, tls, acquireMs, connectMs, tlsMs, ttfbMs, totalMs, tokenWaitMs, headers (name, value, …), body`. A failure:
+ *  warm, connection, tls, acquireMs, connectMs, tlsMs, ttfbMs, totalMs, tokenWaitMs, capWaitMs, headers (name, value, …),
+ *  body`. A failure:
  *  `id, error (a PlainError), 0, …`. A port event of request `id` (pushPortEvent): `id, PORT_MESSAGE, message, 0, …`.
  *  The second slot tells them apart: a status (positive), an object, a negative number. A request with a port
  *  sends no PORT_CLOSE: its outcome, after its last port message, ends both. */
 export type LaneReplies = unknown[];
 
-export const REPLY_SLOTS = 15;
+export const REPLY_SLOTS = 16;
 
 /** Queues an outcome; returns the response body's buffer when it has bytes (the caller moves it: transfer list). */
 export function pushReply(replies: LaneReplies, id: number, outcome: TransferOutcome): ArrayBuffer | undefined {
   if (!outcome.ok) {
-    replies.push(id, outcome.error, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+    replies.push(id, outcome.error, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
     return undefined;
   }
   const result = outcome.result;
@@ -203,6 +204,7 @@ export function pushReply(replies: LaneReplies, id: number, outcome: TransferOut
     timings.ttfbMs,
     timings.totalMs,
     timings.tokenWaitMs,
+    timings.capWaitMs,
     flatHeaders(result.headers),
     result.body,
   );
@@ -231,7 +233,7 @@ export function readReplies(replies: LaneReplies, handlers: ReplyHandlers): void
       ok: true,
       result: {
         status,
-        headers: pairedHeaders(replies[i + 13] as string[]),
+        headers: pairedHeaders(replies[i + 14] as string[]),
         url: replies[i + 2] as string,
         httpVersion: replies[i + 3] as string,
         warm: replies[i + 4] as boolean,
@@ -244,8 +246,9 @@ export function readReplies(replies: LaneReplies, handlers: ReplyHandlers): void
           ttfbMs: replies[i + 10] as number,
           totalMs: replies[i + 11] as number,
           tokenWaitMs: replies[i + 12] as number,
+          capWaitMs: replies[i + 13] as number,
         },
-        body: replies[i + 14] as Uint8Array,
+        body: replies[i + 15] as Uint8Array,
       },
     });
   }

@@ -66,6 +66,8 @@ interface OriginState {
   firstSocket: Settleable | undefined;
   /** Acquires under way that a connection freeing here makes unnecessary (see the header), oldest first. */
   givenUpBy: GiveUp[];
+  /** Of those, given up for a connection that freed, their transfers not yet run on it. */
+  handingOver: number;
   /** A lease of the origin said it is rate-limited (`rate`): its requests take tokens. */
   rated: boolean;
   /** Until when (performance.now()) the origin counts as at its cap: a `reclaim` named a lease of it. */
@@ -270,12 +272,20 @@ export class SocketSupply {
       throw error;
     } finally {
       if (giveUp) {
+        // (Given up for a freed connection: its transfer runs on it now, or has its lease after all.)
+        if (giveUp.cancellation.reason === CONNECTION_FREED) origin.handingOver--;
         options.signal?.removeEventListener('abort', onAbort!);
         const index = origin.givenUpBy.indexOf(giveUp);
         if (index >= 0) origin.givenUpBy.splice(index, 1);
       }
     }
     return slot;
+  }
+
+  /** Whether the origin counts as at its cap now (a `reclaim` named a lease of it lately; see the header). */
+  contended(key: string): boolean {
+    const origin = this.#origins.get(key);
+    return origin !== undefined && origin.contendedUntil > performance.now();
   }
 
   /** What the first response over an origin's connection said: HTTP/2 multiplexes, HTTP/1.x does not. */
@@ -358,13 +368,20 @@ export class SocketSupply {
       return;
     }
     const index = origin.givenUpBy.findIndex((waiting) => waiting.tokenTaken || !origin.rated);
-    if (index >= 0) origin.givenUpBy.splice(index, 1)[0]!.cancellation.cancel(CONNECTION_FREED);
+    if (index >= 0) {
+      origin.handingOver++;
+      origin.givenUpBy.splice(index, 1)[0]!.cancellation.cancel(CONNECTION_FREED);
+    }
   }
 
   #needsSocket(origin: OriginState, secure: boolean): boolean {
     const supplied = origin.connections + origin.supplying;
     if (secure && origin.multiplexed === undefined) return supplied === 0;
     if (origin.multiplexed) return origin.connections === 0 && origin.supplying === 0;
+    // At the cap, with older transfers still waiting for a socket, a newcomer waits its turn too: the connection
+    // that frees next is theirs (#giveUpOne), and a newcomer whose handle took it first (it was idle in curl's cache
+    // a moment) starved them until their acquires timed out (threads: 0, maxPerOrigin 1: 3 of 8 requests failed).
+    if (origin.givenUpBy.length + origin.handingOver > 0 && origin.contendedUntil > performance.now()) return true;
     return origin.inFlight > supplied;
   }
 
@@ -378,6 +395,7 @@ export class SocketSupply {
         multiplexed: undefined,
         firstSocket: undefined,
         givenUpBy: [],
+        handingOver: 0,
         rated: false,
         contendedUntil: 0,
       };
