@@ -15,7 +15,10 @@ import type { LearnedFamily } from './learned-families.js';
 /** The queue is swept no sooner than at this length. */
 const MIN_SWEEP_AT = 64;
 
-/** A connect that waited its turn at the gate and was no longer wanted when it came: never started. */
+/**
+ * A connect that waited its turn at the gate, or a warm TLS handshake that waited for room in a relay thread
+ * (tls-relay.ts), and was no longer wanted when its turn came: never started.
+ */
 export class ConnectAbandoned extends Error {
   constructor() {
     super('connect abandoned: no longer wanted when its turn came');

@@ -80,10 +80,11 @@ export interface Connector {
   /**
    * `urgent()`: whether an acquire waits for the origin's sockets now (a prewarm's connect becomes urgent when a
    * client comes to wait): where work queues, urgent connects may go first.
-   * `wanted()`: whether the connect is still needed; one that waits its turn (ConnectGate) and is no longer wanted
-   * when its turn comes is abandoned (ConnectAbandoned) instead of looking up and connecting for nobody.
+   * `wanted()`: whether the connect is still needed; one that waits its turn (ConnectGate, a warm TLS handshake
+   * in TlsRelays) and is no longer wanted when its turn comes is abandoned (ConnectAbandoned) instead of looking
+   * up, connecting or handshaking for nobody.
    * `uid`: the client uid the connect is for (an acquire's, a prewarm's; undefined: the daemon's own refill), so
-   * that connects waiting their turn take it fairly across uids (ConnectGate).
+   * that connects waiting their turn take it fairly across uids (ConnectGate, TlsRelays).
    */
   connect(
     origin: Origin,

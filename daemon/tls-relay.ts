@@ -10,14 +10,19 @@
 // during which the sessions that thread relays wait. A burst of prewarms (a crawler announcing its next hundred
 // hosts) started all at once would hold back the bytes of every relayed session on the thread, and the handshakes
 // that acquires are waiting for, for the length of the burst. So a thread runs at most HANDSHAKES_PER_THREAD at
-// once; the others wait here (their TCP fds owned by this class until sent). The next to go is the oldest one an
-// acquire waits for at that moment (a prewarm's handshake becomes urgent when a client comes to wait for its
-// origin), else the oldest.
+// once; the others wait here (their TCP fds owned by this class until sent), in the connect gate's order
+// (connect-gate.ts): those an acquire waits for at that moment first (a prewarm's handshake becomes urgent when a
+// client comes to wait for its origin), each kind fairly across uids (fair-queue.ts: the uid with the fewest
+// handshakes under way, in arrival order within a uid), so one uid's burst does not hold another uid's handshakes
+// behind all of it. One no longer wanted when its turn comes (its acquire gave up) is not started: its TCP
+// connection is closed and it fails with ConnectAbandoned (a handshake costs CPU and a session nobody asked for).
 
 import { Worker } from 'node:worker_threads';
 import { Gauge, type Registry } from 'prom-client';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
+import { ConnectAbandoned } from './connect-gate.js';
+import { FairWaitQueue } from './fair-queue.js';
 import type { Logger } from './log.js';
 
 /** What a handshake negotiated; sent to the client with a relayed lease. */
@@ -107,6 +112,9 @@ interface QueuedHandshake extends HandshakeWaiter {
   fd: number;
   params: TlsHandshakeParams;
   urgent: (() => boolean) | undefined;
+  wanted: (() => boolean) | undefined;
+  /** Whose handshake it is (DAEMON_UID: the daemon's own refills). */
+  uid: number;
   /** The socket's inode once sent: tells, after the thread ended, whether `fd` is still that socket. */
   inode?: number;
 }
@@ -119,13 +127,16 @@ interface RelayThread {
   exited: boolean;
 }
 
+/** The queue's uid for handshakes no client asked for (refills): a party of its own, as at the connect gate. */
+const DAEMON_UID = -1;
+
 export class TlsRelays {
   /** Started on demand, up to #threadCount; a thread that died is replaced when a handshake waits for room. */
   #threads: Array<RelayThread | undefined> = [];
   #threadCount: number;
   #nextId = 1;
-  /** Handshakes waiting for room in a thread, oldest first. */
-  #queue: QueuedHandshake[] = [];
+  /** Handshakes waiting for room in a thread, fair across uids; its `held` counts are each uid's handshakes sent. */
+  #queue = new FairWaitQueue<QueuedHandshake>();
   #log: Logger;
   #closed = false;
 
@@ -135,17 +146,25 @@ export class TlsRelays {
   }
 
   /**
-   * Handshakes over `fd` (ownership passes here at once) in a relay thread; `urgent()`: whether an acquire waits
-   * for it now (asked when a thread has room; those go first). Rejects with SOCKPOOL_ERR_TLS.
+   * Handshakes over `fd` (ownership passes here at once) in a relay thread. Asked when a thread has room (see the
+   * header): `urgent()`, whether an acquire waits for it now (those go first); `wanted()`, whether it is still
+   * needed (if not, it is not started: ConnectAbandoned); `uid`, whose it is (the connector's). Rejects with
+   * SOCKPOOL_ERR_TLS.
    */
-  open(fd: number, params: TlsHandshakeParams, urgent?: () => boolean): Promise<RelayedSession> {
+  open(
+    fd: number,
+    params: TlsHandshakeParams,
+    urgent?: () => boolean,
+    wanted?: () => boolean,
+    uid = DAEMON_UID,
+  ): Promise<RelayedSession> {
     const where = `${params.host}:${params.port}`;
     if (this.#closed) {
       native.close(fd);
       return Promise.reject(new SockpoolError(ErrorCodes.SHUTTING_DOWN, 'sockpoold is stopping'));
     }
     return new Promise<RelayedSession>((resolve, reject) => {
-      this.#queue.push({ fd, params, where, resolve, reject, urgent });
+      this.#queue.push({ fd, params, where, resolve, reject, urgent, wanted, uid });
       this.#dispatch();
     });
   }
@@ -155,8 +174,15 @@ export class TlsRelays {
     while (this.#queue.length > 0) {
       const thread = this.#roomiest();
       if (!thread) return;
-      const urgent = this.#queue.findIndex((queued) => queued.urgent?.() === true);
-      const [job] = this.#queue.splice(urgent === -1 ? 0 : urgent, 1) as [QueuedHandshake];
+      // (Finding an urgent one scans the queue.)
+      const job = this.#queue.peekWhere((queued) => queued.urgent?.() === true) ?? this.#queue.peek()!;
+      this.#queue.remove(job);
+      if (job.wanted?.() === false) {
+        native.close(job.fd);
+        job.reject(new ConnectAbandoned());
+        continue;
+      }
+      this.#queue.held(job.uid, +1);
       try {
         job.inode = native.socketInode(job.fd);
       } catch {
@@ -213,7 +239,7 @@ export class TlsRelays {
   /** Ends every relay thread; their sessions close with them (Node closes a thread's handles). */
   async close(): Promise<void> {
     this.#closed = true;
-    for (const job of this.#queue.splice(0)) {
+    for (const job of this.#queue.drain()) {
       native.close(job.fd);
       job.reject(new SockpoolError(ErrorCodes.SHUTTING_DOWN, 'sockpoold is stopping'));
     }
@@ -236,6 +262,7 @@ export class TlsRelays {
         return;
       }
       thread.pending.delete(message.id);
+      this.#queue.held(waiter.uid, -1);
       // Room for the next handshake (after this one's waiter ran: a waiter may queue another).
       queueMicrotask(() => this.#dispatch());
       if (message.t === 'ready') {
@@ -267,6 +294,7 @@ export class TlsRelays {
         }
         const why = failure ?? `exit code ${code}`;
         job.reject(new SockpoolError(ErrorCodes.TLS, `TLS relay thread ended: ${why}`, { reason: 'connection' }));
+        this.#queue.held(job.uid, -1);
       }
       thread.pending.clear();
       // The slot gets a new thread for what waits here.

@@ -147,10 +147,11 @@ export class TlsSessions implements Connector {
   }
 
   /**
-   * A TCP connect, then the handshake in a relay thread (before others queued there while `urgent()`): the fd
-   * returned is the daemon's end of the pair. The handshake verifies against the configuration in force when it
-   * starts, whatever was in force when the connect began; a reload it overtakes makes it start over (see `stale`),
-   * or fails it with SOCKPOOL_ERR_POLICY when the egress policy now refuses the origin or its address.
+   * A TCP connect, then the handshake in a relay thread (queued there as at the connect gate: `urgent()` first,
+   * fairly across uids, not started once no longer `wanted()`): the fd returned is the daemon's end of the pair.
+   * The handshake verifies against the configuration in force when it starts, whatever was in force when the
+   * connect began; a reload it overtakes makes it start over (see `stale`), or fails it with SOCKPOOL_ERR_POLICY
+   * when the egress policy now refuses the origin or its address.
    */
   async connect(
     origin: Origin,
@@ -181,6 +182,8 @@ export class TlsSessions implements Connector {
         timeoutMs: this.#config.tls.handshakeTimeoutMs,
       },
       urgent,
+      wanted,
+      uid,
     );
     const connectedAt = performance.now();
     const made: ConnectedSocket = {

@@ -1,16 +1,22 @@
 // The relay threads' handshake queue (daemon/tls-relay.ts) with a real relay thread (from dist/: npm run build)
 // and real loopback TCP pairs standing in for connections to an origin: the far end of each pair records when the
 // thread's ClientHello arrives and never answers, so a handshake stays under way until the test ends it. A thread
-// runs at most HANDSHAKES_PER_THREAD at once; the others wait, the ones an acquire waits for at that moment first.
+// runs at most HANDSHAKES_PER_THREAD at once; the others wait, the ones an acquire waits for at that moment first,
+// fairly across uids, and one no longer wanted when its turn comes is not started (its TCP fd closed).
 import { readdirSync } from 'node:fs';
 import { Socket } from 'node:net';
 import { join } from 'node:path';
 import pino from 'pino';
 import { describe, expect, it } from 'vitest';
+import { defaultConfig, policyFor } from '../daemon/config.js';
+import type { ConnectedSocket, Connector } from '../daemon/connector.js';
+import type { TlsRelays } from '../daemon/tls-relay.js';
+import { TlsSessions } from '../daemon/tls-sessions.js';
 import * as native from '../shared/native.js';
 import { repoRoot } from './helpers/daemon.js';
 
 type RelayModule = typeof import('../daemon/tls-relay.js');
+type GateModule = typeof import('../daemon/connect-gate.js');
 
 const fdCount = () => readdirSync('/proc/self/fd').length;
 
@@ -94,5 +100,123 @@ describe('TlsRelays handshake queue', () => {
     expect(codes.filter((code) => code === 'SOCKPOOL_ERR_TLS')).toHaveLength(HANDSHAKES_PER_THREAD);
     for (const socket of farEnds) socket.destroy();
     await until(() => fdCount() === before);
+  });
+  it("starts another uid's queued handshake ahead of one uid's backlog", async () => {
+    const { TlsRelays, HANDSHAKES_PER_THREAD } = (await import(
+      join(repoRoot, 'dist', 'daemon', 'tls-relay.js')
+    )) as RelayModule;
+    // uid 1000 fills the thread and queues 50 more; then uid 2000 queues one (`other`).
+    const N = HANDSHAKES_PER_THREAD;
+    const backlog = 50;
+    const other = N + backlog;
+    const before = fdCount();
+    const relays = new TlsRelays(1, pino({ level: 'silent' }));
+    const params = { host: 'origin.test', port: 443, contextKey: 'system/-/-', timeoutMs: 30_000 };
+    const hellos: number[] = [];
+    const farEnds: Socket[] = [];
+    const outcomes: Array<Promise<string>> = [];
+    const open = (index: number, uid: number) => {
+      const [near, far] = native.loopbackPair();
+      const socket = new Socket({ fd: far, readable: true, writable: true });
+      socket.on('error', () => {});
+      socket.once('data', () => hellos.push(index));
+      farEnds[index] = socket;
+      outcomes[index] = relays.open(near, params, undefined, undefined, uid).then(
+        () => 'ready',
+        (error: { code?: string }) => error.code ?? 'error',
+      );
+    };
+    for (let index = 0; index < N + backlog; index++) open(index, 1000);
+    open(other, 2000);
+    expect(relays.counters().handshakesQueued).toBe(backlog + 1);
+    await until(() => hellos.length === N);
+    // One of uid 1000's handshakes ends: the room goes to uid 2000 (none under way), not to uid 1000's 17th.
+    farEnds[0]!.destroy();
+    expect(await outcomes[0]).toBe('SOCKPOOL_ERR_TLS');
+    await until(() => hellos.length === N + 1);
+    expect(hellos[N]).toBe(other);
+    for (const socket of farEnds) socket.destroy();
+    expect(await Promise.all(outcomes)).toEqual(Array(N + backlog + 1).fill('SOCKPOOL_ERR_TLS'));
+    await relays.close();
+    await until(() => fdCount() === before);
+  });
+
+  it('does not start a queued handshake no longer wanted: closes its TCP fd and abandons it', async () => {
+    const { TlsRelays, HANDSHAKES_PER_THREAD } = (await import(
+      join(repoRoot, 'dist', 'daemon', 'tls-relay.js')
+    )) as RelayModule;
+    const { ConnectAbandoned } = (await import(join(repoRoot, 'dist', 'daemon', 'connect-gate.js'))) as GateModule;
+    // 0..N-1 fill the thread; N (`unwanted`) and N + 1 queue behind them.
+    const N = HANDSHAKES_PER_THREAD;
+    const unwanted = N;
+    const before = fdCount();
+    const relays = new TlsRelays(1, pino({ level: 'silent' }));
+    const params = { host: 'origin.test', port: 443, contextKey: 'system/-/-', timeoutMs: 30_000 };
+    const hellos: number[] = [];
+    const farEnds: Socket[] = [];
+    const farClosed: Array<Promise<void>> = [];
+    const outcomes: Array<Promise<string>> = [];
+    let stillWanted = true;
+    const open = (index: number, wanted?: () => boolean) => {
+      const [near, far] = native.loopbackPair();
+      const socket = new Socket({ fd: far, readable: true, writable: true });
+      socket.on('error', () => {});
+      socket.once('data', () => hellos.push(index));
+      farClosed[index] = new Promise((resolve) => socket.once('end', () => resolve()));
+      socket.resume();
+      farEnds[index] = socket;
+      outcomes[index] = relays.open(near, params, undefined, wanted, 1000).then(
+        () => 'ready',
+        (error: { code?: string }) => (error instanceof ConnectAbandoned ? 'abandoned' : (error.code ?? 'error')),
+      );
+    };
+    for (let index = 0; index < N; index++) open(index);
+    open(unwanted, () => stillWanted);
+    open(N + 1, () => true);
+    await until(() => hellos.length === N);
+    // The acquire it was for went away; then a handshake ends: N + 1 is started, `unwanted` never is.
+    stillWanted = false;
+    farEnds[0]!.destroy();
+    expect(await outcomes[unwanted]).toBe('abandoned');
+    // Its TCP connection was closed here (the origin sees it end without a ClientHello).
+    await farClosed[unwanted];
+    await until(() => hellos.length === N + 1);
+    expect(hellos[N]).toBe(N + 1);
+    expect(hellos).not.toContain(unwanted);
+    expect(relays.counters().handshakesQueued).toBe(0);
+    for (const socket of farEnds) socket.destroy();
+    await Promise.all(outcomes);
+    await relays.close();
+    await until(() => fdCount() === before);
+  });
+});
+
+describe('TlsSessions', () => {
+  it("passes the connect's urgent, wanted and uid on to the relays' handshake queue", async () => {
+    const config = defaultConfig();
+    const origin = { host: 'origin.test', port: 443 };
+    const policy = policyFor(config, origin.host, origin.port);
+    const tcp: Connector = {
+      async connect(): Promise<ConnectedSocket> {
+        const [near, far] = native.loopbackPair();
+        native.close(far);
+        return { fd: near, address: '127.0.0.1', family: 4, connectedAt: 0, startedAt: 0, connectMs: 1 };
+      },
+      checkTarget() {},
+      checkHeld() {},
+    };
+    const seen: unknown[][] = [];
+    const relays = {
+      open(fd: number, _params: unknown, ...rest: unknown[]) {
+        seen.push(rest);
+        native.close(fd);
+        return Promise.reject(new Error('not relayed here'));
+      },
+    } as unknown as TlsRelays;
+    const sessions = new TlsSessions(config, tcp, relays);
+    const urgent = () => true;
+    const wanted = () => false;
+    await expect(sessions.connect(origin, policy, urgent, wanted, 1234)).rejects.toThrow('not relayed here');
+    expect(seen).toEqual([[urgent, wanted, 1234]]);
   });
 });
