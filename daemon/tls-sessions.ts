@@ -197,10 +197,10 @@ export class TlsSessions implements Connector {
       tlsCredentials: credentials,
     };
     // A reload during the handshake that changed what this origin's sessions are verified against: start over
-    // with the configuration in force (the session is ours until returned).
+    // with the configuration in force (the session is ours until returned), still abandoned once not wanted.
     if (this.stale(origin, made)) {
       native.close(made.fd);
-      return this.connect(origin, policyFor(this.#config, origin.host, origin.port), urgent, undefined, uid);
+      return this.connect(origin, policyFor(this.#config, origin.host, origin.port), urgent, wanted, uid);
     }
     // A reload during the handshake: the TCP connector judged the connection by the egress policy of before; the
     // one in force now judges it, as it judges the sockets held at a reload.

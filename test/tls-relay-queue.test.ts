@@ -220,3 +220,46 @@ describe('TlsSessions', () => {
     expect(seen).toEqual([[urgent, wanted, 1234]]);
   });
 });
+
+describe('TlsSessions, a reload during the handshake', () => {
+  it("starts over with the connect's wanted and uid: the new handshake is abandoned like the first would be", async () => {
+    const config = defaultConfig();
+    const origin = { host: 'origin.test', port: 443 };
+    const policy = policyFor(config, origin.host, origin.port);
+    const tcp: Connector = {
+      async connect(): Promise<ConnectedSocket> {
+        const [near, far] = native.loopbackPair();
+        native.close(far);
+        return { fd: near, address: '127.0.0.1', family: 4, connectedAt: 0, startedAt: 0, connectMs: 1 };
+      },
+      checkTarget() {},
+      checkHeld() {},
+    };
+    const seen: unknown[][] = [];
+    let sessions: TlsSessions;
+    const relays = {
+      open(fd: number, _params: unknown, ...rest: unknown[]) {
+        seen.push(rest);
+        native.close(fd);
+        if (seen.length > 1) return Promise.reject(new Error('not relayed here'));
+        // The first handshake completes under a configuration a reload replaces meanwhile (another CA file).
+        const reloaded = { ...config, tls: { ...config.tls, caFile: '/reloaded/ca.pem' } };
+        sessions.configure(reloaded, new Map([['/reloaded/ca.pem', { text: 'pem', sha256: 'a'.repeat(64) }]]));
+        const [mine, theirs] = native.loopbackPair();
+        native.close(theirs);
+        const info = { version: 'TLSv1.3', alpn: 'http/1.1', cipher: 'x', certSha256: 'b'.repeat(64) };
+        return Promise.resolve({ fd: mine, handshakeMs: 1, info });
+      },
+    } as unknown as TlsRelays;
+    sessions = new TlsSessions(config, tcp, relays);
+    const before = fdCount();
+    const urgent = () => true;
+    const wanted = () => false;
+    await expect(sessions.connect(origin, policy, urgent, wanted, 1234)).rejects.toThrow('not relayed here');
+    expect(seen).toEqual([
+      [urgent, wanted, 1234],
+      [urgent, wanted, 1234],
+    ]);
+    expect(fdCount()).toBe(before);
+  });
+});
