@@ -15,7 +15,8 @@
 // client comes to wait for its origin), each kind fairly across uids (fair-queue.ts: the uid with the fewest
 // handshakes under way, in arrival order within a uid), so one uid's burst does not hold another uid's handshakes
 // behind all of it. One no longer wanted when its turn comes (its acquire gave up) is not started: its TCP
-// connection is closed and it fails with ConnectAbandoned (a handshake costs CPU and a session nobody asked for).
+// connection is closed and it fails with ConnectAbandoned (a handshake costs CPU and a session nobody asked for);
+// past 64 queued, those no longer wanted are swept before another is queued.
 
 import { Worker } from 'node:worker_threads';
 import { Gauge, type Registry } from 'prom-client';
@@ -101,6 +102,9 @@ export const RELAY_THREAD_NICE = 10;
 /** Handshakes one relay thread runs at once (see the header). */
 export const HANDSHAKES_PER_THREAD = 16;
 
+/** The queue is swept no sooner than at this length (as the connect gate's). */
+const MIN_SWEEP_AT = 64;
+
 interface HandshakeWaiter {
   resolve(session: RelayedSession): void;
   reject(error: Error): void;
@@ -137,6 +141,11 @@ export class TlsRelays {
   #nextId = 1;
   /** Handshakes waiting for room in a thread, fair across uids; its `held` counts are each uid's handshakes sent. */
   #queue = new FairWaitQueue<QueuedHandshake>();
+  /**
+   * Past this many queued, the ones no longer wanted are dropped before another is queued: while the threads are
+   * full (handshakes with origins slow to answer), each holds a TCP fd, and a slot of its origin, for nobody.
+   */
+  #sweepAt = MIN_SWEEP_AT;
   #log: Logger;
   #closed = false;
 
@@ -164,6 +173,7 @@ export class TlsRelays {
       return Promise.reject(new SockpoolError(ErrorCodes.SHUTTING_DOWN, 'sockpoold is stopping'));
     }
     return new Promise<RelayedSession>((resolve, reject) => {
+      if (this.#queue.length >= this.#sweepAt) this.#sweep();
       this.#queue.push({ fd, params, where, resolve, reject, urgent, wanted, uid });
       this.#dispatch();
     });
@@ -178,8 +188,7 @@ export class TlsRelays {
       const job = this.#queue.peekWhere((queued) => queued.urgent?.() === true) ?? this.#queue.peek()!;
       this.#queue.remove(job);
       if (job.wanted?.() === false) {
-        native.close(job.fd);
-        job.reject(new ConnectAbandoned());
+        this.#abandon(job);
         continue;
       }
       this.#queue.held(job.uid, +1);
@@ -194,6 +203,22 @@ export class TlsRelays {
       // From here the thread owns fd (its net.Socket closes it).
       thread.worker.postMessage(request);
     }
+  }
+
+  /** Drops the queued handshakes no longer wanted (their fds closed); the queue may then grow to twice what is left. */
+  #sweep(): void {
+    // (Drained in arrival order and queued again in it: the order within each uid is kept.)
+    for (const job of this.#queue.drain()) {
+      if (job.wanted?.() === false) this.#abandon(job);
+      else this.#queue.push(job);
+    }
+    this.#sweepAt = Math.max(MIN_SWEEP_AT, 2 * this.#queue.length);
+  }
+
+  /** A queued handshake nobody wants any more: never started; its TCP fd, still this class's, is closed. */
+  #abandon(job: QueuedHandshake): void {
+    native.close(job.fd);
+    job.reject(new ConnectAbandoned());
   }
 
   /** The thread with the fewest handshakes under way if it has room; a slot without a live thread gets one. */

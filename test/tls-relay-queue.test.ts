@@ -189,6 +189,47 @@ describe('TlsRelays handshake queue', () => {
     await relays.close();
     await until(() => fdCount() === before);
   });
+  it('drops the queued handshakes no longer wanted when the queue grows long, closing their TCP fds', async () => {
+    const { TlsRelays, HANDSHAKES_PER_THREAD } = (await import(
+      join(repoRoot, 'dist', 'daemon', 'tls-relay.js')
+    )) as RelayModule;
+    const { ConnectAbandoned } = (await import(join(repoRoot, 'dist', 'daemon', 'connect-gate.js'))) as GateModule;
+    // The thread is full of handshakes with origins that never answer; 64 more queue behind them, then their
+    // acquires give up. Nothing frees room in the thread for a while: their TCP fds must not wait for it.
+    const N = HANDSHAKES_PER_THREAD;
+    const stale = 64;
+    const before = fdCount();
+    const relays = new TlsRelays(1, pino({ level: 'silent' }));
+    const params = { host: 'origin.test', port: 443, contextKey: 'system/-/-', timeoutMs: 30_000 };
+    const farEnds: Socket[] = [];
+    const outcomes: Array<Promise<string>> = [];
+    let stillWanted = true;
+    const open = (wanted?: () => boolean) => {
+      const [near, far] = native.loopbackPair();
+      farEnds.push(new Socket({ fd: far, readable: true, writable: true }).on('error', () => {}));
+      outcomes.push(
+        relays.open(near, params, undefined, wanted, 1000).then(
+          () => 'ready',
+          (error: { code?: string }) => (error instanceof ConnectAbandoned ? 'abandoned' : (error.code ?? 'error')),
+        ),
+      );
+    };
+    for (let index = 0; index < N; index++) open();
+    for (let index = 0; index < stale; index++) open(() => stillWanted);
+    expect(relays.counters().handshakesQueued).toBe(stale);
+    stillWanted = false;
+    const fdsBefore = fdCount();
+    // The next handshake queued finds the queue long: the ones no longer wanted are dropped first.
+    open(() => true);
+    expect(relays.counters().handshakesQueued).toBe(1);
+    expect(await Promise.all(outcomes.slice(N, N + stale))).toEqual(Array(stale).fill('abandoned'));
+    // Their 64 fds closed (the new handshake's pair added two).
+    expect(fdCount()).toBe(fdsBefore - stale + 2);
+    for (const socket of farEnds) socket.destroy();
+    await Promise.all(outcomes);
+    await relays.close();
+    await until(() => fdCount() === before);
+  });
 });
 
 describe('TlsSessions', () => {
