@@ -97,6 +97,34 @@ export class FairWaitQueue<T extends UidWaiter> {
     return all.map((entry) => entry.waiter);
   }
 
+  /** Waiters of `uid` queued before `waiter` (all of that uid's when `waiter` is not queued). */
+  aheadOf(waiter: T): number {
+    const queue = this.#byUid.get(waiter.uid);
+    if (!queue) return 0;
+    const index = queue.findIndex((entry) => entry.waiter === waiter);
+    return index === -1 ? queue.length : index;
+  }
+
+  /** The count held() or setHeld() keeps for `uid`; undefined when it holds none (or was never counted). */
+  heldOf(uid: number): number | undefined {
+    return this.#held.get(uid);
+  }
+
+  /** Sets `uid`'s count to any number, kept even at 0 or below (for owners whose count is not a number of slots). */
+  setHeld(uid: number, count: number): void {
+    this.#held.set(uid, count);
+  }
+
+  /** The least count among the uids waiting now; undefined when nobody waits. */
+  leastHeldWaiting(): number | undefined {
+    let least: number | undefined;
+    for (const uid of this.#byUid.keys()) {
+      const held = this.#held.get(uid) ?? 0;
+      if (least === undefined || held < least) least = held;
+    }
+    return least;
+  }
+
   /** A slot of this origin was taken (`+1`) or given up (`-1`) by `uid`. */
   held(uid: number, delta: 1 | -1): void {
     const count = (this.#held.get(uid) ?? 0) + delta;

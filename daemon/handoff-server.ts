@@ -515,7 +515,7 @@ export class HandoffServer {
     session.tokenWaits ??= new Set();
     const waits = session.tokenWaits;
     waits.add(wait);
-    this.#rates!.take(origin, rate, message.count, timeoutMs, wait.signal).then(
+    this.#rates!.take(origin, rate, message.count, timeoutMs, wait.signal, session.uid).then(
       (granted) => {
         session.pending--;
         this.#quotas.waitSettled(session.uid);
@@ -595,7 +595,14 @@ export class HandoffServer {
     cancels.set(message.id, cancel);
     const charge =
       rate && message.tokenTaken !== true
-        ? this.#rates!.take(origin, rate, 1, message.timeoutMs ?? this.#acquireTimeoutOf(origin), cancel.signal)
+        ? this.#rates!.take(
+            origin,
+            rate,
+            1,
+            message.timeoutMs ?? this.#acquireTimeoutOf(origin),
+            cancel.signal,
+            session.uid,
+          )
         : undefined;
     let tokenWaitMs: number | undefined;
     const acquiring = charge

@@ -1,16 +1,19 @@
 // Politeness per origin (`requestsPerSecond`, `burst`): every request to a rate-limited origin takes a token before
 // it goes out. Workers ask in batches (protocol `tokens`, handoff-server.ts); the daemon grants from its own batch,
 // refilled from the fleet's GCRA in Redis (fleet.ts), or, without a fleet, from a GCRA of its own (a daemon alone
-// is a fleet of one). A request that would wait past its deadline fails with SOCKPOOL_ERR_RATE_LIMITED and the wait
-// it would have needed. Origins without a rate never get here.
+// is a fleet of one). Requests that find no token at hand wait in the origin's queue, fair across uids (#join): only
+// its head asks for the next token or waits for it to come due (#pump). A request whose turn would come past its
+// deadline fails with SOCKPOOL_ERR_RATE_LIMITED and the earliest wait its turn needed. Origins without a rate never
+// get here.
 
 import { ErrorCodes, SockpoolError } from '../../shared/errors.js';
 import type { Origin } from '../../shared/origin.js';
 import { batchSize, type RateParams, TokenBatch } from '../../shared/rate.js';
 import { policyFor, type SockpoolConfig } from '../config.js';
+import { FairWaitQueue, type UidWaiter } from '../fair-queue.js';
 import type { Fleet } from './fleet.js';
 import { ForgetfulMap } from './forgetful-map.js';
-import { type Grant, LocalGcra } from './gcra.js';
+import { emissionIntervalMs, type Grant, LocalGcra } from './gcra.js';
 import { fleetKey } from './slots.js';
 
 /** The most tokens the daemon asks Redis for at once (batchSize caps it lower for slow rates). */
@@ -37,8 +40,8 @@ export class RateLimiter {
   /** A spent or expired batch is the same as none: clients naming ever more origins under a default rate cannot
    *  grow this without bound (as LocalGcra's TATs). */
   #batches = new ForgetfulMap<string, TokenBatch>(MAX_BATCHES, (batch, now) => batch.held(now) === 0);
-  /** fleetKey -> the batch being asked of Redis for it now (settles when the answer is in, never rejects). */
-  #asking = new Map<string, Promise<void>>();
+  /** fleetKey -> the requests waiting for its tokens, while any do. */
+  #waits = new Map<string, OriginWaits>();
   /** fleetKey -> its rate, or null when it has none (policyFor is not cheap enough for every acquire). */
   #params = new Map<string, RateParams | null>();
   /** Some policy (the defaults or an origin entry) has a rate: without one, every origin is answered at once. */
@@ -80,99 +83,263 @@ export class RateLimiter {
 
   /**
    * Between 1 and `wanted` tokens of `origin`, waiting for the first as long as `timeoutMs` allows. Throws
-   * SOCKPOOL_ERR_RATE_LIMITED (with `waitMs`) when the wait would be longer. `signal`: the client gave the request
-   * up (a `cancel`, its disconnect): the wait ends with SOCKPOOL_ERR_ABORTED and takes no token, or a client that
-   * asks and hangs up, over and over, would leave waits behind without bound, each racing the clients still there
-   * for every token.
+   * SOCKPOOL_ERR_RATE_LIMITED (with `waitMs`) when the wait would be longer: at once when the next token, or the
+   * turn of `uid`'s waiter in the origin's queue, comes past the deadline (`waitMs` the earliest it could come),
+   * else at the deadline if other uids' turns pushed it back. `signal`: the client gave the request up (a `cancel`,
+   * its disconnect): the wait ends at once with SOCKPOOL_ERR_ABORTED, leaves the queue and takes no token, or a
+   * client that asks and hangs up, over and over, would leave waits behind without bound.
    */
-  async take(
+  take(
     origin: Origin,
     params: RateParams,
     wanted: number,
     timeoutMs: number,
     signal?: AbortSignal,
+    uid = 0,
   ): Promise<number> {
     const key = fleetKey(origin);
-    const deadline = this.#now() + timeoutMs;
-    let waited = false;
-    for (;;) {
-      if (signal?.aborted) throw abortedError(key);
-      const grant = await this.#grant(key, params, wanted);
-      if (grant.granted > 0) {
+    if (signal?.aborted) return Promise.reject(abortedError(key));
+    const now = this.#now();
+    const deadline = now + timeoutMs;
+    let waits = this.#waits.get(key);
+    if (!waits) {
+      // Nobody waits for this origin: tokens at hand go at once (the daemon's own GCRA, or the batch from Redis).
+      const grant = this.#atHand(key, params, wanted);
+      if (grant && grant.granted > 0) {
         this.counters.granted += grant.granted;
-        return grant.granted;
+        return Promise.resolve(grant.granted);
       }
-      const left = deadline - this.#now();
-      if (grant.waitMs > left) {
-        this.counters.limited++;
-        const waitMs = Math.ceil(grant.waitMs);
-        throw new SockpoolError(
-          ErrorCodes.RATE_LIMITED,
-          `${key} is limited to ${params.requestsPerSecond} requests/s (burst ${params.burst}): the next token ` +
-            `comes in ${waitMs} ms, past the request's deadline (${Math.max(0, Math.floor(left))} ms left)`,
-          { origin: key, waitMs, requestsPerSecond: params.requestsPerSecond, burst: params.burst },
+      if (grant && grant.waitMs > timeoutMs) return Promise.reject(this.#limited(key, params, grant.waitMs, timeoutMs));
+      // The queue forms; a fleet member's head asks Redis (dueAt 0: at once).
+      waits = { queue: new FairWaitQueue(), dueAt: grant ? now + grant.waitMs : 0, asking: false };
+      this.#waits.set(key, waits);
+    }
+    const queued = waits;
+    return new Promise<number>((resolve, reject) => {
+      const waiter: TokenWaiter = { uid, wanted, deadline, params, resolve, reject, waited: false };
+      // Its turn comes after the next token and one token for each waiter of its uid before it, at the earliest.
+      const turnIn = this.#turnIn(queued, waiter, now);
+      if (turnIn > timeoutMs) {
+        reject(this.#limited(key, params, turnIn, timeoutMs));
+        if (queued.queue.length === 0 && !queued.asking && !queued.timer) this.#waits.delete(key);
+        return;
+      }
+      this.#join(queued, waiter);
+      if (queued.queue.length > 1 || queued.dueAt > now) {
+        waiter.waited = true;
+        this.counters.waits++;
+      }
+      waiter.timer = setTimeout(() => {
+        // Other uids' turns came first: it fails at its deadline, with the earliest its turn could come now.
+        const turn = this.#turnIn(queued, waiter, this.#now());
+        if (!queued.queue.remove(waiter)) return;
+        this.#settle(waiter);
+        reject(this.#limited(key, params, Math.max(1, turn), 0));
+      }, timeoutMs);
+      if (signal) {
+        waiter.signal = signal;
+        waiter.onAbort = () => {
+          if (!queued.queue.remove(waiter)) return;
+          this.#settle(waiter);
+          reject(abortedError(key));
+        };
+        signal.addEventListener('abort', waiter.onAbort, { once: true });
+      }
+      this.#pump(key, queued);
+    });
+  }
+
+  /**
+   * Serves the origin's queue: only its head asks for a token (at hand, or of Redis; one ask at a time) or waits for
+   * the next one to come due (one timer per origin), and each token granted goes to the waiter the queue puts first.
+   * So a token coming due wakes one ask, however many wait (each waiter polling the rate itself, one uid's thousand
+   * waits at 100 requests/s made 100,000 wake-ups a second, and whichever poll came first won the token).
+   */
+  #pump(key: string, waits: OriginWaits): void {
+    if (waits.asking || waits.timer) return;
+    for (;;) {
+      const head = waits.queue.peek();
+      if (!head) {
+        // Nobody waits: the queue (and its uids' counts) goes; the next take finds tokens at hand or forms a new one.
+        if (this.#waits.get(key) === waits) this.#waits.delete(key);
+        return;
+      }
+      const now = this.#now();
+      if (now < waits.dueAt) {
+        if (head.deadline < waits.dueAt) {
+          // The next token comes past its deadline (the error contract: the wait it would have needed).
+          waits.queue.remove(head);
+          this.#settle(head);
+          head.reject(this.#limited(key, head.params, waits.dueAt - now, head.deadline - now));
+          continue;
+        }
+        waits.timer = setTimeout(
+          () => {
+            waits.timer = undefined;
+            // Due (a clock behind the timer asks anyway, as a sleep did).
+            waits.dueAt = 0;
+            this.#pump(key, waits);
+          },
+          Math.max(1, Math.ceil(waits.dueAt - now)),
         );
+        return;
       }
-      if (!waited) this.counters.waits++;
-      waited = true;
-      await sleep(Math.max(1, Math.ceil(grant.waitMs)), signal);
+      const grant = this.#atHand(key, head.params, head.wanted);
+      if (!grant) {
+        // A fleet member's batch is spent: Redis is asked, for the head; the queue waits for the answer.
+        waits.asking = true;
+        this.#ask(key, head.params, head.wanted).then(
+          (answer) => {
+            waits.asking = false;
+            this.#granted(key, waits, answer);
+            this.#pump(key, waits);
+          },
+          (error: Error) => {
+            // Refused (fleet.onUnavailable "refuse"): the waiter that asked fails (if it still waits), the next asks
+            // again.
+            waits.asking = false;
+            if (waits.queue.remove(head)) {
+              this.#settle(head);
+              head.reject(error);
+            }
+            this.#pump(key, waits);
+          },
+        );
+        return;
+      }
+      this.#granted(key, waits, grant);
     }
   }
 
-  async #grant(key: string, params: RateParams, wanted: number): Promise<Grant> {
-    const fleet = this.#fleet;
-    if (!fleet) return this.#local.take(key, wanted, params);
-    // A fleet: from this daemon's batch first, then a new batch from Redis (the rest kept for the next requests).
-    // One batch asked of Redis per origin at a time: requests that find the batch empty meanwhile wait for it and
-    // spend from it (each asking for a batch of its own, a burst took a batch per request, and the tokens it did not
-    // spend expired, lost to the whole fleet); one that finds it spent after that asks next.
-    for (;;) {
-      let batch = this.#batches.get(key);
-      if (!batch) {
-        batch = new TokenBatch();
-        this.#batches.set(key, batch, this.#now());
+  /** A grant asked for the head: its tokens to the waiters first in the queue now (the head may have left). */
+  #granted(key: string, waits: OriginWaits, grant: Grant): void {
+    if (grant.granted === 0) {
+      // Never a busy loop: the next ask is a timer away.
+      waits.dueAt = this.#now() + Math.max(grant.waitMs, 1e-3);
+      const head = waits.queue.peek();
+      if (head && !head.waited) {
+        head.waited = true;
+        this.counters.waits++;
       }
-      let spent = 0;
-      while (spent < wanted && batch.spend(this.#now())) spent++;
-      if (spent > 0) return { granted: spent, waitMs: 0 };
-      const asking = this.#asking.get(key);
-      if (asking) {
-        await asking;
-        continue;
-      }
-      const ask = Math.max(wanted, batchSize(params, MAX_DAEMON_BATCH));
-      const held = batch;
-      const granting = fleet
-        .takeTokens(key, params, ask, (share) => this.#local.take(key, ask, share))
-        .then((grant) => {
-          if (grant.granted > wanted) held.add(grant.granted - wanted, this.#now());
-          return { granted: Math.min(wanted, grant.granted), waitMs: grant.waitMs };
-        });
-      const settled = granting.then(
-        () => {},
-        () => {},
-      );
-      this.#asking.set(key, settled);
-      try {
-        return await granting;
-      } finally {
-        if (this.#asking.get(key) === settled) this.#asking.delete(key);
+      return;
+    }
+    let left = grant.granted;
+    for (let waiter = waits.queue.peek(); waiter && left > 0; waiter = waits.queue.peek()) {
+      const tokens = Math.min(left, waiter.wanted);
+      left -= tokens;
+      waits.queue.remove(waiter);
+      this.#settle(waiter);
+      // Its uid's count: what the queue orders by (see #join).
+      waits.queue.setHeld(waiter.uid, (waits.queue.heldOf(waiter.uid) ?? 0) + tokens);
+      this.counters.granted += tokens;
+      waiter.resolve(tokens);
+    }
+    // Tokens whose waiters left meanwhile: a fleet member keeps them in its batch (the daemon's own GCRA took them
+    // a microtask ago, from nobody: they are lost, at most the few a cancel in that microtask left).
+    if (left > 0 && this.#fleet) this.#batchOf(key).add(left, this.#now());
+  }
+
+  /**
+   * Queues `waiter`, fair across uids. What a uid "holds" here (FairWaitQueue's count): the tokens it was granted
+   * through this queue since the queue formed (it goes when nobody waits). The uid with the fewest goes first, so
+   * the uids waiting take turns token by token, whatever number of waiters each keeps. A uid that starts waiting
+   * starts one below the fewest (its first token comes next, within about one token's interval), or, when it waited
+   * before in this queue, at its own count brought within [fewest - 1, fewest]: one that left does not come back
+   * with a debt to catch up on, nor owing the others for what it took while they were not waiting.
+   */
+  #join(waits: OriginWaits, waiter: TokenWaiter): void {
+    const queue = waits.queue;
+    if (!queue.hasWaiterOf(waiter.uid)) {
+      const least = queue.leastHeldWaiting();
+      if (least !== undefined) {
+        const own = queue.heldOf(waiter.uid);
+        queue.setHeld(waiter.uid, own === undefined ? least - 1 : Math.min(least, Math.max(least - 1, own)));
       }
     }
+    queue.push(waiter);
+  }
+
+  /** The earliest `waiter`'s turn can come, ms from `now`: the next token, then one per waiter of its uid before it. */
+  #turnIn(waits: OriginWaits, waiter: TokenWaiter, now: number): number {
+    return Math.max(0, waits.dueAt - now) + waits.queue.aheadOf(waiter) * emissionIntervalMs(waiter.params);
+  }
+
+  /** A waiter out of the queue: its deadline timer and abort listener go. */
+  #settle(waiter: TokenWaiter): void {
+    clearTimeout(waiter.timer);
+    if (waiter.onAbort) waiter.signal?.removeEventListener('abort', waiter.onAbort);
+  }
+
+  #limited(key: string, params: RateParams, waitMs: number, leftMs: number): SockpoolError {
+    this.counters.limited++;
+    const wait = Math.ceil(waitMs);
+    return new SockpoolError(
+      ErrorCodes.RATE_LIMITED,
+      `${key} is limited to ${params.requestsPerSecond} requests/s (burst ${params.burst}): the request's turn for ` +
+        `a token comes in ${wait} ms at the earliest, past its deadline (${Math.max(0, Math.floor(leftMs))} ms left)`,
+      { origin: key, waitMs: wait, requestsPerSecond: params.requestsPerSecond, burst: params.burst },
+    );
+  }
+
+  /**
+   * Tokens without waiting: the daemon's own GCRA (granted, or how long until one is), or a fleet member's batch;
+   * undefined when that batch is spent (Redis must be asked).
+   */
+  #atHand(key: string, params: RateParams, wanted: number): Grant | undefined {
+    if (!this.#fleet) return this.#local.take(key, wanted, params);
+    const batch = this.#batches.get(key);
+    let spent = 0;
+    if (batch) while (spent < wanted && batch.spend(this.#now())) spent++;
+    return spent > 0 ? { granted: spent, waitMs: 0 } : undefined;
+  }
+
+  #batchOf(key: string): TokenBatch {
+    let batch = this.#batches.get(key);
+    if (!batch) {
+      batch = new TokenBatch();
+      this.#batches.set(key, batch, this.#now());
+    }
+    return batch;
+  }
+
+  /**
+   * A new batch from Redis, for a request of `wanted`: the rest is kept for the next requests. Only the head of the
+   * origin's queue asks, so one batch is asked per origin at a time (each request asking for a batch of its own, a
+   * burst took a batch per request, and the tokens it did not spend expired, lost to the whole fleet).
+   */
+  async #ask(key: string, params: RateParams, wanted: number): Promise<Grant> {
+    const ask = Math.max(wanted, batchSize(params, MAX_DAEMON_BATCH));
+    const grant = await this.#fleet!.takeTokens(key, params, ask, (share) => this.#local.take(key, ask, share));
+    if (grant.granted > wanted) this.#batchOf(key).add(grant.granted - wanted, this.#now());
+    return { granted: Math.min(wanted, grant.granted), waitMs: grant.waitMs };
   }
 }
 
-/** Resolves after `ms`, or at once when `signal` aborts (the loop above then throws). */
-function sleep(ms: number, signal: AbortSignal | undefined): Promise<void> {
-  return new Promise((resolve) => {
-    const timer = setTimeout(done, ms);
-    signal?.addEventListener('abort', done, { once: true });
-    function done() {
-      clearTimeout(timer);
-      signal?.removeEventListener('abort', done);
-      resolve();
-    }
-  });
+/** A request waiting in an origin's queue for its tokens. */
+interface TokenWaiter extends UidWaiter {
+  wanted: number;
+  /** On the limiter's clock. */
+  deadline: number;
+  params: RateParams;
+  resolve(granted: number): void;
+  reject(error: Error): void;
+  /** Counted in `waits` already. */
+  waited: boolean;
+  /** Its deadline. */
+  timer?: NodeJS.Timeout;
+  signal?: AbortSignal;
+  onAbort?: () => void;
+}
+
+/** The requests waiting for one origin's tokens, while any do (and while the head asks or waits for the next). */
+interface OriginWaits {
+  queue: FairWaitQueue<TokenWaiter>;
+  /** When the next token comes due (limiter's clock), as the last ask said; 0: ask now. */
+  dueAt: number;
+  /** Redis is being asked, for the head. */
+  asking: boolean;
+  /** The wait for dueAt: the only timer the origin's waiters have besides their deadlines. */
+  timer?: NodeJS.Timeout;
 }
 
 function abortedError(origin: string): SockpoolError {
