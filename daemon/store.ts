@@ -736,8 +736,10 @@ export class StateStore {
     } else {
       try {
         // A warm TLS pool's key is the origin's with ` tls` after it (daemon/tls-sessions.ts); a proxied one's has
-        // ` via NAME` (its proxy is read from the key again when warmed).
-        ({ host, port } = originOfKey(originKey.endsWith(' tls') ? originKey.slice(0, -4) : originKey));
+        // ` via NAME` (its proxy is read from the key again when warmed), never both: a proxy named `tls` ends the
+        // key as a TLS pool's does (isTlsPoolKey).
+        const tls = originKey.endsWith(' tls') && !originKey.includes(' via ');
+        ({ host, port } = originOfKey(tls ? originKey.slice(0, -4) : originKey));
       } catch {
         // Not host:port (a key format of a later version?): kept, but never warmed from history.
       }

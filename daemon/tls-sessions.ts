@@ -27,8 +27,10 @@ export function tlsPoolKey(key: string): string {
   return `${key} tls`;
 }
 
+/** Whether `key` is a warm TLS pool's. TLS is never relayed through a proxy (relays()), so a key naming one is a
+ *  proxied origin's, also when its proxy is named `tls` (`host:443 via tls` ends as a TLS pool's key does). */
 export function isTlsPoolKey(key: string): boolean {
-  return key.endsWith(' tls');
+  return key.endsWith(' tls') && !key.includes(' via ');
 }
 
 interface PemFile {

@@ -328,6 +328,27 @@ describe('PoolManager with its store and configuration', () => {
     expect(pools.snapshot().origins.map((row) => [row.origin, row.idle])).toEqual([['busy.test:443 via corp', 1]]);
   });
 
+  it('takes a proxy named "tls" for a proxy, not for a warm TLS pool: its warm says tcp, its history warms through it', async () => {
+    // A warm TLS pool's key ends with " tls"; a proxied origin's with " via NAME", so a proxy named "tls" ends the
+    // same. TLS is never relayed through a proxy: such a key is the proxy's.
+    const dir = mkdtempSync(join(tmpdir(), 'sockpool-pool-manager-'));
+    const store = StateStore.open(dir, { now: () => 1_000_000 });
+    cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+    cleanups.push(() => store.close());
+    store.recordAcquire('busy.test:443 via tls', { hit: false });
+    store.recordAcquire('busy.test:443 via tls', { hit: false });
+    store.flush();
+    connector.proxies = new Set(['tls']);
+    const config = parseConfig({ proxies: [{ name: 'tls', url: 'http://127.0.0.1:3128' }] }, 'test');
+    const pools = new PoolManager({ config, connector, log: pino({ level: 'silent' }), store });
+    managers.push(pools);
+    expect(pools.warmFromHistory(10)).toBe(1);
+    await until(() => pools.snapshot().idle === 1, 'warmed from history');
+    expect(pools.snapshot().origins.map((row) => [row.origin, row.idle])).toEqual([['busy.test:443 via tls', 1]]);
+    expect(pools.warm({ host: 'quiet.test', port: 443, proxy: 'tls' }, 1)).toBe('tcp');
+    await until(() => pools.snapshot().idle === 2, 'warmed');
+  });
+
   it('warms from history within warmOnStartSockets: the replayed demand rates ask for that many sockets in all', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'sockpool-pool-manager-'));
     // A 1 ms rate window: each acquire adds 1000/s to the stored rate (a busy origin without 10,000 acquires here).
