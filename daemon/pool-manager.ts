@@ -187,11 +187,14 @@ export class PoolManager {
       this.checkWarmUp(origin);
       pool = this.#poolFor(origin, tlsTrust);
     }
+    /** The origin's warm TLS pool when this acquire takes a TCP socket instead (warmTlsOnMiss "tcp"). */
+    let sessions: OriginPool | undefined;
     if (this.#tcpOnMiss(pool)) {
       // Without an idle session this acquire takes a TCP socket of the origin at once, and is demand for those:
       // with warmTlsOnMiss "tcp" sessions are made only when asked for (prewarm, warm, warm-on-start).
       const session = this.#takeWarmFrom(pool, uid);
       if (session) return session;
+      sessions = pool;
       pool = this.#poolFor(origin);
     }
     const stats = this.#statsOf(pool.key);
@@ -203,8 +206,10 @@ export class PoolManager {
     } catch (error) {
       if ((error as { code?: string }).code === ErrorCodes.POLICY) {
         this.#metrics?.refusals.inc({ reason: policyReason(error as Error) });
-        // Refused at its addresses (the name resolved where the policy does not go): nothing to keep either.
+        // Refused at its addresses (the name resolved where the policy does not go): nothing to keep either, nor
+        // the sessions pool this acquire made on its way to the TCP one.
         this.#retireIfEmpty(pool);
+        if (sessions) this.#retireIfEmpty(sessions);
       }
       throw error;
     }

@@ -40,6 +40,7 @@ const silentSockets = new Set<net.Socket>();
 let daemon: DaemonProcess;
 let trust: string;
 const cleanups: Array<() => unknown> = [];
+const REFUSED_NAMES = Array.from({ length: 20 }, (_, i) => `refused${i}.test`);
 
 beforeAll(async () => {
   pki = createTestPki(['localhost']);
@@ -55,7 +56,11 @@ beforeAll(async () => {
   await new Promise<void>((resolve) => silent.listen(0, '127.0.0.1', resolve));
   silentPort = (silent.address() as net.AddressInfo).port;
   daemon = await startTestDaemon([origin.port, untouched.port, slow.port, queued.port, silentPort], {
-    extraArgs: warmTlsArgs(pki.caFile, [origin.port, untouched.port, slow.port, queued.port, silentPort]),
+    extraArgs: [
+      ...warmTlsArgs(pki.caFile, [origin.port, untouched.port, slow.port, queued.port, silentPort]),
+      // Names that resolve where the policy does not go (only 127.0.0.1 is allowed): refused after the lookup.
+      ...REFUSED_NAMES.flatMap((name) => ['--resolve', `${name}:${origin.port}:127.0.0.2`]),
+    ],
     config: { pool: { defaults: { warmTlsOnMiss: 'tcp' } } },
   });
 });
@@ -208,6 +213,17 @@ describe('warmTlsOnMiss = "tcp"', () => {
     } finally {
       await client.close();
     }
+  });
+
+  it('an https acquire refused at its address leaves no pool behind, neither the TCP one nor the sessions one', async () => {
+    const raw = openRawClient(daemon.socketPath, cleanups);
+    let id = 1;
+    for (const host of REFUSED_NAMES) {
+      const reply = await raw.request({ type: 'acquire', id: id++, host, port: origin.port, tls: { trust } });
+      expect(reply.message).toMatchObject({ type: 'error', code: 'SOCKPOOL_ERR_POLICY' });
+    }
+    const rows = await originRows(raw, id++);
+    expect(rows.filter((row) => row.origin.startsWith('refused')).map((row) => row.origin)).toEqual([]);
   });
 
   it('an application prewarm still makes sessions', async () => {
