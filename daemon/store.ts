@@ -246,6 +246,19 @@ export function migrate(
   return { from, to: migrations.length };
 }
 
+/** The oldest schema this version's statements run on: the migrations after it add an index (2) and forget values (3). */
+const STATEMENTS_NEED_SCHEMA = 1;
+
+function schemaVersion(db: Database.Database): number {
+  return db.prepare<[], number>('PRAGMA user_version').pluck().get() ?? 0;
+}
+
+/** SQLite could not take a lock another connection holds (SQLITE_BUSY and its extended codes). */
+function isBusy(error: unknown): boolean {
+  const code = (error as { code?: unknown }).code;
+  return typeof code === 'string' && code.startsWith('SQLITE_BUSY');
+}
+
 function maxOriginsOf(value: number | undefined): number {
   return Math.max(1, Math.floor(value ?? 100_000));
 }
@@ -367,7 +380,15 @@ export class StateStore {
       db.exec('PRAGMA busy_timeout = 2000; PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL');
       // Per connection: this one's commits are the ones that start the WAL over (the checkpointer only copies it).
       db.pragma(`journal_size_limit = ${WAL_SIZE_LIMIT}`);
-      migrate(db, MIGRATIONS, path);
+      try {
+        migrate(db, MIGRATIONS, path);
+      } catch (error) {
+        // Another process holds the write lock (a backup tool, an operator's sqlite3 shell) at the first start after
+        // an upgrade: the history only warms, so the start goes on with the file as it is and the migrations wait for
+        // a start without the lock (this version's statements run on any schema from STATEMENTS_NEED_SCHEMA; until
+        // then the file lacks the eviction index and keeps the lifetimes schema 3 forgets).
+        if (!isBusy(error) || schemaVersion(db) < STATEMENTS_NEED_SCHEMA) throw error;
+      }
       // Once open, a lock held by another process (an operator's sqlite3 shell, a backup tool) fails a flush at once
       // instead of holding the event loop for busy_timeout at every flush tick: what was not written stays pending
       // (bounded) for the next. The daemon is the file's only writer; its checkpointer's PASSIVE checkpoints never

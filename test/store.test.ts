@@ -690,6 +690,35 @@ describe('migrations', () => {
     store.close();
   });
 
+  it('opens a file of an older schema while another process holds its write lock: the history is read, the migrations wait', () => {
+    // The first start after an upgrade, with a backup tool (or an operator's sqlite3 shell) writing: the migrations
+    // cannot run, and the start must not fail for it (a locked file fails neither the start nor the stop).
+    const path = join(dir, 'sockpool.sqlite');
+    const db = openDatabase(path);
+    db.exec('PRAGMA journal_mode = WAL');
+    migrate(db, MIGRATIONS.slice(0, 1));
+    statement(
+      db,
+      'INSERT INTO origins (origin_key, host, port, first_seen, last_seen, acquires) VALUES (?, ?, 443, ?, ?, ?)',
+    ).run('used.example:443', 'used.example', clock, clock, 5);
+    db.close();
+    const other = openDatabase(path);
+    other.exec('BEGIN IMMEDIATE');
+    try {
+      const store = StateStore.open(dir, { now });
+      expect(store.origin('used.example:443')?.acquires).toBe(5);
+      // (Its last flush fails under the lock, as at the daemon's stop, which logs it: closed all the same.)
+      expect(() => store.close()).toThrow(/locked/);
+    } finally {
+      other.exec('ROLLBACK');
+    }
+    // The next start without the lock migrates.
+    StateStore.open(dir, { now }).close();
+    const after = reader(dir);
+    expect(value(after, 'PRAGMA user_version')).toBe(MIGRATIONS.length);
+    after.close();
+  });
+
   it('rolls back a migration that fails, leaving the version where it was', () => {
     open().close();
     const db = openDatabase(join(dir, 'sockpool.sqlite'));
