@@ -3,7 +3,7 @@
 // SOCKPOOL_ERR_RATE_LIMITED and as a fleet member (one batch asked of Redis per origin at a time), the worker's token batches (no message for origins without a rate; one batch request
 // per origin at a time; a wait over the protocol's bound asked for again), local slots, and the maps of per-origin
 // rate state.
-import { describe, expect, it } from 'vitest';
+import { describe, expect, it, vi } from 'vitest';
 import { defaultConfig, parseConfig } from '../daemon/config.js';
 import { ForgetfulMap } from '../daemon/fleet/forgetful-map.js';
 import { gcraTake, LocalGcra } from '../daemon/fleet/gcra.js';
@@ -142,6 +142,47 @@ describe('the daemon alone: a fleet of one', () => {
     // One batch covered them all (each asking for its own, they took one batch each).
     expect(asked).toEqual([batch]);
     expect(limiter.counters.granted).toBe(batch);
+  });
+});
+
+describe('a wait for tokens its client gave up', () => {
+  it('ends at once when the client leaves while the fleet is asked, not after the wait the answer names', async () => {
+    vi.useFakeTimers();
+    try {
+      const config = parseConfig(
+        { pool: { origins: [{ match: 'slow.example:443', requestsPerSecond: 1, burst: 1 }] } },
+        'test',
+      );
+      const origin = { host: 'slow.example', port: 443 };
+      // Redis answers when the test says: no token, the next one in a minute.
+      const answers: Array<(grant: { granted: number; waitMs: number }) => void> = [];
+      const fleet = {
+        takeTokens: () =>
+          new Promise((resolve) => {
+            answers.push(resolve);
+          }),
+      } as unknown as ConstructorParameters<typeof RateLimiter>[1];
+      const limiter = new RateLimiter(config, fleet, () => 0);
+      const left = new AbortController();
+      let outcome: unknown;
+      limiter.take(origin, limiter.paramsFor(origin)!, 1, 120_000, left.signal).then(
+        (granted) => {
+          outcome = granted;
+        },
+        (error: { code?: string }) => {
+          outcome = error.code;
+        },
+      );
+      await vi.advanceTimersByTimeAsync(0);
+      // The client hangs up while its wait asks the fleet; the fleet's answer comes after.
+      left.abort();
+      answers[0]!({ granted: 0, waitMs: 60_000 });
+      await vi.advanceTimersByTimeAsync(0);
+      // Ended without the minute passing (it slept the minute out, its uid's pending count charged all along).
+      expect(outcome).toBe(ErrorCodes.ABORTED);
+    } finally {
+      vi.useRealTimers();
+    }
   });
 });
 
