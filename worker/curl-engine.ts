@@ -83,9 +83,11 @@ export interface TransferTimings {
   tlsMs: number;
   ttfbMs: number;
   totalMs: number;
-  /** Of acquireMs, the time spent waiting for tokens of the origin's rate (requestsPerSecond); 0 without one. */
+  /** The time spent waiting for tokens of the origin's rate (requestsPerSecond), every attempt's (acquireMs is the
+   *  last attempt's): part of acquireMs for a transfer run once; 0 without a rate. */
   tokenWaitMs: number;
-  /** Of acquireMs, the time the daemon's acquire waited while the origin was at its cap (maxPerOrigin, a fleet slot). */
+  /** The time the acquires waited while the origin was at its cap (maxPerOrigin, a fleet slot), every attempt's, as
+   *  tokenWaitMs. */
   capWaitMs: number;
 }
 
