@@ -238,14 +238,23 @@ export class OriginPool {
 
   /**
    * A client announced demand: make `count` idle sockets available soon. One-shot: connects start now, up to
-   * maxIdle and maxPerOrigin, and nothing is left pending for later; at most `maxStarts` of them now (the pool
-   * manager's per-turn budget: it calls again next turn). Returns how many connects it started.
+   * maxIdle and maxPerOrigin, and nothing is left pending for later. Returns how many connects it started. (The pool
+   * manager spreads a large one over turns with prewarmWanted and startPrewarmConnects.)
    */
-  prewarm(count: number, uid?: number, maxStarts = Number.POSITIVE_INFINITY): number {
+  prewarm(count: number, uid?: number): number {
+    return this.startPrewarmConnects(this.prewarmWanted(count), uid);
+  }
+
+  /** The connects a prewarm of `count` calls for now: up to maxIdle, less what is idle (shared) or connecting. */
+  prewarmWanted(count: number): number {
     const have = this.#sharedIdleCount() + this.#connecting - this.#connectingForWaiters;
-    const want = Math.min(count, this.policy.maxIdle, have + maxStarts) - have;
+    return Math.max(0, Math.min(count, this.policy.maxIdle) - have);
+  }
+
+  /** Starts up to `count` of a prewarm's connects (of `uid`'s), within maxPerOrigin; returns how many it started. */
+  startPrewarmConnects(count: number, uid?: number): number {
     let started = 0;
-    for (; started < want && this.total < this.policy.maxPerOrigin && !this.#closed; started++) {
+    for (; started < count && this.total < this.policy.maxPerOrigin && !this.#closed; started++) {
       this.#startConnect(false, uid);
     }
     return started;

@@ -112,7 +112,7 @@ export class PoolManager {
    * Prewarms not started yet (see #startPrewarms), each with the uid that asked (whose connects they are at the
    * connect gate); connects started by prewarms in this turn, and the next turn.
    */
-  #prewarms: Array<{ pool: OriginPool; count: number; uid: number }> = [];
+  #prewarms: Array<{ pool: OriginPool; count: number; uid: number; left?: number }> = [];
   #prewarmsThisTurn = 0;
   #prewarmTurn: NodeJS.Immediate | undefined;
   #events: OriginPoolEvents;
@@ -362,13 +362,19 @@ export class PoolManager {
    */
   #startPrewarms(): void {
     while (this.#prewarms.length > 0 && this.#prewarmsThisTurn < PREWARM_CONNECTS_PER_TURN && !this.#closed) {
-      const { pool, count, uid } = this.#prewarms[0]!;
+      const entry = this.#prewarms[0]!;
       const budget = PREWARM_CONNECTS_PER_TURN - this.#prewarmsThisTurn;
-      const started = pool.prewarm(count, uid, budget);
+      // One entry may want more than a turn's budget (up to maxIdle): it stays first and goes on next turn. What it
+      // asks for is fixed at its first turn (what is idle or connecting then counts); later turns start the rest,
+      // whatever became of the connects started before: counted again each turn, connects that failed at once were
+      // wanted again, and the entry started 16 connects a turn to an origin that refuses, for good.
+      entry.left ??= entry.pool.prewarmWanted(entry.count);
+      const wanted = Math.min(entry.left, budget);
+      const started = entry.pool.startPrewarmConnects(wanted, entry.uid);
       this.#prewarmsThisTurn += started;
-      // One entry may want more than a turn's budget (up to maxIdle): it stays first and goes on next turn (where
-      // prewarm counts what it already started), until a turn starts less than it may.
-      if (started < budget) this.#prewarms.shift();
+      entry.left -= started;
+      // (Fewer than wanted: the origin's cap is reached, or the pool closed.)
+      if (entry.left === 0 || started < wanted) this.#prewarms.shift();
     }
     if (this.#prewarmsThisTurn === 0 || this.#prewarmTurn) return;
     this.#prewarmTurn = setImmediate(() => {

@@ -15,7 +15,7 @@ import { LocalSlots, slotKeeper } from '../daemon/fleet/slots.js';
 import type { Handoff } from '../daemon/origin-pool.js';
 import { PoolManager } from '../daemon/pool-manager.js';
 import { StateStore } from '../daemon/store.js';
-import { ErrorCodes } from '../shared/errors.js';
+import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
 import type { Origin } from '../shared/origin.js';
 import { nextTurn, until, useFakeClock } from './fixtures/fake-clock.js';
@@ -171,6 +171,18 @@ describe('PoolManager warming', () => {
     expect(connector.calls).toBe(40);
     await until(() => idleOf(pools, BUSY) === 40, 'every prewarmed socket idle');
     expect(connector.calls).toBe(40);
+  });
+
+  it('starts one large prewarm once: connects that fail at once are not started again turn after turn', async () => {
+    const pools = manager({ defaults: { minIdle: 0, maxIdle: 64, maxPerOrigin: 64 } });
+    pools.start();
+    // An origin whose connects fail before the next turn (a cached NXDOMAIN, a port that refuses on loopback).
+    for (let i = 0; i < 200; i++) connector.failures.push(new SockpoolError(ErrorCodes.CONNECT, 'refused'));
+    pools.prewarm(BUSY, 40);
+    for (let turn = 0; turn < 8; turn++) await nextTurn();
+    // The prewarm asked for 40: it starts 40 connects in all, over turns, and not a single one more.
+    expect(connector.calls).toBe(40);
+    connector.failures.splice(0);
   });
 
   it('evicts from the least-wanted origin when idle sockets exceed the global cap', async () => {
