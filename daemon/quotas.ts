@@ -20,6 +20,8 @@ interface UidUsage {
   sessions: number;
   leases: number;
   pending: number;
+  /** Token requests waiting (startWait): pending too for maxPendingPerUid, but no lease to come of them. */
+  waits: number;
   lookups: number;
   /** Prewarm sockets still allowed (a token bucket holding at most maxPrewarmPerUid). */
   prewarmTokens: number;
@@ -58,12 +60,12 @@ export class UidQuotas {
   startAcquire(uid: number, host: string): void {
     const usage = this.#of(uid);
     const config = this.#config();
-    if (usage.pending >= config.maxPendingPerUid) {
+    if (usage.pending + usage.waits >= config.maxPendingPerUid) {
       throw quotaError(
         uid,
         'maxPendingPerUid',
         config.maxPendingPerUid,
-        `uid ${uid} has ${usage.pending} acquires pending`,
+        `uid ${uid} has ${usage.pending} acquires and ${usage.waits} token requests pending`,
       );
     }
     if (usage.leases + usage.pending >= config.maxLeasesPerUid) {
@@ -90,20 +92,26 @@ export class UidQuotas {
   /**
    * A `tokens` request from `uid` may wait for a rate's tokens: it counts as pending, as an acquire does (per
    * connection alone, a uid's waits grew with every connection it opened); throws SOCKPOOL_ERR_QUOTA past
-   * maxPendingPerUid. Pair with waitSettled.
+   * maxPendingPerUid. Not against maxLeasesPerUid: no lease comes of a wait (counted there, a uid's waits for tokens
+   * refused acquires its leases left room for). Pair with waitSettled.
    */
   startWait(uid: number): void {
     const usage = this.#of(uid);
     const limit = this.#config().maxPendingPerUid;
-    if (usage.pending >= limit) {
-      throw quotaError(uid, 'maxPendingPerUid', limit, `uid ${uid} has ${usage.pending} requests pending`);
+    if (usage.pending + usage.waits >= limit) {
+      throw quotaError(
+        uid,
+        'maxPendingPerUid',
+        limit,
+        `uid ${uid} has ${usage.pending} acquires and ${usage.waits} token requests pending`,
+      );
     }
-    usage.pending++;
+    usage.waits++;
   }
 
   waitSettled(uid: number): void {
     const usage = this.#of(uid);
-    usage.pending = Math.max(0, usage.pending - 1);
+    usage.waits = Math.max(0, usage.waits - 1);
   }
 
   /**
@@ -169,7 +177,8 @@ export class UidQuotas {
     return {
       sessions: usage?.sessions ?? 0,
       leases: usage?.leases ?? 0,
-      pending: usage?.pending ?? 0,
+      // (Acquires and token requests: what maxPendingPerUid counts.)
+      pending: (usage?.pending ?? 0) + (usage?.waits ?? 0),
       lookups: usage?.lookups ?? 0,
     };
   }
@@ -181,6 +190,7 @@ export class UidQuotas {
         sessions: 0,
         leases: 0,
         pending: 0,
+        waits: 0,
         lookups: 0,
         prewarmTokens: this.#config().maxPrewarmPerUid,
         prewarmUpdatedAt: this.#now(),

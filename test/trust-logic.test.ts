@@ -87,6 +87,22 @@ describe('UidQuotas', () => {
     expect(quotas.usageOf(1000).sessions).toBe(2);
   });
 
+  it("counts a uid's token waits against maxPendingPerUid, not against its leases (maxLeasesPerUid)", () => {
+    const quotas = new UidQuotas(() => config({ maxPendingPerUid: 3, maxLeasesPerUid: 2 }));
+    quotas.startAcquire(7, '192.0.2.1');
+    quotas.acquireSettled(7, '192.0.2.1', true);
+    // One lease held, two requests of its clients waiting for a rate's tokens: the second lease is within the quota.
+    quotas.startWait(7);
+    quotas.startWait(7);
+    quotas.startAcquire(7, '192.0.2.2');
+    expect(() => quotas.startWait(7)).toThrow(expect.objectContaining({ quota: 'maxPendingPerUid' }));
+    quotas.acquireSettled(7, '192.0.2.2', true);
+    expect(() => quotas.startAcquire(7, '192.0.2.3')).toThrow(expect.objectContaining({ quota: 'maxLeasesPerUid' }));
+    quotas.waitSettled(7);
+    quotas.waitSettled(7);
+    expect(quotas.usageOf(7)).toMatchObject({ leases: 2, pending: 0 });
+  });
+
   it('bounds pending acquires, leases and host-name acquires per uid', () => {
     const quotas = new UidQuotas(() => config({ maxPendingPerUid: 3, maxLeasesPerUid: 4, maxLookupsPerUid: 1 }));
     quotas.startAcquire(7, 'example.com');
