@@ -525,7 +525,9 @@ void DiscardQuietly(int fd, int depth) {
 // and our close, then close its copy. Such a close waits in the kernel for the linger time, but interruptibly: a
 // signal ends the wait, and the socket is then closed in the background as if it had no linger. So a watchdog
 // thread looks at the calls here that close or receive fds (WatchedCall) every kWatchdogPeriodMs, and signals a
-// thread found in the same call twice in a row; the handler does nothing, and without SA_RESTART the wait ends.
+// thread found in the same call twice in a row; the handler does nothing, and the wait ends on any pending signal.
+// SA_RESTART: a signal that lands after the call returned (the thread left it between the watchdog's look and its
+// signal) restarts whatever interrupted syscall it meets instead of failing it with EINTR.
 // On only where the daemon asks (startCloseWatchdog): a library must not take over a signal of its users' process.
 constexpr int kWatchdogSignal = SIGURG;  // ignored by default; Node and libuv leave it alone
 constexpr auto kWatchdogPeriod = std::chrono::milliseconds(25);
@@ -619,7 +621,7 @@ void StartWatchdogOnce() {
     memset(&action, 0, sizeof action);
     action.sa_handler = InterruptOnly;
     sigemptyset(&action.sa_mask);
-    action.sa_flags = 0;  // no SA_RESTART: the interrupted wait returns
+    action.sa_flags = SA_RESTART;  // (the linger wait checks for a pending signal, restart or not)
     sigaction(kWatchdogSignal, &action, nullptr);
     std::thread(WatchdogLoop).detach();
     watchdog_on.store(true, std::memory_order_relaxed);
