@@ -232,20 +232,25 @@ describe('TlsRelays handshake queue', () => {
   });
 });
 
+/** A TCP connector whose sockets are loopback ends whose far end is already closed (the relays here are fakes). */
+function loopbackConnector(): Connector {
+  return {
+    async connect(): Promise<ConnectedSocket> {
+      const [near, far] = native.loopbackPair();
+      native.close(far);
+      return { fd: near, address: '127.0.0.1', family: 4, connectedAt: 0, startedAt: 0, connectMs: 1 };
+    },
+    checkTarget() {},
+    checkHeld() {},
+  };
+}
+
 describe('TlsSessions', () => {
   it("passes the connect's urgent, wanted and uid on to the relays' handshake queue", async () => {
     const config = defaultConfig();
     const origin = { host: 'origin.test', port: 443 };
     const policy = policyFor(config, origin.host, origin.port);
-    const tcp: Connector = {
-      async connect(): Promise<ConnectedSocket> {
-        const [near, far] = native.loopbackPair();
-        native.close(far);
-        return { fd: near, address: '127.0.0.1', family: 4, connectedAt: 0, startedAt: 0, connectMs: 1 };
-      },
-      checkTarget() {},
-      checkHeld() {},
-    };
+    const tcp = loopbackConnector();
     const seen: unknown[][] = [];
     const relays = {
       open(fd: number, _params: unknown, ...rest: unknown[]) {
@@ -267,15 +272,7 @@ describe('TlsSessions, a reload during the handshake', () => {
     const config = defaultConfig();
     const origin = { host: 'origin.test', port: 443 };
     const policy = policyFor(config, origin.host, origin.port);
-    const tcp: Connector = {
-      async connect(): Promise<ConnectedSocket> {
-        const [near, far] = native.loopbackPair();
-        native.close(far);
-        return { fd: near, address: '127.0.0.1', family: 4, connectedAt: 0, startedAt: 0, connectMs: 1 };
-      },
-      checkTarget() {},
-      checkHeld() {},
-    };
+    const tcp = loopbackConnector();
     const seen: unknown[][] = [];
     let sessions: TlsSessions;
     const relays = {
