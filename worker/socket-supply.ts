@@ -368,10 +368,12 @@ export class SocketSupply {
       return;
     }
     const index = origin.givenUpBy.findIndex((waiting) => waiting.tokenTaken || !origin.rated);
-    if (index >= 0) {
-      origin.handingOver++;
-      origin.givenUpBy.splice(index, 1)[0]!.cancellation.cancel(CONNECTION_FREED);
-    }
+    if (index < 0) return;
+    const { cancellation } = origin.givenUpBy.splice(index, 1)[0]!;
+    // (One its own signal aborted already keeps that reason: no transfer comes for the connection then.)
+    if (cancellation.aborted) return;
+    origin.handingOver++;
+    cancellation.cancel(CONNECTION_FREED);
   }
 
   #needsSocket(origin: OriginState, secure: boolean): boolean {
