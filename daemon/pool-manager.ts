@@ -619,9 +619,13 @@ export class PoolManager {
     return this.#tls.relays(origin, policy, tlsTrust) && !(lookahead && tcpOnMiss(policy)) ? tlsPoolKey(key) : key;
   }
 
-  /** A pool holding and awaiting nothing, forgotten now rather than at a sweep (see #retireUnused). */
+  /**
+   * A pool holding and awaiting nothing, forgotten now rather than at a sweep (see #retireUnused). Not one whose
+   * policy keeps it warm (minIdle > 0): the operator asked for that origin, and a reload that allows it refills it.
+   */
   #retireIfEmpty(pool: OriginPool): void {
-    if (pool.total !== 0 || pool.waitingCount !== 0 || this.#pools.get(pool.key) !== pool) return;
+    if (pool.total !== 0 || pool.waitingCount !== 0 || pool.policy.minIdle > 0) return;
+    if (this.#pools.get(pool.key) !== pool) return;
     pool.close();
     this.#pools.delete(pool.key);
     this.#stats.delete(pool.key);

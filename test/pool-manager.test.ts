@@ -491,6 +491,22 @@ describe('PoolManager with its store and configuration', () => {
     expect(connector.calls).toBe(calls);
   });
 
+  it('keeps a minIdle pool whose acquire the policy refused at its address, and warms it after a reload allows it', async () => {
+    const pool = { defaults: { minIdle: 1 } };
+    const pools = manager(pool);
+    pools.start();
+    // The acquire's connect and the minIdle refill both meet the policy at the address (the name passed the check).
+    const refused = () => new SockpoolError(ErrorCodes.POLICY, 'address refused', { reason: 'address-denied' });
+    connector.failures.push(refused(), refused());
+    await expect(pools.acquire(BUSY, 1_000)).rejects.toMatchObject({ code: ErrorCodes.POLICY });
+    // Before: the refused acquire retired the pool at once, minIdle or not, and nothing warmed the origin again.
+    expect(pools.snapshot().origins.map((entry) => entry.origin)).toContain(`${BUSY.host}:${BUSY.port}`);
+    pools.reconfigure(parseConfig({ pool }, 'reload'));
+    // (Past the backoff of the two failed connects.)
+    await vi.advanceTimersByTimeAsync(30_000);
+    await until(() => idleOf(pools, BUSY) === 1, 'minIdle warmed after the reload');
+  });
+
   it('a reload that changes maxPerOriginFleet reaches a connect already waiting for a slot', async () => {
     const pools = new PoolManager({
       // (No predictive warming: a refill started after the reload would take the new slot and serve the waiter.)
