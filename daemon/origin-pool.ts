@@ -83,6 +83,7 @@ export class OriginPool {
   #waiters = new FairWaitQueue<Waiter>();
   /** Whether an acquire waits here now: the connector may put this origin's connects first (a relay's handshakes). */
   readonly #hasWaiters = () => this.#waiters.length > 0;
+  readonly #open = () => !this.#closed;
   #refillTarget = 0;
   /** Idle time after which a socket is closed by us before the server closes it; undefined until learned. */
   #recycleAfterMs: number | undefined;
@@ -605,10 +606,12 @@ export class OriginPool {
 
   #connect(forWaiter: boolean, uid: number | undefined): void {
     // A waiter's connect is still needed when its turn comes at the gate if a waiter is left to serve, or the refill
-    // target is not met. (Refills and prewarms are bounded where they start: a prewarm by its uid's allowance.)
+    // target is not met. A refill's or prewarm's while the pool is open: one the pool manager retired, or a reload
+    // removed, meanwhile starts no lookup, connect or handshake only to be closed. (Otherwise they are bounded where
+    // they start: a prewarm by its uid's allowance; a prewarm is not held to the refill target, so it is no test.)
     const wanted = forWaiter
       ? () => !this.#closed && (this.#waiters.length > 0 || this.#refillWanted() > 0)
-      : undefined;
+      : this.#open;
     this.#connector.connect(this.origin, this.policy, this.#hasWaiters, wanted, uid).then(
       (socket) => {
         // A backstop (the connector itself starts over when a reload overtook the connect): a socket made under a

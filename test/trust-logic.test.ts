@@ -438,6 +438,28 @@ describe('OriginPool with several uids', () => {
     return created;
   }
 
+  it('starts no prewarm queued at the connect gate for a pool closed meanwhile (retired, removed by a reload)', async () => {
+    connector.manual = true;
+    const gate = new ConnectGate(connector, () => 1);
+    const policyOf = (origin: Origin) => policyFor(defaultConfig(), origin.host, origin.port);
+    const busy = new OriginPool('origin.test:443', ORIGIN, policyOf(ORIGIN), gate, events);
+    const OTHER: Origin = { host: 'other.test', port: 443 };
+    const retired = new OriginPool('other.test:443', OTHER, policyOf(OTHER), gate, events);
+    pools.push(busy, retired);
+    // A slow connect holds the gate's one place; the other pool's prewarm queues behind it.
+    const acquired = busy.acquire(5_000, 1000);
+    await until(() => connector.pending.length === 1);
+    expect(retired.prewarm(1, 2000)).toBe(1);
+    expect(gate.queued).toBe(1);
+    retired.close();
+    await connector.pending[0]!.succeed();
+    held.push(await acquired);
+    await until(() => gate.queued === 0);
+    // Before: its turn came and it looked up, connected (and handshook) for a closed pool, which then closed it.
+    expect(connector.calls).toBe(1);
+    expect(gate.inFlight).toBe(0);
+  });
+
   it('lends a socket a client released to the same uid only; other uids get a fresh one', async () => {
     const origin = pool();
     const first = await origin.acquire(1_000, 1000);
