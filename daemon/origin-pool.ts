@@ -271,7 +271,12 @@ export class OriginPool {
   /** The policy changed (reload): refused origins may be tried again. */
   policyChanged(policy: OriginPolicy): void {
     this.policy = policy;
-    this.#refused = false;
+    if (this.#refused) {
+      // The backoff counted the old policy's refusals: the new one is tried at once.
+      this.#refused = false;
+      this.#failures = 0;
+      this.#backoffUntil = 0;
+    }
     this.#pump();
   }
 
