@@ -60,6 +60,38 @@ export class FairWaitQueue<T extends UidWaiter> {
     return best?.waiter;
   }
 
+  /**
+   * The waiter the next free slot goes to among those `covered` does not count out: a uid's first `covered(uid)`
+   * waiters (those that slots already on their way will serve) are skipped, and those slots count as held. (The
+   * pool: whose turn a new connect for waiters is, when connects already under way cover some of them.)
+   */
+  peekUncovered(covered: (uid: number) => number): T | undefined {
+    let best: { waiter: T; seq: number } | undefined;
+    let bestHeld = 0;
+    for (const [uid, queue] of this.#byUid) {
+      const skip = covered(uid);
+      const first = queue[skip];
+      if (!first) continue;
+      const held = (this.#held.get(uid) ?? 0) + skip;
+      if (!best || held < bestHeld || (held === bestHeld && first.seq < best.seq)) {
+        best = first;
+        bestHeld = held;
+      }
+    }
+    return best?.waiter;
+  }
+
+  /**
+   * As peek(), except that among the uids tied for the fewest held, `uid`'s first waiter goes before the longest
+   * waiting (a slot made for `uid` serves it when fairness allows).
+   */
+  peekFor(uid: number | undefined): T | undefined {
+    const next = this.peek();
+    const own = uid === undefined ? undefined : this.#byUid.get(uid)?.[0]?.waiter;
+    if (!next || !own) return next;
+    return (this.#held.get(uid!) ?? 0) <= (this.#held.get(next.uid) ?? 0) ? own : next;
+  }
+
   shift(): T | undefined {
     const waiter = this.peek();
     if (waiter) this.remove(waiter);

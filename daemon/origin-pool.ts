@@ -80,6 +80,8 @@ export class OriginPool {
   #connecting = 0;
   /** Connects started for waiters (the rest are refills and prewarms). */
   #connectingForWaiters = 0;
+  /** Those connects by the uid each counts for at the connect gate (see #startConnect). */
+  #connectingFor = new Map<number, number>();
   #waiters = new FairWaitQueue<Waiter>();
   /** Whether an acquire waits here now: the connector may put this origin's connects first (a relay's handshakes). */
   readonly #hasWaiters = () => this.#waiters.length > 0;
@@ -575,12 +577,17 @@ export class OriginPool {
   }
 
   /**
-   * `uid`: whose connect it is at the connect gate (ConnectGate): a waiter's is the uid whose turn is next here; a
-   * prewarm's, the uid that announced it; a refill's, nobody's (undefined).
+   * `uid`: whose connect it is at the connect gate (ConnectGate): a waiter's is the uid of the first waiter, in fair
+   * order, that the connects already under way for waiters do not cover (the uid first in the queue would count
+   * every connect as its own, and another uid's acquire here would wait behind that uid's whole backlog at the
+   * gate); a prewarm's, the uid that announced it; a refill's, nobody's (undefined).
    */
-  #startConnect(forWaiter: boolean, uid = forWaiter ? this.#waiters.peek()?.uid : undefined): void {
+  #startConnect(forWaiter: boolean, uid = forWaiter ? this.#nextUncoveredUid() : undefined): void {
     this.#connecting++;
-    if (forWaiter) this.#connectingForWaiters++;
+    if (forWaiter) {
+      this.#connectingForWaiters++;
+      if (uid !== undefined) this.#connectingFor.set(uid, (this.#connectingFor.get(uid) ?? 0) + 1);
+    }
     // A waiter's connect waits for a fleet slot while someone still waits; a refill or prewarm only takes a free one.
     const slot = this.#slots?.take(this, forWaiter, () => !this.#closed && (!forWaiter || this.#waiters.length > 0));
     if (slot === undefined) {
@@ -598,13 +605,13 @@ export class OriginPool {
         }
         // Not needed any more, or the fleet is full for a refill: try again later, quietly.
         this.#connecting--;
-        if (forWaiter) this.#connectingForWaiters--;
+        if (forWaiter) this.#waiterConnectEnded(uid);
         else this.#backoffUntil = performance.now() + FLEET_FULL_BACKOFF_MS;
         this.#pump();
       },
       (error: Error) => {
         this.#awaitingSlot--;
-        this.#connectFailed(forWaiter, error);
+        this.#connectFailed(forWaiter, uid, error);
       },
     );
   }
@@ -627,7 +634,7 @@ export class OriginPool {
           return;
         }
         this.#connecting--;
-        if (forWaiter) this.#connectingForWaiters--;
+        if (forWaiter) this.#waiterConnectEnded(uid);
         this.#failures = 0;
         this.#events.connected(this, socket.connectMs);
         if (this.#closed) {
@@ -636,20 +643,35 @@ export class OriginPool {
           return;
         }
         if (this.#waiters.length > 0) {
+          // Its uid's waiter when fairness allows: a waiter of another uid that came first has a connect of its own.
           this.#leased++;
-          this.#serve(handoffOf(socket, false, undefined));
+          this.#serve(handoffOf(socket, false, undefined), this.#waiters.peekFor(uid));
         } else {
           this.#addIdle(socket);
         }
         this.#pump();
       },
-      (error: Error) => this.#connectFailed(forWaiter, error),
+      (error: Error) => this.#connectFailed(forWaiter, uid, error),
     );
   }
 
-  #connectFailed(forWaiter: boolean, error: Error): void {
+  /** The uid a new connect for waiters counts for: see #startConnect. */
+  #nextUncoveredUid(): number | undefined {
+    return (this.#waiters.peekUncovered((uid) => this.#connectingFor.get(uid) ?? 0) ?? this.#waiters.peek())?.uid;
+  }
+
+  /** A connect started for waiters and counted for `uid` ended (served, failed, or not needed). */
+  #waiterConnectEnded(uid: number | undefined): void {
+    this.#connectingForWaiters--;
+    if (uid === undefined) return;
+    const count = (this.#connectingFor.get(uid) ?? 0) - 1;
+    if (count <= 0) this.#connectingFor.delete(uid);
+    else this.#connectingFor.set(uid, count);
+  }
+
+  #connectFailed(forWaiter: boolean, uid: number | undefined, error: Error): void {
     this.#connecting--;
-    if (forWaiter) this.#connectingForWaiters--;
+    if (forWaiter) this.#waiterConnectEnded(uid);
     this.#settleSlots();
     if (error instanceof ConnectAbandoned) {
       // Nobody wanted it any more: not a failure of the origin's (no backoff, no waiter failed).
@@ -660,9 +682,11 @@ export class OriginPool {
     if ((error as { code?: string }).code === ErrorCodes.POLICY) this.#refused = true;
     this.#backoffUntil = performance.now() + Math.min(30_000, 250 * 2 ** Math.min(this.#failures, 7));
     this.#events.connectFailed(this, error);
-    // The oldest waiter gets the failure: queue order is kept and nobody waits on a dead origin until timeout.
+    // The waiter the connect would have served gets the failure (its uid's when fairness allows, else the next in
+    // fair order): queue order is kept and nobody waits on a dead origin until timeout.
     if (forWaiter && this.#waiters.length > 0) {
-      const waiter = this.#waiters.shift()!;
+      const waiter = this.#waiters.peekFor(uid)!;
+      this.#waiters.remove(waiter);
       clearTimeout(waiter.timer);
       waiter.settled = true;
       waiter.reject(error);

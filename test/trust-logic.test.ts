@@ -69,6 +69,23 @@ describe('FairWaitQueue', () => {
     expect(queue.drain().map((entry) => entry.name)).toEqual(['b']);
     expect(queue.length).toBe(0);
   });
+
+  it("skips each uid's covered waiters for a new slot, and prefers a uid's own waiter only among the fewest held", () => {
+    const queue = new FairWaitQueue<{ uid: number; name: string }>();
+    for (let i = 0; i < 3; i++) queue.push(waiter(1, `one-${i}`));
+    queue.push(waiter(2, 'two-0'));
+    // uid 1's three waiters are covered by slots on their way: the next one is uid 2's, though uid 1 came first.
+    expect(queue.peekUncovered((uid) => (uid === 1 ? 3 : 0))?.name).toBe('two-0');
+    // Covered slots count as held: one of uid 1's covered, none of uid 2's: uid 2 first.
+    expect(queue.peekUncovered((uid) => (uid === 1 ? 1 : 0))?.name).toBe('two-0');
+    expect(queue.peekUncovered(() => 0)?.name).toBe('one-0');
+    // Both hold none: uid 2's own slot serves uid 2; once uid 2 holds more than uid 1, the fair order wins.
+    expect(queue.peekFor(2)?.name).toBe('two-0');
+    expect(queue.peekFor(undefined)?.name).toBe('one-0');
+    expect(queue.peekFor(3)?.name).toBe('one-0');
+    queue.held(2, +1);
+    expect(queue.peekFor(2)?.name).toBe('one-0');
+  });
 });
 
 describe('UidQuotas', () => {
@@ -491,5 +508,76 @@ describe('OriginPool with several uids', () => {
     held.push(other);
     expect(other.warm).toBe(false);
     expect(origin.idleCount).toBe(0);
+  });
+});
+
+describe('OriginPool connects at the connect gate', () => {
+  let connector: FakeConnector;
+  let pools: OriginPool[];
+  const events: OriginPoolEvents = {
+    idleChanged() {},
+    dropped() {},
+    connected() {},
+    connectFailed() {},
+    waitingForRoom() {},
+  };
+
+  beforeEach(async () => {
+    connector = await FakeConnector.start();
+    connector.manual = true;
+    pools = [];
+  });
+  afterEach(async () => {
+    for (const pool of pools) pool.close();
+    await connector.close();
+  });
+
+  it("counts a waiter's connect for its own uid, and serves it to that uid, not behind another uid's backlog", async () => {
+    // What the gate starts, in order: the origin's host and the uid the connect counts for.
+    const started: Array<[string, number | undefined]> = [];
+    const recorder: Connector = {
+      checkTarget: (origin) => connector.checkTarget(origin),
+      checkHeld: (origin, address) => connector.checkHeld(origin, address),
+      connect: (origin, policy, _urgent, _wanted, uid) => {
+        started.push([origin.host, uid]);
+        return connector.connect(origin, policy);
+      },
+    };
+    const gate = new ConnectGate(recorder, () => 2);
+    const poolOf = (host: string) => {
+      const origin: Origin = { host, port: 443 };
+      const created = new OriginPool(`${host}:443`, origin, policyFor(defaultConfig(), host, 443), gate, events);
+      pools.push(created);
+      return created;
+    };
+    const [a, b] = [poolOf('a.test'), poolOf('b.test')];
+    const settled: Handoff[] = [];
+    const acquire = (pool: OriginPool, uid: number) => {
+      const result = pool.acquire(10_000, uid);
+      result.then((handoff) => settled.push(handoff)).catch(() => {});
+      return result;
+    };
+    try {
+      // uid 1000's backlog: four connects to b.test (two run, two queue), then one to a.test; then uid 2000's one
+      // acquire of a.test, where uid 1000 waits first.
+      for (let i = 0; i < 4; i++) acquire(b, 1000);
+      acquire(a, 1000);
+      const own = acquire(a, 2000);
+      await until(() => connector.pending.length === 2);
+      expect(gate.queued).toBe(4);
+      // One of uid 1000's connects ends: uid 2000 holds none in flight, so its connect goes next.
+      await connector.pending[0]!.succeed();
+      await until(() => started.length === 3);
+      expect(started[2]).toEqual(['a.test', 2000]);
+      // And its connect serves uid 2000's acquire, not uid 1000's older one at a.test (whose own connect waits behind
+      // uid 1000's backlog).
+      await until(() => connector.pending.length === 3);
+      await connector.pending[2]!.succeed();
+      const handoff = await own;
+      expect(handoff.warm).toBe(false);
+      expect(a.waitingCount).toBe(1);
+    } finally {
+      for (const handoff of settled) native.close(handoff.fd);
+    }
   });
 });
