@@ -251,29 +251,39 @@ export class HandoffServer {
       tokenWaits: undefined,
       channel: undefined as unknown as SeqpacketChannel,
     };
-    session.channel = new SeqpacketChannel(
-      fd,
-      {
-        onMessage: (data, fds) => this.#onMessage(session, data, fds),
-        onBadMessage: (error) =>
-          this.#onBadMessage(
-            session,
-            null,
-            new SockpoolError(
-              ErrorCodes.PROTOCOL,
-              `message dropped (over ${MAX_MESSAGE_BYTES} bytes or fds): ${error.message}`,
-              {},
-              { cause: error },
+    try {
+      session.channel = new SeqpacketChannel(
+        fd,
+        {
+          onMessage: (data, fds) => this.#onMessage(session, data, fds),
+          onBadMessage: (error) =>
+            this.#onBadMessage(
+              session,
+              null,
+              new SockpoolError(
+                ErrorCodes.PROTOCOL,
+                `message dropped (over ${MAX_MESSAGE_BYTES} bytes or fds): ${error.message}`,
+                {},
+                { cause: error },
+              ),
             ),
-          ),
-        onClose: (error) => this.#disconnect(session, error ? error.message : 'client hung up'),
-      },
-      {
-        maxMessageBytes: MAX_MESSAGE_BYTES,
-        maxFdsPerMessage: MAX_FDS_PER_MESSAGE,
-        maxQueuedBytes: MAX_QUEUED_REPLY_BYTES,
-      },
-    );
+          onClose: (error) => this.#disconnect(session, error ? error.message : 'client hung up'),
+        },
+        {
+          maxMessageBytes: MAX_MESSAGE_BYTES,
+          maxFdsPerMessage: MAX_FDS_PER_MESSAGE,
+          maxQueuedBytes: MAX_QUEUED_REPLY_BYTES,
+        },
+      );
+    } catch (error) {
+      // The channel never took the fd (its poller could not be set up: out of memory, say): the session is given
+      // back and the fd discarded here (the client may have queued fds already), and accepting goes on.
+      this.#quotas.closeSession(credentials.uid);
+      native.discard(fd);
+      const plain = toPlainError(error);
+      this.#log.error({ ...credentials, code: plain.code, err: plain.message }, 'client dropped: no channel');
+      return;
+    }
     this.#clients.set(id, session);
     this.#log.debug({ client: id, pid: credentials.pid, uid: credentials.uid }, 'client connected');
   }

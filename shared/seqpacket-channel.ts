@@ -53,7 +53,14 @@ export class SeqpacketChannel {
     this.#handlers = handlers;
     this.#options = { maxQueuedMessages: 4096, maxQueuedBytes: Number.POSITIVE_INFINITY, ...options };
     this.#poller = new native.Poller(fd, (status, events) => this.#onReady(status, events));
-    this.#watch(native.READABLE | native.DISCONNECT);
+    try {
+      this.#watch(native.READABLE | native.DISCONNECT);
+    } catch (error) {
+      // Not constructed, so the fd stays the caller's: a Poller left on it would make its close() refuse.
+      this.#closed = true;
+      this.#poller.close();
+      throw error;
+    }
   }
 
   get closed(): boolean {
