@@ -9,11 +9,8 @@
 import type { Origin } from '../shared/origin.js';
 import type { OriginPolicy } from './config.js';
 import type { ConnectedSocket, Connector } from './connector.js';
-import { FairWaitQueue } from './fair-queue.js';
+import { AdmissionQueue, type Admittable, DAEMON_UID } from './fair-queue.js';
 import type { LearnedFamily } from './learned-families.js';
-
-/** The queue is swept no sooner than at this length. */
-const MIN_SWEEP_AT = 64;
 
 /**
  * A connect that waited its turn at the gate, or a warm TLS handshake that waited for room in a relay thread
@@ -25,25 +22,16 @@ export class ConnectAbandoned extends Error {
   }
 }
 
-interface Queued {
+interface Queued extends Admittable {
   admit: (admitted: boolean) => void;
-  urgent: (() => boolean) | undefined;
-  wanted: (() => boolean) | undefined;
-  /** Whose connect it is (DAEMON_UID: the daemon's own refills). */
-  uid: number;
 }
-
-/** The queue's uid for connects no client asked for (refills): a party of its own. */
-const DAEMON_UID = -1;
 
 export class ConnectGate implements Connector {
   #inner: Connector;
   #limit: () => number;
   #inFlight = 0;
-  /** Fair across uids; its `held` counts are each uid's connects in flight. */
-  #queue = new FairWaitQueue<Queued>();
-  /** Past this many queued, the ones no longer wanted are dropped before another is queued (see connect). */
-  #sweepAt = MIN_SWEEP_AT;
+  /** In the order of fair-queue.ts's AdmissionQueue; one no longer wanted is refused (ConnectAbandoned). */
+  #queue = new AdmissionQueue<Queued>((queued) => queued.admit(false));
 
   constructor(inner: Connector, limit: () => number) {
     this.#inner = inner;
@@ -87,49 +75,29 @@ export class ConnectGate implements Connector {
     // behind them: after a reload raised the limit, those queued under the old one start now, in their order, not
     // only when a connect in flight finishes (while newcomers went past them).
     if (this.#queue.length > 0 || this.#inFlight >= this.#limit()) {
-      if (this.#queue.length >= this.#sweepAt) this.#sweep();
       const admitted = new Promise<boolean>((admit) => this.#queue.push({ admit, urgent, wanted, uid }));
       this.#admit();
       if (!(await admitted)) throw new ConnectAbandoned();
-    } else this.#started(uid);
+    } else {
+      this.#inFlight++;
+      this.#queue.started(uid);
+    }
     try {
       return await this.#inner.connect(origin, policy, urgent, wanted, uid);
     } finally {
       this.#inFlight--;
-      this.#queue.held(uid, -1);
+      this.#queue.done(uid);
       this.#admit();
     }
   }
 
-  #started(uid: number): void {
-    this.#inFlight++;
-    this.#queue.held(uid, +1);
-  }
-
-  /**
-   * Starts queued connects while there is room (a lowered limit after a reload drains first): one an acquire waits
-   * for now if any, else any; either way fairly across uids. (Finding an urgent one scans the queue.)
-   */
+  /** Starts queued connects while there is room (a lowered limit after a reload drains first). */
   #admit(): void {
-    while (this.#queue.length > 0 && this.#inFlight < this.#limit()) {
-      const next = this.#queue.peekWhere((queued) => queued.urgent?.() === true) ?? this.#queue.peek()!;
-      this.#queue.remove(next);
-      if (next.wanted?.() === false) {
-        next.admit(false);
-        continue;
-      }
-      this.#started(next.uid);
+    while (this.#inFlight < this.#limit()) {
+      const next = this.#queue.take();
+      if (!next) return;
+      this.#inFlight++;
       next.admit(true);
     }
-  }
-
-  /** Drops the queued connects no longer wanted; the queue may then grow to twice what is left. */
-  #sweep(): void {
-    // (Drained in arrival order and queued again in it: the order within each uid is kept.)
-    for (const entry of this.#queue.drain()) {
-      if (entry.wanted?.() === false) entry.admit(false);
-      else this.#queue.push(entry);
-    }
-    this.#sweepAt = Math.max(MIN_SWEEP_AT, 2 * this.#queue.length);
   }
 }

@@ -7,9 +7,14 @@ export interface UidWaiter {
   uid: number;
 }
 
+interface Entry<T> {
+  waiter: T;
+  seq: number;
+}
+
 export class FairWaitQueue<T extends UidWaiter> {
   /** Per uid, its waiters in arrival order; each entry remembers its arrival number. */
-  #byUid = new Map<number, Array<{ waiter: T; seq: number }>>();
+  #byUid = new Map<number, Array<Entry<T>>>();
   #seq = 0;
   #length = 0;
   /** Slots of this origin each uid holds now (leases, counted by the pool). */
@@ -31,33 +36,12 @@ export class FairWaitQueue<T extends UidWaiter> {
 
   /** The waiter the next free slot goes to (not removed). */
   peek(): T | undefined {
-    let best: { waiter: T; seq: number } | undefined;
-    let bestHeld = 0;
-    for (const [uid, queue] of this.#byUid) {
-      const head = queue[0]!;
-      const held = this.#held.get(uid) ?? 0;
-      if (!best || held < bestHeld || (held === bestHeld && head.seq < best.seq)) {
-        best = head;
-        bestHeld = held;
-      }
-    }
-    return best?.waiter;
+    return this.#fairest((queue) => queue[0]);
   }
 
   /** As peek(), among the waiters for which `matches` is true (each uid's first such one); scans every waiter. */
   peekWhere(matches: (waiter: T) => boolean): T | undefined {
-    let best: { waiter: T; seq: number } | undefined;
-    let bestHeld = 0;
-    for (const [uid, queue] of this.#byUid) {
-      const first = queue.find((entry) => matches(entry.waiter));
-      if (!first) continue;
-      const held = this.#held.get(uid) ?? 0;
-      if (!best || held < bestHeld || (held === bestHeld && first.seq < best.seq)) {
-        best = first;
-        bestHeld = held;
-      }
-    }
-    return best?.waiter;
+    return this.#fairest((queue) => queue.find((entry) => matches(entry.waiter)));
   }
 
   /**
@@ -66,15 +50,25 @@ export class FairWaitQueue<T extends UidWaiter> {
    * pool: whose turn a new connect for waiters is, when connects already under way cover some of them.)
    */
   peekUncovered(covered: (uid: number) => number): T | undefined {
-    let best: { waiter: T; seq: number } | undefined;
+    return this.#fairest((queue, uid) => queue[covered(uid)], covered);
+  }
+
+  /**
+   * Of each uid's candidate (`candidate` of its queue), the one whose uid holds the fewest (plus `extra(uid)`),
+   * ties to the longest waiting.
+   */
+  #fairest(
+    candidate: (queue: Array<Entry<T>>, uid: number) => Entry<T> | undefined,
+    extra?: (uid: number) => number,
+  ): T | undefined {
+    let best: Entry<T> | undefined;
     let bestHeld = 0;
     for (const [uid, queue] of this.#byUid) {
-      const skip = covered(uid);
-      const first = queue[skip];
-      if (!first) continue;
-      const held = (this.#held.get(uid) ?? 0) + skip;
-      if (!best || held < bestHeld || (held === bestHeld && first.seq < best.seq)) {
-        best = first;
+      const entry = candidate(queue, uid);
+      if (!entry) continue;
+      const held = (this.#held.get(uid) ?? 0) + (extra ? extra(uid) : 0);
+      if (!best || held < bestHeld || (held === bestHeld && entry.seq < best.seq)) {
+        best = entry;
         bestHeld = held;
       }
     }
@@ -162,5 +156,85 @@ export class FairWaitQueue<T extends UidWaiter> {
     const count = (this.#held.get(uid) ?? 0) + delta;
     if (count <= 0) this.#held.delete(uid);
     else this.#held.set(uid, count);
+  }
+}
+
+/** Whose turn a connect or handshake no client asked for (a refill) is: a party of its own. */
+export const DAEMON_UID = -1;
+
+/** The queue is swept no sooner than at this length. */
+const MIN_SWEEP_AT = 64;
+
+/** What waits for its turn at a bounded resource (the connect gate, the warm-TLS handshake queue). */
+export interface Admittable extends UidWaiter {
+  /** Whether an acquire waits for it now: those go first. */
+  urgent: (() => boolean) | undefined;
+  /** Whether it is still needed: one that is not when its turn comes (or at a sweep) is dropped, never started. */
+  wanted: (() => boolean) | undefined;
+}
+
+/**
+ * The order of the connect gate (connect-gate.ts) and of the warm-TLS handshake queue (tls-relay.ts): those an
+ * acquire waits for at that moment first, each kind fairly across uids (the uid with the fewest started and not yet
+ * done, arrival order within a uid); one no longer wanted is handed to `drop` instead of started, at its turn or,
+ * once many are queued, at a sweep before another is queued (the queue may then grow to twice what is left).
+ */
+export class AdmissionQueue<T extends Admittable> {
+  /** Its `held` counts are each uid's started and not done. */
+  #queue = new FairWaitQueue<T>();
+  #sweepAt = MIN_SWEEP_AT;
+  #drop: (entry: T) => void;
+
+  constructor(drop: (entry: T) => void) {
+    this.#drop = drop;
+  }
+
+  get length(): number {
+    return this.#queue.length;
+  }
+
+  push(entry: T): void {
+    if (this.#queue.length >= this.#sweepAt) this.#sweep();
+    this.#queue.push(entry);
+  }
+
+  /** The next to start, counted as started for its uid; undefined when none is left (those not wanted dropped). */
+  take(): T | undefined {
+    while (this.#queue.length > 0) {
+      // (Finding an urgent one scans the queue.)
+      const next = this.#queue.peekWhere((queued) => queued.urgent?.() === true) ?? this.#queue.peek()!;
+      this.#queue.remove(next);
+      if (next.wanted?.() === false) {
+        this.#drop(next);
+        continue;
+      }
+      this.#queue.held(next.uid, +1);
+      return next;
+    }
+    return undefined;
+  }
+
+  /** One of `uid`'s started without waiting here. */
+  started(uid: number): void {
+    this.#queue.held(uid, +1);
+  }
+
+  /** One of `uid`'s started ones is done. */
+  done(uid: number): void {
+    this.#queue.held(uid, -1);
+  }
+
+  /** Every queued one, removed, in arrival order. */
+  drain(): T[] {
+    return this.#queue.drain();
+  }
+
+  #sweep(): void {
+    // (Drained in arrival order and queued again in it: the order within each uid is kept.)
+    for (const entry of this.#queue.drain()) {
+      if (entry.wanted?.() === false) this.#drop(entry);
+      else this.#queue.push(entry);
+    }
+    this.#sweepAt = Math.max(MIN_SWEEP_AT, 2 * this.#queue.length);
   }
 }

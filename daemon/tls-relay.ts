@@ -23,7 +23,7 @@ import { Gauge, type Registry } from 'prom-client';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
 import { ConnectAbandoned } from './connect-gate.js';
-import { FairWaitQueue } from './fair-queue.js';
+import { AdmissionQueue, type Admittable, DAEMON_UID } from './fair-queue.js';
 import type { Logger } from './log.js';
 
 /** What a handshake negotiated; sent to the client with a relayed lease. */
@@ -102,9 +102,6 @@ export const RELAY_THREAD_NICE = 10;
 /** Handshakes one relay thread runs at once (see the header). */
 export const HANDSHAKES_PER_THREAD = 16;
 
-/** The queue is swept no sooner than at this length (as the connect gate's). */
-const MIN_SWEEP_AT = 64;
-
 interface HandshakeWaiter {
   resolve(session: RelayedSession): void;
   reject(error: Error): void;
@@ -112,13 +109,9 @@ interface HandshakeWaiter {
 }
 
 /** A handshake not sent to a thread yet: its TCP fd is this class's until then. */
-interface QueuedHandshake extends HandshakeWaiter {
+interface QueuedHandshake extends HandshakeWaiter, Admittable {
   fd: number;
   params: TlsHandshakeParams;
-  urgent: (() => boolean) | undefined;
-  wanted: (() => boolean) | undefined;
-  /** Whose handshake it is (DAEMON_UID: the daemon's own refills). */
-  uid: number;
   /** The socket's inode once sent: tells, after the thread ended, whether `fd` is still that socket. */
   inode?: number;
 }
@@ -131,21 +124,17 @@ interface RelayThread {
   exited: boolean;
 }
 
-/** The queue's uid for handshakes no client asked for (refills): a party of its own, as at the connect gate. */
-const DAEMON_UID = -1;
-
 export class TlsRelays {
   /** Started on demand, up to #threadCount; a thread that died is replaced when a handshake waits for room. */
   #threads: Array<RelayThread | undefined> = [];
   #threadCount: number;
   #nextId = 1;
-  /** Handshakes waiting for room in a thread, fair across uids; its `held` counts are each uid's handshakes sent. */
-  #queue = new FairWaitQueue<QueuedHandshake>();
   /**
-   * Past this many queued, the ones no longer wanted are dropped before another is queued: while the threads are
-   * full (handshakes with origins slow to answer), each holds a TCP fd, and a slot of its origin, for nobody.
+   * Handshakes waiting for room in a thread, in the connect gate's order (fair-queue.ts AdmissionQueue). One no
+   * longer wanted is abandoned: while the threads are full (origins slow to answer) each holds a TCP fd, and a slot
+   * of its origin, for nobody.
    */
-  #sweepAt = MIN_SWEEP_AT;
+  #queue = new AdmissionQueue<QueuedHandshake>((job) => this.#abandon(job));
   #log: Logger;
   #closed = false;
 
@@ -173,7 +162,6 @@ export class TlsRelays {
       return Promise.reject(new SockpoolError(ErrorCodes.SHUTTING_DOWN, 'sockpoold is stopping'));
     }
     return new Promise<RelayedSession>((resolve, reject) => {
-      if (this.#queue.length >= this.#sweepAt) this.#sweep();
       this.#queue.push({ fd, params, where, resolve, reject, urgent, wanted, uid });
       this.#dispatch();
     });
@@ -184,14 +172,8 @@ export class TlsRelays {
     while (this.#queue.length > 0) {
       const thread = this.#roomiest();
       if (!thread) return;
-      // (Finding an urgent one scans the queue.)
-      const job = this.#queue.peekWhere((queued) => queued.urgent?.() === true) ?? this.#queue.peek()!;
-      this.#queue.remove(job);
-      if (job.wanted?.() === false) {
-        this.#abandon(job);
-        continue;
-      }
-      this.#queue.held(job.uid, +1);
+      const job = this.#queue.take();
+      if (!job) return;
       try {
         job.inode = native.socketInode(job.fd);
       } catch {
@@ -203,16 +185,6 @@ export class TlsRelays {
       // From here the thread owns fd (its net.Socket closes it).
       thread.worker.postMessage(request);
     }
-  }
-
-  /** Drops the queued handshakes no longer wanted (their fds closed); the queue may then grow to twice what is left. */
-  #sweep(): void {
-    // (Drained in arrival order and queued again in it: the order within each uid is kept.)
-    for (const job of this.#queue.drain()) {
-      if (job.wanted?.() === false) this.#abandon(job);
-      else this.#queue.push(job);
-    }
-    this.#sweepAt = Math.max(MIN_SWEEP_AT, 2 * this.#queue.length);
   }
 
   /** A queued handshake nobody wants any more: never started; its TCP fd, still this class's, is closed. */
@@ -287,7 +259,7 @@ export class TlsRelays {
         return;
       }
       thread.pending.delete(message.id);
-      this.#queue.held(waiter.uid, -1);
+      this.#queue.done(waiter.uid);
       // Room for the next handshake (after this one's waiter ran: a waiter may queue another).
       queueMicrotask(() => this.#dispatch());
       if (message.t === 'ready') {
@@ -319,7 +291,7 @@ export class TlsRelays {
         }
         const why = failure ?? `exit code ${code}`;
         job.reject(new SockpoolError(ErrorCodes.TLS, `TLS relay thread ended: ${why}`, { reason: 'connection' }));
-        this.#queue.held(job.uid, -1);
+        this.#queue.done(job.uid);
       }
       thread.pending.clear();
       // The slot gets a new thread for what waits here.
