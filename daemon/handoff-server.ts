@@ -17,6 +17,7 @@ import {
   encodeFor,
   encodeMessage,
   expectedFds,
+  type LeaseReply,
   MAX_FDS_PER_MESSAGE,
   MAX_MESSAGE_BYTES,
   PROTOCOL_VERSION,
@@ -682,26 +683,23 @@ export class HandoffServer {
     this.#quotas.acquireSettled(session.uid, message.host, true);
     // The lease's own fd is lent: the kernel gives the client a copy, the daemon's stays open in the lease.
     // Everything that can wait (the lease deadline, metrics) comes after the send.
-    this.#send(
-      session,
-      {
-        type: 'lease',
-        id: message.id,
-        leaseId: lease.leaseId,
-        host: message.host,
-        port: message.port,
-        address: handoff.address,
-        family: handoff.family,
-        warm: handoff.warm,
-        connectMs: handoff.warm ? 0 : Number(handoff.connectMs.toFixed(3)),
-        ...(handoff.tls ? { tls: handoff.tls } : {}),
-        ...(rate ? { rate } : {}),
-        ...(tokenWaitMs === undefined ? {} : { tokenWaitMs: Number(tokenWaitMs.toFixed(3)) }),
-        ...(handoff.capWaitMs === undefined ? {} : { capWaitMs: Number(handoff.capWaitMs.toFixed(3)) }),
-      },
-      [handoff.fd],
-      true,
-    );
+    const reply: LeaseReply = {
+      type: 'lease',
+      id: message.id,
+      leaseId: lease.leaseId,
+      host: message.host,
+      port: message.port,
+      address: handoff.address,
+      family: handoff.family,
+      warm: handoff.warm,
+      connectMs: handoff.warm ? 0 : Number(handoff.connectMs.toFixed(3)),
+    };
+    // (The optional fields set only where present: a warm handoff, the common case, builds no object more.)
+    if (handoff.tls) reply.tls = handoff.tls;
+    if (rate) reply.rate = rate;
+    if (tokenWaitMs !== undefined) reply.tokenWaitMs = Number(tokenWaitMs.toFixed(3));
+    if (handoff.capWaitMs !== undefined) reply.capWaitMs = Number(handoff.capWaitMs.toFixed(3));
+    this.#send(session, reply, [handoff.fd], true);
     // The send failed and the session is gone: the lease ended with it.
     if (session.closed) return;
     const maxLeaseMs = this.#config().quotas.maxLeaseMs;

@@ -407,7 +407,7 @@ export class CurlEngine {
       return;
     }
     preparing.then(
-      (slot) => this.#perform(transfer, slot, performance.now() - started),
+      (slot) => this.#perform(transfer, slot, performance.now() - started, true),
       (error: unknown) => this.#prepareFailed(transfer, error, started, remaining),
     );
   }
@@ -801,7 +801,8 @@ export class CurlEngine {
   }
 
   /** Runs one attempt in curl; its end (success or TransferFailure) goes to #attemptEnded. */
-  #perform(transfer: Transfer, slot: SocketSlot | undefined, acquireMs: number): void {
+  /** `waitedForSocket`: the slot came later (an acquire, or a wait for a connection of the origin's to free). */
+  #perform(transfer: Transfer, slot: SocketSlot | undefined, acquireMs: number, waitedForSocket = false): void {
     if (this.#closed) {
       const closing = new SockpoolError(ErrorCodes.CLOSED, 'worker is closing');
       this.#attemptEnded(transfer, slot, new TransferFailure(0, closing, true));
@@ -814,7 +815,10 @@ export class CurlEngine {
     if (charged !== undefined) transfer.tokenWaitMs += charged;
     // A wait at the origin's cap: the daemon's acquire says so (capWaitMs); at an origin that counts as at its cap
     // here (contended: curl's own connections are taken in turn), the whole wait for a socket but for its token.
-    if (this.#supply.contended(key)) transfer.capWaitMs += Math.max(0, acquireMs - transfer.attemptTokenWaitMs);
+    // (Only asked of a slot that came later: a socket at hand waited for nothing, the common keep-alive case.)
+    if (waitedForSocket && this.#supply.contended(key)) {
+      transfer.capWaitMs += Math.max(0, acquireMs - transfer.attemptTokenWaitMs);
+    }
     else if (slot?.lease?.capWaitMs !== undefined) transfer.capWaitMs += slot.lease.capWaitMs;
     const state = this.#handle();
     const attempt: Attempt = {
