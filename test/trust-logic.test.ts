@@ -424,18 +424,20 @@ async function until(check: () => boolean): Promise<void> {
   expect(check()).toBe(true);
 }
 
+/** Pool events nobody listens to here. */
+const events: OriginPoolEvents = {
+  idleChanged() {},
+  dropped() {},
+  connected() {},
+  connectFailed() {},
+  waitingForRoom() {},
+};
+
 describe('OriginPool with several uids', () => {
   let connector: FakeConnector;
   let pools: OriginPool[];
   let held: Handoff[];
   const ORIGIN: Origin = { host: 'origin.test', port: 443 };
-  const events: OriginPoolEvents = {
-    idleChanged() {},
-    dropped() {},
-    connected() {},
-    connectFailed() {},
-    waitingForRoom() {},
-  };
 
   beforeEach(async () => {
     connector = await FakeConnector.start();
@@ -514,13 +516,6 @@ describe('OriginPool with several uids', () => {
 describe('OriginPool connects at the connect gate', () => {
   let connector: FakeConnector;
   let pools: OriginPool[];
-  const events: OriginPoolEvents = {
-    idleChanged() {},
-    dropped() {},
-    connected() {},
-    connectFailed() {},
-    waitingForRoom() {},
-  };
 
   beforeEach(async () => {
     connector = await FakeConnector.start();
