@@ -254,6 +254,11 @@ describe('connects waiting at maxConnectsInFlight', () => {
   });
 });
 
+/** A `tokens` request for one token of 127.0.0.1:port. */
+function tokensRequest(id: number, port: number, timeoutMs: number) {
+  return { type: 'tokens', id, host: '127.0.0.1', port, count: 1, timeoutMs };
+}
+
 describe('token waits of a client that disconnects', () => {
   it('end with its session: a reconnect loop leaves no waiter behind to take the tokens other clients wait for', async () => {
     const origin = await pathOrigin(cleanups);
@@ -262,14 +267,7 @@ describe('token waits of a client that disconnects', () => {
       access: { maxPendingPerClient: 4 },
       pool: { defaults: { requestsPerSecond: 4, burst: 1 } },
     });
-    const tokens = (id: number, timeoutMs = 600_000) => ({
-      type: 'tokens',
-      id,
-      host: '127.0.0.1',
-      port: origin.port,
-      count: 1,
-      timeoutMs,
-    });
+    const tokens = (id: number, timeoutMs = 600_000) => tokensRequest(id, origin.port, timeoutMs);
     const observer = openRawClient(sockpoold.socketPath, cleanups);
     expect((await observer.request(tokens(nextId++))).message).toMatchObject({ type: 'tokens', granted: 1 });
     // A client that asks for tokens and hangs up, over and over: each session is within its limits, but the
@@ -325,14 +323,7 @@ describe('token waits of one uid across connections', () => {
       quotas: { maxPendingPerUid: 2 },
       pool: { defaults: { requestsPerSecond: 0.01, burst: 1 } },
     });
-    const tokens = (id: number, timeoutMs = 600_000) => ({
-      type: 'tokens',
-      id,
-      host: '127.0.0.1',
-      port: origin.port,
-      count: 1,
-      timeoutMs,
-    });
+    const tokens = (id: number, timeoutMs = 600_000) => tokensRequest(id, origin.port, timeoutMs);
     const first = openRawClient(sockpoold.socketPath, cleanups);
     expect((await first.request(tokens(nextId++))).message).toMatchObject({ type: 'tokens', granted: 1 });
     // (Each stats reply comes after the wait before it was taken in.)
