@@ -404,7 +404,7 @@ export class PoolManager {
     // skipped quietly. A proxied origin is warmed through its proxy: its key names it.
     const top = this.#store.topOrigins(limit).flatMap((entry) => {
       try {
-        const { proxy } = originOfKey(isTlsPoolKey(entry.originKey) ? entry.originKey.slice(0, -4) : entry.originKey);
+        const { proxy } = originOfKey(entry.originKey);
         const origin: Origin =
           proxy === undefined ? { host: entry.host, port: entry.port } : { host: entry.host, port: entry.port, proxy };
         this.#connector.checkTarget(origin);

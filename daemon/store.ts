@@ -756,11 +756,8 @@ export class StateStore {
       port = old.port;
     } else {
       try {
-        // A warm TLS pool's key is the origin's with ` tls` after it (daemon/tls-sessions.ts); a proxied one's has
-        // ` via NAME` (its proxy is read from the key again when warmed), never both: a proxy named `tls` ends the
-        // key as a TLS pool's does (isTlsPoolKey).
-        const tls = originKey.endsWith(' tls') && !originKey.includes(' via ');
-        ({ host, port } = originOfKey(tls ? originKey.slice(0, -4) : originKey));
+        // A warm TLS pool's key or a proxied origin's (its proxy is read from the key again when warmed).
+        ({ host, port } = originOfKey(originKey));
       } catch {
         // Not host:port (a key format of a later version?): kept, but never warmed from history.
       }

@@ -22,16 +22,8 @@ import type { TlsRelays } from './tls-relay.js';
 export type TlsTrust = string;
 export const SYSTEM_TRUST: TlsTrust = 'system';
 
-/** The pool key of an origin's warm TLS sessions. */
-export function tlsPoolKey(key: string): string {
-  return `${key} tls`;
-}
-
-/** Whether `key` is a warm TLS pool's. TLS is never relayed through a proxy (relays()), so a key naming one is a
- *  proxied origin's, also when its proxy is named `tls` (`host:443 via tls` ends as a TLS pool's key does). */
-export function isTlsPoolKey(key: string): boolean {
-  return key.endsWith(' tls') && !key.includes(' via ');
-}
+// (A warm TLS pool's key and its test live with the other key formats: shared/origin.ts.)
+export { isTlsPoolKey, tlsPoolKey } from '../shared/origin.js';
 
 interface PemFile {
   text: string;

@@ -46,11 +46,23 @@ export function originKey(origin: Origin): string {
   return origin.proxy ? `${endpointKey(origin)} via ${origin.proxy}` : endpointKey(origin);
 }
 
+/** A warm TLS pool's key (daemon/tls-sessions.ts): its origin's, with ` tls` after it. */
+export function tlsPoolKey(key: string): string {
+  return `${key} tls`;
+}
+
+/** Whether `key` is a warm TLS pool's. TLS is never relayed through a proxy (TlsSessions.relays), so a key naming one is a
+ *  proxied origin's, also when its proxy is named `tls` (`host:443 via tls` ends as a TLS pool's key does). */
+export function isTlsPoolKey(key: string): boolean {
+  return key.endsWith(' tls') && !key.includes(' via ');
+}
+
 /**
- * The origin an originKey() names: `host:port` or `[v6]:port`, either with ` via NAME` (a proxied origin's). Throws
- * SOCKPOOL_ERR_INVALID_ARGUMENT.
+ * The origin a pool's key names: an originKey() (`host:port` or `[v6]:port`, either with ` via NAME`, a proxied
+ * origin's), or a warm TLS pool's (tlsPoolKey). Throws SOCKPOOL_ERR_INVALID_ARGUMENT.
  */
-export function originOfKey(key: string): Origin {
+export function originOfKey(poolKey: string): Origin {
+  const key = isTlsPoolKey(poolKey) ? poolKey.slice(0, -' tls'.length) : poolKey;
   const via = key.indexOf(' via ');
   if (via < 0) return parseOriginKey(key);
   return { ...parseOriginKey(key.slice(0, via)), proxy: key.slice(via + ' via '.length) };
