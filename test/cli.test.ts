@@ -74,7 +74,7 @@ describe('sockpool CLI', () => {
 
   it('warm of an https URL says TLS sessions where the daemon keeps them for what --cacert trusts', async () => {
     const pki = createTestPki(['localhost']);
-    const tlsOrigin = await httpsOrigin(pki, (request, response) => response.end('tls'));
+    const tlsOrigin = await httpsOrigin(pki, (_request, response) => response.end('tls'));
     const tlsDaemon = await startTestDaemon([tlsOrigin.port], { extraArgs: warmTlsArgs(pki.caFile, [tlsOrigin.port]) });
     try {
       const warm = (...extra: string[]) =>

@@ -818,8 +818,7 @@ export class CurlEngine {
     // (Only asked of a slot that came later: a socket at hand waited for nothing, the common keep-alive case.)
     if (waitedForSocket && this.#supply.contended(key)) {
       transfer.capWaitMs += Math.max(0, acquireMs - transfer.attemptTokenWaitMs);
-    }
-    else if (slot?.lease?.capWaitMs !== undefined) transfer.capWaitMs += slot.lease.capWaitMs;
+    } else if (slot?.lease?.capWaitMs !== undefined) transfer.capWaitMs += slot.lease.capWaitMs;
     const state = this.#handle();
     const attempt: Attempt = {
       seq: ++this.#seq,
