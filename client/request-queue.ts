@@ -10,6 +10,13 @@
 // thread that ran them (no use to a waiting request that starts on another thread), while the origins a crawler
 // visits most run more requests at once at times than they do now; so they are not taken off. When an announced
 // origin's last waiting request starts (or gives up), the lookahead moves on to the next origin not yet looked at.
+// A crawler queues its frontier in one synchronous loop, tens of microseconds a request, and the lookahead used to
+// wait for the loop to end: with 500 requests the daemon heard of the next origins only as the first requests'
+// responses came back, and their requests found the warm sockets still connecting. So a burst is looked at in parts,
+// each time LOOK_EARLY_AFTER requests are waiting that the lookahead has not looked at yet, and once more after it;
+// an origin announced in an early part, whose requests go on coming, is topped up to what it would have been asked
+// for had the whole burst been in (and an https origin passed over is looked at again once its waiters outnumber
+// its running requests).
 // The daemon's prewarm quota per uid still bounds what all this asks for; announcing is best effort and never fails
 // a request.
 //
@@ -62,6 +69,8 @@ interface Waiter {
   gone: boolean;
   /** In #parked (a throttled origin's, waiting for the throttled share to have room), not in #waiters. */
   parked: boolean;
+  /** Not counted in #unseen: the lookahead looked at it, or it left #waiters (or never was there: parked). */
+  seen: boolean;
   start: () => void;
   fail: (error: Error) => void;
   deadline: ReturnType<Deadlines['add']> | undefined;
@@ -76,8 +85,14 @@ interface OriginRequests {
   waiting: number;
   running: number;
   looked: 'no' | 'announced' | 'passed';
+  /** Sockets announced for the origin while it is 'announced' (what a top-up adds to). */
+  asked: number;
   throttled: boolean;
 }
+
+/** A burst is looked at each time this many waiters past the lookahead's cursor are in (see the header): a few
+ *  messages to the daemon for a whole frontier, the first of them while the caller is still queueing. */
+const LOOK_EARLY_AFTER = 64;
 
 /** Idle origin records kept before the records are rebuilt with the busy ones only (see the header). */
 const IDLE_ORIGINS_KEPT = 1024;
@@ -119,6 +134,10 @@ export class RequestQueue {
   /** Origins with waiters that were announced. */
   #announced = 0;
   #lookPending = false;
+  /** Waiters in #waiters the lookahead has not looked at yet (see Waiter.seen). */
+  #unseen = 0;
+  /** Origins looked at before that got more waiters since: the next look tops them up (see the header). */
+  #lookAgain = new Map<OriginRequests, UrlTarget>();
   /** Whoever waits for the queue to be empty and no request to hold a slot (close()). */
   #onIdle: Array<() => void> = [];
   /** Deadlines of the waiters, on one timer. */
@@ -172,6 +191,7 @@ export class RequestQueue {
         target,
         gone: false,
         parked: roomInQueue,
+        seen: roomInQueue,
         start: resolve,
         fail: reject,
         deadline: undefined,
@@ -191,7 +211,16 @@ export class RequestQueue {
         return;
       }
       this.#waiters.push(waiter);
-      if (this.#lookahead && this.#announced < this.#lookahead.origins) this.#lookLater();
+      this.#unseen++;
+      if (!this.#lookahead) return;
+      if (origin.looked !== 'no') {
+        this.#lookAgain.set(origin, target);
+        this.#lookLater();
+      }
+      if (this.#announced < this.#lookahead.origins) {
+        if (this.#unseen >= LOOK_EARLY_AFTER) this.#lookAhead();
+        else this.#lookLater();
+      }
     });
   }
 
@@ -232,6 +261,7 @@ export class RequestQueue {
       }
       if (this.#origins.get(waiter.target.key)!.throttled && this.#throttledRunning >= this.#throttledCapacity) {
         waiter.parked = true;
+        this.#seen(waiter);
         this.#parked.push(waiter);
         this.#parkedWaiting++;
         continue;
@@ -304,6 +334,7 @@ export class RequestQueue {
   /** The waiter leaves the queue: its deadline and abort listener go, and its origin has one waiter less. */
   #left(waiter: Waiter): void {
     waiter.gone = true;
+    this.#seen(waiter);
     this.#waiting--;
     if (waiter.deadline) this.#deadlines.remove(waiter.deadline);
     if (waiter.onAbort) waiter.signal!.removeEventListener('abort', waiter.onAbort);
@@ -315,6 +346,7 @@ export class RequestQueue {
     if (--origin.waiting > 0) return;
     const looked = origin.looked;
     origin.looked = 'no';
+    origin.asked = 0;
     if (looked === 'announced') {
       this.#announced--;
       this.#lookLater();
@@ -326,7 +358,7 @@ export class RequestQueue {
   #busy(key: string): OriginRequests {
     const origin = this.#origins.get(key);
     if (origin === undefined) {
-      const made: OriginRequests = { waiting: 0, running: 0, looked: 'no', throttled: false };
+      const made: OriginRequests = { waiting: 0, running: 0, looked: 'no', asked: 0, throttled: false };
       this.#origins.set(key, made);
       return made;
     }
@@ -342,6 +374,20 @@ export class RequestQueue {
     for (const [key, kept] of this.#origins) if (kept.waiting !== 0 || kept.running !== 0) busy.set(key, kept);
     this.#origins = busy;
     this.#idleOrigins = 0;
+  }
+
+  /** Sockets the lookahead asks for `origin`: its waiters, capped, less its running requests for https (see the
+   *  header). */
+  #wanted(origin: OriginRequests, target: UrlTarget): number {
+    const waiting = Math.min(origin.waiting, this.#lookahead!.socketsPerOrigin);
+    return waiting - (target.secure ? origin.running : 0);
+  }
+
+  /** The waiter no longer counts among those the lookahead has not looked at (looked at, started, gave up, parked). */
+  #seen(waiter: Waiter): void {
+    if (waiter.seen) return;
+    waiter.seen = true;
+    this.#unseen--;
   }
 
   /** Looks ahead once the caller's current burst of requests is in (a crawler queues its frontier in one go). */
@@ -363,19 +409,36 @@ export class RequestQueue {
     while (this.#announced < lookahead.origins && this.#cursor < this.#waiters.length) {
       const waiter = this.#waiters[this.#cursor++]!;
       if (waiter.gone) continue;
+      this.#seen(waiter);
       const origin = this.#origins.get(waiter.target.key)!;
       if (origin.looked !== 'no') continue;
-      // (Running requests are taken off for https origins only: see the header.)
-      const count = Math.min(origin.waiting, lookahead.socketsPerOrigin) - (waiter.target.secure ? origin.running : 0);
+      const count = this.#wanted(origin, waiter.target);
       if (count <= 0) {
         origin.looked = 'passed';
         continue;
       }
       origin.looked = 'announced';
+      origin.asked = count;
       this.#announced++;
       const { host, port } = waiter.target.origin;
       batch.push({ host, port, https: waiter.target.secure, count });
     }
+    // Origins looked at in an earlier part of the burst whose requests went on coming (see the header): topped up to
+    // what their waiters now ask for; one passed over is announced once its waiters outnumber its running requests.
+    for (const [origin, target] of this.#lookAgain) {
+      if (origin.looked === 'no') continue;
+      const count = this.#wanted(origin, target);
+      if (count <= origin.asked) continue;
+      if (origin.looked === 'passed') {
+        if (this.#announced >= lookahead.origins) continue;
+        origin.looked = 'announced';
+        this.#announced++;
+      }
+      const { host, port } = target.origin;
+      batch.push({ host, port, https: target.secure, count: count - origin.asked });
+      origin.asked = count;
+    }
+    this.#lookAgain.clear();
     if (batch.length > 0) this.#announce(batch);
   }
 

@@ -196,6 +196,40 @@ describe('RequestQueue', () => {
     expect(batches).toHaveLength(2);
   });
 
+  it('announces a long burst in parts, before the caller has queued all of it, topping up what an origin was announced with', async () => {
+    const { queue, batches, enter, leave } = recordingQueue(1, { origins: 64, socketsPerOrigin: 4 });
+    enter('http://running.test/');
+    // A crawler's frontier queued in one synchronous loop: 200 requests, every fortieth to hot.test, the rest to
+    // origins of their own. Nothing lets a microtask run until the loop ends.
+    const waiting: Array<Promise<void> | string> = [];
+    const url = (i: number) => (i % 40 === 0 ? `http://hot.test/${i}` : `http://o${i}.test/`);
+    let announcedBeforeEnd = 0;
+    for (let i = 0; i < 200; i++) {
+      waiting.push(enter(url(i)));
+      if (i === 99) announcedBeforeEnd = batches.flat().length;
+    }
+    // Told about the head of the burst while the caller was still queueing the rest.
+    expect(announcedBeforeEnd).toBeGreaterThan(0);
+    await settle();
+    const all = batches.flat();
+    // hot.test: announced with what was waiting then, and topped up to the cap as more of its requests came.
+    expect(all.filter((origin) => origin.host === 'hot.test').reduce((sum, origin) => sum + origin.count, 0)).toBe(4);
+    // Each other origin once, in order, until the lookahead's 64 places are taken (hot.test holds one).
+    const others = all.filter((origin) => origin.host !== 'hot.test').map((origin) => origin.host);
+    expect(others).toEqual(
+      Array.from({ length: 200 }, (_, i) => i)
+        .filter((i) => i % 40 !== 0)
+        .slice(0, 63)
+        .map((i) => `o${i}.test`),
+    );
+    leave('http://running.test/');
+    for (let i = 0; i < 200; i++) {
+      await waiting[i];
+      leave(url(i));
+    }
+    await queue.idle();
+  });
+
   it('bounds the lookahead: 1,000 waiting requests to 1,000 origins announce only the first N', async () => {
     const { queue, batches, enter, leave } = recordingQueue(1, { origins: 8, socketsPerOrigin: 8 });
     enter('http://running.test/');
@@ -219,11 +253,13 @@ describe('RequestQueue', () => {
      *  are rebuilt more than once. */
     const churn = async () => {
       for (let round = 0; round < 3; round++) {
-        const controller = new AbortController();
-        const gone = Array.from({ length: 1000 }, (_, i) =>
-          enter(`http://o${round}-${i}.test/`, { signal: controller.signal }),
-        );
-        controller.abort();
+        // (Each gives up before the next comes: a burst of 1,000 waiting at once would be announced in parts.)
+        const gone = Array.from({ length: 1000 }, (_, i) => {
+          const controller = new AbortController();
+          const waiting = enter(`http://o${round}-${i}.test/`, { signal: controller.signal });
+          controller.abort();
+          return waiting;
+        });
         await Promise.all(gone);
       }
       await settle();
