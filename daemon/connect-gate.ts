@@ -2,9 +2,10 @@
 // the daemon has at most that many sockets connecting (each one a DNS lookup and a SYN). Connects beyond it wait
 // their turn: those an acquire waits for at that moment first (`urgent()`: prewarms and refills must not hold up a
 // client's acquire), each kind fairly across uids (fair-queue.ts): the next goes to the uid with the fewest
-// connects in flight, in arrival order within a uid; so one uid's backlog (its acquires of slow or silent origins,
-// up to maxPendingPerUid) does not make another uid's connect wait behind all of it. The acquire's own deadline
-// still bounds the wait.
+// connects in flight, among those tied to the uid whose turn was longest ago (uids take turns: the uid whose connect
+// just finished, counted at none in flight again, does not win the tie with its older queued ones), in arrival
+// order within a uid; so one uid's backlog (its acquires of slow or silent origins, up to maxPendingPerUid) does not
+// make another uid's connect wait behind all of it, at any limit. The acquire's own deadline still bounds the wait.
 
 import type { Origin } from '../shared/origin.js';
 import type { OriginPolicy } from './config.js';

@@ -1,7 +1,8 @@
 // The acquires waiting for a slot of one origin, fair across uids: when a slot frees, it goes to the waiting uid
 // that holds the fewest of the origin's slots (ties: the longest waiting), and within a uid in arrival order. So
 // while other uids wait, no uid's share of maxPerOrigin grows past theirs; with nobody else waiting, one uid may
-// use every slot.
+// use every slot. An owner whose held counts are short-lived (the connect gate: connects in flight) also says which
+// uid it served (`served`): ties then go to the uid served least recently, so uids tied at the fewest take turns.
 
 export interface UidWaiter {
   uid: number;
@@ -19,6 +20,14 @@ export class FairWaitQueue<T extends UidWaiter> {
   #length = 0;
   /** Slots of this origin each uid holds now (leases, counted by the pool). */
   #held = new Map<number, number>();
+  /**
+   * Per uid, the turn it was last served at (`served`), since the last waiter left (remove): among the uids tied at
+   * the fewest held, the one served longest ago (or never) goes first. Without it, when the count of the uid just served
+   * drops at once (a connect that finished), that uid ties with the others again and wins the tie by its older
+   * waiters: at the connect gate's limit of 1, one uid's backlog all went before another uid's one connect.
+   */
+  #servedAt = new Map<number, number>();
+  #turn = 0;
 
   get length(): number {
     return this.#length;
@@ -63,13 +72,20 @@ export class FairWaitQueue<T extends UidWaiter> {
   ): T | undefined {
     let best: Entry<T> | undefined;
     let bestHeld = 0;
+    let bestServedAt = -1;
     for (const [uid, queue] of this.#byUid) {
       const entry = candidate(queue, uid);
       if (!entry) continue;
       const held = (this.#held.get(uid) ?? 0) + (extra ? extra(uid) : 0);
-      if (!best || held < bestHeld || (held === bestHeld && entry.seq < best.seq)) {
+      const servedAt = this.#servedAt.get(uid) ?? -1;
+      const before =
+        !best ||
+        held < bestHeld ||
+        (held === bestHeld && (servedAt < bestServedAt || (servedAt === bestServedAt && entry.seq < best.seq)));
+      if (before) {
         best = entry;
         bestHeld = held;
+        bestServedAt = servedAt;
       }
     }
     return best?.waiter;
@@ -112,6 +128,8 @@ export class FairWaitQueue<T extends UidWaiter> {
     queue.splice(index, 1);
     if (queue.length === 0) this.#byUid.delete(waiter.uid);
     this.#length--;
+    // Turns matter only among waiters: those of a queue that emptied are forgotten (a bound on the map, too).
+    if (this.#length === 0) this.#servedAt.clear();
     return true;
   }
 
@@ -120,6 +138,7 @@ export class FairWaitQueue<T extends UidWaiter> {
     const all = [...this.#byUid.values()].flat().sort((a, b) => a.seq - b.seq);
     this.#byUid.clear();
     this.#length = 0;
+    // (Turns are kept: AdmissionQueue's sweep drains and queues again what is still wanted.)
     return all.map((entry) => entry.waiter);
   }
 
@@ -151,6 +170,11 @@ export class FairWaitQueue<T extends UidWaiter> {
     return least;
   }
 
+  /** `uid` was served now: among uids tied at the fewest held, those served longer ago (or never) go before it. */
+  served(uid: number): void {
+    this.#servedAt.set(uid, this.#turn++);
+  }
+
   /** A slot of this origin was taken (`+1`) or given up (`-1`) by `uid`. */
   held(uid: number, delta: 1 | -1): void {
     const count = (this.#held.get(uid) ?? 0) + delta;
@@ -176,8 +200,9 @@ export interface Admittable extends UidWaiter {
 /**
  * The order of the connect gate (connect-gate.ts) and of the warm-TLS handshake queue (tls-relay.ts): those an
  * acquire waits for at that moment first, each kind fairly across uids (the uid with the fewest started and not yet
- * done, arrival order within a uid); one no longer wanted is handed to `drop` instead of started, at its turn or,
- * once many are queued, at a sweep before another is queued (the queue may then grow to twice what is left).
+ * done; ties to the uid started from the queue least recently; arrival order within a uid); one no longer wanted
+ * is handed to `drop` instead of started, at its turn or, once many are queued, at a sweep before another is queued
+ * (the queue may then grow to twice what is left).
  */
 export class AdmissionQueue<T extends Admittable> {
   /** Its `held` counts are each uid's started and not done. */
@@ -209,6 +234,7 @@ export class AdmissionQueue<T extends Admittable> {
         continue;
       }
       this.#queue.held(next.uid, +1);
+      this.#queue.served(next.uid);
       return next;
     }
     return undefined;

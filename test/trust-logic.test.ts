@@ -264,6 +264,64 @@ describe('ConnectGate', () => {
     await Promise.all(results);
     expect(gate.inFlight).toBe(0);
   });
+
+  /**
+   * Queues `backlogs` (uid → count, in that order of arrival) behind a gate of `limit`, then finishes the oldest
+   * connect in flight one at a time; the uids in the order their connects started.
+   */
+  async function admissionOrder(limit: number, backlogs: Array<[number, number]>): Promise<number[]> {
+    const uids: number[] = [];
+    const finish: Array<() => void> = [];
+    const connector: Connector = {
+      checkTarget() {},
+      checkHeld() {},
+      connect: (_origin, _policy, _urgent, _wanted, uid) => {
+        uids.push(uid!);
+        return new Promise((resolve) => finish.push(() => resolve(socket(300 + finish.length))));
+      },
+    };
+    const gate = new ConnectGate(connector, () => limit);
+    const results = backlogs.flatMap(([uid, count]) =>
+      Array.from({ length: count }, () => gate.connect(origin, policy, undefined, undefined, uid)),
+    );
+    await turn();
+    for (let index = 0; index < results.length; index++) {
+      finish[index]!();
+      await turn();
+    }
+    await Promise.all(results);
+    expect(gate.inFlight).toBe(0);
+    return uids;
+  }
+
+  it("admits another uid's connect within a turn or two at a limit of 1, not after one uid's whole backlog", async () => {
+    // uid 1 started one and queued 19 before uid 2's one connect: the finishing connect's uid is not the one to
+    // win the tie at "none in flight" again and again.
+    const order = await admissionOrder(1, [
+      [1, 20],
+      [2, 1],
+    ]);
+    expect(order.indexOf(2)).toBeLessThanOrEqual(2);
+  });
+
+  it('takes turns between uids tied at the fewest in flight, at any limit, so none waits behind the others', async () => {
+    // Two uids with backlogs and a third that comes last with one connect: it starts within one round of turns.
+    for (const limit of [1, 2]) {
+      const order = await admissionOrder(limit, [
+        [1, 10],
+        [2, 10],
+        [3, 1],
+      ]);
+      expect(order.indexOf(3), `limit ${limit}: ${order.join(',')}`).toBeLessThanOrEqual(limit + 2);
+    }
+    // Three uids with backlogs at a limit of 1: after the one uid 1 started at once, round robin.
+    const order = await admissionOrder(1, [
+      [1, 6],
+      [2, 6],
+      [3, 6],
+    ]);
+    expect(order.slice(1, 16), order.join(',')).toEqual([1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3]);
+  });
 });
 
 describe('ConnectGate after a reload raised its limit', () => {
