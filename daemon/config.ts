@@ -29,6 +29,7 @@ import {
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import { PROXY_NAME } from '../shared/origin.js';
 import { MAX_TIMER_MS } from '../shared/timers.js';
+import { MAX_ATTEMPT_DELAY_MS, MIN_ATTEMPT_DELAY_MS } from './happy-eyeballs.js';
 
 // ---------------------------------------------------------------------------------------------------------------
 // Defaults: the one place they live.
@@ -144,6 +145,11 @@ const maxDuration = { error: `must be at most ${MAX_TIMER_MS} ms (about 24.8 day
 const durationMs = (min = 1) => z.int().min(min).max(MAX_TIMER_MS, maxDuration);
 const positiveMs = durationMs();
 /**
+ * The longest connectTimeoutMs. Linux gives up a SYN unanswered after tcp_syn_retries (6 by default: about 127 s;
+ * 7, about 255 s): a longer deadline is none, and an attempt that long holds a place at maxConnectsInFlight.
+ */
+export const MAX_CONNECT_TIMEOUT_MS = 300_000;
+/**
  * A string entry parsed by one of shared/address.ts's parsers into its typed value; a refusal becomes an issue
  * saying what is expected, the entry, and why.
  */
@@ -225,9 +231,16 @@ const policyFields = {
   maxIdle: z.int().min(0),
   maxPerOrigin: z.int().min(1),
   idleTtlMs: positiveMs,
-  connectTimeoutMs: positiveMs,
-  // RFC 8305 §8: never below 100 ms (MIN_ATTEMPT_DELAY_MS in happy-eyeballs.ts).
-  connectAttemptDelayMs: durationMs(100),
+  connectTimeoutMs: z
+    .int()
+    .min(1)
+    .max(MAX_CONNECT_TIMEOUT_MS, { error: `must be at most ${MAX_CONNECT_TIMEOUT_MS} ms (5 minutes)` }),
+  // RFC 8305 §8: from 100 ms to 2 s. Past 2 s a preferred family that drops packets holds up every connect to a host
+  // (until a race teaches the other family) for that long.
+  connectAttemptDelayMs: z
+    .int()
+    .min(MIN_ATTEMPT_DELAY_MS)
+    .max(MAX_ATTEMPT_DELAY_MS, { error: `must be at most ${MAX_ATTEMPT_DELAY_MS} ms (RFC 8305 §8)` }),
   maxRacingAttempts: z.int().min(0),
   acquireTimeoutMs: positiveMs,
   sourceAddress: ipAddress,

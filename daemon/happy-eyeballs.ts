@@ -39,6 +39,8 @@ export const realClock: RaceClock = {
 /** RFC 8305 §8 recommended values. */
 export const RESOLUTION_DELAY_MS = 50;
 export const MIN_ATTEMPT_DELAY_MS = 100;
+/** (The configuration refuses a longer connectAttemptDelayMs: a silent family would hold up the other that long.) */
+export const MAX_ATTEMPT_DELAY_MS = 2_000;
 
 /** How one family fared in a race (what the learned-family memory is told). */
 export type FamilyOutcome = 'won' | 'failed' | 'outrun' | 'untried';

@@ -277,7 +277,8 @@ describe('parseConfig', () => {
       ['pool.predictiveWindowMs', (ms) => ({ pool: { predictiveWindowMs: ms } })],
       ['pool.statsFlushMs', (ms) => ({ pool: { statsFlushMs: ms } })],
     ];
-    for (const key of ['idleTtlMs', 'connectTimeoutMs', 'connectAttemptDelayMs', 'acquireTimeoutMs', 'userTimeoutMs']) {
+    // (connectTimeoutMs and connectAttemptDelayMs have bounds of their own, below.)
+    for (const key of ['idleTtlMs', 'acquireTimeoutMs', 'userTimeoutMs']) {
       durations.push([`pool.defaults.${key}`, (ms) => ({ pool: { defaults: { [key]: ms } } })]);
       durations.push([`pool.origins[0].${key}`, (ms) => ({ pool: { origins: [{ match: '*:443', [key]: ms }] } })]);
     }
@@ -287,6 +288,34 @@ describe('parseConfig', () => {
       expect(error.message, key).toContain(`${key}: must be at most 2147483647 ms`);
       expect(() => parseConfig(raw(2 ** 31 - 1), 'f'), key).not.toThrow();
     }
+  });
+
+  it('bounds the Happy Eyeballs attempt delay (RFC 8305: at most 2 s) and the connect timeout, naming the key', () => {
+    // connectAttemptDelayMs = 600000 made a host whose preferred family is silent wait ten minutes for the other one;
+    // a connect timeout of days is no deadline (the kernel gives up a SYN long before).
+    const bounds: Array<[string, number, (ms: number) => unknown]> = [];
+    for (const [key, most] of [
+      ['connectAttemptDelayMs', 2_000],
+      ['connectTimeoutMs', 300_000],
+    ] as const) {
+      bounds.push([`pool.defaults.${key}`, most, (ms) => ({ pool: { defaults: { [key]: ms } } })]);
+      bounds.push([`pool.origins[0].${key}`, most, (ms) => ({ pool: { origins: [{ match: '*:443', [key]: ms }] } })]);
+    }
+    for (const [key, most, raw] of bounds) {
+      const error = configError(() => parseConfig(raw(most + 1), 'f'));
+      expect(error.fields, key).toMatchObject({ key });
+      expect(error.message, key).toContain(`${key}: must be at most ${most} ms`);
+      expect(() => parseConfig(raw(most), 'f'), key).not.toThrow();
+    }
+    expect(configError(() => parseConfig(bounds[0]![2](600_000), 'f')).message).toContain(
+      'pool.defaults.connectAttemptDelayMs: must be at most 2000 ms',
+    );
+    // A reload reads the file the same way: the bad key is named with the file.
+    const file = join(dir, 'sockpoold.toml');
+    writeFileSync(file, '[pool.defaults]\nconnectAttemptDelayMs = 600000\n');
+    const error = configError(() => loadConfigFile(file));
+    expect(error.message).toContain(file);
+    expect(error.fields).toMatchObject({ key: 'pool.defaults.connectAttemptDelayMs' });
   });
 
   it('parses --resolve entries into host, port and addresses', () => {
