@@ -4,7 +4,7 @@
 // a TCP socket is created.
 //
 // Per host and port it remembers which family won (daemon/learned-families.ts), so later connects start with what
-// works; per origin it keeps a budget of attempts racing at once, shared by all connects to that origin.
+// works, in the share of that table of the uid the connect is for (as the resolver's failure marks); per origin it keeps a budget of attempts racing at once, shared by all connects to that origin.
 //
 // fd ownership: an attempt's fd belongs to connectTcp until it resolves, then to this attempt until the race takes
 // it. The winner's fd passes to the caller (the origin pool); every other attempt is cancelled (connectTcp closes
@@ -21,6 +21,7 @@ import * as native from '../shared/native.js';
 import { type Endpoint, type Origin, originKey } from '../shared/origin.js';
 import type { OriginPolicy } from './config.js';
 import type { EgressPolicy } from './egress-policy.js';
+import { DAEMON_UID } from './fair-queue.js';
 import {
   AttemptBudget,
   type Candidate,
@@ -184,7 +185,13 @@ export class TcpConnector implements Connector {
     return this.#proxyOf(origin) ?? origin;
   }
 
-  async connect(origin: Origin, policy: OriginPolicy): Promise<ConnectedSocket> {
+  async connect(
+    origin: Origin,
+    policy: OriginPolicy,
+    _urgent?: () => boolean,
+    _wanted?: () => boolean,
+    uid = DAEMON_UID,
+  ): Promise<ConnectedSocket> {
     const egress = this.#egress();
     const resolver = this.#resolver();
     this.checkTarget(origin);
@@ -239,7 +246,7 @@ export class TcpConnector implements Connector {
             }
           },
           attempt: (candidate, settle) =>
-            this.#attempt(candidate, { port: target.port, host: target.host, policy, judge, resolver }, settle),
+            this.#attempt(candidate, { port: target.port, host: target.host, policy, judge, resolver, uid }, settle),
           discard: (socket) => {
             count(socket.family, 'cancelled');
             native.close(socket.fd);
@@ -268,12 +275,12 @@ export class TcpConnector implements Connector {
     }
 
     if (result.answered[4] > 0 && result.answered[6] > 0) {
-      this.#learned.record(learnedKey(target), result.families, defaultFamily);
+      this.#learned.record(learnedKey(target), result.families, defaultFamily, uid);
     }
     if (result.ok) {
       count(result.candidate.family, 'won');
       resolver.reportSuccess(target.host, target.port, result.candidate.address);
-      if (!proxy) return this.#judgedAfterReload(origin, policy, result.value, egress, proxy);
+      if (!proxy) return this.#judgedAfterReload(origin, policy, result.value, egress, proxy, uid);
       // Through a proxy, the socket is of use only once the tunnel to the origin stands. Ours until it is.
       const socket = result.value;
       try {
@@ -284,7 +291,7 @@ export class TcpConnector implements Connector {
       }
       const connectedAt = performance.now();
       const tunnel = { ...socket, connectedAt, connectMs: socket.connectMs + (connectedAt - socket.connectedAt) };
-      return this.#judgedAfterReload(origin, policy, tunnel, egress, proxy);
+      return this.#judgedAfterReload(origin, policy, tunnel, egress, proxy, uid);
     }
     // No family had an address: the resolution failed, and resolve() says how (SOCKPOOL_ERR_DNS).
     if (result.failures.length === 0 && result.refusals.length === 0) await resolving;
@@ -326,6 +333,7 @@ export class TcpConnector implements Connector {
     socket: ConnectedSocket,
     egress: EgressPolicy,
     proxy: ProxyEndpoint | undefined,
+    uid: number,
   ): ConnectedSocket | Promise<ConnectedSocket> {
     const proxies = this.#proxies();
     const current = origin.proxy === undefined ? undefined : proxies.get(origin.proxy);
@@ -333,7 +341,7 @@ export class TcpConnector implements Connector {
     if (this.#egress() === egress && !proxyMoved) return socket;
     if (proxyMoved) {
       native.close(socket.fd);
-      return this.connect(origin, policy);
+      return this.connect(origin, policy, undefined, undefined, uid);
     }
     try {
       this.checkHeld(origin, socket.address);
@@ -353,10 +361,12 @@ export class TcpConnector implements Connector {
       policy: OriginPolicy;
       judge: (address: string, port: number) => void;
       resolver: Resolver;
+      /** Whose connect this is: what it teaches (failure marks) is that uid's share of the tables. */
+      uid: number;
     },
     settle: (error: Error | undefined, socket?: ConnectedSocket) => void,
   ): () => void {
-    const { port, host, policy, judge, resolver } = context;
+    const { port, host, policy, judge, resolver, uid } = context;
     const controller = new AbortController();
     const started = performance.now();
     connectTcp(candidate.address, port, {
@@ -397,7 +407,7 @@ export class TcpConnector implements Connector {
           this.#metrics?.connectAttempts.inc({ family: candidate.family, outcome: 'cancelled' });
         } else {
           this.#metrics?.connectAttempts.inc({ family: candidate.family, outcome: 'failed' });
-          resolver.reportFailure(host, port, candidate.address);
+          resolver.reportFailure(host, port, candidate.address, uid);
         }
         settle(error);
       },

@@ -1,10 +1,13 @@
 // What Happy Eyeballs races taught about each host (the connector keys it by host and port): which address family
 // won its last race and which family failed or was outrun (silent, or slower than the attempt delay). A later connect
 // to that host starts with the family that won, so a host whose IPv6 path drops packets costs the attempt delay once
-// per expiry, not on every connect. Entries expire (the network may be repaired) and the oldest go first past `maxEntries` (a crawler
-// meets millions of hosts). Time comes from an injected clock.
+// per expiry, not on every connect. Entries expire (the network may be repaired). Past `maxEntries` (a crawler meets
+// millions of hosts) the oldest go first, of the uid whose races taught the most (uid-share-map.ts): one uid's
+// thousands of host:ports do not push out what the other uids' races taught. Time comes from an injected clock.
 
+import { DAEMON_UID } from './fair-queue.js';
 import type { Family, FamilyOutcome } from './happy-eyeballs.js';
+import { UidShareMap } from './uid-share-map.js';
 
 export interface LearnedFamily {
   /** The family that won the last race to this host. */
@@ -26,14 +29,13 @@ interface Entry {
 }
 
 export class LearnedFamilies {
-  readonly #entries = new Map<string, Entry>();
+  readonly #entries: UidShareMap<Entry>;
   readonly #ttlMs: number;
-  readonly #maxEntries: number;
   readonly #now: () => number;
 
   constructor(options: { ttlMs?: number; maxEntries?: number; now?: () => number } = {}) {
     this.#ttlMs = options.ttlMs ?? LEARNED_FAMILY_TTL_MS;
-    this.#maxEntries = options.maxEntries ?? LEARNED_FAMILY_MAX_ENTRIES;
+    this.#entries = new UidShareMap(options.maxEntries ?? LEARNED_FAMILY_MAX_ENTRIES);
     this.#now = options.now ?? (() => performance.now());
   }
 
@@ -56,22 +58,17 @@ export class LearnedFamilies {
    * The outcome of one race between both families. A win teaches something when the other family did worse
    * (failed, or was outrun), or when it confirms `defaultFamily`. A win of the other family while the default was
    * never tried (its DNS answer came after the resolution delay) teaches nothing, and neither does a race nobody
-   * won (what failed then is the resolver's per-address business).
+   * won (what failed then is the resolver's per-address business). The entry is `uid`'s (the uid the race's
+   * connect was for) until another uid's race teaches it again.
    */
-  record(host: string, families: Record<Family, FamilyOutcome>, defaultFamily: Family): void {
+  record(host: string, families: Record<Family, FamilyOutcome>, defaultFamily: Family, uid = DAEMON_UID): void {
     const winner = families[6] === 'won' ? 6 : families[4] === 'won' ? 4 : undefined;
     if (winner === undefined) return;
     const loser = winner === 6 ? 4 : 6;
     const worse = (family: Family) => families[family] === 'failed' || families[family] === 'outrun';
     if (!worse(loser) && winner !== defaultFamily) return;
     const failed = ([6, 4] as const).filter(worse);
-    this.#entries.delete(host); // re-insert: the map keeps entries oldest first
-    this.#entries.set(host, { family: winner, failed, expiresAt: this.#now() + this.#ttlMs });
-    while (this.#entries.size > this.#maxEntries) {
-      const oldest = this.#entries.keys().next();
-      if (oldest.done) break;
-      this.#entries.delete(oldest.value);
-    }
+    this.#entries.set(host, { family: winner, failed, expiresAt: this.#now() + this.#ttlMs }, uid);
   }
 
   clear(): void {

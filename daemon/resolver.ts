@@ -16,6 +16,8 @@
 // IPv6 route `reportFailure` pushes the IPv6 addresses back after the first ENETUNREACH). Within each family the
 // start rotates on every call (round robin over the origin's addresses). Addresses reported failed within
 // `failurePenaltyMs` for that host and port go last, least recently failed first; `reportSuccess` clears the mark.
+// The marks of at most MAX_CACHE_ENTRIES host:ports are kept, shared fairly across the uids whose connects failed
+// (uid-share-map.ts): one uid failing at thousands of host:ports does not push out the others' marks.
 //
 // Errors: SockpoolError(DNS) with fields { host, reason, dnsCode }. NXDOMAIN and "no address" answers are cached
 // for negativeTtlMs; timeouts and server failures are not cached (the next call asks again). Concurrent calls for
@@ -27,6 +29,8 @@
 import { promises as dns } from 'node:dns';
 import { type DnsServer, parseHost, parseIpLiteral, type ResolveEntry } from '../shared/address.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
+import { DAEMON_UID } from './fair-queue.js';
+import { UidShareMap } from './uid-share-map.js';
 
 export interface ResolvedAddress {
   address: string;
@@ -52,7 +56,7 @@ export interface ResolverOptions {
 }
 
 const DEFAULT_FAILURE_PENALTY_MS = 30_000;
-/** Most host names cached (positive and negative); the oldest entry goes first. */
+/** Most host names cached (positive and negative; the oldest entry goes first), and host:ports with failure marks. */
 const MAX_CACHE_ENTRIES = 10_000;
 
 /** The addresses of one host (or override), split by family, with the round-robin turn counter. */
@@ -107,8 +111,8 @@ export class Resolver {
   readonly #inFlight = new Map<string, Promise<CacheEntry>>();
   /** Queries to DNS servers in flight: each family's own answer (answersInFlight). */
   readonly #pendingFamilies = new Map<string, Record<4 | 6, Promise<string[]>>>();
-  /** host and port → address → time (monotonic ms) of the last reported failure. */
-  readonly #failures = new Map<string, Map<string, number>>();
+  /** host and port → address → time (monotonic ms) of the last reported failure; the uid that reported it last. */
+  readonly #failures = new UidShareMap<Map<string, number>>(MAX_CACHE_ENTRIES);
   readonly #minTtlMs: number;
   readonly #maxTtlMs: number;
   readonly #negativeTtlMs: number;
@@ -218,19 +222,16 @@ export class Resolver {
 
   /**
    * A connect to `address` for `host`:`port` failed: put it last for failurePenaltyMs, for that port only (a client's
-   * connects to a port the host serves over one family only must not reorder every other port's addresses).
+   * connects to a port the host serves over one family only must not reorder every other port's addresses). The
+   * marks of host:port are `uid`'s (the uid the connect was for) until another uid's connect fails there.
    */
-  reportFailure(host: string, port: number, address: string): void {
+  reportFailure(host: string, port: number, address: string, uid = DAEMON_UID): void {
     const key = marksKey(host, port);
     const normalised = canonicalAddress(address);
-    let marks = this.#failures.get(key);
-    if (!marks) {
-      marks = new Map();
-      this.#failures.set(key, marks);
-      this.#evictOldest(this.#failures);
-    }
+    const marks = this.#failures.get(key) ?? new Map<string, number>();
     marks.delete(normalised); // re-insert: the map keeps marks in failure order
     marks.set(normalised, performance.now());
+    this.#failures.set(key, marks, uid);
   }
 
   /** A connect to `address` for `host`:`port` succeeded: forget its failure mark. */

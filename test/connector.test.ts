@@ -8,6 +8,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { defaultConfig, type OriginPolicy, parseConfig } from '../daemon/config.js';
 import { TcpConnector } from '../daemon/connector.js';
 import { EgressPolicy } from '../daemon/egress-policy.js';
+import { LearnedFamilies } from '../daemon/learned-families.js';
 import { createMetrics, type Metrics } from '../daemon/metrics.js';
 import type { ProxyEndpoint } from '../daemon/proxy-tunnel.js';
 import { Resolver } from '../daemon/resolver.js';
@@ -85,7 +86,7 @@ describe('TcpConnector on loopback', () => {
     for (const server of [v4?.server, both?.v4.server, both?.v6.server]) server?.close();
   });
 
-  function connector(allow = ['127.0.0.1/32', '::1/128']) {
+  function connector(allow = ['127.0.0.1/32', '::1/128'], learned?: LearnedFamilies) {
     const metrics = createMetrics(() => ({ origins: [] }), { processMetrics: false });
     const config = parseConfig(
       {
@@ -109,7 +110,7 @@ describe('TcpConnector on loopback', () => {
       connector: new TcpConnector(
         () => resolver,
         () => egress,
-        { metrics },
+        { metrics, learned },
       ),
     };
   }
@@ -142,6 +143,19 @@ describe('TcpConnector on loopback', () => {
     expect(await attempts(metrics, 4, 'won')).toBe(2);
     expect(await attempts(metrics, 6, 'failed')).toBe(1); // IPv6 was not tried again
     expect(await openFds()).toBe(before);
+  });
+
+  it("what a uid's race taught is its share of the table: another uid's connects to more host:ports do not push it out", async () => {
+    const { connector: c } = connector(undefined, new LearnedFamilies({ maxEntries: 2 }));
+    const connect = async (host: string, port: number, uid: number) =>
+      native.close((await c.connect({ host, port }, policy, undefined, undefined, uid)).fd);
+    await connect('v6refused.test', v4.port, 1);
+    // uid 2 teaches two host:ports: the table holds two, and the one that goes is uid 2's own oldest.
+    await connect('dual.test', both.v6.port, 2);
+    await connect('ports.test', both.v6.port, 2);
+    expect(c.learnedFamily({ host: 'v6refused.test', port: v4.port })).toMatchObject({ family: 4, failed: [6] });
+    expect(c.learnedFamily({ host: 'dual.test', port: both.v6.port })).toBeUndefined();
+    expect(c.learnedFamily({ host: 'ports.test', port: both.v6.port })).toMatchObject({ family: 6 });
   });
 
   it("what one port of a host taught does not steer another port's connects away from IPv6", async () => {

@@ -452,4 +452,30 @@ describe('LearnedFamilies', () => {
     expect(learned.preferred('a.test')).toBeUndefined();
     expect(learned.preferred('c.test')).toBe(4);
   });
+
+  it("keeps what one uid's races taught while another uid's reach thousands of hosts: the uid holding most gives way", () => {
+    const learned = new LearnedFamilies({ maxEntries: 100, now: () => 0 });
+    const v4 = { 4: 'won', 6: 'failed' } as const;
+    const v6 = { 6: 'won', 4: 'untried' } as const;
+    for (let index = 0; index < 10; index++) learned.record(`kept-${index}.test 443`, v4, 6, 1);
+    // uid 2's junk host:ports fill the table: they push out uid 2's own oldest, never uid 1's ten.
+    for (let index = 0; index < 1_000; index++) learned.record(`junk-${index}.test 443`, v6, 6, 2);
+    expect(learned.size).toBe(100);
+    for (let index = 0; index < 10; index++)
+      expect(learned.preferred(`kept-${index}.test 443`), `kept-${index}`).toBe(4);
+    expect(learned.preferred('junk-910.test 443')).toBe(6);
+    expect(learned.preferred('junk-909.test 443')).toBeUndefined();
+    // uid 1 learns more: the entries given way are uid 2's (it holds the most), until both hold as many.
+    for (let index = 10; index < 60; index++) learned.record(`kept-${index}.test 443`, v4, 6, 1);
+    expect(learned.size).toBe(100);
+    expect(learned.preferred('kept-0.test 443')).toBeUndefined(); // 50 each: then uid 1's own oldest went
+    for (let index = 10; index < 60; index++)
+      expect(learned.preferred(`kept-${index}.test 443`), `kept-${index}`).toBe(4);
+    expect(learned.preferred('junk-950.test 443')).toBe(6);
+    expect(learned.preferred('junk-949.test 443')).toBeUndefined();
+    // An entry another uid's race teaches again is that uid's from then on.
+    learned.record('junk-999.test 443', v4, 6, 1);
+    for (let index = 0; index < 2; index++) learned.record(`more-${index}.test 443`, v6, 6, 2);
+    expect(learned.preferred('junk-999.test 443')).toBe(4);
+  });
 });

@@ -148,6 +148,16 @@ describe('Resolver through a DNS server', () => {
     expect(starts.size).toBe(3);
   });
 
+  it("keeps a uid's failure marks while another uid's connects fail at thousands of host:ports", async () => {
+    const r = resolver();
+    r.reportFailure('failures.test', 443, '198.51.100.2', 1);
+    // Past the table's 10,000 host:ports: uid 2's marks push out uid 2's own oldest, not uid 1's.
+    for (let port = 1; port <= 12_000; port++) r.reportFailure('junk.test', port, '198.51.100.9', 2);
+    for (let index = 0; index < 3; index++) {
+      expect(addresses(await r.resolve('failures.test', 443)).at(-1)).toBe('198.51.100.2');
+    }
+  });
+
   it('forgets a failure after failurePenaltyMs', async () => {
     const r = resolver({ failurePenaltyMs: 100 });
     r.reportFailure('v6fail.test', 443, '2001:db8::1');
