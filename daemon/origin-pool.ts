@@ -514,6 +514,8 @@ export class OriginPool {
     if (!waiter) throw new SockpoolError(ErrorCodes.INTERNAL, '#serve without a waiter');
     if (chosen) this.#waiters.remove(chosen);
     this.#waiters.held(waiter.uid, +1);
+    // Its turn: when a lease of another uid ends and the two hold as many, that other uid goes first.
+    this.#waiters.served(waiter.uid);
     clearTimeout(waiter.timer);
     waiter.settled = true;
     const capWaitMs = this.#roomWaitClock() - waiter.roomWaitAtStart;

@@ -569,6 +569,29 @@ describe('OriginPool with several uids', () => {
     expect(other.warm).toBe(false);
     expect(origin.idleCount).toBe(0);
   });
+
+  it("gives a freed slot at maxPerOrigin to the uids waiting in turns, not to one uid's whole queue first", async () => {
+    const origin = pool({ maxPerOrigin: 1 });
+    const served: Array<{ uid: number; handoff: Handoff }> = [];
+    const acquire = (uid: number) =>
+      origin.acquire(5_000, uid).then((handoff) => {
+        served.push({ uid, handoff });
+        held.push(handoff);
+      });
+    await acquire(1000);
+    // uid 1000 queues three more while it holds the slot; uid 2000 then queues one.
+    const waits = [1000, 1000, 1000, 2000].map(acquire);
+    for (let ended = 0; ended < 4; ended++) {
+      const { uid, handoff } = served[ended]!;
+      native.close(held.splice(held.indexOf(handoff), 1)[0]!.fd);
+      origin.leaseEnded(uid);
+      await until(() => served.length === ended + 2);
+    }
+    await Promise.all(waits);
+    // The lease that ends is uid 1000's, which then holds none, as uid 2000 does: the tie goes to uid 2000, served
+    // longer ago (never), not to uid 1000's older waiters (before: 1000, 1000, 1000, 1000, 2000).
+    expect(served.map(({ uid }) => uid)).toEqual([1000, 2000, 1000, 1000, 1000]);
+  });
 });
 
 describe('OriginPool connects at the connect gate', () => {
