@@ -1,8 +1,7 @@
 // The acquires waiting for a slot of one origin, fair across uids: when a slot frees, it goes to the waiting uid
 // that holds the fewest of the origin's slots (ties: see `served` below, then the longest waiting), and within a uid
-// in arrival order. So
-// while other uids wait, no uid's share of maxPerOrigin grows past theirs; with nobody else waiting, one uid may
-// use every slot. Owners also say which uid they served (`served`: the pool, the connect gate): ties then go to the
+// in arrival order. So while other uids wait, no uid's share of maxPerOrigin grows past theirs; with nobody else
+// waiting, one uid may use every slot. Owners also say which uid they served (`served`: the pool, the connect gate): ties then go to the
 // uid served least recently, so uids tied at the fewest take turns (a uid whose lease or connect just ended, holding
 // as few as the others again, does not win the tie with its older waiters).
 
