@@ -41,8 +41,18 @@ export function redirectMode(value: unknown, fallback: RedirectMode): RedirectMo
 
 /** A response's Location header (a redirect status without one is returned as it is, not followed). */
 function locationOf(headers: Array<[string, string]>): string | undefined {
-  for (const [name, value] of headers) if (name.toLowerCase() === 'location') return value;
+  for (const [name, value] of headers) if (name.toLowerCase() === 'location') return utf8Location(value);
   return undefined;
+}
+
+/**
+ * A Location as the URL its bytes spell. Header values come byte by byte (latin1 characters, as curl got them);
+ * many servers send a non-ASCII Location as raw UTF-8 ("/café" as 63 61 66 c3 a9), which read as latin1 became
+ * another path (/caf%C3%83%C2%A9). Read as UTF-8, as Node's fetch (undici) and browsers do; bytes that are not
+ * UTF-8 become U+FFFD there too.
+ */
+function utf8Location(value: string): string {
+  return /[\x80-\xff]/.test(value) ? Buffer.from(value, 'latin1').toString('utf8') : value;
 }
 
 /**

@@ -65,6 +65,9 @@ function handler(request: IncomingMessage, response: ServerResponse): void {
         return redirect(302, 'ftp://127.0.0.1/file');
       case '/no-location':
         return redirect(302);
+      case '/to-utf8':
+        // The Location's bytes are UTF-8, as many servers send them (Node writes a header string as latin1).
+        return redirect(302, Buffer.from('/café?q=über').toString('latin1'));
       case '/to-credentials':
         return redirect(302, `http://user:secret@127.0.0.1:${other.port}/target`);
       case '/slow-1':
@@ -152,6 +155,15 @@ describe('fetch() follows redirects', () => {
     expect(there.headers.authorization).toBeUndefined();
     expect(there.headers.cookie).toBeUndefined();
     expect(there.headers['x-trace']).toBe('kept');
+  });
+
+  it('reads a Location sent as raw UTF-8 bytes as UTF-8, as Node’s fetch and browsers do', async () => {
+    // (Read byte by byte, as latin1, it became /caf%C3%83%C2%A9: another path, a 404 at a real site.)
+    const response = await client.fetch(url('/to-utf8'));
+    expect(response.url).toBe(url('/caf%C3%A9?q=%C3%BCber'));
+    expect(await echoed(response)).toMatchObject({ path: '/caf%C3%A9?q=%C3%BCber' });
+    const followed = await client.request(url('/to-utf8'), { redirect: 'follow' });
+    expect(followed.url).toBe(url('/caf%C3%A9?q=%C3%BCber'));
   });
 
   it("returns the 3xx with redirect: 'manual', and a redirect status without a Location as it is", async () => {
