@@ -3,7 +3,9 @@
 // server sent them. Without it nothing is asked and the body is the server's bytes. A real origin that compresses
 // only what the request accepted.
 import { createHash } from 'node:crypto';
+import { once } from 'node:events';
 import type { IncomingMessage, ServerResponse } from 'node:http';
+import { type AddressInfo, createServer, type Server } from 'node:net';
 import { brotliCompressSync, deflateSync, gzipSync, zstdCompressSync } from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SockpoolClient } from '../client/index.js';
@@ -22,6 +24,9 @@ const plainHash = createHash('sha256').update(plain).digest('hex');
 const sha256 = (data: Uint8Array) => createHash('sha256').update(data).digest('hex');
 
 let origin: Origin;
+/** Answers `GET /te?coding=X` with the body compressed in X as a transfer coding (`Transfer-Encoding: X, chunked`),
+ *  which no request asks for (curl sends no TE): a hostile or broken origin. Node's http cannot send that. */
+let teOrigin: Server;
 /** Requests answered with a forced Content-Encoding. */
 let forcedRequests = 0;
 let daemon: DaemonProcess;
@@ -54,7 +59,20 @@ function handler(request: IncomingMessage, response: ServerResponse): void {
 
 beforeAll(async () => {
   origin = await httpOrigin(handler);
-  daemon = await startTestDaemon([origin.port]);
+  teOrigin = createServer((socket) => {
+    socket.once('data', (data) => {
+      const coding = /coding=(\w+)/.exec(data.toString('latin1'))?.[1] ?? 'gzip';
+      const body = CODERS[coding]!(plain);
+      const head = `HTTP/1.1 200 OK\r\nTransfer-Encoding: ${coding}, chunked\r\nConnection: close\r\n\r\n`;
+      socket.end(
+        Buffer.concat([Buffer.from(`${head}${body.length.toString(16)}\r\n`), body, Buffer.from('\r\n0\r\n\r\n')]),
+      );
+    });
+    socket.on('error', () => {});
+  });
+  teOrigin.listen(0, '127.0.0.1');
+  await once(teOrigin, 'listening');
+  daemon = await startTestDaemon([origin.port, (teOrigin.address() as AddressInfo).port]);
   clients = [
     ['a worker thread', new SockpoolClient({ socketPath: daemon.socketPath, threads: 1, inlineWhenIdle: false })],
     ['threads: 0', new SockpoolClient({ socketPath: daemon.socketPath, threads: 0 })],
@@ -65,6 +83,7 @@ afterAll(async () => {
   for (const [, client] of clients ?? []) await client.close();
   await daemon?.stop();
   await origin?.close();
+  teOrigin?.close();
 });
 
 const url = (coding: string) => `http://127.0.0.1:${origin.port}/coded?coding=${coding}`;
@@ -134,6 +153,20 @@ describe('compressed bodies', () => {
       // ... a POST is not sent twice: its body fails as curl failed it.
       const posted = await client.fetch(odd, { method: 'POST', body: 'once' });
       await expect(posted.arrayBuffer(), where).rejects.toMatchObject({ code: 'SOCKPOOL_ERR_TRANSFER', curlCode: 61 });
+    }
+  });
+
+  it('without decompress, a body compressed in a Transfer-Encoding nobody asked for comes as sent, not decoded', async () => {
+    // (curl 7.88 decoded such a body whatever ACCEPT_ENCODING said: a hostile origin chose decoding, and a bomb, for
+    // a caller who turned it off. Node's fetch does not decode a transfer coding either.)
+    const port = (teOrigin.address() as AddressInfo).port;
+    for (const [where, client] of clients) {
+      for (const coding of ['gzip', 'deflate']) {
+        const sent = CODERS[coding]!(plain);
+        const response = await client.request(`http://127.0.0.1:${port}/te?coding=${coding}`);
+        expect(header(response.headers, 'transfer-encoding'), where).toBe(`${coding}, chunked`);
+        expect(sha256(response.body), `${where} ${coding}`).toBe(sha256(sent));
+      }
     }
   });
 

@@ -750,6 +750,10 @@ export class CurlEngine {
     }
     // '': curl sends every coding it decodes (gzip, deflate, br, zstd here) and decodes the body; null: neither.
     set('ACCEPT_ENCODING', request.decompress ? '' : null);
+    // Without decompress no decoding at all: curl 7.88 decodes a compressed Transfer-Encoding ("gzip, chunked")
+    // whatever ACCEPT_ENCODING says, so an origin could choose decoding (and a bomb) for a caller who turned it
+    // off. (Chunked framing is not a decoding: curl still undoes it.)
+    set('HTTP_CONTENT_DECODING', request.decompress === true);
     // A backstop only: the runtime's own timer at the deadline cancels the transfer first (even while it is
     // paused). The whole timeout, not what is left of it, so that it repeats from one request to the next.
     set('TIMEOUT_MS', Math.max(1, Math.ceil(request.timeoutMs)));
