@@ -153,17 +153,30 @@ export function nextHop(hop: Hop, status: number, location: string, followed: nu
   return { url: next.href, method, headers, body };
 }
 
-/** A redirect response's body, read to its end so its connection stays in curl's cache, unless it is long. */
+/**
+ * How long a redirect's body may take to end once its head is in. A redirect's body almost always comes with its
+ * head; one that does not end (a content-length that promises more than is sent, on a connection left open, as
+ * broken servers do; or an origin that trickles it) held the chain until its deadline and failed it, where Node's
+ * fetch follows at once.
+ */
+const DISCARD_WAIT_MS = 200;
+
+/** A redirect response's body, read to its end so its connection stays in curl's cache, unless it is long or slow
+ *  (then cancelled: curl closes that connection). */
 export async function discardBody(body: ReadableStream<Uint8Array>): Promise<void> {
   const reader = body.getReader();
   let bytes = 0;
+  let timer: NodeJS.Timeout | undefined;
+  const late = new Promise<undefined>((resolve) => {
+    timer = setTimeout(() => resolve(undefined), DISCARD_WAIT_MS);
+  });
   try {
     for (;;) {
-      const { done, value } = await reader.read();
-      if (done) return;
-      bytes += value.byteLength;
-      // A long one is not worth waiting for: cancelled (curl closes that connection).
-      if (bytes > 64 * 1024) {
+      const read = await Promise.race([reader.read(), late]);
+      if (read?.done) return;
+      if (read !== undefined) bytes += read.value.byteLength;
+      // Not worth waiting for: a long one, or one still coming when the wait is over.
+      if (read === undefined || bytes > 64 * 1024) {
         await reader.cancel();
         return;
       }
@@ -171,6 +184,7 @@ export async function discardBody(body: ReadableStream<Uint8Array>): Promise<voi
   } catch {
     // Whatever became of it, the redirect is followed (the hop's own error, if any, was the transfer's).
   } finally {
+    clearTimeout(timer);
     reader.releaseLock();
   }
 }

@@ -68,6 +68,12 @@ function handler(request: IncomingMessage, response: ServerResponse): void {
       case '/to-utf8':
         // The Location's bytes are UTF-8, as many servers send them (Node writes a header string as latin1).
         return redirect(302, Buffer.from('/café?q=über').toString('latin1'));
+      case '/stalled-body':
+        // A redirect whose content-length promises more than it sends, on a connection left open (broken servers
+        // do this): its body never ends.
+        response.writeHead(302, { location: '/target', 'content-length': '100' });
+        response.write('short');
+        return;
       case '/to-credentials':
         return redirect(302, `http://user:secret@127.0.0.1:${other.port}/target`);
       case '/slow-1':
@@ -164,6 +170,16 @@ describe('fetch() follows redirects', () => {
     expect(await echoed(response)).toMatchObject({ path: '/caf%C3%A9?q=%C3%BCber' });
     const followed = await client.request(url('/to-utf8'), { redirect: 'follow' });
     expect(followed.url).toBe(url('/caf%C3%A9?q=%C3%BCber'));
+  });
+
+  it('follows a redirect whose body never ends instead of waiting for it until the deadline', async () => {
+    // Node's fetch follows such a redirect at once; waiting for its body used up the whole timeoutMs (30 s by
+    // default) and failed the chain with SOCKPOOL_ERR_TIMEOUT.
+    const fetched = await client.fetch(url('/stalled-body'), { signal: AbortSignal.timeout(10_000) });
+    expect(fetched.status).toBe(200);
+    expect((await echoed(fetched)).path).toBe('/target');
+    const requested = await client.request(url('/stalled-body'), { redirect: 'follow', timeoutMs: 10_000 });
+    expect(requested).toMatchObject({ status: 200, redirected: true, url: url('/target') });
   });
 
   it("returns the 3xx with redirect: 'manual', and a redirect status without a Location as it is", async () => {
