@@ -5,7 +5,7 @@
 // with threads: 0; an endless body shows the transfer is stopped, not read to its end; nothing is left open.
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { gzipSync } from 'node:zlib';
+import { gzipSync, zstdCompressSync } from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SockpoolClient } from '../client/index.js';
 import { eventually, fdCount, httpOrigin, type Origin, startTestDaemon } from './fixtures/client-helpers.js';
@@ -18,6 +18,14 @@ const WINDOW = 1024 * 1024;
 const PAST_WINDOW = WINDOW + 100;
 /** 1 MiB of one byte: gzip makes it about a thousandth of that. */
 const bomb = gzipSync(Buffer.alloc(1 << 20, 'b'));
+
+/** 128 MiB of zeros in about 4 KB: two zstd frames of 64 MiB each, all of it inside one of curl's reads. */
+const zstdBomb = (() => {
+  const frame = zstdCompressSync(Buffer.alloc(64 << 20));
+  return Buffer.concat([frame, frame]);
+})();
+/** Connections that carried a zstd bomb and have closed (only the client closes them: keep-alive). */
+let zstdBombsClosed = 0;
 
 let origin: Origin;
 let daemon: DaemonProcess;
@@ -53,6 +61,11 @@ function handler(request: IncomingMessage, response: ServerResponse): void {
     case '/bomb':
       response.writeHead(200, { 'content-encoding': 'gzip', 'content-length': String(bomb.length) });
       response.end(bomb);
+      return;
+    case '/zstd-bomb':
+      request.socket.once('close', () => zstdBombsClosed++);
+      response.writeHead(200, { 'content-encoding': 'zstd', 'content-length': String(zstdBomb.length) });
+      response.end(zstdBomb);
       return;
     case '/endless': {
       // Chunked, never ending: only the client stopping the transfer (closing its connection) ends it.
@@ -170,6 +183,22 @@ describe('maxBodyBytes', () => {
       const over = await client.requestStream(url('/window'), { maxBodyBytes: PAST_WINDOW - 1, timeoutMs: 10_000 });
       await sleep(500);
       await expect(new Response(over.body).arrayBuffer()).rejects.toMatchObject(tooLarge(PAST_WINDOW - 1));
+    }
+  });
+
+  it("fails a paused stream whose compressed body outgrows curl's pause buffer with the typed error, not curl's out of memory", async () => {
+    for (const [where, client] of clients) {
+      const closed = zstdBombsClosed;
+      const streamed = await client.requestStream(url('/zstd-bomb'), {
+        decompress: true,
+        maxBodyBytes: 8 << 20,
+        timeoutMs: 20_000,
+      });
+      // Nothing read: the response window fills and curl pauses, decoding the rest of its read into its pause
+      // buffer (64 MiB in curl 7.88) where WRITEFUNCTION never counts it, until that overflows and curl ends the
+      // transfer (CURLE_OUT_OF_MEMORY) and closes its connection.
+      await eventually(() => zstdBombsClosed > closed, `${where}: the bomb's connection closed`);
+      await expect(new Response(streamed.body).arrayBuffer(), where).rejects.toMatchObject(tooLarge(8 << 20));
     }
   });
 

@@ -209,6 +209,12 @@ const EMPTY_BODY = new Uint8Array(0);
 const NO_HEADERS: string[] = [];
 const IDEMPOTENT_METHODS = new Set(['GET', 'HEAD', 'OPTIONS', 'PUT', 'DELETE', 'TRACE']);
 const MAX_FREE_HANDLES = 256;
+/**
+ * curl 7.88's bound on what it holds back while receiving is paused (sendf.c DYN_PAUSE_BUFFER). A compressed body
+ * keeps decoding the rest of curl's read into it after WRITEFUNCTION paused, uncounted (a 16 KiB read of zstd or
+ * br can decode to far more): past it curl fails the transfer with CURLE_OUT_OF_MEMORY.
+ */
+const CURL_PAUSE_BUFFER = 64 * 1024 * 1024;
 /** Origins whose last address (and relayed session) is remembered (a crawler meets many origins): the last half
  *  of them at least (RecentMaps, set per lease: a Map deleting and re-adding per lease kept every lease's objects
  *  past the young-generation GCs, ../shared/recent-map.ts). */
@@ -880,7 +886,7 @@ export class CurlEngine {
         const failure =
           code === CurlCode.CURLE_OPERATION_TIMEDOUT
             ? new TransferFailure(code, timeoutError(request), true)
-            : attempt.tooLarge
+            : attempt.tooLarge || pauseBufferPastLimit(code, attempt)
               ? new TransferFailure(code, bodyTooLargeError(request), true)
               : attempt.resent
                 ? resentFailure(code, request)
@@ -965,6 +971,20 @@ function relayHeaders(request: TransferRequest, target: UrlTarget, relay: LeaseT
   if (!request.headers.some(([name]) => name.toLowerCase() === 'host')) headers.push(`Host: ${target.authority}`);
   if (relay.alpn === 'h2') headers.push(':scheme: https');
   return headers;
+}
+
+/**
+ * curl's pause buffer overflowed while the attempt's receiving was paused (a stream the caller did not read whose
+ * compressed body decodes large): the body is then past maxBodyBytes, though WRITEFUNCTION never saw those bytes
+ * (it counted bodyBytes, and more than CURL_PAUSE_BUFFER came after). Said so (SOCKPOOL_ERR_BODY_TOO_LARGE), not
+ * as curl's "out of memory".
+ */
+function pauseBufferPastLimit(code: number, attempt: Attempt): boolean {
+  return (
+    code === CurlCode.CURLE_OUT_OF_MEMORY &&
+    (attempt.pause & CurlPause.Recv) !== 0 &&
+    attempt.bodyBytes + CURL_PAUSE_BUFFER > attempt.maxBodyBytes
+  );
 }
 
 /** SOCKOPTFUNCTION for a handed socket: connected by the daemon already. */
