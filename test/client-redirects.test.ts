@@ -7,14 +7,25 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SockpoolClient } from '../client/index.js';
-import { eventually, fdCount, httpOrigin, type Origin, startTestDaemon } from './fixtures/client-helpers.js';
+import {
+  eventually,
+  fdCount,
+  httpOrigin,
+  httpsOrigin,
+  type Origin,
+  startTestDaemon,
+} from './fixtures/client-helpers.js';
 import type { DaemonProcess } from './helpers/daemon.js';
+import { createTestPki, type TestPki } from './helpers/tls.js';
 
 let origin: Origin;
 /** Another origin the daemon allows: a redirect there is cross-origin. */
 let other: Origin;
 /** An origin the daemon does not allow (its port is not in the policy). */
 let refused: Origin;
+/** The same handler over HTTPS (a certificate of a test CA, valid for 127.0.0.1). */
+let secure: Origin;
+let pki: TestPki;
 let daemon: DaemonProcess;
 let client: SockpoolClient;
 /** Every request the origins saw, as `METHOD path`. */
@@ -59,6 +70,8 @@ function handler(request: IncomingMessage, response: ServerResponse): void {
         return redirect(302, '/loop');
       case '/to-other':
         return redirect(302, `http://127.0.0.1:${other.port}/target`);
+      case '/downgrade':
+        return redirect(302, `http://127.0.0.1:${origin.port}/target`);
       case '/to-refused':
         return redirect(302, `http://127.0.0.1:${refused.port}/target`);
       case '/to-ftp':
@@ -100,7 +113,9 @@ beforeAll(async () => {
   origin = await httpOrigin(handler);
   other = await httpOrigin(handler);
   refused = await httpOrigin(handler);
-  daemon = await startTestDaemon([origin.port, other.port]);
+  pki = createTestPki();
+  secure = await httpsOrigin(pki, handler);
+  daemon = await startTestDaemon([origin.port, other.port, secure.port]);
   client = new SockpoolClient({ socketPath: daemon.socketPath, threads: 1 });
   // Its thread up (curl's Multi holds a socketpair there): the fd counts below are not thrown by it starting.
   await client.stats();
@@ -112,6 +127,8 @@ afterAll(async () => {
   await origin?.close();
   await other?.close();
   await refused?.close();
+  await secure?.close();
+  pki?.cleanup();
 });
 
 const url = (path: string, server: Origin = origin) => `http://127.0.0.1:${server.port}${path}`;
@@ -180,6 +197,29 @@ describe('fetch() follows redirects', () => {
     expect((await echoed(fetched)).path).toBe('/target');
     const requested = await client.request(url('/stalled-body'), { redirect: 'follow', timeoutMs: 10_000 });
     expect(requested).toMatchObject({ status: 200, redirected: true, url: url('/target') });
+  });
+
+  it('follows a redirect from https to http (a downgrade, as fetch and curl do) without the credentials', async () => {
+    const own = new SockpoolClient({ socketPath: daemon.socketPath, threads: 1, caFile: pki.caFile });
+    try {
+      const headers = { authorization: 'Bearer secret', cookie: 'session=1', 'x-trace': 'kept' };
+      // On the https origin itself they are kept...
+      const same = await echoed(await own.fetch(`https://127.0.0.1:${secure.port}/r302`, { headers }));
+      expect(same.headers).toMatchObject({ authorization: 'Bearer secret', cookie: 'session=1' });
+      // ... the http origin on the same host is another (its scheme alone makes it so: test/redirects): they do not
+      // go there in the clear.
+      const downgraded = await own.fetch(`https://127.0.0.1:${secure.port}/downgrade`, { headers });
+      expect(downgraded).toMatchObject({ status: 200, redirected: true, url: url('/target') });
+      const there = await echoed(downgraded);
+      expect(there.headers.authorization).toBeUndefined();
+      expect(there.headers.cookie).toBeUndefined();
+      expect(there.headers['x-trace']).toBe('kept');
+      await expect(
+        own.request(`https://127.0.0.1:${secure.port}/downgrade`, { redirect: 'error' }),
+      ).rejects.toMatchObject({ code: 'SOCKPOOL_ERR_REDIRECT', status: 302 });
+    } finally {
+      await own.close();
+    }
   });
 
   it("returns the 3xx with redirect: 'manual', and a redirect status without a Location as it is", async () => {
@@ -315,7 +355,8 @@ describe('fetch() follows redirects', () => {
 
   it('leaves no fd open once the client is closed', async () => {
     // (The origins run in this process: their side of the connections the daemon keeps warm are not the client's.)
-    const clientFds = () => fdCount() - origin.openSockets() - other.openSockets() - refused.openSockets();
+    const clientFds = () =>
+      fdCount() - origin.openSockets() - other.openSockets() - refused.openSockets() - secure.openSockets();
     const before = clientFds();
     const own = new SockpoolClient({ socketPath: daemon.socketPath, threads: 1 });
     for (const path of ['/chain/3', '/to-other', '/r307']) await (await own.fetch(url(path))).arrayBuffer();
