@@ -199,7 +199,7 @@ export class TcpConnector implements Connector {
     // origin itself).
     const proxy = this.#proxyOf(origin);
     const target: Endpoint = proxy ?? origin;
-    const resolving = resolver.resolve(target.host, target.port);
+    const resolving = resolver.resolve(target.host, target.port, uid);
     // A query to the DNS servers in flight: each family joins the race as soon as its own answer is in. Otherwise
     // (literal, override, cached, system resolver) both families are there at once.
     const early = resolver.answersInFlight(target.host, target.port);

@@ -19,6 +19,11 @@
 // The marks of at most MAX_CACHE_ENTRIES host:ports are kept, shared fairly across the uids whose connects failed
 // (uid-share-map.ts): one uid failing at thousands of host:ports does not push out the others' marks.
 //
+// The cache holds at most MAX_CACHE_ENTRIES names (answers and negative answers alike), shared the same way across
+// the uids whose connects looked them up (`resolve`'s uid): one uid looking up thousands of names (a crawler, or junk
+// on purpose) pushes out its own oldest, not the names of a uid that holds fewer, which would each cost that uid a
+// lookup again (with the system resolver, a libuv thread for as long as it takes).
+//
 // Errors: SockpoolError(DNS) with fields { host, reason, dnsCode }. NXDOMAIN and "no address" answers are cached
 // for negativeTtlMs; timeouts and server failures are not cached (the next call asks again). Concurrent calls for
 // one host share one query. Time is monotonic (performance.now()).
@@ -56,7 +61,7 @@ export interface ResolverOptions {
 }
 
 const DEFAULT_FAILURE_PENALTY_MS = 30_000;
-/** Most host names cached (positive and negative; the oldest entry goes first), and host:ports with failure marks. */
+/** Most host names cached (positive and negative), and host:ports with failure marks (uid-share-map.ts for which go). */
 const MAX_CACHE_ENTRIES = 10_000;
 
 /** The addresses of one host (or override), split by family, with the round-robin turn counter. */
@@ -107,7 +112,8 @@ function rotate<T>(list: readonly T[], turn: number): T[] {
 export class Resolver {
   readonly #dns: dns.Resolver | undefined;
   readonly #overrides = new Map<string, AddressSet>();
-  readonly #cache = new Map<string, CacheEntry>();
+  /** Name → answer, each the uid's whose resolve() brought it in. */
+  readonly #cache = new UidShareMap<CacheEntry>(MAX_CACHE_ENTRIES);
   readonly #inFlight = new Map<string, Promise<CacheEntry>>();
   /** Queries to DNS servers in flight: each family's own answer (answersInFlight). */
   readonly #pendingFamilies = new Map<string, Record<4 | 6, Promise<string[]>>>();
@@ -156,16 +162,17 @@ export class Resolver {
   }
 
   /**
-   * The addresses to try for host:port, best first. Throws SockpoolError(DNS) when the name does not resolve,
-   * has no address, or resolution timed out.
+   * The addresses to try for host:port, best first, for a connect of `uid` (whose share of the cache a name it
+   * brings in counts against). Throws SockpoolError(DNS) when the name does not resolve, has no address, or
+   * resolution timed out.
    */
-  async resolve(host: string, port: number): Promise<ResolvedAddress[]> {
+  async resolve(host: string, port: number, uid = DAEMON_UID): Promise<ResolvedAddress[]> {
     const name = this.#nameOf(host);
     if (typeof name !== 'string') return [name];
     const override = this.#overrides.get(`${name}:${port}`);
     if (override) return this.#order(name, port, override);
     let entry = this.#cache.get(name);
-    if (!entry || entry.expiresAt <= performance.now()) entry = await this.#refresh(name);
+    if (!entry || entry.expiresAt <= performance.now()) entry = await this.#refresh(name, uid);
     if (entry.kind === 'negative') {
       throw new SockpoolError(ErrorCodes.DNS, entry.message, {
         host: name,
@@ -243,19 +250,19 @@ export class Resolver {
     if (marks.size === 0) this.#failures.delete(key);
   }
 
-  /** One query per host at a time: concurrent callers share it. */
-  #refresh(name: string): Promise<CacheEntry> {
+  /** One query per host at a time: concurrent callers share it (its answer is cached for the uid that asked first). */
+  #refresh(name: string, uid: number): Promise<CacheEntry> {
     let pending = this.#inFlight.get(name);
     if (!pending) {
       pending = this.#ask(name)
-        .then((answer) => this.#store(name, answer))
+        .then((answer) => this.#store(name, answer, uid))
         .finally(() => this.#inFlight.delete(name));
       this.#inFlight.set(name, pending);
     }
     return pending;
   }
 
-  #store(name: string, answer: Answer): CacheEntry {
+  #store(name: string, answer: Answer, uid: number): CacheEntry {
     const now = performance.now();
     if (answer.kind === 'addresses') {
       const ttlMs = Math.min(this.#maxTtlMs, Math.max(this.#minTtlMs, answer.ttlMs));
@@ -267,9 +274,7 @@ export class Resolver {
         expiresAt: now + ttlMs,
         turn: previous?.kind === 'positive' ? previous.turn : 0,
       };
-      this.#cache.delete(name);
-      this.#cache.set(name, entry);
-      this.#evictOldest(this.#cache);
+      this.#cache.set(name, entry, uid);
       return entry;
     }
     const message =
@@ -284,9 +289,7 @@ export class Resolver {
         reason: answer.reason,
         dnsCode: answer.dnsCode,
       };
-      this.#cache.delete(name);
-      this.#cache.set(name, entry);
-      this.#evictOldest(this.#cache);
+      this.#cache.set(name, entry, uid);
       return entry;
     }
     throw new SockpoolError(
@@ -295,14 +298,6 @@ export class Resolver {
       { host: name, reason: answer.reason, dnsCode: answer.dnsCode },
       { cause: answer.cause },
     );
-  }
-
-  #evictOldest(map: Map<string, unknown>): void {
-    while (map.size > MAX_CACHE_ENTRIES) {
-      const oldest = map.keys().next();
-      if (oldest.done) return;
-      map.delete(oldest.value);
-    }
   }
 
   /** Runs `query` with the resolution deadline; a late answer is dropped. */

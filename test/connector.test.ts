@@ -158,6 +158,32 @@ describe('TcpConnector on loopback', () => {
     expect(c.learnedFamily({ host: 'ports.test', port: both.v6.port })).toMatchObject({ family: 6 });
   });
 
+  it("a name a uid's connect looked up is its share of the DNS cache: lookups of thousands of other names do not push it out", async () => {
+    const asked: string[] = [];
+    const config = parseConfig(
+      {
+        dns: { minTtlMs: 600_000, maxTtlMs: 600_000, negativeTtlMs: 600_000 },
+        egress: { allow: ['127.0.0.1/32'], allowPorts: [v4.port] },
+      },
+      'test',
+    );
+    const resolver = new Resolver(config.dns, async (name) => {
+      asked.push(name);
+      if (name !== 'cached.test') throw Object.assign(new Error('no such name'), { code: 'ENOTFOUND' });
+      return [{ address: '127.0.0.1', family: 4 }];
+    });
+    const egress = new EgressPolicy(config.egress);
+    const c = new TcpConnector(
+      () => resolver,
+      () => egress,
+    );
+    native.close((await c.connect({ host: 'cached.test', port: v4.port }, policy, undefined, undefined, 1)).fd);
+    // The daemon's own lookups (warming, say) of more names than the cache holds: its own oldest give way.
+    for (let index = 0; index < 10_500; index++) await resolver.resolve(`junk-${index}.test`, 443).catch(() => {});
+    native.close((await c.connect({ host: 'cached.test', port: v4.port }, policy, undefined, undefined, 1)).fd);
+    expect(asked.filter((name) => name === 'cached.test')).toHaveLength(1);
+  });
+
   it("what one port of a host taught does not steer another port's connects away from IPv6", async () => {
     const { connector: c } = connector();
     // A client's connect to a port its host serves over IPv4 only: IPv6 is refused there.

@@ -305,6 +305,31 @@ describe('Resolver without DNS', () => {
     expect(r.lookupInFlight('hung.test')).toBeUndefined();
   });
 
+  it("keeps a uid's cached names while another uid looks up thousands of names: the uid holding most gives way", async () => {
+    // The cache holds 10,000 names. One uid's lookups past that (a crawler, or junk on purpose) must push out its
+    // own oldest names, not those of a uid that holds fewer: each name flushed would cost that uid a lookup again
+    // (with the system resolver, a libuv thread for as long as it takes).
+    const asked = new Map<string, number>();
+    const dns = { minTtlMs: 600_000, maxTtlMs: 600_000, negativeTtlMs: 600_000 };
+    const r = new Resolver({ ...parseConfig({ dns }, 'test').dns }, async (name) => {
+      asked.set(name, (asked.get(name) ?? 0) + 1);
+      // Half the junk does not exist: negative answers are cached too, and count alike.
+      if (/^junk-\d*[13579]\./.test(name)) throw Object.assign(new Error('no such name'), { code: 'ENOTFOUND' });
+      return [{ address: '198.51.100.7', family: 4 }];
+    });
+    for (const name of ['kept-1.test', 'kept-2.test']) await r.resolve(name, 443, 1);
+    for (let index = 0; index < 12_000; index++) await r.resolve(`junk-${index}.test`, 443, 2).catch(() => {});
+    for (const name of ['kept-1.test', 'kept-2.test']) {
+      expect(addresses(await r.resolve(name, 443, 1))).toEqual(['198.51.100.7']);
+      expect(asked.get(name), name).toBe(1);
+    }
+    // Still at most 10,000 names: uid 2's oldest went, its latest are there.
+    await r.resolve('junk-11999.test', 443, 2).catch(() => {});
+    expect(asked.get('junk-11999.test')).toBe(1);
+    await r.resolve('junk-0.test', 443, 2);
+    expect(asked.get('junk-0.test')).toBe(2);
+  });
+
   it('refuses names that are not host names without asking', async () => {
     const r = resolver();
     const before = dnsServer.queries.length;
