@@ -58,8 +58,8 @@ export class LearnedFamilies {
    * The outcome of one race between both families. A win teaches something when the other family did worse
    * (failed, or was outrun), or when it confirms `defaultFamily`. A win of the other family while the default was
    * never tried (its DNS answer came after the resolution delay) teaches nothing, and neither does a race nobody
-   * won (what failed then is the resolver's per-address business). The entry is `uid`'s (the uid the race's
-   * connect was for) until another uid's race teaches it again.
+   * won (what failed then is the resolver's per-address business). A new entry is `uid`'s (the uid the race's
+   * connect was for); another uid's race teaching it again renews it, still its first teacher's (uid-share-map.ts).
    */
   record(host: string, families: Record<Family, FamilyOutcome>, defaultFamily: Family, uid = DAEMON_UID): void {
     const winner = families[6] === 'won' ? 6 : families[4] === 'won' ? 4 : undefined;

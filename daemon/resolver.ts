@@ -230,7 +230,7 @@ export class Resolver {
   /**
    * A connect to `address` for `host`:`port` failed: put it last for failurePenaltyMs, for that port only (a client's
    * connects to a port the host serves over one family only must not reorder every other port's addresses). The
-   * marks of host:port are `uid`'s (the uid the connect was for) until another uid's connect fails there.
+   * marks of host:port are the uid's whose failed connect made them (another uid's failure there adds to them).
    */
   reportFailure(host: string, port: number, address: string, uid = DAEMON_UID): void {
     const key = marksKey(host, port);

@@ -1,8 +1,14 @@
-// A bounded Map whose entries each belong to the uid whose connect made or last renewed them: the connector's
-// memories of hosts and ports that every uid's connects read (learned-families.ts, the resolver's failure marks).
-// Past `maxEntries` the entry dropped is the least recently set of the uid that holds the most. So one uid reaching
+// A bounded Map whose entries each belong to the uid whose connect brought them in: the connector's memories of hosts
+// and ports that every uid's connects read (learned-families.ts, the resolver's failure marks and DNS cache). Past
+// `maxEntries` the entry dropped is the least recently set of the uid that holds the most. So one uid reaching
 // thousands of host:ports (a crawler, or junk on purpose) pushes out its own entries, never those of a uid that holds
 // fewer: each uid keeps at least an equal share of the table, and one alone may use all of it.
+//
+// An entry set again by another uid (its connect reached the same host:port) stays its holder's, renewed: had it
+// become the setter's, a uid knowing another's host:ports could take their entries over and then push them out as
+// its own oldest. So only a uid's own new keys add to what it holds, and no uid changes what another holds. (An entry
+// that a heavy uid brought in and a light one uses goes with the heavy uid's oldest; the light uid's next connect
+// brings it in again, as its own: one lookup or race, once.)
 //
 // (Finding the uid that holds the most scans the uids holding entries: a few, one per local user at most.)
 
@@ -29,9 +35,16 @@ export class UidShareMap<V> {
     return this.#entries.get(key)?.value;
   }
 
-  /** Sets `key` for `uid`: it is `uid`'s from now on (whoever held it), its most recent. */
+  /** Sets `key`: a new key is `uid`'s, one held already stays its holder's; either way the holder's most recent. */
   set(key: string, value: V, uid: number): void {
-    this.#unown(key);
+    const owned = this.#entries.get(key);
+    if (owned) {
+      owned.value = value;
+      const keys = this.#byUid.get(owned.uid)!;
+      keys.delete(key); // re-insert: each uid's keys are kept least recently set first
+      keys.add(key);
+      return;
+    }
     this.#entries.set(key, { value, uid });
     let keys = this.#byUid.get(uid);
     if (!keys) {

@@ -473,9 +473,26 @@ describe('LearnedFamilies', () => {
       expect(learned.preferred(`kept-${index}.test 443`), `kept-${index}`).toBe(4);
     expect(learned.preferred('junk-950.test 443')).toBe(6);
     expect(learned.preferred('junk-949.test 443')).toBeUndefined();
-    // An entry another uid's race teaches again is that uid's from then on.
-    learned.record('junk-999.test 443', v4, 6, 1);
+    // An entry another uid's race teaches again stays the uid's that taught it first (renewed: its most recent).
+    learned.record('junk-950.test 443', v4, 6, 1);
     for (let index = 0; index < 2; index++) learned.record(`more-${index}.test 443`, v6, 6, 2);
-    expect(learned.preferred('junk-999.test 443')).toBe(4);
+    expect(learned.preferred('junk-950.test 443')).toBe(4);
+    expect(learned.preferred('junk-951.test 443')).toBeUndefined();
+    expect(learned.preferred('junk-952.test 443')).toBeUndefined();
+    expect(learned.preferred('junk-953.test 443')).toBe(6);
+  });
+
+  it("another uid's race to a host:port a uid taught does not take the entry over: it cannot push it out", () => {
+    const learned = new LearnedFamilies({ maxEntries: 100, now: () => 0 });
+    const v4 = { 4: 'won', 6: 'failed' } as const;
+    const v6 = { 6: 'won', 4: 'untried' } as const;
+    for (let index = 0; index < 10; index++) learned.record(`kept-${index}.test 443`, v4, 6, 1);
+    // uid 2 knows uid 1's host:ports and races to them too, then reaches thousands of others: had its races made
+    // uid 1's entries its own, they would be its oldest, the first to give way.
+    for (let index = 0; index < 10; index++) learned.record(`kept-${index}.test 443`, v4, 6, 2);
+    for (let index = 0; index < 1_000; index++) learned.record(`junk-${index}.test 443`, v6, 6, 2);
+    expect(learned.size).toBe(100);
+    for (let index = 0; index < 10; index++)
+      expect(learned.preferred(`kept-${index}.test 443`), `kept-${index}`).toBe(4);
   });
 });

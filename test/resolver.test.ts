@@ -158,6 +158,18 @@ describe('Resolver through a DNS server', () => {
     }
   });
 
+  it("another uid's failure at a host:port a uid's marks are for does not take them over: it cannot push them out", async () => {
+    const r = resolver();
+    r.reportFailure('failures.test', 443, '198.51.100.2', 1);
+    // uid 2 fails there too (it knows the host:port), then at thousands of others: the marks stay uid 1's, so what
+    // gives way is uid 2's own.
+    r.reportFailure('failures.test', 443, '198.51.100.3', 2);
+    for (let port = 1; port <= 12_000; port++) r.reportFailure('junk.test', port, '198.51.100.9', 2);
+    for (let index = 0; index < 3; index++) {
+      expect(addresses(await r.resolve('failures.test', 443)).slice(1)).toEqual(['198.51.100.2', '198.51.100.3']);
+    }
+  });
+
   it('forgets a failure after failurePenaltyMs', async () => {
     const r = resolver({ failurePenaltyMs: 100 });
     r.reportFailure('v6fail.test', 443, '2001:db8::1');
