@@ -150,6 +150,34 @@ const positiveMs = durationMs();
  */
 export const MAX_CONNECT_TIMEOUT_MS = 300_000;
 /**
+ * The longest dns.timeoutMs. A resolution holds the acquire (and a place in its uid's maxLookupsPerUid) that long;
+ * glibc's resolver allows at most 30 s per try (RES_MAXRETRANS). A name no server answers within a minute is dead.
+ */
+export const MAX_DNS_TIMEOUT_MS = 60_000;
+/** The longest dns.minTtlMs and maxTtlMs: 7 days, the cap RFC 8767 §4 suggests (BIND's max-cache-ttl default). */
+export const MAX_DNS_TTL_MS = 604_800_000;
+/**
+ * The longest dns.negativeTtlMs: 3 hours. RFC 2308 §5: one to three hours work well, more than a day has proved
+ * problematic (a name created meanwhile stays unknown that long); BIND's max-ncache-ttl default.
+ */
+export const MAX_NEGATIVE_TTL_MS = 10_800_000;
+/**
+ * The longest tls.handshakeTimeoutMs. A handshake holds one of a relay thread's 16 handshake places (the others
+ * queue behind it) and the acquire waiting for it; a server that has not finished one in a minute never will.
+ */
+export const MAX_TLS_HANDSHAKE_TIMEOUT_MS = 60_000;
+/**
+ * The largest pool.historyMaxOrigins: the history's origins are held in the daemon's memory too (those not yet
+ * written, and every learned idle lifetime, loaded at start), and warm-on-start ranks the whole table.
+ */
+export const MAX_HISTORY_ORIGINS = 1_000_000;
+/** A duration in ms from `min` up to `max`, whose refusal says why (`why`). */
+const boundedMs = (min: number, max: number, why: string) =>
+  z
+    .int()
+    .min(min)
+    .max(max, { error: `must be at most ${max} ms (${why})` });
+/**
  * A string entry parsed by one of shared/address.ts's parsers into its typed value; a refusal becomes an issue
  * saying what is expected, the entry, and why.
  */
@@ -423,10 +451,10 @@ export const configSchema = z
     dns: z
       .strictObject({
         servers: z.array(dnsServer).prefault(() => [...dnsDefaults.servers]),
-        minTtlMs: durationMs(0).default(dnsDefaults.minTtlMs),
-        maxTtlMs: durationMs(0).default(dnsDefaults.maxTtlMs),
-        negativeTtlMs: durationMs(0).default(dnsDefaults.negativeTtlMs),
-        timeoutMs: positiveMs.default(dnsDefaults.timeoutMs),
+        minTtlMs: boundedMs(0, MAX_DNS_TTL_MS, '7 days, RFC 8767').default(dnsDefaults.minTtlMs),
+        maxTtlMs: boundedMs(0, MAX_DNS_TTL_MS, '7 days, RFC 8767').default(dnsDefaults.maxTtlMs),
+        negativeTtlMs: boundedMs(0, MAX_NEGATIVE_TTL_MS, '3 hours, RFC 2308').default(dnsDefaults.negativeTtlMs),
+        timeoutMs: boundedMs(1, MAX_DNS_TIMEOUT_MS, '1 minute').default(dnsDefaults.timeoutMs),
         resolve: z.array(resolveEntry).prefault(() => [...dnsDefaults.resolve]),
       })
       .prefault({}),
@@ -435,7 +463,9 @@ export const configSchema = z
         caFile: z.string().min(1).optional(),
         warm: z.array(warmTlsEntry).prefault(() => [...tlsDefaults.warm]),
         relayThreads: z.int().min(1).max(64).default(tlsDefaults.relayThreads),
-        handshakeTimeoutMs: positiveMs.default(tlsDefaults.handshakeTimeoutMs),
+        handshakeTimeoutMs: boundedMs(1, MAX_TLS_HANDSHAKE_TIMEOUT_MS, '1 minute').default(
+          tlsDefaults.handshakeTimeoutMs,
+        ),
       })
       .prefault({}),
     proxies: z.array(proxySchema).default(() => []),
@@ -447,7 +477,11 @@ export const configSchema = z
         warmOnStartOrigins: z.int().min(0).default(poolDefaults.warmOnStartOrigins),
         warmOnStartSockets: z.int().min(0).default(poolDefaults.warmOnStartSockets),
         statsFlushMs: positiveMs.default(poolDefaults.statsFlushMs),
-        historyMaxOrigins: z.int().min(1).default(poolDefaults.historyMaxOrigins),
+        historyMaxOrigins: z
+          .int()
+          .min(1)
+          .max(MAX_HISTORY_ORIGINS, { error: `must be at most ${MAX_HISTORY_ORIGINS}` })
+          .default(poolDefaults.historyMaxOrigins),
         defaults: originPolicySchema,
         origins: z.array(originOverrideSchema).default(() => []),
       })

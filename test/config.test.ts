@@ -269,15 +269,11 @@ describe('parseConfig', () => {
     // Node turns a longer setTimeout into 1 ms with a mere warning: quotas.maxLeaseMs = 3e9 ended every lease at once.
     const durations: Array<[string, (ms: number) => unknown]> = [
       ['quotas.maxLeaseMs', (ms) => ({ quotas: { maxLeaseMs: ms } })],
-      ['dns.minTtlMs', (ms) => ({ dns: { minTtlMs: ms, maxTtlMs: ms } })],
-      ['dns.maxTtlMs', (ms) => ({ dns: { maxTtlMs: ms } })],
-      ['dns.negativeTtlMs', (ms) => ({ dns: { negativeTtlMs: ms } })],
-      ['dns.timeoutMs', (ms) => ({ dns: { timeoutMs: ms } })],
-      ['tls.handshakeTimeoutMs', (ms) => ({ tls: { handshakeTimeoutMs: ms } })],
       ['pool.predictiveWindowMs', (ms) => ({ pool: { predictiveWindowMs: ms } })],
       ['pool.statsFlushMs', (ms) => ({ pool: { statsFlushMs: ms } })],
     ];
-    // (connectTimeoutMs and connectAttemptDelayMs have bounds of their own, below.)
+    // (connectTimeoutMs, connectAttemptDelayMs, the dns durations and tls.handshakeTimeoutMs have bounds of their own,
+    // below.)
     for (const key of ['idleTtlMs', 'acquireTimeoutMs', 'userTimeoutMs']) {
       durations.push([`pool.defaults.${key}`, (ms) => ({ pool: { defaults: { [key]: ms } } })]);
       durations.push([`pool.origins[0].${key}`, (ms) => ({ pool: { origins: [{ match: '*:443', [key]: ms }] } })]);
@@ -316,6 +312,33 @@ describe('parseConfig', () => {
     const error = configError(() => loadConfigFile(file));
     expect(error.message).toContain(file);
     expect(error.fields).toMatchObject({ key: 'pool.defaults.connectAttemptDelayMs' });
+  });
+
+  it('bounds the DNS deadline and cache lifetimes, the TLS handshake timeout and the history size, naming the key', () => {
+    // Each took anything up to the longest timer (about 24.8 days) or any safe integer: a DNS deadline or a handshake
+    // of days is no deadline (each holds a uid's lookup charge, or a relay thread's handshake place, that long), an
+    // answer cached for weeks outlives any TTL a resolver keeps (RFC 8767: 7 days; RFC 2308: negative answers hours),
+    // and the history's origins are held in the daemon's memory too.
+    const bounds: Array<[string, number, string, (value: number) => unknown]> = [
+      ['dns.timeoutMs', 60_000, ' ms', (ms) => ({ dns: { timeoutMs: ms } })],
+      ['dns.minTtlMs', 604_800_000, ' ms', (ms) => ({ dns: { minTtlMs: ms, maxTtlMs: 604_800_000 } })],
+      ['dns.maxTtlMs', 604_800_000, ' ms', (ms) => ({ dns: { maxTtlMs: ms } })],
+      ['dns.negativeTtlMs', 10_800_000, ' ms', (ms) => ({ dns: { negativeTtlMs: ms } })],
+      ['tls.handshakeTimeoutMs', 60_000, ' ms', (ms) => ({ tls: { handshakeTimeoutMs: ms } })],
+      ['pool.historyMaxOrigins', 1_000_000, '', (count) => ({ pool: { historyMaxOrigins: count } })],
+    ];
+    for (const [key, most, unit, raw] of bounds) {
+      const error = configError(() => parseConfig(raw(most + 1), 'f'));
+      expect(error.fields, key).toMatchObject({ key });
+      expect(error.message, key).toContain(`${key}: must be at most ${most}${unit}`);
+      expect(() => parseConfig(raw(most), 'f'), key).not.toThrow();
+    }
+    // A reload reads the file the same way: the bad key is named with the file.
+    const file = join(dir, 'sockpoold.toml');
+    writeFileSync(file, '[tls]\nhandshakeTimeoutMs = 600000\n');
+    const error = configError(() => loadConfigFile(file));
+    expect(error.message).toContain(file);
+    expect(error.fields).toMatchObject({ key: 'tls.handshakeTimeoutMs' });
   });
 
   it('parses --resolve entries into host, port and addresses', () => {
