@@ -410,8 +410,8 @@ export class SockpoolClient {
   }
 
   /** A request that waited for its origin's rate tokens or at its connection cap (or was refused for its rate)
-   *  makes the origin throttled in the queue (request-queue.ts): its requests hold at most a share of the slots from
-   *  then on. */
+   *  makes the origin throttled in the queue (request-queue.ts): its requests hold at most a share of the slots
+   *  until the mark ends, a minute or more after the last such request. */
   #noteThrottled(target: UrlTarget, seen: { tokenWaitMs?: number; capWaitMs?: number; code?: string }): void {
     if (
       (seen.tokenWaitMs ?? 0) >= THROTTLED_WAIT_MS ||

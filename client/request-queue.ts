@@ -37,6 +37,20 @@
 // the share has room; the waiters behind it go on. Most of a throttled origin's requests wait for its tokens anyway,
 // so the share costs it little, and the rest of the queue keeps at least half the slots.
 //
+// The mark does not last for ever: a crawler whose origin was rate-limited once in the morning would keep it to half
+// the slots all day (found in review). It ends THROTTLED_HOLD_MS after the origin's last request that waited (each
+// one that waits, while marked too, starts the time again): an origin whose rate still holds its requests back
+// goes on sending waits and stays marked. The time is read only for marked origins, as one of their requests enters
+// or leaves (and where an ended mark is seen, its parked waiters start first, in order). An origin can also stop
+// waiting only because the share holds it under its rate (rate × the time a request takes ≤ the share); its mark
+// then ends, its requests take more slots, wait, and mark it again: a flap, which costs the rest of the queue what
+// the origin's first requests cost before the queue knew (the slots it took before one of them ended having waited,
+// held until their tokens come). So that it cannot repeat every minute, an origin marked again within
+// its last hold of that mark ending keeps the new one twice as long (up to THROTTLED_HOLD_MAX_MS); one marked later
+// than that starts again at THROTTLED_HOLD_MS. A mark is counted over time, not over requests in a row that did
+// not wait: while marked, the share itself keeps requests from waiting, so such a count would end the mark soonest
+// exactly where it works. (An idle origin's record, mark and all, can also be dropped with the others: see below.)
+//
 // The per-origin records are not deleted when an origin's last request leaves: a Map that adds and deletes per
 // request keeps garbage alive past young-generation GCs (../shared/id-table.ts). An idle record stays, ready for the
 // origin's next request, until IDLE_ORIGINS_KEPT of them have piled up; then the Map is rebuilt whole with the busy
@@ -88,6 +102,12 @@ interface OriginRequests {
   /** Sockets announced for the origin while it is 'announced' (what a top-up adds to). */
   asked: number;
   throttled: boolean;
+  /** While throttled: when the mark ends, unless a request waits again before then (see the header). */
+  throttledUntil: number;
+  /** How long the origin's current or last mark lasts after its last wait. */
+  throttledHoldMs: number;
+  /** When its last mark ended (-Infinity: never marked, or none ended). */
+  throttledEndedAt: number;
 }
 
 /** A burst is looked at each time this many waiters past the lookahead's cursor are in (see the header): a few
@@ -105,6 +125,11 @@ const noop = () => {};
 
 /** The part of the slots that requests to throttled origins may hold together (see the header). */
 const THROTTLED_SHARE = 0.5;
+
+/** A throttled mark ends this long after the origin's last request that waited; a mark that comes back soon after
+ *  one ended lasts twice as long as that one, up to the max (see the header). */
+const THROTTLED_HOLD_MS = 60_000;
+const THROTTLED_HOLD_MAX_MS = 16 * 60_000;
 
 export class RequestQueue {
   readonly #capacity: number;
@@ -142,13 +167,18 @@ export class RequestQueue {
   #onIdle: Array<() => void> = [];
   /** Deadlines of the waiters, on one timer. */
   readonly #deadlines = new Deadlines(epochNow);
+  /** The clock of the throttled marks (ms). */
+  readonly #now: () => number;
 
-  /** `announce` gets each batch of origins to announce; it must not throw (the caller ignores its failures). */
+  /** `announce` gets each batch of origins to announce; it must not throw (the caller ignores its failures). `now`
+   *  is the clock the throttled marks end by (tests pass their own). */
   constructor(
     capacity: number,
     lookahead: AnnounceOptions | undefined,
     announce: (origins: AnnouncedOrigin[]) => void,
+    now: () => number = epochNow,
   ) {
+    this.#now = now;
     this.#capacity = capacity;
     this.#throttledCapacity = Math.max(1, Math.floor(capacity * THROTTLED_SHARE));
     this.#lookahead = lookahead && lookahead.origins > 0 ? lookahead : undefined;
@@ -176,7 +206,13 @@ export class RequestQueue {
    * when its signal fires, while it waits. A request that got a slot must give it back with leave().
    */
   enter(target: UrlTarget, request: TransferRequest, signal: AbortSignal | undefined): Promise<void> | undefined {
-    const origin = this.#busy(target.key);
+    let origin = this.#busy(target.key);
+    if (origin.throttled && !this.#stillThrottled(origin)) {
+      // The mark ended: the origin's parked waiters start first (they came before this request). Starting them may
+      // have rebuilt the records (#maybeIdle), dropping this one if it was idle: it is looked up again.
+      this.#startParked();
+      origin = this.#origins.get(target.key) ?? this.#busy(target.key);
+    }
     // (Parked waiters wait for the throttled share only: a request to another origin may start past them.)
     const roomInQueue = this.#running < this.#capacity && this.#waiting === this.#parkedWaiting;
     const throttledFull = origin.throttled && this.#throttledRunning >= this.#throttledCapacity;
@@ -225,34 +261,40 @@ export class RequestQueue {
   }
 
   /**
-   * A request to `target` waited for a token of its origin's rate: from now on the origin's requests count in the
-   * throttled share (see the header), the ones running now included. Call it before that request's leave().
+   * A request to `target` waited for a token of its origin's rate: from now on, until the mark ends, the origin's
+   * requests count in the throttled share (see the header), the ones running now included. Call it before that
+   * request's leave().
    */
   throttled(target: UrlTarget): void {
     const origin = this.#origins.get(target.key);
-    if (origin === undefined || origin.throttled) return;
-    origin.throttled = true;
-    this.#throttledRunning += origin.running;
+    if (origin === undefined) return;
+    const now = this.#now();
+    if (!origin.throttled) {
+      // (Marked again within its last hold of that mark ending: it held the origin back, so this one lasts longer.)
+      origin.throttledHoldMs =
+        now - origin.throttledEndedAt < origin.throttledHoldMs
+          ? Math.min(origin.throttledHoldMs * 2, THROTTLED_HOLD_MAX_MS)
+          : THROTTLED_HOLD_MS;
+      origin.throttled = true;
+      this.#throttledRunning += origin.running;
+    }
+    origin.throttledUntil = now + origin.throttledHoldMs;
   }
 
   /** A request to `target` that held a slot is over: the slot goes to the next waiter. */
   leave(target: UrlTarget): void {
     this.#running--;
     const origin = this.#origins.get(target.key)!;
+    // (Before its count goes down: a mark that ends takes the origin's running requests, this one included, out of
+    // the share.)
+    const throttled = origin.throttled && this.#stillThrottled(origin);
     origin.running--;
-    if (origin.throttled) this.#throttledRunning--;
+    if (throttled) this.#throttledRunning--;
     this.#maybeIdle(origin);
     // Parked waiters came before every waiter still in #waiters: they go first, while the throttled share has room.
-    while (
-      this.#running < this.#capacity &&
-      this.#throttledRunning < this.#throttledCapacity &&
-      this.#parkedHead < this.#parked.length
-    ) {
-      const waiter = this.#parked[this.#parkedHead++]!;
-      if (waiter.gone) continue;
-      this.#parkedWaiting--;
-      this.#start(waiter);
-    }
+    this.#startParked();
+    // (A waiter's origin whose mark has ended but was not seen to yet parks here; it starts once the share has room,
+    // which a throttled request leaving gives.)
     while (this.#running < this.#capacity && this.#head < this.#waiters.length) {
       const waiter = this.#waiters[this.#head++]!;
       if (waiter.gone) {
@@ -274,6 +316,31 @@ export class RequestQueue {
       this.#onIdle = [];
       for (const resolve of waiting) resolve();
     }
+  }
+
+  /** Starts parked waiters, in order, while a slot is free and the throttled share has room. */
+  #startParked(): void {
+    while (
+      this.#running < this.#capacity &&
+      this.#throttledRunning < this.#throttledCapacity &&
+      this.#parkedHead < this.#parked.length
+    ) {
+      const waiter = this.#parked[this.#parkedHead++]!;
+      if (waiter.gone) continue;
+      this.#parkedWaiting--;
+      this.#start(waiter);
+    }
+  }
+
+  /** Whether the marked `origin` is still throttled; a mark whose time is up ends here (see the header), and the
+   *  origin's running requests leave the throttled share. */
+  #stillThrottled(origin: OriginRequests): boolean {
+    const now = this.#now();
+    if (now < origin.throttledUntil) return true;
+    origin.throttled = false;
+    origin.throttledEndedAt = now;
+    this.#throttledRunning -= origin.running;
+    return false;
   }
 
   /** Resolves once nothing waits and no request holds a slot (at once if so now). */
@@ -358,7 +425,16 @@ export class RequestQueue {
   #busy(key: string): OriginRequests {
     const origin = this.#origins.get(key);
     if (origin === undefined) {
-      const made: OriginRequests = { waiting: 0, running: 0, looked: 'no', asked: 0, throttled: false };
+      const made: OriginRequests = {
+        waiting: 0,
+        running: 0,
+        looked: 'no',
+        asked: 0,
+        throttled: false,
+        throttledUntil: 0,
+        throttledHoldMs: 0,
+        throttledEndedAt: Number.NEGATIVE_INFINITY,
+      };
       this.#origins.set(key, made);
       return made;
     }

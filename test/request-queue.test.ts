@@ -11,10 +11,10 @@ function request(timeoutMs = 60_000): TransferRequest {
   return { url: 'http://unused/', method: 'GET', headers: [], deadline: epochNow() + timeoutMs, timeoutMs };
 }
 
-/** A queue of `capacity` slots whose announcements are recorded, one batch per entry. */
-function recordingQueue(capacity: number, lookahead = { origins: 2, socketsPerOrigin: 3 }) {
+/** A queue of `capacity` slots whose announcements are recorded, one batch per entry; `now` is its clock. */
+function recordingQueue(capacity: number, lookahead = { origins: 2, socketsPerOrigin: 3 }, now = epochNow) {
   const batches: AnnouncedOrigin[][] = [];
-  const queue = new RequestQueue(capacity, lookahead, (origins) => batches.push(origins));
+  const queue = new RequestQueue(capacity, lookahead, (origins) => batches.push(origins), now);
   /** enter() for a URL; a waiter's start and failure are recorded in `order`. */
   const order: string[] = [];
   const enter = (url: string, options: { timeoutMs?: number; signal?: AbortSignal } = {}) => {
@@ -90,6 +90,61 @@ describe('RequestQueue', () => {
     await Promise.all([...waiting, late]);
     expect(order).toEqual(['http://other.test/1', slow(4), slow(5), slow(6), slow(7)]);
     leave(slow(7));
+    expect(queue.running).toBe(0);
+    await queue.idle();
+  });
+
+  it('a throttled mark ends a minute after the origin last waited; one that comes back soon after lasts twice as long', async () => {
+    // Found in review: the mark lasted for the client's life, so an origin rate-limited once (a crawler's morning)
+    // kept to half the slots all day. The queue's clock is injected: no wall-clock time passes in this test.
+    let now = 1_000_000;
+    const { queue, order, enter, leave } = recordingQueue(4, { origins: 0, socketsPerOrigin: 1 }, () => now);
+    const slow = (n: number) => `http://slow.test/${n}`;
+    expect(enter(slow(0))).toBe('started');
+    expect(enter(slow(1))).toBe('started');
+    queue.throttled(urlTarget(slow(0)));
+    // The share (2 of 4) is taken: the next one parks although slots are free.
+    const waiting = [enter(slow(2))];
+    // Another request waited, 30 s on: the minute counts from there.
+    now += 30_000;
+    queue.throttled(urlTarget(slow(1)));
+    now += 59_999;
+    leave(slow(0));
+    await settle();
+    expect(order).toEqual([slow(2)]);
+    waiting.push(enter(slow(3)));
+    expect(waiting[1]).not.toBe('started');
+    // A minute without a wait: the mark is gone. The parked request starts first, then a newcomer at once.
+    now += 1;
+    expect(enter(slow(4))).toBe('started');
+    await settle();
+    expect(order).toEqual([slow(2), slow(3)]);
+    expect(queue.running).toBe(4);
+    // Marked again 10 s after its mark ended (its rate still holds): this mark lasts two minutes.
+    now += 10_000;
+    queue.throttled(urlTarget(slow(4)));
+    const late = enter(slow(5));
+    expect(late).not.toBe('started');
+    now += 119_999;
+    leave(slow(1));
+    await settle();
+    expect(order).toEqual([slow(2), slow(3)]);
+    now += 1;
+    leave(slow(2));
+    await settle();
+    expect(order).toEqual([slow(2), slow(3), slow(5)]);
+    // A mark that comes long after the last one ended lasts the minute again.
+    now += 1_000_000;
+    queue.throttled(urlTarget(slow(3)));
+    const parkedAgain = enter(slow(6));
+    expect(parkedAgain).not.toBe('started');
+    now += 60_000;
+    leave(slow(3));
+    await settle();
+    expect(order).toEqual([slow(2), slow(3), slow(5), slow(6)]);
+    expect(enter(slow(7))).toBe('started');
+    for (const n of [4, 5, 6, 7]) leave(slow(n));
+    await Promise.all([...waiting, late, parkedAgain]);
     expect(queue.running).toBe(0);
     await queue.idle();
   });
