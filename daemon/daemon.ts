@@ -138,6 +138,13 @@ export class Sockpoold {
       // The history only warms: a corrupt file costs it, not the start (a restart loop under systemd).
       onCorrupt: ({ path, movedTo, err }) =>
         this.#log.warn({ path, movedTo, err }, 'state database corrupt: moved aside; starting with an empty history'),
+      // The start goes on with the file as it is; the operator learns why its schema stays old (a backup tool or a
+      // sqlite3 shell holding the lock) and that the next start without it migrates.
+      onMigrationDeferred: ({ path, version, migration, newest, err }) =>
+        this.#log.warn(
+          { path, version, migration, newest, err },
+          `state database locked by another process: schema migration ${migration} (to version ${newest}) waits for a start without the lock`,
+        ),
     });
     this.#store.startAutoFlush(this.#config.pool.statsFlushMs);
     this.#egress = createEgressPolicy(this.#config, this.#hostAddresses);

@@ -91,6 +91,18 @@ export interface StateStoreOptions {
    * error: the store then starts with an empty history (the history only warms; losing it costs no correctness).
    */
   onCorrupt?: (info: { path: string; movedTo: string; err: string }) => void;
+  /**
+   * Told when another process held the file's write lock and the schema migrations wait for a later start: the file
+   * is at schema `version`, `migration` (version + 1) is the first that waits, `newest` the schema this version
+   * knows, `err` SQLite's word for it. Without it the file stays at its old schema in silence, start after start.
+   */
+  onMigrationDeferred?: (info: {
+    path: string;
+    version: number;
+    migration: number;
+    newest: number;
+    err: string;
+  }) => void;
 }
 
 /** An origin as `topOrigins` ranks it for warm-on-start. */
@@ -386,8 +398,17 @@ export class StateStore {
         // Another process holds the write lock (a backup tool, an operator's sqlite3 shell) at the first start after
         // an upgrade: the history only warms, so the start goes on with the file as it is and the migrations wait for
         // a start without the lock (this version's statements run on any schema from STATEMENTS_NEED_SCHEMA; until
-        // then the file lacks the eviction index and keeps the lifetimes schema 3 forgets).
-        if (!isBusy(error) || schemaVersion(db) < STATEMENTS_NEED_SCHEMA) throw error;
+        // then the file lacks the eviction index and keeps the lifetimes schema 3 forgets). The daemon logs that the
+        // migrations wait (onMigrationDeferred): the operator would otherwise never learn why the schema stays old.
+        const version = schemaVersion(db);
+        if (!isBusy(error) || version < STATEMENTS_NEED_SCHEMA) throw error;
+        options.onMigrationDeferred?.({
+          path,
+          version,
+          migration: version + 1,
+          newest: MIGRATIONS.length,
+          err: (error as Error).message,
+        });
       }
       // Once open, a lock held by another process (an operator's sqlite3 shell, a backup tool) fails a flush at once
       // instead of holding the event loop for busy_timeout at every flush tick: what was not written stays pending

@@ -10,6 +10,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import Database from 'better-sqlite3';
 import { afterEach, describe, expect, it } from 'vitest';
 import type { PoolSnapshot } from '../daemon/client-view.js';
+import { MIGRATIONS } from '../daemon/store.js';
 import * as native from '../shared/native.js';
 import { MAX_MESSAGE_BYTES } from '../shared/protocol.js';
 import { startServer, type TestServer } from './fixtures/native-helpers.js';
@@ -576,6 +577,39 @@ describe('life cycle', () => {
       .find((line) => line.includes('state database corrupt'));
     expect(JSON.parse(warning ?? '{}')).toMatchObject({ path, movedTo: join(stateDir, moved[0]!) });
     expect(existsSync(path)).toBe(true);
+    expect(await sockpoold.stop()).toBe(0);
+  });
+
+  it('says at warn which schema migration waits when another process holds the write lock of an older file', async () => {
+    // Found in review: the start went on (as it should) but said nothing, so the operator never learned why the
+    // file stayed at its old schema.
+    const stateDir = mkdtempSync(join(tmpdir(), 'sockpoold-test-'));
+    const path = join(stateDir, 'sockpool.sqlite');
+    const db = new Database(path);
+    db.exec('PRAGMA journal_mode = WAL');
+    // Schema 1, as the first sockpoold left it.
+    db.exec(MIGRATIONS[0]!);
+    db.exec('PRAGMA user_version = 1');
+    db.close();
+    const other = new Database(path);
+    other.exec('BEGIN IMMEDIATE');
+    cleanups.push(() => other.close());
+    cleanups.push(() => other.exec('ROLLBACK'));
+    const sockpoold = await startDaemon({ stateDir });
+    cleanups.push(() => sockpoold.stop());
+    const warnings = sockpoold
+      .output()
+      .split('\n')
+      .filter((line) => line.includes('schema migration'));
+    expect(warnings).toHaveLength(1);
+    expect(JSON.parse(warnings[0]!)).toMatchObject({
+      level: 40,
+      path,
+      version: 1,
+      migration: 2,
+      newest: MIGRATIONS.length,
+      err: expect.stringMatching(/locked/),
+    });
     expect(await sockpoold.stop()).toBe(0);
   });
 

@@ -704,16 +704,22 @@ describe('migrations', () => {
     db.close();
     const other = openDatabase(path);
     other.exec('BEGIN IMMEDIATE');
+    const told: unknown[] = [];
     try {
-      const store = StateStore.open(dir, { now });
+      const store = StateStore.open(dir, { now, onMigrationDeferred: (info) => told.push(info) });
       expect(store.origin('used.example:443')?.acquires).toBe(5);
+      // Said once, with the migration that waits and why: the daemon logs it (it used to wait in silence).
+      expect(told).toEqual([
+        { path, version: 1, migration: 2, newest: MIGRATIONS.length, err: expect.stringMatching(/locked/) },
+      ]);
       // (Its last flush fails under the lock, as at the daemon's stop, which logs it: closed all the same.)
       expect(() => store.close()).toThrow(/locked/);
     } finally {
       other.exec('ROLLBACK');
     }
-    // The next start without the lock migrates.
-    StateStore.open(dir, { now }).close();
+    // The next start without the lock migrates, and has nothing to say.
+    StateStore.open(dir, { now, onMigrationDeferred: (info) => told.push(info) }).close();
+    expect(told).toHaveLength(1);
     const after = reader(dir);
     expect(value(after, 'PRAGMA user_version')).toBe(MIGRATIONS.length);
     after.close();
