@@ -186,6 +186,44 @@ describe('a wait for tokens its client gave up', () => {
   });
 });
 
+describe('a grant Redis answers after its waiter left', () => {
+  // Seen in a review of the old per-waiter polling (each wait asked Redis for itself, and an answer that came after
+  // its wait was given up took its tokens for nobody). The per-origin queue hands the answer to whoever waits then,
+  // and what is left to the daemon's batch (RateLimiter #granted); this keeps it so.
+  it('goes to the daemon’s batch: the next request spends it without asking Redis', async () => {
+    const config = parseConfig(
+      { pool: { origins: [{ match: 'slow.example:443', requestsPerSecond: 1, burst: 1 }] } },
+      'test',
+    );
+    const origin = { host: 'slow.example', port: 443 };
+    // Redis answers when the test says.
+    const answers: Array<(grant: { granted: number; waitMs: number }) => void> = [];
+    const fleet = {
+      takeTokens: () =>
+        new Promise((resolve) => {
+          answers.push(resolve);
+        }),
+    } as unknown as ConstructorParameters<typeof RateLimiter>[1];
+    const limiter = new RateLimiter(config, fleet, () => 0);
+    const params = limiter.paramsFor(origin)!;
+    const left = new AbortController();
+    const gone = limiter.take(origin, params, 1, 60_000, left.signal);
+    await new Promise((resolve) => setImmediate(resolve));
+    expect(answers).toHaveLength(1);
+    left.abort();
+    await expect(gone).rejects.toMatchObject({ code: ErrorCodes.ABORTED });
+    // Redis took the token for it all the same.
+    answers[0]!({ granted: 1, waitMs: 0 });
+    await new Promise((resolve) => setImmediate(resolve));
+    const next = limiter.take(origin, params, 1, 60_000);
+    await new Promise((resolve) => setImmediate(resolve));
+    // (Asking Redis again would be a second answer waited for: the token would be lost to the fleet.)
+    expect(answers).toHaveLength(1);
+    expect(await next).toBe(1);
+    expect(limiter.counters.granted).toBe(1);
+  });
+});
+
 describe('worker tokens', () => {
   it('origins without a rate send nothing; a rated origin asks in batches and spends them', async () => {
     const asked: number[] = [];
