@@ -62,6 +62,12 @@ export interface SockpoolClientOptions {
   threads?: number;
   /** Transfers one thread runs at once on its libcurl Multi. Default 64. */
   concurrencyPerThread?: number;
+  /**
+   * Requests that may wait in the client's queue at once (beyond threads × concurrencyPerThread running); one more
+   * fails at once with SOCKPOOL_ERR_LIMIT (field `maxQueued`), unsent. Default Infinity: no bound (a crawler may
+   * queue its whole frontier; each waiting request still has its deadline).
+   */
+  maxQueued?: number;
   /** Default per-request timeout, from the call to the end of the body. Default 30000 ms. */
   timeoutMs?: number;
   /**
@@ -207,7 +213,10 @@ export class SockpoolClient {
   readonly #routes = new RecentMap<string, OriginRoute>(ROUTES_KEPT);
   readonly #workerData: WorkerConfig;
   #options: Required<
-    Omit<SockpoolClientOptions, 'caFile' | 'proxy' | 'retry' | 'announce' | 'inlineWhenIdle' | 'maxBodyBytes'>
+    Omit<
+      SockpoolClientOptions,
+      'caFile' | 'proxy' | 'retry' | 'announce' | 'inlineWhenIdle' | 'maxBodyBytes' | 'maxQueued'
+    >
   > & {
     retry: { deadConnection: boolean; methods: string[] };
     /** undefined: no limit. */
@@ -234,6 +243,10 @@ export class SockpoolClient {
     }
     if (options.inlineWhenIdle !== undefined && typeof options.inlineWhenIdle !== 'boolean') {
       throw invalid('inlineWhenIdle must be a boolean');
+    }
+    const maxQueued = options.maxQueued ?? Number.POSITIVE_INFINITY;
+    if (maxQueued !== Number.POSITIVE_INFINITY && (!Number.isSafeInteger(maxQueued) || maxQueued < 0)) {
+      throw invalid('maxQueued must be a whole number >= 0, or Infinity');
     }
     this.#options = {
       socketPath: options.socketPath ?? defaultSocketPath(),
@@ -268,8 +281,11 @@ export class SockpoolClient {
     };
     this.#workerData = workerData;
     this.#inlineWanted = threads > 0 && (options.inlineWhenIdle ?? true);
-    this.#queue = new RequestQueue(Math.max(1, threads) * concurrency, validateAnnounce(options.announce), (origins) =>
-      this.#announce(origins),
+    this.#queue = new RequestQueue(
+      Math.max(1, threads) * concurrency,
+      validateAnnounce(options.announce),
+      (origins) => this.#announce(origins),
+      maxQueued,
     );
     if (threads === 0) {
       // In the caller's own thread: no thread hops per request (the fastest for keep-alive loads), at the price

@@ -51,11 +51,18 @@
 // not wait: while marked, the share itself keeps requests from waiting, so such a count would end the mark soonest
 // exactly where it works. (An idle origin's record, mark and all, can also be dropped with the others: see below.)
 //
+// How many may wait. By default, as many as the caller makes (`maxQueued` Infinity): each waiter already has a
+// deadline, and a crawler may hand over its whole frontier. With `maxQueued` set, a request that would wait while that
+// many already wait (parked ones included) fails at once with SOCKPOOL_ERR_LIMIT, leaving nothing behind: a service
+// that fans out per incoming request sheds load there instead of growing its latency and memory (the capacity is the
+// client's, so its caller cannot tell from outside whether a request would wait).
+//
 // The per-origin records are not deleted when an origin's last request leaves: a Map that adds and deletes per
 // request keeps garbage alive past young-generation GCs (../shared/id-table.ts). An idle record stays, ready for the
 // origin's next request, until IDLE_ORIGINS_KEPT of them have piled up; then the Map is rebuilt whole with the busy
 // ones (docs/benchmarks.md, "The queue's Map churn", has what it saves).
 
+import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import { epochNow, type TransferRequest, timeoutError } from '../worker/curl-engine.js';
 import { Deadlines } from '../worker/deadlines.js';
 import { abortedError } from '../worker/transfer-runtime.js';
@@ -133,6 +140,8 @@ const THROTTLED_HOLD_MAX_MS = 16 * 60_000;
 
 export class RequestQueue {
   readonly #capacity: number;
+  /** The most waiters at once (see the header). */
+  readonly #maxWaiting: number;
   readonly #lookahead: AnnounceOptions | undefined;
   readonly #announce: (origins: AnnouncedOrigin[]) => void;
   /** Requests holding a slot (from enter() to leave()). */
@@ -170,16 +179,18 @@ export class RequestQueue {
   /** The clock of the throttled marks (ms). */
   readonly #now: () => number;
 
-  /** `announce` gets each batch of origins to announce; it must not throw (the caller ignores its failures). `now`
-   *  is the clock the throttled marks end by (tests pass their own). */
+  /** `announce` gets each batch of origins to announce; it must not throw (the caller ignores its failures).
+   *  `maxWaiting`: the client's `maxQueued`. `now` is the clock the throttled marks end by (tests pass their own). */
   constructor(
     capacity: number,
     lookahead: AnnounceOptions | undefined,
     announce: (origins: AnnouncedOrigin[]) => void,
+    maxWaiting = Number.POSITIVE_INFINITY,
     now: () => number = epochNow,
   ) {
     this.#now = now;
     this.#capacity = capacity;
+    this.#maxWaiting = maxWaiting;
     this.#throttledCapacity = Math.max(1, Math.floor(capacity * THROTTLED_SHARE));
     this.#lookahead = lookahead && lookahead.origins > 0 ? lookahead : undefined;
     this.#announce = announce;
@@ -203,7 +214,9 @@ export class RequestQueue {
   /**
    * A request wants to run: undefined when it has a slot at once, else a promise that resolves when it gets one
    * (in order of arrival) and rejects with SOCKPOOL_ERR_TIMEOUT at the request's deadline or SOCKPOOL_ERR_ABORTED
-   * when its signal fires, while it waits. A request that got a slot must give it back with leave().
+   * when its signal fires, while it waits; one that would wait while `maxWaiting` already wait gets a promise
+   * rejected with SOCKPOOL_ERR_LIMIT at once, and is not in the queue. A request that got a slot must give it back
+   * with leave().
    */
   enter(target: UrlTarget, request: TransferRequest, signal: AbortSignal | undefined): Promise<void> | undefined {
     let origin = this.#busy(target.key);
@@ -221,6 +234,17 @@ export class RequestQueue {
       origin.running++;
       if (origin.throttled) this.#throttledRunning++;
       return undefined;
+    }
+    if (this.#waiting >= this.#maxWaiting) {
+      // (Counted as nothing: #busy took the record out of the idle ones.)
+      this.#maybeIdle(origin);
+      return Promise.reject(
+        new SockpoolError(
+          ErrorCodes.LIMIT,
+          `${this.#waiting} requests already wait in the client's queue (maxQueued ${this.#maxWaiting})`,
+          { maxQueued: this.#maxWaiting },
+        ),
+      );
     }
     return new Promise<void>((resolve, reject) => {
       const waiter: Waiter = {

@@ -103,3 +103,39 @@ describe('a signal that is not an AbortSignal', () => {
     await client.close();
   });
 });
+
+describe('maxQueued', () => {
+  it('a request that would wait while maxQueued already wait fails at once with SOCKPOOL_ERR_LIMIT; the others run', async () => {
+    const client = new SockpoolClient({
+      socketPath: daemon.socketPath,
+      threads: 0,
+      concurrencyPerThread: 1,
+      maxQueued: 1,
+    });
+    const url = `http://127.0.0.1:${origin.port}/`;
+    const running = client.request(`${url}a`);
+    const waiting = client.request(`${url}b`);
+    // One runs, one waits: a third (of any kind) has no room, and fails without being sent.
+    for (const call of [
+      () => client.request(`${url}c`),
+      () => client.requestStream(`${url}c`),
+      () => client.fetch(`${url}c`),
+    ]) {
+      await expect(call()).rejects.toMatchObject({ code: 'SOCKPOOL_ERR_LIMIT', maxQueued: 1 });
+    }
+    expect((await running).body.toString()).toBe('GET /a 0');
+    expect((await waiting).body.toString()).toBe('GET /b 0');
+    // Room again once the queue is empty.
+    const more = [client.request(`${url}d`), client.request(`${url}e`)];
+    expect((await Promise.all(more)).map((response) => response.body.toString())).toEqual(['GET /d 0', 'GET /e 0']);
+    await client.close();
+  });
+
+  it('is a whole number >= 0 or Infinity (the default: no bound)', () => {
+    for (const maxQueued of [-1, 1.5, Number.NaN, '8']) {
+      expect(() => new SockpoolClient({ socketPath: daemon.socketPath, maxQueued: maxQueued as number })).toThrow(
+        expect.objectContaining({ code: 'SOCKPOOL_ERR_INVALID_ARGUMENT' }),
+      );
+    }
+  });
+});

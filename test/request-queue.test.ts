@@ -12,9 +12,14 @@ function request(timeoutMs = 60_000): TransferRequest {
 }
 
 /** A queue of `capacity` slots whose announcements are recorded, one batch per entry; `now` is its clock. */
-function recordingQueue(capacity: number, lookahead = { origins: 2, socketsPerOrigin: 3 }, now = epochNow) {
+function recordingQueue(
+  capacity: number,
+  lookahead = { origins: 2, socketsPerOrigin: 3 },
+  now = epochNow,
+  maxWaiting = Number.POSITIVE_INFINITY,
+) {
   const batches: AnnouncedOrigin[][] = [];
-  const queue = new RequestQueue(capacity, lookahead, (origins) => batches.push(origins), now);
+  const queue = new RequestQueue(capacity, lookahead, (origins) => batches.push(origins), maxWaiting, now);
   /** enter() for a URL; a waiter's start and failure are recorded in `order`. */
   const order: string[] = [];
   const enter = (url: string, options: { timeoutMs?: number; signal?: AbortSignal } = {}) => {
@@ -348,6 +353,28 @@ describe('RequestQueue', () => {
     await Promise.all([covered, next]);
     leave('https://running.test/4');
     leave('http://next.test/');
+    await queue.idle();
+  });
+
+  it('refuses a request that would wait while maxWaiting already wait (SOCKPOOL_ERR_LIMIT), counting parked ones', async () => {
+    const { queue, order, enter, leave } = recordingQueue(2, { origins: 0, socketsPerOrigin: 1 }, epochNow, 2);
+    expect(enter('http://slow.test/0')).toBe('started');
+    queue.throttled(urlTarget('http://slow.test/0'));
+    // slow.test holds the throttled share (1 of 2): its next request parks; another origin's waits once both run.
+    const parked = enter('http://slow.test/1');
+    expect(enter('http://other.test/0')).toBe('started');
+    const waiting = enter('http://other.test/1');
+    expect(queue.waiting).toBe(2);
+    await expect(enter('http://third.test/')).resolves.toBeUndefined();
+    expect(order).toEqual(['http://third.test/ SOCKPOOL_ERR_LIMIT']);
+    expect(queue.waiting).toBe(2);
+    // Nothing of it stays: the slots go to the two that wait, and the queue ends idle.
+    leave('http://slow.test/0');
+    leave('http://other.test/0');
+    await Promise.all([parked, waiting]);
+    expect(order).toEqual(['http://third.test/ SOCKPOOL_ERR_LIMIT', 'http://slow.test/1', 'http://other.test/1']);
+    leave('http://slow.test/1');
+    leave('http://other.test/1');
     await queue.idle();
   });
 
