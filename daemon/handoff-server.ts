@@ -604,6 +604,12 @@ export class HandoffServer {
     session.cancels ??= new Map();
     const cancels = session.cancels;
     cancels.set(message.id, cancel);
+    /** When the charged token would expire in the fleet member's batch: one no request spends goes back there
+     *  (RateLimiter.giveBack). (Declared before the take: it may be granted at once.) */
+    let chargeExpiresAt: number | undefined;
+    const giveBackCharge = () => {
+      if (chargeExpiresAt !== undefined) this.#rates!.giveBack(origin, 1, chargeExpiresAt);
+    };
     const charge =
       rate && message.tokenTaken !== true
         ? this.#rates!.take(
@@ -613,6 +619,9 @@ export class HandoffServer {
             message.timeoutMs ?? this.#acquireTimeoutOf(origin),
             cancel.signal,
             session.uid,
+            (expiresAt) => {
+              chargeExpiresAt = expiresAt;
+            },
           )
         : undefined;
     let tokenWaitMs: number | undefined;
@@ -634,9 +643,11 @@ export class HandoffServer {
         session.pending--;
         if (cancels.get(message.id) === cancel) cancels.delete(message.id);
         if (session.closed || cancel.signal.aborted) {
-          // Nobody to hand it to: the socket goes back to the pool, unused and never seen by a client.
+          // Nobody to hand it to: the socket goes back to the pool, unused and never seen by a client, and so does
+          // the token it was charged.
           this.#quotas.acquireSettled(session.uid, message.host, false, this.#pools.lookupInFlight);
           this.#pools.giveBack(handoff.originKey, handoff, session.uid);
+          giveBackCharge();
           return;
         }
         this.#lend(session, message, origin, handoff, rate, started, tokenWaitMs);
@@ -645,6 +656,8 @@ export class HandoffServer {
         session.pending--;
         if (cancels.get(message.id) === cancel) cancels.delete(message.id);
         this.#quotas.acquireSettled(session.uid, message.host, false, this.#pools.lookupInFlight);
+        // No request goes out: the token it was charged (if it got that far) is not spent.
+        giveBackCharge();
         if (session.closed || cancel.signal.aborted) return;
         if ((error as { code?: string }).code === ErrorCodes.POLICY) {
           this.#log.warn({ client: session.id, host: message.host, port: message.port, err: error.message }, 'refused');

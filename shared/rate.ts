@@ -44,20 +44,33 @@ export class TokenBatch {
 
   /** Spends one token (of the oldest batch) if one is held and not expired. */
   spend(now: number): boolean {
-    if (this.#tokens === 0) return false;
-    this.#dropExpired(now);
-    const oldest = this.#held[0];
-    if (!oldest) return false;
-    this.#tokens--;
-    if (--oldest.tokens === 0) this.#held.shift();
-    return true;
+    return this.spendUntil(now) !== undefined;
   }
 
-  /** Adds `count` tokens taken at `now`: they expire TOKEN_LIFETIME_MS later, the ones held already as before. */
-  add(count: number, now: number): void {
+  /** spend(), telling when the token spent would have expired (undefined: none held). */
+  spendUntil(now: number): number | undefined {
+    if (this.#tokens === 0) return undefined;
+    this.#dropExpired(now);
+    const oldest = this.#held[0];
+    if (!oldest) return undefined;
+    this.#tokens--;
+    if (--oldest.tokens === 0) this.#held.shift();
+    return oldest.expiresAt;
+  }
+
+  /**
+   * Adds `count` tokens taken at `takenAt` (default `now`): they expire TOKEN_LIFETIME_MS after that, the ones held
+   * already as before. Tokens given back (taken earlier for a request that never went out) keep their own expiry, in
+   * its place among the others: a give-back never lengthens a token's life.
+   */
+  add(count: number, now: number, takenAt = now): void {
     if (count <= 0) return;
     this.#dropExpired(now);
-    this.#held.push({ tokens: count, expiresAt: now + TOKEN_LIFETIME_MS });
+    const expiresAt = takenAt + TOKEN_LIFETIME_MS;
+    if (expiresAt <= now) return;
+    let at = this.#held.length;
+    while (at > 0 && this.#held[at - 1]!.expiresAt > expiresAt) at--;
+    this.#held.splice(at, 0, { tokens: count, expiresAt });
     this.#tokens += count;
   }
 

@@ -4,11 +4,15 @@
 // others; a member with a short slotTtlMs does not cut short the keys a live member's slots are counted in (the
 // fleet stays within its cap); and a fleet.redis database the server does not have leaves the fleet unavailable
 // instead of writing to database 0.
+import { once } from 'node:events';
+import { createServer } from 'node:net';
 import pino from 'pino';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { parseConfig } from '../daemon/config.js';
 import { Fleet } from '../daemon/fleet/fleet.js';
+import { startTestDaemon } from './fixtures/client-helpers.js';
 import { eventually } from './helpers/daemon.js';
+import { openRawClient } from './helpers/raw-client.js';
 import { type RedisServer, startRedis } from './helpers/redis.js';
 
 let redis: RedisServer;
@@ -140,4 +144,31 @@ describe('the fleet.redis database', () => {
     const membersInDb0 = (await redis.cli('-n', '0', 'ZRANGE', 'sockpool:{wrongdb}:members', '0', '-1')).trim();
     expect({ state: member.state, membersInDb0 }).toEqual({ state: 'unavailable', membersInDb0: '' });
   });
+});
+
+describe('a token charged to an acquire that ends without a lease', () => {
+  it('goes back to the member’s batch: the next acquire spends it instead of being refused for the rate', async () => {
+    // A loopback port nothing listens on: each connect is refused after the acquire's charge took its token.
+    const server = createServer().listen(0, '127.0.0.1');
+    await once(server, 'listening');
+    const { port } = server.address() as { port: number };
+    server.close();
+    await once(server, 'close');
+    // One request per 10 s, burst 1: the first acquire takes the only token there is for 10 s.
+    const daemon = await startTestDaemon([port], {
+      config: {
+        fleet: { redis: redis.url, name: 'chargeback' },
+        pool: { origins: [{ match: `127.0.0.1:${port}`, requestsPerSecond: 0.1, burst: 1 }] },
+      },
+    });
+    cleanups.push(() => daemon.stop());
+    const raw = openRawClient(daemon.socketPath, cleanups);
+    const acquire = (id: number) => raw.request({ type: 'acquire', id, host: '127.0.0.1', port, timeoutMs: 2_000 });
+    const first = await acquire(1);
+    expect(first.message).toMatchObject({ type: 'error', code: 'SOCKPOOL_ERR_CONNECT' });
+    // No request went out with that token: the next acquire is charged it (it was refused at once, its turn 10 s
+    // away, past its 2 s), and meets the refused port in turn.
+    const second = await acquire(2);
+    expect(second.message).toMatchObject({ type: 'error', code: 'SOCKPOOL_ERR_CONNECT' });
+  }, 30_000);
 });

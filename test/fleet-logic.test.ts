@@ -81,6 +81,19 @@ describe('token batches', () => {
     expect(batch.spend(TOKEN_LIFETIME_MS + 1)).toBe(true);
     expect(batch.spend(TOKEN_LIFETIME_MS + 2)).toBe(false);
   });
+
+  it('keeps tokens given back to their own expiry, in its place: spent first when they expire first', () => {
+    const batch = new TokenBatch();
+    batch.add(1, 500);
+    // Taken at 200 (given back at 600): it expires at 1200, before the batch of 500.
+    batch.add(1, 600, 200);
+    // Taken at 0, given back at 1000: expired already, not kept.
+    batch.add(1, 1000, 0);
+    expect(batch.count).toBe(2);
+    expect(batch.spendUntil(1000)).toBe(200 + TOKEN_LIFETIME_MS);
+    expect(batch.spendUntil(1000)).toBe(500 + TOKEN_LIFETIME_MS);
+    expect(batch.spendUntil(1000)).toBeUndefined();
+  });
 });
 
 describe('the daemon alone: a fleet of one', () => {
@@ -221,6 +234,84 @@ describe('a grant Redis answers after its waiter left', () => {
     expect(answers).toHaveLength(1);
     expect(await next).toBe(1);
     expect(limiter.counters.granted).toBe(1);
+  });
+});
+
+describe('tokens given back (an acquire charged one and ended without a lease)', () => {
+  const config = parseConfig(
+    { pool: { origins: [{ match: 'slow.example:443', requestsPerSecond: 1, burst: 1 }] } },
+    'test',
+  );
+  const origin = { host: 'slow.example', port: 443 };
+  /** A fleet member on the test's clock whose Redis grants the one token of its burst, then none for a second. */
+  function member() {
+    let clock = 0;
+    const asks: number[] = [];
+    const fleet = {
+      async takeTokens() {
+        asks.push(clock);
+        return asks.length === 1 ? { granted: 1, waitMs: 0 } : { granted: 0, waitMs: 1000 };
+      },
+    } as unknown as ConstructorParameters<typeof RateLimiter>[1];
+    const limiter = new RateLimiter(config, fleet, () => clock);
+    const at = (ms: number) => {
+      clock = ms;
+    };
+    return { limiter, asks, params: limiter.paramsFor(origin)!, at };
+  }
+
+  it('a fleet member spends them next, until they would have expired in its batch: never later', async () => {
+    const { limiter, asks, params, at } = member();
+    const told: number[] = [];
+    const tell = (expiresAt: number) => told.push(expiresAt);
+    expect(await limiter.take(origin, params, 1, 60_000, undefined, 1, tell)).toBe(1);
+    // Granted at 0 by Redis: a batch would have kept it until 1000.
+    expect(told).toEqual([TOKEN_LIFETIME_MS]);
+    at(400);
+    limiter.giveBack(origin, 1, told[0]!);
+    expect(await limiter.take(origin, params, 1, 60_000, undefined, 1, tell)).toBe(1);
+    expect(asks).toEqual([0]);
+    // Given back again, it still expires at 1000 (not 1400): the acquire that ends at 1000 gives back nothing.
+    expect(told).toEqual([TOKEN_LIFETIME_MS, TOKEN_LIFETIME_MS]);
+    limiter.giveBack(origin, 1, told[1]!);
+    at(TOKEN_LIFETIME_MS);
+    await expect(limiter.take(origin, params, 1, 500, undefined, 1)).rejects.toMatchObject({
+      code: ErrorCodes.RATE_LIMITED,
+    });
+    expect(asks).toEqual([0, TOKEN_LIFETIME_MS]);
+    expect(limiter.counters.granted).toBe(2);
+  });
+
+  it('goes to a request already waiting for the origin’s next token', async () => {
+    const { limiter, params, at } = member();
+    let expiresAt = 0;
+    await limiter.take(origin, params, 1, 60_000, undefined, 1, (until) => {
+      expiresAt = until;
+    });
+    // Redis has none for a second: this one waits.
+    const waiting = limiter.take(origin, params, 1, 60_000, undefined, 2);
+    await new Promise((resolve) => setImmediate(resolve));
+    at(100);
+    limiter.giveBack(origin, 1, expiresAt);
+    expect(await waiting).toBe(1);
+  });
+
+  it('the daemon alone (its own GCRA, no batch) keeps none', async () => {
+    let clock = 0;
+    const limiter = new RateLimiter(config, undefined, () => clock);
+    const params = limiter.paramsFor(origin)!;
+    let told = false;
+    expect(
+      await limiter.take(origin, params, 1, 60_000, undefined, 1, () => {
+        told = true;
+      }),
+    ).toBe(1);
+    expect(told).toBe(false);
+    clock = 100;
+    limiter.giveBack(origin, 1, clock + TOKEN_LIFETIME_MS);
+    await expect(limiter.take(origin, params, 1, 500, undefined, 1)).rejects.toMatchObject({
+      code: ErrorCodes.RATE_LIMITED,
+    });
   });
 });
 

@@ -15,6 +15,9 @@ export interface Grant {
   granted: number;
   /** When none was granted: how long until one would be, ms (0 otherwise). */
   waitMs: number;
+  /** A fleet member's tokens (of its batch, or of Redis): when the first of them would expire in a batch (see
+   *  RateLimiter.giveBack), on the limiter's clock. */
+  expiresAt?: number;
 }
 
 /** Emission interval: ms between two tokens at the sustained rate. */

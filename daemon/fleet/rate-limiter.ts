@@ -8,7 +8,7 @@
 
 import { ErrorCodes, SockpoolError } from '../../shared/errors.js';
 import type { Origin } from '../../shared/origin.js';
-import { batchSize, type RateParams, TokenBatch } from '../../shared/rate.js';
+import { batchSize, type RateParams, TOKEN_LIFETIME_MS, TokenBatch } from '../../shared/rate.js';
 import { policyFor, type SockpoolConfig } from '../config.js';
 import { FairWaitQueue, type UidWaiter } from '../fair-queue.js';
 import type { Fleet } from './fleet.js';
@@ -24,7 +24,7 @@ const MAX_BATCHES = 10_000;
 export const MAX_TOKENS_PER_REQUEST = 1000;
 
 export interface RateCounters {
-  /** Tokens handed to requests. */
+  /** Tokens handed to requests (one given back and handed again counts again). */
   granted: number;
   /** Requests refused with SOCKPOOL_ERR_RATE_LIMITED. */
   limited: number;
@@ -87,7 +87,8 @@ export class RateLimiter {
    * turn of `uid`'s waiter in the origin's queue, comes past the deadline (`waitMs` the earliest it could come),
    * else at the deadline if other uids' turns pushed it back. `signal`: the client gave the request up (a `cancel`,
    * its disconnect): the wait ends at once with SOCKPOOL_ERR_ABORTED, leaves the queue and takes no token, or a
-   * client that asks and hangs up, over and over, would leave waits behind without bound.
+   * client that asks and hangs up, over and over, would leave waits behind without bound. `onGrant`: told, as the
+   * tokens are granted, when they would expire in a batch (a fleet member's only), for giveBack.
    */
   take(
     origin: Origin,
@@ -96,6 +97,7 @@ export class RateLimiter {
     timeoutMs: number,
     signal?: AbortSignal,
     uid = 0,
+    onGrant?: (expiresAt: number) => void,
   ): Promise<number> {
     const key = fleetKey(origin);
     if (signal?.aborted) return Promise.reject(abortedError(key));
@@ -107,6 +109,7 @@ export class RateLimiter {
       const grant = this.#atHand(key, params, wanted);
       if (grant && grant.granted > 0) {
         this.counters.granted += grant.granted;
+        if (grant.expiresAt !== undefined) onGrant?.(grant.expiresAt);
         return Promise.resolve(grant.granted);
       }
       if (grant && grant.waitMs > timeoutMs) return Promise.reject(this.#limited(key, params, grant.waitMs, timeoutMs));
@@ -116,7 +119,7 @@ export class RateLimiter {
     }
     const queued = waits;
     return new Promise<number>((resolve, reject) => {
-      const waiter: TokenWaiter = { uid, wanted, deadline, params, resolve, reject, waited: false };
+      const waiter: TokenWaiter = { uid, wanted, deadline, params, resolve, reject, waited: false, onGrant };
       // Its turn comes after the next token and one token for each waiter of its uid before it, at the earliest.
       const turnIn = this.#turnIn(queued, waiter, now);
       if (turnIn > timeoutMs) {
@@ -147,6 +150,26 @@ export class RateLimiter {
       }
       this.#pump(key, queued);
     });
+  }
+
+  /**
+   * `count` tokens that `take` granted and no request will spend: the acquire they were charged to ended without a
+   * lease (cancelled, its client gone, its connect failed). `expiresAt`: what take's `onGrant` said. A fleet member
+   * gives them to the origin's waiters, or keeps them in its batch, until they would have expired there anyway
+   * (TOKEN_LIFETIME_MS after Redis granted them: a give-back never lengthens a token's life, so a client that drops
+   * many charged acquires cannot save them up for a burst later). Spent from Redis for nobody, they were lost to the
+   * whole fleet. The daemon alone has no batch (its GCRA grants as it goes): they are lost there.
+   */
+  giveBack(origin: Origin, count: number, expiresAt: number): void {
+    const now = this.#now();
+    if (!this.#fleet || count <= 0 || expiresAt <= now) return;
+    const key = fleetKey(origin);
+    // (counters.granted counts them again when they go to another request: it only grows, as its gauge's readers
+    // expect.)
+    const waits = this.#waits.get(key);
+    // (A queue it empties goes when its ask or its wait for the next token ends: a queue has one or the other.)
+    if (waits) this.#granted(key, waits, { granted: count, waitMs: 0, expiresAt });
+    else this.#batchOf(key).add(count, now, expiresAt - TOKEN_LIFETIME_MS);
   }
 
   /**
@@ -211,7 +234,8 @@ export class RateLimiter {
     }
   }
 
-  /** A grant asked for the head: its tokens to the waiters first in the queue now (the head may have left). */
+  /** A grant asked for the head (or tokens given back): its tokens to the waiters first in the queue now (the head
+   *  may have left). */
   #granted(key: string, waits: OriginWaits, grant: Grant): void {
     if (grant.granted === 0) {
       // Never a busy loop: the next ask is a timer away.
@@ -232,11 +256,15 @@ export class RateLimiter {
       // Its uid's count: what the queue orders by (see #join).
       waits.queue.setHeld(waiter.uid, (waits.queue.heldOf(waiter.uid) ?? 0) + tokens);
       this.counters.granted += tokens;
+      if (grant.expiresAt !== undefined) waiter.onGrant?.(grant.expiresAt);
       waiter.resolve(tokens);
     }
     // Tokens whose waiters left meanwhile: a fleet member keeps them in its batch (the daemon's own GCRA took them
     // a microtask ago, from nobody: they are lost, at most the few a cancel in that microtask left).
-    if (left > 0 && this.#fleet) this.#batchOf(key).add(left, this.#now());
+    if (left > 0 && this.#fleet) {
+      const now = this.#now();
+      this.#batchOf(key).add(left, now, (grant.expiresAt ?? now + TOKEN_LIFETIME_MS) - TOKEN_LIFETIME_MS);
+    }
   }
 
   /**
@@ -289,8 +317,14 @@ export class RateLimiter {
     if (!this.#fleet) return this.#local.take(key, wanted, params);
     const batch = this.#batches.get(key);
     let spent = 0;
-    if (batch) while (spent < wanted && batch.spend(this.#now())) spent++;
-    return spent > 0 ? { granted: spent, waitMs: 0 } : undefined;
+    let expiresAt = Number.POSITIVE_INFINITY;
+    while (batch && spent < wanted) {
+      const until = batch.spendUntil(this.#now());
+      if (until === undefined) break;
+      spent++;
+      expiresAt = Math.min(expiresAt, until);
+    }
+    return spent > 0 ? { granted: spent, waitMs: 0, expiresAt } : undefined;
   }
 
   #batchOf(key: string): TokenBatch {
@@ -310,8 +344,9 @@ export class RateLimiter {
   async #ask(key: string, params: RateParams, wanted: number): Promise<Grant> {
     const ask = Math.max(wanted, batchSize(params, MAX_DAEMON_BATCH));
     const grant = await this.#fleet!.takeTokens(key, params, ask, (share) => this.#local.take(key, ask, share));
-    if (grant.granted > wanted) this.#batchOf(key).add(grant.granted - wanted, this.#now());
-    return { granted: Math.min(wanted, grant.granted), waitMs: grant.waitMs };
+    const now = this.#now();
+    if (grant.granted > wanted) this.#batchOf(key).add(grant.granted - wanted, now);
+    return { granted: Math.min(wanted, grant.granted), waitMs: grant.waitMs, expiresAt: now + TOKEN_LIFETIME_MS };
   }
 }
 
@@ -323,6 +358,8 @@ interface TokenWaiter extends UidWaiter {
   params: RateParams;
   resolve(granted: number): void;
   reject(error: Error): void;
+  /** take's `onGrant`. */
+  onGrant: ((expiresAt: number) => void) | undefined;
   /** Counted in `waits` already. */
   waited: boolean;
   /** Its deadline. */
