@@ -66,6 +66,7 @@ export const DEFAULTS = {
     maxPendingPerUid: 1024,
     maxLookupsPerUid: 256,
     maxPrewarmPerUid: 512,
+    maxStatsPerUid: 10,
     maxConnectsInFlight: 512,
     maxLeaseMs: 0,
   },
@@ -431,6 +432,7 @@ export const configSchema = z
         maxPendingPerUid: z.int().min(1).default(quotaDefaults.maxPendingPerUid),
         maxLookupsPerUid: z.int().min(1).default(quotaDefaults.maxLookupsPerUid),
         maxPrewarmPerUid: z.int().min(0).default(quotaDefaults.maxPrewarmPerUid),
+        maxStatsPerUid: z.int().min(1).default(quotaDefaults.maxStatsPerUid),
         maxConnectsInFlight: z.int().min(1).default(quotaDefaults.maxConnectsInFlight),
         // 0: leases last until the client ends them.
         maxLeaseMs: durationMs(0).default(quotaDefaults.maxLeaseMs),

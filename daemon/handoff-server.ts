@@ -425,6 +425,13 @@ export class HandoffServer {
         this.#warm(session, message);
         return;
       case 'stats':
+        try {
+          // An admin's stats are not counted (the operator's own tools); any other uid's are, per uid.
+          if (!this.#isAdmin(session)) this.#quotas.takeStats(session.uid);
+        } catch (error) {
+          this.#replyError(session, message.id, error);
+          return;
+        }
         this.#send(session, { type: 'stats', id: message.id, stats: this.#statsFor(session) });
         return;
     }

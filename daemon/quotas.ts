@@ -3,7 +3,8 @@
 // that opens many connections. Every refusal is a SOCKPOOL_ERR_QUOTA with the quota's name in the message.
 //
 // Counted per uid: sessions (connections), leases held, acquires pending, acquires pending for a host name (each
-// may need a DNS lookup; IP literals need none), and prewarm demand (sockets asked for, refilled over a window).
+// may need a DNS lookup; IP literals need none), prewarm demand (sockets asked for, refilled over a window) and
+// `stats` requests (each walks every pool; refilled each second).
 // A uid's entry is kept once made (one small record per uid that ever connected), so closing and reopening
 // connections does not refill its prewarm allowance.
 
@@ -15,6 +16,8 @@ export type QuotaConfig = SockpoolConfig['quotas'];
 
 /** Prewarm demand refills at maxPrewarmPerUid sockets per this window. */
 export const PREWARM_WINDOW_MS = 10_000;
+/** `stats` requests refill at maxStatsPerUid per this window. */
+export const STATS_WINDOW_MS = 1_000;
 
 interface UidUsage {
   sessions: number;
@@ -26,6 +29,9 @@ interface UidUsage {
   /** Prewarm sockets still allowed (a token bucket holding at most maxPrewarmPerUid). */
   prewarmTokens: number;
   prewarmUpdatedAt: number;
+  /** `stats` requests still allowed (a token bucket holding at most maxStatsPerUid). */
+  statsTokens: number;
+  statsUpdatedAt: number;
 }
 
 export class UidQuotas {
@@ -171,6 +177,28 @@ export class UidQuotas {
     return granted;
   }
 
+  /**
+   * A `stats` request from `uid` (not an admin's): each walks the daemon's pools, so a uid looping on it could hold
+   * the event loop from every other uid's acquires. Throws SOCKPOOL_ERR_QUOTA past maxStatsPerUid a second (a bucket
+   * of that many, so a burst of `sockpool status` runs passes).
+   */
+  takeStats(uid: number): void {
+    const usage = this.#of(uid);
+    const limit = this.#config().maxStatsPerUid;
+    const now = this.#now();
+    usage.statsTokens = Math.min(limit, usage.statsTokens + ((now - usage.statsUpdatedAt) * limit) / STATS_WINDOW_MS);
+    usage.statsUpdatedAt = now;
+    if (usage.statsTokens < 1) {
+      throw quotaError(
+        uid,
+        'maxStatsPerUid',
+        limit,
+        `uid ${uid} asked for stats more than ${limit} times within ${STATS_WINDOW_MS / 1000} s`,
+      );
+    }
+    usage.statsTokens -= 1;
+  }
+
   /** What a uid uses now (stats and tests). */
   usageOf(uid: number): { sessions: number; leases: number; pending: number; lookups: number } {
     const usage = this.#usage.get(uid);
@@ -194,6 +222,8 @@ export class UidQuotas {
         lookups: 0,
         prewarmTokens: this.#config().maxPrewarmPerUid,
         prewarmUpdatedAt: this.#now(),
+        statsTokens: this.#config().maxStatsPerUid,
+        statsUpdatedAt: this.#now(),
       };
       this.#usage.set(uid, usage);
     }

@@ -196,6 +196,38 @@ describe('the fair queue across uids', () => {
     expect(await cycling).not.toHaveProperty('unexpected');
   });
 
+  it("refuses one uid's stats flood with SOCKPOOL_ERR_QUOTA past its rate while another uid's acquires are served", async () => {
+    const origin = await pathOrigin(cleanups);
+    const sockpoold = await daemon(origin.port);
+    const raw = client(sockpoold.socketPath);
+    let honestDone = 0;
+    let stop = false;
+    // Acquires of another uid all through the flood: each one answered with its own body.
+    const honest = (async () => {
+      while (!stop) {
+        const path = `/during-stats-flood-${honestDone}`;
+        expect((await honestRequest(raw, origin.port, path)).body).toBe(path);
+        honestDone++;
+      }
+    })();
+    const rounds = 2000;
+    const seen = await runHostile(['stats-flood', sockpoold.socketPath, rounds], HOSTILE_UID);
+    stop = true;
+    await honest;
+    // Answered, not hung up on: the stats the rate allows (a burst of maxStatsPerUid, then maxStatsPerUid a second
+    // over the flood's length), the rest refused with the quota's typed error.
+    const limit = 10; // quotas.maxStatsPerUid's default
+    expect(seen.eof).toBeUndefined();
+    expect((seen.stats ?? 0) + (seen.SOCKPOOL_ERR_QUOTA ?? 0)).toBe(rounds);
+    expect(seen.stats ?? 0).toBeLessThanOrEqual(limit + Math.ceil((limit * seen.elapsedMs!) / 1000));
+    expect(honestDone).toBeGreaterThan(0);
+    // The uid's next stats after its rate refilled is answered again.
+    await eventually(
+      async () => (await runHostile(['stats-flood', sockpoold.socketPath, 1], HOSTILE_UID)).stats === 1,
+      'a stats answered once the rate refilled',
+    );
+  });
+
   it("caps one uid's prewarm flood with SOCKPOOL_ERR_QUOTA while another uid is served", async () => {
     const origin = await pathOrigin(cleanups);
     const sockpoold = await daemon(origin.port, { quotas: { maxPrewarmPerUid: 8 } });

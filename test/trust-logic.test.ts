@@ -10,7 +10,7 @@ import type { ConnectedSocket, Connector } from '../daemon/connector.js';
 import { FairWaitQueue } from '../daemon/fair-queue.js';
 import { checkIdle, checkReturned, endConnection, markOf, usedSinceLent } from '../daemon/lease-guard.js';
 import { type Handoff, OriginPool, type OriginPoolEvents } from '../daemon/origin-pool.js';
-import { PREWARM_WINDOW_MS, type QuotaConfig, UidQuotas } from '../daemon/quotas.js';
+import { PREWARM_WINDOW_MS, type QuotaConfig, STATS_WINDOW_MS, UidQuotas } from '../daemon/quotas.js';
 import { ErrorCodes } from '../shared/errors.js';
 import * as native from '../shared/native.js';
 import type { Origin } from '../shared/origin.js';
@@ -184,6 +184,27 @@ describe('UidQuotas', () => {
     expect(quotas.takePrewarm(1, 100)).toBe(5);
     now += PREWARM_WINDOW_MS * 10;
     expect(quotas.takePrewarm(1, 100)).toBe(10);
+  });
+
+  it('lets a uid ask for stats maxStatsPerUid times a second, a burst of that many, then SOCKPOOL_ERR_QUOTA', () => {
+    let now = 0;
+    const quotas = new UidQuotas(
+      () => config({ maxStatsPerUid: 3 }),
+      () => now,
+    );
+    for (let i = 0; i < 3; i++) quotas.takeStats(1);
+    expect(() => quotas.takeStats(1)).toThrow(
+      expect.objectContaining({ code: ErrorCodes.QUOTA, quota: 'maxStatsPerUid', uid: 1, limit: 3 }),
+    );
+    // Another uid's allowance is its own.
+    quotas.takeStats(2);
+    // Half the window refills one and a half; a long pause refills the burst, never more.
+    now += STATS_WINDOW_MS / 2;
+    quotas.takeStats(1);
+    expect(() => quotas.takeStats(1)).toThrow(expect.objectContaining({ quota: 'maxStatsPerUid' }));
+    now += STATS_WINDOW_MS * 100;
+    for (let i = 0; i < 3; i++) quotas.takeStats(1);
+    expect(() => quotas.takeStats(1)).toThrow(expect.objectContaining({ quota: 'maxStatsPerUid' }));
   });
 });
 
