@@ -3,7 +3,9 @@
 //
 // The hot path pays for a counter increment or a histogram observation and nothing else. The per-origin gauges
 // (idle, leased, connecting, waiting) are not kept up to date at all: they are computed at scrape time from the
-// pool manager's `snapshot()`.
+// pool manager's `snapshot()`, a walk of every pool. The endpoint has no access control (any local uid reaches
+// loopback), so one walk serves every scrape for SNAPSHOT_MAX_AGE_MS: a loop of scrapes cannot make the daemon walk
+// ten thousand pools for each. Counters and histograms are read fresh at every scrape.
 
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
@@ -30,7 +32,12 @@ export interface MetricsOptions {
    * Default false (config `metricsPerOrigin`); the totals are exported either way.
    */
   perOrigin?: boolean;
+  /** The clock the snapshot's age is read on (tests). */
+  now?: () => number;
 }
+
+/** How long one walk of the pools serves the scrapes that follow. */
+export const SNAPSHOT_MAX_AGE_MS = 1_000;
 
 /** Handoff latency: 10 µs to 100 ms. */
 export const HANDOFF_BUCKETS_SECONDS = [
@@ -70,6 +77,8 @@ export class Metrics {
   /** The per-origin entries of the scrape in progress (see text()). */
   #scrape: ReturnType<typeof collectOrigins> | undefined;
   readonly #takeSnapshot: () => ReturnType<typeof collectOrigins>;
+  /** The last walk of the pools and when it was taken (#now). */
+  #lastSnapshot: { at: number; entries: ReturnType<typeof collectOrigins> } | undefined;
 
   constructor(snapshot: () => MetricsSnapshot, options: MetricsOptions = {}) {
     const registry = new Registry();
@@ -78,8 +87,16 @@ export class Metrics {
 
     // One snapshot per scrape, shared by the per-origin gauges and their totals: text() takes it before the registry
     // collects them (a collection outside text() takes its own).
-    const origins = () => this.#scrape ?? collectOrigins(snapshot());
-    this.#takeSnapshot = () => collectOrigins(snapshot());
+    const now = options.now ?? (() => performance.now());
+    this.#takeSnapshot = () => {
+      const at = now();
+      const last = this.#lastSnapshot;
+      if (last !== undefined && at - last.at < SNAPSHOT_MAX_AGE_MS) return last.entries;
+      const entries = collectOrigins(snapshot());
+      this.#lastSnapshot = { at, entries };
+      return entries;
+    };
+    const origins = () => this.#scrape ?? this.#takeSnapshot();
     const perOrigin = (name: string, help: string, pick: (entry: OriginEntry) => number | undefined) =>
       options.perOrigin !== true
         ? undefined

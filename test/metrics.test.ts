@@ -1,7 +1,13 @@
 import { networkInterfaces } from 'node:os';
 import { register as globalRegistry } from 'prom-client';
 import { afterEach, describe, expect, it } from 'vitest';
-import { createMetrics, type MetricsServer, type MetricsSnapshot, startMetricsServer } from '../daemon/metrics.js';
+import {
+  createMetrics,
+  type MetricsServer,
+  type MetricsSnapshot,
+  SNAPSHOT_MAX_AGE_MS,
+  startMetricsServer,
+} from '../daemon/metrics.js';
 
 const servers: MetricsServer[] = [];
 afterEach(async () => {
@@ -21,12 +27,13 @@ describe('metrics', () => {
       ],
     };
     let snapshots = 0;
+    let now = 0;
     const metrics = createMetrics(
       () => {
         snapshots++;
         return snapshot;
       },
-      { perOrigin: true },
+      { perOrigin: true, now: () => now },
     );
     metrics.hits.inc();
     metrics.hits.inc();
@@ -88,11 +95,42 @@ describe('metrics', () => {
     // One snapshot per scrape, shared by the per-origin gauges and their totals.
     expect(snapshots).toBe(1);
 
-    // Gauges follow the pool at the next scrape, however soon: an origin gone from the snapshot disappears.
+    // Gauges follow the pool at the next scrape once the last walk of the pools is SNAPSHOT_MAX_AGE_MS old: an origin
+    // gone from the snapshot disappears.
     snapshot = { origins: [{ origin: 'example.com:443', idle: 7, leased: 0 }] };
+    now += SNAPSHOT_MAX_AGE_MS;
     const next = await (await scrape(server.port)).text();
     expect(next.split('\n')).toContain('sockpool_idle_sockets{origin="example.com:443"} 7');
     expect(next).not.toContain('[2001:db8::1]:80');
+  });
+
+  it('walks the pools at most once per SNAPSHOT_MAX_AGE_MS, however many scrapes come: any local uid can scrape', async () => {
+    let now = 0;
+    let snapshots = 0;
+    let idle = 1;
+    const metrics = createMetrics(
+      () => {
+        snapshots++;
+        return { origins: [{ origin: 'a.example:443', idle, leased: 0 }] };
+      },
+      { processMetrics: false, now: () => now },
+    );
+    const server = await startMetricsServer(metrics, 0);
+    servers.push(server);
+    // A flood, sequential and concurrent: one walk of the pools.
+    for (let i = 0; i < 20; i++) await (await scrape(server.port)).text();
+    await Promise.all(Array.from({ length: 20 }, async () => (await scrape(server.port)).text()));
+    expect(snapshots).toBe(1);
+    // The counters are read at each scrape all the same; the pool gauges are at most SNAPSHOT_MAX_AGE_MS old.
+    metrics.hits.inc(3);
+    idle = 5;
+    const text = await (await scrape(server.port)).text();
+    expect(text.split('\n')).toEqual(
+      expect.arrayContaining(['sockpool_acquire_hits_total 3', 'sockpool_pool_idle_sockets 1']),
+    );
+    now += SNAPSHOT_MAX_AGE_MS;
+    expect((await (await scrape(server.port)).text()).split('\n')).toContain('sockpool_pool_idle_sockets 5');
+    expect(snapshots).toBe(2);
   });
 
   it('names no origin unless asked to (metricsPerOrigin): the totals only', async () => {
