@@ -21,6 +21,8 @@ export interface MetricsSnapshot {
     waiting?: number;
     /** What Happy Eyeballs learned for the origin's host (the family that won), when anything. */
     learnedFamily?: { family: 4 | 6 } | null;
+    /** How busy the origin is: which origins the per-origin gauges name (METRICS_MAX_ORIGINS). */
+    demandRatePerS?: number;
   }>;
 }
 
@@ -35,6 +37,9 @@ export interface MetricsOptions {
   /** The clock the snapshot's age is read on (tests). */
   now?: () => number;
 }
+
+/** Origins named in the per-origin gauges, the busiest; the rest are summed under `origin="other"`. */
+export const METRICS_MAX_ORIGINS = 100;
 
 /** How long one walk of the pools serves the scrapes that follow. */
 export const SNAPSHOT_MAX_AGE_MS = 1_000;
@@ -229,10 +234,33 @@ interface OriginEntry {
   learnedFamily: number | undefined;
 }
 
+/**
+ * The busiest METRICS_MAX_ORIGINS origins (by demand, then sockets), and past them one entry `other` summing the rest:
+ * every origin a client names is a label value, and a client naming thousands of origins would make as many series
+ * in the operator's Prometheus (and as many lines per scrape). The totals summed over these entries are unchanged.
+ */
 function collectOrigins(snapshot: MetricsSnapshot): OriginEntry[] {
+  const rows = [...snapshot.origins];
+  if (rows.length > METRICS_MAX_ORIGINS) {
+    rows.sort((a, b) => (b.demandRatePerS ?? 0) - (a.demandRatePerS ?? 0) || b.leased + b.idle - (a.leased + a.idle));
+  }
   const entries: OriginEntry[] = [];
-  for (const { origin, idle, leased, connecting, waiting, learnedFamily } of snapshot.origins) {
+  for (const { origin, idle, leased, connecting, waiting, learnedFamily } of rows.slice(0, METRICS_MAX_ORIGINS)) {
     entries.push({ origin, idle, leased, connecting, waiting, learnedFamily: learnedFamily?.family });
+  }
+  if (rows.length > METRICS_MAX_ORIGINS) {
+    // (No origin key is "other": a key always has a port.) A learned family is one host's: not summed.
+    let idle = 0;
+    let leased = 0;
+    let connecting = 0;
+    let waiting = 0;
+    for (const row of rows.slice(METRICS_MAX_ORIGINS)) {
+      idle += row.idle;
+      leased += row.leased;
+      connecting += row.connecting ?? 0;
+      waiting += row.waiting ?? 0;
+    }
+    entries.push({ origin: 'other', idle, leased, connecting, waiting, learnedFamily: undefined });
   }
   return entries;
 }

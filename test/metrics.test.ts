@@ -3,6 +3,7 @@ import { register as globalRegistry } from 'prom-client';
 import { afterEach, describe, expect, it } from 'vitest';
 import {
   createMetrics,
+  METRICS_MAX_ORIGINS,
   type MetricsServer,
   type MetricsSnapshot,
   SNAPSHOT_MAX_AGE_MS,
@@ -131,6 +132,38 @@ describe('metrics', () => {
     now += SNAPSHOT_MAX_AGE_MS;
     expect((await (await scrape(server.port)).text()).split('\n')).toContain('sockpool_pool_idle_sockets 5');
     expect(snapshots).toBe(2);
+  });
+
+  it('names at most METRICS_MAX_ORIGINS origins, the busiest, and sums the rest under origin="other"', async () => {
+    // A client acquiring thousands of junk origins must not make thousands of series in the operator's Prometheus.
+    const junk = Array.from({ length: 1000 }, (_, i) => ({
+      origin: `junk-${i}.example:443`,
+      idle: 1,
+      leased: 0,
+      connecting: 1,
+      waiting: 0,
+      demandRatePerS: 0.01,
+    }));
+    const busy = { origin: 'busy.example:443', idle: 4, leased: 3, connecting: 0, waiting: 2, demandRatePerS: 50 };
+    const metrics = createMetrics(() => ({ origins: [...junk, busy] }), { processMetrics: false, perOrigin: true });
+    const lines = (await metrics.text()).split('\n');
+    for (const gauge of ['sockpool_idle_sockets', 'sockpool_leased_sockets', 'sockpool_connecting_sockets']) {
+      const series = lines.filter((line) => line.startsWith(`${gauge}{`));
+      expect(series.length, gauge).toBe(METRICS_MAX_ORIGINS + 1);
+    }
+    expect(lines).toEqual(
+      expect.arrayContaining([
+        'sockpool_idle_sockets{origin="busy.example:443"} 4',
+        'sockpool_waiting_acquires{origin="busy.example:443"} 2',
+        `sockpool_idle_sockets{origin="other"} ${1000 - (METRICS_MAX_ORIGINS - 1)}`,
+        `sockpool_connecting_sockets{origin="other"} ${1000 - (METRICS_MAX_ORIGINS - 1)}`,
+        // The totals count every origin.
+        'sockpool_pool_idle_sockets 1004',
+        'sockpool_pool_connecting_sockets 1000',
+      ]),
+    );
+    // A family learned is one origin's, not a sum: no "other" there.
+    expect(lines.filter((line) => line.startsWith('sockpool_learned_family{origin="other"'))).toEqual([]);
   });
 
   it('names no origin unless asked to (metricsPerOrigin): the totals only', async () => {
