@@ -41,6 +41,13 @@ export interface MetricsOptions {
 /** Origins named in the per-origin gauges, the busiest; the rest are summed under `origin="other"`. */
 export const METRICS_MAX_ORIGINS = 100;
 
+/** Connections the metrics endpoint holds at once; more are closed as they come. */
+export const METRICS_MAX_CONNECTIONS = 16;
+
+/** A metrics connection that has not sent a whole request within this is closed (Node's default is 60 s). */
+const HEADERS_TIMEOUT_MS = 10_000;
+const CHECK_INTERVAL_MS = 2_000;
+
 /** How long one walk of the pools serves the scrapes that follow. */
 export const SNAPSHOT_MAX_AGE_MS = 1_000;
 
@@ -284,29 +291,38 @@ export function startMetricsServer(
 ): Promise<MetricsServer> {
   const registry = metrics instanceof Registry ? metrics : metrics.registry;
   const text = () => (metrics instanceof Registry ? metrics.metrics() : metrics.text());
-  const server = createServer((request: IncomingMessage, response: ServerResponse) => {
-    const path = (request.url ?? '').split('?')[0];
-    if (path !== '/metrics') {
-      response.writeHead(404, { 'content-type': 'text/plain; charset=utf-8' }).end('not found: try /metrics\n');
-      return;
-    }
-    if (request.method !== 'GET' && request.method !== 'HEAD') {
-      response.writeHead(405, { allow: 'GET, HEAD', 'content-type': 'text/plain; charset=utf-8' }).end();
-      return;
-    }
-    text().then(
-      (text) => {
-        response.writeHead(200, { 'content-type': registry.contentType });
-        response.end(request.method === 'HEAD' ? undefined : text);
-      },
-      (error: unknown) => {
-        response.writeHead(500, { 'content-type': 'text/plain; charset=utf-8' });
-        response.end(`metrics failed: ${(error as Error).message}\n`);
-      },
-    );
-  });
+  // Every local uid reaches loopback, and each connection is an fd of the daemon's (the fds its pools and leases
+  // need): at most METRICS_MAX_CONNECTIONS at once (Node closes the rest as they are accepted), and one that sends no
+  // whole request within HEADERS_TIMEOUT_MS is closed (checked every CHECK_INTERVAL_MS).
+  const server = createServer(
+    { connectionsCheckingInterval: CHECK_INTERVAL_MS },
+    (request: IncomingMessage, response: ServerResponse) => {
+      const path = (request.url ?? '').split('?')[0];
+      if (path !== '/metrics') {
+        response.writeHead(404, { 'content-type': 'text/plain; charset=utf-8' }).end('not found: try /metrics\n');
+        return;
+      }
+      if (request.method !== 'GET' && request.method !== 'HEAD') {
+        response.writeHead(405, { allow: 'GET, HEAD', 'content-type': 'text/plain; charset=utf-8' }).end();
+        return;
+      }
+      text().then(
+        (text) => {
+          response.writeHead(200, { 'content-type': registry.contentType });
+          response.end(request.method === 'HEAD' ? undefined : text);
+        },
+        (error: unknown) => {
+          response.writeHead(500, { 'content-type': 'text/plain; charset=utf-8' });
+          response.end(`metrics failed: ${(error as Error).message}\n`);
+        },
+      );
+    },
+  );
   // Scrapers keep connections alive; they must not hold the daemon's shutdown.
   server.keepAliveTimeout = 5_000;
+  server.maxConnections = METRICS_MAX_CONNECTIONS;
+  server.headersTimeout = HEADERS_TIMEOUT_MS;
+  server.requestTimeout = HEADERS_TIMEOUT_MS;
   return new Promise((resolve, reject) => {
     server.once('error', reject);
     server.listen(port, host, () => {

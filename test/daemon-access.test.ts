@@ -3,9 +3,10 @@
 // uid, socket marks) is in daemon-access.system.test.ts.
 import { execFile } from 'node:child_process';
 import { once } from 'node:events';
-import { type AddressInfo, createServer } from 'node:net';
+import { type AddressInfo, connect, createServer, type Socket } from 'node:net';
 import { promisify } from 'node:util';
 import { describe, expect, it } from 'vitest';
+import { METRICS_MAX_CONNECTIONS } from '../daemon/metrics.js';
 import * as native from '../shared/native.js';
 import { daemonScope } from './fixtures/daemon-scope.js';
 import { eventually } from './helpers/daemon.js';
@@ -233,5 +234,37 @@ describe('metrics', () => {
     // No origin named by default (metricsPerOrigin): every local uid can reach the endpoint. The totals count it.
     expect(text).not.toContain(`127.0.0.1:${echo.port}`);
     expect(text).toMatch(/^sockpool_pool_leased_sockets 1$/m);
+  });
+
+  it('holds at most METRICS_MAX_CONNECTIONS connections to the metrics port: any local uid can open them, each an fd of the daemon', async () => {
+    const metricsPort = await freePort();
+    const withMetrics = await daemonWith({}, ['--metrics-port', String(metricsPort)]);
+    const before = withMetrics.fdCount();
+    // Connections that never send a request, as a hostile local user would hold them.
+    const sockets: Socket[] = [];
+    cleanups.push(() => {
+      for (const socket of sockets) socket.destroy();
+    });
+    await Promise.all(
+      Array.from({ length: 200 }, async () => {
+        const socket = connect(metricsPort, '127.0.0.1');
+        socket.on('error', () => {});
+        sockets.push(socket);
+        await once(socket, 'connect');
+      }),
+    );
+    await eventually(
+      () => withMetrics.fdCount() <= before + METRICS_MAX_CONNECTIONS,
+      () => `daemon fds ${withMetrics.fdCount()}, ${before} before 200 idle metrics connections`,
+    );
+    // The operator's scrape still gets through once those are gone.
+    for (const socket of sockets) socket.destroy();
+    await eventually(async () => {
+      try {
+        return (await fetch(`http://127.0.0.1:${metricsPort}/metrics`)).status === 200;
+      } catch {
+        return false;
+      }
+    }, 'a scrape answered');
   });
 });
