@@ -411,6 +411,13 @@ export class OriginPool {
       this.#serve(handoffOf(socket, true, mark), waiter);
       return;
     }
+    // A shared socket (a refill's) at a room full of sockets kept for one uid takes the oldest kept one's place: the
+    // refill counts only shared sockets as supply, so closing the new one instead left the refill short for good, and
+    // its pump connected again at once, every turn, for as long as minIdle or demand asked.
+    if (this.#idle.length >= this.policy.maxIdle && ownerUid === undefined) {
+      const kept = this.#idle.find((idle) => idle.ownerUid !== undefined);
+      if (kept) this.#drop(kept, 'evicted');
+    }
     if (this.#idle.length >= this.policy.maxIdle) {
       closePooled(socket.fd, ownerUid !== undefined);
       this.#settleSlots();
