@@ -29,7 +29,7 @@ import { policyFor, type SockpoolConfig } from './config.js';
 import type { RateLimiter } from './fleet/rate-limiter.js';
 import { checkReturned, endConnection, markOf } from './lease-guard.js';
 import { type Lease, LeaseTable } from './leases.js';
-import type { Logger } from './log.js';
+import { type Logger, LogLimiter } from './log.js';
 import type { Metrics } from './metrics.js';
 import type { PoolManager } from './pool-manager.js';
 import { UidQuotas } from './quotas.js';
@@ -74,6 +74,10 @@ export interface HandoffServerOptions {
  */
 const MAX_QUEUED_REPLY_BYTES = 1024 * 1024;
 
+/** A uid's refusals logged per REFUSAL_LOG_WINDOW_MS (each one is counted in the metrics all the same). */
+export const REFUSALS_LOGGED = 50;
+const REFUSAL_LOG_WINDOW_MS = 10_000;
+
 /** Lease ids per `reclaim` message (each about 8 bytes of JSON: well under the message size limit). */
 const RECLAIM_IDS_PER_MESSAGE = 1000;
 
@@ -93,6 +97,8 @@ export class HandoffServer {
   #nextClientId = 1;
   #stopping = false;
   #quotas: UidQuotas;
+  /** Refusals are logged per uid up to a bound: a client sends acquires the policy refuses as fast as it likes. */
+  #refusalLog = new LogLimiter(REFUSALS_LOGGED, REFUSAL_LOG_WINDOW_MS);
   /** Out of fds: the listener is not polled until this timer fires (then the wait doubles while it lasts). */
   #acceptRetry: NodeJS.Timeout | undefined;
   #acceptBackoffMs = 0;
@@ -666,8 +672,21 @@ export class HandoffServer {
         // No request goes out: the token it was charged (if it got that far) is not spent.
         giveBackCharge();
         if (session.closed || cancel.signal.aborted) return;
-        if ((error as { code?: string }).code === ErrorCodes.POLICY) {
-          this.#log.warn({ client: session.id, host: message.host, port: message.port, err: error.message }, 'refused');
+        const leftOut =
+          (error as { code?: string }).code === ErrorCodes.POLICY ? this.#refusalLog.take(session.uid) : undefined;
+        if (leftOut !== undefined) {
+          this.#log.warn(
+            {
+              client: session.id,
+              uid: session.uid,
+              host: message.host,
+              port: message.port,
+              err: error.message,
+              // This uid's refusals left out of the log since its last one logged (REFUSALS_LOGGED).
+              ...(leftOut > 0 ? { notLogged: leftOut } : {}),
+            },
+            'refused',
+          );
         }
         this.#replyError(session, message.id, error);
       },

@@ -8,6 +8,45 @@ export function createLogger(level: string): Logger {
 }
 
 /**
+ * Lines a client causes at its own pace (a refusal per acquire it sends): at most `burst` per `windowMs` per key (a
+ * uid), so that one client cannot flood the journal (journald then drops the daemon's other lines too) or pino's
+ * buffer. `take(key)` answers undefined for a line to leave out, or how many of the key's lines were left out since
+ * the last one logged (the line says so).
+ */
+export class LogLimiter {
+  readonly #burst: number;
+  readonly #windowMs: number;
+  readonly #now: () => number;
+  readonly #keys = new Map<number, { windowStart: number; logged: number; leftOut: number }>();
+
+  constructor(burst: number, windowMs: number, now: () => number = () => performance.now()) {
+    this.#burst = burst;
+    this.#windowMs = windowMs;
+    this.#now = now;
+  }
+
+  take(key: number): number | undefined {
+    const now = this.#now();
+    let entry = this.#keys.get(key);
+    if (!entry) {
+      entry = { windowStart: now, logged: 0, leftOut: 0 };
+      this.#keys.set(key, entry);
+    } else if (now - entry.windowStart >= this.#windowMs) {
+      entry.windowStart = now;
+      entry.logged = 0;
+    }
+    if (entry.logged >= this.#burst) {
+      entry.leftOut++;
+      return undefined;
+    }
+    entry.logged++;
+    const leftOut = entry.leftOut;
+    entry.leftOut = 0;
+    return leftOut;
+  }
+}
+
+/**
  * Writes out what the logger still holds and closes its stream, before process.exit: waited for on the event loop.
  * pino would otherwise flush synchronously at exit, and sonic-boom's synchronous flush retries a write to a broken
  * pipe (EPIPE: the journal, or whoever read stderr, is gone) for ever, so a daemon told to stop would never exit.

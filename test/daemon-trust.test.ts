@@ -6,6 +6,7 @@ import { execFile } from 'node:child_process';
 import { once } from 'node:events';
 import { Socket } from 'node:net';
 import { afterEach, describe, expect, it } from 'vitest';
+import { REFUSALS_LOGGED } from '../daemon/handoff-server.js';
 import * as native from '../shared/native.js';
 import { waitForEvents } from './fixtures/native-helpers.js';
 import { type DaemonProcess, eventually, startDaemon, writeConfigFile } from './helpers/daemon.js';
@@ -171,6 +172,26 @@ describe('refused origins', () => {
     const lease = await raw.request({ type: 'acquire', id: nextId++, host: '127.0.0.1', port: origin.port });
     expect(lease.message).toMatchObject({ type: 'lease' });
     native.close(lease.fds[0]!);
+  });
+
+  it("logs a uid's refusals up to REFUSALS_LOGGED per window: a client cannot flood the journal", async () => {
+    const origin = await pathOrigin(cleanups);
+    const sockpoold = await daemon(origin.port);
+    const raw = client(sockpoold.socketPath);
+    const refused = 2_000;
+    for (let i = 0; i < refused; i++) {
+      const reply = await raw.request({ type: 'acquire', id: nextId++, host: '127.0.0.1', port: 20_000 + (i % 500) });
+      expect(reply.message).toMatchObject({ type: 'error', code: 'SOCKPOOL_ERR_POLICY' });
+    }
+    const lines = () =>
+      sockpoold
+        .output()
+        .split('\n')
+        .filter((line) => line.includes('"msg":"refused"'));
+    // The metrics count every refusal; the log keeps the first ones of each window.
+    await eventually(() => lines().length >= REFUSALS_LOGGED, 'the first refusals logged');
+    expect(lines().length).toBeLessThanOrEqual(REFUSALS_LOGGED);
+    expect(lines()[0]).toContain(`"uid":${process.getuid!()}`);
   });
 });
 

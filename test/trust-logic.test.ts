@@ -9,6 +9,7 @@ import { ConnectGate } from '../daemon/connect-gate.js';
 import type { ConnectedSocket, Connector } from '../daemon/connector.js';
 import { FairWaitQueue } from '../daemon/fair-queue.js';
 import { checkIdle, checkReturned, endConnection, markOf, usedSinceLent } from '../daemon/lease-guard.js';
+import { LogLimiter } from '../daemon/log.js';
 import { type Handoff, OriginPool, type OriginPoolEvents } from '../daemon/origin-pool.js';
 import { PREWARM_WINDOW_MS, type QuotaConfig, STATS_WINDOW_MS, UidQuotas } from '../daemon/quotas.js';
 import { ErrorCodes } from '../shared/errors.js';
@@ -184,6 +185,18 @@ describe('UidQuotas', () => {
     expect(quotas.takePrewarm(1, 100)).toBe(5);
     now += PREWARM_WINDOW_MS * 10;
     expect(quotas.takePrewarm(1, 100)).toBe(10);
+  });
+
+  it('logs up to `burst` lines per window per key, then leaves them out and says how many at the next one logged', () => {
+    let now = 0;
+    const limiter = new LogLimiter(2, 1000, () => now);
+    expect([limiter.take(1), limiter.take(1), limiter.take(1), limiter.take(1)]).toEqual([0, 0, undefined, undefined]);
+    // Another key has its own.
+    expect(limiter.take(2)).toBe(0);
+    now += 1000;
+    expect([limiter.take(1), limiter.take(1), limiter.take(1)]).toEqual([2, 0, undefined]);
+    now += 5000;
+    expect(limiter.take(1)).toBe(1);
   });
 
   it('lets a uid ask for stats maxStatsPerUid times a second, a burst of that many, then SOCKPOOL_ERR_QUOTA', () => {
