@@ -463,10 +463,16 @@ export class HandoffServer {
 
   /** The `stats` reply this client may see (client-view.ts). */
   #statsFor(session: ClientSession): Record<string, unknown> {
+    const admin = this.#isAdmin(session);
+    const usersOf = (key: string) => this.#pools.usersOf(key);
+    // A uid that is not an admin: the rows of its own origins only are built (statsView filters the same way).
+    const snapshot = admin
+      ? this.#pools.snapshot()
+      : this.#pools.snapshot((key) => usersOf(key)?.has(session.uid) === true);
     return statsView(
-      this.#pools.snapshot(),
-      { uid: session.uid, admin: this.#isAdmin(session) },
-      (key) => this.#pools.usersOf(key),
+      snapshot,
+      { uid: session.uid, admin },
+      usersOf,
       () => ({
         clients: this.#clients.size,
         leases: this.#leases.size,

@@ -5,6 +5,7 @@
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
 import { canonicalOrigin, type Origin, originKey, originOfKey } from '../shared/origin.js';
+import { snapshotOf } from './client-view.js';
 import { type OriginPolicy, policyFor, type SockpoolConfig } from './config.js';
 import type { ConnectedSocket, Connector } from './connector.js';
 import { fleetKey, type SlotKeeper } from './fleet/slots.js';
@@ -555,8 +556,13 @@ export class PoolManager {
     return detached;
   }
 
-  snapshot() {
-    const origins = [...this.#pools.values()].map((pool) => {
+  /**
+   * Every pool's row and the daemon's totals; with `include`, only the rows of the pools it names (the pool key), and
+   * totals over those: a uid's `stats` (client-view.ts) builds no row of another uid's thousands of pools.
+   */
+  snapshot(include?: (key: string) => boolean) {
+    const pools = include ? [...this.#pools.values()].filter((pool) => include(pool.key)) : [...this.#pools.values()];
+    const origins = pools.map((pool) => {
       const stats = this.#statsOf(pool.key);
       return {
         origin: pool.key,
@@ -572,6 +578,7 @@ export class PoolManager {
         learnedFamily: this.#connector.learnedFamily?.(pool.origin) ?? null,
       };
     });
+    if (include) return snapshotOf(origins);
     const total = this.#hits + this.#misses;
     return {
       idle: this.#idleTotal,

@@ -550,3 +550,28 @@ describe('PoolManager with its store and configuration', () => {
     await expect(pools.acquire(BUSY, 1_000)).rejects.toMatchObject({ code: ErrorCodes.SHUTTING_DOWN });
   });
 });
+
+describe('PoolManager snapshot for one uid', () => {
+  it("builds the rows of the pools `include` names only: a uid's stats does not pay for every pool", async () => {
+    const pools = manager({ predictive: false });
+    let rowsBuilt = 0;
+    // Called once per row built (the row's learned family): counts the work of a snapshot.
+    (connector as unknown as { learnedFamily: () => undefined }).learnedFamily = () => {
+      rowsBuilt++;
+      return undefined;
+    };
+    for (let i = 0; i < 20; i++) {
+      const handoff = await pools.acquire({ host: `other${i}.test`, port: 443 }, 1_000, undefined, 1000);
+      held.push(handoff);
+    }
+    const mine = await pools.acquire({ host: 'mine.test', port: 443 }, 1_000, undefined, 2000);
+    held.push(mine);
+    rowsBuilt = 0;
+    const view = pools.snapshot((key) => pools.usersOf(key)?.has(2000) === true);
+    expect(view.origins.map((row) => row.origin)).toEqual(['mine.test:443']);
+    expect(view).toMatchObject({ leased: 1, originCount: 1 });
+    expect(rowsBuilt).toBe(1);
+    // Without `include`, every pool, with the daemon's totals.
+    expect(pools.snapshot()).toMatchObject({ leased: 21, originCount: 21 });
+  });
+});
