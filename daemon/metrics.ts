@@ -5,7 +5,9 @@
 // (idle, leased, connecting, waiting) are not kept up to date at all: they are computed at scrape time from the
 // pool manager's `snapshot()`, a walk of every pool. The endpoint has no access control (any local uid reaches
 // loopback), so one walk serves every scrape for SNAPSHOT_MAX_AGE_MS: a loop of scrapes cannot make the daemon walk
-// ten thousand pools for each. Counters and histograms are read fresh at every scrape.
+// ten thousand pools for each. prom-client's process metrics are as costly (process_open_fds lists /proc/self/fd:
+// about 10 ms a scrape with 10,000 fds), so they live in a registry of their own whose text is kept as long. Counters
+// and histograms are read fresh at every scrape.
 
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
@@ -91,6 +93,10 @@ export class Metrics {
   readonly #takeSnapshot: () => ReturnType<typeof collectOrigins>;
   /** The last walk of the pools and when it was taken (#now). */
   #lastSnapshot: { at: number; entries: ReturnType<typeof collectOrigins> } | undefined;
+  /** prom-client's process metrics (processMetrics), apart: their text is kept SNAPSHOT_MAX_AGE_MS (#processText). */
+  readonly #processRegistry: Registry | undefined;
+  #lastProcessText: { at: number; text: Promise<string> } | undefined;
+  readonly #now: () => number;
 
   constructor(snapshot: () => MetricsSnapshot, options: MetricsOptions = {}) {
     const registry = new Registry();
@@ -100,6 +106,7 @@ export class Metrics {
     // One snapshot per scrape, shared by the per-origin gauges and their totals: text() takes it before the registry
     // collects them (a collection outside text() takes its own).
     const now = options.now ?? (() => performance.now());
+    this.#now = now;
     this.#takeSnapshot = () => {
       const at = now();
       const last = this.#lastSnapshot;
@@ -217,7 +224,25 @@ export class Metrics {
       buckets: CONNECT_BUCKETS_SECONDS,
       registers,
     });
-    if (options.processMetrics ?? true) collectDefaultMetrics({ register: registry });
+    if (options.processMetrics ?? true) {
+      this.#processRegistry = new Registry();
+      collectDefaultMetrics({ register: this.#processRegistry });
+    }
+  }
+
+  /** The process metrics' text, read at most once per SNAPSHOT_MAX_AGE_MS ('' without them). */
+  #processText(): Promise<string> {
+    if (!this.#processRegistry) return Promise.resolve('');
+    const at = this.#now();
+    const last = this.#lastProcessText;
+    if (last !== undefined && at - last.at < SNAPSHOT_MAX_AGE_MS) return last.text;
+    const text = this.#processRegistry.metrics();
+    this.#lastProcessText = { at, text };
+    // A read that failed is not kept.
+    text.catch(() => {
+      if (this.#lastProcessText?.text === text) this.#lastProcessText = undefined;
+    });
+    return text;
   }
 
   /** The Prometheus text exposition of every metric, from one snapshot of the pools. */
@@ -225,7 +250,8 @@ export class Metrics {
     const scrape = this.#takeSnapshot();
     this.#scrape = scrape;
     try {
-      return await this.registry.metrics();
+      const [own, process] = await Promise.all([this.registry.metrics(), this.#processText()]);
+      return process === '' ? own : `${own}${own.endsWith('\n') ? '' : '\n'}${process}`;
     } finally {
       if (this.#scrape === scrape) this.#scrape = undefined;
     }

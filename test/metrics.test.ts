@@ -9,6 +9,7 @@ import {
   SNAPSHOT_MAX_AGE_MS,
   startMetricsServer,
 } from '../daemon/metrics.js';
+import * as native from '../shared/native.js';
 
 const servers: MetricsServer[] = [];
 afterEach(async () => {
@@ -133,6 +134,22 @@ describe('metrics', () => {
     now += SNAPSHOT_MAX_AGE_MS;
     expect((await (await scrape(server.port)).text()).split('\n')).toContain('sockpool_pool_idle_sockets 5');
     expect(snapshots).toBe(2);
+  });
+
+  it('reads the process metrics at most once per SNAPSHOT_MAX_AGE_MS: with many fds each read costs milliseconds', async () => {
+    let now = 0;
+    const metrics = createMetrics(() => ({ origins: [] }), { now: () => now });
+    const openFds = async () => Number(/^process_open_fds (\d+)$/m.exec(await metrics.text())?.[1]);
+    const first = await openFds();
+    const pairs = Array.from({ length: 20 }, () => native.seqpacketPair());
+    try {
+      // 40 fds more, and the scrape that follows at once still says what the last read found.
+      expect(await openFds()).toBe(first);
+      now += SNAPSHOT_MAX_AGE_MS;
+      expect(await openFds()).toBeGreaterThanOrEqual(first + 40);
+    } finally {
+      for (const pair of pairs) for (const fd of pair) native.close(fd);
+    }
   });
 
   it('names at most METRICS_MAX_ORIGINS origins, the busiest, and sums the rest under origin="other"', async () => {
