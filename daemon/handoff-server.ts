@@ -29,7 +29,7 @@ import { policyFor, type SockpoolConfig } from './config.js';
 import type { RateLimiter } from './fleet/rate-limiter.js';
 import { checkReturned, endConnection, markOf } from './lease-guard.js';
 import { type Lease, LeaseTable } from './leases.js';
-import { type Logger, LogLimiter } from './log.js';
+import { type Logger, LogLimiter, REFUSAL_LOG_WINDOW_MS, REFUSALS_LOGGED } from './log.js';
 import type { Metrics } from './metrics.js';
 import type { PoolManager } from './pool-manager.js';
 import { UidQuotas } from './quotas.js';
@@ -73,10 +73,6 @@ export interface HandoffServerOptions {
  * a client that reads, however slowly, never comes near it.
  */
 const MAX_QUEUED_REPLY_BYTES = 1024 * 1024;
-
-/** A uid's refusals logged per REFUSAL_LOG_WINDOW_MS (each one is counted in the metrics all the same). */
-export const REFUSALS_LOGGED = 50;
-const REFUSAL_LOG_WINDOW_MS = 10_000;
 
 /** Lease ids per `reclaim` message (each about 8 bytes of JSON: well under the message size limit). */
 const RECLAIM_IDS_PER_MESSAGE = 1000;

@@ -8,6 +8,13 @@ export function createLogger(level: string): Logger {
 }
 
 /**
+ * A uid's lines of one kind logged per REFUSAL_LOG_WINDOW_MS (refusals, connect failures): each one is counted in the
+ * metrics all the same.
+ */
+export const REFUSALS_LOGGED = 50;
+export const REFUSAL_LOG_WINDOW_MS = 10_000;
+
+/**
  * Lines a client causes at its own pace (a refusal per acquire it sends): at most `burst` per `windowMs` per key (a
  * uid), so that one client cannot flood the journal (journald then drops the daemon's other lines too) or pino's
  * buffer. `take(key)` answers undefined for a line to leave out, or how many of the key's lines were left out since

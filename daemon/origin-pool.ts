@@ -38,7 +38,8 @@ export interface OriginPoolEvents {
    */
   dropped(pool: OriginPool, reason: DropReason, idleMs: number, ageMs: number, lent: boolean): void;
   connected(pool: OriginPool, connectMs: number): void;
-  connectFailed(pool: OriginPool, error: Error): void;
+  /** `uid`: whose connect it was (a waiter's or a prewarm's; undefined: the pool's own refill). */
+  connectFailed(pool: OriginPool, error: Error, uid: number | undefined): void;
   /** Acquires wait for room that only a lease's end can make (see OriginPool.waitingForRoom). */
   waitingForRoom(pool: OriginPool): void;
 }
@@ -690,7 +691,7 @@ export class OriginPool {
     this.#failures++;
     if ((error as { code?: string }).code === ErrorCodes.POLICY) this.#refused = true;
     this.#backoffUntil = performance.now() + Math.min(30_000, 250 * 2 ** Math.min(this.#failures, 7));
-    this.#events.connectFailed(this, error);
+    this.#events.connectFailed(this, error, uid);
     // The waiter the connect would have served gets the failure (its uid's when fairness allows, else the next in
     // fair order): queue order is kept and nobody waits on a dead origin until timeout.
     if (forWaiter && this.#waiters.length > 0) {

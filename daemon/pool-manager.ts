@@ -10,7 +10,7 @@ import { type OriginPolicy, policyFor, type SockpoolConfig } from './config.js';
 import type { ConnectedSocket, Connector } from './connector.js';
 import { fleetKey, type SlotKeeper } from './fleet/slots.js';
 import { endConnection, type UsageMark } from './lease-guard.js';
-import type { Logger } from './log.js';
+import { type Logger, LogLimiter, REFUSAL_LOG_WINDOW_MS, REFUSALS_LOGGED } from './log.js';
 import type { Metrics } from './metrics.js';
 import { type DropReason, type Handoff, OriginPool, type OriginPoolEvents } from './origin-pool.js';
 import { changedProxies } from './proxy-tunnel.js';
@@ -104,6 +104,8 @@ export class PoolManager {
   #store: StateStore | undefined;
   #tls: TlsSessions | undefined;
   #slots: SlotKeeper | undefined;
+  /** Connect failures are logged per uid up to a bound (see the connectFailed event). */
+  readonly #failureLog = new LogLimiter(REFUSALS_LOGGED, REFUSAL_LOG_WINDOW_MS);
   #idleTotal = 0;
   #hits = 0;
   #misses = 0;
@@ -150,13 +152,20 @@ export class PoolManager {
         this.#store?.recordConnect(pool.key, connectMs);
         this.#metrics?.connectSeconds.observe(connectMs / 1000);
       },
-      connectFailed: (pool, error) => {
+      connectFailed: (pool, error, uid) => {
         const code = (error as { code?: string }).code ?? 'unknown';
         // Refusals are counted once per refused acquire (see acquire); here only real connect failures.
         if (code === ErrorCodes.POLICY) return;
         this.#store?.recordConnectFailure(pool.key);
         this.#metrics?.connectFailures.inc({ reason: code });
-        this.#log.warn({ origin: pool.key, code, err: error.message }, 'connect failed');
+        // A client names origins that fail (dead names and ports) as fast as it likes: logged per uid up to a bound
+        // (the daemon's own refills under -1), the next line logged saying how many were left out.
+        const leftOut = this.#failureLog.take(uid ?? -1);
+        if (leftOut === undefined) return;
+        this.#log.warn(
+          { origin: pool.key, uid, code, err: error.message, ...(leftOut > 0 ? { notLogged: leftOut } : {}) },
+          'connect failed',
+        );
       },
       waitingForRoom: (pool) => this.#reclaimFor(pool),
     };

@@ -4,9 +4,9 @@
 // Tests that need clients of different uids are in daemon-trust.system.test.ts (root).
 import { execFile } from 'node:child_process';
 import { once } from 'node:events';
-import { Socket } from 'node:net';
+import { type AddressInfo, createServer, Socket } from 'node:net';
 import { afterEach, describe, expect, it } from 'vitest';
-import { REFUSALS_LOGGED } from '../daemon/handoff-server.js';
+import { REFUSALS_LOGGED } from '../daemon/log.js';
 import * as native from '../shared/native.js';
 import { waitForEvents } from './fixtures/native-helpers.js';
 import { type DaemonProcess, eventually, startDaemon, writeConfigFile } from './helpers/daemon.js';
@@ -190,6 +190,29 @@ describe('refused origins', () => {
         .filter((line) => line.includes('"msg":"refused"'));
     // The metrics count every refusal; the log keeps the first ones of each window.
     await eventually(() => lines().length >= REFUSALS_LOGGED, 'the first refusals logged');
+    expect(lines().length).toBeLessThanOrEqual(REFUSALS_LOGGED);
+    expect(lines()[0]).toContain(`"uid":${process.getuid!()}`);
+  });
+
+  it("logs the connect failures of a uid's acquires up to REFUSALS_LOGGED per window too", async () => {
+    // A port nobody listens on: every connect is refused by the kernel at once. Distinct names, distinct pools.
+    const closed = createServer().listen(0, '127.0.0.1');
+    await once(closed, 'listening');
+    const port = (closed.address() as AddressInfo).port;
+    await new Promise((resolve) => closed.close(resolve));
+    const names = Array.from({ length: 300 }, (_, i) => `dead${i}.test`);
+    const sockpoold = await daemon(port, { dns: { resolve: names.map((name) => `${name}:${port}:127.0.0.1`) } });
+    const raw = client(sockpoold.socketPath);
+    for (const host of names) {
+      const reply = await raw.request({ type: 'acquire', id: nextId++, host, port });
+      expect(reply.message).toMatchObject({ type: 'error', code: 'SOCKPOOL_ERR_CONNECT' });
+    }
+    const lines = () =>
+      sockpoold
+        .output()
+        .split('\n')
+        .filter((line) => line.includes('"msg":"connect failed"'));
+    await eventually(() => lines().length >= REFUSALS_LOGGED, 'the first failures logged');
     expect(lines().length).toBeLessThanOrEqual(REFUSALS_LOGGED);
     expect(lines()[0]).toContain(`"uid":${process.getuid!()}`);
   });
