@@ -236,6 +236,30 @@ describe('metrics', () => {
     expect(text).toMatch(/^sockpool_pool_leased_sockets 1$/m);
   });
 
+  it("never shows or logs fleet.redis's user and password: not in the log, stats or the metrics", async () => {
+    const metricsPort = await freePort();
+    const secret = 's3cret-pw-4711';
+    // Nothing listens on port 1: the daemon logs Redis unavailable (with the server it tried) and carries on.
+    const sockpoold = await daemonWith({ fleet: { redis: `redis://alice:${secret}@127.0.0.1:1/0` } }, [
+      '--metrics-port',
+      String(metricsPort),
+    ]);
+    await eventually(() => sockpoold.output().includes('Redis unavailable'), 'Redis unavailable logged');
+    const raw = client(sockpoold.socketPath);
+    const reply = await raw.request({ type: 'stats', id: 1 });
+    const stats = JSON.stringify(reply.message);
+    expect(stats).toContain('redis://127.0.0.1:1/0'); // the admin view names the server, without credentials
+    const metrics = await (await fetch(`http://127.0.0.1:${metricsPort}/metrics`)).text();
+    for (const [what, text] of [
+      ['log', sockpoold.output()],
+      ['stats', stats],
+      ['metrics', metrics],
+    ] as const) {
+      expect(text, what).not.toContain(secret);
+      expect(text, what).not.toContain('alice');
+    }
+  });
+
   it('holds at most METRICS_MAX_CONNECTIONS connections to the metrics port: any local uid can open them, each an fd of the daemon', async () => {
     const metricsPort = await freePort();
     const withMetrics = await daemonWith({}, ['--metrics-port', String(metricsPort)]);
