@@ -845,6 +845,9 @@ export class HandoffServer {
 
   #replyError(session: ClientSession, id: number | null, error: unknown): void {
     const plain = toPlainError(error);
+    // The refusals of the daemon's own bounds, for the operator's alerts (the policy's are counted where they happen).
+    const reason = REFUSAL_REASONS[plain.code];
+    if (reason !== undefined) this.#metrics?.refusals.inc({ reason });
     const fields: Record<string, string | number | boolean | null> = {};
     for (const [key, value] of Object.entries(plain.fields ?? {})) if (value !== undefined) fields[key] = value;
     this.#send(session, { type: 'error', id, code: plain.code, message: plain.message, fields });
@@ -866,6 +869,14 @@ export class HandoffServer {
 }
 
 const BORROWED = { borrowed: true };
+
+/** sockpool_refusals_total's `reason` for an error reply (a session refused by a quota at accept is `quota` too). */
+const REFUSAL_REASONS: Readonly<Record<string, string>> = {
+  [ErrorCodes.LIMIT]: 'limit',
+  [ErrorCodes.QUOTA]: 'quota',
+  [ErrorCodes.ACQUIRE_TIMEOUT]: 'acquire_timeout',
+  [ErrorCodes.RATE_LIMITED]: 'rate_limited',
+};
 const ACCEPT_BACKOFF_MIN_MS = 10;
 const ACCEPT_BACKOFF_MAX_MS = 1_000;
 

@@ -68,7 +68,10 @@ export class Metrics {
   readonly hits: Counter;
   /** Acquires that waited for a new connection. */
   readonly misses: Counter;
-  /** Acquires or clients refused; `reason`: an egress policy reason, `access`, `limit`, `acquire_timeout`, ... */
+  /**
+   * Acquires, requests or clients refused; `reason`: an egress policy reason, `access`, `limit`, `quota`,
+   * `acquire_timeout`, `rate_limited`, `release-used`, `release-foreign`, `accept-emfile`, ...
+   */
   readonly refusals: Counter<'reason'>;
   /** Idle sockets dropped; `reason`: eof, error, data (unexpected bytes), ttl, recycled (learned lifetime), ... */
   readonly deadDropped: Counter<'reason'>;

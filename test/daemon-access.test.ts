@@ -236,6 +236,34 @@ describe('metrics', () => {
     expect(text).toMatch(/^sockpool_pool_leased_sockets 1$/m);
   });
 
+  it('counts the refusals of its own limits in sockpool_refusals_total: limit, quota, acquire_timeout', async () => {
+    const echo = await echoServer();
+    const metricsPort = await freePort();
+    const sockpoold = await daemonWith(
+      {
+        access: { maxLeasesPerClient: 1 },
+        quotas: { maxPrewarmPerUid: 0 },
+        pool: { defaults: { maxPerOrigin: 1, maxIdle: 1 } },
+      },
+      ['--allow', '127.0.0.1/32', '--allow-port', String(echo.port), '--metrics-port', String(metricsPort)],
+    );
+    const holder = client(sockpoold.socketPath);
+    const other = client(sockpoold.socketPath);
+    const acquire = (raw: typeof holder, id: number, timeoutMs?: number) =>
+      raw.request({ type: 'acquire', id, host: '127.0.0.1', port: echo.port, ...(timeoutMs ? { timeoutMs } : {}) });
+    const lease = await acquire(holder, 1);
+    expect(lease.message?.type).toBe('lease');
+    expect((await acquire(holder, 2)).message).toMatchObject({ code: 'SOCKPOOL_ERR_LIMIT' });
+    expect((await acquire(other, 3, 50)).message).toMatchObject({ code: 'SOCKPOOL_ERR_ACQUIRE_TIMEOUT' });
+    const prewarm = await other.request({ type: 'prewarm', id: 4, host: '127.0.0.1', port: echo.port, count: 1 });
+    expect(prewarm.message).toMatchObject({ code: 'SOCKPOOL_ERR_QUOTA' });
+    for (const fd of lease.fds) native.close(fd);
+    const text = await (await fetch(`http://127.0.0.1:${metricsPort}/metrics`)).text();
+    for (const reason of ['limit', 'acquire_timeout', 'quota']) {
+      expect(text.split('\n'), reason).toContain(`sockpool_refusals_total{reason="${reason}"} 1`);
+    }
+  });
+
   it("never shows or logs fleet.redis's user and password: not in the log, stats or the metrics", async () => {
     const metricsPort = await freePort();
     const secret = 's3cret-pw-4711';
