@@ -8,12 +8,24 @@
 // - acquireTimeoutMs over that bound is refused by the client's constructor (before: accepted, then every
 //   acquire failed with SOCKPOOL_ERR_PROTOCOL).
 // - A request cancelled while it waits for a token ends at once (before: only when the token came).
+// - A token the worker took for a request that never went out (its acquire failed to connect, or was cancelled at
+//   the cap) is spent by the next request (before: lost, and at 0.1 request/s the next one was refused).
+import { once } from 'node:events';
+import http from 'node:http';
+import type { AddressInfo } from 'node:net';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { SockpoolClient } from '../client/index.js';
 import { ErrorCodes } from '../shared/errors.js';
 import { MAX_TIMEOUT_MS } from '../shared/protocol.js';
 import { DaemonLink } from '../worker/daemon-link.js';
-import { daemonStats, echoHandler, httpOrigin, type Origin, startTestDaemon } from './fixtures/client-helpers.js';
+import {
+  daemonStats,
+  echoHandler,
+  eventually,
+  httpOrigin,
+  type Origin,
+  startTestDaemon,
+} from './fixtures/client-helpers.js';
 import type { DaemonProcess } from './helpers/daemon.js';
 import { openRawClient } from './helpers/raw-client.js';
 
@@ -148,3 +160,80 @@ it('refuses acquireTimeoutMs over the protocol bound, naming it', () => {
   // The bound itself is fine.
   return new SockpoolClient({ ...options, acquireTimeoutMs: MAX_TIMEOUT_MS }).close();
 });
+
+it('a token taken for a request whose acquire then fails goes back to the batch: the next request spends it', async () => {
+  // Every response closes its connection: each request needs an acquire (curl keeps nothing to reuse).
+  const handler: Parameters<typeof http.createServer>[1] = (_request, response) => {
+    response.setHeader('connection', 'close');
+    response.end('ok');
+  };
+  let server = http.createServer(handler).listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  const { port } = server.address() as AddressInfo;
+  // One request per 10 s, burst 2: the first request (charged by the daemon: the worker does not know the rate
+  // yet) and the second (its token taken by the worker) spend both tokens there are for 10 s.
+  const rated = await startTestDaemon([port], {
+    config: { pool: { origins: [{ match: `127.0.0.1:${port}`, requestsPerSecond: 0.1, burst: 2 }] } },
+  });
+  const client = new SockpoolClient({ socketPath: rated.socketPath, threads: 0, timeoutMs: 3_000 });
+  try {
+    const url = `http://127.0.0.1:${port}/`;
+    expect((await client.request(url)).status).toBe(200);
+    // Nothing listens now: the second request's acquire fails to connect, after the worker took its token.
+    await new Promise<void>((resolve) => server.close(() => resolve()));
+    await expect(client.request(url)).rejects.toMatchObject({ code: ErrorCodes.CONNECT });
+    server = http.createServer(handler).listen(port, '127.0.0.1');
+    await once(server, 'listening');
+    // No request went out with that token: the third request spends it (before: it was lost, and the next token
+    // being 10 s away, past the request's 3 s, the daemon refused it with SOCKPOOL_ERR_RATE_LIMITED).
+    expect((await client.request(url)).status).toBe(200);
+  } finally {
+    await client.close();
+    await rated.stop();
+    await new Promise<void>((resolve) => server.close(() => resolve()));
+  }
+}, 20_000);
+
+it('a token taken for a request cancelled while its acquire waits at the cap goes to the next request', async () => {
+  // Every response closes its connection; the first one held until the test lets it go.
+  const held: Array<() => void> = [];
+  const server = http.createServer((request, response) => {
+    response.setHeader('connection', 'close');
+    if (request.url === '/held') held.push(() => response.end('ok'));
+    else response.end('ok');
+  });
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  const { port } = server.address() as AddressInfo;
+  // One request per 10 s, burst 3, one connection at a time.
+  const rated = await startTestDaemon([port], {
+    config: {
+      pool: { origins: [{ match: `127.0.0.1:${port}`, requestsPerSecond: 0.1, burst: 3, maxPerOrigin: 1 }] },
+    },
+  });
+  const client = new SockpoolClient({ socketPath: rated.socketPath, threads: 0, timeoutMs: 5_000 });
+  try {
+    const url = `http://127.0.0.1:${port}/`;
+    // The daemon charges the first (the worker learns the rate); the second holds the only connection.
+    expect((await client.request(url)).status).toBe(200);
+    const holding = client.request(`${url}held`);
+    await eventually(() => held.length === 1, 'the held request at the origin');
+    // The third takes its token (the burst's last for 10 s), then waits at the cap; it is cancelled there.
+    const controller = new AbortController();
+    const cancelled = client.request(url, { signal: controller.signal });
+    cancelled.catch(() => {});
+    await eventually(async () => (await daemonStats(rated.socketPath)).waiting === 1, 'the acquire waiting at the cap');
+    controller.abort(new Error('not any more'));
+    await expect(cancelled).rejects.toMatchObject({ code: ErrorCodes.ABORTED });
+    // The fourth spends the token the third never sent a request with (before: it was lost, and the next token
+    // being 10 s away, past the request's 5 s, the fourth failed with SOCKPOOL_ERR_RATE_LIMITED).
+    const next = client.request(url);
+    held.shift()!();
+    expect((await holding).status).toBe(200);
+    expect((await next).status).toBe(200);
+  } finally {
+    await client.close();
+    await rated.stop();
+    await new Promise<void>((resolve) => server.close(() => resolve()));
+  }
+}, 20_000);

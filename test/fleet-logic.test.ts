@@ -333,7 +333,7 @@ describe('worker tokens', () => {
     await tokens.take('a.example', 80, 1000);
     expect(asked).toEqual([5]);
     // Four more held: spent without asking.
-    for (let i = 0; i < 4; i++) expect(tokens.take('a.example', 80, 1000)).toBeUndefined();
+    for (let i = 0; i < 4; i++) expect(tokens.take('a.example', 80, 1000)).toBeTypeOf('number');
     await tokens.take('a.example', 80, 1000);
     expect(asked).toEqual([5, 5]);
     tokens.learn('a.example', 80, undefined);
@@ -359,7 +359,9 @@ describe('worker tokens', () => {
     const tokens = new RateTokens(link, () => 0);
     tokens.learn('a.example', 80, { requestsPerSecond: 100, burst: 10 });
     let done = 0;
-    const takes = Array.from({ length: 12 }, () => tokens.take('a.example', 80, 1000)!.then(() => done++));
+    const takes = Array.from({ length: 12 }, () =>
+      (tokens.take('a.example', 80, 1000) as Promise<number | undefined>).then(() => done++),
+    );
     // Twelve requests, one `tokens` request (before: twelve, each for a batch of ten).
     expect(asks.map((ask) => ask.count)).toEqual([10]);
     asks[0]!.grant(10);
@@ -371,7 +373,7 @@ describe('worker tokens', () => {
     await Promise.all(takes);
     expect(asks).toHaveLength(2);
     // The rest is held: the next requests send nothing.
-    for (let i = 0; i < 8; i++) expect(tokens.take('a.example', 80, 1000)).toBeUndefined();
+    for (let i = 0; i < 8; i++) expect(tokens.take('a.example', 80, 1000)).toBeTypeOf('number');
   });
 
   it('a refused batch request fails its own request only: the waiting ones ask again', async () => {
@@ -403,7 +405,7 @@ describe('worker tokens', () => {
     // The batch request goes on for the second; the cancelled one's token goes to the batch with the rest.
     asks[0]!.grant(2);
     await second;
-    expect(tokens.take('a.example', 80, 1000)).toBeUndefined();
+    expect(tokens.take('a.example', 80, 1000)).toBeTypeOf('number');
     expect(asks).toHaveLength(1);
     // A waiter cancelled while the batch request is under way spends nothing of what it brings.
     const third = tokens.take('a.example', 80, 1000)!;
@@ -413,7 +415,7 @@ describe('worker tokens', () => {
     await expect(fourth).rejects.toBe(reason);
     asks[1]!.grant(2);
     await third;
-    expect(tokens.take('a.example', 80, 1000)).toBeUndefined();
+    expect(tokens.take('a.example', 80, 1000)).toBeTypeOf('number');
   });
 
   it('a request cancelled while the worker waits out a token past the daemon’s bound leaves no timer behind', async () => {
@@ -452,6 +454,52 @@ describe('worker tokens', () => {
     await short;
     asks[0]!.grant(10);
     await long;
+  });
+
+  it('a token given back (its request never went out) is spent again, only until it would have expired', async () => {
+    const { asks, link } = manualLink();
+    let clock = 0;
+    const tokens = new RateTokens(link, () => clock);
+    tokens.learn('a.example', 80, { requestsPerSecond: 1, burst: 1 });
+    const taking = tokens.take('a.example', 80, 5000) as Promise<number | undefined>;
+    asks[0]!.grant(1);
+    const expiresAt = await taking;
+    expect(expiresAt).toBe(TOKEN_LIFETIME_MS);
+    // Its acquire failed: the next request spends it, with its expiry, without asking the daemon.
+    clock = 300;
+    tokens.giveBack('a.example', 80, expiresAt!);
+    expect(tokens.take('a.example', 80, 5000)).toBe(TOKEN_LIFETIME_MS);
+    expect(asks).toHaveLength(1);
+    // Given back once more, it lives no longer than it would have in the batch (a fresh second: failed requests
+    // would keep it alive, or save many up for a burst).
+    tokens.giveBack('a.example', 80, expiresAt!);
+    clock = TOKEN_LIFETIME_MS;
+    expect(tokens.take('a.example', 80, 5000)).toBeInstanceOf(Promise);
+    expect(asks).toHaveLength(2);
+    // Expired already: dropped.
+    tokens.giveBack('a.example', 80, TOKEN_LIFETIME_MS);
+    asks[1]!.grant(1);
+  });
+
+  it('a token given back while requests wait for one goes to the oldest: what its ask brings goes to the batch', async () => {
+    const { asks, link } = manualLink();
+    const tokens = new RateTokens(link, () => 0);
+    tokens.learn('a.example', 80, { requestsPerSecond: 0.1, burst: 1 });
+    const first = tokens.take('a.example', 80, 20_000) as Promise<number | undefined>;
+    const second = tokens.take('a.example', 80, 20_000) as Promise<number | undefined>;
+    let served = 0;
+    first.then(() => served++);
+    second.then(() => served++);
+    expect(asks).toHaveLength(1);
+    // Before: it went to the batch, and both waited for the daemon's next token (10 s at this rate) while it expired.
+    tokens.giveBack('a.example', 80, 700);
+    expect(await first).toBe(700);
+    await settle();
+    expect(served).toBe(1);
+    // The ask it made goes on for the second.
+    asks[0]!.grant(1);
+    expect(await second).toBe(TOKEN_LIFETIME_MS);
+    expect(asks).toHaveLength(1);
   });
 
   it('a token the daemon would not wait for (over the protocol bound) is asked for again when due within it', async () => {

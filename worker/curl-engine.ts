@@ -136,6 +136,9 @@ interface Transfer {
   capWaitMs: number;
   /** The current attempt's part of tokenWaitMs. */
   attemptTokenWaitMs: number;
+  /** The current attempt took a token of its rate-limited origin here: when it expires (rate-tokens.ts; given back
+   *  when the attempt's request never went out). */
+  token: number | undefined;
   done: (outcome: TransferOutcome) => void;
 }
 
@@ -343,6 +346,7 @@ export class CurlEngine {
       tokenWaitMs: 0,
       capWaitMs: 0,
       attemptTokenWaitMs: 0,
+      token: undefined,
       done,
     };
     this.#attempt(transfer);
@@ -357,6 +361,7 @@ export class CurlEngine {
     }
     const started = performance.now();
     transfer.attemptTokenWaitMs = 0;
+    transfer.token = undefined;
     const remaining = request.deadline - (TIME_ORIGIN + started);
     if (remaining <= 0) {
       this.#fail(transfer, timeoutError(request));
@@ -366,16 +371,17 @@ export class CurlEngine {
     if (rateTokens) {
       // Each attempt is a request the origin sees: each takes a token of a rate-limited origin.
       const { host, port } = transfer.target.origin;
-      let token: Promise<void> | undefined;
+      let token: number | Promise<number | undefined> | undefined;
       try {
         token = rateTokens.take(host, port, remaining, io.signal);
       } catch (error) {
         this.#prepareFailed(transfer, error, started, remaining);
         return;
       }
-      if (token) {
+      if (token instanceof Promise) {
         token.then(
-          () => {
+          (expiresAt) => {
+            transfer.token = expiresAt;
             transfer.attemptTokenWaitMs = performance.now() - started;
             transfer.tokenWaitMs += transfer.attemptTokenWaitMs;
             this.#prepare(transfer, started, remaining);
@@ -384,6 +390,7 @@ export class CurlEngine {
         );
         return;
       }
+      transfer.token = token;
     }
     this.#prepare(transfer, started, remaining);
   }
@@ -402,7 +409,7 @@ export class CurlEngine {
         join: !transfer.joined,
         signal: io.signal,
         tlsTrust: secure ? this.#tlsTrust : undefined,
-        tokenTaken: this.#rateTokens?.rated(origin.host, origin.port) === true,
+        tokenTaken: transfer.token !== undefined,
       });
     } catch (error) {
       this.#prepareFailed(transfer, error, started, remaining);
@@ -432,6 +439,8 @@ export class CurlEngine {
       this.#perform(transfer, undefined, performance.now() - started);
       return;
     }
+    // No request goes out with the attempt's token.
+    this.#giveBackToken(transfer);
     // The daemon waited as long as the request's own deadline allowed (not acquireTimeoutMs): the request timed
     // out, whichever of the two timers fired first.
     if (code === ErrorCodes.ACQUIRE_TIMEOUT && remaining < policy.acquireTimeoutMs) {
@@ -457,6 +466,9 @@ export class CurlEngine {
       return;
     }
     const { io, request } = transfer;
+    // Starved without having sent the request (curl found no connection, and had none to resend it on): the token
+    // it took went nowhere (the next attempt, if any, spends it).
+    if (slot?.starved && !slot.taken && !result.resent) this.#giveBackToken(transfer);
     // A direct attempt (the daemon down) is never retried. Nothing can be retried once cancelled, once the caller
     // saw the response head, or when a streamed request body was already read from.
     if (!slot || result.aborted || io.sink.committed) {
@@ -503,6 +515,15 @@ export class CurlEngine {
     for (const state of this.#states.values()) state.easy.close();
     this.#states.clear();
     this.#free = [];
+  }
+
+  /** The attempt's token (if it took one) was not spent: back to the worker's tokens (rate-tokens.ts giveBack). */
+  #giveBackToken(transfer: Transfer): void {
+    const expiresAt = transfer.token;
+    if (expiresAt === undefined) return;
+    transfer.token = undefined;
+    const { host, port } = transfer.target.origin;
+    this.#rateTokens?.giveBack(host, port, expiresAt);
   }
 
   #retry(transfer: Transfer): void {

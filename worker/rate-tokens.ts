@@ -17,11 +17,17 @@
 //
 // A request cancelled while it waits (its AbortSignal, its thread's close) stops waiting at once; the wait it
 // started goes on for the requests that share it, and the token it would have spent stays in the batch for them.
+//
+// A token taken for a request that then never went out (its acquire refused, timed out or cancelled, the daemon
+// link dropped, the request cancelled first) is given back (giveBack): to the origin's oldest request waiting for
+// one, else to the batch, and only until it would have expired in the batch anyway (as the daemon's
+// RateLimiter.giveBack): a given-back token never lives longer, so requests that fail over and over can neither
+// save tokens up for a burst nor keep one alive. Lost instead, at 0.1 request/s the next request waited 10 s.
 
 import { ErrorCodes } from '../shared/errors.js';
 import { originKey } from '../shared/origin.js';
 import { MAX_TIMEOUT_MS } from '../shared/protocol.js';
-import { batchSize, type RateParams, TokenBatch } from '../shared/rate.js';
+import { batchSize, type RateParams, TOKEN_LIFETIME_MS, TokenBatch } from '../shared/rate.js';
 import type { CancelSignal } from './cancellation.js';
 
 /** The most tokens a worker asks for at once. */
@@ -39,6 +45,18 @@ interface OriginTokens {
   asking: Promise<void> | undefined;
   /** The deadline (this clock) of the request that asked: a wait for `asking` ends by then. */
   askingUntil: number;
+  /** Requests waiting for a token, oldest first: a token given back goes to the first (see giveBack). */
+  waiting: Set<Waiting>;
+}
+
+/** A request waiting for a token in #wait. */
+interface Waiting {
+  signal: CancelSignal | undefined;
+  /** A token given back was handed to it: when it expires. */
+  handed: number | undefined;
+  /** Resolves when one is. */
+  woken: Promise<undefined>;
+  wake(): void;
 }
 
 export class RateTokens {
@@ -65,22 +83,32 @@ export class RateTokens {
     return this.#rates.size > 0 && this.#rates.has(originKey({ host, port }));
   }
 
-  /** Takes one token for a request to host:port (none needed: resolves at once, synchronously undefined). A
-   *  cancelled `signal` rejects the wait with its reason at once, and the token is not spent. */
-  take(host: string, port: number, timeoutMs: number, signal?: CancelSignal): Promise<void> | undefined {
+  /** Takes one token for a request to host:port: undefined when none is needed (synchronously), else when the token
+   *  taken expires (this clock; for giveBack), at once when one was held, or a promise of it (undefined: none needed
+   *  after all, the origin's rate gone meanwhile). A cancelled `signal` rejects the wait with its reason at once,
+   *  and the token is not spent. */
+  take(
+    host: string,
+    port: number,
+    timeoutMs: number,
+    signal?: CancelSignal,
+  ): number | Promise<number | undefined> | undefined {
     if (this.#rates.size === 0) return undefined;
     const key = originKey({ host, port });
     if (!this.#rates.has(key)) return undefined;
-    if (this.#originOf(key).batch.spend(this.#now())) return undefined;
+    const held = this.#originOf(key).batch.spendUntil(this.#now());
+    if (held !== undefined) return held;
     const waiting = this.#wait(host, port, key, this.#now() + timeoutMs, signal);
     if (!signal) return waiting;
-    return new Promise<void>((resolve, reject) => {
+    return new Promise<number | undefined>((resolve, reject) => {
       const onAbort = (): void => reject(signal.reason);
       signal.addEventListener('abort', onAbort, { once: true });
       waiting.then(
-        () => {
+        (expiresAt) => {
           signal.removeEventListener('abort', onAbort);
-          resolve();
+          // Handed one as it was cancelled: the token was not spent.
+          if (signal.aborted && expiresAt !== undefined) this.giveBack(host, port, expiresAt);
+          resolve(expiresAt);
         },
         (error: unknown) => {
           signal.removeEventListener('abort', onAbort);
@@ -90,68 +118,125 @@ export class RateTokens {
     });
   }
 
+  /**
+   * A token `take` gave (`expiresAt`: what it said) that no request will spend: the request it was taken for never
+   * went out. It goes to the origin's oldest request waiting for one, else to the batch, until `expiresAt` and no
+   * longer (see the header). An expired one, or one of an origin with no rate any more, is dropped.
+   */
+  giveBack(host: string, port: number, expiresAt: number): void {
+    const now = this.#now();
+    const key = originKey({ host, port });
+    if (expiresAt <= now || !this.#rates.has(key)) return;
+    const origin = this.#originOf(key);
+    for (const waiting of origin.waiting) {
+      origin.waiting.delete(waiting);
+      if (waiting.signal?.aborted) continue;
+      waiting.handed = expiresAt;
+      waiting.wake();
+      return;
+    }
+    origin.batch.add(1, now, expiresAt - TOKEN_LIFETIME_MS);
+  }
+
   #originOf(key: string): OriginTokens {
     let origin = this.#origins.get(key);
     if (!origin) {
-      origin = { batch: new TokenBatch(), asking: undefined, askingUntil: 0 };
+      origin = { batch: new TokenBatch(), asking: undefined, askingUntil: 0, waiting: new Set() };
       this.#origins.set(key, origin);
     }
     return origin;
   }
 
-  /** A token for a request whose origin's batch was empty, by `deadline`. */
-  async #wait(host: string, port: number, key: string, deadline: number, signal?: CancelSignal): Promise<void> {
-    for (;;) {
-      // (Looked up again each time: a lease may have said meanwhile that the origin has no rate any more.)
-      const rate = this.#rates.get(key);
-      if (!rate || signal?.aborted) return;
-      const origin = this.#originOf(key);
-      if (origin.batch.spend(this.#now())) return;
-      if (origin.asking && origin.askingUntil <= deadline) {
-        // It ends (with tokens, or refused) before this request's deadline: spend from what it brings.
-        await origin.asking.then(ignore, ignore);
-        continue;
+  /** A token for a request whose origin's batch was empty, by `deadline`: when it expires (undefined: no rate any
+   *  more, or cancelled). */
+  async #wait(
+    host: string,
+    port: number,
+    key: string,
+    deadline: number,
+    signal?: CancelSignal,
+  ): Promise<number | undefined> {
+    let wake!: () => void;
+    const woken = new Promise<undefined>((resolve) => {
+      wake = () => resolve(undefined);
+    });
+    const waiting: Waiting = { signal, handed: undefined, woken, wake };
+    // (Its origin's entry at the start: one `learn` drops goes with its waiters, who find no rate below.)
+    const entry = this.#originOf(key);
+    entry.waiting.add(waiting);
+    try {
+      for (;;) {
+        if (waiting.handed !== undefined) return waiting.handed;
+        // (Looked up again each time: a lease may have said meanwhile that the origin has no rate any more.)
+        const rate = this.#rates.get(key);
+        if (!rate || signal?.aborted) return undefined;
+        const origin = this.#originOf(key);
+        const held = origin.batch.spendUntil(this.#now());
+        if (held !== undefined) return held;
+        if (origin.asking && origin.askingUntil <= deadline) {
+          // It ends (with tokens, or refused) before this request's deadline: spend from what it brings.
+          await Promise.race([origin.asking.then(ignore, ignore), woken]);
+          continue;
+        }
+        if (origin.asking) {
+          // The request under way may wait past this one's deadline: a token of its own, on its own deadline.
+          return this.#handedFirst(
+            waiting,
+            origin.batch,
+            await this.#ask(host, port, 1, deadline, origin.batch, waiting),
+          );
+        }
+        const count = batchSize(rate, MAX_WORKER_BATCH);
+        const asking = this.#ask(host, port, count, deadline, origin.batch, waiting);
+        const shared = asking.then(ignore, ignore).finally(() => {
+          if (origin.asking === shared) origin.asking = undefined;
+        });
+        origin.asking = shared;
+        origin.askingUntil = deadline;
+        // (A token handed to it meanwhile is its own: what the ask brings then all goes to the batch.)
+        return this.#handedFirst(waiting, origin.batch, await Promise.race([asking, woken]));
       }
-      if (origin.asking) {
-        // The request under way may wait past this one's deadline: a token of its own, on its own deadline.
-        await this.#ask(host, port, 1, deadline, origin.batch, signal);
-        return;
-      }
-      const count = batchSize(rate, MAX_WORKER_BATCH);
-      const asking = this.#ask(host, port, count, deadline, origin.batch, signal).finally(() => {
-        if (origin.asking === asking) origin.asking = undefined;
-      });
-      origin.asking = asking;
-      origin.askingUntil = deadline;
-      await asking;
-      return;
+    } finally {
+      entry.waiting.delete(waiting);
     }
   }
 
-  /** Asks the daemon for `count` tokens: one is the caller's (unless it was cancelled meanwhile), the rest go to
-   *  `batch`. */
+  /** A waiting request's token: the one handed to it if any (then `own`, come as well, goes to `batch`), else `own`. */
+  #handedFirst(waiting: Waiting, batch: TokenBatch, own: number | undefined): number | undefined {
+    if (waiting.handed === undefined) return own;
+    if (own !== undefined) batch.add(1, this.#now(), own - TOKEN_LIFETIME_MS);
+    return waiting.handed;
+  }
+
+  /** Asks the daemon for `count` tokens: one is the caller's (unless it was cancelled or handed one meanwhile: when
+   *  it expires), the rest go to `batch`. */
   async #ask(
     host: string,
     port: number,
     count: number,
     deadline: number,
     batch: TokenBatch,
-    signal: CancelSignal | undefined,
-  ): Promise<void> {
+    waiting: Waiting,
+  ): Promise<number | undefined> {
+    const { signal } = waiting;
     for (;;) {
       const left = Math.max(1, Math.ceil(deadline - this.#now()));
       try {
         const granted = await this.#link.tokens(host, port, count, left);
-        batch.add(signal?.aborted ? granted : granted - 1, this.#now());
-        return;
+        const now = this.#now();
+        const served = signal?.aborted === true || waiting.handed !== undefined;
+        batch.add(served ? granted : granted - 1, now);
+        return served ? undefined : now + TOKEN_LIFETIME_MS;
       } catch (error) {
+        // Handed a token meanwhile: that one is its own, whatever the daemon answered.
+        if (waiting.handed !== undefined) return undefined;
         // The daemon waited at most MAX_TIMEOUT_MS: a token due after that, but before the deadline, is waited for
         // here (until it is due within that bound), then asked for again.
         const waitMs = rateLimitedWait(error);
         if (left <= MAX_TIMEOUT_MS || waitMs === undefined || waitMs > deadline - this.#now()) throw error;
-        await sleep(Math.max(1, waitMs - MAX_TIMEOUT_MS), signal);
-        // Cancelled meanwhile: requests that shared this wait ask for themselves.
-        if (signal?.aborted) return;
+        await sleep(Math.max(1, waitMs - MAX_TIMEOUT_MS), signal, waiting.woken);
+        // Cancelled or handed a token meanwhile: requests that shared this wait ask for themselves.
+        if (signal?.aborted || waiting.handed !== undefined) return undefined;
       }
     }
   }
@@ -159,9 +244,9 @@ export class RateTokens {
 
 function ignore(): void {}
 
-/** Waits `ms`, or until `signal` is cancelled: the timer goes with the request (it could hold a process that closed
- *  its client for minutes). */
-function sleep(ms: number, signal: CancelSignal | undefined): Promise<void> {
+/** Waits `ms`, or until `signal` is cancelled or the request is handed a token (`woken`): the timer goes with the
+ *  request (it could hold a process that closed its client for minutes). */
+function sleep(ms: number, signal: CancelSignal | undefined, woken: Promise<undefined>): Promise<void> {
   return new Promise((resolve) => {
     const done = (): void => {
       clearTimeout(timer);
@@ -170,6 +255,7 @@ function sleep(ms: number, signal: CancelSignal | undefined): Promise<void> {
     };
     const timer = setTimeout(done, ms);
     signal?.addEventListener('abort', done, { once: true });
+    woken.then(done);
   });
 }
 
