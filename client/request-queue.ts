@@ -41,7 +41,11 @@
 // the slots all day (found in review). It ends THROTTLED_HOLD_MS after the origin's last request that waited (each
 // one that waits, while marked too, starts the time again): an origin whose rate still holds its requests back
 // goes on sending waits and stays marked. The time is read only for marked origins, as one of their requests enters
-// or leaves (and where an ended mark is seen, its parked waiters start first, in order). An origin can also stop
+// or leaves, and, while an origin has waiters parked, as any request leaves and on a timer set for its mark's end:
+// seen only by its own requests, a mark could end unseen while its waiters stayed parked behind a share held by
+// requests waiting minutes for their tokens, slots free, until their deadlines failed them (found in review). Where
+// an ended mark is seen, its parked waiters go back to the head of the queue, in order, and start first. (So every
+// parked waiter's origin is marked.) An origin can also stop
 // waiting only because the share holds it under its rate (rate × the time a request takes ≤ the share); its mark
 // then ends, its requests take more slots, wait, and mark it again: a flap, which costs the rest of the queue what
 // the origin's first requests cost before the queue knew (the slots it took before one of them ended having waited,
@@ -115,6 +119,8 @@ interface OriginRequests {
   throttledHoldMs: number;
   /** When its last mark ended (-Infinity: never marked, or none ended). */
   throttledEndedAt: number;
+  /** Its waiters in #parked still waiting. */
+  parked: number;
 }
 
 /** A burst is looked at each time this many waiters past the lookahead's cursor are in (see the header): a few
@@ -154,6 +160,11 @@ export class RequestQueue {
   #parkedHead = 0;
   /** Waiters in #parked that are still waiting (also counted in #waiting). */
   #parkedWaiting = 0;
+  /** The origins of those waiters (all marked), and the timer set for the first of their marks to end. */
+  #parkedOrigins = new Set<OriginRequests>();
+  #markTimer: ReturnType<typeof setTimeout> | undefined;
+  /** When it fires (the marks' clock). */
+  #markTimerAt = Number.POSITIVE_INFINITY;
   #waiters: Waiter[] = [];
   #head = 0;
   #cursor = 0;
@@ -223,7 +234,7 @@ export class RequestQueue {
     if (origin.throttled && !this.#stillThrottled(origin)) {
       // The mark ended: the origin's parked waiters start first (they came before this request). Starting them may
       // have rebuilt the records (#maybeIdle), dropping this one if it was idle: it is looked up again.
-      this.#startParked();
+      this.#startWaiting();
       origin = this.#origins.get(target.key) ?? this.#busy(target.key);
     }
     // (Parked waiters wait for the throttled share only: a request to another origin may start past them.)
@@ -266,8 +277,7 @@ export class RequestQueue {
       this.#waiting++;
       origin.waiting++;
       if (waiter.parked) {
-        this.#parked.push(waiter);
-        this.#parkedWaiting++;
+        this.#park(waiter, origin);
         return;
       }
       this.#waiters.push(waiter);
@@ -307,6 +317,8 @@ export class RequestQueue {
 
   /** A request to `target` that held a slot is over: the slot goes to the next waiter. */
   leave(target: UrlTarget): void {
+    // Marks of origins with parked waiters that ended meanwhile (see the header): their waiters start first.
+    if (this.#parkedOrigins.size > 0) this.#noticeEndedMarks();
     this.#running--;
     const origin = this.#origins.get(target.key)!;
     // (Before its count goes down: a mark that ends takes the origin's running requests, this one included, out of
@@ -315,30 +327,38 @@ export class RequestQueue {
     origin.running--;
     if (throttled) this.#throttledRunning--;
     this.#maybeIdle(origin);
-    // Parked waiters came before every waiter still in #waiters: they go first, while the throttled share has room.
-    this.#startParked();
-    // (A waiter's origin whose mark has ended but was not seen to yet parks here; it starts once the share has room,
-    // which a throttled request leaving gives.)
-    while (this.#running < this.#capacity && this.#head < this.#waiters.length) {
-      const waiter = this.#waiters[this.#head++]!;
-      if (waiter.gone) {
-        this.#gone--;
-        continue;
-      }
-      if (this.#origins.get(waiter.target.key)!.throttled && this.#throttledRunning >= this.#throttledCapacity) {
-        waiter.parked = true;
-        this.#seen(waiter);
-        this.#parked.push(waiter);
-        this.#parkedWaiting++;
-        continue;
-      }
-      this.#start(waiter);
-    }
+    this.#startWaiting();
     this.#compact();
     if (this.#running === 0 && this.#waiting === 0 && this.#onIdle.length > 0) {
       const waiting = this.#onIdle;
       this.#onIdle = [];
       for (const resolve of waiting) resolve();
+    }
+  }
+
+  /** Starts waiters while slots are free: parked ones first, while the throttled share has room, then the others in
+   *  order (one of a marked origin that finds the share taken parks). */
+  #startWaiting(): void {
+    // Parked waiters came before every waiter still in #waiters: they go first, while the throttled share has room.
+    this.#startParked();
+    while (this.#running < this.#capacity && this.#head < this.#waiters.length) {
+      const waiter = this.#waiters[this.#head]!;
+      if (waiter.gone) {
+        this.#head++;
+        this.#gone--;
+        continue;
+      }
+      const origin = this.#origins.get(waiter.target.key)!;
+      if (origin.throttled && this.#throttledRunning >= this.#throttledCapacity && this.#stillThrottled(origin)) {
+        this.#head++;
+        this.#seen(waiter);
+        this.#park(waiter, origin);
+        continue;
+      }
+      // (A mark that just ended put its parked waiters back at the head, before this one: they go first.)
+      if (this.#waiters[this.#head] !== waiter) continue;
+      this.#head++;
+      this.#start(waiter);
     }
   }
 
@@ -351,9 +371,87 @@ export class RequestQueue {
     ) {
       const waiter = this.#parked[this.#parkedHead++]!;
       if (waiter.gone) continue;
-      this.#parkedWaiting--;
+      this.#parkedLeft(waiter);
       this.#start(waiter);
     }
+  }
+
+  /** A waiter of the marked `origin` waits in #parked for the throttled share to have room. */
+  #park(waiter: Waiter, origin: OriginRequests): void {
+    waiter.parked = true;
+    this.#parked.push(waiter);
+    this.#parkedWaiting++;
+    if (origin.parked++ > 0) return;
+    this.#parkedOrigins.add(origin);
+    // (A timer set for a later end, another origin's longer mark, is set again for this one's.)
+    if (origin.throttledUntil < this.#markTimerAt) this.#clearMarkTimer();
+    this.#armMarkTimer();
+  }
+
+  /** A parked waiter leaves #parked (it starts, or gives up). */
+  #parkedLeft(waiter: Waiter): void {
+    this.#parkedWaiting--;
+    const origin = this.#origins.get(waiter.target.key)!;
+    if (--origin.parked === 0) this.#parkedOrigins.delete(origin);
+    if (this.#parkedOrigins.size === 0) this.#clearMarkTimer();
+  }
+
+  /** The mark of `origin` ended: its parked waiters go back to the head of #waiters, in order (they came before every
+   *  waiter there), and start as slots free. */
+  #unpark(origin: OriginRequests): void {
+    const moved: Waiter[] = [];
+    const kept: Waiter[] = [];
+    for (let index = this.#parkedHead; index < this.#parked.length; index++) {
+      const waiter = this.#parked[index]!;
+      if (waiter.gone) continue;
+      if (this.#origins.get(waiter.target.key) === origin) {
+        waiter.parked = false;
+        moved.push(waiter);
+      } else kept.push(waiter);
+    }
+    this.#parked = kept;
+    this.#parkedHead = 0;
+    this.#parkedWaiting -= moved.length;
+    origin.parked = 0;
+    this.#parkedOrigins.delete(origin);
+    if (this.#parkedOrigins.size === 0) this.#clearMarkTimer();
+    // (Looked at already, as parked waiters are: the lookahead's cursor stays past them.)
+    this.#cursor = moved.length + Math.max(0, this.#cursor - this.#head);
+    this.#waiters = moved.concat(this.#waiters.slice(this.#head));
+    this.#head = 0;
+  }
+
+  /** Ends the marks of origins with parked waiters whose time is up (their waiters go back to the head). */
+  #noticeEndedMarks(): void {
+    for (const origin of this.#parkedOrigins) if (origin.throttled) this.#stillThrottled(origin);
+  }
+
+  /** While waiters are parked: a timer at the end of the first of their origins' marks (that end may move later,
+   *  each wait pushing it: the timer then looks again). Unref'd: the waiters' deadlines hold the process. */
+  #armMarkTimer(): void {
+    if (this.#markTimer !== undefined || this.#parkedOrigins.size === 0) return;
+    let until = Number.POSITIVE_INFINITY;
+    for (const origin of this.#parkedOrigins) until = Math.min(until, origin.throttledUntil);
+    this.#markTimerAt = until;
+    this.#markTimer = setTimeout(
+      () => {
+        this.#markTimer = undefined;
+        this.#markTimerAt = Number.POSITIVE_INFINITY;
+        this.#noticeEndedMarks();
+        this.#startWaiting();
+        this.#compact();
+        this.#armMarkTimer();
+      },
+      Math.max(0, until - this.#now()),
+    );
+    this.#markTimer.unref?.();
+  }
+
+  #clearMarkTimer(): void {
+    if (this.#markTimer === undefined) return;
+    clearTimeout(this.#markTimer);
+    this.#markTimer = undefined;
+    this.#markTimerAt = Number.POSITIVE_INFINITY;
   }
 
   /** Whether the marked `origin` is still throttled; a mark whose time is up ends here (see the header), and the
@@ -364,6 +462,7 @@ export class RequestQueue {
     origin.throttled = false;
     origin.throttledEndedAt = now;
     this.#throttledRunning -= origin.running;
+    if (origin.parked > 0) this.#unpark(origin);
     return false;
   }
 
@@ -385,13 +484,14 @@ export class RequestQueue {
 
   #giveUp(waiter: Waiter, error: Error): void {
     if (waiter.gone) return;
+    // (Before #left: the origin's record may be dropped once idle.)
+    if (waiter.parked) this.#parkedLeft(waiter);
     this.#left(waiter);
     const fail = waiter.fail;
     waiter.start = waiter.fail = noop;
     fail(error);
     if (waiter.parked) {
       // (Marked in #parked, passed by leave(); dropped with the others once most of #parked gave up.)
-      this.#parkedWaiting--;
       if (this.#parked.length - this.#parkedHead >= COMPACT_AFTER + 2 * this.#parkedWaiting) {
         this.#parked = this.#parked.slice(this.#parkedHead).filter((parked) => !parked.gone);
         this.#parkedHead = 0;
@@ -458,6 +558,7 @@ export class RequestQueue {
         throttledUntil: 0,
         throttledHoldMs: 0,
         throttledEndedAt: Number.NEGATIVE_INFINITY,
+        parked: 0,
       };
       this.#origins.set(key, made);
       return made;

@@ -2,7 +2,7 @@
 // the lookahead that announces the origins of waiting requests (which ones, with how many sockets, when it moves).
 import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
-import { describe, expect, it } from 'vitest';
+import { describe, expect, it, vi } from 'vitest';
 import { type AnnouncedOrigin, RequestQueue } from '../client/request-queue.js';
 import { epochNow, type TransferRequest } from '../worker/curl-engine.js';
 import { urlTarget } from '../worker/url-target.js';
@@ -152,6 +152,94 @@ describe('RequestQueue', () => {
     await Promise.all([...waiting, late, parkedAgain]);
     expect(queue.running).toBe(0);
     await queue.idle();
+  });
+
+  it('a mark that ended is noticed where its waiters are parked: at any request’s leave, or on its own time', async () => {
+    // Found in review: the end was seen only as one of the origin's own requests entered or left, so its parked
+    // waiters stayed behind a throttled share held by others (here its own running requests, which may hold their
+    // slots for minutes waiting for tokens) while slots were free, until their deadlines failed them.
+    vi.useFakeTimers({ toFake: ['setTimeout', 'clearTimeout'] });
+    try {
+      let now = 1_000_000;
+      const { queue, order, enter, leave } = recordingQueue(4, { origins: 0, socketsPerOrigin: 1 }, () => now);
+      const slow = (n: number) => `http://slow.test/${n}`;
+      const long = { timeoutMs: 3_600_000 };
+      expect(enter(slow(0))).toBe('started');
+      expect(enter(slow(1))).toBe('started');
+      queue.throttled(urlTarget(slow(0)));
+      const parked = [enter(slow(2), long)];
+      expect(enter('http://other.test/1')).toBe('started');
+      // A minute without a wait: another origin's request leaving sees the mark's end, and the parked one starts.
+      now += 60_000;
+      leave('http://other.test/1');
+      await settle();
+      expect(order).toEqual([slow(2)]);
+      // Marked again (it lasts two minutes now), a waiter parks; nothing enters or leaves: its own timer sees the
+      // end.
+      queue.throttled(urlTarget(slow(1)));
+      parked.push(enter(slow(3), long));
+      expect(queue.waiting).toBe(1);
+      // A wait 100 s on moves the end two minutes past it: the timer, due at the old end, looks again then.
+      now += 100_000;
+      vi.advanceTimersByTime(100_000);
+      queue.throttled(urlTarget(slow(0)));
+      now += 20_000;
+      vi.advanceTimersByTime(20_000);
+      await settle();
+      expect(order).toEqual([slow(2)]);
+      now += 100_000;
+      vi.advanceTimersByTime(100_000);
+      await settle();
+      expect(order).toEqual([slow(2), slow(3)]);
+      for (let n = 0; n < 4; n++) leave(slow(n));
+      await Promise.all(parked);
+      await queue.idle();
+    } finally {
+      vi.useRealTimers();
+    }
+  });
+
+  it('the timer for ended marks is set for the first to end: a shorter mark parked later is not held to a longer one', async () => {
+    vi.useFakeTimers({ toFake: ['setTimeout', 'clearTimeout'] });
+    try {
+      let now = 1_000_000;
+      const { queue, order, enter, leave } = recordingQueue(4, { origins: 0, socketsPerOrigin: 1 }, () => now);
+      const slow = (n: number) => `http://slow.test/${n}`;
+      const other = (n: number) => `http://other.test/${n}`;
+      const long = { timeoutMs: 3_600_000 };
+      expect(enter(slow(0))).toBe('started');
+      expect(enter(slow(1))).toBe('started');
+      queue.throttled(urlTarget(slow(0)));
+      // Its mark ends (seen at a leave) and comes back at once: two minutes this time.
+      now += 60_000;
+      leave(slow(1));
+      queue.throttled(urlTarget(slow(0)));
+      expect(enter(slow(2))).toBe('started');
+      const parked = [enter(slow(3), long)];
+      // other.test's mark (a minute) comes with the share taken: its next request parks too.
+      expect(enter(other(0))).toBe('started');
+      queue.throttled(urlTarget(other(0)));
+      parked.push(enter(other(1), long));
+      expect(queue.waiting).toBe(2);
+      // A minute on, other.test's mark ends with nothing entering or leaving: its waiter starts; slow.test's waits.
+      now += 60_000;
+      vi.advanceTimersByTime(60_000);
+      await settle();
+      expect(order).toEqual([other(1)]);
+      // (A slot for it when its own mark ends.)
+      leave(other(0));
+      await settle();
+      expect(order).toEqual([other(1)]);
+      now += 60_000;
+      vi.advanceTimersByTime(60_000);
+      await settle();
+      expect(order).toEqual([other(1), slow(3)]);
+      for (const url of [slow(0), slow(2), slow(3), other(1)]) leave(url);
+      await Promise.all(parked);
+      await queue.idle();
+    } finally {
+      vi.useRealTimers();
+    }
   });
 
   it('a parked waiter that gives up is passed over; the queue still ends idle', async () => {
