@@ -131,9 +131,13 @@ export class PoolManager {
   #reloadedAt = Number.NEGATIVE_INFINITY;
   /** Per proxy name, the reload that changed its URL or removed it: tunnels connected before it are closed. */
   #proxyChangedAt = new Map<string, number>();
+  /** What is left of `pool.warmOnStartSockets` (read at start only): the history's rates spend it, then the fleet's
+   *  shares at start (#startRate). */
+  #warmOnStartLeft: number;
 
   constructor(options: PoolManagerOptions) {
     this.#config = options.config;
+    this.#warmOnStartLeft = options.config.pool.warmOnStartSockets;
     this.#connector = options.connector;
     this.#log = options.log;
     this.#metrics = options.metrics;
@@ -406,7 +410,8 @@ export class PoolManager {
    * Warms the origins the store ranks most likely needed (warm-on-start from history): each its first socket (or
    * its minIdle), and the demand rate it had (halved for every 6 hours since, topOrigins) as a start for its
    * predicted target. The sockets those rates ask for beyond the first are `pool.warmOnStartSockets` in all, busiest
-   * origin first: one uid's busy origins used to open up to `limit` × maxIdle sockets at every start.
+   * origin first: one uid's busy origins used to open up to `limit` × maxIdle sockets at every start. (What is left
+   * of it goes to the fleet's shares, shareDemand.)
    */
   warmFromHistory(limit: number): number {
     if (!this.#store || limit <= 0) return 0;
@@ -424,7 +429,6 @@ export class PoolManager {
       }
     });
     let warmed = 0;
-    let budget = this.#config.pool.warmOnStartSockets;
     for (const entry of top) {
       // A warm TLS pool is warmed as TLS sessions where the configuration still keeps them for that origin (with the
       // daemon's own trust: the one a relayed client shares); otherwise it is skipped.
@@ -445,15 +449,7 @@ export class PoolManager {
         stats.connectMs = entry.connectMsAvg;
       }
       const first = Math.max(1, pool.policy.minIdle);
-      let rate = entry.demandRatePerS ?? 0;
-      if (this.#config.pool.predictive) {
-        // No connect time known: counted as a slow one (the target only grows with it), so the budget still holds.
-        const connectMs = stats.connectMs > 0 ? stats.connectMs : UNKNOWN_CONNECT_MS;
-        const wanted = Math.max(0, Math.min(pool.policy.maxIdle, predictedTarget(rate, connectMs)) - first);
-        const granted = Math.min(wanted, budget);
-        budget -= granted;
-        if (granted < wanted) rate = rateForTarget(first + granted, connectMs);
-      }
+      const rate = this.#startRate(pool, stats, entry.demandRatePerS ?? 0, first);
       stats.ratePerS = Math.max(this.#decayedRate(stats), rate);
       stats.rateUpdatedAt = performance.now();
       pool.prewarm(first);
@@ -463,10 +459,28 @@ export class PoolManager {
   }
 
   /**
+   * A demand rate replayed at start (the history's, a fleet share) as it may be: what it asks for beyond the
+   * origin's `first` socket(s) is taken from what is left of `pool.warmOnStartSockets`, and a rate that asks for
+   * more is lowered to what was granted.
+   */
+  #startRate(pool: OriginPool, stats: OriginStats, rate: number, first: number): number {
+    if (!this.#config.pool.predictive) return rate;
+    // No connect time known: counted as a slow one (the target only grows with it), so the budget still holds.
+    const connectMs = stats.connectMs > 0 ? stats.connectMs : UNKNOWN_CONNECT_MS;
+    const wanted = Math.max(0, Math.min(pool.policy.maxIdle, predictedTarget(rate, connectMs)) - first);
+    const granted = Math.min(wanted, this.#warmOnStartLeft);
+    this.#warmOnStartLeft -= granted;
+    return granted < wanted ? rateForTarget(first + granted, connectMs) : rate;
+  }
+
+  /**
    * The fleet's demand (fleet/fleet.ts): origins other daemons are busy with, each with this daemon's share of
    * their rate. Those the egress policy refuses are skipped; the others get the share as a floor of their predicted
    * demand (the sweep keeps that many warm) and, with `prewarm` (a daemon that just started), a first socket now.
-   * Returns how many origins were taken.
+   * At start (`prewarm`) the shares, busiest first, ask for no more than what the history left of
+   * `pool.warmOnStartSockets` beyond those first sockets (each share alone could ask for maxIdle: a fleet's
+   * busiest origins made a new member open warmOnStartOrigins × maxIdle); later (fleet.shareWarming) a share is
+   * the fleet's current demand, a floor as it is. Returns how many origins were taken.
    */
   shareDemand(entries: ReadonlyArray<{ host: string; port: number; ratePerS: number }>, prewarm: boolean): number {
     if (this.#closed) return 0;
@@ -480,9 +494,11 @@ export class PoolManager {
       }
       const pool = this.#poolFor(origin);
       const stats = this.#statsOf(pool.key);
-      stats.ratePerS = Math.max(this.#decayedRate(stats), entry.ratePerS);
+      const first = Math.max(1, pool.policy.minIdle);
+      const rate = prewarm ? this.#startRate(pool, stats, entry.ratePerS, first) : entry.ratePerS;
+      stats.ratePerS = Math.max(this.#decayedRate(stats), rate);
       stats.rateUpdatedAt = performance.now();
-      if (prewarm) pool.prewarm(Math.max(1, pool.policy.minIdle));
+      if (prewarm) pool.prewarm(first);
       taken++;
     }
     return taken;

@@ -390,6 +390,22 @@ describe('PoolManager with its store and configuration', () => {
     expect(idleOf(pools, { host: 'busy0.test', port: 443 })).toBe(11);
   });
 
+  it('warms the fleet’s busiest origins at start within what warmOnStartSockets leaves', async () => {
+    // Found in review: a fleet member's start gave each of the fleet's busiest origins its share of the fleet's rate
+    // with no such budget, each share alone asking for maxIdle (16) sockets: 5 × 16 = 80 connects at start.
+    const pools = manager({ warmOnStartSockets: 10 });
+    pools.start();
+    const fleet = Array.from({ length: 5 }, (_, n) => ({ host: `fleet${n}.test`, port: 443, ratePerS: 10_000 - n }));
+    expect(pools.shareDemand(fleet, true)).toBe(5);
+    for (let sweep = 0; sweep < 4; sweep++) {
+      await vi.advanceTimersByTimeAsync(SWEEP_MS);
+      await until(() => connector.openPeers === connector.calls, 'the connects of this sweep');
+    }
+    // Each origin its first socket, and at most the 10 the budget has beyond them.
+    expect(connector.calls).toBeGreaterThanOrEqual(5);
+    expect(connector.calls).toBeLessThanOrEqual(15);
+  });
+
   it('closes on reload the idle sockets whose origin the new egress policy refuses, and keeps the others', async () => {
     const pools = manager();
     pools.warm(BUSY, 1);
