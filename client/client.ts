@@ -26,12 +26,12 @@ import {
   timeoutError,
 } from '../worker/curl-engine.js';
 import { LANE, STARTUP_FAILED, type ThreadAnnouncement } from '../worker/lane-protocol.js';
+import { decodable } from '../worker/response-decoder.js';
 import type { ResponseHead } from '../worker/stream-protocol.js';
 import type { Task, TaskResult, WorkerConfig } from '../worker/task.js';
 import { abortedError, type RuntimeResult, TransferRuntime } from '../worker/transfer-runtime.js';
 import type { UrlTarget } from '../worker/url-target.js';
 import { type BodyStream, CallerChannel } from './caller-channel.js';
-import { curlDecodes } from './content-coding.js';
 import { discardBody, followRedirects, type Hop, redirectMode } from './redirects.js';
 import { type AnnouncedOrigin, type AnnounceOptions, RequestQueue } from './request-queue.js';
 import { ThreadLanes } from './thread-lanes.js';
@@ -606,12 +606,12 @@ export class SockpoolClient {
     return this.#chain(async () => {
       let response = await this.requestStream(url, options);
       if (
-        !curlDecodes(response.headers) &&
+        !decodable(response.headers) &&
         !hasNullBody(response.status, method) &&
         REPEATABLE_METHODS.has(method) &&
         !isStreamBody(body)
       ) {
-        // A coding curl cannot decode fails the body (Node's fetch hands it on as it came): asked again, not decoded.
+        // A coding not known fails the body (Node's fetch hands it on as it came): asked again, not decoded.
         await response.body.cancel();
         response = await this.requestStream(url, { ...options, decompress: false });
       }

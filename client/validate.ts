@@ -21,8 +21,9 @@ export interface RequestOptions {
   timeoutMs?: number;
   signal?: AbortSignal | null;
   /**
-   * Ask for a compressed body and get it decoded: curl sends `Accept-Encoding` with the codings it decodes (gzip,
-   * deflate, br, zstd) unless you send your own, and decodes whichever of them the response uses. The response's
+   * Ask for a compressed body and get it decoded: curl sends `Accept-Encoding` with the codings it knows (gzip,
+   * deflate, br, zstd) unless you send your own, and the worker decodes whichever of them the response uses (with
+   * backpressure: a stream not read holds a bounded amount, however well it compresses). The response's
    * headers stay as the server sent them (`content-encoding`, `content-length` of the compressed body), as with
    * Node's fetch. Default false (the body as sent); fetch() always decodes.
    */

@@ -1,11 +1,23 @@
 // maxBodyBytes over HTTP/2: a stream stopped at its limit does not take the other streams of its connection with
 // it, later requests on the connection are served, and nothing is left open. With curl's own TLS and over the
 // warm-TLS relay (curl speaks h2 in plaintext over it), on a worker thread and with threads: 0.
+import { gzipSync } from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SockpoolClient } from '../client/index.js';
 import { eventually, fdCount, h2Origin, type Origin, startTestDaemon, warmTlsArgs } from './fixtures/client-helpers.js';
 import type { DaemonProcess } from './helpers/daemon.js';
 import { createTestPki, type TestPki } from './helpers/tls.js';
+
+/** 4 MiB of hex text (it compresses about in half), gzipped: decoded by the worker, stopped by its decoder. */
+const packed = (() => {
+  const bytes = Buffer.alloc(2 << 20);
+  let state = 1;
+  for (let i = 0; i < bytes.length; i++) {
+    state = (Math.imul(state, 1103515245) + 12345) >>> 0;
+    bytes[i] = state >>> 24;
+  }
+  return gzipSync(Buffer.from(bytes.toString('hex')));
+})();
 
 let pki: TestPki;
 let h2: Origin;
@@ -15,6 +27,20 @@ let warmDaemon: DaemonProcess;
 beforeAll(async () => {
   pki = createTestPki(['localhost']);
   h2 = await h2Origin(pki, (request, response) => {
+    if (request.url === '/packed') {
+      response.writeHead(200, { 'content-encoding': 'gzip' });
+      let offset = 0;
+      const write = () => {
+        while (offset < packed.length) {
+          const chunk = packed.subarray(offset, offset + 64 * 1024);
+          offset += chunk.length;
+          if (!response.write(chunk)) return void response.once('drain', write);
+        }
+        response.end();
+      };
+      write();
+      return;
+    }
     if (request.url === '/big') {
       // 4 MiB, written as the stream's flow control allows.
       const chunk = Buffer.alloc(64 * 1024, 7);
@@ -76,6 +102,18 @@ describe.each([
         const streamed = await client.requestStream(`${base}/big`, { maxBodyBytes: 100_000 });
         await expect(new Response(streamed.body).arrayBuffer()).rejects.toMatchObject(tooLarge);
         expect((await client.request(`${base}/after2`)).body.toString()).toBe('ok /after2');
+        // Stopped by the worker's decoder (decoded bytes past the limit, mid-body): its siblings finish too.
+        const siblings = [4, 5].map((i) => client.request(`${base}/slow${i}`));
+        await expect(
+          client.request(`${base}/packed`, { decompress: true, maxBodyBytes: 1 << 20 }),
+        ).rejects.toMatchObject(tooLarge);
+        const decoded = await client.requestStream(`${base}/packed`, { decompress: true, maxBodyBytes: 1 << 20 });
+        await expect(new Response(decoded.body).arrayBuffer()).rejects.toMatchObject(tooLarge);
+        expect(await Promise.all(siblings.map(async (pending) => (await pending).body.toString()))).toEqual([
+          'ok /slow4',
+          'ok /slow5',
+        ]);
+        expect((await client.request(`${base}/packed`, { decompress: true })).body.length).toBe(4 << 20);
       } finally {
         await client.close();
       }

@@ -8,7 +8,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { gzipSync, zstdCompressSync } from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SockpoolClient } from '../client/index.js';
-import { eventually, fdCount, httpOrigin, type Origin, startTestDaemon } from './fixtures/client-helpers.js';
+import { eventually, fdCount, httpOrigin, type Origin, rss, startTestDaemon } from './fixtures/client-helpers.js';
 import type { DaemonProcess } from './helpers/daemon.js';
 
 const SIZE = 100_000;
@@ -24,6 +24,20 @@ const zstdBomb = (() => {
   const frame = zstdCompressSync(Buffer.alloc(64 << 20));
   return Buffer.concat([frame, frame]);
 })();
+/** 1 MiB of hex text (compresses about in half) as one gzip member: /gzip-endless sends it again and again. */
+const hexText = (() => {
+  const bytes = Buffer.alloc(512 * 1024);
+  let state = 1;
+  for (let i = 0; i < bytes.length; i++) {
+    state = (Math.imul(state, 1103515245) + 12345) >>> 0;
+    bytes[i] = state >>> 24;
+  }
+  return Buffer.from(bytes.toString('hex'));
+})();
+const hexMember = gzipSync(hexText);
+/** Coded bytes /gzip-endless has written so far (its latest response), and whether its connection closed. */
+let endlessCoded = 0;
+let endlessCodedClosed = false;
 /** Connections that carried a zstd bomb and have closed (only the client closes them: keep-alive). */
 let zstdBombsClosed = 0;
 
@@ -67,6 +81,28 @@ function handler(request: IncomingMessage, response: ServerResponse): void {
       response.writeHead(200, { 'content-encoding': 'zstd', 'content-length': String(zstdBomb.length) });
       response.end(zstdBomb);
       return;
+    case '/gzip-long':
+      // Four gzip members of the hex text: longer coded than a buffered body is kept to be decoded whole.
+      response.writeHead(200, { 'content-encoding': 'gzip', 'content-length': String(4 * hexMember.length) });
+      response.end(Buffer.concat([hexMember, hexMember, hexMember, hexMember]));
+      return;
+    case '/gzip-endless': {
+      // A compressed body that never ends, written as fast as the client takes it.
+      endlessCoded = 0;
+      endlessCodedClosed = false;
+      response.writeHead(200, { 'content-encoding': 'gzip' });
+      const pump = () => {
+        while (!response.destroyed && endlessCoded < 1 << 30) {
+          endlessCoded += hexMember.length;
+          if (!response.write(hexMember)) return void response.once('drain', pump);
+        }
+      };
+      response.on('close', () => {
+        endlessCodedClosed = true;
+      });
+      pump();
+      return;
+    }
     case '/endless': {
       // Chunked, never ending: only the client stopping the transfer (closing its connection) ends it.
       endlessStarted++;
@@ -129,6 +165,9 @@ describe('maxBodyBytes', () => {
       );
       const packed = await client.request(url('/bomb'), { maxBodyBytes: limit });
       expect(packed.body.length).toBe(bomb.length);
+      // Any limit, however large, is a bound the decoder takes (node:zlib refuses one past a Buffer's largest).
+      const huge = await client.request(url('/bomb'), { decompress: true, maxBodyBytes: Number.MAX_SAFE_INTEGER });
+      expect(huge.body.length).toBe(1 << 20);
     }
   });
 
@@ -186,19 +225,107 @@ describe('maxBodyBytes', () => {
     }
   });
 
-  it("fails a paused stream whose compressed body outgrows curl's pause buffer with the typed error, not curl's out of memory", async () => {
+  it('holds a paused stream of a compression bomb to a few MiB: curl pauses, nothing decodes ahead of the reader, and the body read later is whole', async () => {
+    // Two unread streams of a 128 MiB zstd bomb (4 KB on the wire) on each client. curl 7.88 decoded the rest of
+    // each read into its pause buffer after WRITEFUNCTION paused, uncounted, up to 64 MiB a stream before failing
+    // it (CURLE_OUT_OF_MEMORY); decoded by us, each holds its response window and a decoder's buffers.
+    const closed = zstdBombsClosed;
+    const before = rss();
+    let peak = before;
+    const streams = [];
+    for (const [, client] of clients) {
+      for (let i = 0; i < 2; i++) {
+        streams.push(await client.requestStream(url('/zstd-bomb'), { decompress: true, timeoutMs: 30_000 }));
+      }
+    }
+    // Time for whatever would decode ahead of the reader to do so (not a timing assertion: nothing should happen).
+    for (let i = 0; i < 50; i++) {
+      await sleep(20);
+      peak = Math.max(peak, rss());
+    }
+    expect(zstdBombsClosed, 'no bomb failed while paused').toBe(closed);
+    expect(peak - before, 'memory held by four paused bombs').toBeLessThan(40 << 20);
+    // Read later, one arrives whole (not failed by an overflow while paused); the others are cancelled.
+    let bytes = 0;
+    for await (const chunk of streams[0]!.body) bytes += chunk.byteLength;
+    expect(bytes).toBe(128 << 20);
+    for (const streamed of streams.slice(1)) await streamed.body.cancel();
+  });
+
+  it('ends a compressed stream curl has finished but the reader has not read at its deadline, and the client closes', async () => {
+    // The whole bomb is in curl's first read: curl's transfer is over, the decoding is not (it waits for the reader).
+    const own = new SockpoolClient({ socketPath: daemon.socketPath, threads: 1, inlineWhenIdle: false });
+    const streamed = await own.requestStream(url('/zstd-bomb'), { decompress: true, timeoutMs: 1000 });
+    await sleep(1500);
+    await expect(new Response(streamed.body).arrayBuffer()).rejects.toMatchObject({ code: 'SOCKPOOL_ERR_TIMEOUT' });
+    // The worker's transfer ended too: close() waits for every transfer there.
+    await own.close();
+  });
+
+  it('pauses curl when a compressed stream is not read: the decoder stops taking coded bytes, and the origin is held back', async () => {
     for (const [where, client] of clients) {
-      const closed = zstdBombsClosed;
+      const before = rss();
+      const streamed = await client.requestStream(url('/gzip-endless'), { decompress: true, timeoutMs: 30_000 });
+      // Unread for a while (time for the origin to write all it can: not a timing assertion).
+      let peak = before;
+      for (let i = 0; i < 50; i++) {
+        await sleep(20);
+        peak = Math.max(peak, rss());
+      }
+      // Held back by the response window, the decoder's buffers and the sockets' buffers: a few MiB, not the 1 GiB
+      // the origin would write to a reader that keeps up.
+      expect(endlessCoded, where).toBeLessThan(48 << 20);
+      expect(peak - before, where).toBeLessThan(48 << 20);
+      // Read on, the decoded body is the origin's text, member after member.
+      const reader = streamed.body.getReader();
+      const got: Uint8Array[] = [];
+      let bytes = 0;
+      while (bytes < 3 * hexText.length) {
+        const { value } = await reader.read();
+        got.push(value!);
+        bytes += value!.byteLength;
+      }
+      const text = Buffer.concat(got);
+      for (let i = 0; i < 3; i++) {
+        expect(text.subarray(i * hexText.length, (i + 1) * hexText.length).equals(hexText), where).toBe(true);
+      }
+      await reader.cancel();
+      await eventually(() => endlessCodedClosed, `${where}: the endless compressed response closed`);
+    }
+  });
+
+  it('decodes a long buffered compressed body as it comes, and counts it decoded', async () => {
+    // (A short one is decoded whole at its end; past 256 KiB coded the decoder streams take over from there.)
+    expect(4 * hexMember.length).toBeGreaterThan(256 * 1024);
+    for (const [where, client] of clients) {
+      const response = await client.request(url('/gzip-long'), { decompress: true, maxBodyBytes: 4 * hexText.length });
+      expect(response.body.equals(Buffer.concat([hexText, hexText, hexText, hexText])), where).toBe(true);
+      await expect(
+        client.request(url('/gzip-long'), { decompress: true, maxBodyBytes: 4 * hexText.length - 1 }),
+        where,
+      ).rejects.toMatchObject(tooLarge(4 * hexText.length - 1));
+    }
+  });
+
+  it('counts decoded bytes against maxBodyBytes: a zstd bomb fails at the limit, buffered, or streamed and read late', async () => {
+    for (const [where, client] of clients) {
+      await expect(
+        client.request(url('/zstd-bomb'), { decompress: true, maxBodyBytes: 8 << 20 }),
+        where,
+      ).rejects.toMatchObject(tooLarge(8 << 20));
       const streamed = await client.requestStream(url('/zstd-bomb'), {
         decompress: true,
         maxBodyBytes: 8 << 20,
         timeoutMs: 20_000,
       });
-      // Nothing read: the response window fills and curl pauses, decoding the rest of its read into its pause
-      // buffer (64 MiB in curl 7.88) where WRITEFUNCTION never counts it, until that overflows and curl ends the
-      // transfer (CURLE_OUT_OF_MEMORY) and closes its connection.
-      await eventually(() => zstdBombsClosed > closed, `${where}: the bomb's connection closed`);
-      await expect(new Response(streamed.body).arrayBuffer(), where).rejects.toMatchObject(tooLarge(8 << 20));
+      await sleep(200);
+      let bytes = 0;
+      const failure = await (async () => {
+        for await (const chunk of streamed.body) bytes += chunk.byteLength;
+      })().catch((error: unknown) => error);
+      expect(failure, where).toMatchObject(tooLarge(8 << 20));
+      // The reader got up to the limit, never past it.
+      expect(bytes, where).toBeLessThanOrEqual(8 << 20);
     }
   });
 

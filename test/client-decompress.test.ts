@@ -6,7 +6,7 @@ import { createHash } from 'node:crypto';
 import { once } from 'node:events';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { type AddressInfo, createServer, type Server } from 'node:net';
-import { brotliCompressSync, deflateSync, gzipSync, zstdCompressSync } from 'node:zlib';
+import { brotliCompressSync, constants, deflateRawSync, deflateSync, gzipSync, zstdCompressSync } from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SockpoolClient } from '../client/index.js';
 import { httpOrigin, type Origin, startTestDaemon } from './fixtures/client-helpers.js';
@@ -18,6 +18,18 @@ const CODERS: Record<string, (data: Buffer) => Buffer> = {
   br: brotliCompressSync,
   zstd: zstdCompressSync,
 };
+/** Codings for stacks: `raw` is raw deflate (no zlib header) sent as deflate, as some servers send it;
+ *  `identity` is nothing. */
+const STACKABLE: Record<string, (data: Buffer) => Buffer> = {
+  raw: deflateRawSync,
+  identity: (data) => data,
+  // zstd whose frame asks for a 32 MiB window (over 8 MiB of input makes zstd keep the window it is given).
+  wide: (data) =>
+    zstdCompressSync(Buffer.concat(Array.from({ length: 48 }, () => data)), {
+      params: { [constants.ZSTD_c_windowLog]: 25 },
+    }),
+};
+const SENT_AS: Record<string, string> = { raw: 'deflate', wide: 'zstd' };
 /** 256 KiB that compress well but not to nothing: a line repeated with its number. */
 const plain = Buffer.from(Array.from({ length: 6_000 }, (_, i) => `line ${i} of a compressible body\n`).join(''));
 const plainHash = createHash('sha256').update(plain).digest('hex');
@@ -41,7 +53,15 @@ function handler(request: IncomingMessage, response: ServerResponse): void {
   const headers: Record<string, string> = { 'x-seen-accept-encoding': String(accepted || '(none)') };
   let body: Buffer<ArrayBufferLike> = plain;
   const forced = url.searchParams.get('force');
-  if (forced) {
+  const stack = url.searchParams.get('stack');
+  if (stack) {
+    // Codings applied in the order named (the last one named is undone first), or a body that is not what it says.
+    const codings = stack.split(',');
+    body = plain;
+    for (const coding of codings) body = (STACKABLE[coding] ?? CODERS[coding]!)(body);
+    if (url.searchParams.has('corrupt')) body = Buffer.concat([body.subarray(0, 20), Buffer.alloc(64, 0xff)]);
+    headers['content-encoding'] = codings.map((coding) => SENT_AS[coding] ?? coding).join(', ');
+  } else if (forced) {
     forcedRequests++;
     headers['content-encoding'] = forced;
   } else if (
@@ -153,6 +173,50 @@ describe('compressed bodies', () => {
       // ... a POST is not sent twice: its body fails as curl failed it.
       const posted = await client.fetch(odd, { method: 'POST', body: 'once' });
       await expect(posted.arrayBuffer(), where).rejects.toMatchObject({ code: 'SOCKPOOL_ERR_TRANSFER', curlCode: 61 });
+    }
+  });
+
+  it('undoes stacked codings last applied first, takes raw deflate as deflate, and fails a corrupt body, more than five codings or a zstd window over 8 MiB with curlCode 61', async () => {
+    const stacked = (stack: string, extra = '') => `http://127.0.0.1:${origin.port}/coded?stack=${stack}${extra}`;
+    for (const [where, client] of clients) {
+      for (const stack of ['gzip,br', 'zstd,identity,deflate', 'raw', 'br,raw', 'gzip,gzip,gzip,gzip,gzip']) {
+        const response = await client.request(stacked(stack), { decompress: true });
+        expect(sha256(response.body), `${where} ${stack}`).toBe(plainHash);
+        const streamed = await client.fetch(stacked(stack));
+        expect(sha256(new Uint8Array(await streamed.arrayBuffer())), `${where} ${stack} fetch`).toBe(plainHash);
+      }
+      const failed = { code: 'SOCKPOOL_ERR_TRANSFER', curlCode: 61 };
+      for (const [stack, extra] of [
+        ['gzip', '&corrupt'],
+        ['zstd', '&corrupt'],
+        ['gzip,br', '&corrupt'],
+        ['gzip,gzip,gzip,gzip,gzip,gzip', ''],
+        // A window over RFC 9659's 8 MiB: memory the origin would choose.
+        ['wide', ''],
+      ] as const) {
+        await expect(
+          client.request(stacked(stack, extra), { decompress: true }),
+          `${where} ${stack}`,
+        ).rejects.toMatchObject(failed);
+        const streamed = client.requestStream(stacked(stack, extra), { decompress: true });
+        await expect(
+          streamed.then((response) => new Response(response.body).arrayBuffer()),
+          `${where} ${stack} streamed`,
+        ).rejects.toMatchObject(failed);
+      }
+      // Without decompress, the bytes as sent.
+      const raw = await client.request(stacked('gzip,br'));
+      expect(raw.body.length, where).toBeLessThan(plain.length);
+    }
+  });
+
+  it('with decompress too, a body compressed in a Transfer-Encoding nobody asked for comes as sent, as Node’s fetch passes it', async () => {
+    const port = (teOrigin.address() as AddressInfo).port;
+    for (const [where, client] of clients) {
+      const sent = CODERS.gzip!(plain);
+      const response = await client.request(`http://127.0.0.1:${port}/te?coding=gzip`, { decompress: true });
+      expect(header(response.headers, 'transfer-encoding'), where).toBe('gzip, chunked');
+      expect(sha256(response.body), where).toBe(sha256(sent));
     }
   });
 

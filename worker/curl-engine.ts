@@ -8,7 +8,8 @@
 // transfer (`HandleState.current`), which each transfer sets and clears.
 //
 // A transfer's body goes to a ResponseSink (whole, or streamed to the caller with backpressure: WRITEFUNCTION
-// answers CURL_WRITEFUNC_PAUSE while the sink is full) and its request body comes from an UploadSource (READFUNCTION
+// answers CURL_WRITEFUNC_PAUSE while the sink is full; with `decompress`, through a DecodingSink: curl decodes
+// nothing, response-decoder.ts says why) and its request body comes from an UploadSource (READFUNCTION
 // answers CURL_READFUNC_PAUSE while a streamed body has nothing buffered); Easy.pause resumes either direction.
 // A CancelSignal (cancellation.ts) cancels a transfer wherever it is: waiting for a socket (the acquire is dropped,
 // a late lease goes back to the daemon) or inside curl (the handle leaves the Multi; curl closes a connection left
@@ -32,6 +33,7 @@ import { RecentMap } from '../shared/recent-map.js';
 import { Cancellation, type CancelSignal } from './cancellation.js';
 import { H2StallWatch, type StallWatched } from './h2-stall-watch.js';
 import type { RateTokens } from './rate-tokens.js';
+import { type DecodeFailure, DecodingSink } from './response-decoder.js';
 import { BufferSink, type ResponseSink } from './response-sink.js';
 import type { SocketSlot, SocketSupply } from './socket-supply.js';
 import type { ResponseHead } from './stream-protocol.js';
@@ -49,7 +51,7 @@ export interface TransferRequest {
   streamedBody?: { length: number | undefined } | undefined;
   /** Stream the response body over the request's port instead of returning it. */
   streamResponse?: boolean | undefined;
-  /** Ask for a compressed body (Accept-Encoding: the codings curl decodes) and get it decoded (curl does it). */
+  /** Ask for a compressed body (curl's Accept-Encoding: the codings it knows) and get it decoded (a DecodingSink). */
   decompress?: boolean | undefined;
   /** The most body bytes (after decoding) the response may have: beyond them the transfer stops and fails with
    *  SOCKPOOL_ERR_BODY_TOO_LARGE. None when undefined. */
@@ -167,7 +169,7 @@ interface Attempt {
   pause: number;
   /** Relayed HTTP/2 transfers that were paused once: watched for curl 7.88's lost WINDOW_UPDATE (h2-stall-watch.ts). */
   stallWatch: StallWatched | undefined;
-  /** Body bytes curl wrote (decoded), and what the request allows (Infinity: no limit). */
+  /** Body bytes curl wrote, and what the request allows (Infinity: no limit, or a DecodingSink counts them decoded). */
   bodyBytes: number;
   maxBodyBytes: number;
   /** The body went past maxBodyBytes: WRITEFUNCTION stopped the transfer (curl's CURLE_WRITE_ERROR). */
@@ -212,12 +214,6 @@ const EMPTY_BODY = new Uint8Array(0);
 const NO_HEADERS: string[] = [];
 const IDEMPOTENT_METHODS = new Set(['GET', 'HEAD', 'OPTIONS', 'PUT', 'DELETE', 'TRACE']);
 const MAX_FREE_HANDLES = 256;
-/**
- * curl 7.88's bound on what it holds back while receiving is paused (sendf.c DYN_PAUSE_BUFFER). A compressed body
- * keeps decoding the rest of curl's read into it after WRITEFUNCTION paused, uncounted (a 16 KiB read of zstd or
- * br can decode to far more): past it curl fails the transfer with CURLE_OUT_OF_MEMORY.
- */
-const CURL_PAUSE_BUFFER = 64 * 1024 * 1024;
 /** Origins whose last address (and relayed session) is remembered (a crawler meets many origins): the last half
  *  of them at least (RecentMaps, set per lease: a Map deleting and re-adding per lease kept every lease's objects
  *  past the young-generation GCs, ../shared/recent-map.ts). */
@@ -323,7 +319,8 @@ export class CurlEngine {
    * that cannot start). A keep-alive request thus costs one promise in all, made by whoever waits for it.
    */
   start(request: TransferRequest, io: Partial<TransferIO> | undefined, done: (outcome: TransferOutcome) => void): void {
-    const sink = io?.sink ?? new BufferSink();
+    let sink = io?.sink ?? new BufferSink();
+    if (request.decompress) sink = new DecodingSink(sink, request.maxBodyBytes);
     let source = io?.source;
     if (!source && request.body !== undefined) source = new BufferSource(request.body);
     let target: UrlTarget;
@@ -461,7 +458,8 @@ export class CurlEngine {
     }
     if (!(result instanceof TransferFailure)) {
       const sink = transfer.io.sink;
-      if (sink instanceof BufferSink) result.body = sink.body();
+      const whole = sink instanceof DecodingSink ? sink.inner : sink;
+      if (whole instanceof BufferSink) result.body = whole.body();
       transfer.done({ ok: true, result });
       return;
     }
@@ -533,6 +531,8 @@ export class CurlEngine {
   }
 
   #fail(transfer: Transfer, error: unknown): void {
+    // (Its decoders freed now, not when collected.)
+    if (transfer.io.sink instanceof DecodingSink) transfer.io.sink.reset();
     transfer.done({ ok: false, error: toPlainError(error) });
   }
 
@@ -614,6 +614,11 @@ export class CurlEngine {
       offset === 0 && state.current?.io.source?.rewind() ? CURL_SEEKFUNC_OK : CURL_SEEKFUNC_CANTSEEK,
     );
     easy.setOpt('NOSIGNAL', true);
+    // curl never decodes a body (a DecodingSink does, with `decompress`): curl 7.88 decodes the rest of a read into
+    // its pause buffer after WRITEFUNCTION paused, up to 64 MiB a transfer (response-decoder.ts), and decodes a
+    // compressed Transfer-Encoding ("gzip, chunked") whatever ACCEPT_ENCODING says, which no request asks for
+    // (Node's fetch passes it on coded too). Chunked framing is not a decoding: curl still undoes it.
+    easy.setOpt('HTTP_CONTENT_DECODING', false);
     // What is the same for every transfer of this engine is set once per handle.
     // node-libcurl defaults CAINFO_BLOB to Node's bundled CAs, and a blob beats CAINFO: clear it so that curl
     // verifies against the CA file given, or else the system store (libcurl's built-in default path).
@@ -638,7 +643,10 @@ export class CurlEngine {
     if (head.status < 200) return;
     attempt.headSent = true;
     if (attempt.statusText !== undefined) head.statusText = attempt.statusText;
-    attempt.io.sink.head(head);
+    const sink = attempt.io.sink;
+    sink.head(head);
+    // Coded bytes are not the body's: the DecodingSink counts the body as it decodes it.
+    if (sink instanceof DecodingSink && sink.decoding) attempt.maxBodyBytes = Number.POSITIVE_INFINITY;
   }
 
   /** The response's head, from one native call (status, version, timings, headers); learns the protocol. */
@@ -775,20 +783,20 @@ export class CurlEngine {
       }
       setList('HTTPHEADER', headers.join('\n'), () => headers);
     }
-    // '': curl sends every coding it decodes (gzip, deflate, br, zstd here) and decodes the body; null: neither.
+    // '': curl sends every coding it knows (gzip, deflate, br, zstd here); null: no Accept-Encoding. It decodes
+    // none of them (HTTP_CONTENT_DECODING off, see #handle): a DecodingSink does.
     set('ACCEPT_ENCODING', request.decompress ? '' : null);
-    // Without decompress no decoding at all: curl 7.88 decodes a compressed Transfer-Encoding ("gzip, chunked")
-    // whatever ACCEPT_ENCODING says, so an origin could choose decoding (and a bomb) for a caller who turned it
-    // off. (Chunked framing is not a decoding: curl still undoes it.)
-    set('HTTP_CONTENT_DECODING', request.decompress === true);
     // A backstop only: the runtime's own timer at the deadline cancels the transfer first (even while it is
     // paused). The whole timeout, not what is left of it, so that it repeats from one request to the next.
     set('TIMEOUT_MS', Math.max(1, Math.ceil(request.timeoutMs)));
     // The head is taken from curl when the transfer ends (one native call, no callback per header line), unless
     // it is needed before: a streamed response, or the first response of an https origin (HTTP/2 or not decides
     // how the next transfers to it get their sockets; see socket-supply.ts).
+    // With decompress, the head's codings choose the decoders before the body comes.
     const headEarly =
-      request.streamResponse === true || (attempt.secure && !this.#supply.knowsProtocol(attempt.originKey));
+      request.streamResponse === true ||
+      request.decompress === true ||
+      (attempt.secure && !this.#supply.knowsProtocol(attempt.originKey));
     set('HEADERFUNCTION', headEarly ? state.onHeader : null);
     // http: HTTP/1.1 only (no multiplexing, so curl never waits on a connection to learn whether it can).
     // https: HTTP/2 when ALPN agrees; PIPEWAIT makes transfers started meanwhile wait for the first connection
@@ -887,6 +895,16 @@ export class CurlEngine {
     if (!(io.sink instanceof BufferSink)) io.sink.onWritable(() => this.#resume(state, attempt.seq, CurlPause.Recv));
     io.source?.onReadable(() => this.#resume(state, attempt.seq, CurlPause.Send));
     const { signal } = io;
+    // A body that fails to decode (or decodes past maxBodyBytes) stops the transfer as an abort does.
+    if (io.sink instanceof DecodingSink) {
+      io.sink.onFailure((failure) => {
+        if (!state.finish || state.current !== attempt) return;
+        const finish = state.finish;
+        state.finish = undefined;
+        this.#multi.removeHandle(state.easy);
+        finish(CurlCode.CURLE_BAD_CONTENT_ENCODING, undefined, decodeError(failure, request));
+      });
+    }
     const onAbort = () => {
       if (!state.finish || state.current !== attempt) return;
       const finish = state.finish;
@@ -907,7 +925,7 @@ export class CurlEngine {
         const failure =
           code === CurlCode.CURLE_OPERATION_TIMEDOUT
             ? new TransferFailure(code, timeoutError(request), true)
-            : attempt.tooLarge || pauseBufferPastLimit(code, attempt)
+            : attempt.tooLarge
               ? new TransferFailure(code, bodyTooLargeError(request), true)
               : attempt.resent
                 ? resentFailure(code, request)
@@ -932,7 +950,8 @@ export class CurlEngine {
       // The head becomes the result (#attemptEnded puts a buffered body in).
       const result = head as TransferResult;
       result.body = EMPTY_BODY;
-      this.#attemptEnded(transfer, slot, result);
+      if (io.sink instanceof DecodingSink) this.#finishDecoding(transfer, slot, io.sink, result);
+      else this.#attemptEnded(transfer, slot, result);
     };
     if (signal.aborted) {
       state.finish = undefined;
@@ -960,6 +979,36 @@ export class CurlEngine {
         if (state.current === attempt && state.finish) this.#multi.addHandle(state.easy);
       });
     }
+  }
+
+  /**
+   * curl is done with a body it handed on coded: the transfer ends once the rest is decoded (a stream's caller may
+   * still be reading it), or fails; its cancellation still applies meanwhile. The socket's slot ends now (curl's
+   * connection is idle already).
+   */
+  #finishDecoding(transfer: Transfer, slot: SocketSlot | undefined, sink: DecodingSink, result: TransferResult): void {
+    if (slot) this.#supply.finish(slot);
+    const { signal } = transfer.io;
+    let settled = false;
+    const settle = (outcome: TransferResult | TransferFailure) => {
+      if (settled) return;
+      settled = true;
+      signal.removeEventListener('abort', onAbort);
+      this.#attemptEnded(transfer, undefined, outcome);
+    };
+    const onAbort = () => settle(new TransferFailure(CurlCode.CURLE_ABORTED_BY_CALLBACK, signal.reason, true));
+    if (signal.aborted) {
+      onAbort();
+      return;
+    }
+    signal.addEventListener('abort', onAbort, { once: true });
+    sink.finish((failure) =>
+      settle(
+        failure
+          ? new TransferFailure(CurlCode.CURLE_BAD_CONTENT_ENCODING, decodeError(failure, transfer.request), true)
+          : result,
+      ),
+    );
   }
 
   /** The warm TLS session an attempt's connection is: its lease's, or (none) the one curl keeps for the origin. */
@@ -994,17 +1043,13 @@ function relayHeaders(request: TransferRequest, target: UrlTarget, relay: LeaseT
   return headers;
 }
 
-/**
- * curl's pause buffer overflowed while the attempt's receiving was paused (a stream the caller did not read whose
- * compressed body decodes large): the body is then past maxBodyBytes, though WRITEFUNCTION never saw those bytes
- * (it counted bodyBytes, and more than CURL_PAUSE_BUFFER came after). Said so (SOCKPOOL_ERR_BODY_TOO_LARGE), not
- * as curl's "out of memory".
- */
-function pauseBufferPastLimit(code: number, attempt: Attempt): boolean {
-  return (
-    code === CurlCode.CURLE_OUT_OF_MEMORY &&
-    (attempt.pause & CurlPause.Recv) !== 0 &&
-    attempt.bodyBytes + CURL_PAUSE_BUFFER > attempt.maxBodyBytes
+/** A body that did not decode fails as curl failed it (CURLE_BAD_CONTENT_ENCODING); one past maxBodyBytes as any. */
+function decodeError(failure: DecodeFailure, request: TransferRequest): SockpoolError {
+  if (failure.kind === 'too-large') return bodyTooLargeError(request);
+  return new SockpoolError(
+    ErrorCodes.TRANSFER,
+    `${request.method} ${request.url}: Unrecognized or bad HTTP Content or Transfer-Encoding: ${failure.message}`,
+    { curlCode: CurlCode.CURLE_BAD_CONTENT_ENCODING, deadConnection: false },
   );
 }
 
