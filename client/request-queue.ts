@@ -635,8 +635,11 @@ export class RequestQueue {
         origin.looked = 'announced';
         this.#announced++;
       }
+      // (The new total, not the difference: a prewarm's count is how many sockets the daemon should have idle or
+      // connecting for the origin, and it connects what is missing. Sent as a difference, a top-up asked for fewer
+      // than the first announcement had already started, and connected nothing.)
       const { host, port } = target.origin;
-      batch.push({ host, port, https: target.secure, count: count - origin.asked });
+      batch.push({ host, port, https: target.secure, count });
       origin.asked = count;
     }
     this.#lookAgain.clear();
