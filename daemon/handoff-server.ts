@@ -658,10 +658,12 @@ export class HandoffServer {
         session.pending--;
         if (cancels.get(message.id) === cancel) cancels.delete(message.id);
         if (session.closed || cancel.signal.aborted) {
-          // Nobody to hand it to: the socket goes back to the pool, unused and never seen by a client, and so does
-          // the token it was charged.
+          // Nobody to hand it to: the socket goes back to the pool unused, and so does the token it was charged.
+          // Shared again only if no client ever had it: one this uid released unused earlier (served to this
+          // acquire straight from that release, read in the same turn as this cancel or hang-up) may still be
+          // held in a copy that client kept, so it stays this uid's.
           this.#quotas.acquireSettled(session.uid, message.host, false, this.#pools.lookupInFlight);
-          this.#pools.giveBack(handoff.originKey, handoff, session.uid);
+          this.#pools.giveBack(handoff.originKey, handoff, session.uid, handoff.kept === true);
           giveBackCharge();
           return;
         }

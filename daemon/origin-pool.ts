@@ -25,6 +25,12 @@ export interface Handoff extends ConnectedSocket {
   mark?: UsageMark | undefined;
   /** How long the acquire it served waited while the origin was at its cap (maxPerOrigin, a fleet slot), if at all. */
   capWaitMs?: number;
+  /**
+   * A client of the uid it goes to had it before (released unused, kept for that uid): that client may hold a copy.
+   * Given back without a lease (its acquire was cancelled, its client gone), it is kept for that uid again (giveBack's
+   * `lent`), never shared.
+   */
+  kept?: boolean;
 }
 
 export type DropReason = 'eof' | 'error' | 'data' | 'ttl' | 'recycled' | 'evicted' | 'excess' | 'shutdown' | 'refused';
@@ -387,7 +393,7 @@ export class OriginPool {
         this.#events.idleChanged(this, -1);
         this.#leased++;
         if (this.#mayNeedPump()) this.#pumpSoon();
-        return handoffOf(socket, true, checked);
+        return handoffOf(socket, true, checked, socket.ownerUid !== undefined);
       }
       this.#drop(socket, checked);
     }
@@ -409,7 +415,7 @@ export class OriginPool {
     }
     if (waiter) {
       this.#leased++;
-      this.#serve(handoffOf(socket, true, mark), waiter);
+      this.#serve(handoffOf(socket, true, mark, ownerUid !== undefined), waiter);
       return;
     }
     // A shared socket (a refill's) at a room full of sockets kept for one uid takes the oldest kept one's place: the
@@ -728,10 +734,12 @@ function isEstablished(tcpState: number | undefined): boolean {
   return tcpState === 1;
 }
 
-function handoffOf(socket: ConnectedSocket, warm: boolean, mark: UsageMark | undefined): Handoff {
+function handoffOf(socket: ConnectedSocket, warm: boolean, mark: UsageMark | undefined, kept = false): Handoff {
   const handoff = connectedPart(socket) as Handoff;
   handoff.warm = warm;
   handoff.mark = mark;
+  // (Set only when true: the common handoff builds no field more.)
+  if (kept) handoff.kept = true;
   return handoff;
 }
 

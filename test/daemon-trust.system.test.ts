@@ -88,6 +88,40 @@ describe('released sockets across uids', () => {
     stop = true;
     await honest;
   });
+
+  for (const how of ['cancel', 'disconnect'] as const) {
+    it(`keeps a released socket for its uid when the acquire it went to ends without a lease (${how})`, async () => {
+      const origin = await pathOrigin(cleanups);
+      const sockpoold = await daemon(origin.port, { pool: { defaults: { maxPerOrigin: 1, maxIdle: 1 } } });
+      const watcher = client(sockpoold.socketPath);
+      const raw = client(sockpoold.socketPath);
+      const lease = await raw.request({ type: 'acquire', id: nextId++, host: '127.0.0.1', port: origin.port });
+      expect(lease.message).toMatchObject({ type: 'lease' });
+      const [copy] = lease.fds as [number];
+      // A second acquire of this uid waits for the one slot.
+      const waiting = nextId++;
+      raw.sendJson({ type: 'acquire', id: waiting, host: '127.0.0.1', port: origin.port, timeoutMs: 30_000 });
+      await eventually(async () => (await stats(watcher)).waiting === 1, 'the second acquire waits');
+      // Released unused (this process keeps its copy) and, read in the same turn, the acquire the socket goes to
+      // straight from the release is cancelled, or its client gone: nobody gets a lease, the socket goes back.
+      sockpoold.child.kill('SIGSTOP');
+      try {
+        raw.sendJson({ type: 'release', leaseId: (lease.message as { leaseId: number }).leaseId }, [copy]);
+        if (how === 'cancel') raw.sendJson({ type: 'cancel', acquireId: waiting });
+        else raw.close();
+      } finally {
+        sockpoold.child.kill('SIGCONT');
+      }
+      await eventually(async () => (await stats(watcher)).waiting === 0, 'the acquire is gone');
+      // Another uid's acquire must not get the socket this process still holds a copy of.
+      const kept = native.localAddress(copy).port;
+      const seen = await runHostile(['acquire-port', sockpoold.socketPath, origin.port], OTHER_UID);
+      expect(seen.port).not.toBe(kept);
+      // The copy's connection was shut down when its slot went to the other uid.
+      expect(native.probe(copy).state).not.toBe('alive');
+      native.close(copy);
+    });
+  }
 });
 
 describe('per-uid quotas across uids', () => {

@@ -593,6 +593,25 @@ describe('OriginPool with several uids', () => {
     expect(other).toMatchObject({ warm: true, fd: first.fd });
   });
 
+  it('marks a handoff of a socket kept for its uid, warm or straight from the release, so a giving back keeps it so', async () => {
+    const origin = pool({ maxPerOrigin: 1 });
+    const first = await origin.acquire(1_000, 1000);
+    expect(first.kept).toBeUndefined();
+    origin.giveBack(first, 1000, true);
+    const warm = await origin.acquire(1_000, 1000);
+    expect(warm).toMatchObject({ warm: true, fd: first.fd, kept: true });
+    // Straight from the release to a waiter of the same uid.
+    const waiting = origin.acquire(1_000, 1000);
+    origin.giveBack(warm, 1000, true);
+    const served = await waiting;
+    expect(served).toMatchObject({ fd: first.fd, kept: true });
+    // Its acquire ended without a lease: given back with `kept` as `lent`, another uid gets a fresh socket.
+    origin.giveBack(served, 1000, served.kept === true);
+    const other = await origin.acquire(5_000, 2000);
+    held.push(other);
+    expect(other.warm).toBe(false);
+  });
+
   it('closes a socket kept for one uid when another uid waits for the slot it holds', async () => {
     const origin = pool({ maxPerOrigin: 1 });
     const first = await origin.acquire(1_000, 1000);
