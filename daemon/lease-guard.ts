@@ -5,8 +5,10 @@
 // - End of a lease (`closed`, the client's disconnect, maxLeaseMs): shutdown(SHUT_RDWR) on the daemon's copy ends
 //   the connection for every process holding one, so a copy a client kept is dead; then the copy is closed.
 // - `release`: the socket may go back to the pool only if the fd that came back is a copy of the same socket and
-//   TCP_INFO shows no byte sent or received since it was lent and nothing queued either way. The caller then
-//   pools it for the releasing uid alone (the client may still hold a copy); otherwise it is ended as above.
+//   TCP_INFO shows no byte sent or received since it was lent and nothing queued either way, and it is still
+//   connected to the peer it was lent connected to (a client can reset the connection through its copy, which
+//   zeroes the counters, and connect it anywhere again: only getpeername tells). The caller then pools it for the
+//   releasing uid alone (the client may still hold a copy); otherwise it is ended as above.
 // - Idle in the pool: the mark travels with the socket, so the next handoff needs one TCP_INFO read to know the
 //   socket is still established and received nothing (checkIdle), and that read is the next lease's mark.
 //
@@ -37,6 +39,12 @@ export interface UsageMark {
   quiet: boolean;
   /** The synchronous run in which this mark passed the release check (see the header); 0 when none did. */
   checkedInRun: number;
+  /**
+   * The peer (`address port`, as getpeername gives it) when the mark was read in full: a released socket must still
+   * be connected to it. connect() with AF_UNSPEC through a client's copy resets the connection and every TCP_INFO
+   * counter with it, so a socket connected again elsewhere looks unused (see checkReturned).
+   */
+  peer: string | undefined;
 }
 
 /**
@@ -78,6 +86,7 @@ export function markOf(fd: number): UsageMark | undefined {
     const now = native.tcpCounters(fd, true);
     if (inode < 0 || now.tcpState !== TCP_ESTABLISHED) return undefined;
     const queued = (now.outq ?? 0) + (now.notsentBytes ?? 0) + (now.inq ?? 0);
+    const peer = native.peerAddress(fd);
     return {
       inode,
       bytesSent: now.bytesSent,
@@ -85,6 +94,7 @@ export function markOf(fd: number): UsageMark | undefined {
       bytesReceived: now.bytesReceived,
       quiet: queued === 0 && hasCounters(now.bytesSent, now.bytesAcked, now.bytesReceived, now.notsentBytes),
       checkedInRun: 0,
+      peer: `${peer.address} ${peer.port}`,
     };
   } catch {
     return undefined;
@@ -139,7 +149,7 @@ export function checkReturned(fd: number, mark: UsageMark | undefined): UsageMar
     }
     if (info[tcpState] !== TCP_ESTABLISHED) return `it is not established (TCP state ${info[tcpState]})`;
     if (info[notsentBytes]! > 0) return `${info[notsentBytes]} bytes are waiting to be sent`;
-    const misuse = changedSince(mark, info[bytesSent], info[bytesAcked], info[bytesReceived]);
+    const misuse = changedSince(mark, info[bytesSent], info[bytesAcked], info[bytesReceived]) ?? changedPeer(fd, mark);
     if (misuse !== undefined) return misuse;
     noteChecked(mark);
     return mark;
@@ -154,7 +164,7 @@ export function checkReturned(fd: number, mark: UsageMark | undefined): UsageMar
   const outq = (now.outq ?? 0) + (now.notsentBytes ?? 0);
   if (outq > 0) return `${outq} bytes are waiting to be sent or acknowledged`;
   if ((now.inq ?? 0) > 0) return `${now.inq} bytes arrived that nobody read`;
-  const misuse = changedSince(mark, now.bytesSent, now.bytesAcked, now.bytesReceived);
+  const misuse = changedSince(mark, now.bytesSent, now.bytesAcked, now.bytesReceived) ?? changedPeer(fd, mark);
   if (misuse !== undefined) return misuse;
   // The queues were just read empty: from here on one TCP_INFO read per check is enough.
   return {
@@ -192,6 +202,22 @@ function changedSince(
     return `${(received ?? 0) - (mark.bytesReceived ?? 0)} bytes were received on it`;
   }
   return undefined;
+}
+
+/**
+ * Why the socket is not the connection the mark was read on: connected again to another peer through a client's copy
+ * (the counters alone cannot tell: see UsageMark.peer). One getpeername per release.
+ */
+function changedPeer(fd: number, mark: UsageMark): string | undefined {
+  if (mark.peer === undefined) return undefined;
+  let now: native.SocketAddress;
+  try {
+    now = native.peerAddress(fd);
+  } catch (error) {
+    return `its peer is unreadable (${(error as Error).message})`;
+  }
+  const peer = `${now.address} ${now.port}`;
+  return peer === mark.peer ? undefined : `it was connected again, to ${peer} (lent connected to ${mark.peer})`;
 }
 
 /** Equal counts; a counter this kernel does not report (undefined, or NaN from tcpInfo) matches itself. */

@@ -177,6 +177,17 @@ describe('forward proxies', () => {
     });
     expect(address.message).toMatchObject({ type: 'error', code: 'SOCKPOOL_ERR_PROTOCOL' });
     expect(requests).toHaveLength(2);
+    // A tunnel released unused passes the release check (its peer is the proxy, as when it was lent): pooled for
+    // this uid and lent again warm, with no CONNECT more.
+    const fresh = await raw.request({ type: 'acquire', id: 6, host: 'origin.example', port: 443, proxy: 'corp' });
+    const leaseId = (fresh.message as { leaseId: number }).leaseId;
+    const released = await raw.request({ type: 'release', id: 7, leaseId }, fresh.fds);
+    native.close(fresh.fds[0]!);
+    expect(released.message).toMatchObject({ type: 'ok', id: 7 });
+    const again = await raw.request({ type: 'acquire', id: 8, host: 'origin.example', port: 443, proxy: 'corp' });
+    expect(again.message).toMatchObject({ type: 'lease', warm: true });
+    for (const fd of again.fds) native.close(fd);
+    expect(requests).toHaveLength(3);
   });
 
   it('closes on reload the idle tunnels through a proxy whose URL changed, and tunnels through the new one', async () => {

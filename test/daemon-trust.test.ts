@@ -5,11 +5,13 @@
 import { execFile } from 'node:child_process';
 import { once } from 'node:events';
 import { type AddressInfo, createServer, Socket } from 'node:net';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
 import { afterEach, describe, expect, it } from 'vitest';
 import { REFUSALS_LOGGED } from '../daemon/log.js';
 import * as native from '../shared/native.js';
 import { waitForEvents } from './fixtures/native-helpers.js';
-import { type DaemonProcess, eventually, startDaemon, writeConfigFile } from './helpers/daemon.js';
+import { type DaemonProcess, eventually, repoRoot, startDaemon, writeConfigFile } from './helpers/daemon.js';
 import { openRawClient, RawClient } from './helpers/raw-client.js';
 import { honestRequest, hostileClient, pathOrigin, runHostile } from './helpers/trust.js';
 
@@ -30,6 +32,8 @@ function client(socketPath: string): RawClient {
 }
 
 let nextId = 1;
+const runPython = (script: string, args: string[]) =>
+  promisify(execFile)('python3', [script, ...args], { timeout: 30_000 });
 
 async function stats(raw: RawClient): Promise<{ leased: number; idle: number; leases: number }> {
   const reply = await raw.request({ type: 'stats', id: nextId++ });
@@ -103,6 +107,21 @@ describe('released sockets', () => {
     await waitForEvents(fd, native.READABLE | native.DISCONNECT);
     expect((await stats(raw)).leased).toBe(0);
     native.close(fd);
+  });
+
+  it('closes a released socket its client disconnected and connected elsewhere through its copy (reason "used")', async () => {
+    // connect() with AF_UNSPEC resets a TCP connection and every TCP_INFO counter with it: connected again (to any
+    // peer the daemon's network reaches), the socket is established with nothing sent or received, the same socket
+    // (inode) as lent. Only its peer tells.
+    const origin = await pathOrigin(cleanups);
+    const sockpoold = await daemon(origin.port, { pool: { defaults: { minIdle: 0 } } });
+    const { stdout } = await runPython(join(repoRoot, 'test', 'fixtures', 'reconnect-client.py'), [
+      sockpoold.socketPath,
+      String(origin.port),
+    ]);
+    const seen = JSON.parse(stdout.trim()) as Record<string, number | string>;
+    // Refused, and the next lease of the origin is a socket to the origin, not to the client's own peer.
+    expect(seen).toMatchObject({ reconnected: 1, release: 'SOCKPOOL_ERR_PROTOCOL:used', next: origin.port });
   });
 });
 
