@@ -35,9 +35,10 @@ let nextId = 1;
 const runPython = (script: string, args: string[]) =>
   promisify(execFile)('python3', [script, ...args], { timeout: 30_000 });
 
-async function stats(raw: RawClient): Promise<{ leased: number; idle: number; leases: number }> {
+async function stats(raw: RawClient): Promise<{ leased: number; idle: number; leases: number; waiting: number }> {
   const reply = await raw.request({ type: 'stats', id: nextId++ });
-  return (reply.message as unknown as { stats: { leased: number; idle: number; leases: number } }).stats;
+  return (reply.message as unknown as { stats: { leased: number; idle: number; leases: number; waiting: number } })
+    .stats;
 }
 
 describe('released sockets', () => {
@@ -294,6 +295,97 @@ describe('per-uid quotas', () => {
       const raw = client(sockpoold.socketPath);
       return (await raw.request({ type: 'hello', id: 1, version: 1 })).message?.type === 'hello';
     }, 'a new connection accepted once the flood is gone');
+  });
+
+  it('a hostile mix of lease messages leaves every count at zero and no fd behind', async () => {
+    const origin = await pathOrigin(cleanups);
+    const sockpoold = await daemon(origin.port, {
+      quotas: { maxPendingPerUid: 3, maxLeasesPerUid: 3 },
+      pool: { predictive: false, defaults: { minIdle: 0, maxIdle: 2, maxPerOrigin: 2 } },
+    });
+    const watcher = client(sockpoold.socketPath);
+    await stats(watcher);
+    const baseline = sockpoold.fdCount();
+    const acquire = (raw: RawClient, id: number) =>
+      raw.request({ type: 'acquire', id, host: '127.0.0.1', port: origin.port, timeoutMs: 30_000 });
+    const leaseOf = (reply: Awaited<ReturnType<RawClient['request']>>) => {
+      expect(reply.message).toMatchObject({ type: 'lease' });
+      return { leaseId: (reply.message as { leaseId: number }).leaseId, fd: reply.fds[0]! };
+    };
+    // A holds both slots and queues a third acquire; then, read in one batch: L1 released unused, the waiting
+    // acquire cancelled, L2 released with L1's fd (foreign), an unknown lease closed, a second acquire under a
+    // pending id, and the hang-up.
+    const a = new RawClient(sockpoold.socketPath);
+    const l1 = leaseOf(await acquire(a, 1));
+    const l2 = leaseOf(await acquire(a, 2));
+    a.sendJson({ type: 'acquire', id: 3, host: '127.0.0.1', port: origin.port, timeoutMs: 30_000 });
+    await eventually(async () => (await stats(watcher)).waiting === 1, 'the third acquire waits');
+    // Another client (same uid) forges A's lease ids: refused, A's leases untouched.
+    const b = client(sockpoold.socketPath);
+    const forgedClose = await b.request({ type: 'closed', id: 50, leaseId: l1.leaseId });
+    expect(forgedClose.message).toMatchObject({ type: 'error', code: 'SOCKPOOL_ERR_PROTOCOL' });
+    const [pipeRead, pipeWrite] = native.seqpacketPair();
+    const forgedRelease = await b.request({ type: 'release', id: 51, leaseId: l2.leaseId }, [pipeRead]);
+    native.close(pipeRead);
+    native.close(pipeWrite);
+    expect(forgedRelease.message).toMatchObject({ type: 'error', code: 'SOCKPOOL_ERR_PROTOCOL' });
+    expect(native.probe(l1.fd).state).toBe('alive');
+    expect(native.probe(l2.fd).state).toBe('alive');
+    // An fd on a message that takes none.
+    const [extraRead, extraWrite] = native.seqpacketPair();
+    const withFd = await b.request({ type: 'stats', id: 52 }, [extraRead]);
+    native.close(extraRead);
+    native.close(extraWrite);
+    expect(withFd.message).toMatchObject({ type: 'error', code: 'SOCKPOOL_ERR_PROTOCOL' });
+    sockpoold.child.kill('SIGSTOP');
+    try {
+      a.sendJson({ type: 'release', leaseId: l1.leaseId }, [l1.fd]);
+      a.sendJson({ type: 'cancel', acquireId: 3 });
+      a.sendJson({ type: 'release', leaseId: l2.leaseId }, [l1.fd]);
+      a.sendJson({ type: 'closed', leaseId: 999_999 });
+      a.sendJson({ type: 'acquire', id: 4, host: '127.0.0.1', port: origin.port, timeoutMs: 30_000 });
+      a.sendJson({ type: 'acquire', id: 4, host: '127.0.0.1', port: origin.port, timeoutMs: 30_000 });
+      a.close();
+    } finally {
+      sockpoold.child.kill('SIGCONT');
+    }
+    native.close(l1.fd);
+    native.close(l2.fd);
+    await eventually(async () => {
+      const now = await stats(watcher);
+      return now.leased === 0 && now.leases === 0 && now.waiting === 0;
+    }, "A's leases and acquires ended");
+    // B takes a lease and hangs up holding it; C's acquire is cancelled before any answer.
+    leaseOf(await acquire(b, 53));
+    b.close();
+    const c = new RawClient(sockpoold.socketPath);
+    c.sendJson({ type: 'acquire', id: 60, host: '127.0.0.1', port: origin.port, timeoutMs: 30_000 });
+    c.sendJson({ type: 'cancel', acquireId: 60 });
+    c.close();
+    await eventually(async () => {
+      const now = await stats(watcher);
+      return now.leased === 0 && now.leases === 0;
+    }, 'every lease ended');
+    // The uid's counts are back to zero: a new client holds as many leases as the quota allows.
+    const d = client(sockpoold.socketPath);
+    const held = [leaseOf(await acquire(d, 70)), leaseOf(await acquire(d, 71))];
+    // The third waits for a slot (maxPerOrigin 2): its uid has room for exactly one more lease, no less (a count
+    // left behind would refuse it), no more (a fourth is refused).
+    d.sendJson({ type: 'acquire', id: 72, host: '127.0.0.1', port: origin.port, timeoutMs: 30_000 });
+    const fourth = await acquire(d, 73);
+    expect(fourth.message).toMatchObject({ code: 'SOCKPOOL_ERR_QUOTA', fields: { quota: 'maxLeasesPerUid' } });
+    expect((await stats(watcher)).waiting).toBe(1);
+    d.sendJson({ type: 'cancel', acquireId: 72 });
+    for (const lease of held) {
+      d.sendJson({ type: 'closed', leaseId: lease.leaseId });
+      native.close(lease.fd);
+    }
+    await eventually(async () => (await stats(watcher)).leased === 0, 'the leases ended');
+    // No fd behind: the daemon holds its idle sockets and the two open sessions more than at the start.
+    await eventually(
+      async () => sockpoold.fdCount() === baseline + (await stats(watcher)).idle + 1,
+      'no fd left behind',
+    );
   });
 
   it('bounds pending acquires and leases per uid across connections', async () => {
