@@ -193,6 +193,15 @@ interface HandleState {
   onHeader: (data: Buffer) => number;
   /** OPENSOCKETFUNCTION: the current attempt's leased fd, once (ownership passes to curl), else CURL_SOCKET_BAD. */
   openSocket: () => number;
+  /**
+   * When a handle taken out of the Multi before curl finished its transfer (aborted, a deadline, a body that failed
+   * to decode, an error lifting a pause) may carry a transfer again (performance.now()); 0 when it may now. curl
+   * 7.88 goes on handing bytes of an HTTP/2 stream removed mid-body to the handle that carried it (frames already on
+   * their way, or read and not yet processed, before its RST_STREAM takes effect), and a handle reused at once gave
+   * them to its next response: 2,469,318 bytes for a body of 2,272,746 (test/client-body-limit-h2). curl_easy_reset
+   * does not stop it (the stream still points at the handle), a handle not reused does: so such a handle rests.
+   */
+  restUntil: number;
 }
 
 type PlainOption = string | number | boolean | null;
@@ -214,6 +223,9 @@ const EMPTY_BODY = new Uint8Array(0);
 const NO_HEADERS: string[] = [];
 const IDEMPOTENT_METHODS = new Set(['GET', 'HEAD', 'OPTIONS', 'PUT', 'DELETE', 'TRACE']);
 const MAX_FREE_HANDLES = 256;
+/** How long a handle taken out of the Multi mid-transfer rests before it carries another (HandleState.restUntil):
+ *  long past the round trip its stream's RST_STREAM takes. */
+const HANDLE_REST_MS = 10_000;
 /** Origins whose last address (and relayed session) is remembered (a crawler meets many origins): the last half
  *  of them at least (RecentMaps, set per lease: a Map deleting and re-adding per lease kept every lease's objects
  *  past the young-generation GCs, ../shared/recent-map.ts). */
@@ -252,6 +264,8 @@ export class CurlEngine {
   #policy: ClientPolicy;
   #states = new Map<Easy, HandleState>();
   #free: HandleState[] = [];
+  /** Handles resting after a transfer taken out mid-way (HandleState.restUntil), oldest first. */
+  #resting: HandleState[] = [];
   /** Last address the daemon connected each origin to, as curl's RESOLVE entry (host:port:address): curl's DNS
    *  cache is pinned to it. */
   #pinned = new RecentMap<string, string>(MAX_PINNED / 2);
@@ -506,6 +520,7 @@ export class CurlEngine {
       if (!finish) continue;
       state.finish = undefined;
       this.#multi.removeHandle(state.easy);
+      state.restUntil = 1;
       finish(CurlCode.CURLE_ABORTED_BY_CALLBACK, undefined, closing);
     }
     // Connections close through CLOSESOCKETFUNCTION now, while every handle still exists.
@@ -513,6 +528,7 @@ export class CurlEngine {
     for (const state of this.#states.values()) state.easy.close();
     this.#states.clear();
     this.#free = [];
+    this.#resting = [];
   }
 
   /** The attempt's token (if it took one) was not spent: back to the worker's tokens (rate-tokens.ts giveBack). */
@@ -537,6 +553,7 @@ export class CurlEngine {
   }
 
   #handle(): HandleState {
+    if (this.#resting.length > 0) this.#wakeRested();
     const reused = this.#free.pop();
     if (reused) return reused;
     const easy = new Easy();
@@ -573,6 +590,7 @@ export class CurlEngine {
       },
       method: undefined,
       bodyLength: undefined,
+      restUntil: 0,
     };
     this.#useLeasedSockets(state, true);
     // Every socket curl closes comes here: leased ones end their lease; direct-fallback ones are just closed.
@@ -715,13 +733,30 @@ export class CurlEngine {
     const finish = state.finish;
     state.finish = undefined;
     this.#multi.removeHandle(state.easy);
+    state.restUntil = 1;
     finish(code, undefined);
   }
 
   #release(state: HandleState): void {
     state.current = undefined;
+    if (state.restUntil !== 0) {
+      // Taken out mid-transfer: it rests (HandleState.restUntil) before it carries another.
+      state.restUntil = performance.now() + HANDLE_REST_MS;
+      this.#resting.push(state);
+      return;
+    }
     if (this.#free.length < MAX_FREE_HANDLES) this.#free.push(state);
     // Beyond the free list the handle stays alive (see the header) but unused; the Multi closes with the engine.
+  }
+
+  /** Handles whose rest is over go back to the free list (in the order they came: the oldest first). */
+  #wakeRested(): void {
+    const now = performance.now();
+    while (this.#resting.length > 0 && this.#resting[0]!.restUntil <= now) {
+      const state = this.#resting.shift()!;
+      state.restUntil = 0;
+      if (this.#free.length < MAX_FREE_HANDLES) this.#free.push(state);
+    }
   }
 
   #configure(state: HandleState, attempt: Attempt): void {
@@ -902,6 +937,7 @@ export class CurlEngine {
         const finish = state.finish;
         state.finish = undefined;
         this.#multi.removeHandle(state.easy);
+        state.restUntil = 1;
         finish(CurlCode.CURLE_BAD_CONTENT_ENCODING, undefined, decodeError(failure, request));
       });
     }
@@ -911,6 +947,7 @@ export class CurlEngine {
       state.finish = undefined;
       // Out of the Multi at once: curl closes a connection left mid-response (CLOSESOCKETFUNCTION).
       this.#multi.removeHandle(state.easy);
+      state.restUntil = 1;
       finish(CurlCode.CURLE_ABORTED_BY_CALLBACK, undefined, signal.reason);
     };
     state.finish = (code, error, abortReason) => {
