@@ -10,7 +10,13 @@
 //   getaddrinfo gives no TTL, so such answers are cached for minTtlMs. It also runs in the libuv threadpool and
 //   cannot be cancelled: after timeoutMs we answer with a DNS error, but the thread stays busy until the system
 //   resolver gives up; meanwhile the name's later resolutions wait for that same lookup (one per name at a time).
-//   Configure `servers` for TTLs and real timeouts.
+//   So that names whose servers never answer cannot take the whole pool (the daemon's fs work and every other uid's
+//   lookups would queue behind them for glibc's whole retry time), system lookups in flight are held to three
+//   quarters of the pool, and a uid holding h of them starts another only while more than h places are free (one
+//   uid alone: half; k uids together: each, and what stays free, about a (k+1)th): a uid holding fewer always finds
+//   a place. Those that must wait queue fairly across uids (FairWaitQueue: the uid holding fewest first), and one
+//   still waiting at its resolution's deadline is dropped, never started. Configure `servers` for TTLs and real
+//   timeouts.
 //
 // Order of the addresses returned: both families, interleaved, IPv6 first (RFC 8305; on a machine without an
 // IPv6 route `reportFailure` pushes the IPv6 addresses back after the first ENETUNREACH). Within each family the
@@ -34,7 +40,7 @@
 import { promises as dns } from 'node:dns';
 import { type DnsServer, parseHost, parseIpLiteral, type ResolveEntry } from '../shared/address.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
-import { DAEMON_UID } from './fair-queue.js';
+import { DAEMON_UID, FairWaitQueue, type UidWaiter } from './fair-queue.js';
 import { UidShareMap } from './uid-share-map.js';
 
 export interface ResolvedAddress {
@@ -98,6 +104,18 @@ export type SystemLookup = (name: string) => Promise<Array<{ address: string; fa
 
 const systemLookup: SystemLookup = (name) => dns.lookup(name, { all: true, order: 'verbatim' });
 
+/** The size of this process's libuv threadpool, read as libuv reads UV_THREADPOOL_SIZE (4 unless set; 1 to 1024). */
+export function threadpoolSize(env: NodeJS.ProcessEnv = process.env): number {
+  const size = Number.parseInt(env.UV_THREADPOOL_SIZE ?? '', 10);
+  if (!Number.isFinite(size)) return 4;
+  return Math.min(1024, Math.max(1, size));
+}
+
+/** A system lookup waiting for its turn (#askSystem). */
+interface QueuedLookup extends UidWaiter {
+  start(): void;
+}
+
 function errorCode(error: unknown): string | undefined {
   const code = (error as { code?: unknown } | null)?.code;
   return typeof code === 'string' ? code : undefined;
@@ -131,9 +149,17 @@ export class Resolver {
    * resolutions join: while the system resolver hangs, each connect must not queue another lookup of its own.
    */
   readonly #systemLookups = new Map<string, ReturnType<SystemLookup>>();
+  /** Most system lookups in flight: three quarters of the threadpool (the rest is for fs, zlib, crypto). */
+  readonly #systemSlots: number;
+  /** System lookups started and not ended (also those past their deadline). */
+  #systemRunning = 0;
+  /** System lookups waiting for a place; its `held` counts are each uid's lookups running. */
+  readonly #systemQueue = new FairWaitQueue<QueuedLookup>();
 
-  constructor(options: ResolverOptions, lookup: SystemLookup = systemLookup) {
+  /** `threads`: the size of the libuv threadpool getaddrinfo runs on (tests model one). */
+  constructor(options: ResolverOptions, lookup: SystemLookup = systemLookup, threads = threadpoolSize()) {
     this.#systemLookup = lookup;
+    this.#systemSlots = Math.max(1, Math.floor((threads * 3) / 4));
     this.#minTtlMs = options.minTtlMs;
     this.#maxTtlMs = options.maxTtlMs;
     this.#negativeTtlMs = options.negativeTtlMs;
@@ -254,7 +280,7 @@ export class Resolver {
   #refresh(name: string, uid: number): Promise<CacheEntry> {
     let pending = this.#inFlight.get(name);
     if (!pending) {
-      pending = this.#ask(name)
+      pending = this.#ask(name, uid)
         .then((answer) => this.#store(name, answer, uid))
         .finally(() => this.#inFlight.delete(name));
       this.#inFlight.set(name, pending);
@@ -311,8 +337,8 @@ export class Resolver {
     return Promise.race([query, deadline]).finally(() => clearTimeout(timer));
   }
 
-  async #ask(name: string): Promise<Answer> {
-    return this.#dns ? this.#askServers(this.#dns, name) : this.#askSystem(name);
+  async #ask(name: string, uid: number): Promise<Answer> {
+    return this.#dns ? this.#askServers(this.#dns, name) : this.#askSystem(name, uid);
   }
 
   async #askServers(resolver: dns.Resolver, name: string): Promise<Answer> {
@@ -348,16 +374,40 @@ export class Resolver {
     return this.#failure(failures);
   }
 
-  async #askSystem(name: string): Promise<Answer> {
+  /** `uid`: whose lookup a new one is (its place among the system lookups in flight). */
+  async #askSystem(name: string, uid: number): Promise<Answer> {
     let running = this.#systemLookups.get(name);
+    let queued: (QueuedLookup & { drop(error: unknown): void }) | undefined;
     if (!running) {
-      const lookup = this.#systemLookup(name);
+      let start = () => {};
+      let drop: (error: unknown) => void = () => {};
+      const turn = new Promise<void>((resolve, reject) => {
+        start = resolve;
+        drop = reject;
+      });
+      const lookup = turn.then(() => {
+        let answer: ReturnType<SystemLookup>;
+        try {
+          answer = this.#systemLookup(name);
+        } catch (error) {
+          answer = Promise.reject(error); // (its place must still be given back)
+        }
+        const done = () => this.#systemLookupDone(uid);
+        answer.then(done, done);
+        return answer;
+      });
       running = lookup;
       this.#systemLookups.set(name, lookup);
       const ended = () => {
         if (this.#systemLookups.get(name) === lookup) this.#systemLookups.delete(name);
       };
       lookup.then(ended, ended);
+      const waiter = { uid, start, drop };
+      if (this.#mayStartSystem(uid)) this.#startSystem(waiter);
+      else {
+        this.#systemQueue.push(waiter);
+        queued = waiter;
+      }
     }
     try {
       const found = await this.#withDeadline(running);
@@ -366,7 +416,35 @@ export class Resolver {
       if (v4.length + v6.length === 0) return this.#failure([]);
       return this.#addresses(v4, v6, this.#minTtlMs);
     } catch (error) {
+      // Still waiting for a place at the deadline: nobody waits for it any more, so it never takes a thread (and
+      // its uid's lookup charge, lookupInFlight, ends now).
+      if (queued && this.#systemQueue.remove(queued)) {
+        if (this.#systemLookups.get(name) === running) this.#systemLookups.delete(name);
+        queued.drop(error);
+      }
       return this.#failure([error]);
+    }
+  }
+
+  /** Whether `uid` may start a system lookup now: while more places are free than it holds. */
+  #mayStartSystem(uid: number): boolean {
+    return this.#systemRunning + (this.#systemQueue.heldOf(uid) ?? 0) < this.#systemSlots;
+  }
+
+  #startSystem(waiter: QueuedLookup): void {
+    this.#systemRunning++;
+    this.#systemQueue.held(waiter.uid, +1);
+    this.#systemQueue.served(waiter.uid);
+    waiter.start();
+  }
+
+  /** One of `uid`'s system lookups ended: those waiting start while the rule lets them, the uid holding fewest first. */
+  #systemLookupDone(uid: number): void {
+    this.#systemRunning--;
+    this.#systemQueue.held(uid, -1);
+    for (let next = this.#systemQueue.peek(); next && this.#mayStartSystem(next.uid); next = this.#systemQueue.peek()) {
+      this.#systemQueue.remove(next);
+      this.#startSystem(next);
     }
   }
 

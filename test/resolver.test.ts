@@ -317,6 +317,68 @@ describe('Resolver without DNS', () => {
     expect(r.lookupInFlight('hung.test')).toBeUndefined();
   });
 
+  it("hung system lookups of one uid, or of a few together, leave another uid's lookup a thread of the pool", async () => {
+    // getaddrinfo holds one of libuv's threads (sockpoold runs 32) until glibc answers or gives up, which takes
+    // long for names whose servers never answer. Modelled here: a pool of 32 threads, each lookup holding one (the
+    // rest queue, as libuv queues them); `hung-*` names never answer until released.
+    const threads = 32;
+    let running = 0;
+    let mostRunning = 0;
+    const queued: Array<() => void> = [];
+    const hung: Array<() => void> = [];
+    const calls: string[] = [];
+    const lookup = (name: string) =>
+      new Promise<Array<{ address: string; family: number }>>((resolve) => {
+        calls.push(name);
+        const run = () => {
+          running++;
+          mostRunning = Math.max(mostRunning, running);
+          const end = () => {
+            running--;
+            queued.shift()?.();
+          };
+          if (name.startsWith('hung-')) {
+            hung.push(() => {
+              end();
+              resolve([{ address: '198.51.100.9', family: 4 }]);
+            });
+          } else {
+            end();
+            resolve([{ address: '198.51.100.8', family: 4 }]);
+          }
+        };
+        if (running < threads) run();
+        else queued.push(run);
+      });
+    const options = { ...parseConfig({ dns: { timeoutMs: 100 } }, 'test').dns };
+    const r = new Resolver(options, lookup, threads);
+    // One uid asks for 40 names that hang (well within maxLookupsPerUid): each resolution fails at its deadline.
+    const first = await Promise.allSettled(Array.from({ length: 40 }, (_, i) => r.resolve(`hung-${i}.test`, 443, 1)));
+    expect(first.every((result) => result.status === 'rejected')).toBe(true);
+    // Another uid's lookup still finds a thread, and so does the daemon's own.
+    expect(addresses(await r.resolve('other.test', 443, 2))).toEqual(['198.51.100.8']);
+    expect(addresses(await r.resolve('refill.test', 443, -1))).toEqual(['198.51.100.8']);
+    // A few uids together neither.
+    await Promise.allSettled(
+      [3, 4, 5].flatMap((uid) => Array.from({ length: 20 }, (_, i) => r.resolve(`hung-${uid}-${i}.test`, 443, uid))),
+    );
+    expect(addresses(await r.resolve('another.test', 443, 6))).toEqual(['198.51.100.8']);
+    // The system lookups in flight stay below the pool's size (the daemon's own fs work uses it too); those that
+    // waited for a turn past their deadline were dropped, never started.
+    expect(mostRunning).toBeLessThan(threads);
+    const asked = calls.length;
+    expect(asked).toBeLessThan(40 + 60 + 3);
+    for (const release of hung.splice(0)) release();
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    for (const release of hung.splice(0)) release();
+    expect(calls.length).toBe(asked);
+    // A dropped name is looked up again when asked again.
+    const again = r.resolve('hung-39.test', 443, 1);
+    await eventually(() => hung.length === 1, 'the second lookup of hung-39.test');
+    hung[0]!();
+    expect(addresses(await again)).toEqual(['198.51.100.9']);
+  });
+
   it("keeps a uid's cached names while another uid looks up thousands of names: the uid holding most gives way", async () => {
     // The cache holds 10,000 names. One uid's lookups past that (a crawler, or junk on purpose) must push out its
     // own oldest names, not those of a uid that holds fewer: each name flushed would cost that uid a lookup again
