@@ -51,8 +51,8 @@ interface ClientSession {
   reclaim: boolean;
   /** Acquires waiting for a socket, by request id: `cancel` aborts one (created on the first). */
   cancels: Map<number, AbortController> | undefined;
-  /** Waits for rate tokens (`tokens`): the disconnect ends them (created on the first). */
-  tokenWaits: Set<AbortController> | undefined;
+  /** Waits for rate tokens (`tokens`), by request id: `cancel` and the disconnect end them (created on the first). */
+  tokenWaits: Map<number, AbortController> | undefined;
 }
 
 export interface HandoffServerOptions {
@@ -410,8 +410,10 @@ export class HandoffServer {
         this.#release(session, message, fds[0]);
         return;
       case 'cancel':
-        // (An acquire already answered, or unknown: nothing to do, and no reply either way.)
+        // (An acquire already answered, or unknown: nothing to do, and no reply either way.) A `tokens` request
+        // of that id is answered: SOCKPOOL_ERR_ABORTED, or the tokens it was granted before.
         session.cancels?.get(message.acquireId)?.abort();
+        session.tokenWaits?.get(message.acquireId)?.abort();
         return;
       case 'closed': {
         // The client says it closed the socket; the daemon's shutdown makes it true for any copy it kept.
@@ -517,6 +519,15 @@ export class HandoffServer {
       this.#send(session, { type: 'tokens', id: message.id, granted: message.count });
       return;
     }
+    if (session.tokenWaits?.has(message.id)) {
+      // `cancel` reaches the waits by id: a second one under the same id could not be cancelled.
+      this.#replyError(
+        session,
+        message.id,
+        new SockpoolError(ErrorCodes.PROTOCOL, `tokens request ${message.id} is already pending`, { id: message.id }),
+      );
+      return;
+    }
     // A wait for tokens is a pending request like an acquire: bounded per client and per uid (maxPendingPerUid).
     const { maxPendingPerClient } = this.#config().access;
     if (session.pending >= maxPendingPerClient) {
@@ -536,22 +547,23 @@ export class HandoffServer {
     session.pending++;
     const timeoutMs = message.timeoutMs ?? this.#acquireTimeoutOf(origin);
     // Ended by the disconnect: a wait left behind would take a token nobody can use, racing the clients still here,
-    // and a client hanging up and coming back could leave any number of them.
+    // and a client hanging up and coming back could leave any number of them. Ended by `cancel` too: a client whose
+    // request no longer needs the token (cancelled, or handed one another request gave back) leaves the queue.
     const wait = new AbortController();
-    session.tokenWaits ??= new Set();
+    session.tokenWaits ??= new Map();
     const waits = session.tokenWaits;
-    waits.add(wait);
+    waits.set(message.id, wait);
     this.#rates!.take(origin, rate, message.count, timeoutMs, wait.signal, session.uid).then(
       (granted) => {
         session.pending--;
         this.#quotas.waitSettled(session.uid);
-        waits.delete(wait);
+        if (waits.get(message.id) === wait) waits.delete(message.id);
         if (!session.closed) this.#send(session, { type: 'tokens', id: message.id, granted });
       },
       (error: Error) => {
         session.pending--;
         this.#quotas.waitSettled(session.uid);
-        waits.delete(wait);
+        if (waits.get(message.id) === wait) waits.delete(message.id);
         if (!session.closed) this.#replyError(session, message.id, error);
       },
     );
@@ -864,7 +876,7 @@ export class HandoffServer {
     this.#quotas.closeSession(session.uid);
     // Its acquires still waiting leave their origins' queues now (as a `cancel` each), not at their deadlines.
     for (const cancel of session.cancels?.values() ?? []) cancel.abort();
-    for (const wait of session.tokenWaits ?? []) wait.abort();
+    for (const wait of session.tokenWaits?.values() ?? []) wait.abort();
     for (const lease of this.#leases.endAllOf(session.id)) this.#endLease(lease, shutDown);
     this.#log.debug({ client: session.id, why }, 'client disconnected');
   }

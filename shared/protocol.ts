@@ -120,7 +120,10 @@ export const ClientMessage = z.discriminatedUnion('type', [
     withoutFd: z.literal(true).optional(),
   }),
   z.strictObject({ type: z.literal('closed'), id: requestId.optional(), leaseId }),
-  /** The client no longer waits for the acquire with this id: the daemon drops it (no reply; see HelloReply.cancel). */
+  /**
+   * The client no longer waits for the acquire with this id: the daemon drops it (no reply; see HelloReply.cancel).
+   * It may name a waiting `tokens` request too: dropped, and answered (SOCKPOOL_ERR_ABORTED, or the tokens granted).
+   */
   z.strictObject({ type: z.literal('cancel'), acquireId: requestId }),
   z.strictObject({ type: z.literal('stats'), id: requestId }),
 ]);
@@ -135,7 +138,7 @@ export interface HelloReply {
   maxMessageBytes: number;
   /** Present when the daemon agreed to binary framing (the version both speak). */
   binary?: number;
-  /** The daemon takes `cancel` for a pending acquire (a client sends it only when this is true). */
+  /** The daemon takes `cancel` for a pending acquire or `tokens` request (a client sends it only when this is true). */
   cancel?: true;
 }
 

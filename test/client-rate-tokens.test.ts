@@ -10,6 +10,9 @@
 // - A request cancelled while it waits for a token ends at once (before: only when the token came).
 // - A token the worker took for a request that never went out (its acquire failed to connect, or was cancelled at
 //   the cap) is spent by the next request (before: lost, and at 0.1 request/s the next one was refused).
+// - A request cancelled while its worker's `tokens` request waits in the daemon cancels that wait there (protocol
+//   `cancel` by its id, answered SOCKPOOL_ERR_ABORTED): before, it stayed first in the origin's queue and took the
+//   next token for a worker batch where nobody wanted it.
 import { once } from 'node:events';
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
@@ -237,3 +240,55 @@ it('a token taken for a request cancelled while its acquire waits at the cap goe
     await new Promise<void>((resolve) => server.close(() => resolve()));
   }
 }, 20_000);
+
+it("a request cancelled while its worker's tokens request waits in the daemon takes that wait out of the origin's queue", async () => {
+  const server = http.createServer((_request, response) => response.end('ok'));
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  const { port } = server.address() as AddressInfo;
+  // A token every 2 s, burst 1.
+  const rated = await startTestDaemon([port], {
+    config: { pool: { origins: [{ match: `127.0.0.1:${port}`, requestsPerSecond: 0.5, burst: 1 }] } },
+  });
+  const rates = async () =>
+    ((await daemonStats(rated.socketPath)) as unknown as { rates: { granted: number; waits: number } }).rates;
+  const cleanups: Array<() => unknown> = [];
+  const client = new SockpoolClient({ socketPath: rated.socketPath, threads: 0, timeoutMs: 10_000 });
+  try {
+    const url = `http://127.0.0.1:${port}/`;
+    // The daemon charges the first request the burst's token; its lease tells the worker the rate.
+    expect((await client.request(url)).status).toBe(200);
+    const before = await rates();
+    // The second finds the worker's batch empty: its `tokens` request waits in the daemon for the next token.
+    const controller = new AbortController();
+    const cancelled = client.request(url, { signal: controller.signal });
+    cancelled.catch(() => {});
+    await eventually(async () => (await rates()).waits === before.waits + 1, "the worker's wait in the daemon");
+    controller.abort(new Error('not any more'));
+    await expect(cancelled).rejects.toMatchObject({ code: ErrorCodes.ABORTED });
+    // Another client's wait for the next token: it is the only one granted (before: the cancelled request's wait
+    // stayed first in the origin's queue and took the next token too, for a worker batch where nobody wanted it).
+    const raw = openRawClient(rated.socketPath, cleanups);
+    await raw.request({ type: 'hello', id: 1, version: 1 });
+    expect(
+      (await raw.request({ type: 'tokens', id: 2, host: '127.0.0.1', port, count: 1, timeoutMs: 9_000 })).message,
+    ).toMatchObject({ type: 'tokens', granted: 1 });
+    expect((await rates()).granted - before.granted).toBe(1);
+    // The protocol: a waiting `tokens` request is cancelled by its id, and answered ABORTED; a second one under an
+    // id still waiting is refused.
+    const target = { host: '127.0.0.1', port, count: 1, timeoutMs: 9_000 };
+    raw.sendJson({ type: 'tokens', id: 3, ...target });
+    expect((await raw.request({ type: 'tokens', id: 3, ...target })).message).toMatchObject({
+      type: 'error',
+      code: ErrorCodes.PROTOCOL,
+    });
+    raw.sendJson({ type: 'cancel', acquireId: 3 });
+    expect((await raw.receive()).message).toMatchObject({ type: 'error', id: 3, code: ErrorCodes.ABORTED });
+    expect((await rates()).granted - before.granted).toBe(1);
+  } finally {
+    for (const cleanup of cleanups.reverse()) await cleanup();
+    await client.close();
+    await rated.stop();
+    await new Promise<void>((resolve) => server.close(() => resolve()));
+  }
+}, 30_000);

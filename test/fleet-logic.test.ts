@@ -12,7 +12,7 @@ import { LocalSlots } from '../daemon/fleet/slots.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import { MAX_TIMEOUT_MS } from '../shared/protocol.js';
 import { batchSize, TOKEN_LIFETIME_MS, TokenBatch } from '../shared/rate.js';
-import { Cancellation } from '../worker/cancellation.js';
+import { Cancellation, type CancelSignal } from '../worker/cancellation.js';
 import { RateTokens } from '../worker/rate-tokens.js';
 import { eventually } from './helpers/daemon.js';
 
@@ -341,11 +341,18 @@ describe('worker tokens', () => {
   });
   /** A link whose `tokens` requests the test answers by hand. */
   function manualLink() {
-    const asks: Array<{ count: number; timeoutMs: number; grant(granted: number): void; fail(error: Error): void }> =
-      [];
+    const asks: Array<{
+      count: number;
+      timeoutMs: number;
+      stop: CancelSignal | undefined;
+      grant(granted: number): void;
+      fail(error: Error): void;
+    }> = [];
     const link = {
-      tokens(_host: string, _port: number, count: number, timeoutMs: number) {
-        return new Promise<number>((resolve, reject) => asks.push({ count, timeoutMs, grant: resolve, fail: reject }));
+      tokens(_host: string, _port: number, count: number, timeoutMs: number, stop?: CancelSignal) {
+        return new Promise<number>((resolve, reject) =>
+          asks.push({ count, timeoutMs, stop, grant: resolve, fail: reject }),
+        );
       },
     };
     return { asks, link };
@@ -500,6 +507,49 @@ describe('worker tokens', () => {
     asks[0]!.grant(1);
     expect(await second).toBe(TOKEN_LIFETIME_MS);
     expect(asks).toHaveLength(1);
+  });
+
+  it('a tokens request nobody waits for any more is cancelled in the daemon; one a request still waits for is not', async () => {
+    const { asks, link } = manualLink();
+    const tokens = new RateTokens(link, () => 0);
+    tokens.learn('a.example', 80, { requestsPerSecond: 0.1, burst: 1 });
+    const aborted = () => new SockpoolError(ErrorCodes.ABORTED, 'cancelled in the daemon');
+    // The first request's wait asks; the second waits for what it brings, and a short one asks for its own.
+    const asker = new Cancellation();
+    const first = tokens.take('a.example', 80, 20_000, asker)!;
+    const waiter = new Cancellation();
+    const second = tokens.take('a.example', 80, 20_000, waiter)!;
+    const shortOne = new Cancellation();
+    const short = tokens.take('a.example', 80, 1_000, shortOne)!;
+    for (const taking of [first, second, short]) Promise.resolve(taking).catch(() => {});
+    expect(asks.map((ask) => ask.count)).toEqual([1, 1]);
+    asker.cancel(new Error('cancelled'));
+    // The second still waits for the batch request: it goes on.
+    expect(asks[0]!.stop?.aborted).toBe(false);
+    shortOne.cancel(new Error('cancelled'));
+    // Nobody waits for the short one's own any more (before: it went on until the daemon granted it).
+    expect(asks[1]!.stop?.aborted).toBe(true);
+    expect(asks[0]!.stop?.aborted).toBe(false);
+    waiter.cancel(new Error('cancelled'));
+    expect(asks[0]!.stop?.aborted).toBe(true);
+    // The daemon answers them: dropped (ABORTED), or granted before the cancel reached it (to the batch).
+    asks[0]!.fail(aborted());
+    asks[1]!.grant(1);
+    await settle();
+    expect(tokens.take('a.example', 80, 1_000)).toBeTypeOf('number');
+    // A request handed a given-back token while its ask is under way: nobody else waits, so the ask is cancelled.
+    const handed = tokens.take('a.example', 80, 20_000)!;
+    expect(asks).toHaveLength(3);
+    tokens.giveBack('a.example', 80, 5_000);
+    expect(await handed).toBe(5_000);
+    expect(asks[2]!.stop?.aborted).toBe(true);
+    asks[2]!.fail(aborted());
+    await settle();
+    // Nothing held: the next request asks again.
+    const next = tokens.take('a.example', 80, 20_000)!;
+    expect(asks).toHaveLength(4);
+    asks[3]!.grant(1);
+    await next;
   });
 
   it('a token the daemon would not wait for (over the protocol bound) is asked for again when due within it', async () => {

@@ -81,7 +81,7 @@ export class DaemonLink {
   #binary = false;
   /** ...and to framing 2: a release leaves its fd out (this side closes it). */
   #releaseWithoutFd = false;
-  /** The daemon said in hello that it takes `cancel` for a pending acquire. */
+  /** The daemon said in hello that it takes `cancel` for a pending acquire (and, since, a `tokens` request). */
   #cancelSupported = false;
 
   constructor(options: DaemonLinkOptions) {
@@ -170,10 +170,19 @@ export class DaemonLink {
     return message.type === 'ok' && message.warming === 'tls' ? 'tls' : 'tcp';
   }
 
-  /** Request tokens of a rate-limited origin (rate-tokens.ts takes them through here). */
-  async tokens(host: string, port: number, count: number, timeoutMs: number): Promise<number> {
+  /**
+   * Request tokens of a rate-limited origin (rate-tokens.ts takes them through here). When `stop` is cancelled, a
+   * daemon that takes `cancel` drops the wait from the origin's queue, and its answer is still awaited: the tokens it
+   * granted before the cancel reached it (they are no less spent), or SOCKPOOL_ERR_ABORTED.
+   */
+  async tokens(host: string, port: number, count: number, timeoutMs: number, stop?: CancelSignal): Promise<number> {
     const ms = daemonWait(timeoutMs);
-    const { message } = await this.#request({ type: 'tokens', host, port, count, timeoutMs: ms }, ms + 1000);
+    const { message } = await this.#request(
+      { type: 'tokens', host, port, count, timeoutMs: ms },
+      ms + 1000,
+      undefined,
+      stop,
+    );
     if (message.type !== 'tokens' || !Number.isInteger(message.granted) || message.granted < 1) {
       throw new SockpoolError(ErrorCodes.PROTOCOL, `daemon answered tokens with ${message.type}`);
     }
@@ -217,10 +226,15 @@ export class DaemonLink {
     this.#failAll(new SockpoolError(ErrorCodes.CLOSED, 'daemon link closed'));
   }
 
+  /**
+   * `signal`: the caller stops waiting when it is cancelled (an acquire is then cancelled in the daemon too).
+   * `cancelOn`: when it is cancelled the daemon is asked to drop the request, and its answer is still awaited.
+   */
   async #request(
     request: Request,
     timeoutMs: number,
     signal?: CancelSignal,
+    cancelOn?: CancelSignal,
   ): Promise<{ message: DaemonMessage; fds: number[]; generation: number }> {
     signal?.throwIfAborted();
     const channel = await this.#connect();
@@ -241,17 +255,26 @@ export class DaemonLink {
         if (cancellable && !channel.closed) channel.send(encodeFor(false, { type: 'cancel', acquireId: id }));
         reject(signal!.reason);
       };
+      // (A daemon that does not take `cancel` for it answers when it would have anyway.)
+      const onCancel = () => {
+        if (this.#cancelSupported && !channel.closed && this.#pending.get(id) !== undefined) {
+          channel.send(encodeFor(false, { type: 'cancel', acquireId: id }));
+        }
+      };
       const timer = setTimeout(() => {
         signal?.removeEventListener('abort', onAbort);
+        cancelOn?.removeEventListener('abort', onCancel);
         this.#pending.delete(id);
         reject(
           new SockpoolError(ErrorCodes.DAEMON_TIMEOUT, `sockpoold did not answer ${request.type} in ${timeoutMs} ms`),
         );
       }, timeoutMs);
       signal?.addEventListener('abort', onAbort, { once: true });
+      cancelOn?.addEventListener('abort', onCancel, { once: true });
       this.#pending.set(id, {
         resolve: (reply) => {
           signal?.removeEventListener('abort', onAbort);
+          cancelOn?.removeEventListener('abort', onCancel);
           if (reply.message.type === 'error') {
             for (const fd of reply.fds) native.close(fd);
             reject(fromPlainError(reply.message));
@@ -259,11 +282,13 @@ export class DaemonLink {
         },
         reject: (error) => {
           signal?.removeEventListener('abort', onAbort);
+          cancelOn?.removeEventListener('abort', onCancel);
           reject(error);
         },
         timer,
       });
       channel.send(encodeFor(this.#binary, { ...request, id } as ClientMessage));
+      if (cancelOn?.aborted) onCancel();
     });
   }
 

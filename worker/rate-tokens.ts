@@ -17,6 +17,10 @@
 //
 // A request cancelled while it waits (its AbortSignal, its thread's close) stops waiting at once; the wait it
 // started goes on for the requests that share it, and the token it would have spent stays in the batch for them.
+// Once no request waits for what a `tokens` request under way brings (each cancelled, or handed a given-back token),
+// it is cancelled in the daemon too (protocol `cancel`, which drops the wait from the origin's queue there): left
+// to go on, it took the origin's next token, maybe 10 s later, for a batch where it could expire unspent, ahead of
+// every other client's wait. Tokens the daemon granted before the cancel reached it still come, to the batch.
 //
 // A token taken for a request that then never went out (its acquire refused, timed out or cancelled, the daemon
 // link dropped, the request cancelled first) is given back (giveBack): to the origin's oldest request waiting for
@@ -24,19 +28,20 @@
 // RateLimiter.giveBack): a given-back token never lives longer, so requests that fail over and over can neither
 // save tokens up for a burst nor keep one alive. Lost instead, at 0.1 request/s the next request waited 10 s.
 
-import { ErrorCodes } from '../shared/errors.js';
+import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import { originKey } from '../shared/origin.js';
 import { MAX_TIMEOUT_MS } from '../shared/protocol.js';
 import { batchSize, type RateParams, TOKEN_LIFETIME_MS, TokenBatch } from '../shared/rate.js';
-import type { CancelSignal } from './cancellation.js';
+import { Cancellation, type CancelSignal } from './cancellation.js';
 
 /** The most tokens a worker asks for at once. */
 const MAX_WORKER_BATCH = 16;
 
 export interface TokenLink {
   /** Tokens of host:port from the daemon: resolves with how many (>= 1), or rejects (SOCKPOOL_ERR_RATE_LIMITED...).
-   *  The daemon is asked to wait at most MAX_TIMEOUT_MS of `timeoutMs`. */
-  tokens(host: string, port: number, count: number, timeoutMs: number): Promise<number>;
+   *  The daemon is asked to wait at most MAX_TIMEOUT_MS of `timeoutMs`. When `stop` is cancelled the daemon is asked
+   *  to drop the wait, and its answer still comes (the tokens it granted first, or SOCKPOOL_ERR_ABORTED). */
+  tokens(host: string, port: number, count: number, timeoutMs: number, stop?: CancelSignal): Promise<number>;
 }
 
 /** An origin's tokens held here, and its `tokens` request under way (the one that fills the batch). */
@@ -47,6 +52,8 @@ interface OriginTokens {
   askingUntil: number;
   /** Requests waiting for a token, oldest first: a token given back goes to the first (see giveBack). */
   waiting: Set<Waiting>;
+  /** Of each `tokens` request under way: cancels it when nobody waits for it any more (#recheck runs them). */
+  asks: Set<() => void>;
 }
 
 /** A request waiting for a token in #wait. */
@@ -133,6 +140,7 @@ export class RateTokens {
       if (waiting.signal?.aborted) continue;
       waiting.handed = expiresAt;
       waiting.wake();
+      this.#recheck(origin);
       return;
     }
     origin.batch.add(1, now, expiresAt - TOKEN_LIFETIME_MS);
@@ -141,7 +149,7 @@ export class RateTokens {
   #originOf(key: string): OriginTokens {
     let origin = this.#origins.get(key);
     if (!origin) {
-      origin = { batch: new TokenBatch(), asking: undefined, askingUntil: 0, waiting: new Set() };
+      origin = { batch: new TokenBatch(), asking: undefined, askingUntil: 0, waiting: new Set(), asks: new Set() };
       this.#origins.set(key, origin);
     }
     return origin;
@@ -164,6 +172,9 @@ export class RateTokens {
     // (Its origin's entry at the start: one `learn` drops goes with its waiters, who find no rate below.)
     const entry = this.#originOf(key);
     entry.waiting.add(waiting);
+    // Cancelled: a `tokens` request under way may have nobody left to wait for it.
+    const onAbort = (): void => this.#recheck(this.#origins.get(key) ?? entry);
+    signal?.addEventListener('abort', onAbort, { once: true });
     try {
       for (;;) {
         if (waiting.handed !== undefined) return waiting.handed;
@@ -183,11 +194,11 @@ export class RateTokens {
           return this.#handedFirst(
             waiting,
             origin.batch,
-            await this.#ask(host, port, 1, deadline, origin.batch, waiting),
+            await this.#ask(host, port, 1, deadline, origin, waiting, false),
           );
         }
         const count = batchSize(rate, MAX_WORKER_BATCH);
-        const asking = this.#ask(host, port, count, deadline, origin.batch, waiting);
+        const asking = this.#ask(host, port, count, deadline, origin, waiting, true);
         const shared = asking.then(ignore, ignore).finally(() => {
           if (origin.asking === shared) origin.asking = undefined;
         });
@@ -197,8 +208,15 @@ export class RateTokens {
         return this.#handedFirst(waiting, origin.batch, await Promise.race([asking, woken]));
       }
     } finally {
+      signal?.removeEventListener('abort', onAbort);
       entry.waiting.delete(waiting);
+      this.#recheck(this.#origins.get(key) ?? entry);
     }
+  }
+
+  /** Runs the checks of the origin's `tokens` requests under way: one nobody waits for any more is cancelled. */
+  #recheck(origin: OriginTokens): void {
+    for (const check of origin.asks) check();
   }
 
   /** A waiting request's token: the one handed to it if any (then `own`, come as well, goes to `batch`), else `own`. */
@@ -208,36 +226,53 @@ export class RateTokens {
     return waiting.handed;
   }
 
-  /** Asks the daemon for `count` tokens: one is the caller's (unless it was cancelled or handed one meanwhile: when
-   *  it expires), the rest go to `batch`. */
+  /**
+   * Asks the daemon for `count` tokens: one is the caller's (unless it was cancelled or handed one meanwhile: when
+   * it expires), the rest go to the origin's batch. `shared`: the origin's batch request, which the origin's other
+   * waiting requests spend from too; it is cancelled in the daemon once none of them waits (else once the caller
+   * does not).
+   */
   async #ask(
     host: string,
     port: number,
     count: number,
     deadline: number,
-    batch: TokenBatch,
+    origin: OriginTokens,
     waiting: Waiting,
+    shared: boolean,
   ): Promise<number | undefined> {
     const { signal } = waiting;
-    for (;;) {
-      const left = Math.max(1, Math.ceil(deadline - this.#now()));
-      try {
-        const granted = await this.#link.tokens(host, port, count, left);
-        const now = this.#now();
-        const served = signal?.aborted === true || waiting.handed !== undefined;
-        batch.add(served ? granted : granted - 1, now);
-        return served ? undefined : now + TOKEN_LIFETIME_MS;
-      } catch (error) {
-        // Handed a token meanwhile: that one is its own, whatever the daemon answered.
-        if (waiting.handed !== undefined) return undefined;
-        // The daemon waited at most MAX_TIMEOUT_MS: a token due after that, but before the deadline, is waited for
-        // here (until it is due within that bound), then asked for again.
-        const waitMs = rateLimitedWait(error);
-        if (left <= MAX_TIMEOUT_MS || waitMs === undefined || waitMs > deadline - this.#now()) throw error;
-        await sleep(Math.max(1, waitMs - MAX_TIMEOUT_MS), signal, waiting.woken);
-        // Cancelled or handed a token meanwhile: requests that shared this wait ask for themselves.
-        if (signal?.aborted || waiting.handed !== undefined) return undefined;
+    const { batch } = origin;
+    const stop = new Cancellation();
+    const waits = (each: Waiting): boolean => each.signal?.aborted !== true && each.handed === undefined;
+    const check = (): void => {
+      if (waits(waiting) || (shared && [...origin.waiting].some(waits))) return;
+      stop.cancel(new SockpoolError(ErrorCodes.ABORTED, `no request waits for tokens of ${host}:${port} any more`));
+    };
+    origin.asks.add(check);
+    try {
+      for (;;) {
+        const left = Math.max(1, Math.ceil(deadline - this.#now()));
+        try {
+          const granted = await this.#link.tokens(host, port, count, left, stop);
+          const now = this.#now();
+          const served = signal?.aborted === true || waiting.handed !== undefined || stop.aborted;
+          batch.add(served ? granted : granted - 1, now);
+          return served ? undefined : now + TOKEN_LIFETIME_MS;
+        } catch (error) {
+          // Handed a token meanwhile: that one is its own, whatever the daemon answered; cancelled: nobody waits.
+          if (waiting.handed !== undefined || stop.aborted) return undefined;
+          // The daemon waited at most MAX_TIMEOUT_MS: a token due after that, but before the deadline, is waited for
+          // here (until it is due within that bound), then asked for again.
+          const waitMs = rateLimitedWait(error);
+          if (left <= MAX_TIMEOUT_MS || waitMs === undefined || waitMs > deadline - this.#now()) throw error;
+          await sleep(Math.max(1, waitMs - MAX_TIMEOUT_MS), signal, waiting.woken);
+          // Cancelled or handed a token meanwhile: requests that shared this wait ask for themselves.
+          if (signal?.aborted || waiting.handed !== undefined) return undefined;
+        }
       }
+    } finally {
+      origin.asks.delete(check);
     }
   }
 }
