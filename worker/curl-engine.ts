@@ -705,21 +705,32 @@ export class CurlEngine {
     const attempt = state.current;
     if (!attempt || attempt.seq !== seq || !state.finish || (attempt.pause & direction) === 0) return;
     attempt.pause &= ~direction;
+    // (Watched from its start when its relay was known then; else from its first resume, as before.)
     if (direction === CurlPause.Recv && attempt.relay?.alpn === 'h2' && !attempt.stallWatch) {
-      attempt.stallWatch = {
-        received: 0,
-        running: () => state.current === attempt && state.finish !== undefined,
-        paused: () => (attempt.pause & CurlPause.Recv) !== 0,
-        kick: () => {
-          this.#paused(state, attempt, state.easy.pause(attempt.pause | CurlPause.Recv));
-          // May call WRITEFUNCTION, as below.
-          if (state.current === attempt) this.#paused(state, attempt, state.easy.pause(attempt.pause));
-        },
-      };
-      this.#stallWatch.watch(attempt.stallWatch);
+      this.#watchStall(state, attempt);
     }
     // May call WRITEFUNCTION at once with the data curl held back (which may pause again).
     this.#paused(state, attempt, state.easy.pause(attempt.pause));
+  }
+
+  /**
+   * Watches a transfer over a relayed HTTP/2 connection for curl 7.88's lost WINDOW_UPDATE (h2-stall-watch.ts), from
+   * its start: not only a stream that paused stalls. After a stream of the connection was cancelled mid-body, the
+   * next one on it stalled until its deadline in about one run of three (the cancelled stream's unread data held
+   * the connection's window); kicked, it goes on (test/client-body-limit-h2, "a stream cancelled mid-body").
+   */
+  #watchStall(state: HandleState, attempt: Attempt): void {
+    attempt.stallWatch = {
+      received: 0,
+      running: () => state.current === attempt && state.finish !== undefined,
+      paused: () => (attempt.pause & CurlPause.Recv) !== 0,
+      kick: () => {
+        this.#paused(state, attempt, state.easy.pause(attempt.pause | CurlPause.Recv));
+        // May call WRITEFUNCTION, as below.
+        if (state.current === attempt) this.#paused(state, attempt, state.easy.pause(attempt.pause));
+      },
+    };
+    this.#stallWatch.watch(attempt.stallWatch);
   }
 
   /**
@@ -998,6 +1009,7 @@ export class CurlEngine {
       return;
     }
     signal.addEventListener('abort', onAbort, { once: true });
+    if (attempt.relay?.alpn === 'h2') this.#watchStall(state, attempt);
     try {
       this.#multi.addHandle(state.easy);
     } catch (error) {

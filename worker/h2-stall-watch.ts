@@ -7,6 +7,9 @@
 // again on unpause). curl_easy_pause itself sends whatever nghttp2 has queued (it sets the stream's window, then
 // sends), so a watched transfer that received nothing for a whole interval while not paused gets its receive pause
 // toggled: that sends the update. For a transfer that is merely waiting on a slow server the toggle changes nothing.
+// A stream that never paused stalls too: after another stream of its connection was cancelled mid-body, the next
+// one waited until its deadline in about one run of three; so the engine watches relayed HTTP/2 transfers from their
+// start (curl-engine.ts #watchStall).
 
 /** What the watch needs of one transfer; the engine counts `received`. */
 export interface StallWatched {
