@@ -63,6 +63,11 @@ beforeAll(async () => {
   warmDaemon = await startTestDaemon([h2.port], { extraArgs: warmTlsArgs(pki.caFile, [h2.port]) });
 });
 
+/** A client of `daemon` for the HTTP/2 origin; every request goes where `threads` says (none inline). */
+function h2Client(daemon: DaemonProcess, threads: number): SockpoolClient {
+  return new SockpoolClient({ socketPath: daemon.socketPath, threads, caFile: pki.caFile, inlineWhenIdle: false });
+}
+
 afterAll(async () => {
   await plainDaemon?.stop();
   await warmDaemon?.stop();
@@ -81,12 +86,8 @@ describe.each([
       // Found while checking the decoder's stop (fifteenth session): curl 7.88 went on handing bytes of an HTTP/2
       // stream that was taken out of the Multi mid-body to the handle that had carried it, and the engine reused
       // that handle at once: the next response on it came with them (2,469,318 bytes for a body of 2,272,746).
-      const client = new SockpoolClient({
-        socketPath: daemon().socketPath,
-        threads,
-        caFile: pki.caFile,
-        inlineWhenIdle: false,
-      });
+      const before = fdCount() - h2.openSockets();
+      const client = h2Client(daemon(), threads);
       const base = `https://localhost:${h2.port}`;
       try {
         expect((await client.request(`${base}/first`)).httpVersion).toBe('2');
@@ -108,6 +109,7 @@ describe.each([
       } finally {
         await client.close();
       }
+      await eventually(() => fdCount() - h2.openSockets() <= before, `fds back to ${before}`);
     }, 30_000);
   }
 });
@@ -119,12 +121,7 @@ describe.each([
   for (const threads of [0, 1]) {
     it(`stops one stream; its siblings finish (threads: ${threads})`, async () => {
       const before = fdCount() - h2.openSockets();
-      const client = new SockpoolClient({
-        socketPath: daemon().socketPath,
-        threads,
-        caFile: pki.caFile,
-        inlineWhenIdle: false,
-      });
+      const client = h2Client(daemon(), threads);
       const base = `https://localhost:${h2.port}`;
       const tooLarge = { code: 'SOCKPOOL_ERR_BODY_TOO_LARGE' };
       try {

@@ -516,12 +516,7 @@ export class CurlEngine {
     this.#completeFinished();
     const closing = new SockpoolError(ErrorCodes.CLOSED, 'the client is closing');
     for (const state of this.#states.values()) {
-      const finish = state.finish;
-      if (!finish) continue;
-      state.finish = undefined;
-      this.#multi.removeHandle(state.easy);
-      state.restUntil = 1;
-      finish(CurlCode.CURLE_ABORTED_BY_CALLBACK, undefined, closing);
+      if (state.finish) this.#takeOut(state, CurlCode.CURLE_ABORTED_BY_CALLBACK, closing);
     }
     // Connections close through CLOSESOCKETFUNCTION now, while every handle still exists.
     this.#multi.close();
@@ -741,18 +736,25 @@ export class CurlEngine {
    */
   #paused(state: HandleState, attempt: Attempt, code: CurlCode): void {
     if (code === CurlCode.CURLE_OK || state.current !== attempt || !state.finish) return;
-    const finish = state.finish;
+    this.#takeOut(state, code);
+  }
+
+  /**
+   * Ends the handle's transfer before curl finished it: out of the Multi at once (curl closes a connection left
+   * mid-response, through CLOSESOCKETFUNCTION), and the handle rests before it carries another (restUntil).
+   */
+  #takeOut(state: HandleState, code: CurlCode, abortReason?: unknown): void {
+    const finish = state.finish!;
     state.finish = undefined;
     this.#multi.removeHandle(state.easy);
-    state.restUntil = 1;
-    finish(code, undefined);
+    state.restUntil = performance.now() + HANDLE_REST_MS;
+    finish(code, undefined, abortReason);
   }
 
   #release(state: HandleState): void {
     state.current = undefined;
     if (state.restUntil !== 0) {
-      // Taken out mid-transfer: it rests (HandleState.restUntil) before it carries another.
-      state.restUntil = performance.now() + HANDLE_REST_MS;
+      // Taken out mid-transfer (#takeOut): it rests before it carries another.
       this.#resting.push(state);
       return;
     }
@@ -945,21 +947,12 @@ export class CurlEngine {
     if (io.sink instanceof DecodingSink) {
       io.sink.onFailure((failure) => {
         if (!state.finish || state.current !== attempt) return;
-        const finish = state.finish;
-        state.finish = undefined;
-        this.#multi.removeHandle(state.easy);
-        state.restUntil = 1;
-        finish(CurlCode.CURLE_BAD_CONTENT_ENCODING, undefined, decodeError(failure, request));
+        this.#takeOut(state, CurlCode.CURLE_BAD_CONTENT_ENCODING, decodeError(failure, request));
       });
     }
     const onAbort = () => {
       if (!state.finish || state.current !== attempt) return;
-      const finish = state.finish;
-      state.finish = undefined;
-      // Out of the Multi at once: curl closes a connection left mid-response (CLOSESOCKETFUNCTION).
-      this.#multi.removeHandle(state.easy);
-      state.restUntil = 1;
-      finish(CurlCode.CURLE_ABORTED_BY_CALLBACK, undefined, signal.reason);
+      this.#takeOut(state, CurlCode.CURLE_ABORTED_BY_CALLBACK, signal.reason);
     };
     state.finish = (code, error, abortReason) => {
       signal.removeEventListener('abort', onAbort);
