@@ -158,24 +158,29 @@ describe('the daemon alone: a fleet of one', () => {
   });
 });
 
+/** A fleet member's RateLimiter for slow.example:443 (1 request/s, burst 1) whose Redis answers each ask when the test
+ *  calls the next of `answers`. */
+function limiterAskingTheTest() {
+  const config = parseConfig(
+    { pool: { origins: [{ match: 'slow.example:443', requestsPerSecond: 1, burst: 1 }] } },
+    'test',
+  );
+  const answers: Array<(grant: { granted: number; waitMs: number }) => void> = [];
+  const fleet = {
+    takeTokens: () =>
+      new Promise((resolve) => {
+        answers.push(resolve);
+      }),
+  } as unknown as ConstructorParameters<typeof RateLimiter>[1];
+  return { limiter: new RateLimiter(config, fleet, () => 0), origin: { host: 'slow.example', port: 443 }, answers };
+}
+
 describe('a wait for tokens its client gave up', () => {
   it('ends at once when the client leaves while the fleet is asked, not after the wait the answer names', async () => {
     vi.useFakeTimers();
     try {
-      const config = parseConfig(
-        { pool: { origins: [{ match: 'slow.example:443', requestsPerSecond: 1, burst: 1 }] } },
-        'test',
-      );
-      const origin = { host: 'slow.example', port: 443 };
-      // Redis answers when the test says: no token, the next one in a minute.
-      const answers: Array<(grant: { granted: number; waitMs: number }) => void> = [];
-      const fleet = {
-        takeTokens: () =>
-          new Promise((resolve) => {
-            answers.push(resolve);
-          }),
-      } as unknown as ConstructorParameters<typeof RateLimiter>[1];
-      const limiter = new RateLimiter(config, fleet, () => 0);
+      // Redis answers when the test says (here: no token, the next one in a minute).
+      const { limiter, origin, answers } = limiterAskingTheTest();
       const left = new AbortController();
       let outcome: unknown;
       limiter.take(origin, limiter.paramsFor(origin)!, 1, 120_000, left.signal).then(
@@ -204,20 +209,7 @@ describe('a grant Redis answers after its waiter left', () => {
   // its wait was given up took its tokens for nobody). The per-origin queue hands the answer to whoever waits then,
   // and what is left to the daemon's batch (RateLimiter #granted); this keeps it so.
   it('goes to the daemon’s batch: the next request spends it without asking Redis', async () => {
-    const config = parseConfig(
-      { pool: { origins: [{ match: 'slow.example:443', requestsPerSecond: 1, burst: 1 }] } },
-      'test',
-    );
-    const origin = { host: 'slow.example', port: 443 };
-    // Redis answers when the test says.
-    const answers: Array<(grant: { granted: number; waitMs: number }) => void> = [];
-    const fleet = {
-      takeTokens: () =>
-        new Promise((resolve) => {
-          answers.push(resolve);
-        }),
-    } as unknown as ConstructorParameters<typeof RateLimiter>[1];
-    const limiter = new RateLimiter(config, fleet, () => 0);
+    const { limiter, origin, answers } = limiterAskingTheTest();
     const params = limiter.paramsFor(origin)!;
     const left = new AbortController();
     const gone = limiter.take(origin, params, 1, 60_000, left.signal);
