@@ -59,6 +59,7 @@ export const DEFAULTS = {
     maxLeasesPerClient: 1024,
     maxPendingPerClient: 256,
     maxBadMessages: 10,
+    acceptClientFds: false,
   },
   quotas: {
     maxSessionsPerUid: 64,
@@ -423,6 +424,9 @@ export const configSchema = z
         maxLeasesPerClient: z.int().min(1).default(accessDefaults.maxLeasesPerClient),
         maxPendingPerClient: z.int().min(1).default(accessDefaults.maxPendingPerClient),
         maxBadMessages: z.int().min(0).default(accessDefaults.maxBadMessages),
+        // Off: the kernel refuses any fd a client sends (SO_PASSRIGHTS); on: the daemon takes them and discards
+        // what it did not ask for, as it must on kernels before 6.16 (daemon/daemon.ts #refuseClientFds).
+        acceptClientFds: z.boolean().default(accessDefaults.acceptClientFds),
       })
       .prefault({}),
     quotas: z

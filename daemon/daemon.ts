@@ -81,6 +81,8 @@ export class Sockpoold {
   #log: Logger;
   #reloadConfig: (() => SockpoolConfig) | undefined;
   #bindRestriction: BindRestrictionReport;
+  /** Whether the kernel refuses the fds clients send (#refuseClientFds); stats and the ready line say it. */
+  #clientFds: ClientFdsState = 'accepted';
   #notifier = new Notifier();
   #store: StateStore;
   #metrics: Metrics;
@@ -214,12 +216,14 @@ export class Sockpoold {
     } else {
       this.#listenFd = this.#bindSocket();
     }
+    this.#clientFds = this.#refuseClientFds(this.#listenFd);
     this.#adoptedFromFdStore = this.#adoptStored(passed);
     const storedNames = storedNamesToForget(passed);
     for (const other of passed.other) native.close(other.fd);
 
     this.#server = new HandoffServer({
       listenFd: this.#listenFd,
+      refuseClientFds: this.#clientFds === 'refused',
       pools: this.#pools,
       config: () => this.#config,
       log: this.#log.child({ part: 'handoff' }),
@@ -228,6 +232,7 @@ export class Sockpoold {
       extraStats: () => ({
         rssBytes: process.memoryUsage.rss(),
         bindRestriction: this.#bindRestriction,
+        clientFds: this.#clientFds,
         adoptedFromFdStore: this.#adoptedFromFdStore,
         tls: this.#relays.counters(),
         ...(this.#fleet ? { fleet: this.#fleet.snapshot() } : {}),
@@ -261,6 +266,7 @@ export class Sockpoold {
         metricsPort: this.metricsPort,
         kernelTls,
         bindRestriction: this.#bindRestriction.state,
+        clientFds: this.#clientFds,
       },
       'sockpoold ready',
     );
@@ -396,7 +402,7 @@ export class Sockpoold {
       if (live) throw new SockpoolError(ErrorCodes.CONFIG, `another sockpoold is listening on ${path}`);
       unlinkSync(path);
     }
-    const fd = native.seqpacketListen(path, LISTEN_BACKLOG);
+    const fd = native.seqpacketListen(path, LISTEN_BACKLOG, !this.#config.access.acceptClientFds);
     this.#boundPath = path;
     const access = this.#config.access;
     chmodSync(path, Number.parseInt(access.socketMode, 8));
@@ -404,6 +410,23 @@ export class Sockpoold {
       chownSync(path, resolveId(access.socketOwner, 'user') ?? -1, resolveId(access.socketGroup, 'group') ?? -1);
     }
     return fd;
+  }
+
+  /**
+   * No protocol message needs a client's fd (the project's clients release without theirs, binary framing 2), and
+   * every fd that enters the daemon's table is one its thread may have to close: a socket with a linger, a file on
+   * the client's own FUSE mount (whose close waits for that client, for good). So the kernel refuses them at the
+   * sender (SO_PASSRIGHTS = 0 on the listener; each connection inherits it, and #admit sets it again on a
+   * connection systemd's listener queued before this ran). 'unsupported' (before Linux 6.16) and 'accepted'
+   * (`access.acceptClientFds`, for clients that still release with their fd): fds arrive and are discarded.
+   */
+  #refuseClientFds(listenFd: number): ClientFdsState {
+    if (this.#config.access.acceptClientFds) return 'accepted';
+    if (native.refuseFdPassing(listenFd)) return 'refused';
+    this.#log.warn(
+      'this kernel cannot refuse the fds clients send (SO_PASSRIGHTS, Linux 6.16): the daemon takes them and discards them',
+    );
+    return 'unsupported';
   }
 
   #statusLine(): string {
@@ -599,6 +622,9 @@ function resolveId(value: string | number | undefined, kind: 'user' | 'group'): 
  * restriction (applied once by the entry point), the number of relay threads, how many origins and sockets to warm
  * at start, and the fleet. docs/config.md lists them too.
  */
+/** See Sockpoold #refuseClientFds. */
+export type ClientFdsState = 'refused' | 'unsupported' | 'accepted';
+
 const START_ONLY_KEYS: ReadonlyArray<readonly string[]> = [
   ['socket'],
   ['stateDir'],
@@ -610,6 +636,7 @@ const START_ONLY_KEYS: ReadonlyArray<readonly string[]> = [
   ['access', 'socketMode'],
   ['access', 'socketOwner'],
   ['access', 'socketGroup'],
+  ['access', 'acceptClientFds'],
   ['tls', 'relayThreads'],
   ['pool', 'warmOnStartOrigins'],
   ['pool', 'warmOnStartSockets'],

@@ -49,6 +49,8 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
+#include <deque>
 #include <cmath>
 #include <limits>
 #include <memory>
@@ -61,6 +63,8 @@
 namespace {
 
 constexpr int64_t kMaxFdsPerMessage = 253;  // the kernel's SCM_MAX_FD
+// SO_PASSRIGHTS (asm-generic/socket.h, Linux 6.16): older C library headers lack it.
+constexpr int kSoPassRights = 83;
 constexpr int64_t kMaxMessageBytes = 64 * 1024 * 1024;
 constexpr int64_t kMaxBatch = 64;  // recvMessages: most messages per recvmmsg
 // recvMessages' status per message (shared/native.ts reads them).
@@ -502,10 +506,64 @@ void DrainUnixQueue(int fd, int depth) {
   }
 }
 
-// Closes an fd a client may have prepared (see DisarmLinger and DrainUnixQueue). Nesting is bounded by the kernel
-// (a Unix socket in flight inside another, at most 4 deep); the depth bound only guards against the unexpected.
+// Closes, in a thread of its own, fds a client sent that are not sockets. close() calls the file's flush, and a
+// flush may wait for whoever serves the file: a file on the client's own FUSE mount sends FUSE_FLUSH and waits for
+// the answer uninterruptibly (no signal, not even SIGKILL, ends it; only an answer or an abort of the FUSE
+// connection does); a tty may wait for its output to drain. Every way of taking an fd out of the table (close, dup2,
+// close_range) flushes, so the daemon's thread must never do it for such an fd. A stuck close pins this thread
+// only: what is queued behind it stays open until it returns (the fd table is the bound), and a process with a
+// thread stuck so cannot finish exiting until the close returns. The daemon refuses fds at the kernel where it can
+// (SO_PASSRIGHTS), so this is the fallback for older kernels and for `access.acceptClientFds`.
+class DeferredCloser {
+ public:
+  static void Close(int fd) {
+    static DeferredCloser* closer = new DeferredCloser();  // never destroyed: its thread may outlive every caller
+    closer->Push(fd);
+  }
+
+ private:
+  DeferredCloser() { std::thread([this] { Loop(); }).detach(); }
+
+  void Push(int fd) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      queue_.push_back(fd);
+    }
+    ready_.notify_one();
+  }
+
+  void Loop() {
+    sigset_t all;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, nullptr);  // signals are the process's threads' to take, not this one's
+    for (;;) {
+      int fd;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        ready_.wait(lock, [this] { return !queue_.empty(); });
+        fd = queue_.front();
+        queue_.pop_front();
+      }
+      ::close(fd);
+    }
+  }
+
+  std::mutex mutex_;
+  std::condition_variable ready_;
+  std::deque<int> queue_;
+};
+
+// Closes an fd a client may have prepared (see DisarmLinger, DrainUnixQueue and DeferredCloser). Nesting is bounded
+// by the kernel (a Unix socket in flight inside another, at most 4 deep); the depth bound only guards against the
+// unexpected.
 void DiscardQuietly(int fd, int depth) {
   const int saved = errno;
+  struct stat status;
+  if (::fstat(fd, &status) == 0 && !S_ISSOCK(status.st_mode)) {
+    DeferredCloser::Close(fd);
+    errno = saved;
+    return;
+  }
   DisarmLinger(fd);
   int domain = 0;
   socklen_t length = sizeof domain;
@@ -661,9 +719,16 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     Napi::Env env = info.Env();
     const std::string path = StringArg(info, 0, "path");
     const int backlog = static_cast<int>(IntegerArg(info, 1, "backlog", 0, INT32_MAX));
+    const bool refuse_fds = !IsAbsent(info, 2) && BoolArg(info, 2, "refuseFds");
     sockaddr_un address;
     const socklen_t length = UnixAddress(env, path, &address, "bind");
     FdGuard socket(SocketOrThrow(env, AF_UNIX, SOCK_SEQPACKET));
+    // Before the socket can take a connection, so none can queue a message with fds (see RefuseFdPassing); a kernel
+    // without the option (ENOPROTOOPT) is the caller's to learn from refuseFdPassing.
+    const int off = 0;
+    if (refuse_fds && ::setsockopt(socket.get(), SOL_SOCKET, kSoPassRights, &off, sizeof off) < 0 && errno != ENOPROTOOPT) {
+      ThrowErrno(env, errno, "setsockopt", "SO_PASSRIGHTS");
+    }
     if (::bind(socket.get(), reinterpret_cast<sockaddr*>(&address), length) < 0) {
       ThrowErrno(env, errno, "bind", path);
     }
@@ -1328,6 +1393,21 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
   }
 
   // SO_PEERGROUPS (Linux 4.13): the peer's supplementary groups at connect time, which SO_PEERCRED leaves out.
+  // SO_PASSRIGHTS = 0 on a Unix socket: the kernel refuses SCM_RIGHTS sent to it (the sender's sendmsg fails with
+  // EPERM), so no fd of a client's ever enters the daemon's table and none has to be closed there (closing a file on
+  // the client's own FUSE mount waits for that client, uninterruptibly). Set on a listener, the connections it
+  // accepts inherit it, even those that queued a message before their accept. Linux 6.16; false where the kernel does
+  // not know the option (ENOPROTOOPT), true where it applied.
+  Napi::Value RefuseFdPassing(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const int fd = FdArg(info, 0);
+    const int off = 0;
+    if (::setsockopt(fd, SOL_SOCKET, kSoPassRights, &off, sizeof off) == 0) return Napi::Boolean::New(env, true);
+    if (errno == ENOPROTOOPT) return Napi::Boolean::New(env, false);
+    ThrowErrno(env, errno, "setsockopt", "SO_PASSRIGHTS");
+    return env.Undefined();
+  }
+
   Napi::Value PeerGroups(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     const int fd = FdArg(info, 0);
@@ -1643,6 +1723,7 @@ SockpoolAddon::SockpoolAddon(Napi::Env env, Napi::Object exports) {
                            InstanceMethod<&SockpoolAddon::Probe>("probe", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::PeerCredentials>("peerCredentials", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::PeerGroups>("peerGroups", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::RefuseFdPassing>("refuseFdPassing", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::TcpCounters>("tcpCounters", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::SameSocket>("sameSocket", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::TcpInfo>("tcpInfo", napi_enumerable),

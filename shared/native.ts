@@ -140,7 +140,7 @@ export interface PollerConstructor {
 }
 
 interface NativeBinding {
-  seqpacketListen(path: string, backlog: number): number;
+  seqpacketListen(path: string, backlog: number, refuseFds?: boolean): number;
   seqpacketConnect(path: string): number;
   seqpacketPair(): [number, number];
   loopbackPair(): [number, number];
@@ -166,6 +166,7 @@ interface NativeBinding {
   probe(fd: number): ProbeResult;
   peerCredentials(fd: number): PeerCredentials;
   peerGroups(fd: number): number[];
+  refuseFdPassing(fd: number): boolean;
   tcpCounters(fd: number, queues?: boolean): TcpCounters;
   sameSocket(a: number, b: number): boolean;
   tcpInfo(fd: number, out: Float64Array): void;
@@ -226,9 +227,10 @@ export const Poller: PollerConstructor = binding.Poller;
 /**
  * A listening AF_UNIX SOCK_SEQPACKET socket bound to `path` ('@name' = abstract namespace). An existing file at
  * `path` is not removed (EADDRINUSE): the caller decides whether to unlink it. Returns an fd the caller owns.
+ * `refuseFds`: SO_PASSRIGHTS = 0 before the socket listens (see refuseFdPassing; ignored by kernels without it).
  */
-export function seqpacketListen(path: string, backlog: number): number {
-  return binding.seqpacketListen(path, backlog);
+export function seqpacketListen(path: string, backlog: number, refuseFds = false): number {
+  return binding.seqpacketListen(path, backlog, refuseFds);
 }
 
 /**
@@ -453,6 +455,14 @@ export function peerCredentials(fd: number): PeerCredentials {
 /** SO_PEERGROUPS of a connected AF_UNIX socket: the peer process's supplementary groups at connect time. */
 export function peerGroups(fd: number): number[] {
   return binding.peerGroups(fd);
+}
+
+/**
+ * Makes the kernel refuse fds sent to this Unix socket (SO_PASSRIGHTS = 0: the sender's sendmsg fails with EPERM);
+ * on a listener, the connections it accepts inherit it. False where the kernel lacks the option (before Linux 6.16).
+ */
+export function refuseFdPassing(fd: number): boolean {
+  return binding.refuseFdPassing(fd);
 }
 
 /**

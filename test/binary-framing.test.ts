@@ -15,7 +15,7 @@ import {
   salvageRequestId,
 } from '../shared/protocol.js';
 import { startServer, type TestServer } from './fixtures/native-helpers.js';
-import { type DaemonProcess, startDaemon } from './helpers/daemon.js';
+import { type DaemonProcess, startDaemon, writeConfigFile } from './helpers/daemon.js';
 import { RawClient } from './helpers/raw-client.js';
 
 const TRUST = 'a'.repeat(64);
@@ -125,13 +125,21 @@ describe('binary framing with sockpoold', () => {
   let echo: TestServer;
   let sockpoold: DaemonProcess;
 
+  const configCleanups: Array<() => unknown> = [];
+
   beforeAll(async () => {
     echo = await startServer('127.0.0.1');
-    sockpoold = await startDaemon({ args: ['--allow', '127.0.0.1/32', '--allow-port', String(echo.port)] });
+    // Releases with their fd are part of the protocol (framing 1; framing 2 without `withoutFd`), taken only by a
+    // daemon that lets fds in (access.acceptClientFds); by default the kernel refuses them (test/daemon-trust).
+    const config = writeConfigFile({ access: { acceptClientFds: true } }, configCleanups);
+    sockpoold = await startDaemon({
+      args: ['--allow', '127.0.0.1/32', '--allow-port', String(echo.port), '--config', config],
+    });
   });
   afterAll(async () => {
     await sockpoold?.stop();
     await echo?.close();
+    for (const cleanup of configCleanups) cleanup();
   });
 
   it('negotiated in hello: frames both ways for acquire, lease, release and ok; errors stay JSON and typed', async () => {

@@ -55,6 +55,7 @@ describe('defaults', () => {
       maxLeasesPerClient: 1024,
       maxPendingPerClient: 256,
       maxBadMessages: 10,
+      acceptClientFds: false,
     });
     expect(config.egress.allowPorts).toEqual([80, 443]);
     expect(config.dns).toEqual({

@@ -18,6 +18,12 @@ const script = join(import.meta.dirname, 'fixtures', 'linger-client.py');
 const LINGER_SECONDS = '600';
 const cleanups: Array<() => unknown> = [];
 
+/**
+ * The hostile clients here send fds, which a daemon refuses at the kernel by default (SO_PASSRIGHTS:
+ * test/daemon-trust "refuses every fd a client sends"): these daemons let them in, as kernels before 6.16 do.
+ */
+const fdsLetIn = (access: object = {}) => writeConfigFile({ access: { ...access, acceptClientFds: true } }, cleanups);
+
 afterEach(async () => {
   for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
 });
@@ -35,7 +41,7 @@ async function honestHello(sockpoold: DaemonProcess): Promise<void> {
 
 describe('sockets a client set SO_LINGER on', () => {
   it('an fd sent with a message that takes none is closed without waiting for its linger', async () => {
-    const sockpoold = await startDaemon();
+    const sockpoold = await startDaemon({ args: ['--config', fdsLetIn()] });
     cleanups.push(() => sockpoold.stop());
     const hostile = spawn('python3', [script, 'send', sockpoold.socketPath, LINGER_SECONDS], {
       stdio: ['ignore', 'pipe', 'inherit'],
@@ -80,7 +86,7 @@ describe('sockets a client set SO_LINGER on', () => {
     ['listening', 'an fd queued in a pending connection of a (blocking) listening socket the client sent'],
   ] as const) {
     it(`${what} is closed without waiting for its linger`, async () => {
-      const sockpoold = await startDaemon();
+      const sockpoold = await startDaemon({ args: ['--config', fdsLetIn()] });
       cleanups.push(() => sockpoold.stop());
       const before = sockpoold.fdCount();
       // `queued`: the daemon is stopped (SIGSTOP) while the client queues its messages, so that all of them are
@@ -115,8 +121,7 @@ describe('sockets a client set SO_LINGER on', () => {
   });
 
   it('an fd a refused client queued before the daemon refused it is closed without waiting for its linger', async () => {
-    const config = writeConfigFile({ access: { allowUids: [4_000_000] } }, cleanups);
-    const sockpoold = await startDaemon({ args: ['--config', config] });
+    const sockpoold = await startDaemon({ args: ['--config', fdsLetIn({ allowUids: [4_000_000] })] });
     cleanups.push(() => sockpoold.stop());
     const before = sockpoold.fdCount();
     const hostile = spawn('python3', [script, 'refused', sockpoold.socketPath, LINGER_SECONDS], {

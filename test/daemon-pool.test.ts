@@ -181,7 +181,7 @@ describe('forward proxies', () => {
     // this uid and lent again warm, with no CONNECT more.
     const fresh = await raw.request({ type: 'acquire', id: 6, host: 'origin.example', port: 443, proxy: 'corp' });
     const leaseId = (fresh.message as { leaseId: number }).leaseId;
-    const released = await raw.request({ type: 'release', id: 7, leaseId }, fresh.fds);
+    const released = await raw.request({ type: 'release', id: 7, leaseId, withoutFd: true });
     native.close(fresh.fds[0]!);
     expect(released.message).toMatchObject({ type: 'ok', id: 7 });
     const again = await raw.request({ type: 'acquire', id: 8, host: 'origin.example', port: 443, proxy: 'corp' });
@@ -245,11 +245,11 @@ describe('forward proxies', () => {
     sockpoold.child.kill('SIGHUP');
     await eventually(() => sockpoold.output().includes('configuration reloaded'), 'reloaded');
 
-    // The client gives the tunnel back unused and keeps its own copy of the fd (release sends a copy). The tunnel
+    // The client gives the tunnel back unused and keeps its own copy of the fd (`withoutFd`). The tunnel
     // leads through a proxy the configuration no longer names, so the daemon does not pool it; it must end the
     // connection for every copy, as it does for any lease it ends, not just close its own fd.
     const leaseId = (lease.message as { leaseId: number }).leaseId;
-    const released = await raw.request({ type: 'release', id: 2, leaseId }, [kept]);
+    const released = await raw.request({ type: 'release', id: 2, leaseId, withoutFd: true });
     expect(released.message).toMatchObject({ type: 'ok', id: 2 });
     expect(native.probe(kept).state).not.toBe('alive');
     await before.proxy.allClosed();
@@ -301,8 +301,9 @@ describe('limits and the fair queue', () => {
   it('takes an unused fd back with release and hands it out again warm', async () => {
     const echo = await server();
     // No predictive warming: a spare warmed in the background (a sweep on a slow machine) would be a second
-    // connection, and the warm lease might be that spare rather than the released fd.
-    const sockpoold = await daemon(echo.port, [], { pool: { predictive: false } });
+    // connection, and the warm lease might be that spare rather than the released fd. The release carries its fd
+    // (a client before binary framing 2), which the daemon takes only when it lets fds in (access.acceptClientFds).
+    const sockpoold = await daemon(echo.port, [], { pool: { predictive: false }, access: { acceptClientFds: true } });
     const raw = client(sockpoold.socketPath);
     const lease = await raw.request({ type: 'acquire', id: 1, host: '127.0.0.1', port: echo.port });
     const leaseId = (lease.message as { leaseId: number }).leaseId;
@@ -317,7 +318,8 @@ describe('limits and the fair queue', () => {
 
   it('refuses a release that carries some other fd, and closes it', async () => {
     const echo = await server();
-    const sockpoold = await daemon(echo.port);
+    // Fds let in (access.acceptClientFds): by default the kernel refuses any at the client (test/daemon-trust).
+    const sockpoold = await daemon(echo.port, [], { access: { acceptClientFds: true } });
     const raw = client(sockpoold.socketPath);
     const lease = await raw.request({ type: 'acquire', id: 1, host: '127.0.0.1', port: echo.port });
     const leaseId = (lease.message as { leaseId: number }).leaseId;
@@ -335,7 +337,8 @@ describe('limits and the fair queue', () => {
 describe('bad input', () => {
   it('answers malformed, oversize and wrong-fd messages with typed errors, then disconnects a persistent offender', async () => {
     const echo = await server();
-    const sockpoold = await daemon(echo.port);
+    // Fds let in (access.acceptClientFds): by default the kernel refuses any at the client (test/daemon-trust).
+    const sockpoold = await daemon(echo.port, [], { access: { acceptClientFds: true } });
     const baseline = sockpoold.fdCount();
     const raw = client(sockpoold.socketPath);
     const cases: Array<[Uint8Array, number[]]> = [
@@ -418,7 +421,7 @@ describe('fd accounting', () => {
       const lease = await raw.request({ type: 'acquire', id: 10 + i * 2, host: '127.0.0.1', port: echo.port });
       const leaseId = (lease.message as { leaseId: number }).leaseId;
       if (i % 2 === 0) {
-        await raw.request({ type: 'release', id: 11 + i * 2, leaseId }, lease.fds);
+        await raw.request({ type: 'release', id: 11 + i * 2, leaseId, withoutFd: true });
         native.close(lease.fds[0]!);
       } else {
         native.close(lease.fds[0]!);

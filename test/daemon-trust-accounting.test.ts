@@ -120,9 +120,9 @@ describe('sockets a client released while keeping a copy', () => {
       expect(lease.message).toMatchObject({ type: 'lease' });
       const fd = lease.fds[0]!;
       kept.push(fd);
-      // Released unused, with its fd (which the client keeps: SCM_RIGHTS sends a copy).
+      // Released unused, without its fd (the client keeps its own copy open).
       const leaseId = (lease.message as { leaseId: number }).leaseId;
-      const released = await raw.request({ type: 'release', id: nextId++, leaseId }, [fd]);
+      const released = await raw.request({ type: 'release', id: nextId++, leaseId, withoutFd: true });
       expect(released.message).toMatchObject({ type: 'ok' });
     }
     // The daemon counts nothing at the origin: the copies the client kept are dead (they were live connections,

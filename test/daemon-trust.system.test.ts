@@ -106,7 +106,7 @@ describe('released sockets across uids', () => {
       // straight from the release is cancelled, or its client gone: nobody gets a lease, the socket goes back.
       sockpoold.child.kill('SIGSTOP');
       try {
-        raw.sendJson({ type: 'release', leaseId: (lease.message as { leaseId: number }).leaseId }, [copy]);
+        raw.sendJson({ type: 'release', leaseId: (lease.message as { leaseId: number }).leaseId, withoutFd: true });
         if (how === 'cancel') raw.sendJson({ type: 'cancel', acquireId: waiting });
         else raw.close();
       } finally {

@@ -77,7 +77,7 @@ describe('released sockets', () => {
     const raw = client(sockpoold.socketPath);
     const lease = await raw.request({ type: 'acquire', id: 1, host: '127.0.0.1', port: origin.port });
     const leaseId = (lease.message as { leaseId: number }).leaseId;
-    const released = await raw.request({ type: 'release', id: 2, leaseId }, lease.fds);
+    const released = await raw.request({ type: 'release', id: 2, leaseId, withoutFd: true });
     native.close(lease.fds[0]!);
     expect(released.message).toMatchObject({ type: 'ok', id: 2 });
     const again = await honestRequest(raw, origin.port, '/after-release');
@@ -97,7 +97,7 @@ describe('released sockets', () => {
     await new Promise<void>((resolve) => socket.write('GET /used HTTP/1.1\r\nHost: x\r\n\r\n', () => resolve()));
     socket.destroy();
     await eventually(() => native.probe(fd).state === 'data', 'the answer arrived');
-    const released = await raw.request({ type: 'release', id: 2, leaseId }, [fd]);
+    const released = await raw.request({ type: 'release', id: 2, leaseId, withoutFd: true });
     expect(released.message).toMatchObject({
       type: 'error',
       id: 2,
@@ -136,7 +136,7 @@ describe('what the daemon learns', () => {
     const fd = lease.fds[0]!;
     const leaseId = (lease.message as { leaseId: number }).leaseId;
     const kept = native.dup(fd);
-    const released = await raw.request({ type: 'release', id: nextId++, leaseId }, [fd]);
+    const released = await raw.request({ type: 'release', id: nextId++, leaseId, withoutFd: true });
     native.close(fd);
     expect(released.message).toMatchObject({ type: 'ok' });
     expect((await stats(raw)).idle).toBe(1);
@@ -299,7 +299,9 @@ describe('per-uid quotas', () => {
 
   it('a hostile mix of lease messages leaves every count at zero and no fd behind', async () => {
     const origin = await pathOrigin(cleanups);
+    // With fds let in (access.acceptClientFds: older kernels, older clients): a forged and a foreign fd among them.
     const sockpoold = await daemon(origin.port, {
+      access: { acceptClientFds: true },
       quotas: { maxPendingPerUid: 3, maxLeasesPerUid: 3 },
       pool: { predictive: false, defaults: { minIdle: 0, maxIdle: 2, maxPerOrigin: 2 } },
     });
@@ -474,9 +476,35 @@ describe('per-uid quotas', () => {
 });
 
 describe('bad input with fds', () => {
-  it('closes every fd that came with a garbage message, and disconnects the sender past maxBadMessages', async () => {
+  it('refuses every fd a client sends at the kernel: each send fails with EPERM and nothing reaches the daemon', async () => {
     const origin = await pathOrigin(cleanups);
     const sockpoold = await daemon(origin.port, { access: { maxBadMessages: 5 } });
+    // This host's kernel has SO_PASSRIGHTS (Linux 6.16); an older one lets fds in (the next test's path).
+    expect(((await stats(client(sockpoold.socketPath))) as unknown as { clientFds: string }).clientFds).toBe('refused');
+    const before = sockpoold.fdCount();
+    const seen = await runHostile(['garbage', sockpoold.socketPath, 20]);
+    expect(seen).toEqual({ EPERM: 20, leftOpen: 0 });
+    // A release with its fd is refused the same way; without it (what the project's clients send) it is taken.
+    const raw = client(sockpoold.socketPath);
+    const lease = await raw.request({ type: 'acquire', id: nextId++, host: '127.0.0.1', port: origin.port });
+    const leaseId = (lease.message as { leaseId: number }).leaseId;
+    expect(() => raw.sendJson({ type: 'release', id: nextId++, leaseId }, lease.fds)).toThrow(
+      expect.objectContaining({ code: 'EPERM' }),
+    );
+    const released = await raw.request({ type: 'release', id: nextId++, leaseId, withoutFd: true });
+    native.close(lease.fds[0]!);
+    expect(released.message).toMatchObject({ type: 'ok' });
+    expect((await honestRequest(raw, origin.port, '/after-garbage')).body).toBe('/after-garbage');
+    // No fd behind: the daemon holds its idle sockets and one more session than at the start.
+    await eventually(
+      async () => sockpoold.fdCount() === before + 1 + (await stats(raw)).idle,
+      'no fd of the garbage held',
+    );
+  });
+
+  it('let in (access.acceptClientFds): closes every fd that came with a garbage message, and disconnects the sender past maxBadMessages', async () => {
+    const origin = await pathOrigin(cleanups);
+    const sockpoold = await daemon(origin.port, { access: { maxBadMessages: 5, acceptClientFds: true } });
     const before = sockpoold.fdCount();
     const seen = await runHostile(['garbage', sockpoold.socketPath, 20]);
     expect(seen.leftOpen).toBe(0);

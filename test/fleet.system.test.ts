@@ -438,7 +438,7 @@ describe('the warm handoff path', () => {
     // The cold one takes its slot from Redis; it goes back to the pool unused.
     const cold = await acquire(1);
     expect(cold.lease.warm).toBe(false);
-    raw.sendJson({ type: 'release', leaseId: cold.lease.leaseId }, [cold.fd]);
+    raw.sendJson({ type: 'release', leaseId: cold.lease.leaseId, withoutFd: true });
     native.close(cold.fd);
     const calls = async () => {
       const info = await redis.cli('INFO', 'commandstats');
@@ -453,7 +453,7 @@ describe('the warm handoff path', () => {
     for (let id = 2; id < 22; id++) {
       const warm = await acquire(id);
       expect(warm.lease.warm).toBe(true);
-      raw.sendJson({ type: 'release', leaseId: warm.lease.leaseId }, [warm.fd]);
+      raw.sendJson({ type: 'release', leaseId: warm.lease.leaseId, withoutFd: true });
       native.close(warm.fd);
     }
     expect((await daemonStats(daemon!.socketPath)).hits).toBeGreaterThanOrEqual(20);

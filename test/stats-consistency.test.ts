@@ -69,7 +69,7 @@ describe('stats after hostile sequences', () => {
     }
     // Two released unused (kept for this uid), the third closed: room for one connect, and no shared idle socket.
     for (const lease of leases.slice(0, 2)) {
-      const released = await raw.request({ type: 'release', id: nextId++, leaseId: lease.leaseId }, [lease.fd]);
+      const released = await raw.request({ type: 'release', id: nextId++, leaseId: lease.leaseId, withoutFd: true });
       expect(released.message?.type).toBe('ok');
       native.close(lease.fd);
     }
@@ -87,11 +87,11 @@ describe('stats after hostile sequences', () => {
     const random = seededRandom(seed);
     const pick = <T>(items: T[]): T => items[Math.floor(random() * items.length)]!;
     const origins = [await echoServer(), await echoServer()];
-    const sockpoold = await daemonWith({ pool: { defaults: { maxPerOrigin: 3, maxIdle: 2 } } }, [
-      '--allow',
-      '127.0.0.1/32',
-      ...origins.flatMap((origin) => ['--allow-port', String(origin.port)]),
-    ]);
+    // Releases carry fds here, a foreign one among them: fds let in (access.acceptClientFds), as before Linux 6.16.
+    const sockpoold = await daemonWith(
+      { access: { acceptClientFds: true }, pool: { defaults: { maxPerOrigin: 3, maxIdle: 2 } } },
+      ['--allow', '127.0.0.1/32', ...origins.flatMap((origin) => ['--allow-port', String(origin.port)])],
+    );
     const observer = client(sockpoold.socketPath);
     const stats = async (): Promise<Totals> => {
       const reply = await observer.request({ type: 'stats', id: nextId++ });

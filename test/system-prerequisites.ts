@@ -2,6 +2,7 @@
 // kernel features a normal user or a container may not have. Rather than fail one by one (or, worse, skip), the
 // tier checks everything first and stops with one message naming all that is missing.
 import { execFileSync } from 'node:child_process';
+import { existsSync } from 'node:fs';
 
 /** [command, the Debian package that brings it] */
 const COMMANDS: Array<[string, string]> = [
@@ -43,6 +44,8 @@ export function missingForSystemTier(): string[] {
     missing.push('network namespaces (`unshare -n true` fails: a container without CAP_SYS_ADMIN?)');
   }
   if (uid === 0 && has('ip') && !works(['ip', 'netns', 'list'])) missing.push('`ip netns` (iproute2 with netns)');
+  // test/daemon-fuse-fd: a FUSE mount served by the test's own client (mount(2) as root; no fusermount needed).
+  if (!existsSync('/dev/fuse')) missing.push("/dev/fuse (the kernel's FUSE module: `modprobe fuse`)");
   return missing;
 }
 

@@ -357,7 +357,7 @@ describe('sockpoold and the fd store', () => {
     for (const id of [2, 3]) {
       const lease = await client.request({ type: 'acquire', id, host: '127.0.0.1', port: origin.port });
       const leaseId = (lease.message as unknown as { leaseId: number }).leaseId;
-      client.sendJson({ type: 'release', leaseId }, lease.fds);
+      client.sendJson({ type: 'release', leaseId, withoutFd: true });
       for (const fd of lease.fds) native.close(fd);
     }
     await client.request({ type: 'prewarm', id: 4, host: '127.0.0.1', port: origin.port, count: 4 });
