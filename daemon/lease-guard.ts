@@ -40,11 +40,12 @@ export interface UsageMark {
   /** The synchronous run in which this mark passed the release check (see the header); 0 when none did. */
   checkedInRun: number;
   /**
-   * The peer (`address port`, as getpeername gives it) when the mark was read in full: a released socket must still
-   * be connected to it. connect() with AF_UNSPEC through a client's copy resets the connection and every TCP_INFO
-   * counter with it, so a socket connected again elsewhere looks unused (see checkReturned).
+   * The peer (getpeername, as the words native.tcpInfo writes with `withPeer`) when the mark was read in full: a
+   * released socket must still be connected to it. connect() with AF_UNSPEC through a client's copy resets the
+   * connection and every TCP_INFO counter with it, so a socket connected again elsewhere looks unused (see
+   * checkReturned).
    */
-  peer: string | undefined;
+  peer: readonly number[] | undefined;
 }
 
 /**
@@ -71,7 +72,7 @@ function noteChecked(mark: UsageMark): void {
 export type IdleFault = 'eof' | 'data' | 'error';
 
 const info = new Float64Array(native.TCP_INFO_FIELDS);
-const { tcpState, bytesSent, bytesAcked, bytesReceived, notsentBytes } = native.TcpInfoField;
+const { tcpState, bytesSent, bytesAcked, bytesReceived, notsentBytes, peer: peerAt } = native.TcpInfoField;
 const TCP_ESTABLISHED = 1;
 const TCP_CLOSE_WAIT = 8;
 
@@ -86,7 +87,7 @@ export function markOf(fd: number): UsageMark | undefined {
     const now = native.tcpCounters(fd, true);
     if (inode < 0 || now.tcpState !== TCP_ESTABLISHED) return undefined;
     const queued = (now.outq ?? 0) + (now.notsentBytes ?? 0) + (now.inq ?? 0);
-    const peer = native.peerAddress(fd);
+    native.tcpInfo(fd, info, true);
     return {
       inode,
       bytesSent: now.bytesSent,
@@ -94,7 +95,7 @@ export function markOf(fd: number): UsageMark | undefined {
       bytesReceived: now.bytesReceived,
       quiet: queued === 0 && hasCounters(now.bytesSent, now.bytesAcked, now.bytesReceived, now.notsentBytes),
       checkedInRun: 0,
-      peer: `${peer.address} ${peer.port}`,
+      peer: Array.from(info.subarray(peerAt, peerAt + native.PEER_WORDS)),
     };
   } catch {
     return undefined;
@@ -141,15 +142,15 @@ export function checkIdle(fd: number, mark: UsageMark | undefined): UsageMark | 
 export function checkReturned(fd: number, mark: UsageMark | undefined): UsageMark | string {
   if (!mark) return 'its byte counters are unreadable';
   if (mark.quiet) {
-    // One TCP_INFO read decides (see the header).
+    // One TCP_INFO read decides (see the header), and the peer read in the same call.
     try {
-      native.tcpInfo(fd, info);
+      native.tcpInfo(fd, info, mark.peer !== undefined);
     } catch (error) {
-      return `its byte counters are unreadable (${(error as Error).message})`;
+      return `its byte counters or its peer are unreadable (${(error as Error).message})`;
     }
     if (info[tcpState] !== TCP_ESTABLISHED) return `it is not established (TCP state ${info[tcpState]})`;
     if (info[notsentBytes]! > 0) return `${info[notsentBytes]} bytes are waiting to be sent`;
-    const misuse = changedSince(mark, info[bytesSent], info[bytesAcked], info[bytesReceived]) ?? changedPeer(fd, mark);
+    const misuse = changedSince(mark, info[bytesSent], info[bytesAcked], info[bytesReceived]) ?? changedPeer(mark);
     if (misuse !== undefined) return misuse;
     noteChecked(mark);
     return mark;
@@ -164,7 +165,14 @@ export function checkReturned(fd: number, mark: UsageMark | undefined): UsageMar
   const outq = (now.outq ?? 0) + (now.notsentBytes ?? 0);
   if (outq > 0) return `${outq} bytes are waiting to be sent or acknowledged`;
   if ((now.inq ?? 0) > 0) return `${now.inq} bytes arrived that nobody read`;
-  const misuse = changedSince(mark, now.bytesSent, now.bytesAcked, now.bytesReceived) ?? changedPeer(fd, mark);
+  if (mark.peer !== undefined) {
+    try {
+      native.tcpInfo(fd, info, true);
+    } catch (error) {
+      return `its peer is unreadable (${(error as Error).message})`;
+    }
+  }
+  const misuse = changedSince(mark, now.bytesSent, now.bytesAcked, now.bytesReceived) ?? changedPeer(mark);
   if (misuse !== undefined) return misuse;
   // The queues were just read empty: from here on one TCP_INFO read per check is enough.
   return {
@@ -206,18 +214,19 @@ function changedSince(
 
 /**
  * Why the socket is not the connection the mark was read on: connected again to another peer through a client's copy
- * (the counters alone cannot tell: see UsageMark.peer). One getpeername per release.
+ * (the counters alone cannot tell: see UsageMark.peer). Reads the peer words the caller's tcpInfo(…, true) left in
+ * `info`: one getpeername per release, inside that call.
  */
-function changedPeer(fd: number, mark: UsageMark): string | undefined {
-  if (mark.peer === undefined) return undefined;
-  let now: native.SocketAddress;
-  try {
-    now = native.peerAddress(fd);
-  } catch (error) {
-    return `its peer is unreadable (${(error as Error).message})`;
+function changedPeer(mark: UsageMark): string | undefined {
+  const lent = mark.peer;
+  if (lent === undefined) return undefined;
+  for (let i = 0; i < native.PEER_WORDS; i++) {
+    if (info[peerAt + i] !== lent[i]) {
+      const now = native.peerText(info.subarray(peerAt, peerAt + native.PEER_WORDS));
+      return `it was connected again, to ${now} (lent connected to ${native.peerText(lent)})`;
+    }
   }
-  const peer = `${now.address} ${now.port}`;
-  return peer === mark.peer ? undefined : `it was connected again, to ${peer} (lent connected to ${mark.peer})`;
+  return undefined;
 }
 
 /** Equal counts; a counter this kernel does not report (undefined, or NaN from tcpInfo) matches itself. */

@@ -117,6 +117,7 @@ struct KernelTcpInfo {
 static_assert(offsetof(KernelTcpInfo, pacing_rate) == 104, "tcp_info layout");
 static_assert(offsetof(KernelTcpInfo, bytes_sent) == 200, "tcp_info layout");
 constexpr size_t kTcpInfoFields = 5;
+constexpr size_t kTcpInfoFieldsWithPeer = 9;  // the five above, then the peer in four words (TcpInfo)
 
 // ---------------------------------------------------------------------------------------------------------------
 // Errors
@@ -1336,7 +1337,42 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
         info[1].As<Napi::Float64Array>().ElementLength() < kTcpInfoFields) {
       throw Napi::TypeError::New(env, "out must be a Float64Array of at least 5 elements");
     }
+    const bool with_peer = !IsAbsent(info, 2) && BoolArg(info, 2, "withPeer");
+    if (with_peer && info[1].As<Napi::Float64Array>().ElementLength() < kTcpInfoFieldsWithPeer) {
+      throw Napi::TypeError::New(env, "out must be a Float64Array of at least 9 elements with withPeer");
+    }
     double* out = info[1].As<Napi::Float64Array>().Data();
+    if (with_peer) {
+      // The release check's peer, exactly, as four numbers (no object, no text): family * 65536 + port, then the
+      // address in words of at most 48 bits (IPv4: the address, 0, 0; IPv6: bytes 0-5, 6-11, 12-15), so equal
+      // numbers mean the same peer.
+      sockaddr_storage peer;
+      socklen_t peer_length = sizeof peer;
+      if (::getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &peer_length) < 0) {
+        ThrowErrno(env, errno, "getpeername");
+      }
+      const auto bytes_word = [](const uint8_t* bytes, int count) {
+        double word = 0;
+        for (int i = 0; i < count; i++) word = word * 256 + bytes[i];
+        return word;
+      };
+      if (peer.ss_family == AF_INET) {
+        const auto* in4 = reinterpret_cast<const sockaddr_in*>(&peer);
+        out[5] = 4 * 65536.0 + ntohs(in4->sin_port);
+        out[6] = bytes_word(reinterpret_cast<const uint8_t*>(&in4->sin_addr), 4);
+        out[7] = 0;
+        out[8] = 0;
+      } else if (peer.ss_family == AF_INET6) {
+        const auto* in6 = reinterpret_cast<const sockaddr_in6*>(&peer);
+        const uint8_t* address = in6->sin6_addr.s6_addr;
+        out[5] = 6 * 65536.0 + ntohs(in6->sin6_port);
+        out[6] = bytes_word(address, 6);
+        out[7] = bytes_word(address + 6, 6);
+        out[8] = bytes_word(address + 12, 4);
+      } else {
+        ThrowErrno(env, EAFNOSUPPORT, "getpeername");
+      }
+    }
     KernelTcpInfo tcp;
     memset(&tcp, 0, sizeof tcp);
     socklen_t length = sizeof tcp;

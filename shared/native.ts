@@ -169,7 +169,7 @@ interface NativeBinding {
   refuseFdPassing(fd: number): boolean;
   tcpCounters(fd: number, queues?: boolean): TcpCounters;
   sameSocket(a: number, b: number): boolean;
-  tcpInfo(fd: number, out: Float64Array): void;
+  tcpInfo(fd: number, out: Float64Array, withPeer?: boolean): void;
   socketInode(fd: number): number;
   shutdown(fd: number): boolean;
   dup(fd: number): number;
@@ -474,16 +474,39 @@ export function tcpCounters(fd: number, queues = true): TcpCounters {
 }
 
 /** Where tcpInfo() writes each field (a counter the kernel does not report is NaN). */
-export const TcpInfoField = { tcpState: 0, bytesSent: 1, bytesAcked: 2, bytesReceived: 3, notsentBytes: 4 } as const;
-/** Length of the array tcpInfo() fills. */
-export const TCP_INFO_FIELDS = 5;
+export const TcpInfoField = {
+  tcpState: 0,
+  bytesSent: 1,
+  bytesAcked: 2,
+  bytesReceived: 3,
+  notsentBytes: 4,
+  /** With `withPeer`: the peer as four words (peerText): family × 65536 + port, then the address. */
+  peer: 5,
+} as const;
+/** Length of the array tcpInfo() fills (with `withPeer`; without it the first five). */
+export const TCP_INFO_FIELDS = 9;
+/** Words of the peer tcpInfo() writes from TcpInfoField.peer on. */
+export const PEER_WORDS = 4;
 
 /**
  * One getsockopt(TCP_INFO), written into `out` (a Float64Array of TCP_INFO_FIELDS, indexed by TcpInfoField)
- * instead of a new object: the handoff path's single probe. Throws the getsockopt error (ENOPROTOOPT: not TCP).
+ * instead of a new object: the handoff path's single probe. With `withPeer`, one getpeername too, in the same call
+ * (the release check's). Throws the syscall's error (ENOPROTOOPT: not TCP; ENOTCONN: no peer).
  */
-export function tcpInfo(fd: number, out: Float64Array): void {
-  binding.tcpInfo(fd, out);
+export function tcpInfo(fd: number, out: Float64Array, withPeer = false): void {
+  binding.tcpInfo(fd, out, withPeer);
+}
+
+/** The peer words tcpInfo() wrote as `address port`, for messages. */
+export function peerText(words: ArrayLike<number>): string {
+  const family = Math.floor(words[0]! / 65536);
+  const port = words[0]! % 65536;
+  const bytes = (word: number, count: number) =>
+    Array.from({ length: count }, (_, i) => Math.floor(word / 256 ** (count - 1 - i)) % 256);
+  if (family === 4) return `${bytes(words[1]!, 4).join('.')} ${port}`;
+  const all = [...bytes(words[1]!, 6), ...bytes(words[2]!, 6), ...bytes(words[3]!, 4)];
+  const groups = Array.from({ length: 8 }, (_, i) => ((all[2 * i]! << 8) | all[2 * i + 1]!).toString(16));
+  return `${groups.join(':')} ${port}`;
 }
 
 /** The socket's inode (its identity while any copy of it is open), or -1 when `fd` is not a socket. */

@@ -55,6 +55,11 @@ describe('connectTcp', () => {
       // Ownership passed to us: connectTcp no longer tracks it.
       expect(native.trackedFds()).not.toContain(fd);
       expect(native.peerAddress(fd)).toEqual({ family, address: host, port: server.port });
+      // The release check's peer, read inside the TCP_INFO call: the same peer, as words.
+      const info = new Float64Array(native.TCP_INFO_FIELDS);
+      native.tcpInfo(fd, info, true);
+      const words = info.subarray(native.TcpInfoField.peer, native.TcpInfoField.peer + native.PEER_WORDS);
+      expect(native.peerText(words)).toBe(`${host === '::1' ? '0:0:0:0:0:0:0:1' : host} ${server.port}`);
       const local = native.localAddress(fd);
       expect(local).toMatchObject({ family, address: host });
       await server.waitForConnections(1);
@@ -140,6 +145,12 @@ describe('socket options', () => {
       message: 'setsockopt EINVAL TCP_KEEPIDLE',
     });
     expect(catchError(() => native.peerAddress(fd))).toMatchObject({ code: 'ENOTCONN', syscall: 'getpeername' });
+    const info = new Float64Array(native.TCP_INFO_FIELDS);
+    expect(catchError(() => native.tcpInfo(fd, info, true))).toMatchObject({
+      code: 'ENOTCONN',
+      syscall: 'getpeername',
+    });
+    expect(() => native.tcpInfo(fd, new Float64Array(5), true)).toThrow(TypeError);
     expect(() => native.connectStart(fd, 'not-an-ip', 80)).toThrow(TypeError);
     expect(() => native.setNoDelay(-1, true)).toThrow(RangeError);
     native.close(fd);
