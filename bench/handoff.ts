@@ -158,6 +158,8 @@ interface ThroughputResult {
   name: string;
   /** Run on the --compare build's daemon (not this build's). */
   compare: boolean;
+  /** The raw server (scm-server), not a daemon. */
+  raw: boolean;
   requesters: string;
   handoffs: number;
   elapsedMs: number;
@@ -498,55 +500,68 @@ async function measureLatency(startedAt: Date): Promise<LatencyResult> {
         pid: target.pid,
         compare,
         raw: false,
-        run: async (onSample) => {
-          const clients = await Promise.all(
-            Array.from({ length: settings.inFlight }, () =>
-              start(
-                [
-                  node,
-                  join(fixtures, 'handoff-client.js'),
-                  target.socketPath,
-                  HOST,
-                  String(port),
-                  '1',
-                  '1',
-                  String(settings.throughputMs),
-                  settings.json ? 'json' : 'binary',
-                ],
-                'requester',
-              ),
-            ),
-          );
-          await Promise.all(clients.map((child) => child.nextMessage((m) => m.ready === true)));
-          const cpuBefore = clients.map((child) => safeCpu(child.pid));
-          for (const child of clients) child.send('go');
-          const results = await Promise.all(
-            clients.map((child) =>
-              child.nextMessage<{ handoffs: number; elapsedMs: number; warm: number; samples: number[] }>(
-                (m) => typeof m.handoffs === 'number',
-              ),
-            ),
-          );
-          for (const result of results) {
-            // Each process reports its warm count, not which ones; only the fraction is used.
-            result.samples.forEach((us, i) => {
-              onSample(us, i < result.warm);
-            });
-          }
-          const cpuSpent = clients.map((child, i) => diffCpu(cpuBefore[i]!, safeCpu(child.pid)));
-          for (const child of clients) await child.stop();
-          // Conservative: the processes got "go" within a millisecond of each other; take the longest run.
-          return {
-            handoffs: results.reduce((sum, r) => sum + r.handoffs, 0),
-            elapsedMs: Math.max(...results.map((r) => r.elapsedMs)),
-            requesterCpuMs: cpuSpent.some((ms) => ms === null)
-              ? null
-              : cpuSpent.reduce<number>((sum, ms) => sum + ms!, 0),
-          };
-        },
+        run: (onSample) =>
+          runRequesterProcesses(
+            [
+              node,
+              join(fixtures, 'handoff-client.js'),
+              target.socketPath,
+              HOST,
+              String(port),
+              '1',
+              '1',
+              String(settings.throughputMs),
+              settings.json ? 'json' : 'binary',
+            ],
+            onSample,
+          ),
       },
     ];
   };
+  /** `settings.inFlight` requester processes running `command`, each one request at a time (see the fixtures). */
+  const runRequesterProcesses = async (
+    command: string[],
+    onSample: (us: number, warm: boolean) => void,
+  ): Promise<{ handoffs: number; elapsedMs: number; requesterCpuMs: number | null }> => {
+    const clients = await Promise.all(Array.from({ length: settings.inFlight }, () => start(command, 'requester')));
+    await Promise.all(clients.map((child) => child.nextMessage((m) => m.ready === true)));
+    const cpuBefore = clients.map((child) => safeCpu(child.pid));
+    for (const child of clients) child.send('go');
+    const results = await Promise.all(
+      clients.map((child) =>
+        child.nextMessage<{ handoffs: number; elapsedMs: number; warm: number; samples: number[] }>(
+          (m) => typeof m.handoffs === 'number',
+        ),
+      ),
+    );
+    for (const result of results) {
+      // Each process reports its warm count, not which ones; only the fraction is used.
+      result.samples.forEach((us, i) => {
+        onSample(us, i < result.warm);
+      });
+    }
+    const cpuSpent = clients.map((child, i) => diffCpu(cpuBefore[i]!, safeCpu(child.pid)));
+    for (const child of clients) await child.stop();
+    // Conservative: the processes got "go" within a millisecond of each other; take the longest run.
+    return {
+      handoffs: results.reduce((sum, r) => sum + r.handoffs, 0),
+      elapsedMs: Math.max(...results.map((r) => r.elapsedMs)),
+      requesterCpuMs: cpuSpent.some((ms) => ms === null) ? null : cpuSpent.reduce<number>((sum, ms) => sum + ms!, 0),
+    };
+  };
+  // The raw server in the daemon's third arrangement too: the aims compare with the pipelined run above, and this
+  // one shows what the same requester processes leave of it on this machine (their own CPU is most of each cycle).
+  cases.push({
+    name: '(a) raw SCM_RIGHTS req/resp',
+    requesters: `${settings.inFlight} processes, 1 each`,
+    compare: false,
+    pid: scmServer.pid,
+    raw: true,
+    run: (onSample) =>
+      runRequesterProcesses([node, join(fixtures, 'scm-requester.js'), scmPath, String(settings.throughputMs)], (us) =>
+        onSample(us, true),
+      ),
+  });
   const ours = daemonCases(daemon, client, false);
   const theirs = other ? daemonCases(other.daemon, other.client, true) : [];
   // With --compare, each arrangement runs on both daemons back to back.
@@ -596,6 +611,7 @@ async function measureLatency(startedAt: Date): Promise<LatencyResult> {
     return {
       name: entry.name,
       compare: entry.compare,
+      raw: entry.raw,
       requesters: entry.requesters,
       handoffs: total.handoffs,
       elapsedMs: total.elapsedMs,
@@ -873,7 +889,17 @@ function report(
           `CPU ${raw.perRound.map((r) => (r.cpuUsPerHandoff === null ? '-' : r.cpuUsPerHandoff.toFixed(1))).join(' ')} µs/req; ` +
           `requester CPU ${usList(raw.perRound)} µs/req`,
       );
-      for (const t of latency.throughput.filter((entry) => entry !== raw && !entry.compare)) {
+      const rawProcesses = latency.throughput.find((t) => t.raw && t !== raw);
+      if (rawProcesses) {
+        out.push(
+          `  (a) raw, ${rawProcesses.requesters}: ` +
+            `${rawProcesses.perRound.map((r) => Math.round(r.perSecond)).join(' ')}/s ` +
+            `(× raw pipelined: ${rawProcesses.perRound.map((r, i) => (r.perSecond / raw.perRound[i]!.perSecond).toFixed(2)).join(' ')}), ` +
+            `CPU ${rawProcesses.perRound.map((r) => (r.cpuUsPerHandoff === null ? '-' : r.cpuUsPerHandoff.toFixed(1))).join(' ')} µs/req; ` +
+            `requester CPU ${usList(rawProcesses.perRound)} µs/req`,
+        );
+      }
+      for (const t of latency.throughput.filter((entry) => entry !== raw && !entry.compare && !entry.raw)) {
         const rates = t.perRound.map((r, i) => r.perSecond / raw.perRound[i]!.perSecond);
         const cpus = t.perRound.map((r, i) => {
           const base = raw.perRound[i]!.cpuUsPerHandoff;
@@ -885,6 +911,19 @@ function report(
             `${t.perRound.map((r) => (r.cpuUsPerHandoff === null ? '-' : r.cpuUsPerHandoff.toFixed(1))).join(' ')} µs/handoff ` +
             `(× raw: ${cpus.map((v) => v.toFixed(2)).join(' ')}); requesters' CPU ${usList(t.perRound)} µs/handoff`,
         );
+        if (rawProcesses && rawProcesses.requesters === t.requesters) {
+          // Context, not an aim: the raw server with the same requester processes.
+          const sameShape = t.perRound.map((r, i) => r.perSecond / rawProcesses.perRound[i]!.perSecond);
+          const sameShapeCpu = t.perRound.map((r, i) => {
+            const base = rawProcesses.perRound[i]!.cpuUsPerHandoff;
+            return r.cpuUsPerHandoff === null || base === null || base === 0 ? Number.NaN : r.cpuUsPerHandoff / base;
+          });
+          out.push(
+            `    against the raw server with the same ${t.requesters}: rate × ${sameShape.map((v) => v.toFixed(2)).join(' ')} ` +
+              `(median ${median(sameShape).toFixed(2)}), CPU × ${sameShapeCpu.map((v) => v.toFixed(2)).join(' ')} ` +
+              `(median ${median(sameShapeCpu).toFixed(2)})`,
+          );
+        }
         const rateRatio = median(rates);
         hotAims.push({
           aim: `handoffs/s ≥ ${HOT_AIMS.throughputRatio}× raw pipelined, ${t.requesters}, median of per-round ratios`,
@@ -905,7 +944,7 @@ function report(
         out.push('');
         out.push(`A/B against --compare ${settings.compareMain} (this build ÷ that build, per paired round):`);
         for (const theirs of compared) {
-          const ours = latency.throughput.find((t) => !t.compare && t !== raw && t.requesters === theirs.requesters);
+          const ours = latency.throughput.find((t) => !t.compare && !t.raw && t.requesters === theirs.requesters);
           if (!ours) continue;
           const rates = ours.perRound.map((r, i) => r.perSecond / theirs.perRound[i]!.perSecond);
           const cpus = ours.perRound.map((r, i) => {
