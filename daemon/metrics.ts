@@ -4,10 +4,11 @@
 // The hot path pays for a counter increment or a histogram observation and nothing else. The per-origin gauges
 // (idle, leased, connecting, waiting) are not kept up to date at all: they are computed at scrape time from the
 // pool manager's `snapshot()`, a walk of every pool. The endpoint has no access control (any local uid reaches
-// loopback), so one walk serves every scrape for SNAPSHOT_MAX_AGE_MS: a loop of scrapes cannot make the daemon walk
-// ten thousand pools for each. prom-client's process metrics are as costly (process_open_fds lists /proc/self/fd:
-// about 10 ms a scrape with 10,000 fds), so they live in a registry of their own whose text is kept as long. Counters
-// and histograms are read fresh at every scrape.
+// loopback) and cannot tell who asks, and rendering the text takes the daemon's one event loop 2-3 ms (the walk,
+// every collector, prom-client's process metrics: process_open_fds lists /proc/self/fd, about 10 ms with 10,000
+// fds). So one rendering serves every scrape for SNAPSHOT_MAX_AGE_MS, those that come while it runs included: a
+// loop of scrapes over every connection the endpoint holds costs one rendering a second and the sending of a text
+// already made. A scraper asking every SNAPSHOT_MAX_AGE_MS or less often gets a fresh rendering each time.
 
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
@@ -50,7 +51,7 @@ export const METRICS_MAX_CONNECTIONS = 16;
 const HEADERS_TIMEOUT_MS = 10_000;
 const CHECK_INTERVAL_MS = 2_000;
 
-/** How long one walk of the pools serves the scrapes that follow. */
+/** How long one rendering of the text (one walk of the pools, one read of the process metrics) serves scrapes. */
 export const SNAPSHOT_MAX_AGE_MS = 1_000;
 
 /** Handoff latency: 10 µs to 100 ms. */
@@ -91,14 +92,13 @@ export class Metrics {
   /** Time to establish one TCP connection, in seconds. */
   readonly connectSeconds: Histogram;
 
-  /** The per-origin entries of the scrape in progress (see text()). */
+  /** The per-origin entries of the rendering in progress (see #render()). */
   #scrape: ReturnType<typeof collectOrigins> | undefined;
   readonly #takeSnapshot: () => ReturnType<typeof collectOrigins>;
-  /** The last walk of the pools and when it was taken (#now). */
-  #lastSnapshot: { at: number; entries: ReturnType<typeof collectOrigins> } | undefined;
-  /** prom-client's process metrics (processMetrics), apart: their text is kept SNAPSHOT_MAX_AGE_MS (#processText). */
+  /** prom-client's process metrics (processMetrics), in a registry of their own (their text follows ours). */
   readonly #processRegistry: Registry | undefined;
-  #lastProcessText: { at: number; text: Promise<string> } | undefined;
+  /** The last rendering (also while it runs) and when it began (#now): text() serves it SNAPSHOT_MAX_AGE_MS. */
+  #lastText: { at: number; text: Promise<string> } | undefined;
   readonly #now: () => number;
 
   constructor(snapshot: () => MetricsSnapshot, options: MetricsOptions = {}) {
@@ -106,18 +106,10 @@ export class Metrics {
     this.registry = registry;
     const registers = [registry];
 
-    // One snapshot per scrape, shared by the per-origin gauges and their totals: text() takes it before the registry
-    // collects them (a collection outside text() takes its own).
-    const now = options.now ?? (() => performance.now());
-    this.#now = now;
-    this.#takeSnapshot = () => {
-      const at = now();
-      const last = this.#lastSnapshot;
-      if (last !== undefined && at - last.at < SNAPSHOT_MAX_AGE_MS) return last.entries;
-      const entries = collectOrigins(snapshot());
-      this.#lastSnapshot = { at, entries };
-      return entries;
-    };
+    // One snapshot per rendering, shared by the per-origin gauges and their totals: #render() takes it before the
+    // registry collects them (a collection outside text() takes its own).
+    this.#now = options.now ?? (() => performance.now());
+    this.#takeSnapshot = () => collectOrigins(snapshot());
     const origins = () => this.#scrape ?? this.#takeSnapshot();
     const perOrigin = (name: string, help: string, pick: (entry: OriginEntry) => number | undefined) =>
       options.perOrigin !== true
@@ -233,27 +225,29 @@ export class Metrics {
     }
   }
 
-  /** The process metrics' text, read at most once per SNAPSHOT_MAX_AGE_MS ('' without them). */
-  #processText(): Promise<string> {
-    if (!this.#processRegistry) return Promise.resolve('');
+  /** The Prometheus text exposition of every metric, rendered at most once per SNAPSHOT_MAX_AGE_MS. */
+  text(): Promise<string> {
     const at = this.#now();
-    const last = this.#lastProcessText;
+    const last = this.#lastText;
     if (last !== undefined && at - last.at < SNAPSHOT_MAX_AGE_MS) return last.text;
-    const text = this.#processRegistry.metrics();
-    this.#lastProcessText = { at, text };
-    // A read that failed is not kept.
+    const text = this.#render();
+    this.#lastText = { at, text };
+    // A rendering that failed is not kept.
     text.catch(() => {
-      if (this.#lastProcessText?.text === text) this.#lastProcessText = undefined;
+      if (this.#lastText?.text === text) this.#lastText = undefined;
     });
     return text;
   }
 
-  /** The Prometheus text exposition of every metric, from one snapshot of the pools. */
-  async text(): Promise<string> {
+  /** Every metric's text, from one snapshot of the pools. */
+  async #render(): Promise<string> {
     const scrape = this.#takeSnapshot();
     this.#scrape = scrape;
     try {
-      const [own, process] = await Promise.all([this.registry.metrics(), this.#processText()]);
+      const [own, process] = await Promise.all([
+        this.registry.metrics(),
+        this.#processRegistry ? this.#processRegistry.metrics() : '',
+      ]);
       return process === '' ? own : `${own}${own.endsWith('\n') ? '' : '\n'}${process}`;
     } finally {
       if (this.#scrape === scrape) this.#scrape = undefined;
