@@ -8,7 +8,8 @@
 // The system resolver's lookups (getaddrinfo, without dns.servers) each hold one of libuv's threads until glibc
 // answers or gives up, seconds for a name whose servers do not answer: with libuv's default of 4, four such names
 // held up every other lookup of the daemon (test/daemon-threadpool). A larger pool, unless the operator chose a size
-// (the resolver holds its lookups to three quarters of it, fairly across uids: daemon/resolver.ts);
+// (libuv runs getaddrinfo on at most half of it, and the resolver holds its lookups to that, fairly across uids:
+// daemon/resolver.ts);
 // libuv reads it at the pool's first use, which is later than this line. (The unit's TasksMax= leaves room for it:
 // libuv aborts the process when it cannot start a thread of its pool.)
 process.env.UV_THREADPOOL_SIZE ??= '32';

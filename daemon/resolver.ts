@@ -11,8 +11,10 @@
 //   cannot be cancelled: after timeoutMs we answer with a DNS error, but the thread stays busy until the system
 //   resolver gives up; meanwhile the name's later resolutions wait for that same lookup (one per name at a time).
 //   So that names whose servers never answer cannot take the whole pool (the daemon's fs work and every other uid's
-//   lookups would queue behind them for glibc's whole retry time), system lookups in flight are held to three
-//   quarters of the pool, and a uid holding h of them starts another only while more than h places are free (one
+//   lookups would queue behind them for glibc's whole retry time), system lookups in flight are held to what libuv
+//   runs of them at once: getaddrinfo is its "slow I/O" work, of which at most (threads + 1) / 2 run (16 of 32; more
+//   wait in libuv's own queue, first come first served, behind the hung ones), the other threads staying for fs
+//   work. A uid holding h of those places starts another only while more than h are free (one
 //   uid alone: half; k uids together: each, and what stays free, about a (k+1)th): a uid holding fewer always finds
 //   a place. Those that must wait queue fairly across uids (FairWaitQueue: the uid holding fewest first), and one
 //   still waiting at its resolution's deadline is dropped, never started. Configure `servers` for TTLs and real
@@ -149,7 +151,10 @@ export class Resolver {
    * resolutions join: while the system resolver hangs, each connect must not queue another lookup of its own.
    */
   readonly #systemLookups = new Map<string, ReturnType<SystemLookup>>();
-  /** Most system lookups in flight: three quarters of the threadpool (the rest is for fs, zlib, crypto). */
+  /**
+   * Most system lookups in flight: as many as libuv runs at once (its slow_work_thread_threshold(), half the pool
+   * rounded up; the rest of the pool is kept for fs, zlib, crypto). One more would wait in libuv's queue.
+   */
   readonly #systemSlots: number;
   /** System lookups started and not ended (also those past their deadline). */
   #systemRunning = 0;
@@ -159,7 +164,7 @@ export class Resolver {
   /** `threads`: the size of the libuv threadpool getaddrinfo runs on (tests model one). */
   constructor(options: ResolverOptions, lookup: SystemLookup = systemLookup, threads = threadpoolSize()) {
     this.#systemLookup = lookup;
-    this.#systemSlots = Math.max(1, Math.floor((threads * 3) / 4));
+    this.#systemSlots = Math.max(1, Math.floor((threads + 1) / 2));
     this.#minTtlMs = options.minTtlMs;
     this.#maxTtlMs = options.maxTtlMs;
     this.#negativeTtlMs = options.negativeTtlMs;

@@ -3,9 +3,11 @@
 // and answers none (glibc then waits out its timeout and attempts). The daemon (no dns.servers: getaddrinfo on
 // libuv's threadpool, 32 threads) is asked for 40 such names by one uid, within its maxLookupsPerUid; a client of
 // another uid (nobody, through setpriv's credentials as a child process) must still have its `localhost` (the hosts
-// file) looked up and connected. Before the resolver bounded its system lookups (three quarters of the pool, a uid
-// holding h only while more than h places are free) the 40 held all 32 threads, and the other uid's lookup queued
-// behind them until its deadline: SOCKPOOL_ERR_DNS, reason timeout.
+// file) looked up and connected. Before the resolver bounded its system lookups (a uid holding h only while more
+// than h places are free) the 40 held all 32 threads, and the other uid's lookup queued behind them until its
+// deadline: SOCKPOOL_ERR_DNS, reason timeout. libuv runs getaddrinfo on at most half its threads (16 of 32), so the
+// places are 16, not the 24 (three quarters) they were: with a second uid's hung names too, a third uid's lookup
+// the daemon started waited in libuv's own queue.
 import { execFile } from 'node:child_process';
 import { chmodSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -24,37 +26,42 @@ afterEach(async () => {
 });
 
 const NOBODY = 65534;
+/** A third uid (no user needs to exist for it). */
+const OTHER = 65533;
 
-/** As uid `uid`: hello, then one acquire of host:port; prints the acquire's reply (its fd closed). */
+/** As uid `uid`: hello, then one acquire of each host (ids from 2) at `port`; the replies in order (fds closed). */
 async function acquireAs(
   uid: number,
   socketPath: string,
-  host: string,
+  hosts: string[],
   port: number,
-): Promise<Record<string, unknown>> {
+): Promise<Array<Record<string, unknown>>> {
   const nativePath = join(import.meta.dirname, '..', 'native', 'build', 'Release', 'sockpool_native.node');
   const script = `
     const native = require(${JSON.stringify(nativePath)});
     const fd = native.seqpacketConnect(process.argv[1]);
     const send = (message) => native.sendMessage(fd, Buffer.from(JSON.stringify(message)), []);
+    const hosts = JSON.parse(process.argv[2]);
+    const replies = [];
     send({ type: 'hello', id: 1, version: 1 });
-    send({ type: 'acquire', id: 2, host: process.argv[2], port: Number(process.argv[3]) });
+    hosts.forEach((host, index) => send({ type: 'acquire', id: 2 + index, host, port: Number(process.argv[3]) }));
     const poll = () => {
       const received = native.recvMessage(fd, 65536, 1);
       if (received === null) return setTimeout(poll, 10);
       for (const each of received[1]) native.close(each);
-      if (received[2]) return console.log(JSON.stringify({ eof: true }));
+      if (received[2]) return console.log(JSON.stringify([...replies, { eof: true }]));
       const message = JSON.parse(received[0].toString());
-      if (message.id === 2) return console.log(JSON.stringify(message));
+      if (message.id >= 2) replies[message.id - 2] = message;
+      if (replies.filter(Boolean).length === hosts.length) return console.log(JSON.stringify(replies));
       setTimeout(poll, 10);
     };
     poll();`;
-  const { stdout } = await run(process.execPath, ['-e', script, socketPath, host, String(port)], {
+  const { stdout } = await run(process.execPath, ['-e', script, socketPath, JSON.stringify(hosts), String(port)], {
     uid,
     gid: uid,
     timeout: 30_000,
   });
-  return JSON.parse(stdout.trim()) as Record<string, unknown>;
+  return JSON.parse(stdout.trim()) as Array<Record<string, unknown>>;
 }
 
 it("one uid's 40 hung system lookups leave another uid's lookup a thread of the daemon's pool", async () => {
@@ -66,6 +73,8 @@ it("one uid's 40 hung system lookups leave another uid's lookup a thread of the 
   cleanups.push(() => rmSync(etc, { recursive: true, force: true }));
   // Each lookup hangs 2 × 5 s at least: longer than the test needs the threads held.
   writeFileSync(join(etc, 'resolv.conf'), 'nameserver 127.0.0.1\noptions timeout:5 attempts:2\n');
+  // Names the hosts file answers (one per uid below: a name looked up once is cached).
+  writeFileSync(join(etc, 'hosts'), '127.0.0.1 localhost\n127.0.0.1 third.test\n');
   // The silent server: takes the queries, never answers (so glibc gets no ICMP refusal either).
   ns.spawn([process.execPath, '-e', "require('node:dgram').createSocket('udp4').bind(53, '127.0.0.1')"]);
   const agent = await ns.startAgent();
@@ -75,7 +84,7 @@ it("one uid's 40 hung system lookups leave another uid's lookup a thread of the 
   chmodSync(dir, 0o755);
   cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
   const config = writeConfigFile(
-    { access: { socketMode: '0666', allowUids: [0, NOBODY] }, dns: { timeoutMs: 1_000 } },
+    { access: { socketMode: '0666', allowUids: [0, NOBODY, OTHER] }, dns: { timeoutMs: 1_000 } },
     cleanups,
   );
   const daemon = await startDaemon({
@@ -92,6 +101,18 @@ it("one uid's 40 hung system lookups leave another uid's lookup a thread of the 
     expect((await raw.receive()).message).toMatchObject({ type: 'error', code: 'SOCKPOOL_ERR_DNS' });
   }
   // Another uid's lookup (the hosts file) finds a thread (before: SOCKPOOL_ERR_DNS, reason timeout).
-  const reply = await acquireAs(NOBODY, daemon.socketPath, 'localhost', port);
+  const [reply] = await acquireAs(NOBODY, daemon.socketPath, ['localhost'], port);
   expect(reply, JSON.stringify(reply)).toMatchObject({ type: 'lease', id: 2 });
+  // A second uid's hung names too: a third uid's lookup still runs at once. libuv runs getaddrinfo on at most 16
+  // of its 32 threads, and the rest wait in its queue behind the hung ones: when the daemon let 24 start (one uid
+  // 12, the next 6, its own refills the rest), the third uid's lookup waited there until its deadline.
+  const hung = await acquireAs(
+    NOBODY,
+    daemon.socketPath,
+    Array.from({ length: 10 }, (_, i) => `hung-nobody-${i}.test`),
+    port,
+  );
+  expect(hung.every((each) => each.code === 'SOCKPOOL_ERR_DNS')).toBe(true);
+  const [third] = await acquireAs(OTHER, daemon.socketPath, ['third.test'], port);
+  expect(third, JSON.stringify(third)).toMatchObject({ type: 'lease', id: 2 });
 }, 60_000);
