@@ -17,7 +17,9 @@
 //   work. A uid holding h of those places starts another only while more than h are free (one
 //   uid alone: half; k uids together: each, and what stays free, about a (k+1)th): a uid holding fewer always finds
 //   a place. Those that must wait queue fairly across uids (FairWaitQueue: the uid holding fewest first), and one
-//   still waiting at its resolution's deadline is dropped, never started. Configure `servers` for TTLs and real
+//   still waiting at its resolution's deadline is dropped, never started. The threads are the process's, not a
+//   resolver's: every Resolver counts its lookups in one SystemLookupPlaces (the process's, unless a test models a
+//   pool), so a resolver a reload made counts the old one's hung lookups too. Configure `servers` for TTLs and real
 //   timeouts.
 //
 // Order of the addresses returned: both families, interleaved, IPv6 first (RFC 8305; on a machine without an
@@ -118,6 +120,72 @@ interface QueuedLookup extends UidWaiter {
   start(): void;
 }
 
+/**
+ * The places of system lookups in the libuv threadpool getaddrinfo runs on: as many as libuv runs at once (its
+ * slow_work_thread_threshold(), half the pool rounded up; the rest of the pool is kept for fs, zlib, crypto, and one
+ * more would wait in libuv's queue), and a uid holding h of them starts another only while more than h are free.
+ * One per process (`ofProcess()`): a lookup holds its thread until getaddrinfo returns, also after the resolver that
+ * started it was replaced by a reload.
+ */
+export class SystemLookupPlaces {
+  static #process: SystemLookupPlaces | undefined;
+
+  /** This process's places (its pool's size read once, as libuv reads it once). */
+  static ofProcess(): SystemLookupPlaces {
+    SystemLookupPlaces.#process ??= new SystemLookupPlaces(threadpoolSize());
+    return SystemLookupPlaces.#process;
+  }
+
+  /** Most system lookups in flight. */
+  readonly #slots: number;
+  /** System lookups started and not ended (also those past their deadline). */
+  #running = 0;
+  /** System lookups waiting for a place; its `held` counts are each uid's lookups running. */
+  readonly #queue = new FairWaitQueue<QueuedLookup>();
+
+  /** `threads`: the size of the pool (tests model one). */
+  constructor(threads: number) {
+    this.#slots = Math.max(1, Math.floor((threads + 1) / 2));
+  }
+
+  /** Starts `waiter` now if its uid may have another place, else queues it (it starts when one frees). */
+  take(waiter: QueuedLookup): 'started' | 'queued' {
+    if (this.#mayStart(waiter.uid)) {
+      this.#start(waiter);
+      return 'started';
+    }
+    this.#queue.push(waiter);
+    return 'queued';
+  }
+
+  /** Takes a waiter out of the queue; false if it is not there (it started). */
+  withdraw(waiter: QueuedLookup): boolean {
+    return this.#queue.remove(waiter);
+  }
+
+  /** One of `uid`'s lookups ended: those waiting start while the rule lets them, the uid holding fewest first. */
+  ended(uid: number): void {
+    this.#running--;
+    this.#queue.held(uid, -1);
+    for (let next = this.#queue.peek(); next && this.#mayStart(next.uid); next = this.#queue.peek()) {
+      this.#queue.remove(next);
+      this.#start(next);
+    }
+  }
+
+  /** Whether `uid` may start a system lookup now: while more places are free than it holds. */
+  #mayStart(uid: number): boolean {
+    return this.#running + (this.#queue.heldOf(uid) ?? 0) < this.#slots;
+  }
+
+  #start(waiter: QueuedLookup): void {
+    this.#running++;
+    this.#queue.held(waiter.uid, +1);
+    this.#queue.served(waiter.uid);
+    waiter.start();
+  }
+}
+
 function errorCode(error: unknown): string | undefined {
   const code = (error as { code?: unknown } | null)?.code;
   return typeof code === 'string' ? code : undefined;
@@ -151,20 +219,17 @@ export class Resolver {
    * resolutions join: while the system resolver hangs, each connect must not queue another lookup of its own.
    */
   readonly #systemLookups = new Map<string, ReturnType<SystemLookup>>();
-  /**
-   * Most system lookups in flight: as many as libuv runs at once (its slow_work_thread_threshold(), half the pool
-   * rounded up; the rest of the pool is kept for fs, zlib, crypto). One more would wait in libuv's queue.
-   */
-  readonly #systemSlots: number;
-  /** System lookups started and not ended (also those past their deadline). */
-  #systemRunning = 0;
-  /** System lookups waiting for a place; its `held` counts are each uid's lookups running. */
-  readonly #systemQueue = new FairWaitQueue<QueuedLookup>();
+  /** Where system lookups take their thread: the process's, shared with every other resolver. */
+  readonly #systemPlaces: SystemLookupPlaces;
 
-  /** `threads`: the size of the libuv threadpool getaddrinfo runs on (tests model one). */
-  constructor(options: ResolverOptions, lookup: SystemLookup = systemLookup, threads = threadpoolSize()) {
+  /** `places`: the libuv threadpool getaddrinfo runs on (the process's; tests model one). */
+  constructor(
+    options: ResolverOptions,
+    lookup: SystemLookup = systemLookup,
+    places: SystemLookupPlaces = SystemLookupPlaces.ofProcess(),
+  ) {
     this.#systemLookup = lookup;
-    this.#systemSlots = Math.max(1, Math.floor((threads + 1) / 2));
+    this.#systemPlaces = places;
     this.#minTtlMs = options.minTtlMs;
     this.#maxTtlMs = options.maxTtlMs;
     this.#negativeTtlMs = options.negativeTtlMs;
@@ -397,7 +462,7 @@ export class Resolver {
         } catch (error) {
           answer = Promise.reject(error); // (its place must still be given back)
         }
-        const done = () => this.#systemLookupDone(uid);
+        const done = () => this.#systemPlaces.ended(uid);
         answer.then(done, done);
         return answer;
       });
@@ -408,11 +473,7 @@ export class Resolver {
       };
       lookup.then(ended, ended);
       const waiter = { uid, start, drop };
-      if (this.#mayStartSystem(uid)) this.#startSystem(waiter);
-      else {
-        this.#systemQueue.push(waiter);
-        queued = waiter;
-      }
+      if (this.#systemPlaces.take(waiter) === 'queued') queued = waiter;
     }
     try {
       const found = await this.#withDeadline(running);
@@ -423,33 +484,11 @@ export class Resolver {
     } catch (error) {
       // Still waiting for a place at the deadline: nobody waits for it any more, so it never takes a thread (and
       // its uid's lookup charge, lookupInFlight, ends now).
-      if (queued && this.#systemQueue.remove(queued)) {
+      if (queued && this.#systemPlaces.withdraw(queued)) {
         if (this.#systemLookups.get(name) === running) this.#systemLookups.delete(name);
         queued.drop(error);
       }
       return this.#failure([error]);
-    }
-  }
-
-  /** Whether `uid` may start a system lookup now: while more places are free than it holds. */
-  #mayStartSystem(uid: number): boolean {
-    return this.#systemRunning + (this.#systemQueue.heldOf(uid) ?? 0) < this.#systemSlots;
-  }
-
-  #startSystem(waiter: QueuedLookup): void {
-    this.#systemRunning++;
-    this.#systemQueue.held(waiter.uid, +1);
-    this.#systemQueue.served(waiter.uid);
-    waiter.start();
-  }
-
-  /** One of `uid`'s system lookups ended: those waiting start while the rule lets them, the uid holding fewest first. */
-  #systemLookupDone(uid: number): void {
-    this.#systemRunning--;
-    this.#systemQueue.held(uid, -1);
-    for (let next = this.#systemQueue.peek(); next && this.#mayStartSystem(next.uid); next = this.#systemQueue.peek()) {
-      this.#systemQueue.remove(next);
-      this.#startSystem(next);
     }
   }
 

@@ -14,7 +14,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterEach, expect, it } from 'vitest';
-import { startDaemon, writeConfigFile } from './helpers/daemon.js';
+import { eventually, startDaemon, writeConfigFile } from './helpers/daemon.js';
 import { createNetns, netnsSupported } from './helpers/netns.js';
 import { openRawClient } from './helpers/raw-client.js';
 import { requirePrerequisite } from './helpers/require.js';
@@ -64,15 +64,19 @@ async function acquireAs(
   return JSON.parse(stdout.trim()) as Array<Record<string, unknown>>;
 }
 
-it("one uid's 40 hung system lookups leave another uid's lookup a thread of the daemon's pool", async () => {
+/**
+ * A daemon in a namespace of its own whose resolv.conf names a server that never answers (each lookup hangs
+ * `hangS` seconds at least), with names the hosts file answers, its socket reachable by uids nobody and OTHER.
+ */
+async function daemonWithHungLookups(hangS: number) {
   requirePrerequisite(netnsSupported(), 'network namespaces (root, iproute2)');
   const ns = createNetns();
   cleanups.push(() => ns.destroy());
   const etc = join('/etc/netns', ns.name);
   mkdirSync(etc, { recursive: true });
   cleanups.push(() => rmSync(etc, { recursive: true, force: true }));
-  // Each lookup hangs 2 × 5 s at least: longer than the test needs the threads held.
-  writeFileSync(join(etc, 'resolv.conf'), 'nameserver 127.0.0.1\noptions timeout:5 attempts:2\n');
+  const attempts = Math.ceil(hangS / 5);
+  writeFileSync(join(etc, 'resolv.conf'), `nameserver 127.0.0.1\noptions timeout:5 attempts:${attempts}\n`);
   // Names the hosts file answers (one per uid below: a name looked up once is cached).
   writeFileSync(join(etc, 'hosts'), '127.0.0.1 localhost\n127.0.0.1 third.test\n');
   // The silent server: takes the queries, never answers (so glibc gets no ICMP refusal either).
@@ -83,10 +87,11 @@ it("one uid's 40 hung system lookups leave another uid's lookup a thread of the 
   const dir = mkdtempSync(join(tmpdir(), 'sockpool-lookups-'));
   chmodSync(dir, 0o755);
   cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
-  const config = writeConfigFile(
-    { access: { socketMode: '0666', allowUids: [0, NOBODY, OTHER] }, dns: { timeoutMs: 1_000 } },
-    cleanups,
-  );
+  const configOf = (timeoutMs: number) => ({
+    access: { socketMode: '0666', allowUids: [0, NOBODY, OTHER] },
+    dns: { timeoutMs },
+  });
+  const config = writeConfigFile(configOf(1_000), cleanups);
   const daemon = await startDaemon({
     wrap: ns.exec,
     socketPath: join(dir, 'sockpoold.sock'),
@@ -95,11 +100,36 @@ it("one uid's 40 hung system lookups leave another uid's lookup a thread of the 
   cleanups.push(() => daemon.stop('SIGKILL'));
   const raw = openRawClient(daemon.socketPath, cleanups);
   await raw.request({ type: 'hello', id: 1, version: 1 });
-  for (let id = 100; id < 140; id++) raw.sendJson({ type: 'acquire', id, host: `hung-${id}.test`, port });
-  // Each fails at its deadline (a DNS timeout): the lookups themselves go on in glibc.
-  for (let answered = 0; answered < 40; answered++) {
-    expect((await raw.receive()).message).toMatchObject({ type: 'error', code: 'SOCKPOOL_ERR_DNS' });
-  }
+  let reloads = 0;
+  return {
+    daemon,
+    port,
+    /** As uid 0, `count` acquires of names that hang (ids from `firstId`): each fails at its deadline, the lookups go on. */
+    async hang(firstId: number, count: number) {
+      for (let id = firstId; id < firstId + count; id++) {
+        raw.sendJson({ type: 'acquire', id, host: `hung-${id}.test`, port });
+      }
+      for (let answered = 0; answered < count; answered++) {
+        expect((await raw.receive()).message).toMatchObject({ type: 'error', code: 'SOCKPOOL_ERR_DNS' });
+      }
+    },
+    /** A `dns` section with another timeoutMs, and SIGHUP: the daemon makes a new resolver. */
+    async reload(timeoutMs: number) {
+      writeFileSync(config, JSON.stringify(configOf(timeoutMs)));
+      daemon.child.kill('SIGHUP');
+      reloads++;
+      await eventually(
+        () => daemon.output().split('configuration reloaded').length - 1 === reloads,
+        `reload ${reloads} done`,
+      );
+    },
+  };
+}
+
+it("one uid's 40 hung system lookups leave another uid's lookup a thread of the daemon's pool", async () => {
+  // Each lookup hangs 2 × 5 s at least: longer than the test needs the threads held.
+  const { daemon, port, hang } = await daemonWithHungLookups(10);
+  await hang(100, 40);
   // Another uid's lookup (the hosts file) finds a thread (before: SOCKPOOL_ERR_DNS, reason timeout).
   const [reply] = await acquireAs(NOBODY, daemon.socketPath, ['localhost'], port);
   expect(reply, JSON.stringify(reply)).toMatchObject({ type: 'lease', id: 2 });
@@ -115,4 +145,17 @@ it("one uid's 40 hung system lookups leave another uid's lookup a thread of the 
   expect(hung.every((each) => each.code === 'SOCKPOOL_ERR_DNS')).toBe(true);
   const [third] = await acquireAs(OTHER, daemon.socketPath, ['third.test'], port);
   expect(third, JSON.stringify(third)).toMatchObject({ type: 'lease', id: 2 });
+}, 60_000);
+
+it('reloads that make new resolvers (the dns section changed) count the hung lookups of the resolvers before', async () => {
+  // Each lookup hangs 3 × 5 s at least. Each resolver alone lets one uid hold 8 of the 16 places: three of them
+  // counting from zero let it hold more than libuv runs, and another uid's lookup waited in libuv's queue.
+  const { daemon, port, hang, reload } = await daemonWithHungLookups(15);
+  await hang(100, 40);
+  await reload(1_001);
+  await hang(200, 40);
+  await reload(1_002);
+  await hang(300, 40);
+  const [reply] = await acquireAs(NOBODY, daemon.socketPath, ['localhost'], port);
+  expect(reply, JSON.stringify(reply)).toMatchObject({ type: 'lease', id: 2 });
 }, 60_000);

@@ -3,7 +3,7 @@
 
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { parseConfig, type SockpoolConfigInput } from '../daemon/config.js';
-import { Resolver } from '../daemon/resolver.js';
+import { Resolver, SystemLookupPlaces, threadpoolSize } from '../daemon/resolver.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import { eventually } from './helpers/daemon.js';
 import { type DnsTestServer, startDnsServer } from './helpers/dns-server.js';
@@ -358,7 +358,7 @@ describe('Resolver without DNS', () => {
         }
       });
     const options = { ...parseConfig({ dns: { timeoutMs: 100 } }, 'test').dns };
-    const r = new Resolver(options, lookup, threads);
+    const r = new Resolver(options, lookup, new SystemLookupPlaces(threads));
     // One uid asks for 40 names that hang (well within maxLookupsPerUid): each resolution fails at its deadline.
     const first = await Promise.allSettled(Array.from({ length: 40 }, (_, i) => r.resolve(`hung-${i}.test`, 443, 1)));
     expect(first.every((result) => result.status === 'rejected')).toBe(true);
@@ -386,6 +386,59 @@ describe('Resolver without DNS', () => {
     await eventually(() => hung.length === 1, 'the second lookup of hung-39.test');
     hung[0]!();
     expect(addresses(await again)).toEqual(['198.51.100.9']);
+  });
+
+  it("a resolver made by a reload counts the hung system lookups of the one before: the pool's threads are the process's", async () => {
+    // A reload that changes the `dns` section makes a new Resolver, while the old one's hung lookups still hold
+    // their libuv threads. Modelled: this process's pool (threadpoolSize()) with libuv's rule (at most half of it,
+    // rounded up, runs getaddrinfo; the rest waits in libuv's queue); `hung-*` names never answer until released.
+    // Both resolvers are made as the daemon makes them (no pool of their own given).
+    const slowThreads = Math.floor((threadpoolSize() + 1) / 2);
+    let running = 0;
+    let waitedInPool = 0;
+    const queued: Array<() => void> = [];
+    const hung: Array<() => void> = [];
+    const lookup = (name: string) =>
+      new Promise<Array<{ address: string; family: number }>>((resolve) => {
+        const run = () => {
+          running++;
+          const end = () => {
+            running--;
+            queued.shift()?.();
+          };
+          if (name.startsWith('hung-')) {
+            hung.push(() => {
+              end();
+              resolve([{ address: '198.51.100.9', family: 4 }]);
+            });
+          } else {
+            end();
+            resolve([{ address: '198.51.100.8', family: 4 }]);
+          }
+        };
+        if (running < slowThreads) run();
+        else {
+          waitedInPool++;
+          queued.push(run);
+        }
+      });
+    const before = new Resolver({ ...parseConfig({ dns: { timeoutMs: 100 } }, 'test').dns }, lookup);
+    const after = new Resolver({ ...parseConfig({ dns: { timeoutMs: 150 } }, 'test').dns }, lookup);
+    try {
+      // One uid's hung names, before the reload and again after it (the old resolver's still hang).
+      const many = slowThreads + 8;
+      await Promise.allSettled(Array.from({ length: many }, (_, i) => before.resolve(`hung-a${i}.test`, 443, 1)));
+      await Promise.allSettled(Array.from({ length: many }, (_, i) => after.resolve(`hung-b${i}.test`, 443, 1)));
+      // Another uid's lookup on the new resolver still runs at once.
+      expect(addresses(await after.resolve('other.test', 443, 2))).toEqual(['198.51.100.8']);
+      expect(waitedInPool).toBe(0);
+    } finally {
+      // Every hung lookup ends (the places they hold are this process's, shared with the other tests).
+      await eventually(() => {
+        for (const release of hung.splice(0)) release();
+        return running === 0 && queued.length === 0;
+      }, 'every modelled lookup ended');
+    }
   });
 
   it("keeps a uid's cached names while another uid looks up thousands of names: the uid holding most gives way", async () => {
