@@ -6,12 +6,14 @@
 // pool manager's `snapshot()`, a walk of every pool. The endpoint has no access control (any local uid reaches
 // loopback) and cannot tell who asks, and rendering the text takes the daemon's one event loop 2-3 ms (the walk,
 // every collector, prom-client's process metrics: process_open_fds lists /proc/self/fd, about 10 ms with 10,000
-// fds). So one rendering serves every scrape for SNAPSHOT_MAX_AGE_MS, those that come while it runs included: a
-// loop of scrapes over every connection the endpoint holds costs one rendering a second and the sending of a text
-// already made. A scraper asking every SNAPSHOT_MAX_AGE_MS or less often gets a fresh rendering each time.
+// fds). So one rendering serves every scrape for SNAPSHOT_MAX_AGE_MS, those that come while it runs included, and
+// the endpoint sends at most METRICS_MAX_ANSWERS answers in that time (each costs the loop its parsing and the
+// sending of the text, about 50 µs), the rest waiting their turn, one request at a time per connection: a loop of
+// scrapes over every connection costs one rendering and 16 answers a second. A scraper asking every
+// SNAPSHOT_MAX_AGE_MS or less often gets a fresh rendering at once each time.
 
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
-import type { AddressInfo } from 'node:net';
+import type { AddressInfo, Socket } from 'node:net';
 import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry } from 'prom-client';
 
 /** What a scrape reads from the pool manager; keep it cheap, it runs on every scrape. */
@@ -46,6 +48,9 @@ export const METRICS_MAX_ORIGINS = 100;
 
 /** Connections the metrics endpoint holds at once; more are closed as they come. */
 export const METRICS_MAX_CONNECTIONS = 16;
+
+/** Answers (of any kind) the endpoint sends per SNAPSHOT_MAX_AGE_MS; requests past them wait for the next period. */
+export const METRICS_MAX_ANSWERS = METRICS_MAX_CONNECTIONS;
 
 /** A metrics connection that has not sent a whole request within this is closed (Node's default is 60 s). */
 const HEADERS_TIMEOUT_MS = 10_000;
@@ -306,39 +311,112 @@ export interface MetricsServer {
   close(): Promise<void>;
 }
 
+export interface MetricsServerOptions {
+  /** The clock the answers' periods are read on (tests); performance.now() by default. */
+  now?: () => number;
+}
+
+/**
+ * Turns for answers: at most METRICS_MAX_ANSWERS per SNAPSHOT_MAX_AGE_MS, in arrival order; the rest wait for the
+ * next period (a timer, or the next request once the period is over).
+ */
+class AnswerTurns {
+  readonly #now: () => number;
+  #periodStart = Number.NEGATIVE_INFINITY;
+  #answered = 0;
+  readonly #waiting: Array<() => void> = [];
+  #timer: NodeJS.Timeout | undefined;
+
+  constructor(now: () => number) {
+    this.#now = now;
+  }
+
+  /** Calls `answer` at its turn; the returned function takes it out of the line (its connection closed). */
+  take(answer: () => void): () => void {
+    this.#waiting.push(answer);
+    this.#serve();
+    return () => {
+      const index = this.#waiting.indexOf(answer);
+      if (index >= 0) this.#waiting.splice(index, 1);
+    };
+  }
+
+  close(): void {
+    clearTimeout(this.#timer);
+    this.#waiting.length = 0;
+  }
+
+  #serve(): void {
+    const now = this.#now();
+    if (now - this.#periodStart >= SNAPSHOT_MAX_AGE_MS) {
+      this.#periodStart = now;
+      this.#answered = 0;
+    }
+    while (this.#waiting.length > 0 && this.#answered < METRICS_MAX_ANSWERS) {
+      this.#answered++;
+      this.#waiting.shift()!();
+    }
+    if (this.#waiting.length > 0 && this.#timer === undefined) {
+      const delay = Math.max(1, this.#periodStart + SNAPSHOT_MAX_AGE_MS - now);
+      this.#timer = setTimeout(() => {
+        this.#timer = undefined;
+        this.#serve();
+      }, delay);
+      this.#timer.unref();
+    }
+  }
+}
+
 /** Serves `GET /metrics` (and HEAD) on host:port with node:http; anything else is 404 (405 for other methods). */
 export function startMetricsServer(
   metrics: Metrics | Registry,
   port: number,
   host = '127.0.0.1',
+  options: MetricsServerOptions = {},
 ): Promise<MetricsServer> {
   const registry = metrics instanceof Registry ? metrics : metrics.registry;
   const text = () => (metrics instanceof Registry ? metrics.metrics() : metrics.text());
+  const turns = new AnswerTurns(options.now ?? (() => performance.now()));
+  /** Connections with a request not yet answered. */
+  const asking = new WeakSet<Socket>();
+  const answer = (request: IncomingMessage, response: ServerResponse) => {
+    const path = (request.url ?? '').split('?')[0];
+    if (path !== '/metrics') {
+      response.writeHead(404, { 'content-type': 'text/plain; charset=utf-8' }).end('not found: try /metrics\n');
+      return;
+    }
+    if (request.method !== 'GET' && request.method !== 'HEAD') {
+      response.writeHead(405, { allow: 'GET, HEAD', 'content-type': 'text/plain; charset=utf-8' }).end();
+      return;
+    }
+    text().then(
+      (text) => {
+        response.writeHead(200, { 'content-type': registry.contentType });
+        response.end(request.method === 'HEAD' ? undefined : text);
+      },
+      (error: unknown) => {
+        response.writeHead(500, { 'content-type': 'text/plain; charset=utf-8' });
+        response.end(`metrics failed: ${(error as Error).message}\n`);
+      },
+    );
+  };
   // Every local uid reaches loopback, and each connection is an fd of the daemon's (the fds its pools and leases
   // need): at most METRICS_MAX_CONNECTIONS at once (Node closes the rest as they are accepted), and one that sends no
-  // whole request within HEADERS_TIMEOUT_MS is closed (checked every CHECK_INTERVAL_MS).
+  // whole request within HEADERS_TIMEOUT_MS is closed (checked every CHECK_INTERVAL_MS). Each connection has one
+  // request at a time: one that sends the next before its answer (pipelining, which no scraper does; Node would
+  // parse a whole read's worth of them and queue their answers) is closed.
   const server = createServer(
     { connectionsCheckingInterval: CHECK_INTERVAL_MS },
     (request: IncomingMessage, response: ServerResponse) => {
-      const path = (request.url ?? '').split('?')[0];
-      if (path !== '/metrics') {
-        response.writeHead(404, { 'content-type': 'text/plain; charset=utf-8' }).end('not found: try /metrics\n');
+      const { socket } = request;
+      if (asking.has(socket)) {
+        socket.destroy();
         return;
       }
-      if (request.method !== 'GET' && request.method !== 'HEAD') {
-        response.writeHead(405, { allow: 'GET, HEAD', 'content-type': 'text/plain; charset=utf-8' }).end();
-        return;
-      }
-      text().then(
-        (text) => {
-          response.writeHead(200, { 'content-type': registry.contentType });
-          response.end(request.method === 'HEAD' ? undefined : text);
-        },
-        (error: unknown) => {
-          response.writeHead(500, { 'content-type': 'text/plain; charset=utf-8' });
-          response.end(`metrics failed: ${(error as Error).message}\n`);
-        },
-      );
+      asking.add(socket);
+      response.once('finish', () => asking.delete(socket));
+      const leave = turns.take(() => answer(request, response));
+      response.once('close', leave);
     },
   );
   // Scrapers keep connections alive; they must not hold the daemon's shutdown.
@@ -355,6 +433,7 @@ export function startMetricsServer(
         port: (server.address() as AddressInfo).port,
         close: () =>
           new Promise<void>((done) => {
+            turns.close();
             server.close(() => done());
             server.closeAllConnections();
           }),
