@@ -97,6 +97,8 @@ export class HandoffServer {
   #quotas: UidQuotas;
   /** Refusals are logged per uid up to a bound: a client sends acquires the policy refuses as fast as it likes. */
   #refusalLog = new LogLimiter(REFUSALS_LOGGED, REFUSAL_LOG_WINDOW_MS);
+  /** The same for connections refused (access control, maxSessionsPerUid): a uid connects as fast as it likes. */
+  #refusedClientLog = new LogLimiter(REFUSALS_LOGGED, REFUSAL_LOG_WINDOW_MS);
   /** Out of fds: the listener is not polled until this timer fires (then the wait doubles while it lasts). */
   #acceptRetry: NodeJS.Timeout | undefined;
   #acceptBackoffMs = 0;
@@ -232,7 +234,7 @@ export class HandoffServer {
       // Discarded, not closed: a refused client may already have queued messages with fds (native.discard).
       native.discard(fd);
       this.#metrics?.refusals.inc({ reason: 'access' });
-      this.#log.warn(credentials, 'client refused by access control');
+      this.#logRefusedClient(credentials, undefined, 'client refused by access control');
       return;
     }
     try {
@@ -248,7 +250,7 @@ export class HandoffServer {
       } catch {}
       native.discard(fd);
       this.#metrics?.refusals.inc({ reason: 'quota' });
-      this.#log.warn({ ...credentials, err: plain.message }, 'client refused by quota');
+      this.#logRefusedClient(credentials, plain.message, 'client refused by quota');
       return;
     }
     const id = this.#nextClientId++;
@@ -300,6 +302,25 @@ export class HandoffServer {
     }
     this.#clients.set(id, session);
     this.#log.debug({ client: id, pid: credentials.pid, uid: credentials.uid }, 'client connected');
+  }
+
+  /** A refused connection's warning, up to REFUSALS_LOGGED per uid per window (the metrics count them all). */
+  #logRefusedClient(
+    credentials: { uid: number; gid: number; pid: number },
+    err: string | undefined,
+    what: string,
+  ): void {
+    const leftOut = this.#refusedClientLog.take(credentials.uid);
+    if (leftOut === undefined) return;
+    this.#log.warn(
+      {
+        ...credentials,
+        ...(err !== undefined ? { err } : {}),
+        // This uid's refused connections left out of the log since its last one logged.
+        ...(leftOut > 0 ? { notLogged: leftOut } : {}),
+      },
+      what,
+    );
   }
 
   /**

@@ -237,6 +237,35 @@ describe('refused origins', () => {
     expect(lines()[0]).toContain(`"uid":${process.getuid!()}`);
   });
 });
+it.each([
+  ['maxSessionsPerUid', { quotas: { maxSessionsPerUid: 1 } }, 'client refused by quota'],
+  ['access control', { access: { allowUids: [process.getuid!() === 1 ? 2 : 1] } }, 'client refused by access control'],
+])("logs a uid's refused connections (%s) up to REFUSALS_LOGGED per window too", async (_, config, what) => {
+  // A connection the daemon refuses costs the client a connect; each was a warning of its own, at the client's
+  // pace: any uid that reaches the socket (in its group, or past a quota) could fill the journal.
+  const origin = await pathOrigin(cleanups);
+  const sockpoold = await daemon(origin.port, config);
+  // The one session maxSessionsPerUid leaves (refused too, by access control).
+  await client(sockpoold.socketPath).request({ type: 'hello', id: nextId++, version: 1 });
+  const refused = 500;
+  for (let i = 0; i < refused; i++) {
+    const raw = new RawClient(sockpoold.socketPath);
+    try {
+      const reply = await raw.receive();
+      expect(reply.message).toMatchObject({ type: 'error', id: null });
+    } finally {
+      raw.close();
+    }
+  }
+  const lines = () =>
+    sockpoold
+      .output()
+      .split('\n')
+      .filter((line) => line.includes(`"msg":"${what}"`));
+  await eventually(() => lines().length >= REFUSALS_LOGGED, 'the first refusals logged');
+  expect(lines().length).toBeLessThanOrEqual(REFUSALS_LOGGED);
+  expect(lines()[0]).toContain(`"uid":${process.getuid!()}`);
+});
 
 describe('lease ends are enforced', () => {
   it('shuts a connection down on `closed`: a copy the client kept is dead', async () => {
