@@ -142,6 +142,12 @@ export class SystemLookupPlaces {
   #running = 0;
   /** System lookups waiting for a place; its `held` counts are each uid's lookups running. */
   readonly #queue = new FairWaitQueue<QueuedLookup>();
+  /**
+   * System lookups running or waiting for a place, by name, whichever resolver started them: a name has one at a
+   * time in the process, which later resolutions join, and a uid's lookup charge (lookupInFlight) lasts until it
+   * ends, whichever resolver the daemon has by then.
+   */
+  readonly #byName = new Map<string, ReturnType<SystemLookup>>();
 
   /** `threads`: the size of the pool (tests model one). */
   constructor(threads: number) {
@@ -156,6 +162,23 @@ export class SystemLookupPlaces {
     }
     this.#queue.push(waiter);
     return 'queued';
+  }
+
+  /** The system lookup of `name` running (or waiting for a place) now, if any. */
+  lookupOf(name: string): ReturnType<SystemLookup> | undefined {
+    return this.#byName.get(name);
+  }
+
+  /** `lookup` is `name`'s until it settles or is forgotten. */
+  track(name: string, lookup: ReturnType<SystemLookup>): void {
+    this.#byName.set(name, lookup);
+    const ended = () => this.forget(name, lookup);
+    lookup.then(ended, ended);
+  }
+
+  /** `name`'s lookup is no longer `lookup` (dropped before it started). */
+  forget(name: string, lookup: ReturnType<SystemLookup>): void {
+    if (this.#byName.get(name) === lookup) this.#byName.delete(name);
   }
 
   /** Takes a waiter out of the queue; false if it is not there (it started). */
@@ -214,12 +237,11 @@ export class Resolver {
   readonly #failurePenaltyMs: number;
   readonly #systemLookup: SystemLookup;
   /**
-   * System lookups still running, by name, also past our deadline: getaddrinfo cannot be cancelled and holds a libuv
-   * thread (or a place in its queue) until the system resolver gives up. A name has one at a time, which later
-   * resolutions join: while the system resolver hangs, each connect must not queue another lookup of its own.
+   * Where system lookups take their thread: the process's, shared with every other resolver. It also keeps the
+   * lookups still running by name, also past our deadline: getaddrinfo cannot be cancelled and holds a libuv thread
+   * (or a place in its queue) until the system resolver gives up. A name has one at a time, which later resolutions
+   * join, a resolver's a reload made too: while the system resolver hangs, each connect must not start another.
    */
-  readonly #systemLookups = new Map<string, ReturnType<SystemLookup>>();
-  /** Where system lookups take their thread: the process's, shared with every other resolver. */
   readonly #systemPlaces: SystemLookupPlaces;
 
   /** `places`: the libuv threadpool getaddrinfo runs on (the process's; tests model one). */
@@ -301,11 +323,12 @@ export class Resolver {
 
   /**
    * The query for `host` in flight now (settles when it ends), or undefined when none is: a system lookup counts
-   * until it really ends, also after its resolution gave up at the deadline.
+   * until it really ends, also after its resolution gave up at the deadline, and also when another resolver (the
+   * one before a reload) started it.
    */
   lookupInFlight(host: string): Promise<unknown> | undefined {
     const name = canonicalName(host);
-    return this.#inFlight.get(name) ?? this.#systemLookups.get(name);
+    return this.#inFlight.get(name) ?? this.#systemPlaces.lookupOf(name);
   }
 
   /** The canonical name of `host`, or the address itself when it is an IP literal. Throws DNS 'invalid-host'. */
@@ -446,7 +469,7 @@ export class Resolver {
 
   /** `uid`: whose lookup a new one is (its place among the system lookups in flight). */
   async #askSystem(name: string, uid: number): Promise<Answer> {
-    let running = this.#systemLookups.get(name);
+    let running = this.#systemPlaces.lookupOf(name);
     let queued: (QueuedLookup & { drop(error: unknown): void }) | undefined;
     if (!running) {
       let start = () => {};
@@ -467,11 +490,7 @@ export class Resolver {
         return answer;
       });
       running = lookup;
-      this.#systemLookups.set(name, lookup);
-      const ended = () => {
-        if (this.#systemLookups.get(name) === lookup) this.#systemLookups.delete(name);
-      };
-      lookup.then(ended, ended);
+      this.#systemPlaces.track(name, lookup);
       const waiter = { uid, start, drop };
       if (this.#systemPlaces.take(waiter) === 'queued') queued = waiter;
     }
@@ -485,7 +504,7 @@ export class Resolver {
       // Still waiting for a place at the deadline: nobody waits for it any more, so it never takes a thread (and
       // its uid's lookup charge, lookupInFlight, ends now).
       if (queued && this.#systemPlaces.withdraw(queued)) {
-        if (this.#systemLookups.get(name) === running) this.#systemLookups.delete(name);
+        this.#systemPlaces.forget(name, running);
         queued.drop(error);
       }
       return this.#failure([error]);

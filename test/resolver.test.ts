@@ -441,6 +441,30 @@ describe('Resolver without DNS', () => {
     }
   });
 
+  it("a resolver made by a reload joins the system lookup of a name the one before still runs, and its uid's charge lasts", async () => {
+    // The lookup of a hung name goes on in its thread after a reload. The new resolver must not start another for
+    // the same name (one more thread each reload), and lookupInFlight, which keeps a uid's maxLookupsPerUid charge
+    // while its name's lookup runs, must see it (the daemon asks its current resolver when an acquire settles).
+    const calls: string[] = [];
+    let answer: (found: Array<{ address: string; family: number }>) => void = () => {};
+    const lookup = (name: string) =>
+      new Promise<Array<{ address: string; family: number }>>((resolve) => {
+        calls.push(name);
+        answer = resolve;
+      });
+    const before = new Resolver({ ...parseConfig({ dns: { timeoutMs: 20 } }, 'test').dns }, lookup);
+    expect((await dnsError(before.resolve('hung-reload.test', 443, 1))).fields).toMatchObject({ reason: 'timeout' });
+    const after = new Resolver({ ...parseConfig({ dns: { timeoutMs: 30 } }, 'test').dns }, lookup);
+    try {
+      expect(after.lookupInFlight('hung-reload.test')).toBeDefined();
+      expect((await dnsError(after.resolve('hung-reload.test', 443, 1))).fields).toMatchObject({ reason: 'timeout' });
+      expect(calls).toEqual(['hung-reload.test']);
+    } finally {
+      answer([{ address: '198.51.100.7', family: 4 }]);
+    }
+    await eventually(() => after.lookupInFlight('hung-reload.test') === undefined, 'the lookup ended');
+  });
+
   it("keeps a uid's cached names while another uid looks up thousands of names: the uid holding most gives way", async () => {
     // The cache holds 10,000 names. One uid's lookups past that (a crawler, or junk on purpose) must push out its
     // own oldest names, not those of a uid that holds fewer: each name flushed would cost that uid a lookup again
