@@ -16,7 +16,7 @@ import { createServer, type IncomingMessage, type ServerResponse } from 'node:ht
 import type { AddressInfo, Socket } from 'node:net';
 import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry } from 'prom-client';
 
-/** What a scrape reads from the pool manager; keep it cheap, it runs on every scrape. */
+/** What a rendering reads from the pool manager (at most once per SNAPSHOT_MAX_AGE_MS); keep it cheap. */
 export interface MetricsSnapshot {
   origins: Iterable<{
     origin: string;
@@ -39,7 +39,7 @@ export interface MetricsOptions {
    * Default false (config `metricsPerOrigin`); the totals are exported either way.
    */
   perOrigin?: boolean;
-  /** The clock the snapshot's age is read on (tests). */
+  /** The clock the rendering's age is read on (tests). */
   now?: () => number;
 }
 
