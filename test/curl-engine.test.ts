@@ -229,6 +229,22 @@ describe('CurlEngine deadlines, cancellation and close', () => {
     expect(link.closedLeases).toEqual([1]);
   });
 
+  it('carries the next transfers on the handles of transfers cancelled over HTTP/1.1 (no rest: their connection is closed)', async () => {
+    // Found in review (sixteenth session): every handle taken out mid-transfer rested 10 s, also over HTTP/1.1 where
+    // curl closes the connection left mid-response and nothing of it can reach the handle again; each cancellation
+    // (a timeout against a slow site, a body cancelled after its head) cost a new curl handle, alive till close.
+    const curl = engine();
+    for (let round = 0; round < 5; round++) {
+      const cancellations = [1, 2, 3].map(() => new Cancellation());
+      const running = cancellations.map((signal) => curl.run(request('/hang'), { signal }));
+      await requestsSeen(3 * (round + 1));
+      for (const signal of cancellations) signal.cancel(new SockpoolError(ErrorCodes.ABORTED, 'cancelled'));
+      for (const outcome of await Promise.all(running))
+        expect(!outcome.ok && outcome.error.code).toBe('SOCKPOOL_ERR_ABORTED');
+    }
+    expect(curl.handles).toBe(3);
+  });
+
   it('fails the transfers still running with SOCKPOOL_ERR_CLOSED on close', async () => {
     const curl = engine();
     const running = curl.run(request('/hang'));

@@ -199,7 +199,8 @@ interface HandleState {
    * 7.88 goes on handing bytes of an HTTP/2 stream removed mid-body to the handle that carried it (frames already on
    * their way, or read and not yet processed, before its RST_STREAM takes effect), and a handle reused at once gave
    * them to its next response: 2,469,318 bytes for a body of 2,272,746 (test/client-body-limit-h2). curl_easy_reset
-   * does not stop it (the stream still points at the handle), a handle not reused does: so such a handle rests.
+   * does not stop it (the stream still points at the handle), a handle not reused does: so such a handle rests
+   * (not after a transfer asked to speak HTTP/1.1: see #takeOut).
    */
   restUntil: number;
 }
@@ -311,6 +312,11 @@ export class CurlEngine {
       this.#completed.push(finish, code, error ?? undefined);
       if (this.#completed.length === 3) setImmediate(() => this.#completeFinished());
     });
+  }
+
+  /** curl handles alive (each until the engine closes): for tests. */
+  get handles(): number {
+    return this.#states.size;
   }
 
   /** Finishes the transfers curl finished (in an immediate, or at close()). */
@@ -741,13 +747,18 @@ export class CurlEngine {
 
   /**
    * Ends the handle's transfer before curl finished it: out of the Multi at once (curl closes a connection left
-   * mid-response, through CLOSESOCKETFUNCTION), and the handle rests before it carries another (restUntil).
+   * mid-response, through CLOSESOCKETFUNCTION), and the handle rests before it carries another (restUntil) when its
+   * transfer may have been a stream of an HTTP/2 connection. Not one asked to speak HTTP/1.1 (http://, a relayed
+   * http/1.1 session): curl closes an HTTP/1.1 connection left mid-response, so nothing of it can reach the handle
+   * again, and a rest would only cost a new handle per cancellation (a timeout against a slow site, a body cancelled
+   * after its head), alive until the engine closes.
    */
   #takeOut(state: HandleState, code: CurlCode, abortReason?: unknown): void {
     const finish = state.finish!;
     state.finish = undefined;
     this.#multi.removeHandle(state.easy);
-    state.restUntil = performance.now() + HANDLE_REST_MS;
+    if (state.options.get('HTTP_VERSION') !== CurlHttpVersion.V1_1)
+      state.restUntil = performance.now() + HANDLE_REST_MS;
     finish(code, undefined, abortReason);
   }
 
