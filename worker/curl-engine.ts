@@ -1,11 +1,12 @@
 // One libcurl Multi per worker thread, running many transfers at once over sockets handed in by the daemon.
 // curl keeps its connection cache (keep-alive, HTTP/2 multiplexing) in the Multi across transfers.
 //
-// Easy handles are created once, with their callbacks set for good, and reused from a free list: curl remembers,
-// in every connection it keeps, the CLOSESOCKETFUNCTION (and its data pointer) of the handle that opened it, so
-// those handles must outlive their connections. close() closes the Multi first (its connections go through
-// CLOSESOCKETFUNCTION while every handle is alive), then the handles. The callbacks act on the handle's current
-// transfer (`HandleState.current`), which each transfer sets and clears.
+// Easy handles are created once, with their callbacks set for good, and reused from a free list. curl remembers,
+// in every connection it keeps, the CLOSESOCKETFUNCTION (and its data pointer) of the handle that opened it; the
+// patched node-libcurl counts references to that data, so a connection may outlive its handle (the callback then
+// runs with `this` undefined): a handle the full free list has no room for is closed (#keep). close() closes the
+// Multi first (its connections go through CLOSESOCKETFUNCTION), then the handles. The callbacks act on the handle's
+// current transfer (`HandleState.current`), which each transfer sets and clears.
 //
 // A transfer's body goes to a ResponseSink (whole, or streamed to the caller with backpressure: WRITEFUNCTION
 // answers CURL_WRITEFUNC_PAUSE while the sink is full; with `decompress`, through a DecodingSink: curl decodes
@@ -769,8 +770,23 @@ export class CurlEngine {
       this.#resting.push(state);
       return;
     }
-    if (this.#free.length < MAX_FREE_HANDLES) this.#free.push(state);
-    // Beyond the free list the handle stays alive (see the header) but unused; the Multi closes with the engine.
+    this.#keep(state);
+  }
+
+  /**
+   * A handle free to carry another transfer: on the free list, or closed when the list is full. Kept alive unused
+   * instead, as it was, each burst of more transfers at once than the list holds (concurrencyPerThread above it, or
+   * HTTP/2 streams cancelled faster than their rest frees handles) left its excess alive until the engine closed, and
+   * the next burst made as many new ones (about 46 KiB each). The connections it opened stay in curl's cache (see the
+   * header).
+   */
+  #keep(state: HandleState): void {
+    if (this.#free.length < MAX_FREE_HANDLES) {
+      this.#free.push(state);
+      return;
+    }
+    this.#states.delete(state.easy);
+    state.easy.close();
   }
 
   /** Handles whose rest is over go back to the free list (in the order they came: the oldest first). */
@@ -779,7 +795,7 @@ export class CurlEngine {
     while (this.#resting.length > 0 && this.#resting[0]!.restUntil <= now) {
       const state = this.#resting.shift()!;
       state.restUntil = 0;
-      if (this.#free.length < MAX_FREE_HANDLES) this.#free.push(state);
+      this.#keep(state);
     }
   }
 
