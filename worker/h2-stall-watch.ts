@@ -23,6 +23,7 @@ export interface StallWatched {
 }
 
 export class H2StallWatch {
+  /** What each transfer had received at the last tick; NaN for one watched since (never equal: not kicked yet). */
   #watched = new Map<StallWatched, number>();
   #timer: NodeJS.Timeout | undefined;
   #intervalMs: number;
@@ -36,11 +37,17 @@ export class H2StallWatch {
   /** Watches a transfer until it stops running (idempotent). */
   watch(transfer: StallWatched): void {
     if (this.#watched.has(transfer)) return;
-    this.#watched.set(transfer, transfer.received);
-    if (!this.#timer) {
-      this.#timer = setInterval(() => this.#tick(), this.#intervalMs);
-      this.#timer.unref();
+    if (this.#timer) {
+      // The next tick may be a moment away: a transfer that has just begun received nothing only for that reason
+      // (curl may not even have given it its connection yet, and curl_easy_pause answers CURLE_BAD_FUNCTION_ARGUMENT
+      // for a handle without one, which fails the transfer). Kicked only after a whole interval between two ticks.
+      this.#watched.set(transfer, Number.NaN);
+      return;
     }
+    // (The first tick is a whole interval away.)
+    this.#watched.set(transfer, transfer.received);
+    this.#timer = setInterval(() => this.#tick(), this.#intervalMs);
+    this.#timer.unref();
   }
 
   close(): void {
