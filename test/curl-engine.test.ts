@@ -15,6 +15,7 @@ import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
 import { Cancellation } from '../worker/cancellation.js';
 import { type ClientPolicy, CurlEngine, epochNow, type TransferRequest } from '../worker/curl-engine.js';
+import type { ResponseSink } from '../worker/response-sink.js';
 import { SocketSupply } from '../worker/socket-supply.js';
 import { h2Origin, httpsOrigin } from './fixtures/client-helpers.js';
 import { FakeLink } from './fixtures/fake-link.js';
@@ -116,6 +117,26 @@ async function requestsSeen(count: number): Promise<void> {
 }
 
 const text = (body: Uint8Array) => Buffer.from(body).toString();
+
+/** A sink that takes the body and says when its first bytes came (in a later turn, as a request's port does: never
+ *  inside curl's callback, where curl refuses to have the transfer stopped). */
+function bodyBegins(): { sink: ResponseSink; begun: Promise<void> } {
+  let begin!: () => void;
+  const begun = new Promise<void>((resolve) => {
+    begin = resolve;
+  });
+  const sink: ResponseSink = {
+    committed: false,
+    head() {},
+    write() {
+      setImmediate(begin);
+      return true;
+    },
+    onWritable() {},
+    reset() {},
+  };
+  return { sink, begun };
+}
 
 describe('CurlEngine connections', () => {
   it('runs a transfer over a leased socket and the next over the connection curl kept', async () => {
@@ -340,6 +361,37 @@ describe('CurlEngine over https', () => {
         handles.push(curl.handles);
       }
       expect(handles).toEqual([256, 256, 256]);
+    } finally {
+      for (const engine of engines.splice(0)) engine.close();
+      await origin.close();
+    }
+  });
+
+  it('carries the next transfers on the handles of transfers cancelled mid-body over https that turned out HTTP/1.1', async () => {
+    // (As over http://: curl closes the HTTP/1.1 connection a transfer left mid-body, so its handle need not rest.)
+    const origin = await httpsOrigin(pki, (_request, response) => {
+      response.writeHead(200, { 'content-length': '1000' });
+      response.write('part of the body'); // and never the rest
+    });
+    try {
+      linkPort = origin.port;
+      const curl = engine({ caFile: pki.caFile });
+      const url = `https://localhost:${origin.port}/`;
+      for (let round = 0; round < 5; round++) {
+        const cancellations = [1, 2, 3].map(() => new Cancellation());
+        // Each cancelled once its body has begun (curl has read the head: it knows the transfer's HTTP version).
+        const bodies: Array<Promise<void>> = [];
+        const running = cancellations.map((signal) => {
+          const { sink, begun } = bodyBegins();
+          bodies.push(begun);
+          return curl.run(request('', { url }), { signal, sink });
+        });
+        await Promise.all(bodies);
+        for (const signal of cancellations) signal.cancel(new SockpoolError(ErrorCodes.ABORTED, 'cancelled'));
+        for (const outcome of await Promise.all(running))
+          expect(!outcome.ok && outcome.error.code).toBe('SOCKPOOL_ERR_ABORTED');
+      }
+      expect(curl.handles).toBe(3);
     } finally {
       for (const engine of engines.splice(0)) engine.close();
       await origin.close();

@@ -219,6 +219,8 @@ const DEAD_CONNECTION_CODES = new Set<number>([
 ]);
 /** CURLINFO_HTTP_VERSION's values (CURL_HTTP_VERSION_*) as the versions responses report. */
 const HTTP_VERSIONS: Record<number, string> = { 1: '1.0', 2: '1.1', 3: '2', 30: '3' };
+const HTTP_1_0 = 1;
+const HTTP_1_1 = 2;
 /** The body of a result whose body was streamed (never transferred: task.ts moves non-empty bodies only). */
 const EMPTY_BODY = new Uint8Array(0);
 /** HTTPHEADER of a request without headers of its own. */
@@ -750,16 +752,15 @@ export class CurlEngine {
    * Ends the handle's transfer before curl finished it: out of the Multi at once (curl closes a connection left
    * mid-response, through CLOSESOCKETFUNCTION), and the handle rests before it carries another (restUntil) when its
    * transfer may have been a stream of an HTTP/2 connection. Not one asked to speak HTTP/1.1 (http://, a relayed
-   * http/1.1 session): curl closes an HTTP/1.1 connection left mid-response, so nothing of it can reach the handle
-   * again, and a rest would only cost a new handle per cancellation (a timeout against a slow site, a body cancelled
-   * after its head), alive until the engine closes.
+   * http/1.1 session), nor one whose response came over HTTP/1.x (an https origin that chose it): curl closes an
+   * HTTP/1.1 connection left mid-response, so nothing of it can reach the handle again, and a rest would only cost a
+   * new handle per cancellation (a timeout against a slow site, a body cancelled after its head).
    */
   #takeOut(state: HandleState, code: CurlCode, abortReason?: unknown): void {
     const finish = state.finish!;
     state.finish = undefined;
     this.#multi.removeHandle(state.easy);
-    if (state.options.get('HTTP_VERSION') !== CurlHttpVersion.V1_1)
-      state.restUntil = performance.now() + HANDLE_REST_MS;
+    if (mayBeStream(state)) state.restUntil = performance.now() + HANDLE_REST_MS;
     finish(code, undefined, abortReason);
   }
 
@@ -1120,6 +1121,14 @@ function decodeError(failure: DecodeFailure, request: TransferRequest): Sockpool
     `${request.method} ${request.url}: Unrecognized or bad HTTP Content or Transfer-Encoding: ${failure.message}`,
     { curlCode: CurlCode.CURLE_BAD_CONTENT_ENCODING, deadConnection: false },
   );
+}
+
+/** Whether the handle's transfer may have been a stream of an HTTP/2 connection: not when it was asked to speak
+ *  HTTP/1.1, nor when its response came over HTTP/1.x (CURLINFO_HTTP_VERSION, 0 until a response's status line). */
+function mayBeStream(state: HandleState): boolean {
+  if (state.options.get('HTTP_VERSION') === CurlHttpVersion.V1_1) return false;
+  const version = Number(state.easy.getInfo('HTTP_VERSION').data);
+  return version !== HTTP_1_0 && version !== HTTP_1_1;
 }
 
 /** SOCKOPTFUNCTION for a handed socket: connected by the daemon already. */
