@@ -56,6 +56,10 @@ beforeEach(async () => {
     for (const wake of requestArrived.splice(0)) wake();
     if (request.url === '/hang') return; // answered never: the transfer ends by cancel or close
     if (request.url === '/held') return void held.push(() => response.end('held'));
+    if (request.url === '/part') {
+      response.writeHead(200, { 'content-length': '1000' });
+      return void response.write('part of the body'); // and never the rest
+    }
     request.resume();
     request.on('end', () => response.end(`hello from ${request.url}`));
   });
@@ -118,9 +122,9 @@ async function requestsSeen(count: number): Promise<void> {
 
 const text = (body: Uint8Array) => Buffer.from(body).toString();
 
-/** A sink that takes the body and says when its first bytes came (in a later turn, as a request's port does: never
- *  inside curl's callback, where curl refuses to have the transfer stopped). */
-function bodyBegins(): { sink: ResponseSink; begun: Promise<void> } {
+/** A sink that takes the body and says when its first bytes came: in a later turn, as a request's port does, or
+ *  (`inCallback`) at once, so that what awaits it runs at the end of curl's WRITEFUNCTION, still inside curl. */
+function bodyBegins(inCallback = false): { sink: ResponseSink; begun: Promise<void> } {
   let begin!: () => void;
   const begun = new Promise<void>((resolve) => {
     begin = resolve;
@@ -129,7 +133,8 @@ function bodyBegins(): { sink: ResponseSink; begun: Promise<void> } {
     committed: false,
     head() {},
     write() {
-      setImmediate(begin);
+      if (inCallback) begin();
+      else setImmediate(begin);
       return true;
     },
     onWritable() {},
@@ -286,6 +291,23 @@ describe('CurlEngine deadlines, cancellation and close', () => {
       handles.push(curl.handles);
     }
     expect(handles).toEqual([256, 256, 256]);
+  });
+
+  it('fails a transfer cancelled from a microtask that ran at the end of one of curl’s callbacks', async () => {
+    // Found in review (sixteenth session): curl refuses curl_multi_remove_handle there (CURLM_RECURSIVE_API_CALL), and
+    // #takeOut threw out of the cancel after it had taken the transfer's finish: the transfer never ended. (An
+    // in-thread request's caller signal cancels synchronously; whatever awaits an outcome settled inside curl runs
+    // there, as #perform already knows.)
+    const curl = engine();
+    const cancellation = new Cancellation();
+    const { sink, begun } = bodyBegins(true);
+    const running = curl.run(request('/part'), { signal: cancellation, sink });
+    await begun;
+    const reason = new SockpoolError(ErrorCodes.ABORTED, 'cancelled inside curl');
+    cancellation.cancel(reason);
+    const outcome = await running;
+    expect(!outcome.ok && outcome.error).toMatchObject({ code: ErrorCodes.ABORTED, message: reason.message });
+    expect(await curl.run(request('/after'))).toMatchObject({ ok: true });
   });
 
   it('fails the transfers still running with SOCKPOOL_ERR_CLOSED on close', async () => {

@@ -757,9 +757,23 @@ export class CurlEngine {
    * new handle per cancellation (a timeout against a slow site, a body cancelled after its head).
    */
   #takeOut(state: HandleState, code: CurlCode, abortReason?: unknown): void {
+    try {
+      this.#multi.removeHandle(state.easy);
+    } catch (error) {
+      // From a microtask that ran at the end of one of curl's own callbacks (an in-thread request's caller, whose
+      // signal cancels at once, awaiting something settled there), where curl refuses the call
+      // (CURLM_RECURSIVE_API_CALL): on the next turn, unless the transfer ended meanwhile. (Thrown, it left the
+      // handle in the Multi with its finish taken: the transfer never ended, and closing the Multi aborted the
+      // process.)
+      if (this.#closed || !/within callback/i.test((error as Error).message)) throw error;
+      const attempt = state.current;
+      setImmediate(() => {
+        if (!this.#closed && state.finish && state.current === attempt) this.#takeOut(state, code, abortReason);
+      });
+      return;
+    }
     const finish = state.finish!;
     state.finish = undefined;
-    this.#multi.removeHandle(state.easy);
     if (mayBeStream(state)) state.restUntil = performance.now() + HANDLE_REST_MS;
     finish(code, undefined, abortReason);
   }
