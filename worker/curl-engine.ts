@@ -729,7 +729,11 @@ export class CurlEngine {
       running: () => state.current === attempt && state.finish !== undefined,
       paused: () => (attempt.pause & CurlPause.Recv) !== 0,
       kick: () => {
-        this.#paused(state, attempt, state.easy.pause(attempt.pause | CurlPause.Recv));
+        const code = state.easy.pause(attempt.pause | CurlPause.Recv);
+        // curl 7.88 answers CURLE_BAD_FUNCTION_ARGUMENT for a transfer with no connection yet (still waiting for
+        // its socket): nothing is stalled there, and that is no reason to fail it.
+        if (code === CurlCode.CURLE_BAD_FUNCTION_ARGUMENT) return;
+        this.#paused(state, attempt, code);
         // May call WRITEFUNCTION, as below.
         if (state.current === attempt) this.#paused(state, attempt, state.easy.pause(attempt.pause));
       },
