@@ -5,22 +5,29 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import * as native from '../shared/native.js';
 import { type ClientMessage, encodeFrame, FrameType, MAX_MESSAGE_BYTES } from '../shared/protocol.js';
 import { startServer, type TestServer } from './fixtures/native-helpers.js';
-import { type DaemonProcess, eventually, startDaemon } from './helpers/daemon.js';
+import { type DaemonProcess, eventually, startDaemon, writeConfigFile } from './helpers/daemon.js';
 import { RawClient } from './helpers/raw-client.js';
 import { seededRandom } from './helpers/seeded-random.js';
 
 const seed = Number(process.env.SOCKPOOL_FUZZ_SEED ?? Date.now() % 1_000_000);
 let echo: TestServer;
 let sockpoold: DaemonProcess;
+const configCleanups: Array<() => unknown> = [];
 
 beforeAll(async () => {
   echo = await startServer('127.0.0.1');
-  sockpoold = await startDaemon({ args: ['--allow', '127.0.0.1/32', '--allow-port', String(echo.port)] });
+  // Fds let in (access.acceptClientFds), so that the messages carrying them reach the daemon's decoding and
+  // discard: by default the kernel refuses them at the sender (EPERM), tested in test/daemon-trust.
+  const config = writeConfigFile({ access: { acceptClientFds: true } }, configCleanups);
+  sockpoold = await startDaemon({
+    args: ['--allow', '127.0.0.1/32', '--allow-port', String(echo.port), '--config', config],
+  });
 });
 
 afterAll(async () => {
   await sockpoold?.stop();
   await echo?.close();
+  for (const cleanup of configCleanups) cleanup();
 });
 
 function mutate(next: () => number, port: number): Buffer {
