@@ -41,11 +41,15 @@
 // the slots all day (found in review). It ends THROTTLED_HOLD_MS after the origin's last request that waited (each
 // one that waits, while marked too, starts the time again): an origin whose rate still holds its requests back
 // goes on sending waits and stays marked. The time is read only for marked origins, as one of their requests enters
-// or leaves, and, while an origin has waiters parked, as any request leaves and on a timer set for its mark's end:
-// seen only by its own requests, a mark could end unseen while its waiters stayed parked behind a share held by
-// requests waiting minutes for their tokens, slots free, until their deadlines failed them (found in review). Where
-// an ended mark is seen, its parked waiters go back to the head of the queue, in order, and start first. (So every
-// parked waiter's origin is marked.) An origin can also stop
+// or leaves, where a waiter finds the share taken, and, while waiters are parked, as any request leaves and on a
+// timer set for the first mark's end: seen only by its own requests, a mark could end unseen while its waiters
+// stayed parked behind a share held by requests waiting minutes for their tokens, slots free, until their deadlines
+// failed them (found in review); and an origin marked once whose requests then ran long (a large download, a stream
+// read slowly) kept them in the share after its mark ended, so another throttled origin's requests parked behind
+// them, slots free, for as long as their own mark lasted (found in a later review). Every mark's end is looked for
+// there, not only a parked origin's (no sooner than the first mark can end: one clock read). Where an ended mark is
+// seen, its parked waiters go back to the head of the queue, in order, and start first. (So every parked waiter's
+// origin is marked.) An origin can also stop
 // waiting only because the share holds it under its rate (rate × the time a request takes ≤ the share); its mark
 // then ends, its requests take more slots, wait, and mark it again: a flap, which costs the rest of the queue what
 // the origin's first requests cost before the queue knew (the slots it took before one of them ended having waited,
@@ -160,8 +164,12 @@ export class RequestQueue {
   #parkedHead = 0;
   /** Waiters in #parked that are still waiting (also counted in #waiting). */
   #parkedWaiting = 0;
-  /** The origins of those waiters (all marked), and the timer set for the first of their marks to end. */
+  /** The origins of those waiters (all marked). */
   #parkedOrigins = new Set<OriginRequests>();
+  /** Every marked origin (those with parked waiters among them), and no mark ends before `#marksEndFrom` (a bound
+   *  from below: each wait moves a mark's end later). While waiters are parked, a timer is set for the first end. */
+  #marked = new Set<OriginRequests>();
+  #marksEndFrom = Number.POSITIVE_INFINITY;
   #markTimer: ReturnType<typeof setTimeout> | undefined;
   /** When it fires (the marks' clock). */
   #markTimerAt = Number.POSITIVE_INFINITY;
@@ -231,9 +239,13 @@ export class RequestQueue {
    */
   enter(target: UrlTarget, request: TransferRequest, signal: AbortSignal | undefined): Promise<void> | undefined {
     let origin = this.#busy(target.key);
-    if (origin.throttled && !this.#stillThrottled(origin)) {
-      // The mark ended: the origin's parked waiters start first (they came before this request). Starting them may
-      // have rebuilt the records (#maybeIdle), dropping this one if it was idle: it is looked up again.
+    if (
+      origin.throttled &&
+      (!this.#stillThrottled(origin) || (this.#throttledRunning >= this.#throttledCapacity && this.#noticeEndedMarks()))
+    ) {
+      // The mark ended (or, the share taken, another origin's that held it): parked waiters start first (they came
+      // before this request). Starting them may have rebuilt the records (#maybeIdle), dropping this one if it was
+      // idle: it is looked up again.
       this.#startWaiting();
       origin = this.#origins.get(target.key) ?? this.#busy(target.key);
     }
@@ -311,13 +323,20 @@ export class RequestQueue {
           : THROTTLED_HOLD_MS;
       origin.throttled = true;
       this.#throttledRunning += origin.running;
+      this.#marked.add(origin);
     }
     origin.throttledUntil = now + origin.throttledHoldMs;
+    this.#marksEndFrom = Math.min(this.#marksEndFrom, origin.throttledUntil);
+    // (A new mark may end before the one the timer is set for: its end frees the share too.)
+    if (this.#parkedOrigins.size > 0 && origin.throttledUntil < this.#markTimerAt) {
+      this.#clearMarkTimer();
+      this.#armMarkTimer();
+    }
   }
 
   /** A request to `target` that held a slot is over: the slot goes to the next waiter. */
   leave(target: UrlTarget): void {
-    // Marks of origins with parked waiters that ended meanwhile (see the header): their waiters start first.
+    // Marks that ended meanwhile, while waiters are parked (see the header): those of their origins start first.
     if (this.#parkedOrigins.size > 0) this.#noticeEndedMarks();
     this.#running--;
     const origin = this.#origins.get(target.key)!;
@@ -350,6 +369,12 @@ export class RequestQueue {
       }
       const origin = this.#origins.get(waiter.target.key)!;
       if (origin.throttled && this.#throttledRunning >= this.#throttledCapacity && this.#stillThrottled(origin)) {
+        // Marks that ended unseen may hold the share (see the header): once they are ended, the parked waiters that
+        // can start go first, and the head is looked at again (an ended mark's parked waiters are there now).
+        if (this.#noticeEndedMarks()) {
+          this.#startParked();
+          continue;
+        }
         this.#head++;
         this.#seen(waiter);
         this.#park(waiter, origin);
@@ -421,17 +446,26 @@ export class RequestQueue {
     this.#head = 0;
   }
 
-  /** Ends the marks of origins with parked waiters whose time is up (their waiters go back to the head). */
-  #noticeEndedMarks(): void {
-    for (const origin of this.#parkedOrigins) if (origin.throttled) this.#stillThrottled(origin);
+  /** Ends the marks whose time is up (their parked waiters go back to the head): whether any ended. */
+  #noticeEndedMarks(): boolean {
+    const now = this.#now();
+    if (now < this.#marksEndFrom) return false;
+    let ended = false;
+    let next = Number.POSITIVE_INFINITY;
+    for (const origin of this.#marked) {
+      if (now < origin.throttledUntil) next = Math.min(next, origin.throttledUntil);
+      else ended = !this.#stillThrottled(origin) || ended;
+    }
+    this.#marksEndFrom = next;
+    return ended;
   }
 
-  /** While waiters are parked: a timer at the end of the first of their origins' marks (that end may move later,
-   *  each wait pushing it: the timer then looks again). Unref'd: the waiters' deadlines hold the process. */
+  /** While waiters are parked: a timer at the end of the first mark (that end may move later, each wait pushing it:
+   *  the timer then looks again). Unref'd: the waiters' deadlines hold the process. */
   #armMarkTimer(): void {
     if (this.#markTimer !== undefined || this.#parkedOrigins.size === 0) return;
     let until = Number.POSITIVE_INFINITY;
-    for (const origin of this.#parkedOrigins) until = Math.min(until, origin.throttledUntil);
+    for (const origin of this.#marked) until = Math.min(until, origin.throttledUntil);
     this.#markTimerAt = until;
     this.#markTimer = setTimeout(
       () => {
@@ -461,6 +495,7 @@ export class RequestQueue {
     if (now < origin.throttledUntil) return true;
     origin.throttled = false;
     origin.throttledEndedAt = now;
+    this.#marked.delete(origin);
     this.#throttledRunning -= origin.running;
     if (origin.parked > 0) this.#unpark(origin);
     return false;
@@ -574,6 +609,8 @@ export class RequestQueue {
     const busy = new Map<string, OriginRequests>();
     for (const [key, kept] of this.#origins) if (kept.waiting !== 0 || kept.running !== 0) busy.set(key, kept);
     this.#origins = busy;
+    // (A mark of a record dropped goes with it, as before: it counted nothing in the share.)
+    for (const marked of this.#marked) if (marked.waiting === 0 && marked.running === 0) this.#marked.delete(marked);
     this.#idleOrigins = 0;
   }
 

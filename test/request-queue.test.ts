@@ -242,6 +242,53 @@ describe('RequestQueue', () => {
     }
   });
 
+  it('a mark that ended unseen does not hold the throttled share: another origin’s waiters do not park for it', async () => {
+    // Found in review: a mark ended only where one of the origin's own requests entered or left, or where it had
+    // waiters parked. An origin marked once whose requests then ran long (a large download, a stream read slowly)
+    // kept them in the throttled share after its mark ended, and another throttled origin got less of the share,
+    // or none: its requests parked while slots were free, for as long as its own mark lasted (up to 16 minutes,
+    // and a rate-limited origin is marked again and again).
+    vi.useFakeTimers({ toFake: ['setTimeout', 'clearTimeout'] });
+    try {
+      let now = 1_000_000;
+      const { queue, order, enter, leave } = recordingQueue(6, { origins: 0, socketsPerOrigin: 1 }, () => now);
+      const long = (n: number) => `http://long.test/${n}`;
+      const slow = (n: number) => `http://slow.test/${n}`;
+      // long.test was marked once, its three requests holding the share (3 of 6); they run on past its mark's end.
+      for (let n = 0; n < 3; n++) expect(enter(long(n))).toBe('started');
+      queue.throttled(urlTarget(long(0)));
+      now += 60_000;
+      // slow.test is marked now. Its next request finds long.test's mark over: it starts, in a free slot.
+      expect(enter(slow(0))).toBe('started');
+      queue.throttled(urlTarget(slow(0)));
+      expect(enter(slow(1))).toBe('started');
+      expect(queue.running).toBe(5);
+      // long.test is marked again (two minutes, it came back at once): slow.test's next request parks behind it.
+      queue.throttled(urlTarget(long(1)));
+      const parked = enter(slow(2), { timeoutMs: 3_600_000 });
+      expect(parked).not.toBe('started');
+      // slow.test goes on waiting for its tokens (marked again every 25 s) while nothing of long.test enters or
+      // leaves: long.test's mark ends on time all the same, and the parked request takes the free slot.
+      for (let step = 0; step < 4; step++) {
+        now += 25_000;
+        vi.advanceTimersByTime(25_000);
+        queue.throttled(urlTarget(slow(0)));
+      }
+      await settle();
+      expect(order).toEqual([]);
+      now += 20_000;
+      vi.advanceTimersByTime(20_000);
+      await settle();
+      expect(order).toEqual([slow(2)]);
+      expect(queue.running).toBe(6);
+      for (const url of [long(0), long(1), long(2), slow(0), slow(1), slow(2)]) leave(url);
+      await parked;
+      await queue.idle();
+    } finally {
+      vi.useRealTimers();
+    }
+  });
+
   it('a parked waiter that gives up is passed over; the queue still ends idle', async () => {
     const { queue, order, enter, leave } = recordingQueue(2, { origins: 0, socketsPerOrigin: 1 });
     const slow = (n: number) => `http://slow.test/${n}`;
