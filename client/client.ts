@@ -165,6 +165,8 @@ interface Prepared {
   queued: number;
   /** The request's URL, parsed: its origin is what the client's queue announces. */
   target: UrlTarget;
+  /** A redirect's next hop (or fetch()'s second try): it waits before the others in the queue (request-queue.ts). */
+  ahead: boolean;
 }
 
 /** Where an origin's requests ran lately (inlineWhenIdle): its idle connections are there, in that runtime's curl
@@ -344,7 +346,7 @@ export class SockpoolClient {
     }
     if (preparing instanceof Promise || preparing.upload) return this.#requestWaiting(preparing);
     const prepared = preparing;
-    const waiting = this.#queue.enter(prepared.target, prepared.request, prepared.signal);
+    const waiting = this.#queue.enter(prepared.target, prepared.request, prepared.signal, prepared.ahead);
     if (waiting) return this.#requestWaiting(prepared, waiting);
     // The common case, without an async frame: one promise, settled when the outcome comes back.
     return new Promise((resolve, reject) => this.#start(prepared, resolve, reject));
@@ -381,12 +383,16 @@ export class SockpoolClient {
     preparing: Prepared | Promise<Prepared>,
   ): Promise<{ prepared: Prepared; waiting: Promise<void> | undefined }> {
     if (!(preparing instanceof Promise)) {
-      return { prepared: preparing, waiting: this.#queue.enter(preparing.target, preparing.request, preparing.signal) };
+      const { target, request, signal, ahead } = preparing;
+      return { prepared: preparing, waiting: this.#queue.enter(target, request, signal, ahead) };
     }
     this.#chains++;
     try {
       const prepared = await preparing;
-      return { prepared, waiting: this.#queue.enter(prepared.target, prepared.request, prepared.signal) };
+      return {
+        prepared,
+        waiting: this.#queue.enter(prepared.target, prepared.request, prepared.signal, prepared.ahead),
+      };
     } finally {
       // (After the enter: the queue holds it when close() looks there.)
       this.#chainEnded();
@@ -613,7 +619,8 @@ export class SockpoolClient {
       ) {
         // A coding not known fails the body (Node's fetch hands it on as it came): asked again, not decoded.
         await response.body.cancel();
-        response = await this.requestStream(url, { ...options, decompress: false });
+        const again: InternalOptions = { ...options, decompress: false, [AHEAD]: true };
+        response = await this.requestStream(url, again);
       }
       // (A HEAD stays a HEAD through any redirect.)
       return fetchResponse(response, method);
@@ -661,7 +668,11 @@ export class SockpoolClient {
       headers: options.headers,
       body: options.body,
     };
-    const sendHop = (hop: Hop) => send(hop.url, hopOptions(options, hop, deadline, timeoutMs));
+    // (A hop after the first waits before the other requests in the queue: its chain already waited its turn. So
+    // does the first of fetch()'s second try.)
+    const ahead = (options as InternalOptions)[AHEAD];
+    const sendHop = (hop: Hop) =>
+      send(hop.url, { ...hopOptions(options, hop, deadline, timeoutMs), [AHEAD]: hop !== first || ahead });
     return this.#chain(async () => {
       const { response, followed } = await followRedirects(first, mode, sendHop, drop);
       if (followed > 0) response.redirected = true;
@@ -771,7 +782,15 @@ export class SockpoolClient {
     const maxBodyBytes =
       options.maxBodyBytes === undefined ? this.#options.maxBodyBytes : validateMaxBodyBytes(options.maxBodyBytes);
     const body = classifyBody(options.body);
-    const times = { timeoutMs, signal, streamResponse, decompress, maxBodyBytes, queued };
+    const times = {
+      timeoutMs,
+      signal,
+      streamResponse,
+      decompress,
+      maxBodyBytes,
+      queued,
+      ahead: options[AHEAD] === true,
+    };
     if (body instanceof Promise) return body.then((read) => this.#prepared(checked, read, times));
     return this.#prepared(checked, body, times);
   }
@@ -786,6 +805,7 @@ export class SockpoolClient {
       decompress,
       maxBodyBytes,
       queued,
+      ahead,
     }: Omit<Prepared, 'request' | 'upload' | 'target'> & PreparedTimes,
   ): Prepared {
     const declared = checkFraming(checked.headers, body);
@@ -801,7 +821,7 @@ export class SockpoolClient {
       deadline: epochNow() + timeoutMs,
       timeoutMs,
     };
-    return { request, signal, upload: body.stream, queued, target: checked.target };
+    return { request, signal, upload: body.stream, queued, target: checked.target, ahead };
   }
 
   /**
@@ -912,10 +932,18 @@ const REPEATABLE_METHODS = new Set(['GET', 'HEAD', 'OPTIONS']);
 /** Marks a request made by a request that makes several (SockpoolClient#chain): it runs while the client closes. */
 const CONTINUING = Symbol('continuing');
 
+/** Marks a redirect's next hop, or fetch()'s second try: part of a request the client's queue already let run, it
+ *  waits there before the others (request-queue.ts). */
+const AHEAD = Symbol('ahead');
+
 /** fetch()'s own: what a streamed response body fails with, for a failure of the transfer (fetchFailure). */
 const BODY_FAILURE = Symbol('body-failure');
 
-type InternalOptions = RequestOptions & { [CONTINUING]?: true; [BODY_FAILURE]?: (error: Error) => unknown };
+type InternalOptions = RequestOptions & {
+  [CONTINUING]?: true;
+  [AHEAD]?: true;
+  [BODY_FAILURE]?: (error: Error) => unknown;
+};
 
 /**
  * A failure as Node's fetch reports it, for code written for it: once the signal has fired, its reason (as the Fetch

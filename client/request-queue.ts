@@ -59,6 +59,12 @@
 // not wait: while marked, the share itself keeps requests from waiting, so such a count would end the mark soonest
 // exactly where it works. (An idle origin's record, mark and all, can also be dropped with the others: see below.)
 //
+// A redirect's next hop (`ahead`) is part of a request that already waited its turn here: it waits before every other
+// waiter (after the parked ones, which came before it), in order among hops. Entering as a new request, each hop
+// waited behind everything queued since its chain began, within the chain's one deadline: a crawler's redirected
+// URLs (http to https, to www) waited the whole queue again per hop and timed out where URLs without a redirect did
+// not (found in review). The slot its last hop left has gone to the first waiter by then: a hop waits for the next.
+//
 // How many may wait. By default, as many as the caller makes (`maxQueued` Infinity): each waiter already has a
 // deadline, and a crawler may hand over its whole frontier. With `maxQueued` set, a request that would wait while that
 // many already wait (parked ones included) fails at once with SOCKPOOL_ERR_LIMIT, leaving nothing behind: a service
@@ -98,7 +104,9 @@ interface Waiter {
   gone: boolean;
   /** In #parked (a throttled origin's, waiting for the throttled share to have room), not in #waiters. */
   parked: boolean;
-  /** Not counted in #unseen: the lookahead looked at it, or it left #waiters (or never was there: parked). */
+  /** In #ahead (a redirect's next hop: see the header), not in #waiters. */
+  ahead: boolean;
+  /** Not counted in #unseen: the lookahead looked at it, or it left #waiters (or never was there: parked, ahead). */
   seen: boolean;
   start: () => void;
   fail: (error: Error) => void;
@@ -173,6 +181,9 @@ export class RequestQueue {
   #markTimer: ReturnType<typeof setTimeout> | undefined;
   /** When it fires (the marks' clock). */
   #markTimerAt = Number.POSITIVE_INFINITY;
+  /** Waiters that go before #waiters (a redirect's next hops), in order; `#aheadHead` as for #waiters. */
+  #ahead: Waiter[] = [];
+  #aheadHead = 0;
   #waiters: Waiter[] = [];
   #head = 0;
   #cursor = 0;
@@ -235,9 +246,14 @@ export class RequestQueue {
    * (in order of arrival) and rejects with SOCKPOOL_ERR_TIMEOUT at the request's deadline or SOCKPOOL_ERR_ABORTED
    * when its signal fires, while it waits; one that would wait while `maxWaiting` already wait gets a promise
    * rejected with SOCKPOOL_ERR_LIMIT at once, and is not in the queue. A request that got a slot must give it back
-   * with leave().
+   * with leave(). `ahead`: a redirect's next hop, which waits before the others (see the header).
    */
-  enter(target: UrlTarget, request: TransferRequest, signal: AbortSignal | undefined): Promise<void> | undefined {
+  enter(
+    target: UrlTarget,
+    request: TransferRequest,
+    signal: AbortSignal | undefined,
+    ahead = false,
+  ): Promise<void> | undefined {
     let origin = this.#busy(target.key);
     if (
       origin.throttled &&
@@ -274,7 +290,8 @@ export class RequestQueue {
         target,
         gone: false,
         parked: roomInQueue,
-        seen: roomInQueue,
+        ahead: ahead && !roomInQueue,
+        seen: roomInQueue || ahead,
         start: resolve,
         fail: reject,
         deadline: undefined,
@@ -290,6 +307,10 @@ export class RequestQueue {
       origin.waiting++;
       if (waiter.parked) {
         this.#park(waiter, origin);
+        return;
+      }
+      if (waiter.ahead) {
+        this.#ahead.push(waiter);
         return;
       }
       this.#waiters.push(waiter);
@@ -360,6 +381,28 @@ export class RequestQueue {
   #startWaiting(): void {
     // Parked waiters came before every waiter still in #waiters: they go first, while the throttled share has room.
     this.#startParked();
+    // Then a redirect's next hops (see the header).
+    while (this.#running < this.#capacity && this.#aheadHead < this.#ahead.length) {
+      const waiter = this.#ahead[this.#aheadHead]!;
+      if (waiter.gone) {
+        this.#aheadHead++;
+        continue;
+      }
+      const origin = this.#origins.get(waiter.target.key)!;
+      if (this.#shareTaken(origin)) {
+        if (this.#noticeEndedMarks()) {
+          this.#startParked();
+          continue;
+        }
+        this.#aheadHead++;
+        waiter.ahead = false;
+        this.#park(waiter, origin);
+        continue;
+      }
+      this.#aheadHead++;
+      waiter.ahead = false;
+      this.#start(waiter);
+    }
     while (this.#running < this.#capacity && this.#head < this.#waiters.length) {
       const waiter = this.#waiters[this.#head]!;
       if (waiter.gone) {
@@ -368,7 +411,7 @@ export class RequestQueue {
         continue;
       }
       const origin = this.#origins.get(waiter.target.key)!;
-      if (origin.throttled && this.#throttledRunning >= this.#throttledCapacity && this.#stillThrottled(origin)) {
+      if (this.#shareTaken(origin)) {
         // Marks that ended unseen may hold the share (see the header): once they are ended, the parked waiters that
         // can start go first, and the head is looked at again (an ended mark's parked waiters are there now).
         if (this.#noticeEndedMarks()) {
@@ -385,6 +428,11 @@ export class RequestQueue {
       this.#head++;
       this.#start(waiter);
     }
+  }
+
+  /** Whether `origin` is marked and the throttled share taken (its mark ends here if its time is up). */
+  #shareTaken(origin: OriginRequests): boolean {
+    return origin.throttled && this.#throttledRunning >= this.#throttledCapacity && this.#stillThrottled(origin);
   }
 
   /** Starts parked waiters, in order, while a slot is free and the throttled share has room. */
@@ -533,6 +581,8 @@ export class RequestQueue {
       }
       return;
     }
+    // (A hop that gave up stays in #ahead, marked, until leave() passes it: hops come only as slots free.)
+    if (waiter.ahead) return;
     // (It stays in the array, marked, until leave() passes it or #dropGone drops it: waiters exist only while every
     // slot is taken.)
     this.#gone++;
@@ -688,6 +738,13 @@ export class RequestQueue {
     if (this.#parkedHead >= COMPACT_AFTER && this.#parkedHead * 2 >= this.#parked.length) {
       this.#parked = this.#parked.slice(this.#parkedHead);
       this.#parkedHead = 0;
+    }
+    if (this.#aheadHead === this.#ahead.length) {
+      this.#ahead.length = 0;
+      this.#aheadHead = 0;
+    } else if (this.#aheadHead >= COMPACT_AFTER && this.#aheadHead * 2 >= this.#ahead.length) {
+      this.#ahead = this.#ahead.slice(this.#aheadHead);
+      this.#aheadHead = 0;
     }
     if (this.#head < COMPACT_AFTER || this.#head * 2 < this.#waiters.length) return;
     this.#waiters = this.#waiters.slice(this.#head);

@@ -370,3 +370,26 @@ describe('fetch() follows redirects', () => {
     await eventually(() => clientFds() <= before, `client fds back to ${before} (now ${clientFds()})`);
   });
 });
+
+describe('a redirect in the client queue', () => {
+  it('its next hop goes before the requests that wait there: the chain already waited its turn', async () => {
+    // Found in review: each hop entered the queue as a new request, behind every request queued since the chain
+    // began, so a crawler's redirected URLs (http to https, to www) waited the whole queue again at each hop, within
+    // the chain's one deadline, and timed out where the same URLs without a redirect did not.
+    const own = new SockpoolClient({ socketPath: daemon.socketPath, threads: 0, concurrencyPerThread: 1 });
+    try {
+      const from = seen.length;
+      const chained = own.request(url('/chain/1'), { redirect: 'follow' });
+      const queued = [1, 2, 3, 4, 5].map((n) => own.request(url(`/target?queued-${n}`)));
+      expect((await chained).status).toBe(200);
+      await Promise.all(queued);
+      const order = seen.slice(from);
+      expect(order).toHaveLength(8);
+      // (A hop waits for the next slot that frees: the one its last hop left went to the first waiter then.)
+      expect(order.indexOf('GET /chain/0')).toBeLessThan(order.indexOf('GET /target?queued-3'));
+      expect(order.indexOf('GET /target')).toBeLessThan(order.indexOf('GET /target?queued-5'));
+    } finally {
+      await own.close();
+    }
+  });
+});

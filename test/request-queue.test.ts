@@ -289,6 +289,54 @@ describe('RequestQueue', () => {
     }
   });
 
+  it("a redirect's next hop (ahead) waits before the other waiters, in order among hops, and parks as any request of a throttled origin", async () => {
+    const { queue, order, enter, leave } = recordingQueue(2, { origins: 0, socketsPerOrigin: 1 });
+    const hop = (url: string, options: { signal?: AbortSignal } = {}) => {
+      const waiting = queue.enter(urlTarget(url), request(), options.signal, true);
+      if (!waiting) return 'started';
+      return waiting.then(
+        () => {
+          order.push(url);
+        },
+        (error: { code: string }) => {
+          order.push(`${url} ${error.code}`);
+        },
+      );
+    };
+    expect(enter('http://a.test/1')).toBe('started');
+    // With a free slot and nobody waiting, a hop starts at once as any request does.
+    expect(hop('http://b.test/hop0')).toBe('started');
+    const waiting = [enter('http://c.test/1'), enter('http://c.test/2')];
+    const controller = new AbortController();
+    const hops = [
+      hop('http://b.test/hop1'),
+      hop('http://gone.test/hop', { signal: controller.signal }),
+      hop('http://b.test/hop2'),
+    ];
+    expect(queue.waiting).toBe(5);
+    controller.abort();
+    leave('http://a.test/1');
+    leave('http://b.test/hop0');
+    await settle();
+    expect(order).toEqual(['http://gone.test/hop SOCKPOOL_ERR_ABORTED', 'http://b.test/hop1', 'http://b.test/hop2']);
+    // b.test is marked with the share (1 of 2) taken by its own request: its next hop parks, and c.test goes on.
+    queue.throttled(urlTarget('http://b.test/hop1'));
+    hops.push(hop('http://b.test/hop3'));
+    leave('http://b.test/hop2');
+    await settle();
+    expect(order.slice(3)).toEqual(['http://c.test/1']);
+    leave('http://b.test/hop1');
+    await settle();
+    expect(order.slice(4)).toEqual(['http://b.test/hop3']);
+    leave('http://c.test/1');
+    await Promise.all([...waiting, ...hops]);
+    expect(order.slice(5)).toEqual(['http://c.test/2']);
+    leave('http://b.test/hop3');
+    leave('http://c.test/2');
+    expect(queue.waiting).toBe(0);
+    await queue.idle();
+  });
+
   it('a parked waiter that gives up is passed over; the queue still ends idle', async () => {
     const { queue, order, enter, leave } = recordingQueue(2, { origins: 0, socketsPerOrigin: 1 });
     const slow = (n: number) => `http://slow.test/${n}`;
