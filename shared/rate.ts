@@ -29,10 +29,17 @@ export class TokenBatch {
   /** Batches held, oldest first: tokens left and when they expire. */
   #held: Array<{ tokens: number; expiresAt: number }> = [];
   #tokens = 0;
+  #expired = 0;
 
   /** Tokens held, expired ones not dropped yet included. */
   get count(): number {
     return this.#tokens;
+  }
+
+  /** Tokens dropped unspent so far, expired (seen as the batch is spent or added to): what a holder asked for beyond
+   *  its demand. */
+  get expired(): number {
+    return this.#expired;
   }
 
   /** Tokens still spendable at `now` (0 once every batch expired). */
@@ -75,6 +82,10 @@ export class TokenBatch {
   }
 
   #dropExpired(now: number): void {
-    while (this.#held.length > 0 && now >= this.#held[0]!.expiresAt) this.#tokens -= this.#held.shift()!.tokens;
+    while (this.#held.length > 0 && now >= this.#held[0]!.expiresAt) {
+      const { tokens } = this.#held.shift()!;
+      this.#tokens -= tokens;
+      this.#expired += tokens;
+    }
   }
 }

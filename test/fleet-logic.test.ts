@@ -455,6 +455,39 @@ describe('worker tokens', () => {
     await long;
   });
 
+  it('a worker whose batches expire unspent asks for fewer tokens: its seldom requests do not take the rate of many', async () => {
+    // Found in review: every batch request asked for the rate's batch (a tenth of a second of it), whatever the
+    // worker's demand, and what was not spent within TOKEN_LIFETIME_MS expired, charged to the origin's rate all the
+    // same. A thread sending one request every 2 s to an origin at 100 requests/s took 10 tokens a request: twenty
+    // such threads (a few processes) used up the whole rate for 10 requests/s, and every other request waited.
+    const { asks, link } = manualLink();
+    let clock = 0;
+    const tokens = new RateTokens(link, () => clock);
+    tokens.learn('a.example', 80, { requestsPerSecond: 100, burst: 10 });
+    const taken: number[] = [];
+    for (let request = 0; request < 6; request++) {
+      const taking = tokens.take('a.example', 80, 5000) as Promise<number | undefined>;
+      const ask = asks.at(-1)!;
+      taken.push(ask.count);
+      ask.grant(ask.count);
+      await taking;
+      clock += 2 * TOKEN_LIFETIME_MS;
+    }
+    // The first asks for the batch; the batches after it shrink to what was spent of the last, and grow back only
+    // as far as each was spent whole.
+    expect(taken[0]).toBe(10);
+    expect(taken.slice(1).every((count) => count <= 2)).toBe(true);
+    // Busy again (a burst: twelve requests in one turn), the requests waiting together ask for a whole batch.
+    const from = asks.length;
+    const burst = Array.from({ length: 12 }, () => tokens.take('a.example', 80, 5000));
+    for (let answered = from; answered < from + 5 && answered < asks.length; answered++) {
+      asks[answered]!.grant(asks[answered]!.count);
+      await settle();
+    }
+    await Promise.all(burst);
+    expect(asks.slice(from).map((ask) => ask.count)).toContain(10);
+  });
+
   it('a token given back (its request never went out) is spent again, only until it would have expired', async () => {
     const { asks, link } = manualLink();
     let clock = 0;

@@ -11,6 +11,13 @@
 // waits the origin's rate did not call for.) A request whose deadline comes before the one under way's asks for
 // its own single token instead, so that it never waits past its deadline behind another request.
 //
+// A batch request asks for the rate's batch (batchSize) while the worker spends what it asks for; tokens it cannot
+// spend within TOKEN_LIFETIME_MS expire, charged to the origin's rate all the same. So once some expired unspent,
+// the next batch request asks for what the last one left spent (at least one), and the size grows back, doubling,
+// only as batches are spent whole; requests waiting together ask for as many at once whatever the last batches did.
+// (Each asking for the rate's batch, a thread sending one request every 2 s to an origin at 100 requests/s took 10
+// tokens a request: twenty such threads took the origin's whole rate for 10 requests/s, and others waited.)
+//
 // The daemon waits at most MAX_TIMEOUT_MS for a token (the protocol's bound). A request with more time left that
 // the daemon refuses (SOCKPOOL_ERR_RATE_LIMITED: the next token comes later than that) waits here until the token
 // is within that bound, and asks again; it fails only when the token would come after its own deadline.
@@ -54,6 +61,10 @@ interface OriginTokens {
   waiting: Set<Waiting>;
   /** Of each `tokens` request under way: cancels it when nobody waits for it any more (#recheck runs them). */
   asks: Set<() => void>;
+  /** What the last batch request asked for (the rate's batch before the first), and `batch.expired` then: what
+   *  the next asks for (#batchCount). */
+  asked: number;
+  expiredBefore: number;
 }
 
 /** A request waiting for a token in #wait. */
@@ -149,7 +160,15 @@ export class RateTokens {
   #originOf(key: string): OriginTokens {
     let origin = this.#origins.get(key);
     if (!origin) {
-      origin = { batch: new TokenBatch(), asking: undefined, askingUntil: 0, waiting: new Set(), asks: new Set() };
+      origin = {
+        batch: new TokenBatch(),
+        asking: undefined,
+        askingUntil: 0,
+        waiting: new Set(),
+        asks: new Set(),
+        asked: Number.POSITIVE_INFINITY,
+        expiredBefore: 0,
+      };
       this.#origins.set(key, origin);
     }
     return origin;
@@ -197,7 +216,7 @@ export class RateTokens {
             await this.#ask(host, port, 1, deadline, origin, waiting, false),
           );
         }
-        const count = batchSize(rate, MAX_WORKER_BATCH);
+        const count = this.#batchCount(origin, rate);
         const asking = this.#ask(host, port, count, deadline, origin, waiting, true);
         const shared = asking.then(ignore, ignore).finally(() => {
           if (origin.asking === shared) origin.asking = undefined;
@@ -212,6 +231,18 @@ export class RateTokens {
       entry.waiting.delete(waiting);
       this.#recheck(this.#origins.get(key) ?? entry);
     }
+  }
+
+  /** What the origin's next batch request asks for (see the header): the rate's batch, less what expired unspent
+   *  of the last ones, or twice the last when none did; never fewer than the requests waiting now (up to the
+   *  batch). */
+  #batchCount(origin: OriginTokens, rate: RateParams): number {
+    const most = batchSize(rate, MAX_WORKER_BATCH);
+    const expired = origin.batch.expired - origin.expiredBefore;
+    origin.expiredBefore = origin.batch.expired;
+    const size = expired > 0 ? Math.max(1, origin.asked - expired) : origin.asked * 2;
+    origin.asked = Math.min(most, Math.max(size, origin.waiting.size));
+    return origin.asked;
   }
 
   /** Runs the checks of the origin's `tokens` requests under way: one nobody waits for any more is cancelled. */
