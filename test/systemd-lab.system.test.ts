@@ -45,6 +45,8 @@ describe('sockpoold under a real systemd', () => {
       'ready-status',
       // sockpoold's own TCP bind restriction (Landlock) under the unit's system call filter.
       'bind-restriction-enforced',
+      // The listener systemd passed refuses clients' fds at the kernel (SO_PASSRIGHTS, set by sockpoold).
+      'client-fds-refused',
       'listen-fdnames',
       'first-request-warm',
       'first-request-on-old-connection',
