@@ -30,6 +30,9 @@ export class TokenBatch {
   #held: Array<{ tokens: number; expiresAt: number }> = [];
   #tokens = 0;
   #expired = 0;
+  /** What the holder's last batch request asked for (nothing yet: the rate's batch next), and `#expired` then. */
+  #asked = Number.POSITIVE_INFINITY;
+  #expiredAtAsk = 0;
 
   /** Tokens held, expired ones not dropped yet included. */
   get count(): number {
@@ -40,6 +43,23 @@ export class TokenBatch {
    *  its demand. */
   get expired(): number {
     return this.#expired;
+  }
+
+  /**
+   * How many tokens the holder's next batch request asks for, `most` being the rate's batch (batchSize): the rate's
+   * batch while the holder spends what it asks for; once some expired unspent (the holder asked for more than its
+   * demand, and was charged for them all the same), what the last request left spent (at least one), growing back,
+   * doubling, only as batches are spent whole; never fewer than the `waiting` requests that will spend it now (up
+   * to `most`). (Each asking for the rate's batch, a holder sending one request every 2 s to an origin at 100
+   * requests/s took 10 tokens a request: twenty such holders took the origin's whole rate for 10 requests/s.) Call it
+   * once per batch request, after a spend found the batch empty (expired tokens are counted as they are dropped).
+   */
+  nextAsk(most: number, waiting: number): number {
+    const expired = this.#expired - this.#expiredAtAsk;
+    this.#expiredAtAsk = this.#expired;
+    const size = expired > 0 ? Math.max(1, this.#asked - expired) : this.#asked * 2;
+    this.#asked = Math.min(most, Math.max(size, waiting));
+    return this.#asked;
   }
 
   /** Tokens still spendable at `now` (0 once every batch expired). */

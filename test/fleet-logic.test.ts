@@ -158,6 +158,46 @@ describe('the daemon alone: a fleet of one', () => {
   });
 });
 
+describe('a fleet member whose batches from Redis expire unspent', () => {
+  it('asks Redis for fewer tokens: its seldom requests do not take the fleet’s rate', async () => {
+    // Found in review: the daemon asked Redis for the rate's batch (a tenth of a second of it, up to 64) whatever its
+    // demand, and what it did not spend within TOKEN_LIFETIME_MS expired, charged to the fleet's rate all the same: a
+    // daemon sending one request every 2 s to an origin at 100 requests/s took 10 tokens a request, so ten such
+    // daemons used up the fleet's whole rate for 5 requests/s, and every other request waited or was refused.
+    const fast = parseConfig(
+      { pool: { origins: [{ match: 'fast.example:443', requestsPerSecond: 100, burst: 10 }] } },
+      'test',
+    );
+    const origin = { host: 'fast.example', port: 443 };
+    let clock = 0;
+    const asked: number[] = [];
+    const fleet = {
+      async takeTokens(_key: string, _params: unknown, wanted: number) {
+        asked.push(wanted);
+        await new Promise((resolve) => setImmediate(resolve));
+        return { granted: wanted, waitMs: 0 };
+      },
+    } as unknown as ConstructorParameters<typeof RateLimiter>[1];
+    const limiter = new RateLimiter(fast, fleet, () => clock);
+    const params = limiter.paramsFor(origin)!;
+    for (let request = 0; request < 6; request++) {
+      expect(await limiter.take(origin, params, 1, 5_000)).toBe(1);
+      clock += 2 * TOKEN_LIFETIME_MS;
+    }
+    // The first asks for the batch; the ones after it shrink to what was spent of the last, and grow back only as far
+    // as each was spent whole.
+    expect(asked[0]).toBe(batchSize(params, 64));
+    expect(Math.max(...asked.slice(1)), `asked ${asked}`).toBeLessThanOrEqual(2);
+    // Busy again (twelve requests in one turn): the requests waiting together ask for a whole batch.
+    const from = asked.length;
+    const burst = await Promise.all(
+      Array.from({ length: 12 }, (_, uid) => limiter.take(origin, params, 1, 5_000, undefined, uid)),
+    );
+    expect(burst).toEqual(Array(12).fill(1));
+    expect(asked.slice(from)).toContain(batchSize(params, 64));
+  });
+});
+
 /** A fleet member's RateLimiter for slow.example:443 (1 request/s, burst 1) whose Redis answers each ask when the test
  *  calls the next of `answers`. */
 function limiterAskingTheTest() {

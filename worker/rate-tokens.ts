@@ -61,10 +61,6 @@ interface OriginTokens {
   waiting: Set<Waiting>;
   /** Of each `tokens` request under way: cancels it when nobody waits for it any more (#recheck runs them). */
   asks: Set<() => void>;
-  /** What the last batch request asked for (the rate's batch before the first), and `batch.expired` then: what
-   *  the next asks for (#batchCount). */
-  asked: number;
-  expiredBefore: number;
 }
 
 /** A request waiting for a token in #wait. */
@@ -160,15 +156,7 @@ export class RateTokens {
   #originOf(key: string): OriginTokens {
     let origin = this.#origins.get(key);
     if (!origin) {
-      origin = {
-        batch: new TokenBatch(),
-        asking: undefined,
-        askingUntil: 0,
-        waiting: new Set(),
-        asks: new Set(),
-        asked: Number.POSITIVE_INFINITY,
-        expiredBefore: 0,
-      };
+      origin = { batch: new TokenBatch(), asking: undefined, askingUntil: 0, waiting: new Set(), asks: new Set() };
       this.#origins.set(key, origin);
     }
     return origin;
@@ -216,7 +204,8 @@ export class RateTokens {
             await this.#ask(host, port, 1, deadline, origin, waiting, false),
           );
         }
-        const count = this.#batchCount(origin, rate);
+        // (The rate's batch, less what expired unspent of the last ones: see the header.)
+        const count = origin.batch.nextAsk(batchSize(rate, MAX_WORKER_BATCH), origin.waiting.size);
         const asking = this.#ask(host, port, count, deadline, origin, waiting, true);
         const shared = asking.then(ignore, ignore).finally(() => {
           if (origin.asking === shared) origin.asking = undefined;
@@ -231,18 +220,6 @@ export class RateTokens {
       entry.waiting.delete(waiting);
       this.#recheck(this.#origins.get(key) ?? entry);
     }
-  }
-
-  /** What the origin's next batch request asks for (see the header): the rate's batch, less what expired unspent
-   *  of the last ones, or twice the last when none did; never fewer than the requests waiting now (up to the
-   *  batch). */
-  #batchCount(origin: OriginTokens, rate: RateParams): number {
-    const most = batchSize(rate, MAX_WORKER_BATCH);
-    const expired = origin.batch.expired - origin.expiredBefore;
-    origin.expiredBefore = origin.batch.expired;
-    const size = expired > 0 ? Math.max(1, origin.asked - expired) : origin.asked * 2;
-    origin.asked = Math.min(most, Math.max(size, origin.waiting.size));
-    return origin.asked;
   }
 
   /** Runs the checks of the origin's `tokens` requests under way: one nobody waits for any more is cancelled. */

@@ -1,7 +1,8 @@
 // Politeness per origin (`requestsPerSecond`, `burst`): every request to a rate-limited origin takes a token before
 // it goes out. Workers ask in batches (protocol `tokens`, handoff-server.ts); the daemon grants from its own batch,
 // refilled from the fleet's GCRA in Redis (fleet.ts), or, without a fleet, from a GCRA of its own (a daemon alone
-// is a fleet of one). Requests that find no token at hand wait in the origin's queue, fair across uids (#join): only
+// is a fleet of one, and takes from it only what it grants: no batch to expire). A batch asked of Redis shrinks once
+// tokens of the last ones expired unspent (#ask). Requests that find no token at hand wait in the origin's queue, fair across uids (#join): only
 // its head asks for the next token or waits for it to come due (#pump). A request whose turn would come past its
 // deadline fails with SOCKPOOL_ERR_RATE_LIMITED and the earliest wait its turn needed. Origins without a rate never
 // get here.
@@ -38,7 +39,8 @@ export class RateLimiter {
   #local: LocalGcra;
   #now: () => number;
   /** A spent or expired batch is the same as none: clients naming ever more origins under a default rate cannot
-   *  grow this without bound (as LocalGcra's TATs). */
+   *  grow this without bound (as LocalGcra's TATs). (One forgotten takes what its next ask should be with it: that
+   *  ask is for the rate's batch again.) */
   #batches = new ForgetfulMap<string, TokenBatch>(MAX_BATCHES, (batch, now) => batch.held(now) === 0);
   /** fleetKey -> the requests waiting for its tokens, while any do. */
   #waits = new Map<string, OriginWaits>();
@@ -211,7 +213,7 @@ export class RateLimiter {
       if (!grant) {
         // A fleet member's batch is spent: Redis is asked, for the head; the queue waits for the answer.
         waits.asking = true;
-        this.#ask(key, head.params, head.wanted).then(
+        this.#ask(key, head.params, head.wanted, waits.queue.length).then(
           (answer) => {
             waits.asking = false;
             this.#granted(key, waits, answer);
@@ -337,12 +339,16 @@ export class RateLimiter {
   }
 
   /**
-   * A new batch from Redis, for a request of `wanted`: the rest is kept for the next requests. Only the head of the
-   * origin's queue asks, so one batch is asked per origin at a time (each request asking for a batch of its own, a
-   * burst took a batch per request, and the tokens it did not spend expired, lost to the whole fleet).
+   * A new batch from Redis, for a request of `wanted` (`waiting` requests in the origin's queue): the rest is kept
+   * for the next requests. Only the head of the origin's queue asks, so one batch is asked per origin at a time (each
+   * request asking for a batch of its own, a burst took a batch per request, and the tokens it did not spend expired,
+   * lost to the whole fleet). The batch is the rate's while this daemon spends what it asks for, and shrinks to what
+   * it spent once tokens expire unspent (TokenBatch.nextAsk, as a worker's): asking for the rate's batch whatever its
+   * demand, a daemon sending one request every 2 s to an origin at 100 requests/s took 10 tokens of the fleet's rate
+   * a request, and a few such daemons took the fleet's whole rate for a trickle.
    */
-  async #ask(key: string, params: RateParams, wanted: number): Promise<Grant> {
-    const ask = Math.max(wanted, batchSize(params, MAX_DAEMON_BATCH));
+  async #ask(key: string, params: RateParams, wanted: number, waiting: number): Promise<Grant> {
+    const ask = Math.max(wanted, this.#batchOf(key).nextAsk(batchSize(params, MAX_DAEMON_BATCH), waiting));
     const grant = await this.#fleet!.takeTokens(key, params, ask, (share) => this.#local.take(key, ask, share));
     const now = this.#now();
     if (grant.granted > wanted) this.#batchOf(key).add(grant.granted - wanted, now);
