@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { afterEach, describe, expect, it } from 'vitest';
 import { type DaemonProcess, startDaemon, writeConfigFile } from './helpers/daemon.js';
-import { RawClient } from './helpers/raw-client.js';
+import { honestHello, RawClient } from './helpers/raw-client.js';
 
 const fixture = join(import.meta.dirname, 'fixtures', 'fuse-flush-hang.py');
 const cleanups: Array<() => unknown> = [];
@@ -57,17 +57,6 @@ function startFuseClient(socketPath: string): FuseClient {
   };
 }
 
-/** An honest client's hello, answered (a daemon stuck in close() would answer nobody). */
-async function honestHello(sockpoold: DaemonProcess): Promise<void> {
-  const honest = new RawClient(sockpoold.socketPath);
-  try {
-    const reply = await honest.request({ type: 'hello', id: 7, version: 1 });
-    expect(reply.message).toMatchObject({ type: 'hello', id: 7 });
-  } finally {
-    honest.close();
-  }
-}
-
 function clientFdsState(sockpoold: DaemonProcess): string {
   const ready = sockpoold
     .output()
@@ -86,7 +75,7 @@ describe('an fd of a file on a FUSE mount the client serves', () => {
     // the next test's path then covers.
     expect(clientFdsState(sockpoold)).toBe('refused');
     expect(await fuse.next()).toEqual({ event: 'send-refused', errno: 'EPERM' });
-    await honestHello(sockpoold);
+    await honestHello(sockpoold.socketPath);
     await fuse.finish();
     expect(sockpoold.fdCount()).toBe(fdsBefore);
   }, 30_000);
@@ -101,7 +90,7 @@ describe('an fd of a file on a FUSE mount the client serves', () => {
     // The daemon discards the fd (a hello takes none), and its close is held by the mount: before the fix the
     // daemon's own thread was the one waiting, and the hello below was never answered.
     expect(await fuse.next()).toMatchObject({ event: 'flush' });
-    await honestHello(sockpoold);
+    await honestHello(sockpoold.socketPath);
     const again = new RawClient(sockpoold.socketPath);
     cleanups.push(() => again.close());
     expect((await again.request({ type: 'hello', id: 8, version: 1 })).message).toMatchObject({ id: 8 });

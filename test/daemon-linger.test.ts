@@ -12,7 +12,7 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterEach, describe, expect, it } from 'vitest';
 import { type DaemonProcess, eventually, startDaemon, writeConfigFile } from './helpers/daemon.js';
-import { RawClient } from './helpers/raw-client.js';
+import { honestHello, RawClient } from './helpers/raw-client.js';
 
 const script = join(import.meta.dirname, 'fixtures', 'linger-client.py');
 const LINGER_SECONDS = '600';
@@ -28,17 +28,6 @@ afterEach(async () => {
   for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
 });
 
-/** An honest client's hello, answered (a daemon stuck in close() would answer nobody). */
-async function honestHello(sockpoold: DaemonProcess): Promise<void> {
-  const honest = new RawClient(sockpoold.socketPath);
-  try {
-    const reply = await honest.request({ type: 'hello', id: 7, version: 1 });
-    expect(reply.message).toMatchObject({ type: 'hello', id: 7 });
-  } finally {
-    honest.close();
-  }
-}
-
 describe('sockets a client set SO_LINGER on', () => {
   it('an fd sent with a message that takes none is closed without waiting for its linger', async () => {
     const sockpoold = await startDaemon({ args: ['--config', fdsLetIn()] });
@@ -48,7 +37,7 @@ describe('sockets a client set SO_LINGER on', () => {
     });
     cleanups.push(() => hostile.kill());
     await once(hostile.stdout!, 'data');
-    await honestHello(sockpoold);
+    await honestHello(sockpoold.socketPath);
   }, 30_000);
 
   it('a lent socket the client set SO_LINGER on through its copy: `closed` does not make the daemon wait', async () => {
@@ -73,8 +62,8 @@ describe('sockets a client set SO_LINGER on', () => {
     // It printed once its `closed` was sent; the hello goes after it on another connection, so it may overtake it:
     // a second hello after the first reply is surely behind the lease's end.
     await once(hostile.stdout!, 'data');
-    await honestHello(sockpoold);
-    await honestHello(sockpoold);
+    await honestHello(sockpoold.socketPath);
+    await honestHello(sockpoold.socketPath);
   }, 30_000);
 
   // The kernel drops fds that never reach the daemon's userspace itself, in the daemon's thread: no DisarmLinger ran on
@@ -103,8 +92,8 @@ describe('sockets a client set SO_LINGER on', () => {
       } finally {
         if (stopped) sockpoold.child.kill('SIGCONT');
       }
-      await honestHello(sockpoold);
-      await honestHello(sockpoold);
+      await honestHello(sockpoold.socketPath);
+      await honestHello(sockpoold.socketPath);
       // (The hostile client's session stays open but in `queued`, where the daemon hung up on it.)
       const session = mode === 'queued' ? 0 : 1;
       await eventually(() => sockpoold.fdCount() <= before + session, 'the daemon holds none of the hostile fds');

@@ -1,5 +1,6 @@
 // A bare protocol client for tests: sends exactly the bytes and fds a test wants and reads replies, with no
 // retries or validation in the way (the worker's DaemonLink is the real client).
+import { expect } from 'vitest';
 import * as native from '../../shared/native.js';
 import { type DaemonMessage, decodeDaemonMessage, MAX_MESSAGE_BYTES } from '../../shared/protocol.js';
 import { receiveMessage } from '../fixtures/native-helpers.js';
@@ -58,4 +59,15 @@ export function openRawClient(socketPath: string, cleanups: Array<() => unknown>
     } catch {}
   });
   return raw;
+}
+
+/** An honest client's hello, answered: a daemon whose thread is held (in a close, say) would answer nobody. */
+export async function honestHello(socketPath: string): Promise<void> {
+  const honest = new RawClient(socketPath);
+  try {
+    const reply = await honest.request({ type: 'hello', id: 7, version: 1 });
+    expect(reply.message).toMatchObject({ type: 'hello', id: 7 });
+  } finally {
+    honest.close();
+  }
 }
