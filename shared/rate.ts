@@ -33,6 +33,8 @@ export class TokenBatch {
   /** What the holder's last batch request asked for (nothing yet: the rate's batch next), and `#expired` then. */
   #asked = Number.POSITIVE_INFINITY;
   #expiredAtAsk = 0;
+  /** The last batch request was granted less than it asked for (noteGrant). */
+  #short = false;
 
   /** Tokens held, expired ones not dropped yet included. */
   get count(): number {
@@ -57,9 +59,18 @@ export class TokenBatch {
   nextAsk(most: number, waiting: number): number {
     const expired = this.#expired - this.#expiredAtAsk;
     this.#expiredAtAsk = this.#expired;
-    const size = expired > 0 ? Math.max(1, this.#asked - expired) : this.#asked * 2;
+    // Granted less than asked (the daemon shares what it has at hand): tokens are scarce, so ask for what still
+    // waits, or the asks that follow a burst's part take what nobody will spend.
+    const scarce = this.#short;
+    this.#short = false;
+    const size = scarce ? 1 : expired > 0 ? Math.max(1, this.#asked - expired) : this.#asked * 2;
     this.#asked = Math.min(most, Math.max(size, waiting));
     return this.#asked;
+  }
+
+  /** What the holder's last batch request was granted (nextAsk reads it): less than it asked for is scarcity. */
+  noteGrant(granted: number): void {
+    this.#short = granted < this.#asked;
   }
 
   /** Tokens still spendable at `now` (0 once every batch expired). */

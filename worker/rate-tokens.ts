@@ -263,6 +263,7 @@ export class RateTokens {
         const left = Math.max(1, Math.ceil(deadline - this.#now()));
         try {
           const granted = await this.#link.tokens(host, port, count, left, stop);
+          if (shared) batch.noteGrant(granted);
           const now = this.#now();
           const served = signal?.aborted === true || waiting.handed !== undefined || stop.aborted;
           batch.add(served ? granted : granted - 1, now);

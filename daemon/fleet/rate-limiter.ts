@@ -352,6 +352,8 @@ export class RateLimiter {
   async #ask(key: string, params: RateParams, wanted: number, waiting: number): Promise<Grant> {
     const ask = Math.max(wanted, this.#batchOf(key).nextAsk(batchSize(params, MAX_DAEMON_BATCH), waiting));
     const grant = await this.#fleet!.takeTokens(key, params, ask, (share) => this.#local.take(key, ask, share));
+    // (Less than asked: the fleet's tokens are scarce, and the next ask is for what waits: TokenBatch.nextAsk.)
+    this.#batchOf(key).noteGrant(grant.granted);
     const now = this.#now();
     // The head's share of it (shareOf); the rest is at hand for the waiters after it and the next requests.
     const granted = Math.min(wanted, shareOf(grant.granted), grant.granted);
