@@ -66,6 +66,8 @@ interface OriginTokens {
 /** A request waiting for a token in #wait. */
 interface Waiting {
   signal: CancelSignal | undefined;
+  /** The request's deadline (this.#now's clock): a shared ask waits no longer than its waiters' earliest. */
+  deadline: number;
   /** A token given back was handed to it: when it expires. */
   handed: number | undefined;
   /** Resolves when one is. */
@@ -175,7 +177,7 @@ export class RateTokens {
     const woken = new Promise<undefined>((resolve) => {
       wake = () => resolve(undefined);
     });
-    const waiting: Waiting = { signal, handed: undefined, woken, wake };
+    const waiting: Waiting = { signal, deadline, handed: undefined, woken, wake };
     // (Its origin's entry at the start: one `learn` drops goes with its waiters, who find no rate below.)
     const entry = this.#originOf(key);
     entry.waiting.add(waiting);
@@ -206,14 +208,27 @@ export class RateTokens {
         }
         // (The rate's batch, less what expired unspent of the last ones: see the header.)
         const count = origin.batch.nextAsk(batchSize(rate, MAX_WORKER_BATCH), origin.waiting.size);
-        const asking = this.#ask(host, port, count, deadline, origin, waiting, true);
+        // On the earliest deadline of the requests waiting now, so that every one of them can wait for it: on this
+        // one's (a later request's, after an ask that brought fewer tokens than it asked for), those due sooner
+        // asked a token of their own beside it while it counted them too (11 tokens for a burst of 10).
+        let until = deadline;
+        for (const each of origin.waiting) if (each.deadline < until) until = each.deadline;
+        const asking = this.#ask(host, port, count, until, origin, waiting, true);
         const shared = asking.then(ignore, ignore).finally(() => {
           if (origin.asking === shared) origin.asking = undefined;
         });
         origin.asking = shared;
-        origin.askingUntil = deadline;
+        origin.askingUntil = until;
         // (A token handed to it meanwhile is its own: what the ask brings then all goes to the batch.)
-        return this.#handedFirst(waiting, origin.batch, await Promise.race([asking, woken]));
+        let own: number | undefined;
+        try {
+          own = await Promise.race([asking, woken]);
+        } catch (error) {
+          // Refused on an earlier request's deadline: this one may still wait for a token of its own.
+          if (until < deadline && this.#now() < deadline && rateLimitedWait(error) !== undefined) continue;
+          throw error;
+        }
+        return this.#handedFirst(waiting, origin.batch, own);
       }
     } finally {
       signal?.removeEventListener('abort', onAbort);
