@@ -11,7 +11,7 @@ import { RateLimiter } from '../daemon/fleet/rate-limiter.js';
 import { LocalSlots } from '../daemon/fleet/slots.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import { MAX_TIMEOUT_MS } from '../shared/protocol.js';
-import { batchSize, TOKEN_LIFETIME_MS, TokenBatch } from '../shared/rate.js';
+import { batchSize, type RateParams, TOKEN_LIFETIME_MS, TokenBatch } from '../shared/rate.js';
 import { Cancellation, type CancelSignal } from '../worker/cancellation.js';
 import { RateTokens } from '../worker/rate-tokens.js';
 import { eventually } from './helpers/daemon.js';
@@ -195,6 +195,51 @@ describe('a fleet member whose batches from Redis expire unspent', () => {
     );
     expect(burst).toEqual(Array(12).fill(1));
     expect(asked.slice(from)).toContain(batchSize(params, 64));
+  });
+});
+
+describe.each(['alone', 'fleet member'] as const)('one uid’s large tokens request (%s)', (mode) => {
+  it('leaves tokens at hand for another uid asking right after; asking again, the uid still gets the rest', async () => {
+    // Found in review: a `tokens` request for an origin nobody waited on was granted up to its count (up to 1,000)
+    // from what was at hand, so one uid took the origin's whole burst at once, and another uid asking right after
+    // found none: it waited for the rate, or was refused when it could not (the fair queue orders only those
+    // already waiting).
+    const fast = parseConfig(
+      { pool: { origins: [{ match: 'fast.example:443', requestsPerSecond: 100, burst: 10 }] } },
+      'test',
+    );
+    const origin = { host: 'fast.example', port: 443 };
+    let clock = 0;
+    // Redis: a GCRA on the test's clock, answering a turn later.
+    const redis = new LocalGcra(() => clock);
+    const fleet =
+      mode === 'alone'
+        ? undefined
+        : ({
+            async takeTokens(key: string, params: RateParams, wanted: number) {
+              await new Promise((resolve) => setImmediate(resolve));
+              return redis.take(key, wanted, params);
+            },
+          } as unknown as ConstructorParameters<typeof RateLimiter>[1]);
+    const limiter = new RateLimiter(fast, fleet, () => clock);
+    const params = limiter.paramsFor(origin)!;
+    const first = await limiter.take(origin, params, 1000, 1, undefined, 1);
+    // uid 2 asks at the same instant, with no time to wait for the rate: a token is still at hand.
+    const other = await limiter
+      .take(origin, params, 1, 1, undefined, 2)
+      .catch((error: { code?: string }) => error.code ?? 'failed');
+    expect([first, other]).toEqual([Math.ceil(params.burst / 2), 1]);
+    // A busy uid is not held below the rate: asking again at once, it gets the rest of the burst, then waits for the
+    // rate as before.
+    let more = 0;
+    for (;;) {
+      const granted = await limiter.take(origin, params, 1000, 1, undefined, 1).catch(() => 0);
+      if (granted === 0) break;
+      more += granted;
+    }
+    expect(first + 1 + more).toBe(params.burst);
+    clock += 1000 / params.requestsPerSecond;
+    expect(await limiter.take(origin, params, 1000, 1, undefined, 1)).toBe(1);
   });
 });
 

@@ -37,11 +37,17 @@ export function gcraTake(
 ): Grant & { tat: number } {
   const interval = emissionIntervalMs(params);
   const start = Math.max(tat ?? now, now);
-  // Room left under the burst tolerance, in whole tokens (a hair of float slack so exact multiples count).
-  const room = Math.floor((now + params.burst * interval - start) / interval + 1e-9);
-  const granted = Math.max(0, Math.min(wanted, room));
+  const granted = Math.min(wanted, gcraRoom(tat, now, params));
   if (granted > 0) return { granted, waitMs: 0, tat: start + granted * interval };
   return { granted: 0, waitMs: Math.max(0, start + interval - (now + params.burst * interval)), tat: start };
+}
+
+/** Tokens a take at `now` could be granted at once (`tat` as gcraTake's): the room left under the burst tolerance. */
+export function gcraRoom(tat: number | undefined, now: number, params: RateParams): number {
+  const interval = emissionIntervalMs(params);
+  const start = Math.max(tat ?? now, now);
+  // In whole tokens (a hair of float slack so exact multiples count).
+  return Math.max(0, Math.floor((now + params.burst * interval - start) / interval + 1e-9));
 }
 
 /** TATs kept before those in the past are forgotten (ForgetfulMap). */
@@ -55,6 +61,11 @@ export class LocalGcra {
 
   constructor(now: () => number = () => performance.now()) {
     this.#now = now;
+  }
+
+  /** Tokens a take could be granted now (gcraRoom). */
+  room(key: string, params: RateParams): number {
+    return gcraRoom(this.#tat.get(key), this.#now(), params);
   }
 
   take(key: string, wanted: number, params: RateParams): Grant {

@@ -2,7 +2,8 @@
 // it goes out. Workers ask in batches (protocol `tokens`, handoff-server.ts); the daemon grants from its own batch,
 // refilled from the fleet's GCRA in Redis (fleet.ts), or, without a fleet, from a GCRA of its own (a daemon alone
 // is a fleet of one, and takes from it only what it grants: no batch to expire). A batch asked of Redis shrinks once
-// tokens of the last ones expired unspent (#ask). Requests that find no token at hand wait in the origin's queue, fair across uids (#join): only
+// tokens of the last ones expired unspent (#ask). A grant takes at most half of what is at hand (shareOf), so that
+// one uid asking for many leaves some for the uid asking next. Requests that find no token at hand wait in the origin's queue, fair across uids (#join): only
 // its head asks for the next token or waits for it to come due (#pump). A request whose turn would come past its
 // deadline fails with SOCKPOOL_ERR_RATE_LIMITED and the earliest wait its turn needed. Origins without a rate never
 // get here.
@@ -313,14 +314,15 @@ export class RateLimiter {
 
   /**
    * Tokens without waiting: the daemon's own GCRA (granted, or how long until one is), or a fleet member's batch;
-   * undefined when that batch is spent (Redis must be asked).
+   * undefined when that batch is spent (Redis must be asked). At most a share of what is at hand (shareOf).
    */
   #atHand(key: string, params: RateParams, wanted: number): Grant | undefined {
-    if (!this.#fleet) return this.#local.take(key, wanted, params);
+    if (!this.#fleet) return this.#local.take(key, Math.min(wanted, shareOf(this.#local.room(key, params))), params);
     const batch = this.#batches.get(key);
+    const most = batch ? Math.min(wanted, shareOf(batch.held(this.#now()))) : 0;
     let spent = 0;
     let expiresAt = Number.POSITIVE_INFINITY;
-    while (batch && spent < wanted) {
+    while (batch && spent < most) {
       const until = batch.spendUntil(this.#now());
       if (until === undefined) break;
       spent++;
@@ -353,9 +355,22 @@ export class RateLimiter {
     // (Less than asked: the fleet's tokens are scarce, and the next ask is for what waits: TokenBatch.nextAsk.)
     this.#batchOf(key).noteGrant(grant.granted);
     const now = this.#now();
-    if (grant.granted > wanted) this.#batchOf(key).add(grant.granted - wanted, now);
-    return { granted: Math.min(wanted, grant.granted), waitMs: grant.waitMs, expiresAt: now + TOKEN_LIFETIME_MS };
+    // The head's share of it (shareOf); the rest is at hand for the waiters after it and the next requests.
+    const granted = Math.min(wanted, shareOf(grant.granted), grant.granted);
+    if (grant.granted > granted) this.#batchOf(key).add(grant.granted - granted, now);
+    return { granted, waitMs: grant.waitMs, expiresAt: now + TOKEN_LIFETIME_MS };
   }
+}
+
+/**
+ * The most one grant takes of `atHand` tokens (of the GCRA's room, of a batch, of what Redis just granted): half,
+ * rounded up, at least one. A request for many tokens (a `tokens` request's `count`, up to 1,000) granted all that
+ * was at hand took the origin's whole burst for one uid, and another uid asking right after found none (the fair
+ * queue only orders those already waiting); so each grant leaves about as much as it takes. A busy uid asking again
+ * gets the rest within a few round trips, well within the rate's tenth of a second.
+ */
+function shareOf(atHand: number): number {
+  return Math.max(1, Math.ceil(atHand / 2));
 }
 
 /** A request waiting in an origin's queue for its tokens. */
