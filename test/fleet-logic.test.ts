@@ -205,7 +205,9 @@ describe.each(['alone', 'fleet member'] as const)('one uid’s large tokens requ
     // found none: it waited for the rate, or was refused when it could not (the fair queue orders only those
     // already waiting).
     const fast = parseConfig(
-      { pool: { origins: [{ match: 'fast.example:443', requestsPerSecond: 100, burst: 10 }] } },
+      // One token a second after the burst: a wait of DEADLINE_MS is never enough for the next one, and the deadline's
+      // real timer (the limiter's clock is the test's, its timers are not) is long beside a turn of the event loop.
+      { pool: { origins: [{ match: 'fast.example:443', requestsPerSecond: 1, burst: 10 }] } },
       'test',
     );
     const origin = { host: 'fast.example', port: 443 };
@@ -223,23 +225,24 @@ describe.each(['alone', 'fleet member'] as const)('one uid’s large tokens requ
           } as unknown as ConstructorParameters<typeof RateLimiter>[1]);
     const limiter = new RateLimiter(fast, fleet, () => clock);
     const params = limiter.paramsFor(origin)!;
-    const first = await limiter.take(origin, params, 1000, 1, undefined, 1);
+    const DEADLINE_MS = 500;
+    const first = await limiter.take(origin, params, 1000, DEADLINE_MS, undefined, 1);
     // uid 2 asks at the same instant, with no time to wait for the rate: a token is still at hand.
     const other = await limiter
-      .take(origin, params, 1, 1, undefined, 2)
+      .take(origin, params, 1, DEADLINE_MS, undefined, 2)
       .catch((error: { code?: string }) => error.code ?? 'failed');
     expect([first, other]).toEqual([Math.ceil(params.burst / 2), 1]);
     // A busy uid is not held below the rate: asking again at once, it gets the rest of the burst, then waits for the
     // rate as before.
     let more = 0;
     for (;;) {
-      const granted = await limiter.take(origin, params, 1000, 1, undefined, 1).catch(() => 0);
+      const granted = await limiter.take(origin, params, 1000, DEADLINE_MS, undefined, 1).catch(() => 0);
       if (granted === 0) break;
       more += granted;
     }
     expect(first + 1 + more).toBe(params.burst);
     clock += 1000 / params.requestsPerSecond;
-    expect(await limiter.take(origin, params, 1000, 1, undefined, 1)).toBe(1);
+    expect(await limiter.take(origin, params, 1000, DEADLINE_MS, undefined, 1)).toBe(1);
   });
 });
 
