@@ -69,11 +69,26 @@ function h2Client(daemon: DaemonProcess, threads: number): SockpoolClient {
 }
 
 afterAll(async () => {
-  await plainDaemon?.stop();
-  await warmDaemon?.stop();
-  await h2?.close();
+  // Each step bounded and named: a non-root full run once timed this hook out (60 s) with every test passed, and
+  // the hook's timeout did not say which step held it.
+  await named(plainDaemon?.stop(), 'the plain daemon to stop');
+  await named(warmDaemon?.stop(), 'the warm-TLS daemon to stop');
+  await named(h2?.close(), 'the HTTP/2 origin to close');
   pki?.cleanup();
 });
+
+/** Waits for `step`, failing with what it waited for after 20 s (a bound, not a timing). */
+async function named(step: Promise<unknown> | undefined, what: string): Promise<void> {
+  let timer: NodeJS.Timeout | undefined;
+  const late = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`afterAll: waited 20 s for ${what}`)), 20_000);
+  });
+  try {
+    await Promise.race([step, late]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
 
 // Over the warm-TLS relay the next response also stalled until its deadline in about one run of three (curl's lost
 // WINDOW_UPDATE on a plaintext HTTP/2 connection): transfers there are watched from their start now.
