@@ -245,8 +245,10 @@ it.each([
   // pace: any uid that reaches the socket (in its group, or past a quota) could fill the journal.
   const origin = await pathOrigin(cleanups);
   const sockpoold = await daemon(origin.port, config);
-  // The one session maxSessionsPerUid leaves (refused too, by access control).
-  await client(sockpoold.socketPath).request({ type: 'hello', id: nextId++, version: 1 });
+  // The one session maxSessionsPerUid leaves. (Access control refuses it too, and may hang up before a request of
+  // it goes out: a clean-clone run's send met EPIPE; so it only sends where it is let in.)
+  const first = client(sockpoold.socketPath);
+  if ('quotas' in config) await first.request({ type: 'hello', id: nextId++, version: 1 });
   const refused = 500;
   for (let i = 0; i < refused; i++) {
     const raw = new RawClient(sockpoold.socketPath);
