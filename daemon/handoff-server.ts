@@ -234,7 +234,7 @@ export class HandoffServer {
       // Discarded, not closed: a refused client may already have queued messages with fds (native.discard).
       native.discard(fd);
       this.#metrics?.refusals.inc({ reason: 'access' });
-      this.#logRefusedClient(credentials, undefined, 'client refused by access control');
+      this.#refusedClientLog.warn(this.#log, credentials.uid, credentials, 'client refused by access control');
       return;
     }
     try {
@@ -250,7 +250,12 @@ export class HandoffServer {
       } catch {}
       native.discard(fd);
       this.#metrics?.refusals.inc({ reason: 'quota' });
-      this.#logRefusedClient(credentials, plain.message, 'client refused by quota');
+      this.#refusedClientLog.warn(
+        this.#log,
+        credentials.uid,
+        { ...credentials, err: plain.message },
+        'client refused by quota',
+      );
       return;
     }
     const id = this.#nextClientId++;
@@ -302,25 +307,6 @@ export class HandoffServer {
     }
     this.#clients.set(id, session);
     this.#log.debug({ client: id, pid: credentials.pid, uid: credentials.uid }, 'client connected');
-  }
-
-  /** A refused connection's warning, up to REFUSALS_LOGGED per uid per window (the metrics count them all). */
-  #logRefusedClient(
-    credentials: { uid: number; gid: number; pid: number },
-    err: string | undefined,
-    what: string,
-  ): void {
-    const leftOut = this.#refusedClientLog.take(credentials.uid);
-    if (leftOut === undefined) return;
-    this.#log.warn(
-      {
-        ...credentials,
-        ...(err !== undefined ? { err } : {}),
-        // This uid's refused connections left out of the log since its last one logged.
-        ...(leftOut > 0 ? { notLogged: leftOut } : {}),
-      },
-      what,
-    );
   }
 
   /**
@@ -720,21 +706,10 @@ export class HandoffServer {
         // No request goes out: the token it was charged (if it got that far) is not spent.
         giveBackCharge();
         if (session.closed || cancel.signal.aborted) return;
-        const leftOut =
-          (error as { code?: string }).code === ErrorCodes.POLICY ? this.#refusalLog.take(session.uid) : undefined;
-        if (leftOut !== undefined) {
-          this.#log.warn(
-            {
-              client: session.id,
-              uid: session.uid,
-              host: message.host,
-              port: message.port,
-              err: error.message,
-              // This uid's refusals left out of the log since its last one logged (REFUSALS_LOGGED).
-              ...(leftOut > 0 ? { notLogged: leftOut } : {}),
-            },
-            'refused',
-          );
+        if ((error as { code?: string }).code === ErrorCodes.POLICY) {
+          const { host, port } = message;
+          const fields = { client: session.id, uid: session.uid, host, port, err: error.message };
+          this.#refusalLog.warn(this.#log, session.uid, fields, 'refused');
         }
         this.#replyError(session, message.id, error);
       },

@@ -51,6 +51,14 @@ export class LogLimiter {
     entry.leftOut = 0;
     return leftOut;
   }
+
+  /** A warning with `fields`, if `key` has a line left in its window; it says how many were left out since the last
+   *  one logged (`notLogged`). */
+  warn(log: Logger, key: number, fields: Record<string, unknown>, message: string): void {
+    const leftOut = this.take(key);
+    if (leftOut === undefined) return;
+    log.warn(leftOut > 0 ? { ...fields, notLogged: leftOut } : fields, message);
+  }
 }
 
 /**

@@ -164,12 +164,8 @@ export class PoolManager {
         this.#metrics?.connectFailures.inc({ reason: code });
         // A client names origins that fail (dead names and ports) as fast as it likes: logged per uid up to a bound
         // (the daemon's own refills under -1), the next line logged saying how many were left out.
-        const leftOut = this.#failureLog.take(uid ?? -1);
-        if (leftOut === undefined) return;
-        this.#log.warn(
-          { origin: pool.key, uid, code, err: error.message, ...(leftOut > 0 ? { notLogged: leftOut } : {}) },
-          'connect failed',
-        );
+        const fields = { origin: pool.key, uid, code, err: error.message };
+        this.#failureLog.warn(this.#log, uid ?? -1, fields, 'connect failed');
       },
       waitingForRoom: (pool) => this.#reclaimFor(pool),
     };
