@@ -223,7 +223,9 @@ export class Sockpoold {
 
     this.#server = new HandoffServer({
       listenFd: this.#listenFd,
-      refuseClientFds: this.#clientFds === 'refused',
+      // Only a listener systemd passed can hold connections made before it refused fds (our own refuses before it
+      // listens): each accepted connection is then set as well.
+      refuseFdsOnAccept: this.#clientFds === 'refused' && passed.listener !== undefined,
       pools: this.#pools,
       config: () => this.#config,
       log: this.#log.child({ part: 'handoff' }),
@@ -416,8 +418,8 @@ export class Sockpoold {
    * No protocol message needs a client's fd (the project's clients release without theirs, binary framing 2), and
    * every fd that enters the daemon's table is one its thread may have to close: a socket with a linger, a file on
    * the client's own FUSE mount (whose close waits for that client, for good). So the kernel refuses them at the
-   * sender (SO_PASSRIGHTS = 0 on the listener; each connection inherits it, and #admit sets it again on a
-   * connection systemd's listener queued before this ran). 'unsupported' (before Linux 6.16) and 'accepted'
+   * sender (SO_PASSRIGHTS = 0 on the listener; each connection inherits it; on a listener systemd passed, the
+   * handoff server sets it on each accepted connection too, for those systemd queued before this ran). 'unsupported' (before Linux 6.16) and 'accepted'
    * (`access.acceptClientFds`, for clients that still release with their fd): fds arrive and are discarded.
    */
   #refuseClientFds(listenFd: number): ClientFdsState {

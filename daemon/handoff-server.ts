@@ -61,8 +61,9 @@ export interface HandoffServerOptions {
   config: () => SockpoolConfig;
   log: Logger;
   metrics?: Metrics;
-  /** The listener refuses clients' fds (SO_PASSRIGHTS = 0): set it on each accepted connection too (see #admit). */
-  refuseClientFds?: boolean;
+  /** The listener (systemd's) refuses clients' fds only since the daemon started: set SO_PASSRIGHTS = 0 on each
+   *  accepted connection too, for those made before (see #admit). */
+  refuseFdsOnAccept?: boolean;
   /** Extra fields for the `stats` reply (e.g. process figures). */
   extraStats?: () => Record<string, unknown>;
   /** Per-origin request rates (fleet/rate-limiter.ts); without it `requestsPerSecond` is not enforced. */
@@ -102,7 +103,7 @@ export class HandoffServer {
   /** Out of fds: the listener is not polled until this timer fires (then the wait doubles while it lasts). */
   #acceptRetry: NodeJS.Timeout | undefined;
   #acceptBackoffMs = 0;
-  #refuseClientFds: boolean;
+  #refuseFdsOnAccept: boolean;
 
   constructor(options: HandoffServerOptions) {
     this.#listenFd = options.listenFd;
@@ -112,7 +113,7 @@ export class HandoffServer {
     this.#metrics = options.metrics;
     this.#extraStats = options.extraStats;
     this.#rates = options.rates;
-    this.#refuseClientFds = options.refuseClientFds ?? false;
+    this.#refuseFdsOnAccept = options.refuseFdsOnAccept ?? false;
     this.#quotas = new UidQuotas(() => this.#config().quotas);
     this.#listenPoller = new native.Poller(this.#listenFd, (status) => this.#onAcceptable(status));
   }
@@ -197,7 +198,7 @@ export class HandoffServer {
 
   /** A new client fd: owned here until the session's channel takes it. */
   #admit(fd: number): void {
-    if (this.#refuseClientFds) {
+    if (this.#refuseFdsOnAccept) {
       // Inherited from the listener, except by a connection made before the listener refused (socket activation:
       // connected while the daemon started); what such a one queued before this is discarded as ever.
       try {
