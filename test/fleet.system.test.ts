@@ -203,7 +203,13 @@ describe('fleet-wide connection caps', () => {
   });
 
   it('a freed slot goes to the member that waits for it, then round robin; a member that stops waiting leaves the queue', async () => {
-    const config = parseConfig({ fleet: { redis: redis.url, name: 'fair' } }, 'test').fleet;
+    // No heartbeat inside the test: a heartbeat states each member's own count, and every member here still counts
+    // the slot the test freed behind its back, so one that came between a free and the next take undid the free (a
+    // loaded run took longer than the default second).
+    const config = parseConfig(
+      { fleet: { redis: redis.url, name: 'fair', heartbeatMs: 60_000, slotTtlMs: 180_000 } },
+      'test',
+    ).fleet;
     const log = pino({ level: 'silent' });
     // Waiting members wake only when the test publishes on the freed channel (their fallback poll is out of reach).
     const quiet = { slotWaitHeardMs: 600_000 };
