@@ -6,6 +6,7 @@ import { Command, InvalidArgumentError, Option } from 'commander';
 import { ErrorCodes } from '../shared/errors.js';
 import { restrictBinds } from './bind-restriction.js';
 import { applyFlags, type DaemonFlags, defaultConfig, loadConfigFile, type SockpoolConfig } from './config.js';
+import { dropGuardCapabilities, policiesSetMarks, startConnectGuard } from './connect-guard.js';
 import { Sockpoold } from './daemon.js';
 import { createLogger, flushLogs } from './log.js';
 
@@ -143,12 +144,18 @@ export async function runSockpoold(early: EarlySignals): Promise<void> {
       log.info({ signal: 'SIGHUP' }, 'reload requested while starting: it runs once the start has finished');
     }
   });
+  // Before the daemon connects anything: no connect() of a socket it connected, but its own. Then the capabilities
+  // that set-up needed go, before any thread of the daemon's starts (they inherit the smaller set).
+  const connectGuard = startConnectGuard(config.connectGuard);
+  if (connectGuard.state === 'failed') log.error(connectGuard, 'connect guard (cgroup BPF) failed');
+  else log.info(connectGuard, 'connect guard (cgroup BPF)');
+  dropGuardCapabilities(policiesSetMarks(config));
   // Before the daemon starts any thread (they inherit it): TCP binds only to port 0 and metricsPort.
   const bindRestriction = restrictBinds(config.restrictBind, config.metricsPort);
   if (bindRestriction.state === 'failed') log.error(bindRestriction, 'TCP bind restriction (Landlock) failed');
   else log.info(bindRestriction, 'TCP bind restriction (Landlock)');
   try {
-    daemon = await Sockpoold.start({ config, log, reloadConfig: loadConfig, bindRestriction });
+    daemon = await Sockpoold.start({ config, log, reloadConfig: loadConfig, bindRestriction, connectGuard });
   } catch (error) {
     const withCode = error as Error & { code?: string };
     log.fatal({ code: withCode.code, err: withCode.message }, 'sockpoold failed to start');

@@ -51,6 +51,7 @@ export const DEFAULTS = {
   metricsHost: '127.0.0.1',
   metricsPerOrigin: false,
   restrictBind: true,
+  connectGuard: true,
   access: {
     socketMode: '0660',
     allowUids: [] as number[],
@@ -408,6 +409,9 @@ export const configSchema = z
     metricsPerOrigin: z.boolean().default(DEFAULTS.metricsPerOrigin),
     // Landlock: TCP binds only to port 0 and metricsPort (bind-restriction.ts); applied by sockpoold's entry point.
     restrictBind: z.boolean().default(DEFAULTS.restrictBind),
+    // cgroup BPF: no connect() of a socket the daemon connected, after its own (connect-guard.ts); set up by
+    // sockpoold's entry point where it has CAP_BPF and CAP_NET_ADMIN.
+    connectGuard: z.boolean().default(DEFAULTS.connectGuard),
     access: z
       .strictObject({
         socketMode: z

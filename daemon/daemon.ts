@@ -20,6 +20,7 @@ import {
 } from './bind-restriction.js';
 import { parseProxyUrl, type SockpoolConfig } from './config.js';
 import { ConnectGate } from './connect-gate.js';
+import { type ConnectGuardReport, EMBEDDED_UNGUARDED, registerConnectGuardMetrics } from './connect-guard.js';
 import { type ConnectedSocket, TcpConnector } from './connector.js';
 import { EgressPolicy } from './egress-policy.js';
 import type { Fleet } from './fleet/fleet.js';
@@ -74,6 +75,8 @@ export interface DaemonOptions {
   reloadConfig?: () => SockpoolConfig;
   /** What the process entry point did about TCP binds (bind-restriction.ts), for stats and the ready line. */
   bindRestriction?: BindRestrictionReport;
+  /** What the sockpoold command's connect guard did (connect-guard.ts); embedded: none. */
+  connectGuard?: ConnectGuardReport;
 }
 
 export class Sockpoold {
@@ -81,6 +84,7 @@ export class Sockpoold {
   #log: Logger;
   #reloadConfig: (() => SockpoolConfig) | undefined;
   #bindRestriction: BindRestrictionReport;
+  #connectGuard: ConnectGuardReport;
   /** Whether the kernel refuses the fds clients send (#refuseClientFds); stats and the ready line say it. */
   #clientFds: ClientFdsState = 'accepted';
   #notifier = new Notifier();
@@ -114,6 +118,7 @@ export class Sockpoold {
     this.#log = options.log;
     this.#reloadConfig = options.reloadConfig;
     this.#bindRestriction = options.bindRestriction ?? EMBEDDED_UNRESTRICTED;
+    this.#connectGuard = options.connectGuard ?? EMBEDDED_UNGUARDED;
     this.#socketPath = this.#config.socket;
     // One provider of the host's interface addresses for every policy this daemon builds (reloads included); read
     // first, before anything that holds an fd, because it is what fails in a sandbox without AF_NETLINK.
@@ -158,6 +163,7 @@ export class Sockpoold {
     this.#rates = new RateLimiter(this.#config, this.#fleet);
     registerFleetMetrics(this.#metrics.registry, () => this.#fleet, this.#rates);
     registerBindRestrictionMetrics(this.#metrics.registry, this.#bindRestriction);
+    registerConnectGuardMetrics(this.#metrics.registry, this.#connectGuard);
     this.#pools = new PoolManager({
       config: this.#config,
       connector,
@@ -234,6 +240,7 @@ export class Sockpoold {
       extraStats: () => ({
         rssBytes: process.memoryUsage.rss(),
         bindRestriction: this.#bindRestriction,
+        connectGuard: this.#connectGuard,
         clientFds: this.#clientFds,
         adoptedFromFdStore: this.#adoptedFromFdStore,
         tls: this.#relays.counters(),
@@ -268,6 +275,7 @@ export class Sockpoold {
         metricsPort: this.metricsPort,
         kernelTls,
         bindRestriction: this.#bindRestriction.state,
+        connectGuard: this.#connectGuard.state,
         clientFds: this.#clientFds,
       },
       'sockpoold ready',
@@ -329,6 +337,8 @@ export class Sockpoold {
         // Checked as if new: the origin's name and port, then the address it is connected to.
         this.#egress.checkTarget(stored.origin.host, stored.origin.port);
         this.#egress.checkAddress(peer.address, peer.port, stored.origin.host);
+        // Lent again later like any socket the daemon connected: no connect() of it, ever (connect-guard.ts).
+        native.guardSocket(stored.fd);
         const now = performance.now();
         // The tag says when it connected: the idle TTL keeps counting from then, not from this restart.
         const connectedEpochMs = connectedAtFromTag(stored.origin.tag);
@@ -635,6 +645,7 @@ const START_ONLY_KEYS: ReadonlyArray<readonly string[]> = [
   ['metricsHost'],
   ['metricsPerOrigin'],
   ['restrictBind'],
+  ['connectGuard'],
   ['access', 'socketMode'],
   ['access', 'socketOwner'],
   ['access', 'socketGroup'],

@@ -37,6 +37,9 @@
 #include <stdint.h>
 #include <string.h>
 #include <fcntl.h>
+#include <linux/bpf.h>
+#include <linux/btf.h>
+#include <linux/capability.h>
 #include <linux/sockios.h>
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
@@ -692,6 +695,124 @@ class Poller;
 // ---------------------------------------------------------------------------------------------------------------
 // Per-environment state (instance data) and the exported functions
 
+// ---------------------------------------------------------------------------------------------------------------
+// Connect guard (daemon/connect-guard.ts says why): cgroup BPF programs on connect4/connect6 that refuse connect()
+// on any socket registered in a socket-storage map, whoever calls it. A hook of the cgroup a socket was created in
+// runs for it, so programs on the daemon's cgroup see a client's connect() of a copy of a lent socket. The map's
+// entries live on the sockets themselves (BPF_MAP_TYPE_SK_STORAGE) and go with them: no size, no eviction.
+//
+// Process-wide, not per environment: the daemon's connects run on its main thread and the warm TLS relays' loopback
+// pairs on theirs, all registered in one map. The map, the programs and their links are the process's until it
+// exits: the links' fds are never closed here, and their end with the process detaches the programs.
+
+std::atomic<int> g_guard_map{-1};
+
+uint64_t PointerBits(const void* pointer) { return static_cast<uint64_t>(reinterpret_cast<uintptr_t>(pointer)); }
+
+long Bpf(int command, bpf_attr* attr) { return ::syscall(SYS_bpf, command, attr, sizeof *attr); }
+
+// Registers `fd` with the guard, if there is one: from now on every connect() of that socket fails with EPERM.
+// Returns 0 or an errno. Called once the daemon's own connect() has started (or, for a pair's accepted end, at once).
+int GuardSocket(int fd) {
+  const int map = g_guard_map.load(std::memory_order_acquire);
+  if (map < 0) return 0;
+  bpf_attr attr;
+  memset(&attr, 0, sizeof attr);
+  const int key = fd;
+  const uint32_t value = 1;
+  attr.map_fd = static_cast<uint32_t>(map);
+  attr.key = PointerBits(&key);
+  attr.value = PointerBits(&value);
+  attr.flags = BPF_ANY;
+  return Bpf(BPF_MAP_UPDATE_ELEM, &attr) == 0 ? 0 : errno;
+}
+
+// The guard's program, the same for connect4 and connect6 (attach types differ, code does not):
+//   sk = ctx->sk; if (sk && bpf_sk_storage_get(map, sk, 0, 0)) return 0 /* EPERM */; return 1;
+std::vector<bpf_insn> GuardProgram(int map_fd) {
+  auto insn = [](uint8_t code, uint8_t dst, uint8_t src, int16_t off, int32_t imm) {
+    bpf_insn i;
+    memset(&i, 0, sizeof i);
+    i.code = code;
+    i.dst_reg = dst & 0xf;
+    i.src_reg = src & 0xf;
+    i.off = off;
+    i.imm = imm;
+    return i;
+  };
+  return {
+      insn(BPF_LDX | BPF_MEM | BPF_DW, BPF_REG_2, BPF_REG_1, offsetof(bpf_sock_addr, sk), 0),
+      insn(BPF_JMP | BPF_JEQ | BPF_K, BPF_REG_2, 0, 7, 0),  // no socket: allow
+      insn(BPF_LD | BPF_DW | BPF_IMM, BPF_REG_1, BPF_PSEUDO_MAP_FD, 0, map_fd),
+      insn(0, 0, 0, 0, 0),
+      insn(BPF_ALU64 | BPF_MOV | BPF_K, BPF_REG_3, 0, 0, 0),
+      insn(BPF_ALU64 | BPF_MOV | BPF_K, BPF_REG_4, 0, 0, 0),
+      insn(BPF_JMP | BPF_CALL, 0, 0, 0, BPF_FUNC_sk_storage_get),
+      insn(BPF_JMP | BPF_JEQ | BPF_K, BPF_REG_0, 0, 2, 0),  // not registered: allow
+      insn(BPF_ALU64 | BPF_MOV | BPF_K, BPF_REG_0, 0, 0, 0),
+      insn(BPF_JMP | BPF_EXIT, 0, 0, 0, 0),
+      insn(BPF_ALU64 | BPF_MOV | BPF_K, BPF_REG_0, 0, 0, 1),
+      insn(BPF_JMP | BPF_EXIT, 0, 0, 0, 0),
+  };
+}
+
+// A socket-storage map must name its key and value types in BTF: one type, a 4-byte signed int, serves both.
+std::vector<uint8_t> GuardBtf() {
+  const char strings[] = "\0int";  // offset 1: "int"
+  struct {
+    btf_type type;
+    uint32_t encoding;
+  } types;
+  memset(&types, 0, sizeof types);
+  types.type.name_off = 1;
+  types.type.info = BTF_KIND_INT << 24;
+  types.type.size = 4;
+  types.encoding = (BTF_INT_SIGNED << 24) | 32;
+  btf_header header;
+  memset(&header, 0, sizeof header);
+  header.magic = BTF_MAGIC;
+  header.version = BTF_VERSION;
+  header.hdr_len = sizeof header;
+  header.type_off = 0;
+  header.type_len = sizeof types;
+  header.str_off = sizeof types;
+  header.str_len = sizeof strings;
+  std::vector<uint8_t> blob(sizeof header + sizeof types + sizeof strings);
+  memcpy(blob.data(), &header, sizeof header);
+  memcpy(blob.data() + sizeof header, &types, sizeof types);
+  memcpy(blob.data() + sizeof header + sizeof types, strings, sizeof strings);
+  return blob;
+}
+
+// The guard checked by the kernel itself: a loopback connection, registered, disconnected (connect() with
+// AF_UNSPEC, as a client would through its copy) and connected again. Returns that last connect's errno: EPERM is
+// the guard at work, 0 means it let the connect through.
+int GuardSelfCheck(Napi::Env env) {
+  FdGuard listener(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (listener.get() < 0) ThrowErrno(env, errno, "socket");
+  sockaddr_in address;
+  memset(&address, 0, sizeof address);
+  address.sin_family = AF_INET;
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t length = sizeof address;
+  if (::bind(listener.get(), reinterpret_cast<sockaddr*>(&address), length) < 0) ThrowErrno(env, errno, "bind");
+  if (::listen(listener.get(), 4) < 0) ThrowErrno(env, errno, "listen");
+  if (::getsockname(listener.get(), reinterpret_cast<sockaddr*>(&address), &length) < 0) {
+    ThrowErrno(env, errno, "getsockname");
+  }
+  FdGuard probe(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (probe.get() < 0) ThrowErrno(env, errno, "socket");
+  if (::connect(probe.get(), reinterpret_cast<sockaddr*>(&address), length) < 0) ThrowErrno(env, errno, "connect");
+  const int registered = GuardSocket(probe.get());
+  if (registered != 0) ThrowErrno(env, registered, "bpf", "BPF_MAP_UPDATE_ELEM (connect guard)");
+  sockaddr unspecified;
+  memset(&unspecified, 0, sizeof unspecified);
+  unspecified.sa_family = AF_UNSPEC;
+  if (::connect(probe.get(), &unspecified, sizeof unspecified) < 0) ThrowErrno(env, errno, "connect", "AF_UNSPEC");
+  return ::connect(probe.get(), reinterpret_cast<sockaddr*>(&address), length) == 0 ? 0 : errno;
+}
+
+
 class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
  public:
   SockpoolAddon(Napi::Env env, Napi::Object exports);
@@ -826,6 +947,11 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
       Napi::Array pair = Napi::Array::New(env, 2);
       pair.Set(0u, Napi::Number::New(env, server.get()));
       pair.Set(1u, Napi::Number::New(env, client.get()));
+      // Either end may be lent: neither may connect again (see the connect guard).
+      for (const int end : {server.get(), client.get()}) {
+        const int guarded = ::GuardSocket(end);
+        if (guarded != 0) ThrowErrno(env, guarded, "bpf", "BPF_MAP_UPDATE_ELEM (connect guard)");
+      }
       server.release();  // ownership of both passes to the caller
       client.release();
       return pair;
@@ -1104,11 +1230,14 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     const std::string address = StringArg(info, 1, "address");
     const int port = static_cast<int>(IntegerArg(info, 2, "port", 0, 65535));
     const InetAddress target = ParseInet(env, GetIntOption(env, fd, SOL_SOCKET, SO_DOMAIN), address, port);
-    if (::connect(fd, reinterpret_cast<const sockaddr*>(&target.storage), target.length) == 0) {
-      return Napi::Boolean::New(env, true);
-    }
+    const bool connected = ::connect(fd, reinterpret_cast<const sockaddr*>(&target.storage), target.length) == 0;
     // EINTR on a non-blocking connect: the handshake carries on in the background, like EINPROGRESS.
-    if (errno == EINPROGRESS || errno == EINTR) return Napi::Boolean::New(env, false);
+    if (connected || errno == EINPROGRESS || errno == EINTR) {
+      // From here on, no other connect() of this socket: not ours, not a client's through a copy it was lent.
+      const int guarded = ::GuardSocket(fd);
+      if (guarded != 0) ThrowErrno(env, guarded, "bpf", "BPF_MAP_UPDATE_ELEM (connect guard)");
+      return Napi::Boolean::New(env, connected);
+    }
     Napi::Error error = ErrnoError(env, errno, "connect", Endpoint(address, port));
     error.Set("address", Napi::String::New(env, address));
     error.Set("port", Napi::Number::New(env, port));
@@ -1254,6 +1383,113 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     if (::syscall(SYS_landlock_restrict_self, ruleset_fd.get(), 0) < 0) ThrowErrno(env, errno, "landlock_restrict_self");
     result.Set("applied", Napi::Boolean::New(env, true));
     return result;
+  }
+
+  // The connect guard (see above): loads its map and programs and links them to the cgroup v2 directory given (the
+  // daemon's own). Needs CAP_BPF and CAP_NET_ADMIN; a failure throws the syscall's error (EPERM without them) and
+  // leaves no guard. Once only per process. Returns the self-check's errno name, or null when the check's second
+  // connect went through (the guard is not working).
+  Napi::Value StartConnectGuard(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const std::string cgroup = StringArg(info, 0, "cgroup");
+    if (g_guard_map.load() >= 0) ThrowErrno(env, EALREADY, "bpf", "the connect guard is already started");
+    char log[4096] = "";
+    const std::vector<uint8_t> btf = GuardBtf();
+    bpf_attr attr;
+    memset(&attr, 0, sizeof attr);
+    attr.btf = PointerBits(btf.data());
+    attr.btf_size = static_cast<uint32_t>(btf.size());
+    FdGuard btf_fd(static_cast<int>(Bpf(BPF_BTF_LOAD, &attr)));
+    if (btf_fd.get() < 0) ThrowErrno(env, errno, "bpf", "BPF_BTF_LOAD");
+    memset(&attr, 0, sizeof attr);
+    attr.map_type = BPF_MAP_TYPE_SK_STORAGE;
+    attr.key_size = sizeof(int);
+    attr.value_size = sizeof(uint32_t);
+    attr.max_entries = 0;
+    attr.map_flags = BPF_F_NO_PREALLOC;
+    strncpy(attr.map_name, "sockpool_lent", sizeof attr.map_name - 1);
+    attr.btf_fd = static_cast<uint32_t>(btf_fd.get());
+    attr.btf_key_type_id = 1;
+    attr.btf_value_type_id = 1;
+    FdGuard map(static_cast<int>(Bpf(BPF_MAP_CREATE, &attr)));
+    if (map.get() < 0) ThrowErrno(env, errno, "bpf", "BPF_MAP_CREATE (socket storage)");
+    const std::vector<bpf_insn> program = GuardProgram(map.get());
+    FdGuard directory(::open(cgroup.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+    if (directory.get() < 0) ThrowErrno(env, errno, "open", cgroup);
+    std::vector<int> links;
+    for (const bpf_attach_type type : {BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET6_CONNECT}) {
+      memset(&attr, 0, sizeof attr);
+      attr.prog_type = BPF_PROG_TYPE_CGROUP_SOCK_ADDR;
+      attr.expected_attach_type = type;
+      attr.insns = PointerBits(program.data());
+      attr.insn_cnt = static_cast<uint32_t>(program.size());
+      attr.license = PointerBits("GPL");  // bpf_sk_storage_get is a GPL-only helper
+      attr.log_buf = PointerBits(log);
+      attr.log_size = sizeof log;
+      attr.log_level = 1;
+      strncpy(attr.prog_name, "sockpool_guard", sizeof attr.prog_name - 1);
+      FdGuard loaded(static_cast<int>(Bpf(BPF_PROG_LOAD, &attr)));
+      if (loaded.get() < 0) {
+        const int err = errno;
+        for (const int link : links) CloseQuietly(link);
+        ThrowErrno(env, err, "bpf", std::string("BPF_PROG_LOAD: ") + log);
+      }
+      memset(&attr, 0, sizeof attr);
+      attr.link_create.prog_fd = static_cast<uint32_t>(loaded.get());
+      attr.link_create.target_fd = static_cast<uint32_t>(directory.get());
+      attr.link_create.attach_type = type;
+      const int link = static_cast<int>(Bpf(BPF_LINK_CREATE, &attr));
+      if (link < 0) {
+        const int err = errno;
+        for (const int made : links) CloseQuietly(made);
+        ThrowErrno(env, err, "bpf", "BPF_LINK_CREATE " + cgroup);
+      }
+      links.push_back(link);  // the process's until it exits (see above)
+    }
+    g_guard_map.store(map.release(), std::memory_order_release);
+    const int check = GuardSelfCheck(env);
+    return check == 0 ? env.Null() : Napi::String::New(env, ErrnoName(check));
+  }
+
+  // Registers a socket the daemon did not connect through connectStart (one taken back from systemd's fd store).
+  // No guard: nothing.
+  Napi::Value GuardSocket(const Napi::CallbackInfo& info) {
+    const int fd = FdArg(info, 0);
+    const int err = ::GuardSocket(fd);
+    if (err != 0) ThrowErrno(info.Env(), err, "bpf", "BPF_MAP_UPDATE_ELEM (connect guard)");
+    return info.Env().Undefined();
+  }
+
+  // Drops the capabilities listed (numbers, linux/capability.h) from the calling thread's effective, permitted,
+  // inheritable and ambient sets, for good. Threads started afterwards inherit the smaller sets; threads that exist
+  // already keep theirs (capabilities are per thread).
+  Napi::Value DropCapabilities(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (info.Length() < 1 || !info[0].IsArray()) throw Napi::TypeError::New(env, "capabilities must be an array");
+    Napi::Array list = info[0].As<Napi::Array>();
+    __user_cap_header_struct header = {_LINUX_CAPABILITY_VERSION_3, 0};
+    __user_cap_data_struct data[_LINUX_CAPABILITY_U32S_3];
+    if (::syscall(SYS_capget, &header, data) < 0) ThrowErrno(env, errno, "capget");
+    std::vector<int> drop;
+    for (uint32_t i = 0; i < list.Length(); i++) {
+      Napi::Value value = list.Get(i);
+      const double number = value.IsNumber() ? value.As<Napi::Number>().DoubleValue() : -1;
+      if (!(number >= 0 && number < 32 * _LINUX_CAPABILITY_U32S_3) || std::floor(number) != number) {
+        throw Napi::TypeError::New(env, "capabilities must be capability numbers");
+      }
+      drop.push_back(static_cast<int>(number));
+    }
+    for (const int capability : drop) {
+      const uint32_t bit = 1U << (capability % 32);
+      __user_cap_data_struct& word = data[capability / 32];
+      word.effective &= ~bit;
+      word.permitted &= ~bit;
+      word.inheritable &= ~bit;
+      // Lowering the ambient set first: a capability leaves it anyway once it leaves permitted or inheritable.
+      ::prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_LOWER, capability, 0, 0);
+    }
+    if (::syscall(SYS_capset, &header, data) < 0) ThrowErrno(env, errno, "capset");
+    return env.Undefined();
   }
 
   // -- Liveness and identity
@@ -1756,6 +1992,9 @@ SockpoolAddon::SockpoolAddon(Napi::Env env, Napi::Object exports) {
                            InstanceMethod<&SockpoolAddon::BindToDevice>("bindToDevice", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::SetTcpUlp>("setTcpUlp", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::RestrictTcpBind>("restrictTcpBind", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::StartConnectGuard>("startConnectGuard", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::GuardSocket>("guardSocket", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::DropCapabilities>("dropCapabilities", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::Probe>("probe", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::PeerCredentials>("peerCredentials", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::PeerGroups>("peerGroups", napi_enumerable),

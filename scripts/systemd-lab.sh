@@ -25,6 +25,8 @@
 # permitted" and runs every unit's IPAddressDeny= unenforced (also DevicePolicy=/DeviceAllow= and
 # PrivateDevices='s device filter). The container's root could load BPF programs anyway as root of the host
 # (it has CAP_SYS_ADMIN; there is no user namespace): the lab is no boundary against a hostile test script.
+# CAP_BPF is kept in the container (--capability): the unit grants it to sockpoold with CAP_NET_ADMIN (which
+# --private-network keeps) to set up its connect guard (daemon/connect-guard.ts); nspawn drops it by default.
 # The Landlock calls are let through for the same reason (nspawn 252's filter refuses them, as it did not know
 # them): sockpoold restricts its own TCP binds with them (daemon/bind-restriction.ts), as it does on a host.
 # On a host with the memory and pids controllers on cgroup v1 (hybrid or legacy), the container gets writable
@@ -245,7 +247,8 @@ run_script() {
       systemd-nspawn --quiet --directory="$rootfs" --register=no --keep-unit --volatile=overlay \
       --machine="sockpool-lab-$$" --console="$console" \
       --bind-ro="$project:/opt/sockpool" --bind-ro="$rundir:/lab" --bind="$results:/results" "${lab_cgroup_args[@]}" \
-      --private-network --system-call-filter='bpf landlock_create_ruleset landlock_add_rule landlock_restrict_self' \
+      --private-network --capability=CAP_BPF \
+      --system-call-filter='bpf landlock_create_ruleset landlock_add_rule landlock_restrict_self' \
       --boot -- systemd.show_status=auto
   ) || status=$?
   log "container ran $((($(date +%s%N) - started) / 1000000)) ms, results in ${results}"

@@ -163,6 +163,9 @@ interface NativeBinding {
   bindToDevice(fd: number, name: string): void;
   setTcpUlp(fd: number, name: string): void;
   restrictTcpBind(ports: number[]): BindRestriction;
+  startConnectGuard(cgroup: string): string | null;
+  guardSocket(fd: number): void;
+  dropCapabilities(capabilities: number[]): void;
   probe(fd: number): ProbeResult;
   peerCredentials(fd: number): PeerCredentials;
   peerGroups(fd: number): number[];
@@ -269,6 +272,26 @@ export interface BindRestriction {
  */
 export function restrictTcpBind(ports: number[]): BindRestriction {
   return binding.restrictTcpBind(ports);
+}
+
+/**
+ * The connect guard (daemon/connect-guard.ts): cgroup BPF programs on the cgroup v2 directory `cgroup` that refuse
+ * every connect() of a socket registered with it; from now on connectStart and loopbackPair register the sockets
+ * they connect. Once per process; throws the failed syscall's error (EPERM without CAP_BPF and CAP_NET_ADMIN).
+ * Returns the self-check's errno code ('EPERM': the guard works), or null when its reconnect went through.
+ */
+export function startConnectGuard(cgroup: string): string | null {
+  return binding.startConnectGuard(cgroup);
+}
+
+/** Registers a socket with the connect guard (one the daemon did not connect itself); without a guard, nothing. */
+export function guardSocket(fd: number): void {
+  binding.guardSocket(fd);
+}
+
+/** Drops these capabilities (linux/capability.h numbers) from the calling thread for good. */
+export function dropCapabilities(capabilities: number[]): void {
+  binding.dropCapabilities(capabilities);
 }
 
 /** accept4 on a listening socket: a new fd the caller owns, or null when no connection is pending. */

@@ -47,6 +47,9 @@ describe('sockpoold under a real systemd', () => {
       'bind-restriction-enforced',
       // The listener systemd passed refuses clients' fds at the kernel (SO_PASSRIGHTS, set by sockpoold).
       'client-fds-refused',
+      // The connect guard set up under the unit (its ambient CAP_BPF and CAP_NET_ADMIN), which the daemon then drops.
+      'connect-guard-enforced',
+      'capabilities-dropped',
       'listen-fdnames',
       'first-request-warm',
       'first-request-on-old-connection',

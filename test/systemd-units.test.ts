@@ -78,7 +78,10 @@ describe('systemd units', () => {
       'ExecReload=/bin/kill -HUP $MAINPID',
       'LimitNOFILE=65536',
       'RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK',
-      'CapabilityBoundingSet=',
+      // Only what the connect guard's set-up needs (the daemon drops both once it is set up: connect-guard.ts).
+      'CapabilityBoundingSet=CAP_BPF CAP_NET_ADMIN',
+      'AmbientCapabilities=CAP_BPF CAP_NET_ADMIN',
+      'SystemCallFilter=bpf capset',
       'SocketBindDeny=any',
       // The daemon's own bind restriction (Landlock): systemd 252's @system-service lacks these calls.
       'SystemCallFilter=landlock_create_ruleset landlock_add_rule landlock_restrict_self',

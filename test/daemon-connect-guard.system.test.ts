@@ -1,0 +1,207 @@
+// The connect guard (daemon/connect-guard.ts): cgroup BPF programs on the daemon's cgroup refuse every connect() of
+// a socket the daemon connected, whoever holds it. Root: the programs need CAP_BPF and CAP_NET_ADMIN, and the
+// hostile client runs as another uid with no network of its own (`unshare -n`), the sandboxed client of
+// docs/security.md, whose only way out is a socket the daemon lent.
+import { execFile, spawn } from 'node:child_process';
+import { once } from 'node:events';
+import { chmodSync, readFileSync } from 'node:fs';
+import { createServer, type Server, Socket } from 'node:net';
+import { dirname, join } from 'node:path';
+import { promisify } from 'node:util';
+import { afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { ownCgroupDirectory } from '../daemon/connect-guard.js';
+import * as native from '../shared/native.js';
+import { type DaemonProcess, repoRoot, startDaemon, writeConfigFile } from './helpers/daemon.js';
+import { openRawClient } from './helpers/raw-client.js';
+import { pathOrigin } from './helpers/trust.js';
+
+const SANDBOXED_UID = 65534;
+const CAP_NET_ADMIN = 12;
+const CAP_BPF = 39;
+
+beforeAll(() => {
+  if (process.getuid?.() !== 0) {
+    throw new Error('daemon-connect-guard.system.test.ts sets up cgroup BPF programs and needs root');
+  }
+});
+
+const cleanups: Array<() => unknown> = [];
+afterEach(async () => {
+  for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
+});
+
+/** A daemon whose socket every uid may open. */
+async function daemon(port: number, config: object = {}): Promise<DaemonProcess> {
+  const args = ['--allow', '127.0.0.1/32', '--allow-port', String(port)];
+  const file = writeConfigFile({ ...config, access: { socketMode: '0666' } }, cleanups);
+  const started = await startDaemon({ args: [...args, '--config', file] });
+  chmodSync(dirname(started.socketPath), 0o755);
+  cleanups.push(() => started.stop());
+  return started;
+}
+
+/** A listener in the daemon's network that counts the connections it gets: where a hostile client would go. */
+async function elsewhere(): Promise<{ port: number; connections: () => number }> {
+  let connections = 0;
+  const server: Server = createServer((socket) => {
+    connections++;
+    socket.destroy();
+  });
+  server.listen(0, '127.0.0.1');
+  await new Promise((resolve) => server.once('listening', resolve));
+  cleanups.push(() => new Promise((resolve) => server.close(resolve)));
+  return { port: (server.address() as { port: number }).port, connections: () => connections };
+}
+
+/** reconnect-client.py as the sandboxed client: another uid, in a network namespace of its own (no network). */
+async function sandboxedReconnect(socketPath: string, port: number, target: number) {
+  const { stdout } = await promisify(execFile)(
+    'unshare',
+    [
+      '--net',
+      '--',
+      'setpriv',
+      `--reuid=${SANDBOXED_UID}`,
+      `--regid=${SANDBOXED_UID}`,
+      '--clear-groups',
+      // The system's Python: a per-user one (pyenv's shims under /root) is out of another uid's reach.
+      '/usr/bin/python3',
+      join(repoRoot, 'test', 'fixtures', 'reconnect-client.py'),
+      socketPath,
+      String(port),
+      String(target),
+    ],
+    { timeout: 30_000 },
+  );
+  return JSON.parse(stdout.trim()) as Record<string, number | string>;
+}
+
+async function guardState(socketPath: string): Promise<unknown> {
+  const raw = openRawClient(socketPath, cleanups);
+  const reply = await raw.request({ type: 'stats', id: 1 });
+  return (reply.message as unknown as { stats: { connectGuard: unknown } }).stats.connectGuard;
+}
+
+/** The capability sets of a process's main thread, as bit masks. */
+function capabilities(pid: number): { effective: bigint; permitted: bigint } {
+  const status = readFileSync(`/proc/${pid}/status`, 'utf8');
+  const mask = (name: string) => BigInt(`0x${new RegExp(`^${name}:\\s*([0-9a-f]+)`, 'm').exec(status)![1]}`);
+  return { effective: mask('CapEff'), permitted: mask('CapPrm') };
+}
+
+const has = (mask: bigint, capability: number) => (mask >> BigInt(capability)) & 1n;
+
+describe('connect guard (cgroup BPF)', () => {
+  it('a sandboxed client cannot connect a lent socket elsewhere, nor back to its origin, after disconnecting it (EPERM)', async () => {
+    const origin = await pathOrigin(cleanups);
+    const sockpoold = await daemon(origin.port, { pool: { defaults: { minIdle: 0 } } });
+    expect(await guardState(sockpoold.socketPath)).toMatchObject({ state: 'enforced' });
+    const listener = await elsewhere();
+    for (const target of [listener.port, origin.port]) {
+      const seen = await sandboxedReconnect(sockpoold.socketPath, origin.port, target);
+      // Refused by the kernel; the release of the disconnected socket refused too; the next lease goes to the origin.
+      expect(seen).toMatchObject({
+        reconnected: 0,
+        error: 'EPERM',
+        release: 'SOCKPOOL_ERR_PROTOCOL:used',
+        next: origin.port,
+      });
+    }
+    expect(listener.connections()).toBe(0);
+    // The daemon's own connects go on: a request through a fresh lease.
+    const raw = openRawClient(sockpoold.socketPath, cleanups);
+    const lease = await raw.request({ type: 'acquire', id: 2, host: '127.0.0.1', port: origin.port });
+    const socket = new Socket({ fd: lease.fds[0]! });
+    const answer = new Promise<string>((resolve) => socket.once('data', (data) => resolve(data.toString())));
+    socket.write('GET /after HTTP/1.1\r\nHost: x\r\n\r\n');
+    expect(await answer).toMatch(/\/after$/);
+    socket.destroy();
+  });
+
+  it('connectGuard = false: the same client connects the lent socket elsewhere (what the guard refuses)', async () => {
+    const origin = await pathOrigin(cleanups);
+    const sockpoold = await daemon(origin.port, { connectGuard: false, pool: { defaults: { minIdle: 0 } } });
+    expect(await guardState(sockpoold.socketPath)).toMatchObject({ state: 'off' });
+    const listener = await elsewhere();
+    const seen = await sandboxedReconnect(sockpoold.socketPath, origin.port, listener.port);
+    expect(seen).toMatchObject({ reconnected: 1, release: 'SOCKPOOL_ERR_PROTOCOL:used', next: origin.port });
+    expect(listener.connections()).toBe(1);
+  });
+
+  it('drops CAP_BPF and CAP_NET_ADMIN once set up, and keeps CAP_NET_ADMIN where a policy sets a mark', async () => {
+    const origin = await pathOrigin(cleanups);
+    const plain = await daemon(origin.port);
+    const dropped = capabilities(plain.child.pid!);
+    expect([has(dropped.effective, CAP_BPF), has(dropped.permitted, CAP_BPF)]).toEqual([0n, 0n]);
+    expect([has(dropped.effective, CAP_NET_ADMIN), has(dropped.permitted, CAP_NET_ADMIN)]).toEqual([0n, 0n]);
+    const marked = await daemon(origin.port, { pool: { defaults: { mark: 7 } } });
+    const kept = capabilities(marked.child.pid!);
+    expect([has(kept.effective, CAP_BPF), has(kept.effective, CAP_NET_ADMIN)]).toEqual([0n, 1n]);
+    expect(await guardState(marked.socketPath)).toMatchObject({ state: 'enforced' });
+  });
+});
+
+/**
+ * In another process, on its copy of `fd` (fd 3 there), or on a socket of its own that it connected to 127.0.0.1:
+ * disconnects (AF_UNSPEC) and connects again, to 127.0.0.1 or ::1 as the socket's family. "ok" or the errno's name.
+ */
+async function reconnectCopy(fd: number | 'own', v4Port: number, v6Port: number): Promise<string> {
+  const script = [
+    'import ctypes, errno, socket, sys',
+    'libc = ctypes.CDLL(None, use_errno=True)',
+    's = socket.socket(fileno=3) if sys.argv[3] == "copy" else socket.create_connection(("127.0.0.1", int(sys.argv[1])))',
+    'assert s.fileno() == 3 or sys.argv[3] == "own"',
+    'libc.connect(3, ctypes.byref((ctypes.c_ubyte * 16)()), 16)',
+    's.setblocking(True)',
+    'target = ("127.0.0.1", int(sys.argv[1])) if s.family == socket.AF_INET else ("::1", int(sys.argv[2]))',
+    'try:',
+    '    s.connect(target)',
+    '    print("ok")',
+    'except OSError as e:',
+    '    print(errno.errorcode[e.errno])',
+  ].join('\n');
+  const child = spawn('python3', ['-c', script, String(v4Port), String(v6Port), fd === 'own' ? 'own' : 'copy'], {
+    stdio: ['ignore', 'pipe', 'inherit', fd === 'own' ? 'ignore' : fd],
+  });
+  let out = '';
+  child.stdout!.on('data', (data: Buffer) => {
+    out += data.toString();
+  });
+  await once(child, 'close');
+  return out.trim();
+}
+
+describe('the native guard, in this process', () => {
+  it('refuses a reconnect of both ends of a loopback pair and of IPv4 and IPv6 sockets connectStart connected', async () => {
+    // This test process's cgroup; the programs go with the process (vitest runs each file in a process of its own).
+    expect(native.startConnectGuard(ownCgroupDirectory()!)).toBe('EPERM');
+    // The copies' disconnects reset these connections: their ends here are dropped at once.
+    const drop = (socket: Socket) => {
+      socket.on('error', () => undefined);
+      socket.destroy();
+    };
+    const v4 = createServer(drop);
+    const v6 = createServer(drop);
+    await new Promise((resolve) => v4.listen(0, '127.0.0.1', () => resolve(undefined)));
+    await new Promise((resolve) => v6.listen(0, '::1', () => resolve(undefined)));
+    cleanups.push(
+      () => v4.close(),
+      () => v6.close(),
+    );
+    const v4Port = (v4.address() as { port: number }).port;
+    const v6Port = (v6.address() as { port: number }).port;
+    const fds = [...native.loopbackPair()];
+    for (const [family, address, port] of [
+      [4, '127.0.0.1', v4Port],
+      [6, '::1', v6Port],
+    ] as const) {
+      const fd = native.tcpSocket(family);
+      native.connectStart(fd, address, port);
+      fds.push(fd);
+    }
+    // Unregistered: a socket the other process connected itself disconnects and connects again.
+    const results = await Promise.all([...fds, 'own' as const].map((fd) => reconnectCopy(fd, v4Port, v6Port)));
+    expect(results).toEqual(['EPERM', 'EPERM', 'EPERM', 'EPERM', 'ok']);
+    for (const fd of fds) native.close(fd);
+  });
+});
