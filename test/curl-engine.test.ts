@@ -4,8 +4,8 @@
 // handed connection is retried once for idempotent methods only, unless retries are off; a starved transfer is run
 // again with a socket), https transfers started together (one socket, multiplexed over HTTP/2; run again with
 // sockets of their own over HTTP/1.1), the direct fallback when no daemon answers, acquire timeouts against the
-// request's own deadline, a deadline already passed, cancellation and close. Every test ends with as many fds as
-// it began with.
+// request's own deadline, a deadline already passed, cancellation and close, and how many handles the engine keeps
+// (free, and resting after cancelled HTTP/2 streams). Every test ends with as many fds as it began with.
 import { once } from 'node:events';
 import http from 'node:http';
 import type net from 'node:net';
@@ -383,6 +383,65 @@ describe('CurlEngine over https', () => {
         handles.push(curl.handles);
       }
       expect(handles).toEqual([256, 256, 256]);
+    } finally {
+      for (const engine of engines.splice(0)) engine.close();
+      await origin.close();
+    }
+  });
+
+  it('rests no more handles than the free list holds after HTTP/2 streams cancelled mid-body, and closes the others while their connections carry on', async () => {
+    // Found in review (sixteenth session, left then; fixed in the seventeenth): a handle whose HTTP/2 stream was
+    // cancelled rests 10 s, and nothing bounded how many rested at once: 1,000 cancellations a second kept about
+    // 10,000 handles (some 460 MB) alive until they woke.
+    const siblings: Array<() => void> = [];
+    const origin = await h2Origin(pki, (request, response) => {
+      const url = request.url ?? '';
+      if (url.startsWith('/held')) return void siblings.push(() => response.end(`ok ${url}`));
+      if (!url.startsWith('/part')) return void response.end(`ok ${url}`);
+      // A body that goes on until the stream is reset: frames of it are still on their way when the handle that
+      // carried it is closed.
+      response.writeHead(200);
+      const more = setInterval(() => response.write('x'.repeat(256)), 20);
+      response.on('close', () => clearInterval(more));
+    });
+    try {
+      linkPort = origin.port;
+      const curl = engine({ caFile: pki.caFile });
+      const base = `https://localhost:${origin.port}`;
+      expect(await curl.run(request('', { url: `${base}/first` }))).toMatchObject({ ok: true });
+      const counts: Array<{ resting: number; handles: number }> = [];
+      for (let round = 0; round < 2; round++) {
+        // Streams that run through the cancellations, on the same connections (as many as curl chose).
+        const held = [1, 2, 3].map((i) => curl.run(request('', { url: `${base}/held-${round}-${i}` })));
+        const cancellations = Array.from({ length: 300 }, () => new Cancellation());
+        // Each cancelled once its body has begun: a stream of its connection, mid-body.
+        const bodies: Array<Promise<void>> = [];
+        const running = cancellations.map((signal, i) => {
+          const { sink, begun } = bodyBegins();
+          bodies.push(begun);
+          return curl.run(request('', { url: `${base}/part-${round}-${i}` }), { signal, sink });
+        });
+        await Promise.all(bodies);
+        for (const signal of cancellations) signal.cancel(new SockpoolError(ErrorCodes.ABORTED, 'cancelled'));
+        for (const outcome of await Promise.all(running))
+          expect(!outcome.ok && outcome.error.code).toBe('SOCKPOOL_ERR_ABORTED');
+        // (The held streams' three handles besides the resting ones.)
+        counts.push({ resting: curl.resting, handles: curl.handles });
+        for (const answer of siblings.splice(0)) answer();
+        expect((await Promise.all(held)).map((outcome) => outcome.ok && text(outcome.result.body))).toEqual(
+          [1, 2, 3].map((i) => `ok /held-${round}-${i}`),
+        );
+        const after = await Promise.all(
+          [1, 2, 3].map((i) => curl.run(request('', { url: `${base}/after-${round}-${i}` }))),
+        );
+        expect(after.map((outcome) => outcome.ok && [text(outcome.result.body), outcome.result.connection])).toEqual(
+          [1, 2, 3].map((i) => [`ok /after-${round}-${i}`, 'reused']),
+        );
+      }
+      expect(counts).toEqual([
+        { resting: 256, handles: 259 },
+        { resting: 256, handles: 259 },
+      ]);
     } finally {
       for (const engine of engines.splice(0)) engine.close();
       await origin.close();

@@ -4,9 +4,10 @@
 // Easy handles are created once, with their callbacks set for good, and reused from a free list. curl remembers,
 // in every connection it keeps, the CLOSESOCKETFUNCTION (and its data pointer) of the handle that opened it; the
 // patched node-libcurl counts references to that data, so a connection may outlive its handle (the callback then
-// runs with `this` undefined): a handle the full free list has no room for is closed (#keep). close() closes the
-// Multi first (its connections go through CLOSESOCKETFUNCTION), then the handles. The callbacks act on the handle's
-// current transfer (`HandleState.current`), which each transfer sets and clears.
+// runs with `this` undefined): a handle the full free list has no room for is closed (#keep), as is one resting
+// beyond MAX_RESTING_HANDLES (#release). close() closes the Multi first (its connections go through
+// CLOSESOCKETFUNCTION), then the handles. The callbacks act on the handle's current transfer (`HandleState.current`),
+// which each transfer sets and clears.
 //
 // A transfer's body goes to a ResponseSink (whole, or streamed to the caller with backpressure: WRITEFUNCTION
 // answers CURL_WRITEFUNC_PAUSE while the sink is full; with `decompress`, through a DecodingSink: curl decodes
@@ -227,6 +228,9 @@ const EMPTY_BODY = new Uint8Array(0);
 const NO_HEADERS: string[] = [];
 const IDEMPOTENT_METHODS = new Set(['GET', 'HEAD', 'OPTIONS', 'PUT', 'DELETE', 'TRACE']);
 const MAX_FREE_HANDLES = 256;
+/** Handles resting at once (HandleState.restUntil): beyond them the one that has rested longest is closed (#release).
+ *  Unbounded, 1,000 HTTP/2 streams cancelled a second kept about 10,000 handles (some 460 MB) alive until they woke. */
+const MAX_RESTING_HANDLES = 256;
 /** How long a handle taken out of the Multi mid-transfer rests before it carries another (HandleState.restUntil):
  *  long past the round trip its stream's RST_STREAM takes. */
 const HANDLE_REST_MS = 10_000;
@@ -320,6 +324,11 @@ export class CurlEngine {
   /** curl handles alive (each until the engine closes): for tests. */
   get handles(): number {
     return this.#states.size;
+  }
+
+  /** curl handles resting after a transfer taken out mid-way (HandleState.restUntil), among `handles`: for tests. */
+  get resting(): number {
+    return this.#resting.length;
   }
 
   /** Finishes the transfers curl finished (in an immediate, or at close()). */
@@ -785,7 +794,13 @@ export class CurlEngine {
   #release(state: HandleState): void {
     state.current = undefined;
     if (state.restUntil !== 0) {
-      // Taken out mid-transfer (#takeOut): it rests before it carries another.
+      // Taken out mid-transfer (#takeOut): it rests before it carries another. With MAX_RESTING_HANDLES resting
+      // already, the one that has rested longest is closed instead, never to carry another: what the rest keeps from
+      // a handle is reuse, and curl keeps no pointer to a handle it took out (7.88's curl_multi_remove_handle sends
+      // the stream's RST_STREAM and clears the handle from the stream: later frames of it find none and are
+      // dropped), so it is closed as #keep closes one the free list has no room for, and its connections carry on.
+      if (this.#resting.length >= MAX_RESTING_HANDLES) this.#wakeRested();
+      if (this.#resting.length >= MAX_RESTING_HANDLES) this.#close(this.#resting.shift()!);
       this.#resting.push(state);
       return;
     }
@@ -804,6 +819,11 @@ export class CurlEngine {
       this.#free.push(state);
       return;
     }
+    this.#close(state);
+  }
+
+  /** Closes a handle out of the Multi for good; the connections it opened stay in curl's cache (see the header). */
+  #close(state: HandleState): void {
     this.#states.delete(state.easy);
     state.easy.close();
   }
