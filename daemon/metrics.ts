@@ -10,11 +10,14 @@
 // the endpoint sends at most METRICS_MAX_ANSWERS answers in that time (each costs the loop its parsing and the
 // sending of the text, about 50 µs), the rest waiting their turn, one request at a time per connection: a loop of
 // scrapes over every connection costs one rendering and 16 answers a second. A scraper asking every
-// SNAPSHOT_MAX_AGE_MS or less often gets a fresh rendering at once each time.
+// SNAPSHOT_MAX_AGE_MS or less often gets a fresh rendering at once each time. Each connection accepted costs the
+// loop too (its socket, parser and timers, about 50 µs with its close), so the endpoint also accepts at most
+// METRICS_MAX_ACCEPTS connections in that time and leaves the rest in the kernel's queue (AcceptGate).
 
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
-import type { AddressInfo, Socket } from 'node:net';
+import { type AddressInfo, Server as NetServer, type Socket } from 'node:net';
 import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry } from 'prom-client';
+import * as native from '../shared/native.js';
 
 /** What a rendering reads from the pool manager (at most once per SNAPSHOT_MAX_AGE_MS); keep it cheap. */
 export interface MetricsSnapshot {
@@ -48,6 +51,15 @@ export const METRICS_MAX_ORIGINS = 100;
 
 /** Connections the metrics endpoint holds at once; more are closed as they come. */
 export const METRICS_MAX_CONNECTIONS = 16;
+
+/** Connections the endpoint accepts per SNAPSHOT_MAX_AGE_MS; past them it stops accepting until the period ends. */
+export const METRICS_MAX_ACCEPTS = METRICS_MAX_CONNECTIONS;
+
+/**
+ * The listening socket's backlog: the kernel queues at most one more than this while accepts are paused, fewer than
+ * a period's accepts, so the first period after a flood empties the queue and a scraper's connect finds room.
+ */
+const METRICS_BACKLOG = METRICS_MAX_ACCEPTS / 2;
 
 /** Answers (of any kind) the endpoint sends per SNAPSHOT_MAX_AGE_MS; requests past them wait for the next period. */
 export const METRICS_MAX_ANSWERS = METRICS_MAX_CONNECTIONS;
@@ -367,6 +379,83 @@ class AnswerTurns {
   }
 }
 
+/**
+ * Accepts: at most METRICS_MAX_ACCEPTS per SNAPSHOT_MAX_AGE_MS (Node's 'connection' and 'drop', the connections past
+ * METRICS_MAX_CONNECTIONS it closes as they come). Past them the server's handle is closed until the period ends,
+ * while the socket stays open and listening on a second fd of ours: the kernel keeps the next connections in its
+ * queue (METRICS_BACKLOG) and, that full, makes the rest wait (their SYNs are dropped, their kernels send them
+ * again), none of it on the daemon's loop. Node cannot stop accepting otherwise (libuv accepts whatever is queued
+ * and Node takes every connection it accepts), and closing the socket would free the port for any local uid to bind.
+ */
+class AcceptGate {
+  readonly #server: NetServer;
+  readonly #now: () => number;
+  /** The listening socket, ours: the server's handle has a copy of its own while it accepts. */
+  readonly #listening: number;
+  #periodStart = Number.NEGATIVE_INFINITY;
+  #accepted = 0;
+  #timer: NodeJS.Timeout | undefined;
+  #closed = false;
+
+  /** For a server listening already. */
+  constructor(server: NetServer, now: () => number) {
+    this.#server = server;
+    this.#now = now;
+    // Node exposes a listening handle's fd only on the handle (Unix).
+    this.#listening = native.dup((server as unknown as { _handle: { fd: number } })._handle.fd);
+    server.on('connection', () => this.#accept());
+    server.on('drop', () => this.#accept());
+    // A resume that failed (listen's errors come as events) is tried again a period later. While the server
+    // listens, an error is an accept that failed, and libuv goes on with the next connection.
+    server.on('error', () => {
+      if (!server.listening) this.#resumeIn(SNAPSHOT_MAX_AGE_MS);
+    });
+  }
+
+  close(): void {
+    this.#closed = true;
+    clearTimeout(this.#timer);
+    native.close(this.#listening);
+  }
+
+  #accept(): void {
+    const now = this.#now();
+    if (now - this.#periodStart >= SNAPSHOT_MAX_AGE_MS) {
+      this.#periodStart = now;
+      this.#accepted = 0;
+    }
+    if (++this.#accepted < METRICS_MAX_ACCEPTS || !this.#server.listening) return;
+    // net.Server's close, not http's: that one would also close the idle keep-alive connections (a scraper's) and
+    // stop the check of the headers timeout. libuv stops accepting at once (it checks the fd before each accept).
+    NetServer.prototype.close.call(this.#server);
+    this.#resumeIn(this.#periodStart + SNAPSHOT_MAX_AGE_MS - now);
+  }
+
+  #resumeIn(delay: number): void {
+    clearTimeout(this.#timer);
+    this.#timer = setTimeout(
+      () => {
+        this.#timer = undefined;
+        this.#resume();
+      },
+      Math.max(1, delay),
+    );
+    this.#timer.unref();
+  }
+
+  #resume(): void {
+    if (this.#closed || this.#server.listening) return;
+    let fd: number;
+    try {
+      fd = native.dup(this.#listening);
+    } catch {
+      this.#resumeIn(SNAPSHOT_MAX_AGE_MS); // no fd left for now (EMFILE)
+      return;
+    }
+    this.#server.listen({ fd }, METRICS_BACKLOG); // the handle owns `fd` from here
+  }
+}
+
 /** Serves `GET /metrics` (and HEAD) on host:port with node:http; anything else is 404 (405 for other methods). */
 export function startMetricsServer(
   metrics: Metrics | Registry,
@@ -376,7 +465,8 @@ export function startMetricsServer(
 ): Promise<MetricsServer> {
   const registry = metrics instanceof Registry ? metrics : metrics.registry;
   const text = () => (metrics instanceof Registry ? metrics.metrics() : metrics.text());
-  const turns = new AnswerTurns(options.now ?? (() => performance.now()));
+  const now = options.now ?? (() => performance.now());
+  const turns = new AnswerTurns(now);
   /** Connections with a request not yet answered. */
   const asking = new WeakSet<Socket>();
   const answer = (request: IncomingMessage, response: ServerResponse) => {
@@ -401,10 +491,11 @@ export function startMetricsServer(
     );
   };
   // Every local uid reaches loopback, and each connection is an fd of the daemon's (the fds its pools and leases
-  // need): at most METRICS_MAX_CONNECTIONS at once (Node closes the rest as they are accepted), and one that sends no
-  // whole request within HEADERS_TIMEOUT_MS is closed (checked every CHECK_INTERVAL_MS). Each connection has one
-  // request at a time: one that sends the next before its answer (pipelining, which no scraper does; Node would
-  // parse a whole read's worth of them and queue their answers) is closed.
+  // need): at most METRICS_MAX_CONNECTIONS at once (Node closes the rest as they are accepted, METRICS_MAX_ACCEPTS a
+  // period at most: AcceptGate), and one that sends no whole request within HEADERS_TIMEOUT_MS is closed (checked
+  // every CHECK_INTERVAL_MS). Each connection has one request at a time: one that sends the next before its answer
+  // (pipelining, which no scraper does; Node would parse a whole read's worth of them and queue their answers) is
+  // closed.
   const server = createServer(
     { connectionsCheckingInterval: CHECK_INTERVAL_MS },
     (request: IncomingMessage, response: ServerResponse) => {
@@ -426,15 +517,23 @@ export function startMetricsServer(
   server.requestTimeout = HEADERS_TIMEOUT_MS;
   return new Promise((resolve, reject) => {
     server.once('error', reject);
-    server.listen(port, host, () => {
+    server.listen({ port, host, backlog: METRICS_BACKLOG }, () => {
       server.off('error', reject);
       server.unref();
+      let gate: AcceptGate;
+      try {
+        gate = new AcceptGate(server, now);
+      } catch (error) {
+        server.close(() => reject(error)); // no fd left for the gate's copy of the socket
+        return;
+      }
       resolve({
         port: (server.address() as AddressInfo).port,
         close: () =>
           new Promise<void>((done) => {
+            gate.close();
             turns.close();
-            server.close(() => done());
+            server.close(() => done()); // (with an error when the gate had the handle closed: no matter)
             server.closeAllConnections();
           }),
       });

@@ -4,9 +4,10 @@
 import { execFile } from 'node:child_process';
 import { once } from 'node:events';
 import { type AddressInfo, connect, createServer, type Socket } from 'node:net';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { promisify } from 'node:util';
 import { describe, expect, it } from 'vitest';
-import { METRICS_MAX_CONNECTIONS } from '../daemon/metrics.js';
+import { METRICS_MAX_ACCEPTS, METRICS_MAX_CONNECTIONS, SNAPSHOT_MAX_AGE_MS } from '../daemon/metrics.js';
 import * as native from '../shared/native.js';
 import { daemonScope } from './fixtures/daemon-scope.js';
 import { eventually } from './helpers/daemon.js';
@@ -311,6 +312,54 @@ describe('metrics', () => {
     );
     // The operator's scrape still gets through once those are gone.
     for (const socket of sockets) socket.destroy();
+    await eventually(async () => {
+      try {
+        return (await fetch(`http://127.0.0.1:${metricsPort}/metrics`)).status === 200;
+      } catch {
+        return false;
+      }
+    }, 'a scrape answered');
+  });
+
+  it('accepts at most METRICS_MAX_ACCEPTS connections per SNAPSHOT_MAX_AGE_MS on the metrics port: a connect flood cannot hold the loop', async () => {
+    // Every connection Node accepts costs the daemon's loop (its socket, and below METRICS_MAX_CONNECTIONS an HTTP
+    // parser and timers), the loop every handoff waits on: a local user's loops of connects (closing at once, or
+    // sending nothing) took a fifth of it and more, at the user's pace. These loops send nothing: past the
+    // METRICS_MAX_CONNECTIONS the daemon holds, a connection it accepts it closes at once, before we do, so the
+    // connections it closes count those it accepted (a loop that closes at once costs it the same accept).
+    const metricsPort = await freePort();
+    await daemonWith({}, ['--metrics-port', String(metricsPort)]);
+    let flooding = true;
+    let closedByDaemon = 0;
+    const open = new Set<Socket>();
+    cleanups.push(() => {
+      flooding = false;
+      for (const socket of open) socket.destroy();
+    });
+    const loop = () => {
+      if (!flooding) return;
+      const socket = connect(metricsPort, '127.0.0.1');
+      open.add(socket);
+      socket.on('end', () => {
+        if (flooding) closedByDaemon++;
+      });
+      socket.on('error', () => {});
+      socket.on('close', () => {
+        open.delete(socket);
+        setImmediate(loop);
+      });
+    };
+    const start = performance.now();
+    for (let i = 0; i < 3 * METRICS_MAX_CONNECTIONS; i++) loop();
+    await sleep(3 * SNAPSHOT_MAX_AGE_MS);
+    flooding = false;
+    const elapsed = performance.now() - start;
+    // Each period of the daemon's begins at an accept at least SNAPSHOT_MAX_AGE_MS after the last one began, and
+    // every connection counted was accepted within `elapsed`: a bound on the count, whatever the machine's pace.
+    const periods = Math.floor(elapsed / SNAPSHOT_MAX_AGE_MS) + 1;
+    expect(closedByDaemon).toBeLessThanOrEqual(METRICS_MAX_ACCEPTS * periods);
+    // The operator's scrape gets through once the flood is over.
+    for (const socket of open) socket.destroy();
     await eventually(async () => {
       try {
         return (await fetch(`http://127.0.0.1:${metricsPort}/metrics`)).status === 200;

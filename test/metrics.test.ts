@@ -6,6 +6,7 @@ import { Gauge, register as globalRegistry } from 'prom-client';
 import { afterEach, describe, expect, it } from 'vitest';
 import {
   createMetrics,
+  METRICS_MAX_ACCEPTS,
   METRICS_MAX_ANSWERS,
   METRICS_MAX_CONNECTIONS,
   METRICS_MAX_ORIGINS,
@@ -237,6 +238,43 @@ describe('metrics', () => {
     expect(answered.split('HTTP/1.1 200 OK').length - 1).toBeLessThanOrEqual(1);
     // One request at a time on a connection is served as ever.
     for (let i = 0; i < 3; i++) expect((await scrape(server.port)).status).toBe(200);
+  });
+
+  it('keeps the connections it holds while it accepts no more (METRICS_MAX_ACCEPTS a period): a scraper keeps its keep-alive connection', async () => {
+    // Past METRICS_MAX_ACCEPTS accepts in a period the endpoint closes its listening handle until the period ends
+    // (test/daemon-access counts the accepts of a flood against a daemon); the connections it has are not closed.
+    let now = 0;
+    const clock = () => now;
+    const metrics = createMetrics(() => ({ origins: [] }), { processMetrics: false, now: clock });
+    const server = await startMetricsServer(metrics, 0, '127.0.0.1', { now: clock });
+    servers.push(server);
+    const scraper = connect(server.port, '127.0.0.1');
+    let answered = '';
+    scraper.setEncoding('latin1');
+    scraper.on('data', (chunk: string) => {
+      answered += chunk;
+    });
+    let closed = false;
+    scraper.on('close', () => {
+      closed = true;
+    });
+    const answers = () => answered.split('HTTP/1.1 200 OK').length - 1;
+    scraper.write('HEAD /metrics HTTP/1.1\r\nhost: x\r\n\r\n');
+    await eventually(() => answers() === 1, 'the first answer');
+    // The rest of the period's accepts, by connections that close at once, and one more.
+    for (let i = 1; i <= METRICS_MAX_ACCEPTS; i++) {
+      const socket = connect(server.port, '127.0.0.1');
+      socket.on('error', () => {});
+      await once(socket, 'connect');
+      socket.destroy();
+    }
+    scraper.write('HEAD /metrics HTTP/1.1\r\nhost: x\r\n\r\n');
+    await eventually(() => answers() === 2 || closed, 'the second answer');
+    expect(closed).toBe(false);
+    // The next period accepts again.
+    now += SNAPSHOT_MAX_AGE_MS;
+    expect((await scrape(server.port)).status).toBe(200);
+    scraper.destroy();
   });
 
   it('reads the process metrics at most once per SNAPSHOT_MAX_AGE_MS: with many fds each read costs milliseconds', async () => {
