@@ -432,8 +432,10 @@ export class SockpoolClient {
   }
 
   /** A request that waited for its origin's rate tokens or at its connection cap (or was refused for its rate)
-   *  makes the origin throttled in the queue (request-queue.ts): its requests hold at most a share of the slots
-   *  until the mark ends, a minute or more after the last such request. */
+   *  makes the origin throttled in the queue (request-queue.ts) until the mark ends, a minute or more after the last
+   *  such request: its requests and the other throttled origins' start only within half the slots while other
+   *  requests wait; while nothing else waits, they borrow free slots beyond that, all but a reserve (a quarter) where
+   *  requests to other origins that come later start at once. */
   #noteThrottled(target: UrlTarget, seen: { tokenWaitMs?: number; capWaitMs?: number; code?: string }): void {
     if (
       (seen.tokenWaitMs ?? 0) >= THROTTLED_WAIT_MS ||

@@ -32,10 +32,26 @@
 // such an origin, queued ahead of others, could take every slot and hold up the rest of the queue for as long as
 // the origin's rate makes them wait (4 slots, 8 requests to an origin at 1 request/s: a request to another origin
 // behind them waited 4–5 s). Once a request of an origin waited for its token (the client tells throttled()), the
-// origin's requests together with every other throttled origin's hold at most half the slots (THROTTLED_SHARE): a
-// waiter of a throttled origin that finds that share taken is parked, in order, and starts before later waiters once
-// the share has room; the waiters behind it go on. Most of a throttled origin's requests wait for its tokens anyway,
-// so the share costs it little, and the rest of the queue keeps at least half the slots.
+// origin's requests together with every other throttled origin's hold at most half the slots (THROTTLED_SHARE), but
+// for slots lent while nothing else waits (below): a waiter of a throttled origin that finds that share taken is
+// parked, in order, and starts before later waiters once the share has room; the waiters behind it go on. Most of a
+// throttled origin's requests wait for its tokens anyway, so the share costs it little, and the rest of the queue gets
+// every slot that frees beyond the share.
+// The share is there for the other requests: while none of them waits, the parked waiters borrow free slots, all but a
+// reserve. Once every waiter left is parked, they start, in order, beyond the share while fewer than the slots less the
+// reserve (THROTTLED_RESERVE, a quarter, at least 1) run, whatever runs there (a request of a marked origin arriving
+// while nothing waits, likewise). (Without lending, once every origin with waiters was marked, half a crawler's slots
+// sat idle; found in review.) A lent slot is not taken back, and a lent request holds it while it waits for its token
+// (seconds at low rates), so the reserve is never lent: lending every free slot made a request to another origin
+// arriving later wait for the first running request to end, up to about 1 s behind an origin at 1 request/s and 10 s at
+// 0.1 request/s, the wait the share is there to prevent (found in review). So a request to another origin arriving
+// later (or a parked one once its mark ended: below) starts at once in a reserved slot, as long as fewer than the
+// reserve's slots of such requests arrive while the lent slots are held. Beyond that it waits for the first slot that
+// frees, lent or not, and that slot is its own: while any waiter not parked waits nothing is lent (the queue is full
+// then), and parked waiters start before it only within the share. The reserve splits what the share leaves: the
+// throttled origins may run three quarters of the slots while nothing else waits (one origin's rate bounds it anyway;
+// many marked origins run up to half as many requests again), and a burst of a quarter of the slots to other origins
+// starts at once. With 1 or 2 slots nothing is lent beyond the share.
 //
 // The mark does not last for ever: a crawler whose origin was rate-limited once in the morning would keep it to half
 // the slots all day (found in review). It ends THROTTLED_HOLD_MS after the origin's last request that waited (each
@@ -49,7 +65,8 @@
 // them, slots free, for as long as their own mark lasted (found in a later review). Every mark's end is looked for
 // there, not only a parked origin's (no sooner than the first mark can end: one clock read). Where an ended mark is
 // seen, its parked waiters go back to the head of the queue, in order, and start first. (So every parked waiter's
-// origin is marked.) An origin can also stop
+// origin is marked. With lending, the slots free beside parked waiters are the reserve's: an ended mark's waiters
+// are requests like any other, and the timer starts them there.) An origin can also stop
 // waiting only because the share holds it under its rate (rate × the time a request takes ≤ the share); its mark
 // then ends, its requests take more slots, wait, and mark it again: a flap, which costs the rest of the queue what
 // the origin's first requests cost before the queue knew (the slots it took before one of them ended having waited,
@@ -151,6 +168,10 @@ const noop = () => {};
 /** The part of the slots that requests to throttled origins may hold together (see the header). */
 const THROTTLED_SHARE = 0.5;
 
+/** The part of the slots never lent beyond the share (at least 1): while the lent slots are held, requests to other
+ *  origins arriving start at once there (see the header). */
+const THROTTLED_RESERVE = 0.25;
+
 /** A throttled mark ends this long after the origin's last request that waited; a mark that comes back soon after
  *  one ended lasts twice as long as that one, up to the max (see the header). */
 const THROTTLED_HOLD_MS = 60_000;
@@ -166,6 +187,9 @@ export class RequestQueue {
   #running = 0;
   /** Slots that requests to throttled origins may hold together, and how many they hold. */
   readonly #throttledCapacity: number;
+  /** Parked waiters start beyond the share while fewer requests than this run and nothing else waits (the slots less
+   *  the reserve: see the header). */
+  readonly #lendBelow: number;
   #throttledRunning = 0;
   /** Waiters of throttled origins that found the throttled share taken, in order; `#parkedHead` as for #waiters. */
   #parked: Waiter[] = [];
@@ -222,6 +246,7 @@ export class RequestQueue {
     this.#capacity = capacity;
     this.#maxWaiting = maxWaiting;
     this.#throttledCapacity = Math.max(1, Math.floor(capacity * THROTTLED_SHARE));
+    this.#lendBelow = capacity - Math.max(1, Math.floor(capacity * THROTTLED_RESERVE));
     this.#lookahead = lookahead && lookahead.origins > 0 ? lookahead : undefined;
     this.#announce = announce;
   }
@@ -268,7 +293,9 @@ export class RequestQueue {
     // (Parked waiters wait for the throttled share only: a request to another origin may start past them.)
     const roomInQueue = this.#running < this.#capacity && this.#waiting === this.#parkedWaiting;
     const throttledFull = origin.throttled && this.#throttledRunning >= this.#throttledCapacity;
-    if (roomInQueue && !throttledFull) {
+    // (The share taken, a slot beyond the reserve is lent while nothing else waits, none parked: see the header.)
+    const lent = this.#parkedWaiting === 0 && this.#running < this.#lendBelow;
+    if (roomInQueue && (!throttledFull || lent)) {
       this.#running++;
       origin.running++;
       if (origin.throttled) this.#throttledRunning++;
@@ -377,7 +404,7 @@ export class RequestQueue {
   }
 
   /** Starts waiters while slots are free: parked ones first, while the throttled share has room, then the others in
-   *  order (one of a marked origin that finds the share taken parks). */
+   *  order (one of a marked origin that finds the share taken parks), then parked ones in lent slots. */
   #startWaiting(): void {
     // Parked waiters came before every waiter still in #waiters: they go first, while the throttled share has room.
     this.#startParked();
@@ -428,6 +455,8 @@ export class RequestQueue {
       this.#head++;
       this.#start(waiter);
     }
+    // Slots still free: every waiter left is parked, and the share borrows them, all but the reserve (see the header).
+    this.#startParked(true);
   }
 
   /** Whether `origin` is marked and the throttled share taken (its mark ends here if its time is up). */
@@ -435,11 +464,12 @@ export class RequestQueue {
     return origin.throttled && this.#throttledRunning >= this.#throttledCapacity && this.#stillThrottled(origin);
   }
 
-  /** Starts parked waiters, in order, while a slot is free and the throttled share has room. */
-  #startParked(): void {
+  /** Starts parked waiters, in order, while a slot is free and the throttled share has room, or, `lend`, while fewer
+   *  than the slots less the reserve run (only when nothing else waits: see the header). */
+  #startParked(lend = false): void {
     while (
       this.#running < this.#capacity &&
-      this.#throttledRunning < this.#throttledCapacity &&
+      (this.#throttledRunning < this.#throttledCapacity || (lend && this.#running < this.#lendBelow)) &&
       this.#parkedHead < this.#parked.length
     ) {
       const waiter = this.#parked[this.#parkedHead++]!;

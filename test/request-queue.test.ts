@@ -6,6 +6,7 @@ import { describe, expect, it, vi } from 'vitest';
 import { type AnnouncedOrigin, RequestQueue } from '../client/request-queue.js';
 import { epochNow, type TransferRequest } from '../worker/curl-engine.js';
 import { urlTarget } from '../worker/url-target.js';
+import { seededRandom } from './helpers/seeded-random.js';
 
 function request(timeoutMs = 60_000): TransferRequest {
   return { url: 'http://unused/', method: 'GET', headers: [], deadline: epochNow() + timeoutMs, timeoutMs };
@@ -72,7 +73,8 @@ describe('RequestQueue', () => {
     leave(slow(1));
     await settle();
     expect(order).toEqual(['http://other.test/1']);
-    // A newcomer of another origin starts at once in a free slot; one of slow.test parks behind the others.
+    // A newcomer of another origin starts at once in a free slot (the reserve: 3 run, nothing more is lent); one of
+    // slow.test parks behind the others.
     leave('http://other.test/1');
     expect(enter('http://third.test/1')).toBe('started');
     const late = enter(slow(7));
@@ -99,6 +101,165 @@ describe('RequestQueue', () => {
     await queue.idle();
   });
 
+  it('the throttled share borrows free slots while nothing else waits, all but a reserve: a request to another origin arriving later starts at once there', async () => {
+    // Found in review: with only throttled origins' requests waiting, those past the share parked while the rest of
+    // the slots sat idle (every origin of a crawler marked: half its slots unused). Lending every free slot was found
+    // wrong in the next review: a lent request holds its slot while it waits for its token, so a request to another
+    // origin arriving later waited for the first running request to end (seconds at low rates).
+    const { queue, order, enter, leave } = recordingQueue(8, { origins: 0, socketsPerOrigin: 1 });
+    const slow = (n: number) => `http://slow.test/${n}`;
+    const rated = (n: number) => `http://rated.test/${n}`;
+    const other = (n: number) => `http://other.test/${n}`;
+    for (let n = 0; n < 2; n++) {
+      expect(enter(slow(n))).toBe('started');
+      expect(enter(rated(n))).toBe('started');
+    }
+    queue.throttled(urlTarget(slow(0)));
+    queue.throttled(urlTarget(rated(0)));
+    // The share (4 of 8) is taken and nothing else waits: the next ones borrow free slots, up to 6; the last 2 are
+    // the reserve, never lent, and the ones after park.
+    expect(enter(slow(2))).toBe('started');
+    expect(enter(rated(2))).toBe('started');
+    const waiting = [enter(slow(3)), enter(rated(3))];
+    // Requests to another origin arriving now start at once in the reserve, as many as it has slots.
+    expect(enter(other(0))).toBe('started');
+    expect(enter(other(1))).toBe('started');
+    expect(queue.running).toBe(8);
+    expect(queue.waiting).toBe(2);
+    // Beyond the reserve, one waits for the first slot that frees, lent or not, and that slot is its own: parked
+    // waiters start before it only within the share.
+    waiting.push(enter(other(2)));
+    leave(slow(0));
+    await settle();
+    expect(order).toEqual([other(2)]);
+    // A slot that frees while only parked waiters wait, with 7 running, stays free: it is the reserve again.
+    leave(other(0));
+    await settle();
+    expect(order).toEqual([other(2)]);
+    expect(queue.running).toBe(7);
+    expect(enter(other(3))).toBe('started');
+    // Once fewer than 6 run, the parked waiters borrow the free slots again, in order, up to 6.
+    leave(other(1));
+    leave(other(2));
+    await settle();
+    expect(order).toEqual([other(2)]);
+    expect(queue.running).toBe(6);
+    leave(other(3));
+    await settle();
+    expect(order).toEqual([other(2), slow(3)]);
+    expect(queue.running).toBe(6);
+    leave(rated(0));
+    await settle();
+    expect(order).toEqual([other(2), slow(3), rated(3)]);
+    expect(queue.running).toBe(6);
+    for (const url of [slow(1), slow(2), slow(3), rated(1), rated(2), rated(3)]) leave(url);
+    await Promise.all(waiting);
+    expect(queue.running).toBe(0);
+    await queue.idle();
+  });
+
+  it('a random walk of enter, leave, throttled, abort and clock steps: lending stops at the reserve, no slot beyond it idles while a request waits, and a request to another origin starts at once while a slot is free', async () => {
+    // Checks the lending (see the header) against a model of the queue's counts. Origins "surely marked" waited less
+    // than a minute ago (a mark lasts at least that); "never marked" never waited. Checked after each step: while
+    // anything waits, fewer than the slots less the reserve never run; while a request of an origin never marked
+    // waits, every slot is taken; a request of an origin never marked that arrives while a slot is free starts at
+    // once; a request of an origin surely marked that starts while those hold the share (lent) leaves the reserve
+    // free; and while they hold the share without the one leaving, the slot it frees does not go to one of them
+    // while a request of an origin never marked waits. The marks' timer runs on fake timers, with the clock.
+    vi.useFakeTimers({ toFake: ['setTimeout', 'clearTimeout'] });
+    try {
+      for (let seed = 1; seed <= 200; seed++) {
+        const random = seededRandom(seed);
+        const pick = <T>(items: T[]) => items[Math.floor(random() * items.length)]!;
+        let now = 1_000_000;
+        const capacity = 1 + Math.floor(random() * 8);
+        const share = Math.max(1, Math.floor(capacity / 2));
+        const lendBelow = capacity - Math.max(1, Math.floor(capacity / 4));
+        const { queue, order, enter, leave } = recordingQueue(capacity, { origins: 0, socketsPerOrigin: 1 }, () => now);
+        const originOf = (url: string) => new URL(url).host;
+        const markedAt = new Map<string, number>();
+        const surelyMarked = (url: string) => now - (markedAt.get(originOf(url)) ?? Number.NEGATIVE_INFINITY) < 60_000;
+        const neverMarked = (url: string) => !markedAt.has(originOf(url));
+        const running = new Set<string>();
+        const pending = new Map<string, AbortController>();
+        const all: Array<Promise<void> | 'started'> = [];
+        let seen = 0;
+        let next = 0;
+        /** Whether `url`, about to start, starts beyond the share held by requests of origins surely marked. */
+        const lent = (url: string) => surelyMarked(url) && [...running].filter(surelyMarked).length >= share;
+        /** Applies what started or gave up since the last look: what started, and whether any was lent. */
+        const catchUp = async () => {
+          await settle();
+          const started: string[] = [];
+          let anyLent = false;
+          for (; seen < order.length; seen++) {
+            const [url, code] = order[seen]!.split(' ');
+            pending.delete(url!);
+            if (code === undefined) {
+              anyLent = lent(url!) || anyLent;
+              running.add(url!);
+              started.push(url!);
+            }
+          }
+          return { started, anyLent };
+        };
+        for (let step = 0; step < 150; step++) {
+          const kind = random();
+          const where = `seed ${seed} step ${step}`;
+          let anyLent = false;
+          if (kind < 0.4) {
+            const url = `http://o${Math.floor(random() * 4)}.test/${next++}`;
+            const controller = new AbortController();
+            const freeBefore = queue.running < capacity;
+            anyLent = lent(url);
+            const entered = enter(url, { signal: controller.signal, timeoutMs: 1e9 });
+            all.push(entered);
+            if (neverMarked(url) && freeBefore) expect(entered, where).toBe('started');
+            if (entered === 'started') running.add(url);
+            else {
+              anyLent = false;
+              pending.set(url, controller);
+            }
+            anyLent = (await catchUp()).anyLent || anyLent;
+          } else if (kind < 0.75 && running.size > 0) {
+            const url = pick([...running]);
+            running.delete(url);
+            const shareHeld = [...running].filter(surelyMarked).length >= share;
+            const otherWaits = [...pending.keys()].some(neverMarked);
+            leave(url);
+            const caught = await catchUp();
+            anyLent = caught.anyLent;
+            if (shareHeld && otherWaits) expect(caught.started.filter(surelyMarked), where).toEqual([]);
+          } else if (kind < 0.85 && running.size > 0) {
+            const url = pick([...running]);
+            queue.throttled(urlTarget(url));
+            markedAt.set(originOf(url), now);
+          } else if (kind < 0.93 && pending.size > 0) {
+            pending.get(pick([...pending.keys()]))!.abort();
+            await catchUp();
+          } else {
+            const passed = Math.floor(random() * 40_000);
+            now += passed;
+            vi.advanceTimersByTime(passed);
+            anyLent = (await catchUp()).anyLent;
+          }
+          expect(queue.running, where).toBe(running.size);
+          expect(queue.waiting, where).toBe(pending.size);
+          if (anyLent) expect(queue.running, where).toBeLessThanOrEqual(lendBelow);
+          if (queue.waiting > 0) expect(queue.running, where).toBeGreaterThanOrEqual(lendBelow);
+          if ([...pending.keys()].some(neverMarked)) expect(queue.running, where).toBe(capacity);
+        }
+        for (const controller of pending.values()) controller.abort();
+        for (const url of running) leave(url);
+        await Promise.all(all);
+        expect(queue.running).toBe(0);
+        await queue.idle();
+      }
+    } finally {
+      vi.useRealTimers();
+    }
+  });
+
   it('a throttled mark ends a minute after the origin last waited; one that comes back soon after lasts twice as long', async () => {
     // Found in review: the mark lasted for the client's life, so an origin rate-limited once (a crawler's morning)
     // kept to half the slots all day. The queue's clock is injected: no wall-clock time passes in this test.
@@ -108,7 +269,10 @@ describe('RequestQueue', () => {
     expect(enter(slow(0))).toBe('started');
     expect(enter(slow(1))).toBe('started');
     queue.throttled(urlTarget(slow(0)));
-    // The share (2 of 4) is taken: the next one parks although slots are free.
+    // other.test's request holds a slot until slow.test's mark ends: three run, so nothing more is lent beyond the
+    // share (the fourth slot is the reserve: see the lending test).
+    expect(enter('http://other.test/1')).toBe('started');
+    // The share (2 of 4) is taken: the next one parks although the reserve is free.
     const waiting = [enter(slow(2))];
     // Another request waited, 30 s on: the minute counts from there.
     now += 30_000;
@@ -119,11 +283,15 @@ describe('RequestQueue', () => {
     expect(order).toEqual([slow(2)]);
     waiting.push(enter(slow(3)));
     expect(waiting[1]).not.toBe('started');
-    // A minute without a wait: the mark is gone. The parked request starts first, then a newcomer at once.
+    // A minute without a wait: the mark is gone. The parked request starts first (in the reserve), then a newcomer,
+    // not parked, in the next slot that frees.
     now += 1;
-    expect(enter(slow(4))).toBe('started');
+    waiting.push(enter(slow(4)));
     await settle();
     expect(order).toEqual([slow(2), slow(3)]);
+    leave('http://other.test/1');
+    await settle();
+    expect(order).toEqual([slow(2), slow(3), slow(4)]);
     expect(queue.running).toBe(4);
     // Marked again 10 s after its mark ended (its rate still holds): this mark lasts two minutes.
     now += 10_000;
@@ -133,11 +301,11 @@ describe('RequestQueue', () => {
     now += 119_999;
     leave(slow(1));
     await settle();
-    expect(order).toEqual([slow(2), slow(3)]);
+    expect(order).toEqual([slow(2), slow(3), slow(4)]);
     now += 1;
     leave(slow(2));
     await settle();
-    expect(order).toEqual([slow(2), slow(3), slow(5)]);
+    expect(order).toEqual([slow(2), slow(3), slow(4), slow(5)]);
     // A mark that comes long after the last one ended lasts the minute again.
     now += 1_000_000;
     queue.throttled(urlTarget(slow(3)));
@@ -146,7 +314,7 @@ describe('RequestQueue', () => {
     now += 60_000;
     leave(slow(3));
     await settle();
-    expect(order).toEqual([slow(2), slow(3), slow(5), slow(6)]);
+    expect(order).toEqual([slow(2), slow(3), slow(4), slow(5), slow(6)]);
     expect(enter(slow(7))).toBe('started');
     for (const n of [4, 5, 6, 7]) leave(slow(n));
     await Promise.all([...waiting, late, parkedAgain]);
@@ -167,15 +335,16 @@ describe('RequestQueue', () => {
       expect(enter(slow(0))).toBe('started');
       expect(enter(slow(1))).toBe('started');
       queue.throttled(urlTarget(slow(0)));
-      const parked = [enter(slow(2), long)];
+      // (Three run: nothing is lent beyond the share, and slow.test's waiters park beside the reserve.)
       expect(enter('http://other.test/1')).toBe('started');
+      const parked = [enter(slow(2), long)];
       // A minute without a wait: another origin's request leaving sees the mark's end, and the parked one starts.
       now += 60_000;
       leave('http://other.test/1');
       await settle();
       expect(order).toEqual([slow(2)]);
       // Marked again (it lasts two minutes now), a waiter parks; nothing enters or leaves: its own timer sees the
-      // end.
+      // end, and it starts in the reserve.
       queue.throttled(urlTarget(slow(1)));
       parked.push(enter(slow(3), long));
       expect(queue.waiting).toBe(1);
@@ -215,9 +384,10 @@ describe('RequestQueue', () => {
       leave(slow(1));
       queue.throttled(urlTarget(slow(0)));
       expect(enter(slow(2))).toBe('started');
+      // (Three run: nothing is lent beyond the share, and the waiters below park beside the reserve.)
+      expect(enter(other(0))).toBe('started');
       const parked = [enter(slow(3), long)];
       // other.test's mark (a minute) comes with the share taken: its next request parks too.
-      expect(enter(other(0))).toBe('started');
       queue.throttled(urlTarget(other(0)));
       parked.push(enter(other(1), long));
       expect(queue.waiting).toBe(2);
@@ -263,7 +433,8 @@ describe('RequestQueue', () => {
       queue.throttled(urlTarget(slow(0)));
       expect(enter(slow(1))).toBe('started');
       expect(queue.running).toBe(5);
-      // long.test is marked again (two minutes, it came back at once): slow.test's next request parks behind it.
+      // long.test is marked again (two minutes, it came back at once): slow.test's next request parks behind it
+      // (beside the reserve, the sixth slot: five run).
       queue.throttled(urlTarget(long(1)));
       const parked = enter(slow(2), { timeoutMs: 3_600_000 });
       expect(parked).not.toBe('started');
