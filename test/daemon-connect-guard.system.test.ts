@@ -145,7 +145,12 @@ describe('connect guard (cgroup BPF)', () => {
  * In another process, on its copy of `fd` (fd 3 there), or on a socket of its own that it connected to 127.0.0.1:
  * disconnects (AF_UNSPEC) and connects again, to 127.0.0.1 or ::1 as the socket's family. "ok" or the errno's name.
  */
-async function reconnectCopy(fd: number | 'own', v4Port: number, v6Port: number): Promise<string> {
+async function reconnectCopy(
+  fd: number | 'own',
+  v4Port: number,
+  v6Port: number,
+  how: 'connect' | 'fastopen' = 'connect',
+): Promise<string> {
   const script = [
     'import ctypes, errno, socket, sys',
     'libc = ctypes.CDLL(None, use_errno=True)',
@@ -155,12 +160,14 @@ async function reconnectCopy(fd: number | 'own', v4Port: number, v6Port: number)
     's.setblocking(True)',
     'target = ("127.0.0.1", int(sys.argv[1])) if s.family == socket.AF_INET else ("::1", int(sys.argv[2]))',
     'try:',
-    '    s.connect(target)',
+    // TCP Fast Open: sendto() with MSG_FASTOPEN connects too, through the same kernel path and hook.
+    '    s.sendto(b"x", socket.MSG_FASTOPEN, target) if sys.argv[4] == "fastopen" else s.connect(target)',
     '    print("ok")',
     'except OSError as e:',
     '    print(errno.errorcode[e.errno])',
   ].join('\n');
-  const child = spawn('python3', ['-c', script, String(v4Port), String(v6Port), fd === 'own' ? 'own' : 'copy'], {
+  const args = [String(v4Port), String(v6Port), fd === 'own' ? 'own' : 'copy', how];
+  const child = spawn('python3', ['-c', script, ...args], {
     stdio: ['ignore', 'pipe', 'inherit', fd === 'own' ? 'ignore' : fd],
   });
   let out = '';
@@ -172,7 +179,7 @@ async function reconnectCopy(fd: number | 'own', v4Port: number, v6Port: number)
 }
 
 describe('the native guard, in this process', () => {
-  it('refuses a reconnect of both ends of a loopback pair and of IPv4 and IPv6 sockets connectStart connected', async () => {
+  it('refuses a reconnect of both ends of a loopback pair and of IPv4 and IPv6 sockets connectStart connected, Fast Open too', async () => {
     // This test process's cgroup; the programs go with the process (vitest runs each file in a process of its own).
     expect(native.startConnectGuard(ownCgroupDirectory()!)).toBe('EPERM');
     // The copies' disconnects reset these connections: their ends here are dropped at once.
@@ -202,6 +209,9 @@ describe('the native guard, in this process', () => {
     // Unregistered: a socket the other process connected itself disconnects and connects again.
     const results = await Promise.all([...fds, 'own' as const].map((fd) => reconnectCopy(fd, v4Port, v6Port)));
     expect(results).toEqual(['EPERM', 'EPERM', 'EPERM', 'EPERM', 'ok']);
+    // A connect by TCP Fast Open (sendto with MSG_FASTOPEN) is refused the same way; its own socket's goes through.
+    expect(await reconnectCopy(fds[2]!, v4Port, v6Port, 'fastopen')).toBe('EPERM');
+    expect(await reconnectCopy('own', v4Port, v6Port, 'fastopen')).toBe('ok');
     for (const fd of fds) native.close(fd);
   });
 });
