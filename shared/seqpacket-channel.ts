@@ -36,22 +36,117 @@ export interface ChannelOptions {
    * and never reads make the daemon hold thousands of replies of up to a message's size each, per connection.
    */
   maxQueuedBytes?: number;
+  /**
+   * Shared with other channels (the daemon: one per uid, for all that uid's sessions): how many messages they may read
+   * together in one turn of the event loop. Without it a channel reads up to DRAIN_LIMIT per wakeup on its own.
+   */
+  turns?: TurnBudget;
+}
+
+/**
+ * Messages a group of channels may read together in one turn of the event loop. The per-wakeup bound of a channel
+ * alone made the loop fair per connection: a uid with S sessions, each flooding, had S × DRAIN_LIMIT of its
+ * messages handled before another uid's one was read. Now at most `perTurn` are read between two refills, and a
+ * refill comes at most once per turn (one setImmediate for all budgets, in the check phase of the turn that spent
+ * half of it).
+ *
+ * A channel whose group has nothing left waits: its messages stay in the kernel (fds included, still the socket's)
+ * and it joins the group's waiting line. The refill gives the new budget to that line first, in order (a channel
+ * still short when the budget runs out again goes to the end of the line), so the channels of a group take turns:
+ * epoll reports level-triggered sockets in the same order turn after turn, and without the line the first of them
+ * would take the whole budget for as long as it had 64 queued. A channel that is not waiting is read when libuv
+ * reports it (uv_poll is level-triggered: epoll without EPOLLET, so what is left unread is reported again).
+ * A closed channel leaves the line (forget).
+ *
+ * The refill is scheduled only once half the budget is spent: a group that reads a few messages a turn schedules
+ * nothing most turns (an idle loop, nothing at all), and it still gets at least half the budget in any turn.
+ */
+export class TurnBudget {
+  /** Budgets whose refill is scheduled (one setImmediate for all), and the list the refill swaps in. */
+  static #due: TurnBudget[] = [];
+  static #spare: TurnBudget[] = [];
+  static #refill = (): void => {
+    const due = TurnBudget.#due;
+    // Swapped first: what the waiting channels read below spends the new budget, and schedules the next refill.
+    TurnBudget.#due = TurnBudget.#spare;
+    TurnBudget.#spare = due;
+    for (const budget of due) {
+      budget.#left = budget.perTurn;
+      budget.#refillDue = false;
+    }
+    try {
+      for (const budget of due) budget.#serveWaiting();
+    } finally {
+      // (Emptied even if a handler threw: a list left full would be swapped back in, and no refill scheduled again.)
+      due.length = 0;
+    }
+  };
+  readonly perTurn: number;
+  #left: number;
+  #refillDue = false;
+  /** The channels waiting for this budget, in order (a Set keeps insertion order; adding one present moves nothing). */
+  #waiting = new Set<() => void>();
+
+  constructor(perTurn: number = DRAIN_LIMIT) {
+    if (!(perTurn >= 1)) throw new RangeError('a turn budget needs at least 1 message');
+    this.perTurn = perTurn;
+    this.#left = perTurn;
+  }
+
+  /** How many of `wanted` may be read now (0: wait). */
+  allow(wanted: number): number {
+    return this.#left < wanted ? this.#left : wanted;
+  }
+
+  /** `count` messages were read. */
+  spend(count: number): void {
+    this.#left -= count;
+    if (this.#refillDue || this.#left > this.perTurn / 2) return;
+    this.#refillDue = true;
+    if (TurnBudget.#due.length === 0) setImmediate(TurnBudget.#refill);
+    TurnBudget.#due.push(this);
+  }
+
+  /** A channel found nothing left: `resume` reads it at a refill, in its place in the line. */
+  wait(resume: () => void): void {
+    this.#waiting.add(resume);
+  }
+
+  /** The channel closed: it leaves the line. */
+  forget(resume: () => void): void {
+    this.#waiting.delete(resume);
+  }
+
+  #serveWaiting(): void {
+    // Each resumed channel reads until it is empty (it leaves the line) or the budget is spent (it is back at the end).
+    while (this.#left > 0 && this.#waiting.size > 0) {
+      const next = this.#waiting.values().next().value as () => void;
+      this.#waiting.delete(next);
+      next();
+    }
+  }
 }
 
 export class SeqpacketChannel {
   readonly fd: number;
   #poller: native.Poller;
   #handlers: ChannelHandlers;
-  #options: Required<ChannelOptions>;
+  #options: Required<Omit<ChannelOptions, 'turns'>>;
   #queue: Outgoing[] = [];
   #queuedBytes = 0;
   #closed = false;
   #watching = 0;
+  #turns: TurnBudget | undefined;
+  /** This channel's place in its budget's waiting line (one function for its whole life). */
+  #resume: () => void;
 
   constructor(fd: number, handlers: ChannelHandlers, options: ChannelOptions) {
     this.fd = fd;
     this.#handlers = handlers;
-    this.#options = { maxQueuedMessages: 4096, maxQueuedBytes: Number.POSITIVE_INFINITY, ...options };
+    const { turns, ...limits } = options;
+    this.#turns = turns;
+    this.#resume = () => this.#drain();
+    this.#options = { maxQueuedMessages: 4096, maxQueuedBytes: Number.POSITIVE_INFINITY, ...limits };
     this.#poller = new native.Poller(fd, (status, events) => this.#onReady(status, events));
     try {
       this.#watch(native.READABLE | native.DISCONNECT);
@@ -114,6 +209,7 @@ export class SeqpacketChannel {
     if (this.#closed) return;
     this.#closed = true;
     this.#poller.close();
+    this.#turns?.forget(this.#resume);
     for (const message of this.#queue) for (const fd of message.fds) native.close(fd);
     this.#queue = [];
     this.#queuedBytes = 0;
@@ -165,12 +261,20 @@ export class SeqpacketChannel {
   }
 
   #drain(): void {
-    // Bounded per wakeup so one busy peer cannot starve the others on this loop. One recvmmsg takes every message
-    // queued now (up to a batch): no extra read just to learn that nothing more is waiting.
+    // Bounded per wakeup so one busy peer cannot starve the others on this loop, and by the group's budget for this
+    // turn (TurnBudget) so that many peers of one uid cannot either. One recvmmsg takes every message queued now (up
+    // to a batch): no extra read just to learn that nothing more is waiting.
+    const turns = this.#turns;
     for (let received = 0; received < DRAIN_LIMIT && !this.#closed; ) {
+      const wanted = turns === undefined ? BATCH : turns.allow(BATCH);
+      if (wanted === 0) {
+        // The group's turn is spent: what is queued waits in the kernel, this channel in the group's line.
+        turns!.wait(this.#resume);
+        return;
+      }
       let batch: Array<native.ReceivedMessage | native.NativeError> | null;
       try {
-        batch = native.recvMessages(this.fd, this.#options.maxMessageBytes, this.#options.maxFdsPerMessage, BATCH);
+        batch = native.recvMessages(this.fd, this.#options.maxMessageBytes, this.#options.maxFdsPerMessage, wanted);
       } catch (error) {
         // A peer that hung up with our messages unread is reported once as ECONNRESET; whatever it sent before
         // hanging up (e.g. the reason it refused us) is still queued: read on, EOF follows.
@@ -183,6 +287,7 @@ export class SeqpacketChannel {
       }
       if (batch === null) return;
       received += batch.length;
+      turns?.spend(batch.length);
       for (let i = 0; i < batch.length; i++) {
         const message = batch[i]!;
         if (this.#closed) {
@@ -202,8 +307,8 @@ export class SeqpacketChannel {
         }
         this.#handlers.onMessage(message.data, message.fds);
       }
-      // Fewer than a full batch: the queue was empty when it was read; the next wakeup brings the rest.
-      if (batch.length < BATCH) return;
+      // Fewer than asked for: the queue was empty when it was read; the next wakeup brings the rest.
+      if (batch.length < wanted) return;
     }
   }
 

@@ -3,7 +3,7 @@
 // across uids. Same-uid hostile tests are in daemon-trust.test.ts.
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
-import { chmodSync } from 'node:fs';
+import { chmodSync, readFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
 import * as native from '../shared/native.js';
@@ -271,5 +271,52 @@ describe('the fair queue across uids', () => {
     for (let i = 0; i < 20; i++) {
       expect((await honestRequest(raw, origin.port, `/after-flood-${i}`)).body).toBe(`/after-flood-${i}`);
     }
+  });
+});
+
+describe("the event loop's turns across uids", () => {
+  it("reads one uid's requests pipelined on all its sessions at most 64 per loop turn: another uid's is answered after at most that many", async () => {
+    // A rate-limited origin with room for everything: each `tokens` request is granted at once and counted in the
+    // daemon's `rates.granted`, which the admin `stats` reply shows as it was when that stats request was handled.
+    const port = 9;
+    const sessions = 16;
+    const perSession = 100;
+    const origin = { match: `127.0.0.1:${port}`, requestsPerSecond: 1_000_000, burst: 1_000_000 };
+    const sockpoold = await daemon(port, { pool: { origins: [origin] } });
+    const raw = client(sockpoold.socketPath);
+    const granted = async () => {
+      const reply = await raw.request({ type: 'stats', id: nextId++ });
+      return (reply.message as unknown as { stats: { clients: number; rates: { granted: number } } }).stats;
+    };
+    const flood = spawn(
+      process.execPath,
+      [hostileClient, 'pipeline', sockpoold.socketPath, String(sessions), String(perSession), String(port)],
+      { stdio: ['pipe', 'pipe', 'inherit'], uid: HOSTILE_UID, gid: HOSTILE_UID },
+    );
+    cleanups.push(() => flood.kill('SIGKILL'));
+    const lines = flood.stdout!.setEncoding('utf8');
+    expect(((await once(lines, 'data')) as [string])[0].trim()).toBe('connected');
+    await eventually(async () => (await granted()).clients === sessions + 1, 'every session accepted');
+    // The daemon stopped, the other uid queues its requests on every session, then this uid its one: the daemon
+    // finds them all waiting at once when it goes on. (Counted, not timed: whatever the machine's load.)
+    const daemonPid = sockpoold.child.pid!;
+    process.kill(daemonPid, 'SIGSTOP');
+    cleanups.push(() => process.kill(daemonPid, 'SIGCONT'));
+    await eventually(() => /^\d+ \(.*\) T/.test(readFileSync(`/proc/${daemonPid}/stat`, 'utf8')), 'daemon stopped');
+    flood.stdin!.write('go\n');
+    expect(((await once(lines, 'data')) as [string])[0].trim()).toBe('queued');
+    const id = nextId++;
+    raw.sendJson({ type: 'stats', id });
+    const finished = once(lines, 'data');
+    process.kill(daemonPid, 'SIGCONT');
+    let reply = await raw.receive();
+    while (reply.message?.id !== id) reply = await raw.receive();
+    // Handled in the daemon's first turn: before it, at most the other uid's one budget of its 1,600 (it was 16 × 64:
+    // each of its sessions had a turn of its own).
+    const before = (reply.message as unknown as { stats: { rates: { granted: number } } }).stats.rates.granted;
+    expect(before).toBeLessThanOrEqual(64);
+    // And every one of the other uid's requests answered, in order on each session.
+    const seen = JSON.parse(((await finished) as [string])[0]);
+    expect(seen).toEqual({ outOfOrder: 0, 'granted:1': sessions * perSession });
   });
 });

@@ -1,0 +1,157 @@
+// SeqpacketChannel's share of the event loop (shared/seqpacket-channel.ts): channels sharing a TurnBudget (the
+// daemon: one per uid) read that many messages together per turn of the loop, whatever number of connections they
+// are, while a channel of another budget reads its own in the same turn. Real socketpairs, in-process; counted per
+// loop turn (one `await setImmediate` is one poll phase), never timed.
+import { setImmediate as nextTurn } from 'node:timers/promises';
+import { afterEach, describe, expect, it } from 'vitest';
+import * as native from '../shared/native.js';
+import { SeqpacketChannel, TurnBudget } from '../shared/seqpacket-channel.js';
+import { fdCount } from './fixtures/native-helpers.js';
+
+const LIMITS = { maxMessageBytes: 1024, maxFdsPerMessage: 4 };
+
+interface Reader {
+  channel: SeqpacketChannel;
+  /** Our end of the pair: the test writes here, the channel reads the other. */
+  peer: number;
+  /** Sequence numbers received, in order. */
+  seen: number[];
+}
+
+const cleanups: Array<() => void> = [];
+afterEach(() => {
+  for (const cleanup of cleanups.splice(0).reverse()) cleanup();
+});
+
+/**
+ * Into the check phase: an immediate scheduled from there runs after exactly one poll phase (from a poll-phase
+ * callback, where a test may start, it would run before any).
+ */
+async function fromCheckPhase(): Promise<void> {
+  await nextTurn();
+}
+
+/**
+ * A channel with `count` messages already queued for it (numbered 0..count-1; every `fdEvery`-th carries an fd, a
+ * socketpair end, closed by the handler that receives it). `delivered` counts its group's messages.
+ */
+function reader(count: number, turns: TurnBudget | undefined, delivered: { count: number }, fdEvery = 16): Reader {
+  const [mine, peer] = native.seqpacketPair();
+  for (let n = 0; n < count; n++) {
+    const fds: number[] = [];
+    if (n % fdEvery === 0) {
+      const [a, b] = native.seqpacketPair();
+      native.close(a);
+      fds.push(b);
+    }
+    expect(native.sendMessage(peer, Buffer.from(String(n)), fds)).not.toBeNull();
+    // The kernel holds its own copy in the message now.
+    for (const fd of fds) native.close(fd);
+  }
+  const seen: number[] = [];
+  const channel = new SeqpacketChannel(
+    mine,
+    {
+      onMessage: (data, fds) => {
+        for (const fd of fds) native.close(fd);
+        seen.push(Number(data.toString()));
+        delivered.count++;
+      },
+      onClose: () => {},
+    },
+    { ...LIMITS, turns },
+  );
+  const made = { channel, peer, seen };
+  cleanups.push(() => {
+    channel.close();
+    native.close(peer);
+  });
+  return made;
+}
+
+describe('turns of the event loop', () => {
+  it("reads at most one budget's worth per loop turn across all the connections sharing it, the rest in later turns, in order", async () => {
+    await fromCheckPhase();
+    const before = fdCount();
+    const flooding = new TurnBudget();
+    const other = new TurnBudget();
+    const floodDelivered = { count: 0 };
+    const otherDelivered = { count: 0 };
+    // Eight connections of one uid with 64 messages each, queued before the one of another uid.
+    const floods = Array.from({ length: 8 }, () => reader(64, flooding, floodDelivered));
+    const honest = reader(1, other, otherDelivered);
+
+    await nextTurn();
+    // One turn: the flooding uid's 64 (not 8 × 64), and the other uid's one message in the same turn.
+    expect(floodDelivered.count).toBe(flooding.perTurn);
+    expect(otherDelivered.count).toBe(1);
+    expect(honest.seen).toEqual([0]);
+
+    // The rest, at most a budget per turn: the messages left unread are reported readable again (level-triggered).
+    const perTurn = [floodDelivered.count];
+    for (let turn = 0; turn < 20 && floodDelivered.count < 8 * 64; turn++) {
+      const was = floodDelivered.count;
+      await nextTurn();
+      perTurn.push(floodDelivered.count - was);
+    }
+    expect(floodDelivered.count).toBe(8 * 64);
+    expect(perTurn).toEqual(Array(8).fill(64));
+    // None lost, none reordered, on each connection.
+    const all = Array.from({ length: 64 }, (_, n) => n);
+    for (const flood of floods) expect(flood.seen).toEqual(all);
+
+    // Idle: nothing read, so no refill is scheduled (the loop does not spin).
+    await nextTurn();
+    await nextTurn();
+    expect(process.getActiveResourcesInfo().filter((kind) => kind === 'Immediate')).toEqual([]);
+
+    for (const cleanup of cleanups.splice(0).reverse()) cleanup();
+    expect(fdCount()).toBe(before);
+  });
+
+  it('gives the turns of a budget to its connections in turn: one that always has more queued does not hold the others back', async () => {
+    await fromCheckPhase();
+    const before = fdCount();
+    const turns = new TurnBudget();
+    const delivered = { count: 0 };
+    // Queued first (epoll reports it first, turn after turn), and with four turns' worth.
+    const busy = reader(4 * 64, turns, delivered);
+    const others = Array.from({ length: 3 }, () => reader(64, turns, delivered));
+
+    // Four turns: one each, in turn (it was the busy one's four, the others' none).
+    for (let turn = 0; turn < 4; turn++) await nextTurn();
+    expect(delivered.count).toBe(4 * 64);
+    expect(busy.seen.length).toBe(64);
+    for (const other of others) expect(other.seen.length).toBe(64);
+
+    for (let turn = 0; turn < 10 && busy.seen.length < 4 * 64; turn++) await nextTurn();
+    expect(busy.seen).toEqual(Array.from({ length: 4 * 64 }, (_, n) => n));
+    for (const cleanup of cleanups.splice(0).reverse()) cleanup();
+    expect(fdCount()).toBe(before);
+  });
+
+  it('closes a connection that waits for its turn with its queued fds, and the others sharing the budget go on', async () => {
+    await fromCheckPhase();
+    const before = fdCount();
+    const turns = new TurnBudget();
+    const delivered = { count: 0 };
+    // Every message carries an fd.
+    const first = reader(128, turns, delivered, 1);
+    const second = reader(128, turns, delivered, 1);
+
+    await nextTurn();
+    expect(delivered.count).toBe(64);
+    // One of them took the turn; the other waits with its 128 messages (and 128 fds) in the kernel.
+    const [served, waiting] = first.seen.length > 0 ? [first, second] : [second, first];
+    expect(served.seen.length).toBe(64);
+    expect(waiting.seen).toEqual([]);
+    waiting.channel.close();
+
+    for (let turn = 0; turn < 5 && served.seen.length < 128; turn++) await nextTurn();
+    expect(served.seen).toEqual(Array.from({ length: 128 }, (_, n) => n));
+    expect(waiting.seen).toEqual([]);
+
+    for (const cleanup of cleanups.splice(0).reverse()) cleanup();
+    expect(fdCount()).toBe(before);
+  });
+});
