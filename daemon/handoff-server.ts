@@ -156,7 +156,7 @@ export class HandoffServer {
 
   #onAcceptable(status: number): void {
     if (status < 0 || this.#stopping) return;
-    for (;;) {
+    for (let accepted = 0; accepted < ACCEPTS_PER_WAKEUP; accepted++) {
       let fd: number | null;
       try {
         fd = native.accept(this.#listenFd);
@@ -918,6 +918,14 @@ const REFUSAL_REASONS: Readonly<Record<string, string>> = {
   [ErrorCodes.ACQUIRE_TIMEOUT]: 'acquire_timeout',
   [ErrorCodes.RATE_LIMITED]: 'rate_limited',
 };
+/**
+ * Connections accepted per wakeup of the listener; the rest wait in the backlog for the next turn of the loop (the
+ * listener is level-triggered, so libuv reports it again). Without a bound a connect flood (a uid over its session
+ * quota connects as fast as it likes: each connection costs an accept, SO_PEERCRED and a refusal) held up every
+ * request already queued for as long as the backlog (LISTEN_BACKLOG) took. The same bound as a channel's reads per
+ * wakeup.
+ */
+export const ACCEPTS_PER_WAKEUP = 64;
 const ACCEPT_BACKOFF_MIN_MS = 10;
 const ACCEPT_BACKOFF_MAX_MS = 1_000;
 

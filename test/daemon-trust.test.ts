@@ -4,10 +4,12 @@
 // Tests that need clients of different uids are in daemon-trust.system.test.ts (root).
 import { execFile } from 'node:child_process';
 import { once } from 'node:events';
+import { readFileSync } from 'node:fs';
 import { type AddressInfo, createServer, Socket } from 'node:net';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterEach, describe, expect, it } from 'vitest';
+import { ACCEPTS_PER_WAKEUP } from '../daemon/handoff-server.js';
 import { REFUSAL_LOG_WINDOW_MS, REFUSALS_LOGGED } from '../daemon/log.js';
 import * as native from '../shared/native.js';
 import { waitForEvents } from './fixtures/native-helpers.js';
@@ -583,6 +585,37 @@ describe('accept when out of fds', () => {
       expect(hello.message).toMatchObject({ type: 'hello', id: index });
       raw.close();
     }
+  });
+});
+
+describe('accept floods', () => {
+  it('accepts at most ACCEPTS_PER_WAKEUP connections per wakeup: a connect flood does not hold up a request already queued', async () => {
+    const origin = await pathOrigin(cleanups);
+    const sockpoold = await daemon(origin.port, { quotas: { maxSessionsPerUid: 1000 } });
+    const observer = client(sockpoold.socketPath);
+    expect((await observer.request({ type: 'hello', id: 0, version: 1 })).message).toMatchObject({ type: 'hello' });
+    // The daemon stopped, 300 connections queue in its backlog, then the observer's request: the daemon finds them
+    // all waiting at once when it goes on, the listener first (ready first). Counted, not timed.
+    const pid = sockpoold.child.pid!;
+    process.kill(pid, 'SIGSTOP');
+    cleanups.push(() => process.kill(pid, 'SIGCONT'));
+    await eventually(() => /^\d+ \(.*\) T/.test(readFileSync(`/proc/${pid}/stat`, 'utf8')), 'daemon stopped');
+    const flood: number[] = [];
+    cleanups.push(() => {
+      for (const fd of flood) native.close(fd);
+    });
+    for (let i = 0; i < 300; i++) flood.push(native.seqpacketConnect(sockpoold.socketPath));
+    observer.sendJson({ type: 'stats', id: 1 });
+    process.kill(pid, 'SIGCONT');
+    const reply = await observer.receive();
+    const clients = (reply.message as unknown as { stats: { clients: number } }).stats.clients;
+    // Before: every queued connection was accepted first (301 clients when the stats were taken).
+    expect(clients).toBeLessThanOrEqual(1 + ACCEPTS_PER_WAKEUP);
+    // And the rest in the next wakeups: every one of them a client.
+    await eventually(
+      async () => ((await stats(observer)) as unknown as { clients: number }).clients === 301,
+      'every queued connection accepted',
+    );
   });
 });
 
