@@ -22,6 +22,7 @@ import {
   CurlCode,
   CurlHttpVersion,
   CurlPause,
+  CurlPreReqFunc,
   CurlReadFunc,
   CurlSockOpt,
   CurlWriteFunc,
@@ -131,8 +132,13 @@ interface Transfer {
   /** Ask the daemon for a socket whatever the prediction says (the last attempt was starved or its connection died). */
   forceSocket: boolean;
   /** An attempt waited for another transfer's new HTTP/2 connection (socket-supply.ts, `join`) and was starved all the
-   *  same: later ones do not wait. */
+   *  same, not for want of room: later ones do not wait. */
   joined: boolean;
+  /** The last attempt joined a connection others shared (socket-supply.ts `shared`): the origin multiplexes, this
+   *  one may join another although its first response has not said so yet. */
+  rejoin: boolean;
+  /** Attempts run again so, not counted in `attempt` (at most MAX_REJOINS). */
+  rejoins: number;
   retriedDead: boolean;
   /** Time its attempts waited for tokens of a rate-limited origin (rate-tokens.ts), in all. */
   tokenWaitMs: number;
@@ -187,7 +193,7 @@ interface HandleState {
   current: Attempt | undefined;
   finish: ((code: CurlCode, error: Error | undefined, abortReason?: unknown) => void) | undefined;
   /** The plain option values last set on this handle: setOpt is skipped when a transfer wants the same again. */
-  options: Map<string, PlainOption | ((data: Buffer) => number)>;
+  options: Map<string, PlainOption | ((data: Buffer) => number) | (() => number)>;
   /** The method and body length (null: none, -1: unknown) the request-method options were last set for. */
   method: string | undefined;
   bodyLength: number | null | undefined;
@@ -195,6 +201,9 @@ interface HandleState {
   onHeader: (data: Buffer) => number;
   /** OPENSOCKETFUNCTION: the current attempt's leased fd, once (ownership passes to curl), else CURL_SOCKET_BAD. */
   openSocket: () => number;
+  /** PREREQFUNCTION, for a transfer of a group sharing a new connection (socket-supply.ts): it got a connection
+   *  (`prerequest`). */
+  onPrereq: () => number;
   /**
    * When a handle taken out of the Multi before curl finished its transfer (aborted, a deadline, a body that failed
    * to decode, an error lifting a pause) may carry a transfer again (performance.now()); 0 when it may now. curl
@@ -228,6 +237,10 @@ const EMPTY_BODY = new Uint8Array(0);
 const NO_HEADERS: string[] = [];
 const IDEMPOTENT_METHODS = new Set(['GET', 'HEAD', 'OPTIONS', 'PUT', 'DELETE', 'TRACE']);
 const MAX_FREE_HANDLES = 256;
+/** Times a transfer starved on a full HTTP/2 connection it joined joins another (socket-supply.ts, the header), not
+ *  counted as attempts. Groups are as large as a connection carried, so once is the rule; beyond them it runs again
+ *  as a starved transfer does (its own socket). */
+const MAX_REJOINS = 3;
 /** Handles resting at once (HandleState.restUntil): beyond them the one that has rested longest is closed (#release).
  *  Unbounded, 1,000 HTTP/2 streams cancelled a second kept about 10,000 handles (some 460 MB) alive until they woke. */
 const MAX_RESTING_HANDLES = 256;
@@ -371,6 +384,8 @@ export class CurlEngine {
       attempt: 0,
       forceSocket: false,
       joined: false,
+      rejoin: false,
+      rejoins: 0,
       retriedDead: false,
       tokenWaitMs: 0,
       capWaitMs: 0,
@@ -436,6 +451,7 @@ export class CurlEngine {
         timeoutMs: Math.min(policy.acquireTimeoutMs, remaining),
         force: transfer.forceSocket,
         join: !transfer.joined,
+        rejoin: transfer.rejoin,
         signal: io.signal,
         tlsTrust: secure ? this.#tlsTrust : undefined,
         tokenTaken: transfer.token !== undefined,
@@ -481,12 +497,21 @@ export class CurlEngine {
 
   /** An attempt ended (`slot`: its socket; none for a direct one): the transfer ends, or runs again. */
   #attemptEnded(transfer: Transfer, slot: SocketSlot | undefined, result: TransferResult | TransferFailure): void {
+    // A join that found the shared connection full (starved while others of its group got on: it multiplexes) joins
+    // another, in a group no larger than a connection carried; not counted as an attempt (nothing was sent, and each
+    // group's connection carries some), up to MAX_REJOINS times.
+    const shared = slot !== undefined && this.#supply.shared(slot);
+    const rejoin =
+      shared && slot.starved && !(result instanceof TransferFailure && result.resent) && transfer.rejoins < MAX_REJOINS;
+    transfer.rejoin = false;
     if (slot) {
       this.#supply.finish(slot);
       // A join that could not put the transfer on the shared connection (starved at its first connect: it turned out
-      // HTTP/1.1, or full) is not tried again. One whose connection died after the request went out (curl wanted it
-      // sent again: `resent`) was no fault of the join: the transfers that lost it together share the next one.
-      if (slot.joined && slot.starved && !(result instanceof TransferFailure && result.resent)) transfer.joined = true;
+      // HTTP/1.1) is not tried again. One whose connection died after the request went out (curl wanted it sent
+      // again: `resent`) was no fault of the join: the transfers that lost it together share the next one.
+      if (slot.joined && slot.starved && !rejoin && !(result instanceof TransferFailure && result.resent)) {
+        transfer.joined = true;
+      }
     }
     if (!(result instanceof TransferFailure)) {
       const sink = transfer.io.sink;
@@ -505,6 +530,13 @@ export class CurlEngine {
       this.#fail(transfer, result.error);
       return;
     }
+    if (rejoin && rewound(io)) {
+      transfer.rejoin = true;
+      transfer.rejoins++;
+      transfer.forceSocket = true;
+      this.#attempt(transfer);
+      return;
+    }
     // curl needed a new connection and we had not prepared one: once more, with a socket. (Not when curl wanted it
     // to send the request again: that is the dead-connection rule's to decide, below.)
     if (slot.starved && !slot.taken && !result.resent && transfer.attempt < 2 && rewound(io)) {
@@ -519,6 +551,9 @@ export class CurlEngine {
       rewound(io)
     ) {
       transfer.retriedDead = true;
+      // Streams of a shared connection the server refused (beyond its SETTINGS, sent before they came in) or that
+      // died with it: the next attempt may join a new one even before the origin's first response said HTTP/2.
+      transfer.rejoin = shared;
       this.#retry(transfer);
       return;
     }
@@ -601,6 +636,11 @@ export class CurlEngine {
         }
         return this.#supply.open(slot);
       },
+      onPrereq: () => {
+        const slot = state.current?.slot;
+        if (slot) this.#supply.prerequest(slot);
+        return CurlPreReqFunc.Ok;
+      },
       method: undefined,
       bodyLength: undefined,
       restUntil: 0,
@@ -668,6 +708,8 @@ export class CurlEngine {
   /** A header block ended (HEADERFUNCTION's blank line): the final response's head goes to the sink at once. */
   #onHeadEnd(state: HandleState): void {
     const attempt = state.current;
+    // Transfers waiting to share this one's connection go on (any header block: the connection is up).
+    if (attempt?.slot?.first) this.#supply.responded(attempt.slot);
     if (!attempt || attempt.headSent) return;
     const head = this.#head(state.easy, attempt);
     // 1xx blocks (and a proxy's CONNECT reply, whose code is not RESPONSE_CODE) come before the final head.
@@ -842,7 +884,7 @@ export class CurlEngine {
     const { easy } = state;
     // Options are set per transfer, but most repeat from one to the next on a reused handle: only changes reach
     // curl (lists compare by their text). Each setOpt is a native call: a keep-alive request makes none.
-    const set = (name: string, value: PlainOption | HandleState['onHeader']) => {
+    const set = (name: string, value: PlainOption | HandleState['onHeader'] | HandleState['onPrereq']) => {
       if (state.options.get(name) === value && state.options.has(name)) return;
       state.options.set(name, value);
       (easy.setOpt as (option: string, value: unknown) => unknown)(name, value);
@@ -904,17 +946,23 @@ export class CurlEngine {
     // paused). The whole timeout, not what is left of it, so that it repeats from one request to the next.
     set('TIMEOUT_MS', Math.max(1, Math.ceil(request.timeoutMs)));
     // The head is taken from curl when the transfer ends (one native call, no callback per header line), unless
-    // it is needed before: a streamed response, or the first response of an https origin (HTTP/2 or not decides
-    // how the next transfers to it get their sockets; see socket-supply.ts).
+    // it is needed before: a streamed response, the first response of an https origin (HTTP/2 or not decides
+    // how the next transfers to it get their sockets; see socket-supply.ts), or one over a connection others wait
+    // to share (`responded`).
     // With decompress, the head's codings choose the decoders before the body comes.
     const headEarly =
       request.streamResponse === true ||
       request.decompress === true ||
+      slot?.first !== undefined ||
       (attempt.secure && !this.#supply.knowsProtocol(attempt.originKey));
     set('HEADERFUNCTION', headEarly ? state.onHeader : null);
+    // A transfer of a group sharing a new connection says when it got one (socket-supply.ts `prerequest`); no
+    // callback for the others.
+    set('PREREQFUNCTION', slot?.first || slot?.joined ? state.onPrereq : null);
     // http: HTTP/1.1 only (no multiplexing, so curl never waits on a connection to learn whether it can).
     // https: HTTP/2 when ALPN agrees; PIPEWAIT makes transfers started meanwhile wait for the first connection
-    // and multiplex over it instead of asking for sockets of their own.
+    // and multiplex over it instead of asking for sockets of their own (curl 7.88 waits so only while it knows no
+    // HTTP/2 connection to the origin: socket-supply.ts says what is done beyond).
     // Relayed: the daemon's ALPN decided, HTTP/2 with prior knowledge or HTTP/1.1. curl 7.88 fails a transfer that
     // asks for prior knowledge and is then given an existing HTTP/2 connection (CURLE_HTTP2, nothing sent), so
     // prior knowledge is asked only by a transfer that brings its own fresh session; the others ask for "HTTP/2

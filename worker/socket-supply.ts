@@ -11,11 +11,25 @@
 // 3. CLOSESOCKETFUNCTION: curl is done with it; we close it and tell the daemon `closed {leaseId}`.
 // 4. A slot curl never took is released to the daemon (release takes the fd) when the transfer ends.
 //
-// How many connections an origin needs: HTTP/1.1 one per transfer in flight; HTTP/2 one in all. While a socket is
-// on its way for an https origin that multiplexes, or may (its first response, by ALPN, has not said yet), other
-// transfers get no socket of their own: they wait until curl has taken that one, then wait on its connection
-// (curl's PIPEWAIT) and multiplex over it, or, if it turns out to be HTTP/1.1, find their slot empty ("starved")
-// and are run again with a socket.
+// How many connections an origin needs: HTTP/1.1 one per transfer in flight; HTTP/2 one per as many streams as a
+// connection carries (curl's cap of 100, or fewer by the server's SETTINGS). While a socket is on its way for an
+// https origin that multiplexes, or may (its first response, by ALPN, has not said yet), other transfers get no
+// socket of their own: they join it (a group) and multiplex over its connection, or, if it turns out to be HTTP/1.1,
+// find their slot empty ("starved") and are run again with a socket.
+// - When curl holds no other connection to the origin, the joiners go on once curl has taken the socket, and wait
+//   on the connection in curl (PIPEWAIT).
+// - When it holds one (full: that is why a socket was brought), they go on once the new connection is up and the
+//   server's SETTINGS (how many streams) are in: at its first response head, or at the latest a while after its
+//   handshake (SETTINGS_WAIT_HANDSHAKES). curl 7.88 waits for a connection still being made only while it knows no
+//   HTTP/2 connection to the origin (one still connecting is marked to close until then, and skipped): joiners that
+//   went on at once were starved, and each ran again with a socket of its own. Streams sent before the SETTINGS
+//   came were refused beyond them (4 of 64 requests failed at a server allowing 20). And the response itself may
+//   wait for the joiners' own requests (a server that answers a batch together), so it is not waited for alone.
+// A joiner starved while others of its group got on (or at an origin known to speak HTTP/2) found the connection
+// full: it joins again (the engine's `rejoin`), in groups no larger than a connection carried then (`streams`), one
+// socket each. Found measuring (seventeenth session): 250 requests at once on one thread (concurrencyPerThread 250)
+// to an HTTP/2 origin opened 51 connections (one up already) or 135 (none), 40 at a server allowing 10 streams 21
+// (the default client): each beyond the first connection's streams acquired a socket of its own.
 //
 // At an origin's cap (the daemon said so with a `reclaim` naming this thread's leases of it, within the last
 // CONTENDED_MS), a connection that frees goes to a transfer of this thread waiting for a socket to the same HTTP/1.1
@@ -40,17 +54,38 @@ export interface SocketSlot {
   starved: boolean;
   /** Set once curl took the leased fd. */
   taken: boolean;
-  /** A socket for an https origin that multiplexes or may (protocol not known yet): others wait for curl to take
-   *  it, then share its connection. */
-  first?: Settleable | undefined;
-  /** The transfer waited for another's first socket, to share its connection (the engine lets a transfer do so once). */
-  joined?: true;
+  /** A socket for an https origin that multiplexes or may (protocol not known yet): others join it, to share its
+   *  connection (see the header). */
+  first?: Group | undefined;
+  /** The group whose first socket the transfer waited for, to share its connection. */
+  joined?: Group | undefined;
 }
 
 interface Settleable {
   promise: Promise<void>;
   settle(): void;
 }
+
+/** A first socket and the transfers that wait for it to share its connection. */
+interface Group extends Settleable {
+  joiners: number;
+  /** Joiners that got a connection (curl's PREREQFUNCTION: `prerequest`). */
+  onboard: number;
+  /** When curl took the socket (performance.now()), while it waits for the connection's response. */
+  openedAt: number | undefined;
+  /** The daemon's connect time of the socket (a round trip; 0 when it was idle). */
+  connectMs: number;
+}
+
+/**
+ * How long after the handshake of a group's connection its joiners go on at the latest, as a multiple of the
+ * handshake's time or the daemon's connect time, whichever is longer (at least SETTINGS_WAIT_MIN_MS): the server's
+ * SETTINGS come about one round trip after the handshake (which took one or two; a relayed session's was the
+ * daemon's), and the response may take long (a slow or held request), which the joiners, whose own requests the
+ * server may be waiting for, must not wait for.
+ */
+const SETTINGS_WAIT_HANDSHAKES = 2;
+const SETTINGS_WAIT_MIN_MS = 5;
 
 interface OriginState {
   /** Transfers in flight. */
@@ -61,9 +96,12 @@ interface OriginState {
   supplying: number;
   /** Learned from responses: true for HTTP/2, false for HTTP/1.x, undefined before the first response. */
   multiplexed: boolean | undefined;
-  /** While a socket for an https origin that multiplexes (or may) is on its way to curl: settles when curl took
-   *  it (the connection then exists in curl's cache, and PIPEWAIT can wait on it) or that attempt ended without. */
-  firstSocket: Settleable | undefined;
+  /** While a socket for an https origin that multiplexes (or may) is on its way to curl: settles when joiners may
+   *  go on (see the header) or that attempt ended without. The newest group: an older one full (`streams`) goes on
+   *  waiting for its own. */
+  firstSocket: Group | undefined;
+  /** How many transfers one connection carried when joiners found it full (learned; undefined before). */
+  streams: number | undefined;
   /** Acquires under way that a connection freeing here makes unnecessary (see the header), oldest first. */
   givenUpBy: GiveUp[];
   /** Of those, given up for a connection that freed, their transfers not yet run on it. */
@@ -102,20 +140,23 @@ export interface PrepareOptions {
   /** Forced, but an origin known to speak HTTP/2 whose new connection is on its way has it shared instead: the
    *  transfers that lost their connection together (it closed, or a GOAWAY refused their streams) all run again
    *  at once, and each acquiring a socket of its own opened as many TCP connections as there were streams. A
-   *  transfer that joined and was starved all the same (the connection turned out HTTP/1.1, or full) does not
-   *  join again (the engine's `joined`). */
+   *  transfer that joined and was starved all the same (the connection turned out HTTP/1.1) does not join again
+   *  (the engine's `joined`); one that found it full does (`rejoin`). */
   join?: boolean | undefined;
+  /** The transfer's last join found the connection shared (`shared`): the origin multiplexes, though its first
+   *  response may not have said so yet. */
+  rejoin?: boolean | undefined;
   signal?: CancelSignal | undefined;
   /** The transfer took a token of its rate-limited origin already (rate-tokens.ts): the daemon charges none. */
   tokenTaken?: boolean | undefined;
 }
 
-function settleable(): Settleable {
+function group(): Group {
   let settle!: () => void;
   const promise = new Promise<void>((resolve) => {
     settle = resolve;
   });
-  return { promise, settle };
+  return { promise, settle, joiners: 0, onboard: 0, openedAt: undefined, connectMs: 0 };
 }
 
 /** `promise`, or signal.reason once `signal` aborts. */
@@ -192,19 +233,23 @@ export class SocketSupply {
     const origin = this.#origin(key);
     origin.inFlight++;
     const slot: SocketSlot = { originKey: key, lease: undefined, starved: false, taken: false };
-    // https origins that multiplex, or may: one socket at a time is brought for them.
+    // https origins that multiplex, or may: one socket at a time is brought for them (one a group, see the header).
     const mayMultiplex = options.secure && origin.multiplexed !== false;
-    const join = !options.force || (options.join === true && origin.multiplexed === true);
-    if (join && mayMultiplex && origin.firstSocket) {
-      // Another transfer is bringing the first connection: start only once curl has it, so as to multiplex over
-      // it if it turns out to be HTTP/2 (else this transfer is starved and retried with a socket of its own).
-      slot.joined = true;
-      return this.#afterFirstSocket(origin.firstSocket, key, origin, slot, options);
+    const join = !options.force || (options.join === true && (origin.multiplexed === true || options.rejoin === true));
+    const first = mayMultiplex && join ? origin.firstSocket : undefined;
+    if (first && (origin.streams === undefined || first.joiners + 1 < origin.streams)) {
+      // Another transfer is bringing a connection: start only once joiners may share it (see the header), so as to
+      // multiplex over it if it turns out to be HTTP/2 (else this transfer is starved and retried with a socket of
+      // its own).
+      first.joiners++;
+      slot.joined = first;
+      return this.#afterFirstSocket(first, key, origin, slot, options);
     }
-    if (options.force || this.#needsSocket(origin, options.secure)) {
+    // (A group as large as a connection carries: this transfer brings the next one's socket.)
+    if (options.force || first || this.#needsSocket(origin, options.secure)) {
       origin.supplying++;
-      if (mayMultiplex && !origin.firstSocket) {
-        origin.firstSocket = settleable();
+      if (mayMultiplex && (!origin.firstSocket || first)) {
+        origin.firstSocket = group();
         slot.first = origin.firstSocket;
       }
       return this.#acquireInto(slot, target, key, origin, options);
@@ -214,7 +259,7 @@ export class SocketSupply {
   }
 
   async #afterFirstSocket(
-    first: Settleable,
+    first: Group,
     key: string,
     origin: OriginState,
     slot: SocketSlot,
@@ -304,6 +349,10 @@ export class SocketSupply {
     const lease = slot.lease;
     if (!lease || slot.taken) {
       slot.starved = true;
+      // Others of its group got on: the connection was full after as many transfers (see the header).
+      const joined = slot.joined;
+      const origin = this.#origins.get(slot.originKey);
+      if (joined && joined.onboard > 0 && origin) origin.streams = joined.onboard + 1;
       return -1;
     }
     slot.taken = true;
@@ -313,10 +362,52 @@ export class SocketSupply {
     origin.connections++;
     origin.supplying--;
     if (lease.rate) origin.rated = true;
-    // Waiters go on once curl has registered the connection, and outside curl's call stack: they add handles to
-    // the Multi, which must not happen from inside one of its callbacks.
-    if (slot.first) setImmediate(() => this.#settleFirst(origin, slot));
+    // The only connection curl holds to the origin: joiners go on now and wait on it in curl (PIPEWAIT). Else once
+    // its first response came, or a while after its handshake (`responded`, `prerequest`; see the header).
+    if (slot.first && origin.connections === 1) this.responded(slot);
+    else if (slot.first) {
+      slot.first.openedAt = performance.now();
+      slot.first.connectMs = lease.connectMs;
+    }
     return lease.fd;
+  }
+
+  /**
+   * A response head came over the connection of a transfer that brings a first socket (or curl took the socket as
+   * the origin's only connection): the connection is up, and the server's SETTINGS are in. Its group goes on,
+   * outside curl's call stack: joiners add handles to the Multi, which must not happen from inside one of its
+   * callbacks.
+   */
+  responded(slot: SocketSlot): void {
+    if (!slot.first) return;
+    const origin = this.#origin(slot.originKey);
+    setImmediate(() => this.#settleFirst(origin, slot));
+  }
+
+  /**
+   * curl's PREREQFUNCTION for a slot of a group: its transfer got a connection and is about to send its request. A
+   * joiner counts as on board; a first socket's group goes on once the server's SETTINGS are surely in, unless its
+   * response comes first (`responded`). A transfer that found a connection of curl's with room (its socket not taken)
+   * lets its group go on now.
+   */
+  prerequest(slot: SocketSlot): void {
+    if (slot.joined) slot.joined.onboard++;
+    const group = slot.first;
+    if (!group) return;
+    const origin = this.#origin(slot.originKey);
+    let waitMs = 0;
+    if (group.openedAt !== undefined) {
+      const roundTripMs = Math.max(performance.now() - group.openedAt, group.connectMs);
+      waitMs = Math.max(SETTINGS_WAIT_MIN_MS, SETTINGS_WAIT_HANDSHAKES * roundTripMs);
+    }
+    setTimeout(() => this.#settleFirst(origin, slot), waitMs);
+  }
+
+  /** Whether the connection a joiner waited for multiplexes (others of its group got on, or the origin is known to
+   *  speak HTTP/2): starved, it found the connection full. */
+  shared(slot: SocketSlot): boolean {
+    if (!slot.joined) return false;
+    return slot.joined.onboard > 0 || this.#origins.get(slot.originKey)?.multiplexed === true;
   }
 
   /** CLOSESOCKETFUNCTION: curl is done with fd; close it and end its lease. Returns 0 (curl's success). */
@@ -396,6 +487,7 @@ export class SocketSupply {
         supplying: 0,
         multiplexed: undefined,
         firstSocket: undefined,
+        streams: undefined,
         givenUpBy: [],
         handingOver: 0,
         rated: false,
@@ -409,6 +501,7 @@ export class SocketSupply {
   /** The slot that brings an origin's first socket is done with it (taken, failed or ended): waiters go on. */
   #settleFirst(origin: OriginState, slot: SocketSlot): void {
     if (!slot.first) return;
+    slot.first.openedAt = undefined;
     slot.first.settle();
     if (origin.firstSocket === slot.first) origin.firstSocket = undefined;
     slot.first = undefined;
