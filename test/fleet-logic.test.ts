@@ -463,6 +463,23 @@ describe('worker tokens', () => {
     for (let i = 0; i < 8; i++) expect(tokens.take('a.example', 80, 1000)).toBeTypeOf('number');
   });
 
+  it('a request whose deadline is only a little earlier than the batch request under way waits for it: no token of its own', async () => {
+    const { asks, link } = manualLink();
+    const tokens = new RateTokens(link, () => 0);
+    tokens.learn('a.example', 80, { requestsPerSecond: 100, burst: 10 });
+    const first = tokens.take('a.example', 80, 1000)!;
+    // Its deadline 1 ms before the batch request's (it came in later, but its request started earlier): before,
+    // it asked a token of its own beside the batch (11 granted for a burst of 10 when the first was served meanwhile).
+    const second = tokens.take('a.example', 80, 999)!;
+    expect(asks.map((ask) => ask.count)).toEqual([10]);
+    // One whose deadline is well before the batch request's still asks for its own, to fail fast on its own deadline.
+    const third = tokens.take('a.example', 80, 500)!;
+    expect(asks.map((ask) => ask.timeoutMs)).toEqual([1000, 500]);
+    asks[0]!.grant(10);
+    asks[1]!.grant(1);
+    await Promise.all([first, second, third]);
+  });
+
   it('a refused batch request fails its own request only: the waiting ones ask again', async () => {
     const { asks, link } = manualLink();
     const tokens = new RateTokens(link, () => 0);
