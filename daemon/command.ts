@@ -149,7 +149,12 @@ export async function runSockpoold(early: EarlySignals): Promise<void> {
   const connectGuard = startConnectGuard(config.connectGuard);
   if (connectGuard.state === 'failed') log.error(connectGuard, 'connect guard (cgroup BPF) failed');
   else log.info(connectGuard, 'connect guard (cgroup BPF)');
-  dropGuardCapabilities(policiesSetMarks(config));
+  try {
+    dropGuardCapabilities(policiesSetMarks(config));
+  } catch (error) {
+    // A system call filter without capset (a unit file older than the guard): the daemon runs with what it has.
+    log.warn({ err: (error as Error).message }, 'could not drop the connect guard set-up capabilities');
+  }
   // Before the daemon starts any thread (they inherit it): TCP binds only to port 0 and metricsPort.
   const bindRestriction = restrictBinds(config.restrictBind, config.metricsPort);
   if (bindRestriction.state === 'failed') log.error(bindRestriction, 'TCP bind restriction (Landlock) failed');
