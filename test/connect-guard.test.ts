@@ -1,0 +1,26 @@
+// The connect guard's set-up by the sockpoold command (daemon/connect-guard.ts), in what any user can run: the
+// daemon as a child process. (The guard at work needs root: test/daemon-connect-guard.system.test.ts.)
+import { join } from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import { repoRoot, startDaemon } from './helpers/daemon.js';
+import { openRawClient } from './helpers/raw-client.js';
+
+const cleanups: Array<() => unknown> = [];
+afterEach(async () => {
+  for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
+});
+
+describe('connect guard set-up', () => {
+  it('a capability drop a system call filter refuses is a warning: the daemon starts and serves', async () => {
+    // As a unit file older than the guard would run it: its SystemCallFilter= lacks capset (before: the command
+    // threw at start and the daemon never came up).
+    const sockpoold = await startDaemon({
+      args: ['--allow', '127.0.0.1/32', '--allow-port', '9'],
+      wrap: ['python3', join(repoRoot, 'test', 'fixtures', 'deny-capset.py')],
+    });
+    cleanups.push(() => sockpoold.stop());
+    expect(sockpoold.output()).toContain('could not drop the connect guard set-up capabilities');
+    const raw = openRawClient(sockpoold.socketPath, cleanups);
+    expect((await raw.request({ type: 'hello', id: 1, version: 1 })).message).toMatchObject({ type: 'hello' });
+  });
+});
