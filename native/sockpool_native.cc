@@ -784,27 +784,40 @@ std::vector<uint8_t> GuardBtf() {
   return blob;
 }
 
+// GuardSocket, or the error thrown where a socket the guard must cover could not be registered.
+void GuardSocketOrThrow(Napi::Env env, int fd) {
+  const int err = GuardSocket(fd);
+  if (err != 0) ThrowErrno(env, err, "bpf", "BPF_MAP_UPDATE_ELEM (connect guard)");
+}
+
+// A TCP listener on 127.0.0.1, port chosen by the kernel (`address` says which); `flags`: SOCK_NONBLOCK or 0 (with
+// SOCK_CLOEXEC always). The caller owns the fd.
+int ListenOnLoopback(Napi::Env env, int flags, int backlog, sockaddr_in* address) {
+  FdGuard listener(::socket(AF_INET, SOCK_STREAM | flags | SOCK_CLOEXEC, 0));
+  if (listener.get() < 0) ThrowErrno(env, errno, "socket");
+  memset(address, 0, sizeof *address);
+  address->sin_family = AF_INET;
+  address->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t length = sizeof *address;
+  if (::bind(listener.get(), reinterpret_cast<sockaddr*>(address), length) < 0) ThrowErrno(env, errno, "bind");
+  if (::listen(listener.get(), backlog) < 0) ThrowErrno(env, errno, "listen");
+  if (::getsockname(listener.get(), reinterpret_cast<sockaddr*>(address), &length) < 0) {
+    ThrowErrno(env, errno, "getsockname");
+  }
+  return listener.release();
+}
+
 // The guard checked by the kernel itself: a loopback connection, registered, disconnected (connect() with
 // AF_UNSPEC, as a client would through its copy) and connected again. Returns that last connect's errno: EPERM is
 // the guard at work, 0 means it let the connect through.
 int GuardSelfCheck(Napi::Env env) {
-  FdGuard listener(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
-  if (listener.get() < 0) ThrowErrno(env, errno, "socket");
   sockaddr_in address;
-  memset(&address, 0, sizeof address);
-  address.sin_family = AF_INET;
-  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t length = sizeof address;
-  if (::bind(listener.get(), reinterpret_cast<sockaddr*>(&address), length) < 0) ThrowErrno(env, errno, "bind");
-  if (::listen(listener.get(), 4) < 0) ThrowErrno(env, errno, "listen");
-  if (::getsockname(listener.get(), reinterpret_cast<sockaddr*>(&address), &length) < 0) {
-    ThrowErrno(env, errno, "getsockname");
-  }
+  FdGuard listener(ListenOnLoopback(env, 0, 4, &address));
+  const socklen_t length = sizeof address;
   FdGuard probe(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
   if (probe.get() < 0) ThrowErrno(env, errno, "socket");
   if (::connect(probe.get(), reinterpret_cast<sockaddr*>(&address), length) < 0) ThrowErrno(env, errno, "connect");
-  const int registered = GuardSocket(probe.get());
-  if (registered != 0) ThrowErrno(env, registered, "bpf", "BPF_MAP_UPDATE_ELEM (connect guard)");
+  GuardSocketOrThrow(env, probe.get());
   sockaddr unspecified;
   memset(&unspecified, 0, sizeof unspecified);
   unspecified.sa_family = AF_UNSPEC;
@@ -896,18 +909,9 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
   // The listener lives only for this call; a connection from anyone else that lands on it is closed.
   Napi::Value LoopbackPair(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    FdGuard listener(::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
-    if (listener.get() < 0) ThrowErrno(env, errno, "socket");
     sockaddr_in address;
-    memset(&address, 0, sizeof address);
-    address.sin_family = AF_INET;
-    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    socklen_t length = sizeof address;
-    if (::bind(listener.get(), reinterpret_cast<sockaddr*>(&address), length) < 0) ThrowErrno(env, errno, "bind");
-    if (::listen(listener.get(), 8) < 0) ThrowErrno(env, errno, "listen");
-    if (::getsockname(listener.get(), reinterpret_cast<sockaddr*>(&address), &length) < 0) {
-      ThrowErrno(env, errno, "getsockname");
-    }
+    FdGuard listener(ListenOnLoopback(env, SOCK_NONBLOCK, 8, &address));
+    const socklen_t length = sizeof address;
     FdGuard client(::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
     if (client.get() < 0) ThrowErrno(env, errno, "socket");
     int result;
@@ -948,10 +952,7 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
       pair.Set(0u, Napi::Number::New(env, server.get()));
       pair.Set(1u, Napi::Number::New(env, client.get()));
       // Either end may be lent: neither may connect again (see the connect guard).
-      for (const int end : {server.get(), client.get()}) {
-        const int guarded = ::GuardSocket(end);
-        if (guarded != 0) ThrowErrno(env, guarded, "bpf", "BPF_MAP_UPDATE_ELEM (connect guard)");
-      }
+      for (const int end : {server.get(), client.get()}) GuardSocketOrThrow(env, end);
       server.release();  // ownership of both passes to the caller
       client.release();
       return pair;
@@ -1234,8 +1235,7 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     // EINTR on a non-blocking connect: the handshake carries on in the background, like EINPROGRESS.
     if (connected || errno == EINPROGRESS || errno == EINTR) {
       // From here on, no other connect() of this socket: not ours, not a client's through a copy it was lent.
-      const int guarded = ::GuardSocket(fd);
-      if (guarded != 0) ThrowErrno(env, guarded, "bpf", "BPF_MAP_UPDATE_ELEM (connect guard)");
+      GuardSocketOrThrow(env, fd);
       return Napi::Boolean::New(env, connected);
     }
     Napi::Error error = ErrnoError(env, errno, "connect", Endpoint(address, port));
@@ -1454,9 +1454,7 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
   // Registers a socket the daemon did not connect through connectStart (one taken back from systemd's fd store).
   // No guard: nothing.
   Napi::Value GuardSocket(const Napi::CallbackInfo& info) {
-    const int fd = FdArg(info, 0);
-    const int err = ::GuardSocket(fd);
-    if (err != 0) ThrowErrno(info.Env(), err, "bpf", "BPF_MAP_UPDATE_ELEM (connect guard)");
+    GuardSocketOrThrow(info.Env(), FdArg(info, 0));
     return info.Env().Undefined();
   }
 
