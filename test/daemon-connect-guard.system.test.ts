@@ -4,16 +4,16 @@
 // docs/security.md, whose only way out is a socket the daemon lent.
 import { execFile, spawn } from 'node:child_process';
 import { once } from 'node:events';
-import { chmodSync, readFileSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import { createServer, type Server, Socket } from 'node:net';
-import { dirname, join } from 'node:path';
+import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { ownCgroupDirectory } from '../daemon/connect-guard.js';
 import * as native from '../shared/native.js';
-import { type DaemonProcess, repoRoot, startDaemon, writeConfigFile } from './helpers/daemon.js';
+import { repoRoot } from './helpers/daemon.js';
 import { openRawClient } from './helpers/raw-client.js';
-import { pathOrigin } from './helpers/trust.js';
+import { pathOrigin, startSharedDaemon } from './helpers/trust.js';
 
 const SANDBOXED_UID = 65534;
 const CAP_NET_ADMIN = 12;
@@ -30,15 +30,7 @@ afterEach(async () => {
   for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
 });
 
-/** A daemon whose socket every uid may open. */
-async function daemon(port: number, config: object = {}): Promise<DaemonProcess> {
-  const args = ['--allow', '127.0.0.1/32', '--allow-port', String(port)];
-  const file = writeConfigFile({ ...config, access: { socketMode: '0666' } }, cleanups);
-  const started = await startDaemon({ args: [...args, '--config', file] });
-  chmodSync(dirname(started.socketPath), 0o755);
-  cleanups.push(() => started.stop());
-  return started;
-}
+const daemon = (port: number, config: object = {}) => startSharedDaemon(port, config, cleanups);
 
 /** A listener in the daemon's network that counts the connections it gets: where a hostile client would go. */
 async function elsewhere(): Promise<{ port: number; connections: () => number }> {

@@ -3,13 +3,13 @@
 // across uids. Same-uid hostile tests are in daemon-trust.test.ts.
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
-import { chmodSync, readFileSync } from 'node:fs';
-import { dirname, join } from 'node:path';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
 import * as native from '../shared/native.js';
-import { type DaemonProcess, eventually, repoRoot, startDaemon, writeConfigFile } from './helpers/daemon.js';
+import { eventually, repoRoot } from './helpers/daemon.js';
 import { openRawClient, type RawClient } from './helpers/raw-client.js';
-import { honestRequest, hostileClient, pathOrigin, runHostile } from './helpers/trust.js';
+import { honestRequest, hostileClient, pathOrigin, runHostile, startSharedDaemon } from './helpers/trust.js';
 
 /** The uids the hostile clients run as (nobody, and one with no passwd entry). */
 const HOSTILE_UID = 65534;
@@ -26,15 +26,7 @@ afterEach(async () => {
   for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
 });
 
-/** A daemon whose socket every uid may open (mode 0666 in a directory every uid may enter). */
-async function daemon(port: number, config: object = {}): Promise<DaemonProcess> {
-  const args = ['--allow', '127.0.0.1/32', '--allow-port', String(port)];
-  const file = writeConfigFile({ ...config, access: { socketMode: '0666' } }, cleanups);
-  const started = await startDaemon({ args: [...args, '--config', file] });
-  chmodSync(dirname(started.socketPath), 0o755);
-  cleanups.push(() => started.stop());
-  return started;
-}
+const daemon = (port: number, config: object = {}) => startSharedDaemon(port, config, cleanups);
 
 function client(socketPath: string): RawClient {
   return openRawClient(socketPath, cleanups);

@@ -1,18 +1,37 @@
-// Shared by the trust tests (daemon-trust*.test.ts): an HTTP origin that answers with the request's own path,
-// one honest request over a leased socket with the raw protocol, and the hostile client fixture as a process.
+// Shared by the trust tests (daemon-trust*.test.ts, daemon-connect-guard.system): an HTTP origin that answers with
+// the request's own path, a daemon every uid may reach, one honest request over a leased socket with the raw
+// protocol, and the hostile client fixture as a process.
 import { execFile } from 'node:child_process';
 import { once } from 'node:events';
+import { chmodSync } from 'node:fs';
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { Socket } from 'node:net';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { promisify } from 'node:util';
 import * as native from '../../shared/native.js';
-import { repoRoot } from './daemon.js';
+import { type DaemonProcess, repoRoot, startDaemon, writeConfigFile } from './daemon.js';
 import type { RawClient } from './raw-client.js';
 
 const run = promisify(execFile);
 export const hostileClient = join(repoRoot, 'test', 'fixtures', 'hostile-client.mjs');
+
+/**
+ * A daemon that lets 127.0.0.1:`port` through and whose socket every uid may open (mode 0666 in a directory every uid
+ * may enter): for clients run as other uids. Stopped by `cleanups`.
+ */
+export async function startSharedDaemon(
+  port: number,
+  config: object,
+  cleanups: Array<() => unknown>,
+): Promise<DaemonProcess> {
+  const args = ['--allow', '127.0.0.1/32', '--allow-port', String(port)];
+  const file = writeConfigFile({ ...config, access: { socketMode: '0666' } }, cleanups);
+  const started = await startDaemon({ args: [...args, '--config', file] });
+  chmodSync(dirname(started.socketPath), 0o755);
+  cleanups.push(() => started.stop());
+  return started;
+}
 
 /** An HTTP/1.1 origin whose answer is the request's own path, and that counts the requests it saw per path. */
 export async function pathOrigin(cleanups: Array<() => unknown>): Promise<{ port: number; seen: Map<string, number> }> {
