@@ -15,6 +15,17 @@ import { eventually } from './helpers/daemon.js';
 const run = promisify(execFile);
 const { cleanups, echoServer, daemonWith, client } = daemonScope();
 
+/** Resolves once a scrape of the metrics endpoint on `port` is answered 200 (a refused connect tries again). */
+function scrapeAnswered(port: number): Promise<void> {
+  return eventually(async () => {
+    try {
+      return (await fetch(`http://127.0.0.1:${port}/metrics`)).status === 200;
+    } catch {
+      return false;
+    }
+  }, 'a scrape answered');
+}
+
 /** A port nobody listens on right now (bound then released). */
 async function freePort(): Promise<number> {
   const server = createServer();
@@ -312,13 +323,7 @@ describe('metrics', () => {
     );
     // The operator's scrape still gets through once those are gone.
     for (const socket of sockets) socket.destroy();
-    await eventually(async () => {
-      try {
-        return (await fetch(`http://127.0.0.1:${metricsPort}/metrics`)).status === 200;
-      } catch {
-        return false;
-      }
-    }, 'a scrape answered');
+    await scrapeAnswered(metricsPort);
   });
 
   it('accepts at most METRICS_MAX_ACCEPTS connections per SNAPSHOT_MAX_AGE_MS on the metrics port: a connect flood cannot hold the loop', async () => {
@@ -360,12 +365,6 @@ describe('metrics', () => {
     expect(closedByDaemon).toBeLessThanOrEqual(METRICS_MAX_ACCEPTS * periods);
     // The operator's scrape gets through once the flood is over.
     for (const socket of open) socket.destroy();
-    await eventually(async () => {
-      try {
-        return (await fetch(`http://127.0.0.1:${metricsPort}/metrics`)).status === 200;
-      } catch {
-        return false;
-      }
-    }, 'a scrape answered');
+    await scrapeAnswered(metricsPort);
   });
 });
