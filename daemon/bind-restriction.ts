@@ -15,8 +15,9 @@
 //
 // fd ownership: the self-check's two sockets are closed here.
 
-import { Gauge, type Registry } from 'prom-client';
+import type { Registry } from 'prom-client';
 import * as native from '../shared/native.js';
+import { registerStateGauge } from './metrics.js';
 
 export interface BindRestrictionReport {
   /**
@@ -71,13 +72,13 @@ const STATES: BindRestrictionReport['state'][] = ['enforced', 'unsupported', 'of
  * for `state="enforced"`.
  */
 export function registerBindRestrictionMetrics(registry: Registry, report: BindRestrictionReport): void {
-  const gauge = new Gauge({
-    name: 'sockpool_bind_restriction',
-    help: "The daemon's own TCP bind restriction (Landlock): 1 for its state.",
-    labelNames: ['state'],
-    registers: [registry],
-  });
-  for (const state of STATES) gauge.set({ state }, state === report.state ? 1 : 0);
+  registerStateGauge(
+    registry,
+    'sockpool_bind_restriction',
+    "The daemon's own TCP bind restriction (Landlock): 1 for its state.",
+    STATES,
+    report.state,
+  );
 }
 
 /** Binds a port the kernel just handed out, by number: the restriction must refuse it. */

@@ -24,9 +24,10 @@
 
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { Gauge, type Registry } from 'prom-client';
+import type { Registry } from 'prom-client';
 import * as native from '../shared/native.js';
 import type { SockpoolConfig } from './config.js';
+import { registerStateGauge } from './metrics.js';
 
 export interface ConnectGuardReport {
   /**
@@ -117,11 +118,11 @@ const STATES: ConnectGuardReport['state'][] = ['enforced', 'unsupported', 'off',
 
 /** `sockpool_connect_guard{state}`: 1 for the guard's state, 0 for the others (an alert asks for "enforced"). */
 export function registerConnectGuardMetrics(registry: Registry, report: ConnectGuardReport): void {
-  const gauge = new Gauge({
-    name: 'sockpool_connect_guard',
-    help: "The kernel's refusal of any connect() of a socket the daemon connected (cgroup BPF): 1 for its state.",
-    labelNames: ['state'],
-    registers: [registry],
-  });
-  for (const state of STATES) gauge.set({ state }, state === report.state ? 1 : 0);
+  registerStateGauge(
+    registry,
+    'sockpool_connect_guard',
+    "The kernel's refusal of any connect() of a socket the daemon connected (cgroup BPF): 1 for its state.",
+    STATES,
+    report.state,
+  );
 }

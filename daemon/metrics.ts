@@ -313,6 +313,21 @@ function collectOrigins(snapshot: MetricsSnapshot): OriginEntry[] {
 }
 
 /** The metrics of one daemon; `snapshot` gives the per-origin gauges at scrape time. */
+/**
+ * `name{state}`: 1 for `current`, 0 for each other of `states`, so that an alert can ask for one state (the process's
+ * own restrictions, whose state is decided once at start: bind-restriction.ts, connect-guard.ts).
+ */
+export function registerStateGauge<State extends string>(
+  registry: Registry,
+  name: string,
+  help: string,
+  states: readonly State[],
+  current: State,
+): void {
+  const gauge = new Gauge({ name, help, labelNames: ['state'], registers: [registry] });
+  for (const state of states) gauge.set({ state }, state === current ? 1 : 0);
+}
+
 export function createMetrics(snapshot: () => MetricsSnapshot, options?: MetricsOptions): Metrics {
   return new Metrics(snapshot, options);
 }

@@ -1,9 +1,19 @@
 // The connect guard's set-up by the sockpoold command (daemon/connect-guard.ts), in what any user can run: the
 // daemon as a child process. (The guard at work needs root: test/daemon-connect-guard.system.test.ts.)
+import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { repoRoot, startDaemon } from './helpers/daemon.js';
 import { openRawClient } from './helpers/raw-client.js';
+
+/** A port free right now (bound, read, released). */
+async function freePort(): Promise<number> {
+  const server = createServer();
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const { port } = server.address() as { port: number };
+  await new Promise((resolve) => server.close(resolve));
+  return port;
+}
 
 const cleanups: Array<() => unknown> = [];
 afterEach(async () => {
@@ -22,5 +32,21 @@ describe('connect guard set-up', () => {
     expect(sockpoold.output()).toContain('could not drop the connect guard set-up capabilities');
     const raw = openRawClient(sockpoold.socketPath, cleanups);
     expect((await raw.request({ type: 'hello', id: 1, version: 1 })).message).toMatchObject({ type: 'hello' });
+  });
+
+  it('reports its state in stats and the sockpool_connect_guard gauge: enforced as root, unsupported (why) otherwise', async () => {
+    const metricsPort = await freePort();
+    const sockpoold = await startDaemon({ args: ['--metrics-port', String(metricsPort)] });
+    cleanups.push(() => sockpoold.stop());
+    const raw = openRawClient(sockpoold.socketPath, cleanups);
+    const reply = await raw.request({ type: 'stats', id: 1 });
+    const guard = (reply.message as unknown as { stats: { connectGuard: { state: string; detail: string } } }).stats
+      .connectGuard;
+    const state = process.getuid?.() === 0 ? 'enforced' : 'unsupported';
+    expect(guard.state).toBe(state);
+    if (state === 'unsupported') expect(guard.detail).toMatch(/needs CAP_BPF and CAP_NET_ADMIN/);
+    const text = await (await fetch(`http://127.0.0.1:${metricsPort}/metrics`)).text();
+    expect(text).toContain(`sockpool_connect_guard{state="${state}"} 1`);
+    expect(text).toContain('sockpool_connect_guard{state="off"} 0');
   });
 });
