@@ -23,7 +23,7 @@ import {
   PROTOCOL_VERSION,
   salvageRequestId,
 } from '../shared/protocol.js';
-import { SeqpacketChannel, TurnBudget } from '../shared/seqpacket-channel.js';
+import { SeqpacketChannel, type TurnBudget } from '../shared/seqpacket-channel.js';
 import { isAdminUid, statsView } from './client-view.js';
 import { policyFor, type SockpoolConfig } from './config.js';
 import type { RateLimiter } from './fleet/rate-limiter.js';
@@ -96,12 +96,6 @@ export class HandoffServer {
   #nextClientId = 1;
   #stopping = false;
   #quotas: UidQuotas;
-  /**
-   * Each uid's share of the event loop, shared by all its sessions (SeqpacketChannel reads at most TurnBudget's
-   * messages per turn for them together): a uid with many sessions gets one session's turns, not one per session.
-   * Made with its first session, dropped with its last.
-   */
-  #turns = new Map<number, TurnBudget>();
   /** Refusals are logged per uid up to a bound: a client sends acquires the policy refuses as fast as it likes. */
   #refusalLog = new LogLimiter(REFUSALS_LOGGED, REFUSAL_LOG_WINDOW_MS);
   /** The same for connections refused (access control, maxSessionsPerUid): a uid connects as fast as it likes. */
@@ -244,8 +238,10 @@ export class HandoffServer {
       this.#refusedClientLog.warn(this.#log, credentials.uid, credentials, 'client refused by access control');
       return;
     }
+    // The uid's share of the event loop, shared by all its sessions (quotas.ts).
+    let turns: TurnBudget;
     try {
-      this.#quotas.openSession(credentials.uid);
+      turns = this.#quotas.openSession(credentials.uid);
     } catch (error) {
       const plain = toPlainError(error);
       try {
@@ -264,11 +260,6 @@ export class HandoffServer {
         'client refused by quota',
       );
       return;
-    }
-    let turns = this.#turns.get(credentials.uid);
-    if (turns === undefined) {
-      turns = new TurnBudget();
-      this.#turns.set(credentials.uid, turns);
     }
     const id = this.#nextClientId++;
     const session: ClientSession = {
@@ -313,7 +304,6 @@ export class HandoffServer {
       // The channel never took the fd (its poller could not be set up: out of memory, say): the session is given
       // back and the fd discarded here (the client may have queued fds already), and accepting goes on.
       this.#quotas.closeSession(credentials.uid);
-      this.#forgetTurnsIfLast(credentials.uid);
       native.discard(fd);
       const plain = toPlainError(error);
       this.#log.error({ ...credentials, code: plain.code, err: plain.message }, 'client dropped: no channel');
@@ -888,11 +878,6 @@ export class HandoffServer {
     this.#send(session, { type: 'error', id, code: plain.code, message: plain.message, fields });
   }
 
-  /** The uid's last session is gone: its share of the loop goes too (the budget holds no channel). */
-  #forgetTurnsIfLast(uid: number): void {
-    if (this.#quotas.usageOf(uid).sessions === 0) this.#turns.delete(uid);
-  }
-
   /** `shutDown`: the client's leases end with their connections (a client that hung up cannot use them). */
   #disconnect(session: ClientSession, why: string, shutDown = true): void {
     if (session.closed) return;
@@ -900,7 +885,6 @@ export class HandoffServer {
     session.channel.close();
     this.#clients.delete(session.id);
     this.#quotas.closeSession(session.uid);
-    this.#forgetTurnsIfLast(session.uid);
     // Its acquires still waiting leave their origins' queues now (as a `cancel` each), not at their deadlines.
     for (const cancel of session.cancels?.values() ?? []) cancel.abort();
     for (const wait of session.tokenWaits?.values() ?? []) wait.abort();

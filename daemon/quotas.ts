@@ -4,12 +4,14 @@
 //
 // Counted per uid: sessions (connections), leases held, acquires pending, acquires pending for a host name (each
 // may need a DNS lookup; IP literals need none), prewarm demand (sockets asked for, refilled over a window) and
-// `stats` requests (each walks every pool; refilled each second).
+// `stats` requests (each walks every pool; refilled each second). And its share of the event loop: the messages its
+// sessions may have read in one turn, together (TurnBudget, shared/seqpacket-channel.ts).
 // A uid's entry is kept once made (one small record per uid that ever connected), so closing and reopening
 // connections does not refill its prewarm allowance.
 
 import { isIP } from 'node:net';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
+import { TurnBudget } from '../shared/seqpacket-channel.js';
 import type { SockpoolConfig } from './config.js';
 
 export type QuotaConfig = SockpoolConfig['quotas'];
@@ -32,6 +34,8 @@ interface UidUsage {
   /** `stats` requests still allowed (a token bucket holding at most maxStatsPerUid). */
   statsTokens: number;
   statsUpdatedAt: number;
+  /** Its sessions' reads per turn of the loop, together: a uid with many sessions gets one session's turns. */
+  turns: TurnBudget;
 }
 
 export class UidQuotas {
@@ -44,14 +48,18 @@ export class UidQuotas {
     this.#now = now;
   }
 
-  /** A new connection from `uid`; throws SOCKPOOL_ERR_QUOTA past maxSessionsPerUid. */
-  openSession(uid: number): void {
+  /**
+   * A new connection from `uid`; throws SOCKPOOL_ERR_QUOTA past maxSessionsPerUid. Returns the uid's turn budget, for
+   * the connection's channel.
+   */
+  openSession(uid: number): TurnBudget {
     const usage = this.#of(uid);
     const limit = this.#config().maxSessionsPerUid;
     if (usage.sessions >= limit) {
       throw quotaError(uid, 'maxSessionsPerUid', limit, `uid ${uid} already has ${limit} connections to sockpoold`);
     }
     usage.sessions++;
+    return usage.turns;
   }
 
   closeSession(uid: number): void {
@@ -224,6 +232,7 @@ export class UidQuotas {
         prewarmUpdatedAt: this.#now(),
         statsTokens: this.#config().maxStatsPerUid,
         statsUpdatedAt: this.#now(),
+        turns: new TurnBudget(),
       };
       this.#usage.set(uid, usage);
     }
