@@ -125,7 +125,12 @@ export class Sockpoold {
     this.#hostAddresses = hostAddressesProvider(undefined, undefined, (error) =>
       this.#log.warn({ err: error.message }, 'host interface addresses not refreshed; keeping the last list'),
     );
-    this.#metrics = createMetrics(() => this.#pools.snapshot(), { perOrigin: this.#config.metricsPerOrigin });
+    // prom-client's process metrics sample the event loop's delay on a 10 ms timer: only worth their wakeups when
+    // something can read them (metricsPort is read at start only).
+    this.#metrics = createMetrics(() => this.#pools.snapshot(), {
+      perOrigin: this.#config.metricsPerOrigin,
+      processMetrics: this.#config.metricsPort > 0,
+    });
     // Every connect (plain, through a proxy, or under a warm TLS session) passes the global cap on connects in flight.
     const connector = new ConnectGate(
       new TcpConnector(

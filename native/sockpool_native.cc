@@ -591,8 +591,12 @@ void DiscardQuietly(int fd, int depth) {
 // SA_RESTART: a signal that lands after the call returned (the thread left it between the watchdog's look and its
 // signal) restarts whatever interrupted syscall it meets instead of failing it with EINTR.
 // On only where the daemon asks (startCloseWatchdog): a library must not take over a signal of its users' process.
+// An idle daemon must not wake 40 times a second for nothing: after kWatchdogIdleLooks looks in a row that found no
+// call entered and none inside, the watchdog parks on a condition variable, and the next watched call wakes it (one
+// futex wake per idle-to-busy change, none while calls keep coming).
 constexpr int kWatchdogSignal = SIGURG;  // ignored by default; Node and libuv leave it alone
 constexpr auto kWatchdogPeriod = std::chrono::milliseconds(25);
+constexpr int kWatchdogIdleLooks = 40;
 
 struct WatchedThread {
   pthread_t thread;
@@ -602,6 +606,18 @@ struct WatchedThread {
 };
 
 std::atomic<bool> watchdog_on{false};
+// Set by the watchdog before it parks, cleared (under WatchdogParkMutex) by the call that wakes it. Both sides use
+// sequentially consistent order: a call stores `inside` then loads `parked`, the watchdog stores `parked` then loads
+// every `inside` and `entered` again, so at least one of them sees the other (no call is left unwatched).
+std::atomic<bool> watchdog_parked{false};
+std::mutex& WatchdogParkMutex() {
+  static auto* mutex = new std::mutex();
+  return *mutex;
+}
+std::condition_variable& WatchdogWake() {
+  static auto* wake = new std::condition_variable();
+  return *wake;
+}
 // Never destroyed: the watchdog thread runs until the process ends, past static destructors.
 std::mutex& WatchedMutex() {
   static auto* mutex = new std::mutex();
@@ -645,7 +661,14 @@ class WatchedCall {
   WatchedCall() : thread_(watchdog_on.load(std::memory_order_relaxed) ? ThisWatchedThread() : nullptr) {
     if (thread_ == nullptr) return;
     thread_->entered.fetch_add(1, std::memory_order_relaxed);
-    thread_->inside.store(true, std::memory_order_release);
+    thread_->inside.store(true, std::memory_order_seq_cst);
+    if (watchdog_parked.load(std::memory_order_seq_cst)) {
+      {
+        std::lock_guard<std::mutex> lock(WatchdogParkMutex());
+        watchdog_parked.store(false, std::memory_order_seq_cst);
+      }
+      WatchdogWake().notify_one();
+    }
   }
   ~WatchedCall() {
     if (thread_ != nullptr) thread_->inside.store(false, std::memory_order_release);
@@ -661,16 +684,43 @@ void WatchdogLoop() {
   sigset_t all;
   sigfillset(&all);
   pthread_sigmask(SIG_BLOCK, &all, nullptr);  // the process's signals go to the threads that handle them
+  int idle_looks = 0;
   for (;;) {
     std::this_thread::sleep_for(kWatchdogPeriod);
-    std::lock_guard<std::mutex> lock(WatchedMutex());
-    for (WatchedThread* thread : Watched()) {
-      const uint64_t entered = thread->entered.load(std::memory_order_relaxed);
-      if (thread->inside.load(std::memory_order_acquire) && entered == thread->seen) {
-        pthread_kill(thread->thread, kWatchdogSignal);  // again at each look, until the call returns
+    bool busy = false;
+    {
+      std::lock_guard<std::mutex> lock(WatchedMutex());
+      for (WatchedThread* thread : Watched()) {
+        const uint64_t entered = thread->entered.load(std::memory_order_relaxed);
+        const bool inside = thread->inside.load(std::memory_order_acquire);
+        if (inside && entered == thread->seen) {
+          pthread_kill(thread->thread, kWatchdogSignal);  // again at each look, until the call returns
+        }
+        busy = busy || inside || entered != thread->seen;
+        thread->seen = entered;
       }
-      thread->seen = entered;
     }
+    idle_looks = busy ? 0 : idle_looks + 1;
+    if (idle_looks < kWatchdogIdleLooks) continue;
+    idle_looks = 0;
+    watchdog_parked.store(true, std::memory_order_seq_cst);
+    // A call that entered before it could see `parked`: look again before sleeping.
+    bool entered_meanwhile = false;
+    {
+      std::lock_guard<std::mutex> lock(WatchedMutex());
+      for (WatchedThread* thread : Watched()) {
+        if (thread->inside.load(std::memory_order_seq_cst) ||
+            thread->entered.load(std::memory_order_relaxed) != thread->seen) {
+          entered_meanwhile = true;
+        }
+      }
+    }
+    std::unique_lock<std::mutex> lock(WatchdogParkMutex());
+    if (entered_meanwhile) {
+      watchdog_parked.store(false, std::memory_order_seq_cst);
+      continue;
+    }
+    WatchdogWake().wait(lock, [] { return !watchdog_parked.load(std::memory_order_seq_cst); });
   }
 }
 

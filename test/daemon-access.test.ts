@@ -246,6 +246,8 @@ describe('metrics', () => {
     // No origin named by default (metricsPerOrigin): every local uid can reach the endpoint. The totals count it.
     expect(text).not.toContain(`127.0.0.1:${echo.port}`);
     expect(text).toMatch(/^sockpool_pool_leased_sockets 1$/m);
+    // The process metrics come with the endpoint (without one the daemon does not collect them: test/daemon-idle).
+    expect(text).toMatch(/^process_resident_memory_bytes \d+/m);
   });
 
   it('counts the refusals of its own limits in sockpool_refusals_total: limit, quota, acquire_timeout', async () => {

@@ -8,6 +8,7 @@ import { once } from 'node:events';
 import { rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { afterEach, describe, expect, it } from 'vitest';
 
 const cleanups: Array<() => unknown> = [];
@@ -34,32 +35,42 @@ function nextLine(child: ChildProcess, line: string): Promise<void> {
 }
 
 describe('the close watchdog', () => {
-  it("ends a close that waits for a lingering socket's linger (dropped by the kernel, never disarmed)", async () => {
-    const socketPath = join(tmpdir(), `sockpool-close-watchdog-${process.pid}.sock`);
-    rmSync(socketPath, { force: true });
-    cleanups.push(() => rmSync(socketPath, { force: true }));
-    const closer = spawn(
-      process.execPath,
-      [join(import.meta.dirname, 'fixtures', 'close-lingering.mjs'), socketPath, 'watchdog'],
-      {
-        stdio: ['pipe', 'pipe', 'inherit'],
-      },
-    );
-    cleanups.push(() => closer.kill('SIGKILL'));
-    await nextLine(closer, 'listening');
-    const sender = spawn(
-      'python3',
-      [join(import.meta.dirname, 'fixtures', 'linger-client.py'), 'send', socketPath, '600'],
-      {
-        stdio: ['ignore', 'pipe', 'inherit'],
-      },
-    );
-    cleanups.push(() => sender.kill());
-    await nextLine(sender, 'sent');
-    closer.stdin!.write('go\n');
-    // (A close still waiting out the 600 s linger prints nothing; the test's timeout then fails it.)
-    await nextLine(closer, 'closed');
-    const [code] = await once(closer, 'exit');
-    expect(code).toBe(0);
-  }, 30_000);
+  // Parked: after about a second with no watched call the watchdog sleeps until the next one wakes it, so that an
+  // idle daemon does not wake 40 times a second (test/daemon-idle).
+  it.each([
+    ['running', 0],
+    ['parked (idle for 2 s before the close)', 2_000],
+  ])(
+    "ends a close that waits for a lingering socket's linger (dropped by the kernel, never disarmed), the watchdog %s",
+    async (_state, idleMs) => {
+      const socketPath = join(tmpdir(), `sockpool-close-watchdog-${process.pid}.sock`);
+      rmSync(socketPath, { force: true });
+      cleanups.push(() => rmSync(socketPath, { force: true }));
+      const closer = spawn(
+        process.execPath,
+        [join(import.meta.dirname, 'fixtures', 'close-lingering.mjs'), socketPath, 'watchdog'],
+        {
+          stdio: ['pipe', 'pipe', 'inherit'],
+        },
+      );
+      cleanups.push(() => closer.kill('SIGKILL'));
+      await nextLine(closer, 'listening');
+      const sender = spawn(
+        'python3',
+        [join(import.meta.dirname, 'fixtures', 'linger-client.py'), 'send', socketPath, '600'],
+        {
+          stdio: ['ignore', 'pipe', 'inherit'],
+        },
+      );
+      cleanups.push(() => sender.kill());
+      await nextLine(sender, 'sent');
+      await sleep(idleMs);
+      closer.stdin!.write('go\n');
+      // (A close still waiting out the 600 s linger prints nothing; the test's timeout then fails it.)
+      await nextLine(closer, 'closed');
+      const [code] = await once(closer, 'exit');
+      expect(code).toBe(0);
+    },
+    30_000,
+  );
 });
