@@ -73,33 +73,36 @@ export type IdleFault = 'eof' | 'data' | 'error';
 
 const info = new Float64Array(native.TCP_INFO_FIELDS);
 const { tcpState, bytesSent, bytesAcked, bytesReceived, notsentBytes, peer: peerAt } = native.TcpInfoField;
+const { inode: inodeAt, outq, inq } = native.TcpInfoField;
 const TCP_ESTABLISHED = 1;
 const TCP_CLOSE_WAIT = 8;
 
 /**
- * The socket's mark read in full (fstat, TCP_INFO and both queue lengths): for sockets the daemon did not see go
- * quiet itself (fresh connects, sockets adopted from the fd store). Undefined when it is not an established TCP
- * socket or its counters cannot be read.
+ * The socket's mark read in full (inode, peer, TCP_INFO and both queue lengths, in one native call: fstat,
+ * getpeername, TCP_INFO, and a queue's ioctl only where TCP_INFO cannot tell it is empty): for sockets the daemon
+ * did not see go quiet itself (fresh connects, sockets adopted from the fd store). Undefined when it is not an
+ * established TCP socket or its counters cannot be read.
  */
 export function markOf(fd: number): UsageMark | undefined {
   try {
-    const inode = native.socketInode(fd);
-    const now = native.tcpCounters(fd, true);
-    if (inode < 0 || now.tcpState !== TCP_ESTABLISHED) return undefined;
-    const queued = (now.outq ?? 0) + (now.notsentBytes ?? 0) + (now.inq ?? 0);
-    native.tcpInfo(fd, info, true);
-    return {
-      inode,
-      bytesSent: now.bytesSent,
-      bytesAcked: now.bytesAcked,
-      bytesReceived: now.bytesReceived,
-      quiet: queued === 0 && hasCounters(now.bytesSent, now.bytesAcked, now.bytesReceived, now.notsentBytes),
-      checkedInRun: 0,
-      peer: Array.from(info.subarray(peerAt, peerAt + native.PEER_WORDS)),
-    };
+    native.tcpInfo(fd, info, true, true);
   } catch {
     return undefined;
   }
+  if (info[tcpState] !== TCP_ESTABLISHED) return undefined;
+  const sent = counted(info[bytesSent]!);
+  const acked = counted(info[bytesAcked]!);
+  const received = counted(info[bytesReceived]!);
+  return {
+    inode: info[inodeAt]!,
+    bytesSent: sent,
+    bytesAcked: acked,
+    bytesReceived: received,
+    // notsentBytes === 0 also says the kernel reports it (NaN, when it does not, is not 0).
+    quiet: info[outq] === 0 && info[inq] === 0 && info[notsentBytes] === 0 && hasCounters(sent, acked, received),
+    checkedInRun: 0,
+    peer: Array.from(info.subarray(peerAt, peerAt + native.PEER_WORDS)),
+  };
 }
 
 /**
@@ -233,6 +236,11 @@ function changedPeer(mark: UsageMark): string | undefined {
 function sameCount(now: number | undefined, then: number | undefined): boolean {
   const a = now === undefined || Number.isNaN(now) ? undefined : now;
   return a === then;
+}
+
+/** A counter as a mark keeps it: undefined when this kernel does not report it (NaN from tcpInfo). */
+function counted(value: number): number | undefined {
+  return Number.isNaN(value) ? undefined : value;
 }
 
 function hasCounters(...values: Array<number | undefined>): boolean {

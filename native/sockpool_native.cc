@@ -121,6 +121,7 @@ static_assert(offsetof(KernelTcpInfo, pacing_rate) == 104, "tcp_info layout");
 static_assert(offsetof(KernelTcpInfo, bytes_sent) == 200, "tcp_info layout");
 constexpr size_t kTcpInfoFields = 5;
 constexpr size_t kTcpInfoFieldsWithPeer = 9;  // the five above, then the peer in four words (TcpInfo)
+constexpr size_t kTcpInfoFieldsWithMark = 12;  // then the inode and the two queue lengths (TcpInfo's withMark)
 
 // ---------------------------------------------------------------------------------------------------------------
 // Errors
@@ -1614,6 +1615,9 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
 
   // The handoff path's one probe: a single TCP_INFO read written into a caller's Float64Array (no object built):
   // [tcpState, bytesSent, bytesAcked, bytesReceived, notsentBytes]; a counter the kernel does not report is NaN.
+  // withPeer adds the peer (one getpeername); withMark the inode (one fstat) and both queue lengths, each read with
+  // an ioctl only when TCP_INFO cannot tell it is 0: a fresh socket's whole mark in three syscalls (lease-guard's
+  // markOf).
   Napi::Value TcpInfo(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     const int fd = FdArg(info, 0);
@@ -1625,7 +1629,18 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     if (with_peer && info[1].As<Napi::Float64Array>().ElementLength() < kTcpInfoFieldsWithPeer) {
       throw Napi::TypeError::New(env, "out must be a Float64Array of at least 9 elements with withPeer");
     }
+    const bool with_mark = !IsAbsent(info, 3) && BoolArg(info, 3, "withMark");
+    if (with_mark && info[1].As<Napi::Float64Array>().ElementLength() < kTcpInfoFieldsWithMark) {
+      throw Napi::TypeError::New(env, "out must be a Float64Array of at least 12 elements with withMark");
+    }
     double* out = info[1].As<Napi::Float64Array>().Data();
+    if (with_mark) {
+      struct stat st;
+      if (::fstat(fd, &st) < 0) ThrowErrno(env, errno, "fstat");
+      // What getpeername or getsockopt would say next, without asking them.
+      if (!S_ISSOCK(st.st_mode)) ThrowErrno(env, ENOTSOCK, "fstat");
+      out[9] = static_cast<double>(st.st_ino);
+    }
     if (with_peer) {
       // The release check's peer, exactly, as four numbers (no object, no text): family * 65536 + port, then the
       // address in words of at most 48 bits (IPv4: the address, 0, 0; IPv6: bytes 0-5, 6-11, 12-15), so equal
@@ -1668,6 +1683,31 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     out[2] = counters ? static_cast<double>(tcp.bytes_acked) : absent;
     out[3] = counters ? static_cast<double>(tcp.bytes_received) : absent;
     out[4] = length >= offsetof(KernelTcpInfo, min_rtt) ? static_cast<double>(tcp.notsent_bytes) : absent;
+    if (with_mark) {
+      // When TCP_INFO alone says a queue is empty (only in ESTABLISHED, the one state a mark is kept for; in any
+      // other both ioctls are read, and on a listener they fail with EINVAL as tcpCounters does):
+      // - SIOCINQ is rcv_nxt - copied_seq (less for urgent data), at most what rcv_nxt moved past after the peer's
+      //   SYN, and each such byte adds to bytes_received (tcp_rcv_nxt_update; data in a Fast Open SYN and a
+      //   receive queue restored with TCP_REPAIR count too): bytes_received 0 means 0 unread.
+      // - SIOCOUTQ is write_seq - snd_una: notsent_bytes (write_seq - snd_nxt) plus what was sent and not yet
+      //   acknowledged (snd_nxt - snd_una; no FIN has been sent in ESTABLISHED). Bytes sent count in bytes_sent
+      //   (every data segment transmitted, retransmissions too) except a send queue restored with TCP_REPAIR,
+      //   which advances snd_nxt without transmitting: those segments count in tcpi_unacked (packets_out) instead,
+      //   as every segment between snd_una and snd_nxt does. So notsent 0 with unacked 0 means 0 queued; bytes_sent
+      //   0 is asked as well, so that a socket that ever sent data (a used socket adopted from the fd store) keeps
+      //   its ioctl rather than rest on the retransmit queue's bookkeeping alone. A fresh connect meets all three.
+      // A kernel without these counters (before 4.19 for bytes_sent, 4.1 for bytes_received) gets the ioctls.
+      const bool established = tcp.base.tcpi_state == TCP_ESTABLISHED;
+      const bool no_input = established && counters && tcp.bytes_received == 0;
+      const bool no_output = established && length >= offsetof(KernelTcpInfo, bytes_retrans) &&
+                             tcp.notsent_bytes == 0 && tcp.bytes_sent == 0 && tcp.base.tcpi_unacked == 0;
+      int outq = 0;
+      int inq = 0;
+      if (!no_output && ::ioctl(fd, SIOCOUTQ, &outq) < 0) ThrowErrno(env, errno, "ioctl", "SIOCOUTQ");
+      if (!no_input && ::ioctl(fd, SIOCINQ, &inq) < 0) ThrowErrno(env, errno, "ioctl", "SIOCINQ");
+      out[10] = outq;
+      out[11] = inq;
+    }
     return env.Undefined();
   }
 

@@ -172,7 +172,7 @@ interface NativeBinding {
   refuseFdPassing(fd: number): boolean;
   tcpCounters(fd: number, queues?: boolean): TcpCounters;
   sameSocket(a: number, b: number): boolean;
-  tcpInfo(fd: number, out: Float64Array, withPeer?: boolean): void;
+  tcpInfo(fd: number, out: Float64Array, withPeer?: boolean, withMark?: boolean): void;
   socketInode(fd: number): number;
   shutdown(fd: number): boolean;
   dup(fd: number): number;
@@ -505,19 +505,28 @@ export const TcpInfoField = {
   notsentBytes: 4,
   /** With `withPeer`: the peer as four words (peerText): family × 65536 + port, then the address. */
   peer: 5,
+  /** With `withMark`: the socket's inode (as socketInode). */
+  inode: 9,
+  /** With `withMark`: bytes not yet sent or not yet acknowledged (SIOCOUTQ). */
+  outq: 10,
+  /** With `withMark`: bytes received that nobody read (SIOCINQ). */
+  inq: 11,
 } as const;
-/** Length of the array tcpInfo() fills (with `withPeer`; without it the first five). */
-export const TCP_INFO_FIELDS = 9;
+/** Length of the array tcpInfo() fills (with `withMark`; with `withPeer` alone the first nine, without either five). */
+export const TCP_INFO_FIELDS = 12;
 /** Words of the peer tcpInfo() writes from TcpInfoField.peer on. */
 export const PEER_WORDS = 4;
 
 /**
  * One getsockopt(TCP_INFO), written into `out` (a Float64Array of TCP_INFO_FIELDS, indexed by TcpInfoField)
  * instead of a new object: the handoff path's single probe. With `withPeer`, one getpeername too, in the same call
- * (the release check's). Throws the syscall's error (ENOPROTOOPT: not TCP; ENOTCONN: no peer).
+ * (the release check's). With `withMark`, one fstat (the inode) and the queue lengths, each read with an ioctl only
+ * when TCP_INFO cannot tell it is 0 (a fresh connect's need none; the reasoning is at the addon's TcpInfo): a
+ * socket's whole lease mark in one call. Throws the syscall's error (ENOTSOCK: not a socket; ENOPROTOOPT: not TCP;
+ * ENOTCONN: no peer).
  */
-export function tcpInfo(fd: number, out: Float64Array, withPeer = false): void {
-  binding.tcpInfo(fd, out, withPeer);
+export function tcpInfo(fd: number, out: Float64Array, withPeer = false, withMark = false): void {
+  binding.tcpInfo(fd, out, withPeer, withMark);
 }
 
 /** The peer words tcpInfo() wrote as `address port`, for messages. */

@@ -4,11 +4,13 @@ import { execFileSync, spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { fileURLToPath } from 'node:url';
 import { beforeAll, describe, expect, it } from 'vitest';
+import { markOf } from '../daemon/lease-guard.js';
 import { connectTcp } from '../daemon/tcp-connect.js';
 import * as native from '../shared/native.js';
 import { fdCount, startServer, warmUpChildProcesses } from './fixtures/native-helpers.js';
 
 const setMarkFixture = fileURLToPath(new URL('./fixtures/native-setmark.mjs', import.meta.url));
+const repairSendFixture = fileURLToPath(new URL('./fixtures/tcp-repair-send.py', import.meta.url));
 
 /** The mark the kernel shows for our TCP connection from local port `port` (ss -e prints `fwmark:0x...`). */
 function kernelMark(port: number): string | undefined {
@@ -103,5 +105,31 @@ describe('socket options (root)', () => {
       syscall: 'setsockopt',
       message: 'setsockopt EPERM SO_MARK',
     });
+  });
+});
+
+describe('tcpInfo withMark (root)', () => {
+  // TCP_INFO shows an empty send queue without SIOCOUTQ only when nothing is unsent, nothing was ever sent and
+  // nothing is unacknowledged (the addon's TcpInfo). A send queue restored with TCP_REPAIR (CAP_NET_ADMIN) counts as
+  // sent without being transmitted: bytes_sent stays 0, only tcpi_unacked tells.
+  it('reads SIOCOUTQ for a send queue restored with TCP_REPAIR, which bytes_sent does not count', async () => {
+    const server = await startServer('127.0.0.1', () => {});
+    const before = fdCount();
+    const fd = await connectTcp('127.0.0.1', server.port, { timeoutMs: 10_000 });
+    await server.waitForConnections(1);
+    const child = spawn('python3', [repairSendFixture, 'hello'], { stdio: ['ignore', 'inherit', 'inherit', fd] });
+    const [code] = await once(child, 'exit');
+    expect(code).toBe(0);
+    const info = new Float64Array(native.TCP_INFO_FIELDS);
+    native.tcpInfo(fd, info, true, true);
+    const { tcpState, bytesSent, notsentBytes, outq, inq } = native.TcpInfoField;
+    expect([info[tcpState], info[bytesSent], info[notsentBytes], info[outq], info[inq]]).toEqual([1, 0, 0, 5, 0]);
+    // So the mark of such a socket (one adopted from the fd store after a restore) is not quiet.
+    expect(markOf(fd)).toMatchObject({ bytesSent: 0, quiet: false });
+    native.close(fd); // in repair mode: closed without a FIN or a reset, so the server side is ended here
+    server.connections[0]!.destroy();
+    await server.allClosed();
+    expect(fdCount()).toBe(before);
+    await server.close();
   });
 });

@@ -1,6 +1,7 @@
 // TCP through the addon, against real listeners: connectTcp on IPv4/IPv6 loopback, refused connects, socket
 // options, and probe() of idle connections. What needs root (a timed-out connect through a network namespace, socket
 // marks) is in native-tcp.system.test.ts.
+import { closeSync, openSync } from 'node:fs';
 import net from 'node:net';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { connectTcp } from '../daemon/tcp-connect.js';
@@ -214,3 +215,81 @@ describe('probe', () => {
     native.close(left);
   });
 });
+
+describe('tcpInfo', () => {
+  it('with withMark reads the inode, the peer, the counters and both queue lengths in one call', async () => {
+    const server = await startServer('127.0.0.1', (socket) => socket.pause()); // it reads nothing
+    const before = fdCount();
+    const fd = await connectTcp('127.0.0.1', server.port, { timeoutMs: 10_000 });
+    await server.waitForConnections(1);
+    const peerSide = server.connections[0]!;
+    const info = new Float64Array(native.TCP_INFO_FIELDS);
+    const { tcpState, bytesSent, bytesAcked, bytesReceived, notsentBytes, inode, outq, inq } = native.TcpInfoField;
+    const read = () => {
+      native.tcpInfo(fd, info, true, true);
+      return info;
+    };
+    // Fresh: nothing sent, received or queued; the ack of our SYN is the one byte acknowledged.
+    const peer = [4 * 65536 + server.port, 0x7f000001, 0, 0];
+    expect(Array.from(read())).toEqual([1, 0, 1, 0, 0, ...peer, native.socketInode(fd), 0, 0]);
+    // Input nobody read: SIOCINQ says how much.
+    peerSide.write('xyz');
+    await until(() => read()[inq] === 3);
+    expect(info[bytesReceived]).toBe(3);
+    expect(info[outq]).toBe(0);
+    expect(native.tcpCounters(fd)).toMatchObject({ inq: 3, outq: 0 });
+    // Output the peer does not take: written until the socket would block, part of it not even sent.
+    const chunk = Buffer.alloc(1 << 16, 'a');
+    let written = 0;
+    for (let sent = native.sendMessage(fd, chunk); sent !== null; sent = native.sendMessage(fd, chunk)) written += sent;
+    read();
+    expect(info[notsentBytes]).toBeGreaterThan(0);
+    expect(info[outq]).toBeGreaterThanOrEqual(info[notsentBytes]!);
+    expect(info[outq]).toBeLessThanOrEqual(written);
+    expect(info[bytesSent]! + info[notsentBytes]!).toBeGreaterThanOrEqual(written);
+    expect(info[bytesAcked]).toBeGreaterThan(1);
+    expect(info[inq]).toBe(3);
+    native.close(fd);
+    peerSide.destroy(); // paused, it would not see the reset
+    // Not established (the peer's FIN: CLOSE_WAIT): the queues as the ioctls say.
+    const ended = await connectTcp('127.0.0.1', server.port, { timeoutMs: 10_000 });
+    await server.waitForConnections(2);
+    server.connections[1]!.end('xyz');
+    await until(() => {
+      native.tcpInfo(ended, info, true, true);
+      return info[tcpState] === 8;
+    });
+    expect([info[inode], info[outq], info[inq]]).toEqual([native.socketInode(ended), 0, 3]);
+    native.close(ended);
+
+    const unconnected = native.tcpSocket(4);
+    expect(catchError(() => native.tcpInfo(unconnected, info, true, true))).toMatchObject({
+      code: 'ENOTCONN',
+      syscall: 'getpeername',
+    });
+    native.tcpInfo(unconnected, info, false, true);
+    expect([info[tcpState], info[inode], info[outq], info[inq]]).toEqual([7, native.socketInode(unconnected), 0, 0]);
+    expect(() => native.tcpInfo(unconnected, new Float64Array(9), true, true)).toThrow(TypeError);
+    native.close(unconnected);
+    const [left, right] = native.seqpacketPair();
+    // Not TCP: TCP_INFO fails.
+    expect(catchError(() => native.tcpInfo(left, info, false, true))).toMatchObject({ syscall: 'getsockopt' });
+    native.close(left);
+    native.close(right);
+    const file = openSync('/dev/null', 'r');
+    expect(catchError(() => native.tcpInfo(file, info, false, true))).toMatchObject({
+      code: 'ENOTSOCK',
+      syscall: 'fstat',
+    });
+    closeSync(file);
+    await server.allClosed();
+    expect(fdCount()).toBe(before);
+    await server.close();
+  });
+});
+
+/** Waits (event-loop turns, bounded) until `check` holds: the kernel's counters move when a segment lands. */
+async function until(check: () => boolean): Promise<void> {
+  for (let i = 0; i < 2_000 && !check(); i++) await new Promise((resolve) => setTimeout(resolve, 1));
+  expect(check()).toBe(true);
+}

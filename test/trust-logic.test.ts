@@ -1,7 +1,7 @@
 // The pure logic behind the daemon's trust boundary, in-process: the fair wait queue across uids, per-uid quotas
 // (with an injected clock), the global connect gate (a connector the test settles by hand), and the origin pool's
 // per-uid handling of released sockets (a fake connector with real loopback connections).
-import { writeSync } from 'node:fs';
+import { closeSync, openSync, writeSync } from 'node:fs';
 import { Socket } from 'node:net';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { defaultConfig, type OriginPolicy, policyFor } from '../daemon/config.js';
@@ -437,6 +437,49 @@ describe('lease guard', () => {
     endConnection(connected.fd);
     await new Promise((resolve) => peer.once('end', resolve));
     client.destroy();
+    await connector.close();
+    expect(fdCount()).toBe(before);
+  });
+
+  it('a full mark: fresh, unread input, input read, output acknowledged, output not sent, not established', async () => {
+    const before = fdCount();
+    const connector = await FakeConnector.start();
+    const policy = policyFor(defaultConfig(), 'x', 1);
+    const { fd } = await connector.connect({ host: 'x', port: 1 }, policy);
+    const peerSide = connector.peerOf(fd);
+    const peer = [4 * 65536 + native.peerAddress(fd).port, 0x7f000001, 0, 0];
+    // Nothing sent, received or queued (the one byte acknowledged is our SYN): quiet.
+    const fresh = { inode: native.socketInode(fd), bytesSent: 0, bytesAcked: 1, bytesReceived: 0, quiet: true };
+    expect(markOf(fd)).toEqual({ ...fresh, checkedInRun: 0, peer });
+    // Input nobody read: counted, not quiet.
+    peerSide.write('xyz');
+    await until(() => native.tcpCounters(fd).inq === 3);
+    expect(markOf(fd)).toEqual({ ...fresh, bytesReceived: 3, quiet: false, checkedInRun: 0, peer });
+    // Read (by whoever holds a copy): quiet again, the count stays.
+    expect(native.recvMessage(fd, 8, 0)?.data.toString()).toBe('xyz');
+    expect(markOf(fd)).toEqual({ ...fresh, bytesReceived: 3, checkedInRun: 0, peer });
+    // Output the peer acknowledged: quiet.
+    expect(native.sendMessage(fd, Buffer.from('ab'))).toBe(2);
+    await until(() => native.tcpCounters(fd).bytesAcked === 3);
+    expect(markOf(fd)).toEqual({ ...fresh, bytesSent: 2, bytesAcked: 3, bytesReceived: 3, checkedInRun: 0, peer });
+    // Output the peer does not take: written until the socket would block, part of it not even sent.
+    peerSide.pause();
+    const chunk = Buffer.alloc(1 << 16, 'a');
+    while (native.sendMessage(fd, chunk) !== null);
+    expect(native.tcpCounters(fd).notsentBytes).toBeGreaterThan(0);
+    expect(markOf(fd)).toMatchObject({ inode: fresh.inode, bytesReceived: 3, quiet: false, peer });
+    expect(markOf(fd)!.bytesSent).toBeGreaterThan(2);
+    // Not established: the peer's FIN (CLOSE_WAIT); a socket never connected; not TCP; not a socket.
+    const ended = (await connector.connect({ host: 'x', port: 1 }, policy)).fd;
+    connector.peerOf(ended).end();
+    await until(() => native.tcpCounters(ended).tcpState === 8);
+    expect(markOf(ended)).toBeUndefined();
+    const unconnected = native.tcpSocket(4);
+    const [left, right] = native.seqpacketPair();
+    const file = openSync('/dev/null', 'r');
+    expect([markOf(unconnected), markOf(left), markOf(file)]).toEqual([undefined, undefined, undefined]);
+    closeSync(file);
+    for (const socket of [fd, ended, unconnected, left, right]) native.close(socket);
     await connector.close();
     expect(fdCount()).toBe(before);
   });
