@@ -11,6 +11,7 @@
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
 import type { Origin } from '../shared/origin.js';
+import { type FdWatch, watchFd } from '../shared/poll-set.js';
 import type { OriginPolicy } from './config.js';
 import { ConnectAbandoned } from './connect-gate.js';
 import { type ConnectedSocket, type Connector, connectedPart } from './connector.js';
@@ -58,7 +59,7 @@ interface IdleSocket extends ConnectedSocket {
    * touches epoll. Until then the probe before every handoff is the guard, and a dead socket is closed a little
    * later than it could have been.
    */
-  poller: native.Poller | undefined;
+  poller: FdWatch | undefined;
   /** Closes the socket before the origin's servers would (learned idle lifetime); unref'd. */
   recycleTimer: NodeJS.Timeout | undefined;
   /** Set for a socket a client released: only that uid may have it (shared sockets: undefined). */
@@ -481,7 +482,7 @@ export class OriginPool {
           continue;
         }
         // Any readiness on an idle socket (EOF, RST, unexpected bytes) means it is no longer safe to hand out.
-        idle.poller = new native.Poller(idle.fd, () => this.#onIdleEvent(idle));
+        idle.poller = watchFd(idle.fd, () => this.#onIdleEvent(idle));
         idle.poller.start(native.READABLE | native.DISCONNECT);
       }
       if (waiting) this.#armSoon();
@@ -720,8 +721,8 @@ function cancelledError(origin: string): SockpoolError {
 const FLEET_FULL_BACKOFF_MS = 250;
 
 /**
- * How long a socket stays idle before its own poller watches it. Sockets that circulate faster never touch
- * epoll (creating and closing a poller costs about four syscalls per handoff); slower ones are watched.
+ * How long a socket stays idle before it is watched (../shared/poll-set.ts). Sockets that circulate faster never
+ * touch epoll (a watch costs an epoll_ctl to start and one to stop); slower ones are watched.
  */
 const IDLE_WATCH_DELAY_MS = 50;
 

@@ -1,5 +1,5 @@
 // One non-blocking TCP connect to a numeric address, with a deadline, built on the addon's primitives:
-// tcpSocket → socket options → connectStart → Poller(WRITABLE) → socketError. No DNS, no policy: the caller
+// tcpSocket → socket options → connectStart → a watch for WRITABLE → socketError. No DNS, no policy: the caller
 // (daemon/connector.ts) decides where to connect and with which options.
 //
 // fd ownership: the fd belongs to connectTcp until its promise resolves; every failure path (bad option, refused,
@@ -8,14 +8,12 @@
 
 import { isIP } from 'node:net';
 import { constants } from 'node:os';
-import { getSystemErrorName } from 'node:util';
 import {
   bindAddress,
   bindToDevice,
   close,
   connectStart,
   type NativeError,
-  Poller,
   setKeepAlive,
   setMark,
   setNoDelay,
@@ -26,6 +24,7 @@ import {
   untrack,
   WRITABLE,
 } from '../shared/native.js';
+import { type FdWatch, watchFd } from '../shared/poll-set.js';
 
 export interface KeepAliveOptions {
   /** Default true. */
@@ -114,7 +113,7 @@ export function connectTcp(address: string, port: number, options: ConnectTcpOpt
     // Ownership: ours from here until resolve(); tracked so that thread teardown closes it if we never finish.
     const fd = tcpSocket(addressFamily as 4 | 6);
     track(fd);
-    let poller: Poller | undefined;
+    let watch: FdWatch | undefined;
     let timer: NodeJS.Timeout | undefined;
     let settled = false;
     const onAbort = (): void => finish(signal?.reason);
@@ -123,7 +122,7 @@ export function connectTcp(address: string, port: number, options: ConnectTcpOpt
       settled = true;
       if (timer !== undefined) clearTimeout(timer);
       signal?.removeEventListener('abort', onAbort);
-      poller?.close(); // before the fd is closed or handed over
+      watch?.close(); // before the fd is closed or handed over
       if (error !== undefined) {
         close(fd); // also untracks
         reject(error);
@@ -139,15 +138,15 @@ export function connectTcp(address: string, port: number, options: ConnectTcpOpt
         finish();
         return;
       }
-      poller = new Poller(fd, (status, events) => {
-        // Writable means the handshake ended; SO_ERROR says how. Read it first even when status < 0: libuv
-        // reports EPOLLERR (a refused or unreachable connect) as status EBADF.
+      // One watch in this thread's epoll set (../shared/poll-set.ts): one syscall to start, one to stop.
+      watch = watchFd(fd, (events) => {
+        // Writable means the handshake ended; SO_ERROR says how (a refused or unreachable connect comes as an
+        // error event, reported as the WRITABLE asked for).
         const code = socketError(fd);
         if (code !== null) finish(connectError(code, address, port));
-        else if (status < 0) finish(connectError(getSystemErrorName(status), address, port));
         else if ((events & WRITABLE) !== 0) finish();
       });
-      poller.start(WRITABLE);
+      watch.start(WRITABLE);
       timer = setTimeout(() => finish(connectError('ETIMEDOUT', address, port)), options.timeoutMs);
       signal?.addEventListener('abort', onAbort, { once: true });
     } catch (error) {

@@ -41,6 +41,7 @@
 #include <linux/btf.h>
 #include <linux/capability.h>
 #include <linux/sockios.h>
+#include <sys/epoll.h>
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
@@ -1901,6 +1902,8 @@ class Poller : public Napi::ObjectWrap<Poller> {
     if (addon == nullptr || napi_get_uv_event_loop(env, &loop) != napi_ok || loop == nullptr) {
       throw Napi::Error::New(env, "sockpool native: no event loop for this environment");
     }
+    // An fd this thread's PollSet watches: libuv does not know it, but two watchers would leave `polled` wrong.
+    if (addon->polled()->count(fd) != 0) ThrowErrno(env, EEXIST, "uv_poll_init");
     auto state = std::make_unique<PollState>();
     state->env = env;
     state->fd = fd;
@@ -2055,6 +2058,281 @@ void OnPollClosed(uv_handle_t* handle) {
   delete state;
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// PollSet: readiness for many fds through one epoll set of the addon's own, itself watched by one uv_poll_t on this
+// environment's loop. Why: a Poller per fd costs, to set up, libuv's own checks (an epoll_ctl ADD and DEL), an
+// O_NONBLOCK ioctl and an invalidating DEL before its registration, plus an N-API object, reference and async
+// context, and as much again to close; the daemon made two per connect (the connect's wait, the idle watch). Here
+// an fd costs one epoll_ctl to add and one to remove. Level-triggered, like uv_poll. Each wakeup reads up to the
+// caller's buffer of ready fds in one epoll_wait and makes one call into JavaScript with their count; the buffer
+// (an Int32Array given at construction) then holds [token, events] pairs. A member's epoll data carries its token
+// and its requested events, so that an error or hang-up (EPOLLERR, EPOLLHUP) reports what was asked, as libuv does.
+// The set keeps the loop alive only while it has members. It never owns the fds it watches (close() refuses them
+// while they are members); its epoll fd is its own, closed with it.
+
+class PollSet;
+
+struct PollSetState {
+  uv_poll_t handle;
+  napi_env env = nullptr;
+  napi_ref callback = nullptr;
+  napi_ref buffer = nullptr;
+  napi_async_context async_context = nullptr;
+  napi_async_cleanup_hook_handle teardown_hook = nullptr;
+  std::shared_ptr<FdSet> polled;
+  FdSet members;
+  PollSet* owner = nullptr;
+  int32_t* slots = nullptr;
+  size_t pairs = 0;
+  std::vector<epoll_event> ready;
+  int epfd = -1;
+  bool closing = false;
+};
+
+void BeginCloseSet(PollSetState* state);
+void OnPollSetClosed(uv_handle_t* handle);
+
+uint32_t EpollEventsFor(int events) {
+  uint32_t wanted = 0;
+  if ((events & UV_READABLE) != 0) wanted |= EPOLLIN;
+  if ((events & UV_WRITABLE) != 0) wanted |= EPOLLOUT;
+  if ((events & UV_DISCONNECT) != 0) wanted |= EPOLLRDHUP;
+  return wanted;
+}
+
+class PollSet : public Napi::ObjectWrap<PollSet> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "PollSet",
+                       {
+                           InstanceMethod<&PollSet::Add>("add"),
+                           InstanceMethod<&PollSet::Modify>("modify"),
+                           InstanceMethod<&PollSet::Remove>("remove"),
+                           InstanceMethod<&PollSet::Close>("close"),
+                       });
+  }
+
+  explicit PollSet(const Napi::CallbackInfo& info) : Napi::ObjectWrap<PollSet>(info) {
+    Napi::Env env = info.Env();
+    if (!info[0].IsTypedArray() || info[0].As<Napi::TypedArray>().TypedArrayType() != napi_int32_array ||
+        info[0].As<Napi::TypedArray>().ElementLength() < 2) {
+      ThrowTypeError(env, "ERR_INVALID_ARG_TYPE", "The \"buffer\" argument must be an Int32Array of at least 2");
+    }
+    if (!info[1].IsFunction()) {
+      ThrowTypeError(env, "ERR_INVALID_ARG_TYPE", "The \"callback\" argument must be of type function");
+    }
+    SockpoolAddon* addon = env.GetInstanceData<SockpoolAddon>();
+    uv_loop_t* loop = nullptr;
+    if (addon == nullptr || napi_get_uv_event_loop(env, &loop) != napi_ok || loop == nullptr) {
+      throw Napi::Error::New(env, "sockpool native: no event loop for this environment");
+    }
+    Napi::Int32Array buffer = info[0].As<Napi::Int32Array>();
+    auto state = std::make_unique<PollSetState>();
+    state->env = env;
+    state->polled = addon->polled();
+    state->slots = buffer.Data();
+    state->pairs = buffer.ElementLength() / 2;
+    state->ready.resize(state->pairs);
+    FdGuard epfd(::epoll_create1(EPOLL_CLOEXEC));
+    if (epfd.get() < 0) ThrowErrno(env, errno, "epoll_create1");
+    if (napi_create_reference(env, info[1], 1, &state->callback) != napi_ok ||
+        napi_create_reference(env, info[0], 1, &state->buffer) != napi_ok) {
+      if (state->callback != nullptr) napi_delete_reference(env, state->callback);
+      throw Napi::Error::New(env, "sockpool native: napi_create_reference failed");
+    }
+    napi_value resource_name = Napi::String::New(env, "sockpool.PollSet");
+    if (napi_async_init(env, nullptr, resource_name, &state->async_context) != napi_ok) {
+      napi_delete_reference(env, state->callback);
+      napi_delete_reference(env, state->buffer);
+      throw Napi::Error::New(env, "sockpool native: napi_async_init failed");
+    }
+    int result = uv_poll_init(loop, &state->handle, epfd.get());
+    if (result == 0) {
+      state->handle.data = state.get();
+      result = uv_poll_start(&state->handle, UV_READABLE, OnPoll);
+      if (result < 0) {
+        state->epfd = epfd.release();
+        state->closing = true;
+        napi_async_destroy(env, state->async_context);
+        napi_delete_reference(env, state->callback);
+        napi_delete_reference(env, state->buffer);
+        const int err = -result;
+        PollSetState* raw = state.release();
+        uv_close(reinterpret_cast<uv_handle_t*>(&raw->handle), OnPollSetClosed);
+        ThrowErrno(env, err, "uv_poll_start");
+      }
+    } else {
+      napi_async_destroy(env, state->async_context);
+      napi_delete_reference(env, state->callback);
+      napi_delete_reference(env, state->buffer);
+      ThrowErrno(env, -result, "uv_poll_init");
+    }
+    uv_unref(reinterpret_cast<uv_handle_t*>(&state->handle));  // until it has a member
+    state->epfd = epfd.release();
+    state->owner = this;
+    PollSetState* raw = state.release();  // from here the close callback frees it
+    if (napi_add_async_cleanup_hook(env, OnTeardown, raw, &raw->teardown_hook) != napi_ok) {
+      raw->teardown_hook = nullptr;
+      raw->owner = nullptr;
+      BeginCloseSet(raw);
+      throw Napi::Error::New(env, "sockpool native: napi_add_async_cleanup_hook failed");
+    }
+    state_ = raw;
+  }
+
+  ~PollSet() override {
+    if (state_ != nullptr) {
+      state_->owner = nullptr;
+      BeginCloseSet(state_);
+    }
+  }
+
+  void Detach() { state_ = nullptr; }
+
+ private:
+  PollSetState* state_ = nullptr;
+
+  static void OnTeardown(napi_async_cleanup_hook_handle /*handle*/, void* data) {
+    BeginCloseSet(static_cast<PollSetState*>(data));
+  }
+
+  static void OnPoll(uv_poll_t* handle, int /*status*/, int /*events*/) {
+    auto* state = static_cast<PollSetState*>(handle->data);
+    if (state->closing || state->callback == nullptr) return;
+    int count;
+    do {
+      count = ::epoll_wait(state->epfd, state->ready.data(), static_cast<int>(state->pairs), 0);
+    } while (count < 0 && errno == EINTR);
+    if (count <= 0) return;
+    for (int i = 0; i < count; i++) {
+      const epoll_event& ready = state->ready[i];
+      const int requested = static_cast<int>(ready.data.u64 >> 32);
+      int events = 0;
+      if ((ready.events & EPOLLIN) != 0) events |= UV_READABLE;
+      if ((ready.events & EPOLLOUT) != 0) events |= UV_WRITABLE;
+      if ((ready.events & EPOLLRDHUP) != 0) events |= UV_DISCONNECT;
+      if ((ready.events & (EPOLLERR | EPOLLHUP)) != 0) events |= requested;
+      state->slots[2 * i] = static_cast<int32_t>(ready.data.u64 & 0xffffffffu);
+      state->slots[2 * i + 1] = events & requested;
+    }
+    napi_env env = state->env;
+    napi_handle_scope scope;
+    if (napi_open_handle_scope(env, &scope) != napi_ok) return;
+    napi_value callback = nullptr;
+    napi_value receiver = nullptr;
+    napi_value argv[1];
+    napi_value result;
+    if (napi_get_reference_value(env, state->callback, &callback) == napi_ok && callback != nullptr) {
+      if (state->owner != nullptr) {
+        napi_get_reference_value(env, static_cast<napi_ref>(*state->owner), &receiver);
+      }
+      if (receiver == nullptr) napi_get_global(env, &receiver);
+      napi_create_int32(env, count, &argv[0]);
+      // As Poller's: in the set's async context, draining process.nextTick and microtasks afterwards; a throwing
+      // callback is this thread's uncaught exception.
+      if (napi_make_callback(env, state->async_context, receiver, callback, 1, argv, &result) != napi_ok) {
+        bool pending = false;
+        napi_value exception;
+        if (napi_is_exception_pending(env, &pending) == napi_ok && pending &&
+            napi_get_and_clear_last_exception(env, &exception) == napi_ok) {
+          napi_fatal_exception(env, exception);
+        }
+      }
+    }
+    napi_close_handle_scope(env, scope);
+  }
+
+  PollSetState* OpenState(Napi::Env env) {
+    if (state_ == nullptr || state_->closing) {
+      throw CodeError(env, "SOCKPOOL_ERR_POLLER_CLOSED", nullptr, "the PollSet is closed");
+    }
+    return state_;
+  }
+
+  void Control(Napi::Env env, PollSetState* state, int op, int fd, int events, int32_t token) {
+    epoll_event event;
+    memset(&event, 0, sizeof event);
+    event.events = EpollEventsFor(events);
+    event.data.u64 = (static_cast<uint64_t>(events) << 32) | static_cast<uint32_t>(token);
+    if (::epoll_ctl(state->epfd, op, fd, &event) < 0) ThrowErrno(env, errno, "epoll_ctl");
+  }
+
+  // add(fd, events, token): EEXIST when a Poller or this set already watches fd.
+  Napi::Value Add(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const int fd = FdArg(info, 0);
+    const int events = static_cast<int>(IntegerArg(info, 1, "events", 1, kPollEventMask));
+    const auto token = static_cast<int32_t>(IntegerArg(info, 2, "token", INT32_MIN, INT32_MAX));
+    PollSetState* state = OpenState(env);
+    if (state->polled->count(fd) != 0) ThrowErrno(env, EEXIST, "epoll_ctl", "fd " + std::to_string(fd));
+    Control(env, state, EPOLL_CTL_ADD, fd, events, token);
+    state->polled->insert(fd);
+    state->members.insert(fd);
+    if (state->members.size() == 1) uv_ref(reinterpret_cast<uv_handle_t*>(&state->handle));
+    return env.Undefined();
+  }
+
+  // modify(fd, events, token): ENOENT when fd is not a member.
+  Napi::Value Modify(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const int fd = FdArg(info, 0);
+    const int events = static_cast<int>(IntegerArg(info, 1, "events", 1, kPollEventMask));
+    const auto token = static_cast<int32_t>(IntegerArg(info, 2, "token", INT32_MIN, INT32_MAX));
+    PollSetState* state = OpenState(env);
+    if (state->members.count(fd) == 0) ThrowErrno(env, ENOENT, "epoll_ctl", "fd " + std::to_string(fd));
+    Control(env, state, EPOLL_CTL_MOD, fd, events, token);
+    return env.Undefined();
+  }
+
+  // remove(fd): whether it was a member. Never throws for a member: the fd is no longer watched either way.
+  Napi::Value Remove(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const int fd = FdArg(info, 0);
+    if (state_ == nullptr || state_->closing || state_->members.erase(fd) == 0) return Napi::Boolean::New(env, false);
+    epoll_event unused;
+    ::epoll_ctl(state_->epfd, EPOLL_CTL_DEL, fd, &unused);
+    state_->polled->erase(fd);
+    if (state_->members.empty()) uv_unref(reinterpret_cast<uv_handle_t*>(&state_->handle));
+    return Napi::Boolean::New(env, true);
+  }
+
+  Napi::Value Close(const Napi::CallbackInfo& info) {
+    if (state_ != nullptr) BeginCloseSet(state_);  // idempotent; the members' fds stay open (their owners')
+    return info.Env().Undefined();
+  }
+};
+
+// Stops watching at once: uv_close takes the epoll fd out of the loop synchronously, so it may be closed here.
+void BeginCloseSet(PollSetState* state) {
+  if (state->closing) return;
+  state->closing = true;
+  for (const int fd : state->members) state->polled->erase(fd);
+  state->members.clear();
+  if (state->callback != nullptr) {
+    napi_delete_reference(state->env, state->callback);
+    state->callback = nullptr;
+  }
+  if (state->buffer != nullptr) {
+    napi_delete_reference(state->env, state->buffer);
+    state->buffer = nullptr;
+  }
+  if (state->async_context != nullptr) {
+    napi_async_destroy(state->env, state->async_context);
+    state->async_context = nullptr;
+  }
+  uv_close(reinterpret_cast<uv_handle_t*>(&state->handle), OnPollSetClosed);
+  ::close(state->epfd);
+  state->epfd = -1;
+}
+
+void OnPollSetClosed(uv_handle_t* handle) {
+  auto* state = static_cast<PollSetState*>(handle->data);
+  if (state->epfd >= 0) ::close(state->epfd);  // (a set that failed to start)
+  if (state->owner != nullptr) state->owner->Detach();
+  if (state->teardown_hook != nullptr) napi_remove_async_cleanup_hook(state->teardown_hook);
+  delete state;
+}
+
 SockpoolAddon::SockpoolAddon(Napi::Env env, Napi::Object exports) {
   DefineAddon(exports, {
                            InstanceMethod<&SockpoolAddon::SeqpacketListen>("seqpacketListen", napi_enumerable),
@@ -2100,6 +2378,7 @@ SockpoolAddon::SockpoolAddon(Napi::Env env, Napi::Object exports) {
                            InstanceMethod<&SockpoolAddon::Track>("track", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::TrackedFds>("trackedFds", napi_enumerable),
                            InstanceValue("Poller", Poller::Define(env), napi_enumerable),
+                           InstanceValue("PollSet", PollSet::Define(env), napi_enumerable),
                            InstanceValue("READABLE", Napi::Number::New(env, UV_READABLE), napi_enumerable),
                            InstanceValue("WRITABLE", Napi::Number::New(env, UV_WRITABLE), napi_enumerable),
                            InstanceValue("DISCONNECT", Napi::Number::New(env, UV_DISCONNECT), napi_enumerable),

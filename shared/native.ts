@@ -139,6 +139,31 @@ export interface PollerConstructor {
   new (fd: number, callback: PollCallback): Poller;
 }
 
+/**
+ * Readiness for many fds through one epoll set of the addon's own, itself one libuv handle on the current thread's
+ * loop (see native/sockpool_native.cc, "PollSet"): one epoll_ctl to add an fd, one to remove it, where a Poller
+ * costs about four syscalls and an N-API object each way. Level-triggered. Each wakeup calls `callback(count)` once,
+ * with `count` [token, events] pairs in the Int32Array given to the constructor (at most half its length per call;
+ * the rest come at the next turn). An error or hang-up reports the events asked for. The set keeps the loop alive
+ * while it has members. It never owns the fds (close() refuses a member). Closed automatically when the thread
+ * ends. Most code wants ./poll-set.ts, which hands out one watch per fd over this thread's set.
+ */
+export interface PollSet {
+  /** Watches `fd` for `events` (READABLE | WRITABLE | DISCONNECT), reported with `token`. EEXIST when this set or a
+   *  Poller of this thread already watches it. */
+  add(fd: number, events: number, token: number): void;
+  /** Changes a member's events and token. ENOENT when `fd` is not a member. */
+  modify(fd: number, events: number, token: number): void;
+  /** Stops watching `fd`; false when it was not a member. */
+  remove(fd: number): boolean;
+  /** Closes the set (its epoll fd): no member is watched any more; their fds stay open. Idempotent. */
+  close(): void;
+}
+
+export interface PollSetConstructor {
+  new (buffer: Int32Array, callback: (count: number) => void): PollSet;
+}
+
 interface NativeBinding {
   seqpacketListen(path: string, backlog: number, refuseFds?: boolean): number;
   seqpacketConnect(path: string): number;
@@ -183,6 +208,7 @@ interface NativeBinding {
   track(fd: number): void;
   trackedFds(): number[];
   Poller: PollerConstructor;
+  PollSet: PollSetConstructor;
   READABLE: number;
   WRITABLE: number;
   DISCONNECT: number;
@@ -224,6 +250,7 @@ export const WRITABLE: number = binding.WRITABLE;
 export const DISCONNECT: number = binding.DISCONNECT;
 
 export const Poller: PollerConstructor = binding.Poller;
+export const PollSet: PollSetConstructor = binding.PollSet;
 
 // ---- AF_UNIX
 

@@ -2,6 +2,7 @@
 // raced by Happy Eyeballs. What needs a silent path (dropped packets) is in test/happy-eyeballs.system.test.ts; the
 // timing rules are in test/happy-eyeballs.test.ts with a fake clock.
 
+import { once } from 'node:events';
 import { readdirSync, writeSync } from 'node:fs';
 import net from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -14,6 +15,7 @@ import type { ProxyEndpoint } from '../daemon/proxy-tunnel.js';
 import { Resolver } from '../daemon/resolver.js';
 import type { SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
+import { eventually } from './helpers/daemon.js';
 import { type DnsTestServer, startDnsServer } from './helpers/dns-server.js';
 
 const servers: net.Server[] = [];
@@ -36,10 +38,15 @@ async function openFds(): Promise<number> {
 }
 
 /** Listens on one address only; returns its port and what arrived. */
-async function listen(host: string, port = 0): Promise<{ server: net.Server; port: number; arrivals: string[] }> {
+async function listen(
+  host: string,
+  port = 0,
+): Promise<{ server: net.Server; port: number; arrivals: string[]; fromPorts: number[] }> {
   const arrivals: string[] = [];
+  const fromPorts: number[] = [];
   const server = net.createServer((socket) => {
     arrivals.push(socket.localAddress ?? '?');
+    fromPorts.push(socket.remotePort ?? 0);
     socket.on('error', () => {});
     socket.end();
   });
@@ -48,7 +55,7 @@ async function listen(host: string, port = 0): Promise<{ server: net.Server; por
     server.listen({ host, port, ipv6Only: true }, () => resolve());
   });
   servers.push(server);
-  return { server, port: (server.address() as net.AddressInfo).port, arrivals };
+  return { server, port: (server.address() as net.AddressInfo).port, arrivals, fromPorts };
 }
 
 const addresses = (list: Array<{ address: string }>) => list.map((item) => item.address);
@@ -200,6 +207,13 @@ describe('TcpConnector on loopback', () => {
 
   it('an address the egress policy refuses is skipped, never connected to', async () => {
     const { connector: c, metrics } = connector(['127.0.0.1/32']);
+    // Earlier tests' connects may still wait in the server's accept queue: one of our own, once accepted, comes
+    // after all of them (accepts are in order), so the count taken then is final.
+    const sentinel = net.connect({ host: '::1', port: both.v6.port });
+    sentinel.on('error', () => {});
+    await once(sentinel, 'connect');
+    await eventually(() => both.v6.fromPorts.includes(sentinel.localPort!), 'the sentinel connection accepted');
+    sentinel.destroy();
     const arrivalsBefore = both.v6.arrivals.length;
     const socket = await c.connect({ host: 'dual.test', port: both.v6.port }, policy);
     expect(socket.family).toBe(4);
