@@ -134,7 +134,7 @@ export function connectTcp(address: string, port: number, options: ConnectTcpOpt
 
     try {
       applyOptions(fd, options);
-      if (connectStart(fd, address, port)) {
+      if (connectStart(fd, address, port, addressFamily as 4 | 6)) {
         finish();
         return;
       }

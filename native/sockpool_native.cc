@@ -1282,7 +1282,13 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     const int fd = FdArg(info, 0);
     const std::string address = StringArg(info, 1, "address");
     const int port = static_cast<int>(IntegerArg(info, 2, "port", 0, 65535));
-    const InetAddress target = ParseInet(env, GetIntOption(env, fd, SOL_SOCKET, SO_DOMAIN), address, port);
+    // The caller that made the socket knows its family (4 or 6) and saves the SO_DOMAIN read; a wrong one is the
+    // kernel's EINVAL or EAFNOSUPPORT at the connect.
+    const bool has_family = info.Length() > 3 && !info[3].IsUndefined();
+    const int family = has_family ? static_cast<int>(IntegerArg(info, 3, "family", 4, 6)) : 0;
+    if (family == 5) ThrowRangeError(env, "ERR_OUT_OF_RANGE", "The \"family\" argument must be 4 or 6");
+    const int domain = family == 4 ? AF_INET : family == 6 ? AF_INET6 : GetIntOption(env, fd, SOL_SOCKET, SO_DOMAIN);
+    const InetAddress target = ParseInet(env, domain, address, port);
     const bool connected = ::connect(fd, reinterpret_cast<const sockaddr*>(&target.storage), target.length) == 0;
     // EINTR on a non-blocking connect: the handshake carries on in the background, like EINPROGRESS.
     if (connected || errno == EINPROGRESS || errno == EINTR) {

@@ -177,7 +177,7 @@ interface NativeBinding {
   datagramBind(path: string): number;
   tcpSocket(family: 4 | 6): number;
   bindAddress(fd: number, address: string, port: number): void;
-  connectStart(fd: number, address: string, port: number): boolean;
+  connectStart(fd: number, address: string, port: number, family?: 4 | 6): boolean;
   socketError(fd: number): string | null;
   localAddress(fd: number): SocketAddress;
   peerAddress(fd: number): SocketAddress;
@@ -437,10 +437,11 @@ export function bindAddress(fd: number, address: string, port: number): void {
 
 /**
  * Starts a non-blocking connect to a numeric address. true: connected at once; false: in progress (wait for
- * WRITABLE, then read socketError). Any other failure throws (errors carry `address` and `port`).
+ * WRITABLE, then read socketError). Any other failure throws (errors carry `address` and `port`). `family`: the
+ * socket's, when the caller knows it (one getsockopt less); a wrong one fails at the connect (EINVAL).
  */
-export function connectStart(fd: number, address: string, port: number): boolean {
-  return binding.connectStart(fd, address, port);
+export function connectStart(fd: number, address: string, port: number, family?: 4 | 6): boolean {
+  return binding.connectStart(fd, address, port, family);
 }
 
 /** SO_ERROR as an errno name ('ECONNREFUSED'), or null if there is none. Reading it clears it. */

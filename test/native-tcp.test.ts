@@ -153,6 +153,11 @@ describe('socket options', () => {
     });
     expect(() => native.tcpInfo(fd, new Float64Array(5), true)).toThrow(TypeError);
     expect(() => native.connectStart(fd, 'not-an-ip', 80)).toThrow(TypeError);
+    // A family that is not the socket's (an IPv4 socket told 6): the address does not parse as one, or the kernel
+    // refuses the connect; never a connect somewhere else.
+    expect(() => native.connectStart(fd, '127.0.0.1', 80, 6)).toThrow(TypeError);
+    expect(catchError(() => native.connectStart(fd, '::1', 80, 6))).toMatchObject({ syscall: 'connect' });
+    expect(() => native.connectStart(fd, '127.0.0.1', 80, 5 as 4)).toThrow(RangeError);
     expect(() => native.setNoDelay(-1, true)).toThrow(RangeError);
     native.close(fd);
     const [left, right] = native.seqpacketPair();
