@@ -505,8 +505,11 @@ export class OriginPool {
   #onIdleEvent(socket: IdleSocket): void {
     if (!this.#idle.includes(socket)) return;
     const probe = native.probe(socket.fd);
-    if (probe.state === 'alive' && isEstablished(probe.tcpState)) return; // spurious wakeup
-    this.#drop(socket, dropReason(probe.state));
+    // No spurious wakeups here: the watch's epoll set reports only what the kernel finds ready, level-triggered, so
+    // ready yet `alive` is what a peek cannot see (an error queue's entries: timestamps or zero-copy notices that a
+    // client keeping a copy asked for), reported again at every turn until the socket leaves. Not safe: dropped.
+    const reason = probe.state === 'alive' && isEstablished(probe.tcpState) ? 'error' : dropReason(probe.state);
+    this.#drop(socket, reason);
     this.#pump();
   }
 

@@ -4,9 +4,10 @@
 // refused connects (the oldest waiter fails, refills back off), the refill target and prewarm bounds, recycling
 // (timers and the check before a handoff), dropping idle sockets the server closes, resets or writes to, the
 // idle TTL, eviction, detach/adopt, and close. Every test ends with as many fds open as it started with.
+import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import type net from 'node:net';
-import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
+import { afterEach, beforeAll, beforeEach, describe, expect, it, vi } from 'vitest';
 import { defaultConfig, type OriginPolicy, policyFor } from '../daemon/config.js';
 import { type DropReason, type Handoff, OriginPool, type OriginPoolEvents } from '../daemon/origin-pool.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
@@ -14,7 +15,7 @@ import * as native from '../shared/native.js';
 import type { Origin } from '../shared/origin.js';
 import { nextTurn, until, useFakeClock } from './fixtures/fake-clock.js';
 import { FakeConnector } from './fixtures/fake-connector.js';
-import { fdCount, waitForEvents } from './fixtures/native-helpers.js';
+import { fdCount, waitForEvents, warmUpChildProcesses } from './fixtures/native-helpers.js';
 
 const ORIGIN: Origin = { host: 'origin.test', port: 443 };
 const KEY = 'origin.test:443';
@@ -57,6 +58,10 @@ let pools: OriginPool[];
 /** Handoffs the test holds (it owns their fds): closed after the test if it did not close them itself. */
 let held: Handoff[];
 let fdsBefore: number;
+
+beforeAll(async () => {
+  await warmUpChildProcesses(); // (a test below starts a child: libuv's lazily opened fds are open before any count)
+});
 
 beforeEach(async () => {
   fdsBefore = fdCount();
@@ -347,6 +352,34 @@ describe('OriginPool recycling and dead idle sockets', () => {
     expect(events.drops[0]).toMatchObject({ idleMs: 5_000, ageMs: 5_000 });
     expect(origin.idleCount).toBe(0);
     expect(events.idle).toBe(0);
+  });
+
+  it('drops an idle socket ready in a way its probe cannot see (timestamps a kept copy asked for), instead of probing it at every turn', async () => {
+    // A client that kept a copy of a socket it gave back turns on transmit timestamps through that copy and sends a
+    // byte (Python: Node cannot set SO_TIMESTAMPING): the socket's error queue then holds an entry, an error event
+    // for as long as nobody reads it with MSG_ERRQUEUE, while a peek finds nothing to read and TCP_INFO says
+    // ESTABLISHED. The watch is level-triggered: a pool that took that for a spurious wakeup was called again at
+    // every turn (the daemon's thread spinning) until the socket left the pool.
+    const origin = pool();
+    const lent = await acquire(origin);
+    const copy = native.dup(lent.fd);
+    giveBack(origin, lent);
+    await vi.advanceTimersByTimeAsync(5_000); // long enough for the idle socket's watch to be armed
+    const client = spawn(
+      'python3',
+      [
+        '-c',
+        'import socket; s = socket.socket(fileno=3); ' +
+          's.setsockopt(socket.SOL_SOCKET, 37, (1 << 1) | (1 << 4) | (1 << 11)); s.send(b"G")',
+      ],
+      { stdio: ['ignore', 'ignore', 'inherit', copy] },
+    );
+    const [code] = await once(client, 'exit');
+    native.close(copy);
+    expect(code).toBe(0);
+    await until(() => events.drops.length === 1, 'the socket dropped');
+    expect(events.reasons).toEqual(['error']);
+    expect(origin.idleCount).toBe(0);
   });
 
   it('ages out idle sockets past idleTtlMs when swept', async () => {
