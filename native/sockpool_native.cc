@@ -1799,7 +1799,7 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     if (polled_->count(fd) == 0) return;
     throw CodeError(env, "SOCKPOOL_ERR_FD_POLLED", "close",
                     "close SOCKPOOL_ERR_FD_POLLED: fd " + std::to_string(fd) +
-                        " is watched by a Poller of this thread; close the Poller first");
+                        " is watched by a Poller or a PollSet of this thread; close the Poller or remove the fd first");
   }
 
   Napi::Value Close(const Napi::CallbackInfo& info) {
@@ -2274,7 +2274,10 @@ class PollSet : public Napi::ObjectWrap<PollSet> {
     Control(env, state, EPOLL_CTL_ADD, fd, events, token);
     state->polled->insert(fd);
     state->members.insert(fd);
-    if (state->members.size() == 1) uv_ref(reinterpret_cast<uv_handle_t*>(&state->handle));
+    if (state->members.size() == 1) {
+      uv_ref(reinterpret_cast<uv_handle_t*>(&state->handle));
+      Ref();  // while it has members the JS object must stay alive (as a started Poller's)
+    }
     return env.Undefined();
   }
 
@@ -2298,12 +2301,18 @@ class PollSet : public Napi::ObjectWrap<PollSet> {
     epoll_event unused;
     ::epoll_ctl(state_->epfd, EPOLL_CTL_DEL, fd, &unused);
     state_->polled->erase(fd);
-    if (state_->members.empty()) uv_unref(reinterpret_cast<uv_handle_t*>(&state_->handle));
+    if (state_->members.empty()) {
+      uv_unref(reinterpret_cast<uv_handle_t*>(&state_->handle));
+      Unref();
+    }
     return Napi::Boolean::New(env, true);
   }
 
   Napi::Value Close(const Napi::CallbackInfo& info) {
-    if (state_ != nullptr) BeginCloseSet(state_);  // idempotent; the members' fds stay open (their owners')
+    if (state_ != nullptr && !state_->closing) {
+      if (!state_->members.empty()) Unref();  // (pinned while it had members)
+      BeginCloseSet(state_);  // the members' fds stay open (their owners')
+    }
     return info.Env().Undefined();
   }
 };

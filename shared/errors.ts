@@ -74,7 +74,7 @@ export const ErrorCodes = {
   FD_TRUNCATED: 'SOCKPOOL_ERR_FD_TRUNCATED',
   /** A received message was larger than the buffer: it was dropped, with its fds. */
   MSG_TRUNCATED: 'SOCKPOOL_ERR_MSG_TRUNCATED',
-  /** The addon's close(): a Poller of this thread still watches the fd (close the Poller first). */
+  /** The addon's close(): a Poller or PollSet of this thread still watches the fd (close or remove it first). */
   FD_POLLED: 'SOCKPOOL_ERR_FD_POLLED',
   /** The addon's Poller.start after Poller.close. */
   POLLER_CLOSED: 'SOCKPOOL_ERR_POLLER_CLOSED',

@@ -14,7 +14,8 @@
 //   terminated, crashed, or the process exits) before they are closed or untracked, the addon closes them. When
 //   ownership of a received fd leaves this thread's JavaScript (handed to curl, to net.Socket, sent on to another
 //   process), call untrack(fd) so that teardown does not close a number that now means something else.
-// - A Poller never owns its fd: close the Poller first, then the fd (close() refuses an fd a Poller watches).
+// - A Poller or PollSet never owns its fds: close the Poller (remove the fd) first, then the fd (close() refuses an fd
+//   one watches).
 // All fds the addon creates are O_CLOEXEC and non-blocking.
 //
 // Threads: the addon is context-aware and works in worker threads; its state (tracked fds, Pollers) is per thread.
@@ -44,7 +45,7 @@ export const NativeErrorCodes = {
   FD_TRUNCATED: ErrorCodes.FD_TRUNCATED,
   /** recvMessage: the message was longer than maxBytes; it is lost and every fd that came with it was closed. */
   MSG_TRUNCATED: ErrorCodes.MSG_TRUNCATED,
-  /** close: a Poller of this thread still watches the fd; close the Poller first. */
+  /** close: a Poller or PollSet of this thread still watches the fd; close the Poller or remove the fd first. */
   FD_POLLED: ErrorCodes.FD_POLLED,
   /** Poller.start after Poller.close. */
   POLLER_CLOSED: ErrorCodes.POLLER_CLOSED,
@@ -595,8 +596,8 @@ export function dup(fd: number): number {
 }
 
 /**
- * close(2), and untrack. Throws SOCKPOOL_ERR_FD_POLLED if a Poller of this thread still watches the fd (nothing
- * is closed then), EBADF if it is not open.
+ * close(2), and untrack. Throws SOCKPOOL_ERR_FD_POLLED if a Poller or PollSet of this thread still watches the fd
+ * (nothing is closed then), EBADF if it is not open.
  */
 export function close(fd: number): void {
   binding.close(fd);

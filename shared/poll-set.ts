@@ -63,9 +63,16 @@ class ThreadPollSet {
     this.#set.remove(fd);
   }
 
+  /** A new token for `slot`: events read under the old one (earlier in this wakeup) are no longer delivered. */
+  restamp(slot: number): number {
+    const generation = (this.#generations[slot]! + 1) % GENERATIONS;
+    this.#generations[slot] = generation;
+    return (generation << SLOT_BITS) | slot;
+  }
+
   release(slot: number): void {
     this.#handlers[slot] = undefined;
-    this.#generations[slot] = (this.#generations[slot]! + 1) % GENERATIONS;
+    this.restamp(slot);
     this.#free.push(slot);
   }
 
@@ -84,7 +91,7 @@ class Watch implements FdWatch {
   readonly #set: ThreadPollSet;
   readonly #fd: number;
   readonly #slot: number;
-  readonly #token: number;
+  #token: number;
   #added = false;
   #closed = false;
 
@@ -105,10 +112,12 @@ class Watch implements FdWatch {
     this.#added = true;
   }
 
+  /** Also drops the events of the current wakeup not yet delivered: a stopped watch gets nothing more. */
   stop(): void {
     if (!this.#added) return;
     this.#added = false;
     this.#set.remove(this.#fd);
+    this.#token = this.#set.restamp(this.#slot);
   }
 
   close(): void {

@@ -5,12 +5,17 @@ import { spawnSync } from 'node:child_process';
 import net from 'node:net';
 import { join } from 'node:path';
 import { setImmediate as nextTurn } from 'node:timers/promises';
+import v8 from 'node:v8';
+import { runInNewContext } from 'node:vm';
 import { Worker } from 'node:worker_threads';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
 import * as native from '../shared/native.js';
 import { type FdWatch, watchFd } from '../shared/poll-set.js';
 import { catchError, fdCount, warmUpChildProcesses } from './fixtures/native-helpers.js';
 import { eventually } from './helpers/daemon.js';
+
+v8.setFlagsFromString('--expose-gc');
+const collectGarbage = runInNewContext('gc') as () => void;
 
 const cleanups: Array<() => unknown> = [];
 afterEach(async () => {
@@ -146,6 +151,59 @@ describe('watchFd', () => {
       await eventually(() => calls.includes('replacement'), 'the replacement once started');
       native.recvMessage(c, 16, 0);
     }
+  });
+
+  it('a watch stopped earlier in the same wakeup gets none of its events (and gets them again once restarted)', async () => {
+    const [a, b] = pair();
+    const [c, d] = pair();
+    const calls: string[] = [];
+    let second: FdWatch;
+    const first = watched(a, () => {
+      calls.push('first');
+      native.recvMessage(a, 16, 0);
+      second.stop();
+    });
+    second = watched(c, () => {
+      calls.push('second');
+      native.recvMessage(c, 16, 0);
+      first.stop();
+    });
+    first.start(native.READABLE);
+    second.start(native.READABLE);
+    native.sendMessage(b, new Uint8Array([1]));
+    native.sendMessage(d, new Uint8Array([2]));
+    await eventually(() => calls.length > 0, 'a handler');
+    for (let i = 0; i < 3; i++) await nextTurn();
+    expect(calls).toHaveLength(1);
+    const stopped = calls[0] === 'first' ? second : first;
+    stopped.start(native.READABLE);
+    await eventually(() => calls.length === 2, 'the stopped watch, restarted');
+  });
+
+  it('a native PollSet nobody references stays alive while it has members (as a started Poller), then may go', async () => {
+    const [a, b] = pair();
+    let seen = 0;
+    let set: native.PollSet | undefined = new native.PollSet(new Int32Array(8), () => {
+      seen++;
+      native.recvMessage(a, 16, 0);
+    });
+    set.add(a, native.READABLE, 1);
+    const held = new WeakRef(set);
+    set = undefined;
+    for (let i = 0; i < 3; i++) {
+      collectGarbage();
+      await nextTurn();
+    }
+    expect(held.deref()).toBeDefined();
+    native.sendMessage(b, new Uint8Array([1]));
+    await eventually(() => seen === 1, 'the set reports after a collection');
+    // Without members nothing pins it.
+    held.deref()!.remove(a);
+    for (let i = 0; i < 3; i++) {
+      collectGarbage();
+      await nextTurn();
+    }
+    expect(held.deref()).toBeUndefined();
   });
 
   it('shares the fd rules of Pollers: close() refuses a watched fd, one watcher per fd, and both free after close', () => {
