@@ -287,6 +287,8 @@ export class Sockpoold {
     );
     await this.#notifyReliably('READY=1', () => this.#notifier.ready(this.#statusLine()));
     this.#notifier.startWatchdog();
+    // The status line is for systemd alone: with no notify socket the timer would only wake an idle daemon.
+    if (!this.#notifier.enabled) return;
     this.#statusTimer = setInterval(() => {
       try {
         this.#notifier.status(this.#statusLine());

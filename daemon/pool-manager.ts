@@ -110,6 +110,7 @@ export class PoolManager {
   #hits = 0;
   #misses = 0;
   #sweepTimer: NodeJS.Timeout | undefined;
+  #started = false;
   #closed = false;
   /**
    * Prewarms not started yet (see #startPrewarms), each with the uid that asked (whose connects they are at the
@@ -172,6 +173,13 @@ export class PoolManager {
   }
 
   start(): void {
+    this.#started = true;
+    this.#armSweep();
+  }
+
+  /** The sweep runs while there are pools to sweep: a daemon with none (idle, or all retired) is not woken for it. */
+  #armSweep(): void {
+    if (!this.#started || this.#closed || this.#sweepTimer || this.#pools.size === 0) return;
     this.#sweepTimer = setInterval(() => this.#sweep(), SWEEP_INTERVAL_MS);
     this.#sweepTimer.unref();
   }
@@ -628,6 +636,7 @@ export class PoolManager {
       const connector = isTlsPoolKey(key) && this.#tls ? this.#tls : this.#connector;
       pool = new OriginPool(key, normalised, policy, connector, this.#events, this.#slots);
       this.#pools.set(key, pool);
+      this.#armSweep();
       const learned = this.#store?.learnedIdleLifetime(key);
       if (learned !== undefined && learned !== null) this.#statsOf(key).learnedIdleLifetimeMs = learned;
     }
@@ -783,6 +792,10 @@ export class PoolManager {
       pool.setRefillTarget(granted);
     }
     this.#retireUnused();
+    if (this.#pools.size === 0 && this.#sweepTimer) {
+      clearInterval(this.#sweepTimer);
+      this.#sweepTimer = undefined;
+    }
   }
 
   /**

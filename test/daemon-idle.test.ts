@@ -1,7 +1,8 @@
 // An idle sockpoold sleeps. It runs for weeks under systemd, mostly waiting: every periodic wakeup it does not need
 // is CPU and power taken from the host for nothing. What used to wake it: prom-client's event-loop delay sampler (a
-// 10 ms timer, now only when the metrics endpoint serves it) and the close watchdog's 25 ms look (now parked while no
-// watched call runs; native/sockpool_native.cc, "The close watchdog").
+// 10 ms timer, now only when the metrics endpoint serves it), the close watchdog's 25 ms look (now parked while no
+// watched call runs; native/sockpool_native.cc, "The close watchdog"), the pool's sweep (now only while there are
+// pools) and the status line for systemd (now only with a notify socket).
 import { readdirSync, readFileSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterEach, describe, expect, it } from 'vitest';
@@ -52,7 +53,7 @@ describe('an idle daemon', () => {
       if (woke > 0) byThread.push(`${name}(${tid}) ${woke}`);
     }
     // Before: about 100 a second from the sampler and 40 from the watchdog, over 400 in these 3 s (either alone over
-    // 100); now the pool's sweep and the status timers, a few a second. The bound leaves room for a loaded machine.
+    // 100); now a few in all. The bound leaves room for a loaded machine.
     expect(wakes, byThread.join(', ')).toBeLessThan(60);
   });
 });

@@ -231,6 +231,27 @@ describe('PoolManager warming', () => {
   });
 });
 
+describe('PoolManager sweep', () => {
+  it('runs only while there are pools: no timer before the first one, none once the last is retired', async () => {
+    const pools = manager({ predictive: false, predictiveWindowMs: 10_000 });
+    const timersBefore = vi.getTimerCount();
+    pools.start();
+    await vi.advanceTimersByTimeAsync(SWEEP_MS * 3);
+    expect(vi.getTimerCount()).toBe(timersBefore);
+    await demand(pools, BUSY, 1);
+    expect(vi.getTimerCount()).toBeGreaterThan(timersBefore);
+    await vi.advanceTimersByTimeAsync(47_000);
+    expect(pools.snapshot().originCount).toBe(0);
+    expect(vi.getTimerCount()).toBe(timersBefore);
+    // A new pool arms it again: its demand is swept (and decays, and retires it) as before.
+    await demand(pools, QUIET, 1);
+    await vi.advanceTimersByTimeAsync(SWEEP_MS);
+    expect(pools.snapshot().originCount).toBe(1);
+    await vi.advanceTimersByTimeAsync(47_000);
+    expect(pools.snapshot().originCount).toBe(0);
+  });
+});
+
 describe('PoolManager learned idle lifetime', () => {
   it('learns from a peer close and recycles the other idle sockets at 80% of it', async () => {
     const pools = manager();
