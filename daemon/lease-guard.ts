@@ -158,29 +158,27 @@ export function checkReturned(fd: number, mark: UsageMark | undefined): UsageMar
     noteChecked(mark);
     return mark;
   }
-  let now: native.TcpCounters;
+  // Not quiet: the queues are read too (withMark: each ioctl only where TCP_INFO cannot show its queue empty), and
+  // the peer in the same call.
   try {
-    now = native.tcpCounters(fd);
+    native.tcpInfo(fd, info, mark.peer !== undefined, true);
   } catch (error) {
-    return `its byte counters are unreadable (${(error as Error).message})`;
+    return `its byte counters or its peer are unreadable (${(error as Error).message})`;
   }
-  if (now.tcpState !== TCP_ESTABLISHED) return `it is not established (TCP state ${now.tcpState})`;
-  const outq = (now.outq ?? 0) + (now.notsentBytes ?? 0);
-  if (outq > 0) return `${outq} bytes are waiting to be sent or acknowledged`;
-  if ((now.inq ?? 0) > 0) return `${now.inq} bytes arrived that nobody read`;
-  if (mark.peer !== undefined) {
-    try {
-      native.tcpInfo(fd, info, true);
-    } catch (error) {
-      return `its peer is unreadable (${(error as Error).message})`;
-    }
-  }
-  const misuse = changedSince(mark, now.bytesSent, now.bytesAcked, now.bytesReceived) ?? changedPeer(mark);
+  if (info[tcpState] !== TCP_ESTABLISHED) return `it is not established (TCP state ${info[tcpState]})`;
+  const waiting = (counted(info[outq]!) ?? 0) + (counted(info[notsentBytes]!) ?? 0);
+  if (waiting > 0) return `${waiting} bytes are waiting to be sent or acknowledged`;
+  const unread = counted(info[inq]!) ?? 0;
+  if (unread > 0) return `${unread} bytes arrived that nobody read`;
+  const sent = counted(info[bytesSent]!);
+  const acked = counted(info[bytesAcked]!);
+  const received = counted(info[bytesReceived]!);
+  const misuse = changedSince(mark, sent, acked, received) ?? changedPeer(mark);
   if (misuse !== undefined) return misuse;
   // The queues were just read empty: from here on one TCP_INFO read per check is enough.
   return {
     ...mark,
-    quiet: hasCounters(now.bytesSent, now.bytesAcked, now.bytesReceived, now.notsentBytes),
+    quiet: hasCounters(sent, acked, received, counted(info[notsentBytes]!)),
     checkedInRun: 0,
   };
 }

@@ -484,6 +484,29 @@ describe('lease guard', () => {
     expect(fdCount()).toBe(before);
   });
 
+  it('the release check of a mark that is not quiet reads the queues: unread input refused, read since then passes (quiet from then on), more input or output refused', async () => {
+    const before = fdCount();
+    const connector = await FakeConnector.start();
+    const { fd } = await connector.connect({ host: 'x', port: 1 }, policyFor(defaultConfig(), 'x', 1));
+    const peerSide = connector.peerOf(fd);
+    peerSide.write('xyz');
+    await until(() => native.tcpCounters(fd).inq === 3);
+    const mark = markOf(fd)!;
+    expect(mark).toMatchObject({ bytesReceived: 3, quiet: false });
+    expect(checkReturned(fd, mark)).toBe('3 bytes arrived that nobody read');
+    expect(native.recvMessage(fd, 8, 0)?.data.toString()).toBe('xyz');
+    const passed = checkReturned(fd, mark);
+    expect(passed).toEqual({ ...mark, quiet: true, checkedInRun: 0 });
+    peerSide.write('w');
+    await until(() => native.tcpCounters(fd).inq === 1);
+    expect(checkReturned(fd, mark)).toBe('1 bytes arrived that nobody read');
+    native.recvMessage(fd, 8, 0);
+    expect(checkReturned(fd, mark)).toBe('1 bytes were received on it');
+    native.close(fd);
+    await connector.close();
+    expect(fdCount()).toBe(before);
+  });
+
   it("one TCP_INFO read (a quiet mark) sees input, input a holder already read, and the peer's close", async () => {
     const before = fdCount();
     const connector = await FakeConnector.start();
