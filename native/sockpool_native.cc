@@ -1869,11 +1869,78 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
 // collector (the JS object is pinned while polling is started, so only a stopped Poller can be collected), or the
 // environment's teardown (an async cleanup hook that Node waits for until the close callback has run).
 
+// The JS function a libuv handle of this addon calls back (Poller, PollSet): a reference that keeps it and the async
+// context it runs in. Call() uses make_callback, not a plain call: the function runs in that context, and
+// process.nextTick and microtasks are drained afterwards, like any libuv-driven callback in Node. A throwing callback
+// is this thread's uncaught exception ('uncaughtException', or the worker's 'error' event), never an abort; a
+// terminating thread cannot run JS, and then there is nothing to report.
+struct LoopCallback {
+  napi_ref function = nullptr;
+  napi_async_context async_context = nullptr;
+
+  // Keeps `fn`; throws, keeping nothing, when N-API refuses.
+  void Init(Napi::Env env, napi_value fn, const char* resource) {
+    if (napi_create_reference(env, fn, 1, &function) != napi_ok) {
+      function = nullptr;
+      throw Napi::Error::New(env, "sockpool native: napi_create_reference failed");
+    }
+    if (napi_async_init(env, nullptr, Napi::String::New(env, resource), &async_context) != napi_ok) {
+      napi_delete_reference(env, function);
+      function = nullptr;
+      async_context = nullptr;
+      throw Napi::Error::New(env, "sockpool native: napi_async_init failed");
+    }
+  }
+
+  bool live() const { return function != nullptr; }
+
+  // Idempotent.
+  void Release(napi_env env) {
+    if (function != nullptr) napi_delete_reference(env, function);
+    if (async_context != nullptr) napi_async_destroy(env, async_context);
+    function = nullptr;
+    async_context = nullptr;
+  }
+
+  // `owner`: the reference of the JS object the function is called on (the global when null).
+  void Call(napi_env env, napi_ref owner, size_t argc, const int32_t* args) const {
+    napi_handle_scope scope;
+    if (napi_open_handle_scope(env, &scope) != napi_ok) return;
+    napi_value callback = nullptr;
+    napi_value receiver = nullptr;
+    napi_value argv[2];
+    napi_value result;
+    if (argc <= 2 && napi_get_reference_value(env, function, &callback) == napi_ok && callback != nullptr) {
+      if (owner != nullptr) napi_get_reference_value(env, owner, &receiver);
+      if (receiver == nullptr) napi_get_global(env, &receiver);
+      for (size_t i = 0; i < argc; i++) napi_create_int32(env, args[i], &argv[i]);
+      if (napi_make_callback(env, async_context, receiver, callback, argc, argv, &result) != napi_ok) {
+        bool pending = false;
+        napi_value exception;
+        if (napi_is_exception_pending(env, &pending) == napi_ok && pending &&
+            napi_get_and_clear_last_exception(env, &exception) == napi_ok) {
+          napi_fatal_exception(env, exception);
+        }
+      }
+    }
+    napi_close_handle_scope(env, scope);
+  }
+};
+
+// This thread's addon state and libuv loop, for a handle made now; throws when the environment has neither.
+SockpoolAddon* AddonWithLoop(Napi::Env env, uv_loop_t** loop) {
+  SockpoolAddon* addon = env.GetInstanceData<SockpoolAddon>();
+  *loop = nullptr;
+  if (addon == nullptr || napi_get_uv_event_loop(env, loop) != napi_ok || *loop == nullptr) {
+    throw Napi::Error::New(env, "sockpool native: no event loop for this environment");
+  }
+  return addon;
+}
+
 struct PollState {
   uv_poll_t handle;
   napi_env env = nullptr;
-  napi_ref callback = nullptr;
-  napi_async_context async_context = nullptr;
+  LoopCallback js;
   napi_async_cleanup_hook_handle teardown_hook = nullptr;
   std::shared_ptr<FdSet> polled;
   Poller* owner = nullptr;
@@ -1903,29 +1970,18 @@ class Poller : public Napi::ObjectWrap<Poller> {
     if (!info[1].IsFunction()) {
       ThrowTypeError(env, "ERR_INVALID_ARG_TYPE", "The \"callback\" argument must be of type function");
     }
-    SockpoolAddon* addon = env.GetInstanceData<SockpoolAddon>();
-    uv_loop_t* loop = nullptr;
-    if (addon == nullptr || napi_get_uv_event_loop(env, &loop) != napi_ok || loop == nullptr) {
-      throw Napi::Error::New(env, "sockpool native: no event loop for this environment");
-    }
+    uv_loop_t* loop;
+    SockpoolAddon* addon = AddonWithLoop(env, &loop);
     // An fd this thread's PollSet watches: libuv does not know it, but two watchers would leave `polled` wrong.
     if (addon->polled()->count(fd) != 0) ThrowErrno(env, EEXIST, "uv_poll_init");
     auto state = std::make_unique<PollState>();
     state->env = env;
     state->fd = fd;
     state->polled = addon->polled();
-    if (napi_create_reference(env, info[1], 1, &state->callback) != napi_ok) {
-      throw Napi::Error::New(env, "sockpool native: napi_create_reference failed");
-    }
-    napi_value resource_name = Napi::String::New(env, "sockpool.Poller");
-    if (napi_async_init(env, nullptr, resource_name, &state->async_context) != napi_ok) {
-      napi_delete_reference(env, state->callback);
-      throw Napi::Error::New(env, "sockpool native: napi_async_init failed");
-    }
+    state->js.Init(env, info[1], "sockpool.Poller");
     const int result = uv_poll_init(loop, &state->handle, fd);  // also sets O_NONBLOCK on fd
     if (result < 0) {
-      napi_async_destroy(env, state->async_context);
-      napi_delete_reference(env, state->callback);
+      state->js.Release(env);
       ThrowErrno(env, -result, "uv_poll_init");  // UV_EEXIST: another Poller of this thread watches fd
     }
     state->handle.data = state.get();
@@ -1960,35 +2016,9 @@ class Poller : public Napi::ObjectWrap<Poller> {
 
   static void OnPoll(uv_poll_t* handle, int status, int events) {
     auto* state = static_cast<PollState*>(handle->data);
-    if (state->closing || state->callback == nullptr) return;
-    napi_env env = state->env;
-    napi_handle_scope scope;
-    if (napi_open_handle_scope(env, &scope) != napi_ok) return;
-    napi_value callback = nullptr;
-    napi_value receiver = nullptr;
-    napi_value argv[2];
-    napi_value result;
-    if (napi_get_reference_value(env, state->callback, &callback) == napi_ok && callback != nullptr) {
-      if (state->owner != nullptr) {
-        napi_get_reference_value(env, static_cast<napi_ref>(*state->owner), &receiver);
-      }
-      if (receiver == nullptr) napi_get_global(env, &receiver);
-      napi_create_int32(env, status, &argv[0]);
-      napi_create_int32(env, events, &argv[1]);
-      // make_callback (not a plain call): runs in the Poller's async context and drains process.nextTick and
-      // microtasks afterwards, like any libuv-driven callback in Node.
-      if (napi_make_callback(env, state->async_context, receiver, callback, 2, argv, &result) != napi_ok) {
-        // A throwing callback is this thread's uncaught exception ('uncaughtException', or the worker's
-        // 'error' event), never an abort. A terminating thread cannot run JS: then there is nothing to report.
-        bool pending = false;
-        napi_value exception;
-        if (napi_is_exception_pending(env, &pending) == napi_ok && pending &&
-            napi_get_and_clear_last_exception(env, &exception) == napi_ok) {
-          napi_fatal_exception(env, exception);
-        }
-      }
-    }
-    napi_close_handle_scope(env, scope);
+    if (state->closing || !state->js.live()) return;
+    const int32_t args[2] = {status, events};
+    state->js.Call(state->env, state->owner != nullptr ? static_cast<napi_ref>(*state->owner) : nullptr, 2, args);
   }
 
   void Pin() {
@@ -2045,14 +2075,7 @@ void BeginClose(PollState* state) {
   if (state->closing) return;
   state->closing = true;
   state->polled->erase(state->fd);
-  if (state->callback != nullptr) {
-    napi_delete_reference(state->env, state->callback);
-    state->callback = nullptr;
-  }
-  if (state->async_context != nullptr) {
-    napi_async_destroy(state->env, state->async_context);
-    state->async_context = nullptr;
-  }
+  state->js.Release(state->env);
   uv_close(reinterpret_cast<uv_handle_t*>(&state->handle), OnPollClosed);
 }
 
@@ -2081,9 +2104,8 @@ class PollSet;
 struct PollSetState {
   uv_poll_t handle;
   napi_env env = nullptr;
-  napi_ref callback = nullptr;
-  napi_ref buffer = nullptr;
-  napi_async_context async_context = nullptr;
+  LoopCallback js;
+  napi_ref buffer = nullptr;  // the Int32Array `slots` points into, kept alive
   napi_async_cleanup_hook_handle teardown_hook = nullptr;
   std::shared_ptr<FdSet> polled;
   FdSet members;
@@ -2127,11 +2149,8 @@ class PollSet : public Napi::ObjectWrap<PollSet> {
     if (!info[1].IsFunction()) {
       ThrowTypeError(env, "ERR_INVALID_ARG_TYPE", "The \"callback\" argument must be of type function");
     }
-    SockpoolAddon* addon = env.GetInstanceData<SockpoolAddon>();
-    uv_loop_t* loop = nullptr;
-    if (addon == nullptr || napi_get_uv_event_loop(env, &loop) != napi_ok || loop == nullptr) {
-      throw Napi::Error::New(env, "sockpool native: no event loop for this environment");
-    }
+    uv_loop_t* loop;
+    SockpoolAddon* addon = AddonWithLoop(env, &loop);
     Napi::Int32Array buffer = info[0].As<Napi::Int32Array>();
     auto state = std::make_unique<PollSetState>();
     state->env = env;
@@ -2141,37 +2160,29 @@ class PollSet : public Napi::ObjectWrap<PollSet> {
     state->ready.resize(state->pairs);
     FdGuard epfd(::epoll_create1(EPOLL_CLOEXEC));
     if (epfd.get() < 0) ThrowErrno(env, errno, "epoll_create1");
-    if (napi_create_reference(env, info[1], 1, &state->callback) != napi_ok ||
-        napi_create_reference(env, info[0], 1, &state->buffer) != napi_ok) {
-      if (state->callback != nullptr) napi_delete_reference(env, state->callback);
+    if (napi_create_reference(env, info[0], 1, &state->buffer) != napi_ok) {
       throw Napi::Error::New(env, "sockpool native: napi_create_reference failed");
     }
-    napi_value resource_name = Napi::String::New(env, "sockpool.PollSet");
-    if (napi_async_init(env, nullptr, resource_name, &state->async_context) != napi_ok) {
-      napi_delete_reference(env, state->callback);
+    try {
+      state->js.Init(env, info[1], "sockpool.PollSet");
+    } catch (...) {
       napi_delete_reference(env, state->buffer);
-      throw Napi::Error::New(env, "sockpool native: napi_async_init failed");
+      throw;
     }
     int result = uv_poll_init(loop, &state->handle, epfd.get());
-    if (result == 0) {
-      state->handle.data = state.get();
-      result = uv_poll_start(&state->handle, UV_READABLE, OnPoll);
-      if (result < 0) {
-        state->epfd = epfd.release();
-        state->closing = true;
-        napi_async_destroy(env, state->async_context);
-        napi_delete_reference(env, state->callback);
-        napi_delete_reference(env, state->buffer);
-        const int err = -result;
-        PollSetState* raw = state.release();
-        uv_close(reinterpret_cast<uv_handle_t*>(&raw->handle), OnPollSetClosed);
-        ThrowErrno(env, err, "uv_poll_start");
-      }
-    } else {
-      napi_async_destroy(env, state->async_context);
-      napi_delete_reference(env, state->callback);
+    if (result < 0) {
+      state->js.Release(env);
       napi_delete_reference(env, state->buffer);
       ThrowErrno(env, -result, "uv_poll_init");
+    }
+    state->handle.data = state.get();
+    result = uv_poll_start(&state->handle, UV_READABLE, OnPoll);
+    if (result < 0) {
+      // The handle is initialised: only its close callback may free the state (and close the epoll fd).
+      state->epfd = epfd.release();
+      PollSetState* raw = state.release();
+      BeginCloseSet(raw);
+      ThrowErrno(env, -result, "uv_poll_start");
     }
     uv_unref(reinterpret_cast<uv_handle_t*>(&state->handle));  // until it has a member
     state->epfd = epfd.release();
@@ -2204,7 +2215,7 @@ class PollSet : public Napi::ObjectWrap<PollSet> {
 
   static void OnPoll(uv_poll_t* handle, int /*status*/, int /*events*/) {
     auto* state = static_cast<PollSetState*>(handle->data);
-    if (state->closing || state->callback == nullptr) return;
+    if (state->closing || !state->js.live()) return;
     int count;
     do {
       count = ::epoll_wait(state->epfd, state->ready.data(), static_cast<int>(state->pairs), 0);
@@ -2221,31 +2232,8 @@ class PollSet : public Napi::ObjectWrap<PollSet> {
       state->slots[2 * i] = static_cast<int32_t>(ready.data.u64 & 0xffffffffu);
       state->slots[2 * i + 1] = events & requested;
     }
-    napi_env env = state->env;
-    napi_handle_scope scope;
-    if (napi_open_handle_scope(env, &scope) != napi_ok) return;
-    napi_value callback = nullptr;
-    napi_value receiver = nullptr;
-    napi_value argv[1];
-    napi_value result;
-    if (napi_get_reference_value(env, state->callback, &callback) == napi_ok && callback != nullptr) {
-      if (state->owner != nullptr) {
-        napi_get_reference_value(env, static_cast<napi_ref>(*state->owner), &receiver);
-      }
-      if (receiver == nullptr) napi_get_global(env, &receiver);
-      napi_create_int32(env, count, &argv[0]);
-      // As Poller's: in the set's async context, draining process.nextTick and microtasks afterwards; a throwing
-      // callback is this thread's uncaught exception.
-      if (napi_make_callback(env, state->async_context, receiver, callback, 1, argv, &result) != napi_ok) {
-        bool pending = false;
-        napi_value exception;
-        if (napi_is_exception_pending(env, &pending) == napi_ok && pending &&
-            napi_get_and_clear_last_exception(env, &exception) == napi_ok) {
-          napi_fatal_exception(env, exception);
-        }
-      }
-    }
-    napi_close_handle_scope(env, scope);
+    const int32_t args[1] = {count};
+    state->js.Call(state->env, state->owner != nullptr ? static_cast<napi_ref>(*state->owner) : nullptr, 1, args);
   }
 
   PollSetState* OpenState(Napi::Env env) {
@@ -2323,17 +2311,10 @@ void BeginCloseSet(PollSetState* state) {
   state->closing = true;
   for (const int fd : state->members) state->polled->erase(fd);
   state->members.clear();
-  if (state->callback != nullptr) {
-    napi_delete_reference(state->env, state->callback);
-    state->callback = nullptr;
-  }
+  state->js.Release(state->env);
   if (state->buffer != nullptr) {
     napi_delete_reference(state->env, state->buffer);
     state->buffer = nullptr;
-  }
-  if (state->async_context != nullptr) {
-    napi_async_destroy(state->env, state->async_context);
-    state->async_context = nullptr;
   }
   uv_close(reinterpret_cast<uv_handle_t*>(&state->handle), OnPollSetClosed);
   ::close(state->epfd);
@@ -2342,7 +2323,6 @@ void BeginCloseSet(PollSetState* state) {
 
 void OnPollSetClosed(uv_handle_t* handle) {
   auto* state = static_cast<PollSetState*>(handle->data);
-  if (state->epfd >= 0) ::close(state->epfd);  // (a set that failed to start)
   if (state->owner != nullptr) state->owner->Detach();
   if (state->teardown_hook != nullptr) napi_remove_async_cleanup_hook(state->teardown_hook);
   delete state;
