@@ -35,6 +35,14 @@ function pair(): [number, number] {
   return fds;
 }
 
+/** `count` turns of the event loop, `before` each. */
+async function turns(count: number, before?: () => void): Promise<void> {
+  for (let i = 0; i < count; i++) {
+    before?.();
+    await nextTurn();
+  }
+}
+
 function watched(fd: number, handler: (events: number) => void): FdWatch {
   const watch = watchFd(fd, handler);
   cleanups.push(() => watch.close());
@@ -95,7 +103,7 @@ describe('watchFd', () => {
     await eventually(() => calls >= 3, 'three reports of the same message');
     native.recvMessage(a, 16, 0);
     const after = calls;
-    for (let i = 0; i < 5; i++) await nextTurn();
+    await turns(5);
     expect(calls - after).toBeLessThanOrEqual(1); // (one report may already have been read before the message was)
   });
 
@@ -116,67 +124,52 @@ describe('watchFd', () => {
     expect([...called.values()].every((count) => count === 1)).toBe(true);
   });
 
-  it('a watch closed earlier in the same wakeup gets none of its events, even when a new watch took its slot', async () => {
-    const [a, b] = pair();
-    const [c, d] = pair();
-    const calls: string[] = [];
-    let second: FdWatch;
-    let replacement: FdWatch | undefined;
-    const first = watched(a, () => {
-      calls.push('first');
-      native.recvMessage(a, 16, 0);
-      // Both fds are ready in this wakeup. Close the other watch and reuse its slot for a watch of its fd: the
-      // event already read for the old watch must not reach the new handler.
-      second.close();
-      replacement = watched(c, () => calls.push('replacement'));
-    });
-    second = watched(c, () => {
-      calls.push('second');
-      native.recvMessage(c, 16, 0);
-      first.close();
-    });
-    first.start(native.READABLE);
-    second.start(native.READABLE);
-    native.sendMessage(b, new Uint8Array([1]));
-    native.sendMessage(d, new Uint8Array([2]));
-    await eventually(() => calls.length > 0, 'a handler');
-    for (let i = 0; i < 3; i++) await nextTurn();
-    // Whichever came first closed the other before its event was delivered.
-    expect(calls.slice(0, 1)).toHaveLength(1);
-    expect(calls.filter((call) => call === 'first' || call === 'second')).toHaveLength(1);
-    if (calls[0] === 'first') {
-      // The new watch has not started: nothing may reach it.
-      expect(calls).not.toContain('replacement');
-      replacement!.start(native.READABLE);
-      await eventually(() => calls.includes('replacement'), 'the replacement once started');
-      native.recvMessage(c, 16, 0);
+  /**
+   * Two watches whose fds are ready in the same wakeup; the one called first silences the other (`silence`: close or
+   * stop it) before the other's event, already read, is delivered. Resolves once the wakeup and a few more turns
+   * are over, with the handlers called in order and the two watches in that order.
+   */
+  async function oneSilencesTheOther(silence: (other: FdWatch) => void) {
+    const calls: FdWatch[] = [];
+    const watches: FdWatch[] = [];
+    for (const [index, [fd, peer]] of [pair(), pair()].entries()) {
+      const watch = watched(fd, () => {
+        calls.push(watch);
+        native.recvMessage(fd, 16, 0);
+        silence(watches[1 - index]!);
+      });
+      watches.push(watch);
+      watch.start(native.READABLE);
+      native.sendMessage(peer, new Uint8Array([index]));
     }
+    await eventually(() => calls.length > 0, 'a handler');
+    await turns(3);
+    const [called] = calls;
+    return { calls, called: called!, silenced: watches.find((watch) => watch !== called)! };
+  }
+
+  it('a watch closed earlier in the same wakeup gets none of its events, even when a new watch took its slot', async () => {
+    let replacement: { fd: number; watch: FdWatch; calls: number } | undefined;
+    const { calls } = await oneSilencesTheOther((other) => {
+      other.close();
+      // The closed watch's slot is reused at once, for a watch of a fd that is ready too: the event already read
+      // for the old watch must not reach the new handler.
+      const [fd, peer] = pair();
+      native.sendMessage(peer, new Uint8Array([9]));
+      replacement = { fd, watch: watched(fd, () => replacement!.calls++), calls: 0 };
+    });
+    expect(calls).toHaveLength(1);
+    // The new watch has not started: nothing may reach it; once started, its own event does.
+    expect(replacement!.calls).toBe(0);
+    replacement!.watch.start(native.READABLE);
+    await eventually(() => replacement!.calls > 0, 'the replacement once started');
+    native.recvMessage(replacement!.fd, 16, 0);
   });
 
   it('a watch stopped earlier in the same wakeup gets none of its events (and gets them again once restarted)', async () => {
-    const [a, b] = pair();
-    const [c, d] = pair();
-    const calls: string[] = [];
-    let second: FdWatch;
-    const first = watched(a, () => {
-      calls.push('first');
-      native.recvMessage(a, 16, 0);
-      second.stop();
-    });
-    second = watched(c, () => {
-      calls.push('second');
-      native.recvMessage(c, 16, 0);
-      first.stop();
-    });
-    first.start(native.READABLE);
-    second.start(native.READABLE);
-    native.sendMessage(b, new Uint8Array([1]));
-    native.sendMessage(d, new Uint8Array([2]));
-    await eventually(() => calls.length > 0, 'a handler');
-    for (let i = 0; i < 3; i++) await nextTurn();
+    const { calls, silenced } = await oneSilencesTheOther((other) => other.stop());
     expect(calls).toHaveLength(1);
-    const stopped = calls[0] === 'first' ? second : first;
-    stopped.start(native.READABLE);
+    silenced.start(native.READABLE);
     await eventually(() => calls.length === 2, 'the stopped watch, restarted');
   });
 
@@ -190,19 +183,13 @@ describe('watchFd', () => {
     set.add(a, native.READABLE, 1);
     const held = new WeakRef(set);
     set = undefined;
-    for (let i = 0; i < 3; i++) {
-      collectGarbage();
-      await nextTurn();
-    }
+    await turns(3, collectGarbage);
     expect(held.deref()).toBeDefined();
     native.sendMessage(b, new Uint8Array([1]));
     await eventually(() => seen === 1, 'the set reports after a collection');
     // Without members nothing pins it.
     held.deref()!.remove(a);
-    for (let i = 0; i < 3; i++) {
-      collectGarbage();
-      await nextTurn();
-    }
+    await turns(3, collectGarbage);
     expect(held.deref()).toBeUndefined();
   });
 
