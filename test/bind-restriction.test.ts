@@ -6,11 +6,11 @@
 
 import { execFileSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { SockpoolClient } from '../client/index.js';
 import { type DaemonProcess, repoRoot, startDaemon, writeConfigFile } from './helpers/daemon.js';
+import { freePort } from './helpers/free-port.js';
 
 const nativeModule = join(repoRoot, 'dist', 'shared', 'native.js');
 
@@ -29,15 +29,6 @@ const kernelAbi = inChild(`const r = native.restrictTcpBind([0]); console.log(JS
 
 function noNewPrivs(pid: number): string {
   return /^NoNewPrivs:\s*(\d)/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? '?';
-}
-
-/** A port free right now (bound, read, released). */
-async function freePort(): Promise<number> {
-  const server = createServer();
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const { port } = server.address() as { port: number };
-  await new Promise((resolve) => server.close(resolve));
-  return port;
 }
 
 describe('TCP bind restriction (Landlock)', () => {

@@ -1,19 +1,8 @@
-// The connect guard's set-up by the sockpoold command (daemon/connect-guard.ts), in what any user can run: the
-// daemon as a child process. (The guard at work needs root: test/daemon-connect-guard.system.test.ts.)
-import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { repoRoot, startDaemon } from './helpers/daemon.js';
+import { freePort } from './helpers/free-port.js';
 import { openRawClient } from './helpers/raw-client.js';
-
-/** A port free right now (bound, read, released). */
-async function freePort(): Promise<number> {
-  const server = createServer();
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const { port } = server.address() as { port: number };
-  await new Promise((resolve) => server.close(resolve));
-  return port;
-}
 
 const cleanups: Array<() => unknown> = [];
 afterEach(async () => {

@@ -3,7 +3,7 @@
 // uid, socket marks) is in daemon-access.system.test.ts.
 import { execFile } from 'node:child_process';
 import { once } from 'node:events';
-import { type AddressInfo, connect, createServer, type Socket } from 'node:net';
+import { connect, type Socket } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { promisify } from 'node:util';
 import { describe, expect, it } from 'vitest';
@@ -11,6 +11,7 @@ import { METRICS_MAX_ACCEPTS, METRICS_MAX_CONNECTIONS, SNAPSHOT_MAX_AGE_MS } fro
 import * as native from '../shared/native.js';
 import { daemonScope } from './fixtures/daemon-scope.js';
 import { eventually } from './helpers/daemon.js';
+import { freePort } from './helpers/free-port.js';
 
 const run = promisify(execFile);
 const { cleanups, echoServer, daemonWith, client } = daemonScope();
@@ -27,15 +28,6 @@ function scrapeAnswered(port: number): Promise<void> {
 }
 
 /** A port nobody listens on right now (bound then released). */
-async function freePort(): Promise<number> {
-  const server = createServer();
-  server.listen(0, '127.0.0.1');
-  await once(server, 'listening');
-  const { port } = server.address() as AddressInfo;
-  await new Promise((resolve) => server.close(resolve));
-  return port;
-}
-
 describe('access control', () => {
   it('refuses a peer whose uid is not in allowUids: one SOCKPOOL_ERR_ACCESS_DENIED, then it hangs up', async () => {
     const uid = process.getuid!();

@@ -9,13 +9,13 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import http2 from 'node:http2';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SockpoolClient } from '../client/index.js';
 import { eventually, fdCount, startTestDaemon, warmTlsArgs } from './fixtures/client-helpers.js';
 import type { DaemonProcess } from './helpers/daemon.js';
+import { freePort } from './helpers/free-port.js';
 import { createTestPki, type TestPki } from './helpers/tls.js';
 
 let pki: TestPki;
@@ -26,14 +26,6 @@ let h2Port: number;
 let h1Port: number;
 let daemon: DaemonProcess;
 let client: SockpoolClient;
-
-async function freePort(): Promise<number> {
-  const server = createServer().listen(0, '127.0.0.1');
-  await once(server, 'listening');
-  const { port } = server.address() as { port: number };
-  await new Promise((resolve) => server.close(resolve));
-  return port;
-}
 
 /** What nginx answers: the scheme and protocol it saw, and the Host (HTTP/1.1) or :authority (HTTP/2). */
 const ANSWER = 'scheme=$scheme proto=$server_protocol host=$http_host method=$request_method uri=$request_uri';
