@@ -438,13 +438,19 @@ describe('worker tokens', () => {
     return { asks, link };
   }
 
+  /** RateTokens over a manualLink at time 0 that knows `host`:80's rate (a.example at 100/s, burst 10, by default). */
+  function learnedTokens(rate = { requestsPerSecond: 100, burst: 10 }, host = 'a.example') {
+    const { asks, link } = manualLink();
+    const tokens = new RateTokens(link, () => 0);
+    tokens.learn(host, 80, rate);
+    return { asks, tokens };
+  }
+
   /** Settles once the microtasks queued so far (and those they queue) ran. */
   const settle = () => new Promise<void>((resolve) => setImmediate(resolve));
 
   it('one batch request per origin at a time: the requests that find the batch empty meanwhile spend from it', async () => {
-    const { asks, link } = manualLink();
-    const tokens = new RateTokens(link, () => 0);
-    tokens.learn('a.example', 80, { requestsPerSecond: 100, burst: 10 });
+    const { asks, tokens } = learnedTokens();
     let done = 0;
     const takes = Array.from({ length: 12 }, () =>
       (tokens.take('a.example', 80, 1000) as Promise<number | undefined>).then(() => done++),
@@ -464,9 +470,7 @@ describe('worker tokens', () => {
   });
 
   it('a request whose deadline is only a little earlier than the batch request under way waits for it: no token of its own', async () => {
-    const { asks, link } = manualLink();
-    const tokens = new RateTokens(link, () => 0);
-    tokens.learn('a.example', 80, { requestsPerSecond: 100, burst: 10 });
+    const { asks, tokens } = learnedTokens();
     const first = tokens.take('a.example', 80, 1000)!;
     // Its deadline 1 ms before the batch request's (it came in later, but its request started earlier): before,
     // it asked a token of its own beside the batch (11 granted for a burst of 10 when the first was served meanwhile).
@@ -481,9 +485,7 @@ describe('worker tokens', () => {
   });
 
   it('a refused batch request fails its own request only: the waiting ones ask again', async () => {
-    const { asks, link } = manualLink();
-    const tokens = new RateTokens(link, () => 0);
-    tokens.learn('a.example', 80, { requestsPerSecond: 100, burst: 10 });
+    const { asks, tokens } = learnedTokens();
     const first = tokens.take('a.example', 80, 1000)!;
     const second = tokens.take('a.example', 80, 2000)!;
     const refusal = new SockpoolError(ErrorCodes.RATE_LIMITED, 'refused', { waitMs: 1500 });
@@ -495,9 +497,7 @@ describe('worker tokens', () => {
   });
 
   it('a request cancelled while it waits stops waiting at once, and its token stays for the others', async () => {
-    const { asks, link } = manualLink();
-    const tokens = new RateTokens(link, () => 0);
-    tokens.learn('a.example', 80, { requestsPerSecond: 10, burst: 2 });
+    const { asks, tokens } = learnedTokens({ requestsPerSecond: 10, burst: 2 });
     // The first request's wait asks for the batch (2); the second waits for that.
     const asker = new Cancellation();
     const first = tokens.take('a.example', 80, 1000, asker)!;
@@ -523,9 +523,7 @@ describe('worker tokens', () => {
   });
 
   it('a request cancelled while the worker waits out a token past the daemon’s bound leaves no timer behind', async () => {
-    const { asks, link } = manualLink();
-    const tokens = new RateTokens(link, () => 0);
-    tokens.learn('slow.example', 80, { requestsPerSecond: 0.001, burst: 1 });
+    const { asks, tokens } = learnedTokens({ requestsPerSecond: 0.001, burst: 1 }, 'slow.example');
     const timers = () => process.getActiveResourcesInfo().filter((kind) => kind === 'Timeout').length;
     const before = timers();
     const cancellation = new Cancellation();
@@ -544,9 +542,7 @@ describe('worker tokens', () => {
   });
 
   it('a request whose deadline comes before the batch request under way asks for its own single token', async () => {
-    const { asks, link } = manualLink();
-    const tokens = new RateTokens(link, () => 0);
-    tokens.learn('a.example', 80, { requestsPerSecond: 100, burst: 10 });
+    const { asks, tokens } = learnedTokens();
     const long = tokens.take('a.example', 80, 5000)!;
     // Waiting for the first one's request could take it past its deadline.
     const short = tokens.take('a.example', 80, 100)!;
@@ -597,9 +593,7 @@ describe('worker tokens', () => {
     // Seen in a clean-clone run: the daemon grants one request at most half of what is at hand, so a burst of 10
     // within an origin's burst of 10 was granted 5, 3, 1, 1… while each later ask still asked for the rate's whole
     // batch (10): the last asks took tokens nobody waited for (11 for 10 requests), to expire unspent.
-    const { asks, link } = manualLink();
-    const tokens = new RateTokens(link, () => 0);
-    tokens.learn('a.example', 80, { requestsPerSecond: 100, burst: 10 });
+    const { asks, tokens } = learnedTokens();
     let atHand = 10;
     const burst = Array.from({ length: 10 }, () => tokens.take('a.example', 80, 5000));
     let granted = 0;
@@ -621,9 +615,7 @@ describe('worker tokens', () => {
     // Seen in clean-clone runs (a burst of 10 took 11 tokens): the next batch request took the deadline of whichever
     // waiter started it, a later one, and a waiter whose deadline came sooner could not wait for it, so it asked a
     // token of its own while the batch request counted it among its waiters too.
-    const { asks, link } = manualLink();
-    const tokens = new RateTokens(link, () => 0);
-    tokens.learn('a.example', 80, { requestsPerSecond: 100, burst: 10 });
+    const { asks, tokens } = learnedTokens();
     const takes = [1000, 5000, 2000, 5000].map((timeoutMs) => tokens.take('a.example', 80, timeoutMs));
     expect(asks).toHaveLength(1);
     asks[0]!.grant(1); // a part: the first request's own token
@@ -661,9 +653,7 @@ describe('worker tokens', () => {
   });
 
   it('a token given back while requests wait for one goes to the oldest: what its ask brings goes to the batch', async () => {
-    const { asks, link } = manualLink();
-    const tokens = new RateTokens(link, () => 0);
-    tokens.learn('a.example', 80, { requestsPerSecond: 0.1, burst: 1 });
+    const { asks, tokens } = learnedTokens({ requestsPerSecond: 0.1, burst: 1 });
     const first = tokens.take('a.example', 80, 20_000) as Promise<number | undefined>;
     const second = tokens.take('a.example', 80, 20_000) as Promise<number | undefined>;
     let served = 0;
@@ -682,9 +672,7 @@ describe('worker tokens', () => {
   });
 
   it('a tokens request nobody waits for any more is cancelled in the daemon; one a request still waits for is not', async () => {
-    const { asks, link } = manualLink();
-    const tokens = new RateTokens(link, () => 0);
-    tokens.learn('a.example', 80, { requestsPerSecond: 0.1, burst: 1 });
+    const { asks, tokens } = learnedTokens({ requestsPerSecond: 0.1, burst: 1 });
     const aborted = () => new SockpoolError(ErrorCodes.ABORTED, 'cancelled in the daemon');
     // The first request's wait asks; the second waits for what it brings, and a short one asks for its own.
     const asker = new Cancellation();
@@ -725,9 +713,7 @@ describe('worker tokens', () => {
   });
 
   it('a token the daemon would not wait for (over the protocol bound) is asked for again when due within it', async () => {
-    const { asks, link } = manualLink();
-    const tokens = new RateTokens(link, () => 0);
-    tokens.learn('slow.example', 80, { requestsPerSecond: 0.001, burst: 1 });
+    const { asks, tokens } = learnedTokens({ requestsPerSecond: 0.001, burst: 1 }, 'slow.example');
     // The daemon waits at most MAX_TIMEOUT_MS: the next token, due 20 ms after that, is refused...
     const taking = tokens.take('slow.example', 80, MAX_TIMEOUT_MS + 100_000)!;
     asks[0]!.fail(new SockpoolError(ErrorCodes.RATE_LIMITED, 'refused', { waitMs: MAX_TIMEOUT_MS + 20 }));
