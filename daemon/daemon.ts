@@ -288,15 +288,16 @@ export class Sockpoold {
     await this.#notifyReliably('READY=1', () => this.#notifier.ready(this.#statusLine()));
     this.#notifier.startWatchdog();
     // The status line is for systemd alone: with no notify socket the timer would only wake an idle daemon.
-    if (!this.#notifier.enabled) return;
-    this.#statusTimer = setInterval(() => {
-      try {
-        this.#notifier.status(this.#statusLine());
-      } catch {
-        // A status line lost to a full queue is replaced by the next one.
-      }
-    }, STATUS_INTERVAL_MS);
-    this.#statusTimer.unref();
+    if (this.#notifier.enabled) {
+      this.#statusTimer = setInterval(() => {
+        try {
+          this.#notifier.status(this.#statusLine());
+        } catch {
+          // A status line lost to a full queue is replaced by the next one.
+        }
+      }, STATUS_INTERVAL_MS);
+      this.#statusTimer.unref();
+    }
   }
 
   /**

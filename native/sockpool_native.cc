@@ -2243,43 +2243,39 @@ class PollSet : public Napi::ObjectWrap<PollSet> {
     return state_;
   }
 
-  void Control(Napi::Env env, PollSetState* state, int op, int fd, int events, int32_t token) {
+  // add or modify (`op`) from (fd, events, token): EEXIST to add an fd this set or a Poller of this thread already
+  // watches, ENOENT to modify one that is not a member.
+  Napi::Value Register(const Napi::CallbackInfo& info, int op) {
+    Napi::Env env = info.Env();
+    const int fd = FdArg(info, 0);
+    const int events = static_cast<int>(IntegerArg(info, 1, "events", 1, kPollEventMask));
+    const auto token = static_cast<int32_t>(IntegerArg(info, 2, "token", INT32_MIN, INT32_MAX));
+    PollSetState* state = OpenState(env);
+    if (op == EPOLL_CTL_ADD && state->polled->count(fd) != 0) {
+      ThrowErrno(env, EEXIST, "epoll_ctl", "fd " + std::to_string(fd));
+    }
+    if (op == EPOLL_CTL_MOD && state->members.count(fd) == 0) {
+      ThrowErrno(env, ENOENT, "epoll_ctl", "fd " + std::to_string(fd));
+    }
     epoll_event event;
     memset(&event, 0, sizeof event);
     event.events = EpollEventsFor(events);
     event.data.u64 = (static_cast<uint64_t>(events) << 32) | static_cast<uint32_t>(token);
     if (::epoll_ctl(state->epfd, op, fd, &event) < 0) ThrowErrno(env, errno, "epoll_ctl");
-  }
-
-  // add(fd, events, token): EEXIST when a Poller or this set already watches fd.
-  Napi::Value Add(const Napi::CallbackInfo& info) {
-    Napi::Env env = info.Env();
-    const int fd = FdArg(info, 0);
-    const int events = static_cast<int>(IntegerArg(info, 1, "events", 1, kPollEventMask));
-    const auto token = static_cast<int32_t>(IntegerArg(info, 2, "token", INT32_MIN, INT32_MAX));
-    PollSetState* state = OpenState(env);
-    if (state->polled->count(fd) != 0) ThrowErrno(env, EEXIST, "epoll_ctl", "fd " + std::to_string(fd));
-    Control(env, state, EPOLL_CTL_ADD, fd, events, token);
-    state->polled->insert(fd);
-    state->members.insert(fd);
-    if (state->members.size() == 1) {
-      uv_ref(reinterpret_cast<uv_handle_t*>(&state->handle));
-      Ref();  // while it has members the JS object must stay alive (as a started Poller's)
+    if (op == EPOLL_CTL_ADD) {
+      state->polled->insert(fd);
+      state->members.insert(fd);
+      if (state->members.size() == 1) {
+        uv_ref(reinterpret_cast<uv_handle_t*>(&state->handle));
+        Ref();  // while it has members the JS object must stay alive (as a started Poller's)
+      }
     }
     return env.Undefined();
   }
 
-  // modify(fd, events, token): ENOENT when fd is not a member.
-  Napi::Value Modify(const Napi::CallbackInfo& info) {
-    Napi::Env env = info.Env();
-    const int fd = FdArg(info, 0);
-    const int events = static_cast<int>(IntegerArg(info, 1, "events", 1, kPollEventMask));
-    const auto token = static_cast<int32_t>(IntegerArg(info, 2, "token", INT32_MIN, INT32_MAX));
-    PollSetState* state = OpenState(env);
-    if (state->members.count(fd) == 0) ThrowErrno(env, ENOENT, "epoll_ctl", "fd " + std::to_string(fd));
-    Control(env, state, EPOLL_CTL_MOD, fd, events, token);
-    return env.Undefined();
-  }
+  Napi::Value Add(const Napi::CallbackInfo& info) { return Register(info, EPOLL_CTL_ADD); }
+
+  Napi::Value Modify(const Napi::CallbackInfo& info) { return Register(info, EPOLL_CTL_MOD); }
 
   // remove(fd): whether it was a member. Never throws for a member: the fd is no longer watched either way.
   Napi::Value Remove(const Napi::CallbackInfo& info) {
