@@ -3,7 +3,7 @@
 // connect refused once and no longer wanted leaves no entry in the origin's queue to hold a free slot from the
 // others; a member with a short slotTtlMs does not cut short the keys a live member's slots are counted in (the
 // fleet stays within its cap); and a fleet.redis database the server does not have leaves the fleet unavailable
-// instead of writing to database 0.
+// instead of writing to database 0. A member asked for slots or tokens before its first heartbeat waits for it.
 import { once } from 'node:events';
 import { createServer } from 'node:net';
 import pino from 'pino';
@@ -91,6 +91,60 @@ describe('the queue of waiters', () => {
     const queued = await queue();
     const took = await other.takeSlot(origin, 1, false, () => true);
     expect({ queued, took }).toEqual({ queued: '', took: true });
+  });
+});
+
+describe('a member asked before it has joined', () => {
+  // The daemon serves clients before its fleet's first heartbeat has come back (Daemon.start): a connect or a
+  // rate-limited acquire in that window must wait for the fleet's answer, not decide alone as if Redis were down.
+  const newcomer = (name: string, onUnavailable: 'local' | 'refuse' = 'local') =>
+    new Fleet(parseConfig({ fleet: { redis: redis.url, name, onUnavailable } }, 'test').fleet, log);
+
+  it('waits for its first heartbeat: a slot the fleet has none left of is refused, not granted alone', async () => {
+    const holder = newcomer('earlyslot');
+    await holder.start();
+    cleanups.push(() => holder.close());
+    const origin = '127.0.0.1:23';
+    const cap = 2;
+    expect([
+      await holder.takeSlot(origin, cap, false, () => true),
+      await holder.takeSlot(origin, cap, false, () => true),
+    ]).toEqual([true, true]);
+    const late = newcomer('earlyslot');
+    cleanups.push(() => late.close());
+    // Asked before start(): alone, its share by the one member it knows of (itself) is the whole cap.
+    const taken = late.takeSlot(origin, cap, false, () => true);
+    await late.start();
+    expect({ granted: await taken, fallbackSlots: late.counters.fallbackSlots }).toEqual({
+      granted: false,
+      fallbackSlots: 0,
+    });
+  });
+
+  it('in `refuse` mode, is not refused for a Redis that is up', async () => {
+    const late = newcomer('earlyrefuse', 'refuse');
+    cleanups.push(() => late.close());
+    const taken = late.takeSlot('127.0.0.1:24', 2, false, () => true);
+    await late.start();
+    expect({ granted: await taken, refused: late.counters.refused }).toEqual({ granted: true, refused: 0 });
+  });
+
+  it('takes request tokens from the fleet, not from a share of its own', async () => {
+    const holder = newcomer('earlytokens');
+    await holder.start();
+    cleanups.push(() => holder.close());
+    const params = { requestsPerSecond: 0.1, burst: 3 };
+    const everything = (share: { burst: number }) => ({ granted: share.burst, waitMs: 0 });
+    const origin = '127.0.0.1:25';
+    expect((await holder.takeTokens(origin, params, 3, everything)).granted).toBe(3);
+    const late = newcomer('earlytokens');
+    cleanups.push(() => late.close());
+    const taken = late.takeTokens(origin, params, 3, everything);
+    await late.start();
+    expect({ granted: (await taken).granted, fallbackTokens: late.counters.fallbackTokens }).toEqual({
+      granted: 0,
+      fallbackTokens: 0,
+    });
   });
 });
 

@@ -118,6 +118,15 @@ export class Fleet implements SlotLedger {
    *  daemon must not write to. The fleet stays unavailable until the configuration is fixed. */
   #wrongDatabase: Error | undefined;
   #state: FleetState = 'connecting';
+  /**
+   * Settles when start()'s first try to join has (whether Redis answered or not), or at close(). The daemon serves
+   * clients before its fleet has joined: until then a slot or token decision waits for it (#joinTried) rather than
+   * deciding alone as if Redis were down, where this daemon, counting only itself, would take the whole cap.
+   */
+  #joined!: () => void;
+  readonly #firstJoin = new Promise<void>((resolve) => {
+    this.#joined = resolve;
+  });
   /** Live members at the last heartbeat (at least this one). */
   #members = 1;
   /** Origin key -> slots this daemon holds (granted and not given back). */
@@ -238,6 +247,7 @@ export class Fleet implements SlotLedger {
     } catch (error) {
       this.#unavailable(error as Error);
     }
+    this.#joined();
     try {
       await this.#subscriber.connect();
       await this.#subscribeFreed();
@@ -288,6 +298,7 @@ export class Fleet implements SlotLedger {
   async close(): Promise<void> {
     if (this.#closed) return;
     this.#closed = true;
+    this.#joined();
     clearInterval(this.#heartbeatTimer);
     if (this.available) {
       const keys = [...new Set([...this.#held.keys(), ...this.#restate.keys()])].map((key) => this.#slotsKey(key));
@@ -419,6 +430,8 @@ export class Fleet implements SlotLedger {
 
   /** `wait`: refused, this daemon joins the origin's queue of waiters (scripts.ts, TAKE_SLOTS_SCRIPT). */
   async #tryTakeSlot(key: string, cap: number, wait: boolean): Promise<boolean> {
+    const joining = this.#joinTried();
+    if (joining) await joining;
     if (this.available && performance.now() >= this.#trustSlotsAfter) {
       this.#taking.set(key, (this.#taking.get(key) ?? 0) + 1);
       const heartbeatsBefore = this.#heartbeatsSent;
@@ -468,6 +481,11 @@ export class Fleet implements SlotLedger {
     return true;
   }
 
+  /** Before the first try to join has ended, its end (the connect is bounded by COMMAND_TIMEOUT_MS); after, nothing. */
+  #joinTried(): Promise<void> | undefined {
+    return this.#state === 'connecting' ? this.#firstJoin : undefined;
+  }
+
   /** This daemon's share of a fleet-wide cap while Redis is unavailable: the cap / the members last seen, at least 1. */
   #localShare(cap: number): number {
     return Math.max(1, Math.floor(cap / this.#members));
@@ -483,6 +501,8 @@ export class Fleet implements SlotLedger {
     wanted: number,
     local: (share: RateParams) => Grant,
   ): Promise<Grant> {
+    const joining = this.#joinTried();
+    if (joining) await joining;
     if (this.available) {
       try {
         const [granted, waitMs] = await this.#redis.fleetRate(
