@@ -11,13 +11,14 @@
 // honest answer is checked: a body that is not the request's own path fails the run.
 //
 // Where the time goes, per phase: the honest latency split into the acquire (the daemon's answer, as the client
-// saw it) and the rest (curl and the HTTP exchange with the origin, which runs in this process), and the CPU each
-// party used: the daemon, this process (honest client and origin), the hostile processes (and their launcher), and
-// the whole machine (/proc/stat: other users of the cores included). `--hostile-nice N` runs the hostile
+// saw it) and the rest (curl and the HTTP exchange with the origin), and the CPU each party used: the daemon, this
+// process (the honest client), the origin, the hostile processes (and their launcher), and the whole machine (/proc/stat: other users of the cores included). `--hostile-nice N` runs the hostile
 // processes at that nice level: what is left of the gap then is the work they cause, not their own CPU.
 // `--fresh`: every honest request asks for `connection: close`, so each takes a new lease through the daemon
 // (otherwise curl keeps its connection and most honest requests never reach the daemon).
 // `--pin` and `--cpu-groups` (root) place the parties on the cores as a real host would (see each option below).
+// The origin is a process of its own (fixtures/echo-origin.ts), standing for a remote host: the honest and the
+// hostile clients' requests all go to it, as to one shared site.
 // The hostile processes are started by a launcher process, never by this one (see startLauncher).
 // `--control`: the same run with no hostile process in the "hostile" phases either (an A/A run): how far the ratio
 // strays from 1 on this machine with no attack at all, the noise any attack's ratio is read against.
@@ -26,10 +27,7 @@
 // where any other load on its core turns into queueing).
 
 import { execFileSync } from 'node:child_process';
-import { once } from 'node:events';
 import { chmodSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import http from 'node:http';
-import type { AddressInfo } from 'node:net';
 import os from 'node:os';
 import { join } from 'node:path';
 import { SockpoolClient } from '../client/client.js';
@@ -65,13 +63,20 @@ const rate = option('--rate', 0);
  */
 const ownSessions = !process.argv.includes('--same-session');
 /**
- * `--pin`: the honest side (this process: the honest client and its origin) on CPU 0, the daemon and every hostile
- * process on CPU 1. The hostile processes can then take no CPU from the honest client itself, only from the daemon
- * that serves both, as on a host where the honest service has cores of its own: what is left of the gap is what
- * the attack costs through the daemon.
+ * `--pin`: the honest side (this process: the honest client) on CPU 0, the daemon and every hostile process on
+ * CPU 1. The hostile processes can then take no CPU from the honest client itself, only from the daemon that serves
+ * both, as on a host where the honest service has cores of its own: what is left of the gap is what the attack
+ * costs through the daemon.
  */
 const pin = process.argv.includes('--pin');
 const onDaemonCpu = pin ? ['taskset', '-c', '1'] : [];
+/**
+ * `--origin-cpu N` (with --pin; default 0, the honest side's core): where the origin runs. It stands for a remote
+ * host, which this machine has no core for: on either core it shares a CPU with someone, and every connection a
+ * hostile client has the daemon open to it costs it an accept and a parser there.
+ */
+const originCpu = option('--origin-cpu', 0);
+const onOriginCpu = pin ? ['taskset', '-c', String(originCpu)] : [];
 /**
  * `--cpu-groups` (root): each party in a CPU control group of its own, as systemd runs them on a shared host: the
  * daemon as its service (at the unit's CPUWeight), the honest side as another and every hostile process in one
@@ -87,6 +92,8 @@ const unitCpuWeight = Number(
 const daemonWeight = option('--daemon-weight', unitCpuWeight);
 const daemonGroup = cpuGroups?.group('daemon', daemonWeight);
 const hostileGroup = cpuGroups?.group('hostile');
+/** The origin in a group of its own too: a remote host's work is nobody's share on this one. */
+const originGroup = cpuGroups?.group('origin');
 const inFlight = 4;
 const hostileUid = process.getuid?.() === 0 ? 65534 : undefined;
 const hostileClient = join(repoRoot, 'test', 'fixtures', 'hostile-client.mjs');
@@ -103,6 +110,7 @@ interface CpuMark {
   at: number;
   daemon: number;
   self: number;
+  origin: number;
   hostile: number;
   machine: number;
 }
@@ -114,6 +122,7 @@ async function cpuMark(): Promise<CpuMark> {
     at: performance.now(),
     daemon: cpuTimeMs(daemon!.pid),
     self: (self.user + self.system) / 1000,
+    origin: cpuTimeMs(origin!.pid),
     hostile,
     machine: machineBusyMs(),
   };
@@ -124,12 +133,14 @@ class CpuTally {
   wallMs = 0;
   daemon = 0;
   self = 0;
+  origin = 0;
   hostile = 0;
   machine = 0;
   add(from: CpuMark, to: CpuMark): void {
     this.wallMs += to.at - from.at;
     this.daemon += to.daemon - from.daemon;
     this.self += to.self - from.self;
+    this.origin += to.origin - from.origin;
     this.hostile += to.hostile - from.hostile;
     this.machine += to.machine - from.machine;
   }
@@ -141,7 +152,8 @@ function log(text: string): void {
 
 let daemon: BenchDaemon | undefined;
 let client: SockpoolClient | undefined;
-let server: http.Server | undefined;
+/** The origin's process (fixtures/echo-origin.ts). */
+let origin: BenchChild | undefined;
 const dir = mkdtempSync(join(os.tmpdir(), 'sockpool-adversarial-'));
 /**
  * The hostile processes are started by a launcher process (fixtures/hostile-launcher.ts), not by this one: a spawn
@@ -175,14 +187,11 @@ async function main(): Promise<void> {
   if (pin) execFileSync('taskset', ['-apc', '0', String(process.pid)], { stdio: 'ignore' });
   if (honestGroup) cpuGroups!.move(honestGroup, process.pid);
   launcher = startLauncher();
-  server = http.createServer((request, response) => {
-    response.setHeader('content-type', 'text/plain');
-    response.end(request.url);
+  origin = spawnChild([process.execPath, join(repoRoot, 'dist', 'bench', 'fixtures', 'echo-origin.js')], {
+    wrap: [...(originGroup ? cpuGroups!.wrap(originGroup) : []), ...onOriginCpu],
+    ownSession: ownSessions,
   });
-  server.keepAliveTimeout = 60_000;
-  server.listen(0, '127.0.0.1');
-  await once(server, 'listening');
-  const port = (server.address() as AddressInfo).port;
+  const { port } = await origin.nextMessage<{ ready: boolean; port: number }>((message) => message.ready);
   daemon = await startBenchDaemon({
     dir,
     config: { access: { socketMode: '0666' }, pool: { defaults: { minIdle: 8, maxIdle: 32 } } },
@@ -193,12 +202,12 @@ async function main(): Promise<void> {
   });
   chmodSync(dir, 0o755);
   client = new SockpoolClient({ socketPath: daemon.socketPath, threads: 0 });
-  const origin = `http://127.0.0.1:${port}`;
+  const originUrl = `http://127.0.0.1:${port}`;
   let next = 0;
   const request = async (samples: PhaseSamples) => {
     const path = `/honest-${next++}`;
     const started = performance.now();
-    const response = await client!.request(`${origin}${path}`, fresh ? { headers: { connection: 'close' } } : {});
+    const response = await client!.request(`${originUrl}${path}`, fresh ? { headers: { connection: 'close' } } : {});
     const totalMs = performance.now() - started;
     samples.total.push(totalMs * 1000);
     samples.acquire.push(response.timings.acquireMs * 1000);
@@ -302,7 +311,8 @@ async function main(): Promise<void> {
       'phase',
       'wall s',
       'daemon',
-      'bench (honest + origin)',
+      'honest client',
+      'origin',
       'hostile processes',
       'whole machine',
       'honest leases warm',
@@ -318,6 +328,7 @@ async function main(): Promise<void> {
       String(round(cpu.wallMs / 1000, 1)),
       share(cpu.daemon, cpu),
       share(cpu.self, cpu),
+      share(cpu.origin, cpu),
       share(cpu.hostile, cpu),
       share(cpu.machine, cpu),
       `${samples.warmLeases}/${samples.leases}`,
@@ -330,7 +341,7 @@ async function main(): Promise<void> {
     `p50 ratio ${round(h.p50 / q.p50, 2)}, p99 ratio ${round(h.p99 / q.p99, 2)} (aim: p99 within 2x); ` +
       `every honest answer was its own (${q.count + h.count} checked); ` +
       `${control ? 'control run: no hostile process in either phase' : `${hostile.spawns} hostile processes started`}` +
-      `${hostileNice > 0 ? ` at nice ${hostileNice}` : ''}${fresh ? '; a fresh lease per honest request' : ''}${rate > 0 ? `; honest requests at ${rate}/s (open loop)` : `; ${inFlight} honest requests in flight (closed loop)`}${ownSessions ? '' : '; hostile processes in this session'}${pin ? '; honest side on CPU 0, daemon and hostile processes on CPU 1' : ''}${cpuGroups ? `; honest side, daemon and hostile uid in one CPU group each (daemon weight ${daemonWeight}, the others 100)` : ''}; load average ${os.loadavg()[0]!.toFixed(1)} on ` +
+      `${hostileNice > 0 ? ` at nice ${hostileNice}` : ''}${fresh ? '; a fresh lease per honest request' : ''}${rate > 0 ? `; honest requests at ${rate}/s (open loop)` : `; ${inFlight} honest requests in flight (closed loop)`}${ownSessions ? '' : '; hostile processes in this session'}${pin ? `; honest side on CPU 0, daemon and hostile processes on CPU 1, origin on CPU ${originCpu}` : ''}${cpuGroups ? `; honest side, daemon, hostile uid and origin in one CPU group each (daemon weight ${daemonWeight}, the others 100)` : ''}; load average ${os.loadavg()[0]!.toFixed(1)} on ` +
       `${os.availableParallelism()} cores`,
   );
 }
@@ -355,8 +366,7 @@ runBench(
     await launcher?.stop();
     await client?.close();
     await daemon?.stop();
-    server?.closeAllConnections();
-    server?.close();
+    await origin?.stop();
     rmSync(dir, { recursive: true, force: true });
     cpuGroups?.close();
   },
