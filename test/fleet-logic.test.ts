@@ -496,6 +496,20 @@ describe('worker tokens', () => {
     await second;
   });
 
+  it('a refusal whose earliest token comes past every waiting deadline fails them all at once, asking no more', async () => {
+    // Deadlines a few ms apart, the asker's not the earliest (as the requests of one burst that start together):
+    // before, every request with a later deadline than the ask's asked again and again until its deadline passed.
+    const { asks, tokens } = learnedTokens({ requestsPerSecond: 1 / 60, burst: 1 });
+    const takes = [1000, 1050, 1020].map((timeoutMs) => tokens.take('a.example', 80, timeoutMs)!);
+    const refusal = new SockpoolError(ErrorCodes.RATE_LIMITED, 'refused', { waitMs: 60_000 });
+    asks[0]!.fail(refusal);
+    const outcomes = await Promise.allSettled(takes);
+    expect({
+      codes: outcomes.map((outcome) => (outcome.status === 'rejected' ? outcome.reason.code : 'granted')),
+      asks: asks.length,
+    }).toEqual({ codes: Array(3).fill(ErrorCodes.RATE_LIMITED), asks: 1 });
+  });
+
   it('a request cancelled while it waits stops waiting at once, and its token stays for the others', async () => {
     const { asks, tokens } = learnedTokens({ requestsPerSecond: 10, burst: 2 });
     // The first request's wait asks for the batch (2); the second waits for that.

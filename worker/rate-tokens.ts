@@ -9,7 +9,9 @@
 // and spend from the batch it fills; only those still without a token then ask again. (Each asking for a batch of
 // its own, a burst of N requests took up to N batches: tokens that expired unspent, lost to the whole fleet, and
 // waits the origin's rate did not call for.) A request whose deadline comes before the one under way's asks for
-// its own single token instead, so that it never waits past its deadline behind another request.
+// its own single token instead, so that it never waits past its deadline behind another request. A refusal
+// (SOCKPOOL_ERR_RATE_LIMITED: the next token comes at T at the earliest) is kept for the origin: every request
+// waiting with a deadline before T fails with it at once, where each asked again for itself before.
 //
 // A batch request asks for the rate's batch (batchSize) while the worker spends what it asks for; tokens it cannot
 // spend within TOKEN_LIFETIME_MS expire, charged to the origin's rate all the same. So once some expired unspent,
@@ -71,6 +73,9 @@ interface OriginTokens {
   waiting: Set<Waiting>;
   /** Of each `tokens` request under way: cancels it when nobody waits for it any more (#recheck runs them). */
   asks: Set<() => void>;
+  /** The daemon's last SOCKPOOL_ERR_RATE_LIMITED for the origin, and the earliest (this clock) its next token can
+   *  come: a waiting request whose deadline comes before that fails with it instead of asking again. */
+  refused: { until: number; error: unknown } | undefined;
 }
 
 /** A request waiting for a token in #wait. */
@@ -100,8 +105,15 @@ export class RateTokens {
   /** A lease arrived for host:port: its `rate` (or none) is the origin's from now on. */
   learn(host: string, port: number, rate: RateParams | undefined): void {
     const key = originKey({ host, port });
-    if (rate) this.#rates.set(key, rate);
-    else if (this.#rates.delete(key)) this.#origins.delete(key);
+    if (rate) {
+      const before = this.#rates.get(key);
+      this.#rates.set(key, rate);
+      // A refusal under another rate says nothing about this one.
+      if (before && (before.requestsPerSecond !== rate.requestsPerSecond || before.burst !== rate.burst)) {
+        const origin = this.#origins.get(key);
+        if (origin) origin.refused = undefined;
+      }
+    } else if (this.#rates.delete(key)) this.#origins.delete(key);
   }
 
   /** Whether requests to host:port take tokens (its rate is known). */
@@ -168,7 +180,14 @@ export class RateTokens {
   #originOf(key: string): OriginTokens {
     let origin = this.#origins.get(key);
     if (!origin) {
-      origin = { batch: new TokenBatch(), asking: undefined, askingUntil: 0, waiting: new Set(), asks: new Set() };
+      origin = {
+        batch: new TokenBatch(),
+        asking: undefined,
+        askingUntil: 0,
+        waiting: new Set(),
+        asks: new Set(),
+        refused: undefined,
+      };
       this.#origins.set(key, origin);
     }
     return origin;
@@ -203,6 +222,9 @@ export class RateTokens {
         const origin = this.#originOf(key);
         const held = origin.batch.spendUntil(this.#now());
         if (held !== undefined) return held;
+        // A refusal (of its own ask, or of the one it shared) said no token comes before its deadline. (Only the
+        // request that asked heard it; the others, their deadlines a little later, asked again, and again.)
+        if (origin.refused && origin.refused.until > deadline) throw origin.refused.error;
         if (origin.asking && origin.askingUntil <= deadline + SHARED_ASK_SLACK_MS) {
           // It ends (with tokens, or refused) before this request's deadline: spend from what it brings.
           await Promise.race([origin.asking.then(ignore, ignore), woken]);
@@ -299,6 +321,7 @@ export class RateTokens {
           // The daemon waited at most MAX_TIMEOUT_MS: a token due after that, but before the deadline, is waited for
           // here (until it is due within that bound), then asked for again.
           const waitMs = rateLimitedWait(error);
+          if (waitMs !== undefined) origin.refused = { until: this.#now() + waitMs, error };
           if (left <= MAX_TIMEOUT_MS || waitMs === undefined || waitMs > deadline - this.#now()) throw error;
           await sleep(Math.max(1, waitMs - MAX_TIMEOUT_MS), signal, waiting.woken);
           // Cancelled or handed a token meanwhile: requests that shared this wait ask for themselves.
