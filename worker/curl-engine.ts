@@ -461,13 +461,53 @@ export class CurlEngine {
       return;
     }
     if (!(preparing instanceof Promise)) {
-      this.#perform(transfer, preparing, performance.now() - started);
+      this.#prepared(transfer, preparing, started, remaining, false);
       return;
     }
     preparing.then(
-      (slot) => this.#perform(transfer, slot, performance.now() - started, true),
+      (slot) => this.#prepared(transfer, slot, started, remaining, true),
       (error: unknown) => this.#prepareFailed(transfer, error, started, remaining),
     );
+  }
+
+  /**
+   * The attempt has its slot. A transfer that joined another's socket without a token (its origin's rate was not
+   * known here when it started: the socket's lease, which the daemon charged, is what told us) takes its token now,
+   * before it goes out: it sends a request of its own over that connection, and a burst of them to an origin not
+   * seen before went out all at once whatever the origin's rate.
+   */
+  #prepared(transfer: Transfer, slot: SocketSlot, started: number, remaining: number, waited: boolean): void {
+    const rateTokens = this.#rateTokens;
+    if (!rateTokens || !slot.joined || slot.lease || transfer.token !== undefined) {
+      this.#perform(transfer, slot, performance.now() - started, waited);
+      return;
+    }
+    const { host, port } = transfer.target.origin;
+    const tokenFailed = (error: unknown): void => {
+      // (The slot holds no socket: finishing it only takes the transfer out of its origin's count.)
+      this.#supply.finish(slot);
+      this.#prepareFailed(transfer, error, started, remaining);
+    };
+    const askedAt = performance.now();
+    let token: number | Promise<number | undefined> | undefined;
+    try {
+      token = rateTokens.take(host, port, transfer.request.deadline - (TIME_ORIGIN + askedAt), transfer.io.signal);
+    } catch (error) {
+      tokenFailed(error);
+      return;
+    }
+    if (!(token instanceof Promise)) {
+      transfer.token = token;
+      this.#perform(transfer, slot, performance.now() - started, waited);
+      return;
+    }
+    token.then((expiresAt) => {
+      transfer.token = expiresAt;
+      const waitMs = performance.now() - askedAt;
+      transfer.attemptTokenWaitMs += waitMs;
+      transfer.tokenWaitMs += waitMs;
+      this.#perform(transfer, slot, performance.now() - started, true);
+    }, tokenFailed);
   }
 
   /** No token or no socket for the attempt: the daemon is down (maybe direct), or the request fails. */
