@@ -56,6 +56,14 @@ export interface ConnectedSocket {
   tlsCredentials?: string | undefined;
   /** The peer's port: the origin's, or the proxy's for a tunnel (undefined: the origin's). */
   port?: number | undefined;
+  /**
+   * Set by the connector only: the peer in the words native.tcpInfo writes with `withPeer`, from the getpeername
+   * its policy check judged. Its presence also says that the socket was made here and no copy of it has left this
+   * process (a lease is rebuilt without it; the fd store's and a relay's sockets never get it): nobody else could
+   * have connected it elsewhere since that read, so the pool's mark takes its peer from here instead of a second
+   * getpeername (lease-guard's markOf).
+   */
+  connectedPeer?: readonly number[] | undefined;
 }
 
 /**
@@ -74,6 +82,7 @@ export function connectedPart(socket: ConnectedSocket): ConnectedSocket {
     tls: socket.tls,
     tlsCredentials: socket.tlsCredentials,
     port: socket.port,
+    connectedPeer: socket.connectedPeer,
   };
 }
 
@@ -383,7 +392,9 @@ export class TcpConnector implements Connector {
         // The fd is this attempt's until settle() hands it to the race (which keeps or discards it).
         let socket: ConnectedSocket;
         try {
-          const peer = native.peerAddress(fd);
+          // What the kernel says the socket is connected to is what the policy judges (never the address we asked
+          // for: see the header); the same read, as words, is the peer of the socket's first mark (connectedPeer).
+          const peer = native.peerAddress(fd, peerWords);
           judge(peer.address, peer.port);
           const connectedAt = performance.now();
           socket = {
@@ -393,6 +404,7 @@ export class TcpConnector implements Connector {
             port: peer.port,
             connectedAt,
             connectMs: connectedAt - started,
+            connectedPeer: [peerWords[0]!, peerWords[1]!, peerWords[2]!, peerWords[3]!],
           };
         } catch (error) {
           native.close(fd);
@@ -440,6 +452,9 @@ export class TcpConnector implements Connector {
 function learnedKey(target: Endpoint): string {
   return `${canonicalHost(target.host)} ${target.port}`;
 }
+
+/** Where peerAddress writes an attempt's peer words (copied out at once: one array for every attempt). */
+const peerWords = new Float64Array(native.PEER_WORDS);
 
 function isRefusal(error: Error): boolean {
   return (error as { code?: string }).code === ErrorCodes.POLICY;

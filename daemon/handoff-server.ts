@@ -731,7 +731,7 @@ export class HandoffServer {
     tokenWaitMs?: number,
   ): void {
     // Identity and counters: from the pool's probe for a warm socket, read here for a fresh one.
-    const mark = handoff.mark ?? markOf(handoff.fd);
+    const mark = handoff.mark ?? markOf(handoff.fd, handoff.connectedPeer);
     const lease = this.#leases.create({
       clientId: session.id,
       originKey: handoff.originKey,

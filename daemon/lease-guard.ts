@@ -81,11 +81,13 @@ const TCP_CLOSE_WAIT = 8;
  * The socket's mark read in full (inode, peer, TCP_INFO and both queue lengths, in one native call: fstat,
  * getpeername, TCP_INFO, and a queue's ioctl only where TCP_INFO cannot tell it is empty): for sockets the daemon
  * did not see go quiet itself (fresh connects, sockets adopted from the fd store). Undefined when it is not an
- * established TCP socket or its counters cannot be read.
+ * established TCP socket or its counters cannot be read. `connectedPeer`: the connector's read of the peer
+ * (ConnectedSocket.connectedPeer), taken as the mark's instead of a getpeername: no other process has held the
+ * socket since that read, so it cannot have been connected anywhere else.
  */
-export function markOf(fd: number): UsageMark | undefined {
+export function markOf(fd: number, connectedPeer?: readonly number[]): UsageMark | undefined {
   try {
-    native.tcpInfo(fd, info, true, true);
+    native.tcpInfo(fd, info, connectedPeer === undefined, true);
   } catch {
     return undefined;
   }
@@ -101,7 +103,7 @@ export function markOf(fd: number): UsageMark | undefined {
     // notsentBytes === 0 also says the kernel reports it (NaN, when it does not, is not 0).
     quiet: info[outq] === 0 && info[inq] === 0 && info[notsentBytes] === 0 && hasCounters(sent, acked, received),
     checkedInRun: 0,
-    peer: Array.from(info.subarray(peerAt, peerAt + native.PEER_WORDS)),
+    peer: connectedPeer ?? Array.from(info.subarray(peerAt, peerAt + native.PEER_WORDS)),
   };
 }
 

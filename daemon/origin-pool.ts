@@ -437,8 +437,11 @@ export class OriginPool {
     idle.poller = undefined;
     idle.recycleTimer = undefined;
     idle.ownerUid = ownerUid;
-    // Read once when a socket enters the pool from elsewhere (a connect, the fd store), not per handoff.
-    idle.mark = mark ?? markOf(socket.fd);
+    // A client had it: no longer one that never left the daemon (see ConnectedSocket.connectedPeer).
+    if (ownerUid !== undefined) idle.connectedPeer = undefined;
+    // Read once when a socket enters the pool from elsewhere (a connect, the fd store), not per handoff; a connect's
+    // peer is the one its policy check read (ConnectedSocket.connectedPeer).
+    idle.mark = mark ?? markOf(socket.fd, idle.connectedPeer);
     this.#idle.push(idle);
     this.#armSoon();
     this.#scheduleRecycle(idle);
@@ -742,8 +745,11 @@ function handoffOf(socket: ConnectedSocket, warm: boolean, mark: UsageMark | und
   const handoff = connectedPart(socket) as Handoff;
   handoff.warm = warm;
   handoff.mark = mark;
-  // (Set only when true: the common handoff builds no field more.)
-  if (kept) handoff.kept = true;
+  // (Set only when true: the common handoff builds no field more.) A client had it: see addIdle.
+  if (kept) {
+    handoff.kept = true;
+    handoff.connectedPeer = undefined;
+  }
   return handoff;
 }
 

@@ -123,6 +123,7 @@ static_assert(offsetof(KernelTcpInfo, bytes_sent) == 200, "tcp_info layout");
 constexpr size_t kTcpInfoFields = 5;
 constexpr size_t kTcpInfoFieldsWithPeer = 9;  // the five above, then the peer in four words (TcpInfo)
 constexpr size_t kTcpInfoFieldsWithMark = 12;  // then the inode and the two queue lengths (TcpInfo's withMark)
+constexpr size_t kPeerWords = 4;               // the peer as WritePeerWords writes it
 
 // ---------------------------------------------------------------------------------------------------------------
 // Errors
@@ -372,6 +373,35 @@ InetAddress ParseInet(Napi::Env env, int domain, const std::string& address, int
 
 // `address:port` as Node prints it in connect errors (IPv6 without brackets).
 std::string Endpoint(const std::string& address, int port) { return address + ":" + std::to_string(port); }
+
+// A peer as four numbers (no object, no text), the release check's comparison: family * 65536 + port, then the
+// address in words of at most 48 bits (IPv4: the address, 0, 0; IPv6: bytes 0-5, 6-11, 12-15), so equal numbers
+// mean the same peer. false (nothing written) for a family other than IPv4 and IPv6.
+bool WritePeerWords(const sockaddr_storage& peer, double* out) {
+  const auto bytes_word = [](const uint8_t* bytes, int count) {
+    double word = 0;
+    for (int i = 0; i < count; i++) word = word * 256 + bytes[i];
+    return word;
+  };
+  if (peer.ss_family == AF_INET) {
+    const auto* in4 = reinterpret_cast<const sockaddr_in*>(&peer);
+    out[0] = 4 * 65536.0 + ntohs(in4->sin_port);
+    out[1] = bytes_word(reinterpret_cast<const uint8_t*>(&in4->sin_addr), 4);
+    out[2] = 0;
+    out[3] = 0;
+    return true;
+  }
+  if (peer.ss_family == AF_INET6) {
+    const auto* in6 = reinterpret_cast<const sockaddr_in6*>(&peer);
+    const uint8_t* address = in6->sin6_addr.s6_addr;
+    out[0] = 6 * 65536.0 + ntohs(in6->sin6_port);
+    out[1] = bytes_word(address, 6);
+    out[2] = bytes_word(address + 6, 6);
+    out[3] = bytes_word(address + 12, 4);
+    return true;
+  }
+  return false;
+}
 
 Napi::Object FormatInet(Napi::Env env, const sockaddr_storage& storage, const char* syscall) {
   char text[INET6_ADDRSTRLEN + IF_NAMESIZE + 2] = {0};
@@ -1311,7 +1341,28 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
 
   Napi::Value LocalAddress(const Napi::CallbackInfo& info) { return SocketAddress(info, ::getsockname, "getsockname"); }
 
-  Napi::Value PeerAddress(const Napi::CallbackInfo& info) { return SocketAddress(info, ::getpeername, "getpeername"); }
+  // getpeername as { address, family, port }; given a Float64Array of at least kPeerWords, the same peer is written
+  // there as TcpInfo's withPeer writes it (WritePeerWords): the connector's one read serves its policy check (the
+  // text) and the socket's lease mark (the words).
+  Napi::Value PeerAddress(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const int fd = FdArg(info, 0);
+    double* words = nullptr;
+    if (!IsAbsent(info, 1)) {
+      if (!info[1].IsTypedArray() || info[1].As<Napi::TypedArray>().TypedArrayType() != napi_float64_array ||
+          info[1].As<Napi::Float64Array>().ElementLength() < kPeerWords) {
+        throw Napi::TypeError::New(env, "words must be a Float64Array of at least 4 elements");
+      }
+      words = info[1].As<Napi::Float64Array>().Data();
+    }
+    sockaddr_storage storage;
+    memset(&storage, 0, sizeof storage);
+    socklen_t length = sizeof storage;
+    if (::getpeername(fd, reinterpret_cast<sockaddr*>(&storage), &length) < 0) ThrowErrno(env, errno, "getpeername");
+    Napi::Object peer = FormatInet(env, storage, "getpeername");  // (throws for a family other than IPv4 and IPv6)
+    if (words != nullptr) WritePeerWords(storage, words);
+    return peer;
+  }
 
   // getsockname or getpeername of the fd argument, as { address, family, port }.
   static Napi::Value SocketAddress(const Napi::CallbackInfo& info, int (*query)(int, sockaddr*, socklen_t*),
@@ -1649,35 +1700,12 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
       out[9] = static_cast<double>(st.st_ino);
     }
     if (with_peer) {
-      // The release check's peer, exactly, as four numbers (no object, no text): family * 65536 + port, then the
-      // address in words of at most 48 bits (IPv4: the address, 0, 0; IPv6: bytes 0-5, 6-11, 12-15), so equal
-      // numbers mean the same peer.
       sockaddr_storage peer;
       socklen_t peer_length = sizeof peer;
       if (::getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &peer_length) < 0) {
         ThrowErrno(env, errno, "getpeername");
       }
-      const auto bytes_word = [](const uint8_t* bytes, int count) {
-        double word = 0;
-        for (int i = 0; i < count; i++) word = word * 256 + bytes[i];
-        return word;
-      };
-      if (peer.ss_family == AF_INET) {
-        const auto* in4 = reinterpret_cast<const sockaddr_in*>(&peer);
-        out[5] = 4 * 65536.0 + ntohs(in4->sin_port);
-        out[6] = bytes_word(reinterpret_cast<const uint8_t*>(&in4->sin_addr), 4);
-        out[7] = 0;
-        out[8] = 0;
-      } else if (peer.ss_family == AF_INET6) {
-        const auto* in6 = reinterpret_cast<const sockaddr_in6*>(&peer);
-        const uint8_t* address = in6->sin6_addr.s6_addr;
-        out[5] = 6 * 65536.0 + ntohs(in6->sin6_port);
-        out[6] = bytes_word(address, 6);
-        out[7] = bytes_word(address + 6, 6);
-        out[8] = bytes_word(address + 12, 4);
-      } else {
-        ThrowErrno(env, EAFNOSUPPORT, "getpeername");
-      }
+      if (!WritePeerWords(peer, out + 5)) ThrowErrno(env, EAFNOSUPPORT, "getpeername");
     }
     KernelTcpInfo tcp;
     memset(&tcp, 0, sizeof tcp);

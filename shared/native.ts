@@ -181,7 +181,7 @@ interface NativeBinding {
   connectStart(fd: number, address: string, port: number, family?: 4 | 6): boolean;
   socketError(fd: number): string | null;
   localAddress(fd: number): SocketAddress;
-  peerAddress(fd: number): SocketAddress;
+  peerAddress(fd: number, words?: Float64Array): SocketAddress;
   setNoDelay(fd: number, on: boolean): void;
   setKeepAlive(fd: number, on: boolean, idleSec?: number, intervalSec?: number, count?: number): void;
   setUserTimeout(fd: number, ms: number): void;
@@ -455,9 +455,13 @@ export function localAddress(fd: number): SocketAddress {
   return binding.localAddress(fd);
 }
 
-/** getpeername of an IPv4/IPv6 socket (ENOTCONN when not connected). */
-export function peerAddress(fd: number): SocketAddress {
-  return binding.peerAddress(fd);
+/**
+ * getpeername of an IPv4/IPv6 socket (ENOTCONN when not connected). With `words` (a Float64Array of at least
+ * PEER_WORDS), the same read is written there too, as tcpInfo() writes the peer with `withPeer` (for peerText and a
+ * lease mark's comparison).
+ */
+export function peerAddress(fd: number, words?: Float64Array): SocketAddress {
+  return binding.peerAddress(fd, words);
 }
 
 // ---- Socket options (each throws the setsockopt error; the option name is in the message)

@@ -222,6 +222,63 @@ describe('TcpConnector on loopback', () => {
     expect(both.v6.arrivals.length).toBe(arrivalsBefore);
   });
 
+  it("the winner carries the peer its policy check read, as tcpInfo's words (the pool's mark reads it no second time)", async () => {
+    const { connector: c } = connector();
+    const info = new Float64Array(native.TCP_INFO_FIELDS);
+    for (const [host, family] of [
+      ['dual.test', 6],
+      ['v6refused.test', 4],
+    ] as const) {
+      const port = family === 6 ? both.v6.port : v4.port;
+      const socket = await c.connect({ host, port }, policy);
+      native.tcpInfo(socket.fd, info, true);
+      native.close(socket.fd); // (before any expect: a socket left open would fail the tests after this one)
+      expect(socket.family).toBe(family);
+      const peerAt = native.TcpInfoField.peer;
+      expect(socket.connectedPeer).toEqual(Array.from(info.subarray(peerAt, peerAt + native.PEER_WORDS)));
+      expect(native.peerText(socket.connectedPeer!)).toBe(`${family === 6 ? '0:0:0:0:0:0:0:1' : '127.0.0.1'} ${port}`);
+    }
+  });
+
+  it('judges the peer the kernel reports once connected: a refusal there closes the connection it made', async () => {
+    // Each address passes before its attempt and is refused when the connected socket's peer is judged (as after a
+    // reload between the two): the second look must be there, and see what getpeername says.
+    class RefusedOnSecondLook extends EgressPolicy {
+      readonly judged: string[] = [];
+      readonly #refusing = new EgressPolicy(parseConfig({ egress: { allowPorts: [v4.port] } }, 'test').egress);
+      override checkAddress(address: string, port: number, host?: string): void {
+        this.judged.push(`${address} ${port}`);
+        if (this.judged.length > 1) this.#refusing.checkAddress(address, port, host);
+        else super.checkAddress(address, port, host);
+      }
+    }
+    const config = parseConfig(
+      {
+        dns: { resolve: [`peer.test:${v4.port}:127.0.0.1`] },
+        egress: { allow: ['127.0.0.1/32'], allowPorts: [v4.port] },
+      },
+      'test',
+    );
+    const resolver = new Resolver(config.dns);
+    const egress = new RefusedOnSecondLook(config.egress);
+    const metrics = createMetrics(() => ({ origins: [] }), { processMetrics: false });
+    const c = new TcpConnector(
+      () => resolver,
+      () => egress,
+      { metrics },
+    );
+    const fds = await openFds();
+    const arrivals = v4.arrivals.length;
+    await expect(c.connect({ host: 'peer.test', port: v4.port }, policy)).rejects.toMatchObject({
+      code: 'SOCKPOOL_ERR_POLICY',
+      reason: 'loopback',
+    });
+    expect(egress.judged).toEqual([`127.0.0.1 ${v4.port}`, `127.0.0.1 ${v4.port}`]);
+    expect(await attempts(metrics, 4, 'refused')).toBe(1);
+    await eventually(() => v4.arrivals.length === arrivals + 1, 'the connection arrived');
+    expect(await openFds()).toBe(fds);
+  });
+
   it('every candidate refused: SOCKPOOL_ERR_POLICY, nothing left open', async () => {
     const { connector: c } = connector([]);
     const before = await openFds();

@@ -293,6 +293,29 @@ describe('tcpInfo', () => {
   });
 });
 
+describe('peerAddress', () => {
+  it("with words writes the same read as tcpInfo's withPeer does, IPv4 and IPv6", async () => {
+    const hosts = hasIpv6Loopback ? ['127.0.0.1', '::1'] : ['127.0.0.1'];
+    const info = new Float64Array(native.TCP_INFO_FIELDS);
+    const peerAt = native.TcpInfoField.peer;
+    for (const host of hosts) {
+      const server = await startServer(host);
+      const fd = await connectTcp(host, server.port, { timeoutMs: 10_000 });
+      const words = new Float64Array(native.PEER_WORDS).fill(-1);
+      expect(native.peerAddress(fd, words)).toEqual({
+        address: host,
+        family: host === '::1' ? 6 : 4,
+        port: server.port,
+      });
+      native.tcpInfo(fd, info, true);
+      expect(Array.from(words)).toEqual(Array.from(info.subarray(peerAt, peerAt + native.PEER_WORDS)));
+      expect(() => native.peerAddress(fd, new Float64Array(3))).toThrow(TypeError);
+      native.close(fd);
+      await server.close();
+    }
+  });
+});
+
 /** Waits (event-loop turns, bounded) until `check` holds: the kernel's counters move when a segment lands. */
 async function until(check: () => boolean): Promise<void> {
   for (let i = 0; i < 2_000 && !check(); i++) await new Promise((resolve) => setTimeout(resolve, 1));

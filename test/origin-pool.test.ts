@@ -409,6 +409,16 @@ describe('OriginPool recycling and dead idle sockets', () => {
     expect(origin.evictOne()).toBe(false);
   });
 
+  it("a socket a client had goes out again without the connector's peer (connectedPeer): its next mark reads it", async () => {
+    const origin = pool();
+    const handoff = await acquire(origin);
+    held.splice(held.indexOf(handoff), 1);
+    origin.giveBack(handoff, 0, true);
+    const again = await acquire(origin);
+    expect(again).toMatchObject({ fd: handoff.fd, warm: true, kept: true });
+    expect(again.connectedPeer).toBeUndefined();
+  });
+
   it('detaches its idle sockets for the fd store, and a new pool adopts the live ones', async () => {
     const origin = pool();
     origin.prewarm(2);

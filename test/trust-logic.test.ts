@@ -445,12 +445,15 @@ describe('lease guard', () => {
     const before = fdCount();
     const connector = await FakeConnector.start();
     const policy = policyFor(defaultConfig(), 'x', 1);
-    const { fd } = await connector.connect({ host: 'x', port: 1 }, policy);
+    const { fd, connectedPeer } = await connector.connect({ host: 'x', port: 1 }, policy);
     const peerSide = connector.peerOf(fd);
     const peer = [4 * 65536 + native.peerAddress(fd).port, 0x7f000001, 0, 0];
     // Nothing sent, received or queued (the one byte acknowledged is our SYN): quiet.
     const fresh = { inode: native.socketInode(fd), bytesSent: 0, bytesAcked: 1, bytesReceived: 0, quiet: true };
     expect(markOf(fd)).toEqual({ ...fresh, checkedInRun: 0, peer });
+    // The same mark with the peer the connect's policy check read (the pool's first mark of a connect).
+    expect(connectedPeer).toEqual(peer);
+    expect(markOf(fd, connectedPeer)).toEqual({ ...fresh, checkedInRun: 0, peer });
     // Input nobody read: counted, not quiet.
     peerSide.write('xyz');
     await until(() => native.tcpCounters(fd).inq === 3);
