@@ -61,7 +61,8 @@ export interface ConnectedSocket {
    * its policy check judged. Its presence also says that the socket was made here and no copy of it has left this
    * process (a lease is rebuilt without it; the fd store's and a relay's sockets never get it): nobody else could
    * have connected it elsewhere since that read, so the pool's mark takes its peer from here instead of a second
-   * getpeername (lease-guard's markOf).
+   * getpeername (lease-guard's markOf), and nobody else could have set SO_LINGER on it, so the pool's close of it
+   * needs no linger disarm (origin-pool's closePooled).
    */
   connectedPeer?: readonly number[] | undefined;
 }

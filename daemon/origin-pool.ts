@@ -239,7 +239,7 @@ export class OriginPool {
     }
     const probe = native.probe(socket.fd);
     if (this.#closed || probe.state !== 'alive' || !isEstablished(probe.tcpState)) {
-      closePooled(socket.fd, lent);
+      closePooled(socket, lent);
       this.#settleSlots();
       this.#pump();
       return;
@@ -427,7 +427,7 @@ export class OriginPool {
       if (kept) this.#drop(kept, 'evicted');
     }
     if (this.#idle.length >= this.policy.maxIdle) {
-      closePooled(socket.fd, ownerUid !== undefined);
+      closePooled(socket, ownerUid !== undefined);
       this.#settleSlots();
       this.#events.dropped(this, 'excess', 0, performance.now() - socket.connectedAt, ownerUid !== undefined);
       return;
@@ -522,7 +522,7 @@ export class OriginPool {
     this.#idle.splice(index, 1);
     socket.poller?.close();
     clearTimeout(socket.recycleTimer);
-    closePooled(socket.fd, socket.ownerUid !== undefined);
+    closePooled(socket, socket.ownerUid !== undefined);
     this.#settleSlots();
     const now = performance.now();
     this.#events.idleChanged(this, -1);
@@ -756,9 +756,13 @@ function handoffOf(socket: ConnectedSocket, warm: boolean, mark: UsageMark | und
 /**
  * Closes a socket of the pool. One that a client had (`lent`: released to the pool for its uid) is shut down
  * first: the client may have kept a copy of the fd, and a plain close would leave that copy a live connection
- * that no count of the daemon's holds (maxPerOrigin, the uid's leases, maxLeaseMs).
+ * that no count of the daemon's holds (maxPerOrigin, the uid's leases, maxLeaseMs); its close disarms the linger a
+ * client may have set through that copy. One the connector made that never left the daemon (connectedPeer) has no
+ * linger but the kernel's default, so it is closed without the disarm (one setsockopt a socket's life less); any
+ * other (the fd store's, a relay's end) gets the disarm, as its history is not known here.
  */
-function closePooled(fd: number, lent: boolean): void {
-  if (lent) endConnection(fd);
-  else native.close(fd);
+function closePooled(socket: ConnectedSocket, lent: boolean): void {
+  if (lent) endConnection(socket.fd);
+  else if (socket.connectedPeer !== undefined) native.closeNeverShared(socket.fd);
+  else native.close(socket.fd);
 }

@@ -251,10 +251,11 @@ std::vector<int> FdListArg(const Napi::CallbackInfo& info, size_t index) {
 // ---------------------------------------------------------------------------------------------------------------
 // Small syscall helpers
 
-// Every socket this addon closes gets its linger turned off first. A client can set SO_LINGER on a socket it sends
-// us, or on its copy of one we lent it; then close() of the last copy, even of a non-blocking socket, waits up to
-// the linger time (any number of seconds) while unsent data is queued, and the thread that closes it (the
-// daemon's only one) serves nobody meanwhile. {0, 0} is the kernel's default: close() returns at once and the
+// Every socket this addon closes gets its linger turned off first (but through closeNeverShared, whose caller
+// vouches that no other process ever held a copy). A client can set SO_LINGER on a socket it sends us, or on its
+// copy of one we lent it; then close() of the last copy, even of a non-blocking socket, waits up to the linger time
+// (any number of seconds) while unsent data is queued, and the thread that closes it (the daemon's only one) serves
+// nobody meanwhile. {0, 0} is the kernel's default: close() returns at once and the
 // kernel sends what is queued in the background (never an RST, as {1, 0} would). Not a socket: ENOTSOCK, ignored.
 void DisarmLinger(int fd) {
   const linger off = {0, 0};
@@ -1842,6 +1843,20 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     return env.Undefined();
   }
 
+  // close() without the linger disarm, for a socket whose every copy was this process's own from its socket() on
+  // (the pool's, connected here and never lent or sent): no client could have set SO_LINGER on it, so its linger is
+  // what this process left (the kernel's default: off) and the close cannot wait. The caller vouches for that; a
+  // socket a client had, or may have, goes through Close.
+  Napi::Value CloseNeverShared(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const int fd = FdArg(info, 0);
+    ThrowIfPolled(env, fd);
+    tracked_.erase(fd);
+    const WatchedCall watched;  // (nothing here can wait, but a wrong vouch must not hold the thread for good)
+    if (::close(fd) < 0 && errno != EINTR) ThrowErrno(env, errno, "close");
+    return env.Undefined();
+  }
+
   // close() for an fd a client sent, or a Unix socket whose unread messages a client sent: every fd queued in it
   // is taken out and discarded first (DiscardQuietly), so no close waits for a client's lingering socket.
   Napi::Value Discard(const Napi::CallbackInfo& info) {
@@ -2391,6 +2406,7 @@ SockpoolAddon::SockpoolAddon(Napi::Env env, Napi::Object exports) {
                            InstanceMethod<&SockpoolAddon::Shutdown>("shutdown", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::Dup>("dup", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::Close>("close", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::CloseNeverShared>("closeNeverShared", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::Discard>("discard", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::StartCloseWatchdog>("startCloseWatchdog", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::Untrack>("untrack", napi_enumerable),

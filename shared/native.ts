@@ -203,6 +203,7 @@ interface NativeBinding {
   shutdown(fd: number): boolean;
   dup(fd: number): number;
   close(fd: number): void;
+  closeNeverShared(fd: number): void;
   discard(fd: number): void;
   startCloseWatchdog(): void;
   untrack(fd: number): void;
@@ -605,6 +606,16 @@ export function dup(fd: number): number {
  */
 export function close(fd: number): void {
   binding.close(fd);
+}
+
+/**
+ * close() without the linger disarm close() makes (one setsockopt less), for a socket every copy of which was this
+ * process's own from its socket() on: connected here, never lent or sent. Only a process holding a copy can set
+ * SO_LINGER, so such a socket's linger is this process's choice (the daemon never sets one) and the close cannot
+ * wait for it. Anything a client had, or may have had, goes through close(). Throws as close() does.
+ */
+export function closeNeverShared(fd: number): void {
+  binding.closeNeverShared(fd);
 }
 
 /**

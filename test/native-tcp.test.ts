@@ -9,8 +9,10 @@ import * as native from '../shared/native.js';
 import {
   catchError,
   fdCount,
+  lingerZeroThroughCopy,
   receiveMessage,
   startServer,
+  stateAfterClose,
   waitForEvents,
   warmUpChildProcesses,
 } from './fixtures/native-helpers.js';
@@ -313,6 +315,28 @@ describe('peerAddress', () => {
       native.close(fd);
       await server.close();
     }
+  });
+});
+
+describe('closeNeverShared', () => {
+  it('closes without the linger disarm close() makes first (a linger {1, 0} then resets the connection)', async () => {
+    const server = await startServer('127.0.0.1', (socket) => socket.pause());
+    const before = fdCount();
+    const states: Record<string, number> = {};
+    const closes = { close: native.close, closeNeverShared: native.closeNeverShared };
+    for (const [index, [how, close]] of Object.entries(closes).entries()) {
+      const fd = await connectTcp('127.0.0.1', server.port, { timeoutMs: 10_000 });
+      await server.waitForConnections(index + 1);
+      await lingerZeroThroughCopy(fd);
+      close(fd);
+      states[how] = stateAfterClose(server.connections[index]!);
+    }
+    // close(): the linger turned off, a FIN (CLOSE_WAIT); closeNeverShared: the linger kept, a reset (CLOSE).
+    expect(states).toEqual({ close: 8, closeNeverShared: 7 });
+    for (const socket of server.connections) socket.destroy(); // paused, they would not see the end
+    await server.allClosed();
+    expect(fdCount()).toBe(before);
+    await server.close();
   });
 });
 

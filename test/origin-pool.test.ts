@@ -15,7 +15,13 @@ import * as native from '../shared/native.js';
 import type { Origin } from '../shared/origin.js';
 import { nextTurn, until, useFakeClock } from './fixtures/fake-clock.js';
 import { FakeConnector } from './fixtures/fake-connector.js';
-import { fdCount, waitForEvents, warmUpChildProcesses } from './fixtures/native-helpers.js';
+import {
+  fdCount,
+  lingerZeroThroughCopy,
+  stateAfterClose,
+  waitForEvents,
+  warmUpChildProcesses,
+} from './fixtures/native-helpers.js';
 
 const ORIGIN: Origin = { host: 'origin.test', port: 443 };
 const KEY = 'origin.test:443';
@@ -407,6 +413,28 @@ describe('OriginPool recycling and dead idle sockets', () => {
     await once(olderPeer, 'close');
     expect((await acquire(origin)).fd).toBe(newer.fd);
     expect(origin.evictOne()).toBe(false);
+  });
+
+  it('closes a socket no client had without the linger disarm, and one kept for a uid with it, after a shutdown', async () => {
+    // Seen from the server side: a linger {1, 0} set through a copy of each socket (as only a client holding one
+    // could) makes a close that keeps it reset the connection (CLOSE, 7); a close that turns it off ends it with
+    // a FIN (CLOSE_WAIT, 8). A socket the connector made that no client had (connectedPeer) cannot carry a linger
+    // the daemon did not set, so its close skips the setsockopt; one a client had keeps the disarm.
+    const origin = pool();
+    const shared = await acquire(origin);
+    const kept = await acquire(origin);
+    expect(shared.connectedPeer).toBeDefined();
+    giveBack(origin, shared);
+    held.splice(held.indexOf(kept), 1);
+    origin.giveBack(kept, 0, true); // released unused by a client, which may keep a copy
+    const [sharedPeer, keptPeer] = [connector.peerOf(shared.fd), connector.peerOf(kept.fd)];
+    await lingerZeroThroughCopy(shared.fd);
+    await lingerZeroThroughCopy(kept.fd);
+    expect(origin.evictOne()).toBe(true); // the oldest: the shared one
+    expect(stateAfterClose(sharedPeer)).toBe(7);
+    expect(origin.evictOne()).toBe(true);
+    expect(stateAfterClose(keptPeer)).toBe(8);
+    expect(events.reasons).toEqual(['evicted', 'evicted']);
   });
 
   it("a socket a client had goes out again without the connector's peer (connectedPeer): its next mark reads it", async () => {
