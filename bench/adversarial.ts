@@ -111,33 +111,40 @@ interface CpuMark {
   daemon: number;
   self: number;
   origin: number;
+  /** Connections the origin accepted so far (the daemon's connects for every client). */
+  originConnections: number;
   hostile: number;
   machine: number;
 }
 
 async function cpuMark(): Promise<CpuMark> {
   const { ms: hostile } = await launcherCommand<{ ms: number }>({ t: 'cpu' });
+  origin!.send('stats');
+  const { stats } = await origin!.nextMessage<{ stats: { connections: number } }>((message) => 'stats' in message);
   const self = process.cpuUsage();
   return {
     at: performance.now(),
     daemon: cpuTimeMs(daemon!.pid),
     self: (self.user + self.system) / 1000,
     origin: cpuTimeMs(origin!.pid),
+    originConnections: stats.connections,
     hostile,
     machine: machineBusyMs(),
   };
 }
 
-/** CPU used between marks, summed over phases, in ms. */
+/** CPU used between marks, summed over phases, in ms; and the connections the origin accepted. */
 class CpuTally {
   wallMs = 0;
   daemon = 0;
   self = 0;
   origin = 0;
+  originConnections = 0;
   hostile = 0;
   machine = 0;
   add(from: CpuMark, to: CpuMark): void {
     this.wallMs += to.at - from.at;
+    this.originConnections += to.originConnections - from.originConnections;
     this.daemon += to.daemon - from.daemon;
     this.self += to.self - from.self;
     this.origin += to.origin - from.origin;
@@ -316,6 +323,7 @@ async function main(): Promise<void> {
       'hostile processes',
       'whole machine',
       'honest leases warm',
+      'origin accepts/s',
     ],
   ];
   for (const [name, samples] of [
@@ -332,6 +340,7 @@ async function main(): Promise<void> {
       share(cpu.hostile, cpu),
       share(cpu.machine, cpu),
       `${samples.warmLeases}/${samples.leases}`,
+      String(round((1000 * cpu.originConnections) / cpu.wallMs, 0)),
     ]);
   }
   console.log(table(cpuRows));
