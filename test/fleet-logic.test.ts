@@ -510,6 +510,59 @@ describe('worker tokens', () => {
     }).toEqual({ codes: Array(3).fill(ErrorCodes.RATE_LIMITED), asks: 1 });
   });
 
+  it("a refusal that counted the worker's own ask ahead fails no request once that ask is cancelled", async () => {
+    // Against the daemon's own limiter (a fleet of one, 1 request/s), on a fake clock: the worker's batch ask waits
+    // in the daemon's queue for the token due at 1 s; a request with 300 ms left asks beside it and is refused, its
+    // turn (after the batch ask's) at 2 s. The batch ask's only request is cancelled at 0.5 s, and its ask with it:
+    // a request at 0.6 s with 0.8 s left has the token due at 1 s. Kept, the refusal (the next token at 2 s) failed
+    // it at once.
+    vi.useFakeTimers({ toFake: ['setTimeout', 'clearTimeout', 'performance'] });
+    try {
+      const config = parseConfig(
+        { pool: { origins: [{ match: 'slow.example:80', requestsPerSecond: 1, burst: 1 }] } },
+        'test',
+      );
+      const limiter = new RateLimiter(config, undefined);
+      const origin = { host: 'slow.example', port: 80 };
+      const params = limiter.paramsFor(origin)!;
+      const link = {
+        tokens: (_host: string, _port: number, count: number, timeoutMs: number, stop?: CancelSignal) =>
+          limiter.take(origin, params, count, Math.min(timeoutMs, MAX_TIMEOUT_MS), stop as AbortSignal | undefined),
+      };
+      const tokens = new RateTokens(link);
+      tokens.learn(origin.host, origin.port, params);
+      const outcome = (take: Promise<number | undefined>) => {
+        const state: { code?: string; granted?: boolean } = {};
+        take.then(
+          () => {
+            state.granted = true;
+          },
+          (error: { code?: string }) => {
+            state.code = error.code;
+          },
+        );
+        return state;
+      };
+      // The burst's token, then the batch ask that waits for the next.
+      expect(await tokens.take(origin.host, origin.port, 10_000)).toBeTypeOf('number');
+      const cancelled = new Cancellation();
+      const batchWaiter = outcome(tokens.take(origin.host, origin.port, 10_000, cancelled) as Promise<number>);
+      await vi.advanceTimersByTimeAsync(0);
+      const refused = outcome(tokens.take(origin.host, origin.port, 300) as Promise<number>);
+      await vi.advanceTimersByTimeAsync(0);
+      expect(refused.code).toBe(ErrorCodes.RATE_LIMITED);
+      await vi.advanceTimersByTimeAsync(500);
+      cancelled.cancel(new SockpoolError(ErrorCodes.ABORTED, 'cancelled'));
+      await vi.advanceTimersByTimeAsync(100);
+      expect(batchWaiter.code).toBe(ErrorCodes.ABORTED);
+      const later = outcome(tokens.take(origin.host, origin.port, 800) as Promise<number>);
+      await vi.advanceTimersByTimeAsync(500);
+      expect(later).toEqual({ granted: true });
+    } finally {
+      vi.useRealTimers();
+    }
+  });
+
   it('a request cancelled while it waits stops waiting at once, and its token stays for the others', async () => {
     const { asks, tokens } = learnedTokens({ requestsPerSecond: 10, burst: 2 });
     // The first request's wait asks for the batch (2); the second waits for that.

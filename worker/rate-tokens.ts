@@ -74,7 +74,8 @@ interface OriginTokens {
   /** Of each `tokens` request under way: cancels it when nobody waits for it any more (#recheck runs them). */
   asks: Set<() => void>;
   /** The daemon's last SOCKPOOL_ERR_RATE_LIMITED for the origin, and the earliest (this clock) its next token can
-   *  come: a waiting request whose deadline comes before that fails with it instead of asking again. */
+   *  come: a waiting request whose deadline comes before that fails with it instead of asking again. Dropped when
+   *  the rate changes, or an ask of this worker's that the daemon had queued is cancelled (#ask). */
   refused: { until: number; error: unknown } | undefined;
 }
 
@@ -300,22 +301,31 @@ export class RateTokens {
     const { batch } = origin;
     const stop = new Cancellation();
     const waits = (each: Waiting): boolean => each.signal?.aborted !== true && each.handed === undefined;
+    /** The daemon has this ask (a place in the origin's queue there), not this side's sleep. */
+    let inDaemon = false;
     const check = (): void => {
       if (waits(waiting) || (shared && [...origin.waiting].some(waits))) return;
+      // Its place in the daemon's queue goes with it: a refusal kept for the origin may have counted it ahead (the
+      // daemon's `waitMs` is the refused request's turn, after this worker's asks before it), and its token can
+      // come sooner now. (Kept, it failed at once a request the daemon would have served in time.)
+      if (inDaemon && !stop.aborted) origin.refused = undefined;
       stop.cancel(new SockpoolError(ErrorCodes.ABORTED, `no request waits for tokens of ${host}:${port} any more`));
     };
     origin.asks.add(check);
     try {
       for (;;) {
         const left = Math.max(1, Math.ceil(deadline - this.#now()));
+        inDaemon = true;
         try {
           const granted = await this.#link.tokens(host, port, count, left, stop);
+          inDaemon = false;
           if (shared) batch.noteGrant(granted);
           const now = this.#now();
           const served = signal?.aborted === true || waiting.handed !== undefined || stop.aborted;
           batch.add(served ? granted : granted - 1, now);
           return served ? undefined : now + TOKEN_LIFETIME_MS;
         } catch (error) {
+          inDaemon = false;
           // Handed a token meanwhile: that one is its own, whatever the daemon answered; cancelled: nobody waits.
           if (waiting.handed !== undefined || stop.aborted) return undefined;
           // The daemon waited at most MAX_TIMEOUT_MS: a token due after that, but before the deadline, is waited for
