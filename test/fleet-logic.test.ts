@@ -510,6 +510,22 @@ describe('worker tokens', () => {
     }).toEqual({ codes: Array(3).fill(ErrorCodes.RATE_LIMITED), asks: 1 });
   });
 
+  it('a kept refusal fails a later request with the wait left to it, not the wait the first was told', async () => {
+    // SOCKPOOL_ERR_RATE_LIMITED's waitMs is the wait the request would have needed (docs/client.md): a caller may
+    // retry after it. Half a minute after a refusal for a minute's wait, another request is told half a minute.
+    const { asks, link } = manualLink();
+    let now = 0;
+    const tokens = new RateTokens(link, () => now);
+    tokens.learn('a.example', 80, { requestsPerSecond: 1 / 60, burst: 1 });
+    const first = tokens.take('a.example', 80, 1000) as Promise<number>;
+    asks[0]!.fail(new SockpoolError(ErrorCodes.RATE_LIMITED, 'refused', { origin: 'a.example:80', waitMs: 60_000 }));
+    await expect(first).rejects.toMatchObject({ fields: { waitMs: 60_000 } });
+    now = 30_000;
+    const later = tokens.take('a.example', 80, 1000) as Promise<number>;
+    await expect(later).rejects.toMatchObject({ code: ErrorCodes.RATE_LIMITED, fields: { waitMs: 30_000 } });
+    expect(asks.length).toBe(1);
+  });
+
   it("a refusal that counted the worker's own ask ahead fails no request once that ask is cancelled", async () => {
     // Against the daemon's own limiter (a fleet of one, 1 request/s), on a fake clock: the worker's batch ask waits
     // in the daemon's queue for the token due at 1 s; a request with 300 ms left asks beside it and is refused, its

@@ -76,7 +76,7 @@ interface OriginTokens {
   /** The daemon's last SOCKPOOL_ERR_RATE_LIMITED for the origin, and the earliest (this clock) its next token can
    *  come: a waiting request whose deadline comes before that fails with it instead of asking again. Dropped when
    *  the rate changes, or an ask of this worker's that the daemon had queued is cancelled (#ask). */
-  refused: { until: number; error: unknown } | undefined;
+  refused: { until: number } | undefined;
 }
 
 /** A request waiting for a token in #wait. */
@@ -225,7 +225,9 @@ export class RateTokens {
         if (held !== undefined) return held;
         // A refusal (of its own ask, or of the one it shared) said no token comes before its deadline. (Only the
         // request that asked heard it; the others, their deadlines a little later, asked again, and again.)
-        if (origin.refused && origin.refused.until > deadline) throw origin.refused.error;
+        if (origin.refused && origin.refused.until > deadline) {
+          throw rateLimited(key, rate, origin.refused.until - this.#now(), deadline - this.#now());
+        }
         if (origin.asking && origin.askingUntil <= deadline + SHARED_ASK_SLACK_MS) {
           // It ends (with tokens, or refused) before this request's deadline: spend from what it brings.
           await Promise.race([origin.asking.then(ignore, ignore), woken]);
@@ -331,7 +333,7 @@ export class RateTokens {
           // The daemon waited at most MAX_TIMEOUT_MS: a token due after that, but before the deadline, is waited for
           // here (until it is due within that bound), then asked for again.
           const waitMs = rateLimitedWait(error);
-          if (waitMs !== undefined) origin.refused = { until: this.#now() + waitMs, error };
+          if (waitMs !== undefined) origin.refused = { until: this.#now() + waitMs };
           if (left <= MAX_TIMEOUT_MS || waitMs === undefined || waitMs > deadline - this.#now()) throw error;
           await sleep(Math.max(1, waitMs - MAX_TIMEOUT_MS), signal, waiting.woken);
           // Cancelled or handed a token meanwhile: requests that shared this wait ask for themselves.
@@ -359,6 +361,21 @@ function sleep(ms: number, signal: CancelSignal | undefined, woken: Promise<unde
     signal?.addEventListener('abort', done, { once: true });
     woken.then(done);
   });
+}
+
+/**
+ * The refusal kept for an origin, as a request whose deadline comes before its token fails with it: as the daemon's
+ * (RateLimiter), with the wait left to this request (`waitMs`, which a caller may retry after). The refusal itself
+ * told the request that asked its own wait: thrown again, half a minute later it still said the whole minute.
+ */
+function rateLimited(key: string, rate: RateParams, waitMs: number, leftMs: number): SockpoolError {
+  const wait = Math.ceil(waitMs);
+  return new SockpoolError(
+    ErrorCodes.RATE_LIMITED,
+    `${key} is limited to ${rate.requestsPerSecond} requests/s (burst ${rate.burst}): the request's turn for a ` +
+      `token comes in ${wait} ms at the earliest, past its deadline (${Math.max(0, Math.floor(leftMs))} ms left)`,
+    { origin: key, waitMs: wait, requestsPerSecond: rate.requestsPerSecond, burst: rate.burst },
+  );
 }
 
 /** A SOCKPOOL_ERR_RATE_LIMITED refusal's wait for the next token (ms), if the error is one. */
