@@ -17,8 +17,8 @@
 // `--fresh`: every honest request asks for `connection: close`, so each takes a new lease through the daemon
 // (otherwise curl keeps its connection and most honest requests never reach the daemon).
 // `--pin` and `--cpu-groups` (root) place the parties on the cores as a real host would (see each option below).
-// The origin is a process of its own (fixtures/echo-origin.ts), standing for a remote host: the honest and the
-// hostile clients' requests all go to it, as to one shared site.
+// The origin is a process of its own (lib/echo-origins.ts: nginx, or with `--origin node` Node's http server),
+// standing for a remote host: the honest and the hostile clients' requests all go to it, as to one shared site.
 // The hostile processes are started by a launcher process, never by this one (see startLauncher).
 // `--control`: the same run with no hostile process in the "hostile" phases either (an A/A run): how far the ratio
 // strays from 1 on this machine with no attack at all, the noise any attack's ratio is read against.
@@ -32,9 +32,10 @@ import os from 'node:os';
 import { join } from 'node:path';
 import { SockpoolClient } from '../client/client.js';
 import type { LauncherSettings } from './fixtures/hostile-launcher.js';
-import { option } from './lib/args.js';
+import { option, optionText } from './lib/args.js';
 import { CpuGroups } from './lib/cpu-groups.js';
 import { type BenchDaemon, repoRoot, startBenchDaemon } from './lib/daemon.js';
+import { type EchoOrigin, type EchoOriginKind, nginxInstalled, startEchoOrigin } from './lib/echo-origins.js';
 import { type BenchChild, cpuTimeMs, spawnChild } from './lib/proc.js';
 import { runBench } from './lib/run.js';
 import { round, Samples, summarize, table } from './lib/stats.js';
@@ -76,6 +77,14 @@ const onDaemonCpu = pin ? ['taskset', '-c', '1'] : [];
  * hostile client has the daemon open to it costs it an accept and a parser there.
  */
 const originCpu = option('--origin-cpu', 0);
+/**
+ * `--origin nginx|node` (default nginx when it is installed). Node's server spends a few hundred µs of its one event
+ * loop on each connection it accepts: in keep-alive runs the hostile clients' connects (about 200 a second) then
+ * queued the honest requests behind them at the origin, a p99 of 5-7 ms against 1 ms quiet, with no honest acquire
+ * reaching the daemon (docs/benchmarks.md, nineteenth session). nginx, as a remote site would, accepts them in µs.
+ */
+const originKind = (optionText('--origin') ?? (nginxInstalled() ? 'nginx' : 'node')) as EchoOriginKind;
+if (originKind !== 'nginx' && originKind !== 'node') throw new Error('--origin is nginx or node');
 const onOriginCpu = pin ? ['taskset', '-c', String(originCpu)] : [];
 /**
  * `--cpu-groups` (root): each party in a CPU control group of its own, as systemd runs them on a shared host: the
@@ -119,15 +128,14 @@ interface CpuMark {
 
 async function cpuMark(): Promise<CpuMark> {
   const { ms: hostile } = await launcherCommand<{ ms: number }>({ t: 'cpu' });
-  origin!.send('stats');
-  const { stats } = await origin!.nextMessage<{ stats: { connections: number } }>((message) => 'stats' in message);
+  const accepted = await origin!.accepted();
   const self = process.cpuUsage();
   return {
     at: performance.now(),
     daemon: cpuTimeMs(daemon!.pid),
     self: (self.user + self.system) / 1000,
     origin: cpuTimeMs(origin!.pid),
-    originConnections: stats.connections,
+    originConnections: accepted,
     hostile,
     machine: machineBusyMs(),
   };
@@ -159,8 +167,7 @@ function log(text: string): void {
 
 let daemon: BenchDaemon | undefined;
 let client: SockpoolClient | undefined;
-/** The origin's process (fixtures/echo-origin.ts). */
-let origin: BenchChild | undefined;
+let origin: EchoOrigin | undefined;
 const dir = mkdtempSync(join(os.tmpdir(), 'sockpool-adversarial-'));
 /**
  * The hostile processes are started by a launcher process (fixtures/hostile-launcher.ts), not by this one: a spawn
@@ -194,11 +201,13 @@ async function main(): Promise<void> {
   if (pin) execFileSync('taskset', ['-apc', '0', String(process.pid)], { stdio: 'ignore' });
   if (honestGroup) cpuGroups!.move(honestGroup, process.pid);
   launcher = startLauncher();
-  origin = spawnChild([process.execPath, join(repoRoot, 'dist', 'bench', 'fixtures', 'echo-origin.js')], {
+  origin = await startEchoOrigin(originKind, {
     wrap: [...(originGroup ? cpuGroups!.wrap(originGroup) : []), ...onOriginCpu],
     ownSession: ownSessions,
+    dir,
+    repoRoot,
   });
-  const { port } = await origin.nextMessage<{ ready: boolean; port: number }>((message) => message.ready);
+  const { port } = origin;
   daemon = await startBenchDaemon({
     dir,
     config: { access: { socketMode: '0666' }, pool: { defaults: { minIdle: 8, maxIdle: 32 } } },
@@ -350,7 +359,7 @@ async function main(): Promise<void> {
     `p50 ratio ${round(h.p50 / q.p50, 2)}, p99 ratio ${round(h.p99 / q.p99, 2)} (aim: p99 within 2x); ` +
       `every honest answer was its own (${q.count + h.count} checked); ` +
       `${control ? 'control run: no hostile process in either phase' : `${hostile.spawns} hostile processes started`}` +
-      `${hostileNice > 0 ? ` at nice ${hostileNice}` : ''}${fresh ? '; a fresh lease per honest request' : ''}${rate > 0 ? `; honest requests at ${rate}/s (open loop)` : `; ${inFlight} honest requests in flight (closed loop)`}${ownSessions ? '' : '; hostile processes in this session'}${pin ? `; honest side on CPU 0, daemon and hostile processes on CPU 1, origin on CPU ${originCpu}` : ''}${cpuGroups ? `; honest side, daemon, hostile uid and origin in one CPU group each (daemon weight ${daemonWeight}, the others 100)` : ''}; load average ${os.loadavg()[0]!.toFixed(1)} on ` +
+      `${hostileNice > 0 ? ` at nice ${hostileNice}` : ''}${fresh ? '; a fresh lease per honest request' : ''}${rate > 0 ? `; honest requests at ${rate}/s (open loop)` : `; ${inFlight} honest requests in flight (closed loop)`}${ownSessions ? '' : '; hostile processes in this session'}${pin ? `; honest side on CPU 0, daemon and hostile processes on CPU 1, origin (${originKind}) on CPU ${originCpu}` : `; origin: ${originKind}`}${cpuGroups ? `; honest side, daemon, hostile uid and origin in one CPU group each (daemon weight ${daemonWeight}, the others 100)` : ''}; load average ${os.loadavg()[0]!.toFixed(1)} on ` +
       `${os.availableParallelism()} cores`,
   );
 }
