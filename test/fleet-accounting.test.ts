@@ -148,6 +148,34 @@ describe('a member asked before it has joined', () => {
   });
 });
 
+describe('a member that starts to wait for a slot', () => {
+  it('tells the members holding that origin’s slots at once, not at their next heartbeat', async () => {
+    // Heartbeats 20 s apart: what the heartbeat would tell comes far too late for the test's wait.
+    const config = parseConfig(
+      { fleet: { redis: redis.url, name: 'contended', heartbeatMs: 20_000, slotTtlMs: 60_000 } },
+      'test',
+    ).fleet;
+    const [holder, asker] = [new Fleet(config, log), new Fleet(config, log)];
+    for (const member of [holder, asker]) {
+      await member.start();
+      cleanups.push(() => member.close());
+    }
+    const contended: string[] = [];
+    holder.onContended = (key) => contended.push(key);
+    asker.onContended = (key) => contended.push(`asker ${key}`);
+    const origin = '127.0.0.1:26';
+    expect(await holder.takeSlot(origin, 1, false, () => true)).toBe(true);
+    let waiting = true;
+    cleanups.push(() => {
+      waiting = false;
+    });
+    void asker.takeSlot(origin, 1, true, () => waiting);
+    // (The holder then asks its clients to give back connections of the origin idle in their caches: PoolManager.)
+    await eventually(() => contended.length > 0, 'the holder told of the wait', 5_000);
+    expect(contended).toEqual([origin]);
+  });
+});
+
 describe('key expiry set by members of different settings', () => {
   it("a member with a short slotTtlMs does not expire a live member's slots (the fleet stays within its cap)", async () => {
     // Both settings are valid (slotTtlMs >= 3 × heartbeatMs); members of one fleet need not share them.

@@ -207,8 +207,16 @@ export class Fleet implements SlotLedger {
     );
     // Subscribed at the first 'ready', whenever that comes (Redis may be down at start); ioredis renews it after.
     this.#subscriber.on('ready', () => void this.#subscribeFreed());
-    this.#subscriber.on('message', (_channel: string, slotsKey: string) => {
-      const origin = slotsKey.slice(this.#slotsKey('').length);
+    this.#subscriber.on('message', (channel: string, message: string) => {
+      if (channel === this.#contendedChannel()) {
+        // "DAEMON SLOTS-HASH": another member started to wait for a slot of an origin; if this daemon holds some,
+        // its clients are asked for connections of it idle in their caches (as the heartbeat would, later).
+        const space = message.indexOf(' ');
+        const origin = message.slice(space + 1 + this.#slotsKey('').length);
+        if (message.slice(0, space) !== this.id && this.held(origin) > 0) this.onContended?.(origin);
+        return;
+      }
+      const origin = message.slice(this.#slotsKey('').length);
       for (const wake of [...(this.#slotWaiters.get(origin) ?? [])]) wake();
     });
   }
@@ -264,7 +272,7 @@ export class Fleet implements SlotLedger {
   #subscribeFreed(): Promise<void> {
     if (this.#subscribed || this.#closed || this.#wrongDatabase) return Promise.resolve();
     this.#subscribing ??= this.#subscriber
-      .subscribe(this.#freedChannel())
+      .subscribe(this.#freedChannel(), this.#contendedChannel())
       .then(
         () => {
           this.#subscribed = true;
@@ -448,6 +456,7 @@ export class Fleet implements SlotLedger {
           this.#config.slotTtlMs,
           wait ? 1 : 0,
           this.#waiterTtlMs,
+          this.#contendedChannel(),
         );
         // (The script queues a refused take that asks to wait, and takes a granted one out of the queue.)
         if (granted === 1) this.#queued.delete(key);
@@ -662,6 +671,9 @@ export class Fleet implements SlotLedger {
 
   #freedChannel(): string {
     return `${this.#prefix}freed`;
+  }
+  #contendedChannel(): string {
+    return `${this.#prefix}contended`;
   }
   #membersKey(): string {
     return `${this.#prefix}members`;

@@ -10,6 +10,9 @@
 //   demand:DAEMON     HASH  origin key -> requests per second that daemon saw (published every demandPublishMs)
 // Channel `sockpool:{NAME}:freed`: the slots hash of an origin whose slots were given back (a release, a daemon
 // leaving), so that connects waiting for one of them ask again at once (fleet.ts).
+// Channel `sockpool:{NAME}:contended`: "DAEMON SLOTS-HASH" when that daemon starts to wait for a slot of the origin
+// that others hold, so that they ask their clients for connections idle in their caches at once (fleet.ts
+// onContended) rather than at their next heartbeat (HEARTBEAT_SCRIPT tells them again while it waits).
 
 /** Redis time in ms (float). Scripts that call TIME replicate their effects, not the script (Redis >= 5 default). */
 const NOW = `local t = redis.call('TIME'); local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000`;
@@ -30,8 +33,8 @@ const EXTEND = `local function extend(key, ms) if redis.call('PTTL', key) < tonu
  * joins its end again if it still waits (round robin). A waiter that has not asked for `waiter ttl` ms is dropped
  * (a waiting connect asks at least every SLOT_WAIT_HEARD_MS, fleet.ts). KEYS: slots hash, members zset, waiters
  * zset, asked hash. ARGV: daemon id, cap, n, hash ttl ms, membership ttl ms (a daemon taking a slot is alive: it
- * joins if Redis lost its membership), wait (1 or 0), waiter ttl ms. Returns {1, held by all after} or
- * {0, held by all}.
+ * joins if Redis lost its membership), wait (1 or 0), waiter ttl ms, the `contended` channel (a daemon that joins
+ * the queue while others hold slots says so there). Returns {1, held by all after} or {0, held by all}.
  */
 export const TAKE_SLOTS_SCRIPT = `
 ${NOW}
@@ -74,7 +77,10 @@ if total + ahead + n <= tonumber(ARGV[2]) then
   return {1, total + n}
 end
 if ARGV[6] == '1' then
-  redis.call('ZADD', KEYS[3], 'NX', now, ARGV[1])
+  local joined = redis.call('ZADD', KEYS[3], 'NX', now, ARGV[1])
+  if joined == 1 and total > tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0') then
+    redis.call('PUBLISH', ARGV[8], ARGV[1] .. ' ' .. KEYS[1])
+  end
   redis.call('HSET', KEYS[4], ARGV[1], now)
   extend(KEYS[3], waiter_ttl * 10)
   extend(KEYS[4], waiter_ttl * 10)
