@@ -10,12 +10,15 @@
 // - A request cancelled while it waits for a token ends at once (before: only when the token came).
 // - A token the worker took for a request that never went out (its acquire failed to connect, or was cancelled at
 //   the cap) is spent by the next request (before: lost, and at 0.1 request/s the next one was refused).
+// - A token the worker took for a request cancelled before curl wrote any of it (an https origin that held its TLS
+//   handshake) is spent by the next request (before: lost, and at a token a minute the next one was refused).
 // - A request cancelled while its worker's `tokens` request waits in the daemon cancels that wait there (protocol
 //   `cancel` by its id, answered SOCKPOOL_ERR_ABORTED): before, it stayed first in the origin's queue and took the
 //   next token for a worker batch where nobody wanted it.
 import { once } from 'node:events';
 import http from 'node:http';
-import type { AddressInfo } from 'node:net';
+import https from 'node:https';
+import net, { type AddressInfo } from 'node:net';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { SockpoolClient } from '../client/index.js';
 import { ErrorCodes } from '../shared/errors.js';
@@ -31,6 +34,7 @@ import {
 } from './fixtures/client-helpers.js';
 import type { DaemonProcess } from './helpers/daemon.js';
 import { openRawClient } from './helpers/raw-client.js';
+import { createTestPki } from './helpers/tls.js';
 
 let origin: Origin;
 /** One per client mode below (threads: 0, 1), each with its burst unspent. */
@@ -292,3 +296,50 @@ it("a request cancelled while its worker's tokens request waits in the daemon ta
     await new Promise<void>((resolve) => server.close(() => resolve()));
   }
 }, 30_000);
+
+it('a token taken for a request cancelled in its TLS handshake (nothing sent) goes to the next request', async () => {
+  const pki = createTestPki(['localhost']);
+  // An https origin whose every response closes its connection (each request needs an acquire), behind a TCP
+  // front that, while `stall` is set, keeps the connections that come and never answers their handshake.
+  const tls = https.createServer({ cert: pki.cert, key: pki.key }, (_request, response) => {
+    response.setHeader('connection', 'close');
+    response.end('ok');
+  });
+  let stall = false;
+  const stalled: net.Socket[] = [];
+  const front = net.createServer((socket) => {
+    if (stall) stalled.push(socket);
+    else tls.emit('connection', socket);
+  });
+  front.listen(0, '127.0.0.1');
+  await once(front, 'listening');
+  const { port } = front.address() as AddressInfo;
+  // A token a minute, burst 2: the first request (charged by the daemon: the worker does not know the rate yet)
+  // and the second (its token taken by the worker) spend both there are for a minute.
+  const rated = await startTestDaemon([port], {
+    config: { pool: { origins: [{ match: `127.0.0.1:${port}`, requestsPerSecond: 1 / 60, burst: 2 }] } },
+  });
+  const client = new SockpoolClient({ socketPath: rated.socketPath, threads: 0, timeoutMs: 3_000, caFile: pki.caFile });
+  try {
+    const url = `https://127.0.0.1:${port}/`;
+    expect((await client.request(url)).status).toBe(200);
+    stall = true;
+    const controller = new AbortController();
+    const cancelled = client.request(url, { signal: controller.signal });
+    cancelled.catch(() => {});
+    await eventually(() => stalled.length === 1, 'the second request in its TLS handshake');
+    controller.abort(new Error('not any more'));
+    await expect(cancelled).rejects.toMatchObject({ code: ErrorCodes.ABORTED });
+    stall = false;
+    // Nothing of the second request went out: the third spends its token (before: it was lost, and the next token
+    // being a minute away, past the request's 3 s, the daemon refused it with SOCKPOOL_ERR_RATE_LIMITED).
+    expect((await client.request(url)).status).toBe(200);
+  } finally {
+    await client.close();
+    await rated.stop();
+    for (const socket of stalled) socket.destroy();
+    tls.close();
+    await new Promise<void>((resolve) => front.close(() => resolve()));
+    pki.cleanup();
+  }
+}, 20_000);

@@ -5,16 +5,18 @@
 // again with a socket), https transfers started together (one socket, multiplexed over HTTP/2; run again with
 // sockets of their own over HTTP/1.1), the direct fallback when no daemon answers, acquire timeouts against the
 // request's own deadline, a deadline already passed, cancellation and close, and how many handles the engine keeps
-// (free, and resting after cancelled HTTP/2 streams). Every test ends with as many fds as it began with.
+// (free, and resting after cancelled HTTP/2 streams), and a rate-limited origin's token given back, once, by an attempt
+// that sent nothing of its request (never spent by one that did). Every test ends with as many fds as it began with.
 import { once } from 'node:events';
 import http from 'node:http';
-import type net from 'node:net';
+import net from 'node:net';
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { connectTcp } from '../daemon/tcp-connect.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
 import { Cancellation } from '../worker/cancellation.js';
 import { type ClientPolicy, CurlEngine, epochNow, type TransferRequest } from '../worker/curl-engine.js';
+import { RateTokens } from '../worker/rate-tokens.js';
 import type { ResponseSink } from '../worker/response-sink.js';
 import { SocketSupply } from '../worker/socket-supply.js';
 import { h2Origin, httpsOrigin } from './fixtures/client-helpers.js';
@@ -320,6 +322,103 @@ describe('CurlEngine deadlines, cancellation and close', () => {
     expect(link.closedLeases).toEqual([1]);
     const after = await curl.run(request('/after'));
     expect(!after.ok && after.error.code).toBe(ErrorCodes.CLOSED);
+  });
+});
+
+describe('CurlEngine rate tokens', () => {
+  // Found in review (nineteenth session): a transfer that took a token of its rate-limited origin and then never
+  // sent its request (the engine closed as its socket came, cancelled just then, or before curl wrote any of it)
+  // kept the token: lost, and at a slow rate the next request waited for the next one, or was refused.
+
+  /** An engine whose origin (`port`, the test server's unless given) has a rate, with one token in the worker's
+   *  batch; the link refuses every `tokens` request (no token is due). `held()`: a request now takes one at once. */
+  function rated(tokenPort = port, policy: Partial<ClientPolicy> = {}) {
+    const asks: number[] = [];
+    const tokens = new RateTokens(
+      {
+        tokens(_host, _port, count) {
+          asks.push(count);
+          return Promise.reject(new SockpoolError(ErrorCodes.RATE_LIMITED, 'no token due', { waitMs: 60_000 }));
+        },
+      },
+      // (A clock that stands still: the token never expires in the batch.)
+      () => 0,
+    );
+    tokens.learn('127.0.0.1', tokenPort, { requestsPerSecond: 1 / 60, burst: 1 });
+    tokens.giveBack('127.0.0.1', tokenPort, 1_000);
+    const curl = new CurlEngine(new SocketSupply(link), { acquireTimeoutMs: 5_000, ...policy }, { rateTokens: tokens });
+    engines.push(curl);
+    const held = (): boolean => {
+      const taken = tokens.take('127.0.0.1', tokenPort, 1_000);
+      if (taken instanceof Promise) taken.catch(() => {});
+      return typeof taken === 'number';
+    };
+    return { curl, held, asks };
+  }
+
+  it('gives the token back, once, when the engine closed before the socket came', async () => {
+    const { curl, held } = rated();
+    link.manual = true;
+    const running = curl.run(request('/closed'));
+    expect(link.pending).toHaveLength(1);
+    curl.close();
+    await link.pending[0]!.grant();
+    const outcome = await running;
+    expect(!outcome.ok && outcome.error.code).toBe(ErrorCodes.CLOSED);
+    expect(seen).toEqual([]);
+    // Before: false (lost). Never twice: the second request finds the batch empty.
+    expect(held()).toBe(true);
+    expect(held()).toBe(false);
+  });
+
+  it('gives the token back, once, when the transfer was cancelled as its socket came', async () => {
+    const { curl, held } = rated();
+    link.manual = true;
+    const cancellation = new Cancellation();
+    const running = curl.run(request('/cancelled'), { signal: cancellation });
+    await link.pending[0]!.grant();
+    // (Between the lease and the transfer's start in curl.)
+    const reason = new SockpoolError(ErrorCodes.ABORTED, 'cancelled as the socket came');
+    cancellation.cancel(reason);
+    const outcome = await running;
+    expect(!outcome.ok && outcome.error.message).toBe(reason.message);
+    expect(seen).toEqual([]);
+    expect(held()).toBe(true);
+    expect(held()).toBe(false);
+  });
+
+  it('gives the token back when the transfer was cancelled before curl wrote its request; one sent spends it', async () => {
+    // An origin that takes the connection and never answers the TLS handshake: curl sends nothing.
+    const silent: net.Socket[] = [];
+    const stalling = net.createServer((socket) => silent.push(socket));
+    stalling.listen(0, '127.0.0.1');
+    await once(stalling, 'listening');
+    const stallPort = (stalling.address() as net.AddressInfo).port;
+    try {
+      linkPort = stallPort;
+      const { curl, held } = rated(stallPort, { insecure: true });
+      const cancellation = new Cancellation();
+      const url = `https://127.0.0.1:${stallPort}/handshake`;
+      const running = curl.run(request('/', { url }), { signal: cancellation });
+      while (silent.length === 0) await new Promise((resolve) => setTimeout(resolve, 5));
+      cancellation.cancel(new SockpoolError(ErrorCodes.ABORTED, 'cancelled in the handshake'));
+      const outcome = await running;
+      expect(!outcome.ok && outcome.error.code).toBe(ErrorCodes.ABORTED);
+      expect(held()).toBe(true);
+      expect(held()).toBe(false);
+    } finally {
+      for (const socket of silent) socket.destroy();
+      await new Promise<void>((resolve) => stalling.close(() => resolve()));
+    }
+    // A request that went out and was cancelled waiting for its response spent its token.
+    linkPort = port;
+    const { curl, held } = rated();
+    const cancellation = new Cancellation();
+    const running = curl.run(request('/hang'), { signal: cancellation });
+    await requestsSeen(1);
+    cancellation.cancel(new SockpoolError(ErrorCodes.ABORTED, 'cancelled after it went out'));
+    expect(!(await running).ok).toBe(true);
+    expect(held()).toBe(false);
   });
 });
 

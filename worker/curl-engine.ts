@@ -175,6 +175,8 @@ interface Attempt {
   statusText: string | undefined;
   /** CurlPause bits in force. */
   pause: number;
+  /** curl has it (curl_multi_add_handle returned): see #unsent. */
+  added: boolean;
   /** Relayed HTTP/2 transfers that were paused once: watched for curl 7.88's lost WINDOW_UPDATE (h2-stall-watch.ts). */
   stallWatch: StallWatched | undefined;
   /** Body bytes curl wrote, and what the request allows (Infinity: no limit, or a DecodingSink counts them decoded). */
@@ -561,9 +563,9 @@ export class CurlEngine {
       return;
     }
     const { io, request } = transfer;
-    // Starved without having sent the request (curl found no connection, and had none to resend it on): the token
-    // it took went nowhere (the next attempt, if any, spends it).
-    if (slot?.starved && !slot.taken && !result.resent) this.#giveBackToken(transfer);
+    // Nothing of the request went out (never handed to curl, or curl wrote none of it: starved, cancelled or failed
+    // before it was sent): the token it took went nowhere (the next attempt, if any, spends it).
+    if (result.unsent) this.#giveBackToken(transfer);
     // A direct attempt (the daemon down) is never retried. Nothing can be retried once cancelled, once the caller
     // saw the response head, or when a streamed request body was already read from.
     if (!slot || result.aborted || io.sink.committed) {
@@ -1046,7 +1048,7 @@ export class CurlEngine {
   #perform(transfer: Transfer, slot: SocketSlot | undefined, acquireMs: number, waitedForSocket = false): void {
     if (this.#closed) {
       const closing = new SockpoolError(ErrorCodes.CLOSED, 'worker is closing');
-      this.#attemptEnded(transfer, slot, new TransferFailure(0, closing, true));
+      this.#attemptEnded(transfer, slot, unsentFailure(0, closing));
       return;
     }
     const { request, io, target, key } = transfer;
@@ -1077,6 +1079,7 @@ export class CurlEngine {
       headSent: false,
       statusText: undefined,
       pause: 0,
+      added: false,
       stallWatch: undefined,
       bodyBytes: 0,
       maxBodyBytes: request.maxBodyBytes ?? Number.POSITIVE_INFINITY,
@@ -1090,7 +1093,7 @@ export class CurlEngine {
     } catch (error) {
       this.#restoreSocketCallbacks(state, attempt);
       this.#release(state);
-      this.#attemptEnded(transfer, slot, new TransferFailure(0, error, true));
+      this.#attemptEnded(transfer, slot, unsentFailure(0, error));
       return;
     }
     // (A BufferSink never refuses a chunk: nothing to resume.)
@@ -1112,8 +1115,10 @@ export class CurlEngine {
       signal.removeEventListener('abort', onAbort);
       this.#restoreSocketCallbacks(state, attempt);
       if (abortReason !== undefined) {
+        const failure = new TransferFailure(code, abortReason, true);
+        failure.unsent = transfer.token !== undefined && this.#unsent(state, attempt);
         this.#release(state);
-        return this.#attemptEnded(transfer, slot, new TransferFailure(code, abortReason, true));
+        return this.#attemptEnded(transfer, slot, failure);
       }
       if (code !== CurlCode.CURLE_OK) {
         const message = error?.message ?? `curl error ${code}`;
@@ -1131,6 +1136,7 @@ export class CurlEngine {
                       deadConnection: DEAD_CONNECTION_CODES.has(code),
                     }),
                   );
+        failure.unsent = transfer.token !== undefined && this.#unsent(state, attempt);
         this.#release(state);
         return this.#attemptEnded(transfer, slot, failure);
       }
@@ -1152,13 +1158,14 @@ export class CurlEngine {
       state.finish = undefined;
       this.#restoreSocketCallbacks(state, attempt);
       this.#release(state);
-      this.#attemptEnded(transfer, slot, new TransferFailure(CurlCode.CURLE_ABORTED_BY_CALLBACK, signal.reason, true));
+      this.#attemptEnded(transfer, slot, unsentFailure(CurlCode.CURLE_ABORTED_BY_CALLBACK, signal.reason));
       return;
     }
     signal.addEventListener('abort', onAbort, { once: true });
     if (attempt.relay?.alpn === 'h2') this.#watchStall(state, attempt);
     try {
       this.#multi.addHandle(state.easy);
+      attempt.added = true;
     } catch (error) {
       // Started from a microtask that ran at the end of one of curl's own callbacks (inside
       // curl_multi_socket_action: a retry after the daemon link failed there), where curl refuses the call
@@ -1168,13 +1175,26 @@ export class CurlEngine {
         signal.removeEventListener('abort', onAbort);
         this.#restoreSocketCallbacks(state, attempt);
         this.#release(state);
-        this.#attemptEnded(transfer, slot, new TransferFailure(0, error, true));
+        this.#attemptEnded(transfer, slot, unsentFailure(0, error));
         return;
       }
       setImmediate(() => {
-        if (state.current === attempt && state.finish) this.#multi.addHandle(state.easy);
+        if (state.current !== attempt || !state.finish) return;
+        this.#multi.addHandle(state.easy);
+        attempt.added = true;
       });
     }
+  }
+
+  /**
+   * Whether nothing of an attempt curl ended (failed or taken out) went out: its token was not spent. REQUEST_SIZE
+   * counts what curl wrote of the request, from 0 at the transfer's start in curl (its own resends included: see
+   * openSocket). Before that start, in the turn it was added, it is still the handle's last transfer's: an attempt
+   * ended then counts as sent when that was not 0, so that a token is never given back for a request that went out.
+   * Only asked of attempts that took a token (a native call).
+   */
+  #unsent(state: HandleState, attempt: Attempt): boolean {
+    return !attempt.added || Number(state.easy.getInfo('REQUEST_SIZE').data) === 0;
   }
 
   /**
@@ -1289,6 +1309,13 @@ function resentFailure(code: number, request: TransferRequest): TransferFailure 
   return new TransferFailure(code, error, false, true);
 }
 
+/** An attempt that ended before curl had it: nothing of its request went out. */
+function unsentFailure(code: number, error: unknown): TransferFailure {
+  const failure = new TransferFailure(code, error, true);
+  failure.unsent = true;
+  return failure;
+}
+
 class TransferFailure {
   curlCode: number;
   error: unknown;
@@ -1296,6 +1323,8 @@ class TransferFailure {
   aborted: boolean;
   /** The request went out and curl wanted to send it again on a new connection (see openSocket). */
   resent: boolean;
+  /** Nothing of the request went out (see #unsent): the attempt's token, if it took one, was not spent. */
+  unsent = false;
   constructor(curlCode: number, error: unknown, aborted = false, resent = false) {
     this.curlCode = curlCode;
     this.error = error;

@@ -32,7 +32,8 @@
 // every other client's wait. Tokens the daemon granted before the cancel reached it still come, to the batch.
 //
 // A token taken for a request that then never went out (its acquire refused, timed out or cancelled, the daemon
-// link dropped, the request cancelled first) is given back (giveBack): to the origin's oldest request waiting for
+// link dropped, the request cancelled first, the engine closed as its socket came, or curl ended it before it wrote
+// any of it: curl-engine.ts #unsent) is given back (giveBack), once: to the origin's oldest request waiting for
 // one, else to the batch, and only until it would have expired in the batch anyway (as the daemon's
 // RateLimiter.giveBack): a given-back token never lives longer, so requests that fail over and over can neither
 // save tokens up for a burst nor keep one alive. Lost instead, at 0.1 request/s the next request waited 10 s.
