@@ -12,6 +12,8 @@
 //   the cap) is spent by the next request (before: lost, and at 0.1 request/s the next one was refused).
 // - A token the worker took for a request cancelled before curl wrote any of it (an https origin that held its TLS
 //   handshake) is spent by the next request (before: lost, and at a token a minute the next one was refused).
+// - A token due past the protocol's longest wait, which the worker waits for itself, is no longer waited for once
+//   the link closes: the wait fails with SOCKPOOL_ERR_CLOSED at once (before: it went on until its sleep ended).
 // - A request cancelled while its worker's `tokens` request waits in the daemon cancels that wait there (protocol
 //   `cancel` by its id, answered SOCKPOOL_ERR_ABORTED): before, it stayed first in the origin's queue and took the
 //   next token for a worker batch where nobody wanted it.
@@ -343,3 +345,35 @@ it('a token taken for a request cancelled in its TLS handshake (nothing sent) go
     pki.cleanup();
   }
 }, 20_000);
+
+it('a wait for a token past the protocol bound ends with SOCKPOOL_ERR_CLOSED when the link closes', async () => {
+  const server = http.createServer((_request, response) => response.end('ok'));
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  const { port } = server.address() as AddressInfo;
+  // A token an hour, burst 1: after the acquire's, the next is past what the daemon waits (MAX_TIMEOUT_MS).
+  const rated = await startTestDaemon([port], {
+    config: { pool: { origins: [{ match: `127.0.0.1:${port}`, requestsPerSecond: 1 / 3600, burst: 1 }] } },
+  });
+  const limited = async () =>
+    ((await daemonStats(rated.socketPath)) as unknown as { rates: { limited: number } }).rates.limited;
+  const link = new DaemonLink({ socketPath: rated.socketPath });
+  try {
+    // The acquire spends the burst's token (the daemon charges it), and its lease tells the link the rate.
+    link.release(await link.acquire('127.0.0.1', port, 5_000));
+    const before = await limited();
+    const taking = link.rateTokens.take('127.0.0.1', port, 2 * 3600_000) as Promise<number | undefined>;
+    taking.catch(() => {});
+    // The daemon refuses (the token is an hour away): the link waits here until it is due within the bound.
+    await eventually(async () => (await limited()) > before, 'the refusal');
+    // (One more round trip: the refusal, sent before the stats answer above, has reached the link.)
+    await daemonStats(rated.socketPath);
+    link.close();
+    // Before: it waited on, about 50 minutes.
+    await expect(taking).rejects.toMatchObject({ code: ErrorCodes.CLOSED });
+  } finally {
+    link.close();
+    await rated.stop();
+    await new Promise<void>((resolve) => server.close(() => resolve()));
+  }
+}, 10_000);

@@ -1,7 +1,7 @@
 // The fleet's pure logic on an injected clock: GCRA arithmetic (the same as RATE_SCRIPT in Redis), token batches
 // and their lifetime (each batch its own), the daemon's rate limiter alone (a fleet of one) with
 // SOCKPOOL_ERR_RATE_LIMITED and as a fleet member (one batch asked of Redis per origin at a time), the worker's token batches (no message for origins without a rate; one batch request
-// per origin at a time; a wait over the protocol's bound asked for again), local slots, and the maps of per-origin
+// per origin at a time; a wait over the protocol's bound asked for again, or ended by the link's close), local slots, and the maps of per-origin
 // rate state.
 import { describe, expect, it, vi } from 'vitest';
 import { defaultConfig, parseConfig } from '../daemon/config.js';
@@ -621,6 +621,30 @@ describe('worker tokens', () => {
     await settle();
     // Before: the 10-minute timer stayed (a process that closed its client waited for it).
     expect(timers()).toBe(before);
+    expect(asks).toHaveLength(1);
+  });
+
+  it('a wait for a token past the daemon’s bound ends when the link closes, with its error, and leaves no timer', async () => {
+    // Found in review (nineteenth session): the worker's sleep until such a token is due within the bound heard only
+    // the request's own cancellation; a link closed meanwhile (thread teardown, a runtime closed with requests in
+    // flight) left it, and the request, until the sleep ended, its timer holding the process.
+    const { asks, tokens } = learnedTokens({ requestsPerSecond: 0.001, burst: 1 }, 'slow.example');
+    const timers = () => process.getActiveResourcesInfo().filter((kind) => kind === 'Timeout').length;
+    const before = timers();
+    const taking = tokens.take('slow.example', 80, MAX_TIMEOUT_MS + 700_000)!;
+    // A second request waits for the first one's ask (no signal: nothing but the link's close ends either).
+    const sharing = tokens.take('slow.example', 80, MAX_TIMEOUT_MS + 700_000)!;
+    asks[0]!.fail(new SockpoolError(ErrorCodes.RATE_LIMITED, 'refused', { waitMs: MAX_TIMEOUT_MS + 600_000 }));
+    await settle();
+    expect(timers()).toBe(before + 1);
+    const closing = new SockpoolError(ErrorCodes.CLOSED, 'daemon link closed');
+    tokens.close(closing);
+    await expect(taking).rejects.toBe(closing);
+    await expect(sharing).rejects.toBe(closing);
+    await settle();
+    expect(timers()).toBe(before);
+    // Nothing more is asked of a closed link: a request that finds the batch empty fails with its error at once.
+    await expect(tokens.take('slow.example', 80, 1_000)).rejects.toBe(closing);
     expect(asks).toHaveLength(1);
   });
 

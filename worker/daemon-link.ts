@@ -223,7 +223,10 @@ export class DaemonLink {
     this.#closed = true;
     this.#channel?.close();
     this.#channel = undefined;
-    this.#failAll(new SockpoolError(ErrorCodes.CLOSED, 'daemon link closed'));
+    const closing = new SockpoolError(ErrorCodes.CLOSED, 'daemon link closed');
+    this.#failAll(closing);
+    // Waits for tokens that sleep here (a token past the protocol's bound) end too, not when their sleep would.
+    this.rateTokens.close(closing);
   }
 
   /**

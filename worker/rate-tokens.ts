@@ -22,7 +22,9 @@
 //
 // The daemon waits at most MAX_TIMEOUT_MS for a token (the protocol's bound). A request with more time left that
 // the daemon refuses (SOCKPOOL_ERR_RATE_LIMITED: the next token comes later than that) waits here until the token
-// is within that bound, and asks again; it fails only when the token would come after its own deadline.
+// is within that bound, and asks again; it fails only when the token would come after its own deadline. The link's
+// close (close()) ends such waits, and every other, with its error: the link would refuse the next ask anyway, and
+// the sleep, up to the request's whole deadline, held the request and its timer (the process) until it ended.
 //
 // A request cancelled while it waits (its AbortSignal, its thread's close) stops waiting at once; the wait it
 // started goes on for the requests that share it, and the token it would have spent stays in the batch for them.
@@ -98,10 +100,17 @@ export class RateTokens {
   /** host:port -> its rate, as the last lease for it said. */
   #rates = new Map<string, RateParams>();
   #origins = new Map<string, OriginTokens>();
+  /** Cancelled when the link closes (close()), with its error. */
+  #closing = new Cancellation();
 
   constructor(link: TokenLink, now: () => number = () => performance.now()) {
     this.#link = link;
     this.#now = now;
+  }
+
+  /** The link closed: every wait for a token fails with `reason` (its own error) now, and every later one at once. */
+  close(reason: Error): void {
+    this.#closing.cancel(reason);
   }
 
   /** A lease arrived for host:port: its `rate` (or none) is the origin's from now on. */
@@ -218,6 +227,7 @@ export class RateTokens {
     try {
       for (;;) {
         if (waiting.handed !== undefined) return waiting.handed;
+        this.#closing.throwIfAborted();
         // (Looked up again each time: a lease may have said meanwhile that the origin has no rate any more.)
         const rate = this.#rates.get(key);
         if (!rate || signal?.aborted) return undefined;
@@ -336,7 +346,8 @@ export class RateTokens {
           const waitMs = rateLimitedWait(error);
           if (waitMs !== undefined) origin.refused = { until: this.#now() + waitMs };
           if (left <= MAX_TIMEOUT_MS || waitMs === undefined || waitMs > deadline - this.#now()) throw error;
-          await sleep(Math.max(1, waitMs - MAX_TIMEOUT_MS), signal, waiting.woken);
+          await sleep(Math.max(1, waitMs - MAX_TIMEOUT_MS), signal, waiting.woken, this.#closing);
+          this.#closing.throwIfAborted();
           // Cancelled or handed a token meanwhile: requests that shared this wait ask for themselves.
           if (signal?.aborted || waiting.handed !== undefined) return undefined;
         }
@@ -349,17 +360,24 @@ export class RateTokens {
 
 function ignore(): void {}
 
-/** Waits `ms`, or until `signal` is cancelled or the request is handed a token (`woken`): the timer goes with the
- *  request (it could hold a process that closed its client for minutes). */
-function sleep(ms: number, signal: CancelSignal | undefined, woken: Promise<undefined>): Promise<void> {
+/** Waits `ms`, or until `signal` is cancelled, the request is handed a token (`woken`) or the link closes
+ *  (`closing`): the timer goes with the request (it could hold a process that closed its client for minutes). */
+function sleep(
+  ms: number,
+  signal: CancelSignal | undefined,
+  woken: Promise<undefined>,
+  closing: CancelSignal,
+): Promise<void> {
   return new Promise((resolve) => {
     const done = (): void => {
       clearTimeout(timer);
       signal?.removeEventListener('abort', done);
+      closing.removeEventListener('abort', done);
       resolve();
     };
     const timer = setTimeout(done, ms);
     signal?.addEventListener('abort', done, { once: true });
+    closing.addEventListener('abort', done, { once: true });
     woken.then(done);
   });
 }
