@@ -174,6 +174,28 @@ describe('a member that starts to wait for a slot', () => {
     await eventually(() => contended.length > 0, 'the holder told of the wait', 5_000);
     expect(contended).toEqual([origin]);
   });
+
+  it('acts on notices for one origin at most every 100 ms: each asks every client holding a lease of it', async () => {
+    const config = parseConfig(
+      { fleet: { redis: redis.url, name: 'noticegap', heartbeatMs: 20_000, slotTtlMs: 60_000 } },
+      'test',
+    ).fleet;
+    const holder = new Fleet(config, log);
+    await holder.start();
+    cleanups.push(() => holder.close());
+    const contended: string[] = [];
+    holder.onContended = (key) => contended.push(key);
+    const origin = '127.0.0.1:27';
+    expect(await holder.takeSlot(origin, 1, false, () => true)).toBe(true);
+    // Ten notices at once (as a busy cap's grants queue other members again and again), then one more later.
+    const notice = ['PUBLISH', 'sockpool:{noticegap}:contended', `other sockpool:{noticegap}:slots:${origin}`];
+    await redis.cli('EVAL', `for i = 1, 10 do redis.call(unpack(ARGV)) end return 1`, '0', ...notice);
+    await eventually(() => contended.length > 0, 'the first notice acted on', 5_000);
+    await new Promise((resolve) => setTimeout(resolve, 150));
+    await redis.cli(...notice);
+    await eventually(() => contended.length > 1, 'the later notice acted on', 5_000);
+    expect(contended).toEqual([origin, origin]);
+  });
 });
 
 describe('key expiry set by members of different settings', () => {

@@ -52,6 +52,11 @@ const SLOT_WAIT_HEARD_MS = 250;
  * without a word, and the daemons behind it wait at most this long for that entry.
  */
 const WAITER_TTL_MS = 4 * SLOT_WAIT_HEARD_MS;
+/**
+ * A member hears that another waits for an origin (the `contended` channel) at most this often per origin: at a
+ * busy cap every grant can queue a member again, and each notice asks every client holding a lease of the origin.
+ */
+const CONTENDED_NOTICE_GAP_MS = 100;
 
 export interface FleetOptions {
   /** SLOT_WAIT_HEARD_MS, for tests that must see a waiting connect woken by the channel alone. */
@@ -102,6 +107,8 @@ export class Fleet implements SlotLedger {
   readonly #waiterTtlMs: number;
   /** Connects waiting for a slot, by origin: each one's wake-up (a `freed` message, or its own timer). */
   readonly #slotWaiters = new Map<string, Set<() => void>>();
+  /** Origin -> when (performance.now()) this daemon last acted on a `contended` notice for it. */
+  readonly #contendedAt = new Map<string, number>();
   /** Connects of this daemon waiting for a slot, by origin: the last to stop without one takes it out of the queue. */
   readonly #waitingConnects = new Map<string, number>();
   /**
@@ -213,7 +220,12 @@ export class Fleet implements SlotLedger {
         // its clients are asked for connections of it idle in their caches (as the heartbeat would, later).
         const space = message.indexOf(' ');
         const origin = message.slice(space + 1 + this.#slotsKey('').length);
-        if (message.slice(0, space) !== this.id && this.held(origin) > 0) this.onContended?.(origin);
+        if (message.slice(0, space) === this.id || this.held(origin) === 0) return;
+        const now = performance.now();
+        if (now - (this.#contendedAt.get(origin) ?? Number.NEGATIVE_INFINITY) < CONTENDED_NOTICE_GAP_MS) return;
+        if (this.#contendedAt.size >= 10_000) this.#contendedAt.clear();
+        this.#contendedAt.set(origin, now);
+        this.onContended?.(origin);
         return;
       }
       const origin = message.slice(this.#slotsKey('').length);
