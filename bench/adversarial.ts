@@ -25,6 +25,8 @@
 // `--rate N`: the honest client sends N requests a second on a fixed schedule (an open loop, as an API caller's
 // traffic arrives) instead of 4 in flight back to back (a closed loop that runs the daemon as fast as it answers,
 // where any other load on its core turns into queueing).
+// `--modes a,b`: only those hostile modes. `--daemon-main PATH` and `--daemon-node-args 'FLAGS'`: another build's
+// daemon (A/B runs of a daemon change with the same benchmark), Node flags for the daemon (a profile).
 
 import { execFileSync } from 'node:child_process';
 import { chmodSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
@@ -50,6 +52,20 @@ const requestsPerRound = option('--requests', 1_000);
  */
 const warmUpSeconds = option('--warm-up-s', 30);
 const hostileNice = option('--hostile-nice', 0);
+/**
+ * `--modes a,b`: only these hostile modes (write-release, closed-keep, prewarm, garbage, sessions; all by default),
+ * to tell which of them an honest tail comes from.
+ */
+const hostileModes = optionText('--modes')?.split(',');
+for (const mode of hostileModes ?? []) {
+  if (!['write-release', 'closed-keep', 'prewarm', 'garbage', 'sessions'].includes(mode)) {
+    throw new Error(`--modes: unknown hostile mode ${mode}`);
+  }
+}
+/** `--daemon-main PATH`: another build's daemon/main.js (A/B runs of a daemon change against the same benchmark). */
+const daemonMain = optionText('--daemon-main');
+/** `--daemon-node-args 'FLAGS'`: Node flags for the daemon (e.g. `--cpu-prof --cpu-prof-dir DIR`), space-separated. */
+const daemonNodeArgs = optionText('--daemon-node-args')?.split(' ').filter(Boolean);
 /** Every honest request on a fresh lease (`connection: close`): each one goes through the daemon's acquire. */
 const fresh = process.argv.includes('--fresh');
 const control = process.argv.includes('--control');
@@ -183,6 +199,7 @@ function startLauncher(): BenchChild {
     nice: hostileNice,
     ownSessions,
     uid: hostileUid,
+    modes: hostileModes,
   };
   return spawnChild(
     [process.execPath, join(repoRoot, 'dist', 'bench', 'fixtures', 'hostile-launcher.js'), JSON.stringify(settings)],
@@ -212,6 +229,8 @@ async function main(): Promise<void> {
     dir,
     config: { access: { socketMode: '0666' }, pool: { defaults: { minIdle: 8, maxIdle: 32 } } },
     args: ['--allow', '127.0.0.1/32', '--allow-port', String(port)],
+    ...(daemonMain ? { main: daemonMain } : {}),
+    ...(daemonNodeArgs ? { nodeArgs: daemonNodeArgs } : {}),
     // As a system service: a CPU share of its own, not a part of this benchmark's (see ownSessions).
     ownSession: ownSessions,
     ...(pin || daemonGroup ? { wrap: [...(daemonGroup ? cpuGroups!.wrap(daemonGroup) : []), ...onDaemonCpu] } : {}),
@@ -359,7 +378,7 @@ async function main(): Promise<void> {
     `p50 ratio ${round(h.p50 / q.p50, 2)}, p99 ratio ${round(h.p99 / q.p99, 2)} (aim: p99 within 2x); ` +
       `every honest answer was its own (${q.count + h.count} checked); ` +
       `${control ? 'control run: no hostile process in either phase' : `${hostile.spawns} hostile processes started`}` +
-      `${hostileNice > 0 ? ` at nice ${hostileNice}` : ''}${fresh ? '; a fresh lease per honest request' : ''}${rate > 0 ? `; honest requests at ${rate}/s (open loop)` : `; ${inFlight} honest requests in flight (closed loop)`}${ownSessions ? '' : '; hostile processes in this session'}${pin ? `; honest side on CPU 0, daemon and hostile processes on CPU 1, origin (${originKind}) on CPU ${originCpu}` : `; origin: ${originKind}`}${cpuGroups ? `; honest side, daemon, hostile uid and origin in one CPU group each (daemon weight ${daemonWeight}, the others 100)` : ''}; load average ${os.loadavg()[0]!.toFixed(1)} on ` +
+      `${hostileNice > 0 ? ` at nice ${hostileNice}` : ''}${hostileModes ? ` (modes: ${hostileModes.join(', ')})` : ''}${fresh ? '; a fresh lease per honest request' : ''}${rate > 0 ? `; honest requests at ${rate}/s (open loop)` : `; ${inFlight} honest requests in flight (closed loop)`}${ownSessions ? '' : '; hostile processes in this session'}${pin ? `; honest side on CPU 0, daemon and hostile processes on CPU 1, origin (${originKind}) on CPU ${originCpu}` : `; origin: ${originKind}`}${cpuGroups ? `; honest side, daemon, hostile uid and origin in one CPU group each (daemon weight ${daemonWeight}, the others 100)` : ''}; load average ${os.loadavg()[0]!.toFixed(1)} on ` +
       `${os.availableParallelism()} cores`,
   );
 }
