@@ -20,8 +20,13 @@ type GateModule = typeof import('../daemon/connect-gate.js');
 
 const fdCount = () => readdirSync('/proc/self/fd').length;
 
-async function until(condition: () => boolean): Promise<void> {
-  while (!condition()) await new Promise((resolve) => setTimeout(resolve, 5));
+/** Polls `condition`; past 20 s fails naming `what` (a bare test timeout would not say which wait never ended). */
+async function until(condition: () => boolean, what: () => string): Promise<void> {
+  const deadline = performance.now() + 20_000;
+  while (!condition()) {
+    if (performance.now() > deadline) throw new Error(`still waiting after 20 s for ${what()}`);
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
 }
 
 describe('TlsRelays handshake queue', () => {
@@ -57,20 +62,29 @@ describe('TlsRelays handshake queue', () => {
     };
     for (let index = 0; index < N + 2; index++) open(index);
     expect(relays.counters().handshakesQueued).toBe(2);
-    await until(() => hellos.length === N);
+    await until(
+      () => hellos.length === N,
+      () => `the first ${N} ClientHellos (${hellos.length} came)`,
+    );
     expect(hellos.sort((a, b) => a - b)).toEqual([...Array(N).keys()]);
     // A client comes to wait for `waited`'s origin; then one handshake ends (the origin hangs up): `waited` is sent
     // next, before N, which came first.
     waitedFor.add(waited);
     farEnds[0]!.destroy();
     expect(await outcomes[0]).toBe('SOCKPOOL_ERR_TLS');
-    await until(() => hellos.length === N + 1);
+    await until(
+      () => hellos.length === N + 1,
+      () => `the next ClientHello (came: ${hellos.join(',')})`,
+    );
     expect(hellos[N]).toBe(waited);
     expect(relays.counters().handshakesQueued).toBe(1);
     for (const socket of farEnds) socket.destroy();
     expect(await Promise.all(outcomes)).toEqual(Array(N + 2).fill('SOCKPOOL_ERR_TLS'));
     await relays.close();
-    await until(() => fdCount() === before);
+    await until(
+      () => fdCount() === before,
+      () => `the fds back to ${before} (${fdCount()} open)`,
+    );
   });
 
   it('closes the TCP fds still queued when it closes, and fails their handshakes', async () => {
@@ -99,7 +113,10 @@ describe('TlsRelays handshake queue', () => {
     expect(codes.filter((code) => code === 'SOCKPOOL_ERR_SHUTTING_DOWN')).toHaveLength(2);
     expect(codes.filter((code) => code === 'SOCKPOOL_ERR_TLS')).toHaveLength(HANDSHAKES_PER_THREAD);
     for (const socket of farEnds) socket.destroy();
-    await until(() => fdCount() === before);
+    await until(
+      () => fdCount() === before,
+      () => `the fds back to ${before} (${fdCount()} open)`,
+    );
   });
   it("starts another uid's queued handshake ahead of one uid's backlog", async () => {
     const { TlsRelays, HANDSHAKES_PER_THREAD } = (await import(
@@ -129,16 +146,25 @@ describe('TlsRelays handshake queue', () => {
     for (let index = 0; index < N + backlog; index++) open(index, 1000);
     open(other, 2000);
     expect(relays.counters().handshakesQueued).toBe(backlog + 1);
-    await until(() => hellos.length === N);
+    await until(
+      () => hellos.length === N,
+      () => `the first ${N} ClientHellos (${hellos.length} came)`,
+    );
     // One of uid 1000's handshakes ends: the room goes to uid 2000 (none under way), not to uid 1000's 17th.
     farEnds[0]!.destroy();
     expect(await outcomes[0]).toBe('SOCKPOOL_ERR_TLS');
-    await until(() => hellos.length === N + 1);
+    await until(
+      () => hellos.length === N + 1,
+      () => `the next ClientHello (came: ${hellos.join(',')})`,
+    );
     expect(hellos[N]).toBe(other);
     for (const socket of farEnds) socket.destroy();
     expect(await Promise.all(outcomes)).toEqual(Array(N + backlog + 1).fill('SOCKPOOL_ERR_TLS'));
     await relays.close();
-    await until(() => fdCount() === before);
+    await until(
+      () => fdCount() === before,
+      () => `the fds back to ${before} (${fdCount()} open)`,
+    );
   });
 
   it('does not start a queued handshake no longer wanted: closes its TCP fd and abandons it', async () => {
@@ -173,21 +199,30 @@ describe('TlsRelays handshake queue', () => {
     for (let index = 0; index < N; index++) open(index);
     open(unwanted, () => stillWanted);
     open(N + 1, () => true);
-    await until(() => hellos.length === N);
+    await until(
+      () => hellos.length === N,
+      () => `the first ${N} ClientHellos (${hellos.length} came)`,
+    );
     // The acquire it was for went away; then a handshake ends: N + 1 is started, `unwanted` never is.
     stillWanted = false;
     farEnds[0]!.destroy();
     expect(await outcomes[unwanted]).toBe('abandoned');
     // Its TCP connection was closed here (the origin sees it end without a ClientHello).
     await farClosed[unwanted];
-    await until(() => hellos.length === N + 1);
+    await until(
+      () => hellos.length === N + 1,
+      () => `the next ClientHello (came: ${hellos.join(',')})`,
+    );
     expect(hellos[N]).toBe(N + 1);
     expect(hellos).not.toContain(unwanted);
     expect(relays.counters().handshakesQueued).toBe(0);
     for (const socket of farEnds) socket.destroy();
     await Promise.all(outcomes);
     await relays.close();
-    await until(() => fdCount() === before);
+    await until(
+      () => fdCount() === before,
+      () => `the fds back to ${before} (${fdCount()} open)`,
+    );
   });
   it('drops the queued handshakes no longer wanted when the queue grows long, closing their TCP fds', async () => {
     const { TlsRelays, HANDSHAKES_PER_THREAD } = (await import(
@@ -228,7 +263,10 @@ describe('TlsRelays handshake queue', () => {
     for (const socket of farEnds) socket.destroy();
     await Promise.all(outcomes);
     await relays.close();
-    await until(() => fdCount() === before);
+    await until(
+      () => fdCount() === before,
+      () => `the fds back to ${before} (${fdCount()} open)`,
+    );
   });
 });
 
