@@ -3,9 +3,26 @@
 // A batch is spent within TOKEN_LIFETIME_MS or dropped: tokens kept longer would let a holder spend past the rate
 // later. The GCRA arithmetic itself is daemon/fleet/gcra.ts.
 
+import { ErrorCodes, SockpoolError } from './errors.js';
+
 export interface RateParams {
   requestsPerSecond: number;
   burst: number;
+}
+
+/**
+ * SOCKPOOL_ERR_RATE_LIMITED for a request to `key` whose turn for a token comes in `waitMs` (the earliest: a caller
+ * may retry after it), past its deadline (`leftMs` away). The daemon's refusal and the worker's from a refusal it
+ * kept (worker/rate-tokens.ts) say the same.
+ */
+export function rateLimitedError(key: string, params: RateParams, waitMs: number, leftMs: number): SockpoolError {
+  const wait = Math.ceil(waitMs);
+  return new SockpoolError(
+    ErrorCodes.RATE_LIMITED,
+    `${key} is limited to ${params.requestsPerSecond} requests/s (burst ${params.burst}): the request's turn for ` +
+      `a token comes in ${wait} ms at the earliest, past its deadline (${Math.max(0, Math.floor(leftMs))} ms left)`,
+    { origin: key, waitMs: wait, requestsPerSecond: params.requestsPerSecond, burst: params.burst },
+  );
 }
 
 /**

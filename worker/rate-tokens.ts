@@ -43,7 +43,7 @@
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import { originKey } from '../shared/origin.js';
 import { MAX_TIMEOUT_MS } from '../shared/protocol.js';
-import { batchSize, type RateParams, TOKEN_LIFETIME_MS, TokenBatch } from '../shared/rate.js';
+import { batchSize, type RateParams, rateLimitedError, TOKEN_LIFETIME_MS, TokenBatch } from '../shared/rate.js';
 import { Cancellation, type CancelSignal } from './cancellation.js';
 
 /** The most tokens a worker asks for at once. */
@@ -237,7 +237,8 @@ export class RateTokens {
         // A refusal (of its own ask, or of the one it shared) said no token comes before its deadline. (Only the
         // request that asked heard it; the others, their deadlines a little later, asked again, and again.)
         if (origin.refused && origin.refused.until > deadline) {
-          throw rateLimited(key, rate, origin.refused.until - this.#now(), deadline - this.#now());
+          // (Told the wait left to it, not the one the refusal told the request that asked.)
+          throw rateLimitedError(key, rate, origin.refused.until - this.#now(), deadline - this.#now());
         }
         if (origin.asking && origin.askingUntil <= deadline + SHARED_ASK_SLACK_MS) {
           // It ends (with tokens, or refused) before this request's deadline: spend from what it brings.
@@ -380,21 +381,6 @@ function sleep(
     closing.addEventListener('abort', done, { once: true });
     woken.then(done);
   });
-}
-
-/**
- * The refusal kept for an origin, as a request whose deadline comes before its token fails with it: as the daemon's
- * (RateLimiter), with the wait left to this request (`waitMs`, which a caller may retry after). The refusal itself
- * told the request that asked its own wait: thrown again, half a minute later it still said the whole minute.
- */
-function rateLimited(key: string, rate: RateParams, waitMs: number, leftMs: number): SockpoolError {
-  const wait = Math.ceil(waitMs);
-  return new SockpoolError(
-    ErrorCodes.RATE_LIMITED,
-    `${key} is limited to ${rate.requestsPerSecond} requests/s (burst ${rate.burst}): the request's turn for a ` +
-      `token comes in ${wait} ms at the earliest, past its deadline (${Math.max(0, Math.floor(leftMs))} ms left)`,
-    { origin: key, waitMs: wait, requestsPerSecond: rate.requestsPerSecond, burst: rate.burst },
-  );
 }
 
 /** A SOCKPOOL_ERR_RATE_LIMITED refusal's wait for the next token (ms), if the error is one. */

@@ -10,7 +10,7 @@
 
 import { ErrorCodes, SockpoolError } from '../../shared/errors.js';
 import type { Origin } from '../../shared/origin.js';
-import { batchSize, type RateParams, TOKEN_LIFETIME_MS, TokenBatch } from '../../shared/rate.js';
+import { batchSize, type RateParams, rateLimitedError, TOKEN_LIFETIME_MS, TokenBatch } from '../../shared/rate.js';
 import { policyFor, type SockpoolConfig } from '../config.js';
 import { FairWaitQueue, type UidWaiter } from '../fair-queue.js';
 import type { Fleet } from './fleet.js';
@@ -303,13 +303,7 @@ export class RateLimiter {
 
   #limited(key: string, params: RateParams, waitMs: number, leftMs: number): SockpoolError {
     this.counters.limited++;
-    const wait = Math.ceil(waitMs);
-    return new SockpoolError(
-      ErrorCodes.RATE_LIMITED,
-      `${key} is limited to ${params.requestsPerSecond} requests/s (burst ${params.burst}): the request's turn for ` +
-        `a token comes in ${wait} ms at the earliest, past its deadline (${Math.max(0, Math.floor(leftMs))} ms left)`,
-      { origin: key, waitMs: wait, requestsPerSecond: params.requestsPerSecond, burst: params.burst },
-    );
+    return rateLimitedError(key, params, waitMs, leftMs);
   }
 
   /**
