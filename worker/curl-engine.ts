@@ -413,32 +413,45 @@ export class CurlEngine {
       this.#fail(transfer, timeoutError(request));
       return;
     }
-    const rateTokens = this.#rateTokens;
-    if (rateTokens) {
-      // Each attempt is a request the origin sees: each takes a token of a rate-limited origin.
-      const { host, port } = transfer.target.origin;
-      let token: number | Promise<number | undefined> | undefined;
-      try {
-        token = rateTokens.take(host, port, remaining, io.signal);
-      } catch (error) {
-        this.#prepareFailed(transfer, error, started, remaining);
-        return;
-      }
-      if (token instanceof Promise) {
-        token.then(
-          (expiresAt) => {
-            transfer.token = expiresAt;
-            transfer.attemptTokenWaitMs = performance.now() - started;
-            transfer.tokenWaitMs += transfer.attemptTokenWaitMs;
-            this.#prepare(transfer, started, remaining);
-          },
-          (error: unknown) => this.#prepareFailed(transfer, error, started, remaining),
-        );
-        return;
-      }
-      transfer.token = token;
+    // Each attempt is a request the origin sees: each takes a token of a rate-limited origin.
+    let taking: Promise<void> | undefined;
+    try {
+      taking = this.#takeToken(transfer, remaining);
+    } catch (error) {
+      this.#prepareFailed(transfer, error, started, remaining);
+      return;
+    }
+    if (taking) {
+      taking.then(
+        () => this.#prepare(transfer, started, remaining),
+        (error: unknown) => this.#prepareFailed(transfer, error, started, remaining),
+      );
+      return;
     }
     this.#prepare(transfer, started, remaining);
+  }
+
+  /**
+   * The transfer's token if its origin is rate-limited (rate-tokens.ts): taken at once (undefined: go on now), or a
+   * promise that takes it and counts the wait in the transfer's token waits (go on once it resolves). Throws, or
+   * rejects, when none comes in `timeoutMs` (refused, cancelled).
+   */
+  #takeToken(transfer: Transfer, timeoutMs: number): Promise<void> | undefined {
+    const rateTokens = this.#rateTokens;
+    if (!rateTokens) return undefined;
+    const { host, port } = transfer.target.origin;
+    const token = rateTokens.take(host, port, timeoutMs, transfer.io.signal);
+    if (!(token instanceof Promise)) {
+      transfer.token = token;
+      return undefined;
+    }
+    const askedAt = performance.now();
+    return token.then((expiresAt) => {
+      transfer.token = expiresAt;
+      const waitMs = performance.now() - askedAt;
+      transfer.attemptTokenWaitMs += waitMs;
+      transfer.tokenWaitMs += waitMs;
+    });
   }
 
   #prepare(transfer: Transfer, started: number, remaining: number): void {
@@ -479,37 +492,27 @@ export class CurlEngine {
    * seen before went out all at once whatever the origin's rate.
    */
   #prepared(transfer: Transfer, slot: SocketSlot, started: number, remaining: number, waited: boolean): void {
-    const rateTokens = this.#rateTokens;
-    if (!rateTokens || !slot.joined || slot.lease || transfer.token !== undefined) {
+    if (!slot.joined || slot.lease || transfer.token !== undefined) {
       this.#perform(transfer, slot, performance.now() - started, waited);
       return;
     }
-    const { host, port } = transfer.target.origin;
     const tokenFailed = (error: unknown): void => {
       // (The slot holds no socket: finishing it only takes the transfer out of its origin's count.)
       this.#supply.finish(slot);
       this.#prepareFailed(transfer, error, started, remaining);
     };
-    const askedAt = performance.now();
-    let token: number | Promise<number | undefined> | undefined;
+    let taking: Promise<void> | undefined;
     try {
-      token = rateTokens.take(host, port, transfer.request.deadline - (TIME_ORIGIN + askedAt), transfer.io.signal);
+      taking = this.#takeToken(transfer, transfer.request.deadline - (TIME_ORIGIN + performance.now()));
     } catch (error) {
       tokenFailed(error);
       return;
     }
-    if (!(token instanceof Promise)) {
-      transfer.token = token;
-      this.#perform(transfer, slot, performance.now() - started, waited);
+    if (taking) {
+      taking.then(() => this.#perform(transfer, slot, performance.now() - started, true), tokenFailed);
       return;
     }
-    token.then((expiresAt) => {
-      transfer.token = expiresAt;
-      const waitMs = performance.now() - askedAt;
-      transfer.attemptTokenWaitMs += waitMs;
-      transfer.tokenWaitMs += waitMs;
-      this.#perform(transfer, slot, performance.now() - started, true);
-    }, tokenFailed);
+    this.#perform(transfer, slot, performance.now() - started, waited);
   }
 
   /** No token or no socket for the attempt: the daemon is down (maybe direct), or the request fails. */
