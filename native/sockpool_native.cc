@@ -1347,7 +1347,6 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
   // text) and the socket's lease mark (the words).
   Napi::Value PeerAddress(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    const int fd = FdArg(info, 0);
     double* words = nullptr;
     if (!IsAbsent(info, 1)) {
       if (!info[1].IsTypedArray() || info[1].As<Napi::TypedArray>().TypedArrayType() != napi_float64_array ||
@@ -1356,24 +1355,21 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
       }
       words = info[1].As<Napi::Float64Array>().Data();
     }
-    sockaddr_storage storage;
-    memset(&storage, 0, sizeof storage);
-    socklen_t length = sizeof storage;
-    if (::getpeername(fd, reinterpret_cast<sockaddr*>(&storage), &length) < 0) ThrowErrno(env, errno, "getpeername");
-    Napi::Object peer = FormatInet(env, storage, "getpeername");  // (throws for a family other than IPv4 and IPv6)
-    if (words != nullptr) WritePeerWords(storage, words);
-    return peer;
+    return SocketAddress(info, ::getpeername, "getpeername", words);
   }
 
-  // getsockname or getpeername of the fd argument, as { address, family, port }.
+  // getsockname or getpeername of the fd argument, as { address, family, port }; with `words`, the same address
+  // there too (WritePeerWords).
   static Napi::Value SocketAddress(const Napi::CallbackInfo& info, int (*query)(int, sockaddr*, socklen_t*),
-                                   const char* syscall) {
+                                   const char* syscall, double* words = nullptr) {
     Napi::Env env = info.Env();
     sockaddr_storage storage;
     memset(&storage, 0, sizeof storage);
     socklen_t length = sizeof storage;
     if (query(FdArg(info, 0), reinterpret_cast<sockaddr*>(&storage), &length) < 0) ThrowErrno(env, errno, syscall);
-    return FormatInet(env, storage, syscall);
+    Napi::Value address = FormatInet(env, storage, syscall);  // (throws for a family other than IPv4 and IPv6)
+    if (words != nullptr) WritePeerWords(storage, words);
+    return address;
   }
 
   // -- Socket options
@@ -1831,28 +1827,24 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
                         " is watched by a Poller or a PollSet of this thread; close the Poller or remove the fd first");
   }
 
-  Napi::Value Close(const Napi::CallbackInfo& info) {
-    Napi::Env env = info.Env();
-    const int fd = FdArg(info, 0);
-    ThrowIfPolled(env, fd);
-    tracked_.erase(fd);
-    const WatchedCall watched;  // (a linger set again after the disarm: see the close watchdog)
-    DisarmLinger(fd);  // (see DisarmLinger: no client can make this close wait)
-    // Linux releases the fd even when close() reports EINTR: never retry, and report only real errors (EBADF).
-    if (::close(fd) < 0 && errno != EINTR) ThrowErrno(env, errno, "close");
-    return env.Undefined();
-  }
+  Napi::Value Close(const Napi::CallbackInfo& info) { return CloseFd(info, true); }
 
   // close() without the linger disarm, for a socket whose every copy was this process's own from its socket() on
   // (the pool's, connected here and never lent or sent): no client could have set SO_LINGER on it, so its linger is
   // what this process left (the kernel's default: off) and the close cannot wait. The caller vouches for that; a
   // socket a client had, or may have, goes through Close.
-  Napi::Value CloseNeverShared(const Napi::CallbackInfo& info) {
+  Napi::Value CloseNeverShared(const Napi::CallbackInfo& info) { return CloseFd(info, false); }
+
+  // Close and CloseNeverShared: the fd argument is closed, untracked and watched (the close watchdog: a linger set
+  // again after the disarm, or a wrong vouch, must not hold the thread for good).
+  Napi::Value CloseFd(const Napi::CallbackInfo& info, bool disarm_linger) {
     Napi::Env env = info.Env();
     const int fd = FdArg(info, 0);
     ThrowIfPolled(env, fd);
     tracked_.erase(fd);
-    const WatchedCall watched;  // (nothing here can wait, but a wrong vouch must not hold the thread for good)
+    const WatchedCall watched;
+    if (disarm_linger) DisarmLinger(fd);  // (see DisarmLinger: no client can make this close wait)
+    // Linux releases the fd even when close() reports EINTR: never retry, and report only real errors (EBADF).
     if (::close(fd) < 0 && errno != EINTR) ThrowErrno(env, errno, "close");
     return env.Undefined();
   }
