@@ -117,6 +117,14 @@ const unitCpuWeight = Number(
 const daemonWeight = option('--daemon-weight', unitCpuWeight);
 const daemonGroup = cpuGroups?.group('daemon', daemonWeight);
 const hostileGroup = cpuGroups?.group('hostile');
+/**
+ * `--daemon-rt` (with --cpu-groups): the daemon's main thread under SCHED_RR priority 1 (`realtimePriority = 1`,
+ * daemon/realtime.ts): a woken daemon then preempts the hostile processes on its core at once instead of waiting for
+ * the end of their slice. Its group gets a real-time budget of 90% (bench/lib/cpu-groups.ts).
+ */
+const daemonRealtime = process.argv.includes('--daemon-rt');
+if (daemonRealtime && !daemonGroup) throw new Error('--daemon-rt needs --cpu-groups');
+if (daemonRealtime) cpuGroups!.realtimeBudget(daemonGroup!, 0.9);
 /** The origin in a group of its own too: a remote host's work is nobody's share on this one. */
 const originGroup = cpuGroups?.group('origin');
 const inFlight = 4;
@@ -227,7 +235,11 @@ async function main(): Promise<void> {
   const { port } = origin;
   daemon = await startBenchDaemon({
     dir,
-    config: { access: { socketMode: '0666' }, pool: { defaults: { minIdle: 8, maxIdle: 32 } } },
+    config: {
+      access: { socketMode: '0666' },
+      pool: { defaults: { minIdle: 8, maxIdle: 32 } },
+      ...(daemonRealtime ? { realtimePriority: 1 } : {}),
+    },
     args: ['--allow', '127.0.0.1/32', '--allow-port', String(port)],
     ...(daemonMain ? { main: daemonMain } : {}),
     ...(daemonNodeArgs ? { nodeArgs: daemonNodeArgs } : {}),
@@ -237,6 +249,12 @@ async function main(): Promise<void> {
   });
   chmodSync(dir, 0o755);
   client = new SockpoolClient({ socketPath: daemon.socketPath, threads: 0 });
+  if (daemonRealtime) {
+    // A refused policy (no budget, a filter) would make this run a run without it: say so and stop.
+    const { realtime } = (await client.stats()) as { realtime: { state: string; detail: string } };
+    if (realtime.state !== 'on')
+      throw new Error(`--daemon-rt: the daemon's policy is ${realtime.state}: ${realtime.detail}`);
+  }
   const originUrl = `http://127.0.0.1:${port}`;
   let next = 0;
   const request = async (samples: PhaseSamples) => {
@@ -378,7 +396,7 @@ async function main(): Promise<void> {
     `p50 ratio ${round(h.p50 / q.p50, 2)}, p99 ratio ${round(h.p99 / q.p99, 2)} (aim: p99 within 2x); ` +
       `every honest answer was its own (${q.count + h.count} checked); ` +
       `${control ? 'control run: no hostile process in either phase' : `${hostile.spawns} hostile processes started`}` +
-      `${hostileNice > 0 ? ` at nice ${hostileNice}` : ''}${hostileModes ? ` (modes: ${hostileModes.join(', ')})` : ''}${fresh ? '; a fresh lease per honest request' : ''}${rate > 0 ? `; honest requests at ${rate}/s (open loop)` : `; ${inFlight} honest requests in flight (closed loop)`}${ownSessions ? '' : '; hostile processes in this session'}${pin ? `; honest side on CPU 0, daemon and hostile processes on CPU 1, origin (${originKind}) on CPU ${originCpu}` : `; origin: ${originKind}`}${cpuGroups ? `; honest side, daemon, hostile uid and origin in one CPU group each (daemon weight ${daemonWeight}, the others 100)` : ''}; load average ${os.loadavg()[0]!.toFixed(1)} on ` +
+      `${hostileNice > 0 ? ` at nice ${hostileNice}` : ''}${hostileModes ? ` (modes: ${hostileModes.join(', ')})` : ''}${fresh ? '; a fresh lease per honest request' : ''}${rate > 0 ? `; honest requests at ${rate}/s (open loop)` : `; ${inFlight} honest requests in flight (closed loop)`}${ownSessions ? '' : '; hostile processes in this session'}${pin ? `; honest side on CPU 0, daemon and hostile processes on CPU 1, origin (${originKind}) on CPU ${originCpu}` : `; origin: ${originKind}`}${cpuGroups ? `; honest side, daemon, hostile uid and origin in one CPU group each (daemon weight ${daemonWeight}${daemonRealtime ? ', its main thread SCHED_RR' : ''}, the others 100)` : ''}; load average ${os.loadavg()[0]!.toFixed(1)} on ` +
       `${os.availableParallelism()} cores`,
   );
 }

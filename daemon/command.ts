@@ -9,6 +9,7 @@ import { applyFlags, type DaemonFlags, defaultConfig, loadConfigFile, type Sockp
 import { dropGuardCapabilities, policiesSetMarks, startConnectGuard } from './connect-guard.js';
 import { Sockpoold } from './daemon.js';
 import { createLogger, flushLogs } from './log.js';
+import { applyRealtimePriority } from './realtime.js';
 
 /** The exit status of a start refused for its configuration (SOCKPOOL_ERR_CONFIG); any other failure exits 1. */
 const EXIT_CONFIG = 2;
@@ -159,8 +160,18 @@ export async function runSockpoold(early: EarlySignals): Promise<void> {
   const bindRestriction = restrictBinds(config.restrictBind, config.metricsPort);
   if (bindRestriction.state === 'failed') log.error(bindRestriction, 'TCP bind restriction (Landlock) failed');
   else log.info(bindRestriction, 'TCP bind restriction (Landlock)');
+  const realtime = applyRealtimePriority(config.realtimePriority);
+  if (realtime.state === 'refused') log.warn(realtime, 'real-time scheduling refused: the daemon runs without it');
+  else log.info(realtime, 'real-time scheduling');
   try {
-    daemon = await Sockpoold.start({ config, log, reloadConfig: loadConfig, bindRestriction, connectGuard });
+    daemon = await Sockpoold.start({
+      config,
+      log,
+      reloadConfig: loadConfig,
+      bindRestriction,
+      connectGuard,
+      realtime,
+    });
   } catch (error) {
     const withCode = error as Error & { code?: string };
     log.fatal({ code: withCode.code, err: withCode.message }, 'sockpoold failed to start');

@@ -52,6 +52,7 @@ export const DEFAULTS = {
   metricsPerOrigin: false,
   restrictBind: true,
   connectGuard: true,
+  realtimePriority: 0,
   access: {
     socketMode: '0660',
     allowUids: [] as number[],
@@ -412,6 +413,8 @@ export const configSchema = z
     // cgroup BPF: no connect() of a socket the daemon connected, after its own (connect-guard.ts); set up by
     // sockpoold's entry point where it has CAP_BPF and CAP_NET_ADMIN.
     connectGuard: z.boolean().default(DEFAULTS.connectGuard),
+    // SCHED_RR for the main thread at this priority, 0 for none (realtime.ts); applied by sockpoold's entry point.
+    realtimePriority: z.int().min(0).max(99).default(DEFAULTS.realtimePriority),
     access: z
       .strictObject({
         socketMode: z

@@ -41,6 +41,7 @@ import type { Logger } from './log.js';
 import { createMetrics, type Metrics, startMetricsServer } from './metrics.js';
 import { PoolManager } from './pool-manager.js';
 import type { ProxyEndpoint } from './proxy-tunnel.js';
+import { EMBEDDED_SCHEDULING, type RealtimeReport, registerRealtimeMetrics } from './realtime.js';
 import { Resolver } from './resolver.js';
 import {
   connectedAtFromTag,
@@ -77,6 +78,8 @@ export interface DaemonOptions {
   bindRestriction?: BindRestrictionReport;
   /** What the sockpoold command's connect guard did (connect-guard.ts); embedded: none. */
   connectGuard?: ConnectGuardReport;
+  /** Whether the sockpoold command put the main thread under SCHED_RR (realtime.ts); embedded: not. */
+  realtime?: RealtimeReport;
 }
 
 export class Sockpoold {
@@ -85,6 +88,7 @@ export class Sockpoold {
   #reloadConfig: (() => SockpoolConfig) | undefined;
   #bindRestriction: BindRestrictionReport;
   #connectGuard: ConnectGuardReport;
+  #realtime: RealtimeReport;
   /** Whether the kernel refuses the fds clients send (#refuseClientFds); stats and the ready line say it. */
   #clientFds: ClientFdsState = 'accepted';
   #notifier = new Notifier();
@@ -119,6 +123,7 @@ export class Sockpoold {
     this.#reloadConfig = options.reloadConfig;
     this.#bindRestriction = options.bindRestriction ?? EMBEDDED_UNRESTRICTED;
     this.#connectGuard = options.connectGuard ?? EMBEDDED_UNGUARDED;
+    this.#realtime = options.realtime ?? EMBEDDED_SCHEDULING;
     this.#socketPath = this.#config.socket;
     // One provider of the host's interface addresses for every policy this daemon builds (reloads included); read
     // first, before anything that holds an fd, because it is what fails in a sandbox without AF_NETLINK.
@@ -169,6 +174,7 @@ export class Sockpoold {
     registerFleetMetrics(this.#metrics.registry, () => this.#fleet, this.#rates);
     registerBindRestrictionMetrics(this.#metrics.registry, this.#bindRestriction);
     registerConnectGuardMetrics(this.#metrics.registry, this.#connectGuard);
+    registerRealtimeMetrics(this.#metrics.registry, this.#realtime);
     this.#pools = new PoolManager({
       config: this.#config,
       connector,
@@ -246,6 +252,7 @@ export class Sockpoold {
         rssBytes: process.memoryUsage.rss(),
         bindRestriction: this.#bindRestriction,
         connectGuard: this.#connectGuard,
+        realtime: this.#realtime,
         clientFds: this.#clientFds,
         adoptedFromFdStore: this.#adoptedFromFdStore,
         tls: this.#relays.counters(),
@@ -281,6 +288,7 @@ export class Sockpoold {
         kernelTls,
         bindRestriction: this.#bindRestriction.state,
         connectGuard: this.#connectGuard.state,
+        realtime: this.#realtime.state,
         clientFds: this.#clientFds,
       },
       'sockpoold ready',
@@ -654,6 +662,7 @@ const START_ONLY_KEYS: ReadonlyArray<readonly string[]> = [
   ['metricsPerOrigin'],
   ['restrictBind'],
   ['connectGuard'],
+  ['realtimePriority'],
   ['access', 'socketMode'],
   ['access', 'socketOwner'],
   ['access', 'socketGroup'],

@@ -32,6 +32,7 @@
 #endif
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -1596,6 +1597,28 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     return env.Undefined();
   }
 
+  // The calling thread (pid 0 is the caller's thread id, not the process) under SCHED_RR at `priority`, with
+  // SCHED_RESET_ON_FORK: every thread or process it creates afterwards starts under the normal policy again, so only
+  // this thread is real-time (daemon/realtime.ts says why). Needs CAP_SYS_NICE or an RLIMIT_RTPRIO of at least
+  // `priority`, and, on a kernel with real-time group scheduling, a real-time budget in the thread's CPU cgroup
+  // (EPERM otherwise, as without the privilege). Throws the errno.
+  Napi::Value SetRealtimePriority(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const double number = info.Length() > 0 && info[0].IsNumber() ? info[0].As<Napi::Number>().DoubleValue() : -1;
+    const int lowest = ::sched_get_priority_min(SCHED_RR);
+    const int highest = ::sched_get_priority_max(SCHED_RR);
+    if (!(number >= lowest && number <= highest) || std::floor(number) != number) {
+      throw Napi::TypeError::New(env, "priority must be an integer from " + std::to_string(lowest) + " to " +
+                                          std::to_string(highest));
+    }
+    sched_param parameters = {};
+    parameters.sched_priority = static_cast<int>(number);
+    if (::sched_setscheduler(0, SCHED_RR | SCHED_RESET_ON_FORK, &parameters) < 0) {
+      ThrowErrno(env, errno, "sched_setscheduler");
+    }
+    return env.Undefined();
+  }
+
   // -- Liveness and identity
 
   // Is an idle socket still usable? Peeks one byte without consuming it; for TCP also reads tcpi_state.
@@ -2387,6 +2410,8 @@ SockpoolAddon::SockpoolAddon(Napi::Env env, Napi::Object exports) {
                            InstanceMethod<&SockpoolAddon::StartConnectGuard>("startConnectGuard", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::GuardSocket>("guardSocket", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::DropCapabilities>("dropCapabilities", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::SetRealtimePriority>("setRealtimePriority",
+                                                                               napi_enumerable),
                            InstanceMethod<&SockpoolAddon::Probe>("probe", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::PeerCredentials>("peerCredentials", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::PeerGroups>("peerGroups", napi_enumerable),

@@ -192,6 +192,7 @@ interface NativeBinding {
   startConnectGuard(cgroup: string): string | null;
   guardSocket(fd: number): void;
   dropCapabilities(capabilities: number[]): void;
+  setRealtimePriority(priority: number): void;
   probe(fd: number): ProbeResult;
   peerCredentials(fd: number): PeerCredentials;
   peerGroups(fd: number): number[];
@@ -321,6 +322,15 @@ export function guardSocket(fd: number): void {
 /** Drops these capabilities (linux/capability.h numbers) from the calling thread for good. */
 export function dropCapabilities(capabilities: number[]): void {
   binding.dropCapabilities(capabilities);
+}
+
+/**
+ * The calling thread alone under SCHED_RR at `priority` (1–99); the threads it starts afterwards start under the
+ * normal policy (SCHED_RESET_ON_FORK). Throws EPERM without CAP_SYS_NICE or RLIMIT_RTPRIO, or when the thread's CPU
+ * cgroup has no real-time budget (daemon/realtime.ts).
+ */
+export function setRealtimePriority(priority: number): void {
+  binding.setRealtimePriority(priority);
 }
 
 /** accept4 on a listening socket: a new fd the caller owns, or null when no connection is pending. */

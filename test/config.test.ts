@@ -260,6 +260,9 @@ describe('parseConfig', () => {
       [{ pool: { origins: [{ match: 'example.com' }] } }, 'pool.origins[0].match: expected "host:port"'],
       [{ pool: { origins: [{}] } }, 'pool.origins[0].match:'],
       [{ metricsPort: 65536 }, 'metricsPort:'],
+      // SCHED_RR's priorities are 1–99 (0: off).
+      [{ realtimePriority: 100 }, 'realtimePriority: Too big'],
+      [{ realtimePriority: 1.5 }, 'realtimePriority: expected int'],
     ];
     for (const [raw, expected] of cases) {
       expect(configError(() => parseConfig(raw, 'f')).message).toContain(expected);

@@ -55,6 +55,20 @@ export class CpuGroups {
     return path;
   }
 
+  /**
+   * Lets `group`'s processes run under a real-time policy (SCHED_RR, as `CPUSchedulingPolicy=rr` would) for up to
+   * `share` of each period. With the v1 hierarchy's RT group scheduling (this VM) a group has no real-time budget
+   * until given one, and sched_setscheduler fails with EPERM; the parent's budget must cover the child's. cgroup v2
+   * has no per-group real-time budget (only the kernel-wide throttle): nothing to do there.
+   */
+  realtimeBudget(group: string, share: number): void {
+    if (!this.#root.endsWith('/cpu')) return;
+    const period = Number(readFileSync(join(group, 'cpu.rt_period_us'), 'utf8'));
+    const runtime = String(Math.floor(period * share));
+    writeFileSync(join(this.#parent, 'cpu.rt_runtime_us'), runtime);
+    writeFileSync(join(group, 'cpu.rt_runtime_us'), runtime);
+  }
+
   /** Moves a process (all its threads) into `group`; what it starts afterwards starts there too. */
   move(group: string, pid: number): void {
     writeFileSync(join(group, 'cgroup.procs'), String(pid));
