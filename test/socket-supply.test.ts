@@ -378,3 +378,85 @@ describe('SocketSupply over https', () => {
     expect(link.released).toHaveLength(1);
   });
 });
+
+describe('SocketSupply: the streams one HTTP/2 connection carries (`streams`)', () => {
+  // Forced transfers of an origin known to speak HTTP/2 that may join a new connection (the engine's retries).
+  const JOIN: PrepareOptions = { ...HTTPS, force: true, join: true };
+
+  /** A group of forced joins (its first's socket opened by curl beside another connection; its response head came),
+   *  its first and its joiners once they may go on, and the fd curl took. */
+  async function newGroup(size: number) {
+    const pending = Array.from({ length: size }, () => prepare(JOIN));
+    const first = await pending[0]!;
+    const fd = supply.open(first);
+    supply.responded(first);
+    const joiners = await Promise.all(pending.slice(1));
+    return { first, joiners, fd };
+  }
+
+  /** The origin speaks HTTP/2 and curl holds a connection to it; a group of 5 on a new connection got 2 of its
+   *  joiners on (the others starved): 3 learned. Returns the slots to finish and the fds to close. */
+  async function learnThree() {
+    const up = await prepare(HTTPS);
+    const fds = [supply.open(up)];
+    supply.learnProtocol(KEY, true);
+    supply.finish(up);
+    const group = await newGroup(5);
+    fds.push(group.fd);
+    supply.prerequest(group.joiners[0]!);
+    supply.prerequest(group.joiners[1]!);
+    expect(supply.open(group.joiners[2]!)).toBe(-1);
+    expect(supply.open(group.joiners[3]!)).toBe(-1);
+    return { slots: [group.first, ...group.joiners], fds };
+  }
+
+  function cleanUp(slots: SocketSlot[], fds: number[]): void {
+    for (const slot of slots) supply.finish(slot);
+    for (const fd of fds) supply.close(fd);
+    expect(link.outstanding.size).toBe(0);
+  }
+
+  it('double when a group they closed got all of its joiners on: the next group may be twice as large', async () => {
+    // Failed first: a learned value only went down (the next group stayed at 3, a socket each 3 transfers).
+    const { slots, fds } = await learnThree();
+    const acquired = link.acquires.length;
+    // Groups of 3: the fourth brings the next socket (its group's first), closing this one.
+    const group = newGroup(3);
+    const fourth = prepare(JOIN);
+    expect(link.acquires.length - acquired).toBe(2);
+    const full = await group;
+    fds.push(full.fd);
+    for (const joiner of full.joiners) supply.prerequest(joiner);
+    // All on board: up to 6 now. The fourth's group takes 5 joiners, and no socket more is asked for.
+    const joining = Array.from({ length: 5 }, () => prepare(JOIN));
+    expect(link.acquires.length - acquired).toBe(2);
+    const next = await fourth;
+    supply.finish(next); // (its socket goes back; its joiners go on, and find no connection)
+    cleanUp([...slots, full.first, ...full.joiners, next, ...(await Promise.all(joining))], fds);
+  });
+
+  it('a group formed on a doubled value waits for the SETTINGS even on the only connection, not released at once', async () => {
+    // curl sends streams that wait on a connection (PIPEWAIT) at ALPN: beyond the server's limit they are refused.
+    // Failed first: the joiner went on once curl took the socket.
+    const { slots, fds } = await learnThree();
+    const group = newGroup(3);
+    const fourth = prepare(JOIN);
+    const full = await group;
+    for (const joiner of full.joiners) supply.prerequest(joiner); // (doubled: 6)
+    const next = await fourth;
+    supply.finish(next);
+    cleanUp([...slots, full.first, ...full.joiners], [...fds, full.fd]);
+
+    // No connection left: the next transfer brings one, the one after joins it.
+    const first = await prepare(HTTPS);
+    const joiner = settledState(prepare(HTTPS));
+    const fd = supply.open(first);
+    await nextTurn();
+    await nextTurn();
+    expect(joiner.settled).toBe(false);
+    supply.responded(first); // (its response head: the SETTINGS are in)
+    await nextTurn();
+    expect(joiner.settled).toBe(true);
+    cleanUp([first, joiner.value!], [fd]);
+  });
+});

@@ -1004,6 +1004,9 @@ export class CurlEngine {
     // A transfer of a group sharing a new connection says when it got one (socket-supply.ts `prerequest`); no
     // callback for the others.
     set('PREREQFUNCTION', slot?.first || slot?.joined ? state.onPrereq : null);
+    // A group's first opens a connection with the socket it brought, not one of curl's that has room for a moment:
+    // that room is for the joiners of the group that brought it (socket-supply.ts, the header).
+    set('FRESH_CONNECT', slot?.first !== undefined && slot.lease !== undefined);
     // http: HTTP/1.1 only (no multiplexing, so curl never waits on a connection to learn whether it can).
     // https: HTTP/2 when ALPN agrees; PIPEWAIT makes transfers started meanwhile wait for the first connection
     // and multiplex over it instead of asking for sockets of their own (curl 7.88 waits so only while it knows no

@@ -30,6 +30,21 @@
 // socket each. Found measuring (seventeenth session): 250 requests at once on one thread (concurrencyPerThread 250)
 // to an HTTP/2 origin opened 51 connections (one up already) or 135 (none), 40 at a server allowing 10 streams 21
 // (the default client): each beyond the first connection's streams acquired a socket of its own.
+// `streams` is a guess, and a low one never corrected itself (twentieth session): a group no larger than it always
+// boards, so nothing is learned from it, and every later burst was cut into groups that small, one new connection
+// each (40 at a server allowing 10 took 14 connections after 3 was learned). It is learned low when the group's
+// connection carried other transfers as its joiners got on. One way is closed: a group's first opens a connection
+// of its own with its socket (the engine sets FRESH_CONNECT), where curl had put it on a connection with room for a
+// moment, often another group's before that one's joiners got on, and that group's joiners then found it full (of 4
+// groups of 12 three firsts went so, their sockets unused and 26 joiners run again: 9 connections where 4 do).
+// Others remain: another group's joiners or transfers started meanwhile taking room on it (what a connection carries
+// in total is not learned instead: curl 7.88 tells neither its streams per connection nor the server's limit, and
+// counting every transfer's connection would take a callback on each). So the guess is probed upward: a group it
+// closed (a transfer that would have joined brought the next socket instead) whose joiners all got on doubles it, up
+// to curl's 100. A guess too high costs no connection: the joiners beyond the connection's room are starved, learn
+// it again and join again in groups of that size (one more round for them). So that they are starved, not refused,
+// a group formed on a doubled guess (`probe`) waits for the server's SETTINGS even on the origin's only connection:
+// curl sends PIPEWAIT streams at ALPN, and the server refuses those beyond its limit (a POST then fails).
 //
 // At an origin's cap (the daemon said so with a `reclaim` naming this thread's leases of it, within the last
 // CONTENDED_MS), a connection that frees goes to a transfer of this thread waiting for a socket to the same HTTP/1.1
@@ -75,6 +90,10 @@ interface Group extends Settleable {
   openedAt: number | undefined;
   /** The daemon's connect time of the socket (a round trip; 0 when it was idle). */
   connectMs: number;
+  /** The origin's `streams` turned a transfer away from it (it brought the next group's socket). */
+  closed: boolean;
+  /** Formed on a raised guess of `streams` (`streamsRaised`): its joiners wait for the SETTINGS (see the header). */
+  probe: boolean;
 }
 
 /**
@@ -100,8 +119,11 @@ interface OriginState {
    *  go on (see the header) or that attempt ended without. The newest group: an older one full (`streams`) goes on
    *  waiting for its own. */
   firstSocket: Group | undefined;
-  /** How many transfers one connection carried when joiners found it full (learned; undefined before). */
+  /** How many transfers one connection carries: learned when joiners found it full, doubled when a group it closed
+   *  fully boarded (see the header); undefined before. */
   streams: number | undefined;
+  /** `streams` was doubled since it was last learned: a guess above anything seen. */
+  streamsRaised: boolean;
   /** Acquires under way that a connection freeing here makes unnecessary (see the header), oldest first. */
   givenUpBy: GiveUp[];
   /** Of those, given up for a connection that freed, their transfers not yet run on it. */
@@ -127,6 +149,9 @@ interface GiveUp {
 /** The reason an acquire is cancelled with when a connection of its origin freed in this thread. */
 const CONNECTION_FREED = Symbol('a connection of the origin freed');
 
+/** curl 7.88's own cap of streams on one HTTP/2 connection: no guess of `streams` goes beyond it. */
+const CURL_MAX_STREAMS = 100;
+
 export interface PrepareOptions {
   /** The daemon's proxy the socket must be tunnelled through, by name (part of the origin's key). */
   proxy?: string | undefined;
@@ -151,12 +176,12 @@ export interface PrepareOptions {
   tokenTaken?: boolean | undefined;
 }
 
-function group(): Group {
+function group(probe: boolean): Group {
   let settle!: () => void;
   const promise = new Promise<void>((resolve) => {
     settle = resolve;
   });
-  return { promise, settle, joiners: 0, onboard: 0, openedAt: undefined, connectMs: 0 };
+  return { promise, settle, joiners: 0, onboard: 0, openedAt: undefined, connectMs: 0, closed: false, probe };
 }
 
 /** `promise`, or signal.reason once `signal` aborts. */
@@ -249,7 +274,8 @@ export class SocketSupply {
     if (options.force || first || this.#needsSocket(origin, options.secure)) {
       origin.supplying++;
       if (mayMultiplex && (!origin.firstSocket || first)) {
-        origin.firstSocket = group();
+        if (first) first.closed = true;
+        origin.firstSocket = group(origin.streamsRaised);
         slot.first = origin.firstSocket;
       }
       return this.#acquireInto(slot, target, key, origin, options);
@@ -352,7 +378,10 @@ export class SocketSupply {
       // Others of its group got on: the connection was full after as many transfers (see the header).
       const joined = slot.joined;
       const origin = this.#origins.get(slot.originKey);
-      if (joined && joined.onboard > 0 && origin) origin.streams = joined.onboard + 1;
+      if (joined && joined.onboard > 0 && origin) {
+        origin.streams = joined.onboard + 1;
+        origin.streamsRaised = false;
+      }
       return -1;
     }
     slot.taken = true;
@@ -362,9 +391,10 @@ export class SocketSupply {
     origin.connections++;
     origin.supplying--;
     if (lease.rate) origin.rated = true;
-    // The only connection curl holds to the origin: joiners go on now and wait on it in curl (PIPEWAIT). Else once
-    // its first response came, or a while after its handshake (`responded`, `prerequest`; see the header).
-    if (slot.first && origin.connections === 1) this.responded(slot);
+    // The only connection curl holds to the origin: joiners go on now and wait on it in curl (PIPEWAIT), unless the
+    // group is as large as a raised guess (`probe`). Else once its first response came, or a while after its
+    // handshake (`responded`, `prerequest`; see the header).
+    if (slot.first && origin.connections === 1 && !slot.first.probe) this.responded(slot);
     else if (slot.first) {
       slot.first.openedAt = performance.now();
       slot.first.connectMs = lease.connectMs;
@@ -391,10 +421,18 @@ export class SocketSupply {
    * lets its group go on now.
    */
   prerequest(slot: SocketSlot): void {
-    if (slot.joined) slot.joined.onboard++;
+    const origin = this.#origin(slot.originKey);
+    const joined = slot.joined;
+    if (joined) {
+      joined.onboard++;
+      // A group `streams` closed, all on board: a connection may carry more (see the header).
+      if (joined.closed && joined.onboard === joined.joiners && origin.streams !== undefined) {
+        if (origin.streams < CURL_MAX_STREAMS) origin.streamsRaised = true;
+        origin.streams = Math.min(CURL_MAX_STREAMS, origin.streams * 2);
+      }
+    }
     const group = slot.first;
     if (!group) return;
-    const origin = this.#origin(slot.originKey);
     let waitMs = 0;
     if (group.openedAt !== undefined) {
       const roundTripMs = Math.max(performance.now() - group.openedAt, group.connectMs);
@@ -488,6 +526,7 @@ export class SocketSupply {
         multiplexed: undefined,
         firstSocket: undefined,
         streams: undefined,
+        streamsRaised: false,
         givenUpBy: [],
         handingOver: 0,
         rated: false,
