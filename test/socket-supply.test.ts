@@ -435,6 +435,43 @@ describe('SocketSupply: the streams one HTTP/2 connection carries (`streams`)', 
     cleanUp([...slots, full.first, ...full.joiners, next, ...(await Promise.all(joining))], fds);
   });
 
+  it('a probe that starved sets a ceiling: a group at that value that fully boards no longer doubles it', async () => {
+    // Found in review: a value already right doubled on every group it closed, and the next group (a probe) ran half
+    // its joiners twice. Failed first: the value went from 3 to 6 again, and three more joiners asked for no socket.
+    const { slots, fds } = await learnThree();
+    const acquired = link.acquires.length;
+    const group = newGroup(3);
+    const fourth = prepare(JOIN);
+    const full = await group;
+    for (const joiner of full.joiners) supply.prerequest(joiner); // (doubled: 6)
+    const next = await fourth;
+    supply.finish(next);
+    cleanUp([...slots, full.first, ...full.joiners], [...fds, full.fd]);
+
+    // A probe on 6 (no connection left: it brings one), five joiners; the connection takes two of them: 3 again.
+    const probe = newGroup(6);
+    const { first, joiners, fd } = await probe;
+    supply.prerequest(joiners[0]!);
+    supply.prerequest(joiners[1]!);
+    expect(supply.open(joiners[2]!)).toBe(-1);
+    const probeSlots = [first, ...joiners];
+
+    // A group of 3 closed by the next transfer, all on board: still 3, so the third transfer after it brings a socket.
+    const before = link.acquires.length;
+    const again = newGroup(3);
+    const closer = prepare(JOIN);
+    const boarded = await again;
+    for (const joiner of boarded.joiners) supply.prerequest(joiner);
+    const after = [prepare(JOIN), prepare(JOIN), prepare(JOIN)];
+    expect(link.acquires.length - before).toBe(3);
+    expect(link.acquires.length - acquired).toBeGreaterThan(3);
+    const closing = await closer;
+    supply.finish(closing);
+    const rest = await Promise.all(after);
+    for (const slot of rest) supply.finish(slot);
+    cleanUp([...probeSlots, boarded.first, ...boarded.joiners], [fd, boarded.fd]);
+  });
+
   it('a group formed on a doubled value waits for the SETTINGS even on the only connection, not released at once', async () => {
     // curl sends streams that wait on a connection (PIPEWAIT) at ALPN: beyond the server's limit they are refused.
     // Failed first: the joiner went on once curl took the socket.

@@ -45,6 +45,10 @@
 // it again and join again in groups of that size (one more round for them). So that they are starved, not refused,
 // a group formed on a doubled guess (`probe`) waits for the server's SETTINGS even on the origin's only connection:
 // curl sends PIPEWAIT streams at ALPN, and the server refuses those beyond its limit (a POST then fails).
+// A probe that starved found the connection's real room: that value is kept as a ceiling (`streamsCeiling`), which
+// no later doubling passes. Without it a guess already right doubled on every group it closed, and the next group
+// (a probe) ran half its joiners twice, one round more for them in every other group of a burst (found in review).
+// A server that raises its limit later is not followed past the ceiling.
 //
 // At an origin's cap (the daemon said so with a `reclaim` naming this thread's leases of it, within the last
 // CONTENDED_MS), a connection that frees goes to a transfer of this thread waiting for a socket to the same HTTP/1.1
@@ -124,6 +128,8 @@ interface OriginState {
   streams: number | undefined;
   /** `streams` was doubled since it was last learned: a guess above anything seen. */
   streamsRaised: boolean;
+  /** What a probe that starved learned: no doubling goes past it (see the header); undefined before. */
+  streamsCeiling: number | undefined;
   /** Acquires under way that a connection freeing here makes unnecessary (see the header), oldest first. */
   givenUpBy: GiveUp[];
   /** Of those, given up for a connection that freed, their transfers not yet run on it. */
@@ -381,6 +387,7 @@ export class SocketSupply {
       if (joined && joined.onboard > 0 && origin) {
         origin.streams = joined.onboard + 1;
         origin.streamsRaised = false;
+        if (joined.probe) origin.streamsCeiling = origin.streams;
       }
       return -1;
     }
@@ -427,8 +434,11 @@ export class SocketSupply {
       joined.onboard++;
       // A group `streams` closed, all on board: a connection may carry more (see the header).
       if (joined.closed && joined.onboard === joined.joiners && origin.streams !== undefined) {
-        if (origin.streams < CURL_MAX_STREAMS) origin.streamsRaised = true;
-        origin.streams = Math.min(CURL_MAX_STREAMS, origin.streams * 2);
+        const raised = Math.min(CURL_MAX_STREAMS, origin.streamsCeiling ?? CURL_MAX_STREAMS, origin.streams * 2);
+        if (raised > origin.streams) {
+          origin.streams = raised;
+          origin.streamsRaised = true;
+        }
       }
     }
     const group = slot.first;
@@ -527,6 +537,7 @@ export class SocketSupply {
         firstSocket: undefined,
         streams: undefined,
         streamsRaised: false,
+        streamsCeiling: undefined,
         givenUpBy: [],
         handingOver: 0,
         rated: false,
