@@ -6,7 +6,7 @@
 // cancelled acquires, forced acquires, an acquire given up when a connection frees (not one that carries a rate
 // token), and the daemon's reclaim of idle leases (of the link connection the notice came on only: lease ids start
 // again at 1 when the daemon restarts). Every test ends with as many fds open as it started with.
-import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
 import { Cancellation } from '../worker/cancellation.js';
@@ -435,11 +435,10 @@ describe('SocketSupply: the streams one HTTP/2 connection carries (`streams`)', 
     cleanUp([...slots, full.first, ...full.joiners, next, ...(await Promise.all(joining))], fds);
   });
 
-  it('a probe that starved sets a ceiling: a group at that value that fully boards no longer doubles it', async () => {
-    // Found in review: a value already right doubled on every group it closed, and the next group (a probe) ran half
-    // its joiners twice. Failed first: the value went from 3 to 6 again, and three more joiners asked for no socket.
+  /** learnThree, then a group of 3 that fully boards (doubled: 6), then a probe on 6 whose connection takes two
+   *  joiners: 3 again, as a ceiling. Returns what to finish and close. */
+  async function probeStarvesAtThree() {
     const { slots, fds } = await learnThree();
-    const acquired = link.acquires.length;
     const group = newGroup(3);
     const fourth = prepare(JOIN);
     const full = await group;
@@ -447,29 +446,49 @@ describe('SocketSupply: the streams one HTTP/2 connection carries (`streams`)', 
     const next = await fourth;
     supply.finish(next);
     cleanUp([...slots, full.first, ...full.joiners], [...fds, full.fd]);
-
-    // A probe on 6 (no connection left: it brings one), five joiners; the connection takes two of them: 3 again.
-    const probe = newGroup(6);
-    const { first, joiners, fd } = await probe;
+    // A probe on 6 (no connection left: it brings one), five joiners; the connection takes two of them.
+    const { first, joiners, fd } = await newGroup(6);
     supply.prerequest(joiners[0]!);
     supply.prerequest(joiners[1]!);
     expect(supply.open(joiners[2]!)).toBe(-1);
-    const probeSlots = [first, ...joiners];
+    return { slots: [first, ...joiners], fds: [fd] };
+  }
 
-    // A group of 3 closed by the next transfer, all on board: still 3, so the third transfer after it brings a socket.
+  /** A group of 3 closed by the next transfer, all on board, then three transfers more: the sockets they ask for. */
+  async function socketsAfterAFullGroupOfThree(slots: SocketSlot[], fds: number[]): Promise<number> {
     const before = link.acquires.length;
-    const again = newGroup(3);
+    const group = newGroup(3);
     const closer = prepare(JOIN);
-    const boarded = await again;
+    const boarded = await group;
     for (const joiner of boarded.joiners) supply.prerequest(joiner);
     const after = [prepare(JOIN), prepare(JOIN), prepare(JOIN)];
-    expect(link.acquires.length - before).toBe(3);
-    expect(link.acquires.length - acquired).toBeGreaterThan(3);
-    const closing = await closer;
-    supply.finish(closing);
-    const rest = await Promise.all(after);
-    for (const slot of rest) supply.finish(slot);
-    cleanUp([...probeSlots, boarded.first, ...boarded.joiners], [fd, boarded.fd]);
+    const asked = link.acquires.length - before;
+    supply.finish(await closer);
+    for (const slot of await Promise.all(after)) supply.finish(slot);
+    cleanUp([...slots, boarded.first, ...boarded.joiners], [...fds, boarded.fd]);
+    return asked;
+  }
+
+  it('a probe that starved sets a ceiling: a group at that value that fully boards no longer doubles it', async () => {
+    // Found in review: a value already right doubled on every group it closed, and the next group (a probe) ran half
+    // its joiners twice. Failed first: the value went from 3 to 6 again, and the three transfers after the group
+    // joined the closer's group (2 sockets asked for, not 3).
+    const { slots, fds } = await probeStarvesAtThree();
+    // Still 3: the group, its closer, and the third transfer after it bring a socket each.
+    expect(await socketsAfterAFullGroupOfThree(slots, fds)).toBe(3);
+  });
+
+  it('the ceiling lasts STREAMS_CEILING_MS: after it a group that fully boards doubles the value again', async () => {
+    // A probe can starve low too (others took room on its connection): a ceiling for ever would keep it low.
+    vi.useFakeTimers({ toFake: ['performance'] });
+    try {
+      const { slots, fds } = await probeStarvesAtThree();
+      vi.advanceTimersByTime(30_001);
+      // Doubled to 6: the three transfers after the group join the closer's group.
+      expect(await socketsAfterAFullGroupOfThree(slots, fds)).toBe(2);
+    } finally {
+      vi.useRealTimers();
+    }
   });
 
   it('a group formed on a doubled value waits for the SETTINGS even on the only connection, not released at once', async () => {

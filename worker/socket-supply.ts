@@ -45,10 +45,11 @@
 // it again and join again in groups of that size (one more round for them). So that they are starved, not refused,
 // a group formed on a doubled guess (`probe`) waits for the server's SETTINGS even on the origin's only connection:
 // curl sends PIPEWAIT streams at ALPN, and the server refuses those beyond its limit (a POST then fails).
-// A probe that starved found the connection's real room: that value is kept as a ceiling (`streamsCeiling`), which
-// no later doubling passes. Without it a guess already right doubled on every group it closed, and the next group
-// (a probe) ran half its joiners twice, one round more for them in every other group of a burst (found in review).
-// A server that raises its limit later is not followed past the ceiling.
+// A probe that starved found the connection's room: that value is kept as a ceiling (`streamsCeiling`) that no
+// doubling passes for STREAMS_CEILING_MS. Without it a guess already right doubled on every group it closed, and the
+// next group (a probe) ran half its joiners twice, one round more for them in every other group of a burst (found
+// in review). Not for ever: a probe can starve low too (others took room on its connection), and a server may raise
+// its limit; so a right guess costs one probe's extra round a period, and a low ceiling lasts one period.
 //
 // At an origin's cap (the daemon said so with a `reclaim` naming this thread's leases of it, within the last
 // CONTENDED_MS), a connection that frees goes to a transfer of this thread waiting for a socket to the same HTTP/1.1
@@ -128,8 +129,9 @@ interface OriginState {
   streams: number | undefined;
   /** `streams` was doubled since it was last learned: a guess above anything seen. */
   streamsRaised: boolean;
-  /** What a probe that starved learned: no doubling goes past it (see the header); undefined before. */
+  /** What a probe that starved learned: no doubling goes past it until `streamsCeilingUntil` (see the header). */
   streamsCeiling: number | undefined;
+  streamsCeilingUntil: number;
   /** Acquires under way that a connection freeing here makes unnecessary (see the header), oldest first. */
   givenUpBy: GiveUp[];
   /** Of those, given up for a connection that freed, their transfers not yet run on it. */
@@ -154,6 +156,9 @@ interface GiveUp {
 
 /** The reason an acquire is cancelled with when a connection of its origin freed in this thread. */
 const CONNECTION_FREED = Symbol('a connection of the origin freed');
+
+/** How long a probe's starved value caps the doubling of `streams` (see the header). */
+const STREAMS_CEILING_MS = 30_000;
 
 /** curl 7.88's own cap of streams on one HTTP/2 connection: no guess of `streams` goes beyond it. */
 const CURL_MAX_STREAMS = 100;
@@ -387,7 +392,10 @@ export class SocketSupply {
       if (joined && joined.onboard > 0 && origin) {
         origin.streams = joined.onboard + 1;
         origin.streamsRaised = false;
-        if (joined.probe) origin.streamsCeiling = origin.streams;
+        if (joined.probe) {
+          origin.streamsCeiling = origin.streams;
+          origin.streamsCeilingUntil = performance.now() + STREAMS_CEILING_MS;
+        }
       }
       return -1;
     }
@@ -434,7 +442,11 @@ export class SocketSupply {
       joined.onboard++;
       // A group `streams` closed, all on board: a connection may carry more (see the header).
       if (joined.closed && joined.onboard === joined.joiners && origin.streams !== undefined) {
-        const raised = Math.min(CURL_MAX_STREAMS, origin.streamsCeiling ?? CURL_MAX_STREAMS, origin.streams * 2);
+        const ceiling =
+          origin.streamsCeiling !== undefined && performance.now() < origin.streamsCeilingUntil
+            ? origin.streamsCeiling
+            : CURL_MAX_STREAMS;
+        const raised = Math.min(CURL_MAX_STREAMS, ceiling, origin.streams * 2);
         if (raised > origin.streams) {
           origin.streams = raised;
           origin.streamsRaised = true;
@@ -538,6 +550,7 @@ export class SocketSupply {
         streams: undefined,
         streamsRaised: false,
         streamsCeiling: undefined,
+        streamsCeilingUntil: 0,
         givenUpBy: [],
         handingOver: 0,
         rated: false,
