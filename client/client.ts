@@ -288,6 +288,8 @@ export class SockpoolClient {
       validateAnnounce(options.announce),
       (origins) => this.#announce(origins),
       maxQueued,
+      undefined,
+      threads === 0 ? undefined : (key) => this.#lanes?.claimIdle(key) ?? false,
     );
     if (threads === 0) {
       // In the caller's own thread: no thread hops per request (the fastest for keep-alive loads), at the price
@@ -419,12 +421,12 @@ export class SockpoolClient {
       reject(error);
     };
     if (!this.#mayRunAlone(target.key)) {
-      this.#startAsConfigured(request, signal, finish, fail);
+      this.#startAsConfigured(request, signal, finish, fail, target.key);
       return;
     }
     queueMicrotask(() => {
       const inline = this.#aloneRuntime(target.key);
-      if (!inline) this.#startAsConfigured(request, signal, finish, fail);
+      if (!inline) this.#startAsConfigured(request, signal, finish, fail, target.key);
       // (A signal fired in the same turn, after request() returned.)
       else if (signal?.aborted) fail(abortedError(signal));
       else inline.startRequest(request, undefined, signal, finish);
@@ -496,8 +498,9 @@ export class SockpoolClient {
     signal: AbortSignal | undefined,
     finish: (outcome: TransferOutcome) => void,
     fail: (error: Error) => void,
+    originKey: string,
   ): void {
-    if (this.#lanes) this.#lanes.start(request, signal, finish, fail);
+    if (this.#lanes) this.#lanes.start(request, signal, finish, fail, originKey);
     else this.#local!.startRequest(request, undefined, signal, finish);
   }
 
@@ -842,7 +845,7 @@ export class SockpoolClient {
       const channel = new CallerChannel({ streamResponse, upload, bodyFailure });
       return { channel, started: runtime.handle({ kind: 'request', request, port: channel.workerPort }) };
     }
-    const stream = this.#lanes!.stream(request);
+    const stream = this.#lanes!.stream(request, key);
     return {
       channel: new CallerChannel({ streamResponse, upload, port: stream.port, bodyFailure }),
       started: stream.outcome,

@@ -88,6 +88,16 @@
 // that fans out per incoming request sheds load there instead of growing its latency and memory (the capacity is the
 // client's, so its caller cannot tell from outside whether a request would wait).
 //
+// Origin affinity. A slot that frees is on the worker thread whose request ended, and each thread has a connection
+// cache of its own: a waiter whose origin that thread holds no connection to leases a new one (an https origin: a TLS
+// handshake), while one a few places behind it could have reused one. So the queue asks the client (`claimIdle`,
+// ThreadLanes.claimIdle, which says why the lanes own the rest) whether a thread with room holds an idle connection to
+// a waiter's origin, for the head first and then for the waiters behind it, up to AFFINITY_WINDOW of them, and
+// starts the first that does; none does: the head. Order stays near FIFO and nothing starves: a head passed over
+// AFFINITY_MAX_PASSES times starts next, whatever its origin. Only waiters in #waiters are taken so (not parked ones,
+// nor a redirect's hops), and none of a throttled origin (they wait for the share's room). One taken out of order is
+// marked gone where it stands, as a waiter that gave up is, and passed by the head later.
+//
 // The per-origin records are not deleted when an origin's last request leaves: a Map that adds and deletes per
 // request keeps garbage alive past young-generation GCs (../shared/id-table.ts). An idle record stays, ready for the
 // origin's next request, until IDLE_ORIGINS_KEPT of them have piled up; then the Map is rebuilt whole with the busy
@@ -165,6 +175,11 @@ const COMPACT_AFTER = 1024;
 
 const noop = () => {};
 
+/** Waiters looked at, from the head, for one whose origin a thread with room holds idle; and how many times the head
+ *  may be passed over so (see the header). */
+const AFFINITY_WINDOW = 16;
+const AFFINITY_MAX_PASSES = 16;
+
 /** The part of the slots that requests to throttled origins may hold together (see the header). */
 const THROTTLED_SHARE = 0.5;
 
@@ -232,17 +247,26 @@ export class RequestQueue {
   readonly #deadlines = new Deadlines(epochNow);
   /** The clock of the throttled marks (ms). */
   readonly #now: () => number;
+  /** Whether a thread with room holds an idle connection to the origin (claimed for the waiter if so; see the
+   *  header); undefined: no threads. */
+  readonly #claimIdle: ((key: string) => boolean) | undefined;
+  /** The head the count below is for, and how many waiters behind it started before it (see the header). */
+  #passedHead: Waiter | undefined;
+  #headPasses = 0;
 
   /** `announce` gets each batch of origins to announce; it must not throw (the caller ignores its failures).
-   *  `maxWaiting`: the client's `maxQueued`. `now` is the clock the throttled marks end by (tests pass their own). */
+   *  `maxWaiting`: the client's `maxQueued`. `now` is the clock the throttled marks end by (tests pass their own).
+   *  `claimIdle`: ThreadLanes.claimIdle, for the origin affinity (see the header). */
   constructor(
     capacity: number,
     lookahead: AnnounceOptions | undefined,
     announce: (origins: AnnouncedOrigin[]) => void,
     maxWaiting = Number.POSITIVE_INFINITY,
     now: () => number = epochNow,
+    claimIdle?: (key: string) => boolean,
   ) {
     this.#now = now;
+    this.#claimIdle = claimIdle;
     this.#capacity = capacity;
     this.#maxWaiting = maxWaiting;
     this.#throttledCapacity = Math.max(1, Math.floor(capacity * THROTTLED_SHARE));
@@ -452,11 +476,40 @@ export class RequestQueue {
       }
       // (A mark that just ended put its parked waiters back at the head, before this one: they go first.)
       if (this.#waiters[this.#head] !== waiter) continue;
+      const affine = this.#affine(waiter);
+      if (affine !== waiter) {
+        // (Marked gone where it stands, as one that gave up: the head passes it later.)
+        this.#gone++;
+        this.#start(affine);
+        continue;
+      }
       this.#head++;
       this.#start(waiter);
     }
     // Slots still free: every waiter left is parked, and the share borrows them, all but the reserve (see the header).
     this.#startParked(true);
+  }
+
+  /** The waiter to start in the head's place (see the header): the head if a thread with room holds an idle connection
+   *  to its origin, else the first waiter behind it within AFFINITY_WINDOW whose origin one does, else the head. */
+  #affine(head: Waiter): Waiter {
+    const claimIdle = this.#claimIdle;
+    if (claimIdle === undefined || claimIdle(head.target.key)) return head;
+    if (this.#passedHead !== head) {
+      this.#passedHead = head;
+      this.#headPasses = 0;
+    }
+    if (this.#headPasses >= AFFINITY_MAX_PASSES) return head;
+    let looked = 1;
+    for (let index = this.#head + 1; index < this.#waiters.length && looked < AFFINITY_WINDOW; index++) {
+      const waiter = this.#waiters[index]!;
+      if (waiter.gone) continue;
+      looked++;
+      if (this.#origins.get(waiter.target.key)!.throttled || !claimIdle(waiter.target.key)) continue;
+      this.#headPasses++;
+      return waiter;
+    }
+    return head;
   }
 
   /** Whether `origin` is marked and the throttled share taken (its mark ends here if its time is up). */

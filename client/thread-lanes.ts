@@ -3,6 +3,23 @@
 // thread's event loop into one message per thread; outcomes come back the same way. A streamed request (stream())
 // has a port of its own on its lane (../worker/lane-port.ts), whose messages go in the same batches.
 //
+// Which thread a request goes to also depends on its origin (origin affinity). Each thread has a connection cache
+// of its own (curl's), so a request that lands on a thread holding no connection to its origin leases a new one:
+// with two threads a crawler's https mix leased about a quarter more connections (TLS handshakes) than one thread
+// did (docs/benchmarks.md, "One connection cache against two"). Every outcome says how many connections to its origin
+// the thread holds idle as it ends (lane-protocol.ts: one number in the reply, no message of its own), kept here per
+// lane and origin less the requests to that origin sent there since. Two choices use it:
+// - A request made while several lanes have room goes to one holding an idle connection to its origin, if that lane
+//   has at most HOME_SLACK more in flight than the least busy one; else to the least busy one. Steady keep-alive load
+//   to one origin stays balanced: every lane holds idle connections to it, and the least busy of those is taken.
+// - While every slot is taken (a crawler's frontier waits in the client's queue), the slot that frees is on the
+//   thread whose request ended, and a request that goes there finds its origin's connection only if the queue picks
+//   one whose origin that thread holds: the queue asks claimIdle() for the waiters near its head
+//   (request-queue.ts) and takes the first whose origin a lane with room holds idle, claiming that connection; the
+//   request, entering here, goes to the lane that claimed it.
+// The queue owns the choice of which waiter starts (order, throttled origins, the lookahead), this class which lane
+// a request goes to and what each lane holds: so the queue only asks, per origin, and knows nothing of lanes.
+//
 // Every buffered request's deadline is kept here too, on one timer (a thread can be too busy to fail it in time):
 // at the deadline, or when the caller's signal fires, the request fails here at once and the thread is told to
 // cancel it. That timer also keeps the process alive while requests are in flight (the lanes' ports are unref'd).
@@ -35,6 +52,13 @@ import { abortedError, detachedBodyError } from '../worker/transfer-runtime.js';
 interface Lane {
   port: MessagePort;
   inFlight: number;
+  /** Connections to each origin (by key) the thread holds idle, as its last outcome of the origin said, less the
+   *  requests to it sent (or claimed) since; zeros are kept (IDLE_ORIGINS_KEPT bounds them). */
+  idle: Map<string, number>;
+  /** Idle connections claimed for a request the client's queue starts (claimIdle), by origin, until it enters. */
+  claimed: Map<string, number>;
+  /** Their sum: slots of the lane promised to requests on their way. */
+  claimedCount: number;
   outbox: LaneCalls;
   /** Buffers the outbox moves (a streamed request body's chunks). */
   transfer: ArrayBuffer[];
@@ -59,15 +83,27 @@ interface Pending {
   /** What the port posted before the request had a lane (it waited for room): message, transfer, …; sent after
    *  the request. */
   early: unknown[] | undefined;
+  /** Its origin's key (UrlTarget.key), for the lane choice; undefined: any lane. */
+  originKey: string | undefined;
 }
+
+/** A lane holding an idle connection to a request's origin takes it while it has at most this many more requests in
+ *  flight than the least busy lane (see the header). */
+const HOME_SLACK = 1;
+
+/** Origins a lane's `idle` may hold before those with none idle are dropped (rebuilding the Map: a delete per
+ *  request keeps garbage alive, ../shared/id-table.ts). */
+const IDLE_ORIGINS_KEPT = 1024;
 
 function newPending(
   request: TransferRequest,
   signal: AbortSignal | undefined,
   resolve: (outcome: TransferOutcome) => void,
   reject: (error: Error) => void,
+  originKey: string | undefined,
 ): Pending {
   return {
+    originKey,
     id: 0,
     request,
     signal,
@@ -86,7 +122,7 @@ export class ThreadLanes {
   readonly #perThread: number;
   /** What this end does with each lane's replies (one object: no closure per message). */
   readonly #replyHandlers: ReplyHandlers = {
-    outcome: (id, outcome) => this.#outcome(id, outcome),
+    outcome: (id, outcome, idleToOrigin) => this.#outcome(id, outcome, idleToOrigin),
     portMessage: (id, message) => this.#pending.get(id)?.port?.deliver(message),
     // (Never sent by a thread: its outcome ends the port.)
     portClose: () => {},
@@ -122,7 +158,16 @@ export class ThreadLanes {
     }
     this.#startupFailure = undefined;
     this.#failFast = false;
-    const lane: Lane = { port, inFlight: 0, outbox: [], transfer: [], flushing: false };
+    const lane: Lane = {
+      port,
+      inFlight: 0,
+      idle: new Map(),
+      claimed: new Map(),
+      claimedCount: 0,
+      outbox: [],
+      transfer: [],
+      flushing: false,
+    };
     port.on('message', (replies: LaneReplies) => this.#receive(replies));
     // The thread exited (crash, terminate): its requests in flight are lost.
     port.on('close', () => this.#lost(lane));
@@ -166,9 +211,9 @@ export class ThreadLanes {
   }
 
   /** Runs a buffered request on a thread; rejects with SOCKPOOL_ERR_TIMEOUT / _ABORTED / _WORKER_EXITED /
-   *  _WORKER_START. */
-  run(request: TransferRequest, signal: AbortSignal | undefined): Promise<TransferOutcome> {
-    return new Promise<TransferOutcome>((resolve, reject) => this.start(request, signal, resolve, reject));
+   *  _WORKER_START. `originKey`: its origin's key (UrlTarget.key), for the choice of lane (see the header). */
+  run(request: TransferRequest, signal: AbortSignal | undefined, originKey?: string): Promise<TransferOutcome> {
+    return new Promise<TransferOutcome>((resolve, reject) => this.start(request, signal, resolve, reject, originKey));
   }
 
   /** run() without a promise of its own: one of `resolve` and `reject` is called, once. */
@@ -177,13 +222,14 @@ export class ThreadLanes {
     signal: AbortSignal | undefined,
     resolve: (outcome: TransferOutcome) => void,
     reject: (error: Error) => void,
+    originKey?: string,
   ): void {
     const cannotStart = this.startupError();
     if (cannotStart) {
       reject(cannotStart);
       return;
     }
-    const pending = newPending(request, signal, resolve, reject);
+    const pending = newPending(request, signal, resolve, reject, originKey);
     pending.deadline = this.#deadlines.add(request.deadline, () => this.#cancel(pending, timeoutError(request)));
     if (signal) {
       pending.onAbort = () => this.#cancel(pending, abortedError(signal));
@@ -198,10 +244,10 @@ export class ThreadLanes {
    * _WORKER_START). Its deadline and signal are the caller's to watch: it cancels over the port (an `abort`
    * message, or closing its end).
    */
-  stream(request: TransferRequest): { port: RequestPort; outcome: Promise<TransferOutcome> } {
+  stream(request: TransferRequest, originKey?: string): { port: RequestPort; outcome: Promise<TransferOutcome> } {
     let pending!: Pending;
     const outcome = new Promise<TransferOutcome>((resolve, reject) => {
-      pending = newPending(request, undefined, resolve, reject);
+      pending = newPending(request, undefined, resolve, reject, originKey);
     });
     const port = new LanePort(
       (message, transfer) => this.#postPortMessage(pending, message, transfer),
@@ -216,10 +262,10 @@ export class ThreadLanes {
     return { port, outcome };
   }
 
-  /** A request made: to the least busy lane with room, or it waits here for one. */
+  /** A request made: to a lane with room (#pick), or it waits here for one. */
   #enter(pending: Pending): void {
     pending.id = this.#pending.add(pending);
-    const lane = this.#waiting.length === 0 ? this.#pick() : undefined;
+    const lane = this.#waiting.length === 0 ? this.#pick(pending.originKey) : undefined;
     if (lane) this.#send(lane, pending);
     else this.#waiting.push(pending);
   }
@@ -297,13 +343,64 @@ export class ThreadLanes {
     for (const lane of lanes) lane.port.close();
   }
 
-  /** The lane with the fewest requests in flight, if one has room. */
-  #pick(): Lane | undefined {
+  /**
+   * The lane a request to `originKey` goes to, if one has room (see the header): the one that claimed an idle
+   * connection for it, else one holding an idle connection to its origin within HOME_SLACK of the least busy, else
+   * the least busy. The connection it will likely take is counted as taken.
+   */
+  #pick(originKey: string | undefined): Lane | undefined {
     let best: Lane | undefined;
+    let home: Lane | undefined;
     for (const lane of this.#lanes) {
-      if (lane.inFlight < this.#perThread && (!best || lane.inFlight < best.inFlight)) best = lane;
+      if (lane.inFlight >= this.#perThread) continue;
+      if (!best || lane.inFlight < best.inFlight) best = lane;
+      if (originKey === undefined) continue;
+      if (lane.claimedCount > 0) {
+        const claimed = lane.claimed.get(originKey) ?? 0;
+        if (claimed > 0) {
+          lane.claimed.set(originKey, claimed - 1);
+          lane.claimedCount--;
+          return lane;
+        }
+      }
+      if ((lane.idle.get(originKey) ?? 0) > 0 && (!home || lane.inFlight < home.inFlight)) home = lane;
+    }
+    if (home && home.inFlight <= best!.inFlight + HOME_SLACK) {
+      home.idle.set(originKey!, home.idle.get(originKey!)! - 1);
+      return home;
     }
     return best;
+  }
+
+  /**
+   * For the client's queue, about to start a waiter to `originKey` while every slot may be taken (see the header):
+   * whether a lane with room holds an idle connection to the origin. If one does, that connection is claimed: the
+   * request, when it enters, goes to that lane. Claims not used by the time the next replies come in are dropped
+   * (the request went elsewhere: it failed before it started, or ran in the caller's thread).
+   */
+  claimIdle(originKey: string): boolean {
+    for (const lane of this.#lanes) {
+      if (lane.inFlight + lane.claimedCount >= this.#perThread) continue;
+      const idle = lane.idle.get(originKey) ?? 0;
+      if (idle === 0) continue;
+      lane.idle.set(originKey, idle - 1);
+      lane.claimed.set(originKey, (lane.claimed.get(originKey) ?? 0) + 1);
+      lane.claimedCount++;
+      return true;
+    }
+    return false;
+  }
+
+  /** What the lane's thread said it holds idle to the origin of a request that ended there, less the connections
+   *  claimed for requests still on their way to it. */
+  #noteIdle(lane: Lane, originKey: string, idleToOrigin: number): void {
+    const idle = lane.idle;
+    if (idle.size >= IDLE_ORIGINS_KEPT && !idle.has(originKey)) {
+      const kept = new Map<string, number>();
+      for (const [key, count] of idle) if (count > 0) kept.set(key, count);
+      lane.idle = kept;
+    }
+    lane.idle.set(originKey, Math.max(0, idleToOrigin - (lane.claimed.get(originKey) ?? 0)));
   }
 
   #send(lane: Lane, pending: Pending): void {
@@ -387,16 +484,24 @@ export class ThreadLanes {
   }
 
   #receive(replies: LaneReplies): void {
+    // (Claims made in an earlier turn went unused: see claimIdle.)
+    for (const lane of this.#lanes) {
+      if (lane.claimedCount === 0) continue;
+      lane.claimed.clear();
+      lane.claimedCount = 0;
+    }
     readReplies(replies, this.#replyHandlers);
     this.#dispatchWaiting();
     this.#checkIdle();
   }
 
-  #outcome(id: number, outcome: TransferOutcome): void {
+  #outcome(id: number, outcome: TransferOutcome, idleToOrigin: number): void {
     const pending = this.#pending.get(id);
     if (!pending) return;
     this.#pending.delete(id);
-    pending.lane!.inFlight--;
+    const lane = pending.lane!;
+    lane.inFlight--;
+    if (pending.originKey !== undefined) this.#noteIdle(lane, pending.originKey, idleToOrigin);
     // (After its last message, in the same batch or an earlier one.)
     pending.port?.peerClosed();
     if (!pending.settled) {
@@ -461,7 +566,7 @@ export class ThreadLanes {
 
   #dispatchWaiting(): void {
     while (this.#waiting.length > 0) {
-      const lane = this.#pick();
+      const lane = this.#pick(this.#waiting[0]!.originKey);
       if (!lane) return;
       this.#send(lane, this.#waiting.shift()!);
     }

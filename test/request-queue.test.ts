@@ -810,4 +810,62 @@ describe('RequestQueue', () => {
     expect(queue.running).toBe(0);
     await queue.idle();
   });
+
+  it('origin affinity: a freed slot goes to a waiter near the head whose origin a thread holds idle, and the head is passed over at most 16 times', async () => {
+    // claimIdle as ThreadLanes answers it: one claim per connection held idle, by origin key.
+    const idle = new Map<string, number>();
+    const claimIdle = (key: string) => {
+      const held = idle.get(key) ?? 0;
+      if (held > 0) idle.set(key, held - 1);
+      return held > 0;
+    };
+    const queue = new RequestQueue(1, undefined, () => {}, Number.POSITIVE_INFINITY, epochNow, claimIdle);
+    const order: string[] = [];
+    const enter = (url: string) => {
+      const waiting = queue.enter(urlTarget(url), request(), undefined);
+      return waiting?.then(() => order.push(url));
+    };
+    const keyOf = (url: string) => urlTarget(url).key;
+    expect(enter('http://a.test/0')).toBeUndefined();
+    const waiting = [enter('http://b.test/1'), enter('http://c.test/1'), enter('http://a.test/1')];
+    // A thread holds a connection to a.test idle: a.test/1 starts, past b and c (one claim: then the head again).
+    idle.set(keyOf('http://a.test/'), 1);
+    queue.leave(urlTarget('http://a.test/0'));
+    await settle();
+    expect(order).toEqual(['http://a.test/1']);
+    // None of the waiters' origins is held: the head.
+    queue.leave(urlTarget('http://a.test/1'));
+    await settle();
+    expect(order.at(-1)).toBe('http://b.test/1');
+    // Beyond the window (16 waiters from the head): not looked at.
+    const far = [...Array.from({ length: 15 }, (_, n) => enter(`http://d.test/${n}`)), enter('http://e.test/far')];
+    idle.set(keyOf('http://e.test/'), 1);
+    queue.leave(urlTarget('http://b.test/1'));
+    await settle();
+    expect(order.at(-1)).toBe('http://c.test/1');
+    idle.set(keyOf('http://e.test/'), 0);
+    // d.test held for good: its waiters pass the head (d.test/0 is the head now, and held: it goes first), then e.test
+    // waits in front; it is passed over 16 times at most.
+    const more = Array.from({ length: 20 }, (_, n) => enter(`http://d.test/more-${n}`));
+    idle.set(keyOf('http://d.test/'), Number.POSITIVE_INFINITY);
+    for (let n = 0; n < 15 + 1 + 16 + 1; n++) {
+      queue.leave(urlTarget(order.at(-1)!));
+      await settle();
+    }
+    const started = order.slice(3);
+    // d.test/0–14 in order (each the head), then e.test passed over 16 times by d.test's later waiters, then it.
+    expect(started.slice(0, 15)).toEqual(Array.from({ length: 15 }, (_, n) => `http://d.test/${n}`));
+    expect(started.slice(15, 31)).toEqual(Array.from({ length: 16 }, (_, n) => `http://d.test/more-${n}`));
+    expect(started[31]).toBe('http://e.test/far');
+    expect(started[32]).toBe('http://d.test/more-16');
+    idle.clear();
+    while (queue.waiting > 0) {
+      queue.leave(urlTarget(order.at(-1)!));
+      await settle();
+    }
+    queue.leave(urlTarget(order.at(-1)!));
+    await Promise.all([...waiting, ...far, ...more]);
+    expect(order.slice(-3)).toEqual(['http://d.test/more-17', 'http://d.test/more-18', 'http://d.test/more-19']);
+    expect(queue.running).toBe(0);
+  });
 });

@@ -80,7 +80,7 @@ describe('ThreadLanes', () => {
     const reply = (...ids: number[]): LaneReplies => {
       const replies: LaneReplies = [];
       for (const id of ids) {
-        pushReply(replies, id, { ok: false, error: { code: 'SOCKPOOL_ERR_TIMEOUT', message: `test ${id}` } });
+        pushReply(replies, id, { ok: false, error: { code: 'SOCKPOOL_ERR_TIMEOUT', message: `test ${id}` } }, 0);
       }
       return replies;
     };
@@ -126,7 +126,7 @@ describe('ThreadLanes', () => {
     const replies: LaneReplies = [];
     pushPortEvent(replies, REPLY_SLOTS, 0, { t: 'head', status: 200 });
     pushPortEvent(replies, REPLY_SLOTS, 0, { t: 'end' });
-    pushReply(replies, 0, { ok: false, error: { code: 'SOCKPOOL_ERR_TIMEOUT', message: 'test' } });
+    pushReply(replies, 0, { ok: false, error: { code: 'SOCKPOOL_ERR_TIMEOUT', message: 'test' } }, 0);
     thread.postMessage(replies);
     await expect(outcome).resolves.toEqual({ ok: false, error: { code: 'SOCKPOOL_ERR_TIMEOUT', message: 'test' } });
     expect(got).toEqual([{ t: 'head', status: 200 }, { t: 'end' }]);
@@ -155,7 +155,7 @@ describe('ThreadLanes', () => {
     dropped.port.close();
     await expect(dropped.outcome).rejects.toMatchObject({ code: 'SOCKPOOL_ERR_ABORTED' });
     const done: LaneReplies = [];
-    pushReply(done, 0, { ok: false, error: { code: 'SOCKPOOL_ERR_TIMEOUT', message: 'test' } });
+    pushReply(done, 0, { ok: false, error: { code: 'SOCKPOOL_ERR_TIMEOUT', message: 'test' } }, 0);
     thread.postMessage(done);
     await first.catch(() => {});
     await nextTurn();
@@ -169,7 +169,7 @@ describe('ThreadLanes', () => {
     await nextTurn();
     expect(nextCalls(thread)).toEqual([{ id: 1, close: true }]);
     const answer: LaneReplies = [];
-    pushReply(answer, 1, { ok: false, error: { code: 'SOCKPOOL_ERR_ABORTED', message: 'closed' } });
+    pushReply(answer, 1, { ok: false, error: { code: 'SOCKPOOL_ERR_ABORTED', message: 'closed' } }, 0);
     thread.postMessage(answer);
     await expect(waiting.outcome).resolves.toMatchObject({ ok: false });
     await lanes.idle();
@@ -192,6 +192,70 @@ describe('ThreadLanes', () => {
     expect(closed).toBe(true);
     await lanes.idle();
     lanes.close();
+  });
+
+  it('sends a request to the lane whose thread holds an idle connection to its origin, within one of the least busy; claimIdle reserves one for the queue', async () => {
+    const lanes = new ThreadLanes(4);
+    const a = new MessageChannel();
+    const b = new MessageChannel();
+    lanes.attach(a.port1);
+    lanes.attach(b.port1);
+    const threads = { a: a.port2, b: b.port2 };
+    const outcomes: Array<Promise<unknown>> = [];
+    /** Requests to the origins `keys` in one turn: the thread each went to, and its id there. */
+    const place = async (...keys: string[]) => {
+      for (const key of keys) outcomes.push(lanes.run(request(`/${key}`), undefined, key).catch(() => {}));
+      await nextTurn();
+      const placed: Array<{ thread: 'a' | 'b'; id: number }> = [];
+      for (const thread of ['a', 'b'] as const) {
+        for (const id of nextMessage(threads[thread]) ?? []) placed.push({ thread, id });
+      }
+      return placed;
+    };
+    /** The thread answers the request, holding `idle` connections to its origin idle as it ends. */
+    const answer = async ({ thread, id }: { thread: 'a' | 'b'; id: number }, idle: number) => {
+      const replies: LaneReplies = [];
+      pushReply(replies, id, { ok: false, error: { code: 'SOCKPOOL_ERR_TIMEOUT', message: 'test' } }, idle);
+      threads[thread].postMessage(replies);
+      await nextTurn();
+    };
+    // Nothing known: the least busy lane (the first of equals).
+    const [x1, y1] = await place('x', 'y');
+    expect([x1!.thread, y1!.thread]).toEqual(['a', 'b']);
+    await answer(y1!, 1);
+    await answer(x1!, 1);
+    // Both idle: y to b, whose thread holds y's connection (a, as busy, comes first otherwise).
+    const [y2] = await place('y');
+    expect(y2!.thread).toBe('b');
+    // b's connection to y is taken: the next y goes to the least busy, a.
+    const [y3] = await place('y');
+    expect(y3!.thread).toBe('a');
+    // a holds x idle, as busy as b: x to a.
+    const [x2] = await place('x');
+    expect(x2!.thread).toBe('a');
+    // It ends there with 2 of a's connections to x idle. With one more in flight than b, a takes x all the same
+    // (HOME_SLACK); with two more, x goes to the least busy, b.
+    await answer(x2!, 2);
+    const [w1] = await place('w');
+    expect(w1!.thread).toBe('a');
+    const [x3] = await place('x');
+    expect(x3!.thread).toBe('a');
+    const [x4] = await place('x');
+    expect(x4!.thread).toBe('b');
+    // claimIdle: b's thread ends y2 holding y idle, and b has room: the connection is claimed there; a second claim
+    // finds none. The y request that comes next goes to b though a is less busy.
+    await answer(y2!, 1);
+    for (const placed of [y3!, w1!, x3!]) await answer(placed, 0);
+    expect(lanes.claimIdle('y')).toBe(true);
+    expect(lanes.claimIdle('y')).toBe(false);
+    const [y4] = await place('y');
+    expect(y4!.thread).toBe('b');
+    for (const placed of [x4!, y4!]) await answer(placed, 0);
+    await Promise.all(outcomes);
+    await lanes.idle();
+    lanes.close();
+    a.port2.close();
+    b.port2.close();
   });
 });
 
@@ -285,23 +349,24 @@ describe('the lanes’ flat messages', () => {
       body: new Uint8Array([104, 105]),
     };
     const replies: LaneReplies = [];
-    const moved = pushReply(replies, 4, { ok: true, result });
+    const moved = pushReply(replies, 4, { ok: true, result }, 3);
     expect(moved).toBe(result.body.buffer);
     const failure = { code: 'SOCKPOOL_ERR_TIMEOUT', message: 'late', causeCode: 'ETIMEDOUT' };
-    expect(pushReply(replies, 5, { ok: false, error: failure })).toBeUndefined();
+    expect(pushReply(replies, 5, { ok: false, error: failure }, 1)).toBeUndefined();
     const empty = { ...result, headers: [], tls: undefined, connection: 'reused' as const, body: new Uint8Array(0) };
-    expect(pushReply(replies, 6, { ok: true, result: empty })).toBeUndefined();
+    expect(pushReply(replies, 6, { ok: true, result: empty }, 0)).toBeUndefined();
     const read: unknown[] = [];
     pushPortEvent(replies, REPLY_SLOTS, 7, { t: 'head', head: { status: 200 } });
     readReplies(cloned(replies), {
-      outcome: (id, outcome) => read.push({ id, outcome }),
+      outcome: (id, outcome, idle) => read.push({ id, outcome, idle }),
       portMessage: (id, message) => read.push({ id, message }),
       portClose: (id) => read.push({ id, close: true }),
     });
+    // (`idle`: the connections to the origin the thread holds idle as the request ends.)
     expect(read).toEqual([
-      { id: 4, outcome: { ok: true, result } },
-      { id: 5, outcome: { ok: false, error: failure } },
-      { id: 6, outcome: { ok: true, result: empty } },
+      { id: 4, outcome: { ok: true, result }, idle: 3 },
+      { id: 5, outcome: { ok: false, error: failure }, idle: 1 },
+      { id: 6, outcome: { ok: true, result: empty }, idle: 0 },
       { id: 7, message: { t: 'head', head: { status: 200 } } },
     ]);
   });

@@ -111,6 +111,10 @@ export interface RelayedTls {
 
 export type TransferOutcome = { ok: true; result: TransferResult } | { ok: false; error: PlainError };
 
+/** Gets a transfer's outcome, and how many connections to its origin the thread's curl holds idle as it ends
+ *  (SocketSupply.idleConnections: what a thread's lane tells the caller, ../client/thread-lanes.ts). */
+export type TransferDone = (outcome: TransferOutcome, idleToOrigin: number) => void;
+
 /** Where one transfer's bodies go and come from, and what cancels it. */
 export interface TransferIO {
   sink: ResponseSink;
@@ -149,7 +153,7 @@ interface Transfer {
   /** The current attempt took a token of its rate-limited origin here: when it expires (rate-tokens.ts; given back
    *  when the attempt's request never went out). */
   token: number | undefined;
-  done: (outcome: TransferOutcome) => void;
+  done: TransferDone;
 }
 
 /** One attempt of a transfer on a handle. */
@@ -365,7 +369,7 @@ export class CurlEngine {
    * run() without a promise of its own: `done` gets the outcome, once (maybe before start returns, for a request
    * that cannot start). A keep-alive request thus costs one promise in all, made by whoever waits for it.
    */
-  start(request: TransferRequest, io: Partial<TransferIO> | undefined, done: (outcome: TransferOutcome) => void): void {
+  start(request: TransferRequest, io: Partial<TransferIO> | undefined, done: TransferDone): void {
     let sink = io?.sink ?? new BufferSink();
     if (request.decompress) sink = new DecodingSink(sink, request.maxBodyBytes);
     let source = io?.source;
@@ -374,7 +378,7 @@ export class CurlEngine {
     try {
       target = urlTarget(request.url);
     } catch (error) {
-      done({ ok: false, error: toPlainError(error) });
+      done({ ok: false, error: toPlainError(error) }, 0);
       return;
     }
     const proxy = this.#policy.proxy;
@@ -562,7 +566,7 @@ export class CurlEngine {
       const sink = transfer.io.sink;
       const whole = sink instanceof DecodingSink ? sink.inner : sink;
       if (whole instanceof BufferSink) result.body = whole.body();
-      transfer.done({ ok: true, result });
+      transfer.done({ ok: true, result }, this.#supply.idleConnections(transfer.key));
       return;
     }
     const { io, request } = transfer;
@@ -642,7 +646,7 @@ export class CurlEngine {
   #fail(transfer: Transfer, error: unknown): void {
     // (Its decoders freed now, not when collected.)
     if (transfer.io.sink instanceof DecodingSink) transfer.io.sink.reset();
-    transfer.done({ ok: false, error: toPlainError(error) });
+    transfer.done({ ok: false, error: toPlainError(error) }, this.#supply.idleConnections(transfer.key));
   }
 
   #handle(): HandleState {

@@ -174,18 +174,24 @@ function readPortEvent(queue: unknown[], i: number, events: PortEvents): void {
 
 /** Thread → caller: one message, REPLY_SLOTS values per outcome. A response: `id, status, url, httpVersion,
  *  warm, connection, tls, acquireMs, connectMs, tlsMs, ttfbMs, totalMs, tokenWaitMs, capWaitMs, headers (name, value, …),
- *  body`. A failure:
- *  `id, error (a PlainError), 0, …`. A port event of request `id` (pushPortEvent): `id, PORT_MESSAGE, message, 0, …`.
+ *  body, idle`. A failure:
+ *  `id, error (a PlainError), 0, …, idle`. `idle`: the connections to the request's origin the thread holds idle as
+ *  it ends (TransferDone), for the caller's choice of thread (../client/thread-lanes.ts). A port event of request `id` (pushPortEvent): `id, PORT_MESSAGE, message, 0, …`.
  *  The second slot tells them apart: a status (positive), an object, a negative number. A request with a port
  *  sends no PORT_CLOSE: its outcome, after its last port message, ends both. */
 export type LaneReplies = unknown[];
 
-export const REPLY_SLOTS = 16;
+export const REPLY_SLOTS = 17;
 
 /** Queues an outcome; returns the response body's buffer when it has bytes (the caller moves it: transfer list). */
-export function pushReply(replies: LaneReplies, id: number, outcome: TransferOutcome): ArrayBuffer | undefined {
+export function pushReply(
+  replies: LaneReplies,
+  id: number,
+  outcome: TransferOutcome,
+  idleToOrigin: number,
+): ArrayBuffer | undefined {
   if (!outcome.ok) {
-    replies.push(id, outcome.error, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+    replies.push(id, outcome.error, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, idleToOrigin);
     return undefined;
   }
   const result = outcome.result;
@@ -207,13 +213,15 @@ export function pushReply(replies: LaneReplies, id: number, outcome: TransferOut
     timings.capWaitMs,
     flatHeaders(result.headers),
     result.body,
+    idleToOrigin,
   );
   return result.body.byteLength > 0 ? (result.body.buffer as ArrayBuffer) : undefined;
 }
 
 /** What the caller does with the replies it reads. */
 export interface ReplyHandlers extends PortEvents {
-  outcome(id: number, outcome: TransferOutcome): void;
+  /** `idleToOrigin`: see LaneReplies. */
+  outcome(id: number, outcome: TransferOutcome, idleToOrigin: number): void;
 }
 
 /** Reads one message of outcomes and port events, in order. */
@@ -222,35 +230,39 @@ export function readReplies(replies: LaneReplies, handlers: ReplyHandlers): void
     const id = replies[i] as number;
     const status = replies[i + 1];
     if (typeof status !== 'number') {
-      handlers.outcome(id, { ok: false, error: status as PlainError });
+      handlers.outcome(id, { ok: false, error: status as PlainError }, replies[i + 16] as number);
       continue;
     }
     if (status < 0) {
       readPortEvent(replies, i, handlers);
       continue;
     }
-    handlers.outcome(id, {
-      ok: true,
-      result: {
-        status,
-        headers: pairedHeaders(replies[i + 14] as string[]),
-        url: replies[i + 2] as string,
-        httpVersion: replies[i + 3] as string,
-        warm: replies[i + 4] as boolean,
-        connection: replies[i + 5] as TransferResult['connection'],
-        tls: replies[i + 6] as TransferResult['tls'],
-        timings: {
-          acquireMs: replies[i + 7] as number,
-          connectMs: replies[i + 8] as number,
-          tlsMs: replies[i + 9] as number,
-          ttfbMs: replies[i + 10] as number,
-          totalMs: replies[i + 11] as number,
-          tokenWaitMs: replies[i + 12] as number,
-          capWaitMs: replies[i + 13] as number,
+    handlers.outcome(
+      id,
+      {
+        ok: true,
+        result: {
+          status,
+          headers: pairedHeaders(replies[i + 14] as string[]),
+          url: replies[i + 2] as string,
+          httpVersion: replies[i + 3] as string,
+          warm: replies[i + 4] as boolean,
+          connection: replies[i + 5] as TransferResult['connection'],
+          tls: replies[i + 6] as TransferResult['tls'],
+          timings: {
+            acquireMs: replies[i + 7] as number,
+            connectMs: replies[i + 8] as number,
+            tlsMs: replies[i + 9] as number,
+            ttfbMs: replies[i + 10] as number,
+            totalMs: replies[i + 11] as number,
+            tokenWaitMs: replies[i + 12] as number,
+            capWaitMs: replies[i + 13] as number,
+          },
+          body: replies[i + 15] as Uint8Array,
         },
-        body: replies[i + 15] as Uint8Array,
       },
-    });
+      replies[i + 16] as number,
+    );
   }
 }
 

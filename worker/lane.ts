@@ -81,9 +81,9 @@ class WorkerLane implements CallHandlers {
       cancellation = new Cancellation();
       this.#cancellations.set(id, cancellation);
     }
-    this.#runtime.startRequest(request, undefined, cancellation, (outcome) => {
+    this.#runtime.startRequest(request, undefined, cancellation, (outcome, idleToOrigin) => {
       if (cancellation) this.#cancellations.delete(id);
-      this.#reply(id, outcome);
+      this.#reply(id, outcome, idleToOrigin);
     });
   }
 
@@ -96,7 +96,9 @@ class WorkerLane implements CallHandlers {
       () => this.#ports.delete(id),
     );
     this.#ports.set(id, port);
-    this.#runtime.startRequest(request, port, undefined, (outcome) => this.#reply(id, outcome));
+    this.#runtime.startRequest(request, port, undefined, (outcome, idleToOrigin) =>
+      this.#reply(id, outcome, idleToOrigin),
+    );
   }
 
   portMessage(id: number, message: unknown): void {
@@ -120,9 +122,9 @@ class WorkerLane implements CallHandlers {
     });
   }
 
-  #reply(id: number, outcome: TransferOutcome): void {
+  #reply(id: number, outcome: TransferOutcome, idleToOrigin: number): void {
     // The body's memory moves to the caller's thread (exact-size, never a pooled slice: response-sink.ts).
-    const body = pushReply(this.#outbox, id, outcome);
+    const body = pushReply(this.#outbox, id, outcome, idleToOrigin);
     if (body) this.#transfer.push(body);
     if (this.#microtaskQueued) return;
     this.#microtaskQueued = true;

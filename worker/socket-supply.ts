@@ -376,6 +376,19 @@ export class SocketSupply {
     if (origin) origin.multiplexed = multiplexed;
   }
 
+  /**
+   * Connections to the origin curl holds idle now (as a transfer to it ends): over HTTP/1.1 those beyond the transfers
+   * in flight; over HTTP/2 every connection, which takes more streams. The caller's thread sends this thread the
+   * requests to origins it has idle connections to (../client/thread-lanes.ts); a connection curl closes at the
+   * transfer's end is gone by then (CLOSESOCKETFUNCTION comes first).
+   */
+  idleConnections(key: string): number {
+    const origin = this.#origins.get(key);
+    if (origin === undefined) return 0;
+    if (origin.multiplexed) return origin.connections;
+    return Math.max(0, origin.connections - origin.inFlight);
+  }
+
   /** Whether an origin's protocol was learned (an https origin's first response says). */
   knowsProtocol(key: string): boolean {
     return this.#origins.get(key)?.multiplexed !== undefined;

@@ -14,6 +14,7 @@ import {
   type ClientPolicy,
   CurlEngine,
   epochNow,
+  type TransferDone,
   type TransferOutcome,
   type TransferRequest,
   timeoutError,
@@ -168,13 +169,13 @@ export class TransferRuntime {
     request: TransferRequest,
     port: RequestPort | undefined,
     signal: CancelSignal | undefined,
-    done: (outcome: TransferOutcome) => void,
+    done: TransferDone,
   ): void {
     // (In the caller's thread the body is the caller's own view: one detached since reads as empty. Refused, as over
     // a thread's lane, where it cannot be cloned.)
     if (request.body !== undefined && isDetached(request.body)) {
       port?.close();
-      done({ ok: false, error: toPlainError(detachedBodyError()) });
+      done({ ok: false, error: toPlainError(detachedBodyError()) }, 0);
       return;
     }
     const run = new RequestRun(request, signal);
@@ -211,7 +212,7 @@ export class TransferRuntime {
     }
     let finished = false;
     this.#running++;
-    const ended = (outcome: TransferOutcome) => {
+    const ended = (outcome: TransferOutcome, idleToOrigin: number) => {
       finished = true;
       if (sink) {
         if (outcome.ok) sink.end();
@@ -221,7 +222,7 @@ export class TransferRuntime {
       this.#ended();
       if (signal) signal.removeEventListener('abort', run);
       port?.close();
-      done(outcome);
+      done(outcome, idleToOrigin);
     };
     // (Without a port: the sink and source are the engine's defaults.)
     this.#engine.start(request, port ? { sink, source, signal: run } : { signal: run }, ended);
