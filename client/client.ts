@@ -334,7 +334,7 @@ export class SockpoolClient {
   }
 
   /** One request; the response body is buffered whole. */
-  request(url: string | URL, options: RequestOptions = {}): Promise<SockpoolResponse> {
+  request(url: string | URL, options: RequestOptions = NO_OPTIONS): Promise<SockpoolResponse> {
     if (options.redirect !== undefined && options.redirect !== 'manual') {
       // Each hop streamed, as requestStream() follows them: a redirect's own body is read past or cancelled (its
       // maxBodyBytes does not fail the chain: the caller never gets that body), the last hop's is buffered here.
@@ -416,6 +416,11 @@ export class SockpoolClient {
       else if (signal?.aborted && outcome.error.code === ErrorCodes.ABORTED) reject(abortedError(signal));
       else reject(fromPlainError(outcome.error));
     };
+    if (this.#local) {
+      // threads: 0 (a request that cannot start ends through `finish` too).
+      this.#local.startRequest(request, undefined, signal, finish);
+      return;
+    }
     const fail = (error: Error) => {
       this.#queue.leave(target);
       reject(error);
@@ -930,6 +935,9 @@ async function bufferedResponse(response: SockpoolStreamResponse): Promise<Sockp
   const timings = { ...response.timings, totalMs: Math.max(totalMs, ttfbMs) + (performance.now() - headAt) };
   return { ...response, body: Buffer.concat(chunks), timings };
 }
+
+/** A request's options when none are given (only ever read): not a new object per call. */
+const NO_OPTIONS: RequestOptions = Object.freeze({});
 
 /** Methods a fetch() may send again to get a body it cannot decode as it came (no side effects, RFC 9110). */
 const REPEATABLE_METHODS = new Set(['GET', 'HEAD', 'OPTIONS']);

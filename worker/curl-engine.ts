@@ -94,6 +94,8 @@ export interface TransferTimings {
   /** The time the acquires waited while the origin was at its cap (maxPerOrigin, a fleet slot), every attempt's, as
    *  tokenWaitMs. */
   capWaitMs: number;
+  /** The time the request waited in the client's queue: the client's to say (SockpoolTimings); 0 until then. */
+  queueMs?: number;
 }
 
 /** A finished transfer: the final response's head, with the whole transfer's timings, and its body. */
@@ -111,9 +113,17 @@ export interface RelayedTls {
 
 export type TransferOutcome = { ok: true; result: TransferResult } | { ok: false; error: PlainError };
 
-/** Gets a transfer's outcome, and how many connections to its origin the thread's curl holds idle as it ends
- *  (SocketSupply.idleConnections: what a thread's lane tells the caller, ../client/thread-lanes.ts). */
-export type TransferDone = (outcome: TransferOutcome, idleToOrigin: number) => void;
+/** Who gets a transfer's outcome, and how many connections to its origin the thread's curl holds idle as it ends
+ *  (SocketSupply.idleConnections: what a thread's lane tells the caller, ../client/thread-lanes.ts): a function, or
+ *  an object whose transferEnded does (one that exists per request anyway, such as the runtime's RequestRun: no
+ *  closure more per request). */
+export type TransferDone = OutcomeCallback | { transferEnded: OutcomeCallback };
+export type OutcomeCallback = (outcome: TransferOutcome, idleToOrigin: number) => void;
+
+function settle(done: TransferDone, outcome: TransferOutcome, idleToOrigin: number): void {
+  if (typeof done === 'function') done(outcome, idleToOrigin);
+  else done.transferEnded(outcome, idleToOrigin);
+}
 
 /** Where one transfer's bodies go and come from, and what cancels it. */
 export interface TransferIO {
@@ -159,6 +169,7 @@ interface Transfer {
 /** One attempt of a transfer on a handle. */
 interface Attempt {
   seq: number;
+  transfer: Transfer;
   request: TransferRequest;
   io: TransferIO;
   slot: SocketSlot | undefined;
@@ -197,7 +208,13 @@ interface Attempt {
 interface HandleState {
   easy: Easy;
   current: Attempt | undefined;
+  /** Ends the current attempt (`finishAttempt` while one runs in curl, else undefined): taken (and cleared) by whoever
+   *  ends it first. */
   finish: ((code: CurlCode, error: Error | undefined, abortReason?: unknown) => void) | undefined;
+  /** The handle's `finish`, made once with the handle (not a closure per attempt): it ends `current`. */
+  finishAttempt: (code: CurlCode, error: Error | undefined, abortReason?: unknown) => void;
+  /** Listens on the current attempt's signal (made once with the handle, as finishAttempt): cancels the attempt. */
+  onAbort: () => void;
   /** The plain option values last set on this handle: setOpt is skipped when a transfer wants the same again. */
   options: Map<string, PlainOption | ((data: Buffer) => number) | (() => number)>;
   /** The method and body length (null: none, -1: unknown) the request-method options were last set for. */
@@ -310,8 +327,15 @@ export class CurlEngine {
   #rateTokens: RateTokens | undefined;
   #stallWatch = new H2StallWatch();
   /** Transfers curl finished, to complete in the next immediate (see the constructor): each as its finish
-   *  function, curl's code and error, flat (no closure per transfer). */
+   *  function, curl's code and error, flat (no closure per transfer), in the first #completedCount entries (the
+   *  array is reused: see #completeFinished). */
   #completed: Array<HandleState['finish'] | CurlCode | Error | undefined> = [];
+  #completedCount = 0;
+  /** The array #completed was, emptied, for the next batch (undefined while a batch is being finished): two arrays
+   *  taking turns instead of one per batch. */
+  #completedSpare: Array<HandleState['finish'] | CurlCode | Error | undefined> | undefined = [];
+  /** #completeFinished as the immediate's callback, made once. */
+  readonly #completeSoon = () => this.#completeFinished();
 
   /** `maxConnects`: idle connections curl keeps (its default, 4 × the transfers running at that moment, would close
    *  keep-alive connections whenever the load dips). */
@@ -335,8 +359,13 @@ export class CurlEngine {
       const finish = state.finish;
       state.finish = undefined;
       this.#multi.removeHandle(easy);
-      this.#completed.push(finish, code, error ?? undefined);
-      if (this.#completed.length === 3) setImmediate(() => this.#completeFinished());
+      const completed = this.#completed;
+      const count = this.#completedCount;
+      completed[count] = finish;
+      completed[count + 1] = code;
+      completed[count + 2] = error ?? undefined;
+      this.#completedCount = count + 3;
+      if (count === 0) setImmediate(this.#completeSoon);
     });
   }
 
@@ -353,11 +382,19 @@ export class CurlEngine {
   /** Finishes the transfers curl finished (in an immediate, or at close()). */
   #completeFinished(): void {
     const completed = this.#completed;
-    this.#completed = [];
-    for (let i = 0; i < completed.length; i += 3) {
+    const count = this.#completedCount;
+    if (count === 0) return;
+    // (A finish may end in close(), which comes here again: that call takes another array, this one is left alone.)
+    this.#completed = this.#completedSpare ?? [];
+    this.#completedCount = 0;
+    this.#completedSpare = undefined;
+    for (let i = 0; i < count; i += 3) {
       const finish = completed[i] as NonNullable<HandleState['finish']>;
       finish(completed[i + 1] as CurlCode, completed[i + 2] as Error | undefined);
     }
+    // Emptied in place, its storage kept (the functions and errors it held let go).
+    completed.fill(undefined, 0, count);
+    this.#completedSpare = completed;
   }
 
   /** Runs a transfer to the end (retrying as the rules allow); never throws. */
@@ -378,7 +415,7 @@ export class CurlEngine {
     try {
       target = urlTarget(request.url);
     } catch (error) {
-      done({ ok: false, error: toPlainError(error) }, 0);
+      settle(done, { ok: false, error: toPlainError(error) }, 0);
       return;
     }
     const proxy = this.#policy.proxy;
@@ -566,7 +603,7 @@ export class CurlEngine {
       const sink = transfer.io.sink;
       const whole = sink instanceof DecodingSink ? sink.inner : sink;
       if (whole instanceof BufferSink) result.body = whole.body();
-      transfer.done({ ok: true, result }, this.#supply.idleConnections(transfer.key));
+      settle(transfer.done, { ok: true, result }, this.#supply.idleConnections(transfer.key));
       return;
     }
     const { io, request } = transfer;
@@ -646,7 +683,7 @@ export class CurlEngine {
   #fail(transfer: Transfer, error: unknown): void {
     // (Its decoders freed now, not when collected.)
     if (transfer.io.sink instanceof DecodingSink) transfer.io.sink.reset();
-    transfer.done({ ok: false, error: toPlainError(error) }, this.#supply.idleConnections(transfer.key));
+    settle(transfer.done, { ok: false, error: toPlainError(error) }, this.#supply.idleConnections(transfer.key));
   }
 
   #handle(): HandleState {
@@ -665,6 +702,13 @@ export class CurlEngine {
       easy,
       current: undefined,
       finish: undefined,
+      finishAttempt: (code, error, abortReason) => this.#finishAttempt(state, code, error, abortReason),
+      onAbort: () => {
+        // (Removed from a signal whenever its attempt ends: only the current attempt's own signal calls this.)
+        const attempt = state.current;
+        if (!state.finish || !attempt || !attempt.io.signal.aborted) return;
+        this.#takeOut(state, CurlCode.CURLE_ABORTED_BY_CALLBACK, attempt.io.signal.reason);
+      },
       options: new Map(),
       onHeader,
       openSocket: () => {
@@ -760,7 +804,7 @@ export class CurlEngine {
     // Transfers waiting to share this one's connection go on (any header block: the connection is up).
     if (attempt?.slot?.first) this.#supply.responded(attempt.slot);
     if (!attempt || attempt.headSent) return;
-    const head = this.#head(state.easy, attempt);
+    const head: ResponseHead = this.#head(state.easy, attempt, undefined);
     // 1xx blocks (and a proxy's CONNECT reply, whose code is not RESPONSE_CODE) come before the final head.
     if (head.status < 200) return;
     attempt.headSent = true;
@@ -771,8 +815,12 @@ export class CurlEngine {
     if (sink instanceof DecodingSink && sink.decoding) attempt.maxBodyBytes = Number.POSITIVE_INFINITY;
   }
 
-  /** The response's head, from one native call (status, version, timings, headers); learns the protocol. */
-  #head(easy: Easy, attempt: Attempt): ResponseHead {
+  /**
+   * The response's head, from one native call (status, version, timings, headers); learns the protocol. `body` (a
+   * result's, set later) and the timings' `queueMs` (the client's) are in the object from the start: a property
+   * added to an object made without it goes to a store of its own, an allocation more per response.
+   */
+  #head(easy: Easy, attempt: Attempt, body: Uint8Array | undefined): ResponseHead & { body: Uint8Array | undefined } {
     const numbers = this.#headNumbers;
     const flat = easy.responseHead(numbers);
     const status = numbers[0]!;
@@ -800,7 +848,9 @@ export class CurlEngine {
         totalMs: numbers[5]! / 1000,
         tokenWaitMs: attempt.tokenWaitMs,
         capWaitMs: attempt.capWaitMs,
+        queueMs: 0,
       },
+      body,
     };
   }
 
@@ -932,21 +982,10 @@ export class CurlEngine {
   #configure(state: HandleState, attempt: Attempt): void {
     const { easy } = state;
     // Options are set per transfer, but most repeat from one to the next on a reused handle: only changes reach
-    // curl (lists compare by their text). Each setOpt is a native call: a keep-alive request makes none.
-    const set = (name: string, value: PlainOption | HandleState['onHeader'] | HandleState['onPrereq']) => {
-      if (state.options.get(name) === value && state.options.has(name)) return;
-      state.options.set(name, value);
-      (easy.setOpt as (option: string, value: unknown) => unknown)(name, value);
-    };
-    // Lists compare by their text (`key`); `list` is built only when it may have changed (a function), or given.
-    const setList = (name: string, key: string, list: string[] | null | (() => string[])) => {
-      if (state.options.get(name) === key && state.options.has(name)) return;
-      state.options.set(name, key);
-      (easy.setOpt as (option: string, value: unknown) => unknown)(name, typeof list === 'function' ? list() : list);
-    };
+    // curl (setOption, setListOption). Each setOpt is a native call: a keep-alive request makes none.
     const { request, slot, io, target: urlTarget, relay } = attempt;
     // Over a relayed warm TLS session curl speaks plaintext: the http:// form of the URL, the https authority.
-    set('URL', relay ? (urlTarget.plainHref ?? request.url) : request.url);
+    setOption(state, 'URL', relay ? (urlTarget.plainHref ?? request.url) : request.url);
     // The request-method options interact in curl (POST, HTTPGET and NOBODY each undo the others' effect): all
     // of them are set together, whenever the method or the kind of body changes.
     const bodyLength = io.source ? (io.source.length ?? -1) : null;
@@ -964,7 +1003,7 @@ export class CurlEngine {
         easy.setOpt('HTTPGET', request.method === 'GET');
       }
     }
-    if (request.headers.length === 0 && !io.source && !relay) setList('HTTPHEADER', '', NO_HEADERS);
+    if (request.headers.length === 0 && !io.source && !relay) setListOption(state, 'HTTPHEADER', '', NO_HEADERS);
     else {
       // curl reads "Name:" with nothing after it as "do not send Name" (and drops its own Accept or Host so):
       // an empty value goes as "Name;", curl's way of sending "Name:" empty.
@@ -986,14 +1025,14 @@ export class CurlEngine {
         if (!expect) headers.push('Expect:');
         if (!contentType) headers.push('Content-Type:');
       }
-      setList('HTTPHEADER', headers.join('\n'), () => headers);
+      setListOption(state, 'HTTPHEADER', headers.join('\n'), () => headers);
     }
     // '': curl sends every coding it knows (gzip, deflate, br, zstd here); null: no Accept-Encoding. It decodes
     // none of them (HTTP_CONTENT_DECODING off, see #handle): a DecodingSink does.
-    set('ACCEPT_ENCODING', request.decompress ? '' : null);
+    setOption(state, 'ACCEPT_ENCODING', request.decompress ? '' : null);
     // A backstop only: the runtime's own timer at the deadline cancels the transfer first (even while it is
     // paused). The whole timeout, not what is left of it, so that it repeats from one request to the next.
-    set('TIMEOUT_MS', Math.max(1, Math.ceil(request.timeoutMs)));
+    setOption(state, 'TIMEOUT_MS', Math.max(1, Math.ceil(request.timeoutMs)));
     // The head is taken from curl when the transfer ends (one native call, no callback per header line), unless
     // it is needed before: a streamed response, the first response of an https origin (HTTP/2 or not decides
     // how the next transfers to it get their sockets; see socket-supply.ts), or one over a connection others wait
@@ -1004,13 +1043,13 @@ export class CurlEngine {
       request.decompress === true ||
       slot?.first !== undefined ||
       (attempt.secure && !this.#supply.knowsProtocol(attempt.originKey));
-    set('HEADERFUNCTION', headEarly ? state.onHeader : null);
+    setOption(state, 'HEADERFUNCTION', headEarly ? state.onHeader : null);
     // A transfer of a group sharing a new connection says when it got one (socket-supply.ts `prerequest`); no
     // callback for the others.
-    set('PREREQFUNCTION', slot?.first || slot?.joined ? state.onPrereq : null);
+    setOption(state, 'PREREQFUNCTION', slot?.first || slot?.joined ? state.onPrereq : null);
     // A group's first opens a connection with the socket it brought, not one of curl's that has room for a moment:
     // that room is for the joiners of the group that brought it (socket-supply.ts, the header).
-    set('FRESH_CONNECT', slot?.first !== undefined && slot.lease !== undefined);
+    setOption(state, 'FRESH_CONNECT', slot?.first !== undefined && slot.lease !== undefined);
     // http: HTTP/1.1 only (no multiplexing, so curl never waits on a connection to learn whether it can).
     // https: HTTP/2 when ALPN agrees; PIPEWAIT makes transfers started meanwhile wait for the first connection
     // and multiplex over it instead of asking for sockets of their own (curl 7.88 waits so only while it knows no
@@ -1023,14 +1062,15 @@ export class CurlEngine {
     if (relay) {
       const h2 = relay.alpn === 'h2';
       const fresh = slot?.lease !== undefined;
-      set(
+      setOption(
+        state,
         'HTTP_VERSION',
         h2 ? (fresh ? CurlHttpVersion.V2PriorKnowledge : CurlHttpVersion.V2Tls) : CurlHttpVersion.V1_1,
       );
-      set('PIPEWAIT', h2);
+      setOption(state, 'PIPEWAIT', h2);
     } else {
-      set('HTTP_VERSION', attempt.secure ? CurlHttpVersion.V2Tls : CurlHttpVersion.V1_1);
-      set('PIPEWAIT', attempt.secure);
+      setOption(state, 'HTTP_VERSION', attempt.secure ? CurlHttpVersion.V2Tls : CurlHttpVersion.V1_1);
+      setOption(state, 'PIPEWAIT', attempt.secure);
     }
     if (slot) {
       // Pin curl's DNS to the address the daemon connected to: the worker never resolves (it may have no network).
@@ -1044,10 +1084,10 @@ export class CurlEngine {
       }
       const entry = this.#pinned.get(slot.originKey);
       if (entry && (state.options.get('RESOLVE') !== entry || !state.options.has('RESOLVE'))) {
-        setList('RESOLVE', entry, [entry]);
+        setListOption(state, 'RESOLVE', entry, [entry]);
       }
     } else {
-      setList('RESOLVE', '', null);
+      setListOption(state, 'RESOLVE', '', null);
     }
     // curl connects by itself: its default socket callbacks for this attempt (restored when it ends).
     if (attempt.mode === 'direct') this.#useLeasedSockets(state, false);
@@ -1075,6 +1115,7 @@ export class CurlEngine {
     const state = this.#handle();
     const attempt: Attempt = {
       seq: ++this.#seq,
+      transfer,
       request,
       io,
       slot,
@@ -1117,53 +1158,7 @@ export class CurlEngine {
         this.#takeOut(state, CurlCode.CURLE_BAD_CONTENT_ENCODING, decodeError(failure, request));
       });
     }
-    const onAbort = () => {
-      if (!state.finish || state.current !== attempt) return;
-      this.#takeOut(state, CurlCode.CURLE_ABORTED_BY_CALLBACK, signal.reason);
-    };
-    state.finish = (code, error, abortReason) => {
-      signal.removeEventListener('abort', onAbort);
-      this.#restoreSocketCallbacks(state, attempt);
-      if (abortReason !== undefined) {
-        const failure = new TransferFailure(code, abortReason, true);
-        failure.unsent = transfer.token !== undefined && this.#unsent(state, attempt);
-        this.#release(state);
-        return this.#attemptEnded(transfer, slot, failure);
-      }
-      if (code !== CurlCode.CURLE_OK) {
-        const message = error?.message ?? `curl error ${code}`;
-        const failure =
-          code === CurlCode.CURLE_OPERATION_TIMEDOUT
-            ? new TransferFailure(code, timeoutError(request), true)
-            : attempt.tooLarge
-              ? new TransferFailure(code, bodyTooLargeError(request), true)
-              : attempt.resent
-                ? resentFailure(code, request)
-                : new TransferFailure(
-                    code,
-                    new SockpoolError(ErrorCodes.TRANSFER, `${request.method} ${request.url}: ${message}`, {
-                      curlCode: code,
-                      deadConnection: DEAD_CONNECTION_CODES.has(code),
-                    }),
-                  );
-        failure.unsent = transfer.token !== undefined && this.#unsent(state, attempt);
-        this.#release(state);
-        return this.#attemptEnded(transfer, slot, failure);
-      }
-      const head = this.#head(state.easy, attempt);
-      if (!attempt.headSent) {
-        attempt.headSent = true;
-        // A copy: the head becomes the result below, and a port in this thread (client/local-port.ts) does not
-        // clone what it carries. (Only when the head did not end a header block first, which is rare.)
-        attempt.io.sink.head({ ...head });
-      }
-      this.#release(state);
-      // The head becomes the result (#attemptEnded puts a buffered body in).
-      const result = head as TransferResult;
-      result.body = EMPTY_BODY;
-      if (io.sink instanceof DecodingSink) this.#finishDecoding(transfer, slot, io.sink, result);
-      else this.#attemptEnded(transfer, slot, result);
-    };
+    state.finish = state.finishAttempt;
     if (signal.aborted) {
       state.finish = undefined;
       this.#restoreSocketCallbacks(state, attempt);
@@ -1171,7 +1166,7 @@ export class CurlEngine {
       this.#attemptEnded(transfer, slot, unsentFailure(CurlCode.CURLE_ABORTED_BY_CALLBACK, signal.reason));
       return;
     }
-    signal.addEventListener('abort', onAbort, { once: true });
+    signal.addEventListener('abort', state.onAbort, { once: true });
     if (attempt.relay?.alpn === 'h2') this.#watchStall(state, attempt);
     try {
       this.#multi.addHandle(state.easy);
@@ -1182,7 +1177,7 @@ export class CurlEngine {
       // (CURLM_RECURSIVE_API_CALL): add it on the next turn, unless the attempt ended meanwhile.
       if (!/within callback/i.test((error as Error).message)) {
         state.finish = undefined;
-        signal.removeEventListener('abort', onAbort);
+        signal.removeEventListener('abort', state.onAbort);
         this.#restoreSocketCallbacks(state, attempt);
         this.#release(state);
         this.#attemptEnded(transfer, slot, unsentFailure(0, error));
@@ -1194,6 +1189,56 @@ export class CurlEngine {
         attempt.added = true;
       });
     }
+  }
+
+  /** The handle's attempt ended (its `finish`): curl finished it (`code`, `error`), or it was taken out
+   *  (`abortReason`). */
+  #finishAttempt(state: HandleState, code: CurlCode, error: Error | undefined, abortReason?: unknown): void {
+    const attempt = state.current!;
+    const { transfer, slot, request, io } = attempt;
+    io.signal.removeEventListener('abort', state.onAbort);
+    this.#restoreSocketCallbacks(state, attempt);
+    if (abortReason !== undefined) {
+      const failure = new TransferFailure(code, abortReason, true);
+      failure.unsent = transfer.token !== undefined && this.#unsent(state, attempt);
+      this.#release(state);
+      this.#attemptEnded(transfer, slot, failure);
+      return;
+    }
+    if (code !== CurlCode.CURLE_OK) {
+      const message = error?.message ?? `curl error ${code}`;
+      const failure =
+        code === CurlCode.CURLE_OPERATION_TIMEDOUT
+          ? new TransferFailure(code, timeoutError(request), true)
+          : attempt.tooLarge
+            ? new TransferFailure(code, bodyTooLargeError(request), true)
+            : attempt.resent
+              ? resentFailure(code, request)
+              : new TransferFailure(
+                  code,
+                  new SockpoolError(ErrorCodes.TRANSFER, `${request.method} ${request.url}: ${message}`, {
+                    curlCode: code,
+                    deadConnection: DEAD_CONNECTION_CODES.has(code),
+                  }),
+                );
+      failure.unsent = transfer.token !== undefined && this.#unsent(state, attempt);
+      this.#release(state);
+      this.#attemptEnded(transfer, slot, failure);
+      return;
+    }
+    const head = this.#head(state.easy, attempt, EMPTY_BODY);
+    if (!attempt.headSent) {
+      attempt.headSent = true;
+      // The head did not end a header block first (no HEADERFUNCTION: a buffered response, the common case). A
+      // BufferSink has no use for it; other sinks get a copy: the head becomes the result below, and a port in this
+      // thread (client/local-port.ts) does not clone what it carries.
+      if (!(io.sink instanceof BufferSink)) io.sink.head({ ...head });
+    }
+    this.#release(state);
+    // The head becomes the result (#attemptEnded puts a buffered body in).
+    const result = head as TransferResult;
+    if (io.sink instanceof DecodingSink) this.#finishDecoding(transfer, slot, io.sink, result);
+    else this.#attemptEnded(transfer, slot, result);
   }
 
   /**
@@ -1285,6 +1330,25 @@ function mayBeStream(state: HandleState): boolean {
   if (state.options.get('HTTP_VERSION') === CurlHttpVersion.V1_1) return false;
   const version = Number(state.easy.getInfo('HTTP_VERSION').data);
   return version !== HTTP_1_0 && version !== HTTP_1_1;
+}
+
+/** Sets a plain option (or a callback) on the handle unless it has that value already (HandleState.options). */
+function setOption(
+  state: HandleState,
+  name: string,
+  value: PlainOption | HandleState['onHeader'] | HandleState['onPrereq'],
+): void {
+  if (state.options.get(name) === value && state.options.has(name)) return;
+  state.options.set(name, value);
+  (state.easy.setOpt as (option: string, value: unknown) => unknown)(name, value);
+}
+
+/** Sets a list option unless its text (`key`) is the same as last time; `list` is built only when it may have changed
+ *  (a function), or given. */
+function setListOption(state: HandleState, name: string, key: string, list: string[] | null | (() => string[])): void {
+  if (state.options.get(name) === key && state.options.has(name)) return;
+  state.options.set(name, key);
+  (state.easy.setOpt as (option: string, value: unknown) => unknown)(name, typeof list === 'function' ? list() : list);
 }
 
 /** SOCKOPTFUNCTION for a handed socket: connected by the daemon already. */

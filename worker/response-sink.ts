@@ -28,13 +28,18 @@ export interface ResponseSink {
 /** Collects the whole body. Never refuses a chunk. */
 export class BufferSink implements ResponseSink {
   readonly committed = false;
-  #chunks: Buffer[] = [];
+  /** The first chunk, and the others (an array only for a body of more than one chunk: most small bodies come in
+   *  one, and an array and its storage were most of what this sink cost). */
+  #first: Buffer | undefined;
+  #more: Buffer[] | undefined;
   #bytes = 0;
 
   head(): void {}
 
   write(chunk: Buffer): boolean {
-    this.#chunks.push(chunk);
+    if (this.#first === undefined) this.#first = chunk;
+    else if (this.#more === undefined) this.#more = [chunk];
+    else this.#more.push(chunk);
     this.#bytes += chunk.length;
     return true;
   }
@@ -42,7 +47,8 @@ export class BufferSink implements ResponseSink {
   onWritable(): void {}
 
   reset(): void {
-    this.#chunks = [];
+    this.#first = undefined;
+    this.#more = undefined;
     this.#bytes = 0;
   }
 
@@ -52,11 +58,13 @@ export class BufferSink implements ResponseSink {
    */
   body(): Buffer {
     // One chunk that already owns an exact-size buffer (curl's data copied for us) is the body as it is.
-    const only = this.#chunks.length === 1 ? this.#chunks[0]! : undefined;
-    if (only && only.byteOffset === 0 && only.buffer.byteLength === only.length) return only;
+    const first = this.#first;
+    if (first && !this.#more && first.byteOffset === 0 && first.buffer.byteLength === first.length) return first;
     const body = Buffer.from(new ArrayBuffer(this.#bytes));
-    let offset = 0;
-    for (const chunk of this.#chunks) {
+    if (!first) return body;
+    body.set(first, 0);
+    let offset = first.length;
+    for (const chunk of this.#more ?? []) {
       body.set(chunk, offset);
       offset += chunk.length;
     }

@@ -14,7 +14,7 @@ import {
   type ClientPolicy,
   CurlEngine,
   epochNow,
-  type TransferDone,
+  type OutcomeCallback,
   type TransferOutcome,
   type TransferRequest,
   timeoutError,
@@ -169,7 +169,7 @@ export class TransferRuntime {
     request: TransferRequest,
     port: RequestPort | undefined,
     signal: CancelSignal | undefined,
-    done: TransferDone,
+    done: OutcomeCallback,
   ): void {
     // (In the caller's thread the body is the caller's own view: one detached since reads as empty. Refused, as over
     // a thread's lane, where it cannot be cloned.)
@@ -178,14 +178,16 @@ export class TransferRuntime {
       done({ ok: false, error: toPlainError(detachedBodyError()) }, 0);
       return;
     }
-    const run = new RequestRun(request, signal);
-    this.#deadlines.insert(run);
-    if (signal) signal.addEventListener('abort', run, { once: true });
     let sink: PortSink | undefined;
     let source: PortSource | undefined;
     if (port) {
       if (request.streamResponse) sink = new PortSink(port);
       if (request.streamedBody) source = new PortSource(port, request.streamedBody.length);
+    }
+    const run = new RequestRun(request, signal, port, sink, done, this.#requestEnded);
+    this.#deadlines.insert(run);
+    if (signal) signal.addEventListener('abort', run, { once: true });
+    if (port) {
       port.on('message', (message: CallerMessage) => {
         switch (message.t) {
           case 'abort':
@@ -207,26 +209,27 @@ export class TransferRuntime {
       // 'close' on both ends, this one too when the transfer's end closes it: no error is made for nothing then,
       // an Error's stack costs more than the rest of a small request's end.)
       port.on('close', () => {
-        if (!finished) run.cancel(new SockpoolError(ErrorCodes.ABORTED, 'the caller closed the request'));
+        if (!run.finished) run.cancel(new SockpoolError(ErrorCodes.ABORTED, 'the caller closed the request'));
       });
     }
-    let finished = false;
     this.#running++;
-    const ended = (outcome: TransferOutcome, idleToOrigin: number) => {
-      finished = true;
-      if (sink) {
-        if (outcome.ok) sink.end();
-        else sink.fail(outcome.error);
-      }
-      this.#deadlines.remove(run);
-      this.#ended();
-      if (signal) signal.removeEventListener('abort', run);
-      port?.close();
-      done(outcome, idleToOrigin);
-    };
     // (Without a port: the sink and source are the engine's defaults.)
-    this.#engine.start(request, port ? { sink, source, signal: run } : { signal: run }, ended);
+    this.#engine.start(request, port ? { sink, source, signal: run } : { signal: run }, run);
   }
+
+  /** A request's transfer ended (RequestRun.transferEnded): made once, not a closure per request. */
+  readonly #requestEnded = (run: RequestRun, outcome: TransferOutcome, idleToOrigin: number): void => {
+    const sink = run.sink;
+    if (sink) {
+      if (outcome.ok) sink.end();
+      else sink.fail(outcome.error);
+    }
+    this.#deadlines.remove(run);
+    this.#ended();
+    run.callerSignal?.removeEventListener('abort', run);
+    run.port?.close();
+    run.done(outcome, idleToOrigin);
+  };
 }
 
 /**
@@ -236,14 +239,35 @@ export class TransferRuntime {
 class RequestRun extends Cancellation implements Deadline {
   at: number;
   index = -1;
+  /** The transfer ended (transferEnded ran). */
+  finished = false;
   readonly #request: TransferRequest;
-  readonly #callerSignal: CancelSignal | undefined;
+  /** The caller's signal, listened to (handleEvent) until the transfer ends. */
+  readonly callerSignal: CancelSignal | undefined;
+  /** The request's own port (closed when the transfer ends), and the sink that streams its body there. */
+  readonly port: RequestPort | undefined;
+  readonly sink: PortSink | undefined;
+  /** Whoever started the request: gets the outcome. */
+  readonly done: OutcomeCallback;
+  /** The runtime's end of a request (its #requestEnded). */
+  readonly #ended: (run: RequestRun, outcome: TransferOutcome, idleToOrigin: number) => void;
 
-  constructor(request: TransferRequest, callerSignal: CancelSignal | undefined) {
+  constructor(
+    request: TransferRequest,
+    callerSignal: CancelSignal | undefined,
+    port: RequestPort | undefined,
+    sink: PortSink | undefined,
+    done: OutcomeCallback,
+    ended: (run: RequestRun, outcome: TransferOutcome, idleToOrigin: number) => void,
+  ) {
     super();
     this.at = request.deadline;
     this.#request = request;
-    this.#callerSignal = callerSignal;
+    this.callerSignal = callerSignal;
+    this.port = port;
+    this.sink = sink;
+    this.done = done;
+    this.#ended = ended;
   }
 
   expire(): void {
@@ -252,6 +276,12 @@ class RequestRun extends Cancellation implements Deadline {
 
   /** The caller's signal fired. */
   handleEvent(): void {
-    this.cancel(abortedError(this.#callerSignal!));
+    this.cancel(abortedError(this.callerSignal!));
+  }
+
+  /** The engine's outcome (TransferDone). */
+  transferEnded(outcome: TransferOutcome, idleToOrigin: number): void {
+    this.finished = true;
+    this.#ended(this, outcome, idleToOrigin);
   }
 }
