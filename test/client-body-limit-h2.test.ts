@@ -71,17 +71,21 @@ function h2Client(daemon: DaemonProcess, threads: number): SockpoolClient {
 afterAll(async () => {
   // Each step bounded and named: a non-root full run once timed this hook out (60 s) with every test passed, and
   // the hook's timeout did not say which step held it.
-  await named(plainDaemon?.stop(), 'the plain daemon to stop');
-  await named(warmDaemon?.stop(), 'the warm-TLS daemon to stop');
+  await named(plainDaemon?.stop(), 'the plain daemon to stop', plainDaemon);
+  await named(warmDaemon?.stop(), 'the warm-TLS daemon to stop', warmDaemon);
   await named(h2?.close(), 'the HTTP/2 origin to close');
   pki?.cleanup();
 });
 
-/** Waits for `step`, failing with what it waited for after 20 s (a bound, not a timing). */
-async function named(step: Promise<unknown> | undefined, what: string): Promise<void> {
+/** Waits for `step`, failing with what it waited for after 20 s (a bound, not a timing), and a daemon's last log
+ *  lines: the warm-TLS daemon's stop timed out so in two non-root full runs, and which part of it held was unknown. */
+async function named(step: Promise<unknown> | undefined, what: string, daemon?: DaemonProcess): Promise<void> {
   let timer: NodeJS.Timeout | undefined;
   const late = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`afterAll: waited 20 s for ${what}`)), 20_000);
+    timer = setTimeout(() => {
+      const log = daemon ? `; its last log lines:\n${daemon.output().split('\n').slice(-15).join('\n')}` : '';
+      reject(new Error(`afterAll: waited 20 s for ${what}${log}`));
+    }, 20_000);
   });
   try {
     await Promise.race([step, late]);
