@@ -14,15 +14,11 @@
 // (every thread: the caller's, the worker threads', V8's) per request. Results go to
 // bench/results/client-apis-<date>.json.
 
-import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { mkdirSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
-import { createTestPki } from '../test/helpers/tls.js';
 import { flag, option, optionText } from './lib/args.js';
-import { startBenchDaemon } from './lib/daemon.js';
-import { freePorts } from './lib/free-ports.js';
 import { formatJson, stamp } from './lib/json.js';
-import { spawnChild } from './lib/proc.js';
+import { startLoopbackLab } from './lib/loopback-lab.js';
 import { median, table } from './lib/stats.js';
 
 type Api = 'request' | 'stream' | 'fetch';
@@ -51,31 +47,8 @@ const schemes: Scheme[] = flag('--http-only') ? ['http'] : flag('--https-only') 
 const apis: Api[] = onlyApi ? [onlyApi] : ['request', 'stream', 'fetch'];
 
 const repoRoot = join(import.meta.dirname, '..', '..');
-const tmp = mkdtempSync(join(tmpdir(), 'sockpool-client-apis-'));
-const pki = createTestPki(['localhost']);
-const [httpPort, httpsPort] = await freePorts(2);
-
-const origin = spawnChild(
-  [
-    process.execPath,
-    join(import.meta.dirname, 'fixtures', 'peer-origin.js'),
-    JSON.stringify({
-      hosts: ['127.0.0.1'],
-      httpPort,
-      httpsPort,
-      certFile: join(pki.dir, 'server.pem'),
-      keyFile: join(pki.dir, 'server.key'),
-      bodyBytes: BODY_BYTES,
-    }),
-  ],
-  { nofile: 65_536 },
-);
-await origin.nextMessage((message) => message.ready === true);
-const daemon = await startBenchDaemon({
-  dir: join(tmp, 'daemon'),
-  config: { pool: { predictive: true, warmOnStartOrigins: 0 } },
-  args: ['--allow', '127.0.0.0/8', '--allow-port', String(httpPort), '--allow-port', String(httpsPort)],
-});
+const lab = await startLoopbackLab('client-apis', BODY_BYTES);
+const { daemon, pki } = lab;
 
 async function clientsOf(dist: string, label: string): Promise<Variant[]> {
   const { SockpoolClient } = (await import(join(dist, 'client', 'index.js'))) as {
@@ -143,7 +116,7 @@ interface Row {
 
 const rows: Row[] = [];
 for (const scheme of schemes) {
-  const url = `${scheme}://127.0.0.1:${scheme === 'http' ? httpPort : httpsPort}/x`;
+  const url = lab.url(scheme);
   // Warm every client: its threads up, connections in each runtime, the code compiled.
   for (const { client } of variants) {
     for (const api of apis) await load(client, api, url, concurrency);
@@ -178,10 +151,7 @@ for (const scheme of schemes) {
 }
 
 for (const { client } of variants) await client.close();
-await daemon.stop();
-await origin.stop();
-rmSync(tmp, { recursive: true, force: true });
-rmSync(pki.dir, { recursive: true, force: true });
+await lab.close();
 
 /** request()'s figure for the same scheme, load and client (the ratio column), none for request() itself. */
 const requestRate = (row: Row) =>

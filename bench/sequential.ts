@@ -18,16 +18,13 @@
 // collect is most of it). --cpu-prof DIR: afterwards, a CPU profile of each variant's run (one .cpuprofile each;
 // node dist/bench/profile-summary.js DIR summarizes; with --heap, each heap profile as a .heapprofile beside it).
 
-import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, writeFileSync } from 'node:fs';
 import { Session } from 'node:inspector/promises';
-import { loadavg, tmpdir } from 'node:os';
+import { loadavg } from 'node:os';
 import { join, resolve } from 'node:path';
 import type { Easy } from 'node-libcurl';
-import { createTestPki } from '../test/helpers/tls.js';
 import { flag, option, optionText } from './lib/args.js';
-import { startBenchDaemon } from './lib/daemon.js';
-import { freePorts } from './lib/free-ports.js';
-import { spawnChild } from './lib/proc.js';
+import { startLoopbackLab } from './lib/loopback-lab.js';
 import { median, table } from './lib/stats.js';
 
 const BODY_BYTES = 1024;
@@ -39,34 +36,9 @@ const cpuProfileDir = optionText('--cpu-prof');
 const scheme = flag('--https') ? 'https' : 'http';
 
 const repoRoot = join(import.meta.dirname, '..', '..');
-const tmp = mkdtempSync(join(tmpdir(), 'sockpool-sequential-'));
-const pki = createTestPki(['localhost']);
-const [httpPort, httpsPort] = await freePorts(2);
-const port = scheme === 'http' ? httpPort! : httpsPort!;
-const url = `${scheme}://127.0.0.1:${port}/x`;
-
-// The origin and the daemon are child processes, started before anything is measured.
-const origin = spawnChild(
-  [
-    process.execPath,
-    join(import.meta.dirname, 'fixtures', 'peer-origin.js'),
-    JSON.stringify({
-      hosts: ['127.0.0.1'],
-      httpPort,
-      httpsPort,
-      certFile: join(pki.dir, 'server.pem'),
-      keyFile: join(pki.dir, 'server.key'),
-      bodyBytes: BODY_BYTES,
-    }),
-  ],
-  { nofile: 65_536 },
-);
-await origin.nextMessage((message) => message.ready === true);
-const daemon = await startBenchDaemon({
-  dir: join(tmp, 'daemon'),
-  config: { pool: { predictive: true, warmOnStartOrigins: 0 } },
-  args: ['--allow', '127.0.0.0/8', '--allow-port', String(httpPort), '--allow-port', String(httpsPort)],
-});
+const lab = await startLoopbackLab('sequential', BODY_BYTES);
+const { daemon, pki } = lab;
+const url = lab.url(scheme);
 
 interface Variant {
   name: string;
@@ -119,7 +91,7 @@ async function libcurl(): Promise<Variant> {
     bytes += data.length;
     return data.length;
   });
-  const resolveEntry = `127.0.0.1:${port}:127.0.0.1`;
+  const resolveEntry = `127.0.0.1:${scheme === 'http' ? lab.httpPort : lab.httpsPort}:127.0.0.1`;
   return {
     name: 'node-libcurl',
     once: () => {
@@ -227,10 +199,7 @@ if (heap || cpuProfileDir) {
 }
 
 for (const variant of variants) await variant.close();
-await daemon.stop();
-await origin.stop();
-rmSync(tmp, { recursive: true, force: true });
-rmSync(pki.dir, { recursive: true, force: true });
+await lab.close();
 
 const load = loadavg().map((value) => value.toFixed(1));
 console.log(
