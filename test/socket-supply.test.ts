@@ -435,9 +435,9 @@ describe('SocketSupply: the streams one HTTP/2 connection carries (`streams`)', 
     cleanUp([...slots, full.first, ...full.joiners, next, ...(await Promise.all(joining))], fds);
   });
 
-  /** learnThree, then a group of 3 that fully boards (doubled: 6), then a probe on 6 whose connection takes two
-   *  joiners: 3 again, as a ceiling. Returns what to finish and close. */
-  async function probeStarvesAtThree() {
+  /** learnThree, then a group of 3 closed by a fourth transfer fully boards: doubled to 6. Everything is finished
+   *  and closed afterwards: no connection is left. */
+  async function learnThreeThenDouble(): Promise<void> {
     const { slots, fds } = await learnThree();
     const group = newGroup(3);
     const fourth = prepare(JOIN);
@@ -446,6 +446,12 @@ describe('SocketSupply: the streams one HTTP/2 connection carries (`streams`)', 
     const next = await fourth;
     supply.finish(next);
     cleanUp([...slots, full.first, ...full.joiners], [...fds, full.fd]);
+  }
+
+  /** learnThreeThenDouble, then a probe on 6 whose connection takes two joiners: 3 again, as a ceiling. Returns
+   *  what to finish and close. */
+  async function probeStarvesAtThree() {
+    await learnThreeThenDouble();
     // A probe on 6 (no connection left: it brings one), five joiners; the connection takes two of them.
     const { first, joiners, fd } = await newGroup(6);
     supply.prerequest(joiners[0]!);
@@ -494,14 +500,7 @@ describe('SocketSupply: the streams one HTTP/2 connection carries (`streams`)', 
   it('a group formed on a doubled value waits for the SETTINGS even on the only connection, not released at once', async () => {
     // curl sends streams that wait on a connection (PIPEWAIT) at ALPN: beyond the server's limit they are refused.
     // Failed first: the joiner went on once curl took the socket.
-    const { slots, fds } = await learnThree();
-    const group = newGroup(3);
-    const fourth = prepare(JOIN);
-    const full = await group;
-    for (const joiner of full.joiners) supply.prerequest(joiner); // (doubled: 6)
-    const next = await fourth;
-    supply.finish(next);
-    cleanUp([...slots, full.first, ...full.joiners], [...fds, full.fd]);
+    await learnThreeThenDouble();
 
     // No connection left: the next transfer brings one, the one after joins it.
     const first = await prepare(HTTPS);
