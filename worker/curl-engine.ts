@@ -327,8 +327,13 @@ export class CurlEngine {
   #rateTokens: RateTokens | undefined;
   #stallWatch = new H2StallWatch();
   /** Transfers curl finished, to complete in the next immediate (see the constructor): each as its finish
-   *  function, curl's code and error, flat (no closure per transfer). */
+   *  function, curl's code and error, flat (no closure per transfer), in the first #completedCount entries (the
+   *  array is reused: see #completeFinished). */
   #completed: Array<HandleState['finish'] | CurlCode | Error | undefined> = [];
+  #completedCount = 0;
+  /** The array #completed was, emptied, for the next batch (undefined while a batch is being finished): two arrays
+   *  taking turns instead of one per batch. */
+  #completedSpare: Array<HandleState['finish'] | CurlCode | Error | undefined> | undefined = [];
   /** #completeFinished as the immediate's callback, made once. */
   readonly #completeSoon = () => this.#completeFinished();
 
@@ -354,8 +359,13 @@ export class CurlEngine {
       const finish = state.finish;
       state.finish = undefined;
       this.#multi.removeHandle(easy);
-      this.#completed.push(finish, code, error ?? undefined);
-      if (this.#completed.length === 3) setImmediate(this.#completeSoon);
+      const completed = this.#completed;
+      const count = this.#completedCount;
+      completed[count] = finish;
+      completed[count + 1] = code;
+      completed[count + 2] = error ?? undefined;
+      this.#completedCount = count + 3;
+      if (count === 0) setImmediate(this.#completeSoon);
     });
   }
 
@@ -372,12 +382,19 @@ export class CurlEngine {
   /** Finishes the transfers curl finished (in an immediate, or at close()). */
   #completeFinished(): void {
     const completed = this.#completed;
-    // (A finish may end in close(), which comes here again: it finds the new array.)
-    this.#completed = [];
-    for (let i = 0; i < completed.length; i += 3) {
+    const count = this.#completedCount;
+    if (count === 0) return;
+    // (A finish may end in close(), which comes here again: that call takes another array, this one is left alone.)
+    this.#completed = this.#completedSpare ?? [];
+    this.#completedCount = 0;
+    this.#completedSpare = undefined;
+    for (let i = 0; i < count; i += 3) {
       const finish = completed[i] as NonNullable<HandleState['finish']>;
       finish(completed[i + 1] as CurlCode, completed[i + 2] as Error | undefined);
     }
+    // Emptied in place, its storage kept (the functions and errors it held let go).
+    completed.fill(undefined, 0, count);
+    this.#completedSpare = completed;
   }
 
   /** Runs a transfer to the end (retrying as the rules allow); never throws. */
