@@ -26,6 +26,7 @@ import { setPriority } from 'node:os';
 import { createSecureContext, type SecureContext, type TLSSocket, connect as tlsConnect } from 'node:tls';
 import { parentPort, workerData } from 'node:worker_threads';
 import * as native from '../shared/native.js';
+import { resetSocket } from './socket-reset.js';
 import type { RelayCounters, RelayRequest, RelayResponse, TlsFailureReason } from './tls-relay.js';
 
 /** What the server may send before the client's first bytes (an h2 server's SETTINGS and WINDOW_UPDATE). */
@@ -141,8 +142,10 @@ function open(request: Extract<RelayRequest, { t: 'open' }>): void {
     try {
       pair = native.loopbackPair();
     } catch (error) {
+      // (EMFILE, say.) Failed in a later turn: Node 24 crashes (SIGSEGV) when a TLS socket over a net.Socket is
+      // destroyed inside its own 'secureConnect' callback, and that would take the whole daemon down.
       settled = false;
-      fail(error as Error);
+      setImmediate(() => fail(error as Error));
       return;
     }
     const certificate = tls.getPeerCertificate();
@@ -184,16 +187,16 @@ function relay(tls: TLSSocket, tcp: Socket, client: Socket): void {
     closed = true;
     clearTimeout(linger);
     counters[COUNTER.sessions]!--;
-    if (resetClient && leased && !client.destroyed) client.resetAndDestroy();
+    if (resetClient && leased && !client.destroyed) resetSocket(client);
     else if (client.writableEnded && !client.writableFinished && !client.destroyed) {
       // A clean end on its way to the client (end() was called): its last bytes and FIN go out first. A client that
       // reads none of it for LINGER_MS gets a reset, not a FIN after a cut.
-      const flushed = setTimeout(() => client.resetAndDestroy(), LINGER_MS);
+      const flushed = setTimeout(() => resetSocket(client), LINGER_MS);
       flushed.unref();
       client.once('finish', () => client.destroy());
       client.once('close', () => clearTimeout(flushed));
     } else client.destroy();
-    if (resetOrigin && !tcp.destroyed) tcp.resetAndDestroy();
+    if (resetOrigin && !tcp.destroyed) resetSocket(tcp);
     tls.destroy();
     tcp.destroy();
   };

@@ -1381,6 +1381,17 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     return info.Env().Undefined();
   }
 
+  // SO_LINGER {1, 0}: the next close of the socket sends a reset (RST) and drops what is unsent. Node's
+  // socket.resetAndDestroy() does the same through uv_tcp_close_reset, which refuses (EINVAL) while a shutdown is
+  // pending and then never closes the handle at all (see daemon/socket-reset.ts); this lets the caller reset any
+  // socket with a plain destroy().
+  Napi::Value SetLingerReset(const Napi::CallbackInfo& info) {
+    const int fd = FdArg(info, 0);
+    const struct linger reset = {1, 0};
+    if (::setsockopt(fd, SOL_SOCKET, SO_LINGER, &reset, sizeof reset) < 0) ThrowErrno(info.Env(), errno, "SO_LINGER");
+    return info.Env().Undefined();
+  }
+
   Napi::Value SetKeepAlive(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     const int fd = FdArg(info, 0);
@@ -2401,6 +2412,7 @@ SockpoolAddon::SockpoolAddon(Napi::Env env, Napi::Object exports) {
                            InstanceMethod<&SockpoolAddon::LocalAddress>("localAddress", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::PeerAddress>("peerAddress", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::SetNoDelay>("setNoDelay", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::SetLingerReset>("setLingerReset", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::SetKeepAlive>("setKeepAlive", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::SetUserTimeout>("setUserTimeout", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::SetMark>("setMark", napi_enumerable),

@@ -183,6 +183,7 @@ interface NativeBinding {
   localAddress(fd: number): SocketAddress;
   peerAddress(fd: number, words?: Float64Array): SocketAddress;
   setNoDelay(fd: number, on: boolean): void;
+  setLingerReset(fd: number): void;
   setKeepAlive(fd: number, on: boolean, idleSec?: number, intervalSec?: number, count?: number): void;
   setUserTimeout(fd: number, ms: number): void;
   setMark(fd: number, mark: number): void;
@@ -480,6 +481,11 @@ export function peerAddress(fd: number, words?: Float64Array): SocketAddress {
 /** TCP_NODELAY. */
 export function setNoDelay(fd: number, on: boolean): void {
   binding.setNoDelay(fd, on);
+}
+
+/** SO_LINGER {1, 0}: the socket's next close sends a reset (RST), dropping what is unsent (daemon/socket-reset.ts). */
+export function setLingerReset(fd: number): void {
+  binding.setLingerReset(fd);
 }
 
 /** SO_KEEPALIVE, plus TCP_KEEPIDLE / TCP_KEEPINTVL / TCP_KEEPCNT for the values given. */

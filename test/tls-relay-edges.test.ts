@@ -27,6 +27,8 @@ let raw: RawClient;
 /** The daemon's fds with its relay thread started and one warm session idle (three fds: its two ends and TCP). */
 let fdsWhileIdle: number;
 const cleanups: Array<() => unknown> = [];
+/** How the origin's TCP connection of the `hold` case ended (set by the test that sends it). */
+let holdOutcome: ((how: string) => void) | undefined;
 /** What the origin received in the `halfclose` case, once the client's direction ended. */
 let halfCloseReceived: Promise<string> | undefined;
 
@@ -37,7 +39,12 @@ beforeAll(async () => {
     tcp.on('error', () => {});
     const socket = new tls.TLSSocket(tcp, { isServer: true, cert: pki.cert, key: pki.key });
     let got = '';
-    socket.on('error', () => {});
+    socket.on('error', (error: Error & { code?: string }) => {
+      if (got.startsWith('hold\n')) holdOutcome?.(`error ${error.code}`);
+    });
+    socket.on('close', () => {
+      if (got.startsWith('hold\n')) holdOutcome?.('close');
+    });
     socket.on('data', (chunk: Buffer) => {
       got += chunk.toString();
       if (got === 'halfclose\n') {
@@ -47,6 +54,10 @@ beforeAll(async () => {
           socket.on('end', () => resolve(got));
           socket.on('close', () => resolve(got));
         });
+      }
+      if (got === 'hold\n') {
+        // Bytes the client will never read: its close is then a reset, which the relay reads as the client failing.
+        socket.write('unread');
       }
       if (got.startsWith('reset\n')) {
         // Half a response, then a TCP reset.
@@ -164,6 +175,31 @@ describe('how the warm TLS relay ends a connection', () => {
       ended: false,
       error: 'ECONNRESET',
     });
+  }, 20_000);
+
+  it("a client that abandons a response with bytes unread ends the origin's connection, and the daemon carries on", async () => {
+    const { socket, end } = await relayedSocket(4);
+    const originSaw = new Promise<string>((resolve) => {
+      holdOutcome = resolve;
+    });
+    socket.on('error', () => {});
+    // The client gives up on a response with bytes unread (as curl does when it abandons a transfer): once the
+    // daemon's copy of the lent socket closes too, the relay's end of the pair reads a reset, and the relay resets
+    // the origin's TCP connection under its TLS socket.
+    let unread = 0;
+    socket.once('readable', () => {
+      unread = socket.readableLength;
+    });
+    socket.write('hold\n');
+    await eventually(async () => unread > 0 || socket.readableLength > 0, "the origin's bytes");
+    socket.destroy();
+    end();
+    // A reset, or a close if the origin's own end (after the relay's close_notify, when the daemon shut its copy of
+    // the lent socket down first) came before it: either way the origin's connection is gone.
+    expect(await originSaw).toMatch(/^(error ECONNRESET|close)$/);
+    // The daemon is alive and still answers.
+    const stats = await raw.request({ type: 'stats', id: 0 });
+    expect(stats.message?.type).toBe('stats');
   }, 20_000);
 
   it("every relayed connection's fds are closed once it ended", async () => {
