@@ -42,6 +42,7 @@ import { certificateNames, OriginSet, type Scheme, zipfOrigins } from './lab/ori
 import { inLab, LAB_ALLOW_CIDR, LAB_HOSTS_PREFIX, labDown, labUnavailable, labUp, verifyRoute } from './lab/rttlink.js';
 import { flag, option, optionText } from './lib/args.js';
 import { type BenchDaemon, repoRoot, startBenchDaemon } from './lib/daemon.js';
+import { BenchDaemonClient } from './lib/daemon-client.js';
 import { freePorts } from './lib/free-ports.js';
 import { formatJson, stamp } from './lib/json.js';
 import {
@@ -358,6 +359,9 @@ interface LoadRun {
 
 /** TCP connections the origin server has accepted so far, per scheme (set by runSet while its server runs). */
 let originConnections: (() => Promise<Record<Scheme, number>>) | undefined;
+/** sockpoold's stats `warming` so far: sockets opened and first lent, by purpose (crawl runs report each run's). */
+type Warming = NonNullable<LoadResult['daemonWarming']>;
+let daemonWarming: (() => Promise<Warming>) | undefined;
 /** CPU time of the set's sockpoold so far, ms (crawl runs report what each run cost it). */
 let daemonCpu: (() => number) | undefined;
 
@@ -383,11 +387,15 @@ async function loadRounds(
       const label = r < 1 ? `warm-up round ${r + warmupRounds}/${warmupRounds} (untimed)` : `round ${r}/${rounds}`;
       progress.update(`${scenario}, ${scheme}, ${mode}, ${label}`, variantLabel(job.variant));
       const before = scenario === 'crawl' ? await originConnections?.() : undefined;
+      const warmingBefore =
+        scenario === 'crawl' && job.runner.peer === 'sockpool' ? await daemonWarming?.() : undefined;
       const cpuBefore = scenario === 'crawl' ? daemonCpu?.() : undefined;
       const result = await job.runner.call<LoadResult>('load', { concurrency, ...job.payload });
       const cpuAfter = cpuBefore === undefined ? undefined : daemonCpu?.();
       const after = before ? await originConnections?.() : undefined;
       if (before && after) result.originConnections = after[scheme] - before[scheme];
+      const warmingAfter = warmingBefore ? await daemonWarming?.() : undefined;
+      if (warmingBefore && warmingAfter) result.daemonWarming = warmingDelta(warmingBefore, warmingAfter);
       if (cpuBefore !== undefined && cpuAfter !== undefined) result.daemonCpuMs = cpuAfter - cpuBefore;
       if (result.errors > 0) log(`  ${job.variant}: ${result.errors} errors; first: ${result.firstError}`);
       if (r < 1) continue;
@@ -408,6 +416,12 @@ async function loadRounds(
     elapsedMs: median(rounds.map((result) => result.elapsedMs)),
     errors: rounds.reduce((sum, result) => sum + result.errors, 0),
   }));
+}
+
+function warmingDelta(before: Warming, after: Warming): Warming {
+  const delta = (a: Record<string, number>, b: Record<string, number>) =>
+    Object.fromEntries(Object.entries(b).map(([purpose, count]) => [purpose, count - (a[purpose] ?? 0)]));
+  return { opened: delta(before.opened, after.opened), lent: delta(before.lent, after.lent) };
 }
 
 /** One job per runner: the peers, and sockpool's client with `threads: 0` (runner 'sockpool-inline'). */
@@ -599,6 +613,9 @@ async function runSet(set: OriginSet, pki: TestPki, lab: boolean): Promise<SetRe
   });
   daemons.push(daemon);
   daemonCpu = () => threadsCpuMs(daemon.pid);
+  const statsClient = new BenchDaemonClient(daemon.socketPath);
+  await statsClient.hello();
+  daemonWarming = async () => ((await statsClient.stats()) as unknown as { warming: Warming }).warming;
 
   const runners = PEERS.map((peer) => new Runner(peer));
   // The threads: 0 client runs the keep-alive and throughput scenarios only.
@@ -624,6 +641,8 @@ async function runSet(set: OriginSet, pki: TestPki, lab: boolean): Promise<SetRe
 
   originConnections = undefined;
   daemonCpu = undefined;
+  daemonWarming = undefined;
+  statsClient.close();
   server.send('stats');
   const serverStats = await server.nextMessage((message) => 'stats' in message).catch(() => null);
   await Promise.all(withInline.map((runner) => runner.stop()));
@@ -653,6 +672,22 @@ interface Aim {
   met: boolean;
   /** Paired rounds behind a ratio aim: the client's req/s, node-libcurl's in the same round, their ratio. */
   rounds?: Array<{ perSecond: number; libcurlPerSecond: number; ratio: number }>;
+}
+
+/**
+ * What sockpoold opened in a crawl run, by purpose, and how many of those it lent (medians of the rounds): each run
+ * has host names of its own, so a socket not lent by the run's end never is (the origin accepted it for nothing).
+ */
+function warmingNote(rounds: Warming[]): string {
+  const purposes = Object.keys(rounds[0]!.opened).filter((purpose) => rounds.some((r) => r.opened[purpose]! > 0));
+  const parts = purposes.map((purpose) => {
+    const opened = median(rounds.map((r) => r.opened[purpose] ?? 0));
+    const lent = median(rounds.map((r) => r.lent[purpose] ?? 0));
+    return `${purpose} ${opened} (lent ${lent})`;
+  });
+  const total = median(rounds.map((r) => Object.values(r.opened).reduce((a, b) => a + b, 0)));
+  const lent = median(rounds.map((r) => Object.values(r.lent).reduce((a, b) => a + b, 0)));
+  return `sockpoold opened ${total}, lent ${lent} a round (median): ${parts.join(', ')}`;
 }
 
 function ratioText(value: number): string {
@@ -830,6 +865,8 @@ function report(sets: SetResult[]): { text: string; aims: Aim[] } {
       if (announced.length > 0) notes.push(`prewarm took ${ms(median(announced))} (untimed)`);
       const accepted = run.rounds.map((r) => r.originConnections).filter((v): v is number => v !== undefined);
       if (accepted.length > 0) notes.push(`origin accepted ${median(accepted)} connections a round (median)`);
+      const warming = run.rounds.map((r) => r.daemonWarming).filter((v): v is Warming => v !== undefined);
+      if (warming.length > 0) notes.push(warmingNote(warming));
       const daemonMs = run.rounds.map((r) => r.daemonCpuMs).filter((v): v is number => v !== undefined);
       if (daemonMs.length > 0 && run.peer === 'sockpool') {
         notes.push(

@@ -644,7 +644,7 @@ export class HandoffServer {
       if (warm) {
         this.#lend(session, message, origin, warm, undefined, started);
         // Counted once the lease is out: the client's wait does not include the bookkeeping.
-        this.#pools.countWarmHandoff(warm.originKey, session.uid);
+        this.#pools.countWarmHandoff(warm.originKey, session.uid, warm.announced === true);
         return;
       }
     }

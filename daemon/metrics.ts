@@ -18,6 +18,7 @@ import { createServer, type IncomingMessage, type ServerResponse } from 'node:ht
 import { type AddressInfo, Server as NetServer, type Socket } from 'node:net';
 import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry } from 'prom-client';
 import * as native from '../shared/native.js';
+import { CONNECT_PURPOSES } from './origin-pool.js';
 
 /** What a rendering reads from the pool manager (at most once per SNAPSHOT_MAX_AGE_MS); keep it cheap. */
 export interface MetricsSnapshot {
@@ -100,6 +101,13 @@ export class Metrics {
   readonly connectAttempts: Counter<'family' | 'outcome'>;
   /** Connects that failed; `reason`: the error code (ECONNREFUSED, SOCKPOOL_ERR_CONNECT, ...). */
   readonly connectFailures: Counter<'reason'>;
+  /** Sockets opened at origins, by `purpose` (ConnectPurpose: acquire, refill, prewarm, lookahead, warm, start). */
+  readonly socketsOpened: Counter<'purpose'>;
+  /**
+   * Sockets closed without ever having been lent, by the `purpose` they were opened for and the `reason` they were
+   * closed (a DropReason: ttl, recycled, excess, evicted, shutdown, ...): connections warming cost an origin for nothing.
+   */
+  readonly socketsNeverLent: Counter<'purpose' | 'reason'>;
   /** Malformed messages received from clients. */
   readonly protocolErrors: Counter;
   /** `reclaim` notices sent: acquires waited at an origin's cap while a client held idle-able leases of it. */
@@ -214,6 +222,19 @@ export class Metrics {
       labelNames: ['reason'],
       registers,
     });
+    this.socketsOpened = new Counter({
+      name: 'sockpool_sockets_opened_total',
+      help: 'Sockets opened at origins, by purpose (acquire, refill, prewarm, lookahead, warm, start).',
+      labelNames: ['purpose'],
+      registers,
+    });
+    this.socketsNeverLent = new Counter({
+      name: 'sockpool_sockets_never_lent_total',
+      help: 'Sockets closed without ever having been lent, by the purpose they were opened for and why they closed.',
+      labelNames: ['purpose', 'reason'],
+      registers,
+    });
+    for (const purpose of CONNECT_PURPOSES) this.socketsOpened.inc({ purpose }, 0);
     this.protocolErrors = new Counter({
       name: 'sockpool_protocol_errors_total',
       help: 'Malformed messages received from clients.',

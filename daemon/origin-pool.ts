@@ -32,9 +32,30 @@ export interface Handoff extends ConnectedSocket {
    * `lent`), never shared.
    */
   kept?: boolean;
+  /**
+   * Opened for a client's announcement (a prewarm, a queue's lookahead) and lent for the first time now: the acquire
+   * it serves was announced demand, met (see warm-target.ts). Set only when true.
+   */
+  announced?: boolean;
 }
 
 export type DropReason = 'eof' | 'error' | 'data' | 'ttl' | 'recycled' | 'evicted' | 'excess' | 'shutdown' | 'refused';
+
+/**
+ * Why a connect was started: for an acquire that waits (`acquire`), the pool's own refill toward its target
+ * (`refill`: minIdle, predicted demand), a client's prewarm (`prewarm`; `lookahead`: its queue's guess from waiting
+ * requests), an operator's `warm`, or warm-on-start and the fleet's shares (`start`). Counted per connect opened and
+ * per socket closed without ever having been lent (PoolManager: stats `warming`, metrics).
+ */
+export type ConnectPurpose = 'acquire' | 'refill' | 'prewarm' | 'lookahead' | 'warm' | 'start';
+export const CONNECT_PURPOSES: readonly ConnectPurpose[] = [
+  'acquire',
+  'refill',
+  'prewarm',
+  'lookahead',
+  'warm',
+  'start',
+];
 
 /** What the pool tells the pool manager (stats, metrics, the global idle cap). */
 export interface OriginPoolEvents {
@@ -45,6 +66,12 @@ export interface OriginPoolEvents {
    */
   dropped(pool: OriginPool, reason: DropReason, idleMs: number, ageMs: number, lent: boolean): void;
   connected(pool: OriginPool, connectMs: number): void;
+  /** A connect made for `purpose` completed: a socket was opened at the origin. */
+  opened(pool: OriginPool, purpose: ConnectPurpose): void;
+  /** A socket opened for `purpose` was lent for the first time (handed out to an acquire). */
+  lent(pool: OriginPool, purpose: ConnectPurpose): void;
+  /** A socket opened for `purpose` was closed without ever having been lent (`reason`: why it was closed). */
+  neverLent(pool: OriginPool, purpose: ConnectPurpose, reason: DropReason): void;
   /** `uid`: whose connect it was (a waiter's or a prewarm's; undefined: the pool's own refill). */
   connectFailed(pool: OriginPool, error: Error, uid: number | undefined): void;
   /** Acquires wait for room that only a lease's end can make (see OriginPool.waitingForRoom). */
@@ -66,6 +93,8 @@ interface IdleSocket extends ConnectedSocket {
   ownerUid: number | undefined;
   /** Identity and counters when it went idle: the handoff's one probe compares against them (lease-guard.ts). */
   mark: UsageMark | undefined;
+  /** Why it was connected, while it has never been lent (undefined once lent, and for a socket given back). */
+  unlent: ConnectPurpose | undefined;
 }
 
 interface Waiter {
@@ -252,8 +281,8 @@ export class OriginPool {
    * maxIdle and maxPerOrigin, and nothing is left pending for later. Returns how many connects it started. (The pool
    * manager spreads a large one over turns with prewarmWanted and startPrewarmConnects.)
    */
-  prewarm(count: number, uid?: number): number {
-    return this.startPrewarmConnects(this.prewarmWanted(count), uid);
+  prewarm(count: number, uid?: number, purpose: ConnectPurpose = 'prewarm'): number {
+    return this.startPrewarmConnects(this.prewarmWanted(count), uid, purpose);
   }
 
   /** The connects a prewarm of `count` calls for now: up to maxIdle, less what is idle (shared) or connecting. */
@@ -263,10 +292,10 @@ export class OriginPool {
   }
 
   /** Starts up to `count` of a prewarm's connects (of `uid`'s), within maxPerOrigin; returns how many it started. */
-  startPrewarmConnects(count: number, uid?: number): number {
+  startPrewarmConnects(count: number, uid?: number, purpose: ConnectPurpose = 'prewarm'): number {
     let started = 0;
     for (; started < count && this.total < this.policy.maxPerOrigin && !this.#closed; started++) {
-      this.#startConnect(false, uid);
+      this.#startConnect(purpose, uid);
     }
     return started;
   }
@@ -394,7 +423,9 @@ export class OriginPool {
         this.#events.idleChanged(this, -1);
         this.#leased++;
         if (this.#mayNeedPump()) this.#pumpSoon();
-        return handoffOf(socket, true, checked, socket.ownerUid !== undefined);
+        const handoff = handoffOf(socket, true, checked, socket.ownerUid !== undefined);
+        if (socket.unlent !== undefined) this.#firstLent(handoff, socket.unlent);
+        return handoff;
       }
       this.#drop(socket, checked);
     }
@@ -402,7 +433,7 @@ export class OriginPool {
   }
 
   /** `mark`: the socket's quiet mark when the caller just read it (a release); otherwise it is read here. */
-  #addIdle(socket: ConnectedSocket, ownerUid?: number, mark?: UsageMark): void {
+  #addIdle(socket: ConnectedSocket, ownerUid?: number, mark?: UsageMark, purpose?: ConnectPurpose): void {
     // A socket kept for one uid goes to a waiter of that uid when the slot is that uid's turn anyway, or when the
     // waiters ahead of it still have room to connect: a uid releasing unused with an acquire of its own queued must
     // not keep the slot for good while a uid holding fewer waits at the cap (each lease is new, so maxLeaseMs never
@@ -415,8 +446,10 @@ export class OriginPool {
       waiter = roomForOthers ? this.#waiters.shiftOf(ownerUid) : undefined;
     }
     if (waiter) {
+      const handoff = handoffOf(socket, true, mark, ownerUid !== undefined);
+      if (purpose !== undefined) this.#firstLent(handoff, purpose);
       this.#leased++;
-      this.#serve(handoffOf(socket, true, mark, ownerUid !== undefined), waiter);
+      this.#serve(handoff, waiter);
       return;
     }
     // A shared socket (a refill's) at a room full of sockets kept for one uid takes the oldest kept one's place: the
@@ -430,6 +463,7 @@ export class OriginPool {
       closePooled(socket, ownerUid !== undefined);
       this.#settleSlots();
       this.#events.dropped(this, 'excess', 0, performance.now() - socket.connectedAt, ownerUid !== undefined);
+      if (purpose !== undefined) this.#events.neverLent(this, purpose, 'excess');
       return;
     }
     const idle = connectedPart(socket) as IdleSocket;
@@ -437,6 +471,7 @@ export class OriginPool {
     idle.poller = undefined;
     idle.recycleTimer = undefined;
     idle.ownerUid = ownerUid;
+    idle.unlent = purpose;
     // A client had it: no longer one that never left the daemon (see ConnectedSocket.connectedPeer).
     if (ownerUid !== undefined) idle.connectedPeer = undefined;
     // Read once when a socket enters the pool from elsewhere (a connect, the fd store), not per handoff; a connect's
@@ -527,6 +562,13 @@ export class OriginPool {
     const now = performance.now();
     this.#events.idleChanged(this, -1);
     this.#events.dropped(this, reason, now - socket.idleSince, now - socket.connectedAt, socket.ownerUid !== undefined);
+    if (socket.unlent !== undefined) this.#events.neverLent(this, socket.unlent, reason);
+  }
+
+  /** A socket opened for `purpose` goes out for the first time in `handoff`. */
+  #firstLent(handoff: Handoff, purpose: ConnectPurpose): void {
+    if (purpose === 'prewarm' || purpose === 'lookahead') handoff.announced = true;
+    this.#events.lent(this, purpose);
   }
 
   /** Resolves `waiter` (default: the next in fair order) with a socket already counted as leased. */
@@ -586,7 +628,7 @@ export class OriginPool {
     }
     // Waiters first: one connect per waiter not already covered by a connect in flight.
     while (this.#waiters.length > this.#connectingForWaiters && this.total < limit) {
-      this.#startConnect(true);
+      this.#startConnect('acquire');
     }
     if (this.waitingForRoom) {
       this.#roomWaitSince ??= performance.now();
@@ -596,7 +638,7 @@ export class OriginPool {
       this.#roomWaitSince = undefined;
     }
     if (this.#refused || performance.now() < this.#backoffUntil) return;
-    while (this.#refillWanted() > 0 && this.total < limit) this.#startConnect(false);
+    while (this.#refillWanted() > 0 && this.total < limit) this.#startConnect('refill');
   }
 
   /**
@@ -605,7 +647,8 @@ export class OriginPool {
    * every connect as its own, and another uid's acquire here would wait behind that uid's whole backlog at the
    * gate); a prewarm's, the uid that announced it; a refill's, nobody's (undefined).
    */
-  #startConnect(forWaiter: boolean, uid = forWaiter ? this.#nextUncoveredUid() : undefined): void {
+  #startConnect(purpose: ConnectPurpose, uid = purpose === 'acquire' ? this.#nextUncoveredUid() : undefined): void {
+    const forWaiter = purpose === 'acquire';
     this.#connecting++;
     if (forWaiter) {
       this.#connectingForWaiters++;
@@ -614,7 +657,7 @@ export class OriginPool {
     // A waiter's connect waits for a fleet slot while someone still waits; a refill or prewarm only takes a free one.
     const slot = this.#slots?.take(this, forWaiter, () => !this.#closed && (!forWaiter || this.#waiters.length > 0));
     if (slot === undefined) {
-      this.#connect(forWaiter, uid);
+      this.#connect(purpose, uid);
       return;
     }
     this.#awaitingSlot++;
@@ -623,7 +666,7 @@ export class OriginPool {
         this.#awaitingSlot--;
         if (granted) {
           this.#slotsHeld++;
-          this.#connect(forWaiter, uid);
+          this.#connect(purpose, uid);
           return;
         }
         // Not needed any more, or the fleet is full for a refill: try again later, quietly.
@@ -639,7 +682,8 @@ export class OriginPool {
     );
   }
 
-  #connect(forWaiter: boolean, uid: number | undefined): void {
+  #connect(purpose: ConnectPurpose, uid: number | undefined): void {
+    const forWaiter = purpose === 'acquire';
     // A waiter's connect is still needed when its turn comes at the gate if a waiter is left to serve, or the refill
     // target is not met. A refill's or prewarm's while the pool is open: one the pool manager retired, or a reload
     // removed, meanwhile starts no lookup, connect or handshake only to be closed. (Otherwise they are bounded where
@@ -653,24 +697,28 @@ export class OriginPool {
         // configuration replaced since is neither handed out nor kept idle; its slot goes to a connect made anew.
         if (!this.#closed && this.#connector.stale?.(this.origin, socket)) {
           native.close(socket.fd);
-          this.#connect(forWaiter, uid);
+          this.#connect(purpose, uid);
           return;
         }
         this.#connecting--;
         if (forWaiter) this.#waiterConnectEnded(uid);
         this.#failures = 0;
         this.#events.connected(this, socket.connectMs);
+        this.#events.opened(this, purpose);
         if (this.#closed) {
           native.close(socket.fd);
           this.#settleSlots();
+          this.#events.neverLent(this, purpose, 'shutdown');
           return;
         }
         if (this.#waiters.length > 0) {
           // Its uid's waiter when fairness allows: a waiter of another uid that came first has a connect of its own.
+          const handoff = handoffOf(socket, false, undefined);
+          this.#firstLent(handoff, purpose);
           this.#leased++;
-          this.#serve(handoffOf(socket, false, undefined), this.#waiters.peekFor(uid));
+          this.#serve(handoff, this.#waiters.peekFor(uid));
         } else {
-          this.#addIdle(socket);
+          this.#addIdle(socket, undefined, undefined, purpose);
         }
         this.#pump();
       },

@@ -12,7 +12,14 @@ import { fleetKey, type SlotKeeper } from './fleet/slots.js';
 import { endConnection, type UsageMark } from './lease-guard.js';
 import { type Logger, LogLimiter, REFUSAL_LOG_WINDOW_MS, REFUSALS_LOGGED } from './log.js';
 import type { Metrics } from './metrics.js';
-import { type DropReason, type Handoff, OriginPool, type OriginPoolEvents } from './origin-pool.js';
+import {
+  CONNECT_PURPOSES,
+  type ConnectPurpose,
+  type DropReason,
+  type Handoff,
+  OriginPool,
+  type OriginPoolEvents,
+} from './origin-pool.js';
 import { changedProxies } from './proxy-tunnel.js';
 import type { StateStore } from './store.js';
 import {
@@ -23,12 +30,19 @@ import {
   type TlsTrust,
   tlsPoolKey,
 } from './tls-sessions.js';
+import { predictedTarget, rateForTarget } from './warm-target.js';
 
 /** Per-origin demand and learning, kept beside the pool (it survives the pool being retired). */
 interface OriginStats {
-  /** Exponentially decaying acquire rate, per second. */
+  /** Exponentially decaying demand rate, per second: acquires and announced sockets (stats, the idle cap, fleet). */
   ratePerS: number;
   rateUpdatedAt: number;
+  /**
+   * The same for acquires no announced socket met (and replayed rates: history, fleet shares): what the predictive
+   * idle target follows (warm-target.ts).
+   */
+  unannouncedRatePerS: number;
+  unannouncedUpdatedAt: number;
   /** EWMA of connect time, ms. */
   connectMs: number;
   hits: number;
@@ -40,6 +54,17 @@ interface OriginStats {
   lastPeerCloseAgeMs: number;
   /** The uids that named this origin (acquire, prewarm, warm): whose `stats` show it (client-view.ts). */
   uids: Set<number>;
+  /** Connects opened ahead of an acquire (every purpose but `acquire`), those of them lent, and sockets of any
+   *  purpose closed without ever having been lent (see ConnectPurpose). */
+  warmed: number;
+  warmedLent: number;
+  neverLent: number;
+}
+
+/** Per ConnectPurpose: connects opened, sockets lent for the first time, sockets closed never lent (stats `warming`). */
+type PurposeCounts = Record<ConnectPurpose, number>;
+function purposeCounts(): PurposeCounts {
+  return Object.fromEntries(CONNECT_PURPOSES.map((purpose) => [purpose, 0])) as PurposeCounts;
 }
 
 /** A configuration with what applying it needs that could fail already done (PoolManager.prepare). */
@@ -77,14 +102,6 @@ const RESTART_AGE_SPREAD = 0.2;
 /** No origin is believed to drop silent connections sooner than this (protects against one odd observation). */
 const MIN_LEARNED_LIFETIME_MS = 250;
 
-/**
- * The predicted idle target's spare socket (the one that keeps an origin warm while the refill of the socket just
- * handed out connects) is kept only where a second acquire within one connect is this likely (rate × connect time):
- * below it the spare is almost never taken, and a crawler touching many origins a few times each left one unused
- * connection per origin at every server it visited.
- */
-const SPARE_FROM_ACQUIRES_PER_CONNECT = 0.05;
-
 /** While acquires wait for room at an origin's cap, the clients holding its leases are asked this often. */
 const RECLAIM_INTERVAL_MS = 100;
 
@@ -107,6 +124,8 @@ export class PoolManager {
   /** Connect failures are logged per uid up to a bound (see the connectFailed event). */
   readonly #failureLog = new LogLimiter(REFUSALS_LOGGED, REFUSAL_LOG_WINDOW_MS);
   #idleTotal = 0;
+  /** Daemon-wide, per purpose (see OriginStats.warmed): the `warming` figures of an admin's `stats`. */
+  readonly #warming = { opened: purposeCounts(), lent: purposeCounts(), neverLent: purposeCounts() };
   #hits = 0;
   #misses = 0;
   #sweepTimer: NodeJS.Timeout | undefined;
@@ -116,7 +135,7 @@ export class PoolManager {
    * Prewarms not started yet (see #startPrewarms), each with the uid that asked (whose connects they are at the
    * connect gate); connects started by prewarms in this turn, and the next turn.
    */
-  #prewarms: Array<{ pool: OriginPool; count: number; uid: number; left?: number }> = [];
+  #prewarms: Array<{ pool: OriginPool; count: number; uid: number; purpose: ConnectPurpose; left?: number }> = [];
   #prewarmsThisTurn = 0;
   #prewarmTurn: NodeJS.Immediate | undefined;
   #events: OriginPoolEvents;
@@ -169,6 +188,22 @@ export class PoolManager {
         this.#failureLog.warn(this.#log, uid ?? -1, fields, 'connect failed');
       },
       waitingForRoom: (pool) => this.#reclaimFor(pool),
+      opened: (pool, purpose) => {
+        this.#warming.opened[purpose]++;
+        if (purpose !== 'acquire') this.#statsOf(pool.key).warmed++;
+        this.#metrics?.socketsOpened.inc({ purpose });
+      },
+      lent: (pool, purpose) => {
+        this.#warming.lent[purpose]++;
+        if (purpose !== 'acquire') this.#statsOf(pool.key).warmedLent++;
+      },
+      neverLent: (pool, purpose, reason) => {
+        this.#warming.neverLent[purpose]++;
+        // (Stats of a retired pool are gone: not made again for a socket closed on its way out.)
+        const stats = this.#stats.get(pool.key);
+        if (stats) stats.neverLent++;
+        this.#metrics?.socketsNeverLent.inc({ purpose, reason });
+      },
     };
   }
 
@@ -232,6 +267,7 @@ export class PoolManager {
       throw error;
     }
     this.#countHandoff(pool.key, stats, handoff.warm);
+    if (handoff.announced !== true) this.#bumpUnannounced(stats);
     return named(pool, handoff);
   }
 
@@ -253,18 +289,22 @@ export class PoolManager {
     return handoff && named(pool!, handoff);
   }
 
-  /** A handoff takeWarm() gave out, counted as the origin's demand and a hit (stats, metrics, history). */
-  countWarmHandoff(originKey: string, uid: number): void {
+  /**
+   * A handoff takeWarm() gave out, counted as the origin's demand and a hit (stats, metrics, history); `announced`:
+   * the handoff's (a socket an announcement opened, lent for the first time: not demand for the idle target).
+   */
+  countWarmHandoff(originKey: string, uid: number, announced = false): void {
     const stats = this.#statsOf(originKey);
     stats.uids.add(uid);
     this.#bumpRate(stats);
+    if (!announced) this.#bumpUnannounced(stats);
     this.#countHandoff(originKey, stats, true);
   }
 
   /** takeWarm() once the pool is known, counted at once. */
   #takeWarmFrom(pool: OriginPool, uid: number): (Handoff & { originKey: string; peerPort: number }) | undefined {
     const handoff = pool.takeWarm(uid);
-    if (handoff) this.countWarmHandoff(pool.key, uid);
+    if (handoff) this.countWarmHandoff(pool.key, uid, handoff.announced === true);
     return handoff && named(pool, handoff);
   }
 
@@ -320,10 +360,10 @@ export class PoolManager {
   }
 
   /**
-   * A client of `uid` announces demand: `count` idle sockets soon, counted as demand as `count` acquires would be
-   * (the predictive target keeps the origin warm while that demand decays). Capping `count` is the caller's (the
-   * per-uid prewarm allowance, quotas.ts). Throws SOCKPOOL_ERR_POLICY at once for an origin the policy refuses (the
-   * connects run in the background).
+   * A client of `uid` announces demand: `count` idle sockets soon, counted as demand as `count` acquires would be in
+   * stats and the idle cap's share-out, but not by the predictive target: these connects serve it (warm-target.ts).
+   * Capping `count` is the caller's (the per-uid prewarm allowance, quotas.ts). Throws SOCKPOOL_ERR_POLICY at once
+   * for an origin the policy refuses (the connects run in the background).
    */
   prewarm(origin: Origin, count: number, tlsTrust?: TlsTrust, uid = 0, lookahead = false): void {
     this.#warmUp(origin, count, tlsTrust, uid, true, lookahead);
@@ -367,7 +407,7 @@ export class PoolManager {
     const stats = this.#statsOf(pool.key);
     stats.uids.add(uid);
     if (demand) this.#bumpRate(stats, count);
-    this.#prewarms.push({ pool, count, uid });
+    this.#prewarms.push({ pool, count, uid, purpose: demand ? (lookahead ? 'lookahead' : 'prewarm') : 'warm' });
     this.#startPrewarms();
     return isTlsPoolKey(pool.key) ? 'tls' : 'tcp';
   }
@@ -388,7 +428,7 @@ export class PoolManager {
       // wanted again, and the entry started 16 connects a turn to an origin that refuses, for good.
       entry.left ??= entry.pool.prewarmWanted(entry.count);
       const wanted = Math.min(entry.left, budget);
-      const started = entry.pool.startPrewarmConnects(wanted, entry.uid);
+      const started = entry.pool.startPrewarmConnects(wanted, entry.uid, entry.purpose);
       this.#prewarmsThisTurn += started;
       entry.left -= started;
       // (Fewer than wanted: the origin's cap is reached, or the pool closed.)
@@ -454,9 +494,8 @@ export class PoolManager {
       }
       const first = Math.max(1, pool.policy.minIdle);
       const rate = this.#startRate(pool, stats, entry.demandRatePerS ?? 0, first);
-      stats.ratePerS = Math.max(this.#decayedRate(stats), rate);
-      stats.rateUpdatedAt = performance.now();
-      pool.prewarm(first);
+      this.#replayRate(stats, rate);
+      pool.prewarm(first, undefined, 'start');
       warmed++;
     }
     return warmed;
@@ -471,10 +510,11 @@ export class PoolManager {
     if (!this.#config.pool.predictive) return rate;
     // No connect time known: counted as a slow one (the target only grows with it), so the budget still holds.
     const connectMs = stats.connectMs > 0 ? stats.connectMs : UNKNOWN_CONNECT_MS;
-    const wanted = Math.max(0, Math.min(pool.policy.maxIdle, predictedTarget(rate, connectMs)) - first);
+    const windowMs = this.#config.pool.predictiveWindowMs;
+    const wanted = Math.max(0, Math.min(pool.policy.maxIdle, predictedTarget(rate, connectMs, windowMs)) - first);
     const granted = Math.min(wanted, this.#warmOnStartLeft);
     this.#warmOnStartLeft -= granted;
-    return granted < wanted ? rateForTarget(first + granted, connectMs) : rate;
+    return granted < wanted ? rateForTarget(first + granted, connectMs, windowMs) : rate;
   }
 
   /**
@@ -500,9 +540,8 @@ export class PoolManager {
       const stats = this.#statsOf(pool.key);
       const first = Math.max(1, pool.policy.minIdle);
       const rate = prewarm ? this.#startRate(pool, stats, entry.ratePerS, first) : entry.ratePerS;
-      stats.ratePerS = Math.max(this.#decayedRate(stats), rate);
-      stats.rateUpdatedAt = performance.now();
-      if (prewarm) pool.prewarm(first);
+      this.#replayRate(stats, rate);
+      if (prewarm) pool.prewarm(first, undefined, 'start');
       taken++;
     }
     return taken;
@@ -586,6 +625,19 @@ export class PoolManager {
   }
 
   /**
+   * Daemon-wide, per ConnectPurpose: sockets opened, sockets lent for the first time, and sockets closed without
+   * ever having been lent (an admin's `stats`: `warming`; metrics: sockpool_sockets_opened_total and
+   * sockpool_sockets_never_lent_total). Opened less lent less never lent: sockets idle now that were never lent.
+   */
+  warming(): { opened: PurposeCounts; lent: PurposeCounts; neverLent: PurposeCounts } {
+    return {
+      opened: { ...this.#warming.opened },
+      lent: { ...this.#warming.lent },
+      neverLent: { ...this.#warming.neverLent },
+    };
+  }
+
+  /**
    * Every pool's row and the daemon's totals; with `include`, only the rows of the pools it names (the pool key), and
    * totals over those: a uid's `stats` (client-view.ts) builds no row of another uid's thousands of pools.
    */
@@ -605,6 +657,9 @@ export class PoolManager {
         connectMs: Number(stats.connectMs.toFixed(2)),
         learnedIdleLifetimeMs: stats.learnedIdleLifetimeMs ?? null,
         learnedFamily: this.#connector.learnedFamily?.(pool.origin) ?? null,
+        warmed: stats.warmed,
+        warmedLent: stats.warmedLent,
+        neverLent: stats.neverLent,
       };
     });
     if (include) return snapshotOf(origins);
@@ -618,6 +673,7 @@ export class PoolManager {
       misses: this.#misses,
       hitRate: total === 0 ? 0 : this.#hits / total,
       originCount: origins.length,
+      warming: this.warming(),
       origins,
     };
   }
@@ -674,6 +730,8 @@ export class PoolManager {
       stats = {
         ratePerS: 0,
         rateUpdatedAt: performance.now(),
+        unannouncedRatePerS: 0,
+        unannouncedUpdatedAt: performance.now(),
         connectMs: 0,
         hits: 0,
         misses: 0,
@@ -681,6 +739,9 @@ export class PoolManager {
         lastPeerCloseAt: Number.NEGATIVE_INFINITY,
         lastPeerCloseAgeMs: 0,
         uids: new Set(),
+        warmed: 0,
+        warmedLent: 0,
+        neverLent: 0,
       };
       this.#stats.set(key, stats);
     }
@@ -732,6 +793,26 @@ export class PoolManager {
     return stats.ratePerS * Math.exp(-elapsed / this.#config.pool.predictiveWindowMs);
   }
 
+  /** An acquire no announced socket met: demand the predictive idle target follows (warm-target.ts). */
+  #bumpUnannounced(stats: OriginStats): void {
+    stats.unannouncedRatePerS = this.#decayedUnannounced(stats) + 1000 / this.#config.pool.predictiveWindowMs;
+    stats.unannouncedUpdatedAt = performance.now();
+  }
+
+  #decayedUnannounced(stats: OriginStats): number {
+    const elapsed = performance.now() - stats.unannouncedUpdatedAt;
+    return stats.unannouncedRatePerS * Math.exp(-elapsed / this.#config.pool.predictiveWindowMs);
+  }
+
+  /** A rate replayed (history, a fleet share) as a floor of both: demand this daemon has not seen yet. */
+  #replayRate(stats: OriginStats, rate: number): void {
+    const now = performance.now();
+    stats.ratePerS = Math.max(this.#decayedRate(stats), rate);
+    stats.rateUpdatedAt = now;
+    stats.unannouncedRatePerS = Math.max(this.#decayedUnannounced(stats), rate);
+    stats.unannouncedUpdatedAt = now;
+  }
+
   #onDropped(pool: OriginPool, reason: DropReason, idleMs: number, ageMs: number, lent: boolean): void {
     this.#metrics?.deadDropped.inc({ reason });
     // Only from a socket no client ever had: one released to the pool may have been ended by the copy its client
@@ -761,9 +842,8 @@ export class PoolManager {
 
   /**
    * Every SWEEP_INTERVAL_MS: age out idle sockets, recycle them before the learned server lifetime, and give each
-   * pool its idle target: max(minIdle, predicted demand) where predicted = ⌈rate × connect time × 2⌉, plus one
-   * spare where rate × connect time ≥ SPARE_FROM_ACQUIRES_PER_CONNECT, while there is demand (Envoy's predictive
-   * preconnect in spirit). The global cap is shared out by demand.
+   * pool its idle target: max(minIdle, predicted demand), the predicted one from the rate of acquires no
+   * announcement met (warm-target.ts says why). The global cap is shared out by demand (announced included).
    */
   #sweep(): void {
     if (this.#closed) return;
@@ -772,7 +852,9 @@ export class PoolManager {
     for (const pool of this.#pools.values()) {
       const stats = this.#statsOf(pool.key);
       const rate = this.#decayedRate(stats);
-      const predicted = this.#config.pool.predictive ? predictedTarget(rate, stats.connectMs) : 0;
+      const predicted = this.#config.pool.predictive
+        ? predictedTarget(this.#decayedUnannounced(stats), stats.connectMs, this.#config.pool.predictiveWindowMs)
+        : 0;
       // A pool of a proxy a reload removed connects nothing more (each connect would fail: no such proxy); it is
       // retired once empty.
       const want = this.#proxyRemoved(pool)
@@ -839,27 +921,6 @@ export class PoolManager {
       if (!victim?.evictOne()) return;
     }
   }
-}
-
-/**
- * The predicted idle target for a demand rate (per s) and connect time (ms), before minIdle and maxIdle: expected
- * acquires during one connect, doubled, plus a spare where a second acquire may come while the refill connects (so
- * the one handed out is not the last). Nothing below 0.05 acquires a second.
- */
-function predictedTarget(rate: number, connectMs: number): number {
-  if (rate <= 0.05) return 0;
-  const perConnect = (rate * Math.max(connectMs, 1)) / 1000;
-  return Math.ceil(perConnect * 2) + (perConnect >= SPARE_FROM_ACQUIRES_PER_CONNECT ? 1 : 0);
-}
-
-/**
- * A rate whose predicted target is at most `target` (the highest, but for rounding): `target` − 1 expected acquires
- * per connect doubled, plus the spare. 0 for a target of 1 (the socket warm-on-start gives every origin anyway).
- */
-function rateForTarget(target: number, connectMs: number): number {
-  if (target <= 1) return 0;
-  // Just under, so that rounding never makes ⌈perConnect × 2⌉ one more.
-  return (((target - 1) / 2) * 1000 * (1 - 1e-9)) / Math.max(connectMs, 1);
 }
 
 /** See PoolManager.#tcpOnMiss. */

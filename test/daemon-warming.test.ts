@@ -154,6 +154,50 @@ describe('predictive warming', () => {
   });
 });
 
+describe('warming within demand', () => {
+  it('does not warm an origin again for announced demand that was met; repeated unannounced acquires do', async () => {
+    const echo = await server();
+    // A window of 2 s: the demand estimate decays in seconds, and four acquires stay repeated demand (1.5 within the
+    // window) for about 2 s, several sweeps even on a loaded machine. minIdle 0: every refill is predicted demand.
+    const sockpoold = await daemon(echo.port, { pool: { predictive: true, predictiveWindowMs: 2000 } });
+    const raw = client(sockpoold.socketPath);
+    const origin = { host: HOST, port: echo.port };
+    let id = 1;
+    const lendAndClose = async (warm: boolean) => {
+      const reply = await raw.request({ type: 'acquire', id: id++, ...origin });
+      expect(reply.message).toMatchObject({ type: 'lease', warm });
+      for (const fd of reply.fds) native.close(fd);
+      raw.sendJson({ type: 'closed', leaseId: (reply.message as LeaseReply).leaseId });
+    };
+
+    // A client's queue announces two requests (a lookahead), and they take the two sockets: demand learned, and met.
+    expect(
+      (await raw.request({ type: 'prewarm', id: id++, ...origin, count: 2, lookahead: true })).message,
+    ).toMatchObject({ type: 'ok' });
+    await eventually(async () => (await stats(raw)).idle === 2, 'the two announced sockets');
+    await lendAndClose(true);
+    await lendAndClose(true);
+    // The demand decays past what any target ever followed (a rate of 0.05/s) over several sweeps (every 500 ms).
+    // None of them opened a socket: nobody had asked for more than the two (the old target refilled one, unlent).
+    await eventually(
+      async () => ((await stats(raw)).origins[0]?.demandRatePerS ?? 0) < 0.05,
+      'the demand decayed',
+      30_000,
+    );
+    expect(await stats(raw)).toMatchObject({ idle: 0, connecting: 0 });
+    expect(await echo.acceptedSoFar(), 'connections opened beyond the two announced').toBe(2);
+
+    // Unannounced acquires that repeat (four at once: each found nothing warm) are demand the target follows: one
+    // socket is kept warm for the next.
+    for (let i = 0; i < 4; i++) await lendAndClose(false);
+    await eventually(async () => {
+      const now = await stats(raw);
+      return now.idle === 1 && now.connecting === 0;
+    }, 'one socket warmed for repeated demand');
+    expect(await echo.acceptedSoFar()).toBe(2 + 4 + 1);
+  });
+});
+
 interface IdleClosingServer {
   server: TestServer;
   /** Counts, from the server's side. */

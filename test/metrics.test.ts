@@ -53,6 +53,8 @@ describe('metrics', () => {
     metrics.deadDropped.inc({ reason: 'recycled' });
     metrics.connectFailures.inc({ reason: 'ECONNREFUSED' });
     metrics.protocolErrors.inc();
+    metrics.socketsOpened.inc({ purpose: 'lookahead' });
+    metrics.socketsNeverLent.inc({ purpose: 'lookahead', reason: 'ttl' });
     metrics.handoffSeconds.observe(0.00003); // 30 µs
     metrics.handoffSeconds.observe(0.002); // 2 ms
     metrics.connectSeconds.observe(0.015);
@@ -85,6 +87,9 @@ describe('metrics', () => {
       'sockpool_dead_sockets_dropped_total{reason="ttl"} 0', // exported from the start
       'sockpool_connect_failures_total{reason="ECONNREFUSED"} 1',
       'sockpool_protocol_errors_total 1',
+      'sockpool_sockets_opened_total{purpose="lookahead"} 1',
+      'sockpool_sockets_opened_total{purpose="refill"} 0', // exported from the start
+      'sockpool_sockets_never_lent_total{purpose="lookahead",reason="ttl"} 1',
       'sockpool_handoff_duration_seconds_bucket{le="0.00001"} 0',
       'sockpool_handoff_duration_seconds_bucket{le="0.00005"} 1',
       'sockpool_handoff_duration_seconds_bucket{le="0.0025"} 2',

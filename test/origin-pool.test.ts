@@ -9,7 +9,13 @@ import { once } from 'node:events';
 import type net from 'node:net';
 import { afterEach, beforeAll, beforeEach, describe, expect, it, vi } from 'vitest';
 import { defaultConfig, type OriginPolicy, policyFor } from '../daemon/config.js';
-import { type DropReason, type Handoff, OriginPool, type OriginPoolEvents } from '../daemon/origin-pool.js';
+import {
+  type ConnectPurpose,
+  type DropReason,
+  type Handoff,
+  OriginPool,
+  type OriginPoolEvents,
+} from '../daemon/origin-pool.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
 import type { Origin } from '../shared/origin.js';
@@ -55,6 +61,19 @@ class Recorder implements OriginPoolEvents {
   }
   get reasons(): DropReason[] {
     return this.drops.map((drop) => drop.reason);
+  }
+  /** Per purpose: sockets opened, lent for the first time, closed never lent ("purpose:reason"). */
+  opens: ConnectPurpose[] = [];
+  lends: ConnectPurpose[] = [];
+  unlent: string[] = [];
+  opened(_pool: OriginPool, purpose: ConnectPurpose): void {
+    this.opens.push(purpose);
+  }
+  lent(_pool: OriginPool, purpose: ConnectPurpose): void {
+    this.lends.push(purpose);
+  }
+  neverLent(_pool: OriginPool, purpose: ConnectPurpose, reason: DropReason): void {
+    this.unlent.push(`${purpose}:${reason}`);
   }
 }
 
@@ -131,6 +150,45 @@ function track<T>(promise: Promise<T>) {
 }
 
 describe('OriginPool handoffs', () => {
+  it('tells what each connect was for, which sockets were lent, and which closed never lent', async () => {
+    const origin = pool({ maxIdle: 2 });
+    // A lookahead's two connects go idle; an acquire takes one: lent, and announced demand met (the pool manager
+    // does not count it toward the idle target, warm-target.ts).
+    expect(origin.prewarm(2, 1000, 'lookahead')).toBe(2);
+    await until(() => origin.idleCount === 2, 'the two announced sockets');
+    expect(events.opens).toEqual(['lookahead', 'lookahead']);
+    const warm = await acquire(origin);
+    expect(warm).toMatchObject({ warm: true, announced: true });
+    expect(events.lends).toEqual(['lookahead']);
+    // Given back and lent again: not its first lend, not counted again.
+    giveBack(origin, warm);
+    const again = await acquire(origin);
+    expect(again.announced).toBeUndefined();
+    expect(events.lends).toEqual(['lookahead']);
+    giveBack(origin, again);
+    // The pool closes: of its two idle sockets, the one never lent is counted so.
+    origin.close();
+    expect(events.unlent).toEqual(['lookahead:shutdown']);
+
+    // An acquire that comes while a prewarm connects is served by whichever connect completes first.
+    connector.manual = true;
+    const other = pool({ maxIdle: 2 });
+    expect(other.prewarm(1, 1000)).toBe(1);
+    const waiting = track(other.acquire(1_000, 1000));
+    expect(connector.pending).toHaveLength(2); // (the prewarm's, and the waiter's own)
+    await connector.pending[0]!.succeed();
+    await until(() => waiting.settled, 'the waiter served');
+    held.push(waiting.value as Handoff);
+    expect(waiting.value).toMatchObject({ warm: false, announced: true });
+    // The waiter's own connect, no longer needed, goes idle: never lent when the pool closes.
+    await connector.pending[1]!.succeed();
+    await until(() => other.idleCount === 1, 'the late connect idle');
+    other.close();
+    expect(events.opens).toEqual(['lookahead', 'lookahead', 'prewarm', 'acquire']);
+    expect(events.lends).toEqual(['lookahead', 'prewarm']);
+    expect(events.unlent).toEqual(['lookahead:shutdown', 'acquire:shutdown']);
+  });
+
   it('connects for an acquire when nothing is idle; a socket given back is handed out again, warm', async () => {
     const origin = pool();
     const fresh = await acquire(origin);

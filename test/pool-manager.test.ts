@@ -110,12 +110,70 @@ describe('PoolManager warming', () => {
     expect([...(pools.usersOf(`${BUSY.host}:${BUSY.port}`) ?? [])]).toEqual([1000]);
     expect([...(pools.usersOf(`${QUIET.host}:${QUIET.port}`) ?? [])]).toEqual([0]);
     await until(() => pools.snapshot().idle === 2, 'both prewarms arrived');
-    // The sweep keeps the announced origin at its predicted target, ⌈0.095 × 1 × 2⌉ + 1 = 2; the warmed one stays at
-    // what the admin asked for.
-    await vi.advanceTimersByTimeAsync(SWEEP_MS);
-    await until(() => idleOf(pools, BUSY) === 2 && pools.snapshot().connecting === 0, 'the demand refilled');
-    expect(idleOf(pools, QUIET)).toBe(1);
-    expect(connector.calls).toBe(3);
+    // The announced demand is served by its own connect: the sweeps add nothing to it (the old predicted target,
+    // ⌈0.095 × 1 × 2⌉ + 1 = 2, opened a second socket nobody had asked for), nor to the admin's.
+    for (let sweep = 0; sweep < 3; sweep++) await vi.advanceTimersByTimeAsync(SWEEP_MS);
+    await nextTurn();
+    expect(pools.snapshot()).toMatchObject({ idle: 2, connecting: 0 });
+    expect(connector.calls).toBe(2);
+  });
+
+  it('keeps nothing warm for announced demand once met, nor for one unannounced acquire; repeated ones are followed', async () => {
+    const pools = manager({ predictiveWindowMs: 10_000 });
+    pools.start();
+    const sweeps = async (count: number) => {
+      for (let sweep = 0; sweep < count; sweep++) await vi.advanceTimersByTimeAsync(SWEEP_MS);
+      await nextTurn();
+    };
+    // A client's queue announces four requests to BUSY, and four acquires take the four sockets (curl keeps them).
+    pools.prewarm(BUSY, 4, undefined, 1000, true);
+    await until(() => idleOf(pools, BUSY) === 4, 'the announced sockets');
+    for (let i = 0; i < 4; i++) {
+      const handoff = await pools.acquire(BUSY, 1_000, undefined, 1000);
+      expect(handoff.warm).toBe(true);
+      held.push(handoff);
+    }
+    // QUIET: one acquire nobody announced.
+    held.push(await pools.acquire(QUIET, 1_000));
+    await sweeps(3);
+    // Nothing refilled: BUSY's demand was announced and met, QUIET's did not repeat.
+    expect(pools.snapshot()).toMatchObject({ idle: 0, connecting: 0 });
+    expect(connector.calls).toBe(5);
+    expect(pools.warming()).toMatchObject({
+      opened: { lookahead: 4, acquire: 1, refill: 0 },
+      lent: { lookahead: 4, acquire: 1 },
+    });
+    // Two more unannounced acquires of QUIET, soon after: its demand repeats, and one socket is kept warm for it.
+    held.push(await pools.acquire(QUIET, 1_000));
+    held.push(await pools.acquire(QUIET, 1_000));
+    await sweeps(1);
+    await until(() => idleOf(pools, QUIET) === 1 && pools.snapshot().connecting === 0, 'QUIET kept warm');
+    expect(idleOf(pools, BUSY)).toBe(0);
+    expect(connector.calls).toBe(8);
+    expect(pools.warming().opened.refill).toBe(1);
+  });
+
+  it('counts the sockets closed without ever having been lent, by what opened them', async () => {
+    const pools = manager({ defaults: { maxIdle: 2 } });
+    pools.start();
+    pools.prewarm(BUSY, 2, undefined, 1000);
+    pools.warm(QUIET, 1);
+    await until(() => pools.snapshot().idle === 3, 'warmed');
+    const handoff = await pools.acquire(BUSY, 1_000);
+    expect(handoff.warm).toBe(true);
+    held.push(handoff);
+    const rows = (from: PoolManager) => from.snapshot().origins.map((row) => [row.origin, row.warmed, row.warmedLent]);
+    expect(rows(pools)).toEqual([
+      ['busy.test:443', 2, 1],
+      ['quiet.test:443', 1, 0],
+    ]);
+    // The pools close (a daemon stopping): the two sockets never lent are counted, by purpose.
+    pools.close(false);
+    expect(pools.warming()).toMatchObject({
+      opened: { prewarm: 2, warm: 1 },
+      lent: { prewarm: 1, warm: 0 },
+      neverLent: { prewarm: 1, warm: 1 },
+    });
   });
 
   it('warms nothing ahead of demand when predictive warming is off, and minIdle regardless', async () => {

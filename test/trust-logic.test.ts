@@ -592,6 +592,9 @@ const events: OriginPoolEvents = {
   connected() {},
   connectFailed() {},
   waitingForRoom() {},
+  opened() {},
+  lent() {},
+  neverLent() {},
 };
 
 describe('OriginPool with several uids', () => {
