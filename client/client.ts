@@ -101,8 +101,9 @@ export interface SockpoolClientOptions {
    * Requests waiting in the client's queue (beyond threads × concurrencyPerThread running) announce their origins
    * to the daemon, which warms sockets for them before they start: the first `origins` distinct origins among the
    * waiting requests (default 64), each once while it has requests waiting, with as many sockets as requests wait
-   * for it, at most `socketsPerOrigin` (default 4), for an https origin less the requests running to it (HTTP/2
-   * carries them all over one connection). The daemon's prewarm quota per uid bounds it. `false`: off.
+   * for it, at most `socketsPerOrigin` (default 4) and at most its share of the running slots (see
+   * request-queue.ts), for an https origin less the requests running to it (HTTP/2 carries them all over one
+   * connection). The daemon's prewarm quota per uid bounds it. `false`: off.
    */
   announce?: false | { origins?: number; socketsPerOrigin?: number };
   /**

@@ -3,8 +3,13 @@
 // running one ends. A crawler that hands over its whole frontier thus leaves most of it waiting here, and the
 // daemon could be warming sockets for it: the queue announces the first `origins` distinct origins among the
 // waiting requests (a `prewarm` each), once while the origin has requests waiting. It asks for as many sockets as
-// requests wait for the origin, at most `socketsPerOrigin`; for an https origin, less the requests running to it
-// now: it may speak HTTP/2, where their connection carries the waiting requests too, and an https origin they
+// requests wait for the origin, at most `socketsPerOrigin`, and at most the origin's share of the slots: requests
+// leave the queue in order, so while it drains the ones running at once are about the next `capacity` of it, of
+// which ⌈capacity × its waiters / all waiters⌉ are the origin's. More were never lent: its other requests run one
+// after another over the connections the first ones leave in the client's cache (a crawler's frontier of 500
+// requests over 100 origins, 32 at once, had about half its announced sockets go unused, each a connection the
+// origin accepted for nothing; docs/benchmarks.md, twenty-first session). For an https origin, less the requests
+// running to it now: it may speak HTTP/2, where their connection carries the waiting requests too, and an https origin they
 // already cover is passed over without taking a place in the lookahead. An http origin speaks HTTP/1.1: one
 // connection per request at once, and those of its running requests stay in the connection cache of the worker
 // thread that ran them (no use to a waiting request that starts on another thread), while the origins a crawler
@@ -747,10 +752,11 @@ export class RequestQueue {
     this.#idleOrigins = 0;
   }
 
-  /** Sockets the lookahead asks for `origin`: its waiters, capped, less its running requests for https (see the
-   *  header). */
+  /** Sockets the lookahead asks for `origin`: its waiters, capped, at most its share of the slots (see the header),
+   *  less its running requests for https. */
   #wanted(origin: OriginRequests, target: UrlTarget): number {
-    const waiting = Math.min(origin.waiting, this.#lookahead!.socketsPerOrigin);
+    const share = Math.ceil((this.#capacity * origin.waiting) / Math.max(1, this.#waiting));
+    const waiting = Math.min(origin.waiting, this.#lookahead!.socketsPerOrigin, share);
     return waiting - (target.secure ? origin.running : 0);
   }
 

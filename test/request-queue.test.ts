@@ -531,8 +531,9 @@ describe('RequestQueue', () => {
   });
 
   it('announces the first distinct origins among the waiters, with as many sockets as wait for each (capped)', async () => {
-    const { queue, batches, enter, leave } = recordingQueue(1, { origins: 2, socketsPerOrigin: 3 });
-    enter('http://running.test/');
+    // 16 slots, all taken: nine waiters are well within the slots' share, so only the cap bounds the counts.
+    const { queue, batches, enter, leave } = recordingQueue(16, { origins: 2, socketsPerOrigin: 3 });
+    for (let i = 0; i < 16; i++) enter('http://running.test/');
     // A burst: one lookahead after it, with the counts of the whole burst.
     const waiting = [
       ...Array.from({ length: 5 }, (_, i) => enter(`http://a.test/${i}`)),
@@ -565,12 +566,15 @@ describe('RequestQueue', () => {
     leave('http://b.test/');
     await Promise.all(waiting);
     leave('http://a.test/last');
+    for (let i = 0; i < 15; i++) leave('http://running.test/');
     await queue.idle();
     expect(batches).toHaveLength(3);
   });
 
   it('https: asks for sockets beyond what running requests leave (HTTP/2 may carry all), passing over origins they cover; http: counts every waiting request', async () => {
-    const { queue, batches, enter, leave } = recordingQueue(4, { origins: 2, socketsPerOrigin: 8 });
+    // 16 slots, 12 of them held by filler.test throughout: the slots' share bounds no count here.
+    const { queue, batches, enter, leave } = recordingQueue(16, { origins: 2, socketsPerOrigin: 8 });
+    for (let i = 0; i < 12; i++) enter('http://filler.test/');
     enter('https://h2.test/1');
     enter('https://h2.test/2');
     enter('https://tls.test/1');
@@ -606,13 +610,15 @@ describe('RequestQueue', () => {
     }
     await Promise.all(waiting);
     for (const url of ['http://busy.test/w3', 'http://other.test/']) leave(url);
+    for (let i = 0; i < 12; i++) leave('http://filler.test/');
     await queue.idle();
     expect(batches).toHaveLength(2);
   });
 
   it('announces a long burst in parts, before the caller has queued all of it, topping up what an origin was announced with', async () => {
-    const { queue, batches, enter, leave } = recordingQueue(1, { origins: 64, socketsPerOrigin: 4 });
-    enter('http://running.test/');
+    // 128 slots, all taken: hot.test's share of them (its 5 waiters of 200) is 4, its cap.
+    const { queue, batches, enter, leave } = recordingQueue(128, { origins: 64, socketsPerOrigin: 4 });
+    for (let i = 0; i < 128; i++) enter('http://running.test/');
     // A crawler's frontier queued in one synchronous loop: 200 requests, every fortieth to hot.test, the rest to
     // origins of their own. Nothing lets a microtask run until the loop ends.
     const waiting: Array<Promise<void> | string> = [];
@@ -639,6 +645,37 @@ describe('RequestQueue', () => {
     );
     leave('http://running.test/');
     for (let i = 0; i < 200; i++) {
+      await waiting[i];
+      leave(url(i));
+    }
+    for (let i = 0; i < 127; i++) leave('http://running.test/');
+    await queue.idle();
+  });
+
+  it("asks for no more sockets than an origin's share of the slots while a long queue drains", async () => {
+    // 4 slots and 32 waiters, 8 of them to hot.test, spread through the queue: about one of the 4 running at any
+    // time is hot.test's, and its other requests run after it over the connection it leaves in the client's cache.
+    // Its cap (socketsPerOrigin 4) would ask for 4, three of them connections the origin accepts for nothing.
+    const { queue, batches, enter, leave } = recordingQueue(4, { origins: 64, socketsPerOrigin: 4 });
+    for (let i = 0; i < 4; i++) enter('http://running.test/');
+    const url = (i: number) => (i % 4 === 0 ? `http://hot.test/${i}` : `http://o${i}.test/`);
+    const waiting = Array.from({ length: 32 }, (_, i) => enter(url(i)));
+    await settle();
+    const all = batches.flat();
+    expect(all.find((origin) => origin.host === 'hot.test')?.count).toBe(1);
+    expect(all).toHaveLength(25);
+    // A short queue is within the slots' share: its waiters are counted (up to the cap) as before.
+    const short = recordingQueue(4, { origins: 64, socketsPerOrigin: 4 });
+    for (let i = 0; i < 4; i++) short.enter('http://running.test/');
+    const shortWaiting = Array.from({ length: 3 }, (_, i) => short.enter(`http://hot.test/${i}`));
+    await settle();
+    expect(short.batches.flat()).toEqual([{ host: 'hot.test', port: 80, https: false, count: 3 }]);
+    for (let i = 0; i < 4; i++) short.leave('http://running.test/');
+    await Promise.all(shortWaiting);
+    for (let i = 0; i < 3; i++) short.leave('http://hot.test/');
+    await short.queue.idle();
+    for (let i = 0; i < 4; i++) leave('http://running.test/');
+    for (let i = 0; i < 32; i++) {
       await waiting[i];
       leave(url(i));
     }
