@@ -11,8 +11,18 @@
 // an admin does not admit a client: access control (allowUids/allowGids, the socket's mode) still decides who
 // connects at all.
 
+import { MAX_MESSAGE_BYTES } from '../shared/protocol.js';
+
 /** Origins listed in a `stats` reply, busiest first: the whole list of a crawler would not fit in a message. */
 export const STATS_MAX_ORIGINS = 50;
+
+/**
+ * Bytes the `stats` object may take in its reply: a message's, less the envelope around it (`{"type":"stats","id":…,
+ * "stats":…}`, under 50 bytes) and the digits `originsOmitted` may gain when rows are left out. Fifty rows of
+ * origins with long names (a host may have 253 characters) took about 20 KB: every `stats` failed with "reply too
+ * large to send", an operator's too where another uid had named those origins.
+ */
+export const STATS_MAX_BYTES = MAX_MESSAGE_BYTES - 128;
 
 /** The counts a snapshot keeps per origin and in total. */
 export interface PoolCounts {
@@ -76,10 +86,24 @@ export function statsView<Row extends OriginRow>(
   processWide: () => Record<string, unknown>,
   own: () => Record<string, unknown>,
 ): Record<string, unknown> {
-  if (viewer.admin) return { view: 'all', ...busiestFirst(snapshot), ...processWide() };
+  if (viewer.admin) return fitted({ view: 'all', ...busiestFirst(snapshot), ...processWide() });
   const origins = snapshot.origins.filter((row) => usersOf(row.origin)?.has(viewer.uid) === true);
   const mine = snapshotOf(origins);
-  return { view: 'uid', uid: viewer.uid, ...busiestFirst(mine), own: own() };
+  return fitted({ view: 'uid', uid: viewer.uid, ...busiestFirst(mine), own: own() });
+}
+
+/**
+ * The view within STATS_MAX_BYTES: the least busy of its rows left out (and counted in `originsOmitted`) until it
+ * fits. Rows hold ASCII only (origin keys are ASCII by the schema): a row's length is its size in bytes.
+ */
+function fitted<View extends { origins: unknown[]; originsOmitted: number }>(view: View): View {
+  let size = Buffer.byteLength(JSON.stringify(view));
+  if (size <= STATS_MAX_BYTES) return view;
+  const origins = view.origins;
+  let kept = origins.length;
+  // Each row is its JSON and a comma.
+  while (kept > 0 && size > STATS_MAX_BYTES) size -= JSON.stringify(origins[--kept]).length + 1;
+  return { ...view, origins: origins.slice(0, kept), originsOmitted: view.originsOmitted + origins.length - kept };
 }
 
 function busiestFirst<Row extends OriginRow>(

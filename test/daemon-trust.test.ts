@@ -514,6 +514,33 @@ describe('per-uid quotas', () => {
   });
 });
 
+describe('the stats reply', () => {
+  it('fits in one message whatever the origins are called: long host names leave rows out, not the reply', async () => {
+    // 60 origins named with long host names (the schema allows 253 characters): their 50 rows made a reply of
+    // about 20 KB, over the 16 KiB a message may hold, and every `stats` (the operator's `sockpool stats` too, where
+    // another uid named them) was answered "reply too large to send".
+    const origin = await pathOrigin(cleanups);
+    const label = (letter: string) => letter.repeat(60);
+    const names = Array.from({ length: 60 }, (_, i) => `${label('a')}.${label('b')}.${label('c')}.n${i}.test`);
+    const sockpoold = await daemon(origin.port, {
+      dns: { resolve: names.map((name) => `${name}:${origin.port}:127.0.0.1`) },
+    });
+    const raw = client(sockpoold.socketPath);
+    for (const host of names) {
+      const reply = await raw.request({ type: 'acquire', id: nextId++, host, port: origin.port });
+      expect(reply.message).toMatchObject({ type: 'lease' });
+    }
+    const reply = await raw.request({ type: 'stats', id: nextId++ });
+    expect(reply.message).toMatchObject({ type: 'stats' });
+    const view = (
+      reply.message as unknown as { stats: { origins: unknown[]; originCount: number; originsOmitted: number } }
+    ).stats;
+    expect(view.originCount).toBe(names.length);
+    expect(view.origins.length).toBeGreaterThan(0);
+    expect(view.origins.length + view.originsOmitted).toBe(names.length);
+  });
+});
+
 describe('bad input with fds', () => {
   it('refuses every fd a client sends at the kernel: each send fails with EPERM and nothing reaches the daemon', async () => {
     const origin = await pathOrigin(cleanups);
