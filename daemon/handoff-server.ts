@@ -875,7 +875,7 @@ export class HandoffServer {
     if (reason !== undefined) this.#metrics?.refusals.inc({ reason });
     const fields: Record<string, string | number | boolean | null> = {};
     for (const [key, value] of Object.entries(plain.fields ?? {})) if (value !== undefined) fields[key] = value;
-    this.#send(session, { type: 'error', id, code: plain.code, message: plain.message, fields });
+    this.#send(session, { type: 'error', id, code: plain.code, message: replyText(plain.message), fields });
   }
 
   /** `shutDown`: the client's leases end with their connections (a client that hung up cannot use them). */
@@ -912,6 +912,20 @@ const REFUSAL_REASONS: Readonly<Record<string, string>> = {
 export const ACCEPTS_PER_WAKEUP = 64;
 const ACCEPT_BACKOFF_MIN_MS = 10;
 const ACCEPT_BACKOFF_MAX_MS = 1_000;
+
+/**
+ * An error's message as a reply carries it, at most MAX_ERROR_TEXT characters: a message may quote what the client
+ * sent (the schema's error names every unknown key of a message), and a 16 KiB message of short unknown keys made an
+ * error longer than a message may be. Its reply could not be sent ("reply too large to send"), and each logged an
+ * error of the daemon's: any client could fill the log at its own pace.
+ */
+function replyText(message: string): string {
+  if (message.length <= MAX_ERROR_TEXT) return message;
+  return `${message.slice(0, MAX_ERROR_TEXT)}... (${message.length - MAX_ERROR_TEXT} more characters)`;
+}
+/** Characters of an error's message in a reply: at most 6 bytes each in JSON (an escaped lone surrogate), so far
+ *  below MAX_MESSAGE_BYTES with the rest of the reply. */
+const MAX_ERROR_TEXT = 1024;
 
 function unknownLease(leaseId: number): SockpoolError {
   return new SockpoolError(ErrorCodes.PROTOCOL, `unknown lease ${leaseId}`, { leaseId });

@@ -12,6 +12,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { ACCEPTS_PER_WAKEUP } from '../daemon/handoff-server.js';
 import { REFUSAL_LOG_WINDOW_MS, REFUSALS_LOGGED } from '../daemon/log.js';
 import * as native from '../shared/native.js';
+import { MAX_MESSAGE_BYTES } from '../shared/protocol.js';
 import { waitForEvents } from './fixtures/native-helpers.js';
 import { type DaemonProcess, eventually, repoRoot, startDaemon, writeConfigFile } from './helpers/daemon.js';
 import { openRawClient, RawClient } from './helpers/raw-client.js';
@@ -538,6 +539,35 @@ describe('the stats reply', () => {
     expect(view.originCount).toBe(names.length);
     expect(view.origins.length).toBeGreaterThan(0);
     expect(view.origins.length + view.originsOmitted).toBe(names.length);
+  });
+});
+
+describe('bad input', () => {
+  it('answers a message whose error would name thousands of its unknown keys with that error cut short, not with an unsendable reply and an error in the log', async () => {
+    // The schema's error names every unknown key, quoted: a message of 16 KiB of them made an error of over 16 KiB,
+    // which could not be sent. The client got "reply too large to send" and the daemon logged an error line ("reply
+    // could not be encoded") for each, at any uid's pace: its log was the client's to fill.
+    const origin = await pathOrigin(cleanups);
+    const sockpoold = await daemon(origin.port, { access: { maxBadMessages: 3 } });
+    const junk: Record<string, unknown> = { type: 'stats', id: 1 };
+    for (let i = 0; JSON.stringify(junk).length < MAX_MESSAGE_BYTES - 16; i++) junk[`k${i}`] = 0;
+    const replies: Array<{ code?: string; message?: string }> = [];
+    for (let session = 0; session < 5; session++) {
+      const raw = client(sockpoold.socketPath);
+      for (let i = 0; i < 4; i++) {
+        const reply = await raw.request({ ...junk, id: i + 1 });
+        expect(reply.eof).toBe(false);
+        replies.push(reply.message as { code?: string; message?: string });
+      }
+      expect((await raw.receive()).eof).toBe(true); // past maxBadMessages: disconnected
+    }
+    for (const reply of replies) {
+      expect(reply).toMatchObject({ type: 'error', code: 'SOCKPOOL_ERR_PROTOCOL' });
+      expect(reply.message).toMatch(/^invalid message: Unrecognized keys: "k0", "k1"/);
+    }
+    const raw = client(sockpoold.socketPath);
+    expect((await honestRequest(raw, origin.port, '/after-junk')).body).toBe('/after-junk');
+    expect(sockpoold.output()).not.toContain('reply could not be encoded');
   });
 });
 
