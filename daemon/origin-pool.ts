@@ -329,8 +329,22 @@ export class OriginPool {
   sweep(now: number): void {
     for (const socket of [...this.#idle]) {
       if (now - socket.connectedAt >= this.policy.idleTtlMs) this.#drop(socket, 'ttl');
+      else if (socket.ownerUid !== undefined) this.#checkKept(socket);
     }
     this.#pump();
+  }
+
+  /**
+   * A socket kept for the uid that released it, at each sweep: the copy its client may have kept can use it while it
+   * sits here, and the idle watch sees only what comes in (bytes, EOF, a reset). Without this a client wrote on it
+   * (an upload, a request the origin is slow to answer) for as long as idleTtlMs, a working connection no lease
+   * counts. Its counters against its mark (one TCP_INFO read, lease-guard.ts): anything sent, or received and read
+   * already, and it is dropped, shut down for the copy too.
+   */
+  #checkKept(socket: IdleSocket): void {
+    const verdict = checkIdle(socket.fd, socket.mark);
+    if (typeof verdict === 'string') this.#drop(socket, verdict);
+    else socket.mark = verdict;
   }
 
   /** Closes every idle socket `refused` says no to (a reloaded egress policy); returns how many. */

@@ -129,6 +129,27 @@ describe('released sockets', () => {
     // Refused, and the next lease of the origin is a socket to the origin, not to the client's own peer.
     expect(seen).toMatchObject({ reconnected: 1, release: 'SOCKPOOL_ERR_PROTOCOL:used', next: origin.port });
   });
+
+  it('shuts down a socket released unused when the copy its client kept writes on it while it sits idle', async () => {
+    // Kept for its uid, the socket counts as idle, in no lease: its client could use the copy it kept as a working
+    // connection that no lease quota counts, for as long as the socket sat idle (idleTtlMs), as long as nothing came
+    // back on it (the idle watch sees input only): an upload, a request the origin is slow to answer.
+    const origin = await pathOrigin(cleanups);
+    const sockpoold = await daemon(origin.port, { pool: { defaults: { minIdle: 0, idleTtlMs: 600_000 } } });
+    const raw = client(sockpoold.socketPath);
+    const lease = await raw.request({ type: 'acquire', id: nextId++, host: '127.0.0.1', port: origin.port });
+    const leaseId = (lease.message as { leaseId: number }).leaseId;
+    const fd = lease.fds[0]!;
+    cleanups.push(() => native.close(fd));
+    const released = await raw.request({ type: 'release', id: nextId++, leaseId, withoutFd: true });
+    expect(released.message).toMatchObject({ type: 'ok' });
+    expect((await stats(raw)).idle).toBe(1);
+    // A request the origin waits for the end of: nothing comes back, the socket is never readable.
+    expect(native.sendMessage(fd, Buffer.from('GET /kept HTTP/1.1\r\nHost: x\r\n'), [])).toBeGreaterThan(0);
+    await eventually(() => native.probe(fd).state !== 'alive', 'the copy kept across the release is dead');
+    // The next lease is another socket: its request gets its own answer.
+    expect((await honestRequest(raw, origin.port, '/after-kept')).body).toBe('/after-kept');
+  });
 });
 
 describe('what the daemon learns', () => {
