@@ -23,7 +23,7 @@ import {
   PROTOCOL_VERSION,
   salvageRequestId,
 } from '../shared/protocol.js';
-import { SeqpacketChannel, type TurnBudget } from '../shared/seqpacket-channel.js';
+import { type QueuedMessage, SeqpacketChannel, type TurnBudget } from '../shared/seqpacket-channel.js';
 import { isAdminUid, statsView } from './client-view.js';
 import { policyFor, type SockpoolConfig } from './config.js';
 import type { RateLimiter } from './fleet/rate-limiter.js';
@@ -339,8 +339,16 @@ export class HandoffServer {
     }
   }
 
-  /** `borrowed`: the fds stay the caller's (see SeqpacketChannel.send); otherwise the channel takes them. */
-  #send(session: ClientSession, message: DaemonMessage, fds: number[] = [], borrowed = false): void {
+  /**
+   * `borrowed`: the fds stay the caller's (see SeqpacketChannel.send); otherwise the channel takes them. Returns the
+   * message when it waits in the channel's queue (SeqpacketChannel.withdraw).
+   */
+  #send(
+    session: ClientSession,
+    message: DaemonMessage,
+    fds: number[] = [],
+    borrowed = false,
+  ): QueuedMessage | undefined {
     let bytes: Buffer;
     try {
       bytes = encodeFor(session.binary, message);
@@ -352,7 +360,7 @@ export class HandoffServer {
       bytes = encodeMessage({ type: 'error', id, code: ErrorCodes.PROTOCOL, message: 'reply too large to send' });
       fds = [];
     }
-    session.channel.send(bytes, fds, borrowed ? BORROWED : undefined);
+    return session.channel.send(bytes, fds, borrowed ? BORROWED : undefined);
   }
 
   #onMessage(session: ClientSession, data: Buffer, fds: number[]): void {
@@ -765,7 +773,7 @@ export class HandoffServer {
     if (rate) reply.rate = rate;
     if (tokenWaitMs !== undefined) reply.tokenWaitMs = Number(tokenWaitMs.toFixed(3));
     if (handoff.capWaitMs !== undefined) reply.capWaitMs = Number(handoff.capWaitMs.toFixed(3));
-    this.#send(session, reply, [handoff.fd], true);
+    lease.queuedReply = this.#send(session, reply, [handoff.fd], true);
     // The send failed and the session is gone: the lease ended with it.
     if (session.closed) return;
     const maxLeaseMs = this.#config().quotas.maxLeaseMs;
@@ -830,6 +838,7 @@ export class HandoffServer {
       return;
     }
     this.#quotas.leaseEnded(lease.uid);
+    this.#withdrawReply(lease);
     // Unused, but the client may still hold a copy: the pool keeps it for this uid alone.
     this.#pools.giveBack(
       lease.originKey,
@@ -853,10 +862,24 @@ export class HandoffServer {
    * client's included); the daemon's copy is closed either way and the slot is free.
    */
   #endLease(lease: Lease, shutDown: boolean): void {
+    this.#withdrawReply(lease);
     if (shutDown) endConnection(lease.fd);
     else native.close(lease.fd);
     this.#quotas.leaseEnded(lease.uid);
     this.#pools.leaseEnded(lease.originKey, lease.uid);
+  }
+
+  /**
+   * A lease ended (or went back to the pool) while its `lease` reply still waited for the client to read: the reply
+   * and the copy of the fd it holds go (the client never learns of the lease; only one that ends leases it has not
+   * read, by guessing their ids, or that reads nothing for maxLeaseMs, gets there). Without this a client that never
+   * read and ended each lease by id made the daemon hold an fd per lease, whatever its quotas: thousands per session.
+   */
+  #withdrawReply(lease: Lease): void {
+    const queued = lease.queuedReply;
+    if (queued === undefined) return;
+    lease.queuedReply = undefined;
+    this.#clients.get(lease.clientId)?.channel.withdraw(queued);
   }
 
   #onBadMessage(session: ClientSession, id: number | null, error: Error): void {

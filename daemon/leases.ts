@@ -4,6 +4,7 @@
 // records it; whoever ends the lease (the handoff server) closes it or gives it back to the pool.
 
 import type { Origin } from '../shared/origin.js';
+import type { QueuedMessage } from '../shared/seqpacket-channel.js';
 import type { UsageMark } from './lease-guard.js';
 import type { TlsSessionInfo } from './tls-relay.js';
 
@@ -27,6 +28,11 @@ export interface Lease {
   mark: UsageMark | undefined;
   /** Ends the lease at quotas.maxLeaseMs; cleared when it ends otherwise. */
   deadline: NodeJS.Timeout | undefined;
+  /**
+   * The `lease` reply while it waits in the client's channel (the client's buffer was full), with a copy of `fd`:
+   * withdrawn when the lease ends first (see SeqpacketChannel.withdraw); undefined once sent, or when it went at once.
+   */
+  queuedReply?: QueuedMessage | undefined;
 }
 
 export class LeaseTable {
@@ -34,8 +40,14 @@ export class LeaseTable {
   #leases = new Map<number, Lease>();
   #byClient = new Map<number, Set<number>>();
 
-  create(fields: Omit<Lease, 'leaseId' | 'startedAt' | 'deadline'>): Lease {
-    const lease: Lease = { ...fields, leaseId: this.#next++, startedAt: performance.now(), deadline: undefined };
+  create(fields: Omit<Lease, 'leaseId' | 'startedAt' | 'deadline' | 'queuedReply'>): Lease {
+    const lease: Lease = {
+      ...fields,
+      leaseId: this.#next++,
+      startedAt: performance.now(),
+      deadline: undefined,
+      queuedReply: undefined,
+    };
     this.#leases.set(lease.leaseId, lease);
     let set = this.#byClient.get(lease.clientId);
     if (!set) {

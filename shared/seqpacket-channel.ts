@@ -26,6 +26,9 @@ interface Outgoing {
   fds: number[];
 }
 
+/** A message that waits in a channel's queue for the peer to read (send's answer): withdraw() takes it back. */
+export type QueuedMessage = object;
+
 export interface ChannelOptions {
   maxMessageBytes: number;
   maxFdsPerMessage: number;
@@ -167,37 +170,58 @@ export class SeqpacketChannel {
     return this.#queuedBytes;
   }
 
-  /** Queues one message; takes ownership of `fds` unless `borrowed` (see the header). */
-  send(data: Uint8Array, fds: number[] = [], options?: { borrowed: boolean }): void {
+  /**
+   * Queues one message; takes ownership of `fds` unless `borrowed` (see the header). Returns the message when it
+   * waits in the queue (the peer's buffer is full), for withdraw(); undefined when it went out or was dropped.
+   */
+  send(data: Uint8Array, fds: number[] = [], options?: { borrowed: boolean }): QueuedMessage | undefined {
     const borrowed = options?.borrowed === true;
     if (this.#closed) {
       if (!borrowed) for (const fd of fds) native.close(fd);
-      return;
+      return undefined;
     }
-    if (this.#queue.length === 0 && this.#sendNow({ data, fds }, borrowed)) return;
+    if (this.#queue.length === 0 && this.#sendNow({ data, fds }, borrowed)) return undefined;
     if (
       this.#queue.length >= this.#options.maxQueuedMessages ||
       this.#queuedBytes + data.byteLength > this.#options.maxQueuedBytes
     ) {
       if (!borrowed) for (const fd of fds) native.close(fd);
       this.#fail(new SockpoolError(ErrorCodes.LIMIT, 'peer is not reading: send queue full'));
-      return;
+      return undefined;
     }
     let owned = fds;
     if (borrowed && fds.length > 0) {
-      // The message waits: the queue holds copies of its own, closed once sent or when the channel closes.
+      // The message waits: the queue holds copies of its own, closed once sent, withdrawn or when the channel closes.
       owned = [];
       try {
         for (const fd of fds) owned.push(native.dup(fd));
       } catch (error) {
         for (const fd of owned) native.close(fd);
         this.#fail(error as Error);
-        return;
+        return undefined;
       }
     }
-    this.#queue.push({ data, fds: owned });
+    const message: Outgoing = { data, fds: owned };
+    this.#queue.push(message);
     this.#queuedBytes += data.byteLength;
     this.#watch(native.READABLE | native.WRITABLE | native.DISCONNECT);
+    return message;
+  }
+
+  /**
+   * Takes back a message send() queued, if it still waits (not sent, the channel open), closing the fds it holds;
+   * true when it did. The daemon withdraws a lease's reply when the lease ends before the client read it: the copy
+   * of the lease's fd the queue holds stayed open in the daemon until the client read (or left), one fd per ended
+   * lease whatever the lease quotas said. (A message goes out whole or not at all: SOCK_SEQPACKET.)
+   */
+  withdraw(message: QueuedMessage): boolean {
+    const index = this.#closed ? -1 : this.#queue.indexOf(message as Outgoing);
+    if (index === -1) return false;
+    const taken = this.#queue.splice(index, 1)[0]!;
+    this.#queuedBytes -= taken.data.byteLength;
+    for (const fd of taken.fds) native.close(fd);
+    if (this.#queue.length === 0) this.#watch(native.READABLE | native.DISCONNECT);
+    return true;
   }
 
   /**

@@ -313,6 +313,42 @@ describe('replies a client does not read', () => {
     }
     await eventually(async () => (await clients()) === 1, 'the client that never reads is disconnected');
   });
+
+  it("hold no more of the daemon's fds than its leases: a lease ended while its reply waits for the client takes its fd along", async () => {
+    // A lease reply the kernel's buffer has no room for waits in the daemon with a copy of the lease's fd. A client
+    // that never reads and ends each lease by id (`closed`: lease ids are the daemon's sequence) made the daemon
+    // hold one fd for each, whatever its lease quotas: up to 4,096 a session (the queue's message bound), times
+    // maxSessionsPerUid: past the daemon's RLIMIT_NOFILE for one uid, and then no client got a socket.
+    const origin = await pathOrigin(cleanups);
+    const sockpoold = await daemon(origin.port, {
+      access: { maxLeasesPerClient: 2 },
+      quotas: { maxLeasesPerUid: 4 },
+      pool: { defaults: { minIdle: 0, maxIdle: 4 } },
+    });
+    const observer = openRawClient(sockpoold.socketPath, cleanups);
+    const leases = async () => (await stats(observer)).leases;
+    const hoarder = openRawClient(sockpoold.socketPath, cleanups);
+    const before = sockpoold.fdCount();
+    // Well past what the kernel holds for the hoarder (its buffer: about 200 lease replies) before they queue.
+    for (let leaseId = 1; leaseId <= 600; leaseId++) {
+      try {
+        hoarder.sendJson({ type: 'acquire', id: leaseId, host: '127.0.0.1', port: origin.port });
+      } catch {
+        break; // hung up on: done
+      }
+      await eventually(async () => (await leases()) === 1, `lease ${leaseId} lent`);
+      try {
+        hoarder.sendJson({ type: 'closed', leaseId });
+      } catch {
+        break;
+      }
+      await eventually(async () => (await leases()) === 0, `lease ${leaseId} ended`);
+    }
+    // Its leases (none now), the sessions, the idle sockets: the daemon holds nothing else for the hoarder, or it
+    // is gone.
+    const idle = (await stats(observer)).idle ?? 0;
+    expect(sockpoold.fdCount()).toBeLessThanOrEqual(before + idle + 8);
+  });
 });
 
 describe('token waits of one uid across connections', () => {
