@@ -255,6 +255,9 @@ describe('maxBodyBytes', () => {
   it('ends a compressed stream curl has finished but the reader has not read at its deadline, and the client closes', async () => {
     // The whole bomb is in curl's first read: curl's transfer is over, the decoding is not (it waits for the reader).
     const own = new SockpoolClient({ socketPath: daemon.socketPath, threads: 1, inlineWhenIdle: false });
+    // The thread started and the origin's connection made first: the short deadline below is for the reader, not for
+    // a thread starting on a loaded machine (a clean-clone CI run beside other work timed out at the head).
+    expect((await own.request(url('/exact'))).status).toBe(200);
     const streamed = await own.requestStream(url('/zstd-bomb'), { decompress: true, timeoutMs: 1000 });
     await sleep(1500);
     await expect(new Response(streamed.body).arrayBuffer()).rejects.toMatchObject({ code: 'SOCKPOOL_ERR_TIMEOUT' });
