@@ -4,6 +4,7 @@
 
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { ErrorCodes } from '../shared/errors.js';
+import * as native from '../shared/native.js';
 import { restrictBinds } from './bind-restriction.js';
 import { applyFlags, type DaemonFlags, defaultConfig, loadConfigFile, type SockpoolConfig } from './config.js';
 import { dropGuardCapabilities, policiesSetMarks, startConnectGuard } from './connect-guard.js';
@@ -11,7 +12,10 @@ import { Sockpoold } from './daemon.js';
 import { createLogger, flushLogs } from './log.js';
 import { applyRealtimePriority } from './realtime.js';
 
-/** The exit status of a start refused for its configuration (SOCKPOOL_ERR_CONFIG); any other failure exits 1. */
+/**
+ * The exit status of a start refused for its configuration (SOCKPOOL_ERR_CONFIG); any other failure exits 1 (an
+ * unclean stop too: one that failed, or left a relay thread running).
+ */
 const EXIT_CONFIG = 2;
 
 function collect(value: string, previous: string[]): string[] {
@@ -123,7 +127,13 @@ export async function runSockpoold(early: EarlySignals): Promise<void> {
     log.info({ signal: 'SIGHUP' }, 'reload requested while starting: it runs once the start has finished');
   const shutDown = (running: Sockpoold) =>
     running.stop().then(
-      () => flushLogs(log).then(() => process.exit(0)),
+      ({ threadsLeft }) => {
+        if (threadsLeft.length === 0) return flushLogs(log).then(() => process.exit(0));
+        // A relay thread that never ended (daemon/tls-relay.ts, header): process.exit() would join it and wait for
+        // ever. Everything the daemon owns is closed and its history written by now; the logs go out, then _exit.
+        log.error({ threadsLeft }, 'unclean stop: threads left running; exiting without joining them');
+        return flushLogs(log).then(() => native.exitNow(1));
+      },
       (error: Error) => {
         log.error({ err: error.message }, 'unclean stop');
         return flushLogs(log).then(() => process.exit(1));

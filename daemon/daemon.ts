@@ -82,6 +82,12 @@ export interface DaemonOptions {
   realtime?: RealtimeReport;
 }
 
+/** What a stop left behind. */
+export interface StopOutcome {
+  /** Relay threads that had not ended when the stop gave up waiting for them (named as in the log). */
+  threadsLeft: string[];
+}
+
 export class Sockpoold {
   #config: SockpoolConfig;
   #log: Logger;
@@ -114,7 +120,7 @@ export class Sockpoold {
   #socketPath: string;
   #adoptedFromFdStore = 0;
   #statusTimer: NodeJS.Timeout | undefined;
-  #stopped: Promise<void> | undefined;
+  #stopped: Promise<StopOutcome> | undefined;
 
   /** `fleetClass`: the fleet module's class, loaded by start() when the configuration names a Redis. */
   private constructor(options: DaemonOptions, fleetClass: typeof Fleet | undefined) {
@@ -512,13 +518,17 @@ export class Sockpoold {
     void this.#notifyReliably('READY=1 after reload', () => this.#notifier.ready(this.#statusLine()));
   }
 
-  /** Graceful stop. `storeIdle` hands idle sockets to systemd's fd store when NOTIFY_SOCKET is set. */
-  stop(options: { storeIdle: boolean } = { storeIdle: true }): Promise<void> {
+  /**
+   * Graceful stop. `storeIdle` hands idle sockets to systemd's fd store when NOTIFY_SOCKET is set. Resolves with the
+   * relay threads that did not end (see daemon/tls-relay.ts): the stop finished without them, and whoever runs the
+   * process must end it without joining threads (daemon/command.ts).
+   */
+  stop(options: { storeIdle: boolean } = { storeIdle: true }): Promise<StopOutcome> {
     this.#stopped ??= this.#stop(options.storeIdle);
     return this.#stopped;
   }
 
-  async #stop(storeIdle: boolean): Promise<void> {
+  async #stop(storeIdle: boolean): Promise<StopOutcome> {
     await this.#notifyReliably('STOPPING=1', () => this.#notifier.stopping('stopping: storing idle sockets'), 1000);
     this.#notifier.stopWatchdog();
     if (this.#statusTimer) clearInterval(this.#statusTimer);
@@ -543,15 +553,20 @@ export class Sockpoold {
     await this.#fleet?.close();
     await this.#metricsServer?.close();
     // Warm TLS sessions end with their threads (process memory: nothing of them survives a restart).
-    await this.#relays.close();
+    // Bounded: a thread that does not end is named in the log and left for the process's exit.
+    const threadsLeft = await this.#relays.close();
     try {
       this.#store.close();
     } catch (error) {
       // Closed all the same; what was recorded since the last flush is lost (the file locked, a full disk).
       this.#log.warn({ err: (error as Error).message }, 'history not written at stop');
     }
-    this.#log.info({ stored, idle: detached.length }, 'sockpoold stopped');
+    this.#log.info(
+      threadsLeft.length > 0 ? { stored, idle: detached.length, threadsLeft } : { stored, idle: detached.length },
+      'sockpoold stopped',
+    );
     this.#notifier.close();
+    return { threadsLeft };
   }
 
   /**

@@ -17,6 +17,16 @@
 // behind all of it. One no longer wanted when its turn comes (its acquire gave up) is not started: its TCP
 // connection is closed and it fails with ConnectAbandoned (a handshake costs CPU and a session nobody asked for);
 // past 64 queued, those no longer wanted are swept before another is queued.
+//
+// Who ends a thread: close() (the daemon's stop) calls each thread's terminate() and waits for it at most
+// RELAY_TERMINATE_LIMIT_MS. A thread that has not ended by then is logged by name and left running: close()
+// resolves with the threads left, the daemon's stop finishes without them (history written, sockets closed, systemd
+// told), and the process entry point (daemon/command.ts) then ends the process with native.exitNow (_exit), which
+// does not join threads as process.exit() would. An in-process daemon (tests) is never exited: its caller gets the
+// threads left from stop(). (A thread's teardown once spun for ever over a socket handle Node had dropped unclosed
+// after a failed resetAndDestroy(); that path is gone, see socket-reset.ts, but the stop no longer depends on every
+// teardown finishing. test/warm-tls-stop-bound makes such a thread without a hook here: through the daemon's
+// inspector, a relay thread blocks in read(2) on a FIFO, where terminate() cannot reach it.)
 
 import { Worker } from 'node:worker_threads';
 import { Gauge, type Registry } from 'prom-client';
@@ -101,6 +111,13 @@ export const RELAY_THREAD_NICE = 10;
 
 /** Handshakes one relay thread runs at once (see the header). */
 export const HANDSHAKES_PER_THREAD = 16;
+
+/**
+ * How long close() waits for a relay thread's terminate() before it gives up on that thread (see the header): a
+ * thread's teardown closes its sockets and frees its isolate, well under a second when it works; the bound leaves
+ * room for a loaded machine and stays well inside systemd's TimeoutStopSec= (15 s in the shipped unit).
+ */
+export const RELAY_TERMINATE_LIMIT_MS = 3_000;
 
 interface HandshakeWaiter {
   resolve(session: RelayedSession): void;
@@ -233,14 +250,40 @@ export class TlsRelays {
     return totals;
   }
 
-  /** Ends every relay thread; their sessions close with them (Node closes a thread's handles). */
-  async close(): Promise<void> {
+  /**
+   * Ends every relay thread; their sessions close with them (Node closes a thread's handles). Waits for each thread
+   * at most `limitMs`; resolves with the names of the threads that had not ended by then (logged as errors, left
+   * running: see the header for who ends them).
+   */
+  async close(limitMs = RELAY_TERMINATE_LIMIT_MS): Promise<string[]> {
     this.#closed = true;
     for (const job of this.#queue.drain()) {
       native.close(job.fd);
       job.reject(new SockpoolError(ErrorCodes.SHUTTING_DOWN, 'sockpoold is stopping'));
     }
-    await Promise.all(this.#threads.map((thread) => thread?.worker.terminate()));
+    const left: string[] = [];
+    await Promise.all(
+      this.#threads.map(async (thread, index) => {
+        if (!thread) return;
+        // Read before terminate(): once the thread is gone threadId says -1.
+        const name = `TLS relay thread ${index} (threadId ${thread.worker.threadId})`;
+        let timer: NodeJS.Timeout | undefined;
+        const ended = await Promise.race([
+          thread.worker.terminate().then(() => true),
+          new Promise<boolean>((resolve) => {
+            timer = setTimeout(() => resolve(false), limitMs);
+          }),
+        ]);
+        clearTimeout(timer);
+        if (ended) return;
+        left.push(name);
+        this.#log.error(
+          { thread: name, waitedMs: limitMs },
+          'TLS relay thread did not end after terminate(); the stop goes on without it',
+        );
+      }),
+    );
+    return left;
   }
 
   #spawn(): RelayThread {

@@ -1920,6 +1920,16 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     return info.Env().Undefined();
   }
 
+  // -- Process exit
+
+  // _exit(2): ends the process at once, without joining its threads (process.exit() joins every worker thread,
+  // and waits for ever for one that never finishes its teardown), atexit handlers or stdio flushing. The daemon's
+  // entry point calls it only after its stop closed and flushed everything the daemon owns (daemon/command.ts).
+  Napi::Value ExitNow(const Napi::CallbackInfo& info) {
+    const double code = info.Length() > 0 && info[0].IsNumber() ? info[0].As<Napi::Number>().DoubleValue() : 1;
+    ::_exit(code >= 0 && code <= 255 ? static_cast<int>(code) : 1);
+  }
+
   Napi::Value TrackedFds(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     std::vector<int> fds(tracked_.begin(), tracked_.end());
@@ -2441,6 +2451,7 @@ SockpoolAddon::SockpoolAddon(Napi::Env env, Napi::Object exports) {
                            InstanceMethod<&SockpoolAddon::Untrack>("untrack", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::Track>("track", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::TrackedFds>("trackedFds", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::ExitNow>("exitNow", napi_enumerable),
                            InstanceValue("Poller", Poller::Define(env), napi_enumerable),
                            InstanceValue("PollSet", PollSet::Define(env), napi_enumerable),
                            InstanceValue("READABLE", Napi::Number::New(env, UV_READABLE), napi_enumerable),

@@ -211,6 +211,7 @@ interface NativeBinding {
   untrack(fd: number): void;
   track(fd: number): void;
   trackedFds(): number[];
+  exitNow(code: number): never;
   Poller: PollerConstructor;
   PollSet: PollSetConstructor;
   READABLE: number;
@@ -332,6 +333,17 @@ export function dropCapabilities(capabilities: number[]): void {
  */
 export function setRealtimePriority(priority: number): void {
   binding.setRealtimePriority(priority);
+}
+
+/**
+ * Ends the process at once with `code` (_exit(2)): no worker thread is joined, no exit handler or atexit hook runs,
+ * nothing buffered is flushed. process.exit() joins every worker thread and waits for ever for one that never ends
+ * its teardown; this does not. Only for a process entry point, after everything the process owns is closed and
+ * flushed (daemon/command.ts); never from a library or an in-process daemon.
+ */
+export function exitNow(code: number): never {
+  binding.exitNow(code);
+  throw new Error('unreachable: _exit returned');
 }
 
 /** accept4 on a listening socket: a new fd the caller owns, or null when no connection is pending. */

@@ -28,6 +28,8 @@ export interface StartDaemonOptions {
   args?: string[];
   env?: NodeJS.ProcessEnv;
   stateDir?: string;
+  /** Node's own options, before the daemon's script (e.g. ['--inspect=127.0.0.1:0']). */
+  nodeArgs?: string[];
   /** Prefix the command (e.g. ['ip', 'netns', 'exec', 'ns']). */
   wrap?: string[];
   socketPath?: string;
@@ -39,6 +41,7 @@ export async function startDaemon(options: StartDaemonOptions = {}): Promise<Dae
   const socketPath = options.socketPath ?? join(stateDir, 'sockpoold.sock');
   const argv = [
     process.execPath,
+    ...(options.nodeArgs ?? []),
     daemonMain,
     '--socket',
     socketPath,

@@ -1,0 +1,232 @@
+// A warm-TLS sockpoold whose relay thread never ends still stops: the stop waits for the thread's terminate() a
+// bounded time (daemon/tls-relay.ts, RELAY_TERMINATE_LIMIT_MS), logs the thread by name, finishes (history written,
+// sockets closed) and the process ends with _exit, status 1, instead of process.exit(), which joins worker threads
+// and would wait for ever. The thread is made to never end from outside, as a debugger would (no hook in the
+// daemon): the daemon runs with --inspect, and through its inspector the relay thread is told to read a FIFO that
+// nobody writes, so it blocks in read(2), where terminate() (which stops JavaScript, not a system call) cannot reach
+// it. Without that the same daemon stops with status 0 and no such line. Real daemon child processes, a real
+// node:https origin, a throwaway CA.
+import { execFileSync } from 'node:child_process';
+import { mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { SockpoolClient } from '../client/index.js';
+import {
+  eventually,
+  fdCount,
+  httpsOrigin,
+  type Origin,
+  startTestDaemon,
+  warmTlsArgs,
+} from './fixtures/client-helpers.js';
+import type { DaemonProcess } from './helpers/daemon.js';
+import { createTestPki, type TestPki } from './helpers/tls.js';
+
+let pki: TestPki;
+let origin: Origin;
+let dir: string;
+let fifo: string;
+const daemons: DaemonProcess[] = [];
+
+beforeAll(async () => {
+  pki = createTestPki(['localhost']);
+  origin = await httpsOrigin(pki, (_request, response) => response.end('ok'));
+  dir = mkdtempSync(join(tmpdir(), 'sockpool-stop-bound-'));
+  fifo = join(dir, 'relay-block');
+  execFileSync('mkfifo', [fifo]);
+});
+
+afterAll(async () => {
+  // A daemon a failed test left running (its stop hung): killed, so that the file ends.
+  for (const daemon of daemons) daemon.child.kill('SIGKILL');
+  await origin?.close();
+  pki?.cleanup();
+  if (dir) rmSync(dir, { recursive: true, force: true });
+});
+
+/** The daemon's stop (SIGTERM), failing after 30 s (a bound, not a timing: the stop itself waits at most 3 s for a
+ *  thread) with the daemon's last log lines instead of hanging the file. */
+async function stopBounded(daemon: DaemonProcess): Promise<number | null> {
+  let timer: NodeJS.Timeout | undefined;
+  const late = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => {
+      const lines = daemon.output().split('\n').slice(-15).join('\n');
+      reject(new Error(`the daemon did not stop within 30 s; its last log lines:\n${lines}`));
+    }, 30_000);
+  });
+  try {
+    return await Promise.race([daemon.stop(), late]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** The daemon's log records (JSON lines) with message `msg`. */
+function records(daemon: DaemonProcess, msg: string): Array<Record<string, unknown>> {
+  return daemon
+    .output()
+    .split('\n')
+    .filter((line) => line.startsWith('{'))
+    .map((line) => JSON.parse(line) as Record<string, unknown>)
+    .filter((record) => record.msg === msg);
+}
+
+/** Whether a thread of process `pid` is blocked reading `fifo`: the process holds it open, and a thread of it
+ *  sleeps in the kernel's pipe read (its wchan, readable by the daemon's own user: the test's). */
+function blockedOnFifo(pid: number, fifo: string): boolean {
+  const holds = readdirSync(`/proc/${pid}/fd`).some((fd) => {
+    try {
+      return readlinkSync(`/proc/${pid}/fd/${fd}`) === fifo;
+    } catch {
+      return false; // closed meanwhile
+    }
+  });
+  if (!holds) return false;
+  return readdirSync(`/proc/${pid}/task`).some((task) => {
+    try {
+      return /pipe/.test(readFileSync(`/proc/${pid}/task/${task}/wchan`, 'utf8'));
+    } catch {
+      return false; // ended meanwhile
+    }
+  });
+}
+
+/** The daemon's inspector (Chrome DevTools Protocol over its WebSocket), for its worker threads (NodeWorker). */
+class DaemonInspector {
+  readonly #socket: WebSocket;
+  #nextId = 1;
+  readonly #replies = new Map<number, (reply: { result?: unknown; error?: { message: string } }) => void>();
+  readonly #events: Array<{ method: string; params: Record<string, unknown> }> = [];
+
+  private constructor(socket: WebSocket) {
+    this.#socket = socket;
+    socket.addEventListener('message', (event) => {
+      const message = JSON.parse(String(event.data)) as {
+        id?: number;
+        method?: string;
+        params?: Record<string, unknown>;
+        result?: unknown;
+        error?: { message: string };
+      };
+      if (message.id !== undefined) {
+        this.#replies.get(message.id)?.(message);
+        this.#replies.delete(message.id);
+      } else if (message.method) this.#events.push({ method: message.method, params: message.params ?? {} });
+    });
+  }
+
+  /** Connects to the inspector the daemon announced on its output ("Debugger listening on ws://..."). */
+  static async connect(output: string): Promise<DaemonInspector> {
+    const url = /Debugger listening on (ws:\/\/\S+)/.exec(output)?.[1];
+    if (!url) throw new Error(`the daemon announced no inspector:\n${output}`);
+    const socket = new WebSocket(url);
+    await new Promise((resolve, reject) => {
+      socket.addEventListener('open', resolve, { once: true });
+      socket.addEventListener('error', () => reject(new Error(`could not reach the inspector at ${url}`)), {
+        once: true,
+      });
+    });
+    return new DaemonInspector(socket);
+  }
+
+  async call(method: string, params: object = {}): Promise<unknown> {
+    const id = this.#nextId++;
+    const reply = new Promise<{ result?: unknown; error?: { message: string } }>((resolve) =>
+      this.#replies.set(id, resolve),
+    );
+    this.#socket.send(JSON.stringify({ id, method, params }));
+    const { result, error } = await reply;
+    if (error) throw new Error(`${method}: ${error.message}`);
+    return result;
+  }
+
+  /** The parameters of the events of `method` received so far. */
+  events(method: string): Array<Record<string, unknown>> {
+    return this.#events.filter((event) => event.method === method).map((event) => event.params);
+  }
+
+  /** The inspector session of the worker thread whose title matches `title`, once attached. */
+  async workerSession(title: RegExp): Promise<string> {
+    let sessionId: string | undefined;
+    await eventually(() => {
+      const worker = this.events('NodeWorker.attachedToWorker').find((params) =>
+        title.test((params.workerInfo as { title: string }).title),
+      );
+      sessionId = worker?.sessionId as string | undefined;
+      return sessionId !== undefined;
+    }, `the inspector attached to a worker thread ${title}`);
+    return sessionId!;
+  }
+
+  /** Runs `expression` in the worker thread of inspector session `sessionId`; resolves once it has run. */
+  async evaluateInWorker(sessionId: string, expression: string): Promise<void> {
+    const id = this.#nextId++;
+    await this.call('NodeWorker.sendMessageToWorker', {
+      sessionId,
+      message: JSON.stringify({ id, method: 'Runtime.evaluate', params: { expression } }),
+    });
+    await eventually(
+      () =>
+        this.events('NodeWorker.receivedMessageFromWorker').some(
+          (params) => (JSON.parse(String(params.message)) as { id?: number }).id === id,
+        ),
+      'the worker thread to run the expression',
+    );
+  }
+
+  close(): void {
+    this.#socket.close();
+  }
+}
+
+describe('a warm-TLS daemon stopped', () => {
+  for (const stuck of [false, true]) {
+    it(stuck
+      ? 'with a relay thread that never ends: logs it, finishes its stop and exits 1 without joining it'
+      : 'with its relay thread ending normally: exits 0', async () => {
+      const before = fdCount();
+      const daemon = await startTestDaemon([origin.port], {
+        extraArgs: warmTlsArgs(pki.caFile, [origin.port]),
+        ...(stuck ? { nodeArgs: ['--inspect=127.0.0.1:0'] } : {}),
+      });
+      daemons.push(daemon);
+      const inspector = stuck ? await DaemonInspector.connect(daemon.output()) : undefined;
+      await inspector?.call('NodeWorker.enable', { waitForDebuggerOnStart: false });
+      const client = new SockpoolClient({ socketPath: daemon.socketPath, threads: 0, caFile: pki.caFile });
+      // The request starts the relay thread (threads start with the first handshake) and is relayed by it.
+      expect((await client.request(`https://localhost:${origin.port}/`)).body.toString()).toBe('ok');
+      if (inspector) {
+        const relay = await inspector.workerSession(/sockpoold tls relay/);
+        // Opened read-write: the open returns at once, and no EOF ever comes (the thread is a writer too).
+        await inspector.evaluateInWorker(
+          relay,
+          `setImmediate(() => {
+              const fs = process.getBuiltinModule('node:fs');
+              fs.readSync(fs.openSync(${JSON.stringify(fifo)}, fs.constants.O_RDWR), Buffer.alloc(1));
+            }); undefined`,
+        );
+        await eventually(() => blockedOnFifo(daemon.child.pid!, fifo), 'the relay thread blocked on the FIFO');
+        inspector.close();
+      }
+
+      expect(await stopBounded(daemon)).toBe(stuck ? 1 : 0);
+
+      const left = records(daemon, 'TLS relay thread did not end after terminate(); the stop goes on without it');
+      const stopped = records(daemon, 'sockpoold stopped');
+      // The stop finished either way: history written and sockets closed before this line.
+      expect(stopped).toHaveLength(1);
+      if (stuck) {
+        expect(left).toEqual([expect.objectContaining({ thread: expect.stringMatching(/^TLS relay thread 0 /) })]);
+        expect(stopped[0]).toMatchObject({ threadsLeft: [left[0]!.thread] });
+        expect(records(daemon, 'unclean stop: threads left running; exiting without joining them')).toHaveLength(1);
+      } else {
+        expect(left).toEqual([]);
+        expect(stopped[0]!.threadsLeft).toBeUndefined();
+      }
+      // Nothing of the client or of the daemon is left open here.
+      await client.close();
+      await eventually(() => fdCount() - origin.openSockets() <= before, `fds back to ${before}`);
+    }, 60_000);
+  }
+});
