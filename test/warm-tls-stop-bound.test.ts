@@ -159,20 +159,39 @@ class DaemonInspector {
     return sessionId!;
   }
 
-  /** Runs `expression` in the worker thread of inspector session `sessionId`; resolves once it has run. */
-  async evaluateInWorker(sessionId: string, expression: string): Promise<void> {
+  /** Sends one inspector command to the worker thread of inspector session `sessionId`; resolves with its result. */
+  async callInWorker(sessionId: string, method: string, params: object): Promise<unknown> {
     const id = this.#nextId++;
     await this.call('NodeWorker.sendMessageToWorker', {
       sessionId,
-      message: JSON.stringify({ id, method: 'Runtime.evaluate', params: { expression } }),
+      message: JSON.stringify({ id, method, params }),
     });
-    await eventually(
-      () =>
-        this.events('NodeWorker.receivedMessageFromWorker').some(
-          (params) => (JSON.parse(String(params.message)) as { id?: number }).id === id,
-        ),
-      'the worker thread to run the expression',
-    );
+    let reply: { result?: unknown; error?: { message: string } } | undefined;
+    await eventually(() => {
+      reply = this.events('NodeWorker.receivedMessageFromWorker')
+        .map((params) => JSON.parse(String(params.message)) as { id?: number; result?: unknown })
+        .find((message) => message.id === id);
+      return reply !== undefined;
+    }, `the worker thread's answer to ${method}`);
+    if (reply!.error) throw new Error(`${method} in the worker thread: ${reply!.error.message}`);
+    return reply!.result;
+  }
+
+  /** Runs `expression` in that worker thread. */
+  async evaluateInWorker(sessionId: string, expression: string): Promise<void> {
+    await this.callInWorker(sessionId, 'Runtime.evaluate', { expression });
+  }
+
+  /** The inspector's handle (objectId) on an array of every object in that worker thread whose prototype chain has
+   *  `prototype` (an expression), e.g. every net.Socket. */
+  async objectsInWorker(sessionId: string, prototype: string): Promise<string> {
+    const found = (await this.callInWorker(sessionId, 'Runtime.evaluate', { expression: prototype })) as {
+      result: { objectId: string };
+    };
+    const objects = (await this.callInWorker(sessionId, 'Runtime.queryObjects', {
+      prototypeObjectId: found.result.objectId,
+    })) as { objects: { objectId: string } };
+    return objects.objects.objectId;
   }
 
   close(): void {
@@ -229,4 +248,50 @@ describe('a warm-TLS daemon stopped', () => {
       await eventually(() => fdCount() - origin.openSockets() <= before, `fds back to ${before}`);
     }, 60_000);
   }
+
+  // The state the stop hung in (NOTES.md, twenty-first session): the relay resets a socket whose shutdown is pending.
+  // Here its origin's TLS socket is ended (its TCP shutdown dispatched, not done yet) and, in the same tick, the
+  // client's socket fails, so the teardown resets the origin's TCP socket. Driven from outside through the daemon's
+  // inspector: the relay thread's own sockets (found with Runtime.queryObjects), its own handlers and teardown. With
+  // resetAndDestroy() the reset failed with EINVAL and left that socket's handle open and dropped: the thread's
+  // teardown never ended, so this daemon logged the thread as left running and exited 1.
+  it('after resetting a session whose origin socket was shutting down: every thread ends, exits 0', async () => {
+    const before = fdCount();
+    const daemon = await startTestDaemon([origin.port], {
+      extraArgs: warmTlsArgs(pki.caFile, [origin.port]),
+      nodeArgs: ['--inspect=127.0.0.1:0'],
+    });
+    daemons.push(daemon);
+    const inspector = await DaemonInspector.connect(daemon.output());
+    await inspector.call('NodeWorker.enable', { waitForDebuggerOnStart: false });
+    const client = new SockpoolClient({ socketPath: daemon.socketPath, threads: 0, caFile: pki.caFile });
+    expect((await client.request(`https://localhost:${origin.port}/`)).body.toString()).toBe('ok');
+    const relay = await inspector.workerSession(/sockpoold tls relay/);
+    const tlsSockets = await inspector.objectsInWorker(
+      relay,
+      "process.getBuiltinModule('node:tls').TLSSocket.prototype",
+    );
+    const sockets = await inspector.objectsInWorker(relay, "process.getBuiltinModule('node:net').Socket.prototype");
+    const outcome = (await inspector.callInWorker(relay, 'Runtime.callFunctionOn', {
+      objectId: tlsSockets,
+      arguments: [{ objectId: sockets }],
+      returnByValue: true,
+      functionDeclaration: `function (sockets) {
+        const origins = this.filter((socket) => socket._handle && !socket.destroyed);
+        const clients = sockets.filter((socket) => socket._handle?.constructor.name === 'TCP' && !origins.some((tls) => tls._parent === socket));
+        if (origins.length !== 1 || clients.length !== 1) return 'sessions: ' + origins.length + ', clients: ' + clients.length;
+        origins[0].end();
+        clients[0].emit('error', Object.assign(new Error('write EPIPE (the test)'), { code: 'EPIPE' }));
+        return 'reset';
+      }`,
+    })) as { result: { value: string } };
+    expect(outcome.result.value).toBe('reset');
+    inspector.close();
+
+    expect(await stopBounded(daemon)).toBe(0);
+    expect(records(daemon, 'TLS relay thread did not end after terminate(); the stop goes on without it')).toEqual([]);
+    expect(records(daemon, 'sockpoold stopped')).toHaveLength(1);
+    await client.close();
+    await eventually(() => fdCount() - origin.openSockets() <= before, `fds back to ${before}`);
+  }, 60_000);
 });
