@@ -8,9 +8,8 @@
 // - Announced demand is served by its own connects and nothing more. A prewarm (the application's, or a client
 //   queue's lookahead) connects what it asks for, once; the acquires that take those sockets were announced and
 //   met, and do not count toward the target. Counting both the announcement and its acquires (as the target did,
-//   through one demand rate) asked for a socket more at every origin once its announced ones were lent: in the
-//   lab's crawl without announcing, 37-49 refills a round of which 6-11 were lent (docs/benchmarks.md, twenty-first
-//   session). The demand rate in `stats`, the global idle cap's share-out, the fleet and the history still count
+//   through one demand rate) asked for a socket more at every origin once its announced ones were lent, and few of
+//   those refills were ever lent (docs/benchmarks.md, twenty-first session). The demand rate in `stats`, the global idle cap's share-out, the fleet and the history still count
 //   announcements as demand; only this target leaves them out.
 // - Unannounced acquires are the demand the target follows: their rate, decaying with `pool.predictiveWindowMs`
 //   (τ). Where an origin took fewer than REPEAT_ACQUIRES of them within about τ (rate × τ, the estimate's recent
