@@ -53,6 +53,8 @@ interface ClientSession {
   cancels: Map<number, AbortController> | undefined;
   /** Waits for rate tokens (`tokens`), by request id: `cancel` and the disconnect end them (created on the first). */
   tokenWaits: Map<number, AbortController> | undefined;
+  /** Leases of this session that ended after their replies went out, maybe unread: charged to its uid (#chargeIfUnread). */
+  unreadLeases: number;
 }
 
 export interface HandoffServerOptions {
@@ -76,6 +78,18 @@ export interface HandoffServerOptions {
  * a client that reads, however slowly, never comes near it.
  */
 const MAX_QUEUED_REPLY_BYTES = 1024 * 1024;
+
+/**
+ * How often the sessions charged for leases that ended with their replies unread are settled (besides before an
+ * acquire their uid would be refused and a `stats`): a client that has read gets its charges back within this.
+ */
+const UNREAD_RECHECK_MS = 500;
+/**
+ * Less than any message takes of a Unix socket's send accounting (SIOCOUTQ counts each unread message's buffer with
+ * the kernel's own overhead: 768 bytes for a short message on Linux 6.18), so SIOCOUTQ / this bounds the messages, and
+ * the fds with them, still unread.
+ */
+const MIN_MESSAGE_MEMORY = 512;
 
 /** Lease ids per `reclaim` message (each about 8 bytes of JSON: well under the message size limit). */
 const RECLAIM_IDS_PER_MESSAGE = 1000;
@@ -104,6 +118,9 @@ export class HandoffServer {
   #acceptRetry: NodeJS.Timeout | undefined;
   #acceptBackoffMs = 0;
   #refuseFdsOnAccept: boolean;
+  /** Sessions with leases charged as unread (#chargeIfUnread), by uid, settled every UNREAD_RECHECK_MS while any is. */
+  #unreadCharged = new Map<number, Set<ClientSession>>();
+  #unreadRecheck: NodeJS.Timeout | undefined;
 
   constructor(options: HandoffServerOptions) {
     this.#listenFd = options.listenFd;
@@ -114,7 +131,13 @@ export class HandoffServer {
     this.#extraStats = options.extraStats;
     this.#rates = options.rates;
     this.#refuseFdsOnAccept = options.refuseFdsOnAccept ?? false;
-    this.#quotas = new UidQuotas(() => this.#config().quotas);
+    this.#quotas = new UidQuotas(
+      () => this.#config().quotas,
+      undefined,
+      (uid) => {
+        for (const session of this.#unreadCharged.get(uid) ?? []) this.#settleUnread(session);
+      },
+    );
     this.#listenPoller = new native.Poller(this.#listenFd, (status) => this.#onAcceptable(status));
   }
 
@@ -273,6 +296,7 @@ export class HandoffServer {
       reclaim: false,
       cancels: undefined,
       tokenWaits: undefined,
+      unreadLeases: 0,
       channel: undefined as unknown as SeqpacketChannel,
     };
     try {
@@ -504,14 +528,33 @@ export class HandoffServer {
       () => ({
         clients: this.#clients.size,
         leases: this.#leases.size,
+        unreadLeases: this.#unreadLeasesTotal(),
         reclaimNotices: this.#reclaimNotices,
         ...this.#extraStats?.(),
       }),
       () => {
+        for (const charged of this.#unreadCharged.get(session.uid) ?? []) this.#settleUnread(charged);
         const usage = this.#quotas.usageOf(session.uid);
-        return { sessions: usage.sessions, leases: usage.leases, pending: usage.pending };
+        return {
+          sessions: usage.sessions,
+          leases: usage.leases,
+          unreadLeases: usage.unreadLeases,
+          pending: usage.pending,
+        };
       },
     );
+  }
+
+  /** Leases ended with their replies unread, still charged (every session's, settled first). */
+  #unreadLeasesTotal(): number {
+    let total = 0;
+    for (const sessions of this.#unreadCharged.values()) {
+      for (const session of sessions) {
+        this.#settleUnread(session);
+        total += session.unreadLeases;
+      }
+    }
+    return total;
   }
 
   #isAdmin(session: ClientSession): boolean {
@@ -838,7 +881,7 @@ export class HandoffServer {
       return;
     }
     this.#quotas.leaseEnded(lease.uid);
-    this.#withdrawReply(lease);
+    this.#chargeIfUnread(lease, this.#withdrawReply(lease));
     // Unused, but the client may still hold a copy: the pool keeps it for this uid alone.
     this.#pools.giveBack(
       lease.originKey,
@@ -862,7 +905,7 @@ export class HandoffServer {
    * client's included); the daemon's copy is closed either way and the slot is free.
    */
   #endLease(lease: Lease, shutDown: boolean): void {
-    this.#withdrawReply(lease);
+    this.#chargeIfUnread(lease, this.#withdrawReply(lease));
     if (shutDown) endConnection(lease.fd);
     else native.close(lease.fd);
     this.#quotas.leaseEnded(lease.uid);
@@ -874,12 +917,66 @@ export class HandoffServer {
    * and the copy of the fd it holds go (the client never learns of the lease; only one that ends leases it has not
    * read, by guessing their ids, or that reads nothing for maxLeaseMs, gets there). Without this a client that never
    * read and ended each lease by id made the daemon hold an fd per lease, whatever its quotas: thousands per session.
+   * True when the reply was taken back before the kernel had it.
    */
-  #withdrawReply(lease: Lease): void {
+  #withdrawReply(lease: Lease): boolean {
     const queued = lease.queuedReply;
-    if (queued === undefined) return;
+    if (queued === undefined) return false;
     lease.queuedReply = undefined;
-    this.#clients.get(lease.clientId)?.channel.withdraw(queued);
+    return this.#clients.get(lease.clientId)?.channel.withdraw(queued) === true;
+  }
+
+  /**
+   * A lease ended while its session is open, its reply not withdrawn: the reply went to the kernel, and may still be
+   * unread there with a copy of the lease's fd. The kernel counts fds in flight against the daemon user's
+   * RLIMIT_NOFILE (a sendmsg past it fails with ETOOMANYREFS, for every client), and nothing can take them back, so
+   * a client that never read and ended its leases by guessing their ids (they are a sequence) freed its lease quota
+   * while its fds piled up. So the lease still counts against its uid's maxLeasesPerUid until the session's output
+   * is read (#settleUnread) or it closes (the kernel frees its fds in flight then). Charged without a look (no
+   * syscall on a lease's end): settled every UNREAD_RECHECK_MS, and before an acquire is refused for it or a `stats`.
+   */
+  #chargeIfUnread(lease: Lease, withdrawn: boolean): void {
+    if (withdrawn) return;
+    const session = this.#clients.get(lease.clientId);
+    if (session === undefined || session.closed) return;
+    session.unreadLeases++;
+    this.#quotas.chargeUnread(session.uid, 1);
+    let ofUid = this.#unreadCharged.get(session.uid);
+    if (ofUid === undefined) {
+      ofUid = new Set();
+      this.#unreadCharged.set(session.uid, ofUid);
+    }
+    ofUid.add(session);
+    // Runs while any session is charged; it stops itself at a tick that finds none (no timer churn per lease).
+    this.#unreadRecheck ??= setInterval(() => {
+      for (const sessions of this.#unreadCharged.values()) for (const charged of sessions) this.#settleUnread(charged);
+      if (this.#unreadCharged.size > 0) return;
+      clearInterval(this.#unreadRecheck);
+      this.#unreadRecheck = undefined;
+    }, UNREAD_RECHECK_MS).unref();
+  }
+
+  /**
+   * The session's charges for leases ended unread, against what its socket holds unread now (one ioctl): none when
+   * it holds nothing (or it closed: the kernel freed its fds in flight), and never more than the messages that can
+   * be unread (each takes at least MIN_MESSAGE_MEMORY of the socket's accounting). Replies are read in order, so a
+   * message read since a lease ended is never unread again: a client that reads, and pipelines, keeps only charges
+   * for what may still wait, not one for every lease it ended.
+   */
+  #settleUnread(session: ClientSession): void {
+    let unread = 0;
+    if (!session.closed) {
+      try {
+        unread = native.unreadOutput(session.channel.fd);
+      } catch {}
+    }
+    const charges = Math.min(session.unreadLeases, Math.floor(unread / MIN_MESSAGE_MEMORY));
+    this.#quotas.releaseUnread(session.uid, session.unreadLeases - charges);
+    session.unreadLeases = charges;
+    if (charges > 0) return;
+    const ofUid = this.#unreadCharged.get(session.uid);
+    ofUid?.delete(session);
+    if (ofUid?.size === 0) this.#unreadCharged.delete(session.uid);
   }
 
   #onBadMessage(session: ClientSession, id: number | null, error: Error): void {
@@ -912,6 +1009,8 @@ export class HandoffServer {
     for (const cancel of session.cancels?.values() ?? []) cancel.abort();
     for (const wait of session.tokenWaits?.values() ?? []) wait.abort();
     for (const lease of this.#leases.endAllOf(session.id)) this.#endLease(lease, shutDown);
+    // Its fds in flight are freed with its socket: the charges for them go.
+    if (session.unreadLeases > 0) this.#settleUnread(session);
     this.#log.debug({ client: session.id, why }, 'client disconnected');
   }
 }

@@ -24,6 +24,11 @@ export const STATS_WINDOW_MS = 1_000;
 interface UidUsage {
   sessions: number;
   leases: number;
+  /**
+   * Leases ended while their replies may still wait unread in a session's socket (chargeUnread): each reply's fd is
+   * in flight in the kernel, counted against the daemon's RLIMIT_NOFILE, until the client reads it or leaves.
+   */
+  unreadLeases: number;
   pending: number;
   /** Token requests waiting (startWait): pending too for maxPendingPerUid, but no lease to come of them. */
   waits: number;
@@ -42,10 +47,20 @@ export class UidQuotas {
   #config: () => QuotaConfig;
   #now: () => number;
   #usage = new Map<number, UidUsage>();
+  #settleUnread: (uid: number) => void;
 
-  constructor(config: () => QuotaConfig, now: () => number = () => performance.now()) {
+  /**
+   * `settleUnread`: brings a uid's charges for leases ended unread (chargeUnread) down to what may still be unread,
+   * asked before an acquire is refused for them (they are charged without a look, so may be stale).
+   */
+  constructor(
+    config: () => QuotaConfig,
+    now: () => number = () => performance.now(),
+    settleUnread: (uid: number) => void = () => {},
+  ) {
     this.#config = config;
     this.#now = now;
+    this.#settleUnread = settleUnread;
   }
 
   /**
@@ -69,7 +84,7 @@ export class UidQuotas {
 
   /**
    * An acquire from `uid` starts waiting; throws SOCKPOOL_ERR_QUOTA past maxPendingPerUid, maxLeasesPerUid (leases
-   * held plus acquires pending) or, for a host name, maxLookupsPerUid. Pair with acquireSettled.
+   * held, leases ended with their replies unread, and acquires pending) or, for a host name, maxLookupsPerUid. Pair with acquireSettled.
    */
   startAcquire(uid: number, host: string): void {
     const usage = this.#of(uid);
@@ -82,12 +97,16 @@ export class UidQuotas {
         `uid ${uid} has ${usage.pending} acquires and ${usage.waits} token requests pending`,
       );
     }
-    if (usage.leases + usage.pending >= config.maxLeasesPerUid) {
+    if (usage.unreadLeases > 0 && usage.leases + usage.unreadLeases + usage.pending >= config.maxLeasesPerUid) {
+      this.#settleUnread(uid);
+    }
+    if (usage.leases + usage.unreadLeases + usage.pending >= config.maxLeasesPerUid) {
       throw quotaError(
         uid,
         'maxLeasesPerUid',
         config.maxLeasesPerUid,
-        `uid ${uid} holds ${usage.leases} leases with ${usage.pending} acquires pending`,
+        `uid ${uid} holds ${usage.leases} leases, ${usage.unreadLeases} ended with their replies unread, with ` +
+          `${usage.pending} acquires pending`,
       );
     }
     const needsLookup = isIP(host) === 0;
@@ -160,6 +179,19 @@ export class UidQuotas {
   }
 
   /**
+   * `count` leases of `uid` ended while their replies may still wait unread in the kernel, each with its fd in flight:
+   * they count against maxLeasesPerUid as leases until releaseUnread (the session's output was read, or it closed).
+   */
+  chargeUnread(uid: number, count: number): void {
+    this.#of(uid).unreadLeases += count;
+  }
+
+  releaseUnread(uid: number, count: number): void {
+    const usage = this.#of(uid);
+    usage.unreadLeases = Math.max(0, usage.unreadLeases - count);
+  }
+
+  /**
    * A prewarm of `count` sockets from `uid`: returns how many it may have (its demand is capped, not refused, while
    * some allowance is left); throws SOCKPOOL_ERR_QUOTA when none is left.
    */
@@ -208,11 +240,12 @@ export class UidQuotas {
   }
 
   /** What a uid uses now (stats and tests). */
-  usageOf(uid: number): { sessions: number; leases: number; pending: number; lookups: number } {
+  usageOf(uid: number): { sessions: number; leases: number; unreadLeases: number; pending: number; lookups: number } {
     const usage = this.#usage.get(uid);
     return {
       sessions: usage?.sessions ?? 0,
       leases: usage?.leases ?? 0,
+      unreadLeases: usage?.unreadLeases ?? 0,
       // (Acquires and token requests: what maxPendingPerUid counts.)
       pending: (usage?.pending ?? 0) + (usage?.waits ?? 0),
       lookups: usage?.lookups ?? 0,
@@ -225,6 +258,7 @@ export class UidQuotas {
       usage = {
         sessions: 0,
         leases: 0,
+        unreadLeases: 0,
         pending: 0,
         waits: 0,
         lookups: 0,

@@ -1785,6 +1785,16 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     return Napi::Number::New(env, S_ISSOCK(st.st_mode) ? static_cast<double>(st.st_ino) : -1.0);
   }
 
+  // SIOCOUTQ of an AF_UNIX socket: the memory of the messages it sent that the peer has not received yet (each
+  // message's buffer is charged to the sender until the receiver reads it). 0 means the peer has read everything,
+  // so no fd sent with SCM_RIGHTS is still in flight (fds in flight count against the sender's RLIMIT_NOFILE).
+  Napi::Value UnreadOutput(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    int outq = 0;
+    if (::ioctl(FdArg(info, 0), SIOCOUTQ, &outq) < 0) ThrowErrno(env, errno, "ioctl", "SIOCOUTQ");
+    return Napi::Number::New(env, outq);
+  }
+
   // Does fd a refer to the same open socket as fd b (the kernel's own identity: device and inode)?
   Napi::Value SameSocket(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
@@ -2442,6 +2452,7 @@ SockpoolAddon::SockpoolAddon(Napi::Env env, Napi::Object exports) {
                            InstanceMethod<&SockpoolAddon::SameSocket>("sameSocket", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::TcpInfo>("tcpInfo", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::SocketInode>("socketInode", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::UnreadOutput>("unreadOutput", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::Shutdown>("shutdown", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::Dup>("dup", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::Close>("close", napi_enumerable),

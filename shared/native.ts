@@ -202,6 +202,7 @@ interface NativeBinding {
   sameSocket(a: number, b: number): boolean;
   tcpInfo(fd: number, out: Float64Array, withPeer?: boolean, withMark?: boolean): void;
   socketInode(fd: number): number;
+  unreadOutput(fd: number): number;
   shutdown(fd: number): boolean;
   dup(fd: number): number;
   close(fd: number): void;
@@ -548,6 +549,14 @@ export function peerGroups(fd: number): number[] {
  */
 export function refuseFdPassing(fd: number): boolean {
   return binding.refuseFdPassing(fd);
+}
+
+/**
+ * Bytes of the messages this AF_UNIX socket sent that its peer has not read yet (SIOCOUTQ; the kernel's accounting,
+ * so more than the payloads). 0: the peer has read everything, and no fd sent on it is still in flight.
+ */
+export function unreadOutput(fd: number): number {
+  return binding.unreadOutput(fd);
 }
 
 /**

@@ -329,7 +329,18 @@ describe('replies a client does not read', () => {
     const leases = async () => (await stats(observer)).leases;
     const hoarder = openRawClient(sockpoold.socketPath, cleanups);
     const before = sockpoold.fdCount();
-    // Well past what the kernel holds for the hoarder (its buffer: about 200 lease replies) before they queue.
+    // The kernel's buffer for the hoarder filled first, with stats replies (about 500 bytes each; it holds about 200
+    // lease replies): the lease replies then wait in the daemon. (Lease replies in the kernel stay charged to the
+    // uid until read, so they could not fill it: its lease quota would refuse the fifth acquire.)
+    for (let sent = 0; sent < 400; ) {
+      try {
+        hoarder.sendJson({ type: 'stats', id: 10_000 + sent });
+        sent++;
+      } catch (error) {
+        if ((error as Error).message !== 'socket full') throw error;
+        await new Promise((resolve) => setTimeout(resolve, 1));
+      }
+    }
     for (let leaseId = 1; leaseId <= 600; leaseId++) {
       try {
         hoarder.sendJson({ type: 'acquire', id: leaseId, host: '127.0.0.1', port: origin.port });
@@ -348,6 +359,54 @@ describe('replies a client does not read', () => {
     // is gone.
     const idle = (await stats(observer)).idle ?? 0;
     expect(sockpoold.fdCount()).toBeLessThanOrEqual(before + idle + 8);
+  });
+
+  it("count against its uid's lease quota while they carry fds: a lease ended before its reply was read stays charged until the client reads", async () => {
+    // A lease reply the kernel holds (not the daemon) carries a copy of the lease's fd, in flight, counted against
+    // the daemon user's RLIMIT_NOFILE until the client reads it, and nothing can take it back. A client that never
+    // reads and ends each lease by guessing its id (`closed`; ids are the daemon's sequence) freed its lease quota
+    // at once: with a few such uids every lease send would fail (ETOOMANYREFS) for everyone.
+    const origin = await pathOrigin(cleanups);
+    const sockpoold = await daemon(origin.port, {
+      quotas: { maxLeasesPerUid: 4 },
+      pool: { defaults: { minIdle: 0, maxIdle: 4 } },
+    });
+    const observer = openRawClient(sockpoold.socketPath, cleanups);
+    const hoarder = openRawClient(sockpoold.socketPath, cleanups);
+    const acquire = (id: number) => ({ type: 'acquire', id, host: '127.0.0.1', port: origin.port, timeoutMs: 30_000 });
+    // Acquire, wait for the lease, end it by its guessed id, never read: each leaves a reply with an fd in flight.
+    for (let leaseId = 1; leaseId <= 4; leaseId++) {
+      hoarder.sendJson(acquire(leaseId));
+      await eventually(async () => (await stats(observer)).leases === 1, `lease ${leaseId} lent`);
+      hoarder.sendJson({ type: 'closed', leaseId });
+      await eventually(async () => (await stats(observer)).leases === 0, `lease ${leaseId} ended`);
+    }
+    expect((await stats(observer)).unreadLeases).toBe(4);
+    // Its uid has 4 fds in flight: further acquires are refused, however many leases it ends by guessing.
+    for (let leaseId = 5; leaseId <= 7; leaseId++) {
+      hoarder.sendJson(acquire(leaseId));
+      hoarder.sendJson({ type: 'closed', leaseId });
+    }
+    hoarder.sendJson({ type: 'stats', id: 100 });
+    // Read only once the daemon took in all of them (the hoarder's own output all read, then a turn of the daemon's
+    // for the observer): a read racing them would pay the charges off before the later acquires came.
+    await eventually(() => native.unreadOutput(hoarder.fd) === 0, "the daemon read the hoarder's messages");
+    expect((await stats(observer)).unreadLeases).toBe(4);
+    // Reading its socket now, in order: the four leases, then the refusals, then the stats reply.
+    const replies: string[] = [];
+    for (;;) {
+      const reply = await hoarder.receive();
+      for (const fd of reply.fds) native.close(fd);
+      if (reply.eof || reply.message?.id === 100) break;
+      const message = reply.message as { type: string; code?: string; fields?: { quota?: string } };
+      replies.push(message.type === 'lease' ? 'lease' : `${message.code} ${message.fields?.quota}`);
+    }
+    expect(replies).toEqual([...Array(4).fill('lease'), ...Array(3).fill('SOCKPOOL_ERR_QUOTA maxLeasesPerUid')]);
+    // Its socket is drained: the daemon's next look finds nothing unread (no message needed from the client).
+    await eventually(async () => (await stats(observer)).unreadLeases === 0, 'the charges released once read');
+    const fresh = await hoarder.request(acquire(8));
+    expect(fresh.message).toMatchObject({ type: 'lease' });
+    for (const fd of fresh.fds) native.close(fd);
   });
 });
 

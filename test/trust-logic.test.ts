@@ -121,6 +121,44 @@ describe('UidQuotas', () => {
     expect(quotas.usageOf(7)).toMatchObject({ leases: 2, pending: 0 });
   });
 
+  it('counts leases ended with their replies unread against maxLeasesPerUid until they are released', () => {
+    const quotas = new UidQuotas(() => config({ maxLeasesPerUid: 2 }));
+    quotas.startAcquire(7, '192.0.2.1');
+    quotas.acquireSettled(7, '192.0.2.1', true);
+    quotas.leaseEnded(7);
+    quotas.chargeUnread(7, 1);
+    quotas.startAcquire(7, '192.0.2.2');
+    // One charged, one pending: the uid's quota is full until the charge goes.
+    expect(() => quotas.startAcquire(7, '192.0.2.3')).toThrow(
+      expect.objectContaining({ code: ErrorCodes.QUOTA, quota: 'maxLeasesPerUid' }),
+    );
+    expect(quotas.usageOf(7)).toMatchObject({ leases: 0, unreadLeases: 1, pending: 1 });
+    quotas.releaseUnread(7, 1);
+    quotas.startAcquire(7, '192.0.2.3');
+    expect(quotas.usageOf(7)).toMatchObject({ unreadLeases: 0, pending: 2 });
+  });
+
+  it("settles a uid's unread charges (charged without a look) before refusing an acquire for them", () => {
+    const settled: number[] = [];
+    const quotas = new UidQuotas(
+      () => config({ maxLeasesPerUid: 1 }),
+      undefined,
+      (uid) => {
+        settled.push(uid);
+        if (settled.length === 1) quotas.releaseUnread(uid, 1);
+      },
+    );
+    quotas.chargeUnread(7, 1);
+    // Settled: the client had read its reply, so the acquire goes ahead.
+    quotas.startAcquire(7, '192.0.2.1');
+    quotas.acquireSettled(7, '192.0.2.1', true);
+    quotas.leaseEnded(7);
+    quotas.chargeUnread(7, 1);
+    // Settled, still unread: refused.
+    expect(() => quotas.startAcquire(7, '192.0.2.2')).toThrow(expect.objectContaining({ quota: 'maxLeasesPerUid' }));
+    expect(settled).toEqual([7, 7]);
+  });
+
   it('bounds pending acquires, leases and host-name acquires per uid', () => {
     const quotas = new UidQuotas(() => config({ maxPendingPerUid: 3, maxLeasesPerUid: 4, maxLookupsPerUid: 1 }));
     quotas.startAcquire(7, 'example.com');
@@ -134,7 +172,7 @@ describe('UidQuotas', () => {
     quotas.acquireSettled(7, 'example.com', true);
     quotas.acquireSettled(7, '192.0.2.1', true);
     quotas.acquireSettled(7, '2001:db8::1', true);
-    expect(quotas.usageOf(7)).toEqual({ sessions: 0, leases: 3, pending: 0, lookups: 0 });
+    expect(quotas.usageOf(7)).toEqual({ sessions: 0, leases: 3, unreadLeases: 0, pending: 0, lookups: 0 });
     quotas.startAcquire(7, '192.0.2.3');
     expect(() => quotas.startAcquire(7, '192.0.2.4')).toThrow(expect.objectContaining({ quota: 'maxLeasesPerUid' }));
     quotas.leaseEnded(7);
