@@ -47,15 +47,8 @@ export type DropReason = 'eof' | 'error' | 'data' | 'ttl' | 'recycled' | 'evicte
  * requests), an operator's `warm`, or warm-on-start and the fleet's shares (`start`). Counted per connect opened and
  * per socket closed without ever having been lent (PoolManager: stats `warming`, metrics).
  */
-export type ConnectPurpose = 'acquire' | 'refill' | 'prewarm' | 'lookahead' | 'warm' | 'start';
-export const CONNECT_PURPOSES: readonly ConnectPurpose[] = [
-  'acquire',
-  'refill',
-  'prewarm',
-  'lookahead',
-  'warm',
-  'start',
-];
+export const CONNECT_PURPOSES = ['acquire', 'refill', 'prewarm', 'lookahead', 'warm', 'start'] as const;
+export type ConnectPurpose = (typeof CONNECT_PURPOSES)[number];
 
 /** What the pool tells the pool manager (stats, metrics, the global idle cap). */
 export interface OriginPoolEvents {
