@@ -118,8 +118,8 @@ export class HandoffServer {
   #acceptRetry: NodeJS.Timeout | undefined;
   #acceptBackoffMs = 0;
   #refuseFdsOnAccept: boolean;
-  /** Sessions with leases charged as unread (#chargeIfUnread), by uid, settled every UNREAD_RECHECK_MS while any is. */
-  #unreadCharged = new Map<number, Set<ClientSession>>();
+  /** Sessions with leases charged as unread (#chargeIfUnread), settled every UNREAD_RECHECK_MS while any is. */
+  #unreadCharged = new Set<ClientSession>();
   #unreadRecheck: NodeJS.Timeout | undefined;
 
   constructor(options: HandoffServerOptions) {
@@ -135,7 +135,7 @@ export class HandoffServer {
       () => this.#config().quotas,
       undefined,
       (uid) => {
-        for (const session of this.#unreadCharged.get(uid) ?? []) this.#settleUnread(session);
+        for (const session of this.#unreadCharged) if (session.uid === uid) this.#settleUnread(session);
       },
     );
     this.#listenPoller = new native.Poller(this.#listenFd, (status) => this.#onAcceptable(status));
@@ -533,7 +533,7 @@ export class HandoffServer {
         ...this.#extraStats?.(),
       }),
       () => {
-        for (const charged of this.#unreadCharged.get(session.uid) ?? []) this.#settleUnread(charged);
+        for (const charged of this.#unreadCharged) if (charged.uid === session.uid) this.#settleUnread(charged);
         const usage = this.#quotas.usageOf(session.uid);
         return {
           sessions: usage.sessions,
@@ -548,11 +548,9 @@ export class HandoffServer {
   /** Leases ended with their replies unread, still charged (every session's, settled first). */
   #unreadLeasesTotal(): number {
     let total = 0;
-    for (const sessions of this.#unreadCharged.values()) {
-      for (const session of sessions) {
-        this.#settleUnread(session);
-        total += session.unreadLeases;
-      }
+    for (const session of this.#unreadCharged) {
+      this.#settleUnread(session);
+      total += session.unreadLeases;
     }
     return total;
   }
@@ -941,15 +939,10 @@ export class HandoffServer {
     if (session === undefined || session.closed) return;
     session.unreadLeases++;
     this.#quotas.chargeUnread(session.uid, 1);
-    let ofUid = this.#unreadCharged.get(session.uid);
-    if (ofUid === undefined) {
-      ofUid = new Set();
-      this.#unreadCharged.set(session.uid, ofUid);
-    }
-    ofUid.add(session);
+    this.#unreadCharged.add(session);
     // Runs while any session is charged; it stops itself at a tick that finds none (no timer churn per lease).
     this.#unreadRecheck ??= setInterval(() => {
-      for (const sessions of this.#unreadCharged.values()) for (const charged of sessions) this.#settleUnread(charged);
+      for (const charged of this.#unreadCharged) this.#settleUnread(charged);
       if (this.#unreadCharged.size > 0) return;
       clearInterval(this.#unreadRecheck);
       this.#unreadRecheck = undefined;
@@ -973,10 +966,7 @@ export class HandoffServer {
     const charges = Math.min(session.unreadLeases, Math.floor(unread / MIN_MESSAGE_MEMORY));
     this.#quotas.releaseUnread(session.uid, session.unreadLeases - charges);
     session.unreadLeases = charges;
-    if (charges > 0) return;
-    const ofUid = this.#unreadCharged.get(session.uid);
-    ofUid?.delete(session);
-    if (ofUid?.size === 0) this.#unreadCharged.delete(session.uid);
+    if (charges === 0) this.#unreadCharged.delete(session);
   }
 
   #onBadMessage(session: ClientSession, id: number | null, error: Error): void {
