@@ -135,8 +135,9 @@ export async function runSockpoold(early: EarlySignals): Promise<void> {
         return flushLogs(log).then(() => native.exitNow(1));
       },
       (error: Error) => {
+        // The stop failed part-way: a relay thread may still run, and process.exit() would join it for ever.
         log.error({ err: error.message }, 'unclean stop');
-        return flushLogs(log).then(() => process.exit(1));
+        return flushLogs(log).then(() => native.exitNow(1));
       },
     );
   const stop = (signal: string) => {
