@@ -986,18 +986,40 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     return result;
   }
 
-  // A connected pair of TCP sockets over 127.0.0.1, both non-blocking, TCP_NODELAY: the daemon's warm TLS relay
+  // A connected pair of TCP sockets over 127.0.0.1, both non-blocking, TCP_NODELAY, made in two calls:
+  // loopbackPairListen() then loopbackPairConnect() (shared/native.ts, loopbackPair). The daemon's warm TLS relay
   // keeps the accepted end and hands out the connecting one. A TCP socket, not a Unix socketpair, because curl
   // 7.88 calls connect() again on a socket it is told is already connected: a TCP socket whose non-blocking
   // connect nobody completed answers 0 (as the daemon's own TCP sockets do), a Unix one EISCONN or EINVAL.
-  // The listener lives only for this call; a connection from anyone else that lands on it is closed.
-  Napi::Value LoopbackPair(const Napi::CallbackInfo& info) {
+  // The listener lives only for the pair; a connection from anyone else that lands on it is closed.
+
+  // [listener, client]: the listener on 127.0.0.1:<ephemeral>, the client socket not yet connected. Both belong
+  // to the caller, who passes both to loopbackPairConnect.
+  Napi::Value LoopbackPairListen(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     sockaddr_in address;
     FdGuard listener(ListenOnLoopback(env, SOCK_NONBLOCK, 8, &address));
-    const socklen_t length = sizeof address;
     FdGuard client(::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
     if (client.get() < 0) ThrowErrno(env, errno, "socket");
+    Napi::Array result = Napi::Array::New(env, 2);
+    result.Set(0u, Napi::Number::New(env, listener.get()));
+    result.Set(1u, Napi::Number::New(env, client.get()));
+    listener.release();  // ownership of both passes to the caller
+    client.release();
+    return result;
+  }
+
+  // Takes the listener and client loopbackPairListen made, and owns both whatever happens: the listener is closed
+  // before this returns, the client returned in the pair or closed. Returns [accepted end, connecting end].
+  Napi::Value LoopbackPairConnect(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    FdGuard listener(FdArg(info, 0));
+    FdGuard client(FdArg(info, 1));
+    sockaddr_in address;
+    socklen_t length = sizeof address;
+    if (::getsockname(listener.get(), reinterpret_cast<sockaddr*>(&address), &length) < 0) {
+      ThrowErrno(env, errno, "getsockname");
+    }
     int result;
     do {
       result = ::connect(client.get(), reinterpret_cast<sockaddr*>(&address), length);
@@ -2418,7 +2440,8 @@ SockpoolAddon::SockpoolAddon(Napi::Env env, Napi::Object exports) {
                            InstanceMethod<&SockpoolAddon::SeqpacketListen>("seqpacketListen", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::SeqpacketConnect>("seqpacketConnect", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::SeqpacketPair>("seqpacketPair", napi_enumerable),
-                           InstanceMethod<&SockpoolAddon::LoopbackPair>("loopbackPair", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::LoopbackPairListen>("loopbackPairListen", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::LoopbackPairConnect>("loopbackPairConnect", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::Accept>("accept", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::SendMessage>("sendMessage", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::RecvMessage>("recvMessage", napi_enumerable),

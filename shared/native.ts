@@ -169,7 +169,8 @@ interface NativeBinding {
   seqpacketListen(path: string, backlog: number, refuseFds?: boolean): number;
   seqpacketConnect(path: string): number;
   seqpacketPair(): [number, number];
-  loopbackPair(): [number, number];
+  loopbackPairListen(): [number, number];
+  loopbackPairConnect(listener: number, client: number): [number, number];
   accept(fd: number): number | null;
   sendMessage(fd: number, data: Uint8Array, fds?: readonly number[]): number | null;
   recvMessage(fd: number, maxBytes: number, maxFds: number): [Buffer, number[], boolean] | null;
@@ -287,7 +288,24 @@ export function seqpacketPair(): [number, number] {
  * connecting end behaves to curl exactly as a socket the daemon connected (see the addon). Both belong to the caller.
  */
 export function loopbackPair(): [number, number] {
-  return binding.loopbackPair();
+  const [listener, client] = binding.loopbackPairListen();
+  return binding.loopbackPairConnect(listener, client); // takes both fds, whatever happens
+}
+
+/**
+ * loopbackPair's first half, a seam for tests: [listener, client], the listener on 127.0.0.1:<ephemeral>, the
+ * client not yet connected. Both belong to the caller until it passes them to loopbackPairConnect.
+ */
+export function loopbackPairListen(): [number, number] {
+  return binding.loopbackPairListen();
+}
+
+/**
+ * loopbackPair's second half: connects the client to the listener and returns [accepted end, connecting end]. It
+ * takes both fds whatever happens (the listener is closed; the client returned or closed).
+ */
+export function loopbackPairConnect(listener: number, client: number): [number, number] {
+  return binding.loopbackPairConnect(listener, client);
 }
 
 /** What restrictTcpBind did: the kernel's Landlock ABI (0: none) and whether the restriction is now in force. */
