@@ -41,6 +41,7 @@
 #include <linux/bpf.h>
 #include <linux/btf.h>
 #include <linux/capability.h>
+#include <linux/filter.h>
 #include <linux/sockios.h>
 #include <sys/epoll.h>
 #include <sys/ioctl.h>
@@ -280,6 +281,11 @@ class FdGuard {
   FdGuard(const FdGuard&) = delete;
   FdGuard& operator=(const FdGuard&) = delete;
   int get() const { return fd_; }
+  // Closes the fd held (if any) and owns `fd` instead.
+  void reset(int fd) {
+    if (fd_ >= 0) CloseQuietly(fd_);
+    fd_ = fd;
+  }
   int release() {
     const int fd = fd_;
     fd_ = -1;
@@ -874,11 +880,36 @@ void GuardSocketOrThrow(Napi::Env env, int fd) {
   if (err != 0) ThrowErrno(env, err, "bpf", "BPF_MAP_UPDATE_ELEM (connect guard)");
 }
 
+// Lets in only segments from `from`: a classic BPF socket filter, for a listener, attached before listen() so that
+// no SYN from anyone else ever takes a place in its queues (see LoopbackPairListen). When tcp_filter() runs it, on
+// a listener as on any TCP socket, the packet's data starts at the TCP header (the source port at offset 0) and the
+// IPv4 header is at SKF_NET_OFF (the source address at 12); test/loopback-pair.test.ts proves both, with our own
+// connection let in and strangers' left unanswered. Unprivileged, but the kernel compiles (JITs) each filter
+// attached, which costs more CPU than the rest of a loopback pair together (docs/benchmarks.md, twenty-second
+// session).
+void AttachSourceFilter(Napi::Env env, int fd, const sockaddr_in& from) {
+  sock_filter code[] = {
+      BPF_STMT(BPF_LD | BPF_H | BPF_ABS, 0),  // the TCP source port
+      BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, ntohs(from.sin_port), 0, 3),
+      BPF_STMT(BPF_LD | BPF_W | BPF_ABS, static_cast<uint32_t>(SKF_NET_OFF + 12)),  // the IPv4 source address
+      BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, ntohl(from.sin_addr.s_addr), 0, 1),
+      BPF_STMT(BPF_RET | BPF_K, 0xffffffff),  // the whole segment
+      BPF_STMT(BPF_RET | BPF_K, 0),           // dropped
+  };
+  const sock_fprog program = {static_cast<unsigned short>(sizeof code / sizeof code[0]), code};
+  if (::setsockopt(fd, SOL_SOCKET, SO_ATTACH_FILTER, &program, sizeof program) < 0) {
+    ThrowErrno(env, errno, "setsockopt", "SO_ATTACH_FILTER");
+  }
+}
+
 // A TCP listener on 127.0.0.1, port chosen by the kernel (`address` says which); `flags`: SOCK_NONBLOCK or 0 (with
-// SOCK_CLOEXEC always). The caller owns the fd.
-int ListenOnLoopback(Napi::Env env, int flags, int backlog, sockaddr_in* address) {
+// SOCK_CLOEXEC always). With `only_from`, it lets in connections from that address and port alone
+// (AttachSourceFilter). The caller owns the fd.
+int ListenOnLoopback(Napi::Env env, int flags, int backlog, sockaddr_in* address,
+                     const sockaddr_in* only_from = nullptr) {
   FdGuard listener(::socket(AF_INET, SOCK_STREAM | flags | SOCK_CLOEXEC, 0));
   if (listener.get() < 0) ThrowErrno(env, errno, "socket");
+  if (only_from != nullptr) AttachSourceFilter(env, listener.get(), *only_from);
   memset(address, 0, sizeof *address);
   address->sin_family = AF_INET;
   address->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
@@ -889,6 +920,68 @@ int ListenOnLoopback(Napi::Env env, int flags, int backlog, sockaddr_in* address
     ThrowErrno(env, errno, "getsockname");
   }
   return listener.release();
+}
+
+// A loopback pair's first half (see LoopbackPairListen): *listener listening on 127.0.0.1:<ephemeral> and *client
+// a socket not yet connected, each closing what it held before. `filtered`: the client is bound to 127.0.0.1:0
+// first, so that its port is known before the listener exists, and the listener lets in that address alone.
+void StartLoopbackPair(Napi::Env env, bool filtered, FdGuard* listener, FdGuard* client) {
+  listener->reset(-1);
+  client->reset(::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+  if (client->get() < 0) ThrowErrno(env, errno, "socket");
+  sockaddr_in from;
+  if (filtered) {
+    memset(&from, 0, sizeof from);
+    from.sin_family = AF_INET;
+    from.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t length = sizeof from;
+    if (::bind(client->get(), reinterpret_cast<sockaddr*>(&from), length) < 0) ThrowErrno(env, errno, "bind");
+    if (::getsockname(client->get(), reinterpret_cast<sockaddr*>(&from), &length) < 0) {
+      ThrowErrno(env, errno, "getsockname");
+    }
+  }
+  sockaddr_in address;
+  listener->reset(ListenOnLoopback(env, SOCK_NONBLOCK, 8, &address, filtered ? &from : nullptr));
+}
+
+// Connects `client` to `listener` and accepts its connection: the accepted fd (the caller's), or -1 when the first
+// connection the listener has within `wait_ms` is someone else's (closed here) or none came.
+int ConnectLoopbackPair(Napi::Env env, int listener, int client, int wait_ms) {
+  sockaddr_in address;
+  socklen_t length = sizeof address;
+  if (::getsockname(listener, reinterpret_cast<sockaddr*>(&address), &length) < 0) {
+    ThrowErrno(env, errno, "getsockname");
+  }
+  int result;
+  do {
+    result = ::connect(client, reinterpret_cast<sockaddr*>(&address), length);
+  } while (result < 0 && errno == EINTR);
+  if (result < 0 && errno != EINPROGRESS) ThrowErrno(env, errno, "connect");
+  sockaddr_in mine;
+  socklen_t mine_length = sizeof mine;
+  if (::getsockname(client, reinterpret_cast<sockaddr*>(&mine), &mine_length) < 0) {
+    ThrowErrno(env, errno, "getsockname");
+  }
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(wait_ms);
+  for (;;) {
+    sockaddr_in peer;
+    socklen_t peer_length = sizeof peer;
+    const int accepted =
+        ::accept4(listener, reinterpret_cast<sockaddr*>(&peer), &peer_length, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (accepted >= 0) {
+      if (peer.sin_port == mine.sin_port && peer.sin_addr.s_addr == mine.sin_addr.s_addr) return accepted;
+      CloseQuietly(accepted);
+      return -1;
+    }
+    if (errno == EINTR) continue;
+    if (errno == ECONNABORTED) return -1;  // a connection gone before its accept: not ours
+    if (errno != EAGAIN && errno != EWOULDBLOCK) ThrowErrno(env, errno, "accept4");
+    const auto remaining =
+        std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now()).count();
+    if (remaining <= 0) return -1;
+    pollfd ready = {listener, POLLIN, 0};
+    if (::poll(&ready, 1, static_cast<int>(remaining)) < 0 && errno != EINTR) ThrowErrno(env, errno, "poll");
+  }
 }
 
 // The guard checked by the kernel itself: a loopback connection, registered, disconnected (connect() with
@@ -991,16 +1084,34 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
   // keeps the accepted end and hands out the connecting one. A TCP socket, not a Unix socketpair, because curl
   // 7.88 calls connect() again on a socket it is told is already connected: a TCP socket whose non-blocking
   // connect nobody completed answers 0 (as the daemon's own TCP sockets do), a Unix one EISCONN or EINVAL.
-  // The listener lives only for the pair; a connection from anyone else that lands on it is closed.
+  //
+  // Any local user can connect to any 127.0.0.1 port, the pair's listener included (it lives a few µs, but
+  // /proc/net/tcp lists it, and a thread preempted between listen() and connect() gives a sprayer milliseconds).
+  // A stranger's connection is never returned (ours is the one whose peer is our client), but strangers queued
+  // before ours could make the pair fail, or fill the listener's queue so that our SYN is dropped and waits a
+  // second for its retransmit while this thread sits blocked. So a pair is made in at most two attempts:
+  // - The first, unfiltered, never waits. Over loopback the kernel runs the whole handshake within connect()
+  //   (the SYN, SYN-ACK and ACK go through the loopback device's softirq before connect() returns), so our
+  //   connection is already queued, and first unless a stranger landed in the few µs before our connect.
+  // - If the first connection the listener has is not ours, or there is none, both are closed and the pair is
+  //   made again with a socket filter on the listener (AttachSourceFilter) that lets in only segments from our
+  //   client's address and port, bound before the listener exists: no other user can send from that port, nor
+  //   take a place in the queue, so the only connection it can have is ours. Its wait (a second) is for our own
+  //   handshake alone (a softirq run late), out of a stranger's reach.
+  // Why not always the filter, the simplest: the kernel compiles each filter attached, which costs more CPU than
+  // the rest of the pair (docs/benchmarks.md, twenty-second session). Not a listener at a random 127.0.0.0/8
+  // address: /proc/net/tcp and inet_diag show it to everyone. Not SO_LOCK_FILTER: nobody but this code ever holds
+  // the listener. The accepted end inherits the filter, which passes exactly what its peer sends.
 
-  // [listener, client]: the listener on 127.0.0.1:<ephemeral>, the client socket not yet connected. Both belong
-  // to the caller, who passes both to loopbackPairConnect.
+  // [listener, client], a loopback pair's first half (StartLoopbackPair). `filtered`: a test's choice (the first
+  // attempt is unfiltered, loopbackPairConnect's second filtered). Both fds belong to the caller, who passes both
+  // to loopbackPairConnect.
   Napi::Value LoopbackPairListen(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    sockaddr_in address;
-    FdGuard listener(ListenOnLoopback(env, SOCK_NONBLOCK, 8, &address));
-    FdGuard client(::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
-    if (client.get() < 0) ThrowErrno(env, errno, "socket");
+    const bool filtered = !IsAbsent(info, 0) && BoolArg(info, 0, "filtered");
+    FdGuard listener(-1);
+    FdGuard client(-1);
+    StartLoopbackPair(env, filtered, &listener, &client);
     Napi::Array result = Napi::Array::New(env, 2);
     result.Set(0u, Napi::Number::New(env, listener.get()));
     result.Set(1u, Napi::Number::New(env, client.get()));
@@ -1015,55 +1126,23 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     Napi::Env env = info.Env();
     FdGuard listener(FdArg(info, 0));
     FdGuard client(FdArg(info, 1));
-    sockaddr_in address;
-    socklen_t length = sizeof address;
-    if (::getsockname(listener.get(), reinterpret_cast<sockaddr*>(&address), &length) < 0) {
-      ThrowErrno(env, errno, "getsockname");
+    FdGuard server(ConnectLoopbackPair(env, listener.get(), client.get(), 0));
+    if (server.get() < 0) {
+      StartLoopbackPair(env, true, &listener, &client);  // closes the first attempt's listener and client
+      server.reset(ConnectLoopbackPair(env, listener.get(), client.get(), 1000));
+      if (server.get() < 0) ThrowErrno(env, ETIMEDOUT, "accept4", "loopback pair: our own connection never arrived");
     }
-    int result;
-    do {
-      result = ::connect(client.get(), reinterpret_cast<sockaddr*>(&address), length);
-    } while (result < 0 && errno == EINTR);
-    if (result < 0 && errno != EINPROGRESS) ThrowErrno(env, errno, "connect");
-    sockaddr_in mine;
-    socklen_t mine_length = sizeof mine;
-    if (::getsockname(client.get(), reinterpret_cast<sockaddr*>(&mine), &mine_length) < 0) {
-      ThrowErrno(env, errno, "getsockname");
-    }
-    // Over loopback the handshake usually completes within connect(); the wait is bounded all the same. Ours is
-    // the connection whose peer port is the client's own port.
-    for (int attempt = 0; attempt < 8; attempt++) {
-      pollfd ready = {listener.get(), POLLIN, 0};
-      int polled;
-      do {
-        polled = ::poll(&ready, 1, 1000);
-      } while (polled < 0 && errno == EINTR);
-      if (polled < 0) ThrowErrno(env, errno, "poll");
-      if (polled == 0) ThrowErrno(env, ETIMEDOUT, "accept4", "loopback pair: our own connection never arrived");
-      sockaddr_in peer;
-      socklen_t peer_length = sizeof peer;
-      int accepted;
-      do {
-        accepted = ::accept4(listener.get(), reinterpret_cast<sockaddr*>(&peer), &peer_length,
-                             SOCK_NONBLOCK | SOCK_CLOEXEC);
-      } while (accepted < 0 && errno == EINTR);
-      if (accepted < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) continue;
-      if (accepted < 0) ThrowErrno(env, errno, "accept4");
-      FdGuard server(accepted);
-      if (peer.sin_port != mine.sin_port || peer.sin_addr.s_addr != mine.sin_addr.s_addr) continue;
-      const int on = 1;
-      ::setsockopt(server.get(), IPPROTO_TCP, TCP_NODELAY, &on, sizeof on);
-      ::setsockopt(client.get(), IPPROTO_TCP, TCP_NODELAY, &on, sizeof on);
-      Napi::Array pair = Napi::Array::New(env, 2);
-      pair.Set(0u, Napi::Number::New(env, server.get()));
-      pair.Set(1u, Napi::Number::New(env, client.get()));
-      // Either end may be lent: neither may connect again (see the connect guard).
-      for (const int end : {server.get(), client.get()}) GuardSocketOrThrow(env, end);
-      server.release();  // ownership of both passes to the caller
-      client.release();
-      return pair;
-    }
-    ThrowErrno(env, ECONNABORTED, "accept4", "loopback pair: our own connection never arrived");
+    const int on = 1;
+    ::setsockopt(server.get(), IPPROTO_TCP, TCP_NODELAY, &on, sizeof on);
+    ::setsockopt(client.get(), IPPROTO_TCP, TCP_NODELAY, &on, sizeof on);
+    Napi::Array pair = Napi::Array::New(env, 2);
+    pair.Set(0u, Napi::Number::New(env, server.get()));
+    pair.Set(1u, Napi::Number::New(env, client.get()));
+    // Either end may be lent: neither may connect again (see the connect guard).
+    for (const int end : {server.get(), client.get()}) GuardSocketOrThrow(env, end);
+    server.release();  // ownership of both passes to the caller; the listener closes here
+    client.release();
+    return pair;
   }
 
   Napi::Value Accept(const Napi::CallbackInfo& info) {

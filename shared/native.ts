@@ -169,7 +169,7 @@ interface NativeBinding {
   seqpacketListen(path: string, backlog: number, refuseFds?: boolean): number;
   seqpacketConnect(path: string): number;
   seqpacketPair(): [number, number];
-  loopbackPairListen(): [number, number];
+  loopbackPairListen(filtered?: boolean): [number, number];
   loopbackPairConnect(listener: number, client: number): [number, number];
   accept(fd: number): number | null;
   sendMessage(fd: number, data: Uint8Array, fds?: readonly number[]): number | null;
@@ -294,15 +294,17 @@ export function loopbackPair(): [number, number] {
 
 /**
  * loopbackPair's first half, a seam for tests: [listener, client], the listener on 127.0.0.1:<ephemeral>, the
- * client not yet connected. Both belong to the caller until it passes them to loopbackPairConnect.
+ * client not yet connected. `filtered`: the listener lets in connections from the client's address and port alone
+ * (loopbackPairConnect's second attempt). Both belong to the caller until it passes them to loopbackPairConnect.
  */
-export function loopbackPairListen(): [number, number] {
-  return binding.loopbackPairListen();
+export function loopbackPairListen(filtered = false): [number, number] {
+  return binding.loopbackPairListen(filtered);
 }
 
 /**
- * loopbackPair's second half: connects the client to the listener and returns [accepted end, connecting end]. It
- * takes both fds whatever happens (the listener is closed; the client returned or closed).
+ * loopbackPair's second half: connects the client to the listener and returns [accepted end, connecting end]; when
+ * the listener's first connection is not ours at once, makes the pair again with a filtered listener (see the
+ * addon). It takes both fds whatever happens (the listener is closed; the client returned or closed).
  */
 export function loopbackPairConnect(listener: number, client: number): [number, number] {
   return binding.loopbackPairConnect(listener, client);

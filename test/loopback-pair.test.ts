@@ -1,0 +1,107 @@
+// The warm TLS relay's loopback pair (native.loopbackPair: two TCP sockets over 127.0.0.1 connected to each other)
+// against another local user, who can connect to any 127.0.0.1 port, the pair's short-lived listener included. The
+// seam is loopbackPair's own two halves: between loopbackPairListen and loopbackPairConnect these tests land
+// connections of their own ("strangers") on the listener, as a user spraying 127.0.0.1 ports can, before ours.
+import { execFileSync } from 'node:child_process';
+import { join } from 'node:path';
+import { beforeAll, describe, expect, it } from 'vitest';
+import * as native from '../shared/native.js';
+import { fdCount, receiveMessage, warmUpChildProcesses } from './fixtures/native-helpers.js';
+import { repoRoot } from './helpers/daemon.js';
+
+const TCP_ESTABLISHED = 1;
+const TCP_SYN_SENT = 2;
+
+beforeAll(async () => {
+  await warmUpChildProcesses();
+});
+
+/** Connections from this process to `port` (non-blocking: started, not waited for). Their fds are the caller's. */
+function strangers(port: number, count: number): number[] {
+  const fds: number[] = [];
+  for (let i = 0; i < count; i++) {
+    const fd = native.tcpSocket(4);
+    fds.push(fd);
+    native.connectStart(fd, '127.0.0.1', port, 4);
+  }
+  return fds;
+}
+
+/**
+ * The pair's two ends are connected to each other, and to nothing else: each end's peer is the other end, and
+ * bytes written on either arrive on the other.
+ */
+async function expectConnectedToEachOther([accepted, connecting]: [number, number]): Promise<void> {
+  expect(native.peerAddress(accepted)).toEqual(native.localAddress(connecting));
+  expect(native.peerAddress(connecting)).toEqual(native.localAddress(accepted));
+  expect(native.sendMessage(accepted, Buffer.from('to the connecting end'))).toBe(21);
+  expect((await receiveMessage(connecting, 64, 0)).data.toString()).toBe('to the connecting end');
+  expect(native.sendMessage(connecting, Buffer.from('to the accepted end'))).toBe(19);
+  expect((await receiveMessage(accepted, 64, 0)).data.toString()).toBe('to the accepted end');
+}
+
+describe('loopbackPair beside a local user spraying 127.0.0.1 ports', () => {
+  it('makes two ends connected to each other, and leaves no fd behind', async () => {
+    const before = fdCount();
+    for (let i = 0; i < 20; i++) {
+      const pair = native.loopbackPair();
+      await expectConnectedToEachOther(pair);
+      for (const fd of pair) native.close(fd);
+    }
+    expect(fdCount()).toBe(before);
+  });
+
+  it.each([1, 8, 9, 64])(
+    'makes the pair with %i strangers landed on its listener before ours (the backlog is 8), never returning one',
+    async (count) => {
+      const before = fdCount();
+      const [listener, client] = native.loopbackPairListen();
+      const theirs = strangers(native.localAddress(listener).port, count);
+      const strangerPorts = new Set(theirs.map((fd) => native.localAddress(fd).port));
+      // Takes the listener and the client, whatever happens.
+      const pair = native.loopbackPairConnect(listener, client);
+      await expectConnectedToEachOther(pair);
+      expect(strangerPorts.has(native.peerAddress(pair[0]).port)).toBe(false);
+      for (const fd of [...pair, ...theirs]) native.close(fd);
+      expect(fdCount()).toBe(before);
+    },
+  );
+
+  it("drops strangers' SYNs on a filtered listener: theirs never connect, ours does", async () => {
+    const before = fdCount();
+    const [listener, client] = native.loopbackPairListen(true);
+    const theirs = strangers(native.localAddress(listener).port, 16);
+    const pair = native.loopbackPairConnect(listener, client);
+    await expectConnectedToEachOther(pair);
+    for (const fd of theirs) {
+      // Their SYNs met the filter: no answer, so each still waits for one (SYN_SENT), unless its retransmit a
+      // second later found the listener gone (refused). An accepted stranger would be ESTABLISHED, or reset when
+      // the listener closed with it queued.
+      const state = native.probe(fd).tcpState;
+      expect(state).not.toBe(TCP_ESTABLISHED);
+      if (state !== TCP_SYN_SENT) expect(native.socketError(fd)).toBe('ECONNREFUSED');
+    }
+    for (const fd of [...pair, ...theirs]) native.close(fd);
+    expect(fdCount()).toBe(before);
+  });
+
+  it("makes both attempts' pairs under the daemon's own bind restriction (Landlock: port 0 only)", () => {
+    // The second attempt binds its client to 127.0.0.1:0 before connecting: port 0 is what sockpoold allows itself
+    // (daemon/bind-restriction.ts). A child process, as the restriction is for good (dist/: npx tsc -p .).
+    const nativeModule = join(repoRoot, 'dist', 'shared', 'native.js');
+    const source = `import * as native from ${JSON.stringify(nativeModule)};
+      const restriction = native.restrictTcpBind([0]);
+      const made = [];
+      for (const filtered of [false, true]) {
+        const [listener, client] = native.loopbackPairListen(filtered);
+        const [accepted, connecting] = native.loopbackPairConnect(listener, client);
+        made.push(native.peerAddress(accepted).port === native.localAddress(connecting).port);
+        native.close(accepted);
+        native.close(connecting);
+      }
+      console.log(JSON.stringify({ applied: restriction.applied || restriction.abi < 4, made }));`;
+    const out = execFileSync(process.execPath, ['--input-type=module', '-e', source], { encoding: 'utf8' });
+    // applied: in force, or a kernel without Landlock's network rules (nothing to prove there).
+    expect(JSON.parse(out)).toEqual({ applied: true, made: [true, true] });
+  });
+});
