@@ -70,6 +70,11 @@ export const DEFAULTS = {
     maxLookupsPerUid: 256,
     maxPrewarmPerUid: 512,
     maxStatsPerUid: 10,
+    // Idle sockets kept for one uid (released unused, kept for it alone: its client may hold a copy), in all pools.
+    // An honest client releases unused only now and then (a cancelled request, a connection its cache did not
+    // need): a crawler's queue announcing 64 origins, with a few such sockets at each, keeps a few hundred. A
+    // tenth of pool.maxIdleTotal: one uid cannot fill the global idle budget and push the shared sockets out.
+    maxKeptPerUid: 1_000,
     maxConnectsInFlight: 512,
     maxLeaseMs: 0,
   },
@@ -444,6 +449,8 @@ export const configSchema = z
         maxLookupsPerUid: z.int().min(1).default(quotaDefaults.maxLookupsPerUid),
         maxPrewarmPerUid: z.int().min(0).default(quotaDefaults.maxPrewarmPerUid),
         maxStatsPerUid: z.int().min(1).default(quotaDefaults.maxStatsPerUid),
+        // At least 1: the socket a release just kept is never the one its bound closes (kept-sockets.ts).
+        maxKeptPerUid: z.int().min(1).default(quotaDefaults.maxKeptPerUid),
         maxConnectsInFlight: z.int().min(1).default(quotaDefaults.maxConnectsInFlight),
         // 0: leases last until the client ends them.
         maxLeaseMs: durationMs(0).default(quotaDefaults.maxLeaseMs),

@@ -529,6 +529,7 @@ export class HandoffServer {
         clients: this.#clients.size,
         leases: this.#leases.size,
         unreadLeases: this.#unreadLeasesTotal(),
+        keptIdle: this.#pools.keptCount(),
         reclaimNotices: this.#reclaimNotices,
         ...this.#extraStats?.(),
       }),
@@ -540,6 +541,8 @@ export class HandoffServer {
           leases: usage.leases,
           unreadLeases: usage.unreadLeases,
           pending: usage.pending,
+          // Idle sockets kept for this uid (released unused), against quotas.maxKeptPerUid.
+          keptIdle: this.#pools.keptCount(session.uid),
         };
       },
     );

@@ -6,7 +6,8 @@
 //
 // Slots: maxPerOrigin bounds leased + idle + connecting, across all clients (a crawler's politeness limit).
 // Waiters queue fairly across uids (fair-queue.ts). A socket a client gave back unused is idle again but kept for
-// that client's uid alone (`ownerUid`): the client may still hold a copy of it.
+// that client's uid alone (`ownerUid`): the client may still hold a copy of it. Those count against their uid's
+// bound across all pools (kept-sockets.ts, the pool manager's): entered when kept idle, left in #takeIdle and #drop.
 
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
@@ -17,6 +18,7 @@ import { ConnectAbandoned } from './connect-gate.js';
 import { type ConnectedSocket, type Connector, connectedPart } from './connector.js';
 import { FairWaitQueue } from './fair-queue.js';
 import type { SlotKeeper } from './fleet/slots.js';
+import type { KeptHolder, KeptSockets } from './kept-sockets.js';
 import { checkIdle, endConnection, markOf, type UsageMark } from './lease-guard.js';
 
 export interface Handoff extends ConnectedSocket {
@@ -39,7 +41,18 @@ export interface Handoff extends ConnectedSocket {
   announced?: boolean;
 }
 
-export type DropReason = 'eof' | 'error' | 'data' | 'ttl' | 'recycled' | 'evicted' | 'excess' | 'shutdown' | 'refused';
+/** Why an idle socket was closed; `quota`: its uid had more kept than `quotas.maxKeptPerUid` (kept-sockets.ts). */
+export type DropReason =
+  | 'eof'
+  | 'error'
+  | 'data'
+  | 'ttl'
+  | 'recycled'
+  | 'evicted'
+  | 'excess'
+  | 'shutdown'
+  | 'refused'
+  | 'quota';
 
 /**
  * Why a connect was started: for an acquire that waits (`acquire`), the pool's own refill toward its target
@@ -71,7 +84,8 @@ export interface OriginPoolEvents {
   waitingForRoom(pool: OriginPool): void;
 }
 
-interface IdleSocket extends ConnectedSocket {
+/** An idle socket of a pool (exported as a type for KeptSockets, whose entries these are). */
+export interface IdleSocket extends ConnectedSocket {
   idleSince: number;
   /**
    * Watches for EOF, reset or stray bytes. Armed once the socket has been idle IDLE_WATCH_DELAY_MS (see
@@ -100,7 +114,7 @@ interface Waiter {
   roomWaitAtStart: number;
 }
 
-export class OriginPool {
+export class OriginPool implements KeptHolder<IdleSocket> {
   readonly key: string;
   readonly origin: Origin;
   policy: OriginPolicy;
@@ -135,6 +149,8 @@ export class OriginPool {
   /** Time waited for room so far (closed periods), and since when it waits now (see #roomWaitClock). */
   #roomWaitTotal = 0;
   #roomWaitSince: number | undefined;
+  /** The sockets kept for each uid across pools, bounded per uid (the pool manager's); without it, no such bound. */
+  #kept: KeptSockets<IdleSocket> | undefined;
 
   constructor(
     key: string,
@@ -143,6 +159,7 @@ export class OriginPool {
     connector: Connector,
     events: OriginPoolEvents,
     slots?: SlotKeeper,
+    kept?: KeptSockets<IdleSocket>,
   ) {
     this.key = key;
     this.origin = origin;
@@ -150,6 +167,7 @@ export class OriginPool {
     this.#connector = connector;
     this.#events = events;
     this.#slots = slots;
+    this.#kept = kept;
   }
 
   get idleCount(): number {
@@ -425,6 +443,7 @@ export class OriginPool {
       const checked = recycle ? 'recycled' : checkIdle(socket.fd, socket.mark);
       if (typeof checked !== 'string') {
         this.#idle.splice(index, 1);
+        if (socket.ownerUid !== undefined) this.#kept?.released(socket.ownerUid, socket);
         socket.poller?.close();
         clearTimeout(socket.recycleTimer);
         this.#events.idleChanged(this, -1);
@@ -485,6 +504,9 @@ export class OriginPool {
     // peer is the one its policy check read (ConnectedSocket.connectedPeer).
     idle.mark = mark ?? markOf(socket.fd, idle.connectedPeer);
     this.#idle.push(idle);
+    // Counted for its uid before anything below can close it (the global idle cap), and at once: past the uid's
+    // bound its oldest kept socket, in whatever pool, is closed now (never this one; see kept-sockets.ts).
+    if (ownerUid !== undefined) this.#kept?.keep(ownerUid, idle, this);
     this.#armSoon();
     this.#scheduleRecycle(idle);
     this.#events.idleChanged(this, +1);
@@ -558,10 +580,21 @@ export class OriginPool {
     this.#pump();
   }
 
+  /**
+   * Closes a socket kept for its uid because that uid keeps more than its bound (KeptSockets calls it), while another
+   * socket goes idle (maybe in this pool, in #addIdle): its slot goes to a waiter at the next turn, not in the midst
+   * of that.
+   */
+  dropKept(socket: IdleSocket): void {
+    this.#drop(socket, 'quota');
+    this.#pumpSoon();
+  }
+
   #drop(socket: IdleSocket, reason: DropReason): void {
     const index = this.#idle.indexOf(socket);
     if (index === -1) return;
     this.#idle.splice(index, 1);
+    if (socket.ownerUid !== undefined) this.#kept?.released(socket.ownerUid, socket);
     socket.poller?.close();
     clearTimeout(socket.recycleTimer);
     closePooled(socket, socket.ownerUid !== undefined);

@@ -9,6 +9,7 @@ import { snapshotOf } from './client-view.js';
 import { type OriginPolicy, policyFor, type SockpoolConfig } from './config.js';
 import type { ConnectedSocket, Connector } from './connector.js';
 import { fleetKey, type SlotKeeper } from './fleet/slots.js';
+import { KeptSockets } from './kept-sockets.js';
 import { endConnection, type UsageMark } from './lease-guard.js';
 import { type Logger, LogLimiter, REFUSAL_LOG_WINDOW_MS, REFUSALS_LOGGED } from './log.js';
 import type { Metrics } from './metrics.js';
@@ -17,6 +18,7 @@ import {
   type ConnectPurpose,
   type DropReason,
   type Handoff,
+  type IdleSocket,
   OriginPool,
   type OriginPoolEvents,
 } from './origin-pool.js';
@@ -124,6 +126,8 @@ export class PoolManager {
   /** Connect failures are logged per uid up to a bound (see the connectFailed event). */
   readonly #failureLog = new LogLimiter(REFUSALS_LOGGED, REFUSAL_LOG_WINDOW_MS);
   #idleTotal = 0;
+  /** Idle sockets kept for one uid (released unused), in every pool: at most `quotas.maxKeptPerUid` per uid. */
+  readonly #kept = new KeptSockets<IdleSocket>(() => this.#config.quotas.maxKeptPerUid);
   /** Daemon-wide, per purpose (see OriginStats.warmed): the `warming` figures of an admin's `stats`. */
   readonly #warming = { opened: purposeCounts(), lent: purposeCounts(), neverLent: purposeCounts() };
   #hits = 0;
@@ -445,6 +449,12 @@ export class PoolManager {
   /** The DNS query for `host` in flight now, if any (see UidQuotas.acquireSettled). */
   readonly lookupInFlight = (host: string): Promise<unknown> | undefined => this.#connector.lookupInFlight?.(host);
 
+  /** Idle sockets kept for `uid` now (released unused: see OriginPool.giveBack), in every pool; without `uid`, for
+   *  every uid together. */
+  keptCount(uid?: number): number {
+    return uid === undefined ? this.#kept.total : this.#kept.countOf(uid);
+  }
+
   /** The uids that named an origin (by pool key), for the `stats` view; undefined for an origin not pooled. */
   usersOf(key: string): ReadonlySet<number> | undefined {
     return this.#stats.get(key)?.uids;
@@ -582,6 +592,8 @@ export class PoolManager {
       // connecting, each connect failing, for ever); the pool is retired once its leases and waiters are gone.
       pool.policyChanged(this.#proxyRemoved(pool) ? { ...policy, minIdle: 0, maxIdle: 0 } : policy);
     }
+    // A lowered quotas.maxKeptPerUid holds at once, not only at each uid's next release.
+    this.#kept.trimAll();
     this.#sweep();
     return refused;
   }
@@ -690,7 +702,7 @@ export class PoolManager {
     if (!pool) {
       const policy = policyFor(this.#config, normalised.host, normalised.port);
       const connector = isTlsPoolKey(key) && this.#tls ? this.#tls : this.#connector;
-      pool = new OriginPool(key, normalised, policy, connector, this.#events, this.#slots);
+      pool = new OriginPool(key, normalised, policy, connector, this.#events, this.#slots, this.#kept);
       this.#pools.set(key, pool);
       this.#armSweep();
       const learned = this.#store?.learnedIdleLifetime(key);

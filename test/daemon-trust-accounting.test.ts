@@ -33,13 +33,15 @@ async function stats(raw: RawClient): Promise<Record<string, number>> {
   return (reply.message as unknown as { stats: Record<string, number> }).stats;
 }
 
-/** An HTTP origin that counts the TCP connections open at it now. */
-async function countingOrigin(): Promise<{ port: number; open: () => number }> {
+/** An HTTP origin that counts the TCP connections open at it now, and those it accepted. */
+async function countingOrigin(): Promise<{ port: number; open: () => number; accepted: () => number }> {
   let open = 0;
+  let accepted = 0;
   const server = http.createServer((request, response) => response.end(request.url));
   server.keepAliveTimeout = 60_000;
   server.on('connection', (socket) => {
     open++;
+    accepted++;
     socket.on('close', () => open--);
   });
   server.listen(0, '127.0.0.1');
@@ -48,7 +50,7 @@ async function countingOrigin(): Promise<{ port: number; open: () => number }> {
     server.closeAllConnections();
     server.close();
   });
-  return { port: (server.address() as AddressInfo).port, open: () => open };
+  return { port: (server.address() as AddressInfo).port, open: () => open, accepted: () => accepted };
 }
 
 async function get(fd: number, path: string): Promise<string> {
@@ -139,6 +141,70 @@ describe('sockets a client released while keeping a copy', () => {
       () => origin.open() === 0,
       () => `the origin's connections closed (${origin.open()} open)`,
     );
+  });
+});
+
+describe('sockets kept for one uid (released unused)', () => {
+  it("are bounded per uid across origins (maxKeptPerUid): the uid's oldest are closed, its newest lent again warm, another origin's shared socket kept", async () => {
+    // One uid acquiring and releasing unused across many origins made the daemon keep every such socket for it (up
+    // to pool.maxIdleTotal, 10,000: daemon fds and connections at the origins), pushing shared ones out of that budget.
+    const origins = await Promise.all([1, 2, 3, 4, 5].map(() => countingOrigin()));
+    const shared = await countingOrigin();
+    const ports = [...origins, shared].map((origin) => origin.port);
+    const args = ['--allow', '127.0.0.1/32', ...ports.flatMap((port) => ['--allow-port', String(port)])];
+    // (No predicted idle target: the origins acquired twice would get a shared socket refilled at a sweep.)
+    const config = { quotas: { maxKeptPerUid: 3 }, pool: { predictive: false, defaults: { maxIdle: 4 } } };
+    const sockpoold = await startDaemon({ args: [...args, '--config', writeConfigFile(config, cleanups)] });
+    cleanups.push(() => sockpoold.stop());
+    const raw = openRawClient(sockpoold.socketPath, cleanups);
+    await stats(raw); // (the daemon accepted the client: its end of the connection is counted in `before`)
+    const before = sockpoold.fdCount();
+    const prewarm = await raw.request({
+      type: 'prewarm',
+      id: nextId++,
+      host: '127.0.0.1',
+      port: shared.port,
+      count: 1,
+    });
+    expect(prewarm.message).toMatchObject({ type: 'ok' });
+    await eventually(async () => (await stats(raw)).idle === 1, 'the shared socket warm');
+    const acquire = async (port: number) => {
+      const lease = await raw.request({ type: 'acquire', id: nextId++, host: '127.0.0.1', port });
+      expect(lease.message).toMatchObject({ type: 'lease' });
+      return { ...(lease.message as unknown as { leaseId: number; warm: boolean }), fd: lease.fds[0]! };
+    };
+    for (const origin of origins) {
+      const lease = await acquire(origin.port);
+      // Released unused: the daemon keeps its own copy for this uid alone.
+      native.close(lease.fd);
+      const released = await raw.request({ type: 'release', id: nextId++, leaseId: lease.leaseId, withoutFd: true });
+      expect(released.message).toMatchObject({ type: 'ok' });
+      expect((await stats(raw)).keptIdle).toBeLessThanOrEqual(3);
+    }
+    expect(await stats(raw)).toMatchObject({ keptIdle: 3, idle: 4, leased: 0 });
+    // The daemon holds the bound's sockets and the shared one, not one for every release.
+    expect(sockpoold.fdCount()).toBeLessThanOrEqual(before + 4);
+    // The two oldest were closed: their origins saw the connections end; the newest three are open.
+    await eventually(
+      () => origins[0]!.open() === 0 && origins[1]!.open() === 0,
+      () => `the oldest closed at their origins (${origins.map((origin) => origin.open())})`,
+    );
+    expect(origins.map((origin) => origin.open())).toEqual([0, 0, 1, 1, 1]);
+    // The newest three are lent again to the same uid, warm: no new connection at their origins.
+    const again = [];
+    for (const origin of origins.slice(2)) again.push(await acquire(origin.port));
+    expect(again.map((lease) => lease.warm)).toEqual([true, true, true]);
+    expect(origins.map((origin) => origin.accepted())).toEqual([1, 1, 1, 1, 1]);
+    expect((await stats(raw)).keptIdle).toBe(0);
+    // The other origin's shared socket was never pushed out: it is lent warm too.
+    const sharedLease = await acquire(shared.port);
+    expect({ warm: sharedLease.warm, accepted: shared.accepted() }).toEqual({ warm: true, accepted: 1 });
+    for (const lease of [...again, sharedLease]) {
+      native.close(lease.fd);
+      await raw.request({ type: 'closed', id: nextId++, leaseId: lease.leaseId });
+    }
+    await eventually(async () => (await stats(raw)).leased === 0, 'the leases ended');
+    expect(sockpoold.fdCount()).toBeLessThanOrEqual(before);
   });
 });
 

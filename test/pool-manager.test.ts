@@ -6,12 +6,14 @@
 // refused prewarms, warm-on-start from the store's history (within warmOnStartSockets), reconfiguration (idle
 // sockets a reloaded policy refuses are closed) and close. No fd is left behind.
 import { mkdtempSync, rmSync } from 'node:fs';
+import type { Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import pino from 'pino';
 import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import { parseConfig, type SockpoolConfigInput } from '../daemon/config.js';
 import { LocalSlots, slotKeeper } from '../daemon/fleet/slots.js';
+import { createMetrics, type MetricsSnapshot } from '../daemon/metrics.js';
 import type { Handoff } from '../daemon/origin-pool.js';
 import { PoolManager } from '../daemon/pool-manager.js';
 import { StateStore } from '../daemon/store.js';
@@ -668,5 +670,92 @@ describe('PoolManager snapshot for one uid', () => {
     expect(rowsBuilt).toBe(1);
     // Without `include`, every pool, with the daemon's totals.
     expect(pools.snapshot()).toMatchObject({ leased: 21, originCount: 21 });
+  });
+});
+
+describe('PoolManager sockets kept for one uid', () => {
+  /** A manager whose uids may each keep `maxKeptPerUid` idle sockets released unused, with its metrics. */
+  function keeping(maxKeptPerUid: number, pool: NonNullable<SockpoolConfigInput['pool']> = {}) {
+    const metrics = createMetrics(() => ({}) as MetricsSnapshot);
+    const created = new PoolManager({
+      config: parseConfig({ quotas: { maxKeptPerUid }, pool }, 'test'),
+      connector,
+      log: pino({ level: 'silent' }),
+      metrics,
+    });
+    managers.push(created);
+    const droppedFor = async (reason: string) =>
+      (await metrics.deadDropped.get()).values.find((value) => value.labels.reason === reason)?.value ?? 0;
+    return { pools: created, droppedFor };
+  }
+  const origins = ['k1', 'k2', 'k3', 'k4', 'k5'].map((host): Origin => ({ host: `${host}.test`, port: 443 }));
+  const SHARED: Origin = { host: 'shared.test', port: 443 };
+
+  /** An acquire of `uid` at `origin` given back unused by its client (kept for `uid`); returns its origin's side. */
+  async function releaseUnused(pools: PoolManager, origin: Origin, uid: number) {
+    const lent = await pools.acquire(origin, 1_000, undefined, uid);
+    const peer = connector.peerOf(lent.fd);
+    pools.giveBack(lent.originKey, lent, uid, true);
+    return peer;
+  }
+
+  it("closes the uid's oldest kept socket in whatever pool past maxKeptPerUid (shut down), and no shared or other uid's one", async () => {
+    const { pools, droppedFor } = keeping(3);
+    pools.warm(SHARED, 1);
+    await until(() => idleOf(pools, SHARED) === 1, 'a shared warm socket');
+    const other = await releaseUnused(pools, origins[4]!, 2000);
+    const peers: Socket[] = [];
+    for (const origin of origins) {
+      peers.push(await releaseUnused(pools, origin, 1000));
+      expect(pools.keptCount(1000)).toBeLessThanOrEqual(3);
+    }
+    expect([pools.keptCount(1000), pools.keptCount(2000), pools.keptCount()]).toEqual([3, 1, 4]);
+    // The two oldest (k1, k2) are closed, at their origins too (shut down: the client may hold a copy).
+    expect(origins.map((origin) => idleOf(pools, origin))).toEqual([0, 0, 1, 1, 2]);
+    await until(() => peers[0]!.destroyed && peers[1]!.destroyed, 'the oldest two closed at their origins');
+    expect(peers.slice(2).map((peer) => peer.destroyed)).toEqual([false, false, false]);
+    expect(await droppedFor('quota')).toBe(2);
+    // The newest are lent again to their uid, warm (and no longer counted while lent); uid 2000's stays its own.
+    for (const origin of origins.slice(2)) {
+      const again = await pools.acquire(origin, 1_000, undefined, 1000);
+      held.push(again);
+      expect(again).toMatchObject({ warm: true, kept: true });
+    }
+    expect([pools.keptCount(1000), pools.keptCount(2000)]).toEqual([0, 1]);
+    expect(other.destroyed).toBe(false);
+    // The shared socket of another origin was never at stake.
+    expect(idleOf(pools, SHARED)).toBe(1);
+    const shared = await pools.acquire(SHARED, 1_000, undefined, 3000);
+    held.push(shared);
+    expect(shared.warm).toBe(true);
+    expect(connector.calls).toBe(7);
+  });
+
+  it('stops counting a kept socket wherever it leaves the idle set: a waiter of another uid, a reload, the sweep, close', async () => {
+    const pool = { defaults: { maxPerOrigin: 1, idleTtlMs: 5_000 } };
+    const { pools } = keeping(10, pool);
+    pools.start();
+    for (const origin of origins) await releaseUnused(pools, origin, 1000);
+    expect(pools.keptCount(1000)).toBe(5);
+    // A waiter of another uid at k1's cap takes the kept socket's slot (it is closed for it).
+    const waited = await pools.acquire(origins[0]!, 1_000, undefined, 2000);
+    held.push(waited);
+    expect(waited.warm).toBe(false);
+    expect(pools.keptCount(1000)).toBe(4);
+    // A reload whose egress policy refuses k2 closes its idle socket.
+    connector.refuse.add(origins[1]!.host);
+    pools.reconfigure(parseConfig({ quotas: { maxKeptPerUid: 10 }, pool }, 'reload'));
+    expect(pools.keptCount(1000)).toBe(3);
+    // A reload that lowers the bound holds at once: the oldest over it closed.
+    pools.reconfigure(parseConfig({ quotas: { maxKeptPerUid: 2 }, pool }, 'reload'));
+    expect([pools.keptCount(1000), idleOf(pools, origins[2]!)]).toEqual([2, 0]);
+    // Past idleTtlMs the sweep ages the rest out.
+    await vi.advanceTimersByTimeAsync(5_000 + SWEEP_MS);
+    expect([pools.keptCount(1000), pools.keptCount()]).toEqual([0, 0]);
+    // Kept again, then the manager closes (shutdown, fd store or not): nothing counted is left.
+    await releaseUnused(pools, origins[3]!, 1000);
+    expect(pools.keptCount(1000)).toBe(1);
+    pools.close(true);
+    expect(pools.keptCount()).toBe(0);
   });
 });
