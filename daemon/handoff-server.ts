@@ -32,7 +32,7 @@ import { type Lease, LeaseTable } from './leases.js';
 import { type Logger, LogLimiter, REFUSAL_LOG_WINDOW_MS, REFUSALS_LOGGED } from './log.js';
 import type { Metrics } from './metrics.js';
 import type { PoolManager } from './pool-manager.js';
-import { UidQuotas } from './quotas.js';
+import { overLeaseLimit, UidQuotas } from './quotas.js';
 
 export const SERVER_VERSION = '0.1.0';
 
@@ -53,7 +53,8 @@ interface ClientSession {
   cancels: Map<number, AbortController> | undefined;
   /** Waits for rate tokens (`tokens`), by request id: `cancel` and the disconnect end them (created on the first). */
   tokenWaits: Map<number, AbortController> | undefined;
-  /** Leases of this session that ended after their replies went out, maybe unread: charged to its uid (#chargeIfUnread). */
+  /** Leases of this session that ended after their replies went out, maybe unread: charged to its uid and counted by
+   *  maxLeasesPerClient (#chargeIfUnread). */
   unreadLeases: number;
 }
 
@@ -121,6 +122,11 @@ export class HandoffServer {
   /** Sessions with leases charged as unread (#chargeIfUnread), settled every UNREAD_RECHECK_MS while any is. */
   #unreadCharged = new Set<ClientSession>();
   #unreadRecheck: NodeJS.Timeout | undefined;
+  /** A session's charges for leases ended unread once settled (overLeaseLimit's `settle`: made once, not per acquire). */
+  #settleSession = (session: ClientSession): number => {
+    this.#settleUnread(session);
+    return session.unreadLeases;
+  };
 
   constructor(options: HandoffServerOptions) {
     this.#listenFd = options.listenFd;
@@ -665,11 +671,18 @@ export class HandoffServer {
       );
       return;
     }
-    if (this.#leases.countOf(session.id) + session.pending >= access.maxLeasesPerClient) {
+    // Its leases ended unread count here as for its uid (#chargeIfUnread): each is an fd of the daemon's in flight to
+    // this connection, and a connection that ended its leases by guessed ids stayed under this limit otherwise.
+    const held = this.#leases.countOf(session.id) + session.pending;
+    if (overLeaseLimit(access.maxLeasesPerClient, held, session.unreadLeases, this.#settleSession, session)) {
       this.#replyError(
         session,
         message.id,
-        new SockpoolError(ErrorCodes.LIMIT, `client holds ${access.maxLeasesPerClient} leases (maxLeasesPerClient)`),
+        new SockpoolError(
+          ErrorCodes.LIMIT,
+          `client holds ${this.#leases.countOf(session.id)} leases, ${session.unreadLeases} ended with their replies ` +
+            `unread, with ${session.pending} acquires pending (maxLeasesPerClient = ${access.maxLeasesPerClient})`,
+        ),
       );
       return;
     }
@@ -932,8 +945,9 @@ export class HandoffServer {
    * unread there with a copy of the lease's fd. The kernel counts fds in flight against the daemon user's
    * RLIMIT_NOFILE (a sendmsg past it fails with ETOOMANYREFS, for every client), and nothing can take them back, so
    * a client that never read and ended its leases by guessing their ids (they are a sequence) freed its lease quota
-   * while its fds piled up. So the lease still counts against its uid's maxLeasesPerUid until the session's output
-   * is read (#settleUnread) or it closes (the kernel frees its fds in flight then). Charged without a look (no
+   * while its fds piled up. So the lease still counts against its uid's maxLeasesPerUid, and its session's
+   * maxLeasesPerClient, until the session's output is read (#settleUnread) or it closes (the kernel frees its fds in
+   * flight then). Charged without a look (no
    * syscall on a lease's end): settled every UNREAD_RECHECK_MS, and before an acquire is refused for it or a `stats`.
    */
   #chargeIfUnread(lease: Lease, withdrawn: boolean): void {

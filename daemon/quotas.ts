@@ -1,6 +1,7 @@
 // Per-uid quotas: what one uid may hold at once in the daemon, whatever number of connections it opens. The
-// per-connection limits (access.maxLeasesPerClient, maxPendingPerClient) stay as a first line; these bound a uid
-// that opens many connections. Every refusal is a SOCKPOOL_ERR_QUOTA with the quota's name in the message.
+// per-connection limits (access.maxLeasesPerClient, maxPendingPerClient) stay as a first line (counting the same leases
+// ended unread: overLeaseLimit); these bound a uid that opens many connections. Every refusal is a SOCKPOOL_ERR_QUOTA
+// with the quota's name in the message.
 //
 // Counted per uid: sessions (connections), leases held, acquires pending, acquires pending for a host name (each
 // may need a DNS lookup; IP literals need none), prewarm demand (sockets asked for, refilled over a window) and
@@ -48,6 +49,11 @@ export class UidQuotas {
   #now: () => number;
   #usage = new Map<number, UidUsage>();
   #settleUnread: (uid: number) => void;
+  /** The uid's charges for leases ended unread once settled (overLeaseLimit's `settle`: made once, not per acquire). */
+  #settleUid = (uid: number): number => {
+    this.#settleUnread(uid);
+    return this.#of(uid).unreadLeases;
+  };
 
   /**
    * `settleUnread`: brings a uid's charges for leases ended unread (chargeUnread) down to what may still be unread,
@@ -97,10 +103,9 @@ export class UidQuotas {
         `uid ${uid} has ${usage.pending} acquires and ${usage.waits} token requests pending`,
       );
     }
-    if (usage.unreadLeases > 0 && usage.leases + usage.unreadLeases + usage.pending >= config.maxLeasesPerUid) {
-      this.#settleUnread(uid);
-    }
-    if (usage.leases + usage.unreadLeases + usage.pending >= config.maxLeasesPerUid) {
+    if (
+      overLeaseLimit(config.maxLeasesPerUid, usage.leases + usage.pending, usage.unreadLeases, this.#settleUid, uid)
+    ) {
       throw quotaError(
         uid,
         'maxLeasesPerUid',
@@ -272,6 +277,24 @@ export class UidQuotas {
     }
     return usage;
   }
+}
+
+/**
+ * Whether `held` (leases held and acquires pending) with `unread` (the charges for leases ended with their replies
+ * maybe unread) reach `limit`. The charges, made without a look and maybe stale, are settled first (`settle(key)`,
+ * one ioctl per charged session, returning what is left charged) only when they are what would make it. The one rule
+ * for maxLeasesPerUid here and access.maxLeasesPerClient (handoff-server.ts): both count the fds a client's unread
+ * replies hold in flight. (`settle` and `key` apart, not a closure: no allocation per acquire.)
+ */
+export function overLeaseLimit<K>(
+  limit: number,
+  held: number,
+  unread: number,
+  settle: (key: K) => number,
+  key: K,
+): boolean {
+  if (held + unread < limit) return false;
+  return unread === 0 || held + settle(key) >= limit;
 }
 
 function quotaError(uid: number, quota: string, limit: number, what: string): SockpoolError {

@@ -474,6 +474,53 @@ describe('replies a client does not read', () => {
     expect(fresh.message).toMatchObject({ type: 'lease' });
     for (const fd of fresh.fds) native.close(fd);
   });
+
+  it("count against the connection's maxLeasesPerClient too: one connection that ends its leases unread is refused at its own limit", async () => {
+    // The same fds in flight, held by one connection: under a large uid quota, a connection that never read and
+    // ended each lease by its guessed id stayed under maxLeasesPerClient (it counted only leases held) while its
+    // fds in flight grew up to the uid's whole quota.
+    const origin = await pathOrigin(cleanups);
+    const sockpoold = await daemon(origin.port, {
+      access: { maxLeasesPerClient: 4 },
+      quotas: { maxLeasesPerUid: 1000 },
+      pool: { defaults: { minIdle: 0, maxIdle: 4 } },
+    });
+    const observer = openRawClient(sockpoold.socketPath, cleanups);
+    const hoarder = openRawClient(sockpoold.socketPath, cleanups);
+    const acquire = (id: number) => ({ type: 'acquire', id, host: '127.0.0.1', port: origin.port, timeoutMs: 30_000 });
+    for (let leaseId = 1; leaseId <= 4; leaseId++) {
+      hoarder.sendJson(acquire(leaseId));
+      await eventually(async () => (await stats(observer)).leases === 1, `lease ${leaseId} lent`);
+      hoarder.sendJson({ type: 'closed', leaseId });
+      await eventually(async () => (await stats(observer)).leases === 0, `lease ${leaseId} ended`);
+    }
+    expect((await stats(observer)).unreadLeases).toBe(4);
+    for (let leaseId = 5; leaseId <= 7; leaseId++) {
+      hoarder.sendJson(acquire(leaseId));
+      hoarder.sendJson({ type: 'closed', leaseId });
+    }
+    hoarder.sendJson({ type: 'stats', id: 100 });
+    // Its output read by the daemon (one recvmmsg), and then a turn for the observer: the daemon is done with the
+    // batch, so the reads below cannot pay the charges off before the later acquires are checked.
+    await eventually(() => native.unreadOutput(hoarder.fd) === 0, "the daemon read the hoarder's messages");
+    expect((await stats(observer)).unreadLeases).toBe(4);
+    const replies: string[] = [];
+    for (;;) {
+      const reply = await hoarder.receive();
+      for (const fd of reply.fds) native.close(fd);
+      if (reply.eof || reply.message?.id === 100) break;
+      const message = reply.message as { type: string; code?: string; message?: string };
+      replies.push(
+        message.type === 'lease' ? 'lease' : `${message.code} ${/maxLeasesPerClient/.test(message.message ?? '')}`,
+      );
+    }
+    // (Not the uid's quota: 1000.)
+    expect(replies).toEqual([...Array(4).fill('lease'), ...Array(3).fill('SOCKPOOL_ERR_LIMIT true')]);
+    // Read: the connection's own settle before refusing finds nothing unread, and it gets leases again.
+    const fresh = await hoarder.request(acquire(8));
+    expect(fresh.message).toMatchObject({ type: 'lease' });
+    for (const fd of fresh.fds) native.close(fd);
+  });
 });
 
 describe('token waits of one uid across connections', () => {

@@ -11,7 +11,7 @@ import { FairWaitQueue } from '../daemon/fair-queue.js';
 import { checkIdle, checkReturned, endConnection, markOf, usedSinceLent } from '../daemon/lease-guard.js';
 import { LogLimiter } from '../daemon/log.js';
 import { type Handoff, OriginPool, type OriginPoolEvents } from '../daemon/origin-pool.js';
-import { PREWARM_WINDOW_MS, type QuotaConfig, STATS_WINDOW_MS, UidQuotas } from '../daemon/quotas.js';
+import { overLeaseLimit, PREWARM_WINDOW_MS, type QuotaConfig, STATS_WINDOW_MS, UidQuotas } from '../daemon/quotas.js';
 import { ErrorCodes } from '../shared/errors.js';
 import * as native from '../shared/native.js';
 import type { Origin } from '../shared/origin.js';
@@ -157,6 +157,23 @@ describe('UidQuotas', () => {
     // Settled, still unread: refused.
     expect(() => quotas.startAcquire(7, '192.0.2.2')).toThrow(expect.objectContaining({ quota: 'maxLeasesPerUid' }));
     expect(settled).toEqual([7, 7]);
+  });
+
+  it('overLeaseLimit settles the unread charges only when they are what would refuse, and counts what is left', () => {
+    const settled: string[] = [];
+    const settle = (key: string) => {
+      settled.push(key);
+      return key === 'read' ? 0 : 2;
+    };
+    // Under the limit with the charges: no settle (no ioctl on an acquire that passes).
+    expect(overLeaseLimit(4, 1, 2, settle, 'read')).toBe(false);
+    // Over without charges: refused, nothing to settle.
+    expect(overLeaseLimit(4, 4, 0, settle, 'read')).toBe(true);
+    expect(settled).toEqual([]);
+    // Over with charges: settled; the client had read (none left): passes; still unread: refused.
+    expect(overLeaseLimit(4, 2, 3, settle, 'read')).toBe(false);
+    expect(overLeaseLimit(4, 2, 3, settle, 'unread')).toBe(true);
+    expect(settled).toEqual(['read', 'unread']);
   });
 
   it('bounds pending acquires, leases and host-name acquires per uid', () => {
