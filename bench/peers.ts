@@ -677,6 +677,12 @@ interface Aim {
 /**
  * What sockpoold opened in a crawl run, by purpose, and how many of those it lent (medians of the rounds): each run
  * has host names of its own, so a socket not lent by the run's end never is (the origin accepted it for nothing).
+ * `lent` counts sockets lent at least once, over the whole `load` call: more than the requests the client counts
+ * as `leased` (their last attempt ran on a socket curl took from a lease), by a few to about ten a run. Measured
+ * (docs/benchmarks.md, twenty-second session), every lending was taken by curl or given back unused (`release`): the
+ * difference is the leases a worker brought for a transfer that then ran on a connection curl had freed meanwhile
+ * (given back, the request counts as `reused`; a later acquire may get the socket again), a socket taken by an
+ * attempt that ran again, and the untimed `prepareUrls` requests when curl's cache had dropped their connections.
  */
 function warmingNote(rounds: Warming[]): string {
   const purposes = Object.keys(rounds[0]!.opened).filter((purpose) => rounds.some((r) => r.opened[purpose]! > 0));
@@ -687,7 +693,7 @@ function warmingNote(rounds: Warming[]): string {
   });
   const total = median(rounds.map((r) => Object.values(r.opened).reduce((a, b) => a + b, 0)));
   const lent = median(rounds.map((r) => Object.values(r.lent).reduce((a, b) => a + b, 0)));
-  return `sockpoold opened ${total}, lent ${lent} a round (median): ${parts.join(', ')}`;
+  return `sockpoold opened ${total}, lent ${lent} a round (median; given back unused included): ${parts.join(', ')}`;
 }
 
 function ratioText(value: number): string {
@@ -859,7 +865,7 @@ function report(sets: SetResult[]): { text: string; aims: Aim[] } {
         const total = run.rounds.reduce((sum, r) => sum + r.count - r.errors, 0);
         const sum = (key: 'warm' | 'leased' | 'reused') =>
           run.rounds.reduce((acc, r) => acc + (r.connections?.[key] ?? 0), 0);
-        notes.push(`warm ${sum('warm')}/${total}, leased ${sum('leased')}, reused ${sum('reused')}`);
+        notes.push(`warm ${sum('warm')}/${total}, leased ${sum('leased')}, reused ${sum('reused')} (all rounds)`);
       }
       const announced = run.rounds.map((r) => r.announceMs).filter((v): v is number => v !== undefined);
       if (announced.length > 0) notes.push(`prewarm took ${ms(median(announced))} (untimed)`);
