@@ -884,10 +884,11 @@ void GuardSocketOrThrow(Napi::Env env, int fd) {
 // no SYN from anyone else ever takes a place in its queues (see LoopbackPairListen). When tcp_filter() runs it, on
 // a listener as on any TCP socket, the packet's data starts at the TCP header (the source port at offset 0) and the
 // IPv4 header is at SKF_NET_OFF (the source address at 12); test/loopback-pair.test.ts proves both, with our own
-// connection let in and strangers' left unanswered. Unprivileged, but the kernel compiles (JITs) each filter
-// attached, which costs more CPU than the rest of a loopback pair together (docs/benchmarks.md, twenty-second
-// session).
-void AttachSourceFilter(Napi::Env env, int fd, const sockaddr_in& from) {
+// connection let in and strangers' left unanswered. The kernel compiles (JITs) each filter attached, which costs
+// more CPU than the rest of a loopback pair together (docs/benchmarks.md, twenty-second session). Returns 0, or the
+// errno of a refusal: some kernels (this project's CI machine's) refuse socket filters to a process without
+// CAP_NET_ADMIN with EPERM, and sockpoold drops that capability once its connect guard is up.
+int AttachSourceFilter(int fd, const sockaddr_in& from) {
   sock_filter code[] = {
       BPF_STMT(BPF_LD | BPF_H | BPF_ABS, 0),  // the TCP source port
       BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, ntohs(from.sin_port), 0, 3),
@@ -897,19 +898,24 @@ void AttachSourceFilter(Napi::Env env, int fd, const sockaddr_in& from) {
       BPF_STMT(BPF_RET | BPF_K, 0),           // dropped
   };
   const sock_fprog program = {static_cast<unsigned short>(sizeof code / sizeof code[0]), code};
-  if (::setsockopt(fd, SOL_SOCKET, SO_ATTACH_FILTER, &program, sizeof program) < 0) {
-    ThrowErrno(env, errno, "setsockopt", "SO_ATTACH_FILTER");
-  }
+  return ::setsockopt(fd, SOL_SOCKET, SO_ATTACH_FILTER, &program, sizeof program) < 0 ? errno : 0;
 }
 
 // A TCP listener on 127.0.0.1, port chosen by the kernel (`address` says which); `flags`: SOCK_NONBLOCK or 0 (with
 // SOCK_CLOEXEC always). With `only_from`, it lets in connections from that address and port alone
-// (AttachSourceFilter). The caller owns the fd.
+// (AttachSourceFilter), or, where the kernel refuses the filter with EPERM, it is left unfiltered and *filter_refused
+// says so (any other refusal throws). The caller owns the fd.
 int ListenOnLoopback(Napi::Env env, int flags, int backlog, sockaddr_in* address,
-                     const sockaddr_in* only_from = nullptr) {
+                     const sockaddr_in* only_from = nullptr, bool* filter_refused = nullptr) {
   FdGuard listener(::socket(AF_INET, SOCK_STREAM | flags | SOCK_CLOEXEC, 0));
   if (listener.get() < 0) ThrowErrno(env, errno, "socket");
-  if (only_from != nullptr) AttachSourceFilter(env, listener.get(), *only_from);
+  if (only_from != nullptr) {
+    const int refused = AttachSourceFilter(listener.get(), *only_from);
+    if (refused != 0 && (refused != EPERM || filter_refused == nullptr)) {
+      ThrowErrno(env, refused, "setsockopt", "SO_ATTACH_FILTER");
+    }
+    if (filter_refused != nullptr) *filter_refused = refused != 0;
+  }
   memset(address, 0, sizeof *address);
   address->sin_family = AF_INET;
   address->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
@@ -925,27 +931,42 @@ int ListenOnLoopback(Napi::Env env, int flags, int backlog, sockaddr_in* address
 // A loopback pair's first half (see LoopbackPairListen): *listener listening on 127.0.0.1:<ephemeral> and *client
 // a socket not yet connected, each closing what it held before. `filtered`: the client is bound to 127.0.0.1:0
 // first, so that its port is known before the listener exists, and the listener lets in that address alone.
-void StartLoopbackPair(Napi::Env env, bool filtered, FdGuard* listener, FdGuard* client) {
+// Returns whether the listener is filtered: not when the kernel refused the filter (EPERM, see AttachSourceFilter);
+// then its queue is as long as the kernel allows instead, so that a sprayer has to land thousands of connections in
+// the few µs before ours to fill it (ConnectLoopbackPair takes strangers out of it as it waits).
+bool StartLoopbackPair(Napi::Env env, bool filtered, FdGuard* listener, FdGuard* client) {
   listener->reset(-1);
   client->reset(::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
   if (client->get() < 0) ThrowErrno(env, errno, "socket");
+  if (!filtered) {
+    sockaddr_in address;
+    listener->reset(ListenOnLoopback(env, SOCK_NONBLOCK, 8, &address));
+    return false;
+  }
   sockaddr_in from;
-  if (filtered) {
-    memset(&from, 0, sizeof from);
-    from.sin_family = AF_INET;
-    from.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    socklen_t length = sizeof from;
-    if (::bind(client->get(), reinterpret_cast<sockaddr*>(&from), length) < 0) ThrowErrno(env, errno, "bind");
-    if (::getsockname(client->get(), reinterpret_cast<sockaddr*>(&from), &length) < 0) {
-      ThrowErrno(env, errno, "getsockname");
-    }
+  memset(&from, 0, sizeof from);
+  from.sin_family = AF_INET;
+  from.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t length = sizeof from;
+  if (::bind(client->get(), reinterpret_cast<sockaddr*>(&from), length) < 0) ThrowErrno(env, errno, "bind");
+  if (::getsockname(client->get(), reinterpret_cast<sockaddr*>(&from), &length) < 0) {
+    ThrowErrno(env, errno, "getsockname");
   }
   sockaddr_in address;
-  listener->reset(ListenOnLoopback(env, SOCK_NONBLOCK, 8, &address, filtered ? &from : nullptr));
+  bool refused = false;
+  FdGuard filtered_listener(ListenOnLoopback(env, SOCK_NONBLOCK, 8, &address, &from, &refused));
+  if (!refused) {
+    listener->reset(filtered_listener.release());
+    return true;
+  }
+  filtered_listener.reset(-1);
+  listener->reset(ListenOnLoopback(env, SOCK_NONBLOCK, SOMAXCONN, &address));
+  return false;
 }
 
-// Connects `client` to `listener` and accepts its connection: the accepted fd (the caller's), or -1 when the first
-// connection the listener has within `wait_ms` is someone else's (closed here) or none came.
+// Connects `client` to `listener` and accepts its connection: the accepted fd (the caller's), or -1 when ours is not
+// there within `wait_ms`. Connections from anyone else found on the way are accepted and closed (never returned: ours
+// is the one whose peer is our client), which also makes room in the queue for ours.
 int ConnectLoopbackPair(Napi::Env env, int listener, int client, int wait_ms) {
   sockaddr_in address;
   socklen_t length = sizeof address;
@@ -970,11 +991,10 @@ int ConnectLoopbackPair(Napi::Env env, int listener, int client, int wait_ms) {
         ::accept4(listener, reinterpret_cast<sockaddr*>(&peer), &peer_length, SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (accepted >= 0) {
       if (peer.sin_port == mine.sin_port && peer.sin_addr.s_addr == mine.sin_addr.s_addr) return accepted;
-      CloseQuietly(accepted);
-      return -1;
+      CloseQuietly(accepted);  // a stranger's
+      continue;
     }
-    if (errno == EINTR) continue;
-    if (errno == ECONNABORTED) return -1;  // a connection gone before its accept: not ours
+    if (errno == EINTR || errno == ECONNABORTED) continue;  // ECONNABORTED: a connection gone before its accept
     if (errno != EAGAIN && errno != EWOULDBLOCK) ThrowErrno(env, errno, "accept4");
     const auto remaining =
         std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now()).count();
@@ -1098,23 +1118,29 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
   //   client's address and port, bound before the listener exists: no other user can send from that port, nor
   //   take a place in the queue, so the only connection it can have is ours. Its wait (a second) is for our own
   //   handshake alone (a softirq run late), out of a stranger's reach.
+  // - Where the kernel refuses the filter (EPERM without CAP_NET_ADMIN on some kernels, and sockpoold drops it),
+  //   the second listener is unfiltered with the longest queue the kernel allows, and its wait takes strangers out
+  //   of the queue until ours arrives, for up to 3 s (our SYN's first retransmit, should a sprayer have filled even
+  //   that queue, comes after 1 s). A sprayer can then still delay a pair, not make it fail; both attempts close
+  //   every stranger they meet.
   // Why not always the filter, the simplest: the kernel compiles each filter attached, which costs more CPU than
   // the rest of the pair (docs/benchmarks.md, twenty-second session). Not a listener at a random 127.0.0.0/8
   // address: /proc/net/tcp and inet_diag show it to everyone. Not SO_LOCK_FILTER: nobody but this code ever holds
   // the listener. The accepted end inherits the filter, which passes exactly what its peer sends.
 
-  // [listener, client], a loopback pair's first half (StartLoopbackPair). `filtered`: a test's choice (the first
-  // attempt is unfiltered, loopbackPairConnect's second filtered). Both fds belong to the caller, who passes both
-  // to loopbackPairConnect.
+  // [listener, client, filtered], a loopback pair's first half (StartLoopbackPair). `filtered`: a test's choice (the
+  // first attempt is unfiltered, loopbackPairConnect's second filtered where the kernel allows); the third element
+  // says whether the listener is. Both fds belong to the caller, who passes both to loopbackPairConnect.
   Napi::Value LoopbackPairListen(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    const bool filtered = !IsAbsent(info, 0) && BoolArg(info, 0, "filtered");
+    const bool filter = !IsAbsent(info, 0) && BoolArg(info, 0, "filtered");
     FdGuard listener(-1);
     FdGuard client(-1);
-    StartLoopbackPair(env, filtered, &listener, &client);
-    Napi::Array result = Napi::Array::New(env, 2);
+    const bool filtered = StartLoopbackPair(env, filter, &listener, &client);
+    Napi::Array result = Napi::Array::New(env, 3);
     result.Set(0u, Napi::Number::New(env, listener.get()));
     result.Set(1u, Napi::Number::New(env, client.get()));
+    result.Set(2u, Napi::Boolean::New(env, filtered));
     listener.release();  // ownership of both passes to the caller
     client.release();
     return result;
@@ -1128,8 +1154,9 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     FdGuard client(FdArg(info, 1));
     FdGuard server(ConnectLoopbackPair(env, listener.get(), client.get(), 0));
     if (server.get() < 0) {
-      StartLoopbackPair(env, true, &listener, &client);  // closes the first attempt's listener and client
-      server.reset(ConnectLoopbackPair(env, listener.get(), client.get(), 1000));
+      // Closes the first attempt's listener and client.
+      const bool filtered = StartLoopbackPair(env, true, &listener, &client);
+      server.reset(ConnectLoopbackPair(env, listener.get(), client.get(), filtered ? 1000 : 3000));
       if (server.get() < 0) ThrowErrno(env, ETIMEDOUT, "accept4", "loopback pair: our own connection never arrived");
     }
     const int on = 1;

@@ -169,7 +169,7 @@ interface NativeBinding {
   seqpacketListen(path: string, backlog: number, refuseFds?: boolean): number;
   seqpacketConnect(path: string): number;
   seqpacketPair(): [number, number];
-  loopbackPairListen(filtered?: boolean): [number, number];
+  loopbackPairListen(filtered?: boolean): [number, number, boolean];
   loopbackPairConnect(listener: number, client: number): [number, number];
   accept(fd: number): number | null;
   sendMessage(fd: number, data: Uint8Array, fds?: readonly number[]): number | null;
@@ -293,11 +293,13 @@ export function loopbackPair(): [number, number] {
 }
 
 /**
- * loopbackPair's first half, a seam for tests: [listener, client], the listener on 127.0.0.1:<ephemeral>, the
- * client not yet connected. `filtered`: the listener lets in connections from the client's address and port alone
- * (loopbackPairConnect's second attempt). Both belong to the caller until it passes them to loopbackPairConnect.
+ * loopbackPair's first half, a seam for tests: [listener, client, filtered], the listener on 127.0.0.1:<ephemeral>,
+ * the client not yet connected. `filtered`: the listener lets in connections from the client's address and port alone
+ * (loopbackPairConnect's second attempt), where the kernel allows the socket filter (the third element says whether
+ * it did: some kernels refuse it without CAP_NET_ADMIN). Both fds belong to the caller until it passes them to
+ * loopbackPairConnect.
  */
-export function loopbackPairListen(filtered = false): [number, number] {
+export function loopbackPairListen(filtered = false): [number, number, boolean] {
   return binding.loopbackPairListen(filtered);
 }
 
