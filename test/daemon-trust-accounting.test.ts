@@ -432,96 +432,87 @@ describe('replies a client does not read', () => {
     // the daemon user's RLIMIT_NOFILE until the client reads it, and nothing can take it back. A client that never
     // reads and ends each lease by guessing its id (`closed`; ids are the daemon's sequence) freed its lease quota
     // at once: with a few such uids every lease send would fail (ETOOMANYREFS) for everyone.
-    const origin = await pathOrigin(cleanups);
-    const sockpoold = await daemon(origin.port, {
-      quotas: { maxLeasesPerUid: 4 },
-      pool: { defaults: { minIdle: 0, maxIdle: 4 } },
-    });
-    const observer = openRawClient(sockpoold.socketPath, cleanups);
-    const hoarder = openRawClient(sockpoold.socketPath, cleanups);
-    const acquire = (id: number) => ({ type: 'acquire', id, host: '127.0.0.1', port: origin.port, timeoutMs: 30_000 });
-    // Acquire, wait for the lease, end it by its guessed id, never read: each leaves a reply with an fd in flight.
-    for (let leaseId = 1; leaseId <= 4; leaseId++) {
-      hoarder.sendJson(acquire(leaseId));
-      await eventually(async () => (await stats(observer)).leases === 1, `lease ${leaseId} lent`);
-      hoarder.sendJson({ type: 'closed', leaseId });
-      await eventually(async () => (await stats(observer)).leases === 0, `lease ${leaseId} ended`);
-    }
-    expect((await stats(observer)).unreadLeases).toBe(4);
-    // Its uid has 4 fds in flight: further acquires are refused, however many leases it ends by guessing.
-    for (let leaseId = 5; leaseId <= 7; leaseId++) {
-      hoarder.sendJson(acquire(leaseId));
-      hoarder.sendJson({ type: 'closed', leaseId });
-    }
-    hoarder.sendJson({ type: 'stats', id: 100 });
-    // Read only once the daemon took in all of them (the hoarder's own output all read, then a turn of the daemon's
-    // for the observer): a read racing them would pay the charges off before the later acquires came.
-    await eventually(() => native.unreadOutput(hoarder.fd) === 0, "the daemon read the hoarder's messages");
-    expect((await stats(observer)).unreadLeases).toBe(4);
-    // Reading its socket now, in order: the four leases, then the refusals, then the stats reply.
-    const replies: string[] = [];
-    for (;;) {
-      const reply = await hoarder.receive();
-      for (const fd of reply.fds) native.close(fd);
-      if (reply.eof || reply.message?.id === 100) break;
-      const message = reply.message as { type: string; code?: string; fields?: { quota?: string } };
-      replies.push(message.type === 'lease' ? 'lease' : `${message.code} ${message.fields?.quota}`);
-    }
-    expect(replies).toEqual([...Array(4).fill('lease'), ...Array(3).fill('SOCKPOOL_ERR_QUOTA maxLeasesPerUid')]);
+    const { replies, observer, again } = await endLeasesUnread({ quotas: { maxLeasesPerUid: 4 } });
+    expect(replies.map((reply) => (reply.type === 'lease' ? 'lease' : `${reply.code} ${reply.fields?.quota}`))).toEqual(
+      [...Array(4).fill('lease'), ...Array(3).fill('SOCKPOOL_ERR_QUOTA maxLeasesPerUid')],
+    );
     // Its socket is drained: the daemon's next look finds nothing unread (no message needed from the client).
     await eventually(async () => (await stats(observer)).unreadLeases === 0, 'the charges released once read');
-    const fresh = await hoarder.request(acquire(8));
-    expect(fresh.message).toMatchObject({ type: 'lease' });
-    for (const fd of fresh.fds) native.close(fd);
+    expect(await again()).toMatchObject({ type: 'lease' });
   });
 
   it("count against the connection's maxLeasesPerClient too: one connection that ends its leases unread is refused at its own limit", async () => {
     // The same fds in flight, held by one connection: under a large uid quota, a connection that never read and
     // ended each lease by its guessed id stayed under maxLeasesPerClient (it counted only leases held) while its
     // fds in flight grew up to the uid's whole quota.
-    const origin = await pathOrigin(cleanups);
-    const sockpoold = await daemon(origin.port, {
+    const { replies, again } = await endLeasesUnread({
       access: { maxLeasesPerClient: 4 },
       quotas: { maxLeasesPerUid: 1000 },
-      pool: { defaults: { minIdle: 0, maxIdle: 4 } },
     });
-    const observer = openRawClient(sockpoold.socketPath, cleanups);
-    const hoarder = openRawClient(sockpoold.socketPath, cleanups);
-    const acquire = (id: number) => ({ type: 'acquire', id, host: '127.0.0.1', port: origin.port, timeoutMs: 30_000 });
-    for (let leaseId = 1; leaseId <= 4; leaseId++) {
-      hoarder.sendJson(acquire(leaseId));
-      await eventually(async () => (await stats(observer)).leases === 1, `lease ${leaseId} lent`);
-      hoarder.sendJson({ type: 'closed', leaseId });
-      await eventually(async () => (await stats(observer)).leases === 0, `lease ${leaseId} ended`);
-    }
-    expect((await stats(observer)).unreadLeases).toBe(4);
-    for (let leaseId = 5; leaseId <= 7; leaseId++) {
-      hoarder.sendJson(acquire(leaseId));
-      hoarder.sendJson({ type: 'closed', leaseId });
-    }
-    hoarder.sendJson({ type: 'stats', id: 100 });
-    // Its output read by the daemon (one recvmmsg), and then a turn for the observer: the daemon is done with the
-    // batch, so the reads below cannot pay the charges off before the later acquires are checked.
-    await eventually(() => native.unreadOutput(hoarder.fd) === 0, "the daemon read the hoarder's messages");
-    expect((await stats(observer)).unreadLeases).toBe(4);
-    const replies: string[] = [];
-    for (;;) {
-      const reply = await hoarder.receive();
-      for (const fd of reply.fds) native.close(fd);
-      if (reply.eof || reply.message?.id === 100) break;
-      const message = reply.message as { type: string; code?: string; message?: string };
-      replies.push(
-        message.type === 'lease' ? 'lease' : `${message.code} ${/maxLeasesPerClient/.test(message.message ?? '')}`,
-      );
-    }
     // (Not the uid's quota: 1000.)
-    expect(replies).toEqual([...Array(4).fill('lease'), ...Array(3).fill('SOCKPOOL_ERR_LIMIT true')]);
+    expect(
+      replies.map((reply) =>
+        reply.type === 'lease' ? 'lease' : `${reply.code} ${/maxLeasesPerClient/.test(reply.message ?? '')}`,
+      ),
+    ).toEqual([...Array(4).fill('lease'), ...Array(3).fill('SOCKPOOL_ERR_LIMIT true')]);
     // Read: the connection's own settle before refusing finds nothing unread, and it gets leases again.
-    const fresh = await hoarder.request(acquire(8));
-    expect(fresh.message).toMatchObject({ type: 'lease' });
-    for (const fd of fresh.fds) native.close(fd);
+    expect(await again()).toMatchObject({ type: 'lease' });
   });
 });
+
+interface HoarderReply {
+  type: string;
+  code?: string;
+  message?: string;
+  fields?: { quota?: string };
+}
+
+/**
+ * A daemon with `config` (leases to one path origin) and a raw client that never reads: it acquires four leases one
+ * after another and ends each by its guessed id (`closed`), which leaves four replies with fds in flight, then sends
+ * three more acquires (each ended at once) and a `stats`. Returns its replies in order up to the stats (their fds
+ * closed), an observer connection, and `again`: one more acquire's reply once all is read.
+ */
+async function endLeasesUnread(
+  config: object,
+): Promise<{ replies: HoarderReply[]; observer: RawClient; again: () => Promise<unknown> }> {
+  const origin = await pathOrigin(cleanups);
+  const sockpoold = await daemon(origin.port, { ...config, pool: { defaults: { minIdle: 0, maxIdle: 4 } } });
+  const observer = openRawClient(sockpoold.socketPath, cleanups);
+  const hoarder = openRawClient(sockpoold.socketPath, cleanups);
+  const acquire = (id: number) => ({ type: 'acquire', id, host: '127.0.0.1', port: origin.port, timeoutMs: 30_000 });
+  for (let leaseId = 1; leaseId <= 4; leaseId++) {
+    hoarder.sendJson(acquire(leaseId));
+    await eventually(async () => (await stats(observer)).leases === 1, `lease ${leaseId} lent`);
+    hoarder.sendJson({ type: 'closed', leaseId });
+    await eventually(async () => (await stats(observer)).leases === 0, `lease ${leaseId} ended`);
+  }
+  expect((await stats(observer)).unreadLeases).toBe(4);
+  // Four fds in flight: further acquires are refused, however many leases it ends by guessing.
+  for (let leaseId = 5; leaseId <= 7; leaseId++) {
+    hoarder.sendJson(acquire(leaseId));
+    hoarder.sendJson({ type: 'closed', leaseId });
+  }
+  hoarder.sendJson({ type: 'stats', id: 100 });
+  // Read only once the daemon took in all of them (the hoarder's own output all read, then a turn of the daemon's
+  // for the observer): a read racing them would pay the charges off before the later acquires came.
+  await eventually(() => native.unreadOutput(hoarder.fd) === 0, "the daemon read the hoarder's messages");
+  expect((await stats(observer)).unreadLeases).toBe(4);
+  // Its socket read now, in order: the four leases, then the refusals, then the stats reply.
+  const replies: HoarderReply[] = [];
+  for (;;) {
+    const reply = await hoarder.receive();
+    for (const fd of reply.fds) native.close(fd);
+    if (reply.eof || reply.message?.id === 100) break;
+    replies.push(reply.message as HoarderReply);
+  }
+  const again = async () => {
+    const fresh = await hoarder.request(acquire(8));
+    for (const fd of fresh.fds) native.close(fd);
+    return fresh.message;
+  };
+  return { replies, observer, again };
+}
 
 describe('token waits of one uid across connections', () => {
   it('count against maxPendingPerUid, as acquires do: more connections do not make more room', async () => {
