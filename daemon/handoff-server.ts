@@ -140,9 +140,7 @@ export class HandoffServer {
     this.#quotas = new UidQuotas(
       () => this.#config().quotas,
       undefined,
-      (uid) => {
-        for (const session of this.#unreadCharged) if (session.uid === uid) this.#settleUnread(session);
-      },
+      (uid) => this.#settleUid(uid),
     );
     this.#listenPoller = new native.Poller(this.#listenFd, (status) => this.#onAcceptable(status));
   }
@@ -540,7 +538,7 @@ export class HandoffServer {
         ...this.#extraStats?.(),
       }),
       () => {
-        for (const charged of this.#unreadCharged) if (charged.uid === session.uid) this.#settleUnread(charged);
+        this.#settleUid(session.uid);
         const usage = this.#quotas.usageOf(session.uid);
         return {
           sessions: usage.sessions,
@@ -552,6 +550,11 @@ export class HandoffServer {
         };
       },
     );
+  }
+
+  /** Settles the charges of every session of `uid` (#settleUnread): before its acquire is refused, for its stats. */
+  #settleUid(uid: number): void {
+    for (const charged of this.#unreadCharged) if (charged.uid === uid) this.#settleUnread(charged);
   }
 
   /** Leases ended with their replies unread, still charged (every session's, settled first). */
