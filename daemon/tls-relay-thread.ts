@@ -1,12 +1,15 @@
 // A relay thread of sockpoold (see tls-relay.ts): completes TLS handshakes over connected TCP sockets the main
 // thread hands in, then relays plaintext between each TLS connection and one end of a loopback TCP connection
-// (native.loopbackPair) whose other end the main thread keeps as the session's "socket" (idle in the pool, then
+// (loopback-pair.ts) whose other end the main thread keeps as the session's "socket" (idle in the pool, then
 // leased to a client).
 //
 // fd ownership: an `open` message passes the TCP fd to this thread; from the net.Socket built on it, Node owns and
 // closes it (destroy). The pair is made here once the handshake succeeded: this thread's end belongs to its
 // net.Socket, the other end passes to the main thread with the `ready` message. On a failed handshake no pair
-// exists and the TCP socket is destroyed here. If the thread ends, Node closes every handle it holds.
+// exists and the TCP socket is destroyed here. If the thread ends, Node closes every handle it holds. A pair that
+// waits for its own connection (loopback-pair.ts: a port sprayer got in first) has a listener and a client socket
+// that are raw fds, not handles: the wait owns them and closes them when it ends or the session fails meanwhile, and
+// the addon tracks them for this thread, so its teardown closes them if the thread ends first.
 //
 // One session, one direction at a time:
 // - idle (the client has not written yet): what the server sends (an h2 server's SETTINGS, TLS 1.3
@@ -26,6 +29,7 @@ import { setPriority } from 'node:os';
 import { createSecureContext, type SecureContext, type TLSSocket, connect as tlsConnect } from 'node:tls';
 import { parentPort, workerData } from 'node:worker_threads';
 import * as native from '../shared/native.js';
+import { type PendingLoopbackPair, startLoopbackPair, waitForLoopbackPair } from './loopback-pair.js';
 import { resetSocket } from './socket-reset.js';
 import type { RelayCounters, RelayRequest, RelayResponse, TlsFailureReason } from './tls-relay.js';
 
@@ -40,7 +44,20 @@ const LINGER_MS = 60_000;
 
 const port = parentPort;
 if (!port) throw new Error('tls-relay-thread runs as a worker thread');
-const { counters: sharedCounters, nice } = workerData as { counters: SharedArrayBuffer; nice: number };
+const {
+  counters: sharedCounters,
+  nice,
+  testSeams = false,
+} = workerData as {
+  counters: SharedArrayBuffer;
+  nice: number;
+  /**
+   * Tests only (test/tls-relay-pair-wait.test.ts; TlsRelays never sets it): an `open` with `spray` has strangers
+   * land on its loopback pair's listeners before ours (sprayStrangers), and a pair that goes on to wait says so with a
+   * `pair-waiting` message.
+   */
+  testSeams?: boolean;
+};
 const counters = new Float64Array(sharedCounters);
 try {
   // pid 0: this thread alone (Linux keeps a nice value per thread); see RELAY_THREAD_NICE in tls-relay.ts.
@@ -66,6 +83,19 @@ setInterval(() => {
 port.on('message', (request: RelayRequest) => {
   if (request.t === 'open') open(request);
 });
+
+/**
+ * The test seam's port sprayer (see testSeams, and startLoopbackPair's `strangers`): 9 connections fill a queue of 8
+ * (the kernel holds one more than the backlog), so that our SYN finds it full and waits for its retransmit. Each is
+ * closed at once: a queued connection stays in the listener's queue once its socket is gone.
+ */
+function sprayStrangers(listenerPort: number): void {
+  for (let i = 0; i < 9; i++) {
+    const fd = native.tcpSocket(4);
+    native.connectStart(fd, '127.0.0.1', listenerPort, 4);
+    native.closeNeverShared(fd);
+  }
+}
 
 function post(message: RelayResponse): void {
   port!.postMessage(message);
@@ -96,10 +126,14 @@ function open(request: Extract<RelayRequest, { t: 'open' }>): void {
   const tcp = new Socket({ fd: request.fd, readable: true, writable: true, allowHalfOpen: true });
   const started = performance.now();
   let settled = false;
+  // While the pair waits for its own connection (see 'secureConnect'): ends that wait.
+  let abandonPair: (() => void) | undefined;
   const fail = (error: Error & { code?: string }) => {
     if (settled) return;
     settled = true;
     clearTimeout(timer);
+    abandonPair?.();
+    abandonPair = undefined;
     counters[COUNTER.handshakeFailures]!++;
     tls.destroy();
     tcp.destroy();
@@ -132,22 +166,12 @@ function open(request: Extract<RelayRequest, { t: 'open' }>): void {
     fail(Object.assign(new Error('connection closed during the TLS handshake'), { code: 'EOF' }));
   tls.once('error', fail);
   tls.once('close', closedEarly);
-  tls.once('secureConnect', () => {
-    if (settled) return;
+  // The pair, once made: the session is relayed and its other end goes to the main thread.
+  const established = (pair: [number, number]) => {
     settled = true;
     clearTimeout(timer);
     tls.removeListener('error', fail);
     tls.removeListener('close', closedEarly);
-    let pair: [number, number];
-    try {
-      pair = native.loopbackPair();
-    } catch (error) {
-      // (EMFILE, say.) Failed in a later turn: Node 24 crashes (SIGSEGV) when a TLS socket over a net.Socket is
-      // destroyed inside its own 'secureConnect' callback, and that would take the whole daemon down.
-      settled = false;
-      setImmediate(() => fail(error as Error));
-      return;
-    }
     const certificate = tls.getPeerCertificate();
     counters[COUNTER.handshakes]!++;
     counters[COUNTER.sessions]!++;
@@ -164,6 +188,38 @@ function open(request: Extract<RelayRequest, { t: 'open' }>): void {
         certSha256: certificate.raw ? createHash('sha256').update(certificate.raw).digest('hex') : '',
       },
     });
+  };
+  tls.once('secureConnect', () => {
+    if (settled) return;
+    let pair: [number, number] | PendingLoopbackPair;
+    try {
+      pair = startLoopbackPair(request.spray && testSeams ? sprayStrangers : undefined);
+    } catch (error) {
+      // (EMFILE, say.) Failed in a later turn: Node 24 crashes (SIGSEGV) when a TLS socket over a net.Socket is
+      // destroyed inside its own 'secureConnect' callback, and that would take the whole daemon down.
+      setImmediate(() => fail(error as Error));
+      return;
+    }
+    if (Array.isArray(pair)) {
+      established(pair);
+      return;
+    }
+    // Our connection was not on the pair's listener at once (a port sprayer, see loopback-pair.ts): waited for on
+    // this thread's loop, so its other sessions keep flowing. Meanwhile the handshake's timer still bounds the
+    // session (so do 'error' and 'close', though the TLS socket is not read before the relay starts, so an origin's
+    // hang-up is seen only then): fail() abandons the wait, which closes the listener and client (the thread's
+    // teardown closes them, tracked, if the thread ends first). The callback never runs inside this one.
+    try {
+      abandonPair = waitForLoopbackPair(pair, (error, made) => {
+        abandonPair = undefined;
+        if (error) fail(error);
+        else established(made!);
+      });
+    } catch (error) {
+      setImmediate(() => fail(error as Error));
+      return;
+    }
+    if (testSeams) port!.postMessage({ t: 'pair-waiting', id: request.id });
   });
 }
 

@@ -3,7 +3,7 @@
 // handoffs keep their latency while a relay is busy.
 //
 // open() passes a connected TCP fd to a thread (ownership passes with it) and resolves, once the handshake is done,
-// with the main thread's end of a loopback TCP connection (native.loopbackPair) whose other end the thread relays:
+// with the main thread's end of a loopback TCP connection (loopback-pair.ts) whose other end the thread relays:
 // a socket that behaves to the pool and to curl like one connected to the origin, in plaintext. Closing that fd (or the client closing its copy) ends the session.
 //
 // A handshake costs its thread a millisecond or two of CPU (key exchange, certificate checks, Node's TLS socket),
@@ -75,7 +75,8 @@ export interface TlsHandshakeParams {
   timeoutMs: number;
 }
 
-export type RelayRequest = { t: 'open'; id: number; fd: number } & TlsHandshakeParams;
+/** `spray`: a test seam, honoured only by a thread started with `testSeams` (see tls-relay-thread.ts); never set here. */
+export type RelayRequest = { t: 'open'; id: number; fd: number; spray?: boolean } & TlsHandshakeParams;
 
 export type RelayResponse =
   | { t: 'ready'; id: number; fd: number; handshakeMs: number; info: TlsSessionInfo }

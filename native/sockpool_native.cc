@@ -933,7 +933,7 @@ int ListenOnLoopback(Napi::Env env, int flags, int backlog, sockaddr_in* address
 // first, so that its port is known before the listener exists, and the listener lets in that address alone.
 // Returns whether the listener is filtered: not when the kernel refused the filter (EPERM, see AttachSourceFilter);
 // then its queue is as long as the kernel allows instead, so that a sprayer has to land thousands of connections in
-// the few µs before ours to fill it (ConnectLoopbackPair takes strangers out of it as it waits).
+// the few µs before ours to fill it (the wait takes strangers out of it until ours arrives).
 bool StartLoopbackPair(Napi::Env env, bool filtered, FdGuard* listener, FdGuard* client) {
   listener->reset(-1);
   client->reset(::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
@@ -964,10 +964,14 @@ bool StartLoopbackPair(Napi::Env env, bool filtered, FdGuard* listener, FdGuard*
   return false;
 }
 
-// Connects `client` to `listener` and accepts its connection: the accepted fd (the caller's), or -1 when ours is not
-// there within `wait_ms`. Connections from anyone else found on the way are accepted and closed (never returned: ours
-// is the one whose peer is our client), which also makes room in the queue for ours.
-int ConnectLoopbackPair(Napi::Env env, int listener, int client, int wait_ms) {
+// How many strangers' connections loopbackPairTry and loopbackPairAccept take out of a listener's queue in one call
+// (each an accept4 and a close, a few µs): an unfiltered listener's queue holds thousands, and the relay thread that
+// sweeps it has other sessions to relay in between.
+constexpr int kLoopbackPairSweep = 64;
+
+// Connects `client` (non-blocking) to `listener`. Over loopback the kernel runs the whole handshake within connect()
+// (see LoopbackPairListen), so our connection is queued on return unless the queue was full.
+void ConnectToListener(Napi::Env env, int listener, int client) {
   sockaddr_in address;
   socklen_t length = sizeof address;
   if (::getsockname(listener, reinterpret_cast<sockaddr*>(&address), &length) < 0) {
@@ -978,13 +982,20 @@ int ConnectLoopbackPair(Napi::Env env, int listener, int client, int wait_ms) {
     result = ::connect(client, reinterpret_cast<sockaddr*>(&address), length);
   } while (result < 0 && errno == EINTR);
   if (result < 0 && errno != EINPROGRESS) ThrowErrno(env, errno, "connect");
+}
+
+// Accepts from `listener` until it finds the connection whose peer is `client`: the accepted fd (the caller's), or -1
+// when ours is not there within `wait_ms` (0: never waits), or, with `budget` > 0, once that many strangers were taken
+// out without finding ours (the queue may hold more: a caller on an event loop comes back when it is readable again).
+// Connections from anyone else are accepted and closed (never returned), which also makes room in the queue for ours.
+int AcceptOurs(Napi::Env env, int listener, int client, int wait_ms, int budget = 0) {
   sockaddr_in mine;
   socklen_t mine_length = sizeof mine;
   if (::getsockname(client, reinterpret_cast<sockaddr*>(&mine), &mine_length) < 0) {
     ThrowErrno(env, errno, "getsockname");
   }
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(wait_ms);
-  for (;;) {
+  for (int taken = 0;;) {
     sockaddr_in peer;
     socklen_t peer_length = sizeof peer;
     const int accepted =
@@ -992,6 +1003,7 @@ int ConnectLoopbackPair(Napi::Env env, int listener, int client, int wait_ms) {
     if (accepted >= 0) {
       if (peer.sin_port == mine.sin_port && peer.sin_addr.s_addr == mine.sin_addr.s_addr) return accepted;
       CloseQuietly(accepted);  // a stranger's
+      if (budget > 0 && ++taken >= budget) return -1;
       continue;
     }
     if (errno == EINTR || errno == ECONNABORTED) continue;  // ECONNABORTED: a connection gone before its accept
@@ -1002,6 +1014,26 @@ int ConnectLoopbackPair(Napi::Env env, int listener, int client, int wait_ms) {
     pollfd ready = {listener, POLLIN, 0};
     if (::poll(&ready, 1, static_cast<int>(remaining)) < 0 && errno != EINTR) ThrowErrno(env, errno, "poll");
   }
+}
+
+// Connects `client` to `listener` and accepts its connection (ConnectToListener, then AcceptOurs).
+int ConnectLoopbackPair(Napi::Env env, int listener, int client, int wait_ms, int budget = 0) {
+  ConnectToListener(env, listener, client);
+  return AcceptOurs(env, listener, client, wait_ms, budget);
+}
+
+// A loopback pair's two ends made ready to hand out: TCP_NODELAY on both, both registered with the connect guard
+// (either end may be lent: neither may connect again). Returns [accepted end, connecting end]; the caller releases
+// its guards of both once this returned (a throw leaves them the caller's).
+Napi::Array FinishLoopbackPair(Napi::Env env, int server, int client) {
+  const int on = 1;
+  ::setsockopt(server, IPPROTO_TCP, TCP_NODELAY, &on, sizeof on);
+  ::setsockopt(client, IPPROTO_TCP, TCP_NODELAY, &on, sizeof on);
+  Napi::Array pair = Napi::Array::New(env, 2);
+  pair.Set(0u, Napi::Number::New(env, server));
+  pair.Set(1u, Napi::Number::New(env, client));
+  for (const int end : {server, client}) GuardSocketOrThrow(env, end);
+  return pair;
 }
 
 // The guard checked by the kernel itself: a loopback connection, registered, disconnected (connect() with
@@ -1123,6 +1155,11 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
   //   of the queue until ours arrives, for up to 3 s (our SYN's first retransmit, should a sprayer have filled even
   //   that queue, comes after 1 s). A sprayer can then still delay a pair, not make it fail; both attempts close
   //   every stranger they meet.
+  // - Who waits: loopbackPairConnect waits here, blocking its thread (kernel-tls.ts's probe at start-up, tests). The
+  //   relay thread relays many clients' sessions and must not stall them all for one pair, so it makes its pairs
+  //   with loopbackPairTry (each attempt, never waiting) and, when ours is not there after the second, waits on its
+  //   event loop: a Poller on the listener, loopbackPairAccept at each readiness, a timer for the bound
+  //   (daemon/loopback-pair.ts).
   // Why not always the filter, the simplest: the kernel compiles each filter attached, which costs more CPU than
   // the rest of the pair (docs/benchmarks.md, twenty-second session). Not a listener at a random 127.0.0.0/8
   // address: /proc/net/tcp and inet_diag show it to everyone. Not SO_LOCK_FILTER: nobody but this code ever holds
@@ -1147,7 +1184,9 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
   }
 
   // Takes the listener and client loopbackPairListen made, and owns both whatever happens: the listener is closed
-  // before this returns, the client returned in the pair or closed. Returns [accepted end, connecting end].
+  // before this returns, the client returned in the pair or closed. Returns [accepted end, connecting end]. Its second
+  // attempt may wait (up to 3 s) with this thread blocked: for kernel-tls.ts's one-off probe at start-up and tests;
+  // the relay thread, which must not block, uses loopbackPairTry and loopbackPairAccept instead.
   Napi::Value LoopbackPairConnect(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     FdGuard listener(FdArg(info, 0));
@@ -1159,16 +1198,47 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
       server.reset(ConnectLoopbackPair(env, listener.get(), client.get(), filtered ? 1000 : 3000));
       if (server.get() < 0) ThrowErrno(env, ETIMEDOUT, "accept4", "loopback pair: our own connection never arrived");
     }
-    const int on = 1;
-    ::setsockopt(server.get(), IPPROTO_TCP, TCP_NODELAY, &on, sizeof on);
-    ::setsockopt(client.get(), IPPROTO_TCP, TCP_NODELAY, &on, sizeof on);
-    Napi::Array pair = Napi::Array::New(env, 2);
-    pair.Set(0u, Napi::Number::New(env, server.get()));
-    pair.Set(1u, Napi::Number::New(env, client.get()));
-    // Either end may be lent: neither may connect again (see the connect guard).
-    for (const int end : {server.get(), client.get()}) GuardSocketOrThrow(env, end);
+    Napi::Array pair = FinishLoopbackPair(env, server.get(), client.get());
     server.release();  // ownership of both passes to the caller; the listener closes here
     client.release();
+    return pair;
+  }
+
+  // One attempt that never waits, for a caller on an event loop (daemon/loopback-pair.ts): connects the client to the
+  // listener and looks once for our connection, taking out (closing) up to kLoopbackPairSweep strangers on the way.
+  // Returns [accepted end, connecting end], the listener closed, or null when ours is not there yet. Owns both fds
+  // whatever happens (closes them if it throws) except when it returns null: then both are the caller's again, and
+  // tracked by this thread (its teardown closes them) until the caller closes or untracks them, so that a thread
+  // ended while it waits for ours leaves nothing open.
+  Napi::Value LoopbackPairTry(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    FdGuard listener(FdArg(info, 0));
+    FdGuard client(FdArg(info, 1));
+    FdGuard server(ConnectLoopbackPair(env, listener.get(), client.get(), 0, kLoopbackPairSweep));
+    if (server.get() < 0) {
+      tracked_.insert(listener.release());
+      tracked_.insert(client.release());
+      return env.Null();
+    }
+    Napi::Array pair = FinishLoopbackPair(env, server.get(), client.get());
+    server.release();  // ownership of both passes to the caller; the listener closes here
+    client.release();
+    return pair;
+  }
+
+  // The wait after a loopbackPairTry that returned null, one look at a time (the caller calls again when the listener
+  // is readable): takes out up to kLoopbackPairSweep strangers, never waiting. Returns [accepted end, connecting end]
+  // once ours is there (the client, untracked, now the pair's), or null. The listener always stays the caller's, to
+  // close after the Poller watching it (close() refuses a watched fd); so does the client, unless it is returned.
+  Napi::Value LoopbackPairAccept(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const int listener = FdArg(info, 0);
+    const int client = FdArg(info, 1);
+    FdGuard server(AcceptOurs(env, listener, client, 0, kLoopbackPairSweep));
+    if (server.get() < 0) return env.Null();
+    Napi::Array pair = FinishLoopbackPair(env, server.get(), client);
+    server.release();  // ownership passes to the caller
+    tracked_.erase(client);
     return pair;
   }
 
@@ -2548,6 +2618,8 @@ SockpoolAddon::SockpoolAddon(Napi::Env env, Napi::Object exports) {
                            InstanceMethod<&SockpoolAddon::SeqpacketPair>("seqpacketPair", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::LoopbackPairListen>("loopbackPairListen", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::LoopbackPairConnect>("loopbackPairConnect", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::LoopbackPairTry>("loopbackPairTry", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::LoopbackPairAccept>("loopbackPairAccept", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::Accept>("accept", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::SendMessage>("sendMessage", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::RecvMessage>("recvMessage", napi_enumerable),

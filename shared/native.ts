@@ -171,6 +171,8 @@ interface NativeBinding {
   seqpacketPair(): [number, number];
   loopbackPairListen(filtered?: boolean): [number, number, boolean];
   loopbackPairConnect(listener: number, client: number): [number, number];
+  loopbackPairTry(listener: number, client: number): [number, number] | null;
+  loopbackPairAccept(listener: number, client: number): [number, number] | null;
   accept(fd: number): number | null;
   sendMessage(fd: number, data: Uint8Array, fds?: readonly number[]): number | null;
   recvMessage(fd: number, maxBytes: number, maxFds: number): [Buffer, number[], boolean] | null;
@@ -310,6 +312,28 @@ export function loopbackPairListen(filtered = false): [number, number, boolean] 
  */
 export function loopbackPairConnect(listener: number, client: number): [number, number] {
   return binding.loopbackPairConnect(listener, client);
+}
+
+/**
+ * One attempt at a loopback pair that never waits (daemon/loopback-pair.ts makes a pair of two such attempts, and
+ * waits on the event loop when it must): connects the client loopbackPairListen made to its listener and looks once
+ * for our connection, closing strangers' on the way (up to 64 a call). Returns [accepted end, connecting end], the
+ * listener closed, or null when ours is not there yet. Owns both fds whatever happens (closed if it throws), except
+ * when it returns null: then both are the caller's again and tracked by this thread (its teardown closes them) until
+ * the caller closes or untracks them.
+ */
+export function loopbackPairTry(listener: number, client: number): [number, number] | null {
+  return binding.loopbackPairTry(listener, client);
+}
+
+/**
+ * After a loopbackPairTry that returned null, one more look, never waiting (call it again when the listener is
+ * readable): closes up to 64 strangers' connections; returns [accepted end, connecting end] once ours is there (the
+ * client is then the pair's, untracked), or null. The listener stays the caller's, to close after the Poller that
+ * watches it; so does the client unless it is returned (and both if this throws).
+ */
+export function loopbackPairAccept(listener: number, client: number): [number, number] | null {
+  return binding.loopbackPairAccept(listener, client);
 }
 
 /** What restrictTcpBind did: the kernel's Landlock ABI (0: none) and whether the restriction is now in force. */
