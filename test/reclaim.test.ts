@@ -24,12 +24,16 @@ async function capped(delayMs: number, clients: number, threads = 1, inlineWhenI
     config: { pool: { origins: [{ match: `127.0.0.1:${origin.port}`, maxPerOrigin: 1 }] } },
   });
   cleanups.push(() => daemon.stop());
+  // This process's fds before the clients: each client's thread opens its event loop's fds (epoll, eventfd, signal
+  // pipe, io_uring) on its own schedule once constructed, so a count taken after the constructors held some of them
+  // and let as many leaked fds through.
+  const fdsBeforeClients = fdCount();
   const made = Array.from({ length: clients }, () => {
     const client = new SockpoolClient({ socketPath: daemon.socketPath, threads, inlineWhenIdle });
     cleanups.push(() => client.close());
     return client;
   });
-  return { origin, daemon, url: `http://127.0.0.1:${origin.port}/x`, clients: made };
+  return { origin, daemon, url: `http://127.0.0.1:${origin.port}/x`, clients: made, fdsBeforeClients };
 }
 
 function statuses(results: PromiseSettledResult<{ status: number }>[]): Array<number | string> {
@@ -40,9 +44,9 @@ function statuses(results: PromiseSettledResult<{ status: number }>[]): Array<nu
 
 describe('room at an origin’s cap held by idle kept-alive connections', () => {
   it('goes to another client: the holder gives its idle connection back, and connects again when it needs one', async () => {
-    const { origin, daemon, url, clients } = await capped(0, 2);
-    // (The origin and the daemon are open now; the clients start their threads and take leases from here on.)
-    const before = fdCount();
+    // (Counted before the clients were made: the origin and the daemon are open; the clients' threads, leases and
+    // connections come after.)
+    const { origin, daemon, url, clients, fdsBeforeClients: before } = await capped(0, 2);
     const [a, b] = clients as [SockpoolClient, SockpoolClient];
     expect((await a.request(url)).status).toBe(200);
     // a's connection is idle in its cache and holds the one slot. Before: b waited until its deadline.

@@ -146,10 +146,16 @@ describe('warm TLS through SockpoolClient', () => {
     // The origins run in this process: their server-side sockets (one per session the daemon keeps, and it may keep
     // more after this burst) are not the client's.
     const clientFds = () => fdCount() - h1.openSockets() - h2.openSockets();
+    // On a client of its own, made after the count and closed before the check: no thread but its own starts or ends
+    // between the two (a thread opens its event loop's fds on its own schedule after the constructor returns, and a
+    // count taken meanwhile lets as many leaked fds through). The file's client stays up through both; its thread,
+    // started in beforeAll, may still be starting when this test runs alone: stats() waits for it.
+    await client.stats();
     const before = clientFds();
+    const own = new SockpoolClient({ socketPath: daemon.socketPath, threads: 1, caFile: pki.caFile });
     const requests = Array.from({ length: 200 }, (_, i) => {
       const body = pattern(1000 + i);
-      return client
+      return own
         .request(`https://localhost:${h1.port}/c${i}`, { method: 'POST', body })
         .then((response) => [
           response.body.toString(),
@@ -157,8 +163,7 @@ describe('warm TLS through SockpoolClient', () => {
         ]);
     });
     for (const [got, want] of await Promise.all(requests)) expect(got).toBe(want);
-    await client.close();
-    client = new SockpoolClient({ socketPath: daemon.socketPath, threads: 1, caFile: pki.caFile });
+    await own.close();
     await eventually(() => clientFds() <= before, `client fds back to ${before} (now ${clientFds()})`);
   });
 });
