@@ -187,13 +187,21 @@ describe('warming within demand', () => {
     expect(await stats(raw)).toMatchObject({ idle: 0, connecting: 0 });
     expect(await echo.acceptedSoFar(), 'connections opened beyond the two announced').toBe(2);
 
-    // Unannounced acquires that repeat (four at once: each found nothing warm) are demand the target follows: one
-    // socket is kept warm for the next.
-    for (let i = 0; i < 4; i++) await lendAndClose(false);
-    await eventually(async () => {
-      const now = await stats(raw);
-      return now.idle === 1 && now.connecting === 0;
-    }, 'one socket warmed for repeated demand');
+    // Unannounced acquires that repeat (four at once: each finds nothing warm) are demand the target follows: one
+    // socket is kept warm for the next. Sent together: one after the other, a sweep between two of them on a loaded
+    // machine could already have warmed a socket for the later ones.
+    const ids = [0, 1, 2, 3].map(() => id++);
+    for (const acquireId of ids) raw.sendJson({ type: 'acquire', id: acquireId, ...origin });
+    for (const _ of ids) {
+      const reply = await raw.receive();
+      expect(ids).toContain(reply.message?.id);
+      expect(reply.message).toMatchObject({ type: 'lease', warm: false });
+      for (const fd of reply.fds) native.close(fd);
+      raw.sendJson({ type: 'closed', leaseId: (reply.message as LeaseReply).leaseId });
+    }
+    // Seen at the origin: the warmed socket lives only as long as the demand (about 2 s), which a loaded machine's
+    // stats polls can miss.
+    await eventually(async () => (await echo.acceptedSoFar()) >= 2 + 4 + 1, 'one socket warmed for repeated demand');
     expect(await echo.acceptedSoFar()).toBe(2 + 4 + 1);
   });
 });
