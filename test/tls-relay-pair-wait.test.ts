@@ -8,7 +8,6 @@
 // of this process (the thread's included) are counted before and after (sockets only: see test/tls-relay-queue's
 // note on the thread's own fds).
 import { once } from 'node:events';
-import { readdirSync, readlinkSync } from 'node:fs';
 import { Socket } from 'node:net';
 import { join } from 'node:path';
 import tls from 'node:tls';
@@ -17,26 +16,9 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { waitForLoopbackPair } from '../daemon/loopback-pair.js';
 import type { RelayRequest } from '../daemon/tls-relay.js';
 import * as native from '../shared/native.js';
+import { pollUntil, socketCount } from './fixtures/native-helpers.js';
 import { repoRoot } from './helpers/daemon.js';
 import { createTestPki, type TestPki } from './helpers/tls.js';
-
-const socketCount = () =>
-  readdirSync('/proc/self/fd').filter((fd) => {
-    try {
-      return readlinkSync(`/proc/self/fd/${fd}`).startsWith('socket:');
-    } catch {
-      return false; // the directory's own fd, closed by now
-    }
-  }).length;
-
-/** Polls `condition`; past 20 s fails naming `what`. */
-async function until(condition: () => boolean, what: () => string): Promise<void> {
-  const deadline = performance.now() + 20_000;
-  while (!condition()) {
-    if (performance.now() > deadline) throw new Error(`still waiting after 20 s for ${what()}`);
-    await new Promise((resolve) => setTimeout(resolve, 5));
-  }
-}
 
 type ThreadMessage =
   | { t: 'ready'; id: number; fd: number }
@@ -156,7 +138,7 @@ describe('a relay thread while one pair waits for its own connection', () => {
     for (const socket of [client, late]) socket.destroy();
     for (const origin of thread.origins.values()) origin.tls.destroy();
     await thread.worker.terminate();
-    await until(
+    await pollUntil(
       () => socketCount() === before,
       () => `the sockets back to ${before} (${socketCount()} open)`,
     );
@@ -174,7 +156,7 @@ describe('a relay thread while one pair waits for its own connection', () => {
     expect(outcome).toMatchObject({ t: 'failed', code: 'ETIMEDOUT' });
     // Checked before the thread ends (its teardown would close what it still held): the origin's end is this test's.
     for (const origin of thread.origins.values()) origin.tls.destroy();
-    await until(
+    await pollUntil(
       () => socketCount() === before,
       () => `the sockets back to ${before} (${socketCount()} open)`,
     );
@@ -188,7 +170,7 @@ describe('a relay thread while one pair waits for its own connection', () => {
     await thread.next(1, 'pair-waiting');
     await thread.worker.terminate();
     for (const origin of thread.origins.values()) origin.tls.destroy();
-    await until(
+    await pollUntil(
       () => socketCount() === before,
       () => `the sockets back to ${before} (${socketCount()} open)`,
     );
@@ -215,7 +197,7 @@ describe('waitForLoopbackPair', () => {
     const error = (await outcome) as Error & { code?: string };
     expect(error.code).toBe('ETIMEDOUT');
     for (const socket of strangers) socket.destroy();
-    await until(
+    await pollUntil(
       () => socketCount() === before,
       () => `the sockets back to ${before} (${socketCount()} open)`,
     );

@@ -3,7 +3,6 @@
 // thread's ClientHello arrives and never answers, so a handshake stays under way until the test ends it. A thread
 // runs at most HANDSHAKES_PER_THREAD at once; the others wait, the ones an acquire waits for at that moment first,
 // fairly across uids, and one no longer wanted when its turn comes is not started (its TCP fd closed).
-import { readdirSync, readlinkSync } from 'node:fs';
 import { Socket } from 'node:net';
 import { join } from 'node:path';
 import pino from 'pino';
@@ -13,34 +12,11 @@ import type { ConnectedSocket, Connector } from '../daemon/connector.js';
 import type { TlsRelays } from '../daemon/tls-relay.js';
 import { TlsSessions } from '../daemon/tls-sessions.js';
 import * as native from '../shared/native.js';
+import { pollUntil, socketCount } from './fixtures/native-helpers.js';
 import { repoRoot } from './helpers/daemon.js';
 
 type RelayModule = typeof import('../daemon/tls-relay.js');
 type GateModule = typeof import('../daemon/connect-gate.js');
-
-/**
- * The sockets this process holds: every fd the test and the relays hand around is one. Not every fd: the relay
- * thread's event loop has fds of its own that come and go while a test counts; libuv opens one of them, its reserve
- * fd on /dev/null (uv__stream_init), only when the thread makes its first socket, after it read its first `open`, so
- * a count taken while the thread starts was one off now and then (NOTES.md, twenty-second session).
- */
-const socketCount = () =>
-  readdirSync('/proc/self/fd').filter((fd) => {
-    try {
-      return readlinkSync(`/proc/self/fd/${fd}`).startsWith('socket:');
-    } catch {
-      return false; // the directory's own fd, closed by now
-    }
-  }).length;
-
-/** Polls `condition`; past 20 s fails naming `what` (a bare test timeout would not say which wait never ended). */
-async function until(condition: () => boolean, what: () => string): Promise<void> {
-  const deadline = performance.now() + 20_000;
-  while (!condition()) {
-    if (performance.now() > deadline) throw new Error(`still waiting after 20 s for ${what()}`);
-    await new Promise((resolve) => setTimeout(resolve, 5));
-  }
-}
 
 describe('TlsRelays handshake queue', () => {
   it('runs a few handshakes per thread at once; a queued one an acquire comes to wait for goes first', async () => {
@@ -75,7 +51,7 @@ describe('TlsRelays handshake queue', () => {
     };
     for (let index = 0; index < N + 2; index++) open(index);
     expect(relays.counters().handshakesQueued).toBe(2);
-    await until(
+    await pollUntil(
       () => hellos.length === N,
       () => `the first ${N} ClientHellos (${hellos.length} came)`,
     );
@@ -85,7 +61,7 @@ describe('TlsRelays handshake queue', () => {
     waitedFor.add(waited);
     farEnds[0]!.destroy();
     expect(await outcomes[0]).toBe('SOCKPOOL_ERR_TLS');
-    await until(
+    await pollUntil(
       () => hellos.length === N + 1,
       () => `the next ClientHello (came: ${hellos.join(',')})`,
     );
@@ -94,7 +70,7 @@ describe('TlsRelays handshake queue', () => {
     for (const socket of farEnds) socket.destroy();
     expect(await Promise.all(outcomes)).toEqual(Array(N + 2).fill('SOCKPOOL_ERR_TLS'));
     await relays.close();
-    await until(
+    await pollUntil(
       () => socketCount() === before,
       () => `the sockets back to ${before} (${socketCount()} open)`,
     );
@@ -126,7 +102,7 @@ describe('TlsRelays handshake queue', () => {
     expect(codes.filter((code) => code === 'SOCKPOOL_ERR_SHUTTING_DOWN')).toHaveLength(2);
     expect(codes.filter((code) => code === 'SOCKPOOL_ERR_TLS')).toHaveLength(HANDSHAKES_PER_THREAD);
     for (const socket of farEnds) socket.destroy();
-    await until(
+    await pollUntil(
       () => socketCount() === before,
       () => `the sockets back to ${before} (${socketCount()} open)`,
     );
@@ -159,14 +135,14 @@ describe('TlsRelays handshake queue', () => {
     for (let index = 0; index < N + backlog; index++) open(index, 1000);
     open(other, 2000);
     expect(relays.counters().handshakesQueued).toBe(backlog + 1);
-    await until(
+    await pollUntil(
       () => hellos.length === N,
       () => `the first ${N} ClientHellos (${hellos.length} came)`,
     );
     // One of uid 1000's handshakes ends: the room goes to uid 2000 (none under way), not to uid 1000's 17th.
     farEnds[0]!.destroy();
     expect(await outcomes[0]).toBe('SOCKPOOL_ERR_TLS');
-    await until(
+    await pollUntil(
       () => hellos.length === N + 1,
       () => `the next ClientHello (came: ${hellos.join(',')})`,
     );
@@ -174,7 +150,7 @@ describe('TlsRelays handshake queue', () => {
     for (const socket of farEnds) socket.destroy();
     expect(await Promise.all(outcomes)).toEqual(Array(N + backlog + 1).fill('SOCKPOOL_ERR_TLS'));
     await relays.close();
-    await until(
+    await pollUntil(
       () => socketCount() === before,
       () => `the sockets back to ${before} (${socketCount()} open)`,
     );
@@ -212,7 +188,7 @@ describe('TlsRelays handshake queue', () => {
     for (let index = 0; index < N; index++) open(index);
     open(unwanted, () => stillWanted);
     open(N + 1, () => true);
-    await until(
+    await pollUntil(
       () => hellos.length === N,
       () => `the first ${N} ClientHellos (${hellos.length} came)`,
     );
@@ -222,7 +198,7 @@ describe('TlsRelays handshake queue', () => {
     expect(await outcomes[unwanted]).toBe('abandoned');
     // Its TCP connection was closed here (the origin sees it end without a ClientHello).
     await farClosed[unwanted];
-    await until(
+    await pollUntil(
       () => hellos.length === N + 1,
       () => `the next ClientHello (came: ${hellos.join(',')})`,
     );
@@ -232,7 +208,7 @@ describe('TlsRelays handshake queue', () => {
     for (const socket of farEnds) socket.destroy();
     await Promise.all(outcomes);
     await relays.close();
-    await until(
+    await pollUntil(
       () => socketCount() === before,
       () => `the sockets back to ${before} (${socketCount()} open)`,
     );
@@ -276,7 +252,7 @@ describe('TlsRelays handshake queue', () => {
     for (const socket of farEnds) socket.destroy();
     await Promise.all(outcomes);
     await relays.close();
-    await until(
+    await pollUntil(
       () => socketCount() === before,
       () => `the sockets back to ${before} (${socketCount()} open)`,
     );
