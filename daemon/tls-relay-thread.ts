@@ -29,7 +29,7 @@ import { setPriority } from 'node:os';
 import { createSecureContext, type SecureContext, type TLSSocket, connect as tlsConnect } from 'node:tls';
 import { parentPort, workerData } from 'node:worker_threads';
 import * as native from '../shared/native.js';
-import { type PendingLoopbackPair, startLoopbackPair, waitForLoopbackPair } from './loopback-pair.js';
+import { waitForLoopbackPair } from './loopback-pair.js';
 import { resetSocket } from './socket-reset.js';
 import type { RelayCounters, RelayRequest, RelayResponse, TlsFailureReason } from './tls-relay.js';
 
@@ -85,7 +85,7 @@ port.on('message', (request: RelayRequest) => {
 });
 
 /**
- * The test seam's port sprayer (see testSeams, and startLoopbackPair's `strangers`): 9 connections fill a queue of 8
+ * The test seam's port sprayer (see testSeams, and native.startLoopbackPair's `strangers`): 9 connections fill a queue of 8
  * (the kernel holds one more than the backlog), so that our SYN finds it full and waits for its retransmit. Each is
  * closed at once: a queued connection stays in the listener's queue once its socket is gone.
  */
@@ -191,9 +191,9 @@ function open(request: Extract<RelayRequest, { t: 'open' }>): void {
   };
   tls.once('secureConnect', () => {
     if (settled) return;
-    let pair: [number, number] | PendingLoopbackPair;
+    let pair: [number, number] | native.PendingLoopbackPair;
     try {
-      pair = startLoopbackPair(request.spray && testSeams ? sprayStrangers : undefined);
+      pair = native.startLoopbackPair(request.spray && testSeams ? sprayStrangers : undefined);
     } catch (error) {
       // (EMFILE, say.) Failed in a later turn: Node 24 crashes (SIGSEGV) when a TLS socket over a net.Socket is
       // destroyed inside its own 'secureConnect' callback, and that would take the whole daemon down.

@@ -1016,12 +1016,6 @@ int AcceptOurs(Napi::Env env, int listener, int client, int wait_ms, int budget 
   }
 }
 
-// Connects `client` to `listener` and accepts its connection (ConnectToListener, then AcceptOurs).
-int ConnectLoopbackPair(Napi::Env env, int listener, int client, int wait_ms, int budget = 0) {
-  ConnectToListener(env, listener, client);
-  return AcceptOurs(env, listener, client, wait_ms, budget);
-}
-
 // A loopback pair's two ends made ready to hand out: TCP_NODELAY on both, both registered with the connect guard
 // (either end may be lent: neither may connect again). Returns [accepted end, connecting end]; the caller releases
 // its guards of both once this returned (a throw leaves them the caller's).
@@ -1132,7 +1126,7 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
   }
 
   // A connected pair of TCP sockets over 127.0.0.1, both non-blocking, TCP_NODELAY, made in two calls:
-  // loopbackPairListen() then loopbackPairConnect() (shared/native.ts, loopbackPair). The daemon's warm TLS relay
+  // loopbackPairListen() then loopbackPairTry() (shared/native.ts, startLoopbackPair). The daemon's warm TLS relay
   // keeps the accepted end and hands out the connecting one. A TCP socket, not a Unix socketpair, because curl
   // 7.88 calls connect() again on a socket it is told is already connected: a TCP socket whose non-blocking
   // connect nobody completed answers 0 (as the daemon's own TCP sockets do), a Unix one EISCONN or EINVAL.
@@ -1155,19 +1149,19 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
   //   of the queue until ours arrives, for up to 3 s (our SYN's first retransmit, should a sprayer have filled even
   //   that queue, comes after 1 s). A sprayer can then still delay a pair, not make it fail; both attempts close
   //   every stranger they meet.
-  // - Who waits: loopbackPairConnect waits here, blocking its thread (kernel-tls.ts's probe at start-up, tests). The
-  //   relay thread relays many clients' sessions and must not stall them all for one pair, so it makes its pairs
-  //   with loopbackPairTry (each attempt, never waiting) and, when ours is not there after the second, waits on its
-  //   event loop: a Poller on the listener, loopbackPairAccept at each readiness, a timer for the bound
-  //   (daemon/loopback-pair.ts).
+  // - The two attempts are shared/native.ts's startLoopbackPair (loopbackPairListen and loopbackPairTry, twice),
+  //   which never waits. Who waits for a pair whose connection was not there after the second: the relay thread, which
+  //   relays many clients' sessions and must not stall them all for one pair, on its event loop (a Poller on the
+  //   listener, loopbackPairAccept at each readiness, a timer for the bound: daemon/loopback-pair.ts); native
+  //   loopbackPair, blocking its thread, in loopbackPairAwait (kernel-tls.ts's probe at start-up, tests).
   // Why not always the filter, the simplest: the kernel compiles each filter attached, which costs more CPU than
   // the rest of the pair (docs/benchmarks.md, twenty-second session). Not a listener at a random 127.0.0.0/8
   // address: /proc/net/tcp and inet_diag show it to everyone. Not SO_LOCK_FILTER: nobody but this code ever holds
   // the listener. The accepted end inherits the filter, which passes exactly what its peer sends.
 
-  // [listener, client, filtered], a loopback pair's first half (StartLoopbackPair). `filtered`: a test's choice (the
-  // first attempt is unfiltered, loopbackPairConnect's second filtered where the kernel allows); the third element
-  // says whether the listener is. Both fds belong to the caller, who passes both to loopbackPairConnect.
+  // [listener, client, filtered], a loopback pair's first half (StartLoopbackPair). `filtered`: the first attempt is
+  // unfiltered, the second filtered where the kernel allows; the third element says whether the listener is. Both fds
+  // belong to the caller, who passes both to loopbackPairTry.
   Napi::Value LoopbackPairListen(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     const bool filter = !IsAbsent(info, 0) && BoolArg(info, 0, "filtered");
@@ -1183,21 +1177,20 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     return result;
   }
 
-  // Takes the listener and client loopbackPairListen made, and owns both whatever happens: the listener is closed
-  // before this returns, the client returned in the pair or closed. Returns [accepted end, connecting end]. Its second
-  // attempt may wait (up to 3 s) with this thread blocked: for kernel-tls.ts's one-off probe at start-up and tests;
-  // the relay thread, which must not block, uses loopbackPairTry and loopbackPairAccept instead.
-  Napi::Value LoopbackPairConnect(const Napi::CallbackInfo& info) {
+  // The blocking end of a wait for our own connection, after a loopbackPairTry that returned null (shared/native.ts
+  // loopbackPair: kernel-tls.ts's one-off probe at start-up, tests; never the relay thread, see above): takes the
+  // listener and client, and owns both whatever happens (the listener is closed before this returns, the client
+  // returned in the pair or closed). Waits up to `waitMs` with this thread blocked, closing strangers' connections as
+  // they come. Returns [accepted end, connecting end], or throws ETIMEDOUT.
+  Napi::Value LoopbackPairAwait(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     FdGuard listener(FdArg(info, 0));
     FdGuard client(FdArg(info, 1));
-    FdGuard server(ConnectLoopbackPair(env, listener.get(), client.get(), 0));
-    if (server.get() < 0) {
-      // Closes the first attempt's listener and client.
-      const bool filtered = StartLoopbackPair(env, true, &listener, &client);
-      server.reset(ConnectLoopbackPair(env, listener.get(), client.get(), filtered ? 1000 : 3000));
-      if (server.get() < 0) ThrowErrno(env, ETIMEDOUT, "accept4", "loopback pair: our own connection never arrived");
-    }
+    const int wait_ms = static_cast<int>(IntegerArg(info, 2, "waitMs", 0, 60000));
+    tracked_.erase(listener.get());  // (loopbackPairTry tracked both when it returned null)
+    tracked_.erase(client.get());
+    FdGuard server(AcceptOurs(env, listener.get(), client.get(), wait_ms));
+    if (server.get() < 0) ThrowErrno(env, ETIMEDOUT, "accept4", "loopback pair: our own connection never arrived");
     Napi::Array pair = FinishLoopbackPair(env, server.get(), client.get());
     server.release();  // ownership of both passes to the caller; the listener closes here
     client.release();
@@ -1214,7 +1207,8 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     Napi::Env env = info.Env();
     FdGuard listener(FdArg(info, 0));
     FdGuard client(FdArg(info, 1));
-    FdGuard server(ConnectLoopbackPair(env, listener.get(), client.get(), 0, kLoopbackPairSweep));
+    ConnectToListener(env, listener.get(), client.get());
+    FdGuard server(AcceptOurs(env, listener.get(), client.get(), 0, kLoopbackPairSweep));
     if (server.get() < 0) {
       tracked_.insert(listener.release());
       tracked_.insert(client.release());
@@ -2617,7 +2611,7 @@ SockpoolAddon::SockpoolAddon(Napi::Env env, Napi::Object exports) {
                            InstanceMethod<&SockpoolAddon::SeqpacketConnect>("seqpacketConnect", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::SeqpacketPair>("seqpacketPair", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::LoopbackPairListen>("loopbackPairListen", napi_enumerable),
-                           InstanceMethod<&SockpoolAddon::LoopbackPairConnect>("loopbackPairConnect", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::LoopbackPairAwait>("loopbackPairAwait", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::LoopbackPairTry>("loopbackPairTry", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::LoopbackPairAccept>("loopbackPairAccept", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::Accept>("accept", napi_enumerable),

@@ -170,7 +170,7 @@ interface NativeBinding {
   seqpacketConnect(path: string): number;
   seqpacketPair(): [number, number];
   loopbackPairListen(filtered?: boolean): [number, number, boolean];
-  loopbackPairConnect(listener: number, client: number): [number, number];
+  loopbackPairAwait(listener: number, client: number, waitMs: number): [number, number];
   loopbackPairTry(listener: number, client: number): [number, number] | null;
   loopbackPairAccept(listener: number, client: number): [number, number] | null;
   accept(fd: number): number | null;
@@ -285,42 +285,73 @@ export function seqpacketPair(): [number, number] {
   return binding.seqpacketPair();
 }
 
-/**
- * Two connected TCP sockets over 127.0.0.1, non-blocking, TCP_NODELAY: [accepted end, connecting end]. The
- * connecting end behaves to curl exactly as a socket the daemon connected (see the addon). Both belong to the caller.
- */
-export function loopbackPair(): [number, number] {
-  const [listener, client] = binding.loopbackPairListen();
-  return binding.loopbackPairConnect(listener, client); // takes both fds, whatever happens
+/** A loopback pair whose own connection was not on the listener at once (see startLoopbackPair). */
+export interface PendingLoopbackPair {
+  listener: number;
+  /** Our connecting socket; its connection is on its way (or its SYN, dropped by a full queue, is retransmitted). */
+  client: number;
+  /**
+   * How long ours may take: a filtered listener's wait is for our own handshake alone (a softirq run late); an
+   * unfiltered one's covers our SYN's first retransmit (after 1 s) should strangers have filled its queue.
+   */
+  waitMs: number;
 }
 
 /**
- * loopbackPair's first half, a seam for tests: [listener, client, filtered], the listener on 127.0.0.1:<ephemeral>,
- * the client not yet connected. `filtered`: the listener lets in connections from the client's address and port alone
- * (loopbackPairConnect's second attempt), where the kernel allows the socket filter (the third element says whether
- * it did: some kernels refuse it without CAP_NET_ADMIN). Both fds belong to the caller until it passes them to
- * loopbackPairConnect.
+ * A loopback pair (two TCP sockets over 127.0.0.1 connected to each other, non-blocking, TCP_NODELAY), in the addon's
+ * two attempts (see above its LoopbackPairListen), neither of which waits: [accepted end, connecting end], both the
+ * caller's, or a PendingLoopbackPair whose listener and client are the caller's, tracked by this thread (its teardown
+ * closes them) until closed, awaited (loopbackPair) or handed on (daemon/loopback-pair.ts, waitForLoopbackPair). The
+ * second attempt's listener lets in our client alone, where the kernel allows the socket filter. Throws as the addon
+ * does (EMFILE, say), leaving nothing open.
+ *
+ * `strangers`, a test seam (test/loopback-pair.test.ts, test/tls-relay-pair-wait.test.ts): called with each attempt's
+ * listener port before our connect, to land connections there as a user spraying 127.0.0.1 ports would; the second
+ * listener is then unfiltered, as where the kernel refuses the filter, but with the first's short queue (8) rather
+ * than the kernel's longest, so that a few strangers fill it and our SYN waits for its retransmit.
+ */
+export function startLoopbackPair(strangers?: (port: number) => void): [number, number] | PendingLoopbackPair {
+  const [listener, client] = binding.loopbackPairListen(false);
+  if (strangers) strangers(localAddress(listener).port);
+  const pair = binding.loopbackPairTry(listener, client);
+  if (pair !== null) return pair;
+  // Ours was not in the queue (strangers filled it first): made again. Neither fd was ever anyone else's.
+  closeNeverShared(listener);
+  closeNeverShared(client);
+  const [second, secondClient, filtered] = binding.loopbackPairListen(strangers === undefined);
+  if (strangers) strangers(localAddress(second).port);
+  const again = binding.loopbackPairTry(second, secondClient);
+  if (again !== null) return again;
+  return { listener: second, client: secondClient, waitMs: filtered ? 1_000 : 3_000 };
+}
+
+/**
+ * A loopback pair as startLoopbackPair makes it, waiting with this thread blocked (up to 3 s, where a port sprayer
+ * got in first) for our own connection if it must: for kernel-tls.ts's probe at start-up and tests. The warm TLS
+ * relay waits on its event loop instead (daemon/loopback-pair.ts). Both ends belong to the caller.
+ */
+export function loopbackPair(strangers?: (port: number) => void): [number, number] {
+  const made = startLoopbackPair(strangers);
+  if (Array.isArray(made)) return made;
+  return binding.loopbackPairAwait(made.listener, made.client, made.waitMs); // takes both fds, whatever happens
+}
+
+/**
+ * A loopback pair's first half, for tests of one attempt: [listener, client, filtered], the listener on
+ * 127.0.0.1:<ephemeral>, the client not yet connected. `filtered`: the listener lets in connections from the client's
+ * address and port alone, where the kernel allows the socket filter (the third element says whether it did: some
+ * kernels refuse it without CAP_NET_ADMIN). Both fds belong to the caller until it passes them to loopbackPairTry.
  */
 export function loopbackPairListen(filtered = false): [number, number, boolean] {
   return binding.loopbackPairListen(filtered);
 }
 
 /**
- * loopbackPair's second half: connects the client to the listener and returns [accepted end, connecting end]; when
- * the listener's first connection is not ours at once, makes the pair again with a filtered listener (see the
- * addon). It takes both fds whatever happens (the listener is closed; the client returned or closed).
- */
-export function loopbackPairConnect(listener: number, client: number): [number, number] {
-  return binding.loopbackPairConnect(listener, client);
-}
-
-/**
- * One attempt at a loopback pair that never waits (daemon/loopback-pair.ts makes a pair of two such attempts, and
- * waits on the event loop when it must): connects the client loopbackPairListen made to its listener and looks once
- * for our connection, closing strangers' on the way (up to 64 a call). Returns [accepted end, connecting end], the
- * listener closed, or null when ours is not there yet. Owns both fds whatever happens (closed if it throws), except
- * when it returns null: then both are the caller's again and tracked by this thread (its teardown closes them) until
- * the caller closes or untracks them.
+ * One attempt at a loopback pair that never waits: connects the client loopbackPairListen made to its listener and
+ * looks once for our connection, closing strangers' on the way (up to 64 a call). Returns [accepted end, connecting
+ * end], the listener closed, or null when ours is not there yet. Owns both fds whatever happens (closed if it
+ * throws), except when it returns null: then both are the caller's again and tracked by this thread (its teardown
+ * closes them) until the caller closes, awaits (loopbackPairAwait) or untracks them.
  */
 export function loopbackPairTry(listener: number, client: number): [number, number] | null {
   return binding.loopbackPairTry(listener, client);
@@ -334,6 +365,14 @@ export function loopbackPairTry(listener: number, client: number): [number, numb
  */
 export function loopbackPairAccept(listener: number, client: number): [number, number] | null {
   return binding.loopbackPairAccept(listener, client);
+}
+
+/**
+ * After a loopbackPairTry that returned null, waits with this thread blocked, up to `waitMs`, for our connection,
+ * closing strangers' as they come: [accepted end, connecting end], or ETIMEDOUT. Takes both fds whatever happens.
+ */
+export function loopbackPairAwait(listener: number, client: number, waitMs: number): [number, number] {
+  return binding.loopbackPairAwait(listener, client, waitMs);
 }
 
 /** What restrictTcpBind did: the kernel's Landlock ABI (0: none) and whether the restriction is now in force. */
