@@ -4,8 +4,9 @@
 // and would wait for ever. The thread is made to never end from outside, as a debugger would (no hook in the
 // daemon): the daemon runs with --inspect, and through its inspector the relay thread is told to read a FIFO that
 // nobody writes, so it blocks in read(2), where terminate() (which stops JavaScript, not a system call) cannot reach
-// it. Without that the same daemon stops with status 0 and no such line. Real daemon child processes, a real
-// node:https origin, a throwaway CA.
+// it. Without that the same daemon stops with status 0 and no such line. A stop that fails part-way (made to throw the
+// same way, through the inspector) with such a thread exits 1 too, its failure logged. Real daemon child processes, a
+// real node:https origin, a throwaway CA.
 import { execFileSync } from 'node:child_process';
 import { mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -20,7 +21,7 @@ import {
   startTestDaemon,
   warmTlsArgs,
 } from './fixtures/client-helpers.js';
-import type { DaemonProcess } from './helpers/daemon.js';
+import { type DaemonProcess, repoRoot } from './helpers/daemon.js';
 import { createTestPki, type TestPki } from './helpers/tls.js';
 
 let pki: TestPki;
@@ -194,9 +195,52 @@ class DaemonInspector {
     return objects.objects.objectId;
   }
 
+  /** The inspector's handle (objectId) on an array of every object in the daemon's main thread whose prototype chain
+   *  has `prototype` (an expression, e.g. a class of the daemon's from its own module). */
+  async objectsInMain(prototype: string): Promise<string> {
+    const found = (await this.call('Runtime.evaluate', { expression: prototype })) as {
+      result: { objectId?: string };
+      exceptionDetails?: { exception?: { description?: string } };
+    };
+    if (found.exceptionDetails || !found.result.objectId) {
+      throw new Error(`${prototype}: ${found.exceptionDetails?.exception?.description ?? 'no object'}`);
+    }
+    const objects = (await this.call('Runtime.queryObjects', { prototypeObjectId: found.result.objectId })) as {
+      objects: { objectId: string };
+    };
+    return objects.objects.objectId;
+  }
+
+  /** Calls `functionDeclaration` in the daemon's main thread with `this` the object `objectId`; its value back. */
+  async callInMain(objectId: string, functionDeclaration: string): Promise<unknown> {
+    const outcome = (await this.call('Runtime.callFunctionOn', {
+      objectId,
+      functionDeclaration,
+      returnByValue: true,
+    })) as {
+      result: { value?: unknown };
+    };
+    return outcome.result.value;
+  }
+
   close(): void {
     this.#socket.close();
   }
+}
+
+/** Makes the daemon's relay thread (started by a request) block in read(2) on the FIFO, through its inspector: a
+ *  JavaScript call that terminate() cannot interrupt. */
+async function blockRelayThread(inspector: DaemonInspector, daemon: DaemonProcess): Promise<void> {
+  const relay = await inspector.workerSession(/sockpoold tls relay/);
+  // Opened read-write: the open returns at once, and no EOF ever comes (the thread is a writer too).
+  await inspector.evaluateInWorker(
+    relay,
+    `setImmediate(() => {
+        const fs = process.getBuiltinModule('node:fs');
+        fs.readSync(fs.openSync(${JSON.stringify(fifo)}, fs.constants.O_RDWR), Buffer.alloc(1));
+      }); undefined`,
+  );
+  await eventually(() => blockedOnFifo(daemon.child.pid!, fifo), 'the relay thread blocked on the FIFO');
 }
 
 describe('a warm-TLS daemon stopped', () => {
@@ -216,16 +260,7 @@ describe('a warm-TLS daemon stopped', () => {
       // The request starts the relay thread (threads start with the first handshake) and is relayed by it.
       expect((await client.request(`https://localhost:${origin.port}/`)).body.toString()).toBe('ok');
       if (inspector) {
-        const relay = await inspector.workerSession(/sockpoold tls relay/);
-        // Opened read-write: the open returns at once, and no EOF ever comes (the thread is a writer too).
-        await inspector.evaluateInWorker(
-          relay,
-          `setImmediate(() => {
-              const fs = process.getBuiltinModule('node:fs');
-              fs.readSync(fs.openSync(${JSON.stringify(fifo)}, fs.constants.O_RDWR), Buffer.alloc(1));
-            }); undefined`,
-        );
-        await eventually(() => blockedOnFifo(daemon.child.pid!, fifo), 'the relay thread blocked on the FIFO');
+        await blockRelayThread(inspector, daemon);
         inspector.close();
       }
 
@@ -248,6 +283,52 @@ describe('a warm-TLS daemon stopped', () => {
       await eventually(() => fdCount() - origin.openSockets() <= before, `fds back to ${before}`);
     }, 60_000);
   }
+
+  // A stop that fails part-way (Sockpoold.stop() rejects) with a relay thread that never ends: the entry point logs
+  // "unclean stop" and ends the process with _exit (daemon/command.ts), as it does for a thread left running by a stop
+  // that finished; process.exit() there would join the thread and wait for ever (with process.exit(1) put back this
+  // test failed: the line logged, the process never ended). The failure is made from outside through the inspector,
+  // in the daemon's main thread (no hook in the daemon): its handoff server (found with Runtime.queryObjects) gets a
+  // disconnectAll() that throws, which the stop calls before it ends the relay threads, so that thread is not even
+  // asked to end.
+  it('whose stop fails part-way, with a relay thread that never ends: logs it and exits 1', async () => {
+    const before = fdCount();
+    const daemon = await startTestDaemon([origin.port], {
+      extraArgs: warmTlsArgs(pki.caFile, [origin.port]),
+      nodeArgs: ['--inspect=127.0.0.1:0'],
+    });
+    daemons.push(daemon);
+    const inspector = await DaemonInspector.connect(daemon.output());
+    await inspector.call('NodeWorker.enable', { waitForDebuggerOnStart: false });
+    const client = new SockpoolClient({ socketPath: daemon.socketPath, threads: 0, caFile: pki.caFile });
+    expect((await client.request(`https://localhost:${origin.port}/`)).body.toString()).toBe('ok');
+    await blockRelayThread(inspector, daemon);
+    // The daemon's own module instance: require() of an ES module already loaded returns that one (import() is not
+    // available to the inspector's evaluations).
+    const module = join(repoRoot, 'dist', 'daemon', 'handoff-server.js');
+    const servers = await inspector.objectsInMain(
+      `process.getBuiltinModule('node:module').createRequire(${JSON.stringify(module)})(${JSON.stringify(module)}).HandoffServer.prototype`,
+    );
+    const patched = await inspector.callInMain(
+      servers,
+      `function () {
+        if (this.length !== 1) return 'handoff servers: ' + this.length;
+        this[0].disconnectAll = () => { throw new Error('disconnecting the clients failed (the test)'); };
+        return 'patched';
+      }`,
+    );
+    expect(patched).toBe('patched');
+    inspector.close();
+
+    expect(await stopBounded(daemon)).toBe(1);
+    // Logged before the _exit (the logs are flushed first).
+    expect(records(daemon, 'unclean stop')).toEqual([
+      expect.objectContaining({ err: 'disconnecting the clients failed (the test)' }),
+    ]);
+    expect(records(daemon, 'sockpoold stopped')).toEqual([]);
+    await client.close();
+    await eventually(() => fdCount() - origin.openSockets() <= before, `fds back to ${before}`);
+  }, 60_000);
 
   // The state the stop hung in (NOTES.md, twenty-first session): the relay resets a socket whose shutdown is pending.
   // Here its origin's TLS socket is ended (its TCP shutdown dispatched, not done yet) and, in the same tick, the
