@@ -4,7 +4,9 @@
 // fd ownership on this path: the pool manager resolves an acquire with an fd that then belongs to this server.
 // The lease keeps it (lease-guard.ts) until the lease ends (shut down and closed) or the socket is given back to
 // the pool; the `lease` message lends it (channel.send with `borrowed`: the kernel gives the client its own copy,
-// ours stays open). A `release` message brings the client's copy back: it is closed here once checked.
+// ours stays open). A `release` message brings the client's copy back: it is closed here once checked. A session
+// the daemon hung up on with lease replies maybe unread in the client's socket keeps a copy of its end (watchFd,
+// shut down) until they are read or the client closes: #keepWatching makes it, #stopWatching closes it.
 
 import { ErrorCodes, SockpoolError, toPlainError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
@@ -56,6 +58,12 @@ interface ClientSession {
   /** Leases of this session that ended after their replies went out, maybe unread: charged to its uid and counted by
    *  maxLeasesPerClient (#chargeIfUnread). */
   unreadLeases: number;
+  /**
+   * After the daemon hung up with lease replies maybe unread in the client's socket (#keepWatching): a copy of the
+   * daemon's end, shut down, kept only to read what is still unread there (SIOCOUTQ) while the session's charges
+   * last; closed when they are settled to none. The session's one fd then.
+   */
+  watchFd?: number | undefined;
 }
 
 export interface HandoffServerOptions {
@@ -168,6 +176,8 @@ export class HandoffServer {
    */
   disconnectAll(): void {
     for (const session of [...this.#clients.values()]) this.#disconnect(session, 'daemon stopping', false);
+    // Sessions hung up on earlier whose replies were unread: nothing is charged once the daemon stops.
+    for (const session of [...this.#unreadCharged]) if (session.closed) this.#stopWatching(session);
   }
 
   /** What a uid uses now (tests and stats). */
@@ -319,6 +329,8 @@ export class HandoffServer {
                 { cause: error },
               ),
             ),
+          // Before the socket closes (#keepWatching reads it); onClose then finds the session closed.
+          onClosing: (error) => this.#disconnect(session, error ? error.message : 'client hung up'),
           onClose: (error) => this.#disconnect(session, error ? error.message : 'client hung up'),
         },
         {
@@ -959,6 +971,11 @@ export class HandoffServer {
     if (session === undefined || session.closed) return;
     session.unreadLeases++;
     this.#quotas.chargeUnread(session.uid, 1);
+    this.#watchUnread(session);
+  }
+
+  /** `session` has charges (#chargeIfUnread, #keepWatching): settled every UNREAD_RECHECK_MS until it has none. */
+  #watchUnread(session: ClientSession): void {
     this.#unreadCharged.add(session);
     // Runs while any session is charged; it stops itself at a tick that finds none (no timer churn per lease).
     this.#unreadRecheck ??= setInterval(() => {
@@ -977,16 +994,67 @@ export class HandoffServer {
    * for what may still wait, not one for every lease it ended.
    */
   #settleUnread(session: ClientSession): void {
+    // A session the daemon hung up on is read through the copy of its end kept for this (#keepWatching); without one
+    // nothing of it can be unread any more.
+    const fd = session.closed ? session.watchFd : session.channel.fd;
     let unread = 0;
-    if (!session.closed) {
+    if (fd !== undefined) {
       try {
-        unread = native.unreadOutput(session.channel.fd);
+        unread = native.unreadOutput(fd);
       } catch {}
     }
     const charges = Math.min(session.unreadLeases, Math.floor(unread / MIN_MESSAGE_MEMORY));
     this.#quotas.releaseUnread(session.uid, session.unreadLeases - charges);
     session.unreadLeases = charges;
-    if (charges === 0) this.#unreadCharged.delete(session);
+    if (charges === 0) this.#stopWatching(session);
+  }
+
+  /** No more charges for `session` (or the daemon stops): not settled again, and the copy of its end closed. */
+  #stopWatching(session: ClientSession): void {
+    this.#quotas.releaseUnread(session.uid, session.unreadLeases);
+    session.unreadLeases = 0;
+    this.#unreadCharged.delete(session);
+    if (session.watchFd !== undefined) {
+      native.discard(session.watchFd);
+      session.watchFd = undefined;
+    }
+  }
+
+  /**
+   * The daemon hangs up on `session` (before its channel closes): `sent` of the leases ending with it had their
+   * replies go to the kernel. Those replies, and those of leases ended unread before (session.unreadLeases), may be
+   * unread still: the client's socket keeps them, with their fds in flight (charged to the daemon user's
+   * RLIMIT_NOFILE), for as long as the client keeps its end open, readable after the hang-up. Freeing their charges
+   * at the hang-up let a uid that made the daemon hang up on it (a half-close, bad messages, a megabyte unread) and
+   * connected again hold any number of fds in flight, its quota free each round. So they stay charged, settled as
+   * before (never more than what is unread: SIOCOUTQ), through a copy of the daemon's end kept for that alone and
+   * shut down (the client reads what is queued, then the end). One fd of the daemon's while any charge is left: at
+   * most maxLeasesPerUid a uid, as each holds a charge. A client that closed its end has nothing unread: none kept.
+   */
+  #keepWatching(session: ClientSession, sent: number): void {
+    const candidates = session.unreadLeases + sent;
+    if (candidates === 0) return;
+    let unread = 0;
+    try {
+      unread = native.unreadOutput(session.channel.fd);
+    } catch {}
+    const charges = Math.min(candidates, Math.floor(unread / MIN_MESSAGE_MEMORY));
+    if (charges > session.unreadLeases) this.#quotas.chargeUnread(session.uid, charges - session.unreadLeases);
+    else this.#quotas.releaseUnread(session.uid, session.unreadLeases - charges);
+    session.unreadLeases = charges;
+    if (charges === 0) {
+      this.#stopWatching(session);
+      return;
+    }
+    try {
+      session.watchFd = native.dup(session.channel.fd);
+      native.shutdown(session.watchFd);
+    } catch {
+      // Out of fds: the charges cannot be followed, so they go (as before this was kept).
+      this.#stopWatching(session);
+      return;
+    }
+    this.#watchUnread(session);
   }
 
   #onBadMessage(session: ClientSession, id: number | null, error: Error): void {
@@ -1012,15 +1080,21 @@ export class HandoffServer {
   #disconnect(session: ClientSession, why: string, shutDown = true): void {
     if (session.closed) return;
     session.closed = true;
+    const leases = this.#leases.endAllOf(session.id);
+    // Replies still waiting in the channel go with it (their fds never left); those the kernel took may stay unread
+    // in the client's socket after the hang-up, their fds in flight: they stay charged while they may (#keepWatching).
+    // Not at the daemon's stop (shutDown false): nothing is charged any more then.
+    let sent = 0;
+    for (const lease of leases) if (!this.#withdrawReply(lease)) sent++;
+    if (shutDown) this.#keepWatching(session, sent);
+    else this.#stopWatching(session);
     session.channel.close();
     this.#clients.delete(session.id);
     this.#quotas.closeSession(session.uid);
     // Its acquires still waiting leave their origins' queues now (as a `cancel` each), not at their deadlines.
     for (const cancel of session.cancels?.values() ?? []) cancel.abort();
     for (const wait of session.tokenWaits?.values() ?? []) wait.abort();
-    for (const lease of this.#leases.endAllOf(session.id)) this.#endLease(lease, shutDown);
-    // Its fds in flight are freed with its socket: the charges for them go.
-    if (session.unreadLeases > 0) this.#settleUnread(session);
+    for (const lease of leases) this.#endLease(lease, shutDown);
     this.#log.debug({ client: session.id, why }, 'client disconnected');
   }
 }

@@ -19,6 +19,11 @@ export interface ChannelHandlers {
   onBadMessage?(error: Error): void;
   /** Called once, when the peer hung up (error undefined) or the socket failed. */
   onClose(error?: Error): void;
+  /**
+   * Called once, as onClose, but before the channel closes its socket: the socket is still open (what the peer left
+   * unread can be read, SIOCOUTQ; queued messages withdrawn). onClose follows, after the close.
+   */
+  onClosing?(error?: Error): void;
 }
 
 interface Outgoing {
@@ -338,6 +343,7 @@ export class SeqpacketChannel {
 
   #fail(error: Error | undefined): void {
     if (this.#closed) return;
+    this.#handlers.onClosing?.(error);
     this.close();
     this.#handlers.onClose(error);
   }

@@ -6,6 +6,7 @@
 // charged while the DNS query it started runs (maxLookupsPerUid bounds lookups in flight, not acquires); waits
 // for rate tokens end with their client's session; replies a client does not read are bounded in bytes.
 import { once } from 'node:events';
+import { readdirSync, readlinkSync } from 'node:fs';
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { Socket } from 'node:net';
@@ -457,6 +458,68 @@ describe('replies a client does not read', () => {
     ).toEqual([...Array(4).fill('lease'), ...Array(3).fill('SOCKPOOL_ERR_LIMIT true')]);
     // Read: the connection's own settle before refusing finds nothing unread, and it gets leases again.
     expect(await again()).toMatchObject({ type: 'lease' });
+  });
+
+  it('stay charged when the daemon hangs up on a client that keeps its end open: its fds are still in flight', async () => {
+    // The daemon's hang-up (here the client's half-close; the same for more than maxBadMessages bad messages or
+    // MAX_QUEUED_REPLY_BYTES unread) ends the session's leases, but the replies the kernel holds stay in the client's
+    // socket, readable, with their fds in flight (charged to the daemon user's RLIMIT_NOFILE), for as long as the
+    // client keeps its end open. Before, the hang-up freed the uid's quota at once: with maxLeasesPerUid 4, one uid
+    // reconnecting held 4 more fds in flight each round (40 after ten rounds), charged to nobody.
+    const origin = await pathOrigin(cleanups);
+    const sockpoold = await daemon(origin.port, {
+      quotas: { maxLeasesPerUid: 4 },
+      pool: { defaults: { minIdle: 0, maxIdle: 4 } },
+    });
+    const observer = openRawClient(sockpoold.socketPath, cleanups);
+    // (Sockets only: the history's database opens more files of its own along the way.)
+    const sockets = () =>
+      readdirSync(`/proc/${sockpoold.child.pid}/fd`).filter((fd) => {
+        try {
+          return readlinkSync(`/proc/${sockpoold.child.pid}/fd/${fd}`).startsWith('socket:');
+        } catch {
+          return false;
+        }
+      }).length;
+    await stats(observer); // (the observer's session accepted)
+    const socketsBefore = sockets();
+    const acquire = (id: number) => ({ type: 'acquire', id, host: '127.0.0.1', port: origin.port, timeoutMs: 30_000 });
+    const hoarder = openRawClient(sockpoold.socketPath, cleanups);
+    for (let id = 1; id <= 4; id++) hoarder.sendJson(acquire(id));
+    await eventually(async () => (await stats(observer)).leases === 4, 'four leases lent, their replies unread');
+    // shutdown(SHUT_RDWR) of its own end: the daemon reads EOF and hangs up; what it sent stays queued here.
+    native.shutdown(hoarder.fd);
+    await eventually(async () => (await stats(observer)).clients === 1, 'the hoarder hung up on');
+    expect(await stats(observer)).toMatchObject({ leases: 0, unreadLeases: 4 });
+    // The same uid again: its four fds in flight leave no room.
+    const next = openRawClient(sockpoold.socketPath, cleanups);
+    const refused = await next.request(acquire(1));
+    for (const fd of refused.fds) native.close(fd);
+    expect(refused.message).toMatchObject({
+      type: 'error',
+      code: 'SOCKPOOL_ERR_QUOTA',
+      fields: { quota: 'maxLeasesPerUid' },
+    });
+    // The hoarder reads what was queued for it: the four leases and their fds, then the end.
+    let received = 0;
+    for (;;) {
+      const reply = await hoarder.receive();
+      received += reply.fds.length;
+      for (const fd of reply.fds) native.close(fd);
+      if (reply.eof) break;
+    }
+    expect(received).toBe(4);
+    await eventually(async () => (await stats(observer)).unreadLeases === 0, 'the charges released once read');
+    const lent = await next.request(acquire(2));
+    for (const fd of lent.fds) native.close(fd);
+    expect(lent.message).toMatchObject({ type: 'lease' });
+    await next.request({ type: 'closed', id: 3, leaseId: (lent.message as { leaseId: number }).leaseId });
+    // Nothing of the hoarder's session is left in the daemon (the end it kept to watch the client's reads is closed):
+    // its sockets are those before, the next client's session and the idle ones.
+    await eventually(
+      async () => sockets() === socketsBefore + 1 + ((await stats(observer)).idle ?? 0),
+      () => `${sockets()} daemon sockets, ${socketsBefore} before the hoarder`,
+    );
   });
 });
 
