@@ -224,11 +224,19 @@ export class AdmissionQueue<T extends Admittable> {
     this.#queue.push(entry);
   }
 
-  /** The next to start, counted as started for its uid; undefined when none is left (those not wanted dropped). */
-  take(): T | undefined {
+  /**
+   * The next to start, counted as started for its uid; undefined when none is left (those not wanted dropped), or
+   * none of those left may start: `mayStart(uid, started)`, given how many of the uid's are started and not done,
+   * says whether one more of that uid's may (the others wait their turn as before).
+   */
+  take(mayStart?: (uid: number, started: number) => boolean): T | undefined {
+    const may = mayStart && ((queued: T) => mayStart(queued.uid, this.#queue.heldOf(queued.uid) ?? 0));
     while (this.#queue.length > 0) {
       // (Finding an urgent one scans the queue.)
-      const next = this.#queue.peekWhere((queued) => queued.urgent?.() === true) ?? this.#queue.peek()!;
+      const next = may
+        ? (this.#queue.peekWhere((queued) => queued.urgent?.() === true && may(queued)) ?? this.#queue.peekWhere(may))
+        : (this.#queue.peekWhere((queued) => queued.urgent?.() === true) ?? this.#queue.peek());
+      if (next === undefined) return undefined;
       this.#queue.remove(next);
       if (next.wanted?.() === false) {
         this.#drop(next);

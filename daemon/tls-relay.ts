@@ -14,7 +14,9 @@
 // (connect-gate.ts): those an acquire waits for at that moment first (a prewarm's handshake becomes urgent when a
 // client comes to wait for its origin), each kind fairly across uids (fair-queue.ts: the uid with the fewest
 // handshakes under way, in arrival order within a uid), so one uid's burst does not hold another uid's handshakes
-// behind all of it. One no longer wanted when its turn comes (its acquire gave up) is not started: its TCP
+// behind all of it; and a uid starts one more only while more places are free than it holds (#mayStart), so the
+// places held by one uid's handshakes with servers that never answer leave another uid's a place at once. One no
+// longer wanted when its turn comes (its acquire gave up) is not started: its TCP
 // connection is closed and it fails with ConnectAbandoned (a handshake costs CPU and a session nobody asked for);
 // past 64 queued, those no longer wanted are swept before another is queued.
 //
@@ -190,7 +192,7 @@ export class TlsRelays {
     while (this.#queue.length > 0) {
       const thread = this.#roomiest();
       if (!thread) return;
-      const job = this.#queue.take();
+      const job = this.#queue.take(this.#mayStart);
       if (!job) return;
       try {
         job.inode = native.socketInode(job.fd);
@@ -204,6 +206,20 @@ export class TlsRelays {
       thread.worker.postMessage(request);
     }
   }
+
+  /**
+   * Whether one more handshake of a uid with `started` under way may start: only while more than `started` places
+   * (of every thread's HANDSHAKES_PER_THREAD) are free, as the resolver's system lookups (resolver.ts). A handshake
+   * holds its place until it ends, up to tls.handshakeTimeoutMs for a server that never answers, and a place taken
+   * is never given back early: without a reserve, one uid's 16 acquires to such an origin held every place, and every
+   * other uid's warm TLS acquire (of any origin) waited for one of them to time out, as long as its own acquire
+   * timeout (10 s both, by default), again after each refill. So a uid alone has half of the places at once.
+   */
+  #mayStart = (_uid: number, started: number): boolean => {
+    let underWay = 0;
+    for (const thread of this.#threads) if (thread && !thread.exited) underWay += thread.pending.size;
+    return this.#threadCount * HANDSHAKES_PER_THREAD - underWay > started;
+  };
 
   /** A queued handshake nobody wants any more: never started; its TCP fd, still this class's, is closed. */
   #abandon(job: QueuedHandshake): void {

@@ -23,8 +23,9 @@ describe('TlsRelays handshake queue', () => {
     const { TlsRelays, HANDSHAKES_PER_THREAD } = (await import(
       join(repoRoot, 'dist', 'daemon', 'tls-relay.js')
     )) as RelayModule;
-    // Connections 0..N-1 fill the thread; N and then `waited` (N + 1) queue behind them.
-    const N = HANDSHAKES_PER_THREAD;
+    // Connections 0..N-1 take every place one uid may hold (half the thread's: see "keeps places for other uids");
+    // N and then `waited` (N + 1) queue behind them.
+    const N = HANDSHAKES_PER_THREAD / 2;
     const waited = N + 1;
     const before = socketCount();
     const relays = new TlsRelays(1, pino({ level: 'silent' }));
@@ -85,7 +86,8 @@ describe('TlsRelays handshake queue', () => {
     const params = { host: 'origin.test', port: 443, contextKey: 'system/-/-', timeoutMs: 30_000 };
     const farEnds: Socket[] = [];
     const outcomes: Array<Promise<string>> = [];
-    for (let index = 0; index < HANDSHAKES_PER_THREAD + 2; index++) {
+    // (One uid alone: half the thread's places, the rest queued.)
+    for (let index = 0; index < HANDSHAKES_PER_THREAD / 2 + 2; index++) {
       const [near, far] = native.loopbackPair();
       farEnds.push(new Socket({ fd: far, readable: true, writable: true }).on('error', () => {}));
       outcomes.push(
@@ -100,18 +102,22 @@ describe('TlsRelays handshake queue', () => {
     const codes = await Promise.all(outcomes);
     // Two never left the queue; the others were in the thread when it ended (their fds closed, read or not).
     expect(codes.filter((code) => code === 'SOCKPOOL_ERR_SHUTTING_DOWN')).toHaveLength(2);
-    expect(codes.filter((code) => code === 'SOCKPOOL_ERR_TLS')).toHaveLength(HANDSHAKES_PER_THREAD);
+    expect(codes.filter((code) => code === 'SOCKPOOL_ERR_TLS')).toHaveLength(HANDSHAKES_PER_THREAD / 2);
     for (const socket of farEnds) socket.destroy();
     await pollUntil(
       () => socketCount() === before,
       () => `the sockets back to ${before} (${socketCount()} open)`,
     );
   });
-  it("starts another uid's queued handshake ahead of one uid's backlog", async () => {
+  it("keeps places for other uids: one uid's handshakes that never end leave another uid's a place at once", async () => {
     const { TlsRelays, HANDSHAKES_PER_THREAD } = (await import(
       join(repoRoot, 'dist', 'daemon', 'tls-relay.js')
     )) as RelayModule;
-    // uid 1000 fills the thread and queues 50 more; then uid 2000 queues one (`other`).
+    // A handshake holds its place until it ends: up to tls.handshakeTimeoutMs (10 s) with a server that never
+    // answers. uid 1000 asks for N + 50 such handshakes; then uid 2000 asks for one (`other`). Before, uid 1000's
+    // first N held every place of the thread and `other` waited for one of them to time out (as long as its own
+    // acquire's timeout, 10 s both by default), and again after each of uid 1000's refills. A uid starts one more
+    // only while more places are free than it holds: alone, it holds half of them; `other` starts at once.
     const N = HANDSHAKES_PER_THREAD;
     const backlog = 50;
     const other = N + backlog;
@@ -133,20 +139,26 @@ describe('TlsRelays handshake queue', () => {
       );
     };
     for (let index = 0; index < N + backlog; index++) open(index, 1000);
-    open(other, 2000);
-    expect(relays.counters().handshakesQueued).toBe(backlog + 1);
     await pollUntil(
-      () => hellos.length === N,
-      () => `the first ${N} ClientHellos (${hellos.length} came)`,
+      () => hellos.length === N / 2,
+      () => `uid 1000's first ${N / 2} ClientHellos (${hellos.length} came)`,
     );
-    // One of uid 1000's handshakes ends: the room goes to uid 2000 (none under way), not to uid 1000's 17th.
+    expect(relays.counters().handshakesQueued).toBe(N / 2 + backlog);
+    open(other, 2000);
+    // None of uid 1000's ended: the place was free.
+    await pollUntil(
+      () => hellos.includes(other),
+      () => `uid 2000's ClientHello (came: ${hellos.join(',')})`,
+    );
+    expect(hellos).toHaveLength(N / 2 + 1);
+    // One of uid 1000's ends: another of its own starts (more places free than it holds), not more.
     farEnds[0]!.destroy();
     expect(await outcomes[0]).toBe('SOCKPOOL_ERR_TLS');
     await pollUntil(
-      () => hellos.length === N + 1,
-      () => `the next ClientHello (came: ${hellos.join(',')})`,
+      () => hellos.length === N / 2 + 2,
+      () => `uid 1000's next ClientHello (came: ${hellos.join(',')})`,
     );
-    expect(hellos[N]).toBe(other);
+    expect(relays.counters().handshakesQueued).toBe(N / 2 + backlog - 1);
     for (const socket of farEnds) socket.destroy();
     expect(await Promise.all(outcomes)).toEqual(Array(N + backlog + 1).fill('SOCKPOOL_ERR_TLS'));
     await relays.close();
@@ -161,8 +173,8 @@ describe('TlsRelays handshake queue', () => {
       join(repoRoot, 'dist', 'daemon', 'tls-relay.js')
     )) as RelayModule;
     const { ConnectAbandoned } = (await import(join(repoRoot, 'dist', 'daemon', 'connect-gate.js'))) as GateModule;
-    // 0..N-1 fill the thread; N (`unwanted`) and N + 1 queue behind them.
-    const N = HANDSHAKES_PER_THREAD;
+    // 0..N-1 take every place one uid may hold; N (`unwanted`) and N + 1 queue behind them.
+    const N = HANDSHAKES_PER_THREAD / 2;
     const unwanted = N;
     const before = socketCount();
     const relays = new TlsRelays(1, pino({ level: 'silent' }));
@@ -218,9 +230,9 @@ describe('TlsRelays handshake queue', () => {
       join(repoRoot, 'dist', 'daemon', 'tls-relay.js')
     )) as RelayModule;
     const { ConnectAbandoned } = (await import(join(repoRoot, 'dist', 'daemon', 'connect-gate.js'))) as GateModule;
-    // The thread is full of handshakes with origins that never answer; 64 more queue behind them, then their
-    // acquires give up. Nothing frees room in the thread for a while: their TCP fds must not wait for it.
-    const N = HANDSHAKES_PER_THREAD;
+    // The uid holds every place it may with handshakes with origins that never answer; 64 more queue behind them,
+    // then their acquires give up. Nothing frees room for a while: their TCP fds must not wait for it.
+    const N = HANDSHAKES_PER_THREAD / 2;
     const stale = 64;
     const before = socketCount();
     const relays = new TlsRelays(1, pino({ level: 'silent' }));
