@@ -6,11 +6,12 @@ import { execFileSync } from 'node:child_process';
 import { join } from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import * as native from '../shared/native.js';
-import { fdCount, receiveMessage, warmUpChildProcesses } from './fixtures/native-helpers.js';
+import { fdCount, receiveMessage, waitForEvents, warmUpChildProcesses } from './fixtures/native-helpers.js';
 import { repoRoot } from './helpers/daemon.js';
 
 const TCP_ESTABLISHED = 1;
 const TCP_SYN_SENT = 2;
+const TCP_CLOSE_WAIT = 8;
 
 beforeAll(async () => {
   await warmUpChildProcesses();
@@ -110,6 +111,36 @@ describe('loopbackPair beside a local user spraying 127.0.0.1 ports', () => {
     for (const fd of [...pair, ...theirs]) native.close(fd);
     expect(fdCount()).toBe(before);
   });
+
+  it.each([false, true])(
+    'never returns a stranger sending from our port on another 127/8 address (listener filtered: %s)',
+    async (filter) => {
+      const before = fdCount();
+      const [listener, client, filtered] = native.loopbackPairListen(filter);
+      // Unfiltered, our client is bound here (the filtered attempt binds it itself), so that its port is known before
+      // our connect: the stranger is queued first, from 127.0.0.2 with our port (other addresses do not clash in bind).
+      if (!filter) native.bindAddress(client, '127.0.0.1', 0);
+      const stranger = native.tcpSocket(4);
+      native.bindAddress(stranger, '127.0.0.2', native.localAddress(client).port);
+      native.connectStart(stranger, '127.0.0.1', native.localAddress(listener).port, 4);
+      // In the queue before ours (a softirq run late must not reorder them), where nothing drops its SYN.
+      if (!filtered) await waitForEvents(listener, native.READABLE);
+      const pair = native.loopbackPairTry(listener, client) ?? native.loopbackPairAwait(listener, client, 1_000);
+      await expectConnectedToEachOther(pair);
+      expect(native.peerAddress(pair[0]).address).toBe('127.0.0.1');
+      const state = native.probe(stranger).tcpState;
+      if (filtered) {
+        // The filter compares the address too: its SYN went unanswered (or, retransmitted, met no listener).
+        expect(state).not.toBe(TCP_ESTABLISHED);
+        if (state !== TCP_SYN_SENT) expect(native.socketError(stranger)).toBe('ECONNREFUSED');
+      } else {
+        // Queued before ours, then taken out and closed by the accept that looks for ours: its peer closed it.
+        expect(state).toBe(TCP_CLOSE_WAIT);
+      }
+      for (const fd of [...pair, stranger]) native.close(fd);
+      expect(fdCount()).toBe(before);
+    },
+  );
 
   it('makes the pair beside 64 strangers in a process without CAP_NET_ADMIN (a kernel may refuse it the filter)', () => {
     // As root, a child without CAP_NET_ADMIN (setpriv); otherwise this process's user, who has none anyway.
