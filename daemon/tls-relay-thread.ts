@@ -166,8 +166,9 @@ function open(request: Extract<RelayRequest, { t: 'open' }>): void {
     fail(Object.assign(new Error('connection closed during the TLS handshake'), { code: 'EOF' }));
   tls.once('error', fail);
   tls.once('close', closedEarly);
-  // The pair, once made: the session is relayed and its other end goes to the main thread.
-  const established = (pair: [number, number]) => {
+  // The pair, once made: the session is relayed and its other end goes to the main thread. `kept`: what the origin
+  // sent while the pair was waited for.
+  const established = (pair: [number, number], kept: Buffer[] = []) => {
     settled = true;
     clearTimeout(timer);
     tls.removeListener('error', fail);
@@ -175,7 +176,7 @@ function open(request: Extract<RelayRequest, { t: 'open' }>): void {
     const certificate = tls.getPeerCertificate();
     counters[COUNTER.handshakes]!++;
     counters[COUNTER.sessions]!++;
-    relay(tls, tcp, new Socket({ fd: pair[0], readable: true, writable: true, allowHalfOpen: true }));
+    relay(tls, tcp, new Socket({ fd: pair[0], readable: true, writable: true, allowHalfOpen: true }), kept);
     post({
       t: 'ready',
       id: request.id,
@@ -206,27 +207,49 @@ function open(request: Extract<RelayRequest, { t: 'open' }>): void {
     }
     // Our connection was not on the pair's listener at once (a port sprayer, see loopback-pair.ts): waited for on
     // this thread's loop, so its other sessions keep flowing. Meanwhile the handshake's timer still bounds the
-    // session (so do 'error' and 'close', though the TLS socket is not read before the relay starts, so an origin's
-    // hang-up is seen only then): fail() abandons the wait, which closes the listener and client (the thread's
-    // teardown closes them, tracked, if the thread ends first). The callback never runs inside this one.
+    // session, and so does the origin: the TLS socket reads ahead by itself, so a reset fails it through 'error', but
+    // a clean end (close_notify, FIN) is an 'end' event, which a stream emits only once what came before it was
+    // read. So it is read here, what the origin sends kept for relay() (as relay keeps what comes before the client
+    // speaks, with the same bound), and its end fails the session now rather than once it was handed out. fail()
+    // abandons the wait, which closes the listener and client (the thread's teardown closes them, tracked, if the
+    // thread ends first). None of these callbacks runs inside this one.
+    const kept: Buffer[] = [];
+    let keptBytes = 0;
+    const keep = (chunk: Buffer) => {
+      kept.push(chunk);
+      keptBytes += chunk.length;
+      if (keptBytes <= MAX_EARLY_BYTES) return;
+      const error = new Error(`the origin sent over ${MAX_EARLY_BYTES} bytes before any request`);
+      fail(Object.assign(error, { code: 'EPROTO' }));
+    };
+    const hungUp = () =>
+      fail(Object.assign(new Error('the origin closed the connection before the session was ready'), { code: 'EOF' }));
     try {
       abandonPair = waitForLoopbackPair(pair, (error, made) => {
         abandonPair = undefined;
-        if (error) fail(error);
-        else established(made!);
+        if (error) {
+          fail(error);
+          return;
+        }
+        tls.removeListener('data', keep);
+        tls.removeListener('end', hungUp);
+        established(made!, kept);
       });
     } catch (error) {
       setImmediate(() => fail(error as Error));
       return;
     }
+    tls.on('data', keep);
+    tls.once('end', hungUp);
     if (testSeams) port!.postMessage({ t: 'pair-waiting', id: request.id });
   });
 }
 
-function relay(tls: TLSSocket, tcp: Socket, client: Socket): void {
+/** `kept`: what the origin sent before the relay started (at most MAX_EARLY_BYTES), the first of its early bytes. */
+function relay(tls: TLSSocket, tcp: Socket, client: Socket, kept: Buffer[]): void {
   let leased = false;
-  let early: Buffer[] = [];
-  let earlyBytes = 0;
+  let early: Buffer[] = kept;
+  let earlyBytes = kept.reduce((total, chunk) => total + chunk.length, 0);
   let clientEnded = false;
   let originEnded = false;
   let closed = false;

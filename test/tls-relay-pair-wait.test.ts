@@ -163,6 +163,71 @@ describe('a relay thread while one pair waits for its own connection', () => {
     await thread.worker.terminate();
   });
 
+  it('ends the session when its origin hangs up during the wait: the pair closed, nothing left open', async () => {
+    const before = socketCount();
+    const thread = startThread();
+    thread.open(1, true);
+    await thread.next(1, 'pair-waiting');
+    // The origin ends the connection cleanly (close_notify, FIN) while the pair waits for our SYN's retransmit (a
+    // second away). (A reset was seen already: the TLS socket reads ahead, and a read error fails the session.)
+    for (const origin of thread.origins.values()) origin.tls.end();
+    // Seen now, not once the pair is made: a `ready` would hand out a session whose origin is gone.
+    expect(await thread.next(1, 'ready', 'failed')).toMatchObject({ t: 'failed', code: 'EOF' });
+    // The wait's listener and client closed with it, checked before the thread ends (its teardown closes the rest).
+    await pollUntil(
+      () => socketCount() === before,
+      () => `the sockets back to ${before} (${socketCount()} open)`,
+    );
+    await thread.worker.terminate();
+  });
+
+  it("keeps what the origin sends during the wait for the session's client", async () => {
+    const before = socketCount();
+    const thread = startThread();
+    thread.open(1, true);
+    await thread.next(1, 'pair-waiting');
+    // Unprompted, as an h2 server's SETTINGS: read during the wait, it must still reach the client first.
+    for (const origin of thread.origins.values()) origin.tls.write('sent during the wait;');
+    const made = await thread.next(1, 'ready', 'failed');
+    expect(made.t).toBe('ready');
+    const client = new Socket({ fd: (made as { fd: number }).fd, readable: true, writable: true });
+    client.on('error', () => {});
+    let got = '';
+    client.on('data', (chunk: Buffer) => {
+      got += chunk.toString();
+    });
+    client.write(' echoed');
+    // In order: the kept bytes, if relayed, come before the echo.
+    await pollUntil(
+      () => got.endsWith(' echoed'),
+      () => `the echo (${JSON.stringify(got)} so far)`,
+    );
+    expect(got).toBe('sent during the wait; echoed');
+    client.destroy();
+    for (const origin of thread.origins.values()) origin.tls.destroy();
+    await thread.worker.terminate();
+    await pollUntil(
+      () => socketCount() === before,
+      () => `the sockets back to ${before} (${socketCount()} open)`,
+    );
+  });
+
+  it('ends the session when its origin sends more than the relay keeps before a request, during the wait', async () => {
+    const before = socketCount();
+    const thread = startThread();
+    thread.open(1, true);
+    await thread.next(1, 'pair-waiting');
+    // Over MAX_EARLY_BYTES (64 KiB), which relay() would not keep either: not an idle HTTP connection.
+    for (const origin of thread.origins.values()) origin.tls.write(Buffer.alloc(80 * 1024, 'x'));
+    expect(await thread.next(1, 'ready', 'failed')).toMatchObject({ t: 'failed', code: 'EPROTO' });
+    for (const origin of thread.origins.values()) origin.tls.destroy();
+    await pollUntil(
+      () => socketCount() === before,
+      () => `the sockets back to ${before} (${socketCount()} open)`,
+    );
+    await thread.worker.terminate();
+  });
+
   it('closes the waiting pair when the thread ends meanwhile (the daemon stopping): nothing left open', async () => {
     const before = socketCount();
     const thread = startThread();
