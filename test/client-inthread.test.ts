@@ -15,12 +15,18 @@ import type { DaemonProcess } from './helpers/daemon.js';
 
 let origin: Origin;
 let slow: Origin;
+/** Requests `slow` has received. */
+let slowRequests = 0;
 let medium: Origin;
 let daemon: DaemonProcess;
 
 beforeAll(async () => {
   origin = await httpOrigin(echoHandler());
-  slow = await httpOrigin(echoHandler(5_000));
+  const answer = echoHandler(5_000);
+  slow = await httpOrigin((request, response) => {
+    slowRequests++;
+    answer(request, response);
+  });
   medium = await httpOrigin(echoHandler(300));
   daemon = await startTestDaemon([origin.port, slow.port, medium.port]);
 });
@@ -49,7 +55,11 @@ describe('threads: 0 (in the caller thread)', () => {
     const controller = new AbortController();
     const pending = client.request(`http://127.0.0.1:${slow.port}/slow`, { signal: controller.signal });
     const reason = new Error('the user gave up');
-    setTimeout(() => controller.abort(reason), 50);
+    // Aborted once the request is at the origin, in its transfer. (On a timer, a loaded machine now and then aborted
+    // it in its acquire: the daemon kept the connection it had opened for it idle, and its server side, in this
+    // process, stayed one fd over the count below.)
+    await eventually(() => slowRequests === 1, 'the request at the slow origin');
+    controller.abort(reason);
     // The signal's reason is the error's cause, as with worker threads.
     await expect(pending).rejects.toMatchObject({
       code: 'SOCKPOOL_ERR_ABORTED',
