@@ -25,6 +25,7 @@ import { afterAll, beforeAll, expect, it } from 'vitest';
 import { SockpoolClient } from '../client/index.js';
 import { ErrorCodes } from '../shared/errors.js';
 import { MAX_TIMEOUT_MS } from '../shared/protocol.js';
+import { TOKEN_LIFETIME_MS } from '../shared/rate.js';
 import { DaemonLink } from '../worker/daemon-link.js';
 import {
   daemonStats,
@@ -301,50 +302,91 @@ it("a request cancelled while its worker's tokens request waits in the daemon ta
 
 it('a token taken for a request cancelled in its TLS handshake (nothing sent) goes to the next request', async () => {
   const pki = createTestPki(['localhost']);
-  // An https origin whose every response closes its connection (each request needs an acquire), behind a TCP
-  // front that, while `stall` is set, keeps the connections that come and never answers their handshake.
+  // An https origin whose every response closes its connection (each request needs an acquire).
   const tls = https.createServer({ cert: pki.cert, key: pki.key }, (_request, response) => {
     response.setHeader('connection', 'close');
     response.end('ok');
   });
-  let stall = false;
-  const stalled: net.Socket[] = [];
-  const front = net.createServer((socket) => {
-    if (stall) stalled.push(socket);
-    else tls.emit('connection', socket);
-  });
-  front.listen(0, '127.0.0.1');
-  await once(front, 'listening');
-  const { port } = front.address() as AddressInfo;
-  // A token a minute, burst 2: the first request (charged by the daemon: the worker does not know the rate yet)
-  // and the second (its token taken by the worker) spend both there are for a minute.
-  const rated = await startTestDaemon([port], {
-    config: { pool: { origins: [{ match: `127.0.0.1:${port}`, requestsPerSecond: 1 / 60, burst: 2 }] } },
-  });
-  const client = new SockpoolClient({ socketPath: rated.socketPath, threads: 0, timeoutMs: 3_000, caFile: pki.caFile });
+  // A token lives TOKEN_LIFETIME_MS from when the worker took it, given back or not (shared/rate.ts), and on a loaded
+  // machine the steps from the take to the next request's spend (a connect, the handshake seen, the abort, its
+  // rejection) took longer now and then: the next request was refused because the token had expired, which says
+  // nothing about the give-back. A refusal within TOKEN_LIFETIME_MS of the earliest moment the token can have been
+  // taken is the defect; a later one cannot tell the two apart, and the attempt is made again (up to four), each
+  // with an origin and a daemon of its own (a fresh burst).
+  const attempt = async (): Promise<'served' | 'expired'> => {
+    // A TCP front that, while `stall` is set, keeps the connections that come and never answers their handshake;
+    // `hellos`: how many of those brought a ClientHello.
+    let stall = false;
+    const stalled: net.Socket[] = [];
+    let hellos = 0;
+    const front = net.createServer((socket) => {
+      if (stall) {
+        stalled.push(socket);
+        socket.once('data', () => hellos++);
+      } else {
+        tls.emit('connection', socket);
+      }
+    });
+    front.listen(0, '127.0.0.1');
+    await once(front, 'listening');
+    const { port } = front.address() as AddressInfo;
+    // A token a minute, burst 2: the first request (charged by the daemon: the worker does not know the rate yet)
+    // and the second (its token taken by the worker) spend both there are for a minute.
+    const rated = await startTestDaemon([port], {
+      config: { pool: { origins: [{ match: `127.0.0.1:${port}`, requestsPerSecond: 1 / 60, burst: 2 }] } },
+    });
+    // (20 s: the first request's connect and handshake fit in it on a loaded machine; a third request without a
+    // token is still refused at once, its turn being a minute away.)
+    const client = new SockpoolClient({
+      socketPath: rated.socketPath,
+      threads: 0,
+      timeoutMs: 20_000,
+      caFile: pki.caFile,
+    });
+    try {
+      const url = `https://127.0.0.1:${port}/`;
+      expect((await client.request(url)).status).toBe(200);
+      stall = true;
+      const controller = new AbortController();
+      // The second request takes its token after this (the worker runs in this thread: the same clock).
+      const beforeTake = performance.now();
+      const cancelled = client.request(url, { signal: controller.signal });
+      cancelled.catch(() => {});
+      // (Its ClientHello, not the connection: the daemon connects before it hands the socket over, and an abort
+      // then cancels the acquire, not the handshake, and leaves the stalled socket idle in the daemon's pool for the
+      // third request.)
+      await eventually(() => hellos === 1, 'the second request in its TLS handshake');
+      controller.abort(new Error('not any more'));
+      await expect(cancelled).rejects.toMatchObject({ code: ErrorCodes.ABORTED });
+      stall = false;
+      // Nothing of the second request went out: the third spends its token (before: it was lost, and the next token
+      // being a minute away, past the request's deadline, the daemon refused it with SOCKPOOL_ERR_RATE_LIMITED).
+      try {
+        expect((await client.request(url)).status).toBe(200);
+        return 'served';
+      } catch (error) {
+        const expired = performance.now() - beforeTake >= TOKEN_LIFETIME_MS;
+        if (expired && (error as { code?: string }).code === ErrorCodes.RATE_LIMITED) return 'expired';
+        throw error;
+      }
+    } finally {
+      await client.close();
+      await rated.stop();
+      for (const socket of stalled) socket.destroy();
+      await new Promise<void>((resolve) => front.close(() => resolve()));
+    }
+  };
   try {
-    const url = `https://127.0.0.1:${port}/`;
-    expect((await client.request(url)).status).toBe(200);
-    stall = true;
-    const controller = new AbortController();
-    const cancelled = client.request(url, { signal: controller.signal });
-    cancelled.catch(() => {});
-    await eventually(() => stalled.length === 1, 'the second request in its TLS handshake');
-    controller.abort(new Error('not any more'));
-    await expect(cancelled).rejects.toMatchObject({ code: ErrorCodes.ABORTED });
-    stall = false;
-    // Nothing of the second request went out: the third spends its token (before: it was lost, and the next token
-    // being a minute away, past the request's 3 s, the daemon refused it with SOCKPOOL_ERR_RATE_LIMITED).
-    expect((await client.request(url)).status).toBe(200);
+    const outcomes: string[] = [];
+    do outcomes.push(await attempt());
+    while (outcomes.at(-1) === 'expired' && outcomes.length < 4);
+    // Every attempt too slow to tell: the machine, not the give-back; but a test that cannot tell fails.
+    expect(outcomes.at(-1), `attempts: ${outcomes.join(', ')}`).toBe('served');
   } finally {
-    await client.close();
-    await rated.stop();
-    for (const socket of stalled) socket.destroy();
     tls.close();
-    await new Promise<void>((resolve) => front.close(() => resolve()));
     pki.cleanup();
   }
-}, 20_000);
+}, 150_000);
 
 it('a wait for a token past the protocol bound ends with SOCKPOOL_ERR_CLOSED when the link closes', async () => {
   const server = http.createServer((_request, response) => response.end('ok'));
