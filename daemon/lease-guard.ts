@@ -18,11 +18,15 @@
 // changes the TCP state. So equal counters, notsent 0 and ESTABLISHED mean the queues are still empty. A mark
 // that is not quiet (or a kernel without these counters) makes the check read the queues (SIOCOUTQ/SIOCINQ) too.
 //
-// A socket released and acquired again in one synchronous run of the daemon (its release and the next acquire came
-// in one read of a client's messages, as under load) is not read twice: the release check's TCP_INFO read is as
-// recent as the idle check's would be (both come before the lease is sent, microseconds apart, with no wait on the
-// event loop between), and a released socket goes only to the releasing uid (origin-pool.ts), as it already does
-// without a second read when a waiter takes it straight from the release.
+// A socket released and acquired again within RECENT_CHECK_MS is not read twice: the release check's TCP_INFO read
+// stands for the idle check's, once. Any check is a snapshot, already tens to hundreds of µs old when the client
+// first writes on the socket (the lease's way to it, its event loop, curl): an origin's FIN or bytes in that time
+// reach the lease all the same. A read up to RECENT_CHECK_MS older widens that window by at most as much, and saves
+// one of the two syscalls a release and the next lease make, the one before the lease is sent (on a core shared
+// with the client, all of the daemon's work until it sleeps again is the client's wait). A socket released unused
+// goes only to the releasing uid (origin-pool.ts), whose clients are one party to the daemon (docs/security.md):
+// what a copy kept across the release does meanwhile reaches that uid's next lease and no other's. The sweep's check
+// of kept sockets and the next release check read the counters again.
 //
 // fd ownership: nothing here opens or keeps an fd; `endConnection` closes the fd it is given.
 
@@ -37,8 +41,11 @@ export interface UsageMark {
   bytesReceived: number | undefined;
   /** Nothing was queued either way when the counters were read (see the header). */
   quiet: boolean;
-  /** The synchronous run in which this mark passed the release check (see the header); 0 when none did. */
-  checkedInRun: number;
+  /**
+   * When (performance.now()) this mark last passed the release check, for the idle check that may reuse that read
+   * once (see the header); -Infinity when no such read is there to reuse.
+   */
+  checkedAt: number;
   /**
    * The peer (getpeername, as the words native.tcpInfo writes with `withPeer`) when the mark was read in full: a
    * released socket must still be connected to it. connect() with AF_UNSPEC through a client's copy resets the
@@ -48,25 +55,8 @@ export interface UsageMark {
   peer: readonly number[] | undefined;
 }
 
-/**
- * The current synchronous run (see the header): a mark that passed the release check in it carries its number. A
- * microtask, which runs before the event loop can wait for anything, ends the run. (A number per mark instead of a
- * set of marks: clearing a set allocates its table again, once per run on the handoff path.)
- */
-let currentRun = 1;
-let runEnding = false;
-const endRun = () => {
-  currentRun++;
-  runEnding = false;
-};
-
-function noteChecked(mark: UsageMark): void {
-  if (!runEnding) {
-    runEnding = true;
-    queueMicrotask(endRun);
-  }
-  mark.checkedInRun = currentRun;
-}
+/** How old a passed release check's read may be to stand for the next idle check of the socket (see the header). */
+export const RECENT_CHECK_MS = 1;
 
 /** Why an idle socket cannot be handed out (the pool's drop reasons). */
 export type IdleFault = 'eof' | 'data' | 'error';
@@ -102,19 +92,20 @@ export function markOf(fd: number, connectedPeer?: readonly number[]): UsageMark
     bytesReceived: received,
     // notsentBytes === 0 also says the kernel reports it (NaN, when it does not, is not 0).
     quiet: info[outq] === 0 && info[inq] === 0 && info[notsentBytes] === 0 && hasCounters(sent, acked, received),
-    checkedInRun: 0,
+    checkedAt: Number.NEGATIVE_INFINITY,
     peer: connectedPeer ?? Array.from(info.subarray(peerAt, peerAt + native.PEER_WORDS)),
   };
 }
 
 /**
  * The one probe of a warm handoff: is the idle socket with quiet mark `mark` exactly as it went idle (one
- * TCP_INFO read)? Returns the mark for the lease that follows, or why the socket must be dropped. Without a
- * quiet mark it falls back to the full probe (recv MSG_PEEK and TCP_INFO) and a full mark.
+ * TCP_INFO read, or none within RECENT_CHECK_MS of a passed release check: see the header)? Returns the mark for
+ * the lease that follows, or why the socket must be dropped. Without a quiet mark it falls back to the full probe
+ * (recv MSG_PEEK and TCP_INFO) and a full mark. `now`: performance.now(), passed in by a caller that has it.
  */
-export function checkIdle(fd: number, mark: UsageMark | undefined): UsageMark | IdleFault {
-  if (mark !== undefined && mark.checkedInRun === currentRun) {
-    mark.checkedInRun = 0; // once: the next handoff of this socket reads it again
+export function checkIdle(fd: number, mark: UsageMark | undefined, now = performance.now()): UsageMark | IdleFault {
+  if (mark !== undefined && now - mark.checkedAt <= RECENT_CHECK_MS) {
+    mark.checkedAt = Number.NEGATIVE_INFINITY; // once: the next handoff of this socket reads it again
     return mark;
   }
   if (mark?.quiet) {
@@ -144,7 +135,7 @@ export function checkIdle(fd: number, mark: UsageMark | undefined): UsageMark | 
  * Why the socket cannot be lent to anyone again, or its mark (quiet: it goes back to the pool with it) when it is
  * exactly as it was lent.
  */
-export function checkReturned(fd: number, mark: UsageMark | undefined): UsageMark | string {
+export function checkReturned(fd: number, mark: UsageMark | undefined, now = performance.now()): UsageMark | string {
   if (!mark) return 'its byte counters are unreadable';
   if (mark.quiet) {
     // One TCP_INFO read decides (see the header), and the peer read in the same call.
@@ -157,7 +148,7 @@ export function checkReturned(fd: number, mark: UsageMark | undefined): UsageMar
     if (info[notsentBytes]! > 0) return `${info[notsentBytes]} bytes are waiting to be sent`;
     const misuse = changedSince(mark, info[bytesSent], info[bytesAcked], info[bytesReceived]) ?? changedPeer(mark);
     if (misuse !== undefined) return misuse;
-    noteChecked(mark);
+    mark.checkedAt = now;
     return mark;
   }
   // Not quiet: the queues are read too (withMark: each ioctl only where TCP_INFO cannot show its queue empty), and
@@ -181,7 +172,7 @@ export function checkReturned(fd: number, mark: UsageMark | undefined): UsageMar
   return {
     ...mark,
     quiet: hasCounters(sent, acked, received, counted(info[notsentBytes]!)),
-    checkedInRun: 0,
+    checkedAt: Number.NEGATIVE_INFINITY,
   };
 }
 

@@ -430,7 +430,7 @@ export class OriginPool implements KeptHolder<IdleSocket> {
 
   /**
    * Newest first, among the shared sockets and those kept for `uid`; every candidate is probed right before the
-   * handoff (one TCP_INFO read: checkIdle; for a socket released in this same synchronous run, the release check's
+   * handoff (one TCP_INFO read: checkIdle; for a socket released within RECENT_CHECK_MS, the release check's
    * read) so a closed or used socket is never handed out, and one idle past the recycle point (its server may close
    * it any moment) is dropped instead.
    */
@@ -440,7 +440,7 @@ export class OriginPool implements KeptHolder<IdleSocket> {
       const socket = this.#idle[index]!;
       if (socket.ownerUid !== undefined && socket.ownerUid !== uid) continue;
       const recycle = this.#recycleAfterMs !== undefined && now - socket.idleSince >= this.#recycleAfterMs;
-      const checked = recycle ? 'recycled' : checkIdle(socket.fd, socket.mark);
+      const checked = recycle ? 'recycled' : checkIdle(socket.fd, socket.mark, now);
       if (typeof checked !== 'string') {
         this.#idle.splice(index, 1);
         if (socket.ownerUid !== undefined) this.#kept?.released(socket.ownerUid, socket);

@@ -8,7 +8,14 @@ import { defaultConfig, type OriginPolicy, policyFor } from '../daemon/config.js
 import { ConnectGate } from '../daemon/connect-gate.js';
 import type { ConnectedSocket, Connector } from '../daemon/connector.js';
 import { FairWaitQueue } from '../daemon/fair-queue.js';
-import { checkIdle, checkReturned, endConnection, markOf, usedSinceLent } from '../daemon/lease-guard.js';
+import {
+  checkIdle,
+  checkReturned,
+  endConnection,
+  markOf,
+  RECENT_CHECK_MS,
+  usedSinceLent,
+} from '../daemon/lease-guard.js';
 import { LogLimiter } from '../daemon/log.js';
 import { type Handoff, OriginPool, type OriginPoolEvents } from '../daemon/origin-pool.js';
 import { overLeaseLimit, PREWARM_WINDOW_MS, type QuotaConfig, STATS_WINDOW_MS, UidQuotas } from '../daemon/quotas.js';
@@ -505,21 +512,28 @@ describe('lease guard', () => {
     const peer = [4 * 65536 + native.peerAddress(fd).port, 0x7f000001, 0, 0];
     // Nothing sent, received or queued (the one byte acknowledged is our SYN): quiet.
     const fresh = { inode: native.socketInode(fd), bytesSent: 0, bytesAcked: 1, bytesReceived: 0, quiet: true };
-    expect(markOf(fd)).toEqual({ ...fresh, checkedInRun: 0, peer });
+    expect(markOf(fd)).toEqual({ ...fresh, checkedAt: Number.NEGATIVE_INFINITY, peer });
     // The same mark with the peer the connect's policy check read (the pool's first mark of a connect).
     expect(connectedPeer).toEqual(peer);
-    expect(markOf(fd, connectedPeer)).toEqual({ ...fresh, checkedInRun: 0, peer });
+    expect(markOf(fd, connectedPeer)).toEqual({ ...fresh, checkedAt: Number.NEGATIVE_INFINITY, peer });
     // Input nobody read: counted, not quiet.
     peerSide.write('xyz');
     await until(() => native.tcpCounters(fd).inq === 3);
-    expect(markOf(fd)).toEqual({ ...fresh, bytesReceived: 3, quiet: false, checkedInRun: 0, peer });
+    expect(markOf(fd)).toEqual({ ...fresh, bytesReceived: 3, quiet: false, checkedAt: Number.NEGATIVE_INFINITY, peer });
     // Read (by whoever holds a copy): quiet again, the count stays.
     expect(native.recvMessage(fd, 8, 0)?.data.toString()).toBe('xyz');
-    expect(markOf(fd)).toEqual({ ...fresh, bytesReceived: 3, checkedInRun: 0, peer });
+    expect(markOf(fd)).toEqual({ ...fresh, bytesReceived: 3, checkedAt: Number.NEGATIVE_INFINITY, peer });
     // Output the peer acknowledged: quiet.
     expect(native.sendMessage(fd, Buffer.from('ab'))).toBe(2);
     await until(() => native.tcpCounters(fd).bytesAcked === 3);
-    expect(markOf(fd)).toEqual({ ...fresh, bytesSent: 2, bytesAcked: 3, bytesReceived: 3, checkedInRun: 0, peer });
+    expect(markOf(fd)).toEqual({
+      ...fresh,
+      bytesSent: 2,
+      bytesAcked: 3,
+      bytesReceived: 3,
+      checkedAt: Number.NEGATIVE_INFINITY,
+      peer,
+    });
     // Output the peer does not take: written until the socket would block, part of it not even sent.
     peerSide.pause();
     const chunk = Buffer.alloc(1 << 16, 'a');
@@ -554,7 +568,7 @@ describe('lease guard', () => {
     expect(checkReturned(fd, mark)).toBe('3 bytes arrived that nobody read');
     expect(native.recvMessage(fd, 8, 0)?.data.toString()).toBe('xyz');
     const passed = checkReturned(fd, mark);
-    expect(passed).toEqual({ ...mark, quiet: true, checkedInRun: 0 });
+    expect(passed).toEqual({ ...mark, quiet: true, checkedAt: Number.NEGATIVE_INFINITY });
     peerSide.write('w');
     await until(() => native.tcpCounters(fd).inq === 1);
     expect(checkReturned(fd, mark)).toBe('1 bytes arrived that nobody read');
@@ -604,31 +618,40 @@ describe('lease guard', () => {
     expect(fdCount()).toBe(before);
   });
 
-  it('an idle check right after a passed release check, in the same synchronous run, reuses its read once', async () => {
+  it('an idle check within RECENT_CHECK_MS of a passed release check reuses its read once, in a later turn too', async () => {
     const before = fdCount();
     const connector = await FakeConnector.start();
     const policy = policyFor(defaultConfig(), 'x', 1);
     const first = await connector.connect({ host: 'x', port: 1 }, policy);
     const second = await connector.connect({ host: 'x', port: 1 }, policy);
     const copies = [native.dup(first.fd), native.dup(second.fd)]; // what the releasing client may still hold
+    // The checks' clock is passed in: the window is exact here, whatever the machine's load.
+    const releasedAt = 1_000;
     const firstMark = markOf(first.fd)!;
-    expect(checkReturned(first.fd, firstMark)).toBe(firstMark);
-    // Written through the copy after the release check: within this run the check is not read again (the
-    // release check is as recent as the lease that follows it, and that lease goes to the same uid)...
+    expect(checkReturned(first.fd, firstMark, releasedAt)).toBe(firstMark);
+    // Written through the copy after the release check, and the acquire in a later turn: within the window the check
+    // is not read again (the release check's snapshot is about as old as any check's is by the time the client
+    // uses the socket, and that lease goes to the same uid)...
     writeSync(copies[0]!, 'x');
-    expect(checkIdle(first.fd, firstMark)).toBe(firstMark);
+    await new Promise((resolve) => setImmediate(resolve));
+    expect(checkIdle(first.fd, firstMark, releasedAt + RECENT_CHECK_MS)).toBe(firstMark);
     // ...once: the next check reads, and the bytes show.
-    expect(checkIdle(first.fd, firstMark)).toBe('error');
+    expect(checkIdle(first.fd, firstMark, releasedAt + RECENT_CHECK_MS)).toBe('error');
     // A failed release check is never reused.
-    expect(checkReturned(first.fd, firstMark)).toMatch(/bytes were sent/);
-    expect(checkIdle(first.fd, firstMark)).toBe('error');
-    // A release check of an earlier run is not reused either.
+    expect(checkReturned(first.fd, firstMark, releasedAt)).toMatch(/bytes were sent/);
+    expect(checkIdle(first.fd, firstMark, releasedAt)).toBe('error');
+    // A release check older than the window is not reused either.
     const secondMark = markOf(second.fd)!;
-    expect(checkReturned(second.fd, secondMark)).toBe(secondMark);
-    await Promise.resolve();
+    expect(checkReturned(second.fd, secondMark, releasedAt)).toBe(secondMark);
     writeSync(copies[1]!, 'x');
-    expect(checkIdle(second.fd, secondMark)).toBe('error');
-    for (const fd of [...copies, first.fd, second.fd]) native.close(fd);
+    expect(checkIdle(second.fd, secondMark, releasedAt + RECENT_CHECK_MS + 0.001)).toBe('error');
+    // Nor a mark no release check passed (read when the socket went idle).
+    const third = await connector.connect({ host: 'x', port: 1 }, policy);
+    const thirdCopy = native.dup(third.fd);
+    const thirdMark = markOf(third.fd)!;
+    writeSync(thirdCopy, 'x');
+    expect(checkIdle(third.fd, thirdMark, performance.now())).toBe('error');
+    for (const fd of [...copies, thirdCopy, first.fd, second.fd, third.fd]) native.close(fd);
     await connector.close();
     expect(fdCount()).toBe(before);
   });
