@@ -171,7 +171,7 @@ export const MAX_DNS_TTL_MS = 604_800_000;
  */
 export const MAX_NEGATIVE_TTL_MS = 10_800_000;
 /**
- * The longest tls.handshakeTimeoutMs. A handshake holds one of a relay thread's 16 handshake places (the others
+ * The longest tls.handshakeTimeoutMs. A handshake holds one of a relay thread's 20 handshake places (the others
  * queue behind it) and the acquire waiting for it; a server that has not finished one in a minute never will.
  */
 export const MAX_TLS_HANDSHAKE_TIMEOUT_MS = 60_000;

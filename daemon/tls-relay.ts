@@ -14,8 +14,9 @@
 // (connect-gate.ts): those an acquire waits for at that moment first (a prewarm's handshake becomes urgent when a
 // client comes to wait for its origin), each kind fairly across uids (fair-queue.ts: the uid with the fewest
 // handshakes under way, in arrival order within a uid), so one uid's burst does not hold another uid's handshakes
-// behind all of it; and a uid starts one more only while more places are free than it holds (#mayStart), so the
-// places held by one uid's handshakes with servers that never answer leave another uid's a place at once. One no
+// behind all of it; and a uid holding PLACES_KEPT_FOR_OTHER_UIDS or more starts one more only while more than that
+// many places are free (#mayStart), so the places held by one uid's handshakes with servers that never answer leave
+// another uid's a place at once. One no
 // longer wanted when its turn comes (its acquire gave up) is not started: its TCP
 // connection is closed and it fails with ConnectAbandoned (a handshake costs CPU and a session nobody asked for);
 // past 64 queued, those no longer wanted are swept before another is queued.
@@ -112,8 +113,16 @@ export interface RelayedSession {
  */
 export const RELAY_THREAD_NICE = 10;
 
-/** Handshakes one relay thread runs at once (see the header). */
-export const HANDSHAKES_PER_THREAD = 16;
+/** Handshakes one relay thread runs at once (see the header): its places. */
+export const HANDSHAKES_PER_THREAD = 20;
+
+/**
+ * Places a uid leaves free for the others once it holds that many (#mayStart). A uid alone thus runs
+ * HANDSHAKES_PER_THREAD less these at once per thread: 16, what every uid could before the reserve (a lone
+ * crawler's announced burst of handshakes to distant origins overlaps that many round trips; with half the places,
+ * the first rule tried, its prewarm in the lab crawl took 1.1 s instead of 0.76).
+ */
+export const PLACES_KEPT_FOR_OTHER_UIDS = 4;
 
 /**
  * How long close() waits for a relay thread's terminate() before it gives up on that thread (see the header): a
@@ -208,17 +217,17 @@ export class TlsRelays {
   }
 
   /**
-   * Whether one more handshake of a uid with `started` under way may start: only while more than `started` places
-   * (of every thread's HANDSHAKES_PER_THREAD) are free, as the resolver's system lookups (resolver.ts). A handshake
-   * holds its place until it ends, up to tls.handshakeTimeoutMs for a server that never answers, and a place taken
-   * is never given back early: without a reserve, one uid's 16 acquires to such an origin held every place, and every
-   * other uid's warm TLS acquire (of any origin) waited for one of them to time out, as long as its own acquire
-   * timeout (10 s both, by default), again after each refill. So a uid alone has half of the places at once.
+   * Whether one more handshake of a uid with `started` under way may start: while more places (of every thread's
+   * HANDSHAKES_PER_THREAD) are free than it holds, up to PLACES_KEPT_FOR_OTHER_UIDS; past that many, only while more
+   * than those are free. A handshake holds its place until it ends, up to tls.handshakeTimeoutMs for a server that
+   * never answers, and a place taken is never given back early: without a reserve, one uid's acquires to such an
+   * origin held every place, and every other uid's warm TLS acquire (of any origin) waited for one of them to time
+   * out, as long as its own acquire timeout (10 s both, by default), again after each refill.
    */
   #mayStart = (_uid: number, started: number): boolean => {
     let underWay = 0;
     for (const thread of this.#threads) if (thread && !thread.exited) underWay += thread.pending.size;
-    return this.#threadCount * HANDSHAKES_PER_THREAD - underWay > started;
+    return this.#threadCount * HANDSHAKES_PER_THREAD - underWay > Math.min(started, PLACES_KEPT_FOR_OTHER_UIDS);
   };
 
   /** A queued handshake nobody wants any more: never started; its TCP fd, still this class's, is closed. */

@@ -20,12 +20,12 @@ type GateModule = typeof import('../daemon/connect-gate.js');
 
 describe('TlsRelays handshake queue', () => {
   it('runs a few handshakes per thread at once; a queued one an acquire comes to wait for goes first', async () => {
-    const { TlsRelays, HANDSHAKES_PER_THREAD } = (await import(
+    const { TlsRelays, HANDSHAKES_PER_THREAD, PLACES_KEPT_FOR_OTHER_UIDS } = (await import(
       join(repoRoot, 'dist', 'daemon', 'tls-relay.js')
     )) as RelayModule;
-    // Connections 0..N-1 take every place one uid may hold (half the thread's: see "keeps places for other uids");
-    // N and then `waited` (N + 1) queue behind them.
-    const N = HANDSHAKES_PER_THREAD / 2;
+    // Connections 0..N-1 take every place one uid may hold (all but the few kept for other uids: see "keeps places
+    // for other uids"); N and then `waited` (N + 1) queue behind them.
+    const N = HANDSHAKES_PER_THREAD - PLACES_KEPT_FOR_OTHER_UIDS;
     const waited = N + 1;
     const before = socketCount();
     const relays = new TlsRelays(1, pino({ level: 'silent' }));
@@ -78,7 +78,7 @@ describe('TlsRelays handshake queue', () => {
   });
 
   it('closes the TCP fds still queued when it closes, and fails their handshakes', async () => {
-    const { TlsRelays, HANDSHAKES_PER_THREAD } = (await import(
+    const { TlsRelays, HANDSHAKES_PER_THREAD, PLACES_KEPT_FOR_OTHER_UIDS } = (await import(
       join(repoRoot, 'dist', 'daemon', 'tls-relay.js')
     )) as RelayModule;
     const before = socketCount();
@@ -86,8 +86,9 @@ describe('TlsRelays handshake queue', () => {
     const params = { host: 'origin.test', port: 443, contextKey: 'system/-/-', timeoutMs: 30_000 };
     const farEnds: Socket[] = [];
     const outcomes: Array<Promise<string>> = [];
-    // (One uid alone: half the thread's places, the rest queued.)
-    for (let index = 0; index < HANDSHAKES_PER_THREAD / 2 + 2; index++) {
+    // (One uid alone: the thread's places but those kept for other uids, the rest queued.)
+    const N = HANDSHAKES_PER_THREAD - PLACES_KEPT_FOR_OTHER_UIDS;
+    for (let index = 0; index < N + 2; index++) {
       const [near, far] = native.loopbackPair();
       farEnds.push(new Socket({ fd: far, readable: true, writable: true }).on('error', () => {}));
       outcomes.push(
@@ -102,7 +103,7 @@ describe('TlsRelays handshake queue', () => {
     const codes = await Promise.all(outcomes);
     // Two never left the queue; the others were in the thread when it ended (their fds closed, read or not).
     expect(codes.filter((code) => code === 'SOCKPOOL_ERR_SHUTTING_DOWN')).toHaveLength(2);
-    expect(codes.filter((code) => code === 'SOCKPOOL_ERR_TLS')).toHaveLength(HANDSHAKES_PER_THREAD / 2);
+    expect(codes.filter((code) => code === 'SOCKPOOL_ERR_TLS')).toHaveLength(N);
     for (const socket of farEnds) socket.destroy();
     await pollUntil(
       () => socketCount() === before,
@@ -110,15 +111,17 @@ describe('TlsRelays handshake queue', () => {
     );
   });
   it("keeps places for other uids: one uid's handshakes that never end leave another uid's a place at once", async () => {
-    const { TlsRelays, HANDSHAKES_PER_THREAD } = (await import(
+    const { TlsRelays, HANDSHAKES_PER_THREAD, PLACES_KEPT_FOR_OTHER_UIDS } = (await import(
       join(repoRoot, 'dist', 'daemon', 'tls-relay.js')
     )) as RelayModule;
     // A handshake holds its place until it ends: up to tls.handshakeTimeoutMs (10 s) with a server that never
-    // answers. uid 1000 asks for N + 50 such handshakes; then uid 2000 asks for one (`other`). Before, uid 1000's
-    // first N held every place of the thread and `other` waited for one of them to time out (as long as its own
-    // acquire's timeout, 10 s both by default), and again after each of uid 1000's refills. A uid starts one more
-    // only while more places are free than it holds: alone, it holds half of them; `other` starts at once.
+    // answers. uid 1000 asks for every place and 50 more such handshakes; then uid 2000 asks for one (`other`).
+    // Before, uid 1000's first handshakes held every place of the thread and `other` waited for one of them to time
+    // out (as long as its own acquire's timeout, 10 s both by default), and again after each of uid 1000's refills.
+    // A uid holding PLACES_KEPT_FOR_OTHER_UIDS or more starts one more only while more than that many are free:
+    // alone, it holds all but those; `other` starts at once.
     const N = HANDSHAKES_PER_THREAD;
+    const alone = N - PLACES_KEPT_FOR_OTHER_UIDS;
     const backlog = 50;
     const other = N + backlog;
     const before = socketCount();
@@ -140,25 +143,27 @@ describe('TlsRelays handshake queue', () => {
     };
     for (let index = 0; index < N + backlog; index++) open(index, 1000);
     await pollUntil(
-      () => hellos.length === N / 2,
-      () => `uid 1000's first ${N / 2} ClientHellos (${hellos.length} came)`,
+      () => hellos.length === alone,
+      () => `uid 1000's first ${alone} ClientHellos (${hellos.length} came)`,
     );
-    expect(relays.counters().handshakesQueued).toBe(N / 2 + backlog);
+    expect(relays.counters().handshakesQueued).toBe(N + backlog - alone);
     open(other, 2000);
     // None of uid 1000's ended: the place was free.
     await pollUntil(
       () => hellos.includes(other),
       () => `uid 2000's ClientHello (came: ${hellos.join(',')})`,
     );
-    expect(hellos).toHaveLength(N / 2 + 1);
-    // One of uid 1000's ends: another of its own starts (more places free than it holds), not more.
+    expect(hellos).toHaveLength(alone + 1);
+    // One of uid 1000's ends, and uid 2000's: one more of uid 1000's starts (it is back to its most), not more.
     farEnds[0]!.destroy();
+    farEnds[other]!.destroy();
     expect(await outcomes[0]).toBe('SOCKPOOL_ERR_TLS');
+    expect(await outcomes[other]).toBe('SOCKPOOL_ERR_TLS');
     await pollUntil(
-      () => hellos.length === N / 2 + 2,
+      () => hellos.length === alone + 2,
       () => `uid 1000's next ClientHello (came: ${hellos.join(',')})`,
     );
-    expect(relays.counters().handshakesQueued).toBe(N / 2 + backlog - 1);
+    expect(relays.counters().handshakesQueued).toBe(N + backlog - alone - 1);
     for (const socket of farEnds) socket.destroy();
     expect(await Promise.all(outcomes)).toEqual(Array(N + backlog + 1).fill('SOCKPOOL_ERR_TLS'));
     await relays.close();
@@ -169,12 +174,12 @@ describe('TlsRelays handshake queue', () => {
   });
 
   it('does not start a queued handshake no longer wanted: closes its TCP fd and abandons it', async () => {
-    const { TlsRelays, HANDSHAKES_PER_THREAD } = (await import(
+    const { TlsRelays, HANDSHAKES_PER_THREAD, PLACES_KEPT_FOR_OTHER_UIDS } = (await import(
       join(repoRoot, 'dist', 'daemon', 'tls-relay.js')
     )) as RelayModule;
     const { ConnectAbandoned } = (await import(join(repoRoot, 'dist', 'daemon', 'connect-gate.js'))) as GateModule;
     // 0..N-1 take every place one uid may hold; N (`unwanted`) and N + 1 queue behind them.
-    const N = HANDSHAKES_PER_THREAD / 2;
+    const N = HANDSHAKES_PER_THREAD - PLACES_KEPT_FOR_OTHER_UIDS;
     const unwanted = N;
     const before = socketCount();
     const relays = new TlsRelays(1, pino({ level: 'silent' }));
@@ -226,13 +231,13 @@ describe('TlsRelays handshake queue', () => {
     );
   });
   it('drops the queued handshakes no longer wanted when the queue grows long, closing their TCP fds', async () => {
-    const { TlsRelays, HANDSHAKES_PER_THREAD } = (await import(
+    const { TlsRelays, HANDSHAKES_PER_THREAD, PLACES_KEPT_FOR_OTHER_UIDS } = (await import(
       join(repoRoot, 'dist', 'daemon', 'tls-relay.js')
     )) as RelayModule;
     const { ConnectAbandoned } = (await import(join(repoRoot, 'dist', 'daemon', 'connect-gate.js'))) as GateModule;
     // The uid holds every place it may with handshakes with origins that never answer; 64 more queue behind them,
     // then their acquires give up. Nothing frees room for a while: their TCP fds must not wait for it.
-    const N = HANDSHAKES_PER_THREAD / 2;
+    const N = HANDSHAKES_PER_THREAD - PLACES_KEPT_FOR_OTHER_UIDS;
     const stale = 64;
     const before = socketCount();
     const relays = new TlsRelays(1, pino({ level: 'silent' }));
