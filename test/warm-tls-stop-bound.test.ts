@@ -243,6 +243,28 @@ async function blockRelayThread(inspector: DaemonInspector, daemon: DaemonProces
   await eventually(() => blockedOnFifo(daemon.child.pid!, fifo), 'the relay thread blocked on the FIFO');
 }
 
+/**
+ * A warm-TLS daemon under its inspector (worker sessions on), with a client whose first request started the relay
+ * thread and was relayed by it. The test stops the daemon (one a failed test left running is killed in afterAll:
+ * `daemons`) and closes the client.
+ */
+async function inspectedDaemonWithRelay(): Promise<{
+  daemon: DaemonProcess;
+  inspector: DaemonInspector;
+  client: SockpoolClient;
+}> {
+  const daemon = await startTestDaemon([origin.port], {
+    extraArgs: warmTlsArgs(pki.caFile, [origin.port]),
+    nodeArgs: ['--inspect=127.0.0.1:0'],
+  });
+  daemons.push(daemon);
+  const inspector = await DaemonInspector.connect(daemon.output());
+  await inspector.call('NodeWorker.enable', { waitForDebuggerOnStart: false });
+  const client = new SockpoolClient({ socketPath: daemon.socketPath, threads: 0, caFile: pki.caFile });
+  expect((await client.request(`https://localhost:${origin.port}/`)).body.toString()).toBe('ok');
+  return { daemon, inspector, client };
+}
+
 describe('a warm-TLS daemon stopped', () => {
   for (const stuck of [false, true]) {
     it(stuck
@@ -293,15 +315,7 @@ describe('a warm-TLS daemon stopped', () => {
   // asked to end.
   it('whose stop fails part-way, with a relay thread that never ends: logs it and exits 1', async () => {
     const before = fdCount();
-    const daemon = await startTestDaemon([origin.port], {
-      extraArgs: warmTlsArgs(pki.caFile, [origin.port]),
-      nodeArgs: ['--inspect=127.0.0.1:0'],
-    });
-    daemons.push(daemon);
-    const inspector = await DaemonInspector.connect(daemon.output());
-    await inspector.call('NodeWorker.enable', { waitForDebuggerOnStart: false });
-    const client = new SockpoolClient({ socketPath: daemon.socketPath, threads: 0, caFile: pki.caFile });
-    expect((await client.request(`https://localhost:${origin.port}/`)).body.toString()).toBe('ok');
+    const { daemon, inspector, client } = await inspectedDaemonWithRelay();
     await blockRelayThread(inspector, daemon);
     // The daemon's own module instance: require() of an ES module already loaded returns that one (import() is not
     // available to the inspector's evaluations).
@@ -338,15 +352,7 @@ describe('a warm-TLS daemon stopped', () => {
   // teardown never ended, so this daemon logged the thread as left running and exited 1.
   it('after resetting a session whose origin socket was shutting down: every thread ends, exits 0', async () => {
     const before = fdCount();
-    const daemon = await startTestDaemon([origin.port], {
-      extraArgs: warmTlsArgs(pki.caFile, [origin.port]),
-      nodeArgs: ['--inspect=127.0.0.1:0'],
-    });
-    daemons.push(daemon);
-    const inspector = await DaemonInspector.connect(daemon.output());
-    await inspector.call('NodeWorker.enable', { waitForDebuggerOnStart: false });
-    const client = new SockpoolClient({ socketPath: daemon.socketPath, threads: 0, caFile: pki.caFile });
-    expect((await client.request(`https://localhost:${origin.port}/`)).body.toString()).toBe('ok');
+    const { daemon, inspector, client } = await inspectedDaemonWithRelay();
     const relay = await inspector.workerSession(/sockpoold tls relay/);
     const tlsSockets = await inspector.objectsInWorker(
       relay,
