@@ -529,42 +529,48 @@ export class Sockpoold {
   }
 
   async #stop(storeIdle: boolean): Promise<StopOutcome> {
-    await this.#notifyReliably('STOPPING=1', () => this.#notifier.stopping('stopping: storing idle sockets'), 1000);
-    this.#notifier.stopWatchdog();
-    if (this.#statusTimer) clearInterval(this.#statusTimer);
-    this.#server?.stopAccepting();
-    const canStore = storeIdle && this.#notifier.enabled;
-    const demandByOrigin = new Map(
-      this.#pools.snapshot().origins.map((origin) => [origin.origin, origin.demandRatePerS] as const),
-    );
-    // Pending acquires fail with SOCKPOOL_ERR_SHUTTING_DOWN here; their replies go out while the store is filled.
-    const detached = this.#pools.close(canStore);
-    const stored = await this.#storeIdle(detached, demandByOrigin);
-    // Let the SHUTTING_DOWN replies of pending acquires go out before the clients are disconnected.
-    await new Promise((resolve) => setImmediate(resolve));
-    this.#server?.disconnectAll();
-    if (this.#listenFd >= 0) native.close(this.#listenFd);
-    if (this.#boundPath) {
-      try {
-        unlinkSync(this.#boundPath);
-      } catch {}
-    }
-    clearInterval(this.#demandTimer);
-    await this.#fleet?.close();
-    await this.#metricsServer?.close();
-    // Warm TLS sessions end with their threads (process memory: nothing of them survives a restart).
-    // Bounded: a thread that does not end is named in the log and left for the process's exit.
-    const threadsLeft = await this.#relays.close();
+    let stored = 0;
+    let idle = 0;
+    let threadsLeft: string[];
     try {
-      this.#store.close();
-    } catch (error) {
-      // Closed all the same; what was recorded since the last flush is lost (the file locked, a full disk).
-      this.#log.warn({ err: (error as Error).message }, 'history not written at stop');
+      await this.#notifyReliably('STOPPING=1', () => this.#notifier.stopping('stopping: storing idle sockets'), 1000);
+      this.#notifier.stopWatchdog();
+      if (this.#statusTimer) clearInterval(this.#statusTimer);
+      this.#server?.stopAccepting();
+      const canStore = storeIdle && this.#notifier.enabled;
+      const demandByOrigin = new Map(
+        this.#pools.snapshot().origins.map((origin) => [origin.origin, origin.demandRatePerS] as const),
+      );
+      // Pending acquires fail with SOCKPOOL_ERR_SHUTTING_DOWN here; their replies go out while the store is filled.
+      const detached = this.#pools.close(canStore);
+      idle = detached.length;
+      stored = await this.#storeIdle(detached, demandByOrigin);
+      // Let the SHUTTING_DOWN replies of pending acquires go out before the clients are disconnected.
+      await new Promise((resolve) => setImmediate(resolve));
+      this.#server?.disconnectAll();
+      if (this.#listenFd >= 0) native.close(this.#listenFd);
+      if (this.#boundPath) {
+        try {
+          unlinkSync(this.#boundPath);
+        } catch {}
+      }
+      clearInterval(this.#demandTimer);
+      await this.#fleet?.close();
+      await this.#metricsServer?.close();
+    } finally {
+      // Whatever failed above (the stop then rejects: daemon/command.ts logs it and ends the process), the relay
+      // threads are asked to end and the history is written: what the daemon learned is not lost with a failed step.
+      // Warm TLS sessions end with their threads (process memory: nothing of them survives a restart).
+      // Bounded: a thread that does not end is named in the log and left for the process's exit.
+      threadsLeft = await this.#relays.close();
+      try {
+        this.#store.close();
+      } catch (error) {
+        // Closed all the same; what was recorded since the last flush is lost (the file locked, a full disk).
+        this.#log.warn({ err: (error as Error).message }, 'history not written at stop');
+      }
     }
-    this.#log.info(
-      threadsLeft.length > 0 ? { stored, idle: detached.length, threadsLeft } : { stored, idle: detached.length },
-      'sockpoold stopped',
-    );
+    this.#log.info(threadsLeft.length > 0 ? { stored, idle, threadsLeft } : { stored, idle }, 'sockpoold stopped');
     this.#notifier.close();
     return { threadsLeft };
   }

@@ -5,12 +5,14 @@
 // daemon): the daemon runs with --inspect, and through its inspector the relay thread is told to read a FIFO that
 // nobody writes, so it blocks in read(2), where terminate() (which stops JavaScript, not a system call) cannot reach
 // it. Without that the same daemon stops with status 0 and no such line. A stop that fails part-way (made to throw the
-// same way, through the inspector) with such a thread exits 1 too, its failure logged. Real daemon child processes, a
+// same way, through the inspector) with such a thread exits 1 too, its failure logged and its history written. Real daemon child processes, a
 // real node:https origin, a throwaway CA.
+
 import { execFileSync } from 'node:child_process';
 import { mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import Database from 'better-sqlite3';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SockpoolClient } from '../client/index.js';
 import {
@@ -248,7 +250,7 @@ async function blockRelayThread(inspector: DaemonInspector, daemon: DaemonProces
  * thread and was relayed by it. The test stops the daemon (one a failed test left running is killed in afterAll:
  * `daemons`) and closes the client.
  */
-async function inspectedDaemonWithRelay(): Promise<{
+async function inspectedDaemonWithRelay(config?: Record<string, unknown>): Promise<{
   daemon: DaemonProcess;
   inspector: DaemonInspector;
   client: SockpoolClient;
@@ -256,6 +258,7 @@ async function inspectedDaemonWithRelay(): Promise<{
   const daemon = await startTestDaemon([origin.port], {
     extraArgs: warmTlsArgs(pki.caFile, [origin.port]),
     nodeArgs: ['--inspect=127.0.0.1:0'],
+    ...(config ? { config } : {}),
   });
   daemons.push(daemon);
   const inspector = await DaemonInspector.connect(daemon.output());
@@ -311,11 +314,13 @@ describe('a warm-TLS daemon stopped', () => {
   // that finished; process.exit() there would join the thread and wait for ever (with process.exit(1) put back this
   // test failed: the line logged, the process never ended). The failure is made from outside through the inspector,
   // in the daemon's main thread (no hook in the daemon): its handoff server (found with Runtime.queryObjects) gets a
-  // disconnectAll() that throws, which the stop calls before it ends the relay threads, so that thread is not even
-  // asked to end.
-  it('whose stop fails part-way, with a relay thread that never ends: logs it and exits 1', async () => {
+  // disconnectAll() that throws, which the stop calls before it ends the relay threads. The steps after the failed
+  // one that keep what the daemon learned still run: the relay threads are asked to end (this one is named as left
+  // running) and the history is written (its timed flush is off here, so only the stop can have written it; before,
+  // the rejection skipped both).
+  it('whose stop fails part-way, with a relay thread that never ends: writes its history, logs it and exits 1', async () => {
     const before = fdCount();
-    const { daemon, inspector, client } = await inspectedDaemonWithRelay();
+    const { daemon, inspector, client } = await inspectedDaemonWithRelay({ pool: { statsFlushMs: 600_000 } });
     await blockRelayThread(inspector, daemon);
     // The daemon's own module instance: require() of an ES module already loaded returns that one (import() is not
     // available to the inspector's evaluations).
@@ -340,6 +345,16 @@ describe('a warm-TLS daemon stopped', () => {
       expect.objectContaining({ err: 'disconnecting the clients failed (the test)' }),
     ]);
     expect(records(daemon, 'sockpoold stopped')).toEqual([]);
+    expect(records(daemon, 'TLS relay thread did not end after terminate(); the stop goes on without it')).toHaveLength(
+      1,
+    );
+    const db = new Database(join(daemon.stateDir, 'sockpool.sqlite'), { readonly: true });
+    try {
+      const rows = db.prepare('SELECT origin_key FROM origins').all() as Array<{ origin_key: string }>;
+      expect(rows.map((row) => row.origin_key)).toContainEqual(expect.stringContaining(`:${origin.port}`));
+    } finally {
+      db.close();
+    }
     await client.close();
     await eventually(() => fdCount() - origin.openSockets() <= before, `fds back to ${before}`);
   }, 60_000);
