@@ -16,7 +16,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { waitForLoopbackPair } from '../daemon/loopback-pair.js';
 import type { RelayRequest } from '../daemon/tls-relay.js';
 import * as native from '../shared/native.js';
-import { pollUntil, socketCount } from './fixtures/native-helpers.js';
+import { pollUntil, socketCount, socketsBackTo } from './fixtures/native-helpers.js';
 import { repoRoot } from './helpers/daemon.js';
 import { createTestPki, type TestPki } from './helpers/tls.js';
 
@@ -138,10 +138,7 @@ describe('a relay thread while one pair waits for its own connection', () => {
     for (const socket of [client, late]) socket.destroy();
     for (const origin of thread.origins.values()) origin.tls.destroy();
     await thread.worker.terminate();
-    await pollUntil(
-      () => socketCount() === before,
-      () => `the sockets back to ${before} (${socketCount()} open)`,
-    );
+    await socketsBackTo(before);
   });
 
   it("closes the waiting pair when its session's handshake timer ends it meanwhile: nothing left open", async () => {
@@ -156,10 +153,7 @@ describe('a relay thread while one pair waits for its own connection', () => {
     expect(outcome).toMatchObject({ t: 'failed', code: 'ETIMEDOUT' });
     // Checked before the thread ends (its teardown would close what it still held): the origin's end is this test's.
     for (const origin of thread.origins.values()) origin.tls.destroy();
-    await pollUntil(
-      () => socketCount() === before,
-      () => `the sockets back to ${before} (${socketCount()} open)`,
-    );
+    await socketsBackTo(before);
     await thread.worker.terminate();
   });
 
@@ -174,10 +168,7 @@ describe('a relay thread while one pair waits for its own connection', () => {
     // Seen now, not once the pair is made: a `ready` would hand out a session whose origin is gone.
     expect(await thread.next(1, 'ready', 'failed')).toMatchObject({ t: 'failed', code: 'EOF' });
     // The wait's listener and client closed with it, checked before the thread ends (its teardown closes the rest).
-    await pollUntil(
-      () => socketCount() === before,
-      () => `the sockets back to ${before} (${socketCount()} open)`,
-    );
+    await socketsBackTo(before);
     await thread.worker.terminate();
   });
 
@@ -206,10 +197,7 @@ describe('a relay thread while one pair waits for its own connection', () => {
     client.destroy();
     for (const origin of thread.origins.values()) origin.tls.destroy();
     await thread.worker.terminate();
-    await pollUntil(
-      () => socketCount() === before,
-      () => `the sockets back to ${before} (${socketCount()} open)`,
-    );
+    await socketsBackTo(before);
   });
 
   it('ends the session when its origin sends more than the relay keeps before a request, during the wait', async () => {
@@ -221,10 +209,7 @@ describe('a relay thread while one pair waits for its own connection', () => {
     for (const origin of thread.origins.values()) origin.tls.write(Buffer.alloc(80 * 1024, 'x'));
     expect(await thread.next(1, 'ready', 'failed')).toMatchObject({ t: 'failed', code: 'EPROTO' });
     for (const origin of thread.origins.values()) origin.tls.destroy();
-    await pollUntil(
-      () => socketCount() === before,
-      () => `the sockets back to ${before} (${socketCount()} open)`,
-    );
+    await socketsBackTo(before);
     await thread.worker.terminate();
   });
 
@@ -235,10 +220,7 @@ describe('a relay thread while one pair waits for its own connection', () => {
     await thread.next(1, 'pair-waiting');
     await thread.worker.terminate();
     for (const origin of thread.origins.values()) origin.tls.destroy();
-    await pollUntil(
-      () => socketCount() === before,
-      () => `the sockets back to ${before} (${socketCount()} open)`,
-    );
+    await socketsBackTo(before);
   });
 });
 
@@ -262,10 +244,7 @@ describe('waitForLoopbackPair', () => {
     const error = (await outcome) as Error & { code?: string };
     expect(error.code).toBe('ETIMEDOUT');
     for (const socket of strangers) socket.destroy();
-    await pollUntil(
-      () => socketCount() === before,
-      () => `the sockets back to ${before} (${socketCount()} open)`,
-    );
+    await socketsBackTo(before);
   });
 
   it('once abandoned, never calls back and leaves nothing open', async () => {

@@ -12,7 +12,7 @@ import type { ConnectedSocket, Connector } from '../daemon/connector.js';
 import type { TlsRelays } from '../daemon/tls-relay.js';
 import { TlsSessions } from '../daemon/tls-sessions.js';
 import * as native from '../shared/native.js';
-import { pollUntil, socketCount } from './fixtures/native-helpers.js';
+import { pollUntil, socketCount, socketsBackTo } from './fixtures/native-helpers.js';
 import { repoRoot } from './helpers/daemon.js';
 
 type RelayModule = typeof import('../daemon/tls-relay.js');
@@ -71,10 +71,7 @@ describe('TlsRelays handshake queue', () => {
     for (const socket of farEnds) socket.destroy();
     expect(await Promise.all(outcomes)).toEqual(Array(N + 2).fill('SOCKPOOL_ERR_TLS'));
     await relays.close();
-    await pollUntil(
-      () => socketCount() === before,
-      () => `the sockets back to ${before} (${socketCount()} open)`,
-    );
+    await socketsBackTo(before);
   });
 
   it('closes the TCP fds still queued when it closes, and fails their handshakes', async () => {
@@ -105,10 +102,7 @@ describe('TlsRelays handshake queue', () => {
     expect(codes.filter((code) => code === 'SOCKPOOL_ERR_SHUTTING_DOWN')).toHaveLength(2);
     expect(codes.filter((code) => code === 'SOCKPOOL_ERR_TLS')).toHaveLength(N);
     for (const socket of farEnds) socket.destroy();
-    await pollUntil(
-      () => socketCount() === before,
-      () => `the sockets back to ${before} (${socketCount()} open)`,
-    );
+    await socketsBackTo(before);
   });
   it("keeps places for other uids: one uid's handshakes that never end leave another uid's a place at once", async () => {
     const { TlsRelays, HANDSHAKES_PER_THREAD, PLACES_KEPT_FOR_OTHER_UIDS } = (await import(
@@ -167,10 +161,7 @@ describe('TlsRelays handshake queue', () => {
     for (const socket of farEnds) socket.destroy();
     expect(await Promise.all(outcomes)).toEqual(Array(N + backlog + 1).fill('SOCKPOOL_ERR_TLS'));
     await relays.close();
-    await pollUntil(
-      () => socketCount() === before,
-      () => `the sockets back to ${before} (${socketCount()} open)`,
-    );
+    await socketsBackTo(before);
   });
 
   it('does not start a queued handshake no longer wanted: closes its TCP fd and abandons it', async () => {
@@ -225,10 +216,7 @@ describe('TlsRelays handshake queue', () => {
     for (const socket of farEnds) socket.destroy();
     await Promise.all(outcomes);
     await relays.close();
-    await pollUntil(
-      () => socketCount() === before,
-      () => `the sockets back to ${before} (${socketCount()} open)`,
-    );
+    await socketsBackTo(before);
   });
   it('drops the queued handshakes no longer wanted when the queue grows long, closing their TCP fds', async () => {
     const { TlsRelays, HANDSHAKES_PER_THREAD, PLACES_KEPT_FOR_OTHER_UIDS } = (await import(
@@ -269,10 +257,7 @@ describe('TlsRelays handshake queue', () => {
     for (const socket of farEnds) socket.destroy();
     await Promise.all(outcomes);
     await relays.close();
-    await pollUntil(
-      () => socketCount() === before,
-      () => `the sockets back to ${before} (${socketCount()} open)`,
-    );
+    await socketsBackTo(before);
   });
 });
 
