@@ -49,9 +49,8 @@ export function waitForLoopbackPair(
       let pair: [number, number] | null;
       try {
         if (status < 0) {
-          throw Object.assign(new Error(`loopback pair: its listener failed (${native.socketError(listener)})`), {
-            code: native.socketError(listener) ?? 'EIO',
-          });
+          const code = native.socketError(listener) ?? 'EIO';
+          throw Object.assign(new Error(`loopback pair: its listener failed (${code})`), { code });
         }
         pair = native.loopbackPairAccept(listener, client);
       } catch (error) {
