@@ -993,10 +993,9 @@ export class HandoffServer {
    * message read since a lease ended is never unread again: a client that reads, and pipelines, keeps only charges
    * for what may still wait, not one for every lease it ended.
    */
-  #settleUnread(session: ClientSession): void {
-    // A session the daemon hung up on is read through the copy of its end kept for this (#keepWatching); without one
-    // nothing of it can be unread any more.
-    const fd = session.closed ? session.watchFd : session.channel.fd;
+  #settleUnread(session: ClientSession, fd = session.closed ? session.watchFd : session.channel.fd): void {
+    // (A session the daemon hung up on is read through the copy of its end kept for this, #keepWatching; without one
+    // nothing of it can be unread any more.)
     let unread = 0;
     if (fd !== undefined) {
       try {
@@ -1032,20 +1031,13 @@ export class HandoffServer {
    * most maxLeasesPerUid a uid, as each holds a charge. A client that closed its end has nothing unread: none kept.
    */
   #keepWatching(session: ClientSession, sent: number): void {
-    const candidates = session.unreadLeases + sent;
-    if (candidates === 0) return;
-    let unread = 0;
-    try {
-      unread = native.unreadOutput(session.channel.fd);
-    } catch {}
-    const charges = Math.min(candidates, Math.floor(unread / MIN_MESSAGE_MEMORY));
-    if (charges > session.unreadLeases) this.#quotas.chargeUnread(session.uid, charges - session.unreadLeases);
-    else this.#quotas.releaseUnread(session.uid, session.unreadLeases - charges);
-    session.unreadLeases = charges;
-    if (charges === 0) {
-      this.#stopWatching(session);
-      return;
-    }
+    if (session.unreadLeases + sent === 0) return;
+    session.unreadLeases += sent;
+    this.#quotas.chargeUnread(session.uid, sent);
+    // Settled at once, through the end the channel still has open: an honest client has read everything (or closed
+    // its end), and then nothing stays charged and no copy is made.
+    this.#settleUnread(session, session.channel.fd);
+    if (session.unreadLeases === 0) return;
     try {
       session.watchFd = native.dup(session.channel.fd);
       native.shutdown(session.watchFd);
