@@ -40,7 +40,7 @@ import { type BenchDaemon, repoRoot, startBenchDaemon } from './lib/daemon.js';
 import { type EchoOrigin, type EchoOriginKind, nginxInstalled, startEchoOrigin } from './lib/echo-origins.js';
 import { type BenchChild, cpuTimeMs, spawnChild } from './lib/proc.js';
 import { runBench } from './lib/run.js';
-import { round, Samples, summarize, table } from './lib/stats.js';
+import { median, round, Samples, summarize, table } from './lib/stats.js';
 
 const rounds = option('--rounds', 6);
 const requestsPerRound = option('--requests', 1_000);
@@ -356,6 +356,14 @@ async function main(): Promise<void> {
   console.log(`p99 per round, ms: quiet ${perRound(quiet.roundP99s)}; hostile ${perRound(hostile.roundP99s)}`);
   console.log(
     `acquire p99 per round, ms: quiet ${perRound(quiet.roundAcquireP99s)}; hostile ${perRound(hostile.roundAcquireP99s)}`,
+  );
+  // Beside the pooled ratio below: one round of either phase whose tail the machine stretched (a stall of the shared
+  // core) moves a pooled p99 over all rounds, but only its own pair's ratio here (as issue 14's aims take the median
+  // of paired rounds).
+  const pairRatios = hostile.roundP99s.map((us, i) => us / quiet.roundP99s[i]!);
+  console.log(
+    `p99 ratio per pair of rounds (hostile / quiet): ${pairRatios.map((v) => v.toFixed(2)).join(', ')}; ` +
+      `median ${median(pairRatios).toFixed(2)}`,
   );
   // CPU as a share of one core over the phase's wall time (2 cores = 200%).
   const share = (cpuMs: number, tally: CpuTally) => `${round((100 * cpuMs) / tally.wallMs, 0)}%`;
