@@ -405,7 +405,7 @@ async function main(): Promise<void> {
       `every honest answer was its own (${q.count + h.count} checked); ` +
       `${control ? 'control run: no hostile process in either phase' : `${hostile.spawns} hostile processes started`}` +
       `${hostileNice > 0 ? ` at nice ${hostileNice}` : ''}${hostileModes ? ` (modes: ${hostileModes.join(', ')})` : ''}${fresh ? '; a fresh lease per honest request' : ''}${rate > 0 ? `; honest requests at ${rate}/s (open loop)` : `; ${inFlight} honest requests in flight (closed loop)`}${ownSessions ? '' : '; hostile processes in this session'}${pin ? `; honest side on CPU 0, daemon and hostile processes on CPU 1, origin (${originKind}) on CPU ${originCpu}` : `; origin: ${originKind}`}${cpuGroups ? `; honest side, daemon, hostile uid and origin in one CPU group each (daemon weight ${daemonWeight}${daemonRealtime ? ', its main thread SCHED_RR' : ''}, the others 100)` : ''}; load average ${os.loadavg()[0]!.toFixed(1)} on ` +
-      `${os.availableParallelism()} cores`,
+      `${os.cpus().length} cores`,
   );
 }
 
