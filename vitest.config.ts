@@ -14,6 +14,8 @@ const shared = {
   hookTimeout: 60_000,
   fileParallelism: true,
   maxWorkers: 2,
+  // Ends the child processes a test or file left running (test/helpers/children.ts).
+  setupFiles: ['test/helpers/reap-children.ts'],
 } as const;
 
 export default defineConfig({

@@ -1,7 +1,8 @@
 #!/usr/bin/env node
 // The tests need a few system tools besides Node. `npm test` (the unit tier): openssl (test CAs), curl (the CLI
-// peer), systemd (systemd-analyze, systemd-socket-activate), patch. `npm run test:system` (argument `system`) also:
-// iproute2 (network namespaces), util-linux (unshare, setpriv), systemd-container and debootstrap (the systemd
+// peer), systemd (systemd-analyze, systemd-socket-activate), patch, util-linux (setpriv: the tests' children die with
+// their test process, test/helpers/children.ts). `npm run test:system` (argument `system`) also:
+// iproute2 (network namespaces), util-linux (unshare), systemd-container and debootstrap (the systemd
 // lab), redis-server and redis-tools (the fleet's shared state), nginx (a real origin behind warm TLS sessions). On a
 // fresh Debian machine, as root, this installs the missing ones with apt-get; otherwise it names the
 // packages and fails.
@@ -15,13 +16,13 @@ const unitTier = [
   ['systemd-analyze', 'systemd'],
   ['systemd-socket-activate', 'systemd'],
   ['patch', 'patch'],
+  ['setpriv', 'util-linux'],
 ];
 const systemTier = [
   ['ip', 'iproute2'],
   ['systemd-nspawn', 'systemd-container'],
   ['debootstrap', 'debootstrap'],
   ['unshare', 'util-linux'],
-  ['setpriv', 'util-linux'],
   ['redis-server', 'redis-server'],
   ['redis-cli', 'redis-tools'],
   ['nginx', 'nginx'],

@@ -1,11 +1,12 @@
 // Runs sockpoold (compiled, from dist/) as a real child process for tests, with its own socket and state
-// directory in a temp dir, and stops it at the end.
-import { type ChildProcess, spawn } from 'node:child_process';
+// directory in a temp dir, and stops it at the end (test/helpers/children.ts ends one a test left running).
+import type { ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
 import { existsSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { spawnChild } from './children.js';
 
 export const repoRoot = join(import.meta.dirname, '..', '..');
 export const daemonMain = join(repoRoot, 'dist', 'daemon', 'main.js');
@@ -52,9 +53,11 @@ export async function startDaemon(options: StartDaemonOptions = {}): Promise<Dae
     ...(options.args ?? []),
   ];
   const command = [...(options.wrap ?? []), ...argv];
-  const child = spawn(command[0]!, command.slice(1), {
+  // Reaped at the end of the test that started it (or of the file, from a beforeAll), and killed with the test's fork.
+  const child = spawnChild(command[0]!, command.slice(1), {
     stdio: ['ignore', 'pipe', 'pipe'],
     env: { ...process.env, ...options.env },
+    what: `sockpoold on ${socketPath}`,
   });
   let output = '';
   // 'close', not 'exit': by then stdout and stderr are read to the end, so output() has the last lines.
