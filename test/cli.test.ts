@@ -1,6 +1,6 @@
 // The `sockpool` command line against a real daemon and a local origin: status, stats, warm, get -v, -L,
 // --compressed and --max-filesize.
-import { execFile, spawn } from 'node:child_process';
+import { execFile } from 'node:child_process';
 import { once } from 'node:events';
 import { closeSync, openSync } from 'node:fs';
 import { createServer, type Server } from 'node:http';
@@ -10,6 +10,7 @@ import { promisify } from 'node:util';
 import { gzipSync } from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { httpsOrigin, startTestDaemon, warmTlsArgs } from './fixtures/client-helpers.js';
+import { spawnChild } from './helpers/children.js';
 import { type DaemonProcess, eventually, repoRoot, startDaemon } from './helpers/daemon.js';
 import { createTestPki } from './helpers/tls.js';
 
@@ -167,7 +168,7 @@ describe('sockpool CLI', () => {
 
   it('exits 1 with one line, no stack trace, when stdout closes early or cannot be written', async () => {
     // As `sockpool get URL | head -c1`: the reader takes its first bytes and goes away (EPIPE).
-    const child = spawn(
+    const child = spawnChild(
       process.execPath,
       [cli, '--socket', sockpoold.socketPath, 'get', `http://127.0.0.1:${port}/large`],
       {
@@ -175,10 +176,10 @@ describe('sockpool CLI', () => {
       },
     );
     let stderr = '';
-    child.stderr.on('data', (chunk: Buffer) => {
+    child.stderr!.on('data', (chunk: Buffer) => {
       stderr += chunk;
     });
-    child.stdout.once('data', () => child.stdout.destroy());
+    child.stdout!.once('data', () => child.stdout!.destroy());
     const [code] = (await once(child, 'close')) as [number | null];
     expect({ code, stderr }).toEqual({ code: 1, stderr: 'sockpool: cannot write to stdout: EPIPE\n' });
 
@@ -186,7 +187,7 @@ describe('sockpool CLI', () => {
     for (const args of [['status'], ['get', `http://127.0.0.1:${port}/x`]]) {
       const full = openSync('/dev/full', 'w');
       try {
-        const writer = spawn(process.execPath, [cli, '--socket', sockpoold.socketPath, ...args], {
+        const writer = spawnChild(process.execPath, [cli, '--socket', sockpoold.socketPath, ...args], {
           stdio: ['ignore', full, 'pipe'],
         });
         let written = '';

@@ -7,7 +7,7 @@
 // buffer (the consumer owns it), and V8 lets up to 64 MB of such garbage pile up per isolate before it collects.
 // So the tests run a full GC in the caller's thread and in the worker thread (through the inspector, test/helpers/worker-threads.ts) every few MB, as memory
 // pressure would; a body buffered whole would still show up in full.
-import { type ChildProcess, spawn } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -18,6 +18,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SockpoolClient } from '../client/index.js';
 import { RESPONSE_WINDOW, UPLOAD_WINDOW } from '../worker/stream-protocol.js';
 import { daemonStats, eventually, fdCount, rss, startTestDaemon } from './fixtures/client-helpers.js';
+import { spawnChild } from './helpers/children.js';
 import type { DaemonProcess } from './helpers/daemon.js';
 import { collectGarbage } from './helpers/worker-threads.js';
 
@@ -60,7 +61,7 @@ let client: SockpoolClient;
 
 /** The origin runs in a child process (test/fixtures/client-stream-origin.mjs): this process is the client only. */
 async function startOrigin(): Promise<{ port: number; child: ChildProcess }> {
-  const child = spawn(process.execPath, [join(import.meta.dirname, 'fixtures', 'client-stream-origin.mjs')], {
+  const child = spawnChild(process.execPath, [join(import.meta.dirname, 'fixtures', 'client-stream-origin.mjs')], {
     stdio: ['ignore', 'pipe', 'inherit'],
   });
   const [line] = (await once(createInterface({ input: child.stdout! }), 'line')) as [string];

@@ -2,7 +2,7 @@
 // a socket the daemon connected, whoever holds it. Root: the programs need CAP_BPF and CAP_NET_ADMIN, and the
 // hostile client runs as another uid with no network of its own (`unshare -n`), the sandboxed client of
 // docs/security.md, whose only way out is a socket the daemon lent.
-import { execFile, spawn } from 'node:child_process';
+import { execFile } from 'node:child_process';
 import { once } from 'node:events';
 import { readFileSync } from 'node:fs';
 import { createServer, type Server, Socket } from 'node:net';
@@ -11,6 +11,7 @@ import { promisify } from 'node:util';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { ownCgroupDirectory } from '../daemon/connect-guard.js';
 import * as native from '../shared/native.js';
+import { spawnChild } from './helpers/children.js';
 import { repoRoot } from './helpers/daemon.js';
 import { openRawClient } from './helpers/raw-client.js';
 import { pathOrigin, startSharedDaemon } from './helpers/trust.js';
@@ -159,7 +160,7 @@ async function reconnectCopy(
     '    print(errno.errorcode[e.errno])',
   ].join('\n');
   const args = [String(v4Port), String(v6Port), fd === 'own' ? 'own' : 'copy', how];
-  const child = spawn('python3', ['-c', script, ...args], {
+  const child = spawnChild('python3', ['-c', script, ...args], {
     stdio: ['ignore', 'pipe', 'inherit', fd === 'own' ? 'ignore' : fd],
   });
   let out = '';

@@ -4,12 +4,13 @@
 // daemon's thread closed it and served nobody until the FUSE connection was aborted. Now the kernel refuses the fd
 // at the sender (SO_PASSRIGHTS = 0 on the daemon's listener, Linux 6.16), and where fds are let in (an older
 // kernel, `access.acceptClientFds`) a non-socket fd is closed in a thread of its own (native DeferredCloser).
-import { type ChildProcess, spawn } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { afterEach, describe, expect, it } from 'vitest';
+import { spawnChild } from './helpers/children.js';
 import { type DaemonProcess, startDaemon, writeConfigFile } from './helpers/daemon.js';
 import { honestHello, RawClient } from './helpers/raw-client.js';
 
@@ -29,7 +30,7 @@ interface FuseClient {
 
 function startFuseClient(socketPath: string): FuseClient {
   const mountpoint = mkdtempSync(join(tmpdir(), 'sockpool-fuse-'));
-  const child: ChildProcess = spawn('python3', [fixture, socketPath, mountpoint], {
+  const child: ChildProcess = spawnChild('python3', [fixture, socketPath, mountpoint], {
     stdio: ['pipe', 'pipe', 'inherit'],
   });
   const lines = createInterface({ input: child.stdout! })[Symbol.asyncIterator]();

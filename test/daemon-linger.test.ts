@@ -4,13 +4,13 @@
 // addon turns their linger off before every close (native DisarmLinger). A hostile client (Python, which can set
 // SO_LINGER: test/fixtures/linger-client.py) sets a linger of 600 s, longer than this test may take: before the
 // fix, the honest client's hello below waited for it.
-import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { existsSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterEach, describe, expect, it } from 'vitest';
+import { spawnChild } from './helpers/children.js';
 import { type DaemonProcess, eventually, startDaemon, writeConfigFile } from './helpers/daemon.js';
 import { honestHello, RawClient } from './helpers/raw-client.js';
 
@@ -32,7 +32,7 @@ describe('sockets a client set SO_LINGER on', () => {
   it('an fd sent with a message that takes none is closed without waiting for its linger', async () => {
     const sockpoold = await startDaemon({ args: ['--config', fdsLetIn()] });
     cleanups.push(() => sockpoold.stop());
-    const hostile = spawn('python3', [script, 'send', sockpoold.socketPath, LINGER_SECONDS], {
+    const hostile = spawnChild('python3', [script, 'send', sockpoold.socketPath, LINGER_SECONDS], {
       stdio: ['ignore', 'pipe', 'inherit'],
     });
     cleanups.push(() => hostile.kill());
@@ -50,7 +50,7 @@ describe('sockets a client set SO_LINGER on', () => {
     );
     // The hostile client's own sink (which never reads) is the origin: up before the daemon is told its port.
     const socketPath = join(tmpdir(), `sockpool-linger-${process.pid}.sock`);
-    const hostile = spawn('python3', [script, 'lease', socketPath, LINGER_SECONDS, portFile], {
+    const hostile = spawnChild('python3', [script, 'lease', socketPath, LINGER_SECONDS, portFile], {
       stdio: ['ignore', 'pipe', 'inherit'],
     });
     cleanups.push(() => hostile.kill());
@@ -83,7 +83,7 @@ describe('sockets a client set SO_LINGER on', () => {
       // failed so: the client's send met ECONNRESET before its fd went out).
       const stopped = mode === 'queued';
       if (stopped) sockpoold.child.kill('SIGSTOP');
-      const hostile = spawn('python3', [script, mode, sockpoold.socketPath, LINGER_SECONDS], {
+      const hostile = spawnChild('python3', [script, mode, sockpoold.socketPath, LINGER_SECONDS], {
         stdio: ['ignore', 'pipe', 'inherit'],
       });
       cleanups.push(() => hostile.kill());
@@ -113,7 +113,7 @@ describe('sockets a client set SO_LINGER on', () => {
     const sockpoold = await startDaemon({ args: ['--config', fdsLetIn({ allowUids: [4_000_000] })] });
     cleanups.push(() => sockpoold.stop());
     const before = sockpoold.fdCount();
-    const hostile = spawn('python3', [script, 'refused', sockpoold.socketPath, LINGER_SECONDS], {
+    const hostile = spawnChild('python3', [script, 'refused', sockpoold.socketPath, LINGER_SECONDS], {
       stdio: ['ignore', 'pipe', 'inherit'],
     });
     cleanups.push(() => hostile.kill());

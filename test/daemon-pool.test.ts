@@ -1,6 +1,5 @@
 // sockpoold as a real child process, real TCP servers on loopback, a bare protocol client: handoffs, refill,
 // limits and the fair queue, leases freed on disconnect, bad input, reload, restart from history, fd counts.
-import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { existsSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { Socket } from 'node:net';
@@ -14,6 +13,7 @@ import { MIGRATIONS } from '../daemon/store.js';
 import * as native from '../shared/native.js';
 import { MAX_MESSAGE_BYTES } from '../shared/protocol.js';
 import { startServer, type TestServer } from './fixtures/native-helpers.js';
+import { spawnChild } from './helpers/children.js';
 import { type DaemonProcess, eventually, repoRoot, startDaemon, writeConfigFile } from './helpers/daemon.js';
 import { openRawClient, type RawClient } from './helpers/raw-client.js';
 
@@ -261,7 +261,7 @@ describe('limits and the fair queue', () => {
     const echo = await server();
     const sockpoold = await daemon(echo.port, [], { pool: { defaults: { maxPerOrigin: 2, maxIdle: 2 } } });
     // Another process takes both slots and holds them.
-    const holder = spawn(
+    const holder = spawnChild(
       process.execPath,
       [
         join(repoRoot, 'test', 'fixtures', 'lease-holder.mjs'),

@@ -1,7 +1,7 @@
 // sockpoold's signals around its start and its stop, against the real daemon child process: a SIGHUP while it
 // starts (Node's default action for it is to end the process) reloads once the start has finished; a SIGHUP once a
 // stop has begun is ignored (no reload of closed pools, no RELOADING=1 or READY=1 to systemd after STOPPING=1).
-import { type ChildProcess, spawn } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -11,6 +11,7 @@ import type { PoolSnapshot } from '../daemon/client-view.js';
 import * as native from '../shared/native.js';
 import { startServer } from './fixtures/native-helpers.js';
 import { NotifySocket } from './fixtures/systemd-notify-socket.js';
+import { spawnChild } from './helpers/children.js';
 import { daemonMain, eventually, startDaemon, writeConfigFile } from './helpers/daemon.js';
 import { openRawClient, type RawClient } from './helpers/raw-client.js';
 
@@ -49,7 +50,7 @@ function spawnDaemon(options: {
   onOutput?: (output: string, child: ChildProcess) => void;
 }): { child: ChildProcess; output(): string; closed: Promise<unknown> } {
   const dir = tempDir();
-  const child = spawn(
+  const child = spawnChild(
     process.execPath,
     [
       ...(options.nodeArgs ?? []),

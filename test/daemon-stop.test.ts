@@ -2,18 +2,18 @@
 // piped its stderr died): pino's exit-time synchronous flush used to retry the write to the broken pipe for ever.
 // A real daemon child process; its stdout and stderr pipes are closed on our side before the signal, which is sent
 // as soon as its socket exists: possibly before its start has finished (then it stops right after it).
-import { spawn } from 'node:child_process';
 import { existsSync, mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
+import { spawnChild } from './helpers/children.js';
 import { daemonMain, eventually } from './helpers/daemon.js';
 
 describe('sockpoold stop', () => {
   it('exits cleanly on SIGTERM after its log pipe broke', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'sockpool-stop-'));
     const socketPath = join(dir, 'sockpoold.sock');
-    const child = spawn(
+    const child = spawnChild(
       process.execPath,
       [daemonMain, '--socket', socketPath, '--state-dir', dir, '--allow', '127.0.0.1/32', '--log-level', 'debug'],
       { stdio: ['ignore', 'pipe', 'pipe'] },

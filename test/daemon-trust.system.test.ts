@@ -1,12 +1,12 @@
 // sockpoold trusts no client, across uids (root: the hostile clients run as other uids): a socket a client gave
 // back goes only to its own uid, quotas of one uid leave another's alone, and the wait queue of an origin is fair
 // across uids. Same-uid hostile tests are in daemon-trust.test.ts.
-import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
 import * as native from '../shared/native.js';
+import { spawnChild } from './helpers/children.js';
 import { eventually, repoRoot } from './helpers/daemon.js';
 import { openRawClient, type RawClient } from './helpers/raw-client.js';
 import { honestRequest, hostileClient, pathOrigin, runHostile, startSharedDaemon } from './helpers/trust.js';
@@ -40,7 +40,7 @@ async function stats(raw: RawClient): Promise<{ leased: number; waiting: number 
 
 /** lease-holder.mjs as `uid`: acquires `count` leases and holds them; resolves once it holds them all. */
 async function holder(socketPath: string, port: number, count: number, uid: number, waitForAll = true) {
-  const child = spawn(
+  const child = spawnChild(
     process.execPath,
     [join(repoRoot, 'test', 'fixtures', 'lease-holder.mjs'), socketPath, '127.0.0.1', String(port), String(count)],
     { stdio: ['ignore', 'pipe', 'inherit'], uid, gid: uid },
@@ -120,7 +120,7 @@ describe('per-uid quotas across uids', () => {
   it("refuses one uid's connection flood without touching another uid", async () => {
     const origin = await pathOrigin(cleanups);
     const sockpoold = await daemon(origin.port, { quotas: { maxSessionsPerUid: 4 } });
-    const flood = spawn(process.execPath, [hostileClient, 'sessions', sockpoold.socketPath, '10'], {
+    const flood = spawnChild(process.execPath, [hostileClient, 'sessions', sockpoold.socketPath, '10'], {
       stdio: ['ignore', 'pipe', 'inherit'],
       uid: HOSTILE_UID,
       gid: HOSTILE_UID,
@@ -280,7 +280,7 @@ describe("the event loop's turns across uids", () => {
       const reply = await raw.request({ type: 'stats', id: nextId++ });
       return (reply.message as unknown as { stats: { clients: number; rates: { granted: number } } }).stats;
     };
-    const flood = spawn(
+    const flood = spawnChild(
       process.execPath,
       [hostileClient, 'pipeline', sockpoold.socketPath, String(sessions), String(perSession), String(port)],
       { stdio: ['pipe', 'pipe', 'inherit'], uid: HOSTILE_UID, gid: HOSTILE_UID },

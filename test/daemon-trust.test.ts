@@ -14,6 +14,7 @@ import { REFUSAL_LOG_WINDOW_MS, REFUSALS_LOGGED } from '../daemon/log.js';
 import * as native from '../shared/native.js';
 import { MAX_MESSAGE_BYTES } from '../shared/protocol.js';
 import { waitForEvents } from './fixtures/native-helpers.js';
+import { trackChild } from './helpers/children.js';
 import { type DaemonProcess, eventually, repoRoot, startDaemon, writeConfigFile } from './helpers/daemon.js';
 import { openRawClient, RawClient } from './helpers/raw-client.js';
 import { honestRequest, hostileClient, pathOrigin, runHostile } from './helpers/trust.js';
@@ -344,7 +345,10 @@ describe('per-uid quotas', () => {
   it('refuses connections past maxSessionsPerUid with SOCKPOOL_ERR_QUOTA, and takes new ones once some close', async () => {
     const origin = await pathOrigin(cleanups);
     const sockpoold = await daemon(origin.port, { quotas: { maxSessionsPerUid: 3 } });
-    const child = execFile(process.execPath, [hostileClient, 'sessions', sockpoold.socketPath, '5']);
+    const child = trackChild(
+      execFile(process.execPath, [hostileClient, 'sessions', sockpoold.socketPath, '5']),
+      'hostile-client sessions',
+    );
     cleanups.push(() => child.kill('SIGKILL'));
     const [line] = (await once(child.stdout!, 'data')) as [Buffer];
     expect(JSON.parse(line.toString())).toEqual({ hello: 3, SOCKPOOL_ERR_QUOTA: 2 });

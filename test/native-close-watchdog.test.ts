@@ -3,13 +3,14 @@
 // (native.close, not discard: nothing drains the queue first), the stand-in for every such close no DisarmLinger
 // reaches (a client setting SO_LINGER again on its copy of a lent socket between the daemon's disarm and its close).
 // The linger is 600 s; without the watchdog the close would return after it, and the test would time out.
-import { type ChildProcess, spawn } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
 import { rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterEach, describe, expect, it } from 'vitest';
+import { spawnChild } from './helpers/children.js';
 
 const cleanups: Array<() => unknown> = [];
 afterEach(async () => {
@@ -46,7 +47,7 @@ describe('the close watchdog', () => {
       const socketPath = join(tmpdir(), `sockpool-close-watchdog-${process.pid}.sock`);
       rmSync(socketPath, { force: true });
       cleanups.push(() => rmSync(socketPath, { force: true }));
-      const closer = spawn(
+      const closer = spawnChild(
         process.execPath,
         [join(import.meta.dirname, 'fixtures', 'close-lingering.mjs'), socketPath, 'watchdog'],
         {
@@ -55,7 +56,7 @@ describe('the close watchdog', () => {
       );
       cleanups.push(() => closer.kill('SIGKILL'));
       await nextLine(closer, 'listening');
-      const sender = spawn(
+      const sender = spawnChild(
         'python3',
         [join(import.meta.dirname, 'fixtures', 'linger-client.py'), 'send', socketPath, '600'],
         {

@@ -1,6 +1,5 @@
 // The addon's AF_UNIX side, with real processes and sockets: SCM_RIGHTS between processes, the truncation paths
 // (every fd that arrived is closed), EOF, sd_notify-style datagrams with fds, listen/accept/SO_PEERCRED.
-import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { once } from 'node:events';
 import { mkdtempSync, rmSync } from 'node:fs';
@@ -21,6 +20,7 @@ import {
   waitForEvents,
   warmUpChildProcesses,
 } from './fixtures/native-helpers.js';
+import { spawnChild } from './helpers/children.js';
 
 const senderFixture = fileURLToPath(new URL('./fixtures/native-fd-sender.mjs', import.meta.url));
 
@@ -47,7 +47,7 @@ describe('fd passing between processes', () => {
     const before = fdCount();
     const path = join(directory, 'handover.sock');
     const listener = native.seqpacketListen(path, 4);
-    const child = spawn(process.execPath, [senderFixture, path, String(server.port)], {
+    const child = spawnChild(process.execPath, [senderFixture, path, String(server.port)], {
       stdio: ['ignore', 'inherit', 'inherit'],
     });
     const exited = once(child, 'exit');

@@ -1,6 +1,6 @@
 // TCP through the addon where it needs root: a connect that times out (through a veth whose far end drops
 // everything, in a network namespace made here) and socket marks (SO_MARK needs CAP_NET_ADMIN). System tier.
-import { execFileSync, spawn } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import { once } from 'node:events';
 import { fileURLToPath } from 'node:url';
 import { beforeAll, describe, expect, it } from 'vitest';
@@ -8,6 +8,7 @@ import { markOf } from '../daemon/lease-guard.js';
 import { connectTcp } from '../daemon/tcp-connect.js';
 import * as native from '../shared/native.js';
 import { fdCount, startServer, warmUpChildProcesses } from './fixtures/native-helpers.js';
+import { spawnChild } from './helpers/children.js';
 
 const setMarkFixture = fileURLToPath(new URL('./fixtures/native-setmark.mjs', import.meta.url));
 const repairSendFixture = fileURLToPath(new URL('./fixtures/tcp-repair-send.py', import.meta.url));
@@ -87,13 +88,13 @@ describe('socket options (root)', () => {
   });
 
   it('setMark without CAP_NET_ADMIN throws EPERM (unprivileged child)', async () => {
-    const child = spawn(process.execPath, [setMarkFixture], {
+    const child = spawnChild(process.execPath, [setMarkFixture], {
       uid: 65534,
       gid: 65534,
       stdio: ['ignore', 'pipe', 'inherit'],
     });
     let output = '';
-    child.stdout.on('data', (chunk: Buffer) => {
+    child.stdout!.on('data', (chunk: Buffer) => {
       output += chunk.toString();
     });
     const [code] = await once(child, 'close');
@@ -117,7 +118,7 @@ describe('tcpInfo withMark (root)', () => {
     const before = fdCount();
     const fd = await connectTcp('127.0.0.1', server.port, { timeoutMs: 10_000 });
     await server.waitForConnections(1);
-    const child = spawn('python3', [repairSendFixture, 'hello'], { stdio: ['ignore', 'inherit', 'inherit', fd] });
+    const child = spawnChild('python3', [repairSendFixture, 'hello'], { stdio: ['ignore', 'inherit', 'inherit', fd] });
     const [code] = await once(child, 'exit');
     expect(code).toBe(0);
     const info = new Float64Array(native.TCP_INFO_FIELDS);

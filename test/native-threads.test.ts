@@ -1,13 +1,13 @@
 // The addon in worker threads: loaded in several environments at once, each with its own tracked fds and Pollers;
 // a worker that is terminated (or dies of an exception) while holding received fds leaves nothing open, because
 // the addon closes its Pollers and tracked fds when the worker's environment is torn down.
-import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { fileURLToPath } from 'node:url';
 import { Worker } from 'node:worker_threads';
 import { beforeAll, describe, expect, it } from 'vitest';
 import * as native from '../shared/native.js';
 import { fdCount, receiveMessage, warmUpChildProcesses } from './fixtures/native-helpers.js';
+import { spawnChild } from './helpers/children.js';
 
 const workerFixture = new URL('./fixtures/native-worker.mjs', import.meta.url);
 const throwFixture = fileURLToPath(new URL('./fixtures/native-poller-throw.mjs', import.meta.url));
@@ -133,9 +133,9 @@ describe('native addon in worker threads', () => {
   });
 
   it('a throwing Poller callback in a main thread reaches process "uncaughtException"', async () => {
-    const child = spawn(process.execPath, [throwFixture], { stdio: ['ignore', 'pipe', 'inherit'] });
+    const child = spawnChild(process.execPath, [throwFixture], { stdio: ['ignore', 'pipe', 'inherit'] });
     let output = '';
-    child.stdout.on('data', (chunk: Buffer) => {
+    child.stdout!.on('data', (chunk: Buffer) => {
       output += chunk.toString();
     });
     const [code, signal] = await once(child, 'close');

@@ -1,4 +1,4 @@
-import { type ChildProcess, spawn } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -7,6 +7,7 @@ import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import { MIGRATIONS, migrate, StateStore, WAL_SIZE_LIMIT } from '../daemon/store.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import { useFakeClock } from './fixtures/fake-clock.js';
+import { spawnChild } from './helpers/children.js';
 import { eventually } from './helpers/daemon.js';
 
 const repo = resolve(import.meta.dirname, '..');
@@ -559,7 +560,7 @@ describe('crash durability', () => {
   });
 
   function startChild(mode: 'flush' | 'auto' | 'churn' | 'control'): ChildProcess {
-    const child = spawn(
+    const child = spawnChild(
       process.execPath,
       ['--import', join(repo, 'test/fixtures/register-ts.mjs'), join(repo, 'test/fixtures/store-child.ts'), dir, mode],
       { stdio: ['ignore', 'pipe', 'pipe'] },

@@ -5,7 +5,7 @@
 // SIGTERM even when the notify queue is full; at the next start the live ones adopted, dead, forbidden and unknown
 // ones closed, every stored name removed (FDSTOREREMOVE=1) before READY=1; the first acquire served warm on a
 // connection the origin already had; the socket file of a socket-activated daemon left alone.
-import { type ChildProcess, spawn } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
 import { chmodSync, existsSync, mkdtempSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { createServer as createHttpServer, Server as HttpServer } from 'node:http';
@@ -17,6 +17,7 @@ import { connectedAtFromTag, decodeFdName, encodeFdName } from '../daemon/sd-not
 import { connectTcp } from '../daemon/tcp-connect.js';
 import * as native from '../shared/native.js';
 import { closeQuietly, NotifySocket } from './fixtures/systemd-notify-socket.js';
+import { spawnChild } from './helpers/children.js';
 import { daemonMain, eventually } from './helpers/daemon.js';
 import { RawClient } from './helpers/raw-client.js';
 
@@ -107,7 +108,7 @@ function startSockpoold(
   const args = [daemonMain, '--config', config, '--state-dir', join(workDir, 'state'), '--log-level', 'debug'];
   // --socket points elsewhere: a socket-activated daemon must neither use nor create it.
   args.push('--socket', join(workDir, 'not-used.sock'));
-  const child = spawn('/bin/sh', ['-c', 'LISTEN_PID=$$ exec "$@"', 'sh', process.execPath, ...args], {
+  const child = spawnChild('/bin/sh', ['-c', 'LISTEN_PID=$$ exec "$@"', 'sh', process.execPath, ...args], {
     env: {
       ...env,
       NOTIFY_SOCKET: notify.path,

@@ -1,7 +1,7 @@
 // daemon/sd-notify.ts and daemon/listen-fds.ts against real sockets and processes: the test binds the datagram socket
 // systemd would ($NOTIFY_SOCKET) and reads what a child process running the compiled module sends; socket
 // activation comes from the real systemd-socket-activate. Fixtures import dist/ (npm run build).
-import { type ChildProcess, spawn } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
 import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { createServer, type Server, Socket } from 'node:net';
@@ -23,6 +23,7 @@ import {
 } from '../daemon/sd-notify.js';
 import * as native from '../shared/native.js';
 import { NotifySocket } from './fixtures/systemd-notify-socket.js';
+import { spawnChild } from './helpers/children.js';
 
 const projectRoot = fileURLToPath(new URL('..', import.meta.url));
 const node = process.execPath;
@@ -81,7 +82,10 @@ function notifySocket(abstract = false): NotifySocket {
 
 function startFixture(env: Record<string, string>): ChildProcess {
   const { NOTIFY_SOCKET: _n, WATCHDOG_USEC: _u, WATCHDOG_PID: _p, LISTEN_PID: _l, ...inherited } = process.env;
-  const child = spawn(node, [notifyFixture], { env: { ...inherited, ...env }, stdio: ['ignore', 'pipe', 'inherit'] });
+  const child = spawnChild(node, [notifyFixture], {
+    env: { ...inherited, ...env },
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
   children.push(child);
   return child;
 }
@@ -180,7 +184,7 @@ describe('Notifier through a real NOTIFY_SOCKET', () => {
     // The pid is only known after spawn, so the fixture gets it through a shell that execs node (same pid).
     const notify = notifySocket();
     const { NOTIFY_SOCKET: _n, WATCHDOG_USEC: _u, WATCHDOG_PID: _p, ...inherited } = process.env;
-    const child = spawn('/bin/sh', ['-c', 'WATCHDOG_PID=$$ exec "$0" "$1"', node, notifyFixture], {
+    const child = spawnChild('/bin/sh', ['-c', 'WATCHDOG_PID=$$ exec "$0" "$1"', node, notifyFixture], {
       env: { ...inherited, NOTIFY_SOCKET: notify.path, WATCHDOG_USEC: '100000' },
       stdio: ['ignore', 'pipe', 'inherit'],
     });
@@ -402,7 +406,7 @@ describe('socket activation through systemd-socket-activate', () => {
     }
     const notify = notifySocket();
     const path = join(workDir, 'activated.sock');
-    const child = spawn(
+    const child = spawnChild(
       activate,
       ['--seqpacket', '-l', path, '--fdname=sockpoold', '-E', `NOTIFY_SOCKET=${notify.path}`, node, listenFixture],
       { stdio: ['ignore', 'inherit', 'inherit'] },

@@ -5,7 +5,7 @@
 // the worker gives the https scheme (docs/warm-tls.md). The test also pins what nginx does with `:scheme: http` on
 // a TLS connection (it accepts it; its $scheme comes from the connection), so a future nginx that refuses it shows
 // up here. System tier: needs the nginx binary (test/system-prerequisites.ts).
-import { type ChildProcess, spawn } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import http2 from 'node:http2';
@@ -14,6 +14,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SockpoolClient } from '../client/index.js';
 import { eventually, fdCount, startTestDaemon, warmTlsArgs } from './fixtures/client-helpers.js';
+import { spawnChild } from './helpers/children.js';
 import type { DaemonProcess } from './helpers/daemon.js';
 import { freePort } from './helpers/free-port.js';
 import { createTestPki, type TestPki } from './helpers/tls.js';
@@ -60,7 +61,7 @@ beforeAll(async () => {
       ${server(`127.0.0.1:${h1Port} ssl`)}
     }`,
   );
-  nginx = spawn('nginx', ['-p', dir, '-c', join(dir, 'nginx.conf')], { stdio: ['ignore', 'ignore', 'pipe'] });
+  nginx = spawnChild('nginx', ['-p', dir, '-c', join(dir, 'nginx.conf')], { stdio: ['ignore', 'ignore', 'pipe'] });
   nginx.stderr!.on('data', (chunk: Buffer) => {
     nginxLog += chunk.toString();
   });

@@ -167,7 +167,12 @@ export function createNetns(): Netns {
       else ip('addr', 'add', `${address}/32`, 'dev', 'lo');
     },
     spawn(argv) {
-      const child = spawn(exec[0]!, [...exec.slice(1), ...argv], { stdio: ['pipe', 'pipe', 'pipe'] });
+      // Killed with the test process even if that dies by SIGKILL (no exit hook then): setpriv and `ip netns exec`
+      // exec in place, so the parent-death signal holds for the program. Not test/helpers/children.ts: the agent
+      // runs this file outside vitest.
+      const child = spawn('setpriv', ['--pdeathsig', 'KILL', '--', ...exec, ...argv], {
+        stdio: ['pipe', 'pipe', 'pipe'],
+      });
       children.add(child);
       child.once('exit', () => children.delete(child));
       return child;

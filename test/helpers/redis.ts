@@ -6,6 +6,7 @@ import { once } from 'node:events';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { spawnChild } from './children.js';
 import { freePort } from './free-port.js';
 
 export interface RedisServer {
@@ -25,7 +26,7 @@ export async function startRedis(): Promise<RedisServer> {
   const dir = mkdtempSync(join(tmpdir(), 'sockpool-redis-'));
   let child: ChildProcess | undefined;
   const start = async () => {
-    const started = spawn(
+    const started = spawnChild(
       'redis-server',
       ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--dir', dir],
       { stdio: ['ignore', 'pipe', 'pipe'] },
