@@ -29,7 +29,8 @@ import { type QueuedMessage, SeqpacketChannel, type TurnBudget } from '../shared
 import { isAdminUid, statsView } from './client-view.js';
 import { policyFor, type SockpoolConfig } from './config.js';
 import type { RateLimiter } from './fleet/rate-limiter.js';
-import { checkReturned, endConnection, markOf } from './lease-guard.js';
+import type { Claim } from './fleet/token-claims.js';
+import { checkReturned, endConnection, markOf, receivedNothingSince } from './lease-guard.js';
 import { type Lease, LeaseTable } from './leases.js';
 import { type Logger, LogLimiter, REFUSAL_LOG_WINDOW_MS, REFUSALS_LOGGED } from './log.js';
 import type { Metrics } from './metrics.js';
@@ -653,7 +654,10 @@ export class HandoffServer {
         session.pending--;
         this.#quotas.waitSettled(session.uid);
         if (waits.get(message.id) === wait) waits.delete(message.id);
-        if (!session.closed) this.#send(session, { type: 'tokens', id: message.id, granted });
+        if (session.closed) return;
+        this.#send(session, { type: 'tokens', id: message.id, granted });
+        // What the uid's acquires saying `tokenTaken` may claim (a session closed first never had them).
+        this.#rates!.grantedTo(origin, session.uid, granted);
       },
       (error: Error) => {
         session.pending--;
@@ -709,7 +713,9 @@ export class HandoffServer {
     }
     const started = performance.now();
     // A rate-limited origin: the lease tells the client its rate, and an acquire whose request took no token yet
-    // (the client did not know the rate) is charged one here: its request goes out on this socket.
+    // (the client did not know the rate) is charged one here: its request goes out on this socket. One that says its
+    // request took one is believed only up to the tokens this daemon granted its uid (RateLimiter.claim): past them
+    // it is charged as well, so no client opens connections faster than the rate by saying so.
     const rate = this.#rates?.paramsFor(origin);
     if (!rate) {
       // A warm socket idle now: the lease goes out in this turn, without a promise.
@@ -736,11 +742,20 @@ export class HandoffServer {
     /** When the charged token would expire in the fleet member's batch: one no request spends goes back there
      *  (RateLimiter.giveBack). (Declared before the take: it may be granted at once.) */
     let chargeExpiresAt: number | undefined;
-    const giveBackCharge = () => {
+    /** The granted token this acquire claimed (`tokenTaken`): claimable again when no lease comes of the acquire
+     *  (the worker gives its token back to its batch, and its next acquire says so again). */
+    let claimed = rate && message.tokenTaken === true ? this.#rates!.claim(origin, session.uid) : undefined;
+    const giveBackToken = () => {
       if (chargeExpiresAt !== undefined) this.#rates!.giveBack(origin, 1, chargeExpiresAt);
+      if (claimed !== undefined) this.#rates!.unclaim(origin, session.uid, claimed);
+      chargeExpiresAt = undefined;
+      claimed = undefined;
     };
+    // A cancelled acquire gets no lease (see below): its claim is back at once, for an acquire read in the same turn
+    // (a worker whose request was cancelled gives its token to the next request at once).
+    if (claimed !== undefined) cancel.signal.addEventListener('abort', giveBackToken, { once: true });
     const charge =
-      rate && message.tokenTaken !== true
+      rate && claimed === undefined
         ? this.#rates!.take(
             origin,
             rate,
@@ -772,23 +787,24 @@ export class HandoffServer {
         session.pending--;
         if (cancels.get(message.id) === cancel) cancels.delete(message.id);
         if (session.closed || cancel.signal.aborted) {
-          // Nobody to hand it to: the socket goes back to the pool unused, and so does the token it was charged.
+          // Nobody to hand it to: the socket goes back to the pool unused, and so does the token it was charged or
+          // claimed.
           // Shared again only if no client ever had it: one this uid released unused earlier (served to this
           // acquire straight from that release, read in the same turn as this cancel or hang-up) may still be
           // held in a copy that client kept, so it stays this uid's.
           this.#quotas.acquireSettled(session.uid, message.host, false, this.#pools.lookupInFlight);
           this.#pools.giveBack(handoff.originKey, handoff, session.uid, handoff.kept === true);
-          giveBackCharge();
+          giveBackToken();
           return;
         }
-        this.#lend(session, message, origin, handoff, rate, started, tokenWaitMs);
+        this.#lend(session, message, origin, handoff, rate, started, tokenWaitMs, claimed);
       },
       (error: Error) => {
         session.pending--;
         if (cancels.get(message.id) === cancel) cancels.delete(message.id);
         this.#quotas.acquireSettled(session.uid, message.host, false, this.#pools.lookupInFlight);
-        // No request goes out: the token it was charged (if it got that far) is not spent.
-        giveBackCharge();
+        // No request goes out: the token it was charged (if it got that far) or claimed is not spent.
+        giveBackToken();
         if (session.closed || cancel.signal.aborted) return;
         if ((error as { code?: string }).code === ErrorCodes.POLICY) {
           const { host, port } = message;
@@ -809,6 +825,7 @@ export class HandoffServer {
     rate: ReturnType<RateLimiter['paramsFor']>,
     started: number,
     tokenWaitMs?: number,
+    tokenClaim?: Claim,
   ): void {
     // Identity and counters: from the pool's probe for a warm socket, read here for a fresh one.
     const mark = handoff.mark ?? markOf(handoff.fd, handoff.connectedPeer);
@@ -823,6 +840,7 @@ export class HandoffServer {
       uid: session.uid,
       fd: handoff.fd,
       mark,
+      tokenClaim,
     });
     // Counted before the send: a send that fails (the client hung up) disconnects the session inside it, and its
     // leases end there, this one with its count.
@@ -935,6 +953,12 @@ export class HandoffServer {
    */
   #endLease(lease: Lease, shutDown: boolean): void {
     this.#chargeIfUnread(lease, this.#withdrawReply(lease));
+    // The origin answered nothing on it: no request was served, and the worker spends the token again (read before
+    // the shutdown; a relayed TLS lease's fd is the client's pair, not the origin's connection).
+    const claim = lease.tokenClaim;
+    if (claim && !claim.restored && !lease.tls && receivedNothingSince(lease.fd, lease.mark)) {
+      this.#rates?.unanswered(lease.origin, lease.uid, claim);
+    }
     if (shutDown) endConnection(lease.fd);
     else native.close(lease.fd);
     this.#quotas.leaseEnded(lease.uid);

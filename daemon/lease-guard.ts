@@ -182,6 +182,17 @@ export function usedSinceLent(fd: number, mark: UsageMark | undefined): string |
   return typeof verdict === 'string' ? verdict : undefined;
 }
 
+/** Whether nothing came from the peer on the socket since `mark` was read (when it was lent); false when unknown. */
+export function receivedNothingSince(fd: number, mark: UsageMark | undefined): boolean {
+  if (mark?.bytesReceived === undefined) return false;
+  try {
+    native.tcpInfo(fd, info);
+  } catch {
+    return false;
+  }
+  return counted(info[bytesReceived]!) === mark.bytesReceived;
+}
+
 /** Ends the connection for every holder of a copy, then closes the daemon's copy. */
 export function endConnection(fd: number): void {
   try {

@@ -5,6 +5,7 @@
 
 import type { Origin } from '../shared/origin.js';
 import type { QueuedMessage } from '../shared/seqpacket-channel.js';
+import type { Claim } from './fleet/token-claims.js';
 import type { UsageMark } from './lease-guard.js';
 import type { TlsSessionInfo } from './tls-relay.js';
 
@@ -26,6 +27,8 @@ export interface Lease {
   fd: number;
   /** The socket's byte counters when it was lent. */
   mark: UsageMark | undefined;
+  /** The granted token its acquire claimed (`tokenTaken`): given back if the origin answers nothing on it. */
+  tokenClaim?: Claim | undefined;
   /** Ends the lease at quotas.maxLeaseMs; cleared when it ends otherwise. */
   deadline: NodeJS.Timeout | undefined;
   /**

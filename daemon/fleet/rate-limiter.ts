@@ -6,7 +6,7 @@
 // one uid asking for many leaves some for the uid asking next. Requests that find no token at hand wait in the origin's queue, fair across uids (#join): only
 // its head asks for the next token or waits for it to come due (#pump). A request whose turn would come past its
 // deadline fails with SOCKPOOL_ERR_RATE_LIMITED and the earliest wait its turn needed. Origins without a rate never
-// get here.
+// get here. An acquire's `tokenTaken` is believed only against the tokens granted its uid (token-claims.ts: claim).
 
 import { ErrorCodes, SockpoolError } from '../../shared/errors.js';
 import type { Origin } from '../../shared/origin.js';
@@ -17,6 +17,7 @@ import type { Fleet } from './fleet.js';
 import { ForgetfulMap } from './forgetful-map.js';
 import { emissionIntervalMs, type Grant, LocalGcra } from './gcra.js';
 import { fleetKey } from './slots.js';
+import { type Claim, TokenClaims } from './token-claims.js';
 
 /** The most tokens the daemon asks Redis for at once (batchSize caps it lower for slow rates). */
 const MAX_DAEMON_BATCH = 64;
@@ -32,6 +33,10 @@ export interface RateCounters {
   limited: number;
   /** Times a request waited for its token. */
   waits: number;
+  /** Acquires whose `tokenTaken` was believed: a token granted their uid (`tokens`) was left to claim. */
+  claimsBelieved: number;
+  /** Acquires that said `tokenTaken` with none left to claim (never granted, claimed already, or expired): charged. */
+  claimsCharged: number;
 }
 
 export class RateLimiter {
@@ -49,7 +54,9 @@ export class RateLimiter {
   #params = new Map<string, RateParams | null>();
   /** Some policy (the defaults or an origin entry) has a rate: without one, every origin is answered at once. */
   #anyRate: boolean;
-  readonly counters: RateCounters = { granted: 0, limited: 0, waits: 0 };
+  /** Tokens granted to uids through `tokens`, that their acquires' `tokenTaken` may claim. */
+  #claims: TokenClaims;
+  readonly counters: RateCounters = { granted: 0, limited: 0, waits: 0, claimsBelieved: 0, claimsCharged: 0 };
 
   constructor(config: SockpoolConfig, fleet: Fleet | undefined, now: () => number = () => performance.now()) {
     this.#config = config;
@@ -57,6 +64,7 @@ export class RateLimiter {
     this.#now = now;
     this.#local = new LocalGcra(now);
     this.#anyRate = hasAnyRate(config);
+    this.#claims = new TokenClaims(now);
   }
 
   /** A reload: rates are read again. */
@@ -153,6 +161,33 @@ export class RateLimiter {
       }
       this.#pump(key, queued);
     });
+  }
+
+  /** `count` tokens of `origin` granted to `uid` (a `tokens` reply went out with them): its acquires may claim them. */
+  grantedTo(origin: Origin, uid: number, count: number): void {
+    this.#claims.grant(uid, fleetKey(origin), count);
+  }
+
+  /**
+   * An acquire of `uid` to `origin` says `tokenTaken`: when a token granted to that uid is left to claim, it is used
+   * up (the claim says when it would have expired, for unclaim); undefined when none is: the acquire is charged one.
+   */
+  claim(origin: Origin, uid: number): Claim | undefined {
+    const claim = this.#claims.claim(uid, fleetKey(origin));
+    if (claim === undefined) this.counters.claimsCharged++;
+    else this.counters.claimsBelieved++;
+    return claim;
+  }
+
+  /** A claim whose acquire got no lease: claimable again until it expires. */
+  unclaim(origin: Origin, uid: number, claim: Claim): void {
+    this.#claims.unclaim(uid, fleetKey(origin), claim);
+  }
+
+  /** A claim whose lease ended with nothing received from the origin: claimable again until it expires, unless it was
+   *  given back so before (token-claims.ts). */
+  unanswered(origin: Origin, uid: number, claim: Claim): void {
+    if (!claim.restored) this.#claims.unclaim(uid, fleetKey(origin), { expiresAt: claim.expiresAt, restored: true });
   }
 
   /**
