@@ -42,6 +42,25 @@ function runningAsRoot(): boolean {
   return process.getuid?.() === 0;
 }
 
+/**
+ * The default of tls.relayHangMs: how long a relay thread's heartbeat (tls-relay-thread.ts: bumped every second
+ * while its event loop turns, and read as often) may stand still before the watchdog (tls-relay.ts) takes the
+ * thread for hung: a thread whose loop stalls for up to this less 2 s (a beat, a check) is never taken. Safe
+ * against a thread that is only busy: its longest stretch without a turn of its loop is one turn's callbacks, each
+ * of them short. The heaviest, a handshake's key exchange and certificate checks, costs a millisecond or two of CPU,
+ * and a turn runs at most HANDSHAKES_PER_THREAD of them (the thread holds no more at once: some 40 ms), plus a TLS
+ * context built from a CA file (tens of ms for a full bundle, once per file) and one read's worth of bytes per
+ * session relayed. At the relay's nice 10 against a busy nice-0 thread on every core, the kernel still gives it
+ * about a tenth of a core: under half a second of wall time for the heaviest turn, a tenth of this limit. A stop of
+ * the whole process (SIGSTOP, a debugger on the main thread) is not taken for a hang: a check that comes late (the
+ * main thread did not run either) starts every thread's count over.
+ */
+export const RELAY_HANG_LIMIT_MS = 5_000;
+/** The longest tls.relayHangMs: a relay thread silent for 10 minutes has long stalled every session it held. */
+export const MAX_RELAY_HANG_MS = 600_000;
+/** The shortest tls.relayHangMs but 0 (off): a beat and a check (a second each) and a second of slack. */
+export const MIN_RELAY_HANG_MS = 3_000;
+
 export const DEFAULTS = {
   socket: (): string =>
     runningAsRoot() ? '/run/sockpool/sockpoold.sock' : resolve(process.cwd(), '.sockpool', 'sockpoold.sock'),
@@ -99,6 +118,7 @@ export const DEFAULTS = {
     warm: [] as string[],
     relayThreads: 1,
     handshakeTimeoutMs: 10_000,
+    relayHangMs: RELAY_HANG_LIMIT_MS,
   },
   pool: {
     maxIdleTotal: 10_000,
@@ -486,6 +506,11 @@ export const configSchema = z
         handshakeTimeoutMs: boundedMs(1, MAX_TLS_HANDSHAKE_TIMEOUT_MS, '1 minute').default(
           tlsDefaults.handshakeTimeoutMs,
         ),
+        relayHangMs: boundedMs(0, MAX_RELAY_HANG_MS, '10 minutes')
+          .refine((ms) => ms === 0 || ms >= MIN_RELAY_HANG_MS, {
+            error: `must be 0 (no watchdog) or at least ${MIN_RELAY_HANG_MS} ms (a relay thread beats once a second)`,
+          })
+          .default(tlsDefaults.relayHangMs),
       })
       .prefault({}),
     proxies: z.array(proxySchema).default(() => []),

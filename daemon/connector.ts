@@ -54,6 +54,8 @@ export interface ConnectedSocket {
   tls?: TlsSessionInfo | undefined;
   /** A warm TLS session's credentials: what it was verified against and presented (TlsSessions.credentialsOf). */
   tlsCredentials?: string | undefined;
+  /** A warm TLS session's relay thread (its threadId): its sessions end if the thread hangs (tls-relay.ts). */
+  relayThread?: number | undefined;
   /** The peer's port: the origin's, or the proxy's for a tunnel (undefined: the origin's). */
   port?: number | undefined;
   /**
@@ -82,6 +84,7 @@ export function connectedPart(socket: ConnectedSocket): ConnectedSocket {
     connectMs: socket.connectMs,
     tls: socket.tls,
     tlsCredentials: socket.tlsCredentials,
+    relayThread: socket.relayThread,
     port: socket.port,
     connectedPeer: socket.connectedPeer,
   };

@@ -152,7 +152,17 @@ export class Sockpoold {
       () => this.#config.quotas.maxConnectsInFlight,
     );
     // Relay threads start with the first warm TLS session; the TLS files are read now (a bad one stops the start).
-    this.#relays = new TlsRelays(this.#config.tls.relayThreads, this.#log.child({ part: 'tls' }));
+    this.#relays = new TlsRelays(this.#config.tls.relayThreads, this.#log.child({ part: 'tls' }), {
+      hangLimitMs: () => this.#config.tls.relayHangMs,
+      // A hung relay thread's sessions end (tls-relay.ts): the idle ones leave the pools, the lent ones are shut down.
+      onHung: (relayThread) => {
+        const idle = this.#pools.dropRelayedBy(relayThread);
+        const leased = this.#server?.endRelayedBy(relayThread) ?? 0;
+        this.#log
+          .child({ part: 'tls' })
+          .warn({ relayThread, idle, leased }, 'sessions of the hung TLS relay thread ended');
+      },
+    });
     registerRelayMetrics(this.#metrics.registry, this.#relays);
     const tls = new TlsSessions(this.#config, connector, this.#relays);
     makeDirectory(this.#config.stateDir, 0o750, 'stateDir');

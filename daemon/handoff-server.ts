@@ -181,6 +181,18 @@ export class HandoffServer {
     for (const session of [...this.#unreadCharged]) if (session.closed) this.#stopWatching(session);
   }
 
+  /**
+   * A relay thread hung (tls-relay.ts): the sessions it relayed and lent now end for their clients. The daemon's copy
+   * of each is shut down, not closed (the lease owns it until the client reports it closed): every copy of the socket
+   * sees the connection end (reads EOF, writes EPIPE), so a client does not wait for bytes that will never come.
+   * Returns how many.
+   */
+  endRelayedBy(relayThread: number): number {
+    const leases = this.#leases.relayedBy(relayThread);
+    for (const lease of leases) native.shutdown(lease.fd);
+    return leases.length;
+  }
+
   /** What a uid uses now (tests and stats). */
   usageOf(uid: number) {
     return this.#quotas.usageOf(uid);
@@ -837,6 +849,7 @@ export class HandoffServer {
       peerPort: handoff.peerPort,
       family: handoff.family,
       tls: handoff.tls,
+      relayThread: handoff.relayThread,
       uid: session.uid,
       fd: handoff.fd,
       mark,

@@ -21,6 +21,8 @@ export interface Lease {
   startedAt: number;
   /** A relayed warm TLS session: what was negotiated (`fd` is then the client's end of the session's pair). */
   tls?: TlsSessionInfo | undefined;
+  /** Its relay thread (threadId), for a relayed session: the lease's socket is shut down if that thread hangs. */
+  relayThread?: number | undefined;
   /** The client's uid (quotas, and whose socket a released one becomes). */
   uid: number;
   /** The daemon's copy of the lent socket: owned by the lease until it ends. */
@@ -94,6 +96,11 @@ export class LeaseTable {
 
   get size(): number {
     return this.#leases.size;
+  }
+
+  /** The leases of sessions relayed by that relay thread (its threadId): one scan, when the thread hung. */
+  relayedBy(relayThread: number): Lease[] {
+    return [...this.#leases.values()].filter((lease) => lease.relayThread === relayThread);
   }
 
   /**

@@ -52,7 +52,8 @@ export type DropReason =
   | 'excess'
   | 'shutdown'
   | 'refused'
-  | 'quota';
+  | 'quota'
+  | 'relay-hung';
 
 /**
  * Why a connect was started: for an acquire that waits (`acquire`), the pool's own refill toward its target
@@ -359,11 +360,11 @@ export class OriginPool implements KeptHolder<IdleSocket> {
   }
 
   /** Closes every idle socket `refused` says no to (a reloaded egress policy); returns how many. */
-  dropIdleWhere(refused: (socket: ConnectedSocket) => boolean): number {
+  dropIdleWhere(refused: (socket: ConnectedSocket) => boolean, reason: DropReason = 'refused'): number {
     let dropped = 0;
     for (const socket of [...this.#idle]) {
       if (!refused(socket)) continue;
-      this.#drop(socket, 'refused');
+      this.#drop(socket, reason);
       dropped++;
     }
     return dropped;

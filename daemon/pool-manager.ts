@@ -599,6 +599,20 @@ export class PoolManager {
   }
 
   /**
+   * A relay thread hung (tls-relay.ts): the idle sessions it relayed are closed (a session whose relay no longer
+   * moves bytes must not be lent); the pools refill through the thread that takes its place. Returns how many.
+   */
+  dropRelayedBy(relayThread: number): number {
+    let dropped = 0;
+    for (const pool of this.#pools.values()) {
+      if (isTlsPoolKey(pool.key))
+        dropped += pool.dropIdleWhere((socket) => socket.relayThread === relayThread, 'relay-hung');
+    }
+    this.#sweep();
+    return dropped;
+  }
+
+  /**
    * Whether a socket held since before a reload must go: a tunnel through a proxy whose URL changed or that was
    * removed since it connected, a warm TLS session verified against (or presenting) files that changed, or a
    * socket the egress policy (already swapped in the connector) now refuses.

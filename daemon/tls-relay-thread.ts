@@ -46,10 +46,14 @@ const port = parentPort;
 if (!port) throw new Error('tls-relay-thread runs as a worker thread');
 const {
   counters: sharedCounters,
+  heartbeat: sharedHeartbeat,
   nice,
   testSeams = false,
 } = workerData as {
   counters: SharedArrayBuffer;
+  /** One Int32 slot this thread's event loop bumps every HEARTBEAT_MS: the main thread's watchdog reads it
+   *  (tls-relay.ts; config.ts, RELAY_HANG_LIMIT_MS). */
+  heartbeat: SharedArrayBuffer;
   nice: number;
   /**
    * Tests only (test/tls-relay-pair-wait.test.ts; TlsRelays never sets it): an `open` with `spray` has strangers
@@ -76,9 +80,21 @@ const COUNTER: Record<keyof RelayCounters, number> = {
   cpuMicros: 5,
 };
 
+const heartbeat = new Int32Array(sharedHeartbeat);
+// The first beat at once: the watchdog judges a thread only once it has beaten (its start is not judged).
+Atomics.add(heartbeat, 0, 1);
+/**
+ * The CPU time for stats, and the heartbeat the watchdog reads (tls-relay.ts): a timer, so the heartbeat moves only
+ * while this thread's event loop turns (a loop stuck in one callback, or in a call that never returns, stops it).
+ * Once a second, in the one timer: a wake-up of its own cost an idle relay thread as much CPU again as everything
+ * else it does while idle, for nothing the watchdog's limit of seconds needs. Unref'd: it does not keep the thread
+ * alive.
+ */
+const HEARTBEAT_MS = 1_000;
 setInterval(() => {
   counters[COUNTER.cpuMicros] = threadCpuMicros();
-}, 1_000).unref();
+  Atomics.add(heartbeat, 0, 1);
+}, HEARTBEAT_MS).unref();
 
 port.on('message', (request: RelayRequest) => {
   if (request.t === 'open') open(request);

@@ -30,11 +30,24 @@
 // after a failed resetAndDestroy(); that path is gone, see socket-reset.ts, but the stop no longer depends on every
 // teardown finishing. test/warm-tls-stop-bound makes such a thread without a hook here: through the daemon's
 // inspector, a relay thread blocks in read(2) on a FIFO, where terminate() cannot reach it.)
+//
+// A thread that hangs while running (a busy loop from a bug, a call that never returns) would stall every session
+// it relays and every handshake sent to it, silently. A watchdog notices: each thread's event loop bumps a shared
+// heartbeat on a timer (tls-relay-thread.ts), and a timer here reads the heartbeats (one Atomics.load per thread,
+// once a second; nothing on the handoff path). A thread whose heartbeat has not moved for tls.relayHangMs
+// (config.ts, RELAY_HANG_LIMIT_MS, says why that is safe) is hung (#hung): logged by name, counted
+// (sockpool_tls_relay_threads_hung_total), given no more work (its slot gets a new thread), its sessions ended at
+// once by the daemon (onHung: the idle ones leave the pool, closed; a leased one's daemon copy is shut down, so its
+// client sees the connection end), and terminate()d, which ends a JavaScript loop: its 'exit' then fails its
+// pending handshakes as for a thread that died. A thread that does not end within RELAY_TERMINATE_LIMIT_MS (blocked
+// in a system call) is left as the stop leaves one: its pending handshakes fail then, their fds left to it (it may
+// have taken them), and the stop names it. test/warm-tls-relay-hang makes both kinds through the daemon's inspector.
 
 import { Worker } from 'node:worker_threads';
-import { Gauge, type Registry } from 'prom-client';
+import { Counter, Gauge, type Registry } from 'prom-client';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
+import { RELAY_HANG_LIMIT_MS } from './config.js';
 import { ConnectAbandoned } from './connect-gate.js';
 import { AdmissionQueue, type Admittable, DAEMON_UID } from './fair-queue.js';
 import type { Logger } from './log.js';
@@ -102,6 +115,8 @@ const COUNTER_SLOTS = 6;
 export interface RelayedSession {
   /** The main thread's end of the pair; belongs to the caller. */
   fd: number;
+  /** The threadId of the relay thread that relays it: what TlsRelays' onHung names when that thread hangs. */
+  relayThread: number;
   handshakeMs: number;
   info: TlsSessionInfo;
 }
@@ -131,6 +146,9 @@ export const PLACES_KEPT_FOR_OTHER_UIDS = 4;
  */
 export const RELAY_TERMINATE_LIMIT_MS = 3_000;
 
+/** How often the watchdog reads the heartbeats: as often as they move (tls-relay-thread.ts, HEARTBEAT_MS). */
+const WATCHDOG_CHECK_MS = 1_000;
+
 interface HandshakeWaiter {
   resolve(session: RelayedSession): void;
   reject(error: Error): void;
@@ -147,10 +165,30 @@ interface QueuedHandshake extends HandshakeWaiter, Admittable {
 
 interface RelayThread {
   worker: Worker;
+  /** The worker's threadId, kept (it reads -1 once the thread is gone): tags the sessions it relays. */
+  id: number;
+  /** For the log: its slot and threadId. */
+  name: string;
   counters: Float64Array;
   /** Handshakes sent to the thread and not answered yet. */
   pending: Map<number, QueuedHandshake>;
   exited: boolean;
+  /** Its heartbeat (bumped by the thread's loop), the value the watchdog saw last, and when it last saw it move. */
+  heartbeat: Int32Array;
+  beat: number;
+  beatAt: number;
+  /** Taken for hung by the watchdog: given no more work, its slot has (or gets) another thread. */
+  hung: boolean;
+}
+
+export interface TlsRelaysOptions {
+  /** The watchdog's limit (tls.relayHangMs, read at each check so that a reload applies); 0: no watchdog. */
+  hangLimitMs?: () => number;
+  /**
+   * Called when the watchdog found a thread hung, with its threadId: whoever holds its sessions' fds ends them
+   * (the daemon: the pool drops the idle ones, the handoff server shuts down the leased ones).
+   */
+  onHung?: (relayThread: number) => void;
 }
 
 export class TlsRelays {
@@ -166,10 +204,26 @@ export class TlsRelays {
   #queue = new AdmissionQueue<QueuedHandshake>((job) => this.#abandon(job));
   #log: Logger;
   #closed = false;
+  #hangLimitMs: () => number;
+  #onHung: ((relayThread: number) => void) | undefined;
+  /** Threads taken for hung that have not ended (their slots have others): close() waits for them too. */
+  #hungThreads = new Set<RelayThread>();
+  /** Threads taken for hung since the start (the metric). */
+  #hungCount = 0;
+  /** The watchdog's timer (started with the first thread) and when it last ran. */
+  #watchdog: NodeJS.Timeout | undefined;
+  #checkedAt = 0;
 
-  constructor(threadCount: number, log: Logger) {
+  constructor(threadCount: number, log: Logger, options: TlsRelaysOptions = {}) {
     this.#log = log;
     this.#threadCount = threadCount;
+    this.#hangLimitMs = options.hangLimitMs ?? (() => RELAY_HANG_LIMIT_MS);
+    this.#onHung = options.onHung;
+  }
+
+  /** How many relay threads the watchdog has taken for hung since the start. */
+  get hungThreads(): number {
+    return this.#hungCount;
   }
 
   /**
@@ -226,7 +280,7 @@ export class TlsRelays {
    */
   #mayStart = (_uid: number, started: number): boolean => {
     let underWay = 0;
-    for (const thread of this.#threads) if (thread && !thread.exited) underWay += thread.pending.size;
+    for (const thread of this.#threads) if (thread && !thread.exited && !thread.hung) underWay += thread.pending.size;
     return this.#threadCount * HANDSHAKES_PER_THREAD - underWay > Math.min(started, PLACES_KEPT_FOR_OTHER_UIDS);
   };
 
@@ -241,8 +295,8 @@ export class TlsRelays {
     let best: RelayThread | undefined;
     for (let index = 0; index < this.#threadCount; index++) {
       let thread = this.#threads[index];
-      if (!thread || thread.exited) {
-        thread = this.#spawn();
+      if (!thread || thread.exited || thread.hung) {
+        thread = this.#spawn(index);
         this.#threads[index] = thread;
       }
       if (thread.pending.size < HANDSHAKES_PER_THREAD && (!best || thread.pending.size < best.pending.size)) {
@@ -264,7 +318,8 @@ export class TlsRelays {
       cpuMicros: 0,
     };
     for (const thread of this.#threads) {
-      if (!thread) continue;
+      // A hung thread's sessions were ended (and its totals would go with it when it ends anyway).
+      if (!thread || thread.hung) continue;
       const c = thread.counters;
       totals.bytesToOrigin += c[0]!;
       totals.bytesFromOrigin += c[1]!;
@@ -283,25 +338,19 @@ export class TlsRelays {
    */
   async close(limitMs = RELAY_TERMINATE_LIMIT_MS): Promise<string[]> {
     this.#closed = true;
+    clearInterval(this.#watchdog);
     for (const job of this.#queue.drain()) {
       native.close(job.fd);
       job.reject(new SockpoolError(ErrorCodes.SHUTTING_DOWN, 'sockpoold is stopping'));
     }
     const left: string[] = [];
+    // The slots' threads, and those the watchdog took for hung that have not ended (a slot may still hold one).
+    const threads = new Set<RelayThread>(this.#hungThreads);
+    for (const thread of this.#threads) if (thread) threads.add(thread);
     await Promise.all(
-      this.#threads.map(async (thread, index) => {
-        if (!thread) return;
-        // Read before terminate(): once the thread is gone threadId says -1.
-        const name = `TLS relay thread ${index} (threadId ${thread.worker.threadId})`;
-        let timer: NodeJS.Timeout | undefined;
-        const ended = await Promise.race([
-          thread.worker.terminate().then(() => true),
-          new Promise<boolean>((resolve) => {
-            timer = setTimeout(() => resolve(false), limitMs);
-          }),
-        ]);
-        clearTimeout(timer);
-        if (ended) return;
+      [...threads].map(async (thread) => {
+        if (await ended(thread.worker, limitMs)) return;
+        const name = thread.name;
         left.push(name);
         this.#log.error(
           { thread: name, waitedMs: limitMs },
@@ -312,13 +361,106 @@ export class TlsRelays {
     return left;
   }
 
-  #spawn(): RelayThread {
+  /**
+   * The watchdog's check (every WATCHDOG_CHECK_MS): a live thread whose heartbeat has not moved for the limit is
+   * hung. One that has not beaten yet is starting (loading its modules) and is not judged.
+   */
+  #watch = (): void => {
+    const now = performance.now();
+    // This timer itself came late: the main thread did not run either (a stopped or starved process), so silence
+    // over that stretch says nothing about the threads; each one's count starts over.
+    const late = now - this.#checkedAt > 2 * WATCHDOG_CHECK_MS;
+    this.#checkedAt = now;
+    const limitMs = this.#hangLimitMs();
+    for (const thread of this.#threads) {
+      if (!thread || thread.exited || thread.hung) continue;
+      const beat = Atomics.load(thread.heartbeat, 0);
+      if (beat !== thread.beat || late) {
+        thread.beat = beat;
+        thread.beatAt = now;
+      } else if (beat !== 0 && limitMs > 0 && now - thread.beatAt >= limitMs) {
+        this.#hung(thread, now - thread.beatAt);
+      }
+    }
+  };
+
+  /** A thread the watchdog found hung (see the header). */
+  #hung(thread: RelayThread, silentMs: number): void {
+    thread.hung = true;
+    this.#hungCount++;
+    this.#hungThreads.add(thread);
+    this.#log.error(
+      { thread: thread.name, silentMs: Math.round(silentMs), handshakes: thread.pending.size },
+      'TLS relay thread hung (its event loop stopped turning): ending it and its sessions; another thread takes its place',
+    );
+    // Its sessions first: nothing may stay in the pool, or be lent, pointing at a relay that no longer moves bytes.
+    try {
+      this.#onHung?.(thread.id);
+    } catch (error) {
+      // The thread is ended and replaced all the same (its sessions then end with it, if it ends).
+      this.#log.error(
+        { thread: thread.name, err: (error as Error).message },
+        "ending the hung thread's sessions failed",
+      );
+    }
+    void ended(thread.worker, RELAY_TERMINATE_LIMIT_MS).then((done) => {
+      if (done || thread.exited) return;
+      // Blocked where terminate() cannot reach (a system call): its 'exit' may never come, so its handshakes fail
+      // now. Their fds stay with it: it may have taken them (a socket it built), and closing a number it still
+      // holds could close someone else's socket later. The stop names it as left running.
+      this.#log.error(
+        { thread: thread.name, waitedMs: RELAY_TERMINATE_LIMIT_MS, handshakes: thread.pending.size },
+        'hung TLS relay thread did not end after terminate(); left running, given no more work',
+      );
+      this.#failPending(thread, 'hung, did not end after terminate()', false);
+    });
+    // Its slot gets a new thread for what waits here.
+    if (!this.#closed) queueMicrotask(() => this.#dispatch());
+  }
+
+  /**
+   * Fails the handshakes sent to a thread that ended or hung. `closeUnread`: the thread is gone, so an `open` it had
+   * not read yet left its fd open here, still the same socket (same inode): that one is closed now.
+   */
+  #failPending(thread: RelayThread, why: string, closeUnread: boolean): void {
+    for (const job of thread.pending.values()) {
+      if (closeUnread) {
+        try {
+          if (job.inode !== undefined && native.socketInode(job.fd) === job.inode) native.close(job.fd);
+        } catch {
+          // Closed by the thread's teardown (and not reused): nothing to do.
+        }
+      }
+      job.reject(new SockpoolError(ErrorCodes.TLS, `TLS relay thread ${why}`, { reason: 'connection' }));
+      this.#queue.done(job.uid);
+    }
+    thread.pending.clear();
+  }
+
+  #spawn(index: number): RelayThread {
     const shared = new SharedArrayBuffer(COUNTER_SLOTS * Float64Array.BYTES_PER_ELEMENT);
+    const heartbeat = new SharedArrayBuffer(Int32Array.BYTES_PER_ELEMENT);
     const worker = new Worker(new URL('./tls-relay-thread.js', import.meta.url), {
-      workerData: { counters: shared, nice: RELAY_THREAD_NICE },
+      workerData: { counters: shared, heartbeat, nice: RELAY_THREAD_NICE },
       name: 'sockpoold tls relay',
     });
-    const thread: RelayThread = { worker, counters: new Float64Array(shared), pending: new Map(), exited: false };
+    const thread: RelayThread = {
+      worker,
+      id: worker.threadId,
+      name: `TLS relay thread ${index} (threadId ${worker.threadId})`,
+      counters: new Float64Array(shared),
+      pending: new Map(),
+      exited: false,
+      heartbeat: new Int32Array(heartbeat),
+      beat: 0,
+      beatAt: performance.now(),
+      hung: false,
+    };
+    if (!this.#watchdog) {
+      this.#checkedAt = performance.now();
+      this.#watchdog = setInterval(this.#watch, WATCHDOG_CHECK_MS);
+      this.#watchdog.unref();
+    }
     worker.unref();
     worker.on('message', (message: RelayResponse) => {
       const waiter = thread.pending.get(message.id);
@@ -331,8 +473,17 @@ export class TlsRelays {
       this.#queue.done(waiter.uid);
       // Room for the next handshake (after this one's waiter ran: a waiter may queue another).
       queueMicrotask(() => this.#dispatch());
-      if (message.t === 'ready') {
-        waiter.resolve({ fd: message.fd, handshakeMs: message.handshakeMs, info: message.info });
+      if (message.t === 'ready' && thread.hung) {
+        // Sent before the thread was found hung: its relay is being ended, so the session is not handed out.
+        native.close(message.fd);
+        waiter.reject(new SockpoolError(ErrorCodes.TLS, 'TLS relay thread hung', { reason: 'connection' }));
+      } else if (message.t === 'ready') {
+        waiter.resolve({
+          fd: message.fd,
+          handshakeMs: message.handshakeMs,
+          info: message.info,
+          relayThread: thread.id,
+        });
       } else {
         waiter.reject(
           new SockpoolError(
@@ -348,25 +499,34 @@ export class TlsRelays {
       this.#log.error({ err: error.message }, 'TLS relay thread failed');
       failure = error.message;
     });
-    // Once the thread is gone: Node closed the sockets it had built on the fds it was given, but an `open` it had
-    // not read yet left its fd open here, still the same socket (same inode): that one is closed now.
+    // Once the thread is gone: Node closed the sockets it had built on the fds it was given; its handshakes fail.
     worker.on('exit', (code) => {
       thread.exited = true;
-      for (const job of thread.pending.values()) {
-        try {
-          if (job.inode !== undefined && native.socketInode(job.fd) === job.inode) native.close(job.fd);
-        } catch {
-          // Closed by the thread's teardown (and not reused): nothing to do.
-        }
-        const why = failure ?? `exit code ${code}`;
-        job.reject(new SockpoolError(ErrorCodes.TLS, `TLS relay thread ended: ${why}`, { reason: 'connection' }));
-        this.#queue.done(job.uid);
-      }
-      thread.pending.clear();
+      this.#hungThreads.delete(thread);
+      const why = thread.hung ? 'hung, ended by the watchdog' : `ended: ${failure ?? `exit code ${code}`}`;
+      this.#failPending(thread, why, true);
       // The slot gets a new thread for what waits here.
       if (!this.#closed) queueMicrotask(() => this.#dispatch());
     });
     return thread;
+  }
+}
+
+/** Whether `worker` ended within `limitMs` of terminate() (a thread blocked in a system call does not). */
+async function ended(worker: Worker, limitMs: number): Promise<boolean> {
+  let timer: NodeJS.Timeout | undefined;
+  try {
+    return await Promise.race([
+      worker.terminate().then(
+        () => true,
+        () => true,
+      ),
+      new Promise<boolean>((resolve) => {
+        timer = setTimeout(() => resolve(false), limitMs);
+      }),
+    ]);
+  } finally {
+    clearTimeout(timer);
   }
 }
 
@@ -400,4 +560,14 @@ export function registerRelayMetrics(registry: Registry, relays: TlsRelays): voi
     (c) => c.handshakesQueued,
   );
   gauge('sockpool_tls_relay_cpu_seconds', 'CPU time of the relay threads', (c) => c.cpuMicros / 1e6);
+  let hungSeen = 0;
+  new Counter({
+    name: 'sockpool_tls_relay_threads_hung_total',
+    help: 'Relay threads the watchdog found hung (their event loop stopped turning) and replaced',
+    registers: [registry],
+    collect() {
+      this.inc(relays.hungThreads - hungSeen);
+      hungSeen = relays.hungThreads;
+    },
+  });
 }

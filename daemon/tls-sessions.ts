@@ -189,6 +189,7 @@ export class TlsSessions implements Connector {
       connectMs: socket.connectMs + session.handshakeMs,
       tls: session.info,
       tlsCredentials: credentials,
+      relayThread: session.relayThread,
     };
     // A reload during the handshake that changed what this origin's sessions are verified against: start over
     // with the configuration in force (the session is ours until returned), still abandoned once not wanted.

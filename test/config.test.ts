@@ -80,7 +80,7 @@ describe('defaults', () => {
       warmTls: false,
       warmTlsOnMiss: 'session',
     });
-    expect(config.tls).toEqual({ warm: [], relayThreads: 1, handshakeTimeoutMs: 10000 });
+    expect(config.tls).toEqual({ warm: [], relayThreads: 1, handshakeTimeoutMs: 10000, relayHangMs: 5000 });
     expect(config.pool.origins).toEqual([]);
   });
 

@@ -34,7 +34,12 @@ afterAll(() => pki.cleanup());
 /** A relay thread with its test seam, and what it said, in order. */
 function startThread() {
   const worker = new Worker(join(repoRoot, 'dist', 'daemon', 'tls-relay-thread.js'), {
-    workerData: { counters: new SharedArrayBuffer(6 * 8), nice: 0, testSeams: true },
+    workerData: {
+      counters: new SharedArrayBuffer(6 * 8),
+      heartbeat: new SharedArrayBuffer(4),
+      nice: 0,
+      testSeams: true,
+    },
   });
   const said: ThreadMessage[] = [];
   const listeners = new Set<() => void>();

@@ -1,0 +1,251 @@
+// A warm-TLS sockpoold whose relay thread hangs while running (daemon/tls-relay.ts, the watchdog): the thread's
+// heartbeat stops, and within tls.relayHangMs (3 s here, the shortest allowed) the daemon logs it by name,
+// counts it (sockpool_tls_relay_threads_hung_total), ends its sessions (the idle ones leave the pool, closed; a
+// leased one's client reads EOF), terminate()s it (its pending handshake fails instead of waiting for its acquire's
+// timeout) and serves the next warm TLS acquire through a new thread; the daemon's fds come back to where they
+// were. The hang is made from outside, as a debugger would (no hook in the daemon): through the daemon's inspector
+// the relay thread runs `for (;;) {}`. Without the watchdog nothing notices: the spinning thread keeps its sessions
+// in the pool and the hung log line never comes. A burst of handshakes (more than a thread runs at once) before it
+// is not taken for a hang, even at this short limit. Real daemon child process, real node:https origin, a throwaway CA.
+
+import { execFileSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { once } from 'node:events';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import net from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, expect, it } from 'vitest';
+import type { LeaseReply } from '../shared/protocol.js';
+import { eventually, httpsOrigin, type Origin, startTestDaemon, warmTlsArgs } from './fixtures/client-helpers.js';
+import type { DaemonProcess } from './helpers/daemon.js';
+import { freePort } from './helpers/free-port.js';
+import { DaemonInspector } from './helpers/inspector.js';
+import { openRawClient } from './helpers/raw-client.js';
+import { createTestPki, type TestPki } from './helpers/tls.js';
+
+let pki: TestPki;
+let origin: Origin;
+/** An origin without sessions: an acquire for it waits for a handshake. */
+let other: Origin;
+let trust: string;
+let dir: string;
+const cleanups: Array<() => unknown> = [];
+
+/** Sessions made before and after: more than a relay thread's 20 handshake places, so some queue. */
+const SESSIONS = 30;
+const HUNG =
+  'TLS relay thread hung (its event loop stopped turning): ending it and its sessions; another thread takes its place';
+
+beforeAll(async () => {
+  pki = createTestPki(['localhost']);
+  trust = createHash('sha256').update(readFileSync(pki.caFile)).digest('hex');
+  origin = await httpsOrigin(pki, (_request, response) => response.end('ok'));
+  other = await httpsOrigin(pki, (_request, response) => response.end('other'));
+  dir = mkdtempSync(join(tmpdir(), 'sockpool-relay-hang-'));
+});
+
+afterAll(async () => {
+  for (const cleanup of cleanups.reverse()) await cleanup();
+  await origin?.close();
+  await other?.close();
+  pki?.cleanup();
+  if (dir) rmSync(dir, { recursive: true, force: true });
+});
+
+/** The daemon's log records (JSON lines) with message `msg`. */
+function records(daemon: DaemonProcess, msg: string): Array<Record<string, unknown>> {
+  return daemon
+    .output()
+    .split('\n')
+    .filter((line) => line.startsWith('{'))
+    .map((line) => JSON.parse(line) as Record<string, unknown>)
+    .filter((record) => record.msg === msg);
+}
+
+async function metric(port: number, name: string): Promise<number | undefined> {
+  const text = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
+  const line = text.split('\n').find((entry) => entry.startsWith(`${name} `));
+  return line === undefined ? undefined : Number(line.slice(name.length + 1));
+}
+
+/** Sends `request` over a leased fd (a net.Socket takes ownership of it) and reads until the server closes. */
+async function exchange(fd: number, request: string): Promise<string> {
+  const socket = new net.Socket({ fd, readable: true, writable: true });
+  const chunks: Buffer[] = [];
+  socket.on('data', (chunk: Buffer) => chunks.push(chunk));
+  socket.write(request);
+  await once(socket, 'end');
+  socket.destroy();
+  return Buffer.concat(chunks).toString();
+}
+
+/**
+ * A warm-TLS daemon (watchdog limit 3 s) under its inspector (`relay`: its relay thread's session), with SESSIONS
+ * idle sessions made by its relay thread (a burst of handshakes, some queued behind the thread's 20 places: busy,
+ * not hung) and one more session lent (the test holds the client's copy, `leased`, resumed; `leasedEnded` resolves
+ * at its EOF). `fdsBefore`: the daemon's fds with all SESSIONS + 1 idle.
+ */
+async function hangingDaemon() {
+  const metricsPort = await freePort();
+  const daemon = await startTestDaemon([origin.port, other.port], {
+    extraArgs: [...warmTlsArgs(pki.caFile, [origin.port, other.port]), '--metrics-port', String(metricsPort)],
+    nodeArgs: ['--inspect=127.0.0.1:0'],
+    config: { tls: { relayHangMs: 3_000 }, pool: { defaults: { maxIdle: SESSIONS + 1 } } },
+  });
+  cleanups.push(() => daemon.stop());
+  const inspector = await DaemonInspector.connect(daemon.output());
+  cleanups.push(() => inspector.close());
+  await inspector.call('NodeWorker.enable', { waitForDebuggerOnStart: false });
+  const raw = openRawClient(daemon.socketPath, cleanups);
+  let id = 1;
+  const nextId = () => id++;
+  const idleSessions = async () => {
+    const reply = await raw.request({ type: 'stats', id: nextId() });
+    const stats = (reply.message as unknown as { stats: { origins: Array<{ origin: string; idle: number }> } }).stats;
+    return stats.origins.find((entry) => entry.origin === `localhost:${origin.port} tls`)?.idle ?? 0;
+  };
+  const warm = async () => {
+    const prewarm = await raw.request({
+      type: 'prewarm',
+      id: nextId(),
+      host: 'localhost',
+      port: origin.port,
+      count: SESSIONS + 1,
+      tls: { trust },
+    });
+    expect(prewarm.message?.type).toBe('ok');
+    await eventually(async () => (await idleSessions()) === SESSIONS + 1, `${SESSIONS + 1} warm TLS sessions`);
+  };
+  await warm();
+  expect(records(daemon, HUNG)).toEqual([]);
+  const fdsBefore = daemon.fdCount();
+  const lent = await raw.request({
+    type: 'acquire',
+    id: nextId(),
+    host: 'localhost',
+    port: origin.port,
+    tls: { trust },
+  });
+  expect((lent.message as LeaseReply).type).toBe('lease');
+  const leased = new net.Socket({ fd: lent.fds[0]!, readable: true, writable: true });
+  const leasedEnded = once(leased, 'end');
+  leased.resume();
+  const relay = await inspector.workerSession(/sockpoold tls relay/);
+  return {
+    daemon,
+    metricsPort,
+    inspector,
+    relay,
+    raw,
+    nextId,
+    idleSessions,
+    warm,
+    fdsBefore,
+    lent: lent.message as LeaseReply,
+    leased,
+    leasedEnded,
+  };
+}
+
+/**
+ * After `hang()` made the relay thread hang: it is logged by name with the handshake it held, counted, its idle
+ * sessions are out of the pool, its lent one ended for the client, and that handshake failed with `why`; then the
+ * next warm TLS acquire is served through another thread. `waiting`: the second client's acquire for `other`.
+ */
+async function expectHungAndReplaced(
+  setup: Awaited<ReturnType<typeof hangingDaemon>>,
+  hang: () => Promise<void>,
+  why: string,
+): Promise<void> {
+  const { daemon, metricsPort, raw, nextId, idleSessions, lent, leased, leasedEnded } = setup;
+  await hang();
+  // A handshake sent to the hung thread (an origin without sessions; a second client, as the first one's requests
+  // are answered in order).
+  const waiting = openRawClient(daemon.socketPath, cleanups);
+  const pending = waiting.request({ type: 'acquire', id: 1, host: 'localhost', port: other.port, tls: { trust } });
+
+  await eventually(() => records(daemon, HUNG).length === 1, 'the hung relay thread logged');
+  expect(records(daemon, HUNG)[0]).toMatchObject({
+    thread: expect.stringMatching(/^TLS relay thread 0 \(threadId \d+\)$/),
+    handshakes: 1,
+  });
+  expect(await metric(metricsPort, 'sockpool_tls_relay_threads_hung_total')).toBe(1);
+  // Its idle sessions left the pool, and the lent one ended for its client.
+  expect(await idleSessions()).toBe(0);
+  await leasedEnded;
+  leased.destroy();
+  raw.sendJson({ type: 'closed', leaseId: lent.leaseId });
+  // The handshake it held failed, not at the acquire's timeout.
+  const failed = await pending;
+  expect(failed.message).toMatchObject({
+    type: 'error',
+    code: 'SOCKPOOL_ERR_TLS',
+    message: expect.stringContaining(why),
+  });
+  waiting.close();
+
+  // The next warm TLS acquire gets a session made and relayed by the thread that took its place.
+  const next = await raw.request({
+    type: 'acquire',
+    id: nextId(),
+    host: 'localhost',
+    port: origin.port,
+    tls: { trust },
+  });
+  expect((next.message as LeaseReply).type).toBe('lease');
+  const response = await exchange(next.fds[0]!, 'GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n');
+  expect(response).toMatch(/^HTTP\/1\.1 200 OK[\s\S]*ok$/);
+  raw.sendJson({ type: 'closed', leaseId: (next.message as LeaseReply).leaseId });
+}
+
+const LEFT = 'hung TLS relay thread did not end after terminate(); left running, given no more work';
+
+it('a relay thread that spins is found hung, logged, counted, ended and replaced; its sessions end; the fds come back', async () => {
+  const setup = await hangingDaemon();
+  const { daemon, inspector, relay, metricsPort, warm, fdsBefore } = setup;
+  await expectHungAndReplaced(
+    setup,
+    () => inspector.evaluateInWorker(relay, 'setImmediate(() => { for (;;) {} }); undefined'),
+    'hung, ended by the watchdog',
+  );
+  expect(records(daemon, LEFT)).toEqual([]);
+  // The same shape as before (a live thread, the same idle sessions, nothing lent): the same fds.
+  await warm();
+  await eventually(() => daemon.fdCount() === fdsBefore, `the daemon's fds back to ${fdsBefore}`);
+  expect(records(daemon, HUNG)).toHaveLength(1);
+  expect(await metric(metricsPort, 'sockpool_tls_relay_threads_hung_total')).toBe(1);
+}, 60_000);
+
+// Blocked in read(2) on a FIFO nobody writes, terminate() cannot end the thread: it is left as the stop leaves one,
+// but given no work, and the daemon's ends of its sessions are closed (idle) or shut down (lent) all the same: with
+// the thread's own ends held open by it, nothing but the daemon can end them (without that, its idle sessions stayed
+// in the pool, each to be lent and read in vain). The daemon's stop then names it and exits 1 (warm-tls-stop-bound).
+it('a relay thread blocked in a system call is found hung, given no more work, its sessions ended and replaced', async () => {
+  const setup = await hangingDaemon();
+  const { daemon, inspector, relay, metricsPort, warm } = setup;
+  const fifo = join(dir, 'relay-block');
+  execFileSync('mkfifo', [fifo]);
+  await expectHungAndReplaced(
+    setup,
+    () =>
+      // Opened read-write: the open returns at once, and no EOF ever comes (the thread is a writer too).
+      inspector.evaluateInWorker(
+        relay,
+        `setImmediate(() => {
+          const fs = process.getBuiltinModule('node:fs');
+          fs.readSync(fs.openSync(${JSON.stringify(fifo)}, fs.constants.O_RDWR), Buffer.alloc(1));
+        }); undefined`,
+      ),
+    'hung, did not end after terminate()',
+  );
+  expect(records(daemon, LEFT)).toEqual([expect.objectContaining({ thread: records(daemon, HUNG)[0]!.thread })]);
+  // Warm sessions again, through the new thread only.
+  await warm();
+  expect(records(daemon, HUNG)).toHaveLength(1);
+  expect(await metric(metricsPort, 'sockpool_tls_relay_threads_hung_total')).toBe(1);
+  expect(await daemon.stop()).toBe(1);
+  expect(records(daemon, 'TLS relay thread did not end after terminate(); the stop goes on without it')).toEqual([
+    expect.objectContaining({ thread: records(daemon, HUNG)[0]!.thread }),
+  ]);
+}, 60_000);
