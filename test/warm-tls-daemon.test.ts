@@ -21,6 +21,7 @@ import {
   startTestDaemon,
   warmTlsArgs,
 } from './fixtures/client-helpers.js';
+import { exchangeOverFd } from './fixtures/native-helpers.js';
 import type { DaemonProcess } from './helpers/daemon.js';
 import { openRawClient, type RawClient } from './helpers/raw-client.js';
 import { createTestPki, type TestPki } from './helpers/tls.js';
@@ -58,17 +59,6 @@ afterAll(async () => {
 async function acquire(raw: RawClient, id: number, port: number, tls?: { trust: string }) {
   const reply = await raw.request({ type: 'acquire', id, host: 'localhost', port, ...(tls ? { tls } : {}) });
   return reply;
-}
-
-/** Sends `request` over a handed fd (a net.Socket takes ownership of it) and reads until the server closes. */
-async function exchange(fd: number, request: string): Promise<string> {
-  const socket = new net.Socket({ fd, readable: true, writable: true });
-  const chunks: Buffer[] = [];
-  socket.on('data', (chunk: Buffer) => chunks.push(chunk));
-  socket.write(request);
-  await once(socket, 'end');
-  socket.destroy();
-  return Buffer.concat(chunks).toString();
 }
 
 describe('warm TLS sessions', () => {
@@ -115,7 +105,7 @@ describe('warm TLS sessions', () => {
     expect(reply.fds).toHaveLength(1);
     // Not the origin's TCP socket: one end of a loopback connection to the relay.
     expect(native.peerAddress(reply.fds[0]!).port).not.toBe(h1.port);
-    const response = await exchange(
+    const response = await exchangeOverFd(
       reply.fds[0]!,
       'GET /hello HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n',
     );
@@ -211,7 +201,7 @@ describe('warm TLS sessions', () => {
     const reply = await acquire(raw, 3, h1.port, { trust });
     const lease = reply.message as LeaseReply;
     expect(lease.warm).toBe(false);
-    const response = await exchange(
+    const response = await exchangeOverFd(
       reply.fds[0]!,
       'GET /after HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n',
     );

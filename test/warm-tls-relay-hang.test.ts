@@ -18,7 +18,8 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import type { LeaseReply } from '../shared/protocol.js';
 import { eventually, httpsOrigin, type Origin, startTestDaemon, warmTlsArgs } from './fixtures/client-helpers.js';
-import type { DaemonProcess } from './helpers/daemon.js';
+import { exchangeOverFd } from './fixtures/native-helpers.js';
+import { logRecords } from './helpers/daemon.js';
 import { freePort } from './helpers/free-port.js';
 import { DaemonInspector } from './helpers/inspector.js';
 import { openRawClient } from './helpers/raw-client.js';
@@ -53,31 +54,10 @@ afterAll(async () => {
   if (dir) rmSync(dir, { recursive: true, force: true });
 });
 
-/** The daemon's log records (JSON lines) with message `msg`. */
-function records(daemon: DaemonProcess, msg: string): Array<Record<string, unknown>> {
-  return daemon
-    .output()
-    .split('\n')
-    .filter((line) => line.startsWith('{'))
-    .map((line) => JSON.parse(line) as Record<string, unknown>)
-    .filter((record) => record.msg === msg);
-}
-
 async function metric(port: number, name: string): Promise<number | undefined> {
   const text = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
   const line = text.split('\n').find((entry) => entry.startsWith(`${name} `));
   return line === undefined ? undefined : Number(line.slice(name.length + 1));
-}
-
-/** Sends `request` over a leased fd (a net.Socket takes ownership of it) and reads until the server closes. */
-async function exchange(fd: number, request: string): Promise<string> {
-  const socket = new net.Socket({ fd, readable: true, writable: true });
-  const chunks: Buffer[] = [];
-  socket.on('data', (chunk: Buffer) => chunks.push(chunk));
-  socket.write(request);
-  await once(socket, 'end');
-  socket.destroy();
-  return Buffer.concat(chunks).toString();
 }
 
 /**
@@ -118,7 +98,7 @@ async function hangingDaemon() {
     await eventually(async () => (await idleSessions()) === SESSIONS + 1, `${SESSIONS + 1} warm TLS sessions`);
   };
   await warm();
-  expect(records(daemon, HUNG)).toEqual([]);
+  expect(logRecords(daemon, HUNG)).toEqual([]);
   const fdsBefore = daemon.fdCount();
   const lent = await raw.request({
     type: 'acquire',
@@ -165,8 +145,8 @@ async function expectHungAndReplaced(
   const waiting = openRawClient(daemon.socketPath, cleanups);
   const pending = waiting.request({ type: 'acquire', id: 1, host: 'localhost', port: other.port, tls: { trust } });
 
-  await eventually(() => records(daemon, HUNG).length === 1, 'the hung relay thread logged');
-  expect(records(daemon, HUNG)[0]).toMatchObject({
+  await eventually(() => logRecords(daemon, HUNG).length === 1, 'the hung relay thread logged');
+  expect(logRecords(daemon, HUNG)[0]).toMatchObject({
     thread: expect.stringMatching(/^TLS relay thread 0 \(threadId \d+\)$/),
     handshakes: 1,
   });
@@ -194,7 +174,7 @@ async function expectHungAndReplaced(
     tls: { trust },
   });
   expect((next.message as LeaseReply).type).toBe('lease');
-  const response = await exchange(next.fds[0]!, 'GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n');
+  const response = await exchangeOverFd(next.fds[0]!, 'GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n');
   expect(response).toMatch(/^HTTP\/1\.1 200 OK[\s\S]*ok$/);
   raw.sendJson({ type: 'closed', leaseId: (next.message as LeaseReply).leaseId });
 }
@@ -209,11 +189,11 @@ it('a relay thread that spins is found hung, logged, counted, ended and replaced
     () => inspector.evaluateInWorker(relay, 'setImmediate(() => { for (;;) {} }); undefined'),
     'hung, ended by the watchdog',
   );
-  expect(records(daemon, LEFT)).toEqual([]);
+  expect(logRecords(daemon, LEFT)).toEqual([]);
   // The same shape as before (a live thread, the same idle sessions, nothing lent): the same fds.
   await warm();
   await eventually(() => daemon.fdCount() === fdsBefore, `the daemon's fds back to ${fdsBefore}`);
-  expect(records(daemon, HUNG)).toHaveLength(1);
+  expect(logRecords(daemon, HUNG)).toHaveLength(1);
   expect(await metric(metricsPort, 'sockpool_tls_relay_threads_hung_total')).toBe(1);
 }, 60_000);
 
@@ -239,13 +219,13 @@ it('a relay thread blocked in a system call is found hung, given no more work, i
       ),
     'hung, did not end after terminate()',
   );
-  expect(records(daemon, LEFT)).toEqual([expect.objectContaining({ thread: records(daemon, HUNG)[0]!.thread })]);
+  expect(logRecords(daemon, LEFT)).toEqual([expect.objectContaining({ thread: logRecords(daemon, HUNG)[0]!.thread })]);
   // Warm sessions again, through the new thread only.
   await warm();
-  expect(records(daemon, HUNG)).toHaveLength(1);
+  expect(logRecords(daemon, HUNG)).toHaveLength(1);
   expect(await metric(metricsPort, 'sockpool_tls_relay_threads_hung_total')).toBe(1);
   expect(await daemon.stop()).toBe(1);
-  expect(records(daemon, 'TLS relay thread did not end after terminate(); the stop goes on without it')).toEqual([
-    expect.objectContaining({ thread: records(daemon, HUNG)[0]!.thread }),
+  expect(logRecords(daemon, 'TLS relay thread did not end after terminate(); the stop goes on without it')).toEqual([
+    expect.objectContaining({ thread: logRecords(daemon, HUNG)[0]!.thread }),
   ]);
 }, 60_000);

@@ -23,7 +23,7 @@ import {
   startTestDaemon,
   warmTlsArgs,
 } from './fixtures/client-helpers.js';
-import { type DaemonProcess, repoRoot } from './helpers/daemon.js';
+import { type DaemonProcess, logRecords, repoRoot } from './helpers/daemon.js';
 import { DaemonInspector } from './helpers/inspector.js';
 import { createTestPki, type TestPki } from './helpers/tls.js';
 
@@ -64,16 +64,6 @@ async function stopBounded(daemon: DaemonProcess): Promise<number | null> {
   } finally {
     clearTimeout(timer);
   }
-}
-
-/** The daemon's log records (JSON lines) with message `msg`. */
-function records(daemon: DaemonProcess, msg: string): Array<Record<string, unknown>> {
-  return daemon
-    .output()
-    .split('\n')
-    .filter((line) => line.startsWith('{'))
-    .map((line) => JSON.parse(line) as Record<string, unknown>)
-    .filter((record) => record.msg === msg);
 }
 
 /** Whether a thread of process `pid` is blocked reading `fifo`: the process holds it open, and a thread of it
@@ -157,14 +147,14 @@ describe('a warm-TLS daemon stopped', () => {
 
       expect(await stopBounded(daemon)).toBe(stuck ? 1 : 0);
 
-      const left = records(daemon, 'TLS relay thread did not end after terminate(); the stop goes on without it');
-      const stopped = records(daemon, 'sockpoold stopped');
+      const left = logRecords(daemon, 'TLS relay thread did not end after terminate(); the stop goes on without it');
+      const stopped = logRecords(daemon, 'sockpoold stopped');
       // The stop finished either way: history written and sockets closed before this line.
       expect(stopped).toHaveLength(1);
       if (stuck) {
         expect(left).toEqual([expect.objectContaining({ thread: expect.stringMatching(/^TLS relay thread 0 /) })]);
         expect(stopped[0]).toMatchObject({ threadsLeft: [left[0]!.thread] });
-        expect(records(daemon, 'unclean stop: threads left running; exiting without joining them')).toHaveLength(1);
+        expect(logRecords(daemon, 'unclean stop: threads left running; exiting without joining them')).toHaveLength(1);
       } else {
         expect(left).toEqual([]);
         expect(stopped[0]!.threadsLeft).toBeUndefined();
@@ -207,13 +197,13 @@ describe('a warm-TLS daemon stopped', () => {
 
     expect(await stopBounded(daemon)).toBe(1);
     // Logged before the _exit (the logs are flushed first).
-    expect(records(daemon, 'unclean stop')).toEqual([
+    expect(logRecords(daemon, 'unclean stop')).toEqual([
       expect.objectContaining({ err: 'disconnecting the clients failed (the test)' }),
     ]);
-    expect(records(daemon, 'sockpoold stopped')).toEqual([]);
-    expect(records(daemon, 'TLS relay thread did not end after terminate(); the stop goes on without it')).toHaveLength(
-      1,
-    );
+    expect(logRecords(daemon, 'sockpoold stopped')).toEqual([]);
+    expect(
+      logRecords(daemon, 'TLS relay thread did not end after terminate(); the stop goes on without it'),
+    ).toHaveLength(1);
     const db = new Database(join(daemon.stateDir, 'sockpool.sqlite'), { readonly: true });
     try {
       const rows = db.prepare('SELECT origin_key FROM origins').all() as Array<{ origin_key: string }>;
@@ -257,8 +247,10 @@ describe('a warm-TLS daemon stopped', () => {
     inspector.close();
 
     expect(await stopBounded(daemon)).toBe(0);
-    expect(records(daemon, 'TLS relay thread did not end after terminate(); the stop goes on without it')).toEqual([]);
-    expect(records(daemon, 'sockpoold stopped')).toHaveLength(1);
+    expect(logRecords(daemon, 'TLS relay thread did not end after terminate(); the stop goes on without it')).toEqual(
+      [],
+    );
+    expect(logRecords(daemon, 'sockpoold stopped')).toHaveLength(1);
     await client.close();
     await eventually(() => fdCount() - origin.openSockets() <= before, `fds back to ${before}`);
   }, 60_000);

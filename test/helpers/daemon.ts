@@ -123,3 +123,13 @@ export function writeConfigFile(config: object, cleanups: Array<() => unknown>):
   cleanups.push(() => rmSync(path, { force: true }));
   return path;
 }
+
+/** The daemon's log records (JSON lines) with message `msg`. */
+export function logRecords(daemon: DaemonProcess, msg: string): Array<Record<string, unknown>> {
+  return daemon
+    .output()
+    .split('\n')
+    .filter((line) => line.startsWith('{'))
+    .map((line) => JSON.parse(line) as Record<string, unknown>)
+    .filter((record) => record.msg === msg);
+}
