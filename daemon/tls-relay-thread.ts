@@ -26,7 +26,13 @@
 import { createHash } from 'node:crypto';
 import { isIP, Socket } from 'node:net';
 import { setPriority } from 'node:os';
-import { createSecureContext, type SecureContext, type TLSSocket, connect as tlsConnect } from 'node:tls';
+import {
+  createSecureContext,
+  DEFAULT_CIPHERS,
+  type SecureContext,
+  type TLSSocket,
+  connect as tlsConnect,
+} from 'node:tls';
 import { parentPort, workerData } from 'node:worker_threads';
 import * as native from '../shared/native.js';
 import { waitForLoopbackPair } from './loopback-pair.js';
@@ -117,6 +123,16 @@ function post(message: RelayResponse): void {
   port!.postMessage(message);
 }
 
+/**
+ * Node's suites less finite-field DHE (TLS 1.2's DHE-*), as browsers offer. In DHE the server picks the group, and
+ * the client's work grows with it: a 10,000-bit modulus (OpenSSL's largest; its check takes any odd number) costs this
+ * thread two exponentiations with an exponent as long, about 1.5 s of CPU per handshake in one callback. An origin
+ * any client may reach could so hold this thread's loop for seconds a handshake (every uid's relayed sessions stall,
+ * and the watchdog takes the thread for hung and ends them: test/daemon-trust-relay-dhe). ECDHE and TLS 1.3 groups
+ * are named, fixed-size curves and groups: their cost is the client's choice.
+ */
+const RELAY_CIPHERS = `${DEFAULT_CIPHERS}:!kDHE`;
+
 /** TLS contexts by the request's contextKey (what they trust and present); few: one per configured CA and client
  *  certificate, new ones after a reload that changed a file. */
 const contexts = new Map<string, SecureContext>();
@@ -130,6 +146,7 @@ function contextFor(request: Extract<RelayRequest, { t: 'open' }>): SecureContex
     context = createSecureContext({
       minVersion: 'TLSv1.2',
       maxVersion: 'TLSv1.3',
+      ciphers: RELAY_CIPHERS,
       ...(request.ca !== undefined ? { ca: request.ca } : {}),
       ...(request.cert !== undefined ? { cert: request.cert, key: request.key } : {}),
     });

@@ -1,0 +1,150 @@
+// Issue 10, red team 3: an origin a client may reach chooses how much work the warm TLS relay thread does in a
+// handshake. In TLS 1.2 finite-field DHE the server picks the group: a 10,000-bit modulus (OpenSSL's largest; a
+// "quick" check takes any odd number) costs the client two modular exponentiations with a ~10,000-bit exponent, about
+// 1.5 s of the relay thread's CPU per handshake here, run inside one callback. A uid's 16 handshakes to such an origin
+// held the relay thread's loop for many seconds in one turn: every uid's relayed sessions stalled, and the watchdog
+// (tls.relayHangMs, 5 s by default) took the busy thread for hung and ended it with every session it relayed. The
+// certificate need not even be trusted: Node checks it after the handshake. The relay now offers no DHE suites
+// (ECDHE and TLS 1.3 only, as browsers), so such an origin's handshakes fail at once with SOCKPOOL_ERR_TLS.
+// Real daemon child process (defaults but a metrics port), real node:tls origins, a throwaway CA.
+
+import { execFileSync } from 'node:child_process';
+import { createHash, randomBytes } from 'node:crypto';
+import { once } from 'node:events';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { createServer, type Server } from 'node:tls';
+import { afterAll, beforeAll, expect, it } from 'vitest';
+import * as native from '../shared/native.js';
+import type { LeaseReply } from '../shared/protocol.js';
+import { httpsOrigin, type Origin, startTestDaemon, warmTlsArgs } from './fixtures/client-helpers.js';
+import { exchangeOverFd } from './fixtures/native-helpers.js';
+import { logRecords } from './helpers/daemon.js';
+import { freePort } from './helpers/free-port.js';
+import { openRawClient } from './helpers/raw-client.js';
+import { createTestPki, type TestPki } from './helpers/tls.js';
+
+let pki: TestPki;
+let origin: Origin;
+let hostile: Server;
+let hostilePort: number;
+let trust: string;
+let dir: string;
+const cleanups: Array<() => unknown> = [];
+
+/** One uid's handshakes at once (a relay thread's 20 places less the 4 kept for other uids). */
+const HANDSHAKES = 16;
+const HUNG =
+  'TLS relay thread hung (its event loop stopped turning): ending it and its sessions; another thread takes its place';
+
+function derLength(length: number): Buffer {
+  if (length < 0x80) return Buffer.from([length]);
+  const bytes: number[] = [];
+  for (let rest = length; rest > 0; rest >>= 8) bytes.unshift(rest & 0xff);
+  return Buffer.from([0x80 | bytes.length, ...bytes]);
+}
+
+function derInteger(value: Buffer): Buffer {
+  const body = (value[0]! & 0x80) !== 0 ? Buffer.concat([Buffer.from([0]), value]) : value;
+  return Buffer.concat([Buffer.from([0x02]), derLength(body.length), body]);
+}
+
+/**
+ * PKCS #3 DH parameters with a random odd 10,000-bit modulus (not prime: nothing checks), generator 2, and a private
+ * value length of 256 bits for this server's own key (so that the server's side stays cheap; it is not sent, so
+ * the client draws a full-length exponent).
+ */
+function hostileDhParams(): string {
+  const modulus = randomBytes(1250);
+  modulus[0]! |= 0x80;
+  modulus[modulus.length - 1]! |= 1;
+  const body = Buffer.concat([derInteger(modulus), derInteger(Buffer.from([2])), derInteger(Buffer.from([1, 0]))]);
+  const der = Buffer.concat([Buffer.from([0x30]), derLength(body.length), body]);
+  const base64 = der
+    .toString('base64')
+    .match(/.{1,64}/g)!
+    .join('\n');
+  return `-----BEGIN DH PARAMETERS-----\n${base64}\n-----END DH PARAMETERS-----\n`;
+}
+
+beforeAll(async () => {
+  pki = createTestPki(['localhost']);
+  trust = createHash('sha256').update(readFileSync(pki.caFile)).digest('hex');
+  origin = await httpsOrigin(pki, (_request, response) => response.end('ok'));
+  // DHE-RSA needs an RSA key (the test CA's are EC); self-signed: the relay thread does the handshake's work first.
+  dir = mkdtempSync(join(tmpdir(), 'sockpool-relay-dhe-'));
+  execFileSync(
+    'openssl',
+    ['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-subj', '/CN=localhost', '-days', '1'].concat([
+      '-keyout',
+      join(dir, 'key.pem'),
+      '-out',
+      join(dir, 'cert.pem'),
+    ]),
+    { stdio: 'ignore' },
+  );
+  hostile = createServer(
+    {
+      cert: readFileSync(join(dir, 'cert.pem')),
+      key: readFileSync(join(dir, 'key.pem')),
+      dhparam: hostileDhParams(),
+      ciphers: 'DHE-RSA-AES128-GCM-SHA256',
+      maxVersion: 'TLSv1.2',
+    },
+    (socket) => socket.end(),
+  );
+  hostile.on('tlsClientError', () => {});
+  hostile.listen(0, '127.0.0.1');
+  await once(hostile, 'listening');
+  hostilePort = (hostile.address() as { port: number }).port;
+});
+
+afterAll(async () => {
+  for (const cleanup of cleanups.reverse()) await cleanup();
+  await origin?.close();
+  hostile?.close();
+  pki?.cleanup();
+  if (dir) rmSync(dir, { recursive: true, force: true });
+});
+
+async function metric(port: number, name: string): Promise<number | undefined> {
+  const text = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
+  const line = text.split('\n').find((entry) => entry.startsWith(`${name} `));
+  return line === undefined ? undefined : Number(line.slice(name.length + 1));
+}
+
+it("an origin's huge DHE group does not stall the relay thread into a hang that ends other sessions", async () => {
+  const metricsPort = await freePort();
+  const daemon = await startTestDaemon([origin.port, hostilePort], {
+    extraArgs: [...warmTlsArgs(pki.caFile, [origin.port, hostilePort]), '--metrics-port', String(metricsPort)],
+  });
+  cleanups.push(() => daemon.stop());
+  // An honest session, relayed by the one relay thread, lent before the attack.
+  const honest = openRawClient(daemon.socketPath, cleanups);
+  const lent = await honest.request({ type: 'acquire', id: 1, host: 'localhost', port: origin.port, tls: { trust } });
+  expect((lent.message as LeaseReply).type).toBe('lease');
+
+  // The hostile client's handshakes, all at once.
+  const attacker = openRawClient(daemon.socketPath, cleanups);
+  for (let id = 1; id <= HANDSHAKES; id++) {
+    attacker.sendJson({ type: 'acquire', id, host: 'localhost', port: hostilePort, tls: { trust } });
+  }
+  const replies = [];
+  while (replies.length < HANDSHAKES) {
+    const reply = await attacker.receive();
+    expect(reply.eof).toBe(false);
+    for (const fd of reply.fds) native.close(fd);
+    replies.push(reply);
+  }
+  // The honest session still works, and the relay thread was never taken for hung.
+  const response = await exchangeOverFd(
+    lent.fds[0]!,
+    'GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n',
+  ).catch((error: Error & { code?: string }) => `failed: ${error.code}`);
+  expect(response).toMatch(/^HTTP\/1\.1 200 OK[\s\S]*ok$/);
+  expect(logRecords(daemon, HUNG)).toEqual([]);
+  expect(await metric(metricsPort, 'sockpool_tls_relay_threads_hung_total')).toBe(0);
+  // Each of the hostile handshakes failed at once with a typed error (no suite in common), none was served.
+  for (const reply of replies) expect(reply.message).toMatchObject({ type: 'error', code: 'SOCKPOOL_ERR_TLS' });
+}, 90_000);
