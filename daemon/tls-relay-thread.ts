@@ -23,7 +23,7 @@
 // - after the client's half-close the origin may take its time to answer: the relay gives up only after LINGER_MS
 //   in which the origin sent nothing (and then resets the client's socket: the response did not end cleanly).
 
-import { createHash } from 'node:crypto';
+import { constants, createHash } from 'node:crypto';
 import { isIP, Socket } from 'node:net';
 import { setPriority } from 'node:os';
 import {
@@ -128,7 +128,7 @@ function post(message: RelayResponse): void {
  * the client's work grows with it: a 10,000-bit modulus (OpenSSL's largest; its check takes any odd number) costs this
  * thread two exponentiations with an exponent as long, about 1.5 s of CPU per handshake in one callback. An origin
  * any client may reach could so hold this thread's loop for seconds a handshake (every uid's relayed sessions stall,
- * and the watchdog takes the thread for hung and ends them: test/daemon-trust-relay-dhe). ECDHE and TLS 1.3 groups
+ * and the watchdog takes the thread for hung and ends them: test/daemon-trust-relay-cpu). ECDHE and TLS 1.3 groups
  * are named, fixed-size curves and groups: their cost is the client's choice.
  */
 const RELAY_CIPHERS = `${DEFAULT_CIPHERS}:!kDHE`;
@@ -147,6 +147,12 @@ function contextFor(request: Extract<RelayRequest, { t: 'open' }>): SecureContex
       minVersion: 'TLSv1.2',
       maxVersion: 'TLSv1.3',
       ciphers: RELAY_CIPHERS,
+      // No renegotiation (TLS 1.2; 1.3 has none): an origin asking an established session for a new handshake, as
+      // often as it liked and a full one each time, would have this thread verify its certificate chain again for each
+      // (hundreds of ms for a hostile chain), for all its sessions at once, past the handshake places' bound. OpenSSL
+      // answers no_renegotiation; a server insisting ends the session (test/daemon-trust-relay-cpu). HTTP/2 forbids
+      // it anyway; what is lost: a TLS 1.2 server asking for a client certificate mid-connection (IIS) fails.
+      secureOptions: constants.SSL_OP_NO_RENEGOTIATION,
       ...(request.ca !== undefined ? { ca: request.ca } : {}),
       ...(request.cert !== undefined ? { cert: request.cert, key: request.key } : {}),
     });

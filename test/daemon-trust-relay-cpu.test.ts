@@ -6,10 +6,14 @@
 // (tls.relayHangMs, 5 s by default) took the busy thread for hung and ended it with every session it relayed. The
 // certificate need not even be trusted: Node checks it after the handshake. The relay now offers no DHE suites
 // (ECDHE and TLS 1.3 only, as browsers), so such an origin's handshakes fail at once with SOCKPOOL_ERR_TLS.
+// A TLS 1.2 origin could also ask an established session for a new handshake (renegotiation) as often as it liked, a
+// full one when it refuses resumption: each costs the relay what the first did (a certificate chain to verify: with
+// 60 certificates of 3,072-bit keys with 3,000-bit public exponents, about 330 ms a handshake), for every session
+// of it at once, idle or lent, never bounded by the handshake places. The relay now refuses renegotiation.
 // Real daemon child process (defaults but a metrics port), real node:tls origins, a throwaway CA.
 
 import { execFileSync } from 'node:child_process';
-import { createHash, randomBytes } from 'node:crypto';
+import { constants, createHash, randomBytes } from 'node:crypto';
 import { once } from 'node:events';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -18,7 +22,7 @@ import { createServer, type Server } from 'node:tls';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import * as native from '../shared/native.js';
 import type { LeaseReply } from '../shared/protocol.js';
-import { httpsOrigin, type Origin, startTestDaemon, warmTlsArgs } from './fixtures/client-helpers.js';
+import { eventually, httpsOrigin, type Origin, startTestDaemon, warmTlsArgs } from './fixtures/client-helpers.js';
 import { exchangeOverFd } from './fixtures/native-helpers.js';
 import { logRecords } from './helpers/daemon.js';
 import { freePort } from './helpers/free-port.js';
@@ -29,12 +33,17 @@ let pki: TestPki;
 let origin: Origin;
 let hostile: Server;
 let hostilePort: number;
+/** An origin that asks each connection for a new (full) handshake right after the first: what came of each ask. */
+let renegotiating: Server;
+const connections: Array<{ renegotiated: number; closed: boolean }> = [];
 let trust: string;
 let dir: string;
 const cleanups: Array<() => unknown> = [];
 
 /** One uid's handshakes at once (a relay thread's 20 places less the 4 kept for other uids). */
 const HANDSHAKES = 16;
+/** The new handshakes the renegotiating origin asks each connection for. */
+const RENEGOTIATIONS = 5;
 const HUNG =
   'TLS relay thread hung (its event loop stopped turning): ending it and its sessions; another thread takes its place';
 
@@ -98,12 +107,40 @@ beforeAll(async () => {
   hostile.listen(0, '127.0.0.1');
   await once(hostile, 'listening');
   hostilePort = (hostile.address() as { port: number }).port;
+  renegotiating = createServer(
+    {
+      cert: pki.cert,
+      key: pki.key,
+      maxVersion: 'TLSv1.2',
+      // Full handshakes each time (no resumption), as an attacker would ask.
+      secureOptions: constants.SSL_OP_NO_TICKET | constants.SSL_OP_NO_SESSION_RESUMPTION_ON_RENEGOTIATION,
+    },
+    (socket) => {
+      const connection = { renegotiated: 0, closed: false };
+      connections.push(connection);
+      // (A refused renegotiation is an 'error' of the socket; the callback only sees the ones that succeed.)
+      socket.on('error', () => {});
+      socket.on('close', () => {
+        connection.closed = true;
+      });
+      const again = () => {
+        socket.renegotiate({ rejectUnauthorized: false }, () => {
+          if (++connection.renegotiated < RENEGOTIATIONS) again();
+        });
+      };
+      again();
+    },
+  );
+  renegotiating.on('tlsClientError', () => {});
+  renegotiating.listen(0, '127.0.0.1');
+  await once(renegotiating, 'listening');
 });
 
 afterAll(async () => {
   for (const cleanup of cleanups.reverse()) await cleanup();
   await origin?.close();
   hostile?.close();
+  renegotiating?.close();
   pki?.cleanup();
   if (dir) rmSync(dir, { recursive: true, force: true });
 });
@@ -148,3 +185,19 @@ it("an origin's huge DHE group does not stall the relay thread into a hang that 
   // Each of the hostile handshakes failed at once with a typed error (no suite in common), none was served.
   for (const reply of replies) expect(reply.message).toMatchObject({ type: 'error', code: 'SOCKPOOL_ERR_TLS' });
 }, 90_000);
+
+it('an origin cannot make the relay thread renegotiate an established session', async () => {
+  const port = (renegotiating.address() as { port: number }).port;
+  const daemon = await startTestDaemon([port], { extraArgs: warmTlsArgs(pki.caFile, [port]) });
+  cleanups.push(() => daemon.stop());
+  const raw = openRawClient(daemon.socketPath, cleanups);
+  const lent = await raw.request({ type: 'acquire', id: 1, host: 'localhost', port, tls: { trust } });
+  expect((lent.message as LeaseReply).type).toBe('lease');
+  // The origin's first ask is refused (the relay answers no_renegotiation; this server then ends the connection).
+  await eventually(
+    () => connections[0] !== undefined && (connections[0].closed || connections[0].renegotiated === RENEGOTIATIONS),
+    "the origin's renegotiations answered",
+  );
+  expect(connections).toEqual([{ renegotiated: 0, closed: true }]);
+  native.close(lent.fds[0]!);
+}, 60_000);
