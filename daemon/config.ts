@@ -46,12 +46,14 @@ function runningAsRoot(): boolean {
  * The default of tls.relayHangMs: how long a relay thread's heartbeat (tls-relay-thread.ts: bumped every second
  * while its event loop turns, and read as often) may stand still before the watchdog (tls-relay.ts) takes the
  * thread for hung: a thread whose loop stalls for up to this less 2 s (a beat, a check) is never taken. Safe
- * against a thread that is only busy: its longest stretch without a turn of its loop is one turn's callbacks, each
- * of them short. The heaviest, a handshake's key exchange and certificate checks, costs a millisecond or two of CPU,
- * and a turn runs at most HANDSHAKES_PER_THREAD of them (the thread holds no more at once: some 40 ms), plus a TLS
+ * against a thread that is only busy: its longest stretch without a beat is one callback, each of them short. The
+ * heaviest, a handshake's key exchange and certificate checks, costs a millisecond or two of CPU for an honest
+ * origin (a hostile one can make it hundreds: its chain is checked in one callback, and the thread beats after each
+ * handshake's checks too, as a turn may run all HANDSHAKES_PER_THREAD of them together), plus a TLS
  * context built from a CA file (tens of ms for a full bundle, once per file) and one read's worth of bytes per
  * session relayed. At the relay's nice 10 against a busy nice-0 thread on every core, the kernel still gives it
- * about a tenth of a core: under half a second of wall time for the heaviest turn, a tenth of this limit. A stop of
+ * about a tenth of a core: under half a second of wall time for an honest origin's heaviest turn, a tenth of this
+ * limit (a hostile origin's one handshake, ~330 ms of CPU, would come near it only with every core that busy). A stop of
  * the whole process (SIGSTOP, a debugger on the main thread) is not taken for a hang: a check that comes late (the
  * main thread did not run either) starts every thread's count over.
  */

@@ -102,6 +102,11 @@ setInterval(() => {
   Atomics.add(heartbeat, 0, 1);
 }, HEARTBEAT_MS).unref();
 
+/** A beat from within a turn of the loop that is working through handshakes (see open()). */
+function beat(): void {
+  Atomics.add(heartbeat, 0, 1);
+}
+
 port.on('message', (request: RelayRequest) => {
   if (request.t === 'open') open(request);
 });
@@ -171,6 +176,7 @@ function open(request: Extract<RelayRequest, { t: 'open' }>): void {
     if (settled) return;
     settled = true;
     clearTimeout(timer);
+    tls.removeListener('keylog', beat);
     abandonPair?.();
     abandonPair = undefined;
     counters[COUNTER.handshakeFailures]!++;
@@ -205,11 +211,20 @@ function open(request: Extract<RelayRequest, { t: 'open' }>): void {
     fail(Object.assign(new Error('connection closed during the TLS handshake'), { code: 'EOF' }));
   tls.once('error', fail);
   tls.once('close', closedEarly);
+  // A beat as each of the handshake's secrets is derived (OpenSSL's key log: after the server's key exchange in
+  // TLS 1.2, after its Finished, so its certificate chain checked, in 1.3), not only from the timer. The origin
+  // chooses what its handshake costs here (a chain up to OpenSSL's 100 KB, of certificates whose keys take long to
+  // check: about 330 ms a handshake), and the flights of all the handshakes this thread runs can arrive together, to
+  // be processed in one turn of its loop: seconds in which the timer cannot run, though the thread is working
+  // through them. Without these beats the watchdog took such a turn for a hang and ended every session of the
+  // thread (test/daemon-trust-relay-cpu). A thread stuck in one callback or call still beats no more.
+  tls.on('keylog', beat);
   // The pair, once made: the session is relayed and its other end goes to the main thread. `kept`: what the origin
   // sent while the pair was waited for.
   const established = (pair: [number, number], kept: Buffer[] = []) => {
     settled = true;
     clearTimeout(timer);
+    tls.removeListener('keylog', beat);
     tls.removeListener('error', fail);
     tls.removeListener('close', closedEarly);
     const certificate = tls.getPeerCertificate();

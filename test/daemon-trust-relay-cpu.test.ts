@@ -10,12 +10,17 @@
 // full one when it refuses resumption: each costs the relay what the first did (a certificate chain to verify: with
 // 60 certificates of 3,072-bit keys with 3,000-bit public exponents, about 330 ms a handshake), for every session
 // of it at once, idle or lent, never bounded by the handshake places. The relay now refuses renegotiation.
+// That chain alone, in each first handshake, still costs what it costs (OpenSSL checks up to 100 KB of it, and Node
+// has no bound of its own), and an origin holding back its 16 flights to release them together has the relay work
+// through all of them in one turn of its loop: ~5 s here without its timer's beat, and the watchdog took the working
+// thread for hung. The relay thread now beats as each handshake's secrets are derived (OpenSSL's key log).
 // Real daemon child process (defaults but a metrics port), real node:tls origins, a throwaway CA.
 
 import { execFileSync } from 'node:child_process';
-import { constants, createHash, randomBytes } from 'node:crypto';
+import { constants, createHash, createPrivateKey, generatePrimeSync, randomBytes } from 'node:crypto';
 import { once } from 'node:events';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createServer, type Server } from 'node:tls';
@@ -75,6 +80,104 @@ function hostileDhParams(): string {
     .match(/.{1,64}/g)!
     .join('\n');
   return `-----BEGIN DH PARAMETERS-----\n${base64}\n-----END DH PARAMETERS-----\n`;
+}
+
+function base64url(value: bigint): string {
+  let hex = value.toString(16);
+  if (hex.length % 2) hex = `0${hex}`;
+  return Buffer.from(hex, 'hex').toString('base64url');
+}
+
+function gcd(a: bigint, b: bigint): bigint {
+  while (b) [a, b] = [b, a % b];
+  return a;
+}
+
+function inverse(a: bigint, modulus: bigint): bigint {
+  let [r0, r1, s0, s1] = [modulus, a % modulus, 0n, 1n];
+  while (r1) {
+    const q = r0 / r1;
+    [r0, r1, s0, s1] = [r1, r0 - q * r1, s1, s0 - q * s1];
+  }
+  return ((s0 % modulus) + modulus) % modulus;
+}
+
+/**
+ * A certificate chain of `count` certificates (leaf first, for localhost; none trusted), all with one 3,072-bit RSA
+ * key whose public exponent is ~3,000 bits (OpenSSL takes any exponent for a modulus of up to 3,072 bits): each
+ * signature takes as long to check as a private-key operation. Written to `dir` as chain.pem and key.pem.
+ */
+function expensiveChain(count: number): { cert: string; key: string } {
+  const p = generatePrimeSync(1536, { bigint: true });
+  const q = generatePrimeSync(1536, { bigint: true });
+  const phi = (p - 1n) * (q - 1n);
+  let e: bigint;
+  do e = BigInt(`0x${randomBytes(375).toString('hex')}`) | 1n | (1n << 2999n);
+  while (gcd(e, phi) !== 1n);
+  const d = inverse(e, phi);
+  const jwk = {
+    kty: 'RSA',
+    ...Object.fromEntries(
+      Object.entries({ n: p * q, e, d, p, q, dp: d % (p - 1n), dq: d % (q - 1n), qi: inverse(q, p) }).map(
+        ([name, value]) => [name, base64url(value)],
+      ),
+    ),
+  };
+  const key = createPrivateKey({ key: jwk, format: 'jwk' }).export({ type: 'pkcs8', format: 'pem' }) as string;
+  const keyFile = join(dir, 'chain-key.pem');
+  writeFileSync(keyFile, key);
+  const certs: string[] = [];
+  for (let index = count - 1; index >= 0; index--) {
+    const out = join(dir, `chain-${index}.pem`);
+    const issuer = index === count - 1 ? [] : ['-CA', join(dir, `chain-${index + 1}.pem`), '-CAkey', keyFile];
+    const extensions =
+      index === 0 ? ['-addext', 'subjectAltName=DNS:localhost'] : ['-addext', 'basicConstraints=critical,CA:TRUE'];
+    execFileSync('openssl', [
+      ...['req', '-x509', '-new', '-key', keyFile, '-subj', index === 0 ? '/CN=localhost' : `/CN=c${index}`],
+      ...['-days', '1', '-set_serial', String(index + 1), ...issuer, ...extensions, '-out', out],
+    ]);
+    certs.unshift(readFileSync(out, 'utf8'));
+  }
+  return { cert: certs.join(''), key };
+}
+
+/**
+ * A TCP proxy to `port` that holds what the server sends on each connection until `count` connections have some,
+ * then lets all of it through at once: the server's flights reach the relay thread together.
+ */
+async function holdingProxy(port: number, count: number): Promise<net.Server> {
+  const held: Array<() => void> = [];
+  const proxy = net.createServer((client) => {
+    const server = net.connect(port, '127.0.0.1');
+    client.on('error', () => server.destroy());
+    server.on('error', () => client.destroy());
+    client.pipe(server);
+    let through = false;
+    const kept: Buffer[] = [];
+    server.on('data', (chunk: Buffer) => {
+      if (through) {
+        client.write(chunk);
+        return;
+      }
+      if (kept.length === 0) {
+        held.push(() => {
+          through = true;
+          for (const each of kept) client.write(each);
+        });
+        // (A flight may come in more than one chunk: the release waits a little for the rest.)
+        if (held.length === count) {
+          setTimeout(() => {
+            for (const release of held.splice(0)) release();
+          }, 300);
+        }
+      }
+      kept.push(chunk);
+    });
+    server.on('end', () => client.end());
+  });
+  proxy.listen(0, '127.0.0.1');
+  await once(proxy, 'listening');
+  return proxy;
 }
 
 beforeAll(async () => {
@@ -201,3 +304,55 @@ it('an origin cannot make the relay thread renegotiate an established session', 
   expect(connections).toEqual([{ renegotiated: 0, closed: true }]);
   native.close(lent.fds[0]!);
 }, 60_000);
+
+it("an origin's costly certificate chains, released together, do not get the working relay thread taken for hung", async () => {
+  const chain = expensiveChain(60);
+  const costly = createServer({ ...chain }, (socket) => socket.end());
+  costly.on('tlsClientError', () => {});
+  costly.listen(0, '127.0.0.1');
+  await once(costly, 'listening');
+  const proxy = await holdingProxy((costly.address() as { port: number }).port, HANDSHAKES);
+  cleanups.push(() => {
+    costly.close();
+    proxy.close();
+  });
+  const port = (proxy.address() as { port: number }).port;
+  const metricsPort = await freePort();
+  const daemon = await startTestDaemon([origin.port, port], {
+    extraArgs: [...warmTlsArgs(pki.caFile, [origin.port, port]), '--metrics-port', String(metricsPort)],
+    // The shortest limit: the turn is several seconds on any machine this runs on.
+    config: { tls: { relayHangMs: 3_000 } },
+  });
+  cleanups.push(() => daemon.stop());
+  const honest = openRawClient(daemon.socketPath, cleanups);
+  const lent = await honest.request({ type: 'acquire', id: 1, host: 'localhost', port: origin.port, tls: { trust } });
+  expect((lent.message as LeaseReply).type).toBe('lease');
+
+  const attacker = openRawClient(daemon.socketPath, cleanups);
+  for (let id = 1; id <= HANDSHAKES; id++) {
+    attacker.sendJson({ type: 'acquire', id, host: 'localhost', port, tls: { trust } });
+  }
+  const replies = [];
+  while (replies.length < HANDSHAKES) {
+    const reply = await attacker.receive();
+    expect(reply.eof).toBe(false);
+    for (const fd of reply.fds) native.close(fd);
+    replies.push(reply);
+  }
+
+  const response = await exchangeOverFd(
+    lent.fds[0]!,
+    'GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n',
+  ).catch((error: Error & { code?: string }) => `failed: ${error.code}`);
+  expect(response).toMatch(/^HTTP\/1\.1 200 OK[\s\S]*ok$/);
+  expect(logRecords(daemon, HUNG)).toEqual([]);
+  expect(await metric(metricsPort, 'sockpool_tls_relay_threads_hung_total')).toBe(0);
+  // The chain is trusted by nobody: each handshake failed on it, after the thread checked it.
+  for (const reply of replies) {
+    expect(reply.message).toMatchObject({
+      type: 'error',
+      code: 'SOCKPOOL_ERR_TLS',
+      message: expect.stringContaining('unknown-ca'),
+    });
+  }
+}, 120_000);
