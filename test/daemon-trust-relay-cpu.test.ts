@@ -29,9 +29,9 @@ import * as native from '../shared/native.js';
 import type { LeaseReply } from '../shared/protocol.js';
 import { eventually, httpsOrigin, type Origin, startTestDaemon, warmTlsArgs } from './fixtures/client-helpers.js';
 import { exchangeOverFd } from './fixtures/native-helpers.js';
-import { logRecords } from './helpers/daemon.js';
+import { type DaemonProcess, logRecords, metricValue } from './helpers/daemon.js';
 import { freePort } from './helpers/free-port.js';
-import { openRawClient } from './helpers/raw-client.js';
+import { openRawClient, type RawClient } from './helpers/raw-client.js';
 import { createTestPki, type TestPki } from './helpers/tls.js';
 
 let pki: TestPki;
@@ -248,10 +248,34 @@ afterAll(async () => {
   if (dir) rmSync(dir, { recursive: true, force: true });
 });
 
-async function metric(port: number, name: string): Promise<number | undefined> {
-  const text = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
-  const line = text.split('\n').find((entry) => entry.startsWith(`${name} `));
-  return line === undefined ? undefined : Number(line.slice(name.length + 1));
+/**
+ * A hostile client's HANDSHAKES warm TLS acquires to `port`, all at once (their replies read, fds closed); then the
+ * honest session lent before (`lentFd`) must still be served, and the relay thread never taken for hung.
+ */
+async function attackAndCheckHonest(
+  daemon: DaemonProcess,
+  port: number,
+  lentFd: number,
+  metricsPort: number,
+): Promise<Array<Awaited<ReturnType<RawClient['receive']>>>> {
+  const attacker = openRawClient(daemon.socketPath, cleanups);
+  for (let id = 1; id <= HANDSHAKES; id++) {
+    attacker.sendJson({ type: 'acquire', id, host: 'localhost', port, tls: { trust } });
+  }
+  const replies: Array<Awaited<ReturnType<RawClient['receive']>>> = [];
+  while (replies.length < HANDSHAKES) {
+    const reply = await attacker.receive();
+    expect(reply.eof).toBe(false);
+    for (const fd of reply.fds) native.close(fd);
+    replies.push(reply);
+  }
+  const response = await exchangeOverFd(lentFd, 'GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n').catch(
+    (error: Error & { code?: string }) => `failed: ${error.code}`,
+  );
+  expect(response).toMatch(/^HTTP\/1\.1 200 OK[\s\S]*ok$/);
+  expect(logRecords(daemon, HUNG)).toEqual([]);
+  expect(await metricValue(metricsPort, 'sockpool_tls_relay_threads_hung_total')).toBe(0);
+  return replies;
 }
 
 it("an origin's huge DHE group does not stall the relay thread into a hang that ends other sessions", async () => {
@@ -266,25 +290,7 @@ it("an origin's huge DHE group does not stall the relay thread into a hang that 
   expect((lent.message as LeaseReply).type).toBe('lease');
 
   // The hostile client's handshakes, all at once.
-  const attacker = openRawClient(daemon.socketPath, cleanups);
-  for (let id = 1; id <= HANDSHAKES; id++) {
-    attacker.sendJson({ type: 'acquire', id, host: 'localhost', port: hostilePort, tls: { trust } });
-  }
-  const replies = [];
-  while (replies.length < HANDSHAKES) {
-    const reply = await attacker.receive();
-    expect(reply.eof).toBe(false);
-    for (const fd of reply.fds) native.close(fd);
-    replies.push(reply);
-  }
-  // The honest session still works, and the relay thread was never taken for hung.
-  const response = await exchangeOverFd(
-    lent.fds[0]!,
-    'GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n',
-  ).catch((error: Error & { code?: string }) => `failed: ${error.code}`);
-  expect(response).toMatch(/^HTTP\/1\.1 200 OK[\s\S]*ok$/);
-  expect(logRecords(daemon, HUNG)).toEqual([]);
-  expect(await metric(metricsPort, 'sockpool_tls_relay_threads_hung_total')).toBe(0);
+  const replies = await attackAndCheckHonest(daemon, hostilePort, lent.fds[0]!, metricsPort);
   // Each of the hostile handshakes failed at once with a typed error (no suite in common), none was served.
   for (const reply of replies) expect(reply.message).toMatchObject({ type: 'error', code: 'SOCKPOOL_ERR_TLS' });
 }, 90_000);
@@ -328,25 +334,7 @@ it("an origin's costly certificate chains, released together, do not get the wor
   const lent = await honest.request({ type: 'acquire', id: 1, host: 'localhost', port: origin.port, tls: { trust } });
   expect((lent.message as LeaseReply).type).toBe('lease');
 
-  const attacker = openRawClient(daemon.socketPath, cleanups);
-  for (let id = 1; id <= HANDSHAKES; id++) {
-    attacker.sendJson({ type: 'acquire', id, host: 'localhost', port, tls: { trust } });
-  }
-  const replies = [];
-  while (replies.length < HANDSHAKES) {
-    const reply = await attacker.receive();
-    expect(reply.eof).toBe(false);
-    for (const fd of reply.fds) native.close(fd);
-    replies.push(reply);
-  }
-
-  const response = await exchangeOverFd(
-    lent.fds[0]!,
-    'GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n',
-  ).catch((error: Error & { code?: string }) => `failed: ${error.code}`);
-  expect(response).toMatch(/^HTTP\/1\.1 200 OK[\s\S]*ok$/);
-  expect(logRecords(daemon, HUNG)).toEqual([]);
-  expect(await metric(metricsPort, 'sockpool_tls_relay_threads_hung_total')).toBe(0);
+  const replies = await attackAndCheckHonest(daemon, port, lent.fds[0]!, metricsPort);
   // The chain is trusted by nobody: each handshake failed on it, after the thread checked it.
   for (const reply of replies) {
     expect(reply.message).toMatchObject({

@@ -19,7 +19,7 @@ import { afterAll, beforeAll, expect, it } from 'vitest';
 import type { LeaseReply } from '../shared/protocol.js';
 import { eventually, httpsOrigin, type Origin, startTestDaemon, warmTlsArgs } from './fixtures/client-helpers.js';
 import { exchangeOverFd } from './fixtures/native-helpers.js';
-import { logRecords } from './helpers/daemon.js';
+import { logRecords, metricValue } from './helpers/daemon.js';
 import { freePort } from './helpers/free-port.js';
 import { DaemonInspector } from './helpers/inspector.js';
 import { openRawClient } from './helpers/raw-client.js';
@@ -53,12 +53,6 @@ afterAll(async () => {
   pki?.cleanup();
   if (dir) rmSync(dir, { recursive: true, force: true });
 });
-
-async function metric(port: number, name: string): Promise<number | undefined> {
-  const text = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
-  const line = text.split('\n').find((entry) => entry.startsWith(`${name} `));
-  return line === undefined ? undefined : Number(line.slice(name.length + 1));
-}
 
 /**
  * A warm-TLS daemon (watchdog limit 3 s) under its inspector (`relay`: its relay thread's session), with SESSIONS
@@ -150,7 +144,7 @@ async function expectHungAndReplaced(
     thread: expect.stringMatching(/^TLS relay thread 0 \(threadId \d+\)$/),
     handshakes: 1,
   });
-  expect(await metric(metricsPort, 'sockpool_tls_relay_threads_hung_total')).toBe(1);
+  expect(await metricValue(metricsPort, 'sockpool_tls_relay_threads_hung_total')).toBe(1);
   // Its idle sessions left the pool, and the lent one ended for its client.
   expect(await idleSessions()).toBe(0);
   await leasedEnded;
@@ -194,7 +188,7 @@ it('a relay thread that spins is found hung, logged, counted, ended and replaced
   await warm();
   await eventually(() => daemon.fdCount() === fdsBefore, `the daemon's fds back to ${fdsBefore}`);
   expect(logRecords(daemon, HUNG)).toHaveLength(1);
-  expect(await metric(metricsPort, 'sockpool_tls_relay_threads_hung_total')).toBe(1);
+  expect(await metricValue(metricsPort, 'sockpool_tls_relay_threads_hung_total')).toBe(1);
 }, 60_000);
 
 // Blocked in read(2) on a FIFO nobody writes, terminate() cannot end the thread: it is left as the stop leaves one,
@@ -223,7 +217,7 @@ it('a relay thread blocked in a system call is found hung, given no more work, i
   // Warm sessions again, through the new thread only.
   await warm();
   expect(logRecords(daemon, HUNG)).toHaveLength(1);
-  expect(await metric(metricsPort, 'sockpool_tls_relay_threads_hung_total')).toBe(1);
+  expect(await metricValue(metricsPort, 'sockpool_tls_relay_threads_hung_total')).toBe(1);
   expect(await daemon.stop()).toBe(1);
   expect(logRecords(daemon, 'TLS relay thread did not end after terminate(); the stop goes on without it')).toEqual([
     expect.objectContaining({ thread: logRecords(daemon, HUNG)[0]!.thread }),

@@ -133,3 +133,10 @@ export function logRecords(daemon: DaemonProcess, msg: string): Array<Record<str
     .map((line) => JSON.parse(line) as Record<string, unknown>)
     .filter((record) => record.msg === msg);
 }
+
+/** One unlabelled metric's value from the daemon's Prometheus endpoint on `port` (undefined when it is not there). */
+export async function metricValue(port: number, name: string): Promise<number | undefined> {
+  const text = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
+  const line = text.split('\n').find((entry) => entry.startsWith(`${name} `));
+  return line === undefined ? undefined : Number(line.slice(name.length + 1));
+}
