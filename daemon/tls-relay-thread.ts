@@ -217,7 +217,9 @@ function open(request: Extract<RelayRequest, { t: 'open' }>): void {
   // check: about 330 ms a handshake), and the flights of all the handshakes this thread runs can arrive together, to
   // be processed in one turn of its loop: seconds in which the timer cannot run, though the thread is working
   // through them. Without these beats the watchdog took such a turn for a hang and ended every session of the
-  // thread (test/daemon-trust-relay-cpu). A thread stuck in one callback or call still beats no more.
+  // thread (test/daemon-trust-relay-cpu). A thread stuck in one callback or call still beats no more. (The event
+  // carries the session's secrets as a key-log line; `beat` drops it unread: they never leave this thread, which holds
+  // the session's keys anyway.)
   tls.on('keylog', beat);
   // The pair, once made: the session is relayed and its other end goes to the main thread. `kept`: what the origin
   // sent while the pair was waited for.
