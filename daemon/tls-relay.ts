@@ -208,6 +208,14 @@ export class TlsRelays {
   #onHung: ((relayThread: number) => void) | undefined;
   /** Threads taken for hung that have not ended (their slots have others): close() waits for them too. */
   #hungThreads = new Set<RelayThread>();
+  /** The running totals of threads that slots no longer hold (ended or hung, then replaced): see #retire. */
+  #retiredTotals: Omit<RelayCounters, 'sessions'> = {
+    bytesToOrigin: 0,
+    bytesFromOrigin: 0,
+    handshakes: 0,
+    handshakeFailures: 0,
+    cpuMicros: 0,
+  };
   /** Threads taken for hung since the start (the metric). */
   #hungCount = 0;
   /** The watchdog's timer (started with the first thread) and when it last ran. */
@@ -296,6 +304,7 @@ export class TlsRelays {
     for (let index = 0; index < this.#threadCount; index++) {
       let thread = this.#threads[index];
       if (!thread || thread.exited || thread.hung) {
+        if (thread) this.#retire(thread);
         thread = this.#spawn(index);
         this.#threads[index] = thread;
       }
@@ -317,18 +326,35 @@ export class TlsRelays {
       sessions: 0,
       cpuMicros: 0,
     };
+    const retired = this.#retiredTotals;
+    totals.bytesToOrigin += retired.bytesToOrigin;
+    totals.bytesFromOrigin += retired.bytesFromOrigin;
+    totals.handshakes += retired.handshakes;
+    totals.handshakeFailures += retired.handshakeFailures;
+    totals.cpuMicros += retired.cpuMicros;
     for (const thread of this.#threads) {
-      // A hung thread's sessions were ended (and its totals would go with it when it ends anyway).
-      if (!thread || thread.hung) continue;
+      if (!thread) continue;
       const c = thread.counters;
       totals.bytesToOrigin += c[0]!;
       totals.bytesFromOrigin += c[1]!;
       totals.handshakes += c[2]!;
       totals.handshakeFailures += c[3]!;
-      totals.sessions += c[4]!;
+      // A hung thread's sessions were ended, though it could not count them down.
+      if (!thread.hung) totals.sessions += c[4]!;
       totals.cpuMicros += c[5]!;
     }
     return totals;
+  }
+
+  /** A slot's ended or hung thread gives way to another: its running totals stay in the metrics (they only grow). */
+  #retire(thread: RelayThread): void {
+    const c = thread.counters;
+    const retired = this.#retiredTotals;
+    retired.bytesToOrigin += c[0]!;
+    retired.bytesFromOrigin += c[1]!;
+    retired.handshakes += c[2]!;
+    retired.handshakeFailures += c[3]!;
+    retired.cpuMicros += c[5]!;
   }
 
   /**
