@@ -209,11 +209,12 @@ export class TlsRelays {
   /** Threads taken for hung that have not ended (their slots have others): close() waits for them too. */
   #hungThreads = new Set<RelayThread>();
   /** The running totals of threads that slots no longer hold (ended or hung, then replaced): see #retire. */
-  #retiredTotals: Omit<RelayCounters, 'sessions'> = {
+  #retiredTotals: RelayCounters = {
     bytesToOrigin: 0,
     bytesFromOrigin: 0,
     handshakes: 0,
     handshakeFailures: 0,
+    sessions: 0,
     cpuMicros: 0,
   };
   /** Threads taken for hung since the start (the metric). */
@@ -317,44 +318,15 @@ export class TlsRelays {
 
   /** The relay threads' totals, and the handshakes waiting here for room in one. */
   counters(): RelayCounters & { handshakesQueued: number } {
-    const totals: RelayCounters & { handshakesQueued: number } = {
-      handshakesQueued: this.#queue.length,
-      bytesToOrigin: 0,
-      bytesFromOrigin: 0,
-      handshakes: 0,
-      handshakeFailures: 0,
-      sessions: 0,
-      cpuMicros: 0,
-    };
-    const retired = this.#retiredTotals;
-    totals.bytesToOrigin += retired.bytesToOrigin;
-    totals.bytesFromOrigin += retired.bytesFromOrigin;
-    totals.handshakes += retired.handshakes;
-    totals.handshakeFailures += retired.handshakeFailures;
-    totals.cpuMicros += retired.cpuMicros;
-    for (const thread of this.#threads) {
-      if (!thread) continue;
-      const c = thread.counters;
-      totals.bytesToOrigin += c[0]!;
-      totals.bytesFromOrigin += c[1]!;
-      totals.handshakes += c[2]!;
-      totals.handshakeFailures += c[3]!;
-      // A hung thread's sessions were ended, though it could not count them down.
-      if (!thread.hung) totals.sessions += c[4]!;
-      totals.cpuMicros += c[5]!;
-    }
+    const totals = { ...this.#retiredTotals, handshakesQueued: this.#queue.length };
+    // A hung thread's sessions were ended, though it could not count them down.
+    for (const thread of this.#threads) if (thread) addCounters(totals, thread.counters, !thread.hung);
     return totals;
   }
 
   /** A slot's ended or hung thread gives way to another: its running totals stay in the metrics (they only grow). */
   #retire(thread: RelayThread): void {
-    const c = thread.counters;
-    const retired = this.#retiredTotals;
-    retired.bytesToOrigin += c[0]!;
-    retired.bytesFromOrigin += c[1]!;
-    retired.handshakes += c[2]!;
-    retired.handshakeFailures += c[3]!;
-    retired.cpuMicros += c[5]!;
+    addCounters(this.#retiredTotals, thread.counters, false);
   }
 
   /**
@@ -536,6 +508,16 @@ export class TlsRelays {
     });
     return thread;
   }
+}
+
+/** Adds a thread's counters (tls-relay-thread.ts COUNTER order) to `into`; its live sessions only when `sessions`. */
+function addCounters(into: RelayCounters, c: Float64Array, sessions: boolean): void {
+  into.bytesToOrigin += c[0]!;
+  into.bytesFromOrigin += c[1]!;
+  into.handshakes += c[2]!;
+  into.handshakeFailures += c[3]!;
+  if (sessions) into.sessions += c[4]!;
+  into.cpuMicros += c[5]!;
 }
 
 /** Whether `worker` ended within `limitMs` of terminate() (a thread blocked in a system call does not). */

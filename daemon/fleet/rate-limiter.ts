@@ -184,10 +184,10 @@ export class RateLimiter {
     this.#claims.unclaim(uid, fleetKey(origin), claim);
   }
 
-  /** A claim whose lease ended with nothing received from the origin: claimable again until it expires, unless it was
-   *  given back so before (token-claims.ts). */
+  /** A claim whose lease ended with nothing received from the origin, not given back so before (`restored`, which
+   *  the caller checks first): claimable again until it expires, and never given back so again (token-claims.ts). */
   unanswered(origin: Origin, uid: number, claim: Claim): void {
-    if (!claim.restored) this.#claims.unclaim(uid, fleetKey(origin), { expiresAt: claim.expiresAt, restored: true });
+    this.#claims.unclaim(uid, fleetKey(origin), { expiresAt: claim.expiresAt, restored: true });
   }
 
   /**
