@@ -3,7 +3,7 @@
 // until its own expiry only; and the bookkeeping a uid can make grow is bounded. (A real daemon and raw clients:
 // test/daemon-trust-tokens.test.ts.)
 import { describe, expect, it } from 'vitest';
-import { CLAIM_LIFETIME_MS, MAX_ORIGINS_PER_UID, TokenClaims } from '../daemon/fleet/token-claims.js';
+import { BUCKET_MS, CLAIM_LIFETIME_MS, MAX_ORIGINS_PER_UID, TokenClaims } from '../daemon/fleet/token-claims.js';
 
 function claimsAt() {
   const clock = { now: 1_000 };
@@ -23,19 +23,28 @@ describe('TokenClaims', () => {
     expect(claims.uids).toBe(0);
   });
 
-  it('expires tokens CLAIM_LIFETIME_MS after their grant; tokens granted close together expire with the first', () => {
+  it('keeps each token claimable CLAIM_LIFETIME_MS after its grant, never less; tokens granted close together share one count', () => {
     const { clock, claims } = claimsAt();
     claims.grant(1, 'a:443', 1);
     clock.now += 40;
     claims.grant(1, 'a:443', 1);
-    clock.now += CLAIM_LIFETIME_MS - 40;
-    // Both gone at the first one's expiry: a count per few ms of grants, not a record per token.
+    // One count for both (a count per few ms of grants, not a record per token), living as long as the later one
+    // needs: an honest claim of it just before its lifetime ends is believed (it used to expire with the first).
+    clock.now += CLAIM_LIFETIME_MS - 1;
+    expect(claims.claim(1, 'a:443')).toBeDefined();
+    expect(claims.claim(1, 'a:443')).toBeDefined();
+    expect(claims.claim(1, 'a:443')).toBeUndefined();
+    // Late by at most BUCKET_MS: past the later grant's lifetime plus that, both are gone.
+    claims.grant(1, 'a:443', 1);
+    clock.now += 40;
+    claims.grant(1, 'a:443', 1);
+    clock.now += CLAIM_LIFETIME_MS - 40 + BUCKET_MS;
     expect(claims.claim(1, 'a:443')).toBeUndefined();
     claims.grant(1, 'a:443', 1);
     clock.now += 500;
     claims.grant(1, 'a:443', 1);
-    clock.now += CLAIM_LIFETIME_MS - 500;
-    // The older is gone, the later one (granted 500 ms after) is left.
+    clock.now += CLAIM_LIFETIME_MS - 500 + BUCKET_MS;
+    // The older is gone, the later one (granted 500 ms after: a count of its own) is left.
     expect(claims.claim(1, 'a:443')?.expiresAt).toBe(clock.now + 500);
     expect(claims.claim(1, 'a:443')).toBeUndefined();
   });
@@ -44,7 +53,8 @@ describe('TokenClaims', () => {
     const { clock, claims } = claimsAt();
     claims.grant(1, 'a:443', 1);
     const claim = claims.claim(1, 'a:443')!;
-    expect(claim).toEqual({ expiresAt: clock.now + CLAIM_LIFETIME_MS, restored: false });
+    // (A count of its own lives BUCKET_MS longer, for the grants that may join it.)
+    expect(claim).toEqual({ expiresAt: clock.now + CLAIM_LIFETIME_MS + BUCKET_MS, restored: false });
     clock.now += 600;
     claims.unclaim(1, 'a:443', claim);
     expect(claims.claim(1, 'a:443')).toEqual(claim);
@@ -65,7 +75,7 @@ describe('TokenClaims', () => {
     claims.unclaim(1, 'a:443', { ...first, restored: true });
     // The restored one expires first: it goes first, and says it was restored (not given back that way again).
     expect(claims.claim(1, 'a:443')).toEqual({ expiresAt: first.expiresAt, restored: true });
-    expect(claims.claim(1, 'a:443')).toEqual({ expiresAt: clock.now + CLAIM_LIFETIME_MS, restored: false });
+    expect(claims.claim(1, 'a:443')).toEqual({ expiresAt: clock.now + CLAIM_LIFETIME_MS + BUCKET_MS, restored: false });
     expect(claims.claim(1, 'a:443')).toBeUndefined();
   });
 
@@ -77,7 +87,7 @@ describe('TokenClaims', () => {
     expect(claims.claim(1, `o${MAX_ORIGINS_PER_UID + 5}:443`)).toBeUndefined();
     expect(claims.claim(2, 'other:443')).toBeDefined();
     // Once they expired, the next grant's sweep frees them: the uid has room again, and nothing is left of the rest.
-    clock.now += CLAIM_LIFETIME_MS;
+    clock.now += CLAIM_LIFETIME_MS + BUCKET_MS;
     claims.grant(1, 'new:443', 1);
     expect(claims.claim(1, 'new:443')).toBeDefined();
     expect(claims.uids).toBe(0);

@@ -14,7 +14,7 @@
 //
 // Per uid, not per session: the uid is the trust unit of the quotas (quotas.ts), and one client's worker threads
 // each have their own daemon connection. Counts with expiry, not a record per token: per uid and origin, the tokens
-// granted within one BUCKET_MS share the earliest expiry among them (so at most CLAIM_LIFETIME_MS / BUCKET_MS + 1
+// granted within one BUCKET_MS share the latest expiry among them (so at most CLAIM_LIFETIME_MS / BUCKET_MS + 1
 // counts an origin), and a uid holds claimable tokens for at most MAX_ORIGINS_PER_UID origins at once (grants for
 // more are not recorded: their claims are charged, never refused).
 
@@ -26,10 +26,10 @@ import { TOKEN_LIFETIME_MS } from '../../shared/rate.js';
  * in flight, or behind a busy event loop on either side, is not charged a second token.
  */
 export const CLAIM_GRACE_MS = 250;
-/** How long after its grant a token may be claimed (at most; BUCKET_MS less at the least). */
+/** How long after its grant a token may be claimed (at the least; BUCKET_MS more at the most). */
 export const CLAIM_LIFETIME_MS = TOKEN_LIFETIME_MS + CLAIM_GRACE_MS;
-/** Tokens granted one uid for one origin within this share one count (the earliest expiry among them). */
-const BUCKET_MS = 50;
+/** Tokens granted one uid for one origin within this share one count (the latest expiry among them). */
+export const BUCKET_MS = 50;
 /** The most origins one uid holds claimable tokens for at once. */
 export const MAX_ORIGINS_PER_UID = 1024;
 
@@ -76,9 +76,11 @@ export class TokenClaims {
     dropExpired(counts, now);
     const expiresAt = now + CLAIM_LIFETIME_MS;
     const last = counts[counts.length - 1];
-    // (Joined to the last count, they expire with it: up to BUCKET_MS early, never later.)
-    if (last && last.expiresAt > expiresAt - BUCKET_MS) last.count += count;
-    else counts.push({ count, expiresAt });
+    // Joined to the last count while it lives at least as long; else a count of their own that lives BUCKET_MS
+    // longer, for the grants joining it: a token is claimable up to BUCKET_MS late, never early (an early expiry
+    // would charge an honest claim a second token).
+    if (last && last.expiresAt >= expiresAt) last.count += count;
+    else counts.push({ count, expiresAt: expiresAt + BUCKET_MS });
   }
 
   /** One of `uid`'s tokens of `key` for an acquire that says `tokenTaken` (the one expiring first), or undefined when
