@@ -107,6 +107,75 @@ function beat(): void {
   Atomics.add(heartbeat, 0, 1);
 }
 
+/**
+ * The handshake work one turn of this thread's loop does before the flights of the other handshakes under way wait
+ * for the next turn (thread CPU, µs; see handshakeProgress). An honest flight costs a millisecond or two, so a burst's
+ * flights that come in together mostly still go in one turn, and those that wait lose no more than that turn.
+ */
+const TURN_HANDSHAKE_BUDGET_MICROS = 10_000;
+
+/** The TLS sockets of the handshakes under way on this thread; one leaves as its handshake ends (handshakeOver). */
+const handshaking = new Set<TLSSocket>();
+/** Those whose reads this turn's gate stopped (handshakeProgress), started again as the turn ends (turnOver). */
+const heldBack = new Set<TLSSocket>();
+
+/**
+ * A TLS socket's stream handle (Node's TLSWrap, made by connect(); not in the public types): its readStop() stops
+ * the reads of the TCP socket under it, readStart() starts them again. None once the socket is destroyed.
+ */
+function readingHandle(tls: TLSSocket): { readStop(): number; readStart(): number } | undefined {
+  if (tls.destroyed) return undefined;
+  return (tls as unknown as { _handle: { readStop(): number; readStart(): number } | null })._handle ?? undefined;
+}
+
+/** The thread's CPU time at this turn's first handshake event; undefined until there is one. */
+let turnStartedAt: number | undefined;
+
+/**
+ * An event of a handshake under way (`own`: its TLS socket), from inside the turn that processes its server's flight: a
+ * beat for the watchdog, and the turn's gate. An origin chooses what checking its flight costs this thread (a chain
+ * of up to OpenSSL's 100 KB of certificates with keys costly to check: ~330 ms a handshake, and Node has no bound on
+ * the chain), and a holding proxy can release the flights of all the handshakes under way together, so that libuv
+ * hands them to this thread in one batch of its poll: checked one after another in one turn, seconds in which every
+ * session this thread relays (every uid's) waits. So once the handshake work of this turn passed
+ * TURN_HANDSHAKE_BUDGET_MICROS, the other handshakes' reads stop until the turn ends: libuv skips, in the batch it is
+ * working through, the events of a socket that stopped reading, so their flights wait for the next turn, which also
+ * serves the relayed sessions' bytes that came meanwhile. A turn thus holds the budget and about one costly flight
+ * (two in TLS 1.2, whose first event of a flight comes after the chain check; TLS 1.3 logs a secret before it). The
+ * handshakes still overlap their round trips (their places are unchanged): only the processing of flights that came
+ * together is spread over turns (test/daemon-trust-relay-cpu).
+ */
+function handshakeProgress(own: TLSSocket): void {
+  beat();
+  const now = threadCpuMicros();
+  if (turnStartedAt === undefined) {
+    turnStartedAt = now;
+    // In this turn's check phase, after its poll: the held handshakes read again in the next poll.
+    setImmediate(turnOver);
+    return;
+  }
+  if (now - turnStartedAt < TURN_HANDSHAKE_BUDGET_MICROS) return;
+  for (const tls of handshaking) {
+    if (tls === own || heldBack.has(tls)) continue;
+    // A socket being destroyed, or a failed readStop, is left as it is: its handshake is ending anyway.
+    if (readingHandle(tls)?.readStop() === 0) heldBack.add(tls);
+  }
+}
+
+/** The end of a turn with handshake events (its check phase): the next turn's gate starts with its first event. */
+function turnOver(): void {
+  turnStartedAt = undefined;
+  for (const tls of heldBack) readingHandle(tls)?.readStart();
+  heldBack.clear();
+}
+
+/** A handshake ended (secureConnect, or failed): its last handshakeProgress; then the gate lets it go (reading). */
+function handshakeOver(tls: TLSSocket): void {
+  if (!handshaking.delete(tls)) return;
+  handshakeProgress(tls);
+  if (heldBack.delete(tls)) readingHandle(tls)?.readStart();
+}
+
 port.on('message', (request: RelayRequest) => {
   if (request.t === 'open') open(request);
 });
@@ -176,7 +245,8 @@ function open(request: Extract<RelayRequest, { t: 'open' }>): void {
     if (settled) return;
     settled = true;
     clearTimeout(timer);
-    tls.removeListener('keylog', beat);
+    tls.removeListener('keylog', progress);
+    handshakeOver(tls);
     abandonPair?.();
     abandonPair = undefined;
     counters[COUNTER.handshakeFailures]!++;
@@ -211,22 +281,21 @@ function open(request: Extract<RelayRequest, { t: 'open' }>): void {
     fail(Object.assign(new Error('connection closed during the TLS handshake'), { code: 'EOF' }));
   tls.once('error', fail);
   tls.once('close', closedEarly);
-  // A beat as each of the handshake's secrets is derived (OpenSSL's key log: after the server's key exchange in
-  // TLS 1.2, after its Finished, so its certificate chain checked, in 1.3), not only from the timer. The origin
-  // chooses what its handshake costs here (a chain up to OpenSSL's 100 KB, of certificates whose keys take long to
-  // check: about 330 ms a handshake), and the flights of all the handshakes this thread runs can arrive together, to
-  // be processed in one turn of its loop: seconds in which the timer cannot run, though the thread is working
-  // through them. Without these beats the watchdog took such a turn for a hang and ended every session of the
-  // thread (test/daemon-trust-relay-cpu). A thread stuck in one callback or call still beats no more. (The event
-  // carries the session's secrets as a key-log line; `beat` drops it unread: they never leave this thread, which holds
-  // the session's keys anyway.)
-  tls.on('keylog', beat);
+  handshaking.add(tls);
+  // handshakeProgress as each of the handshake's secrets is derived (OpenSSL's key log: after the server's key
+  // exchange in TLS 1.2; after its ServerHello, and again after its Finished, so its certificate chain checked, in
+  // 1.3), and as it settles. Its beats, not only the timer's: a turn can still take a costly flight or two, in which
+  // the timer cannot run though the thread is working; without them the watchdog took such turns for a hang and
+  // ended every session of the thread (test/daemon-trust-relay-cpu). A thread stuck in one callback or call still
+  // beats no more. (The event carries the session's secrets as a key-log line; `progress` drops it unread: they never
+  // leave this thread, which holds the session's keys anyway.)
+  const progress = () => handshakeProgress(tls);
+  tls.on('keylog', progress);
   // The pair, once made: the session is relayed and its other end goes to the main thread. `kept`: what the origin
   // sent while the pair was waited for.
   const established = (pair: [number, number], kept: Buffer[] = []) => {
     settled = true;
     clearTimeout(timer);
-    tls.removeListener('keylog', beat);
     tls.removeListener('error', fail);
     tls.removeListener('close', closedEarly);
     const certificate = tls.getPeerCertificate();
@@ -247,6 +316,8 @@ function open(request: Extract<RelayRequest, { t: 'open' }>): void {
     });
   };
   tls.once('secureConnect', () => {
+    tls.removeListener('keylog', progress);
+    handshakeOver(tls);
     if (settled) return;
     let pair: [number, number] | native.PendingLoopbackPair;
     try {

@@ -13,7 +13,10 @@
 // That chain alone, in each first handshake, still costs what it costs (OpenSSL checks up to 100 KB of it, and Node
 // has no bound of its own), and an origin holding back its 16 flights to release them together has the relay work
 // through all of them in one turn of its loop: ~5 s here without its timer's beat, and the watchdog took the working
-// thread for hung. The relay thread now beats as each handshake's secrets are derived (OpenSSL's key log).
+// thread for hung. The relay thread now beats as each handshake's secrets are derived (OpenSSL's key log). And in
+// that turn every other session of the thread (any uid's) waited: once a turn's handshake work passes a budget, the
+// thread now stops the other handshakes' reads until the next turn, so a turn checks about one such flight (two in
+// TLS 1.2) and the relayed sessions' bytes move between them.
 // Real daemon child process (defaults but a metrics port), real node:tls origins, a throwaway CA.
 
 import { execFileSync } from 'node:child_process';
@@ -28,7 +31,7 @@ import { afterAll, beforeAll, expect, it } from 'vitest';
 import * as native from '../shared/native.js';
 import type { LeaseReply } from '../shared/protocol.js';
 import { eventually, httpsOrigin, type Origin, startTestDaemon, warmTlsArgs } from './fixtures/client-helpers.js';
-import { exchangeOverFd } from './fixtures/native-helpers.js';
+import { exchangeOverFd, pollUntil, socketCount } from './fixtures/native-helpers.js';
 import { type DaemonProcess, logRecords, metricValue } from './helpers/daemon.js';
 import { freePort } from './helpers/free-port.js';
 import { openRawClient, type RawClient } from './helpers/raw-client.js';
@@ -47,6 +50,8 @@ const cleanups: Array<() => unknown> = [];
 
 /** One uid's handshakes at once (a relay thread's 20 places less the 4 kept for other uids). */
 const HANDSHAKES = 16;
+/** The lent session's exchanges while the costly chains are checked. */
+const EXCHANGES = 3;
 /** The new handshakes the renegotiating origin asks each connection for. */
 const RENEGOTIATIONS = 5;
 const HUNG =
@@ -145,7 +150,7 @@ function expensiveChain(count: number): { cert: string; key: string } {
  * A TCP proxy to `port` that holds what the server sends on each connection until `count` connections have some,
  * then lets all of it through at once: the server's flights reach the relay thread together.
  */
-async function holdingProxy(port: number, count: number): Promise<net.Server> {
+async function holdingProxy(port: number, count: number, onRelease?: () => void): Promise<net.Server> {
   const held: Array<() => void> = [];
   const proxy = net.createServer((client) => {
     const server = net.connect(port, '127.0.0.1');
@@ -168,6 +173,7 @@ async function holdingProxy(port: number, count: number): Promise<net.Server> {
         if (held.length === count) {
           setTimeout(() => {
             for (const release of held.splice(0)) release();
+            onRelease?.();
           }, 300);
         }
       }
@@ -178,6 +184,45 @@ async function holdingProxy(port: number, count: number): Promise<net.Server> {
   proxy.listen(0, '127.0.0.1');
   await once(proxy, 'listening');
   return proxy;
+}
+
+/** The costly chain (expensiveChain(60)), made once for the tests that use it (it takes seconds). */
+let costlyChain: { cert: string; key: string } | undefined;
+/** Origins presenting it, by their highest TLS version. */
+const costly = new Map<string, Server>();
+async function costlyOriginPort(maxVersion: 'TLSv1.3' | 'TLSv1.2' = 'TLSv1.3'): Promise<number> {
+  let server = costly.get(maxVersion);
+  if (!server) {
+    costlyChain ??= expensiveChain(60);
+    server = createServer({ ...costlyChain, maxVersion }, (socket) => socket.end());
+    server.on('tlsClientError', () => {});
+    server.listen(0, '127.0.0.1');
+    await once(server, 'listening');
+    costly.set(maxVersion, server);
+  }
+  return (server.address() as { port: number }).port;
+}
+
+/**
+ * One HTTP/1.1 request over `socket` (a lent session to `origin`, kept alive), resolved with the response once its
+ * body ('ok') is in.
+ */
+async function keepAliveExchange(socket: net.Socket): Promise<string> {
+  let response = '';
+  const read = new Promise<string>((resolve, reject) => {
+    const onData = (chunk: Buffer) => {
+      response += chunk.toString();
+      if (!response.endsWith('\r\n\r\nok')) return;
+      socket.off('data', onData);
+      socket.off('close', onClose);
+      resolve(response);
+    };
+    const onClose = () => reject(new Error(`the session ended after: ${JSON.stringify(response)}`));
+    socket.on('data', onData);
+    socket.once('close', onClose);
+  });
+  socket.write('GET / HTTP/1.1\r\nHost: localhost\r\n\r\n');
+  return read;
 }
 
 beforeAll(async () => {
@@ -244,6 +289,7 @@ afterAll(async () => {
   await origin?.close();
   hostile?.close();
   renegotiating?.close();
+  for (const server of costly.values()) server.close();
   pki?.cleanup();
   if (dir) rmSync(dir, { recursive: true, force: true });
 });
@@ -312,16 +358,8 @@ it('an origin cannot make the relay thread renegotiate an established session', 
 }, 60_000);
 
 it("an origin's costly certificate chains, released together, do not get the working relay thread taken for hung", async () => {
-  const chain = expensiveChain(60);
-  const costly = createServer({ ...chain }, (socket) => socket.end());
-  costly.on('tlsClientError', () => {});
-  costly.listen(0, '127.0.0.1');
-  await once(costly, 'listening');
-  const proxy = await holdingProxy((costly.address() as { port: number }).port, HANDSHAKES);
-  cleanups.push(() => {
-    costly.close();
-    proxy.close();
-  });
+  const proxy = await holdingProxy(await costlyOriginPort(), HANDSHAKES);
+  cleanups.push(() => proxy.close());
   const port = (proxy.address() as { port: number }).port;
   const metricsPort = await freePort();
   const daemon = await startTestDaemon([origin.port, port], {
@@ -344,3 +382,71 @@ it("an origin's costly certificate chains, released together, do not get the wor
     });
   }
 }, 120_000);
+
+it.each(['TLSv1.3', 'TLSv1.2'] as const)(
+  "an origin's costly certificate chains (%s), released together, are checked a few a turn: another session's exchanges go on meanwhile",
+  async (maxVersion) => {
+    let released!: () => void;
+    const release = new Promise<void>((resolve) => {
+      released = resolve;
+    });
+    const proxy = await holdingProxy(await costlyOriginPort(maxVersion), HANDSHAKES, () => released());
+    cleanups.push(() => proxy.close());
+    const port = (proxy.address() as { port: number }).port;
+    const metricsPort = await freePort();
+    const daemon = await startTestDaemon([origin.port, port], {
+      extraArgs: [...warmTlsArgs(pki.caFile, [origin.port, port]), '--metrics-port', String(metricsPort)],
+    });
+    cleanups.push(() => daemon.stop());
+    const honest = openRawClient(daemon.socketPath, cleanups);
+    const lent = await honest.request({ type: 'acquire', id: 1, host: 'localhost', port: origin.port, tls: { trust } });
+    expect((lent.message as LeaseReply).type).toBe('lease');
+    const session = new net.Socket({ fd: lent.fds[0]!, readable: true, writable: true });
+    cleanups.push(() => session.destroy());
+    expect(await keepAliveExchange(session)).toMatch(/^HTTP\/1\.1 200 OK/);
+    const daemonFds = daemon.fdCount();
+    const sockets = socketCount();
+    const failed = async () => (await metricValue(metricsPort, 'sockpool_tls_handshake_failures')) ?? 0;
+    const failedBefore = await failed();
+
+    const attacker = openRawClient(daemon.socketPath, cleanups);
+    for (let id = 1; id <= HANDSHAKES; id++) {
+      attacker.sendJson({ type: 'acquire', id, host: 'localhost', port, tls: { trust } });
+    }
+    // From the moment the origin's flights reach the relay thread together: a few exchanges of the lent session, each
+    // a request the thread reads from the client and a response it reads from the origin, so a turn of its loop each
+    // way. They end before the thread has checked every chain (the daemon's count of failed handshakes, each failed on
+    // its untrusted chain once checked): before, the thread checked all the flights that had come in one turn, and the
+    // rest in the next, before it read the session's next bytes.
+    await release;
+    for (let exchange = 0; exchange < EXCHANGES; exchange++) {
+      expect(await keepAliveExchange(session)).toMatch(/^HTTP\/1\.1 200 OK/);
+    }
+    const failedMeanwhile = (await failed()) - failedBefore;
+
+    const replies: Array<Awaited<ReturnType<RawClient['receive']>>> = [];
+    while (replies.length < HANDSHAKES) replies.push(await attacker.receive());
+    for (const reply of replies) {
+      expect(reply.message).toMatchObject({
+        type: 'error',
+        code: 'SOCKPOOL_ERR_TLS',
+        message: expect.stringContaining('unknown-ca'),
+      });
+      expect(reply.fds).toEqual([]);
+    }
+    expect((await failed()) - failedBefore).toBe(HANDSHAKES);
+    expect(failedMeanwhile, "hostile handshakes failed before the lent session's exchanges ended").toBeLessThan(
+      HANDSHAKES,
+    );
+    expect(logRecords(daemon, HUNG)).toEqual([]);
+    // Every failed handshake's fds closed (the daemon's; the proxy's connections here), and the attacker's link.
+    attacker.close();
+    await eventually(() => daemon.fdCount() === daemonFds, "the daemon's fds back to what they were");
+    // (At most: the earlier tests' daemons, still running, may close some of theirs meanwhile.)
+    await pollUntil(
+      () => socketCount() <= sockets,
+      () => `the sockets back to ${sockets} (${socketCount()} open)`,
+    );
+  },
+  120_000,
+);
