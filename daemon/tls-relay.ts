@@ -16,7 +16,9 @@
 // handshakes under way, in arrival order within a uid), so one uid's burst does not hold another uid's handshakes
 // behind all of it; and a uid holding PLACES_KEPT_FOR_OTHER_UIDS or more starts one more only while more than that
 // many places are free (#mayStart), so the places held by one uid's handshakes with servers that never answer leave
-// another uid's a place at once. One no
+// another uid's a place at once. (Within a thread, the server flights of its handshakes that come in together are
+// spread over turns of its loop once a turn's handshake work passes a budget, so that costly ones do not hold its
+// relayed sessions for all of them at once: tls-relay-thread.ts, handshakeProgress.) One no
 // longer wanted when its turn comes (its acquire gave up) is not started: its TCP
 // connection is closed and it fails with ConnectAbandoned (a handshake costs CPU and a session nobody asked for);
 // past 64 queued, those no longer wanted are swept before another is queued.
