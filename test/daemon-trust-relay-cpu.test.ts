@@ -50,6 +50,12 @@ const cleanups: Array<() => unknown> = [];
 
 /** One uid's handshakes at once (a relay thread's 20 places less the 4 kept for other uids). */
 const HANDSHAKES = 16;
+/**
+ * The hostile acquires' wait and the daemon's handshake timeout in the costly-chain tests: checking the 16 chains
+ * takes the relay thread over 5 s of CPU, and a loaded machine (a full test run) gives that thread (nice 10) a share
+ * of a core only; a default 10 s bound then failed some of them as timeouts, which is not what these tests are about.
+ */
+const COSTLY_WAIT_MS = 60_000;
 /** The lent session's exchanges while the costly chains are checked. */
 const EXCHANGES = 3;
 /** The new handshakes the renegotiating origin asks each connection for. */
@@ -306,7 +312,7 @@ async function attackAndCheckHonest(
 ): Promise<Array<Awaited<ReturnType<RawClient['receive']>>>> {
   const attacker = openRawClient(daemon.socketPath, cleanups);
   for (let id = 1; id <= HANDSHAKES; id++) {
-    attacker.sendJson({ type: 'acquire', id, host: 'localhost', port, tls: { trust } });
+    attacker.sendJson({ type: 'acquire', id, host: 'localhost', port, tls: { trust }, timeoutMs: COSTLY_WAIT_MS });
   }
   const replies: Array<Awaited<ReturnType<RawClient['receive']>>> = [];
   while (replies.length < HANDSHAKES) {
@@ -365,7 +371,7 @@ it("an origin's costly certificate chains, released together, do not get the wor
   const daemon = await startTestDaemon([origin.port, port], {
     extraArgs: [...warmTlsArgs(pki.caFile, [origin.port, port]), '--metrics-port', String(metricsPort)],
     // The shortest limit: the turn is several seconds on any machine this runs on.
-    config: { tls: { relayHangMs: 3_000 } },
+    config: { tls: { relayHangMs: 3_000, handshakeTimeoutMs: COSTLY_WAIT_MS } },
   });
   cleanups.push(() => daemon.stop());
   const honest = openRawClient(daemon.socketPath, cleanups);
@@ -396,6 +402,7 @@ it.each(['TLSv1.3', 'TLSv1.2'] as const)(
     const metricsPort = await freePort();
     const daemon = await startTestDaemon([origin.port, port], {
       extraArgs: [...warmTlsArgs(pki.caFile, [origin.port, port]), '--metrics-port', String(metricsPort)],
+      config: { tls: { handshakeTimeoutMs: COSTLY_WAIT_MS } },
     });
     cleanups.push(() => daemon.stop());
     const honest = openRawClient(daemon.socketPath, cleanups);
@@ -411,7 +418,7 @@ it.each(['TLSv1.3', 'TLSv1.2'] as const)(
 
     const attacker = openRawClient(daemon.socketPath, cleanups);
     for (let id = 1; id <= HANDSHAKES; id++) {
-      attacker.sendJson({ type: 'acquire', id, host: 'localhost', port, tls: { trust } });
+      attacker.sendJson({ type: 'acquire', id, host: 'localhost', port, tls: { trust }, timeoutMs: COSTLY_WAIT_MS });
     }
     // From the moment the origin's flights reach the relay thread together: a few exchanges of the lent session, each
     // a request the thread reads from the client and a response it reads from the origin, so a turn of its loop each
