@@ -3,7 +3,7 @@
 // SOCKPOOL_ERR_RATE_LIMITED and as a fleet member (one batch asked of Redis per origin at a time), the worker's token batches (no message for origins without a rate; one batch request
 // per origin at a time; a wait over the protocol's bound asked for again, or ended by the link's close), local slots, and the maps of per-origin
 // rate state.
-import { describe, expect, it, vi } from 'vitest';
+import { describe, expect, it, onTestFinished, vi } from 'vitest';
 import { defaultConfig, parseConfig } from '../daemon/config.js';
 import { ForgetfulMap } from '../daemon/fleet/forgetful-map.js';
 import { gcraTake, LocalGcra } from '../daemon/fleet/gcra.js';
@@ -605,9 +605,22 @@ describe('worker tokens', () => {
     expect(tokens.take('a.example', 80, 1000)).toBeTypeOf('number');
   });
 
+  /**
+   * The timers the code under test holds: setTimeout and clearTimeout faked for the test (nothing here waits for
+   * time to pass), so that only this test's timers are counted. (Counting the process's `Timeout` resources failed
+   * once under load: a timer left by an earlier test ended meanwhile, and the count came out one short.)
+   */
+  const ownTimers = () => {
+    vi.useFakeTimers({ toFake: ['setTimeout', 'clearTimeout'] });
+    onTestFinished(() => {
+      vi.useRealTimers();
+    });
+    return () => vi.getTimerCount();
+  };
+
   it('a request cancelled while the worker waits out a token past the daemon’s bound leaves no timer behind', async () => {
     const { asks, tokens } = learnedTokens({ requestsPerSecond: 0.001, burst: 1 }, 'slow.example');
-    const timers = () => process.getActiveResourcesInfo().filter((kind) => kind === 'Timeout').length;
+    const timers = ownTimers();
     const before = timers();
     const cancellation = new Cancellation();
     const taking = tokens.take('slow.example', 80, MAX_TIMEOUT_MS + 700_000, cancellation)!;
@@ -629,7 +642,7 @@ describe('worker tokens', () => {
     // the request's own cancellation; a link closed meanwhile (thread teardown, a runtime closed with requests in
     // flight) left it, and the request, until the sleep ended, its timer holding the process.
     const { asks, tokens } = learnedTokens({ requestsPerSecond: 0.001, burst: 1 }, 'slow.example');
-    const timers = () => process.getActiveResourcesInfo().filter((kind) => kind === 'Timeout').length;
+    const timers = ownTimers();
     const before = timers();
     const taking = tokens.take('slow.example', 80, MAX_TIMEOUT_MS + 700_000)!;
     // A second request waits for the first one's ask (no signal: nothing but the link's close ends either).
