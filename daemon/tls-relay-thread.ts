@@ -36,6 +36,7 @@ import {
 import { parentPort, workerData } from 'node:worker_threads';
 import * as native from '../shared/native.js';
 import { waitForLoopbackPair } from './loopback-pair.js';
+import { Bytes } from './relay-bytes.js';
 import { resetSocket } from './socket-reset.js';
 import type { RelayCounters, RelayRequest, RelayResponse, TlsFailureReason } from './tls-relay.js';
 
@@ -293,7 +294,7 @@ function open(request: Extract<RelayRequest, { t: 'open' }>): void {
   tls.on('keylog', progress);
   // The pair, once made: the session is relayed and its other end goes to the main thread. `kept`: what the origin
   // sent while the pair was waited for.
-  const established = (pair: [number, number], kept: Buffer[] = []) => {
+  const established = (pair: [number, number], kept = new Bytes()) => {
     settled = true;
     clearTimeout(timer);
     tls.removeListener('error', fail);
@@ -340,12 +341,10 @@ function open(request: Extract<RelayRequest, { t: 'open' }>): void {
     // speaks, with the same bound), and its end fails the session now rather than once it was handed out. fail()
     // abandons the wait, which closes the listener and client (the thread's teardown closes them, tracked, if the
     // thread ends first). None of these callbacks runs inside this one.
-    const kept: Buffer[] = [];
-    let keptBytes = 0;
+    const kept = new Bytes();
     const keep = (chunk: Buffer) => {
       kept.push(chunk);
-      keptBytes += chunk.length;
-      if (keptBytes <= MAX_EARLY_BYTES) return;
+      if (kept.length <= MAX_EARLY_BYTES) return;
       const error = new Error(`the origin sent over ${MAX_EARLY_BYTES} bytes before any request`);
       fail(Object.assign(error, { code: 'EPROTO' }));
     };
@@ -373,10 +372,11 @@ function open(request: Extract<RelayRequest, { t: 'open' }>): void {
 }
 
 /** `kept`: what the origin sent before the relay started (at most MAX_EARLY_BYTES), the first of its early bytes. */
-function relay(tls: TLSSocket, tcp: Socket, client: Socket, kept: Buffer[]): void {
+function relay(tls: TLSSocket, tcp: Socket, client: Socket, kept: Bytes): void {
   let leased = false;
-  let early: Buffer[] = kept;
-  let earlyBytes = kept.reduce((total, chunk) => total + chunk.length, 0);
+  // What the origin sends before the client speaks, kept as bytes (relay-bytes.ts: kept as TLS's chunks, one per
+  // record, an origin's one-byte records made these 64 KB ~40 MB of this thread's memory).
+  const early = kept;
   let clientEnded = false;
   let originEnded = false;
   let closed = false;
@@ -446,15 +446,14 @@ function relay(tls: TLSSocket, tcp: Socket, client: Socket, kept: Buffer[]): voi
       return;
     }
     early.push(chunk);
-    earlyBytes += chunk.length;
-    if (earlyBytes > MAX_EARLY_BYTES) teardown(false);
+    if (early.length > MAX_EARLY_BYTES) teardown(false);
   });
   client.on('drain', () => tls.resume());
   client.on('data', (chunk: Buffer) => {
     if (!leased) {
       leased = true;
-      for (const kept of early) deliver(kept);
-      early = [];
+      const kept = early.take();
+      if (kept !== undefined) deliver(kept);
     }
     counters[COUNTER.bytesToOrigin]! += chunk.length;
     if (!tls.write(chunk)) client.pause();
@@ -464,7 +463,7 @@ function relay(tls: TLSSocket, tcp: Socket, client: Socket, kept: Buffer[]): voi
   // close_notify) an EOF on the client's socket. An idle session's EOF is how the pool learns the server closed it.
   client.on('end', () => {
     clientEnded = true;
-    if (!leased) early = [];
+    if (!leased) early.clear();
     tls.end();
     if (!originEnded) {
       linger = setTimeout(lingerOver, LINGER_MS);
@@ -475,7 +474,7 @@ function relay(tls: TLSSocket, tcp: Socket, client: Socket, kept: Buffer[]): voi
   client.on('finish', bothEnded);
   tls.on('end', () => {
     originEnded = true;
-    if (early.length > 0 && !leased) early = [];
+    if (!leased) early.clear();
     client.end();
     bothEnded();
   });

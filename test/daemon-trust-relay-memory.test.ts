@@ -1,0 +1,141 @@
+// Issue 10, red team 4: what an origin a client may reach sends costs the warm TLS relay thread memory by the number
+// of TLS records, not only by their bytes. TLS decrypts each record into a chunk of its own (a Buffer and its
+// bookkeeping, some hundreds of bytes of the thread's heap), and a record may carry a single byte (23 on the wire). The
+// relay kept what an idle session's origin sent before the client spoke as those chunks, up to MAX_EARLY_BYTES
+// bytes: 60,000 one-byte records held about 40 MB of the daemon's memory for one session, so a uid's few dozen
+// sessions to such an origin (acquires held, or prewarmed) took the unit's MemoryMax (1 GB). The relay now keeps
+// what comes before the client speaks in one buffer of its bytes.
+// Real daemon child process, a real Python TLS origin (its ssl module sends one record per send()), a throwaway CA.
+
+import { createHash } from 'node:crypto';
+import { once } from 'node:events';
+import { readFileSync, writeFileSync } from 'node:fs';
+import { Socket } from 'node:net';
+import { join } from 'node:path';
+import { createInterface } from 'node:readline';
+import { afterAll, afterEach, beforeAll, expect, it } from 'vitest';
+import type { LeaseReply } from '../shared/protocol.js';
+import { fdCount, httpsOrigin, type Origin, startTestDaemon, warmTlsArgs } from './fixtures/client-helpers.js';
+import { exchangeOverFd } from './fixtures/native-helpers.js';
+import { spawnChild } from './helpers/children.js';
+import type { DaemonProcess } from './helpers/daemon.js';
+import { openRawClient } from './helpers/raw-client.js';
+import { createTestPki, type TestPki } from './helpers/tls.js';
+
+const script = join(import.meta.dirname, 'fixtures', 'tiny-records-origin.py');
+/** One-byte records the hostile origin sends each session: under MAX_EARLY_BYTES, so an idle session keeps them. */
+const RECORDS = 60_000;
+/** The hostile client's sessions: leases it holds without writing on them. */
+const SESSIONS = 8;
+/** What the daemon's memory may grow by for them: their bytes are under 0.5 MB; as chunks they took ~300 MB. */
+const MAX_GROWTH_BYTES = 64 * 1024 * 1024;
+
+let pki: TestPki;
+let trust: string;
+let honest: Origin;
+const cleanups: Array<() => unknown> = [];
+
+beforeAll(async () => {
+  pki = createTestPki(['localhost']);
+  trust = createHash('sha256').update(readFileSync(pki.caFile)).digest('hex');
+  honest = await httpsOrigin(pki, (_request, response) => response.end('ok'));
+});
+
+afterEach(async () => {
+  for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
+});
+
+afterAll(async () => {
+  await honest?.close();
+  pki?.cleanup();
+});
+
+/** The hostile origin (a child process): its port, and a wait for `count` more of its sessions to have been sent. */
+async function tinyRecordsOrigin(records: number): Promise<{ port: number; sent(count: number): Promise<void> }> {
+  const certFile = join(pki.dir, 'hostile-cert.pem');
+  const keyFile = join(pki.dir, 'hostile-key.pem');
+  writeFileSync(certFile, pki.cert);
+  writeFileSync(keyFile, pki.key);
+  const child = spawnChild('python3', [script, certFile, keyFile, String(records)], {
+    stdio: ['ignore', 'pipe', 'inherit'],
+    what: 'tiny-records origin',
+  });
+  cleanups.push(() => child.kill());
+  const lines = createInterface({ input: child.stdout! });
+  let sent = 0;
+  const waiters: Array<() => void> = [];
+  let port: (value: number) => void;
+  const ported = new Promise<number>((resolve) => {
+    port = resolve;
+  });
+  lines.on('line', (line) => {
+    if (line.startsWith('port ')) port(Number(line.slice(5)));
+    else if (line === 'sent') {
+      sent++;
+      for (const wake of waiters.splice(0)) wake();
+    }
+  });
+  return {
+    port: await ported,
+    async sent(count) {
+      while (sent < count) await new Promise<void>((resolve) => waiters.push(resolve));
+    },
+  };
+}
+
+/** Writes a byte on a lent session (the client speaks), reads `count` bytes from it, and closes it. */
+async function firstBytes(fd: number, count: number): Promise<string> {
+  const socket = new Socket({ fd, readable: true, writable: true });
+  let received = '';
+  socket.setEncoding('latin1');
+  socket.on('data', (chunk: string) => {
+    received += chunk;
+    if (received.length >= count) socket.destroy();
+  });
+  socket.write('x');
+  await once(socket, 'close');
+  return received;
+}
+
+/** The daemon's resident memory now, and the most it has had (its high-water mark), in bytes. */
+function memoryOf(daemon: DaemonProcess): { rss: number; peak: number } {
+  const status = readFileSync(`/proc/${daemon.child.pid}/status`, 'utf8');
+  const kib = (field: string) => Number(new RegExp(`^${field}:\\s+(\\d+) kB$`, 'm').exec(status)![1]) * 1024;
+  return { rss: kib('VmRSS'), peak: kib('VmHWM') };
+}
+
+it("an origin's one-byte TLS records to idle sessions cost the relay their bytes, not a chunk each", async () => {
+  const origin = await tinyRecordsOrigin(RECORDS);
+  const daemon = await startTestDaemon([honest.port, origin.port], {
+    extraArgs: warmTlsArgs(pki.caFile, [honest.port, origin.port]),
+  });
+  cleanups.push(() => daemon.stop());
+  const fdsBefore = fdCount();
+  // An honest session lent first: the relay thread is up, its modules loaded, before the baseline.
+  const client = openRawClient(daemon.socketPath, cleanups);
+  const lent = await client.request({ type: 'acquire', id: 1, host: 'localhost', port: honest.port, tls: { trust } });
+  expect((lent.message as LeaseReply).type).toBe('lease');
+  const baseline = memoryOf(daemon).rss;
+
+  const attacker = openRawClient(daemon.socketPath, cleanups);
+  const leases: number[] = [];
+  for (let id = 1; id <= SESSIONS; id++) {
+    const reply = await attacker.request({ type: 'acquire', id, host: 'localhost', port: origin.port, tls: { trust } });
+    expect((reply.message as LeaseReply).type).toBe('lease');
+    leases.push(reply.fds[0]!);
+  }
+  // Every record acknowledged by the relay thread's kernel (and read by the thread, which reads an idle session's
+  // origin as it comes).
+  await origin.sent(SESSIONS);
+  // Each lease, spoken on at last, gets every byte its origin sent before, in order.
+  const sent = Array.from({ length: RECORDS }, (_, index) => String.fromCharCode(97 + (index % 26))).join('');
+  for (const fd of leases) expect(await firstBytes(fd, RECORDS)).toBe(sent);
+  const { peak } = memoryOf(daemon);
+  expect(peak - baseline).toBeLessThan(MAX_GROWTH_BYTES);
+  // The honest session lent before is served.
+  const response = await exchangeOverFd(lent.fds[0]!, 'GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n');
+  expect(response).toMatch(/^HTTP\/1\.1 200 OK[\s\S]*ok$/);
+  client.close();
+  attacker.close();
+  expect(fdCount()).toBe(fdsBefore);
+}, 120_000);
