@@ -4,18 +4,24 @@
 // origin chooses its records' sizes: one byte each, 23 on the wire. Kept as chunks, 60,000 one-byte records held
 // ~40 MB of the daemon's memory for one idle session, so that a uid's few dozen sessions to such an origin (prewarmed,
 // or lent and not spoken on yet) took the unit's MemoryMax (test/daemon-trust-relay-memory). Here they take their
-// bytes, at most twice over.
+// bytes, in a buffer at most twice as large and never larger than its holder's bound.
 
 /** Chunks kept as they came before they are copied into the buffer (the common case, a few records: no copy). */
 const CHUNKS_BEFORE_COPY = 16;
 
 /** Bytes in arrival order: at most CHUNKS_BEFORE_COPY chunks as they came, after one buffer grown by doubling. */
 export class Bytes {
+  /** The buffer grows by doubling up to this (then to what is held): its holder keeps no more. */
+  readonly #most: number;
   #chunks: Buffer[] = [];
   #buffer: Buffer | undefined;
   /** Bytes at the start of #buffer; the chunks come after them. */
   #copied = 0;
   #length = 0;
+
+  constructor(most = Number.POSITIVE_INFINITY) {
+    this.#most = most;
+  }
 
   get length(): number {
     return this.#length;
@@ -49,10 +55,11 @@ export class Bytes {
     this.#length = 0;
   }
 
-  /** The chunks into the buffer, grown to twice its size (or to what is held, if more) when they do not fit. */
+  /** The chunks into the buffer, grown to twice its size (at most #most, or to what is held, if more) when they do
+   *  not fit. */
   #copy(): void {
     if (this.#buffer === undefined || this.#buffer.length < this.#length) {
-      const grown = Buffer.allocUnsafe(Math.max(this.#length, 2 * (this.#buffer?.length ?? 0)));
+      const grown = Buffer.allocUnsafe(Math.max(this.#length, Math.min(2 * (this.#buffer?.length ?? 0), this.#most)));
       this.#buffer?.copy(grown, 0, 0, this.#copied);
       this.#buffer = grown;
     }

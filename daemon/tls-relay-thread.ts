@@ -40,8 +40,13 @@ import { Bytes } from './relay-bytes.js';
 import { resetSocket } from './socket-reset.js';
 import type { RelayCounters, RelayRequest, RelayResponse, TlsFailureReason } from './tls-relay.js';
 
-/** What the server may send before the client's first bytes (an h2 server's SETTINGS and WINDOW_UPDATE). */
-const MAX_EARLY_BYTES = 64 * 1024;
+/**
+ * What the server may send before the client's first bytes (an h2 server's SETTINGS and WINDOW_UPDATE: some tens of
+ * bytes). Held for every session not spoken on yet, a uid's leases (maxLeasesPerUid) and its prewarmed idle ones
+ * alike: at 64 KiB, one uid's sessions to an origin sending that much could hold hundreds of MB of this thread's
+ * memory (test/daemon-trust-relay-memory).
+ */
+const MAX_EARLY_BYTES = 16 * 1024;
 /**
  * After the client closed its side: how long the server may stay silent before the relay gives up on it (an idle
  * timeout, restarted by every byte the server sends; time the client's full socket holds the server back does
@@ -294,7 +299,7 @@ function open(request: Extract<RelayRequest, { t: 'open' }>): void {
   tls.on('keylog', progress);
   // The pair, once made: the session is relayed and its other end goes to the main thread. `kept`: what the origin
   // sent while the pair was waited for.
-  const established = (pair: [number, number], kept = new Bytes()) => {
+  const established = (pair: [number, number], kept = new Bytes(MAX_EARLY_BYTES)) => {
     settled = true;
     clearTimeout(timer);
     tls.removeListener('error', fail);
@@ -341,7 +346,7 @@ function open(request: Extract<RelayRequest, { t: 'open' }>): void {
     // speaks, with the same bound), and its end fails the session now rather than once it was handed out. fail()
     // abandons the wait, which closes the listener and client (the thread's teardown closes them, tracked, if the
     // thread ends first). None of these callbacks runs inside this one.
-    const kept = new Bytes();
+    const kept = new Bytes(MAX_EARLY_BYTES);
     const keep = (chunk: Buffer) => {
       kept.push(chunk);
       if (kept.length <= MAX_EARLY_BYTES) return;
@@ -375,7 +380,7 @@ function open(request: Extract<RelayRequest, { t: 'open' }>): void {
 function relay(tls: TLSSocket, tcp: Socket, client: Socket, kept: Bytes): void {
   let leased = false;
   // What the origin sends before the client speaks, kept as bytes (relay-bytes.ts: kept as TLS's chunks, one per
-  // record, an origin's one-byte records made these 64 KB ~40 MB of this thread's memory).
+  // record, an origin sending one-byte records made each byte cost hundreds).
   const early = kept;
   let clientEnded = false;
   let originEnded = false;

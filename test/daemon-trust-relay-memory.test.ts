@@ -1,14 +1,14 @@
 // Issue 10, red team 4: what an origin a client may reach sends costs the warm TLS relay thread memory by the number
 // of TLS records, not only by their bytes. TLS decrypts each record into a chunk of its own (a Buffer and its
-// bookkeeping, some hundreds of bytes of the thread's heap), and a record may carry a single byte (23 on the wire). The
-// relay kept what an idle session's origin sent before the client spoke as those chunks, up to MAX_EARLY_BYTES
-// bytes: 60,000 one-byte records held about 40 MB of the daemon's memory for one session, so a uid's few dozen
+// bookkeeping, some hundreds of bytes of memory), and a record may carry a single byte (23 on the wire). The relay
+// kept what an idle session's origin sent before the client spoke as those chunks, up to MAX_EARLY_BYTES (64 KiB)
+// of them: 60,000 one-byte records held about 40 MB of the daemon's memory for one session, so a uid's few dozen
 // sessions to such an origin (acquires held, or prewarmed) took the unit's MemoryMax (1 GB). The relay now keeps
-// what comes before the client speaks in one buffer of its bytes.
+// those bytes as bytes, and at most 16 KiB of them (an h2 server's preface is tens of bytes): as bytes, 64 KiB for
+// each of a uid's leases not spoken on yet (4,096) and of its prewarmed idle sessions was still hundreds of MB.
 // Real daemon child process, a real Python TLS origin (its ssl module sends one record per send()), a throwaway CA.
 
 import { createHash } from 'node:crypto';
-import { once } from 'node:events';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { Socket } from 'node:net';
 import { join } from 'node:path';
@@ -24,10 +24,10 @@ import { createTestPki, type TestPki } from './helpers/tls.js';
 
 const script = join(import.meta.dirname, 'fixtures', 'tiny-records-origin.py');
 /** One-byte records the hostile origin sends each session: under MAX_EARLY_BYTES, so an idle session keeps them. */
-const RECORDS = 60_000;
+const RECORDS = 16_000;
 /** The hostile client's sessions: leases it holds without writing on them. */
-const SESSIONS = 8;
-/** What the daemon's memory may grow by for them: their bytes are under 0.5 MB; as chunks they took ~300 MB. */
+const SESSIONS = 16;
+/** What the daemon's memory may grow by for them: their bytes are 256 KB; as chunks they took ~180 MB. */
 const MAX_GROWTH_BYTES = 64 * 1024 * 1024;
 
 let pki: TestPki;
@@ -50,7 +50,8 @@ afterAll(async () => {
   pki?.cleanup();
 });
 
-/** The hostile origin (a child process): its port, and a wait for `count` more of its sessions to have been sent. */
+/** The hostile origin (a child process): its port, and a wait for `count` of its sessions to have been sent (or ended
+ *  by the relay first). */
 async function tinyRecordsOrigin(records: number): Promise<{ port: number; sent(count: number): Promise<void> }> {
   const certFile = join(pki.dir, 'hostile-cert.pem');
   const keyFile = join(pki.dir, 'hostile-key.pem');
@@ -70,7 +71,7 @@ async function tinyRecordsOrigin(records: number): Promise<{ port: number; sent(
   });
   lines.on('line', (line) => {
     if (line.startsWith('port ')) port(Number(line.slice(5)));
-    else if (line === 'sent') {
+    else if (line === 'sent' || line === 'ended') {
       sent++;
       for (const wake of waiters.splice(0)) wake();
     }
@@ -88,12 +89,15 @@ async function firstBytes(fd: number, count: number): Promise<string> {
   const socket = new Socket({ fd, readable: true, writable: true });
   let received = '';
   socket.setEncoding('latin1');
+  // (A session that ended: the write may meet its reset.)
+  socket.on('error', () => {});
   socket.on('data', (chunk: string) => {
     received += chunk;
     if (received.length >= count) socket.destroy();
   });
   socket.write('x');
-  await once(socket, 'close');
+  // (Not events.once: it rejects on the reset.)
+  await new Promise((resolve) => socket.once('close', resolve));
   return received;
 }
 
@@ -139,3 +143,27 @@ it("an origin's one-byte TLS records to idle sessions cost the relay their bytes
   attacker.close();
   expect(fdCount()).toBe(fdsBefore);
 }, 120_000);
+
+it('ends an idle session whose origin sends more than MAX_EARLY_BYTES before the client speaks', async () => {
+  // Over 16 KiB (the bound), under the 64 KiB it was: what the relay held for one uid's sessions, in bytes, was up to
+  // 64 KiB for each of its leases not spoken on yet (maxLeasesPerUid, 4,096) and of its prewarmed idle ones.
+  const over = 20_000;
+  const origin = await tinyRecordsOrigin(over);
+  const daemon = await startTestDaemon([origin.port], { extraArgs: warmTlsArgs(pki.caFile, [origin.port]) });
+  cleanups.push(() => daemon.stop());
+  const fdsBefore = fdCount();
+  const attacker = openRawClient(daemon.socketPath, cleanups);
+  const reply = await attacker.request({
+    type: 'acquire',
+    id: 1,
+    host: 'localhost',
+    port: origin.port,
+    tls: { trust },
+  });
+  expect((reply.message as LeaseReply).type).toBe('lease');
+  await origin.sent(1);
+  // The session ended (the client reads EOF), none of those bytes relayed.
+  expect(await firstBytes(reply.fds[0]!, over)).toBe('');
+  attacker.close();
+  expect(fdCount()).toBe(fdsBefore);
+}, 60_000);

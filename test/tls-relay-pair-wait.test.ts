@@ -210,7 +210,7 @@ describe('a relay thread while one pair waits for its own connection', () => {
     const thread = startThread();
     thread.open(1, true);
     await thread.next(1, 'pair-waiting');
-    // Over MAX_EARLY_BYTES (64 KiB), which relay() would not keep either: not an idle HTTP connection.
+    // Over MAX_EARLY_BYTES (16 KiB), which relay() would not keep either: not an idle HTTP connection.
     for (const origin of thread.origins.values()) origin.tls.write(Buffer.alloc(80 * 1024, 'x'));
     expect(await thread.next(1, 'ready', 'failed')).toMatchObject({ t: 'failed', code: 'EPROTO' });
     for (const origin of thread.origins.values()) origin.tls.destroy();
