@@ -290,11 +290,11 @@ function open(request: Extract<RelayRequest, { t: 'open' }>): void {
   handshaking.add(tls);
   // handshakeProgress as each of the handshake's secrets is derived (OpenSSL's key log: after the server's key
   // exchange in TLS 1.2; after its ServerHello, and again after its Finished, so its certificate chain checked, in
-  // 1.3), and as it ends (handshakeOver). Its beats, not only the timer's: a turn can still take a costly flight or two, in which
-  // the timer cannot run though the thread is working; without them the watchdog took such turns for a hang and
-  // ended every session of the thread (test/daemon-trust-relay-cpu). A thread stuck in one callback or call still
-  // beats no more. (The event carries the session's secrets as a key-log line; `progress` drops it unread: they never
-  // leave this thread, which holds the session's keys anyway.)
+  // 1.3), and as it ends (handshakeOver). Its beats, not only the timer's: a turn can still take a costly flight or
+  // two, in which the timer cannot run though the thread is working; without them the watchdog took such turns for a
+  // hang and ended every session of the thread (test/daemon-trust-relay-cpu). A thread stuck in one callback or call
+  // still beats no more. (The event carries the session's secrets as a key-log line; `progress` drops it unread: they
+  // never leave this thread, which holds the session's keys anyway.)
   const progress = () => handshakeProgress(tls);
   tls.on('keylog', progress);
   // The pair, once made: the session is relayed and its other end goes to the main thread. `kept`: what the origin
