@@ -54,7 +54,9 @@ describe('origin affinity', () => {
       // more of an origin's requests run at once than its thread holds connections to it (the most asked origins, a
       // few times). Without that, a freed slot took the head of the queue whatever its origin, and each thread ended
       // up with connections of its own to most origins, as many as it ran requests to the origin at once.
-      expect(leased).toBeLessThanOrEqual(24);
+      // (8–16 on a quiet machine, 28 once in a clean-clone CI run at load ~5, where slots free in a different order;
+      // 66–82 with claimIdle always refusing: the bound sits between.)
+      expect(leased).toBeLessThanOrEqual(40);
     } finally {
       await client.close();
     }
