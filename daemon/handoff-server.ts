@@ -35,7 +35,7 @@ import { type Lease, LeaseTable } from './leases.js';
 import { type Logger, LogLimiter, REFUSAL_LOG_WINDOW_MS, REFUSALS_LOGGED } from './log.js';
 import type { Metrics } from './metrics.js';
 import type { PoolManager } from './pool-manager.js';
-import { overLeaseLimit, UidQuotas } from './quotas.js';
+import { leaseFdBudget, overLeaseLimit, RELAYED_LEASE_FDS, softFdLimit, TCP_LEASE_FDS, UidQuotas } from './quotas.js';
 
 export const SERVER_VERSION = '0.1.0';
 
@@ -80,6 +80,8 @@ export interface HandoffServerOptions {
   extraStats?: () => Record<string, unknown>;
   /** Per-origin request rates (fleet/rate-limiter.ts); without it `requestsPerSecond` is not enforced. */
   rates?: RateLimiter;
+  /** The fd limit the lease fd budget comes from (quotas.ts, leaseFdBudget): this process's soft RLIMIT_NOFILE. */
+  fdLimit?: number;
 }
 
 /**
@@ -146,10 +148,13 @@ export class HandoffServer {
     this.#extraStats = options.extraStats;
     this.#rates = options.rates;
     this.#refuseFdsOnAccept = options.refuseFdsOnAccept ?? false;
+    // The soft RLIMIT_NOFILE as the daemon started (systemd's LimitNOFILE=): nothing in the daemon raises it later.
+    const fdLimit = options.fdLimit ?? softFdLimit();
     this.#quotas = new UidQuotas(
       () => this.#config().quotas,
       undefined,
       (uid) => this.#settleUid(uid),
+      () => leaseFdBudget(fdLimit, this.#config()),
     );
     this.#listenPoller = new native.Poller(this.#listenFd, (status) => this.#onAcceptable(status));
   }
@@ -558,6 +563,7 @@ export class HandoffServer {
         clients: this.#clients.size,
         leases: this.#leases.size,
         unreadLeases: this.#unreadLeasesTotal(),
+        ...this.#quotas.leaseFdsInUse(),
         keptIdle: this.#pools.keptCount(),
         reclaimNotices: this.#reclaimNotices,
         ...this.#extraStats?.(),
@@ -568,6 +574,7 @@ export class HandoffServer {
         return {
           sessions: usage.sessions,
           leases: usage.leases,
+          leaseFds: usage.leaseFds,
           unreadLeases: usage.unreadLeases,
           pending: usage.pending,
           // Idle sockets kept for this uid (released unused), against quotas.maxKeptPerUid.
@@ -857,7 +864,7 @@ export class HandoffServer {
     });
     // Counted before the send: a send that fails (the client hung up) disconnects the session inside it, and its
     // leases end there, this one with its count.
-    this.#quotas.acquireSettled(session.uid, message.host, true);
+    this.#quotas.acquireSettled(session.uid, message.host, true, undefined, leaseFdsOf(lease));
     // The lease's own fd is lent: the kernel gives the client a copy, the daemon's stays open in the lease.
     // Everything that can wait (the lease deadline, metrics) comes after the send.
     const reply: LeaseReply = {
@@ -940,7 +947,7 @@ export class HandoffServer {
       }
       return;
     }
-    this.#quotas.leaseEnded(lease.uid);
+    this.#quotas.leaseEnded(lease.uid, leaseFdsOf(lease));
     this.#chargeIfUnread(lease, this.#withdrawReply(lease));
     // Unused, but the client may still hold a copy: the pool keeps it for this uid alone.
     this.#pools.giveBack(
@@ -974,7 +981,7 @@ export class HandoffServer {
     }
     if (shutDown) endConnection(lease.fd);
     else native.close(lease.fd);
-    this.#quotas.leaseEnded(lease.uid);
+    this.#quotas.leaseEnded(lease.uid, leaseFdsOf(lease));
     this.#pools.leaseEnded(lease.originKey, lease.uid);
   }
 
@@ -1164,4 +1171,9 @@ const MAX_ERROR_TEXT = 1024;
 
 function unknownLease(leaseId: number): SockpoolError {
   return new SockpoolError(ErrorCodes.PROTOCOL, `unknown lease ${leaseId}`, { leaseId });
+}
+
+/** Daemon fds a lease keeps, as its uid's lease fd share counts them (quotas.ts). */
+function leaseFdsOf(lease: Lease): number {
+  return lease.relayThread === undefined ? TCP_LEASE_FDS : RELAYED_LEASE_FDS;
 }

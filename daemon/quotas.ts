@@ -9,7 +9,15 @@
 // sessions may have read in one turn, together (TurnBudget, shared/seqpacket-channel.ts).
 // A uid's entry is kept once made (one small record per uid that ever connected), so closing and reopening
 // connections does not refill its prewarm allowance.
+//
+// And, shared by all uids, the daemon's fd table (its RLIMIT_NOFILE): per-uid quotas alone cannot keep it, since a
+// few uids holding leases to maxLeasesPerUid fill it (a TCP lease keeps one daemon fd, a relayed warm TLS lease three),
+// and then the daemon cannot accept, connect or relay for anyone. So each uid's lease fds (its leases' and, counted
+// as relayed, its pending acquires') come out of one budget (leaseFdBudget), by the rule the resolver's system
+// lookups and the relay's handshake places use: a uid holding h starts another only while more than h stay free
+// after it. One uid alone gets half the budget, k uids about a (k+1)th each, and a (k+1)th stays free for the next.
 
+import { readFileSync } from 'node:fs';
 import { isIP } from 'node:net';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import { TurnBudget } from '../shared/seqpacket-channel.js';
@@ -21,6 +29,48 @@ export type QuotaConfig = SockpoolConfig['quotas'];
 export const PREWARM_WINDOW_MS = 10_000;
 /** `stats` requests refill at maxStatsPerUid per this window. */
 export const STATS_WINDOW_MS = 1_000;
+
+/** Daemon fds a TCP lease keeps: its copy of the connection. */
+export const TCP_LEASE_FDS = 1;
+/**
+ * Daemon fds a relayed warm TLS lease (or idle session) keeps: its end of the loopback pair, the relay thread's end,
+ * the origin's socket. A pending acquire is charged this many too: whether it becomes relayed is known only once its
+ * lease is made (an https acquire may get a TCP socket, warmTlsOnMiss "tcp"), and a connect under way holds fds too.
+ */
+export const RELAYED_LEASE_FDS = 3;
+/**
+ * Fds the daemon keeps out of the lease budget for what it holds whatever the leases: its listeners, the history
+ * store's files, its threads' (libuv, relay threads, the close watchdog) eventfds and epoll fds, and client
+ * connections (one fd each: bounded per uid by maxSessionsPerUid, not by this; past this reserve they come out of the
+ * share the fair-share rule always leaves free). A daemon at rest holds well under a hundred.
+ */
+export const FD_RESERVE = 512;
+
+/**
+ * The daemon fds all uids' leases together may hold: the soft RLIMIT_NOFILE (`fdLimit`) less what the daemon needs
+ * besides (see FD_RESERVE), its idle sockets (pool.maxIdleTotal, each maybe a relayed session: three fds) and its
+ * connects in flight (quotas.maxConnectsInFlight: warming connects are no acquire's), but never less than half of
+ * it: with the defaults those needs (31,024) are more than a smaller table has (a daemon started by hand under a
+ * hard limit of 20,000), and a budget of nothing would refuse every acquire. Past the half, the daemon's own needs
+ * come out of what the fair share leaves free (at least as much as the biggest holder holds). Under the shipped
+ * unit (LimitNOFILE 65,536, the defaults) 34,512: one uid alone may hold half, 17,256, more than maxLeasesPerUid
+ * (4,096) relayed leases take (12,288).
+ */
+export function leaseFdBudget(fdLimit: number, config: Pick<SockpoolConfig, 'pool' | 'quotas'>): number {
+  const needed = RELAYED_LEASE_FDS * config.pool.maxIdleTotal + config.quotas.maxConnectsInFlight + FD_RESERVE;
+  return fdLimit - Math.min(needed, Math.floor(fdLimit / 2));
+}
+
+/** This process's soft RLIMIT_NOFILE (/proc/self/limits); Infinity when unlimited or unreadable. */
+export function softFdLimit(limits = '/proc/self/limits'): number {
+  try {
+    const line = /^Max open files\s+(\S+)/m.exec(readFileSync(limits, 'utf8'))?.[1];
+    const value = Number(line);
+    return Number.isSafeInteger(value) && value > 0 ? value : Number.POSITIVE_INFINITY;
+  } catch {
+    return Number.POSITIVE_INFINITY;
+  }
+}
 
 interface UidUsage {
   sessions: number;
@@ -34,6 +84,8 @@ interface UidUsage {
   /** Token requests waiting (startWait): pending too for maxPendingPerUid, but no lease to come of them. */
   waits: number;
   lookups: number;
+  /** Daemon fds its leases keep (TCP_LEASE_FDS or RELAYED_LEASE_FDS each); its pending acquires' are 3 × pending. */
+  leaseFds: number;
   /** Prewarm sockets still allowed (a token bucket holding at most maxPrewarmPerUid). */
   prewarmTokens: number;
   prewarmUpdatedAt: number;
@@ -49,6 +101,10 @@ export class UidQuotas {
   #now: () => number;
   #usage = new Map<number, UidUsage>();
   #settleUnread: (uid: number) => void;
+  #fdBudget: () => number;
+  /** Every uid's leaseFds and pending acquires together (kept as sums: the fair-share check is two compares). */
+  #leaseFdsTotal = 0;
+  #pendingTotal = 0;
   /** The uid's charges for leases ended unread once settled (overLeaseLimit's `settle`: made once, not per acquire). */
   #settleUid = (uid: number): number => {
     this.#settleUnread(uid);
@@ -57,16 +113,19 @@ export class UidQuotas {
 
   /**
    * `settleUnread`: brings a uid's charges for leases ended unread (chargeUnread) down to what may still be unread,
-   * asked before an acquire is refused for them (they are charged without a look, so may be stale).
+   * asked before an acquire is refused for them (they are charged without a look, so may be stale). `fdBudget`: the
+   * daemon fds all uids' leases may hold (leaseFdBudget; asked per acquire, so a reload's pool.maxIdleTotal counts).
    */
   constructor(
     config: () => QuotaConfig,
     now: () => number = () => performance.now(),
     settleUnread: (uid: number) => void = () => {},
+    fdBudget: () => number = () => Number.POSITIVE_INFINITY,
   ) {
     this.#config = config;
     this.#now = now;
     this.#settleUnread = settleUnread;
+    this.#fdBudget = fdBudget;
   }
 
   /**
@@ -90,7 +149,8 @@ export class UidQuotas {
 
   /**
    * An acquire from `uid` starts waiting; throws SOCKPOOL_ERR_QUOTA past maxPendingPerUid, maxLeasesPerUid (leases
-   * held, leases ended with their replies unread, and acquires pending) or, for a host name, maxLookupsPerUid. Pair with acquireSettled.
+   * held, leases ended with their replies unread, and acquires pending), its fair share of the lease fd budget or,
+   * for a host name, maxLookupsPerUid. Pair with acquireSettled.
    */
   startAcquire(uid: number, host: string): void {
     const usage = this.#of(uid);
@@ -114,6 +174,20 @@ export class UidQuotas {
           `${usage.pending} acquires pending`,
       );
     }
+    // The fair share: after this acquire (charged as relayed) more fds must stay free than the uid would hold.
+    const held = usage.leaseFds + RELAYED_LEASE_FDS * (usage.pending + 1);
+    const budget = this.#fdBudget();
+    const free = budget - this.#leaseFdsTotal - RELAYED_LEASE_FDS * (this.#pendingTotal + 1);
+    if (free <= held) {
+      throw new SockpoolError(
+        ErrorCodes.QUOTA,
+        `uid ${uid} holds ${usage.leaseFds} daemon fds in leases with ${usage.pending} acquires pending, and ` +
+          `${Math.max(0, free)} of the daemon's lease fd budget of ${budget} would stay free: a uid may take ` +
+          `another only while more stay free than it holds (the budget is RLIMIT_NOFILE less the daemon's own ` +
+          'fds and pool.maxIdleTotal)',
+        { uid, quota: 'leaseFds', limit: budget },
+      );
+    }
     const needsLookup = isIP(host) === 0;
     if (needsLookup && usage.lookups >= config.maxLookupsPerUid) {
       throw quotaError(
@@ -124,6 +198,7 @@ export class UidQuotas {
       );
     }
     usage.pending++;
+    this.#pendingTotal++;
     if (needsLookup) usage.lookups++;
   }
 
@@ -153,7 +228,8 @@ export class UidQuotas {
   }
 
   /**
-   * The acquire settled; `leased` when it became a lease (counted until leaseEnded). `lookupInFlight`: for an
+   * The acquire settled; `leased` when it became a lease (counted until leaseEnded, with `leaseFds`: RELAYED_LEASE_FDS
+   * for a relayed TLS lease, TCP_LEASE_FDS else; pass the same to leaseEnded). `lookupInFlight`: for an
    * acquire for a host name that got no lease (it timed out, was cancelled, its client left), the DNS query for
    * that name still running, if any: the uid's lookup stays charged until it ends, or a uid could start any number
    * of lookups with acquires that give up at once.
@@ -163,9 +239,13 @@ export class UidQuotas {
     host: string,
     leased: boolean,
     lookupInFlight?: (host: string) => Promise<unknown> | undefined,
+    leaseFds = TCP_LEASE_FDS,
   ): void {
     const usage = this.#of(uid);
-    usage.pending = Math.max(0, usage.pending - 1);
+    if (usage.pending > 0) {
+      usage.pending--;
+      this.#pendingTotal--;
+    }
     if (isIP(host) === 0) {
       const lookup = leased ? undefined : lookupInFlight?.(host);
       if (lookup) {
@@ -175,12 +255,25 @@ export class UidQuotas {
         lookup.then(release, release);
       } else usage.lookups = Math.max(0, usage.lookups - 1);
     }
-    if (leased) usage.leases++;
+    if (leased) {
+      usage.leases++;
+      usage.leaseFds += leaseFds;
+      this.#leaseFdsTotal += leaseFds;
+    }
   }
 
-  leaseEnded(uid: number): void {
+  /** A lease of `uid` ended; `leaseFds` as it was counted (acquireSettled). */
+  leaseEnded(uid: number, leaseFds = TCP_LEASE_FDS): void {
     const usage = this.#of(uid);
     usage.leases = Math.max(0, usage.leases - 1);
+    const freed = Math.min(usage.leaseFds, leaseFds);
+    usage.leaseFds -= freed;
+    this.#leaseFdsTotal -= freed;
+  }
+
+  /** The lease fd budget's use, every uid's together (stats): fds charged (leases and pending acquires) and budget. */
+  leaseFdsInUse(): { leaseFds: number; leaseFdBudget: number } {
+    return { leaseFds: this.#leaseFdsTotal + RELAYED_LEASE_FDS * this.#pendingTotal, leaseFdBudget: this.#fdBudget() };
   }
 
   /**
@@ -245,11 +338,20 @@ export class UidQuotas {
   }
 
   /** What a uid uses now (stats and tests). */
-  usageOf(uid: number): { sessions: number; leases: number; unreadLeases: number; pending: number; lookups: number } {
+  usageOf(uid: number): {
+    sessions: number;
+    leases: number;
+    leaseFds: number;
+    unreadLeases: number;
+    pending: number;
+    lookups: number;
+  } {
     const usage = this.#usage.get(uid);
     return {
       sessions: usage?.sessions ?? 0,
       leases: usage?.leases ?? 0,
+      // (What the fair share counts: its leases' fds, and its pending acquires' as relayed.)
+      leaseFds: (usage?.leaseFds ?? 0) + RELAYED_LEASE_FDS * (usage?.pending ?? 0),
       unreadLeases: usage?.unreadLeases ?? 0,
       // (Acquires and token requests: what maxPendingPerUid counts.)
       pending: (usage?.pending ?? 0) + (usage?.waits ?? 0),
@@ -267,6 +369,7 @@ export class UidQuotas {
         pending: 0,
         waits: 0,
         lookups: 0,
+        leaseFds: 0,
         prewarmTokens: this.#config().maxPrewarmPerUid,
         prewarmUpdatedAt: this.#now(),
         statsTokens: this.#config().maxStatsPerUid,

@@ -5,7 +5,9 @@ import { once } from 'node:events';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { leaseFdBudget } from '../daemon/quotas.js';
 import * as native from '../shared/native.js';
+import { fdCount } from './fixtures/native-helpers.js';
 import { spawnChild } from './helpers/children.js';
 import { eventually, repoRoot } from './helpers/daemon.js';
 import { openRawClient, type RawClient } from './helpers/raw-client.js';
@@ -131,6 +133,71 @@ describe('per-uid quotas across uids', () => {
     // Another uid still connects and is served while the flood holds its four connections.
     const raw = client(sockpoold.socketPath);
     expect((await honestRequest(raw, origin.port, '/beside-the-flood')).body).toBe('/beside-the-flood');
+  });
+});
+
+describe("the daemon's fd table across uids", () => {
+  it("leaves another uid leases when one takes its lease fd share: one uid's leases cannot exhaust the daemon's fds", async () => {
+    const origin = await pathOrigin(cleanups);
+    // The per-uid lease quotas far above what the daemon's fd table holds: only the fair share of the lease fd
+    // budget stands between one uid and the daemon's last fd.
+    const fdLimit = 1_500;
+    const config = {
+      access: { maxLeasesPerClient: 5_000 },
+      quotas: { maxLeasesPerUid: 5_000, maxConnectsInFlight: 16 },
+      pool: { maxIdleTotal: 16, defaults: { maxPerOrigin: 5_000 } },
+    };
+    const sockpoold = await startSharedDaemon(origin.port, config, cleanups, [
+      'sh',
+      '-c',
+      `ulimit -n ${fdLimit}; exec "$0" "$@"`,
+    ]);
+    const budget = leaseFdBudget(fdLimit, config as unknown as Parameters<typeof leaseFdBudget>[1]);
+    const ownFdsBefore = fdCount();
+    const raw = client(sockpoold.socketPath);
+    expect((await raw.request({ type: 'hello', id: nextId++, version: 1 })).message).toMatchObject({ type: 'hello' });
+    const daemonFdsBefore = sockpoold.fdCount();
+    // The hostile uid takes TCP leases, one at a time, holding each, until it is refused.
+    const hostile = spawnChild(
+      process.execPath,
+      [hostileClient, 'hold-leases', sockpoold.socketPath, origin.port, 5_000].map(String),
+      {
+        stdio: ['ignore', 'pipe', 'inherit'],
+        uid: HOSTILE_UID,
+        gid: HOSTILE_UID,
+      },
+    );
+    cleanups.push(() => hostile.kill('SIGKILL'));
+    const [line] = (await once(hostile.stdout!, 'data')) as [Buffer];
+    const seen = JSON.parse(line.toString()) as { leases: number; refusal?: string; message?: string };
+    // Refused at its share (half the budget, a lone holder: each acquire charged as relayed until its lease is
+    // made), with the budget named; before, it took leases until the daemon's connects failed with EMFILE.
+    expect(seen.refusal).toBe('SOCKPOOL_ERR_QUOTA');
+    expect(seen.message).toContain(`lease fd budget of ${budget}`);
+    expect(seen.leases).toBe(Math.ceil((budget - 2 * 3) / 2));
+    // An admin's stats show the budget and every uid's lease fds (the hostile uid's TCP leases: one each).
+    const shown = (await raw.request({ type: 'stats', id: nextId++ })).message as unknown as {
+      stats: { leaseFds: number; leaseFdBudget: number };
+    };
+    expect(shown.stats).toMatchObject({ leaseFds: seen.leases, leaseFdBudget: budget });
+    // The honest uid still gets leases: up to its own share of what is left.
+    const fds: number[] = [];
+    for (let i = 0; i < 100; i++) {
+      const lease = await raw.request({ type: 'acquire', id: nextId++, host: '127.0.0.1', port: origin.port });
+      expect(lease.message).toMatchObject({ type: 'lease' });
+      fds.push(...lease.fds);
+      raw.sendJson({ type: 'closed', leaseId: (lease.message as { leaseId: number }).leaseId });
+    }
+    for (const fd of fds) native.close(fd);
+    expect(fds).toHaveLength(100);
+    // The hostile uid gone, its leases' fds are closed by the daemon, and the origin (in this process) sees every
+    // connection end: this process is back to its fds before but the raw client's connection.
+    hostile.kill('SIGKILL');
+    await eventually(
+      () => sockpoold.fdCount() <= daemonFdsBefore + config.pool.maxIdleTotal,
+      "the daemon's fds back to where they were (idle sockets aside)",
+    );
+    await eventually(() => fdCount() <= ownFdsBefore + 1 + config.pool.maxIdleTotal, "this process's fds back");
   });
 });
 

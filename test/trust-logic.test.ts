@@ -18,7 +18,16 @@ import {
 } from '../daemon/lease-guard.js';
 import { LogLimiter } from '../daemon/log.js';
 import { type Handoff, OriginPool, type OriginPoolEvents } from '../daemon/origin-pool.js';
-import { overLeaseLimit, PREWARM_WINDOW_MS, type QuotaConfig, STATS_WINDOW_MS, UidQuotas } from '../daemon/quotas.js';
+import {
+  leaseFdBudget,
+  overLeaseLimit,
+  PREWARM_WINDOW_MS,
+  type QuotaConfig,
+  RELAYED_LEASE_FDS,
+  STATS_WINDOW_MS,
+  TCP_LEASE_FDS,
+  UidQuotas,
+} from '../daemon/quotas.js';
 import { ErrorCodes } from '../shared/errors.js';
 import * as native from '../shared/native.js';
 import type { Origin } from '../shared/origin.js';
@@ -145,6 +154,82 @@ describe('UidQuotas', () => {
     expect(quotas.usageOf(7)).toMatchObject({ unreadLeases: 0, pending: 2 });
   });
 
+  describe("the lease fd budget's fair share", () => {
+    /** Takes leases for `uid` (each with `leaseFds`) until refused; returns how many it got and the refusal. */
+    const takeAll = (quotas: UidQuotas, uid: number, leaseFds: number) => {
+      for (let taken = 0; ; taken++) {
+        try {
+          quotas.startAcquire(uid, '192.0.2.1');
+        } catch (error) {
+          return { taken, error };
+        }
+        quotas.acquireSettled(uid, '192.0.2.1', true, undefined, leaseFds);
+      }
+    };
+
+    it("refuses a uid's acquire unless more fds stay free than it would hold, so another uid still gets leases", () => {
+      const quotas = new UidQuotas(
+        () => config({ maxLeasesPerUid: 10_000 }),
+        undefined,
+        undefined,
+        () => 100,
+      );
+      // Alone, a uid gets half the budget: after n TCP leases and this acquire (charged as relayed, 3), n + 3 held,
+      // 100 - n - 3 free; 47 leases (with maxLeasesPerUid alone: 10,000, every fd of the daemon's and more).
+      const first = takeAll(quotas, 1, TCP_LEASE_FDS);
+      expect(first.taken).toBe(47);
+      expect(first.error).toMatchObject({ code: ErrorCodes.QUOTA, quota: 'leaseFds', uid: 1, limit: 100 });
+      expect((first.error as Error).message).toContain("of the daemon's lease fd budget of 100 would stay free");
+      // Another uid gets about half of what is left, and a third half of that: something stays free for the next.
+      expect(takeAll(quotas, 2, TCP_LEASE_FDS).taken).toBe(24);
+      expect(takeAll(quotas, 3, TCP_LEASE_FDS).taken).toBe(12);
+      expect(quotas.leaseFdsInUse()).toEqual({ leaseFds: 83, leaseFdBudget: 100 });
+      // The first uid's leases ended, its fds are free for the others again.
+      for (let i = 0; i < 47; i++) quotas.leaseEnded(1, TCP_LEASE_FDS);
+      expect(quotas.usageOf(1).leaseFds).toBe(0);
+      quotas.startAcquire(3, '192.0.2.1');
+      expect(quotas.usageOf(3).leaseFds).toBe(12 + RELAYED_LEASE_FDS);
+    });
+
+    it('counts a relayed lease as three fds and a pending acquire as three until its lease is made', () => {
+      const quotas = new UidQuotas(
+        () => config({ maxLeasesPerUid: 10_000 }),
+        undefined,
+        undefined,
+        () => 100,
+      );
+      // 3n + 3 held after the acquire, 100 - 3n - 3 free: 16 relayed leases.
+      expect(takeAll(quotas, 1, RELAYED_LEASE_FDS).taken).toBe(16);
+      expect(quotas.usageOf(1)).toMatchObject({ leases: 16, leaseFds: 48 });
+      // Pending acquires hold three each until settled: without a lease, the charge goes.
+      quotas.startAcquire(2, '192.0.2.1');
+      quotas.startAcquire(2, '192.0.2.1');
+      expect(quotas.usageOf(2).leaseFds).toBe(6);
+      expect(quotas.leaseFdsInUse().leaseFds).toBe(54);
+      quotas.acquireSettled(2, '192.0.2.1', false);
+      quotas.acquireSettled(2, '192.0.2.1', true, undefined, TCP_LEASE_FDS);
+      expect(quotas.usageOf(2)).toMatchObject({ leases: 1, leaseFds: 1, pending: 0 });
+      expect(quotas.leaseFdsInUse().leaseFds).toBe(49);
+    });
+
+    it("lets a lone uid reach maxLeasesPerUid in relayed leases under the shipped unit's LimitNOFILE (65,536)", () => {
+      const defaults = defaultConfig();
+      const budget = leaseFdBudget(65_536, defaults);
+      expect(budget).toBe(34_512);
+      const quotas = new UidQuotas(
+        () => defaults.quotas,
+        undefined,
+        undefined,
+        () => budget,
+      );
+      const alone = takeAll(quotas, 1, RELAYED_LEASE_FDS);
+      expect(alone.taken).toBe(defaults.quotas.maxLeasesPerUid);
+      expect(alone.error).toMatchObject({ quota: 'maxLeasesPerUid' });
+      // And the budget keeps at least half the table for leases when the daemon's other needs would take more.
+      expect(leaseFdBudget(20_000, defaults)).toBe(10_000);
+    });
+  });
+
   it("settles a uid's unread charges (charged without a look) before refusing an acquire for them", () => {
     const settled: number[] = [];
     const quotas = new UidQuotas(
@@ -196,7 +281,7 @@ describe('UidQuotas', () => {
     quotas.acquireSettled(7, 'example.com', true);
     quotas.acquireSettled(7, '192.0.2.1', true);
     quotas.acquireSettled(7, '2001:db8::1', true);
-    expect(quotas.usageOf(7)).toEqual({ sessions: 0, leases: 3, unreadLeases: 0, pending: 0, lookups: 0 });
+    expect(quotas.usageOf(7)).toEqual({ sessions: 0, leases: 3, leaseFds: 3, unreadLeases: 0, pending: 0, lookups: 0 });
     quotas.startAcquire(7, '192.0.2.3');
     expect(() => quotas.startAcquire(7, '192.0.2.4')).toThrow(expect.objectContaining({ quota: 'maxLeasesPerUid' }));
     quotas.leaseEnded(7);

@@ -18,16 +18,17 @@ export const hostileClient = join(repoRoot, 'test', 'fixtures', 'hostile-client.
 
 /**
  * A daemon that lets 127.0.0.1:`port` through and whose socket every uid may open (mode 0666 in a directory every uid
- * may enter): for clients run as other uids. Stopped by `cleanups`.
+ * may enter): for clients run as other uids. Stopped by `cleanups`. `wrap` prefixes its command (startDaemon).
  */
 export async function startSharedDaemon(
   port: number,
-  config: object,
+  config: { access?: object },
   cleanups: Array<() => unknown>,
+  wrap?: string[],
 ): Promise<DaemonProcess> {
   const args = ['--allow', '127.0.0.1/32', '--allow-port', String(port)];
-  const file = writeConfigFile({ ...config, access: { socketMode: '0666' } }, cleanups);
-  const started = await startDaemon({ args: [...args, '--config', file] });
+  const file = writeConfigFile({ ...config, access: { ...config.access, socketMode: '0666' } }, cleanups);
+  const started = await startDaemon({ args: [...args, '--config', file], ...(wrap ? { wrap } : {}) });
   chmodSync(dirname(started.socketPath), 0o755);
   cleanups.push(() => started.stop());
   return started;
