@@ -80,8 +80,6 @@ export interface HandoffServerOptions {
   extraStats?: () => Record<string, unknown>;
   /** Per-origin request rates (fleet/rate-limiter.ts); without it `requestsPerSecond` is not enforced. */
   rates?: RateLimiter;
-  /** The fd limit the lease fd budget comes from (quotas.ts, leaseFdBudget): this process's soft RLIMIT_NOFILE. */
-  fdLimit?: number;
 }
 
 /**
@@ -149,7 +147,7 @@ export class HandoffServer {
     this.#rates = options.rates;
     this.#refuseFdsOnAccept = options.refuseFdsOnAccept ?? false;
     // The soft RLIMIT_NOFILE as the daemon started (systemd's LimitNOFILE=): nothing in the daemon raises it later.
-    const fdLimit = options.fdLimit ?? softFdLimit();
+    const fdLimit = softFdLimit();
     this.#quotas = new UidQuotas(
       () => this.#config().quotas,
       undefined,

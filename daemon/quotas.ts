@@ -42,7 +42,7 @@ export const RELAYED_LEASE_FDS = 3;
  * Fds the daemon keeps out of the lease budget for what it holds whatever the leases: its listeners, the history
  * store's files, its threads' (libuv, relay threads, the close watchdog) eventfds and epoll fds, and client
  * connections (one fd each: bounded per uid by maxSessionsPerUid, not by this; past this reserve they come out of the
- * share the fair-share rule always leaves free). A daemon at rest holds well under a hundred.
+ * share the fair-share rule always leaves free).
  */
 export const FD_RESERVE = 512;
 
@@ -50,8 +50,8 @@ export const FD_RESERVE = 512;
  * The daemon fds all uids' leases together may hold: the soft RLIMIT_NOFILE (`fdLimit`) less what the daemon needs
  * besides (see FD_RESERVE), its idle sockets (pool.maxIdleTotal, each maybe a relayed session: three fds) and its
  * connects in flight (quotas.maxConnectsInFlight: warming connects are no acquire's), but never less than half of
- * it: with the defaults those needs (31,024) are more than a smaller table has (a daemon started by hand under a
- * hard limit of 20,000), and a budget of nothing would refuse every acquire. Past the half, the daemon's own needs
+ * it: with the defaults those needs (31,024) are more than a smaller table has (a daemon started without the unit,
+ * under a lower hard limit), and a budget of nothing would refuse every acquire. Past the half, the daemon's own needs
  * come out of what the fair share leaves free (at least as much as the biggest holder holds). Under the shipped
  * unit (LimitNOFILE 65,536, the defaults) 34,512: one uid alone may hold half, 17,256, more than maxLeasesPerUid
  * (4,096) relayed leases take (12,288).
