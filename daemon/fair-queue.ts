@@ -226,11 +226,11 @@ export class AdmissionQueue<T extends Admittable> {
 
   /**
    * The next to start, counted as started for its uid; undefined when none is left (those not wanted dropped), or
-   * none of those left may start: `mayStart(uid, started)`, given how many of the uid's are started and not done,
-   * says whether one more of that uid's may (the others wait their turn as before).
+   * none of those left may start: `mayStart(uid, started, queued)`, given how many of the uid's are started and not
+   * done, says whether one more of that uid's (`queued`, one of them) may (the others wait their turn as before).
    */
-  take(mayStart?: (uid: number, started: number) => boolean): T | undefined {
-    const may = mayStart && ((queued: T) => mayStart(queued.uid, this.#queue.heldOf(queued.uid) ?? 0));
+  take(mayStart?: (uid: number, started: number, queued: T) => boolean): T | undefined {
+    const may = mayStart && ((queued: T) => mayStart(queued.uid, this.#queue.heldOf(queued.uid) ?? 0, queued));
     while (this.#queue.length > 0) {
       // (Finding an urgent one scans the queue.)
       const next = may

@@ -104,7 +104,9 @@ Atomics.add(heartbeat, 0, 1);
  */
 const HEARTBEAT_MS = 1_000;
 setInterval(() => {
-  counters[COUNTER.cpuMicros] = threadCpuMicros();
+  const now = threadCpuMicros();
+  counters[COUNTER.cpuMicros] = now;
+  account(undefined, now);
   Atomics.add(heartbeat, 0, 1);
 }, HEARTBEAT_MS).unref();
 
@@ -120,8 +122,95 @@ function beat(): void {
  */
 const TURN_HANDSHAKE_BUDGET_MICROS = 10_000;
 
-/** The TLS sockets of the handshakes under way on this thread; one leaves as its handshake ends (handshakeOver). */
-const handshaking = new Set<TLSSocket>();
+/**
+ * A handshake under way: its request's id, its TCP socket's fd (the thread's net.Socket owns it), the bytes its TLS
+ * socket had read from it at its last share of a split (see account), and its CPU (µs) not yet reported to the main
+ * thread.
+ */
+interface Handshake {
+  id: number;
+  fd: number;
+  read: number;
+  unreported: number;
+}
+
+/** The handshakes under way on this thread, by TLS socket; one leaves as its handshake ends (handshakeOver). */
+const handshaking = new Map<TLSSocket, Handshake>();
+
+/**
+ * A handshake's CPU past this much not yet reported is reported at once (a `cpu` message), not only with its result:
+ * the main thread then knows a costly chain's cost as soon as it was checked, while the handshake may go on (a server
+ * may hold its last flight until the handshake's timeout). An honest handshake (1–5 ms) reports with its result only.
+ */
+const REPORT_MICROS = 10_000;
+
+/**
+ * CPU spent between two points (see account) past which it is split among the handshakes by what each read, rather
+ * than given to the point's own handshake or to nobody: more than an honest flight costs.
+ */
+const SPLIT_MICROS = 5_000;
+
+/** The thread's CPU time up to which its work was accounted (account). */
+let cpuMark = threadCpuMicros();
+
+/**
+ * The handshakes' CPU, measured for the main thread, which bounds each uid's share of it (relay-cpu.ts). The thread's
+ * CPU between two points it sees is given to whoever did the work: a point is a handshake's event (handshakeProgress,
+ * `own`: inside the turn that processes its server's flight, right after a costly part such as the chain check or
+ * the key exchange; and at the end of open(), its ClientHello), or one of no handshake's (`own` undefined: relayed
+ * bytes while handshakes are under way, a turn's end, the heartbeat's timer, an `open` message's start). libuv gives no
+ * hook at the start of a socket's read, and a server may split its flight so that its chain is checked in a read with
+ * no event (TLS 1.3: the ServerHello alone, then the certificates; or its Finished held back; TLS 1.2: its
+ * ServerHelloDone, whose key exchange logs its one secret, held back): that check then ends at another point, maybe of
+ * another handshake (another uid's). So CPU under SPLIT_MICROS goes to the point's own handshake (none: it was the
+ * loop's or the relay's work); more is split among the handshakes by the bytes each read meanwhile (TCP_INFO's bytes
+ * received less those still queued: a getsockopt and two ioctls a handshake, only then), as a chain's check grows with
+ * the chain (a few ms per KB at most: OpenSSL allows costly keys only up to 3,072 bits, ~1.6 KB a certificate),
+ * and given to `own` only when none read anything (a pause of the process, say). An honest handshake whose flight
+ * came since its last share so gets a few percent of a costly check that ended beside it.
+ */
+function account(own: Handshake | undefined, now: number): void {
+  const spent = Math.max(0, now - cpuMark);
+  cpuMark = now;
+  if (spent >= SPLIT_MICROS && split(spent)) return;
+  if (own) charge(own, spent);
+}
+
+/** Splits `spent` among the handshakes by the bytes each read since its last share; false when none read any. */
+function split(spent: number): boolean {
+  const shares: Array<[Handshake, number]> = [];
+  let total = 0;
+  for (const handshake of handshaking.values()) {
+    let read: number;
+    try {
+      const counts = native.tcpCounters(handshake.fd, true);
+      read = (counts.bytesReceived ?? Number.NaN) - (counts.inq ?? 0);
+    } catch {
+      continue;
+    }
+    // (NaN, a kernel without the counter: not counted.)
+    if (!(read > handshake.read)) continue;
+    shares.push([handshake, read - handshake.read]);
+    total += read - handshake.read;
+    handshake.read = read;
+  }
+  for (const [handshake, bytes] of shares) charge(handshake, (spent * bytes) / total);
+  return total > 0;
+}
+
+/** `micros` more of `handshake`'s CPU: reported at once past REPORT_MICROS. */
+function charge(handshake: Handshake, micros: number): void {
+  handshake.unreported += micros;
+  if (handshake.unreported < REPORT_MICROS) return;
+  post({ t: 'cpu', id: handshake.id, micros: Math.round(handshake.unreported) });
+  handshake.unreported = 0;
+}
+
+/** Relayed bytes were handled: while handshakes are under way, a point of no handshake's (account). */
+function relayed(): void {
+  if (handshaking.size !== 0) account(undefined, threadCpuMicros());
+}
+
 /** Those whose reads this turn's gate stopped (handshakeProgress), started again as the turn ends (turnOver). */
 const heldBack = new Set<TLSSocket>();
 
@@ -154,6 +243,7 @@ let turnStartedAt: number | undefined;
 function handshakeProgress(own: TLSSocket): void {
   beat();
   const now = threadCpuMicros();
+  account(handshaking.get(own), now);
   if (turnStartedAt === undefined) {
     turnStartedAt = now;
     // In this turn's check phase, after its poll: the held handshakes read again in the next poll.
@@ -161,7 +251,7 @@ function handshakeProgress(own: TLSSocket): void {
     return;
   }
   if (now - turnStartedAt < TURN_HANDSHAKE_BUDGET_MICROS) return;
-  for (const tls of handshaking) {
+  for (const tls of handshaking.keys()) {
     if (tls === own || heldBack.has(tls)) continue;
     // A socket being destroyed, or a failed readStop, is left as it is: its handshake is ending anyway.
     if (readingHandle(tls)?.readStop() === 0) heldBack.add(tls);
@@ -171,15 +261,22 @@ function handshakeProgress(own: TLSSocket): void {
 /** The end of a turn with handshake events (its check phase): the next turn's gate starts with its first event. */
 function turnOver(): void {
   turnStartedAt = undefined;
+  account(undefined, threadCpuMicros());
   for (const tls of heldBack) readingHandle(tls)?.readStart();
   heldBack.clear();
 }
 
-/** A handshake ended (secureConnect, or failed): its last handshakeProgress; then the gate lets it go (reading). */
-function handshakeOver(tls: TLSSocket): void {
-  if (!handshaking.delete(tls)) return;
+/**
+ * A handshake ended (secureConnect, or failed): its last handshakeProgress; then the gate lets it go (reading).
+ * Returns its CPU not reported yet (µs), for its result's message; 0 when it had ended already.
+ */
+function handshakeOver(tls: TLSSocket): number {
+  const handshake = handshaking.get(tls);
+  if (!handshake) return 0;
   handshakeProgress(tls);
+  handshaking.delete(tls);
   if (heldBack.delete(tls)) readingHandle(tls)?.readStart();
+  return Math.round(handshake.unreported);
 }
 
 port.on('message', (request: RelayRequest) => {
@@ -242,9 +339,13 @@ function contextFor(request: Extract<RelayRequest, { t: 'open' }>): SecureContex
 }
 
 function open(request: Extract<RelayRequest, { t: 'open' }>): void {
+  // (Work before this message was none of this handshake's.)
+  account(undefined, threadCpuMicros());
   const tcp = new Socket({ fd: request.fd, readable: true, writable: true, allowHalfOpen: true });
   const started = performance.now();
   let settled = false;
+  // Its CPU that handshakeOver left to report, for its result's message.
+  let cpuMicros = 0;
   // While the pair waits for its own connection (see 'secureConnect'): ends that wait.
   let abandonPair: (() => void) | undefined;
   const fail = (error: Error & { code?: string }) => {
@@ -252,13 +353,15 @@ function open(request: Extract<RelayRequest, { t: 'open' }>): void {
     settled = true;
     clearTimeout(timer);
     tls.removeListener('keylog', progress);
-    handshakeOver(tls);
+    // (After secureConnect, its handshake's CPU was counted there: a failed pair reports it here.)
+    cpuMicros += handshakeOver(tls);
     abandonPair?.();
     abandonPair = undefined;
     counters[COUNTER.handshakeFailures]!++;
     tls.destroy();
     tcp.destroy();
-    post({ t: 'failed', id: request.id, code: error.code ?? 'ERR', message: error.message, reason: reasonOf(error) });
+    const reason = reasonOf(error);
+    post({ t: 'failed', id: request.id, code: error.code ?? 'ERR', message: error.message, reason, cpuMicros });
   };
   let secureContext: SecureContext;
   try {
@@ -267,7 +370,8 @@ function open(request: Extract<RelayRequest, { t: 'open' }>): void {
     tcp.destroy();
     counters[COUNTER.handshakeFailures]!++;
     const failure = error as Error & { code?: string };
-    post({ t: 'failed', id: request.id, code: failure.code ?? 'ERR', message: failure.message, reason: 'handshake' });
+    const message = failure.message;
+    post({ t: 'failed', id: request.id, code: failure.code ?? 'ERR', message, reason: 'handshake', cpuMicros: 0 });
     return;
   }
   const tls: TLSSocket = tlsConnect({
@@ -287,7 +391,6 @@ function open(request: Extract<RelayRequest, { t: 'open' }>): void {
     fail(Object.assign(new Error('connection closed during the TLS handshake'), { code: 'EOF' }));
   tls.once('error', fail);
   tls.once('close', closedEarly);
-  handshaking.add(tls);
   // handshakeProgress as each of the handshake's secrets is derived (OpenSSL's key log: after the server's key
   // exchange in TLS 1.2; after its ServerHello, and again after its Finished, so its certificate chain checked, in
   // 1.3), and as it ends (handshakeOver). Its beats, not only the timer's: a turn can still take a costly flight or
@@ -297,6 +400,10 @@ function open(request: Extract<RelayRequest, { t: 'open' }>): void {
   // never leave this thread, which holds the session's keys anyway.)
   const progress = () => handshakeProgress(tls);
   tls.on('keylog', progress);
+  // Its ClientHello (the socket, its key share) is its own cost. (A new connection: it has read nothing yet.)
+  const handshake: Handshake = { id: request.id, fd: request.fd, read: 0, unreported: 0 };
+  handshaking.set(tls, handshake);
+  account(handshake, threadCpuMicros());
   // The pair, once made: the session is relayed and its other end goes to the main thread. `kept`: what the origin
   // sent while the pair was waited for.
   const established = (pair: [number, number], kept = new Bytes(MAX_EARLY_BYTES)) => {
@@ -313,6 +420,7 @@ function open(request: Extract<RelayRequest, { t: 'open' }>): void {
       id: request.id,
       fd: pair[1],
       handshakeMs: performance.now() - started,
+      cpuMicros,
       info: {
         version: tls.getProtocol() ?? 'unknown',
         alpn: typeof tls.alpnProtocol === 'string' ? tls.alpnProtocol : 'http/1.1',
@@ -323,7 +431,7 @@ function open(request: Extract<RelayRequest, { t: 'open' }>): void {
   };
   tls.once('secureConnect', () => {
     tls.removeListener('keylog', progress);
-    handshakeOver(tls);
+    cpuMicros += handshakeOver(tls);
     if (settled) return;
     let pair: [number, number] | native.PendingLoopbackPair;
     try {
@@ -448,6 +556,7 @@ function relay(tls: TLSSocket, tcp: Socket, client: Socket, kept: Bytes): void {
       // After the client's half-close, an origin that still sends keeps the session (an idle timeout).
       linger?.refresh();
       deliver(chunk);
+      relayed();
       return;
     }
     early.push(chunk);
@@ -462,6 +571,7 @@ function relay(tls: TLSSocket, tcp: Socket, client: Socket, kept: Bytes): void {
     }
     counters[COUNTER.bytesToOrigin]! += chunk.length;
     if (!tls.write(chunk)) client.pause();
+    relayed();
   });
   tls.on('drain', () => client.resume());
   // Half-close each way: the client's EOF becomes close_notify and FIN to the origin, the origin's EOF (or

@@ -16,7 +16,9 @@
 // handshakes under way, in arrival order within a uid), so one uid's burst does not hold another uid's handshakes
 // behind all of it; and a uid holding PLACES_KEPT_FOR_OTHER_UIDS or more starts one more only while more than that
 // many places are free (#mayStart), so the places held by one uid's handshakes with servers that never answer leave
-// another uid's a place at once. (Within a thread, the server flights of its handshakes that come in together are
+// another uid's a place at once; and a uid whose handshakes took much of the relay threads' CPU lately (costly
+// certificate chains) starts one more only while its share allows (relay-cpu.ts), so that it cannot keep a thread
+// checking its chains back to back. (Within a thread, the server flights of its handshakes that come in together are
 // spread over turns of its loop once a turn's handshake work passes a budget, so that costly ones do not hold its
 // relayed sessions for all of them at once: tls-relay-thread.ts, handshakeProgress.) One no
 // longer wanted when its turn comes (its acquire gave up) is not started: its TCP
@@ -53,6 +55,7 @@ import { RELAY_HANG_LIMIT_MS } from './config.js';
 import { ConnectAbandoned } from './connect-gate.js';
 import { AdmissionQueue, type Admittable, DAEMON_UID } from './fair-queue.js';
 import type { Logger } from './log.js';
+import { RelayCpuShares } from './relay-cpu.js';
 
 /** What a handshake negotiated; sent to the client with a relayed lease. */
 export interface TlsSessionInfo {
@@ -96,9 +99,14 @@ export interface TlsHandshakeParams {
 /** `spray`: a test seam, honoured only by a thread started with `testSeams` (see tls-relay-thread.ts); never set here. */
 export type RelayRequest = { t: 'open'; id: number; fd: number; spray?: boolean } & TlsHandshakeParams;
 
+/**
+ * A thread's answers. `cpuMicros` (a result's) and `micros` (a `cpu` report, sent while the handshake goes on once
+ * it cost enough): the thread's CPU charged to the handshake since its last report (tls-relay-thread.ts, charge).
+ */
 export type RelayResponse =
-  | { t: 'ready'; id: number; fd: number; handshakeMs: number; info: TlsSessionInfo }
-  | { t: 'failed'; id: number; code: string; message: string; reason: TlsFailureReason };
+  | { t: 'ready'; id: number; fd: number; handshakeMs: number; cpuMicros: number; info: TlsSessionInfo }
+  | { t: 'failed'; id: number; code: string; message: string; reason: TlsFailureReason; cpuMicros: number }
+  | { t: 'cpu'; id: number; micros: number };
 
 /** Totals over all relay threads. */
 export interface RelayCounters {
@@ -163,6 +171,10 @@ interface QueuedHandshake extends HandshakeWaiter, Admittable {
   params: TlsHandshakeParams;
   /** The socket's inode once sent: tells, after the thread ended, whether `fd` is still that socket. */
   inode?: number;
+  /** The relay CPU its thread reported for it so far, µs. */
+  cpuMicros?: number;
+  /** Held back at least once for its uid's relay CPU (#mayStart): counted once. */
+  heldForCpu?: boolean;
 }
 
 interface RelayThread {
@@ -224,12 +236,25 @@ export class TlsRelays {
   /** The watchdog's timer (started with the first thread) and when it last ran. */
   #watchdog: NodeJS.Timeout | undefined;
   #checkedAt = 0;
+  /** Each uid's recent relay CPU, and the bound on it (relay-cpu.ts; #mayStart). */
+  #cpu: RelayCpuShares;
+  /** Handshakes held back at least once for their uid's relay CPU since the start (the metric). */
+  #heldForCpu = 0;
+  /**
+   * While a dispatch left handshakes queued for their uid's relay CPU alone: the soonest one of those uids may
+   * start one more as its cost decays (no handshake's end may come to dispatch again meanwhile), and its timer.
+   */
+  #cpuWaitMs = Number.POSITIVE_INFINITY;
+  #cpuTimer: NodeJS.Timeout | undefined;
+  /** When #cpuTimer fires (performance.now(), ms). */
+  #cpuTimerAt = 0;
 
   constructor(threadCount: number, log: Logger, options: TlsRelaysOptions = {}) {
     this.#log = log;
     this.#threadCount = threadCount;
     this.#hangLimitMs = options.hangLimitMs ?? (() => RELAY_HANG_LIMIT_MS);
     this.#onHung = options.onHung;
+    this.#cpu = new RelayCpuShares(threadCount);
   }
 
   /** How many relay threads the watchdog has taken for hung since the start. */
@@ -263,6 +288,26 @@ export class TlsRelays {
 
   /** Sends waiting handshakes to the least busy threads with room, starting threads up to the configured count. */
   #dispatch(): void {
+    this.#cpuWaitMs = Number.POSITIVE_INFINITY;
+    try {
+      this.#send();
+    } finally {
+      // (At least a millisecond: a wait computed as a hair over 0 must not spin.)
+      const waitMs = Math.max(1, Math.ceil(this.#cpuWaitMs));
+      const at = performance.now() + waitMs;
+      if (waitMs !== Number.POSITIVE_INFINITY && !this.#closed && (!this.#cpuTimer || at < this.#cpuTimerAt)) {
+        clearTimeout(this.#cpuTimer);
+        this.#cpuTimerAt = at;
+        this.#cpuTimer = setTimeout(() => {
+          this.#cpuTimer = undefined;
+          this.#dispatch();
+        }, waitMs);
+        this.#cpuTimer.unref();
+      }
+    }
+  }
+
+  #send(): void {
     while (this.#queue.length > 0) {
       const thread = this.#roomiest();
       if (!thread) return;
@@ -288,11 +333,24 @@ export class TlsRelays {
    * never answers, and a place taken is never given back early: without a reserve, one uid's acquires to such an
    * origin held every place, and every other uid's warm TLS acquire (of any origin) waited for one of them to time
    * out, as long as its own acquire timeout (10 s both, by default), again after each refill.
+   * And while its handshakes' recent relay CPU, with what those under way are expected to cost, stays under its
+   * share (relay-cpu.ts): one held back for that is counted (once), and a timer dispatches again once the uid's
+   * cost has decayed enough, if nothing else did before.
    */
-  #mayStart = (_uid: number, started: number): boolean => {
+  #mayStart = (uid: number, started: number, job: QueuedHandshake): boolean => {
     let underWay = 0;
     for (const thread of this.#threads) if (thread && !thread.exited && !thread.hung) underWay += thread.pending.size;
-    return this.#threadCount * HANDSHAKES_PER_THREAD - underWay > Math.min(started, PLACES_KEPT_FOR_OTHER_UIDS);
+    if (this.#threadCount * HANDSHAKES_PER_THREAD - underWay <= Math.min(started, PLACES_KEPT_FOR_OTHER_UIDS)) {
+      return false;
+    }
+    const now = performance.now();
+    if (this.#cpu.mayStart(uid, started, now)) return true;
+    if (!job.heldForCpu) {
+      job.heldForCpu = true;
+      this.#heldForCpu++;
+    }
+    this.#cpuWaitMs = Math.min(this.#cpuWaitMs, this.#cpu.waitMs(uid, started, now));
+    return false;
   };
 
   /** A queued handshake nobody wants any more: never started; its TCP fd, still this class's, is closed. */
@@ -318,9 +376,16 @@ export class TlsRelays {
     return best;
   }
 
-  /** The relay threads' totals, and the handshakes waiting here for room in one. */
-  counters(): RelayCounters & { handshakesQueued: number } {
-    const totals = { ...this.#retiredTotals, handshakesQueued: this.#queue.length };
+  /**
+   * The relay threads' totals, the handshakes waiting here for room in one, and those that waited (at least once)
+   * for their uid's share of the relay CPU.
+   */
+  counters(): RelayCounters & { handshakesQueued: number; handshakesHeldForCpu: number } {
+    const totals = {
+      ...this.#retiredTotals,
+      handshakesQueued: this.#queue.length,
+      handshakesHeldForCpu: this.#heldForCpu,
+    };
     // A hung thread's sessions were ended, though it could not count them down.
     for (const thread of this.#threads) if (thread) addCounters(totals, thread.counters, !thread.hung);
     return totals;
@@ -339,6 +404,7 @@ export class TlsRelays {
   async close(limitMs = RELAY_TERMINATE_LIMIT_MS): Promise<string[]> {
     this.#closed = true;
     clearInterval(this.#watchdog);
+    clearTimeout(this.#cpuTimer);
     for (const job of this.#queue.drain()) {
       native.close(job.fd);
       job.reject(new SockpoolError(ErrorCodes.SHUTTING_DOWN, 'sockpoold is stopping'));
@@ -469,6 +535,10 @@ export class TlsRelays {
         if (message.t === 'ready') native.close(message.fd);
         return;
       }
+      const micros = message.t === 'cpu' ? message.micros : message.cpuMicros;
+      waiter.cpuMicros = (waiter.cpuMicros ?? 0) + micros;
+      this.#cpu.charge(waiter.uid, micros, waiter.cpuMicros);
+      if (message.t === 'cpu') return;
       thread.pending.delete(message.id);
       this.#queue.done(waiter.uid);
       // Room for the next handshake (after this one's waiter ran: a waiter may queue another).
@@ -570,6 +640,17 @@ export function registerRelayMetrics(registry: Registry, relays: TlsRelays): voi
     (c) => c.handshakesQueued,
   );
   gauge('sockpool_tls_relay_cpu_seconds', 'CPU time of the relay threads', (c) => c.cpuMicros / 1e6);
+  let heldSeen = 0;
+  new Counter({
+    name: 'sockpool_tls_handshakes_held_for_cpu_total',
+    help: "Warm TLS handshakes that waited for their uid's share of the relay threads' CPU (a uid whose handshakes cost much)",
+    registers: [registry],
+    collect() {
+      const held = relays.counters().handshakesHeldForCpu;
+      this.inc(held - heldSeen);
+      heldSeen = held;
+    },
+  });
   let hungSeen = 0;
   new Counter({
     name: 'sockpool_tls_relay_threads_hung_total',

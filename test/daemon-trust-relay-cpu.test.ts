@@ -16,8 +16,12 @@
 // thread for hung. The relay thread now beats as each handshake's secrets are derived (OpenSSL's key log). And in
 // that turn every other session of the thread (any uid's) waited: once a turn's handshake work passes a budget, the
 // thread now stops the other handshakes' reads until the next turn, so a turn checks about one such flight (two in
-// TLS 1.2) and the relayed sessions' bytes move between them.
-// Real daemon child process (defaults but a metrics port), real node:tls origins, a throwaway CA.
+// TLS 1.2) and the relayed sessions' bytes move between them. And a uid could keep asking for such handshakes for
+// ever (each acquire is a new one), keeping the thread checking its chains back to back: a uid's handshakes now get
+// a share of the relay threads' CPU (daemon/relay-cpu.ts), past which its next ones wait while other uids' go on.
+// Real daemon child process (defaults but a metrics port), real node:tls origins, a throwaway CA; the per-uid share
+// with the daemon's relay threads (TlsRelays, from dist/) and handshakes of two uids (a daemon's clients of another
+// uid need root).
 
 import { execFileSync } from 'node:child_process';
 import { constants, createHash, createPrivateKey, generatePrimeSync, randomBytes } from 'node:crypto';
@@ -27,12 +31,14 @@ import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createServer, type Server } from 'node:tls';
+import pino from 'pino';
+import { Registry } from 'prom-client';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import * as native from '../shared/native.js';
 import type { LeaseReply } from '../shared/protocol.js';
 import { eventually, httpsOrigin, type Origin, startTestDaemon, warmTlsArgs } from './fixtures/client-helpers.js';
-import { exchangeOverFd, pollUntil, socketCount } from './fixtures/native-helpers.js';
-import { type DaemonProcess, logRecords, metricValue } from './helpers/daemon.js';
+import { exchangeOverFd, pollUntil, socketCount, socketsBackTo, waitForEvents } from './fixtures/native-helpers.js';
+import { type DaemonProcess, logRecords, metricValue, repoRoot } from './helpers/daemon.js';
 import { freePort } from './helpers/free-port.js';
 import { openRawClient, type RawClient } from './helpers/raw-client.js';
 import { createTestPki, type TestPki } from './helpers/tls.js';
@@ -299,6 +305,145 @@ afterAll(async () => {
   pki?.cleanup();
   if (dir) rmSync(dir, { recursive: true, force: true });
 });
+
+/**
+ * A TCP proxy to `port` that counts the connections whose client has spoken (a relay thread's ClientHello: its
+ * handshake started) and not closed yet: `underWay`, and the most at once since `most` was last set.
+ */
+async function countingProxy(
+  port: number,
+  holdDoneMs?: number,
+): Promise<{ server: net.Server; underWay: number; most: number }> {
+  const counts = { server: net.createServer(), underWay: 0, most: 0 };
+  counts.server.on('connection', (client) => {
+    const server = net.connect(port, '127.0.0.1');
+    client.on('error', () => server.destroy());
+    server.on('error', () => client.destroy());
+    client.once('data', () => {
+      counts.underWay++;
+      counts.most = Math.max(counts.most, counts.underWay);
+      client.once('close', () => counts.underWay--);
+    });
+    client.pipe(server);
+    if (holdDoneMs === undefined) {
+      server.pipe(client);
+      return;
+    }
+    // `holdDoneMs`: a TLS 1.2 server's first flight goes through but its ServerHelloDone (its last record), which
+    // the client answers with its key exchange (the one key-log event of the flight), follows holdDoneMs later: the
+    // chain is checked in a read of the relay thread with no event of its handshake.
+    let seen = Buffer.alloc(0);
+    let held = true;
+    server.on('data', (chunk: Buffer) => {
+      if (!held) {
+        client.write(chunk);
+        return;
+      }
+      seen = Buffer.concat([seen, chunk]);
+      const done = seen.indexOf(SERVER_HELLO_DONE);
+      if (done === -1) return;
+      held = false;
+      client.write(seen.subarray(0, done));
+      const rest = seen.subarray(done);
+      setTimeout(() => client.write(rest), holdDoneMs);
+    });
+    server.on('end', () => setTimeout(() => client.end(), holdDoneMs));
+  });
+  counts.server.listen(0, '127.0.0.1');
+  await once(counts.server, 'listening');
+  return counts;
+}
+
+/** A TLS 1.2 record holding a ServerHelloDone (handshake type 14, empty). */
+const SERVER_HELLO_DONE = Buffer.from([0x16, 0x03, 0x03, 0x00, 0x04, 0x0e, 0x00, 0x00, 0x00]);
+/** How long the proxy holds it back: past the relay thread's heartbeat (a point of no handshake's, every second). */
+const HOLD_DONE_MS = 1_500;
+
+/** A TCP connection to 127.0.0.1:`port` (non-blocking); the fd is the caller's. */
+async function connectedFd(port: number): Promise<number> {
+  const fd = native.tcpSocket(4);
+  if (!native.connectStart(fd, '127.0.0.1', port, 4)) await waitForEvents(fd, native.WRITABLE);
+  const error = native.socketError(fd);
+  if (error) {
+    native.close(fd);
+    throw new Error(`connect to ${port}: ${error}`);
+  }
+  return fd;
+}
+
+// First in the file: no daemon of the other tests holds connections to this process's origins, so the sockets
+// are counted exactly.
+it.each([
+  ['TLSv1.3', undefined],
+  ['TLSv1.2, its ServerHelloDone held back', HOLD_DONE_MS],
+] as const)(
+  "one uid's costly handshakes (%s) get a share of the relay thread's CPU: past it they wait and start one at a time, another uid's go on",
+  async (_, holdDoneMs) => {
+    // uid 1000's origin presents the costly chain (~330 ms of the relay thread's CPU to check, then refused: no trusted
+    // root); uid 2000's is the test CA's (1–2 ms). uid 1000's first few handshakes cost it more than its share of the
+    // thread; then it asks for LATER more, and uid 2000 for an honest burst of HANDSHAKES at once. Before, uid 1000's
+    // LATER all started at once (the places allowed them; only the turn gate spread their checks), and the thread went
+    // on checking its chains back to back for as long as it asked. Now they wait in the queue, counted as held back for
+    // CPU, and start one at a time as its recorded cost decays under the share: never more than two under way (its
+    // cost plus a check's for each under way must stay under the share's bound); uid 2000's are not held back. Held
+    // back too when the server splits its flight so that its chain is checked in a read with no event of its
+    // handshake (TLS 1.2: its ServerHelloDone, which the relay answers with its key exchange, its one key-log event,
+    // held back): that CPU, found past a point of no handshake's (the heartbeat) or of another's (uid 2000's), is
+    // split by what each handshake read.
+    const { TlsRelays, registerRelayMetrics } = (await import(
+      join(repoRoot, 'dist', 'daemon', 'tls-relay.js')
+    )) as typeof import('../daemon/tls-relay.js');
+    const FIRST = 4;
+    const LATER = 8;
+    const originPort = await costlyOriginPort(holdDoneMs === undefined ? 'TLSv1.3' : 'TLSv1.2');
+    const before = socketCount();
+    const costlyProxy = await countingProxy(originPort, holdDoneMs);
+    const costlyPort = (costlyProxy.server.address() as { port: number }).port;
+    const relays = new TlsRelays(1, pino({ level: 'silent' }));
+    const registry = new Registry();
+    registerRelayMetrics(registry, relays);
+    const ca = readFileSync(pki.caFile, 'utf8');
+    const handshake = async (port: number, uid: number): Promise<string> => {
+      const params = { host: 'localhost', port, ca, contextKey: `test-ca/${trust}`, timeoutMs: COSTLY_WAIT_MS };
+      // Ownership of the fd passes to the relays; a session's fd comes back to this test (closed at once).
+      return relays.open(await connectedFd(port), params, undefined, undefined, uid).then(
+        (session) => {
+          native.close(session.fd);
+          return 'ready';
+        },
+        (error: Error) => error.message,
+      );
+    };
+    try {
+      const first = await Promise.all(Array.from({ length: FIRST }, () => handshake(costlyPort, 1000)));
+      for (const outcome of first) expect(outcome).toContain('unknown-ca');
+      await pollUntil(
+        () => costlyProxy.underWay === 0,
+        () => `the proxy's connections closed (${costlyProxy.underWay} open)`,
+      );
+      costlyProxy.most = 0;
+
+      const later = Array.from({ length: LATER }, () => handshake(costlyPort, 1000));
+      const honest = await Promise.all(Array.from({ length: HANDSHAKES }, () => handshake(origin.port, 2000)));
+      expect(honest).toEqual(Array(HANDSHAKES).fill('ready'));
+      // uid 1000 is not starved: its handshakes all end (its cost decays, one at a time), refused on the chain.
+      for (const outcome of await Promise.all(later)) expect(outcome).toContain('unknown-ca');
+      expect(costlyProxy.most, "uid 1000's handshakes under way at once").toBeLessThanOrEqual(2);
+      // Held back: uid 1000's (those that could not start at once), none of uid 2000's.
+      const held = relays.counters().handshakesHeldForCpu;
+      expect(held).toBeGreaterThanOrEqual(LATER - 2);
+      expect(held).toBeLessThanOrEqual(LATER);
+      const metrics = await registry.getSingleMetricAsString('sockpool_tls_handshakes_held_for_cpu_total');
+      expect(metrics).toContain(`sockpool_tls_handshakes_held_for_cpu_total ${held}`);
+    } finally {
+      await relays.close();
+      costlyProxy.server.close();
+    }
+    // Every handshake's TCP connection (ours and the proxy's two ends) and every session's pair closed.
+    await socketsBackTo(before);
+  },
+  120_000,
+);
 
 /**
  * A hostile client's HANDSHAKES warm TLS acquires to `port`, all at once (their replies read, fds closed); then the

@@ -1,0 +1,127 @@
+// Each uid's recent use of the relay threads' handshake CPU, and the bound on it (issue 10: a bound per uid on every
+// resource a client can consume). The relay threads attribute their handshake work to each handshake
+// (tls-relay-thread.ts, charge) and report it; TlsRelays charges it here to the handshake's uid, and its admission
+// queue asks here whether a uid may start one more handshake (tls-relay.ts, #mayStart).
+//
+// Why a bound: an origin chooses what checking its certificate chain costs the relay thread (OpenSSL checks up to
+// 100 KB of it and Node offers no bound: ~330 ms a handshake for 60 certificates of costly keys), and a uid can ask
+// for such handshakes for ever (each acquire is a new one). The places bound how many run at once, not what they
+// cost, and the turn gate (tls-relay-thread.ts, handshakeProgress) spreads flights that come together over turns but
+// cannot split one: a uid asking all the time kept the thread checking its chains back to back, and every other
+// session of the thread (any uid's) waited a check or two at each round trip for as long as it went on.
+//
+// The measure: a uid's handshake CPU decayed with a half-life of CPU_HALF_LIFE_MS (so what it spent in the last few
+// seconds), against a share of the relay threads' time: a uid spending CPU_SHARE of every relay thread's time, for
+// good, settles at `limit` (the rate times the decay's mean lifetime, half-life / ln 2). A uid's handshakes cost
+// about the same each (one origin, one chain), so each uid's peak cost of one handshake (decayed too) says what the
+// next ones will cost: a uid may start one more while its cost plus a peak for each of its handshakes under way stays
+// under the limit. An honest crawler's handshakes cost 1–2 ms of relay CPU each (up to 5 on a loaded machine, as the
+// thread measures them): hundreds may be under way before the
+// rule holds one back (its 16 overlapping round trips stay), a burst of ~360 of them fits the limit, and it may go on
+// at ~125 a second per relay thread (a quarter of the thread at 2 ms each) before it is paced. A
+// uid whose handshakes cost ~330 ms each starts at most two at once, none once its cost is over the limit, and so
+// gets about CPU_SHARE of a thread for as long as it asks; the others' handshakes (held to nothing here) go on.
+// What it cannot bound: the first burst (what a uid's handshakes cost is known only once the thread checked one;
+// those already started finish), and one check (~330 ms) once started.
+//
+// Why a quarter: it bounds the waits of the other sessions of the thread to about a quarter of their round trips
+// (each then waits one check), and it lies well above an honest uid's use (a crawl's prewarm burst of ~200
+// handshakes used ~0.4 s of relay CPU, docs/benchmarks.md); a uid held back waits in the relay's queue (fairly with
+// its own), never fails for it but through its acquire's own timeout. Why a half-life of 2 s: long enough that a
+// burst is remembered past the turns it took (the check of 16 chains takes the thread ~5 s), short enough that a
+// uid whose one burst was costly is served again within seconds.
+
+/** The half-life of a uid's recorded relay CPU (and of its peak handshake cost), ms. */
+export const CPU_HALF_LIFE_MS = 2_000;
+
+/** The share of each relay thread's time one uid's handshakes may take over the last few seconds. */
+export const CPU_SHARE = 0.25;
+
+/** A uid whose cost and peak decayed under this (µs) is forgotten: a bound on the map. */
+const FORGOTTEN_MICROS = 1;
+
+interface UidCpu {
+  /** Its handshakes' relay CPU, µs, decayed to `at`. */
+  cost: number;
+  /** The most one of its handshakes cost, µs, decayed to `at` as `cost` is. */
+  peak: number;
+  /** When `cost` and `peak` were last decayed (performance.now(), ms). */
+  at: number;
+}
+
+export class RelayCpuShares {
+  #byUid = new Map<number, UidCpu>();
+  /** The bound on a uid's decayed cost, µs (see the header). */
+  #limit: number;
+  /** The map's size that makes the next charge sweep it. */
+  #sweepAt = 64;
+
+  constructor(threadCount: number) {
+    this.#limit = (CPU_SHARE * threadCount * CPU_HALF_LIFE_MS * 1_000) / Math.LN2;
+  }
+
+  /** The bound on a uid's decayed cost, µs. */
+  get limitMicros(): number {
+    return this.#limit;
+  }
+
+  /** `uid`'s record decayed to `now`; undefined when it has none. */
+  #at(uid: number, now: number): UidCpu | undefined {
+    const entry = this.#byUid.get(uid);
+    if (!entry || entry.at === now) return entry;
+    const factor = 2 ** (-(now - entry.at) / CPU_HALF_LIFE_MS);
+    entry.cost *= factor;
+    entry.peak *= factor;
+    entry.at = now;
+    return entry;
+  }
+
+  /**
+   * `micros` more of a handshake of `uid`, which has cost `handshakeMicros` so far (these included): its uid's cost
+   * grows, and its peak if this handshake cost more.
+   */
+  charge(uid: number, micros: number, handshakeMicros: number, now = performance.now()): void {
+    if (micros <= 0 && handshakeMicros <= 0) return;
+    let entry = this.#at(uid, now);
+    if (!entry) {
+      if (this.#byUid.size >= this.#sweepAt) this.#sweep(now);
+      entry = { cost: 0, peak: 0, at: now };
+      this.#byUid.set(uid, entry);
+    }
+    entry.cost += Math.max(0, micros);
+    entry.peak = Math.max(entry.peak, handshakeMicros);
+  }
+
+  /** Whether `uid`, with `started` handshakes under way, may start one more (see the header). */
+  mayStart(uid: number, started: number, now = performance.now()): boolean {
+    const entry = this.#at(uid, now);
+    return !entry || entry.cost + started * entry.peak < this.#limit;
+  }
+
+  /** How long until `uid`, with `started` under way and none of them ending, may start one more (ms; 0: now). */
+  waitMs(uid: number, started: number, now = performance.now()): number {
+    const entry = this.#at(uid, now);
+    if (!entry) return 0;
+    // Cost and peak decay by one factor f: one more may start once (cost + started·peak)·f < limit.
+    const load = entry.cost + started * entry.peak;
+    return load < this.#limit ? 0 : CPU_HALF_LIFE_MS * Math.log2(load / this.#limit);
+  }
+
+  /** The uids recorded (tests: the sweep). */
+  get recordCount(): number {
+    return this.#byUid.size;
+  }
+
+  /** `uid`'s cost now, µs (tests). */
+  costOf(uid: number, now = performance.now()): number {
+    return this.#at(uid, now)?.cost ?? 0;
+  }
+
+  #sweep(now: number): void {
+    for (const uid of [...this.#byUid.keys()]) {
+      const entry = this.#at(uid, now)!;
+      if (entry.cost < FORGOTTEN_MICROS && entry.peak < FORGOTTEN_MICROS) this.#byUid.delete(uid);
+    }
+    this.#sweepAt = Math.max(64, 2 * this.#byUid.size);
+  }
+}
