@@ -640,25 +640,28 @@ export function registerRelayMetrics(registry: Registry, relays: TlsRelays): voi
     (c) => c.handshakesQueued,
   );
   gauge('sockpool_tls_relay_cpu_seconds', 'CPU time of the relay threads', (c) => c.cpuMicros / 1e6);
-  let heldSeen = 0;
-  new Counter({
-    name: 'sockpool_tls_handshakes_held_for_cpu_total',
-    help: "Warm TLS handshakes that waited for their uid's share of the relay threads' CPU (a uid whose handshakes cost much)",
-    registers: [registry],
-    collect() {
-      const held = relays.counters().handshakesHeldForCpu;
-      this.inc(held - heldSeen);
-      heldSeen = held;
-    },
-  });
-  let hungSeen = 0;
-  new Counter({
-    name: 'sockpool_tls_relay_threads_hung_total',
-    help: 'Relay threads the watchdog found hung (their event loop stopped turning) and replaced',
-    registers: [registry],
-    collect() {
-      this.inc(relays.hungThreads - hungSeen);
-      hungSeen = relays.hungThreads;
-    },
-  });
+  // Running counts kept by TlsRelays: each scrape adds what came since the last.
+  const counter = (name: string, help: string, read: () => number) => {
+    let seen = 0;
+    return new Counter({
+      name,
+      help,
+      registers: [registry],
+      collect() {
+        const now = read();
+        this.inc(now - seen);
+        seen = now;
+      },
+    });
+  };
+  counter(
+    'sockpool_tls_handshakes_held_for_cpu_total',
+    "Warm TLS handshakes that waited for their uid's share of the relay threads' CPU (a uid whose handshakes cost much)",
+    () => relays.counters().handshakesHeldForCpu,
+  );
+  counter(
+    'sockpool_tls_relay_threads_hung_total',
+    'Relay threads the watchdog found hung (their event loop stopped turning) and replaced',
+    () => relays.hungThreads,
+  );
 }

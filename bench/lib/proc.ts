@@ -3,6 +3,7 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import { readdirSync, readFileSync } from 'node:fs';
 import { createInterface } from 'node:readline';
+import { softFdLimit } from '../../daemon/quotas.js';
 
 export interface BenchChild {
   child: ChildProcess;
@@ -115,9 +116,7 @@ export function procStatusBytes(pid: number, field: string): number {
 
 /** The soft RLIMIT_NOFILE of a running process (from /proc/<pid>/limits). */
 export function nofileLimit(pid: number): number {
-  const limits = readFileSync(`/proc/${pid}/limits`, 'utf8');
-  const match = /^Max open files\s+(\d+|unlimited)/m.exec(limits);
-  return match?.[1] === undefined || match[1] === 'unlimited' ? Number.POSITIVE_INFINITY : Number(match[1]);
+  return softFdLimit(`/proc/${pid}/limits`);
 }
 
 export function fdCount(pid: number): number {
