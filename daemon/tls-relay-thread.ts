@@ -484,12 +484,11 @@ function open(request: Extract<RelayRequest, { t: 'open' }>): void {
   });
 }
 
-/** `kept`: what the origin sent before the relay started (at most MAX_EARLY_BYTES), the first of its early bytes. */
-function relay(tls: TLSSocket, tcp: Socket, client: Socket, kept: Bytes): void {
+/** `early`: what the origin sent before the relay started (at most MAX_EARLY_BYTES), the first of its early bytes. */
+function relay(tls: TLSSocket, tcp: Socket, client: Socket, early: Bytes): void {
   let leased = false;
-  // What the origin sends before the client speaks, kept as bytes (relay-bytes.ts: kept as TLS's chunks, one per
-  // record, an origin sending one-byte records made each byte cost hundreds).
-  const early = kept;
+  // `early`: what the origin sends before the client speaks, kept as bytes (relay-bytes.ts: kept as TLS's chunks, one
+  // per record, an origin sending one-byte records made each byte cost hundreds).
   let clientEnded = false;
   let originEnded = false;
   let closed = false;
