@@ -155,6 +155,14 @@ describe('UidQuotas', () => {
   });
 
   describe("the lease fd budget's fair share", () => {
+    /** Quotas whose per-uid lease limit is far above `budget`: only the fair share binds. */
+    const withBudget = (budget: number) =>
+      new UidQuotas(
+        () => config({ maxLeasesPerUid: 10_000 }),
+        undefined,
+        undefined,
+        () => budget,
+      );
     /** Takes leases for `uid` (each with `leaseFds`) until refused; returns how many it got and the refusal. */
     const takeAll = (quotas: UidQuotas, uid: number, leaseFds: number) => {
       for (let taken = 0; ; taken++) {
@@ -168,12 +176,7 @@ describe('UidQuotas', () => {
     };
 
     it("refuses a uid's acquire unless more fds stay free than it would hold, so another uid still gets leases", () => {
-      const quotas = new UidQuotas(
-        () => config({ maxLeasesPerUid: 10_000 }),
-        undefined,
-        undefined,
-        () => 100,
-      );
+      const quotas = withBudget(100);
       // Alone, a uid gets half the budget: after n TCP leases and this acquire (charged as relayed, 3), n + 3 held,
       // 100 - n - 3 free; 47 leases (with maxLeasesPerUid alone: 10,000, every fd of the daemon's and more).
       const first = takeAll(quotas, 1, TCP_LEASE_FDS);
@@ -192,12 +195,7 @@ describe('UidQuotas', () => {
     });
 
     it('counts a relayed lease as three fds and a pending acquire as three until its lease is made', () => {
-      const quotas = new UidQuotas(
-        () => config({ maxLeasesPerUid: 10_000 }),
-        undefined,
-        undefined,
-        () => 100,
-      );
+      const quotas = withBudget(100);
       // 3n + 3 held after the acquire, 100 - 3n - 3 free: 16 relayed leases.
       expect(takeAll(quotas, 1, RELAYED_LEASE_FDS).taken).toBe(16);
       expect(quotas.usageOf(1)).toMatchObject({ leases: 16, leaseFds: 48 });
