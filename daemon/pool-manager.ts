@@ -270,7 +270,7 @@ export class PoolManager {
       }
       throw error;
     }
-    this.#countHandoff(pool.key, stats, handoff.warm);
+    this.#countHandoff(pool.key, stats, handoff.warm, uid);
     if (handoff.announced !== true) this.#bumpUnannounced(stats);
     return named(pool, handoff);
   }
@@ -302,7 +302,7 @@ export class PoolManager {
     stats.uids.add(uid);
     this.#bumpRate(stats);
     if (!announced) this.#bumpUnannounced(stats);
-    this.#countHandoff(originKey, stats, true);
+    this.#countHandoff(originKey, stats, true, uid);
   }
 
   /** takeWarm() once the pool is known, counted at once. */
@@ -322,8 +322,8 @@ export class PoolManager {
     return isTlsPoolKey(pool.key) && tcpOnMiss(pool.policy);
   }
 
-  /** Counts a handoff, a hit (warm) or a miss. */
-  #countHandoff(key: string, stats: OriginStats, warm: boolean): void {
+  /** Counts a handoff to a client of `uid`, a hit (warm) or a miss (the history keeps whose demand it was). */
+  #countHandoff(key: string, stats: OriginStats, warm: boolean, uid: number): void {
     if (warm) {
       stats.hits++;
       this.#hits++;
@@ -333,7 +333,7 @@ export class PoolManager {
       this.#misses++;
       this.#metrics?.misses.inc();
     }
-    this.#store?.recordAcquire(key, { hit: warm });
+    this.#store?.recordAcquire(key, { hit: warm }, uid);
   }
 
   /** A lease of `uid` ended: its socket is closed. */

@@ -11,7 +11,11 @@
 //
 // What a client cannot bloat: only origins that connected get a row (an origin whose every connect failed, or
 // that the policy refused, leaves nothing); the `origins` table holds at most `maxOrigins` rows, those without
-// demand (reached only by prewarms) evicted first, then the least recently seen (with their demand history); and
+// demand (reached only by prewarms) evicted first, then the least recently seen (with their demand history) of the
+// uid holding the most rows. A row is held by the uid whose acquire brought the origin in (its `uid`), as the
+// connector's tables are (uid-share-map.ts): one uid's acquires to many origins that connect (a wildcard domain the
+// policy allows) push out its own history, never that of a uid holding fewer, and `topOrigins` takes each holder's
+// busiest in turn, so that uid's origins do not take every place (and socket) warm-on-start has. And
 // the timer's flushes write in slices of at most SLICE_BUDGET_MS of event-loop time, continuing on the next turn,
 // so a flood of new origins never holds the loop for long (bench/store-flush.ts measures it with 100,000 origins).
 // `flush()` itself (at close, and before `topOrigins`) still writes everything at once. While the timer runs, the WAL is copied into the database file
@@ -28,6 +32,7 @@ import { Worker } from 'node:worker_threads';
 import Database from 'better-sqlite3';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import { originOfKey } from '../shared/origin.js';
+import { heaviestHolder } from './uid-share-map.js';
 
 /** Schema migrations, oldest first: entry i takes `PRAGMA user_version` from i to i + 1. Append; never edit. */
 export const MIGRATIONS: readonly string[] = [
@@ -68,6 +73,13 @@ export const MIGRATIONS: readonly string[] = [
   `
   UPDATE origins SET learned_idle_lifetime_ms = NULL WHERE learned_idle_lifetime_ms < 1000;
   `,
+  // Each row's holder (#evictSome, topOrigins): the uid whose acquire brought the origin in; NULL for a row no
+  // acquire asked for yet, and for every row older versions wrote (whose uids were never known: together they are
+  // one holder, as a uid's rows are). The index is the per-holder eviction order, an index range scan.
+  `
+  ALTER TABLE origins ADD COLUMN uid INTEGER;
+  CREATE INDEX origins_uid_eviction ON origins (uid, acquires > 0, last_seen);
+  `,
 ];
 
 export interface StateStoreOptions {
@@ -83,7 +95,7 @@ export interface StateStoreOptions {
   demandRateWindowMs?: number;
   /**
    * Most origins kept in history; past it those without demand (no acquire) are evicted first, then the least
-   * recently seen. Default 100,000.
+   * recently seen of the uid holding the most rows. Default 100,000.
    */
   maxOrigins?: number;
   /**
@@ -210,6 +222,8 @@ interface Pending {
   connectSum: number;
   connectFresh: number;
   idleLifetimeChanged: boolean;
+  /** The uid of the first acquire recorded (the new row's holder); undefined while none was. */
+  uid: number | undefined;
   /** minute bucket → acquires */
   minutes: Map<number, number>;
 }
@@ -228,7 +242,12 @@ interface OriginRow {
   learned_idle_lifetime_ms: number | null;
   demand_rate_per_s: number;
   demand_updated_at: number;
+  /** The holder (see MIGRATIONS[3]); NULL when none, or on a file whose migration to schema 4 waits. */
+  uid: number | null;
 }
+
+/** Who holds a row: a uid, or null for rows no acquire of a known uid brought in (see MIGRATIONS[3]). */
+type Holder = number | null;
 
 /**
  * Brings a database to the newest schema, one transaction per migration. Refuses a database newer than
@@ -258,7 +277,10 @@ export function migrate(
   return { from, to: migrations.length };
 }
 
-/** The oldest schema this version's statements run on: the migrations after it add an index (2) and forget values (3). */
+/**
+ * The oldest schema this version's statements run on: the migrations after it add an index (2), forget values (3)
+ * and add the holder column (4: below it, every row is the one holder null; see #hasHolders).
+ */
 const STATEMENTS_NEED_SCHEMA = 1;
 
 function schemaVersion(db: Database.Database): number {
@@ -302,6 +324,8 @@ export class StateStore {
   readonly #scoreHalfLifeMinutes: number;
   readonly #rateWindowMs: number;
   #pending = new Map<string, Pending>();
+  /** The pending origins per holder (their Pending.uid, null while none), first recorded first: see #pendingOf. */
+  #pendingBy = new Map<Holder, Set<string>>();
   /** Learned idle lifetimes: all of them, loaded at open and kept current in memory (the store is the only writer). */
   #learned = new Map<string, number>();
   #timer: NodeJS.Timeout | undefined;
@@ -320,6 +344,10 @@ export class StateStore {
   #flushMs = 0;
   /** Rows in `origins` (counted at open, kept current by inserts, evictions and prunes). */
   #rowCount = 0;
+  /** Rows in `origins` per holder, as #rowCount (a few entries: one per uid that brought origins in). */
+  #held = new Map<Holder, number>();
+  /** The file has the holder column (schema 4); false only while its migration waits (a lock at start). */
+  readonly #hasHolders: boolean;
   /** Origins the transaction under way evicted: their learned lifetimes are forgotten once it commits (#commit). */
   #evicted: string[] | undefined;
   #lastPrune = 0;
@@ -330,11 +358,12 @@ export class StateStore {
     addDemand: Database.Statement<[string, number, number]>;
     pruneDemand: Database.Statement<[number, number]>;
     unstampFuture: Database.Statement<[{ now: number }]>;
-    pruneOrigins: Database.Statement<[number, number], string>;
-    oldest: Database.Statement<[number], string>;
+    pruneOrigins: Database.Statement<[number, number], { origin_key: string; uid: Holder }>;
+    unused: Database.Statement<[number], { origin_key: string; uid: Holder }>;
+    oldestOf: Database.Statement<[Holder, number], string>;
+    held: Database.Statement<[], { uid: Holder; rows: number }>;
     forget: Database.Statement<[string]>;
     forgetDemand: Database.Statement<[string]>;
-    count: Database.Statement<[], number>;
     top: Database.Statement<
       [{ nowMinute: number; sinceMinute: number; halfLifeMinutes: number; limit: number }],
       {
@@ -431,19 +460,28 @@ export class StateStore {
     this.#scoreHalfLifeMinutes = (options.scoreHalfLifeMs ?? 6 * 3_600_000) / MINUTE_MS;
     this.#rateWindowMs = options.demandRateWindowMs ?? MINUTE_MS;
     this.#maxOrigins = maxOriginsOf(options.maxOrigins);
-    this.#rowCount = db.prepare<[], number>('SELECT count(*) FROM origins').pluck().get() ?? 0;
+    this.#hasHolders =
+      db.prepare<[], number>("SELECT count(*) FROM pragma_table_info('origins') WHERE name = 'uid'").pluck().get() ===
+      1;
+    // Without the column (its migration waits), every row is the holder null: the eviction order is then the plain
+    // one of the older versions.
+    const holder = this.#hasHolders ? 'uid' : 'NULL';
+    const withHolder = (sql: string) => (this.#hasHolders ? sql : '');
     this.#statements = {
       select: db.prepare('SELECT * FROM origins WHERE origin_key = ?'),
       upsert: db.prepare(`
         INSERT INTO origins (origin_key, host, port, first_seen, last_seen, acquires, hits, misses, connect_failures,
-                             connect_ms_avg, learned_idle_lifetime_ms, demand_rate_per_s, demand_updated_at)
+                             connect_ms_avg, learned_idle_lifetime_ms, demand_rate_per_s, demand_updated_at
+                             ${withHolder(', uid')})
         VALUES (@origin_key, @host, @port, @first_seen, @last_seen, @acquires, @hits, @misses, @connect_failures,
-                @connect_ms_avg, @learned_idle_lifetime_ms, @demand_rate_per_s, @demand_updated_at)
+                @connect_ms_avg, @learned_idle_lifetime_ms, @demand_rate_per_s, @demand_updated_at
+                ${withHolder(', @uid')})
         ON CONFLICT (origin_key) DO UPDATE SET
           last_seen = excluded.last_seen, acquires = excluded.acquires, hits = excluded.hits,
           misses = excluded.misses, connect_failures = excluded.connect_failures,
           connect_ms_avg = excluded.connect_ms_avg, learned_idle_lifetime_ms = excluded.learned_idle_lifetime_ms,
-          demand_rate_per_s = excluded.demand_rate_per_s, demand_updated_at = excluded.demand_updated_at`),
+          demand_rate_per_s = excluded.demand_rate_per_s, demand_updated_at = excluded.demand_updated_at
+          ${withHolder(', uid = excluded.uid')}`),
       addDemand: db.prepare(`
         INSERT INTO demand_history (origin_key, minute, acquires) VALUES (?, ?, ?)
         ON CONFLICT (origin_key, minute) DO UPDATE SET acquires = acquires + excluded.acquires`),
@@ -453,30 +491,43 @@ export class StateStore {
       unstampFuture: db.prepare(`
         UPDATE origins SET last_seen = @now, demand_updated_at = min(demand_updated_at, @now) WHERE origin_key IN
           (SELECT origin_key FROM origins WHERE last_seen > @now LIMIT ${DELETE_BATCH})`),
-      pruneOrigins: db
-        .prepare<[number, number], string>(`
+      pruneOrigins: db.prepare(`
         DELETE FROM origins WHERE origin_key IN
           (SELECT origin_key FROM origins WHERE last_seen < ?
              AND NOT EXISTS (SELECT 1 FROM demand_history d WHERE d.origin_key = origins.origin_key) LIMIT ?)
-        RETURNING origin_key`)
-        .pluck(),
-      // The expression is the index's (origins_eviction), written the same way so that SQLite uses it.
-      oldest: db
-        .prepare<[number], string>('SELECT origin_key FROM origins ORDER BY acquires > 0, last_seen LIMIT ?')
+        RETURNING origin_key, ${holder} AS uid`),
+      // The expressions are the indexes' (origins_eviction, origins_uid_eviction), written the same way so that
+      // SQLite uses them: each an index range scan, never a sort of the table.
+      unused: db.prepare(
+        `SELECT origin_key, ${holder} AS uid FROM origins WHERE (acquires > 0) = 0 ORDER BY last_seen LIMIT ?`,
+      ),
+      oldestOf: db
+        .prepare<[Holder, number], string>(
+          `SELECT origin_key FROM origins WHERE ${holder} IS ? ORDER BY acquires > 0, last_seen LIMIT ?`,
+        )
         .pluck(),
       forget: db.prepare('DELETE FROM origins WHERE origin_key = ?'),
       forgetDemand: db.prepare('DELETE FROM demand_history WHERE origin_key = ?'),
-      count: db.prepare<[], number>('SELECT count(*) FROM origins').pluck(),
+      held: db.prepare(`SELECT ${holder} AS uid, count(*) AS rows FROM origins GROUP BY 1`),
+      // Each holder's origins ranked by score, then the holders' firsts (the busiest first among them), their
+      // seconds, and so on: one holder's many busy origins take every other place at most while others have any.
       top: db.prepare(`
-        SELECT o.origin_key, o.host, o.port, o.learned_idle_lifetime_ms, o.demand_rate_per_s, o.demand_updated_at,
-               o.connect_ms_avg, o.last_seen,
-               SUM(d.acquires * pow(2.0, -((@nowMinute - d.minute) * 1.0 / @halfLifeMinutes))) AS score
-        FROM demand_history d JOIN origins o ON o.origin_key = d.origin_key
-        WHERE d.minute >= @sinceMinute AND d.minute <= @nowMinute AND o.port > 0
-        GROUP BY o.origin_key
-        ORDER BY score DESC, o.last_seen DESC, o.origin_key
+        WITH scored AS (
+          SELECT o.origin_key, o.host, o.port, o.learned_idle_lifetime_ms, o.demand_rate_per_s, o.demand_updated_at,
+                 o.connect_ms_avg, o.last_seen, ${this.#hasHolders ? 'o.uid' : 'NULL'} AS uid,
+                 SUM(d.acquires * pow(2.0, -((@nowMinute - d.minute) * 1.0 / @halfLifeMinutes))) AS score
+          FROM demand_history d JOIN origins o ON o.origin_key = d.origin_key
+          WHERE d.minute >= @sinceMinute AND d.minute <= @nowMinute AND o.port > 0
+          GROUP BY o.origin_key
+        )
+        SELECT origin_key, host, port, learned_idle_lifetime_ms, demand_rate_per_s, demand_updated_at, connect_ms_avg,
+               last_seen, score,
+               row_number() OVER (PARTITION BY uid ORDER BY score DESC, last_seen DESC, origin_key) AS turn
+        FROM scored
+        ORDER BY turn, score DESC, last_seen DESC, origin_key
         LIMIT @limit`),
     };
+    this.#recount();
     const learned = db.prepare<[], { origin_key: string; learned: number }>(
       'SELECT origin_key, learned_idle_lifetime_ms AS learned FROM origins WHERE learned IS NOT NULL',
     );
@@ -492,13 +543,19 @@ export class StateStore {
     if (!pending) {
       // At most maxOrigins pending: a flush that keeps failing (a full disk, a file locked by another process)
       // leaves everything pending, and without a bound every origin any client touched grew the daemon's memory
-      // for as long as that lasted. The first recorded since the last flush goes, as the cap would evict it anyway
-      // (least recently seen; an origin recorded again since is kept at its first place: an approximation), with
-      // a lifetime it taught since (else kept in memory for good for an origin that never gets a row).
+      // for as long as that lasted. The first recorded since the last flush of the holder with the most pending
+      // goes, as the cap would evict it anyway (least recently seen of that holder; an origin recorded again since
+      // is kept at its first place: an approximation), with a lifetime it taught since (else kept in memory for good
+      // for an origin that never gets a row). So one uid's flood of new origins between two flushes drops its own
+      // records, not another uid's.
       if (this.#pending.size >= this.#maxOrigins) {
-        const [dropped, record] = this.#pending.entries().next().value!;
-        this.#pending.delete(dropped);
-        if (record.idleLifetimeChanged) this.#learned.delete(dropped);
+        const heaviest = heaviestHolder(Array.from(this.#pendingBy, ([uid, keys]) => [uid, keys.size] as const));
+        const dropped = heaviest && this.#pendingBy.get(heaviest.holder)?.values().next().value;
+        const record = dropped === undefined ? undefined : this.#pending.get(dropped);
+        if (dropped !== undefined && record) {
+          this.#unpend(dropped, record);
+          if (record.idleLifetimeChanged) this.#learned.delete(dropped);
+        }
       }
       pending = {
         firstSeen: now,
@@ -512,20 +569,30 @@ export class StateStore {
         connectSum: 0,
         connectFresh: 0,
         idleLifetimeChanged: false,
+        uid: undefined,
         minutes: new Map(),
       };
       this.#pending.set(originKey, pending);
+      this.#pendBy(originKey, null);
     } else {
       pending.lastSeen = now;
     }
     return pending;
   }
 
-  /** An acquire for `originKey`; `hit` when a warm idle socket served it. */
-  recordAcquire(originKey: string, outcome: { hit: boolean }): void {
+  /**
+   * An acquire for `originKey` by a client of `uid` (its SO_PEERCRED: the daemon's own word, never the client's);
+   * `hit` when a warm idle socket served it. The first uid recorded holds the origin's row if it is new (#evictSome).
+   */
+  recordAcquire(originKey: string, outcome: { hit: boolean }, uid?: number): void {
     const now = this.#now();
     const pending = this.#pendingOf(originKey, now);
     pending.acquires++;
+    if (pending.uid === undefined && uid !== undefined) {
+      this.#pendingBy.get(null)?.delete(originKey);
+      pending.uid = uid;
+      this.#pendBy(originKey, uid);
+    }
     if (outcome.hit) pending.hits++;
     else pending.misses++;
     const minute = Math.floor(now / MINUTE_MS);
@@ -562,6 +629,24 @@ export class StateStore {
     this.#pendingOf(originKey, this.#now()).idleLifetimeChanged = true;
   }
 
+  #pendBy(originKey: string, uid: Holder): void {
+    let keys = this.#pendingBy.get(uid);
+    if (!keys) {
+      keys = new Set();
+      this.#pendingBy.set(uid, keys);
+    }
+    keys.add(originKey);
+  }
+
+  /** Forgets a pending origin (written, or dropped at the bound). */
+  #unpend(originKey: string, pending: Pending): void {
+    this.#pending.delete(originKey);
+    const holder = pending.uid ?? null;
+    const keys = this.#pendingBy.get(holder);
+    keys?.delete(originKey);
+    if (keys?.size === 0) this.#pendingBy.delete(holder);
+  }
+
   /** The learned idle lifetime of an origin (in memory: includes what is not flushed yet), or undefined. */
   learnedIdleLifetime(originKey: string): number | undefined {
     return this.#learned.get(originKey);
@@ -589,6 +674,7 @@ export class StateStore {
     });
     // Only after the commit: if it threw, everything stays pending for the next flush.
     this.#pending.clear();
+    this.#pendingBy.clear();
     if (prune) this.#lastPrune = now;
     return count;
   }
@@ -603,12 +689,12 @@ export class StateStore {
     const now = this.#now();
     const prune = now - this.#lastPrune >= PRUNE_INTERVAL_MS;
     const started = performance.now();
-    const written: string[] = [];
+    const written: Array<[string, Pending]> = [];
     let more = false;
     this.#commit(() => {
       for (const [originKey, pending] of this.#pending) {
         this.#write(originKey, pending, now);
-        written.push(originKey);
+        written.push([originKey, pending]);
         if ((written.length & 15) === 0 && performance.now() - started >= budgetMs) {
           more = true;
           return;
@@ -629,7 +715,7 @@ export class StateStore {
       }
       this.#lastPrune = now;
     });
-    for (const originKey of written) this.#pending.delete(originKey);
+    for (const [originKey, pending] of written) this.#unpend(originKey, pending);
     // A slice that wrote nothing (the timer's usual tick) asks for nothing.
     if (written.length > 0 || more || prune) this.#uncheckpointed = true;
     if (this.#uncheckpointed && (!more || ++this.#slicesSinceCheckpoint >= SLICES_PER_CHECKPOINT)) {
@@ -639,13 +725,14 @@ export class StateStore {
   }
 
   /**
-   * Runs `work` in one transaction. What it changes in memory (the row count, the learned lifetimes of evicted
+   * Runs `work` in one transaction. What it changes in memory (the row counts, the learned lifetimes of evicted
    * origins, the time of the last prune) holds only once the commit did: a transaction that fails (a full disk, a
    * file locked by another process) is rolled back and its in-memory effects with it. A row count left raised by a
    * failed insert made a later flush evict rows that were not over the cap, down to none, and then loop for good.
    */
   #commit(work: () => void): void {
     const rowCount = this.#rowCount;
+    const held = new Map(this.#held);
     const lastPrune = this.#lastPrune;
     const evicted: string[] = [];
     this.#evicted = evicted;
@@ -653,6 +740,7 @@ export class StateStore {
       this.#db.transaction(work)();
     } catch (error) {
       this.#rowCount = rowCount;
+      this.#held = held;
       this.#lastPrune = lastPrune;
       throw error;
     } finally {
@@ -733,28 +821,69 @@ export class StateStore {
   /**
    * Evicts up to DELETE_BATCH origins over the cap; true when it evicted any. Origins without demand go first (no
    * acquire ever: a uid's prewarms within its allowance must not push out the history of origins clients used),
-   * then the least recently seen.
+   * then the least recently seen of the holder with the most rows (heaviestHolder, the rule of the connector's
+   * tables): one uid's acquires to ever more origins push out its own, and each holder keeps at least an equal share.
+   * Taken from that holder at once: as many as it leads the next by (at least one), so the rule holds batch by batch.
    */
   #evictSome(): boolean {
     const excess = Math.min(DELETE_BATCH, this.#rowCount - this.#maxOrigins);
     if (excess <= 0) return false;
-    const oldest = this.#statements.oldest.all(excess);
-    for (const originKey of oldest) {
+    let victims = this.#statements.unused.all(excess);
+    if (victims.length === 0) {
+      const heaviest = heaviestHolder(this.#held);
+      if (heaviest) {
+        const uid = heaviest.holder;
+        const count = Math.min(excess, Math.max(1, heaviest.lead));
+        victims = this.#statements.oldestOf.all(uid, count).map((origin_key) => ({ origin_key, uid }));
+      }
+    }
+    for (const { origin_key: originKey, uid } of victims) {
       this.#statements.forget.run(originKey);
       this.#statements.forgetDemand.run(originKey);
       this.#evicted?.push(originKey);
-      this.#rowCount--;
+      this.#unhold(uid);
     }
-    // Fewer rows than counted: the count is wrong, never loop on it (take the table's).
-    if (oldest.length < excess) this.#rowCount = this.#statements.count.get() ?? 0;
-    return oldest.length > 0;
+    // No rows where the counts say there are: they are wrong, never loop on them (take the table's).
+    if (victims.length === 0) this.#recount();
+    return victims.length > 0;
+  }
+
+  /** Counts the rows, per holder, from the table (at open, and should the counts kept in memory be wrong). */
+  #recount(): void {
+    this.#held = new Map();
+    this.#rowCount = 0;
+    for (const { uid, rows } of this.#statements.held.all()) {
+      this.#held.set(uid, rows);
+      this.#rowCount += rows;
+    }
+  }
+
+  #hold(uid: Holder): void {
+    this.#held.set(uid, (this.#held.get(uid) ?? 0) + 1);
+    this.#rowCount++;
+  }
+
+  #unhold(uid: Holder): void {
+    const rows = (this.#held.get(uid) ?? 0) - 1;
+    if (rows > 0) this.#held.set(uid, rows);
+    else this.#held.delete(uid);
+    this.#rowCount--;
   }
 
   #write(originKey: string, pending: Pending, now: number): void {
     const old = this.#statements.select.get(originKey);
     // Only origins that connected are remembered: failures and refusals of an origin never reached leave no row.
     if (!old && pending.acquires === 0 && pending.connects === 0 && !pending.idleLifetimeChanged) return;
-    if (!old) this.#rowCount++;
+    // A row keeps its holder: another uid's acquire renews it (last_seen) but takes nothing over, else a uid knowing
+    // another's origins could make them its own and push them out as its oldest. A row no acquire of a known uid
+    // brought in (a prewarm's, an older version's) is taken by the first that comes.
+    const oldHolder: Holder = old?.uid ?? null;
+    const holder: Holder = oldHolder ?? pending.uid ?? null;
+    if (!old) this.#hold(holder);
+    else if (holder !== oldHolder) {
+      this.#unhold(oldHolder);
+      this.#hold(holder);
+    }
     let connectMsAvg = old?.connect_ms_avg ?? null;
     if (pending.connects > 0) {
       connectMsAvg =
@@ -797,6 +926,7 @@ export class StateStore {
       learned_idle_lifetime_ms: this.#learned.get(originKey) ?? old?.learned_idle_lifetime_ms ?? null,
       demand_rate_per_s: demandRate,
       demand_updated_at: demandUpdatedAt,
+      uid: holder,
     });
     for (const [minute, acquires] of pending.minutes) this.#statements.addDemand.run(originKey, minute, acquires);
   }
@@ -815,9 +945,11 @@ export class StateStore {
     if (demand > 0) return true;
     if (this.#statements.unstampFuture.run({ now }).changes > 0) return true;
     const origins = this.#statements.pruneOrigins.all(now - this.#originRetentionMs, DELETE_BATCH);
-    this.#rowCount -= origins.length;
-    // Their learned lifetimes go with them, as an eviction's (once committed): else kept in memory for good.
-    this.#evicted?.push(...origins);
+    for (const { origin_key: originKey, uid } of origins) {
+      this.#unhold(uid);
+      // Its learned lifetime goes with it, as an eviction's (once committed): else kept in memory for good.
+      this.#evicted?.push(originKey);
+    }
     return origins.length > 0;
   }
 

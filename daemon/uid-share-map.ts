@@ -10,7 +10,24 @@
 // that a heavy uid brought in and a light one uses goes with the heavy uid's oldest; the light uid's next connect
 // brings it in again, as its own: one lookup or race, once.)
 //
-// (Finding the uid that holds the most scans the uids holding entries: a few, one per local user at most.)
+// (Finding the uid that holds the most scans the uids holding entries: heaviestHolder.)
+
+/**
+ * The holder of the most (the first found of equals) and by how many it leads the next: who gives up an entry when a
+ * table shared by uids is over its cap (this map; the history store's origins, store.ts). Scans the holders: a few,
+ * one per local user at most.
+ */
+export function heaviestHolder<K>(sizes: Iterable<readonly [K, number]>): { holder: K; lead: number } | undefined {
+  let heaviest: { holder: K; size: number } | undefined;
+  let next = 0;
+  for (const [holder, size] of sizes) {
+    if (!heaviest || size > heaviest.size) {
+      next = heaviest?.size ?? 0;
+      heaviest = { holder, size };
+    } else if (size > next) next = size;
+  }
+  return heaviest && { holder: heaviest.holder, lead: heaviest.size - next };
+}
 
 interface Owned<V> {
   value: V;
@@ -82,11 +99,8 @@ export class UidShareMap<V> {
 
   /** Drops the least recently set entry of the uid holding the most; false when there is none. */
   #dropOne(): boolean {
-    let largest: Set<string> | undefined;
-    for (const keys of this.#byUid.values()) {
-      if (!largest || keys.size > largest.size) largest = keys;
-    }
-    const oldest = largest?.values().next();
+    const heaviest = heaviestHolder(Array.from(this.#byUid, ([uid, keys]) => [uid, keys.size] as const));
+    const oldest = heaviest && this.#byUid.get(heaviest.holder)?.values().next();
     if (!oldest || oldest.done) return false;
     return this.delete(oldest.value);
   }

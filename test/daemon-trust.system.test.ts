@@ -2,14 +2,16 @@
 // back goes only to its own uid, quotas of one uid leave another's alone, and the wait queue of an origin is fair
 // across uids. Same-uid hostile tests are in daemon-trust.test.ts.
 import { once } from 'node:events';
-import { readFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { chmodSync, readFileSync } from 'node:fs';
+import { type AddressInfo, createServer, type Socket } from 'node:net';
+import { dirname, join } from 'node:path';
+import Database from 'better-sqlite3';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { leaseFdBudget } from '../daemon/quotas.js';
 import * as native from '../shared/native.js';
 import { fdCount } from './fixtures/native-helpers.js';
 import { spawnChild } from './helpers/children.js';
-import { eventually, repoRoot } from './helpers/daemon.js';
+import { eventually, repoRoot, startDaemon, writeConfigFile } from './helpers/daemon.js';
 import { openRawClient, type RawClient } from './helpers/raw-client.js';
 import { honestRequest, hostileClient, pathOrigin, runHostile, startSharedDaemon } from './helpers/trust.js';
 
@@ -330,6 +332,80 @@ describe('the fair queue across uids', () => {
     for (let i = 0; i < 20; i++) {
       expect((await honestRequest(raw, origin.port, `/after-flood-${i}`)).body).toBe(`/after-flood-${i}`);
     }
+  });
+});
+
+describe('the history store across uids', () => {
+  /**
+   * TCP servers on one port at each of `addresses` (loopback), counting the connections each accepted: origins that
+   * differ by address, as a wildcard domain's names would.
+   */
+  async function loopbackOrigins(addresses: string[]): Promise<{ port: number; accepted: Map<string, number> }> {
+    const accepted = new Map<string, number>();
+    const sockets: Socket[] = [];
+    let port = 0;
+    for (const address of addresses) {
+      const server = createServer((socket) => {
+        sockets.push(socket);
+        socket.on('error', () => {});
+        accepted.set(address, (accepted.get(address) ?? 0) + 1);
+      });
+      server.listen(port, address);
+      await once(server, 'listening');
+      port = (server.address() as AddressInfo).port;
+      cleanups.push(() => {
+        for (const socket of sockets) socket.destroy();
+        server.close();
+      });
+    }
+    return { port, accepted };
+  }
+
+  it("keeps another uid's origin in the history past one uid's acquires to many origins, and warms it after a restart", async () => {
+    // One uid's acquires to historyMaxOrigins origins that connect pushed every other uid's history out (the least
+    // recently seen went first, whoever's they were), and its busiest origins took every place warm-on-start had.
+    const mine = '127.0.0.1';
+    const theirs = Array.from({ length: 8 }, (_, n) => `127.0.0.${n + 2}`);
+    const { port, accepted } = await loopbackOrigins([mine, ...theirs]);
+    const configPath = writeConfigFile(
+      {
+        egress: { allow: ['127.0.0.0/24'], allowPorts: [port] },
+        access: { socketMode: '0666' },
+        pool: { predictive: false, historyMaxOrigins: 4, warmOnStartOrigins: 2 },
+      },
+      cleanups,
+    );
+    const first = await startDaemon({ args: ['--config', configPath] });
+    cleanups.push(() => first.stop());
+    chmodSync(dirname(first.socketPath), 0o755);
+    // This uid's origin first (the least recently seen), then the other uid's eight, each acquired once.
+    const raw = client(first.socketPath);
+    const lease = await raw.request({ type: 'acquire', id: nextId++, host: mine, port });
+    expect(lease.message).toMatchObject({ type: 'lease' });
+    for (const fd of lease.fds) native.close(fd);
+    expect(await runHostile(['acquire-hosts', first.socketPath, port, 10_000, ...theirs], HOSTILE_UID)).toEqual({
+      lease: theirs.length,
+    });
+    raw.close();
+    expect(await first.stop()).toBe(0);
+    const db = new Database(join(first.stateDir, 'sockpool.sqlite'), { readonly: true });
+    const kept = db.prepare('SELECT origin_key FROM origins ORDER BY last_seen, origin_key').pluck().all();
+    expect(kept).toEqual([`${mine}:${port}`, ...theirs.slice(-3).map((address) => `${address}:${port}`)]);
+    // Each row held by the uid whose acquire brought it in (SO_PEERCRED).
+    expect(db.prepare('SELECT uid FROM origins ORDER BY last_seen, origin_key').pluck().all()).toEqual([
+      process.getuid!(),
+      HOSTILE_UID,
+      HOSTILE_UID,
+      HOSTILE_UID,
+    ]);
+    db.close();
+
+    // The next start warms two origins: this uid's busiest and the other uid's, one each.
+    const mineBefore = accepted.get(mine) ?? 0;
+    const second = await startDaemon({ stateDir: first.stateDir, args: ['--config', configPath] });
+    cleanups.push(() => second.stop());
+    await eventually(() => (accepted.get(mine) ?? 0) > mineBefore, "this uid's origin warmed from history");
+    expect(await second.stop()).toBe(0);
   });
 });
 

@@ -471,6 +471,44 @@ describe('PoolManager with its store and configuration', () => {
     expect(idleOf(pools, { host: 'busy0.test', port: 443 })).toBe(11);
   });
 
+  it("keeps another uid's origin in history past one uid's acquires to ever more origins, and warms it at the next start", async () => {
+    // One uid's acquires to historyMaxOrigins origins that connect (a wildcard domain) pushed every other uid's
+    // history out, and its busiest origins took every place warm-on-start had.
+    const A = 1000;
+    const B = 1001;
+    const dir = mkdtempSync(join(tmpdir(), 'sockpool-pool-manager-'));
+    // A wall clock that moves a second at each reading: each acquire is seen after the one before.
+    let clock = 1_000_000;
+    const tick = () => {
+      clock += 1000;
+      return clock;
+    };
+    const store = StateStore.open(dir, { now: tick, maxOrigins: 6 });
+    cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+    cleanups.push(() => store.close());
+    const before = manager({}, store);
+    const acquireAs = async (origin: Origin, uid: number) => {
+      const handoff = await before.acquire(origin, 1_000, undefined, uid);
+      native.close(handoff.fd);
+      before.leaseEnded(handoff.originKey, uid);
+    };
+    for (let index = 0; index < 3; index++) await acquireAs(QUIET, B);
+    for (let origin = 0; origin < 20; origin++) {
+      for (let index = 0; index < 5; index++) await acquireAs({ host: `a${origin}.test`, port: 443 }, A);
+      if (origin % 5 === 4) store.flush();
+    }
+    before.close(false);
+    expect(store.originCount).toBe(6);
+    expect(store.origin('quiet.test:443')?.acquires).toBe(3);
+
+    // The next start: two places for warm-on-start, one for each uid's busiest.
+    const after = manager({}, store);
+    expect(after.warmFromHistory(2)).toBe(2);
+    await until(() => after.snapshot().idle === 2, 'warmed from history');
+    expect(idleOf(after, QUIET)).toBe(1);
+    expect(idleOf(after, { host: 'a19.test', port: 443 })).toBe(1);
+  });
+
   it('warms the fleet’s busiest origins at start within what warmOnStartSockets leaves', async () => {
     // Found in review: a fleet member's start gave each of the fleet's busiest origins its share of the fleet's rate
     // with no such budget, each share alone asking for maxIdle (16) sockets: 5 × 16 = 80 connects at start.

@@ -368,6 +368,62 @@ describe('what a client cannot bloat', () => {
     store.close();
   });
 
+  it("keeps another uid's history at the cap: one uid's acquires to ever more origins push out its own oldest", () => {
+    // One uid's acquires to thousands of origins that connect (a wildcard domain the policy allows) evicted every
+    // other uid's history: the least recently seen went first, whoever's they were.
+    const A = 1000;
+    const B = 1001;
+    const store = StateStore.open(dir, { now, maxOrigins: 10 });
+    for (let origin = 0; origin < 3; origin++) {
+      clock += 1000;
+      store.recordAcquire(`b${origin}.example:443`, { hit: false }, B);
+      store.recordConnect(`b${origin}.example:443`, 5);
+    }
+    store.flush();
+    for (let origin = 0; origin < 50; origin++) {
+      clock += 1000;
+      store.recordAcquire(`a${origin}.example:443`, { hit: false }, A);
+      store.recordConnect(`a${origin}.example:443`, 5);
+      if (origin % 10 === 9) store.flush();
+    }
+    // Another uid's acquire renews a row but takes nothing over: b0 stays B's (else A could make B's origins its own
+    // and push them out as its oldest).
+    clock += 1000;
+    store.recordAcquire('b0.example:443', { hit: true }, A);
+    store.flush();
+    const db = reader(dir);
+    const rows = () => column(db, 'SELECT origin_key FROM origins ORDER BY last_seen, origin_key');
+    expect(rows()).toEqual([
+      'b1.example:443',
+      'b2.example:443',
+      ...[43, 44, 45, 46, 47, 48, 49].map((origin) => `a${origin}.example:443`),
+      'b0.example:443',
+    ]);
+    expect(value(db, "SELECT uid FROM origins WHERE origin_key = 'b0.example:443'")).toBe(B);
+    expect(store.originCount).toBe(10);
+    store.close();
+    // The counts per uid survive a reopening: A's next origins still push out A's own.
+    const again = StateStore.open(dir, { now, maxOrigins: 10 });
+    for (let origin = 50; origin < 60; origin++) {
+      clock += 1000;
+      again.recordAcquire(`a${origin}.example:443`, { hit: false }, A);
+    }
+    again.flush();
+    expect(rows().filter((key) => String(key).startsWith('b'))).toHaveLength(3);
+    // A uid holding fewer takes its share back from the one holding the most: equal shares at the cap.
+    for (let origin = 3; origin < 8; origin++) {
+      clock += 1000;
+      again.recordAcquire(`b${origin}.example:443`, { hit: false }, B);
+    }
+    again.flush();
+    expect(column(db, 'SELECT uid, count(*) FROM origins GROUP BY uid ORDER BY uid')).toEqual([A, B]);
+    expect(value(db, 'SELECT count(*) FROM origins WHERE uid = ?', A)).toBe(5);
+    expect(value(db, 'SELECT count(*) FROM origins WHERE uid = ?', B)).toBe(5);
+    expect(again.originCount).toBe(10);
+    db.close();
+    again.close();
+  });
+
   it('takes a lower maxOrigins on reload (configure): the next flush evicts down to it', () => {
     const store = StateStore.open(dir, { now, maxOrigins: 100 });
     for (let origin = 0; origin < 5; origin++) {
@@ -437,6 +493,36 @@ describe('what a client cannot bloat', () => {
     other.close();
     while (store.flushSlice()) {}
     expect(store.originCount).toBe(100);
+    store.close();
+  });
+
+  it("drops one uid's own pending origins at that bound, not another uid's (a flood between two flushes)", () => {
+    const A = 1000;
+    const B = 1001;
+    const store = StateStore.open(dir, { now, maxOrigins: 10 });
+    store.flush();
+    const other = openDatabase(join(dir, 'sockpool.sqlite'));
+    other.exec('PRAGMA busy_timeout = 0; BEGIN IMMEDIATE');
+    store.recordConnect('b0.example:443', 5); // a miss: the connect is recorded before its acquire
+    store.recordAcquire('b0.example:443', { hit: false }, B);
+    store.recordAcquire('b1.example:443', { hit: true }, B);
+    for (let origin = 0; origin < 50; origin++) {
+      clock += 1000;
+      store.recordConnect(`a${origin}.example:443`, 5);
+      store.recordAcquire(`a${origin}.example:443`, { hit: false }, A);
+    }
+    expect(() => store.flushSlice()).toThrow(/locked|busy/i);
+    expect(store.pendingOrigins).toBe(10);
+    other.exec('ROLLBACK');
+    other.close();
+    while (store.flushSlice()) {}
+    const db = reader(dir);
+    expect(column(db, "SELECT origin_key FROM origins WHERE origin_key LIKE 'b%' ORDER BY origin_key")).toEqual([
+      'b0.example:443',
+      'b1.example:443',
+    ]);
+    expect(value(db, 'SELECT min(origin_key) FROM origins WHERE uid = ?', A)).toBe('a42.example:443');
+    db.close();
     store.close();
   });
 
@@ -726,6 +812,83 @@ describe('migrations', () => {
     after.close();
   });
 
+  it('gives a file of schema 3 (older sockpoold) the holder column: its rows are one holder, a uid holding fewer keeps its own', () => {
+    const db = openDatabase(join(dir, 'sockpool.sqlite'));
+    migrate(db, MIGRATIONS.slice(0, 3));
+    const insert = statement(
+      db,
+      'INSERT INTO origins (origin_key, host, port, first_seen, last_seen, acquires) VALUES (?, ?, 443, ?, ?, 1)',
+    );
+    for (let origin = 0; origin < 4; origin++) {
+      insert.run(`old${origin}.example:443`, `old${origin}.example`, clock + origin, clock + origin);
+    }
+    db.close();
+    clock += 1000;
+    const store = StateStore.open(dir, { now, maxOrigins: 4 });
+    expect(store.originCount).toBe(4);
+    store.recordAcquire('new0.example:443', { hit: false }, 1000);
+    store.flush();
+    clock += 1000;
+    store.recordAcquire('new1.example:443', { hit: false }, 1000);
+    store.flush();
+    const after = reader(dir);
+    expect(value(after, 'PRAGMA user_version')).toBe(MIGRATIONS.length);
+    expect(column(after, "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'origins'")).toContain(
+      'origins_uid_eviction',
+    );
+    // The older rows (uids never known) hold 3, the uid 1: the next eviction is theirs, though the uid's is older.
+    expect(column(after, 'SELECT origin_key FROM origins ORDER BY origin_key')).toEqual([
+      'new0.example:443',
+      'new1.example:443',
+      'old2.example:443',
+      'old3.example:443',
+    ]);
+    expect(value(after, "SELECT uid FROM origins WHERE origin_key = 'old3.example:443'")).toBeNull();
+    clock += 1000;
+    store.recordAcquire('new2.example:443', { hit: false }, 1000);
+    store.flush();
+    expect(column(after, 'SELECT origin_key FROM origins ORDER BY origin_key')).toEqual([
+      'new1.example:443',
+      'new2.example:443',
+      'old2.example:443',
+      'old3.example:443',
+    ]);
+    after.close();
+    store.close();
+  });
+
+  it('keeps writing a file whose holder column waits for its migration (a lock at start): the least recently seen go first', () => {
+    const path = join(dir, 'sockpool.sqlite');
+    const db = openDatabase(path);
+    db.exec('PRAGMA journal_mode = WAL');
+    migrate(db, MIGRATIONS.slice(0, 3));
+    db.close();
+    const other = openDatabase(path);
+    other.exec('BEGIN IMMEDIATE');
+    const told: unknown[] = [];
+    const store = StateStore.open(dir, { now, maxOrigins: 2, onMigrationDeferred: (info) => told.push(info) });
+    other.exec('ROLLBACK');
+    expect(told).toEqual([{ path, version: 3, migration: 4, newest: MIGRATIONS.length, err: expect.any(String) }]);
+    for (let origin = 0; origin < 4; origin++) {
+      clock += 1000;
+      store.recordAcquire(`o${origin}.example:443`, { hit: false }, 1000 + origin);
+      store.flush();
+    }
+    expect(store.topOrigins(5).map((entry) => entry.originKey)).toEqual(['o3.example:443', 'o2.example:443']);
+    store.close();
+    const after = reader(dir);
+    expect(column(after, 'SELECT origin_key FROM origins ORDER BY origin_key')).toEqual([
+      'o2.example:443',
+      'o3.example:443',
+    ]);
+    after.close();
+    // The next start migrates.
+    StateStore.open(dir, { now }).close();
+    const migrated = reader(dir);
+    expect(value(migrated, 'PRAGMA user_version')).toBe(MIGRATIONS.length);
+    migrated.close();
+  });
+
   it('rolls back a migration that fails, leaving the version where it was', () => {
     open().close();
     const db = openDatabase(join(dir, 'sockpool.sqlite'));
@@ -787,6 +950,29 @@ describe('topOrigins', () => {
 
     expect(store.topOrigins(1).map((entry) => entry.originKey)).toEqual(['recent.example:443']);
     expect(store.topOrigins(0)).toEqual([]);
+    store.close();
+  });
+
+  it("takes each uid's busiest origins in turn: one uid's many busy origins do not take every place", () => {
+    // warmFromHistory warms the first warmOnStartOrigins of this list and spends pool.warmOnStartSockets in its
+    // order: ranked by score alone, one uid's busiest origins took all of both.
+    const A = 1000;
+    const B = 1001;
+    const store = open();
+    for (let origin = 0; origin < 10; origin++) {
+      for (let index = 0; index < 100 - origin; index++)
+        store.recordAcquire(`a${origin}.example:443`, { hit: false }, A);
+    }
+    for (let index = 0; index < 5; index++) store.recordAcquire('b0.example:443', { hit: false }, B);
+    for (let index = 0; index < 3; index++) store.recordAcquire('b1.example:443', { hit: false }, B);
+    expect(store.topOrigins(5).map((entry) => entry.originKey)).toEqual([
+      'a0.example:443',
+      'b0.example:443',
+      'a1.example:443',
+      'b1.example:443',
+      'a2.example:443',
+    ]);
+    expect(store.topOrigins(5)[1]?.score).toBe(5);
     store.close();
   });
 
