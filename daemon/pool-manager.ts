@@ -463,9 +463,10 @@ export class PoolManager {
   /**
    * Warms the origins the store ranks most likely needed (warm-on-start from history): each its first socket (or
    * its minIdle), and the demand rate it had (halved for every 6 hours since, topOrigins) as a start for its
-   * predicted target. The sockets those rates ask for beyond the first are `pool.warmOnStartSockets` in all, busiest
-   * origin first: one uid's busy origins used to open up to `limit` × maxIdle sockets at every start. (What is left
-   * of it goes to the fleet's shares, shareDemand.)
+   * predicted target. The sockets those rates ask for beyond the first are `pool.warmOnStartSockets` in all, in the
+   * store's order (each uid's busiest origin in turn, topOrigins): one uid's busy origins used to open up to `limit`
+   * × maxIdle sockets at every start, and then took every place and socket. (What is left of it goes to the fleet's
+   * shares, shareDemand.)
    */
   warmFromHistory(limit: number): number {
     if (!this.#store || limit <= 0) return 0;
