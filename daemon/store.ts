@@ -589,7 +589,7 @@ export class StateStore {
     const pending = this.#pendingOf(originKey, now);
     pending.acquires++;
     if (pending.uid === undefined && uid !== undefined) {
-      this.#pendingBy.get(null)?.delete(originKey);
+      this.#unpendBy(originKey, null);
       pending.uid = uid;
       this.#pendBy(originKey, uid);
     }
@@ -638,13 +638,16 @@ export class StateStore {
     keys.add(originKey);
   }
 
+  #unpendBy(originKey: string, uid: Holder): void {
+    const keys = this.#pendingBy.get(uid);
+    keys?.delete(originKey);
+    if (keys?.size === 0) this.#pendingBy.delete(uid);
+  }
+
   /** Forgets a pending origin (written, or dropped at the bound). */
   #unpend(originKey: string, pending: Pending): void {
     this.#pending.delete(originKey);
-    const holder = pending.uid ?? null;
-    const keys = this.#pendingBy.get(holder);
-    keys?.delete(originKey);
-    if (keys?.size === 0) this.#pendingBy.delete(holder);
+    this.#unpendBy(originKey, pending.uid ?? null);
   }
 
   /** The learned idle lifetime of an origin (in memory: includes what is not flushed yet), or undefined. */
