@@ -296,11 +296,13 @@ export class HandoffServer {
     try {
       turns = this.#quotas.openSession(credentials.uid);
     } catch (error) {
+      // The quota's name and limit go with it, as in any refusal's reply (#replyError): maxSessionsPerUid, or
+      // sessionFds (the uid's share of the daemon's fd budget).
       const plain = toPlainError(error);
       try {
         native.sendMessage(
           fd,
-          encodeMessage({ type: 'error', id: null, code: plain.code, message: plain.message }),
+          encodeMessage({ type: 'error', id: null, code: plain.code, message: plain.message, fields: fieldsOf(plain) }),
           [],
         );
       } catch {}
@@ -573,6 +575,7 @@ export class HandoffServer {
           sessions: usage.sessions,
           leases: usage.leases,
           leaseFds: usage.leaseFds,
+          sessionFds: usage.sessionFds,
           unreadLeases: usage.unreadLeases,
           pending: usage.pending,
           // Idle sockets kept for this uid (released unused), against quotas.maxKeptPerUid.
@@ -1058,6 +1061,7 @@ export class HandoffServer {
     if (session.watchFd !== undefined) {
       native.discard(session.watchFd);
       session.watchFd = undefined;
+      this.#quotas.watchClosed(session.uid);
     }
   }
 
@@ -1082,6 +1086,8 @@ export class HandoffServer {
     if (session.unreadLeases === 0) return;
     try {
       session.watchFd = native.dup(session.channel.fd);
+      // A daemon fd in its uid's share of the fd budget, while it lasts (#stopWatching gives it back).
+      this.#quotas.watchOpened(session.uid);
       native.shutdown(session.watchFd);
     } catch {
       // Out of fds: the charges cannot be followed, so they go (as before this was kept).
@@ -1105,9 +1111,13 @@ export class HandoffServer {
     // The refusals of the daemon's own bounds, for the operator's alerts (the policy's are counted where they happen).
     const reason = REFUSAL_REASONS[plain.code];
     if (reason !== undefined) this.#metrics?.refusals.inc({ reason });
-    const fields: Record<string, string | number | boolean | null> = {};
-    for (const [key, value] of Object.entries(plain.fields ?? {})) if (value !== undefined) fields[key] = value;
-    this.#send(session, { type: 'error', id, code: plain.code, message: replyText(plain.message), fields });
+    this.#send(session, {
+      type: 'error',
+      id,
+      code: plain.code,
+      message: replyText(plain.message),
+      fields: fieldsOf(plain),
+    });
   }
 
   /** `shutDown`: the client's leases end with their connections (a client that hung up cannot use them). */
@@ -1166,6 +1176,13 @@ function replyText(message: string): string {
 /** Characters of an error's message in a reply: at most 6 bytes each in JSON (an escaped lone surrogate), so far
  *  below MAX_MESSAGE_BYTES with the rest of the reply. */
 const MAX_ERROR_TEXT = 1024;
+
+/** An error's fields for its reply (those set: the protocol's fields hold no undefined). */
+function fieldsOf(plain: ReturnType<typeof toPlainError>): Record<string, string | number | boolean | null> {
+  const fields: Record<string, string | number | boolean | null> = {};
+  for (const [key, value] of Object.entries(plain.fields ?? {})) if (value !== undefined) fields[key] = value;
+  return fields;
+}
 
 function unknownLease(leaseId: number): SockpoolError {
   return new SockpoolError(ErrorCodes.PROTOCOL, `unknown lease ${leaseId}`, { leaseId });

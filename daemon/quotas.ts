@@ -12,10 +12,21 @@
 //
 // And, shared by all uids, the daemon's fd table (its RLIMIT_NOFILE): per-uid quotas alone cannot keep it, since a
 // few uids holding leases to maxLeasesPerUid fill it (a TCP lease keeps one daemon fd, a relayed warm TLS lease three),
-// and then the daemon cannot accept, connect or relay for anyone. So each uid's lease fds (its leases' and, counted
-// as relayed, its pending acquires') come out of one budget (leaseFdBudget), by the rule the resolver's system
-// lookups and the relay's handshake places use: a uid holding h starts another only while more than h stay free
-// after it. One uid alone gets half the budget, k uids about a (k+1)th each, and a (k+1)th stays free for the next.
+// or enough uids holding maxSessionsPerUid connections each, and then the daemon cannot accept, connect or relay for
+// anyone. So every fd a uid makes the daemon hold comes out of one budget (leaseFdBudget): its leases' (and, counted
+// as relayed, its pending acquires'), its connections (one each, and one for each copy of a hung-up connection kept
+// to watch its unread replies) and the fds in flight in its unread replies (one for each lease ended unread). One
+// budget, not one per kind: the table does not care which kind an fd is, and a uid's mix (many connections and few
+// leases, or the reverse) is its own business. The rule is the one the resolver's system lookups and the relay's
+// handshake places use: a uid holding h takes more only while more than h stay free after it. One uid alone gets
+// half the budget, k uids about a (k+1)th each, and a (k+1)th stays free for the next.
+//
+// Fds in flight are in that budget because the kernel counts them against the same number: a sendmsg with
+// SCM_RIGHTS fails with ETOOMANYREFS while the sending user's fds in flight (every process of the daemon's user
+// together: user_struct.unix_inflight, net/unix) exceed the sender's RLIMIT_NOFILE, unless it has CAP_SYS_RESOURCE
+// or CAP_SYS_ADMIN (the shipped unit keeps neither). Every fd the daemon sends in flight is a `lease` reply's: a live
+// lease's is covered by its lease fds (one at least), one ended unread is charged here as one (chargeUnread), so the
+// fds in flight never pass the sum this budget bounds, and the budget is below RLIMIT_NOFILE.
 
 import { readFileSync } from 'node:fs';
 import { isIP } from 'node:net';
@@ -39,22 +50,22 @@ export const TCP_LEASE_FDS = 1;
  */
 export const RELAYED_LEASE_FDS = 3;
 /**
- * Fds the daemon keeps out of the lease budget for what it holds whatever the leases: its listeners, the history
- * store's files, its threads' (libuv, relay threads, the close watchdog) eventfds and epoll fds, and client
- * connections (one fd each: bounded per uid by maxSessionsPerUid, not by this; past this reserve they come out of the
- * share the fair-share rule always leaves free).
+ * Fds the daemon keeps out of the budget for what it holds whatever its clients do: its listeners, the history
+ * store's files, its threads' (libuv, relay threads, the close watchdog) eventfds and epoll fds, and the one fd an
+ * accept takes before the connection is refused (client connections are in the budget: UidQuotas.openSession).
  */
 export const FD_RESERVE = 512;
 
 /**
- * The daemon fds all uids' leases together may hold: the soft RLIMIT_NOFILE (`fdLimit`) less what the daemon needs
+ * The daemon fds all uids' leases, connections and fds in flight together may hold (the name is from when leases
+ * alone were in it, kept as the `stats` field's): the soft RLIMIT_NOFILE (`fdLimit`) less what the daemon needs
  * besides (see FD_RESERVE), its idle sockets (pool.maxIdleTotal, each maybe a relayed session: three fds) and its
  * connects in flight (quotas.maxConnectsInFlight: warming connects are no acquire's), but never less than half of
  * it: with the defaults those needs (31,024) are more than a smaller table has (a daemon started without the unit,
  * under a lower hard limit), and a budget of nothing would refuse every acquire. Past the half, the daemon's own needs
  * come out of what the fair share leaves free (at least as much as the biggest holder holds). Under the shipped
  * unit (LimitNOFILE 65,536, the defaults) 34,512: one uid alone may hold half, 17,256, more than maxLeasesPerUid
- * (4,096) relayed leases take (12,288).
+ * (4,096) relayed leases and maxSessionsPerUid (64) connections take (12,352).
  */
 export function leaseFdBudget(fdLimit: number, config: Pick<SockpoolConfig, 'pool' | 'quotas'>): number {
   const needed = RELAYED_LEASE_FDS * config.pool.maxIdleTotal + config.quotas.maxConnectsInFlight + FD_RESERVE;
@@ -86,6 +97,8 @@ interface UidUsage {
   lookups: number;
   /** Daemon fds its leases keep (TCP_LEASE_FDS or RELAYED_LEASE_FDS each); its pending acquires' are 3 × pending. */
   leaseFds: number;
+  /** Copies of its hung-up connections' ends kept to watch their unread replies (watchOpened): a daemon fd each. */
+  watchFds: number;
   /** Prewarm sockets still allowed (a token bucket holding at most maxPrewarmPerUid). */
   prewarmTokens: number;
   prewarmUpdatedAt: number;
@@ -102,9 +115,14 @@ export class UidQuotas {
   #usage = new Map<number, UidUsage>();
   #settleUnread: (uid: number) => void;
   #fdBudget: () => number;
-  /** Every uid's leaseFds and pending acquires together (kept as sums: the fair-share check is two compares). */
+  /**
+   * Every uid's fds in the budget together, by kind: leaseFds, pending acquires, connections (sessions and watchFds)
+   * and unread charges (kept as sums: the fair-share check is a few adds and two compares).
+   */
   #leaseFdsTotal = 0;
   #pendingTotal = 0;
+  #sessionFdsTotal = 0;
+  #unreadTotal = 0;
   /** The uid's charges for leases ended unread once settled (overLeaseLimit's `settle`: made once, not per acquire). */
   #settleUid = (uid: number): number => {
     this.#settleUnread(uid);
@@ -129,8 +147,8 @@ export class UidQuotas {
   }
 
   /**
-   * A new connection from `uid`; throws SOCKPOOL_ERR_QUOTA past maxSessionsPerUid. Returns the uid's turn budget, for
-   * the connection's channel.
+   * A new connection from `uid`; throws SOCKPOOL_ERR_QUOTA past maxSessionsPerUid or its fair share of the fd budget
+   * (quota `sessionFds`: a connection is a daemon fd). Returns the uid's turn budget, for the connection's channel.
    */
   openSession(uid: number): TurnBudget {
     const usage = this.#of(uid);
@@ -138,13 +156,35 @@ export class UidQuotas {
     if (usage.sessions >= limit) {
       throw quotaError(uid, 'maxSessionsPerUid', limit, `uid ${uid} already has ${limit} connections to sockpoold`);
     }
+    const over = this.#overShare(uid, usage, 1);
+    if (over) throw this.#shareError(uid, usage, over, 'sessionFds', 'connection');
     usage.sessions++;
+    this.#sessionFdsTotal++;
     return usage.turns;
   }
 
   closeSession(uid: number): void {
     const usage = this.#of(uid);
-    usage.sessions = Math.max(0, usage.sessions - 1);
+    if (usage.sessions === 0) return;
+    usage.sessions--;
+    this.#sessionFdsTotal--;
+  }
+
+  /**
+   * The daemon keeps a copy of a hung-up connection's end of `uid`'s to watch its unread replies (handoff-server.ts
+   * #keepWatching): a daemon fd in the uid's share, not refused (the charges it follows must be followed), until
+   * watchClosed. The uid's next connections and acquires then wait for it to read or close.
+   */
+  watchOpened(uid: number): void {
+    this.#of(uid).watchFds++;
+    this.#sessionFdsTotal++;
+  }
+
+  watchClosed(uid: number): void {
+    const usage = this.#of(uid);
+    if (usage.watchFds === 0) return;
+    usage.watchFds--;
+    this.#sessionFdsTotal--;
   }
 
   /**
@@ -175,19 +215,8 @@ export class UidQuotas {
       );
     }
     // The fair share: after this acquire (charged as relayed) more fds must stay free than the uid would hold.
-    const held = usage.leaseFds + RELAYED_LEASE_FDS * (usage.pending + 1);
-    const budget = this.#fdBudget();
-    const free = budget - this.#leaseFdsTotal - RELAYED_LEASE_FDS * (this.#pendingTotal + 1);
-    if (free <= held) {
-      throw new SockpoolError(
-        ErrorCodes.QUOTA,
-        `uid ${uid} holds ${usage.leaseFds} daemon fds in leases with ${usage.pending} acquires pending, and ` +
-          `${Math.max(0, free)} of the daemon's lease fd budget of ${budget} would stay free: a uid may take ` +
-          `another only while more stay free than it holds (the budget is RLIMIT_NOFILE less the daemon's own ` +
-          'fds and pool.maxIdleTotal)',
-        { uid, quota: 'leaseFds', limit: budget },
-      );
-    }
+    const over = this.#overShare(uid, usage, RELAYED_LEASE_FDS);
+    if (over) throw this.#shareError(uid, usage, over, 'leaseFds', 'lease');
     const needsLookup = isIP(host) === 0;
     if (needsLookup && usage.lookups >= config.maxLookupsPerUid) {
       throw quotaError(
@@ -271,22 +300,35 @@ export class UidQuotas {
     this.#leaseFdsTotal -= freed;
   }
 
-  /** The lease fd budget's use, every uid's together (stats): fds charged (leases and pending acquires) and budget. */
-  leaseFdsInUse(): { leaseFds: number; leaseFdBudget: number } {
-    return { leaseFds: this.#leaseFdsTotal + RELAYED_LEASE_FDS * this.#pendingTotal, leaseFdBudget: this.#fdBudget() };
+  /**
+   * The fd budget's use, every uid's together (stats): fds charged for leases (and pending acquires), for
+   * connections (and watched copies of hung-up ones), and the budget. (The fds in flight in unread replies, the
+   * rest of it, are `unreadLeases`.)
+   */
+  leaseFdsInUse(): { leaseFds: number; sessionFds: number; leaseFdBudget: number } {
+    return {
+      leaseFds: this.#leaseFdsTotal + RELAYED_LEASE_FDS * this.#pendingTotal,
+      sessionFds: this.#sessionFdsTotal,
+      leaseFdBudget: this.#fdBudget(),
+    };
   }
 
   /**
    * `count` leases of `uid` ended while their replies may still wait unread in the kernel, each with its fd in flight:
-   * they count against maxLeasesPerUid as leases until releaseUnread (the session's output was read, or it closed).
+   * they count against maxLeasesPerUid as leases, and as one fd each in its share of the fd budget (the kernel counts
+   * fds in flight against the daemon's RLIMIT_NOFILE), until releaseUnread (the session's output was read, or it
+   * closed).
    */
   chargeUnread(uid: number, count: number): void {
     this.#of(uid).unreadLeases += count;
+    this.#unreadTotal += count;
   }
 
   releaseUnread(uid: number, count: number): void {
     const usage = this.#of(uid);
-    usage.unreadLeases = Math.max(0, usage.unreadLeases - count);
+    const released = Math.min(usage.unreadLeases, count);
+    usage.unreadLeases -= released;
+    this.#unreadTotal -= released;
   }
 
   /**
@@ -342,6 +384,7 @@ export class UidQuotas {
     sessions: number;
     leases: number;
     leaseFds: number;
+    sessionFds: number;
     unreadLeases: number;
     pending: number;
     lookups: number;
@@ -352,11 +395,60 @@ export class UidQuotas {
       leases: usage?.leases ?? 0,
       // (What the fair share counts: its leases' fds, and its pending acquires' as relayed.)
       leaseFds: (usage?.leaseFds ?? 0) + RELAYED_LEASE_FDS * (usage?.pending ?? 0),
+      // (Its connections and the watched copies of its hung-up ones.)
+      sessionFds: (usage?.sessions ?? 0) + (usage?.watchFds ?? 0),
       unreadLeases: usage?.unreadLeases ?? 0,
       // (Acquires and token requests: what maxPendingPerUid counts.)
       pending: (usage?.pending ?? 0) + (usage?.waits ?? 0),
       lookups: usage?.lookups ?? 0,
     };
+  }
+
+  /**
+   * The fair share: undefined when `uid` may take `adding` more fds of the budget (more stay free after than it would
+   * hold), else what it would hold and leave free. Its charges for unread replies (made without a look, maybe stale)
+   * are settled first when they are what would refuse it, as for maxLeasesPerUid.
+   */
+  #overShare(uid: number, usage: UidUsage, adding: number): { held: number; free: number; budget: number } | undefined {
+    let share = this.#shareAfter(usage, adding);
+    if (share.free > share.held) return undefined;
+    if (usage.unreadLeases === 0) return share;
+    this.#settleUnread(uid);
+    share = this.#shareAfter(usage, adding);
+    return share.free > share.held ? undefined : share;
+  }
+
+  #shareAfter(usage: UidUsage, adding: number): { held: number; free: number; budget: number } {
+    const budget = this.#fdBudget();
+    return {
+      held: heldFds(usage) + adding,
+      free:
+        budget -
+        this.#leaseFdsTotal -
+        RELAYED_LEASE_FDS * this.#pendingTotal -
+        this.#sessionFdsTotal -
+        this.#unreadTotal -
+        adding,
+      budget,
+    };
+  }
+
+  #shareError(
+    uid: number,
+    usage: UidUsage,
+    share: { free: number; budget: number },
+    quota: 'leaseFds' | 'sessionFds',
+    what: string,
+  ): SockpoolError {
+    return new SockpoolError(
+      ErrorCodes.QUOTA,
+      `uid ${uid} holds ${heldFds(usage)} daemon fds (${usage.leaseFds} in leases, ${usage.pending} acquires ` +
+        `pending, ${usage.sessions + usage.watchFds} connections, ${usage.unreadLeases} in flight in unread ` +
+        `replies), and ${Math.max(0, share.free)} of the daemon's fd budget of ${share.budget} would stay free ` +
+        `after another ${what}: a uid may take more only while more stay free than it holds (the budget is ` +
+        "RLIMIT_NOFILE less the daemon's own fds and pool.maxIdleTotal)",
+      { uid, quota, limit: share.budget },
+    );
   }
 
   #of(uid: number): UidUsage {
@@ -370,6 +462,7 @@ export class UidQuotas {
         waits: 0,
         lookups: 0,
         leaseFds: 0,
+        watchFds: 0,
         prewarmTokens: this.#config().maxPrewarmPerUid,
         prewarmUpdatedAt: this.#now(),
         statsTokens: this.#config().maxStatsPerUid,
@@ -398,6 +491,11 @@ export function overLeaseLimit<K>(
 ): boolean {
   if (held + unread < limit) return false;
   return unread === 0 || held + settle(key) >= limit;
+}
+
+/** The fds of the budget a uid holds: its leases', its pending acquires' (as relayed), connections, fds in flight. */
+function heldFds(usage: UidUsage): number {
+  return usage.leaseFds + RELAYED_LEASE_FDS * usage.pending + usage.sessions + usage.watchFds + usage.unreadLeases;
 }
 
 function quotaError(uid: number, quota: string, limit: number, what: string): SockpoolError {

@@ -182,11 +182,11 @@ describe('UidQuotas', () => {
       const first = takeAll(quotas, 1, TCP_LEASE_FDS);
       expect(first.taken).toBe(47);
       expect(first.error).toMatchObject({ code: ErrorCodes.QUOTA, quota: 'leaseFds', uid: 1, limit: 100 });
-      expect((first.error as Error).message).toContain("of the daemon's lease fd budget of 100 would stay free");
+      expect((first.error as Error).message).toContain("of the daemon's fd budget of 100 would stay free");
       // Another uid gets about half of what is left, and a third half of that: something stays free for the next.
       expect(takeAll(quotas, 2, TCP_LEASE_FDS).taken).toBe(24);
       expect(takeAll(quotas, 3, TCP_LEASE_FDS).taken).toBe(12);
-      expect(quotas.leaseFdsInUse()).toEqual({ leaseFds: 83, leaseFdBudget: 100 });
+      expect(quotas.leaseFdsInUse()).toEqual({ leaseFds: 83, sessionFds: 0, leaseFdBudget: 100 });
       // The first uid's leases ended, its fds are free for the others again.
       for (let i = 0; i < 47; i++) quotas.leaseEnded(1, TCP_LEASE_FDS);
       expect(quotas.usageOf(1).leaseFds).toBe(0);
@@ -225,6 +225,140 @@ describe('UidQuotas', () => {
       expect(alone.error).toMatchObject({ quota: 'maxLeasesPerUid' });
       // And the budget keeps at least half the table for leases when the daemon's other needs would take more.
       expect(leaseFdBudget(20_000, defaults)).toBe(10_000);
+    });
+
+    /** Opens sessions for `uid` until refused; returns how many it got and the refusal. */
+    const openAll = (quotas: UidQuotas, uid: number) => {
+      for (let opened = 0; ; opened++) {
+        try {
+          quotas.openSession(uid);
+        } catch (error) {
+          return { opened, error };
+        }
+      }
+    };
+    /** Sessions far above `budget` too: only the fair share binds. */
+    const withSessionBudget = (budget: number) =>
+      new UidQuotas(
+        () => config({ maxLeasesPerUid: 10_000, maxSessionsPerUid: 10_000 }),
+        undefined,
+        undefined,
+        () => budget,
+      );
+
+    it("refuses a uid's connection unless more fds stay free than it would hold, with its leases counted, so another uid still connects", () => {
+      const quotas = withSessionBudget(100);
+      // Alone: after n connections and this one, n + 1 held and 100 - n - 1 free: 49 (with maxSessionsPerUid alone,
+      // 10,000: a hundred times the budget).
+      const first = openAll(quotas, 1);
+      expect(first.opened).toBe(49);
+      expect(first.error).toMatchObject({ code: ErrorCodes.QUOTA, quota: 'sessionFds', uid: 1, limit: 100 });
+      expect((first.error as Error).message).toContain("of the daemon's fd budget of 100 would stay free");
+      expect(quotas.usageOf(1)).toMatchObject({ sessions: 49, sessionFds: 49 });
+      // Another uid's leases and connections come out of what is left, by the same rule: it holds ten TCP leases, so
+      // n + 11 held against 100 - 49 - 10 - n - 1 free: 15 connections.
+      for (let i = 0; i < 10; i++) {
+        quotas.startAcquire(2, '192.0.2.1');
+        quotas.acquireSettled(2, '192.0.2.1', true, undefined, TCP_LEASE_FDS);
+      }
+      expect(openAll(quotas, 2).opened).toBe(15);
+      expect(quotas.leaseFdsInUse()).toEqual({ leaseFds: 10, sessionFds: 64, leaseFdBudget: 100 });
+      // And its leases the other way: connections count in an acquire's share (uid 2 would hold 28 fds, 23 would stay free).
+      expect(() => quotas.startAcquire(2, '192.0.2.1')).toThrow(expect.objectContaining({ quota: 'leaseFds' }));
+      // The first uid's connections closed, the fds are free again.
+      for (let i = 0; i < 49; i++) quotas.closeSession(1);
+      quotas.openSession(2);
+      expect(quotas.usageOf(2)).toMatchObject({ sessions: 16, sessionFds: 16, leaseFds: 10 });
+    });
+
+    it("counts the kept copy of a hung-up connection's end in its uid's share until it is closed", () => {
+      const quotas = withSessionBudget(10);
+      quotas.openSession(1);
+      quotas.openSession(1);
+      // The daemon hung up on both with replies unread: their connections go, a watched copy of each stays.
+      quotas.closeSession(1);
+      quotas.closeSession(1);
+      quotas.watchOpened(1);
+      quotas.watchOpened(1);
+      expect(quotas.usageOf(1)).toMatchObject({ sessions: 0, sessionFds: 2 });
+      // Two more connections (3 held, 7 free; 4 held, 6 free), not a third (5 held, 5 free).
+      quotas.openSession(1);
+      quotas.openSession(1);
+      expect(() => quotas.openSession(1)).toThrow(expect.objectContaining({ quota: 'sessionFds' }));
+      quotas.watchClosed(1);
+      quotas.watchClosed(1);
+      quotas.openSession(1);
+      expect(quotas.usageOf(1)).toMatchObject({ sessions: 3, sessionFds: 3 });
+    });
+
+    it("counts each lease ended with its reply unread as an fd in its uid's share, so the fds in flight stay under the budget", () => {
+      const quotas = withSessionBudget(100);
+      // A uid that never reads, ending each lease by its guessed id: each lease's fd goes from the daemon's table to
+      // flight (the kernel's count against RLIMIT_NOFILE). u in flight, the acquire's 3: u + 3 held, 100 - u - 3
+      // free: 47 (with maxLeasesPerUid alone, 10,000; the kernel fails every send past RLIMIT_NOFILE).
+      let inFlight = 0;
+      let refusal: unknown;
+      for (; inFlight < 10_000; inFlight++) {
+        try {
+          quotas.startAcquire(1, '192.0.2.1');
+        } catch (error) {
+          refusal = error;
+          break;
+        }
+        quotas.acquireSettled(1, '192.0.2.1', true, undefined, TCP_LEASE_FDS);
+        quotas.leaseEnded(1, TCP_LEASE_FDS);
+        quotas.chargeUnread(1, 1);
+      }
+      expect(inFlight).toBe(47);
+      expect(refusal).toMatchObject({ code: ErrorCodes.QUOTA, quota: 'leaseFds', uid: 1, limit: 100 });
+      expect((refusal as Error).message).toContain('47 in flight in unread replies');
+      // Its connections too; another uid still gets leases out of what is left (n + 3 held, 100 - 48 - n - 3 free).
+      expect(() => quotas.openSession(1)).not.toThrow();
+      expect(takeAll(quotas, 2, TCP_LEASE_FDS).taken).toBe(23);
+      // Read (or its connection closed): its share is back.
+      quotas.closeSession(1);
+      quotas.releaseUnread(1, 47);
+      quotas.startAcquire(1, '192.0.2.1');
+      expect(quotas.usageOf(1)).toMatchObject({ unreadLeases: 0, leaseFds: RELAYED_LEASE_FDS });
+    });
+
+    it("settles a uid's unread charges before refusing it its share for them", () => {
+      let settles = 0;
+      const quotas = new UidQuotas(
+        () => config({ maxLeasesPerUid: 10_000, maxSessionsPerUid: 10_000 }),
+        undefined,
+        (uid) => {
+          settles++;
+          quotas.releaseUnread(uid, 40);
+        },
+        () => 100,
+      );
+      quotas.chargeUnread(1, 50);
+      // 50 + 1 held, 100 - 50 - 1 free: refused but for the charges, which the client had read (40 of them).
+      quotas.openSession(1);
+      expect(settles).toBe(1);
+      expect(quotas.usageOf(1)).toMatchObject({ sessions: 1, unreadLeases: 10 });
+      // Within its share: no settle (no ioctl on a connection or acquire that passes).
+      quotas.openSession(1);
+      quotas.startAcquire(1, '192.0.2.1');
+      expect(settles).toBe(1);
+    });
+
+    it("lets a lone uid reach maxSessionsPerUid beside maxLeasesPerUid relayed leases under the shipped unit's LimitNOFILE (65,536)", () => {
+      const defaults = defaultConfig();
+      const budget = leaseFdBudget(65_536, defaults);
+      const quotas = new UidQuotas(
+        () => defaults.quotas,
+        undefined,
+        undefined,
+        () => budget,
+      );
+      const sessions = openAll(quotas, 1);
+      expect(sessions.opened).toBe(defaults.quotas.maxSessionsPerUid);
+      expect(sessions.error).toMatchObject({ quota: 'maxSessionsPerUid' });
+      const leases = takeAll(quotas, 1, RELAYED_LEASE_FDS);
+      expect(leases.taken).toBe(defaults.quotas.maxLeasesPerUid);
+      expect(leases.error).toMatchObject({ quota: 'maxLeasesPerUid' });
     });
   });
 
@@ -279,7 +413,15 @@ describe('UidQuotas', () => {
     quotas.acquireSettled(7, 'example.com', true);
     quotas.acquireSettled(7, '192.0.2.1', true);
     quotas.acquireSettled(7, '2001:db8::1', true);
-    expect(quotas.usageOf(7)).toEqual({ sessions: 0, leases: 3, leaseFds: 3, unreadLeases: 0, pending: 0, lookups: 0 });
+    expect(quotas.usageOf(7)).toEqual({
+      sessions: 0,
+      leases: 3,
+      leaseFds: 3,
+      sessionFds: 0,
+      unreadLeases: 0,
+      pending: 0,
+      lookups: 0,
+    });
     quotas.startAcquire(7, '192.0.2.3');
     expect(() => quotas.startAcquire(7, '192.0.2.4')).toThrow(expect.objectContaining({ quota: 'maxLeasesPerUid' }));
     quotas.leaseEnded(7);
