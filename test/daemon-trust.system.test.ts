@@ -149,11 +149,7 @@ describe("the daemon's fd table across uids", () => {
       quotas: { maxLeasesPerUid: 5_000, maxConnectsInFlight: 16 },
       pool: { maxIdleTotal: 16, defaults: { maxPerOrigin: 5_000 } },
     };
-    const sockpoold = await startSharedDaemon(origin.port, config, cleanups, [
-      'sh',
-      '-c',
-      `ulimit -n ${fdLimit}; exec "$0" "$@"`,
-    ]);
+    const sockpoold = await startSharedDaemon(origin.port, config, cleanups, fdLimited(fdLimit));
     const budget = leaseFdBudget(fdLimit, config as unknown as Parameters<typeof leaseFdBudget>[1]);
     const ownFdsBefore = fdCount();
     const raw = client(sockpoold.socketPath);
@@ -172,11 +168,12 @@ describe("the daemon's fd table across uids", () => {
     cleanups.push(() => hostile.kill('SIGKILL'));
     const [line] = (await once(hostile.stdout!, 'data')) as [Buffer];
     const seen = JSON.parse(line.toString()) as { leases: number; refusal?: string; message?: string };
-    // Refused at its share (half the budget, a lone holder: each acquire charged as relayed until its lease is
-    // made), with the budget named; before, it took leases until the daemon's connects failed with EMFILE.
+    // Refused at its share (about half the budget, a lone holder: each acquire charged as relayed until its lease
+    // is made; n leases and its connection, n + 1 + 3 held, against budget - n - 1 - 3 and the honest connection
+    // free), with the budget named; before, it took leases until the daemon's connects failed with EMFILE.
     expect(seen.refusal).toBe('SOCKPOOL_ERR_QUOTA');
-    expect(seen.message).toContain(`lease fd budget of ${budget}`);
-    expect(seen.leases).toBe(Math.ceil((budget - 2 * 3) / 2));
+    expect(seen.message).toContain(`fd budget of ${budget}`);
+    expect(seen.leases).toBe(Math.ceil((budget - 9) / 2));
     // An admin's stats show the budget and every uid's lease fds (the hostile uid's TCP leases: one each).
     const shown = (await raw.request({ type: 'stats', id: nextId++ })).message as unknown as {
       stats: { leaseFds: number; leaseFdBudget: number };
@@ -201,7 +198,132 @@ describe("the daemon's fd table across uids", () => {
     );
     await eventually(() => fdCount() <= ownFdsBefore + 1 + config.pool.maxIdleTotal, "this process's fds back");
   });
+
+  it("leaves another uid connections and leases when one opens connections to its fd share: one uid's connections cannot exhaust the daemon's fds", async () => {
+    const origin = await pathOrigin(cleanups);
+    // maxSessionsPerUid far above the daemon's fd table: only the fair share of the fd budget stands between one
+    // uid's connections and the daemon's last fd.
+    const fdLimit = 1_500;
+    const config = {
+      quotas: { maxSessionsPerUid: 5_000, maxConnectsInFlight: 16 },
+      pool: { maxIdleTotal: 16 },
+    };
+    const sockpoold = await startSharedDaemon(origin.port, config, cleanups, fdLimited(fdLimit));
+    const budget = leaseFdBudget(fdLimit, config as unknown as Parameters<typeof leaseFdBudget>[1]);
+    const ownFdsBefore = fdCount();
+    const daemonFdsBefore = sockpoold.fdCount();
+    const hostile = spawnChild(process.execPath, [hostileClient, 'hold-sessions', sockpoold.socketPath, '5000'], {
+      stdio: ['ignore', 'pipe', 'inherit'],
+      uid: HOSTILE_UID,
+      gid: HOSTILE_UID,
+    });
+    cleanups.push(() => hostile.kill('SIGKILL'));
+    const [line] = (await once(hostile.stdout!, 'data')) as [Buffer];
+    const seen = JSON.parse(line.toString()) as {
+      sessions: number;
+      refusal?: string;
+      quota?: string;
+      message?: string;
+    };
+    // Refused at its share, the quota named to the client (a lone uid: n + 1 held, budget - n - 1 free after the
+    // next); before, the daemon accepted until EMFILE, and then answered nobody's `hello`.
+    expect(seen).toMatchObject({ refusal: 'SOCKPOOL_ERR_QUOTA', quota: 'sessionFds' });
+    expect(seen.message).toContain(`fd budget of ${budget}`);
+    expect(seen.sessions).toBe(Math.ceil((budget - 2) / 2));
+    // The honest uid still connects, and gets leases.
+    const raw = client(sockpoold.socketPath);
+    expect((await raw.request({ type: 'hello', id: nextId++, version: 1 })).message).toMatchObject({ type: 'hello' });
+    const shown = (await raw.request({ type: 'stats', id: nextId++ })).message as unknown as {
+      stats: { sessionFds: number; leaseFdBudget: number };
+    };
+    expect(shown.stats).toMatchObject({ sessionFds: seen.sessions + 1, leaseFdBudget: budget });
+    for (let i = 0; i < 10; i++) {
+      expect((await honestRequest(raw, origin.port, `/beside-the-flood-${i}`)).body).toBe(`/beside-the-flood-${i}`);
+    }
+    // The hostile uid gone, the daemon closes its connections: back to its fds before but the honest connection.
+    hostile.kill('SIGKILL');
+    await eventually(
+      () => sockpoold.fdCount() <= daemonFdsBefore + 1 + config.pool.maxIdleTotal,
+      "the daemon's fds back to where they were (idle sockets and the honest connection aside)",
+    );
+    await eventually(() => fdCount() <= ownFdsBefore + 1 + config.pool.maxIdleTotal, "this process's fds back");
+  });
+
+  it("leaves another uid leases when one piles up fds in flight in replies it never reads: the daemon's sends never pass RLIMIT_NOFILE", async () => {
+    const origin = await pathOrigin(cleanups);
+    // The kernel counts the fds in flight in SCM_RIGHTS messages per sending user against the sender's
+    // RLIMIT_NOFILE, and fails a send past it with ETOOMANYREFS unless the sender has CAP_SYS_RESOURCE or
+    // CAP_SYS_ADMIN: the daemon runs without capabilities here, as under the shipped unit. The per-uid quotas far
+    // above the limit: only the fair share stands between one uid's unread replies and every client's sends.
+    const fdLimit = 1_500;
+    const config = {
+      access: { maxLeasesPerClient: 5_000 },
+      quotas: { maxLeasesPerUid: 5_000, maxConnectsInFlight: 16, maxStatsPerUid: 1_000_000 },
+      pool: { maxIdleTotal: 16, defaults: { maxPerOrigin: 5_000 } },
+    };
+    const sockpoold = await startSharedDaemon(origin.port, config, cleanups, [
+      ...fdLimited(fdLimit),
+      'setpriv',
+      '--inh-caps=-all',
+      '--bounding-set=-all',
+    ]);
+    expect(readFileSync(`/proc/${sockpoold.child.pid}/status`, 'utf8')).toMatch(/^CapEff:\s+0+$/m);
+    const budget = leaseFdBudget(fdLimit, config as unknown as Parameters<typeof leaseFdBudget>[1]);
+    const ownFdsBefore = fdCount();
+    const raw = client(sockpoold.socketPath);
+    expect((await raw.request({ type: 'hello', id: nextId++, version: 1 })).message).toMatchObject({ type: 'hello' });
+    const daemonFdsBefore = sockpoold.fdCount();
+    // The hostile uid acquires and ends each lease by its guessed id, reading no reply (100 on each connection: the
+    // kernel's socket buffer holds them all), until an acquire gets no lease.
+    const hostile = spawnChild(
+      process.execPath,
+      [hostileClient, 'unread-leases', sockpoold.socketPath, origin.port, 5_000, 100].map(String),
+      { stdio: ['ignore', 'pipe', 'inherit'], uid: HOSTILE_UID, gid: HOSTILE_UID },
+    );
+    cleanups.push(() => hostile.kill('SIGKILL'));
+    const [line] = (await once(hostile.stdout!, 'data')) as [Buffer];
+    const seen = JSON.parse(line.toString()) as { ended: number; refusal?: string; quota?: string; message?: string };
+    // Refused at its share (its fds in flight, its connections and the acquire's three against the rest); before, it
+    // ended leases until the daemon's sends failed (ETOOMANYREFS) past the limit, its own and everyone's.
+    expect(seen).toMatchObject({ refusal: 'SOCKPOOL_ERR_QUOTA', quota: 'leaseFds' });
+    expect(seen.message).toContain(`in flight in unread replies), and`);
+    expect(seen.ended).toBeGreaterThan(budget / 2 - 20);
+    expect(seen.ended).toBeLessThan(budget / 2);
+    // Every one still unread (charged), under the budget with everything else.
+    const shown = (await raw.request({ type: 'stats', id: nextId++ })).message as unknown as {
+      stats: { unreadLeases: number; leaseFds: number; sessionFds: number };
+    };
+    expect(shown.stats.unreadLeases).toBe(seen.ended);
+    expect(shown.stats.unreadLeases + shown.stats.leaseFds + shown.stats.sessionFds).toBeLessThan(budget);
+    // The honest uid's leases still go out (each send puts one more fd in flight).
+    for (let i = 0; i < 100; i++) {
+      const lease = await raw.request({ type: 'acquire', id: nextId++, host: '127.0.0.1', port: origin.port });
+      expect(lease.message).toMatchObject({ type: 'lease' });
+      for (const fd of lease.fds) native.close(fd);
+      raw.sendJson({ type: 'closed', leaseId: (lease.message as { leaseId: number }).leaseId });
+    }
+    // (Node names ETOOMANYREFS "Unknown system error -109".)
+    expect(sockpoold.output()).not.toMatch(/ETOOMANYREFS|error -109|EMFILE/);
+    // The hostile uid gone, its fds in flight are freed with its sockets, and its charges with them.
+    hostile.kill('SIGKILL');
+    await eventually(
+      async () =>
+        ((await raw.request({ type: 'stats', id: nextId++ })).message as unknown as { stats: { unreadLeases: number } })
+          .stats.unreadLeases === 0,
+      'the charges released once the hostile uid is gone',
+    );
+    await eventually(
+      () => sockpoold.fdCount() <= daemonFdsBefore + config.pool.maxIdleTotal,
+      "the daemon's fds back to where they were (idle sockets aside)",
+    );
+    await eventually(() => fdCount() <= ownFdsBefore + 1 + config.pool.maxIdleTotal, "this process's fds back");
+  });
 });
+
+/** A wrap that starts the daemon with its soft and hard RLIMIT_NOFILE at `fdLimit` (startSharedDaemon). */
+function fdLimited(fdLimit: number): string[] {
+  return ['sh', '-c', `ulimit -n ${fdLimit}; exec "$0" "$@"`];
+}
 
 describe('the connect gate across uids', () => {
   it("starts another uid's connect ahead of one uid's backlog at maxConnectsInFlight", async () => {

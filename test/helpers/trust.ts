@@ -22,7 +22,7 @@ export const hostileClient = join(repoRoot, 'test', 'fixtures', 'hostile-client.
  */
 export async function startSharedDaemon(
   port: number,
-  config: { access?: object },
+  config: { access?: object; quotas?: object; pool?: object },
   cleanups: Array<() => unknown>,
   wrap?: string[],
 ): Promise<DaemonProcess> {
