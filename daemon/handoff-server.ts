@@ -1006,8 +1006,9 @@ export class HandoffServer {
    * RLIMIT_NOFILE (a sendmsg past it fails with ETOOMANYREFS, for every client), and nothing can take them back, so
    * a client that never read and ended its leases by guessing their ids (they are a sequence) freed its lease quota
    * while its fds piled up. So the lease still counts against its uid's maxLeasesPerUid, and its session's
-   * maxLeasesPerClient, until the session's output is read (#settleUnread) or it closes (the kernel frees its fds in
-   * flight then). Charged without a look (no
+   * maxLeasesPerClient, and as an fd in flight in its uid's share of the fd budget (which keeps every uid's fds in
+   * flight together under RLIMIT_NOFILE), until the session's output is read (#settleUnread) or it closes (the
+   * kernel frees its fds in flight then). Charged without a look (no
    * syscall on a lease's end): settled every UNREAD_RECHECK_MS, and before an acquire is refused for it or a `stats`.
    */
   #chargeIfUnread(lease: Lease, withdrawn: boolean): void {
@@ -1074,7 +1075,7 @@ export class HandoffServer {
    * connected again hold any number of fds in flight, its quota free each round. So they stay charged, settled as
    * before (never more than what is unread: SIOCOUTQ), through a copy of the daemon's end kept for that alone and
    * shut down (the client reads what is queued, then the end). One fd of the daemon's while any charge is left: at
-   * most maxLeasesPerUid a uid, as each holds a charge. A client that closed its end has nothing unread: none kept.
+   * most maxLeasesPerUid a uid, as each holds a charge, and in its uid's share of the fd budget (quotas.ts). A client that closed its end has nothing unread: none kept.
    */
   #keepWatching(session: ClientSession, sent: number): void {
     if (session.unreadLeases + sent === 0) return;

@@ -23,10 +23,12 @@
 //
 // Fds in flight are in that budget because the kernel counts them against the same number: a sendmsg with
 // SCM_RIGHTS fails with ETOOMANYREFS while the sending user's fds in flight (every process of the daemon's user
-// together: user_struct.unix_inflight, net/unix) exceed the sender's RLIMIT_NOFILE, unless it has CAP_SYS_RESOURCE
-// or CAP_SYS_ADMIN (the shipped unit keeps neither). Every fd the daemon sends in flight is a `lease` reply's: a live
-// lease's is covered by its lease fds (one at least), one ended unread is charged here as one (chargeUnread), so the
-// fds in flight never pass the sum this budget bounds, and the budget is below RLIMIT_NOFILE.
+// together: user_struct.unix_inflight, net/unix; the daemon alone under the shipped unit's DynamicUser) exceed the
+// sender's RLIMIT_NOFILE, unless it has CAP_SYS_RESOURCE or CAP_SYS_ADMIN (the shipped unit keeps neither). Every fd
+// the daemon sends is a `lease` reply's: a live lease's fd in flight is covered by its lease fds (one at least), one
+// ended unread is charged here as one (chargeUnread, never fewer than may still be unread), so the fds in flight
+// never pass the sum this budget bounds, and the budget is below RLIMIT_NOFILE. (Counting both in one sum is
+// conservative for each: an fd in flight of an ended lease is no longer in the table, a live lease's may be in both.)
 
 import { readFileSync } from 'node:fs';
 import { isIP } from 'node:net';
