@@ -191,7 +191,7 @@ export class UidQuotas {
 
   /**
    * An acquire from `uid` starts waiting; throws SOCKPOOL_ERR_QUOTA past maxPendingPerUid, maxLeasesPerUid (leases
-   * held, leases ended with their replies unread, and acquires pending), its fair share of the lease fd budget or,
+   * held, leases ended with their replies unread, and acquires pending), its fair share of the fd budget (quota leaseFds) or,
    * for a host name, maxLookupsPerUid. Pair with acquireSettled.
    */
   startAcquire(uid: number, host: string): void {
