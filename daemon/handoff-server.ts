@@ -1075,7 +1075,8 @@ export class HandoffServer {
    * connected again hold any number of fds in flight, its quota free each round. So they stay charged, settled as
    * before (never more than what is unread: SIOCOUTQ), through a copy of the daemon's end kept for that alone and
    * shut down (the client reads what is queued, then the end). One fd of the daemon's while any charge is left: at
-   * most maxLeasesPerUid a uid, as each holds a charge, and in its uid's share of the fd budget (quotas.ts). A client that closed its end has nothing unread: none kept.
+   * most maxLeasesPerUid a uid, as each holds a charge, and in its uid's share of the fd budget (quotas.ts). A client
+   * that closed its end has nothing unread: none kept.
    */
   #keepWatching(session: ClientSession, sent: number): void {
     if (session.unreadLeases + sent === 0) return;

@@ -158,8 +158,7 @@ export class UidQuotas {
     if (usage.sessions >= limit) {
       throw quotaError(uid, 'maxSessionsPerUid', limit, `uid ${uid} already has ${limit} connections to sockpoold`);
     }
-    const over = this.#overShare(uid, usage, 1);
-    if (over) throw this.#shareError(uid, usage, over, 'sessionFds', 'connection');
+    if (this.#overShare(uid, usage, 1)) throw this.#shareError(uid, usage, 1, 'sessionFds');
     usage.sessions++;
     this.#sessionFdsTotal++;
     return usage.turns;
@@ -191,8 +190,8 @@ export class UidQuotas {
 
   /**
    * An acquire from `uid` starts waiting; throws SOCKPOOL_ERR_QUOTA past maxPendingPerUid, maxLeasesPerUid (leases
-   * held, leases ended with their replies unread, and acquires pending), its fair share of the fd budget (quota leaseFds) or,
-   * for a host name, maxLookupsPerUid. Pair with acquireSettled.
+   * held, leases ended with their replies unread, and acquires pending), its fair share of the fd budget (quota
+   * leaseFds) or, for a host name, maxLookupsPerUid. Pair with acquireSettled.
    */
   startAcquire(uid: number, host: string): void {
     const usage = this.#of(uid);
@@ -217,8 +216,9 @@ export class UidQuotas {
       );
     }
     // The fair share: after this acquire (charged as relayed) more fds must stay free than the uid would hold.
-    const over = this.#overShare(uid, usage, RELAYED_LEASE_FDS);
-    if (over) throw this.#shareError(uid, usage, over, 'leaseFds', 'lease');
+    if (this.#overShare(uid, usage, RELAYED_LEASE_FDS)) {
+      throw this.#shareError(uid, usage, RELAYED_LEASE_FDS, 'leaseFds');
+    }
     const needsLookup = isIP(host) === 0;
     if (needsLookup && usage.lookups >= config.maxLookupsPerUid) {
       throw quotaError(
@@ -407,49 +407,34 @@ export class UidQuotas {
   }
 
   /**
-   * The fair share: undefined when `uid` may take `adding` more fds of the budget (more stay free after than it would
-   * hold), else what it would hold and leave free. Its charges for unread replies (made without a look, maybe stale)
-   * are settled first when they are what would refuse it, as for maxLeasesPerUid.
+   * Whether `uid` taking `adding` more fds of the budget is past its fair share: unless more stay free after it than
+   * it would hold. Its charges for unread replies (made without a look, maybe stale) are settled first when they are
+   * what would refuse it, as for maxLeasesPerUid. (Plain numbers: asked on every acquire and connection.)
    */
-  #overShare(uid: number, usage: UidUsage, adding: number): { held: number; free: number; budget: number } | undefined {
-    let share = this.#shareAfter(usage, adding);
-    if (share.free > share.held) return undefined;
-    if (usage.unreadLeases === 0) return share;
+  #overShare(uid: number, usage: UidUsage, adding: number): boolean {
+    if (this.#freeAfter(adding) > heldFds(usage) + adding) return false;
+    if (usage.unreadLeases === 0) return true;
     this.#settleUnread(uid);
-    share = this.#shareAfter(usage, adding);
-    return share.free > share.held ? undefined : share;
+    return this.#freeAfter(adding) <= heldFds(usage) + adding;
   }
 
-  #shareAfter(usage: UidUsage, adding: number): { held: number; free: number; budget: number } {
+  /** Fds of the budget that stay free once `adding` more are taken (every uid's holdings together). */
+  #freeAfter(adding: number): number {
+    const held =
+      this.#leaseFdsTotal + RELAYED_LEASE_FDS * this.#pendingTotal + this.#sessionFdsTotal + this.#unreadTotal;
+    return this.#fdBudget() - held - adding;
+  }
+
+  #shareError(uid: number, usage: UidUsage, adding: number, quota: 'leaseFds' | 'sessionFds'): SockpoolError {
     const budget = this.#fdBudget();
-    return {
-      held: heldFds(usage) + adding,
-      free:
-        budget -
-        this.#leaseFdsTotal -
-        RELAYED_LEASE_FDS * this.#pendingTotal -
-        this.#sessionFdsTotal -
-        this.#unreadTotal -
-        adding,
-      budget,
-    };
-  }
-
-  #shareError(
-    uid: number,
-    usage: UidUsage,
-    share: { free: number; budget: number },
-    quota: 'leaseFds' | 'sessionFds',
-    what: string,
-  ): SockpoolError {
     return new SockpoolError(
       ErrorCodes.QUOTA,
       `uid ${uid} holds ${heldFds(usage)} daemon fds (${usage.leaseFds} in leases, ${usage.pending} acquires ` +
         `pending, ${usage.sessions + usage.watchFds} connections, ${usage.unreadLeases} in flight in unread ` +
-        `replies), and ${Math.max(0, share.free)} of the daemon's fd budget of ${share.budget} would stay free ` +
-        `after another ${what}: a uid may take more only while more stay free than it holds (the budget is ` +
-        "RLIMIT_NOFILE less the daemon's own fds and pool.maxIdleTotal)",
-      { uid, quota, limit: share.budget },
+        `replies), and ${Math.max(0, this.#freeAfter(adding))} of the daemon's fd budget of ${budget} would stay ` +
+        `free after another ${quota === 'leaseFds' ? 'lease' : 'connection'}: a uid may take more only while more ` +
+        "stay free than it holds (the budget is RLIMIT_NOFILE less the daemon's own fds and pool.maxIdleTotal)",
+      { uid, quota, limit: budget },
     );
   }
 
