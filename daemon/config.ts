@@ -55,7 +55,9 @@ function runningAsRoot(): boolean {
  * about a tenth of a core: under half a second of wall time for an honest origin's heaviest turn, a tenth of this
  * limit (a hostile origin's one handshake, ~330 ms of CPU, would come near it only with every core that busy). A stop of
  * the whole process (SIGSTOP, a debugger on the main thread) is not taken for a hang: a check that comes late (the
- * main thread did not run either) starts every thread's count over.
+ * main thread did not run either) starts every thread's count over. A thread's start (a new isolate, its modules
+ * loaded, the addon opened) takes a fraction of a second: one that has not beaten this long after it was started is
+ * taken for hung while starting.
  */
 export const RELAY_HANG_LIMIT_MS = 5_000;
 /** The longest tls.relayHangMs: a relay thread silent for 10 minutes has long stalled every session it held. */

@@ -93,7 +93,7 @@ const COUNTER: Record<keyof RelayCounters, number> = {
 };
 
 const heartbeat = new Int32Array(sharedHeartbeat);
-// The first beat at once: the watchdog judges a thread only once it has beaten (its start is not judged).
+// The first beat at once: until it comes, the watchdog judges the thread's start (tls.relayHangMs from its spawn).
 Atomics.add(heartbeat, 0, 1);
 /**
  * The CPU time for stats, and the heartbeat the watchdog reads (tls-relay.ts): a timer, so the heartbeat moves only

@@ -46,6 +46,18 @@
 // pending handshakes as for a thread that died. A thread that does not end within RELAY_TERMINATE_LIMIT_MS (blocked
 // in a system call) is left as the stop leaves one: its pending handshakes fail then, their fds left to it (it may
 // have taken them), and the stop names it. test/warm-tls-relay-hang makes both kinds through the daemon's inspector.
+//
+// A thread that hangs while starting (its modules' load, a call before its first beat, a start that never ends) is
+// judged the same way, within tls.relayHangMs of its spawn: it never beats, and the handshakes sent to it (queued in
+// its message port, never read) would otherwise wait for ever, each holding its TCP fd and a place, and its acquire
+// failing at its own timeout. A cause that outlives the thread (a broken install, a module or the addon whose load
+// blocks) would make every replacement hang the same way: a thread a few seconds, for ever, and a thread blocked in
+// a system call is never ended, so each one stays (a thread and its isolate). So after RELAY_START_HANGS_IN_A_ROW
+// threads hung while starting with none starting between them, no relay thread is started again until the daemon
+// restarts: logged once as an error, shown in the stats (`threadStartsStopped`) and the metrics
+// (sockpool_tls_relay_thread_starts_stopped); the live threads serve on, and once none is left a warm TLS handshake
+// fails at once with SOCKPOOL_ERR_TLS. (Not a retry after a pause: threads that never end would still pile up, one
+// per pause, and a restart after the cause is fixed is what the operator does anyway.)
 
 import { Worker } from 'node:worker_threads';
 import { Counter, Gauge, type Registry } from 'prom-client';
@@ -159,6 +171,13 @@ export const RELAY_TERMINATE_LIMIT_MS = 3_000;
 /** How often the watchdog reads the heartbeats: as often as they move (tls-relay-thread.ts, HEARTBEAT_MS). */
 const WATCHDOG_CHECK_MS = 1_000;
 
+/**
+ * Relay threads in a row (none starting between them) that may hang while starting before no more are started (see
+ * the header): more than one, so that a start that hung once by chance (a machine stalled for longer than the limit)
+ * does not end warm TLS; few, as each may stay for good.
+ */
+export const RELAY_START_HANGS_IN_A_ROW = 3;
+
 interface HandshakeWaiter {
   resolve(session: RelayedSession): void;
   reject(error: Error): void;
@@ -193,6 +212,8 @@ interface RelayThread {
   beatAt: number;
   /** Taken for hung by the watchdog: given no more work, its slot has (or gets) another thread. */
   hung: boolean;
+  /** Its heartbeat has moved: its start is done (until then the watchdog judges it from its spawn). */
+  started: boolean;
 }
 
 export interface TlsRelaysOptions {
@@ -231,8 +252,13 @@ export class TlsRelays {
     sessions: 0,
     cpuMicros: 0,
   };
-  /** Threads taken for hung since the start (the metric). */
+  /** Threads taken for hung since the start (the metric), and of those, the ones that hung while starting. */
   #hungCount = 0;
+  #hungStartingCount = 0;
+  /** Threads hung while starting since one last started; at RELAY_START_HANGS_IN_A_ROW, #startsStopped. */
+  #startHangsInARow = 0;
+  /** No relay thread is started any more (see the header). */
+  #startsStopped = false;
   /** The watchdog's timer (started with the first thread) and when it last ran. */
   #watchdog: NodeJS.Timeout | undefined;
   #checkedAt = 0;
@@ -310,7 +336,10 @@ export class TlsRelays {
   #send(): void {
     while (this.#queue.length > 0) {
       const thread = this.#roomiest();
-      if (!thread) return;
+      if (!thread) {
+        if (this.#startsStopped && !this.#threads.some(usable)) this.#failQueued();
+        return;
+      }
       const job = this.#queue.take(this.#mayStart);
       if (!job) return;
       try {
@@ -339,7 +368,7 @@ export class TlsRelays {
    */
   #mayStart = (uid: number, started: number, job: QueuedHandshake): boolean => {
     let underWay = 0;
-    for (const thread of this.#threads) if (thread && !thread.exited && !thread.hung) underWay += thread.pending.size;
+    for (const thread of this.#threads) if (usable(thread)) underWay += thread.pending.size;
     if (this.#threadCount * HANDSHAKES_PER_THREAD - underWay <= Math.min(started, PLACES_KEPT_FOR_OTHER_UIDS)) {
       return false;
     }
@@ -359,12 +388,16 @@ export class TlsRelays {
     job.reject(new ConnectAbandoned());
   }
 
-  /** The thread with the fewest handshakes under way if it has room; a slot without a live thread gets one. */
+  /**
+   * The thread with the fewest handshakes under way if it has room; a slot without a live thread gets one (while
+   * threads are started at all).
+   */
   #roomiest(): RelayThread | undefined {
     let best: RelayThread | undefined;
     for (let index = 0; index < this.#threadCount; index++) {
       let thread = this.#threads[index];
-      if (!thread || thread.exited || thread.hung) {
+      if (!usable(thread)) {
+        if (this.#startsStopped) continue;
         if (thread) this.#retire(thread);
         thread = this.#spawn(index);
         this.#threads[index] = thread;
@@ -377,18 +410,36 @@ export class TlsRelays {
   }
 
   /**
-   * The relay threads' totals, the handshakes waiting here for room in one, and those that waited (at least once)
-   * for their uid's share of the relay CPU.
+   * The relay threads' totals, the handshakes waiting here for room in one, those that waited (at least once)
+   * for their uid's share of the relay CPU, the threads that hung while starting, and whether threads are no longer
+   * started for that (see the header).
    */
-  counters(): RelayCounters & { handshakesQueued: number; handshakesHeldForCpu: number } {
+  counters(): RelayCounters & {
+    handshakesQueued: number;
+    handshakesHeldForCpu: number;
+    threadsHungStarting: number;
+    threadStartsStopped: boolean;
+  } {
     const totals = {
       ...this.#retiredTotals,
       handshakesQueued: this.#queue.length,
       handshakesHeldForCpu: this.#heldForCpu,
+      threadsHungStarting: this.#hungStartingCount,
+      threadStartsStopped: this.#startsStopped,
     };
     // A hung thread's sessions were ended, though it could not count them down.
     for (const thread of this.#threads) if (thread) addCounters(totals, thread.counters, !thread.hung);
     return totals;
+  }
+
+  /** No relay thread is left and none will be started (see the header): every queued handshake fails. */
+  #failQueued(): void {
+    for (const job of this.#queue.drain()) {
+      native.close(job.fd);
+      job.reject(
+        new SockpoolError(ErrorCodes.TLS, 'no TLS relay thread: they hung while starting', { reason: 'connection' }),
+      );
+    }
   }
 
   /** A slot's ended or hung thread gives way to another: its running totals stay in the metrics (they only grow). */
@@ -429,7 +480,7 @@ export class TlsRelays {
 
   /**
    * The watchdog's check (every WATCHDOG_CHECK_MS): a live thread whose heartbeat has not moved for the limit is
-   * hung. One that has not beaten yet is starting (loading its modules) and is not judged.
+   * hung; one that has not beaten yet, within the limit of its spawn, hung while starting.
    */
   #watch = (): void => {
     const now = performance.now();
@@ -439,12 +490,16 @@ export class TlsRelays {
     this.#checkedAt = now;
     const limitMs = this.#hangLimitMs();
     for (const thread of this.#threads) {
-      if (!thread || thread.exited || thread.hung) continue;
+      if (!usable(thread)) continue;
       const beat = Atomics.load(thread.heartbeat, 0);
       if (beat !== thread.beat || late) {
         thread.beat = beat;
         thread.beatAt = now;
-      } else if (beat !== 0 && limitMs > 0 && now - thread.beatAt >= limitMs) {
+        if (beat !== 0 && !thread.started) {
+          thread.started = true;
+          this.#startHangsInARow = 0;
+        }
+      } else if (limitMs > 0 && now - thread.beatAt >= limitMs) {
         this.#hung(thread, now - thread.beatAt);
       }
     }
@@ -456,9 +511,24 @@ export class TlsRelays {
     this.#hungCount++;
     this.#hungThreads.add(thread);
     this.#log.error(
-      { thread: thread.name, silentMs: Math.round(silentMs), handshakes: thread.pending.size },
+      {
+        thread: thread.name,
+        silentMs: Math.round(silentMs),
+        handshakes: thread.pending.size,
+        started: thread.started,
+      },
       'TLS relay thread hung (its event loop stopped turning): ending it and its sessions; another thread takes its place',
     );
+    if (!thread.started) {
+      this.#hungStartingCount++;
+      if (++this.#startHangsInARow >= RELAY_START_HANGS_IN_A_ROW && !this.#startsStopped) {
+        this.#startsStopped = true;
+        this.#log.error(
+          { inARow: this.#startHangsInARow },
+          'TLS relay threads hang while starting: no more are started until sockpoold restarts; warm TLS handshakes fail once no relay thread is left',
+        );
+      }
+    }
     // Its sessions first: nothing may stay in the pool, or be lent, pointing at a relay that no longer moves bytes.
     try {
       this.#onHung?.(thread.id);
@@ -521,6 +591,7 @@ export class TlsRelays {
       beat: 0,
       beatAt: performance.now(),
       hung: false,
+      started: false,
     };
     if (!this.#watchdog) {
       this.#checkedAt = performance.now();
@@ -580,6 +651,11 @@ export class TlsRelays {
     });
     return thread;
   }
+}
+
+/** Whether a slot holds a thread that takes work: alive and not taken for hung. */
+function usable(thread: RelayThread | undefined): thread is RelayThread {
+  return thread !== undefined && !thread.exited && !thread.hung;
 }
 
 /** Adds a thread's counters (tls-relay-thread.ts COUNTER order) to `into`; its live sessions only when `sessions`. */
@@ -661,7 +737,17 @@ export function registerRelayMetrics(registry: Registry, relays: TlsRelays): voi
   );
   counter(
     'sockpool_tls_relay_threads_hung_total',
-    'Relay threads the watchdog found hung (their event loop stopped turning) and replaced',
+    'Relay threads the watchdog found hung (their event loop stopped turning, or never started turning) and replaced',
     () => relays.hungThreads,
+  );
+  counter(
+    'sockpool_tls_relay_threads_hung_starting_total',
+    'Relay threads the watchdog found hung while starting (before their event loop first turned)',
+    () => relays.counters().threadsHungStarting,
+  );
+  gauge(
+    'sockpool_tls_relay_thread_starts_stopped',
+    'Whether relay threads are no longer started (1) after several in a row hung while starting: see the log',
+    (c) => (c.threadStartsStopped ? 1 : 0),
   );
 }

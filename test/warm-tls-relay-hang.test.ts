@@ -6,7 +6,9 @@
 // were. The hang is made from outside, as a debugger would (no hook in the daemon): through the daemon's inspector
 // the relay thread runs `for (;;) {}`. Without the watchdog nothing notices: the spinning thread keeps its sessions
 // in the pool and the hung log line never comes. A burst of handshakes (more than a thread runs at once) before it
-// is not taken for a hang, even at this short limit. Real daemon child process, real node:https origin, a throwaway CA.
+// is not taken for a hang, even at this short limit. A relay thread that hangs while starting (held by the inspector
+// before it runs) is judged too, and replaced at most 3 times in a row. Real daemon child process, real node:https
+// origin, a throwaway CA.
 
 import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
@@ -16,6 +18,7 @@ import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
+import { RELAY_START_HANGS_IN_A_ROW } from '../daemon/tls-relay.js';
 import type { LeaseReply } from '../shared/protocol.js';
 import { eventually, httpsOrigin, type Origin, startTestDaemon, warmTlsArgs } from './fixtures/client-helpers.js';
 import { exchangeOverFd } from './fixtures/native-helpers.js';
@@ -228,3 +231,108 @@ it('a relay thread blocked in a system call is found hung, given no more work, i
     expect.objectContaining({ thread: logRecords(daemon, HUNG)[0]!.thread }),
   ]);
 }, 60_000);
+
+// A relay thread that never beats (hung while starting: its modules' load, a call before its loop runs) is judged
+// like one that stopped beating, within tls.relayHangMs of its spawn. The hang is made from outside again: with the
+// daemon's inspector set to hold every new worker thread before its first line of JavaScript
+// (NodeWorker.enable, waitForDebuggerOnStart), the relay thread the first warm TLS acquire starts never runs.
+// Without the start judged, that acquire's handshake waited in the thread until the acquire's own timeout
+// (SOCKPOOL_ERR_ACQUIRE_TIMEOUT), and so did the next one's, sent to the same thread.
+it('a relay thread hung while starting is found hung, counted, its handshake fails, and a replacement serves', async () => {
+  const { daemon, inspector, metricsPort, raw } = await daemonHoldingNewThreads();
+  // (After a reply: the daemon has accepted the client's connection.)
+  await raw.request({ type: 'stats', id: 100 });
+  const fdsBefore = daemon.fdCount();
+  const pending = raw.request({ type: 'acquire', id: 1, host: 'localhost', port: other.port, tls: { trust } });
+  // The relay thread that acquire started, held before it runs (never let go).
+  const held = await relaySessions(inspector, 1);
+
+  await eventually(() => logRecords(daemon, HUNG).length === 1, 'the relay thread hung while starting logged');
+  expect(logRecords(daemon, HUNG)[0]).toMatchObject({
+    thread: expect.stringMatching(/^TLS relay thread 0 \(threadId \d+\)$/),
+    handshakes: 1,
+    started: false,
+  });
+  expect(await metricValue(metricsPort, 'sockpool_tls_relay_threads_hung_total')).toBe(1);
+  expect(await metricValue(metricsPort, 'sockpool_tls_relay_threads_hung_starting_total')).toBe(1);
+  const failed = await pending;
+  expect(failed.message).toMatchObject({ type: 'error', code: 'SOCKPOOL_ERR_TLS' });
+  // The handshake's TCP fd, never read by the thread, is closed, and the thread is gone.
+  await eventually(() => daemon.fdCount() === fdsBefore, `the daemon's fds back to ${fdsBefore}`);
+
+  // The next warm TLS acquire starts the replacement, held at its start too: let run, it serves that acquire.
+  const nextReply = raw.request({ type: 'acquire', id: 2, host: 'localhost', port: origin.port, tls: { trust } });
+  const replacement = (await relaySessions(inspector, 2)).find((sessionId) => !held.includes(sessionId))!;
+  await inspector.callInWorker(replacement, 'Runtime.runIfWaitingForDebugger', {});
+  const next = await nextReply;
+  expect((next.message as LeaseReply).type).toBe('lease');
+  const response = await exchangeOverFd(next.fds[0]!, 'GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n');
+  expect(response).toMatch(/^HTTP\/1\.1 200 OK[\s\S]*ok$/);
+  raw.sendJson({ type: 'closed', leaseId: (next.message as LeaseReply).leaseId });
+  expect(logRecords(daemon, HUNG)).toHaveLength(1);
+  expect(await metricValue(metricsPort, 'sockpool_tls_relay_threads_hung_total')).toBe(1);
+  expect(await metricValue(metricsPort, 'sockpool_tls_relay_thread_starts_stopped')).toBe(0);
+}, 60_000);
+
+// A relay thread that hangs at every start (a cause that outlives the thread) is not replaced for ever: after
+// RELAY_START_HANGS_IN_A_ROW (3) in a row, no more are started, which the log, the stats and the metrics say, and a
+// warm TLS acquire fails at once with SOCKPOOL_ERR_TLS instead of waiting for a thread that never comes.
+it('relay threads that hang at every start are replaced at most 3 times; then warm TLS fails at once, and says so', async () => {
+  const { daemon, inspector, metricsPort, raw } = await daemonHoldingNewThreads();
+  for (let id = 1; id <= RELAY_START_HANGS_IN_A_ROW; id++) {
+    const reply = await raw.request({ type: 'acquire', id, host: 'localhost', port: origin.port, tls: { trust } });
+    expect(reply.message).toMatchObject({ type: 'error', code: 'SOCKPOOL_ERR_TLS' });
+  }
+  expect(logRecords(daemon, HUNG)).toHaveLength(RELAY_START_HANGS_IN_A_ROW);
+  expect(logRecords(daemon, STOPPED)).toEqual([expect.objectContaining({ inARow: RELAY_START_HANGS_IN_A_ROW })]);
+  const threads = (await relaySessions(inspector, RELAY_START_HANGS_IN_A_ROW)).length;
+  const late = await raw.request({ type: 'acquire', id: 10, host: 'localhost', port: origin.port, tls: { trust } });
+  expect(late.message).toMatchObject({
+    type: 'error',
+    code: 'SOCKPOOL_ERR_TLS',
+    message: expect.stringContaining('hung while starting'),
+  });
+  const stats = await raw.request({ type: 'stats', id: 11 });
+  expect((stats.message as unknown as { stats: { tls: object } }).stats.tls).toMatchObject({
+    threadsHungStarting: RELAY_START_HANGS_IN_A_ROW,
+    threadStartsStopped: true,
+  });
+  expect(await metricValue(metricsPort, 'sockpool_tls_relay_thread_starts_stopped')).toBe(1);
+  expect(await metricValue(metricsPort, 'sockpool_tls_relay_threads_hung_starting_total')).toBe(
+    RELAY_START_HANGS_IN_A_ROW,
+  );
+  // No thread was started for the last acquire.
+  expect(await relaySessions(inspector, threads)).toHaveLength(threads);
+}, 90_000);
+
+const STOPPED =
+  'TLS relay threads hang while starting: no more are started until sockpoold restarts; warm TLS handshakes fail once no relay thread is left';
+
+/** A warm-TLS daemon (watchdog limit 3 s) whose inspector holds every worker thread started from now before it runs. */
+async function daemonHoldingNewThreads() {
+  const metricsPort = await freePort();
+  const daemon = await startTestDaemon([origin.port, other.port], {
+    extraArgs: [...warmTlsArgs(pki.caFile, [origin.port, other.port]), '--metrics-port', String(metricsPort)],
+    nodeArgs: ['--inspect=127.0.0.1:0'],
+    config: { tls: { relayHangMs: 3_000 } },
+  });
+  cleanups.push(() => daemon.stop());
+  const inspector = await DaemonInspector.connect(daemon.output());
+  cleanups.push(() => inspector.close());
+  await inspector.call('NodeWorker.enable', { waitForDebuggerOnStart: true });
+  const raw = openRawClient(daemon.socketPath, cleanups);
+  return { daemon, inspector, metricsPort, raw };
+}
+
+/** The inspector sessions of the relay threads started so far, once there are at least `count`. */
+async function relaySessions(inspector: DaemonInspector, count: number): Promise<string[]> {
+  let sessions: string[] = [];
+  await eventually(() => {
+    sessions = inspector
+      .events('NodeWorker.attachedToWorker')
+      .filter((params) => /sockpoold tls relay/.test((params.workerInfo as { title: string }).title))
+      .map((params) => params.sessionId as string);
+    return sessions.length >= count;
+  }, `${count} relay threads attached`);
+  return sessions;
+}
