@@ -30,6 +30,18 @@
 // its own), never fails for it but through its acquire's own timeout. Why a half-life of 2 s: long enough that a
 // burst is remembered past the turns it took (the check of 16 chains takes the thread ~5 s), short enough that a
 // uid whose one burst was costly is served again within seconds.
+//
+// The daemon's own handshakes (refills and prewarms: DAEMON_UID) are one party for that share, as a uid is: clients
+// ask for them (a uid's prewarms, the refills of pools its acquires made), so the daemon's refills of costly origins,
+// however many, must not get more than one share between them. But within it they are charged per origin too:
+// charged to one party only, the refills of one costly origin held every origin's refills back once the daemon was
+// over its share. So a daemon handshake of an origin may start while the daemon is under its share, as before, or,
+// past it, while its origin's own cost (and its peak for each of its handshakes under way) is under an equal part of
+// the share among the origins the daemon recently handshook with: an origin whose handshakes cost ~330 ms is held
+// back (paced at the daemon's share), one whose handshakes cost a millisecond or two goes on. (The daemon's total
+// stays near the share: those that go on past it each stay under their equal part of it.) Each origin's record is
+// forgotten once decayed to nothing, as a uid's is: the records are as many as the origins handshaken with in the last
+// minute or so, a bound the relay threads' rate sets.
 
 /** The half-life of a uid's recorded relay CPU (and of its peak handshake cost), ms. */
 export const CPU_HALF_LIFE_MS = 2_000;
@@ -37,8 +49,14 @@ export const CPU_HALF_LIFE_MS = 2_000;
 /** The share of each relay thread's time one uid's handshakes may take over the last few seconds. */
 export const CPU_SHARE = 0.25;
 
-/** A uid whose cost and peak decayed under this (µs) is forgotten: a bound on the map. */
+/** A party whose cost and peak decayed under this (µs) is forgotten: a bound on the map. */
 const FORGOTTEN_MICROS = 1;
+
+/** A daemon handshake's origin (its `host:port`), and how many of the daemon's handshakes of it are under way. */
+export interface DaemonOrigin {
+  key: string;
+  started: number;
+}
 
 interface UidCpu {
   /** Its handshakes' relay CPU, µs, decayed to `at`. */
@@ -50,7 +68,10 @@ interface UidCpu {
 }
 
 export class RelayCpuShares {
-  #byUid = new Map<number, UidCpu>();
+  /** Each uid's record (a number), and each origin's of the daemon's own handshakes (a string: its key). */
+  #byUid = new Map<number | string, UidCpu>();
+  /** How many of the records are origins' (the equal part of the daemon's share is the share over these). */
+  #origins = 0;
   /** The bound on a uid's decayed cost, µs (see the header). */
   #limit: number;
   /** The map's size that makes the next charge sweep it. */
@@ -65,8 +86,8 @@ export class RelayCpuShares {
     return this.#limit;
   }
 
-  /** `uid`'s record decayed to `now`; undefined when it has none. */
-  #at(uid: number, now: number): UidCpu | undefined {
+  /** `uid`'s (or a daemon origin's) record decayed to `now`; undefined when it has none. */
+  #at(uid: number | string, now: number): UidCpu | undefined {
     const entry = this.#byUid.get(uid);
     if (!entry || entry.at === now) return entry;
     const factor = 2 ** (-(now - entry.at) / CPU_HALF_LIFE_MS);
@@ -78,36 +99,60 @@ export class RelayCpuShares {
 
   /**
    * `micros` more of a handshake of `uid`, which has cost `handshakeMicros` so far (these included): its uid's cost
-   * grows, and its peak if this handshake cost more.
+   * grows, and its peak if this handshake cost more; a handshake of the daemon's own, its `origin`'s too (see the
+   * header).
    */
-  charge(uid: number, micros: number, handshakeMicros: number, now = performance.now()): void {
+  charge(uid: number, micros: number, handshakeMicros: number, now = performance.now(), origin?: string): void {
     if (micros <= 0 && handshakeMicros <= 0) return;
-    let entry = this.#at(uid, now);
+    this.#charge(uid, micros, handshakeMicros, now);
+    if (origin !== undefined) this.#charge(origin, micros, handshakeMicros, now);
+  }
+
+  #charge(party: number | string, micros: number, handshakeMicros: number, now: number): void {
+    let entry = this.#at(party, now);
     if (!entry) {
       if (this.#byUid.size >= this.#sweepAt) this.#sweep(now);
       entry = { cost: 0, peak: 0, at: now };
-      this.#byUid.set(uid, entry);
+      this.#byUid.set(party, entry);
+      if (typeof party === 'string') this.#origins++;
     }
     entry.cost += Math.max(0, micros);
     entry.peak = Math.max(entry.peak, handshakeMicros);
   }
 
-  /** Whether `uid`, with `started` handshakes under way, may start one more (see the header). */
-  mayStart(uid: number, started: number, now = performance.now()): boolean {
-    const entry = this.#at(uid, now);
-    return !entry || entry.cost + started * entry.peak < this.#limit;
+  /**
+   * Whether `uid`, with `started` handshakes under way, may start one more; a handshake of the daemon's own, of
+   * `origin` (see the header).
+   */
+  mayStart(uid: number, started: number, now = performance.now(), origin?: DaemonOrigin): boolean {
+    return (
+      this.#load(uid, started, now) < this.#limit ||
+      (origin !== undefined && this.#load(origin.key, origin.started, now) < this.#originPart())
+    );
   }
 
-  /** How long until `uid`, with `started` under way and none of them ending, may start one more (ms; 0: now). */
-  waitMs(uid: number, started: number, now = performance.now()): number {
-    const entry = this.#at(uid, now);
-    if (!entry) return 0;
-    // Cost and peak decay by one factor f: one more may start once (cost + started·peak)·f < limit.
-    const load = entry.cost + started * entry.peak;
-    return load < this.#limit ? 0 : CPU_HALF_LIFE_MS * Math.log2(load / this.#limit);
+  /**
+   * How long until `uid`, with `started` under way and none of them ending, may start one more (ms; 0: now); a
+   * handshake of the daemon's own, of `origin`: until the daemon or that origin may.
+   */
+  waitMs(uid: number, started: number, now = performance.now(), origin?: DaemonOrigin): number {
+    const wait = waitUnder(this.#load(uid, started, now), this.#limit);
+    if (wait === 0 || origin === undefined) return wait;
+    return Math.min(wait, waitUnder(this.#load(origin.key, origin.started, now), this.#originPart()));
   }
 
-  /** The uids recorded (tests: the sweep). */
+  /** A party's cost with `started` more under way, each expected to cost its peak (µs). */
+  #load(party: number | string, started: number, now: number): number {
+    const entry = this.#at(party, now);
+    return entry ? entry.cost + started * entry.peak : 0;
+  }
+
+  /** The equal part of the daemon's share of each origin it recently handshook with (see the header). */
+  #originPart(): number {
+    return this.#limit / Math.max(1, this.#origins);
+  }
+
+  /** The uids and daemon origins recorded (tests: the sweep). */
   get recordCount(): number {
     return this.#byUid.size;
   }
@@ -118,10 +163,18 @@ export class RelayCpuShares {
   }
 
   #sweep(now: number): void {
-    for (const uid of [...this.#byUid.keys()]) {
-      const entry = this.#at(uid, now)!;
-      if (entry.cost < FORGOTTEN_MICROS && entry.peak < FORGOTTEN_MICROS) this.#byUid.delete(uid);
+    for (const party of [...this.#byUid.keys()]) {
+      const entry = this.#at(party, now)!;
+      if (entry.cost < FORGOTTEN_MICROS && entry.peak < FORGOTTEN_MICROS) {
+        this.#byUid.delete(party);
+        if (typeof party === 'string') this.#origins--;
+      }
     }
     this.#sweepAt = Math.max(64, 2 * this.#byUid.size);
   }
+}
+
+/** How long until `load` decays under `limit` (ms; 0: it is under). Cost and peak decay by one factor. */
+function waitUnder(load: number, limit: number): number {
+  return load < limit ? 0 : CPU_HALF_LIFE_MS * Math.log2(load / limit);
 }

@@ -18,7 +18,8 @@
 // many places are free (#mayStart), so the places held by one uid's handshakes with servers that never answer leave
 // another uid's a place at once; and a uid whose handshakes took much of the relay threads' CPU lately (costly
 // certificate chains) starts one more only while its share allows (relay-cpu.ts), so that it cannot keep a thread
-// checking its chains back to back. (Within a thread, the server flights of its handshakes that come in together are
+// checking its chains back to back (the daemon's own refills are one such party, charged per origin within it, so
+// that one costly origin's refills do not hold back every other origin's). (Within a thread, the server flights of its handshakes that come in together are
 // spread over turns of its loop once a turn's handshake work passes a budget, so that costly ones do not hold its
 // relayed sessions for all of them at once: tls-relay-thread.ts, handshakeProgress.) One no
 // longer wanted when its turn comes (its acquire gave up) is not started: its TCP
@@ -194,6 +195,8 @@ interface QueuedHandshake extends HandshakeWaiter, Admittable {
   cpuMicros?: number;
   /** Held back at least once for its uid's relay CPU (#mayStart): counted once. */
   heldForCpu?: boolean;
+  /** A handshake of the daemon's own (DAEMON_UID): its origin, charged within the daemon's share (relay-cpu.ts). */
+  daemonOrigin?: string;
 }
 
 interface RelayThread {
@@ -262,6 +265,8 @@ export class TlsRelays {
   /** The watchdog's timer (started with the first thread) and when it last ran. */
   #watchdog: NodeJS.Timeout | undefined;
   #checkedAt = 0;
+  /** The daemon's own handshakes under way, by origin (as many as it has origins with one under way). */
+  #daemonUnderWay = new Map<string, number>();
   /** Each uid's recent relay CPU, and the bound on it (relay-cpu.ts; #mayStart). */
   #cpu: RelayCpuShares;
   /** Handshakes held back at least once for their uid's relay CPU since the start (the metric). */
@@ -307,7 +312,8 @@ export class TlsRelays {
       return Promise.reject(new SockpoolError(ErrorCodes.SHUTTING_DOWN, 'sockpoold is stopping'));
     }
     return new Promise<RelayedSession>((resolve, reject) => {
-      this.#queue.push({ fd, params, where, resolve, reject, urgent, wanted, uid });
+      const daemonOrigin = uid === DAEMON_UID ? where : undefined;
+      this.#queue.push({ fd, params, where, resolve, reject, urgent, wanted, uid, daemonOrigin });
       this.#dispatch();
     });
   }
@@ -349,6 +355,9 @@ export class TlsRelays {
       }
       const id = this.#nextId++;
       thread.pending.set(id, job);
+      if (job.daemonOrigin !== undefined) {
+        this.#daemonUnderWay.set(job.daemonOrigin, (this.#daemonUnderWay.get(job.daemonOrigin) ?? 0) + 1);
+      }
       const request: RelayRequest = { t: 'open', id, fd: job.fd, ...job.params };
       // From here the thread owns fd (its net.Socket closes it).
       thread.worker.postMessage(request);
@@ -373,14 +382,27 @@ export class TlsRelays {
       return false;
     }
     const now = performance.now();
-    if (this.#cpu.mayStart(uid, started, now)) return true;
+    const origin =
+      job.daemonOrigin === undefined
+        ? undefined
+        : { key: job.daemonOrigin, started: this.#daemonUnderWay.get(job.daemonOrigin) ?? 0 };
+    if (this.#cpu.mayStart(uid, started, now, origin)) return true;
     if (!job.heldForCpu) {
       job.heldForCpu = true;
       this.#heldForCpu++;
     }
-    this.#cpuWaitMs = Math.min(this.#cpuWaitMs, this.#cpu.waitMs(uid, started, now));
+    this.#cpuWaitMs = Math.min(this.#cpuWaitMs, this.#cpu.waitMs(uid, started, now, origin));
     return false;
   };
+
+  /** A handshake sent to a thread is over (done, failed, or its thread gone): it no longer counts as under way. */
+  #ended(job: QueuedHandshake): void {
+    this.#queue.done(job.uid);
+    if (job.daemonOrigin === undefined) return;
+    const left = (this.#daemonUnderWay.get(job.daemonOrigin) ?? 0) - 1;
+    if (left > 0) this.#daemonUnderWay.set(job.daemonOrigin, left);
+    else this.#daemonUnderWay.delete(job.daemonOrigin);
+  }
 
   /** A queued handshake nobody wants any more: never started; its TCP fd, still this class's, is closed. */
   #abandon(job: QueuedHandshake): void {
@@ -568,7 +590,7 @@ export class TlsRelays {
         }
       }
       job.reject(new SockpoolError(ErrorCodes.TLS, `TLS relay thread ${why}`, { reason: 'connection' }));
-      this.#queue.done(job.uid);
+      this.#ended(job);
     }
     thread.pending.clear();
   }
@@ -608,10 +630,10 @@ export class TlsRelays {
       }
       const micros = message.t === 'cpu' ? message.micros : message.cpuMicros;
       waiter.cpuMicros = (waiter.cpuMicros ?? 0) + micros;
-      this.#cpu.charge(waiter.uid, micros, waiter.cpuMicros);
+      this.#cpu.charge(waiter.uid, micros, waiter.cpuMicros, performance.now(), waiter.daemonOrigin);
       if (message.t === 'cpu') return;
       thread.pending.delete(message.id);
-      this.#queue.done(waiter.uid);
+      this.#ended(waiter);
       // Room for the next handshake (after this one's waiter ran: a waiter may queue another).
       queueMicrotask(() => this.#dispatch());
       if (message.t === 'ready' && thread.hung) {

@@ -371,6 +371,27 @@ async function connectedFd(port: number): Promise<number> {
   return fd;
 }
 
+type Relays = InstanceType<typeof import('../daemon/tls-relay.js').TlsRelays>;
+
+/**
+ * A handshake through `relays` with 127.0.0.1:`port` (as `localhost`, the test CA trusted) of `uid` (the daemon's own
+ * when undefined): 'ready' (the session's fd closed at once) or the error's message.
+ */
+function handshakesThrough(relays: Relays): (port: number, uid?: number) => Promise<string> {
+  const ca = readFileSync(pki.caFile, 'utf8');
+  return async (port, uid) => {
+    const params = { host: 'localhost', port, ca, contextKey: `test-ca/${trust}`, timeoutMs: COSTLY_WAIT_MS };
+    // Ownership of the fd passes to the relays; a session's fd comes back to this test (closed at once).
+    return relays.open(await connectedFd(port), params, undefined, undefined, uid).then(
+      (session) => {
+        native.close(session.fd);
+        return 'ready';
+      },
+      (error: Error) => error.message,
+    );
+  };
+}
+
 // First in the file: no daemon of the other tests holds connections to this process's origins, so the sockets
 // are counted exactly.
 it.each([
@@ -402,18 +423,7 @@ it.each([
     const relays = new TlsRelays(1, pino({ level: 'silent' }));
     const registry = new Registry();
     registerRelayMetrics(registry, relays);
-    const ca = readFileSync(pki.caFile, 'utf8');
-    const handshake = async (port: number, uid: number): Promise<string> => {
-      const params = { host: 'localhost', port, ca, contextKey: `test-ca/${trust}`, timeoutMs: COSTLY_WAIT_MS };
-      // Ownership of the fd passes to the relays; a session's fd comes back to this test (closed at once).
-      return relays.open(await connectedFd(port), params, undefined, undefined, uid).then(
-        (session) => {
-          native.close(session.fd);
-          return 'ready';
-        },
-        (error: Error) => error.message,
-      );
-    };
+    const handshake = handshakesThrough(relays);
     try {
       const first = await Promise.all(Array.from({ length: FIRST }, () => handshake(costlyPort, 1000)));
       for (const outcome of first) expect(outcome).toContain('unknown-ca');
@@ -444,6 +454,45 @@ it.each([
   },
   120_000,
 );
+
+// The daemon's own handshakes (refills, prewarms: no uid's) are one party for the share, but charged per origin
+// within it: the refills of the costly origin are paced as a costly uid's are, another origin's refills go on.
+// Before, they were one party, and after the costly origin's first few refills every origin's refills waited for
+// the daemon's cost to decay, one or two at a time.
+it("the daemon's refills of a costly origin are paced; its refills of another origin go on", async () => {
+  const { TlsRelays } = (await import(
+    join(repoRoot, 'dist', 'daemon', 'tls-relay.js')
+  )) as typeof import('../daemon/tls-relay.js');
+  const FIRST = 4;
+  const LATER = 8;
+  const originPort = await costlyOriginPort();
+  const before = socketCount();
+  const costlyProxy = await countingProxy(originPort);
+  const costlyPort = (costlyProxy.server.address() as { port: number }).port;
+  const relays = new TlsRelays(1, pino({ level: 'silent' }));
+  const handshake = handshakesThrough(relays);
+  try {
+    const first = await Promise.all(Array.from({ length: FIRST }, () => handshake(costlyPort)));
+    for (const outcome of first) expect(outcome).toContain('unknown-ca');
+    await pollUntil(
+      () => costlyProxy.underWay === 0,
+      () => `the proxy's connections closed (${costlyProxy.underWay} open)`,
+    );
+    costlyProxy.most = 0;
+
+    const later = Array.from({ length: LATER }, () => handshake(costlyPort));
+    const cheap = await Promise.all(Array.from({ length: HANDSHAKES }, () => handshake(origin.port)));
+    expect(cheap).toEqual(Array(HANDSHAKES).fill('ready'));
+    for (const outcome of await Promise.all(later)) expect(outcome).toContain('unknown-ca');
+    expect(costlyProxy.most, "the costly origin's refills under way at once").toBeLessThanOrEqual(2);
+    // Held back: the costly origin's (those that could not start at once), none of the other origin's.
+    expect(relays.counters().handshakesHeldForCpu).toBeLessThanOrEqual(LATER);
+  } finally {
+    await relays.close();
+    costlyProxy.server.close();
+  }
+  await socketsBackTo(before);
+}, 120_000);
 
 /**
  * A hostile client's HANDSHAKES warm TLS acquires to `port`, all at once (their replies read, fds closed); then the

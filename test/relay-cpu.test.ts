@@ -1,7 +1,9 @@
-// Each uid's share of the relay threads' handshake CPU (daemon/relay-cpu.ts): pure logic, with the clock given.
+// Each uid's share of the relay threads' handshake CPU, and each origin's within the daemon's own refills
+// (daemon/relay-cpu.ts): pure logic, with the clock given.
 // The relay threads' measuring and the queue's holding back are tested with a real relay thread in
 // test/daemon-trust-relay-cpu.test.ts.
 import { describe, expect, it } from 'vitest';
+import { DAEMON_UID } from '../daemon/fair-queue.js';
 import { CPU_HALF_LIFE_MS, CPU_SHARE, RelayCpuShares } from '../daemon/relay-cpu.js';
 
 describe('RelayCpuShares', () => {
@@ -52,5 +54,47 @@ describe('RelayCpuShares', () => {
     for (let uid = 5_000; uid < 5_030; uid++) shares.charge(uid, 1_000, 1_000, later);
     expect(shares.recordCount).toBe(30);
     for (let uid = 0; uid < 1_000; uid += 100) expect(shares.costOf(uid, later)).toBe(0);
+  });
+
+  it("charges the daemon's refills per origin: a costly origin's are held, another origin's go on", () => {
+    const shares = new RelayCpuShares(1);
+    const check = 370_000;
+    // The daemon's refills of a costly origin: over the daemon's share.
+    for (let index = 0; index < 4; index++) shares.charge(DAEMON_UID, check, check, 0, 'costly:443');
+    expect(shares.mayStart(DAEMON_UID, 0, 0, { key: 'costly:443', started: 0 })).toBe(false);
+    expect(shares.waitMs(DAEMON_UID, 0, 0, { key: 'costly:443', started: 0 })).toBeGreaterThan(0);
+    // Another origin's refills (cheap, some under way) are not held for it.
+    for (let index = 0; index < 50; index++) shares.charge(DAEMON_UID, 2_000, 2_000, 0, 'cheap:443');
+    expect(shares.mayStart(DAEMON_UID, 4, 0, { key: 'cheap:443', started: 4 })).toBe(true);
+    expect(shares.waitMs(DAEMON_UID, 4, 0, { key: 'cheap:443', started: 4 })).toBe(0);
+    expect(shares.mayStart(DAEMON_UID, 4, 0, { key: 'new:443', started: 0 })).toBe(true);
+    // The costly one is paced as before: once the daemon's cost decayed under its share, one starts.
+    const wait = shares.waitMs(DAEMON_UID, 0, 0, { key: 'costly:443', started: 0 });
+    expect(shares.mayStart(DAEMON_UID, 0, wait + 1, { key: 'costly:443', started: 0 })).toBe(true);
+    // A uid's share is its own, whatever the daemon's refills cost.
+    expect(shares.mayStart(1000, 16, 0)).toBe(true);
+  });
+
+  it("keeps the daemon's refills of many costly origins together near one share (a uid's prewarms cannot multiply it)", () => {
+    const shares = new RelayCpuShares(1);
+    const check = 370_000;
+    for (let origin = 0; origin < 8; origin++) {
+      for (let index = 0; index < 2; index++) shares.charge(DAEMON_UID, check, check, 0, `costly-${origin}:443`);
+    }
+    // Each of them is held (each over its part of the daemon's share), a new origin's first refill is not.
+    for (let origin = 0; origin < 8; origin++) {
+      expect(shares.mayStart(DAEMON_UID, 0, 0, { key: `costly-${origin}:443`, started: 0 })).toBe(false);
+    }
+    expect(shares.mayStart(DAEMON_UID, 0, 0, { key: 'new:443', started: 0 })).toBe(true);
+  });
+
+  it("forgets the daemon's origins whose cost decayed to nothing, as it forgets uids", () => {
+    const shares = new RelayCpuShares(1);
+    for (let origin = 0; origin < 1_000; origin++) shares.charge(DAEMON_UID, 1_000, 1_000, 0, `o${origin}:443`);
+    // The origins and the daemon's own total.
+    expect(shares.recordCount).toBe(1_001);
+    const later = 40 * CPU_HALF_LIFE_MS;
+    for (let origin = 5_000; origin < 5_030; origin++) shares.charge(DAEMON_UID, 1_000, 1_000, later, `o${origin}:443`);
+    expect(shares.recordCount).toBe(31);
   });
 });
