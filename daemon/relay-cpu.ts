@@ -33,21 +33,37 @@
 //
 // The daemon's own handshakes (refills and prewarms: DAEMON_UID) are one party for that share, as a uid is: clients
 // ask for them (a uid's prewarms, the refills of pools its acquires made), so the daemon's refills of costly origins,
-// however many, must not get more than one share between them. But within it they are charged per origin too:
+// however many, must not take much more than a share between them. But within it they are charged per origin too:
 // charged to one party only, the refills of one costly origin held every origin's refills back once the daemon was
 // over its share. So a daemon handshake of an origin may start while the daemon is under its share, as before, or,
-// past it, while its origin's own cost (and its peak for each of its handshakes under way) is under an equal part of
-// the share among the origins the daemon recently handshook with: an origin whose handshakes cost ~330 ms is held
-// back (paced at the daemon's share), one whose handshakes cost a millisecond or two goes on. (The daemon's total
-// stays near the share: those that go on past it each stay under their equal part of it.) Each origin's record is
-// forgotten once decayed to nothing, as a uid's is: the records are as many as the origins handshaken with in the last
-// minute or so, a bound the relay threads' rate sets.
+// past it, while both
+// - its origin's own cost (with its peak for each of its handshakes under way, and what its latest one cost for this
+//   one) is under an equal part of the share among the origins the daemon recently handshook with, and
+// - the daemon's cost, with what its handshakes under way are expected to cost (each what its origin's latest one
+//   cost) and this one, stays under DAEMON_OVERDRAW shares:
+// an origin whose handshakes cost ~330 ms is held back (paced at the daemon's share), one whose handshakes cost a
+// millisecond or two goes on. An origin one of whose checks costs more than its equal part never starts past the
+// share: its cost decays in half-lives, so a part smaller than one check would let it check again ever sooner as the
+// parts shrink (20 such origins, admitted under their parts, took more than a thread together in test/relay-cpu's
+// simulation); the overdraw's bound holds the others together. Each origin's record is forgotten once decayed to
+// nothing, as a uid's is, and counts for the equal part until then: the records are as many as the origins
+// handshaken with in the last minute or so, a bound the relay threads' rate sets; while the daemon is over its share
+// they are swept at least once a half-life, so that origins long done do not shrink the others' parts. Not bounded:
+// the daemon's first burst to a costly origin (as a uid's), which may take it past the overdraw, and then every
+// origin's refills wait until its cost decays under it (seconds).
 
 /** The half-life of a uid's recorded relay CPU (and of its peak handshake cost), ms. */
 export const CPU_HALF_LIFE_MS = 2_000;
 
 /** The share of each relay thread's time one uid's handshakes may take over the last few seconds. */
 export const CPU_SHARE = 0.25;
+
+/**
+ * How many shares the daemon's handshakes may take past its own share, through origins each under its equal part of
+ * it (see the header): two, so that the refills of one costly origin (its cost swings around the share, up to a check
+ * over it) never hold another origin's back, while many costly origins together stay at about a half of each thread.
+ */
+export const DAEMON_OVERDRAW = 2;
 
 /** A party whose cost and peak decayed under this (µs) is forgotten: a bound on the map. */
 const FORGOTTEN_MICROS = 1;
@@ -65,6 +81,8 @@ interface UidCpu {
   peak: number;
   /** When `cost` and `peak` were last decayed (performance.now(), ms). */
   at: number;
+  /** What its latest handshake cost so far, µs, not decayed: what its next one is expected to cost. */
+  last: number;
 }
 
 export class RelayCpuShares {
@@ -72,6 +90,10 @@ export class RelayCpuShares {
   #byUid = new Map<number | string, UidCpu>();
   /** How many of the records are origins' (the equal part of the daemon's share is the share over these). */
   #origins = 0;
+  /** What the daemon's handshakes under way are expected to cost (each its origin's peak when it started), µs. */
+  #daemonInFlight = 0;
+  /** When the records were last swept (performance.now(), ms). */
+  #sweptAt = 0;
   /** The bound on a uid's decayed cost, µs (see the header). */
   #limit: number;
   /** The map's size that makes the next charge sweep it. */
@@ -112,12 +134,13 @@ export class RelayCpuShares {
     let entry = this.#at(party, now);
     if (!entry) {
       if (this.#byUid.size >= this.#sweepAt) this.#sweep(now);
-      entry = { cost: 0, peak: 0, at: now };
+      entry = { cost: 0, peak: 0, at: now, last: 0 };
       this.#byUid.set(party, entry);
       if (typeof party === 'string') this.#origins++;
     }
     entry.cost += Math.max(0, micros);
     entry.peak = Math.max(entry.peak, handshakeMicros);
+    entry.last = handshakeMicros;
   }
 
   /**
@@ -125,10 +148,7 @@ export class RelayCpuShares {
    * `origin` (see the header).
    */
   mayStart(uid: number, started: number, now = performance.now(), origin?: DaemonOrigin): boolean {
-    return (
-      this.#load(uid, started, now) < this.#limit ||
-      (origin !== undefined && this.#load(origin.key, origin.started, now) < this.#originPart())
-    );
+    return this.waitMs(uid, started, now, origin) === 0;
   }
 
   /**
@@ -138,7 +158,38 @@ export class RelayCpuShares {
   waitMs(uid: number, started: number, now = performance.now(), origin?: DaemonOrigin): number {
     const wait = waitUnder(this.#load(uid, started, now), this.#limit);
     if (wait === 0 || origin === undefined) return wait;
-    return Math.min(wait, waitUnder(this.#load(origin.key, origin.started, now), this.#originPart()));
+    // Past the daemon's share: this origin's equal part of it, and the overdraw's bound (what is under way does not
+    // decay: past it, only an end, which dispatches again, lets one more start).
+    const expected = this.#expected(origin.key, now);
+    const room = DAEMON_OVERDRAW * this.#limit - this.#daemonInFlight - expected;
+    const part = this.#originPart(now) - expected;
+    if (room <= 0 || part <= 0) return wait;
+    const partWait = waitUnder(this.#load(origin.key, origin.started, now), part);
+    return Math.min(wait, Math.max(partWait, waitUnder(this.#load(uid, 0, now), room)));
+  }
+
+  /**
+   * A daemon handshake of `origin` starts: what it is expected to cost (what its origin's latest one cost), counted
+   * as under way until given back to `daemonEnded`.
+   */
+  daemonStarted(origin: string, now = performance.now()): number {
+    const expected = this.#expected(origin, now);
+    this.#daemonInFlight += expected;
+    return expected;
+  }
+
+  /**
+   * What a handshake of the daemon's with `origin` is expected to cost: what its latest one cost (µs; 0 when it has
+   * none). Not its decayed peak: after a long wait that says a costly origin's next check costs little, and the
+   * many such origins started together then overran the overdraw.
+   */
+  #expected(origin: string, now: number): number {
+    return this.#at(origin, now)?.last ?? 0;
+  }
+
+  /** A daemon handshake is over: `expected`, what daemonStarted said it would cost. */
+  daemonEnded(expected: number): void {
+    this.#daemonInFlight = Math.max(0, this.#daemonInFlight - expected);
   }
 
   /** A party's cost with `started` more under way, each expected to cost its peak (µs). */
@@ -148,7 +199,8 @@ export class RelayCpuShares {
   }
 
   /** The equal part of the daemon's share of each origin it recently handshook with (see the header). */
-  #originPart(): number {
+  #originPart(now: number): number {
+    if (now - this.#sweptAt >= CPU_HALF_LIFE_MS) this.#sweep(now);
     return this.#limit / Math.max(1, this.#origins);
   }
 
@@ -163,6 +215,7 @@ export class RelayCpuShares {
   }
 
   #sweep(now: number): void {
+    this.#sweptAt = now;
     for (const party of [...this.#byUid.keys()]) {
       const entry = this.#at(party, now)!;
       if (entry.cost < FORGOTTEN_MICROS && entry.peak < FORGOTTEN_MICROS) {

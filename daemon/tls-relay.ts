@@ -197,6 +197,8 @@ interface QueuedHandshake extends HandshakeWaiter, Admittable {
   heldForCpu?: boolean;
   /** A handshake of the daemon's own (DAEMON_UID): its origin, charged within the daemon's share (relay-cpu.ts). */
   daemonOrigin?: string;
+  /** Such a handshake's expected cost, counted by the shares while it is under way (RelayCpuShares.daemonStarted). */
+  expectedMicros?: number;
 }
 
 interface RelayThread {
@@ -357,6 +359,7 @@ export class TlsRelays {
       thread.pending.set(id, job);
       if (job.daemonOrigin !== undefined) {
         this.#daemonUnderWay.set(job.daemonOrigin, (this.#daemonUnderWay.get(job.daemonOrigin) ?? 0) + 1);
+        job.expectedMicros = this.#cpu.daemonStarted(job.daemonOrigin);
       }
       const request: RelayRequest = { t: 'open', id, fd: job.fd, ...job.params };
       // From here the thread owns fd (its net.Socket closes it).
@@ -399,6 +402,7 @@ export class TlsRelays {
   #ended(job: QueuedHandshake): void {
     this.#queue.done(job.uid);
     if (job.daemonOrigin === undefined) return;
+    this.#cpu.daemonEnded(job.expectedMicros ?? 0);
     const left = (this.#daemonUnderWay.get(job.daemonOrigin) ?? 0) - 1;
     if (left > 0) this.#daemonUnderWay.set(job.daemonOrigin, left);
     else this.#daemonUnderWay.delete(job.daemonOrigin);

@@ -4,7 +4,7 @@
 // test/daemon-trust-relay-cpu.test.ts.
 import { describe, expect, it } from 'vitest';
 import { DAEMON_UID } from '../daemon/fair-queue.js';
-import { CPU_HALF_LIFE_MS, CPU_SHARE, RelayCpuShares } from '../daemon/relay-cpu.js';
+import { CPU_HALF_LIFE_MS, CPU_SHARE, DAEMON_OVERDRAW, RelayCpuShares } from '../daemon/relay-cpu.js';
 
 describe('RelayCpuShares', () => {
   it('bounds a uid at its share of every relay thread: the rate times the mean lifetime of the decay', () => {
@@ -60,7 +60,7 @@ describe('RelayCpuShares', () => {
     const shares = new RelayCpuShares(1);
     const check = 370_000;
     // The daemon's refills of a costly origin: over the daemon's share.
-    for (let index = 0; index < 4; index++) shares.charge(DAEMON_UID, check, check, 0, 'costly:443');
+    for (let index = 0; index < 3; index++) shares.charge(DAEMON_UID, check, check, 0, 'costly:443');
     expect(shares.mayStart(DAEMON_UID, 0, 0, { key: 'costly:443', started: 0 })).toBe(false);
     expect(shares.waitMs(DAEMON_UID, 0, 0, { key: 'costly:443', started: 0 })).toBeGreaterThan(0);
     // Another origin's refills (cheap, some under way) are not held for it.
@@ -75,17 +75,51 @@ describe('RelayCpuShares', () => {
     expect(shares.mayStart(1000, 16, 0)).toBe(true);
   });
 
-  it("keeps the daemon's refills of many costly origins together near one share (a uid's prewarms cannot multiply it)", () => {
+  it("holds every origin's refills once the daemon's took two shares (prewarms of many costly origins cannot multiply it)", () => {
     const shares = new RelayCpuShares(1);
     const check = 370_000;
     for (let origin = 0; origin < 8; origin++) {
       for (let index = 0; index < 2; index++) shares.charge(DAEMON_UID, check, check, 0, `costly-${origin}:443`);
     }
-    // Each of them is held (each over its part of the daemon's share), a new origin's first refill is not.
+    expect(shares.costOf(DAEMON_UID, 0)).toBeGreaterThan(DAEMON_OVERDRAW * shares.limitMicros);
     for (let origin = 0; origin < 8; origin++) {
       expect(shares.mayStart(DAEMON_UID, 0, 0, { key: `costly-${origin}:443`, started: 0 })).toBe(false);
     }
-    expect(shares.mayStart(DAEMON_UID, 0, 0, { key: 'new:443', started: 0 })).toBe(true);
+    expect(shares.mayStart(DAEMON_UID, 0, 0, { key: 'new:443', started: 0 })).toBe(false);
+    // Once the daemon's cost decayed under the overdraw (with the new origin's expected cost: none known), it may.
+    const wait = shares.waitMs(DAEMON_UID, 0, 0, { key: 'new:443', started: 0 });
+    expect(shares.mayStart(DAEMON_UID, 0, wait + 1, { key: 'new:443', started: 0 })).toBe(true);
+  });
+
+  it("bounds the daemon's refills of many costly origins over time: under two shares of the thread together", () => {
+    // 20 costly origins refilled for a minute, each as soon as it may (one under way at a time each, 400 ms each,
+    // charged at its end): the rule's equal part of the share, decaying per origin, would let each start again
+    // once its own cost decayed under its part, ever more often together as origins are added.
+    const shares = new RelayCpuShares(1);
+    const check = 370_000;
+    const origins = Array.from({ length: 20 }, (_, index) => ({ key: `costly-${index}:443`, endsAt: -1, expected: 0 }));
+    let charged = 0;
+    let underWay = 0;
+    const MINUTE = 60_000;
+    for (let now = 0; now <= MINUTE; now += 10) {
+      for (const origin of origins) {
+        if (origin.endsAt >= 0 && now >= origin.endsAt) {
+          shares.daemonEnded(origin.expected);
+          shares.charge(DAEMON_UID, check, check, now, origin.key);
+          charged += check;
+          origin.endsAt = -1;
+          underWay--;
+        }
+        const started = origin.endsAt >= 0 ? 1 : 0;
+        if (started === 0 && shares.mayStart(DAEMON_UID, underWay, now, { key: origin.key, started })) {
+          origin.endsAt = now + 400;
+          origin.expected = shares.daemonStarted(origin.key, now);
+          underWay++;
+        }
+      }
+    }
+    // Two shares of a thread for a minute, and one check under way per origin at the start.
+    expect(charged).toBeLessThanOrEqual(DAEMON_OVERDRAW * CPU_SHARE * MINUTE * 1_000 + 20 * check);
   });
 
   it("forgets the daemon's origins whose cost decayed to nothing, as it forgets uids", () => {
