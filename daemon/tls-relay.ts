@@ -19,9 +19,10 @@
 // another uid's a place at once; and a uid whose handshakes took much of the relay threads' CPU lately (costly
 // certificate chains) starts one more only while its share allows (relay-cpu.ts), so that it cannot keep a thread
 // checking its chains back to back (the daemon's own refills are one such party, charged per origin within it, so
-// that one costly origin's refills do not hold back every other origin's). (Within a thread, the server flights of its handshakes that come in together are
-// spread over turns of its loop once a turn's handshake work passes a budget, so that costly ones do not hold its
-// relayed sessions for all of them at once: tls-relay-thread.ts, handshakeProgress.) One no
+// that one costly origin's refills do not hold back every other origin's). (Within a thread, the server flights of
+// its handshakes that come in together are spread over turns of its loop once a turn's handshake work passes a
+// budget, so that costly ones do not hold its relayed sessions for all of them at once: tls-relay-thread.ts,
+// handshakeProgress.) One no
 // longer wanted when its turn comes (its acquire gave up) is not started: its TCP
 // connection is closed and it fails with ConnectAbandoned (a handshake costs CPU and a session nobody asked for);
 // past 64 queued, those no longer wanted are swept before another is queued.
