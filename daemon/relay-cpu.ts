@@ -180,8 +180,8 @@ export class RelayCpuShares {
 
   /**
    * What a handshake of the daemon's with `origin` is expected to cost: what its latest one cost (µs; 0 when it has
-   * none). Not its decayed peak: after a long wait that says a costly origin's next check costs little, and the
-   * many such origins started together then overran the overdraw.
+   * none). Not its decayed peak: after a long wait that would say a costly origin's next check costs little, and
+   * many such origins could start together past the overdraw.
    */
   #expected(origin: string, now: number): number {
     return this.#at(origin, now)?.last ?? 0;
