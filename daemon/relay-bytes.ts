@@ -70,3 +70,63 @@ export class Bytes {
     this.#chunks = [];
   }
 }
+
+/** Chunks at least this long are kept as they came (bulk data: TLS's 16 KiB records, a socket's reads), never copied;
+ *  shorter ones are copied together, so that what they cost is their bytes, not a Buffer each. */
+const SMALL_CHUNK = 1024;
+/** The buffers short chunks are copied into. */
+const JOIN_BYTES = 4 * 1024;
+
+/**
+ * Bytes on their way to a relay's destination (relay-flow.ts), in arrival order, as few Buffers: chunks under
+ * SMALL_CHUNK are copied together into buffers of JOIN_BYTES, longer ones are kept as they came. So what is held
+ * costs about its bytes whatever the chunks were (a Buffer per one-byte record cost hundreds of bytes), and bulk data
+ * is not copied.
+ */
+export class Joined {
+  #entries: Buffer[] = [];
+  /** The buffer short chunks are copied into: its bytes from #start to #end are held (those before were taken, and
+   *  may still be on their way: never written over). */
+  #join: Buffer | undefined;
+  #start = 0;
+  #end = 0;
+  #length = 0;
+
+  get length(): number {
+    return this.#length;
+  }
+
+  push(chunk: Buffer): void {
+    if (chunk.length === 0) return;
+    this.#length += chunk.length;
+    if (chunk.length >= SMALL_CHUNK) {
+      this.#close();
+      this.#entries.push(chunk);
+      return;
+    }
+    if (this.#join === undefined || this.#end + chunk.length > this.#join.length) {
+      this.#close();
+      this.#join = Buffer.allocUnsafe(JOIN_BYTES);
+      this.#start = 0;
+      this.#end = 0;
+    }
+    chunk.copy(this.#join, this.#end);
+    this.#end += chunk.length;
+  }
+
+  /** Everything held, in order (an empty array when nothing is); empty after. */
+  take(): Buffer[] {
+    this.#close();
+    const entries = this.#entries;
+    this.#entries = [];
+    this.#length = 0;
+    return entries;
+  }
+
+  /** What the join buffer holds becomes an entry; short chunks after it go on filling the buffer's rest. */
+  #close(): void {
+    if (this.#join === undefined || this.#end === this.#start) return;
+    this.#entries.push(this.#join.subarray(this.#start, this.#end));
+    this.#start = this.#end;
+  }
+}

@@ -16,10 +16,11 @@
 //   NewSessionTickets are consumed by TLS itself) is kept, up to MAX_EARLY_BYTES; the server's EOF or close_notify
 //   ends our end of the pair, so the main thread's poller sees EOF on the idle socket and drops it.
 // - leased (the client wrote): the kept bytes go first, then both directions flow with backpressure (a full
-//   destination pauses the source until it drains). A clean EOF is carried each way as a half-close (the client's
-//   socket ends with FIN once what the origin sent has gone out); an origin that ends without a clean EOF (a reset,
-//   an error, a close without close_notify or FIN) resets the client's socket, so a truncated response never looks
-//   complete; an error on the client's side resets the origin's TCP connection.
+//   destination stops the source's reads, what came meanwhile held as bytes: relay-flow.ts). A clean EOF is carried
+//   each way as a half-close (the client's socket ends with FIN once what the origin sent has gone out); an origin
+//   that ends without a clean EOF (a reset, an error, a close without close_notify or FIN) resets the client's
+//   socket, so a truncated response never looks complete; an error on the client's side resets the origin's TCP
+//   connection.
 // - after the client's half-close the origin may take its time to answer: the relay gives up only after LINGER_MS
 //   in which the origin sent nothing (and then resets the client's socket: the response did not end cleanly).
 
@@ -37,6 +38,7 @@ import { parentPort, workerData } from 'node:worker_threads';
 import * as native from '../shared/native.js';
 import { waitForLoopbackPair } from './loopback-pair.js';
 import { Bytes } from './relay-bytes.js';
+import { Flow, type Reads } from './relay-flow.js';
 import { resetSocket } from './socket-reset.js';
 import type { RelayCounters, RelayRequest, RelayResponse, TlsFailureReason } from './tls-relay.js';
 
@@ -215,12 +217,21 @@ function relayed(): void {
 const heldBack = new Set<TLSSocket>();
 
 /**
- * A TLS socket's stream handle (Node's TLSWrap, made by connect(); not in the public types): its readStop() stops
- * the reads of the TCP socket under it, readStart() starts them again. None once the socket is destroyed.
+ * A socket's stream handle (not in the public types; a TLS socket's is Node's TLSWrap, made by connect(), whose
+ * readStop() stops the reads of the TCP socket under it): readStop() stops its reads, readStart() starts them again.
+ * None once the socket is destroyed.
  */
-function readingHandle(tls: TLSSocket): { readStop(): number; readStart(): number } | undefined {
-  if (tls.destroyed) return undefined;
-  return (tls as unknown as { _handle: { readStop(): number; readStart(): number } | null })._handle ?? undefined;
+function readingHandle(socket: Socket): { readStop(): number; readStart(): number } | undefined {
+  if (socket.destroyed) return undefined;
+  return (socket as unknown as { _handle: { readStop(): number; readStart(): number } | null })._handle ?? undefined;
+}
+
+/** A relayed socket's reads, for the Flow it is the source of. (A socket being destroyed is left as it is.) */
+function readsOf(socket: Socket): Reads {
+  return {
+    stop: () => readingHandle(socket)?.readStop(),
+    start: () => readingHandle(socket)?.readStart(),
+  };
 }
 
 /** The thread's CPU time at this turn's first handshake event; undefined until there is one. */
@@ -524,7 +535,7 @@ function relay(tls: TLSSocket, tcp: Socket, client: Socket, early: Bytes): void 
   };
   const lingerOver = () => {
     // The client's socket is full: the client is slow, not the origin (which is paused meanwhile).
-    if (client.writableLength > 0) {
+    if (toClient.busy) {
       linger?.refresh();
       return;
     }
@@ -533,22 +544,13 @@ function relay(tls: TLSSocket, tcp: Socket, client: Socket, early: Bytes): void 
   };
   // Nobody uses a session whose idle lifetime ran out in the middle of a message: what the server sent before the
   // client spoke is kept for it (bounded), and more than that means the connection is not an idle HTTP one.
-  // The records TLS decrypts from one read of the origin's socket come as separate 'data' events in the same tick:
-  // corked until the tick ends, they reach the client's socket in one writev instead of a write each (fewer
-  // syscalls here, fewer wake-ups of the client).
-  let corked = false;
-  const uncork = () => {
-    corked = false;
-    client.uncork();
-  };
+  // Each direction's bytes go through a Flow (relay-flow.ts): held as bytes while its destination is full, its
+  // source's reads stopped past a bound, where the streams' own backpressure held the chunks as they came.
+  const toClient = new Flow(client, readsOf(tls));
+  const toOrigin = new Flow(tls, readsOf(client));
   const deliver = (chunk: Buffer) => {
     counters[COUNTER.bytesFromOrigin]! += chunk.length;
-    if (!corked) {
-      corked = true;
-      client.cork();
-      process.nextTick(uncork);
-    }
-    if (!client.write(chunk)) tls.pause();
+    toClient.push(chunk);
   };
   tls.on('data', (chunk: Buffer) => {
     if (leased) {
@@ -561,7 +563,6 @@ function relay(tls: TLSSocket, tcp: Socket, client: Socket, early: Bytes): void 
     early.push(chunk);
     if (early.length > MAX_EARLY_BYTES) teardown(false);
   });
-  client.on('drain', () => tls.resume());
   client.on('data', (chunk: Buffer) => {
     if (!leased) {
       leased = true;
@@ -569,16 +570,15 @@ function relay(tls: TLSSocket, tcp: Socket, client: Socket, early: Bytes): void 
       if (kept !== undefined) deliver(kept);
     }
     counters[COUNTER.bytesToOrigin]! += chunk.length;
-    if (!tls.write(chunk)) client.pause();
+    toOrigin.push(chunk);
     relayed();
   });
-  tls.on('drain', () => client.resume());
   // Half-close each way: the client's EOF becomes close_notify and FIN to the origin, the origin's EOF (or
   // close_notify) an EOF on the client's socket. An idle session's EOF is how the pool learns the server closed it.
   client.on('end', () => {
     clientEnded = true;
     if (!leased) early.clear();
-    tls.end();
+    toOrigin.end();
     if (!originEnded) {
       linger = setTimeout(lingerOver, LINGER_MS);
       linger.unref();
@@ -589,7 +589,7 @@ function relay(tls: TLSSocket, tcp: Socket, client: Socket, early: Bytes): void 
   tls.on('end', () => {
     originEnded = true;
     if (!leased) early.clear();
-    client.end();
+    toClient.end();
     bothEnded();
   });
   client.on('error', () => teardown(true));

@@ -6,14 +6,19 @@
 // sessions to such an origin (acquires held, or prewarmed) took the unit's MemoryMax (1 GB). The relay now keeps
 // those bytes as bytes, and at most 16 KiB of them (an h2 server's preface is tens of bytes): as bytes, 64 KiB for
 // each of a uid's leases not spoken on yet (4,096) and of its prewarmed idle sessions was still hundreds of MB.
-// Real daemon child process, a real Python TLS origin (its ssl module sends one record per send()), a throwaway CA.
+// The same records to a lent session whose client reads nothing: once the kernel's buffers on the way were full, the
+// relay's streams held them as chunks (their high-water marks, and a TLS read's every record), ~100 MB a session; the
+// relay now holds them as bytes, and stops reading past a bound (daemon/relay-flow.ts).
+// Real daemon child process, real Python TLS origins (the ssl module makes one record per write), a throwaway CA.
 
 import { createHash } from 'node:crypto';
+import { once } from 'node:events';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { Socket } from 'node:net';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { afterAll, afterEach, beforeAll, expect, it } from 'vitest';
+import * as native from '../shared/native.js';
 import type { LeaseReply } from '../shared/protocol.js';
 import { fdCount, httpsOrigin, type Origin, startTestDaemon, warmTlsArgs } from './fixtures/client-helpers.js';
 import { exchangeOverFd } from './fixtures/native-helpers.js';
@@ -23,12 +28,17 @@ import { openRawClient } from './helpers/raw-client.js';
 import { createTestPki, type TestPki } from './helpers/tls.js';
 
 const script = join(import.meta.dirname, 'fixtures', 'tiny-records-origin.py');
+const floodScript = join(import.meta.dirname, 'fixtures', 'record-flood-origin.py');
 /** One-byte records the hostile origin sends each session: under MAX_EARLY_BYTES, so an idle session keeps them. */
 const RECORDS = 16_000;
 /** The hostile client's sessions: leases it holds without writing on them. */
 const SESSIONS = 16;
 /** What the daemon's memory may grow by for them: their bytes are 256 KB; as chunks they took ~180 MB. */
 const MAX_GROWTH_BYTES = 64 * 1024 * 1024;
+/** Lent sessions whose client reads nothing, each flooded with one-byte records till the relay stops reading. */
+const FLOODED_SESSIONS = 2;
+/** What the daemon's memory may grow by for them: the relay holds some 100 KB a session; as chunks, 60–120 MB. */
+const MAX_FLOODED_GROWTH_BYTES = 64 * 1024 * 1024;
 
 let pki: TestPki;
 let trust: string;
@@ -86,6 +96,57 @@ async function tinyRecordsOrigin(
     sent: (count) => until('sent', count),
     ended: (count) => until('ended', count),
   };
+}
+
+/** The flooding origin (a child process): its port, and the records each session's socket took by the time it
+ *  stalled (the relay stopped reading it), in the order they stalled. */
+async function recordFloodOrigin(): Promise<{ port: number; stalled(count: number): Promise<number[]> }> {
+  const certFile = join(pki.dir, 'flood-cert.pem');
+  const keyFile = join(pki.dir, 'flood-key.pem');
+  writeFileSync(certFile, pki.cert);
+  writeFileSync(keyFile, pki.key);
+  const child = spawnChild('python3', [floodScript, certFile, keyFile], {
+    stdio: ['ignore', 'pipe', 'inherit'],
+    what: 'record-flood origin',
+  });
+  cleanups.push(() => child.kill());
+  const lines = createInterface({ input: child.stdout! });
+  const stalls: number[] = [];
+  const waiters: Array<() => void> = [];
+  let port: (value: number) => void;
+  const ported = new Promise<number>((resolve) => {
+    port = resolve;
+  });
+  lines.on('line', (line) => {
+    if (line.startsWith('port ')) port(Number(line.slice(5)));
+    else if (line.startsWith('stalled ')) {
+      stalls.push(Number(line.slice(8)));
+      for (const wake of waiters.splice(0)) wake();
+    }
+  });
+  return {
+    port: await ported,
+    stalled: async (count) => {
+      while (stalls.length < count) await new Promise<void>((resolve) => waiters.push(resolve));
+      return stalls.slice(0, count);
+    },
+  };
+}
+
+/** Reads `count` bytes from a lent session, each the letter of its place (record i is letter i % 26), and closes it. */
+async function readsInOrder(fd: number, count: number): Promise<void> {
+  const socket = new Socket({ fd, readable: true, writable: true });
+  let read = 0;
+  let wrong = -1;
+  socket.on('data', (chunk: Buffer) => {
+    for (let index = 0; index < chunk.length && read < count; index++, read++) {
+      if (wrong < 0 && chunk[index] !== 97 + (read % 26)) wrong = read;
+    }
+    if (read >= count) socket.destroy();
+  });
+  await once(socket, 'close');
+  expect(wrong).toBe(-1);
+  expect(read).toBe(count);
 }
 
 /** Writes a byte on a lent session (the client speaks), reads `count` bytes from it, and closes it. */
@@ -172,3 +233,44 @@ it('ends an idle session whose origin sends more than MAX_EARLY_BYTES before the
   attacker.close();
   expect(fdCount()).toBe(fdsBefore);
 }, 60_000);
+
+it("a lent session whose client reads nothing holds an origin's one-byte records as bytes, not a chunk each", async () => {
+  // Past the kernel's buffers on the way (the relay's end of the pair, the client's, the origin's socket: megabytes,
+  // of one-byte records here), the relay's streams held their high-water marks in chunks as they came: the TLS socket's
+  // readable and the client socket's writable, 64 KiB each of one-byte chunks, and every record of a read the TLS
+  // socket made after it was paused.
+  const origin = await recordFloodOrigin();
+  const daemon = await startTestDaemon([honest.port, origin.port], {
+    extraArgs: warmTlsArgs(pki.caFile, [honest.port, origin.port]),
+  });
+  cleanups.push(() => daemon.stop());
+  const fdsBefore = fdCount();
+  const client = openRawClient(daemon.socketPath, cleanups);
+  const lent = await client.request({ type: 'acquire', id: 1, host: 'localhost', port: honest.port, tls: { trust } });
+  expect((lent.message as LeaseReply).type).toBe('lease');
+  const baseline = memoryOf(daemon).rss;
+
+  const attacker = openRawClient(daemon.socketPath, cleanups);
+  const leases: number[] = [];
+  for (let id = 1; id <= FLOODED_SESSIONS; id++) {
+    const reply = await attacker.request({ type: 'acquire', id, host: 'localhost', port: origin.port, tls: { trust } });
+    expect((reply.message as LeaseReply).type).toBe('lease');
+    // Its first bytes (the relay relays from then on, and the origin answers them), and then it reads nothing. (Not
+    // through a Socket, which would read.)
+    expect(native.sendMessage(reply.fds[0]!, Buffer.from('x'))).toBe(1);
+    leases.push(reply.fds[0]!);
+  }
+  // Every session's origin blocked: the relay stopped reading it, and holds what it holds.
+  const stalls = await origin.stalled(FLOODED_SESSIONS);
+  const { peak } = memoryOf(daemon);
+  expect(peak - baseline).toBeLessThan(MAX_FLOODED_GROWTH_BYTES);
+  // Held, not lost: the client, reading at last, gets every record its origin's socket had taken, in order. (Which
+  // session stalled first is not known: each reads the fewer.)
+  const fewest = Math.min(...stalls);
+  for (const fd of leases) await readsInOrder(fd, fewest);
+  const response = await exchangeOverFd(lent.fds[0]!, 'GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n');
+  expect(response).toMatch(/^HTTP\/1\.1 200 OK[\s\S]*ok$/);
+  client.close();
+  attacker.close();
+  expect(fdCount()).toBe(fdsBefore);
+}, 300_000);
