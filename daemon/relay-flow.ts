@@ -40,9 +40,9 @@ export class Flow {
     this.#reads = reads;
   }
 
-  /** Bytes on their way: a write the destination has not finished (its socket is full), or bytes held. */
+  /** Bytes on their way: held, or in the destination (its socket is full), also those written with end(). */
   get busy(): boolean {
-    return this.#writing || this.#held.length > 0;
+    return this.#writing || this.#held.length > 0 || this.#to.writableLength > 0;
   }
 
   push(chunk: Buffer): void {
