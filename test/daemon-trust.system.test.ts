@@ -1,6 +1,7 @@
 // sockpoold trusts no client, across uids (root: the hostile clients run as other uids): a socket a client gave
 // back goes only to its own uid, quotas of one uid leave another's alone, and the wait queue of an origin is fair
 // across uids. Same-uid hostile tests are in daemon-trust.test.ts.
+import type { ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
 import { chmodSync, readFileSync } from 'node:fs';
 import { type AddressInfo, createServer, type Socket } from 'node:net';
@@ -156,18 +157,12 @@ describe("the daemon's fd table across uids", () => {
     expect((await raw.request({ type: 'hello', id: nextId++, version: 1 })).message).toMatchObject({ type: 'hello' });
     const daemonFdsBefore = sockpoold.fdCount();
     // The hostile uid takes TCP leases, one at a time, holding each, until it is refused.
-    const hostile = spawnChild(
-      process.execPath,
-      [hostileClient, 'hold-leases', sockpoold.socketPath, origin.port, 5_000].map(String),
-      {
-        stdio: ['ignore', 'pipe', 'inherit'],
-        uid: HOSTILE_UID,
-        gid: HOSTILE_UID,
-      },
-    );
-    cleanups.push(() => hostile.kill('SIGKILL'));
-    const [line] = (await once(hostile.stdout!, 'data')) as [Buffer];
-    const seen = JSON.parse(line.toString()) as { leases: number; refusal?: string; message?: string };
+    const { hostile, seen } = await hostileReport<{ leases: number; refusal?: string; message?: string }>([
+      'hold-leases',
+      sockpoold.socketPath,
+      origin.port,
+      5_000,
+    ]);
     // Refused at its share (about half the budget, a lone holder: each acquire charged as relayed until its lease
     // is made; n leases and its connection, n + 1 + 3 held, against budget - n - 1 - 3 and the honest connection
     // free), with the budget named; before, it took leases until the daemon's connects failed with EMFILE.
@@ -212,19 +207,12 @@ describe("the daemon's fd table across uids", () => {
     const budget = leaseFdBudget(fdLimit, config as unknown as Parameters<typeof leaseFdBudget>[1]);
     const ownFdsBefore = fdCount();
     const daemonFdsBefore = sockpoold.fdCount();
-    const hostile = spawnChild(process.execPath, [hostileClient, 'hold-sessions', sockpoold.socketPath, '5000'], {
-      stdio: ['ignore', 'pipe', 'inherit'],
-      uid: HOSTILE_UID,
-      gid: HOSTILE_UID,
-    });
-    cleanups.push(() => hostile.kill('SIGKILL'));
-    const [line] = (await once(hostile.stdout!, 'data')) as [Buffer];
-    const seen = JSON.parse(line.toString()) as {
+    const { hostile, seen } = await hostileReport<{
       sessions: number;
       refusal?: string;
       quota?: string;
       message?: string;
-    };
+    }>(['hold-sessions', sockpoold.socketPath, 5_000]);
     // Refused at its share, the quota named to the client (a lone uid: n + 1 held, budget - n - 1 free after the
     // next); before, the daemon accepted until EMFILE, and then answered nobody's `hello`.
     expect(seen).toMatchObject({ refusal: 'SOCKPOOL_ERR_QUOTA', quota: 'sessionFds' });
@@ -275,14 +263,12 @@ describe("the daemon's fd table across uids", () => {
     const daemonFdsBefore = sockpoold.fdCount();
     // The hostile uid acquires and ends each lease by its guessed id, reading no reply (100 on each connection: the
     // kernel's socket buffer holds them all), until an acquire gets no lease.
-    const hostile = spawnChild(
-      process.execPath,
-      [hostileClient, 'unread-leases', sockpoold.socketPath, origin.port, 5_000, 100].map(String),
-      { stdio: ['ignore', 'pipe', 'inherit'], uid: HOSTILE_UID, gid: HOSTILE_UID },
-    );
-    cleanups.push(() => hostile.kill('SIGKILL'));
-    const [line] = (await once(hostile.stdout!, 'data')) as [Buffer];
-    const seen = JSON.parse(line.toString()) as { ended: number; refusal?: string; quota?: string; message?: string };
+    const { hostile, seen } = await hostileReport<{
+      ended: number;
+      refusal?: string;
+      quota?: string;
+      message?: string;
+    }>(['unread-leases', sockpoold.socketPath, origin.port, 5_000, 100]);
     // Refused at its share (its fds in flight, its connections and the acquire's three against the rest); before, it
     // ended leases until the daemon's sends failed (ETOOMANYREFS) past the limit, its own and everyone's.
     expect(seen).toMatchObject({ refusal: 'SOCKPOOL_ERR_QUOTA', quota: 'leaseFds' });
@@ -319,6 +305,21 @@ describe("the daemon's fd table across uids", () => {
     await eventually(() => fdCount() <= ownFdsBefore + 1 + config.pool.maxIdleTotal, "this process's fds back");
   });
 });
+
+/**
+ * The hostile client (test/fixtures/hostile-client.mjs) as the hostile uid, in `mode` with `args`, killed at the
+ * file's end: it and the first line it reports (JSON: how far it got, and the refusal that stopped it).
+ */
+async function hostileReport<T>(args: Array<string | number>): Promise<{ hostile: ChildProcess; seen: T }> {
+  const hostile = spawnChild(process.execPath, [hostileClient, ...args.map(String)], {
+    stdio: ['ignore', 'pipe', 'inherit'],
+    uid: HOSTILE_UID,
+    gid: HOSTILE_UID,
+  });
+  cleanups.push(() => hostile.kill('SIGKILL'));
+  const [line] = (await once(hostile.stdout!, 'data')) as [Buffer];
+  return { hostile, seen: JSON.parse(line.toString()) as T };
+}
 
 /** A wrap that starts the daemon with its soft and hard RLIMIT_NOFILE at `fdLimit` (startSharedDaemon). */
 function fdLimited(fdLimit: number): string[] {
