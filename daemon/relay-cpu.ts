@@ -11,8 +11,10 @@
 // session of the thread (any uid's) waited a check or two at each round trip for as long as it went on.
 //
 // The measure: a uid's handshake CPU decayed with a half-life of CPU_HALF_LIFE_MS (so what it spent in the last few
-// seconds), against a share of the relay threads' time: a uid spending CPU_SHARE of every relay thread's time, for
-// good, settles at `limit` (the rate times the decay's mean lifetime, half-life / ln 2). A uid's handshakes cost
+// seconds), against a share of the relay threads' time. Time here is the relay threads' available time, not wall time
+// (TlsRelays passes every `now` from relay-clock.ts): on a loaded host a nice-10 relay thread waits for a CPU, and
+// costs decayed over that wait let a costly uid start many handshakes at once; on a quiet machine the two are one.
+// The bound: a uid spending CPU_SHARE of every relay thread's time, for good, settles at `limit` (the rate times the decay's mean lifetime, half-life / ln 2). A uid's handshakes cost
 // about the same each (one origin, one chain), so each uid's peak cost of one handshake (decayed too) says what the
 // next ones will cost: a uid may start one more while its cost plus a peak for each of its handshakes under way stays
 // under the limit. An honest crawler's handshakes cost 1–2 ms of relay CPU each (up to 5 on a loaded machine, as the
@@ -79,7 +81,7 @@ interface UidCpu {
   cost: number;
   /** The most one of its handshakes cost, µs, decayed to `at` as `cost` is. */
   peak: number;
-  /** When `cost` and `peak` were last decayed (performance.now(), ms). */
+  /** When `cost` and `peak` were last decayed (the caller's clock, ms: TlsRelays', the threads' available time). */
   at: number;
   /** What its latest handshake cost so far, µs, not decayed: what its next one is expected to cost. */
   last: number;
@@ -92,7 +94,7 @@ export class RelayCpuShares {
   #origins = 0;
   /** What the daemon's handshakes under way are expected to cost (each its origin's peak when it started), µs. */
   #daemonInFlight = 0;
-  /** When the records were last swept (performance.now(), ms). */
+  /** When the records were last swept (the caller's clock, ms). */
   #sweptAt = 0;
   /** The bound on a uid's decayed cost, µs (see the header). */
   #limit: number;

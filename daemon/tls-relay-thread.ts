@@ -38,6 +38,7 @@ import { parentPort, workerData } from 'node:worker_threads';
 import * as native from '../shared/native.js';
 import { waitForLoopbackPair } from './loopback-pair.js';
 import { Bytes } from './relay-bytes.js';
+import { ownTid } from './relay-clock.js';
 import { Flow, type Reads } from './relay-flow.js';
 import { resetSocket } from './socket-reset.js';
 import type { RelayCounters, RelayRequest, RelayResponse, TlsFailureReason } from './tls-relay.js';
@@ -65,8 +66,9 @@ const {
   testSeams = false,
 } = workerData as {
   counters: SharedArrayBuffer;
-  /** One Int32 slot this thread's event loop bumps every HEARTBEAT_MS: the main thread's watchdog reads it
-   *  (tls-relay.ts; config.ts, RELAY_HANG_LIMIT_MS). */
+  /** Two Int32 slots: the first this thread's event loop bumps every HEARTBEAT_MS, the main thread's watchdog reads
+   *  it (tls-relay.ts; config.ts, RELAY_HANG_LIMIT_MS); the second this thread's tid, by which the main thread reads
+   *  how long it waited for a CPU (relay-clock.ts). */
   heartbeat: SharedArrayBuffer;
   nice: number;
   /**
@@ -95,6 +97,8 @@ const COUNTER: Record<keyof RelayCounters, number> = {
 };
 
 const heartbeat = new Int32Array(sharedHeartbeat);
+// Before the first beat: the watchdog counts the silence after it in this thread's available time (relay-clock.ts).
+Atomics.store(heartbeat, 1, ownTid());
 // The first beat at once: until it comes, the watchdog judges the thread's start (tls.relayHangMs from its spawn).
 Atomics.add(heartbeat, 0, 1);
 /**

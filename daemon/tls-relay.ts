@@ -69,6 +69,7 @@ import { RELAY_HANG_LIMIT_MS } from './config.js';
 import { ConnectAbandoned } from './connect-gate.js';
 import { AdmissionQueue, type Admittable, DAEMON_UID } from './fair-queue.js';
 import type { Logger } from './log.js';
+import { availableSilenceMs, RelayAvailableClock, schedstatAvailable, threadRunDelayMs } from './relay-clock.js';
 import { RelayCpuShares } from './relay-cpu.js';
 
 /** What a handshake negotiated; sent to the client with a relayed lease. */
@@ -212,10 +213,14 @@ interface RelayThread {
   /** Handshakes sent to the thread and not answered yet. */
   pending: Map<number, QueuedHandshake>;
   exited: boolean;
-  /** Its heartbeat (bumped by the thread's loop), the value the watchdog saw last, and when it last saw it move. */
+  /**
+   * Its heartbeat (bumped by the thread's loop; the thread's tid in the second slot), the value the watchdog saw last,
+   * when it last saw it move, and how long the thread had waited for a CPU then (relay-clock.ts; undefined: unknown).
+   */
   heartbeat: Int32Array;
   beat: number;
   beatAt: number;
+  runDelayAt: number | undefined;
   /** Taken for hung by the watchdog: given no more work, its slot has (or gets) another thread. */
   hung: boolean;
   /** Its heartbeat has moved: its start is done (until then the watchdog judges it from its spawn). */
@@ -268,6 +273,13 @@ export class TlsRelays {
   /** The watchdog's timer (started with the first thread) and when it last ran. */
   #watchdog: NodeJS.Timeout | undefined;
   #checkedAt = 0;
+  /**
+   * Whether the kernel tells how long each thread waited for a CPU (relay-clock.ts): the watchdog and the CPU share
+   * then count the threads' available time; without it, wall time (said once in the log, and in the stats).
+   */
+  #schedstat = schedstatAvailable();
+  /** The relay threads' available time, the CPU share's clock (relay-clock.ts). */
+  #shareClock = new RelayAvailableClock();
   /** The daemon's own handshakes under way, by origin (as many as it has origins with one under way). */
   #daemonUnderWay = new Map<string, number>();
   /** Each uid's recent relay CPU, and the bound on it (relay-cpu.ts; #mayStart). */
@@ -289,6 +301,29 @@ export class TlsRelays {
     this.#hangLimitMs = options.hangLimitMs ?? (() => RELAY_HANG_LIMIT_MS);
     this.#onHung = options.onHung;
     this.#cpu = new RelayCpuShares(threadCount);
+    if (!this.#schedstat) {
+      this.#log.warn(
+        'no per-thread schedstat (a kernel without CONFIG_SCHED_INFO): the relay watchdog and CPU share count wall time, so a relay thread kept waiting for a CPU may be taken for hung',
+      );
+    }
+  }
+
+  /**
+   * The CPU share's time (ms): the relay threads' available time (relay-clock.ts), or wall time without schedstat.
+   * Every call of #cpu takes its time from here.
+   */
+  #shareNow(): number {
+    if (!this.#schedstat) return performance.now();
+    return this.#shareClock.now(() => this.#threadWaits());
+  }
+
+  *#threadWaits(): Iterable<[RelayThread, number | undefined]> {
+    for (const thread of this.#threads) if (usable(thread)) yield [thread, this.#runDelayMs(thread)];
+  }
+
+  /** How long `thread` has waited for a CPU in all (ms); undefined without schedstat or before it told its tid. */
+  #runDelayMs(thread: RelayThread): number | undefined {
+    return this.#schedstat ? threadRunDelayMs(Atomics.load(thread.heartbeat, 1)) : undefined;
   }
 
   /** How many relay threads the watchdog has taken for hung since the start. */
@@ -327,8 +362,9 @@ export class TlsRelays {
     try {
       this.#send();
     } finally {
-      // (At least a millisecond: a wait computed as a hair over 0 must not spin.)
-      const waitMs = Math.max(1, Math.ceil(this.#cpuWaitMs));
+      // (At least a millisecond, and until the share's clock may have moved: a wait computed as a hair over 0 must not
+      // spin.)
+      const waitMs = Math.max(1, Math.ceil(this.#cpuWaitMs), this.#schedstat ? this.#shareClock.standsStillMs : 0);
       const at = performance.now() + waitMs;
       if (waitMs !== Number.POSITIVE_INFINITY && !this.#closed && (!this.#cpuTimer || at < this.#cpuTimerAt)) {
         clearTimeout(this.#cpuTimer);
@@ -360,7 +396,7 @@ export class TlsRelays {
       thread.pending.set(id, job);
       if (job.daemonOrigin !== undefined) {
         this.#daemonUnderWay.set(job.daemonOrigin, (this.#daemonUnderWay.get(job.daemonOrigin) ?? 0) + 1);
-        job.expectedMicros = this.#cpu.daemonStarted(job.daemonOrigin);
+        job.expectedMicros = this.#cpu.daemonStarted(job.daemonOrigin, this.#shareNow());
       }
       const request: RelayRequest = { t: 'open', id, fd: job.fd, ...job.params };
       // From here the thread owns fd (its net.Socket closes it).
@@ -385,7 +421,7 @@ export class TlsRelays {
     if (this.#threadCount * HANDSHAKES_PER_THREAD - underWay <= Math.min(started, PLACES_KEPT_FOR_OTHER_UIDS)) {
       return false;
     }
-    const now = performance.now();
+    const now = this.#shareNow();
     const origin =
       job.daemonOrigin === undefined
         ? undefined
@@ -446,6 +482,7 @@ export class TlsRelays {
     handshakesHeldForCpu: number;
     threadsHungStarting: number;
     threadStartsStopped: boolean;
+    relayClock: 'available' | 'wall';
   } {
     const totals = {
       ...this.#retiredTotals,
@@ -453,6 +490,7 @@ export class TlsRelays {
       handshakesHeldForCpu: this.#heldForCpu,
       threadsHungStarting: this.#hungStartingCount,
       threadStartsStopped: this.#startsStopped,
+      relayClock: this.#schedstat ? ('available' as const) : ('wall' as const),
     };
     // A hung thread's sessions were ended, though it could not count them down.
     for (const thread of this.#threads) if (thread) addCounters(totals, thread.counters, !thread.hung);
@@ -507,7 +545,9 @@ export class TlsRelays {
 
   /**
    * The watchdog's check (every WATCHDOG_CHECK_MS): a live thread whose heartbeat has not moved for the limit is
-   * hung; one that has not beaten yet, within the limit of its spawn, hung while starting.
+   * hung; one that has not beaten yet, within the limit of its spawn, hung while starting. The silence is counted in
+   * the thread's available time (relay-clock.ts): the time it waited for a CPU (a nice-10 thread on a loaded host, in
+   * a costly check) is not silence; a thread that has not told its tid yet (starting) is judged in wall time.
    */
   #watch = (): void => {
     const now = performance.now();
@@ -519,21 +559,25 @@ export class TlsRelays {
     for (const thread of this.#threads) {
       if (!usable(thread)) continue;
       const beat = Atomics.load(thread.heartbeat, 0);
+      const runDelay = this.#runDelayMs(thread);
       if (beat !== thread.beat || late) {
         thread.beat = beat;
         thread.beatAt = now;
+        thread.runDelayAt = runDelay;
         if (beat !== 0 && !thread.started) {
           thread.started = true;
           this.#startHangsInARow = 0;
         }
-      } else if (limitMs > 0 && now - thread.beatAt >= limitMs) {
-        this.#hung(thread, now - thread.beatAt);
+        continue;
       }
+      if (limitMs <= 0 || now - thread.beatAt < limitMs) continue;
+      const silentMs = availableSilenceMs(now, thread.beatAt, runDelay, thread.runDelayAt);
+      if (silentMs >= limitMs) this.#hung(thread, silentMs, now - thread.beatAt);
     }
   };
 
   /** A thread the watchdog found hung (see the header). */
-  #hung(thread: RelayThread, silentMs: number): void {
+  #hung(thread: RelayThread, silentMs: number, wallMs: number): void {
     thread.hung = true;
     this.#hungCount++;
     this.#hungThreads.add(thread);
@@ -541,6 +585,7 @@ export class TlsRelays {
       {
         thread: thread.name,
         silentMs: Math.round(silentMs),
+        wallMs: Math.round(wallMs),
         handshakes: thread.pending.size,
         started: thread.started,
       },
@@ -602,7 +647,7 @@ export class TlsRelays {
 
   #spawn(index: number): RelayThread {
     const shared = new SharedArrayBuffer(COUNTER_SLOTS * Float64Array.BYTES_PER_ELEMENT);
-    const heartbeat = new SharedArrayBuffer(Int32Array.BYTES_PER_ELEMENT);
+    const heartbeat = new SharedArrayBuffer(2 * Int32Array.BYTES_PER_ELEMENT);
     const worker = new Worker(new URL('./tls-relay-thread.js', import.meta.url), {
       workerData: { counters: shared, heartbeat, nice: RELAY_THREAD_NICE },
       name: 'sockpoold tls relay',
@@ -617,6 +662,7 @@ export class TlsRelays {
       heartbeat: new Int32Array(heartbeat),
       beat: 0,
       beatAt: performance.now(),
+      runDelayAt: undefined,
       hung: false,
       started: false,
     };
@@ -635,7 +681,7 @@ export class TlsRelays {
       }
       const micros = message.t === 'cpu' ? message.micros : message.cpuMicros;
       waiter.cpuMicros = (waiter.cpuMicros ?? 0) + micros;
-      this.#cpu.charge(waiter.uid, micros, waiter.cpuMicros, performance.now(), waiter.daemonOrigin);
+      this.#cpu.charge(waiter.uid, micros, waiter.cpuMicros, this.#shareNow(), waiter.daemonOrigin);
       if (message.t === 'cpu') return;
       thread.pending.delete(message.id);
       this.#ended(waiter);

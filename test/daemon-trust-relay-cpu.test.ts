@@ -23,10 +23,10 @@
 // with the daemon's relay threads (TlsRelays, from dist/) and handshakes of two uids (a daemon's clients of another
 // uid need root).
 
-import { execFileSync } from 'node:child_process';
+import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
 import { constants, createHash, createPrivateKey, generatePrimeSync, randomBytes } from 'node:crypto';
 import { once } from 'node:events';
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -523,6 +523,101 @@ async function attackAndCheckHonest(
   expect(await metricValue(metricsPort, 'sockpool_tls_relay_threads_hung_total')).toBe(0);
   return replies;
 }
+
+/**
+ * Starves the relay threads as a loaded host does: this process's threads (and the relay threads it starts from now
+ * on, which inherit it) pinned to one CPU with `hogs` busy loops at this process's nice (0): a relay thread (nice 10)
+ * gets a small part of that CPU and waits on its run queue most of the time. A normal user may do all of it. Returns
+ * the undo: every hog killed and its exit awaited, the affinity put back.
+ */
+function starveOneCpu(hogs: number): () => Promise<void> {
+  const pid = String(process.pid);
+  const mask = execFileSync('taskset', ['-p', pid], { encoding: 'utf8' }).trim().split(' ').pop()!;
+  execFileSync('taskset', ['-a', '-p', '-c', '0', pid], { stdio: 'ignore' });
+  const children: ChildProcess[] = [];
+  for (let index = 0; index < hogs; index++) {
+    children.push(spawn('taskset', ['-c', '0', 'sh', '-c', 'while :; do :; done'], { stdio: 'ignore' }));
+  }
+  return async () => {
+    const exits = children.map((child) =>
+      child.exitCode !== null || child.signalCode !== null ? Promise.resolve() : once(child, 'exit'),
+    );
+    for (const child of children) child.kill('SIGKILL');
+    await Promise.all(exits);
+    expect(children.filter((child) => child.exitCode === null && child.signalCode === null)).toEqual([]);
+    execFileSync('taskset', ['-a', '-p', mask, pid], { stdio: 'ignore' });
+  };
+}
+
+/** This process's threads (tids). */
+function threadIds(): Set<string> {
+  return new Set(readdirSync('/proc/self/task'));
+}
+
+/** How long thread `tid` of this process has waited on a run queue in all (its schedstat's run_delay), ms. */
+function runDelayMs(tid: string): number {
+  return Number(readFileSync(`/proc/self/task/${tid}/schedstat`, 'utf8').split(' ')[1]) / 1e6;
+}
+
+// A relay thread (nice 10) on a loaded host waits for a CPU: in one costly chain check (~330 ms of its CPU) it may
+// wait seconds, its heartbeat still. Before, the watchdog counted that wait as silence and took the starved thread
+// for hung, its handshake (and every session it relayed) ended ("TLS relay thread hung, ended by the watchdog"). Now
+// the silence is counted in the thread's available time (daemon/relay-clock.ts): wall time less its run-queue wait.
+it('a relay thread kept waiting for a CPU through a costly check is not taken for hung: its handshake ends', async () => {
+  const { TlsRelays } = (await import(
+    join(repoRoot, 'dist', 'daemon', 'tls-relay.js')
+  )) as typeof import('../daemon/tls-relay.js');
+  const LIMIT_MS = 3_000;
+  const port = await costlyOriginPort();
+  const undo = starveOneCpu(2);
+  const relays = new TlsRelays(1, pino({ level: 'silent' }), { hangLimitMs: () => LIMIT_MS });
+  try {
+    const before = threadIds();
+    expect(await handshakesThrough(relays)(port, 1000)).toContain('unknown-ca');
+    expect(relays.hungThreads).toBe(0);
+    // The premise: the relay thread (one of the threads started since, still alive) waited for a CPU longer than the
+    // watchdog's limit while it worked.
+    const started = [...threadIds()].filter((tid) => !before.has(tid));
+    expect(Math.max(0, ...started.map(runDelayMs))).toBeGreaterThan(LIMIT_MS);
+  } finally {
+    await relays.close();
+    await undo();
+  }
+}, 120_000);
+
+// The same starvation and the per-uid CPU share: before, each uid's cost decayed in wall time, so while the starved
+// thread worked through one check (seconds of wall time, a third of a second of its CPU) the costly uid's cost and
+// peak decayed to little, and it got most of its handshakes under way at once. Now the share's clock is the relay
+// threads' available time: the uid stays at the share's two at once.
+it("a costly uid's share of a relay thread kept waiting for a CPU still holds it to two handshakes at once", async () => {
+  const { TlsRelays } = (await import(
+    join(repoRoot, 'dist', 'daemon', 'tls-relay.js')
+  )) as typeof import('../daemon/tls-relay.js');
+  const FIRST = 2;
+  const LATER = 6;
+  const costlyProxy = await countingProxy(await costlyOriginPort());
+  const costlyPort = (costlyProxy.server.address() as { port: number }).port;
+  const undo = starveOneCpu(1);
+  const relays = new TlsRelays(1, pino({ level: 'silent' }), { hangLimitMs: () => 0 });
+  const handshake = handshakesThrough(relays);
+  try {
+    const first = await Promise.all(Array.from({ length: FIRST }, () => handshake(costlyPort, 1000)));
+    for (const outcome of first) expect(outcome).toContain('unknown-ca');
+    await pollUntil(
+      () => costlyProxy.underWay === 0,
+      () => `the proxy's connections closed (${costlyProxy.underWay} open)`,
+    );
+    costlyProxy.most = 0;
+    const later = await Promise.all(Array.from({ length: LATER }, () => handshake(costlyPort, 1000)));
+    for (const outcome of later) expect(outcome).toContain('unknown-ca');
+    expect(costlyProxy.most, "uid 1000's handshakes under way at once").toBeLessThanOrEqual(2);
+    expect(relays.counters().handshakesHeldForCpu).toBeGreaterThanOrEqual(LATER - 2);
+  } finally {
+    await relays.close();
+    costlyProxy.server.close();
+    await undo();
+  }
+}, 180_000);
 
 it("an origin's huge DHE group does not stall the relay thread into a hang that ends other sessions", async () => {
   const metricsPort = await freePort();

@@ -36,7 +36,8 @@ function startThread() {
   const worker = new Worker(join(repoRoot, 'dist', 'daemon', 'tls-relay-thread.js'), {
     workerData: {
       counters: new SharedArrayBuffer(6 * 8),
-      heartbeat: new SharedArrayBuffer(4),
+      // Its beat and its tid (TlsRelays#spawn).
+      heartbeat: new SharedArrayBuffer(2 * 4),
       nice: 0,
       testSeams: true,
     },

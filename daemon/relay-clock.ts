@@ -1,0 +1,132 @@
+// The time a relay thread could run: wall time less the time it spent runnable but waiting for a CPU. The relay
+// threads run at nice 10 (tls-relay.ts, RELAY_THREAD_NICE): on a loaded host such a thread can wait on the run queue
+// for seconds while its work (a costly certificate check: hundreds of ms of CPU in one call) goes on. Two mechanisms
+// that measured it in wall time took that wait for something else:
+// - the watchdog (tls-relay.ts, #watch) took a starved thread for hung (its heartbeat did not move for
+//   tls.relayHangMs of wall time) and ended every session it relayed;
+// - the per-uid CPU share (relay-cpu.ts) decayed each uid's cost over wall time the thread could not use, so a costly
+//   uid got many handshakes under way at once.
+// Both now count the thread's available time: on a quiet machine that is wall time (a thread waits microseconds for a
+// CPU), on a loaded one it runs as slowly as the thread is kept waiting. A thread that truly hangs still gets judged:
+// a busy loop runs (its waits cover only the part of the silence another task had the CPU), and a thread blocked in a
+// system call sleeps, which is not waiting for a CPU.
+//
+// Linux keeps that wait per thread (CONFIG_SCHED_INFO): /proc/self/task/<tid>/schedstat holds the thread's time on a
+// CPU, its time waiting on a run queue (run_delay) and its timeslices, the first two in ns. Each relay thread stores
+// its tid in its heartbeat's buffer at start (tls-relay-thread.ts); the main thread reads the file at most once per
+// watchdog check and, for the share, once per SHARE_CLOCK_READ_MS while handshakes are dispatched: never on the
+// handoff path. Without the file (a kernel without schedstat) both fall back to wall time, said once in the log and
+// in the stats (`relayClock`).
+
+import { readFileSync, readlinkSync } from 'node:fs';
+
+/**
+ * How long the share's clock (RelayAvailableClock) keeps a reading: the decay's half-life is seconds, so a reading
+ * this old is close enough, and a dispatch burst reads the threads' files once.
+ */
+export const SHARE_CLOCK_READ_MS = 50;
+
+/** This thread's tid (Linux): what the main thread reads its schedstat by; 0 when /proc does not tell. */
+export function ownTid(): number {
+  try {
+    // "<pid>/task/<tid>"
+    const tid = Number(readlinkSync('/proc/thread-self').split('/').pop());
+    return Number.isSafeInteger(tid) && tid > 0 ? tid : 0;
+  } catch {
+    return 0;
+  }
+}
+
+/** Whether this kernel keeps run-queue waits per thread (CONFIG_SCHED_INFO). */
+export function schedstatAvailable(): boolean {
+  return runDelayMsAt('/proc/thread-self/schedstat') !== undefined;
+}
+
+/** Thread `tid`'s (of this process) total wait on a run queue, ms; undefined when it cannot be read. */
+export function threadRunDelayMs(tid: number): number | undefined {
+  return tid > 0 ? runDelayMsAt(`/proc/self/task/${tid}/schedstat`) : undefined;
+}
+
+/**
+ * The run_delay of a schedstat file (`cpu_ns run_delay_ns timeslices`) in ms; undefined when it cannot be read (the
+ * thread is gone, or the kernel keeps no such file).
+ */
+function runDelayMsAt(path: string): number | undefined {
+  try {
+    const fields = readFileSync(path, 'latin1').split(' ');
+    const runDelayNs = Number(fields[1]);
+    return fields.length >= 3 && Number.isFinite(runDelayNs) && runDelayNs >= 0 ? runDelayNs / 1e6 : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * How long a thread was silent in its available time: the wall time since its last beat less what it waited for a
+ * CPU since then (never less than 0; without both readings of its wait, the wall time).
+ */
+export function availableSilenceMs(
+  nowMs: number,
+  beatAtMs: number,
+  runDelayMs: number | undefined,
+  runDelayAtBeatMs: number | undefined,
+): number {
+  const wall = nowMs - beatAtMs;
+  if (runDelayMs === undefined || runDelayAtBeatMs === undefined) return wall;
+  return Math.max(0, wall - Math.max(0, runDelayMs - runDelayAtBeatMs));
+}
+
+/**
+ * The relay threads' available time for the per-uid CPU share (relay-cpu.ts): a clock that moves as wall time less
+ * the mean of what the threads waited for a CPU over the same stretch (the share is a part of every thread's time, so
+ * a thread idle and one kept waiting count half each). Never goes back; between readings (SHARE_CLOCK_READ_MS) it
+ * stands still. With no thread's reading it moves as wall time.
+ */
+export class RelayAvailableClock {
+  #wall: () => number;
+  /** Each thread's wait (ms) at the last reading, by a key of the caller's. */
+  #waits = new Map<unknown, number>();
+  /** The clock's time at the last reading, and the wall time then. */
+  #time: number;
+  #readAt: number;
+  /** No reading yet: the first call reads, whenever it comes. */
+  #unread = true;
+
+  constructor(wall: () => number = () => performance.now()) {
+    this.#wall = wall;
+    this.#readAt = wall();
+    this.#time = this.#readAt;
+  }
+
+  /**
+   * The clock's time (ms) with the threads' waits read by `waits` (thread key → its total wait, ms, or undefined when
+   * unknown) once the last reading is SHARE_CLOCK_READ_MS old (and at the first call).
+   */
+  now(waits: () => Iterable<[unknown, number | undefined]>): number {
+    const wall = this.#wall();
+    if (!this.#unread && wall - this.#readAt < SHARE_CLOCK_READ_MS) return this.#time;
+    this.#unread = false;
+    const seen = new Map<unknown, number>();
+    let waited = 0;
+    let counted = 0;
+    for (const [key, wait] of waits()) {
+      if (wait === undefined) continue;
+      seen.set(key, wait);
+      const before = this.#waits.get(key);
+      if (before === undefined) continue;
+      waited += Math.max(0, wait - before);
+      counted++;
+    }
+    this.#waits = seen;
+    const mean = counted === 0 ? 0 : waited / counted;
+    // (A wait is counted when the thread next gets a CPU, so one reading may hold some of an earlier stretch's.)
+    this.#time += Math.max(0, wall - this.#readAt - mean);
+    this.#readAt = wall;
+    return this.#time;
+  }
+
+  /** Wall ms until the clock may move again (a timer set for less would find it where it was). */
+  get standsStillMs(): number {
+    return Math.max(0, SHARE_CLOCK_READ_MS - (this.#wall() - this.#readAt));
+  }
+}
