@@ -51,9 +51,9 @@ function runningAsRoot(): boolean {
  * origin (a hostile one can make it hundreds: its chain is checked in one callback, and the thread beats after each
  * handshake's checks too, as a turn may run all HANDSHAKES_PER_THREAD of them together), plus a TLS
  * context built from a CA file (tens of ms for a full bundle, once per file) and one read's worth of bytes per
- * session relayed. At the relay's nice 10 against a busy nice-0 thread on every core, the kernel still gives it
- * about a tenth of a core: under half a second of wall time for an honest origin's heaviest turn, a tenth of this
- * limit (a hostile origin's one handshake, ~330 ms of CPU, would come near it only with every core that busy). A stop of
+ * session relayed. The limit counts the thread's available time, not wall time (relay-clock.ts: wall time less what
+ * it waited for a CPU): at the relay's nice 10 against busy nice-0 threads a hostile origin's one handshake (~330 ms
+ * of CPU) took seconds of wall time, and the starved thread was taken for hung; its wait no longer counts. A stop of
  * the whole process (SIGSTOP, a debugger on the main thread) is not taken for a hang: a check that comes late (the
  * main thread did not run either) starts every thread's count over. A thread's start (a new isolate, its modules
  * loaded, the addon opened) takes a fraction of a second: one that has not beaten this long after it was started is

@@ -40,8 +40,10 @@
 // A thread that hangs while running (a busy loop from a bug, a call that never returns) would stall every session
 // it relays and every handshake sent to it, silently. A watchdog notices: each thread's event loop bumps a shared
 // heartbeat on a timer (tls-relay-thread.ts), and a timer here reads the heartbeats (one Atomics.load per thread,
-// once a second; nothing on the handoff path). A thread whose heartbeat has not moved for tls.relayHangMs
-// (config.ts, RELAY_HANG_LIMIT_MS, says why that is safe) is hung (#hung): logged by name, counted
+// once a second, and a read of each thread's schedstat; nothing on the handoff path). A thread whose heartbeat has
+// not moved for tls.relayHangMs of its available time (relay-clock.ts: wall time less what it waited for a CPU, so
+// that a nice-10 thread kept waiting on a loaded host is not taken for hung; config.ts, RELAY_HANG_LIMIT_MS, says why
+// that is safe) is hung (#hung): logged by name, counted
 // (sockpool_tls_relay_threads_hung_total), given no more work (its slot gets a new thread), its sessions ended at
 // once by the daemon (onHung: the idle ones leave the pool, closed; a leased one's daemon copy is shut down, so its
 // client sees the connection end), and terminate()d, which ends a JavaScript loop: its 'exit' then fails its
