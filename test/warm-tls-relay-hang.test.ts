@@ -283,6 +283,11 @@ it('relay threads that hang at every start are replaced at most 3 times; then wa
     const reply = await raw.request({ type: 'acquire', id, host: 'localhost', port: origin.port, tls: { trust } });
     expect(reply.message).toMatchObject({ type: 'error', code: 'SOCKPOOL_ERR_TLS' });
   }
+  // (The log comes through the daemon's stdout, the replies through its socket: either may be read first.)
+  await eventually(
+    () => logRecords(daemon, HUNG).length === RELAY_START_HANGS_IN_A_ROW && logRecords(daemon, STOPPED).length > 0,
+    'the hung threads and the stop logged',
+  );
   expect(logRecords(daemon, HUNG)).toHaveLength(RELAY_START_HANGS_IN_A_ROW);
   expect(logRecords(daemon, STOPPED)).toEqual([expect.objectContaining({ inARow: RELAY_START_HANGS_IN_A_ROW })]);
   const threads = (await relaySessions(inspector, RELAY_START_HANGS_IN_A_ROW)).length;
