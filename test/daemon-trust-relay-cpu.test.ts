@@ -354,6 +354,25 @@ async function countingProxy(
   return counts;
 }
 
+/**
+ * uid 1000's first `count` handshakes through `proxy` to the costly origin, all refused on the chain (their cost is
+ * then on record); returns once the proxy saw every connection close, its `most` reset for what follows.
+ */
+async function costlyFirstBurst(
+  handshake: (port: number, uid: number) => Promise<string>,
+  proxy: { server: net.Server; underWay: number; most: number },
+  count: number,
+): Promise<void> {
+  const port = (proxy.server.address() as { port: number }).port;
+  const first = await Promise.all(Array.from({ length: count }, () => handshake(port, 1000)));
+  for (const outcome of first) expect(outcome).toContain('unknown-ca');
+  await pollUntil(
+    () => proxy.underWay === 0,
+    () => `the proxy's connections closed (${proxy.underWay} open)`,
+  );
+  proxy.most = 0;
+}
+
 /** A TLS 1.2 record holding a ServerHelloDone (handshake type 14, empty). */
 const SERVER_HELLO_DONE = Buffer.from([0x16, 0x03, 0x03, 0x00, 0x04, 0x0e, 0x00, 0x00, 0x00]);
 /** How long the proxy holds it back: past the relay thread's heartbeat (a point of no handshake's, every second). */
@@ -425,13 +444,7 @@ it.each([
     registerRelayMetrics(registry, relays);
     const handshake = handshakesThrough(relays);
     try {
-      const first = await Promise.all(Array.from({ length: FIRST }, () => handshake(costlyPort, 1000)));
-      for (const outcome of first) expect(outcome).toContain('unknown-ca');
-      await pollUntil(
-        () => costlyProxy.underWay === 0,
-        () => `the proxy's connections closed (${costlyProxy.underWay} open)`,
-      );
-      costlyProxy.most = 0;
+      await costlyFirstBurst(handshake, costlyProxy, FIRST);
 
       const later = Array.from({ length: LATER }, () => handshake(costlyPort, 1000));
       const honest = await Promise.all(Array.from({ length: HANDSHAKES }, () => handshake(origin.port, 2000)));
@@ -601,13 +614,7 @@ it("a costly uid's share of a relay thread kept waiting for a CPU still holds it
   const relays = new TlsRelays(1, pino({ level: 'silent' }), { hangLimitMs: () => 0 });
   const handshake = handshakesThrough(relays);
   try {
-    const first = await Promise.all(Array.from({ length: FIRST }, () => handshake(costlyPort, 1000)));
-    for (const outcome of first) expect(outcome).toContain('unknown-ca');
-    await pollUntil(
-      () => costlyProxy.underWay === 0,
-      () => `the proxy's connections closed (${costlyProxy.underWay} open)`,
-    );
-    costlyProxy.most = 0;
+    await costlyFirstBurst(handshake, costlyProxy, FIRST);
     const later = await Promise.all(Array.from({ length: LATER }, () => handshake(costlyPort, 1000)));
     for (const outcome of later) expect(outcome).toContain('unknown-ca');
     expect(costlyProxy.most, "uid 1000's handshakes under way at once").toBeLessThanOrEqual(2);
