@@ -928,6 +928,28 @@ int ListenOnLoopback(Napi::Env env, int flags, int backlog, sockaddr_in* address
   return listener.release();
 }
 
+// What SO_SNDBUF and SO_RCVBUF ask for on each end of a loopback pair (the kernel doubles it for its bookkeeping):
+// under net.core.wmem_max/rmem_max's default (212,992), which caps what a process without CAP_NET_ADMIN may ask, so
+// every host gets the same.
+constexpr int kLoopbackPairBufferBytes = 128 * 1024;
+
+// Fixes a loopback pair end's buffers (on a listener: the end it accepts inherits them) before its connection is
+// made, so that its window is offered from the fixed size. A pair's sockets are the daemon's, and the kernel charges
+// their buffers to the daemon's cgroup whoever holds them: left to autotuning, a lent session whose client reads
+// nothing held megabytes on its pair (the relay's end's send buffer grows to tcp_wmem's most), up to
+// maxLeasesPerUid of them a uid. Setting a size locks it (no autotuning); over loopback, whose round trip is µs, this
+// size carries far more than a relay thread's TLS. The client may raise its own end's, as far as
+// net.core.rmem_max/wmem_max allow a process without CAP_NET_ADMIN (docs/security.md).
+void FixLoopbackPairBuffers(Napi::Env env, int fd) {
+  const int bytes = kLoopbackPairBufferBytes;
+  if (::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &bytes, sizeof bytes) < 0) {
+    ThrowErrno(env, errno, "setsockopt", "SO_SNDBUF");
+  }
+  if (::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &bytes, sizeof bytes) < 0) {
+    ThrowErrno(env, errno, "setsockopt", "SO_RCVBUF");
+  }
+}
+
 // A loopback pair's first half (see LoopbackPairListen): *listener listening on 127.0.0.1:<ephemeral> and *client
 // a socket not yet connected, each closing what it held before. `filtered`: the client is bound to 127.0.0.1:0
 // first, so that its port is known before the listener exists, and the listener lets in that address alone.
@@ -938,9 +960,11 @@ bool StartLoopbackPair(Napi::Env env, bool filtered, FdGuard* listener, FdGuard*
   listener->reset(-1);
   client->reset(::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
   if (client->get() < 0) ThrowErrno(env, errno, "socket");
+  FixLoopbackPairBuffers(env, client->get());
   if (!filtered) {
     sockaddr_in address;
     listener->reset(ListenOnLoopback(env, SOCK_NONBLOCK, 8, &address));
+    FixLoopbackPairBuffers(env, listener->get());
     return false;
   }
   sockaddr_in from;
@@ -957,10 +981,12 @@ bool StartLoopbackPair(Napi::Env env, bool filtered, FdGuard* listener, FdGuard*
   FdGuard filtered_listener(ListenOnLoopback(env, SOCK_NONBLOCK, 8, &address, &from, &refused));
   if (!refused) {
     listener->reset(filtered_listener.release());
+    FixLoopbackPairBuffers(env, listener->get());
     return true;
   }
   filtered_listener.reset(-1);
   listener->reset(ListenOnLoopback(env, SOCK_NONBLOCK, SOMAXCONN, &address));
+  FixLoopbackPairBuffers(env, listener->get());
   return false;
 }
 

@@ -8,22 +8,26 @@
 // each of a uid's leases not spoken on yet (4,096) and of its prewarmed idle sessions was still hundreds of MB.
 // The same records to a lent session whose client reads nothing: once the kernel's buffers on the way were full, the
 // relay's streams held them as chunks (their high-water marks, and a TLS read's every record), ~100 MB a session; the
-// relay now holds them as bytes, and stops reading past a bound (daemon/relay-flow.ts).
+// relay now holds them as bytes, and stops reading past a bound (daemon/relay-flow.ts). What such a session holds in
+// the kernel's buffers of its loopback pair (the daemon's sockets, charged to its cgroup whoever holds them) was left
+// to autotuning, megabytes a session; both ends now have fixed, modest buffers (the addon's FixLoopbackPairBuffers).
 // Real daemon child process, real Python TLS origins (the ssl module makes one record per write), a throwaway CA.
 
+import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { once } from 'node:events';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { Socket } from 'node:net';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
+import { promisify } from 'node:util';
 import { afterAll, afterEach, beforeAll, expect, it } from 'vitest';
 import * as native from '../shared/native.js';
 import type { LeaseReply } from '../shared/protocol.js';
 import { fdCount, httpsOrigin, type Origin, startTestDaemon, warmTlsArgs } from './fixtures/client-helpers.js';
 import { exchangeOverFd } from './fixtures/native-helpers.js';
 import { spawnChild } from './helpers/children.js';
-import type { DaemonProcess } from './helpers/daemon.js';
+import { type DaemonProcess, eventually } from './helpers/daemon.js';
 import { openRawClient } from './helpers/raw-client.js';
 import { createTestPki, type TestPki } from './helpers/tls.js';
 
@@ -39,6 +43,14 @@ const MAX_GROWTH_BYTES = 64 * 1024 * 1024;
 const FLOODED_SESSIONS = 2;
 /** What the daemon's memory may grow by for them: the relay holds some 100 KB a session; as chunks, 60–120 MB. */
 const MAX_FLOODED_GROWTH_BYTES = 64 * 1024 * 1024;
+
+/** The most a lent session's loopback pair may hold in the kernel, both ends: each end's buffers are fixed at 256 KiB
+ *  (what the addon asks, doubled by the kernel); left to autotuning, the relay's end's send buffer alone took 4 MB. */
+const MAX_PAIR_BYTES = 1024 * 1024;
+/** Each buffer of a pair's end, as the kernel reports it (rb, tb). */
+const PAIR_BUFFER_BYTES = 256 * 1024;
+
+const run = promisify(execFile);
 
 let pki: TestPki;
 let trust: string;
@@ -281,3 +293,95 @@ it("a lent session whose client reads nothing holds an origin's one-byte records
   attacker.close();
   expect(fdCount()).toBe(fdsBefore);
 }, 300_000);
+
+/** One end of a loopback pair as ss reports its memory (skmem, in bytes): queued to read (r), its receive buffer
+ *  (rb), queued to send (w) and its send buffer (tb). */
+interface PairEnd {
+  local: number;
+  read: number;
+  receiveBuffer: number;
+  queued: number;
+  sendBuffer: number;
+}
+
+/** Both ends of the loopback pair whose one end is `fd`, from the kernel (ss, inet_diag): the daemon's end is not
+ *  reachable from here otherwise. */
+async function pairEnds(fd: number): Promise<PairEnd[]> {
+  const ports = [native.localAddress(fd).port, native.peerAddress(fd).port];
+  const { stdout } = await run('ss', ['-tmnH', `( sport = :${ports[0]} or sport = :${ports[1]} )`]);
+  const ends: PairEnd[] = [];
+  const entry = /127\.0\.0\.1:(\d+)\s+127\.0\.0\.1:(\d+)\s+skmem:\(r(\d+),rb(\d+),t\d+,tb(\d+),f\d+,w(\d+)/g;
+  for (const [, local, peer, read, receiveBuffer, sendBuffer, queued] of stdout.matchAll(entry)) {
+    if (!ports.includes(Number(local)) || !ports.includes(Number(peer)) || local === peer) continue;
+    ends.push({
+      local: Number(local),
+      read: Number(read),
+      receiveBuffer: Number(receiveBuffer),
+      queued: Number(queued),
+      sendBuffer: Number(sendBuffer),
+    });
+  }
+  return ends;
+}
+
+it("a lent session whose client reads nothing holds a bounded amount of the kernel's buffers on its loopback pair", async () => {
+  // The pair's two ends are the daemon's sockets (the relay thread made them), so the kernel charges their buffers to
+  // the daemon's cgroup, even the end the client holds. Left to autotuning, the relay's end's send buffer grew to
+  // tcp_wmem's most (4 MB) behind a client that reads nothing: megabytes a lease, maxLeasesPerUid (4,096) of them.
+  const chunk = Buffer.alloc(64 * 1024, 'a');
+  /** When the origin's response last drained into its socket: once it stops, every buffer on the way is full. */
+  let lastDrainMs = 0;
+  let flooded = 0;
+  const origin = await httpsOrigin(pki, (_request, response) => {
+    flooded++;
+    response.on('error', () => {});
+    const pump = () => {
+      lastDrainMs = performance.now();
+      while (response.write(chunk)) {}
+    };
+    response.on('drain', pump);
+    pump();
+  });
+  cleanups.push(() => origin.close());
+  const daemon = await startTestDaemon([origin.port], { extraArgs: warmTlsArgs(pki.caFile, [origin.port]) });
+  cleanups.push(() => daemon.stop());
+  const fdsBefore = fdCount() - origin.openSockets();
+  const client = openRawClient(daemon.socketPath, cleanups);
+  const reply = await client.request({ type: 'acquire', id: 1, host: 'localhost', port: origin.port, tls: { trust } });
+  expect((reply.message as LeaseReply).type).toBe('lease');
+  const lent = reply.fds[0]!;
+  // The request (not through a Socket, which would read), and then nothing read.
+  const request = Buffer.from('GET / HTTP/1.1\r\nHost: localhost\r\n\r\n');
+  expect(native.sendMessage(lent, request)).toBe(request.length);
+  // Every buffer on the way full: the origin's writes have not drained for 2 s. (A relay thread starved that long
+  // would be measured early, holding less: it could pass without the fix, never fail with it.)
+  await eventually(
+    () => flooded === 1 && performance.now() - lastDrainMs > 2_000,
+    "the origin's writes stalled",
+    120_000,
+  );
+  const ends = await pairEnds(lent);
+  expect(ends.map((end) => end.local).sort()).toEqual(
+    [native.localAddress(lent).port, native.peerAddress(lent).port].sort(),
+  );
+  // The client's end holds what it did not read: the measure sees the session's bytes.
+  const clientEnd = ends.find((end) => end.local === native.localAddress(lent).port)!;
+  expect(clientEnd.read).toBeGreaterThan(0);
+  const held = ends.reduce((sum, end) => sum + end.read + end.queued, 0);
+  expect(held).toBeLessThan(MAX_PAIR_BYTES);
+  for (const end of ends) {
+    expect(end.receiveBuffer).toBeLessThanOrEqual(PAIR_BUFFER_BYTES);
+    expect(end.sendBuffer).toBeLessThanOrEqual(PAIR_BUFFER_BYTES);
+  }
+  // Still a session: the client, reading at last, gets far more than the pair holds.
+  const socket = new Socket({ fd: lent, readable: true, writable: true });
+  let received = 0;
+  socket.on('data', (data: Buffer) => {
+    received += data.length;
+    if (received >= 8 * MAX_PAIR_BYTES) socket.destroy();
+  });
+  await once(socket, 'close');
+  expect(received).toBeGreaterThanOrEqual(8 * MAX_PAIR_BYTES);
+  client.close();
+  await eventually(() => fdCount() - origin.openSockets() === fdsBefore, 'the fds back', 30_000);
+}, 180_000);
