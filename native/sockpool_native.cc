@@ -130,9 +130,17 @@ constexpr size_t kPeerWords = 4;               // the peer as WritePeerWords wri
 // ---------------------------------------------------------------------------------------------------------------
 // Errors
 
+// The errno's name (ECONNRESET), as Node reports it. libuv names only the errnos it maps (its UV_ERRNO_MAP) and
+// calls the rest "Unknown system error <n>": ETOOMANYREFS (a send of fds past the sender's in-flight limit, see
+// NOTES.md) among them, so the name then comes from the C library, where it has one.
 std::string ErrnoName(int err) {
   char name[64];
   uv_err_name_r(-err, name, sizeof name);
+  if (strncmp(name, "Unknown system error", 20) != 0) return name;
+#if defined(__GLIBC__) && __GLIBC_PREREQ(2, 32)
+  const char* known = strerrorname_np(err);
+  if (known != nullptr) return known;
+#endif
   return name;
 }
 
