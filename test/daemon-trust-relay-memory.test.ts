@@ -353,20 +353,22 @@ it("a lent session whose client reads nothing holds a bounded amount of the kern
   // The request (not through a Socket, which would read), and then nothing read.
   const request = Buffer.from('GET / HTTP/1.1\r\nHost: localhost\r\n\r\n');
   expect(native.sendMessage(lent, request)).toBe(request.length);
-  // Every buffer on the way full: the origin's writes have not drained for 2 s. (A relay thread starved that long
-  // would be measured early, holding less: it could pass without the fix, never fail with it.)
+  // Every buffer on the way full: the client's end holds at least half its buffer, and the origin's writes have not
+  // drained for 2 s since. (A relay thread starved that long once the client's end held that much would be measured
+  // early, holding less: it could pass without the fix, never fail with it.)
+  const clientPort = native.localAddress(lent).port;
+  let ends: PairEnd[] = [];
   await eventually(
-    () => flooded === 1 && performance.now() - lastDrainMs > 2_000,
-    "the origin's writes stalled",
+    async () => {
+      if (flooded !== 1 || performance.now() - lastDrainMs <= 2_000) return false;
+      ends = await pairEnds(lent);
+      const clientEnd = ends.find((end) => end.local === clientPort);
+      return clientEnd !== undefined && clientEnd.read >= clientEnd.receiveBuffer / 2;
+    },
+    () => `the client's end half full and the origin's writes stalled (${JSON.stringify(ends)})`,
     120_000,
   );
-  const ends = await pairEnds(lent);
-  expect(ends.map((end) => end.local).sort()).toEqual(
-    [native.localAddress(lent).port, native.peerAddress(lent).port].sort(),
-  );
-  // The client's end holds what it did not read: the measure sees the session's bytes.
-  const clientEnd = ends.find((end) => end.local === native.localAddress(lent).port)!;
-  expect(clientEnd.read).toBeGreaterThan(0);
+  expect(ends.map((end) => end.local).sort()).toEqual([clientPort, native.peerAddress(lent).port].sort());
   const held = ends.reduce((sum, end) => sum + end.read + end.queued, 0);
   expect(held).toBeLessThan(MAX_PAIR_BYTES);
   for (const end of ends) {
