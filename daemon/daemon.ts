@@ -41,6 +41,7 @@ import type { Logger } from './log.js';
 import { createMetrics, type Metrics, startMetricsServer } from './metrics.js';
 import { PoolManager } from './pool-manager.js';
 import type { ProxyEndpoint } from './proxy-tunnel.js';
+import { FD_LIMIT_RECHECK_MS, FdLimit, idleSocketsFitting, leaseFdBudget } from './quotas.js';
 import { EMBEDDED_SCHEDULING, type RealtimeReport, registerRealtimeMetrics } from './realtime.js';
 import { Resolver } from './resolver.js';
 import {
@@ -120,6 +121,9 @@ export class Sockpoold {
   #socketPath: string;
   #adoptedFromFdStore = 0;
   #statusTimer: NodeJS.Timeout | undefined;
+  /** The soft RLIMIT_NOFILE the fd budget and the idle pool's size follow, read again by #fdLimitTimer and reload. */
+  #fdLimit = new FdLimit();
+  #fdLimitTimer: NodeJS.Timeout | undefined;
   #stopped: Promise<StopOutcome> | undefined;
 
   /** `fleetClass`: the fleet module's class, loaded by start() when the configuration names a Redis. */
@@ -200,7 +204,9 @@ export class Sockpoold {
       tls,
       // A daemon without a fleet is a fleet of one: maxPerOriginFleet bounds its own connections.
       slots: slotKeeper(this.#fleet ?? new LocalSlots()),
+      maxIdleTotal: () => idleSocketsFitting(this.#fdLimit.value, this.#config),
     });
+    this.#warnIfIdleDoesNotFit();
   }
 
   static async start(options: DaemonOptions): Promise<Sockpoold> {
@@ -264,7 +270,10 @@ export class Sockpoold {
       log: this.#log.child({ part: 'handoff' }),
       metrics: this.#metrics,
       rates: this.#rates,
+      fdLimit: this.#fdLimit,
       extraStats: () => ({
+        fdLimit: this.#fdLimit.value,
+        maxIdleTotalInForce: idleSocketsFitting(this.#fdLimit.value, this.#config),
         rssBytes: process.memoryUsage.rss(),
         bindRestriction: this.#bindRestriction,
         connectGuard: this.#connectGuard,
@@ -282,6 +291,7 @@ export class Sockpoold {
     if (this.#fleet) this.#fleet.onContended = (key) => pools.reclaimFleetKey(key);
     this.#server.start();
     this.#pools.start();
+    this.#fdLimitTimer = setInterval(() => this.#followFdLimit(), FD_LIMIT_RECHECK_MS).unref();
     // Empty the store: systemd's copies of the adopted sockets would keep a connection open after a client closed
     // it, and the dead ones are of no use. One FDSTOREREMOVE=1 per name (it removes every fd with that name).
     await this.#forgetStored(storedNames);
@@ -483,6 +493,44 @@ export class Sockpoold {
   }
 
   /**
+   * Reads RLIMIT_NOFILE again (a `prlimit --pid` on the running daemon): the fd budget and the idle pool's size are
+   * reckoned from it when next asked (each acquire, connection and sweep), so a lower limit refuses uids sooner and
+   * closes idle sockets past the new size at the next sweep; what uids already hold past their new share stays until
+   * they end it. Said in the log with the new numbers.
+   */
+  #followFdLimit(): void {
+    const was = this.#fdLimit.value;
+    if (!this.#fdLimit.refresh()) return;
+    const fdLimit = this.#fdLimit.value;
+    this.#log.info(
+      {
+        was,
+        fdLimit,
+        leaseFdBudget: leaseFdBudget(fdLimit, this.#config),
+        maxIdleTotalInForce: idleSocketsFitting(fdLimit, this.#config),
+      },
+      'RLIMIT_NOFILE changed: the fd budget and the idle pool follow it',
+    );
+    this.#warnIfIdleDoesNotFit();
+  }
+
+  /** Says so when pool.maxIdleTotal is more than the fd table has room for (idleSocketsFitting), with the numbers. */
+  #warnIfIdleDoesNotFit(): void {
+    const fdLimit = this.#fdLimit.value;
+    const fitting = idleSocketsFitting(fdLimit, this.#config);
+    if (fitting >= this.#config.pool.maxIdleTotal) return;
+    this.#log.warn(
+      {
+        fdLimit,
+        maxIdleTotal: this.#config.pool.maxIdleTotal,
+        maxIdleTotalInForce: fitting,
+        maxConnectsInFlight: this.#config.quotas.maxConnectsInFlight,
+      },
+      `pool.maxIdleTotal needs more fds than RLIMIT_NOFILE leaves: at most ${fitting} idle sockets are kept`,
+    );
+  }
+
+  /**
    * SIGHUP: new policy, limits, DNS overrides, TLS files and history settings; warm sockets and leases stay. Whatever
    * can fail (the file, the policy, the TLS files) is done before anything is swapped in: a refused reload keeps the
    * previous configuration whole. Ignored once the daemon is stopping. Keys read only at start (START_ONLY_KEYS)
@@ -518,6 +566,8 @@ export class Sockpoold {
       const refused = this.#pools.reconfigure(prepared);
       this.#rates.configure(config);
       this.#store.configure({ maxOrigins: config.pool.historyMaxOrigins, flushMs: config.pool.statsFlushMs });
+      this.#followFdLimit();
+      this.#warnIfIdleDoesNotFit();
       if (startOnly.length > 0) {
         this.#log.warn({ keys: startOnly }, 'changed settings that take effect at the next start, not on reload');
       }
@@ -546,6 +596,7 @@ export class Sockpoold {
       await this.#notifyReliably('STOPPING=1', () => this.#notifier.stopping('stopping: storing idle sockets'), 1000);
       this.#notifier.stopWatchdog();
       if (this.#statusTimer) clearInterval(this.#statusTimer);
+      clearInterval(this.#fdLimitTimer);
       this.#server?.stopAccepting();
       const canStore = storeIdle && this.#notifier.enabled;
       const demandByOrigin = new Map(

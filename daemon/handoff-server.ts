@@ -35,7 +35,7 @@ import { type Lease, LeaseTable } from './leases.js';
 import { type Logger, LogLimiter, REFUSAL_LOG_WINDOW_MS, REFUSALS_LOGGED } from './log.js';
 import type { Metrics } from './metrics.js';
 import type { PoolManager } from './pool-manager.js';
-import { leaseFdBudget, overLeaseLimit, RELAYED_LEASE_FDS, softFdLimit, TCP_LEASE_FDS, UidQuotas } from './quotas.js';
+import { FdLimit, leaseFdBudget, overLeaseLimit, RELAYED_LEASE_FDS, TCP_LEASE_FDS, UidQuotas } from './quotas.js';
 
 export const SERVER_VERSION = '0.1.0';
 
@@ -80,6 +80,8 @@ export interface HandoffServerOptions {
   extraStats?: () => Record<string, unknown>;
   /** Per-origin request rates (fleet/rate-limiter.ts); without it `requestsPerSecond` is not enforced. */
   rates?: RateLimiter;
+  /** The soft RLIMIT_NOFILE the fd budget is reckoned from (its owner refreshes it); without it, read once here. */
+  fdLimit?: FdLimit;
 }
 
 /**
@@ -146,13 +148,12 @@ export class HandoffServer {
     this.#extraStats = options.extraStats;
     this.#rates = options.rates;
     this.#refuseFdsOnAccept = options.refuseFdsOnAccept ?? false;
-    // The soft RLIMIT_NOFILE as the daemon started (systemd's LimitNOFILE=): nothing in the daemon raises it later.
-    const fdLimit = softFdLimit();
+    const fdLimit = options.fdLimit ?? new FdLimit();
     this.#quotas = new UidQuotas(
       () => this.#config().quotas,
       undefined,
       (uid) => this.#settleUid(uid),
-      () => leaseFdBudget(fdLimit, this.#config()),
+      () => leaseFdBudget(fdLimit.value, this.#config()),
     );
     this.#listenPoller = new native.Poller(this.#listenFd, (status) => this.#onAcceptable(status));
   }

@@ -93,6 +93,12 @@ export interface PoolManagerOptions {
   tls?: TlsSessions;
   /** Connection slots under `maxPerOriginFleet` (fleet/slots.ts); without it that key is not enforced. */
   slots?: SlotKeeper;
+  /**
+   * The idle sockets kept at most, every origin's together: pool.maxIdleTotal, or fewer when the daemon's fd table has
+   * no room for that many (quotas.ts idleSocketsFitting); asked at each sweep and idle socket. Without it,
+   * pool.maxIdleTotal.
+   */
+  maxIdleTotal?: () => number;
 }
 
 const SWEEP_INTERVAL_MS = 500;
@@ -123,6 +129,7 @@ export class PoolManager {
   #store: StateStore | undefined;
   #tls: TlsSessions | undefined;
   #slots: SlotKeeper | undefined;
+  #maxIdleTotal: () => number;
   /** Connect failures are logged per uid up to a bound (see the connectFailed event). */
   readonly #failureLog = new LogLimiter(REFUSALS_LOGGED, REFUSAL_LOG_WINDOW_MS);
   #idleTotal = 0;
@@ -168,6 +175,7 @@ export class PoolManager {
     this.#store = options.store;
     this.#tls = options.tls;
     this.#slots = options.slots;
+    this.#maxIdleTotal = options.maxIdleTotal ?? (() => this.#config.pool.maxIdleTotal);
     this.#events = {
       idleChanged: (_pool, delta) => {
         this.#idleTotal += delta;
@@ -894,12 +902,14 @@ export class PoolManager {
     }
     // Highest demand first gets its share of the global idle budget.
     wants.sort((a, b) => b.rate - a.rate);
-    let budget = this.#config.pool.maxIdleTotal;
+    let budget = this.#maxIdleTotal();
     for (const { pool, want } of wants) {
       const granted = Math.max(0, Math.min(want, budget));
       budget -= granted;
       pool.setRefillTarget(granted);
     }
+    // The cap may have come down since the last idle socket came (a reload, or the fd table's size: quotas.ts).
+    this.#enforceIdleCap();
     this.#retireUnused();
     if (this.#pools.size === 0 && this.#sweepTimer) {
       clearInterval(this.#sweepTimer);
@@ -934,7 +944,8 @@ export class PoolManager {
 
   /** Over the global cap: close idle sockets of the origins least likely needed (lowest demand per idle socket). */
   #enforceIdleCap(): void {
-    while (this.#idleTotal > this.#config.pool.maxIdleTotal) {
+    const cap = this.#maxIdleTotal();
+    while (this.#idleTotal > cap) {
       let victim: OriginPool | undefined;
       let lowest = Number.POSITIVE_INFINITY;
       for (const pool of this.#pools.values()) {

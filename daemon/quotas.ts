@@ -61,29 +61,79 @@ export const FD_RESERVE = 512;
 /**
  * The daemon fds all uids' leases, connections and fds in flight together may hold (the name is from when leases
  * alone were in it, kept as the `stats` field's): the soft RLIMIT_NOFILE (`fdLimit`) less what the daemon needs
- * besides (see FD_RESERVE), its idle sockets (pool.maxIdleTotal, each maybe a relayed session: three fds) and its
- * connects in flight (quotas.maxConnectsInFlight: warming connects are no acquire's), but never less than half of
- * it: with the defaults those needs (31,024) are more than a smaller table has (a daemon started without the unit,
- * under a lower hard limit), and a budget of nothing would refuse every acquire. Past the half, the daemon's own needs
- * come out of what the fair share leaves free (at least as much as the biggest holder holds). Under the shipped
- * unit (LimitNOFILE 65,536, the defaults) 34,512: one uid alone may hold half, 17,256, more than maxLeasesPerUid
- * (4,096) relayed leases and maxSessionsPerUid (64) connections take (12,352).
+ * besides (see FD_RESERVE), its idle sockets (as many of pool.maxIdleTotal as fit: idleSocketsFitting, each maybe a
+ * relayed session: three fds) and its connects in flight (quotas.maxConnectsInFlight: warming connects are no
+ * acquire's), but never less than half of it: a budget of nothing would refuse every acquire. Past the half (only
+ * when the connects in flight and FD_RESERVE alone take more than half the table), the daemon's own needs come out
+ * of what the fair share leaves free (at least as much as the biggest holder holds). Under the shipped unit
+ * (LimitNOFILE 65,536, the defaults) 34,512: one uid alone may hold half, 17,256, more than maxLeasesPerUid (4,096)
+ * relayed leases and maxSessionsPerUid (64) connections take (12,352).
  */
 export function leaseFdBudget(fdLimit: number, config: Pick<SockpoolConfig, 'pool' | 'quotas'>): number {
-  const needed = RELAYED_LEASE_FDS * config.pool.maxIdleTotal + config.quotas.maxConnectsInFlight + FD_RESERVE;
+  const needed =
+    RELAYED_LEASE_FDS * idleSocketsFitting(fdLimit, config) + config.quotas.maxConnectsInFlight + FD_RESERVE;
   return fdLimit - Math.min(needed, Math.floor(fdLimit / 2));
 }
 
-/** This process's soft RLIMIT_NOFILE (/proc/self/limits); Infinity when unlimited or unreadable. */
-export function softFdLimit(limits = '/proc/self/limits'): number {
+/**
+ * The idle sockets the daemon keeps at most (pool-manager.ts): pool.maxIdleTotal, or fewer when its three fds each
+ * would not fit in the half of the table kept out of the budget beside the connects in flight and FD_RESERVE. The
+ * defaults' 10,000 need a table of about 62,000: on a smaller one (a daemon started without the unit, under a lower
+ * hard limit, or a prlimit on a running one) the idle pool would otherwise take fds the fair share counts as free.
+ */
+export function idleSocketsFitting(fdLimit: number, config: Pick<SockpoolConfig, 'pool' | 'quotas'>): number {
+  const room = Math.floor(fdLimit / 2) - config.quotas.maxConnectsInFlight - FD_RESERVE;
+  return Math.min(config.pool.maxIdleTotal, Math.max(0, Math.floor(room / RELAYED_LEASE_FDS)));
+}
+
+/**
+ * This process's soft RLIMIT_NOFILE (/proc/self/limits): Infinity when unlimited, undefined when it cannot be read
+ * (a process out of fds has none to open the file with).
+ */
+export function readSoftFdLimit(limits = '/proc/self/limits'): number | undefined {
+  let text: string;
   try {
-    const line = /^Max open files\s+(\S+)/m.exec(readFileSync(limits, 'utf8'))?.[1];
-    const value = Number(line);
-    return Number.isSafeInteger(value) && value > 0 ? value : Number.POSITIVE_INFINITY;
+    text = readFileSync(limits, 'utf8');
   } catch {
-    return Number.POSITIVE_INFINITY;
+    return undefined;
+  }
+  const value = Number(/^Max open files\s+(\S+)/m.exec(text)?.[1]);
+  return Number.isSafeInteger(value) && value > 0 ? value : Number.POSITIVE_INFINITY;
+}
+
+/**
+ * The soft RLIMIT_NOFILE the fd budget and the idle pool's size are reckoned from. Read at start and again by
+ * refresh() (the daemon's reload and a slow timer, FD_LIMIT_RECHECK_MS): a `prlimit --pid` on a running daemon, or an
+ * operator's raised LimitNOFILE= applied the same way, is followed without a restart. A read that fails keeps the
+ * last value: out of fds is when the daemon can least afford to believe its table unlimited.
+ */
+export class FdLimit {
+  #read: () => number | undefined;
+  #value: number;
+
+  constructor(read: () => number | undefined = () => readSoftFdLimit()) {
+    this.#read = read;
+    this.#value = read() ?? Number.POSITIVE_INFINITY;
+  }
+
+  get value(): number {
+    return this.#value;
+  }
+
+  /** Reads the limit again; returns whether it changed. */
+  refresh(): boolean {
+    const value = this.#read();
+    if (value === undefined || value === this.#value) return false;
+    this.#value = value;
+    return true;
   }
 }
+
+/**
+ * How often the daemon reads its RLIMIT_NOFILE again (FdLimit.refresh): one small file read, off the handoff path.
+ * Not on EMFILE at accept: with the table full there is no fd to read it with.
+ */
+export const FD_LIMIT_RECHECK_MS = 5_000;
 
 interface UidUsage {
   sessions: number;
@@ -134,7 +184,8 @@ export class UidQuotas {
   /**
    * `settleUnread`: brings a uid's charges for leases ended unread (chargeUnread) down to what may still be unread,
    * asked before an acquire is refused for them (they are charged without a look, so may be stale). `fdBudget`: the
-   * daemon fds all uids' leases may hold (leaseFdBudget; asked per acquire, so a reload's pool.maxIdleTotal counts).
+   * daemon fds all uids' leases may hold (leaseFdBudget; asked per acquire, so a reload's pool.maxIdleTotal and a
+   * changed RLIMIT_NOFILE count).
    */
   constructor(
     config: () => QuotaConfig,

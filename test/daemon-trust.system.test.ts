@@ -1,14 +1,16 @@
 // sockpoold trusts no client, across uids (root: the hostile clients run as other uids): a socket a client gave
 // back goes only to its own uid, quotas of one uid leave another's alone, and the wait queue of an origin is fair
 // across uids. Same-uid hostile tests are in daemon-trust.test.ts.
-import type { ChildProcess } from 'node:child_process';
+import { type ChildProcess, execFile } from 'node:child_process';
 import { once } from 'node:events';
 import { chmodSync, readFileSync } from 'node:fs';
 import { type AddressInfo, createServer, type Socket } from 'node:net';
 import { dirname, join } from 'node:path';
+import { promisify } from 'node:util';
 import Database from 'better-sqlite3';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { leaseFdBudget } from '../daemon/quotas.js';
+import { defaultConfig } from '../daemon/config.js';
+import { idleSocketsFitting, leaseFdBudget } from '../daemon/quotas.js';
 import * as native from '../shared/native.js';
 import { fdCount } from './fixtures/native-helpers.js';
 import { spawnChild } from './helpers/children.js';
@@ -303,6 +305,112 @@ describe("the daemon's fd table across uids", () => {
       "the daemon's fds back to where they were (idle sockets aside)",
     );
     await eventually(() => fdCount() <= ownFdsBefore + 1 + config.pool.maxIdleTotal, "this process's fds back");
+  });
+
+  it("follows a prlimit on the running daemon: the fd budget and a uid's share grow and shrink with RLIMIT_NOFILE", async () => {
+    const origin = await pathOrigin(cleanups);
+    const config = {
+      quotas: { maxSessionsPerUid: 5_000, maxConnectsInFlight: 16, maxStatsPerUid: 1_000_000 },
+      pool: { maxIdleTotal: 16 },
+    };
+    const budgetAt = (fdLimit: number) =>
+      leaseFdBudget(fdLimit, config as unknown as Parameters<typeof leaseFdBudget>[1]);
+    const sockpoold = await startSharedDaemon(origin.port, config, cleanups, fdLimited(1_500));
+    const pid = String(sockpoold.child.pid);
+    const ownFdsBefore = fdCount();
+    const raw = client(sockpoold.socketPath);
+    expect((await raw.request({ type: 'hello', id: nextId++, version: 1 })).message).toMatchObject({ type: 'hello' });
+    const daemonFdsBefore = sockpoold.fdCount();
+    const fdStats = async () =>
+      (
+        (await raw.request({ type: 'stats', id: nextId++ })).message as unknown as {
+          stats: { fdLimit: number; leaseFdBudget: number; sessionFds: number };
+        }
+      ).stats;
+    expect(await fdStats()).toMatchObject({ fdLimit: 1_500, leaseFdBudget: budgetAt(1_500) });
+    /** The hostile uid opens connections until refused; returns how many it held, then leaves (all closed). */
+    const sessionsTaken = async (budget: number) => {
+      const { hostile, seen } = await hostileReport<{ sessions: number; quota?: string; message?: string }>([
+        'hold-sessions',
+        sockpoold.socketPath,
+        5_000,
+      ]);
+      expect(seen).toMatchObject({ quota: 'sessionFds' });
+      expect(seen.message).toContain(`fd budget of ${budget}`);
+      hostile.kill('SIGKILL');
+      await eventually(async () => (await fdStats()).sessionFds === 1, "the hostile uid's connections closed");
+      return seen.sessions;
+    };
+    // Lowered: the budget follows without a restart, and the uid's share with it (n held and the next against
+    // budget - n - 1 - 1 free, root's connection among them).
+    await promisify(execFile)('prlimit', ['--pid', pid, '--nofile=1200:1500']);
+    await eventually(
+      async () => (await fdStats()).leaseFdBudget === budgetAt(1_200),
+      'the budget of the lowered limit',
+      20_000,
+    );
+    expect(await fdStats()).toMatchObject({ fdLimit: 1_200 });
+    expect(await sessionsTaken(budgetAt(1_200))).toBe(Math.ceil((budgetAt(1_200) - 3) / 2));
+    // Raised again (the soft limit, up to the hard one: raising that needs CAP_SYS_RESOURCE, which a container's root
+    // may lack): the share grows back.
+    await promisify(execFile)('prlimit', ['--pid', pid, '--nofile=1500:1500']);
+    await eventually(
+      async () => (await fdStats()).leaseFdBudget === budgetAt(1_500),
+      'the budget of the raised limit',
+      20_000,
+    );
+    expect(await sessionsTaken(budgetAt(1_500))).toBe(Math.ceil((budgetAt(1_500) - 3) / 2));
+    expect((await honestRequest(raw, origin.port, '/after-the-prlimit')).body).toBe('/after-the-prlimit');
+    expect(sockpoold.output()).toContain('RLIMIT_NOFILE changed: the fd budget and the idle pool follow it');
+    await eventually(
+      () => sockpoold.fdCount() <= daemonFdsBefore + config.pool.maxIdleTotal,
+      "the daemon's fds back to where they were (idle sockets aside)",
+    );
+    await eventually(() => fdCount() <= ownFdsBefore + 1 + config.pool.maxIdleTotal, "this process's fds back");
+  });
+
+  it('keeps no more idle sockets than its fd table has room for beside the budget, and says so at start', async () => {
+    const origin = await pathOrigin(cleanups);
+    // pool.maxIdleTotal at its default (10,000 idle sockets: 30,000 fds), a table of 1,500: the half kept out of the
+    // fd budget has room for (750 - 16 - 512) / 3 = 74 beside the connects in flight and the reserve.
+    const fdLimit = 1_500;
+    const config = {
+      quotas: { maxConnectsInFlight: 16 },
+      pool: { predictive: false, defaults: { maxIdle: 200, maxPerOrigin: 200 } },
+    };
+    const fitting = idleSocketsFitting(fdLimit, {
+      pool: { ...defaultConfig().pool, maxIdleTotal: defaultConfig().pool.maxIdleTotal },
+      quotas: { ...defaultConfig().quotas, ...config.quotas },
+    });
+    expect(fitting).toBe(74);
+    const sockpoold = await startSharedDaemon(origin.port, config, cleanups, fdLimited(fdLimit));
+    expect(sockpoold.output()).toContain(
+      `pool.maxIdleTotal needs more fds than RLIMIT_NOFILE leaves: at most ${fitting} idle sockets are kept`,
+    );
+    const raw = client(sockpoold.socketPath);
+    const prewarm = await raw.request({
+      type: 'prewarm',
+      id: nextId++,
+      host: '127.0.0.1',
+      port: origin.port,
+      count: 200,
+    });
+    expect(prewarm.message).not.toMatchObject({ type: 'error' });
+    type Shown = {
+      idle: number;
+      connecting: number;
+      maxIdleTotalInForce: number;
+      warming: { opened: { prewarm: number } };
+    };
+    const shown = async () =>
+      ((await raw.request({ type: 'stats', id: nextId++ })).message as unknown as { stats: Shown }).stats;
+    // Every connect of the prewarm made (the origin took them all), then the idle sockets past the room closed.
+    await eventually(async () => {
+      const now = await shown();
+      return now.warming.opened.prewarm === 200 && now.connecting === 0;
+    }, "the prewarm's connects done");
+    expect(await shown()).toMatchObject({ idle: fitting, maxIdleTotalInForce: fitting });
+    expect(sockpoold.output()).not.toMatch(/EMFILE/);
   });
 });
 

@@ -644,9 +644,10 @@ describe('accept when out of fds', () => {
     cleanups.push(() => sockpoold.stop());
     const observer = client(sockpoold.socketPath);
     expect((await observer.request({ type: 'hello', id: 0, version: 1 })).message).toMatchObject({ type: 'hello' });
-    // The daemon's fd table full for a reason outside the fair share of its fd budget (which keeps a uid's own
-    // connections from filling it: quotas.ts): its RLIMIT_NOFILE lowered while it runs (the budget is from the limit
-    // read at start) to room for a few fds more than it holds.
+    // The daemon's fd table full before the fair share of its fd budget binds (which keeps a uid's own connections
+    // from filling it: quotas.ts): its RLIMIT_NOFILE lowered while it runs to room for a few fds more than it holds.
+    // The daemon follows the new limit (FD_LIMIT_RECHECK_MS), but a lone uid's share of it, about a quarter of the
+    // table, is more than those few.
     await promisify(execFile)('prlimit', ['--pid', String(sockpoold.child.pid), `--nofile=${sockpoold.fdCount() + 8}`]);
     // More clients than the daemon has fds: the first ones are accepted, the rest wait in the backlog.
     const clients: RawClient[] = [];

@@ -19,11 +19,15 @@ import {
 import { LogLimiter } from '../daemon/log.js';
 import { type Handoff, OriginPool, type OriginPoolEvents } from '../daemon/origin-pool.js';
 import {
+  FD_RESERVE,
+  FdLimit,
+  idleSocketsFitting,
   leaseFdBudget,
   overLeaseLimit,
   PREWARM_WINDOW_MS,
   type QuotaConfig,
   RELAYED_LEASE_FDS,
+  readSoftFdLimit,
   STATS_WINDOW_MS,
   TCP_LEASE_FDS,
   UidQuotas,
@@ -342,6 +346,41 @@ describe('UidQuotas', () => {
       quotas.openSession(1);
       quotas.startAcquire(1, '192.0.2.1');
       expect(settles).toBe(1);
+    });
+
+    it('fits the idle pool, the connects in flight and the reserve beside the budget in any table with room for the last two', () => {
+      const defaults = defaultConfig();
+      // The shipped unit's table holds the defaults' 10,000 idle sockets; this VM's hard limit (20,000) does not.
+      expect(idleSocketsFitting(65_536, defaults)).toBe(10_000);
+      expect(idleSocketsFitting(20_000, defaults)).toBe(2_992);
+      expect(idleSocketsFitting(Number.POSITIVE_INFINITY, defaults)).toBe(10_000);
+      const small = { ...defaults, quotas: { ...defaults.quotas, maxConnectsInFlight: 16 } };
+      expect(idleSocketsFitting(1_500, small)).toBe(74);
+      for (const fdLimit of [1_500, 2_048, 4_096, 20_000, 40_000, 62_000, 65_536, 1_048_576]) {
+        for (const config of [defaults, small]) {
+          const besides = config.quotas.maxConnectsInFlight + FD_RESERVE;
+          if (besides > fdLimit / 2) continue;
+          const idle = idleSocketsFitting(fdLimit, config);
+          expect(leaseFdBudget(fdLimit, config) + RELAYED_LEASE_FDS * idle + besides).toBeLessThanOrEqual(fdLimit);
+          expect(leaseFdBudget(fdLimit, config)).toBeGreaterThanOrEqual(fdLimit / 2);
+        }
+      }
+      // A table too small for the connects in flight and the reserve: no idle socket, the budget still half of it.
+      expect(idleSocketsFitting(1_000, defaults)).toBe(0);
+      expect(leaseFdBudget(1_000, defaults)).toBe(500);
+    });
+
+    it('keeps the last RLIMIT_NOFILE read when it cannot be read again (out of fds), and takes a new one', () => {
+      const reads: Array<number | undefined> = [1_500, undefined, 3_000, 3_000];
+      const limit = new FdLimit(() => reads.shift());
+      expect(limit.value).toBe(1_500);
+      expect(limit.refresh()).toBe(false);
+      expect(limit.value).toBe(1_500);
+      expect(limit.refresh()).toBe(true);
+      expect(limit.value).toBe(3_000);
+      expect(limit.refresh()).toBe(false);
+      expect(readSoftFdLimit('/nonexistent/limits')).toBeUndefined();
+      expect(readSoftFdLimit()).toBeGreaterThan(0);
     });
 
     it("lets a lone uid reach maxSessionsPerUid beside maxLeasesPerUid relayed leases under the shipped unit's LimitNOFILE (65,536)", () => {

@@ -3,7 +3,7 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import { readdirSync, readFileSync } from 'node:fs';
 import { createInterface } from 'node:readline';
-import { softFdLimit } from '../../daemon/quotas.js';
+import { readSoftFdLimit } from '../../daemon/quotas.js';
 
 export interface BenchChild {
   child: ChildProcess;
@@ -116,7 +116,7 @@ export function procStatusBytes(pid: number, field: string): number {
 
 /** The soft RLIMIT_NOFILE of a running process (from /proc/<pid>/limits). */
 export function nofileLimit(pid: number): number {
-  return softFdLimit(`/proc/${pid}/limits`);
+  return readSoftFdLimit(`/proc/${pid}/limits`) ?? Number.POSITIVE_INFINITY;
 }
 
 export function fdCount(pid: number): number {
