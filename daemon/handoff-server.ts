@@ -154,6 +154,7 @@ export class HandoffServer {
       undefined,
       (uid) => this.#settleUid(uid),
       () => leaseFdBudget(fdLimit.value, this.#config()),
+      () => this.#settleAll(),
     );
     this.#listenPoller = new native.Poller(this.#listenFd, (status) => this.#onAcceptable(status));
   }
@@ -591,6 +592,11 @@ export class HandoffServer {
     for (const charged of this.#unreadCharged) if (charged.uid === uid) this.#settleUnread(charged);
   }
 
+  /** Settles the charges of every session (#settleUnread): periodically, and before a uid is refused its fd share. */
+  #settleAll(): void {
+    for (const charged of this.#unreadCharged) this.#settleUnread(charged);
+  }
+
   /** Leases ended with their replies unread, still charged (every session's, settled first). */
   #unreadLeasesTotal(): number {
     let total = 0;
@@ -1026,7 +1032,7 @@ export class HandoffServer {
     this.#unreadCharged.add(session);
     // Runs while any session is charged; it stops itself at a tick that finds none (no timer churn per lease).
     this.#unreadRecheck ??= setInterval(() => {
-      for (const charged of this.#unreadCharged) this.#settleUnread(charged);
+      this.#settleAll();
       if (this.#unreadCharged.size > 0) return;
       clearInterval(this.#unreadRecheck);
       this.#unreadRecheck = undefined;

@@ -135,6 +135,13 @@ export class FdLimit {
  */
 export const FD_LIMIT_RECHECK_MS = 5_000;
 
+/**
+ * Every uid's unread charges are settled before a refusal (UidQuotas.#overShare) at most this often: a tenth of the
+ * handoff server's periodic settle (UNREAD_RECHECK_MS), so a charge read since is paid back within this before it
+ * can refuse another uid.
+ */
+export const SETTLE_ALL_MIN_INTERVAL_MS = 50;
+
 interface UidUsage {
   sessions: number;
   leases: number;
@@ -166,6 +173,9 @@ export class UidQuotas {
   #now: () => number;
   #usage = new Map<number, UidUsage>();
   #settleUnread: (uid: number) => void;
+  #settleAllUnread: () => void;
+  /** When every uid's charges were last settled before a refusal (#overShare), on the #now clock. */
+  #settledAllAt = Number.NEGATIVE_INFINITY;
   #fdBudget: () => number;
   /**
    * Every uid's fds in the budget together, by kind: leaseFds, pending acquires, connections (sessions and watchFds)
@@ -185,18 +195,21 @@ export class UidQuotas {
    * `settleUnread`: brings a uid's charges for leases ended unread (chargeUnread) down to what may still be unread,
    * asked before an acquire is refused for them (they are charged without a look, so may be stale). `fdBudget`: the
    * daemon fds all uids' leases may hold (leaseFdBudget; asked per acquire, so a reload's pool.maxIdleTotal and a
-   * changed RLIMIT_NOFILE count).
+   * changed RLIMIT_NOFILE count). `settleAllUnread`: the same for every uid's charges, asked before a uid is refused
+   * its share while other uids' charges could make the difference (at most every SETTLE_ALL_MIN_INTERVAL_MS).
    */
   constructor(
     config: () => QuotaConfig,
     now: () => number = () => performance.now(),
     settleUnread: (uid: number) => void = () => {},
     fdBudget: () => number = () => Number.POSITIVE_INFINITY,
+    settleAllUnread: () => void = () => {},
   ) {
     this.#config = config;
     this.#now = now;
     this.#settleUnread = settleUnread;
     this.#fdBudget = fdBudget;
+    this.#settleAllUnread = settleAllUnread;
   }
 
   /**
@@ -459,13 +472,25 @@ export class UidQuotas {
 
   /**
    * Whether `uid` taking `adding` more fds of the budget is past its fair share: unless more stay free after it than
-   * it would hold. Its charges for unread replies (made without a look, maybe stale) are settled first when they are
-   * what would refuse it, as for maxLeasesPerUid. (Plain numbers: asked on every acquire and connection.)
+   * it would hold. (Plain numbers: asked on every acquire and connection.) The charges for unread replies are made
+   * without a look, so may be stale; before a refusal they are settled: the uid's own when they are what would
+   * refuse it, as for maxLeasesPerUid, then every uid's when the others' charges could make the difference (stale
+   * ones are otherwise paid back only at the handoff server's next periodic settle). Only on the way to a refusal,
+   * so a connection or acquire within its share never pays; every uid's at most every SETTLE_ALL_MIN_INTERVAL_MS,
+   * since that is an ioctl per charged session and a refused uid may ask again at once, as often as it likes.
    */
   #overShare(uid: number, usage: UidUsage, adding: number): boolean {
     if (this.#freeAfter(adding) > heldFds(usage) + adding) return false;
-    if (usage.unreadLeases === 0) return true;
-    this.#settleUnread(uid);
+    if (usage.unreadLeases > 0) {
+      this.#settleUnread(uid);
+      if (this.#freeAfter(adding) > heldFds(usage) + adding) return false;
+    }
+    const othersUnread = this.#unreadTotal - usage.unreadLeases;
+    if (othersUnread === 0 || this.#freeAfter(adding) + othersUnread <= heldFds(usage) + adding) return true;
+    const now = this.#now();
+    if (now - this.#settledAllAt < SETTLE_ALL_MIN_INTERVAL_MS) return true;
+    this.#settledAllAt = now;
+    this.#settleAllUnread();
     return this.#freeAfter(adding) <= heldFds(usage) + adding;
   }
 

@@ -28,6 +28,7 @@ import {
   type QuotaConfig,
   RELAYED_LEASE_FDS,
   readSoftFdLimit,
+  SETTLE_ALL_MIN_INTERVAL_MS,
   STATS_WINDOW_MS,
   TCP_LEASE_FDS,
   UidQuotas,
@@ -346,6 +347,41 @@ describe('UidQuotas', () => {
       quotas.openSession(1);
       quotas.startAcquire(1, '192.0.2.1');
       expect(settles).toBe(1);
+    });
+
+    it("settles every uid's unread charges before refusing a uid its share when theirs could make the difference, at most every SETTLE_ALL_MIN_INTERVAL_MS", () => {
+      let now = 0;
+      let settledAll = 0;
+      // Uid 2 ended 50 leases unread and has read 40 of those replies since: charges the periodic settle has not
+      // paid back yet.
+      let stale = 40;
+      const quotas: UidQuotas = new UidQuotas(
+        () => config({ maxLeasesPerUid: 10_000, maxSessionsPerUid: 10_000 }),
+        () => now,
+        undefined,
+        () => 100,
+        () => {
+          settledAll++;
+          quotas.releaseUnread(2, stale);
+          stale = 0;
+        },
+      );
+      quotas.chargeUnread(2, 50);
+      // Within its share against the stale charges (n + 1 held, 100 - 50 - n - 1 free): no settle.
+      for (let i = 0; i < 24; i++) quotas.openSession(1);
+      expect(settledAll).toBe(0);
+      // Past it, every uid's charges are settled first: 10 left, so 44 (n + 1 held, 100 - 10 - n - 1 free).
+      expect(openAll(quotas, 1).opened).toBe(20);
+      expect(settledAll).toBe(1);
+      expect(quotas.usageOf(1).sessions).toBe(44);
+      expect(quotas.usageOf(2).unreadLeases).toBe(10);
+      // A uid refused again at once does not settle everyone's again (an ioctl per charged session each time)...
+      expect(() => quotas.openSession(1)).toThrow(expect.objectContaining({ quota: 'sessionFds' }));
+      expect(settledAll).toBe(1);
+      // ...until the interval has passed.
+      now += SETTLE_ALL_MIN_INTERVAL_MS;
+      expect(() => quotas.openSession(1)).toThrow(expect.objectContaining({ quota: 'sessionFds' }));
+      expect(settledAll).toBe(2);
     });
 
     it('fits the idle pool, the connects in flight and the reserve beside the budget in any table with room for the last two', () => {
