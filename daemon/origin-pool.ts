@@ -72,7 +72,8 @@ export interface OriginPoolEvents {
    * be that client's doing through a copy it kept, not the origin's.
    */
   dropped(pool: OriginPool, reason: DropReason, idleMs: number, ageMs: number, lent: boolean): void;
-  connected(pool: OriginPool, connectMs: number): void;
+  /** `uid`: whose connect it was, as for connectFailed (the history store's pending records count it: store.ts). */
+  connected(pool: OriginPool, connectMs: number, uid: number | undefined): void;
   /** A connect made for `purpose` completed: a socket was opened at the origin. */
   opened(pool: OriginPool, purpose: ConnectPurpose): void;
   /** A socket opened for `purpose` was lent for the first time (handed out to an acquire). */
@@ -744,7 +745,7 @@ export class OriginPool implements KeptHolder<IdleSocket> {
         this.#connecting--;
         if (forWaiter) this.#waiterConnectEnded(uid);
         this.#failures = 0;
-        this.#events.connected(this, socket.connectMs);
+        this.#events.connected(this, socket.connectMs, uid);
         this.#events.opened(this, purpose);
         if (this.#closed) {
           native.close(socket.fd);

@@ -182,17 +182,17 @@ export class PoolManager {
         if (delta > 0) this.#enforceIdleCap();
       },
       dropped: (pool, reason, idleMs, ageMs, lent) => this.#onDropped(pool, reason, idleMs, ageMs, lent),
-      connected: (pool, connectMs) => {
+      connected: (pool, connectMs, uid) => {
         const stats = this.#statsOf(pool.key);
         stats.connectMs = stats.connectMs === 0 ? connectMs : stats.connectMs * 0.8 + connectMs * 0.2;
-        this.#store?.recordConnect(pool.key, connectMs);
+        this.#store?.recordConnect(pool.key, connectMs, uid);
         this.#metrics?.connectSeconds.observe(connectMs / 1000);
       },
       connectFailed: (pool, error, uid) => {
         const code = (error as { code?: string }).code ?? 'unknown';
         // Refusals are counted once per refused acquire (see acquire); here only real connect failures.
         if (code === ErrorCodes.POLICY) return;
-        this.#store?.recordConnectFailure(pool.key);
+        this.#store?.recordConnectFailure(pool.key, uid);
         this.#metrics?.connectFailures.inc({ reason: code });
         // A client names origins that fail (dead names and ports) as fast as it likes: logged per uid up to a bound
         // (the daemon's own refills under -1), the next line logged saying how many were left out.

@@ -224,6 +224,12 @@ interface Pending {
   idleLifetimeChanged: boolean;
   /** The uid of the first acquire recorded (the new row's holder); undefined while none was. */
   uid: number | undefined;
+  /**
+   * Whose record it is at the pending bound (#pendingOf): `uid` once an acquire is recorded, before that the uid whose
+   * connect made the record (a miss's acquirer, a prewarm's uid: recordConnect), null for the daemon's own (refills,
+   * warm-on-start). Not the row's holder: a row no acquire asked for is held by no uid (#write).
+   */
+  group: Holder;
   /** minute bucket → acquires */
   minutes: Map<number, number>;
 }
@@ -324,7 +330,7 @@ export class StateStore {
   readonly #scoreHalfLifeMinutes: number;
   readonly #rateWindowMs: number;
   #pending = new Map<string, Pending>();
-  /** The pending origins per holder (their Pending.uid, null while none), first recorded first: see #pendingOf. */
+  /** The pending origins per group (Pending.group), first recorded first: see #pendingOf. */
   #pendingBy = new Map<Holder, Set<string>>();
   /** Learned idle lifetimes: all of them, loaded at open and kept current in memory (the store is the only writer). */
   #learned = new Map<string, number>();
@@ -538,7 +544,7 @@ export class StateStore {
   // -------------------------------------------------------------------------------------------------------------
   // The handoff path: memory only.
 
-  #pendingOf(originKey: string, now: number): Pending {
+  #pendingOf(originKey: string, now: number, uid?: number): Pending {
     let pending = this.#pending.get(originKey);
     if (!pending) {
       // At most maxOrigins pending: a flush that keeps failing (a full disk, a file locked by another process)
@@ -547,7 +553,9 @@ export class StateStore {
       // goes, as the cap would evict it anyway (least recently seen of that holder; an origin recorded again since
       // is kept at its first place: an approximation), with a lifetime it taught since (else kept in memory for good
       // for an origin that never gets a row). So one uid's flood of new origins between two flushes drops its own
-      // records, not another uid's.
+      // records, not another uid's; a record made by a connect counts for the uid whose connect it was (Pending.group),
+      // so a flood of one uid's prewarm connects drops its own, not another uid's miss between its connect and its
+      // acquire.
       if (this.#pending.size >= this.#maxOrigins) {
         const heaviest = heaviestHolder(Array.from(this.#pendingBy, ([uid, keys]) => [uid, keys.size] as const));
         const dropped = heaviest && this.#pendingBy.get(heaviest.holder)?.values().next().value;
@@ -570,10 +578,11 @@ export class StateStore {
         connectFresh: 0,
         idleLifetimeChanged: false,
         uid: undefined,
+        group: uid ?? null,
         minutes: new Map(),
       };
       this.#pending.set(originKey, pending);
-      this.#pendBy(originKey, null);
+      this.#pendBy(originKey, pending.group);
     } else {
       pending.lastSeen = now;
     }
@@ -586,12 +595,15 @@ export class StateStore {
    */
   recordAcquire(originKey: string, outcome: { hit: boolean }, uid?: number): void {
     const now = this.#now();
-    const pending = this.#pendingOf(originKey, now);
+    const pending = this.#pendingOf(originKey, now, uid);
     pending.acquires++;
     if (pending.uid === undefined && uid !== undefined) {
-      this.#unpendBy(originKey, null);
       pending.uid = uid;
-      this.#pendBy(originKey, uid);
+      if (pending.group !== uid) {
+        this.#unpendBy(originKey, pending.group);
+        pending.group = uid;
+        this.#pendBy(originKey, uid);
+      }
     }
     if (outcome.hit) pending.hits++;
     else pending.misses++;
@@ -599,10 +611,10 @@ export class StateStore {
     pending.minutes.set(minute, (pending.minutes.get(minute) ?? 0) + 1);
   }
 
-  /** A connection to `originKey` completed after `ms`. */
-  recordConnect(originKey: string, ms: number): void {
+  /** A connection to `originKey` completed after `ms`; `uid`: whose connect it was (a waiter's, a prewarm's), if any. */
+  recordConnect(originKey: string, ms: number, uid?: number): void {
     if (!Number.isFinite(ms) || ms < 0) return;
-    const pending = this.#pendingOf(originKey, this.#now());
+    const pending = this.#pendingOf(originKey, this.#now(), uid);
     const keep = 1 - CONNECT_EWMA_ALPHA;
     pending.connectFresh = pending.connects === 0 ? ms : pending.connectFresh * keep + ms * CONNECT_EWMA_ALPHA;
     pending.connectDecay *= keep;
@@ -610,9 +622,9 @@ export class StateStore {
     pending.connects++;
   }
 
-  /** Every address of `originKey` failed (or the connect timed out). */
-  recordConnectFailure(originKey: string): void {
-    this.#pendingOf(originKey, this.#now()).connectFailures++;
+  /** Every address of `originKey` failed (or the connect timed out); `uid` as for recordConnect. */
+  recordConnectFailure(originKey: string, uid?: number): void {
+    this.#pendingOf(originKey, this.#now(), uid).connectFailures++;
   }
 
   /**
@@ -647,7 +659,7 @@ export class StateStore {
   /** Forgets a pending origin (written, or dropped at the bound). */
   #unpend(originKey: string, pending: Pending): void {
     this.#pending.delete(originKey);
-    this.#unpendBy(originKey, pending.uid ?? null);
+    this.#unpendBy(originKey, pending.group);
   }
 
   /** The learned idle lifetime of an origin (in memory: includes what is not flushed yet), or undefined. */

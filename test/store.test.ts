@@ -526,6 +526,34 @@ describe('what a client cannot bloat', () => {
     store.close();
   });
 
+  it("drops one uid's own prewarm connects' pending records at that bound, not another uid's miss between its connect and its acquire", () => {
+    const A = 1000;
+    const B = 1001;
+    const store = StateStore.open(dir, { now, maxOrigins: 10 });
+    store.flush();
+    // A miss of uid B's: its connect is recorded before its acquire.
+    store.recordConnect('b0.example:443', 7, B);
+    // Meanwhile uid A's prewarms connect to fifty origins (connects only, no acquire).
+    for (let origin = 0; origin < 50; origin++) {
+      clock += 1000;
+      store.recordConnect(`a${origin}.example:443`, 5, A);
+    }
+    store.recordAcquire('b0.example:443', { hit: false }, B);
+    expect(store.pendingOrigins).toBe(10);
+    store.flush();
+    const db = reader(dir);
+    // B's record kept whole (its connect time with it), held by B; A's the last nine of its own, held by no uid (no
+    // acquire asked for them).
+    expect(value(db, 'SELECT connect_ms_avg FROM origins WHERE origin_key = ?', 'b0.example:443')).toBe(7);
+    expect(value(db, 'SELECT uid FROM origins WHERE origin_key = ?', 'b0.example:443')).toBe(B);
+    expect(column(db, "SELECT origin_key FROM origins WHERE origin_key LIKE 'a%' ORDER BY last_seen")).toEqual(
+      Array.from({ length: 9 }, (_, i) => `a${41 + i}.example:443`),
+    );
+    expect(value(db, "SELECT count(*) FROM origins WHERE origin_key LIKE 'a%' AND uid IS NOT NULL")).toBe(0);
+    db.close();
+    store.close();
+  });
+
   it('a timed flush writes in slices and yields between them, ending with everything written', async () => {
     const store = StateStore.open(dir, { now, maxOrigins: 1000 });
     store.flush();
