@@ -291,7 +291,9 @@ export class Sockpoold {
     if (this.#fleet) this.#fleet.onContended = (key) => pools.reclaimFleetKey(key);
     this.#server.start();
     this.#pools.start();
-    this.#fdLimitTimer = setInterval(() => this.#followFdLimit(), FD_LIMIT_RECHECK_MS).unref();
+    this.#fdLimitTimer = setInterval(() => {
+      this.#followFdLimit();
+    }, FD_LIMIT_RECHECK_MS).unref();
     // Empty the store: systemd's copies of the adopted sockets would keep a connection open after a client closed
     // it, and the dead ones are of no use. One FDSTOREREMOVE=1 per name (it removes every fd with that name).
     await this.#forgetStored(storedNames);
@@ -496,11 +498,11 @@ export class Sockpoold {
    * Reads RLIMIT_NOFILE again (a `prlimit --pid` on the running daemon): the fd budget and the idle pool's size are
    * reckoned from it when next asked (each acquire, connection and sweep), so a lower limit refuses uids sooner and
    * closes idle sockets past the new size at the next sweep; what uids already hold past their new share stays until
-   * they end it. Said in the log with the new numbers.
+   * they end it. Said in the log with the new numbers. Returns whether it changed.
    */
-  #followFdLimit(): void {
+  #followFdLimit(): boolean {
     const was = this.#fdLimit.value;
-    if (!this.#fdLimit.refresh()) return;
+    if (!this.#fdLimit.refresh()) return false;
     const fdLimit = this.#fdLimit.value;
     this.#log.info(
       {
@@ -512,6 +514,7 @@ export class Sockpoold {
       'RLIMIT_NOFILE changed: the fd budget and the idle pool follow it',
     );
     this.#warnIfIdleDoesNotFit();
+    return true;
   }
 
   /** Says so when pool.maxIdleTotal is more than the fd table has room for (idleSocketsFitting), with the numbers. */
@@ -566,8 +569,8 @@ export class Sockpoold {
       const refused = this.#pools.reconfigure(prepared);
       this.#rates.configure(config);
       this.#store.configure({ maxOrigins: config.pool.historyMaxOrigins, flushMs: config.pool.statsFlushMs });
-      this.#followFdLimit();
-      this.#warnIfIdleDoesNotFit();
+      // (A new pool.maxIdleTotal or maxConnectsInFlight is checked against the table as a changed limit is.)
+      if (!this.#followFdLimit()) this.#warnIfIdleDoesNotFit();
       if (startOnly.length > 0) {
         this.#log.warn({ keys: startOnly }, 'changed settings that take effect at the next start, not on reload');
       }
