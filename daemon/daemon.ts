@@ -18,7 +18,7 @@ import {
   EMBEDDED_UNRESTRICTED,
   registerBindRestrictionMetrics,
 } from './bind-restriction.js';
-import { parseProxyUrl, type SockpoolConfig } from './config.js';
+import { DEFAULTS, parseProxyUrl, type SockpoolConfig } from './config.js';
 import { ConnectGate } from './connect-gate.js';
 import { type ConnectGuardReport, EMBEDDED_UNGUARDED, registerConnectGuardMetrics } from './connect-guard.js';
 import { type ConnectedSocket, TcpConnector } from './connector.js';
@@ -517,12 +517,18 @@ export class Sockpoold {
     return true;
   }
 
-  /** Says so when pool.maxIdleTotal is more than the fd table has room for (idleSocketsFitting), with the numbers. */
+  /**
+   * Says so when pool.maxIdleTotal is more than the fd table has room for (idleSocketsFitting), with the numbers: a
+   * warning when the operator chose that many or none fit; the default trimmed to a table that still holds some is
+   * the daemon sizing itself (a hand-started daemon under a shell's limit), told at info level.
+   */
   #warnIfIdleDoesNotFit(): void {
     const fdLimit = this.#fdLimit.value;
     const fitting = idleSocketsFitting(fdLimit, this.#config);
     if (fitting >= this.#config.pool.maxIdleTotal) return;
-    this.#log.warn(
+    const chosen = this.#config.pool.maxIdleTotal !== DEFAULTS.pool.maxIdleTotal;
+    (chosen || fitting === 0 ? this.#log.warn : this.#log.info).call(
+      this.#log,
       {
         fdLimit,
         maxIdleTotal: this.#config.pool.maxIdleTotal,
