@@ -8,7 +8,7 @@ import { markOf } from '../daemon/lease-guard.js';
 import { connectTcp } from '../daemon/tcp-connect.js';
 import * as native from '../shared/native.js';
 import { fdCount, startServer, warmUpChildProcesses } from './fixtures/native-helpers.js';
-import { spawnChild } from './helpers/children.js';
+import { runChildToEnd, spawnChild } from './helpers/children.js';
 
 const setMarkFixture = fileURLToPath(new URL('./fixtures/native-setmark.mjs', import.meta.url));
 const repairSendFixture = fileURLToPath(new URL('./fixtures/tcp-repair-send.py', import.meta.url));
@@ -88,18 +88,9 @@ describe('socket options (root)', () => {
   });
 
   it('setMark without CAP_NET_ADMIN throws EPERM (unprivileged child)', async () => {
-    const child = spawnChild(process.execPath, [setMarkFixture], {
-      uid: 65534,
-      gid: 65534,
-      stdio: ['ignore', 'pipe', 'inherit'],
-    });
-    let output = '';
-    child.stdout!.on('data', (chunk: Buffer) => {
-      output += chunk.toString();
-    });
-    const [code] = await once(child, 'close');
+    const { code, stdout } = await runChildToEnd(process.execPath, [setMarkFixture], { uid: 65534, gid: 65534 });
     expect(code).toBe(0);
-    expect(JSON.parse(output)).toEqual({
+    expect(JSON.parse(stdout)).toEqual({
       thrown: true,
       code: 'EPERM',
       errno: -1,

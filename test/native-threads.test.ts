@@ -7,7 +7,7 @@ import { Worker } from 'node:worker_threads';
 import { beforeAll, describe, expect, it } from 'vitest';
 import * as native from '../shared/native.js';
 import { fdCount, receiveMessage, warmUpChildProcesses } from './fixtures/native-helpers.js';
-import { spawnChild } from './helpers/children.js';
+import { runChildToEnd } from './helpers/children.js';
 
 const workerFixture = new URL('./fixtures/native-worker.mjs', import.meta.url);
 const throwFixture = fileURLToPath(new URL('./fixtures/native-poller-throw.mjs', import.meta.url));
@@ -133,13 +133,8 @@ describe('native addon in worker threads', () => {
   });
 
   it('a throwing Poller callback in a main thread reaches process "uncaughtException"', async () => {
-    const child = spawnChild(process.execPath, [throwFixture], { stdio: ['ignore', 'pipe', 'inherit'] });
-    let output = '';
-    child.stdout!.on('data', (chunk: Buffer) => {
-      output += chunk.toString();
-    });
-    const [code, signal] = await once(child, 'close');
+    const { code, signal, stdout } = await runChildToEnd(process.execPath, [throwFixture]);
     expect({ code, signal }).toEqual({ code: 0, signal: null });
-    expect(output).toBe('uncaughtException: poller callback failed on purpose\n');
+    expect(stdout).toBe('uncaughtException: poller callback failed on purpose\n');
   });
 });

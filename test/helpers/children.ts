@@ -13,6 +13,7 @@
 //   entry) ends what is still running after the file's own afterAll hooks, and fails the file naming each one (a leak).
 // The registry is per vitest fork (each test file has its own): module state, no locking.
 import { type ChildProcess, type SpawnOptions, spawn } from 'node:child_process';
+import { once } from 'node:events';
 import { accessSync, constants } from 'node:fs';
 import { delimiter, join } from 'node:path';
 import { onTestFinished } from 'vitest';
@@ -123,6 +124,25 @@ export function spawnChild(
     ? spawn(setpriv(), ['--pdeathsig', 'KILL', '--', resolved, ...args], spawnOptions)
     : spawn(command, args, spawnOptions);
   return trackChild(child, what);
+}
+
+/**
+ * Runs a child (spawnChild, its stderr inherited) to its end: its exit code, signal and everything it wrote to
+ * stdout. For the fixtures that run one check (as another user, under a limit) and print what they saw.
+ */
+export async function runChildToEnd(
+  command: string,
+  args: readonly string[],
+  options: Omit<SpawnOptions, 'stdio'> & { what?: string } = {},
+): Promise<{ code: number | null; signal: NodeJS.Signals | null; stdout: string }> {
+  const child = spawnChild(command, args, { ...options, stdio: ['ignore', 'pipe', 'inherit'] });
+  let stdout = '';
+  child.stdout!.setEncoding('utf8');
+  child.stdout!.on('data', (chunk: string) => {
+    stdout += chunk;
+  });
+  const [code, signal] = (await once(child, 'close')) as [number | null, NodeJS.Signals | null];
+  return { code, signal, stdout };
 }
 
 /** Reaps the file's children still running (the setupFiles entry calls this after the file's afterAll hooks). */
