@@ -189,11 +189,7 @@ describe("the daemon's fd table across uids", () => {
     // The hostile uid gone, its leases' fds are closed by the daemon, and the origin (in this process) sees every
     // connection end: this process is back to its fds before but the raw client's connection.
     hostile.kill('SIGKILL');
-    await eventually(
-      () => sockpoold.fdCount() <= daemonFdsBefore + config.pool.maxIdleTotal,
-      "the daemon's fds back to where they were (idle sockets aside)",
-    );
-    await eventually(() => fdCount() <= ownFdsBefore + 1 + config.pool.maxIdleTotal, "this process's fds back");
+    await fdsBack(sockpoold, { daemon: daemonFdsBefore, own: ownFdsBefore + 1 }, config.pool.maxIdleTotal);
   });
 
   it("leaves another uid connections and leases when one opens connections to its fd share: one uid's connections cannot exhaust the daemon's fds", async () => {
@@ -232,11 +228,7 @@ describe("the daemon's fd table across uids", () => {
     }
     // The hostile uid gone, the daemon closes its connections: back to its fds before but the honest connection.
     hostile.kill('SIGKILL');
-    await eventually(
-      () => sockpoold.fdCount() <= daemonFdsBefore + 1 + config.pool.maxIdleTotal,
-      "the daemon's fds back to where they were (idle sockets and the honest connection aside)",
-    );
-    await eventually(() => fdCount() <= ownFdsBefore + 1 + config.pool.maxIdleTotal, "this process's fds back");
+    await fdsBack(sockpoold, { daemon: daemonFdsBefore + 1, own: ownFdsBefore + 1 }, config.pool.maxIdleTotal);
   });
 
   it("leaves another uid leases when one piles up fds in flight in replies it never reads: the daemon's sends never pass RLIMIT_NOFILE", async () => {
@@ -300,11 +292,7 @@ describe("the daemon's fd table across uids", () => {
           .stats.unreadLeases === 0,
       'the charges released once the hostile uid is gone',
     );
-    await eventually(
-      () => sockpoold.fdCount() <= daemonFdsBefore + config.pool.maxIdleTotal,
-      "the daemon's fds back to where they were (idle sockets aside)",
-    );
-    await eventually(() => fdCount() <= ownFdsBefore + 1 + config.pool.maxIdleTotal, "this process's fds back");
+    await fdsBack(sockpoold, { daemon: daemonFdsBefore, own: ownFdsBefore + 1 }, config.pool.maxIdleTotal);
   });
 
   it("follows a prlimit on the running daemon: the fd budget and a uid's share grow and shrink with RLIMIT_NOFILE", async () => {
@@ -362,11 +350,7 @@ describe("the daemon's fd table across uids", () => {
     expect(await sessionsTaken(budgetAt(1_500))).toBe(Math.ceil((budgetAt(1_500) - 3) / 2));
     expect((await honestRequest(raw, origin.port, '/after-the-prlimit')).body).toBe('/after-the-prlimit');
     expect(sockpoold.output()).toContain('RLIMIT_NOFILE changed: the fd budget and the idle pool follow it');
-    await eventually(
-      () => sockpoold.fdCount() <= daemonFdsBefore + config.pool.maxIdleTotal,
-      "the daemon's fds back to where they were (idle sockets aside)",
-    );
-    await eventually(() => fdCount() <= ownFdsBefore + 1 + config.pool.maxIdleTotal, "this process's fds back");
+    await fdsBack(sockpoold, { daemon: daemonFdsBefore, own: ownFdsBefore + 1 }, config.pool.maxIdleTotal);
   });
 
   it('keeps no more idle sockets than its fd table has room for beside the budget, and says so at start', async () => {
@@ -418,6 +402,19 @@ describe("the daemon's fd table across uids", () => {
  * The hostile client (test/fixtures/hostile-client.mjs) as the hostile uid, in `mode` with `args`, killed at the
  * file's end: it and the first line it reports (JSON: how far it got, and the refusal that stopped it).
  */
+/**
+ * The daemon's fds and this process's back to where they were (`before`: with what the test still holds open, its
+ * raw connection), but for up to `idle` idle sockets (the daemon's, and their far ends in this process's origin).
+ */
+async function fdsBack(
+  sockpoold: { fdCount(): number },
+  before: { daemon: number; own: number },
+  idle: number,
+): Promise<void> {
+  await eventually(() => sockpoold.fdCount() <= before.daemon + idle, "the daemon's fds back to where they were");
+  await eventually(() => fdCount() <= before.own + idle, "this process's fds back");
+}
+
 async function hostileReport<T>(args: Array<string | number>): Promise<{ hostile: ChildProcess; seen: T }> {
   const hostile = spawnChild(process.execPath, [hostileClient, ...args.map(String)], {
     stdio: ['ignore', 'pipe', 'inherit'],
