@@ -56,8 +56,8 @@ function runningAsRoot(): boolean {
  * of CPU) took seconds of wall time, and the starved thread was taken for hung; its wait no longer counts. A stop of
  * the whole process (SIGSTOP, a debugger on the main thread) is not taken for a hang: a check that comes late (the
  * main thread did not run either) starts every thread's count over. A thread's start (a new isolate, its modules
- * loaded, the addon opened) takes a fraction of a second: one that has not beaten this long after it was started is
- * taken for hung while starting.
+ * loaded, the addon opened) takes a fraction of a second of its CPU: one that has not beaten this long after it was
+ * started, in its available time too (a start kept waiting for a CPU is not a hang), is taken for hung while starting.
  */
 export const RELAY_HANG_LIMIT_MS = 5_000;
 /** The longest tls.relayHangMs: a relay thread silent for 10 minutes has long stalled every session it held. */

@@ -12,13 +12,16 @@
 // system call sleeps, which is not waiting for a CPU.
 //
 // Linux keeps that wait per thread (CONFIG_SCHED_INFO): /proc/self/task/<tid>/schedstat holds the thread's time on a
-// CPU, its time waiting on a run queue (run_delay) and its timeslices, the first two in ns. Each relay thread stores
-// its tid in its heartbeat's buffer at start (tls-relay-thread.ts); the main thread reads the file at most once per
-// watchdog check and, for the share, once per SHARE_CLOCK_READ_MS while handshakes are dispatched: never on the
-// handoff path. Without the file (a kernel without schedstat) both fall back to wall time, said once in the log and
-// in the stats (`relayClock`).
+// CPU, its time waiting on a run queue (run_delay) and its timeslices, the first two in ns. The main thread learns a
+// relay thread's tid at its spawn (startedTid: the one thread new Worker() added, before the thread runs anything, so
+// that its start, mostly a new isolate built before any module of ours runs, is judged in available time too), and
+// each relay thread stores its own in its heartbeat's buffer at start (tls-relay-thread.ts), which is believed first.
+// A new thread's run_delay starts at 0, so all of it is its start's wait. The main thread reads the file at most once
+// per watchdog check (and, while a hung thread ends, once per wait for it) and, for the share, once per
+// SHARE_CLOCK_READ_MS while handshakes are dispatched: never on the handoff path. Without the file (a kernel without
+// schedstat) both fall back to wall time, said once in the log and in the stats (`relayClock`).
 
-import { readFileSync, readlinkSync } from 'node:fs';
+import { readdirSync, readFileSync, readlinkSync } from 'node:fs';
 
 /**
  * How long the share's clock (RelayAvailableClock) keeps a reading: the decay's half-life is seconds, so a reading
@@ -35,6 +38,31 @@ export function ownTid(): number {
   } catch {
     return 0;
   }
+}
+
+/** The tids of this process's threads; undefined when /proc does not tell. */
+export function ownThreadIds(): Set<number> | undefined {
+  try {
+    return new Set(readdirSync('/proc/self/task').map(Number));
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * The tid of the one thread this process started since `before` was listed (ownThreadIds); 0 when none was, or more
+ * than one (another thread started one meanwhile: which is which cannot be told).
+ */
+export function startedTid(before: Set<number> | undefined): number {
+  const now = before && ownThreadIds();
+  if (!now) return 0;
+  let started = 0;
+  for (const tid of now) {
+    if (before.has(tid)) continue;
+    if (started !== 0) return 0;
+    started = tid;
+  }
+  return started;
 }
 
 /** Whether this kernel keeps run-queue waits per thread (CONFIG_SCHED_INFO). */

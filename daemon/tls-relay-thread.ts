@@ -98,6 +98,7 @@ const COUNTER: Record<keyof RelayCounters, number> = {
 
 const heartbeat = new Int32Array(sharedHeartbeat);
 // Before the first beat: the watchdog counts the silence after it in this thread's available time (relay-clock.ts).
+// (The main thread knows the tid from the spawn when it could tell which thread was new; this one is believed first.)
 Atomics.store(heartbeat, 1, ownTid());
 // The first beat at once: until it comes, the watchdog judges the thread's start (tls.relayHangMs from its spawn).
 Atomics.add(heartbeat, 0, 1);

@@ -49,10 +49,13 @@
 // client sees the connection end), and terminate()d, which ends a JavaScript loop: its 'exit' then fails its
 // pending handshakes as for a thread that died. A thread that does not end within RELAY_TERMINATE_LIMIT_MS (blocked
 // in a system call) is left as the stop leaves one: its pending handshakes fail then, their fds left to it (it may
-// have taken them), and the stop names it. test/warm-tls-relay-hang makes both kinds through the daemon's inspector.
+// have taken them), and the stop names it. That limit counts the thread's available time too: a thread kept
+// waiting for a CPU while it ends (its teardown frees its isolate and memory) was reported left running.
+// test/warm-tls-relay-hang makes both kinds through the daemon's inspector.
 //
 // A thread that hangs while starting (its modules' load, a call before its first beat, a start that never ends) is
-// judged the same way, within tls.relayHangMs of its spawn: it never beats, and the handshakes sent to it (queued in
+// judged the same way, within tls.relayHangMs of its spawn, in its available time as well (its tid is known from the
+// spawn: #spawn), so that a start kept waiting for a CPU (a boot storm) is not taken for a hang: it never beats, and the handshakes sent to it (queued in
 // its message port, never read) would otherwise wait for ever, each holding its TCP fd and a place, and its acquire
 // failing at its own timeout. A cause that outlives the thread (a broken install, a module or the addon whose load
 // blocks) would make every replacement hang the same way: a thread a few seconds, for ever, and a thread blocked in
@@ -71,7 +74,14 @@ import { RELAY_HANG_LIMIT_MS } from './config.js';
 import { ConnectAbandoned } from './connect-gate.js';
 import { AdmissionQueue, type Admittable, DAEMON_UID } from './fair-queue.js';
 import type { Logger } from './log.js';
-import { availableSilenceMs, RelayAvailableClock, schedstatAvailable, threadRunDelayMs } from './relay-clock.js';
+import {
+  availableSilenceMs,
+  ownThreadIds,
+  RelayAvailableClock,
+  schedstatAvailable,
+  startedTid,
+  threadRunDelayMs,
+} from './relay-clock.js';
 import { RelayCpuShares } from './relay-cpu.js';
 
 /** What a handshake negotiated; sent to the client with a relayed lease. */
@@ -169,7 +179,9 @@ export const PLACES_KEPT_FOR_OTHER_UIDS = 4;
 /**
  * How long close() waits for a relay thread's terminate() before it gives up on that thread (see the header): a
  * thread's teardown closes its sockets and frees its isolate, well under a second when it works; the bound leaves
- * room for a loaded machine and stays well inside systemd's TimeoutStopSec= (15 s in the shipped unit).
+ * room for a loaded machine and stays well inside systemd's TimeoutStopSec= (15 s in the shipped unit), so close()
+ * counts it in wall time. A hung thread's end (#hung) has no such outer bound: there it counts the thread's
+ * available time (relay-clock.ts), so that a thread kept waiting for a CPU while it ends is not reported left running.
  */
 export const RELAY_TERMINATE_LIMIT_MS = 3_000;
 
@@ -217,7 +229,8 @@ interface RelayThread {
   exited: boolean;
   /**
    * Its heartbeat (bumped by the thread's loop; the thread's tid in the second slot), the value the watchdog saw last,
-   * when it last saw it move, and how long the thread had waited for a CPU then (relay-clock.ts; undefined: unknown).
+   * when it last saw it move (its spawn, until it beats), and how long the thread had waited for a CPU then
+   * (relay-clock.ts; undefined: unknown).
    */
   heartbeat: Int32Array;
   beat: number;
@@ -227,6 +240,11 @@ interface RelayThread {
   hung: boolean;
   /** Its heartbeat has moved: its start is done (until then the watchdog judges it from its spawn). */
   started: boolean;
+  /**
+   * Its tid as found at its spawn (the one thread new Worker() added; 0: not known), until the thread stores its own
+   * in its heartbeat's buffer: its start, before any module of ours runs, is judged in its available time too.
+   */
+  spawnTid: number;
 }
 
 export interface TlsRelaysOptions {
@@ -323,9 +341,12 @@ export class TlsRelays {
     for (const thread of this.#threads) if (usable(thread)) yield [thread, this.#runDelayMs(thread)];
   }
 
-  /** How long `thread` has waited for a CPU in all (ms); undefined without schedstat or before it told its tid. */
+  /**
+   * How long `thread` has waited for a CPU in all (ms): by the tid it stored, or else the one found at its spawn;
+   * undefined without schedstat, without either tid, or once it is gone.
+   */
   #runDelayMs(thread: RelayThread): number | undefined {
-    return this.#schedstat ? threadRunDelayMs(Atomics.load(thread.heartbeat, 1)) : undefined;
+    return this.#schedstat ? threadRunDelayMs(Atomics.load(thread.heartbeat, 1) || thread.spawnTid) : undefined;
   }
 
   /** How many relay threads the watchdog has taken for hung since the start. */
@@ -549,7 +570,8 @@ export class TlsRelays {
    * The watchdog's check (every WATCHDOG_CHECK_MS): a live thread whose heartbeat has not moved for the limit is
    * hung; one that has not beaten yet, within the limit of its spawn, hung while starting. The silence is counted in
    * the thread's available time (relay-clock.ts): the time it waited for a CPU (a nice-10 thread on a loaded host, in
-   * a costly check) is not silence; a thread that has not told its tid yet (starting) is judged in wall time.
+   * a costly check, or a start on a host in a boot storm) is not silence; a thread whose tid is not known (its spawn
+   * could not tell, and it has not stored it yet) is judged in wall time.
    */
   #watch = (): void => {
     const now = performance.now();
@@ -613,7 +635,8 @@ export class TlsRelays {
         "ending the hung thread's sessions failed",
       );
     }
-    void ended(thread.worker, RELAY_TERMINATE_LIMIT_MS).then((done) => {
+    // The wait for its end counts its available time too: a thread kept waiting for a CPU may take long to end.
+    void ended(thread.worker, RELAY_TERMINATE_LIMIT_MS, () => this.#runDelayMs(thread)).then((done) => {
       if (done || thread.exited) return;
       // Blocked where terminate() cannot reach (a system call): its 'exit' may never come, so its handshakes fail
       // now. Their fds stay with it: it may have taken them (a socket it built), and closing a number it still
@@ -650,10 +673,14 @@ export class TlsRelays {
   #spawn(index: number): RelayThread {
     const shared = new SharedArrayBuffer(COUNTER_SLOTS * Float64Array.BYTES_PER_ELEMENT);
     const heartbeat = new SharedArrayBuffer(2 * Int32Array.BYTES_PER_ELEMENT);
+    // The thread exists once new Worker() returns (Node creates it there, before its isolate): the one thread this
+    // process gained meanwhile is it, and the main thread, which alone starts threads here, is busy in this call.
+    const threadsBefore = this.#schedstat ? ownThreadIds() : undefined;
     const worker = new Worker(new URL('./tls-relay-thread.js', import.meta.url), {
       workerData: { counters: shared, heartbeat, nice: RELAY_THREAD_NICE },
       name: 'sockpoold tls relay',
     });
+    const spawnTid = startedTid(threadsBefore);
     const thread: RelayThread = {
       worker,
       id: worker.threadId,
@@ -664,9 +691,11 @@ export class TlsRelays {
       heartbeat: new Int32Array(heartbeat),
       beat: 0,
       beatAt: performance.now(),
-      runDelayAt: undefined,
+      // A new thread's run_delay starts at 0 (the kernel zeroes it at the clone): all of it is its start's wait.
+      runDelayAt: this.#schedstat ? 0 : undefined,
       hung: false,
       started: false,
+      spawnTid,
     };
     if (!this.#watchdog) {
       this.#checkedAt = performance.now();
@@ -743,21 +772,38 @@ function addCounters(into: RelayCounters, c: Float64Array, sessions: boolean): v
   into.cpuMicros += c[5]!;
 }
 
-/** Whether `worker` ended within `limitMs` of terminate() (a thread blocked in a system call does not). */
-async function ended(worker: Worker, limitMs: number): Promise<boolean> {
-  let timer: NodeJS.Timeout | undefined;
-  try {
-    return await Promise.race([
-      worker.terminate().then(
-        () => true,
-        () => true,
-      ),
-      new Promise<boolean>((resolve) => {
-        timer = setTimeout(() => resolve(false), limitMs);
-      }),
-    ]);
-  } finally {
-    clearTimeout(timer);
+/**
+ * Whether `worker` ended within `limitMs` of terminate() (a thread blocked in a system call does not). With
+ * `runDelayMs` (the thread's total wait for a CPU, relay-clock.ts), `limitMs` is of its available time: a thread
+ * kept waiting for a CPU is given the time it waited (and one that sleeps, blocked, is not).
+ */
+async function ended(worker: Worker, limitMs: number, runDelayMs?: () => number | undefined): Promise<boolean> {
+  const terminated = worker.terminate().then(
+    () => true,
+    () => true,
+  );
+  const since = performance.now();
+  const runDelaySince = runDelayMs?.();
+  let runDelay = runDelaySince;
+  let waitMs = limitMs;
+  for (;;) {
+    let timer: NodeJS.Timeout | undefined;
+    try {
+      const done = await Promise.race([
+        terminated,
+        new Promise<boolean>((resolve) => {
+          timer = setTimeout(() => resolve(false), waitMs);
+        }),
+      ]);
+      if (done) return true;
+    } finally {
+      clearTimeout(timer);
+    }
+    // (A thread gone from /proc waits no more: its last reading stands until its 'exit' reaches this thread.)
+    runDelay = runDelayMs?.() ?? runDelay;
+    waitMs = limitMs - availableSilenceMs(performance.now(), since, runDelay, runDelaySince);
+    // (At least a millisecond more: a wait computed as a hair over 0 must not spin.)
+    if (waitMs < 1) return false;
   }
 }
 

@@ -23,12 +23,12 @@
 // with the daemon's relay threads (TlsRelays, from dist/) and handshakes of two uids (a daemon's clients of another
 // uid need root).
 
-import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import { constants, createHash, createPrivateKey, generatePrimeSync, randomBytes } from 'node:crypto';
 import { once } from 'node:events';
-import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
-import { tmpdir } from 'node:os';
+import { setPriority, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createServer, type Server } from 'node:tls';
 import pino from 'pino';
@@ -41,6 +41,7 @@ import { exchangeOverFd, pollUntil, socketCount, socketsBackTo, waitForEvents } 
 import { type DaemonProcess, logRecords, metricValue, repoRoot } from './helpers/daemon.js';
 import { freePort } from './helpers/free-port.js';
 import { openRawClient, type RawClient } from './helpers/raw-client.js';
+import { runDelayMs, starveOneCpu, threadIds } from './helpers/starve-cpu.js';
 import { createTestPki, type TestPki } from './helpers/tls.js';
 
 let pki: TestPki;
@@ -537,41 +538,6 @@ async function attackAndCheckHonest(
   return replies;
 }
 
-/**
- * Starves the relay threads as a loaded host does: this process's threads (and the relay threads it starts from now
- * on, which inherit it) pinned to one CPU with `hogs` busy loops at this process's nice (0): a relay thread (nice 10)
- * gets a small part of that CPU and waits on its run queue most of the time. A normal user may do all of it. Returns
- * the undo: every hog killed and its exit awaited, the affinity put back.
- */
-function starveOneCpu(hogs: number): () => Promise<void> {
-  const pid = String(process.pid);
-  const mask = execFileSync('taskset', ['-p', pid], { encoding: 'utf8' }).trim().split(' ').pop()!;
-  execFileSync('taskset', ['-a', '-p', '-c', '0', pid], { stdio: 'ignore' });
-  const children: ChildProcess[] = [];
-  for (let index = 0; index < hogs; index++) {
-    children.push(spawn('taskset', ['-c', '0', 'sh', '-c', 'while :; do :; done'], { stdio: 'ignore' }));
-  }
-  return async () => {
-    const exits = children.map((child) =>
-      child.exitCode !== null || child.signalCode !== null ? Promise.resolve() : once(child, 'exit'),
-    );
-    for (const child of children) child.kill('SIGKILL');
-    await Promise.all(exits);
-    expect(children.filter((child) => child.exitCode === null && child.signalCode === null)).toEqual([]);
-    execFileSync('taskset', ['-a', '-p', mask, pid], { stdio: 'ignore' });
-  };
-}
-
-/** This process's threads (tids). */
-function threadIds(): Set<string> {
-  return new Set(readdirSync('/proc/self/task'));
-}
-
-/** How long thread `tid` of this process has waited on a run queue in all (its schedstat's run_delay), ms. */
-function runDelayMs(tid: string): number {
-  return Number(readFileSync(`/proc/self/task/${tid}/schedstat`, 'utf8').split(' ')[1]) / 1e6;
-}
-
 // A relay thread (nice 10) on a loaded host waits for a CPU: in one costly chain check (~330 ms of its CPU) it may
 // wait seconds, its heartbeat still. Before, the watchdog counted that wait as silence and took the starved thread
 // for hung, its handshake (and every session it relayed) ended ("TLS relay thread hung, ended by the watchdog"). Now
@@ -622,6 +588,62 @@ it("a costly uid's share of a relay thread kept waiting for a CPU still holds it
   } finally {
     await relays.close();
     costlyProxy.server.close();
+    await undo();
+  }
+}, 180_000);
+
+// A relay thread kept waiting for a CPU while it starts (a new isolate, its modules, the addon: tens of ms of CPU) on
+// a loaded host, a boot storm say: the daemon (its main thread, whose nice the threads it starts inherit) at nice 10,
+// its threads pinned to one CPU with busy loops at nice 0. Before, the watchdog judged a thread that had not beaten
+// yet in wall time, and took the starved start for a hang ("started: false"): its handshake failed, and three such
+// starts in a row would have stopped relay threads until a restart (RELAY_START_HANGS_IN_A_ROW). Now the daemon knows
+// the thread's tid from its spawn, and its start is judged in its available time too. The starvation lasts until the
+// new threads have waited twice the limit for a CPU (or the handshake is done), then the busy loops end.
+it('a relay thread kept waiting for a CPU while it starts is not taken for hung: its handshake ends', async () => {
+  const LIMIT_MS = 3_000;
+  const daemon = await startTestDaemon([origin.port], {
+    extraArgs: warmTlsArgs(pki.caFile, [origin.port]),
+    config: { tls: { relayHangMs: LIMIT_MS } },
+  });
+  cleanups.push(() => daemon.stop());
+  const raw = openRawClient(daemon.socketPath, cleanups);
+  // (After a reply: the daemon has accepted the connection.)
+  await raw.request({ type: 'stats', id: 1 });
+  const pid = daemon.child.pid!;
+  const before = threadIds(pid);
+  const waited = () =>
+    Math.max(0, ...[...threadIds(pid)].filter((tid) => !before.has(tid)).map((tid) => runDelayMs(tid, pid)));
+  // The main thread only (Linux keeps a nice value per thread): the relay thread it starts inherits it.
+  setPriority(pid, 10);
+  const undo = starveOneCpu(12, pid);
+  try {
+    let replied = false;
+    const reply = raw
+      .request({ type: 'acquire', id: 2, host: 'localhost', port: origin.port, tls: { trust }, timeoutMs: 120_000 })
+      .finally(() => {
+        replied = true;
+      });
+    await eventually(
+      () => replied || waited() > 2 * LIMIT_MS,
+      'the relay thread kept waiting, or its handshake',
+      120_000,
+    );
+    const atTrigger = { replied, waited: waited() };
+    await undo();
+    const lease = await reply;
+    expect(logRecords(daemon, HUNG)).toEqual([]);
+    expect((lease.message as LeaseReply).type).toBe('lease');
+    // The premise: the new relay thread waited for a CPU longer than the watchdog's limit, still without its handshake
+    // (its start, a new isolate first, is most of the CPU it needs for it).
+    expect(atTrigger.replied).toBe(false);
+    expect(atTrigger.waited).toBeGreaterThan(LIMIT_MS);
+    const response = await exchangeOverFd(
+      lease.fds[0]!,
+      'GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n',
+    );
+    expect(response).toMatch(/^HTTP\/1\.1 200 OK[\s\S]*ok$/);
+    raw.sendJson({ type: 'closed', leaseId: (lease.message as LeaseReply).leaseId });
+  } finally {
     await undo();
   }
 }, 180_000);

@@ -1,13 +1,17 @@
 // The relay threads' available time (daemon/relay-clock.ts), from fake readings: wall time less the time a thread
 // waited for a CPU. The real threads' readings are in test/daemon-trust-relay-cpu ("kept waiting for a CPU").
 
+import { once } from 'node:events';
+import { Worker } from 'node:worker_threads';
 import { describe, expect, it } from 'vitest';
 import {
   availableSilenceMs,
+  ownThreadIds,
   ownTid,
   RelayAvailableClock,
   SHARE_CLOCK_READ_MS,
   schedstatAvailable,
+  startedTid,
   threadRunDelayMs,
 } from '../daemon/relay-clock.js';
 
@@ -107,5 +111,32 @@ describe('the readings', () => {
     expect(threadRunDelayMs(tid)).toBeGreaterThanOrEqual(0);
     expect(threadRunDelayMs(0)).toBeUndefined();
     expect(threadRunDelayMs(2 ** 31 - 2)).toBeUndefined();
+  });
+
+  // How TlsRelays learns a relay thread's tid before the thread runs a line of it (its start judged in its available
+  // time from its spawn): the one thread new Worker() added, which is there once the constructor returns.
+  it("finds a thread started since a listing by the one tid added: a worker's, as the worker reads its own", async () => {
+    const before = ownThreadIds();
+    const worker = new Worker(
+      `const { readlinkSync } = require('node:fs');
+      require('node:worker_threads').parentPort.postMessage(Number(readlinkSync('/proc/thread-self').split('/').pop()));`,
+      { eval: true },
+    );
+    const tid = startedTid(before);
+    const [own] = (await once(worker, 'message')) as [number];
+    expect(tid).toBeGreaterThan(0);
+    expect(tid).toBe(own);
+    // A new thread's wait for a CPU counts from its start (what TlsRelays takes as the start's whole wait).
+    expect(threadRunDelayMs(tid)).toBeGreaterThanOrEqual(0);
+    await worker.terminate();
+  });
+
+  it('finds none when none, or more than one, thread was started since the listing', async () => {
+    const before = ownThreadIds();
+    expect(startedTid(before)).toBe(0);
+    expect(startedTid(undefined)).toBe(0);
+    const workers = [0, 1].map(() => new Worker('', { eval: true }));
+    expect(startedTid(before)).toBe(0);
+    await Promise.all(workers.map((worker) => worker.terminate()));
   });
 });

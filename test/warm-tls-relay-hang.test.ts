@@ -13,12 +13,13 @@
 import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { once } from 'node:events';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
-import { tmpdir } from 'node:os';
+import { setPriority, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
-import { RELAY_START_HANGS_IN_A_ROW } from '../daemon/tls-relay.js';
+import { RELAY_START_HANGS_IN_A_ROW, RELAY_TERMINATE_LIMIT_MS } from '../daemon/tls-relay.js';
+import * as native from '../shared/native.js';
 import type { LeaseReply } from '../shared/protocol.js';
 import { eventually, httpsOrigin, type Origin, startTestDaemon, warmTlsArgs } from './fixtures/client-helpers.js';
 import { exchangeOverFd } from './fixtures/native-helpers.js';
@@ -26,6 +27,7 @@ import { logRecords, metricValue } from './helpers/daemon.js';
 import { freePort } from './helpers/free-port.js';
 import { DaemonInspector } from './helpers/inspector.js';
 import { openRawClient } from './helpers/raw-client.js';
+import { runDelayMs, starveOneCpu, threadIds } from './helpers/starve-cpu.js';
 import { createTestPki, type TestPki } from './helpers/tls.js';
 
 let pki: TestPki;
@@ -231,6 +233,86 @@ it('a relay thread blocked in a system call is found hung, given no more work, i
     expect.objectContaining({ thread: logRecords(daemon, HUNG)[0]!.thread }),
   ]);
 }, 60_000);
+
+// A hung relay thread that, terminate()d, is kept waiting for a CPU while it ends (a loaded host): before, the wait for
+// its end (RELAY_TERMINATE_LIMIT_MS) was wall time, so it was reported left running and its handshakes failed as if it
+// never ended ("did not end after terminate()"), their fds left to it. Now that wait counts its available time too.
+// Made from outside again: blocked in read(2) on a FIFO (terminate() cannot reach it) until the watchdog took it for
+// hung, then lowered to nice 19, pinned to one CPU with busy loops, and let go (a byte into the FIFO): it ends, slowly.
+it('a hung relay thread kept waiting for a CPU after terminate() is given its available time to end, not left running', async () => {
+  const daemon = await startTestDaemon([origin.port, other.port], {
+    extraArgs: warmTlsArgs(pki.caFile, [origin.port, other.port]),
+    nodeArgs: ['--inspect=127.0.0.1:0'],
+    config: { tls: { relayHangMs: 3_000 } },
+  });
+  cleanups.push(() => daemon.stop());
+  const inspector = await DaemonInspector.connect(daemon.output());
+  cleanups.push(() => inspector.close());
+  await inspector.call('NodeWorker.enable', { waitForDebuggerOnStart: false });
+  const raw = openRawClient(daemon.socketPath, cleanups);
+  const pid = daemon.child.pid!;
+  const before = threadIds(pid);
+  // The relay thread, started by a first warm TLS acquire.
+  const lent = await raw.request({ type: 'acquire', id: 1, host: 'localhost', port: origin.port, tls: { trust } });
+  expect((lent.message as LeaseReply).type).toBe('lease');
+  native.close(lent.fds[0]!);
+  raw.sendJson({ type: 'closed', leaseId: (lent.message as LeaseReply).leaseId });
+  const relay = await inspector.workerSession(/sockpoold tls relay/);
+  const tid = [...threadIds(pid)].find(
+    (each) => !before.has(each) && readFileSync(`/proc/${pid}/task/${each}/comm`, 'utf8').startsWith('sockpoold tls'),
+  )!;
+  expect(tid).toBeDefined();
+  const fifo = join(dir, 'relay-block-ending');
+  execFileSync('mkfifo', [fifo]);
+  // Memory for its end to free (its teardown then takes tens of ms of CPU, as a thread with many sessions' buffers),
+  // and the block.
+  await inspector.evaluateInWorker(
+    relay,
+    `globalThis.held = Array.from({ length: 200 }, () => Buffer.allocUnsafeSlow(1 << 20).fill(1));
+    setImmediate(() => {
+      const fs = process.getBuiltinModule('node:fs');
+      fs.readSync(fs.openSync(${JSON.stringify(fifo)}, fs.constants.O_RDWR), Buffer.alloc(1));
+    }); undefined`,
+  );
+  // A handshake sent to it (its end, slow, would otherwise outlast the acquire's default wait).
+  const pending = raw.request({
+    type: 'acquire',
+    id: 2,
+    host: 'localhost',
+    port: other.port,
+    tls: { trust },
+    timeoutMs: 120_000,
+  });
+  await eventually(() => logRecords(daemon, HUNG).length === 1, 'the blocked relay thread found hung');
+  setPriority(Number(tid), 19);
+  const undo = starveOneCpu(6, pid);
+  try {
+    const waitedBefore = runDelayMs(tid, pid);
+    let waited = waitedBefore;
+    writeFileSync(fifo, 'x');
+    await eventually(
+      () => {
+        if (!existsSync(`/proc/${pid}/task/${tid}`)) return true;
+        waited = Math.max(waited, runDelayMs(tid, pid));
+        return logRecords(daemon, LEFT).length > 0;
+      },
+      'the hung thread ended, or was said left running',
+      120_000,
+    );
+    await undo();
+    expect(logRecords(daemon, LEFT)).toEqual([]);
+    // The premise: it waited for a CPU longer than the limit while it ended.
+    expect(waited - waitedBefore).toBeGreaterThan(RELAY_TERMINATE_LIMIT_MS);
+    // Its handshake failed at its end, as any ended thread's.
+    expect((await pending).message).toMatchObject({
+      type: 'error',
+      code: 'SOCKPOOL_ERR_TLS',
+      message: expect.stringContaining('hung, ended by the watchdog'),
+    });
+  } finally {
+    await undo();
+  }
+}, 180_000);
 
 // A relay thread that never beats (hung while starting: its modules' load, a call before its loop runs) is judged
 // like one that stopped beating, within tls.relayHangMs of its spawn. The hang is made from outside again: with the
