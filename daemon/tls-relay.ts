@@ -55,16 +55,16 @@
 //
 // A thread that hangs while starting (its modules' load, a call before its first beat, a start that never ends) is
 // judged the same way, within tls.relayHangMs of its spawn, in its available time as well (its tid is known from the
-// spawn: #spawn), so that a start kept waiting for a CPU (a boot storm) is not taken for a hang: it never beats, and the handshakes sent to it (queued in
-// its message port, never read) would otherwise wait for ever, each holding its TCP fd and a place, and its acquire
-// failing at its own timeout. A cause that outlives the thread (a broken install, a module or the addon whose load
-// blocks) would make every replacement hang the same way: a thread a few seconds, for ever, and a thread blocked in
-// a system call is never ended, so each one stays (a thread and its isolate). So after RELAY_START_HANGS_IN_A_ROW
-// threads hung while starting with none starting between them, no relay thread is started again until the daemon
-// restarts: logged once as an error, shown in the stats (`threadStartsStopped`) and the metrics
-// (sockpool_tls_relay_thread_starts_stopped); the live threads serve on, and once none is left a warm TLS handshake
-// fails at once with SOCKPOOL_ERR_TLS. (Not a retry after a pause: threads that never end would still pile up, one
-// per pause, and a restart after the cause is fixed is what the operator does anyway.)
+// spawn: #spawn), so that a start kept waiting for a CPU (a boot storm) is not taken for a hang: it never beats, and
+// the handshakes sent to it (queued in its message port, never read) would otherwise wait for ever, each holding its
+// TCP fd and a place, and its acquire failing at its own timeout. A cause that outlives the thread (a broken install,
+// a module or the addon whose load blocks) would make every replacement hang the same way: a thread a few seconds,
+// for ever, and a thread blocked in a system call is never ended, so each one stays (a thread and its isolate). So
+// after RELAY_START_HANGS_IN_A_ROW threads hung while starting with none starting between them, no relay thread is
+// started again until the daemon restarts: logged once as an error, shown in the stats (`threadStartsStopped`) and
+// the metrics (sockpool_tls_relay_thread_starts_stopped); the live threads serve on, and once none is left a warm TLS
+// handshake fails at once with SOCKPOOL_ERR_TLS. (Not a retry after a pause: threads that never end would still pile
+// up, one per pause, and a restart after the cause is fixed is what the operator does anyway.)
 
 import { Worker } from 'node:worker_threads';
 import { Counter, Gauge, type Registry } from 'prom-client';
