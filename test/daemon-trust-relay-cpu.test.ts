@@ -615,7 +615,7 @@ it('a relay thread kept waiting for a CPU while it starts is not taken for hung:
     Math.max(0, ...[...threadIds(pid)].filter((tid) => !before.has(tid)).map((tid) => runDelayMs(tid, pid)));
   // The main thread only (Linux keeps a nice value per thread): the relay thread it starts inherits it.
   setPriority(pid, 10);
-  const undo = starveOneCpu(12, pid);
+  const undo = starveOneCpu(16, pid);
   try {
     let replied = false;
     const reply = raw
