@@ -180,10 +180,18 @@ export const PLACES_KEPT_FOR_OTHER_UIDS = 4;
  * How long close() waits for a relay thread's terminate() before it gives up on that thread (see the header): a
  * thread's teardown closes its sockets and frees its isolate, well under a second when it works; the bound leaves
  * room for a loaded machine and stays well inside systemd's TimeoutStopSec= (15 s in the shipped unit), so close()
- * counts it in wall time. A hung thread's end (#hung) has no such outer bound: there it counts the thread's
- * available time (relay-clock.ts), so that a thread kept waiting for a CPU while it ends is not reported left running.
+ * counts it in wall time. A hung thread's end (#hung) counts the thread's available time instead (relay-clock.ts),
+ * so that a thread kept waiting for a CPU while it ends is not reported left running; within
+ * RELAY_TERMINATE_WALL_LIMIT_MS of wall time all the same.
  */
 export const RELAY_TERMINATE_LIMIT_MS = 3_000;
+
+/**
+ * The most wall time a hung thread's end is waited for, however little of it the thread could run: its handshakes
+ * wait with it (their fds, their places), and a host that starves a thread at nice 10 for this long has that thread
+ * doing nothing useful anyway. Past it the thread is left running as one blocked in a system call.
+ */
+export const RELAY_TERMINATE_WALL_LIMIT_MS = 10 * RELAY_TERMINATE_LIMIT_MS;
 
 /** How often the watchdog reads the heartbeats: as often as they move (tls-relay-thread.ts, HEARTBEAT_MS). */
 const WATCHDOG_CHECK_MS = 1_000;
@@ -636,13 +644,18 @@ export class TlsRelays {
       );
     }
     // The wait for its end counts its available time too: a thread kept waiting for a CPU may take long to end.
-    void ended(thread.worker, RELAY_TERMINATE_LIMIT_MS, () => this.#runDelayMs(thread)).then((done) => {
+    const endingSince = performance.now();
+    const ending = ended(thread.worker, RELAY_TERMINATE_LIMIT_MS, {
+      runDelayMs: () => this.#runDelayMs(thread),
+      wallLimitMs: RELAY_TERMINATE_WALL_LIMIT_MS,
+    });
+    void ending.then((done) => {
       if (done || thread.exited) return;
       // Blocked where terminate() cannot reach (a system call): its 'exit' may never come, so its handshakes fail
       // now. Their fds stay with it: it may have taken them (a socket it built), and closing a number it still
       // holds could close someone else's socket later. The stop names it as left running.
       this.#log.error(
-        { thread: thread.name, waitedMs: RELAY_TERMINATE_LIMIT_MS, handshakes: thread.pending.size },
+        { thread: thread.name, waitedMs: Math.round(performance.now() - endingSince), handshakes: thread.pending.size },
         'hung TLS relay thread did not end after terminate(); left running, given no more work',
       );
       this.#failPending(thread, 'hung, did not end after terminate()', false);
@@ -775,9 +788,14 @@ function addCounters(into: RelayCounters, c: Float64Array, sessions: boolean): v
 /**
  * Whether `worker` ended within `limitMs` of terminate() (a thread blocked in a system call does not). With
  * `runDelayMs` (the thread's total wait for a CPU, relay-clock.ts), `limitMs` is of its available time: a thread
- * kept waiting for a CPU is given the time it waited (and one that sleeps, blocked, is not).
+ * kept waiting for a CPU is given the time it waited (and one that sleeps, blocked, is not), up to `wallLimitMs` of
+ * wall time in all.
  */
-async function ended(worker: Worker, limitMs: number, runDelayMs?: () => number | undefined): Promise<boolean> {
+export async function ended(
+  worker: Worker,
+  limitMs: number,
+  { runDelayMs, wallLimitMs = limitMs }: { runDelayMs?: () => number | undefined; wallLimitMs?: number } = {},
+): Promise<boolean> {
   const terminated = worker.terminate().then(
     () => true,
     () => true,
@@ -801,7 +819,8 @@ async function ended(worker: Worker, limitMs: number, runDelayMs?: () => number 
     }
     // (A thread gone from /proc waits no more: its last reading stands until its 'exit' reaches this thread.)
     runDelay = runDelayMs?.() ?? runDelay;
-    waitMs = limitMs - availableSilenceMs(performance.now(), since, runDelay, runDelaySince);
+    const now = performance.now();
+    waitMs = Math.min(limitMs - availableSilenceMs(now, since, runDelay, runDelaySince), since + wallLimitMs - now);
     // (At least a millisecond more: a wait computed as a hair over 0 must not spin.)
     if (waitMs < 1) return false;
   }
