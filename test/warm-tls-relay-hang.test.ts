@@ -140,12 +140,19 @@ async function expectHungAndReplaced(
   const { daemon, metricsPort, raw, nextId, idleSessions, lent, leased, leasedEnded } = setup;
   await hang();
   // A handshake sent to the hung thread (an origin without sessions; a second client, as the first one's requests
-  // are answered in order).
+  // are answered in order). Its wait longer than the finding may take: under a full test run a spinning relay thread
+  // at nice 10 gets little of a CPU, and its silence counts only what it could run (a CI run's acquire reached its
+  // default 10 s first).
   const waiting = openRawClient(daemon.socketPath, cleanups);
-  const pending = waiting.request({ type: 'acquire', id: 1, host: 'localhost', port: other.port, tls: { trust } });
+  const pending = waiting.request({
+    type: 'acquire',
+    id: 1,
+    host: 'localhost',
+    port: other.port,
+    tls: { trust },
+    timeoutMs: 120_000,
+  });
 
-  // (Under a full test run a spinning relay thread at nice 10 gets little of a CPU, and its silence counts only what
-  // it could run: it takes longer to be found.)
   await eventually(() => logRecords(daemon, HUNG).length === 1, 'the hung relay thread logged', 60_000);
   expect(logRecords(daemon, HUNG)[0]).toMatchObject({
     thread: expect.stringMatching(/^TLS relay thread 0 \(threadId \d+\)$/),
@@ -201,7 +208,7 @@ it('a relay thread that spins is found hung, logged, counted, ended and replaced
   // The running totals keep what the replaced thread counted (a gauge that dropped would read as a reset): its
   // handshakes, and the new thread's for the sessions warmed again.
   expect(await metricValue(metricsPort, 'sockpool_tls_handshakes')).toBeGreaterThanOrEqual(handshakesBefore + SESSIONS);
-}, 60_000);
+}, 180_000);
 
 // Blocked in read(2) on a FIFO nobody writes, terminate() cannot end the thread: it is left as the stop leaves one,
 // but given no work, and the daemon's ends of its sessions are closed (idle) or shut down (lent) all the same: with
