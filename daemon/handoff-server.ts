@@ -487,11 +487,19 @@ export class HandoffServer {
           // A prewarm the daemon refuses (a host that is none, a proxy it lacks, an origin its policy refuses) warms
           // nothing, so it is refused before it is charged: a client's queue announcing the denied hosts of its
           // frontier must not use up the allowance its good announcements need.
+          // It is cut first to what the idle pool can keep, and only what is granted of that is charged: a prewarm
+          // past it would connect sockets closed at once. None fits: granted 0, nothing charged or counted.
           const origin = canonicalOrigin(message);
           this.#pools.checkWarmUp(origin);
-          const granted = this.#quotas.takePrewarm(session.uid, message.count);
-          this.#pools.prewarm(origin, granted, message.tls?.trust, session.uid, message.lookahead === true);
-          this.#send(session, { type: 'ok', id: message.id });
+          const granted = this.#pools.prewarm(
+            origin,
+            message.count,
+            message.tls?.trust,
+            session.uid,
+            message.lookahead === true,
+            (room) => this.#quotas.takePrewarm(session.uid, room),
+          );
+          this.#send(session, { type: 'ok', id: message.id, granted });
         } catch (error) {
           this.#replyError(session, message.id, error);
         }
@@ -542,8 +550,13 @@ export class HandoffServer {
           { uid: session.uid },
         );
       }
-      const warming = this.#pools.warm(canonicalOrigin(message), message.count, message.tls?.trust, session.uid);
-      this.#send(session, { type: 'ok', id: message.id, warming });
+      const { warming, granted } = this.#pools.warm(
+        canonicalOrigin(message),
+        message.count,
+        message.tls?.trust,
+        session.uid,
+      );
+      this.#send(session, { type: 'ok', id: message.id, warming, granted });
     } catch (error) {
       this.#replyError(session, message.id, error);
     }

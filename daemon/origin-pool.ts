@@ -68,6 +68,11 @@ export type ConnectPurpose = (typeof CONNECT_PURPOSES)[number];
 export interface OriginPoolEvents {
   idleChanged(pool: OriginPool, delta: number): void;
   /**
+   * Connects under way for no waiter (refills, prewarms, warms) went up or down by `delta`: each becomes an idle
+   * socket if it succeeds, so the pool manager counts them against the global idle cap's room for prewarms.
+   */
+  connectingAheadChanged?(pool: OriginPool, delta: number): void;
+  /**
    * An idle socket was closed. `lent`: a client had it (released unused, kept for its uid): what happened to it may
    * be that client's doing through a copy it kept, not the origin's.
    */
@@ -695,6 +700,8 @@ export class OriginPool implements KeptHolder<IdleSocket> {
     if (forWaiter) {
       this.#connectingForWaiters++;
       if (uid !== undefined) this.#connectingFor.set(uid, (this.#connectingFor.get(uid) ?? 0) + 1);
+    } else {
+      this.#events.connectingAheadChanged?.(this, +1);
     }
     // A waiter's connect waits for a fleet slot while someone still waits; a refill or prewarm only takes a free one.
     const slot = this.#slots?.take(this, forWaiter, () => !this.#closed && (!forWaiter || this.#waiters.length > 0));
@@ -714,7 +721,10 @@ export class OriginPool implements KeptHolder<IdleSocket> {
         // Not needed any more, or the fleet is full for a refill: try again later, quietly.
         this.#connecting--;
         if (forWaiter) this.#waiterConnectEnded(uid);
-        else this.#backoffUntil = performance.now() + FLEET_FULL_BACKOFF_MS;
+        else {
+          this.#events.connectingAheadChanged?.(this, -1);
+          this.#backoffUntil = performance.now() + FLEET_FULL_BACKOFF_MS;
+        }
         this.#pump();
       },
       (error: Error) => {
@@ -744,6 +754,7 @@ export class OriginPool implements KeptHolder<IdleSocket> {
         }
         this.#connecting--;
         if (forWaiter) this.#waiterConnectEnded(uid);
+        else this.#events.connectingAheadChanged?.(this, -1);
         this.#failures = 0;
         this.#events.connected(this, socket.connectMs, uid);
         this.#events.opened(this, purpose);
@@ -785,6 +796,7 @@ export class OriginPool implements KeptHolder<IdleSocket> {
   #connectFailed(forWaiter: boolean, uid: number | undefined, error: Error): void {
     this.#connecting--;
     if (forWaiter) this.#waiterConnectEnded(uid);
+    else this.#events.connectingAheadChanged?.(this, -1);
     this.#settleSlots();
     if (error instanceof ConnectAbandoned) {
       // Nobody wanted it any more: not a failure of the origin's (no backoff, no waiter failed).

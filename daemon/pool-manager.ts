@@ -149,6 +149,10 @@ export class PoolManager {
   #prewarms: Array<{ pool: OriginPool; count: number; uid: number; purpose: ConnectPurpose; left?: number }> = [];
   #prewarmsThisTurn = 0;
   #prewarmTurn: NodeJS.Immediate | undefined;
+  /** The connects the queued prewarms may still start (each entry's `left`, or its `count` before its first turn). */
+  #prewarmsQueued = 0;
+  /** Connects under way for no waiter, every pool's (the connectingAheadChanged event): idle sockets to come. */
+  #connectingAhead = 0;
   #events: OriginPoolEvents;
   /** Pools whose waiting acquires have their leases' clients asked to give idle ones back, and the one re-ask timer. */
   #reclaiming = new Set<OriginPool>();
@@ -180,6 +184,9 @@ export class PoolManager {
       idleChanged: (_pool, delta) => {
         this.#idleTotal += delta;
         if (delta > 0) this.#enforceIdleCap();
+      },
+      connectingAheadChanged: (_pool, delta) => {
+        this.#connectingAhead += delta;
       },
       dropped: (pool, reason, idleMs, ageMs, lent) => this.#onDropped(pool, reason, idleMs, ageMs, lent),
       connected: (pool, connectMs, uid) => {
@@ -374,16 +381,41 @@ export class PoolManager {
   /**
    * A client of `uid` announces demand: `count` idle sockets soon, counted as demand as `count` acquires would be in
    * stats and the idle cap's share-out, but not by the predictive target: these connects serve it (warm-target.ts).
-   * Capping `count` is the caller's (the per-uid prewarm allowance, quotas.ts). Throws SOCKPOOL_ERR_POLICY at once
-   * for an origin the policy refuses (the connects run in the background).
+   * Cut to what the idle pool can keep (#roomFor), then by `take` (the caller's charge: the per-uid prewarm
+   * allowance, quotas.ts), given that room and returning what it grants of it, or throwing (nothing happens then).
+   * Returns the connects granted. Throws SOCKPOOL_ERR_POLICY at once for an origin the policy refuses (the connects
+   * run in the background).
    */
-  prewarm(origin: Origin, count: number, tlsTrust?: TlsTrust, uid = 0, lookahead = false): void {
-    this.#warmUp(origin, count, tlsTrust, uid, true, lookahead);
+  prewarm(
+    origin: Origin,
+    count: number,
+    tlsTrust?: TlsTrust,
+    uid = 0,
+    lookahead = false,
+    take: (room: number) => number = (room) => room,
+  ): number {
+    return this.#warmUp(origin, count, tlsTrust, uid, true, lookahead, take).granted;
   }
 
-  /** An operator's one-shot warming (`sockpool warm`, admins only): `count` idle sockets soon, not demand. */
-  warm(origin: Origin, count: number, tlsTrust?: TlsTrust, uid = 0): WarmKind {
+  /**
+   * An operator's one-shot warming (`sockpool warm`, admins only): `count` idle sockets soon, not demand; cut to
+   * the room (prewarmRoom) like a prewarm. Returns what it warms and how many it granted.
+   */
+  warm(origin: Origin, count: number, tlsTrust?: TlsTrust, uid = 0): { warming: WarmKind; granted: number } {
     return this.#warmUp(origin, count, tlsTrust, uid, false);
+  }
+
+  /**
+   * How many connects a prewarm (or warm) of `count` idle sockets of `pool` may start now: what the idle pool can
+   * keep of them. The origin's maxIdle less what is idle or connecting for it (OriginPool.prewarmWanted), and the
+   * global idle cap in force (pool.maxIdleTotal, or what the fd table fits) less what is idle everywhere, connecting
+   * for no waiter, or queued by prewarms not started yet. Past it every connect would be a SYN (and a handshake, with
+   * warm TLS) at someone's origin for a socket closed at once (#enforceIdleCap), and a uid's prewarm allowance would
+   * be charged for it.
+   */
+  #roomFor(pool: OriginPool, count: number): number {
+    const everywhere = this.#maxIdleTotal() - this.#idleTotal - this.#connectingAhead - this.#prewarmsQueued;
+    return Math.max(0, Math.min(pool.prewarmWanted(count), everywhere));
   }
 
   /**
@@ -413,15 +445,35 @@ export class PoolManager {
     uid: number,
     demand: boolean,
     lookahead = false,
-  ): WarmKind {
+    take: (room: number) => number = (room) => room,
+  ): { warming: WarmKind; granted: number } {
     this.checkWarmUp(origin);
+    const fresh = !this.#pools.has(this.#keyOf(canonicalOrigin(origin), tlsTrust, lookahead));
     const pool = this.#poolFor(origin, tlsTrust, lookahead);
+    const room = this.#roomFor(pool, count);
+    // No room: nothing is charged (a full idle pool is no fault of the uid's) nor counted as demand.
+    let granted: number;
+    try {
+      granted = room === 0 ? 0 : take(room);
+    } catch (error) {
+      // Refused (the uid's allowance used up): no pool is left made for it.
+      if (fresh) this.#retireIfEmpty(pool);
+      throw error;
+    }
     const stats = this.#statsOf(pool.key);
     stats.uids.add(uid);
-    if (demand) this.#bumpRate(stats, count);
-    this.#prewarms.push({ pool, count, uid, purpose: demand ? (lookahead ? 'lookahead' : 'prewarm') : 'warm' });
+    const warming = isTlsPoolKey(pool.key) ? 'tls' : 'tcp';
+    if (granted === 0) return { warming, granted };
+    if (demand) this.#bumpRate(stats, granted);
+    this.#prewarms.push({
+      pool,
+      count: granted,
+      uid,
+      purpose: demand ? (lookahead ? 'lookahead' : 'prewarm') : 'warm',
+    });
+    this.#prewarmsQueued += granted;
     this.#startPrewarms();
-    return isTlsPoolKey(pool.key) ? 'tls' : 'tcp';
+    return { warming, granted };
   }
 
   /**
@@ -434,17 +486,25 @@ export class PoolManager {
     while (this.#prewarms.length > 0 && this.#prewarmsThisTurn < PREWARM_CONNECTS_PER_TURN && !this.#closed) {
       const entry = this.#prewarms[0]!;
       const budget = PREWARM_CONNECTS_PER_TURN - this.#prewarmsThisTurn;
-      // One entry may want more than a turn's budget (up to maxIdle): it stays first and goes on next turn. What it
-      // asks for is fixed at its first turn (what is idle or connecting then counts); later turns start the rest,
-      // whatever became of the connects started before: counted again each turn, connects that failed at once were
-      // wanted again, and the entry started 16 connects a turn to an origin that refuses, for good.
-      entry.left ??= entry.pool.prewarmWanted(entry.count);
+      // One entry may want more than a turn's budget (up to maxIdle): it stays first and goes on next turn. Its
+      // `count` is connects, cut to the room when it was asked (#roomFor); what it starts is fixed at its first turn,
+      // cut again to the origin's room then (a prewarm of the origin queued before it may have started since); later
+      // turns start the rest, whatever became of the connects started before: counted again each turn, connects that
+      // failed at once were wanted again, and the entry started 16 connects a turn to an origin that refuses, for good.
+      if (entry.left === undefined) {
+        entry.left = Math.min(entry.count, entry.pool.prewarmWanted(Number.POSITIVE_INFINITY));
+        this.#prewarmsQueued -= entry.count - entry.left;
+      }
       const wanted = Math.min(entry.left, budget);
       const started = entry.pool.startPrewarmConnects(wanted, entry.uid, entry.purpose);
       this.#prewarmsThisTurn += started;
+      this.#prewarmsQueued -= started;
       entry.left -= started;
       // (Fewer than wanted: the origin's cap is reached, or the pool closed.)
-      if (entry.left === 0 || started < wanted) this.#prewarms.shift();
+      if (entry.left === 0 || started < wanted) {
+        this.#prewarmsQueued -= entry.left;
+        this.#prewarms.shift();
+      }
     }
     if (this.#prewarmsThisTurn === 0 || this.#prewarmTurn) return;
     this.#prewarmTurn = setImmediate(() => {
@@ -646,6 +706,7 @@ export class PoolManager {
     if (this.#sweepTimer) clearInterval(this.#sweepTimer);
     clearImmediate(this.#prewarmTurn);
     this.#prewarms = [];
+    this.#prewarmsQueued = 0;
     clearInterval(this.#reclaimTimer);
     this.#reclaiming.clear();
     const detached: Array<{ origin: Origin; socket: ConnectedSocket }> = [];

@@ -195,6 +195,8 @@ export interface OkReply {
   id: number;
   /** A `warm`'s answer: what the daemon warms (an https origin gets TCP where the daemon keeps no TLS sessions). */
   warming?: 'tls' | 'tcp';
+  /** A `prewarm`'s or `warm`'s answer: how many of `count` the daemon connects (what the idle pool can keep). */
+  granted?: number;
 }
 
 export interface StatsReply {
@@ -442,7 +444,8 @@ export function encodeFrame(message: ClientMessage | DaemonMessage): Buffer | un
       return frame;
     }
     case 'ok': {
-      if (message.warming !== undefined) return undefined; // a warm's answer: JSON (the frame has no room for it)
+      // A warm's or prewarm's answer: JSON (the frame has no room for `warming` or `granted`).
+      if (message.warming !== undefined || message.granted !== undefined) return undefined;
       const frame = Buffer.allocUnsafe(5);
       frame[0] = FrameType.ok;
       frame.writeUInt32LE(message.id, 1);

@@ -116,11 +116,13 @@ describe('pool bounds and DNS', () => {
       String(second.port),
     ]);
     const raw = client(sockpoold.socketPath);
-    await raw.request({ type: 'prewarm', id: 1, host: '127.0.0.1', port: first.port, count: 5 });
-    await raw.request({ type: 'prewarm', id: 2, host: '127.0.0.1', port: second.port, count: 5 });
-    await first.waitForConnections(1);
-    await second.waitForConnections(1);
-    // Sampled while the ten connects come in (each arrival over the cap evicts at once), and after the last.
+    // Prewarms are cut to the room the cap leaves (what is idle, connecting or queued counts): three connects in all.
+    const prewarm = async (id: number, port: number) =>
+      ((await raw.request({ type: 'prewarm', id, host: '127.0.0.1', port, count: 5 })).message as { granted?: number })
+        .granted;
+    expect([await prewarm(1, first.port), await prewarm(2, second.port)]).toEqual([3, 0]);
+    await first.waitForConnections(3);
+    // Sampled while the connects come in, and after the last.
     let id = 100;
     await eventually(async () => {
       const reply = await raw.request({ type: 'stats', id: id++ });

@@ -14,6 +14,7 @@ import { idleSocketsFitting, leaseFdBudget } from '../daemon/quotas.js';
 import * as native from '../shared/native.js';
 import { fdCount } from './fixtures/native-helpers.js';
 import { spawnChild } from './helpers/children.js';
+import { countingOrigin } from './helpers/counting-origin.js';
 import { eventually, repoRoot, startDaemon, writeConfigFile } from './helpers/daemon.js';
 import { openRawClient, type RawClient } from './helpers/raw-client.js';
 import { honestRequest, hostileClient, pathOrigin, runHostile, startSharedDaemon } from './helpers/trust.js';
@@ -388,13 +389,48 @@ describe("the daemon's fd table across uids", () => {
     };
     const shown = async () =>
       ((await raw.request({ type: 'stats', id: nextId++ })).message as unknown as { stats: Shown }).stats;
-    // Every connect of the prewarm made (the origin took them all), then the idle sockets past the room closed.
+    // The prewarm is cut to the room (the next test counts it at the origin), and that many are kept.
     await eventually(async () => {
       const now = await shown();
-      return now.warming.opened.prewarm === 200 && now.connecting === 0;
+      return now.warming.opened.prewarm === fitting && now.connecting === 0;
     }, "the prewarm's connects done");
     expect(await shown()).toMatchObject({ idle: fitting, maxIdleTotalInForce: fitting });
     expect(sockpoold.output()).not.toMatch(/EMFILE/);
+  });
+
+  it('connects no more for a prewarm than the idle pool can keep, and says how many it granted', async () => {
+    const origin = await countingOrigin(0, true);
+    cleanups.push(() => origin.close());
+    // As above: a table of 1,500 keeps 74 idle sockets; the origin's maxIdle (200) would take the whole prewarm.
+    const fdLimit = 1_500;
+    const config = {
+      quotas: { maxConnectsInFlight: 16 },
+      pool: { predictive: false, defaults: { maxIdle: 200, maxPerOrigin: 200 } },
+    };
+    const fitting = idleSocketsFitting(fdLimit, {
+      pool: defaultConfig().pool,
+      quotas: { ...defaultConfig().quotas, ...config.quotas },
+    });
+    const sockpoold = await startSharedDaemon(origin.port, config, cleanups, fdLimited(fdLimit));
+    const raw = client(sockpoold.socketPath);
+    const prewarm = () =>
+      raw.request({ type: 'prewarm', id: nextId++, host: '127.0.0.1', port: origin.port, count: 200 });
+    const stats = async () =>
+      ((await raw.request({ type: 'stats', id: nextId++ })).message as unknown as { stats: Record<string, unknown> })
+        .stats as { idle: number; connecting: number; warming: { opened: { prewarm: number } } };
+    expect((await prewarm()).message).toMatchObject({ type: 'ok', granted: fitting });
+    await eventually(async () => {
+      const now = await stats();
+      return now.idle === fitting && now.connecting === 0;
+    }, 'the idle pool full');
+    // The daemon's connects are done; the origin's accepts may lag them in its event loop.
+    await eventually(() => origin.accepted >= fitting, 'the origin accepted the prewarm');
+    expect((await stats()).warming.opened.prewarm).toBe(fitting);
+    expect(origin.accepted).toBe(fitting);
+    // Full: another prewarm is granted nothing, connects nothing, and is not refused (nothing was charged).
+    expect((await prewarm()).message).toMatchObject({ type: 'ok', granted: 0 });
+    expect((await stats()).connecting).toBe(0);
+    expect(origin.accepted).toBe(fitting);
   });
 });
 

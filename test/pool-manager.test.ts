@@ -249,13 +249,34 @@ describe('PoolManager warming', () => {
     const pools = manager({ maxIdleTotal: 3 });
     await demand(pools, BUSY, 5);
     pools.prewarm(QUIET, 2);
-    pools.prewarm(BUSY, 2);
-    // Four sockets come in for a cap of three: the one evicted is the quiet origin's (no demand per idle socket),
-    // whichever arrives last.
-    await until(() => connector.calls === 9 && pools.snapshot().connecting === 0, 'the prewarms arrived');
+    pools.prewarm(BUSY, 1);
+    await until(() => connector.calls === 8 && pools.snapshot().idle === 3, 'the prewarms arrived');
+    // Two leases of the busy origin (its idle socket and a new connect) come back unused: four idle sockets for a
+    // cap of three, and the one evicted is the quiet origin's (no demand per idle socket), whichever came last.
+    const leases = [await pools.acquire(BUSY, 1_000), await pools.acquire(BUSY, 1_000)];
+    for (const lease of leases) pools.giveBack(lease.originKey, lease);
+    expect(connector.calls).toBe(9);
     expect(idleOf(pools, BUSY)).toBe(2);
     expect(idleOf(pools, QUIET)).toBe(1);
     expect(pools.snapshot().idle).toBe(3);
+  });
+
+  it("cuts a prewarm to the global idle cap's room: what is idle, connecting and queued everywhere counts", async () => {
+    const pools = manager({ maxIdleTotal: 5 });
+    pools.start();
+    // Both in one turn: the first's connects are under way or queued when the second asks.
+    const granted = [pools.prewarm(QUIET, 4), pools.prewarm(BUSY, 4)];
+    await until(() => connector.calls >= 5 && pools.snapshot().connecting === 0, 'the prewarms arrived');
+    for (let turn = 0; turn < 4; turn++) await nextTurn();
+    expect(connector.calls).toBe(5);
+    expect(granted).toEqual([4, 1]);
+    expect(pools.snapshot().idle).toBe(5);
+    // Full: nothing more is connected, for a prewarm or an admin's warm, to a new origin or an old one.
+    expect(pools.prewarm(BUSY, 4)).toBe(0);
+    expect(pools.warm(QUIET, 4)).toEqual({ warming: 'tcp', granted: 0 });
+    for (let turn = 0; turn < 4; turn++) await nextTurn();
+    expect(connector.calls).toBe(5);
+    expect(pools.snapshot().idle).toBe(5);
   });
 
   it('shares the global idle budget out by demand, the busiest origin first', async () => {
@@ -438,7 +459,7 @@ describe('PoolManager with its store and configuration', () => {
     expect(pools.warmFromHistory(10)).toBe(1);
     await until(() => pools.snapshot().idle === 1, 'warmed from history');
     expect(pools.snapshot().origins.map((row) => [row.origin, row.idle])).toEqual([['busy.test:443 via tls', 1]]);
-    expect(pools.warm({ host: 'quiet.test', port: 443, proxy: 'tls' }, 1)).toBe('tcp');
+    expect(pools.warm({ host: 'quiet.test', port: 443, proxy: 'tls' }, 1).warming).toBe('tcp');
     await until(() => pools.snapshot().idle === 2, 'warmed');
   });
 
