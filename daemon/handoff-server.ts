@@ -1093,9 +1093,11 @@ export class HandoffServer {
    * RLIMIT_NOFILE), for as long as the client keeps its end open, readable after the hang-up. Freeing their charges
    * at the hang-up let a uid that made the daemon hang up on it (a half-close, bad messages, a megabyte unread) and
    * connected again hold any number of fds in flight, its quota free each round. So they stay charged, settled as
-   * before (never more than what is unread: SIOCOUTQ), through a copy of the daemon's end kept for that alone and
-   * shut down (the client reads what is queued, then the end). One fd of the daemon's while any charge is left: at
-   * most maxLeasesPerUid a uid, as each holds a charge, and in its uid's share of the fd budget (quotas.ts). A client
+   * before (never more than what is unread: SIOCOUTQ), through the daemon's end, kept for that alone and shut down
+   * (the client reads what is queued, then the end): the channel's own fd, handed over by #disconnect, not a dup of
+   * it (a dup needs a free fd, and out of fds the charges could not be followed: dropped, the fds in flight uncounted
+   * for a uid that filled the table first). One fd of the daemon's while any charge is left: at most
+   * maxLeasesPerUid a uid, as each holds a charge, and in its uid's share of the fd budget (quotas.ts). A client
    * that closed its end has nothing unread: none kept.
    */
   #keepWatching(session: ClientSession, sent: number): void {
@@ -1106,15 +1108,13 @@ export class HandoffServer {
     // its end), and then nothing stays charged and no copy is made.
     this.#settleUnread(session, session.channel.fd);
     if (session.unreadLeases === 0) return;
+    session.watchFd = session.channel.fd;
+    // A daemon fd in its uid's share of the fd budget, while it lasts (#stopWatching gives it back).
+    this.#quotas.watchOpened(session.uid);
     try {
-      session.watchFd = native.dup(session.channel.fd);
-      // A daemon fd in its uid's share of the fd budget, while it lasts (#stopWatching gives it back).
-      this.#quotas.watchOpened(session.uid);
       native.shutdown(session.watchFd);
     } catch {
-      // Out of fds: the charges cannot be followed, so they go (as before this was kept).
-      this.#stopWatching(session);
-      return;
+      // (The client's end is gone: nothing is unread; the next settle finds so and closes it.)
     }
     this.#watchUnread(session);
   }
@@ -1154,7 +1154,9 @@ export class HandoffServer {
     for (const lease of leases) if (!this.#withdrawReply(lease)) sent++;
     if (shutDown) this.#keepWatching(session, sent);
     else this.#stopWatching(session);
-    session.channel.close();
+    // The end kept to watch the unread replies is the channel's own socket (#keepWatching).
+    if (session.watchFd === session.channel.fd) session.channel.closeKeepingSocket();
+    else session.channel.close();
     this.#clients.delete(session.id);
     this.#quotas.closeSession(session.uid);
     // Its acquires still waiting leave their origins' queues now (as a `cancel` each), not at their deadlines.

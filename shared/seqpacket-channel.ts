@@ -235,14 +235,27 @@ export class SeqpacketChannel {
    * thread (native.discard).
    */
   close(): void {
-    if (this.#closed) return;
+    if (this.#closeQueue()) native.discard(this.fd);
+  }
+
+  /**
+   * Closes as close() does but leaves the socket open: its fd becomes the caller's (to close with native.discard,
+   * for the same reason). For a caller that must go on looking at the socket without a new fd for it.
+   */
+  closeKeepingSocket(): void {
+    this.#closeQueue();
+  }
+
+  /** close() but the socket's own fd; false when it was closed already. */
+  #closeQueue(): boolean {
+    if (this.#closed) return false;
     this.#closed = true;
     this.#poller.close();
     this.#turns?.forget(this.#resume);
     for (const message of this.#queue) for (const fd of message.fds) native.close(fd);
     this.#queue = [];
     this.#queuedBytes = 0;
-    native.discard(this.fd);
+    return true;
   }
 
   /**

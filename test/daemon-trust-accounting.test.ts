@@ -5,11 +5,14 @@
 // cancels everything its client had waiting; and an acquire for a host name that gives up keeps its uid's lookup
 // charged while the DNS query it started runs (maxLookupsPerUid bounds lookups in flight, not acquires); waits
 // for rate tokens end with their client's session; replies a client does not read are bounded in bytes.
+
+import { execFile } from 'node:child_process';
 import { once } from 'node:events';
-import { readdirSync, readlinkSync } from 'node:fs';
+import { readdirSync, readFileSync, readlinkSync } from 'node:fs';
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { Socket } from 'node:net';
+import { promisify } from 'node:util';
 import { afterEach, describe, expect, it } from 'vitest';
 import * as native from '../shared/native.js';
 import { type DaemonProcess, eventually, startDaemon, writeConfigFile } from './helpers/daemon.js';
@@ -520,6 +523,44 @@ describe('replies a client does not read', () => {
       async () => sockets() === socketsBefore + 1 + ((await stats(observer)).idle ?? 0),
       () => `${sockets()} daemon sockets, ${socketsBefore} before the hoarder`,
     );
+  });
+  it('stay charged when the daemon hangs up on such a client with its fd table full: following them takes no new fd', async () => {
+    // As above, but with every fd the daemon may have in use: before, the copy of the client's end kept to follow
+    // the unread replies was a dup, which failed (EMFILE) and dropped the charges, so a uid that filled the table
+    // first got fds in flight counted nowhere. The end kept is the session's own socket now.
+    const origin = await pathOrigin(cleanups);
+    const sockpoold = await daemon(origin.port, {
+      quotas: { maxLeasesPerUid: 4 },
+      pool: { defaults: { minIdle: 0, maxIdle: 4 } },
+    });
+    const pid = String(sockpoold.child.pid);
+    const observer = openRawClient(sockpoold.socketPath, cleanups);
+    await stats(observer);
+    const acquire = (id: number) => ({ type: 'acquire', id, host: '127.0.0.1', port: origin.port, timeoutMs: 30_000 });
+    const hoarder = openRawClient(sockpoold.socketPath, cleanups);
+    for (let id = 1; id <= 4; id++) hoarder.sendJson(acquire(id));
+    await eventually(async () => (await stats(observer)).leases === 4, 'four leases lent, their replies unread');
+    // The soft limit at the lowest fd number free: the daemon can open no fd until one of its own closes.
+    const softLimit = /^Max open files\s+(\d+)/m.exec(readFileSync(`/proc/${pid}/limits`, 'utf8'))?.[1];
+    const used = new Set(readdirSync(`/proc/${pid}/fd`).map(Number));
+    let lowestFree = 0;
+    while (used.has(lowestFree)) lowestFree++;
+    await promisify(execFile)('prlimit', ['--pid', pid, `--nofile=${lowestFree}:`]);
+    cleanups.push(() => promisify(execFile)('prlimit', ['--pid', pid, `--nofile=${softLimit}:`]).catch(() => {}));
+    native.shutdown(hoarder.fd);
+    await eventually(async () => (await stats(observer)).clients === 1, 'the hoarder hung up on');
+    expect(await stats(observer)).toMatchObject({ leases: 0, unreadLeases: 4 });
+    await promisify(execFile)('prlimit', ['--pid', pid, `--nofile=${softLimit}:`]);
+    // Read: the charges go, and the end kept is closed (the hoarder sees the end after its four leases).
+    let received = 0;
+    for (;;) {
+      const reply = await hoarder.receive();
+      received += reply.fds.length;
+      for (const fd of reply.fds) native.close(fd);
+      if (reply.eof) break;
+    }
+    expect(received).toBe(4);
+    await eventually(async () => (await stats(observer)).unreadLeases === 0, 'the charges released once read');
   });
 });
 
