@@ -5,8 +5,8 @@
 // The lease keeps it (lease-guard.ts) until the lease ends (shut down and closed) or the socket is given back to
 // the pool; the `lease` message lends it (channel.send with `borrowed`: the kernel gives the client its own copy,
 // ours stays open). A `release` message brings the client's copy back: it is closed here once checked. A session
-// the daemon hung up on with lease replies maybe unread in the client's socket keeps a copy of its end (watchFd,
-// shut down) until they are read or the client closes: #keepWatching makes it, #stopWatching closes it.
+// the daemon hung up on with lease replies maybe unread in the client's socket keeps its end (watchFd: the channel's
+// own fd, shut down) until they are read or the client closes: #keepWatching keeps it, #stopWatching closes it.
 
 import { ErrorCodes, SockpoolError, toPlainError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
@@ -60,8 +60,8 @@ interface ClientSession {
    *  maxLeasesPerClient (#chargeIfUnread). */
   unreadLeases: number;
   /**
-   * After the daemon hung up with lease replies maybe unread in the client's socket (#keepWatching): a copy of the
-   * daemon's end, shut down, kept only to read what is still unread there (SIOCOUTQ) while the session's charges
+   * After the daemon hung up with lease replies maybe unread in the client's socket (#keepWatching): the daemon's
+   * end (the channel's own fd, handed over as the channel closed), shut down, kept only to read what is still unread there (SIOCOUTQ) while the session's charges
    * last; closed when they are settled to none. The session's one fd then.
    */
   watchFd?: number | undefined;

@@ -14,7 +14,7 @@
 // few uids holding leases to maxLeasesPerUid fill it (a TCP lease keeps one daemon fd, a relayed warm TLS lease three),
 // or enough uids holding maxSessionsPerUid connections each, and then the daemon cannot accept, connect or relay for
 // anyone. So every fd a uid makes the daemon hold comes out of one budget (leaseFdBudget): its leases' (and, counted
-// as relayed, its pending acquires'), its connections (one each, and one for each copy of a hung-up connection kept
+// as relayed, its pending acquires'), its connections (one each, and one for each hung-up connection's end kept
 // to watch its unread replies) and the fds in flight in its unread replies (one for each lease ended unread). One
 // budget, not one per kind: the table does not care which kind an fd is, and a uid's mix (many connections and few
 // leases, or the reverse) is its own business. The rule is the one the resolver's system lookups and the relay's
@@ -236,7 +236,7 @@ export class UidQuotas {
   }
 
   /**
-   * The daemon keeps a copy of a hung-up connection's end of `uid`'s to watch its unread replies (handoff-server.ts
+   * The daemon keeps a hung-up connection's end of `uid`'s to watch its unread replies (handoff-server.ts
    * #keepWatching): a daemon fd in the uid's share, not refused (the charges it follows must be followed), until
    * watchClosed. The uid's next connections and acquires then wait for it to read or close.
    */
