@@ -399,7 +399,7 @@ export class PoolManager {
 
   /**
    * An operator's one-shot warming (`sockpool warm`, admins only): `count` idle sockets soon, not demand; cut to
-   * the room (prewarmRoom) like a prewarm. Returns what it warms and how many it granted.
+   * the room (#roomFor) like a prewarm. Returns what it warms and how many it granted.
    */
   warm(origin: Origin, count: number, tlsTrust?: TlsTrust, uid = 0): { warming: WarmKind; granted: number } {
     return this.#warmUp(origin, count, tlsTrust, uid, false);
