@@ -412,10 +412,27 @@ export class PoolManager {
    * for no waiter, or queued by prewarms not started yet. Past it every connect would be a SYN (and a handshake, with
    * warm TLS) at someone's origin for a socket closed at once (#enforceIdleCap), and a uid's prewarm allowance would
    * be charged for it.
+   *
+   * A full cap is not first come, first kept: the cap is shared out by demand (#enforceIdleCap evicts from the pool
+   * whose demand per idle socket is lowest, so each pool keeps about its demand's part of the cap), and a prewarm
+   * (`demand`: its connects counted as demand) may take up to its origin's part with it counted (rounded down: what
+   * the eviction would leave it, or a little less), the sockets of origins in less demand giving way. Otherwise one uid's prewarms, up to the cap
+   * once, would leave every other uid's prewarms nothing for as long as it renewed them (an idle TTL), however much
+   * more those origins were wanted; and each prewarm adds demand its uid's allowance is charged for, so no uid takes
+   * a larger part than its allowance buys. O(pools), only when the cap is short.
    */
-  #roomFor(pool: OriginPool, count: number): number {
-    const everywhere = this.#maxIdleTotal() - this.#idleTotal - this.#connectingAhead - this.#prewarmsQueued;
-    return Math.max(0, Math.min(pool.prewarmWanted(count), everywhere));
+  #roomFor(pool: OriginPool, count: number, demand: boolean): number {
+    const wanted = pool.prewarmWanted(count);
+    const cap = this.#maxIdleTotal();
+    const free = cap - this.#idleTotal - this.#connectingAhead - this.#prewarmsQueued;
+    if (free >= wanted) return wanted;
+    const rate =
+      this.#decayedRate(this.#statsOf(pool.key)) +
+      (demand ? (wanted * 1000) / this.#config.pool.predictiveWindowMs : 0);
+    let rates = rate;
+    for (const other of this.#pools.values()) if (other !== pool) rates += this.#decayedRate(this.#statsOf(other.key));
+    const part = rates > 0 ? Math.floor((cap * rate) / rates) : 0;
+    return Math.max(0, free, Math.min(wanted, part - pool.idleCount - pool.connectingCount));
   }
 
   /**
@@ -450,7 +467,7 @@ export class PoolManager {
     this.checkWarmUp(origin);
     const fresh = !this.#pools.has(this.#keyOf(canonicalOrigin(origin), tlsTrust, lookahead));
     const pool = this.#poolFor(origin, tlsTrust, lookahead);
-    const room = this.#roomFor(pool, count);
+    const room = this.#roomFor(pool, count, demand);
     // No room: nothing is charged (a full idle pool is no fault of the uid's) nor counted as demand.
     let granted: number;
     try {

@@ -264,19 +264,35 @@ describe('PoolManager warming', () => {
   it("cuts a prewarm to the global idle cap's room: what is idle, connecting and queued everywhere counts", async () => {
     const pools = manager({ maxIdleTotal: 5 });
     pools.start();
-    // Both in one turn: the first's connects are under way or queued when the second asks.
+    // Both in one turn: the first's connects are under way or queued when the second asks. The second, as much in
+    // demand, gets its part of the cap (half, rounded down), not the whole rest of it.
     const granted = [pools.prewarm(QUIET, 4), pools.prewarm(BUSY, 4)];
-    await until(() => connector.calls >= 5 && pools.snapshot().connecting === 0, 'the prewarms arrived');
+    await until(() => connector.calls >= 6 && pools.snapshot().connecting === 0, 'the prewarms arrived');
     for (let turn = 0; turn < 4; turn++) await nextTurn();
-    expect(connector.calls).toBe(5);
-    expect(granted).toEqual([4, 1]);
+    expect(connector.calls).toBe(6);
+    expect(granted).toEqual([4, 2]);
     expect(pools.snapshot().idle).toBe(5);
-    // Full: nothing more is connected, for a prewarm or an admin's warm, to a new origin or an old one.
+    // Full, each origin at its part: nothing more is connected, for a prewarm or an admin's warm.
     expect(pools.prewarm(BUSY, 4)).toBe(0);
     expect(pools.warm(QUIET, 4)).toEqual({ warming: 'tcp', granted: 0 });
     for (let turn = 0; turn < 4; turn++) await nextTurn();
-    expect(connector.calls).toBe(5);
+    expect(connector.calls).toBe(6);
     expect(pools.snapshot().idle).toBe(5);
+  });
+
+  it("lets a prewarm at a full cap take its origin's part of it by demand, not first come", async () => {
+    const pools = manager({ maxIdleTotal: 5, predictiveWindowMs: 10_000 });
+    pools.start();
+    // The cap full: two of the quiet origin's (demand 0.2/s), three of the busy one's (0.3/s).
+    expect([pools.prewarm(QUIET, 2), pools.prewarm(BUSY, 3)]).toEqual([2, 3]);
+    await until(() => connector.calls === 5 && pools.snapshot().idle === 5, 'the cap full');
+    // Ten asked for the busy origin (seven more): 1.0/s of 1.2 with them, its part of 5 is 4 (the cap's eviction keeps
+    // it so), one more than it has.
+    expect(pools.prewarm(BUSY, 10)).toBe(1);
+    await until(() => connector.calls === 6 && pools.snapshot().connecting === 0, 'the busy prewarm arrived');
+    for (let turn = 0; turn < 4; turn++) await nextTurn();
+    expect([idleOf(pools, BUSY), idleOf(pools, QUIET)]).toEqual([4, 1]);
+    expect(connector.calls).toBe(6);
   });
 
   it('shares the global idle budget out by demand, the busiest origin first', async () => {
