@@ -10,7 +10,7 @@
 // node --cpu-prof, profile in bench/results/profiles); --strace (syscalls per request, strace -c attached to the
 // raw server and the daemon); --daemon PATH (another build's daemon/main.js, for A/B runs); --compare PATH (another
 // build's daemon beside this one, both in every sequential and throughput round: an A/B in one run);
-// --throughput-rounds N; --json (requesters without binary framing); --fleet (the daemons as fleet members: a
+// --throughput-rounds N; --warm-up N (requests of each case before the rounds); --json (requesters without binary framing); --fleet (the daemons as fleet members: a
 // redis-server, a fleet cap on the origin); --out FILE (JSON results; default bench/results/handoff-<date>.json).
 // docs/benchmarks.md explains every line of the output.
 
@@ -48,7 +48,12 @@ const settings = {
   /** Sequential samples per case and round; the rounds interleave the cases so drift hits all alike. */
   samplesPerRound: quick ? 1_000 : 2_000,
   rounds: quick ? 3 : 10,
-  warmupRequests: quick ? 500 : 2_000,
+  /**
+   * Requests of each case before the measured rounds (`--warm-up N`): the Node servers (the daemon, (b)) and this
+   * process's requester reach their optimized code only after some thousands (their per-round p50 kept falling
+   * through the rounds after 2,000, while the addon's (a) stayed flat).
+   */
+  warmupRequests: option('--warm-up', quick ? 500 : 20_000),
   throughputMs: quick ? 1_000 : 2_000,
   throughputRounds: option('--throughput-rounds', quick ? 3 : 5),
   inFlight: 8,
