@@ -504,14 +504,7 @@ describe('replies a client does not read', () => {
       fields: { quota: 'maxLeasesPerUid' },
     });
     // The hoarder reads what was queued for it: the four leases and their fds, then the end.
-    let received = 0;
-    for (;;) {
-      const reply = await hoarder.receive();
-      received += reply.fds.length;
-      for (const fd of reply.fds) native.close(fd);
-      if (reply.eof) break;
-    }
-    expect(received).toBe(4);
+    expect(await fdsUntilEnd(hoarder)).toBe(4);
     await eventually(async () => (await stats(observer)).unreadLeases === 0, 'the charges released once read');
     const lent = await next.request(acquire(2));
     for (const fd of lent.fds) native.close(fd);
@@ -552,17 +545,21 @@ describe('replies a client does not read', () => {
     expect(await stats(observer)).toMatchObject({ leases: 0, unreadLeases: 4 });
     await promisify(execFile)('prlimit', ['--pid', pid, `--nofile=${softLimit}:`]);
     // Read: the charges go, and the end kept is closed (the hoarder sees the end after its four leases).
-    let received = 0;
-    for (;;) {
-      const reply = await hoarder.receive();
-      received += reply.fds.length;
-      for (const fd of reply.fds) native.close(fd);
-      if (reply.eof) break;
-    }
-    expect(received).toBe(4);
+    expect(await fdsUntilEnd(hoarder)).toBe(4);
     await eventually(async () => (await stats(observer)).unreadLeases === 0, 'the charges released once read');
   });
 });
+
+/** Reads `client` to its end: the fds its replies carried (each closed), counted. */
+async function fdsUntilEnd(client: { receive(): Promise<{ fds: number[]; eof?: boolean }> }): Promise<number> {
+  let received = 0;
+  for (;;) {
+    const reply = await client.receive();
+    received += reply.fds.length;
+    for (const fd of reply.fds) native.close(fd);
+    if (reply.eof) return received;
+  }
+}
 
 interface HoarderReply {
   type: string;

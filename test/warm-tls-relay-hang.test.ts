@@ -250,16 +250,7 @@ it('a relay thread blocked in a system call is found hung, given no more work, i
 // the thread blocked in read(2) on a FIFO (it sleeps: terminate() cannot reach it) until the watchdog took it for hung,
 // then let go (a byte into the FIFO): it ends, kept waiting, its teardown freeing the memory it was given.
 it('a hung relay thread kept waiting for a CPU after terminate() is given its available time to end, not left running', async () => {
-  const daemon = await startTestDaemon([origin.port, other.port], {
-    extraArgs: warmTlsArgs(pki.caFile, [origin.port, other.port]),
-    nodeArgs: ['--inspect=127.0.0.1:0'],
-    config: { tls: { relayHangMs: 3_000 } },
-  });
-  cleanups.push(() => daemon.stop());
-  const inspector = await DaemonInspector.connect(daemon.output());
-  cleanups.push(() => inspector.close());
-  await inspector.call('NodeWorker.enable', { waitForDebuggerOnStart: false });
-  const raw = openRawClient(daemon.socketPath, cleanups);
+  const { daemon, inspector, raw } = await inspectedDaemon(false);
   const pid = daemon.child.pid!;
   const before = threadIds(pid);
   // The relay thread, started by a first warm TLS acquire.
@@ -404,20 +395,28 @@ it('relay threads that hang at every start are replaced at most 3 times; then wa
 const STOPPED =
   'TLS relay threads hang while starting: no more are started until sockpoold restarts; warm TLS handshakes fail once no relay thread is left';
 
-/** A warm-TLS daemon (watchdog limit 3 s) whose inspector holds every worker thread started from now before it runs. */
-async function daemonHoldingNewThreads() {
-  const metricsPort = await freePort();
+/**
+ * A warm-TLS daemon (watchdog limit 3 s) under its inspector, which sees its worker threads (`holdNewThreads`: and
+ * holds each one started from now before it runs), with a raw client.
+ */
+async function inspectedDaemon(holdNewThreads: boolean, extraArgs: string[] = []) {
   const daemon = await startTestDaemon([origin.port, other.port], {
-    extraArgs: [...warmTlsArgs(pki.caFile, [origin.port, other.port]), '--metrics-port', String(metricsPort)],
+    extraArgs: [...warmTlsArgs(pki.caFile, [origin.port, other.port]), ...extraArgs],
     nodeArgs: ['--inspect=127.0.0.1:0'],
     config: { tls: { relayHangMs: 3_000 } },
   });
   cleanups.push(() => daemon.stop());
   const inspector = await DaemonInspector.connect(daemon.output());
   cleanups.push(() => inspector.close());
-  await inspector.call('NodeWorker.enable', { waitForDebuggerOnStart: true });
+  await inspector.call('NodeWorker.enable', { waitForDebuggerOnStart: holdNewThreads });
   const raw = openRawClient(daemon.socketPath, cleanups);
-  return { daemon, inspector, metricsPort, raw };
+  return { daemon, inspector, raw };
+}
+
+/** A warm-TLS daemon (watchdog limit 3 s) whose inspector holds every worker thread started from now before it runs. */
+async function daemonHoldingNewThreads() {
+  const metricsPort = await freePort();
+  return { ...(await inspectedDaemon(true, ['--metrics-port', String(metricsPort)])), metricsPort };
 }
 
 /** The inspector sessions of the relay threads started so far, once there are at least `count`. */
