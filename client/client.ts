@@ -135,6 +135,17 @@ export interface SockpoolStreamResponse extends Omit<ResponseHead, 'timings'> {
   redirected?: true;
 }
 
+/** What prewarm() asked for one origin (targets of one origin merged) and how many connects the daemon granted it. */
+export interface PrewarmGrant {
+  host: string;
+  port: number;
+  /** Idle sockets asked for. */
+  count: number;
+  /** Connects the daemon starts: what its idle pool can keep and the uid's prewarm allowance leave; undefined from a
+   *  daemon that does not say. */
+  granted: number | undefined;
+}
+
 export function defaultSocketPath(): string {
   if (process.env.SOCKPOOL_SOCKET) return process.env.SOCKPOOL_SOCKET;
   return process.getuid?.() === 0 ? '/run/sockpool/sockpoold.sock' : join(process.cwd(), '.sockpool', 'sockpoold.sock');
@@ -695,13 +706,18 @@ export class SockpoolClient {
    * Asks the daemon to warm sockets to these origins: URLs (strings or URL objects: their origin, one socket each)
    * or `{ host, port, count?, https? }` (`https`, default port 443: warm TLS sessions where the daemon would relay
    * them to this client). One target or an array; targets of one origin are merged, their counts added.
+   * Resolves with each merged origin and how many connects the daemon granted it: what its idle pool can keep and the
+   * uid's prewarm allowance leave (`granted` undefined from a daemon that does not say).
    */
-  async prewarm(origins: PrewarmTarget | PrewarmTarget[]): Promise<void> {
+  async prewarm(origins: PrewarmTarget | PrewarmTarget[]): Promise<PrewarmGrant[]> {
     if (this.#closing) throw new SockpoolError(ErrorCodes.CLOSED, 'client is closed');
     // Canonical hosts (the daemon keys them so again): bad input fails here, before any thread.
-    const task: Task = { kind: 'prewarm', origins: validatePrewarm(origins) };
+    const targets = validatePrewarm(origins);
+    const task: Task = { kind: 'prewarm', origins: targets };
     const outcome = await this.#dispatch(task);
     if (!outcome.ok) throw fromPlainError(outcome.error);
+    const granted = 'granted' in outcome ? outcome.granted : [];
+    return targets.map(({ host, port, count }, index) => ({ host, port, count, granted: granted[index] ?? undefined }));
   }
 
   async stats(): Promise<Record<string, unknown>> {

@@ -6,10 +6,17 @@ export type { ResponseHead } from '../worker/stream-protocol.js';
 export type { BodyStream } from './caller-channel.js';
 export {
   defaultSocketPath,
+  type PrewarmGrant,
   SockpoolClient,
   type SockpoolClientOptions,
   type SockpoolResponse,
   type SockpoolStreamResponse,
   type SockpoolTimings,
 } from './client.js';
-export { type BodyInput, type HeadersInput, type RequestOptions, validateRequest } from './validate.js';
+export {
+  type BodyInput,
+  type HeadersInput,
+  type PrewarmTarget,
+  type RequestOptions,
+  validateRequest,
+} from './validate.js';

@@ -64,7 +64,7 @@ async function originFigures(socketPath: string, label: string) {
  */
 const fdCount = () => processFdCount() - holder.openSockets() - target.openSockets();
 
-const LABELS = ['warm-0', 'warm-1', 'url-1', 'url-2', 'url-3', ...Array.from({ length: MANY }, (_, i) => i)];
+const LABELS = ['warm-0', 'warm-1', 'url-1', 'url-2', 'url-3', 'url-4', ...Array.from({ length: MANY }, (_, i) => i)];
 
 beforeAll(async () => {
   holder = await holdingOrigin();
@@ -181,11 +181,19 @@ describe('prewarm takes URLs', () => {
   it('URL strings and URL objects warm their origins; entries of one origin add up', async () => {
     const before = fdCount();
     const client = new SockpoolClient({ socketPath: daemon.socketPath, threads: 0 });
-    await client.prewarm(`http://${name('url-1')}:${target.port}/some/page?q=1`);
-    await client.prewarm([
-      new URL(`http://${name('url-2')}:${target.port}/a`),
-      `http://${name('url-2')}:${target.port}/b`,
-      { host: name('url-3'), port: target.port, count: 3 },
+    // Each resolves with the merged origins and what the daemon granted them (its idle pool has room for all).
+    expect(await client.prewarm(`http://${name('url-1')}:${target.port}/some/page?q=1`)).toEqual([
+      { host: name('url-1'), port: target.port, count: 1, granted: 1 },
+    ]);
+    expect(
+      await client.prewarm([
+        new URL(`http://${name('url-2')}:${target.port}/a`),
+        `http://${name('url-2')}:${target.port}/b`,
+        { host: name('url-3'), port: target.port, count: 3 },
+      ]),
+    ).toEqual([
+      { host: name('url-2'), port: target.port, count: 2, granted: 2 },
+      { host: name('url-3'), port: target.port, count: 3, granted: 3 },
     ]);
     await eventually(async () => {
       const figures = await Promise.all(['url-1', 'url-2', 'url-3'].map((l) => originFigures(daemon.socketPath, l)));
@@ -193,6 +201,22 @@ describe('prewarm takes URLs', () => {
     }, 'the daemon keeps 1, 2 and 3 idle sockets');
     const response = await client.request(`http://${name('url-2')}:${target.port}/after`);
     expect(response).toMatchObject({ warm: true, connection: 'leased' });
+    await client.close();
+    await eventually(() => fdCount() === before, `fd count back to ${before}`);
+  });
+
+  it('says what the daemon granted through the worker threads too, and 0 where its idle pool is full', async () => {
+    const before = fdCount();
+    const client = new SockpoolClient({ socketPath: daemon.socketPath, threads: 1 });
+    const url = `http://${name('url-4')}:${target.port}/`;
+    expect(await client.prewarm({ host: name('url-4'), port: target.port, count: 2 })).toEqual([
+      { host: name('url-4'), port: target.port, count: 2, granted: 2 },
+    ]);
+    await eventually(async () => (await originFigures(daemon.socketPath, 'url-4')).idle === 2, 'two idle sockets');
+    // The origin's idle room (maxIdle) is what is asked for at most: two idle already, two more asked, none to start.
+    expect(await client.prewarm([url, url])).toEqual([
+      { host: name('url-4'), port: target.port, count: 2, granted: 0 },
+    ]);
     await client.close();
     await eventually(() => fdCount() === before, `fd count back to ${before}`);
   });

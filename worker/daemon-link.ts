@@ -137,8 +137,8 @@ export class DaemonLink {
     proxy?: string,
     tls?: { trust: string },
     lookahead = false,
-  ): Promise<void> {
-    await this.#request(
+  ): Promise<number | undefined> {
+    const { message } = await this.#request(
       {
         type: 'prewarm',
         host,
@@ -150,6 +150,9 @@ export class DaemonLink {
       },
       this.#options.requestTimeoutMs,
     );
+    // How many connects the daemon starts for it (what its idle pool can keep); daemons before `granted` send none.
+    const granted = (message as { granted?: unknown }).granted;
+    return typeof granted === 'number' ? granted : undefined;
   }
 
   /**

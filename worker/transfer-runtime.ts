@@ -51,6 +51,7 @@ export type RuntimeTask =
 export type RuntimeResult =
   | TransferOutcome
   | { ok: true; stats: Record<string, unknown> }
+  | { ok: true; granted: Array<number | null> }
   | { ok: true }
   | { ok: false; error: ReturnType<typeof toPlainError> };
 
@@ -99,7 +100,7 @@ export class TransferRuntime {
         return this.#counted(async () => {
           // With a proxy named, the tunnels through it are what the requests will use: warm those.
           const proxy = this.#proxy;
-          await Promise.all(
+          const granted = await Promise.all(
             task.origins.map((origin) => {
               const trust = origin.https ? this.#tlsTrust : undefined;
               return this.#link.prewarm(
@@ -112,7 +113,8 @@ export class TransferRuntime {
               );
             }),
           );
-          return { ok: true };
+          // (null: a daemon before `granted`; a structured clone keeps null, not undefined, in an array.)
+          return { ok: true, granted: granted.map((each) => each ?? null) };
         });
       case 'stats':
         return this.#counted(async () => ({ ok: true, stats: await this.#link.stats() }));
