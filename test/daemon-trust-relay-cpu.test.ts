@@ -38,7 +38,7 @@ import * as native from '../shared/native.js';
 import type { LeaseReply } from '../shared/protocol.js';
 import { eventually, httpsOrigin, type Origin, startTestDaemon, warmTlsArgs } from './fixtures/client-helpers.js';
 import { exchangeOverFd, pollUntil, socketCount, socketsBackTo, waitForEvents } from './fixtures/native-helpers.js';
-import { type DaemonProcess, logRecords, metricValue, repoRoot } from './helpers/daemon.js';
+import { builtTlsRelays, type DaemonProcess, logRecords, metricValue } from './helpers/daemon.js';
 import { freePort } from './helpers/free-port.js';
 import { openRawClient, type RawClient } from './helpers/raw-client.js';
 import { runDelayMs, starveOneCpu, threadIds } from './helpers/starve-cpu.js';
@@ -431,9 +431,7 @@ it.each([
     // handshake (TLS 1.2: its ServerHelloDone, which the relay answers with its key exchange, its one key-log event,
     // held back): that CPU, found past a point of no handshake's (the heartbeat) or of another's (uid 2000's), is
     // split by what each handshake read.
-    const { TlsRelays, registerRelayMetrics } = (await import(
-      join(repoRoot, 'dist', 'daemon', 'tls-relay.js')
-    )) as typeof import('../daemon/tls-relay.js');
+    const { TlsRelays, registerRelayMetrics } = await builtTlsRelays();
     const FIRST = 4;
     const LATER = 8;
     const originPort = await costlyOriginPort(holdDoneMs === undefined ? 'TLSv1.3' : 'TLSv1.2');
@@ -474,9 +472,7 @@ it.each([
 // next ones are paced as a costly uid's are, while another origin's burst of refills goes on, none held back.
 // Before, they were one party, and every origin's refills waited for the daemon's cost to decay, one or two at a time.
 it("the daemon's refills of a costly origin are paced; its refills of another origin go on", async () => {
-  const { TlsRelays } = (await import(
-    join(repoRoot, 'dist', 'daemon', 'tls-relay.js')
-  )) as typeof import('../daemon/tls-relay.js');
+  const { TlsRelays } = await builtTlsRelays();
   const FIRST = 2;
   const LATER = 8;
   const originPort = await costlyOriginPort();
@@ -543,9 +539,7 @@ async function attackAndCheckHonest(
 // for hung, its handshake (and every session it relayed) ended ("TLS relay thread hung, ended by the watchdog"). Now
 // the silence is counted in the thread's available time (daemon/relay-clock.ts): wall time less its run-queue wait.
 it('a relay thread kept waiting for a CPU through a costly check is not taken for hung: its handshake ends', async () => {
-  const { TlsRelays } = (await import(
-    join(repoRoot, 'dist', 'daemon', 'tls-relay.js')
-  )) as typeof import('../daemon/tls-relay.js');
+  const { TlsRelays } = await builtTlsRelays();
   const LIMIT_MS = 3_000;
   const port = await costlyOriginPort();
   const undo = starveOneCpu(2);
@@ -569,9 +563,7 @@ it('a relay thread kept waiting for a CPU through a costly check is not taken fo
 // peak decayed to little, and it got most of its handshakes under way at once. Now the share's clock is the relay
 // threads' available time: the uid stays at the share's two at once.
 it("a costly uid's share of a relay thread kept waiting for a CPU still holds it to two handshakes at once", async () => {
-  const { TlsRelays } = (await import(
-    join(repoRoot, 'dist', 'daemon', 'tls-relay.js')
-  )) as typeof import('../daemon/tls-relay.js');
+  const { TlsRelays } = await builtTlsRelays();
   const FIRST = 2;
   const LATER = 6;
   const costlyProxy = await countingProxy(await costlyOriginPort());

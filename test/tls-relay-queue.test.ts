@@ -13,16 +13,13 @@ import type { TlsRelays } from '../daemon/tls-relay.js';
 import { TlsSessions } from '../daemon/tls-sessions.js';
 import * as native from '../shared/native.js';
 import { pollUntil, socketCount, socketsBackTo } from './fixtures/native-helpers.js';
-import { repoRoot } from './helpers/daemon.js';
+import { builtTlsRelays, repoRoot } from './helpers/daemon.js';
 
-type RelayModule = typeof import('../daemon/tls-relay.js');
 type GateModule = typeof import('../daemon/connect-gate.js');
 
 describe('TlsRelays handshake queue', () => {
   it('runs a few handshakes per thread at once; a queued one an acquire comes to wait for goes first', async () => {
-    const { TlsRelays, HANDSHAKES_PER_THREAD, PLACES_KEPT_FOR_OTHER_UIDS } = (await import(
-      join(repoRoot, 'dist', 'daemon', 'tls-relay.js')
-    )) as RelayModule;
+    const { TlsRelays, HANDSHAKES_PER_THREAD, PLACES_KEPT_FOR_OTHER_UIDS } = await builtTlsRelays();
     // Connections 0..N-1 take every place one uid may hold (all but the few kept for other uids: see "keeps places
     // for other uids"); N and then `waited` (N + 1) queue behind them.
     const N = HANDSHAKES_PER_THREAD - PLACES_KEPT_FOR_OTHER_UIDS;
@@ -75,9 +72,7 @@ describe('TlsRelays handshake queue', () => {
   });
 
   it('closes the TCP fds still queued when it closes, and fails their handshakes', async () => {
-    const { TlsRelays, HANDSHAKES_PER_THREAD, PLACES_KEPT_FOR_OTHER_UIDS } = (await import(
-      join(repoRoot, 'dist', 'daemon', 'tls-relay.js')
-    )) as RelayModule;
+    const { TlsRelays, HANDSHAKES_PER_THREAD, PLACES_KEPT_FOR_OTHER_UIDS } = await builtTlsRelays();
     const before = socketCount();
     const relays = new TlsRelays(1, pino({ level: 'silent' }));
     const params = { host: 'origin.test', port: 443, contextKey: 'system/-/-', timeoutMs: 30_000 };
@@ -105,9 +100,7 @@ describe('TlsRelays handshake queue', () => {
     await socketsBackTo(before);
   });
   it("keeps places for other uids: one uid's handshakes that never end leave another uid's a place at once", async () => {
-    const { TlsRelays, HANDSHAKES_PER_THREAD, PLACES_KEPT_FOR_OTHER_UIDS } = (await import(
-      join(repoRoot, 'dist', 'daemon', 'tls-relay.js')
-    )) as RelayModule;
+    const { TlsRelays, HANDSHAKES_PER_THREAD, PLACES_KEPT_FOR_OTHER_UIDS } = await builtTlsRelays();
     // A handshake holds its place until it ends: up to tls.handshakeTimeoutMs (10 s) with a server that never
     // answers. uid 1000 asks for every place and 50 more such handshakes; then uid 2000 asks for one (`other`).
     // Before, uid 1000's first handshakes held every place of the thread and `other` waited for one of them to time
@@ -165,9 +158,7 @@ describe('TlsRelays handshake queue', () => {
   });
 
   it('does not start a queued handshake no longer wanted: closes its TCP fd and abandons it', async () => {
-    const { TlsRelays, HANDSHAKES_PER_THREAD, PLACES_KEPT_FOR_OTHER_UIDS } = (await import(
-      join(repoRoot, 'dist', 'daemon', 'tls-relay.js')
-    )) as RelayModule;
+    const { TlsRelays, HANDSHAKES_PER_THREAD, PLACES_KEPT_FOR_OTHER_UIDS } = await builtTlsRelays();
     const { ConnectAbandoned } = (await import(join(repoRoot, 'dist', 'daemon', 'connect-gate.js'))) as GateModule;
     // 0..N-1 take every place one uid may hold; N (`unwanted`) and N + 1 queue behind them.
     const N = HANDSHAKES_PER_THREAD - PLACES_KEPT_FOR_OTHER_UIDS;
@@ -219,9 +210,7 @@ describe('TlsRelays handshake queue', () => {
     await socketsBackTo(before);
   });
   it('drops the queued handshakes no longer wanted when the queue grows long, closing their TCP fds', async () => {
-    const { TlsRelays, HANDSHAKES_PER_THREAD, PLACES_KEPT_FOR_OTHER_UIDS } = (await import(
-      join(repoRoot, 'dist', 'daemon', 'tls-relay.js')
-    )) as RelayModule;
+    const { TlsRelays, HANDSHAKES_PER_THREAD, PLACES_KEPT_FOR_OTHER_UIDS } = await builtTlsRelays();
     const { ConnectAbandoned } = (await import(join(repoRoot, 'dist', 'daemon', 'connect-gate.js'))) as GateModule;
     // The uid holds every place it may with handshakes with origins that never answer; 64 more queue behind them,
     // then their acquires give up. Nothing frees room for a while: their TCP fds must not wait for it.

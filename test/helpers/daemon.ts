@@ -11,6 +11,14 @@ import { spawnChild } from './children.js';
 export const repoRoot = join(import.meta.dirname, '..', '..');
 export const daemonMain = join(repoRoot, 'dist', 'daemon', 'main.js');
 
+/**
+ * daemon/tls-relay.js as built in dist/: a TlsRelays made in a test starts its relay threads from the built
+ * tls-relay-thread.js beside it (its Worker's URL), not from the sources vitest runs.
+ */
+export async function builtTlsRelays(): Promise<typeof import('../../daemon/tls-relay.js')> {
+  return (await import(join(repoRoot, 'dist', 'daemon', 'tls-relay.js'))) as typeof import('../../daemon/tls-relay.js');
+}
+
 export interface DaemonProcess {
   child: ChildProcess;
   socketPath: string;
