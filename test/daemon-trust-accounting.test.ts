@@ -8,12 +8,13 @@
 
 import { execFile } from 'node:child_process';
 import { once } from 'node:events';
-import { readdirSync, readFileSync, readlinkSync } from 'node:fs';
+import { readdirSync, readlinkSync } from 'node:fs';
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { Socket } from 'node:net';
 import { promisify } from 'node:util';
 import { afterEach, describe, expect, it } from 'vitest';
+import { readSoftFdLimit } from '../daemon/quotas.js';
 import * as native from '../shared/native.js';
 import { type DaemonProcess, eventually, startDaemon, writeConfigFile } from './helpers/daemon.js';
 import { openRawClient, RawClient } from './helpers/raw-client.js';
@@ -534,7 +535,7 @@ describe('replies a client does not read', () => {
     for (let id = 1; id <= 4; id++) hoarder.sendJson(acquire(id));
     await eventually(async () => (await stats(observer)).leases === 4, 'four leases lent, their replies unread');
     // The soft limit at the lowest fd number free: the daemon can open no fd until one of its own closes.
-    const softLimit = /^Max open files\s+(\d+)/m.exec(readFileSync(`/proc/${pid}/limits`, 'utf8'))?.[1];
+    const softLimit = readSoftFdLimit(`/proc/${pid}/limits`);
     const used = new Set(readdirSync(`/proc/${pid}/fd`).map(Number));
     let lowestFree = 0;
     while (used.has(lowestFree)) lowestFree++;
