@@ -186,6 +186,10 @@ export class OriginPool implements KeptHolder<IdleSocket> {
   get connectingCount(): number {
     return this.#connecting;
   }
+  /** Connects under way for no waiter (refills, prewarms, warms): idle sockets to come if they succeed. */
+  get connectingAheadCount(): number {
+    return this.#connecting - this.#connectingForWaiters;
+  }
   get waitingCount(): number {
     return this.#waiters.length;
   }
@@ -305,7 +309,7 @@ export class OriginPool implements KeptHolder<IdleSocket> {
 
   /** The connects a prewarm of `count` calls for now: up to maxIdle, less what is idle (shared) or connecting. */
   prewarmWanted(count: number): number {
-    const have = this.#sharedIdleCount() + this.#connecting - this.#connectingForWaiters;
+    const have = this.#sharedIdleCount() + this.connectingAheadCount;
     return Math.max(0, Math.min(count, this.policy.maxIdle) - have);
   }
 
@@ -537,7 +541,7 @@ export class OriginPool implements KeptHolder<IdleSocket> {
   /** Refill connects the idle supply lacks: the target less shared idle sockets and refill connects in flight. */
   #refillWanted(): number {
     const target = Math.min(this.policy.maxIdle, Math.max(this.policy.minIdle, this.#refillTarget));
-    const inFlight = this.#connecting - this.#connectingForWaiters;
+    const inFlight = this.connectingAheadCount;
     return target - inFlight - this.#sharedIdleCount(target - inFlight);
   }
 

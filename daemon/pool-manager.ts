@@ -432,7 +432,7 @@ export class PoolManager {
     let rates = rate;
     for (const other of this.#pools.values()) if (other !== pool) rates += this.#decayedRate(this.#statsOf(other.key));
     const part = rates > 0 ? Math.floor((cap * rate) / rates) : 0;
-    return Math.max(0, free, Math.min(wanted, part - pool.idleCount - pool.connectingCount));
+    return Math.max(0, free, Math.min(wanted, part - pool.idleCount - pool.connectingAheadCount));
   }
 
   /**
