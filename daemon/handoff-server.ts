@@ -16,6 +16,7 @@ import {
   type ClientMessage,
   type DaemonMessage,
   decodeClientMessage,
+  type ErrorReply,
   encodeFor,
   encodeMessage,
   expectedFds,
@@ -126,6 +127,8 @@ export class HandoffServer {
   #refusalLog = new LogLimiter(REFUSALS_LOGGED, REFUSAL_LOG_WINDOW_MS);
   /** The same for connections refused (access control, maxSessionsPerUid): a uid connects as fast as it likes. */
   #refusedClientLog = new LogLimiter(REFUSALS_LOGGED, REFUSAL_LOG_WINDOW_MS);
+  /** And those whose one reply did not go out (#sendRefusal), apart: the refusals' own lines must not hide them. */
+  #unsentRefusalLog = new LogLimiter(REFUSALS_LOGGED, REFUSAL_LOG_WINDOW_MS);
   /** Out of fds: the listener is not polled until this timer fires (then the wait doubles while it lasts). */
   #acceptRetry: NodeJS.Timeout | undefined;
   #acceptBackoffMs = 0;
@@ -251,6 +254,23 @@ export class HandoffServer {
     }
   }
 
+  /**
+   * The one reply a connection refused at accept gets before its door closes. It is sent without waiting (a new
+   * connection's queue is empty, so it always fits); one that did not go out is logged, per uid within the refusal
+   * log's bound: the client then reads the end without being told why.
+   */
+  #sendRefusal(fd: number, uid: number, reply: ErrorReply): void {
+    let failure: string | undefined;
+    try {
+      if (native.sendMessage(fd, encodeMessage(reply), []) === null) failure = 'EAGAIN';
+    } catch (error) {
+      failure = (error as { code?: string }).code ?? (error as Error).message;
+    }
+    if (failure !== undefined) {
+      this.#unsentRefusalLog.warn(this.#log, uid, { uid, code: reply.code, err: failure }, 'refusal not sent');
+    }
+  }
+
   /** A new client fd: owned here until the session's channel takes it. */
   #admit(fd: number): void {
     if (this.#refuseFdsOnAccept) {
@@ -278,15 +298,12 @@ export class HandoffServer {
       this.#supplementaryGroups(fd).some((gid) => access.allowGids.includes(gid));
     if (!uidAllowed || !gidAllowed) {
       // One error message, then the door closes: the client learns why.
-      const refusal = encodeMessage({
+      this.#sendRefusal(fd, credentials.uid, {
         type: 'error',
         id: null,
         code: ErrorCodes.ACCESS_DENIED,
         message: `uid ${credentials.uid} gid ${credentials.gid} is not allowed to use sockpoold`,
       });
-      try {
-        native.sendMessage(fd, refusal, []);
-      } catch {}
       // Discarded, not closed: a refused client may already have queued messages with fds (native.discard).
       native.discard(fd);
       this.#metrics?.refusals.inc({ reason: 'access' });
@@ -301,13 +318,13 @@ export class HandoffServer {
       // The quota's name and limit go with it, as in any refusal's reply (#replyError): maxSessionsPerUid, or
       // sessionFds (the uid's share of the daemon's fd budget).
       const plain = toPlainError(error);
-      try {
-        native.sendMessage(
-          fd,
-          encodeMessage({ type: 'error', id: null, code: plain.code, message: plain.message, fields: fieldsOf(plain) }),
-          [],
-        );
-      } catch {}
+      this.#sendRefusal(fd, credentials.uid, {
+        type: 'error',
+        id: null,
+        code: plain.code,
+        message: plain.message,
+        fields: fieldsOf(plain),
+      });
       native.discard(fd);
       this.#metrics?.refusals.inc({ reason: 'quota' });
       this.#refusedClientLog.warn(

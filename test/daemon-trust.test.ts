@@ -15,7 +15,14 @@ import * as native from '../shared/native.js';
 import { MAX_MESSAGE_BYTES } from '../shared/protocol.js';
 import { waitForEvents } from './fixtures/native-helpers.js';
 import { trackChild } from './helpers/children.js';
-import { type DaemonProcess, eventually, repoRoot, startDaemon, writeConfigFile } from './helpers/daemon.js';
+import {
+  type DaemonProcess,
+  eventually,
+  logRecords,
+  repoRoot,
+  startDaemon,
+  writeConfigFile,
+} from './helpers/daemon.js';
 import { openRawClient, RawClient } from './helpers/raw-client.js';
 import { honestRequest, hostileClient, pathOrigin, runHostile } from './helpers/trust.js';
 
@@ -285,6 +292,11 @@ it.each([
     const raw = new RawClient(sockpoold.socketPath);
     try {
       const reply = await raw.receive();
+      // A missing reply names the connection and what the daemon said of refusals it could not send.
+      if (reply.message === null) {
+        const unsent = JSON.stringify(logRecords(sockpoold, 'refusal not sent'));
+        expect.fail(`connection ${i} read the end without its reply; refusals not sent: ${unsent}`);
+      }
       expect(reply.message).toMatchObject({ type: 'error', id: null });
     } finally {
       raw.close();
@@ -298,6 +310,27 @@ it.each([
   await eventually(() => lines().length >= REFUSALS_LOGGED, 'the first refusals logged');
   expect(lines().length).toBeLessThanOrEqual(REFUSALS_LOGGED * windowsSince(started));
   expect(lines()[0]).toContain(`"uid":${process.getuid!()}`);
+});
+
+it('logs a refusal whose one reply did not go out, and serves the sessions it let in', async () => {
+  // A refused client that shut its socket down before the daemon got to it reads nothing: the daemon says so in its
+  // log (with the reply's code and the send's errno) instead of dropping it silently.
+  const origin = await pathOrigin(cleanups);
+  const sockpoold = await daemon(origin.port, { quotas: { maxSessionsPerUid: 1 } });
+  const first = client(sockpoold.socketPath);
+  await first.request({ type: 'hello', id: nextId++, version: 1 });
+  const unsent = () => logRecords(sockpoold, 'refusal not sent');
+  // The daemon may accept one between our connect and our shutdown, and then its reply goes out: try again.
+  for (let attempt = 0; attempt < 50 && unsent().length === 0; attempt++) {
+    const raw = new RawClient(sockpoold.socketPath);
+    native.shutdown(raw.fd);
+    raw.close();
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+  await eventually(() => unsent().length > 0, 'a refusal not sent logged');
+  expect(unsent()[0]).toMatchObject({ uid: process.getuid!(), code: 'SOCKPOOL_ERR_QUOTA', err: 'EPIPE' });
+  const reply = await first.request({ type: 'stats', id: nextId++ });
+  expect(reply.message).toMatchObject({ type: 'stats' });
 });
 
 describe('lease ends are enforced', () => {

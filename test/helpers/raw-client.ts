@@ -26,9 +26,12 @@ export class RawClient {
     try {
       received = await receiveMessage(this.fd, MAX_MESSAGE_BYTES * 4, 4);
     } catch (error) {
-      // The daemon closed with our messages unread: the kernel reports a reset, which is a hang-up here.
-      if ((error as { code?: string }).code === 'ECONNRESET') return { message: null, fds: [], eof: true };
-      throw error;
+      if ((error as { code?: string }).code !== 'ECONNRESET') throw error;
+      // The daemon closed with our messages unread. The kernel reports that reset once, before whatever the daemon
+      // sent first (as the real client's SeqpacketChannel, read on: a refusal's reply may be queued behind it).
+      const behind = native.recvMessage(this.fd, MAX_MESSAGE_BYTES * 4, 4);
+      if (behind === null || behind.eof) return { message: null, fds: [], eof: true };
+      received = behind;
     }
     if (received.eof) return { message: null, fds: [], eof: true };
     // JSON, or a binary frame when the test negotiated binary framing.
