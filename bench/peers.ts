@@ -36,6 +36,7 @@
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import { dirname, join } from 'node:path';
+import { defaultThreads } from '../client/index.js';
 import { createTestPki, type TestPki } from '../test/helpers/tls.js';
 import type { Announce, FirstResult, LoadResult, PeerName } from './fixtures/peer-runner.js';
 import { certificateNames, OriginSet, type Scheme, zipfOrigins } from './lab/origins.js';
@@ -989,6 +990,7 @@ async function main(): Promise<void> {
   const wallStart = performance.now();
   const loadAtStart = os.loadavg();
   log(`sockpool peers benchmark${quick ? ' (--quick)' : ''}: node ${process.version}, ${os.cpus().length} CPUs`);
+  log(`sockpool: the default client, ${defaultThreads()} worker thread(s) on this machine (defaultThreads())`);
   const setOptions = { origins: settings.origins, warmupOrigins: settings.warmupOrigins, zones: zonesNeeded() };
   const pki = createTestPki(certificateNames(setOptions));
   const sets: SetResult[] = [];

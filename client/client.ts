@@ -10,6 +10,7 @@
 
 import { once } from 'node:events';
 import { existsSync } from 'node:fs';
+import { availableParallelism } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { Worker } from 'node:worker_threads';
@@ -54,11 +55,22 @@ import {
 
 export { type RequestOptions, validateRequest } from './validate.js';
 
+/**
+ * Worker threads when the options name none: one per CPU the caller's own thread leaves, at least 1 and at most 2.
+ * A worker thread more than the CPUs can run beside the caller's thread does not add throughput, it adds hops: each
+ * thread sleeps and is woken for its share of the requests, and on 2 CPUs the second thread's wake-ups and context
+ * switches cost more CPU per request than its parallelism gives back (docs/benchmarks.md, "One worker thread on two
+ * CPUs").
+ */
+export function defaultThreads(cpus: number = availableParallelism()): number {
+  return Math.min(2, Math.max(1, cpus - 1));
+}
+
 export interface SockpoolClientOptions {
   /** sockpoold's socket. Default: $SOCKPOOL_SOCKET, else /run/sockpool/sockpoold.sock as root, else
    *  ./.sockpool/sockpoold.sock. */
   socketPath?: string;
-  /** Worker threads. Default 2. */
+  /** Worker threads. Default: one per CPU the caller's own thread leaves, at most 2 (defaultThreads()). */
   threads?: number;
   /** Transfers one thread runs at once on its libcurl Multi. Default 64. */
   concurrencyPerThread?: number;
@@ -245,8 +257,13 @@ export class SockpoolClient {
   #chains = 0;
   #chainsDone: Array<() => void> = [];
 
+  /** The worker threads this client runs (0: the runtime in the caller's thread): `threads`, or defaultThreads(). */
+  get threads(): number {
+    return this.#options.threads;
+  }
+
   constructor(options: SockpoolClientOptions = {}) {
-    const threads = options.threads ?? 2;
+    const threads = options.threads ?? defaultThreads();
     const concurrency = options.concurrencyPerThread ?? 64;
     if (!Number.isInteger(threads) || threads < 0) throw invalid('threads must be an integer >= 0');
     if (!Number.isInteger(concurrency) || concurrency < 1) {

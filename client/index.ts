@@ -6,6 +6,7 @@ export type { ResponseHead } from '../worker/stream-protocol.js';
 export type { BodyStream } from './caller-channel.js';
 export {
   defaultSocketPath,
+  defaultThreads,
   type PrewarmGrant,
   SockpoolClient,
   type SockpoolClientOptions,
