@@ -151,6 +151,8 @@ export class PoolManager {
   #prewarmTurn: NodeJS.Immediate | undefined;
   /** The connects the queued prewarms may still start (each entry's `left`, or its `count` before its first turn). */
   #prewarmsQueued = 0;
+  /** The same by pool: a second prewarm of an origin in one turn finds the first's connects still queued here. */
+  readonly #prewarmsQueuedFor = new Map<OriginPool, number>();
   /** Connects under way for no waiter, every pool's (the connectingAheadChanged event): idle sockets to come. */
   #connectingAhead = 0;
   #events: OriginPoolEvents;
@@ -422,7 +424,10 @@ export class PoolManager {
    * a larger part than its allowance buys. O(pools), only when the cap is short.
    */
   #roomFor(pool: OriginPool, count: number, demand: boolean): number {
-    const wanted = pool.prewarmWanted(count);
+    // What the origin will have once its queued prewarms start counts as had: a second prewarm of it in the same turn
+    // is granted (and charged for) only what the first leaves, not connects its first turn would cut away.
+    const queued = this.#prewarmsQueuedFor.get(pool) ?? 0;
+    const wanted = Math.max(0, pool.prewarmWanted(count) - queued);
     const cap = this.#maxIdleTotal();
     const free = cap - this.#idleTotal - this.#connectingAhead - this.#prewarmsQueued;
     if (free >= wanted) return wanted;
@@ -432,7 +437,7 @@ export class PoolManager {
     let rates = rate;
     for (const other of this.#pools.values()) if (other !== pool) rates += this.#decayedRate(this.#statsOf(other.key));
     const part = rates > 0 ? Math.floor((cap * rate) / rates) : 0;
-    return Math.max(0, free, Math.min(wanted, part - pool.idleCount - pool.connectingAheadCount));
+    return Math.max(0, free, Math.min(wanted, part - pool.idleCount - pool.connectingAheadCount - queued));
   }
 
   /**
@@ -488,7 +493,7 @@ export class PoolManager {
       uid,
       purpose: demand ? (lookahead ? 'lookahead' : 'prewarm') : 'warm',
     });
-    this.#prewarmsQueued += granted;
+    this.#queuePrewarms(pool, granted);
     this.#startPrewarms();
     return { warming, granted };
   }
@@ -509,17 +514,18 @@ export class PoolManager {
       // turns start the rest, whatever became of the connects started before: counted again each turn, connects that
       // failed at once were wanted again, and the entry started 16 connects a turn to an origin that refuses, for good.
       if (entry.left === undefined) {
+        // (Its own queued connects are not yet in flight, so they are not among what prewarmWanted subtracts.)
         entry.left = Math.min(entry.count, entry.pool.prewarmWanted(Number.POSITIVE_INFINITY));
-        this.#prewarmsQueued -= entry.count - entry.left;
+        this.#queuePrewarms(entry.pool, entry.left - entry.count);
       }
       const wanted = Math.min(entry.left, budget);
       const started = entry.pool.startPrewarmConnects(wanted, entry.uid, entry.purpose);
       this.#prewarmsThisTurn += started;
-      this.#prewarmsQueued -= started;
+      this.#queuePrewarms(entry.pool, -started);
       entry.left -= started;
       // (Fewer than wanted: the origin's cap is reached, or the pool closed.)
       if (entry.left === 0 || started < wanted) {
-        this.#prewarmsQueued -= entry.left;
+        this.#queuePrewarms(entry.pool, -entry.left);
         this.#prewarms.shift();
       }
     }
@@ -529,6 +535,14 @@ export class PoolManager {
       this.#prewarmsThisTurn = 0;
       this.#startPrewarms();
     });
+  }
+
+  /** Counts `delta` connects more (or fewer, negative) as queued by prewarms, in all and for `pool`. */
+  #queuePrewarms(pool: OriginPool, delta: number): void {
+    this.#prewarmsQueued += delta;
+    const queued = (this.#prewarmsQueuedFor.get(pool) ?? 0) + delta;
+    if (queued > 0) this.#prewarmsQueuedFor.set(pool, queued);
+    else this.#prewarmsQueuedFor.delete(pool);
   }
 
   /** The DNS query for `host` in flight now, if any (see UidQuotas.acquireSettled). */
@@ -724,6 +738,7 @@ export class PoolManager {
     clearImmediate(this.#prewarmTurn);
     this.#prewarms = [];
     this.#prewarmsQueued = 0;
+    this.#prewarmsQueuedFor.clear();
     clearInterval(this.#reclaimTimer);
     this.#reclaiming.clear();
     const detached: Array<{ origin: Origin; socket: ConnectedSocket }> = [];

@@ -280,6 +280,26 @@ describe('PoolManager warming', () => {
     expect(pools.snapshot().idle).toBe(5);
   });
 
+  it('grants a second prewarm of an origin in one turn only what the first, still queued, leaves', async () => {
+    const pools = manager({ defaults: { minIdle: 0, maxIdle: 16, maxPerOrigin: 16 } });
+    pools.start();
+    const charged: number[] = [];
+    const take = (room: number) => {
+      charged.push(room);
+      return room;
+    };
+    // The busy origin's 16 take this turn's connects (PREWARM_CONNECTS_PER_TURN): the quiet origin's prewarms queue.
+    expect(pools.prewarm(BUSY, 16, undefined, 1, false, take)).toBe(16);
+    // Two clients announce the quiet origin in the same turn: 6 asked, then 10 (16 in all, its maxIdle).
+    expect(pools.prewarm(QUIET, 6, undefined, 1, false, take)).toBe(6);
+    expect(pools.prewarm(QUIET, 10, undefined, 2, false, take)).toBe(4);
+    expect(pools.prewarm(QUIET, 4, undefined, 2, false, take)).toBe(0);
+    expect(charged).toEqual([16, 6, 4]);
+    await until(() => idleOf(pools, QUIET) === 10 && pools.snapshot().connecting === 0, 'the quiet prewarms arrived');
+    for (let turn = 0; turn < 4; turn++) await nextTurn();
+    expect(connector.calls).toBe(26);
+  });
+
   it("lets a prewarm at a full cap take its origin's part of it by demand, not first come", async () => {
     const pools = manager({ maxIdleTotal: 5, predictiveWindowMs: 10_000 });
     pools.start();
