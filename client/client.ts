@@ -66,13 +66,19 @@ export function defaultThreads(cpus: number = availableParallelism()): number {
   return Math.min(2, Math.max(1, cpus - 1));
 }
 
+/** Transfers one thread runs at once when `threads` is given and `concurrencyPerThread` is not. */
+export const DEFAULT_CONCURRENCY_PER_THREAD = 64;
+/** Transfers the client runs at once when neither is given: as two threads of DEFAULT_CONCURRENCY_PER_THREAD. */
+export const DEFAULT_TRANSFERS = 128;
+
 export interface SockpoolClientOptions {
   /** sockpoold's socket. Default: $SOCKPOOL_SOCKET, else /run/sockpool/sockpoold.sock as root, else
    *  ./.sockpool/sockpoold.sock. */
   socketPath?: string;
   /** Worker threads. Default: one per CPU the caller's own thread leaves, at most 2 (defaultThreads()). */
   threads?: number;
-  /** Transfers one thread runs at once on its libcurl Multi. Default 64. */
+  /** Transfers one thread runs at once on its libcurl Multi. Default 64; with `threads` left to its default,
+   *  128 ÷ threads (the default client runs 128 at once, on one thread or two). */
   concurrencyPerThread?: number;
   /**
    * Requests that may wait in the client's queue at once (beyond threads × concurrencyPerThread running); one more
@@ -264,7 +270,11 @@ export class SockpoolClient {
 
   constructor(options: SockpoolClientOptions = {}) {
     const threads = options.threads ?? defaultThreads();
-    const concurrency = options.concurrencyPerThread ?? 64;
+    // With the default thread count the client runs DEFAULT_TRANSFERS at once whatever that count is on this
+    // machine (a crawler's 100 requests in flight must not queue because it got one thread where it got two).
+    const concurrency =
+      options.concurrencyPerThread ??
+      (options.threads === undefined ? Math.ceil(DEFAULT_TRANSFERS / threads) : DEFAULT_CONCURRENCY_PER_THREAD);
     if (!Number.isInteger(threads) || threads < 0) throw invalid('threads must be an integer >= 0');
     if (!Number.isInteger(concurrency) || concurrency < 1) {
       throw invalid('concurrencyPerThread must be a positive integer');

@@ -122,6 +122,24 @@ describe('hundreds of transfers in flight', () => {
   });
 });
 
+describe('the default client', () => {
+  it('runs 128 transfers at once, on the threads its machine gets (defaultThreads)', async () => {
+    // One thread on a 2-CPU machine, two on more: either way as many at once as two threads of 64 ran.
+    const client = new SockpoolClient({ socketPath: daemon.socketPath });
+    try {
+      maxInFlight = 0;
+      gate.close(128);
+      const responses = await Promise.all(
+        Array.from({ length: 300 }, (_, i) => client.request(`http://127.0.0.1:${origin.port}/d${i}`)),
+      );
+      expect(responses.every((response) => response.status === 200)).toBe(true);
+      expect(maxInFlight).toBe(128);
+    } finally {
+      await client.close();
+    }
+  });
+});
+
 describe('open fds stay put', () => {
   it('over 1000 requests, in this process and in the daemon, and back to the start after close()', async () => {
     await settled();
