@@ -990,7 +990,9 @@ async function main(): Promise<void> {
   const wallStart = performance.now();
   const loadAtStart = os.loadavg();
   log(`sockpool peers benchmark${quick ? ' (--quick)' : ''}: node ${process.version}, ${os.cpus().length} CPUs`);
-  log(`sockpool: the default client, ${defaultThreads()} worker thread(s) on this machine (defaultThreads())`);
+  log(
+    `sockpool: the default client, ${defaultThreads()} worker thread(s) on this machine (defaultThreads()); --baseline rows: that build's default`,
+  );
   const setOptions = { origins: settings.origins, warmupOrigins: settings.warmupOrigins, zones: zonesNeeded() };
   const pki = createTestPki(certificateNames(setOptions));
   const sets: SetResult[] = [];

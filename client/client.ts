@@ -63,7 +63,12 @@ export { type RequestOptions, validateRequest } from './validate.js';
  * CPUs").
  */
 export function defaultThreads(cpus: number = availableParallelism()): number {
-  return Math.min(2, Math.max(1, cpus - 1));
+  return Math.min(2, Math.max(1, Math.floor(cpus) - 1));
+}
+
+/** `concurrencyPerThread` when neither it nor `threads` is given: DEFAULT_TRANSFERS spread over `threads`. */
+export function defaultConcurrencyPerThread(threads: number): number {
+  return Math.ceil(DEFAULT_TRANSFERS / Math.max(1, threads));
 }
 
 /** Transfers one thread runs at once when `threads` is given and `concurrencyPerThread` is not. */
@@ -78,7 +83,8 @@ export interface SockpoolClientOptions {
   /** Worker threads. Default: one per CPU the caller's own thread leaves, at most 2 (defaultThreads()). */
   threads?: number;
   /** Transfers one thread runs at once on its libcurl Multi. Default 64; with `threads` left to its default,
-   *  128 ÷ threads (the default client runs 128 at once, on one thread or two). */
+   *  128 ÷ threads (the default client runs 128 at once, on one thread or two). Given alone, it is per thread of
+   *  a machine-dependent count: a client that wants a total names both. */
   concurrencyPerThread?: number;
   /**
    * Requests that may wait in the client's queue at once (beyond threads × concurrencyPerThread running); one more
@@ -274,7 +280,7 @@ export class SockpoolClient {
     // machine (a crawler's 100 requests in flight must not queue because it got one thread where it got two).
     const concurrency =
       options.concurrencyPerThread ??
-      (options.threads === undefined ? Math.ceil(DEFAULT_TRANSFERS / threads) : DEFAULT_CONCURRENCY_PER_THREAD);
+      (options.threads === undefined ? defaultConcurrencyPerThread(threads) : DEFAULT_CONCURRENCY_PER_THREAD);
     if (!Number.isInteger(threads) || threads < 0) throw invalid('threads must be an integer >= 0');
     if (!Number.isInteger(concurrency) || concurrency < 1) {
       throw invalid('concurrencyPerThread must be a positive integer');

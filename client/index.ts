@@ -5,6 +5,7 @@ export type { TransferTimings } from '../worker/curl-engine.js';
 export type { ResponseHead } from '../worker/stream-protocol.js';
 export type { BodyStream } from './caller-channel.js';
 export {
+  defaultConcurrencyPerThread,
   defaultSocketPath,
   defaultThreads,
   type PrewarmGrant,
