@@ -846,6 +846,7 @@ export class PoolManager {
    */
   #retireIfEmpty(pool: OriginPool): void {
     if (pool.total !== 0 || pool.waitingCount !== 0 || pool.policy.minIdle > 0) return;
+    if (this.#prewarmsQueuedFor.has(pool)) return; // its granted prewarm starts next turn
     if (this.#pools.get(pool.key) !== pool) return;
     pool.close();
     this.#pools.delete(pool.key);
@@ -1018,6 +1019,8 @@ export class PoolManager {
     for (const [key, pool] of this.#pools) {
       if (pool.total !== 0 || pool.waitingCount !== 0) continue;
       const removed = this.#proxyRemoved(pool);
+      // A prewarm or warm granted and queued for the next turn is not unused (unless its proxy is gone: it drains).
+      if (!removed && this.#prewarmsQueuedFor.has(pool)) continue;
       if (removed || pool.policy.minIdle === 0) {
         const stats = this.#statsOf(key);
         if (removed || this.#decayedRate(stats) < 0.001) {

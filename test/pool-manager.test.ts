@@ -300,6 +300,20 @@ describe('PoolManager warming', () => {
     expect(connector.calls).toBe(26);
   });
 
+  it('keeps a pool whose warm is still queued through a sweep that retires unused pools', async () => {
+    const pools = manager({ defaults: { minIdle: 0, maxIdle: 16, maxPerOrigin: 16 } });
+    pools.start();
+    // The busy origin's 16 take this turn's connects: the admin's warm of the quiet origin (no demand counted, so
+    // its pool looks unused) waits for the next turn, and a sweep comes first.
+    expect(pools.prewarm(BUSY, 16)).toBe(16);
+    expect(pools.warm(QUIET, 4)).toEqual({ warming: 'tcp', granted: 4 });
+    vi.advanceTimersByTime(SWEEP_MS);
+    for (let turn = 0; turn < 4; turn++) await nextTurn();
+    await until(() => pools.snapshot().connecting === 0, 'the connects done');
+    expect(connector.calls).toBe(20);
+    expect(idleOf(pools, QUIET)).toBe(4);
+  });
+
   it("lets a prewarm at a full cap take its origin's part of it by demand, not first come", async () => {
     const pools = manager({ maxIdleTotal: 5, predictiveWindowMs: 10_000 });
     pools.start();
