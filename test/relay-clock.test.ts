@@ -117,9 +117,12 @@ describe('the readings', () => {
   // time from its spawn): the one thread new Worker() added, which is there once the constructor returns.
   it("finds a thread started since a listing by the one tid added: a worker's, as the worker reads its own", async () => {
     const before = ownThreadIds();
+    // The worker stays alive until terminated: one that ended after posting its tid was gone (its schedstat with
+    // it) when a clean-clone run read its wait.
     const worker = new Worker(
       `const { readlinkSync } = require('node:fs');
-      require('node:worker_threads').parentPort.postMessage(Number(readlinkSync('/proc/thread-self').split('/').pop()));`,
+      require('node:worker_threads').parentPort.postMessage(Number(readlinkSync('/proc/thread-self').split('/').pop()));
+      setInterval(() => {}, 60_000);`,
       { eval: true },
     );
     const tid = startedTid(before);
