@@ -1,12 +1,12 @@
 // The tests' bare protocol client (test/helpers/raw-client.ts) reads what a peer sent before it hung up, as the real
 // client's channel does: a test that counts refusals must not take a reset for a missing reply.
-import { mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, expect, it } from 'vitest';
 import * as native from '../shared/native.js';
 import { encodeMessage } from '../shared/protocol.js';
-import { waitForEvents } from './fixtures/native-helpers.js';
+import { fdCount, waitForEvents } from './fixtures/native-helpers.js';
 import { RawClient } from './helpers/raw-client.js';
 
 const cleanups: Array<() => void> = [];
@@ -15,7 +15,7 @@ afterEach(() => {
 });
 
 it('reads the reply queued behind the reset of a peer that hung up with its message unread', async () => {
-  const before = readdirSync('/proc/self/fd').length;
+  const before = fdCount();
   const directory = mkdtempSync(join(tmpdir(), 'raw-client-'));
   cleanups.push(() => rmSync(directory, { recursive: true, force: true }));
   const listener = native.seqpacketListen(join(directory, 'peer.sock'), 4);
@@ -35,5 +35,5 @@ it('reads the reply queued behind the reset of a peer that hung up with its mess
   expect((await raw.receive()).message).toMatchObject({ type: 'error', code: 'SOCKPOOL_ERR_ACCESS_DENIED' });
   expect(await raw.receive()).toMatchObject({ message: null, eof: true });
   raw.close();
-  expect(readdirSync('/proc/self/fd').length).toBe(before);
+  expect(fdCount()).toBe(before);
 });
