@@ -149,9 +149,10 @@ export class PoolManager {
   #prewarms: Array<{ pool: OriginPool; count: number; uid: number; purpose: ConnectPurpose; left?: number }> = [];
   #prewarmsThisTurn = 0;
   #prewarmTurn: NodeJS.Immediate | undefined;
-  /** The connects the queued prewarms may still start (each entry's `left`, or its `count` before its first turn). */
-  #prewarmsQueued = 0;
-  /** The same by pool: a second prewarm of an origin in one turn finds the first's connects still queued here. */
+  /**
+   * The connects the queued prewarms may still start (each entry's `left`, or its `count` before its first turn), by
+   * pool: a second prewarm of an origin in one turn finds the first's connects still queued here.
+   */
   readonly #prewarmsQueuedFor = new Map<OriginPool, number>();
   /** Connects under way for no waiter, every pool's (the connectingAheadChanged event): idle sockets to come. */
   #connectingAhead = 0;
@@ -429,7 +430,9 @@ export class PoolManager {
     const queued = this.#prewarmsQueuedFor.get(pool) ?? 0;
     const wanted = Math.max(0, pool.prewarmWanted(count) - queued);
     const cap = this.#maxIdleTotal();
-    const free = cap - this.#idleTotal - this.#connectingAhead - this.#prewarmsQueued;
+    let queuedEverywhere = 0;
+    for (const each of this.#prewarmsQueuedFor.values()) queuedEverywhere += each;
+    const free = cap - this.#idleTotal - this.#connectingAhead - queuedEverywhere;
     if (free >= wanted) return wanted;
     const rate =
       this.#decayedRate(this.#statsOf(pool.key)) +
@@ -537,9 +540,8 @@ export class PoolManager {
     });
   }
 
-  /** Counts `delta` connects more (or fewer, negative) as queued by prewarms, in all and for `pool`. */
+  /** Counts `delta` connects more (or fewer, negative) as queued by prewarms for `pool`. */
   #queuePrewarms(pool: OriginPool, delta: number): void {
-    this.#prewarmsQueued += delta;
     const queued = (this.#prewarmsQueuedFor.get(pool) ?? 0) + delta;
     if (queued > 0) this.#prewarmsQueuedFor.set(pool, queued);
     else this.#prewarmsQueuedFor.delete(pool);
@@ -737,7 +739,6 @@ export class PoolManager {
     if (this.#sweepTimer) clearInterval(this.#sweepTimer);
     clearImmediate(this.#prewarmTurn);
     this.#prewarms = [];
-    this.#prewarmsQueued = 0;
     this.#prewarmsQueuedFor.clear();
     clearInterval(this.#reclaimTimer);
     this.#reclaiming.clear();
