@@ -299,6 +299,7 @@ export class HappyEyeballsRace<T> {
       if (running.slotted) this.#options.budget.release();
       return;
     }
+    const waiting = this.#budgetWait;
     if (running.slotted) this.#options.budget.release();
     if (this.#done) {
       if (error === undefined && value !== undefined) this.#options.discard(value);
@@ -306,8 +307,10 @@ export class HappyEyeballsRace<T> {
     }
     this.#failures.push({ candidate: running.candidate, error: error as Error });
     this.#tried[running.candidate.family].failed++;
-    // A failure starts the next attempt at once (no waiting for the delay).
-    this.#startNext();
+    // A failure starts the next attempt at once (no waiting for the delay). When the slot it gave back went to this
+    // race's own wait, that grant was the next attempt: another now would be a second one for one failure, inside
+    // the attempt delay, holding one more of the origin's slots (RFC 8305 §5: one attempt at a time per delay).
+    if (waiting === undefined || this.#budgetWait !== undefined) this.#startNext();
     this.#finishIfExhausted();
   }
 

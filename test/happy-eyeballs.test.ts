@@ -392,6 +392,26 @@ describe('AttemptBudget shared by the races of one origin', () => {
     expect(budget.idle).toBe(true);
   });
 
+  it('a slotted attempt that fails while its race waits for a slot starts one attempt, not one more after it', () => {
+    const budget = new AttemptBudget(2);
+    expect(budget.tryTake()).toBe(true); // another connect of the origin holds one of the two slots
+    const t = setup({ budget });
+    t.race.answer(6, [v6('2001:db8::1'), v6('2001:db8::2'), v6('2001:db8::3')]);
+    t.race.answer(4, [v4('192.0.2.1'), v4('192.0.2.2'), v4('192.0.2.3')]);
+    t.clock.advance(500); // 192.0.2.1 took the last slot at 250; at 500 the next waits for one
+    expect(budget.waiting).toBe(1);
+    t.clock.advance(100);
+    // Its slot goes to this race's wait: the failure's next attempt starts at once, and no second wait is queued.
+    t.attempt('192.0.2.1').settle(refusedError());
+    expect(t.started()).toEqual(['2001:db8::1@0', '192.0.2.1@250', '2001:db8::2@600']);
+    expect(budget.waiting).toBe(0);
+    t.clock.advance(10);
+    budget.release(); // the other connect's slot: nothing failed since 600, so nothing starts before 850
+    expect(t.started()).toEqual(['2001:db8::1@0', '192.0.2.1@250', '2001:db8::2@600']);
+    t.clock.advance(240);
+    expect(t.started().at(-1)).toBe('192.0.2.2@850');
+  });
+
   it('gives every slot back when a race ends', () => {
     const budget = new AttemptBudget(4);
     const t = setup({ budget });
