@@ -233,6 +233,39 @@ describe('key expiry set by members of different settings', () => {
   });
 });
 
+describe('slots given back while slot decisions stay local after an outage', () => {
+  it('leave Redis counting no fewer than the member holds: a slot granted locally is not taken off its count', async () => {
+    // A long heartbeat and slot ttl: within the test only the recovery heartbeat states the counts (and the trust
+    // window after the outage, max(slotTtlMs, 2 s + 2 heartbeats), outlasts the test).
+    const config = parseConfig(
+      { fleet: { redis: redis.url, name: 'afteroutage', heartbeatMs: 60_000, slotTtlMs: 180_000 } },
+      'test',
+    ).fleet;
+    const member = new Fleet(config, log);
+    await member.start();
+    cleanups.push(() => member.close());
+    const origin = '127.0.0.1:21';
+    const countInRedis = async () =>
+      Number((await redis.cli('HGET', `sockpool:{afteroutage}:slots:${origin}`, member.id)).trim() || 0);
+    expect(await member.takeSlot(origin, 2, false, () => true)).toBe(true);
+    expect(await countInRedis()).toBe(1);
+    await redis.kill();
+    await eventually(() => !member.available, 'the member saw the outage', 15_000);
+    await redis.start(); // empty: the recovery heartbeat states the one slot held
+    await eventually(() => member.available, 'the member back', 15_000);
+    await eventually(async () => (await countInRedis()) === 1, 'the held slot stated again', 15_000);
+    // Within the trust window: granted from the member's local share (cap 2, one member), which Redis does not count.
+    expect(await member.takeSlot(origin, 2, false, () => true)).toBe(true);
+    expect(member.held(origin)).toBe(2);
+    member.releaseSlots(origin, 1);
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    // The member holds one; Redis must count at least that until the next heartbeat states it, or another member
+    // could take a slot past the cap meanwhile.
+    expect(member.held(origin)).toBe(1);
+    expect(await countInRedis()).toBeGreaterThanOrEqual(1);
+  }, 60_000);
+});
+
 describe('the fleet.redis database', () => {
   it('a database the server does not have is not silently replaced by db 0', async () => {
     // redis-server's default is 16 databases; parseRedisUrl accepts /0 to /99.

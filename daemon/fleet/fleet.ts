@@ -432,9 +432,15 @@ export class Fleet implements SlotLedger {
     this.#giveBack(key, released);
   }
 
-  /** Lowers this daemon's count of `key` in Redis by `count`; unavailable or failed, the next heartbeat states it. */
+  /**
+   * Lowers this daemon's count of `key` in Redis by `count`; unavailable or failed, the next heartbeat states it.
+   * So too while slot decisions stay local after an outage (#trustSlotsAfter): a slot granted from the local share
+   * then is not in Redis's count until the next heartbeat, and taking one off for it would leave Redis counting
+   * fewer than this daemon holds, room another member could take past the cap. Restated, Redis counts the slot
+   * given back until then instead: more than held, never fewer.
+   */
   #giveBack(key: string, count: number): void {
-    if (!this.available) {
+    if (!this.available || performance.now() < this.#trustSlotsAfter) {
       this.#markRestate(key);
       return;
     }
