@@ -78,6 +78,29 @@ constexpr int32_t kRecvOk = 0;
 constexpr int32_t kRecvEof = 1;
 constexpr int32_t kRecvFdTruncated = 2;
 constexpr int32_t kRecvMsgTruncated = 3;
+
+// A SOCK_SEQPACKET read of 0 bytes and no fds is either an empty packet or the end of the stream: recvmsg says
+// the same for both, and msg_flags too. The end is sticky (every later read returns it) and comes only once the
+// peer has shut its sending side down, which poll shows as POLLRDHUP (POLLHUP when it closed); an empty packet is
+// just a message (bad input for whoever parses it), and the peer may still be there to hear why.
+bool PeerShutDown(int fd) {
+  pollfd state = {fd, POLLRDHUP, 0};
+  int ready;
+  do {
+    ready = ::poll(&state, 1, 0);
+  } while (ready < 0 && errno == EINTR);
+  // A poll that fails on our own fd: taken for the end, as before this check (the channel then closes).
+  return ready != 0 && (ready < 0 || (state.revents & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL)) != 0);
+}
+
+// recvmmsg's entry before `next` read 0 bytes and no fds: the end only if no later entry of the batch carries
+// anything (after the end, recvmmsg fills every slot with it) and the peer has shut down.
+bool EndOfStream(int fd, const mmsghdr* messages, int next, int count) {
+  for (int later = next; later < count; later++) {
+    if (messages[later].msg_len != 0 || messages[later].msg_hdr.msg_controllen != 0) return false;
+  }
+  return PeerShutDown(fd);
+}
 constexpr int kPollEventMask = UV_READABLE | UV_WRITABLE | UV_DISCONNECT;
 
 using FdSet = std::unordered_set<int>;
@@ -1367,7 +1390,7 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     Napi::Array result = Napi::Array::New(env, 3);
     result.Set(0u, Napi::Buffer<uint8_t>::Copy(env, data, static_cast<size_t>(received)));
     result.Set(1u, fd_array);
-    result.Set(2u, Napi::Boolean::New(env, received == 0 && fds.empty()));
+    result.Set(2u, Napi::Boolean::New(env, received == 0 && fds.empty() && PeerShutDown(fd)));
     return result;
   }
 
@@ -1440,7 +1463,7 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
         status = kRecvFdTruncated;
       } else if ((header_set.msg_flags & MSG_TRUNC) != 0) {
         status = kRecvMsgTruncated;
-      } else if (length == 0 && fd_count == 0) {
+      } else if (length == 0 && fd_count == 0 && EndOfStream(fd, messages, m + 1, count)) {
         status = kRecvEof;
       }
       entry[0] = static_cast<int32_t>(length);

@@ -627,6 +627,31 @@ describe('bad input', () => {
     expect((await honestRequest(raw, origin.port, '/after-junk')).body).toBe('/after-junk');
     expect(sockpoold.output()).not.toContain('reply could not be encoded');
   });
+
+  it('answers an empty message as bad input, not as the client hanging up: its session and leases stay', async () => {
+    // On SOCK_SEQPACKET a read of 0 bytes is either an empty packet or the end: only the peer's shutdown tells.
+    const origin = await pathOrigin(cleanups);
+    const sockpoold = await daemon(origin.port, { access: { maxBadMessages: 3 } });
+    const raw = client(sockpoold.socketPath);
+    const lease = await raw.request({ type: 'acquire', id: nextId++, host: '127.0.0.1', port: origin.port });
+    expect(lease.message).toMatchObject({ type: 'lease' });
+    raw.sendBytes(Buffer.alloc(0));
+    const reply = await raw.receive();
+    expect(reply.eof).toBe(false);
+    expect(reply.message).toMatchObject({ type: 'error', id: null, code: 'SOCKPOOL_ERR_PROTOCOL' });
+    // The lease is still this session's: released unused, it is answered.
+    const leaseId = (lease.message as { leaseId: number }).leaseId;
+    const released = await raw.request({ type: 'release', id: nextId++, leaseId, withoutFd: true });
+    native.close(lease.fds[0]!);
+    expect(released.message).toMatchObject({ type: 'ok' });
+    // Empty messages count as bad ones: past maxBadMessages (3; the first empty one counted) the sender is
+    // disconnected after its reply, as for any garbage.
+    for (let i = 0; i < 3; i++) raw.sendBytes(Buffer.alloc(0));
+    const seen: boolean[] = [];
+    for (let i = 0; i < 4; i++) seen.push((await raw.receive()).eof);
+    expect(seen).toEqual([false, false, false, true]);
+    expect(sockpoold.output()).not.toContain('client hung up');
+  });
 });
 
 describe('bad input with fds', () => {

@@ -194,6 +194,26 @@ describe('recvMessages (recvmmsg)', () => {
     expect(native.trackedFds()).toEqual([]);
     expect(fdCount()).toBe(before);
   });
+
+  it('reads an empty packet as an empty message, not the end: only a peer that shut down ends the stream', () => {
+    const before = fdCount();
+    const [sender, receiver] = native.seqpacketPair();
+    const text = (m: native.ReceivedMessage | Error) =>
+      m instanceof Error ? m.message : m.eof ? 'eof' : `[${m.data}]`;
+    native.sendMessage(sender, Buffer.alloc(0));
+    native.sendMessage(sender, Buffer.from('after'));
+    native.sendMessage(sender, Buffer.alloc(0));
+    expect(native.recvMessages(receiver, 64, 1, 16)!.map(text)).toEqual(['[]', '[after]', '[]']);
+    native.sendMessage(sender, Buffer.alloc(0));
+    expect(native.recvMessage(receiver, 64, 1)).toMatchObject({ eof: false, fds: [] });
+    // Shut down after one more empty packet: that packet and the end read alike, and are the end.
+    native.sendMessage(sender, Buffer.alloc(0));
+    native.close(sender);
+    expect(native.recvMessages(receiver, 64, 1, 16)!.map(text)).toEqual(['eof']);
+    expect(native.recvMessage(receiver, 64, 1)).toMatchObject({ eof: true });
+    native.close(receiver);
+    expect(fdCount()).toBe(before);
+  });
 });
 
 describe('recvMessages buffers', () => {
