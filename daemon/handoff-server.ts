@@ -987,6 +987,10 @@ export class HandoffServer {
     }
     this.#quotas.leaseEnded(lease.uid, leaseFdsOf(lease));
     this.#chargeIfUnread(lease, this.#withdrawReply(lease));
+    // Nothing was sent or received on it (the check above): no request was served, and the worker spends its token
+    // again, as after a `closed` lease the origin answered nothing on (#endLease).
+    const claim = lease.tokenClaim;
+    if (claim && !claim.restored) this.#rates?.unanswered(lease.origin, lease.uid, claim);
     // Unused, but the client may still hold a copy: the pool keeps it for this uid alone.
     this.#pools.giveBack(
       lease.originKey,

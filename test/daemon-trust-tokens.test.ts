@@ -224,4 +224,27 @@ describe('an acquire saying tokenTaken', () => {
     expect(after.message).toMatchObject({ type: 'error', code: ErrorCodes.RATE_LIMITED });
     expect(await rates(raw)).toMatchObject({ claimsBelieved: 3, claimsCharged: 2 });
   });
+
+  it('that got a lease released unused gives its claim back once, as `closed` does: the worker spends it again', async () => {
+    // What the project's worker does with a lease its request no longer wants (timed out meanwhile, or curl did not
+    // take the socket): it releases the lease and gives its token back to its batch, and its next acquire says so.
+    const origin = await pathOrigin(cleanups);
+    const sockpoold = await daemon(origin.port, 2);
+    const raw = openRawClient(sockpoold.socketPath, cleanups);
+    expect(
+      (await raw.request({ type: 'tokens', id: nextId++, host: '127.0.0.1', port: origin.port, count: 1 })).message,
+    ).toMatchObject({ type: 'tokens', granted: 1 });
+    const release = (lease: DaemonMessage) =>
+      raw.request({ type: 'release', id: nextId++, leaseId: (lease as { leaseId: number }).leaseId, withoutFd: true });
+    const first = await acquireOne(raw, origin.port, true);
+    expect(believed(first.message)).toBe(true);
+    expect((await release(first.message)).message).toMatchObject({ type: 'ok' });
+    const second = await acquireOne(raw, origin.port, true);
+    expect(believed(second.message)).toBe(true);
+    // Once: released unused again, the claim does not come back a second time.
+    expect((await release(second.message)).message).toMatchObject({ type: 'ok' });
+    const third = await acquireOne(raw, origin.port, true);
+    expect(charged(third.message)).toBe(true);
+    expect(await rates(raw)).toMatchObject({ claimsBelieved: 2, claimsCharged: 1 });
+  });
 });
