@@ -45,8 +45,11 @@ interface ClientSession {
   channel: SeqpacketChannel;
   pid: number;
   uid: number;
-  /** Acquires in flight, so a disconnect can give their sockets back when they resolve. */
+  /** Acquires and token waits in flight (maxPendingPerClient), so a disconnect can give their sockets back when
+   *  they resolve. */
   pending: number;
+  /** Of `pending`, the waits for rate tokens: no lease comes of one, so maxLeasesPerClient leaves them out. */
+  tokenWaitsPending: number;
   badMessages: number;
   closed: boolean;
   /** Binary framing was negotiated in hello (shared/protocol.ts): hot replies go as frames, frames are accepted. */
@@ -341,6 +344,7 @@ export class HandoffServer {
       pid: credentials.pid,
       uid: credentials.uid,
       pending: 0,
+      tokenWaitsPending: 0,
       badMessages: 0,
       closed: false,
       binary: false,
@@ -698,6 +702,7 @@ export class HandoffServer {
       return;
     }
     session.pending++;
+    session.tokenWaitsPending++;
     const timeoutMs = message.timeoutMs ?? this.#acquireTimeoutOf(origin);
     // Ended by the disconnect: a wait left behind would take a token nobody can use, racing the clients still here,
     // and a client hanging up and coming back could leave any number of them. Ended by `cancel` too: a client whose
@@ -709,6 +714,7 @@ export class HandoffServer {
     this.#rates!.take(origin, rate, message.count, timeoutMs, wait.signal, session.uid).then(
       (granted) => {
         session.pending--;
+        session.tokenWaitsPending--;
         this.#quotas.waitSettled(session.uid);
         if (waits.get(message.id) === wait) waits.delete(message.id);
         if (session.closed) return;
@@ -718,6 +724,7 @@ export class HandoffServer {
       },
       (error: Error) => {
         session.pending--;
+        session.tokenWaitsPending--;
         this.#quotas.waitSettled(session.uid);
         if (waits.get(message.id) === wait) waits.delete(message.id);
         if (!session.closed) this.#replyError(session, message.id, error);
@@ -743,13 +750,18 @@ export class HandoffServer {
       this.#replyError(
         session,
         message.id,
-        new SockpoolError(ErrorCodes.LIMIT, `more than ${access.maxPendingPerClient} acquires pending`),
+        new SockpoolError(
+          ErrorCodes.LIMIT,
+          `more than ${access.maxPendingPerClient} acquires and token requests pending`,
+        ),
       );
       return;
     }
     // Its leases ended unread count here as for its uid (#chargeIfUnread): each is an fd of the daemon's in flight to
     // this connection, and a connection that ended its leases by guessed ids stayed under this limit otherwise.
-    const held = this.#leases.countOf(session.id) + session.pending;
+    // (Its waits for tokens are not: no lease comes of one, as quotas.maxLeasesPerUid leaves them out too.)
+    const acquiresPending = session.pending - session.tokenWaitsPending;
+    const held = this.#leases.countOf(session.id) + acquiresPending;
     if (overLeaseLimit(access.maxLeasesPerClient, held, session.unreadLeases, this.#settleSession, session)) {
       this.#replyError(
         session,
@@ -757,7 +769,7 @@ export class HandoffServer {
         new SockpoolError(
           ErrorCodes.LIMIT,
           `client holds ${this.#leases.countOf(session.id)} leases, ${session.unreadLeases} ended with their replies ` +
-            `unread, with ${session.pending} acquires pending (maxLeasesPerClient = ${access.maxLeasesPerClient})`,
+            `unread, with ${acquiresPending} acquires pending (maxLeasesPerClient = ${access.maxLeasesPerClient})`,
         ),
       );
       return;

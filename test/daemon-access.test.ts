@@ -101,6 +101,34 @@ describe('per-client limits on token requests', () => {
     const over = await raw.request({ type: 'tokens', id: 4, host: '127.0.0.1', port: echo.port, count: 1 });
     expect(over.message).toMatchObject({ type: 'error', id: 4, code: 'SOCKPOOL_ERR_LIMIT' });
   });
+
+  it('does not count token requests waiting as leases: maxLeasesPerClient is leases and acquires pending', async () => {
+    const limited = await echoServer();
+    const plain = await echoServer();
+    const sockpoold = await daemonWith(
+      {
+        access: { maxLeasesPerClient: 2, maxPendingPerClient: 4 },
+        pool: { origins: [{ match: `127.0.0.1:${limited.port}`, requestsPerSecond: 0.01, burst: 1 }] },
+      },
+      ['--allow', '127.0.0.1/32', '--allow-port', String(limited.port), '--allow-port', String(plain.port)],
+    );
+    const raw = client(sockpoold.socketPath);
+    const first = await raw.request({ type: 'tokens', id: 1, host: '127.0.0.1', port: limited.port, count: 1 });
+    expect(first.message).toMatchObject({ type: 'tokens', id: 1, granted: 1 });
+    // Two waits for the next tokens (100 s and 200 s away): no lease comes of either.
+    raw.sendJson({ type: 'tokens', id: 2, host: '127.0.0.1', port: limited.port, count: 1, timeoutMs: 600_000 });
+    raw.sendJson({ type: 'tokens', id: 3, host: '127.0.0.1', port: limited.port, count: 1, timeoutMs: 600_000 });
+    const leases = [
+      await raw.request({ type: 'acquire', id: 4, host: '127.0.0.1', port: plain.port }),
+      await raw.request({ type: 'acquire', id: 5, host: '127.0.0.1', port: plain.port }),
+    ];
+    for (const lease of leases) for (const fd of lease.fds) native.close(fd);
+    expect(leases.map((lease) => lease.message?.type)).toEqual(['lease', 'lease']);
+    // The third is over the limit, and its error counts what the limit counts: two leases, no acquire pending.
+    const over = await raw.request({ type: 'acquire', id: 6, host: '127.0.0.1', port: plain.port });
+    expect(over.message).toMatchObject({ type: 'error', id: 6, code: 'SOCKPOOL_ERR_LIMIT' });
+    expect((over.message as { message: string }).message).toMatch(/holds 2 leases, .* with 0 acquires pending/);
+  });
 });
 
 describe('pool bounds and DNS', () => {
