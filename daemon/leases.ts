@@ -19,6 +19,9 @@ export interface Lease {
   peerPort: number;
   family: 4 | 6;
   startedAt: number;
+  /** When the socket was connected (ConnectedSocket.connectedAt): a socket released unused goes back to the pool as
+   *  old as it is (idleTtlMs, recycling), not as young as its lease. */
+  connectedAt: number;
   /** A relayed warm TLS session: what was negotiated (`fd` is then the client's end of the session's pair). */
   tls?: TlsSessionInfo | undefined;
   /** Its relay thread (threadId), for a relayed session: the lease's socket is shut down if that thread hangs. */

@@ -93,6 +93,11 @@ export interface OriginPoolEvents {
 
 /** An idle socket of a pool (exported as a type for KeptSockets, whose entries these are). */
 export interface IdleSocket extends ConnectedSocket {
+  /**
+   * When it came into the pool (the idle watch's delay). Not how long the origin has seen it idle: no socket in the
+   * pool ever carried a request (a released one only comes back unused), so that is since `connectedAt`, which the
+   * recycling before the learned lifetime counts from, as the lifetime is learned (the pool manager's ageMs).
+   */
   idleSince: number;
   /**
    * Watches for EOF, reset or stray bytes. Armed once the socket has been idle IDLE_WATCH_DELAY_MS (see
@@ -450,7 +455,7 @@ export class OriginPool implements KeptHolder<IdleSocket> {
     for (let index = this.#idle.length - 1; index >= 0; index = Math.min(index - 1, this.#idle.length - 1)) {
       const socket = this.#idle[index]!;
       if (socket.ownerUid !== undefined && socket.ownerUid !== uid) continue;
-      const recycle = this.#recycleAfterMs !== undefined && now - socket.idleSince >= this.#recycleAfterMs;
+      const recycle = this.#recycleAfterMs !== undefined && now - socket.connectedAt >= this.#recycleAfterMs;
       const checked = recycle ? 'recycled' : checkIdle(socket.fd, socket.mark, now);
       if (typeof checked !== 'string') {
         this.#idle.splice(index, 1);
@@ -572,7 +577,7 @@ export class OriginPool implements KeptHolder<IdleSocket> {
     clearTimeout(socket.recycleTimer);
     socket.recycleTimer = undefined;
     if (this.#recycleAfterMs === undefined) return;
-    const dueInMs = Math.max(0, this.#recycleAfterMs - (performance.now() - socket.idleSince));
+    const dueInMs = Math.max(0, this.#recycleAfterMs - (performance.now() - socket.connectedAt));
     socket.recycleTimer = setTimeout(() => {
       this.#drop(socket, 'recycled');
       this.#pump();

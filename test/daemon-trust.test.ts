@@ -7,6 +7,7 @@ import { once } from 'node:events';
 import { readFileSync } from 'node:fs';
 import { type AddressInfo, createServer, Socket } from 'node:net';
 import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { promisify } from 'node:util';
 import { afterEach, describe, expect, it } from 'vitest';
 import { ACCEPTS_PER_WAKEUP } from '../daemon/handoff-server.js';
@@ -157,6 +158,39 @@ describe('released sockets', () => {
     await eventually(() => native.probe(fd).state !== 'alive', 'the copy kept across the release is dead');
     // The next lease is another socket: its request gets its own answer.
     expect((await honestRequest(raw, origin.port, '/after-kept')).body).toBe('/after-kept');
+  });
+
+  it('keeps the age of a socket released unused: lent and given back again and again, it still ends at idleTtlMs', async () => {
+    // The origin has seen the connection idle since it was made (a pooled socket never carried a request), so a
+    // release must not make it young again: lent and released over and over, it stayed in the pool for good, past
+    // idleTtlMs (the hard cap on an idle socket's age) and past any learned lifetime, as old as the origin's keep-alive.
+    const origin = await pathOrigin(cleanups);
+    // No refill and no predictive warming: the only socket of the origin is the one cycled.
+    const sockpoold = await daemon(origin.port, {
+      pool: { predictive: false, defaults: { minIdle: 0, idleTtlMs: 1000 } },
+    });
+    const raw = client(sockpoold.socketPath);
+    const cycle = async () => {
+      const lease = await raw.request({ type: 'acquire', id: nextId++, host: '127.0.0.1', port: origin.port });
+      const fd = lease.fds[0]!;
+      const inode = native.socketInode(fd);
+      const leaseId = (lease.message as { leaseId: number }).leaseId;
+      const released = await raw.request({ type: 'release', id: nextId++, leaseId, withoutFd: true });
+      native.close(fd);
+      expect(released.message).toMatchObject({ type: 'ok' });
+      return inode;
+    };
+    const first = await cycle();
+    let cycles = 0;
+    await eventually(
+      async () => {
+        await sleep(50);
+        cycles++;
+        return (await cycle()) !== first;
+      },
+      () => `the first socket still lent after ${cycles} cycles`,
+      15_000,
+    );
   });
 });
 

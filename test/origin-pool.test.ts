@@ -399,6 +399,22 @@ describe('OriginPool recycling and dead idle sockets', () => {
     expect(connector.calls).toBe(2);
   });
 
+  it('recycles a socket given back unused as old as it is: its origin has seen it idle since it connected', async () => {
+    const origin = pool();
+    origin.setRecycleAfter(1_000);
+    origin.prewarm(1);
+    await until(() => origin.idleCount === 1, 'prewarmed');
+    await vi.advanceTimersByTimeAsync(600);
+    const lent = await acquire(origin);
+    expect(lent.warm).toBe(true);
+    await vi.advanceTimersByTimeAsync(300);
+    origin.giveBack(lent, 0, true); // released unused by a client: nothing went over it
+    held.splice(held.indexOf(lent), 1);
+    await vi.advanceTimersByTimeAsync(100); // 1,000 ms after its connect, 100 ms after it came back
+    expect(events.reasons).toEqual(['recycled']);
+    expect(origin.idleCount).toBe(0);
+  });
+
   it('drops idle sockets whose server closes, resets or writes to them', async () => {
     const origin = pool();
     origin.prewarm(3);
