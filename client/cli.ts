@@ -142,15 +142,22 @@ program
     } else {
       origin = parseOriginKey(originText);
     }
-    const warming = await withLink((link) => link.warm(origin.host, origin.port, count, undefined, tls));
-    if (warming === 'tls') console.log(`warming ${count} TLS session(s) to ${originText}`);
+    const { warming, granted } = await withLink((link) => link.warm(origin.host, origin.port, count, undefined, tls));
+    // The daemon brings the origin's idle sockets up to `count`, within what its idle pool can keep (the origin's
+    // maxIdle, the global idle cap): the operator is told how many it connects, not the count asked for.
+    const fewer = granted !== undefined && granted < count;
+    const how = fewer ? `${granted} more` : `${count}`;
+    const room = fewer
+      ? ` (of the ${count} asked for, the rest are idle already or past what the idle pool keeps)`
+      : '';
+    if (warming === 'tls') console.log(`warming ${how} TLS session(s) to ${originText}${room}`);
     else if (tls) {
       // The daemon keeps no TLS sessions for this origin (warm TLS off for it, or trusting another CA than --cacert).
       console.log(
-        `warming ${count} TCP connection(s) to ${originText} (the daemon keeps no TLS sessions for it that ` +
+        `warming ${how} TCP connection(s) to ${originText}${room} (the daemon keeps no TLS sessions for it that ` +
           'verify as asked: requests will handshake themselves)',
       );
-    } else console.log(`warming ${count} connection(s) to ${originText}`);
+    } else console.log(`warming ${how} connection(s) to ${originText}${room}`);
   });
 
 program

@@ -157,7 +157,8 @@ export class DaemonLink {
 
   /**
    * An operator's warming of any origin (admin uids only; others get SOCKPOOL_ERR_ACCESS_DENIED). Answers what the
-   * daemon warms: 'tls' sessions, or 'tcp' connections (also for an https origin it keeps no sessions for).
+   * daemon warms: 'tls' sessions, or 'tcp' connections (also for an https origin it keeps no sessions for), and how
+   * many it connects (`granted`: what its idle pool has room for; undefined from a daemon before `granted`).
    */
   async warm(
     host: string,
@@ -165,12 +166,16 @@ export class DaemonLink {
     count: number,
     proxy?: string,
     tls?: { trust: string },
-  ): Promise<'tls' | 'tcp'> {
+  ): Promise<{ warming: 'tls' | 'tcp'; granted: number | undefined }> {
     const { message } = await this.#request(
       { type: 'warm', host, port, count, ...(proxy ? { proxy } : {}), ...(tls ? { tls } : {}) },
       this.#options.requestTimeoutMs,
     );
-    return message.type === 'ok' && message.warming === 'tls' ? 'tls' : 'tcp';
+    const granted = (message as { granted?: unknown }).granted;
+    return {
+      warming: message.type === 'ok' && message.warming === 'tls' ? 'tls' : 'tcp',
+      granted: typeof granted === 'number' ? granted : undefined,
+    };
   }
 
   /**
