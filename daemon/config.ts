@@ -251,12 +251,14 @@ export function parseProxyUrl(text: string): { host: string; port: number } | un
   const bare = url.username === '' && url.password === '' && url.search === '' && url.hash === '';
   if (url.protocol !== 'http:' || !bare || (url.pathname !== '/' && url.pathname !== '')) return undefined;
   const host = canonicalHost(url.hostname);
-  return { host, port: url.port === '' ? 80 : Number(url.port) };
+  const port = url.port === '' ? 80 : Number(url.port);
+  // (The URL parser takes port 0, which nothing can connect to; every other port of the configuration refuses it.)
+  return port === 0 ? undefined : { host, port };
 }
 const proxySchema = z.strictObject({
   name: z.string().regex(PROXY_NAME, 'expected a name of letters, digits, ".", "_" and "-" (at most 63)'),
   url: z.string().refine((text) => parseProxyUrl(text) !== undefined, {
-    error: 'expected http://host:port (no credentials, path or other scheme)',
+    error: 'expected http://host:port (a port of 1 to 65535; no credentials, path or other scheme)',
   }),
 });
 const dnsServer = parsedEntry(
@@ -420,9 +422,11 @@ export function parseRedisUrl(text: string): { host: string; port: number; db: n
   if (url.search !== '' || url.hash !== '') return undefined;
   const path = url.pathname.replace(/^\//, '');
   if (path !== '' && !/^\d{1,2}$/.test(path)) return undefined;
+  const port = url.port === '' ? 6379 : Number(url.port);
+  if (port === 0) return undefined;
   return {
     host: url.hostname.replace(/^\[(.*)\]$/, '$1'),
-    port: url.port === '' ? 6379 : Number(url.port),
+    port,
     db: path === '' ? 0 : Number(path),
     tls: url.protocol === 'rediss:',
   };
@@ -540,7 +544,7 @@ export const configSchema = z
         redis: z
           .string()
           .refine((text) => parseRedisUrl(text) !== undefined, {
-            error: 'expected redis://host:port/db (or rediss:// for TLS; no query string)',
+            error: 'expected redis://host:port/db (or rediss:// for TLS; a port of 1 to 65535; no query string)',
           })
           .optional(),
         name: z
@@ -681,6 +685,9 @@ function mergePolicy(base: OriginPolicy, override: OriginOverride): OriginPolicy
 // ---------------------------------------------------------------------------------------------------------------
 // Loading.
 
+/** The longest path a Unix socket can be bound to: sun_path's 108 bytes, its terminating NUL included. */
+export const MAX_SOCKET_PATH_BYTES = 107;
+
 export interface ParseOptions {
   /** Relative `socket` and `stateDir` paths are resolved against this directory (default: the working directory). */
   baseDir?: string;
@@ -690,7 +697,8 @@ export interface ParseOptions {
 
 /** Validates a raw configuration object (parsed TOML or JSON). `source` names where it came from in errors. */
 export function parseConfig(raw: unknown, source: string, options: ParseOptions = {}): SockpoolConfig {
-  const result = configSchema.safeParse(raw ?? {});
+  // (A file holding `null` is refused as not an object, like `[]`: not taken for "all defaults".)
+  const result = configSchema.safeParse(raw);
   if (!result.success) {
     const lines = describeIssues(result.error.issues, options.label ?? ((path) => path));
     throw new SockpoolError(ErrorCodes.CONFIG, `invalid configuration in ${source}:\n  ${lines.join('\n  ')}`, {
@@ -701,6 +709,16 @@ export function parseConfig(raw: unknown, source: string, options: ParseOptions 
   const config = result.data;
   const baseDir = options.baseDir ?? process.cwd();
   config.socket = resolve(baseDir, config.socket);
+  // bind() of a longer path fails with ENAMETOOLONG at start, an exit that systemd would restart again and again.
+  if (Buffer.byteLength(config.socket) > MAX_SOCKET_PATH_BYTES) {
+    const key = (options.label ?? ((path) => path))('socket');
+    throw new SockpoolError(
+      ErrorCodes.CONFIG,
+      `invalid configuration in ${source}:\n  ${key}: ${config.socket} is ${Buffer.byteLength(config.socket)} bytes ` +
+        `long; a Unix socket path may be at most ${MAX_SOCKET_PATH_BYTES} (sun_path)`,
+      { source, key: 'socket' },
+    );
+  }
   config.stateDir = resolve(baseDir, config.stateDir);
   // TLS files are read when the daemon starts or reloads; relative paths are relative to the file that names them.
   if (config.tls.caFile !== undefined) config.tls.caFile = resolve(baseDir, config.tls.caFile);

@@ -260,6 +260,9 @@ describe('parseConfig', () => {
       [{ pool: { origins: [{ match: 'example.com' }] } }, 'pool.origins[0].match: expected "host:port"'],
       [{ pool: { origins: [{}] } }, 'pool.origins[0].match:'],
       [{ metricsPort: 65536 }, 'metricsPort:'],
+      // Port 0 in a URL: the URL parser takes it, nothing can connect to it (every other port refuses it).
+      [{ proxies: [{ name: 'p', url: 'http://127.0.0.1:0' }] }, 'proxies[0].url: expected http://host:port (a port of'],
+      [{ fleet: { redis: 'redis://127.0.0.1:0' } }, 'fleet.redis: expected redis://host:port/db'],
       // SCHED_RR's priorities are 1–99 (0: off).
       [{ realtimePriority: 100 }, 'realtimePriority: Too big'],
       [{ realtimePriority: 1.5 }, 'realtimePriority: expected int'],
@@ -407,6 +410,18 @@ maxPerOrigin = 8
     expect(config.pool).toEqual(defaultConfig().pool);
   });
 
+  it('refuses a JSON file holding null, as one holding a list: not taken for every default', () => {
+    for (const [name, text] of [
+      ['null.json', 'null\n'],
+      ['list.json', '[]\n'],
+    ]) {
+      writeFileSync(join(dir, name!), text!);
+      const error = configError(() => loadConfigFile(join(dir, name!)));
+      expect(error.message, name).toContain(`invalid configuration in ${join(dir, name!)}`);
+      expect(error.message, name).toMatch(/expected object/);
+    }
+  });
+
   it('names the file, line and column of a TOML syntax error', () => {
     writeFileSync(join(dir, 'bad.toml'), 'logLevel = "info"\n[pool]\nmaxIdleTotal = = 3\n');
     const error = configError(() => loadConfigFile(join(dir, 'bad.toml')));
@@ -455,6 +470,11 @@ describe('sockpoold with a directory it cannot create', () => {
     for (const [args, expected] of [
       [['--socket', join(dir, 'sockpoold.sock'), '--state-dir', file], `stateDir: cannot create the directory ${file}`],
       [['--socket', join(file, 'sockpoold.sock'), '--state-dir', dir], `socket: cannot create the directory ${file}`],
+      // Longer than sun_path holds: bind() failed with ENAMETOOLONG and exit 1 (systemd restarts that for ever).
+      [
+        ['--socket', join(dir, `${'s'.repeat(120)}.sock`), '--state-dir', dir],
+        'invalid configuration in command-line flags:\n  --socket: ',
+      ],
       // Under a pseudo-filesystem mkdir answers ENOENT with the parent there: Node's recursive mkdirSync looped for
       // ever on it, synchronously (SIGTERM could not stop the daemon).
       [['--socket', join(dir, 'sockpoold.sock'), '--state-dir', '/proc/sockpool-nope'], 'stateDir: cannot create'],
