@@ -453,6 +453,14 @@ export class SockpoolClient {
    */
   #start(prepared: Prepared, resolve: (response: SockpoolResponse) => void, reject: (error: Error) => void): void {
     const { request, signal, queued, target } = prepared;
+    // A signal that fired after the queue gave the request its slot (e.g. when the request holding that slot was
+    // aborted by the same signal, which frees it before this request's own listener there is called): the runtimes
+    // and lanes below only listen for an abort to come, and the request would go out regardless.
+    if (signal?.aborted) {
+      this.#queue.leave(target);
+      reject(abortedError(signal));
+      return;
+    }
     const finish = (outcome: TransferOutcome) => {
       this.#noteThrottled(target, outcome.ok ? outcome.result.timings : outcome.error);
       this.#queue.leave(target);

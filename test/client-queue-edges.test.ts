@@ -4,20 +4,31 @@
 // held for ever, close() not waiting for it. Real daemon child process, real HTTP origin.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SockpoolClient } from '../client/index.js';
-import { echoHandler, httpOrigin, type Origin, startTestDaemon } from './fixtures/client-helpers.js';
+import { echoHandler, eventually, httpOrigin, type Origin, startTestDaemon } from './fixtures/client-helpers.js';
 import type { DaemonProcess } from './helpers/daemon.js';
 
 let origin: Origin;
+/** An origin whose answers to /hold… wait until released together (one turn of its loop); it records every path. */
+let holding: Origin;
+let held: Array<() => void> = [];
+const holdingSaw: string[] = [];
 let daemon: DaemonProcess;
 
 beforeAll(async () => {
   origin = await httpOrigin(echoHandler(20));
-  daemon = await startTestDaemon([origin.port]);
+  holding = await httpOrigin((request, response) => {
+    holdingSaw.push(request.url ?? '');
+    const reply = () => response.end(request.url);
+    if (request.url?.startsWith('/hold')) held.push(reply);
+    else reply();
+  });
+  daemon = await startTestDaemon([origin.port, holding.port]);
 });
 
 afterAll(async () => {
   await daemon?.stop();
   await origin?.close();
+  await holding?.close();
 });
 
 /** Detaches a body's ArrayBuffer, as transferring it to another thread does. */
@@ -79,6 +90,37 @@ describe('a request body detached after the call', () => {
     expect((await client.request(url)).status).toBe(200);
     await client.close();
   });
+});
+
+describe('a signal that fires after the queue gave the request its slot, before the request started', () => {
+  // One signal for two requests, one running and one waiting behind it for the only slot: the running one's abort
+  // listener came first, and failing it gives its slot to the waiting one at once, before that one's own listener
+  // in the queue is called (it is removed as the request leaves the queue). The request then starts with its signal
+  // already fired: the runtimes and lanes only listen for an abort to come, and it used to go out anyway.
+  for (const options of [
+    { threads: 0, concurrencyPerThread: 1 },
+    { threads: 1, concurrencyPerThread: 1, inlineWhenIdle: false },
+  ]) {
+    it(`fails with the abort's error and is never sent (${JSON.stringify(options)})`, async () => {
+      held = [];
+      holdingSaw.length = 0;
+      const client = new SockpoolClient({ socketPath: daemon.socketPath, ...options });
+      const url = `http://127.0.0.1:${holding.port}`;
+      const controller = new AbortController();
+      const running = client.request(`${url}/hold`, { signal: controller.signal });
+      const waiting = client.request(`${url}/waiting`, { signal: controller.signal });
+      await eventually(() => held.length === 1, 'the running request at the origin');
+      const reason = new Error('the caller gave up');
+      controller.abort(reason);
+      const aborted = { code: 'SOCKPOOL_ERR_ABORTED', message: 'request aborted: the caller gave up', cause: reason };
+      await expect(running).rejects.toMatchObject(aborted);
+      await expect(waiting).rejects.toMatchObject(aborted);
+      // The slot is free again, and nothing but the first request and this one reached the origin.
+      expect((await client.request(`${url}/after`)).body.toString()).toBe('/after');
+      await client.close();
+      expect(holdingSaw).toEqual(['/hold', '/after']);
+    });
+  }
 });
 
 describe('a signal that is not an AbortSignal', () => {
