@@ -47,6 +47,7 @@ import {
   type RequestOptions,
   validateAcquireTimeout,
   validateMaxBodyBytes,
+  validatePath,
   validatePrewarm,
   validateRequest,
   validateSignal,
@@ -296,14 +297,17 @@ export class SockpoolClient {
       throw invalid('maxQueued must be a whole number >= 0, or Infinity');
     }
     this.#options = {
-      socketPath: options.socketPath ?? defaultSocketPath(),
+      socketPath:
+        options.socketPath === undefined
+          ? defaultSocketPath()
+          : validatePath(options.socketPath, 'socketPath', "sockpoold's socket"),
       threads,
       concurrencyPerThread: concurrency,
       timeoutMs: validateTimeout(options.timeoutMs ?? 30_000),
       maxBodyBytes: options.maxBodyBytes === undefined ? undefined : validateMaxBodyBytes(options.maxBodyBytes),
       acquireTimeoutMs: validateAcquireTimeout(options.acquireTimeoutMs ?? 10_000),
       fallback: options.fallback ?? 'fail',
-      caFile: options.caFile,
+      caFile: options.caFile === undefined ? undefined : validatePath(options.caFile, 'caFile', 'a CA bundle'),
       insecure: options.insecure ?? false,
       proxy: options.proxy === undefined ? undefined : validateProxyName(options.proxy),
       retry: {

@@ -137,6 +137,15 @@ export function validateSignal(signal: unknown): AbortSignal | undefined {
   return signal as AbortSignal;
 }
 
+/** A file path option of the client's (`what` names it, `meaning` says what it is the path of): a non-empty
+ *  string. Anything else reached curl (caFile: setOpt threw inside a transfer) or the daemon link (socketPath). */
+export function validatePath(value: unknown, what: string, meaning: string): string {
+  if (typeof value !== 'string' || value === '') {
+    throw invalid(`${what} must be the path of ${meaning} (a non-empty string), got ${describe(value)}`);
+  }
+  return value;
+}
+
 /** acquireTimeoutMs: a timeout (validateTimeout) the daemon may be asked to wait, at most the protocol's bound. */
 export function validateAcquireTimeout(timeoutMs: unknown): number {
   const checked = validateTimeout(timeoutMs, 'acquireTimeoutMs');

@@ -325,6 +325,26 @@ describe('CurlEngine deadlines, cancellation and close', () => {
   });
 });
 
+describe('CurlEngine options curl refuses', () => {
+  it('fails the transfer (typed, settled, its lease given back) when curl refuses an option of the policy', async () => {
+    // Found in review: a caFile of the wrong type made setOpt throw while a handle was made, after the socket came:
+    // the throw escaped from a promise callback (an unhandled rejection: the caller's process or thread crashed) and
+    // the transfer never settled, not even at its deadline. The client checks its options now; the engine must
+    // still fail the one transfer for whatever option curl refuses.
+    const curl = engine({ caFile: 123 as unknown as string });
+    const outcome = await Promise.race([
+      curl.run(request('/refused', { deadline: epochNow() + 2_000, timeoutMs: 2_000 })),
+      new Promise((resolve) => setTimeout(() => resolve('not settled 1 s after its deadline'), 3_000)),
+    ]);
+    expect(outcome).toMatchObject({
+      ok: false,
+      error: { code: ErrorCodes.INTERNAL, message: expect.stringMatching(/^GET .*\/refused: curl refused .*string/) },
+    });
+    expect(seen).toEqual([]);
+    // (afterEach: no lease outstanding, no fd left.)
+  });
+});
+
 describe('CurlEngine rate tokens', () => {
   // Found in review (nineteenth session): a transfer that took a token of its rate-limited origin and then never
   // sent its request (the engine closed as its socket came, cancelled just then, or before curl wrote any of it)

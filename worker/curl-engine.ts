@@ -738,6 +738,21 @@ export class CurlEngine {
       bodyLength: undefined,
       restUntil: 0,
     };
+    try {
+      this.#setUp(state);
+    } catch (error) {
+      // (Not in #states yet: nothing else would ever close it.)
+      easy.close();
+      throw error;
+    }
+    this.#states.set(easy, state);
+    return state;
+  }
+
+  /** Sets a new handle's callbacks and what is the same for every transfer of this engine; throws what curl
+   *  refuses. */
+  #setUp(state: HandleState): void {
+    const { easy } = state;
     this.#useLeasedSockets(state, true);
     // Every socket curl closes comes here: leased ones end their lease; direct-fallback ones are just closed.
     // (May run with `this` undefined after the handle closed: it uses nothing but the supply.)
@@ -794,8 +809,6 @@ export class CurlEngine {
     // Never a proxy of curl's own, nor one from the environment (http_proxy and friends): the daemon decides where
     // sockets go, and opens the CONNECT tunnel itself when the client named one of its proxies. '' means no proxy.
     easy.setOpt('PROXY', '');
-    this.#states.set(easy, state);
-    return state;
   }
 
   /** A header block ended (HEADERFUNCTION's blank line): the final response's head goes to the sink at once. */
@@ -1112,7 +1125,16 @@ export class CurlEngine {
     if (waitedForSocket && this.#supply.contended(key)) {
       transfer.capWaitMs += Math.max(0, acquireMs - transfer.attemptTokenWaitMs);
     } else if (slot?.lease?.capWaitMs !== undefined) transfer.capWaitMs += slot.lease.capWaitMs;
-    const state = this.#handle();
+    let state: HandleState;
+    try {
+      state = this.#handle();
+    } catch (error) {
+      // curl refused an option the engine sets on every handle (one of the client's that its validation let
+      // through): this transfer fails, its slot goes back. Thrown on, it escaped from a promise callback (an
+      // unhandled rejection) and the transfer never settled, not even at its deadline.
+      this.#attemptEnded(transfer, slot, unsentFailure(0, setupError(error, request)));
+      return;
+    }
     const attempt: Attempt = {
       seq: ++this.#seq,
       transfer,
@@ -1144,7 +1166,7 @@ export class CurlEngine {
     } catch (error) {
       this.#restoreSocketCallbacks(state, attempt);
       this.#release(state);
-      this.#attemptEnded(transfer, slot, unsentFailure(0, error));
+      this.#attemptEnded(transfer, slot, unsentFailure(0, setupError(error, request)));
       return;
     }
     // (A BufferSink never refuses a chunk: nothing to resume.)
@@ -1384,6 +1406,17 @@ function resentFailure(code: number, request: TransferRequest): TransferFailure 
 }
 
 /** An attempt that ended before curl had it: nothing of its request went out. */
+/** A throw while a transfer was set up in curl (an option curl refused): a SockpoolError as it is, anything else
+ *  SOCKPOOL_ERR_INTERNAL naming the request. */
+function setupError(error: unknown, request: TransferRequest): unknown {
+  if (error instanceof SockpoolError) return error;
+  const message = error instanceof Error ? error.message : String(error);
+  return new SockpoolError(
+    ErrorCodes.INTERNAL,
+    `${request.method} ${request.url}: curl refused the transfer: ${message}`,
+  );
+}
+
 function unsentFailure(code: number, error: unknown): TransferFailure {
   const failure = new TransferFailure(code, error, true);
   failure.unsent = true;
