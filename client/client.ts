@@ -50,6 +50,7 @@ import {
   validatePath,
   validatePrewarm,
   validateRequest,
+  validateRetry,
   validateSignal,
   validateTimeout,
 } from './validate.js';
@@ -292,6 +293,10 @@ export class SockpoolClient {
     if (options.inlineWhenIdle !== undefined && typeof options.inlineWhenIdle !== 'boolean') {
       throw invalid('inlineWhenIdle must be a boolean');
     }
+    // (A string such as "false", read from the environment, would turn verification off by its truthiness.)
+    if (options.insecure !== undefined && typeof options.insecure !== 'boolean') {
+      throw invalid('insecure must be true or false (a boolean)');
+    }
     const maxQueued = options.maxQueued ?? Number.POSITIVE_INFINITY;
     if (maxQueued !== Number.POSITIVE_INFINITY && (!Number.isSafeInteger(maxQueued) || maxQueued < 0)) {
       throw invalid('maxQueued must be a whole number >= 0, or Infinity');
@@ -310,12 +315,7 @@ export class SockpoolClient {
       caFile: options.caFile === undefined ? undefined : validatePath(options.caFile, 'caFile', 'a CA bundle'),
       insecure: options.insecure ?? false,
       proxy: options.proxy === undefined ? undefined : validateProxyName(options.proxy),
-      retry: {
-        deadConnection: options.retry?.deadConnection ?? true,
-        methods: (options.retry?.methods ?? ['GET', 'HEAD', 'OPTIONS', 'PUT', 'DELETE', 'TRACE']).map((method) =>
-          method.toUpperCase(),
-        ),
-      },
+      retry: validateRetry(options.retry),
     };
     const workerData: WorkerConfig = {
       socketPath: this.#options.socketPath,

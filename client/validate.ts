@@ -146,6 +146,26 @@ export function validatePath(value: unknown, what: string, meaning: string): str
   return value;
 }
 
+/** Methods a request whose handed connection died runs again by default: the idempotent ones (RFC 9110). */
+const DEFAULT_RETRY_METHODS = ['GET', 'HEAD', 'OPTIONS', 'PUT', 'DELETE', 'TRACE'];
+
+/** The `retry` option with its defaults: `deadConnection` a boolean, `methods` method names (upper-cased). Anything
+ *  else used to be read by its truthiness, or failed with a raw TypeError (`methods.map`, `toUpperCase`). */
+export function validateRetry(retry: unknown): { deadConnection: boolean; methods: string[] } {
+  if (retry === undefined) return validateRetry({});
+  if (typeof retry !== 'object' || retry === null || Array.isArray(retry)) {
+    throw invalid(`retry must be { deadConnection?, methods? }, got ${describe(retry)}`);
+  }
+  const { deadConnection = true, methods = DEFAULT_RETRY_METHODS } = retry as Record<string, unknown>;
+  if (typeof deadConnection !== 'boolean') {
+    throw invalid(`retry.deadConnection must be true or false, got ${describe(deadConnection)}`);
+  }
+  if (!Array.isArray(methods) || methods.some((method) => typeof method !== 'string' || !TOKEN.test(method))) {
+    throw invalid(`retry.methods must be an array of HTTP method names, got ${describe(methods)}`);
+  }
+  return { deadConnection, methods: methods.map((method: string) => method.toUpperCase()) };
+}
+
 /** acquireTimeoutMs: a timeout (validateTimeout) the daemon may be asked to wait, at most the protocol's bound. */
 export function validateAcquireTimeout(timeoutMs: unknown): number {
   const checked = validateTimeout(timeoutMs, 'acquireTimeoutMs');

@@ -33,3 +33,32 @@ describe('paths', () => {
     expect(await construct({ caFile: '/etc/ssl/certs/ca-certificates.crt' })).toBe('accepted');
   });
 });
+
+describe('TLS verification and retries', () => {
+  it('insecure must be a boolean: the string "false" (read from the environment) is refused, not taken as true', async () => {
+    for (const value of ['false', 'true', 0, 1, null]) {
+      expect(await construct({ insecure: value as never }), JSON.stringify(value)).toMatch(
+        /^SockpoolError SOCKPOOL_ERR_INVALID_ARGUMENT: insecure must be true or false/,
+      );
+    }
+    expect(await construct({ insecure: false })).toBe('accepted');
+  });
+
+  it('retry is { deadConnection?: boolean, methods?: method names }; anything else is refused, typed', async () => {
+    for (const retry of [
+      'off',
+      null,
+      { deadConnection: 'no' },
+      { methods: 'GET' },
+      { methods: [5] },
+      { methods: null },
+      { methods: ['GET', 'NOT A METHOD'] },
+    ]) {
+      expect(await construct({ retry: retry as never }), JSON.stringify(retry)).toMatch(
+        /^SockpoolError SOCKPOOL_ERR_INVALID_ARGUMENT: retry/,
+      );
+    }
+    expect(await construct({ retry: { deadConnection: false, methods: ['get', 'PATCH'] } })).toBe('accepted');
+    expect(await construct({ retry: {} })).toBe('accepted');
+  });
+});
