@@ -766,6 +766,8 @@ export class SockpoolClient {
   }
 
   async stats(): Promise<Record<string, unknown>> {
+    // (As prewarm: a piscina task after close() would start a worker thread again, which nothing would close.)
+    if (this.#closing) throw new SockpoolError(ErrorCodes.CLOSED, 'client is closed');
     const task: Task = { kind: 'stats' };
     const outcome = await this.#dispatch(task);
     if (!outcome.ok) throw fromPlainError(outcome.error);
