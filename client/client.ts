@@ -689,8 +689,15 @@ export class SockpoolClient {
         const again: InternalOptions = { ...options, decompress: false, [AHEAD]: true };
         response = await this.requestStream(url, again);
       }
-      // (A HEAD stays a HEAD through any redirect.)
-      return fetchResponse(response, method);
+      try {
+        // (A HEAD stays a HEAD through any redirect.)
+        return fetchResponse(response, method);
+      } catch (error) {
+        // A head a Response cannot hold: its body is cancelled, or its transfer held its slot (and its connection,
+        // mid-body) until the deadline, and close() waited for it.
+        await response.body.cancel().catch(() => {});
+        throw error;
+      }
     });
   }
 
@@ -1061,8 +1068,23 @@ function hasNullBody(status: number, method: string): boolean {
   return method === 'HEAD' || [101, 204, 205, 304].includes(status);
 }
 
-/** A streamed response as a standard Response. */
+/**
+ * A streamed response as a standard Response. Throws SOCKPOOL_ERR_TRANSFER (before anything reads the body) for a
+ * header that Headers refuses and curl passed on (a name with a space in it, a NUL in a value): Node's fetch fails
+ * such a response ('fetch failed', its HTTP parser's error the cause) rather than dropping the header.
+ */
 function fetchResponse(response: SockpoolStreamResponse, method: string): Response {
+  let headers: Headers;
+  try {
+    headers = new Headers(response.headers);
+  } catch (error) {
+    throw new SockpoolError(
+      ErrorCodes.TRANSFER,
+      `${method} ${response.url}: the response has a header that is not valid HTTP: ${(error as Error).message}`,
+      {},
+      { cause: error },
+    );
+  }
   const nullBody = hasNullBody(response.status, method);
   if (nullBody) {
     // Let the (empty) transfer finish normally, so that curl keeps its connection.
@@ -1075,7 +1097,7 @@ function fetchResponse(response: SockpoolStreamResponse, method: string): Respon
   const result = new Response(nullBody ? null : response.body, {
     status: status >= 200 && status <= 599 ? status : 599,
     statusText,
-    headers: response.headers,
+    headers,
   });
   // (A Response's url has no fragment, as the Fetch standard serializes it: curl's URL is the request's, with it.)
   const hash = response.url.indexOf('#');

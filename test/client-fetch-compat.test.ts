@@ -1,7 +1,9 @@
 // fetch() as a drop-in for Node's own fetch (undici): the same calls made with globalThis.fetch and client.fetch()
 // against the same local origin give the same Response (status, statusText, url and redirected, also on a clone)
 // and the origin sees the same request (framing headers included). A real daemon, real origins.
+import { once } from 'node:events';
 import type { IncomingMessage, ServerResponse } from 'node:http';
+import net from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SockpoolClient, SockpoolError } from '../client/index.js';
 import { httpOrigin, type Origin, startTestDaemon } from './fixtures/client-helpers.js';
@@ -10,6 +12,10 @@ import type { DaemonProcess } from './helpers/daemon.js';
 let origin: Origin;
 /** A port the daemon may connect to where nothing listens. */
 let closedPort: number;
+/** An origin that answers every request with a head a Response cannot hold (a header name with a space in it,
+ *  which curl passes on), and half of its body: the rest never comes. Its connections, to see them closed. */
+let badHead: net.Server;
+const badHeadSockets = new Set<net.Socket>();
 let daemon: DaemonProcess;
 let client: SockpoolClient;
 
@@ -70,7 +76,15 @@ beforeAll(async () => {
   const closed = await httpOrigin(handler);
   closedPort = closed.port;
   await closed.close();
-  daemon = await startTestDaemon([origin.port, closedPort]);
+  badHead = net.createServer((socket) => {
+    badHeadSockets.add(socket);
+    socket.on('close', () => badHeadSockets.delete(socket));
+    socket.on('error', () => {});
+    socket.once('data', () => socket.write('HTTP/1.1 200 OK\r\nBad Name: x\r\nContent-Length: 10\r\n\r\nhello'));
+  });
+  badHead.listen(0, '127.0.0.1');
+  await once(badHead, 'listening');
+  daemon = await startTestDaemon([origin.port, closedPort, (badHead.address() as net.AddressInfo).port]);
   client = new SockpoolClient({ socketPath: daemon.socketPath, threads: 1 });
 });
 
@@ -78,6 +92,8 @@ afterAll(async () => {
   await client?.close();
   await daemon?.stop();
   await origin?.close();
+  for (const socket of badHeadSockets) socket.destroy();
+  badHead?.close();
 });
 
 const url = (path: string) => `http://127.0.0.1:${origin.port}${path}`;
@@ -249,6 +265,29 @@ describe('fetch() fails as Node’s fetch does', () => {
     for (const bad of ['not a url', '/relative', 'ftp://127.0.0.1/']) {
       await expect(client.fetch(bad), bad).rejects.toBeInstanceOf(TypeError);
       await expect(fetch(bad), bad).rejects.toBeInstanceOf(TypeError);
+    }
+  });
+
+  it('rejects a response whose head a Response cannot hold (a header name with a space) with “fetch failed”, as Node’s does, and leaves no transfer behind', async () => {
+    const target = `http://127.0.0.1:${(badHead.address() as net.AddressInfo).port}/`;
+    const node = await fetch(target).catch((error: unknown) => error);
+    for (const threads of [0, 1]) {
+      const timeoutMs = 20_000;
+      const own = new SockpoolClient({ socketPath: daemon.socketPath, threads, timeoutMs });
+      const ours = (await own.fetch(target).catch((error: unknown) => error)) as TypeError & { code?: string };
+      expect(shape(ours), `threads ${threads}`).toEqual(shape(node));
+      expect(ours.cause).toBeInstanceOf(SockpoolError);
+      expect((ours.cause as SockpoolError).message).toMatch(/"bad name" is an invalid header name/i);
+      expect(ours.code).toBe('SOCKPOOL_ERR_TRANSFER');
+      // The transfer was cancelled, not left holding its slot (and its connection, mid-body) until the deadline:
+      // close() has nothing to wait for.
+      const closed = await Promise.race([
+        own.close().then(() => 'closed'),
+        new Promise((resolve) =>
+          setTimeout(() => resolve('close() still waiting halfway to the deadline'), timeoutMs / 2),
+        ),
+      ]);
+      expect(closed, `threads ${threads}`).toBe('closed');
     }
   });
 
