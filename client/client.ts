@@ -643,7 +643,15 @@ export class SockpoolClient {
     // chunked (a server wanting a length answers 411) and could not follow a 307/308. (A Request hides whether its
     // body came from a stream; to stream an upload, give the stream in `init.body`.)
     // (init.body null: the Request's body, as the Fetch standard takes "input or init body".)
-    const raw = init.body != null ? init.body : source?.body ? await source.arrayBuffer() : null;
+    const timeoutMs = this.#options.timeoutMs;
+    const raw =
+      init.body != null
+        ? init.body
+        : source?.body
+          ? await readRequestBody(source, signal, timeoutMs, () =>
+              timeoutError({ method: source.method, url: source.url, timeoutMs }),
+            )
+          : null;
     let body: BodyInput | undefined;
     if (raw !== null && raw !== undefined) {
       if (raw instanceof Uint8Array || raw instanceof ArrayBuffer) body = raw;
@@ -1005,6 +1013,52 @@ async function bufferedResponse(response: SockpoolStreamResponse): Promise<Sockp
   const { totalMs, ttfbMs } = response.timings;
   const timings = { ...response.timings, totalMs: Math.max(totalMs, ttfbMs) + (performance.now() - headAt) };
   return { ...response, body: Buffer.concat(chunks), timings };
+}
+
+/**
+ * A Request's body read whole, under the fetch()'s signal and within `timeoutMs`: when either fires first the body
+ * is cancelled (its stream's cancel gets the reason) and the read rejects with the signal's reason or `timedOut()`.
+ * Read with Request.arrayBuffer(), a stream that stalled hung the fetch() for good: neither applied yet. A body
+ * already used or locked rejects as arrayBuffer() does.
+ */
+async function readRequestBody(
+  source: Request,
+  signal: AbortSignal | undefined,
+  timeoutMs: number,
+  timedOut: () => SockpoolError,
+): Promise<Uint8Array> {
+  const stream = source.body!;
+  if (source.bodyUsed || stream.locked) return new Uint8Array(await source.arrayBuffer());
+  const reader = stream.getReader();
+  let timer: NodeJS.Timeout | undefined;
+  let onAbort: (() => void) | undefined;
+  const stopped = new Promise<never>((_, reject) => {
+    const stop = (reason: unknown) => {
+      reject(reason);
+      reader.cancel(reason).catch(() => {});
+    };
+    timer = setTimeout(() => stop(timedOut()), timeoutMs);
+    if (signal) {
+      onAbort = () => stop(signal.reason);
+      signal.addEventListener('abort', onAbort, { once: true });
+      // (Fired before the fetch() began: the listener will never be called.)
+      if (signal.aborted) onAbort();
+    }
+  });
+  const read = async () => {
+    const chunks: Uint8Array[] = [];
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) return Buffer.concat(chunks);
+      chunks.push(value);
+    }
+  };
+  try {
+    return await Promise.race([read(), stopped]);
+  } finally {
+    clearTimeout(timer);
+    if (onAbort) signal?.removeEventListener('abort', onAbort);
+  }
 }
 
 /** A request's options when none are given (only ever read): not a new object per call. */

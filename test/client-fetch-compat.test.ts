@@ -301,6 +301,46 @@ describe('fetch() fails as Node’s fetch does', () => {
 });
 
 describe('fetch()’s deadline (Node’s fetch has none)', () => {
+  it('covers reading a Request’s body: a stream that stalls fails at the signal or at timeoutMs, and is cancelled', async () => {
+    // Found in review: the body was read whole (source.arrayBuffer()) before the signal and the deadline applied,
+    // so a stalled stream hung the fetch() for good.
+    const own = new SockpoolClient({ socketPath: daemon.socketPath, threads: 0, timeoutMs: 500 });
+    const cancelled: unknown[] = [];
+    const stalled = () =>
+      new Request(url('/echo'), {
+        method: 'POST',
+        body: new ReadableStream<Uint8Array>({
+          start(controller) {
+            controller.enqueue(new TextEncoder().encode('part'));
+            // …and nothing more, ever.
+          },
+          cancel(reason) {
+            cancelled.push(reason);
+          },
+        }),
+        duplex: 'half',
+      } as RequestInit);
+    const outcome = (promise: Promise<Response>) =>
+      Promise.race([
+        promise.then(
+          () => 'resolved',
+          (error: Error & { code?: string }) => error,
+        ),
+        new Promise((resolve) => setTimeout(() => resolve('still pending 5 s after its deadline'), 5_500)),
+      ]);
+    try {
+      const controller = new AbortController();
+      const aborting = own.fetch(stalled(), { signal: controller.signal });
+      setTimeout(() => controller.abort(), 50);
+      expect(await outcome(aborting)).toBe(controller.signal.reason);
+      const timedOut = await outcome(own.fetch(stalled()));
+      expect(timedOut).toMatchObject({ name: 'TypeError', message: 'fetch failed', code: 'SOCKPOOL_ERR_TIMEOUT' });
+      expect(cancelled).toEqual([controller.signal.reason, (timedOut as Error).cause]);
+    } finally {
+      await own.close();
+    }
+  });
+
   it('refuses a timeoutMs longer than a Node timer can wait, rather than timing out at once', async () => {
     // A caller who wants a long download or an event stream through fetch() raises the client's timeoutMs; past
     // 2^31 - 1 ms Node runs a timer after 1 ms, and fetch() failed with SOCKPOOL_ERR_TIMEOUT at once.
