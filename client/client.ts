@@ -643,7 +643,9 @@ export class SockpoolClient {
     // chunked (a server wanting a length answers 411) and could not follow a 307/308. (A Request hides whether its
     // body came from a stream; to stream an upload, give the stream in `init.body`.)
     // (init.body null: the Request's body, as the Fetch standard takes "input or init body".)
+    // One deadline covers the whole fetch(): reading a Request's body, each try (and each redirect), the body.
     const timeoutMs = this.#options.timeoutMs;
+    const deadline = performance.now() + timeoutMs;
     const raw =
       init.body != null
         ? init.body
@@ -685,7 +687,10 @@ export class SockpoolClient {
       [BODY_FAILURE]: (error: Error) => fetchFailure(error, signal, 'terminated'),
     };
     return this.#chain(async () => {
-      let response = await this.requestStream(url, options);
+      let response = await this.requestStream(url, {
+        ...options,
+        timeoutMs: timeLeft(deadline, timeoutMs, method, String(url)),
+      });
       if (
         !decodable(response.headers) &&
         !hasNullBody(response.status, method) &&
@@ -694,7 +699,13 @@ export class SockpoolClient {
       ) {
         // A coding not known fails the body (Node's fetch hands it on as it came): asked again, not decoded.
         await response.body.cancel();
-        const again: InternalOptions = { ...options, decompress: false, [AHEAD]: true };
+        // (What is left of the fetch()'s time, not a timeoutMs of its own: one fetch() could take twice as long.)
+        const again: InternalOptions = {
+          ...options,
+          decompress: false,
+          [AHEAD]: true,
+          timeoutMs: timeLeft(deadline, timeoutMs, method, String(url)),
+        };
         response = await this.requestStream(url, again);
       }
       try {
@@ -1100,21 +1111,27 @@ function fetchFailure(error: unknown, signal: AbortSignal | undefined, message: 
 /** One hop's options: the request's own, with the hop's method, headers and body, redirects not followed (the
  *  caller follows them), and what is left of its time (`timeoutMs` covers the whole chain). */
 function hopOptions(options: RequestOptions, hop: Hop, deadline: number, totalMs: number): InternalOptions {
-  const timeoutMs = deadline - performance.now();
-  if (timeoutMs <= 0) {
-    throw new SockpoolError(ErrorCodes.TIMEOUT, `${hop.method} ${hop.url}: timed out after ${totalMs} ms`, {
-      timeoutMs: totalMs,
-    });
-  }
   return {
     ...options,
     method: hop.method,
     headers: hop.headers,
     body: hop.body,
     redirect: 'manual',
-    timeoutMs,
+    timeoutMs: timeLeft(deadline, totalMs, hop.method, hop.url),
     [CONTINUING]: true,
   };
+}
+
+/** What is left (whole ms, rounded up) of a deadline (performance.now() ms) that `totalMs` set for a request made of
+ *  several (redirects, fetch()'s tries); SOCKPOOL_ERR_TIMEOUT when nothing is. */
+function timeLeft(deadline: number, totalMs: number, method: string, url: string): number {
+  const left = deadline - performance.now();
+  if (left <= 0) {
+    throw new SockpoolError(ErrorCodes.TIMEOUT, `${method} ${url}: timed out after ${totalMs} ms`, {
+      timeoutMs: totalMs,
+    });
+  }
+  return Math.ceil(left);
 }
 
 /** A response that has no body to read (as fetch() sees it). */

@@ -18,6 +18,8 @@ let badHead: net.Server;
 const badHeadSockets = new Set<net.Socket>();
 let daemon: DaemonProcess;
 let client: SockpoolClient;
+/** Requests /undecodable-slow got. */
+let undecodableTries = 0;
 
 interface Echo {
   method: string;
@@ -35,6 +37,15 @@ function handler(request: IncomingMessage, response: ServerResponse): void {
       const message = url.searchParams.get('message');
       if (message !== null) response.statusMessage = message;
       response.end([204, 304].includes(response.statusCode) ? undefined : 'body');
+      return;
+    }
+    if (url.pathname === '/undecodable-slow') {
+      // A coding fetch() cannot decode (it asks again without decoding), each answer 600 ms late.
+      undecodableTries++;
+      setTimeout(() => {
+        response.writeHead(200, { 'content-encoding': 'x-unknown' });
+        response.end('coded');
+      }, 600);
       return;
     }
     if (url.pathname === '/slow') {
@@ -336,6 +347,23 @@ describe('fetch()’s deadline (Node’s fetch has none)', () => {
       const timedOut = await outcome(own.fetch(stalled()));
       expect(timedOut).toMatchObject({ name: 'TypeError', message: 'fetch failed', code: 'SOCKPOOL_ERR_TIMEOUT' });
       expect(cancelled).toEqual([controller.signal.reason, (timedOut as Error).cause]);
+    } finally {
+      await own.close();
+    }
+  });
+
+  it('is one for both tries of a body asked again (a coding it cannot decode): the second gets what is left', async () => {
+    // Found in review: the second try had a full timeoutMs of its own, so one fetch() could take twice as long.
+    // Each answer comes 600 ms late: with 1000 ms in all, the second try's has only 400 ms left.
+    const own = new SockpoolClient({ socketPath: daemon.socketPath, threads: 0, timeoutMs: 1_000 });
+    undecodableTries = 0;
+    try {
+      const failure = await own.fetch(url('/undecodable-slow')).then(
+        async (response) => `resolved ${response.status} ${await response.text()}`,
+        (error: TypeError & { code?: string }) => error,
+      );
+      expect(failure).toMatchObject({ message: 'fetch failed', code: 'SOCKPOOL_ERR_TIMEOUT' });
+      expect(undecodableTries).toBe(2);
     } finally {
       await own.close();
     }
