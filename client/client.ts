@@ -383,7 +383,9 @@ export class SockpoolClient {
   }
 
   /** One request; the response body is buffered whole. */
-  request(url: string | URL, options: RequestOptions = NO_OPTIONS): Promise<SockpoolResponse> {
+  request(url: string | URL, options?: RequestOptions | null): Promise<SockpoolResponse> {
+    // (null: no options, as Node's fetch takes init null.)
+    options ??= NO_OPTIONS;
     if (options.redirect !== undefined && options.redirect !== 'manual') {
       // Each hop streamed, as requestStream() follows them: a redirect's own body is read past or cancelled (its
       // maxBodyBytes does not fail the chain: the caller never gets that body), the last hop's is buffered here.
@@ -580,7 +582,8 @@ export class SockpoolClient {
   }
 
   /** One request whose response body is a stream, resolved as soon as the response head is in. */
-  async requestStream(url: string | URL, options: RequestOptions = {}): Promise<SockpoolStreamResponse> {
+  async requestStream(url: string | URL, options?: RequestOptions | null): Promise<SockpoolStreamResponse> {
+    options ??= NO_OPTIONS;
     if (options.redirect !== undefined && options.redirect !== 'manual') {
       return this.#following(
         url,
@@ -622,7 +625,9 @@ export class SockpoolClient {
    * says (`init.redirect`: 'follow' by default, 'manual' returns the 3xx response, 'error' rejects), each hop a
    * request of its own through the daemon (client/redirects.ts).
    */
-  async fetch(input: string | URL | Request, init: RequestInit = {}): Promise<Response> {
+  async fetch(input: string | URL | Request, init?: RequestInit | null): Promise<Response> {
+    // (null: no init, as Node's fetch takes it.)
+    init ??= NO_INIT;
     // (Read before anything can fail: a rejection is the signal's reason once it has fired.)
     const signal =
       (init.signal !== undefined ? init.signal : input instanceof Request ? input.signal : null) ?? undefined;
@@ -1074,6 +1079,8 @@ async function readRequestBody(
 
 /** A request's options when none are given (only ever read): not a new object per call. */
 const NO_OPTIONS: RequestOptions = Object.freeze({});
+/** fetch()'s init when none is given (only ever read). */
+const NO_INIT: RequestInit = Object.freeze({});
 
 /** Methods a fetch() may send again to get a body it cannot decode as it came (no side effects, RFC 9110). */
 const REPEATABLE_METHODS = new Set(['GET', 'HEAD', 'OPTIONS']);

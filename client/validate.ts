@@ -77,21 +77,34 @@ export function validateRequest(
   const target = checkedTarget(url);
   const method = options.method === undefined || options.method === null ? 'GET' : checkMethod(options.method);
   const headers: Array<[string, string]> = [];
-  if (options.headers === undefined) return { target, method, headers };
-  const source =
-    options.headers instanceof Headers
-      ? [...options.headers.entries()]
-      : Array.isArray(options.headers)
-        ? options.headers
-        : Object.entries(options.headers ?? {});
-  for (const [name, value] of source) {
-    if (typeof name !== 'string' || !TOKEN.test(name)) throw invalid(`invalid header name ${JSON.stringify(name)}`);
-    if (typeof value !== 'string' || FORBIDDEN_VALUE.test(value)) {
-      throw invalid(`invalid value for header ${name}: CR, LF and NUL are not allowed`);
+  const given: unknown = options.headers;
+  if (given === undefined || given === null) return { target, method, headers };
+  for (const entry of headerEntries(given)) {
+    // (A pair, as the Headers constructor takes them: [null] or ['x-a'] was a raw TypeError, or a header sent wrong.)
+    if (!Array.isArray(entry) || entry.length !== 2) {
+      throw invalid(`headers: each entry must be a [name, value] pair, got ${describe(entry)}`);
     }
+    const [name, value] = entry;
+    if (typeof name !== 'string' || !TOKEN.test(name)) throw invalid(`invalid header name ${JSON.stringify(name)}`);
+    if (typeof value !== 'string')
+      throw invalid(`the value of header ${name} must be a string, got ${describe(value)}`);
+    if (FORBIDDEN_VALUE.test(value)) throw invalid(`invalid value for header ${name}: CR, LF and NUL are not allowed`);
     headers.push([name, value]);
   }
   return { target, method, headers };
+}
+
+/** A request's headers as entries: a Headers, an array of pairs or any iterable of them (a Map, another realm's
+ *  Headers), or a plain object's own entries. Anything else is refused: a string was iterated (or its indices taken)
+ *  into headers named 0, 1, … */
+function headerEntries(given: unknown): Iterable<unknown> {
+  if (given instanceof Headers) return given.entries();
+  if (typeof given !== 'object' || given === null) {
+    throw invalid(`headers must be an object, an array of [name, value] pairs or a Headers, got ${describe(given)}`);
+  }
+  if (Array.isArray(given)) return given;
+  if (typeof (given as Partial<Iterable<unknown>>)[Symbol.iterator] === 'function') return given as Iterable<unknown>;
+  return Object.entries(given);
 }
 
 /** Methods already checked, upper-cased (a caller uses a handful). */

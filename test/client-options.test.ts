@@ -2,9 +2,13 @@
 // SOCKPOOL_ERR_INVALID_ARGUMENT naming the option, before any thread, link or request exists. Found in review: such
 // values used to reach curl (caFile: a throw inside the worker, the caller's process crashed or the request never
 // settled), the daemon link (socketPath: SOCKPOOL_ERR_DAEMON_UNAVAILABLE at the first request), or were taken by
-// their truthiness (insecure: "false" turned TLS verification off).
-import { describe, expect, it } from 'vitest';
+// their truthiness (insecure: "false" turned TLS verification off). And a request's options: null is none (as
+// Node's fetch takes init null), headers of the wrong shape are refused, typed, before anything is sent (a string
+// went out as headers named 0, 1, …). A real daemon and origin for those.
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SockpoolClient, type SockpoolClientOptions } from '../client/index.js';
+import { httpOrigin, type Origin, startTestDaemon } from './fixtures/client-helpers.js';
+import type { DaemonProcess } from './helpers/daemon.js';
 
 /** What the constructor does with these options: 'accepted' (the client closed again), or the refusal's code and
  *  message. */
@@ -60,5 +64,70 @@ describe('TLS verification and retries', () => {
     }
     expect(await construct({ retry: { deadConnection: false, methods: ['get', 'PATCH'] } })).toBe('accepted');
     expect(await construct({ retry: {} })).toBe('accepted');
+  });
+});
+
+describe("a request's options", () => {
+  let origin: Origin;
+  let daemon: DaemonProcess;
+  let client: SockpoolClient;
+  /** The x-* headers each request reached the origin with. */
+  const arrived: Array<Record<string, string>> = [];
+
+  beforeAll(async () => {
+    origin = await httpOrigin((request, response) => {
+      arrived.push(
+        Object.fromEntries(Object.entries(request.headers).filter(([name]) => name.startsWith('x-'))) as Record<
+          string,
+          string
+        >,
+      );
+      response.end(`${request.method} ${request.url}`);
+    });
+    daemon = await startTestDaemon([origin.port]);
+    client = new SockpoolClient({ socketPath: daemon.socketPath, threads: 0 });
+  });
+
+  afterAll(async () => {
+    await client?.close();
+    await daemon?.stop();
+    await origin?.close();
+  });
+
+  it('null options are no options, as fetch(url, null) is for Node’s fetch', async () => {
+    const url = `http://127.0.0.1:${origin.port}/null`;
+    const outcome = (call: () => Promise<unknown>) =>
+      (async () => call())().then(
+        () => 'resolved',
+        (error: Error) => `${error.name}: ${error.message}`,
+      );
+    expect({
+      request: await outcome(() => client.request(url, null as never)),
+      requestStream: await outcome(() => client.requestStream(url, null as never).then((r) => r.body.cancel())),
+      fetch: await outcome(() => client.fetch(url, null as never).then((r) => r.text())),
+      nodeFetch: await outcome(() => fetch(url, null as never).then((r) => r.text())),
+    }).toEqual({ request: 'resolved', requestStream: 'resolved', fetch: 'resolved', nodeFetch: 'resolved' });
+  });
+
+  it('headers are an object, [name, value] pairs or a Headers-like iterable; anything else is refused, typed', async () => {
+    const url = `http://127.0.0.1:${origin.port}/headers`;
+    arrived.length = 0;
+    for (const headers of ['x-a: 1', 5, [null], [['x-a']], [['x-a', '1', '2']], ['x-a'], { 'x-a': 1 }]) {
+      const outcome = await (async () => client.request(url, { headers: headers as never }))().then(
+        () => 'resolved',
+        (error: Error & { code?: string }) => `${error.name} ${error.code}`,
+      );
+      expect(outcome, JSON.stringify(headers)).toBe('SockpoolError SOCKPOOL_ERR_INVALID_ARGUMENT');
+    }
+    expect(arrived).toEqual([]);
+    for (const headers of [
+      { 'x-a': '1' },
+      [['x-a', '1']],
+      new Headers({ 'x-a': '1' }),
+      new Map([['x-a', '1']]),
+    ] as const) {
+      await client.request(url, { headers: headers as never });
+    }
+    expect(arrived).toEqual([{ 'x-a': '1' }, { 'x-a': '1' }, { 'x-a': '1' }, { 'x-a': '1' }]);
   });
 });
