@@ -1405,7 +1405,6 @@ function resentFailure(code: number, request: TransferRequest): TransferFailure 
   return new TransferFailure(code, error, false, true);
 }
 
-/** An attempt that ended before curl had it: nothing of its request went out. */
 /** A throw while a transfer was set up in curl (an option curl refused): a SockpoolError as it is, anything else
  *  SOCKPOOL_ERR_INTERNAL naming the request. */
 function setupError(error: unknown, request: TransferRequest): unknown {
@@ -1417,6 +1416,7 @@ function setupError(error: unknown, request: TransferRequest): unknown {
   );
 }
 
+/** An attempt that ended before curl had it: nothing of its request went out. */
 function unsentFailure(code: number, error: unknown): TransferFailure {
   const failure = new TransferFailure(code, error, true);
   failure.unsent = true;
