@@ -241,7 +241,12 @@ export class Sockpoold {
     // bound first, so a start that fails there has accepted no client and asked systemd to forget no stored socket
     // (the next start gets them back).
     if (this.#config.metricsPort > 0) {
-      this.#metricsServer = await startMetricsServer(this.#metrics, this.#config.metricsPort, this.#config.metricsHost);
+      const { metricsPort, metricsHost } = this.#config;
+      try {
+        this.#metricsServer = await startMetricsServer(this.#metrics, metricsPort, metricsHost);
+      } catch (error) {
+        throw metricsListenError(error as NodeJS.ErrnoException, metricsHost, metricsPort);
+      }
     }
     const passed = classifyListenFds(listenFds());
     if (passed.listener) {
@@ -843,4 +848,30 @@ function proxiesByName(config: SockpoolConfig): ReadonlyMap<string, ProxyEndpoin
 
 function createEgressPolicy(config: SockpoolConfig, hostAddresses: () => readonly string[]): EgressPolicy {
   return new EgressPolicy({ ...config.egress, hostAddresses });
+}
+
+/**
+ * Why the metrics endpoint could not listen, naming the keys: an address this host does not have (EADDRNOTAVAIL) or
+ * may not bind (EACCES) is the operator's to fix, SOCKPOOL_ERR_CONFIG (exit 2: the unit does not restart on it); a
+ * port taken (EADDRINUSE) may be freed by whoever holds it, so it keeps its own code (exit 1: restarted).
+ */
+function metricsListenError(error: NodeJS.ErrnoException, host: string, port: number): Error {
+  const where = `${host.includes(':') ? `[${host}]` : host}:${port}`;
+  if (error.code === 'EADDRNOTAVAIL' || error.code === 'EACCES') {
+    return new SockpoolError(
+      ErrorCodes.CONFIG,
+      `metricsHost/metricsPort: cannot listen on ${where} (${error.code}: ${
+        error.code === 'EACCES' ? 'not allowed to bind it' : 'not an address of this host'
+      })`,
+      { key: 'metricsHost', host, port },
+      { cause: error },
+    );
+  }
+  if (error.code === 'EADDRINUSE') {
+    return Object.assign(
+      new Error(`metricsPort: ${where} is in use by another process (EADDRINUSE)`, { cause: error }),
+      { code: 'EADDRINUSE' },
+    );
+  }
+  return error;
 }

@@ -1,5 +1,6 @@
 import { execFileSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { type AddressInfo, createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { parse as parseToml } from 'smol-toml';
@@ -494,6 +495,46 @@ describe('sockpoold with a directory it cannot create', () => {
       expect(failure?.status, expected).toBe(2);
       // Before: "sockpoold: EEXIST: EEXIST: file already exists, mkdir '…'", neither key nor SOCKPOOL_ERR_CONFIG.
       expect(failure?.stderr).toContain(`sockpoold: SOCKPOOL_ERR_CONFIG: ${expected}`);
+    }
+  });
+});
+
+describe("sockpoold's metrics endpoint when it cannot listen", () => {
+  /** A start that fails: its exit status and what it said on stderr. */
+  function failedStart(args: string[]): { status: number | null; stderr: string } {
+    try {
+      execFileSync(process.execPath, [daemonMain, '--socket', join(dir, 'd.sock'), '--state-dir', dir, ...args], {
+        encoding: 'utf8',
+        stdio: ['ignore', 'pipe', 'pipe'],
+        timeout: 30_000,
+        killSignal: 'SIGKILL',
+      });
+    } catch (error) {
+      return error as { status: number | null; stderr: string };
+    }
+    throw new Error('the daemon started');
+  }
+
+  it('names metricsHost for an address this host does not have: SOCKPOOL_ERR_CONFIG, exit 2 (not restarted)', () => {
+    // (TEST-NET-3: no host has it.) Before: "sockpoold: EADDRNOTAVAIL: listen EADDRNOTAVAIL …", exit 1.
+    writeFileSync(join(dir, 'm.toml'), 'metricsHost = "203.0.113.7"\nmetricsPort = 19470\n');
+    const failure = failedStart(['--config', join(dir, 'm.toml')]);
+    expect(failure.status).toBe(2);
+    expect(failure.stderr).toContain(
+      'sockpoold: SOCKPOOL_ERR_CONFIG: metricsHost/metricsPort: cannot listen on 203.0.113.7:19470 (EADDRNOTAVAIL',
+    );
+  });
+
+  it('names metricsPort for a port another process holds: exit 1 (it may be freed; restarted)', async () => {
+    const holder = createServer();
+    await new Promise<void>((done) => holder.listen(0, '127.0.0.1', done));
+    try {
+      const port = (holder.address() as AddressInfo).port;
+      const failure = failedStart(['--metrics-port', String(port)]);
+      expect(failure.status).toBe(1);
+      expect(failure.stderr).toContain(`sockpoold: EADDRINUSE: metricsPort: 127.0.0.1:${port} is in use by another`);
+    } finally {
+      holder.close();
     }
   });
 });
