@@ -20,6 +20,26 @@ import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry } from 'prom
 import * as native from '../shared/native.js';
 import { CONNECT_PURPOSES } from './origin-pool.js';
 
+/**
+ * A Prometheus counter (`name` ends in `_total`) of a running total the daemon keeps itself (`read`, at scrape time:
+ * nothing on the hot path): each scrape adds what came since the last. A counter, not a gauge, so that rate() and
+ * increase() take a restart's reset for what it is. A total that ever fell would throw in inc(): it is followed
+ * down without a count (cannot happen for the totals given; a scrape must never fail for it).
+ */
+export function runningTotal(registry: Registry, name: string, help: string, read: () => number): Counter {
+  let seen = 0;
+  return new Counter({
+    name,
+    help,
+    registers: [registry],
+    collect() {
+      const now = read();
+      if (now > seen) this.inc(now - seen);
+      seen = now;
+    },
+  });
+}
+
 /** What a rendering reads from the pool manager (at most once per SNAPSHOT_MAX_AGE_MS); keep it cheap. */
 export interface MetricsSnapshot {
   origins: Iterable<{

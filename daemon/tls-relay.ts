@@ -67,13 +67,14 @@
 // up, one per pause, and a restart after the cause is fixed is what the operator does anyway.)
 
 import { Worker } from 'node:worker_threads';
-import { Counter, Gauge, type Registry } from 'prom-client';
+import { Gauge, type Registry } from 'prom-client';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
 import { RELAY_HANG_LIMIT_MS } from './config.js';
 import { ConnectAbandoned } from './connect-gate.js';
 import { AdmissionQueue, type Admittable, DAEMON_UID } from './fair-queue.js';
 import type { Logger } from './log.js';
+import { runningTotal } from './metrics.js';
 import {
   availableSilenceMs,
   ownThreadIds,
@@ -837,39 +838,35 @@ export function registerRelayMetrics(registry: Registry, relays: TlsRelays): voi
         this.set(read(relays.counters()));
       },
     });
-  gauge(
-    'sockpool_tls_relay_bytes_to_origin',
+  // Running counts kept by TlsRelays (a retired thread's totals kept): each scrape adds what came since the last.
+  const counter = (name: string, help: string, read: () => number) => runningTotal(registry, name, help, read);
+  counter(
+    'sockpool_tls_relay_bytes_to_origin_total',
     'Plaintext bytes relayed from clients to origins',
-    (c) => c.bytesToOrigin,
+    () => relays.counters().bytesToOrigin,
   );
-  gauge(
-    'sockpool_tls_relay_bytes_from_origin',
+  counter(
+    'sockpool_tls_relay_bytes_from_origin_total',
     'Plaintext bytes relayed from origins to clients',
-    (c) => c.bytesFromOrigin,
+    () => relays.counters().bytesFromOrigin,
   );
-  gauge('sockpool_tls_handshakes', 'Warm TLS handshakes completed', (c) => c.handshakes);
-  gauge('sockpool_tls_handshake_failures', 'Warm TLS handshakes that failed', (c) => c.handshakeFailures);
+  counter('sockpool_tls_handshakes_total', 'Warm TLS handshakes completed', () => relays.counters().handshakes);
+  counter(
+    'sockpool_tls_handshake_failures_total',
+    'Warm TLS handshakes that failed',
+    () => relays.counters().handshakeFailures,
+  );
   gauge('sockpool_tls_sessions', 'Warm TLS sessions alive (idle or leased)', (c) => c.sessions);
   gauge(
     'sockpool_tls_handshakes_queued',
     'Warm TLS handshakes waiting for room in a relay thread',
     (c) => c.handshakesQueued,
   );
-  gauge('sockpool_tls_relay_cpu_seconds', 'CPU time of the relay threads', (c) => c.cpuMicros / 1e6);
-  // Running counts kept by TlsRelays: each scrape adds what came since the last.
-  const counter = (name: string, help: string, read: () => number) => {
-    let seen = 0;
-    return new Counter({
-      name,
-      help,
-      registers: [registry],
-      collect() {
-        const now = read();
-        this.inc(now - seen);
-        seen = now;
-      },
-    });
-  };
+  counter(
+    'sockpool_tls_relay_cpu_seconds_total',
+    'CPU time of the relay threads',
+    () => relays.counters().cpuMicros / 1e6,
+  );
   counter(
     'sockpool_tls_handshakes_held_for_cpu_total',
     "Warm TLS handshakes that waited for their uid's share of the relay threads' CPU (a uid whose handshakes cost much)",

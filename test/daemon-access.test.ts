@@ -275,6 +275,38 @@ describe('metrics', () => {
     expect(text).toMatch(/^process_resident_memory_bytes \d+/m);
   });
 
+  it('exports every running total as a counter named _total, none as a gauge: rate() takes a restart for what it is', async () => {
+    const metricsPort = await freePort();
+    await daemonWith({}, ['--metrics-port', String(metricsPort)]);
+    const text = await (await fetch(`http://127.0.0.1:${metricsPort}/metrics`)).text();
+    const types = new Map([...text.matchAll(/^# TYPE (\S+) (\S+)$/gm)].map((match) => [match[1]!, match[2]!]));
+    // Totals of the warm TLS relay, the rate limiter and the fleet were gauges without `_total` (registered whether
+    // or not those are on).
+    for (const name of [
+      'sockpool_tls_relay_bytes_to_origin',
+      'sockpool_tls_relay_bytes_from_origin',
+      'sockpool_tls_handshakes',
+      'sockpool_tls_handshake_failures',
+      'sockpool_tls_relay_cpu_seconds',
+      'sockpool_rate_tokens_granted',
+      'sockpool_rate_limited',
+      'sockpool_rate_waits',
+      'sockpool_fleet_outages',
+      'sockpool_fleet_fallback_slots',
+      'sockpool_fleet_fallback_tokens',
+      'sockpool_fleet_refused',
+      'sockpool_fleet_slot_waits',
+    ]) {
+      expect(types.get(`${name}_total`), name).toBe('counter');
+      expect(types.has(name), name).toBe(false);
+    }
+    // And no gauge of ours is named as a counter would be (prom-client's own nodejs_active_*_total are gauges).
+    const gaugesNamedTotal = [...types].filter(
+      ([name, type]) => name.startsWith('sockpool_') && name.endsWith('_total') && type !== 'counter',
+    );
+    expect(gaugesNamedTotal).toEqual([]);
+  });
+
   it('counts the refusals of its own limits in sockpool_refusals_total: limit, quota, acquire_timeout', async () => {
     const echo = await echoServer();
     const metricsPort = await freePort();

@@ -735,7 +735,7 @@ it.each(['TLSv1.3', 'TLSv1.2'] as const)(
     expect(await keepAliveExchange(session)).toMatch(/^HTTP\/1\.1 200 OK/);
     const daemonFds = daemon.fdCount();
     const sockets = socketCount();
-    const failed = async () => (await metricValue(metricsPort, 'sockpool_tls_handshake_failures')) ?? 0;
+    const failed = async () => (await metricValue(metricsPort, 'sockpool_tls_handshake_failures_total')) ?? 0;
     const failedBefore = await failed();
 
     const attacker = openRawClient(daemon.socketPath, cleanups);

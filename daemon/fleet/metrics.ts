@@ -2,26 +2,20 @@
 // not a fleet is configured: `sockpool_fleet_up` then reads -1 (no fleet) and the counters stay at 0.
 
 import { Gauge, type Registry } from 'prom-client';
+import { runningTotal } from '../metrics.js';
 import type { Fleet, FleetCounters } from './fleet.js';
 import type { RateLimiter } from './rate-limiter.js';
 
 export function registerFleetMetrics(registry: Registry, fleet: () => Fleet | undefined, rates: RateLimiter): void {
-  const rateGauge = (name: string, help: string, read: () => number) =>
-    new Gauge({
-      name,
-      help,
-      registers: [registry],
-      collect() {
-        this.set(read());
-      },
-    });
-  rateGauge(
-    'sockpool_rate_tokens_granted',
+  // Running counts (they only grow): counters, so that rate() and increase() take a restart's reset for what it is.
+  const total = (name: string, help: string, read: () => number) => runningTotal(registry, name, help, read);
+  total(
+    'sockpool_rate_tokens_granted_total',
     'Request tokens granted for rate-limited origins',
     () => rates.counters.granted,
   );
-  rateGauge('sockpool_rate_limited', 'Requests refused with SOCKPOOL_ERR_RATE_LIMITED', () => rates.counters.limited);
-  rateGauge('sockpool_rate_waits', 'Requests that waited for a token', () => rates.counters.waits);
+  total('sockpool_rate_limited_total', 'Requests refused with SOCKPOOL_ERR_RATE_LIMITED', () => rates.counters.limited);
+  total('sockpool_rate_waits_total', 'Requests that waited for a token', () => rates.counters.waits);
   const gauge = (name: string, help: string, read: (fleet: Fleet) => number, none = 0) =>
     new Gauge({
       name,
@@ -42,18 +36,19 @@ export function registerFleetMetrics(registry: Registry, fleet: () => Fleet | un
   gauge('sockpool_fleet_slots_held', 'Connection slots this daemon holds under maxPerOriginFleet', (f) =>
     f.heldTotal(),
   );
-  const counter = (key: keyof FleetCounters, name: string, help: string) => gauge(name, help, (f) => f.counters[key]);
-  counter('outages', 'sockpool_fleet_outages', 'Times the fleet’s Redis became unavailable');
+  const counter = (key: keyof FleetCounters, name: string, help: string) =>
+    total(name, help, () => fleet()?.counters[key] ?? 0);
+  counter('outages', 'sockpool_fleet_outages_total', 'Times the fleet’s Redis became unavailable');
   counter(
     'fallbackSlots',
-    'sockpool_fleet_fallback_slots',
+    'sockpool_fleet_fallback_slots_total',
     "Slot decisions taken on this daemon's share alone while Redis was unavailable",
   );
   counter(
     'fallbackTokens',
-    'sockpool_fleet_fallback_tokens',
+    'sockpool_fleet_fallback_tokens_total',
     "Request tokens granted from this daemon's share alone while Redis was unavailable",
   );
-  counter('refused', 'sockpool_fleet_refused', 'Connects and token requests refused while Redis was unavailable');
-  counter('slotWaits', 'sockpool_fleet_slot_waits', "Connects that waited for a slot under the fleet's cap");
+  counter('refused', 'sockpool_fleet_refused_total', 'Connects and token requests refused while Redis was unavailable');
+  counter('slotWaits', 'sockpool_fleet_slot_waits_total', "Connects that waited for a slot under the fleet's cap");
 }
