@@ -207,7 +207,9 @@ it('a relay thread that spins is found hung, logged, counted, ended and replaced
   expect(await metricValue(metricsPort, 'sockpool_tls_relay_threads_hung_total')).toBe(1);
   // The running totals keep what the replaced thread counted (a gauge that dropped would read as a reset): its
   // handshakes, and the new thread's for the sessions warmed again.
-  expect(await metricValue(metricsPort, 'sockpool_tls_handshakes_total')).toBeGreaterThanOrEqual(handshakesBefore + SESSIONS);
+  expect(await metricValue(metricsPort, 'sockpool_tls_handshakes_total')).toBeGreaterThanOrEqual(
+    handshakesBefore + SESSIONS,
+  );
 }, 180_000);
 
 // Blocked in read(2) on a FIFO nobody writes, terminate() cannot end the thread: it is left as the stop leaves one,
