@@ -8,7 +8,7 @@
 // store, or the SHA-256 of its CA file) is exactly what the daemon trusts for that origin. A client that turned
 // verification off, or trusts another CA file, sends no `tls` field or another trust, and gets a TCP socket.
 
-import { createHash } from 'node:crypto';
+import { createHash, createPrivateKey, type KeyObject, X509Certificate } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import type { OriginMatch } from '../shared/address.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
@@ -33,11 +33,18 @@ interface PemFile {
 /** The CA, certificate and key files a configuration names, by path, as read by readTlsFiles. */
 export type TlsFiles = ReadonlyMap<string, PemFile>;
 
-/** Reads every CA, certificate and key file the configuration names; SOCKPOOL_ERR_CONFIG naming one it cannot. */
+/**
+ * Reads every CA, certificate and key file the configuration names, and checks each holds what its key says (a CA
+ * file a certificate at least, a key file a private key, a client certificate the key named beside it); SOCKPOOL_ERR_CONFIG
+ * naming one it cannot read or that holds something else. Unchecked, a CA file with no certificate made the daemon
+ * trust nothing: every warm TLS handshake failed with "unknown CA", long after the start or reload said nothing.
+ */
 export function readTlsFiles(config: SockpoolConfig): TlsFiles {
   const files = new Map<string, PemFile>();
-  const read = (path: string | undefined, key: string) => {
-    if (path === undefined || files.has(path)) return;
+  const read = (path: string | undefined, key: string): string | undefined => {
+    if (path === undefined) return undefined;
+    const known = files.get(path);
+    if (known) return known.text;
     let bytes: Buffer;
     try {
       bytes = readFileSync(path);
@@ -45,16 +52,62 @@ export function readTlsFiles(config: SockpoolConfig): TlsFiles {
       const code = (error as { code?: string }).code ?? 'EIO';
       throw new SockpoolError(ErrorCodes.CONFIG, `${key}: cannot read ${path} (${code})`, { key, source: path });
     }
-    files.set(path, { text: bytes.toString('utf8'), sha256: createHash('sha256').update(bytes).digest('hex') });
+    const text = bytes.toString('utf8');
+    files.set(path, { text, sha256: createHash('sha256').update(bytes).digest('hex') });
+    return text;
   };
-  read(config.tls.caFile, 'tls.caFile');
+  const caFile = config.tls.caFile;
+  if (caFile !== undefined) certificatesIn(read(caFile, 'tls.caFile')!, 'tls.caFile', caFile);
   for (const [index, policy] of [config.pool.defaults, ...config.pool.origins].entries()) {
     const where = index === 0 ? 'pool.defaults' : `pool.origins[${index - 1}]`;
-    read(policy.caFile, `${where}.caFile`);
-    read(policy.clientCert, `${where}.clientCert`);
-    read(policy.clientKey, `${where}.clientKey`);
+    if (policy.caFile !== undefined)
+      certificatesIn(read(policy.caFile, `${where}.caFile`)!, `${where}.caFile`, policy.caFile);
+    const cert = policy.clientCert;
+    const key = policy.clientKey;
+    const certs =
+      cert === undefined ? undefined : certificatesIn(read(cert, `${where}.clientCert`)!, `${where}.clientCert`, cert);
+    const privateKey =
+      key === undefined ? undefined : privateKeyIn(read(key, `${where}.clientKey`)!, `${where}.clientKey`, key);
+    if (certs && privateKey && !certs[0]!.checkPrivateKey(privateKey)) {
+      throw new SockpoolError(
+        ErrorCodes.CONFIG,
+        `${where}.clientKey: ${key} is not the key of the certificate in ${cert} (${where}.clientCert)`,
+        { key: `${where}.clientKey`, source: key },
+      );
+    }
   }
   return files;
+}
+
+const PEM_CERTIFICATE = /-----BEGIN CERTIFICATE-----[\s\S]*?-----END CERTIFICATE-----/g;
+
+/** The PEM certificates in a file's text, the first first; SOCKPOOL_ERR_CONFIG naming `key` when none parses. */
+function certificatesIn(text: string, key: string, path: string): X509Certificate[] {
+  const certificates: X509Certificate[] = [];
+  for (const [block] of text.matchAll(PEM_CERTIFICATE)) {
+    try {
+      certificates.push(new X509Certificate(block));
+    } catch {
+      // (A bundle with one block OpenSSL cannot read is still a bundle: the others are trusted.)
+    }
+  }
+  if (certificates.length === 0) {
+    throw new SockpoolError(ErrorCodes.CONFIG, `${key}: ${path} holds no PEM certificate`, { key, source: path });
+  }
+  return certificates;
+}
+
+/** The private key in a file's text; SOCKPOOL_ERR_CONFIG naming `key` when there is none (or it is encrypted). */
+function privateKeyIn(text: string, key: string, path: string): KeyObject {
+  try {
+    return createPrivateKey(text);
+  } catch (error) {
+    throw new SockpoolError(
+      ErrorCodes.CONFIG,
+      `${key}: ${path} holds no private key the daemon can use (${(error as Error).message})`,
+      { key, source: path },
+    );
+  }
 }
 
 export class TlsSessions implements Connector {
