@@ -1,7 +1,7 @@
 // A small crawler: it tells the daemon which origins it is about to fetch (prewarm), so that their connections
-// are open before the first request, then fetches every URL with the standard fetch() API, a few at a time.
+// are open before the first request, then fetches every URL with requestStream(), a few at a time.
 //
-//   SOCKPOOL_SOCKET=/run/sockpool/sockpoold.sock node examples/crawler.ts URL...
+//   SOCKPOOL_SOCKET=/run/sockpool/sockpoold.sock node_modules/.bin/node examples/crawler.ts URL...
 //
 // Prints one line per URL (status, bytes, whether its connection was warm) and a summary.
 import { SockpoolClient } from 'sockpool';

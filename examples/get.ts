@@ -1,6 +1,6 @@
 // One GET through sockpoold, printing what the response says about the connection it used.
 //
-//   SOCKPOOL_SOCKET=/run/sockpool/sockpoold.sock node examples/get.ts https://example.com/
+//   SOCKPOOL_SOCKET=/run/sockpool/sockpoold.sock node_modules/.bin/node examples/get.ts https://example.com/
 //
 // SOCKPOOL_SOCKET: the daemon's socket (default: /run/sockpool/sockpoold.sock as root, else
 // ./.sockpool/sockpoold.sock). SOCKPOOL_CA_FILE: a CA bundle for HTTPS (default: the system store).

@@ -1,7 +1,7 @@
 // Streams both ways without holding a body in memory: downloads a URL into a file through fetch() (the response
 // body is a ReadableStream), then uploads that file to another URL with PUT (the request body is a file stream).
 //
-//   SOCKPOOL_SOCKET=/run/sockpool/sockpoold.sock node examples/stream.ts DOWNLOAD_URL FILE [UPLOAD_URL]
+//   SOCKPOOL_SOCKET=/run/sockpool/sockpoold.sock node_modules/.bin/node examples/stream.ts DOWNLOAD_URL FILE [UPLOAD_URL]
 import { createReadStream, createWriteStream, statSync } from 'node:fs';
 import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';

@@ -62,30 +62,28 @@ function hasCommand(name) {
   }
 }
 
-/** libcurl's development files come from the system; install them when we can, else say which package. */
-function ensureLibcurlDev() {
-  if (hasCommand('curl-config')) return;
+/**
+ * A tool the build needs from the system (`command`, from Debian's `pkg`): installed with apt-get when missing and we
+ * are root, else the build stops naming the package.
+ */
+function ensureSystemPackage(command, pkg, why) {
+  if (hasCommand(command)) return;
   const isRoot = process.getuid?.() === 0;
   if (isRoot && hasCommand('apt-get')) {
-    log('curl-config missing: installing libcurl4-openssl-dev with apt-get');
+    log(`${command} missing: installing ${pkg} with apt-get`);
     const env = { ...process.env, DEBIAN_FRONTEND: 'noninteractive' };
+    const install = () =>
+      execFileSync('apt-get', ['install', '-y', '--no-install-recommends', pkg], { stdio: 'inherit', env });
     try {
-      execFileSync('apt-get', ['install', '-y', '--no-install-recommends', 'libcurl4-openssl-dev'], {
-        stdio: 'inherit',
-        env,
-      });
+      install();
     } catch {
       execFileSync('apt-get', ['update'], { stdio: 'inherit', env });
-      execFileSync('apt-get', ['install', '-y', '--no-install-recommends', 'libcurl4-openssl-dev'], {
-        stdio: 'inherit',
-        env,
-      });
+      install();
     }
-    if (hasCommand('curl-config')) return;
+    if (hasCommand(command)) return;
   }
   fail(
-    'curl-config not found: install the libcurl development package (Debian/Ubuntu: apt-get install ' +
-      'libcurl4-openssl-dev) and run npm run build:native again.',
+    `${command} not found (${why}): install it (Debian/Ubuntu: apt-get install ${pkg}) and run npm run build:native again.`,
   );
 }
 
@@ -176,7 +174,8 @@ const modules = [
     binary: 'lib/binding/node_libcurl.node',
     extraInputs: [libcurlPatch],
     prepare(dir) {
-      ensureLibcurlDev();
+      ensureSystemPackage('curl-config', 'libcurl4-openssl-dev', "libcurl's development files");
+      ensureSystemPackage('patch', 'patch', 'to apply our patch to node-libcurl');
       applyLibcurlPatch(dir);
     },
     gypArgs: ['--module_name=node_libcurl', '--module_path=../lib/binding'],
@@ -228,6 +227,7 @@ async function main() {
       todo.push({ module, stamp: stampOf(module), stampFile: join(module.dir, '.sockpool-build-stamp') });
     }
   }
+  ensureSystemPackage('python3', 'python3', 'node-gyp runs Python');
   // Two cores: build two modules at a time, one compile job each, biggest first.
   const queue = [...todo];
   const workers = Array.from({ length: 2 }, async () => {

@@ -11,6 +11,8 @@ import './require-npm.mjs'; // first: an npm too old stops here, before anything
 import { execFileSync } from 'node:child_process';
 
 const unitTier = [
+  // node-gyp's builds of the native parts, and the tests' fixtures written in Python.
+  ['python3', 'python3'],
   ['openssl', 'openssl'],
   ['curl', 'curl'],
   ['systemd-analyze', 'systemd'],
