@@ -9,7 +9,7 @@
 // CLOSESOCKETFUNCTION returns 0 without closing it, and socket.destroy() closes it once curl is done. The leak tests
 // instead let curl open its own sockets (CLOSESOCKETFUNCTION only), which the callback closes with fs.closeSync.
 import { once } from 'node:events';
-import { readdirSync, readlinkSync } from 'node:fs';
+import { closeSync, openSync, readdirSync, readlinkSync } from 'node:fs';
 import http from 'node:http';
 import https from 'node:https';
 import { createRequire } from 'node:module';
@@ -385,6 +385,67 @@ describe('callbacks that refuse or fail', () => {
     expect((error.cause as Error).message).toBe('cannot close');
     expect(target).toMatch(/^socket:/);
     expect(fdTarget(socketFd)).not.toBe(target);
+  });
+
+  it('a CLOSESOCKETFUNCTION that returns 2 leaves the close to node-libcurl, which closes the socket after it', async () => {
+    const curl = new Curl();
+    let socketFd = -1;
+    let target: string | null = null;
+    let openInCallback = false;
+    curl.setOpt('URL', `http://127.0.0.1:${server.port}/close-natively`);
+    curl.setOpt('FORBID_REUSE', true);
+    curl.setOpt('SOCKOPTFUNCTION', (fd) => {
+      socketFd = fd;
+      target = fdTarget(fd);
+      return CurlSockOpt.Ok;
+    });
+    curl.setOpt('CLOSESOCKETFUNCTION', (fd) => {
+      openInCallback = fdTarget(fd) === target;
+      return 2;
+    });
+    expect(await run(curl)).toEqual({ status: 200, body: 'hello from /close-natively' });
+    expect(openInCallback).toBe(true);
+    expect(fdTarget(socketFd)).not.toBe(target);
+  });
+
+  it('a CLOSESOCKETFUNCTION returning 2, its thread terminated inside it, has the socket closed once: no other fd of that number', async () => {
+    // What worker/socket-supply.ts does: the callback ends the lease and leaves the close to node-libcurl. A callback
+    // that closed the fd itself and was then cut short (its worker terminated before it returned) had the number
+    // closed natively a second time: by then another thread's fd (a reviewing helper showed it with /dev/null).
+    const shared = new Int32Array(new SharedArrayBuffer(8));
+    const worker = new Worker(
+      `
+      const { workerData } = require('node:worker_threads');
+      const { Curl } = require(workerData.libcurlPath);
+      const shared = workerData.shared;
+      const curl = new Curl();
+      curl.setOpt('URL', 'http://127.0.0.1:' + workerData.port + '/');
+      curl.setOpt('FORBID_REUSE', true);
+      curl.setOpt('CLOSESOCKETFUNCTION', (fd) => {
+        Atomics.store(shared, 1, fd);
+        Atomics.store(shared, 0, 1);
+        Atomics.notify(shared, 0);
+        for (;;) {} // cut short here by terminate(), before it returns 2
+      });
+      curl.perform();
+      `,
+      { eval: true, workerData: { libcurlPath, port: server.port, shared } },
+    );
+    while (Atomics.load(shared, 0) === 0) await new Promise((resolve) => setTimeout(resolve, 5));
+    const fd = Atomics.load(shared, 1);
+    const socket = fdTarget(fd);
+    expect(socket).toMatch(/^socket:/);
+    await worker.terminate();
+    // The socket is closed (natively, once) …
+    expect(fdTarget(fd)).not.toBe(socket);
+    // … and a file of this thread that takes the number afterwards stays open: nothing closes that number again.
+    const mine = openSync('/dev/null', 'r');
+    try {
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      expect(fdTarget(mine)).toBe('/dev/null');
+    } finally {
+      closeSync(mine);
+    }
   });
 
   it('null restores the default behaviour', async () => {

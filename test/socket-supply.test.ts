@@ -10,7 +10,7 @@ import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
 import { Cancellation } from '../worker/cancellation.js';
-import { type PrepareOptions, type SocketSlot, SocketSupply } from '../worker/socket-supply.js';
+import { CLOSE_NATIVELY, type PrepareOptions, type SocketSlot, SocketSupply } from '../worker/socket-supply.js';
 import { FakeLink } from './fixtures/fake-link.js';
 import { fdCount } from './fixtures/native-helpers.js';
 
@@ -50,6 +50,14 @@ afterEach(() => {
 /** True once the supply (or the link) closed the lease fd whose far end this is. */
 function closedByUs(leaseFd: number): boolean {
   return native.probe(farEnds.get(leaseFd)!).state === 'eof';
+}
+
+/** CLOSESOCKETFUNCTION as the patched node-libcurl runs it: the supply's callback, then the close it leaves to
+ *  node-libcurl. Returns the callback's answer. */
+function curlCloses(fd: number): number {
+  const answer = supply.close(fd);
+  native.close(fd);
+  return answer;
 }
 
 /** What the curl engine does around a transfer: prepare, let curl open the slot's socket (or not), finish. */
@@ -94,9 +102,11 @@ describe('SocketSupply over HTTP/1.1', () => {
     expect(concurrent.lease).toBeDefined();
     expect(link.acquires).toHaveLength(2);
 
-    // CLOSESOCKETFUNCTION: the supply closes the fd and ends its lease.
-    expect(supply.close(fd)).toBe(0);
-    expect(closedByUs(fd)).toBe(true);
+    // CLOSESOCKETFUNCTION: the supply ends the fd's lease and leaves its close to node-libcurl (CLOSE_NATIVELY):
+    // closed here too, a thread terminated before the callback returned would have the number closed twice.
+    expect(supply.close(fd)).toBe(CLOSE_NATIVELY);
+    expect(closedByUs(fd)).toBe(false);
+    native.close(fd); // node-libcurl's part
     expect(link.closedLeases).toEqual([slot.lease!.leaseId]);
     const unused = concurrent.lease!.leaseId;
     supply.finish(reusing as SocketSlot);
@@ -117,7 +127,7 @@ describe('SocketSupply over HTTP/1.1', () => {
     expect(supply.open(empty)).toBe(-1);
     expect(empty.starved).toBe(true);
     supply.finish(empty);
-    supply.close(fd);
+    curlCloses(fd);
     expect(link.acquires).toHaveLength(1);
   });
 
@@ -142,7 +152,7 @@ describe('SocketSupply over HTTP/1.1', () => {
     const forced = await prepare({ ...HTTP, force: true });
     expect(forced.lease).toBeDefined();
     supply.finish(forced);
-    supply.close(fd);
+    curlCloses(fd);
     expect(link.acquires).toHaveLength(2);
   });
 });
@@ -173,7 +183,7 @@ describe('SocketSupply when a connection frees, or the daemon asks for idle ones
     // The lease that comes later is not the transfer's any more (the link gives it back).
     await link.pending[1]!.grant();
     supply.finish(given);
-    supply.close(fd);
+    curlCloses(fd);
     expect(link.closedLeases).toEqual([slot.lease!.leaseId]);
   });
 
@@ -191,7 +201,7 @@ describe('SocketSupply when a connection frees, or the daemon asks for idle ones
     expect(given.lease).toBeUndefined();
     await link.pending[1]!.grant();
     supply.finish(given);
-    supply.close(fd);
+    curlCloses(fd);
   });
 
   it('gives nothing up away from a cap: the pending acquire brings its socket', async () => {
@@ -203,7 +213,7 @@ describe('SocketSupply when a connection frees, or the daemon asks for idle ones
     const kept = await second;
     expect(kept.lease).toBeDefined();
     supply.finish(kept);
-    supply.close(fd);
+    curlCloses(fd);
   });
 
   it("keeps the acquire of a rate-limited origin's request whose token that acquire carries", async () => {
@@ -233,7 +243,7 @@ describe('SocketSupply when a connection frees, or the daemon asks for idle ones
     await link.pending[2]!.grant();
     supply.finish(kept);
     supply.finish(await third);
-    supply.close(fd);
+    curlCloses(fd);
   });
 
   it('ends, on reclaim, the leases of origins with no transfer in flight here, and no other', async () => {
@@ -251,7 +261,7 @@ describe('SocketSupply when a connection frees, or the daemon asks for idle ones
     expect(closedByUs(fd)).toBe(true);
     supply.reclaim([leaseId], LINK);
     // curl closes it later: no second `closed`.
-    expect(supply.close(fd)).toBe(0);
+    expect(curlCloses(fd)).toBe(CLOSE_NATIVELY);
     expect(link.closedLeases).toEqual([leaseId]);
   });
 
@@ -271,8 +281,8 @@ describe('SocketSupply when a connection frees, or the daemon asks for idle ones
     expect(closedByUs(fdB)).toBe(true);
     expect(native.probe(farEnds.get(fdA)!).state).toBe('alive');
     expect(link.closedLeases).toEqual([1]);
-    expect(supply.close(fdB)).toBe(0);
-    expect(supply.close(fdA)).toBe(0);
+    expect(curlCloses(fdB)).toBe(CLOSE_NATIVELY);
+    expect(curlCloses(fdA)).toBe(CLOSE_NATIVELY);
     expect(link.closedLeases).toEqual([1, 1]);
   });
 
@@ -288,7 +298,7 @@ describe('SocketSupply when a connection frees, or the daemon asks for idle ones
     supply.finish(slot);
     supply.reclaim([slot.lease!.leaseId], LINK);
     expect(link.closedLeases).toEqual([slot.lease!.leaseId]);
-    expect(supply.close(fd)).toBe(0);
+    expect(curlCloses(fd)).toBe(CLOSE_NATIVELY);
   });
 });
 
@@ -320,7 +330,7 @@ describe('SocketSupply over https', () => {
     expect(more).not.toBeInstanceOf(Promise);
     supply.finish(more as SocketSlot);
     // curl closed that connection: the next transfer brings a new one (what was learned is kept).
-    supply.close(fd);
+    curlCloses(fd);
     expect(supply.knowsProtocol(KEY)).toBe(true);
     const after = supply.prepare(TARGET, KEY, HTTPS);
     expect(after).toBeInstanceOf(Promise);
@@ -339,7 +349,7 @@ describe('SocketSupply over https', () => {
     expect(slot.lease).toBeDefined();
     supply.finish(slot);
     supply.finish(first);
-    supply.close(fd);
+    curlCloses(fd);
   });
 
   it('fails the transfer whose acquire failed and lets the ones waiting on it go on', async () => {
@@ -412,7 +422,7 @@ describe('SocketSupply: the streams one HTTP/2 connection carries (`streams`)', 
 
   function cleanUp(slots: SocketSlot[], fds: number[]): void {
     for (const slot of slots) supply.finish(slot);
-    for (const fd of fds) supply.close(fd);
+    for (const fd of fds) curlCloses(fd);
     expect(link.outstanding.size).toBe(0);
   }
 

@@ -8,7 +8,8 @@
 // 2. OPENSOCKETFUNCTION returns it: ownership passes to curl (untracked; recorded in #curlOwned with its lease).
 //    If the thread dies now, curl's handles are cleaned up with it and the patched CLOSESOCKETFUNCTION closes the
 //    fd natively; the daemon frees the lease when the thread's link closes.
-// 3. CLOSESOCKETFUNCTION: curl is done with it; we close it and tell the daemon `closed {leaseId}`.
+// 3. CLOSESOCKETFUNCTION: curl is done with it; we tell the daemon `closed {leaseId}` and node-libcurl closes it
+//    right after the callback (CLOSE_NATIVELY: the one close on every path, the callback cut short included).
 // 4. A slot curl never took is released to the daemon (release takes the fd) when the transfer ends.
 //
 // How many connections an origin needs: HTTP/1.1 one per transfer in flight; HTTP/2 one per as many streams as a
@@ -65,6 +66,12 @@ import * as native from '../shared/native.js';
 import type { Endpoint } from '../shared/origin.js';
 import { Cancellation, type CancelSignal } from './cancellation.js';
 import type { DaemonLink, Lease } from './daemon-link.js';
+
+/**
+ * CLOSESOCKETFUNCTION's answer that leaves the close to the patched node-libcurl, right after the callback returns
+ * (patches/node-libcurl+5.1.2.patch, Easy::CbCloseSocket): the same close it makes when a callback does not return.
+ */
+export const CLOSE_NATIVELY = 2;
 
 /** A socket prepared for one transfer, taken by curl at most once. */
 export interface SocketSlot {
@@ -483,11 +490,15 @@ export class SocketSupply {
     return slot.joined.onboard > 0 || this.#origins.get(slot.originKey)?.multiplexed === true;
   }
 
-  /** CLOSESOCKETFUNCTION: curl is done with fd; close it and end its lease. Returns 0 (curl's success). */
+  /**
+   * CLOSESOCKETFUNCTION: curl is done with fd: its lease ends here, and node-libcurl closes it right after the
+   * callback (CLOSE_NATIVELY), as it does whenever the callback did not return. Closed here, a thread terminated
+   * between that close and the callback's return (the bookkeeping below, the link's sendmsg, the microtasks on the way
+   * out) would have the number closed natively a second time, by then maybe another thread's fd.
+   */
   close(fd: number): number {
     const owned = this.#curlOwned.get(fd);
     this.#curlOwned.delete(fd);
-    native.close(fd);
     if (owned) {
       const origin = this.#origins.get(owned.originKey);
       if (origin) {
@@ -496,7 +507,7 @@ export class SocketSupply {
       }
       if (!owned.reclaimed) this.#link.closed(owned.lease);
     }
-    return 0;
+    return CLOSE_NATIVELY;
   }
 
   /** The transfer ended: an fd curl did not take goes back to the daemon (ownership passes to the link). */
