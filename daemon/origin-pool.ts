@@ -89,6 +89,11 @@ export interface OriginPoolEvents {
   connectFailed(pool: OriginPool, error: Error, uid: number | undefined): void;
   /** Acquires wait for room that only a lease's end can make (see OriginPool.waitingForRoom). */
   waitingForRoom(pool: OriginPool): void;
+  /**
+   * Whether the global idle cap keeps one more refill socket of this pool rather than evict it (or another one of
+   * this pool's) as soon as it arrives; without it, always. Asked before each refill connect.
+   */
+  refillRoom?(pool: OriginPool): boolean;
 }
 
 /** An idle socket of a pool (exported as a type for KeptSockets, whose entries these are). */
@@ -694,7 +699,11 @@ export class OriginPool implements KeptHolder<IdleSocket> {
       this.#roomWaitSince = undefined;
     }
     if (this.#refused || performance.now() < this.#backoffUntil) return;
-    while (this.#refillWanted() > 0 && this.total < limit) this.#startConnect('refill');
+    // Within the global idle cap's room: at a full cap a refill's socket was evicted on arrival (often from this
+    // pool), and this pump connected again at once, in a loop bounded only by the connect time.
+    while (this.#refillWanted() > 0 && this.total < limit && (this.#events.refillRoom?.(this) ?? true)) {
+      this.#startConnect('refill');
+    }
   }
 
   /**

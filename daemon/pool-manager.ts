@@ -210,6 +210,7 @@ export class PoolManager {
         this.#failureLog.warn(this.#log, uid ?? -1, fields, 'connect failed');
       },
       waitingForRoom: (pool) => this.#reclaimFor(pool),
+      refillRoom: (pool) => this.#capRoom(pool, 1, 0) > 0,
       opened: (pool, purpose) => {
         this.#warming.opened[purpose]++;
         if (purpose !== 'acquire') this.#statsOf(pool.key).warmed++;
@@ -429,14 +430,25 @@ export class PoolManager {
     // is granted (and charged for) only what the first leaves, not connects its first turn would cut away.
     const queued = this.#prewarmsQueuedFor.get(pool) ?? 0;
     const wanted = Math.max(0, pool.prewarmWanted(count) - queued);
+    return this.#capRoom(pool, wanted, demand ? (wanted * 1000) / this.#config.pool.predictiveWindowMs : 0);
+  }
+
+  /**
+   * How many of `wanted` more idle sockets of `pool` the global idle cap keeps: the free room (the cap less what is
+   * idle, connecting for no waiter, or queued by prewarms, everywhere), or at a full cap what the pool's part of it
+   * by demand (its rate plus `addedRate`, rounded down) leaves: the eviction (#enforceIdleCap) takes from a pool
+   * above its part, never from one at or below it, so a socket within the part stays and one past it would go.
+   * Prewarms (#roomFor) and refills (the refillRoom event) alike: a refill that connected past it had its socket
+   * evicted on arrival, and its pool connected again at once.
+   */
+  #capRoom(pool: OriginPool, wanted: number, addedRate: number): number {
     const cap = this.#maxIdleTotal();
     let queuedEverywhere = 0;
     for (const each of this.#prewarmsQueuedFor.values()) queuedEverywhere += each;
     const free = cap - this.#idleTotal - this.#connectingAhead - queuedEverywhere;
     if (free >= wanted) return wanted;
-    const rate =
-      this.#decayedRate(this.#statsOf(pool.key)) +
-      (demand ? (wanted * 1000) / this.#config.pool.predictiveWindowMs : 0);
+    const queued = this.#prewarmsQueuedFor.get(pool) ?? 0;
+    const rate = this.#decayedRate(this.#statsOf(pool.key)) + addedRate;
     let rates = rate;
     for (const other of this.#pools.values()) if (other !== pool) rates += this.#decayedRate(this.#statsOf(other.key));
     const part = rates > 0 ? Math.floor((cap * rate) / rates) : 0;

@@ -342,6 +342,47 @@ describe('PoolManager warming', () => {
     expect(idleOf(pools, QUIET)).toBe(1);
   });
 
+  it('connects no refill that a full global idle cap would evict: a minIdle origin waits for room', async () => {
+    const KEPT: Origin = { host: 'keep.test', port: 443 };
+    const pools = manager({ maxIdleTotal: 4, origins: [{ match: 'keep.test:443', minIdle: 2 }] });
+    pools.start();
+    expect(pools.warm(KEPT, 2).granted).toBe(2);
+    await until(() => idleOf(pools, KEPT) === 2, 'the minIdle origin warm');
+    // A client prewarms the whole cap for another origin: its demand takes the cap, the minIdle origin's sockets
+    // (no demand) are evicted.
+    expect(pools.prewarm(BUSY, 4, undefined, 1000)).toBe(4);
+    await until(() => idleOf(pools, BUSY) === 4 && pools.snapshot().connecting === 0, 'the prewarm arrived');
+    expect(idleOf(pools, KEPT)).toBe(0);
+    const calls = connector.calls;
+    // Ten seconds of sweeps: the minIdle origin's refill would be evicted on arrival, so none is connected.
+    await vi.advanceTimersByTimeAsync(20 * SWEEP_MS);
+    await nextTurn();
+    expect(connector.calls).toBe(calls);
+    expect(pools.snapshot().idle).toBe(4);
+    // Once the prewarmed sockets age out (idleTtlMs), there is room: minIdle is refilled.
+    await vi.advanceTimersByTimeAsync(60_000);
+    await until(() => idleOf(pools, KEPT) === 2 && pools.snapshot().connecting === 0, 'minIdle refilled');
+    expect(connector.calls).toBe(calls + 2);
+  });
+
+  it("refills an origin at a full cap up to its part of it by demand, evicting others' prewarmed sockets, then stops", async () => {
+    connector.connectMs = 1_000;
+    const pools = manager({ maxIdleTotal: 4, predictiveWindowMs: 10_000 });
+    pools.start();
+    // The cap full of the quiet origin's prewarmed sockets (0.4/s of announced demand: no refill target).
+    expect(pools.prewarm(QUIET, 4, undefined, 1000)).toBe(4);
+    await until(() => idleOf(pools, QUIET) === 4 && pools.snapshot().connecting === 0, 'the cap full');
+    // The busy origin's acquires (1.0/s, unannounced) predict 3 idle; its part of the cap is ⌊4 × 1.0 / 1.4⌋ = 2.
+    await demand(pools, BUSY, 10);
+    await vi.advanceTimersByTimeAsync(SWEEP_MS);
+    await until(() => idleOf(pools, BUSY) === 2 && pools.snapshot().connecting === 0, 'the busy refill');
+    const calls = connector.calls;
+    await vi.advanceTimersByTimeAsync(10 * SWEEP_MS);
+    await nextTurn();
+    expect([idleOf(pools, BUSY), idleOf(pools, QUIET)]).toEqual([2, 2]);
+    expect(connector.calls).toBe(calls);
+  });
+
   it('retires a pool with nothing in it once its demand has decayed, and refuses prewarms the policy refuses', async () => {
     // (Predictive warming off: with it, the demand would keep a socket warm, and the pool alive, until its TTL.)
     const pools = manager({ predictive: false, predictiveWindowMs: 10_000 });
