@@ -339,9 +339,16 @@ export class OriginPool implements KeptHolder<IdleSocket> {
     for (const socket of this.#idle) this.#scheduleRecycle(socket);
   }
 
-  /** The policy changed (reload): refused origins may be tried again. */
+  /**
+   * The policy changed (reload): refused origins may be tried again, and a lowered maxIdle or maxPerOrigin holds at
+   * once: idle sockets past either are closed, those kept for one uid first (no supply for the others), then the
+   * oldest. Otherwise they stayed, and were lent, beyond the new cap until each aged out.
+   */
   policyChanged(policy: OriginPolicy): void {
     this.policy = policy;
+    while (this.#idle.length > 0 && (this.#idle.length > policy.maxIdle || this.total > policy.maxPerOrigin)) {
+      this.#drop(this.#idle.find((idle) => idle.ownerUid !== undefined) ?? this.#idle[0]!, 'excess');
+    }
     if (this.#refused) {
       // The backoff counted the old policy's refusals: the new one is tried at once.
       this.#refused = false;

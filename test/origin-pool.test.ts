@@ -355,6 +355,31 @@ describe('OriginPool warming', () => {
     await until(() => origin.idleCount === 2, 'refilled to minIdle');
   });
 
+  it('holds a lowered maxIdle and maxPerOrigin at once: idle sockets past them close, kept ones first, then the oldest', async () => {
+    const origin = pool({ maxIdle: 8, maxPerOrigin: 8 });
+    origin.prewarm(1);
+    await until(() => origin.idleCount === 1, 'the first prewarmed');
+    await vi.advanceTimersByTimeAsync(1_000);
+    origin.prewarm(4);
+    await until(() => origin.idleCount === 4, 'three more prewarmed');
+    // One lent to uid 7 and released unused: kept idle for that uid.
+    const lent = await origin.acquire(1_000, 7);
+    origin.giveBack(lent, 7, true);
+    const leased = await acquire(origin);
+    expect([origin.idleCount, origin.total]).toEqual([3, 4]);
+
+    origin.policyChanged(policy({ maxIdle: 2, maxPerOrigin: 2 }));
+    // Two closed (total 2: one leased, one idle): the kept one, then the oldest (the one a second older).
+    expect(events.drops.map((drop) => drop.reason)).toEqual(['excess', 'excess']);
+    expect(events.drops[1]!.ageMs).toBeGreaterThanOrEqual(1_000);
+    expect([origin.idleCount, origin.total]).toEqual([1, 2]);
+    // So the origin is held to two: the idle one (a shared one, not the uid's kept one) goes out, and none is left.
+    held.push(origin.takeWarm(7)!);
+    expect(held.at(-1)!.kept).toBeUndefined();
+    expect(origin.takeWarm()).toBeUndefined();
+    endLease(origin, leased);
+  });
+
   it('makes no background connects to an origin the policy refused until the policy changes', async () => {
     connector.refuse.add(ORIGIN.host);
     const origin = pool({ minIdle: 1 });
