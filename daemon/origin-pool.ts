@@ -422,7 +422,10 @@ export class OriginPool implements KeptHolder<IdleSocket> {
     return sockets.map(connectedPart);
   }
 
-  /** Adopts an already connected socket (the fd store after a restart); it is probed first. */
+  /**
+   * Adopts an already connected socket (the fd store after a restart); it is probed first. Returns whether the pool
+   * kept it (or lent it): false for one it closed, dead, past maxIdle or past the global idle cap.
+   */
   adopt(socket: ConnectedSocket): boolean {
     const probe = native.probe(socket.fd);
     if (this.#closed || probe.state !== 'alive' || !isEstablished(probe.tcpState)) {
@@ -431,8 +434,7 @@ export class OriginPool implements KeptHolder<IdleSocket> {
     }
     this.#slots?.count(this);
     this.#slotsHeld++;
-    this.#addIdle(socket);
-    return true;
+    return this.#addIdle(socket);
   }
 
   close(): void {
@@ -486,8 +488,11 @@ export class OriginPool implements KeptHolder<IdleSocket> {
     return undefined;
   }
 
-  /** `mark`: the socket's quiet mark when the caller just read it (a release); otherwise it is read here. */
-  #addIdle(socket: ConnectedSocket, ownerUid?: number, mark?: UsageMark, purpose?: ConnectPurpose): void {
+  /**
+   * `mark`: the socket's quiet mark when the caller just read it (a release); otherwise it is read here. Returns
+   * whether the socket was kept idle or lent (false: closed as excess, or evicted at once by the global idle cap).
+   */
+  #addIdle(socket: ConnectedSocket, ownerUid?: number, mark?: UsageMark, purpose?: ConnectPurpose): boolean {
     // A socket kept for one uid goes to a waiter of that uid when the slot is that uid's turn anyway, or when the
     // waiters ahead of it still have room to connect: a uid releasing unused with an acquire of its own queued must
     // not keep the slot for good while a uid holding fewer waits at the cap (each lease is new, so maxLeaseMs never
@@ -504,7 +509,7 @@ export class OriginPool implements KeptHolder<IdleSocket> {
       if (purpose !== undefined) this.#firstLent(handoff, purpose);
       this.#leased++;
       this.#serve(handoff, waiter);
-      return;
+      return true;
     }
     // A shared socket (a refill's) at a room full of sockets kept for one uid takes the oldest kept one's place: the
     // refill counts only shared sockets as supply, so closing the new one instead left the refill short for good, and
@@ -518,7 +523,7 @@ export class OriginPool implements KeptHolder<IdleSocket> {
       this.#settleSlots();
       this.#events.dropped(this, 'excess', 0, performance.now() - socket.connectedAt, ownerUid !== undefined);
       if (purpose !== undefined) this.#events.neverLent(this, purpose, 'excess');
-      return;
+      return false;
     }
     const idle = connectedPart(socket) as IdleSocket;
     idle.idleSince = performance.now();
@@ -538,9 +543,12 @@ export class OriginPool implements KeptHolder<IdleSocket> {
     this.#armSoon();
     this.#scheduleRecycle(idle);
     this.#events.idleChanged(this, +1);
+    // (The global idle cap may have evicted it at once: then it is no longer the newest idle socket, nor idle.)
+    const kept = this.#idle.at(-1) === idle;
     // Kept for its uid while another uid waits: the pump gives its slot to that waiter (not at the next sweep, and
     // not back to its own uid's next acquire, warm, in between).
     if (ownerUid !== undefined && this.#waiters.length > 0) this.#pump();
+    return kept;
   }
 
   /**

@@ -9,6 +9,7 @@ import { once } from 'node:events';
 import type net from 'node:net';
 import { afterEach, beforeAll, beforeEach, describe, expect, it, vi } from 'vitest';
 import { defaultConfig, type OriginPolicy, policyFor } from '../daemon/config.js';
+import type { ConnectedSocket } from '../daemon/connector.js';
 import {
   type ConnectPurpose,
   type DropReason,
@@ -544,6 +545,17 @@ describe('OriginPool recycling and dead idle sockets', () => {
     const again = await acquire(origin);
     expect(again).toMatchObject({ fd: handoff.fd, warm: true, kept: true });
     expect(again.connectedPeer).toBeUndefined();
+  });
+
+  it('says a socket was adopted only when it kept or lent it, not when it closed it at once past maxIdle', async () => {
+    const origin = pool();
+    origin.prewarm(2);
+    await until(() => origin.idleCount === 2, 'prewarmed');
+    const [first, second] = origin.detachIdle() as [ConnectedSocket, ConnectedSocket];
+    const successor = pool({ maxIdle: 1 });
+    expect([successor.adopt(first), successor.adopt(second)]).toEqual([true, false]);
+    expect(successor.idleCount).toBe(1);
+    expect(events.reasons).toEqual(['excess']);
   });
 
   it('detaches its idle sockets for the fd store, and a new pool adopts the live ones', async () => {
