@@ -703,8 +703,10 @@ export class PoolManager {
       refused += pool.dropIdleWhere((socket) => this.#refusedAfterReload(pool, socket));
       const policy = policyFor(config, pool.origin.host, pool.origin.port);
       // Through a proxy the configuration no longer names, nothing is kept idle or refilled (minIdle would go on
-      // connecting, each connect failing, for ever); the pool is retired once its leases and waiters are gone.
-      pool.policyChanged(this.#proxyRemoved(pool) ? { ...policy, minIdle: 0, maxIdle: 0 } : policy);
+      // connecting, each connect failing, for ever); nor as warm TLS sessions of an origin the configuration no longer
+      // keeps them for (no acquire reaches the pool: minIdle made sessions, handshakes at the origin, for nobody). The
+      // pool is retired once its leases and waiters are gone.
+      pool.policyChanged(this.#retiring(pool, policy) ? { ...policy, minIdle: 0, maxIdle: 0 } : policy);
     }
     // A lowered quotas.maxKeptPerUid holds at once, not only at each uid's next release.
     this.#kept.trimAll();
@@ -997,11 +999,9 @@ export class PoolManager {
       const predicted = this.#config.pool.predictive
         ? predictedTarget(this.#decayedUnannounced(stats), stats.connectMs, this.#config.pool.predictiveWindowMs)
         : 0;
-      // A pool of a proxy a reload removed connects nothing more (each connect would fail: no such proxy); it is
-      // retired once empty.
-      const want = this.#proxyRemoved(pool)
-        ? 0
-        : Math.min(pool.policy.maxIdle, Math.max(pool.policy.minIdle, predicted));
+      // A pool a reload left behind (its proxy removed, its warm TLS turned off) connects nothing more; it is retired
+      // once empty.
+      const want = this.#retiring(pool) ? 0 : Math.min(pool.policy.maxIdle, Math.max(pool.policy.minIdle, predicted));
       wants.push({ pool, want, rate });
       const learned = stats.learnedIdleLifetimeMs;
       pool.setRecycleAfter(learned === undefined ? undefined : learned * RECYCLE_MARGIN);
@@ -1031,8 +1031,8 @@ export class PoolManager {
   #retireUnused(): void {
     for (const [key, pool] of this.#pools) {
       if (pool.total !== 0 || pool.waitingCount !== 0) continue;
-      const removed = this.#proxyRemoved(pool);
-      // A prewarm or warm granted and queued for the next turn is not unused (unless its proxy is gone: it drains).
+      const removed = this.#retiring(pool);
+      // A prewarm or warm granted and queued for the next turn is not unused (unless it is retiring: it drains).
       if (!removed && this.#prewarmsQueuedFor.has(pool)) continue;
       if (removed || pool.policy.minIdle === 0) {
         const stats = this.#statsOf(key);
@@ -1043,6 +1043,16 @@ export class PoolManager {
         }
       }
     }
+  }
+
+  /**
+   * Whether a reload left the pool behind, to be retired once empty: its origin is reached through a proxy the
+   * configuration no longer names, or it holds warm TLS sessions of an origin the configuration (`policy`, default
+   * the pool's) no longer keeps them for.
+   */
+  #retiring(pool: OriginPool, policy: OriginPolicy = pool.policy): boolean {
+    if (this.#proxyRemoved(pool)) return true;
+    return isTlsPoolKey(pool.key) && !this.#tls?.enabled(pool.origin, policy);
   }
 
   /** Whether the pool's origin is reached through a proxy the configuration no longer names. */

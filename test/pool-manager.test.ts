@@ -17,6 +17,8 @@ import { createMetrics, type MetricsSnapshot } from '../daemon/metrics.js';
 import type { Handoff } from '../daemon/origin-pool.js';
 import { PoolManager } from '../daemon/pool-manager.js';
 import { StateStore } from '../daemon/store.js';
+import type { TlsRelays } from '../daemon/tls-relay.js';
+import { SYSTEM_TRUST, TlsSessions } from '../daemon/tls-sessions.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
 import type { Origin } from '../shared/origin.js';
@@ -736,6 +738,44 @@ describe('PoolManager with its store and configuration', () => {
     await nextTurn();
     expect(pools.snapshot().origins.map((entry) => entry.origin)).not.toContain(labKey);
     expect(connector.calls).toBe(calls);
+  });
+
+  it('retires the warm TLS sessions pool of an origin a reload turned warm TLS off for, minIdle or not', async () => {
+    // A relay that "handshakes" at once: the session's fd is the TCP socket's.
+    const relays = {
+      open: async (fd: number) => ({ fd, handshakeMs: 1, info: { protocol: 'TLSv1.3' }, relayThread: 1 }),
+    } as unknown as TlsRelays;
+    const input = (warm: string[]) => ({ pool: { origins: [{ match: 'busy.test:443', minIdle: 2 }] }, tls: { warm } });
+    const config = parseConfig(input(['busy.test:443']), 'test');
+    const pools = new PoolManager({
+      config,
+      connector,
+      log: pino({ level: 'silent' }),
+      tls: new TlsSessions(config, connector, relays),
+    });
+    managers.push(pools);
+    pools.start();
+    expect(pools.warm(BUSY, 2, SYSTEM_TRUST)).toEqual({ warming: 'tls', granted: 2 });
+    const sessionsKey = `${BUSY.host}:${BUSY.port} tls`;
+    await until(() => pools.snapshot().idle === 2, 'two sessions warm');
+    // One lent before the reload, released unused after it.
+    const lent = await pools.acquire(BUSY, 1_000, SYSTEM_TRUST);
+    expect(lent.originKey).toBe(sessionsKey);
+
+    pools.reconfigure(parseConfig(input([]), 'reload'));
+    // An https client gets a TCP socket now: no acquire reaches the sessions pool, so it keeps nothing.
+    expect(pools.snapshot().origins.find((entry) => entry.origin === sessionsKey)?.idle).toBe(0);
+    const tcp = await pools.acquire(BUSY, 1_000, SYSTEM_TRUST);
+    expect(tcp.originKey).toBe(`${BUSY.host}:${BUSY.port}`);
+    native.close(tcp.fd);
+    pools.leaseEnded(tcp.originKey);
+    pools.giveBack(lent.originKey, lent, 0, true);
+    // Before: its idle sessions stayed, and minIdle made new ones (handshakes at the origin for nobody) for ever.
+    await vi.advanceTimersByTimeAsync(SWEEP_MS * 2);
+    await nextTurn();
+    expect(pools.snapshot().origins.map((entry) => entry.origin)).not.toContain(sessionsKey);
+    // The origin's TCP pool (minIdle 2) is what is kept warm now.
+    await until(() => idleOf(pools, BUSY) === 2 && pools.snapshot().idle === 2, 'the TCP pool warm');
   });
 
   it('keeps a minIdle pool whose acquire the policy refused at its address, and warms it after a reload allows it', async () => {
