@@ -154,6 +154,16 @@ export class PoolManager {
    * pool: a second prewarm of an origin in one turn finds the first's connects still queued here.
    */
   readonly #prewarmsQueuedFor = new Map<OriginPool, number>();
+  /** The sum of #prewarmsQueuedFor's counts, kept as they change: the cap's room reads it at every prewarm. */
+  #prewarmsQueued = 0;
+  /**
+   * The sum of every origin's decayed demand rate (OriginStats.ratePerS) as of #ratesSumAt, kept as rates change:
+   * all decay with one time constant, so the sum decays as each does. The share of a full cap (#capRoom) reads it at
+   * every prewarm and refill: walking every pool there made a burst of prewarms at a full cap cost pools × prewarms.
+   * Counted afresh at each sweep, so rounding does not drift.
+   */
+  #ratesSum = 0;
+  #ratesSumAt = performance.now();
   /** Connects under way for no waiter, every pool's (the connectingAheadChanged event): idle sockets to come. */
   #connectingAhead = 0;
   #events: OriginPoolEvents;
@@ -210,7 +220,7 @@ export class PoolManager {
         this.#failureLog.warn(this.#log, uid ?? -1, fields, 'connect failed');
       },
       waitingForRoom: (pool) => this.#reclaimFor(pool),
-      refillRoom: (pool) => this.#capRoom(pool, 1, 0) > 0,
+      refillRoom: (pool) => this.#capRoom(pool.key, pool, 1, 0) > 0,
       opened: (pool, purpose) => {
         this.#warming.opened[purpose]++;
         if (purpose !== 'acquire') this.#statsOf(pool.key).warmed++;
@@ -423,14 +433,22 @@ export class PoolManager {
    * the eviction would leave it, or a little less), the sockets of origins in less demand giving way. Otherwise one uid's prewarms, up to the cap
    * once, would leave every other uid's prewarms nothing for as long as it renewed them (an idle TTL), however much
    * more those origins were wanted; and each prewarm adds demand its uid's allowance is charged for, so no uid takes
-   * a larger part than its allowance buys. O(pools), only when the cap is short.
+   * a larger part than its allowance buys.
+   *
+   * `pool`: the origin's pool (key `key`), or its policy where it has none yet: an absent pool has nothing idle,
+   * connecting or queued, and is made only for connects granted (#warmUp).
    */
-  #roomFor(pool: OriginPool, count: number, demand: boolean): number {
-    // What the origin will have once its queued prewarms start counts as had: a second prewarm of it in the same turn
-    // is granted (and charged for) only what the first leaves, not connects its first turn would cut away.
-    const queued = this.#prewarmsQueuedFor.get(pool) ?? 0;
-    const wanted = Math.max(0, pool.prewarmWanted(count) - queued);
-    return this.#capRoom(pool, wanted, demand ? (wanted * 1000) / this.#config.pool.predictiveWindowMs : 0);
+  #roomFor(key: string, pool: OriginPool | OriginPolicy, count: number, demand: boolean): number {
+    let wanted: number;
+    if (pool instanceof OriginPool) {
+      // What the origin will have once its queued prewarms start counts as had: a second prewarm of it in the same
+      // turn is granted (and charged for) only what the first leaves, not connects its first turn would cut away.
+      wanted = Math.max(0, pool.prewarmWanted(count) - (this.#prewarmsQueuedFor.get(pool) ?? 0));
+    } else {
+      wanted = Math.max(0, Math.min(count, pool.maxIdle));
+    }
+    const addedRate = demand ? (wanted * 1000) / this.#config.pool.predictiveWindowMs : 0;
+    return this.#capRoom(key, pool instanceof OriginPool ? pool : undefined, wanted, addedRate);
   }
 
   /**
@@ -439,20 +457,39 @@ export class PoolManager {
    * by demand (its rate plus `addedRate`, rounded down) leaves: the eviction (#enforceIdleCap) takes from a pool
    * above its part, never from one at or below it, so a socket within the part stays and one past it would go.
    * Prewarms (#roomFor) and refills (the refillRoom event) alike: a refill that connected past it had its socket
-   * evicted on arrival, and its pool connected again at once.
+   * evicted on arrival, and its pool connected again at once. `pool` undefined: the origin (`key`) has none yet.
+   * O(1): the sums it reads are kept as they change.
    */
-  #capRoom(pool: OriginPool, wanted: number, addedRate: number): number {
+  #capRoom(key: string, pool: OriginPool | undefined, wanted: number, addedRate: number): number {
     const cap = this.#maxIdleTotal();
-    let queuedEverywhere = 0;
-    for (const each of this.#prewarmsQueuedFor.values()) queuedEverywhere += each;
-    const free = cap - this.#idleTotal - this.#connectingAhead - queuedEverywhere;
+    const free = cap - this.#idleTotal - this.#connectingAhead - this.#prewarmsQueued;
     if (free >= wanted) return wanted;
-    const queued = this.#prewarmsQueuedFor.get(pool) ?? 0;
-    const rate = this.#decayedRate(this.#statsOf(pool.key)) + addedRate;
-    let rates = rate;
-    for (const other of this.#pools.values()) if (other !== pool) rates += this.#decayedRate(this.#statsOf(other.key));
+    const stats = this.#stats.get(key);
+    const own = stats ? this.#decayedRate(stats) : 0;
+    const rate = own + addedRate;
+    const rates = Math.max(rate, this.#ratesTotal() - own + rate);
     const part = rates > 0 ? Math.floor((cap * rate) / rates) : 0;
-    return Math.max(0, free, Math.min(wanted, part - pool.idleCount - pool.connectingAheadCount - queued));
+    const held = pool ? pool.idleCount + pool.connectingAheadCount + (this.#prewarmsQueuedFor.get(pool) ?? 0) : 0;
+    return Math.max(0, free, Math.min(wanted, part - held));
+  }
+
+  /** Every origin's decayed demand rate, summed (see #ratesSum). */
+  #ratesTotal(): number {
+    const now = performance.now();
+    this.#ratesSum = Math.max(
+      0,
+      this.#ratesSum * Math.exp(-(now - this.#ratesSumAt) / this.#config.pool.predictiveWindowMs),
+    );
+    this.#ratesSumAt = now;
+    return this.#ratesSum;
+  }
+
+  /** An origin's stats are forgotten (its pool retired): its rate leaves the sum. */
+  #forgetStats(key: string): void {
+    const stats = this.#stats.get(key);
+    if (!stats) return;
+    this.#ratesSum = this.#ratesTotal() - this.#decayedRate(stats);
+    this.#stats.delete(key);
   }
 
   /**
@@ -485,22 +522,27 @@ export class PoolManager {
     take: (room: number) => number = (room) => room,
   ): { warming: WarmKind; granted: number } {
     this.checkWarmUp(origin);
-    const fresh = !this.#pools.has(this.#keyOf(canonicalOrigin(origin), tlsTrust, lookahead));
-    const pool = this.#poolFor(origin, tlsTrust, lookahead);
-    const room = this.#roomFor(pool, count, demand);
-    // No room: nothing is charged (a full idle pool is no fault of the uid's) nor counted as demand.
-    let granted: number;
-    try {
-      granted = room === 0 ? 0 : take(room);
-    } catch (error) {
-      // Refused (the uid's allowance used up): no pool is left made for it.
-      if (fresh) this.#retireIfEmpty(pool);
-      throw error;
+    const normalised = canonicalOrigin(origin);
+    const key = this.#keyOf(normalised, tlsTrust, lookahead);
+    const existing = this.#pools.get(key);
+    const room = this.#roomFor(
+      key,
+      existing ?? policyFor(this.#config, normalised.host, normalised.port),
+      count,
+      demand,
+    );
+    // No room: nothing is charged (a full idle pool is no fault of the uid's) nor counted as demand. Refused (the
+    // uid's allowance used up), or granted 0: no pool is made for it (thousands of origins named at a full cap made
+    // a pool and stats each, kept until the sweep found them unused).
+    const granted = room === 0 ? 0 : take(room);
+    const warming = isTlsPoolKey(key) ? 'tls' : 'tcp';
+    if (granted === 0) {
+      if (existing) this.#statsOf(key).uids.add(uid);
+      return { warming, granted };
     }
+    const pool = existing ?? this.#poolFor(origin, tlsTrust, lookahead);
     const stats = this.#statsOf(pool.key);
     stats.uids.add(uid);
-    const warming = isTlsPoolKey(pool.key) ? 'tls' : 'tcp';
-    if (granted === 0) return { warming, granted };
     if (demand) this.#bumpRate(stats, granted);
     this.#prewarms.push({
       pool,
@@ -554,9 +596,11 @@ export class PoolManager {
 
   /** Counts `delta` connects more (or fewer, negative) as queued by prewarms for `pool`. */
   #queuePrewarms(pool: OriginPool, delta: number): void {
-    const queued = (this.#prewarmsQueuedFor.get(pool) ?? 0) + delta;
+    const before = this.#prewarmsQueuedFor.get(pool) ?? 0;
+    const queued = before + delta;
     if (queued > 0) this.#prewarmsQueuedFor.set(pool, queued);
     else this.#prewarmsQueuedFor.delete(pool);
+    this.#prewarmsQueued += Math.max(0, queued) - before;
   }
 
   /** The DNS query for `host` in flight now, if any (see UidQuotas.acquireSettled). */
@@ -754,6 +798,7 @@ export class PoolManager {
     clearImmediate(this.#prewarmTurn);
     this.#prewarms = [];
     this.#prewarmsQueuedFor.clear();
+    this.#prewarmsQueued = 0;
     clearInterval(this.#reclaimTimer);
     this.#reclaiming.clear();
     const detached: Array<{ origin: Origin; socket: ConnectedSocket }> = [];
@@ -865,7 +910,7 @@ export class PoolManager {
     if (this.#pools.get(pool.key) !== pool) return;
     pool.close();
     this.#pools.delete(pool.key);
-    this.#stats.delete(pool.key);
+    this.#forgetStats(pool.key);
   }
 
   #statsOf(key: string): OriginStats {
@@ -928,8 +973,10 @@ export class PoolManager {
 
   /** Rate as an exponentially decaying event count: each acquire adds 1/τ, the total decays with time constant τ. */
   #bumpRate(stats: OriginStats, events = 1): void {
-    stats.ratePerS = this.#decayedRate(stats) + (events * 1000) / this.#config.pool.predictiveWindowMs;
+    const added = (events * 1000) / this.#config.pool.predictiveWindowMs;
+    stats.ratePerS = this.#decayedRate(stats) + added;
     stats.rateUpdatedAt = performance.now();
+    this.#ratesSum = this.#ratesTotal() + added;
   }
 
   #decayedRate(stats: OriginStats): number {
@@ -951,8 +998,10 @@ export class PoolManager {
   /** A rate replayed (history, a fleet share) as a floor of both: demand this daemon has not seen yet. */
   #replayRate(stats: OriginStats, rate: number): void {
     const now = performance.now();
-    stats.ratePerS = Math.max(this.#decayedRate(stats), rate);
+    const before = this.#decayedRate(stats);
+    stats.ratePerS = Math.max(before, rate);
     stats.rateUpdatedAt = now;
+    this.#ratesSum = this.#ratesTotal() + stats.ratePerS - before;
     stats.unannouncedRatePerS = Math.max(this.#decayedUnannounced(stats), rate);
     stats.unannouncedUpdatedAt = now;
   }
@@ -1007,6 +1056,11 @@ export class PoolManager {
       pool.setRecycleAfter(learned === undefined ? undefined : learned * RECYCLE_MARGIN);
       pool.sweep(now);
     }
+    // (The running sum of the rates, counted afresh: see #ratesSum.)
+    let ratesSum = 0;
+    for (const stats of this.#stats.values()) ratesSum += this.#decayedRate(stats);
+    this.#ratesSum = ratesSum;
+    this.#ratesSumAt = performance.now();
     // Highest demand first gets its share of the global idle budget.
     wants.sort((a, b) => b.rate - a.rate);
     let budget = this.#maxIdleTotal();
@@ -1039,7 +1093,7 @@ export class PoolManager {
         if (removed || this.#decayedRate(stats) < 0.001) {
           pool.close();
           this.#pools.delete(key);
-          this.#stats.delete(key);
+          this.#forgetStats(key);
         }
       }
     }

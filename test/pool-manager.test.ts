@@ -385,6 +385,25 @@ describe('PoolManager warming', () => {
     expect(connector.calls).toBe(calls);
   });
 
+  it('makes no pool for a prewarm granted 0 at a full cap, and its share of the cap costs no walk over the pools', async () => {
+    const pools = manager({ maxIdleTotal: 1 });
+    expect(pools.prewarm(BUSY, 1, undefined, 1000)).toBe(1);
+    await until(() => pools.snapshot().idle === 1, 'the cap full');
+    // 200 origins with demand (an acquire each) and nothing idle.
+    for (let i = 0; i < 200; i++) await demand(pools, { host: `o${i}.test`, port: 443 }, 1);
+    expect(pools.snapshot().originCount).toBe(201);
+    const calls = connector.calls;
+    // The decayed demand rates read (one Math.exp each) by 100 prewarms of new origins, all granted 0.
+    const exp = vi.spyOn(Math, 'exp');
+    for (let i = 0; i < 100; i++) expect(pools.prewarm({ host: `p${i}.test`, port: 443 }, 1, undefined, 1000)).toBe(0);
+    const rateReads = exp.mock.calls.length;
+    exp.mockRestore();
+    // Before: each made a pool (uncharged, with stats) and read the rate of every pool there was, 200 and more.
+    expect(pools.snapshot().originCount).toBe(201);
+    expect(rateReads).toBeLessThanOrEqual(100 * 4);
+    expect(connector.calls).toBe(calls);
+  });
+
   it('retires a pool with nothing in it once its demand has decayed, and refuses prewarms the policy refuses', async () => {
     // (Predictive warming off: with it, the demand would keep a socket warm, and the pool alive, until its TTL.)
     const pools = manager({ predictive: false, predictiveWindowMs: 10_000 });
