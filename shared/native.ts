@@ -466,13 +466,24 @@ const RECV_OK = 0;
 const RECV_EOF = 1;
 const RECV_FD_TRUNCATED = 2;
 
-/** A message recvMessages dropped (too many fds, or too long): its fds are closed already. */
-function truncationError(fdTruncated: boolean, maxBytes: number, maxFds: number, fdsClosed: number): NativeError {
+/**
+ * A message recvMessages dropped (its fds did not all arrive, or it was too long): its fds are closed already. One
+ * whose fds did not all arrive is otherwise whole: its bytes come as `data`, for a receiver that must learn what it
+ * lost (a lease whose socket never came).
+ */
+function truncationError(
+  fdTruncated: boolean,
+  maxBytes: number,
+  maxFds: number,
+  fdsClosed: number,
+  data: Buffer | undefined,
+): NativeError & { data?: Buffer } {
   const code = fdTruncated ? NativeErrorCodes.FD_TRUNCATED : NativeErrorCodes.MSG_TRUNCATED;
   const message = fdTruncated
-    ? `recvmmsg ${code}: the message carried more than ${maxFds} fds; the ${fdsClosed} that arrived were closed`
+    ? `recvmmsg ${code}: the message's fds did not all arrive (more than ${maxFds}, or no room in this process's fd ` +
+      `table); the ${fdsClosed} that arrived were closed`
     : `recvmmsg ${code}: the message was longer than ${maxBytes} bytes; ${fdsClosed} fds that came with it were closed`;
-  return Object.assign(new Error(message), { code, syscall: 'recvmmsg', fdsClosed });
+  return Object.assign(new Error(message), { code, syscall: 'recvmmsg', fdsClosed, ...(data && { data }) });
 }
 
 /** Most messages one recvMessages call returns. */
@@ -511,7 +522,9 @@ export function recvMessages(
     } else if (status === RECV_EOF) {
       messages.push({ data: Buffer.alloc(0), fds: [], eof: true });
     } else {
-      messages.push(truncationError(status === RECV_FD_TRUNCATED, maxBytes, maxFds, fdCount));
+      const fdTruncated = status === RECV_FD_TRUNCATED;
+      const data = fdTruncated ? Buffer.from(recvArena.subarray(i * maxBytes, i * maxBytes + length)) : undefined;
+      messages.push(truncationError(fdTruncated, maxBytes, maxFds, fdCount, data));
     }
   }
   return messages;

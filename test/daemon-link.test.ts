@@ -21,7 +21,7 @@ import { DaemonLink } from '../worker/daemon-link.js';
 import { fdCount, startServer } from './fixtures/native-helpers.js';
 import { startDaemon } from './helpers/daemon.js';
 
-type Behaviour = 'hangup-after-hello' | 'serve' | 'silent' | 'framing-1';
+type Behaviour = 'hangup-after-hello' | 'serve' | 'silent' | 'framing-1' | 'lease-fds-lost';
 
 interface FakeDaemon {
   path: string;
@@ -29,6 +29,8 @@ interface FakeDaemon {
   accepted(): number;
   /** 'framing-1': each release received, with how many fds it carried. */
   releases: Array<{ leaseId: number; fds: number }>;
+  /** Leases the link said were `closed`. */
+  closed: number[];
   close(): void;
 }
 
@@ -37,13 +39,16 @@ interface FakeDaemon {
  * 'hangup-after-hello': answers hello, then closes the connection at once. 'serve': answers hello, and every
  * acquire with an error reply (enough to show the link is back). 'silent': answers hello, then nothing.
  * 'framing-1': a daemon of binary framing 1 (before the release without an fd): agrees to framing 1, leases one
- * end of a socketpair per acquire and records each release.
+ * end of a socketpair per acquire and records each release. 'lease-fds-lost': leases with two fds, more than a
+ * message may carry: the link's addon drops them (as when its fd table is full) and the lease arrives without its
+ * socket.
  */
 function fakeDaemon(behaviour: () => Behaviour): FakeDaemon {
   const path = join(mkdtempSync(join(tmpdir(), 'sockpool-link-')), 'fake.sock');
   const listenFd = native.seqpacketListen(path, 16);
   const channels: SeqpacketChannel[] = [];
   const releases: FakeDaemon['releases'] = [];
+  const closed: number[] = [];
   let nextLease = 1;
   const limits = { maxMessageBytes: MAX_MESSAGE_BYTES, maxFdsPerMessage: MAX_FDS_PER_MESSAGE };
   const listener = new native.Poller(listenFd, () => {
@@ -67,12 +72,15 @@ function fakeDaemon(behaviour: () => Behaviour): FakeDaemon {
                 }),
               );
               if (mode === 'hangup-after-hello') channel.close();
-            } else if (message.type === 'acquire' && mode === 'framing-1') {
+            } else if (message.type === 'acquire' && (mode === 'framing-1' || mode === 'lease-fds-lost')) {
               const [ours, theirs] = native.seqpacketPair();
               native.close(ours);
               const lease = { type: 'lease' as const, id: message.id, leaseId: nextLease++, host: message.host };
               const reply = { ...lease, port: message.port, address: '127.0.0.1', family: 4 as const, warm: true };
-              channel.send(encodeMessage({ ...reply, connectMs: 0 }), [theirs]);
+              const fds = mode === 'lease-fds-lost' ? [theirs, native.dup(theirs)] : [theirs];
+              channel.send(encodeMessage({ ...reply, connectMs: 0 }), fds);
+            } else if (message.type === 'closed') {
+              closed.push(message.leaseId);
             } else if (message.type === 'release') {
               releases.push({ leaseId: message.leaseId, fds: fds.length });
               for (const fd of fds) native.close(fd);
@@ -92,6 +100,7 @@ function fakeDaemon(behaviour: () => Behaviour): FakeDaemon {
     path,
     accepted: () => channels.length,
     releases,
+    closed,
     close: () => {
       listener.close();
       for (const channel of channels) channel.close();
@@ -188,6 +197,30 @@ describe('DaemonLink releases', () => {
       await sockpoold.stop();
       await echo.close();
     }
+    expect(fdCount()).toBe(before);
+  });
+});
+
+describe('DaemonLink when a lease arrives without its socket', () => {
+  it('fails the acquire at once and ends the lease at the daemon, which counted it against the uid till the link closed', async () => {
+    // The addon drops the fds of a message it cannot take whole (this process's fd table full, here two fds where
+    // one may come): the lease reply was dropped with them, and its acquire waited for its deadline while the daemon
+    // kept the lease lent to this link (its quotas, the origin's cap) until the link closed.
+    const before = fdCount();
+    daemon = fakeDaemon(() => 'lease-fds-lost');
+    link = new DaemonLink({ socketPath: daemon.path, requestTimeoutMs: 60_000 });
+    const outcome = await link.acquire('example.test', 80, 60_000).then(
+      () => 'leased',
+      (error: { code?: string; message?: string }) => `${error.code} ${error.message}`,
+    );
+    // (Its deadline is a minute away, past the test's timeout: failed at once, not at it.)
+    expect(outcome).toMatch(/^SOCKPOOL_ERR_INTERNAL the socket of lease 1 did not arrive/);
+    await waitFor(() => daemon!.closed.length === 1);
+    expect(daemon.closed).toEqual([1]);
+    link.close();
+    link = undefined;
+    daemon.close();
+    daemon = undefined;
     expect(fdCount()).toBe(before);
   });
 });

@@ -337,13 +337,40 @@ export class DaemonLink {
     this.#binary = false;
     this.#releaseWithoutFd = false;
     this.#cancelSupported = false;
-    // The channel owns fd from here. Tracked: if this thread dies, the addon closes the link, and the daemon
-    // then frees every lease this thread held.
+    // The channel owns fd once made. Tracked: if this thread dies, the addon closes the link, and the daemon then
+    // frees every lease this thread held.
     native.track(fd);
-    const channel = new SeqpacketChannel(
+    let channel: SeqpacketChannel;
+    try {
+      channel = this.#channelOn(fd, generation);
+    } catch (error) {
+      // (Not constructed: the fd is still ours. Each reconnect would leave one more open otherwise.)
+      native.close(fd);
+      this.#backOff();
+      throw error;
+    }
+    this.#channel = channel;
+    try {
+      // Binary framing asked for; a daemon from before it refuses the unknown field, and is asked again plainly.
+      if (!(await this.#hello(channel, true))) await this.#hello(channel, false);
+    } catch (error) {
+      channel.close();
+      if (this.#channel === channel) this.#channel = undefined;
+      this.#backOff();
+      throw error;
+    }
+    this.#failures = 0;
+    return channel;
+  }
+
+  /** The channel on a connected fd (which it owns from then on); throws, the fd still the caller's, if it cannot be
+   *  made (its poller). */
+  #channelOn(fd: number, generation: number): SeqpacketChannel {
+    const channel: SeqpacketChannel = new SeqpacketChannel(
       fd,
       {
         onMessage: (data, fds) => this.#onMessage(data, fds, generation),
+        onBadMessage: (error) => this.#onBadMessage(channel, error, generation),
         onClose: (error) => {
           if (this.#channel === channel) this.#channel = undefined;
           this.#failAll(
@@ -356,17 +383,6 @@ export class DaemonLink {
       },
       { maxMessageBytes: MAX_MESSAGE_BYTES, maxFdsPerMessage: MAX_FDS_PER_MESSAGE },
     );
-    this.#channel = channel;
-    try {
-      // Binary framing asked for; a daemon from before it refuses the unknown field, and is asked again plainly.
-      if (!(await this.#hello(channel, true))) await this.#hello(channel, false);
-    } catch (error) {
-      channel.close();
-      if (this.#channel === channel) this.#channel = undefined;
-      this.#backOff();
-      throw error;
-    }
-    this.#failures = 0;
     return channel;
   }
 
@@ -445,6 +461,53 @@ export class DaemonLink {
     this.#pending.delete(id!);
     clearTimeout(pending.timer);
     pending.resolve({ message, fds });
+  }
+
+  /**
+   * A message of the daemon's that did not arrive whole (the addon closed its fds). One whose fds did not all arrive
+   * (this process's fd table full) is otherwise whole (`data`): a lease in it is ended at the daemon (`closed`:
+   * it counted against the uid's quotas and the origin's cap until this link closed) and its acquire fails at once,
+   * not at its deadline; any other such message is read without its fds. One cut short leaves unknown which reply
+   * was lost: the link is closed (the daemon ends its leases) and every request on it fails now.
+   */
+  #onBadMessage(channel: SeqpacketChannel, error: Error, generation: number): void {
+    const data = (error as { data?: unknown }).data;
+    let message: DaemonMessage | undefined;
+    try {
+      if (data instanceof Buffer) message = decodeDaemonMessage(data);
+    } catch {}
+    if (message?.type === 'lease') {
+      this.closed({ leaseId: message.leaseId, link: generation });
+      const pending = message.id === null ? undefined : this.#pending.get(message.id);
+      if (!pending) return;
+      this.#pending.delete(message.id!);
+      clearTimeout(pending.timer);
+      pending.reject(
+        new SockpoolError(
+          ErrorCodes.INTERNAL,
+          `the socket of lease ${message.leaseId} did not arrive (this process's fd table may be full): ${error.message}`,
+          { leaseId: message.leaseId },
+          { cause: error },
+        ),
+      );
+      return;
+    }
+    if (message) {
+      this.#onMessage(data as Buffer, [], generation);
+      return;
+    }
+    channel.close();
+    if (this.#channel === channel) this.#channel = undefined;
+    this.#failAll(
+      new SockpoolError(
+        ErrorCodes.DAEMON_UNAVAILABLE,
+        `a message from sockpoold was lost: ${error.message}`,
+        {},
+        {
+          cause: error,
+        },
+      ),
+    );
   }
 
   /** After a failed connect: no new attempt for 50 ms, doubling per failure up to 2 s. */
