@@ -31,6 +31,8 @@ export interface CallerChannelOptions {
   streamResponse: boolean;
   /** A request body to send in chunks. */
   upload?: BodyStream | undefined;
+  /** The content-length the caller declared for `upload`: the body must be exactly that long (see #pump). */
+  uploadLength?: number | undefined;
   /** The caller's end of the request's port on a worker thread's lane (ThreadLanes.stream). */
   port?: RequestPort | undefined;
   /** What the response body fails with for a failure (fetch(): as Node's fetch's body fails); default the failure. */
@@ -86,7 +88,7 @@ export class CallerChannel {
       );
     }
     port1.on('message', (message: WorkerMessage) => this.#onMessage(message));
-    if (options.upload) void this.#pump(options.upload);
+    if (options.upload) void this.#pump(options.upload, options.uploadLength);
   }
 
   /** Cancels the transfer in the worker and fails whatever is still open here with `error`. */
@@ -160,7 +162,14 @@ export class CallerChannel {
   }
 
   /** Sends the request body, never more than UPLOAD_WINDOW bytes ahead of what curl has read. */
-  async #pump(upload: BodyStream): Promise<void> {
+  /**
+   * Sends the request body as it is read, within the worker's window. Under a declared content-length the body must
+   * be exactly that long, checked before each piece goes: curl sends what it is given after the length it declared,
+   * and on a kept-alive connection the origin reads that rest as another request, whose answer the next request on
+   * the connection gets. A body shorter than declared fails at its end, not at the deadline (the origin would wait
+   * for the rest). Either failure cancels the transfer (`body-error`); curl then closes the connection.
+   */
+  async #pump(upload: BodyStream, length: number | undefined): Promise<void> {
     let sent = 0;
     let source: UploadSource | undefined;
     try {
@@ -178,6 +187,13 @@ export class CallerChannel {
             this.#wakePump = undefined;
           }
           if (this.#done) return;
+          if (length !== undefined && sent + Math.min(UPLOAD_CHUNK, chunk.byteLength - offset) > length) {
+            throw new SockpoolError(
+              ErrorCodes.REQUEST_BODY,
+              `the request body is longer than its content-length, ${length} bytes; nothing past it is sent`,
+              { contentLength: length },
+            );
+          }
           // A copy in a buffer of its own, transferred (the caller may reuse or pool its chunk).
           const piece = chunk.slice(offset, offset + UPLOAD_CHUNK);
           sent += piece.byteLength; // (before the transfer detaches it)
@@ -186,6 +202,13 @@ export class CallerChannel {
       }
       // Read to its end: nothing left to cancel.
       this.#source = undefined;
+      if (length !== undefined && sent !== length) {
+        throw new SockpoolError(
+          ErrorCodes.REQUEST_BODY,
+          `the request body ended after ${sent} of its content-length's ${length} bytes`,
+          { contentLength: length, sent },
+        );
+      }
       this.#post({ t: 'end' });
     } catch (error) {
       const failure =

@@ -942,12 +942,19 @@ export class SockpoolClient {
     const streamResponse = request.streamResponse === true;
     const runtime = await this.#streamRuntime(key);
     if (runtime) {
-      const channel = new CallerChannel({ streamResponse, upload, bodyFailure });
+      const uploadLength = request.streamedBody?.length;
+      const channel = new CallerChannel({ streamResponse, upload, uploadLength, bodyFailure });
       return { channel, started: runtime.handle({ kind: 'request', request, port: channel.workerPort }) };
     }
     const stream = this.#lanes!.stream(request, key);
     return {
-      channel: new CallerChannel({ streamResponse, upload, port: stream.port, bodyFailure }),
+      channel: new CallerChannel({
+        streamResponse,
+        upload,
+        uploadLength: request.streamedBody?.length,
+        port: stream.port,
+        bodyFailure,
+      }),
       started: stream.outcome,
     };
   }

@@ -88,6 +88,58 @@ describe.each(modes)('request framing and headers (%s)', (_name, mode) => {
     }
   });
 
+  it('holds a streamed body to its declared content-length: nothing past it is sent, and one that ends short fails at its end', async () => {
+    // curl sends what it is given after the length it declared: the rest of a longer stream reached the origin as a
+    // request of its own on the kept-alive connection (on a worker thread the next request got its answer), and a
+    // shorter one left the origin waiting for the rest until the request's deadline.
+    const client = new SockpoolClient({ socketPath: daemon.socketPath, ...mode });
+    const url = (path: string) => `http://127.0.0.1:${origin.port}${path}`;
+    const streamOf = (...parts: string[]) =>
+      new ReadableStream<Uint8Array>({
+        start(controller) {
+          for (const part of parts) controller.enqueue(new TextEncoder().encode(part));
+          controller.close();
+        },
+      });
+    try {
+      const before = seen.length;
+      const smuggle = 'GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n';
+      await expect(
+        client.request(url('/long'), {
+          method: 'POST',
+          headers: { 'content-length': '5' },
+          body: streamOf('hello', smuggle),
+        }),
+      ).rejects.toMatchObject({
+        code: 'SOCKPOOL_ERR_REQUEST_BODY',
+        message: expect.stringContaining('longer than its content-length, 5 bytes'),
+      });
+      // (A deadline past the test's own: ending short fails at the body's end, not at it.)
+      await expect(
+        client.request(url('/short'), {
+          method: 'POST',
+          headers: { 'content-length': '100' },
+          body: streamOf('hello'),
+          timeoutMs: 120_000,
+        }),
+      ).rejects.toMatchObject({
+        code: 'SOCKPOOL_ERR_REQUEST_BODY',
+        message: expect.stringContaining("ended after 5 of its content-length's 100 bytes"),
+      });
+      expect((await client.request(url('/next'))).body.toString()).toBe('GET /next 0');
+      const exact = await client.request(url('/exact'), {
+        method: 'POST',
+        headers: { 'content-length': '10' },
+        body: streamOf('hello', 'world'),
+      });
+      expect(exact.body.toString()).toBe('POST /exact 10');
+      expect(seen.slice(before).map((entry) => entry.url)).not.toContain('/smuggled');
+      expect(seen.slice(before).map((entry) => entry.url)).toContain('/next');
+    } finally {
+      await client.close();
+    }
+  });
+
   it('sends a header with an empty value as an empty header, not dropped (nor curl’s own Accept with it)', async () => {
     const client = new SockpoolClient({ socketPath: daemon.socketPath, ...mode });
     try {

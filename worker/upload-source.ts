@@ -77,15 +77,19 @@ export class PortSource implements UploadSource {
   }
 
   read(target: Buffer): number | typeof READ_PAUSE {
+    // Under a declared length curl gets that many bytes and no more, whatever comes (the caller's end refuses a
+    // longer body; this holds if it did not): past it, bytes would reach the origin as another request.
+    const room = this.length === undefined ? target.length : Math.min(target.length, this.length - this.#consumed);
+    if (room <= 0) return 0;
     if (this.#chunks.length === 0) {
       if (this.#ended) return 0;
       this.#waiting = true;
       return READ_PAUSE;
     }
     let count = 0;
-    while (count < target.length && this.#chunks.length > 0) {
+    while (count < room && this.#chunks.length > 0) {
       const chunk = this.#chunks[0]!;
-      const take = Math.min(target.length - count, chunk.length - this.#offset);
+      const take = Math.min(room - count, chunk.length - this.#offset);
       target.set(chunk.subarray(this.#offset, this.#offset + take), count);
       count += take;
       this.#offset += take;
