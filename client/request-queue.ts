@@ -330,7 +330,9 @@ export class RequestQueue {
       if (origin.throttled) this.#throttledRunning++;
       return undefined;
     }
-    if (this.#waiting >= this.#maxWaiting) {
+    // (Not a chain's next hop, `ahead`: the request it continues was let in and waited its turn. On a worker thread
+    // the hop before still holds its slot when the next enters, its outcome not back yet, and was refused here.)
+    if (this.#waiting >= this.#maxWaiting && !ahead) {
       // (Counted as nothing: #busy took the record out of the idle ones.)
       this.#maybeIdle(origin);
       return Promise.reject(

@@ -173,6 +173,50 @@ describe('maxQueued', () => {
     await client.close();
   });
 
+  it.each([
+    ['a worker thread', { threads: 1, inlineWhenIdle: false }],
+    ['threads: 0', { threads: 0 }],
+  ] as const)(
+    'does not refuse a redirect chain its next hop: the chain was let in and waited its turn (%s)',
+    async (_name, mode) => {
+      // On a worker thread the hop before still holds its slot when the next enters (its outcome not back yet): with
+      // another request waiting, every chain failed at its second hop with SOCKPOOL_ERR_LIMIT.
+      const redirecting = await httpOrigin((request, response) => {
+        if (request.url === '/redirect') {
+          response.writeHead(302, { location: '/final' });
+          response.end();
+        } else setTimeout(() => response.end(request.url), request.url === '/slow' ? 100 : 0);
+      });
+      const sockpoold = await startTestDaemon([redirecting.port]);
+      const client = new SockpoolClient({
+        socketPath: sockpoold.socketPath,
+        concurrencyPerThread: 1,
+        maxQueued: 1,
+        ...mode,
+      });
+      const url = (path: string) => `http://127.0.0.1:${redirecting.port}${path}`;
+      try {
+        const outcomes: string[] = [];
+        for (let round = 0; round < 3; round++) {
+          const settled = await Promise.allSettled([
+            client.request(url('/redirect'), { redirect: 'follow' }),
+            client.request(url('/slow')),
+          ]);
+          for (const each of settled) {
+            outcomes.push(
+              each.status === 'fulfilled' ? each.value.body.toString() : (each.reason as { code: string }).code,
+            );
+          }
+        }
+        expect(outcomes).toEqual(['/final', '/slow', '/final', '/slow', '/final', '/slow']);
+      } finally {
+        await client.close();
+        await sockpoold.stop();
+        await redirecting.close();
+      }
+    },
+  );
+
   it('is a whole number >= 0 or Infinity (the default: no bound)', () => {
     for (const maxQueued of [-1, 1.5, Number.NaN, '8']) {
       expect(() => new SockpoolClient({ socketPath: daemon.socketPath, maxQueued: maxQueued as number })).toThrow(
