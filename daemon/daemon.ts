@@ -618,6 +618,8 @@ export class Sockpoold {
       );
       // Pending acquires fail with SOCKPOOL_ERR_SHUTTING_DOWN here; their replies go out while the store is filled.
       const detached = this.#pools.close(canStore);
+      // So do requests waiting for an origin's rate tokens (acquires before they reach a pool, and `tokens`).
+      this.#rates.close(new SockpoolError(ErrorCodes.SHUTTING_DOWN, 'sockpoold is stopping'));
       idle = detached.length;
       stored = await this.#storeIdle(detached, demandByOrigin);
       // Let the SHUTTING_DOWN replies of pending acquires go out before the clients are disconnected.

@@ -463,6 +463,36 @@ describe('life cycle', () => {
     for (const fd of held.fds) native.close(fd);
   });
 
+  it.each(['acquire', 'tokens'] as const)(
+    'answers %s requests waiting for an origin’s rate tokens with SOCKPOOL_ERR_SHUTTING_DOWN when stopped',
+    async (type) => {
+      // Such waits ended only with their session at the disconnect, their replies dropped: the client saw the hang-up.
+      const echo = await server();
+      // A token every 20 s: the burst's one goes to the first request, the second waits.
+      const sockpoold = await daemon(echo.port, [], { pool: { defaults: { requestsPerSecond: 0.05, burst: 1 } } });
+      const raw = client(sockpoold.socketPath);
+      const ask = (id: number, timeoutMs?: number) => ({
+        ...(type === 'acquire' ? { type, id } : { type, id, count: 1 }),
+        host: '127.0.0.1',
+        port: echo.port,
+        ...(timeoutMs !== undefined && { timeoutMs }),
+      });
+      const first = await raw.request(ask(1) as never);
+      expect(first.message?.type).toBe(type === 'acquire' ? 'lease' : 'tokens');
+      for (const fd of first.fds) native.close(fd);
+      raw.sendJson(ask(2, 30_000) as never);
+      await eventually(
+        async () => ((await stats(raw, 3)) as unknown as { rates: { waits: number } }).rates.waits === 1,
+        'the second request waiting for a token',
+      );
+      const exited = sockpoold.stop();
+      const reply = await raw.receive();
+      expect(reply.eof).toBe(false);
+      expect(reply.message).toMatchObject({ type: 'error', id: 2, code: 'SOCKPOOL_ERR_SHUTTING_DOWN' });
+      expect(await exited).toBe(0);
+    },
+  );
+
   it('reloads its configuration on SIGHUP without dropping warm sockets', async () => {
     const echo = await server();
     const configPath = writeConfig({ pool: { defaults: { minIdle: 2 } } });

@@ -57,6 +57,8 @@ export class RateLimiter {
   /** Tokens granted to uids through `tokens`, that their acquires' `tokenTaken` may claim. */
   #claims: TokenClaims;
   readonly counters: RateCounters = { granted: 0, limited: 0, waits: 0, claimsBelieved: 0, claimsCharged: 0 };
+  /** Set once the daemon stops (close): every take fails with it. */
+  #closedWith: Error | undefined;
 
   constructor(config: SockpoolConfig, fleet: Fleet | undefined, now: () => number = () => performance.now()) {
     this.#config = config;
@@ -111,6 +113,7 @@ export class RateLimiter {
     onGrant?: (expiresAt: number) => void,
   ): Promise<number> {
     const key = fleetKey(origin);
+    if (this.#closedWith) return Promise.reject(this.#closedWith);
     if (signal?.aborted) return Promise.reject(abortedError(key));
     const now = this.#now();
     const deadline = now + timeoutMs;
@@ -161,6 +164,24 @@ export class RateLimiter {
       }
       this.#pump(key, queued);
     });
+  }
+
+  /**
+   * The daemon stops: every wait for a token ends now with `error` (SOCKPOOL_ERR_SHUTTING_DOWN), while its client's
+   * session is still open to be told so, as the pools' waiters are; later takes fail with it at once. Left to the
+   * disconnect, the waits were aborted with their replies dropped: their clients saw only the hang-up.
+   */
+  close(error: Error): void {
+    this.#closedWith = error;
+    for (const waits of this.#waits.values()) {
+      clearTimeout(waits.timer);
+      for (let head = waits.queue.peek(); head !== undefined; head = waits.queue.peek()) {
+        waits.queue.remove(head);
+        this.#settle(head);
+        head.reject(error);
+      }
+    }
+    this.#waits.clear();
   }
 
   /** `count` tokens of `origin` granted to `uid` (a `tokens` reply went out with them): its acquires may claim them. */
