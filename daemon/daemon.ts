@@ -556,11 +556,10 @@ export class Sockpoold {
       this.#log.info('reload ignored: sockpoold is stopping');
       return;
     }
-    try {
-      this.#notifier.reloading();
-    } catch (error) {
-      this.#log.warn({ err: (error as Error).message }, 'sd_notify RELOADING=1 failed');
-    }
+    // Retried while PID 1's queue is full, as READY=1 is, and READY=1 only after it: under Type=notify-reload
+    // systemd waits for RELOADING=1 (sent once, a full queue dropped it and the reload job hung until its timeout),
+    // and a READY=1 overtaking it would end no reload it knew of. (Sent at once when there is room: before the work.)
+    const reloading = this.#notifyReliably('RELOADING=1', () => this.#notifier.reloading());
     try {
       const loaded = this.#reloadConfig();
       const config = withStartOnlyKeys(loaded, this.#config);
@@ -589,7 +588,9 @@ export class Sockpoold {
     } catch (error) {
       this.#log.error({ err: (error as Error).message }, 'reload failed; keeping the previous configuration');
     }
-    void this.#notifyReliably('READY=1 after reload', () => this.#notifier.ready(this.#statusLine()));
+    void reloading.then(() =>
+      this.#notifyReliably('READY=1 after reload', () => this.#notifier.ready(this.#statusLine())),
+    );
   }
 
   /**

@@ -173,4 +173,39 @@ describe('SIGHUP', () => {
     expect(firstLines).toContain('STOPPING=1');
     expect(firstLines.filter((line) => line === 'READY=1' || line === 'RELOADING=1')).toEqual([]);
   }, 40_000);
+
+  it('while PID 1’s notify queue is full: RELOADING=1 is retried as READY=1 is, and READY=1 comes after it', async () => {
+    // Sent once, RELOADING=1 was dropped (its congestion only logged) while READY=1 was retried: under
+    // Type=notify-reload systemd would wait for RELOADING=1 until the reload job timed out.
+    const dir = tempDir();
+    const notify = new NotifySocket(join(dir, 'notify.sock'));
+    cleanups.push(() => notify.close());
+    const configPath = writeConfigFile({ pool: { predictive: false } }, cleanups);
+    const sockpoold = await startDaemon({
+      args: ['--config', configPath],
+      env: { NOTIFY_SOCKET: notify.path },
+      stateDir: dir,
+    });
+    cleanups.push(() => sockpoold.stop());
+    await notify.waitFor((text) => text.startsWith('READY=1'));
+    // PID 1 busy: its queue filled to the brim, so the daemon's next notification meets EAGAIN.
+    notify.pause();
+    for (let filler = 0; ; filler++) {
+      try {
+        native.sendDatagram(notify.path, Buffer.from(`STATUS=filler ${filler}`));
+      } catch {
+        break;
+      }
+    }
+    sockpoold.child.kill('SIGHUP');
+    await eventually(() => sockpoold.output().includes('configuration reloaded'), 'the reload done');
+    notify.resume(); // PID 1 catches up within the 5 s a notification is retried for
+    const readies = () => notify.texts().filter((text) => text.startsWith('READY=1')).length;
+    await notify.waitFor(() => readies() >= 2);
+    const lines = notify
+      .texts()
+      .filter((text) => !text.startsWith('STATUS='))
+      .map((text) => text.split('\n')[0]);
+    expect(lines).toEqual(['READY=1', 'RELOADING=1', 'READY=1']);
+  }, 40_000);
 });
