@@ -577,6 +577,8 @@ export class Sockpoold {
       this.#proxies = proxies;
       this.#config = config;
       const refused = this.#pools.reconfigure(prepared);
+      // A uid or gid access.allowUids/allowGids no longer let in loses the sessions it has open.
+      const revokedSessions = this.#server?.revokeAccess() ?? 0;
       this.#rates.configure(config);
       this.#store.configure({ maxOrigins: config.pool.historyMaxOrigins, flushMs: config.pool.statsFlushMs });
       // (A new pool.maxIdleTotal or maxConnectsInFlight is checked against the table as a changed limit is.)
@@ -584,7 +586,7 @@ export class Sockpoold {
       if (startOnly.length > 0) {
         this.#log.warn({ keys: startOnly }, 'changed settings that take effect at the next start, not on reload');
       }
-      this.#log.info({ idleClosedByPolicy: refused }, 'configuration reloaded');
+      this.#log.info({ idleClosedByPolicy: refused, revokedSessions }, 'configuration reloaded');
     } catch (error) {
       this.#log.error({ err: (error as Error).message }, 'reload failed; keeping the previous configuration');
     }

@@ -45,6 +45,8 @@ interface ClientSession {
   channel: SeqpacketChannel;
   pid: number;
   uid: number;
+  /** The peer's primary gid at connect (a reload's access check reads it again: revokeAccess). */
+  gid: number;
   /** Acquires and token waits in flight (maxPendingPerClient), so a disconnect can give their sockets back when
    *  they resolve. */
   pending: number;
@@ -248,6 +250,44 @@ export class HandoffServer {
   }
 
   /** The peer's supplementary groups; none when the kernel cannot say (the client is then judged on its primary gid). */
+  /**
+   * Whether access.allowUids and allowGids let this peer in: its uid, and its primary gid or a supplementary one, as
+   * the socket file's group permission counts them (a person added to the group with `usermod -aG` passes both).
+   * The groups (of the connection `fd`) are read only when the primary gid does not decide.
+   */
+  #admits(uid: number, gid: number, fd: number): boolean {
+    const access = this.#config().access;
+    if (access.allowUids.length > 0 && !access.allowUids.includes(uid)) return false;
+    return (
+      access.allowGids.length === 0 ||
+      access.allowGids.includes(gid) ||
+      this.#supplementaryGroups(fd).some((each) => access.allowGids.includes(each))
+    );
+  }
+
+  /**
+   * After a reload: the sessions whose peer access.allowUids or allowGids no longer let in are told so (one
+   * SOCKPOOL_ERR_ACCESS_DENIED, as at accept) and ended as at a hang-up (their leases' connections shut down, their
+   * waits ended). Otherwise a uid taken out kept every session it had open, served for as long as it stayed
+   * connected. Returns how many were ended.
+   */
+  revokeAccess(): number {
+    let revoked = 0;
+    for (const session of [...this.#clients.values()]) {
+      if (session.closed || this.#admits(session.uid, session.gid, session.channel.fd)) continue;
+      this.#send(session, {
+        type: 'error',
+        id: null,
+        code: ErrorCodes.ACCESS_DENIED,
+        message: `uid ${session.uid} gid ${session.gid} is no longer allowed to use sockpoold (configuration reloaded)`,
+      });
+      this.#metrics?.refusals.inc({ reason: 'access' });
+      this.#disconnect(session, 'access revoked by a reload');
+      revoked++;
+    }
+    return revoked;
+  }
+
   #supplementaryGroups(fd: number): number[] {
     try {
       return native.peerGroups(fd);
@@ -291,15 +331,7 @@ export class HandoffServer {
       this.#log.warn({ err: (error as Error).message }, 'peer credentials unavailable; client dropped');
       return;
     }
-    const access = this.#config().access;
-    const uidAllowed = access.allowUids.length === 0 || access.allowUids.includes(credentials.uid);
-    // The primary gid or a supplementary one, as the socket file's group permission counts them (a person added
-    // to the group with `usermod -aG` passes both). The groups are read only when the primary gid does not decide.
-    const gidAllowed =
-      access.allowGids.length === 0 ||
-      access.allowGids.includes(credentials.gid) ||
-      this.#supplementaryGroups(fd).some((gid) => access.allowGids.includes(gid));
-    if (!uidAllowed || !gidAllowed) {
+    if (!this.#admits(credentials.uid, credentials.gid, fd)) {
       // One error message, then the door closes: the client learns why.
       this.#sendRefusal(fd, credentials.uid, {
         type: 'error',
@@ -343,6 +375,7 @@ export class HandoffServer {
       id,
       pid: credentials.pid,
       uid: credentials.uid,
+      gid: credentials.gid,
       pending: 0,
       tokenWaitsPending: 0,
       badMessages: 0,

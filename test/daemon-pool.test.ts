@@ -545,6 +545,33 @@ describe('life cycle', () => {
     expect(denied.message).toMatchObject({ type: 'error', code: 'SOCKPOOL_ERR_POLICY', fields: { reason: 'port' } });
   });
 
+  it('ends the sessions of a uid a reload takes out of access.allowUids: told why, their leases shut down', async () => {
+    // Checked only at accept, a uid taken out kept every session it had open, served for as long as it stayed.
+    const echo = await server();
+    const uid = process.getuid!();
+    const config = (allowUids: number[]) => ({
+      egress: { allow: ['127.0.0.1/32'], allowPorts: [echo.port] },
+      access: { allowUids },
+      pool: { predictive: false },
+    });
+    const configPath = writeConfig(config([uid]));
+    const sockpoold = await startDaemon({ args: ['--config', configPath] });
+    cleanups.push(() => sockpoold.stop());
+    const raw = client(sockpoold.socketPath);
+    const lease = await raw.request({ type: 'acquire', id: 1, host: '127.0.0.1', port: echo.port });
+    expect(lease.message?.type).toBe('lease');
+    const fd = lease.fds[0]!;
+    cleanups.push(() => native.close(fd));
+    writeFileSync(configPath, JSON.stringify(config([uid + 12_345])));
+    sockpoold.child.kill('SIGHUP');
+    const told = await raw.receive();
+    expect(told.message).toMatchObject({ type: 'error', id: null, code: 'SOCKPOOL_ERR_ACCESS_DENIED' });
+    expect((await raw.receive()).eof).toBe(true);
+    // The lease ended with the session: its connection is shut down for the copy the client holds too.
+    await eventually(() => native.probe(fd).state !== 'alive', 'the lease of the revoked session shut down');
+    await eventually(() => sockpoold.output().includes('"revokedSessions":1'), 'the reload logged one session ended');
+  });
+
   it('refuses a reload whole when a TLS file cannot be read: the egress policy of before stays', async () => {
     const a = await server();
     const b = await server();
