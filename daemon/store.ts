@@ -15,7 +15,9 @@
 // uid holding the most rows. A row is held by the uid whose acquire brought the origin in (its `uid`), as the
 // connector's tables are (uid-share-map.ts): one uid's acquires to many origins that connect (a wildcard domain the
 // policy allows) push out its own history, never that of a uid holding fewer, and `topOrigins` takes each holder's
-// busiest in turn, so that uid's origins do not take every place (and socket) warm-on-start has. And
+// busiest in turn, so that uid's origins do not take every place (and socket) warm-on-start has. What waits for a
+// flush is bounded too, however long flushes fail (a locked file, a full disk): at most `maxOrigins` origins
+// (#pendingOf) and PENDING_MINUTES per-minute demand entries among them (#addDemand). And
 // the timer's flushes write in slices of at most SLICE_BUDGET_MS of event-loop time, continuing on the next turn,
 // so a flood of new origins never holds the loop for long (bench/store-flush.ts measures it with 100,000 origins).
 // `flush()` itself (at close, and before `topOrigins`) still writes everything at once. While the timer runs, the WAL is copied into the database file
@@ -164,6 +166,29 @@ const PRUNE_INTERVAL_MS = 10 * MINUTE_MS;
  * over 20 ms; the commit (the slice's pages into the WAL) comes on top, hence the margin.
  */
 const SLICE_BUDGET_MS = 5;
+/**
+ * Per-minute demand entries the pending records hold, all together (#minutesPerOrigin shares it among the at most
+ * maxOrigins records; with more than 100,000 of them, PENDING_MINUTES_PER_ORIGIN_MIN each): about 50 bytes of heap
+ * each, and each a statement of the next flush. Past a record's share its oldest entries are merged (#mergeOldest),
+ * not dropped.
+ */
+const PENDING_MINUTES = 200_000;
+/** A record's share of PENDING_MINUTES at most: an hour of minutes in use is resolution enough for any ranking. */
+const PENDING_MINUTES_PER_ORIGIN_MAX = 60;
+/**
+ * A record's share at least, whatever maxOrigins (the bound is then this many per record): the minute a flush
+ * interval (statsFlushMs, 2 s by default) started in and the one it ended in, so that a flush that succeeds merges
+ * nothing.
+ */
+const PENDING_MINUTES_PER_ORIGIN_MIN = 2;
+
+function minutesPerOriginOf(maxOrigins: number): number {
+  return Math.min(
+    PENDING_MINUTES_PER_ORIGIN_MAX,
+    Math.max(PENDING_MINUTES_PER_ORIGIN_MIN, Math.floor(PENDING_MINUTES / maxOrigins)),
+  );
+}
+
 /** Rows one statement of eviction or pruning deletes at most (each is an index range scan). */
 const DELETE_BATCH = 500;
 
@@ -230,8 +255,12 @@ interface Pending {
    * warm-on-start). Not the row's holder: a row no acquire asked for is held by no uid (#write).
    */
   group: Holder;
-  /** minute bucket → acquires */
-  minutes: Map<number, number>;
+  /**
+   * The minutes (floor(ms / 60000)) with acquires, oldest first, and the acquires of each (parallel arrays): at most
+   * #minutesPerOrigin entries, none older than the history keeps (#addDemand).
+   */
+  minutes: number[];
+  minuteAcquires: number[];
 }
 
 interface OriginRow {
@@ -347,6 +376,8 @@ export class StateStore {
   #checkpoints = 0;
   #lastCheckpoint: CheckpointResult | undefined;
   #maxOrigins: number;
+  /** Per-minute demand entries a pending record holds at most (minutesPerOriginOf maxOrigins). */
+  #minutesPerOrigin: number;
   #flushMs = 0;
   /** Rows in `origins` (counted at open, kept current by inserts, evictions and prunes). */
   #rowCount = 0;
@@ -466,6 +497,7 @@ export class StateStore {
     this.#scoreHalfLifeMinutes = (options.scoreHalfLifeMs ?? 6 * 3_600_000) / MINUTE_MS;
     this.#rateWindowMs = options.demandRateWindowMs ?? MINUTE_MS;
     this.#maxOrigins = maxOriginsOf(options.maxOrigins);
+    this.#minutesPerOrigin = minutesPerOriginOf(this.#maxOrigins);
     this.#hasHolders =
       db.prepare<[], number>("SELECT count(*) FROM pragma_table_info('origins') WHERE name = 'uid'").pluck().get() ===
       1;
@@ -579,7 +611,8 @@ export class StateStore {
         idleLifetimeChanged: false,
         uid: undefined,
         group: uid ?? null,
-        minutes: new Map(),
+        minutes: [],
+        minuteAcquires: [],
       };
       this.#pending.set(originKey, pending);
       this.#pendBy(originKey, pending.group);
@@ -607,8 +640,56 @@ export class StateStore {
     }
     if (outcome.hit) pending.hits++;
     else pending.misses++;
-    const minute = Math.floor(now / MINUTE_MS);
-    pending.minutes.set(minute, (pending.minutes.get(minute) ?? 0) + 1);
+    this.#addDemand(pending, Math.floor(now / MINUTE_MS), now);
+  }
+
+  /**
+   * Counts an acquire in its minute's entry. While flushes keep failing (a locked file, a full disk) a record gained
+   * an entry every minute it was used, without bound (three days of 200 origins: 864,000 entries, 46 MB of heap, and
+   * a flush of 5 s at close), so: an entry older than the history keeps (`demandHistoryDays`) goes, as the next prune
+   * would delete it and topOrigins counts none; past #minutesPerOrigin the two oldest are merged (#mergeOldest), which
+   * keeps every acquire and the ranking's score and loses only the minute resolution of the oldest demand.
+   */
+  #addDemand(pending: Pending, minute: number, now: number): void {
+    const { minutes, minuteAcquires } = pending;
+    // Minutes come in order, so this is the last entry or a new one after it; a clock set back goes further in.
+    let index = minutes.length;
+    while (index > 0 && (minutes[index - 1] ?? 0) > minute) index--;
+    if (index > 0 && minutes[index - 1] === minute) {
+      minuteAcquires[index - 1] = (minuteAcquires[index - 1] ?? 0) + 1;
+      return;
+    }
+    minutes.splice(index, 0, minute);
+    minuteAcquires.splice(index, 0, 1);
+    const oldestKept = Math.floor(now / MINUTE_MS) - this.#historyMinutes;
+    let stale = 0;
+    while (stale < minutes.length && (minutes[stale] ?? 0) < oldestKept) stale++;
+    if (stale > 0) {
+      minutes.splice(0, stale);
+      minuteAcquires.splice(0, stale);
+    }
+    while (minutes.length > this.#minutesPerOrigin) this.#mergeOldest(pending);
+  }
+
+  /**
+   * Merges a record's two oldest minute entries into one, at the minute where topOrigins' score (each acquire halved
+   * every `scoreHalfLifeMs` of age) weighs their sum as it weighed the two: halving is memoryless, so the score is the
+   * same at any later time, and the merged minute lies between the two (the order holds). Only where in that span
+   * the acquires fell is lost. The minute stays fractional until written (#write rounds it: 0.1% of its score at the
+   * default half-life, once): rounded at each merge, an old entry merged with each newer minute in turn stayed at its
+   * own minute every time, and the score of what it took in was lost bit by bit.
+   */
+  #mergeOldest(pending: Pending): void {
+    const { minutes, minuteAcquires } = pending;
+    const [older = 0, newer = 0] = minutes;
+    const [olderAcquires = 0, newerAcquires = 0] = minuteAcquires;
+    const acquires = olderAcquires + newerAcquires;
+    const halfLife = this.#scoreHalfLifeMinutes;
+    // Relative to the newer minute: 2 ** (minute / halfLife) of an epoch minute overflows.
+    const merged =
+      newer + halfLife * Math.log2((olderAcquires * 2 ** ((older - newer) / halfLife) + newerAcquires) / acquires);
+    minutes.splice(0, 2, Math.min(newer, Math.max(older, merged)));
+    minuteAcquires.splice(0, 2, acquires);
   }
 
   /** A connection to `originKey` completed after `ms`; `uid`: whose connect it was (a waiter's, a prewarm's), if any. */
@@ -670,6 +751,13 @@ export class StateStore {
   /** Origins with statistics waiting for the next flush. */
   get pendingOrigins(): number {
     return this.#pending.size;
+  }
+
+  /** Per-minute demand entries waiting for the next flush, all origins together (for tests: O(pending origins)). */
+  get pendingDemandEntries(): number {
+    let entries = 0;
+    for (const pending of this.#pending.values()) entries += pending.minutes.length;
+    return entries;
   }
 
   // -------------------------------------------------------------------------------------------------------------
@@ -943,7 +1031,11 @@ export class StateStore {
       demand_updated_at: demandUpdatedAt,
       uid: holder,
     });
-    for (const [minute, acquires] of pending.minutes) this.#statements.addDemand.run(originKey, minute, acquires);
+    // A merged entry's minute is kept unrounded in memory (#mergeOldest) and rounded once, here; two that round to the
+    // same minute add up (the statement's upsert).
+    pending.minutes.forEach((minute, index) => {
+      this.#statements.addDemand.run(originKey, Math.round(minute), pending.minuteAcquires[index] ?? 0);
+    });
   }
 
   /**
@@ -983,7 +1075,14 @@ export class StateStore {
    * and, when the timer runs, a new flush interval.
    */
   configure(options: { maxOrigins?: number; flushMs?: number }): void {
-    if (options.maxOrigins !== undefined) this.#maxOrigins = maxOriginsOf(options.maxOrigins);
+    if (options.maxOrigins !== undefined) {
+      this.#maxOrigins = maxOriginsOf(options.maxOrigins);
+      // A higher cap lowers each record's share of the pending minutes: the records over it are merged down now.
+      this.#minutesPerOrigin = minutesPerOriginOf(this.#maxOrigins);
+      for (const pending of this.#pending.values()) {
+        while (pending.minutes.length > this.#minutesPerOrigin) this.#mergeOldest(pending);
+      }
+    }
     if (options.flushMs !== undefined && this.#timer && options.flushMs !== this.#flushMs) {
       this.#startTimer(options.flushMs);
     }

@@ -496,6 +496,79 @@ describe('what a client cannot bloat', () => {
     store.close();
   });
 
+  /**
+   * `origins` origins acquired once a minute for three days while another process holds the file's lock (a locked
+   * file, a full disk: every timed flush fails), then written. Returns the most entries held pending meanwhile.
+   */
+  function lockedForThreeDays(store: StateStore, origins: number): number {
+    store.flush();
+    const other = openDatabase(join(dir, 'sockpool.sqlite'));
+    other.exec('PRAGMA busy_timeout = 0; BEGIN IMMEDIATE');
+    let mostPending = 0;
+    for (let minute = 0; minute < 3 * 24 * 60; minute++) {
+      clock += MINUTE;
+      for (let origin = 0; origin < origins; origin++)
+        store.recordAcquire(`m${origin}.example:443`, { hit: true }, 1000);
+      if (minute % 60 === 0) expect(() => store.flushSlice()).toThrow(/locked|busy/i);
+      mostPending = Math.max(mostPending, store.pendingDemandEntries);
+    }
+    other.exec('ROLLBACK');
+    other.close();
+    store.flush();
+    return mostPending;
+  }
+
+  /** topOrigins' score of an origin acquired once a minute for the last `minutes` minutes, each minute apart. */
+  function scoreOfEveryMinute(minutes: number): number {
+    let score = 0;
+    for (let age = 0; age < minutes; age++) score += 2 ** (-age / (6 * 60));
+    return score;
+  }
+
+  it('holds at most 60 demand minutes per pending origin while flushes keep failing, merging the oldest: no acquire and no ranking lost', () => {
+    const store = StateStore.open(dir, { now, maxOrigins: 20 });
+    const mostPending = lockedForThreeDays(store, 20);
+    const db = reader(dir);
+    // It held one entry per origin per minute: 86,400, all written by the one flush at the end.
+    expect(value(db, 'SELECT count(*) FROM demand_history')).toBeLessThanOrEqual(20 * 60);
+    expect(mostPending).toBeLessThanOrEqual(20 * 60);
+    expect(value(db, 'SELECT sum(acquires) FROM demand_history')).toBe(20 * 3 * 24 * 60);
+    db.close();
+    // The merged entries weigh in the ranking what the minutes they took in weighed (to a rounding of their minute).
+    const [top] = store.topOrigins(1);
+    expect(top?.score).toBeCloseTo(scoreOfEveryMinute(3 * 24 * 60), 0);
+    store.close();
+  });
+
+  it('shares 200,000 pending demand minutes among the history cap (historyMaxOrigins): 2 per origin at 100,000', () => {
+    const store = StateStore.open(dir, { now, maxOrigins: 100_000 });
+    const mostPending = lockedForThreeDays(store, 20);
+    const db = reader(dir);
+    expect(value(db, 'SELECT count(*) FROM demand_history')).toBeLessThanOrEqual(20 * 2);
+    expect(mostPending).toBeLessThanOrEqual(20 * 2);
+    expect(value(db, 'SELECT sum(acquires) FROM demand_history')).toBe(20 * 3 * 24 * 60);
+    db.close();
+    const [top] = store.topOrigins(1);
+    expect(top?.score).toBeCloseTo(scoreOfEveryMinute(3 * 24 * 60), 0);
+    store.close();
+  });
+
+  it('drops a pending demand minute older than the history keeps (demandHistoryDays): the prune would, and no ranking counts it', () => {
+    // A history of 5 minutes, so that the flush below, 8 minutes after the last, does not prune (every 10 minutes).
+    const store = StateStore.open(dir, { now, demandHistoryDays: 5 / (24 * 60) });
+    store.flush();
+    store.recordAcquire('sparse.example:443', { hit: true }, 1000);
+    clock += 8 * MINUTE;
+    store.recordAcquire('sparse.example:443', { hit: true }, 1000);
+    const pending = store.pendingDemandEntries;
+    store.flush();
+    const db = reader(dir);
+    expect(column(db, 'SELECT minute FROM demand_history')).toEqual([Math.floor(clock / MINUTE)]);
+    db.close();
+    expect(pending).toBe(1);
+    store.close();
+  });
+
   it("drops one uid's own pending origins at that bound, not another uid's (a flood between two flushes)", () => {
     const A = 1000;
     const B = 1001;
