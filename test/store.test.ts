@@ -627,12 +627,25 @@ describe('what a client cannot bloat', () => {
     store.close();
   });
 
+  it('a slice looks at its time budget after each origin it writes, not after each sixteenth', () => {
+    const store = StateStore.open(dir, { now, maxOrigins: 100 });
+    store.flush();
+    // Each origin with a full record of demand minutes: sixteen of them were 16 x 61 statements past the budget.
+    for (let minute = 0; minute < 60; minute++) {
+      clock += MINUTE;
+      for (let origin = 0; origin < 20; origin++) store.recordAcquire(`b${origin}.example:443`, { hit: true }, 1000);
+    }
+    expect(store.flushSlice(0)).toBe(true);
+    expect(store.pendingOrigins).toBe(19);
+    store.close();
+  });
+
   it('a timed flush writes in slices and yields between them, ending with everything written', async () => {
     const store = StateStore.open(dir, { now, maxOrigins: 1000 });
     store.flush();
     for (let origin = 0; origin < 3000; origin++) store.recordConnect(`s${origin}.example:443`, 5);
-    // A budget of 0 ms: each slice writes one check interval (16 origins) and says there is more. (The last 1000
-    // recorded are pending, maxOrigins: about 63 slices.)
+    // A budget of 0 ms: each slice writes one origin and says there is more. (The last 1000 recorded are pending,
+    // maxOrigins: about 1000 slices.)
     let slices = 0;
     while (store.flushSlice(0)) slices++;
     expect(slices).toBeGreaterThan(50);
