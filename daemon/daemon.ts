@@ -644,7 +644,9 @@ export class Sockpoold {
       // Bounded: a thread that does not end is named in the log and left for the process's exit.
       threadsLeft = await this.#relays.close();
       try {
-        this.#store.close();
+        // Bounded (CLOSE_BUDGET_MS), so that the stop ends before systemd's SIGKILL: what is left is dropped.
+        const dropped = this.#store.close();
+        if (dropped > 0) this.#log.warn({ dropped }, 'history: origins not written at stop (out of time)');
       } catch (error) {
         // Closed all the same; what was recorded since the last flush is lost (the file locked, a full disk).
         this.#log.warn({ err: (error as Error).message }, 'history not written at stop');

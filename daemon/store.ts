@@ -20,9 +20,10 @@
 // (#pendingOf) and PENDING_MINUTES per-minute demand entries among them (#addDemand). And
 // the timer's flushes write in slices of at most SLICE_BUDGET_MS of event-loop time, continuing on the next turn,
 // so a flood of new origins never holds the loop for long (bench/store-flush.ts measures it with 100,000 origins).
-// `flush()` itself (at close, and before `topOrigins`) still writes everything at once. While the timer runs, the WAL is copied into the database file
-// (the checkpoint, with its fsync) by a thread of its own with a second connection, never by a commit on the
-// event loop: SQLite's automatic checkpoint at the end of a commit was the longest part of a slice.
+// `flush()` itself (before `topOrigins`) still writes everything at once; `close()` (the stop) writes in committed
+// slices for at most CLOSE_BUDGET_MS and drops what is left. While the timer runs, the WAL is copied into the
+// database file (the checkpoint, with its fsync) by a thread of its own with a second connection, never by a commit
+// on the event loop: SQLite's automatic checkpoint at the end of a commit was the longest part of a slice.
 //
 // Wall-clock time (Date.now) is right here, unlike in the rest of the daemon: these timestamps must mean the same
 // thing after a restart or a reboot.
@@ -189,6 +190,18 @@ function minutesPerOriginOf(maxOrigins: number): number {
   );
 }
 
+/**
+ * Event-loop time close() spends writing what is pending at most (the daemon's stop). The unit's TimeoutStopSec= is
+ * 15 s, and the stop spends up to 1 s on STOPPING=1, 10 s handing idle sockets to systemd's fd store and 3 s ending
+ * the relay threads before it (daemon.ts): the history has the last second. Written in one transaction, 100,000
+ * pending origins took seconds here, past the stop's end, where systemd's SIGKILL rolled it all back.
+ */
+export const CLOSE_BUDGET_MS = 1_000;
+/**
+ * A slice of close()'s writing: each is committed, so what a SIGKILL in the middle loses is one slice. Longer than
+ * SLICE_BUDGET_MS (fewer commits): nothing else runs on the event loop at the stop.
+ */
+const CLOSE_SLICE_MS = 50;
 /** Rows one statement of eviction or pruning deletes at most (each is an index range scan). */
 const DELETE_BATCH = 500;
 
@@ -1177,12 +1190,23 @@ export class StateStore {
     };
   }
 
-  /** Flushes, stops the timer and closes the database. Idempotent. */
-  close(): void {
-    if (this.#closed) return;
+  /**
+   * Stops the timer, writes what is pending and closes the database. Idempotent. The writing is a timed flush's
+   * (pending origins, in the order they were first recorded since the last flush, then evictions and pruning), in
+   * committed slices of CLOSE_SLICE_MS, for at most `budgetMs` of event-loop time (looked at after each origin):
+   * the pending origins left then are dropped, counters, connect times, demand minutes and all (a lifetime learned
+   * from one stays in the file only if written before), and their number returned. Evictions or pruning left undone
+   * are done by the next start's first flush (the row counts are taken from the table at open).
+   */
+  close(budgetMs = CLOSE_BUDGET_MS): number {
+    if (this.#closed) return 0;
     this.stopAutoFlush();
+    const deadline = performance.now() + budgetMs;
     try {
-      this.flush();
+      while (this.flushSlice(Math.min(CLOSE_SLICE_MS, deadline - performance.now()))) {
+        if (performance.now() >= deadline) break;
+      }
+      return this.#pending.size;
     } finally {
       this.#closed = true;
       this.#db.close();

@@ -658,6 +658,31 @@ describe('what a client cannot bloat', () => {
   });
 });
 
+describe('close', () => {
+  it('writes what is pending for at most CLOSE_BUDGET_MS (the stop has that long), and drops and counts the origins left', () => {
+    const store = StateStore.open(dir, { now, maxOrigins: 10_000 });
+    store.flush();
+    for (let origin = 0; origin < 3000; origin++) store.recordConnect(`c${origin}.example:443`, 5);
+    // A clock of work, not time: each look at it (one per origin written) is 1 ms later.
+    let ms = 0;
+    const clockOfWork = vi.spyOn(performance, 'now').mockImplementation(() => ms++);
+    let dropped: number;
+    try {
+      dropped = store.close();
+    } finally {
+      clockOfWork.mockRestore();
+    }
+    const db = reader(dir);
+    const written = value(db, 'SELECT count(*) FROM origins') as number;
+    db.close();
+    // It wrote all 3000 in one transaction, however long that took (past the stop's end, where a SIGKILL rolls it
+    // all back).
+    expect(written).toBeLessThanOrEqual(1000);
+    expect(written).toBeGreaterThan(0);
+    expect(dropped).toBe(3000 - written);
+  });
+});
+
 describe('the checkpointer thread', () => {
   it('with the auto flush on, copies the WAL into the database file off the event loop, and stops with it', async () => {
     const fdsBefore = readdirSync('/proc/self/fd').length;
