@@ -260,6 +260,11 @@ interface Pending {
   connectSum: number;
   connectFresh: number;
   idleLifetimeChanged: boolean;
+  /**
+   * The learned lifetime before this record changed it: what the file holds (a row's, written by an earlier flush
+   * or loaded at open), undefined when none. A record dropped at the pending bound puts it back (#pendingOf).
+   */
+  learnedBefore: number | undefined;
   /** The uid of the first acquire recorded (the new row's holder); undefined while none was. */
   uid: number | undefined;
   /**
@@ -596,8 +601,8 @@ export class StateStore {
       // leaves everything pending, and without a bound every origin any client touched grew the daemon's memory
       // for as long as that lasted. The first recorded since the last flush of the holder with the most pending
       // goes, as the cap would evict it anyway (least recently seen of that holder; an origin recorded again since
-      // is kept at its first place: an approximation), with a lifetime it taught since (else kept in memory for good
-      // for an origin that never gets a row). So one uid's flood of new origins between two flushes drops its own
+      // is kept at its first place: an approximation), and a lifetime it taught since with it (set back to the row's, or
+      // forgotten for an origin without one: else kept in memory for good for an origin that never gets a row). So one uid's flood of new origins between two flushes drops its own
       // records, not another uid's; a record made by a connect counts for the uid whose connect it was (Pending.group),
       // so a flood of one uid's prewarm connects drops its own, not another uid's miss between its connect and its
       // acquire.
@@ -607,7 +612,12 @@ export class StateStore {
         const record = dropped === undefined ? undefined : this.#pending.get(dropped);
         if (dropped !== undefined && record) {
           this.#unpend(dropped, record);
-          if (record.idleLifetimeChanged) this.#learned.delete(dropped);
+          // Back to the file's: forgetting it (as before) lost a lifetime the origin's row still held, from memory
+          // (and from the warming it steers) until a restart loaded it again.
+          if (record.idleLifetimeChanged) {
+            if (record.learnedBefore === undefined) this.#learned.delete(dropped);
+            else this.#learned.set(dropped, record.learnedBefore);
+          }
         }
       }
       pending = {
@@ -622,6 +632,7 @@ export class StateStore {
         connectSum: 0,
         connectFresh: 0,
         idleLifetimeChanged: false,
+        learnedBefore: undefined,
         uid: undefined,
         group: uid ?? null,
         minutes: [],
@@ -729,10 +740,15 @@ export class StateStore {
    */
   recordIdleLifetime(originKey: string, ms: number): void {
     if (!Number.isFinite(ms) || ms <= 0) return;
+    // The record first: making it may drop another at the bound, which sets that one's lifetime back (never this one's).
+    const pending = this.#pendingOf(originKey, this.#now());
     const current = this.#learned.get(originKey);
+    if (!pending.idleLifetimeChanged) {
+      pending.learnedBefore = current;
+      pending.idleLifetimeChanged = true;
+    }
     const next = current === undefined || ms < current ? ms : current + (ms - current) * IDLE_LIFETIME_RISE;
     this.#learned.set(originKey, Math.round(next));
-    this.#pendingOf(originKey, this.#now()).idleLifetimeChanged = true;
   }
 
   #pendBy(originKey: string, uid: Holder): void {

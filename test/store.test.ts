@@ -725,6 +725,22 @@ describe('learned idle lifetime', () => {
     store.close();
   });
 
+  it("a pending record dropped at the bound sets the lifetime back to its row's, not forgotten until a restart", () => {
+    const store = StateStore.open(dir, { now, maxOrigins: 1 });
+    store.recordConnect('kept.example:443', 5);
+    store.recordIdleLifetime('kept.example:443', 30_000);
+    store.flush();
+    store.recordIdleLifetime('kept.example:443', 20_000);
+    // The bound (maxOrigins, 1) drops kept.example's record, and then fresh.example's, which never had a row.
+    store.recordIdleLifetime('fresh.example:443', 40_000);
+    store.recordConnect('other.example:443', 5);
+    expect(store.pendingOrigins).toBe(1);
+    expect(store.origin('kept.example:443')?.learnedIdleLifetimeMs).toBe(30_000);
+    expect(store.learnedIdleLifetime('kept.example:443')).toBe(30_000);
+    expect(store.learnedIdleLifetime('fresh.example:443')).toBeUndefined();
+    store.close();
+  });
+
   it('drops at once to a shorter observation, rises slowly, and survives a restart', () => {
     let store = open();
     const key = 'idle.example:443';
