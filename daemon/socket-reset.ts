@@ -11,14 +11,17 @@
 //
 // Instead: SO_LINGER {1, 0} on the fd, then a plain destroy(), whose close sends the reset whatever is pending (what
 // uv_tcp_close_reset does after its check). A socket with no fd left (destroyed, or still connecting) is destroyed.
+// The same option set in advance, and undone only once the socket ended cleanly (disarmReset), makes every other
+// close of it a reset, even one no JavaScript runs for (a worker thread terminated, the process killed): the relay's
+// end of a session's loopback pair (tls-relay-thread.ts).
 import type { Socket } from 'node:net';
 import * as native from '../shared/native.js';
 
 /** Ends `socket` with a reset: the peer reads ECONNRESET, not a clean end. Closes its fd whatever it was doing. */
 export function resetSocket(socket: Socket): void {
   if (socket.destroyed) return;
-  const fd = (socket as unknown as { _handle?: { fd?: number } | null })._handle?.fd;
-  if (fd !== undefined && fd >= 0) {
+  const fd = fdOf(socket);
+  if (fd !== undefined) {
     try {
       native.setLingerReset(fd);
     } catch {
@@ -26,4 +29,21 @@ export function resetSocket(socket: Socket): void {
     }
   }
   socket.destroy();
+}
+
+/**
+ * Undoes a reset armed in advance (SO_LINGER {1, 0} set on the fd when the socket was made, as the relay does for its
+ * client's end: tls-relay-thread.ts), once the socket ended cleanly: its close then leaves what is queued and its FIN
+ * to the kernel, as any close. Nothing for a socket with no fd left.
+ */
+export function disarmReset(socket: Socket): void {
+  const fd = fdOf(socket);
+  if (fd !== undefined) native.disarmLinger(fd);
+}
+
+/** The socket's fd; undefined once it has none (destroyed, or still connecting). */
+function fdOf(socket: Socket): number | undefined {
+  if (socket.destroyed) return undefined;
+  const fd = (socket as unknown as { _handle?: { fd?: number } | null })._handle?.fd;
+  return fd !== undefined && fd >= 0 ? fd : undefined;
 }

@@ -23,6 +23,13 @@
 //   connection.
 // - after the client's half-close the origin may take its time to answer: the relay gives up only after LINGER_MS
 //   in which the origin sent nothing (and then resets the client's socket: the response did not end cleanly).
+// - every other end resets the client's socket too, those no JavaScript of this thread sees included: the thread
+//   terminate()d by the daemon's stop (or as hung), the thread or the process dying. Node closes their handles
+//   (the kernel, the fds of a killed process) as any close, and a plain close of our end sends FIN, so a client
+//   reading a response until close read a cut one as complete. So our end's reset is armed as the pair is made
+//   (SO_LINGER {1, 0}: any close of it sends RST) and disarmed only once its clean end went out (the client's
+//   socket's 'finish': the origin's bytes and the FIN are in the kernel), or for an idle session, whose end is a FIN
+//   for the pool (see teardown). One setsockopt a session, two for one that ends cleanly.
 
 import { constants, createHash } from 'node:crypto';
 import { isIP, Socket } from 'node:net';
@@ -40,7 +47,7 @@ import { waitForLoopbackPair } from './loopback-pair.js';
 import { Bytes } from './relay-bytes.js';
 import { ownTid } from './relay-clock.js';
 import { Flow, type Reads } from './relay-flow.js';
-import { resetSocket } from './socket-reset.js';
+import { disarmReset, resetSocket } from './socket-reset.js';
 import type { RelayCounters, RelayRequest, RelayResponse, TlsFailureReason } from './tls-relay.js';
 
 /**
@@ -430,6 +437,8 @@ function open(request: Extract<RelayRequest, { t: 'open' }>): void {
     const certificate = tls.getPeerCertificate();
     counters[COUNTER.handshakes]!++;
     counters[COUNTER.sessions]!++;
+    // Our end's reset armed before anything can close it (see the header; relay() disarms it on a clean end).
+    native.setLingerReset(pair[0]);
     relay(tls, tcp, new Socket({ fd: pair[0], readable: true, writable: true, allowHalfOpen: true }), kept);
     post({
       t: 'ready',
@@ -521,6 +530,9 @@ function relay(tls: TLSSocket, tcp: Socket, client: Socket, early: Bytes): void 
     closed = true;
     clearTimeout(linger);
     counters[COUNTER.sessions]!--;
+    // An idle session (no client yet) ends with FIN however its origin ended: its reset (armed since the pair was
+    // made) is disarmed first.
+    if (!leased) disarmReset(client);
     if (resetClient && leased && !client.destroyed) resetSocket(client);
     else if (client.writableEnded && !client.writableFinished && !client.destroyed) {
       // A clean end on its way to the client (end() was called): its last bytes and FIN go out first. A client that
@@ -590,7 +602,12 @@ function relay(tls: TLSSocket, tcp: Socket, client: Socket, early: Bytes): void 
     }
     bothEnded();
   });
-  client.on('finish', bothEnded);
+  client.on('finish', () => {
+    // The origin's clean end went out, its bytes and FIN in the kernel: a close from now on, whoever makes it, leaves
+    // them to be delivered, as a direct connection's would.
+    disarmReset(client);
+    bothEnded();
+  });
   tls.on('end', () => {
     originEnded = true;
     if (!leased) early.clear();

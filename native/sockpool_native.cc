@@ -1641,6 +1641,13 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     return info.Env().Undefined();
   }
 
+  // SO_LINGER {0, 0}, the kernel's default (DisarmLinger): undoes SetLingerReset, so the next close ends the
+  // connection cleanly (FIN after what is queued). Errors ignored, as in DisarmLinger.
+  Napi::Value DisarmSocketLinger(const Napi::CallbackInfo& info) {
+    DisarmLinger(FdArg(info, 0));
+    return info.Env().Undefined();
+  }
+
   Napi::Value SetKeepAlive(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     const int fd = FdArg(info, 0);
@@ -2685,6 +2692,7 @@ SockpoolAddon::SockpoolAddon(Napi::Env env, Napi::Object exports) {
                            InstanceMethod<&SockpoolAddon::PeerAddress>("peerAddress", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::SetNoDelay>("setNoDelay", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::SetLingerReset>("setLingerReset", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::DisarmSocketLinger>("disarmLinger", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::SetKeepAlive>("setKeepAlive", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::SetUserTimeout>("setUserTimeout", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::SetMark>("setMark", napi_enumerable),

@@ -187,6 +187,7 @@ interface NativeBinding {
   peerAddress(fd: number, words?: Float64Array): SocketAddress;
   setNoDelay(fd: number, on: boolean): void;
   setLingerReset(fd: number): void;
+  disarmLinger(fd: number): void;
   setKeepAlive(fd: number, on: boolean, idleSec?: number, intervalSec?: number, count?: number): void;
   setUserTimeout(fd: number, ms: number): void;
   setMark(fd: number, mark: number): void;
@@ -597,6 +598,11 @@ export function setNoDelay(fd: number, on: boolean): void {
 /** SO_LINGER {1, 0}: the socket's next close sends a reset (RST), dropping what is unsent (daemon/socket-reset.ts). */
 export function setLingerReset(fd: number): void {
   binding.setLingerReset(fd);
+}
+
+/** SO_LINGER {0, 0}, the kernel's default: undoes setLingerReset, the next close sends FIN after what is queued. */
+export function disarmLinger(fd: number): void {
+  binding.disarmLinger(fd);
 }
 
 /** SO_KEEPALIVE, plus TCP_KEEPIDLE / TCP_KEEPINTVL / TCP_KEEPCNT for the values given. */

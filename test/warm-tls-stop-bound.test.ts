@@ -5,16 +5,22 @@
 // daemon): the daemon runs with --inspect, and through its inspector the relay thread is told to read a FIFO that
 // nobody writes, so it blocks in read(2), where terminate() (which stops JavaScript, not a system call) cannot reach
 // it. Without that the same daemon stops with status 0 and no such line. A stop that fails part-way (made to throw the
-// same way, through the inspector) with such a thread exits 1 too, its failure logged and its history written. Real daemon child processes, a
-// real node:https origin, a throwaway CA.
+// same way, through the inspector) with such a thread exits 1 too, its failure logged and its history written. A
+// session lent when the daemon stops or is killed ends for its client with a reset, never a clean end, as the relay
+// ends every session its origin did not end cleanly. Real daemon child processes, a real node:https origin, a
+// throwaway CA.
 
 import { execFileSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
 import { mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync } from 'node:fs';
+import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import Database from 'better-sqlite3';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SockpoolClient } from '../client/index.js';
+import * as native from '../shared/native.js';
+import type { LeaseReply } from '../shared/protocol.js';
 import {
   eventually,
   fdCount,
@@ -25,6 +31,7 @@ import {
 } from './fixtures/client-helpers.js';
 import { type DaemonProcess, logRecords, repoRoot } from './helpers/daemon.js';
 import { DaemonInspector } from './helpers/inspector.js';
+import { openRawClient } from './helpers/raw-client.js';
 import { createTestPki, type TestPki } from './helpers/tls.js';
 
 let pki: TestPki;
@@ -32,10 +39,28 @@ let origin: Origin;
 let dir: string;
 let fifo: string;
 const daemons: DaemonProcess[] = [];
+/** Linux's TCP_CLOSE_WAIT (include/net/tcp_states.h): the peer's FIN arrived, this side has not closed. */
+const TCP_CLOSE_WAIT = 8;
 
 beforeAll(async () => {
   pki = createTestPki(['localhost']);
-  origin = await httpsOrigin(pki, (_request, response) => response.end('ok'));
+  origin = await httpsOrigin(pki, (request, response) => {
+    if (request.url === '/complete') {
+      // Ended cleanly: all of it, then the connection's close (close_notify and FIN).
+      response.writeHead(200, { connection: 'close', 'content-length': String(64 * 1024) });
+      response.end(Buffer.alloc(64 * 1024, 0x62));
+      return;
+    }
+    if (request.url !== '/until-close') {
+      response.end('ok');
+      return;
+    }
+    // A body read until the connection closes (no length, no chunks): its first 64 KiB, then nothing more, so it is
+    // not over when the daemon stops. Only a reset tells its client that.
+    request.resume();
+    response.writeHead(200, { connection: 'close' });
+    response.write(Buffer.alloc(64 * 1024, 0x61));
+  });
   dir = mkdtempSync(join(tmpdir(), 'sockpool-stop-bound-'));
   fifo = join(dir, 'relay-block');
   execFileSync('mkfifo', [fifo]);
@@ -122,6 +147,47 @@ async function inspectedDaemonWithRelay(config?: Record<string, unknown>): Promi
   const client = new SockpoolClient({ socketPath: daemon.socketPath, threads: 0, caFile: pki.caFile });
   expect((await client.request(`https://localhost:${origin.port}/`)).body.toString()).toBe('ok');
   return { daemon, inspector, client };
+}
+
+/**
+ * A warm-TLS daemon (its origin prewarmed) and a relayed session it lent, taken on the raw protocol and held as a plain
+ * socket, as a client reading a body until close does (`paused`: created without reading). The test stops the
+ * daemon, destroys the socket and runs `cleanups` (the raw client).
+ */
+async function relayedLease(options: { paused?: boolean } = {}): Promise<{
+  daemon: DaemonProcess;
+  socket: net.Socket;
+  fd: number;
+  cleanups: Array<() => unknown>;
+}> {
+  const daemon = await startTestDaemon([origin.port], {
+    extraArgs: warmTlsArgs(pki.caFile, [origin.port], [`localhost:${origin.port}`]),
+  });
+  daemons.push(daemon);
+  const cleanups: Array<() => unknown> = [];
+  const trust = createHash('sha256').update(readFileSync(pki.caFile)).digest('hex');
+  const raw = openRawClient(daemon.socketPath, cleanups);
+  const reply = await raw.request({ type: 'acquire', id: 1, host: 'localhost', port: origin.port, tls: { trust } });
+  expect(reply.message?.type).toBe('lease');
+  expect((reply.message as LeaseReply).tls).toBeDefined();
+  const fd = reply.fds[0]!;
+  // Ownership of the lent fd passes to the net.Socket.
+  native.untrack(fd);
+  const socket = new net.Socket({
+    fd,
+    readable: true,
+    writable: true,
+    pauseOnCreate: options.paused === true,
+  } as net.SocketConstructorOpts);
+  return { daemon, socket, fd, cleanups };
+}
+
+/** How `socket`'s peer ends it: 'end (FIN)', or 'error CODE'. */
+function howItEnds(socket: net.Socket): Promise<string> {
+  return new Promise((resolve) => {
+    socket.once('end', () => resolve('end (FIN)'));
+    socket.once('error', (error: NodeJS.ErrnoException) => resolve(`error ${error.code}`));
+  });
 }
 
 describe('a warm-TLS daemon stopped', () => {
@@ -214,6 +280,60 @@ describe('a warm-TLS daemon stopped', () => {
     await client.close();
     await eventually(() => fdCount() - origin.openSockets() <= before, `fds back to ${before}`);
   }, 60_000);
+
+  // The relay thread's close of a session it was relaying, by terminate() (the stop) or by the kernel (a kill), is
+  // none of its teardowns: before the relay armed the reset of its end of the pair as the pair was made, that close
+  // sent FIN, and this client read the cut body as complete ('end (FIN)').
+  for (const signal of ['SIGTERM', 'SIGKILL'] as const) {
+    it(`by ${signal} while a lent session's response is under way: its client reads a reset, not a clean end`, async () => {
+      const { daemon, socket, cleanups } = await relayedLease();
+      try {
+        let received = 0;
+        socket.on('data', (chunk: Buffer) => {
+          received += chunk.length;
+        });
+        const ended = howItEnds(socket);
+        socket.write('GET /until-close HTTP/1.1\r\nhost: localhost\r\n\r\n');
+        await eventually(() => received >= 64 * 1024, 'the first 64 KiB of the body');
+
+        expect(await daemon.stop(signal)).toBe(signal === 'SIGTERM' ? 0 : null);
+
+        expect(await ended).toBe('error ECONNRESET');
+      } finally {
+        socket.destroy();
+        for (const cleanup of cleanups) await cleanup();
+      }
+    }, 60_000);
+
+    // The other side of that reset: a clean end that reached the client's socket (the relay's FIN there) stays clean
+    // across the stop or kill that follows, though the client has read none of it yet: the armed reset is for the
+    // relay's end only, and a reset behind a FIN is not read. (The relay also disarms its reset once its FIN is in the
+    // kernel, for a FIN still queued behind bytes a slow client has not taken; this test does not reach that state.)
+    it(`by ${signal} after a lent session's origin ended cleanly, before its client read it: the client reads all of it and a clean end`, async () => {
+      // Not reading yet: what the relay sends stays in this socket's receive queue, its FIN behind it.
+      const { daemon, socket, fd, cleanups } = await relayedLease({ paused: true });
+      try {
+        socket.write('GET /complete HTTP/1.1\r\nhost: localhost\r\n\r\n');
+        // CLOSE_WAIT: the relay's FIN arrived, so everything before it did too.
+        await eventually(() => native.tcpCounters(fd, false).tcpState === TCP_CLOSE_WAIT, "the relay's FIN");
+
+        await daemon.stop(signal);
+
+        let received = '';
+        const ended = howItEnds(socket);
+        socket.on('data', (chunk: Buffer) => {
+          received += chunk.toString('latin1');
+        });
+        socket.resume();
+        expect(await ended).toBe('end (FIN)');
+        expect(received).toMatch(/^HTTP\/1\.1 200 /);
+        expect(received.endsWith(`\r\n\r\n${'b'.repeat(64 * 1024)}`)).toBe(true);
+      } finally {
+        socket.destroy();
+        for (const cleanup of cleanups) await cleanup();
+      }
+    }, 60_000);
+  }
 
   // The state the stop hung in (NOTES.md, twenty-first session): the relay resets a socket whose shutdown is pending.
   // Here its origin's TLS socket is ended (its TCP shutdown dispatched, not done yet) and, in the same tick, the
