@@ -105,6 +105,9 @@ const IPV4_CLASSES = table([
   ['169.254.170.23/32', 'metadata'], // AWS EKS pod identity agent
   ['100.100.100.200/32', 'metadata'], // Alibaba Cloud
   ['168.63.129.16/32', 'metadata'], // Azure WireServer (VM agent, extension settings and their secrets): public space
+  ['169.254.42.42/32', 'metadata'], // Scaleway instance metadata
+  ['169.254.0.23/32', 'metadata'], // Tencent Cloud (metadata.tencentyun.com)
+  ['192.0.0.192/32', 'metadata'], // Oracle Cloud Classic
   ['255.255.255.255/32', 'broadcast'],
   ['0.0.0.0/8', 'unspecified'], // "this network"; connect() to 0.0.0.0 reaches the local host
   ['10.0.0.0/8', 'private'],
@@ -129,6 +132,8 @@ const IPV6_EXACT = table([
   ['::1/128', 'loopback'],
   ['fd00:ec2::254/128', 'metadata'], // AWS instance metadata over IPv6
   ['fd00:ec2::23/128', 'metadata'], // AWS EKS pod identity agent over IPv6
+  ['fd20:ce::254/128', 'metadata'], // Google Compute Engine metadata server over IPv6
+  ['fd00:42::42/128', 'metadata'], // Scaleway instance metadata over IPv6
 ]);
 
 const IPV6_CLASSES = table([

@@ -208,6 +208,15 @@ describe('EgressPolicy.checkAddress', () => {
     expect(() => exact.checkAddress('169.254.169.254', 80)).not.toThrow();
   });
 
+  it('metadata is every published endpoint: a wide allow that holds one does not open it', () => {
+    // GCP over IPv6 sits in fc00::/7, a common internal allow; these were opened by the ranges holding them.
+    const wide = egressPolicy({ allow: ['169.254.0.0/16', 'fc00::/7', '192.0.0.0/24'] });
+    const endpoints = ['fd20:ce::254', '169.254.42.42', 'fd00:42::42', '169.254.0.23', '192.0.0.192'];
+    const reasons = endpoints.map((address) => refusal(() => wide.checkAddress(address, 80)).fields.reason);
+    expect(reasons).toEqual(endpoints.map(() => 'metadata'));
+    expect(() => wide.checkAddress('fd20:ce::253', 80)).not.toThrow(); // (the range itself stays open)
+  });
+
   it('deny CIDRs win over allow and over public, through every IPv6 form', () => {
     const policyWithDeny = egressPolicy({
       allow: ['127.0.0.0/8', '198.18.0.0/16'],
