@@ -47,6 +47,7 @@ import { waitForLoopbackPair } from './loopback-pair.js';
 import { Bytes } from './relay-bytes.js';
 import { ownTid } from './relay-clock.js';
 import { Flow, type Reads } from './relay-flow.js';
+import { relayCa } from './relay-trust.js';
 import { disarmReset, resetSocket } from './socket-reset.js';
 import type { RelayCounters, RelayRequest, RelayResponse, TlsFailureReason } from './tls-relay.js';
 
@@ -353,7 +354,8 @@ function contextFor(request: Extract<RelayRequest, { t: 'open' }>): SecureContex
       // answers no_renegotiation; a server insisting ends the session (test/daemon-trust-relay-cpu). HTTP/2 forbids
       // it anyway; what is lost: a TLS 1.2 server asking for a client certificate mid-connection (IIS) fails.
       secureOptions: constants.SSL_OP_NO_RENEGOTIATION,
-      ...(request.ca !== undefined ? { ca: request.ca } : {}),
+      // The configured CA file, or for trust "system" the system store the client's curl trusts (relay-trust.ts).
+      ca: relayCa(request.ca),
       ...(request.cert !== undefined ? { cert: request.cert, key: request.key } : {}),
     });
     contexts.set(request.contextKey, context);

@@ -5,9 +5,11 @@
 // closes while idle is never handed out; the daemon's fds come back to where they were. Real daemon process.
 import { createHash, X509Certificate } from 'node:crypto';
 import { once } from 'node:events';
-import { readdirSync, readFileSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import http2 from 'node:http2';
 import net from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { RELAY_THREAD_NICE } from '../daemon/tls-relay.js';
 import * as native from '../shared/native.js';
@@ -244,6 +246,29 @@ describe('warm TLS sessions', () => {
     expect(withoutFd.message?.type).toBe('ok');
     await eventually(() => native.probe(third.fds[0]!).state === 'eof', 'the session released without its fd closed');
     native.close(third.fds[0]!);
+  });
+});
+
+describe('a client that trusts the system store', () => {
+  it("gets a session the relay verified against the system store, not Node's bundled roots", async () => {
+    // The client's curl verifies against the system store; the relay, given no CA for "system", used Node's bundled
+    // Mozilla list, which differs from it (each holds roots the other lacks). Here the system store (SSL_CERT_FILE,
+    // an empty SSL_CERT_DIR) holds the test CA alone: a relay verifying against it hands over the session, one
+    // verifying against Node's bundled roots refused the origin (unknown-ca).
+    const emptyDir = mkdtempSync(join(tmpdir(), 'sockpool-no-certs-'));
+    const systemOnly = await startTestDaemon([h1.port], {
+      extraArgs: ['--warm-tls', `localhost:${h1.port}`, '--resolve', `localhost:${h1.port}:127.0.0.1`],
+      env: { SSL_CERT_FILE: pki.caFile, SSL_CERT_DIR: emptyDir },
+    });
+    try {
+      const raw = openRawClient(systemOnly.socketPath, cleanups);
+      const reply = await acquire(raw, 1, h1.port, { trust: 'system' });
+      for (const fd of reply.fds) native.close(fd);
+      expect(reply.message).toMatchObject({ type: 'lease', tls: { version: expect.any(String) } });
+    } finally {
+      await systemOnly.stop();
+      rmSync(emptyDir, { recursive: true, force: true });
+    }
   });
 });
 
