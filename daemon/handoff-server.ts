@@ -31,7 +31,7 @@ import { isAdminUid, statsView } from './client-view.js';
 import { policyFor, type SockpoolConfig } from './config.js';
 import type { RateLimiter } from './fleet/rate-limiter.js';
 import type { Claim } from './fleet/token-claims.js';
-import { checkReturned, endConnection, markOf, receivedNothingSince } from './lease-guard.js';
+import { checkReturned, endConnection, endRelayedConnection, markOf, receivedNothingSince } from './lease-guard.js';
 import { type Lease, LeaseTable } from './leases.js';
 import { type Logger, LogLimiter, REFUSAL_LOG_WINDOW_MS, REFUSALS_LOGGED } from './log.js';
 import type { Metrics } from './metrics.js';
@@ -196,13 +196,17 @@ export class HandoffServer {
 
   /**
    * A relay thread hung (tls-relay.ts): the sessions it relayed and lent now end for their clients. The daemon's copy
-   * of each is shut down, not closed (the lease owns it until the client reports it closed): every copy of the socket
-   * sees the connection end (reads EOF, writes EPIPE), so a client does not wait for bytes that will never come.
-   * Returns how many.
+   * of each is disconnected, not closed (the lease owns it until the client reports it closed): every copy of the
+   * socket sees the connection reset (reads ECONNRESET, writes EPIPE), so a client neither waits for bytes that will
+   * never come nor reads a cut response as ended (a shutdown's FIN read as a clean end). Returns how many.
    */
   endRelayedBy(relayThread: number): number {
     const leases = this.#leases.relayedBy(relayThread);
-    for (const lease of leases) native.shutdown(lease.fd);
+    for (const lease of leases) {
+      try {
+        native.disconnect(lease.fd);
+      } catch {}
+    }
     return leases.length;
   }
 
@@ -1067,8 +1071,9 @@ export class HandoffServer {
     if (claim && !claim.restored && !lease.tls && receivedNothingSince(lease.fd, lease.mark)) {
       this.#rates?.unanswered(lease.origin, lease.uid, claim);
     }
-    if (shutDown) endConnection(lease.fd);
-    else native.close(lease.fd);
+    if (!shutDown) native.close(lease.fd);
+    else if (lease.tls) endRelayedConnection(lease.fd);
+    else endConnection(lease.fd);
     this.#quotas.leaseEnded(lease.uid, leaseFdsOf(lease));
     this.#pools.leaseEnded(lease.originKey, lease.uid);
   }

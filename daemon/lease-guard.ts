@@ -203,6 +203,22 @@ export function endConnection(fd: number): void {
   native.close(fd);
 }
 
+/**
+ * Ends a relayed warm TLS session's lease: the client's end of its loopback pair is disconnected (connect AF_UNSPEC,
+ * for every copy), then the daemon's copy closed. The relay reads a reset and ends the session at once, its origin
+ * connection with it; a FIN (endConnection) read as the client's half-close, and the relay lingered up to its
+ * LINGER_MS for an answer nobody would read, the origin's connection and the relay's fds held past the lease, outside
+ * every per-uid and per-origin bound. A copy the client kept reads ECONNRESET, not a clean end.
+ */
+export function endRelayedConnection(fd: number): void {
+  try {
+    native.disconnect(fd);
+  } catch {
+    // Not connected any more (the relay ended it first): closing is all that is left.
+  }
+  native.close(fd);
+}
+
 function changedSince(
   mark: UsageMark,
   sent: number | undefined,

@@ -2070,6 +2070,20 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     ThrowErrno(env, errno, "shutdown");
   }
 
+  // connect(AF_UNSPEC): the kernel's disconnect of a TCP socket, for every copy of it. From an established
+  // connection it sends the peer a reset and leaves the socket's own reads failing with ECONNRESET (sk_err), where
+  // a shutdown sends a FIN and leaves them reading a clean end. Returns false for a socket with no connection (or
+  // not TCP): nothing to end.
+  Napi::Value Disconnect(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    sockaddr unspecified;
+    memset(&unspecified, 0, sizeof unspecified);
+    unspecified.sa_family = AF_UNSPEC;
+    if (::connect(FdArg(info, 0), &unspecified, sizeof unspecified) == 0) return Napi::Boolean::New(env, true);
+    if (errno == ENOTCONN || errno == EINVAL || errno == EAFNOSUPPORT) return Napi::Boolean::New(env, false);
+    ThrowErrno(env, errno, "connect", "AF_UNSPEC");
+  }
+
   Napi::Value PeerCredentials(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     ucred credentials;
@@ -2714,6 +2728,7 @@ SockpoolAddon::SockpoolAddon(Napi::Env env, Napi::Object exports) {
                            InstanceMethod<&SockpoolAddon::SocketInode>("socketInode", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::UnreadOutput>("unreadOutput", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::Shutdown>("shutdown", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::Disconnect>("disconnect", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::Dup>("dup", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::Close>("close", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::CloseNeverShared>("closeNeverShared", napi_enumerable),

@@ -187,6 +187,7 @@ interface NativeBinding {
   peerAddress(fd: number, words?: Float64Array): SocketAddress;
   setNoDelay(fd: number, on: boolean): void;
   setLingerReset(fd: number): void;
+  disconnect(fd: number): boolean;
   disarmLinger(fd: number): void;
   setKeepAlive(fd: number, on: boolean, idleSec?: number, intervalSec?: number, count?: number): void;
   setUserTimeout(fd: number, ms: number): void;
@@ -732,6 +733,14 @@ export function sameSocket(a: number, b: number): boolean {
  */
 export function shutdown(fd: number): boolean {
   return binding.shutdown(fd);
+}
+
+/**
+ * Disconnects a TCP socket (connect AF_UNSPEC), for every copy of it: the peer gets a reset and this socket's reads
+ * fail with ECONNRESET (a shutdown sends a FIN, and reads see a clean end). False when it had no connection.
+ */
+export function disconnect(fd: number): boolean {
+  return binding.disconnect(fd);
 }
 
 // ---- Ownership

@@ -10,6 +10,7 @@ import http2 from 'node:http2';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import tls from 'node:tls';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { RELAY_THREAD_NICE } from '../daemon/tls-relay.js';
 import * as native from '../shared/native.js';
@@ -219,8 +220,8 @@ describe('warm TLS sessions', () => {
     const released = await raw.request({ type: 'release', id: 2, leaseId: lease.leaseId, withoutFd: true });
     native.close(reply.fds[0]!);
     expect(released.message?.type).toBe('ok');
-    // The daemon shut the session's pair down: a copy kept across the release sees the end.
-    await eventually(() => native.probe(kept).state === 'eof', 'the released session closed');
+    // The daemon ended the session's pair (a reset): a copy kept across the release sees it.
+    await eventually(() => native.probe(kept).state !== 'alive', 'the released session closed');
     native.close(kept);
     const again = await acquire(raw, 3, h1.port, { trust });
     const second = again.message as LeaseReply;
@@ -244,8 +245,58 @@ describe('warm TLS sessions', () => {
       withoutFd: true,
     });
     expect(withoutFd.message?.type).toBe('ok');
-    await eventually(() => native.probe(third.fds[0]!).state === 'eof', 'the session released without its fd closed');
+    await eventually(() => native.probe(third.fds[0]!).state !== 'alive', 'the session released without its fd closed');
     native.close(third.fds[0]!);
+  });
+});
+
+describe('a relayed lease that ends', () => {
+  it('ends its relay and the origin connection with it, even before a silent origin that ignores the close', async () => {
+    // The lease's end sent the relay a FIN, which it took for the client's half-close: it closed its TLS write side
+    // and lingered up to a minute for an answer nobody would read, holding the origin's connection and its fds past
+    // the lease, outside maxLeasesPerUid and maxPerOrigin: 12 of them at an origin capped at 2.
+    const open = new Set<net.Socket>();
+    const silent = net.createServer({ allowHalfOpen: true }, (tcp) => {
+      open.add(tcp);
+      tcp.on('close', () => open.delete(tcp));
+      tcp.on('error', () => {});
+      const session = new tls.TLSSocket(tcp, { isServer: true, cert: pki.cert, key: pki.key });
+      (session as unknown as { allowHalfOpen: boolean }).allowHalfOpen = true;
+      session.on('error', () => {});
+      session.on('data', () => {}); // reads, never answers, never ends its side
+    });
+    silent.listen(0, '127.0.0.1');
+    await once(silent, 'listening');
+    const port = (silent.address() as net.AddressInfo).port;
+    const capped = await startTestDaemon([port], {
+      extraArgs: warmTlsArgs(pki.caFile, [port], [`localhost:${port}`]),
+      config: { quotas: { maxLeasesPerUid: 2 }, pool: { defaults: { maxPerOrigin: 2 } } },
+    });
+    try {
+      const raw = openRawClient(capped.socketPath, cleanups);
+      for (let id = 1; id <= 12; id++) {
+        const reply = await acquire(raw, id, port, { trust });
+        const lease = reply.message as LeaseReply;
+        expect(lease).toMatchObject({ type: 'lease', tls: { version: expect.any(String) } });
+        const fd = reply.fds[0]!;
+        // The client's request goes out (the session is spoken on), then its lease ends.
+        expect(
+          native.sendMessage(fd, Buffer.from(`GET /${id} HTTP/1.1\r\nHost: localhost\r\n\r\n`), []),
+        ).toBeGreaterThan(0);
+        native.close(fd);
+        raw.sendJson({ type: 'closed', leaseId: lease.leaseId });
+      }
+      // (At most maxPerOrigin: the pool may keep idle sessions there again, as warm TLS does.)
+      await eventually(
+        () => open.size <= 2,
+        () => `origin connections still open: ${open.size}`,
+        15_000,
+      );
+    } finally {
+      await capped.stop();
+      for (const socket of open) socket.destroy();
+      silent.close();
+    }
   });
 });
 

@@ -63,7 +63,7 @@ afterAll(async () => {
  * A warm-TLS daemon (watchdog limit 3 s) under its inspector (`relay`: its relay thread's session), with SESSIONS
  * idle sessions made by its relay thread (a burst of handshakes, some queued behind the thread's 20 places: busy,
  * not hung) and one more session lent (the test holds the client's copy, `leased`, resumed; `leasedEnded` resolves
- * at its EOF). `fdsBefore`: the daemon's fds with all SESSIONS + 1 idle.
+ * with how it ended: ECONNRESET, or 'end (FIN)'). `fdsBefore`: the daemon's fds with all SESSIONS + 1 idle.
  */
 async function hangingDaemon() {
   const metricsPort = await freePort();
@@ -108,7 +108,11 @@ async function hangingDaemon() {
   });
   expect((lent.message as LeaseReply).type).toBe('lease');
   const leased = new net.Socket({ fd: lent.fds[0]!, readable: true, writable: true });
-  const leasedEnded = once(leased, 'end');
+  // How the client's copy ends: a reset (the daemon disconnects the pair: a cut session never reads as a clean end).
+  const leasedEnded = new Promise<string>((resolve) => {
+    leased.once('error', (error: NodeJS.ErrnoException) => resolve(error.code ?? error.message));
+    leased.once('end', () => resolve('end (FIN)'));
+  });
   leased.resume();
   const relay = await inspector.workerSession(/sockpoold tls relay/);
   return {
@@ -161,7 +165,7 @@ async function expectHungAndReplaced(
   expect(await metricValue(metricsPort, 'sockpool_tls_relay_threads_hung_total')).toBe(1);
   // Its idle sessions left the pool, and the lent one ended for its client.
   expect(await idleSessions()).toBe(0);
-  await leasedEnded;
+  expect(await leasedEnded).toBe('ECONNRESET');
   leased.destroy();
   raw.sendJson({ type: 'closed', leaseId: lent.leaseId });
   // The handshake it held failed, not at the acquire's timeout.
