@@ -278,7 +278,7 @@ export class PoolManager {
     if (this.#tcpOnMiss(pool)) {
       // Without an idle session this acquire takes a TCP socket of the origin at once, and is demand for those:
       // with warmTlsOnMiss "tcp" sessions are made only when asked for (prewarm, warm, warm-on-start).
-      const session = this.#takeWarmFrom(pool, uid);
+      const session = this.#takeWarmFrom(pool, tlsTrust, uid);
       if (session) return session;
       sessions = pool;
       pool = this.#poolFor(origin);
@@ -286,9 +286,11 @@ export class PoolManager {
     const stats = this.#statsOf(pool.key);
     stats.uids.add(uid);
     this.#bumpRate(stats);
+    const waitMs = timeoutMs ?? pool.policy.acquireTimeoutMs;
+    const waitFrom = performance.now();
     let handoff: Handoff;
     try {
-      handoff = await pool.acquire(timeoutMs ?? pool.policy.acquireTimeoutMs, uid, signal);
+      handoff = await pool.acquire(waitMs, uid, signal);
     } catch (error) {
       if ((error as { code?: string }).code === ErrorCodes.POLICY) {
         this.#metrics?.refusals.inc({ reason: policyReason(error as Error) });
@@ -298,6 +300,16 @@ export class PoolManager {
         if (sessions) this.#retireIfEmpty(sessions);
       }
       throw error;
+    }
+    if (!this.#verifiedFor(pool, handoff, tlsTrust, uid)) {
+      // A reload changed what the origin's sessions are verified against while this acquire waited in the sessions
+      // pool its trust picked: whatever reached it (an idle session, a new one, one given back) was verified against
+      // the new trust, which this client never asked for. Routed again by its own trust (to the origin's TCP sockets
+      // now), in what is left of its time. It cannot come back here for ever: the session given back was verified
+      // against the trust in force or is stale (closed at the give-back), and new ones are made with the trust in
+      // force.
+      const left = waitMs - (performance.now() - waitFrom);
+      return this.acquire(origin, Math.max(1, left), tlsTrust, uid, signal);
     }
     this.#countHandoff(pool.key, stats, handoff.warm, uid);
     if (handoff.announced !== true) this.#bumpUnannounced(stats);
@@ -319,7 +331,7 @@ export class PoolManager {
     // Looked up, never made here: acquire() makes a pool once the policy let its origin through.
     const pool = this.#existingPoolFor(origin, tlsTrust);
     const handoff = pool?.takeWarm(uid);
-    return handoff && named(pool!, handoff);
+    return handoff && this.#verifiedFor(pool!, handoff, tlsTrust, uid) ? named(pool!, handoff) : undefined;
   }
 
   /**
@@ -335,10 +347,28 @@ export class PoolManager {
   }
 
   /** takeWarm() once the pool is known, counted at once. */
-  #takeWarmFrom(pool: OriginPool, uid: number): (Handoff & { originKey: string; peerPort: number }) | undefined {
+  #takeWarmFrom(
+    pool: OriginPool,
+    tlsTrust: TlsTrust | undefined,
+    uid: number,
+  ): (Handoff & { originKey: string; peerPort: number }) | undefined {
     const handoff = pool.takeWarm(uid);
-    if (handoff) this.countWarmHandoff(pool.key, uid, handoff.announced === true);
-    return handoff && named(pool, handoff);
+    if (!handoff || !this.#verifiedFor(pool, handoff, tlsTrust, uid)) return undefined;
+    this.countWarmHandoff(pool.key, uid, handoff.announced === true);
+    return named(pool, handoff);
+  }
+
+  /**
+   * Whether a handoff of `pool` may go to a client that asked for `tlsTrust` (TlsSessions.verifiedFor); if not, it is
+   * given back (kept for `uid` again if it was: its client may hold a copy), and the pool's rules decide whether it
+   * stays. Asked of every handoff an acquire gets, whichever way it came (idle, newly made, given back): the pool was
+   * picked by the trust in force when the acquire arrived, which a reload may have changed since. (An idle one taken
+   * at once matches: a reload closes the stale ones; asked all the same, as it costs nothing.)
+   */
+  #verifiedFor(pool: OriginPool, handoff: Handoff, tlsTrust: TlsTrust | undefined, uid: number): boolean {
+    if (!this.#tls || this.#tls.verifiedFor(handoff, tlsTrust)) return true;
+    this.giveBack(pool.key, handoff, uid, handoff.kept === true);
+    return false;
   }
 
   /**

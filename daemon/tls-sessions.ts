@@ -164,6 +164,19 @@ export class TlsSessions implements Connector {
     return `${this.trustOf(policy)}/${cert?.sha256 ?? '-'}/${key?.sha256 ?? '-'}`;
   }
 
+  /**
+   * Whether `socket` may go to a client that asked for `clientTrust`: a TCP socket always (the client does its own
+   * TLS), a relayed session only when it was verified against exactly that trust. An acquire picks its pool by the
+   * trust in force when it arrives; one waiting there across a reload that changed the trust would otherwise be
+   * handed a session verified against what it never asked for (PoolManager.acquire asks before every handoff).
+   */
+  verifiedFor(socket: ConnectedSocket, clientTrust: TlsTrust | undefined): boolean {
+    const credentials = socket.tlsCredentials;
+    if (credentials === undefined) return socket.tls === undefined;
+    // (credentialsOf's first field; a trust, a digest or `system`, holds no '/'.)
+    return clientTrust !== undefined && credentials.slice(0, credentials.indexOf('/')) === clientTrust;
+  }
+
   /** The CA file (undefined: the system store), client certificate and key of a policy, as last read. */
   #filesOf(policy: OriginPolicy): { ca?: PemFile | undefined; cert?: PemFile | undefined; key?: PemFile | undefined } {
     const file = (path: string | undefined) => (path === undefined ? undefined : this.#files.get(path));

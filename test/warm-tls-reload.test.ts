@@ -4,7 +4,9 @@
 // now in force, not the one the connect began with. Otherwise a client that trusts only the new CA would be handed
 // a session the daemon verified against the old one: a weaker check than the client asked. A reload that lands
 // during a session's handshake and makes the egress policy refuse its origin fails that connect with
-// SOCKPOOL_ERR_POLICY (the TCP connect before it was judged by the policy of before): nothing is lent.
+// SOCKPOOL_ERR_POLICY (the TCP connect before it was judged by the policy of before): nothing is lent. An acquire
+// that waited in the sessions pool across a reload that changed the CA file gets a TCP socket: the session made for
+// it was verified against the new file, not the one it asked for.
 // Real daemon process, a real node:https origin with a throwaway CA, a real DNS server, the bare protocol.
 import { createHash } from 'node:crypto';
 import { copyFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -33,6 +35,45 @@ async function poolStats(raw: RawClient, key: string) {
     stats.message as unknown as { stats: { origins: Array<{ origin: string; idle: number; connecting: number }> } }
   ).stats.origins;
   return origins.find((entry) => entry.origin === key);
+}
+
+/**
+ * A TCP front for the origin on `originPort` that accepts at once and relays to the origin only once released: a warm
+ * TLS session's handshake waits meanwhile, its connect counted as done. Connections after the release are relayed at
+ * once.
+ */
+async function holdingFront(originPort: number) {
+  const held: net.Socket[] = [];
+  let released = false;
+  const relay = (socket: net.Socket) => {
+    const upstream = net.connect(originPort, '127.0.0.1');
+    upstream.on('error', () => {});
+    socket.pipe(upstream).pipe(socket);
+  };
+  const front = net.createServer((socket) => {
+    socket.on('error', () => {});
+    if (released) relay(socket);
+    else {
+      socket.pause();
+      held.push(socket);
+    }
+  });
+  await new Promise<void>((resolve) => front.listen(0, '127.0.0.1', resolve));
+  cleanups.push(() => {
+    for (const socket of held) socket.destroy();
+    front.close();
+  });
+  return {
+    port: (front.address() as net.AddressInfo).port,
+    held: () => held.length,
+    release: () => {
+      released = true;
+      for (const socket of held.splice(0)) {
+        relay(socket);
+        socket.resume();
+      }
+    },
+  };
 }
 
 describe('warm TLS and a reload', () => {
@@ -161,28 +202,8 @@ describe('warm TLS and a reload', () => {
     cleanups.push(() => pki.cleanup());
     const origin = await httpsOrigin(pki, echoHandler());
     cleanups.push(() => origin.close());
-    // A TCP front that accepts at once and relays to the origin only once released: the handshake waits.
-    const held: net.Socket[] = [];
-    let released = false;
-    const relay = (socket: net.Socket) => {
-      const upstream = net.connect(origin.port, '127.0.0.1');
-      upstream.on('error', () => {});
-      socket.pipe(upstream).pipe(socket);
-    };
-    const front = net.createServer((socket) => {
-      socket.on('error', () => {});
-      if (released) relay(socket);
-      else {
-        socket.pause();
-        held.push(socket);
-      }
-    });
-    await new Promise<void>((resolve) => front.listen(0, '127.0.0.1', resolve));
-    cleanups.push(() => {
-      for (const socket of held) socket.destroy();
-      front.close();
-    });
-    const port = (front.address() as net.AddressInfo).port;
+    const front = await holdingFront(origin.port);
+    const port = front.port;
     const egress = { allow: ['127.0.0.1/32'], allowPorts: [port] };
     const configFile = writeConfigFile({ pool: { predictive: false }, egress }, cleanups);
     const daemon = await startDaemon({
@@ -201,7 +222,7 @@ describe('warm TLS and a reload', () => {
     const raw = openRawClient(daemon.socketPath, cleanups);
     const trust = sha256Of(pki.caFile);
     const acquiring = raw.request({ type: 'acquire', id: 1, host: 'localhost', port, tls: { trust } });
-    await eventually(() => held.length === 1, 'the TCP connect to the origin completed');
+    await eventually(() => front.held() === 1, 'the TCP connect to the origin completed');
 
     // The reload: localhost is now a denied host.
     writeFileSync(
@@ -211,11 +232,7 @@ describe('warm TLS and a reload', () => {
     daemon.child.kill('SIGHUP');
     await eventually(() => daemon.output().includes('configuration reloaded'), 'the reload');
     // The handshake the reload overtook completes now.
-    released = true;
-    for (const socket of held.splice(0)) {
-      relay(socket);
-      socket.resume();
-    }
+    front.release();
     const reply = await acquiring;
     for (const fd of reply.fds) native.close(fd);
     expect(reply.message).toMatchObject({
@@ -225,5 +242,61 @@ describe('warm TLS and a reload', () => {
     });
     // Nothing kept for the origin either.
     expect((await poolStats(raw, `localhost:${port} tls`))?.idle ?? 0).toBe(0);
+  }, 30_000);
+
+  it('an acquire waiting for a session when a reload changes the CA file gets a TCP socket, not a session verified against the new file', async () => {
+    const pki = createTestPki(['localhost']);
+    const otherPki = createTestPki(['localhost']);
+    cleanups.push(
+      () => pki.cleanup(),
+      () => otherPki.cleanup(),
+    );
+    const origin = await httpsOrigin(pki, echoHandler());
+    cleanups.push(() => origin.close());
+    const front = await holdingFront(origin.port);
+    const port = front.port;
+    const dir = mkdtempSync(join(tmpdir(), 'sockpool-tls-reload-'));
+    cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+    const caFile = join(dir, 'ca.pem');
+    copyFileSync(pki.caFile, caFile);
+    const egress = { allow: ['127.0.0.1/32'], allowPorts: [port] };
+    const configFile = writeConfigFile({ pool: { predictive: false }, egress }, cleanups);
+    const daemon = await startDaemon({
+      args: [
+        '--config',
+        configFile,
+        '--warm-tls',
+        `localhost:${port}`,
+        '--ca-file',
+        caFile,
+        '--resolve',
+        `localhost:${port}:127.0.0.1`,
+      ],
+    });
+    cleanups.push(() => daemon.stop());
+    const raw = openRawClient(daemon.socketPath, cleanups);
+    const oldTrust = sha256Of(caFile);
+    const acquiring = raw.request({ type: 'acquire', id: 1, host: 'localhost', port, tls: { trust: oldTrust } });
+    await eventually(() => front.held() === 1, 'the TCP connect to the origin completed, its handshake held');
+
+    // The reload: the CA file now holds a bundle of the origin's CA and another. Other bytes, so another trust, though
+    // the origin's certificate still verifies: the handshake the reload overtook is made again with it, and succeeds.
+    writeFileSync(caFile, Buffer.concat([readFileSync(pki.caFile), readFileSync(otherPki.caFile)]));
+    const newTrust = sha256Of(caFile);
+    expect(newTrust).not.toBe(oldTrust);
+    daemon.child.kill('SIGHUP');
+    await eventually(() => daemon.output().includes('configuration reloaded'), 'the reload');
+    front.release();
+    const reply = await acquiring;
+    for (const fd of reply.fds) native.close(fd);
+    // The client verifies against the old file: it gets the origin's TCP socket and does its own TLS. Before, it was
+    // handed the session made for it, verified against the new file.
+    expect(reply.message).toMatchObject({ type: 'lease' });
+    expect(reply.message).not.toHaveProperty('tls');
+    // That session went back to the pool, for a client that trusts the new file.
+    expect((await poolStats(raw, `localhost:${port} tls`))?.idle).toBe(1);
+    const session = await raw.request({ type: 'acquire', id: 2, host: 'localhost', port, tls: { trust: newTrust } });
+    for (const fd of session.fds) native.close(fd);
+    expect(session.message).toMatchObject({ type: 'lease', warm: true, tls: { version: 'TLSv1.3' } });
   }, 30_000);
 });
