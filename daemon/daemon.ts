@@ -28,7 +28,7 @@ import { registerFleetMetrics } from './fleet/metrics.js';
 import { RateLimiter } from './fleet/rate-limiter.js';
 import { LocalSlots, slotKeeper } from './fleet/slots.js';
 import { HandoffServer } from './handoff-server.js';
-import { hostAddressesProvider } from './host-addresses.js';
+import { hostAddressesProvider, hostAddressReader } from './host-addresses.js';
 import { detectKernelTls } from './kernel-tls.js';
 import {
   type ClassifiedListenFds,
@@ -137,7 +137,15 @@ export class Sockpoold {
     this.#socketPath = this.#config.socket;
     // One provider of the host's interface addresses for every policy this daemon builds (reloads included); read
     // first, before anything that holds an fd, because it is what fails in a sandbox without AF_NETLINK.
-    this.#hostAddresses = hostAddressesProvider(undefined, undefined, (error) =>
+    // A /proc/net file it cannot read is said once: for that family only the interfaces that are up and running are
+    // refused (daemon/host-addresses.ts), which an operator who hid /proc/net should know.
+    const readHostAddresses = hostAddressReader((path, error) =>
+      this.#log.warn(
+        { path, err: error.message },
+        "cannot read the kernel's local addresses; refusing only those of interfaces up and running",
+      ),
+    );
+    this.#hostAddresses = hostAddressesProvider(readHostAddresses, undefined, (error) =>
       this.#log.warn({ err: error.message }, 'host interface addresses not refreshed; keeping the last list'),
     );
     // prom-client's process metrics sample the event loop's delay on a 10 ms timer: only worth their wakeups when

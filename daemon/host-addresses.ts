@@ -5,25 +5,155 @@
 // Interfaces come and go (DHCP, VPNs, containers): the list is read again when it is older than REFRESH_MS, on the
 // connect path, never on the handoff path. The same array is returned while nothing changed, so the policy can keep
 // what it derived from it.
+//
+// Where they come from: os.networkInterfaces() (getifaddrs) and the kernel's own tables in /proc/net, together.
+// os.networkInterfaces() alone is not enough: libuv leaves out every interface that is not both IFF_UP and
+// IFF_RUNNING, yet the kernel still treats such an interface's addresses as local, and a connect() to them reaches
+// this host's listeners: an interface up without carrier (a veth whose peer is down, docker0 with no container, a
+// tun whose VPN is down) and, for IPv4, even one administratively down (kube-proxy's IPVS mode keeps every
+// ClusterIP on a down kube-ipvs0). So IPv4 addresses are also taken from the local routing table, which is what the
+// kernel consults to call a destination local (/proc/net/fib_trie: each leaf with a `/32 … LOCAL` entry), and IPv6
+// addresses from /proc/net/if_inet6 (every configured address, whatever its interface's state or DAD's: one
+// tentative now is local as soon as its interface gets carrier, maybe before the next refresh).
+//
+// Not covered: a local route wider than one address (AnyIP, `ip route add local 198.51.100.0/24 dev lo`, or
+// `ip -6 route add local …`): the policy refuses single addresses, and such a range is not listed; an operator who
+// routes one to this host puts it in `egress.deny`. (127.0.0.0/8, the one such range every host has, is loopback.)
 
+import { readFileSync } from 'node:fs';
 import { networkInterfaces } from 'node:os';
+import { ipAddress, parseIpLiteral } from '../shared/address.js';
 import { SockpoolError } from '../shared/errors.js';
 
 const REFRESH_MS = 5_000;
 
-/** Every non-loopback address of every interface, as os.networkInterfaces() spells it (no zone ids). */
-export function readHostAddresses(): string[] {
-  const addresses = new Set<string>();
-  for (const entries of Object.values(networkInterfaces())) {
-    for (const entry of entries ?? []) {
-      const address = entry.address.toLowerCase();
-      // Loopback by address, not by the interface's `internal` flag: an address put on `lo` (10.1.2.3, say) is
-      // still one of this host's own and must be refused like any other.
-      if (address === '::1' || address.startsWith('127.')) continue;
-      addresses.add(address);
+/** The kernel's views read besides getifaddrs; per network namespace, the daemon's own. */
+export const FIB_TRIE_PATH = '/proc/net/fib_trie';
+export const IF_INET6_PATH = '/proc/net/if_inet6';
+
+/** Where readHostAddresses() reads; tests substitute their own. */
+export interface HostAddressSources {
+  readonly networkInterfaces: () => ReturnType<typeof networkInterfaces>;
+  /** The text of a /proc file; throws when it cannot be read. */
+  readonly readProcFile: (path: string) => string;
+  /**
+   * A /proc file could not be read (another kernel, a sandbox hiding /proc/net, IPv6 disabled): the addresses come
+   * from os.networkInterfaces() alone for that family, as before. Not an error: nothing is thrown.
+   */
+  readonly onProcUnreadable?: (path: string, error: Error) => void;
+}
+
+const SYSTEM_SOURCES: HostAddressSources = {
+  networkInterfaces,
+  // Plain reads: both files are a few hundred bytes on a usual host (about 0.15 ms for the two, measured once),
+  // fib_trie growing with the routing table (every route is listed).
+  readProcFile: (path) => readFileSync(path, 'latin1'),
+};
+
+/**
+ * Every non-loopback address this host holds as its own: getifaddrs' list, the local routing table's IPv4
+ * addresses and every configured IPv6 address (see the header), in one spelling each (shared/address.ts's, which
+ * is os.networkInterfaces()' for ordinary addresses; no zone ids), sorted.
+ */
+export function readHostAddresses(sources: HostAddressSources = SYSTEM_SOURCES): string[] {
+  const found: string[] = [];
+  for (const entries of Object.values(sources.networkInterfaces())) {
+    for (const entry of entries ?? []) found.push(entry.address);
+  }
+  for (const [path, parse] of [
+    [FIB_TRIE_PATH, parseLocalIPv4Addresses],
+    [IF_INET6_PATH, parseIPv6Addresses],
+  ] as const) {
+    let text: string;
+    try {
+      text = sources.readProcFile(path);
+    } catch (error) {
+      sources.onProcUnreadable?.(path, error as Error);
+      continue;
     }
+    found.push(...parse(text));
+  }
+  const addresses = new Set<string>();
+  for (const text of found) {
+    const ip = parseIpLiteral(text);
+    if (!ip) continue;
+    const address = ip.text;
+    // Loopback by address, not by the interface's `internal` flag: an address put on `lo` (10.1.2.3, say) is
+    // still one of this host's own and must be refused like any other.
+    if (address === '::1' || address.startsWith('127.')) continue;
+    addresses.add(address);
   }
   return [...addresses].sort();
+}
+
+/**
+ * readHostAddresses() for the daemon: tells onProcUnreadable once per file (the first refresh that cannot read it),
+ * not every REFRESH_MS.
+ */
+export function hostAddressReader(
+  onProcUnreadable: (path: string, error: Error) => void,
+  system: HostAddressSources = SYSTEM_SOURCES,
+): () => string[] {
+  const told = new Set<string>();
+  const sources: HostAddressSources = {
+    ...system,
+    onProcUnreadable: (path, error) => {
+      if (told.has(path)) return;
+      told.add(path);
+      onProcUnreadable(path, error);
+    },
+  };
+  return () => readHostAddresses(sources);
+}
+
+/**
+ * The IPv4 addresses /proc/net/fib_trie routes as local, one per host route (`/32`) of type LOCAL, in every table
+ * listed (Main and Local share one trie until policy routing splits them; a LOCAL route put in another table is
+ * local too where a rule selects it, so it counts: refusing more, never less). The scope is not looked at: LOCAL
+ * routes are scope host, and nothing is gained by relying on it.
+ *
+ * The format (net/ipv4/fib_trie.c, fib_trie_seq_show): a leaf is `|-- a.b.c.d`, followed by one line per route
+ * for it, `/LEN SCOPE TYPE` (then ` tos=N` when set); `+-- a.b.c.d/LEN …` lines are inner nodes.
+ */
+export function parseLocalIPv4Addresses(fibTrie: string): string[] {
+  const addresses = new Set<string>();
+  let leaf: string | undefined;
+  for (const line of fibTrie.split('\n')) {
+    const leafMatch = /\|-- (\d{1,3}(?:\.\d{1,3}){3})\s*$/.exec(line);
+    if (leafMatch) {
+      leaf = leafMatch[1];
+      continue;
+    }
+    const route = /^\s+\/(\d+) \S+ (\S+)/.exec(line);
+    if (route) {
+      if (leaf !== undefined && route[1] === '32' && route[2] === 'LOCAL') addresses.add(leaf);
+      continue;
+    }
+    // A table's name or an inner node: the next routes belong to the next leaf.
+    leaf = undefined;
+  }
+  return [...addresses];
+}
+
+/**
+ * Every address /proc/net/if_inet6 lists, in shared/address.ts's spelling. One line per address (net/ipv6/addrconf.c,
+ * if6_seq_show): 32 hex digits (the address, no colons), then in hex the interface index, prefix length, scope and
+ * flags, then the interface's name. Flags are ignored: a tentative address, or one on a down interface, is one the
+ * kernel may hold as local by the next refresh (see the header).
+ */
+export function parseIPv6Addresses(ifInet6: string): string[] {
+  const addresses: string[] = [];
+  for (const line of ifInet6.split('\n')) {
+    const hex = line.trim().split(/\s+/)[0] ?? '';
+    if (!/^[0-9a-f]{32}$/i.test(hex)) continue;
+    addresses.push(
+      ipAddress(
+        6,
+        Uint8Array.from(hex.match(/../g)!, (byte) => Number.parseInt(byte, 16)),
+      ).text,
+    );
+  }
+  return addresses;
 }
 
 /**
@@ -32,7 +162,8 @@ export function readHostAddresses(): string[] {
  * The first read happens here, so a daemon that cannot list its interfaces (a sandbox without AF_NETLINK, which
  * getifaddrs needs) fails at start with SOCKPOOL_ERR_CONFIG instead of running with a host-address class it cannot
  * enforce. A later refresh that fails keeps the last list (interfaces rarely vanish between two reads) and tells
- * onRefreshError, so one failed read never crashes the connect path.
+ * onRefreshError, so one failed read never crashes the connect path. (An unreadable /proc file is no failure: see
+ * HostAddressSources.onProcUnreadable.)
  */
 export function hostAddressesProvider(
   read: () => string[] = readHostAddresses,

@@ -1,10 +1,19 @@
 // Pure logic: the policy is asked about addresses and names, nothing is ever connected to.
 
+import { readFileSync } from 'node:fs';
 import { networkInterfaces } from 'node:os';
 import { describe, expect, it } from 'vitest';
 import { parseConfig, type SockpoolConfigInput } from '../daemon/config.js';
 import { classifyAddress, EgressPolicy } from '../daemon/egress-policy.js';
-import { hostAddressesProvider, readHostAddresses } from '../daemon/host-addresses.js';
+import {
+  FIB_TRIE_PATH,
+  hostAddressesProvider,
+  hostAddressReader,
+  IF_INET6_PATH,
+  parseIPv6Addresses,
+  parseLocalIPv4Addresses,
+  readHostAddresses,
+} from '../daemon/host-addresses.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 
 function refusal(action: () => void): SockpoolError {
@@ -307,14 +316,17 @@ describe("EgressPolicy: the host's own addresses", () => {
     expect(refusal(() => policy.checkAddress('192.0.2.3', 443)).fields.reason).toBe('host-address');
   });
 
-  it("reads this machine's interfaces without loopback", () => {
+  it("reads this machine's interfaces and the kernel's local addresses, without loopback", () => {
     const read = readHostAddresses();
     expect(read).not.toContain('127.0.0.1');
     expect(read).not.toContain('::1');
-    const expected = Object.values(networkInterfaces())
-      .flatMap((entries) => entries ?? [])
-      .map((entry) => entry.address.toLowerCase())
-      .filter((address) => address !== '::1' && !address.startsWith('127.'));
+    const expected = [
+      ...Object.values(networkInterfaces())
+        .flatMap((entries) => entries ?? [])
+        .map((entry) => entry.address.toLowerCase()),
+      ...parseLocalIPv4Addresses(readFileSync(FIB_TRIE_PATH, 'latin1')),
+      ...parseIPv6Addresses(readFileSync(IF_INET6_PATH, 'latin1')),
+    ].filter((address) => address !== '::1' && !address.startsWith('127.'));
     expect(read).toEqual([...new Set(expected)].sort());
   });
 
@@ -346,6 +358,156 @@ describe("EgressPolicy: the host's own addresses", () => {
     fail = true;
     expect(provider()).toEqual(['192.0.2.9']);
     expect(failures).toHaveLength(1);
+  });
+});
+
+// What the kernel holds local though os.networkInterfaces() leaves it out (libuv lists interfaces that are up and
+// running only). Both samples were read in a network namespace where v0 is up without carrier (its veth peer down),
+// w0 administratively down, and lo carries an AnyIP range (`ip route add local 198.51.100.0/30 dev lo`) besides a
+// LOCAL route in table 100; os.networkInterfaces() listed lo only.
+const FIB_TRIE_SAMPLE = `Id 100:
+  |-- 192.0.2.10
+     /32 host LOCAL
+Main:
+  +-- 0.0.0.0/0 3 0 4
+     +-- 10.99.0.0/24 2 0 2
+        +-- 10.99.0.0/31 1 0 0
+           |-- 10.99.0.0
+              /24 link UNICAST
+           |-- 10.99.0.1
+              /32 host LOCAL
+        |-- 10.99.0.255
+           /32 link BROADCAST
+     +-- 45.33.32.0/23 2 0 1
+        +-- 45.33.32.0/31 1 0 0
+           |-- 45.33.32.0
+              /24 link UNICAST
+           |-- 45.33.32.1
+              /32 host LOCAL
+        |-- 45.33.32.255
+           /32 link BROADCAST
+        |-- 45.33.33.1
+           /32 host LOCAL
+     +-- 127.0.0.0/8 2 0 2
+        +-- 127.0.0.0/31 1 0 0
+           |-- 127.0.0.0
+              /8 host LOCAL
+           |-- 127.0.0.1
+              /32 host LOCAL
+        |-- 127.255.255.255
+           /32 link BROADCAST
+     |-- 198.51.100.0
+        /30 host LOCAL
+Local:
+  +-- 0.0.0.0/0 3 0 4
+     +-- 10.99.0.0/24 2 0 2
+        +-- 10.99.0.0/31 1 0 0
+           |-- 10.99.0.0
+              /24 link UNICAST
+           |-- 10.99.0.1
+              /32 host LOCAL
+        |-- 10.99.0.255
+           /32 link BROADCAST
+     +-- 45.33.32.0/23 2 0 1
+        +-- 45.33.32.0/31 1 0 0
+           |-- 45.33.32.0
+              /24 link UNICAST
+           |-- 45.33.32.1
+              /32 host LOCAL
+        |-- 45.33.32.255
+           /32 link BROADCAST
+        |-- 45.33.33.1
+           /32 host LOCAL
+     +-- 127.0.0.0/8 2 0 2
+        +-- 127.0.0.0/31 1 0 0
+           |-- 127.0.0.0
+              /8 host LOCAL
+           |-- 127.0.0.1
+              /32 host LOCAL
+        |-- 127.255.255.255
+           /32 link BROADCAST
+     |-- 198.51.100.0
+        /30 host LOCAL
+`;
+// 2001:db8:7::1 on v0 (no carrier, nodad), 2001:db8:6::1 on the down w0 (tentative: flags c0), an interface index
+// past 0xff (printed with three digits), and a line that is not an address.
+const IF_INET6_SAMPLE = `20010db8000700000000000000000001 03 40 00 82       v0
+00000000000000000000000000000001 01 80 10 80       lo
+20010db8000600000000000000000001 05 40 00 c0       w0
+fe800000000000000024ff1afe3b0c01 1a3 40 20 80 vethab12
+2600 3c01 garbage
+`;
+
+describe("host addresses from the kernel's tables", () => {
+  it("parseLocalIPv4Addresses: every /32 LOCAL leaf of every table, a down interface's included; not a subnet, broadcast or wider LOCAL route", () => {
+    expect(parseLocalIPv4Addresses(FIB_TRIE_SAMPLE).sort()).toEqual([
+      '10.99.0.1',
+      '127.0.0.1', // left for readHostAddresses to drop, with the other loopback addresses
+      '192.0.2.10',
+      '45.33.32.1',
+      '45.33.33.1',
+    ]);
+    expect(parseLocalIPv4Addresses('')).toEqual([]);
+  });
+
+  it('parseIPv6Addresses: every address of if_inet6, whatever its interface or DAD state, in the usual spelling', () => {
+    expect(parseIPv6Addresses(IF_INET6_SAMPLE)).toEqual([
+      '2001:db8:7::1',
+      '::1',
+      '2001:db8:6::1',
+      'fe80::24:ff1a:fe3b:c01',
+    ]);
+  });
+
+  it("readHostAddresses adds them to the interfaces' own; an unreadable /proc file leaves the interfaces' only and is told once", () => {
+    const interfaces = () =>
+      ({
+        lo: [
+          {
+            address: '127.0.0.1',
+            netmask: '255.0.0.0',
+            family: 'IPv4',
+            mac: '00:00:00:00:00:00',
+            internal: true,
+            cidr: '127.0.0.1/8',
+          },
+        ],
+        eth0: [
+          {
+            address: '203.0.113.7',
+            netmask: '255.255.255.0',
+            family: 'IPv4',
+            mac: '02:00:00:00:00:01',
+            internal: false,
+            cidr: '203.0.113.7/24',
+          },
+        ],
+      }) as ReturnType<typeof networkInterfaces>;
+    const files: Record<string, string> = { [FIB_TRIE_PATH]: FIB_TRIE_SAMPLE, [IF_INET6_PATH]: IF_INET6_SAMPLE };
+    const readProcFile = (path: string) => {
+      const text = files[path];
+      if (text === undefined)
+        throw Object.assign(new Error(`ENOENT: no such file or directory, open '${path}'`), { code: 'ENOENT' });
+      return text;
+    };
+    expect(readHostAddresses({ networkInterfaces: interfaces, readProcFile })).toEqual([
+      '10.99.0.1',
+      '192.0.2.10',
+      '2001:db8:6::1',
+      '2001:db8:7::1',
+      '203.0.113.7',
+      '45.33.32.1',
+      '45.33.33.1',
+      'fe80::24:ff1a:fe3b:c01',
+    ]);
+
+    delete files[FIB_TRIE_PATH];
+    delete files[IF_INET6_PATH];
+    const told: string[] = [];
+    const read = hostAddressReader((path) => told.push(path), { networkInterfaces: interfaces, readProcFile });
+    expect(read()).toEqual(['203.0.113.7']);
+    expect(read()).toEqual(['203.0.113.7']);
+    expect(told).toEqual([FIB_TRIE_PATH, IF_INET6_PATH]);
   });
 });
 
