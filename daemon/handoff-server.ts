@@ -32,7 +32,7 @@ import { policyFor, type SockpoolConfig } from './config.js';
 import type { RateLimiter } from './fleet/rate-limiter.js';
 import type { Claim } from './fleet/token-claims.js';
 import { checkReturned, endConnection, endRelayedConnection, markOf, receivedNothingSince } from './lease-guard.js';
-import { type Lease, LeaseTable } from './leases.js';
+import { type Lease, LeaseTable, returnedSocket } from './leases.js';
 import { type Logger, LogLimiter, REFUSAL_LOG_WINDOW_MS, REFUSALS_LOGGED } from './log.js';
 import type { Metrics } from './metrics.js';
 import type { PoolManager } from './pool-manager.js';
@@ -1042,20 +1042,7 @@ export class HandoffServer {
     const claim = lease.tokenClaim;
     if (claim && !claim.restored) this.#rates?.unanswered(lease.origin, lease.uid, claim);
     // Unused, but the client may still hold a copy: the pool keeps it for this uid alone.
-    this.#pools.giveBack(
-      lease.originKey,
-      {
-        fd: lease.fd,
-        address: lease.address,
-        port: lease.peerPort,
-        family: lease.family,
-        connectedAt: lease.connectedAt,
-        connectMs: 0,
-      },
-      lease.uid,
-      true,
-      verdict,
-    );
+    this.#pools.giveBack(lease.originKey, returnedSocket(lease), lease.uid, true, verdict);
     if (message.id !== undefined) this.#send(session, { type: 'ok', id: message.id });
   }
 

@@ -5,6 +5,7 @@
 
 import type { Origin } from '../shared/origin.js';
 import type { QueuedMessage } from '../shared/seqpacket-channel.js';
+import type { ConnectedSocket } from './connector.js';
 import type { Claim } from './fleet/token-claims.js';
 import type { UsageMark } from './lease-guard.js';
 import type { TlsSessionInfo } from './tls-relay.js';
@@ -121,4 +122,23 @@ export class LeaseTable {
     }
     return byClient;
   }
+}
+
+/**
+ * A lease's socket as it goes back to the pool unused (a release): as old as it is (`connectedAt`: idleTtlMs and
+ * recycling count from its connect), and judged by a reload's policy as of its lease's start (`startedAt`): the
+ * pool checks a socket against the policy again only when that is before the last reload (PoolManager.giveBack). A
+ * socket leased after the reload was judged at it (idle then), or when it came back from a lease across it; without
+ * this, every release of a socket connected before any reload paid an egress check on the handoff path.
+ */
+export function returnedSocket(lease: Lease): ConnectedSocket {
+  return {
+    fd: lease.fd,
+    address: lease.address,
+    port: lease.peerPort,
+    family: lease.family,
+    connectedAt: lease.connectedAt,
+    startedAt: lease.startedAt,
+    connectMs: 0,
+  };
 }

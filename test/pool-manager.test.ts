@@ -13,6 +13,7 @@ import pino from 'pino';
 import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import { parseConfig, type SockpoolConfigInput } from '../daemon/config.js';
 import { LocalSlots, slotKeeper } from '../daemon/fleet/slots.js';
+import { LeaseTable, returnedSocket } from '../daemon/leases.js';
 import { createMetrics, type MetricsSnapshot } from '../daemon/metrics.js';
 import type { Handoff } from '../daemon/origin-pool.js';
 import { PoolManager } from '../daemon/pool-manager.js';
@@ -854,6 +855,44 @@ describe('PoolManager with its store and configuration', () => {
       native.close(socket.fd);
     }
     await expect(pools.acquire(BUSY, 1_000)).rejects.toMatchObject({ code: ErrorCodes.SHUTTING_DOWN });
+  });
+});
+
+describe('PoolManager and a socket given back unused after a reload', () => {
+  it('judges it by the new policy only when its lease began before the reload: the handoff path pays no check after', async () => {
+    // As HandoffServer.#release gives it back (returnedSocket): with only its connect time, every release of a socket
+    // connected before any reload paid an egress check (connector.checkHeld) on the handoff path, for its whole life.
+    const pools = manager();
+    const table = new LeaseTable();
+    const lend = async () => {
+      const handoff = await pools.acquire(QUIET, 1_000);
+      return table.create({
+        clientId: 1,
+        originKey: handoff.originKey,
+        origin: QUIET,
+        address: handoff.address,
+        peerPort: handoff.port!,
+        family: handoff.family,
+        connectedAt: handoff.connectedAt,
+        uid: 0,
+        fd: handoff.fd,
+        mark: undefined,
+      });
+    };
+    const across = await lend(); // leased across the reload: judged when it comes back
+    vi.advanceTimersByTime(10);
+    pools.reconfigure(parseConfig({}, 'reload'));
+    vi.advanceTimersByTime(10);
+    const checks = vi.spyOn(connector, 'checkHeld');
+    table.end(across.leaseId, 1);
+    pools.giveBack(across.originKey, returnedSocket(across), 0, true);
+    expect(checks).toHaveBeenCalledTimes(1);
+    for (let i = 0; i < 20; i++) {
+      const lease = await lend(); // the same socket, leased after the reload
+      table.end(lease.leaseId, 1);
+      pools.giveBack(lease.originKey, returnedSocket(lease), 0, true);
+    }
+    expect(checks).toHaveBeenCalledTimes(1);
   });
 });
 
