@@ -407,9 +407,15 @@ export class Sockpoold {
           connectedAt: now - ageMs,
           connectMs: 0,
         };
-        // adopt() probes the socket (EOF, RST, unexpected bytes, TCP state) and closes it if it is not usable.
+        // adopt() probes the socket (EOF, RST, unexpected bytes, TCP state) and closes it if it is not usable, or if
+        // the idle pool has no room for it (maxIdle, the global idle cap).
         if (this.#pools.adopt({ host: stored.origin.host, port: stored.origin.port }, socket)) adopted++;
-        else this.#log.info({ name: stored.name }, 'stored socket dropped: closed by its peer or not established');
+        else {
+          this.#log.info(
+            { name: stored.name },
+            'stored socket dropped: closed by its peer, not established, or no room in the idle pool',
+          );
+        }
       } catch (error) {
         native.close(stored.fd);
         this.#log.info({ name: stored.name, err: (error as Error).message }, 'stored socket dropped');

@@ -2072,8 +2072,8 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
 
   // connect(AF_UNSPEC): the kernel's disconnect of a TCP socket, for every copy of it. From an established
   // connection it sends the peer a reset and leaves the socket's own reads failing with ECONNRESET (sk_err), where
-  // a shutdown sends a FIN and leaves them reading a clean end. Returns false for a socket with no connection (or
-  // not TCP): nothing to end.
+  // a shutdown sends a FIN and leaves them reading a clean end. Returns false where the kernel refuses it (not
+  // connected, or not TCP); a socket whose connection already ended is disconnected again without an error: true.
   Napi::Value Disconnect(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     sockaddr unspecified;

@@ -737,7 +737,7 @@ export function shutdown(fd: number): boolean {
 
 /**
  * Disconnects a TCP socket (connect AF_UNSPEC), for every copy of it: the peer gets a reset and this socket's reads
- * fail with ECONNRESET (a shutdown sends a FIN, and reads see a clean end). False when it had no connection.
+ * fail with ECONNRESET (a shutdown sends a FIN, and reads see a clean end). False where the kernel refused it.
  */
 export function disconnect(fd: number): boolean {
   return binding.disconnect(fd);
