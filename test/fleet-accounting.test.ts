@@ -3,7 +3,8 @@
 // connect refused once and no longer wanted leaves no entry in the origin's queue to hold a free slot from the
 // others; a member with a short slotTtlMs does not cut short the keys a live member's slots are counted in (the
 // fleet stays within its cap); and a fleet.redis database the server does not have leaves the fleet unavailable
-// instead of writing to database 0. A member asked for slots or tokens before its first heartbeat waits for it.
+// instead of writing to database 0. A member asked for slots or tokens before its first heartbeat waits for it. The
+// members counted for local shares do not fall after an outage, and a member that never counted them refuses.
 import { once } from 'node:events';
 import { createServer } from 'node:net';
 import pino from 'pino';
@@ -264,6 +265,81 @@ describe('slots given back while slot decisions stay local after an outage', () 
     expect(member.held(origin)).toBe(1);
     expect(await countInRedis()).toBeGreaterThanOrEqual(1);
   }, 60_000);
+});
+
+describe('the members counted for local shares around an outage', () => {
+  const takeAll = async (member: Fleet, origin: string, cap: number, tries: number) => {
+    for (let i = 0; i < tries; i++) await member.takeSlot(origin, cap, false, () => true);
+  };
+
+  it('the first member back in a Redis restarted empty still counts the members before the outage', async () => {
+    // Long heartbeats: after the restart each member's recovery heartbeat is its only one within the test, and the
+    // first to rejoin is counted alone by Redis.
+    const config = parseConfig(
+      { fleet: { redis: redis.url, name: 'restartempty', heartbeatMs: 5_000, slotTtlMs: 15_000 } },
+      'test',
+    ).fleet;
+    const [a, b] = [new Fleet(config, log), new Fleet(config, log)];
+    for (const member of [a, b]) {
+      await member.start();
+      cleanups.push(() => member.close());
+    }
+    const origin = '127.0.0.1:40';
+    const cap = 4;
+    await takeAll(a, origin, cap, 2);
+    await takeAll(b, origin, cap, 2);
+    await eventually(() => a.members === 2 && b.members === 2, 'both have counted two members', 12_000);
+    await redis.kill();
+    await redis.start(); // empty
+    await eventually(() => a.available && b.available, 'both back', 15_000);
+    // Within the trust window slot decisions are each member's share: 4 / 2 members, already held.
+    await takeAll(a, origin, cap, 4);
+    await takeAll(b, origin, cap, 4);
+    expect({ total: a.held(origin) + b.held(origin), members: [a.members, b.members] }).toEqual({
+      total: cap,
+      members: [2, 2],
+    });
+  }, 30_000);
+
+  it('a member started while Redis is down refuses slots and tokens until it has counted the members', async () => {
+    const config = parseConfig(
+      { fleet: { redis: redis.url, name: 'startdown', heartbeatMs: 300, slotTtlMs: 3_000 } },
+      'test',
+    ).fleet;
+    const [a, b] = [new Fleet(config, log), new Fleet(config, log)];
+    for (const member of [a, b]) {
+      await member.start();
+      cleanups.push(() => member.close());
+    }
+    const origin = '127.0.0.1:41';
+    const cap = 4;
+    await takeAll(a, origin, cap, 2);
+    await takeAll(b, origin, cap, 2);
+    await eventually(() => a.members === 2 && b.members === 2, 'both have counted two members', 12_000);
+    await redis.kill();
+    // b restarts while Redis is down (a new member, which has seen no other); a keeps its 2 by its share.
+    await b.close();
+    const late = new Fleet(config, log);
+    await late.start();
+    cleanups.push(() => late.close());
+    const outcomes: string[] = [];
+    const attempt = async (taking: Promise<unknown>) => {
+      outcomes.push(await taking.then(String, (error: { code?: string }) => String(error.code)));
+    };
+    await attempt(late.takeSlot(origin, cap, false, () => true));
+    await attempt(late.takeTokens(origin, { requestsPerSecond: 1, burst: 4 }, 4, () => ({ granted: 4, waitMs: 0 })));
+    await takeAll(a, origin, cap, 4);
+    // Back in a Redis restarted empty, within the trust window: the count Redis gives may still miss members.
+    await redis.start();
+    await eventually(() => late.available, 'the late member joined', 15_000);
+    await attempt(late.takeSlot(origin, cap, false, () => true));
+    expect({ outcomes, late: late.held(origin), a: a.held(origin), refused: late.counters.refused }).toEqual({
+      outcomes: Array(3).fill('SOCKPOOL_ERR_FLEET_UNAVAILABLE'),
+      late: 0,
+      a: 2,
+      refused: 3,
+    });
+  }, 30_000);
 });
 
 describe('the fleet.redis database', () => {

@@ -8,7 +8,8 @@
 // Redis down: `fleet.onUnavailable = "local"` keeps going with this daemon's share of each limit (the limit divided
 // by the members last seen), counted in `fallbacks` and logged once per outage; `"refuse"` fails new connects and
 // token requests with SOCKPOOL_ERR_FLEET_UNAVAILABLE. ioredis reconnects with backoff; the first heartbeat after a
-// reconnect states again every slot this daemon holds (Redis may have restarted empty).
+// reconnect states again every slot this daemon holds (Redis may have restarted empty). A daemon that has never
+// counted the members (Redis down since it started) refuses in either mode: it has no share to go by.
 //
 // Slot counts in Redis: a take or a release changes this daemon's count by one (HINCRBY), a heartbeat states it
 // whole. Every command goes over one connection, so Redis applies them in the order they were sent. A count Redis
@@ -134,8 +135,18 @@ export class Fleet implements SlotLedger {
   readonly #firstJoin = new Promise<void>((resolve) => {
     this.#joined = resolve;
   });
-  /** Live members at the last heartbeat (at least this one). */
+  /**
+   * Live members by which this daemon's share of a limit is reckoned (at least this one): the count at the last
+   * heartbeat, but never lower, within the trust window after an outage, than the count before it (#countMembers).
+   */
   #members = 1;
+  /**
+   * A count of the fleet's members this daemon can go by: set at the first heartbeat outside a trust window. A
+   * daemon that has never had one (Redis was down since it started, or is still within the trust window after
+   * it) does not know how many members share a limit: counting only itself it would take the whole cap and rate
+   * while the others hold their shares, so it refuses what needs the fleet until then (#whileUnavailable).
+   */
+  #membersKnown = false;
   /** Origin key -> slots this daemon holds (granted and not given back). */
   #held = new Map<string, number>();
   /**
@@ -499,7 +510,7 @@ export class Fleet implements SlotLedger {
         else this.#taking.delete(key);
       }
     }
-    if (!this.available) this.#whileUnavailable();
+    this.#whileUnavailable();
     this.counters.fallbackSlots++;
     // This daemon's share of the cap, by the members last seen (at least one slot: a fleet member is never shut out).
     // Decided and counted in one step: connects asking in the same turn each see the ones granted before them.
@@ -639,14 +650,6 @@ export class Fleet implements SlotLedger {
         this.#waiterTtlMs,
         ...counts,
       );
-      this.#members = Math.max(1, members);
-      for (const index of contended) {
-        const key = keys[index - 1];
-        if (key !== undefined) this.onContended?.(key);
-      }
-      for (const [index, key] of keys.entries()) {
-        if (counts[index] === 0 && (this.#restate.get(key) ?? 0) <= markedBefore) this.#restate.delete(key);
-      }
       if (this.#state !== 'connected') {
         this.#log.info({ redis: this.redisTarget }, 'fleet: Redis available again');
         if (this.#hadOutage) {
@@ -654,19 +657,54 @@ export class Fleet implements SlotLedger {
             performance.now() + Math.max(this.#config.slotTtlMs, MAX_RECONNECT_DELAY_MS + 2 * this.#config.heartbeatMs);
         }
       }
+      this.#countMembers(members);
+      for (const index of contended) {
+        const key = keys[index - 1];
+        if (key !== undefined) this.onContended?.(key);
+      }
+      for (const [index, key] of keys.entries()) {
+        if (counts[index] === 0 && (this.#restate.get(key) ?? 0) <= markedBefore) this.#restate.delete(key);
+      }
       this.#state = 'connected';
     } catch (error) {
       this.#unavailable(error as Error);
     }
   }
 
-  /** In `refuse` mode nothing that needs the fleet goes ahead without Redis. */
+  /**
+   * The live members Redis counted at a heartbeat. Within the trust window after an outage the count may be low: a
+   * Redis that restarted empty counts only the members that have rejoined so far, and the first one back would
+   * count itself alone and take the whole cap locally while the others still hold their shares. So until the
+   * window ends the count never falls below the one before the outage (a higher one is taken: smaller shares).
+   */
+  #countMembers(members: number): void {
+    if (performance.now() < this.#trustSlotsAfter) {
+      this.#members = Math.max(1, members, this.#members);
+      return;
+    }
+    this.#members = Math.max(1, members);
+    this.#membersKnown = true;
+  }
+
+  /**
+   * Before a decision from this daemon's share (Redis unavailable, or slot decisions local after an outage). In
+   * `refuse` mode nothing that needs the fleet goes ahead without Redis; in either mode a daemon that has never
+   * counted the fleet's members (#membersKnown) has no share to go by.
+   */
   #whileUnavailable(): void {
-    if (this.#config.onUnavailable === 'refuse') {
+    if (this.#config.onUnavailable === 'refuse' && !this.available) {
       this.counters.refused++;
       throw new SockpoolError(
         ErrorCodes.FLEET_UNAVAILABLE,
         `the fleet's Redis (${this.redisTarget}) is unavailable and fleet.onUnavailable is "refuse"`,
+        { redis: this.redisTarget },
+      );
+    }
+    if (!this.#membersKnown) {
+      this.counters.refused++;
+      throw new SockpoolError(
+        ErrorCodes.FLEET_UNAVAILABLE,
+        `this daemon has not yet counted the members of the fleet (its Redis, ${this.redisTarget}, has been unavailable or just came back since it started), so it has no share of the fleet's limits to go by`,
         { redis: this.redisTarget },
       );
     }
