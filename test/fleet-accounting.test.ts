@@ -4,7 +4,8 @@
 // others; a member with a short slotTtlMs does not cut short the keys a live member's slots are counted in (the
 // fleet stays within its cap); and a fleet.redis database the server does not have leaves the fleet unavailable
 // instead of writing to database 0. A member asked for slots or tokens before its first heartbeat waits for it. The
-// members counted for local shares do not fall after an outage, and a member that never counted them refuses.
+// members counted for local shares do not fall after an outage, and a member that never counted them refuses. A
+// heartbeat over very many origins still goes through, and states none that Redis never counted.
 import { once } from 'node:events';
 import { createServer } from 'node:net';
 import pino from 'pino';
@@ -340,6 +341,55 @@ describe('the members counted for local shares around an outage', () => {
       refused: 3,
     });
   }, 30_000);
+});
+
+describe('a heartbeat after an outage that touched many origins', () => {
+  const outageMember = async (name: string) => {
+    const config = parseConfig({ fleet: { redis: redis.url, name, heartbeatMs: 300, slotTtlMs: 1_000 } }, 'test').fleet;
+    const member = new Fleet(config, log);
+    await member.start();
+    cleanups.push(() => member.close());
+    await redis.kill();
+    await eventually(() => !member.available, 'the member saw the outage', 15_000);
+    return member;
+  };
+  const commandCalls = async (command: string) => {
+    const line = (await redis.cli('INFO', 'commandstats')).split('\n').find((l) => l.startsWith(`cmdstat_${command}:`));
+    return Number(/calls=(\d+)/.exec(line ?? '')?.[1] ?? 0);
+  };
+
+  it('rejoins holding slots of 50,000 origins, and states every one of them', async () => {
+    const member = await outageMember('manyorigins');
+    // Granted locally (its share of each origin's cap), all held when Redis comes back.
+    const origins = 50_000;
+    for (let i = 0; i < origins; i++) await member.takeSlot(`o${i}.example:443`, 10, false, () => true);
+    expect(member.heldTotal()).toBe(origins);
+    await redis.start(); // empty: the recovery heartbeat states every origin held
+    await eventually(() => member.available, 'the member back in the fleet', 15_000);
+    const stated = await redis.cli(
+      'EVAL',
+      "return #redis.call('KEYS', ARGV[1])",
+      '0',
+      'sockpool:{manyorigins}:slots:*',
+    );
+    expect(Number(stated.trim())).toBe(origins);
+  }, 60_000);
+
+  it('states none of the origins granted only locally and given back during the outage', async () => {
+    const member = await outageMember('localonly');
+    for (let i = 0; i < 2_000; i++) {
+      const origin = `o${i}.example:443`;
+      expect(await member.takeSlot(origin, 10, false, () => true)).toBe(true);
+      member.releaseSlots(origin, 1);
+    }
+    await redis.start(); // empty, its command counts from 0
+    await eventually(() => member.available, 'the member back in the fleet', 15_000);
+    // The recovery heartbeat ran (its membership ZADD); a statement of 0 is an HDEL, and Redis never counted these.
+    expect({ heartbeats: (await commandCalls('zadd')) > 0, statedZero: await commandCalls('hdel') }).toEqual({
+      heartbeats: true,
+      statedZero: 0,
+    });
+  }, 60_000);
 });
 
 describe('the fleet.redis database', () => {

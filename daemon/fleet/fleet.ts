@@ -58,6 +58,13 @@ const WAITER_TTL_MS = 4 * SLOT_WAIT_HEARD_MS;
  * busy cap every grant can queue a member again, and each notice asks every client holding a lease of the origin.
  */
 const CONTENDED_NOTICE_GAP_MS = 100;
+/**
+ * Origins a heartbeat (or a clean leave) passes to one script call. Spread into one call, the keys and counts of
+ * some 40,000 origins (a daemon that connected to many during an outage) overflowed V8's stack ("Maximum call stack
+ * size exceeded") at every heartbeat: the daemon never rejoined. One script over them all would also hold Redis
+ * from every other member for as long as it ran.
+ */
+const HEARTBEAT_ORIGINS = 1_000;
 
 export interface FleetOptions {
   /** SLOT_WAIT_HEARD_MS, for tests that must see a waiting connect woken by the channel alone. */
@@ -159,8 +166,9 @@ export class Fleet implements SlotLedger {
   #heartbeatsSent = 0;
   /**
    * Origins whose count in Redis may differ from what this daemon holds and takes, so the next heartbeat states
-   * them too: a count a heartbeat stated above 0 (only a statement of 0 ends that), a take whose answer was lost, a
-   * release that failed or was skipped. By the number of the mark: a heartbeat's success clears only the marks made
+   * them too: one a take was sent to Redis for (granted, or its answer lost) or a heartbeat stated above 0 (only a
+   * statement of 0 ends either), and such an origin's release that failed or was skipped. Never an origin only
+   * granted locally (#giveBack): the map stays within the origins Redis counts or was asked for. By the number of the mark: a heartbeat's success clears only the marks made
    * before it was sent (a release skipped while it was under way is stated by the next one).
    */
   #restate = new Map<string, number>();
@@ -333,8 +341,16 @@ export class Fleet implements SlotLedger {
     clearInterval(this.#heartbeatTimer);
     if (this.available) {
       const keys = [...new Set([...this.#held.keys(), ...this.#restate.keys()])].map((key) => this.#slotsKey(key));
+      const calls: Array<Promise<number>> = [];
+      // In chunks, as the heartbeat (HEARTBEAT_ORIGINS); each call removes the membership again.
+      for (let start = 0; start === 0 || start < keys.length; start += HEARTBEAT_ORIGINS) {
+        const chunk = keys.slice(start, start + HEARTBEAT_ORIGINS);
+        calls.push(
+          this.#redis.fleetLeave(1 + chunk.length, this.#membersKey(), ...chunk, this.id, this.#freedChannel()),
+        );
+      }
       try {
-        await this.#redis.fleetLeave(1 + keys.length, this.#membersKey(), ...keys, this.id, this.#freedChannel());
+        await Promise.all(calls);
       } catch (error) {
         this.#log.warn({ err: (error as Error).message }, 'fleet: leaving failed; slots free at their expiry');
       }
@@ -449,10 +465,15 @@ export class Fleet implements SlotLedger {
    * then is not in Redis's count until the next heartbeat, and taking one off for it would leave Redis counting
    * fewer than this daemon holds, room another member could take past the cap. Restated, Redis counts the slot
    * given back until then instead: more than held, never fewer.
+   *
+   * Only an origin Redis may count for this daemon is marked (one in #restate: taken from Redis, or stated by a
+   * heartbeat, and not stated 0 since). A slot granted locally during an outage of an origin Redis never counted
+   * leaves nothing to correct: marking it too let the marks grow with every origin connected to during an outage,
+   * for the next heartbeat to state.
    */
   #giveBack(key: string, count: number): void {
     if (!this.available || performance.now() < this.#trustSlotsAfter) {
-      this.#markRestate(key);
+      if (this.#restate.has(key)) this.#markRestate(key);
       return;
     }
     this.#redis.fleetReleaseSlots(this.#slotsKey(key), this.id, count, this.#freedChannel()).catch((error: Error) => {
@@ -471,6 +492,9 @@ export class Fleet implements SlotLedger {
     if (joining) await joining;
     if (this.available && performance.now() >= this.#trustSlotsAfter) {
       this.#taking.set(key, (this.#taking.get(key) ?? 0) + 1);
+      // From here Redis may count a slot of this origin for this daemon (granted, or an answer lost): marked, so
+      // that a release skipped later (#giveBack) is stated, and a heartbeat states 0 for it once none is held.
+      this.#markRestate(key);
       const heartbeatsBefore = this.#heartbeatsSent;
       try {
         const [granted] = await this.#redis.fleetTakeSlots(
@@ -501,8 +525,8 @@ export class Fleet implements SlotLedger {
         this.#held.set(key, this.held(key) + 1);
         return true;
       } catch (error) {
-        // Redis may have counted the slot before the answer was lost: the next heartbeat states the true count.
-        this.#markRestate(key);
+        // Redis may have counted the slot before the answer was lost: the next heartbeat states the true count (the
+        // mark made before the take).
         this.#unavailable(error as Error);
       } finally {
         const taking = (this.#taking.get(key) ?? 1) - 1;
@@ -638,18 +662,41 @@ export class Fleet implements SlotLedger {
     const markedBefore = this.#marks;
     for (const [index, key] of keys.entries()) if (counts[index]! > 0) this.#markRestate(key);
     this.#heartbeatsSent++;
+    // In script calls of HEARTBEAT_ORIGINS origins each (one with none if no origin is stated), all sent in this
+    // turn: Redis applies them in order and before any take or release sent after (one connection), as it did the
+    // single call. Each renews the membership (the same ZADD again) and answers the members; each chunk that
+    // succeeds clears its own origins' marks, so a heartbeat cut short by an outage leaves only the rest to state.
+    const chunks: Array<Promise<number>> = [];
+    for (let start = 0; start === 0 || start < keys.length; start += HEARTBEAT_ORIGINS) {
+      const chunk = keys.slice(start, start + HEARTBEAT_ORIGINS);
+      const chunkCounts = counts.slice(start, start + HEARTBEAT_ORIGINS);
+      const stated = this.#redis
+        .fleetHeartbeat(
+          1 + 2 * chunk.length,
+          this.#membersKey(),
+          ...chunk.map((key) => this.#slotsKey(key)),
+          ...chunk.map((key) => this.#askedKey(key)),
+          this.id,
+          this.#config.slotTtlMs,
+          this.#config.slotTtlMs * 10,
+          this.#waiterTtlMs,
+          ...chunkCounts,
+        )
+        .then(([members, contended]) => {
+          for (const index of contended) {
+            const key = chunk[index - 1];
+            if (key !== undefined) this.onContended?.(key);
+          }
+          for (const [index, key] of chunk.entries()) {
+            if (chunkCounts[index] === 0 && (this.#restate.get(key) ?? 0) <= markedBefore) this.#restate.delete(key);
+          }
+          return members;
+        });
+      chunks.push(stated);
+    }
     try {
-      const [members, contended] = await this.#redis.fleetHeartbeat(
-        1 + 2 * keys.length,
-        this.#membersKey(),
-        ...keys.map((key) => this.#slotsKey(key)),
-        ...keys.map((key) => this.#askedKey(key)),
-        this.id,
-        this.#config.slotTtlMs,
-        this.#config.slotTtlMs * 10,
-        this.#waiterTtlMs,
-        ...counts,
-      );
+      // The last chunk's count: Redis answered it after the others.
+      const members = (await Promise.all(chunks)).at(-1)!;
       if (this.#state !== 'connected') {
         this.#log.info({ redis: this.redisTarget }, 'fleet: Redis available again');
         if (this.#hadOutage) {
@@ -658,13 +705,6 @@ export class Fleet implements SlotLedger {
         }
       }
       this.#countMembers(members);
-      for (const index of contended) {
-        const key = keys[index - 1];
-        if (key !== undefined) this.onContended?.(key);
-      }
-      for (const [index, key] of keys.entries()) {
-        if (counts[index] === 0 && (this.#restate.get(key) ?? 0) <= markedBefore) this.#restate.delete(key);
-      }
       this.#state = 'connected';
     } catch (error) {
       this.#unavailable(error as Error);
