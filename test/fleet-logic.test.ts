@@ -158,6 +158,40 @@ describe('the daemon alone: a fleet of one', () => {
   });
 });
 
+describe('a fleet member while Redis is unavailable', () => {
+  it('starts each origin’s local share with its burst spent: no burst of its own on top of the fleet’s', async () => {
+    const config = parseConfig(
+      { pool: { origins: [{ match: 'shared.example:443', requestsPerSecond: 1, burst: 4 }] } },
+      'test',
+    );
+    const origin = { host: 'shared.example', port: 443 };
+    let now = 0;
+    // Redis down for the whole test: every ask is decided by the local share of one of two members (Fleet.takeTokens).
+    const counters = { outages: 1 };
+    const fleet = {
+      counters,
+      async takeTokens(_key: string, params: RateParams, _wanted: number, local: (share: RateParams) => unknown) {
+        return local({ requestsPerSecond: params.requestsPerSecond / 2, burst: Math.floor(params.burst / 2) });
+      },
+    } as unknown as ConstructorParameters<typeof RateLimiter>[1];
+    const limiter = new RateLimiter(config, fleet, () => now);
+    const params = limiter.paramsFor(origin)!;
+    // Tokens granted at `at` to requests that wait at most 1 ms.
+    const grantedAt = async (at: number) => {
+      now = at;
+      let granted = 0;
+      for (let i = 0; i < 4; i++) granted += await limiter.take(origin, params, 1, 1).catch(() => 0);
+      return granted;
+    };
+    // The fleet's burst may have been spent in Redis just before: the share's rate only, one token per 2 s.
+    const first = [await grantedAt(0), await grantedAt(1_999), await grantedAt(2_000), await grantedAt(4_000)];
+    // A later outage starts empty again, whatever the earlier one's local state said.
+    counters.outages = 2;
+    const later = [await grantedAt(60_000), await grantedAt(62_000)];
+    expect({ first, later }).toEqual({ first: [0, 0, 1, 1], later: [0, 1] });
+  });
+});
+
 describe('a fleet member whose batches from Redis expire unspent', () => {
   it('asks Redis for fewer tokens: its seldom requests do not take the fleet’s rate', async () => {
     // Found in review: the daemon asked Redis for the rate's batch (a tenth of a second of it, up to 64) whatever its

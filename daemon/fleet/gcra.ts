@@ -53,25 +53,41 @@ export function gcraRoom(tat: number | undefined, now: number, params: RateParam
 /** TATs kept before those in the past are forgotten (ForgetfulMap). */
 const MAX_TATS = 10_000;
 
-/** A rate kept in this process: GCRA over an injected clock (performance.now by default). */
+/**
+ * A rate kept in this process: GCRA over an injected clock (performance.now by default). `unknownStartsEmpty`: an
+ * origin it has no TAT for starts with its burst spent (TAT at now + burst × interval), so its first token comes one
+ * interval on. A fleet member's share while Redis is down is such a rate: the fleet's burst may have just been spent
+ * in Redis, and a full burst of each member's share on top of it went past the fleet's rate at every outage's start.
+ */
 export class LocalGcra {
-  /** Origins whose TAT is past are back to a full burst, the same as never asked: those are forgotten. */
+  /**
+   * Origins whose TAT is past are back to a full burst, the same as never asked: those are forgotten. (Starting
+   * empty, a forgotten origin starts empty again: stricter, never past the rate.)
+   */
   #tat = new ForgetfulMap<string, number>(MAX_TATS, (tat, now) => tat < now);
   #now: () => number;
+  #unknownStartsEmpty: boolean;
 
-  constructor(now: () => number = () => performance.now()) {
+  constructor(now: () => number = () => performance.now(), options: { unknownStartsEmpty?: boolean } = {}) {
     this.#now = now;
+    this.#unknownStartsEmpty = options.unknownStartsEmpty ?? false;
   }
 
   /** Tokens a take could be granted now (gcraRoom). */
   room(key: string, params: RateParams): number {
-    return gcraRoom(this.#tat.get(key), this.#now(), params);
+    return gcraRoom(this.#tatOf(key, this.#now(), params), this.#now(), params);
   }
 
   take(key: string, wanted: number, params: RateParams): Grant {
     const now = this.#now();
-    const result = gcraTake(this.#tat.get(key), now, wanted, params);
+    const result = gcraTake(this.#tatOf(key, now, params), now, wanted, params);
     this.#tat.set(key, result.tat, now);
     return { granted: result.granted, waitMs: result.waitMs };
+  }
+
+  #tatOf(key: string, now: number, params: RateParams): number | undefined {
+    const tat = this.#tat.get(key);
+    if (tat !== undefined || !this.#unknownStartsEmpty) return tat;
+    return now + params.burst * emissionIntervalMs(params);
   }
 }

@@ -43,6 +43,12 @@ export class RateLimiter {
   #config: SockpoolConfig;
   #fleet: Fleet | undefined;
   #local: LocalGcra;
+  /**
+   * A fleet member's rates while Redis is unavailable (its share of each), new at each outage (Fleet's `outages`
+   * counter): what it granted in an earlier outage says nothing of what the fleet spent since, so each origin starts
+   * empty again (LocalGcra's unknownStartsEmpty).
+   */
+  #outageRates: { outage: number; gcra: LocalGcra } | undefined;
   #now: () => number;
   /** A spent or expired batch is the same as none: clients naming ever more origins under a default rate cannot
    *  grow this without bound (as LocalGcra's TATs). (One forgotten takes what its next ask should be with it: that
@@ -390,6 +396,15 @@ export class RateLimiter {
     return batch;
   }
 
+  /** This outage's local rates (#outageRates). */
+  #outageRate(): LocalGcra {
+    const outage = this.#fleet!.counters.outages;
+    if (this.#outageRates?.outage !== outage) {
+      this.#outageRates = { outage, gcra: new LocalGcra(this.#now, { unknownStartsEmpty: true }) };
+    }
+    return this.#outageRates.gcra;
+  }
+
   /**
    * A new batch from Redis, for a request of `wanted` (`waiting` requests in the origin's queue): the rest is kept
    * for the next requests. Only the head of the origin's queue asks, so one batch is asked per origin at a time (each
@@ -401,7 +416,7 @@ export class RateLimiter {
    */
   async #ask(key: string, params: RateParams, wanted: number, waiting: number): Promise<Grant> {
     const ask = Math.max(wanted, this.#batchOf(key).nextAsk(batchSize(params, MAX_DAEMON_BATCH), waiting));
-    const grant = await this.#fleet!.takeTokens(key, params, ask, (share) => this.#local.take(key, ask, share));
+    const grant = await this.#fleet!.takeTokens(key, params, ask, (share) => this.#outageRate().take(key, ask, share));
     // (Less than asked: the fleet's tokens are scarce, and the next ask is for what waits: TokenBatch.nextAsk.)
     this.#batchOf(key).noteGrant(grant.granted);
     const now = this.#now();
