@@ -503,9 +503,8 @@ export class PoolManager {
     return Math.max(0, free, Math.min(wanted, part - held));
   }
 
-  /** Every origin's decayed demand rate, summed (see #ratesSum). */
-  #ratesTotal(): number {
-    const now = performance.now();
+  /** Every origin's decayed demand rate, summed (see #ratesSum); `now`: performance.now(), from a caller that has it. */
+  #ratesTotal(now = performance.now()): number {
     this.#ratesSum = Math.max(
       0,
       this.#ratesSum * Math.exp(-(now - this.#ratesSumAt) / this.#config.pool.predictiveWindowMs),
@@ -1003,14 +1002,16 @@ export class PoolManager {
 
   /** Rate as an exponentially decaying event count: each acquire adds 1/τ, the total decays with time constant τ. */
   #bumpRate(stats: OriginStats, events = 1): void {
+    // (Every warm handoff comes here, after its lease went out: one clock read for the rate and the sum of rates.)
+    const now = performance.now();
     const added = (events * 1000) / this.#config.pool.predictiveWindowMs;
-    stats.ratePerS = this.#decayedRate(stats) + added;
-    stats.rateUpdatedAt = performance.now();
-    this.#ratesSum = this.#ratesTotal() + added;
+    stats.ratePerS = this.#decayedRate(stats, now) + added;
+    stats.rateUpdatedAt = now;
+    this.#ratesSum = this.#ratesTotal(now) + added;
   }
 
-  #decayedRate(stats: OriginStats): number {
-    const elapsed = performance.now() - stats.rateUpdatedAt;
+  #decayedRate(stats: OriginStats, now = performance.now()): number {
+    const elapsed = now - stats.rateUpdatedAt;
     return stats.ratePerS * Math.exp(-elapsed / this.#config.pool.predictiveWindowMs);
   }
 
@@ -1028,10 +1029,10 @@ export class PoolManager {
   /** A rate replayed (history, a fleet share) as a floor of both: demand this daemon has not seen yet. */
   #replayRate(stats: OriginStats, rate: number): void {
     const now = performance.now();
-    const before = this.#decayedRate(stats);
+    const before = this.#decayedRate(stats, now);
     stats.ratePerS = Math.max(before, rate);
     stats.rateUpdatedAt = now;
-    this.#ratesSum = this.#ratesTotal() + stats.ratePerS - before;
+    this.#ratesSum = this.#ratesTotal(now) + stats.ratePerS - before;
     stats.unannouncedRatePerS = Math.max(this.#decayedUnannounced(stats), rate);
     stats.unannouncedUpdatedAt = now;
   }
