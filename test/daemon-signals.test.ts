@@ -8,7 +8,6 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import type { PoolSnapshot } from '../daemon/client-view.js';
-import * as native from '../shared/native.js';
 import { startServer } from './fixtures/native-helpers.js';
 import { NotifySocket } from './fixtures/systemd-notify-socket.js';
 import { spawnChild } from './helpers/children.js';
@@ -148,14 +147,7 @@ describe('SIGHUP', () => {
     await eventually(async () => (await stats(raw)).idle === 4, 'four idle');
     // PID 1 busy: the stop waits for room in the notify queue to store the idle sockets, so the SIGHUP comes
     // while it is under way.
-    notify.pause();
-    for (let filler = 0; ; filler++) {
-      try {
-        native.sendDatagram(notify.path, Buffer.from(`STATUS=filler ${filler}`));
-      } catch {
-        break;
-      }
-    }
+    notify.busy();
     sockpoold.child.kill('SIGTERM');
     await eventually(() => sockpoold.output().includes('"msg":"stopping"'), 'stopping');
     sockpoold.child.kill('SIGHUP');
@@ -189,14 +181,7 @@ describe('SIGHUP', () => {
     cleanups.push(() => sockpoold.stop());
     await notify.waitFor((text) => text.startsWith('READY=1'));
     // PID 1 busy: its queue filled to the brim, so the daemon's next notification meets EAGAIN.
-    notify.pause();
-    for (let filler = 0; ; filler++) {
-      try {
-        native.sendDatagram(notify.path, Buffer.from(`STATUS=filler ${filler}`));
-      } catch {
-        break;
-      }
-    }
+    notify.busy();
     sockpoold.child.kill('SIGHUP');
     await eventually(() => sockpoold.output().includes('configuration reloaded'), 'the reload done');
     notify.resume(); // PID 1 catches up within the 5 s a notification is retried for
