@@ -272,24 +272,26 @@ describe('the members counted for local shares around an outage', () => {
   const takeAll = async (member: Fleet, origin: string, cap: number, tries: number) => {
     for (let i = 0; i < tries; i++) await member.takeSlot(origin, cap, false, () => true);
   };
-
-  it('the first member back in a Redis restarted empty still counts the members before the outage', async () => {
-    // Long heartbeats: after the restart each member's recovery heartbeat is its only one within the test, and the
-    // first to rejoin is counted alone by Redis.
-    const config = parseConfig(
-      { fleet: { redis: redis.url, name: 'restartempty', heartbeatMs: 5_000, slotTtlMs: 15_000 } },
-      'test',
-    ).fleet;
+  /** Two members of fleet `name`, each holding 2 of `origin`'s cap of 4, both having counted two members. */
+  const twoHoldingHalf = async (name: string, heartbeatMs: number, slotTtlMs: number, origin: string) => {
+    const config = parseConfig({ fleet: { redis: redis.url, name, heartbeatMs, slotTtlMs } }, 'test').fleet;
     const [a, b] = [new Fleet(config, log), new Fleet(config, log)];
     for (const member of [a, b]) {
       await member.start();
       cleanups.push(() => member.close());
     }
+    await takeAll(a, origin, 4, 2);
+    await takeAll(b, origin, 4, 2);
+    await eventually(() => a.members === 2 && b.members === 2, 'both have counted two members', 12_000);
+    return { config, a, b };
+  };
+
+  it('the first member back in a Redis restarted empty still counts the members before the outage', async () => {
+    // Long heartbeats: after the restart each member's recovery heartbeat is its only one within the test, and the
+    // first to rejoin is counted alone by Redis.
     const origin = '127.0.0.1:40';
     const cap = 4;
-    await takeAll(a, origin, cap, 2);
-    await takeAll(b, origin, cap, 2);
-    await eventually(() => a.members === 2 && b.members === 2, 'both have counted two members', 12_000);
+    const { a, b } = await twoHoldingHalf('restartempty', 5_000, 15_000, origin);
     await redis.kill();
     await redis.start(); // empty
     await eventually(() => a.available && b.available, 'both back', 15_000);
@@ -303,20 +305,9 @@ describe('the members counted for local shares around an outage', () => {
   }, 30_000);
 
   it('a member started while Redis is down refuses slots and tokens until it has counted the members', async () => {
-    const config = parseConfig(
-      { fleet: { redis: redis.url, name: 'startdown', heartbeatMs: 300, slotTtlMs: 3_000 } },
-      'test',
-    ).fleet;
-    const [a, b] = [new Fleet(config, log), new Fleet(config, log)];
-    for (const member of [a, b]) {
-      await member.start();
-      cleanups.push(() => member.close());
-    }
     const origin = '127.0.0.1:41';
     const cap = 4;
-    await takeAll(a, origin, cap, 2);
-    await takeAll(b, origin, cap, 2);
-    await eventually(() => a.members === 2 && b.members === 2, 'both have counted two members', 12_000);
+    const { config, a, b } = await twoHoldingHalf('startdown', 300, 3_000, origin);
     await redis.kill();
     // b restarts while Redis is down (a new member, which has seen no other); a keeps its 2 by its share.
     await b.close();
