@@ -76,21 +76,33 @@ async function holdingFront(originPort: number) {
   };
 }
 
+/** A test CA with an https origin it signed (`origin`), and another CA (`otherPki`); removed after the test. */
+async function pkisAndOrigin() {
+  const pki = createTestPki(['localhost']);
+  const otherPki = createTestPki(['localhost']);
+  cleanups.push(
+    () => pki.cleanup(),
+    () => otherPki.cleanup(),
+  );
+  const origin = await httpsOrigin(pki, echoHandler());
+  cleanups.push(() => origin.close());
+  return { pki, otherPki, origin };
+}
+
+/** A copy of `file` in a directory of its own, for the daemon's CA file a test rewrites in place (same path). */
+function rewritableCopy(file: string): string {
+  const dir = mkdtempSync(join(tmpdir(), 'sockpool-tls-reload-'));
+  cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+  const copy = join(dir, 'ca.pem');
+  copyFileSync(file, copy);
+  return copy;
+}
+
 describe('warm TLS and a reload', () => {
   it('closes the idle sessions verified against a CA file that changed; the next is verified against the new one', async () => {
-    const pki = createTestPki(['localhost']);
-    const otherPki = createTestPki(['localhost']);
-    cleanups.push(
-      () => pki.cleanup(),
-      () => otherPki.cleanup(),
-    );
-    const origin = await httpsOrigin(pki, echoHandler());
-    cleanups.push(() => origin.close());
+    const { pki, otherPki, origin } = await pkisAndOrigin();
     // The daemon's CA file, rewritten in place below (same path, other bytes).
-    const dir = mkdtempSync(join(tmpdir(), 'sockpool-tls-reload-'));
-    cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
-    const caFile = join(dir, 'ca.pem');
-    copyFileSync(pki.caFile, caFile);
+    const caFile = rewritableCopy(pki.caFile);
     const daemon = await startTestDaemon([origin.port], {
       extraArgs: warmTlsArgs(caFile, [origin.port], [`localhost:${origin.port}`]),
     });
@@ -198,10 +210,7 @@ describe('warm TLS and a reload', () => {
   }, 30_000);
 
   it('a reload during the handshake that makes the egress policy refuse the origin: SOCKPOOL_ERR_POLICY', async () => {
-    const pki = createTestPki(['localhost']);
-    cleanups.push(() => pki.cleanup());
-    const origin = await httpsOrigin(pki, echoHandler());
-    cleanups.push(() => origin.close());
+    const { pki, origin } = await pkisAndOrigin();
     const front = await holdingFront(origin.port);
     const port = front.port;
     const egress = { allow: ['127.0.0.1/32'], allowPorts: [port] };
@@ -245,20 +254,10 @@ describe('warm TLS and a reload', () => {
   }, 30_000);
 
   it('an acquire waiting for a session when a reload changes the CA file gets a TCP socket, not a session verified against the new file', async () => {
-    const pki = createTestPki(['localhost']);
-    const otherPki = createTestPki(['localhost']);
-    cleanups.push(
-      () => pki.cleanup(),
-      () => otherPki.cleanup(),
-    );
-    const origin = await httpsOrigin(pki, echoHandler());
-    cleanups.push(() => origin.close());
+    const { pki, otherPki, origin } = await pkisAndOrigin();
     const front = await holdingFront(origin.port);
     const port = front.port;
-    const dir = mkdtempSync(join(tmpdir(), 'sockpool-tls-reload-'));
-    cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
-    const caFile = join(dir, 'ca.pem');
-    copyFileSync(pki.caFile, caFile);
+    const caFile = rewritableCopy(pki.caFile);
     const egress = { allow: ['127.0.0.1/32'], allowPorts: [port] };
     const configFile = writeConfigFile({ pool: { predictive: false }, egress }, cleanups);
     const daemon = await startDaemon({
