@@ -66,6 +66,14 @@ const CONTENDED_NOTICE_GAP_MS = 100;
  */
 const HEARTBEAT_ORIGINS = 1_000;
 
+/** Where each HEARTBEAT_ORIGINS-long chunk of `length` origins starts: one chunk at least, as a call with no origin
+ *  still renews (or ends) the membership. */
+function chunkStarts(length: number): number[] {
+  const starts = [0];
+  for (let start = HEARTBEAT_ORIGINS; start < length; start += HEARTBEAT_ORIGINS) starts.push(start);
+  return starts;
+}
+
 export interface FleetOptions {
   /** SLOT_WAIT_HEARD_MS, for tests that must see a waiting connect woken by the channel alone. */
   slotWaitHeardMs?: number;
@@ -343,7 +351,7 @@ export class Fleet implements SlotLedger {
       const keys = [...new Set([...this.#held.keys(), ...this.#restate.keys()])].map((key) => this.#slotsKey(key));
       const calls: Array<Promise<number>> = [];
       // In chunks, as the heartbeat (HEARTBEAT_ORIGINS); each call removes the membership again.
-      for (let start = 0; start === 0 || start < keys.length; start += HEARTBEAT_ORIGINS) {
+      for (const start of chunkStarts(keys.length)) {
         const chunk = keys.slice(start, start + HEARTBEAT_ORIGINS);
         calls.push(
           this.#redis.fleetLeave(1 + chunk.length, this.#membersKey(), ...chunk, this.id, this.#freedChannel()),
@@ -667,7 +675,7 @@ export class Fleet implements SlotLedger {
     // single call. Each renews the membership (the same ZADD again) and answers the members; each chunk that
     // succeeds clears its own origins' marks, so a heartbeat cut short by an outage leaves only the rest to state.
     const chunks: Array<Promise<number>> = [];
-    for (let start = 0; start === 0 || start < keys.length; start += HEARTBEAT_ORIGINS) {
+    for (const start of chunkStarts(keys.length)) {
       const chunk = keys.slice(start, start + HEARTBEAT_ORIGINS);
       const chunkCounts = counts.slice(start, start + HEARTBEAT_ORIGINS);
       const stated = this.#redis
