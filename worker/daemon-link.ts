@@ -438,6 +438,11 @@ export class DaemonLink {
       for (const fd of fds) native.close(fd);
       return;
     }
+    this.#deliver(message, fds, generation);
+  }
+
+  /** A decoded message and the fds that came with it (the handler's from here) to whoever waits for it. */
+  #deliver(message: DaemonMessage, fds: number[], generation: number): void {
     const id = message.id;
     if (message.type === 'reclaim') {
       for (const fd of fds) native.close(fd);
@@ -450,7 +455,7 @@ export class DaemonLink {
       this.#failAll(fromPlainError(message));
       return;
     }
-    const pending = id === null ? undefined : this.#pending.get(id);
+    const pending = this.#takePending(id);
     if (!pending) {
       // A reply nobody waits for (its request timed out): an fd in it goes back to the daemon, unused.
       if (message.type === 'lease' && fds.length === 1) {
@@ -458,9 +463,16 @@ export class DaemonLink {
       } else for (const fd of fds) native.close(fd);
       return;
     }
+    pending.resolve({ message, fds });
+  }
+
+  /** The request waiting for reply `id`, out of the table and its timer cleared; undefined when none waits. */
+  #takePending(id: number | null): Pending | undefined {
+    const pending = id === null ? undefined : this.#pending.get(id);
+    if (!pending) return undefined;
     this.#pending.delete(id!);
     clearTimeout(pending.timer);
-    pending.resolve({ message, fds });
+    return pending;
   }
 
   /**
@@ -478,11 +490,7 @@ export class DaemonLink {
     } catch {}
     if (message?.type === 'lease') {
       this.closed({ leaseId: message.leaseId, link: generation });
-      const pending = message.id === null ? undefined : this.#pending.get(message.id);
-      if (!pending) return;
-      this.#pending.delete(message.id!);
-      clearTimeout(pending.timer);
-      pending.reject(
+      this.#takePending(message.id)?.reject(
         new SockpoolError(
           ErrorCodes.INTERNAL,
           `the socket of lease ${message.leaseId} did not arrive (this process's fd table may be full): ${error.message}`,
@@ -493,7 +501,7 @@ export class DaemonLink {
       return;
     }
     if (message) {
-      this.#onMessage(data as Buffer, [], generation);
+      this.#deliver(message, [], generation);
       return;
     }
     channel.close();
