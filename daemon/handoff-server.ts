@@ -31,7 +31,14 @@ import { isAdminUid, statsView } from './client-view.js';
 import { policyFor, type SockpoolConfig } from './config.js';
 import type { RateLimiter } from './fleet/rate-limiter.js';
 import type { Claim } from './fleet/token-claims.js';
-import { checkReturned, endConnection, endRelayedConnection, markOf, receivedNothingSince } from './lease-guard.js';
+import {
+  checkReturned,
+  endConnection,
+  endRelayedConnection,
+  markOf,
+  receivedNothingSince,
+  resetConnection,
+} from './lease-guard.js';
 import { type Lease, LeaseTable, returnedSocket } from './leases.js';
 import { type Logger, LogLimiter, REFUSAL_LOG_WINDOW_MS, REFUSALS_LOGGED } from './log.js';
 import type { Metrics } from './metrics.js';
@@ -202,11 +209,7 @@ export class HandoffServer {
    */
   endRelayedBy(relayThread: number): number {
     const leases = this.#leases.relayedBy(relayThread);
-    for (const lease of leases) {
-      try {
-        native.disconnect(lease.fd);
-      } catch {}
-    }
+    for (const lease of leases) resetConnection(lease.fd);
     return leases.length;
   }
 

@@ -211,12 +211,16 @@ export function endConnection(fd: number): void {
  * every per-uid and per-origin bound. A copy the client kept reads ECONNRESET, not a clean end.
  */
 export function endRelayedConnection(fd: number): void {
+  resetConnection(fd);
+  native.close(fd);
+}
+
+/** Disconnects a socket for every copy of it (native.disconnect: a reset, reads fail with ECONNRESET); the fd stays
+ *  open. One no longer connected (its peer ended it first) needs nothing. */
+export function resetConnection(fd: number): void {
   try {
     native.disconnect(fd);
-  } catch {
-    // Not connected any more (the relay ended it first): closing is all that is left.
-  }
-  native.close(fd);
+  } catch {}
 }
 
 function changedSince(
