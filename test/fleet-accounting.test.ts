@@ -304,6 +304,55 @@ describe('the members counted for local shares around an outage', () => {
     });
   }, 30_000);
 
+  it('grants no fresh burst from a Redis restarted empty: its members state again the rates they knew', async () => {
+    // 1 token every 20 s, burst 4: the burst a spends now is not back before the test ends.
+    const origin = '127.0.0.1:42';
+    const params = { requestsPerSecond: 0.05, burst: 4 };
+    const config = parseConfig(
+      { fleet: { redis: redis.url, name: 'rateafterrestart', heartbeatMs: 5_000, slotTtlMs: 15_000 } },
+      'test',
+    ).fleet;
+    const [a, b] = [new Fleet(config, log), new Fleet(config, log)];
+    for (const member of [a, b]) {
+      await member.start();
+      cleanups.push(() => member.close());
+    }
+    const notLocal = (): never => {
+      throw new Error('tokens from Redis were expected, not from the local share');
+    };
+    const before = (await a.takeTokens(origin, params, 4, notLocal)).granted;
+    await redis.kill();
+    await redis.start(); // empty: the rate's state is gone with it
+    await eventually(() => a.available && b.available, 'both back', 15_000);
+    // b took none before: it knows nothing of the rate, and asks first.
+    const afterB = (await b.takeTokens(origin, params, 4, notLocal)).granted;
+    const afterA = (await a.takeTokens(origin, params, 4, notLocal)).granted;
+    expect({ before, afterB, afterA }).toEqual({ before: 4, afterB: 0, afterA: 0 });
+  }, 30_000);
+
+  it('grants no fresh burst for a rate whose key Redis lost while its member stayed connected (a flush, an eviction)', async () => {
+    const origin = '127.0.0.1:43';
+    const params = { requestsPerSecond: 0.05, burst: 4 };
+    const config = parseConfig(
+      { fleet: { redis: redis.url, name: 'ratekeylost', heartbeatMs: 5_000, slotTtlMs: 15_000 } },
+      'test',
+    ).fleet;
+    const member = new Fleet(config, log);
+    await member.start();
+    cleanups.push(() => member.close());
+    const notLocal = (): never => {
+      throw new Error('tokens from Redis were expected, not from the local share');
+    };
+    const before = (await member.takeTokens(origin, params, 4, notLocal)).granted;
+    await redis.cli('FLUSHALL');
+    const after = await member.takeTokens(origin, params, 4, notLocal);
+    expect({ before, after: after.granted, stillConnected: member.available }).toEqual({
+      before: 4,
+      after: 0,
+      stillConnected: true,
+    });
+  }, 30_000);
+
   it('a member started while Redis is down refuses slots and tokens until it has counted the members', async () => {
     const origin = '127.0.0.1:41';
     const cap = 4;

@@ -24,10 +24,12 @@ import { Redis } from 'ioredis';
 import { ErrorCodes, SockpoolError } from '../../shared/errors.js';
 import { parseRedisUrl, type SockpoolConfig } from '../config.js';
 import type { Logger } from '../log.js';
+import { ForgetfulMap } from './forgetful-map.js';
 import type { Grant, RateParams } from './gcra.js';
 import {
   HEARTBEAT_SCRIPT,
   LEAVE_SCRIPT,
+  RATE_RESTATE_SCRIPT,
   RATE_SCRIPT,
   RELEASE_SLOTS_SCRIPT,
   TAKE_SLOTS_SCRIPT,
@@ -65,6 +67,8 @@ const CONTENDED_NOTICE_GAP_MS = 100;
  * from every other member for as long as it ran.
  */
 const HEARTBEAT_ORIGINS = 1_000;
+/** Rates seen ahead kept before those that are not are forgotten (a ForgetfulMap, as the local GCRA's TATs). */
+const RATES_SEEN = 10_000;
 
 /** Where each HEARTBEAT_ORIGINS-long chunk of `length` origins starts: one chunk at least, as a call with no origin
  *  still renews (or ends) the membership. */
@@ -103,7 +107,8 @@ interface RedisWithScripts extends Redis {
   fleetTakeSlots(...args: Array<string | number>): Promise<[number, number]>;
   fleetReleaseSlots(...args: Array<string | number>): Promise<number>;
   fleetHeartbeat(...args: Array<string | number>): Promise<[number, number[]]>;
-  fleetRate(...args: Array<string | number>): Promise<[number, string]>;
+  fleetRate(...args: Array<string | number>): Promise<[number, string, string]>;
+  fleetRateRestate(...args: Array<string | number>): Promise<number>;
   fleetLeave(...args: Array<string | number>): Promise<number>;
   fleetUnwait(...args: Array<string | number>): Promise<number>;
 }
@@ -181,6 +186,12 @@ export class Fleet implements SlotLedger {
    */
   #restate = new Map<string, number>();
   #marks = 0;
+  /**
+   * Origin -> until when (performance.now()) the TAT of its rate that Redis last answered lies ahead: each take says
+   * so, and a reconnect states it again (RATE_SCRIPT, RATE_RESTATE_SCRIPT). A Redis that restarted empty forgot
+   * every rate, and granted a fresh burst on top of the one just spent.
+   */
+  #rateSeen = new ForgetfulMap<string, number>(RATES_SEEN, (until, now) => until <= now);
   #heartbeatTimer: NodeJS.Timeout | undefined;
   /**
    * After an outage, slot decisions stay local until every live member has had time to reconnect and state its
@@ -223,6 +234,7 @@ export class Fleet implements SlotLedger {
     this.#redis.defineCommand('fleetReleaseSlots', { numberOfKeys: 1, lua: RELEASE_SLOTS_SCRIPT });
     this.#redis.defineCommand('fleetHeartbeat', { lua: HEARTBEAT_SCRIPT });
     this.#redis.defineCommand('fleetRate', { numberOfKeys: 1, lua: RATE_SCRIPT });
+    this.#redis.defineCommand('fleetRateRestate', { lua: RATE_RESTATE_SCRIPT });
     this.#redis.defineCommand('fleetLeave', { lua: LEAVE_SCRIPT });
     // Rejoin at once when the connection is back: Redis may have restarted empty, or expired us while we were away.
     // The heartbeat's success is what makes the fleet available again.
@@ -575,12 +587,15 @@ export class Fleet implements SlotLedger {
     if (joining) await joining;
     if (this.available) {
       try {
-        const [granted, waitMs] = await this.#redis.fleetRate(
+        const [granted, waitMs, tatAhead] = await this.#redis.fleetRate(
           this.#rateKey(key),
           1000 / params.requestsPerSecond,
           params.burst,
           wanted,
+          Math.max(0, (this.#rateSeen.get(key) ?? 0) - performance.now()),
         );
+        const now = performance.now();
+        this.#rateSeen.set(key, now + Number(tatAhead), now);
         return { granted: Number(granted), waitMs: Number(waitMs) };
       } catch (error) {
         this.#unavailable(error as Error);
@@ -670,6 +685,9 @@ export class Fleet implements SlotLedger {
     const markedBefore = this.#marks;
     for (const [index, key] of keys.entries()) if (counts[index]! > 0) this.#markRestate(key);
     this.#heartbeatsSent++;
+    // Back after an outage (or at the first join): the rates this daemon saw ahead, stated before anything else this
+    // connection sends, so that its own takes after find them even in a Redis that restarted empty.
+    const restated = this.#state === 'connected' ? [] : this.#restateRates();
     // In script calls of HEARTBEAT_ORIGINS origins each (one with none if no origin is stated), all sent in this
     // turn: Redis applies them in order and before any take or release sent after (one connection), as it did the
     // single call. Each renews the membership (the same ZADD again) and answers the members; each chunk that
@@ -704,7 +722,9 @@ export class Fleet implements SlotLedger {
     }
     try {
       // The last chunk's count: Redis answered it after the others.
-      const members = (await Promise.all(chunks)).at(-1)!;
+      // (One Promise.all over both: a rejection of either is handled, whichever comes first.)
+      const [stated] = await Promise.all([Promise.all(chunks), Promise.all(restated)]);
+      const members = stated.at(-1)!;
       if (this.#state !== 'connected') {
         this.#log.info({ redis: this.redisTarget }, 'fleet: Redis available again');
         if (this.#hadOutage) {
@@ -717,6 +737,26 @@ export class Fleet implements SlotLedger {
     } catch (error) {
       this.#unavailable(error as Error);
     }
+  }
+
+  /** RATE_RESTATE_SCRIPT for every rate seen ahead, in calls of HEARTBEAT_ORIGINS origins (none if there is none). */
+  #restateRates(): Array<Promise<number>> {
+    const now = performance.now();
+    const keys: string[] = [];
+    const ahead: number[] = [];
+    for (const [key, until] of this.#rateSeen.entries()) {
+      if (until <= now) continue;
+      keys.push(this.#rateKey(key));
+      ahead.push(until - now);
+    }
+    const calls: Array<Promise<number>> = [];
+    for (let start = 0; start < keys.length; start += HEARTBEAT_ORIGINS) {
+      const chunk = keys.slice(start, start + HEARTBEAT_ORIGINS);
+      calls.push(
+        this.#redis.fleetRateRestate(chunk.length, ...chunk, ...ahead.slice(start, start + HEARTBEAT_ORIGINS)),
+      );
+    }
+    return calls;
   }
 
   /**

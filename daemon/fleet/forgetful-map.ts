@@ -25,6 +25,10 @@ export class ForgetfulMap<K, V> {
     return this.#map.get(key);
   }
 
+  entries(): IterableIterator<[K, V]> {
+    return this.#map.entries();
+  }
+
   /** Sets `key`; past the scan size, first forgets what is forgettable at `now` (never `key` itself). */
   set(key: K, value: V, now: number): void {
     this.#map.set(key, value);

@@ -148,23 +148,44 @@ return {redis.call('ZCARD', KEYS[1]), contended}
 
 /**
  * GCRA (gcra.ts has the same arithmetic): up to `wanted` tokens of ORIGIN. KEYS: rate key. ARGV: emission interval
- * ms, burst, wanted. Returns {granted, wait ms as a string} (Lua numbers come back truncated to integers).
+ * ms, burst, wanted, and how long (ms from now) this daemon last saw the TAT ahead of Redis's clock (0: not ahead).
+ * The key lives 1 s past its TAT, so a key missing while a member saw its TAT ahead was lost (a Redis restarted
+ * empty, an eviction): the TAT starts at what the member saw, never past a spent burst (a member's clock is not
+ * Redis's), and a lost key grants no fresh burst on top of the one just spent. Returns {granted, wait ms, ms from
+ * now to the TAT after} as strings (Lua numbers come back truncated to integers).
  */
 export const RATE_SCRIPT = `
 ${NOW}
 local interval = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
 local wanted = tonumber(ARGV[3])
-local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+local seen = now + math.min(tonumber(ARGV[4]), burst * interval)
+local tat = math.max(tonumber(redis.call('GET', KEYS[1]) or now), seen)
 local start = math.max(tat, now)
 local room = math.floor((now + burst * interval - start) / interval + 1e-9)
 local granted = math.max(0, math.min(wanted, room))
 if granted > 0 then
   local new_tat = start + granted * interval
   redis.call('SET', KEYS[1], string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now + 1000))
-  return {granted, '0'}
+  return {granted, '0', string.format('%.3f', new_tat - now)}
 end
-return {0, string.format('%.3f', math.max(0, start + interval - (now + burst * interval)))}
+return {0, string.format('%.3f', math.max(0, start + interval - (now + burst * interval))), string.format('%.3f', start - now)}
+`;
+
+/**
+ * After a reconnect (Redis may have restarted empty): states again the TATs this daemon saw ahead of Redis's clock,
+ * each raising its key only (what another member stated or took since stays). KEYS: rate keys. ARGV: for each, ms
+ * from now to the TAT seen (bounded by the caller to a spent burst).
+ */
+export const RATE_RESTATE_SCRIPT = `
+${NOW}
+for i = 1, #KEYS do
+  local tat = now + tonumber(ARGV[i])
+  if tat > tonumber(redis.call('GET', KEYS[i]) or '0') then
+    redis.call('SET', KEYS[i], string.format('%.3f', tat), 'PX', math.ceil(tat - now + 1000))
+  end
+end
+return #KEYS
 `;
 
 /**
