@@ -420,7 +420,6 @@ export class SocketSupply {
       return -1;
     }
     slot.taken = true;
-    native.untrack(lease.fd);
     this.#curlOwned.set(lease.fd, { lease, originKey: slot.originKey });
     const origin = this.#origin(slot.originKey);
     origin.connections++;
@@ -434,6 +433,10 @@ export class SocketSupply {
       slot.first.openedAt = performance.now();
       slot.first.connectMs = lease.connectMs;
     }
+    // Untracked last, with no call after it: a thread terminated before this point still has the fd tracked (its
+    // teardown closes it), and V8 acts on a terminate only at a function's entry or a loop's back edge, so none comes
+    // between here and curl holding the fd. (What node-libcurl does after the callback returns is its own: see NOTES.)
+    native.untrack(lease.fd);
     return lease.fd;
   }
 
