@@ -91,10 +91,10 @@ function prefix(text: string): { bytes: Uint8Array; prefixLength: number } {
   return { bytes, prefixLength };
 }
 
-type ClassTable = Array<{ bytes: Uint8Array; prefixLength: number; addressClass: AddressClass }>;
+type ClassTable = Array<{ text: string; bytes: Uint8Array; prefixLength: number; addressClass: AddressClass }>;
 
 function table(entries: Array<[string, AddressClass]>): ClassTable {
-  return entries.map(([text, addressClass]) => ({ ...prefix(text), addressClass }));
+  return entries.map(([text, addressClass]) => ({ text, ...prefix(text), addressClass }));
 }
 
 // First match wins, so the specific entries (metadata, broadcast) come before the ranges that contain them.
@@ -150,6 +150,15 @@ const IPV6_CLASSES = table([
 ]);
 
 const GLOBAL_UNICAST = prefix('2000::/3');
+
+/**
+ * Every cloud metadata endpoint of the tables above, as CIDRs (`169.254.169.254/32`, `fd00:ec2::254/128`): the one
+ * list the unit's kernel backstop (`IPAddressDeny=` in systemd/sockpoold.service) must cover too, which
+ * test/systemd-units.test.ts checks, so an endpoint added here and not there fails a test.
+ */
+export const METADATA_ENDPOINTS: readonly string[] = [...IPV4_CLASSES, ...IPV6_EXACT]
+  .filter((entry) => entry.addressClass === 'metadata')
+  .map((entry) => entry.text);
 
 type EmbeddingKind = 'compatible' | 'siit' | 'nat64' | '6to4';
 

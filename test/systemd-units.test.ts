@@ -6,6 +6,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, describe, expect, it } from 'vitest';
+import { METADATA_ENDPOINTS } from '../daemon/egress-policy.js';
+import { cidrContains, parseCidr } from '../shared/address.js';
 
 const projectRoot = fileURLToPath(new URL('..', import.meta.url)).replace(/\/$/, '');
 const unitsDir = join(projectRoot, 'systemd');
@@ -22,6 +24,16 @@ const workDir = mkdtempSync(join(tmpdir(), 'sockpool-units-'));
 afterAll(() => rmSync(workDir, { recursive: true, force: true }));
 
 const unitNames = readdirSync(unitsDir).filter((name) => name.endsWith('.service') || name.endsWith('.socket'));
+
+/** A unit's IPAddressDeny= entries: every such line adds to the list, an empty one clears it (systemd.resource-control). */
+function ipAddressDeny(unit: string): string[] {
+  let entries: string[] = [];
+  for (const [, value] of unit.matchAll(/^IPAddressDeny=(.*)$/gm)) {
+    const added = value!.trim().split(/\s+/).filter(Boolean);
+    entries = added.length === 0 ? [] : [...entries, ...added];
+  }
+  return entries;
+}
 
 function copyUnits(): string[] {
   return unitNames.map((name) => {
@@ -91,9 +103,10 @@ describe('systemd units', () => {
       expect(settings.has(line), line).toBe(true);
     }
     // The kernel backstop (issue 10): link-local (the metadata address 169.254.169.254) and multicast, both
-    // families; memory and task ceilings.
-    const denied = /^IPAddressDeny=(.*)$/m.exec(service)?.[1]?.split(/\s+/) ?? [];
-    expect(denied.sort()).toEqual(['169.254.0.0/16', '224.0.0.0/4', 'fe80::/10', 'ff00::/8']);
+    // families (the metadata endpoints outside them: the test below); memory and task ceilings.
+    expect(ipAddressDeny(service)).toEqual(
+      expect.arrayContaining(['169.254.0.0/16', '224.0.0.0/4', 'fe80::/10', 'ff00::/8']),
+    );
     expect(service).toMatch(/^MemoryMax=\d+[KMG]$/m);
     expect(service).toMatch(/^TasksMax=\d+$/m);
     // V8's JIT needs writable+executable memory; systemd 252 does not know FileDescriptorStorePreserve=.
@@ -111,6 +124,30 @@ describe('systemd units', () => {
     expect(crawler).toMatch(/^RestrictAddressFamilies=AF_UNIX$/m);
     // The group the systemd lab runs this unit with against allowGids.
     expect(crawler).toMatch(/^Group=sockpool$/m);
+  });
+
+  it('deny every cloud metadata endpoint of the egress policy in the kernel backstop (IPAddressDeny=)', () => {
+    // The policy's table is the one list (daemon/egress-policy.ts): an endpoint added there and not to a unit's
+    // IPAddressDeny= fails here. Some lie outside link-local: the IPv6 ones in fc00::/7 (AWS, GCP, Scaleway), and
+    // Alibaba's, Azure's WireServer and Oracle Classic's IPv4 ones.
+    expect(METADATA_ENDPOINTS).toEqual(expect.arrayContaining(['169.254.169.254/32', 'fd00:ec2::254/128']));
+    // Left to the daemon's policy alone, each with why (an entry here that is no endpoint of the table fails).
+    const exempt = new Map([
+      // Azure's WireServer is also an Azure VM's DNS server: the daemon's own lookups (getaddrinfo, dns.servers)
+      // would get EPERM where resolv.conf names it and no local stub (systemd-resolved) asks it for them.
+      ['168.63.129.16/32', 'the DNS server of an Azure VM'],
+    ]);
+    expect(METADATA_ENDPOINTS).toEqual(expect.arrayContaining([...exempt.keys()]));
+    const withBackstop = unitNames.filter((name) => ipAddressDeny(readFileSync(join(unitsDir, name), 'utf8')).length);
+    expect(withBackstop).toContain('sockpoold.service');
+    for (const name of withBackstop) {
+      const denied = ipAddressDeny(readFileSync(join(unitsDir, name), 'utf8')).map((entry) => parseCidr(entry));
+      const uncovered = METADATA_ENDPOINTS.filter((endpoint) => !exempt.has(endpoint)).filter((endpoint) => {
+        const cidr = parseCidr(endpoint);
+        return !denied.some((range) => range.prefixLength <= cidr.prefixLength && cidrContains(range, cidr));
+      });
+      expect(uncovered, `${name}: metadata endpoints its IPAddressDeny= lets through`).toEqual([]);
+    }
   });
 
   it('fail verify when a unit is broken (the check is not vacuous)', () => {
