@@ -28,7 +28,7 @@ import { registerFleetMetrics } from './fleet/metrics.js';
 import { RateLimiter } from './fleet/rate-limiter.js';
 import { LocalSlots, slotKeeper } from './fleet/slots.js';
 import { HandoffServer } from './handoff-server.js';
-import { hostAddressesProvider, hostAddressReader } from './host-addresses.js';
+import { hostAddressesProvider, hostAddressReader, IPV6_ROUTE_PATH } from './host-addresses.js';
 import { detectKernelTls } from './kernel-tls.js';
 import {
   type ClassifiedListenFds,
@@ -138,11 +138,14 @@ export class Sockpoold {
     // One provider of the host's interface addresses for every policy this daemon builds (reloads included); read
     // first, before anything that holds an fd, because it is what fails in a sandbox without AF_NETLINK.
     // A /proc/net file it cannot read is said once: for that family only the interfaces that are up and running are
-    // refused (daemon/host-addresses.ts), which an operator who hid /proc/net should know.
+    // refused, or (ipv6_route) no IPv6 range routed to the host (daemon/host-addresses.ts), which an operator who hid
+    // /proc/net should know.
     const readHostAddresses = hostAddressReader((path, error) =>
       this.#log.warn(
         { path, err: error.message },
-        "cannot read the kernel's local addresses; refusing only those of interfaces up and running",
+        path === IPV6_ROUTE_PATH
+          ? "cannot read the kernel's IPv6 routes; not refusing the IPv6 ranges routed to this host"
+          : "cannot read the kernel's local addresses; refusing only those of interfaces up and running",
       ),
     );
     this.#hostAddresses = hostAddressesProvider(readHostAddresses, undefined, (error) =>

@@ -15,9 +15,10 @@
 //      127.0.0.1/32 does not open 64:ff9b::7f00:1). Two exceptions: 'metadata' addresses open only for an allow
 //      entry naming that exact address (/32 or /128), so allowing 169.254.0.0/16 does not expose cloud
 //      credentials; 'unspecified' never opens (connecting to 0.0.0.0 or :: reaches the local host on Linux).
-//   4. the host's own interface addresses (daemon/host-addresses.ts; loopback excepted, the class rules govern it),
-//      and the IPv4 address embedded in an IPv6 one, are refused ('host-address') even when step 3 let them
-//      through, unless `allowHostAddresses` is set: a client must not reach services bound on the host itself.
+//   4. the host's own interface addresses and the ranges routed to it (daemon/host-addresses.ts; loopback
+//      excepted, the class rules govern it), and the IPv4 address embedded in an IPv6 one, are refused
+//      ('host-address') even when step 3 let them through, unless `allowHostAddresses` is set: a client must not
+//      reach services bound on the host itself.
 //
 // NAT64: the well-known prefix 64:ff9b::/96 is always read as carrying an IPv4 address; `nat64Prefixes` adds the
 // network-specific prefixes of the site (RFC 6052 lengths /32 to /96), whose embedded IPv4 address is classified,
@@ -79,7 +80,10 @@ export interface EgressRules {
   readonly nat64Prefixes: readonly Nat64Prefix[];
   /** Let connections reach this host's own interface addresses (loopback excepted: the class rules apply). */
   readonly allowHostAddresses: boolean;
-  /** This host's interface addresses (daemon/host-addresses.ts); the same array while unchanged. Default none. */
+  /**
+   * This host's own addresses, and as CIDRs the ranges routed to it (daemon/host-addresses.ts); the same array
+   * while unchanged. Default none.
+   */
   readonly hostAddresses?: () => readonly string[];
 }
 
@@ -241,6 +245,15 @@ export function classifyAddress(address: string): AddressClass | null {
   return ip ? classifyIp(ip) : 'invalid';
 }
 
+/** A range of the host-address list, or undefined for text that is not a CIDR (skipped, like a bad address). */
+function parseHostRange(text: string): Cidr | undefined {
+  try {
+    return parseCidr(text);
+  } catch {
+    return undefined;
+  }
+}
+
 function matchesHost(patterns: readonly HostPattern[], host: string): boolean {
   return patterns.some((pattern) => hostMatches(pattern, host));
 }
@@ -255,9 +268,10 @@ function matchesCidr(cidrs: readonly Cidr[], ip: { family: 4 | 6; bytes: Uint8Ar
 export class EgressPolicy {
   readonly #rules: EgressRules;
   readonly #allowPorts: ReadonlySet<number>;
-  /** What rules.hostAddresses last returned, and its addresses as byte strings (see #isHostAddress). */
+  /** What rules.hostAddresses last returned: its addresses as byte strings, its ranges (see #isHostAddress). */
   #hostAddressList: readonly string[] | undefined;
   #hostAddressKeys = new Set<string>();
+  #hostRanges: Cidr[] = [];
 
   constructor(rules: EgressRules) {
     this.#rules = rules;
@@ -319,8 +333,10 @@ export class EgressPolicy {
     if (addressClass !== null && !this.#opensClass(addressClass, ip)) {
       this.#refuse(addressClass === 'invalid' ? 'invalid-address' : addressClass, host, address, port);
     }
+    // Loopback stays with its class rule (and allow) even inside a range routed local that holds it.
     if (
       !this.#rules.allowHostAddresses &&
+      addressClass !== 'loopback' &&
       (this.#isHostAddress(ip) || (embeddedV4 && this.#isHostAddress({ family: 4, bytes: embeddedV4 })))
     ) {
       this.#refuse('host-address', host, address, port);
@@ -335,19 +351,28 @@ export class EgressPolicy {
     return hole !== undefined && (addressClass !== 'metadata' || exactHost);
   }
 
-  /** One of this host's interface addresses (the list re-derived only when the provider's array changes). */
+  /**
+   * One of this host's own addresses, or inside a range routed to it (the list re-derived only when the provider's
+   * array changes). Ranges are few (a host's AnyIP routes and lo's prefixes): a scan, not a trie.
+   */
   #isHostAddress(ip: { family: 4 | 6; bytes: Uint8Array }): boolean {
     if (!this.#rules.hostAddresses) return false;
     const list = this.#rules.hostAddresses();
     if (list !== this.#hostAddressList) {
       this.#hostAddressList = list;
       this.#hostAddressKeys = new Set();
+      this.#hostRanges = [];
       for (const text of list) {
+        if (text.includes('/')) {
+          const range = parseHostRange(text);
+          if (range) this.#hostRanges.push(range);
+          continue;
+        }
         const parsed = parseIpLiteral(text);
         if (parsed) this.#hostAddressKeys.add(ipKey(unmapIPv4(parsed)));
       }
     }
-    return this.#hostAddressKeys.has(ipKey(ip));
+    return this.#hostAddressKeys.has(ipKey(ip)) || matchesCidr(this.#hostRanges, ip) !== undefined;
   }
 
   #refuse(reason: PolicyReason, host: string | undefined, address: string | undefined, port: number): never {

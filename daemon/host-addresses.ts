@@ -16,13 +16,17 @@
 // addresses from /proc/net/if_inet6 (every configured address, whatever its interface's state or DAD's: one
 // tentative now is local as soon as its interface gets carrier, maybe before the next refresh).
 //
-// Not covered: a local route wider than one address (AnyIP, `ip route add local 198.51.100.0/24 dev lo`, or
-// `ip -6 route add local …`): the policy refuses single addresses, and such a range is not listed; an operator who
-// routes one to this host puts it in `egress.deny`. (127.0.0.0/8, the one such range every host has, is loopback.)
+// Ranges too: a local route wider than one address makes every address in it this host's own (a listener on the
+// wildcard accepts connections to any of them). That is AnyIP (`ip route add local 198.51.100.0/24 dev lo`, IPv6's
+// `ip -6 route add local 2001:db8:77::/64 dev lo`), and also what the kernel does by itself for an IPv4 address put
+// on lo with a prefix (`ip addr add 10.1.2.3/24 dev lo` routes all of 10.1.2.0/24 local). Those come as CIDR text
+// (`198.51.100.0/24`) in the same list: IPv4 ones from fib_trie's wider LOCAL entries, IPv6 ones from
+// /proc/net/ipv6_route, the routes flagged RTF_LOCAL (every table's; if_inet6 lists no address for them). The
+// ranges inside loopback (127.0.0.0/8, which every host routes local) are left out like the loopback addresses.
 
 import { readFileSync } from 'node:fs';
 import { networkInterfaces } from 'node:os';
-import { ipAddress, parseIpLiteral } from '../shared/address.js';
+import { ipAddress, parseCidr, parseIpLiteral } from '../shared/address.js';
 import { SockpoolError } from '../shared/errors.js';
 
 const REFRESH_MS = 5_000;
@@ -30,6 +34,7 @@ const REFRESH_MS = 5_000;
 /** The kernel's views read besides getifaddrs; per network namespace, the daemon's own. */
 export const FIB_TRIE_PATH = '/proc/net/fib_trie';
 export const IF_INET6_PATH = '/proc/net/if_inet6';
+export const IPV6_ROUTE_PATH = '/proc/net/ipv6_route';
 
 /** Where readHostAddresses() reads; tests substitute their own. */
 export interface HostAddressSources {
@@ -45,15 +50,16 @@ export interface HostAddressSources {
 
 const SYSTEM_SOURCES: HostAddressSources = {
   networkInterfaces,
-  // Plain reads: both files are a few hundred bytes on a usual host (about 0.15 ms for the two, measured once),
-  // fib_trie growing with the routing table (every route is listed).
+  // Plain reads: the files are a few hundred bytes on a usual host (about 0.15 ms for fib_trie and if_inet6,
+  // measured once), fib_trie and ipv6_route growing with the routing table (every route is listed).
   readProcFile: (path) => readFileSync(path, 'latin1'),
 };
 
 /**
  * Every non-loopback address this host holds as its own: getifaddrs' list, the local routing table's IPv4
- * addresses and every configured IPv6 address (see the header), in one spelling each (shared/address.ts's, which
- * is os.networkInterfaces()' for ordinary addresses; no zone ids), sorted.
+ * addresses and every configured IPv6 address, and the ranges routed local as CIDRs (see the header), in one
+ * spelling each (shared/address.ts's, which is os.networkInterfaces()' for ordinary addresses; no zone ids; a
+ * range's network address, host bits cleared), sorted.
  */
 export function readHostAddresses(sources: HostAddressSources = SYSTEM_SOURCES): string[] {
   const found: string[] = [];
@@ -61,8 +67,9 @@ export function readHostAddresses(sources: HostAddressSources = SYSTEM_SOURCES):
     for (const entry of entries ?? []) found.push(entry.address);
   }
   for (const [path, parse] of [
-    [FIB_TRIE_PATH, parseLocalIPv4Addresses],
+    [FIB_TRIE_PATH, (text: string) => [...parseLocalIPv4Addresses(text), ...parseLocalIPv4Ranges(text)]],
     [IF_INET6_PATH, parseIPv6Addresses],
+    [IPV6_ROUTE_PATH, parseLocalIPv6Routes],
   ] as const) {
     let text: string;
     try {
@@ -75,6 +82,11 @@ export function readHostAddresses(sources: HostAddressSources = SYSTEM_SOURCES):
   }
   const addresses = new Set<string>();
   for (const text of found) {
+    if (text.includes('/')) {
+      const range = localRange(text);
+      if (range) addresses.add(range);
+      continue;
+    }
     const ip = parseIpLiteral(text);
     if (!ip) continue;
     const address = ip.text;
@@ -84,6 +96,24 @@ export function readHostAddresses(sources: HostAddressSources = SYSTEM_SOURCES):
     addresses.add(address);
   }
   return [...addresses].sort();
+}
+
+/**
+ * A range in one spelling (its network address, host bits cleared, then `/LEN`; a single address as the address),
+ * or null: not a CIDR, or loopback (127.0.0.0/8 and what lies in it, ::1), which the policy's class rules govern.
+ */
+function localRange(text: string): string | null {
+  let cidr: ReturnType<typeof parseCidr>;
+  try {
+    cidr = parseCidr(text);
+  } catch {
+    return null;
+  }
+  const network = ipAddress(cidr.family, cidr.bytes).text;
+  const single = cidr.prefixLength === (cidr.family === 4 ? 32 : 128);
+  const loopback = cidr.family === 4 ? cidr.bytes[0] === 127 && cidr.prefixLength >= 8 : single && network === '::1';
+  if (loopback) return null;
+  return single ? network : `${network}/${cidr.prefixLength}`;
 }
 
 /**
@@ -133,6 +163,61 @@ export function parseLocalIPv4Addresses(fibTrie: string): string[] {
     leaf = undefined;
   }
   return [...addresses];
+}
+
+/**
+ * The IPv4 ranges /proc/net/fib_trie routes as local: every route of type LOCAL wider than one address
+ * (`/24 host LOCAL` under the leaf `|-- 10.77.0.0`), in every table listed, as `a.b.c.d/LEN` (the leaf is the
+ * network address). AnyIP, and the prefix of an address put on lo. 127.0.0.0/8 is among them, left for
+ * readHostAddresses to drop. See parseLocalIPv4Addresses for the format.
+ */
+export function parseLocalIPv4Ranges(fibTrie: string): string[] {
+  const ranges = new Set<string>();
+  let leaf: string | undefined;
+  for (const line of fibTrie.split('\n')) {
+    const leafMatch = /\|-- (\d{1,3}(?:\.\d{1,3}){3})\s*$/.exec(line);
+    if (leafMatch) {
+      leaf = leafMatch[1];
+      continue;
+    }
+    const route = /^\s+\/(\d+) \S+ (\S+)/.exec(line);
+    if (route) {
+      if (leaf !== undefined && Number(route[1]) < 32 && route[2] === 'LOCAL') ranges.add(`${leaf}/${route[1]}`);
+      continue;
+    }
+    leaf = undefined;
+  }
+  return [...ranges];
+}
+
+/** RTF_LOCAL (include/uapi/linux/ipv6_route.h): a route to this host. */
+const RTF_LOCAL = 0x8000_0000;
+
+/**
+ * The IPv6 routes /proc/net/ipv6_route marks local (RTF_LOCAL), in every table: a `/128` as its address (the
+ * host's own addresses are among them, and an address routed local without being configured), a wider one as
+ * `addr/LEN` (AnyIP: `ip -6 route add local 2001:db8:77::/64 dev lo`). One line per route (net/ipv6/route.c,
+ * ipv6_route_native_seq_show): in hex, the destination (32 digits, no colons) and its prefix length, the source and
+ * its length, the next hop, then metric, reference count, use count and flags (8 digits each), then the device.
+ * Anycast routes (RTF_ANYCAST, no RTF_LOCAL) are left out: TCP drops a SYN to one (a connect() to the subnet-router
+ * anycast address of a forwarding host timed out).
+ */
+export function parseLocalIPv6Routes(ipv6Route: string): string[] {
+  const routes: string[] = [];
+  for (const line of ipv6Route.split('\n')) {
+    const fields = line.trim().split(/\s+/);
+    const [destination, length, , , , , , , flags] = fields;
+    if (fields.length < 10 || !/^[0-9a-f]{32}$/i.test(destination!) || !/^[0-9a-f]{2}$/i.test(length!)) continue;
+    if (!/^[0-9a-f]{8}$/i.test(flags!) || (Number.parseInt(flags!, 16) & RTF_LOCAL) === 0) continue;
+    const prefixLength = Number.parseInt(length!, 16);
+    if (prefixLength > 128) continue;
+    const address = ipAddress(
+      6,
+      Uint8Array.from(destination!.match(/../g)!, (byte) => Number.parseInt(byte, 16)),
+    ).text;
+    routes.push(prefixLength === 128 ? address : `${address}/${prefixLength}`);
+  }
+  return routes;
 }
 
 /**

@@ -10,8 +10,11 @@ import {
   hostAddressesProvider,
   hostAddressReader,
   IF_INET6_PATH,
+  IPV6_ROUTE_PATH,
   parseIPv6Addresses,
   parseLocalIPv4Addresses,
+  parseLocalIPv4Ranges,
+  parseLocalIPv6Routes,
   readHostAddresses,
 } from '../daemon/host-addresses.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
@@ -305,6 +308,26 @@ describe("EgressPolicy: the host's own addresses", () => {
     expect(() => policy.checkAddress('127.0.0.1', 443)).not.toThrow();
   });
 
+  it('refuses every address inside a range routed to the host, in its IPv6 spellings too; loopback stays with its class', () => {
+    const allow = { allow: ['10.0.0.0/8', '2001:db8::/32', '127.0.0.1/32'], allowPorts: [] };
+    const policy = egressPolicy(allow, () => ['10.77.0.0/24', '2001:db8:77::/64']);
+    for (const address of ['10.77.0.0', '10.77.0.9', '::ffff:10.77.0.255', '2001:db8:77::9', '2001:db8:77::ffff:1']) {
+      const error = refusal(() => policy.checkAddress(address, 443, 'self.test'));
+      expect(error.fields, address).toMatchObject({ reason: 'host-address', host: 'self.test' });
+    }
+    // Outside the ranges passes (allow opens the class).
+    expect(() => policy.checkAddress('10.77.1.9', 443)).not.toThrow();
+    expect(() => policy.checkAddress('2001:db8:78::9', 443)).not.toThrow();
+    // A range of public space, reached through NAT64 too; 127.0.0.1 lies in it, yet it is loopback's to decide.
+    const wide = egressPolicy(allow, () => ['0.0.0.0/1']);
+    for (const address of ['45.1.2.3', '64:ff9b::2d01:203']) {
+      expect(refusal(() => wide.checkAddress(address, 443)).fields.reason, address).toBe('host-address');
+    }
+    expect(() => wide.checkAddress('127.0.0.1', 443)).not.toThrow();
+    expect(refusal(() => wide.checkAddress('127.0.0.2', 443)).fields.reason).toBe('loopback');
+    expect(() => wide.checkAddress('130.1.2.3', 443)).not.toThrow();
+  });
+
   it('allowHostAddresses lets them through; a changed list is read again', () => {
     expect(() =>
       egressPolicy({ ...wide, allowHostAddresses: true }, hostAddresses).checkAddress('192.0.2.2', 443),
@@ -320,12 +343,15 @@ describe("EgressPolicy: the host's own addresses", () => {
     const read = readHostAddresses();
     expect(read).not.toContain('127.0.0.1');
     expect(read).not.toContain('::1');
+    const fibTrie = readFileSync(FIB_TRIE_PATH, 'latin1');
     const expected = [
       ...Object.values(networkInterfaces())
         .flatMap((entries) => entries ?? [])
         .map((entry) => entry.address.toLowerCase()),
-      ...parseLocalIPv4Addresses(readFileSync(FIB_TRIE_PATH, 'latin1')),
+      ...parseLocalIPv4Addresses(fibTrie),
+      ...parseLocalIPv4Ranges(fibTrie),
       ...parseIPv6Addresses(readFileSync(IF_INET6_PATH, 'latin1')),
+      ...parseLocalIPv6Routes(readFileSync(IPV6_ROUTE_PATH, 'latin1')),
     ].filter((address) => address !== '::1' && !address.startsWith('127.'));
     expect(read).toEqual([...new Set(expected)].sort());
   });
@@ -438,6 +464,85 @@ fe800000000000000024ff1afe3b0c01 1a3 40 20 80 vethab12
 2600 3c01 garbage
 `;
 
+// Ranges routed to this host, both read in a network namespace where: `ip route add local 10.77.0.0/24 dev lo`
+// (AnyIP), `ip route add local 198.51.100.0/24 dev lo table 100`, `ip addr add 45.33.41.1/24 dev lo` (the kernel
+// routes the whole /24 local), v0 (a veth without carrier) holds 10.99.0.1/24 (its /24 is a link route, not local)
+// and 2600:3c01::1/64 (nodad); and for IPv6 `ip -6 route add local 2001:db8:77::/64 dev lo`, the same for
+// 2001:db8:78::/64 in table 100, and `ip -6 route add local 2001:db8:79::5/128 dev lo` (routed local, on no
+// interface: if_inet6 does not list it).
+const FIB_TRIE_RANGES_SAMPLE = `Id 100:
+  |-- 198.51.100.0
+     /24 host LOCAL
+Main:
+  +-- 0.0.0.0/1 3 0 5
+     +-- 10.64.0.0/10 2 0 2
+        |-- 10.77.0.0
+           /24 host LOCAL
+        +-- 10.99.0.0/24 2 0 2
+           +-- 10.99.0.0/31 1 0 0
+              |-- 10.99.0.0
+                 /24 link UNICAST
+              |-- 10.99.0.1
+                 /32 host LOCAL
+           |-- 10.99.0.255
+              /32 link BROADCAST
+     +-- 45.33.41.0/24 2 0 2
+        +-- 45.33.41.0/31 1 0 0
+           |-- 45.33.41.0
+              /24 host LOCAL
+           |-- 45.33.41.1
+              /32 host LOCAL
+        |-- 45.33.41.255
+           /32 link BROADCAST
+     +-- 127.0.0.0/8 2 0 2
+        +-- 127.0.0.0/31 1 0 0
+           |-- 127.0.0.0
+              /8 host LOCAL
+           |-- 127.0.0.1
+              /32 host LOCAL
+        |-- 127.255.255.255
+           /32 link BROADCAST
+Local:
+  +-- 0.0.0.0/1 3 0 5
+     +-- 10.64.0.0/10 2 0 2
+        |-- 10.77.0.0
+           /24 host LOCAL
+        +-- 10.99.0.0/24 2 0 2
+           +-- 10.99.0.0/31 1 0 0
+              |-- 10.99.0.0
+                 /24 link UNICAST
+              |-- 10.99.0.1
+                 /32 host LOCAL
+           |-- 10.99.0.255
+              /32 link BROADCAST
+     +-- 45.33.41.0/24 2 0 2
+        +-- 45.33.41.0/31 1 0 0
+           |-- 45.33.41.0
+              /24 host LOCAL
+           |-- 45.33.41.1
+              /32 host LOCAL
+        |-- 45.33.41.255
+           /32 link BROADCAST
+     +-- 127.0.0.0/8 2 0 2
+        +-- 127.0.0.0/31 1 0 0
+           |-- 127.0.0.0
+              /8 host LOCAL
+           |-- 127.0.0.1
+              /32 host LOCAL
+        |-- 127.255.255.255
+           /32 link BROADCAST
+`;
+const IPV6_ROUTE_SAMPLE = `20010db8007800000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000400 00000001 00000000 80000001       lo
+00000000000000000000000000000000 00 00000000000000000000000000000000 00 00000000000000000000000000000000 ffffffff 00000001 00000000 00200200       lo
+26003c01000000000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001       v0
+00000000000000000000000000000000 00 00000000000000000000000000000000 00 00000000000000000000000000000000 ffffffff 00000001 00000000 00200200       lo
+00000000000000000000000000000001 80 00000000000000000000000000000000 00 00000000000000000000000000000000 00000000 00000003 00000000 80200001       lo
+20010db8007700000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000400 00000002 00000000 80000001       lo
+20010db8007900000000000000000005 80 00000000000000000000000000000000 00 00000000000000000000000000000000 00000400 00000001 00000000 80000001       lo
+26003c01000000000000000000000001 80 00000000000000000000000000000000 00 00000000000000000000000000000000 00000000 00000003 00000000 80200001       v0
+00000000000000000000000000000000 00 00000000000000000000000000000000 00 00000000000000000000000000000000 ffffffff 00000001 00000000 00200200       lo
+`;
+
 describe("host addresses from the kernel's tables", () => {
   it("parseLocalIPv4Addresses: every /32 LOCAL leaf of every table, a down interface's included; not a subnet, broadcast or wider LOCAL route", () => {
     expect(parseLocalIPv4Addresses(FIB_TRIE_SAMPLE).sort()).toEqual([
@@ -448,6 +553,29 @@ describe("host addresses from the kernel's tables", () => {
       '45.33.33.1',
     ]);
     expect(parseLocalIPv4Addresses('')).toEqual([]);
+  });
+
+  it('parseLocalIPv4Ranges: every LOCAL route wider than one address, of every table: AnyIP and the prefix of an address on lo, not a link route', () => {
+    expect(parseLocalIPv4Ranges(FIB_TRIE_RANGES_SAMPLE).sort()).toEqual([
+      '10.77.0.0/24',
+      '127.0.0.0/8', // left for readHostAddresses to drop
+      '198.51.100.0/24',
+      '45.33.41.0/24',
+    ]);
+    expect(parseLocalIPv4Addresses(FIB_TRIE_RANGES_SAMPLE).sort()).toEqual(['10.99.0.1', '127.0.0.1', '45.33.41.1']);
+    expect(parseLocalIPv4Ranges(FIB_TRIE_SAMPLE).sort()).toEqual(['127.0.0.0/8', '198.51.100.0/30']);
+    expect(parseLocalIPv4Ranges('')).toEqual([]);
+  });
+
+  it('parseLocalIPv6Routes: every RTF_LOCAL route of every table, a /128 as its address, not a link route', () => {
+    expect(parseLocalIPv6Routes(IPV6_ROUTE_SAMPLE).sort()).toEqual([
+      '2001:db8:77::/64',
+      '2001:db8:78::/64',
+      '2001:db8:79::5',
+      '2600:3c01::1',
+      '::1', // left for readHostAddresses to drop
+    ]);
+    expect(parseLocalIPv6Routes('')).toEqual([]);
   });
 
   it('parseIPv6Addresses: every address of if_inet6, whatever its interface or DAD state, in the usual spelling', () => {
@@ -483,7 +611,11 @@ describe("host addresses from the kernel's tables", () => {
           },
         ],
       }) as ReturnType<typeof networkInterfaces>;
-    const files: Record<string, string> = { [FIB_TRIE_PATH]: FIB_TRIE_SAMPLE, [IF_INET6_PATH]: IF_INET6_SAMPLE };
+    const files: Record<string, string> = {
+      [FIB_TRIE_PATH]: FIB_TRIE_SAMPLE,
+      [IF_INET6_PATH]: IF_INET6_SAMPLE,
+      [IPV6_ROUTE_PATH]: IPV6_ROUTE_SAMPLE,
+    };
     const readProcFile = (path: string) => {
       const text = files[path];
       if (text === undefined)
@@ -493,9 +625,14 @@ describe("host addresses from the kernel's tables", () => {
     expect(readHostAddresses({ networkInterfaces: interfaces, readProcFile })).toEqual([
       '10.99.0.1',
       '192.0.2.10',
+      '198.51.100.0/30', // the AnyIP range; 127.0.0.0/8 and ::1 are left out
       '2001:db8:6::1',
+      '2001:db8:77::/64',
+      '2001:db8:78::/64',
+      '2001:db8:79::5',
       '2001:db8:7::1',
       '203.0.113.7',
+      '2600:3c01::1',
       '45.33.32.1',
       '45.33.33.1',
       'fe80::24:ff1a:fe3b:c01',
@@ -503,11 +640,12 @@ describe("host addresses from the kernel's tables", () => {
 
     delete files[FIB_TRIE_PATH];
     delete files[IF_INET6_PATH];
+    delete files[IPV6_ROUTE_PATH];
     const told: string[] = [];
     const read = hostAddressReader((path) => told.push(path), { networkInterfaces: interfaces, readProcFile });
     expect(read()).toEqual(['203.0.113.7']);
     expect(read()).toEqual(['203.0.113.7']);
-    expect(told).toEqual([FIB_TRIE_PATH, IF_INET6_PATH]);
+    expect(told).toEqual([FIB_TRIE_PATH, IF_INET6_PATH, IPV6_ROUTE_PATH]);
   });
 });
 

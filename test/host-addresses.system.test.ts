@@ -9,21 +9,30 @@ import { describe, expect, it } from 'vitest';
 
 const repo = resolve(__dirname, '..');
 
+/** The fixture's scenario in a network namespace of its own: what it prints. */
+function inNamespace(scenario: 'interfaces' | 'anyip'): {
+  listed: string[];
+  addresses: Record<string, { policy: string; policyWithoutRule: string; reachesThisHost: boolean }>;
+} {
+  const run = spawnSync(
+    'unshare',
+    [
+      '-n',
+      process.execPath,
+      '--import',
+      join(repo, 'test/fixtures/register-ts.mjs'),
+      join(repo, 'test/fixtures/host-addresses-netns.ts'),
+      scenario,
+    ],
+    { encoding: 'utf8' },
+  );
+  expect(run.status, run.stderr).toBe(0);
+  return JSON.parse(run.stdout.trim().split('\n').at(-1)!);
+}
+
 describe("the host's own addresses the kernel holds local on interfaces that are not up and running", () => {
   it('refuses them by default, allow covering them or not, in both families: connect() to them reaches this host', () => {
-    const run = spawnSync(
-      'unshare',
-      [
-        '-n',
-        process.execPath,
-        '--import',
-        join(repo, 'test/fixtures/register-ts.mjs'),
-        join(repo, 'test/fixtures/host-addresses-netns.ts'),
-      ],
-      { encoding: 'utf8' },
-    );
-    expect(run.status, run.stderr).toBe(0);
-    const { listed, addresses } = JSON.parse(run.stdout.trim().split('\n').at(-1)!);
+    const { listed, addresses } = inNamespace('interfaces');
     // libuv lists none of them: what the kernel says is the only source here.
     expect(listed.sort()).toEqual(['127.0.0.1', '::1']);
     // policyWithoutRule (allowHostAddresses) shows no other rule refuses them: only the host-address rule does.
@@ -35,6 +44,19 @@ describe("the host's own addresses the kernel holds local on interfaces that are
       '45.33.33.1': local, // administratively down: IPv4 keeps its local route
       // Down, IPv6: not local while down (tentative), refused for when it comes up (see the fixture).
       '2600:3c01:1::1': { ...local, reachesThisHost: false },
+    });
+  });
+});
+
+describe('ranges the kernel routes to this host (local routes wider than one address)', () => {
+  it('refuses every address inside them by default, allow covering them or not, in both families: connect() to one reaches this host', () => {
+    const { addresses } = inNamespace('anyip');
+    const local = { policy: 'host-address', policyWithoutRule: 'allowed', reachesThisHost: true };
+    expect(addresses).toEqual({
+      '45.33.40.7': local, // ip route add local 45.33.40.0/24 dev lo
+      '10.77.0.9': local, // the same inside allow's 10.0.0.0/8
+      '2600:3c01:77::9': local, // ip -6 route add local 2600:3c01:77::/64 dev lo
+      '45.33.41.9': local, // a neighbour of 45.33.41.1/24, put on lo
     });
   });
 });
