@@ -67,6 +67,9 @@ describe('sockpoold under a real systemd', () => {
       'link-local-v6-refused',
       'multicast-v4-refused',
       'multicast-v6-refused',
+      // Metadata endpoints outside link-local (100.100.100.200, fd00:ec2::254), also in IPAddressDeny=.
+      'metadata-v4-refused',
+      'metadata-v6-refused',
       'backstop-nothing-arrived',
     ]) {
       expect(summary, context).toMatch(new RegExp(`^ok ${check}$`, 'm'));
