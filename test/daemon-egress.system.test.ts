@@ -203,8 +203,15 @@ describe('egress policy with the daemon inside a namespace with no route out', (
     await acceptedSoFar(OTHER_PORT);
     expect(await arrivals()).toEqual(before);
 
-    // Every refusal is in the log with its host, port and reason.
-    const refusals = logLines(sockpoold).filter((line) => line.msg === 'refused');
+    // Every refusal is in the log with its host, port and reason. (Read once all are there: the daemon's log reaches
+    // its pipe a little after the replies, later still on a busy machine.)
+    const refusedLines = () => logLines(sockpoold).filter((line) => line.msg === 'refused');
+    await eventually(
+      () => CASES.every((entry) => refusedLines().some((line) => line.host === entry.host && line.port === entry.port)),
+      'a log line for every refusal',
+      10_000,
+    ).catch(() => {}); // the assertions below name what is missing
+    const refusals = refusedLines();
     for (const entry of CASES) {
       const logged = refusals.find((line) => line.host === entry.host && line.port === entry.port);
       expect(logged, `log line for ${entry.host}:${entry.port}`).toBeDefined();
