@@ -147,6 +147,12 @@ export function nextHop(hop: Hop, status: number, location: string, followed: nu
     method = 'GET';
     body = undefined;
     for (const name of BODY_HEADERS) headers.delete(name);
+  } else if (status === 303 && isStreamBody(body)) {
+    // A GET or HEAD keeps its method at a 303, and the standard keeps its body by extracting it again from its
+    // source, which a stream does not have: read once already, it went out again as an empty chunked body, with the
+    // content headers of the first. It goes, with them, as for any other method at a 303.
+    body = undefined;
+    for (const name of BODY_HEADERS) headers.delete(name);
   }
   if (new URL(hop.url).origin !== next.origin) for (const name of ORIGIN_BOUND_HEADERS) headers.delete(name);
   // (Fragments stay with the URL a response reports; curl sends no fragment.)
