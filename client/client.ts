@@ -41,6 +41,7 @@ import {
   type ClassifiedBody,
   checkFraming,
   classifyBody,
+  fetchMethod,
   invalid,
   isStreamBody,
   type PrewarmTarget,
@@ -673,7 +674,8 @@ export class SockpoolClient {
         body = new Uint8Array(await wrapped.arrayBuffer());
       }
     }
-    const method = (init.method ?? source?.method ?? 'GET').toUpperCase();
+    // Normalized as the Fetch standard says (and Node's fetch does): `delete` goes as DELETE, `patch` as `patch`.
+    const method = fetchMethod(init.method ?? source?.method ?? 'GET');
     // A POST or PUT without a body says content-length: 0, as Node's fetch (and the Fetch standard) does: curl would
     // send no length at all, which some servers answer with 411 Length Required.
     if (body === undefined && (method === 'POST' || method === 'PUT')) body = new Uint8Array(0);
@@ -688,6 +690,7 @@ export class SockpoolClient {
       decompress: true,
       redirect: redirectMode(init.redirect ?? source?.redirect, 'follow'),
       [CONTINUING]: true,
+      [METHOD_AS_GIVEN]: true,
       // The body fails as Node's fetch's does (the signal's reason, or TypeError 'terminated').
       [BODY_FAILURE]: (error: Error) => fetchFailure(error, signal, 'terminated'),
     };
@@ -762,7 +765,9 @@ export class SockpoolClient {
     const first: Hop = {
       url: String(url),
       // (As the request will send it: nextHop compares methods.)
-      method: String(options.method ?? 'GET').toUpperCase(),
+      method: (options as InternalOptions)[METHOD_AS_GIVEN]
+        ? String(options.method ?? 'GET')
+        : String(options.method ?? 'GET').toUpperCase(),
       headers: options.headers,
       body: options.body,
     };
@@ -876,7 +881,7 @@ export class SockpoolClient {
   #prepare(url: string | URL, options: InternalOptions, streamResponse: boolean): Prepared | Promise<Prepared> {
     if (this.#closing && options[CONTINUING] !== true) throw new SockpoolError(ErrorCodes.CLOSED, 'client is closed');
     const queued = performance.now();
-    const checked = validateRequest(url, options);
+    const checked = validateRequest(url, options, options[METHOD_AS_GIVEN] === true);
     const timeoutMs = options.timeoutMs === undefined ? this.#options.timeoutMs : validateTimeout(options.timeoutMs);
     const signal = validateSignal(options.signal);
     if (signal?.aborted) throw abortedError(signal);
@@ -1102,9 +1107,14 @@ const AHEAD = Symbol('ahead');
 /** fetch()'s own: what a streamed response body fails with, for a failure of the transfer (fetchFailure). */
 const BODY_FAILURE = Symbol('body-failure');
 
+/** fetch()'s own: its method is sent as given (it normalized it as the Fetch standard says: fetchMethod), not
+ *  upper-cased as request()'s is. */
+const METHOD_AS_GIVEN = Symbol('method-as-given');
+
 type InternalOptions = RequestOptions & {
   [CONTINUING]?: true;
   [AHEAD]?: true;
+  [METHOD_AS_GIVEN]?: true;
   [BODY_FAILURE]?: (error: Error) => unknown;
 };
 

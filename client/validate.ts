@@ -65,17 +65,23 @@ function checkedTarget(url: string | URL, what = ''): UrlTarget {
   return target;
 }
 
-/** Checks everything curl would otherwise be handed blindly: URL scheme, method token, header names and values. */
+/**
+ * Checks everything curl would otherwise be handed blindly: URL scheme, method token, header names and values. The
+ * method is upper-cased, as Node's http.request does, unless `methodAsGiven` (fetch(), which normalized it as the
+ * Fetch standard says: fetchMethod).
+ */
 export function validateRequest(
   url: string | URL,
   options: Pick<RequestOptions, 'method' | 'headers'>,
+  methodAsGiven = false,
 ): {
   target: UrlTarget;
   method: string;
   headers: Array<[string, string]>;
 } {
   const target = checkedTarget(url);
-  const method = options.method === undefined || options.method === null ? 'GET' : checkMethod(options.method);
+  const method =
+    options.method === undefined || options.method === null ? 'GET' : checkMethod(options.method, methodAsGiven);
   const headers: Array<[string, string]> = [];
   const given: unknown = options.headers;
   if (given === undefined || given === null) return { target, method, headers };
@@ -107,18 +113,36 @@ function headerEntries(given: unknown): Iterable<unknown> {
   return Object.entries(given);
 }
 
-/** Methods already checked, upper-cased (a caller uses a handful). */
+/** Methods already checked, upper-cased (a caller uses a handful), and those checked to be sent as given. */
 const checkedMethods = new Map<string, string>();
+const methodsAsGiven = new Map<string, string>();
 
-function checkMethod(given: string): string {
-  const known = checkedMethods.get(given);
+function checkMethod(given: string, asGiven: boolean): string {
+  const checked = asGiven ? methodsAsGiven : checkedMethods;
+  const known = checked.get(given);
   if (known) return known;
-  const method = String(given).toUpperCase();
+  const method = asGiven ? String(given) : String(given).toUpperCase();
   if (!TOKEN.test(method)) throw invalid(`invalid HTTP method ${JSON.stringify(given)}`);
-  if (method === 'CONNECT') throw invalid('CONNECT is not supported');
+  // (In any case: the Fetch standard forbids it so, and `connect` would reach curl as given.)
+  if (method.toUpperCase() === 'CONNECT') throw invalid('CONNECT is not supported');
   // (Bounded: a caller inventing methods without end gets them checked each time beyond this.)
-  if (checkedMethods.size < 64) checkedMethods.set(given, method);
+  if (checked.size < 64) checked.set(given, method);
   return method;
+}
+
+/** The methods the Fetch standard upper-cases, whatever case they are given in ("normalize a method"). */
+const NORMALIZED_METHODS = new Set(['DELETE', 'GET', 'HEAD', 'OPTIONS', 'POST', 'PUT']);
+
+/**
+ * A fetch() method as the Fetch standard normalizes it, and Node's fetch (undici) sends it: DELETE, GET, HEAD,
+ * OPTIONS, POST and PUT upper-cased whatever their case (`delete` goes as DELETE), any other method as given (`patch`
+ * goes as `patch`, which servers may not know as PATCH: method names are case-sensitive). Checked later
+ * (validateRequest with `methodAsGiven`).
+ */
+export function fetchMethod(given: unknown): string {
+  const method = String(given);
+  const upper = method.toUpperCase();
+  return NORMALIZED_METHODS.has(upper) ? upper : method;
 }
 
 export function validateTimeout(timeoutMs: unknown, what = 'timeoutMs'): number {

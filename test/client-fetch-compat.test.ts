@@ -16,6 +16,10 @@ let closedPort: number;
  *  which curl passes on), and half of its body: the rest never comes. Its connections, to see them closed. */
 let badHead: net.Server;
 const badHeadSockets = new Set<net.Socket>();
+/** An origin that records each request's head as it came, request line and all (Node's HTTP parser refuses a
+ *  method that is not an upper-case one it knows, such as `patch`), and answers each with a short body. */
+let rawOrigin: net.Server;
+const rawHeads: string[][] = [];
 let daemon: DaemonProcess;
 let client: SockpoolClient;
 /** Requests /undecodable-slow got. */
@@ -95,7 +99,25 @@ beforeAll(async () => {
   });
   badHead.listen(0, '127.0.0.1');
   await once(badHead, 'listening');
-  daemon = await startTestDaemon([origin.port, closedPort, (badHead.address() as net.AddressInfo).port]);
+  rawOrigin = net.createServer((socket) => {
+    socket.on('error', () => {});
+    let head = '';
+    socket.on('data', (data: Buffer) => {
+      head += data.toString('latin1');
+      const end = head.indexOf('\r\n\r\n');
+      if (end < 0) return;
+      rawHeads.push(head.slice(0, end).split('\r\n'));
+      socket.end('HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok');
+    });
+  });
+  rawOrigin.listen(0, '127.0.0.1');
+  await once(rawOrigin, 'listening');
+  daemon = await startTestDaemon([
+    origin.port,
+    closedPort,
+    (badHead.address() as net.AddressInfo).port,
+    (rawOrigin.address() as net.AddressInfo).port,
+  ]);
   client = new SockpoolClient({ socketPath: daemon.socketPath, threads: 1 });
 });
 
@@ -105,6 +127,7 @@ afterAll(async () => {
   await origin?.close();
   for (const socket of badHeadSockets) socket.destroy();
   badHead?.close();
+  rawOrigin?.close();
 });
 
 const url = (path: string) => `http://127.0.0.1:${origin.port}${path}`;
@@ -198,6 +221,42 @@ describe('fetch() sends what Node’s fetch sends', () => {
         await sent(fetch, url('/echo'), { method }),
       );
     }
+  });
+
+  it('normalizes only DELETE, GET, HEAD, OPTIONS, POST and PUT to upper case, as Node’s fetch does, and sends other methods as given', async () => {
+    const rawUrl = `http://127.0.0.1:${(rawOrigin.address() as net.AddressInfo).port}/m`;
+    /** The request line the origin received for a fetch of `method`. */
+    const requestLine = async (f: typeof fetch, method: string) => {
+      rawHeads.length = 0;
+      await (await f(rawUrl, { method })).arrayBuffer();
+      expect(rawHeads).toHaveLength(1);
+      return rawHeads[0]![0];
+    };
+    const methods = ['patch', 'Patch', 'PATCH', 'get', 'Delete', 'options', 'post', 'put', 'head', 'purge', 'mkcol'];
+    for (const method of methods) {
+      expect(await requestLine(sockpoolFetch, method), method).toBe(await requestLine(fetch, method));
+    }
+    expect(await requestLine(sockpoolFetch, 'patch')).toBe('patch /m HTTP/1.1');
+    // A Request normalizes its method the same way (and fetch() sends what it says).
+    rawHeads.length = 0;
+    await (await client.fetch(new Request(rawUrl, { method: 'purge' }))).arrayBuffer();
+    expect(rawHeads[0]![0]).toBe('purge /m HTTP/1.1');
+    // CONNECT in any case is refused before anything is sent, as Node's fetch refuses it.
+    for (const method of ['connect', 'CONNECT', 'Connect']) {
+      await expect(client.fetch(rawUrl, { method }), method).rejects.toMatchObject({
+        name: 'TypeError',
+        code: 'SOCKPOOL_ERR_INVALID_ARGUMENT',
+      });
+      await expect(client.request(rawUrl, { method }), method).rejects.toMatchObject({
+        code: 'SOCKPOOL_ERR_INVALID_ARGUMENT',
+      });
+    }
+    // request() and requestStream() upper-case every method, as Node's http.request does.
+    rawHeads.length = 0;
+    await client.request(rawUrl, { method: 'patch' });
+    const streamed = await client.requestStream(rawUrl, { method: 'purge' });
+    await new Response(streamed.body).arrayBuffer();
+    expect(rawHeads.map((head) => head[0])).toEqual(['PATCH /m HTTP/1.1', 'PURGE /m HTTP/1.1']);
   });
 
   it('sends a Request object’s body with its length, and again at a 307 (as Node does for a body it holds)', async () => {
