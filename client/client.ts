@@ -676,9 +676,10 @@ export class SockpoolClient {
     }
     // Normalized as the Fetch standard says (and Node's fetch does): `delete` goes as DELETE, `patch` as `patch`.
     const method = fetchMethod(init.method ?? source?.method ?? 'GET');
-    // A POST or PUT without a body says content-length: 0, as Node's fetch (and the Fetch standard) does: curl would
-    // send no length at all, which some servers answer with 411 Length Required.
-    if (body === undefined && (method === 'POST' || method === 'PUT')) body = new Uint8Array(0);
+    // A POST or PUT without a body says content-length: 0, as the Fetch standard says, and a PATCH or QUERY too, as
+    // Node's fetch (undici) sends it: curl would send no length at all, which some servers answer with 411 Length
+    // Required.
+    if (body === undefined && PAYLOAD_METHODS.has(method)) body = new Uint8Array(0);
     const url = source ? source.url : (input as string | URL);
     // As Node's fetch: compressed bodies asked for and decoded, redirects followed unless told otherwise.
     const options: InternalOptions = {
@@ -1093,6 +1094,10 @@ async function readRequestBody(
 const NO_OPTIONS: RequestOptions = Object.freeze({});
 /** fetch()'s init when none is given (only ever read). */
 const NO_INIT: RequestInit = Object.freeze({});
+
+/** Methods whose fetch() without a body says content-length: 0: POST and PUT (the Fetch standard), PATCH and QUERY
+ *  (undici's, which expects a payload of these four; case-sensitive, as there: a `patch` says nothing). */
+const PAYLOAD_METHODS = new Set(['POST', 'PUT', 'PATCH', 'QUERY']);
 
 /** Methods a fetch() may send again to get a body it cannot decode as it came (no side effects, RFC 9110). */
 const REPEATABLE_METHODS = new Set(['GET', 'HEAD', 'OPTIONS']);

@@ -223,6 +223,21 @@ describe('fetch() sends what Node’s fetch sends', () => {
     }
   });
 
+  it('frames a PATCH or QUERY without a body with content-length: 0 too, as Node’s fetch does (a lower-case patch not)', async () => {
+    const rawUrl = `http://127.0.0.1:${(rawOrigin.address() as net.AddressInfo).port}/m`;
+    const framing = async (f: typeof fetch, method: string) => {
+      rawHeads.length = 0;
+      await (await f(rawUrl, { method })).arrayBuffer();
+      return rawHeads[0]!
+        .filter((line) => /^(content-length|transfer-encoding):/i.test(line))
+        .map((line) => line.toLowerCase());
+    };
+    for (const method of ['PATCH', 'QUERY', 'patch', 'query', 'PURGE']) {
+      expect(await framing(sockpoolFetch, method), method).toEqual(await framing(fetch, method));
+    }
+    expect(await framing(sockpoolFetch, 'PATCH')).toEqual(['content-length: 0']);
+  });
+
   it('normalizes only DELETE, GET, HEAD, OPTIONS, POST and PUT to upper case, as Node’s fetch does, and sends other methods as given', async () => {
     const rawUrl = `http://127.0.0.1:${(rawOrigin.address() as net.AddressInfo).port}/m`;
     /** The request line the origin received for a fetch of `method`. */
