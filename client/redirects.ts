@@ -137,7 +137,9 @@ export function nextHop(hop: Hop, status: number, location: string, followed: nu
       { url: hop.url, location: next.href },
     );
   }
-  const headers = new Headers(hop.headers);
+  // (The Headers constructor takes any iterable of pairs, a Map too, as the Fetch standard's HeadersInit does;
+  // undici's type names mutable arrays of pairs only.)
+  const headers = new Headers(hop.headers as ConstructorParameters<typeof Headers>[0]);
   let { method, body } = hop;
   // 301 and 302 turn a POST into a GET (as every browser does), 303 anything but GET and HEAD; the body goes.
   if (

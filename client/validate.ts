@@ -8,7 +8,17 @@ import { MAX_TIMER_MS } from '../shared/timers.js';
 import { type UrlTarget, urlTarget } from '../worker/url-target.js';
 import type { BodyStream } from './caller-channel.js';
 
-export type HeadersInput = Record<string, string> | Array<[string, string]> | Headers;
+/**
+ * A request's headers, as they are taken (headerEntries): a plain object of names and values, an array of
+ * [name, value] pairs, a Headers, a Map, or any other iterable of [name, value] pairs. Anything else (a string) is
+ * refused with SOCKPOOL_ERR_INVALID_ARGUMENT.
+ */
+export type HeadersInput =
+  | Record<string, string>
+  | ReadonlyArray<readonly [string, string]>
+  | Headers
+  | ReadonlyMap<string, string>
+  | Iterable<readonly [string, string]>;
 
 /** A request body: given whole, or streamed (ReadableStream or any AsyncIterable of bytes). */
 export type BodyInput = string | Uint8Array | ArrayBuffer | ArrayBufferView | Blob | BodyStream;

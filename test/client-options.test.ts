@@ -5,8 +5,8 @@
 // their truthiness (insecure: "false" turned TLS verification off). And a request's options: null is none (as
 // Node's fetch takes init null), headers of the wrong shape are refused, typed, before anything is sent (a string
 // went out as headers named 0, 1, …). A real daemon and origin for those.
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { SockpoolClient, type SockpoolClientOptions } from '../client/index.js';
+import { afterAll, beforeAll, describe, expect, expectTypeOf, it } from 'vitest';
+import { type HeadersInput, SockpoolClient, type SockpoolClientOptions } from '../client/index.js';
 import { httpOrigin, type Origin, startTestDaemon } from './fixtures/client-helpers.js';
 import type { DaemonProcess } from './helpers/daemon.js';
 
@@ -129,5 +129,28 @@ describe("a request's options", () => {
       await client.request(url, { headers: headers as never });
     }
     expect(arrived).toEqual([{ 'x-a': '1' }, { 'x-a': '1' }, { 'x-a': '1' }, { 'x-a': '1' }]);
+  });
+
+  // Checked when the project compiles (tsc -p . takes the tests in): a Map was taken at run time, but the type named
+  // only an object, an array of pairs and a Headers, so a typed caller needed a cast.
+  it('types headers as what they take: HeadersInput names a Map and any iterable of pairs, not a string', async () => {
+    expectTypeOf<Map<string, string>>().toExtend<HeadersInput>();
+    expectTypeOf<ReadonlyMap<string, string>>().toExtend<HeadersInput>();
+    expectTypeOf<Iterable<[string, string]>>().toExtend<HeadersInput>();
+    expectTypeOf<Array<readonly [string, string]>>().toExtend<HeadersInput>();
+    expectTypeOf<Headers>().toExtend<HeadersInput>();
+    expectTypeOf<Record<string, string>>().toExtend<HeadersInput>();
+    expectTypeOf<string>().not.toExtend<HeadersInput>();
+    expectTypeOf<Map<string, number>>().not.toExtend<HeadersInput>();
+    const url = `http://127.0.0.1:${origin.port}/headers`;
+    arrived.length = 0;
+    const headers = new Map([['x-a', '1']]);
+    await client.request(url, { headers });
+    await client.requestStream(url, { headers }).then((response) => response.body.cancel());
+    // @ts-expect-error: a string is refused (SOCKPOOL_ERR_INVALID_ARGUMENT at run time)
+    await expect(client.request(url, { headers: 'x-a: 1' })).rejects.toMatchObject({
+      code: 'SOCKPOOL_ERR_INVALID_ARGUMENT',
+    });
+    expect(arrived).toEqual([{ 'x-a': '1' }, { 'x-a': '1' }]);
   });
 });
