@@ -72,7 +72,70 @@ function checkedTarget(url: string | URL, what = ''): UrlTarget {
     throw invalid(`${what}unsupported URL scheme ${target.protocol} (http and https only)`, { url: target.href });
   }
   if (target.credentials) throw invalid(`${what}credentials in the URL are not supported`);
+  if (target.href.length > CURL_MAX_INPUT_LENGTH) {
+    throw invalid(
+      `${what}the URL is ${target.href.length} characters long: curl takes at most ${CURL_MAX_INPUT_LENGTH}`,
+      { url: shortened(target.href) },
+    );
+  }
   return target;
+}
+
+/**
+ * The longest string curl takes for an option (CURL_MAX_INPUT_LENGTH in curl's lib/setopt.c): a longer URL is refused
+ * by setopt and the transfer failed with curlCode 3 ("URL using bad/illegal format or missing URL"), after a socket was
+ * leased for it. (Only a URL with a long fragment, which is not sent, gets here: REQUEST_HEAD_MAX comes first.)
+ */
+export const CURL_MAX_INPUT_LENGTH = 8_000_000;
+
+/**
+ * The longest request head curl builds, request line and headers (DYN_HTTP_REQUEST in curl's lib/dynbuf.h is 1 MiB,
+ * its terminating NUL included; HTTP/2 requests are built there too in curl 7.88): a longer one failed the transfer
+ * with curlCode 27 ("Out of memory") after a socket was leased for it, nothing sent.
+ */
+export const REQUEST_HEAD_MAX = 1024 * 1024 - 1;
+
+/**
+ * What curl adds to the head of a request besides its request line, Host and the caller's headers, at most: Accept,
+ * Accept-Encoding (decompress), Content-Length or Transfer-Encoding, ':scheme' over a relayed HTTP/2 session, the
+ * blank line. A head this close to REQUEST_HEAD_MAX is refused, though curl might have built it.
+ */
+const CURL_HEAD_ALLOWANCE = 128;
+
+/** A URL for an error's fields: a long one cut (the whole of it made errors of megabytes). */
+function shortened(href: string): string {
+  return href.length <= 200 ? href : `${href.slice(0, 200)}…`;
+}
+
+/**
+ * Throws SOCKPOOL_ERR_INVALID_ARGUMENT when the request's head would be longer than curl builds (REQUEST_HEAD_MAX),
+ * counting its request line (method, path and query: no fragment), Host and the caller's headers (`headerChars`: their
+ * names and values, in UTF-16 units) and what curl adds (CURL_HEAD_ALLOWANCE).
+ */
+function checkHeadLength(
+  target: UrlTarget,
+  method: string,
+  headers: Array<[string, string]>,
+  headerChars: number,
+): void {
+  const { href } = target;
+  const hash = href.indexOf('#');
+  // (The path of an http or https URL starts at the first '/' after the scheme's '//'.)
+  const requestTarget = (hash < 0 ? href.length : hash) - href.indexOf('/', target.protocol.length + 2);
+  const fixed = method.length + requestTarget + ' HTTP/1.1\r\n'.length + 1 + `Host: ${target.authority}\r\n`.length;
+  // Each header as "name: value\r\n".
+  const framing = headers.length * 4 + CURL_HEAD_ALLOWANCE;
+  if (fixed + framing + headerChars * 3 <= REQUEST_HEAD_MAX) return;
+  // (Values go to curl as UTF-8: counted in bytes only when they might tip it.)
+  let headerBytes = 0;
+  for (const [name, value] of headers) headerBytes += name.length + Buffer.byteLength(value);
+  const length = fixed + framing + headerBytes;
+  if (length <= REQUEST_HEAD_MAX) return;
+  throw invalid(
+    `the request head (request line and headers) would be about ${length} bytes: curl builds at most ` +
+      `${REQUEST_HEAD_MAX} (1 MiB), and a head within ${CURL_HEAD_ALLOWANCE} bytes of that is refused`,
+    { url: shortened(href) },
+  );
 }
 
 /**
@@ -94,7 +157,11 @@ export function validateRequest(
     options.method === undefined || options.method === null ? 'GET' : checkMethod(options.method, methodAsGiven);
   const headers: Array<[string, string]> = [];
   const given: unknown = options.headers;
-  if (given === undefined || given === null) return { target, method, headers };
+  if (given === undefined || given === null) {
+    checkHeadLength(target, method, headers, 0);
+    return { target, method, headers };
+  }
+  let headerChars = 0;
   for (const entry of headerEntries(given)) {
     // (A pair, as the Headers constructor takes them: [null] or ['x-a'] was a raw TypeError, or a header sent wrong.)
     if (!Array.isArray(entry) || entry.length !== 2) {
@@ -106,7 +173,9 @@ export function validateRequest(
       throw invalid(`the value of header ${name} must be a string, got ${describe(value)}`);
     if (FORBIDDEN_VALUE.test(value)) throw invalid(`invalid value for header ${name}: CR, LF and NUL are not allowed`);
     headers.push([name, value]);
+    headerChars += name.length + value.length;
   }
+  checkHeadLength(target, method, headers, headerChars);
   return { target, method, headers };
 }
 
