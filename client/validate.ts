@@ -122,7 +122,8 @@ function checkHeadLength(
   const hash = href.indexOf('#');
   // (The path of an http or https URL starts at the first '/' after the scheme's '//'.)
   const requestTarget = (hash < 0 ? href.length : hash) - href.indexOf('/', target.protocol.length + 2);
-  const fixed = method.length + requestTarget + ' HTTP/1.1\r\n'.length + 1 + `Host: ${target.authority}\r\n`.length;
+  // "METHOD target HTTP/1.1\r\n" and "Host: authority\r\n".
+  const fixed = method.length + 1 + requestTarget + 11 + 6 + target.authority.length + 2;
   // Each header as "name: value\r\n".
   const framing = headers.length * 4 + CURL_HEAD_ALLOWANCE;
   if (fixed + framing + headerChars * 3 <= REQUEST_HEAD_MAX) return;
