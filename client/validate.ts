@@ -201,8 +201,9 @@ function checkMethod(given: string, asGiven: boolean): string {
   const checked = asGiven ? methodsAsGiven : checkedMethods;
   const known = checked.get(given);
   if (known) return known;
+  // (Checked as given: upper-cased first, `optıons` (a dotless ı) became OPTIONS, and `ﬀ` FF.)
+  if (!TOKEN.test(String(given))) throw invalid(`invalid HTTP method ${JSON.stringify(given)}`);
   const method = asGiven ? String(given) : String(given).toUpperCase();
-  if (!TOKEN.test(method)) throw invalid(`invalid HTTP method ${JSON.stringify(given)}`);
   // (In any case: the Fetch standard forbids it so, and `connect` would reach curl as given.)
   if (method.toUpperCase() === 'CONNECT') throw invalid('CONNECT is not supported');
   // (Bounded: a caller inventing methods without end gets them checked each time beyond this.)
@@ -222,7 +223,8 @@ const NORMALIZED_METHODS = new Set(['DELETE', 'GET', 'HEAD', 'OPTIONS', 'POST', 
 export function fetchMethod(given: unknown): string {
   const method = String(given);
   const upper = method.toUpperCase();
-  return NORMALIZED_METHODS.has(upper) ? upper : method;
+  // (Byte-case-insensitively, as the standard says: `optıons` is not OPTIONS, and is refused as no token.)
+  return NORMALIZED_METHODS.has(upper) && TOKEN.test(method) ? upper : method;
 }
 
 export function validateTimeout(timeoutMs: unknown, what = 'timeoutMs'): number {

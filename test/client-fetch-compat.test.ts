@@ -266,6 +266,17 @@ describe('fetch() sends what Node’s fetch sends', () => {
         code: 'SOCKPOOL_ERR_INVALID_ARGUMENT',
       });
     }
+    // A method that is no token is refused as given, not once upper-cased (`optıons`, a dotless ı, upper-cases to
+    // OPTIONS), as Node's fetch and http.request refuse it.
+    for (const method of ['optıons', 'ﬀ']) {
+      await expect(fetch(rawUrl, { method }), method).rejects.toThrow(TypeError);
+      await expect(client.fetch(rawUrl, { method }), method).rejects.toMatchObject({
+        code: 'SOCKPOOL_ERR_INVALID_ARGUMENT',
+      });
+      await expect(client.request(rawUrl, { method }), method).rejects.toMatchObject({
+        code: 'SOCKPOOL_ERR_INVALID_ARGUMENT',
+      });
+    }
     // request() and requestStream() upper-case every method, as Node's http.request does.
     rawHeads.length = 0;
     await client.request(rawUrl, { method: 'patch' });
