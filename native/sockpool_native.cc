@@ -69,6 +69,8 @@
 namespace {
 
 constexpr int64_t kMaxFdsPerMessage = 253;  // the kernel's SCM_MAX_FD
+// SCM_PIDFD (asm-generic/socket.h, Linux 6.5): older C library headers lack it.
+constexpr int kScmPidfd = 0x04;
 // SO_PASSRIGHTS (asm-generic/socket.h, Linux 6.16): older C library headers lack it.
 constexpr int kSoPassRights = 83;
 constexpr int64_t kMaxMessageBytes = 64 * 1024 * 1024;
@@ -491,18 +493,28 @@ void AttachRights(msghdr* message, RightsBuffer* buffer, const std::vector<int>&
 }
 
 // Calls `take(fd)` for every fd that arrived in `message`'s SCM_RIGHTS control messages (received fds: the caller
-// owns each one from that call on).
+// owns each one from that call on). A pidfd of the sender's process (SCM_PIDFD: the receiving socket has
+// SO_PASSPIDFD, which a client can set on a socket it sends us, see DrainUnixQueue) is an fd installed in our table
+// too: nobody asked for it, so it is closed here (a pidfd's close never waits), never left open.
 template <typename Take>
 void ForEachReceivedFd(msghdr* message, Take&& take) {
   if (message->msg_controllen == 0) return;
   for (cmsghdr* header = CMSG_FIRSTHDR(message); header != nullptr; header = CMSG_NXTHDR(message, header)) {
-    if (header->cmsg_level != SOL_SOCKET || header->cmsg_type != SCM_RIGHTS) continue;
+    if (header->cmsg_level != SOL_SOCKET || header->cmsg_len < CMSG_LEN(0)) continue;
+    const bool rights = header->cmsg_type == SCM_RIGHTS;
+    if (!rights && header->cmsg_type != kScmPidfd) continue;
     const size_t count = (header->cmsg_len - CMSG_LEN(0)) / sizeof(int);
     const unsigned char* payload = CMSG_DATA(header);
     for (size_t i = 0; i < count; i++) {
       int received_fd;
       memcpy(&received_fd, payload + i * sizeof(int), sizeof received_fd);
-      take(received_fd);
+      if (rights) {
+        take(received_fd);
+      } else {
+        const int saved = errno;
+        ::close(received_fd);
+        errno = saved;
+      }
     }
   }
 }
