@@ -71,6 +71,13 @@ namespace {
 constexpr int64_t kMaxFdsPerMessage = 253;  // the kernel's SCM_MAX_FD
 // SCM_PIDFD (asm-generic/socket.h, Linux 6.5): older C library headers lack it.
 constexpr int kScmPidfd = 0x04;
+// A receive's control buffer: room for SCM_MAX_FD fds and, before them, the control messages a receiving socket's own
+// options add (SO_PASSCRED's credentials, SO_TIMESTAMP*'s and SO_TIMESTAMPING's stamps, SO_PASSSEC's label,
+// SO_RXQ_OVFL, SO_RCVMARK; SO_PASSPIDFD's pidfd comes after). The daemon sets none on its own sockets, but a Unix
+// socket a client sent (DrainUnixQueue) has whatever options the client gave it: with only the fds' room, its
+// credentials and a timestamp left no room for the last fds of a full message, which the kernel then dropped itself,
+// in the draining thread (see DiscardQuietly). Labels are short (SELinux's well under the 1 KiB here).
+constexpr size_t kControlBytes = CMSG_SPACE(kMaxFdsPerMessage * sizeof(int)) + 1024;
 // SO_PASSRIGHTS (asm-generic/socket.h, Linux 6.16): older C library headers lack it.
 constexpr int kSoPassRights = 83;
 constexpr int64_t kMaxMessageBytes = 64 * 1024 * 1024;
@@ -571,7 +578,7 @@ void DrainUnixQueue(int fd, int depth) {
   const int on = 1;
   ::setsockopt(fd, SOL_SOCKET, SO_OOBINLINE, &on, sizeof on);  // a stream's out-of-band byte may carry fds too
   static thread_local uint8_t data[4096];  // what the messages say does not matter
-  uint64_t control[(CMSG_SPACE(kMaxFdsPerMessage * sizeof(int)) + 7) / 8];
+  uint64_t control[(kControlBytes + 7) / 8];
   std::vector<int> fds;
   // Each round takes one message out of a queue that cannot grow: the bound only guards against the unexpected.
   for (int round = 0; round < 1 << 20; round++) {
@@ -1355,7 +1362,7 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     // by the kernel itself, in this thread and before DisarmLinger could run (see DiscardQuietly), so a client could
     // make this thread wait in the close of a lingering socket by sending one fd more than we take. More than
     // max_fds is refused below, after every fd arrived.
-    const size_t control_length = CMSG_SPACE(kMaxFdsPerMessage * sizeof(int));
+    const size_t control_length = kControlBytes;
     std::vector<uint64_t> control((control_length + sizeof(uint64_t) - 1) / sizeof(uint64_t) + 1, 0);
     msghdr message;
     memset(&message, 0, sizeof message);
@@ -1434,7 +1441,7 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     }
     int32_t* meta = meta_array.Data();
     // Room for SCM_MAX_FD fds per message whatever maxFds says (see recvMessage): none is dropped by the kernel.
-    const size_t control_length = CMSG_SPACE(kMaxFdsPerMessage * sizeof(int));
+    const size_t control_length = kControlBytes;
     const size_t control_words = (control_length + sizeof(uint64_t) - 1) / sizeof(uint64_t) + 1;
     if (recv_control_.size() < control_words * max_count) recv_control_.resize(control_words * max_count);
     iovec vectors[kMaxBatch];

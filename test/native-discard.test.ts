@@ -6,7 +6,7 @@ import { readdirSync, readlinkSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
 import * as native from '../shared/native.js';
-import { fdCount, receiveMessage, warmUpChildProcesses } from './fixtures/native-helpers.js';
+import { fdCount, pollUntil, receiveMessage, warmUpChildProcesses } from './fixtures/native-helpers.js';
 import { spawnChild } from './helpers/children.js';
 
 const script = join(import.meta.dirname, 'fixtures', 'prepared-unix-socket.py');
@@ -63,4 +63,21 @@ describe('discard of a Unix socket a peer prepared', () => {
     expect(pidfds()).toEqual([]);
     expect(fdCount()).toBe(before);
   });
+
+  it('SO_PASSCRED and SO_TIMESTAMP on it: a message of 253 fds still fits, none is dropped by the kernel', async () => {
+    // The last of the 253 is a TCP socket whose close would wait 10 s for its linger: dropped by the kernel (no room
+    // left in the control buffer after the credentials and the timestamp), it made discard() wait that long.
+    const before = fdCount();
+    const { fd, peer } = (await preparedSocket(['crowded', '10']))!;
+    const started = performance.now();
+    native.discard(fd);
+    expect(performance.now() - started).toBeLessThan(5_000);
+    peer.kill();
+    await once(peer, 'close');
+    // (The 252 others were /dev/null: not sockets, closed by the addon's closing thread, DeferredCloser.)
+    await pollUntil(
+      () => fdCount() === before,
+      () => `the fds back to ${before} (${fdCount()} open)`,
+    );
+  }, 30_000);
 });
