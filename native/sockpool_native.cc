@@ -311,6 +311,25 @@ void CloseQuietly(int fd) {
   errno = saved;
 }
 
+// Whether `fd` is a socket, asked of the socket layer (getsockopt) and never of the file's filesystem: fstat of an fd a
+// client sent may wait for the client. On a FUSE mount it serves, a file whose attributes the mount lets nobody cache
+// makes every fstat a GETATTR request, and the caller waits for the answer as uninterruptibly as a close waits for
+// FLUSH (see DeferredCloser): a signal sends the mount an INTERRUPT it may ignore, and only SIGKILL ends the wait.
+// 1: a socket; 0: open but no socket (an O_PATH fd too, which the socket layer does not take); -1 and errno: not open.
+// Only a socket gets past the socket layer's own check (ENOTSOCK): any other refusal (a cgroup's getsockopt program)
+// is a socket's.
+int SocketKind(int fd) {
+  int type = 0;
+  socklen_t length = sizeof type;
+  if (::getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &length) == 0) return 1;
+  const int err = errno;
+  if (err == ENOTSOCK) return 0;
+  if (err != EBADF) return 1;
+  if (::fcntl(fd, F_GETFD) >= 0) return 0;  // O_PATH: open, but no socket operation takes it
+  errno = err;
+  return -1;
+}
+
 // Owns an fd until release(): the error paths of the creating functions close it on the way out.
 class FdGuard {
  public:
@@ -652,9 +671,10 @@ class DeferredCloser {
 // unexpected.
 void DiscardQuietly(int fd, int depth) {
   const int saved = errno;
-  struct stat status;
-  if (::fstat(fd, &status) == 0 && !S_ISSOCK(status.st_mode)) {
-    DeferredCloser::Close(fd);
+  // Not fstat, which may itself wait for the client (see SocketKind). An fd that is not open (-1) is left alone.
+  const int kind = SocketKind(fd);
+  if (kind == 0) DeferredCloser::Close(fd);
+  if (kind != 1) {
     errno = saved;
     return;
   }
@@ -2052,11 +2072,21 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     return env.Undefined();
   }
 
-  // The socket's inode (its identity while any copy of it is open), or -1 when fd is not a socket.
+  // Whether `fd` is a socket (SocketKind: never an fstat of anything else, which may wait for a client's FUSE mount);
+  // throws EBADF (syscall fstat, as before) when it is not open.
+  static bool IsSocketOrThrow(Napi::Env env, int fd) {
+    const int kind = SocketKind(fd);
+    if (kind < 0) ThrowErrno(env, errno, "fstat");
+    return kind == 1;
+  }
+
+  // The socket's inode (its identity while any copy of it is open), or -1 when fd is not a socket (or an O_PATH fd).
   Napi::Value SocketInode(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
+    const int fd = FdArg(info, 0);
+    if (!IsSocketOrThrow(env, fd)) return Napi::Number::New(env, -1.0);
     struct stat st;
-    if (::fstat(FdArg(info, 0), &st) < 0) ThrowErrno(env, errno, "fstat");
+    if (::fstat(fd, &st) < 0) ThrowErrno(env, errno, "fstat");
     return Napi::Number::New(env, S_ISSOCK(st.st_mode) ? static_cast<double>(st.st_ino) : -1.0);
   }
 
@@ -2071,12 +2101,17 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
   }
 
   // Does fd a refer to the same open socket as fd b (the kernel's own identity: device and inode)?
+  // Either may be a client's: neither is given to fstat before it is known to be a socket (see SocketKind).
   Napi::Value SameSocket(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
+    const int first = FdArg(info, 0);
+    const int second = FdArg(info, 1);
+    const bool first_socket = IsSocketOrThrow(env, first);
+    if (!IsSocketOrThrow(env, second) || !first_socket) return Napi::Boolean::New(env, false);
     struct stat a;
     struct stat b;
-    if (::fstat(FdArg(info, 0), &a) < 0) ThrowErrno(env, errno, "fstat");
-    if (::fstat(FdArg(info, 1), &b) < 0) ThrowErrno(env, errno, "fstat");
+    if (::fstat(first, &a) < 0) ThrowErrno(env, errno, "fstat");
+    if (::fstat(second, &b) < 0) ThrowErrno(env, errno, "fstat");
     return Napi::Boolean::New(env, S_ISSOCK(a.st_mode) && a.st_dev == b.st_dev && a.st_ino == b.st_ino);
   }
 

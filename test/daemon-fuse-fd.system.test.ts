@@ -28,9 +28,11 @@ interface FuseClient {
   finish(): Promise<void>;
 }
 
-function startFuseClient(socketPath: string): FuseClient {
+/** `holdStatSeconds`: the file's every stat asks the mount, which answers another process's only that much later. */
+function startFuseClient(socketPath: string, holdStatSeconds?: number): FuseClient {
   const mountpoint = mkdtempSync(join(tmpdir(), 'sockpool-fuse-'));
-  const child: ChildProcess = spawnChild('python3', [fixture, socketPath, mountpoint], {
+  const hold = holdStatSeconds === undefined ? [] : [String(holdStatSeconds)];
+  const child: ChildProcess = spawnChild('python3', [fixture, socketPath, mountpoint, ...hold], {
     stdio: ['pipe', 'pipe', 'inherit'],
   });
   const lines = createInterface({ input: child.stdout! })[Symbol.asyncIterator]();
@@ -97,6 +99,20 @@ describe('an fd of a file on a FUSE mount the client serves', () => {
     expect((await again.request({ type: 'hello', id: 8, version: 1 })).message).toMatchObject({ id: 8 });
     await fuse.finish();
     // Once answered, the close returns and the daemon stops cleanly.
+    expect(await sockpoold.stop()).toBe(0);
+  }, 30_000);
+
+  it('let in, a file whose every stat waits for the mount: the daemon discards it without a stat, and serves on', async () => {
+    // Before the fix the discard began with an fstat, a GETATTR the mount held (here for 600 s, until the test's end):
+    // the hello below was never answered.
+    const config = writeConfigFile({ access: { acceptClientFds: true } }, cleanups);
+    const sockpoold = await startDaemon({ args: ['--config', config] });
+    cleanups.push(() => sockpoold.stop());
+    const fuse = startFuseClient(sockpoold.socketPath, 600);
+    expect(await fuse.next()).toEqual({ event: 'sent' });
+    expect(await fuse.next()).toMatchObject({ event: 'flush' });
+    await honestHello(sockpoold.socketPath);
+    await fuse.finish();
     expect(await sockpoold.stop()).toBe(0);
   }, 30_000);
 });
