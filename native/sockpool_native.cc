@@ -2518,13 +2518,12 @@ struct PollSetState {
   uv_poll_t handle;
   napi_env env = nullptr;
   LoopCallback js;
-  napi_ref buffer = nullptr;  // the Int32Array `slots` points into, kept alive
+  napi_ref buffer = nullptr;  // the Int32Array the set writes [token, events] pairs into (PollSet::CurrentSlots)
   napi_async_cleanup_hook_handle teardown_hook = nullptr;
   std::shared_ptr<FdSet> polled;
   FdSet members;
   PollSet* owner = nullptr;
-  int32_t* slots = nullptr;
-  size_t pairs = 0;
+  size_t pairs = 0;  // what the buffer held at construction: the most one wakeup reads
   std::vector<epoll_event> ready;
   int epfd = -1;
   bool closing = false;
@@ -2568,7 +2567,6 @@ class PollSet : public Napi::ObjectWrap<PollSet> {
     auto state = std::make_unique<PollSetState>();
     state->env = env;
     state->polled = addon->polled();
-    state->slots = buffer.Data();
     state->pairs = buffer.ElementLength() / 2;
     state->ready.resize(state->pairs);
     FdGuard epfd(::epoll_create1(EPOLL_CLOEXEC));
@@ -2626,12 +2624,65 @@ class PollSet : public Napi::ObjectWrap<PollSet> {
     BeginCloseSet(static_cast<PollSetState*>(data));
   }
 
+  // The buffer's memory as it is now, and how many pairs fit there (at most the constructor's); null when it has no
+  // room left. The pointer the constructor read is not kept: JavaScript may detach the buffer at any time
+  // (ArrayBuffer.prototype.transfer(), a postMessage transfer), and V8 then frees that memory or hands it to another
+  // ArrayBuffer, which the set went on writing into. Valid until JavaScript runs again (the buffer is referenced).
+  static int32_t* CurrentSlots(PollSetState* state, size_t* pairs) {
+    napi_handle_scope scope;
+    if (napi_open_handle_scope(state->env, &scope) != napi_ok) return nullptr;
+    napi_value buffer = nullptr;
+    napi_typedarray_type type;
+    size_t length = 0;
+    void* data = nullptr;
+    int32_t* slots = nullptr;
+    if (state->buffer != nullptr && napi_get_reference_value(state->env, state->buffer, &buffer) == napi_ok &&
+        buffer != nullptr &&
+        napi_get_typedarray_info(state->env, buffer, &type, &length, &data, nullptr, nullptr) == napi_ok &&
+        data != nullptr && length >= 2) {
+      slots = static_cast<int32_t*>(data);
+      *pairs = std::min(state->pairs, length / 2);
+    }
+    napi_close_handle_scope(state->env, scope);
+    return slots;
+  }
+
+  // The buffer was detached (or shrunk below one pair): a misuse of this set, which closes (its members' readiness,
+  // level-triggered, would wake the loop for ever) and says so as this thread's uncaught exception.
+  static void FailDetached(PollSetState* state) {
+    const napi_env env = state->env;
+    PollSet* owner = state->owner;
+    const bool pinned = !state->members.empty();
+    BeginCloseSet(state);
+    if (owner != nullptr && pinned) owner->Unref();  // (pinned while it had members, as Close undoes)
+    napi_handle_scope scope;
+    if (napi_open_handle_scope(env, &scope) != napi_ok) return;
+    napi_value code;
+    napi_value message;
+    napi_value error;
+    if (napi_create_string_utf8(env, "ERR_INVALID_STATE", NAPI_AUTO_LENGTH, &code) == napi_ok &&
+        napi_create_string_utf8(env,
+                                "PollSet: its buffer was detached (transferred) or shrunk; the set is closed and "
+                                "watches nothing",
+                                NAPI_AUTO_LENGTH, &message) == napi_ok &&
+        napi_create_error(env, code, message, &error) == napi_ok) {
+      napi_fatal_exception(env, error);
+    }
+    napi_close_handle_scope(env, scope);
+  }
+
   static void OnPoll(uv_poll_t* handle, int /*status*/, int /*events*/) {
     auto* state = static_cast<PollSetState*>(handle->data);
     if (state->closing || !state->js.live()) return;
+    size_t pairs = 0;
+    int32_t* slots = CurrentSlots(state, &pairs);
+    if (slots == nullptr) {
+      FailDetached(state);
+      return;
+    }
     int count;
     do {
-      count = ::epoll_wait(state->epfd, state->ready.data(), static_cast<int>(state->pairs), 0);
+      count = ::epoll_wait(state->epfd, state->ready.data(), static_cast<int>(pairs), 0);
     } while (count < 0 && errno == EINTR);
     if (count <= 0) return;
     for (int i = 0; i < count; i++) {
@@ -2642,8 +2693,8 @@ class PollSet : public Napi::ObjectWrap<PollSet> {
       if ((ready.events & EPOLLOUT) != 0) events |= UV_WRITABLE;
       if ((ready.events & EPOLLRDHUP) != 0) events |= UV_DISCONNECT;
       if ((ready.events & (EPOLLERR | EPOLLHUP)) != 0) events |= requested;
-      state->slots[2 * i] = static_cast<int32_t>(ready.data.u64 & 0xffffffffu);
-      state->slots[2 * i + 1] = events & requested;
+      slots[2 * i] = static_cast<int32_t>(ready.data.u64 & 0xffffffffu);
+      slots[2 * i + 1] = events & requested;
     }
     const int32_t args[1] = {count};
     state->js.Call(state->env, state->owner != nullptr ? static_cast<napi_ref>(*state->owner) : nullptr, 1, args);

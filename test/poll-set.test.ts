@@ -244,6 +244,35 @@ describe('watchFd', () => {
     native.recvMessage(a, 16, 0);
   });
 
+  it('a native PollSet whose buffer was transferred away never writes into that memory: it closes and throws', () => {
+    // A child process: the set's complaint is that thread's uncaught exception. transfer() to the same length hands
+    // the very memory to the new ArrayBuffer (`moved`): before the fix the set went on writing its pairs there (or,
+    // to another length, into freed memory).
+    const script = `
+      const native = require(${JSON.stringify(native.nativeAddonPath)});
+      const [a, b] = native.seqpacketPair();
+      const buffer = new Int32Array(8);
+      const set = new native.PollSet(buffer, (count) => process.stdout.write('callback ' + count + '\\n'));
+      const moved = new Int32Array(buffer.buffer.transfer());
+      process.on('uncaughtException', (error) => process.stdout.write(error.code + ': ' + error.message + '\\n'));
+      native.sendMessage(b, Buffer.from('x'));
+      set.add(a, native.READABLE, 7);
+      setTimeout(() => {
+        process.stdout.write('moved ' + Array.from(moved).join(',') + '\\n');
+        set.close();
+        native.close(a);
+        native.close(b);
+      }, 200);
+    `;
+    const run = spawnSync(process.execPath, ['-e', script], { encoding: 'utf8', timeout: 20_000 });
+    expect(run.status).toBe(0);
+    expect(run.stdout.split('\n')).toEqual([
+      'ERR_INVALID_STATE: PollSet: its buffer was detached (transferred) or shrunk; the set is closed and watches nothing',
+      'moved 0,0,0,0,0,0,0,0',
+      '',
+    ]);
+  });
+
   it('keeps no event loop alive without members: a process that only loads it exits', () => {
     const module = join(import.meta.dirname, '..', 'dist', 'shared', 'poll-set.js');
     const run = spawnSync(process.execPath, ['--input-type=module', '-e', `import ${JSON.stringify(module)};`], {
