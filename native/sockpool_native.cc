@@ -1280,11 +1280,15 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
   // they come. Returns [accepted end, connecting end], or throws ETIMEDOUT.
   Napi::Value LoopbackPairAwait(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    FdGuard listener(FdArg(info, 0));
-    FdGuard client(FdArg(info, 1));
+    const int listener_fd = FdArg(info, 0);
+    const int client_fd = FdArg(info, 1);
+    FdGuard listener(listener_fd);
+    FdGuard client(client_fd);
+    // Untracked as soon as they are ours (loopbackPairTry tracked both when it returned null): a throw from here on
+    // closes them, and a number left tracked would be closed again at teardown, by then maybe another fd's.
+    tracked_.erase(listener_fd);
+    tracked_.erase(client_fd);
     const int wait_ms = static_cast<int>(IntegerArg(info, 2, "waitMs", 0, 60000));
-    tracked_.erase(listener.get());  // (loopbackPairTry tracked both when it returned null)
-    tracked_.erase(client.get());
     FdGuard server(AcceptOurs(env, listener.get(), client.get(), wait_ms));
     if (server.get() < 0) ThrowErrno(env, ETIMEDOUT, "accept4", "loopback pair: our own connection never arrived");
     Napi::Array pair = FinishLoopbackPair(env, server.get(), client.get());

@@ -6,7 +6,7 @@ import { execFileSync } from 'node:child_process';
 import { join } from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import * as native from '../shared/native.js';
-import { fdCount, receiveMessage, waitForEvents, warmUpChildProcesses } from './fixtures/native-helpers.js';
+import { catchError, fdCount, receiveMessage, waitForEvents, warmUpChildProcesses } from './fixtures/native-helpers.js';
 import { repoRoot } from './helpers/daemon.js';
 
 const TCP_ESTABLISHED = 1;
@@ -141,6 +141,20 @@ describe('loopbackPair beside a local user spraying 127.0.0.1 ports', () => {
       expect(fdCount()).toBe(before);
     },
   );
+
+  it('loopbackPairAwait takes both fds even when its waitMs is refused: closed and untracked, none closed twice', () => {
+    const [listener, client] = native.loopbackPairListen(false);
+    native.track(listener); // as loopbackPairTry leaves both when it returns null
+    native.track(client);
+    expect(catchError(() => native.loopbackPairAwait(listener, client, -1))).toMatchObject({
+      code: 'ERR_OUT_OF_RANGE',
+    });
+    // Before the fix both were closed but left tracked: the thread's teardown would close the numbers again.
+    expect(native.trackedFds()).not.toContain(listener);
+    expect(native.trackedFds()).not.toContain(client);
+    expect(catchError(() => native.close(listener))).toMatchObject({ code: 'EBADF' });
+    expect(catchError(() => native.close(client))).toMatchObject({ code: 'EBADF' });
+  });
 
   it('makes the pair beside 64 strangers in a process without CAP_NET_ADMIN (a kernel may refuse it the filter)', () => {
     // As root, a child without CAP_NET_ADMIN (setpriv); otherwise this process's user, who has none anyway.
