@@ -312,9 +312,11 @@ void CloseQuietly(int fd) {
 }
 
 // Whether `fd` is a socket, asked of the socket layer (getsockopt) and never of the file's filesystem: fstat of an fd a
-// client sent may wait for the client. On a FUSE mount it serves, a file whose attributes the mount lets nobody cache
-// makes every fstat a GETATTR request, and the caller waits for the answer as uninterruptibly as a close waits for
-// FLUSH (see DeferredCloser): a signal sends the mount an INTERRUPT it may ignore, and only SIGKILL ends the wait.
+// client sent may fail, or wait for the client. A FUSE mount of the client's own user (fusermount's, no allow_other)
+// refuses every other user its files' attributes (EACCES) but not the FLUSH of their close: an fd taken for a socket
+// because its fstat failed was closed in the calling thread, which then waited for the client's answer for good (see
+// DeferredCloser). And a file whose attributes the mount lets nobody cache makes every fstat a GETATTR request, waited
+// for as uninterruptibly: a signal sends the mount an INTERRUPT it may ignore, and only SIGKILL ends the wait.
 // 1: a socket; 0: open but no socket (an O_PATH fd too, which the socket layer does not take); -1 and errno: not open.
 // Only a socket gets past the socket layer's own check (ENOTSOCK): any other refusal (a cgroup's getsockopt program)
 // is a socket's.
@@ -2076,22 +2078,22 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     return env.Undefined();
   }
 
-  // Whether `fd` is a socket (SocketKind: never an fstat of anything else, which may wait for a client's FUSE mount);
-  // throws EBADF (syscall fstat, as before) when it is not open.
-  static bool IsSocketOrThrow(Napi::Env env, int fd) {
-    const int kind = SocketKind(fd);
-    if (kind < 0) ThrowErrno(env, errno, "fstat");
-    return kind == 1;
+  // fstat that never waits for the file's filesystem (see SocketKind): statx with AT_STATX_DONT_SYNC answers from
+  // what the kernel holds (a FUSE mount is sent no GETATTR), one syscall as fstat was. Enough for what is read here:
+  // the type, and a socket's device and inode (sockfs has nothing to fetch). Errors are reported as fstat's.
+  static void StatCachedOrThrow(Napi::Env env, int fd, struct statx* status) {
+    if (::statx(fd, "", AT_EMPTY_PATH | AT_STATX_DONT_SYNC, STATX_TYPE | STATX_INO, status) < 0) {
+      ThrowErrno(env, errno, "fstat");
+    }
   }
 
-  // The socket's inode (its identity while any copy of it is open), or -1 when fd is not a socket (or an O_PATH fd).
+  // The socket's inode (its identity while any copy of it is open), or -1 when fd is not a socket. `fd` may be a
+  // client's (a released fd): StatCachedOrThrow.
   Napi::Value SocketInode(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    const int fd = FdArg(info, 0);
-    if (!IsSocketOrThrow(env, fd)) return Napi::Number::New(env, -1.0);
-    struct stat st;
-    if (::fstat(fd, &st) < 0) ThrowErrno(env, errno, "fstat");
-    return Napi::Number::New(env, S_ISSOCK(st.st_mode) ? static_cast<double>(st.st_ino) : -1.0);
+    struct statx status;
+    StatCachedOrThrow(env, FdArg(info, 0), &status);
+    return Napi::Number::New(env, S_ISSOCK(status.stx_mode) ? static_cast<double>(status.stx_ino) : -1.0);
   }
 
   // SIOCOUTQ of an AF_UNIX socket: the memory of the messages it sent that the peer has not received yet (each
@@ -2104,19 +2106,16 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     return Napi::Number::New(env, outq);
   }
 
-  // Does fd a refer to the same open socket as fd b (the kernel's own identity: device and inode)?
-  // Either may be a client's: neither is given to fstat before it is known to be a socket (see SocketKind).
+  // Does fd a refer to the same open socket as fd b (the kernel's own identity: device and inode)? Either may be a
+  // client's: StatCachedOrThrow.
   Napi::Value SameSocket(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    const int first = FdArg(info, 0);
-    const int second = FdArg(info, 1);
-    const bool first_socket = IsSocketOrThrow(env, first);
-    if (!IsSocketOrThrow(env, second) || !first_socket) return Napi::Boolean::New(env, false);
-    struct stat a;
-    struct stat b;
-    if (::fstat(first, &a) < 0) ThrowErrno(env, errno, "fstat");
-    if (::fstat(second, &b) < 0) ThrowErrno(env, errno, "fstat");
-    return Napi::Boolean::New(env, S_ISSOCK(a.st_mode) && a.st_dev == b.st_dev && a.st_ino == b.st_ino);
+    struct statx a;
+    struct statx b;
+    StatCachedOrThrow(env, FdArg(info, 0), &a);
+    StatCachedOrThrow(env, FdArg(info, 1), &b);
+    return Napi::Boolean::New(env, S_ISSOCK(a.stx_mode) && a.stx_dev_major == b.stx_dev_major &&
+                                       a.stx_dev_minor == b.stx_dev_minor && a.stx_ino == b.stx_ino);
   }
 
   // shutdown(SHUT_RDWR): the connection ends for every process holding a copy of the socket. A socket that is

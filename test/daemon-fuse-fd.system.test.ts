@@ -5,7 +5,7 @@
 // at the sender (SO_PASSRIGHTS = 0 on the daemon's listener, Linux 6.16), and where fds are let in (an older
 // kernel, `access.acceptClientFds`) a non-socket fd is closed in a thread of its own (native DeferredCloser).
 import type { ChildProcess } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { chmodSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
@@ -28,11 +28,15 @@ interface FuseClient {
   finish(): Promise<void>;
 }
 
-/** `holdStatSeconds`: the file's every stat asks the mount, which answers another process's only that much later. */
-function startFuseClient(socketPath: string, holdStatSeconds?: number): FuseClient {
+/**
+ * `settings`, the fixture's: `hold=SECONDS` (the file's every stat asks the mount, which answers another process's only
+ * that much later), `uid=UID` (the mount is that user's, as fusermount makes it: every other user, the daemon's
+ * included, is refused its files' attributes).
+ */
+function startFuseClient(socketPath: string, ...settings: string[]): FuseClient {
   const mountpoint = mkdtempSync(join(tmpdir(), 'sockpool-fuse-'));
-  const hold = holdStatSeconds === undefined ? [] : [String(holdStatSeconds)];
-  const child: ChildProcess = spawnChild('python3', [fixture, socketPath, mountpoint, ...hold], {
+  chmodSync(mountpoint, 0o755); // (a `uid` client opens the file as that user)
+  const child: ChildProcess = spawnChild('python3', [fixture, socketPath, mountpoint, ...settings], {
     stdio: ['pipe', 'pipe', 'inherit'],
   });
   const lines = createInterface({ input: child.stdout! })[Symbol.asyncIterator]();
@@ -108,7 +112,22 @@ describe('an fd of a file on a FUSE mount the client serves', () => {
     const config = writeConfigFile({ access: { acceptClientFds: true } }, cleanups);
     const sockpoold = await startDaemon({ args: ['--config', config] });
     cleanups.push(() => sockpoold.stop());
-    const fuse = startFuseClient(sockpoold.socketPath, 600);
+    const fuse = startFuseClient(sockpoold.socketPath, 'hold=600');
+    expect(await fuse.next()).toEqual({ event: 'sent' });
+    expect(await fuse.next()).toMatchObject({ event: 'flush' });
+    await honestHello(sockpoold.socketPath);
+    await fuse.finish();
+    expect(await sockpoold.stop()).toBe(0);
+  }, 30_000);
+
+  it("let in, a file on a mount of another user's (fusermount's, no allow_other): closed off the daemon thread too", async () => {
+    // The kernel refuses the daemon the file's attributes (EACCES) but not its FLUSH. Before the fix the discard's
+    // fstat failed, the fd was taken for a socket, and the daemon's own thread closed it: the hello below waited for
+    // the mount's answer to that FLUSH.
+    const config = writeConfigFile({ access: { acceptClientFds: true } }, cleanups);
+    const sockpoold = await startDaemon({ args: ['--config', config] });
+    cleanups.push(() => sockpoold.stop());
+    const fuse = startFuseClient(sockpoold.socketPath, 'uid=65534');
     expect(await fuse.next()).toEqual({ event: 'sent' });
     expect(await fuse.next()).toMatchObject({ event: 'flush' });
     await honestHello(sockpoold.socketPath);

@@ -31,7 +31,7 @@ describe('an fd of a file on a FUSE mount the client serves, whose every stat wa
     const listener = native.seqpacketListen(path, 4);
     cleanups.push(() => native.close(listener));
     mkdirSync(mountpoint);
-    const child = spawnChild('python3', [fixture, path, mountpoint, String(HOLD_SECONDS)], {
+    const child = spawnChild('python3', [fixture, path, mountpoint, `hold=${HOLD_SECONDS}`], {
       stdio: ['pipe', 'pipe', 'inherit'],
     });
     // Whatever the outcome, the held FLUSH is answered before this process ends (a thread stuck in close() would keep
