@@ -434,3 +434,100 @@ describe('HTTP/1.1 keep-alive', () => {
     }
   });
 });
+
+describe('a request whose HTTP/2 header block is more than curl sends (nghttp2: 64 KiB)', () => {
+  // curl 7.88's HTTP/2 library (nghttp2) does not send a header block it bounds at more than 64 KiB: it closes the
+  // stream itself with REFUSED_STREAM ("send it again"), nothing written. On a new connection curl then resends it on
+  // another (plain curl: five, then curlCode 56); on a connection it reuses nothing more comes to wake the transfer and
+  // it waited until its deadline (plain curl too). The origin never sees it.
+  /** How a request settled: its error's code, curlCode, deadConnection and message. */
+  const failure = (pending: Promise<unknown>) =>
+    pending.then(
+      () => undefined,
+      (error: { code?: string; curlCode?: number; deadConnection?: boolean; message?: string }) => error,
+    );
+  const longPath = `/hb-${'a'.repeat(70_000)}`;
+
+  it('counts the block as nghttp2 does: one of exactly 64 KiB is sent, one a byte longer fails at once', async () => {
+    // An origin that takes header lists of up to 1 MiB (Node's default is 64 KiB): what it refuses is not the point.
+    const wide = await h2Origin({ maxHeaderListSize: 1024 * 1024 });
+    const wideDaemon = await startTestDaemon([wide.port], {
+      extraArgs: ['--resolve', `localhost:${wide.port}:127.0.0.1`],
+    });
+    const base = `https://localhost:${wide.port}`;
+    const sockpool = new SockpoolClient({ socketPath: wideDaemon.socketPath, threads: 1, caFile: pki.caFile });
+    try {
+      expect((await sockpool.request(`${base}/wide-first`)).httpVersion).toBe('2');
+      // nghttp2's bound: 17, and 12 for each of the 5 fields (:method, :path, :scheme, :authority, accept) with their
+      // names and values.
+      const authority = `localhost:${wide.port}`;
+      const fixed = 17 + 12 * 5 + ':method'.length + 3 + ':path'.length + ':scheme'.length + 5;
+      const pathLength = 65_536 - fixed - ':authority'.length - authority.length - 'accept'.length - '*/*'.length;
+      const fits = `/${'f'.repeat(pathLength - 1)}`;
+      const over = `/${'o'.repeat(pathLength)}`;
+      expect((await sockpool.request(`${base}${fits}`, { timeoutMs: 10_000 })).body.toString()).toBe(`GET ${fits}`);
+      const error = await failure(sockpool.request(`${base}${over}`, { timeoutMs: 10_000 }));
+      expect(error).toMatchObject({ code: 'SOCKPOOL_ERR_TRANSFER', curlCode: 92 });
+      expect(error?.message).toContain('up to 65537 bytes');
+      expect(wide.seen.get(`GET ${over}`)).toBeUndefined();
+    } finally {
+      await sockpool.close();
+      await wideDaemon.stop();
+      await wide.close();
+    }
+  }, 30_000);
+
+  for (const threads of [1, 0]) {
+    const modes = threads === 0 ? 'threads: 0' : 'a worker thread';
+    const client = () =>
+      new SockpoolClient({ socketPath: daemon.socketPath, threads, caFile: pki.caFile, inlineWhenIdle: false });
+
+    it(`fails at once on a reused connection (${modes}), typed, nothing sent: not at its deadline`, async () => {
+      const base = `https://localhost:${h2.port}`;
+      const fdsBefore = fdCount() - h2.openSockets(); // before the client's thread (see the first test)
+      const sockpool = client();
+      try {
+        h2.handle = answer;
+        expect((await sockpool.request(`${base}/hb-first-${threads}`)).httpVersion).toBe('2');
+        const accepted = h2.accepted();
+        const error = await failure(sockpool.request(`${base}${longPath}`, { timeoutMs: 20_000 }));
+        expect(error).toMatchObject({ code: 'SOCKPOOL_ERR_TRANSFER', curlCode: 92, deadConnection: false });
+        expect(error?.message).toMatch(/HTTP\/2 header block/);
+        expect(h2.seen.get(`GET ${longPath}`)).toBeUndefined();
+        expect(h2.accepted() - accepted).toBe(0);
+        // The connection is still good for the next request.
+        expect((await sockpool.request(`${base}/hb-after-${threads}`)).body.toString()).toBe(
+          `GET /hb-after-${threads}`,
+        );
+      } finally {
+        await sockpool.close();
+      }
+      await eventually(() => fdCount() - h2.openSockets() <= fdsBefore, `fds back to ${fdsBefore}`);
+    }, 30_000);
+
+    it(`fails at once on a new connection (${modes}), typed, not as a connect failure, over one connection`, async () => {
+      const base = `https://localhost:${h2.port}`;
+      const fdsBefore = fdCount() - h2.openSockets(); // before the client's thread (see the first test)
+      const sockpool = client();
+      try {
+        h2.handle = answer;
+        const accepted = h2.accepted();
+        const error = await failure(sockpool.request(`${base}${longPath}`, { timeoutMs: 20_000 }));
+        // Before: curlCode 7 ("Couldn't connect to server"), after a second connection for curl's resend.
+        expect(error).toMatchObject({ code: 'SOCKPOOL_ERR_TRANSFER', curlCode: 92, deadConnection: false });
+        expect(error?.message).toMatch(/HTTP\/2 header block/);
+        expect(h2.seen.get(`GET ${longPath}`)).toBeUndefined();
+        expect(h2.accepted() - accepted).toBe(1);
+        // A POST the same (before: deadConnection, as if its connection had died after it was sent).
+        const post = await failure(
+          sockpool.request(`${base}${longPath}`, { method: 'POST', body: 'x', timeoutMs: 20_000 }),
+        );
+        expect(post).toMatchObject({ code: 'SOCKPOOL_ERR_TRANSFER', curlCode: 92, deadConnection: false });
+        expect(h2.seen.get(`POST ${longPath}`)).toBeUndefined();
+      } finally {
+        await sockpool.close();
+      }
+      await eventually(() => fdCount() - h2.openSockets() <= fdsBefore, `fds back to ${fdsBefore}`);
+    }, 30_000);
+  }
+});

@@ -203,6 +203,8 @@ interface Attempt {
   mayResend: boolean;
   /** curl asked for a new connection after it had sent the request: its own retry (see openSocket). */
   resent: boolean;
+  /** nghttp2 refused to send the request's header block (its bound, see h2HeaderBlockOver): found in openSocket. */
+  headerBlock: number | undefined;
 }
 
 interface HandleState {
@@ -453,6 +455,15 @@ export class CurlEngine {
     if (remaining <= 0) {
       this.#fail(transfer, timeoutError(request));
       return;
+    }
+    // An origin known to speak HTTP/2: a header block nghttp2 will not send fails now, before a token or a socket is
+    // taken for it (see h2HeaderBlockOver). Sent, it hung until its deadline on a reused connection.
+    if (transfer.target.secure && this.#supply.multiplexes(transfer.key) === true) {
+      const bound = h2HeaderBlockOver(request, transfer.target, io.source);
+      if (bound !== undefined) {
+        this.#fail(transfer, headerBlockError(request, bound));
+        return;
+      }
     }
     // Each attempt is a request the origin sees: each takes a token of a rate-limited origin.
     let taking: Promise<void> | undefined;
@@ -724,6 +735,16 @@ export class CurlEngine {
         // Found in review: a POST on a reused HTTP/2 connection that closed went out twice, once more per starved
         // retry (test/client-h2-edges.test.ts).
         if (Number(state.easy.getInfo('REQUEST_SIZE').data) > 0) {
+          // Not a refusal by the origin: nghttp2 refused to send a header block this large and closed the stream
+          // itself (REFUSED_STREAM, "send it again"), nothing written; on a new connection it refuses it again (plain
+          // curl tries five and fails with curlCode 56). No socket, and #finishAttempt says what happened: before,
+          // it failed as a connect failure (curlCode 7, deadConnection) after a second connection for the resend.
+          // (Only an HTTP/2 stream is resent from a connection curl did not reuse; an origin known to speak
+          // HTTP/1.x never gets here for its header block.)
+          if (attempt.secure && this.#supply.multiplexes(attempt.originKey) !== false) {
+            attempt.headerBlock = h2HeaderBlockOver(attempt.request, attempt.target, attempt.io.source);
+            if (attempt.headerBlock !== undefined) return CURL_SOCKET_BAD;
+          }
           attempt.resent = true;
           if (!attempt.mayResend) return CURL_SOCKET_BAD;
         }
@@ -1159,6 +1180,7 @@ export class CurlEngine {
       tooLarge: false,
       mayResend: !transfer.retriedDead && retryable(this.#policy, request),
       resent: false,
+      headerBlock: undefined,
     };
     state.current = attempt;
     try {
@@ -1223,6 +1245,18 @@ export class CurlEngine {
     if (abortReason !== undefined) {
       const failure = new TransferFailure(code, abortReason, true);
       failure.unsent = transfer.token !== undefined && this.#unsent(state, attempt);
+      this.#release(state);
+      this.#attemptEnded(transfer, slot, failure);
+      return;
+    }
+    if (attempt.headerBlock !== undefined && code !== CurlCode.CURLE_OK) {
+      // Nothing of it went out (see openSocket): never run again, and its token (if any) was not spent.
+      const failure = new TransferFailure(
+        CurlCode.CURLE_HTTP2_STREAM,
+        headerBlockError(request, attempt.headerBlock),
+        true,
+      );
+      failure.unsent = true;
       this.#release(state);
       this.#attemptEnded(transfer, slot, failure);
       return;
@@ -1389,6 +1423,92 @@ function rewound(io: TransferIO): boolean {
   if (io.source && !io.source.rewind()) return false;
   io.sink.reset();
   return true;
+}
+
+/**
+ * The most nghttp2 (curl 7.88's HTTP/2 library) sends as one request's header block, as it bounds it
+ * (max_send_header_block_length, NGHTTP2_MAX_HEADERSLEN: 64 KiB): see h2HeaderBlockOver.
+ */
+const H2_HEADER_BLOCK_MAX = 65_536;
+/** Headers curl 7.88 drops from an HTTP/2 request (connection-specific; `host` becomes `:authority`, `te` is kept
+ *  only as "trailers"). */
+const H2_DROPPED_HEADERS = new Set(['connection', 'keep-alive', 'proxy-connection', 'transfer-encoding', 'upgrade']);
+/** curl 7.88's Accept-Encoding when asked for every coding it knows (ACCEPT_ENCODING ''), in this build. */
+const CURL_ACCEPT_ENCODING = 'deflate, gzip, br, zstd';
+
+/**
+ * nghttp2's bound of the request's HTTP/2 header block when it is more than nghttp2 sends (H2_HEADER_BLOCK_MAX), else
+ * undefined. nghttp2 bounds a block at 12 bytes, 5 more for a priority it may add, and for each field 12 bytes with its
+ * name and value (nghttp2_hd_deflate_bound); past its limit it sends nothing and closes the stream itself with
+ * REFUSED_STREAM (the code that says "send it again"). curl 7.88 then resends the request on a new connection, where
+ * the same happens, or, on a connection it reused, never looks at the stream again: the transfer waited until its
+ * deadline (plain curl as well). The fields are what curl sends: the pseudo-headers (`:authority` the caller's Host,
+ * if given), the caller's headers but the connection-specific ones, and its own Accept, Accept-Encoding (decompress)
+ * and Content-Length. Measured against curl 7.88 with nghttp2 1.52 (test/client-h2-edges.test.ts): a block of
+ * exactly the limit is sent, one a byte longer is not; a shorter Accept-Encoding than CURL_ACCEPT_ENCODING (another
+ * build) is counted a few bytes long.
+ */
+function h2HeaderBlockOver(
+  request: TransferRequest,
+  target: UrlTarget,
+  source: UploadSource | undefined,
+): number | undefined {
+  const { href } = target;
+  const { headers } = request;
+  // Most requests are far below it: the method, the whole URL and every header (each character counted as 3 UTF-8
+  // bytes), with room for the names and values curl adds.
+  let chars = 0;
+  for (const [name, value] of headers) chars += name.length + value.length;
+  const room = H2_HEADER_BLOCK_MAX - 17 - 12 * (headers.length + 7) - 128;
+  if (request.method.length + href.length + target.authority.length + chars * 3 <= room) return undefined;
+  const hash = href.indexOf('#');
+  // (The path of an http or https URL starts at the first '/' after the scheme's '//'.)
+  const path = (hash < 0 ? href.length : hash) - href.indexOf('/', target.protocol.length + 2);
+  let fields = 4;
+  let bytes = ':method'.length + request.method.length + ':path'.length + path + ':scheme'.length + 'https'.length;
+  let authority = target.authority.length;
+  let accept = false;
+  let acceptEncoding = false;
+  let contentLength = false;
+  for (const [name, value] of headers) {
+    const lower = name.toLowerCase();
+    if (lower === 'host') {
+      authority = Buffer.byteLength(value.trimStart());
+      continue;
+    }
+    if (H2_DROPPED_HEADERS.has(lower) || (lower === 'te' && value.trim().toLowerCase() !== 'trailers')) continue;
+    if (lower === 'accept') accept = true;
+    else if (lower === 'accept-encoding') acceptEncoding = true;
+    else if (lower === 'content-length') contentLength = true;
+    fields++;
+    bytes += name.length + Buffer.byteLength(value.trimStart());
+  }
+  bytes += ':authority'.length + authority;
+  if (!accept) {
+    fields++;
+    bytes += 'accept'.length + '*/*'.length;
+  }
+  if (request.decompress && !acceptEncoding) {
+    fields++;
+    bytes += 'accept-encoding'.length + CURL_ACCEPT_ENCODING.length;
+  }
+  if (source && source.length !== undefined && !contentLength) {
+    fields++;
+    bytes += 'content-length'.length + String(source.length).length;
+  }
+  const bound = 17 + 12 * fields + bytes;
+  return bound > H2_HEADER_BLOCK_MAX ? bound : undefined;
+}
+
+/** A request whose header block nghttp2 refused to send over HTTP/2 (see h2HeaderBlockOver): nothing was sent. */
+function headerBlockError(request: TransferRequest, bound: number): SockpoolError {
+  const url = request.url.length <= 200 ? request.url : `${request.url.slice(0, 200)}…`;
+  return new SockpoolError(
+    ErrorCodes.TRANSFER,
+    `${request.method} ${url}: the request's HTTP/2 header block (URL and headers) would be up to ${bound} bytes, ` +
+      `more than curl's HTTP/2 library (nghttp2) sends (${H2_HEADER_BLOCK_MAX}): it refused the stream, nothing was sent`,
+    { curlCode: CurlCode.CURLE_HTTP2_STREAM, deadConnection: false },
+  );
 }
 
 /**

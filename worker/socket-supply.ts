@@ -396,6 +396,11 @@ export class SocketSupply {
     return Math.max(0, origin.connections - origin.inFlight);
   }
 
+  /** What an origin's first response said (learnProtocol): true for HTTP/2, false for HTTP/1.x, undefined before. */
+  multiplexes(key: string): boolean | undefined {
+    return this.#origins.get(key)?.multiplexed;
+  }
+
   /** Whether an origin's protocol was learned (an https origin's first response says). */
   knowsProtocol(key: string): boolean {
     return this.#origins.get(key)?.multiplexed !== undefined;
