@@ -10,7 +10,14 @@ import http2 from 'node:http2';
 import type { AddressInfo, Socket } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SockpoolClient } from '../client/index.js';
-import { eventually, fdCount, httpOrigin, type Origin, startTestDaemon } from './fixtures/client-helpers.js';
+import {
+  eventually,
+  fdCount,
+  httpOrigin,
+  type Origin,
+  originStats,
+  startTestDaemon,
+} from './fixtures/client-helpers.js';
 import type { DaemonProcess } from './helpers/daemon.js';
 import { createTestPki, type TestPki } from './helpers/tls.js';
 
@@ -495,6 +502,8 @@ describe('a request whose HTTP/2 header block is more than curl sends (nghttp2: 
         expect(error?.message).toMatch(/HTTP\/2 header block/);
         expect(h2.seen.get(`GET ${longPath}`)).toBeUndefined();
         expect(h2.accepted() - accepted).toBe(0);
+        // No lease but the connection's.
+        expect((await originStats(daemon.socketPath, h2.port, 'localhost')).leased).toBe(1);
         // The connection is still good for the next request.
         expect((await sockpool.request(`${base}/hb-after-${threads}`)).body.toString()).toBe(
           `GET /hb-after-${threads}`,
@@ -518,6 +527,11 @@ describe('a request whose HTTP/2 header block is more than curl sends (nghttp2: 
         expect(error?.message).toMatch(/HTTP\/2 header block/);
         expect(h2.seen.get(`GET ${longPath}`)).toBeUndefined();
         expect(h2.accepted() - accepted).toBe(1);
+        // curl closed the connection of the stream it refused: its lease ended.
+        await eventually(
+          async () => (await originStats(daemon.socketPath, h2.port, 'localhost')).leased === 0,
+          'no lease left',
+        );
         // A POST the same (before: deadConnection, as if its connection had died after it was sent).
         const post = await failure(
           sockpool.request(`${base}${longPath}`, { method: 'POST', body: 'x', timeoutMs: 20_000 }),
