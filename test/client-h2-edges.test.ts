@@ -17,6 +17,7 @@ import {
   type Origin,
   originStats,
   startTestDaemon,
+  warmTlsArgs,
 } from './fixtures/client-helpers.js';
 import type { DaemonProcess } from './helpers/daemon.js';
 import { createTestPki, type TestPki } from './helpers/tls.js';
@@ -482,6 +483,29 @@ describe('a request whose HTTP/2 header block is more than curl sends (nghttp2: 
       await wideDaemon.stop();
       await wide.close();
     }
+  }, 30_000);
+
+  it('fails at once over the daemon’s warm-TLS relay too (curl speaks HTTP/2 in plaintext), new connection and reused', async () => {
+    const warmDaemon = await startTestDaemon([h2.port], { extraArgs: warmTlsArgs(pki.caFile, [h2.port]) });
+    const base = `https://localhost:${h2.port}`;
+    const fdsBefore = fdCount() - h2.openSockets(); // before the client's thread (see the first test)
+    const sockpool = new SockpoolClient({ socketPath: warmDaemon.socketPath, threads: 1, caFile: pki.caFile });
+    try {
+      h2.handle = answer;
+      // Its protocol not known yet: curl's resend is refused (openSocket).
+      const first = await failure(sockpool.request(`${base}${longPath}`, { timeoutMs: 20_000 }));
+      expect(first).toMatchObject({ code: 'SOCKPOOL_ERR_TRANSFER', curlCode: 92, deadConnection: false });
+      expect((await sockpool.request(`${base}/hb-warm-first`)).httpVersion).toBe('2');
+      // Known to speak HTTP/2: refused before it goes to curl.
+      const reused = await failure(sockpool.request(`${base}${longPath}`, { timeoutMs: 20_000 }));
+      expect(reused).toMatchObject({ code: 'SOCKPOOL_ERR_TRANSFER', curlCode: 92, deadConnection: false });
+      expect(h2.seen.get(`GET ${longPath}`)).toBeUndefined();
+      expect((await sockpool.request(`${base}/hb-warm-after`)).body.toString()).toBe('GET /hb-warm-after');
+    } finally {
+      await sockpool.close();
+      await warmDaemon.stop();
+    }
+    await eventually(() => fdCount() - h2.openSockets() <= fdsBefore, `fds back to ${fdsBefore}`);
   }, 30_000);
 
   for (const threads of [1, 0]) {
