@@ -1595,7 +1595,8 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     const int port = static_cast<int>(IntegerArg(info, 2, "port", 0, 65535));
     const InetAddress target = ParseInet(env, GetIntOption(env, fd, SOL_SOCKET, SO_DOMAIN), address, port);
     if (::bind(fd, reinterpret_cast<const sockaddr*>(&target.storage), target.length) < 0) {
-      Napi::Error error = ErrnoError(env, errno, "bind", Endpoint(address, port));
+      const int error_number = errno;  // (read first: Endpoint() allocates, and argument order is unspecified)
+      Napi::Error error = ErrnoError(env, error_number, "bind", Endpoint(address, port));
       error.Set("address", Napi::String::New(env, address));
       error.Set("port", Napi::Number::New(env, port));
       throw error;
@@ -1622,7 +1623,8 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
       GuardSocketOrThrow(env, fd);
       return Napi::Boolean::New(env, connected);
     }
-    Napi::Error error = ErrnoError(env, errno, "connect", Endpoint(address, port));
+    const int error_number = errno;  // (read first: Endpoint() allocates, and argument order is unspecified)
+    Napi::Error error = ErrnoError(env, error_number, "connect", Endpoint(address, port));
     error.Set("address", Napi::String::New(env, address));
     error.Set("port", Napi::Number::New(env, port));
     throw error;
@@ -2535,6 +2537,9 @@ struct PollSetState {
 void BeginCloseSet(PollSetState* state);
 void OnPollSetClosed(uv_handle_t* handle);
 
+/** The most [token, events] pairs a PollSet reads in one epoll_wait, whatever its buffer's length. */
+constexpr size_t kMaxPollSetPairs = 65536;
+
 uint32_t EpollEventsFor(int events) {
   uint32_t wanted = 0;
   if ((events & UV_READABLE) != 0) wanted |= EPOLLIN;
@@ -2570,7 +2575,9 @@ class PollSet : public Napi::ObjectWrap<PollSet> {
     auto state = std::make_unique<PollSetState>();
     state->env = env;
     state->polled = addon->polled();
-    state->pairs = buffer.ElementLength() / 2;
+    // Bounded: one epoll_wait takes at most this many (the rest stay ready for the next wakeup: level-triggered), and a
+    // huge array asked for a huge allocation here, whose failure aborts the process.
+    state->pairs = std::min<size_t>(buffer.ElementLength() / 2, kMaxPollSetPairs);
     state->ready.resize(state->pairs);
     FdGuard epfd(::epoll_create1(EPOLL_CLOEXEC));
     if (epfd.get() < 0) ThrowErrno(env, errno, "epoll_create1");
