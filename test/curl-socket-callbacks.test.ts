@@ -26,6 +26,7 @@ import {
   Multi,
 } from 'node-libcurl';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { nativeAddonPath } from '../shared/native.js';
 import { eventually } from './helpers/daemon.js';
 import { requirePrerequisite } from './helpers/require.js';
 import { createTestPki, type TestPki } from './helpers/tls.js';
@@ -446,6 +447,48 @@ describe('callbacks that refuse or fail', () => {
     } finally {
       closeSync(mine);
     }
+  });
+
+  it('an OPENSOCKETFUNCTION whose thread is terminated after it returned, in the microtasks after it, still hands curl the fd: nothing left open', async () => {
+    // What worker/socket-supply.ts does: the callback gives up its hold on the fd (untrack) and returns it. node-libcurl
+    // called it through MakeCallback, which, for a callback at the top of the stack (curl opens sockets from its
+    // timer), runs the microtask queue before returning, and a terminate() landing there lost the returned value: curl
+    // got CURL_SOCKET_BAD and the fd, owned by nobody, stayed open with its connection.
+    const shared = new Int32Array(new SharedArrayBuffer(8));
+    const worker = new Worker(
+      `
+      const { workerData } = require('node:worker_threads');
+      const { Curl } = require(workerData.libcurlPath);
+      const native = require(workerData.addonPath);
+      const shared = workerData.shared;
+      const curl = new Curl();
+      curl.setOpt('URL', 'http://127.0.0.1:' + workerData.port + '/');
+      curl.setOpt('OPENSOCKETFUNCTION', () => {
+        const fd = native.tcpSocket(4); // not tracked: the callback hands it on, as the worker's supply does
+        native.connectStart(fd, '127.0.0.1', workerData.port);
+        Atomics.store(shared, 1, fd);
+        Promise.resolve().then(() => {
+          Atomics.store(shared, 0, 1);
+          Atomics.notify(shared, 0);
+          for (;;) {} // cut short here by terminate()
+        });
+        return fd;
+      });
+      curl.setOpt('SOCKOPTFUNCTION', () => 2); // CURL_SOCKOPT_ALREADY_CONNECTED
+      curl.perform();
+      setInterval(() => {}, 5); // a turn of the loop runs the microtasks, wherever else they did not run
+      `,
+      { eval: true, workerData: { libcurlPath, addonPath: nativeAddonPath, port: server.port, shared } },
+    );
+    const deadline = Date.now() + 5_000;
+    while (Atomics.load(shared, 0) === 0 && Date.now() < deadline)
+      await new Promise((resolve) => setTimeout(resolve, 5));
+    expect(Atomics.load(shared, 0)).toBe(1);
+    const fd = Atomics.load(shared, 1);
+    const socket = fdTarget(fd);
+    expect(socket).toMatch(/^socket:/);
+    await worker.terminate();
+    await eventually(() => fdTarget(fd) !== socket, 'the socket is closed with the thread', 5_000);
   });
 
   it('null restores the default behaviour', async () => {
