@@ -122,6 +122,34 @@ describe('released sockets', () => {
     native.close(fd);
   });
 
+  it('ends a lease released with another socket’s fd (reason "foreign"): its connection is shut down, not pooled', async () => {
+    // With fds let in (access.acceptClientFds): the fd that comes back must be a copy of the lease's own socket.
+    // Anything else is closed as the client may have prepared it, and the lease's connection ends.
+    const origin = await pathOrigin(cleanups);
+    const sockpoold = await daemon(origin.port, {
+      access: { acceptClientFds: true },
+      pool: { predictive: false, defaults: { minIdle: 0 } },
+    });
+    const raw = client(sockpoold.socketPath);
+    const lease = await raw.request({ type: 'acquire', id: nextId++, host: '127.0.0.1', port: origin.port });
+    const fd = lease.fds[0]!;
+    cleanups.push(() => native.close(fd));
+    const leaseId = (lease.message as { leaseId: number }).leaseId;
+    const [other, otherPeer] = native.seqpacketPair();
+    const released = await raw.request({ type: 'release', id: nextId++, leaseId }, [other]);
+    native.close(other);
+    native.close(otherPeer);
+    expect(released.message).toMatchObject({
+      type: 'error',
+      code: 'SOCKPOOL_ERR_PROTOCOL',
+      fields: { reason: 'foreign', leaseId },
+    });
+    // The lease's own connection is dead for the copy the client kept, and nothing went back to the pool.
+    await waitForEvents(fd, native.READABLE | native.DISCONNECT);
+    expect(native.probe(fd).state).toBe('eof');
+    expect(await stats(raw)).toMatchObject({ leased: 0, idle: 0 });
+  });
+
   it('closes a released socket its client disconnected and connected elsewhere through its copy (reason "used")', async () => {
     // connect() with AF_UNSPEC resets a TCP connection and every TCP_INFO counter with it: connected again (to any
     // peer the daemon's network reaches), the socket is established with nothing sent or received, the same socket
