@@ -21,7 +21,7 @@ import { DaemonLink } from '../worker/daemon-link.js';
 import { fdCount, startServer } from './fixtures/native-helpers.js';
 import { startDaemon } from './helpers/daemon.js';
 
-type Behaviour = 'hangup-after-hello' | 'serve' | 'silent' | 'framing-1' | 'lease-fds-lost';
+type Behaviour = 'hangup-after-hello' | 'serve' | 'silent' | 'framing-1' | 'lease-fds-lost' | 'late-lease' | 'error-fd';
 
 interface FakeDaemon {
   path: string;
@@ -31,6 +31,8 @@ interface FakeDaemon {
   releases: Array<{ leaseId: number; fds: number }>;
   /** Leases the link said were `closed`. */
   closed: number[];
+  /** Acquires received so far. */
+  acquires(): number;
   close(): void;
 }
 
@@ -41,7 +43,9 @@ interface FakeDaemon {
  * 'framing-1': a daemon of binary framing 1 (before the release without an fd): agrees to framing 1, leases one
  * end of a socketpair per acquire and records each release. 'lease-fds-lost': leases with two fds, more than a
  * message may carry: the link's addon drops them (as when its fd table is full) and the lease arrives without its
- * socket.
+ * socket. 'late-lease': as 'framing-1', but each lease is sent LATE_LEASE_MS after its acquire (the link does not
+ * know `cancel`: a lease comes for an acquire given up). 'error-fd': answers each acquire with an error that
+ * carries an fd (one end of a socketpair).
  */
 function fakeDaemon(behaviour: () => Behaviour): FakeDaemon {
   const path = join(mkdtempSync(join(tmpdir(), 'sockpool-link-')), 'fake.sock');
@@ -49,6 +53,7 @@ function fakeDaemon(behaviour: () => Behaviour): FakeDaemon {
   const channels: SeqpacketChannel[] = [];
   const releases: FakeDaemon['releases'] = [];
   const closed: number[] = [];
+  let acquires = 0;
   let nextLease = 1;
   const limits = { maxMessageBytes: MAX_MESSAGE_BYTES, maxFdsPerMessage: MAX_FDS_PER_MESSAGE };
   const listener = new native.Poller(listenFd, () => {
@@ -59,6 +64,7 @@ function fakeDaemon(behaviour: () => Behaviour): FakeDaemon {
         {
           onMessage: (data, fds) => {
             const message = decodeClientMessage(data, mode === 'framing-1');
+            if (message.type === 'acquire') acquires++;
             if (message.type === 'hello') {
               channel.send(
                 encodeMessage({
@@ -72,13 +78,26 @@ function fakeDaemon(behaviour: () => Behaviour): FakeDaemon {
                 }),
               );
               if (mode === 'hangup-after-hello') channel.close();
-            } else if (message.type === 'acquire' && (mode === 'framing-1' || mode === 'lease-fds-lost')) {
+            } else if (
+              message.type === 'acquire' &&
+              (mode === 'framing-1' || mode === 'lease-fds-lost' || mode === 'late-lease')
+            ) {
               const [ours, theirs] = native.seqpacketPair();
               native.close(ours);
               const lease = { type: 'lease' as const, id: message.id, leaseId: nextLease++, host: message.host };
               const reply = { ...lease, port: message.port, address: '127.0.0.1', family: 4 as const, warm: true };
               const fds = mode === 'lease-fds-lost' ? [theirs, native.dup(theirs)] : [theirs];
-              channel.send(encodeMessage({ ...reply, connectMs: 0 }), fds);
+              const send = () => {
+                if (channel.closed) for (const fd of fds) native.close(fd);
+                else channel.send(encodeMessage({ ...reply, connectMs: 0 }), fds);
+              };
+              if (mode === 'late-lease') setTimeout(send, LATE_LEASE_MS);
+              else send();
+            } else if (message.type === 'acquire' && mode === 'error-fd') {
+              const [ours, theirs] = native.seqpacketPair();
+              native.close(ours);
+              const error = { type: 'error' as const, id: message.id, code: ErrorCodes.POLICY, message: 'test' };
+              channel.send(encodeMessage(error), [theirs]);
             } else if (message.type === 'closed') {
               closed.push(message.leaseId);
             } else if (message.type === 'release') {
@@ -101,6 +120,7 @@ function fakeDaemon(behaviour: () => Behaviour): FakeDaemon {
     accepted: () => channels.length,
     releases,
     closed,
+    acquires: () => acquires,
     close: () => {
       listener.close();
       for (const channel of channels) channel.close();
@@ -108,6 +128,9 @@ function fakeDaemon(behaviour: () => Behaviour): FakeDaemon {
     },
   };
 }
+
+/** How long after its acquire a 'late-lease' daemon sends the lease. */
+const LATE_LEASE_MS = 200;
 
 let daemon: FakeDaemon | undefined;
 let link: DaemonLink | undefined;
@@ -197,6 +220,46 @@ describe('DaemonLink releases', () => {
       await sockpoold.stop();
       await echo.close();
     }
+    expect(fdCount()).toBe(before);
+  });
+});
+
+describe('DaemonLink when a lease comes for an acquire given up', () => {
+  it('gives it back to the daemon with its fd (released, not kept or leaked)', async () => {
+    // A daemon that does not take `cancel` (or whose cancel crossed the lease on the way) answers an acquire the
+    // caller has stopped waiting for: the lease is nobody's, and its socket must go back, not stay open here with the
+    // lease counted against the uid until the link closes.
+    const before = fdCount();
+    daemon = fakeDaemon(() => 'late-lease');
+    link = new DaemonLink({ socketPath: daemon.path, requestTimeoutMs: 5_000 });
+    const controller = new AbortController();
+    const acquire = link.acquire('example.test', 80, 5_000, controller.signal);
+    await waitFor(() => daemon!.acquires() === 1);
+    controller.abort(new Error('given up'));
+    await expect(acquire).rejects.toThrow('given up');
+    await waitFor(() => daemon!.releases.length === 1);
+    expect({ releases: daemon.releases, closed: daemon.closed }).toEqual({
+      releases: [{ leaseId: 1, fds: 1 }],
+      closed: [],
+    });
+    link.close();
+    link = undefined;
+    daemon.close();
+    daemon = undefined;
+    expect(fdCount()).toBe(before);
+  });
+});
+
+describe('DaemonLink when an error reply carries fds', () => {
+  it('fails the acquire with the error and closes the fds', async () => {
+    const before = fdCount();
+    daemon = fakeDaemon(() => 'error-fd');
+    link = new DaemonLink({ socketPath: daemon.path, requestTimeoutMs: 5_000 });
+    await expect(link.acquire('example.test', 80, 5_000)).rejects.toMatchObject({ code: ErrorCodes.POLICY });
+    link.close();
+    link = undefined;
+    daemon.close();
+    daemon = undefined;
     expect(fdCount()).toBe(before);
   });
 });
