@@ -89,6 +89,28 @@ describe('released sockets across uids', () => {
     await honest;
   });
 
+  it('does not hand a socket released unused to the acquire of another uid waiting for it: that uid gets a connection of its own', async () => {
+    // The one slot is this uid's; another uid's acquire waits for it. The release (unused, a copy kept here) frees
+    // the slot, and the socket goes back for this uid alone: the waiter of the other uid gets a new connection, the
+    // kept copy's is shut down for the slot it takes.
+    const origin = await pathOrigin(cleanups);
+    const sockpoold = await daemon(origin.port, { pool: { defaults: { maxPerOrigin: 1, maxIdle: 1, minIdle: 0 } } });
+    const watcher = client(sockpoold.socketPath);
+    const raw = client(sockpoold.socketPath);
+    const lease = await raw.request({ type: 'acquire', id: nextId++, host: '127.0.0.1', port: origin.port });
+    expect(lease.message).toMatchObject({ type: 'lease' });
+    const [copy] = lease.fds as [number];
+    cleanups.push(() => native.close(copy));
+    const other = runHostile(['acquire-port', sockpoold.socketPath, origin.port], OTHER_UID);
+    await eventually(async () => (await stats(watcher)).waiting === 1, "the other uid's acquire waits");
+    const leaseId = (lease.message as { leaseId: number }).leaseId;
+    const released = await raw.request({ type: 'release', id: nextId++, leaseId, withoutFd: true });
+    expect(released.message).toMatchObject({ type: 'ok' });
+    const seen = await other;
+    expect({ port: seen.port === native.localAddress(copy).port, warm: seen.warm }).toEqual({ port: false, warm: 0 });
+    await eventually(() => native.probe(copy).state !== 'alive', "the kept copy's connection shut down");
+  });
+
   for (const how of ['cancel', 'disconnect'] as const) {
     it(`keeps a released socket for its uid when the acquire it went to ends without a lease (${how})`, async () => {
       const origin = await pathOrigin(cleanups);
