@@ -68,10 +68,13 @@ describe('released sockets across uids', () => {
     const raw = client(sockpoold.socketPath);
     let stop = false;
     let done = 0;
+    /** The sockets the honest client was lent (inodes). */
+    const lent = new Set<number>();
     const honest = (async () => {
       while (!stop) {
         const path = `/honest-${done}`;
-        expect((await honestRequest(raw, origin.port, path)).body).toBe(path);
+        const answer = await honestRequest(raw, origin.port, path, (fd) => lent.add(native.socketInode(fd)));
+        expect(answer.body).toBe(path);
         done++;
       }
     })();
@@ -87,6 +90,9 @@ describe('released sockets across uids', () => {
     await eventually(() => done >= after, 'a hundred more honest requests', 60_000);
     stop = true;
     await honest;
+    // And none of the sockets the hostile uid released (and kept a copy of) was ever lent to the honest client.
+    expect(seen.inodes).toHaveLength(50);
+    expect(seen.inodes!.filter((inode) => lent.has(inode))).toEqual([]);
   });
 
   it('does not hand a socket released unused to the acquire of another uid waiting for it: that uid gets a connection of its own', async () => {

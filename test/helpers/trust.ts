@@ -53,28 +53,33 @@ export async function pathOrigin(cleanups: Array<() => unknown>): Promise<{ port
 }
 
 /** Runs a hostile client process (as `uid` when given) to its end and returns what it printed. */
-export async function runHostile(args: Array<string | number>, uid?: number): Promise<Record<string, number>> {
+export async function runHostile(
+  args: Array<string | number>,
+  uid?: number,
+): Promise<Record<string, number> & { inodes?: number[] }> {
   const { stdout } = await run(process.execPath, [hostileClient, ...args.map(String)], {
     timeout: 60_000,
     ...(uid === undefined ? {} : { uid, gid: uid }),
   });
-  return JSON.parse(stdout.trim().split('\n').at(-1)!) as Record<string, number>;
+  return JSON.parse(stdout.trim().split('\n').at(-1)!) as Record<string, number> & { inodes?: number[] };
 }
 
 let nextId = 1_000_000;
 /**
  * One honest request over a leased socket: GET `path`, read the whole answer, close the socket and say so.
- * Returns the body and whether the socket came warm from the pool.
+ * Returns the body and whether the socket came warm from the pool. `onLease` sees the leased fd before it is used.
  */
 export async function honestRequest(
   raw: RawClient,
   port: number,
   path: string,
+  onLease?: (fd: number) => void,
 ): Promise<{ body: string; warm: boolean }> {
   const lease = await raw.request({ type: 'acquire', id: nextId++, host: '127.0.0.1', port });
   if (lease.message?.type !== 'lease') throw new Error(`acquire failed: ${JSON.stringify(lease.message)}`);
   const { leaseId, warm } = lease.message as { leaseId: number; warm: boolean };
   const fd = lease.fds[0]!;
+  onLease?.(fd);
   native.untrack(fd);
   const socket = new Socket({ fd, readable: true, writable: true });
   let text = '';
