@@ -83,7 +83,31 @@ async function settled(leasedBefore: number, fdsBefore: number, daemonFdsBefore:
   );
 }
 
+/**
+ * What the client and the daemon hold for `origin` and `narrow`, less what comes and goes with curl's caches: each
+ * connection curl keeps is a lease (an fd here, the daemon's copy there), and the daemon's idle sockets are its own.
+ */
+async function held(): Promise<{ client: number; daemon: number }> {
+  let leased = 0;
+  let idle = 0;
+  for (const server of [origin, narrow]) {
+    const stats = await originStats(daemon.socketPath, server.port);
+    leased += stats.leased;
+    idle += stats.idle;
+  }
+  return { client: clientFds() - leased, daemon: daemon.fdCount() - leased - idle };
+}
+
 describe('aborts and timeouts cancel one transfer, not the thread', () => {
+  /** held() before the first of these tests: the last one checks that all of them together left nothing behind. */
+  let atStart: { client: number; daemon: number };
+  beforeAll(async () => {
+    // The warm-up above ran in this thread (inlineWhenIdle): the worker thread's curl and daemon link are made at
+    // its first requests (two at once go there), and held until close(): made first, so that they are in the count.
+    await Promise.all([client.request(url('/before-1')), client.request(url('/before-2'))]);
+    atStart = await held();
+  });
+
   it('an AbortSignal cancels a transfer in flight: SOCKPOOL_ERR_ABORTED, the same thread serves on', async () => {
     const threads = threadIds();
     const hangsBefore = hanging.length;
@@ -223,6 +247,16 @@ describe('aborts and timeouts cancel one transfer, not the thread', () => {
       for (const entry of hanging) entry.response.destroy();
     }
     await settled(leasedBefore, fdsBefore, daemonFdsBefore);
+    // And every test above with them (the clients they made and closed, their timeouts, their waits for a socket):
+    // nothing more held here or in the daemon than before the first, but the connections curl keeps.
+    let now = atStart;
+    await eventually(
+      async () => {
+        now = await held();
+        return now.client <= atStart.client && now.daemon <= atStart.daemon;
+      },
+      () => `back to ${JSON.stringify(atStart)} (now ${JSON.stringify(now)})`,
+    );
   });
 });
 
