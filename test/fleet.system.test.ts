@@ -44,6 +44,8 @@ beforeAll(async () => {
 
 afterEach(async () => {
   for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
+  // A test that killed Redis and failed before starting it again leaves it up for the next (each failure its own).
+  await redis.ensureRunning();
 });
 
 afterAll(async () => {

@@ -16,6 +16,8 @@ export interface RedisServer {
   start(): Promise<void>;
   /** SIGKILL, and wait for the exit. */
   kill(): Promise<void>;
+  /** start() unless it runs: after a test that killed it failed before starting it again, the next tests find it up. */
+  ensureRunning(): Promise<void>;
   /** Runs redis-cli against it and returns its output (tests read INFO, MONITOR-free counters, keys). */
   cli(...args: string[]): Promise<string>;
   close(): Promise<void>;
@@ -69,6 +71,9 @@ export async function startRedis(): Promise<RedisServer> {
     url: `redis://127.0.0.1:${port}/0`,
     start,
     kill,
+    async ensureRunning() {
+      if (child === undefined || child.exitCode !== null || child.signalCode !== null) await start();
+    },
     cli,
     async close() {
       await kill();
