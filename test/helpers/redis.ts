@@ -24,13 +24,17 @@ export interface RedisServer {
 }
 
 export async function startRedis(): Promise<RedisServer> {
-  const port = await freePort();
+  // On an address of loopback's /8 of its own, not 127.0.0.1: a test that kills it and starts it again leaves its port
+  // free in between, and a server of another test (or another run) taking that port on 127.0.0.1 no longer takes it
+  // from this Redis (seen once: a whole file's fleet tests failed behind one such restart).
+  const host = `127.${1 + Math.floor(Math.random() * 200)}.${Math.floor(Math.random() * 256)}.${1 + Math.floor(Math.random() * 254)}`;
+  const port = await freePort(host);
   const dir = mkdtempSync(join(tmpdir(), 'sockpool-redis-'));
   let child: ChildProcess | undefined;
   const start = async () => {
     const started = spawnChild(
       'redis-server',
-      ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--dir', dir],
+      ['--port', String(port), '--bind', host, '--save', '', '--appendonly', 'no', '--dir', dir],
       { stdio: ['ignore', 'pipe', 'pipe'] },
     );
     child = started;
@@ -56,7 +60,7 @@ export async function startRedis(): Promise<RedisServer> {
   };
   const cli = (...args: string[]) =>
     new Promise<string>((resolve, reject) => {
-      const run = spawn('redis-cli', ['-p', String(port), ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+      const run = spawn('redis-cli', ['-h', host, '-p', String(port), ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
       let output = '';
       run.stdout.on('data', (chunk: Buffer) => {
         output += chunk;
@@ -68,7 +72,7 @@ export async function startRedis(): Promise<RedisServer> {
   await start();
   return {
     port,
-    url: `redis://127.0.0.1:${port}/0`,
+    url: `redis://${host}:${port}/0`,
     start,
     kill,
     async ensureRunning() {
