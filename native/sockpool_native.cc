@@ -42,6 +42,8 @@
 #include <linux/btf.h>
 #include <linux/capability.h>
 #include <linux/filter.h>
+#include <linux/netlink.h>
+#include <linux/rtnetlink.h>
 #include <linux/sockios.h>
 #include <sys/epoll.h>
 #include <sys/ioctl.h>
@@ -1147,6 +1149,163 @@ int GuardSelfCheck(Napi::Env env) {
 }
 
 
+// ---------------------------------------------------------------------------------------------------------------
+// The kernel's local routes, through rtnetlink (daemon/host-addresses.ts says why it wants them): one RTM_GETROUTE
+// dump per family, asking the kernel for the routes of type RTN_LOCAL only (of one table, or of every table), so that
+// a host whose routing table holds thousands or a million routes does not send them all here to be skipped. The
+// kernel filters a dump by the request's rtm_type and table only when the socket asked for strict checking
+// (NETLINK_GET_STRICT_CHK, Linux 4.20; ip_valid_fib_dump_req): before, the whole table comes, and is filtered below,
+// as every reply is anyway (type, family, table), in case a kernel ignores part of the request.
+
+constexpr int kNetlinkGetStrictChk = 12;  // NETLINK_GET_STRICT_CHK (linux/netlink.h, Linux 4.20)
+// A host holds one local route per address, and per AnyIP range: a list longer than this is refused (E2BIG) rather
+// than built into as many JavaScript objects.
+constexpr size_t kMaxLocalRoutes = 262144;
+// Larger than any part of a dump: the kernel's parts are at most 32 KiB (netlink_dump, max_recvmsg_len).
+constexpr size_t kNetlinkReceiveBytes = 64 * 1024;
+// A dump that a change of the table interrupted (NLM_F_DUMP_INTR) is done again, at most this many times in all.
+constexpr int kRouteDumpAttempts = 3;
+// The kernel answers a dump while recv() waits for the next part, never later: the timeout only bounds a kernel that
+// would not.
+constexpr int kNetlinkReceiveTimeoutMs = 1000;
+
+struct LocalRoute {
+  int family;  // AF_INET or AF_INET6
+  uint8_t address[16];
+  int prefix_length;
+  uint32_t table;
+};
+
+// The routes of type RTN_LOCAL of `family`, of `table` (0: every table), appended to `routes`; `received` counts
+// the route messages the kernel sent (what its filter let through). Throws the syscall's error, EBADMSG for a
+// reply it cannot read, E2BIG past kMaxLocalRoutes, EAGAIN when every attempt was interrupted. `fd`: a
+// NETLINK_ROUTE socket, `sequence` its last request's number.
+void DumpLocalRoutes(Napi::Env env, int fd, int family, uint32_t table, uint32_t* sequence,
+                     std::vector<LocalRoute>* routes, size_t* received) {
+  const size_t first = routes->size();
+  std::vector<uint32_t> buffer(kNetlinkReceiveBytes / sizeof(uint32_t));  // nlmsghdr's 4-byte alignment
+  for (int attempt = 0; attempt < kRouteDumpAttempts; attempt++) {
+    routes->resize(first);
+    size_t messages = 0;
+    struct {
+      nlmsghdr header;
+      rtmsg route;
+      rtattr table_attribute;
+      uint32_t table;
+    } request;
+    memset(&request, 0, sizeof request);
+    request.header.nlmsg_len = NLMSG_LENGTH(sizeof request.route);
+    request.header.nlmsg_type = RTM_GETROUTE;
+    request.header.nlmsg_flags = NLM_F_REQUEST | NLM_F_DUMP;
+    request.header.nlmsg_seq = ++*sequence;
+    request.route.rtm_family = static_cast<unsigned char>(family);
+    request.route.rtm_type = RTN_LOCAL;
+    if (table != RT_TABLE_UNSPEC) {
+      // rtm_table holds 8 bits; RTA_TABLE, which the kernel prefers, any table.
+      request.route.rtm_table = table < 256 ? static_cast<unsigned char>(table) : static_cast<unsigned char>(RT_TABLE_COMPAT);
+      request.table_attribute.rta_type = RTA_TABLE;
+      request.table_attribute.rta_len = RTA_LENGTH(sizeof request.table);
+      request.table = table;
+      request.header.nlmsg_len = NLMSG_ALIGN(request.header.nlmsg_len) + RTA_ALIGN(request.table_attribute.rta_len);
+    }
+    sockaddr_nl kernel;
+    memset(&kernel, 0, sizeof kernel);
+    kernel.nl_family = AF_NETLINK;
+    ssize_t sent;
+    do {
+      sent = ::sendto(fd, &request, request.header.nlmsg_len, 0, reinterpret_cast<sockaddr*>(&kernel), sizeof kernel);
+    } while (sent < 0 && errno == EINTR);
+    if (sent < 0) ThrowErrno(env, errno, "sendto", "RTM_GETROUTE");
+    bool done = false;
+    bool interrupted = false;
+    while (!done) {
+      iovec part = {buffer.data(), kNetlinkReceiveBytes};
+      sockaddr_nl sender;
+      memset(&sender, 0, sizeof sender);
+      msghdr message;
+      memset(&message, 0, sizeof message);
+      message.msg_name = &sender;
+      message.msg_namelen = sizeof sender;
+      message.msg_iov = &part;
+      message.msg_iovlen = 1;
+      ssize_t length;
+      do {
+        // MSG_TRUNC: the part's real length, so that one longer than the buffer is seen rather than read cut.
+        length = ::recvmsg(fd, &message, MSG_TRUNC);
+      } while (length < 0 && errno == EINTR);
+      if (length < 0) ThrowErrno(env, errno, "recvmsg", "RTM_GETROUTE");
+      if ((message.msg_flags & MSG_TRUNC) != 0 || static_cast<size_t>(length) > kNetlinkReceiveBytes) {
+        ThrowErrno(env, EMSGSIZE, "recvmsg", "RTM_GETROUTE: a part of " + std::to_string(length) + " bytes");
+      }
+      // Only the kernel's parts (port 0): any process may send to this socket's port, and a forged part could end
+      // the dump early, or add routes.
+      if (message.msg_namelen != sizeof sender || sender.nl_pid != 0) continue;
+      int left = static_cast<int>(length);
+      const nlmsghdr* header = reinterpret_cast<const nlmsghdr*>(buffer.data());
+      for (; !done && NLMSG_OK(header, left); header = NLMSG_NEXT(header, left)) {
+        if (header->nlmsg_seq != *sequence) continue;  // an answer to an earlier, abandoned request
+        if ((header->nlmsg_flags & NLM_F_DUMP_INTR) != 0) interrupted = true;
+        if (header->nlmsg_type == NLMSG_DONE) {
+          // The dump's own error, if it ended on one (netlink_dump_done).
+          if (header->nlmsg_len >= NLMSG_LENGTH(sizeof(int))) {
+            int error;
+            memcpy(&error, NLMSG_DATA(header), sizeof error);
+            if (error < 0) ThrowErrno(env, -error, "recvmsg", "RTM_GETROUTE");
+          }
+          done = true;
+          break;
+        }
+        if (header->nlmsg_type == NLMSG_ERROR) {
+          if (header->nlmsg_len < NLMSG_LENGTH(sizeof(nlmsgerr))) {
+            ThrowErrno(env, EBADMSG, "recvmsg", "RTM_GETROUTE: NLMSG_ERROR");
+          }
+          nlmsgerr error;
+          memcpy(&error, NLMSG_DATA(header), sizeof error);
+          ThrowErrno(env, error.error < 0 ? -error.error : EPROTO, "recvmsg", "RTM_GETROUTE");
+        }
+        if (header->nlmsg_type != RTM_NEWROUTE) continue;
+        if (header->nlmsg_len < NLMSG_LENGTH(sizeof(rtmsg))) ThrowErrno(env, EBADMSG, "recvmsg", "RTM_GETROUTE");
+        messages++;
+        const auto* route = static_cast<const rtmsg*>(NLMSG_DATA(header));
+        const size_t address_bytes = family == AF_INET ? 4 : 16;
+        // Another family's routes come when the kernel has no handler for this one (IPv6 disabled at boot: the
+        // request falls to the dump of every family).
+        if (route->rtm_family != family || route->rtm_type != RTN_LOCAL || route->rtm_dst_len > address_bytes * 8) {
+          continue;
+        }
+        LocalRoute local;
+        memset(&local, 0, sizeof local);
+        local.family = family;
+        local.prefix_length = route->rtm_dst_len;
+        local.table = route->rtm_table;
+        int attributes_left = static_cast<int>(RTM_PAYLOAD(header));
+        for (const rtattr* attribute = RTM_RTA(route); RTA_OK(attribute, attributes_left);
+             attribute = RTA_NEXT(attribute, attributes_left)) {
+          if (attribute->rta_type == RTA_TABLE && RTA_PAYLOAD(attribute) == sizeof(uint32_t)) {
+            memcpy(&local.table, RTA_DATA(attribute), sizeof local.table);
+          } else if (attribute->rta_type == RTA_DST) {
+            if (RTA_PAYLOAD(attribute) != address_bytes) {
+              ThrowErrno(env, EBADMSG, "recvmsg", "RTM_GETROUTE: RTA_DST");
+            }
+            memcpy(local.address, RTA_DATA(attribute), address_bytes);
+          }
+        }
+        if (table != RT_TABLE_UNSPEC && local.table != table) continue;  // a kernel that ignored the table asked
+        if (routes->size() - first >= kMaxLocalRoutes) {
+          ThrowErrno(env, E2BIG, "recvmsg",
+                     "RTM_GETROUTE: more than " + std::to_string(kMaxLocalRoutes) + " local routes");
+        }
+        routes->push_back(local);
+      }
+      // A message cut short inside a part: the part cannot be read further, nor the dump trusted.
+      if (!done && left != 0) ThrowErrno(env, EBADMSG, "recvmsg", "RTM_GETROUTE: a truncated message");
+    }
+    *received += messages;
+    if (!interrupted) return;
+  }
+  ThrowErrno(env, EAGAIN, "recvmsg", "RTM_GETROUTE: every dump was interrupted by a change of the routes");
+}
+
 class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
  public:
   SockpoolAddon(Napi::Env env, Napi::Object exports);
@@ -1931,6 +2090,50 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
       ThrowErrno(env, errno, "sched_setscheduler");
     }
     return env.Undefined();
+  }
+
+  // -- Routing
+
+  // The kernel's routes of type RTN_LOCAL, IPv4's then IPv6's, of table `table` (absent or 0: every table), as
+  // { routes: [{ family, address, prefixLength, table }], received } (see DumpLocalRoutes). The netlink socket is
+  // this call's own, closed before it returns or throws; blocking (with a receive timeout), unlike the addon's other
+  // sockets: a dump is read to its end within the call.
+  Napi::Value LocalRoutes(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const uint32_t table =
+        IsAbsent(info, 0) ? 0 : static_cast<uint32_t>(IntegerArg(info, 0, "table", 0, UINT32_MAX));
+    FdGuard socket(::socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_ROUTE));
+    if (socket.get() < 0) ThrowErrno(env, errno, "socket", "AF_NETLINK");
+    // A kernel before 4.20 lacks the option (ENOPROTOOPT): its dumps are not filtered, DumpLocalRoutes still is.
+    const int on = 1;
+    if (::setsockopt(socket.get(), SOL_NETLINK, kNetlinkGetStrictChk, &on, sizeof on) < 0 && errno != ENOPROTOOPT) {
+      ThrowErrno(env, errno, "setsockopt", "NETLINK_GET_STRICT_CHK");
+    }
+    const timeval timeout = {kNetlinkReceiveTimeoutMs / 1000, (kNetlinkReceiveTimeoutMs % 1000) * 1000};
+    SetOption(env, socket.get(), SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout, "SO_RCVTIMEO");
+    std::vector<LocalRoute> routes;
+    size_t received = 0;
+    uint32_t sequence = 0;
+    for (const int family : {AF_INET, AF_INET6}) {
+      DumpLocalRoutes(env, socket.get(), family, table, &sequence, &routes, &received);
+    }
+    socket.reset(-1);
+    Napi::Array list = Napi::Array::New(env, routes.size());
+    for (size_t i = 0; i < routes.size(); i++) {
+      const LocalRoute& route = routes[i];
+      char text[INET6_ADDRSTRLEN];
+      ::inet_ntop(route.family, route.address, text, sizeof text);
+      Napi::Object entry = Napi::Object::New(env);
+      entry.Set("family", Napi::Number::New(env, route.family == AF_INET ? 4 : 6));
+      entry.Set("address", Napi::String::New(env, text));
+      entry.Set("prefixLength", Napi::Number::New(env, route.prefix_length));
+      entry.Set("table", Napi::Number::New(env, route.table));
+      list.Set(static_cast<uint32_t>(i), entry);
+    }
+    Napi::Object result = Napi::Object::New(env);
+    result.Set("routes", list);
+    result.Set("received", Napi::Number::New(env, static_cast<double>(received)));
+    return result;
   }
 
   // -- Liveness and identity
@@ -2833,6 +3036,7 @@ SockpoolAddon::SockpoolAddon(Napi::Env env, Napi::Object exports) {
                            InstanceMethod<&SockpoolAddon::DropCapabilities>("dropCapabilities", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::SetRealtimePriority>("setRealtimePriority",
                                                                                napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::LocalRoutes>("localRoutes", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::Probe>("probe", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::PeerCredentials>("peerCredentials", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::PeerGroups>("peerGroups", napi_enumerable),

@@ -16,7 +16,8 @@
 //   process), call untrack(fd) so that teardown does not close a number that now means something else.
 // - A Poller or PollSet never owns its fds: close the Poller (remove the fd) first, then the fd (close() refuses an fd
 //   one watches).
-// All fds the addon creates are O_CLOEXEC and non-blocking.
+// - localRoutes opens its own netlink socket and closes it before it returns or throws: no fd escapes.
+// All fds the addon creates are O_CLOEXEC and non-blocking (but localRoutes' own, which never leaves the call).
 //
 // Threads: the addon is context-aware and works in worker threads; its state (tracked fds, Pollers) is per thread.
 
@@ -102,6 +103,28 @@ export interface TcpCounters {
   outq?: number;
   /** Bytes received and not yet read (SIOCINQ); absent when queues were not asked for. */
   inq?: number;
+}
+
+/** A route of type RTN_LOCAL: what goes to an address in it is delivered to this host (localRoutes). */
+export interface LocalRoute {
+  family: 4 | 6;
+  /** The route's destination, its network address (inet_ntop's spelling). */
+  address: string;
+  /** 32 (IPv4) or 128 (IPv6) for one address; less for a range (AnyIP, the prefix of an IPv4 address on lo). */
+  prefixLength: number;
+  /** The routing table that holds it (255: local, 254: main). */
+  table: number;
+}
+
+/** localRoutes' answer. */
+export interface LocalRoutes {
+  /** IPv4's first, then IPv6's, in the kernel's order. */
+  routes: LocalRoute[];
+  /**
+   * How many route messages the kernel sent, whatever their type: as many as `routes` where it filtered the dump
+   * itself (Linux 4.20+), every route of the tables asked where it did not.
+   */
+  received: number;
 }
 
 export interface PeerCredentials {
@@ -199,6 +222,7 @@ interface NativeBinding {
   guardSocket(fd: number): void;
   dropCapabilities(capabilities: number[]): void;
   setRealtimePriority(priority: number): void;
+  localRoutes(table?: number): LocalRoutes;
   probe(fd: number): ProbeResult;
   peerCredentials(fd: number): PeerCredentials;
   peerGroups(fd: number): number[];
@@ -629,6 +653,21 @@ export function setTcpUlp(fd: number, name: string): void {
 /** SO_BINDTODEVICE; '' removes the binding. Unknown or over-long names throw ENODEV. */
 export function bindToDevice(fd: number, name: string): void {
   binding.bindToDevice(fd, name);
+}
+
+// ---- Routing
+
+/**
+ * The kernel's routes of type RTN_LOCAL (both families) of routing table `table`, or of every table (0, the
+ * default): one rtnetlink dump (RTM_GETROUTE) per family that the kernel filters by type and table itself
+ * (NETLINK_GET_STRICT_CHK), so a routing table of a million routes costs a walk in the kernel, not a million
+ * messages. The netlink socket is the call's own: opened and closed within it, on every path. Throws the failed
+ * syscall's error (socket EAFNOSUPPORT where AF_NETLINK is not allowed; ENOENT for an IPv4 table that does not
+ * exist), EBADMSG for a reply it cannot read, E2BIG past 262,144 local routes, EAGAIN when the routes kept changing
+ * during three dumps.
+ */
+export function localRoutes(table = 0): LocalRoutes {
+  return binding.localRoutes(table);
 }
 
 // ---- Liveness and identity
