@@ -137,17 +137,25 @@ export class Sockpoold {
     this.#socketPath = this.#config.socket;
     // One provider of the host's interface addresses for every policy this daemon builds (reloads included); read
     // first, before anything that holds an fd, because it is what fails in a sandbox without AF_NETLINK.
-    // A /proc/net file it cannot read is said once: for that family only the interfaces that are up and running are
-    // refused, or (ipv6_route) no IPv6 range routed to the host (daemon/host-addresses.ts), which an operator who hid
+    // A source it cannot read is said once: netlink (the kernel's local routes then come from /proc/net's route
+    // files, which list every route: a host with a large routing table reads megabytes at every refresh), or a
+    // /proc/net file: for that family only the interfaces that are up and running are refused, or (ipv6_route, read
+    // when netlink failed) no IPv6 range routed to the host (daemon/host-addresses.ts), which an operator who hid
     // /proc/net should know.
-    const readHostAddresses = hostAddressReader((path, error) =>
-      this.#log.warn(
-        { path, err: error.message },
-        path === IPV6_ROUTE_PATH
-          ? "cannot read the kernel's IPv6 routes; not refusing the IPv6 ranges routed to this host"
-          : "cannot read the kernel's local addresses; refusing only those of interfaces up and running",
-      ),
-    );
+    const readHostAddresses = hostAddressReader({
+      onNetlinkUnavailable: (error) =>
+        this.#log.warn(
+          { err: error.message },
+          "cannot ask the kernel for its local routes through netlink; reading them from /proc/net's route files",
+        ),
+      onProcUnreadable: (path, error) =>
+        this.#log.warn(
+          { path, err: error.message },
+          path === IPV6_ROUTE_PATH
+            ? "cannot read the kernel's IPv6 routes; not refusing the IPv6 ranges routed to this host"
+            : "cannot read the kernel's local addresses; refusing only those of interfaces up and running",
+        ),
+    });
     this.#hostAddresses = hostAddressesProvider(readHostAddresses, undefined, (error) =>
       this.#log.warn({ err: error.message }, 'host interface addresses not refreshed; keeping the last list'),
     );

@@ -6,32 +6,45 @@
 // connect path, never on the handoff path. The same array is returned while nothing changed, so the policy can keep
 // what it derived from it.
 //
-// Where they come from: os.networkInterfaces() (getifaddrs) and the kernel's own tables in /proc/net, together.
+// Where they come from: os.networkInterfaces() (getifaddrs) and the kernel's own tables, together.
 // os.networkInterfaces() alone is not enough: libuv leaves out every interface that is not both IFF_UP and
 // IFF_RUNNING, yet the kernel still treats such an interface's addresses as local, and a connect() to them reaches
 // this host's listeners: an interface up without carrier (a veth whose peer is down, docker0 with no container, a
 // tun whose VPN is down) and, for IPv4, even one administratively down (kube-proxy's IPVS mode keeps every
-// ClusterIP on a down kube-ipvs0). So IPv4 addresses are also taken from the local routing table, which is what the
-// kernel consults to call a destination local (/proc/net/fib_trie: each leaf with a `/32 … LOCAL` entry), and IPv6
-// addresses from /proc/net/if_inet6 (every configured address, whatever its interface's state or DAD's: one
-// tentative now is local as soon as its interface gets carrier, maybe before the next refresh).
+// ClusterIP on a down kube-ipvs0). So addresses are also taken from the kernel's routes of type LOCAL, which is what
+// it consults to call a destination local (each IPv4 address holds a `/32` one, whatever its interface's state), and
+// IPv6 addresses from /proc/net/if_inet6 (every configured address, whatever its interface's state or DAD's: one
+// tentative now is local as soon as its interface gets carrier, maybe before the next refresh; it has no route yet).
 //
 // Ranges too: a local route wider than one address makes every address in it this host's own (a listener on the
 // wildcard accepts connections to any of them). That is AnyIP (`ip route add local 198.51.100.0/24 dev lo`, IPv6's
 // `ip -6 route add local 2001:db8:77::/64 dev lo`), and also what the kernel does by itself for an IPv4 address put
 // on lo with a prefix (`ip addr add 10.1.2.3/24 dev lo` routes all of 10.1.2.0/24 local). Those come as CIDR text
-// (`198.51.100.0/24`) in the same list: IPv4 ones from fib_trie's wider LOCAL entries, IPv6 ones from
-// /proc/net/ipv6_route, the routes flagged RTF_LOCAL (every table's; if_inet6 lists no address for them). The
-// ranges inside loopback (127.0.0.0/8, which every host routes local) are left out like the loopback addresses.
+// (`198.51.100.0/24`) in the same list (if_inet6 lists no address for them). The ranges inside loopback
+// (127.0.0.0/8, which every host routes local) are left out like the loopback addresses.
+//
+// The LOCAL routes are asked of the kernel through rtnetlink (shared/native.ts, localRoutes): a dump of the routes of
+// type LOCAL of every table (a LOCAL route put in the main table or another one is local too where a rule selects
+// that table, as a fwmark rule may for the daemon's marked sockets: refusing more, never less), which the kernel
+// filters itself, so a host with a large routing table (a Kubernetes node's thousands of routes, a BGP router's full
+// table) sends none of its other routes here. The kernel still walks every table to find them: with 20,000 routes
+// of each family in the main table, a read took about 12 ms, 115 ms with 200,000 (medians on a 2-core machine,
+// Linux 6.18; the local table alone, localRoutes(255), 1.3 and 26 ms: the cost of counting the other tables), where
+// reading /proc/net/fib_trie and /proc/net/ipv6_route took 2 s at 20,000 (mostly the kernel writing ipv6_route's
+// text; fib_trie alone, 7 s at 200,000), at every refresh, on the event loop. Where netlink cannot be used (a
+// seccomp filter, a reply the addon cannot read) those files are still the fallback: they list every route of
+// every table, LOCAL ones marked (fib_trie's `/32 host LOCAL` and wider LOCAL entries, ipv6_route's RTF_LOCAL
+// flag), and the parsers below read them.
 
 import { readFileSync } from 'node:fs';
 import { networkInterfaces } from 'node:os';
 import { ipAddress, parseCidr, parseIpLiteral } from '../shared/address.js';
 import { SockpoolError } from '../shared/errors.js';
+import { type LocalRoute, localRoutes } from '../shared/native.js';
 
 const REFRESH_MS = 5_000;
 
-/** The kernel's views read besides getifaddrs; per network namespace, the daemon's own. */
+/** The kernel's views read besides getifaddrs and netlink; per network namespace, the daemon's own. */
 export const FIB_TRIE_PATH = '/proc/net/fib_trie';
 export const IF_INET6_PATH = '/proc/net/if_inet6';
 export const IPV6_ROUTE_PATH = '/proc/net/ipv6_route';
@@ -39,8 +52,16 @@ export const IPV6_ROUTE_PATH = '/proc/net/ipv6_route';
 /** Where readHostAddresses() reads; tests substitute their own. */
 export interface HostAddressSources {
   readonly networkInterfaces: () => ReturnType<typeof networkInterfaces>;
+  /**
+   * The kernel's routes of type LOCAL of every table (shared/native.ts localRoutes). Throws when netlink cannot be
+   * used: the routes then come from /proc/net/fib_trie and /proc/net/ipv6_route for that read. Absent: from those
+   * files always.
+   */
+  readonly localRoutes?: () => readonly LocalRoute[];
   /** The text of a /proc file; throws when it cannot be read. */
   readonly readProcFile: (path: string) => string;
+  /** localRoutes threw: this read took the routes from the /proc files. Not an error: nothing is thrown. */
+  readonly onNetlinkUnavailable?: (error: Error) => void;
   /**
    * A /proc file could not be read (another kernel, a sandbox hiding /proc/net, IPv6 disabled): the addresses come
    * from os.networkInterfaces() alone for that family, as before. Not an error: nothing is thrown.
@@ -48,29 +69,43 @@ export interface HostAddressSources {
   readonly onProcUnreadable?: (path: string, error: Error) => void;
 }
 
-const SYSTEM_SOURCES: HostAddressSources = {
+/** This host's: getifaddrs, the addon's netlink dump, the files of /proc/net. */
+export const SYSTEM_HOST_ADDRESS_SOURCES: HostAddressSources = {
   networkInterfaces,
-  // Plain reads: the files are a few hundred bytes on a usual host (about 0.15 ms for fib_trie and if_inet6,
-  // measured once), fib_trie and ipv6_route growing with the routing table (every route is listed).
+  localRoutes: () => localRoutes().routes,
+  // Plain reads: if_inet6 is one line per configured address, a few hundred bytes on a usual host (about 0.15 ms,
+  // measured once). fib_trie and ipv6_route, read only where netlink fails, list every route.
   readProcFile: (path) => readFileSync(path, 'latin1'),
 };
 
 /**
- * Every non-loopback address this host holds as its own: getifaddrs' list, the local routing table's IPv4
- * addresses and every configured IPv6 address, and the ranges routed local as CIDRs (see the header), in one
- * spelling each (shared/address.ts's, which is os.networkInterfaces()' for ordinary addresses; no zone ids; a
- * range's network address, host bits cleared), sorted.
+ * Every non-loopback address this host holds as its own: getifaddrs' list, the addresses the kernel routes as local
+ * and every configured IPv6 address, and the ranges routed local as CIDRs (see the header), in one spelling each
+ * (shared/address.ts's, which is os.networkInterfaces()' for ordinary addresses; no zone ids; a range's network
+ * address, host bits cleared), sorted.
  */
-export function readHostAddresses(sources: HostAddressSources = SYSTEM_SOURCES): string[] {
+export function readHostAddresses(sources: HostAddressSources = SYSTEM_HOST_ADDRESS_SOURCES): string[] {
   const found: string[] = [];
   for (const entries of Object.values(sources.networkInterfaces())) {
     for (const entry of entries ?? []) found.push(entry.address);
   }
-  for (const [path, parse] of [
-    [FIB_TRIE_PATH, (text: string) => [...parseLocalIPv4Addresses(text), ...parseLocalIPv4Ranges(text)]],
-    [IF_INET6_PATH, parseIPv6Addresses],
-    [IPV6_ROUTE_PATH, parseLocalIPv6Routes],
-  ] as const) {
+  let routed = false;
+  if (sources.localRoutes) {
+    try {
+      for (const route of sources.localRoutes()) found.push(`${route.address}/${route.prefixLength}`);
+      routed = true;
+    } catch (error) {
+      sources.onNetlinkUnavailable?.(error as Error);
+    }
+  }
+  const files: [string, (text: string) => string[]][] = [[IF_INET6_PATH, parseIPv6Addresses]];
+  if (!routed) {
+    files.push(
+      [FIB_TRIE_PATH, (text) => [...parseLocalIPv4Addresses(text), ...parseLocalIPv4Ranges(text)]],
+      [IPV6_ROUTE_PATH, parseLocalIPv6Routes],
+    );
+  }
+  for (const [path, parse] of files) {
     let text: string;
     try {
       text = sources.readProcFile(path);
@@ -116,22 +151,32 @@ function localRange(text: string): string | null {
   return single ? network : `${network}/${cidr.prefixLength}`;
 }
 
+/** What hostAddressReader tells, each at most once. */
+export interface HostAddressWarnings {
+  /** The first read that could not use netlink (its routes came from the /proc files). */
+  readonly onNetlinkUnavailable: (error: Error) => void;
+  /** The first read that could not read this /proc file. */
+  readonly onProcUnreadable: (path: string, error: Error) => void;
+}
+
 /**
- * readHostAddresses() for the daemon: tells onProcUnreadable once per file (the first refresh that cannot read it),
- * not every REFRESH_MS.
+ * readHostAddresses() for the daemon: tells of netlink's failure once, and of each unreadable file once (the first
+ * refresh that meets it), not every REFRESH_MS.
  */
 export function hostAddressReader(
-  onProcUnreadable: (path: string, error: Error) => void,
-  system: HostAddressSources = SYSTEM_SOURCES,
+  warnings: HostAddressWarnings,
+  system: HostAddressSources = SYSTEM_HOST_ADDRESS_SOURCES,
 ): () => string[] {
   const told = new Set<string>();
+  const once = (key: string, tell: () => void) => {
+    if (told.has(key)) return;
+    told.add(key);
+    tell();
+  };
   const sources: HostAddressSources = {
     ...system,
-    onProcUnreadable: (path, error) => {
-      if (told.has(path)) return;
-      told.add(path);
-      onProcUnreadable(path, error);
-    },
+    onNetlinkUnavailable: (error) => once('netlink', () => warnings.onNetlinkUnavailable(error)),
+    onProcUnreadable: (path, error) => once(path, () => warnings.onProcUnreadable(path, error)),
   };
   return () => readHostAddresses(sources);
 }

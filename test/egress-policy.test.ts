@@ -18,6 +18,7 @@ import {
   readHostAddresses,
 } from '../daemon/host-addresses.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
+import type { LocalRoute } from '../shared/native.js';
 
 function refusal(action: () => void): SockpoolError {
   try {
@@ -642,10 +643,69 @@ describe("host addresses from the kernel's tables", () => {
     delete files[IF_INET6_PATH];
     delete files[IPV6_ROUTE_PATH];
     const told: string[] = [];
-    const read = hostAddressReader((path) => told.push(path), { networkInterfaces: interfaces, readProcFile });
+    const read = hostAddressReader(
+      { onNetlinkUnavailable: () => told.push('netlink'), onProcUnreadable: (path) => told.push(path) },
+      { networkInterfaces: interfaces, readProcFile },
+    );
     expect(read()).toEqual(['203.0.113.7']);
     expect(read()).toEqual(['203.0.113.7']);
-    expect(told).toEqual([FIB_TRIE_PATH, IF_INET6_PATH, IPV6_ROUTE_PATH]);
+    expect(told).toEqual([IF_INET6_PATH, FIB_TRIE_PATH, IPV6_ROUTE_PATH]);
+  });
+
+  it('readHostAddresses takes the LOCAL routes from netlink and reads only if_inet6 then; where netlink fails, the route files, told once', () => {
+    const interfaces = () => ({}) as ReturnType<typeof networkInterfaces>;
+    const routes: LocalRoute[] = [
+      { family: 4, address: '127.0.0.0', prefixLength: 8, table: 255 },
+      { family: 4, address: '127.0.0.1', prefixLength: 32, table: 255 },
+      { family: 4, address: '45.33.32.1', prefixLength: 32, table: 255 },
+      { family: 4, address: '198.51.100.0', prefixLength: 24, table: 255 },
+      { family: 4, address: '192.0.2.10', prefixLength: 32, table: 100 },
+      { family: 6, address: '::1', prefixLength: 128, table: 255 },
+      { family: 6, address: '2001:db8:77::', prefixLength: 64, table: 255 },
+      { family: 6, address: '2001:db8:79::5', prefixLength: 128, table: 100 },
+    ];
+    const files: Record<string, string> = {
+      [FIB_TRIE_PATH]: FIB_TRIE_SAMPLE,
+      [IF_INET6_PATH]: IF_INET6_SAMPLE,
+      [IPV6_ROUTE_PATH]: IPV6_ROUTE_SAMPLE,
+    };
+    const read: string[] = [];
+    const readProcFile = (path: string) => {
+      read.push(path);
+      return files[path]!;
+    };
+    let netlink: Error | undefined;
+    const localRoutes = () => {
+      if (netlink) throw netlink;
+      return routes;
+    };
+    const sources = { networkInterfaces: interfaces, localRoutes, readProcFile };
+    expect(readHostAddresses(sources)).toEqual([
+      '192.0.2.10',
+      '198.51.100.0/24',
+      '2001:db8:6::1',
+      '2001:db8:77::/64',
+      '2001:db8:79::5',
+      '2001:db8:7::1',
+      '45.33.32.1',
+      'fe80::24:ff1a:fe3b:c01',
+    ]);
+    expect(read).toEqual([IF_INET6_PATH]);
+
+    // A sandbox whose seccomp filter refuses AF_NETLINK sockets to everything but getifaddrs, say.
+    netlink = Object.assign(new Error('socket EAFNOSUPPORT AF_NETLINK'), { code: 'EAFNOSUPPORT' });
+    const told: string[] = [];
+    const reader = hostAddressReader(
+      { onNetlinkUnavailable: (error) => told.push(error.message), onProcUnreadable: (path) => told.push(path) },
+      sources,
+    );
+    read.length = 0;
+    const fromFiles = reader();
+    expect(read).toEqual([IF_INET6_PATH, FIB_TRIE_PATH, IPV6_ROUTE_PATH]);
+    expect(fromFiles).toEqual(readHostAddresses({ networkInterfaces: interfaces, readProcFile }));
+    expect(fromFiles).toContain('45.33.33.1'); // fib_trie's, which the routes above lack
+    reader();
+    expect(told).toEqual(['socket EAFNOSUPPORT AF_NETLINK']);
   });
 });
 

@@ -60,3 +60,47 @@ describe('ranges the kernel routes to this host (local routes wider than one add
     });
   });
 });
+
+describe("a large routing table (20,000 routes of each family in the main table, a Kubernetes node's order)", () => {
+  it("takes the LOCAL routes from the kernel's filtered netlink dump, which sends none of the others: the list the route files give, fib_trie and ipv6_route unread", () => {
+    const run = spawnSync(
+      'unshare',
+      [
+        '-n',
+        process.execPath,
+        '--import',
+        join(repo, 'test/fixtures/register-ts.mjs'),
+        join(repo, 'test/fixtures/host-addresses-many-routes.ts'),
+        '20000',
+      ],
+      { encoding: 'utf8' },
+    );
+    expect(run.status, run.stderr).toBe(0);
+    const found = JSON.parse(run.stdout.trim().split('\n').at(-1)!);
+    // The table is there: 20,000 routes and the namespace's own, which fib_trie and ipv6_route list line by line.
+    expect(found.mainRoutes[4]).toBeGreaterThan(20_000);
+    expect(found.mainRoutes[6]).toBeGreaterThan(20_000);
+    expect(found.fileBytes['/proc/net/fib_trie']).toBeGreaterThan(1_000_000);
+    expect(found.fileBytes['/proc/net/ipv6_route']).toBeGreaterThan(1_000_000);
+    // What the daemon reads: if_inet6 only (one line per configured address); before, all three files.
+    expect(found.read).toEqual(['/proc/net/if_inet6']);
+    // The kernel sent its LOCAL routes only (the namespace's addresses, loopback's, the ranges): a few messages.
+    expect(found.dump.received).toBe(found.dump.routes);
+    expect(found.dump.received).toBeLessThan(50);
+    // The same list as the route files give, link-local addresses (random) included.
+    expect(found.addresses).toEqual(found.viaFiles);
+    expect(found.addresses.filter((address: string) => !address.startsWith('fe80:'))).toEqual([
+      '10.200.0.1',
+      '2001:db8:200::1',
+      '2600:3c01:1::1', // on w0, down: tentative, from if_inet6
+      '2600:3c01:77::/64', // ip -6 route add local … dev lo
+      '2600:3c01:78::/64', // the same in table 100
+      '2600:3c01::1', // on v0, up without carrier
+      '45.33.32.1', // on v0
+      '45.33.33.1', // on w0, down: IPv4 keeps its local route
+      '45.33.40.0/24', // ip route add local … dev lo (the local table)
+      '45.33.42.0/24', // the same in the main table
+      '45.33.43.0/24', // the same in table 100
+    ]);
+  });
+});
