@@ -28,8 +28,9 @@
 // that table, as a fwmark rule may for the daemon's marked sockets: refusing more, never less), which the kernel
 // filters itself, so a host with a large routing table (a Kubernetes node's thousands of routes, a BGP router's full
 // table) sends none of its other routes here. The kernel still walks every table to find them: with 20,000 routes
-// of each family in the main table, a read took about 12 ms, 115 ms with 200,000 (medians on a 2-core machine,
-// Linux 6.18; the local table alone, localRoutes(255), 1.3 and 26 ms: the cost of counting the other tables), where
+// of each family in the main table, the dump took 10 to 16 ms, 80 to 115 ms with 200,000 (medians of runs on a
+// 2-core machine, Linux 6.18; the local table alone, localRoutes(255), 1.3 and 26 ms: the cost of counting the other
+// tables), where
 // reading /proc/net/fib_trie and /proc/net/ipv6_route took 2 s at 20,000 (mostly the kernel writing ipv6_route's
 // text; fib_trie alone, 7 s at 200,000), at every refresh, on the event loop. Where netlink cannot be used (a
 // seccomp filter, a reply the addon cannot read) those files are still the fallback: they list every route of
