@@ -1158,8 +1158,8 @@ int GuardSelfCheck(Napi::Env env) {
 // as every reply is anyway (type, family, table), in case a kernel ignores part of the request.
 
 constexpr int kNetlinkGetStrictChk = 12;  // NETLINK_GET_STRICT_CHK (linux/netlink.h, Linux 4.20)
-// A host holds one local route per address, and per AnyIP range: a list longer than this is refused (E2BIG) rather
-// than built into as many JavaScript objects.
+// A host holds one local route per address, and per AnyIP range: a family's list longer than this is refused (E2BIG)
+// rather than built into as many JavaScript objects.
 constexpr size_t kMaxLocalRoutes = 262144;
 // Larger than any part of a dump: the kernel's parts are at most 32 KiB (netlink_dump, max_recvmsg_len).
 constexpr size_t kNetlinkReceiveBytes = 64 * 1024;
@@ -1202,7 +1202,8 @@ void DumpLocalRoutes(Napi::Env env, int fd, int family, uint32_t table, uint32_t
     request.route.rtm_type = RTN_LOCAL;
     if (table != RT_TABLE_UNSPEC) {
       // rtm_table holds 8 bits; RTA_TABLE, which the kernel prefers, any table.
-      request.route.rtm_table = table < 256 ? static_cast<unsigned char>(table) : static_cast<unsigned char>(RT_TABLE_COMPAT);
+      const uint32_t header_table = table < 256 ? table : static_cast<uint32_t>(RT_TABLE_COMPAT);
+      request.route.rtm_table = static_cast<unsigned char>(header_table);
       request.table_attribute.rta_type = RTA_TABLE;
       request.table_attribute.rta_len = RTA_LENGTH(sizeof request.table);
       request.table = table;

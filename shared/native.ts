@@ -663,8 +663,8 @@ export function bindToDevice(fd: number, name: string): void {
  * (NETLINK_GET_STRICT_CHK), so a routing table of a million routes costs a walk in the kernel, not a million
  * messages. The netlink socket is the call's own: opened and closed within it, on every path. Throws the failed
  * syscall's error (socket EAFNOSUPPORT where AF_NETLINK is not allowed; ENOENT for an IPv4 table that does not
- * exist), EBADMSG for a reply it cannot read, E2BIG past 262,144 local routes, EAGAIN when the routes kept changing
- * during three dumps.
+ * exist), EBADMSG for a reply it cannot read, E2BIG past 262,144 local routes of one family, EAGAIN when the
+ * routes kept changing during three dumps.
  */
 export function localRoutes(table = 0): LocalRoutes {
   return binding.localRoutes(table);
