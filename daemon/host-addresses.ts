@@ -24,9 +24,7 @@
 // (127.0.0.0/8, which every host routes local) are left out like the loopback addresses.
 //
 // The LOCAL routes are asked of the kernel through rtnetlink (shared/native.ts, localRoutes): a dump of the routes of
-// type LOCAL of every table (a LOCAL route put in the main table or another one is local too where a rule selects
-// that table, as a fwmark rule may for the daemon's marked sockets: refusing more, never less), which the kernel
-// filters itself, so a host with a large routing table (a Kubernetes node's thousands of routes, a BGP router's full
+// type LOCAL of every table, which the kernel filters itself, so a host with a large routing table (a Kubernetes node's thousands of routes, a BGP router's full
 // table) sends none of its other routes here. The kernel still walks every table to find them: with 20,000 routes
 // of each family in the main table, the dump took 10 to 16 ms, 80 to 115 ms with 200,000 (medians of runs on a
 // 2-core machine, Linux 6.18; the local table alone, localRoutes(255), 1.3 and 26 ms: the cost of counting the other
@@ -36,6 +34,12 @@
 // seccomp filter, a reply the addon cannot read) those files are still the fallback: they list every route of
 // every table, LOCAL ones marked (fib_trie's `/32 host LOCAL` and wider LOCAL entries, ipv6_route's RTF_LOCAL
 // flag), and the parsers below read them.
+//
+// Which tables: a range counts only from the local, main and default tables, the ones the default rules route every
+// packet by; a single address from any table (refusing more, never less). A LOCAL route in another table applies to
+// the traffic a rule selects for it, and that is where transparent proxies put theirs: TPROXY's `local default dev
+// lo table 100` (Cilium's table 2004, Istio's 133) would have made every address this host's own, every connect
+// refused. The route files name no table: a default range (`/0`) is left out for the same reason, from either source.
 
 import { readFileSync } from 'node:fs';
 import { networkInterfaces } from 'node:os';
@@ -44,6 +48,9 @@ import { SockpoolError } from '../shared/errors.js';
 import { type LocalRoute, localRoutes } from '../shared/native.js';
 
 const REFRESH_MS = 5_000;
+
+/** The routing tables the default rules route every packet by: local (255), main (254), default (253). */
+const ROUTED_BY_DEFAULT = new Set([253, 254, 255]);
 
 /** The kernel's views read besides getifaddrs and netlink; per network namespace, the daemon's own. */
 export const FIB_TRIE_PATH = '/proc/net/fib_trie';
@@ -54,7 +61,7 @@ export const IPV6_ROUTE_PATH = '/proc/net/ipv6_route';
 export interface HostAddressSources {
   readonly networkInterfaces: () => ReturnType<typeof networkInterfaces>;
   /**
-   * The kernel's routes of type LOCAL of every table (shared/native.ts localRoutes). Throws when netlink cannot be
+   * The kernel's routes of type LOCAL of every table, each with its table (shared/native.ts localRoutes). Throws when netlink cannot be
    * used: the routes then come from /proc/net/fib_trie and /proc/net/ipv6_route for that read. Absent: from those
    * files always.
    */
@@ -93,7 +100,11 @@ export function readHostAddresses(sources: HostAddressSources = SYSTEM_HOST_ADDR
   let routed = false;
   if (sources.localRoutes) {
     try {
-      for (const route of sources.localRoutes()) found.push(`${route.address}/${route.prefixLength}`);
+      for (const route of sources.localRoutes()) {
+        // A range only from the tables every packet may be routed by (see the header); one address from any table.
+        if (!ROUTED_BY_DEFAULT.has(route.table) && route.prefixLength < (route.family === 4 ? 32 : 128)) continue;
+        found.push(`${route.address}/${route.prefixLength}`);
+      }
       routed = true;
     } catch (error) {
       sources.onNetlinkUnavailable?.(error as Error);
@@ -148,7 +159,8 @@ function localRange(text: string): string | null {
   const network = ipAddress(cidr.family, cidr.bytes).text;
   const single = cidr.prefixLength === (cidr.family === 4 ? 32 : 128);
   const loopback = cidr.family === 4 ? cidr.bytes[0] === 127 && cidr.prefixLength >= 8 : single && network === '::1';
-  if (loopback) return null;
+  // (A default range, `/0`, is never taken: the route files do not say its table, and it is TPROXY's; see the header.)
+  if (loopback || cidr.prefixLength === 0) return null;
   return single ? network : `${network}/${cidr.prefixLength}`;
 }
 
