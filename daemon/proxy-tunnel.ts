@@ -70,7 +70,21 @@ export function openTunnel(
     const answer = Buffer.alloc(MAX_ANSWER_BYTES + 1);
     let length = 0;
     let settled = false;
-    const poller = new native.Poller(fd, () => onReadable());
+    // libuv stops a Poller at EPOLLERR (status < 0): a reset that came with the start of the answer would leave those
+    // bytes read and no event ever again, and the connect waiting out its timeout. What the socket holds is read now,
+    // to the error the next read returns.
+    const poller = new native.Poller(fd, (status) => {
+      let empty = onReadable();
+      if (status >= 0) return;
+      // Each read takes bytes or ends it (EOF, the error, an answer judged, the limit); nothing left and no error
+      // read: the socket's own error says why.
+      while (!settled) {
+        if (empty) {
+          const why = native.socketError(fd) ?? 'the socket reported an error';
+          finish(proxyError(proxy, target, `failed while answering CONNECT: ${why}`, null));
+        } else empty = onReadable();
+      }
+    });
     const timer = setTimeout(
       () => finish(proxyError(proxy, target, `did not answer CONNECT within ${timeoutMs} ms`, null)),
       timeoutMs,
@@ -83,18 +97,19 @@ export function openTunnel(
       if (error) reject(error);
       else resolve();
     };
-    const onReadable = () => {
+    /** Reads what the socket holds and judges the answer so far; true when there was nothing to read (EAGAIN). */
+    const onReadable = (): boolean => {
       let read: number;
       try {
         read = readSync(fd, answer, length, answer.length - length, null);
       } catch (error) {
-        if ((error as { code?: string }).code === 'EAGAIN') return;
+        if ((error as { code?: string }).code === 'EAGAIN') return true;
         finish(proxyError(proxy, target, `failed while answering CONNECT: ${(error as Error).message}`, null));
-        return;
+        return false;
       }
       if (read === 0) {
         finish(proxyError(proxy, target, 'closed the connection instead of answering CONNECT', null));
-        return;
+        return false;
       }
       length += read;
       const end = answer.subarray(0, length).indexOf('\r\n\r\n');
@@ -103,9 +118,9 @@ export function openTunnel(
       // taken, bytes queued after it would stay unread and unseen, and the client would read them as the origin's.
       if (end === -1 ? length > MAX_ANSWER_BYTES : end + 4 > MAX_ANSWER_BYTES) {
         finish(proxyError(proxy, target, 'sent an oversized CONNECT answer', null));
-        return;
+        return false;
       }
-      if (end === -1) return;
+      if (end === -1) return false;
       const statusLine = answer.subarray(0, answer.indexOf('\r\n')).toString('latin1');
       const match = /^HTTP\/1\.[01] (\d{3})(?: |$)/.exec(statusLine);
       const status = match ? Number(match[1]) : null;
@@ -115,6 +130,7 @@ export function openTunnel(
       // Bytes past the answer would be read by the client as the origin's: the tunnel is out of step.
       else if (length > end + 4) finish(proxyError(proxy, target, 'sent bytes after its CONNECT answer', status));
       else finish(afterAnswer(status));
+      return false;
     };
     /**
      * The 200 is in, alone: one more read (into the spare byte) for what came with it. Nothing (EAGAIN) is a

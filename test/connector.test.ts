@@ -548,10 +548,11 @@ describe('TcpConnector: what a proxy answers to CONNECT', () => {
 
   /**
    * A proxy on 127.0.0.1 that answers the first CONNECT with `answer` (one write) and keeps the connection open, or
-   * with `thenClose` shuts it down right after that write, in the same synchronous run: the connector (this
-   * process's only thread) cannot read between the two, so the answer and the FIN are both queued when it does.
+   * with `thenClose` shuts it down (`'reset'`: resets it) right after that write, in the same synchronous run: the
+   * connector (this process's only thread) cannot read between the two, so the answer and the FIN (or the RST) are
+   * both queued when it does.
    */
-  async function answeringProxy(answer: string, thenClose = false) {
+  async function answeringProxy(answer: string, thenClose: boolean | 'reset' = false) {
     const server = net.createServer((socket) => {
       socket.on('error', () => {});
       socket.once('data', () => {
@@ -561,7 +562,8 @@ describe('TcpConnector: what a proxy answers to CONNECT', () => {
         }
         const fd = (socket as unknown as { _handle: { fd: number } })._handle.fd;
         writeSync(fd, Buffer.from(answer, 'latin1'));
-        native.shutdown(fd);
+        if (thenClose === 'reset') socket.resetAndDestroy();
+        else native.shutdown(fd);
       });
     });
     await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
@@ -624,6 +626,21 @@ describe('TcpConnector: what a proxy answers to CONNECT', () => {
       fields: { proxy: 'corp', target: 'origin.test:443', status: 200 },
     });
     await closing.close();
+    expect(await openFds()).toBe(fds);
+  });
+
+  it('fails at once, not at its timeout, when the proxy resets the connection in the middle of its answer', async () => {
+    const fds = await openFds();
+    // The start of an answer and the reset arrive together: epoll says EPOLLERR with the bytes, and libuv stops the
+    // Poller there. The bytes are read; nothing more will ever come, and no event either.
+    const resetting = await answeringProxy('HTTP/1.1 200 Connection established\r\nVia: 1.1 corp\r\n', 'reset');
+    const started = performance.now();
+    const error = await resetting.connector.connect(origin, { ...policy, connectTimeoutMs: 5000 }).catch((e) => e);
+    const elapsed = performance.now() - started;
+    expect(error).toMatchObject({ code: 'SOCKPOOL_ERR_PROXY', fields: { proxy: 'corp', status: null } });
+    expect(error.message).not.toContain('did not answer');
+    expect(elapsed).toBeLessThan(2000);
+    await resetting.close();
     expect(await openFds()).toBe(fds);
   });
 });
