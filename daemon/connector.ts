@@ -156,7 +156,7 @@ export class TcpConnector implements Connector {
   /** The origin (host patterns, port) and, when proxied, the configured proxy too: both must be allowed. */
   checkTarget(origin: Origin): void {
     const egress = this.#egress();
-    egress.checkTarget(origin.host, origin.port);
+    egress.checkTarget(origin.host, origin.port, origin.proxy !== undefined);
     const proxy = this.#proxyOf(origin);
     if (proxy) egress.checkTarget(proxy.host, proxy.port);
   }
@@ -233,7 +233,7 @@ export class TcpConnector implements Connector {
     const judge = (address: string, port: number): void => {
       const now = this.#egress();
       if (now !== egress) {
-        now.checkTarget(origin.host, origin.port);
+        now.checkTarget(origin.host, origin.port, proxy !== undefined);
         if (proxy) now.checkTarget(proxy.host, proxy.port);
       }
       now.checkAddress(address, port, target.host);

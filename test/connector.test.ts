@@ -644,3 +644,51 @@ describe('TcpConnector: what a proxy answers to CONNECT', () => {
     expect(await openFds()).toBe(fds);
   });
 });
+
+describe('TcpConnector: the origin a proxy is asked for', () => {
+  const policy: OriginPolicy = { ...defaultConfig().pool.defaults };
+
+  it('refuses `localhost` names through a proxy as the loopback addresses they name, as it refuses 127.0.0.1', async () => {
+    // The proxy on 127.0.0.2, allowed alone: the policy refuses the rest of loopback. Through the proxy, the name
+    // `localhost` (and any name under it, RFC 6761) is the proxy host's loopback, which the daemon's host may be: its
+    // metrics port, whatever else is bound there. The policy judged only the literal: 127.0.0.1 was refused, while
+    // `localhost` reached the proxy, which connects to its own 127.0.0.1.
+    const requests: string[] = [];
+    const server = net.createServer((socket) => {
+      socket.on('error', () => {});
+      socket.once('data', (data) => {
+        requests.push(data.toString('latin1').split('\r\n')[0]!);
+        socket.write('HTTP/1.1 200 Connection established\r\n\r\n');
+      });
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.2', resolve));
+    servers.push(server);
+    const port = (server.address() as net.AddressInfo).port;
+    const config = parseConfig({ egress: { allow: ['127.0.0.2/32'], allowPorts: [443, 8080, port] } }, 'test');
+    const resolver = new Resolver(config.dns);
+    const egress = new EgressPolicy(config.egress);
+    const proxies = new Map<string, ProxyEndpoint>([['corp', { name: 'corp', host: '127.0.0.2', port }]]);
+    const connector = new TcpConnector(
+      () => resolver,
+      () => egress,
+      { proxies: () => proxies },
+    );
+    const fds = await openFds();
+    for (const host of ['127.0.0.1', 'localhost', 'admin.localhost']) {
+      const origin = { host, port: 8080, proxy: 'corp' };
+      expect(() => connector.checkTarget(origin), host).toThrow(expect.objectContaining({ reason: 'loopback' }));
+      await expect(connector.connect(origin, policy), host).rejects.toMatchObject({
+        code: 'SOCKPOOL_ERR_POLICY',
+        fields: { host, port: 8080, reason: 'loopback' },
+      });
+    }
+    expect(requests).toEqual([]);
+    // Any other name is the proxy's to resolve (docs/security.md): it is asked for.
+    const tunnel = await connector.connect({ host: 'origin.test', port: 443, proxy: 'corp' }, policy);
+    native.close(tunnel.fd);
+    expect(requests).toEqual(['CONNECT origin.test:443 HTTP/1.1']);
+    servers.splice(servers.indexOf(server), 1);
+    await new Promise((resolve) => server.close(resolve));
+    expect(await openFds()).toBe(fds - 1); // the listener closed
+  });
+});
