@@ -157,6 +157,11 @@ export class OriginPool implements KeptHolder<IdleSocket> {
   #events: OriginPoolEvents;
   /** Consecutive failed background connects; refills back off while the origin is failing. */
   #failures = 0;
+  /**
+   * Consecutive sockets dropped for bytes that came before any request, never lent (an origin that speaks first, a
+   * proxy talking after its 200): refills back off as for failed connects. Reset when a socket is lent.
+   */
+  #strayBytes = 0;
   #backoffUntil = 0;
   /** `maxPerOriginFleet` (fleet/slots.ts): a connect first takes a slot, a closed connection gives it back. */
   #slots: SlotKeeper | undefined;
@@ -630,6 +635,13 @@ export class OriginPool implements KeptHolder<IdleSocket> {
     const index = this.#idle.indexOf(socket);
     if (index === -1) return;
     this.#idle.splice(index, 1);
+    if (reason === 'data' && socket.unlent !== undefined) {
+      // Its next one would get the same, and be dropped the same, as soon as watched: without this, refills connected
+      // again at once, every IDLE_WATCH_DELAY_MS, for as long as minIdle or demand asked.
+      this.#strayBytes++;
+      const backoff = Math.min(30_000, 250 * 2 ** Math.min(this.#strayBytes, 7));
+      this.#backoffUntil = Math.max(this.#backoffUntil, performance.now() + backoff);
+    }
     if (socket.ownerUid !== undefined) this.#kept?.released(socket.ownerUid, socket);
     socket.poller?.close();
     clearTimeout(socket.recycleTimer);
@@ -643,6 +655,7 @@ export class OriginPool implements KeptHolder<IdleSocket> {
 
   /** A socket opened for `purpose` goes out for the first time in `handoff`. */
   #firstLent(handoff: Handoff, purpose: ConnectPurpose): void {
+    this.#strayBytes = 0;
     if (purpose === 'prewarm' || purpose === 'lookahead') handoff.announced = true;
     this.#events.lent(this, purpose);
   }

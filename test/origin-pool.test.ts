@@ -381,6 +381,30 @@ describe('OriginPool warming', () => {
     endLease(origin, leased);
   });
 
+  it('backs its refills off while every socket it connects gets bytes before any request (a proxy talking after its 200)', async () => {
+    // A proxy that sends a byte after its 200 (or an origin behind it that speaks first): each tunnel it pools is
+    // dropped as soon as it is watched ('data'), and the refill connected again at once, every 50 ms, for as long as
+    // minIdle (or demand) asked: 200 connects in 10 s.
+    connector.greeting = 'x';
+    const origin = pool({ minIdle: 1 });
+    origin.setRefillTarget(0);
+    for (let step = 0; step < 100; step++) {
+      await vi.advanceTimersByTimeAsync(100);
+      origin.sweep(performance.now());
+      await nextTurn();
+    }
+    expect(new Set(events.reasons)).toEqual(new Set(['data']));
+    // Backed off as for failed connects: 500 ms, 1 s, 2 s, 4 s, ... after each such drop.
+    expect(connector.calls).toBeLessThanOrEqual(6);
+    // Once its sockets stay quiet, the next refill after the backoff keeps one.
+    connector.greeting = undefined;
+    await vi.advanceTimersByTimeAsync(30_000);
+    origin.sweep(performance.now());
+    await until(() => origin.idleCount === 1, 'a quiet socket kept');
+    await vi.advanceTimersByTimeAsync(1_000);
+    expect(origin.idleCount).toBe(1);
+  });
+
   it('makes no background connects to an origin the policy refused until the policy changes', async () => {
     connector.refuse.add(ORIGIN.host);
     const origin = pool({ minIdle: 1 });
