@@ -154,7 +154,21 @@ const IPV6_CLASSES = table([
 ]);
 
 const GLOBAL_UNICAST = prefix('2000::/3');
-/** What a `localhost` name may resolve to (EgressPolicy.checkTarget, for a proxy's target). */
+/**
+ * Names that mean loopback wherever a proxy runs: `localhost` (and, by suffix, the names under it: RFC 6761 §6.3), and
+ * the other loopback names distributions' /etc/hosts carry (Debian's ip6-*, Red Hat's *.localdomain and localhost6).
+ */
+const LOOPBACK_NAMES = new Set([
+  'localhost',
+  'ip6-localhost',
+  'ip6-loopback',
+  'localhost.localdomain',
+  'localhost4',
+  'localhost4.localdomain4',
+  'localhost6',
+  'localhost6.localdomain6',
+]);
+/** What a loopback name may resolve to (EgressPolicy.checkTarget, for a proxy's target). */
 const LOOPBACK_LITERALS = [parseIpLiteral('127.0.0.1')!, parseIpLiteral('::1')!];
 
 /**
@@ -284,9 +298,9 @@ export class EgressPolicy {
    * Before resolving: the port, the host syntax and patterns, and the address itself when the host is an IP
    * literal in any spelling. Throws SockpoolError(POLICY) with fields { host, address, port, reason }.
    * `proxied`: the host is a proxy's to resolve (a CONNECT target), so no address of it is ever checked here; a
-   * name that can only mean loopback (`localhost` and the names under it, RFC 6761 §6.3) is judged as the loopback
-   * addresses it names, both, as the literal would be: it is the proxy host's own loopback (the daemon's host's, for
-   * a proxy beside it).
+   * name that means loopback (LOOPBACK_NAMES: `localhost` and the names under it, RFC 6761 §6.3) is judged as the
+   * loopback addresses it names, both, as the literal would be: it is the proxy host's own loopback (the daemon's
+   * host's, for a proxy beside it).
    */
   checkTarget(host: string, port: number, proxied = false): void {
     this.#checkPort(port, host, undefined);
@@ -306,7 +320,7 @@ export class EgressPolicy {
       this.#refuse('host-not-allowed', host, literal?.text, port);
     }
     if (literal) this.#checkIp(literal, port, host);
-    else if (proxied && (patternName === 'localhost' || patternName.endsWith('.localhost'))) {
+    else if (proxied && (LOOPBACK_NAMES.has(patternName) || patternName.endsWith('.localhost'))) {
       for (const loopback of LOOPBACK_LITERALS) this.#checkIp(loopback, port, host);
     }
   }

@@ -650,9 +650,9 @@ describe('TcpConnector: the origin a proxy is asked for', () => {
 
   it('refuses `localhost` names through a proxy as the loopback addresses they name, as it refuses 127.0.0.1', async () => {
     // The proxy on 127.0.0.2, allowed alone: the policy refuses the rest of loopback. Through the proxy, the name
-    // `localhost` (and any name under it, RFC 6761) is the proxy host's loopback, which the daemon's host may be: its
-    // metrics port, whatever else is bound there. The policy judged only the literal: 127.0.0.1 was refused, while
-    // `localhost` reached the proxy, which connects to its own 127.0.0.1.
+    // `localhost` (any name under it, RFC 6761; /etc/hosts' other loopback aliases) is the proxy host's loopback, which
+    // the daemon's host may be: its metrics port, whatever else is bound there. The policy judged only the literal:
+    // 127.0.0.1 was refused, while `localhost` reached the proxy, which connects to its own 127.0.0.1.
     const requests: string[] = [];
     const server = net.createServer((socket) => {
       socket.on('error', () => {});
@@ -674,7 +674,7 @@ describe('TcpConnector: the origin a proxy is asked for', () => {
       { proxies: () => proxies },
     );
     const fds = await openFds();
-    for (const host of ['127.0.0.1', 'localhost', 'admin.localhost']) {
+    for (const host of ['127.0.0.1', 'localhost', 'admin.localhost', 'ip6-localhost', 'localhost.localdomain']) {
       const origin = { host, port: 8080, proxy: 'corp' };
       expect(() => connector.checkTarget(origin), host).toThrow(expect.objectContaining({ reason: 'loopback' }));
       await expect(connector.connect(origin, policy), host).rejects.toMatchObject({
