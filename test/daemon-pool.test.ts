@@ -190,6 +190,48 @@ describe('forward proxies', () => {
     expect(requests).toHaveLength(3);
   });
 
+  it("asks the proxy for the origin's one spelling: a name in lower case, IPv6 in brackets; CR/LF never reach it", async () => {
+    const { proxy, requests } = await connectProxy(() => 'HTTP/1.1 200 Connection established\r\n\r\n');
+    const sockpoold = await daemon(proxy.port, ['--allow-port', '443'], {
+      proxies: [{ name: 'corp', url: `http://127.0.0.1:${proxy.port}` }],
+      pool: { predictive: false },
+    });
+    const raw = client(sockpoold.socketPath);
+    await stats(raw); // the session is open
+    const fds = sockpoold.fdCount();
+    // (The protocol takes ASCII hosts only: a client turns an IDN into punycode, as its URL parser does.)
+    const spellings = [
+      { host: 'XN--BCHER-KVA.Example.', line: 'xn--bcher-kva.example:443' },
+      { host: '2606:4700:0:0:0:0:0:1111', line: '[2606:4700::1111]:443' },
+      { host: '::ffff:8.8.8.8', line: '8.8.8.8:443' },
+    ];
+    let id = 1;
+    for (const { host, line } of spellings) {
+      const lease = await raw.request({ type: 'acquire', id: id++, host, port: 443, proxy: 'corp' });
+      expect(lease.message, `${host}: ${JSON.stringify(lease.message)}`).toMatchObject({ type: 'lease' });
+      for (const fd of lease.fds) native.close(fd);
+      await raw.request({ type: 'closed', id: id++, leaseId: (lease.message as { leaseId: number }).leaseId });
+      expect(requests.at(-1), host).toBe(`CONNECT ${line} HTTP/1.1\r\nHost: ${line}`);
+    }
+    // A host that would end the request line or add a header is refused before any connect.
+    const injections = [
+      'a.example\r\nX-Injected: 1',
+      'a.example:443 HTTP/1.1\r\n',
+      'a.example\n',
+      'a.\u010d\u010a.example',
+    ];
+    for (const host of injections) {
+      const refused = await raw.request({ type: 'acquire', id: id++, host, port: 443, proxy: 'corp' });
+      expect(refused.fds).toEqual([]);
+      expect(refused.message, JSON.stringify(host)).toMatchObject({ type: 'error', code: 'SOCKPOOL_ERR_PROTOCOL' });
+    }
+    expect(requests).toHaveLength(spellings.length);
+    await eventually(
+      () => sockpoold.fdCount() === fds,
+      () => `the daemon holds no fd more than before: ${fds} then, ${sockpoold.fdCount()} now`,
+    );
+  });
+
   it('closes on reload the idle tunnels through a proxy whose URL changed, and tunnels through the new one', async () => {
     const ok = () => 'HTTP/1.1 200 Connection established\r\n\r\n';
     const before = await connectProxy(ok);
