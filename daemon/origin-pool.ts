@@ -158,8 +158,9 @@ export class OriginPool implements KeptHolder<IdleSocket> {
   /** Consecutive failed background connects; refills back off while the origin is failing. */
   #failures = 0;
   /**
-   * Consecutive sockets dropped for bytes that came before any request, never lent (an origin that speaks first, a
-   * proxy talking after its 200): refills back off as for failed connects. Reset when a socket is lent.
+   * Consecutive sockets dropped for bytes that came before any request, never lent, within STRAY_BYTES_MS of their
+   * connect (an origin that speaks first, a proxy talking after its 200): refills back off as for failed connects.
+   * Reset when a socket is lent.
    */
   #strayBytes = 0;
   #backoffUntil = 0;
@@ -635,9 +636,10 @@ export class OriginPool implements KeptHolder<IdleSocket> {
     const index = this.#idle.indexOf(socket);
     if (index === -1) return;
     this.#idle.splice(index, 1);
-    if (reason === 'data' && socket.unlent !== undefined) {
+    if (reason === 'data' && socket.unlent !== undefined && performance.now() - socket.connectedAt < STRAY_BYTES_MS) {
       // Its next one would get the same, and be dropped the same, as soon as watched: without this, refills connected
-      // again at once, every IDLE_WATCH_DELAY_MS, for as long as minIdle or demand asked.
+      // again at once, every IDLE_WATCH_DELAY_MS, for as long as minIdle or demand asked. (Bytes after a while are a
+      // server's word at its idle timeout, such as a 408: the socket lived; the next one is made at once.)
       this.#strayBytes++;
       const backoff = Math.min(30_000, 250 * 2 ** Math.min(this.#strayBytes, 7));
       this.#backoffUntil = Math.max(this.#backoffUntil, performance.now() + backoff);
@@ -870,6 +872,12 @@ export class OriginPool implements KeptHolder<IdleSocket> {
 function cancelledError(origin: string): SockpoolError {
   return new SockpoolError(ErrorCodes.ABORTED, `the client gave up its acquire of ${origin}`, { origin });
 }
+
+/**
+ * Bytes within this long of a socket's connect, before any request, make a speaking-first peer (see #strayBytes);
+ * later ones end a socket that lived.
+ */
+const STRAY_BYTES_MS = 1_000;
 
 /** A refill that found the fleet's cap reached waits this long before it tries again. */
 const FLEET_FULL_BACKOFF_MS = 250;

@@ -405,6 +405,19 @@ describe('OriginPool warming', () => {
     expect(origin.idleCount).toBe(1);
   });
 
+  it('refills at once after a socket whose server wrote only after a while (a 408 at its idle timeout)', async () => {
+    const origin = pool({ minIdle: 1 });
+    origin.setRefillTarget(0);
+    await until(() => origin.idleCount === 1, 'minIdle reached');
+    await vi.advanceTimersByTimeAsync(5_000);
+    connector.peers[0]!.end('HTTP/1.1 408 Request Timeout\r\n\r\n');
+    await until(() => events.drops.length === 1, 'the socket with the 408 dropped');
+    expect(events.reasons).toEqual(['data']);
+    // Not a peer that speaks first: the next socket comes at once, no backoff.
+    await until(() => origin.idleCount === 1, 'refilled');
+    expect(connector.calls).toBe(2);
+  });
+
   it('makes no background connects to an origin the policy refused until the policy changes', async () => {
     connector.refuse.add(ORIGIN.host);
     const origin = pool({ minIdle: 1 });
