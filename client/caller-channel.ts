@@ -60,6 +60,12 @@ export class CallerChannel {
   /** The request body being read, until it is read to its end: close() cancels it (even while a read is pending). */
   #source: UploadSource | undefined;
   #bodyFailure: ((error: Error) => unknown) | undefined;
+  /** The response's end came: the body closes once the reader has taken what is queued (#closeIfDrained). */
+  #ended = false;
+  /** The response body is over for the reader: read to its end, failed or cancelled. */
+  #bodyOver = false;
+  /** Stops following the caller's signal (followSignal), if it does. */
+  #unfollow: (() => void) | undefined;
 
   constructor(options: CallerChannelOptions) {
     this.#bodyFailure = options.bodyFailure;
@@ -81,8 +87,11 @@ export class CallerChannel {
           start: (controller) => {
             this.#body = controller;
           },
-          pull: () => this.#grant(),
-          cancel: () => this.abort(new SockpoolError(ErrorCodes.ABORTED, 'the response body was cancelled')),
+          pull: () => (this.#ended ? this.#closeIfDrained() : this.#grant()),
+          cancel: () => {
+            this.#bodyIsOver();
+            this.abort(new SockpoolError(ErrorCodes.ABORTED, 'the response body was cancelled'));
+          },
         },
         { highWaterMark: RESPONSE_WINDOW, size: (chunk) => chunk?.byteLength ?? 0 },
       );
@@ -102,12 +111,68 @@ export class CallerChannel {
   fail(error: Error): void {
     if (this.#done) return;
     this.#rejectHead(error);
+    this.#failBody(error);
+    this.close(error);
+  }
+
+  /**
+   * After the transfer ended: `signal` firing still fails the body while the reader has not taken all of it, with
+   * `error()`, as Node's fetch fails a body it holds when its signal fires. A small body's transfer ends about when
+   * its head arrives, in the worker or in this thread, long before the caller reads it: the signal's listener of the
+   * request (SockpoolClient#run) is gone by then. Followed until the body is over (read to its end, failed or
+   * cancelled), or until nobody holds the body any more (bodyListeners): a long-lived signal shared by many requests
+   * whose bodies are left unread keeps no listener for each.
+   */
+  followSignal(signal: AbortSignal, error: (signal: AbortSignal) => Error): void {
+    if (!this.#body || this.#bodyOver || this.#unfollow) return;
+    if (signal.aborted) {
+      this.abortBody(error(signal));
+      return;
+    }
+    // (Weakly: the signal may outlive the body by far, and must not keep it and its chunks alive. `error` must not
+    // hold the channel either, as a closure over a scope that has it would: a module's function.)
+    const channel = new WeakRef(this);
+    const listener = () => channel.deref()?.abortBody(error(signal));
+    signal.addEventListener('abort', listener, { once: true });
+    const unfollow = () => signal.removeEventListener('abort', listener);
+    this.#unfollow = unfollow;
+    bodyListeners.register(this, unfollow, this);
+  }
+
+  /** The caller's signal fired after the transfer ended (followSignal): what the reader has not taken fails. */
+  abortBody(error: Error): void {
+    if (this.#bodyOver) return;
+    if (this.#done) this.#failBody(error);
+    // (Its last messages may still be on their way in this thread's port pair: they are dropped.)
+    else this.fail(error);
+  }
+
+  #failBody(error: Error): void {
+    if (!this.#body || this.#bodyOver) return;
     try {
-      this.#body?.error(this.#bodyFailure && this.#body ? this.#bodyFailure(error) : error);
+      this.#body.error(this.#bodyFailure ? this.#bodyFailure(error) : error);
     } catch {
       // already closed or errored
     }
-    this.close(error);
+    this.#bodyIsOver();
+  }
+
+  /** The end came: the body closes once the reader took what is queued (a read past it then says done). */
+  #closeIfDrained(): void {
+    const body = this.#body;
+    if (!body || this.#bodyOver || (body.desiredSize ?? 0) < RESPONSE_WINDOW) return;
+    body.close();
+    this.#bodyIsOver();
+  }
+
+  #bodyIsOver(): void {
+    if (this.#bodyOver) return;
+    this.#bodyOver = true;
+    const unfollow = this.#unfollow;
+    if (!unfollow) return;
+    this.#unfollow = undefined;
+    unfollow();
+    bodyListeners.unregister(this);
   }
 
   /** Closes this end; a request body still being read is cancelled (with `reason`, the failure if there was one). */
@@ -137,7 +202,9 @@ export class CallerChannel {
         }
         return;
       case 'end':
-        this.#body?.close();
+        // (Closed once drained, not now: until then the caller's signal may still fail it, see followSignal.)
+        this.#ended = true;
+        this.#closeIfDrained();
         this.close();
         return;
       case 'error':
@@ -231,6 +298,9 @@ export class CallerChannel {
     this.#port.postMessage(message, transfer);
   }
 }
+
+/** Stops following the signal of a body nobody holds any more (CallerChannel.followSignal). */
+const bodyListeners = new FinalizationRegistry<() => void>((unfollow) => unfollow());
 
 /** A request body being read, whichever kind it is, and how to stop reading it. */
 interface UploadSource {

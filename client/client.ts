@@ -996,6 +996,8 @@ export class SockpoolClient {
       const outcome = await Promise.race([started, cancelled]);
       if (!outcome.ok) throw fromPlainError(outcome.error);
       if (!('result' in outcome)) throw new SockpoolError(ErrorCodes.PROTOCOL, 'worker returned no result');
+      // The transfer ended; its body may still be unread here, and the signal still fails what is left of it.
+      if (signal && request.streamResponse) channel.followSignal(signal, abortedError);
       return outcome.result;
     } catch (error) {
       channel?.fail(error as Error);

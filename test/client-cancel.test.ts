@@ -4,7 +4,10 @@
 // dies (an uncaught exception, or piscina terminating it) is replaced, its requests fail with a typed error, every
 // fd it held is closed (the addon closes the daemon link and unused leases; curl's connections are closed
 // natively) and the daemon frees its leases. fds are counted in this process and in the daemon's.
+import { getEventListeners } from 'node:events';
 import type { IncomingMessage, ServerResponse } from 'node:http';
+import { setFlagsFromString } from 'node:v8';
+import { runInNewContext } from 'node:vm';
 import type { Worker } from 'node:worker_threads';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SockpoolClient } from '../client/index.js';
@@ -20,6 +23,10 @@ import {
 } from './fixtures/client-helpers.js';
 import type { DaemonProcess } from './helpers/daemon.js';
 import { crashWorker, liveWorkers, threadIds } from './helpers/worker-threads.js';
+
+// gc() here: a body nobody holds lets go of its signal once collected (FinalizationRegistry).
+setFlagsFromString('--expose-gc');
+const gc = runInNewContext('gc') as () => void;
 
 /** Requests to /hang get no answer until released (or the connection goes). */
 const hanging: Array<{ request: IncomingMessage; response: ServerResponse }> = [];
@@ -233,6 +240,60 @@ describe('aborts and timeouts cancel one transfer, not the thread', () => {
     await expect(reader.read()).rejects.toBe(controller.signal.reason);
     await eventually(() => response.destroyed || response.socket?.destroyed === true, 'connection closed');
   });
+
+  // The transfer of a small body ends in the worker (or the caller's runtime) about when its head arrives, long before
+  // the caller reads it: the signal must still fail what is left unread, as Node's fetch fails it.
+  for (const options of [{ threads: 1, inlineWhenIdle: false }, { threads: 1 }, { threads: 0 }]) {
+    it(`aborting after the whole body arrived, unread, errors it with the signal’s reason as Node’s fetch does; a body read to its end, cancelled or dropped unread keeps no listener on the signal (${JSON.stringify(options)})`, async () => {
+      // One slot: a request made after the streamed one runs only once that transfer ended and gave its slot back.
+      const single = new SockpoolClient({ socketPath: daemon.socketPath, concurrencyPerThread: 1, ...options });
+      try {
+        await single.request(url('/arrived/warm-up'));
+        const controller = new AbortController();
+        const fetched = await single.fetch(url('/arrived/fetch'), { signal: controller.signal });
+        expect((await single.request(url('/arrived/after-fetch'))).status).toBe(200);
+        controller.abort();
+        await expect(fetched.text()).rejects.toBe(controller.signal.reason);
+
+        const streamController = new AbortController();
+        const streamed = await single.requestStream(url('/arrived/stream'), { signal: streamController.signal });
+        expect((await single.request(url('/arrived/after-stream'))).status).toBe(200);
+        streamController.abort(new Error('enough'));
+        await expect(new Response(streamed.body).text()).rejects.toMatchObject({
+          code: 'SOCKPOOL_ERR_ABORTED',
+          message: /enough/,
+        });
+
+        // Read to its end first: the abort finds nothing to fail, and the body left no listener behind.
+        const kept = new AbortController();
+        const read = await single.fetch(url('/arrived/read'), { signal: kept.signal });
+        expect(await read.text()).toBe('GET /arrived/read 0');
+        expect(getEventListeners(kept.signal, 'abort')).toEqual([]);
+        // Cancelled by the caller: none either.
+        const cancelled = await single.requestStream(url('/arrived/cancelled'), { signal: kept.signal });
+        await single.request(url('/arrived/after-cancelled'));
+        await cancelled.body.cancel();
+        expect(getEventListeners(kept.signal, 'abort')).toEqual([]);
+        kept.abort();
+
+        // Bodies left unread and dropped, under one long-lived signal: their listeners go with them.
+        const shared = new AbortController();
+        for (let i = 0; i < 10; i++) {
+          expect((await single.fetch(url(`/arrived/dropped-${i}`), { signal: shared.signal })).status).toBe(200);
+        }
+        await single.request(url('/arrived/after-dropped'));
+        await eventually(
+          () => {
+            gc();
+            return getEventListeners(shared.signal, 'abort').length === 0;
+          },
+          () => `no listener left on the shared signal (${getEventListeners(shared.signal, 'abort').length})`,
+        );
+      } finally {
+        await single.close();
+      }
+    });
+  }
 
   it('after all of that, no fd and no lease is left over', async () => {
     const leasedBefore = await leasedTo(daemon.socketPath, origin.port);
