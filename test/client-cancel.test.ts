@@ -30,6 +30,8 @@ const gc = runInNewContext('gc') as () => void;
 
 /** Requests to /hang get no answer until released (or the connection goes). */
 const hanging: Array<{ request: IncomingMessage; response: ServerResponse }> = [];
+/** Runs once the origin has written a /window response whole. */
+let onWindowFinish: (() => void) | undefined;
 /** Every path the origins were asked for, in order. */
 const seenPaths: string[] = [];
 let origin: Origin;
@@ -52,6 +54,7 @@ beforeAll(async () => {
       hanging.push({ request, response });
       return;
     }
+    if (request.url?.startsWith('/window')) response.once('finish', () => onWindowFinish?.());
     if (request.headers['x-delay']) setTimeout(() => echo(request, response), 50);
     else echo(request, response);
   };
@@ -291,6 +294,49 @@ describe('aborts and timeouts cancel one transfer, not the thread', () => {
         );
       } finally {
         await single.close();
+      }
+    });
+  }
+
+  // curl's completion message runs in the poll phase and the engine delivers the outcome in an immediate of the same
+  // turn (curl-engine.ts): an abort() in between found nothing left to cancel in the caller's own runtime, and the
+  // request resolved though the signal had fired before it settled. An immediate queued a turn earlier runs first
+  // in that check phase: one of a few counts of immediates after the origin's end lands there.
+  for (const options of [{ threads: 0 }, { threads: 1 }]) {
+    it(`an abort() after curl finished the transfer, before its outcome is delivered, still rejects it in the caller’s runtime (${JSON.stringify(options)})`, async () => {
+      const local = new SockpoolClient({ socketPath: daemon.socketPath, ...options });
+      try {
+        await local.request(url('/window/warm-up'));
+        const resolvedAfterAbort: string[] = [];
+        for (let i = 0; i < 48; i++) {
+          const controller = new AbortController();
+          let abortCalled = false;
+          const immediates = i % 6;
+          onWindowFinish = () => {
+            onWindowFinish = undefined;
+            let seen = 0;
+            const next = () =>
+              setImmediate(() => {
+                if (seen++ < immediates) return next();
+                abortCalled = true;
+                controller.abort();
+              });
+            next();
+          };
+          const path = `/window/${i}`;
+          await local.request(url(path), { signal: controller.signal }).then(
+            () => {
+              if (abortCalled) resolvedAfterAbort.push(path);
+            },
+            (error: { code?: string }) => expect(error.code).toBe('SOCKPOOL_ERR_ABORTED'),
+          );
+          // (The last immediates of this one, if any, before the next request.)
+          await new Promise((resolve) => setTimeout(resolve, 1));
+        }
+        expect(resolvedAfterAbort).toEqual([]);
+      } finally {
+        onWindowFinish = undefined;
+        await local.close();
       }
     });
   }

@@ -221,6 +221,12 @@ export class TransferRuntime {
 
   /** A request's transfer ended (RequestRun.transferEnded): made once, not a closure per request. */
   readonly #requestEnded = (run: RequestRun, outcome: TransferOutcome, idleToOrigin: number): void => {
+    // The caller's signal fired after curl finished the transfer and before the engine delivered it (curl's completion
+    // message comes in the poll phase, the outcome in an immediate: curl-engine.ts), when there was nothing left to
+    // cancel: the request still fails, as one aborted a moment earlier would (its caller saw abort() before it settled).
+    if (outcome.ok && run.aborted && run.callerSignal?.aborted) {
+      outcome = { ok: false, error: toPlainError(run.reason) };
+    }
     const sink = run.sink;
     if (sink) {
       if (outcome.ok) sink.end();
