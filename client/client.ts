@@ -208,6 +208,14 @@ interface Prepared {
   ahead: boolean;
 }
 
+/** A streamed request started (#startStreamed): its channel, its outcome, and on a thread's lane a way to read at once
+ *  what the lane has brought for it (ThreadLanes.stream). */
+interface Streamed {
+  channel: CallerChannel;
+  started: Promise<RuntimeResult>;
+  readArrived?: (() => boolean) | undefined;
+}
+
 /** Where an origin's requests ran lately (inlineWhenIdle): its idle connections are there, in that runtime's curl
  *  cache, and a lone request that runs elsewhere takes a new one. */
 interface OriginRoute {
@@ -416,8 +424,9 @@ export class SockpoolClient {
     if (!upload) return new Promise((resolve, reject) => this.#start(prepared, resolve, reject));
     try {
       // A streamed request body needs a port of its own.
-      const { channel, started } = await this.#startStreamed(request, target.key, upload);
-      const result = (await this.#run(request, channel, signal, started)) as TransferResult & SockpoolResponse;
+      const { channel, started, readArrived } = await this.#startStreamed(request, target.key, upload);
+      const result = (await this.#run(request, channel, signal, started, readArrived)) as TransferResult &
+        SockpoolResponse;
       this.#noteThrottled(target, result.timings);
       return response(result, queued);
     } catch (error) {
@@ -597,7 +606,7 @@ export class SockpoolClient {
     const { prepared, waiting } = await this.#enter(this.#prepare(url, options, true));
     const { request, signal, upload, queued, target } = prepared;
     if (waiting) await waiting;
-    let streamed: { channel: CallerChannel; started: Promise<RuntimeResult> };
+    let streamed: Streamed;
     try {
       streamed = await this.#startStreamed(request, target.key, upload, (options as InternalOptions)[BODY_FAILURE]);
     } catch (error) {
@@ -607,10 +616,10 @@ export class SockpoolClient {
       this.#queue.leave(target);
       throw error;
     }
-    const { channel, started } = streamed;
+    const { channel, started, readArrived } = streamed;
     // The run ends when the transfer does (the body read or cancelled); its failures (and a dead worker) fail the
     // head or the body. The slot is held until then.
-    this.#run(request, channel, signal, started)
+    this.#run(request, channel, signal, started, readArrived)
       .catch((error: Error) => {
         this.#noteThrottled(target, error as { code?: string });
         channel.fail(error);
@@ -944,7 +953,7 @@ export class SockpoolClient {
     key: string,
     upload: BodyStream | undefined,
     bodyFailure?: (error: Error) => unknown,
-  ): Promise<{ channel: CallerChannel; started: Promise<RuntimeResult> }> {
+  ): Promise<Streamed> {
     const streamResponse = request.streamResponse === true;
     const runtime = await this.#streamRuntime(key);
     if (runtime) {
@@ -962,6 +971,7 @@ export class SockpoolClient {
         bodyFailure,
       }),
       started: stream.outcome,
+      readArrived: stream.readArrived,
     };
   }
 
@@ -976,6 +986,7 @@ export class SockpoolClient {
     channel: CallerChannel,
     signal: AbortSignal | undefined,
     started: Promise<RuntimeResult>,
+    readArrived?: () => boolean,
   ): Promise<TransferResult> {
     let timer: NodeJS.Timeout | undefined;
     let onAbort: (() => void) | undefined;
@@ -984,7 +995,12 @@ export class SockpoolClient {
         channel.abort(error);
         reject(error);
       };
-      timer = setTimeout(() => cancel(timeoutError(request)), Math.max(0, request.deadline - epochNow()));
+      // (On a thread's lane its outcome may have come in time and wait behind this timer, this thread having been busy
+      // past the deadline: read first, see ThreadLanes#expire.)
+      timer = setTimeout(
+        () => readArrived?.() || cancel(timeoutError(request)),
+        Math.max(0, request.deadline - epochNow()),
+      );
       if (signal) {
         onAbort = () => cancel(abortedError(signal));
         signal.addEventListener('abort', onAbort, { once: true });

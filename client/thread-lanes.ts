@@ -26,7 +26,7 @@
 // A streamed request's deadline and signal are its channel's business (SockpoolClient#run: its timer keeps the
 // process alive, and it cancels over the request's port).
 
-import type { MessagePort } from 'node:worker_threads';
+import { type MessagePort, receiveMessageOnPort } from 'node:worker_threads';
 import { ErrorCodes, SockpoolError, toPlainError } from '../shared/errors.js';
 import { IdTable } from '../shared/id-table.js';
 import { epochNow, type TransferOutcome, type TransferRequest, timeoutError } from '../worker/curl-engine.js';
@@ -230,7 +230,7 @@ export class ThreadLanes {
       return;
     }
     const pending = newPending(request, signal, resolve, reject, originKey);
-    pending.deadline = this.#deadlines.add(request.deadline, () => this.#cancel(pending, timeoutError(request)));
+    pending.deadline = this.#deadlines.add(request.deadline, () => this.#expire(pending));
     if (signal) {
       pending.onAbort = () => this.#cancel(pending, abortedError(signal));
       signal.addEventListener('abort', pending.onAbort, { once: true });
@@ -242,9 +242,13 @@ export class ThreadLanes {
    * Runs a request that streams a body either way on a thread, with a port of its own on the thread's lane: the
    * caller's end of it (`port`, for a CallerChannel) and the outcome (rejects with SOCKPOOL_ERR_WORKER_EXITED /
    * _WORKER_START). Its deadline and signal are the caller's to watch: it cancels over the port (an `abort`
-   * message, or closing its end).
+   * message, or closing its end). `readArrived`: reads at once what the request's lane has brought, and says whether
+   * its outcome was there (for its deadline, whose timer runs before them when this thread was busy: see #expire).
    */
-  stream(request: TransferRequest, originKey?: string): { port: RequestPort; outcome: Promise<TransferOutcome> } {
+  stream(
+    request: TransferRequest,
+    originKey?: string,
+  ): { port: RequestPort; outcome: Promise<TransferOutcome>; readArrived: () => boolean } {
     let pending!: Pending;
     const outcome = new Promise<TransferOutcome>((resolve, reject) => {
       pending = newPending(request, undefined, resolve, reject, originKey);
@@ -259,7 +263,11 @@ export class ThreadLanes {
       port.peerClosed();
       pending.reject(cannotStart);
     } else this.#enter(pending);
-    return { port, outcome };
+    const readArrived = () => {
+      this.#readLane(pending.lane);
+      return pending.settled;
+    };
+    return { port, outcome, readArrived };
   }
 
   /** A request made: to a lane with room (#pick), or it waits here for one. */
@@ -507,6 +515,24 @@ export class ThreadLanes {
     if (!pending.settled) {
       this.#settle(pending);
       pending.resolve(outcome);
+    }
+  }
+
+  /**
+   * A buffered request's deadline passed here. Its outcome may be waiting on its lane already: this thread's timers
+   * run before the messages that came while it was busy (a long synchronous loop of the caller's), and the thread
+   * answered in time. What its lane holds is read first (#readLane); a request still without an answer fails.
+   */
+  #expire(pending: Pending): void {
+    this.#readLane(pending.lane);
+    this.#cancel(pending, timeoutError(pending.request));
+  }
+
+  /** Reads now what the lane has brought and this thread has not read yet (nothing once the lane is gone). */
+  #readLane(lane: Lane | undefined): void {
+    if (!lane || !this.#lanes.includes(lane)) return;
+    for (let received = receiveMessageOnPort(lane.port); received; received = receiveMessageOnPort(lane.port)) {
+      this.#receive(received.message as LaneReplies);
     }
   }
 

@@ -30,6 +30,8 @@ const gc = runInNewContext('gc') as () => void;
 
 /** Requests to /hang get no answer until released (or the connection goes). */
 const hanging: Array<{ request: IncomingMessage; response: ServerResponse }> = [];
+/** How long the origin blocks this thread after answering a /blocked/late request (beyond its 1 s deadline). */
+const BLOCK_MS = 2000;
 /** Runs once the origin has written a /window response whole. */
 let onWindowFinish: (() => void) | undefined;
 /** Every path the origins were asked for, in order. */
@@ -55,6 +57,13 @@ beforeAll(async () => {
       return;
     }
     if (request.url?.startsWith('/window')) response.once('finish', () => onWindowFinish?.());
+    if (request.url?.startsWith('/blocked/late')) {
+      // Answers, then blocks this thread (the caller's: the origin runs here) past the request's deadline.
+      response.end('in time');
+      const until = Date.now() + BLOCK_MS;
+      while (Date.now() < until);
+      return;
+    }
     if (request.headers['x-delay']) setTimeout(() => echo(request, response), 50);
     else echo(request, response);
   };
@@ -340,6 +349,25 @@ describe('aborts and timeouts cancel one transfer, not the thread', () => {
       }
     });
   }
+
+  it('a response a worker thread delivered in time is not failed for a deadline that passed while the caller’s thread was blocked (buffered and streamed)', async () => {
+    const lanesOnly = new SockpoolClient({ socketPath: daemon.socketPath, threads: 1, inlineWhenIdle: false });
+    try {
+      await lanesOnly.request(url('/blocked/warm-up'));
+      // The thread has the answer within milliseconds and posts it to this thread, busy until past the deadline: the
+      // deadline's timer then runs before the lane's message is read.
+      const buffered = await lanesOnly.request(url('/blocked/late/buffered'), { timeoutMs: 1000 });
+      expect(buffered.body.toString()).toBe('in time');
+      const streamed = await lanesOnly.requestStream(url('/blocked/late/streamed'), { timeoutMs: 1000 });
+      expect(await new Response(streamed.body).text()).toBe('in time');
+      // A deadline that passes with no answer still fails the request.
+      await expect(lanesOnly.request(url('/hang/blocked'), { timeoutMs: 200 })).rejects.toMatchObject({
+        code: 'SOCKPOOL_ERR_TIMEOUT',
+      });
+    } finally {
+      await lanesOnly.close();
+    }
+  });
 
   it('after all of that, no fd and no lease is left over', async () => {
     const leasedBefore = await leasedTo(daemon.socketPath, origin.port);
