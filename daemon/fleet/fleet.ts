@@ -175,8 +175,14 @@ export class Fleet implements SlotLedger {
    * that comes back refused is then given back (#tryTakeSlot).
    */
   #taking = new Map<string, number>();
-  /** Heartbeats sent: a take answered after one was sent meanwhile was stated as held by it. */
-  #heartbeatsSent = 0;
+  /**
+   * Origins with takes under way -> how many heartbeat statements have stated them (held and taking) since: a take
+   * answered after one was sent meanwhile was stated as held by it. Dropped when no take of the origin is under way.
+   */
+  #takingStated = new Map<string, number>();
+  /** The heartbeat under way (one at a time), and one queued after it (#heartbeat). */
+  #heartbeatRun: Promise<void> | undefined;
+  #heartbeatQueued: Promise<void> | undefined;
   /**
    * Origins whose count in Redis may differ from what this daemon holds and takes, so the next heartbeat states
    * them too: one a take was sent to Redis for (granted, or its answer lost) or a heartbeat stated above 0 (only a
@@ -238,7 +244,7 @@ export class Fleet implements SlotLedger {
     this.#redis.defineCommand('fleetLeave', { lua: LEAVE_SCRIPT });
     // Rejoin at once when the connection is back: Redis may have restarted empty, or expired us while we were away.
     // The heartbeat's success is what makes the fleet available again.
-    this.#redis.on('ready', () => void this.#heartbeat());
+    this.#redis.on('ready', () => void this.#heartbeat(true));
     this.#redis.on('error', (error: Error) => {
       // A failed SELECT comes as an error before 'ready' (its reply precedes the ready check's), and ioredis then
       // carries on in database 0.
@@ -515,7 +521,7 @@ export class Fleet implements SlotLedger {
       // From here Redis may count a slot of this origin for this daemon (granted, or an answer lost): marked, so
       // that a release skipped later (#giveBack) is stated, and a heartbeat states 0 for it once none is held.
       this.#markRestate(key);
-      const heartbeatsBefore = this.#heartbeatsSent;
+      const statedBefore = this.#takingStated.get(key) ?? 0;
       try {
         const [granted] = await this.#redis.fleetTakeSlots(
           this.#slotsKey(key),
@@ -539,7 +545,7 @@ export class Fleet implements SlotLedger {
           // refusing the take: that slot is given back (sent after the heartbeat, so applied after it too). Left
           // there, nothing would state this origin again while this daemon held none of it: a slot nobody holds,
           // counted against the cap for every member until this daemon stops.
-          if (this.#heartbeatsSent !== heartbeatsBefore) this.#giveBack(key, 1);
+          if ((this.#takingStated.get(key) ?? 0) !== statedBefore) this.#giveBack(key, 1);
           return false;
         }
         this.#held.set(key, this.held(key) + 1);
@@ -551,7 +557,10 @@ export class Fleet implements SlotLedger {
       } finally {
         const taking = (this.#taking.get(key) ?? 1) - 1;
         if (taking > 0) this.#taking.set(key, taking);
-        else this.#taking.delete(key);
+        else {
+          this.#taking.delete(key);
+          this.#takingStated.delete(key);
+        }
       }
     }
     this.#whileUnavailable();
@@ -677,27 +686,59 @@ export class Fleet implements SlotLedger {
 
   // -------------------------------------------------------------------------------------------------------------
 
-  async #heartbeat(): Promise<void> {
+  /**
+   * One heartbeat at a time: a tick while one is under way waits for that one (a busy Redis made them overlap, each
+   * adding its work to the last's). `again`: one more after the one under way (a reconnect: the one under way was
+   * sent on the connection that closed), at most one queued.
+   */
+  #heartbeat(again = false): Promise<void> {
+    const running = this.#heartbeatRun;
+    if (running) {
+      if (!again) return running;
+      this.#heartbeatQueued ??= running.then(() => {
+        this.#heartbeatQueued = undefined;
+        return this.#heartbeat();
+      });
+      return this.#heartbeatQueued;
+    }
+    const run = this.#stateAll().finally(() => {
+      if (this.#heartbeatRun === run) this.#heartbeatRun = undefined;
+    });
+    this.#heartbeatRun = run;
+    return run;
+  }
+
+  async #stateAll(): Promise<void> {
     // Also while `unavailable` with the connection up (a command timed out): a heartbeat that succeeds ends that.
     if (this.#closed || this.#wrongDatabase || this.#redis.status !== 'ready') return;
     const keys = [...new Set([...this.#held.keys(), ...this.#taking.keys(), ...this.#restate.keys()])];
-    const counts = keys.map((key) => this.held(key) + (this.#taking.get(key) ?? 0));
-    const markedBefore = this.#marks;
-    for (const [index, key] of keys.entries()) if (counts[index]! > 0) this.#markRestate(key);
-    this.#heartbeatsSent++;
     // Back after an outage (or at the first join): the rates this daemon saw ahead, stated before anything else this
-    // connection sends, so that its own takes after find them even in a Redis that restarted empty.
-    const restated = this.#state === 'connected' ? [] : this.#restateRates();
-    // In script calls of HEARTBEAT_ORIGINS origins each (one with none if no origin is stated), all sent in this
-    // turn: Redis applies them in order and before any take or release sent after (one connection), as it did the
-    // single call. Each renews the membership (the same ZADD again) and answers the members; each chunk that
-    // succeeds clears its own origins' marks, so a heartbeat cut short by an outage leaves only the rest to state.
-    const chunks: Array<Promise<number>> = [];
-    for (const start of chunkStarts(keys.length)) {
-      const chunk = keys.slice(start, start + HEARTBEAT_ORIGINS);
-      const chunkCounts = counts.slice(start, start + HEARTBEAT_ORIGINS);
-      const stated = this.#redis
-        .fleetHeartbeat(
+    // connection sends, so that its own takes after find them even in a Redis that restarted empty. (Its failure is
+    // the heartbeat's, awaited after the chunks: caught here either way, never an unhandled rejection.)
+    const restating = Promise.all(this.#state === 'connected' ? [] : this.#restateRates()).then(
+      () => undefined,
+      (error: Error) => error,
+    );
+    try {
+      // In script calls of HEARTBEAT_ORIGINS origins each (one with none if no origin is stated), one after the
+      // other, so that each has COMMAND_TIMEOUT_MS of its own: sent together, the last of fifty waited behind the
+      // others' work in Redis, and a busy Redis timed every heartbeat of a member holding 50,000 origins out, which
+      // then never rejoined. Each chunk's counts are read as it is sent: Redis applies it after every take and
+      // release this daemon sent before and before those it sends after (one connection), so no statement is older
+      // than what follows it. Each renews the membership (the same ZADD again) and answers the members; each chunk
+      // that succeeds clears its own origins' marks, so a heartbeat cut short by an outage leaves only the rest.
+      let members = 0;
+      for (const start of chunkStarts(keys.length)) {
+        if (this.#closed) return;
+        const chunk = keys.slice(start, start + HEARTBEAT_ORIGINS);
+        const counts = chunk.map((key) => this.held(key) + (this.#taking.get(key) ?? 0));
+        const markedBefore = this.#marks;
+        for (const [index, key] of chunk.entries()) {
+          if (counts[index]! > 0) this.#markRestate(key);
+          const stated = this.#takingStated.get(key);
+          if (this.#taking.has(key)) this.#takingStated.set(key, (stated ?? 0) + 1);
+        }
+        const [chunkMembers, contended] = await this.#redis.fleetHeartbeat(
           1 + 2 * chunk.length,
           this.#membersKey(),
           ...chunk.map((key) => this.#slotsKey(key)),
@@ -706,25 +747,19 @@ export class Fleet implements SlotLedger {
           this.#config.slotTtlMs,
           this.#config.slotTtlMs * 10,
           this.#waiterTtlMs,
-          ...chunkCounts,
-        )
-        .then(([members, contended]) => {
-          for (const index of contended) {
-            const key = chunk[index - 1];
-            if (key !== undefined) this.onContended?.(key);
-          }
-          for (const [index, key] of chunk.entries()) {
-            if (chunkCounts[index] === 0 && (this.#restate.get(key) ?? 0) <= markedBefore) this.#restate.delete(key);
-          }
-          return members;
-        });
-      chunks.push(stated);
-    }
-    try {
-      // The last chunk's count: Redis answered it after the others.
-      // (One Promise.all over both: a rejection of either is handled, whichever comes first.)
-      const [stated] = await Promise.all([Promise.all(chunks), Promise.all(restated)]);
-      const members = stated.at(-1)!;
+          ...counts,
+        );
+        members = chunkMembers;
+        for (const index of contended) {
+          const key = chunk[index - 1];
+          if (key !== undefined) this.onContended?.(key);
+        }
+        for (const [index, key] of chunk.entries()) {
+          if (counts[index] === 0 && (this.#restate.get(key) ?? 0) <= markedBefore) this.#restate.delete(key);
+        }
+      }
+      const restateFailed = await restating;
+      if (restateFailed) throw restateFailed;
       if (this.#state !== 'connected') {
         this.#log.info({ redis: this.redisTarget }, 'fleet: Redis available again');
         if (this.#hadOutage) {
@@ -732,6 +767,7 @@ export class Fleet implements SlotLedger {
             performance.now() + Math.max(this.#config.slotTtlMs, MAX_RECONNECT_DELAY_MS + 2 * this.#config.heartbeatMs);
         }
       }
+      // (The last chunk's count: Redis answered it after the others.)
       this.#countMembers(members);
       this.#state = 'connected';
     } catch (error) {
