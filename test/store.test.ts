@@ -114,6 +114,31 @@ describe('StateStore.open', () => {
     db.close();
   });
 
+  it('moves aside a file corrupt past the pages an open reads (a torn page in the middle): every flush failed on it, start after start', () => {
+    // The open reads the schema and counts rows by an index; a page of the table itself torn (a disk, a copy cut
+    // short) was found only by the statements that touch it: the file stayed, warming failed and every flush failed
+    // with SQLITE_CORRUPT, at every start, for good.
+    const path = join(dir, 'sockpool.sqlite');
+    const store = open();
+    for (let index = 0; index < 2000; index++) {
+      store.recordAcquire(`o${index}.example:443`, { hit: false }, 1000);
+      store.recordConnect(`o${index}.example:443`, 5);
+    }
+    store.flush();
+    store.close();
+    const torn = readFileSync(path);
+    torn.fill(0x5a, 4096 * 3, 4096 * 4);
+    writeFileSync(path, torn);
+    const told: Array<{ path: string; movedTo: string; err: string }> = [];
+    const reopened = StateStore.open(dir, { now, onCorrupt: (info) => told.push(info) });
+    expect(told).toEqual([{ path, movedTo: expect.stringMatching(/\.corrupt-/), err: expect.any(String) }]);
+    expect(readFileSync(told[0]!.movedTo)).toEqual(torn);
+    reopened.recordAcquire('fresh.example:443', { hit: false });
+    reopened.flush();
+    expect(reopened.origin('fresh.example:443')?.acquires).toBe(1);
+    reopened.close();
+  });
+
   it('reports any other failure to open the file as SOCKPOOL_ERR_CONFIG naming it, and leaves the file alone', () => {
     // Another connection (as another process would) holds the file locked past the busy timeout.
     const path = join(dir, 'sockpool.sqlite');
