@@ -194,6 +194,14 @@ export class Sockpoold {
       // The history only warms: a corrupt file costs it, not the start (a restart loop under systemd).
       onCorrupt: ({ path, movedTo, err }) =>
         this.#log.warn({ path, movedTo, err }, 'state database corrupt: moved aside; starting with an empty history'),
+      // The history stops being written (its records wait, bounded): the operator learns it, and from what.
+      onFlushFailing: ({ path, sqliteCode, err, pending }) =>
+        this.#log.warn(
+          { path, sqliteCode, err, pending },
+          'history not written: flushes of the state database fail (retried at each tick)',
+        ),
+      onFlushRecovered: ({ path, failures }) =>
+        this.#log.info({ path, failures }, 'history written again: a flush of the state database succeeded'),
       // The start goes on with the file as it is; the operator learns why its schema stays old (a backup tool or a
       // sqlite3 shell holding the lock) and that the next start without it migrates.
       onMigrationDeferred: ({ path, version, migration, newest, err }) =>

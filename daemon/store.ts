@@ -111,6 +111,14 @@ export interface StateStoreOptions {
    * is at schema `version`, `migration` (version + 1) is the first that waits, `newest` the schema this version
    * knows, `err` SQLite's word for it. Without it the file stays at its old schema in silence, start after start.
    */
+  /**
+   * Told when the timer's flushes start failing (a full disk, a read-only or locked file, a page found corrupt), once
+   * per run of failures, with SQLite's code (`SQLITE_FULL`, `SQLITE_BUSY`...) and the origins waiting: they stay
+   * pending (bounded) and the next tick tries again. Without it the history stopped being written in silence.
+   */
+  onFlushFailing?: (info: { path: string; sqliteCode: string | undefined; err: string; pending: number }) => void;
+  /** Told when a timer's flush succeeds again after onFlushFailing, with how many ticks failed meanwhile. */
+  onFlushRecovered?: (info: { path: string; failures: number }) => void;
   onMigrationDeferred?: (info: {
     path: string;
     version: number;
@@ -407,6 +415,10 @@ export class StateStore {
   #evicted: string[] | undefined;
   #lastPrune = 0;
   #closed = false;
+  /** Timer flushes failed in a row (0 while they succeed): onFlushFailing is told at the first only. */
+  #failures = 0;
+  readonly #onFlushFailing: StateStoreOptions['onFlushFailing'];
+  readonly #onFlushRecovered: StateStoreOptions['onFlushRecovered'];
   readonly #statements: {
     select: Database.Statement<[string], OriginRow>;
     upsert: Database.Statement<[OriginRow]>;
@@ -518,6 +530,8 @@ export class StateStore {
     this.#db = db;
     this.path = path;
     this.#now = options.now ?? Date.now;
+    this.#onFlushFailing = options.onFlushFailing;
+    this.#onFlushRecovered = options.onFlushRecovered;
     this.#historyMinutes = Math.ceil(((options.demandHistoryDays ?? 7) * DAY_MS) / MINUTE_MS);
     this.#originRetentionMs = (options.originRetentionDays ?? 30) * DAY_MS;
     this.#scoreHalfLifeMinutes = (options.scoreHalfLifeMs ?? 6 * 3_600_000) / MINUTE_MS;
@@ -1135,8 +1149,22 @@ export class StateStore {
       let more = false;
       try {
         more = this.flushSlice();
-      } catch {
-        // A full disk or a locked file: the statistics stay pending and the next tick tries again.
+        if (this.#failures > 0) {
+          const failures = this.#failures;
+          this.#failures = 0;
+          this.#onFlushRecovered?.({ path: this.path, failures });
+        }
+      } catch (error) {
+        // A full disk or a locked file: the statistics stay pending and the next tick tries again; said once a run.
+        if (this.#failures++ === 0) {
+          const code = (error as { code?: unknown }).code;
+          this.#onFlushFailing?.({
+            path: this.path,
+            sqliteCode: typeof code === 'string' ? code : undefined,
+            err: (error as Error).message,
+            pending: this.#pending.size,
+          });
+        }
       }
       if (more && this.#timer) setImmediate(slice);
       else this.#slicing = false;

@@ -14,7 +14,14 @@ import * as native from '../shared/native.js';
 import { MAX_MESSAGE_BYTES } from '../shared/protocol.js';
 import { startServer, type TestServer } from './fixtures/native-helpers.js';
 import { spawnChild } from './helpers/children.js';
-import { type DaemonProcess, eventually, repoRoot, startDaemon, writeConfigFile } from './helpers/daemon.js';
+import {
+  type DaemonProcess,
+  eventually,
+  logRecords,
+  repoRoot,
+  startDaemon,
+  writeConfigFile,
+} from './helpers/daemon.js';
 import { openRawClient, type RawClient } from './helpers/raw-client.js';
 
 const cleanups: Array<() => unknown> = [];
@@ -692,6 +699,34 @@ describe('life cycle', () => {
     expect(JSON.parse(warning ?? '{}')).toMatchObject({ path, movedTo: join(stateDir, moved[0]!) });
     expect(existsSync(path)).toBe(true);
     expect(await sockpoold.stop()).toBe(0);
+  });
+
+  it('says at warn, with the SQLite code, when the history stops being written while it serves, and when it is written again', async () => {
+    // Found in review: a flush failing for good (a full disk, a read-only or locked file) was never logged.
+    const echo = await server();
+    const sockpoold = await daemon(echo.port, [], { pool: { statsFlushMs: 50 } });
+    const other = new Database(join(sockpoold.stateDir, 'sockpool.sqlite'));
+    cleanups.push(() => other.close());
+    other.exec('BEGIN IMMEDIATE');
+    const raw = client(sockpoold.socketPath);
+    const lease = await raw.request({ type: 'acquire', id: 1, host: '127.0.0.1', port: echo.port });
+    for (const fd of lease.fds) native.close(fd);
+    expect(lease.message).toMatchObject({ type: 'lease' });
+    const failing = () =>
+      logRecords(sockpoold, 'history not written: flushes of the state database fail (retried at each tick)');
+    await eventually(() => failing().length > 0, 'the failing flushes logged');
+    other.exec('ROLLBACK');
+    await eventually(
+      () => logRecords(sockpoold, 'history written again: a flush of the state database succeeded').length > 0,
+      'the recovery logged',
+    );
+    expect(failing()).toEqual([
+      expect.objectContaining({ level: 40, sqliteCode: expect.stringMatching(/^SQLITE_BUSY/), pending: 1 }),
+    ]);
+    expect(await sockpoold.stop()).toBe(0);
+    const db = new Database(join(sockpoold.stateDir, 'sockpool.sqlite'), { readonly: true });
+    expect(db.prepare('SELECT acquires FROM origins').pluck().all()).toEqual([1]);
+    db.close();
   });
 
   it('says at warn which schema migration waits when another process holds the write lock of an older file', async () => {

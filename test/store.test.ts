@@ -502,6 +502,41 @@ describe('what a client cannot bloat', () => {
     store.close();
   });
 
+  it("says once when the timer's flushes start failing, with SQLite's code, and once when one succeeds again", () => {
+    // Found in review: every failure (a full disk, a read-only or locked file, a page found corrupt) was swallowed,
+    // so the history could stop being written for good without a word to the operator.
+    const failing: unknown[] = [];
+    const recovered: unknown[] = [];
+    const store = StateStore.open(dir, {
+      now,
+      onFlushFailing: (info) => failing.push(info),
+      onFlushRecovered: (info) => recovered.push(info),
+    });
+    const other = openDatabase(join(dir, 'sockpool.sqlite'));
+    useFakeClock();
+    try {
+      store.startAutoFlush(20);
+      store.recordAcquire('locked.example:443', { hit: false });
+      other.exec('PRAGMA busy_timeout = 0; BEGIN IMMEDIATE');
+      vi.advanceTimersByTime(60);
+      expect(failing).toEqual([
+        { path: store.path, sqliteCode: expect.stringMatching(/^SQLITE_BUSY/), err: expect.any(String), pending: 1 },
+      ]);
+      expect(recovered).toEqual([]);
+      other.exec('ROLLBACK');
+      vi.advanceTimersByTime(20);
+      expect(recovered).toEqual([{ path: store.path, failures: 3 }]);
+      vi.advanceTimersByTime(40);
+      expect(failing).toHaveLength(1);
+      expect(recovered).toHaveLength(1);
+    } finally {
+      vi.useRealTimers();
+    }
+    expect(store.origin('locked.example:443')?.acquires).toBe(1);
+    other.close();
+    store.close();
+  });
+
   it('holds at most maxOrigins origins pending while flushes keep failing (a locked file, a full disk)', () => {
     const store = StateStore.open(dir, { now, maxOrigins: 100 });
     store.flush();
