@@ -194,6 +194,10 @@ export class Sockpoold {
       // The history only warms: a corrupt file costs it, not the start (a restart loop under systemd).
       onCorrupt: ({ path, movedTo, err }) =>
         this.#log.warn({ path, movedTo, err }, 'state database corrupt: moved aside; starting with an empty history'),
+      // The history only warms: a file that cannot be opened (a full disk, a read-only file, an unopenable -wal)
+      // costs it, not the service (exit 2, a configuration refused, is not restarted by the unit).
+      onUnavailable: ({ path, sqliteCode, err }) =>
+        this.#log.error({ path, sqliteCode, err }, 'state database unavailable: running with a history in memory only'),
       // The history stops being written (its records wait, bounded): the operator learns it, and from what.
       onFlushFailing: ({ path, sqliteCode, err, pending }) =>
         this.#log.warn(

@@ -117,6 +117,14 @@ export interface StateStoreOptions {
    * pending (bounded) and the next tick tries again. Without it the history stopped being written in silence.
    */
   onFlushFailing?: (info: { path: string; sqliteCode: string | undefined; err: string; pending: number }) => void;
+  /**
+   * Given, a file that cannot be opened for any reason but a refusal (a file from a newer sockpoold) and one SQLite
+   * finds corrupt (moved aside: onCorrupt) no longer fails the open: the store runs on a history in memory only (the
+   * file untouched, nothing written to it; the next start tries the file again) and this is told why, with SQLite's
+   * code (`SQLITE_FULL` a full disk, `SQLITE_CANTOPEN` an unopenable -wal or a directory the daemon cannot write,
+   * `SQLITE_READONLY`, `SQLITE_IOERR_*`). The history only warms: a full disk must not keep the daemon from serving.
+   */
+  onUnavailable?: (info: { path: string; sqliteCode: string | undefined; err: string }) => void;
   /** Told when a timer's flush succeeds again after onFlushFailing, with how many ticks failed meanwhile. */
   onFlushRecovered?: (info: { path: string; failures: number }) => void;
   onMigrationDeferred?: (info: {
@@ -415,6 +423,8 @@ export class StateStore {
   #evicted: string[] | undefined;
   #lastPrune = 0;
   #closed = false;
+  /** A history in memory only (the file could not be opened: onUnavailable): no checkpointer, nothing on disk. */
+  readonly #inMemory: boolean;
   /** Timer flushes failed in a row (0 while they succeed): onFlushFailing is told at the first only. */
   #failures = 0;
   readonly #onFlushFailing: StateStoreOptions['onFlushFailing'];
@@ -456,6 +466,23 @@ export class StateStore {
     mkdirSync(stateDir, { recursive: true, mode: 0o750 });
     const path = join(stateDir, 'sockpool.sqlite');
     try {
+      return StateStore.#openOrSetAside(path, options);
+    } catch (error) {
+      // A refusal (SockpoolError of our own, no cause: a newer schema) stands; anything else the file or its disk did.
+      if (!options.onUnavailable || !(error instanceof SockpoolError) || error.cause === undefined) throw error;
+      const sqliteCode = error.fields.sqliteCode;
+      options.onUnavailable({
+        path,
+        sqliteCode: typeof sqliteCode === 'string' ? sqliteCode : undefined,
+        err: error.message,
+      });
+      return StateStore.#openFile(':memory:', options, path);
+    }
+  }
+
+  /** StateStore.open without the fallback to memory: a corrupt file moved aside, any other failure thrown. */
+  static #openOrSetAside(path: string, options: StateStoreOptions): StateStore {
+    try {
       return StateStore.#openFile(path, options);
     } catch (error) {
       if (!isCorruption(error)) throw openError(path, error);
@@ -481,8 +508,9 @@ export class StateStore {
     }
   }
 
-  static #openFile(path: string, options: StateStoreOptions): StateStore {
-    const db = new Database(path);
+  /** Opens `file` (':memory:' for a history in memory only) as the state database named `path`. */
+  static #openFile(file: string, options: StateStoreOptions, path = file): StateStore {
+    const db = new Database(file);
     try {
       // busy_timeout first: setting journal_mode may wait for a lock (another process on the file).
       db.exec('PRAGMA busy_timeout = 2000; PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL');
@@ -519,16 +547,17 @@ export class StateStore {
       // (bounded) for the next. The daemon is the file's only writer; its checkpointer's PASSIVE checkpoints never
       // block a writer.
       db.exec('PRAGMA busy_timeout = 0');
-      return new StateStore(db, path, options);
+      return new StateStore(db, path, options, file === ':memory:');
     } catch (error) {
       db.close();
       throw error;
     }
   }
 
-  private constructor(db: Database.Database, path: string, options: StateStoreOptions) {
+  private constructor(db: Database.Database, path: string, options: StateStoreOptions, inMemory: boolean) {
     this.#db = db;
     this.path = path;
+    this.#inMemory = inMemory;
     this.#now = options.now ?? Date.now;
     this.#onFlushFailing = options.onFlushFailing;
     this.#onFlushRecovered = options.onFlushRecovered;
@@ -922,7 +951,7 @@ export class StateStore {
 
   /** Starts the checkpointer thread; from now on commits leave the WAL to it. */
   #startCheckpointer(): void {
-    if (this.#checkpointer || this.#closed) return;
+    if (this.#checkpointer || this.#closed || this.#inMemory) return;
     const worker = new Worker(CHECKPOINTER_SOURCE, {
       eval: true,
       name: 'sockpoold state checkpointer',

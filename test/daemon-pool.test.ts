@@ -1,7 +1,7 @@
 // sockpoold as a real child process, real TCP servers on loopback, a bare protocol client: handoffs, refill,
 // limits and the fair queue, leases freed on disconnect, bad input, reload, restart from history, fd counts.
 import { once } from 'node:events';
-import { existsSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -727,6 +727,33 @@ describe('life cycle', () => {
     const db = new Database(join(sockpoold.stateDir, 'sockpool.sqlite'), { readonly: true });
     expect(db.prepare('SELECT acquires FROM origins').pluck().all()).toEqual([1]);
     db.close();
+  });
+
+  it('starts and serves without history when its state database cannot be opened (an unopenable -wal), saying so at error with the SQLite code', async () => {
+    // Found in review: a full disk, a read-only file or an unopenable -wal failed the start with SOCKPOOL_ERR_CONFIG,
+    // exit 2, which the unit does not restart (RestartPreventExitStatus=2): the service stayed down.
+    const echo = await server();
+    const stateDir = mkdtempSync(join(tmpdir(), 'sockpoold-test-'));
+    const path = join(stateDir, 'sockpool.sqlite');
+    const db = new Database(path);
+    db.exec('PRAGMA journal_mode = WAL; CREATE TABLE kept (a)');
+    db.close();
+    const before = readFileSync(path);
+    mkdirSync(`${path}-wal`);
+    const sockpoold = await startDaemon({
+      stateDir,
+      args: ['--allow', '127.0.0.1/32', '--allow-port', String(echo.port)],
+    });
+    cleanups.push(() => sockpoold.stop());
+    expect(logRecords(sockpoold, 'state database unavailable: running with a history in memory only')).toEqual([
+      expect.objectContaining({ level: 50, path, sqliteCode: 'SQLITE_CANTOPEN' }),
+    ]);
+    const raw = client(sockpoold.socketPath);
+    const lease = await raw.request({ type: 'acquire', id: 1, host: '127.0.0.1', port: echo.port });
+    for (const fd of lease.fds) native.close(fd);
+    expect(lease.message).toMatchObject({ type: 'lease' });
+    expect(await sockpoold.stop()).toBe(0);
+    expect(readFileSync(path)).toEqual(before);
   });
 
   it('says at warn which schema migration waits when another process holds the write lock of an older file', async () => {

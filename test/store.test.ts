@@ -1,5 +1,14 @@
 import type { ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import {
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+} from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import Database from 'better-sqlite3';
@@ -137,6 +146,38 @@ describe('StateStore.open', () => {
     reopened.flush();
     expect(reopened.origin('fresh.example:443')?.acquires).toBe(1);
     reopened.close();
+  });
+
+  it('with onUnavailable, runs on a history in memory when the file cannot be opened (its -wal unopenable, a full disk), saying why, the file untouched', () => {
+    // Found in review: a full disk or an unopenable -wal failed the start with SOCKPOOL_ERR_CONFIG (exit 2, which the
+    // unit does not restart): the whole service down for a history that only warms.
+    const path = join(dir, 'sockpool.sqlite');
+    const first = open();
+    first.recordAcquire('kept.example:443', { hit: false });
+    first.flush();
+    first.close();
+    const before = readFileSync(path);
+    mkdirSync(`${path}-wal`);
+    const told: unknown[] = [];
+    const store = StateStore.open(dir, { now, onUnavailable: (info) => told.push(info) });
+    expect(told).toEqual([{ path, sqliteCode: 'SQLITE_CANTOPEN', err: expect.stringContaining(path) }]);
+    store.startAutoFlush(20);
+    store.recordAcquire('fresh.example:443', { hit: false });
+    store.flush();
+    expect(store.origin('fresh.example:443')?.acquires).toBe(1);
+    expect(store.origin('kept.example:443')).toBeUndefined();
+    expect(store.close()).toBe(0);
+    expect(readFileSync(path)).toEqual(before);
+    expect(readdirSync(dir).sort()).toEqual(['sockpool.sqlite', 'sockpool.sqlite-wal']);
+  });
+
+  it('with onUnavailable, still refuses a file from a newer sockpoold (a downgrade), as without it', () => {
+    const db = openDatabase(join(dir, 'sockpool.sqlite'));
+    db.exec(`PRAGMA user_version = ${MIGRATIONS.length + 1}`);
+    db.close();
+    const told: unknown[] = [];
+    expect(() => StateStore.open(dir, { now, onUnavailable: (info) => told.push(info) })).toThrow(/newer/);
+    expect(told).toEqual([]);
   });
 
   it('reports any other failure to open the file as SOCKPOOL_ERR_CONFIG naming it, and leaves the file alone', () => {
