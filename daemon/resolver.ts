@@ -2,6 +2,8 @@
 //
 // - IP literals (any spelling a URL host may have) return themselves, canonical.
 // - `resolve` entries (curl's --resolve, `HOST:PORT:ADDR[,ADDR...]`) win over DNS for that host and port.
+// - `localhost` and the names under it are 127.0.0.1 and ::1, never asked of anyone (RFC 6761 §6.3): the egress
+//   policy judges them as those literals.
 // - With `servers`, A and AAAA are asked in parallel through a c-ares `dns.promises.Resolver` (no search domains,
 //   no /etc/hosts), and the answer's TTL sets the cache lifetime, clamped to [minTtlMs, maxTtlMs]. While they are
 //   in flight, `answersInFlight` gives each family's answer as soon as it is in (Happy Eyeballs starts on it).
@@ -223,6 +225,8 @@ function rotate<T>(list: readonly T[], turn: number): T[] {
 export class Resolver {
   readonly #dns: dns.Resolver | undefined;
   readonly #overrides = new Map<string, AddressSet>();
+  /** What `localhost` and the names under it resolve to, without asking anyone (isLoopbackName). */
+  readonly #loopback: AddressSet = { v4: ['127.0.0.1'], v6: ['::1'], turn: 0 };
   /** Name → answer, each the uid's whose resolve() brought it in. */
   readonly #cache = new UidShareMap<CacheEntry>(MAX_CACHE_ENTRIES);
   readonly #inFlight = new Map<string, Promise<CacheEntry>>();
@@ -289,6 +293,7 @@ export class Resolver {
     if (typeof name !== 'string') return [name];
     const override = this.#overrides.get(`${name}:${port}`);
     if (override) return this.#order(name, port, override);
+    if (isLoopbackName(name)) return this.#order(name, port, this.#loopback);
     let entry = this.#cache.get(name);
     if (!entry || entry.expiresAt <= performance.now()) entry = await this.#refresh(name, uid);
     if (entry.kind === 'negative') {
@@ -576,6 +581,15 @@ function canonicalName(host: string): string {
   } catch {
     return host;
   }
+}
+
+/**
+ * `localhost` and the names under it (RFC 6761 §6.3): loopback, answered here. Never asked of DNS, where a server
+ * (hostile, or just an upstream that answers anything) could put them anywhere, nor of the system resolver, whose
+ * hosts file knows `localhost` but whose DNS would be asked for `app.localhost`.
+ */
+function isLoopbackName(name: string): boolean {
+  return name === 'localhost' || name.endsWith('.localhost');
 }
 
 function canonicalAddress(address: string): string {

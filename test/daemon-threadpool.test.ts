@@ -2,7 +2,7 @@
 // a thread until glibc answers or gives up: seconds for a name whose servers do not answer. With libuv's default 4
 // threads, four such names held up every other lookup of the daemon (a crawler meets dead domains). sockpoold runs
 // a larger pool unless the operator chose a size (UV_THREADPOOL_SIZE). Counted here as the daemon's libuv worker
-// threads after a lookup of `localhost` (the hosts file: no traffic leaves the machine).
+// threads after an acquire of `localhost` (which the resolver answers itself: no traffic leaves the machine).
 
 import { once } from 'node:events';
 import { readdirSync, readFileSync } from 'node:fs';

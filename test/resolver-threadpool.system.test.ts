@@ -2,8 +2,8 @@
 // /etc/netns/NAME/resolv.conf over /etc/resolv.conf, which names 127.0.0.1, where a UDP socket takes every query
 // and answers none (glibc then waits out its timeout and attempts). The daemon (no dns.servers: getaddrinfo on
 // libuv's threadpool, 32 threads) is asked for 40 such names by one uid, within its maxLookupsPerUid; a client of
-// another uid (nobody, through setpriv's credentials as a child process) must still have its `localhost` (the hosts
-// file) looked up and connected. Before the resolver bounded its system lookups (a uid holding h only while more
+// another uid (nobody, through setpriv's credentials as a child process) must still have its `second.test` (the
+// hosts file; not `localhost`, which the resolver answers itself) looked up and connected. Before the resolver bounded its system lookups (a uid holding h only while more
 // than h places are free) the 40 held all 32 threads, and the other uid's lookup queued behind them until its
 // deadline: SOCKPOOL_ERR_DNS, reason timeout. libuv runs getaddrinfo on at most half its threads (16 of 32), so the
 // places are 16, not the 24 (three quarters) they were: with a second uid's hung names too, a third uid's lookup
@@ -78,7 +78,7 @@ async function daemonWithHungLookups(hangS: number) {
   const attempts = Math.ceil(hangS / 5);
   writeFileSync(join(etc, 'resolv.conf'), `nameserver 127.0.0.1\noptions timeout:5 attempts:${attempts}\n`);
   // Names the hosts file answers (one per uid below: a name looked up once is cached).
-  writeFileSync(join(etc, 'hosts'), '127.0.0.1 localhost\n127.0.0.1 third.test\n');
+  writeFileSync(join(etc, 'hosts'), '127.0.0.1 localhost\n127.0.0.1 second.test\n127.0.0.1 third.test\n');
   // The silent server: takes the queries, never answers (so glibc gets no ICMP refusal either).
   ns.spawn([process.execPath, '-e', "require('node:dgram').createSocket('udp4').bind(53, '127.0.0.1')"]);
   const agent = await ns.startAgent();
@@ -131,7 +131,7 @@ it("one uid's 40 hung system lookups leave another uid's lookup a thread of the 
   const { daemon, port, hang } = await daemonWithHungLookups(10);
   await hang(100, 40);
   // Another uid's lookup (the hosts file) finds a thread (before: SOCKPOOL_ERR_DNS, reason timeout).
-  const [reply] = await acquireAs(NOBODY, daemon.socketPath, ['localhost'], port);
+  const [reply] = await acquireAs(NOBODY, daemon.socketPath, ['second.test'], port);
   expect(reply, JSON.stringify(reply)).toMatchObject({ type: 'lease', id: 2 });
   // A second uid's hung names too: a third uid's lookup still runs at once. libuv runs getaddrinfo on at most 16
   // of its 32 threads, and the rest wait in its queue behind the hung ones: when the daemon let 24 start (one uid
@@ -156,6 +156,6 @@ it('reloads that make new resolvers (the dns section changed) count the hung loo
   await hang(200, 40);
   await reload(1_002);
   await hang(300, 40);
-  const [reply] = await acquireAs(NOBODY, daemon.socketPath, ['localhost'], port);
+  const [reply] = await acquireAs(NOBODY, daemon.socketPath, ['second.test'], port);
   expect(reply, JSON.stringify(reply)).toMatchObject({ type: 'lease', id: 2 });
 }, 60_000);

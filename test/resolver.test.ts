@@ -26,6 +26,9 @@ beforeAll(async () => {
     'failures.test': { a: ['198.51.100.1', '198.51.100.2', '198.51.100.3'], ttl: 300 },
     'v6fail.test': { a: ['198.51.100.1'], aaaa: ['2001:db8::1'], ttl: 300 },
     'late-aaaa.test': { a: ['198.51.100.1'], aaaa: ['2001:db8::1'], aaaaDelayMs: 500, ttl: 300 },
+    // A hostile server's answers for the names RFC 6761 §6.3 reserves for loopback.
+    localhost: { a: ['198.51.100.7'], aaaa: ['2001:db8::7'], ttl: 300 },
+    'app.localhost': { a: ['198.51.100.8'], ttl: 300 },
   });
 });
 
@@ -244,6 +247,19 @@ describe('Resolver through a DNS server', () => {
     const before = dnsServer.count('silent.test');
     await dnsError(r.resolve('silent.test', 443));
     expect(dnsServer.count('silent.test')).toBeGreaterThan(before);
+  });
+
+  it('answers `localhost` and the names under it with loopback itself, never asking DNS (RFC 6761 §6.3)', async () => {
+    const r = resolver();
+    for (const host of ['localhost', 'LocalHost.', 'app.localhost', 'a.b.localhost']) {
+      expect(addresses(await r.resolve(host, 443)), host).toEqual(['::1', '127.0.0.1']);
+    }
+    expect(r.answersInFlight('localhost', 443)).toBeUndefined();
+    expect(dnsServer.count('localhost')).toBe(0);
+    expect(dnsServer.count('app.localhost')).toBe(0);
+    // A dns.resolve entry still wins (the operator's), and a name merely ending in "localhost" is a name.
+    const pinned = resolver({ resolve: ['localhost:443:127.0.0.9'] });
+    expect(addresses(await pinned.resolve('localhost', 443))).toEqual(['127.0.0.9']);
   });
 
   it('a slow family does not hold the answer beyond timeoutMs', async () => {
