@@ -4,6 +4,8 @@
 // - `resolve` entries (curl's --resolve, `HOST:PORT:ADDR[,ADDR...]`) win over DNS for that host and port.
 // - `localhost` and the names under it are 127.0.0.1 and ::1, never asked of anyone (RFC 6761 §6.3): the egress
 //   policy judges them as those literals.
+// - Of each family an answer gives, the first MAX_ADDRESSES_PER_FAMILY distinct addresses are kept (what the cache
+//   holds and a connect tries is bounded whatever a server sends).
 // - With `servers`, A and AAAA are asked in parallel through a c-ares `dns.promises.Resolver` (no search domains,
 //   no /etc/hosts), and the answer's TTL sets the cache lifetime, clamped to [minTtlMs, maxTtlMs]. While they are
 //   in flight, `answersInFlight` gives each family's answer as soon as it is in (Happy Eyeballs starts on it).
@@ -73,6 +75,12 @@ export interface ResolverOptions {
 }
 
 const DEFAULT_FAILURE_PENALTY_MS = 30_000;
+/**
+ * Most addresses of one family kept from an answer (the first ones it gave, duplicates dropped): DNS over TCP
+ * carries up to 64 KiB, about 4,000 A records, and a hostile server's name would otherwise cost that much in each of
+ * the cache's 10,000 entries, and a connect one attempt per address.
+ */
+export const MAX_ADDRESSES_PER_FAMILY = 32;
 /** Most host names cached (positive and negative), and host:ports with failure marks (uid-share-map.ts for which go). */
 const MAX_CACHE_ENTRIES = 10_000;
 
@@ -443,8 +451,8 @@ export class Resolver {
     const v4Query = this.#withDeadline(resolver.resolve4(name, { ttl: true }));
     const v6Query = this.#withDeadline(resolver.resolve6(name, { ttl: true }));
     const pending = {
-      4: v4Query.then((records) => records.map((record) => record.address)),
-      6: v6Query.then((records) => records.map((record) => record.address)),
+      4: v4Query.then((records) => kept(records.map((record) => record.address))),
+      6: v6Query.then((records) => kept(records.map((record) => record.address))),
     };
     // Nobody may ask for them: their failures reach callers through resolve().
     pending[4].catch(() => {});
@@ -517,8 +525,7 @@ export class Resolver {
   }
 
   #addresses(v4: string[], v6: string[], ttlMs: number): Answer {
-    const unique = (list: string[]) => [...new Set(list.map(canonicalAddress))];
-    return { kind: 'addresses', v4: unique(v4), v6: unique(v6), ttlMs };
+    return { kind: 'addresses', v4: kept(v4), v6: kept(v6), ttlMs };
   }
 
   /** No address: negative (cached) when every failure says the name has none, transient otherwise. */
@@ -581,6 +588,16 @@ function canonicalName(host: string): string {
   } catch {
     return host;
   }
+}
+
+/** The addresses of one family an answer's are kept as: canonical, each once, the first MAX_ADDRESSES_PER_FAMILY. */
+function kept(list: readonly string[]): string[] {
+  const unique = new Set<string>();
+  for (const address of list) {
+    unique.add(canonicalAddress(address));
+    if (unique.size === MAX_ADDRESSES_PER_FAMILY) break;
+  }
+  return [...unique];
 }
 
 /**

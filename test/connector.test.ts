@@ -12,7 +12,7 @@ import { EgressPolicy } from '../daemon/egress-policy.js';
 import { LearnedFamilies } from '../daemon/learned-families.js';
 import { createMetrics, type Metrics } from '../daemon/metrics.js';
 import type { ProxyEndpoint } from '../daemon/proxy-tunnel.js';
-import { Resolver } from '../daemon/resolver.js';
+import { MAX_ADDRESSES_PER_FAMILY, Resolver } from '../daemon/resolver.js';
 import type { SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
 import { eventually } from './helpers/daemon.js';
@@ -416,6 +416,59 @@ describe('TcpConnector: what the caller sees when no address connects', () => {
     expect(error.message).toContain(`connect ECONNREFUSED 127.0.0.1:${closed.port}`);
     expect(error.message).toContain('1 refused by the egress policy: ::1 (loopback)');
     expect(error.fields).toMatchObject({ tried: 1, refused: 1 });
+  });
+});
+
+describe('TcpConnector: a hostile DNS server', () => {
+  const policy: OriginPolicy = { ...defaultConfig().pool.defaults };
+
+  it('tries a bounded number of addresses of a huge answer, and none the egress policy refuses', async () => {
+    const closed = await listen('127.0.0.1');
+    servers.splice(servers.indexOf(closed.server), 1);
+    await new Promise((resolve) => closed.server.close(resolve));
+    // 500 loopback addresses (allowed below, all refusing the port at once) after the metadata address and a
+    // private one: over UDP the answer is truncated, over TCP whole.
+    const loopbacks = Array.from({ length: 500 }, (_, i) => `127.1.${i >> 8}.${i & 255}`);
+    const dns = await startDnsServer({
+      'spray.test': { a: ['169.254.169.254', '10.1.2.3', ...loopbacks], ttl: 60 },
+      'refused.test': {
+        a: ['169.254.169.254', '10.1.2.3', '0.0.0.0'],
+        aaaa: ['::ffff:a9fe:a9fe', 'fd00:ec2::254', '64:ff9b::a9fe:a9fe'],
+      },
+    });
+    try {
+      const config = parseConfig(
+        { dns: { servers: [dns.server] }, egress: { allow: ['127.0.0.0/8'], allowPorts: [closed.port] } },
+        'test',
+      );
+      const resolver = new Resolver(config.dns);
+      const egress = new EgressPolicy(config.egress);
+      const metrics = createMetrics(() => ({ origins: [] }), { processMetrics: false });
+      const connector = new TcpConnector(
+        () => resolver,
+        () => egress,
+        { metrics },
+      );
+      const fds = await openFds();
+      const error = await connector.connect({ host: 'spray.test', port: closed.port }, policy).then(
+        () => expect.unreachable(),
+        (caught: SockpoolError) => caught,
+      );
+      expect(error).toMatchObject({ code: 'SOCKPOOL_ERR_CONNECT', cause: { code: 'ECONNREFUSED' } });
+      expect(error.message).toContain('refused by the egress policy: 169.254.169.254 (metadata), 10.1.2.3 (private)');
+      // One SYN per address kept, not one per address the server sent.
+      expect(error.fields).toMatchObject({ tried: MAX_ADDRESSES_PER_FAMILY - 2, refused: 2 });
+      expect(await attempts(metrics, 4, 'failed')).toBe(MAX_ADDRESSES_PER_FAMILY - 2);
+      expect(await openFds()).toBe(fds);
+      // Every address refused: the policy's refusal, saying why.
+      await expect(connector.connect({ host: 'refused.test', port: closed.port }, policy)).rejects.toMatchObject({
+        code: 'SOCKPOOL_ERR_POLICY',
+        message: expect.stringMatching(/refused: (metadata|private|unspecified|loopback)$/),
+      });
+      expect(await attempts(metrics, 4, 'failed')).toBe(MAX_ADDRESSES_PER_FAMILY - 2);
+    } finally {
+      await dns.close();
+    }
   });
 });
 

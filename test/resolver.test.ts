@@ -3,12 +3,22 @@
 
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { parseConfig, type SockpoolConfigInput } from '../daemon/config.js';
-import { Resolver, SystemLookupPlaces, threadpoolSize } from '../daemon/resolver.js';
+import { MAX_ADDRESSES_PER_FAMILY, Resolver, SystemLookupPlaces, threadpoolSize } from '../daemon/resolver.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import { eventually } from './helpers/daemon.js';
 import { type DnsTestServer, startDnsServer } from './helpers/dns-server.js';
 
 let dnsServer: DnsTestServer;
+
+/** `count` distinct IPv4 addresses in 10.0.0.0/8, in order. */
+function manyV4(count: number): string[] {
+  return Array.from({ length: count }, (_, i) => `10.0.${i >> 8}.${i & 255}`);
+}
+
+/** `count` distinct IPv6 addresses in 2001:db8::/32, in order. */
+function manyV6(count: number): string[] {
+  return Array.from({ length: count }, (_, i) => `2001:db8::${(i + 1).toString(16)}`);
+}
 
 beforeAll(async () => {
   dnsServer = await startDnsServer({
@@ -29,6 +39,8 @@ beforeAll(async () => {
     // A hostile server's answers for the names RFC 6761 §6.3 reserves for loopback.
     localhost: { a: ['198.51.100.7'], aaaa: ['2001:db8::7'], ttl: 300 },
     'app.localhost': { a: ['198.51.100.8'], ttl: 300 },
+    // Far more addresses than fit in 512 bytes: truncated over UDP, asked again over TCP.
+    'many.test': { a: manyV4(600), aaaa: manyV6(300), ttl: 300 },
   });
 });
 
@@ -260,6 +272,26 @@ describe('Resolver through a DNS server', () => {
     // A dns.resolve entry still wins (the operator's), and a name merely ending in "localhost" is a name.
     const pinned = resolver({ resolve: ['localhost:443:127.0.0.9'] });
     expect(addresses(await pinned.resolve('localhost', 443))).toEqual(['127.0.0.9']);
+  });
+
+  it('keeps at most MAX_ADDRESSES_PER_FAMILY of a huge answer (truncated over UDP, whole over TCP): bounded memory', async () => {
+    const r = resolver();
+    const list = await r.resolve('many.test', 443);
+    // The answer did take TCP (what the server sent over UDP had no addresses).
+    expect(dnsServer.queries.some((query) => query.name === 'many.test' && query.transport === 'tcp')).toBe(true);
+    const v4 = list.filter((item) => item.family === 4).map((item) => item.address);
+    const v6 = list.filter((item) => item.family === 6).map((item) => item.address);
+    expect([v4.length, v6.length]).toEqual([MAX_ADDRESSES_PER_FAMILY, MAX_ADDRESSES_PER_FAMILY]);
+    // The first ones the server gave, in some rotation.
+    expect(new Set(v4)).toEqual(new Set(manyV4(MAX_ADDRESSES_PER_FAMILY)));
+    expect(new Set(v6)).toEqual(new Set(manyV6(MAX_ADDRESSES_PER_FAMILY)));
+    // Also what a connect is given while the query is in flight.
+    const fresh = resolver();
+    const resolving = fresh.resolve('many.test', 443);
+    const early = fresh.answersInFlight('many.test', 443)!;
+    expect((await early[4]).length).toBe(MAX_ADDRESSES_PER_FAMILY);
+    expect((await early[6]).length).toBe(MAX_ADDRESSES_PER_FAMILY);
+    await resolving;
   });
 
   it('a slow family does not hold the answer beyond timeoutMs', async () => {

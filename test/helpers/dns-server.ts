@@ -1,9 +1,12 @@
-// A tiny real DNS server for tests: UDP on 127.0.0.1, port chosen by the kernel. It answers A and AAAA queries
-// from a table, NXDOMAIN for unknown names, NOERROR with no answer (NODATA) for a known name without records of
-// the asked type, and counts every query it sees. The wire format (RFC 1035 §4) is parsed and written by hand:
-// header, one question, answers whose name is the compression pointer 0xc00c (the question's name at offset 12).
+// A tiny real DNS server for tests: UDP and TCP on 127.0.0.1, one port chosen by the kernel. It answers A and AAAA
+// queries from a table, NXDOMAIN for unknown names, NOERROR with no answer (NODATA) for a known name without records
+// of the asked type, and counts every query it sees. A UDP answer longer than 512 bytes (RFC 1035 §4.2.1; the
+// server reads no EDNS) goes out truncated, TC set and no answers, as a real server's does: the client asks again
+// over TCP (RFC 7766), which answers in full. The wire format (RFC 1035 §4) is parsed and written by hand: header,
+// one question, answers whose name is the compression pointer 0xc00c (the question's name at offset 12).
 
 import { createSocket, type Socket } from 'node:dgram';
+import { createServer, type Server, type Socket as TcpSocket } from 'node:net';
 
 export interface DnsRecordSet {
   a?: string[];
@@ -23,7 +26,12 @@ export type DnsTable = Record<string, DnsRecordSet>;
 export interface DnsQueryLogEntry {
   name: string;
   type: 'A' | 'AAAA' | number;
+  /** Over which transport the query came. */
+  transport: 'udp' | 'tcp';
 }
+
+/** The longest UDP answer without EDNS (RFC 1035 §4.2.1): longer ones go out truncated. */
+const UDP_LIMIT = 512;
 
 const TYPE_A = 1;
 const TYPE_AAAA = 28;
@@ -75,6 +83,8 @@ export class DnsTestServer {
   readonly records: DnsTable;
   readonly queries: DnsQueryLogEntry[] = [];
   #socket: Socket | undefined;
+  #tcp: Server | undefined;
+  readonly #connections = new Set<TcpSocket>();
   #port = 0;
   #timers = new Set<NodeJS.Timeout>();
 
@@ -98,18 +108,38 @@ export class DnsTestServer {
   }
 
   async start(): Promise<this> {
-    const socket = createSocket('udp4');
-    this.#socket = socket;
-    socket.on('message', (message, remote) => this.#onMessage(message, remote.address, remote.port));
-    await new Promise<void>((resolve, reject) => {
-      socket.once('error', reject);
-      socket.bind(0, '127.0.0.1', () => {
-        socket.off('error', reject);
-        resolve();
+    // The kernel picks the UDP port; TCP takes the same one (tried again when another socket holds it for TCP).
+    for (let tries = 0; ; tries++) {
+      const socket = createSocket('udp4');
+      socket.on('message', (message, remote) =>
+        this.#onMessage(message, 'udp', (reply) => {
+          if (this.#socket === socket) socket.send(reply, remote.port, remote.address);
+        }),
+      );
+      await new Promise<void>((resolve, reject) => {
+        socket.once('error', reject);
+        socket.bind(0, '127.0.0.1', () => {
+          socket.off('error', reject);
+          resolve();
+        });
       });
-    });
-    this.#port = socket.address().port;
-    return this;
+      const port = socket.address().port;
+      const tcp = createServer((connection) => this.#onConnection(connection));
+      const bound = await new Promise<boolean>((resolve, reject) => {
+        tcp.once('error', (error: NodeJS.ErrnoException) =>
+          error.code === 'EADDRINUSE' && tries < 20 ? resolve(false) : reject(error),
+        );
+        tcp.listen(port, '127.0.0.1', () => resolve(true));
+      });
+      if (!bound) {
+        await new Promise<void>((resolve) => socket.close(() => resolve()));
+        continue;
+      }
+      this.#socket = socket;
+      this.#tcp = tcp;
+      this.#port = port;
+      return this;
+    }
   }
 
   async close(): Promise<void> {
@@ -118,9 +148,33 @@ export class DnsTestServer {
     const socket = this.#socket;
     this.#socket = undefined;
     if (socket) await new Promise<void>((resolve) => socket.close(() => resolve()));
+    const tcp = this.#tcp;
+    this.#tcp = undefined;
+    for (const connection of this.#connections) connection.destroy();
+    if (tcp) await new Promise<void>((resolve) => tcp.close(() => resolve()));
   }
 
-  #onMessage(message: Buffer, address: string, port: number): void {
+  /** TCP: each message with its two-byte length (RFC 1035 §4.2.2), several on one connection. */
+  #onConnection(connection: TcpSocket): void {
+    this.#connections.add(connection);
+    connection.on('close', () => this.#connections.delete(connection));
+    connection.on('error', () => {});
+    let buffered = Buffer.alloc(0);
+    connection.on('data', (data) => {
+      buffered = Buffer.concat([buffered, data]);
+      while (buffered.length >= 2 && buffered.length >= 2 + buffered.readUInt16BE(0)) {
+        const message = buffered.subarray(2, 2 + buffered.readUInt16BE(0));
+        buffered = buffered.subarray(2 + message.length);
+        this.#onMessage(message, 'tcp', (reply) => {
+          const length = Buffer.alloc(2);
+          length.writeUInt16BE(reply.length);
+          if (!connection.destroyed) connection.write(Buffer.concat([length, reply]));
+        });
+      }
+    });
+  }
+
+  #onMessage(message: Buffer, transport: 'udp' | 'tcp', send: (reply: Buffer) => void): void {
     if (message.length < 12) return;
     const id = message.readUInt16BE(0);
     const flags = message.readUInt16BE(2);
@@ -128,14 +182,14 @@ export class DnsTestServer {
     if (flags & 0x8000) return; // a response, not a query
     const question = questionCount === 1 ? readName(message, 12) : null;
     if (!question || question.end + 4 > message.length) {
-      this.#send(this.#header(id, flags, RCODE_FORMERR, 0, 0), address, port);
+      send(this.#header(id, flags, RCODE_FORMERR, 0, 0));
       return;
     }
     const questionEnd = question.end + 4;
     const type = message.readUInt16BE(question.end);
     const questionClass = message.readUInt16BE(question.end + 2);
     const name = question.name.toLowerCase();
-    this.queries.push({ name, type: type === TYPE_A ? 'A' : type === TYPE_AAAA ? 'AAAA' : type });
+    this.queries.push({ name, type: type === TYPE_A ? 'A' : type === TYPE_AAAA ? 'AAAA' : type, transport });
 
     const set = this.records[name];
     if (set?.drop) return;
@@ -156,15 +210,21 @@ export class DnsTestServer {
     }
     const header = this.#header(id, flags, set ? 0 : RCODE_NXDOMAIN, 1, answers.length / 2);
     // The question is echoed byte for byte (case included, as resolvers using 0x20 randomisation expect).
-    const reply = Buffer.concat([header, message.subarray(12, questionEnd), ...answers]);
+    let reply = Buffer.concat([header, message.subarray(12, questionEnd), ...answers]);
+    if (transport === 'udp' && reply.length > UDP_LIMIT) {
+      // Truncated: the question alone, TC set; the client asks again over TCP.
+      const truncated = this.#header(id, flags, 0, 1, 0);
+      truncated.writeUInt16BE(truncated.readUInt16BE(2) | 0x0200, 2);
+      reply = Buffer.concat([truncated, message.subarray(12, questionEnd)]);
+    }
     const delayMs = (type === TYPE_AAAA ? set?.aaaaDelayMs : undefined) ?? set?.delayMs ?? 0;
     if (delayMs <= 0) {
-      this.#send(reply, address, port);
+      send(reply);
       return;
     }
     const timer = setTimeout(() => {
       this.#timers.delete(timer);
-      this.#send(reply, address, port);
+      send(reply);
     }, delayMs);
     this.#timers.add(timer);
   }
@@ -180,10 +240,6 @@ export class DnsTestServer {
     header.writeUInt16BE(0, 8);
     header.writeUInt16BE(0, 10);
     return header;
-  }
-
-  #send(reply: Buffer, address: string, port: number): void {
-    this.#socket?.send(reply, port, address);
   }
 }
 
