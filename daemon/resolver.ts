@@ -39,7 +39,8 @@
 // lookup again (with the system resolver, a libuv thread for as long as it takes).
 //
 // Errors: SockpoolError(DNS) with fields { host, reason, dnsCode }. NXDOMAIN and "no address" answers are cached
-// for negativeTtlMs; timeouts and server failures are not cached (the next call asks again). Concurrent calls for
+// for negativeTtlMs; server failures (SERVFAIL, REFUSED) for SERVER_FAILURE_TTL_MS, at most negativeTtlMs (RFC 9520);
+// timeouts are not cached (the next call asks again). Concurrent calls for
 // one host share one query. Time is monotonic (performance.now()).
 //
 // The resolver applies no policy: the connector calls EgressPolicy.checkAddress on every address it returns
@@ -75,6 +76,8 @@ export interface ResolverOptions {
 }
 
 const DEFAULT_FAILURE_PENALTY_MS = 30_000;
+/** How long a server's failure for a name is remembered (RFC 9520 §3.2: at least 1 s); at most dns.negativeTtlMs. */
+const SERVER_FAILURE_TTL_MS = 1_000;
 /**
  * Most addresses of one family kept from an answer (the first ones it gave, duplicates dropped): DNS over TCP
  * carries up to 64 KiB, about 4,000 A records, and a hostile server's name would otherwise cost that much in each of
@@ -413,10 +416,14 @@ export class Resolver {
       answer.reason === 'timeout'
         ? `DNS resolution of ${name} timed out`
         : `DNS resolution of ${name} failed: ${answer.reason}${answer.dnsCode ? ` (${answer.dnsCode})` : ''}`;
-    if (answer.kind === 'negative') {
+    // A server's failure (SERVFAIL, REFUSED: an answer that came at once) is remembered briefly, as RFC 9520 asks
+    // of resolvers: else every acquire for the name asks again, and a client looping on it makes as many queries. A
+    // timeout is not: it took timeoutMs, and the next resolution of the name waits for the one in flight.
+    const failed = answer.kind === 'transient' && answer.reason !== 'timeout';
+    if (answer.kind === 'negative' || (failed && this.#negativeTtlMs > 0)) {
       const entry: NegativeEntry = {
         kind: 'negative',
-        expiresAt: now + this.#negativeTtlMs,
+        expiresAt: now + (failed ? Math.min(SERVER_FAILURE_TTL_MS, this.#negativeTtlMs) : this.#negativeTtlMs),
         message,
         reason: answer.reason,
         dnsCode: answer.dnsCode,

@@ -41,6 +41,7 @@ beforeAll(async () => {
     'app.localhost': { a: ['198.51.100.8'], ttl: 300 },
     // Far more addresses than fit in 512 bytes: truncated over UDP, asked again over TCP.
     'many.test': { a: manyV4(600), aaaa: manyV6(300), ttl: 300 },
+    'servfail.test': { a: ['198.51.100.9'], rcode: 2 },
   });
 });
 
@@ -292,6 +293,28 @@ describe('Resolver through a DNS server', () => {
     expect((await early[4]).length).toBe(MAX_ADDRESSES_PER_FAMILY);
     expect((await early[6]).length).toBe(MAX_ADDRESSES_PER_FAMILY);
     await resolving;
+  });
+
+  it('a SERVFAIL is remembered for a second (RFC 9520): a storm of acquires is not a storm of queries', async () => {
+    const r = resolver();
+    for (let i = 0; i < 50; i++) {
+      const error = await dnsError(r.resolve('servfail.test', 443, 1000));
+      expect(error.fields).toMatchObject({ reason: 'server-failure', dnsCode: 'ESERVFAIL' });
+    }
+    // One resolution's queries (c-ares may ask a second time on SERVFAIL), not fifty.
+    expect(dnsServer.count('servfail.test')).toBeLessThanOrEqual(4);
+    const asked = dnsServer.count('servfail.test');
+    // And asked again once that second has passed.
+    await eventually(async () => {
+      await dnsError(r.resolve('servfail.test', 443, 1000));
+      return dnsServer.count('servfail.test') > asked;
+    }, 'servfail.test asked again');
+    // An operator who caches no negative answer caches no failure either.
+    const uncached = resolver({ negativeTtlMs: 0 });
+    const before = dnsServer.count('servfail.test');
+    await dnsError(uncached.resolve('servfail.test', 443));
+    await dnsError(uncached.resolve('servfail.test', 443));
+    expect(dnsServer.count('servfail.test')).toBeGreaterThan(before + 2);
   });
 
   it('a slow family does not hold the answer beyond timeoutMs', async () => {

@@ -19,6 +19,8 @@ export interface DnsRecordSet {
   aaaaDelayMs?: number;
   /** Never answer (to make clients time out). */
   drop?: boolean;
+  /** Answer with this RCODE and no records (2: SERVFAIL, 5: REFUSED). */
+  rcode?: number;
 }
 
 export type DnsTable = Record<string, DnsRecordSet>;
@@ -208,7 +210,8 @@ export class DnsTestServer {
         answers.push(record, data);
       }
     }
-    const header = this.#header(id, flags, set ? 0 : RCODE_NXDOMAIN, 1, answers.length / 2);
+    if (set?.rcode !== undefined) answers.length = 0;
+    const header = this.#header(id, flags, set ? (set.rcode ?? 0) : RCODE_NXDOMAIN, 1, answers.length / 2);
     // The question is echoed byte for byte (case included, as resolvers using 0x20 randomisation expect).
     let reply = Buffer.concat([header, message.subarray(12, questionEnd), ...answers]);
     if (transport === 'udp' && reply.length > UDP_LIMIT) {
