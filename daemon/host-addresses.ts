@@ -113,7 +113,8 @@ export function readHostAddresses(sources: HostAddressSources = SYSTEM_HOST_ADDR
   const files: [string, (text: string) => string[]][] = [[IF_INET6_PATH, parseIPv6Addresses]];
   if (!routed) {
     files.push(
-      [FIB_TRIE_PATH, (text) => [...parseLocalIPv4Addresses(text), ...parseLocalIPv4Ranges(text)]],
+      // (One walk of the trie for both: a /32 reads as its address in the list below.)
+      [FIB_TRIE_PATH, (text) => fibTrieLocalRoutes(text).map(([leaf, length]) => `${leaf}/${length}`)],
       [IPV6_ROUTE_PATH, parseLocalIPv6Routes],
     );
   }
@@ -205,21 +206,7 @@ export function hostAddressReader(
  */
 export function parseLocalIPv4Addresses(fibTrie: string): string[] {
   const addresses = new Set<string>();
-  let leaf: string | undefined;
-  for (const line of fibTrie.split('\n')) {
-    const leafMatch = /\|-- (\d{1,3}(?:\.\d{1,3}){3})\s*$/.exec(line);
-    if (leafMatch) {
-      leaf = leafMatch[1];
-      continue;
-    }
-    const route = /^\s+\/(\d+) \S+ (\S+)/.exec(line);
-    if (route) {
-      if (leaf !== undefined && route[1] === '32' && route[2] === 'LOCAL') addresses.add(leaf);
-      continue;
-    }
-    // A table's name or an inner node: the next routes belong to the next leaf.
-    leaf = undefined;
-  }
+  for (const [leaf, length] of fibTrieLocalRoutes(fibTrie)) if (length === 32) addresses.add(leaf);
   return [...addresses];
 }
 
@@ -231,6 +218,13 @@ export function parseLocalIPv4Addresses(fibTrie: string): string[] {
  */
 export function parseLocalIPv4Ranges(fibTrie: string): string[] {
   const ranges = new Set<string>();
+  for (const [leaf, length] of fibTrieLocalRoutes(fibTrie)) if (length < 32) ranges.add(`${leaf}/${length}`);
+  return [...ranges];
+}
+
+/** Every route of type LOCAL fib_trie lists, as [leaf, prefix length] (the format: parseLocalIPv4Addresses). */
+function fibTrieLocalRoutes(fibTrie: string): Array<[string, number]> {
+  const routes: Array<[string, number]> = [];
   let leaf: string | undefined;
   for (const line of fibTrie.split('\n')) {
     const leafMatch = /\|-- (\d{1,3}(?:\.\d{1,3}){3})\s*$/.exec(line);
@@ -240,12 +234,13 @@ export function parseLocalIPv4Ranges(fibTrie: string): string[] {
     }
     const route = /^\s+\/(\d+) \S+ (\S+)/.exec(line);
     if (route) {
-      if (leaf !== undefined && Number(route[1]) < 32 && route[2] === 'LOCAL') ranges.add(`${leaf}/${route[1]}`);
+      if (leaf !== undefined && route[2] === 'LOCAL') routes.push([leaf, Number(route[1])]);
       continue;
     }
+    // A table's name or an inner node: the next routes belong to the next leaf.
     leaf = undefined;
   }
-  return [...ranges];
+  return routes;
 }
 
 /** RTF_LOCAL (include/uapi/linux/ipv6_route.h): a route to this host. */
