@@ -109,29 +109,29 @@ describe('an fd of a file on a FUSE mount the client serves', () => {
   it('let in, a file whose every stat waits for the mount: the daemon discards it without a stat, and serves on', async () => {
     // Before the fix the discard began with an fstat, a GETATTR the mount held (here for 600 s, until the test's end):
     // the hello below was never answered.
-    const config = writeConfigFile({ access: { acceptClientFds: true } }, cleanups);
-    const sockpoold = await startDaemon({ args: ['--config', config] });
-    cleanups.push(() => sockpoold.stop());
-    const fuse = startFuseClient(sockpoold.socketPath, 'hold=600');
-    expect(await fuse.next()).toEqual({ event: 'sent' });
-    expect(await fuse.next()).toMatchObject({ event: 'flush' });
-    await honestHello(sockpoold.socketPath);
-    await fuse.finish();
-    expect(await sockpoold.stop()).toBe(0);
+    await discardsAndServesOn('hold=600');
   }, 30_000);
 
   it("let in, a file on a mount of another user's (fusermount's, no allow_other): closed off the daemon thread too", async () => {
     // The kernel refuses the daemon the file's attributes (EACCES) but not its FLUSH. Before the fix the discard's
     // fstat failed, the fd was taken for a socket, and the daemon's own thread closed it: the hello below waited for
     // the mount's answer to that FLUSH.
-    const config = writeConfigFile({ access: { acceptClientFds: true } }, cleanups);
-    const sockpoold = await startDaemon({ args: ['--config', config] });
-    cleanups.push(() => sockpoold.stop());
-    const fuse = startFuseClient(sockpoold.socketPath, 'uid=65534');
-    expect(await fuse.next()).toEqual({ event: 'sent' });
-    expect(await fuse.next()).toMatchObject({ event: 'flush' });
-    await honestHello(sockpoold.socketPath);
-    await fuse.finish();
-    expect(await sockpoold.stop()).toBe(0);
+    await discardsAndServesOn('uid=65534');
   }, 30_000);
 });
+
+/**
+ * A daemon letting client fds in is sent a file on the fixture's mount (started with `mountOption`): it discards it,
+ * the mount sees the FLUSH, an honest client's hello is answered meanwhile, and the daemon stops cleanly.
+ */
+async function discardsAndServesOn(mountOption: string): Promise<void> {
+  const config = writeConfigFile({ access: { acceptClientFds: true } }, cleanups);
+  const sockpoold = await startDaemon({ args: ['--config', config] });
+  cleanups.push(() => sockpoold.stop());
+  const fuse = startFuseClient(sockpoold.socketPath, mountOption);
+  expect(await fuse.next()).toEqual({ event: 'sent' });
+  expect(await fuse.next()).toMatchObject({ event: 'flush' });
+  await honestHello(sockpoold.socketPath);
+  await fuse.finish();
+  expect(await sockpoold.stop()).toBe(0);
+}
