@@ -30,6 +30,7 @@ import { LocalSlots, slotKeeper } from './fleet/slots.js';
 import { HandoffServer } from './handoff-server.js';
 import { hostAddressesProvider, hostAddressReader, IPV6_ROUTE_PATH } from './host-addresses.js';
 import { detectKernelTls } from './kernel-tls.js';
+import { setKernelRefusesReconnect } from './lease-guard.js';
 import {
   type ClassifiedListenFds,
   classifyListenFds,
@@ -133,6 +134,8 @@ export class Sockpoold {
     this.#reloadConfig = options.reloadConfig;
     this.#bindRestriction = options.bindRestriction ?? EMBEDDED_UNRESTRICTED;
     this.#connectGuard = options.connectGuard ?? EMBEDDED_UNGUARDED;
+    // Every socket the pools hold is registered with an enforced guard (or never connected): see lease-guard.ts.
+    setKernelRefusesReconnect(this.#connectGuard.state === 'enforced');
     this.#realtime = options.realtime ?? EMBEDDED_SCHEDULING;
     this.#socketPath = this.#config.socket;
     // One provider of the host's interface addresses for every policy this daemon builds (reloads included); read

@@ -7,7 +7,8 @@
 // - `release`: the socket may go back to the pool only if the fd that came back is a copy of the same socket and
 //   TCP_INFO shows no byte sent or received since it was lent and nothing queued either way, and it is still
 //   connected to the peer it was lent connected to (a client can reset the connection through its copy, which
-//   zeroes the counters, and connect it anywhere again: only getpeername tells). The caller then pools it for the
+//   zeroes the counters, and connect it anywhere again: only getpeername tells, unless the connect guard has the
+//   kernel refuse that connect: setKernelRefusesReconnect). The caller then pools it for the
 //   releasing uid alone (the client may still hold a copy); otherwise it is ended as above.
 // - Idle in the pool: the mark travels with the socket, so the next handoff needs one TCP_INFO read to know the
 //   socket is still established and received nothing (checkIdle), and that read is the next lease's mark.
@@ -53,6 +54,18 @@ export interface UsageMark {
    * checkReturned).
    */
   peer: readonly number[] | undefined;
+}
+
+/**
+ * Whether the kernel refuses every connect() of a socket the daemon registered: the connect guard is enforced (its
+ * self-check's reconnect was refused; connect-guard.ts). Then no copy of a lent socket can connect it again, and the
+ * release check does not read the peer (the getpeername was one syscall of every release). Process-wide, as the
+ * guard is; set by the daemon from its guard's report, false (the peer read) in every other case.
+ */
+let kernelRefusesReconnect = false;
+
+export function setKernelRefusesReconnect(refused: boolean): void {
+  kernelRefusesReconnect = refused;
 }
 
 /** How old a passed release check's read may be to stand for the next idle check of the socket (see the header). */
@@ -137,16 +150,20 @@ export function checkIdle(fd: number, mark: UsageMark | undefined, now = perform
  */
 export function checkReturned(fd: number, mark: UsageMark | undefined, now = performance.now()): UsageMark | string {
   if (!mark) return 'its byte counters are unreadable';
+  const readPeer = mark.peer !== undefined && !kernelRefusesReconnect;
   if (mark.quiet) {
-    // One TCP_INFO read decides (see the header), and the peer read in the same call.
+    // One TCP_INFO read decides (see the header), and the peer read in the same call unless the kernel refuses
+    // a reconnect anyway.
     try {
-      native.tcpInfo(fd, info, mark.peer !== undefined);
+      native.tcpInfo(fd, info, readPeer);
     } catch (error) {
       return `its byte counters or its peer are unreadable (${(error as Error).message})`;
     }
     if (info[tcpState] !== TCP_ESTABLISHED) return `it is not established (TCP state ${info[tcpState]})`;
     if (info[notsentBytes]! > 0) return `${info[notsentBytes]} bytes are waiting to be sent`;
-    const misuse = changedSince(mark, info[bytesSent], info[bytesAcked], info[bytesReceived]) ?? changedPeer(mark);
+    const misuse =
+      changedSince(mark, info[bytesSent], info[bytesAcked], info[bytesReceived]) ??
+      (readPeer ? changedPeer(mark) : undefined);
     if (misuse !== undefined) return misuse;
     mark.checkedAt = now;
     return mark;
@@ -154,7 +171,7 @@ export function checkReturned(fd: number, mark: UsageMark | undefined, now = per
   // Not quiet: the queues are read too (withMark: each ioctl only where TCP_INFO cannot show its queue empty), and
   // the peer in the same call.
   try {
-    native.tcpInfo(fd, info, mark.peer !== undefined, true);
+    native.tcpInfo(fd, info, readPeer, true);
   } catch (error) {
     return `its byte counters or its peer are unreadable (${(error as Error).message})`;
   }
@@ -166,7 +183,7 @@ export function checkReturned(fd: number, mark: UsageMark | undefined, now = per
   const sent = counted(info[bytesSent]!);
   const acked = counted(info[bytesAcked]!);
   const received = counted(info[bytesReceived]!);
-  const misuse = changedSince(mark, sent, acked, received) ?? changedPeer(mark);
+  const misuse = changedSince(mark, sent, acked, received) ?? (readPeer ? changedPeer(mark) : undefined);
   if (misuse !== undefined) return misuse;
   // The queues were just read empty: from here on one TCP_INFO read per check is enough.
   return {

@@ -2,7 +2,7 @@
 // (with an injected clock), the global connect gate (a connector the test settles by hand), and the origin pool's
 // per-uid handling of released sockets (a fake connector with real loopback connections).
 import { closeSync, openSync, writeSync } from 'node:fs';
-import { Socket } from 'node:net';
+import { type AddressInfo, createServer, Socket } from 'node:net';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { defaultConfig, type OriginPolicy, policyFor } from '../daemon/config.js';
 import { ConnectGate } from '../daemon/connect-gate.js';
@@ -14,6 +14,7 @@ import {
   endConnection,
   markOf,
   RECENT_CHECK_MS,
+  setKernelRefusesReconnect,
   usedSinceLent,
 } from '../daemon/lease-guard.js';
 import { LogLimiter } from '../daemon/log.js';
@@ -914,6 +915,36 @@ describe('lease guard', () => {
     await until(() => checkIdle(connected.fd, later) === 'eof');
     expect(checkReturned(connected.fd, later)).toMatch(/not established/);
     native.close(connected.fd);
+    await connector.close();
+    expect(fdCount()).toBe(before);
+  });
+
+  it('reads the peer at a release unless the kernel refuses every reconnect (the connect guard enforced)', async () => {
+    const before = fdCount();
+    const connector = await FakeConnector.start();
+    const connected = await connector.connect({ host: 'x', port: 1 }, policyFor(defaultConfig(), 'x', 1));
+    const mark = markOf(connected.fd)!;
+    expect(mark.quiet).toBe(true);
+    // A client's copy resets the connection and connects it elsewhere (here nothing refuses it): the same socket,
+    // established, nothing sent or received. Only the peer read tells.
+    const elsewhere = createServer((socket) => socket.pause());
+    await new Promise<void>((resolve) => elsewhere.listen(0, '127.0.0.1', resolve));
+    const copy = native.dup(connected.fd);
+    expect(native.disconnect(copy)).toBe(true);
+    native.connectStart(copy, '127.0.0.1', (elsewhere.address() as AddressInfo).port);
+    await until(() => native.tcpCounters(connected.fd).tcpState === 1); // ESTABLISHED
+    expect(checkReturned(connected.fd, mark)).toMatch(/connected again, to 127\.0\.0\.1/);
+    // With the guard enforced that connect could not have happened, and the release check trusts the kernel: its
+    // one TCP_INFO read, no getpeername. (A process-wide setting: put back at once.)
+    setKernelRefusesReconnect(true);
+    try {
+      expect(checkReturned(connected.fd, mark)).toBe(mark);
+    } finally {
+      setKernelRefusesReconnect(false);
+    }
+    expect(checkReturned(connected.fd, mark)).toMatch(/connected again/);
+    for (const fd of [copy, connected.fd]) native.close(fd);
+    await new Promise((resolve) => elsewhere.close(resolve));
     await connector.close();
     expect(fdCount()).toBe(before);
   });
