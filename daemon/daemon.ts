@@ -193,6 +193,9 @@ export class Sockpoold {
     const tls = new TlsSessions(this.#config, connector, this.#relays);
     makeDirectory(this.#config.stateDir, 0o750, 'stateDir');
     this.#store = StateStore.open(this.#config.stateDir, {
+      // One daemon per state directory: a second on it (with another socket) is refused here, before it binds or
+      // warms anything (exit 2, as for a second daemon on the same socket: #bindSocket).
+      lockStateDir: true,
       maxOrigins: this.#config.pool.historyMaxOrigins,
       // The history only warms: a corrupt file costs it, not the start (a restart loop under systemd).
       onCorrupt: ({ path, movedTo, err }) =>

@@ -35,6 +35,7 @@ import { Worker } from 'node:worker_threads';
 import Database from 'better-sqlite3';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import { originOfKey } from '../shared/origin.js';
+import { StateDirLock } from './state-lock.js';
 import { heaviestHolder } from './uid-share-map.js';
 
 /** Schema migrations, oldest first: entry i takes `PRAGMA user_version` from i to i + 1. Append; never edit. */
@@ -134,6 +135,12 @@ export interface StateStoreOptions {
     newest: number;
     err: string;
   }) => void;
+  /**
+   * The daemon's: the store first takes the state directory's lock (state-lock.ts) and holds it until close. Held by
+   * another daemon: the open fails with that refusal, onUnavailable or not (a second daemon is refused, not run on a
+   * history in memory). A lock file that cannot be opened is an unavailable file like the database's.
+   */
+  lockStateDir?: boolean;
 }
 
 /** An origin as `topOrigins` ranks it for warm-on-start. */
@@ -425,6 +432,8 @@ export class StateStore {
   #closed = false;
   /** A history in memory only (the file could not be opened: onUnavailable): no checkpointer, nothing on disk. */
   readonly #inMemory: boolean;
+  /** The state directory's lock (StateStore.open's lockStateDir), let go after the last write. */
+  readonly #lock: StateDirLock | undefined;
   /** Timer flushes failed in a row (0 while they succeed): onFlushFailing is told at the first only. */
   #failures = 0;
   readonly #onFlushFailing: StateStoreOptions['onFlushFailing'];
@@ -461,29 +470,43 @@ export class StateStore {
    * Opens (creating if needed) `<stateDir>/sockpool.sqlite`; the directory is created with mode 0750. A file SQLite
    * finds corrupt or not a database is moved aside (with its -wal and -shm) to `sockpool.sqlite.corrupt-<time>` and
    * a new one created (options.onCorrupt is told); any other failure is a SOCKPOOL_ERR_CONFIG naming the file.
+   * With options.lockStateDir, the directory's lock is taken first (another daemon holding it: that refusal).
    */
   static open(stateDir: string, options: StateStoreOptions = {}): StateStore {
     mkdirSync(stateDir, { recursive: true, mode: 0o750 });
     const path = join(stateDir, 'sockpool.sqlite');
+    let lock: StateDirLock | undefined;
     try {
-      return StateStore.#openOrSetAside(path, options);
+      if (options.lockStateDir) lock = StateDirLock.take(stateDir);
+      return StateStore.#openOrSetAside(path, options, lock);
     } catch (error) {
-      // A refusal (SockpoolError of our own, no cause: a newer schema) stands; anything else the file or its disk did.
-      if (!options.onUnavailable || !(error instanceof SockpoolError) || error.cause === undefined) throw error;
+      // A refusal (SockpoolError of our own, no cause: a newer schema, another daemon on the directory) stands;
+      // anything else the file (or the lock file) or its disk did.
+      if (!options.onUnavailable || !(error instanceof SockpoolError) || error.cause === undefined) {
+        lock?.release();
+        throw error;
+      }
       const sqliteCode = error.fields.sqliteCode;
+      const failedPath = error.fields.path;
       options.onUnavailable({
-        path,
+        path: typeof failedPath === 'string' ? failedPath : path,
         sqliteCode: typeof sqliteCode === 'string' ? sqliteCode : undefined,
         err: error.message,
       });
-      return StateStore.#openFile(':memory:', options, path);
+      // The lock, when taken, is kept: a second daemon on the directory is still refused while this one runs on memory.
+      try {
+        return StateStore.#openFile(':memory:', options, path, lock);
+      } catch (memoryError) {
+        lock?.release();
+        throw memoryError;
+      }
     }
   }
 
   /** StateStore.open without the fallback to memory: a corrupt file moved aside, any other failure thrown. */
-  static #openOrSetAside(path: string, options: StateStoreOptions): StateStore {
+  static #openOrSetAside(path: string, options: StateStoreOptions, lock: StateDirLock | undefined): StateStore {
     try {
-      return StateStore.#openFile(path, options);
+      return StateStore.#openFile(path, options, path, lock);
     } catch (error) {
       if (!isCorruption(error)) throw openError(path, error);
       const movedTo = `${path}.corrupt-${new Date().toISOString().replace(/[:.]/g, '-')}`;
@@ -501,15 +524,23 @@ export class StateStore {
       }
       options.onCorrupt?.({ path, movedTo, err: (error as Error).message });
       try {
-        return StateStore.#openFile(path, options);
+        return StateStore.#openFile(path, options, path, lock);
       } catch (retryError) {
         throw openError(path, retryError);
       }
     }
   }
 
-  /** Opens `file` (':memory:' for a history in memory only) as the state database named `path`. */
-  static #openFile(file: string, options: StateStoreOptions, path = file): StateStore {
+  /**
+   * Opens `file` (':memory:' for a history in memory only) as the state database named `path`; the store holds
+   * `lock` from then on (released at close), the caller until then.
+   */
+  static #openFile(
+    file: string,
+    options: StateStoreOptions,
+    path = file,
+    lock: StateDirLock | undefined = undefined,
+  ): StateStore {
     const db = new Database(file);
     try {
       // busy_timeout first: setting journal_mode may wait for a lock (another process on the file).
@@ -547,15 +578,22 @@ export class StateStore {
       // (bounded) for the next. The daemon is the file's only writer; its checkpointer's PASSIVE checkpoints never
       // block a writer.
       db.exec('PRAGMA busy_timeout = 0');
-      return new StateStore(db, path, options, file === ':memory:');
+      return new StateStore(db, path, options, file === ':memory:', lock);
     } catch (error) {
       db.close();
       throw error;
     }
   }
 
-  private constructor(db: Database.Database, path: string, options: StateStoreOptions, inMemory: boolean) {
+  private constructor(
+    db: Database.Database,
+    path: string,
+    options: StateStoreOptions,
+    inMemory: boolean,
+    lock: StateDirLock | undefined,
+  ) {
     this.#db = db;
+    this.#lock = lock;
     this.path = path;
     this.#inMemory = inMemory;
     this.#now = options.now ?? Date.now;
@@ -1290,7 +1328,11 @@ export class StateStore {
       return this.#pending.size;
     } finally {
       this.#closed = true;
-      this.#db.close();
+      try {
+        this.#db.close();
+      } finally {
+        this.#lock?.release();
+      }
     }
   }
 }

@@ -201,6 +201,65 @@ describe('StateStore.open', () => {
   });
 });
 
+describe('the state directory lock (lockStateDir)', () => {
+  const locked = (onUnavailable?: () => void) =>
+    StateStore.open(dir, { now, lockStateDir: true, ...(onUnavailable ? { onUnavailable } : {}) });
+
+  it('refuses a second store on the directory with SOCKPOOL_ERR_CONFIG naming it and the holder, onUnavailable or not, while a reader still reads the file; close lets it go', () => {
+    const first = locked();
+    first.recordAcquire('kept.example:443', { hit: false });
+    first.flush();
+    const told: unknown[] = [];
+    let caught: unknown;
+    try {
+      locked(() => told.push('unavailable'));
+    } catch (error) {
+      caught = error;
+    }
+    // Refused, not run on a history in memory.
+    expect(told).toEqual([]);
+    expect(caught).toBeInstanceOf(SockpoolError);
+    const lockFile = join(dir, 'sockpool.lock');
+    expect((caught as SockpoolError).code).toBe(ErrorCodes.CONFIG);
+    expect((caught as SockpoolError).message).toBe(
+      `another sockpoold is using the state directory ${dir} (pid ${process.pid} holds ${lockFile})`,
+    );
+    expect((caught as SockpoolError).fields).toEqual({ key: 'stateDir', path: dir, lockFile, pid: process.pid });
+    // The history file keeps its own locking: an operator's reader (sqlite3 shell, backup) reads it meanwhile.
+    expect(column(reader(dir), 'SELECT origin_key FROM origins')).toEqual(['kept.example:443']);
+    expect(first.close()).toBe(0);
+    const second = locked();
+    expect(second.origin('kept.example:443')?.acquires).toBe(1);
+    second.close();
+  });
+
+  it('runs on a history in memory when the lock file cannot be opened, saying so with its path, and still locks out a second store on the directory when only the database is unavailable', () => {
+    const lockFile = join(dir, 'sockpool.lock');
+    mkdirSync(lockFile);
+    const told: unknown[] = [];
+    const store = locked(() => told.push('unavailable'));
+    const noLock = StateStore.open(dir, { now, lockStateDir: true, onUnavailable: (info) => told.push(info) });
+    expect(told).toEqual([
+      'unavailable',
+      { path: lockFile, sqliteCode: 'SQLITE_CANTOPEN', err: expect.stringContaining(lockFile) },
+    ]);
+    expect(existsSync(join(dir, 'sockpool.sqlite'))).toBe(false);
+    store.close();
+    noLock.close();
+    rmSync(lockFile, { recursive: true });
+
+    // The database unopenable (a directory in its place), the lock file fine: in memory, holding the lock.
+    mkdirSync(join(dir, 'sockpool.sqlite'));
+    const inMemory = locked(() => told.push('database unavailable'));
+    expect(told.at(-1)).toBe('database unavailable');
+    expect(() => locked(() => told.push('second'))).toThrow(/another sockpoold is using the state directory/);
+    expect(told.at(-1)).toBe('database unavailable');
+    inMemory.close();
+    locked(() => told.push('after close')).close();
+    expect(told.at(-1)).toBe('after close');
+  });
+});
+
 describe('batching', () => {
   it('writes nothing until flush, then everything in one transaction', () => {
     const store = open();
