@@ -4,7 +4,8 @@
 // fd ownership: an idle socket's fd belongs to this pool (closed by #drop). acquire() resolves with an fd that
 // then belongs to the caller (the handoff server, which sends it and closes its copy). giveBack() hands one back.
 //
-// Slots: maxPerOrigin bounds leased + idle + connecting, across all clients (a crawler's politeness limit).
+// Slots: maxPerOrigin bounds leased + idle + connecting, across all clients (a crawler's politeness limit), and
+// across the origin's pools (plain, warm TLS, each proxy's: origin-cap.ts), counted where a connect is decided.
 // Waiters queue fairly across uids (fair-queue.ts). A socket a client gave back unused is idle again but kept for
 // that client's uid alone (`ownerUid`): the client may still hold a copy of it. Those count against their uid's
 // bound across all pools (kept-sockets.ts, the pool manager's): entered when kept idle, left in #takeIdle and #drop.
@@ -20,6 +21,7 @@ import { FairWaitQueue } from './fair-queue.js';
 import type { SlotKeeper } from './fleet/slots.js';
 import type { KeptHolder, KeptSockets } from './kept-sockets.js';
 import { checkIdle, endConnection, markOf, type UsageMark } from './lease-guard.js';
+import type { OriginCap } from './origin-cap.js';
 
 export interface Handoff extends ConnectedSocket {
   /** True when the socket was idle in the pool; false when it was connected for this acquire. */
@@ -174,6 +176,8 @@ export class OriginPool implements KeptHolder<IdleSocket> {
   #roomWaitSince: number | undefined;
   /** The sockets kept for each uid across pools, bounded per uid (the pool manager's); without it, no such bound. */
   #kept: KeptSockets<IdleSocket> | undefined;
+  /** The origin's pools that share its maxPerOrigin (origin-cap.ts); without it, this pool alone. */
+  #cap: OriginCap | undefined;
 
   constructor(
     key: string,
@@ -183,6 +187,7 @@ export class OriginPool implements KeptHolder<IdleSocket> {
     events: OriginPoolEvents,
     slots?: SlotKeeper,
     kept?: KeptSockets<IdleSocket>,
+    cap?: OriginCap,
   ) {
     this.key = key;
     this.origin = origin;
@@ -191,6 +196,8 @@ export class OriginPool implements KeptHolder<IdleSocket> {
     this.#events = events;
     this.#slots = slots;
     this.#kept = kept;
+    this.#cap = cap;
+    cap?.join(this);
   }
 
   get idleCount(): number {
@@ -212,6 +219,39 @@ export class OriginPool implements KeptHolder<IdleSocket> {
   get total(): number {
     return this.#idle.length + this.#leased + this.#connecting;
   }
+  /** Acquires waiting that no connect under way covers: they wait for room at the cap (or connect at the next pump). */
+  get uncoveredWaiters(): number {
+    return this.#waiters.length - this.#connectingForWaiters;
+  }
+
+  /** The origin's pools share its cap (origin-cap.ts); an origin reached one way only has this pool alone. */
+  #shared(): OriginCap | undefined {
+    const cap = this.#cap;
+    return cap !== undefined && cap.size > 1 ? cap : undefined;
+  }
+
+  /** The connections maxPerOrigin counts: this pool's, and those of the origin's other pools. */
+  #originTotal(): number {
+    return this.#shared()?.total() ?? this.total;
+  }
+
+  /** For an acquire's timeout: what the origin's other pools hold of its cap, where it has others. */
+  #originWide(): string {
+    const shared = this.#shared();
+    return shared === undefined ? '' : `; ${shared.total()} connections in all the origin's pools`;
+  }
+
+  /** Whether this pool's waiters may take room at the cap now: no other pool of the origin waits ahead of it. */
+  #mayTake(): boolean {
+    return this.#shared()?.mayTake(this) ?? true;
+  }
+
+  /** Whether warming (a refill, a prewarm) may connect now: room under the cap that no acquire of the origin waits for. */
+  #roomForWarming(): boolean {
+    const shared = this.#shared();
+    if (shared === undefined) return this.total < this.policy.maxPerOrigin;
+    return shared.total() < this.policy.maxPerOrigin && !shared.waiting();
+  }
 
   /**
    * Acquires wait and nothing under way will serve them: the origin is at maxPerOrigin, or their connects wait for
@@ -229,7 +269,10 @@ export class OriginPool implements KeptHolder<IdleSocket> {
   get waitingForRoom(): boolean {
     const waiting = this.#waiters.length;
     if (waiting === 0) return false;
-    return (waiting > this.#connectingForWaiters && this.total >= this.policy.maxPerOrigin) || this.#awaitingSlot > 0;
+    if (this.#awaitingSlot > 0) return true;
+    return (
+      waiting > this.#connectingForWaiters && (this.#originTotal() >= this.policy.maxPerOrigin || !this.#mayTake())
+    );
   }
 
   /**
@@ -254,7 +297,7 @@ export class OriginPool implements KeptHolder<IdleSocket> {
             new SockpoolError(
               ErrorCodes.ACQUIRE_TIMEOUT,
               `no connection to ${this.key} within ${timeoutMs} ms (maxPerOrigin ${this.policy.maxPerOrigin}, ` +
-                `${this.#leased} leased, ${this.#waiters.length} waiting)`,
+                `${this.#leased} leased, ${this.#waiters.length} waiting${this.#originWide()})`,
               { origin: this.key, timeoutMs },
             ),
           );
@@ -287,7 +330,7 @@ export class OriginPool implements KeptHolder<IdleSocket> {
   leaseEnded(uid = 0): void {
     this.#leased = Math.max(0, this.#leased - 1);
     this.#waiters.held(uid, -1);
-    this.#settleSlots();
+    this.#connectionsGone();
     this.#pump();
   }
 
@@ -307,7 +350,7 @@ export class OriginPool implements KeptHolder<IdleSocket> {
     const probe = native.probe(socket.fd);
     if (this.#closed || probe.state !== 'alive' || !isEstablished(probe.tcpState)) {
       closePooled(socket, lent);
-      this.#settleSlots();
+      this.#connectionsGone();
       this.#pump();
       return;
     }
@@ -329,10 +372,13 @@ export class OriginPool implements KeptHolder<IdleSocket> {
     return Math.max(0, Math.min(count, this.policy.maxIdle) - have);
   }
 
-  /** Starts up to `count` of a prewarm's connects (of `uid`'s), within maxPerOrigin; returns how many it started. */
+  /**
+   * Starts up to `count` of a prewarm's connects (of `uid`'s), within maxPerOrigin (room no acquire of the origin
+   * waits for: #roomForWarming); returns how many it started.
+   */
   startPrewarmConnects(count: number, uid?: number, purpose: ConnectPurpose = 'prewarm'): number {
     let started = 0;
-    for (; started < count && this.total < this.policy.maxPerOrigin && !this.#closed; started++) {
+    for (; started < count && !this.#closed && this.#roomForWarming(); started++) {
       this.#startConnect(purpose, uid);
     }
     return started;
@@ -352,7 +398,7 @@ export class OriginPool implements KeptHolder<IdleSocket> {
    */
   policyChanged(policy: OriginPolicy): void {
     this.policy = policy;
-    while (this.#idle.length > 0 && (this.#idle.length > policy.maxIdle || this.total > policy.maxPerOrigin)) {
+    while (this.#idle.length > 0 && (this.#idle.length > policy.maxIdle || this.#originTotal() > policy.maxPerOrigin)) {
       this.#drop(this.#idle.find((idle) => idle.ownerUid !== undefined) ?? this.#idle[0]!, 'excess');
     }
     if (this.#refused) {
@@ -412,6 +458,27 @@ export class OriginPool implements KeptHolder<IdleSocket> {
   }
 
   /**
+   * Closes an idle socket for another pool of the origin whose acquires wait at the cap (OriginCap.evictFor): one
+   * kept for a uid first (no supply for the others), else the oldest. Its pump comes at the next turn: the waiting
+   * pool takes the room now.
+   */
+  yieldIdle(): boolean {
+    const socket = this.#idle.find((idle) => idle.ownerUid !== undefined) ?? this.#idle[0];
+    if (!socket) return false;
+    this.#drop(socket, 'evicted');
+    this.#pumpSoon();
+    return true;
+  }
+
+  /**
+   * Room for a connection of the origin may have come (another of its pools closed one: OriginCap.roomFreed):
+   * waiters are served and connects started as at any pump.
+   */
+  roomMayHaveCome(): void {
+    this.#pump();
+  }
+
+  /**
    * Takes the idle sockets out of the pool (for the fd store at shutdown); the caller owns them. Sockets kept for
    * one uid are closed instead: after a restart nothing would remember whose they are.
    */
@@ -424,7 +491,7 @@ export class OriginPool implements KeptHolder<IdleSocket> {
       clearTimeout(socket.recycleTimer);
     }
     this.#events.idleChanged(this, -sockets.length);
-    this.#settleSlots();
+    this.#connectionsGone();
     return sockets.map(connectedPart);
   }
 
@@ -453,7 +520,17 @@ export class OriginPool implements KeptHolder<IdleSocket> {
       waiter.reject(new SockpoolError(ErrorCodes.SHUTTING_DOWN, `sockpoold is stopping; ${this.key} unavailable`));
     }
     for (const socket of [...this.#idle]) this.#drop(socket, 'shutdown');
+    this.#connectionsGone();
+    this.#cap?.leave(this);
+  }
+
+  /**
+   * Connections of this pool are gone: their fleet slots are given back, and the origin's other pools waiting at its
+   * cap are told (their room may have come).
+   */
+  #connectionsGone(): void {
     this.#settleSlots();
+    this.#shared()?.roomFreed();
   }
 
   /** Gives back the slots of connections that are gone (a no-op without a fleet cap: nothing is held). */
@@ -507,7 +584,7 @@ export class OriginPool implements KeptHolder<IdleSocket> {
     let waiter = next;
     if (ownerUid !== undefined && next !== undefined && next.uid !== ownerUid) {
       const roomForOthers =
-        this.#connectingForWaiters + (this.policy.maxPerOrigin - this.total - 1) >= this.#waiters.length - 1;
+        this.#connectingForWaiters + (this.policy.maxPerOrigin - this.#originTotal() - 1) >= this.#waiters.length - 1;
       waiter = roomForOthers ? this.#waiters.shiftOf(ownerUid) : undefined;
     }
     if (waiter) {
@@ -526,7 +603,7 @@ export class OriginPool implements KeptHolder<IdleSocket> {
     }
     if (this.#idle.length >= this.policy.maxIdle) {
       closePooled(socket, ownerUid !== undefined);
-      this.#settleSlots();
+      this.#connectionsGone();
       this.#events.dropped(this, 'excess', 0, performance.now() - socket.connectedAt, ownerUid !== undefined);
       if (purpose !== undefined) this.#events.neverLent(this, purpose, 'excess');
       return false;
@@ -648,7 +725,7 @@ export class OriginPool implements KeptHolder<IdleSocket> {
     socket.poller?.close();
     clearTimeout(socket.recycleTimer);
     closePooled(socket, socket.ownerUid !== undefined);
-    this.#settleSlots();
+    this.#connectionsGone();
     const now = performance.now();
     this.#events.idleChanged(this, -1);
     this.#events.dropped(this, reason, now - socket.idleSince, now - socket.connectedAt, socket.ownerUid !== undefined);
@@ -688,6 +765,7 @@ export class OriginPool implements KeptHolder<IdleSocket> {
    * Whether a pump after a handoff could do anything: serve a waiter, or start a refill connect because the idle
    * supply fell below the target. Most warm handoffs leave the pool above its target (and the socket often comes
    * back in the same turn): they schedule nothing, which spares the event loop a turn that polls without waiting.
+   * This pool's own total, not the origin's (origin-cap.ts): a handoff changes neither, and the pump asks the cap.
    */
   #mayNeedPump(): boolean {
     return this.#waiters.length > 0 || (this.total < this.policy.maxPerOrigin && this.#refillWanted() > 0);
@@ -711,16 +789,21 @@ export class OriginPool implements KeptHolder<IdleSocket> {
       this.#serve(warm, next);
     }
     const limit = this.policy.maxPerOrigin;
-    // Sockets kept for one uid hold slots that waiting clients of other uids need: free them.
-    while (this.#waiters.length > this.#connectingForWaiters && this.total >= limit) {
+    const shared = this.#shared();
+    // Sockets kept for one uid hold slots that waiting clients of other uids need: free them. So do the idle sockets
+    // of the origin's other pools, which no waiter here can take (not before those pools' waiters had their turn).
+    while (this.#waiters.length > this.#connectingForWaiters && this.#originTotal() >= limit && this.#mayTake()) {
       const kept = this.#idle.find((idle) => idle.ownerUid !== undefined);
-      if (!kept) break;
-      this.#drop(kept, 'evicted');
+      if (kept) this.#drop(kept, 'evicted');
+      else if (!shared?.evictFor(this)) break;
     }
-    // Waiters first: one connect per waiter not already covered by a connect in flight.
-    while (this.#waiters.length > this.#connectingForWaiters && this.total < limit) {
+    // Waiters first: one connect per waiter not already covered by a connect in flight (with the origin's other
+    // pools, one per turn while they wait too).
+    while (this.#waiters.length > this.#connectingForWaiters && this.#originTotal() < limit && this.#mayTake()) {
       this.#startConnect('acquire');
+      shared?.took(this);
     }
+    if (shared !== undefined && this.#waiters.length > this.#connectingForWaiters && !this.#closed) shared.wait(this);
     if (this.waitingForRoom) {
       this.#roomWaitSince ??= performance.now();
       this.#events.waitingForRoom(this);
@@ -731,7 +814,7 @@ export class OriginPool implements KeptHolder<IdleSocket> {
     if (this.#refused || performance.now() < this.#backoffUntil) return;
     // Within the global idle cap's room: at a full cap a refill's socket was evicted on arrival (often from this
     // pool), and this pump connected again at once, in a loop bounded only by the connect time.
-    while (this.#refillWanted() > 0 && this.total < limit && (this.#events.refillRoom?.(this) ?? true)) {
+    while (this.#refillWanted() > 0 && this.#roomForWarming() && (this.#events.refillRoom?.(this) ?? true)) {
       this.#startConnect('refill');
     }
   }
@@ -768,6 +851,7 @@ export class OriginPool implements KeptHolder<IdleSocket> {
         }
         // Not needed any more, or the fleet is full for a refill: try again later, quietly.
         this.#connecting--;
+        this.#shared()?.roomFreed();
         if (forWaiter) this.#waiterConnectEnded(uid);
         else {
           this.#events.connectingAheadChanged?.(this, -1);
@@ -808,7 +892,7 @@ export class OriginPool implements KeptHolder<IdleSocket> {
         this.#events.opened(this, purpose);
         if (this.#closed) {
           native.close(socket.fd);
-          this.#settleSlots();
+          this.#connectionsGone();
           this.#events.neverLent(this, purpose, 'shutdown');
           return;
         }
@@ -845,7 +929,7 @@ export class OriginPool implements KeptHolder<IdleSocket> {
     this.#connecting--;
     if (forWaiter) this.#waiterConnectEnded(uid);
     else this.#events.connectingAheadChanged?.(this, -1);
-    this.#settleSlots();
+    this.#connectionsGone();
     if (error instanceof ConnectAbandoned) {
       // Nobody wanted it any more: not a failure of the origin's (no backoff, no waiter failed).
       this.#pump();

@@ -13,6 +13,7 @@ import { KeptSockets } from './kept-sockets.js';
 import { endConnection, type UsageMark } from './lease-guard.js';
 import { type Logger, LogLimiter, REFUSAL_LOG_WINDOW_MS, REFUSALS_LOGGED } from './log.js';
 import type { Metrics } from './metrics.js';
+import { OriginCap } from './origin-cap.js';
 import {
   CONNECT_PURPOSES,
   type ConnectPurpose,
@@ -121,6 +122,11 @@ const PREWARM_CONNECTS_PER_TURN = 16;
 
 export class PoolManager {
   #pools = new Map<string, OriginPool>();
+  /**
+   * The pools of each origin (by fleetKey: host and port) that share its maxPerOrigin (origin-cap.ts), kept while
+   * one of them is.
+   */
+  #caps = new Map<string, OriginCap>();
   #stats = new Map<string, OriginStats>();
   #config: SockpoolConfig;
   #connector: Connector;
@@ -907,7 +913,13 @@ export class PoolManager {
     if (!pool) {
       const policy = policyFor(this.#config, normalised.host, normalised.port);
       const connector = isTlsPoolKey(key) && this.#tls ? this.#tls : this.#connector;
-      pool = new OriginPool(key, normalised, policy, connector, this.#events, this.#slots, this.#kept);
+      const capKey = fleetKey(normalised);
+      let cap = this.#caps.get(capKey);
+      if (!cap) {
+        cap = new OriginCap();
+        this.#caps.set(capKey, cap);
+      }
+      pool = new OriginPool(key, normalised, policy, connector, this.#events, this.#slots, this.#kept, cap);
       this.#pools.set(key, pool);
       this.#armSweep();
       const learned = this.#store?.learnedIdleLifetime(key);
@@ -937,9 +949,16 @@ export class PoolManager {
     if (pool.total !== 0 || pool.waitingCount !== 0 || pool.policy.minIdle > 0) return;
     if (this.#prewarmsQueuedFor.has(pool)) return; // its granted prewarm starts next turn
     if (this.#pools.get(pool.key) !== pool) return;
+    this.#forgetPool(pool);
+  }
+
+  /** Closes a pool that holds nothing and forgets it, with its stats (and its origin's cap once it has no pool). */
+  #forgetPool(pool: OriginPool): void {
     pool.close();
     this.#pools.delete(pool.key);
     this.#forgetStats(pool.key);
+    const capKey = fleetKey(pool.origin);
+    if (this.#caps.get(capKey)?.size === 0) this.#caps.delete(capKey);
   }
 
   #statsOf(key: string): OriginStats {
@@ -972,19 +991,29 @@ export class PoolManager {
    */
   reclaimFleetKey(key: string): void {
     if (this.#closed || !this.onReclaim) return;
-    const keys = [...this.#pools.values()].filter((pool) => fleetKey(pool.origin) === key).map((pool) => pool.key);
+    const keys = this.#caps.get(key)?.keys() ?? [];
     if (keys.length > 0) this.onReclaim(keys);
   }
 
+  /** The keys of every pool of the origins of `pools`: they share its maxPerOrigin (and fleet slots). */
+  #originKeysOf(pools: Iterable<OriginPool>): string[] {
+    const keys = new Set<string>();
+    for (const pool of pools) {
+      for (const key of this.#caps.get(fleetKey(pool.origin))?.keys() ?? [pool.key]) keys.add(key);
+    }
+    return [...keys];
+  }
+
   /**
-   * Acquires wait at the pool's cap: its leases' clients are asked at once, and again every RECLAIM_INTERVAL_MS
-   * while they still wait (a connection in use now may be idle in its client's cache a moment later). One timer asks
-   * for every such pool at once: the lease table is read once a tick, however many pools wait.
+   * Acquires wait at the pool's cap: the clients of its origin's leases (any of its pools': they share the cap) are
+   * asked at once, and again every RECLAIM_INTERVAL_MS while they still wait (a connection in use now may be idle in
+   * its client's cache a moment later). One timer asks for every such pool at once: the lease table is read once a
+   * tick, however many pools wait.
    */
   #reclaimFor(pool: OriginPool): void {
     if (this.#closed || !this.onReclaim || this.#reclaiming.has(pool)) return;
     this.#reclaiming.add(pool);
-    this.onReclaim([pool.key]);
+    this.onReclaim(this.#originKeysOf([pool]));
     if (this.#reclaimTimer) return;
     this.#reclaimTimer = setInterval(() => {
       for (const waiting of this.#reclaiming) {
@@ -995,7 +1024,7 @@ export class PoolManager {
         this.#reclaimTimer = undefined;
         return;
       }
-      this.onReclaim?.([...this.#reclaiming].map((waiting) => waiting.key));
+      this.onReclaim?.(this.#originKeysOf(this.#reclaiming));
     }, RECLAIM_INTERVAL_MS);
     this.#reclaimTimer.unref();
   }
@@ -1121,11 +1150,7 @@ export class PoolManager {
       if (!removed && this.#prewarmsQueuedFor.has(pool)) continue;
       if (removed || pool.policy.minIdle === 0) {
         const stats = this.#statsOf(key);
-        if (removed || this.#decayedRate(stats) < 0.001) {
-          pool.close();
-          this.#pools.delete(key);
-          this.#forgetStats(key);
-        }
+        if (removed || this.#decayedRate(stats) < 0.001) this.#forgetPool(pool);
       }
     }
   }

@@ -1007,3 +1007,187 @@ describe('PoolManager sockets kept for one uid', () => {
     expect(pools.keptCount()).toBe(0);
   });
 });
+
+describe("PoolManager maxPerOrigin across an origin's pools", () => {
+  const PROXIES = [
+    { name: 'corp', url: 'http://10.0.0.1:3128' },
+    { name: 'lab', url: 'http://10.0.0.2:3128' },
+  ];
+  const viaCorp: Origin = { ...BUSY, proxy: 'corp' };
+  const viaLab: Origin = { ...BUSY, proxy: 'lab' };
+
+  /**
+   * A manager whose BUSY is reached directly, through `corp` and `lab`, and as warm TLS sessions (a relay that
+   * "handshakes" at once: the session's fd is the TCP socket's), with these defaults; no predictive warming.
+   */
+  function sharing(defaults: Record<string, unknown>): PoolManager {
+    const relays = {
+      open: async (fd: number) => ({ fd, handshakeMs: 1, info: { protocol: 'TLSv1.3' }, relayThread: 1 }),
+    } as unknown as TlsRelays;
+    const config = parseConfig(
+      { proxies: PROXIES, pool: { predictive: false, defaults }, tls: { warm: ['busy.test:443'] } },
+      'test',
+    );
+    const created = new PoolManager({
+      config,
+      connector,
+      log: pino({ level: 'silent' }),
+      tls: new TlsSessions(config, connector, relays),
+    });
+    managers.push(created);
+    return created;
+  }
+
+  /** An acquire left waiting; `handoff` once served (then held, closed by afterEach); `error` once failed. */
+  function waiting(pools: PoolManager, origin: Origin, tlsTrust?: typeof SYSTEM_TRUST) {
+    const state: { handoff?: Handoff & { originKey: string }; error?: unknown } = {};
+    pools.acquire(origin, 600_000, tlsTrust).then(
+      (handoff) => {
+        state.handoff = handoff;
+        held.push(handoff);
+      },
+      (error: unknown) => {
+        state.error = error;
+      },
+    );
+    return state;
+  }
+
+  /** Ends a held lease as curl closing its connection does. */
+  function endLease(pools: PoolManager, handoff: Handoff & { originKey: string }): void {
+    held.splice(held.indexOf(handoff), 1);
+    native.close(handoff.fd);
+    pools.leaseEnded(handoff.originKey);
+  }
+
+  const turns = async (count = 5) => {
+    for (let turn = 0; turn < count; turn++) await nextTurn();
+  };
+
+  it('holds maxPerOrigin across the pools of one host and port: direct, through each proxy and warm TLS together', async () => {
+    const pools = sharing({ maxPerOrigin: 2 });
+    const direct = await pools.acquire(BUSY, 1_000);
+    const corp = await pools.acquire(viaCorp, 1_000);
+    held.push(direct, corp);
+    expect([direct.originKey, corp.originKey]).toEqual(['busy.test:443', 'busy.test:443 via corp']);
+    const lab = waiting(pools, viaLab);
+    const tls = waiting(pools, BUSY, SYSTEM_TRUST);
+    await turns();
+    // Before: each pool had the whole cap, and BUSY had 4 connections at once.
+    expect(connector.calls).toBe(2);
+    expect(pools.snapshot()).toMatchObject({ leased: 2, waiting: 2, connecting: 0 });
+
+    // A lease of the direct pool ends: the acquire through lab (the first to wait) takes its room, not more.
+    endLease(pools, direct);
+    await until(() => lab.handoff !== undefined, 'the lab acquire served');
+    expect(lab.handoff!.originKey).toBe('busy.test:443 via lab');
+    await turns();
+    expect(tls.handoff).toBeUndefined();
+    expect(connector.calls).toBe(3);
+    await until(() => connector.openPeers === 2, 'two connections open at the origin');
+
+    // The corp lease ends: the warm TLS acquire is served.
+    endLease(pools, corp);
+    await until(() => tls.handoff !== undefined, 'the TLS acquire served');
+    expect(tls.handoff!.originKey).toBe('busy.test:443 tls');
+    await until(() => connector.openPeers === 2, 'still two connections open at the origin');
+    expect(connector.calls).toBe(4);
+  });
+
+  it("gives room freed at the origin's cap to its pools in turn: the direct pool's backlog does not starve a proxy's acquire", async () => {
+    const pools = sharing({ maxPerOrigin: 1 });
+    const first = await pools.acquire(BUSY, 1_000);
+    held.push(first);
+    const corp = waiting(pools, viaCorp);
+    const direct = [waiting(pools, BUSY), waiting(pools, BUSY)];
+    await turns();
+    expect(connector.calls).toBe(1);
+    // The direct pool's own lease ends, its own acquires waiting: the corp acquire waited first and goes first.
+    endLease(pools, first);
+    await until(() => corp.handoff !== undefined, 'the corp acquire served');
+    await turns();
+    expect(direct.map((state) => state.handoff)).toEqual([undefined, undefined]);
+    // Then the direct pool's turn.
+    endLease(pools, corp.handoff!);
+    await until(() => direct[0]!.handoff !== undefined, 'the first direct acquire served');
+    expect(direct[1]!.handoff).toBeUndefined();
+    expect(connector.calls).toBe(3);
+  });
+
+  it('serves the acquires waiting in every pool of the origin when a reload raises its cap, whichever pool it reaches first', async () => {
+    const pools = sharing({ maxPerOrigin: 1 });
+    held.push(await pools.acquire(BUSY, 1_000));
+    const corp = waiting(pools, viaCorp);
+    const direct = waiting(pools, BUSY);
+    await turns();
+    expect(connector.calls).toBe(1);
+    // The direct pool hears of the reload first, behind corp in turns: it leaves the room to corp, and takes what
+    // corp leaves at the reload's sweep.
+    pools.reconfigure(
+      parseConfig({ proxies: PROXIES, pool: { predictive: false, defaults: { maxPerOrigin: 3 } } }, 'reload'),
+    );
+    await until(() => corp.handoff !== undefined && direct.handoff !== undefined, 'both acquires served');
+    expect(connector.calls).toBe(3);
+  });
+
+  it("closes another pool's idle socket of the origin for an acquire waiting at the cap: waiters before warmth", async () => {
+    const pools = sharing({ maxPerOrigin: 2 });
+    pools.warm(BUSY, 2);
+    await until(() => idleOf(pools, BUSY) === 2, 'two direct sockets warm');
+    const peers = connector.peers;
+    // Before: the corp pool connected past the cap (3 connections); without the eviction it waited for ever (the
+    // direct pool's idle sockets are no use to it).
+    const corp = await pools.acquire(viaCorp, 1_000);
+    held.push(corp);
+    expect(corp.warm).toBe(false);
+    expect(idleOf(pools, BUSY)).toBe(1);
+    await until(() => peers.filter((peer) => peer.destroyed).length === 1, 'the oldest direct socket closed');
+    expect(peers[0]!.destroyed).toBe(true);
+    await until(() => connector.openPeers === 2, 'two connections open at the origin');
+  });
+
+  it("keeps the warming of an origin's pools within its one cap: minIdle and prewarms of each together never pass it", async () => {
+    const pools = sharing({ maxPerOrigin: 3, minIdle: 2 });
+    pools.start();
+    pools.warm(BUSY, 2);
+    pools.warm(viaCorp, 2);
+    pools.warm(BUSY, 2, SYSTEM_TRUST);
+    await until(() => pools.snapshot().idle >= 3 && pools.snapshot().connecting === 0, 'the warms arrived');
+    for (let sweep = 0; sweep < 3; sweep++) await vi.advanceTimersByTimeAsync(SWEEP_MS);
+    await turns();
+    // Before: each pool kept its own minIdle of 2 (6 connections).
+    expect(pools.snapshot()).toMatchObject({ idle: 3, connecting: 0 });
+    expect(connector.calls).toBe(3);
+  });
+
+  it('asks the clients holding leases of every pool of the origin to give idle ones back while an acquire waits at its cap', async () => {
+    const pools = sharing({ maxPerOrigin: 1 });
+    const asked: string[][] = [];
+    pools.onReclaim = (keys) => asked.push([...keys].sort());
+    held.push(await pools.acquire(BUSY, 1_000));
+    const corp = waiting(pools, viaCorp);
+    await turns();
+    expect(corp.handoff).toBeUndefined();
+    // The lease that holds the room is the direct pool's: its clients are asked too.
+    expect(asked[0]).toEqual(['busy.test:443', 'busy.test:443 via corp']);
+  });
+
+  it('hands an idle socket out warm at the origin cap, connecting and closing nothing in its other pools', async () => {
+    const pools = sharing({ maxPerOrigin: 2 });
+    pools.warm(BUSY, 1);
+    await until(() => idleOf(pools, BUSY) === 1, 'a direct socket warm');
+    held.push(await pools.acquire(viaCorp, 1_000));
+    expect(connector.calls).toBe(2);
+    // The warm path, as the handoff server takes it (in the turn the acquire came), and as acquire() takes it.
+    const warm = pools.takeWarm(BUSY);
+    expect(warm).toMatchObject({ warm: true, originKey: 'busy.test:443' });
+    pools.giveBack(warm!.originKey, warm!, 0, false);
+    const again = await pools.acquire(BUSY, 1_000);
+    held.push(again);
+    expect(again.warm).toBe(true);
+    await turns();
+    expect(connector.calls).toBe(2);
+    expect(connector.peers.filter((peer) => peer.destroyed)).toEqual([]);
+    expect(pools.snapshot()).toMatchObject({ leased: 2, idle: 0, connecting: 0, waiting: 0 });
+  });
+});
