@@ -8,7 +8,9 @@
 // - send(data, fds, { borrowed: true }) leaves `fds` with the caller (the daemon lends the socket it keeps): sent
 //   at once, nothing is closed; if the message must wait, the channel queues copies (dup) of its own, so the
 //   caller may close its fds whenever it likes.
-// - Received fds belong to the onMessage handler from the moment it is called.
+// - Received fds belong to the onMessage handler from the moment it is called, whether it returns or throws. A
+//   handler's throw does not stop the batch it came in: the later messages are delivered all the same, and the
+//   error (AggregateError for several) is thrown once the batch is done.
 
 import { ErrorCodes, SockpoolError } from './errors.js';
 import * as native from './native.js';
@@ -330,28 +332,45 @@ export class SeqpacketChannel {
       if (batch === null) return;
       received += batch.length;
       turns?.spend(batch.length);
-      for (let i = 0; i < batch.length; i++) {
-        const message = batch[i]!;
-        if (this.#closed) {
-          // Closed by a handler: the fds of the messages not delivered are ours to close.
-          for (const rest of batch.slice(i))
-            if (!(rest instanceof Error)) for (const fd of rest.fds) native.discard(fd);
-          return;
-        }
+      const thrown: unknown[] = [];
+      const open = this.#deliver(batch, thrown);
+      // A handler's throw is still the caller's (libuv's: the process's uncaught exception), but only once the batch
+      // is delivered: thrown at once it left the batch's later messages, fds and all, open in nobody's hands.
+      if (thrown.length === 1) throw thrown[0];
+      if (thrown.length > 1) throw new AggregateError(thrown, `${thrown.length} message handlers threw in one batch`);
+      // Fewer than asked for: the queue was empty when it was read; the next wakeup brings the rest.
+      if (!open || batch.length < wanted) return;
+    }
+  }
+
+  /**
+   * Hands each message of a batch to the handlers, whatever one of them throws (collected in `thrown`): the messages
+   * came in one recvmmsg, and had they come one a wakeup each would have been delivered. False when the channel
+   * closed (the fds of the messages not delivered are closed here).
+   */
+  #deliver(batch: Array<native.ReceivedMessage | native.NativeError>, thrown: unknown[]): boolean {
+    for (let i = 0; i < batch.length; i++) {
+      const message = batch[i]!;
+      if (this.#closed) {
+        // Closed by a handler: the fds of the messages not delivered are ours to close.
+        for (const rest of batch.slice(i)) if (!(rest instanceof Error)) for (const fd of rest.fds) native.discard(fd);
+        return false;
+      }
+      try {
         if (message instanceof Error) {
           // A truncated message lost its fds (the addon closed them); the stream itself is still sound.
           this.#handlers.onBadMessage?.(message);
-          continue;
-        }
-        if (message.eof) {
+        } else if (message.eof) {
           this.#fail(undefined);
-          return;
+          return false;
+        } else {
+          this.#handlers.onMessage(message.data, message.fds);
         }
-        this.#handlers.onMessage(message.data, message.fds);
+      } catch (error) {
+        thrown.push(error);
       }
-      // Fewer than asked for: the queue was empty when it was read; the next wakeup brings the rest.
-      if (batch.length < wanted) return;
     }
+    return !this.#closed;
   }
 
   #fail(error: Error | undefined): void {

@@ -2,6 +2,8 @@
 // daemon: one per uid) read that many messages together per turn of the loop, whatever number of connections they
 // are, while a channel of another budget reads its own in the same turn. Real socketpairs, in-process; counted per
 // loop turn (one `await setImmediate` is one poll phase), never timed.
+import { spawnSync } from 'node:child_process';
+import { join } from 'node:path';
 import { setImmediate as nextTurn } from 'node:timers/promises';
 import { afterEach, describe, expect, it } from 'vitest';
 import * as native from '../shared/native.js';
@@ -153,5 +155,66 @@ describe('turns of the event loop', () => {
 
     for (const cleanup of cleanups.splice(0).reverse()) cleanup();
     expect(fdCount()).toBe(before);
+  });
+});
+
+describe('a handler that throws', () => {
+  it("delivers the rest of the batch a handler threw in (none of its fds left open), then throws the handlers' errors", () => {
+    // A child process: a throw out of the channel's handler is that process's uncaught exception (the addon's Poller
+    // calls the channel from libuv). Four messages queued before the channel is made come in one recvmmsg, each with
+    // an fd; the handler throws at the first and the third. The child counts its own sockets before and after.
+    const channel = join(import.meta.dirname, '..', 'dist', 'shared', 'seqpacket-channel.js');
+    const script = `
+      import { readdirSync, readlinkSync } from 'node:fs';
+      import * as native from ${JSON.stringify(join(import.meta.dirname, '..', 'dist', 'shared', 'native.js'))};
+      import { SeqpacketChannel } from ${JSON.stringify(channel)};
+      // Sockets only: libuv opens its reserve fd (/dev/null) at its first stream, whenever that is.
+      const sockets = () => readdirSync('/proc/self/fd').filter((fd) => {
+        try { return readlinkSync('/proc/self/fd/' + fd).startsWith('socket:'); } catch { return false; }
+      }).length;
+      const before = sockets();
+      const [mine, peer] = native.seqpacketPair();
+      const ends = [];
+      for (let n = 0; n < 4; n++) {
+        const [end, sent] = native.seqpacketPair();
+        native.sendMessage(peer, Buffer.from(String(n)), [sent]);
+        native.close(sent);
+        ends.push(end);
+      }
+      const seen = [];
+      const uncaught = [];
+      process.on('uncaughtException', (error) =>
+        uncaught.push(error.name + ': ' + error.message + (error.errors ? ' [' + error.errors.map((e) => e.message).join(', ') + ']' : '')));
+      const reader = new SeqpacketChannel(mine, {
+        onMessage: (data, received) => {
+          for (const fd of received) native.close(fd);
+          seen.push(Number(data.toString()));
+          if (seen.length % 2 === 1) throw new Error('handler failed on purpose at ' + data.toString());
+        },
+        onClose: () => {},
+      }, { maxMessageBytes: 64, maxFdsPerMessage: 4 });
+      setTimeout(() => {
+        // Every copy of each message's fd is closed by now: its peer, ours, reads EOF.
+        const hungUp = ends.map((end) => native.recvMessage(end, 64, 0)?.eof === true);
+        reader.close();
+        native.close(peer);
+        for (const end of ends) native.close(end);
+        process.stdout.write(JSON.stringify({ seen, uncaught, hungUp, left: sockets() - before }) + '\\n');
+      }, 200);
+    `;
+    const run = spawnSync(process.execPath, ['--input-type=module', '-e', script], {
+      encoding: 'utf8',
+      timeout: 20_000,
+    });
+    expect(run.stderr).toBe('');
+    expect(run.status).toBe(0);
+    expect(JSON.parse(run.stdout)).toEqual({
+      seen: [0, 1, 2, 3],
+      uncaught: [
+        'AggregateError: 2 message handlers threw in one batch [handler failed on purpose at 0, handler failed on purpose at 2]',
+      ],
+      hungUp: [true, true, true, true],
+      left: 0,
+    });
   });
 });
