@@ -41,6 +41,11 @@ export interface Handoff extends ConnectedSocket {
    * it serves was announced demand, met (see warm-target.ts). Set only when true.
    */
   announced?: boolean;
+  /**
+   * The purpose the socket was opened for when this is its first lending (set only then): a handoff that never
+   * reaches a client goes back as never lent (giveBack's `unlent`; PoolManager, a trust mismatch).
+   */
+  firstLent?: ConnectPurpose;
 }
 
 /** Why an idle socket was closed; `quota`: its uid had more kept than `quotas.maxKeptPerUid` (kept-sockets.ts). */
@@ -338,23 +343,29 @@ export class OriginPool implements KeptHolder<IdleSocket> {
    * A lease of `uid` came back unused: the fd returns to the pool (or is closed if it is dead or not wanted).
    * `lent`: the client had the socket (it may keep a copy), so it is kept for `uid` alone; a socket that never
    * reached the client is shared again. `checked`: the mark the release check just read (lease-guard.ts): the
-   * socket is known to be established and quiet, so it is not probed again.
+   * socket is known to be established and quiet, so it is not probed again. `unlent`: the handoff never reached a
+   * client and was its socket's first lending (Handoff.firstLent, the caller having undone the `lent` event): it
+   * comes back never lent, counted as such wherever it ends.
    */
-  giveBack(socket: ConnectedSocket, uid = 0, lent = false, checked?: UsageMark): void {
+  giveBack(socket: ConnectedSocket, uid = 0, lent = false, checked?: UsageMark, unlent?: ConnectPurpose): void {
     this.#leased = Math.max(0, this.#leased - 1);
     this.#waiters.held(uid, -1);
     if (checked && !this.#closed) {
-      this.#addIdle(socket, lent ? uid : undefined, checked);
+      this.#addIdle(socket, lent ? uid : undefined, checked, unlent);
       return;
     }
     const probe = native.probe(socket.fd);
     if (this.#closed || probe.state !== 'alive' || !isEstablished(probe.tcpState)) {
       closePooled(socket, lent);
       this.#connectionsGone();
+      if (unlent !== undefined) {
+        const reason = this.#closed ? 'shutdown' : probe.state === 'alive' ? 'error' : probe.state;
+        this.#events.neverLent(this, unlent, reason);
+      }
       this.#pump();
       return;
     }
-    this.#addIdle(socket, lent ? uid : undefined);
+    this.#addIdle(socket, lent ? uid : undefined, undefined, unlent);
   }
 
   /**
@@ -736,6 +747,7 @@ export class OriginPool implements KeptHolder<IdleSocket> {
   #firstLent(handoff: Handoff, purpose: ConnectPurpose): void {
     this.#strayBytes = 0;
     if (purpose === 'prewarm' || purpose === 'lookahead') handoff.announced = true;
+    handoff.firstLent = purpose;
     this.#events.lent(this, purpose);
   }
 

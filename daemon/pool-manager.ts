@@ -263,12 +263,24 @@ export class PoolManager {
    * `tlsTrust`: the client speaks https and would verify against this (tls-sessions.ts); then the socket may be a
    * relayed warm TLS session.
    */
-  async acquire(
+  acquire(
     origin: Origin,
     timeoutMs: number | undefined,
     tlsTrust?: TlsTrust,
     uid = 0,
     signal?: AbortSignal,
+  ): Promise<Handoff & { originKey: string; peerPort: number }> {
+    return this.#acquire(origin, timeoutMs, tlsTrust, uid, signal, false);
+  }
+
+  /** acquire(); `rerouted`: its demand was counted already, at the pool it first waited in (see the trust check). */
+  async #acquire(
+    origin: Origin,
+    timeoutMs: number | undefined,
+    tlsTrust: TlsTrust | undefined,
+    uid: number,
+    signal: AbortSignal | undefined,
+    rerouted: boolean,
   ): Promise<Handoff & { originKey: string; peerPort: number }> {
     if (this.#closed) throw new SockpoolError(ErrorCodes.SHUTTING_DOWN, 'sockpoold is stopping');
     let pool = this.#existingPoolFor(origin, tlsTrust);
@@ -291,7 +303,7 @@ export class PoolManager {
     }
     const stats = this.#statsOf(pool.key);
     stats.uids.add(uid);
-    this.#bumpRate(stats);
+    if (!rerouted) this.#bumpRate(stats);
     const waitMs = timeoutMs ?? pool.policy.acquireTimeoutMs;
     const waitFrom = performance.now();
     let handoff: Handoff;
@@ -313,9 +325,9 @@ export class PoolManager {
       // the new trust, which this client never asked for. Routed again by its own trust (to the origin's TCP sockets
       // now), in what is left of its time. It cannot come back here for ever: the session given back was verified
       // against the trust in force or is stale (closed at the give-back), and new ones are made with the trust in
-      // force.
+      // force. One acquire is one demand: counted where it first waited, not again where it goes now.
       const left = waitMs - (performance.now() - waitFrom);
-      return this.acquire(origin, Math.max(1, left), tlsTrust, uid, signal);
+      return this.#acquire(origin, Math.max(1, left), tlsTrust, uid, signal, true);
     }
     this.#countHandoff(pool.key, stats, handoff.warm, uid);
     if (handoff.announced !== true) this.#bumpUnannounced(stats);
@@ -373,7 +385,14 @@ export class PoolManager {
    */
   #verifiedFor(pool: OriginPool, handoff: Handoff, tlsTrust: TlsTrust | undefined, uid: number): boolean {
     if (!this.#tls || this.#tls.verifiedFor(handoff, tlsTrust)) return true;
-    this.giveBack(pool.key, handoff, uid, handoff.kept === true);
+    // It never reached a client: a first lending is undone (the `lent` event counted it for nobody), and the socket
+    // goes back never lent, counted lent or never lent again wherever it goes.
+    const purpose = handoff.firstLent;
+    if (purpose !== undefined) {
+      this.#warming.lent[purpose]--;
+      if (purpose !== 'acquire') this.#statsOf(pool.key).warmedLent--;
+    }
+    this.giveBack(pool.key, handoff, uid, handoff.kept === true, undefined, purpose);
     return false;
   }
 
@@ -408,9 +427,17 @@ export class PoolManager {
 
   /**
    * A lease of `uid` came back unused with its fd (ownership passes to the pool); `lent`: the client had it, so
-   * it is kept for `uid` alone; `checked`: the mark the release check read (see OriginPool.giveBack).
+   * it is kept for `uid` alone; `checked`: the mark the release check read; `unlent`: it never reached a client
+   * (see OriginPool.giveBack).
    */
-  giveBack(key: string, socket: ConnectedSocket, uid = 0, lent = false, checked?: UsageMark): void {
+  giveBack(
+    key: string,
+    socket: ConnectedSocket,
+    uid = 0,
+    lent = false,
+    checked?: UsageMark,
+    unlent?: ConnectPurpose,
+  ): void {
     const pool = this.#pools.get(key);
     if (!pool) throw new SockpoolError(ErrorCodes.INTERNAL, `no pool ${key} for a lease`);
     // Lent before a reload, or its connect began before one (a warm TLS session's handshake): judged by the policy
@@ -423,9 +450,10 @@ export class PoolManager {
       else native.close(socket.fd);
       pool.leaseEnded(uid);
       this.#metrics?.deadDropped.inc({ reason: 'refused' });
+      if (unlent !== undefined) this.#events.neverLent(pool, unlent, 'refused');
       return;
     }
-    pool.giveBack(socket, uid, lent, checked);
+    pool.giveBack(socket, uid, lent, checked, unlent);
   }
 
   /**

@@ -26,6 +26,7 @@ import type { Origin } from '../shared/origin.js';
 import { nextTurn, until, useFakeClock } from './fixtures/fake-clock.js';
 import { FakeConnector } from './fixtures/fake-connector.js';
 import { fdCount } from './fixtures/native-helpers.js';
+import { createTestPki } from './helpers/tls.js';
 
 const BUSY: Origin = { host: 'busy.test', port: 443 };
 const QUIET: Origin = { host: 'quiet.test', port: 443 };
@@ -796,6 +797,49 @@ describe('PoolManager with its store and configuration', () => {
     expect(pools.snapshot().origins.map((entry) => entry.origin)).not.toContain(sessionsKey);
     // The origin's TCP pool (minIdle 2) is what is kept warm now.
     await until(() => idleOf(pools, BUSY) === 2 && pools.snapshot().idle === 2, 'the TCP pool warm');
+  });
+
+  it('an acquire waiting for a session across a reload that changed its trust: the session goes back never lent, the demand counted once', async () => {
+    // A relay that "handshakes" at once: the session's fd is the TCP socket's.
+    const relays = {
+      open: async (fd: number) => ({ fd, handshakeMs: 1, info: { protocol: 'TLSv1.3' }, relayThread: 1 }),
+    } as unknown as TlsRelays;
+    const pki = createTestPki(['localhost']);
+    cleanups.push(() => pki.cleanup());
+    const input = (caFile?: string) => ({
+      pool: { predictive: false },
+      tls: { warm: ['busy.test:443'], ...(caFile === undefined ? {} : { caFile }) },
+    });
+    const config = parseConfig(input(), 'test');
+    const pools = new PoolManager({
+      config,
+      connector,
+      log: pino({ level: 'silent' }),
+      tls: new TlsSessions(config, connector, relays),
+    });
+    managers.push(pools);
+    connector.manual = true;
+    const acquiring = pools.acquire(BUSY, 60_000, SYSTEM_TRUST);
+    await until(() => connector.pending.length === 1, "the session's connect");
+    // The daemon trusts a CA file now; the acquire asked for the system store. The session its connect makes is
+    // verified against the file: it goes back, and the acquire takes the origin's TCP socket.
+    pools.reconfigure(parseConfig(input(pki.caFile), 'reload'));
+    await connector.pending.shift()!.succeed();
+    await until(() => connector.pending.length === 1, 'the TCP connect');
+    await connector.pending.shift()!.succeed();
+    const handoff = await acquiring;
+    held.push(handoff);
+    expect(handoff.originKey).toBe(`${BUSY.host}:${BUSY.port}`);
+    const sessionsKey = `${BUSY.host}:${BUSY.port} tls`;
+    const rows = pools.snapshot().origins;
+    expect(rows.find((row) => row.origin === sessionsKey)?.idle).toBe(1);
+    // One acquire: one acquire's demand, whichever pool holds it (the clock stands still: nothing decayed).
+    const oneAcquire = Number((1000 / config.pool.predictiveWindowMs).toFixed(3));
+    expect(rows.reduce((sum, row) => sum + row.demandRatePerS, 0)).toBe(oneAcquire);
+    // The TCP socket was lent; the session never was, and closed unlent it counts as such.
+    expect(pools.warming().lent.acquire).toBe(1);
+    pools.close(false);
+    expect(pools.warming()).toMatchObject({ opened: { acquire: 2 }, lent: { acquire: 1 }, neverLent: { acquire: 1 } });
   });
 
   it('keeps a minIdle pool whose acquire the policy refused at its address, and warms it after a reload allows it', async () => {
