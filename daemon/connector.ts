@@ -310,7 +310,7 @@ export class TcpConnector implements Connector {
     if (result.failures.length === 0 && result.refusals.length === 0) await resolving;
     const connectFailures = result.failures.filter(({ error }) => !isRefusal(error));
     const refusals = [...result.refusals, ...result.failures.filter(({ error }) => isRefusal(error))];
-    if (refusals.length > 0 && connectFailures.length === 0) throw refusals[0]!.error;
+    if (refusals.length > 0 && connectFailures.length === 0) throw everyAddressRefused(target, refusals);
     const reason = connectFailures.at(-1)?.error as (Error & { code?: string }) | undefined;
     // The last failure is the cause; the addresses the policy skipped are named too: "refused by 203.0.113.5" alone
     // hides that the name's other address was never tried, and why.
@@ -462,4 +462,49 @@ const peerWords = new Float64Array(native.PEER_WORDS);
 
 function isRefusal(error: Error): boolean {
   return (error as { code?: string }).code === ErrorCodes.POLICY;
+}
+
+/** Refusals an every-address refusal lists in its `addresses` field. */
+const LISTED_REFUSALS = 16;
+
+/**
+ * The error when the egress policy refused every address of a name: one SOCKPOOL_ERR_POLICY naming each distinct
+ * reason with an address it was given for and how many more (the first refusal alone named one class, whatever the
+ * others' were: a name of a metadata and many private addresses said "metadata"). Bounded: one entry per reason,
+ * and the reasons are the policy's few. `reason` stays the first refusal's (what a client branching on it read
+ * before); `reasons` names them all, `refused` counts the addresses, and `addresses` lists the first of each reason
+ * and then the others, at most LISTED_REFUSALS. One address refused, or the host itself refused (a reload during the
+ * race: a refusal that names no address), is that refusal as it was.
+ */
+function everyAddressRefused(target: Endpoint, refusals: Array<{ candidate: Candidate; error: Error }>): Error {
+  const host = refusals.find(({ error }) => (error as { address?: unknown }).address === undefined);
+  if (refusals.length === 1 || host) return (host ?? refusals[0]!).error;
+  const byReason = new Map<string, { first: string; more: number }>();
+  const entries = refusals.map(({ candidate, error }) => {
+    const why = (error as { reason?: unknown }).reason;
+    const reason = typeof why === 'string' ? why : 'refused';
+    const seen = byReason.get(reason);
+    if (seen) seen.more++;
+    else byReason.set(reason, { first: candidate.address, more: 0 });
+    return { address: candidate.address, reason, first: !seen };
+  });
+  const named = [...byReason].map(
+    ([reason, { first, more }]) => `${first}${more > 0 ? ` and ${more} more` : ''} (${reason})`,
+  );
+  const listed = [...entries.filter((entry) => entry.first), ...entries.filter((entry) => !entry.first)]
+    .slice(0, LISTED_REFUSALS)
+    .map(({ address, reason }) => `${address} (${reason})`);
+  const first = refusals[0]!.error as { reason?: string };
+  return new SockpoolError(
+    ErrorCodes.POLICY,
+    `egress to ${target.host} port ${target.port} refused: all ${refusals.length} addresses refused: ${named.join(', ')}`,
+    {
+      host: target.host,
+      port: target.port,
+      reason: first.reason,
+      reasons: [...byReason.keys()].join(','),
+      refused: refusals.length,
+      addresses: listed.join(', '),
+    },
+  );
 }

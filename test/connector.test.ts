@@ -460,15 +460,108 @@ describe('TcpConnector: a hostile DNS server', () => {
       expect(error.fields).toMatchObject({ tried: MAX_ADDRESSES_PER_FAMILY - 2, refused: 2 });
       expect(await attempts(metrics, 4, 'failed')).toBe(MAX_ADDRESSES_PER_FAMILY - 2);
       expect(await openFds()).toBe(fds);
-      // Every address refused: the policy's refusal, saying why.
+      // Every address refused: the policy's refusal, saying why for each.
       await expect(connector.connect({ host: 'refused.test', port: closed.port }, policy)).rejects.toMatchObject({
         code: 'SOCKPOOL_ERR_POLICY',
-        message: expect.stringMatching(/refused: (metadata|private|unspecified|loopback)$/),
+        message: expect.stringMatching(/refused: all 6 addresses refused: .*\((metadata|private|unspecified)\)$/),
       });
       expect(await attempts(metrics, 4, 'failed')).toBe(MAX_ADDRESSES_PER_FAMILY - 2);
     } finally {
       await dns.close();
     }
+  });
+});
+
+describe('TcpConnector: every address of a name refused', () => {
+  const policy: OriginPolicy = { ...defaultConfig().pool.defaults };
+
+  it('names every reason the egress policy gave, bounded for the 32 and 32 addresses a name keeps, the list in its fields', async () => {
+    const a = [
+      '169.254.169.254',
+      ...Array.from({ length: 10 }, (_, i) => `10.0.0.${i + 1}`),
+      ...Array.from({ length: 10 }, (_, i) => `127.0.0.${i + 2}`),
+      '100.64.0.1',
+      '0.0.0.0',
+      '224.0.0.1',
+      '240.0.0.1',
+      '255.255.255.255',
+      '169.254.1.1',
+      ...Array.from({ length: 5 }, (_, i) => `192.168.1.${i + 1}`),
+    ];
+    const aaaa = [
+      'fd00:ec2::254',
+      '64:ff9b::a9fe:a9fe',
+      '::1',
+      'ff02::1',
+      ...Array.from({ length: 10 }, (_, i) => `fe80::${i + 1}`),
+      // Addresses as long as IPv6 text gets: the message's bound is not the addresses' shortness.
+      ...Array.from({ length: 18 }, (_, i) => `fd12:3456:789a:bcde:f012:3456:789a:bc${(i + 16).toString(16)}`),
+    ];
+    expect([a.length, aaaa.length]).toEqual([MAX_ADDRESSES_PER_FAMILY, MAX_ADDRESSES_PER_FAMILY]);
+    const dns = await startDnsServer({ 'refused.test': { a, aaaa, ttl: 60 } });
+    try {
+      const config = parseConfig({ dns: { servers: [dns.server] } }, 'test');
+      const egress = new EgressPolicy(config.egress);
+      // What the policy says of each address on its own.
+      const reasonOf = (address: string) => {
+        try {
+          egress.checkAddress(address, 443, 'refused.test');
+        } catch (error) {
+          return (error as SockpoolError).fields.reason as string;
+        }
+        throw new Error(`${address} is not refused`);
+      };
+      const reasons = [...new Set([...a, ...aaaa].map(reasonOf))].sort();
+      expect(reasons.length).toBeGreaterThan(5);
+      const resolver = new Resolver(config.dns);
+      const connector = new TcpConnector(
+        () => resolver,
+        () => egress,
+      );
+      // (The resolver's socket to the DNS server is opened by its first query, and kept.)
+      await resolver.resolve('other.test', 443).catch(() => {});
+      const before = await openFds();
+      const error = await connector.connect({ host: 'refused.test', port: 443 }, policy).then(
+        () => expect.unreachable(),
+        (caught: SockpoolError) => caught,
+      );
+      // (The DNS server's side of the TCP query, the truncated answer's, closes after the resolver's.)
+      await eventually(async () => (await openFds()) === before, 'no fd left open by the connect');
+      expect(error.code).toBe('SOCKPOOL_ERR_POLICY');
+      expect(error.message).toMatch(/^egress to refused\.test port 443 refused: all 64 addresses refused: /);
+      // Every reason, each with an address it was given for (before: the first refusal's alone).
+      for (const reason of reasons)
+        expect(error.message).toMatch(new RegExp(`[0-9a-f:.]+( and \\d+ more)? \\(${reason}\\)`));
+      // Within what a reply carries whole (the handoff server cuts longer messages).
+      expect(error.message.length).toBeLessThanOrEqual(1024);
+      // The fields: the first refusal's reason as before (one of the policy's), all of them, and a bounded list.
+      expect(reasons).toContain(error.fields.reason);
+      expect(String(error.fields.reasons).split(',').sort()).toEqual(reasons);
+      expect(error.fields.refused).toBe(64);
+      const listed = String(error.fields.addresses).split(', ');
+      expect(listed.length).toBe(16);
+      for (const entry of listed) {
+        const [, address, reason] = /^(\S+) \((\S+)\)$/.exec(entry) ?? [];
+        expect(reasonOf(address!)).toBe(reason);
+      }
+    } finally {
+      await dns.close();
+    }
+  });
+
+  it('one address, refused: the policy refusal of that address, as it was', async () => {
+    const config = parseConfig({ dns: { resolve: ['one.test:443:10.0.0.1'] } }, 'test');
+    const resolver = new Resolver(config.dns);
+    const egress = new EgressPolicy(config.egress);
+    const connector = new TcpConnector(
+      () => resolver,
+      () => egress,
+    );
+    await expect(connector.connect({ host: 'one.test', port: 443 }, policy)).rejects.toMatchObject({
+      code: 'SOCKPOOL_ERR_POLICY',
+      message: 'egress to one.test (10.0.0.1) port 443 refused: private',
+      fields: { host: 'one.test', address: '10.0.0.1', port: 443, reason: 'private' },
+    });
   });
 });
 
