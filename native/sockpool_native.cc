@@ -2140,31 +2140,35 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
   // -- Liveness and identity
 
   // Is an idle socket still usable? Peeks one byte without consuming it; for TCP also reads tcpi_state.
+  //
+  // A peek starts at the socket's peek offset (SO_PEEK_OFF: an option of the socket, which a client holding a copy
+  // of a lent TCP socket can set since Linux 6.10), so bytes before it go unseen: an established TCP socket the peek
+  // finds empty is asked its queue's length too (SIOCINQ, which no offset moves). That costs nothing: TCP_INFO
+  // answers whether it is TCP (other sockets refuse the option), where a SO_PROTOCOL read asked before.
   Napi::Value Probe(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     const int fd = FdArg(info, 0);
+    int tcp_state = -1;
+    tcp_info tcp;
+    memset(&tcp, 0, sizeof tcp);
+    socklen_t tcp_length = sizeof tcp;
+    if (::getsockopt(fd, IPPROTO_TCP, TCP_INFO, &tcp, &tcp_length) == 0) tcp_state = tcp.tcpi_state;
     uint8_t byte;
     ssize_t peeked;
     do {
       peeked = ::recv(fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
     } while (peeked < 0 && errno == EINTR);
     const int recv_error = peeked < 0 ? errno : 0;
-    int tcp_state = -1;
-    int protocol = 0;
-    socklen_t protocol_length = sizeof protocol;
-    if (::getsockopt(fd, SOL_SOCKET, SO_PROTOCOL, &protocol, &protocol_length) == 0 && protocol == IPPROTO_TCP) {
-      tcp_info tcp;
-      memset(&tcp, 0, sizeof tcp);
-      socklen_t tcp_length = sizeof tcp;
-      if (::getsockopt(fd, IPPROTO_TCP, TCP_INFO, &tcp, &tcp_length) == 0) tcp_state = tcp.tcpi_state;
-    }
     Napi::Object result = Napi::Object::New(env);
     if (peeked > 0) {
       result.Set("state", "data");  // bytes nobody asked for: the connection is out of step
     } else if (peeked == 0) {
       result.Set("state", "eof");  // the peer closed (a TCP socket in CLOSE_WAIT lands here)
     } else if (recv_error == EAGAIN || recv_error == EWOULDBLOCK) {
-      if (tcp_state < 0 || tcp_state == TCP_ESTABLISHED) {
+      int unread = 0;
+      if (tcp_state == TCP_ESTABLISHED && ::ioctl(fd, SIOCINQ, &unread) == 0 && unread > 0) {
+        result.Set("state", "data");  // behind the peek offset
+      } else if (tcp_state < 0 || tcp_state == TCP_ESTABLISHED) {
         result.Set("state", "alive");
       } else {
         // Nothing to read, yet not ESTABLISHED (still connecting, or we shut it down): not usable.

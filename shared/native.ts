@@ -672,7 +672,10 @@ export function localRoutes(table = 0): LocalRoutes {
 
 // ---- Liveness and identity
 
-/** Liveness of an idle socket, without consuming anything (recv MSG_PEEK, plus TCP_INFO for TCP). */
+/**
+ * Liveness of an idle socket, without consuming anything (recv MSG_PEEK, plus TCP_INFO for TCP, and SIOCINQ for an
+ * established one the peek finds empty: bytes before a peek offset a copy's holder set, SO_PEEK_OFF, are `data`).
+ */
 export function probe(fd: number): ProbeResult {
   return binding.probe(fd);
 }

@@ -1,6 +1,7 @@
 // TCP through the addon, against real listeners: connectTcp on IPv4/IPv6 loopback, refused connects, socket
 // options, and probe() of idle connections. What needs root (a timed-out connect through a network namespace, socket
 // marks) is in native-tcp.system.test.ts.
+import { spawnSync } from 'node:child_process';
 import { closeSync, openSync } from 'node:fs';
 import net from 'node:net';
 import { beforeAll, describe, expect, it } from 'vitest';
@@ -206,6 +207,41 @@ describe('probe', () => {
     expect(native.probe(unconnected)).toMatchObject({ state: 'error', error: 'ENOTCONN' });
 
     for (const fd of [quiet, chatty, ended, reset, unconnected]) native.close(fd);
+    await server.allClosed();
+    expect(fdCount()).toBe(before);
+    await server.close();
+  });
+
+  it('says `data` for bytes a peek offset hides (SO_PEEK_OFF, set through a copy a client holds), and `alive` without', async () => {
+    const server = await startServer('127.0.0.1', () => {});
+    const before = fdCount();
+    const fd = await connectTcp('127.0.0.1', server.port, { timeoutMs: 10_000 });
+    await server.waitForConnections(1);
+    // A child process sets it through its inherited copy, as a client would through a lent one: an option of the
+    // socket, not of the fd (TCP has it since Linux 6.10). Past the 10 bytes sent below, a peek sees none of them.
+    const script = `
+import socket
+s = socket.socket(fileno=3)
+try:
+    s.setsockopt(socket.SOL_SOCKET, 42, 100)  # SO_PEEK_OFF
+except OSError as error:
+    print('unsupported', error.errno)
+else:
+    print('set', s.getsockopt(socket.SOL_SOCKET, 42))
+s.detach()
+`;
+    const child = spawnSync('python3', ['-c', script], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe', fd] });
+    requirePrerequisite(
+      child.stdout === 'set 100\n',
+      `SO_PEEK_OFF on TCP sockets (Linux 6.10+): ${child.stdout}${child.stderr}`,
+    );
+    expect(native.probe(fd)).toEqual({ state: 'alive', tcpState: 1 });
+
+    server.connections[0]!.write('0123456789');
+    await waitForEvents(fd, native.READABLE);
+    expect(native.probe(fd)).toEqual({ state: 'data', tcpState: 1 });
+
+    native.close(fd);
     await server.allClosed();
     expect(fdCount()).toBe(before);
     await server.close();
