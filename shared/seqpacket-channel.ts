@@ -147,6 +147,8 @@ export class SeqpacketChannel {
   #closed = false;
   #watching = 0;
   #turns: TurnBudget | undefined;
+  /** The errors the handlers threw while a batch was delivered (#deliver), thrown once it is done. */
+  #thrown: unknown[] | undefined;
   /** This channel's place in its budget's waiting line (one function for its whole life). */
   #resume: () => void;
 
@@ -332,23 +334,26 @@ export class SeqpacketChannel {
       if (batch === null) return;
       received += batch.length;
       turns?.spend(batch.length);
-      const thrown: unknown[] = [];
-      const open = this.#deliver(batch, thrown);
+      const open = this.#deliver(batch);
       // A handler's throw is still the caller's (libuv's: the process's uncaught exception), but only once the batch
       // is delivered: thrown at once it left the batch's later messages, fds and all, open in nobody's hands.
-      if (thrown.length === 1) throw thrown[0];
-      if (thrown.length > 1) throw new AggregateError(thrown, `${thrown.length} message handlers threw in one batch`);
+      const thrown = this.#thrown;
+      if (thrown !== undefined) {
+        this.#thrown = undefined;
+        if (thrown.length === 1) throw thrown[0];
+        throw new AggregateError(thrown, `${thrown.length} message handlers threw in one batch`);
+      }
       // Fewer than asked for: the queue was empty when it was read; the next wakeup brings the rest.
       if (!open || batch.length < wanted) return;
     }
   }
 
   /**
-   * Hands each message of a batch to the handlers, whatever one of them throws (collected in `thrown`): the messages
+   * Hands each message of a batch to the handlers, whatever one of them throws (collected in #thrown): the messages
    * came in one recvmmsg, and had they come one a wakeup each would have been delivered. False when the channel
    * closed (the fds of the messages not delivered are closed here).
    */
-  #deliver(batch: Array<native.ReceivedMessage | native.NativeError>, thrown: unknown[]): boolean {
+  #deliver(batch: Array<native.ReceivedMessage | native.NativeError>): boolean {
     for (let i = 0; i < batch.length; i++) {
       const message = batch[i]!;
       if (this.#closed) {
@@ -367,7 +372,8 @@ export class SeqpacketChannel {
           this.#handlers.onMessage(message.data, message.fds);
         }
       } catch (error) {
-        thrown.push(error);
+        if (this.#thrown === undefined) this.#thrown = [error];
+        else this.#thrown.push(error);
       }
     }
     return !this.#closed;
