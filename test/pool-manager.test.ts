@@ -1158,6 +1158,34 @@ describe("PoolManager maxPerOrigin across an origin's pools", () => {
     expect(connector.calls).toBe(3);
   });
 
+  it("gives a connection released unused at the origin's cap to the pool whose acquire waited first: the direct pool's backlog of keep-alive releases does not starve a proxy's acquire", async () => {
+    const pools = sharing({ maxPerOrigin: 1 });
+    let lease: Handoff & { originKey: string } = await pools.acquire(BUSY, 1_000);
+    const corp = waiting(pools, viaCorp);
+    let next = waiting(pools, BUSY);
+    await turns();
+    expect(connector.calls).toBe(1);
+    // The direct pool's clients keep a backlog (each lease released unused, as curl keeping connections alive does,
+    // with another direct acquire queued behind it). The corp acquire waited first: it must be served, not wait for
+    // the direct backlog to end.
+    let holding = true;
+    for (let round = 0; round < 5 && corp.handoff === undefined; round++) {
+      const queued = waiting(pools, BUSY);
+      pools.giveBack(lease.originKey, lease, 0, true);
+      holding = false;
+      await turns();
+      if (next.handoff === undefined) break;
+      held.splice(held.indexOf(next.handoff), 1);
+      lease = next.handoff;
+      holding = true;
+      next = queued;
+    }
+    if (holding) held.push(lease);
+    await until(() => corp.handoff !== undefined, 'the corp acquire served');
+    expect(corp.handoff!.originKey).toBe('busy.test:443 via corp');
+    await until(() => connector.openPeers === 1, 'one connection open at the origin');
+  });
+
   it('serves the acquires waiting in every pool of the origin when a reload raises its cap, whichever pool it reaches first', async () => {
     const pools = sharing({ maxPerOrigin: 1 });
     held.push(await pools.acquire(BUSY, 1_000));
