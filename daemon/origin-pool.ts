@@ -587,6 +587,16 @@ export class OriginPool implements KeptHolder<IdleSocket> {
    * whether the socket was kept idle or lent (false: closed as excess, or evicted at once by the global idle cap).
    */
   #addIdle(socket: ConnectedSocket, ownerUid?: number, mark?: UsageMark, purpose?: ConnectPurpose): boolean {
+    // Another pool of the origin waits at its cap ahead of this one (origin-cap.ts): the connection is closed, for
+    // its room. Handed to a waiter here, or kept idle for one, a backlog of releases (keep-alive clients giving each
+    // lease back with another acquire queued) kept the room in this pool for as long as it lasted.
+    if (!this.#mayTake()) {
+      closePooled(socket, ownerUid !== undefined);
+      this.#connectionsGone();
+      this.#events.dropped(this, 'evicted', 0, performance.now() - socket.connectedAt, ownerUid !== undefined);
+      if (purpose !== undefined) this.#events.neverLent(this, purpose, 'evicted');
+      return false;
+    }
     // A socket kept for one uid goes to a waiter of that uid when the slot is that uid's turn anyway, or when the
     // waiters ahead of it still have room to connect: a uid releasing unused with an acquire of its own queued must
     // not keep the slot for good while a uid holding fewer waits at the cap (each lease is new, so maxLeaseMs never
