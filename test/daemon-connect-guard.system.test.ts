@@ -4,15 +4,18 @@
 // docs/security.md, whose only way out is a socket the daemon lent.
 import { execFile } from 'node:child_process';
 import { once } from 'node:events';
-import { readFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readFileSync, rmdirSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer, type Server, Socket } from 'node:net';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { ownCgroupDirectory } from '../daemon/connect-guard.js';
+import { encodeFdName } from '../daemon/sd-notify.js';
+import { connectTcp } from '../daemon/tcp-connect.js';
 import * as native from '../shared/native.js';
 import { spawnChild } from './helpers/children.js';
-import { repoRoot } from './helpers/daemon.js';
+import { daemonMain, eventually, repoRoot } from './helpers/daemon.js';
 import { openRawClient } from './helpers/raw-client.js';
 import { pathOrigin, startSharedDaemon } from './helpers/trust.js';
 
@@ -119,6 +122,77 @@ describe('connect guard (cgroup BPF)', () => {
     const seen = await sandboxedReconnect(sockpoold.socketPath, origin.port, listener.port);
     expect(seen).toMatchObject({ reconnected: 1, release: 'SOCKPOOL_ERR_PROTOCOL:used', next: origin.port });
     expect(listener.connections()).toBe(1);
+  });
+
+  it("reads the peer at the release of a socket taken back from the fd store that was made in another cgroup: the guard's programs do not cover it", async () => {
+    const origin = await pathOrigin(cleanups);
+    // The stored socket is made here, in this process's cgroup; the daemon runs in a cgroup of its own below it, as
+    // after a restart under systemd that made the service's cgroup anew (the guard is attached to the new one, and
+    // cgroup BPF programs run for the sockets created in the cgroup they are attached to).
+    const stored = await connectTcp('127.0.0.1', origin.port, { timeoutMs: 5000 });
+    cleanups.push(() => native.close(stored));
+    const cgroup = join(ownCgroupDirectory()!, `sockpool-guard-test-${process.pid}`);
+    mkdirSync(cgroup);
+    const work = mkdtempSync(join(tmpdir(), 'sockpool-guard-fdstore-'));
+    cleanups.push(() => rmSync(work, { recursive: true, force: true }));
+    const config = join(work, 'config.json');
+    writeFileSync(config, JSON.stringify({ egress: { allow: ['127.0.0.1/32'], allowPorts: [origin.port] } }));
+    const socketPath = join(work, 'sockpoold.sock');
+    const { LISTEN_PID: _p, LISTEN_FDS: _f, LISTEN_FDNAMES: _n, NOTIFY_SOCKET: _s, ...env } = process.env;
+    const child = spawnChild(
+      '/bin/sh',
+      [
+        '-c',
+        'echo $$ > "$0/cgroup.procs" && LISTEN_PID=$$ exec "$@"',
+        cgroup,
+        process.execPath,
+        daemonMain,
+        '--config',
+        config,
+        '--socket',
+        socketPath,
+        '--state-dir',
+        join(work, 'state'),
+        '--log-level',
+        'debug',
+      ],
+      {
+        env: {
+          ...env,
+          LISTEN_FDS: '1',
+          LISTEN_FDNAMES: encodeFdName({ host: '127.0.0.1', port: origin.port }),
+        },
+        stdio: ['ignore', 'pipe', 'pipe', stored],
+        what: 'sockpoold in a cgroup of its own',
+      },
+    );
+    let output = '';
+    child.stdout!.on('data', (chunk: Buffer) => {
+      output += chunk;
+    });
+    child.stderr!.on('data', (chunk: Buffer) => {
+      output += chunk;
+    });
+    const exited = once(child, 'close');
+    cleanups.push(async () => {
+      if (child.exitCode === null && child.signalCode === null) {
+        child.kill('SIGTERM');
+        await exited;
+      }
+      rmdirSync(cgroup);
+    });
+    await eventually(() => output.includes('sockpoold ready') || child.exitCode !== null, 'sockpoold ready');
+    expect(output).toContain('"adopted":1');
+    expect(await guardState(socketPath)).toMatchObject({ state: 'enforced' });
+    // The client's lease is the adopted socket: its copy connects it elsewhere (the kernel lets it: not covered),
+    // and the release is refused all the same (the peer changed), as where no guard is.
+    const { stdout } = await promisify(execFile)(
+      '/usr/bin/python3',
+      [join(repoRoot, 'test', 'fixtures', 'reconnect-client.py'), socketPath, String(origin.port)],
+      { timeout: 30_000 },
+    );
+    const seen = JSON.parse(stdout.trim()) as Record<string, number | string>;
+    expect(seen).toMatchObject({ reconnected: 1, release: 'SOCKPOOL_ERR_PROTOCOL:used', next: origin.port });
   });
 
   it('drops CAP_BPF and CAP_NET_ADMIN once set up, and keeps CAP_NET_ADMIN where a policy sets a mark', async () => {
