@@ -30,7 +30,7 @@ import { LocalSlots, slotKeeper } from './fleet/slots.js';
 import { HandoffServer } from './handoff-server.js';
 import { hostAddressesProvider, hostAddressReader, IPV6_ROUTE_PATH } from './host-addresses.js';
 import { detectKernelTls } from './kernel-tls.js';
-import { setKernelRefusesReconnect } from './lease-guard.js';
+import { readPeerAtRelease, setKernelRefusesReconnect } from './lease-guard.js';
 import {
   type ClassifiedListenFds,
   classifyListenFds,
@@ -423,8 +423,11 @@ export class Sockpoold {
         // Checked as if new: the origin's name and port, then the address it is connected to.
         this.#egress.checkTarget(stored.origin.host, stored.origin.port);
         this.#egress.checkAddress(peer.address, peer.port, stored.origin.host);
-        // Lent again later like any socket the daemon connected: no connect() of it, ever (connect-guard.ts).
+        // Lent again later like any socket the daemon connected: no connect() of it, ever (connect-guard.ts), where
+        // the guard's programs cover it: made in another cgroup (the service's before a restart) they do not, and
+        // its release check reads the peer as if no guard were enforced.
         native.guardSocket(stored.fd);
+        readPeerAtRelease(stored.fd);
         const now = performance.now();
         // The tag says when it connected: the idle TTL keeps counting from then, not from this restart.
         const connectedEpochMs = connectedAtFromTag(stored.origin.tag);

@@ -8,8 +8,9 @@
 //   TCP_INFO shows no byte sent or received since it was lent and nothing queued either way, and it is still
 //   connected to the peer it was lent connected to (a client can reset the connection through its copy, which
 //   zeroes the counters, and connect it anywhere again: only getpeername tells, unless the connect guard has the
-//   kernel refuse that connect: setKernelRefusesReconnect). The caller then pools it for the
-//   releasing uid alone (the client may still hold a copy); otherwise it is ended as above.
+//   kernel refuse that connect: setKernelRefusesReconnect; not for a socket from the fd store: readPeerAtRelease).
+//   The caller then pools it for the releasing uid alone (the client may still hold a copy); otherwise it is ended
+//   as above.
 // - Idle in the pool: the mark travels with the socket, so the next handoff needs one TCP_INFO read to know the
 //   socket is still established and received nothing (checkIdle), and that read is the next lease's mark.
 //
@@ -66,6 +67,20 @@ let kernelRefusesReconnect = false;
 
 export function setKernelRefusesReconnect(refused: boolean): void {
   kernelRefusesReconnect = refused;
+}
+
+/**
+ * The sockets (by inode) whose release check reads the peer all the same: the guard's programs run for the sockets
+ * created in the cgroup they are attached to, and one taken back from systemd's fd store was made by the daemon
+ * before this one, in a cgroup that may be gone (a restart under systemd makes the service's cgroup anew). Registered
+ * or not, the kernel lets a copy of it connect again. Bounded by what one start adopts; an inode reused later by a
+ * socket the guard covers costs that socket a getpeername per release, nothing more.
+ */
+const peerReadAlways = new Set<number>();
+
+/** `fd` (a socket from the fd store) is one the guard may not cover: its release check reads the peer. */
+export function readPeerAtRelease(fd: number): void {
+  peerReadAlways.add(native.socketInode(fd));
 }
 
 /** How old a passed release check's read may be to stand for the next idle check of the socket (see the header). */
@@ -150,7 +165,7 @@ export function checkIdle(fd: number, mark: UsageMark | undefined, now = perform
  */
 export function checkReturned(fd: number, mark: UsageMark | undefined, now = performance.now()): UsageMark | string {
   if (!mark) return 'its byte counters are unreadable';
-  const readPeer = mark.peer !== undefined && !kernelRefusesReconnect;
+  const readPeer = mark.peer !== undefined && (!kernelRefusesReconnect || peerReadAlways.has(mark.inode));
   if (mark.quiet) {
     // One TCP_INFO read decides (see the header), and the peer read in the same call unless the kernel refuses
     // a reconnect anyway.
