@@ -99,6 +99,8 @@ export class Sockpoold {
   #realtime: RealtimeReport;
   /** Whether the kernel refuses the fds clients send (#refuseClientFds); stats and the ready line say it. */
   #clientFds: ClientFdsState = 'accepted';
+  /** Whether the closing threads were last seen all stuck with fds waiting (#watchDeferredCloses): said once a time. */
+  #deferredClosesStuck = false;
   #notifier = new Notifier();
   #store: StateStore;
   #metrics: Metrics;
@@ -319,6 +321,7 @@ export class Sockpoold {
         connectGuard: this.#connectGuard,
         realtime: this.#realtime,
         clientFds: this.#clientFds,
+        deferredCloses: deferredClosesStats(),
         adoptedFromFdStore: this.#adoptedFromFdStore,
         fdLimit: this.#fdLimit.value,
         maxIdleTotalInForce: idleSocketsFitting(this.#fdLimit.value, this.#config),
@@ -335,6 +338,7 @@ export class Sockpoold {
     this.#pools.start();
     this.#fdLimitTimer = setInterval(() => {
       this.#followFdLimit();
+      this.#watchDeferredCloses();
     }, FD_LIMIT_RECHECK_MS).unref();
     // Empty the store: systemd's copies of the adopted sockets would keep a connection open after a client closed
     // it, and the dead ones are of no use. One FDSTOREREMOVE=1 per name (it removes every fd with that name).
@@ -534,6 +538,23 @@ export class Sockpoold {
       'this kernel cannot refuse the fds clients send (SO_PASSRIGHTS, Linux 6.16): the daemon takes them and discards them',
     );
     return 'unsupported';
+  }
+
+  /**
+   * Where client fds come in, a file's close may be held for good by the client serving it (a FUSE mount): each such
+   * close holds a closing thread of the addon's, and once they are all held (native.deferredCloses) the fds queued
+   * behind them stay open, filling the daemon's fd table. Warned once each time it comes to that; stats show it.
+   */
+  #watchDeferredCloses(): void {
+    const closes = native.deferredCloses();
+    const stuck = closes.stuckThreads >= closes.maxStuckThreads && closes.queued > 0;
+    if (stuck && !this.#deferredClosesStuck) {
+      this.#log.warn(
+        { stuckThreads: closes.stuckThreads, queued: closes.queued },
+        "every closing thread is held in a close of a client's file (a FUSE mount that never answers?): the fds queued behind them stay open",
+      );
+    }
+    this.#deferredClosesStuck = stuck;
   }
 
   #statusLine(): string {
@@ -927,4 +948,10 @@ function metricsListenError(error: NodeJS.ErrnoException, host: string, port: nu
     );
   }
   return error;
+}
+
+/** stats' `deferredCloses`: the fds the addon's closing threads have yet to close, and those threads held in one. */
+function deferredClosesStats(): { queued: number; stuckThreads: number } {
+  const { queued, stuckThreads } = native.deferredCloses();
+  return { queued, stuckThreads };
 }

@@ -207,6 +207,24 @@ export class Metrics {
       (entry) => entry.learnedFamily,
     );
 
+    // The addon's deferred closes (native.deferredCloses): only where client fds are let in do they happen at all.
+    new Gauge({
+      name: 'sockpool_deferred_closes_queued',
+      help: 'Fds a client sent (not sockets) waiting for a closing thread: they stay open while every closing thread is held.',
+      registers,
+      collect(this: Gauge) {
+        this.set(native.deferredCloses().queued);
+      },
+    });
+    new Gauge({
+      name: 'sockpool_deferred_close_threads_stuck',
+      help: "Closing threads held in one close of a client's file (a FUSE mount that does not answer its flush).",
+      registers,
+      collect(this: Gauge) {
+        this.set(native.deferredCloses().stuckThreads);
+      },
+    });
+
     this.hits = new Counter({
       name: 'sockpool_acquire_hits_total',
       help: 'Acquires served from a warm idle socket.',

@@ -59,11 +59,13 @@
 #include <chrono>
 #include <condition_variable>
 #include <deque>
+#include <functional>
 #include <cmath>
 #include <limits>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <unordered_set>
 #include <vector>
@@ -623,52 +625,166 @@ void DrainUnixQueue(int fd, int depth) {
   }
 }
 
-// Closes, in a thread of its own, fds a client sent that are not sockets. close() calls the file's flush, and a
+// Closes, in threads of their own, fds a client sent that are not sockets. close() calls the file's flush, and a
 // flush may wait for whoever serves the file: a file on the client's own FUSE mount sends FUSE_FLUSH and waits for
 // the answer uninterruptibly (no signal, not even SIGKILL, ends it; only an answer or an abort of the FUSE
 // connection does); a tty may wait for its output to drain. Every way of taking an fd out of the table (close, dup2,
-// close_range) flushes, so the daemon's thread must never do it for such an fd. A stuck close pins this thread
-// only: what is queued behind it stays open until it returns (the fd table is the bound), and a process with a
-// thread stuck so cannot finish exiting until the close returns. The daemon refuses fds at the kernel where it can
-// (SO_PASSRIGHTS), so this is the fallback for older kernels and for `access.acceptClientFds`.
+// close_range) flushes, so the daemon's thread must never do it for such an fd.
+// One thread (the owner) takes the queue's fds one at a time. A close can hold its thread for good, so one client's
+// stuck close must not hold every other client's fds open behind it: a watcher thread, woken only while a close is
+// under way with more fds queued behind it, hands the queue to a fresh owner once that close has lasted
+// kCloserPatience. The thread taken over from ends when its close returns, whenever that is. At most
+// kMaxStuckClosers threads taken over from may be inside their closes at once (a hostile client can hold as many
+// closes as it sends fds): past that, the fds queued wait for one of them to return, and stats say so
+// (native.deferredCloses; the fd table is the bound). A process with a thread stuck so cannot finish exiting until
+// the close returns (the kernel waits for every thread; nothing here joins one). The daemon refuses fds at the kernel
+// where it can (SO_PASSRIGHTS), so this is the fallback for older kernels and for `access.acceptClientFds`.
+constexpr auto kCloserPatience = std::chrono::milliseconds(200);
+constexpr int kMaxStuckClosers = 16;
+
 class DeferredCloser {
  public:
-  static void Close(int fd) {
-    static DeferredCloser* closer = new DeferredCloser();  // never destroyed: its thread may outlive every caller
-    closer->Push(fd);
+  static void Close(int fd) { Instance().Push(fd); }
+
+  struct Counts {
+    size_t queued = 0;  // fds waiting for a closing thread
+    int stuck = 0;      // closing threads inside one close for longer than kCloserPatience
+  };
+  static Counts Snapshot() {
+    DeferredCloser* closer = instance_.load(std::memory_order_acquire);
+    if (closer == nullptr) return {};
+    std::lock_guard<std::mutex> lock(closer->mutex_);
+    Counts counts;
+    counts.queued = closer->queue_.size();
+    counts.stuck = closer->taken_over_;
+    if (closer->closing_ && std::chrono::steady_clock::now() - closer->close_began_ >= kCloserPatience) counts.stuck++;
+    return counts;
   }
 
  private:
-  DeferredCloser() { std::thread([this] { Loop(); }).detach(); }
+  static DeferredCloser& Instance() {
+    // Never destroyed: its threads may outlive every caller, and a stuck one returns from close() whenever it does.
+    static DeferredCloser* closer = [] {
+      auto* created = new DeferredCloser();
+      instance_.store(created, std::memory_order_release);
+      return created;
+    }();
+    return *closer;
+  }
+
+  DeferredCloser() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const uint64_t id = next_id_++;
+    if (StartThread("sockpool-close", [this, id] { Own(id); })) owner_ = id;
+    // Without a watcher the owner closes as one thread would; without an owner the watcher starts one.
+    StartThread("sockpool-cwatch", [this] { Watch(); });
+  }
+
+  // False when the system has no thread to give (std::system_error): the caller goes on without it. The name (15
+  // characters at most) tells an operator's `top -H` what the threads are, and the tests count them by it.
+  static bool StartThread(const char* name, std::function<void()> body) {
+    try {
+      std::thread([name, body = std::move(body)] {
+        pthread_setname_np(pthread_self(), name);
+        sigset_t all;
+        sigfillset(&all);
+        pthread_sigmask(SIG_BLOCK, &all, nullptr);  // signals are the process's threads' to take, not these
+        body();
+      }).detach();
+      return true;
+    } catch (const std::system_error&) {
+      return false;
+    }
+  }
 
   void Push(int fd) {
+    bool watch;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       queue_.push_back(fd);
+      watch = closing_ || owner_ == 0;
     }
-    ready_.notify_one();
+    work_.notify_one();
+    if (watch) watch_.notify_one();
   }
 
-  void Loop() {
-    sigset_t all;
-    sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, nullptr);  // signals are the process's threads' to take, not this one's
+  // The owner's loop: only the owner waits for work, and a thread taken over from ends when its close returns (the
+  // new owner has the queue by then), so no fd is taken twice and none is left behind.
+  void Own(uint64_t id) {
+    std::unique_lock<std::mutex> lock(mutex_);
     for (;;) {
-      int fd;
-      {
-        std::unique_lock<std::mutex> lock(mutex_);
-        ready_.wait(lock, [this] { return !queue_.empty(); });
-        fd = queue_.front();
-        queue_.pop_front();
-      }
+      work_.wait(lock, [this] { return !queue_.empty(); });
+      const int fd = queue_.front();
+      queue_.pop_front();
+      closing_ = true;
+      closes_begun_++;
+      close_began_ = std::chrono::steady_clock::now();
+      const bool more = !queue_.empty();
+      lock.unlock();
+      if (more) watch_.notify_one();
       ::close(fd);
+      lock.lock();
+      if (owner_ != id) {
+        taken_over_--;
+        lock.unlock();
+        watch_.notify_one();  // room under kMaxStuckClosers again
+        return;
+      }
+      closing_ = false;
     }
   }
 
+  // The watcher: parked while no close is under way with fds behind it; otherwise wakes when that close has lasted
+  // kCloserPatience, and hands the queue to a fresh owner (or starts the first, if the system had no thread for it).
+  void Watch() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      watch_.wait(lock, [this] { return (closing_ || owner_ == 0) && !queue_.empty(); });
+      if (owner_ == 0) {
+        const uint64_t id = next_id_;
+        if (StartThread("sockpool-close", [this, id] { Own(id); })) {
+          next_id_++;
+          owner_ = id;
+        } else {
+          watch_.wait_for(lock, kCloserPatience);  // no thread to be had: try again later
+        }
+        continue;
+      }
+      const uint64_t close = closes_begun_;
+      const auto moved_on = [this, close] { return !closing_ || closes_begun_ != close || queue_.empty(); };
+      if (watch_.wait_until(lock, close_began_ + kCloserPatience, moved_on)) continue;
+      if (taken_over_ >= kMaxStuckClosers) {
+        // A stuck thread's return (or the owner's) notifies this wait; a close the owner ends quietly is seen within
+        // kCloserPatience.
+        const auto room = [this, &moved_on] { return taken_over_ < kMaxStuckClosers || moved_on(); };
+        watch_.wait_for(lock, kCloserPatience, room);
+        continue;
+      }
+      const uint64_t id = next_id_;
+      if (!StartThread("sockpool-close", [this, id] { Own(id); })) {
+        watch_.wait_for(lock, kCloserPatience, moved_on);  // no thread to be had: try again later
+        continue;
+      }
+      next_id_++;
+      owner_ = id;
+      taken_over_++;
+      closing_ = false;  // the new owner's until it begins one; the old one's close is counted in taken_over_
+    }
+  }
+
+  static std::atomic<DeferredCloser*> instance_;
   std::mutex mutex_;
-  std::condition_variable ready_;
+  std::condition_variable work_;   // the owner waits here for fds
+  std::condition_variable watch_;  // the watcher waits here
   std::deque<int> queue_;
+  uint64_t owner_ = 0;  // the id of the thread that takes fds from the queue
+  uint64_t next_id_ = 1;
+  bool closing_ = false;  // the owner is inside a close
+  uint64_t closes_begun_ = 0;
+  std::chrono::steady_clock::time_point close_began_;
+  int taken_over_ = 0;  // threads taken over from, still inside their closes
 };
+std::atomic<DeferredCloser*> DeferredCloser::instance_{nullptr};
 
 // Closes an fd a client may have prepared (see DisarmLinger, DrainUnixQueue and DeferredCloser). Nesting is bounded
 // by the kernel (a Unix socket in flight inside another, at most 4 deep); the depth bound only guards against the
@@ -2477,6 +2593,18 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     ::_exit(code >= 0 && code <= 255 ? static_cast<int>(code) : 1);
   }
 
+  // The deferred closes (DeferredCloser): { queued, stuckThreads, maxStuckThreads }.
+  Napi::Value DeferredCloses(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const DeferredCloser::Counts counts = DeferredCloser::Snapshot();
+    Napi::Object result = Napi::Object::New(env);
+    result.Set("queued", Napi::Number::New(env, static_cast<double>(counts.queued)));
+    result.Set("stuckThreads", Napi::Number::New(env, counts.stuck));
+    // The threads taken over from, and the owner, which may be stuck too.
+    result.Set("maxStuckThreads", Napi::Number::New(env, kMaxStuckClosers + 1));
+    return result;
+  }
+
   Napi::Value TrackedFds(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     std::vector<int> fds(tracked_.begin(), tracked_.end());
@@ -3061,6 +3189,7 @@ SockpoolAddon::SockpoolAddon(Napi::Env env, Napi::Object exports) {
                            InstanceMethod<&SockpoolAddon::Untrack>("untrack", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::Track>("track", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::TrackedFds>("trackedFds", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::DeferredCloses>("deferredCloses", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::ExitNow>("exitNow", napi_enumerable),
                            InstanceValue("Poller", Poller::Define(env), napi_enumerable),
                            InstanceValue("PollSet", PollSet::Define(env), napi_enumerable),

@@ -140,6 +140,18 @@ export interface PeerCredentials {
 export type PollCallback = (status: number, events: number) => void;
 
 /**
+ * The closes discard() leaves to the addon's closing threads (an fd that is not a socket: its close may wait for
+ * whoever serves the file, a client's FUSE mount for good). `queued`: fds not yet closed; `stuckThreads`: closing
+ * threads held in one close for longer than a short bound. A stuck close hands the queue to a fresh thread; at
+ * `maxStuckThreads` the queued fds wait until one of those closes returns.
+ */
+export interface DeferredCloses {
+  queued: number;
+  stuckThreads: number;
+  maxStuckThreads: number;
+}
+
+/**
  * libuv readiness for one fd, on the current thread's event loop (a uv_poll_t). Never blocks, never busy-polls.
  * The callback runs like any libuv callback (microtasks drained after it); if it throws, that is an uncaught
  * exception of this thread. A started Poller keeps the loop alive (see unref) and its object from being collected.
@@ -237,6 +249,7 @@ interface NativeBinding {
   close(fd: number): void;
   closeNeverShared(fd: number): void;
   discard(fd: number): void;
+  deferredCloses(): DeferredCloses;
   startCloseWatchdog(): void;
   untrack(fd: number): void;
   track(fd: number): void;
@@ -818,6 +831,11 @@ export function closeNeverShared(fd: number): void {
  */
 export function discard(fd: number): void {
   binding.discard(fd);
+}
+
+/** The closing threads' state (DeferredCloses). */
+export function deferredCloses(): DeferredCloses {
+  return binding.deferredCloses();
 }
 
 /**

@@ -3,15 +3,17 @@
 // no signal, not even SIGKILL, ends the wait (test/fixtures/fuse-flush-hang.py never answers). Before the fix the
 // daemon's thread closed it and served nobody until the FUSE connection was aborted. Now the kernel refuses the fd
 // at the sender (SO_PASSRIGHTS = 0 on the daemon's listener, Linux 6.16), and where fds are let in (an older
-// kernel, `access.acceptClientFds`) a non-socket fd is closed in a thread of its own (native DeferredCloser).
+// kernel, `access.acceptClientFds`) a non-socket fd is closed in a thread of its own (native DeferredCloser); a close
+// held past a short bound hands the fds queued behind it to a fresh thread, up to a cap of threads held so.
 import type { ChildProcess } from 'node:child_process';
-import { chmodSync, mkdtempSync, rmSync } from 'node:fs';
+import { chmodSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { afterEach, describe, expect, it } from 'vitest';
+import * as native from '../shared/native.js';
 import { spawnChild } from './helpers/children.js';
-import { type DaemonProcess, startDaemon, writeConfigFile } from './helpers/daemon.js';
+import { type DaemonProcess, eventually, logRecords, startDaemon, writeConfigFile } from './helpers/daemon.js';
 import { honestHello, RawClient } from './helpers/raw-client.js';
 
 const fixture = join(import.meta.dirname, 'fixtures', 'fuse-flush-hang.py');
@@ -64,6 +66,21 @@ function startFuseClient(socketPath: string, ...settings: string[]): FuseClient 
   };
 }
 
+const WARNING =
+  "every closing thread is held in a close of a client's file (a FUSE mount that never answers?): the fds queued behind them stay open";
+
+/** The daemon's closing threads (the addon names them), the stuck ones included. */
+function closingThreads(sockpoold: DaemonProcess): number {
+  const tasks = `/proc/${sockpoold.child.pid}/task`;
+  return readdirSync(tasks).filter((task) => {
+    try {
+      return readFileSync(`${tasks}/${task}/comm`, 'utf8') === 'sockpool-close\n';
+    } catch {
+      return false; // (a thread that ended meanwhile)
+    }
+  }).length;
+}
+
 function clientFdsState(sockpoold: DaemonProcess): string {
   const ready = sockpoold
     .output()
@@ -105,6 +122,86 @@ describe('an fd of a file on a FUSE mount the client serves', () => {
     // Once answered, the close returns and the daemon stops cleanly.
     expect(await sockpoold.stop()).toBe(0);
   }, 30_000);
+
+  it("let in, a close the mount holds for good holds up no other fd: another client's, sent after it, are closed", async () => {
+    const config = writeConfigFile({ access: { acceptClientFds: true } }, cleanups);
+    const sockpoold = await startDaemon({ args: ['--config', config] });
+    cleanups.push(() => sockpoold.stop());
+    const fuse = startFuseClient(sockpoold.socketPath);
+    expect(await fuse.next()).toEqual({ event: 'sent' });
+    expect(await fuse.next()).toMatchObject({ event: 'flush' });
+    // The held close took its fd out of the daemon's table already; the FUSE client's connection stays open.
+    const fdsHeld = sockpoold.fdCount();
+    // Another client sends files (any fd that is not a socket goes to the closing thread), then hangs up.
+    const other = new RawClient(sockpoold.socketPath);
+    for (let id = 1; id <= 4; id++) {
+      const files = [openSync('/dev/null', 'r'), openSync('/dev/null', 'r')];
+      other.sendJson({ type: 'hello', id, version: 1 }, files);
+      for (const file of files) native.close(file);
+    }
+    await honestHello(sockpoold.socketPath);
+    other.close();
+    // Before the fix the one closing thread waited in the held close, and these 8 stayed open until the mount answered.
+    await eventually(
+      () => sockpoold.fdCount() === fdsHeld,
+      () => `the other client's fds closed: the daemon holds ${sockpoold.fdCount()}, ${fdsHeld} before they came`,
+    );
+    await fuse.finish();
+    expect(await sockpoold.stop()).toBe(0);
+  }, 30_000);
+
+  it('let in, closes the mount holds for good take at most maxStuckThreads closing threads: then fds wait, stats and a warning say so', async () => {
+    const config = writeConfigFile({ access: { acceptClientFds: true } }, cleanups);
+    const sockpoold = await startDaemon({ args: ['--config', config] });
+    cleanups.push(() => sockpoold.stop());
+    const admin = new RawClient(sockpoold.socketPath);
+    cleanups.push(() => admin.close());
+    let statsId = 100;
+    const deferredCloses = async () => {
+      const reply = await admin.request({ type: 'stats', id: ++statsId });
+      return (reply.message as unknown as { stats: { deferredCloses: { queued: number; stuckThreads: number } } }).stats
+        .deferredCloses;
+    };
+    expect(await deferredCloses()).toEqual({ queued: 0, stuckThreads: 0 }); // (the admin's session counted below)
+    const fdsBefore = sockpoold.fdCount();
+    const { maxStuckThreads } = native.deferredCloses(); // the addon's constant, the same in the daemon
+    const held = maxStuckThreads + 3;
+    const fuse = startFuseClient(sockpoold.socketPath, `count=${held}`);
+    expect(await fuse.next()).toEqual({ event: 'sent' });
+    // Each held close hands the queue to a fresh thread, up to the cap; the fds past it wait.
+    let seen = await deferredCloses();
+    await eventually(
+      async () => {
+        seen = await deferredCloses();
+        return seen.stuckThreads === maxStuckThreads && seen.queued === held - maxStuckThreads;
+      },
+      () => `every closing thread held, ${held - maxStuckThreads} fds queued: ${JSON.stringify(seen)}`,
+    );
+    await eventually(
+      () => logRecords(sockpoold, WARNING).length === 1,
+      'the warning that the closing threads are all held',
+    );
+    expect(logRecords(sockpoold, WARNING)[0]).toMatchObject({ stuckThreads: maxStuckThreads, queued: 3 });
+    expect(closingThreads(sockpoold)).toBe(maxStuckThreads); // no more threads than the cap
+    await honestHello(sockpoold.socketPath);
+    // Once the mount answers, every close returns: the fds queued are closed and the stuck threads end.
+    await fuse.finish();
+    await eventually(
+      async () => {
+        seen = await deferredCloses();
+        return (
+          seen.stuckThreads === 0 &&
+          seen.queued === 0 &&
+          sockpoold.fdCount() === fdsBefore &&
+          closingThreads(sockpoold) === 1
+        );
+      },
+      () =>
+        `all closed: ${JSON.stringify(seen)}, the daemon holds ${sockpoold.fdCount()} fds (${fdsBefore} before) ` +
+        `and ${closingThreads(sockpoold)} closing threads (the owner alone left)`,
+    );
+    expect(await sockpoold.stop()).toBe(0);
+  }, 60_000);
 
   it('let in, a file whose every stat waits for the mount: the daemon discards it without a stat, and serves on', async () => {
     // Before the fix the discard began with an fstat, a GETATTR the mount held (here for 600 s, until the test's end):

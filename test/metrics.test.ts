@@ -78,6 +78,8 @@ describe('metrics', () => {
       'sockpool_pool_leased_sockets 7',
       'sockpool_pool_connecting_sockets 1',
       'sockpool_pool_waiting_acquires 0',
+      'sockpool_deferred_closes_queued 0', // (native.deferredCloses: test/daemon-fuse-fd.system)
+      'sockpool_deferred_close_threads_stuck 0',
       'sockpool_acquire_hits_total 2',
       'sockpool_acquire_misses_total 1',
       'sockpool_refusals_total{reason="loopback"} 1',
