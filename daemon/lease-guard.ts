@@ -237,10 +237,11 @@ export function endConnection(fd: number): void {
 
 /**
  * Ends a relayed warm TLS session's lease: the client's end of its loopback pair is disconnected (connect AF_UNSPEC,
- * for every copy), then the daemon's copy closed. The relay reads a reset and ends the session at once, its origin
- * connection with it; a FIN (endConnection) read as the client's half-close, and the relay lingered up to its
- * LINGER_MS for an answer nobody would read, the origin's connection and the relay's fds held past the lease, outside
- * every per-uid and per-origin bound. A copy the client kept reads ECONNRESET, not a clean end.
+ * for every copy), then the daemon's copy closed. The relay reads a reset: the client is gone, and it ends the
+ * origin's TLS cleanly (close_notify, FIN), waiting a short bound at most for the origin's end (tls-relay-thread.ts,
+ * clientGone); a FIN (endConnection) read as the client's half-close, and the relay lingered up to its LINGER_MS for
+ * an answer nobody would read, the origin's connection and the relay's fds held past the lease, outside every per-uid
+ * and per-origin bound. A copy the client kept reads ECONNRESET, not a clean end.
  */
 export function endRelayedConnection(fd: number): void {
   resetConnection(fd);

@@ -53,8 +53,9 @@ export const TCP_LEASE_FDS = 1;
 export const RELAYED_LEASE_FDS = 3;
 /**
  * Fds the daemon keeps out of the budget for what it holds whatever its clients do: its listeners, the history
- * store's files, its threads' (libuv, relay threads, the close watchdog) eventfds and epoll fds, and the one fd an
- * accept takes before the connection is refused (client connections are in the budget: UidQuotas.openSession).
+ * store's files, its threads' (libuv, relay threads, the close watchdog) eventfds and epoll fds, the origin sockets
+ * the relay threads are closing after their leases ended (RELAY_CLOSING_ORIGINS at most, tls-relay.ts), and the one
+ * fd an accept takes before the connection is refused (client connections are in the budget: UidQuotas.openSession).
  */
 export const FD_RESERVE = 512;
 

@@ -19,8 +19,9 @@
 //   destination stops the source's reads, what came meanwhile held as bytes: relay-flow.ts). A clean EOF is carried
 //   each way as a half-close (the client's socket ends with FIN once what the origin sent has gone out); an origin
 //   that ends without a clean EOF (a reset, an error, a close without close_notify or FIN) resets the client's
-//   socket, so a truncated response never looks complete; an error on the client's side resets the origin's TCP
-//   connection.
+//   socket, so a truncated response never looks complete. A client gone (its end reset, as the daemon resets it when
+//   the lease ends; or an idle session's end closed) ends the origin's TLS cleanly too, close_notify and FIN, and
+//   the origin's answer is waited for a short while only (clientGone in relay()).
 // - after the client's half-close the origin may take its time to answer: the relay gives up only after LINGER_MS
 //   in which the origin sent nothing (and then resets the client's socket: the response did not end cleanly).
 // - every other end resets the client's socket too, those no JavaScript of this thread sees included: the thread
@@ -64,15 +65,30 @@ const MAX_EARLY_BYTES = 16 * 1024;
  * not count).
  */
 const LINGER_MS = 60_000;
+/**
+ * After the client went (its end of the pair reset: the lease ended, or the client reset its copy): how long the
+ * origin has to answer the relay's close_notify and FIN with its own end before its connection is reset. A polite
+ * server answers within a round trip. What it sends meanwhile is read and dropped (the client is gone; OpenSSL itself
+ * drops application data that comes after the close_notify it sent), so an origin still sending a response to nobody
+ * costs the thread its decryption for this long at most, as a lent session's would.
+ */
+const ORIGIN_CLOSE_MS = 2_000;
 
 const port = parentPort;
 if (!port) throw new Error('tls-relay-thread runs as a worker thread');
 const {
+  closingOrigins = 1,
   counters: sharedCounters,
   heartbeat: sharedHeartbeat,
   nice,
   testSeams = false,
 } = workerData as {
+  /**
+   * Origin connections this thread may keep closing at once (see clientGone in relay()); past it, a client's end
+   * resets its origin's connection at once, as before. TlsRelays gives each thread its part of
+   * RELAY_CLOSING_ORIGINS (tls-relay.ts).
+   */
+  closingOrigins?: number;
   counters: SharedArrayBuffer;
   /** Two Int32 slots: the first this thread's event loop bumps every HEARTBEAT_MS, the main thread's watchdog reads
    *  it (tls-relay.ts; config.ts, RELAY_HANG_LIMIT_MS); the second this thread's tid, by which the main thread reads
@@ -511,6 +527,9 @@ function open(request: Extract<RelayRequest, { t: 'open' }>): void {
   });
 }
 
+/** Origin connections closing now, their clients gone (see clientGone in relay()): at most closingOrigins. */
+let closingNow = 0;
+
 /** `early`: what the origin sent before the relay started (at most MAX_EARLY_BYTES), the first of its early bytes. */
 function relay(tls: TLSSocket, tcp: Socket, client: Socket, early: Bytes): void {
   let leased = false;
@@ -519,19 +538,24 @@ function relay(tls: TLSSocket, tcp: Socket, client: Socket, early: Bytes): void 
   let clientEnded = false;
   let originEnded = false;
   let closed = false;
+  // The client went and the origin's connection is closing (clientGone): what the origin sends is dropped.
+  let closing = false;
+  // The idle timeout after the client's half-close (LINGER_MS), or the bound of a closing connection (ORIGIN_CLOSE_MS).
   let linger: NodeJS.Timeout | undefined;
 
   /**
-   * `resetOrigin`: a client that failed mid-stream resets the origin's connection, as a direct client's crash would.
-   * `resetClient`: an origin that did not end cleanly (reset, error, gone silent) resets the client's socket, as a
-   * direct client would see it: a FIN would tell it that a truncated response was complete. Only once the client
-   * has spoken: an idle session (no client yet) ends with FIN, the EOF from which the pool learns idle lifetimes.
+   * `resetOrigin`: an origin connection that did not close cleanly in time once its client went (clientGone), or
+   * that could not be given the time. `resetClient`: an origin that did not end cleanly (reset, error, gone silent)
+   * resets the client's socket, as a direct client would see it: a FIN would tell it that a truncated response was
+   * complete. Only once the client has spoken: an idle session (no client yet) ends with FIN, the EOF from which the
+   * pool learns idle lifetimes.
    */
   const teardown = (resetOrigin: boolean, resetClient = false) => {
     if (closed) return;
     closed = true;
     clearTimeout(linger);
     counters[COUNTER.sessions]!--;
+    if (closing) closingNow--;
     // An idle session (no client yet) ends with FIN however its origin ended: its reset (armed since the pair was
     // made) is disarmed first.
     if (!leased) disarmReset(client);
@@ -547,6 +571,41 @@ function relay(tls: TLSSocket, tcp: Socket, client: Socket, early: Bytes): void 
     if (resetOrigin && !tcp.destroyed) resetSocket(tcp);
     tls.destroy();
     tcp.destroy();
+  };
+  /**
+   * The client went: its end of the pair was reset (the daemon resets it as the lease ends: `closed`, a release, its
+   * client's session gone, the lease's time up; or the client reset its copy), or it closed without being spoken on
+   * (an idle session the pool dropped: nobody reads what the origin sends any more). Its origin's TLS ends as a direct
+   * client's clean close ends it, close_notify and then FIN (after what the client sent that is still on its way),
+   * and the origin's own end is waited for, what it sends meanwhile read and dropped (a close with bytes unread would
+   * be a reset); but for ORIGIN_CLOSE_MS at most: an origin that stays open, or still sends, is reset then (a direct
+   * client's close with a response unread is a reset too). The client's end closes at once: a closing connection
+   * holds its origin's socket alone, and at most closingOrigins of them a thread are closing at once, whatever
+   * clients do (their leases' fds have left the per-uid bounds: quotas.ts); past it, the origin's connection is reset
+   * at once, as it was for every lease before (an origin logged a reset a lease). Once the origin ended its side there
+   * is nothing to wait for.
+   */
+  const clientGone = () => {
+    if (closed || closing) return;
+    if (originEnded) {
+      teardown(false);
+      return;
+    }
+    if (closingNow >= closingOrigins) {
+      teardown(true);
+      return;
+    }
+    closing = true;
+    closingNow++;
+    clearTimeout(linger);
+    linger = setTimeout(() => teardown(true), ORIGIN_CLOSE_MS);
+    linger.unref();
+    // (An idle session's end stays a FIN, as in teardown.)
+    if (!leased) disarmReset(client);
+    client.destroy();
+    toOrigin.end();
+    // (Reads stopped for a full client start again: what comes is dropped.)
+    readingHandle(tls)?.readStart();
   };
   // Both sides ended cleanly, and the client's FIN went out after the last bytes for it (client.end() flushes).
   const bothEnded = () => {
@@ -572,6 +631,7 @@ function relay(tls: TLSSocket, tcp: Socket, client: Socket, early: Bytes): void 
     toClient.push(chunk);
   };
   tls.on('data', (chunk: Buffer) => {
+    if (closing) return;
     if (leased) {
       // After the client's half-close, an origin that still sends keeps the session (an idle timeout).
       linger?.refresh();
@@ -596,7 +656,12 @@ function relay(tls: TLSSocket, tcp: Socket, client: Socket, early: Bytes): void 
   // close_notify) an EOF on the client's socket. An idle session's EOF is how the pool learns the server closed it.
   client.on('end', () => {
     clientEnded = true;
-    if (!leased) early.clear();
+    if (!leased) {
+      // Never spoken on: not a half-close after a request, but the session's end (the pool closed it).
+      early.clear();
+      clientGone();
+      return;
+    }
     toOrigin.end();
     if (!originEnded) {
       linger = setTimeout(lingerOver, LINGER_MS);
@@ -612,12 +677,17 @@ function relay(tls: TLSSocket, tcp: Socket, client: Socket, early: Bytes): void 
   });
   tls.on('end', () => {
     originEnded = true;
+    if (closing) {
+      // The origin answered the close: the connection ends cleanly.
+      teardown(false);
+      return;
+    }
     if (!leased) early.clear();
     toClient.end();
     bothEnded();
   });
-  client.on('error', () => teardown(true));
-  client.on('close', () => teardown(!clientEnded));
+  client.on('error', clientGone);
+  client.on('close', clientGone);
   // The origin's reset or a broken TLS stream: the client must not read a clean end.
   tls.on('error', () => teardown(false, true));
   tls.on('close', () => teardown(false, !originEnded));

@@ -194,6 +194,14 @@ export const RELAY_TERMINATE_LIMIT_MS = 3_000;
  */
 export const RELAY_TERMINATE_WALL_LIMIT_MS = 10 * RELAY_TERMINATE_LIMIT_MS;
 
+/**
+ * Origin connections the relay threads together may keep closing at once after their clients went (each thread its
+ * part; tls-relay-thread.ts, clientGone): an origin socket each, for up to a couple of seconds, out of the per-uid
+ * bounds once their leases ended, so they come out of the fds kept beside the budget (quotas.ts, FD_RESERVE). Past a
+ * thread's part, a client's end resets its origin's connection at once.
+ */
+export const RELAY_CLOSING_ORIGINS = 128;
+
 /** How often the watchdog reads the heartbeats: as often as they move (tls-relay-thread.ts, HEARTBEAT_MS). */
 const WATCHDOG_CHECK_MS = 1_000;
 
@@ -691,7 +699,12 @@ export class TlsRelays {
     // process gained meanwhile is it, and the main thread, which alone starts threads here, is busy in this call.
     const threadsBefore = this.#schedstat ? ownThreadIds() : undefined;
     const worker = new Worker(new URL('./tls-relay-thread.js', import.meta.url), {
-      workerData: { counters: shared, heartbeat, nice: RELAY_THREAD_NICE },
+      workerData: {
+        closingOrigins: Math.max(1, Math.floor(RELAY_CLOSING_ORIGINS / this.#threadCount)),
+        counters: shared,
+        heartbeat,
+        nice: RELAY_THREAD_NICE,
+      },
       name: 'sockpoold tls relay',
     });
     const spawnTid = startedTid(threadsBefore);

@@ -183,9 +183,9 @@ describe('how the warm TLS relay ends a connection', () => {
       holdOutcome = resolve;
     });
     socket.on('error', () => {});
-    // The client gives up on a response with bytes unread (as curl does when it abandons a transfer): once the
-    // daemon's copy of the lent socket closes too, the relay's end of the pair reads a reset, and the relay resets
-    // the origin's TCP connection under its TLS socket.
+    // The client gives up on a response with bytes unread (as curl does when it abandons a transfer): at the lease's
+    // end the daemon resets the lent socket, and the relay, its client gone, ends the origin's TLS (close_notify,
+    // FIN), resetting it only if the origin has not closed within its bound (test/warm-tls-origin-close).
     let unread = 0;
     socket.once('readable', () => {
       unread = socket.readableLength;
@@ -194,8 +194,8 @@ describe('how the warm TLS relay ends a connection', () => {
     await eventually(async () => unread > 0 || socket.readableLength > 0, "the origin's bytes");
     socket.destroy();
     end();
-    // A reset, or a close if the origin's own end (after the relay's close_notify, when the daemon shut its copy of
-    // the lent socket down first) came before it: either way the origin's connection is gone.
+    // A close (this origin answers the relay's close_notify with its own end), or a reset: either way the origin's
+    // connection is gone.
     expect(await originSaw).toMatch(/^(error ECONNRESET|close)$/);
     // The daemon is alive and still answers.
     const stats = await raw.request({ type: 'stats', id: 0 });

@@ -1,0 +1,188 @@
+// What a relay thread (daemon/tls-relay-thread.ts, from dist/: npx tsc -p .) holds once its sessions' clients went:
+// each origin's TLS is ended cleanly (close_notify, FIN) and its answer waited for, but a bounded number of them at
+// once (`closingOrigins`, given by TlsRelays: its part of RELAY_CLOSING_ORIGINS), and each for a bounded time
+// (ORIGIN_CLOSE_MS): past them the origin's connection is reset, as every lease's end reset it before. A client
+// ending lease after lease at origins that never answer the close so piles up no origin sockets. The thread is
+// started here as TlsRelays starts it, with a part of 2; the origins are this process's node:tls servers over a
+// loopback pair per session (silent ones: they read, never answer, never end their side), and a client's end is
+// reset as the daemon resets it when a lease ends (connect AF_UNSPEC). The sockets of this process, the thread's
+// included, are counted before and after, checked before the thread ends (its teardown would close what it still
+// held).
+import { Socket } from 'node:net';
+import { join } from 'node:path';
+import tls from 'node:tls';
+import { Worker } from 'node:worker_threads';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { RelayRequest } from '../daemon/tls-relay.js';
+import * as native from '../shared/native.js';
+import { pollUntil, socketCount, socketsBackTo } from './fixtures/native-helpers.js';
+import { repoRoot } from './helpers/daemon.js';
+import { createTestPki, type TestPki } from './helpers/tls.js';
+
+type ThreadMessage =
+  | { t: 'ready'; id: number; fd: number }
+  | { t: 'failed'; id: number; code: string }
+  | { t: 'cpu'; id: number };
+
+let pki: TestPki;
+beforeAll(() => {
+  pki = createTestPki(['localhost']);
+});
+afterAll(() => pki.cleanup());
+
+/** An origin's side of one session: what it went through, in order ('end', 'error CODE', 'close'). */
+interface Origin {
+  tls: tls.TLSSocket;
+  tcp: Socket;
+  fd: number;
+  seen: string[];
+  received: string;
+}
+
+/** A relay thread that may keep `closingOrigins` origin connections closing at once. */
+function startThread(closingOrigins: number) {
+  const worker = new Worker(join(repoRoot, 'dist', 'daemon', 'tls-relay-thread.js'), {
+    workerData: {
+      closingOrigins,
+      counters: new SharedArrayBuffer(6 * 8),
+      // Its beat and its tid (TlsRelays#spawn).
+      heartbeat: new SharedArrayBuffer(2 * 4),
+      nice: 0,
+    },
+  });
+  const said: ThreadMessage[] = [];
+  worker.on('message', (message: ThreadMessage) => said.push(message));
+  const origins = new Map<number, Origin>();
+  /**
+   * Session `id` to a silent origin (allowHalfOpen: a close_notify or FIN read leaves its side open), or with
+   * `streams`, one that answers the client's first bytes with a response without end (as fast as it is taken);
+   * resolves with the client's end (and its fd) once the thread made it.
+   */
+  const open = async (id: number, streams = false): Promise<{ client: Socket; fd: number }> => {
+    const [near, far] = native.loopbackPair();
+    const tcp = new Socket({ fd: far, readable: true, writable: true, allowHalfOpen: true });
+    tcp.on('error', () => {});
+    const session = new tls.TLSSocket(tcp, { isServer: true, cert: pki.cert, key: pki.key });
+    (session as unknown as { allowHalfOpen: boolean }).allowHalfOpen = true;
+    const origin: Origin = { tls: session, tcp, fd: far, seen: [], received: '' };
+    const block = Buffer.alloc(64 * 1024, 'r');
+    const pump = () => {
+      while (!session.destroyed && session.write(block));
+    };
+    session.on('drain', pump);
+    session.on('data', (chunk: Buffer) => {
+      origin.received += chunk.toString();
+      if (streams && origin.received === chunk.toString()) pump();
+    });
+    session.on('end', () => origin.seen.push('end'));
+    session.on('error', (error: Error & { code?: string }) => origin.seen.push(`error ${error.code}`));
+    session.on('close', () => origin.seen.push('close'));
+    origins.set(id, origin);
+    const request: RelayRequest = {
+      t: 'open',
+      id,
+      fd: near,
+      host: 'localhost',
+      port: 443,
+      ca: pki.ca.toString(),
+      contextKey: 'test-ca',
+      timeoutMs: 30_000,
+    };
+    worker.postMessage(request);
+    // Its result (a `cpu` report may come before it).
+    const result = () => said.find((message) => message.id === id && message.t !== 'cpu');
+    await pollUntil(
+      () => result() !== undefined,
+      () => `session ${id}'s handshake`,
+    );
+    const made = result()!;
+    expect(made.t).toBe('ready');
+    const fd = (made as { fd: number }).fd;
+    const client = new Socket({ fd, readable: true, writable: true });
+    client.on('error', () => {});
+    return { client, fd };
+  };
+  return { worker, open, origins };
+}
+
+/** TCP_INFO's tcpi_state of a connection its peer reset (CLOSE); a FIN alone leaves it in CLOSE_WAIT (8). */
+const TCP_CLOSE = 7;
+
+/**
+ * Whether `origin`'s connection was reset after it read an end (close_notify and FIN): its socket, which read an
+ * end and neither reads nor writes any more (allowHalfOpen), sees the reset only in its TCP state. (Open still: its
+ * fd is its own.)
+ */
+function resetAfterEnd(origin: Origin): boolean {
+  return !origin.seen.includes('close') && native.probe(origin.fd).tcpState === TCP_CLOSE;
+}
+
+/** The client speaks: its request reaches the origin. */
+async function speak(client: Socket, origin: Origin): Promise<void> {
+  client.write('request\n');
+  await pollUntil(
+    () => origin.received === 'request\n',
+    () => `the request at the origin (${JSON.stringify(origin.received)})`,
+  );
+}
+
+describe('a relay thread whose clients went', () => {
+  it('keeps at most its part of origin connections closing: past it, resets them at once; the silent ones it reset at their bound', async () => {
+    const before = socketCount();
+    const thread = startThread(2);
+    const clients: Array<{ client: Socket; fd: number }> = [];
+    for (let id = 1; id <= 5; id++) {
+      const session = await thread.open(id);
+      await speak(session.client, thread.origins.get(id)!);
+      clients.push(session);
+    }
+    // All five clients go at once: the first two origin connections get close_notify and FIN and are waited for,
+    // the three others are reset.
+    for (const { fd } of clients) native.disconnect(fd);
+    const origins = [...thread.origins.values()];
+    await pollUntil(
+      () => origins.every((origin) => origin.seen.length > 0),
+      () => `every origin's end (${JSON.stringify(origins.map((origin) => origin.seen))})`,
+    );
+    const first = origins.map((origin) => origin.seen[0]);
+    expect(first.filter((seen) => seen === 'end')).toHaveLength(2);
+    expect(first.filter((seen) => seen === 'error ECONNRESET')).toHaveLength(3);
+    // The two never answer: at their bound, the thread resets them too.
+    const closing = origins.filter((origin) => origin.seen[0] === 'end');
+    await pollUntil(
+      () => closing.every(resetAfterEnd),
+      () => `the closing ones reset (${JSON.stringify(closing.map((origin) => native.probe(origin.fd)))})`,
+    );
+    for (const { client } of clients) client.destroy();
+    for (const origin of origins) origin.tcp.destroy();
+    await socketsBackTo(before);
+    await thread.worker.terminate();
+  }, 30_000);
+
+  it('resets an origin that goes on sending a response once its client went', async () => {
+    const before = socketCount();
+    const thread = startThread(2);
+    // The origin answers with a response without end, which the client reads for a while, then goes.
+    const { client, fd } = await thread.open(1, true);
+    const origin = thread.origins.get(1)!;
+    let read = 0;
+    client.on('data', (chunk: Buffer) => {
+      read += chunk.length;
+    });
+    await speak(client, origin);
+    await pollUntil(
+      () => read > 1024 * 1024,
+      () => `the response flowing (${read} bytes read)`,
+    );
+    native.disconnect(fd);
+    await pollUntil(
+      // (A reset reaches a writer that read the end as EPIPE.)
+      () => resetAfterEnd(origin) || origin.seen.some((seen) => /^error (ECONNRESET|EPIPE)$/.test(seen)),
+      () => `the origin connection reset (${JSON.stringify(origin.seen)}, ${JSON.stringify(native.probe(origin.fd))})`,
+    );
+    client.destroy();
+    origin.tcp.destroy();
+    await socketsBackTo(before);
+    await thread.worker.terminate();
+  }, 30_000);
+});
