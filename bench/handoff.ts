@@ -29,6 +29,7 @@ import {
   attachStrace,
   type BenchChild,
   cpuTimeMs,
+  cpuTimesMs,
   fdCount,
   nofileLimit,
   procStatusBytes,
@@ -185,6 +186,8 @@ interface ThroughputRound {
    * on 2 cores, what the requesters take is not there for the responder.
    */
   requesterCpuUsPerHandoff: number | null;
+  /** The kernel's part of cpuUsPerHandoff (system time): A/B runs tell a syscall more or less from JavaScript. */
+  systemUsPerHandoff: number | null;
   warmFraction: number;
 }
 
@@ -589,6 +592,7 @@ async function measureLatency(startedAt: Date): Promise<LatencyResult> {
       let warm = 0;
       let sampled = 0;
       const cpuBefore = safeCpu(entry.pid);
+      const systemBefore = safeSystemCpu(entry.pid);
       const selfBefore = process.cpuUsage();
       const { handoffs, elapsedMs, requesterCpuMs } = await entry.run((us, isWarm) => {
         total.samples.push(us);
@@ -597,6 +601,7 @@ async function measureLatency(startedAt: Date): Promise<LatencyResult> {
         if (!entry.raw) countWarm(isWarm);
       });
       const cpuMs = diffCpu(cpuBefore, safeCpu(entry.pid));
+      const systemMs = diffCpu(systemBefore, safeSystemCpu(entry.pid));
       const self = process.cpuUsage(selfBefore);
       const requesterMs = requesterCpuMs === undefined ? (self.user + self.system) / 1000 : requesterCpuMs;
       total.handoffs += handoffs;
@@ -607,6 +612,7 @@ async function measureLatency(startedAt: Date): Promise<LatencyResult> {
         perSecond: (handoffs / elapsedMs) * 1000,
         cpuUsPerHandoff: cpuMs === null ? null : (cpuMs * 1000) / handoffs,
         requesterCpuUsPerHandoff: requesterMs === null ? null : (requesterMs * 1000) / handoffs,
+        systemUsPerHandoff: systemMs === null ? null : (systemMs * 1000) / handoffs,
         warmFraction: entry.raw ? Number.NaN : warm / Math.max(1, sampled),
       });
     }
@@ -727,6 +733,7 @@ async function main(): Promise<void> {
         perSecond: Math.round(r.perSecond),
         cpuUsPerHandoff: r.cpuUsPerHandoff === null ? null : round(r.cpuUsPerHandoff),
         requesterCpuUsPerHandoff: r.requesterCpuUsPerHandoff === null ? null : round(r.requesterCpuUsPerHandoff),
+        systemUsPerHandoff: r.systemUsPerHandoff === null ? null : round(r.systemUsPerHandoff),
         warmFraction: Number.isNaN(r.warmFraction) ? null : round(r.warmFraction, 5),
       })),
     })),
@@ -960,7 +967,9 @@ function report(
             `  ${ours.requesters}: that build ${theirs.perRound.map((r) => Math.round(r.perSecond)).join(' ')}/s, CPU ` +
               `${theirs.perRound.map((r) => (r.cpuUsPerHandoff === null ? '-' : r.cpuUsPerHandoff.toFixed(1))).join(' ')} µs/handoff; ` +
               `rate × ${rates.map((v) => v.toFixed(2)).join(' ')} (median ${median(rates).toFixed(2)}), ` +
-              `CPU × ${cpus.map((v) => v.toFixed(2)).join(' ')} (median ${median(cpus).toFixed(2)})`,
+              `CPU × ${cpus.map((v) => v.toFixed(2)).join(' ')} (median ${median(cpus).toFixed(2)}); ` +
+              `of it in the kernel, median µs/handoff: this build ${medianText(ours.perRound.map((r) => r.systemUsPerHandoff))}, ` +
+              `that build ${medianText(theirs.perRound.map((r) => r.systemUsPerHandoff))}`,
           );
         }
       }
@@ -1161,6 +1170,15 @@ function safeCpu(pid: number): number | null {
   }
 }
 
+/** System (kernel) CPU ms of a process, or null when it cannot be read. */
+function safeSystemCpu(pid: number): number | null {
+  try {
+    return cpuTimesMs(pid).systemMs;
+  } catch {
+    return null;
+  }
+}
+
 function diffCpu(before: number | null, after: number | null): number | null {
   return before === null || after === null ? null : after - before;
 }
@@ -1170,6 +1188,12 @@ function usList(rounds: ThroughputRound[]): string {
   return rounds
     .map((r) => (r.requesterCpuUsPerHandoff === null ? '-' : r.requesterCpuUsPerHandoff.toFixed(1)))
     .join(' ');
+}
+
+/** The median of the known values, as text ('-' when none is known). */
+function medianText(values: Array<number | null>): string {
+  const known = values.filter((v): v is number => v !== null);
+  return known.length === 0 ? '-' : median(known).toFixed(1);
 }
 
 function median(values: number[]): number {
