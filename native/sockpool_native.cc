@@ -676,8 +676,23 @@ class DeferredCloser {
     std::lock_guard<std::mutex> lock(mutex_);
     const uint64_t id = next_id_++;
     if (StartThread("sockpool-close", [this, id] { Own(id); })) owner_ = id;
-    // Without a watcher the owner closes as one thread would; without an owner the watcher starts one.
-    StartThread("sockpool-cwatch", [this] { Watch(); });
+    // Without a watcher the owner closes as one thread would; without an owner the watcher starts one. A watcher the
+    // system had no thread for now is tried again at a later Push (StartWatcher): made once a process, the closer
+    // would otherwise go without it for good (and, without an owner too, leave every fd queued open).
+    StartWatcher();
+  }
+
+  // Starts the watcher if it is not running, at most once per kCloserPatience while the system has no thread to
+  // give. mutex_ held.
+  void StartWatcher() {
+    if (watcher_) return;
+    const auto now = std::chrono::steady_clock::now();
+    if (now < next_watcher_try_) return;
+    if (StartThread("sockpool-cwatch", [this] { Watch(); })) {
+      watcher_ = true;
+    } else {
+      next_watcher_try_ = now + kCloserPatience;
+    }
   }
 
   // False when the system has no thread to give (std::system_error): the caller goes on without it. The name (15
@@ -702,6 +717,7 @@ class DeferredCloser {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       queue_.push_back(fd);
+      StartWatcher();  // (nothing to do once it runs)
       watch = closing_ || owner_ == 0;
     }
     work_.notify_one();
@@ -778,6 +794,8 @@ class DeferredCloser {
   std::condition_variable watch_;  // the watcher waits here
   std::deque<int> queue_;
   uint64_t owner_ = 0;  // the id of the thread that takes fds from the queue
+  bool watcher_ = false;  // the watcher runs (it never ends)
+  std::chrono::steady_clock::time_point next_watcher_try_;  // no watcher: when StartWatcher may try again
   uint64_t next_id_ = 1;
   bool closing_ = false;  // the owner is inside a close
   uint64_t closes_begun_ = 0;
