@@ -56,6 +56,8 @@ export interface ConnectedSocket {
   tlsCredentials?: string | undefined;
   /** A warm TLS session's relay thread (its threadId): its sessions end if the thread hangs (tls-relay.ts). */
   relayThread?: number | undefined;
+  /** A warm TLS session's id in its relay thread: the handoff server names it as it lends it (TlsRelays.lent). */
+  relaySession?: number | undefined;
   /** The peer's port: the origin's, or the proxy's for a tunnel (undefined: the origin's). */
   port?: number | undefined;
   /**
@@ -85,6 +87,7 @@ export function connectedPart(socket: ConnectedSocket): ConnectedSocket {
     tls: socket.tls,
     tlsCredentials: socket.tlsCredentials,
     relayThread: socket.relayThread,
+    relaySession: socket.relaySession,
     port: socket.port,
     connectedPeer: socket.connectedPeer,
   };

@@ -315,6 +315,7 @@ export class Sockpoold {
       metrics: this.#metrics,
       rates: this.#rates,
       fdLimit: this.#fdLimit,
+      onRelayedLease: (relayThread, relaySession, uid) => this.#relays.lent(relayThread, relaySession, uid),
       extraStats: () => ({
         rssBytes: process.memoryUsage.rss(),
         bindRestriction: this.#bindRestriction,

@@ -95,6 +95,11 @@ export interface HandoffServerOptions {
   rates?: RateLimiter;
   /** The soft RLIMIT_NOFILE the fd budget is reckoned from (its owner refreshes it); without it, read once here. */
   fdLimit?: FdLimit;
+  /**
+   * A warm TLS session (its relay thread and its id there) is lent to `uid`: the daemon tells its relay thread
+   * (TlsRelays.lent), whose uid's share of the closing places its origin's close takes once the lease ends.
+   */
+  onRelayedLease?: (relayThread: number, relaySession: number, uid: number) => void;
 }
 
 /**
@@ -128,6 +133,7 @@ export class HandoffServer {
   #metrics: Metrics | undefined;
   #rates: RateLimiter | undefined;
   #extraStats: (() => Record<string, unknown>) | undefined;
+  #onRelayedLease: HandoffServerOptions['onRelayedLease'];
   #leases = new LeaseTable();
   /** `reclaim` notices sent (stats: `reclaimNotices`). */
   #reclaimNotices = 0;
@@ -161,6 +167,7 @@ export class HandoffServer {
     this.#log = options.log;
     this.#metrics = options.metrics;
     this.#extraStats = options.extraStats;
+    this.#onRelayedLease = options.onRelayedLease;
     this.#rates = options.rates;
     this.#refuseFdsOnAccept = options.refuseFdsOnAccept ?? false;
     const fdLimit = options.fdLimit ?? new FdLimit();
@@ -974,6 +981,10 @@ export class HandoffServer {
     if (rate) reply.rate = rate;
     if (tokenWaitMs !== undefined) reply.tokenWaitMs = Number(tokenWaitMs.toFixed(3));
     if (handoff.capWaitMs !== undefined) reply.capWaitMs = Number(handoff.capWaitMs.toFixed(3));
+    // Its relay thread learns whose lease it is before the client has it (tls-relay.ts, lent).
+    if (handoff.relayThread !== undefined && handoff.relaySession !== undefined) {
+      this.#onRelayedLease?.(handoff.relayThread, handoff.relaySession, session.uid);
+    }
     lease.queuedReply = this.#send(session, reply, [handoff.fd], true);
     // The send failed and the session is gone: the lease ended with it.
     if (session.closed) return;

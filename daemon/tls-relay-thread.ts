@@ -44,6 +44,7 @@ import {
 } from 'node:tls';
 import { parentPort, workerData } from 'node:worker_threads';
 import * as native from '../shared/native.js';
+import { DAEMON_UID } from './fair-queue.js';
 import { waitForLoopbackPair } from './loopback-pair.js';
 import { Bytes } from './relay-bytes.js';
 import { ownTid } from './relay-clock.js';
@@ -84,9 +85,9 @@ const {
   testSeams = false,
 } = workerData as {
   /**
-   * Origin connections this thread may keep closing at once (see clientGone in relay()); past it, a client's end
-   * resets its origin's connection at once, as before. TlsRelays gives each thread its part of
-   * RELAY_CLOSING_ORIGINS (tls-relay.ts).
+   * Origin connections this thread may keep closing at once (see clientGone in relay()), each uid its fair share of
+   * them; past it, a client's end resets its origin's connection at once, as before. TlsRelays gives each thread its
+   * part of RELAY_CLOSING_ORIGINS (tls-relay.ts).
    */
   closingOrigins?: number;
   counters: SharedArrayBuffer;
@@ -321,6 +322,8 @@ function handshakeOver(tls: TLSSocket): number {
 
 port.on('message', (request: RelayRequest) => {
   if (request.t === 'open') open(request);
+  // (A session gone meanwhile is not there any more.)
+  else if (request.t === 'lease') lent.get(request.id)?.(request.uid);
 });
 
 /**
@@ -457,7 +460,7 @@ function open(request: Extract<RelayRequest, { t: 'open' }>): void {
     counters[COUNTER.sessions]!++;
     // Our end's reset armed before anything can close it (see the header; relay() disarms it on a clean end).
     native.setLingerReset(pair[0]);
-    relay(tls, tcp, new Socket({ fd: pair[0], readable: true, writable: true, allowHalfOpen: true }), kept);
+    relay(request.id, tls, tcp, new Socket({ fd: pair[0], readable: true, writable: true, allowHalfOpen: true }), kept);
     post({
       t: 'ready',
       id: request.id,
@@ -529,10 +532,23 @@ function open(request: Extract<RelayRequest, { t: 'open' }>): void {
 
 /** Origin connections closing now, their clients gone (see clientGone in relay()): at most closingOrigins. */
 let closingNow = 0;
+/** Of those, each uid's (DAEMON_UID's: sessions never lent); a uid's entry goes with its last. */
+const closingByUid = new Map<number, number>();
+/** Each relayed session (by its `open`'s id) until its end: told the uid it is lent to (a `lease` message). */
+const lent = new Map<number, (uid: number) => void>();
 
-/** `early`: what the origin sent before the relay started (at most MAX_EARLY_BYTES), the first of its early bytes. */
-function relay(tls: TLSSocket, tcp: Socket, client: Socket, early: Bytes): void {
+/**
+ * `id`: its `open`'s. `early`: what the origin sent before the relay started (at most MAX_EARLY_BYTES), the first of
+ * its early bytes.
+ */
+function relay(id: number, tls: TLSSocket, tcp: Socket, client: Socket, early: Bytes): void {
   let leased = false;
+  // Whose lease it is (TlsRelays.lent: the daemon lent it): whose share of the closing places its origin's close
+  // takes. The daemon's until then (an idle session the pool closed).
+  let uid = DAEMON_UID;
+  lent.set(id, (lessee) => {
+    uid = lessee;
+  });
   // `early`: what the origin sends before the client speaks, kept as bytes (relay-bytes.ts: kept as TLS's chunks, one
   // per record, an origin sending one-byte records made each byte cost hundreds).
   let clientEnded = false;
@@ -555,7 +571,13 @@ function relay(tls: TLSSocket, tcp: Socket, client: Socket, early: Bytes): void 
     closed = true;
     clearTimeout(linger);
     counters[COUNTER.sessions]!--;
-    if (closing) closingNow--;
+    lent.delete(id);
+    if (closing) {
+      closingNow--;
+      const held = closingByUid.get(uid)! - 1;
+      if (held > 0) closingByUid.set(uid, held);
+      else closingByUid.delete(uid);
+    }
     // An idle session (no client yet) ends with FIN however its origin ended: its reset (armed since the pair was
     // made) is disarmed first.
     if (!leased) disarmReset(client);
@@ -582,8 +604,13 @@ function relay(tls: TLSSocket, tcp: Socket, client: Socket, early: Bytes): void 
    * client's close with a response unread is a reset too). The client's end closes at once: a closing connection
    * holds its origin's socket alone, and at most closingOrigins of them a thread are closing at once, whatever
    * clients do (their leases' fds have left the per-uid bounds: quotas.ts); past it, the origin's connection is reset
-   * at once, as it was for every lease before (an origin logged a reset a lease). Once the origin ended its side there
-   * is nothing to wait for.
+   * at once, as it was for every lease before (an origin logged a reset a lease). And each uid its fair share of
+   * them, by the rule of the resolver's system lookups and the fd budget (resolver.ts, quotas.ts): a uid holding h
+   * takes one more only while more than h are free. One uid ending leases to silent origins as fast as it likes took
+   * every place, and every other uid's lease ends reset their origins again; now it takes half of them alone, k uids
+   * about a (k+1)th each, and a place stays free for the next. (The uid is the lease's, told by the main thread as it
+   * lent the session; the daemon's for a session never lent, or one whose lease ended before the news came.) Once
+   * the origin ended its side there is nothing to wait for.
    */
   const clientGone = () => {
     if (closed || closing) return;
@@ -591,12 +618,16 @@ function relay(tls: TLSSocket, tcp: Socket, client: Socket, early: Bytes): void 
       teardown(false);
       return;
     }
-    if (closingNow >= closingOrigins) {
+    const held = closingByUid.get(uid) ?? 0;
+    if (closingNow + held >= closingOrigins) {
       teardown(true);
       return;
     }
     closing = true;
     closingNow++;
+    closingByUid.set(uid, held + 1);
+    // (Its lease is over: no other uid's.)
+    lent.delete(id);
     clearTimeout(linger);
     linger = setTimeout(() => teardown(true), ORIGIN_CLOSE_MS);
     linger.unref();

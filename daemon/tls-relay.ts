@@ -124,8 +124,13 @@ export interface TlsHandshakeParams {
   timeoutMs: number;
 }
 
-/** `spray`: a test seam, honoured only by a thread started with `testSeams` (see tls-relay-thread.ts); never set here. */
-export type RelayRequest = { t: 'open'; id: number; fd: number; spray?: boolean } & TlsHandshakeParams;
+/**
+ * `open`: a handshake over `fd` (`spray`: a test seam, honoured only by a thread started with `testSeams`, see
+ * tls-relay-thread.ts; never set here). `lease`: the session of open `id` is lent to `uid` (lent()).
+ */
+export type RelayRequest =
+  | ({ t: 'open'; id: number; fd: number; spray?: boolean } & TlsHandshakeParams)
+  | { t: 'lease'; id: number; uid: number };
 
 /**
  * A thread's answers. `cpuMicros` (a result's) and `micros` (a `cpu` report, sent while the handshake goes on once
@@ -155,6 +160,8 @@ export interface RelayedSession {
   fd: number;
   /** The threadId of the relay thread that relays it: what TlsRelays' onHung names when that thread hangs. */
   relayThread: number;
+  /** Its id in that thread: what lent() names. */
+  relaySession: number;
   handshakeMs: number;
   info: TlsSessionInfo;
 }
@@ -198,7 +205,8 @@ export const RELAY_TERMINATE_WALL_LIMIT_MS = 10 * RELAY_TERMINATE_LIMIT_MS;
  * Origin connections the relay threads together may keep closing at once after their clients went (each thread its
  * part; tls-relay-thread.ts, clientGone): an origin socket each, for up to a couple of seconds, out of the per-uid
  * bounds once their leases ended, so they come out of the fds kept beside the budget (quotas.ts, FD_RESERVE). Past a
- * thread's part, a client's end resets its origin's connection at once.
+ * thread's part, or its lease's uid's fair share of it (a uid holding h takes one more while more than h are free), a
+ * client's end resets its origin's connection at once.
  */
 export const RELAY_CLOSING_ORIGINS = 128;
 
@@ -394,6 +402,23 @@ export class TlsRelays {
       this.#queue.push({ fd, params, where, resolve, reject, urgent, wanted, uid, daemonOrigin });
       this.#dispatch();
     });
+  }
+
+  /**
+   * The session `relaySession` of thread `relayThread` is lent to `uid` (the handoff server, as it sends the lease):
+   * its thread charges its origin's close, once the lease ends, to that uid's share of the closing places
+   * (tls-relay-thread.ts, clientGone). Posted before the lease goes out, so it is on its way before the client can
+   * end the lease (a lease ended before the thread read it is the daemon's share). A thread gone or taken for hung
+   * meanwhile is not told (its sessions end anyway).
+   */
+  lent(relayThread: number, relaySession: number, uid: number): void {
+    for (const thread of this.#threads) {
+      if (usable(thread) && thread.id === relayThread) {
+        const request: RelayRequest = { t: 'lease', id: relaySession, uid };
+        thread.worker.postMessage(request);
+        return;
+      }
+    }
   }
 
   /** Sends waiting handshakes to the least busy threads with room, starting threads up to the configured count. */
@@ -755,6 +780,7 @@ export class TlsRelays {
           handshakeMs: message.handshakeMs,
           info: message.info,
           relayThread: thread.id,
+          relaySession: message.id,
         });
       } else {
         waiter.reject(

@@ -256,6 +256,7 @@ export class TlsSessions implements Connector {
       tls: session.info,
       tlsCredentials: credentials,
       relayThread: session.relayThread,
+      relaySession: session.relaySession,
     };
     // A reload during the handshake that changed what this origin's sessions are verified against: start over
     // with the configuration in force (the session is ours until returned), still abandoned once not wanted.

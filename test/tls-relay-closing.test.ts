@@ -102,7 +102,12 @@ function startThread(closingOrigins: number) {
     client.on('error', () => {});
     return { client, fd };
   };
-  return { worker, open, origins };
+  /** Session `id` lent to `uid`, as TlsRelays.lent tells its thread when the daemon lends it. */
+  const lend = (id: number, uid: number) => {
+    const request: RelayRequest = { t: 'lease', id, uid };
+    worker.postMessage(request);
+  };
+  return { worker, open, lend, origins };
 }
 
 /** TCP_INFO's tcpi_state of a connection its peer reset (CLOSE); a FIN alone leaves it in CLOSE_WAIT (8). */
@@ -133,6 +138,8 @@ describe('a relay thread whose clients went', () => {
     const clients: Array<{ client: Socket; fd: number }> = [];
     for (let id = 1; id <= 5; id++) {
       const session = await thread.open(id);
+      // Each lent to a uid of its own: no uid's share (see the next test) holds one back.
+      thread.lend(id, 1000 + id);
       await speak(session.client, thread.origins.get(id)!);
       clients.push(session);
     }
@@ -155,6 +162,52 @@ describe('a relay thread whose clients went', () => {
     );
     for (const { client } of clients) client.destroy();
     for (const origin of origins) origin.tcp.destroy();
+    await socketsBackTo(before);
+    await thread.worker.terminate();
+  }, 30_000);
+
+  it("gives each uid a fair share of its closing places: one uid's ended sessions leave another uid's a place", async () => {
+    const before = socketCount();
+    const thread = startThread(4);
+    // Uid 1001 holds four sessions, uid 1002 one; all to silent origins, which never answer the close.
+    const clients: Array<{ client: Socket; fd: number }> = [];
+    for (let id = 1; id <= 5; id++) {
+      const session = await thread.open(id);
+      thread.lend(id, id <= 4 ? 1001 : 1002);
+      await speak(session.client, thread.origins.get(id)!);
+      clients.push(session);
+    }
+    // Uid 1001's four clients go: while more places are free than it holds, its origins close cleanly; the rest are
+    // reset. (Before: all four places were its, and uid 1002's lease end reset its origin.)
+    for (const { fd } of clients.slice(0, 4)) native.disconnect(fd);
+    const first = [1, 2, 3, 4].map((id) => thread.origins.get(id)!);
+    await pollUntil(
+      () => first.every((origin) => origin.seen.length > 0),
+      () => `uid 1001's origins' ends (${JSON.stringify(first.map((origin) => origin.seen))})`,
+    );
+    // Uid 1002's client goes while uid 1001's are still closing: its origin reads close_notify and FIN.
+    native.disconnect(clients[4]!.fd);
+    const other = thread.origins.get(5)!;
+    await pollUntil(
+      () => other.seen.length > 0,
+      () => `uid 1002's origin's end (${JSON.stringify(other.seen)})`,
+    );
+    expect(other.seen[0]).toBe('end');
+    // Uid 1001 closed two (it held two, and two were free): its two others were reset at once.
+    expect(first.map((origin) => origin.seen[0]).sort()).toEqual([
+      'end',
+      'end',
+      'error ECONNRESET',
+      'error ECONNRESET',
+    ]);
+    // All three reset at their bound (silent origins).
+    const closing = [...thread.origins.values()].filter((origin) => origin.seen[0] === 'end');
+    await pollUntil(
+      () => closing.every(resetAfterEnd),
+      () => `the closing ones reset (${JSON.stringify(closing.map((origin) => native.probe(origin.fd)))})`,
+    );
+    for (const { client } of clients) client.destroy();
+    for (const origin of thread.origins.values()) origin.tcp.destroy();
     await socketsBackTo(before);
     await thread.worker.terminate();
   }, 30_000);
