@@ -903,13 +903,13 @@ export class HandoffServer {
         session.pending--;
         if (cancels.get(message.id) === cancel) cancels.delete(message.id);
         if (session.closed || cancel.signal.aborted) {
-          // Nobody to hand it to: the socket goes back to the pool unused, and so does the token it was charged or
-          // claimed.
+          // Nobody to hand it to: the socket goes back to the pool unused, never lent by this handoff, and so does
+          // the token it was charged or claimed.
           // Shared again only if no client ever had it: one this uid released unused earlier (served to this
           // acquire straight from that release, read in the same turn as this cancel or hang-up) may still be
           // held in a copy that client kept, so it stays this uid's.
           this.#quotas.acquireSettled(session.uid, message.host, false, this.#pools.lookupInFlight);
-          this.#pools.giveBack(handoff.originKey, handoff, session.uid, handoff.kept === true);
+          this.#pools.giveBackUnsent(handoff.originKey, handoff, session.uid);
           giveBackToken();
           return;
         }

@@ -385,14 +385,7 @@ export class PoolManager {
    */
   #verifiedFor(pool: OriginPool, handoff: Handoff, tlsTrust: TlsTrust | undefined, uid: number): boolean {
     if (!this.#tls || this.#tls.verifiedFor(handoff, tlsTrust)) return true;
-    // It never reached a client: a first lending is undone (the `lent` event counted it for nobody), and the socket
-    // goes back never lent, counted lent or never lent again wherever it goes.
-    const purpose = handoff.firstLent;
-    if (purpose !== undefined) {
-      this.#warming.lent[purpose]--;
-      if (purpose !== 'acquire') this.#statsOf(pool.key).warmedLent--;
-    }
-    this.giveBack(pool.key, handoff, uid, handoff.kept === true, undefined, purpose);
+    this.giveBackUnsent(pool.key, handoff, uid);
     return false;
   }
 
@@ -423,6 +416,22 @@ export class PoolManager {
   /** A lease of `uid` ended: its socket is closed. */
   leaseEnded(key: string, uid = 0): void {
     this.#pools.get(key)?.leaseEnded(uid);
+  }
+
+  /**
+   * A handoff for a client of `uid` that never reached it comes back with its fd (ownership passes to the pool): one
+   * a trust mismatch turned away, or one the handoff server had nobody to send to (its acquire cancelled, or its
+   * client gone, in the turn it was served). A first lending is undone (the `lent` event counted it for nobody), and
+   * the socket goes back never lent, counted lent or never lent again wherever it goes; one kept for `uid` stays so
+   * (its client may hold a copy from an earlier lease).
+   */
+  giveBackUnsent(key: string, handoff: Handoff, uid = 0): void {
+    const purpose = handoff.firstLent;
+    if (purpose !== undefined) {
+      this.#warming.lent[purpose]--;
+      if (purpose !== 'acquire') this.#statsOf(key).warmedLent--;
+    }
+    this.giveBack(key, handoff, uid, handoff.kept === true, undefined, purpose);
   }
 
   /**

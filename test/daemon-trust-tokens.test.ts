@@ -11,7 +11,7 @@ import { CLAIM_LIFETIME_MS } from '../daemon/fleet/token-claims.js';
 import { ErrorCodes } from '../shared/errors.js';
 import * as native from '../shared/native.js';
 import type { DaemonMessage } from '../shared/protocol.js';
-import { type DaemonProcess, startDaemon, writeConfigFile } from './helpers/daemon.js';
+import { type DaemonProcess, eventually, startDaemon, writeConfigFile } from './helpers/daemon.js';
 import { openRawClient, type RawClient } from './helpers/raw-client.js';
 import { pathOrigin } from './helpers/trust.js';
 
@@ -247,4 +247,58 @@ describe('an acquire saying tokenTaken', () => {
     expect(charged(third.message)).toBe(true);
     expect(await rates(raw)).toMatchObject({ claimsBelieved: 2, claimsCharged: 1 });
   });
+
+  for (const how of ['cancel', 'disconnect'] as const) {
+    it(`believed, served an idle socket never lent and given up in the same turn (${how}): the socket goes back never lent`, async () => {
+      // A believed claim takes no token wait: the acquire is served from the idle pool in the turn it is read, and a
+      // cancel or hang-up read right behind it, in the same turn, leaves nobody to lend the socket to.
+      const origin = await pathOrigin(cleanups);
+      const sockpoold = await daemon(origin.port, 2);
+      const watcher = openRawClient(sockpoold.socketPath, cleanups);
+      const raw = openRawClient(sockpoold.socketPath, cleanups);
+      const row = async () => {
+        const reply = await watcher.request({ type: 'stats', id: nextId++ });
+        const stats = (reply.message as unknown as { stats: { origins: Array<Record<string, unknown>> } }).stats;
+        return stats.origins.find((each) => String(each.origin).endsWith(`:${origin.port}`))!;
+      };
+      const tokens = await raw.request({
+        type: 'tokens',
+        id: nextId++,
+        host: '127.0.0.1',
+        port: origin.port,
+        count: 1,
+      });
+      expect(tokens.message).toMatchObject({ type: 'tokens', granted: 1 });
+      const prewarm = await raw.request({
+        type: 'prewarm',
+        id: nextId++,
+        host: '127.0.0.1',
+        port: origin.port,
+        count: 1,
+      });
+      expect(prewarm.message).toMatchObject({ type: 'ok' });
+      await eventually(async () => (await row())?.idle === 1, 'the prewarmed socket idle');
+      const daemonFdsBefore = sockpoold.fdCount();
+      sockpoold.child.kill('SIGSTOP');
+      try {
+        raw.sendJson({ type: 'acquire', id: nextId++, host: '127.0.0.1', port: origin.port, tokenTaken: true });
+        if (how === 'cancel') raw.sendJson({ type: 'cancel', acquireId: nextId - 1 });
+        else raw.close();
+      } finally {
+        sockpoold.child.kill('SIGCONT');
+      }
+      const gone = how === 'disconnect' ? 1 : 0;
+      await eventually(async () => {
+        const now = await row();
+        return now.idle === 1 && now.leased === 0 && sockpoold.fdCount() === daemonFdsBefore - gone;
+      }, 'the socket back idle, no fd of the daemon left behind');
+      // Lent to nobody: not counted lent (before: warmedLent 1 with the socket idle, never having reached a client).
+      expect(await row()).toMatchObject({ warmed: 1, warmedLent: 0, neverLent: 0 });
+      // Counted lent once, when it does go out (the claim given back with the cancel is believed again).
+      const lease = await acquireOne(watcher, origin.port, true);
+      expect(lease.message).toMatchObject({ type: 'lease', warm: true });
+      expect(believed(lease.message)).toBe(true);
+      expect(await row()).toMatchObject({ warmed: 1, warmedLent: 1, neverLent: 0, idle: 0, leased: 1 });
+    });
+  }
 });
