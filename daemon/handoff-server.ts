@@ -354,7 +354,7 @@ export class HandoffServer {
         message: `uid ${credentials.uid} gid ${credentials.gid} is not allowed to use sockpoold`,
       });
       // Discarded, not closed: a refused client may already have queued messages with fds (native.discard).
-      native.discard(fd);
+      native.discard(fd, credentials.uid);
       this.#metrics?.refusals.inc({ reason: 'access' });
       this.#refusedClientLog.warn(this.#log, credentials.uid, credentials, 'client refused by access control');
       return;
@@ -374,7 +374,7 @@ export class HandoffServer {
         message: plain.message,
         fields: fieldsOf(plain),
       });
-      native.discard(fd);
+      native.discard(fd, credentials.uid);
       this.#metrics?.refusals.inc({ reason: 'quota' });
       this.#refusedClientLog.warn(
         this.#log,
@@ -426,13 +426,14 @@ export class HandoffServer {
           maxFdsPerMessage: MAX_FDS_PER_MESSAGE,
           maxQueuedBytes: MAX_QUEUED_REPLY_BYTES,
           turns,
+          peerUid: credentials.uid,
         },
       );
     } catch (error) {
       // The channel never took the fd (its poller could not be set up: out of memory, say): the session is given
       // back and the fd discarded here (the client may have queued fds already), and accepting goes on.
       this.#quotas.closeSession(credentials.uid);
-      native.discard(fd);
+      native.discard(fd, credentials.uid);
       const plain = toPlainError(error);
       this.#log.error({ ...credentials, code: plain.code, err: plain.message }, 'client dropped: no channel');
       return;
@@ -504,7 +505,7 @@ export class HandoffServer {
       }
     } catch (error) {
       // Whatever the client sent (a Unix socket with fds queued in it too): native.discard.
-      for (const fd of fds) native.discard(fd);
+      for (const fd of fds) native.discard(fd, session.uid);
       this.#onBadMessage(session, salvageRequestId(data), error as Error);
       return;
     }
@@ -1003,7 +1004,7 @@ export class HandoffServer {
   #release(session: ClientSession, message: Extract<ClientMessage, { type: 'release' }>, fd: number | undefined): void {
     const lease = this.#leases.end(message.leaseId, session.id);
     if (!lease) {
-      if (fd !== undefined) native.discard(fd);
+      if (fd !== undefined) native.discard(fd, session.uid);
       if (message.id !== undefined) this.#replyError(session, message.id, unknownLease(message.leaseId));
       return;
     }
@@ -1020,7 +1021,7 @@ export class HandoffServer {
       // The lease's own socket needs only a close (linger disarmed): a TCP connection, or the client's end of a
       // relay pair, whose queue only the relay fills (no fd ever). Anything else the client may have prepared.
       if (sameSocket) native.close(fd);
-      else native.discard(fd);
+      else native.discard(fd, session.uid);
     }
     if (sameSocket && lease.tls) {
       // A relayed TLS session's pair carries no byte counters the daemon could compare (the relay thread reads
@@ -1153,7 +1154,7 @@ export class HandoffServer {
     session.unreadLeases = 0;
     this.#unreadCharged.delete(session);
     if (session.watchFd !== undefined) {
-      native.discard(session.watchFd);
+      native.discard(session.watchFd, session.uid);
       session.watchFd = undefined;
       this.#quotas.watchClosed(session.uid);
     }

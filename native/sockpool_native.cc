@@ -67,7 +67,9 @@
 #include <string>
 #include <system_error>
 #include <thread>
+#include <unordered_map>
 #include <unordered_set>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -570,14 +572,26 @@ int QueuedFds(int fd) {
   return field == nullptr ? -1 : atoi(field + strlen("scm_fds:"));
 }
 
-void DiscardQuietly(int fd, int depth);
+// Whose fds a discard closes: the uid of the client that sent them (its share of the closing threads, see
+// DeferredCloser), or kUnknownUid where no caller said (a share of its own).
+constexpr int64_t kUnknownUid = -1;
+
+void DiscardQuietly(int fd, int depth, int64_t uid);
+
+// The uid of the peer of the Unix socket `fd` (SO_PEERCRED): whose fds a message received on it carried.
+int64_t PeerUid(int fd) {
+  ucred credentials{};
+  socklen_t length = sizeof credentials;
+  if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &credentials, &length) < 0) return kUnknownUid;
+  return credentials.uid;
+}
 
 // Every fd queued in the Unix socket `fd` (a message a client sent that nobody read, or one inside a socket a client
 // sent), taken out and discarded, so that none is dropped by the kernel when `fd` closes. The kernel's drop of the
 // last reference runs in the closing thread with no DisarmLinger before it: a TCP socket queued there with SO_LINGER
 // set and unsent data would hold the daemon's thread for its linger time. shutdown(SHUT_RD) first: the peer cannot
 // queue more while we drain (its sends fail with EPIPE). Only for sockets whose queue is ours to drop.
-void DrainUnixQueue(int fd, int depth) {
+void DrainUnixQueue(int fd, int depth, int64_t uid) {
   int listening = 0;
   socklen_t length = sizeof listening;
   if (::getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &length) == 0 && listening != 0) {
@@ -589,7 +603,7 @@ void DrainUnixQueue(int fd, int depth) {
     for (;;) {
       const int accepted = ::accept4(fd, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
       if (accepted >= 0) {
-        DiscardQuietly(accepted, depth + 1);
+        DiscardQuietly(accepted, depth + 1, uid);
       } else if (errno != EINTR && errno != ECONNABORTED) {
         return;
       }
@@ -619,7 +633,7 @@ void DrainUnixQueue(int fd, int depth) {
     if (received < 0) return;  // EAGAIN: empty (a datagram socket), or an error
     fds.clear();
     ForEachReceivedFd(&message, [&fds](int received_fd) { fds.push_back(received_fd); });
-    for (const int received_fd : fds) DiscardQuietly(received_fd, depth + 1);
+    for (const int received_fd : fds) DiscardQuietly(received_fd, depth + 1, uid);
     // 0 bytes and no fd: the queue is empty (a shut-down socket reads as EOF), or this was an empty message.
     if (received == 0 && fds.empty() && QueuedFds(fd) <= 0) return;
   }
@@ -636,15 +650,20 @@ void DrainUnixQueue(int fd, int depth) {
 // kCloserPatience. The thread taken over from ends when its close returns, whenever that is. At most
 // kMaxStuckClosers threads taken over from may be inside their closes at once (a hostile client can hold as many
 // closes as it sends fds): past that, the fds queued wait for one of them to return, and stats say so
-// (native.deferredCloses; the fd table is the bound). A process with a thread stuck so cannot finish exiting until
-// the close returns (the kernel waits for every thread; nothing here joins one). The daemon refuses fds at the kernel
-// where it can (SO_PASSRIGHTS), so this is the fallback for older kernels and for `access.acceptClientFds`.
+// (native.deferredCloses; the fd table is the bound). Each fd is queued with the uid that sent it, and at most
+// kMaxClosingPerUid threads are inside closes of one uid's fds (the owner's included): that uid's further fds wait
+// for one of those closes to return, while other uids' fds are taken past them (the queue is one per uid, taken in
+// turn), so one uid holding closes takes its share of the threads, not the whole cap. A process with a thread stuck
+// so cannot finish exiting until the close returns (the kernel waits for every thread; nothing here joins one). The
+// daemon refuses fds at the kernel where it can (SO_PASSRIGHTS), so this is the fallback for older kernels and for
+// `access.acceptClientFds`.
 constexpr auto kCloserPatience = std::chrono::milliseconds(200);
 constexpr int kMaxStuckClosers = 16;
+constexpr int kMaxClosingPerUid = 4;
 
 class DeferredCloser {
  public:
-  static void Close(int fd) { Instance().Push(fd); }
+  static void Close(int fd, int64_t uid) { Instance().Push(fd, uid); }
 
   struct Counts {
     size_t queued = 0;  // fds waiting for a closing thread
@@ -655,7 +674,7 @@ class DeferredCloser {
     if (closer == nullptr) return {};
     std::lock_guard<std::mutex> lock(closer->mutex_);
     Counts counts;
-    counts.queued = closer->queue_.size();
+    counts.queued = closer->queued_;
     counts.stuck = closer->taken_over_;
     if (closer->closing_ && std::chrono::steady_clock::now() - closer->close_began_ >= kCloserPatience) counts.stuck++;
     return counts;
@@ -712,11 +731,14 @@ class DeferredCloser {
     }
   }
 
-  void Push(int fd) {
+  void Push(int fd, int64_t uid) {
     bool watch;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      queue_.push_back(fd);
+      std::deque<int>& fds = queues_[uid];
+      if (fds.empty()) turns_.push_back(uid);
+      fds.push_back(fd);
+      queued_++;
       StartWatcher();  // (nothing to do once it runs)
       watch = closing_ || owner_ == 0;
     }
@@ -724,38 +746,69 @@ class DeferredCloser {
     if (watch) watch_.notify_one();
   }
 
+  // The first uid in turn with fds queued and fewer than kMaxClosingPerUid closes under way, or turns_.end(). (Under
+  // the mutex; turns_ holds only uids with fds queued, so the look is bounded by the uids, not the fds.)
+  std::deque<int64_t>::iterator NextTurn() {
+    return std::find_if(turns_.begin(), turns_.end(), [this](int64_t uid) {
+      const auto closing = closing_by_uid_.find(uid);
+      return closing == closing_by_uid_.end() || closing->second < kMaxClosingPerUid;
+    });
+  }
+  bool Takeable() { return NextTurn() != turns_.end(); }
+
+  // Takes the next fd to close (Takeable() must be true): its uid's oldest, the uid going to the back of the turns
+  // if it has more.
+  std::pair<int, int64_t> Take() {
+    const auto turn = NextTurn();
+    const int64_t uid = *turn;
+    turns_.erase(turn);
+    std::deque<int>& fds = queues_[uid];
+    const int fd = fds.front();
+    fds.pop_front();
+    if (fds.empty()) {
+      queues_.erase(uid);
+    } else {
+      turns_.push_back(uid);
+    }
+    queued_--;
+    closing_by_uid_[uid]++;
+    return {fd, uid};
+  }
+
   // The owner's loop: only the owner waits for work, and a thread taken over from ends when its close returns (the
   // new owner has the queue by then), so no fd is taken twice and none is left behind.
   void Own(uint64_t id) {
     std::unique_lock<std::mutex> lock(mutex_);
     for (;;) {
-      work_.wait(lock, [this] { return !queue_.empty(); });
-      const int fd = queue_.front();
-      queue_.pop_front();
+      work_.wait(lock, [this] { return Takeable(); });
+      const auto [fd, uid] = Take();
       closing_ = true;
       closes_begun_++;
       close_began_ = std::chrono::steady_clock::now();
-      const bool more = !queue_.empty();
+      const bool more = Takeable();
       lock.unlock();
       if (more) watch_.notify_one();
       ::close(fd);
       lock.lock();
+      if (--closing_by_uid_[uid] == 0) closing_by_uid_.erase(uid);
       if (owner_ != id) {
         taken_over_--;
         lock.unlock();
         watch_.notify_one();  // room under kMaxStuckClosers again
+        work_.notify_one();   // and under this uid's share: the owner may be waiting for a takeable fd
         return;
       }
       closing_ = false;
     }
   }
 
-  // The watcher: parked while no close is under way with fds behind it; otherwise wakes when that close has lasted
-  // kCloserPatience, and hands the queue to a fresh owner (or starts the first, if the system had no thread for it).
+  // The watcher: parked while no close is under way with fds behind it that could be taken (of a uid under its
+  // share); otherwise wakes when that close has lasted kCloserPatience, and hands the queue to a fresh owner (or
+  // starts the first, if the system had no thread for it).
   void Watch() {
     std::unique_lock<std::mutex> lock(mutex_);
     for (;;) {
-      watch_.wait(lock, [this] { return (closing_ || owner_ == 0) && !queue_.empty(); });
+      watch_.wait(lock, [this] { return (closing_ || owner_ == 0) && Takeable(); });
       if (owner_ == 0) {
         const uint64_t id = next_id_;
         if (StartThread("sockpool-close", [this, id] { Own(id); })) {
@@ -767,7 +820,8 @@ class DeferredCloser {
         continue;
       }
       const uint64_t close = closes_begun_;
-      const auto moved_on = [this, close] { return !closing_ || closes_begun_ != close || queue_.empty(); };
+      // Nothing takeable behind the close (only fds of uids at their share, or none): a fresh owner would only wait.
+      const auto moved_on = [this, close] { return !closing_ || closes_begun_ != close || !Takeable(); };
       if (watch_.wait_until(lock, close_began_ + kCloserPatience, moved_on)) continue;
       if (taken_over_ >= kMaxStuckClosers) {
         // A stuck thread's return (or the owner's) notifies this wait; a close the owner ends quietly is seen within
@@ -792,7 +846,10 @@ class DeferredCloser {
   std::mutex mutex_;
   std::condition_variable work_;   // the owner waits here for fds
   std::condition_variable watch_;  // the watcher waits here
-  std::deque<int> queue_;
+  std::unordered_map<int64_t, std::deque<int>> queues_;  // the fds queued, by the uid that sent them
+  std::deque<int64_t> turns_;                            // the uids with fds queued, in turn
+  size_t queued_ = 0;
+  std::unordered_map<int64_t, int> closing_by_uid_;  // threads inside a close of the uid's fds, the owner's included
   uint64_t owner_ = 0;  // the id of the thread that takes fds from the queue
   bool watcher_ = false;  // the watcher runs (it never ends)
   std::chrono::steady_clock::time_point next_watcher_try_;  // no watcher: when StartWatcher may try again
@@ -807,11 +864,11 @@ std::atomic<DeferredCloser*> DeferredCloser::instance_{nullptr};
 // Closes an fd a client may have prepared (see DisarmLinger, DrainUnixQueue and DeferredCloser). Nesting is bounded
 // by the kernel (a Unix socket in flight inside another, at most 4 deep); the depth bound only guards against the
 // unexpected.
-void DiscardQuietly(int fd, int depth) {
+void DiscardQuietly(int fd, int depth, int64_t uid) {
   const int saved = errno;
   // Not fstat, which may itself wait for the client (see SocketKind). An fd that is not open (-1) is left alone.
   const int kind = SocketKind(fd);
-  if (kind == 0) DeferredCloser::Close(fd);
+  if (kind == 0) DeferredCloser::Close(fd, uid);
   if (kind != 1) {
     errno = saved;
     return;
@@ -820,7 +877,7 @@ void DiscardQuietly(int fd, int depth) {
   int domain = 0;
   socklen_t length = sizeof domain;
   if (depth < 8 && ::getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &length) == 0 && domain == AF_UNIX) {
-    DrainUnixQueue(fd, depth);
+    DrainUnixQueue(fd, depth, uid);
   }
   ::close(fd);
   errno = saved;
@@ -1702,7 +1759,7 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     std::vector<int> fds;
     ForEachReceivedFd(&message, [&fds](int received_fd) { fds.push_back(received_fd); });
     if ((message.msg_flags & MSG_CTRUNC) != 0 || fds.size() > max_fds) {
-      for (const int received_fd : fds) DiscardQuietly(received_fd, 0);
+      for (const int received_fd : fds) DiscardQuietly(received_fd, 0, PeerUid(fd));
       Napi::Error error = CodeError(env, "SOCKPOOL_ERR_FD_TRUNCATED", "recvmsg",
                                     "recvmsg SOCKPOOL_ERR_FD_TRUNCATED: the message carried more than " +
                                         std::to_string(max_fds) + " fds; the " + std::to_string(fds.size()) +
@@ -1711,7 +1768,7 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
       throw error;
     }
     if ((message.msg_flags & MSG_TRUNC) != 0) {
-      for (const int received_fd : fds) DiscardQuietly(received_fd, 0);
+      for (const int received_fd : fds) DiscardQuietly(received_fd, 0, PeerUid(fd));
       Napi::Error error = CodeError(env, "SOCKPOOL_ERR_MSG_TRUNCATED", "recvmsg",
                                     "recvmsg SOCKPOOL_ERR_MSG_TRUNCATED: the message was longer than " +
                                         std::to_string(max_bytes) + " bytes; " + std::to_string(fds.size()) +
@@ -1789,11 +1846,12 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
       int32_t* entry = meta + static_cast<size_t>(m) * stride;
       int fds[kMaxFdsPerMessage + 2];
       size_t fd_count = 0;
-      ForEachReceivedFd(&header_set, [&fds, &fd_count](int received_fd) {
+      ForEachReceivedFd(&header_set, [&fds, &fd_count, fd](int received_fd) {
         if (fd_count < sizeof fds / sizeof fds[0]) {
           fds[fd_count++] = received_fd;
         } else {
-          DiscardQuietly(received_fd, 0);  // cannot happen (the control buffer holds fewer), but never leak one
+          // Cannot happen (the control buffer holds fewer), but never leak one.
+          DiscardQuietly(received_fd, 0, PeerUid(fd));
         }
       });
       const size_t length = messages[m].msg_len;
@@ -1814,14 +1872,15 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
           entry[3 + i] = fds[i];
         }
       } else {
-        for (size_t i = 0; i < fd_count; i++) DiscardQuietly(fds[i], 0);
+        for (size_t i = 0; i < fd_count; i++) DiscardQuietly(fds[i], 0, PeerUid(fd));
       }
       written++;
       if (status == kRecvEof) {
         // recvmmsg fills the remaining slots with the same EOF: the first one says it all. Any fds in later
         // entries cannot exist (EOF carries none), but close whatever came, to be sure nothing leaks.
         for (int rest = m + 1; rest < count; rest++) {
-          ForEachReceivedFd(&messages[rest].msg_hdr, [](int received_fd) { DiscardQuietly(received_fd, 0); });
+          ForEachReceivedFd(&messages[rest].msg_hdr,
+                            [fd](int received_fd) { DiscardQuietly(received_fd, 0, PeerUid(fd)); });
         }
         break;
       }
@@ -2565,15 +2624,18 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
   }
 
   // close() for an fd a client sent, or a Unix socket whose unread messages a client sent: every fd queued in it
-  // is taken out and discarded first (DiscardQuietly), so no close waits for a client's lingering socket.
+  // is taken out and discarded first (DiscardQuietly), so no close waits for a client's lingering socket. `uid`
+  // (optional): the client's, whose share of the closing threads the fds take (DeferredCloser).
   Napi::Value Discard(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     const int fd = FdArg(info, 0);
+    const int64_t uid = info.Length() > 1 && !info[1].IsUndefined() ? IntegerArg(info, 1, "uid", 0, 0xffffffff)
+                                                                      : kUnknownUid;
     ThrowIfPolled(env, fd);
     if (::fcntl(fd, F_GETFD) < 0) ThrowErrno(env, errno, "close");
     tracked_.erase(fd);
     const WatchedCall watched;
-    DiscardQuietly(fd, 0);
+    DiscardQuietly(fd, 0, uid);
     return env.Undefined();
   }
 
@@ -2611,7 +2673,7 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     ::_exit(code >= 0 && code <= 255 ? static_cast<int>(code) : 1);
   }
 
-  // The deferred closes (DeferredCloser): { queued, stuckThreads, maxStuckThreads }.
+  // The deferred closes (DeferredCloser): { queued, stuckThreads, maxStuckThreads, maxStuckThreadsPerUid }.
   Napi::Value DeferredCloses(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     const DeferredCloser::Counts counts = DeferredCloser::Snapshot();
@@ -2620,6 +2682,8 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     result.Set("stuckThreads", Napi::Number::New(env, counts.stuck));
     // The threads taken over from, and the owner, which may be stuck too.
     result.Set("maxStuckThreads", Napi::Number::New(env, kMaxStuckClosers + 1));
+    // The threads inside closes of one uid's fds, the owner included.
+    result.Set("maxStuckThreadsPerUid", Napi::Number::New(env, kMaxClosingPerUid));
     return result;
   }
 

@@ -143,12 +143,15 @@ export type PollCallback = (status: number, events: number) => void;
  * The closes discard() leaves to the addon's closing threads (an fd that is not a socket: its close may wait for
  * whoever serves the file, a client's FUSE mount for good). `queued`: fds not yet closed; `stuckThreads`: closing
  * threads held in one close for longer than a short bound. A stuck close hands the queue to a fresh thread; at
- * `maxStuckThreads` the queued fds wait until one of those closes returns.
+ * `maxStuckThreads` the queued fds wait until one of those closes returns; a uid's fds wait too while
+ * `maxStuckThreadsPerUid` threads are in closes of its fds, and other uids' are closed past them.
  */
 export interface DeferredCloses {
   queued: number;
   stuckThreads: number;
   maxStuckThreads: number;
+  /** The closing threads that may be held in closes of one uid's fds (discard's `uid`), the owner included. */
+  maxStuckThreadsPerUid: number;
 }
 
 /**
@@ -248,7 +251,7 @@ interface NativeBinding {
   dup(fd: number): number;
   close(fd: number): void;
   closeNeverShared(fd: number): void;
-  discard(fd: number): void;
+  discard(fd: number, uid?: number): void;
   deferredCloses(): DeferredCloses;
   startCloseWatchdog(): void;
   untrack(fd: number): void;
@@ -827,10 +830,12 @@ export function closeNeverShared(fd: number): void {
  * close() for an fd a peer sent (or a Unix socket whose unread messages a peer sent): any fd still queued in a Unix
  * socket is taken out and discarded first, and every socket's linger is turned off before it closes. The kernel
  * would otherwise drop the queued fds itself, in this thread, and the last close of a TCP socket with SO_LINGER set
- * and unsent data waits up to its linger time. Throws as close() does.
+ * and unsent data waits up to its linger time. Throws as close() does. `uid`: the peer's, when known: the fds of one
+ * uid take at most its share of the closing threads (DeferredCloses), so one uid's closes held for good do not hold up
+ * another's; without it they share one of their own.
  */
-export function discard(fd: number): void {
-  binding.discard(fd);
+export function discard(fd: number, uid?: number): void {
+  binding.discard(fd, uid);
 }
 
 /** The closing threads' state (DeferredCloses). */

@@ -51,6 +51,11 @@ export interface ChannelOptions {
    * together in one turn of the event loop. Without it a channel reads up to DRAIN_LIMIT per wakeup on its own.
    */
   turns?: TurnBudget;
+  /**
+   * The peer's uid: the fds it sent that the channel discards (its socket's unread messages at the close, a batch's
+   * messages not delivered) take that uid's share of the closing threads (native.discard).
+   */
+  peerUid?: number;
 }
 
 /**
@@ -141,12 +146,13 @@ export class SeqpacketChannel {
   readonly fd: number;
   #poller: native.Poller;
   #handlers: ChannelHandlers;
-  #options: Required<Omit<ChannelOptions, 'turns'>>;
+  #options: Required<Omit<ChannelOptions, 'turns' | 'peerUid'>>;
   #queue: Outgoing[] = [];
   #queuedBytes = 0;
   #closed = false;
   #watching = 0;
   #turns: TurnBudget | undefined;
+  #peerUid: number | undefined;
   /** The errors the handlers threw while a batch was delivered (#deliver), thrown once it is done. */
   #thrown: unknown[] | undefined;
   /** This channel's place in its budget's waiting line (one function for its whole life). */
@@ -155,8 +161,9 @@ export class SeqpacketChannel {
   constructor(fd: number, handlers: ChannelHandlers, options: ChannelOptions) {
     this.fd = fd;
     this.#handlers = handlers;
-    const { turns, ...limits } = options;
+    const { turns, peerUid, ...limits } = options;
     this.#turns = turns;
+    this.#peerUid = peerUid;
     this.#resume = () => this.#drain();
     this.#options = { maxQueuedMessages: 4096, maxQueuedBytes: Number.POSITIVE_INFINITY, ...limits };
     this.#poller = new native.Poller(fd, (status, events) => this.#onReady(status, events));
@@ -239,7 +246,7 @@ export class SeqpacketChannel {
    * thread (native.discard).
    */
   close(): void {
-    if (this.#closeQueue()) native.discard(this.fd);
+    if (this.#closeQueue()) native.discard(this.fd, this.#peerUid);
   }
 
   /**
@@ -358,7 +365,9 @@ export class SeqpacketChannel {
       const message = batch[i]!;
       if (this.#closed) {
         // Closed by a handler: the fds of the messages not delivered are ours to close.
-        for (const rest of batch.slice(i)) if (!(rest instanceof Error)) for (const fd of rest.fds) native.discard(fd);
+        for (const rest of batch.slice(i)) {
+          if (!(rest instanceof Error)) for (const fd of rest.fds) native.discard(fd, this.#peerUid);
+        }
         return false;
       }
       try {

@@ -8,16 +8,19 @@
 import type { ChildProcess } from 'node:child_process';
 import { chmodSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { afterEach, describe, expect, it } from 'vitest';
 import * as native from '../shared/native.js';
 import { spawnChild } from './helpers/children.js';
 import { type DaemonProcess, eventually, logRecords, startDaemon, writeConfigFile } from './helpers/daemon.js';
 import { honestHello, RawClient } from './helpers/raw-client.js';
+import { runHostile } from './helpers/trust.js';
 
 const fixture = join(import.meta.dirname, 'fixtures', 'fuse-flush-hang.py');
 const cleanups: Array<() => unknown> = [];
+/** A client of another uid than root's (and, below it, the uids the FUSE clients send from: `sender`). */
+const OTHER_UID = 65533;
 
 afterEach(async () => {
   for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
@@ -89,6 +92,27 @@ function clientFdsState(sockpoold: DaemonProcess): string {
   return JSON.parse(ready!).clientFds;
 }
 
+/** A daemon letting client fds in, its socket open to every uid (its directory too), as a system daemon's is. */
+async function sharedDaemon(): Promise<DaemonProcess> {
+  const config = writeConfigFile({ access: { acceptClientFds: true, socketMode: '0666' } }, cleanups);
+  const sockpoold = await startDaemon({ args: ['--config', config] });
+  cleanups.push(() => sockpoold.stop());
+  chmodSync(dirname(sockpoold.socketPath), 0o755);
+  return sockpoold;
+}
+
+/** Reads the daemon's `deferredCloses` stats, over an admin connection of its own (counted once, opened here). */
+function deferredClosesOf(sockpoold: DaemonProcess): () => Promise<{ queued: number; stuckThreads: number }> {
+  const admin = new RawClient(sockpoold.socketPath);
+  cleanups.push(() => admin.close());
+  let statsId = 100;
+  return async () => {
+    const reply = await admin.request({ type: 'stats', id: ++statsId });
+    return (reply.message as unknown as { stats: { deferredCloses: { queued: number; stuckThreads: number } } }).stats
+      .deferredCloses;
+  };
+}
+
 describe('an fd of a file on a FUSE mount the client serves', () => {
   it('is refused by the kernel at the client: the daemon never holds it, and serves others', async () => {
     const sockpoold = await startDaemon();
@@ -151,23 +175,19 @@ describe('an fd of a file on a FUSE mount the client serves', () => {
   }, 30_000);
 
   it('let in, closes the mount holds for good take at most maxStuckThreads closing threads: then fds wait, stats and a warning say so', async () => {
-    const config = writeConfigFile({ access: { acceptClientFds: true } }, cleanups);
-    const sockpoold = await startDaemon({ args: ['--config', config] });
-    cleanups.push(() => sockpoold.stop());
-    const admin = new RawClient(sockpoold.socketPath);
-    cleanups.push(() => admin.close());
-    let statsId = 100;
-    const deferredCloses = async () => {
-      const reply = await admin.request({ type: 'stats', id: ++statsId });
-      return (reply.message as unknown as { stats: { deferredCloses: { queued: number; stuckThreads: number } } }).stats
-        .deferredCloses;
-    };
+    const sockpoold = await sharedDaemon();
+    const deferredCloses = deferredClosesOf(sockpoold);
     expect(await deferredCloses()).toEqual({ queued: 0, stuckThreads: 0 }); // (the admin's session counted below)
     const fdsBefore = sockpoold.fdCount();
-    const { maxStuckThreads } = native.deferredCloses(); // the addon's constant, the same in the daemon
-    const held = maxStuckThreads + 3;
-    const fuse = startFuseClient(sockpoold.socketPath, `count=${held}`);
-    expect(await fuse.next()).toEqual({ event: 'sent' });
+    // The addon's constants, the same in the daemon.
+    const { maxStuckThreads, maxStuckThreadsPerUid } = native.deferredCloses();
+    // Clients of as many uids as it takes, each holding its uid's share of closes: more than the cap in all. (Their
+    // events not read: the first FLUSH may be told before `sent`.)
+    const senders = Math.ceil((maxStuckThreads + 3) / maxStuckThreadsPerUid);
+    const held = senders * maxStuckThreadsPerUid;
+    const fuses = Array.from({ length: senders }, (_, n) =>
+      startFuseClient(sockpoold.socketPath, `count=${maxStuckThreadsPerUid}`, `sender=${OTHER_UID - n}`),
+    );
     // Each held close hands the queue to a fresh thread, up to the cap; the fds past it wait.
     let seen = await deferredCloses();
     await eventually(
@@ -181,10 +201,60 @@ describe('an fd of a file on a FUSE mount the client serves', () => {
       () => logRecords(sockpoold, WARNING).length === 1,
       'the warning that the closing threads are all held',
     );
-    expect(logRecords(sockpoold, WARNING)[0]).toMatchObject({ stuckThreads: maxStuckThreads, queued: 3 });
+    expect(logRecords(sockpoold, WARNING)[0]).toMatchObject({
+      stuckThreads: maxStuckThreads,
+      queued: held - maxStuckThreads,
+    });
     expect(closingThreads(sockpoold)).toBe(maxStuckThreads); // no more threads than the cap
     await honestHello(sockpoold.socketPath);
-    // Once the mount answers, every close returns: the fds queued are closed and the stuck threads end.
+    // Once the mounts answer, every close returns: the fds queued are closed and the stuck threads end.
+    await Promise.all(fuses.map((fuse) => fuse.finish()));
+    await eventually(
+      async () => {
+        seen = await deferredCloses();
+        return (
+          seen.stuckThreads === 0 &&
+          seen.queued === 0 &&
+          sockpoold.fdCount() === fdsBefore &&
+          closingThreads(sockpoold) === 1
+        );
+      },
+      () =>
+        `all closed: ${JSON.stringify(seen)}, the daemon holds ${sockpoold.fdCount()} fds (${fdsBefore} before) ` +
+        `and ${closingThreads(sockpoold)} closing threads (the owner alone left)`,
+    );
+    expect(await sockpoold.stop()).toBe(0);
+  }, 60_000);
+
+  it("let in, one uid's closes the mount holds take at most its share of the closing threads: another uid's fds, sent after them, are closed", async () => {
+    const sockpoold = await sharedDaemon();
+    const deferredCloses = deferredClosesOf(sockpoold);
+    expect(await deferredCloses()).toEqual({ queued: 0, stuckThreads: 0 }); // (the admin's session counted below)
+    const fdsBefore = sockpoold.fdCount();
+    // The addon's constants, the same in the daemon. (Before the share, one uid's closes could take every thread.)
+    const { maxStuckThreads, maxStuckThreadsPerUid } = native.deferredCloses();
+    const share = maxStuckThreadsPerUid ?? maxStuckThreads;
+    // This uid's mount holds more closes than the whole cap of closing threads.
+    const held = maxStuckThreads + 3;
+    // (Its events not read: the first FLUSH may be told before `sent`.)
+    const fuse = startFuseClient(sockpoold.socketPath, `count=${held}`);
+    let seen = await deferredCloses();
+    await eventually(
+      async () => {
+        seen = await deferredCloses();
+        return seen.stuckThreads === share && seen.queued === held - share;
+      },
+      () => `${share} closing threads held, ${held - share} fds queued: ${JSON.stringify(seen)}`,
+    );
+    const fdsHeld = sockpoold.fdCount();
+    // Another uid's client sends files (two fds with each of its hellos, refused: a hello takes none), then hangs up.
+    expect(await runHostile(['files', sockpoold.socketPath, 4], OTHER_UID)).toEqual({ SOCKPOOL_ERR_PROTOCOL: 4 });
+    await eventually(
+      () => sockpoold.fdCount() === fdsHeld,
+      () => `uid ${OTHER_UID}'s fds closed: the daemon holds ${sockpoold.fdCount()}, ${fdsHeld} before they came`,
+    );
+    // The first uid's fds past its share still wait for its own closes, and say so.
+    expect(await deferredCloses()).toEqual({ queued: held - share, stuckThreads: share });
     await fuse.finish();
     await eventually(
       async () => {
