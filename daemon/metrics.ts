@@ -101,6 +101,88 @@ export const CONNECT_BUCKETS_SECONDS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
 /** Reasons for dropping an idle socket, exported at 0 from the start so that rate() works on the first drop. */
 export const DEAD_SOCKET_REASONS = ['eof', 'error', 'data', 'ttl', 'recycled'] as const;
 
+/**
+ * A histogram without labels whose observe() only counts (every warm handoff observes one): prom-client's own
+ * validates labels, hashes them and keys each bucket by its bound as a string property. Scrapes read the counts
+ * here, in the shape prom-client's Histogram gives (the registry renders it as it renders that). Only observe(value),
+ * reset() and the scrape: no labels, timers or exemplars (the daemon uses none).
+ */
+export class CountingHistogram extends Histogram {
+  readonly #name: string;
+  readonly #help: string;
+  readonly #bounds: readonly number[];
+  /** Observations per bucket, not cumulative; the last slot is past every bound (+Inf). */
+  readonly #counts: Float64Array;
+  #sum = 0;
+  #count = 0;
+  /** False after reset() until the next observation: prom-client's renders no values then. */
+  #present = true;
+
+  constructor(config: { name: string; help: string; buckets: number[]; registers: Registry[] }) {
+    super(config);
+    this.#name = config.name;
+    this.#help = config.help;
+    this.#bounds = [...config.buckets];
+    this.#counts = new Float64Array(this.#bounds.length + 1);
+    // prom-client's constructor puts its own observe on the instance (with or without exemplars): this one is used.
+    this.observe = CountingHistogram.prototype.observe;
+  }
+
+  override observe(value: unknown): void {
+    if (typeof value !== 'number' || !Number.isFinite(value)) {
+      throw new TypeError(`Value is not a valid number: ${String(value)}`);
+    }
+    const bounds = this.#bounds;
+    let index = 0;
+    while (index < bounds.length && value > bounds[index]!) index++;
+    this.#counts[index]!++;
+    this.#sum += value;
+    this.#count++;
+    this.#present = true;
+  }
+
+  override reset(): void {
+    // (prom-client's constructor calls it, before these fields exist.)
+    if (!(#counts in this)) return;
+    this.#counts.fill(0);
+    this.#sum = 0;
+    this.#count = 0;
+    this.#present = false;
+  }
+
+  override async get(): ReturnType<Histogram['get']> {
+    return this.#values(true);
+  }
+
+  /** What the registry renders (it asks for this before get()). */
+  async getForPromString(): ReturnType<Histogram['get']> {
+    return this.#values(false);
+  }
+
+  #values(splayed: boolean): Awaited<ReturnType<Histogram['get']>> {
+    const values: Array<Record<string, unknown>> = [];
+    // prom-client's values carry their labels twice before get() folds `sharedLabels` in, and an exemplar slot.
+    const add = (labels: Record<string, string | number>, value: number, suffix: string, exemplar?: null) =>
+      values.push(
+        splayed
+          ? { value, metricName: this.#name + suffix, exemplar, labels }
+          : { labels, sharedLabels: {}, value, metricName: this.#name + suffix, exemplar },
+      );
+    if (this.#present) {
+      let cumulative = 0;
+      for (let index = 0; index < this.#bounds.length; index++) {
+        cumulative += this.#counts[index]!;
+        add({ le: this.#bounds[index]! }, cumulative, '_bucket', null);
+      }
+      add({ le: '+Inf' }, this.#count, '_bucket', null);
+      add({}, this.#sum, '_sum');
+      add({}, this.#count, '_count');
+    }
+    const metric = { name: this.#name, help: this.#help, type: 'histogram', values, aggregator: 'sum' };
+    return metric as unknown as Awaited<ReturnType<Histogram['get']>>;
+  }
+}
+
 export class Metrics {
   readonly registry: Registry;
   /** Acquires served from a warm idle socket. */
@@ -283,13 +365,13 @@ export class Metrics {
       help: "Notices asking a client for its idle leases of an origin whose acquires wait at the origin's cap.",
       registers,
     });
-    this.handoffSeconds = new Histogram({
+    this.handoffSeconds = new CountingHistogram({
       name: 'sockpool_handoff_duration_seconds',
       help: 'From an acquire received to its fd sent.',
       buckets: HANDOFF_BUCKETS_SECONDS,
       registers,
     });
-    this.connectSeconds = new Histogram({
+    this.connectSeconds = new CountingHistogram({
       name: 'sockpool_connect_duration_seconds',
       help: 'Time to establish one TCP connection.',
       buckets: CONNECT_BUCKETS_SECONDS,

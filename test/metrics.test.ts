@@ -2,10 +2,12 @@ import { once } from 'node:events';
 import { Agent, request } from 'node:http';
 import { connect } from 'node:net';
 import { networkInterfaces } from 'node:os';
-import { Gauge, register as globalRegistry } from 'prom-client';
+import { Gauge, register as globalRegistry, Histogram, Registry } from 'prom-client';
 import { afterEach, describe, expect, it } from 'vitest';
 import {
+  CountingHistogram,
   createMetrics,
+  HANDOFF_BUCKETS_SECONDS,
   METRICS_MAX_ACCEPTS,
   METRICS_MAX_ANSWERS,
   METRICS_MAX_CONNECTIONS,
@@ -118,6 +120,39 @@ describe('metrics', () => {
     const next = await (await scrape(server.port)).text();
     expect(next.split('\n')).toContain('sockpool_idle_sockets{origin="example.com:443"} 7');
     expect(next).not.toContain('[2001:db8::1]:80');
+  });
+
+  it("renders its handoff histogram exactly as prom-client's Histogram renders the same observations", async () => {
+    const config = (registry: Registry) => ({
+      name: 'sockpool_handoff_duration_seconds',
+      help: 'From an acquire received to its fd sent.',
+      buckets: HANDOFF_BUCKETS_SECONDS,
+      registers: [registry],
+    });
+    const theirs = new Registry();
+    const ours = new Registry();
+    const reference = new Histogram(config(theirs));
+    const counting = new CountingHistogram(config(ours));
+    const render = async () => [
+      await theirs.metrics(),
+      await ours.metrics(),
+      await theirs.getMetricsAsJSON(),
+      await ours.getMetricsAsJSON(),
+    ];
+    let [text, ourText, json, ourJson] = await render();
+    expect(ourText).toBe(text);
+    // On a bound, between bounds, past the last, zero and below every bound.
+    for (const value of [0.00003, 0.002, 0.00001, 0.1, 0.5, 0, 1e-7, 0.000025, 0.0000251, 3.7]) {
+      reference.observe(value);
+      counting.observe(value);
+    }
+    [text, ourText, json, ourJson] = await render();
+    expect(ourText).toBe(text);
+    expect(JSON.stringify(ourJson)).toBe(JSON.stringify(json));
+    reference.reset();
+    counting.reset();
+    expect(await ours.metrics()).toBe(await theirs.metrics());
+    expect(() => counting.observe(Number.NaN)).toThrow(TypeError);
   });
 
   it('walks the pools at most once per SNAPSHOT_MAX_AGE_MS, however many scrapes come: any local uid can scrape', async () => {
