@@ -144,6 +144,8 @@ export class OriginPool implements KeptHolder<IdleSocket> {
   policy: OriginPolicy;
   /** Newest last: handoffs take the most recently connected socket, the least likely to be closed by a timeout. */
   #idle: IdleSocket[] = [];
+  /** How many of #idle are shared (no ownerUid): counted as they come and go, as every handoff asks (#refillWanted). */
+  #sharedIdle = 0;
   #leased = 0;
   #connecting = 0;
   /** Connects started for waiters (the rest are refills and prewarms). */
@@ -497,6 +499,7 @@ export class OriginPool implements KeptHolder<IdleSocket> {
     for (const socket of this.#idle.filter((idle) => idle.ownerUid !== undefined)) this.#drop(socket, 'shutdown');
     const sockets = this.#idle;
     this.#idle = [];
+    this.#sharedIdle = 0;
     for (const socket of sockets) {
       socket.poller?.close();
       clearTimeout(socket.recycleTimer);
@@ -566,8 +569,11 @@ export class OriginPool implements KeptHolder<IdleSocket> {
       const recycle = this.#recycleAfterMs !== undefined && now - socket.connectedAt >= this.#recycleAfterMs;
       const checked = recycle ? 'recycled' : checkIdle(socket.fd, socket.mark, now);
       if (typeof checked !== 'string') {
-        this.#idle.splice(index, 1);
+        // (Mostly the newest: pop() makes no array of the removed, as splice() does.)
+        if (index === this.#idle.length - 1) this.#idle.pop();
+        else this.#idle.splice(index, 1);
         if (socket.ownerUid !== undefined) this.#kept?.released(socket.ownerUid, socket);
+        else this.#sharedIdle--;
         socket.poller?.close();
         clearTimeout(socket.recycleTimer);
         this.#events.idleChanged(this, -1);
@@ -641,6 +647,7 @@ export class OriginPool implements KeptHolder<IdleSocket> {
     // peer is the one its policy check read (ConnectedSocket.connectedPeer).
     idle.mark = mark ?? markOf(socket.fd, idle.connectedPeer);
     this.#idle.push(idle);
+    if (ownerUid === undefined) this.#sharedIdle++;
     // Counted for its uid before anything below can close it (the global idle cap), and at once: past the uid's
     // bound its oldest kept socket, in whatever pool, is closed now (never this one; see kept-sockets.ts).
     if (ownerUid !== undefined) this.#kept?.keep(ownerUid, idle, this);
@@ -656,15 +663,11 @@ export class OriginPool implements KeptHolder<IdleSocket> {
   }
 
   /**
-   * Idle sockets any uid may take (those kept for one uid are no supply for the others), counted up to `atMost`
-   * (the pool may hold many more than a caller needs).
+   * Idle sockets any uid may take (those kept for one uid are no supply for the others), up to `atMost` (none when
+   * that is below 1).
    */
   #sharedIdleCount(atMost = Number.POSITIVE_INFINITY): number {
-    let count = 0;
-    for (let index = this.#idle.length - 1; index >= 0 && count < atMost; index--) {
-      if (this.#idle[index]!.ownerUid === undefined) count++;
-    }
-    return count;
+    return Math.max(0, Math.min(this.#sharedIdle, atMost));
   }
 
   /** Refill connects the idle supply lacks: the target less shared idle sockets and refill connects in flight. */
@@ -734,6 +737,7 @@ export class OriginPool implements KeptHolder<IdleSocket> {
     const index = this.#idle.indexOf(socket);
     if (index === -1) return;
     this.#idle.splice(index, 1);
+    if (socket.ownerUid === undefined) this.#sharedIdle--;
     if (reason === 'data' && socket.unlent !== undefined && performance.now() - socket.connectedAt < STRAY_BYTES_MS) {
       // Its next one would get the same, and be dropped the same, as soon as watched: without this, refills connected
       // again at once, every IDLE_WATCH_DELAY_MS, for as long as minIdle or demand asked. (Bytes after a while are a

@@ -359,8 +359,9 @@ export class PoolManager {
   countWarmHandoff(originKey: string, uid: number, announced = false): void {
     const stats = this.#statsOf(originKey);
     stats.uids.add(uid);
-    this.#bumpRate(stats);
-    if (!announced) this.#bumpUnannounced(stats);
+    const now = performance.now();
+    this.#bumpRate(stats, 1, now);
+    if (!announced) this.#bumpUnannounced(stats, now);
     this.#countHandoff(originKey, stats, true, uid);
   }
 
@@ -1067,9 +1068,8 @@ export class PoolManager {
   }
 
   /** Rate as an exponentially decaying event count: each acquire adds 1/τ, the total decays with time constant τ. */
-  #bumpRate(stats: OriginStats, events = 1): void {
-    // (Every warm handoff comes here, after its lease went out: one clock read for the rate and the sum of rates.)
-    const now = performance.now();
+  #bumpRate(stats: OriginStats, events = 1, now = performance.now()): void {
+    // (Every warm handoff comes here, after its lease went out: one clock read for the rates and the sum of rates.)
     const added = (events * 1000) / this.#config.pool.predictiveWindowMs;
     stats.ratePerS = this.#decayedRate(stats, now) + added;
     stats.rateUpdatedAt = now;
@@ -1082,13 +1082,13 @@ export class PoolManager {
   }
 
   /** An acquire no announced socket met: demand the predictive idle target follows (warm-target.ts). */
-  #bumpUnannounced(stats: OriginStats): void {
-    stats.unannouncedRatePerS = this.#decayedUnannounced(stats) + 1000 / this.#config.pool.predictiveWindowMs;
-    stats.unannouncedUpdatedAt = performance.now();
+  #bumpUnannounced(stats: OriginStats, now = performance.now()): void {
+    stats.unannouncedRatePerS = this.#decayedUnannounced(stats, now) + 1000 / this.#config.pool.predictiveWindowMs;
+    stats.unannouncedUpdatedAt = now;
   }
 
-  #decayedUnannounced(stats: OriginStats): number {
-    const elapsed = performance.now() - stats.unannouncedUpdatedAt;
+  #decayedUnannounced(stats: OriginStats, now = performance.now()): number {
+    const elapsed = now - stats.unannouncedUpdatedAt;
     return stats.unannouncedRatePerS * Math.exp(-elapsed / this.#config.pool.predictiveWindowMs);
   }
 

@@ -284,7 +284,7 @@ export class UidQuotas {
     if (this.#overShare(uid, usage, RELAYED_LEASE_FDS)) {
       throw this.#shareError(uid, usage, RELAYED_LEASE_FDS, 'leaseFds');
     }
-    const needsLookup = isIP(host) === 0;
+    const needsLookup = isHostName(host);
     if (needsLookup && usage.lookups >= config.maxLookupsPerUid) {
       throw quotaError(
         uid,
@@ -342,7 +342,7 @@ export class UidQuotas {
       usage.pending--;
       this.#pendingTotal--;
     }
-    if (isIP(host) === 0) {
+    if (isHostName(host)) {
       const lookup = leased ? undefined : lookupInFlight?.(host);
       if (lookup) {
         const release = () => {
@@ -558,6 +558,18 @@ export function overLeaseLimit<K>(
 }
 
 /** The fds of the budget a uid holds: its leases', its pending acquires' (as relayed), connections, fds in flight. */
+let lastHost: string | undefined;
+let lastIsName = false;
+/** Whether `host` is a name (a DNS lookup), not an IP literal. An acquire asks twice (startAcquire, acquireSettled),
+ *  and a client's acquires mostly go to the host of its last one: the last answer is kept (isIP is two regexps). */
+function isHostName(host: string): boolean {
+  if (host !== lastHost) {
+    lastIsName = isIP(host) === 0;
+    lastHost = host;
+  }
+  return lastIsName;
+}
+
 function heldFds(usage: UidUsage): number {
   return usage.leaseFds + RELAYED_LEASE_FDS * usage.pending + usage.sessions + usage.watchFds + usage.unreadLeases;
 }
