@@ -557,7 +557,6 @@ export function overLeaseLimit<K>(
   return unread === 0 || held + settle(key) >= limit;
 }
 
-/** The fds of the budget a uid holds: its leases', its pending acquires' (as relayed), connections, fds in flight. */
 let lastHost: string | undefined;
 let lastIsName = false;
 /** Whether `host` is a name (a DNS lookup), not an IP literal. An acquire asks twice (startAcquire, acquireSettled),
@@ -570,6 +569,7 @@ function isHostName(host: string): boolean {
   return lastIsName;
 }
 
+/** The fds of the budget a uid holds: its leases', its pending acquires' (as relayed), connections, fds in flight. */
 function heldFds(usage: UidUsage): number {
   return usage.leaseFds + RELAYED_LEASE_FDS * usage.pending + usage.sessions + usage.watchFds + usage.unreadLeases;
 }
