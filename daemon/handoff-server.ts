@@ -905,7 +905,9 @@ export class HandoffServer {
         if (cancels.get(message.id) === cancel) cancels.delete(message.id);
         if (session.closed || cancel.signal.aborted) {
           // Nobody to hand it to: the socket goes back to the pool unused, never lent by this handoff, and so does
-          // the token it was charged or claimed.
+          // the token it was charged or claimed. (PoolManager.acquire itself gives back, uncounted, what it served
+          // to an acquire aborted by then, the turn that read a cancel or hang-up included, and rejects: this is
+          // the guard for a handoff settled across that check.)
           // Shared again only if no client ever had it: one this uid released unused earlier (served to this
           // acquire straight from that release, read in the same turn as this cancel or hang-up) may still be
           // held in a copy that client kept, so it stays this uid's.

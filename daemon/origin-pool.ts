@@ -979,7 +979,7 @@ export class OriginPool implements KeptHolder<IdleSocket> {
 }
 
 /** The acquire's client gave it up (`cancel`). */
-function cancelledError(origin: string): SockpoolError {
+export function cancelledError(origin: string): SockpoolError {
   return new SockpoolError(ErrorCodes.ABORTED, `the client gave up its acquire of ${origin}`, { origin });
 }
 

@@ -17,6 +17,7 @@ import { OriginCap } from './origin-cap.js';
 import {
   CONNECT_PURPOSES,
   type ConnectPurpose,
+  cancelledError,
   type DropReason,
   type Handoff,
   type IdleSocket,
@@ -291,16 +292,21 @@ export class PoolManager {
       this.checkWarmUp(origin);
       pool = this.#poolFor(origin, tlsTrust);
     }
+    // Given up already (a rerouted acquire's client, or a token wait's, in the turn it ended): nothing is taken, as
+    // OriginPool.acquire takes nothing then.
+    if (signal?.aborted) throw cancelledError(pool.key);
     /** The origin's warm TLS pool when this acquire takes a TCP socket instead (warmTlsOnMiss "tcp"). */
     let sessions: OriginPool | undefined;
     if (this.#tcpOnMiss(pool)) {
       // Without an idle session this acquire takes a TCP socket of the origin at once, and is demand for those:
       // with warmTlsOnMiss "tcp" sessions are made only when asked for (prewarm, warm, warm-on-start).
       const session = this.#takeWarmFrom(pool, tlsTrust, uid);
-      if (session) return session;
+      if (session) return this.#servedAtOnce(pool, session, uid, signal, rerouted);
       sessions = pool;
       pool = this.#poolFor(origin);
     }
+    const idle = this.#takeWarmFrom(pool, tlsTrust, uid);
+    if (idle) return this.#servedAtOnce(pool, idle, uid, signal, rerouted);
     const stats = this.#statsOf(pool.key);
     stats.uids.add(uid);
     if (!rerouted) this.#bumpRate(stats);
@@ -328,6 +334,12 @@ export class PoolManager {
       // force. One acquire is one demand: counted where it first waited, not again where it goes now.
       const left = waitMs - (performance.now() - waitFrom);
       return this.#acquire(origin, Math.max(1, left), tlsTrust, uid, signal, true);
+    }
+    if (signal?.aborted) {
+      // Given up in the turn it was served (a release or a connect for it read in the same turn as its cancel): no
+      // client has it. Its demand stays counted (it waited, wanting a socket), not a hit or miss.
+      this.giveBackUnsent(pool.key, handoff, uid);
+      throw cancelledError(pool.key);
     }
     this.#countHandoff(pool.key, stats, handoff.warm, uid);
     if (handoff.announced !== true) this.#bumpUnannounced(stats);
@@ -365,7 +377,7 @@ export class PoolManager {
     this.#countHandoff(originKey, stats, true, uid);
   }
 
-  /** takeWarm() once the pool is known, counted at once. */
+  /** takeWarm() once the pool is known, not counted yet (#servedAtOnce). */
   #takeWarmFrom(
     pool: OriginPool,
     tlsTrust: TlsTrust | undefined,
@@ -373,8 +385,33 @@ export class PoolManager {
   ): (Handoff & { originKey: string; peerPort: number }) | undefined {
     const handoff = pool.takeWarm(uid);
     if (!handoff || !this.#verifiedFor(pool, handoff, tlsTrust, uid)) return undefined;
-    this.countWarmHandoff(pool.key, uid, handoff.announced === true);
     return named(pool, handoff);
+  }
+
+  /**
+   * An idle socket acquire() took at once: counted (demand, a hit) only once the turn that read the acquire is over.
+   * The handoff server reads an acquire and its client's cancel or hang-up in one turn when they come together: one
+   * given up there reaches no client, and goes back never lent, counted as nothing (an acquire given up before it was
+   * served is neither a hit nor demand). `rerouted`: its demand was counted already (see the trust check).
+   */
+  async #servedAtOnce(
+    pool: OriginPool,
+    handoff: Handoff & { originKey: string; peerPort: number },
+    uid: number,
+    signal: AbortSignal | undefined,
+    rerouted: boolean,
+  ): Promise<Handoff & { originKey: string; peerPort: number }> {
+    await undefined;
+    if (signal?.aborted) {
+      this.giveBackUnsent(pool.key, handoff, uid);
+      throw cancelledError(pool.key);
+    }
+    const stats = this.#statsOf(pool.key);
+    stats.uids.add(uid);
+    if (!rerouted) this.#bumpRate(stats);
+    if (handoff.announced !== true) this.#bumpUnannounced(stats);
+    this.#countHandoff(pool.key, stats, true, uid);
+    return handoff;
   }
 
   /**

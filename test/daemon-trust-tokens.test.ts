@@ -279,6 +279,7 @@ describe('an acquire saying tokenTaken', () => {
       expect(prewarm.message).toMatchObject({ type: 'ok' });
       await eventually(async () => (await row())?.idle === 1, 'the prewarmed socket idle');
       const daemonFdsBefore = sockpoold.fdCount();
+      const before = await row();
       sockpoold.child.kill('SIGSTOP');
       try {
         raw.sendJson({ type: 'acquire', id: nextId++, host: '127.0.0.1', port: origin.port, tokenTaken: true });
@@ -294,6 +295,10 @@ describe('an acquire saying tokenTaken', () => {
       }, 'the socket back idle, no fd of the daemon left behind');
       // Lent to nobody: not counted lent (before: warmedLent 1 with the socket idle, never having reached a client).
       expect(await row()).toMatchObject({ warmed: 1, warmedLent: 0, neverLent: 0 });
+      // Nor a hit, nor the origin's demand (before: hits 1, the demand rate up by an acquire's).
+      const after = await row();
+      expect({ hits: after.hits, misses: after.misses }).toEqual({ hits: before.hits, misses: before.misses });
+      expect(after.demandRatePerS as number).toBeLessThanOrEqual(before.demandRatePerS as number);
       // Counted lent once, when it does go out (the claim given back with the cancel is believed again).
       const lease = await acquireOne(watcher, origin.port, true);
       expect(lease.message).toMatchObject({ type: 'lease', warm: true });

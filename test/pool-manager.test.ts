@@ -842,6 +842,81 @@ describe('PoolManager with its store and configuration', () => {
     expect(pools.warming()).toMatchObject({ opened: { acquire: 2 }, lent: { acquire: 1 }, neverLent: { acquire: 1 } });
   });
 
+  it('an acquire given up in the turn it is served an idle socket: no hit, no demand, never lent, the socket idle again', async () => {
+    const pools = manager({ predictive: false });
+    expect(pools.warm(BUSY, 1)).toEqual({ warming: 'tcp', granted: 1 });
+    await until(() => idleOf(pools, BUSY) === 1, 'the warmed socket idle');
+    const before = originStats(pools, BUSY);
+    // Cancelled (or its client gone) right behind it, as the handoff server reads both in one turn.
+    const cancel = new AbortController();
+    const acquiring = pools.acquire(BUSY, 1_000, undefined, 0, cancel.signal);
+    cancel.abort();
+    // Before: served all the same, counted a hit and demand, lent to nobody.
+    await expect(acquiring).rejects.toMatchObject({ code: ErrorCodes.ABORTED });
+    expect(originStats(pools, BUSY)).toMatchObject({
+      idle: 1,
+      leased: 0,
+      hits: 0,
+      misses: 0,
+      demandRatePerS: before.demandRatePerS,
+    });
+    expect(pools.snapshot()).toMatchObject({ hits: 0, misses: 0 });
+    expect(pools.warming().lent.warm).toBe(0);
+    // It goes out, counted, to the next acquire.
+    const handoff = await pools.acquire(BUSY, 1_000);
+    held.push(handoff);
+    expect(handoff.warm).toBe(true);
+    expect(originStats(pools, BUSY)).toMatchObject({ hits: 1, leased: 1 });
+    expect(pools.warming().lent.warm).toBe(1);
+  });
+
+  for (const when of ['before', 'in the same turn'] as const) {
+    it(`warmTlsOnMiss tcp: an acquire given up ${when} it would take an idle session takes none: no hit, no demand, never lent`, async () => {
+      // A relay that "handshakes" at once: the session's fd is the TCP socket's.
+      const relays = {
+        open: async (fd: number) => ({ fd, handshakeMs: 1, info: { protocol: 'TLSv1.3' }, relayThread: 1 }),
+      } as unknown as TlsRelays;
+      const config = parseConfig(
+        { pool: { predictive: false, defaults: { warmTlsOnMiss: 'tcp' } }, tls: { warm: ['busy.test:443'] } },
+        'test',
+      );
+      const pools = new PoolManager({
+        config,
+        connector,
+        log: pino({ level: 'silent' }),
+        tls: new TlsSessions(config, connector, relays),
+      });
+      managers.push(pools);
+      expect(pools.warm(BUSY, 1, SYSTEM_TRUST)).toEqual({ warming: 'tls', granted: 1 });
+      const sessionsKey = `${BUSY.host}:${BUSY.port} tls`;
+      const sessions = () => pools.snapshot().origins.find((row) => row.origin === sessionsKey)!;
+      await until(() => sessions()?.idle === 1, 'the warmed session idle');
+      const demandBefore = sessions().demandRatePerS;
+      const cancel = new AbortController();
+      if (when === 'before') cancel.abort();
+      const acquiring = pools.acquire(BUSY, 1_000, SYSTEM_TRUST, 0, cancel.signal);
+      cancel.abort();
+      // Before: the session went out to nobody, counted a hit, demand and lent (an already aborted signal unread).
+      await expect(acquiring).rejects.toMatchObject({ code: ErrorCodes.ABORTED });
+      expect(sessions()).toMatchObject({
+        idle: 1,
+        leased: 0,
+        hits: 0,
+        misses: 0,
+        warmedLent: 0,
+        demandRatePerS: demandBefore,
+      });
+      expect(pools.snapshot()).toMatchObject({ hits: 0, misses: 0 });
+      expect(pools.warming().lent.warm).toBe(0);
+      // Nothing was taken from the TCP pool either.
+      expect(pools.snapshot().origins.find((row) => row.origin === `${BUSY.host}:${BUSY.port}`)).toBeUndefined();
+      const handoff = await pools.acquire(BUSY, 1_000, SYSTEM_TRUST);
+      held.push(handoff);
+      expect(handoff.originKey).toBe(sessionsKey);
+      expect(sessions()).toMatchObject({ hits: 1, warmedLent: 1 });
+    });
+  }
+
   it('keeps a minIdle pool whose acquire the policy refused at its address, and warms it after a reload allows it', async () => {
     const pool = { defaults: { minIdle: 1 } };
     const pools = manager(pool);
