@@ -20,7 +20,10 @@ import { Joined } from './relay-bytes.js';
  */
 const FLOW_BOUND = 64 * 1024;
 
-/** A source's reads, stopped and started again (its stream handle's readStop and readStart). */
+/**
+ * A source's reads, stopped and started again (its stream handle's readStop and readStart). `start` may find the
+ * source gone instead (its end reset meanwhile) and end the Flow there (end(true)): what is held then never goes.
+ */
 export interface Reads {
   stop(): void;
   start(): void;
@@ -59,25 +62,34 @@ export class Flow {
     }
   }
 
-  /** The source ended: what is held goes after what is on its way, then the destination's end. */
-  end(): void {
+  /**
+   * The source ended: what is held goes after what is on its way, then the destination's end. `discard`: the source
+   * was reset, its bytes not all sent: what is held is dropped (what is on its way, already in the destination,
+   * still goes), as a reset drops what its sender's kernel had not sent yet.
+   */
+  end(discard = false): void {
     if (this.#ended) return;
     this.#ended = true;
-    this.#write(this.#held.take());
+    const held = this.#held.take();
+    if (!discard) this.#write(held);
     this.#to.end();
   }
 
   readonly #flush = (): void => {
     this.#flushScheduled = false;
     if (this.#writing || this.#ended || this.#to.destroyed) return;
+    if (this.#stopped) {
+      // Reads start again before what is held goes: a source that was reset while they were stopped is found there
+      // (its reset reads only after the bytes its kernel still queues), and what is held is dropped (end(true)).
+      this.#stopped = false;
+      this.#reads.start();
+      // (Or the session ended there, its destination destroyed.)
+      if (this.#ended || this.#to.destroyed) return;
+    }
     const entries = this.#held.take();
     if (entries.length === 0) return;
     this.#writing = true;
     this.#write(entries, this.#written);
-    if (this.#stopped) {
-      this.#stopped = false;
-      this.#reads.start();
-    }
   };
 
   readonly #written = (error?: Error | null): void => {

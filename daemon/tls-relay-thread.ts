@@ -256,6 +256,22 @@ function readingHandle(socket: Socket): { readStop(): number; readStart(): numbe
   return (socket as unknown as { _handle: { readStop(): number; readStart(): number } | null })._handle ?? undefined;
 }
 
+/** TCP_INFO's tcpi_state of a connection its peer reset. */
+const TCP_CLOSE = 7;
+const tcpInfoOut = new Float64Array(native.TCP_INFO_FIELDS);
+
+/** Whether the peer reset `socket`'s connection (it reads ECONNRESET once its queued bytes are read). */
+function wasReset(socket: Socket): boolean {
+  const fd = (socket as unknown as { _handle?: { fd?: number } | null })._handle?.fd;
+  if (fd === undefined || fd < 0) return false;
+  try {
+    native.tcpInfo(fd, tcpInfoOut);
+  } catch {
+    return false;
+  }
+  return tcpInfoOut[native.TcpInfoField.tcpState] === TCP_CLOSE;
+}
+
 /** A relayed socket's reads, for the Flow it is the source of. (A socket being destroyed is left as it is.) */
 function readsOf(socket: Socket): Reads {
   return {
@@ -612,7 +628,7 @@ function relay(id: number, tls: TLSSocket, tcp: Socket, client: Socket, early: B
    * lent the session; the daemon's for a session never lent, or one whose lease ended before the news came.) Once
    * the origin ended its side there is nothing to wait for.
    */
-  const clientGone = () => {
+  const clientGone = (reset = false) => {
     if (closed || closing) return;
     if (originEnded) {
       teardown(false);
@@ -634,7 +650,9 @@ function relay(id: number, tls: TLSSocket, tcp: Socket, client: Socket, early: B
     // (An idle session's end stays a FIN, as in teardown.)
     if (!leased) disarmReset(client);
     client.destroy();
-    toOrigin.end();
+    // A reset client's request was cut off: what the relay holds of it is dropped, as a direct client's reset drops
+    // its unsent bytes (what is on its way in the TLS socket is in records already); a clean end sends it all.
+    toOrigin.end(reset);
     // (Reads stopped for a full client start again: what comes is dropped.)
     readingHandle(tls)?.readStart();
   };
@@ -656,7 +674,16 @@ function relay(id: number, tls: TLSSocket, tcp: Socket, client: Socket, early: B
   // Each direction's bytes go through a Flow (relay-flow.ts): held as bytes while its destination is full, its
   // source's reads stopped past a bound, where the streams' own backpressure held the chunks as they came.
   const toClient = new Flow(client, readsOf(tls));
-  const toOrigin = new Flow(tls, readsOf(client));
+  const toOrigin = new Flow(tls, {
+    stop: () => readingHandle(client)?.readStop(),
+    // A client's end reset while its reads were stopped (the origin slow to take its bytes): the kernel reports the
+    // reset only after the bytes it still queues, which would all go to the origin first. Looked for here (a
+    // TCP_INFO a stall), so they do not.
+    start: () => {
+      if (wasReset(client)) clientGone(true);
+      else readingHandle(client)?.readStart();
+    },
+  });
   const deliver = (chunk: Buffer) => {
     counters[COUNTER.bytesFromOrigin]! += chunk.length;
     toClient.push(chunk);
@@ -717,8 +744,9 @@ function relay(id: number, tls: TLSSocket, tcp: Socket, client: Socket, early: B
     toClient.end();
     bothEnded();
   });
-  client.on('error', clientGone);
-  client.on('close', clientGone);
+  // (An error on the client's end is its reset: ECONNRESET.)
+  client.on('error', () => clientGone(true));
+  client.on('close', () => clientGone());
   // The origin's reset or a broken TLS stream: the client must not read a clean end.
   tls.on('error', () => teardown(false, true));
   tls.on('close', () => teardown(false, !originEnded));

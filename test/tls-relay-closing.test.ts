@@ -41,10 +41,13 @@ interface Origin {
 
 /** A relay thread that may keep `closingOrigins` origin connections closing at once. */
 function startThread(closingOrigins: number) {
+  const counters = new SharedArrayBuffer(6 * 8);
+  /** The bytes the thread read from its clients (its counters' first: tls-relay-thread.ts COUNTER). */
+  const bytesToOrigin = () => new Float64Array(counters)[0]!;
   const worker = new Worker(join(repoRoot, 'dist', 'daemon', 'tls-relay-thread.js'), {
     workerData: {
       closingOrigins,
-      counters: new SharedArrayBuffer(6 * 8),
+      counters,
       // Its beat and its tid (TlsRelays#spawn).
       heartbeat: new SharedArrayBuffer(2 * 4),
       nice: 0,
@@ -107,7 +110,7 @@ function startThread(closingOrigins: number) {
     const request: RelayRequest = { t: 'lease', id, uid };
     worker.postMessage(request);
   };
-  return { worker, open, lend, origins };
+  return { worker, open, lend, origins, bytesToOrigin };
 }
 
 /** TCP_INFO's tcpi_state of a connection its peer reset (CLOSE); a FIN alone leaves it in CLOSE_WAIT (8). */
@@ -211,6 +214,97 @@ describe('a relay thread whose clients went', () => {
     await socketsBackTo(before);
     await thread.worker.terminate();
   }, 30_000);
+
+  it("drops what it holds from a client that reset its end: the origin gets only what went to its TLS socket before, then the relay's end", async () => {
+    const before = socketCount();
+    const thread = startThread(2);
+    const { client, fd } = await thread.open(1);
+    thread.lend(1, 1001);
+    const origin = thread.origins.get(1)!;
+    await speak(client, origin);
+    // The origin reads nothing for now: a request body far larger than every buffer on the way fills them, then the
+    // relay's own (it stops reading its client's end while FLOW_BOUND bytes or more wait for the origin's TLS socket).
+    origin.tls.pause();
+    client.write(Buffer.alloc(16 * 1024 * 1024, 'b'));
+    let seen = -1;
+    let unchanged = 0;
+    await pollUntil(
+      () => {
+        const now = thread.bytesToOrigin();
+        unchanged = now === seen ? unchanged + 1 : 0;
+        seen = now;
+        return unchanged >= 5 && client.writableLength > 0;
+      },
+      () => `the relay's reads stopped (${thread.bytesToOrigin()} bytes read, ${client.writableLength} unsent)`,
+    );
+    const read = thread.bytesToOrigin();
+    // The client resets its end with its request cut off (its unsent bytes are dropped by its kernel), then the
+    // origin reads again.
+    native.disconnect(fd);
+    client.destroy();
+    origin.tls.resume();
+    await pollUntil(
+      () => origin.seen.length > 0,
+      () => `the origin's end (${origin.received.length} bytes read)`,
+    );
+    // A clean end (close_notify, FIN), after no byte the relay still held: at least FLOW_BOUND of them were, none
+    // went, and nothing more was read from the client's end, whose kernel still queued bytes it had taken. (Before:
+    // all of them went, the relay reading the queue to its end before it saw the reset.)
+    expect(origin.seen).toEqual(['end']);
+    expect(thread.bytesToOrigin()).toBe(read);
+    const body = origin.received.length - 'request\n'.length;
+    expect(body).toBeLessThanOrEqual(read - 'request\n'.length - 64 * 1024);
+    // The origin answers the close: the relay's end of it closes cleanly too.
+    origin.tls.end();
+    await pollUntil(
+      () => origin.seen.includes('close'),
+      () => `the origin's close (${JSON.stringify(origin.seen)})`,
+    );
+    expect(origin.seen).toEqual(['end', 'close']);
+    origin.tcp.destroy();
+    await socketsBackTo(before);
+    await thread.worker.terminate();
+  }, 60_000);
+
+  it('forwards all a client sent before its clean end, what the relay held included, to an origin slow to read it', async () => {
+    const before = socketCount();
+    const thread = startThread(2);
+    const { client } = await thread.open(1);
+    thread.lend(1, 1001);
+    const origin = thread.origins.get(1)!;
+    await speak(client, origin);
+    origin.tls.pause();
+    const size = 16 * 1024 * 1024;
+    // The whole request, then the client's half-close (FIN) while the relay holds part of it.
+    client.end(Buffer.alloc(size, 'b'));
+    let seen = -1;
+    let unchanged = 0;
+    await pollUntil(
+      () => {
+        const now = thread.bytesToOrigin();
+        unchanged = now === seen ? unchanged + 1 : 0;
+        seen = now;
+        return unchanged >= 5 && client.writableLength > 0;
+      },
+      () => `the relay's reads stopped (${thread.bytesToOrigin()} bytes read, ${client.writableLength} unsent)`,
+    );
+    origin.tls.resume();
+    await pollUntil(
+      () => origin.seen.length > 0,
+      () => `the origin's end (${origin.received.length} bytes read)`,
+    );
+    expect(origin.seen).toEqual(['end']);
+    expect(origin.received.length).toBe('request\n'.length + size);
+    origin.tls.end();
+    await pollUntil(
+      () => origin.seen.includes('close'),
+      () => `the origin's close (${JSON.stringify(origin.seen)})`,
+    );
+    client.destroy();
+    origin.tcp.destroy();
+    await socketsBackTo(before);
+    await thread.worker.terminate();
+  }, 60_000);
 
   it('resets an origin that goes on sending a response once its client went', async () => {
     const before = socketCount();
