@@ -588,6 +588,20 @@ export class OriginPool implements KeptHolder<IdleSocket> {
     return undefined;
   }
 
+  /** A socket #addIdle does not keep: closed, its connection counted gone and its drop told; false (not kept). */
+  #closeArriving(
+    socket: ConnectedSocket,
+    ownerUid: number | undefined,
+    purpose: ConnectPurpose | undefined,
+    reason: 'evicted' | 'excess',
+  ): false {
+    closePooled(socket, ownerUid !== undefined);
+    this.#connectionsGone();
+    this.#events.dropped(this, reason, 0, performance.now() - socket.connectedAt, ownerUid !== undefined);
+    if (purpose !== undefined) this.#events.neverLent(this, purpose, reason);
+    return false;
+  }
+
   /**
    * `mark`: the socket's quiet mark when the caller just read it (a release); otherwise it is read here. Returns
    * whether the socket was kept idle or lent (false: closed as excess, or evicted at once by the global idle cap).
@@ -597,11 +611,7 @@ export class OriginPool implements KeptHolder<IdleSocket> {
     // its room. Handed to a waiter here, or kept idle for one, a backlog of releases (keep-alive clients giving each
     // lease back with another acquire queued) kept the room in this pool for as long as it lasted.
     if (!this.#mayTake()) {
-      closePooled(socket, ownerUid !== undefined);
-      this.#connectionsGone();
-      this.#events.dropped(this, 'evicted', 0, performance.now() - socket.connectedAt, ownerUid !== undefined);
-      if (purpose !== undefined) this.#events.neverLent(this, purpose, 'evicted');
-      return false;
+      return this.#closeArriving(socket, ownerUid, purpose, 'evicted');
     }
     // A socket kept for one uid goes to a waiter of that uid when the slot is that uid's turn anyway, or when the
     // waiters ahead of it still have room to connect: a uid releasing unused with an acquire of its own queued must
@@ -629,11 +639,7 @@ export class OriginPool implements KeptHolder<IdleSocket> {
       if (kept) this.#drop(kept, 'evicted');
     }
     if (this.#idle.length >= this.policy.maxIdle) {
-      closePooled(socket, ownerUid !== undefined);
-      this.#connectionsGone();
-      this.#events.dropped(this, 'excess', 0, performance.now() - socket.connectedAt, ownerUid !== undefined);
-      if (purpose !== undefined) this.#events.neverLent(this, purpose, 'excess');
-      return false;
+      return this.#closeArriving(socket, ownerUid, purpose, 'excess');
     }
     const idle = connectedPart(socket) as IdleSocket;
     idle.idleSince = performance.now();

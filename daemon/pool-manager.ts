@@ -366,13 +366,14 @@ export class PoolManager {
 
   /**
    * A handoff takeWarm() gave out, counted as the origin's demand and a hit (stats, metrics, history); `announced`:
-   * the handoff's (a socket an announcement opened, lent for the first time: not demand for the idle target).
+   * the handoff's (a socket an announcement opened, lent for the first time: not demand for the idle target);
+   * `demandCounted`: its acquire's demand rate was counted already (an acquire rerouted at a trust mismatch).
    */
-  countWarmHandoff(originKey: string, uid: number, announced = false): void {
+  countWarmHandoff(originKey: string, uid: number, announced = false, demandCounted = false): void {
     const stats = this.#statsOf(originKey);
     stats.uids.add(uid);
     const now = performance.now();
-    this.#bumpRate(stats, 1, now);
+    if (!demandCounted) this.#bumpRate(stats, 1, now);
     if (!announced) this.#bumpUnannounced(stats, now);
     this.#countHandoff(originKey, stats, true, uid);
   }
@@ -406,11 +407,7 @@ export class PoolManager {
       this.giveBackUnsent(pool.key, handoff, uid);
       throw cancelledError(pool.key);
     }
-    const stats = this.#statsOf(pool.key);
-    stats.uids.add(uid);
-    if (!rerouted) this.#bumpRate(stats);
-    if (handoff.announced !== true) this.#bumpUnannounced(stats);
-    this.#countHandoff(pool.key, stats, true, uid);
+    this.countWarmHandoff(pool.key, uid, handoff.announced === true, rerouted);
     return handoff;
   }
 
