@@ -209,20 +209,7 @@ describe('an fd of a file on a FUSE mount the client serves', () => {
     await honestHello(sockpoold.socketPath);
     // Once the mounts answer, every close returns: the fds queued are closed and the stuck threads end.
     await Promise.all(fuses.map((fuse) => fuse.finish()));
-    await eventually(
-      async () => {
-        seen = await deferredCloses();
-        return (
-          seen.stuckThreads === 0 &&
-          seen.queued === 0 &&
-          sockpoold.fdCount() === fdsBefore &&
-          closingThreads(sockpoold) === 1
-        );
-      },
-      () =>
-        `all closed: ${JSON.stringify(seen)}, the daemon holds ${sockpoold.fdCount()} fds (${fdsBefore} before) ` +
-        `and ${closingThreads(sockpoold)} closing threads (the owner alone left)`,
-    );
+    await allClosed(sockpoold, deferredCloses, fdsBefore);
     expect(await sockpoold.stop()).toBe(0);
   }, 60_000);
 
@@ -256,20 +243,7 @@ describe('an fd of a file on a FUSE mount the client serves', () => {
     // The first uid's fds past its share still wait for its own closes, and say so.
     expect(await deferredCloses()).toEqual({ queued: held - share, stuckThreads: share });
     await fuse.finish();
-    await eventually(
-      async () => {
-        seen = await deferredCloses();
-        return (
-          seen.stuckThreads === 0 &&
-          seen.queued === 0 &&
-          sockpoold.fdCount() === fdsBefore &&
-          closingThreads(sockpoold) === 1
-        );
-      },
-      () =>
-        `all closed: ${JSON.stringify(seen)}, the daemon holds ${sockpoold.fdCount()} fds (${fdsBefore} before) ` +
-        `and ${closingThreads(sockpoold)} closing threads (the owner alone left)`,
-    );
+    await allClosed(sockpoold, deferredCloses, fdsBefore);
     expect(await sockpoold.stop()).toBe(0);
   }, 60_000);
 
@@ -301,4 +275,30 @@ async function discardsAndServesOn(mountOption: string): Promise<void> {
   await honestHello(sockpoold.socketPath);
   await fuse.finish();
   expect(await sockpoold.stop()).toBe(0);
+}
+
+/**
+ * Once the mounts answered: every deferred close returned, nothing queued, the daemon's fds back to `fdsBefore` and
+ * the owner alone left of the closing threads.
+ */
+async function allClosed(
+  sockpoold: DaemonProcess,
+  deferredCloses: () => Promise<{ queued: number; stuckThreads: number }>,
+  fdsBefore: number,
+): Promise<void> {
+  let seen = await deferredCloses();
+  await eventually(
+    async () => {
+      seen = await deferredCloses();
+      return (
+        seen.stuckThreads === 0 &&
+        seen.queued === 0 &&
+        sockpoold.fdCount() === fdsBefore &&
+        closingThreads(sockpoold) === 1
+      );
+    },
+    () =>
+      `all closed: ${JSON.stringify(seen)}, the daemon holds ${sockpoold.fdCount()} fds (${fdsBefore} before) ` +
+      `and ${closingThreads(sockpoold)} closing threads (the owner alone left)`,
+  );
 }
