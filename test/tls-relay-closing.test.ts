@@ -226,17 +226,7 @@ describe('a relay thread whose clients went', () => {
     // relay's own (it stops reading its client's end while FLOW_BOUND bytes or more wait for the origin's TLS socket).
     origin.tls.pause();
     client.write(Buffer.alloc(16 * 1024 * 1024, 'b'));
-    let seen = -1;
-    let unchanged = 0;
-    await pollUntil(
-      () => {
-        const now = thread.bytesToOrigin();
-        unchanged = now === seen ? unchanged + 1 : 0;
-        seen = now;
-        return unchanged >= 5 && client.writableLength > 0;
-      },
-      () => `the relay's reads stopped (${thread.bytesToOrigin()} bytes read, ${client.writableLength} unsent)`,
-    );
+    await relayReadsStopped(thread, client);
     const read = thread.bytesToOrigin();
     // The client resets its end with its request cut off (its unsent bytes are dropped by its kernel), then the
     // origin reads again.
@@ -277,17 +267,7 @@ describe('a relay thread whose clients went', () => {
     const size = 16 * 1024 * 1024;
     // The whole request, then the client's half-close (FIN) while the relay holds part of it.
     client.end(Buffer.alloc(size, 'b'));
-    let seen = -1;
-    let unchanged = 0;
-    await pollUntil(
-      () => {
-        const now = thread.bytesToOrigin();
-        unchanged = now === seen ? unchanged + 1 : 0;
-        seen = now;
-        return unchanged >= 5 && client.writableLength > 0;
-      },
-      () => `the relay's reads stopped (${thread.bytesToOrigin()} bytes read, ${client.writableLength} unsent)`,
-    );
+    await relayReadsStopped(thread, client);
     origin.tls.resume();
     await pollUntil(
       () => origin.seen.length > 0,
@@ -333,3 +313,21 @@ describe('a relay thread whose clients went', () => {
     await thread.worker.terminate();
   }, 30_000);
 });
+
+/**
+ * Waits until the relay stopped reading the client's end (its count of bytes read held for five polls) with the
+ * client still holding bytes it could not send: every buffer on the way is full.
+ */
+async function relayReadsStopped(thread: { bytesToOrigin(): number }, client: Socket): Promise<void> {
+  let seen = -1;
+  let unchanged = 0;
+  await pollUntil(
+    () => {
+      const now = thread.bytesToOrigin();
+      unchanged = now === seen ? unchanged + 1 : 0;
+      seen = now;
+      return unchanged >= 5 && client.writableLength > 0;
+    },
+    () => `the relay's reads stopped (${thread.bytesToOrigin()} bytes read, ${client.writableLength} unsent)`,
+  );
+}
