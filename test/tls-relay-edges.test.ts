@@ -13,7 +13,7 @@ import net from 'node:net';
 import tls from 'node:tls';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { LeaseReply } from '../shared/protocol.js';
-import { eventually, startTestDaemon, warmTlsArgs } from './fixtures/client-helpers.js';
+import { eventually, startTestDaemon, warmOneTlsSession, warmTlsArgs } from './fixtures/client-helpers.js';
 import type { DaemonProcess } from './helpers/daemon.js';
 import { openRawClient, type RawClient } from './helpers/raw-client.js';
 import { createTestPki, type TestPki } from './helpers/tls.js';
@@ -77,13 +77,7 @@ beforeAll(async () => {
   daemon = await startTestDaemon([port], { extraArgs: warmTlsArgs(pki.caFile, [port], [`localhost:${port}`]) });
   raw = openRawClient(daemon.socketPath, cleanups);
   // The relay thread starts with the first handshake: one session warmed ahead, which the first test takes.
-  await raw.request({ type: 'prewarm', id: 0, host: 'localhost', port, count: 1, tls: { trust } });
-  await eventually(async () => {
-    const stats = await raw.request({ type: 'stats', id: 0 });
-    const origins = (stats.message as unknown as { stats: { origins: Array<{ origin: string; idle: number }> } }).stats
-      .origins;
-    return origins.find((entry) => entry.origin === `localhost:${port} tls`)?.idle === 1;
-  }, 'a warm session');
+  await warmOneTlsSession(raw, port, trust);
   fdsWhileIdle = daemon.fdCount();
 });
 
