@@ -543,16 +543,17 @@ export class Sockpoold {
 
   /**
    * Where client fds come in, a file's close may be held for good by the client serving it (a FUSE mount): each such
-   * close holds a closing thread of the addon's, and once they are all held (native.deferredCloses) the fds queued
-   * behind them stay open, filling the daemon's fd table. Warned once each time it comes to that; stats show it.
+   * close holds a closing thread of the addon's, and once all those a uid's close may take are held
+   * (native.deferredCloses: the rest are the daemon's own) the fds queued behind them stay open, filling the daemon's
+   * fd table. Warned once each time it comes to that; stats show it.
    */
   #watchDeferredCloses(): void {
     const closes = native.deferredCloses();
-    const stuck = closes.stuckThreads >= closes.maxStuckThreads && closes.queued > 0;
+    const stuck = closes.stuckThreads >= closes.maxStuckThreadsOfUids && closes.queued > 0;
     if (stuck && !this.#deferredClosesStuck) {
       this.#log.warn(
         { stuckThreads: closes.stuckThreads, queued: closes.queued },
-        "every closing thread is held in a close of a client's file (a FUSE mount that never answers?): the fds queued behind them stay open",
+        "every closing thread a client's fds may take is held in a close of a client's file (a FUSE mount that never answers?): the fds queued behind them stay open",
       );
     }
     this.#deferredClosesStuck = stuck;

@@ -292,7 +292,7 @@ export class Metrics {
     // The addon's deferred closes (native.deferredCloses): only where client fds are let in do they happen at all.
     new Gauge({
       name: 'sockpool_deferred_closes_queued',
-      help: 'Fds a client sent (not sockets) waiting for a closing thread: they stay open while every closing thread is held.',
+      help: 'Fds a client sent (not sockets) waiting for a closing thread: they stay open while the threads they may take are held.',
       registers,
       collect(this: Gauge) {
         this.set(native.deferredCloses().queued);

@@ -64,6 +64,7 @@
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <string>
 #include <system_error>
 #include <thread>
@@ -653,13 +654,29 @@ void DrainUnixQueue(int fd, int depth, int64_t uid) {
 // (native.deferredCloses; the fd table is the bound). Each fd is queued with the uid that sent it, and at most
 // kMaxClosingPerUid threads are inside closes of one uid's fds (the owner's included): that uid's further fds wait
 // for one of those closes to return, while other uids' fds are taken past them (the queue is one per uid, taken in
-// turn), so one uid holding closes takes its share of the threads, not the whole cap. A process with a thread stuck
-// so cannot finish exiting until the close returns (the kernel waits for every thread; nothing here joins one). The
-// daemon refuses fds at the kernel where it can (SO_PASSRIGHTS), so this is the fallback for older kernels and for
-// `access.acceptClientFds`.
+// turn), so one uid holding closes takes its share of the threads, not the whole cap. A fixed share alone would let a
+// few uids together (as many as the cap holds shares) hold every thread, and every other uid's fds, and the daemon's
+// own, wait for good. So the share shrinks as threads are held (MayTake): a uid inside a close already takes another
+// only while fewer than kMaxClosingPerUid threads are inside closes in all, so past those each thread goes to a uid
+// holding none, and holding them all takes a uid for nearly every thread; and the last kKeptForUidless threads are
+// never a uid's, only the discards no uid is charged with (the daemon's own, a client's before its credentials are
+// read), so no set of uids, however large (a user given subordinate uids has thousands), holds every thread. A
+// process with a thread stuck so cannot finish exiting until the close returns (the kernel waits for every thread;
+// nothing here joins one). The daemon refuses fds at the kernel where it can (SO_PASSRIGHTS), so this is the fallback
+// for older kernels and for `access.acceptClientFds`.
 constexpr auto kCloserPatience = std::chrono::milliseconds(200);
 constexpr int kMaxStuckClosers = 16;
+constexpr int kClosingThreads = kMaxStuckClosers + 1;  // the threads taken over from, and the owner
 constexpr int kMaxClosingPerUid = 4;
+constexpr int kKeptForUidless = 1;
+
+// The share rule (DeferredCloser): whether a closing thread may take an fd of `uid`, whose fds `holding` threads are
+// inside closes of, while `closing` threads are inside closes in all.
+bool MayTake(int64_t uid, int holding, int closing) {
+  const int free = kClosingThreads - closing;
+  if (free <= (uid == kUnknownUid ? 0 : kKeptForUidless)) return false;
+  return holding == 0 || (holding < kMaxClosingPerUid && closing < kMaxClosingPerUid);
+}
 
 class DeferredCloser {
  public:
@@ -714,8 +731,9 @@ class DeferredCloser {
     }
   }
 
-  // False when the system has no thread to give (std::system_error): the caller goes on without it. The name (15
-  // characters at most) tells an operator's `top -H` what the threads are, and the tests count them by it.
+  // False when the system has no thread to give (std::system_error, or std::bad_alloc when there is no memory for
+  // one): the caller goes on without it, and tries again later. The name (15 characters at most) tells an operator's
+  // `top -H` what the threads are, and the tests count them by it.
   static bool StartThread(const char* name, std::function<void()> body) {
     try {
       std::thread([name, body = std::move(body)] {
@@ -727,6 +745,8 @@ class DeferredCloser {
       }).detach();
       return true;
     } catch (const std::system_error&) {
+      return false;
+    } catch (const std::bad_alloc&) {
       return false;
     }
   }
@@ -746,12 +766,12 @@ class DeferredCloser {
     if (watch) watch_.notify_one();
   }
 
-  // The first uid in turn with fds queued and fewer than kMaxClosingPerUid closes under way, or turns_.end(). (Under
-  // the mutex; turns_ holds only uids with fds queued, so the look is bounded by the uids, not the fds.)
+  // The first uid in turn with fds queued that MayTake a thread, or turns_.end(). (Under the mutex; turns_ holds only
+  // uids with fds queued, so the look is bounded by the uids, not the fds.)
   std::deque<int64_t>::iterator NextTurn() {
     return std::find_if(turns_.begin(), turns_.end(), [this](int64_t uid) {
-      const auto closing = closing_by_uid_.find(uid);
-      return closing == closing_by_uid_.end() || closing->second < kMaxClosingPerUid;
+      const auto holding = closing_by_uid_.find(uid);
+      return MayTake(uid, holding == closing_by_uid_.end() ? 0 : holding->second, closing_in_all_);
     });
   }
   bool Takeable() { return NextTurn() != turns_.end(); }
@@ -772,6 +792,7 @@ class DeferredCloser {
     }
     queued_--;
     closing_by_uid_[uid]++;
+    closing_in_all_++;
     return {fd, uid};
   }
 
@@ -791,11 +812,12 @@ class DeferredCloser {
       ::close(fd);
       lock.lock();
       if (--closing_by_uid_[uid] == 0) closing_by_uid_.erase(uid);
+      closing_in_all_--;
       if (owner_ != id) {
         taken_over_--;
         lock.unlock();
         watch_.notify_one();  // room under kMaxStuckClosers again
-        work_.notify_one();   // and under this uid's share: the owner may be waiting for a takeable fd
+        work_.notify_one();   // and under the shares: the owner may be waiting for a takeable fd
         return;
       }
       closing_ = false;
@@ -850,6 +872,7 @@ class DeferredCloser {
   std::deque<int64_t> turns_;                            // the uids with fds queued, in turn
   size_t queued_ = 0;
   std::unordered_map<int64_t, int> closing_by_uid_;  // threads inside a close of the uid's fds, the owner's included
+  int closing_in_all_ = 0;                           // threads inside a close, the owner's included
   uint64_t owner_ = 0;  // the id of the thread that takes fds from the queue
   bool watcher_ = false;  // the watcher runs (it never ends)
   std::chrono::steady_clock::time_point next_watcher_try_;  // no watcher: when StartWatcher may try again
@@ -2673,7 +2696,8 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     ::_exit(code >= 0 && code <= 255 ? static_cast<int>(code) : 1);
   }
 
-  // The deferred closes (DeferredCloser): { queued, stuckThreads, maxStuckThreads, maxStuckThreadsPerUid }.
+  // The deferred closes (DeferredCloser): { queued, stuckThreads, maxStuckThreads, maxStuckThreadsOfUids,
+  // maxStuckThreadsPerUid }.
   Napi::Value DeferredCloses(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     const DeferredCloser::Counts counts = DeferredCloser::Snapshot();
@@ -2681,8 +2705,11 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     result.Set("queued", Napi::Number::New(env, static_cast<double>(counts.queued)));
     result.Set("stuckThreads", Napi::Number::New(env, counts.stuck));
     // The threads taken over from, and the owner, which may be stuck too.
-    result.Set("maxStuckThreads", Napi::Number::New(env, kMaxStuckClosers + 1));
-    // The threads inside closes of one uid's fds, the owner included.
+    result.Set("maxStuckThreads", Napi::Number::New(env, kClosingThreads));
+    // The threads inside closes of uids' fds, all uids together: the rest are kept for discards no uid is charged with.
+    result.Set("maxStuckThreadsOfUids", Napi::Number::New(env, kClosingThreads - kKeptForUidless));
+    // The threads inside closes of one uid's fds, the owner included; past the first, only while fewer than that are
+    // inside closes in all.
     result.Set("maxStuckThreadsPerUid", Napi::Number::New(env, kMaxClosingPerUid));
     return result;
   }

@@ -143,14 +143,23 @@ export type PollCallback = (status: number, events: number) => void;
  * The closes discard() leaves to the addon's closing threads (an fd that is not a socket: its close may wait for
  * whoever serves the file, a client's FUSE mount for good). `queued`: fds not yet closed; `stuckThreads`: closing
  * threads held in one close for longer than a short bound. A stuck close hands the queue to a fresh thread; at
- * `maxStuckThreads` the queued fds wait until one of those closes returns; a uid's fds wait too while
- * `maxStuckThreadsPerUid` threads are in closes of its fds, and other uids' are closed past them.
+ * `maxStuckThreads` the queued fds wait until one of those closes returns, and at `maxStuckThreadsOfUids` so do all
+ * the fds a uid sent; a uid's fds wait too while its share of the threads is in closes of its fds, and other uids'
+ * are closed past them.
  */
 export interface DeferredCloses {
   queued: number;
   stuckThreads: number;
   maxStuckThreads: number;
-  /** The closing threads that may be held in closes of one uid's fds (discard's `uid`), the owner included. */
+  /**
+   * The closing threads that may be held in closes of uids' fds (discard's `uid`), all uids together: the rest are
+   * kept for discards that name no uid (the daemon's own), so no set of uids holds every thread.
+   */
+  maxStuckThreadsOfUids: number;
+  /**
+   * The closing threads that may be held in closes of one uid's fds, the owner included. A uid in one close already
+   * takes another only while fewer than this many are in closes in all: past that, each goes to a uid holding none.
+   */
   maxStuckThreadsPerUid: number;
 }
 

@@ -70,7 +70,7 @@ function startFuseClient(socketPath: string, ...settings: string[]): FuseClient 
 }
 
 const WARNING =
-  "every closing thread is held in a close of a client's file (a FUSE mount that never answers?): the fds queued behind them stay open";
+  "every closing thread a client's fds may take is held in a close of a client's file (a FUSE mount that never answers?): the fds queued behind them stay open";
 
 /** The daemon's closing threads (the addon names them), the stuck ones included. */
 function closingThreads(sockpoold: DaemonProcess): number {
@@ -174,38 +174,42 @@ describe('an fd of a file on a FUSE mount the client serves', () => {
     expect(await sockpoold.stop()).toBe(0);
   }, 30_000);
 
-  it('let in, closes the mount holds for good take at most maxStuckThreads closing threads: then fds wait, stats and a warning say so', async () => {
+  it('let in, closes the mounts of many uids hold for good take at most maxStuckThreadsOfUids closing threads: then fds wait, stats and a warning say so', async () => {
     const sockpoold = await sharedDaemon();
     const deferredCloses = deferredClosesOf(sockpoold);
     expect(await deferredCloses()).toEqual({ queued: 0, stuckThreads: 0 }); // (the admin's session counted below)
     const fdsBefore = sockpoold.fdCount();
     // The addon's constants, the same in the daemon.
-    const { maxStuckThreads, maxStuckThreadsPerUid } = native.deferredCloses();
-    // Clients of as many uids as it takes, each holding its uid's share of closes: more than the cap in all. (Their
-    // events not read: the first FLUSH may be told before `sent`.)
-    const senders = Math.ceil((maxStuckThreads + 3) / maxStuckThreadsPerUid);
-    const held = senders * maxStuckThreadsPerUid;
+    const { maxStuckThreads, maxStuckThreadsOfUids } = native.deferredCloses();
+    // The rest of the threads are the daemon's own: no set of uids holds them all.
+    expect(maxStuckThreadsOfUids).toBeLessThan(maxStuckThreads);
+    // Clients of as many uids as there are threads a uid's close may take, each holding two closes: while one of those
+    // threads is free, some uid holds none and takes it, so they are all held, whatever the order the fds come in.
+    // (Their events not read: the first FLUSH may be told before `sent`.)
+    const senders = maxStuckThreadsOfUids;
+    const held = senders * 2;
     const fuses = Array.from({ length: senders }, (_, n) =>
-      startFuseClient(sockpoold.socketPath, `count=${maxStuckThreadsPerUid}`, `sender=${OTHER_UID - n}`),
+      startFuseClient(sockpoold.socketPath, 'count=2', `sender=${OTHER_UID - n}`),
     );
-    // Each held close hands the queue to a fresh thread, up to the cap; the fds past it wait.
+    // Each held close hands the queue to a fresh thread, up to the threads a uid's close may take; the fds past it wait.
     let seen = await deferredCloses();
     await eventually(
       async () => {
         seen = await deferredCloses();
-        return seen.stuckThreads === maxStuckThreads && seen.queued === held - maxStuckThreads;
+        return seen.stuckThreads === maxStuckThreadsOfUids && seen.queued === held - maxStuckThreadsOfUids;
       },
-      () => `every closing thread held, ${held - maxStuckThreads} fds queued: ${JSON.stringify(seen)}`,
+      () =>
+        `every closing thread a uid may take held, ${held - maxStuckThreadsOfUids} fds queued: ${JSON.stringify(seen)}`,
     );
     await eventually(
       () => logRecords(sockpoold, WARNING).length === 1,
       'the warning that the closing threads are all held',
     );
     expect(logRecords(sockpoold, WARNING)[0]).toMatchObject({
-      stuckThreads: maxStuckThreads,
-      queued: held - maxStuckThreads,
+      stuckThreads: maxStuckThreadsOfUids,
+      queued: held - maxStuckThreadsOfUids,
     });
-    expect(closingThreads(sockpoold)).toBe(maxStuckThreads); // no more threads than the cap
+    expect(closingThreads(sockpoold)).toBe(maxStuckThreadsOfUids); // no more threads than uids may take
     await honestHello(sockpoold.socketPath);
     // Once the mounts answer, every close returns: the fds queued are closed and the stuck threads end.
     await Promise.all(fuses.map((fuse) => fuse.finish()));
@@ -243,6 +247,57 @@ describe('an fd of a file on a FUSE mount the client serves', () => {
     // The first uid's fds past its share still wait for its own closes, and say so.
     expect(await deferredCloses()).toEqual({ queued: held - share, stuckThreads: share });
     await fuse.finish();
+    await allClosed(sockpoold, deferredCloses, fdsBefore);
+    expect(await sockpoold.stop()).toBe(0);
+  }, 60_000);
+
+  it("let in, more uids than it takes to hold every closing thread at a full share each hold all they can: another uid's fds, sent after them, are closed", async () => {
+    const sockpoold = await sharedDaemon();
+    const deferredCloses = deferredClosesOf(sockpoold);
+    expect(await deferredCloses()).toEqual({ queued: 0, stuckThreads: 0 }); // (the admin's session counted below)
+    const fdsBefore = sockpoold.fdCount();
+    // The addon's constants, the same in the daemon.
+    const { maxStuckThreads, maxStuckThreadsPerUid } = native.deferredCloses();
+    // Enough uids that their shares add up to more than every closing thread, each holding a full share. (Before the
+    // fix five did: every thread held, and every other uid's fds waited for good.)
+    const senders = Math.ceil((maxStuckThreads + 1) / maxStuckThreadsPerUid);
+    const held = senders * maxStuckThreadsPerUid;
+    // (Their events not read: the first FLUSH may be told before `sent`.)
+    const fuses = Array.from({ length: senders }, (_, n) =>
+      startFuseClient(sockpoold.socketPath, `count=${maxStuckThreadsPerUid}`, `sender=${OTHER_UID - n}`),
+    );
+    // Every fd they sent has come: held in a close or queued (a close may still hand the queue on). A held close's fd
+    // has left the daemon's table, a queued one's has not: past the queued ones, the daemon's fds are its own and the
+    // FUSE clients' connections, however the fds go from queue to close.
+    let seen = await deferredCloses();
+    let mostStuck = 0;
+    let fdsBesideQueued = 0;
+    const allHeldOrQueued = async (fds: number) => {
+      const before = await deferredCloses();
+      const count = sockpoold.fdCount();
+      seen = await deferredCloses();
+      mostStuck = Math.max(mostStuck, seen.stuckThreads);
+      fdsBesideQueued = count - seen.queued;
+      return JSON.stringify(before) === JSON.stringify(seen) && seen.stuckThreads + seen.queued === fds;
+    };
+    await eventually(
+      () => allHeldOrQueued(held),
+      () => `all ${held} fds held in a close or queued: ${JSON.stringify(seen)}`,
+    );
+    const fdsHeld = fdsBesideQueued;
+    // A further uid's client sends files (two fds with each of its hellos, refused: a hello takes none), then hangs up.
+    const further = OTHER_UID - senders;
+    expect(await runHostile(['files', sockpoold.socketPath, 4], further)).toEqual({ SOCKPOOL_ERR_PROTOCOL: 4 });
+    await eventually(
+      async () => (await allHeldOrQueued(held)) && fdsBesideQueued === fdsHeld,
+      () =>
+        `uid ${further}'s fds closed: ${JSON.stringify(seen)}, the daemon holds ${fdsBesideQueued} fds beside ` +
+        `the queued ones, ${fdsHeld} before they came`,
+    );
+    // A thread each at most, and past those fewer than a uid's share in all: a uid in one close already takes another
+    // only while fewer than that many are held. (Before the fix, every thread.)
+    expect(mostStuck).toBeLessThanOrEqual(senders + maxStuckThreadsPerUid - 1);
+    await Promise.all(fuses.map((fuse) => fuse.finish()));
     await allClosed(sockpoold, deferredCloses, fdsBefore);
     expect(await sockpoold.stop()).toBe(0);
   }, 60_000);
