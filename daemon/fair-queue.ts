@@ -64,6 +64,17 @@ export class FairWaitQueue<T extends UidWaiter> {
   }
 
   /**
+   * Each uid's first waiter that `covered` does not count out, as peekUncovered skips them (the origin's cap: whose
+   * turn room at it is, across the origin's pools: origin-cap.ts).
+   */
+  forEachUncovered(covered: (uid: number) => number, visit: (waiter: T) => void): void {
+    for (const [uid, queue] of this.#byUid) {
+      const entry = queue[covered(uid)];
+      if (entry) visit(entry.waiter);
+    }
+  }
+
+  /**
    * Of each uid's candidate (`candidate` of its queue), the one whose uid holds the fewest (plus `extra(uid)`),
    * ties to the longest waiting.
    */
@@ -101,6 +112,11 @@ export class FairWaitQueue<T extends UidWaiter> {
     const own = uid === undefined ? undefined : this.#byUid.get(uid)?.[0]?.waiter;
     if (!next || !own) return next;
     return (this.#held.get(uid!) ?? 0) <= (this.#held.get(next.uid) ?? 0) ? own : next;
+  }
+
+  /** The longest-waiting waiter of `uid` (not removed); undefined when that uid waits for nothing here. */
+  firstOf(uid: number): T | undefined {
+    return this.#byUid.get(uid)?.[0]?.waiter;
   }
 
   shift(): T | undefined {

@@ -136,7 +136,12 @@ interface Waiter {
   settled: boolean;
   /** #roomWaitClock() when it began to wait. */
   roomWaitAtStart: number;
+  /** Its place in the order acquires came in, across every pool (the longest waiting first at the origin's cap). */
+  arrived: number;
 }
+
+/** The next Waiter.arrived. */
+let arrivals = 0;
 
 export class OriginPool implements KeptHolder<IdleSocket> {
   readonly key: string;
@@ -231,6 +236,22 @@ export class OriginPool implements KeptHolder<IdleSocket> {
     return this.#waiters.length - this.#connectingForWaiters;
   }
 
+  /**
+   * For the origin's cap (OriginCap.turn): each uid's first acquire waiting here that the connects under way for its
+   * uid do not cover, with its place in arrival order.
+   */
+  forEachUncovered(visit: (uid: number, arrived: number) => void): void {
+    this.#waiters.forEachUncovered(
+      (uid) => this.#connectingFor.get(uid) ?? 0,
+      (waiter) => visit(waiter.uid, waiter.arrived),
+    );
+  }
+
+  /** What `uid` holds of this pool's connections: its leases and the connects under way for its waiters. */
+  heldBy(uid: number): number {
+    return (this.#waiters.heldOf(uid) ?? 0) + (this.#connectingFor.get(uid) ?? 0);
+  }
+
   /** The origin's pools share its cap (origin-cap.ts); an origin reached one way only has this pool alone. */
   #shared(): OriginCap | undefined {
     const cap = this.#cap;
@@ -248,7 +269,7 @@ export class OriginPool implements KeptHolder<IdleSocket> {
     return shared === undefined ? '' : `; ${shared.total()} connections in all the origin's pools`;
   }
 
-  /** Whether this pool's waiters may take room at the cap now: no other pool of the origin waits ahead of it. */
+  /** Whether this pool's waiters may take room at the cap now: the turn there is no other pool's. */
   #mayTake(): boolean {
     return this.#shared()?.mayTake(this) ?? true;
   }
@@ -298,6 +319,7 @@ export class OriginPool implements KeptHolder<IdleSocket> {
         reject,
         settled: false,
         roomWaitAtStart: this.#roomWaitClock(),
+        arrived: arrivals++,
         timer: setTimeout(() => {
           this.#removeWaiter(waiter);
           reject(
@@ -607,17 +629,20 @@ export class OriginPool implements KeptHolder<IdleSocket> {
    * whether the socket was kept idle or lent (false: closed as excess, or evicted at once by the global idle cap).
    */
   #addIdle(socket: ConnectedSocket, ownerUid?: number, mark?: UsageMark, purpose?: ConnectPurpose): boolean {
-    // Another pool of the origin waits at its cap ahead of this one (origin-cap.ts): the connection is closed, for
-    // its room. Handed to a waiter here, or kept idle for one, a backlog of releases (keep-alive clients giving each
+    // The turn at the origin's cap is an acquire's of another of its pools (origin-cap.ts): the connection is closed,
+    // for its room. Handed to a waiter here, or kept idle for one, a backlog of releases (keep-alive clients giving each
     // lease back with another acquire queued) kept the room in this pool for as long as it lasted.
-    if (!this.#mayTake()) {
+    const shared = this.#shared();
+    const turn = shared?.turn();
+    if (turn !== undefined && turn.pool !== this) {
       return this.#closeArriving(socket, ownerUid, purpose, 'evicted');
     }
     // A socket kept for one uid goes to a waiter of that uid when the slot is that uid's turn anyway, or when the
     // waiters ahead of it still have room to connect: a uid releasing unused with an acquire of its own queued must
     // not keep the slot for good while a uid holding fewer waits at the cap (each lease is new, so maxLeaseMs never
-    // ends it). Otherwise it is kept idle and the pump below closes it for the waiter whose turn it is.
-    const next = this.#waiters.peek();
+    // ends it). Otherwise it is kept idle and the pump below closes it for the waiter whose turn it is. (With the
+    // origin's other pools, the turn is the uid's whose it is across them.)
+    const next = (turn === undefined ? undefined : this.#waiters.firstOf(turn.uid)) ?? this.#waiters.peek();
     let waiter = next;
     if (ownerUid !== undefined && next !== undefined && next.uid !== ownerUid) {
       const roomForOthers =
@@ -628,6 +653,8 @@ export class OriginPool implements KeptHolder<IdleSocket> {
       const handoff = handoffOf(socket, true, mark, ownerUid !== undefined);
       if (purpose !== undefined) this.#firstLent(handoff, purpose);
       this.#leased++;
+      // Room at the cap kept for it rather than closed: its uid's turn there.
+      shared?.took(waiter.uid);
       this.#serve(handoff, waiter);
       return true;
     }
@@ -830,12 +857,13 @@ export class OriginPool implements KeptHolder<IdleSocket> {
       else if (!shared?.evictFor(this)) break;
     }
     // Waiters first: one connect per waiter not already covered by a connect in flight (with the origin's other
-    // pools, one per turn while they wait too).
-    while (this.#waiters.length > this.#connectingForWaiters && this.#originTotal() < limit && this.#mayTake()) {
-      this.#startConnect('acquire');
-      shared?.took(this);
+    // pools, for the uid whose turn it is across them, while it is this pool's).
+    while (this.#waiters.length > this.#connectingForWaiters && this.#originTotal() < limit) {
+      const turn = shared?.turn();
+      if (turn !== undefined && turn.pool !== this) break;
+      this.#startConnect('acquire', turn?.uid ?? this.#nextUncoveredUid());
+      if (turn !== undefined) shared!.took(turn.uid);
     }
-    if (shared !== undefined && this.#waiters.length > this.#connectingForWaiters && !this.#closed) shared.wait(this);
     if (this.waitingForRoom) {
       this.#roomWaitSince ??= performance.now();
       this.#events.waitingForRoom(this);
@@ -930,10 +958,12 @@ export class OriginPool implements KeptHolder<IdleSocket> {
         }
         if (this.#waiters.length > 0) {
           // Its uid's waiter when fairness allows: a waiter of another uid that came first has a connect of its own.
+          // With the origin's other pools, the connect was its uid's turn across them (origin-cap.ts): its uid's.
           const handoff = handoffOf(socket, false, undefined);
           this.#firstLent(handoff, purpose);
           this.#leased++;
-          this.#serve(handoff, this.#waiters.peekFor(uid));
+          const turnOf = uid !== undefined && this.#shared() !== undefined ? this.#waiters.firstOf(uid) : undefined;
+          this.#serve(handoff, turnOf ?? this.#waiters.peekFor(uid));
         } else {
           this.#addIdle(socket, undefined, undefined, purpose);
         }

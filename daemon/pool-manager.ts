@@ -955,6 +955,7 @@ export class PoolManager {
         warmed: stats.warmed,
         warmedLent: stats.warmedLent,
         neverLent: stats.neverLent,
+        ...this.#sharedCapOf(pool),
       };
     });
     if (include) return snapshotOf(origins);
@@ -970,6 +971,19 @@ export class PoolManager {
       originCount: origins.length,
       warming: this.warming(),
       origins,
+    };
+  }
+
+  /**
+   * For the row of a pool whose origin is reached more ways than one (origin-cap.ts): its connections in all those
+   * pools against the one maxPerOrigin, and the acquires waiting for room at it (a waiter sees why it waits). Only
+   * such an origin's rows carry it: the others' own counts are the origin's.
+   */
+  #sharedCapOf(pool: OriginPool): { sharedCap?: { connections: number; maxPerOrigin: number; waiting: number } } {
+    const cap = this.#caps.get(fleetKey(pool.origin));
+    if (cap === undefined || cap.size < 2) return {};
+    return {
+      sharedCap: { connections: cap.total(), maxPerOrigin: pool.policy.maxPerOrigin, waiting: cap.waitingCount() },
     };
   }
 

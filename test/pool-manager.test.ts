@@ -1158,9 +1158,9 @@ describe("PoolManager maxPerOrigin across an origin's pools", () => {
   }
 
   /** An acquire left waiting; `handoff` once served (then held, closed by afterEach); `error` once failed. */
-  function waiting(pools: PoolManager, origin: Origin, tlsTrust?: typeof SYSTEM_TRUST) {
+  function waiting(pools: PoolManager, origin: Origin, tlsTrust?: typeof SYSTEM_TRUST, uid = 0) {
     const state: { handoff?: Handoff & { originKey: string }; error?: unknown } = {};
-    pools.acquire(origin, 600_000, tlsTrust).then(
+    pools.acquire(origin, 600_000, tlsTrust, uid).then(
       (handoff) => {
         state.handoff = handoff;
         held.push(handoff);
@@ -1173,10 +1173,10 @@ describe("PoolManager maxPerOrigin across an origin's pools", () => {
   }
 
   /** Ends a held lease as curl closing its connection does. */
-  function endLease(pools: PoolManager, handoff: Handoff & { originKey: string }): void {
+  function endLease(pools: PoolManager, handoff: Handoff & { originKey: string }, uid = 0): void {
     held.splice(held.indexOf(handoff), 1);
     native.close(handoff.fd);
-    pools.leaseEnded(handoff.originKey);
+    pools.leaseEnded(handoff.originKey, uid);
   }
 
   const turns = async (count = 5) => {
@@ -1259,6 +1259,78 @@ describe("PoolManager maxPerOrigin across an origin's pools", () => {
     await until(() => corp.handoff !== undefined, 'the corp acquire served');
     expect(corp.handoff!.originKey).toBe('busy.test:443 via corp');
     await until(() => connector.openPeers === 1, 'one connection open at the origin');
+  });
+
+  it("gives room at the origin's cap to its waiting uids in turns across its pools: a uid waiting in two pools has one turn a round, not one in each", async () => {
+    const pools = sharing({ maxPerOrigin: 1 });
+    // uid 1 holds the room, and waits through corp and directly; uid 2 waits directly only.
+    let lease: Handoff & { originKey: string } = await pools.acquire(BUSY, 1_000, undefined, 1);
+    let uid = 1;
+    held.push(lease);
+    const queued = {
+      corp1: waiting(pools, viaCorp, undefined, 1),
+      direct1: waiting(pools, BUSY, undefined, 1),
+      other1: waiting(pools, BUSY, undefined, 2),
+      corp2: waiting(pools, viaCorp, undefined, 1),
+      direct2: waiting(pools, BUSY, undefined, 1),
+      other2: waiting(pools, BUSY, undefined, 2),
+    };
+    await turns();
+    expect(connector.calls).toBe(1);
+    const served: string[] = [];
+    for (let round = 0; round < 6; round++) {
+      // The lease holding the room ends (as its uid's): the room goes to one waiter.
+      endLease(pools, lease, uid);
+      await until(() => Object.values(queued).filter((state) => state.handoff).length === round + 1, 'one more served');
+      const [name, state] = Object.entries(queued).find(
+        ([name, state]) => state.handoff !== undefined && !served.includes(name),
+      )!;
+      served.push(name);
+      lease = state.handoff!;
+      uid = name.startsWith('other') ? 2 : 1;
+    }
+    // Before: turns went by pool (corp, direct, corp, direct, ...): uid 1 had a turn in each pool a round, 1 2 1 1 2 1.
+    // Now by uid, uid 2 waiting in one pool as often as uid 1 in two, each uid's waiters oldest first.
+    expect(served).toEqual(['corp1', 'other1', 'direct1', 'other2', 'corp2', 'direct2']);
+    await until(() => connector.openPeers === 1, 'one connection open at the origin');
+  });
+
+  it("gives room at the origin's cap to the waiting uid that holds the fewest of it in all its pools: a uid holding a lease takes no more through another pool while another uid waits", async () => {
+    const pools = sharing({ maxPerOrigin: 2 });
+    held.push(await pools.acquire(BUSY, 1_000, undefined, 1));
+    const second = await pools.acquire(BUSY, 1_000, undefined, 1);
+    held.push(second);
+    const corp = waiting(pools, viaCorp, undefined, 1);
+    const other = waiting(pools, BUSY, undefined, 2);
+    await turns();
+    expect(connector.calls).toBe(2);
+    // uid 1 holds one of the two still as its other lease ends: the room is uid 2's, though uid 1's corp acquire
+    // waited first (before: corp's turn came first, and uid 1 held the whole cap while uid 2 waited).
+    endLease(pools, second, 1);
+    await until(() => other.handoff !== undefined || corp.handoff !== undefined, 'one acquire served');
+    await turns();
+    expect(other.handoff?.originKey).toBe('busy.test:443');
+    expect(corp.handoff).toBeUndefined();
+  });
+
+  it("shows in every row of the origin's pools the connections of all of them against maxPerOrigin, and the acquires waiting at it", async () => {
+    const pools = sharing({ maxPerOrigin: 2 });
+    held.push(await pools.acquire(BUSY, 1_000));
+    held.push(await pools.acquire(viaCorp, 1_000));
+    waiting(pools, viaCorp);
+    waiting(pools, BUSY);
+    waiting(pools, BUSY);
+    held.push(await pools.acquire(QUIET, 1_000));
+    await turns();
+    const sharedCap = { connections: 2, maxPerOrigin: 2, waiting: 3 };
+    const rows = pools.snapshot().origins;
+    expect(rows.find((row) => row.origin === 'busy.test:443')).toMatchObject({ leased: 1, waiting: 2, sharedCap });
+    expect(rows.find((row) => row.origin === 'busy.test:443 via corp')).toMatchObject({ waiting: 1, sharedCap });
+    // An origin reached one way only has its row's own counts: no such field.
+    expect(rows.find((row) => row.origin === 'quiet.test:443')).not.toHaveProperty('sharedCap');
+    // A uid's view builds only the rows it names: the figure is the origin's all the same.
+    const mine = pools.snapshot((key) => key === 'busy.test:443 via corp').origins;
+    expect(mine).toEqual([expect.objectContaining({ origin: 'busy.test:443 via corp', sharedCap })]);
   });
 
   it('serves the acquires waiting in every pool of the origin when a reload raises its cap, whichever pool it reaches first', async () => {
