@@ -129,8 +129,9 @@ export async function runSockpoold(early: EarlySignals): Promise<void> {
     running.stop().then(
       ({ threadsLeft }) => {
         if (threadsLeft.length === 0) return flushLogs(log).then(() => process.exit(0));
-        // A relay thread that never ended (daemon/tls-relay.ts, header): process.exit() would join it and wait for
-        // ever. Everything the daemon owns is closed and its history written by now; the logs go out, then _exit.
+        // A relay thread that never ended (daemon/tls-relay.ts, header), or the state store's waiting for a sync of a
+        // slow disk (daemon/store.ts, close): process.exit() would join it and wait for ever, or for the disk.
+        // Everything the daemon owns is closed and its history handed over by now; the logs go out, then _exit.
         log.error({ threadsLeft }, 'unclean stop: threads left running; exiting without joining them');
         return flushLogs(log).then(() => native.exitNow(1));
       },

@@ -86,7 +86,10 @@ export interface DaemonOptions {
 
 /** What a stop left behind. */
 export interface StopOutcome {
-  /** Relay threads that had not ended when the stop gave up waiting for them (named as in the log). */
+  /**
+   * Relay threads that had not ended when the stop gave up waiting for them (named as in the log), and the state
+   * store's thread when its last writing still waited for the disk (StateStore.threadLeft).
+   */
   threadsLeft: string[];
 }
 
@@ -713,13 +716,18 @@ export class Sockpoold {
       // Bounded: a thread that does not end is named in the log and left for the process's exit.
       threadsLeft = await this.#relays.close();
       try {
-        // Bounded (CLOSE_BUDGET_MS), so that the stop ends before systemd's SIGKILL: what is left is dropped.
+        // Bounded (CLOSE_BUDGET_MS), so that the stop ends before systemd's SIGKILL, whatever the disk does: what is
+        // left is dropped.
         const dropped = this.#store.close();
         if (dropped > 0) this.#log.warn({ dropped }, 'history: origins not written at stop (out of time)');
       } catch (error) {
         // Closed all the same; what was recorded since the last flush is lost (the file locked, a full disk).
         this.#log.warn({ err: (error as Error).message }, 'history not written at stop');
       }
+      // Its thread still waiting for the disk (a sync past the budget): left as a relay thread is, for the process's
+      // exit not to join it (the WAL recovers what it was writing at the next start).
+      const storeThread = this.#store.threadLeft;
+      if (storeThread) threadsLeft = [...threadsLeft, storeThread];
     }
     this.#log.info(threadsLeft.length > 0 ? { stored, idle, threadsLeft } : { stored, idle }, 'sockpoold stopped');
     this.#notifier.close();

@@ -20,10 +20,12 @@
 // (#pendingOf) and PENDING_MINUTES per-minute demand entries among them (#addDemand). And
 // the timer's flushes write in slices of at most SLICE_BUDGET_MS of event-loop time, continuing on the next turn,
 // so a flood of new origins never holds the loop for long (bench/store-flush.ts measures it with 100,000 origins).
-// `flush()` itself (before `topOrigins`) still writes everything at once; `close()` (the stop) writes in committed
-// slices for at most CLOSE_BUDGET_MS and drops what is left. While the timer runs, the WAL is copied into the
-// database file (the checkpoint, with its fsync) by a thread of its own with a second connection, never by a commit
-// on the event loop: SQLite's automatic checkpoint at the end of a commit was the longest part of a slice.
+// `flush()` itself (before `topOrigins`) still writes everything at once; `close()` (the stop) prepares committed
+// slices for at most CLOSE_BUDGET_MS, drops what is left, and returns by then whatever the disk does: the slices are
+// committed, and the file closed, by the store's thread (below), which the close stops waiting for at the budget.
+// While the timer runs, the WAL is copied into the database file (the checkpoint, with its fsync) by that thread, with
+// a second connection, never by a commit on the event loop: SQLite's automatic checkpoint at the end of a commit was
+// the longest part of a slice.
 //
 // Wall-clock time (Date.now) is right here, unlike in the rest of the daemon: these timestamps must mean the same
 // thing after a restart or a reboot.
@@ -31,7 +33,7 @@
 import { mkdirSync, renameSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { join } from 'node:path';
-import { Worker } from 'node:worker_threads';
+import { MessageChannel, type MessagePort, receiveMessageOnPort, Worker } from 'node:worker_threads';
 import Database from 'better-sqlite3';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import { originOfKey } from '../shared/origin.js';
@@ -214,10 +216,11 @@ function minutesPerOriginOf(maxOrigins: number): number {
 }
 
 /**
- * Event-loop time close() spends writing what is pending at most (the daemon's stop). The unit's TimeoutStopSec= is
- * 15 s, and the stop spends up to 1 s on STOPPING=1, 10 s handing idle sockets to systemd's fd store and 3 s ending
- * the relay threads before it (daemon.ts): the history has the last second. Written in one transaction, 100,000
- * pending origins took seconds here, past the stop's end, where systemd's SIGKILL rolled it all back.
+ * Time close() spends on what is pending at most (the daemon's stop), whatever the disk does. The unit's
+ * TimeoutStopSec= is 15 s, and the stop spends up to 1 s on STOPPING=1, 10 s handing idle sockets to systemd's fd store
+ * and 3 s ending the relay threads before it (daemon.ts): the history has the last second. Written in one
+ * transaction, 100,000 pending origins took seconds here, past the stop's end, where systemd's SIGKILL rolled it all
+ * back; and a disk whose syncs stall took the stop there all the same (see close()).
  */
 export const CLOSE_BUDGET_MS = 1_000;
 /**
@@ -241,26 +244,80 @@ export const WAL_SIZE_LIMIT = 4 * 1024 * 1024;
 const AUTOCHECKPOINT_PAGES = 1000;
 
 /**
- * The checkpointer thread. An eval'd worker, so that the same code runs from daemon/*.ts (in-process tests) and
- * from dist/. It owns a second connection and runs a PASSIVE checkpoint when asked: PASSIVE never waits for the
- * daemon's connection and never blocks its writes (what it cannot copy now, the next request copies).
+ * The store's thread: the checkpointer while the auto flush runs, and the writer of close() (started then if none
+ * runs). An eval'd worker, so that the same code runs from daemon/*.ts (in-process tests) and from dist/. It owns a
+ * second connection. Asked with a number, it runs a PASSIVE checkpoint: PASSIVE never waits for the daemon's
+ * connection and never blocks its writes (what it cannot copy now, the next request copies). Asked with rows (close's
+ * slices, see close()), it commits each message in one transaction, counting the origins committed in the shared
+ * `flags`; asked to close, it closes its connection (the last one: SQLite checkpoints the whole WAL, with its
+ * syncs, here and not on the event loop), says so in `flags`, and ends.
  */
-const CHECKPOINTER_SOURCE = `
+const STORE_THREAD_SOURCE = `
 const { parentPort, workerData } = require('node:worker_threads');
 const Database = require(workerData.betterSqlite3);
-const db = new Database(workerData.path, { fileMustExist: true });
-// The first checkpoint opens the WAL and its index: every fd of this connection is open before 'ready'.
-db.pragma('wal_checkpoint(PASSIVE)');
+const flags = new Int32Array(workerData.flags);
+const [OPEN, COMMITTED, DONE] = [0, 1, 2];
+const signal = (index, value) => {
+  Atomics.store(flags, index, value);
+  Atomics.notify(flags, index);
+};
+let db;
+try {
+  db = new Database(workerData.path, { fileMustExist: true });
+  db.exec('PRAGMA busy_timeout = 0; PRAGMA synchronous = NORMAL');
+  db.pragma('journal_size_limit = ' + workerData.walSizeLimit);
+  // The checkpointer's first checkpoint, a writer's first read: the WAL and its index are open, and the database
+  // file's shared lock is held (in WAL mode, until the connection closes), before OPEN, so the daemon's connection
+  // is no longer the last one.
+  if (workerData.checkpointer) db.pragma('wal_checkpoint(PASSIVE)');
+  else db.prepare('SELECT count(*) FROM sqlite_master').get();
+} catch (error) {
+  signal(OPEN, -1);
+  throw error;
+}
+signal(OPEN, 1);
 parentPort.postMessage({ ready: true });
-parentPort.on('message', () => {
-  try {
-    const [result] = db.pragma('wal_checkpoint(PASSIVE)');
-    parentPort.postMessage({ log: result.log, checkpointed: result.checkpointed });
-  } catch (error) {
-    parentPort.postMessage({ error: String((error && error.message) || error) });
+let upsert;
+let addDemand;
+parentPort.on('message', (message) => {
+  if (typeof message === 'number') {
+    try {
+      const [result] = db.pragma('wal_checkpoint(PASSIVE)');
+      parentPort.postMessage({ log: result.log, checkpointed: result.checkpointed });
+    } catch (error) {
+      parentPort.postMessage({ error: String((error && error.message) || error) });
+    }
+  } else if (message.rows) {
+    try {
+      upsert ??= db.prepare(message.upsert);
+      addDemand ??= db.prepare(message.addDemand);
+      db.transaction(() => {
+        for (const row of message.rows) upsert.run(row);
+        for (const [key, minute, acquires] of message.demand) addDemand.run(key, minute, acquires);
+      })();
+      Atomics.add(flags, COMMITTED, message.origins);
+    } catch (error) {
+      // A locked file or a full disk: the slice is rolled back, its origins dropped (close() counts them and throws
+      // the first such error, read from this port without the event loop).
+      workerData.errors.postMessage({ message: String((error && error.message) || error), code: error && error.code });
+    }
+    Atomics.notify(flags, COMMITTED);
+  } else if (message.close) {
+    try {
+      db.close();
+    } finally {
+      signal(DONE, 1);
+      parentPort.close();
+    }
   }
 });
 `;
+/** Indexes of the store thread's shared flags (STORE_THREAD_SOURCE): its connection open (1, or -1: failed to). */
+const THREAD_OPEN = 0;
+/** Origins of close()'s slices the thread committed. */
+const THREAD_COMMITTED = 1;
+/** The thread closed its connection: nothing of the store is left on the disk's side. */
+const THREAD_DONE = 2;
 
 /** What the checkpointer answered last: frames in the WAL and frames copied into the database file. */
 export interface CheckpointResult {
@@ -320,6 +377,13 @@ interface OriginRow {
   demand_updated_at: number;
   /** The holder (see MIGRATIONS[3]); NULL when none, or on a file whose migration to schema 4 waits. */
   uid: number | null;
+}
+
+/** One slice of close()'s writing, for the store thread to commit (STORE_THREAD_SOURCE). */
+interface ThreadSlice {
+  rows: OriginRow[];
+  demand: Array<[string, number, number]>;
+  origins: number;
 }
 
 /** Who holds a row: a uid, or null for rows no acquire of a known uid brought in (see MIGRATIONS[3]). */
@@ -413,6 +477,14 @@ export class StateStore {
   /** Commits since the last checkpoint request. */
   #uncheckpointed = false;
   #checkpointerReady: Promise<void> = Promise.resolve();
+  /** The store thread's shared flags (THREAD_OPEN...), name and end: the checkpointer's, then close()'s writer's. */
+  #threadFlags: Int32Array | undefined;
+  #threadName = '';
+  #threadEnded: Promise<void> = Promise.resolve();
+  /** Where the store thread tells close()'s slices that failed (read with receiveMessageOnPort). */
+  #threadErrors: MessagePort | undefined;
+  /** The store thread close() stopped waiting for (its name), if any. */
+  #threadLeft: string | undefined;
   #slicesSinceCheckpoint = 0;
   #checkpoints = 0;
   #lastCheckpoint: CheckpointResult | undefined;
@@ -990,12 +1062,7 @@ export class StateStore {
   /** Starts the checkpointer thread; from now on commits leave the WAL to it. */
   #startCheckpointer(): void {
     if (this.#checkpointer || this.#closed || this.#inMemory) return;
-    const worker = new Worker(CHECKPOINTER_SOURCE, {
-      eval: true,
-      name: 'sockpoold state checkpointer',
-      workerData: { path: this.path, betterSqlite3: createRequire(import.meta.url).resolve('better-sqlite3') },
-    });
-    worker.unref();
+    const worker = this.#startThread('sockpoold state checkpointer', true);
     let ready: () => void = () => {};
     this.#checkpointerReady = new Promise((resolve) => {
       ready = resolve;
@@ -1013,10 +1080,40 @@ export class StateStore {
       if (this.#checkpointAgain) this.#requestCheckpoint();
     });
     // A thread that cannot run (or dies) hands checkpoints back to the commits, as without it.
-    worker.on('error', () => this.#stopCheckpointer());
+    worker.on('error', () => {
+      if (this.#checkpointer === worker) this.#stopCheckpointer();
+    });
     worker.on('exit', () => ready());
     this.#db.pragma('wal_autocheckpoint = 0');
     this.#checkpointer = worker;
+  }
+
+  /** Starts a store thread (STORE_THREAD_SOURCE) with its shared flags; unref'd: it never keeps the process alive. */
+  #startThread(name: string, checkpointer: boolean): Worker {
+    const flags = new SharedArrayBuffer(3 * Int32Array.BYTES_PER_ELEMENT);
+    const errors = new MessageChannel();
+    this.#threadErrors?.close();
+    this.#threadErrors = errors.port1;
+    const worker = new Worker(STORE_THREAD_SOURCE, {
+      transferList: [errors.port2],
+      eval: true,
+      name,
+      workerData: {
+        path: this.path,
+        betterSqlite3: createRequire(import.meta.url).resolve('better-sqlite3'),
+        flags,
+        checkpointer,
+        walSizeLimit: WAL_SIZE_LIMIT,
+        errors: errors.port2,
+      },
+    });
+    worker.unref();
+    // One that cannot open the file ends with an error: its flags say so (THREAD_OPEN -1), and the close acts on them.
+    worker.on('error', () => {});
+    this.#threadFlags = new Int32Array(flags);
+    this.#threadName = name;
+    this.#threadEnded = new Promise((resolve) => worker.once('exit', () => resolve()));
+    return worker;
   }
 
   #stopCheckpointer(): void {
@@ -1094,7 +1191,8 @@ export class StateStore {
     this.#rowCount--;
   }
 
-  #write(originKey: string, pending: Pending, now: number): void {
+  /** Writes one pending origin; with `out`, collects the statements' parameters there (close()'s thread runs them). */
+  #write(originKey: string, pending: Pending, now: number, out?: ThreadSlice): void {
     const old = this.#statements.select.get(originKey);
     // Only origins that connected are remembered: failures and refusals of an origin never reached leave no row.
     if (!old && pending.acquires === 0 && pending.connects === 0 && !pending.idleLifetimeChanged) return;
@@ -1136,7 +1234,7 @@ export class StateStore {
         // Not host:port (a key format of a later version?): kept, but never warmed from history.
       }
     }
-    this.#statements.upsert.run({
+    const row: OriginRow = {
       origin_key: originKey,
       host,
       port,
@@ -1151,11 +1249,15 @@ export class StateStore {
       demand_rate_per_s: demandRate,
       demand_updated_at: demandUpdatedAt,
       uid: holder,
-    });
+    };
+    if (out) out.rows.push(row);
+    else this.#statements.upsert.run(row);
     // A merged entry's minute is kept unrounded in memory (#mergeOldest) and rounded once, here; two that round to the
     // same minute add up (the statement's upsert).
     pending.minutes.forEach((minute, index) => {
-      this.#statements.addDemand.run(originKey, Math.round(minute), pending.minuteAcquires[index] ?? 0);
+      const demand: [string, number, number] = [originKey, Math.round(minute), pending.minuteAcquires[index] ?? 0];
+      if (out) out.demand.push(demand);
+      else this.#statements.addDemand.run(...demand);
     });
   }
 
@@ -1310,15 +1412,104 @@ export class StateStore {
   }
 
   /**
-   * Stops the timer, writes what is pending and closes the database. Idempotent. The writing is a timed flush's
-   * (pending origins, in the order they were first recorded since the last flush, then evictions and pruning), in
-   * committed slices of CLOSE_SLICE_MS, for at most `budgetMs` of event-loop time (looked at after each origin):
-   * the pending origins left then are dropped, counters, connect times, demand minutes and all (a lifetime learned
-   * from one stays in the file only if written before), and their number returned. Evictions or pruning left undone
-   * are done by the next start's first flush (the row counts are taken from the table at open).
+   * Stops the timer, writes what is pending and closes the database, for at most `budgetMs` (the daemon's stop has
+   * that long), whatever the disk does. Idempotent. The writing is a timed flush's pending origins, in the order they
+   * were first recorded since the last flush, in committed slices of CLOSE_SLICE_MS; evictions and pruning are left
+   * to the next start's first flush (the row counts are taken from the table at open). Returns the pending origins not
+   * seen committed when it returned, counters, connect times, demand minutes and all (a lifetime learned from one stays
+   * in the file only if written before): those it had no time to prepare are dropped, those handed to the store thread
+   * may still be committed by it if the process lives on.
+   *
+   * Nothing here waits for a sync of the disk on the event loop: a commit that starts the WAL over syncs its header,
+   * and the last connection to close checkpoints the whole WAL with two syncs more, each as slow as the disk is (a
+   * stalled disk took the stop into systemd's SIGKILL). So the event loop only reads (the rows the slices update) and
+   * hands the slices to the store thread, which commits them on its own connection and closes it last; the event
+   * loop's connection closes once that one is open, never as the last (it then checkpoints nothing). Skipping the
+   * checkpoint alone would not do (better-sqlite3 has no SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, and the header's sync is
+   * needed: SQLite warns that without it a restarted WAL can corrupt the file at a power loss, so synchronous=OFF is
+   * not an option either). The close waits for the thread until the budget is spent, then returns without it
+   * (threadLeft names it): abandoning it is a crash to SQLite, which its WAL recovers at the next open; the process
+   * must then end without joining the thread (daemon/command.ts: _exit), since process.exit() would wait for its sync.
    */
   close(budgetMs = CLOSE_BUDGET_MS): number {
     if (this.#closed) return 0;
+    if (this.#inMemory) return this.#closeInMemory(budgetMs);
+    const deadline = performance.now() + budgetMs;
+    if (this.#timer) clearInterval(this.#timer);
+    this.#timer = undefined;
+    const pending = this.#pending.size;
+    this.#closed = true;
+    // The checkpointer, when it runs, is the writer: its connection is open already.
+    const thread = this.#checkpointer ?? this.#startThread('sockpoold state writer', false);
+    this.#checkpointer = undefined;
+    const flags = this.#threadFlags as Int32Array;
+    const waitFor = (index: number): number => {
+      for (;;) {
+        const value = Atomics.load(flags, index);
+        const left = deadline - performance.now();
+        if (value !== 0 || left <= 0) return value;
+        Atomics.wait(flags, index, 0, left);
+      }
+    };
+    let ourConnectionClosed = false;
+    const closeOurs = () => {
+      if (ourConnectionClosed) return;
+      ourConnectionClosed = true;
+      try {
+        this.#db.close();
+      } finally {
+        thread.postMessage({ close: true });
+      }
+    };
+    // A read that fails (a page found corrupt) ends the preparing; the close goes on, and throws it at the end.
+    let failure: unknown;
+    try {
+      const now = this.#now();
+      const source = { upsert: this.#statements.upsert.source, addDemand: this.#statements.addDemand.source };
+      let slice: ThreadSlice = { rows: [], demand: [], origins: 0 };
+      let sliceStarted = performance.now();
+      const send = () => {
+        if (slice.origins > 0) thread.postMessage({ ...source, ...slice });
+        slice = { rows: [], demand: [], origins: 0 };
+        sliceStarted = performance.now();
+      };
+      for (const [originKey, record] of this.#pending) {
+        if (performance.now() >= deadline) break;
+        this.#write(originKey, record, now, slice);
+        slice.origins++;
+        if (performance.now() - sliceStarted >= CLOSE_SLICE_MS) send();
+      }
+      send();
+    } catch (error) {
+      failure = error;
+    }
+    this.#pending.clear();
+    this.#pendingBy.clear();
+    const open = waitFor(THREAD_OPEN);
+    try {
+      if (open !== 0) closeOurs();
+      else {
+        // Not open yet (a thread started just now, on a loaded machine): ours closes once it is, if the process lives.
+        thread.once('message', closeOurs);
+        thread.once('exit', closeOurs);
+      }
+    } catch (error) {
+      failure ??= error;
+    } finally {
+      this.#lock?.release();
+    }
+    // A thread that could not open the file (THREAD_OPEN -1) has ended: ours closed as the last, as before the thread.
+    if (open === 0 || (open === 1 && waitFor(THREAD_DONE) === 0)) this.#threadLeft = this.#threadName;
+    const sliceFailure = this.#threadErrors && receiveMessageOnPort(this.#threadErrors)?.message;
+    this.#threadErrors?.close();
+    // A slice that failed (a file locked by another process, a full disk), as a flush's failure: the daemon logs it.
+    failure ??= sliceFailure && Object.assign(new Error(sliceFailure.message), { code: sliceFailure.code });
+    if (failure) throw failure;
+    return pending - Atomics.load(flags, THREAD_COMMITTED);
+  }
+
+  /** close() of a history in memory: nothing on a disk; its slices are committed here, as the file's once were. */
+  #closeInMemory(budgetMs: number): number {
     this.stopAutoFlush();
     const deadline = performance.now() + budgetMs;
     try {
@@ -1334,5 +1525,18 @@ export class StateStore {
         this.#lock?.release();
       }
     }
+  }
+
+  /**
+   * The store thread close() stopped waiting for, by name (its sync held by the disk past the budget), or undefined.
+   * The process must end without joining it: process.exit() would wait for the sync.
+   */
+  get threadLeft(): string | undefined {
+    return this.#threadLeft;
+  }
+
+  /** Resolves once the store thread has ended (after close(): everything written that will be; for tests). */
+  threadEnded(): Promise<void> {
+    return this.#threadEnded;
   }
 }

@@ -3,7 +3,8 @@
 // peer), systemd (systemd-analyze, systemd-socket-activate), patch, util-linux (setpriv: the tests' children die with
 // their test process, test/helpers/children.ts). `npm run test:system` (argument `system`) also:
 // iproute2 (network namespaces), util-linux (unshare), systemd-container and debootstrap (the systemd
-// lab), redis-server and redis-tools (the fleet's shared state), nginx (a real origin behind warm TLS sessions). On a
+// lab), redis-server and redis-tools (the fleet's shared state), nginx (a real origin behind warm TLS sessions), strace
+// (a disk whose syncs stall, for the state store's close). On a
 // fresh Debian machine, as root, this installs the missing ones with apt-get; otherwise it names the
 // packages and fails.
 
@@ -28,6 +29,7 @@ const systemTier = [
   ['redis-server', 'redis-server'],
   ['redis-cli', 'redis-tools'],
   ['nginx', 'nginx'],
+  ['strace', 'strace'],
 ];
 const tier = process.argv[2] ?? 'unit';
 const needs = tier === 'system' ? [...unitTier, ...systemTier] : unitTier;

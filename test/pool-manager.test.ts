@@ -36,7 +36,7 @@ let connector: FakeConnector;
 let managers: PoolManager[];
 let held: Array<Handoff & { originKey: string }>;
 let fdsBefore: number;
-const cleanups: Array<() => void> = [];
+const cleanups: Array<() => void | Promise<void>> = [];
 
 beforeEach(async () => {
   fdsBefore = fdCount();
@@ -50,10 +50,16 @@ afterEach(async () => {
   vi.useRealTimers();
   for (const manager of managers) manager.close(false);
   for (const handoff of held.splice(0)) native.close(handoff.fd);
-  for (const cleanup of cleanups.splice(0).reverse()) cleanup();
+  for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
   await connector.close();
   expect(fdCount()).toBe(fdsBefore);
 });
+
+/** Closes a store (again: idempotent) and waits for its thread, which holds fds until it has ended. */
+async function closeStore(store: StateStore): Promise<void> {
+  store.close();
+  await store.threadEnded();
+}
 
 function manager(pool: NonNullable<SockpoolConfigInput['pool']> = {}, store?: StateStore): PoolManager {
   const created = new PoolManager({
@@ -515,7 +521,7 @@ describe('PoolManager with its store and configuration', () => {
     const dir = mkdtempSync(join(tmpdir(), 'sockpool-pool-manager-'));
     const store = StateStore.open(dir, { now: () => 1_000_000 });
     cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
-    cleanups.push(() => store.close());
+    cleanups.push(() => closeStore(store));
     store.recordAcquire('busy.test:443', { hit: false });
     store.recordAcquire('busy.test:443', { hit: false });
     store.recordIdleLifetime('busy.test:443', 4_000);
@@ -534,7 +540,7 @@ describe('PoolManager with its store and configuration', () => {
     const dir = mkdtempSync(join(tmpdir(), 'sockpool-pool-manager-'));
     const store = StateStore.open(dir, { now: () => 1_000_000 });
     cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
-    cleanups.push(() => store.close());
+    cleanups.push(() => closeStore(store));
     store.recordAcquire('busy.test:443 via corp', { hit: false });
     store.recordAcquire('busy.test:443 via corp', { hit: false });
     store.recordAcquire('quiet.test:443 via gone', { hit: false });
@@ -562,7 +568,7 @@ describe('PoolManager with its store and configuration', () => {
     const dir = mkdtempSync(join(tmpdir(), 'sockpool-pool-manager-'));
     const store = StateStore.open(dir, { now: () => 1_000_000 });
     cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
-    cleanups.push(() => store.close());
+    cleanups.push(() => closeStore(store));
     store.recordAcquire('busy.test:443 via tls', { hit: false });
     store.recordAcquire('busy.test:443 via tls', { hit: false });
     store.flush();
@@ -582,7 +588,7 @@ describe('PoolManager with its store and configuration', () => {
     // A 1 ms rate window: each acquire adds 1000/s to the stored rate (a busy origin without 10,000 acquires here).
     const store = StateStore.open(dir, { now: () => 1_000_000, demandRateWindowMs: 1 });
     cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
-    cleanups.push(() => store.close());
+    cleanups.push(() => closeStore(store));
     // One uid's busy origins: each replayed rate alone asks for maxIdle (16) sockets (rate × 10 ms × 2 + a spare).
     for (let origin = 0; origin < 5; origin++) {
       for (let acquire = 0; acquire < 10 - origin; acquire++) {
@@ -620,7 +626,7 @@ describe('PoolManager with its store and configuration', () => {
     };
     const store = StateStore.open(dir, { now: tick, maxOrigins: 6 });
     cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
-    cleanups.push(() => store.close());
+    cleanups.push(() => closeStore(store));
     const before = manager({}, store);
     const acquireAs = async (origin: Origin, uid: number) => {
       const handoff = await before.acquire(origin, 1_000, undefined, uid);

@@ -14,6 +14,8 @@ const COMMANDS: Array<[string, string]> = [
   ['redis-server', 'redis-server'],
   ['redis-cli', 'redis-tools'],
   ['nginx', 'nginx'],
+  // test/store-close-slow-disk: holds the fixture's syncs (ptrace: root, or a container that allows it).
+  ['strace', 'strace'],
 ];
 
 function has(command: string): boolean {
