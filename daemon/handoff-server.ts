@@ -13,13 +13,16 @@ import * as native from '../shared/native.js';
 import { canonicalOrigin, type Origin } from '../shared/origin.js';
 import {
   BINARY_FRAMING,
+  BUNDLES,
   type ClientMessage,
   type DaemonMessage,
+  decodeClientBundle,
   decodeClientMessage,
   type ErrorReply,
   encodeFor,
   encodeMessage,
   expectedFds,
+  FrameType,
   type LeaseReply,
   MAX_FDS_PER_MESSAGE,
   MAX_MESSAGE_BYTES,
@@ -63,6 +66,8 @@ interface ClientSession {
   closed: boolean;
   /** Binary framing was negotiated in hello (shared/protocol.ts): hot replies go as frames, frames are accepted. */
   binary: boolean;
+  /** And of a version that takes bundles (several requests in one packet). */
+  bundles: boolean;
   /** The hello said the client takes `reclaim` notices (unasked messages). */
   reclaim: boolean;
   /** Acquires waiting for a socket, by request id: `cancel` aborts one (created on the first). */
@@ -395,6 +400,7 @@ export class HandoffServer {
       badMessages: 0,
       closed: false,
       binary: false,
+      bundles: false,
       reclaim: false,
       cancels: undefined,
       tokenWaits: undefined,
@@ -493,6 +499,10 @@ export class HandoffServer {
   }
 
   #onMessage(session: ClientSession, data: Buffer, fds: number[]): void {
+    if (data[0] === FrameType.bundle && data.length > 0) {
+      this.#onBundle(session, data, fds);
+      return;
+    }
     let message: ClientMessage;
     try {
       message = decodeClientMessage(data, session.binary);
@@ -515,6 +525,37 @@ export class HandoffServer {
       // A failure of the daemon's own (EMFILE while reading its memory for stats, say) fails this request only.
       this.#log.error({ client: session.id, type: message.type, err: (error as Error).message }, 'request failed');
       this.#replyError(session, 'id' in message && message.id !== undefined ? message.id : null, error);
+    }
+  }
+
+  /**
+   * Several requests in one packet (binary framing 3): each handled as if it had come alone, in order, unless the
+   * bundle as a whole is bad (then none is: one bad message). Each request past the first takes its place in the
+   * uid's turn budget, as a message of its own would.
+   */
+  #onBundle(session: ClientSession, data: Buffer, fds: number[]): void {
+    let messages: ClientMessage[];
+    try {
+      if (!session.bundles) {
+        throw new SockpoolError(ErrorCodes.PROTOCOL, 'bundle on a connection that did not negotiate binary framing 3');
+      }
+      if (fds.length !== 0) throw new SockpoolError(ErrorCodes.PROTOCOL, `bundle must carry no fds, got ${fds.length}`);
+      messages = decodeClientBundle(data);
+    } catch (error) {
+      for (const fd of fds) native.discard(fd, session.uid);
+      this.#onBadMessage(session, null, error as Error);
+      return;
+    }
+    session.channel.spendTurns(messages.length - 1);
+    for (const message of messages) {
+      // (A request of the bundle may end the session: too many bad ones, say. The rest go nowhere.)
+      if (session.closed) return;
+      try {
+        this.#handle(session, message, NO_FDS);
+      } catch (error) {
+        this.#log.error({ client: session.id, type: message.type, err: (error as Error).message }, 'request failed');
+        this.#replyError(session, 'id' in message && message.id !== undefined ? message.id : null, error);
+      }
     }
   }
 
@@ -542,6 +583,7 @@ export class HandoffServer {
           cancel: true,
         });
         session.binary = message.binary !== undefined;
+        session.bundles = message.binary !== undefined && Math.min(message.binary, BINARY_FRAMING) >= BUNDLES;
         session.reclaim = message.reclaim === true;
         return;
       case 'acquire':
@@ -1244,6 +1286,8 @@ export class HandoffServer {
 }
 
 const BORROWED = { borrowed: true };
+/** A bundled request's fds: none (a bundle carries none). */
+const NO_FDS: number[] = [];
 
 /** sockpool_refusals_total's `reason` for an error reply (a session refused by a quota at accept is `quota` too). */
 const REFUSAL_REASONS: Readonly<Record<string, string>> = {

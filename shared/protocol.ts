@@ -17,10 +17,14 @@ import { ErrorCodes, SockpoolError } from './errors.js';
 import { PROXY_NAME } from './origin.js';
 
 export const PROTOCOL_VERSION = 1;
-/** The binary framing this side speaks (hello's `binary`); 2: version 1 plus the release without an fd. */
-export const BINARY_FRAMING = 2;
+/** The binary framing this side speaks (hello's `binary`); 2: version 1 plus the release without an fd; 3: bundles. */
+export const BINARY_FRAMING = 3;
 /** The first binary framing version whose `release` may leave its fd out (`withoutFd`). */
 export const RELEASE_WITHOUT_FD = 2;
+/** The first binary framing version that takes a bundle: several fd-less client frames in one packet. */
+export const BUNDLES = 3;
+/** Most frames one bundle may hold. */
+export const MAX_BUNDLED_FRAMES = 16;
 /** Largest message either side sends or accepts; larger ones are a protocol error. */
 export const MAX_MESSAGE_BYTES = 16 * 1024;
 /** Most fds one message may carry. */
@@ -253,6 +257,8 @@ function parseJson(data: Uint8Array): unknown {
 export function salvageRequestId(data: Uint8Array): number | null {
   if (isBinaryFrame(data)) {
     // acquire always has one; release and closed when their flags say so.
+    // (A bundle's requests are answered one by one; a bundle that cannot be read has no one id.)
+    if (data[0] === FrameType.bundle) return null;
     if (data.length < 6 || (data[0] !== FrameType.acquire && (data[1]! & HAS_ID) === 0)) return null;
     const id = Buffer.from(data.buffer, data.byteOffset, data.length).readUInt32LE(2);
     return id <= MAX_REQUEST_ID ? id : null;
@@ -319,6 +325,8 @@ export function decodeClientMessage(data: Uint8Array, binary = false): ClientMes
         'binary frame on a connection that did not negotiate binary framing',
       );
     }
+    if (data[0] === FrameType.bundle)
+      throw frameError('bundle', 'a bundle holds several messages (decodeClientBundle)');
     return decodeClientFrame(Buffer.isBuffer(data) ? data : Buffer.from(data.buffer, data.byteOffset, data.length));
   }
   const value = parseJson(data);
@@ -355,7 +363,7 @@ export function decodeDaemonMessage(data: Uint8Array): DaemonMessage {
 // trust values are ASCII by the schema). Each frame has an exact length: anything else is a protocol error.
 
 /** The first byte of a binary frame. */
-export const FrameType = { acquire: 0x01, release: 0x02, closed: 0x03, lease: 0x81, ok: 0x82 } as const;
+export const FrameType = { acquire: 0x01, release: 0x02, closed: 0x03, bundle: 0x04, lease: 0x81, ok: 0x82 } as const;
 const FRAME_TYPES = new Set<number>(Object.values(FrameType));
 const JSON_START = 0x7b; // '{'
 const MAX_REQUEST_ID = 2 ** 31 - 1;
@@ -523,6 +531,59 @@ function decodeClientFrame(frame: Buffer): ClientMessage {
     default:
       throw new SockpoolError(ErrorCodes.PROTOCOL, `binary frame type 0x${frame[0]!.toString(16)} is not a request`);
   }
+}
+
+/**
+ * Several client frames in one packet (binary framing 3): `frames` are encodeFrame's acquire, fd-less release and
+ * closed frames, at most MAX_BUNDLED_FRAMES. Layout: type byte, count u8, then per frame its length u16 and itself.
+ */
+export function encodeBundle(frames: readonly Buffer[]): Buffer {
+  if (frames.length < 1 || frames.length > MAX_BUNDLED_FRAMES) {
+    throw new RangeError(`a bundle holds 1-${MAX_BUNDLED_FRAMES} frames, not ${frames.length}`);
+  }
+  let length = 2;
+  for (const frame of frames) length += 2 + frame.length;
+  const bundle = Buffer.allocUnsafe(length);
+  bundle[0] = FrameType.bundle;
+  bundle[1] = frames.length;
+  let at = 2;
+  for (const frame of frames) {
+    bundle.writeUInt16LE(frame.length, at);
+    frame.copy(bundle, at + 2);
+    at += 2 + frame.length;
+  }
+  return bundle;
+}
+
+/**
+ * The requests of a bundle, in order, each checked as its own frame would be; any fault (a count or length that does
+ * not add up, a frame that is no acquire, fd-less release or closed) refuses the whole bundle, so that none of it
+ * takes effect. A bundle carries no fd.
+ */
+export function decodeClientBundle(data: Uint8Array): ClientMessage[] {
+  const bundle = Buffer.isBuffer(data) ? data : Buffer.from(data.buffer, data.byteOffset, data.length);
+  if (bundle.length < 2 || bundle[0] !== FrameType.bundle) throw frameError('bundle', 'not a bundle');
+  const count = bundle[1]!;
+  if (count < 1 || count > MAX_BUNDLED_FRAMES)
+    throw frameError('bundle', `holds 1-${MAX_BUNDLED_FRAMES} frames, not ${count}`);
+  const messages: ClientMessage[] = [];
+  let at = 2;
+  for (let i = 0; i < count; i++) {
+    if (at + 2 > bundle.length) throw frameError('bundle', `frame ${i + 1} of ${count} is missing`);
+    const length = bundle.readUInt16LE(at);
+    const end = at + 2 + length;
+    if (length < 1 || end > bundle.length) throw frameError('bundle', `frame ${i + 1} of ${count} overruns the bundle`);
+    const type = bundle[at + 2]!;
+    if (type !== FrameType.acquire && type !== FrameType.release && type !== FrameType.closed) {
+      throw frameError('bundle', `frame ${i + 1} of ${count} (type 0x${type.toString(16)}) cannot be bundled`);
+    }
+    const message = decodeClientFrame(bundle.subarray(at + 2, end));
+    if (expectedFds(message) !== 0) throw frameError('bundle', `frame ${i + 1} of ${count} is a release with its fd`);
+    messages.push(message);
+    at = end;
+  }
+  if (at !== bundle.length) throw frameError('bundle', `${bundle.length - at} bytes after its ${count} frames`);
+  return messages;
 }
 
 function decodeDaemonFrame(frame: Buffer): DaemonMessage {

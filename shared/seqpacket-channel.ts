@@ -110,7 +110,8 @@ export class TurnBudget {
 
   /** How many of `wanted` may be read now (0: wait). */
   allow(wanted: number): number {
-    return this.#left < wanted ? this.#left : wanted;
+    // (Below 0 after spendMore: the group waits for its refill.)
+    return this.#left < wanted ? Math.max(0, this.#left) : wanted;
   }
 
   /** `count` messages were read. */
@@ -184,6 +185,14 @@ export class SeqpacketChannel {
   /** Bytes of the messages waiting for the peer to read (past what the kernel's socket buffer holds). */
   get queuedBytes(): number {
     return this.#queuedBytes;
+  }
+
+  /**
+   * `count` more requests were read than messages: a message that held several (a bundle) takes as much of its group's
+   * turn budget as they would have taken coming one by one.
+   */
+  spendTurns(count: number): void {
+    if (count > 0) this.#turns?.spend(count);
   }
 
   /**

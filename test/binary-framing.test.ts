@@ -1,17 +1,20 @@
 // Binary framing (shared/protocol.ts): the hot messages as compact frames once hello negotiated them. Pure round
 // trips and every way a frame is refused, then a real daemon: negotiation, a binary acquire → lease with its fd,
 // release → ok, typed errors for bad frames, and JSON for clients that did not ask.
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { ErrorCodes } from '../shared/errors.js';
 import * as native from '../shared/native.js';
 import {
   type ClientMessage,
+  decodeClientBundle,
   decodeClientMessage,
   decodeDaemonMessage,
+  encodeBundle,
   encodeFor,
   encodeFrame,
   FrameType,
   isBinaryFrame,
+  MAX_BUNDLED_FRAMES,
   salvageRequestId,
 } from '../shared/protocol.js';
 import { startServer, type TestServer } from './fixtures/native-helpers.js';
@@ -121,6 +124,66 @@ describe('binary frames', () => {
   });
 });
 
+describe('bundles (binary framing 3)', () => {
+  const acquire = encodeFrame({ type: 'acquire', id: 4, host: 'example.com', port: 443, timeoutMs: 100 })!;
+  const release = encodeFrame({ type: 'release', leaseId: 3, withoutFd: true })!;
+  const closed = encodeFrame({ type: 'closed', leaseId: 9 })!;
+
+  it('carry several fd-less requests in one packet, decoded in order as each frame alone would be', () => {
+    const bundle = encodeBundle([release, closed, acquire]);
+    expect(isBinaryFrame(bundle)).toBe(true);
+    expect(decodeClientBundle(bundle)).toEqual([
+      { type: 'release', leaseId: 3, withoutFd: true },
+      { type: 'closed', leaseId: 9 },
+      { type: 'acquire', id: 4, host: 'example.com', port: 443, timeoutMs: 100 },
+    ]);
+    const full = Array.from({ length: MAX_BUNDLED_FRAMES }, () => closed);
+    expect(decodeClientBundle(encodeBundle(full))).toHaveLength(MAX_BUNDLED_FRAMES);
+    // A bundle has no one id to answer an error with, and is not a message decodeClientMessage takes.
+    expect(salvageRequestId(bundle)).toBeNull();
+    expect(() => decodeClientMessage(bundle, true)).toThrow(/decodeClientBundle/);
+    expect(() => encodeBundle([])).toThrow(RangeError);
+    expect(() => encodeBundle([...full, closed])).toThrow(RangeError);
+  });
+
+  it('are refused whole with SOCKPOOL_ERR_PROTOCOL for any fault, naming the frame', () => {
+    const good = encodeBundle([release, acquire]);
+    const withCount = (count: number) => {
+      const copy = Buffer.from(good);
+      copy[1] = count;
+      return copy;
+    };
+    const badAcquire = Buffer.from(acquire);
+    badAcquire.writeUInt16LE(0, 6);
+    const bad: Array<[Buffer, RegExp]> = [
+      [Buffer.from([FrameType.bundle]), /not a bundle/],
+      [withCount(0), /holds 1-16 frames, not 0/],
+      [withCount(MAX_BUNDLED_FRAMES + 1), /not 17/],
+      [withCount(3), /frame 3 of 3 is missing/],
+      [withCount(1), /bytes after its 1 frames/],
+      [good.subarray(0, good.length - 1), /frame 2 of 2 overruns/],
+      [Buffer.concat([good, Buffer.from([0])]), /1 bytes after/],
+      [encodeBundle([release, badAcquire]), /invalid binary acquire frame: port/],
+      [encodeBundle([encodeFrame({ type: 'release', leaseId: 3 })!]), /frame 1 of 1 is a release with its fd/],
+      [encodeBundle([good]), /frame 1 of 1 \(type 0x4\) cannot be bundled/],
+      [encodeBundle([encodeFrame({ type: 'ok', id: 1 })!]), /type 0x82\) cannot be bundled/],
+      [encodeBundle([Buffer.from('{"type":"stats","id":1}')]), /type 0x7b\) cannot be bundled/],
+    ];
+    for (const [bundle, why] of bad) {
+      let caught: unknown;
+      try {
+        decodeClientBundle(bundle);
+      } catch (error) {
+        caught = error;
+      }
+      expect(caught, `${bundle.toString('hex')} should be refused (${why})`).toMatchObject({
+        code: ErrorCodes.PROTOCOL,
+        message: expect.stringMatching(why),
+      });
+    }
+  });
+});
+
 describe('binary framing with sockpoold', () => {
   let echo: TestServer;
   let sockpoold: DaemonProcess;
@@ -208,6 +271,73 @@ describe('binary framing with sockpoold', () => {
     client.sendBytes(encodeFrame({ type: 'release', id: 8, leaseId: third.leaseId })!, [third.fd]);
     native.close(third.fd);
     expect((await client.receive()).message).toEqual({ type: 'ok', id: 8 });
+    client.close();
+  });
+
+  it('framing 3: the requests of a bundle are served in order as if sent one by one; a bad bundle changes nothing', async () => {
+    const client = new RawClient(sockpoold.socketPath);
+    const hello = await client.request({ type: 'hello', id: 1, version: 1, binary: 3 });
+    expect(hello.message).toMatchObject({ type: 'hello', binary: 3 });
+    const acquireFrame = (id: number) =>
+      encodeFrame({ type: 'acquire', id, host: '127.0.0.1', port: echo.port, timeoutMs: 5_000 })!;
+    const leaseOf = async (id: number) => {
+      const leased = await client.receive();
+      expect(leased.message).toMatchObject({ type: 'lease', id });
+      expect(leased.fds).toHaveLength(1);
+      return { leaseId: (leased.message as { leaseId: number }).leaseId, fd: leased.fds[0]! };
+    };
+
+    // Two acquires in one packet: two leases, in order.
+    client.sendBytes(encodeBundle([acquireFrame(2), acquireFrame(3)]));
+    const first = await leaseOf(2);
+    const second = await leaseOf(3);
+    // The release of the first (unused) and the next acquire in one packet: the release is read first, so the
+    // acquire is lent the same socket, warm.
+    const inode = native.socketInode(first.fd);
+    native.close(first.fd);
+    client.sendBytes(
+      encodeBundle([encodeFrame({ type: 'release', leaseId: first.leaseId, withoutFd: true })!, acquireFrame(4)]),
+    );
+    const third = await leaseOf(4);
+    expect(native.socketInode(third.fd)).toBe(inode);
+
+    // A bundle with one bad frame: refused whole (no id to name), the release before that frame not applied.
+    const badAcquire = acquireFrame(5);
+    badAcquire.writeUInt16LE(0, 6);
+    client.sendBytes(
+      encodeBundle([encodeFrame({ type: 'release', id: 6, leaseId: third.leaseId, withoutFd: true })!, badAcquire]),
+    );
+    const refused = await client.receive();
+    expect(refused.message).toMatchObject({ type: 'error', id: null, code: ErrorCodes.PROTOCOL });
+    expect((refused.message as { message: string }).message).toMatch(/invalid binary acquire frame: port/);
+    // ...the lease is still this client's: released now, by itself.
+    client.sendBytes(encodeFrame({ type: 'release', id: 7, leaseId: third.leaseId, withoutFd: true })!);
+    native.close(third.fd);
+    expect((await client.receive()).message).toEqual({ type: 'ok', id: 7 });
+
+    // A bundle with an fd attached: refused, the fd closed by the daemon, nothing in it applied.
+    const [mine, theirs] = native.seqpacketPair();
+    client.sendBytes(encodeBundle([encodeFrame({ type: 'closed', id: 8, leaseId: second.leaseId })!]), [theirs]);
+    native.close(theirs);
+    const withFd = await client.receive();
+    expect(withFd.message).toMatchObject({ type: 'error', id: null, code: ErrorCodes.PROTOCOL });
+    expect((withFd.message as { message: string }).message).toMatch(/bundle must carry no fds, got 1/);
+    // (The daemon closed its copy: the pair's other end sees the hang-up.)
+    await vi.waitFor(() => expect(native.recvMessage(mine, 16, 0)?.eof).toBe(true));
+    native.close(mine);
+    client.sendBytes(encodeFrame({ type: 'closed', id: 9, leaseId: second.leaseId })!);
+    native.close(second.fd);
+    expect((await client.receive()).message).toEqual({ type: 'ok', id: 9 });
+    client.close();
+  });
+
+  it('framing 2: a bundle is refused with a typed error', async () => {
+    const client = new RawClient(sockpoold.socketPath);
+    await client.request({ type: 'hello', id: 1, version: 1, binary: 2 });
+    client.sendBytes(encodeBundle([encodeFrame({ type: 'acquire', id: 2, host: '127.0.0.1', port: echo.port })!]));
+    const refused = await client.receive();
+    expect(refused.message).toMatchObject({ type: 'error', id: null, code: ErrorCodes.PROTOCOL });
+    expect((refused.message as { message: string }).message).toMatch(/did not negotiate binary framing 3/);
     client.close();
   });
 

@@ -10,8 +10,11 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { ErrorCodes } from '../shared/errors.js';
 import * as native from '../shared/native.js';
 import {
+  type ClientMessage,
+  decodeClientBundle,
   decodeClientMessage,
   encodeMessage,
+  FrameType,
   MAX_FDS_PER_MESSAGE,
   MAX_MESSAGE_BYTES,
   PROTOCOL_VERSION,
@@ -21,7 +24,15 @@ import { DaemonLink } from '../worker/daemon-link.js';
 import { fdCount, startServer } from './fixtures/native-helpers.js';
 import { startDaemon } from './helpers/daemon.js';
 
-type Behaviour = 'hangup-after-hello' | 'serve' | 'silent' | 'framing-1' | 'lease-fds-lost' | 'late-lease' | 'error-fd';
+type Behaviour =
+  | 'hangup-after-hello'
+  | 'serve'
+  | 'silent'
+  | 'framing-1'
+  | 'framing-3'
+  | 'lease-fds-lost'
+  | 'late-lease'
+  | 'error-fd';
 
 interface FakeDaemon {
   path: string;
@@ -31,6 +42,8 @@ interface FakeDaemon {
   releases: Array<{ leaseId: number; fds: number }>;
   /** Leases the link said were `closed`. */
   closed: number[];
+  /** 'framing-3': the types of the requests in each packet, in order (a bundle holds several). */
+  packets: string[][];
   /** Acquires received so far. */
   acquires(): number;
   close(): void;
@@ -45,7 +58,8 @@ interface FakeDaemon {
  * message may carry: the link's addon drops them (as when its fd table is full) and the lease arrives without its
  * socket. 'late-lease': as 'framing-1', but each lease is sent LATE_LEASE_MS after its acquire (the link does not
  * know `cancel`: a lease comes for an acquire given up). 'error-fd': answers each acquire with an error that
- * carries an fd (one end of a socketpair).
+ * carries an fd (one end of a socketpair). 'framing-3': as 'framing-1', agreeing to framing 3 (bundles), and
+ * recording the requests of each packet (`packets`).
  */
 function fakeDaemon(behaviour: () => Behaviour): FakeDaemon {
   const path = join(mkdtempSync(join(tmpdir(), 'sockpool-link-')), 'fake.sock');
@@ -53,6 +67,7 @@ function fakeDaemon(behaviour: () => Behaviour): FakeDaemon {
   const channels: SeqpacketChannel[] = [];
   const releases: FakeDaemon['releases'] = [];
   const closed: number[] = [];
+  const packets: string[][] = [];
   let acquires = 0;
   let nextLease = 1;
   const limits = { maxMessageBytes: MAX_MESSAGE_BYTES, maxFdsPerMessage: MAX_FDS_PER_MESSAGE };
@@ -63,54 +78,64 @@ function fakeDaemon(behaviour: () => Behaviour): FakeDaemon {
         fd,
         {
           onMessage: (data, fds) => {
-            const message = decodeClientMessage(data, mode === 'framing-1');
-            if (message.type === 'acquire') acquires++;
-            if (message.type === 'hello') {
-              channel.send(
-                encodeMessage({
-                  type: 'hello',
-                  id: message.id,
-                  version: PROTOCOL_VERSION,
-                  server: 'sockpoold',
-                  serverVersion: 'test',
-                  maxMessageBytes: MAX_MESSAGE_BYTES,
-                  ...(mode === 'framing-1' && message.binary !== undefined ? { binary: 1 } : {}),
-                }),
-              );
-              if (mode === 'hangup-after-hello') channel.close();
-            } else if (
-              message.type === 'acquire' &&
-              (mode === 'framing-1' || mode === 'lease-fds-lost' || mode === 'late-lease')
-            ) {
-              const [ours, theirs] = native.seqpacketPair();
-              native.close(ours);
-              const lease = { type: 'lease' as const, id: message.id, leaseId: nextLease++, host: message.host };
-              const reply = { ...lease, port: message.port, address: '127.0.0.1', family: 4 as const, warm: true };
-              const fds = mode === 'lease-fds-lost' ? [theirs, native.dup(theirs)] : [theirs];
-              const send = () => {
-                if (channel.closed) for (const fd of fds) native.close(fd);
-                else channel.send(encodeMessage({ ...reply, connectMs: 0 }), fds);
-              };
-              if (mode === 'late-lease') setTimeout(send, LATE_LEASE_MS);
-              else send();
-            } else if (message.type === 'acquire' && mode === 'error-fd') {
-              const [ours, theirs] = native.seqpacketPair();
-              native.close(ours);
-              const error = { type: 'error' as const, id: message.id, code: ErrorCodes.POLICY, message: 'test' };
-              channel.send(encodeMessage(error), [theirs]);
-            } else if (message.type === 'closed') {
-              closed.push(message.leaseId);
-            } else if (message.type === 'release') {
-              releases.push({ leaseId: message.leaseId, fds: fds.length });
-              for (const fd of fds) native.close(fd);
-            } else if (message.type === 'acquire' && mode === 'serve') {
-              channel.send(encodeMessage({ type: 'error', id: message.id, code: ErrorCodes.POLICY, message: 'test' }));
+            if (mode === 'framing-3' && data[0] !== '{'.charCodeAt(0)) {
+              const messages =
+                data[0] === FrameType.bundle ? decodeClientBundle(data) : [decodeClientMessage(data, true)];
+              packets.push(messages.map((message) => message.type));
+              for (const message of messages) handle(message, fds);
+              return;
             }
+            handle(decodeClientMessage(data, mode === 'framing-1'), fds);
           },
           onClose: () => {},
         },
         limits,
       );
+      const handle = (message: ClientMessage, fds: number[]) => {
+        if (message.type === 'acquire') acquires++;
+        if (message.type === 'hello') {
+          channel.send(
+            encodeMessage({
+              type: 'hello',
+              id: message.id,
+              version: PROTOCOL_VERSION,
+              server: 'sockpoold',
+              serverVersion: 'test',
+              maxMessageBytes: MAX_MESSAGE_BYTES,
+              ...(mode === 'framing-1' && message.binary !== undefined ? { binary: 1 } : {}),
+              ...(mode === 'framing-3' && message.binary !== undefined ? { binary: 3 } : {}),
+            }),
+          );
+          if (mode === 'hangup-after-hello') channel.close();
+        } else if (
+          message.type === 'acquire' &&
+          (mode === 'framing-1' || mode === 'framing-3' || mode === 'lease-fds-lost' || mode === 'late-lease')
+        ) {
+          const [ours, theirs] = native.seqpacketPair();
+          native.close(ours);
+          const lease = { type: 'lease' as const, id: message.id, leaseId: nextLease++, host: message.host };
+          const reply = { ...lease, port: message.port, address: '127.0.0.1', family: 4 as const, warm: true };
+          const fds = mode === 'lease-fds-lost' ? [theirs, native.dup(theirs)] : [theirs];
+          const send = () => {
+            if (channel.closed) for (const fd of fds) native.close(fd);
+            else channel.send(encodeMessage({ ...reply, connectMs: 0 }), fds);
+          };
+          if (mode === 'late-lease') setTimeout(send, LATE_LEASE_MS);
+          else send();
+        } else if (message.type === 'acquire' && mode === 'error-fd') {
+          const [ours, theirs] = native.seqpacketPair();
+          native.close(ours);
+          const error = { type: 'error' as const, id: message.id, code: ErrorCodes.POLICY, message: 'test' };
+          channel.send(encodeMessage(error), [theirs]);
+        } else if (message.type === 'closed') {
+          closed.push(message.leaseId);
+        } else if (message.type === 'release') {
+          releases.push({ leaseId: message.leaseId, fds: fds.length });
+          for (const fd of fds) native.close(fd);
+        } else if (message.type === 'acquire' && mode === 'serve') {
+          channel.send(encodeMessage({ type: 'error', id: message.id, code: ErrorCodes.POLICY, message: 'test' }));
+        }
+      };
       channels.push(channel);
     }
   });
@@ -120,6 +145,7 @@ function fakeDaemon(behaviour: () => Behaviour): FakeDaemon {
     accepted: () => channels.length,
     releases,
     closed,
+    packets,
     acquires: () => acquires,
     close: () => {
       listener.close();
@@ -220,6 +246,45 @@ describe('DaemonLink releases', () => {
       await sockpoold.stop();
       await echo.close();
     }
+    expect(fdCount()).toBe(before);
+  });
+});
+
+describe('DaemonLink with a daemon of framing 3', () => {
+  it('sends releases and closed at the end of the turn, in one packet with an acquire sent in that turn', async () => {
+    const before = fdCount();
+    daemon = fakeDaemon(() => 'framing-3');
+    // (This daemon answers no stats: the request below ends at its deadline.)
+    link = new DaemonLink({ socketPath: daemon.path, requestTimeoutMs: 300 });
+    const first = await link.acquire('example.test', 80, 2_000);
+    const second = await link.acquire('example.test', 80, 2_000);
+    const third = await link.acquire('example.test', 80, 2_000);
+    expect(daemon.packets).toEqual([['acquire'], ['acquire'], ['acquire']]);
+
+    // A transfer's end and the next one's start in one turn: one packet, in the order they were sent.
+    link.closed(first);
+    link.release(second); // fd-less (framing 2 and up): closed here
+    const next = link.acquire('example.test', 80, 2_000);
+    const fourth = await next;
+    expect(daemon.packets.slice(3)).toEqual([['closed', 'release', 'acquire']]);
+    expect(daemon.closed).toEqual([first.leaseId]);
+    expect(daemon.releases).toEqual([{ leaseId: second.leaseId, fds: 0 }]);
+
+    // Alone in its turn: sent at the turn's end, by itself.
+    link.closed(third);
+    expect(daemon.packets).toHaveLength(4);
+    await waitFor(() => daemon!.closed.length === 2);
+    expect(daemon.packets.slice(4)).toEqual([['closed']]);
+
+    // A request that cannot be bundled goes after what is held, in order.
+    link.closed(fourth);
+    await link.stats().catch(() => undefined);
+    expect(daemon.packets.slice(5, 6)).toEqual([['closed']]);
+    for (const lease of [first, third, fourth]) native.close(lease.fd);
+    link.close();
+    link = undefined;
+    daemon.close();
+    daemon = undefined;
     expect(fdCount()).toBe(before);
   });
 });

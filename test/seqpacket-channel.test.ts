@@ -132,6 +132,18 @@ describe('turns of the event loop', () => {
     expect(fdCount()).toBe(before);
   });
 
+  it('takes what one message held beyond itself (a bundle) from the budget: past what is left, nothing is read until the refill', async () => {
+    await fromCheckPhase();
+    const turns = new TurnBudget(8);
+    expect(turns.allow(16)).toBe(8);
+    turns.spend(4);
+    // A bundle's requests beyond its first, more than the budget has left.
+    turns.spend(10);
+    expect(turns.allow(16)).toBe(0);
+    await nextTurn();
+    expect(turns.allow(16)).toBe(8);
+  });
+
   it('closes a connection that waits for its turn with its queued fds, and the others sharing the budget go on', async () => {
     await fromCheckPhase();
     const before = fdCount();

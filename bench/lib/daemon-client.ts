@@ -6,13 +6,19 @@
 import * as native from '../../shared/native.js';
 import {
   BINARY_FRAMING,
+  BUNDLES,
   type ClientMessage,
   type DaemonMessage,
   decodeDaemonMessage,
+  encodeBundle,
   encodeFor,
+  encodeFrame,
   MAX_MESSAGE_BYTES,
   RELEASE_WITHOUT_FD,
 } from '../../shared/protocol.js';
+
+/** Messages per recvmmsg. */
+const RECV_BATCH = 16;
 
 export type ReplyHandler = (message: DaemonMessage, fds: number[]) => void;
 
@@ -29,6 +35,8 @@ export class BenchDaemonClient {
   binary = false;
   /** The daemon's framing takes a release without its fd (the client closes its copy). */
   releaseWithoutFd = false;
+  /** The daemon's framing takes bundles (several requests in one packet, as the worker's link sends them). */
+  bundles = false;
 
   constructor(socketPath: string, options: { binary?: boolean } = {}) {
     this.wantBinary = options.binary ?? true;
@@ -50,6 +58,16 @@ export class BenchDaemonClient {
     if (sent === null) throw new Error('daemon socket is full (benchmark sends faster than the daemon reads)');
   }
 
+  /** Sends fd-less frames in one packet (a bundle); `onReply` gets the reply to the last one (its id). */
+  sendBundle(messages: Record<string, unknown>[], onReply: ReplyHandler): void {
+    const last = messages[messages.length - 1]!;
+    this.#handlers.set(last.id as number, onReply);
+    const frames = messages.map((message) => encodeFrame(message as ClientMessage)!);
+    if (native.sendMessage(this.fd, encodeBundle(frames), []) === null) {
+      throw new Error('daemon socket is full (benchmark sends faster than the daemon reads)');
+    }
+  }
+
   request(message: Record<string, unknown>): Promise<{ message: DaemonMessage; fds: number[] }> {
     return new Promise((resolve) => this.send(message, [], (reply, fds) => resolve({ message: reply, fds })));
   }
@@ -69,6 +87,7 @@ export class BenchDaemonClient {
     if (message.type !== 'hello') throw new Error(`hello refused: ${JSON.stringify(message)}`);
     this.binary = (message.binary ?? 0) >= 1;
     this.releaseWithoutFd = (message.binary ?? 0) >= RELEASE_WITHOUT_FD;
+    this.bundles = (message.binary ?? 0) >= BUNDLES;
   }
 
   async stats(): Promise<Record<string, unknown> & { idle: number; connecting: number; rssBytes?: number }> {
@@ -95,23 +114,29 @@ export class BenchDaemonClient {
       this.#hangUp(`poll status ${status}`);
       return;
     }
+    // One recvmmsg for everything queued, as the worker's link reads (SeqpacketChannel): no second read to learn
+    // that nothing more waits.
     for (;;) {
-      const received = native.recvMessage(this.fd, MAX_MESSAGE_BYTES, 1);
-      if (received === null) return;
-      if (received.eof) {
-        this.#hangUp('daemon hung up');
-        return;
+      const batch = native.recvMessages(this.fd, MAX_MESSAGE_BYTES, 1, RECV_BATCH);
+      if (batch === null) return;
+      for (const received of batch) {
+        if (received instanceof Error) throw received;
+        if (received.eof) {
+          this.#hangUp('daemon hung up');
+          return;
+        }
+        const message = decodeDaemonMessage(received.data);
+        const handler = message.id === null ? undefined : this.#handlers.get(message.id);
+        if (!handler) {
+          for (const fd of received.fds) native.close(fd);
+          if (message.type === 'error') throw new Error(`unexpected daemon error: ${JSON.stringify(message)}`);
+          continue;
+        }
+        this.#handlers.delete(message.id!);
+        handler(message, received.fds);
+        if (this.#closed) return;
       }
-      const message = decodeDaemonMessage(received.data);
-      const handler = message.id === null ? undefined : this.#handlers.get(message.id);
-      if (!handler) {
-        for (const fd of received.fds) native.close(fd);
-        if (message.type === 'error') throw new Error(`unexpected daemon error: ${JSON.stringify(message)}`);
-        continue;
-      }
-      this.#handlers.delete(message.id!);
-      handler(message, received.fds);
-      if (this.#closed) return;
+      if (batch.length < RECV_BATCH) return;
     }
   }
 
@@ -169,51 +194,60 @@ export function runHandoffs(
       client.onClose = undefined;
       resolve({ handoffs: done, elapsedMs: last - started });
     };
-    const issue = () => {
+    /** Sends an acquire; `release` (fd-less) goes with it in one bundle, as the worker's link bundles them. */
+    const issue = (release?: Record<string, unknown>) => {
       issued++;
       outstanding++;
       const sentAt = performance.now();
-      client.send(
-        { type: 'acquire', id: client.nextId(), host: options.host, port: options.port },
-        [],
-        (reply, fds) => {
-          const now = performance.now();
-          if (failed) return;
-          if (reply.type !== 'lease' || fds.length !== 1) {
-            for (const fd of fds) native.close(fd);
-            failed = true;
-            reject(new Error(`acquire failed: ${JSON.stringify(reply)}`));
-            return;
-          }
-          done++;
-          last = now;
-          options.onSample((now - sentAt) * 1000, reply.warm);
-          const fd = fds[0]!;
-          const more = issued < options.maxHandoffs && now < deadline;
-          if (options.release === 'fire') {
-            if (client.releaseWithoutFd) client.send({ type: 'release', leaseId: reply.leaseId, withoutFd: true });
-            else client.send({ type: 'release', leaseId: reply.leaseId }, [fd]);
-            native.close(fd); // the daemon holds its copy now
-            outstanding--;
-            if (more) issue();
-            else if (outstanding === 0) finish();
-            return;
-          }
-          const release = { type: 'release', id: client.nextId(), leaseId: reply.leaseId };
-          const withoutFd = client.releaseWithoutFd;
-          client.send(withoutFd ? { ...release, withoutFd } : release, withoutFd ? [] : [fd], (ok) => {
-            if (ok.type !== 'ok') {
-              failed = true;
-              reject(new Error(`release failed: ${JSON.stringify(ok)}`));
-              return;
+      const acquire = { type: 'acquire', id: client.nextId(), host: options.host, port: options.port };
+      const onLease: ReplyHandler = (reply, fds) => {
+        const now = performance.now();
+        if (failed) return;
+        if (reply.type !== 'lease' || fds.length !== 1) {
+          for (const fd of fds) native.close(fd);
+          failed = true;
+          reject(new Error(`acquire failed: ${JSON.stringify(reply)}`));
+          return;
+        }
+        done++;
+        last = now;
+        options.onSample((now - sentAt) * 1000, reply.warm);
+        const fd = fds[0]!;
+        const more = issued < options.maxHandoffs && now < deadline;
+        if (options.release === 'fire') {
+          outstanding--;
+          if (client.releaseWithoutFd) {
+            const release = { type: 'release', leaseId: reply.leaseId, withoutFd: true };
+            native.close(fd); // the daemon holds its copy
+            if (more && client.bundles) issue(release);
+            else {
+              client.send(release);
+              if (more) issue();
             }
-            outstanding--;
+          } else {
+            client.send({ type: 'release', leaseId: reply.leaseId }, [fd]);
+            native.close(fd); // the daemon holds its copy now
             if (more) issue();
-            else if (outstanding === 0) finish();
-          });
-          native.close(fd);
-        },
-      );
+          }
+          if (!more && outstanding === 0) finish();
+          return;
+        }
+        const release = { type: 'release', id: client.nextId(), leaseId: reply.leaseId };
+        const withoutFd = client.releaseWithoutFd;
+        client.send(withoutFd ? { ...release, withoutFd } : release, withoutFd ? [] : [fd], (ok) => {
+          if (ok.type !== 'ok') {
+            failed = true;
+            reject(new Error(`release failed: ${JSON.stringify(ok)}`));
+            return;
+          }
+          outstanding--;
+          if (more) issue();
+          else if (outstanding === 0) finish();
+        });
+        native.close(fd);
+      };
+      if (release) client.sendBundle([release, acquire], onLease);
+      else client.send(acquire, [], onLease);
     };
     for (let i = 0; i < options.inFlight && i < options.maxHandoffs; i++) issue();
   });

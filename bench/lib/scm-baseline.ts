@@ -13,11 +13,15 @@ export class ScmBaseline {
     this.fd = native.seqpacketConnect(path);
     this.#poller = new native.Poller(this.fd, () => {
       for (;;) {
-        const message = native.recvMessage(this.fd, 64, 1);
-        if (message === null) return;
-        if (message.eof) throw new Error('scm-server hung up');
-        for (const fd of message.fds) native.close(fd);
-        this.#onReply?.();
+        const batch = native.recvMessages(this.fd, 64, 1, 16);
+        if (batch === null) return;
+        for (const message of batch) {
+          if (message instanceof Error) throw message;
+          if (message.eof) throw new Error('scm-server hung up');
+          for (const fd of message.fds) native.close(fd);
+          this.#onReply?.();
+        }
+        if (batch.length < 16) return;
       }
     });
     this.#poller.start(native.READABLE | native.DISCONNECT);
