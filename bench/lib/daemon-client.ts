@@ -114,8 +114,7 @@ export class BenchDaemonClient {
       this.#hangUp(`poll status ${status}`);
       return;
     }
-    // One recvmmsg for everything queued, as the worker's link reads (SeqpacketChannel): no second read to learn
-    // that nothing more waits.
+    // Until nothing is left, up to RECV_BATCH a read, as the raw baseline's requester reads (scm-baseline.ts).
     for (;;) {
       const batch = native.recvMessages(this.fd, MAX_MESSAGE_BYTES, 1, RECV_BATCH);
       if (batch === null) return;
@@ -136,7 +135,6 @@ export class BenchDaemonClient {
         handler(message, received.fds);
         if (this.#closed) return;
       }
-      if (batch.length < RECV_BATCH) return;
     }
   }
 

@@ -21,7 +21,6 @@ export class ScmBaseline {
           for (const fd of message.fds) native.close(fd);
           this.#onReply?.();
         }
-        if (batch.length < 16) return;
       }
     });
     this.#poller.start(native.READABLE | native.DISCONNECT);
