@@ -65,6 +65,11 @@ export interface ChannelOptions {
  * refill comes at most once per turn (one setImmediate for all budgets, in the check phase of the turn that spent
  * half of it).
  *
+ * A message that held several requests (a bundle: SeqpacketChannel.spendTurns) may take the budget below 0, as what
+ * one batch holds is known only once it is read. What it took past the budget is owed: each refill pays it back
+ * first (and the next refill is due at once while the budget is short), so a group that sends bundles has no more
+ * requests read over the turns than one that sends them one a message; only one batch may come early.
+ *
  * A channel whose group has nothing left waits: its messages stay in the kernel (fds included, still the socket's)
  * and it joins the group's waiting line. The refill gives the new budget to that line first, in order (a channel
  * still short when the budget runs out again goes to the end of the line), so the channels of a group take turns:
@@ -86,8 +91,11 @@ export class TurnBudget {
     TurnBudget.#due = TurnBudget.#spare;
     TurnBudget.#spare = due;
     for (const budget of due) {
-      budget.#left = budget.perTurn;
+      // What bundles took past the budget is paid back first (see the header; forgiven, a uid's bundles had a whole
+      // batch of them read every turn).
+      budget.#left = Math.min(budget.perTurn, budget.#left + budget.perTurn);
       budget.#refillDue = false;
+      if (budget.#left <= budget.perTurn / 2) budget.#scheduleRefill();
     }
     try {
       for (const budget of due) budget.#serveWaiting();
@@ -110,7 +118,7 @@ export class TurnBudget {
 
   /** How many of `wanted` may be read now (0: wait). */
   allow(wanted: number): number {
-    // (Below 0 after spendMore: the group waits for its refill.)
+    // (Below 0 after a bundle: the group waits for the refills that pay it back.)
     return this.#left < wanted ? Math.max(0, this.#left) : wanted;
   }
 
@@ -118,6 +126,10 @@ export class TurnBudget {
   spend(count: number): void {
     this.#left -= count;
     if (this.#refillDue || this.#left > this.perTurn / 2) return;
+    this.#scheduleRefill();
+  }
+
+  #scheduleRefill(): void {
     this.#refillDue = true;
     if (TurnBudget.#due.length === 0) setImmediate(TurnBudget.#refill);
     TurnBudget.#due.push(this);
