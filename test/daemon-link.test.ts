@@ -21,6 +21,7 @@ import {
 } from '../shared/protocol.js';
 import { SeqpacketChannel } from '../shared/seqpacket-channel.js';
 import { DaemonLink } from '../worker/daemon-link.js';
+import { startTestDaemon } from './fixtures/client-helpers.js';
 import { fdCount, startServer } from './fixtures/native-helpers.js';
 import { startDaemon } from './helpers/daemon.js';
 
@@ -285,6 +286,54 @@ describe('DaemonLink with a daemon of framing 3', () => {
     link = undefined;
     daemon.close();
     daemon = undefined;
+    expect(fdCount()).toBe(before);
+  });
+});
+
+describe('DaemonLink bundling an acquire the daemon refuses', () => {
+  it('sends it alone: only it fails, the release held with it takes effect, and the requests pending on the link wait on', async () => {
+    // A port-0 URL passes the client's checks, and the daemon refuses the acquire frame: alone, that request fails
+    // with its own id. Bundled with a held release, the whole bundle was one bad message with no id: the release was
+    // never applied (the lease held at the daemon till the link closed) and every request pending on the link failed.
+    const before = fdCount();
+    const echo = await startServer('127.0.0.1');
+    const narrow = await startServer('127.0.0.1');
+    const sockpoold = await startTestDaemon([echo.port, narrow.port], {
+      config: { pool: { origins: [{ match: `127.0.0.1:${narrow.port}`, maxPerOrigin: 1 }] } },
+    });
+    try {
+      link = new DaemonLink({ socketPath: sockpoold.socketPath, requestTimeoutMs: 5_000 });
+      const holder = await link.acquire('127.0.0.1', narrow.port, 5_000);
+      // Waits at the origin's cap (maxPerOrigin 1) until `holder` ends.
+      const waiting = link.acquire('127.0.0.1', narrow.port, 20_000);
+      const first = await link.acquire('127.0.0.1', echo.port, 5_000);
+      const inode = native.socketInode(first.fd);
+
+      link.release(first); // held for the turn (framing 3)
+      const refused = await link.acquire('127.0.0.1', 0, 5_000).then(
+        () => 'leased',
+        (error: { code?: string; message?: string }) => `${error.code} ${error.message}`,
+      );
+      expect(refused).toMatch(/^SOCKPOOL_ERR_PROTOCOL invalid binary acquire frame: port must be 1-65535/);
+
+      // The release took effect: the same socket comes back warm.
+      const again = await link.acquire('127.0.0.1', echo.port, 5_000);
+      expect(again.warm).toBe(true);
+      expect(native.socketInode(again.fd)).toBe(inode);
+      // The acquire pending at the cap is still pending: it gets the room `holder` leaves.
+      link.closed(holder);
+      native.close(holder.fd);
+      const served = await waiting;
+      expect(served.port).toBe(narrow.port);
+      link.release(served);
+      link.release(again);
+    } finally {
+      link?.close();
+      link = undefined;
+      await sockpoold.stop();
+      await echo.close();
+      await narrow.close();
+    }
     expect(fdCount()).toBe(before);
   });
 });

@@ -29,6 +29,7 @@ import {
   BUNDLES,
   type ClientMessage,
   type DaemonMessage,
+  decodeClientMessage,
   decodeDaemonMessage,
   encodeBundle,
   encodeFor,
@@ -265,10 +266,10 @@ export class DaemonLink {
     }
   }
 
-  /** Sends `bytes` after what is held; an acquire frame goes in the same bundle. */
+  /** Sends `bytes` after what is held; an acquire frame the daemon takes goes in the same bundle. */
   #sendInOrder(channel: SeqpacketChannel, bytes: Buffer): void {
     if (this.#held.length > 0) {
-      if (this.#heldOn === channel && bytes[0] === FrameType.acquire) {
+      if (this.#heldOn === channel && bytes[0] === FrameType.acquire && takenAlone(bytes)) {
         this.#held.push(bytes);
         this.#flushHeld();
         return;
@@ -596,6 +597,21 @@ export class DaemonLink {
       this.#pending.delete(id);
       pending.reject(error);
     }
+  }
+}
+
+/**
+ * Whether the daemon takes `frame` as a request (its own checks, decodeClientMessage). One it refuses (an acquire for
+ * port 0: a URL may name it) is refused alone with its id, failing that request only; in a bundle it would make the
+ * whole bundle one bad message with no id, which ends no held release or `closed` and fails every request pending
+ * on the link.
+ */
+function takenAlone(frame: Buffer): boolean {
+  try {
+    decodeClientMessage(frame, true);
+    return true;
+  } catch {
+    return false;
   }
 }
 
