@@ -4,6 +4,7 @@
 // whose egress policy judges every address a redirect leads to, as it judges the first.
 
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
+import { urlTarget } from '../worker/url-target.js';
 import { type BodyInput, type HeadersInput, isStreamBody } from './validate.js';
 
 /** The statuses that redirect (with a Location header). */
@@ -127,6 +128,17 @@ export function nextHop(hop: Hop, status: number, location: string, followed: nu
     throw new SockpoolError(ErrorCodes.REDIRECT, `${hop.url}: redirect to a URL with credentials in it`, {
       url: hop.url,
     });
+  }
+  try {
+    // What the client refuses of a URL it is given (a host that is none, port 0) it refuses of a Location: the next
+    // hop reached the daemon otherwise, and an origin could send its client's thread there over and over.
+    urlTarget(next.href);
+  } catch (error) {
+    throw new SockpoolError(
+      ErrorCodes.REDIRECT,
+      `${hop.url}: redirect to an invalid URL ${JSON.stringify(location)}: ${(error as Error).message}`,
+      { url: hop.url, location },
+    );
   }
   // As the Fetch standard: a streamed body (read once already) fails any redirect but a 303, even a 301 or 302
   // that would turn the POST into a GET.

@@ -76,6 +76,8 @@ function handler(request: IncomingMessage, response: ServerResponse): void {
         return redirect(302, `http://127.0.0.1:${refused.port}/target`);
       case '/to-ftp':
         return redirect(302, 'ftp://127.0.0.1/file');
+      case '/to-port-0':
+        return redirect(302, 'http://127.0.0.1:0/target');
       case '/no-location':
         return redirect(302);
       case '/to-utf8':
@@ -271,6 +273,25 @@ describe('fetch() follows redirects', () => {
         code: 'SOCKPOOL_ERR_INVALID_ARGUMENT',
       },
     );
+  });
+
+  it('refuses port 0, in a URL or a Location, before the daemon: an origin redirecting there many times does not get the thread’s link to the daemon closed, nor its kept connections', async () => {
+    // The daemon refuses an acquire for port 0 as a bad message, and closes a link past maxBadMessages (10), ending
+    // its leases: every connection of that thread, kept alive or in use, shut down by an origin's Locations.
+    await client.request(url('/target'));
+    const connections = origin.connections();
+    await expect(client.request('http://127.0.0.1:0/target')).rejects.toMatchObject({
+      code: 'SOCKPOOL_ERR_INVALID_ARGUMENT',
+    });
+    for (let i = 0; i < 12; i++) {
+      await expect(client.fetch(url('/to-port-0'))).rejects.toMatchObject({
+        code: 'SOCKPOOL_ERR_REDIRECT',
+        cause: { message: expect.stringContaining('redirect to an invalid URL') },
+      });
+    }
+    // Every hop went over the connection kept from the first request: the daemon never ended its lease.
+    await client.request(url('/target'));
+    expect(origin.connections()).toBe(connections);
   });
 
   it("asks the daemon for every hop: a redirect to an address its policy refuses fails with the policy's error", async () => {

@@ -9,6 +9,7 @@
 // pauses for under 1 ms.
 
 import { canonicalHost } from '../shared/address.js';
+import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import { type Origin, originKey } from '../shared/origin.js';
 import { RecentMap } from '../shared/recent-map.js';
 
@@ -42,13 +43,20 @@ const cache = new RecentMap<string, UrlTarget>(GENERATION);
 
 /**
  * The parsed target of `input`; throws TypeError (as `new URL` does) for a string that is not a URL, and
- * SOCKPOOL_ERR_INVALID_ARGUMENT for a URL whose host is no host name (`a!b.example`) or has an IPv6 zone id.
+ * SOCKPOOL_ERR_INVALID_ARGUMENT for a URL whose host is no host name (`a!b.example`) or has an IPv6 zone id, or
+ * whose port is 0 (WHATWG URL takes it; no connection can be made to it, and the daemon refuses an acquire for it as
+ * a bad message: enough of them close the thread's link, ending its leases).
  */
 export function urlTarget(input: string): UrlTarget {
   const cached = cache.get(input);
   if (cached) return cached;
   const url = new URL(input);
   const secure = url.protocol === 'https:';
+  if (url.port === '0') {
+    throw new SockpoolError(ErrorCodes.INVALID_ARGUMENT, `${url.href}: port 0 cannot be connected to`, {
+      url: url.href,
+    });
+  }
   const origin = Object.freeze({
     host: canonicalHost(url.hostname),
     port: url.port ? Number(url.port) : secure ? 443 : 80,
