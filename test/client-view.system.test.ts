@@ -3,11 +3,16 @@
 // daemon's own uid, access.adminUids), and a non-admin's `warm` is refused with SOCKPOOL_ERR_ACCESS_DENIED. The
 // filtering logic alone is in client-view.test.ts.
 import { execFile } from 'node:child_process';
+import { once } from 'node:events';
 import { chmodSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
+import * as native from '../shared/native.js';
+import { startServer } from './fixtures/native-helpers.js';
+import { spawnChild } from './helpers/children.js';
 import { type DaemonProcess, eventually, repoRoot, startDaemon, writeConfigFile } from './helpers/daemon.js';
+import { openRawClient } from './helpers/raw-client.js';
 import { pathOrigin } from './helpers/trust.js';
 
 const run = promisify(execFile);
@@ -29,9 +34,9 @@ afterEach(async () => {
   for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
 });
 
-async function daemon(ports: number[]): Promise<DaemonProcess> {
+async function daemon(ports: number[], config: object = {}): Promise<DaemonProcess> {
   const args = ports.flatMap((port) => ['--allow-port', String(port)]);
-  const file = writeConfigFile({ access: { socketMode: '0666', adminUids: [ADMIN_UID] } }, cleanups);
+  const file = writeConfigFile({ access: { socketMode: '0666', adminUids: [ADMIN_UID] }, ...config }, cleanups);
   const started = await startDaemon({ args: ['--allow', '127.0.0.1/32', ...args, '--config', file] });
   chmodSync(dirname(started.socketPath), 0o755);
   cleanups.push(() => started.stop());
@@ -50,7 +55,7 @@ interface StatsView {
   view: 'all' | 'uid';
   uid?: number;
   originCount: number;
-  origins: Array<{ origin: string; idle: number }>;
+  origins: Array<{ origin: string; idle: number; sharedCap?: object }>;
   own?: { sessions: number };
   clients?: number;
 }
@@ -117,5 +122,62 @@ describe('what a client may see', () => {
     );
     // The client uid named nothing: it still sees no origin.
     expect((await statsAs(sockpoold.socketPath, CLIENT_UID)).originCount).toBe(0);
+  });
+
+  it("shows a uid the shared cap of an origin it named through a proxy, counting every uid's connections to the origin, and not the pool it did not name", async () => {
+    const origin = await startServer('127.0.0.1');
+    cleanups.push(() => origin.close());
+    // A proxy that answers every CONNECT with 200, then echoes.
+    const proxy = await startServer('127.0.0.1', (socket) => {
+      socket.once('data', () => {
+        socket.write('HTTP/1.1 200 Connection established\r\n\r\n');
+        socket.pipe(socket);
+      });
+    });
+    cleanups.push(() => proxy.close());
+    const sockpoold = await daemon([origin.port, proxy.port], {
+      proxies: [{ name: 'corp', url: `http://127.0.0.1:${proxy.port}` }],
+      pool: { predictive: false, defaults: { maxPerOrigin: 3 } },
+    });
+    const key = `127.0.0.1:${origin.port}`;
+    // Root holds one lease directly; CLIENT_UID, in a process of its own, two through corp.
+    const raw = openRawClient(sockpoold.socketPath, cleanups);
+    const direct = await raw.request({ type: 'acquire', id: 1, host: '127.0.0.1', port: origin.port });
+    expect(direct.message).toMatchObject({ type: 'lease' });
+    cleanups.push(() => {
+      for (const fd of direct.fds) native.close(fd);
+    });
+    const holder = spawnChild(
+      process.execPath,
+      [
+        join(repoRoot, 'test', 'fixtures', 'lease-holder.mjs'),
+        sockpoold.socketPath,
+        '127.0.0.1',
+        String(origin.port),
+        '2',
+        'corp',
+      ],
+      { stdio: ['ignore', 'pipe', 'inherit'], uid: CLIENT_UID, gid: CLIENT_UID },
+    );
+    cleanups.push(async () => {
+      holder.kill('SIGKILL');
+      if (holder.exitCode === null && holder.signalCode === null) await once(holder, 'exit');
+    });
+    const [line] = (await once(holder.stdout!, 'data')) as [Buffer];
+    expect(line.toString()).toBe('held 2\n');
+
+    const sharedCap = { connections: 3, maxPerOrigin: 3, waiting: 0 };
+    const mine = await statsAs(sockpoold.socketPath, CLIENT_UID);
+    expect(mine.origins).toEqual([expect.objectContaining({ origin: `${key} via corp`, sharedCap })]);
+    // A uid that named neither way sees no row of the origin, shared cap or not.
+    expect((await statsAs(sockpoold.socketPath, OTHER_CLIENT_UID)).origins).toEqual([]);
+    // An admin sees both rows, with the same figures.
+    const all = await statsAs(sockpoold.socketPath, ADMIN_UID);
+    expect(all.origins.filter((row) => row.origin.startsWith(key)).map((row) => [row.origin, row.sharedCap])).toEqual(
+      expect.arrayContaining([
+        [key, sharedCap],
+        [`${key} via corp`, sharedCap],
+      ]),
+    );
   });
 });
