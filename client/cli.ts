@@ -105,10 +105,20 @@ program
     for (const origin of origins) {
       console.log(
         `${String(origin.origin).padEnd(40)} idle ${origin.idle} leased ${origin.leased} ` +
-          `hits ${origin.hits} misses ${origin.misses} rate ${origin.demandRatePerS}/s`,
+          `hits ${origin.hits} misses ${origin.misses} rate ${origin.demandRatePerS}/s${sharedCapText(origin.sharedCap)}`,
       );
     }
   });
+
+/**
+ * A row's `sharedCap` (an origin reached more ways than one: directly, as warm TLS, through proxies), for the table:
+ * the row's own idle and leased are one way's, while the acquires of every way wait at this one cap.
+ */
+function sharedCapText(sharedCap: unknown): string {
+  if (typeof sharedCap !== 'object' || sharedCap === null) return '';
+  const { connections, maxPerOrigin, waiting } = sharedCap as Record<string, unknown>;
+  return `; shared cap: ${connections}/${maxPerOrigin} connections over all ways, ${waiting} waiting`;
+}
 
 program
   .command('warm')

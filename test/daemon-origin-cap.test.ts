@@ -2,11 +2,17 @@
 // its pools share one maxPerOrigin (daemon/origin-cap.ts), and what `stats` says of that shared cap (`sharedCap` in
 // each of its rows) is read through the daemon's socket, as a client reads it: a bare protocol client, the
 // `sockpool stats` table, and the Prometheus endpoint. Another uid's view of it is in client-view.system.test.ts.
+import { execFile } from 'node:child_process';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
 import { afterEach, describe, expect, it } from 'vitest';
 import * as native from '../shared/native.js';
 import { startServer, type TestServer } from './fixtures/native-helpers.js';
-import { type DaemonProcess, eventually, startDaemon, writeConfigFile } from './helpers/daemon.js';
+import { type DaemonProcess, eventually, repoRoot, startDaemon, writeConfigFile } from './helpers/daemon.js';
 import { openRawClient, type RawClient } from './helpers/raw-client.js';
+
+const run = promisify(execFile);
+const cli = join(repoRoot, 'dist', 'client', 'cli.js');
 
 const cleanups: Array<() => unknown> = [];
 afterEach(async () => {
@@ -132,5 +138,25 @@ describe("an origin's shared cap, seen through the daemon's socket", () => {
     const after = { connections: 2, maxPerOrigin: 2, waiting: 0 };
     expect(seen.find((row) => row.origin === key)).toMatchObject({ leased: 1, sharedCap: after });
     expect(seen.find((row) => row.origin === `${key} via corp`)).toMatchObject({ leased: 1, sharedCap: after });
+  });
+
+  it('prints in the sockpool stats table, in each row of such an origin, its connections in all its ways against maxPerOrigin and the acquires waiting at it', async () => {
+    const { sockpoold, origin, lone, key, loneKey } = await twoWays();
+    const { raw } = await capFull(sockpoold, origin.port, lone.port);
+    await eventually(
+      async () => (await rows(raw, 100)).find((row) => row.origin === key)?.waiting === 1,
+      'the direct acquire waiting',
+    );
+    const { stdout } = await run(process.execPath, [cli, '--socket', sockpoold.socketPath, 'stats'], {
+      timeout: 30_000,
+    });
+    const lines = stdout.split('\n');
+    const lineOf = (name: string) => lines.find((line) => line.startsWith(`${name} `));
+    expect(lineOf(key)).toMatch(/ idle 0 leased 1 .* shared cap: 2\/2 connections over all ways, 1 waiting$/);
+    expect(lineOf(`${key} via corp`)).toMatch(
+      / idle 0 leased 1 .* shared cap: 2\/2 connections over all ways, 1 waiting$/,
+    );
+    expect(lineOf(loneKey)).toMatch(/ idle 0 leased 1 /);
+    expect(lineOf(loneKey)).not.toContain('shared cap');
   });
 });
