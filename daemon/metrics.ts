@@ -52,6 +52,8 @@ export interface MetricsSnapshot {
     learnedFamily?: { family: 4 | 6 } | null;
     /** How busy the origin is: which origins the per-origin gauges name (METRICS_MAX_ORIGINS). */
     demandRatePerS?: number;
+    /** An origin reached more ways than one: its connections in all of them against its one cap (origin-cap.ts). */
+    sharedCap?: { connections: number; maxPerOrigin: number; waiting: number };
   }>;
 }
 
@@ -283,6 +285,24 @@ export class Metrics {
       (entry) => entry.waiting,
     );
 
+    // An origin reached more ways than one (directly, as warm TLS, through proxies) has one maxPerOrigin for all its
+    // pools: each of their rows carries the origin's figures (the same in each), beside the row's own counts.
+    perOrigin(
+      'sockpool_shared_cap_connections',
+      "The origin's connections in all the ways it is reached (leased, idle, connecting), counted against its one maxPerOrigin; in each way's row.",
+      (entry) => entry.sharedCap?.connections,
+    );
+    perOrigin(
+      'sockpool_shared_cap_max_connections',
+      "The maxPerOrigin shared by all the ways an origin is reached; in each way's row.",
+      (entry) => entry.sharedCap?.maxPerOrigin,
+    );
+    perOrigin(
+      'sockpool_shared_cap_waiting_acquires',
+      "Acquires waiting for room at the origin's shared maxPerOrigin, in all the ways it is reached; in each way's row.",
+      (entry) => entry.sharedCap?.waiting,
+    );
+
     perOrigin(
       'sockpool_learned_family',
       'Address family (4 or 6) that won the last connect race to the origin, while remembered.',
@@ -420,6 +440,7 @@ interface OriginEntry {
   connecting: number | undefined;
   waiting: number | undefined;
   learnedFamily: number | undefined;
+  sharedCap: { connections: number; maxPerOrigin: number; waiting: number } | undefined;
 }
 
 /**
@@ -433,11 +454,15 @@ function collectOrigins(snapshot: MetricsSnapshot): OriginEntry[] {
     rows.sort((a, b) => (b.demandRatePerS ?? 0) - (a.demandRatePerS ?? 0) || b.leased + b.idle - (a.leased + a.idle));
   }
   const entries: OriginEntry[] = [];
-  for (const { origin, idle, leased, connecting, waiting, learnedFamily } of rows.slice(0, METRICS_MAX_ORIGINS)) {
-    entries.push({ origin, idle, leased, connecting, waiting, learnedFamily: learnedFamily?.family });
+  for (const { origin, idle, leased, connecting, waiting, learnedFamily, sharedCap } of rows.slice(
+    0,
+    METRICS_MAX_ORIGINS,
+  )) {
+    entries.push({ origin, idle, leased, connecting, waiting, learnedFamily: learnedFamily?.family, sharedCap });
   }
   if (rows.length > METRICS_MAX_ORIGINS) {
-    // (No origin key is "other": a key always has a port.) A learned family is one host's: not summed.
+    // (No origin key is "other": a key always has a port.) A learned family is one host's, and a shared cap one
+    // origin's, repeated in each of its rows: neither is summed.
     let idle = 0;
     let leased = 0;
     let connecting = 0;
@@ -448,7 +473,15 @@ function collectOrigins(snapshot: MetricsSnapshot): OriginEntry[] {
       connecting += row.connecting ?? 0;
       waiting += row.waiting ?? 0;
     }
-    entries.push({ origin: 'other', idle, leased, connecting, waiting, learnedFamily: undefined });
+    entries.push({
+      origin: 'other',
+      idle,
+      leased,
+      connecting,
+      waiting,
+      learnedFamily: undefined,
+      sharedCap: undefined,
+    });
   }
   return entries;
 }

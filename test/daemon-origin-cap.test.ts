@@ -9,6 +9,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import * as native from '../shared/native.js';
 import { startServer, type TestServer } from './fixtures/native-helpers.js';
 import { type DaemonProcess, eventually, repoRoot, startDaemon, writeConfigFile } from './helpers/daemon.js';
+import { freePort } from './helpers/free-port.js';
 import { openRawClient, type RawClient } from './helpers/raw-client.js';
 
 const run = promisify(execFile);
@@ -62,9 +63,9 @@ async function rows(raw: RawClient, id: number): Promise<Row[]> {
 /**
  * A daemon whose origin `127.0.0.1:<origin port>` is reached directly and through the proxy `corp`, maxPerOrigin 2
  * shared by both pools; `lone` is a second origin reached one way only. No predictive warming: no connect but the
- * acquires' own.
+ * acquires' own. With `metricsPort`, the Prometheus endpoint there, per-origin gauges on.
  */
-async function twoWays() {
+async function twoWays(metricsPort = 0) {
   const origin = await server();
   const lone = await server();
   const proxy = await connectProxy();
@@ -72,6 +73,7 @@ async function twoWays() {
     {
       proxies: [{ name: 'corp', url: `http://127.0.0.1:${proxy.port}` }],
       pool: { predictive: false, defaults: { maxPerOrigin: 2 } },
+      ...(metricsPort > 0 ? { metricsPort, metricsPerOrigin: true } : {}),
     },
     cleanups,
   );
@@ -158,5 +160,32 @@ describe("an origin's shared cap, seen through the daemon's socket", () => {
     );
     expect(lineOf(loneKey)).toMatch(/ idle 0 leased 1 /);
     expect(lineOf(loneKey)).not.toContain('shared cap');
+  });
+
+  it('exports the shared cap as per-origin gauges in each row of such an origin, none for an origin reached one way', async () => {
+    const metricsPort = await freePort();
+    const { sockpoold, origin, lone, key, loneKey } = await twoWays(metricsPort);
+    const { raw } = await capFull(sockpoold, origin.port, lone.port);
+    await eventually(
+      async () => (await rows(raw, 100)).find((row) => row.origin === key)?.waiting === 1,
+      'the direct acquire waiting',
+    );
+    const expected = [key, `${key} via corp`].flatMap((name) => [
+      `sockpool_shared_cap_connections{origin="${name}"} 2`,
+      `sockpool_shared_cap_max_connections{origin="${name}"} 2`,
+      `sockpool_shared_cap_waiting_acquires{origin="${name}"} 1`,
+    ]);
+    let shared: string[] = [];
+    // A rendering serves the scrapes of a second: the first may be from before the acquires.
+    await eventually(
+      async () => {
+        const text = await (await fetch(`http://127.0.0.1:${metricsPort}/metrics`)).text();
+        shared = text.split('\n').filter((line) => line.startsWith('sockpool_shared_cap_'));
+        return shared.length === expected.length;
+      },
+      () => `the shared cap's gauges: ${JSON.stringify(shared)}`,
+    );
+    expect(shared.sort()).toEqual(expected.sort());
+    expect(shared.join('\n')).not.toContain(loneKey);
   });
 });

@@ -367,6 +367,49 @@ describe('metrics', () => {
     expect(lines.filter((line) => line.startsWith('sockpool_learned_family{origin="other"'))).toEqual([]);
   });
 
+  it("exports an origin's shared cap in each of its rows (metricsPerOrigin): its connections over all ways, its maxPerOrigin and the acquires waiting at it, for the named origins only", async () => {
+    const sharedCap = { connections: 4, maxPerOrigin: 4, waiting: 3 };
+    const junk = Array.from({ length: METRICS_MAX_ORIGINS }, (_, i) => ({
+      origin: `junk-${i}.example:443`,
+      idle: 0,
+      leased: 1,
+      demandRatePerS: 0.01,
+      // Past the busiest: not named, and not summed under "other" (each row repeats its origin's figure).
+      ...(i === METRICS_MAX_ORIGINS - 1 ? { sharedCap: { connections: 1, maxPerOrigin: 8, waiting: 0 } } : {}),
+    }));
+    const metrics = createMetrics(
+      () => ({
+        origins: [
+          ...junk,
+          { origin: 'busy.example:443', idle: 0, leased: 3, waiting: 2, demandRatePerS: 50, sharedCap },
+          { origin: 'busy.example:443 via corp', idle: 0, leased: 1, waiting: 1, demandRatePerS: 20, sharedCap },
+          { origin: 'lone.example:443', idle: 1, leased: 0, demandRatePerS: 10 },
+        ],
+      }),
+      { processMetrics: false, perOrigin: true },
+    );
+    const lines = (await metrics.text()).split('\n');
+    const series = (gauge: string) => lines.filter((line) => line.startsWith(`${gauge}{`));
+    expect(series('sockpool_shared_cap_connections')).toEqual([
+      'sockpool_shared_cap_connections{origin="busy.example:443"} 4',
+      'sockpool_shared_cap_connections{origin="busy.example:443 via corp"} 4',
+    ]);
+    expect(series('sockpool_shared_cap_max_connections')).toEqual([
+      'sockpool_shared_cap_max_connections{origin="busy.example:443"} 4',
+      'sockpool_shared_cap_max_connections{origin="busy.example:443 via corp"} 4',
+    ]);
+    expect(series('sockpool_shared_cap_waiting_acquires')).toEqual([
+      'sockpool_shared_cap_waiting_acquires{origin="busy.example:443"} 3',
+      'sockpool_shared_cap_waiting_acquires{origin="busy.example:443 via corp"} 3',
+    ]);
+    // Without metricsPerOrigin: none (they name origins), and no total (a sum over caps means nothing).
+    const totalsOnly = createMetrics(
+      () => ({ origins: [{ origin: 'busy.example:443', idle: 0, leased: 3, sharedCap }] }),
+      { processMetrics: false },
+    );
+    expect(await totalsOnly.text()).not.toContain('sockpool_shared_cap');
+  });
+
   it('names no origin unless asked to (metricsPerOrigin): the totals only', async () => {
     const metrics = createMetrics(
       () => ({ origins: [{ origin: 'secret.example:443', idle: 2, leased: 1, connecting: 0, waiting: 0 }] }),
