@@ -64,6 +64,14 @@ export class FairWaitQueue<T extends UidWaiter> {
   }
 
   /**
+   * As peek(), with `extra(uid)` added to each uid's count (the pool: what each uid holds of the origin's other pools,
+   * whose cap this one shares: origin-cap.ts).
+   */
+  peekCounting(extra: (uid: number) => number): T | undefined {
+    return this.#fairest((queue) => queue[0], extra);
+  }
+
+  /**
    * Each uid's first waiter that `covered` does not count out, as peekUncovered skips them (the origin's cap: whose
    * turn room at it is, across the origin's pools: origin-cap.ts).
    */

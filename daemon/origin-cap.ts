@@ -12,6 +12,9 @@
 // warm TLS, through a proxy) has one turn a round across them, as one waiting in one pool, and while another uid
 // waits its share of the cap grows no larger than that one's by spreading its acquires over pools; the direct pool's
 // backlog (its own leases ending one after another) does not starve an acquire through a proxy that waited first.
+// A pool choosing among its own waiters (for an idle socket of its own, for a failed connect's error) counts what
+// each uid holds of the whole origin too (heldBy), so a socket a uid gives back in one pool does not go straight to
+// its next acquire there while a uid holding less of the origin waits.
 // Warming (refills, prewarms) takes only room no acquire of the origin waits for, and an acquire waiting at a cap the
 // other pools fill with idle sockets closes one of those (its own pool's would be handed to it): a waiter before
 // warmth, so the pools' minIdle and prewarms share the cap and, together, never pass it.
@@ -66,6 +69,13 @@ export class OriginCap {
     return waiting;
   }
 
+  /** What `uid` holds of the origin: its leases and the connects under way for it, in all the origin's pools. */
+  heldBy(uid: number): number {
+    let held = 0;
+    for (const pool of this.#pools) held += pool.heldBy(uid);
+    return held;
+  }
+
   /** Whether `pool` may take room at the cap for its waiters now: the turn is none other pool's. */
   mayTake(pool: OriginPool): boolean {
     const turn = this.turn();
@@ -90,8 +100,7 @@ export class OriginCap {
       pool.forEachUncovered((uid, arrived) => {
         let held = heldOf.get(uid);
         if (held === undefined) {
-          held = 0;
-          for (const each of this.#pools) held += each.heldBy(uid);
+          held = this.heldBy(uid);
           heldOf.set(uid, held);
         }
         const tookAt = this.#tookAt.get(uid) ?? -1;

@@ -269,6 +269,19 @@ export class OriginPool implements KeptHolder<IdleSocket> {
     return shared === undefined ? '' : `; ${shared.total()} connections in all the origin's pools`;
   }
 
+  /**
+   * The waiter an idle socket of this pool goes to (one kept for a uid only if it is that uid's): the fairest by what
+   * each uid holds here, or, with the origin's other pools, by what it holds of the whole origin (origin-cap.ts), as
+   * room at the cap goes. By this pool's counts alone, a socket a uid gave back went straight to that uid's next
+   * acquire whenever the uid held less here, however much it held through the other ways, while a uid holding less
+   * of the origin waited.
+   */
+  #nextToServe(): Waiter | undefined {
+    const shared = this.#shared();
+    if (shared === undefined) return this.#waiters.peek();
+    return this.#waiters.peekCounting((uid) => shared.heldBy(uid) - (this.#waiters.heldOf(uid) ?? 0));
+  }
+
   /** Whether this pool's waiters may take room at the cap now: the turn there is no other pool's. */
   #mayTake(): boolean {
     return this.#shared()?.mayTake(this) ?? true;
@@ -642,7 +655,7 @@ export class OriginPool implements KeptHolder<IdleSocket> {
     // not keep the slot for good while a uid holding fewer waits at the cap (each lease is new, so maxLeaseMs never
     // ends it). Otherwise it is kept idle and the pump below closes it for the waiter whose turn it is. (With the
     // origin's other pools, the turn is the uid's whose it is across them.)
-    const next = (turn === undefined ? undefined : this.#waiters.firstOf(turn.uid)) ?? this.#waiters.peek();
+    const next = (turn === undefined ? undefined : this.#waiters.firstOf(turn.uid)) ?? this.#nextToServe();
     let waiter = next;
     if (ownerUid !== undefined && next !== undefined && next.uid !== ownerUid) {
       const roomForOthers =
@@ -842,7 +855,7 @@ export class OriginPool implements KeptHolder<IdleSocket> {
   /** Serves waiters from idle sockets, then starts the connects that waiters and the refill target call for. */
   #pump(): void {
     if (this.#closed) return;
-    for (let next = this.#waiters.peek(); next; next = this.#waiters.peek()) {
+    for (let next = this.#nextToServe(); next; next = this.#nextToServe()) {
       const warm = this.#takeIdle(next.uid);
       if (!warm) break;
       this.#serve(warm, next);
@@ -1002,9 +1015,11 @@ export class OriginPool implements KeptHolder<IdleSocket> {
     this.#backoffUntil = performance.now() + Math.min(30_000, 250 * 2 ** Math.min(this.#failures, 7));
     this.#events.connectFailed(this, error, uid);
     // The waiter the connect would have served gets the failure (its uid's when fairness allows, else the next in
-    // fair order): queue order is kept and nobody waits on a dead origin until timeout.
+    // fair order; with the origin's other pools, its uid's, whose turn across them the connect was, as in #connect):
+    // queue order is kept and nobody waits on a dead origin until timeout.
     if (forWaiter && this.#waiters.length > 0) {
-      const waiter = this.#waiters.peekFor(uid)!;
+      const turnOf = uid !== undefined && this.#shared() !== undefined ? this.#waiters.firstOf(uid) : undefined;
+      const waiter = turnOf ?? this.#waiters.peekFor(uid)!;
       this.#waiters.remove(waiter);
       clearTimeout(waiter.timer);
       waiter.settled = true;

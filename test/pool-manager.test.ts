@@ -1319,6 +1319,71 @@ describe("PoolManager maxPerOrigin across an origin's pools", () => {
     expect(corp.handoff).toBeUndefined();
   });
 
+  it("lends a socket kept for a uid to that uid's waiter only when that uid holds no more of the origin, in all its pools, than the other waiting uids: else its room goes to the uid holding fewer", async () => {
+    const pools = sharing({ maxPerOrigin: 4 });
+    held.push(await pools.acquire(viaCorp, 1_000, undefined, 1), await pools.acquire(viaCorp, 1_000, undefined, 1));
+    const mine = await pools.acquire(BUSY, 1_000, undefined, 1);
+    held.push(mine, await pools.acquire(BUSY, 1_000, undefined, 2));
+    // The direct pool alone: uid 1 holds 1, uid 2 holds 1. The origin: uid 1 holds 3, uid 2 holds 1.
+    const first = waiting(pools, BUSY, undefined, 1);
+    const second = waiting(pools, BUSY, undefined, 2);
+    await turns();
+    expect(connector.calls).toBe(4);
+    // uid 1 gives its direct lease back unused: kept for it, its room is uid 2's turn (it holds the fewest of the
+    // origin). Before, the direct pool's pump lent it at once to uid 1's waiter, by the pool's own counts (uid 1
+    // then holding none there): uid 1 held 4 of the 4 while uid 2 waited.
+    held.splice(held.indexOf(mine), 1);
+    pools.giveBack(mine.originKey, mine, 1, true);
+    await until(() => second.handoff !== undefined || first.handoff !== undefined, 'one acquire served');
+    await turns();
+    expect(second.handoff).toMatchObject({ originKey: 'busy.test:443', warm: false });
+    expect(first.handoff).toBeUndefined();
+    expect(connector.calls).toBe(5);
+  });
+
+  it("hands a shared socket given back while every waiter's connect is under way to the waiter whose uid holds the fewest of the origin in all its pools", async () => {
+    const pools = sharing({ maxPerOrigin: 10 });
+    held.push(await pools.acquire(viaCorp, 1_000, undefined, 1), await pools.acquire(viaCorp, 1_000, undefined, 1));
+    const unsent = await pools.acquire(BUSY, 1_000, undefined, 2);
+    held.push(unsent);
+    connector.manual = true;
+    const first = waiting(pools, BUSY, undefined, 1);
+    const second = waiting(pools, BUSY, undefined, 2);
+    await until(() => connector.pending.length === 2, "both waiters' connects under way");
+    // uid 2's lease never reached its client: back, shared. The direct pool alone: uid 1 and uid 2 hold none there
+    // but the connect under way for each, uid 1 waiting longer. The origin: uid 1 holds 2 more, through corp.
+    held.splice(held.indexOf(unsent), 1);
+    pools.giveBack(unsent.originKey, unsent, 2, false);
+    await until(() => first.handoff !== undefined || second.handoff !== undefined, 'one acquire served');
+    expect(second.handoff).toMatchObject({ originKey: 'busy.test:443', warm: true });
+    expect(first.handoff).toBeUndefined();
+    for (const pending of connector.pending.splice(0)) await pending.succeed();
+    await until(() => first.handoff !== undefined, "uid 1's acquire served by a connect");
+  });
+
+  it("gives a failed connect's error to the waiter of the uid whose turn at the origin's cap the connect was, not to the fairest by its pool's own counts", async () => {
+    const pools = sharing({ maxPerOrigin: 4 });
+    held.push(await pools.acquire(viaCorp, 1_000, undefined, 1), await pools.acquire(viaCorp, 1_000, undefined, 1));
+    held.push(await pools.acquire(BUSY, 1_000, undefined, 2));
+    const third = await pools.acquire(BUSY, 1_000, undefined, 3);
+    held.push(third);
+    // The direct pool alone: uid 1 holds none, uid 2 one. The origin: uid 1 holds 2, uid 2 one.
+    const first = waiting(pools, BUSY, undefined, 1);
+    const second = waiting(pools, BUSY, undefined, 2);
+    await turns();
+    expect(connector.calls).toBe(4);
+    connector.failures.push(Object.assign(new Error('connect ECONNREFUSED'), { code: 'ECONNREFUSED' }));
+    // The room uid 3's lease leaves is uid 2's turn (it holds the fewest of the origin): the connect is its, and so is
+    // its failure. Before, the direct pool's queue gave it to uid 1's waiter (holding none there).
+    endLease(pools, third, 3);
+    await until(() => first.error !== undefined || second.error !== undefined, 'a waiter failed');
+    expect(second.error).toMatchObject({ code: 'ECONNREFUSED' });
+    expect(first.error).toBeUndefined();
+    // The other waits on: a connect of its own serves it.
+    await until(() => first.handoff !== undefined, "uid 1's acquire served");
+    expect(connector.calls).toBe(6);
+  });
+
   it("shows in every row of the origin's pools the connections of all of them against maxPerOrigin, and the acquires waiting at it", async () => {
     const pools = sharing({ maxPerOrigin: 2 });
     held.push(await pools.acquire(BUSY, 1_000));
