@@ -45,7 +45,9 @@ export class StateDirLock {
       throw lockFileError(path, error);
     }
     try {
-      db.exec('PRAGMA locking_mode = EXCLUSIVE; BEGIN EXCLUSIVE');
+      // The journal in memory: closing the connection with its transaction open (release) otherwise wrote a rollback
+      // journal and synced it and the directory, so the stop's last step waited for the disk (store.ts, close).
+      db.exec('PRAGMA journal_mode = MEMORY; PRAGMA locking_mode = EXCLUSIVE; BEGIN EXCLUSIVE');
     } catch (error) {
       db.close();
       if (!isBusy(error)) throw lockFileError(path, error);

@@ -256,7 +256,7 @@ const STORE_THREAD_SOURCE = `
 const { parentPort, workerData } = require('node:worker_threads');
 const Database = require(workerData.betterSqlite3);
 const flags = new Int32Array(workerData.flags);
-const [OPEN, COMMITTED, DONE] = [0, 1, 2];
+const [OPEN, COMMITTED, DONE, SLICES] = [0, 1, 2, 3];
 const signal = (index, value) => {
   Atomics.store(flags, index, value);
   Atomics.notify(flags, index);
@@ -273,6 +273,8 @@ try {
   else db.prepare('SELECT count(*) FROM sqlite_master').get();
 } catch (error) {
   signal(OPEN, -1);
+  // close() may be waiting for a slice to be done: it is not coming.
+  Atomics.notify(flags, SLICES);
   throw error;
 }
 signal(OPEN, 1);
@@ -301,7 +303,8 @@ parentPort.on('message', (message) => {
       // the first such error, read from this port without the event loop).
       workerData.errors.postMessage({ message: String((error && error.message) || error), code: error && error.code });
     }
-    Atomics.notify(flags, COMMITTED);
+    Atomics.add(flags, SLICES, 1);
+    Atomics.notify(flags, SLICES);
   } else if (message.close) {
     try {
       db.close();
@@ -318,6 +321,8 @@ const THREAD_OPEN = 0;
 const THREAD_COMMITTED = 1;
 /** The thread closed its connection: nothing of the store is left on the disk's side. */
 const THREAD_DONE = 2;
+/** close()'s slices the thread is done with, committed or failed. */
+const THREAD_SLICES = 3;
 
 /** What the checkpointer answered last: frames in the WAL and frames copied into the database file. */
 export interface CheckpointResult {
@@ -1090,7 +1095,7 @@ export class StateStore {
 
   /** Starts a store thread (STORE_THREAD_SOURCE) with its shared flags; unref'd: it never keeps the process alive. */
   #startThread(name: string, checkpointer: boolean): Worker {
-    const flags = new SharedArrayBuffer(3 * Int32Array.BYTES_PER_ELEMENT);
+    const flags = new SharedArrayBuffer(4 * Int32Array.BYTES_PER_ELEMENT);
     const errors = new MessageChannel();
     this.#threadErrors?.close();
     this.#threadErrors = errors.port1;
@@ -1428,8 +1433,10 @@ export class StateStore {
    * checkpoint alone would not do (better-sqlite3 has no SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, and the header's sync is
    * needed: SQLite warns that without it a restarted WAL can corrupt the file at a power loss, so synchronous=OFF is
    * not an option either). The close waits for the thread until the budget is spent, then returns without it
-   * (threadLeft names it): abandoning it is a crash to SQLite, which its WAL recovers at the next open; the process
-   * must then end without joining the thread (daemon/command.ts: _exit), since process.exit() would wait for its sync.
+   * (threadLeft names it; the state directory stays locked until it ends): abandoning it is a crash to SQLite, which
+   * its WAL recovers at the next open; the process must then end without joining the thread (daemon/command.ts:
+   * _exit), since process.exit() would wait for its sync. A thread that cannot open the file leaves the commits to
+   * the event loop's connection, as before the thread.
    */
   close(budgetMs = CLOSE_BUDGET_MS): number {
     if (this.#closed) return 0;
@@ -1443,14 +1450,24 @@ export class StateStore {
     const thread = this.#checkpointer ?? this.#startThread('sockpoold state writer', false);
     this.#checkpointer = undefined;
     const flags = this.#threadFlags as Int32Array;
-    const waitFor = (index: number): number => {
+    /** Waits on one of the flags until `done` says so, the thread failed to open, or `until`; returns the flag. */
+    const waitUntil = (index: number, done: (value: number) => boolean, until = deadline): number => {
       for (;;) {
         const value = Atomics.load(flags, index);
-        const left = deadline - performance.now();
-        if (value !== 0 || left <= 0) return value;
-        Atomics.wait(flags, index, 0, left);
+        const left = until - performance.now();
+        if (done(value) || Atomics.load(flags, THREAD_OPEN) === -1 || left <= 0) return value;
+        Atomics.wait(flags, index, value, left);
       }
     };
+    const waitFor = (index: number): number => waitUntil(index, (value) => value !== 0);
+    // The thread commits a slice while the next is prepared, so it finishes about one slice after the preparing: the
+    // preparing ends with a quarter of the budget left for that and the file's closing, and waits whenever the thread
+    // falls behind by a slice (a slow disk: what the thread has no time for is not prepared). Else the thread trails
+    // a preparing that takes the whole budget, and on any disk a close with much pending returns without it (the
+    // daemon's stop unclean, what the thread had not committed lost with the process).
+    const prepareUntil = deadline - budgetMs / 4;
+    const sliceMs = Math.min(CLOSE_SLICE_MS, budgetMs / 8);
+    let handed = 0;
     let ourConnectionClosed = false;
     const closeOurs = () => {
       if (ourConnectionClosed) return;
@@ -1463,29 +1480,57 @@ export class StateStore {
     };
     // A read that fails (a page found corrupt) ends the preparing; the close goes on, and throws it at the end.
     let failure: unknown;
+    // A thread that cannot open the file (THREAD_OPEN -1: the directory moved away, no fd left) commits nothing: its
+    // slices are committed here instead, on the event loop's connection, as before the thread. Those handed to it
+    // before its open was known are kept until it is.
+    let committedHere = 0;
+    const commitHere = (slice: ThreadSlice) => {
+      if (failure || performance.now() >= deadline) return;
+      try {
+        this.#db.transaction(() => {
+          for (const row of slice.rows) this.#statements.upsert.run(row);
+          for (const demand of slice.demand) this.#statements.addDemand.run(...demand);
+        })();
+        committedHere += slice.origins;
+      } catch (error) {
+        failure = error;
+      }
+    };
+    const handedBeforeOpen: ThreadSlice[] = [];
     try {
       const now = this.#now();
       const source = { upsert: this.#statements.upsert.source, addDemand: this.#statements.addDemand.source };
       let slice: ThreadSlice = { rows: [], demand: [], origins: 0 };
       let sliceStarted = performance.now();
       const send = () => {
-        if (slice.origins > 0) thread.postMessage({ ...source, ...slice });
+        if (slice.origins > 0) {
+          waitUntil(THREAD_SLICES, (done) => done >= handed, prepareUntil);
+          const open = Atomics.load(flags, THREAD_OPEN);
+          if (open === -1) commitHere(slice);
+          else {
+            thread.postMessage({ ...source, ...slice });
+            handed++;
+            if (open === 0) handedBeforeOpen.push(slice);
+          }
+        }
         slice = { rows: [], demand: [], origins: 0 };
         sliceStarted = performance.now();
       };
       for (const [originKey, record] of this.#pending) {
-        if (performance.now() >= deadline) break;
+        if (performance.now() >= prepareUntil) break;
         this.#write(originKey, record, now, slice);
         slice.origins++;
-        if (performance.now() - sliceStarted >= CLOSE_SLICE_MS) send();
+        if (performance.now() - sliceStarted >= sliceMs) send();
       }
       send();
     } catch (error) {
-      failure = error;
+      failure ??= error;
     }
     this.#pending.clear();
     this.#pendingBy.clear();
     const open = waitFor(THREAD_OPEN);
+    if (open === -1) for (const slice of handedBeforeOpen) commitHere(slice);
+    const releaseLock = () => this.#lock?.release();
     try {
       if (open !== 0) closeOurs();
       else {
@@ -1495,17 +1540,21 @@ export class StateStore {
       }
     } catch (error) {
       failure ??= error;
-    } finally {
-      this.#lock?.release();
     }
     // A thread that could not open the file (THREAD_OPEN -1) has ended: ours closed as the last, as before the thread.
-    if (open === 0 || (open === 1 && waitFor(THREAD_DONE) === 0)) this.#threadLeft = this.#threadName;
+    if (open === 0 || (open === 1 && waitFor(THREAD_DONE) === 0)) {
+      this.#threadLeft = this.#threadName;
+      // The directory stays locked while the thread may still write: a second daemon would start on it (its counts
+      // read from a table this one's thread then changes). The daemon ends with _exit, and the lock goes when the
+      // process does, so after its last thread; a process that lives on (an embedder) lets it go at the thread's end.
+      thread.once('exit', releaseLock);
+    } else releaseLock();
     const sliceFailure = this.#threadErrors && receiveMessageOnPort(this.#threadErrors)?.message;
     this.#threadErrors?.close();
     // A slice that failed (a file locked by another process, a full disk), as a flush's failure: the daemon logs it.
     failure ??= sliceFailure && Object.assign(new Error(sliceFailure.message), { code: sliceFailure.code });
     if (failure) throw failure;
-    return pending - Atomics.load(flags, THREAD_COMMITTED);
+    return pending - Atomics.load(flags, THREAD_COMMITTED) - committedHere;
   }
 
   /** close() of a history in memory: nothing on a disk; its slices are committed here, as the file's once were. */
@@ -1529,7 +1578,8 @@ export class StateStore {
 
   /**
    * The store thread close() stopped waiting for, by name (its sync held by the disk past the budget), or undefined.
-   * The process must end without joining it: process.exit() would wait for the sync.
+   * The process must end without joining it: process.exit() would wait for the sync. The state directory's lock is
+   * held until it has ended.
    */
   get threadLeft(): string | undefined {
     return this.#threadLeft;

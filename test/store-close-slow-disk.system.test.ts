@@ -8,6 +8,7 @@ import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import Database from 'better-sqlite3';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { StateDirLock } from '../daemon/state-lock.js';
 import { spawnChild } from './helpers/children.js';
 import { eventually } from './helpers/daemon.js';
 
@@ -118,10 +119,23 @@ describe("the store's close on a disk whose syncs never end", () => {
     child.stdin?.write('exit\n');
     await eventually(() => threadState(pid, pid) === 'Z', "the event loop's thread ended");
     expect(threadsInSync(pid).length).toBeGreaterThan(0);
+    // Its state directory is still locked: a second daemon starting now is refused, not run on a file whose last
+    // writer is still at work (it would read its counts from a table that thread then changes).
+    let refusal = 'the lock taken';
+    try {
+      StateDirLock.take(dir).release();
+    } catch (error) {
+      refusal = (error as Error).message;
+    }
+    expect(refusal, 'a second daemon refused while the first one is held in a sync').toMatch(
+      /^another sockpoold is using the state directory/,
+    );
     // The disk lets the sync go (strace, held up by the exit, answers nothing but SIGKILL): the process is gone, with
     // the status it asked for.
     strace.kill('SIGKILL');
     expect(await exited).toEqual([0, null]);
+    // The process gone, the directory is free.
+    StateDirLock.take(dir).release();
     return { dropped: Number(dropped) };
   }
 
@@ -134,6 +148,62 @@ describe("the store's close on a disk whose syncs never end", () => {
     const pending = db.prepare("SELECT count(*) FROM origins WHERE origin_key LIKE 'pending%'").pluck().get();
     return { db, pending: pending as number };
   }
+
+  it("lets the state directory's lock go without a sync (the stop's last step before it ends)", async () => {
+    // Before: closing the lock's connection, its exclusive transaction open, wrote a rollback journal and synced it
+    // and the directory, three syncs on the event loop after the history's close.
+    const child = spawnChild(
+      process.execPath,
+      [
+        '--import',
+        join(repo, 'test/fixtures/register-ts.mjs'),
+        join(repo, 'test/fixtures/store-child.ts'),
+        dir,
+        'lock',
+      ],
+      { stdio: ['pipe', 'pipe', 'pipe'] },
+    );
+    let output = '';
+    child.stdout?.on('data', (chunk) => {
+      output += chunk;
+    });
+    child.stderr?.on('data', (chunk) => {
+      output += chunk;
+    });
+    const exited = new Promise((done) => child.once('exit', done));
+    await eventually(
+      () => output.includes('ready\n'),
+      () => `the child ready: ${output}`,
+      30_000,
+    );
+    const pid = child.pid ?? 0;
+    const strace = spawnChild(
+      'strace',
+      ['-f', '-p', String(pid), '-e', 'trace=fsync,fdatasync', '-e', 'inject=fsync,fdatasync:delay_enter=3600s'],
+      { stdio: ['ignore', 'ignore', 'pipe'] },
+    );
+    let traced = '';
+    strace.stderr?.on('data', (chunk) => {
+      traced += chunk;
+    });
+    await eventually(() => traced.includes('attached'), 'strace attached to every thread of the child');
+    child.stdin?.write('release\n');
+    let heldThere: string | undefined;
+    await eventually(
+      () => {
+        const main = threadsInSync(pid).find(({ tid }) => tid === pid);
+        if (main) heldThere = main.call;
+        return heldThere !== undefined || output.includes('released\n');
+      },
+      () => `the lock released or the event loop held in a sync: ${output}`,
+      30_000,
+    );
+    expect(heldThere, `the lock's release is held in ${heldThere}`).toBeUndefined();
+    StateDirLock.take(dir).release();
+    strace.kill('SIGKILL');
+    child.kill('SIGKILL');
+    await exited;
+  });
 
   it('returns while the sync a restarted WAL needs is held, and the file reopens intact with every committed row', async () => {
     const { dropped } = await closeUnderHeldSyncs('close-restarted');

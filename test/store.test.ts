@@ -5,6 +5,7 @@ import {
   mkdtempSync,
   readdirSync,
   readFileSync,
+  renameSync,
   rmSync,
   statSync,
   writeFileSync,
@@ -16,6 +17,7 @@ import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import { MIGRATIONS, migrate, StateStore, WAL_SIZE_LIMIT } from '../daemon/store.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import { useFakeClock } from './fixtures/fake-clock.js';
+import { fdCount } from './fixtures/native-helpers.js';
 import { spawnChild } from './helpers/children.js';
 import { eventually } from './helpers/daemon.js';
 
@@ -257,6 +259,22 @@ describe('the state directory lock (lockStateDir)', () => {
     inMemory.close();
     locked(() => told.push('after close')).close();
     expect(told.at(-1)).toBe('after close');
+  });
+
+  it('keeps the directory locked while the store thread still writes after close() returned without it, and lets it go when that thread ends', async () => {
+    // Before: the lock went with the close, so a second daemon could start on the directory (its counts read from a
+    // table the first one's thread was still writing) while the first one's thread wrote on.
+    const first = locked();
+    first.recordConnect('pending.example:443', 5);
+    // No time at all: the close returns before its thread (started by it: no auto flush) has even opened the file.
+    first.close(0);
+    expect(first.threadLeft).toBe('sockpoold state writer');
+    expect(() => locked()).toThrow(/another sockpoold is using the state directory/);
+    await first.threadEnded();
+    const second = locked();
+    expect(second.close()).toBe(0);
+    expect(second.threadLeft).toBeUndefined();
+    await second.threadEnded();
   });
 });
 
@@ -844,6 +862,52 @@ describe('close', () => {
     expect(written).toBeGreaterThan(0);
     // What it had no time to prepare is dropped; what it did not see committed before returning is counted with it.
     expect(dropped).toBeGreaterThanOrEqual(3000 - written);
+  });
+  it('ends with its thread done when the disk keeps up, however much is pending: the thread commits what it was handed and closes the file within the budget', async () => {
+    // Before: the event loop prepared until the budget was spent and the thread's commits trailed it, so every close
+    // with more pending than the budget covers returned without its thread (the daemon's stop then ended as unclean,
+    // status 1, and what the thread had not committed yet was lost with the process).
+    const store = StateStore.open(dir, { now, maxOrigins: 10_000 });
+    store.flush();
+    for (let origin = 0; origin < 3000; origin++) store.recordConnect(`c${origin}.example:443`, 5);
+    // A clock of work, not time: each look at it is 1 ms later.
+    let ms = 0;
+    const clockOfWork = vi.spyOn(performance, 'now').mockImplementation(() => ms++);
+    let dropped: number;
+    try {
+      dropped = store.close();
+    } finally {
+      clockOfWork.mockRestore();
+    }
+    expect(store.threadLeft).toBeUndefined();
+    const db = reader(dir);
+    const written = value(db, 'SELECT count(*) FROM origins') as number;
+    db.close();
+    expect(written).toBeGreaterThan(0);
+    expect(dropped).toBe(3000 - written);
+    await store.threadEnded();
+  });
+
+  it('commits on the event loop, as before the store thread, what it prepared when that thread cannot open the file', async () => {
+    // Its thread opens the file by its path: the state directory moved away while the store ran, it finds none.
+    const store = open();
+    store.flush();
+    for (let origin = 0; origin < 100; origin++) store.recordConnect(`c${origin}.example:443`, 5);
+    const fdsBefore = fdCount();
+    const moved = `${dir}-moved`;
+    renameSync(dir, moved);
+    try {
+      expect(store.close()).toBe(0);
+      expect(store.threadLeft).toBeUndefined();
+      await store.threadEnded();
+      const db = reader(moved);
+      expect(value(db, 'SELECT count(*) FROM origins')).toBe(100);
+      db.close();
+    } finally {
+      renameSync(moved, dir);
+    }
+    // The store's connection (the file, its WAL and index) and the thread's event loop closed.
+    expect(fdCount()).toBe(fdsBefore - 3);
   });
 });
 
