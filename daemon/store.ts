@@ -21,8 +21,10 @@
 // the timer's flushes write in slices of at most SLICE_BUDGET_MS of event-loop time, continuing on the next turn,
 // so a flood of new origins never holds the loop for long (bench/store-flush.ts measures it with 100,000 origins).
 // `flush()` itself (before `topOrigins`) still writes everything at once; `close()` (the stop) prepares committed
-// slices for at most CLOSE_BUDGET_MS, drops what is left, and returns by then whatever the disk does: the slices are
-// committed, and the file closed, by the store's thread (below), which the close stops waiting for at the budget.
+// slices, paced to the store's thread (below) that commits them and closes the file, until a quarter of
+// CLOSE_BUDGET_MS is left for that thread to finish, drops what is left, and returns by the budget whatever the disk
+// does: a thread still waiting for the disk then is left to the process's exit, the state directory locked until it
+// ends (threadLeft).
 // While the timer runs, the WAL is copied into the database file (the checkpoint, with its fsync) by that thread, with
 // a second connection, never by a commit on the event loop: SQLite's automatic checkpoint at the end of a commit was
 // the longest part of a slice.
@@ -138,7 +140,8 @@ export interface StateStoreOptions {
     err: string;
   }) => void;
   /**
-   * The daemon's: the store first takes the state directory's lock (state-lock.ts) and holds it until close. Held by
+   * The daemon's: the store first takes the state directory's lock (state-lock.ts) and holds it until close, or until
+   * the store's thread ends when close() returned without it (threadLeft). Held by
    * another daemon: the open fails with that refusal, onUnavailable or not (a second daemon is refused, not run on a
    * history in memory). A lock file that cannot be opened is an unavailable file like the database's.
    */

@@ -9,8 +9,10 @@
 //
 // Binary framing (negotiated in `hello`: the client asks with `binary: N`, the daemon answers the highest version
 // both speak): the hot messages (acquire, release, closed; lease and ok) may then travel as compact binary frames
-// beside JSON for the rest. Version 2 adds the release without an fd (`withoutFd`). A JSON message starts with `{`; a binary frame with its type byte (FrameType), never `{`. Layouts and
-// checks are below (encodeFrame/decodeFrame) and in docs/protocol.md.
+// beside JSON for the rest. Version 2 adds the release without an fd (`withoutFd`); version 3 the bundle, several
+// fd-less client frames in one packet (encodeBundle/decodeClientBundle), so that a release and the next acquire cost
+// the daemon one read. A JSON message starts with `{`; a binary frame with its type byte (FrameType), never `{`.
+// Layouts and checks are below (encodeFrame, decodeClientFrame, decodeDaemonFrame) and in docs/protocol.md.
 
 import { z } from 'zod';
 import { ErrorCodes, SockpoolError } from './errors.js';
