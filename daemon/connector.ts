@@ -69,6 +69,13 @@ export interface ConnectedSocket {
    * needs no linger disarm (origin-pool's closePooled).
    */
   connectedPeer?: readonly number[] | undefined;
+  /**
+   * Set by the connector of a daemon whose connect guard is enforced (TcpConnectorOptions.reconnectRefused): the
+   * kernel refuses any connect() of this socket after the daemon's own, so a lease's release check trusts it and
+   * reads no peer (lease-guard's UsageMark.reconnectRefused). The socket's, not the process's: another daemon of the
+   * same process may have no guard.
+   */
+  reconnectRefused?: boolean | undefined;
 }
 
 /**
@@ -90,6 +97,7 @@ export function connectedPart(socket: ConnectedSocket): ConnectedSocket {
     relaySession: socket.relaySession,
     port: socket.port,
     connectedPeer: socket.connectedPeer,
+    reconnectRefused: socket.reconnectRefused,
   };
 }
 
@@ -134,6 +142,8 @@ export interface TcpConnectorOptions {
   learned?: LearnedFamilies;
   /** The configured proxies by name (a getter: a reload takes effect on the next connect). */
   proxies?: () => ReadonlyMap<string, ProxyEndpoint>;
+  /** This daemon's connect guard is enforced: the sockets it connects say so (ConnectedSocket.reconnectRefused). */
+  reconnectRefused?: boolean;
 }
 
 export class TcpConnector implements Connector {
@@ -143,6 +153,7 @@ export class TcpConnector implements Connector {
   readonly #clock: RaceClock;
   readonly #learned: LearnedFamilies;
   readonly #proxies: () => ReadonlyMap<string, ProxyEndpoint>;
+  readonly #reconnectRefused: boolean;
   /** Origin key → its attempt budget and the connects using it; dropped with the last connect. */
   readonly #budgets = new Map<string, { budget: AttemptBudget; connects: number }>();
 
@@ -154,6 +165,7 @@ export class TcpConnector implements Connector {
     this.#clock = options.clock ?? realClock;
     this.#learned = options.learned ?? new LearnedFamilies();
     this.#proxies = options.proxies ?? (() => new Map());
+    this.#reconnectRefused = options.reconnectRefused ?? false;
   }
 
   /** The origin (host patterns, port) and, when proxied, the configured proxy too: both must be allowed. */
@@ -412,6 +424,7 @@ export class TcpConnector implements Connector {
             connectedAt,
             connectMs: connectedAt - started,
             connectedPeer: [peerWords[0]!, peerWords[1]!, peerWords[2]!, peerWords[3]!],
+            reconnectRefused: this.#reconnectRefused,
           };
         } catch (error) {
           native.close(fd);

@@ -30,7 +30,6 @@ import { LocalSlots, slotKeeper } from './fleet/slots.js';
 import { HandoffServer } from './handoff-server.js';
 import { hostAddressesProvider, hostAddressReader, IPV6_ROUTE_PATH } from './host-addresses.js';
 import { detectKernelTls } from './kernel-tls.js';
-import { readPeerAtRelease, setKernelRefusesReconnect } from './lease-guard.js';
 import {
   type ClassifiedListenFds,
   classifyListenFds,
@@ -139,8 +138,6 @@ export class Sockpoold {
     this.#reloadConfig = options.reloadConfig;
     this.#bindRestriction = options.bindRestriction ?? EMBEDDED_UNRESTRICTED;
     this.#connectGuard = options.connectGuard ?? EMBEDDED_UNGUARDED;
-    // Every socket the pools hold is registered with an enforced guard (or never connected): see lease-guard.ts.
-    setKernelRefusesReconnect(this.#connectGuard.state === 'enforced');
     this.#realtime = options.realtime ?? EMBEDDED_SCHEDULING;
     this.#socketPath = this.#config.socket;
     // One provider of the host's interface addresses for every policy this daemon builds (reloads included); read
@@ -178,7 +175,12 @@ export class Sockpoold {
       new TcpConnector(
         () => this.#resolver,
         () => this.#egress,
-        { metrics: this.#metrics, proxies: () => this.#proxies },
+        {
+          metrics: this.#metrics,
+          proxies: () => this.#proxies,
+          // This daemon's guard, for this daemon's sockets: another daemon embedded in the same process may have none.
+          reconnectRefused: this.#connectGuard.state === 'enforced',
+        },
       ),
       () => this.#config.quotas.maxConnectsInFlight,
     );
@@ -433,9 +435,8 @@ export class Sockpoold {
         this.#egress.checkAddress(peer.address, peer.port, stored.origin.host);
         // Lent again later like any socket the daemon connected: no connect() of it, ever (connect-guard.ts), where
         // the guard's programs cover it: made in another cgroup (the service's before a restart) they do not, and
-        // its release check reads the peer as if no guard were enforced.
+        // its release check reads the peer as if no guard were enforced (no ConnectedSocket.reconnectRefused).
         native.guardSocket(stored.fd);
-        readPeerAtRelease(stored.fd);
         const now = performance.now();
         // The tag says when it connected: the idle TTL keeps counting from then, not from this restart.
         const connectedEpochMs = connectedAtFromTag(stored.origin.tag);

@@ -989,7 +989,7 @@ export class HandoffServer {
     tokenClaim?: Claim,
   ): void {
     // Identity and counters: from the pool's probe for a warm socket, read here for a fresh one.
-    const mark = handoff.mark ?? markOf(handoff.fd, handoff.connectedPeer);
+    const mark = handoff.mark ?? markOf(handoff.fd, handoff.connectedPeer, handoff.reconnectRefused);
     const lease = this.#leases.create({
       clientId: session.id,
       originKey: handoff.originKey,

@@ -8,7 +8,7 @@
 //   TCP_INFO shows no byte sent or received since it was lent and nothing queued either way, and it is still
 //   connected to the peer it was lent connected to (a client can reset the connection through its copy, which
 //   zeroes the counters, and connect it anywhere again: only getpeername tells, unless the connect guard has the
-//   kernel refuse that connect: setKernelRefusesReconnect; not for a socket from the fd store: readPeerAtRelease).
+//   kernel refuse that connect for this socket: UsageMark.reconnectRefused).
 //   The caller then pools it for the releasing uid alone (the client may still hold a copy); otherwise it is ended
 //   as above.
 // - Idle in the pool: the mark travels with the socket, so the next handoff needs one TCP_INFO read to know the
@@ -55,32 +55,15 @@ export interface UsageMark {
    * checkReturned).
    */
   peer: readonly number[] | undefined;
-}
-
-/**
- * Whether the kernel refuses every connect() of a socket the daemon registered: the connect guard is enforced (its
- * self-check's reconnect was refused; connect-guard.ts). Then no copy of a lent socket can connect it again, and the
- * release check does not read the peer (the getpeername was one syscall of every release). Process-wide, as the
- * guard is; set by the daemon from its guard's report, false (the peer read) in every other case.
- */
-let kernelRefusesReconnect = false;
-
-export function setKernelRefusesReconnect(refused: boolean): void {
-  kernelRefusesReconnect = refused;
-}
-
-/**
- * The sockets (by inode) whose release check reads the peer all the same: the guard's programs run for the sockets
- * created in the cgroup they are attached to, and one taken back from systemd's fd store was made by the daemon
- * before this one, in a cgroup that may be gone (a restart under systemd makes the service's cgroup anew). Registered
- * or not, the kernel lets a copy of it connect again. Bounded by what one start adopts; an inode reused later by a
- * socket the guard covers costs that socket a getpeername per release, nothing more.
- */
-const peerReadAlways = new Set<number>();
-
-/** `fd` (a socket from the fd store) is one the guard may not cover: its release check reads the peer. */
-export function readPeerAtRelease(fd: number): void {
-  peerReadAlways.add(native.socketInode(fd));
+  /**
+   * The kernel refuses every connect() of this socket after the daemon's own: the daemon that connected it has its
+   * connect guard enforced (connect-guard.ts; ConnectedSocket.reconnectRefused), so no copy of it can be connected
+   * elsewhere and the release check does not read the peer (the getpeername was one syscall of every release). The
+   * socket's own, from its connect on: not a process-wide setting, which a program embedding several daemons (one
+   * guarded, one not) made the last constructed daemon's for every socket of every daemon, nor for a socket taken
+   * back from the fd store (made in a cgroup the guard may not cover: false).
+   */
+  reconnectRefused: boolean;
 }
 
 /** How old a passed release check's read may be to stand for the next idle check of the socket (see the header). */
@@ -101,9 +84,10 @@ const TCP_CLOSE_WAIT = 8;
  * did not see go quiet itself (fresh connects, sockets adopted from the fd store). Undefined when it is not an
  * established TCP socket or its counters cannot be read. `connectedPeer`: the connector's read of the peer
  * (ConnectedSocket.connectedPeer), taken as the mark's instead of a getpeername: no other process has held the
- * socket since that read, so it cannot have been connected anywhere else.
+ * socket since that read, so it cannot have been connected anywhere else. `reconnectRefused`: the socket's
+ * (ConnectedSocket.reconnectRefused), kept by every mark read of it after this one.
  */
-export function markOf(fd: number, connectedPeer?: readonly number[]): UsageMark | undefined {
+export function markOf(fd: number, connectedPeer?: readonly number[], reconnectRefused = false): UsageMark | undefined {
   try {
     native.tcpInfo(fd, info, connectedPeer === undefined, true);
   } catch {
@@ -122,6 +106,7 @@ export function markOf(fd: number, connectedPeer?: readonly number[]): UsageMark
     quiet: info[outq] === 0 && info[inq] === 0 && info[notsentBytes] === 0 && hasCounters(sent, acked, received),
     checkedAt: Number.NEGATIVE_INFINITY,
     peer: connectedPeer ?? Array.from(info.subarray(peerAt, peerAt + native.PEER_WORDS)),
+    reconnectRefused,
   };
 }
 
@@ -156,7 +141,7 @@ export function checkIdle(fd: number, mark: UsageMark | undefined, now = perform
   if (probe.state !== 'alive' || probe.tcpState !== TCP_ESTABLISHED) {
     return probe.state === 'alive' ? 'error' : probe.state;
   }
-  return markOf(fd) ?? 'error';
+  return markOf(fd, undefined, mark?.reconnectRefused) ?? 'error';
 }
 
 /**
@@ -165,7 +150,7 @@ export function checkIdle(fd: number, mark: UsageMark | undefined, now = perform
  */
 export function checkReturned(fd: number, mark: UsageMark | undefined, now = performance.now()): UsageMark | string {
   if (!mark) return 'its byte counters are unreadable';
-  const readPeer = mark.peer !== undefined && (!kernelRefusesReconnect || peerReadAlways.has(mark.inode));
+  const readPeer = mark.peer !== undefined && !mark.reconnectRefused;
   if (mark.quiet) {
     // One TCP_INFO read decides (see the header), and the peer read in the same call unless the kernel refuses
     // a reconnect anyway.

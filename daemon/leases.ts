@@ -153,5 +153,7 @@ export function returnedSocket(lease: Lease): ConnectedSocket {
     connectedAt: lease.connectedAt,
     startedAt: lease.startedAt,
     connectMs: 0,
+    // The socket's own (a giveBack without the release check's mark reads a new one): see UsageMark.
+    reconnectRefused: lease.mark?.reconnectRefused,
   };
 }

@@ -691,7 +691,7 @@ export class OriginPool implements KeptHolder<IdleSocket> {
     if (ownerUid !== undefined) idle.connectedPeer = undefined;
     // Read once when a socket enters the pool from elsewhere (a connect, the fd store), not per handoff; a connect's
     // peer is the one its policy check read (ConnectedSocket.connectedPeer).
-    idle.mark = mark ?? markOf(socket.fd, idle.connectedPeer);
+    idle.mark = mark ?? markOf(socket.fd, idle.connectedPeer, socket.reconnectRefused);
     this.#idle.push(idle);
     if (ownerUid === undefined) this.#sharedIdle++;
     // Counted for its uid before anything below can close it (the global idle cap), and at once: past the uid's

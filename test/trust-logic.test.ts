@@ -14,7 +14,6 @@ import {
   endConnection,
   markOf,
   RECENT_CHECK_MS,
-  setKernelRefusesReconnect,
   usedSinceLent,
 } from '../daemon/lease-guard.js';
 import { LogLimiter } from '../daemon/log.js';
@@ -812,11 +811,25 @@ describe('lease guard', () => {
     const peerSide = connector.peerOf(fd);
     const peer = [4 * 65536 + native.peerAddress(fd).port, 0x7f000001, 0, 0];
     // Nothing sent, received or queued (the one byte acknowledged is our SYN): quiet.
-    const fresh = { inode: native.socketInode(fd), bytesSent: 0, bytesAcked: 1, bytesReceived: 0, quiet: true };
+    const fresh = {
+      inode: native.socketInode(fd),
+      bytesSent: 0,
+      bytesAcked: 1,
+      bytesReceived: 0,
+      quiet: true,
+      reconnectRefused: false,
+    };
     expect(markOf(fd)).toEqual({ ...fresh, checkedAt: Number.NEGATIVE_INFINITY, peer });
     // The same mark with the peer the connect's policy check read (the pool's first mark of a connect).
     expect(connectedPeer).toEqual(peer);
     expect(markOf(fd, connectedPeer)).toEqual({ ...fresh, checkedAt: Number.NEGATIVE_INFINITY, peer });
+    // A socket of a daemon whose connect guard is enforced: its mark says the kernel refuses its reconnects.
+    expect(markOf(fd, connectedPeer, true)).toEqual({
+      ...fresh,
+      reconnectRefused: true,
+      checkedAt: Number.NEGATIVE_INFINITY,
+      peer,
+    });
     // Input nobody read: counted, not quiet.
     peerSide.write('xyz');
     await until(() => native.tcpCounters(fd).inq === 3);
@@ -934,14 +947,10 @@ describe('lease guard', () => {
     native.connectStart(copy, '127.0.0.1', (elsewhere.address() as AddressInfo).port);
     await until(() => native.tcpCounters(connected.fd).tcpState === 1); // ESTABLISHED
     expect(checkReturned(connected.fd, mark)).toMatch(/connected again, to 127\.0\.0\.1/);
-    // With the guard enforced that connect could not have happened, and the release check trusts the kernel: its
-    // one TCP_INFO read, no getpeername. (A process-wide setting: put back at once.)
-    setKernelRefusesReconnect(true);
-    try {
-      expect(checkReturned(connected.fd, mark)).toBe(mark);
-    } finally {
-      setKernelRefusesReconnect(false);
-    }
+    // A socket connected by a daemon whose guard is enforced (its mark says so): that connect could not have
+    // happened, and the release check trusts the kernel: its one TCP_INFO read, no getpeername.
+    const guarded = { ...mark, reconnectRefused: true };
+    expect(checkReturned(connected.fd, guarded)).toBe(guarded);
     expect(checkReturned(connected.fd, mark)).toMatch(/connected again/);
     for (const fd of [copy, connected.fd]) native.close(fd);
     await new Promise((resolve) => elsewhere.close(resolve));

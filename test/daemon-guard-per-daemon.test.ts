@@ -1,0 +1,78 @@
+// Two daemons embedded in one process: whether the release check trusts the kernel to refuse a reconnect of a lent
+// socket (the connect guard enforced, connect-guard.ts) is the daemon's own, recorded on each socket it connects: a
+// daemon told of no guard reads the peer at every release, whatever another daemon of the process was told. The
+// guard itself is not set up here (that needs root: test/daemon-connect-guard.system); the enforced daemon is given
+// an enforced report, so its sockets' copies can in fact connect elsewhere, and what it trusts shows.
+import { execFile } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { afterEach, describe, expect, it } from 'vitest';
+import { parseConfig } from '../daemon/config.js';
+import { EMBEDDED_UNGUARDED } from '../daemon/connect-guard.js';
+import { Sockpoold } from '../daemon/daemon.js';
+import { createLogger } from '../daemon/log.js';
+import { fdCount } from './fixtures/native-helpers.js';
+import { eventually, repoRoot } from './helpers/daemon.js';
+import { pathOrigin } from './helpers/trust.js';
+
+const cleanups: Array<() => unknown> = [];
+afterEach(async () => {
+  for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
+});
+
+async function embedded(port: number, enforced: boolean): Promise<Sockpoold> {
+  const work = mkdtempSync(join(tmpdir(), 'sockpool-guard-per-daemon-'));
+  cleanups.push(() => rmSync(work, { recursive: true, force: true }));
+  const config = parseConfig(
+    {
+      socket: join(work, 'sockpoold.sock'),
+      stateDir: join(work, 'state'),
+      egress: { allow: ['127.0.0.1/32'], allowPorts: [port] },
+      pool: { defaults: { minIdle: 0 } },
+    },
+    'test',
+  );
+  const sockpoold = await Sockpoold.start({
+    config,
+    log: createLogger('error'),
+    connectGuard: enforced ? { state: 'enforced', detail: 'told so by the test' } : EMBEDDED_UNGUARDED,
+  });
+  cleanups.push(() => sockpoold.stop({ storeIdle: false }));
+  return sockpoold;
+}
+
+/** reconnect-client.py: disconnects its lease through its copy, connects it to its own listener, releases it. */
+async function reconnect(socketPath: string, port: number): Promise<Record<string, number | string>> {
+  const { stdout } = await promisify(execFile)(
+    'python3',
+    [join(repoRoot, 'test', 'fixtures', 'reconnect-client.py'), socketPath, String(port)],
+    { timeout: 30_000 },
+  );
+  return JSON.parse(stdout.trim()) as Record<string, number | string>;
+}
+
+describe('the connect guard is trusted per daemon', () => {
+  it('a daemon with no guard reads the peer at release though a daemon constructed after it in the same process has its guard enforced', async () => {
+    const before = fdCount();
+    const origin = await pathOrigin(cleanups);
+    const unguarded = await embedded(origin.port, false);
+    // Constructed last: a process-wide trust followed it, and the unguarded daemon skipped its peer read too.
+    const guarded = await embedded(origin.port, true);
+    // The unguarded daemon's socket, connected elsewhere through the client's copy: refused at release, and the next
+    // lease of the origin goes to the origin.
+    expect(await reconnect(unguarded.socketPath, origin.port)).toMatchObject({
+      reconnected: 1,
+      release: 'SOCKPOOL_ERR_PROTOCOL:used',
+      next: origin.port,
+    });
+    // The daemon told its guard is enforced trusts the kernel for its own sockets (no guard is really there, so the
+    // copy's connect went through and its release passed: what that daemon trusts, not what it should see).
+    expect(await reconnect(guarded.socketPath, origin.port)).toMatchObject({ reconnected: 1, release: 'ok' });
+    for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
+    // (The origin's sockets and the stopped daemons' deferred closes end after their callers return.)
+    await eventually(() => fdCount() === before, `the fd count back to ${before}`);
+    expect(fdCount()).toBe(before);
+  });
+});
