@@ -6,7 +6,11 @@
 // own cgroup, they refuse (EPERM) every connect() of a socket the daemon registered. The addon registers each socket
 // the moment the daemon's own connect() has started (connectStart), both ends of the TLS relays' loopback pairs, and
 // (daemon.ts) sockets taken back from systemd's fd store. Registration lives on the socket (socket storage), so it
-// ends with the socket and costs one bpf() call per connection, none per handoff.
+// ends with the socket and costs one bpf() call per connection, none per handoff. The programs run for sockets
+// created in the cgroup attached to at start (or below it): a daemon moved elsewhere afterwards makes sockets they
+// do not cover. The programs leave storage on every socket whose connect() they see, and connectStart registers only
+// a socket that has it, so the connector asks native.guardCovers (one more bpf() per connect, only where the guard
+// is enforced) before a socket's release check may trust the guard (lease-guard's UsageMark.reconnectRefused).
 //
 // Needs CAP_BPF and CAP_NET_ADMIN to set up (root, or the unit's AmbientCapabilities=); a registration afterwards
 // needs none. Without them the guard is `unsupported` and everything else works as before: the lease's end still

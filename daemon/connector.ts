@@ -70,8 +70,9 @@ export interface ConnectedSocket {
    */
   connectedPeer?: readonly number[] | undefined;
   /**
-   * Set by the connector of a daemon whose connect guard is enforced (TcpConnectorOptions.reconnectRefused): the
-   * kernel refuses any connect() of this socket after the daemon's own, so a lease's release check trusts it and
+   * Set by the connector of a daemon whose connect guard is enforced (TcpConnectorOptions.reconnectRefused), for a
+   * socket the guard's program saw connect (native.guardCovers): the kernel refuses any connect() of it after the
+   * daemon's own, so a lease's release check trusts it and
    * reads no peer (lease-guard's UsageMark.reconnectRefused). The socket's, not the process's: another daemon of the
    * same process may have no guard.
    */
@@ -142,7 +143,10 @@ export interface TcpConnectorOptions {
   learned?: LearnedFamilies;
   /** The configured proxies by name (a getter: a reload takes effect on the next connect). */
   proxies?: () => ReadonlyMap<string, ProxyEndpoint>;
-  /** This daemon's connect guard is enforced: the sockets it connects say so (ConnectedSocket.reconnectRefused). */
+  /**
+   * This daemon's connect guard is enforced: the sockets it connects say so where the guard covers them
+   * (ConnectedSocket.reconnectRefused).
+   */
   reconnectRefused?: boolean;
 }
 
@@ -424,7 +428,9 @@ export class TcpConnector implements Connector {
             connectedAt,
             connectMs: connectedAt - started,
             connectedPeer: [peerWords[0]!, peerWords[1]!, peerWords[2]!, peerWords[3]!],
-            reconnectRefused: this.#reconnectRefused,
+            // Only where the guard's program saw this connect: a daemon moved to another cgroup since its guard
+            // started makes sockets the guard does not cover (one bpf() call per connect, none per handoff).
+            reconnectRefused: this.#reconnectRefused && native.guardCovers(fd),
           };
         } catch (error) {
           native.close(fd);

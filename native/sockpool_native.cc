@@ -1090,8 +1090,13 @@ uint64_t PointerBits(const void* pointer) { return static_cast<uint64_t>(reinter
 long Bpf(int command, bpf_attr* attr) { return ::syscall(SYS_bpf, command, attr, sizeof *attr); }
 
 // Registers `fd` with the guard, if there is one: from now on every connect() of that socket fails with EPERM.
-// Returns 0 or an errno. Called once the daemon's own connect() has started (or, for a pair's accepted end, at once).
-int GuardSocket(int fd) {
+// Returns 0 or an errno. Called once the daemon's own connect() has started (or, for a pair's accepted end and a
+// socket from the fd store, at once). `seen`: the socket's own connect() has just run, so the guard's program made
+// its storage if the program covers it (a socket created in the cgroup it is attached to, or below): only such a
+// socket is registered (BPF_EXIST), and ENOENT says the program did not see its connect, so no registration could
+// make the kernel refuse the next (the daemon was moved to another cgroup since the guard started): the socket is
+// left as it is, and GuardCovers says so.
+int GuardSocket(int fd, bool seen = false) {
   const int map = g_guard_map.load(std::memory_order_acquire);
   if (map < 0) return 0;
   bpf_attr attr;
@@ -1101,12 +1106,32 @@ int GuardSocket(int fd) {
   attr.map_fd = static_cast<uint32_t>(map);
   attr.key = PointerBits(&key);
   attr.value = PointerBits(&value);
-  attr.flags = BPF_ANY;
-  return Bpf(BPF_MAP_UPDATE_ELEM, &attr) == 0 ? 0 : errno;
+  attr.flags = seen ? BPF_EXIST : BPF_ANY;
+  if (Bpf(BPF_MAP_UPDATE_ELEM, &attr) == 0) return 0;
+  return seen && errno == ENOENT ? 0 : errno;
+}
+
+// Whether the kernel refuses every connect() of `fd` from now on: registered, which for a socket the daemon
+// connected (GuardSocket's `seen`) also says the guard's program ran for its connect. No guard: false.
+bool GuardCovers(int fd) {
+  const int map = g_guard_map.load(std::memory_order_acquire);
+  if (map < 0) return false;
+  bpf_attr attr;
+  memset(&attr, 0, sizeof attr);
+  const int key = fd;
+  uint32_t value = 0;
+  attr.map_fd = static_cast<uint32_t>(map);
+  attr.key = PointerBits(&key);
+  attr.value = PointerBits(&value);
+  return Bpf(BPF_MAP_LOOKUP_ELEM, &attr) == 0 && value != 0;
 }
 
 // The guard's program, the same for connect4 and connect6 (attach types differ, code does not):
-//   sk = ctx->sk; if (sk && bpf_sk_storage_get(map, sk, 0, 0)) return 0 /* EPERM */; return 1;
+//   sk = ctx->sk; if (!sk) return 1;
+//   registered = bpf_sk_storage_get(map, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+//   if (registered && *registered) return 0 /* EPERM */; return 1;
+// The storage it creates (0: seen, not registered) tells GuardSocket that the program covers the socket; it goes
+// with the socket like a registration.
 std::vector<bpf_insn> GuardProgram(int map_fd) {
   auto insn = [](uint8_t code, uint8_t dst, uint8_t src, int16_t off, int32_t imm) {
     bpf_insn i;
@@ -1120,13 +1145,15 @@ std::vector<bpf_insn> GuardProgram(int map_fd) {
   };
   return {
       insn(BPF_LDX | BPF_MEM | BPF_DW, BPF_REG_2, BPF_REG_1, offsetof(bpf_sock_addr, sk), 0),
-      insn(BPF_JMP | BPF_JEQ | BPF_K, BPF_REG_2, 0, 7, 0),  // no socket: allow
+      insn(BPF_JMP | BPF_JEQ | BPF_K, BPF_REG_2, 0, 10, 0),  // no socket: allow
       insn(BPF_LD | BPF_DW | BPF_IMM, BPF_REG_1, BPF_PSEUDO_MAP_FD, 0, map_fd),
       insn(0, 0, 0, 0, 0),
       insn(BPF_ALU64 | BPF_MOV | BPF_K, BPF_REG_3, 0, 0, 0),
-      insn(BPF_ALU64 | BPF_MOV | BPF_K, BPF_REG_4, 0, 0, 0),
+      insn(BPF_ALU64 | BPF_MOV | BPF_K, BPF_REG_4, 0, 0, BPF_SK_STORAGE_GET_F_CREATE),
       insn(BPF_JMP | BPF_CALL, 0, 0, 0, BPF_FUNC_sk_storage_get),
-      insn(BPF_JMP | BPF_JEQ | BPF_K, BPF_REG_0, 0, 2, 0),  // not registered: allow
+      insn(BPF_JMP | BPF_JEQ | BPF_K, BPF_REG_0, 0, 4, 0),  // no storage (out of memory): allow
+      insn(BPF_LDX | BPF_MEM | BPF_W, BPF_REG_1, BPF_REG_0, 0, 0),
+      insn(BPF_JMP | BPF_JEQ | BPF_K, BPF_REG_1, 0, 2, 0),  // seen, not registered: allow
       insn(BPF_ALU64 | BPF_MOV | BPF_K, BPF_REG_0, 0, 0, 0),
       insn(BPF_JMP | BPF_EXIT, 0, 0, 0, 0),
       insn(BPF_ALU64 | BPF_MOV | BPF_K, BPF_REG_0, 0, 0, 1),
@@ -1163,8 +1190,8 @@ std::vector<uint8_t> GuardBtf() {
 }
 
 // GuardSocket, or the error thrown where a socket the guard must cover could not be registered.
-void GuardSocketOrThrow(Napi::Env env, int fd) {
-  const int err = GuardSocket(fd);
+void GuardSocketOrThrow(Napi::Env env, int fd, bool seen = false) {
+  const int err = GuardSocket(fd, seen);
   if (err != 0) ThrowErrno(env, err, "bpf", "BPF_MAP_UPDATE_ELEM (connect guard)");
 }
 
@@ -1354,7 +1381,7 @@ int GuardSelfCheck(Napi::Env env) {
   FdGuard probe(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
   if (probe.get() < 0) ThrowErrno(env, errno, "socket");
   if (::connect(probe.get(), reinterpret_cast<sockaddr*>(&address), length) < 0) ThrowErrno(env, errno, "connect");
-  GuardSocketOrThrow(env, probe.get());
+  GuardSocketOrThrow(env, probe.get(), true);
   sockaddr unspecified;
   memset(&unspecified, 0, sizeof unspecified);
   unspecified.sa_family = AF_UNSPEC;
@@ -1995,8 +2022,9 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     const bool connected = ::connect(fd, reinterpret_cast<const sockaddr*>(&target.storage), target.length) == 0;
     // EINTR on a non-blocking connect: the handshake carries on in the background, like EINPROGRESS.
     if (connected || errno == EINPROGRESS || errno == EINTR) {
-      // From here on, no other connect() of this socket: not ours, not a client's through a copy it was lent.
-      GuardSocketOrThrow(env, fd);
+      // From here on, no other connect() of this socket: not ours, not a client's through a copy it was lent (where
+      // the guard's program saw this connect: guardCovers).
+      GuardSocketOrThrow(env, fd, true);
       return Napi::Boolean::New(env, connected);
     }
     const int error_number = errno;  // (read first: Endpoint() allocates, and argument order is unspecified)
@@ -2253,6 +2281,11 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
   Napi::Value GuardSocket(const Napi::CallbackInfo& info) {
     GuardSocketOrThrow(info.Env(), FdArg(info, 0));
     return info.Env().Undefined();
+  }
+
+  // Whether the kernel refuses every connect() of the socket from now on (GuardCovers). No guard: false.
+  Napi::Value GuardCovers(const Napi::CallbackInfo& info) {
+    return Napi::Boolean::New(info.Env(), ::GuardCovers(FdArg(info, 0)));
   }
 
   // Drops the capabilities listed (numbers, linux/capability.h) from the calling thread's effective, permitted,
@@ -3275,6 +3308,7 @@ SockpoolAddon::SockpoolAddon(Napi::Env env, Napi::Object exports) {
                            InstanceMethod<&SockpoolAddon::RestrictTcpBind>("restrictTcpBind", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::StartConnectGuard>("startConnectGuard", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::GuardSocket>("guardSocket", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::GuardCovers>("guardCovers", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::DropCapabilities>("dropCapabilities", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::SetRealtimePriority>("setRealtimePriority",
                                                                                napi_enumerable),

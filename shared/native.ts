@@ -244,6 +244,7 @@ interface NativeBinding {
   restrictTcpBind(ports: number[]): BindRestriction;
   startConnectGuard(cgroup: string): string | null;
   guardSocket(fd: number): void;
+  guardCovers(fd: number): boolean;
   dropCapabilities(capabilities: number[]): void;
   setRealtimePriority(priority: number): void;
   localRoutes(table?: number): LocalRoutes;
@@ -456,6 +457,15 @@ export function startConnectGuard(cgroup: string): string | null {
 /** Registers a socket with the connect guard (one the daemon did not connect itself); without a guard, nothing. */
 export function guardSocket(fd: number): void {
   binding.guardSocket(fd);
+}
+
+/**
+ * Whether the kernel refuses every connect() of this socket from now on: registered with the connect guard, and, for
+ * one connectStart connected, seen by the guard's program at that connect (a socket created outside the cgroup the
+ * guard is attached to, after the daemon was moved, is not). One bpf() call; no guard: false.
+ */
+export function guardCovers(fd: number): boolean {
+  return binding.guardCovers(fd);
 }
 
 /** Drops these capabilities (linux/capability.h numbers) from the calling thread for good. */

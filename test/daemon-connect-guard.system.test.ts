@@ -78,6 +78,70 @@ async function guardState(socketPath: string): Promise<unknown> {
   return (reply.message as unknown as { stats: { connectGuard: unknown } }).stats.connectGuard;
 }
 
+/**
+ * sockpoold (the command, as root: its guard enforced) in a cgroup of its own below this process's, made for it; the
+ * cgroup is removed at cleanup. `env`: more of its environment (LISTEN_PID is its own); `passed`: an fd it gets as
+ * fd 3 (systemd's LISTEN_FDS). Returns its socket, its pid and what it printed so far.
+ */
+async function daemonInCgroup(
+  port: number,
+  config: object,
+  env: Record<string, string> = {},
+  passed?: number,
+): Promise<{ socketPath: string; pid: number; cgroup: string; output: () => string }> {
+  const cgroup = join(ownCgroupDirectory()!, `sockpool-guard-test-${process.pid}-${cgroupsMade++}`);
+  mkdirSync(cgroup);
+  const work = mkdtempSync(join(tmpdir(), 'sockpool-guard-cgroup-'));
+  cleanups.push(() => rmSync(work, { recursive: true, force: true }));
+  const file = join(work, 'config.json');
+  writeFileSync(file, JSON.stringify({ egress: { allow: ['127.0.0.1/32'], allowPorts: [port] }, ...config }));
+  const socketPath = join(work, 'sockpoold.sock');
+  const { LISTEN_PID: _p, LISTEN_FDS: _f, LISTEN_FDNAMES: _n, NOTIFY_SOCKET: _s, ...inherited } = process.env;
+  const child = spawnChild(
+    '/bin/sh',
+    [
+      '-c',
+      // LISTEN_PID (its own pid) only with fds passed: the daemon refuses the one without the other.
+      'echo $$ > "$0/cgroup.procs" && { [ -z "$LISTEN_FDS" ] || export LISTEN_PID=$$; } && exec "$@"',
+      cgroup,
+      process.execPath,
+      daemonMain,
+      '--config',
+      file,
+      '--socket',
+      socketPath,
+      '--state-dir',
+      join(work, 'state'),
+      '--log-level',
+      'debug',
+    ],
+    {
+      env: { ...inherited, ...env },
+      stdio: passed === undefined ? ['ignore', 'pipe', 'pipe'] : ['ignore', 'pipe', 'pipe', passed],
+      what: 'sockpoold in a cgroup of its own',
+    },
+  );
+  let output = '';
+  child.stdout!.on('data', (chunk: Buffer) => {
+    output += chunk;
+  });
+  child.stderr!.on('data', (chunk: Buffer) => {
+    output += chunk;
+  });
+  const exited = once(child, 'close');
+  cleanups.push(async () => {
+    if (child.exitCode === null && child.signalCode === null) {
+      child.kill('SIGTERM');
+      await exited;
+    }
+    rmdirSync(cgroup);
+  });
+  await eventually(() => output.includes('sockpoold ready') || child.exitCode !== null, 'sockpoold ready');
+  return { socketPath, pid: child.pid!, cgroup, output: () => output };
+}
+
+let cgroupsMade = 0;
+
 /** The capability sets of a process's main thread, as bit masks. */
 function capabilities(pid: number): { effective: bigint; permitted: bigint } {
   const status = readFileSync(`/proc/${pid}/status`, 'utf8');
@@ -131,64 +195,45 @@ describe('connect guard (cgroup BPF)', () => {
     // cgroup BPF programs run for the sockets created in the cgroup they are attached to).
     const stored = await connectTcp('127.0.0.1', origin.port, { timeoutMs: 5000 });
     cleanups.push(() => native.close(stored));
-    const cgroup = join(ownCgroupDirectory()!, `sockpool-guard-test-${process.pid}`);
-    mkdirSync(cgroup);
-    const work = mkdtempSync(join(tmpdir(), 'sockpool-guard-fdstore-'));
-    cleanups.push(() => rmSync(work, { recursive: true, force: true }));
-    const config = join(work, 'config.json');
-    writeFileSync(config, JSON.stringify({ egress: { allow: ['127.0.0.1/32'], allowPorts: [origin.port] } }));
-    const socketPath = join(work, 'sockpoold.sock');
-    const { LISTEN_PID: _p, LISTEN_FDS: _f, LISTEN_FDNAMES: _n, NOTIFY_SOCKET: _s, ...env } = process.env;
-    const child = spawnChild(
-      '/bin/sh',
-      [
-        '-c',
-        'echo $$ > "$0/cgroup.procs" && LISTEN_PID=$$ exec "$@"',
-        cgroup,
-        process.execPath,
-        daemonMain,
-        '--config',
-        config,
-        '--socket',
-        socketPath,
-        '--state-dir',
-        join(work, 'state'),
-        '--log-level',
-        'debug',
-      ],
-      {
-        env: {
-          ...env,
-          LISTEN_FDS: '1',
-          LISTEN_FDNAMES: encodeFdName({ host: '127.0.0.1', port: origin.port }),
-        },
-        stdio: ['ignore', 'pipe', 'pipe', stored],
-        what: 'sockpoold in a cgroup of its own',
-      },
+    const { socketPath, output } = await daemonInCgroup(
+      origin.port,
+      {},
+      { LISTEN_FDS: '1', LISTEN_FDNAMES: encodeFdName({ host: '127.0.0.1', port: origin.port }) },
+      stored,
     );
-    let output = '';
-    child.stdout!.on('data', (chunk: Buffer) => {
-      output += chunk;
-    });
-    child.stderr!.on('data', (chunk: Buffer) => {
-      output += chunk;
-    });
-    const exited = once(child, 'close');
-    cleanups.push(async () => {
-      if (child.exitCode === null && child.signalCode === null) {
-        child.kill('SIGTERM');
-        await exited;
-      }
-      rmdirSync(cgroup);
-    });
-    await eventually(() => output.includes('sockpoold ready') || child.exitCode !== null, 'sockpoold ready');
-    expect(output).toContain('"adopted":1');
+    expect(output()).toContain('"adopted":1');
     expect(await guardState(socketPath)).toMatchObject({ state: 'enforced' });
     // The client's lease is the adopted socket: its copy connects it elsewhere (the kernel lets it: not covered),
     // and the release is refused all the same (the peer changed), as where no guard is.
     const { stdout } = await promisify(execFile)(
       '/usr/bin/python3',
       [join(repoRoot, 'test', 'fixtures', 'reconnect-client.py'), socketPath, String(origin.port)],
+      { timeout: 30_000 },
+    );
+    const seen = JSON.parse(stdout.trim()) as Record<string, number | string>;
+    expect(seen).toMatchObject({ reconnected: 1, release: 'SOCKPOOL_ERR_PROTOCOL:used', next: origin.port });
+  });
+
+  it('reads the peer at the release of a socket made after the daemon was moved to another cgroup: the guard attached at start does not cover it', async () => {
+    const origin = await pathOrigin(cleanups);
+    // No socket made before the move: the lease is the connect of the acquire, after it.
+    const sockpoold = await daemonInCgroup(origin.port, { pool: { defaults: { minIdle: 0 } } });
+    expect(await guardState(sockpoold.socketPath)).toMatchObject({ state: 'enforced' });
+    // The daemon moved to a sibling of the cgroup its guard is attached to (an operator's or a manager's move):
+    // the programs there do not run for the sockets it creates now.
+    const moved = `${sockpoold.cgroup}-moved`;
+    mkdirSync(moved);
+    writeFileSync(join(moved, 'cgroup.procs'), String(sockpoold.pid));
+    cleanups.push(() => {
+      // Back to the guard's cgroup before the daemon's cleanup stops it and removes that cgroup.
+      writeFileSync(join(sockpoold.cgroup, 'cgroup.procs'), String(sockpoold.pid));
+      rmdirSync(moved);
+    });
+    // The client's copy connects the lent socket elsewhere (the kernel lets it: not covered), and the release is
+    // refused all the same (the peer changed), as where no guard is.
+    const { stdout } = await promisify(execFile)(
+      '/usr/bin/python3',
+      [join(repoRoot, 'test', 'fixtures', 'reconnect-client.py'), sockpoold.socketPath, String(origin.port)],
       { timeout: 30_000 },
     );
     const seen = JSON.parse(stdout.trim()) as Record<string, number | string>;
@@ -273,6 +318,8 @@ describe('the native guard, in this process', () => {
       native.connectStart(fd, address, port);
       fds.push(fd);
     }
+    // Each registered, and connectStart's also seen by the programs at its connect: covered (native.guardCovers).
+    expect(fds.map((fd) => native.guardCovers(fd))).toEqual([true, true, true, true]);
     // Unregistered: a socket the other process connected itself disconnects and connects again.
     const results = await Promise.all([...fds, 'own' as const].map((fd) => reconnectCopy(fd, v4Port, v6Port)));
     expect(results).toEqual(['EPERM', 'EPERM', 'EPERM', 'EPERM', 'ok']);

@@ -1,8 +1,8 @@
 // Two daemons embedded in one process: whether the release check trusts the kernel to refuse a reconnect of a lent
 // socket (the connect guard enforced, connect-guard.ts) is the daemon's own, recorded on each socket it connects: a
 // daemon told of no guard reads the peer at every release, whatever another daemon of the process was told. The
-// guard itself is not set up here (that needs root: test/daemon-connect-guard.system); the enforced daemon is given
-// an enforced report, so its sockets' copies can in fact connect elsewhere, and what it trusts shows.
+// guard itself is not set up here (that needs root: test/daemon-connect-guard.system); the other daemon is given an
+// enforced report, which its connector checks per socket against the kernel (native.guardCovers).
 import { execFile } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -67,9 +67,13 @@ describe('the connect guard is trusted per daemon', () => {
       release: 'SOCKPOOL_ERR_PROTOCOL:used',
       next: origin.port,
     });
-    // The daemon told its guard is enforced trusts the kernel for its own sockets (no guard is really there, so the
-    // copy's connect went through and its release passed: what that daemon trusts, not what it should see).
-    expect(await reconnect(guarded.socketPath, origin.port)).toMatchObject({ reconnected: 1, release: 'ok' });
+    // The daemon told its guard is enforced asked the kernel for each socket it connected: no guard covers them in
+    // this process, so its release check reads the peer as well.
+    expect(await reconnect(guarded.socketPath, origin.port)).toMatchObject({
+      reconnected: 1,
+      release: 'SOCKPOOL_ERR_PROTOCOL:used',
+      next: origin.port,
+    });
     for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
     // (The origin's sockets and the stopped daemons' deferred closes end after their callers return.)
     await eventually(() => fdCount() === before, `the fd count back to ${before}`);

@@ -938,6 +938,8 @@ describe('lease guard', () => {
     const connected = await connector.connect({ host: 'x', port: 1 }, policyFor(defaultConfig(), 'x', 1));
     const mark = markOf(connected.fd)!;
     expect(mark.quiet).toBe(true);
+    // No connect guard in this process: no socket is covered (what a connector asks before its socket says so).
+    expect(native.guardCovers(connected.fd)).toBe(false);
     // A client's copy resets the connection and connects it elsewhere (here nothing refuses it): the same socket,
     // established, nothing sent or received. Only the peer read tells.
     const elsewhere = createServer((socket) => socket.pause());
