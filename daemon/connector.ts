@@ -148,6 +148,11 @@ export interface TcpConnectorOptions {
    * (ConnectedSocket.reconnectRefused).
    */
   reconnectRefused?: boolean;
+  /**
+   * With `reconnectRefused`: a socket connected here that the guard does not cover (the daemon was moved out of the
+   * cgroup the guard attached to), so that the daemon can say so: its stats would read `enforced` all the same.
+   */
+  onUncovered?: () => void;
 }
 
 export class TcpConnector implements Connector {
@@ -158,6 +163,7 @@ export class TcpConnector implements Connector {
   readonly #learned: LearnedFamilies;
   readonly #proxies: () => ReadonlyMap<string, ProxyEndpoint>;
   readonly #reconnectRefused: boolean;
+  readonly #onUncovered: (() => void) | undefined;
   /** Origin key → its attempt budget and the connects using it; dropped with the last connect. */
   readonly #budgets = new Map<string, { budget: AttemptBudget; connects: number }>();
 
@@ -170,6 +176,15 @@ export class TcpConnector implements Connector {
     this.#learned = options.learned ?? new LearnedFamilies();
     this.#proxies = options.proxies ?? (() => new Map());
     this.#reconnectRefused = options.reconnectRefused ?? false;
+    this.#onUncovered = options.onUncovered;
+  }
+
+  /** Whether the guard covers `fd`, where this daemon's guard is enforced (one bpf() call); false elsewhere. */
+  #covered(fd: number): boolean {
+    if (!this.#reconnectRefused) return false;
+    if (native.guardCovers(fd)) return true;
+    this.#onUncovered?.();
+    return false;
   }
 
   /** The origin (host patterns, port) and, when proxied, the configured proxy too: both must be allowed. */
@@ -430,7 +445,7 @@ export class TcpConnector implements Connector {
             connectedPeer: [peerWords[0]!, peerWords[1]!, peerWords[2]!, peerWords[3]!],
             // Only where the guard's program saw this connect: a daemon moved to another cgroup since its guard
             // started makes sockets the guard does not cover (one bpf() call per connect, none per handoff).
-            reconnectRefused: this.#reconnectRefused && native.guardCovers(fd),
+            reconnectRefused: this.#covered(fd),
           };
         } catch (error) {
           native.close(fd);

@@ -98,6 +98,8 @@ export class Sockpoold {
   #reloadConfig: (() => SockpoolConfig) | undefined;
   #bindRestriction: BindRestrictionReport;
   #connectGuard: ConnectGuardReport;
+  /** Sockets this daemon connected, its guard enforced, that the guard does not cover (#noteUncoveredConnect). */
+  #uncoveredConnects = 0;
   #realtime: RealtimeReport;
   /** Whether the kernel refuses the fds clients send (#refuseClientFds); stats and the ready line say it. */
   #clientFds: ClientFdsState = 'accepted';
@@ -180,6 +182,7 @@ export class Sockpoold {
           proxies: () => this.#proxies,
           // This daemon's guard, for this daemon's sockets: another daemon embedded in the same process may have none.
           reconnectRefused: this.#connectGuard.state === 'enforced',
+          onUncovered: () => this.#noteUncoveredConnect(),
         },
       ),
       () => this.#config.quotas.maxConnectsInFlight,
@@ -324,7 +327,10 @@ export class Sockpoold {
       extraStats: () => ({
         rssBytes: process.memoryUsage.rss(),
         bindRestriction: this.#bindRestriction,
-        connectGuard: this.#connectGuard,
+        connectGuard:
+          this.#connectGuard.state === 'enforced'
+            ? { ...this.#connectGuard, uncoveredConnects: this.#uncoveredConnects }
+            : this.#connectGuard,
         realtime: this.#realtime,
         clientFds: this.#clientFds,
         deferredCloses: deferredClosesStats(),
@@ -543,6 +549,20 @@ export class Sockpoold {
       'this kernel cannot refuse the fds clients send (SO_PASSRIGHTS, Linux 6.16): the daemon takes them and discards them',
     );
     return 'unsupported';
+  }
+
+  /**
+   * A socket this daemon connected with its guard enforced that the guard does not cover: the daemon was moved out of
+   * the cgroup the guard attached to at start. Its release check reads its peer (connector.ts), but the guard's state
+   * still says `enforced`: stats count such connects, and the first is warned of.
+   */
+  #noteUncoveredConnect(): void {
+    if (this.#uncoveredConnects++ === 0) {
+      this.#log.warn(
+        { connectGuard: this.#connectGuard.state },
+        'a socket connected now is not covered by the connect guard (the daemon moved out of the cgroup it attached to?): lent copies of such sockets can connect elsewhere until their lease ends',
+      );
+    }
   }
 
   /**

@@ -15,6 +15,7 @@ import { Sockpoold } from '../daemon/daemon.js';
 import { createLogger } from '../daemon/log.js';
 import { fdCount } from './fixtures/native-helpers.js';
 import { eventually, repoRoot } from './helpers/daemon.js';
+import { RawClient } from './helpers/raw-client.js';
 import { pathOrigin } from './helpers/trust.js';
 
 const cleanups: Array<() => unknown> = [];
@@ -74,6 +75,19 @@ describe('the connect guard is trusted per daemon', () => {
       release: 'SOCKPOOL_ERR_PROTOCOL:used',
       next: origin.port,
     });
+    // ...and its stats say so: its guard reads `enforced`, yet the sockets it connected are not covered.
+    const guardOf = async (daemon: Sockpoold) => {
+      const client = new RawClient(daemon.socketPath);
+      try {
+        const reply = await client.request({ type: 'stats', id: 1 });
+        return (reply.message as unknown as { stats: { connectGuard: Record<string, unknown> } }).stats.connectGuard;
+      } finally {
+        client.close();
+      }
+    };
+    expect(await guardOf(guarded)).toMatchObject({ state: 'enforced', uncoveredConnects: expect.any(Number) });
+    expect((await guardOf(guarded)).uncoveredConnects).toBeGreaterThanOrEqual(2);
+    expect(await guardOf(unguarded)).not.toHaveProperty('uncoveredConnects');
     for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
     // (The origin's sockets and the stopped daemons' deferred closes end after their callers return.)
     await eventually(() => fdCount() === before, `the fd count back to ${before}`);
