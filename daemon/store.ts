@@ -222,8 +222,8 @@ function minutesPerOriginOf(maxOrigins: number): number {
  * Time close() spends on what is pending at most (the daemon's stop), whatever the disk does. The unit's
  * TimeoutStopSec= is 15 s, and the stop spends up to 1 s on STOPPING=1, 10 s handing idle sockets to systemd's fd store
  * and 3 s ending the relay threads before it (daemon.ts): the history has the last second. Written in one
- * transaction, 100,000 pending origins took seconds here, past the stop's end, where systemd's SIGKILL rolled it all
- * back; and a disk whose syncs stall took the stop there all the same (see close()).
+ * transaction, a large backlog of pending origins could outlast the stop, and systemd's SIGKILL rolled it all back; a
+ * disk whose syncs stall took the stop there all the same (see close()).
  */
 export const CLOSE_BUDGET_MS = 1_000;
 /**
