@@ -56,59 +56,81 @@ afterEach(() => {
   rmSync(dir, { recursive: true, force: true });
 });
 
+/**
+ * The fixture child (store-child.ts in `mode`) run to "ready", then strace holding every fsync and fdatasync of it.
+ * `output()`: its stdout and stderr so far; `exited`: its exit code and signal.
+ */
+async function childUnderHeldSyncs(mode: string) {
+  const child = spawnChild(
+    process.execPath,
+    ['--import', join(repo, 'test/fixtures/register-ts.mjs'), join(repo, 'test/fixtures/store-child.ts'), dir, mode],
+    { stdio: ['pipe', 'pipe', 'pipe'] },
+  );
+  let output = '';
+  child.stdout?.on('data', (chunk) => {
+    output += chunk;
+  });
+  child.stderr?.on('data', (chunk) => {
+    output += chunk;
+  });
+  const exited = new Promise<[number | null, NodeJS.Signals | null]>((done) =>
+    child.once('exit', (code, signal) => done([code, signal])),
+  );
+  await eventually(
+    () => output.includes('ready\n'),
+    () => `the child ready: ${output}`,
+    30_000,
+  );
+  const pid = child.pid ?? 0;
+  const strace = spawnChild(
+    'strace',
+    ['-f', '-p', String(pid), '-e', 'trace=fsync,fdatasync', '-e', 'inject=fsync,fdatasync:delay_enter=3600s'],
+    { stdio: ['ignore', 'ignore', 'pipe'] },
+  );
+  let traced = '';
+  strace.stderr?.on('data', (chunk) => {
+    traced += chunk;
+  });
+  await eventually(() => traced.includes('attached'), 'strace attached to every thread of the child');
+  return { child, pid, strace, exited, output: () => output };
+}
+
+/**
+ * Waits until `done` (a step of the child's ended) or the child's event-loop thread is found held in a sync (for an
+ * hour: it cannot be missed); returns the sync's name in the second case.
+ */
+async function heldOnEventLoop(pid: number, done: () => boolean, what: () => string): Promise<string | undefined> {
+  let heldThere: string | undefined;
+  await eventually(
+    () => {
+      const main = threadsInSync(pid).find(({ tid }) => tid === pid);
+      if (main) heldThere = main.call;
+      return heldThere !== undefined || done();
+    },
+    what,
+    30_000,
+  );
+  return heldThere;
+}
+
 describe("the store's close on a disk whose syncs never end", () => {
   /**
    * Runs the fixture child to "ready", holds its syncs under strace, closes the store, and ends the child as the
    * daemon's command does. Returns what the close said.
    */
   async function closeUnderHeldSyncs(mode: 'close-restarted' | 'close-appended') {
-    const child = spawnChild(
-      process.execPath,
-      ['--import', join(repo, 'test/fixtures/register-ts.mjs'), join(repo, 'test/fixtures/store-child.ts'), dir, mode],
-      { stdio: ['pipe', 'pipe', 'pipe'] },
-    );
-    let output = '';
-    child.stdout?.on('data', (chunk) => {
-      output += chunk;
-    });
-    child.stderr?.on('data', (chunk) => {
-      output += chunk;
-    });
-    const exited = new Promise<[number | null, NodeJS.Signals | null]>((done) =>
-      child.once('exit', (code, signal) => done([code, signal])),
-    );
-    await eventually(
-      () => output.includes('ready\n'),
-      () => `the child ready: ${output}`,
-      30_000,
-    );
-    const pid = child.pid ?? 0;
-    const strace = spawnChild(
-      'strace',
-      ['-f', '-p', String(pid), '-e', 'trace=fsync,fdatasync', '-e', 'inject=fsync,fdatasync:delay_enter=3600s'],
-      { stdio: ['ignore', 'ignore', 'pipe'] },
-    );
-    let traced = '';
-    strace.stderr?.on('data', (chunk) => {
-      traced += chunk;
-    });
-    await eventually(() => traced.includes('attached'), 'strace attached to every thread of the child');
+    const { child, pid, strace, exited, output: outputOf } = await childUnderHeldSyncs(mode);
     expect(threadsInSync(pid)).toEqual([]);
 
     child.stdin?.write('close\n');
-    // Either close() returns, or the event loop's thread is found held in a sync (for an hour: it cannot be missed).
-    let heldThere: string | undefined;
-    await eventually(
-      () => {
-        const main = threadsInSync(pid).find(({ tid }) => tid === pid);
-        if (main) heldThere = main.call;
-        return heldThere !== undefined || output.includes('closed ');
-      },
-      () => `close() returned or the event loop held in a sync: ${output}`,
-      30_000,
+    // Either close() returns, or the event loop's thread is found held in a sync.
+    const heldThere = await heldOnEventLoop(
+      pid,
+      () => outputOf().includes('closed '),
+      () => `close() returned or the event loop held in a sync: ${outputOf()}`,
     );
     expect(heldThere, `close() is held on the event loop's thread in ${heldThere}`).toBeUndefined();
-    const [, dropped, left] = /closed (\d+) (\S+)/.exec(output) ?? [];
+    const [, dropped, left] = /closed (\d+) (\S+)/.exec(outputOf()) ?? [];
     // The store's own thread went on with the writing and is held in a sync of its own: the close did not wait for it,
     // and says so (the daemon names it among the threads left and ends the process without joining it).
     expect(left).not.toBe('-');
@@ -152,51 +174,12 @@ describe("the store's close on a disk whose syncs never end", () => {
   it("lets the state directory's lock go without a sync (the stop's last step before it ends)", async () => {
     // Before: closing the lock's connection, its exclusive transaction open, wrote a rollback journal and synced it
     // and the directory, three syncs on the event loop after the history's close.
-    const child = spawnChild(
-      process.execPath,
-      [
-        '--import',
-        join(repo, 'test/fixtures/register-ts.mjs'),
-        join(repo, 'test/fixtures/store-child.ts'),
-        dir,
-        'lock',
-      ],
-      { stdio: ['pipe', 'pipe', 'pipe'] },
-    );
-    let output = '';
-    child.stdout?.on('data', (chunk) => {
-      output += chunk;
-    });
-    child.stderr?.on('data', (chunk) => {
-      output += chunk;
-    });
-    const exited = new Promise((done) => child.once('exit', done));
-    await eventually(
-      () => output.includes('ready\n'),
-      () => `the child ready: ${output}`,
-      30_000,
-    );
-    const pid = child.pid ?? 0;
-    const strace = spawnChild(
-      'strace',
-      ['-f', '-p', String(pid), '-e', 'trace=fsync,fdatasync', '-e', 'inject=fsync,fdatasync:delay_enter=3600s'],
-      { stdio: ['ignore', 'ignore', 'pipe'] },
-    );
-    let traced = '';
-    strace.stderr?.on('data', (chunk) => {
-      traced += chunk;
-    });
-    await eventually(() => traced.includes('attached'), 'strace attached to every thread of the child');
+    const { child, pid, strace, exited, output: outputOf } = await childUnderHeldSyncs('lock');
     child.stdin?.write('release\n');
-    let heldThere: string | undefined;
-    await eventually(
-      () => {
-        const main = threadsInSync(pid).find(({ tid }) => tid === pid);
-        if (main) heldThere = main.call;
-        return heldThere !== undefined || output.includes('released\n');
-      },
-      () => `the lock released or the event loop held in a sync: ${output}`,
-      30_000,
+    const heldThere = await heldOnEventLoop(
+      pid,
+      () => outputOf().includes('released\n'),
+      () => `the lock released or the event loop held in a sync: ${outputOf()}`,
     );
     expect(heldThere, `the lock's release is held in ${heldThere}`).toBeUndefined();
     StateDirLock.take(dir).release();
