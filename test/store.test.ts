@@ -836,21 +836,26 @@ describe('what a client cannot bloat', () => {
   });
 });
 
+/**
+ * store.close() on a clock of work, not time: each look at the clock (one per origin prepared, and the waits for the
+ * store thread) is 1 ms later. Returns what close() returned.
+ */
+function closeOnClockOfWork(store: StateStore): number {
+  let ms = 0;
+  const clockOfWork = vi.spyOn(performance, 'now').mockImplementation(() => ms++);
+  try {
+    return store.close();
+  } finally {
+    clockOfWork.mockRestore();
+  }
+}
+
 describe('close', () => {
   it('prepares what is pending for at most CLOSE_BUDGET_MS (the stop has that long), and drops and counts the origins not seen committed', async () => {
     const store = StateStore.open(dir, { now, maxOrigins: 10_000 });
     store.flush();
     for (let origin = 0; origin < 3000; origin++) store.recordConnect(`c${origin}.example:443`, 5);
-    // A clock of work, not time: each look at it (one per origin prepared, and the waits for the store thread) is 1 ms
-    // later.
-    let ms = 0;
-    const clockOfWork = vi.spyOn(performance, 'now').mockImplementation(() => ms++);
-    let dropped: number;
-    try {
-      dropped = store.close();
-    } finally {
-      clockOfWork.mockRestore();
-    }
+    const dropped = closeOnClockOfWork(store);
     // The store thread commits what it was handed, whether the close waited for it or not.
     await store.threadEnded();
     const db = reader(dir);
@@ -870,15 +875,7 @@ describe('close', () => {
     const store = StateStore.open(dir, { now, maxOrigins: 10_000 });
     store.flush();
     for (let origin = 0; origin < 3000; origin++) store.recordConnect(`c${origin}.example:443`, 5);
-    // A clock of work, not time: each look at it is 1 ms later.
-    let ms = 0;
-    const clockOfWork = vi.spyOn(performance, 'now').mockImplementation(() => ms++);
-    let dropped: number;
-    try {
-      dropped = store.close();
-    } finally {
-      clockOfWork.mockRestore();
-    }
+    const dropped = closeOnClockOfWork(store);
     expect(store.threadLeft).toBeUndefined();
     const db = reader(dir);
     const written = value(db, 'SELECT count(*) FROM origins') as number;
