@@ -89,6 +89,24 @@ async function demand(from: PoolManager, origin: Origin, count: number): Promise
   }
 }
 
+/**
+ * A manager of `config` on the fake connector whose warm TLS sessions come from a relay that "handshakes" at once (a
+ * session's fd is the TCP socket's); closed after the test.
+ */
+function withInstantRelays(config: ReturnType<typeof parseConfig>): PoolManager {
+  const relays = {
+    open: async (fd: number) => ({ fd, handshakeMs: 1, info: { protocol: 'TLSv1.3' }, relayThread: 1 }),
+  } as unknown as TlsRelays;
+  const pools = new PoolManager({
+    config,
+    connector,
+    log: pino({ level: 'silent' }),
+    tls: new TlsSessions(config, connector, relays),
+  });
+  managers.push(pools);
+  return pools;
+}
+
 describe('PoolManager warming', () => {
   it('keeps the predicted number of sockets idle: ⌈rate × connect time × 2⌉ + 1 while there is demand', async () => {
     connector.connectMs = 1_000;
@@ -768,19 +786,8 @@ describe('PoolManager with its store and configuration', () => {
   });
 
   it('retires the warm TLS sessions pool of an origin a reload turned warm TLS off for, minIdle or not', async () => {
-    // A relay that "handshakes" at once: the session's fd is the TCP socket's.
-    const relays = {
-      open: async (fd: number) => ({ fd, handshakeMs: 1, info: { protocol: 'TLSv1.3' }, relayThread: 1 }),
-    } as unknown as TlsRelays;
     const input = (warm: string[]) => ({ pool: { origins: [{ match: 'busy.test:443', minIdle: 2 }] }, tls: { warm } });
-    const config = parseConfig(input(['busy.test:443']), 'test');
-    const pools = new PoolManager({
-      config,
-      connector,
-      log: pino({ level: 'silent' }),
-      tls: new TlsSessions(config, connector, relays),
-    });
-    managers.push(pools);
+    const pools = withInstantRelays(parseConfig(input(['busy.test:443']), 'test'));
     pools.start();
     expect(pools.warm(BUSY, 2, SYSTEM_TRUST)).toEqual({ warming: 'tls', granted: 2 });
     const sessionsKey = `${BUSY.host}:${BUSY.port} tls`;
@@ -806,10 +813,6 @@ describe('PoolManager with its store and configuration', () => {
   });
 
   it('an acquire waiting for a session across a reload that changed its trust: the session goes back never lent, the demand counted once', async () => {
-    // A relay that "handshakes" at once: the session's fd is the TCP socket's.
-    const relays = {
-      open: async (fd: number) => ({ fd, handshakeMs: 1, info: { protocol: 'TLSv1.3' }, relayThread: 1 }),
-    } as unknown as TlsRelays;
     const pki = createTestPki(['localhost']);
     cleanups.push(() => pki.cleanup());
     const input = (caFile?: string) => ({
@@ -817,13 +820,7 @@ describe('PoolManager with its store and configuration', () => {
       tls: { warm: ['busy.test:443'], ...(caFile === undefined ? {} : { caFile }) },
     });
     const config = parseConfig(input(), 'test');
-    const pools = new PoolManager({
-      config,
-      connector,
-      log: pino({ level: 'silent' }),
-      tls: new TlsSessions(config, connector, relays),
-    });
-    managers.push(pools);
+    const pools = withInstantRelays(config);
     connector.manual = true;
     const acquiring = pools.acquire(BUSY, 60_000, SYSTEM_TRUST);
     await until(() => connector.pending.length === 1, "the session's connect");
@@ -878,21 +875,12 @@ describe('PoolManager with its store and configuration', () => {
 
   for (const when of ['before', 'in the same turn'] as const) {
     it(`warmTlsOnMiss tcp: an acquire given up ${when} it would take an idle session takes none: no hit, no demand, never lent`, async () => {
-      // A relay that "handshakes" at once: the session's fd is the TCP socket's.
-      const relays = {
-        open: async (fd: number) => ({ fd, handshakeMs: 1, info: { protocol: 'TLSv1.3' }, relayThread: 1 }),
-      } as unknown as TlsRelays;
-      const config = parseConfig(
-        { pool: { predictive: false, defaults: { warmTlsOnMiss: 'tcp' } }, tls: { warm: ['busy.test:443'] } },
-        'test',
+      const pools = withInstantRelays(
+        parseConfig(
+          { pool: { predictive: false, defaults: { warmTlsOnMiss: 'tcp' } }, tls: { warm: ['busy.test:443'] } },
+          'test',
+        ),
       );
-      const pools = new PoolManager({
-        config,
-        connector,
-        log: pino({ level: 'silent' }),
-        tls: new TlsSessions(config, connector, relays),
-      });
-      managers.push(pools);
       expect(pools.warm(BUSY, 1, SYSTEM_TRUST)).toEqual({ warming: 'tls', granted: 1 });
       const sessionsKey = `${BUSY.host}:${BUSY.port} tls`;
       const sessions = () => pools.snapshot().origins.find((row) => row.origin === sessionsKey)!;
@@ -1146,21 +1134,12 @@ describe("PoolManager maxPerOrigin across an origin's pools", () => {
    * "handshakes" at once: the session's fd is the TCP socket's), with these defaults; no predictive warming.
    */
   function sharing(defaults: Record<string, unknown>): PoolManager {
-    const relays = {
-      open: async (fd: number) => ({ fd, handshakeMs: 1, info: { protocol: 'TLSv1.3' }, relayThread: 1 }),
-    } as unknown as TlsRelays;
-    const config = parseConfig(
-      { proxies: PROXIES, pool: { predictive: false, defaults }, tls: { warm: ['busy.test:443'] } },
-      'test',
+    return withInstantRelays(
+      parseConfig(
+        { proxies: PROXIES, pool: { predictive: false, defaults }, tls: { warm: ['busy.test:443'] } },
+        'test',
+      ),
     );
-    const created = new PoolManager({
-      config,
-      connector,
-      log: pino({ level: 'silent' }),
-      tls: new TlsSessions(config, connector, relays),
-    });
-    managers.push(created);
-    return created;
   }
 
   /** An acquire left waiting; `handoff` once served (then held, closed by afterEach); `error` once failed. */
