@@ -1,7 +1,9 @@
 // SockpoolClient: runs in the caller's thread. It validates requests, sends them to a piscina pool of worker
 // threads (each running libcurl over sockets the daemon hands in) and rebuilds results and typed errors. Buffered
-// requests go over each thread's lane (thread-lanes.ts), the others as piscina tasks; a request alone in flight
-// runs in the caller's own thread instead (`inlineWhenIdle`), and with `threads: 0` every request does.
+// requests go over each thread's lane (thread-lanes.ts), the others as piscina tasks. A request alone in flight
+// runs in the caller's own thread instead (`inlineWhenIdle`), and so do requests made while others run as long as
+// the caller's event loop keeps up (`inlineWhileResponsive`, loop-responsiveness.ts); with `threads: 0` every
+// request does.
 //
 // A request that needs more than a task and its result (an AbortSignal, a streamed request or response body) also
 // gets a MessagePort of its own (caller-channel.ts ↔ task.ts): cancellation reaches the one transfer in the worker
@@ -33,6 +35,7 @@ import type { Task, TaskResult, WorkerConfig } from '../worker/task.js';
 import { abortedError, type RuntimeResult, TransferRuntime } from '../worker/transfer-runtime.js';
 import type { UrlTarget } from '../worker/url-target.js';
 import { type BodyStream, CallerChannel } from './caller-channel.js';
+import { LoopResponsiveness } from './loop-responsiveness.js';
 import { discardBody, followRedirects, type Hop, redirectMode } from './redirects.js';
 import { type AnnouncedOrigin, type AnnounceOptions, RequestQueue } from './request-queue.js';
 import { ThreadLanes } from './thread-lanes.js';
@@ -141,6 +144,13 @@ export interface SockpoolClientOptions {
    * (curl's work never runs on the caller's event loop).
    */
   inlineWhenIdle?: boolean;
+  /**
+   * With `inlineWhenIdle`: requests made while others run also run in the caller's own thread, as long as its event
+   * loop keeps up (default true; client/loop-responsiveness.ts). After a turn of the loop held it past a lag limit
+   * (the caller's own work, or curl's grown past one thread), new requests go to the worker threads for a while,
+   * where curl keeps reading while the caller's loop is busy. `false`: only a lone request runs here.
+   */
+  inlineWhileResponsive?: boolean;
 }
 
 export type SockpoolTimings = TransferResult['timings'] & { queueMs: number };
@@ -232,6 +242,14 @@ const ROUTES_KEPT = 1024;
  *  thread after all: a caller that has become sequential then pays one new connection and no hops from there on. */
 const LONE_ON_THREADS_BEFORE_INLINE = 4;
 
+/**
+ * Requests made while others run that the caller's thread takes on at once (inlineWhileResponsive); more go to the
+ * worker threads. Enough for the requests an API caller keeps in flight to skip the thread hops; few enough that the
+ * caller's loop carries a bounded share of curl's work, and that an origin whose requests move to the threads when
+ * the loop turns slow leaves at most this many connections idle here.
+ */
+const INLINE_IN_COMPANY = 16;
+
 /** piscina tasks one thread may run beyond concurrencyPerThread requests: prewarm and stats never wait behind
  *  requests (the client's own queue holds those back), so that announcing a waiting request's origin is not
  *  itself waiting. */
@@ -258,13 +276,22 @@ export class SockpoolClient {
   #inline: TransferRuntime | undefined;
   /** Whether a lone request may run in this thread (inlineWhenIdle, and the runtime could be made). */
   #inlineWanted: boolean;
+  /** With `inlineWhileResponsive`: whether the caller's loop keeps up, for requests made while others run. */
+  readonly #loop: LoopResponsiveness | undefined;
   /** Where each recent origin's requests ran (only with #inlineWanted). */
   readonly #routes = new RecentMap<string, OriginRoute>(ROUTES_KEPT);
   readonly #workerData: WorkerConfig;
   #options: Required<
     Omit<
       SockpoolClientOptions,
-      'caFile' | 'proxy' | 'retry' | 'announce' | 'inlineWhenIdle' | 'maxBodyBytes' | 'maxQueued'
+      | 'caFile'
+      | 'proxy'
+      | 'retry'
+      | 'announce'
+      | 'inlineWhenIdle'
+      | 'inlineWhileResponsive'
+      | 'maxBodyBytes'
+      | 'maxQueued'
     >
   > & {
     retry: { deadConnection: boolean; methods: string[] };
@@ -301,6 +328,9 @@ export class SockpoolClient {
     }
     if (options.inlineWhenIdle !== undefined && typeof options.inlineWhenIdle !== 'boolean') {
       throw invalid('inlineWhenIdle must be a boolean');
+    }
+    if (options.inlineWhileResponsive !== undefined && typeof options.inlineWhileResponsive !== 'boolean') {
+      throw invalid('inlineWhileResponsive must be a boolean');
     }
     // (A string such as "false", read from the environment, would turn verification off by its truthiness.)
     if (options.insecure !== undefined && typeof options.insecure !== 'boolean') {
@@ -341,6 +371,10 @@ export class SockpoolClient {
     };
     this.#workerData = workerData;
     this.#inlineWanted = threads > 0 && (options.inlineWhenIdle ?? true);
+    this.#loop =
+      this.#inlineWanted && (options.inlineWhileResponsive ?? true)
+        ? new LoopResponsiveness(() => this.#queue.running > 0)
+        : undefined;
     this.#queue = new RequestQueue(
       Math.max(1, threads) * concurrency,
       validateAnnounce(options.announce),
@@ -494,12 +528,12 @@ export class SockpoolClient {
       this.#queue.leave(target);
       reject(error);
     };
-    if (!this.#mayRunAlone(target.key)) {
+    if (!this.#mayRunHere(target.key)) {
       this.#startAsConfigured(request, signal, finish, fail, target.key);
       return;
     }
     queueMicrotask(() => {
-      const inline = this.#aloneRuntime(target.key);
+      const inline = this.#hereRuntime(target.key);
       if (!inline) this.#startAsConfigured(request, signal, finish, fail, target.key);
       // (A signal fired in the same turn, after request() returned.)
       else if (signal?.aborted) fail(abortedError(signal));
@@ -523,22 +557,37 @@ export class SockpoolClient {
   }
 
   /**
-   * Whether a request may run in this thread (inlineWhenIdle): it holds the queue's only slot now. The caller then
-   * asks #aloneRuntime at the end of its turn (a microtask), so that requests made together (a burst, an HTTP/2
-   * fan-out) go to the threads together and share their connections. Otherwise the request keeps company on a
-   * thread, and its origin's route says so.
+   * Whether a request may run in this thread: it holds the queue's only slot now (inlineWhenIdle), or the caller's
+   * loop keeps up (inlineWhileResponsive). The caller then asks #hereRuntime at the end of its turn (a microtask),
+   * so that requests made together (a burst, an HTTP/2 fan-out) run in one runtime together and share its
+   * connections. Otherwise the request keeps company on a thread, and its origin's route says so.
    */
-  #mayRunAlone(key: string): boolean {
+  #mayRunHere(key: string): boolean {
     if (!this.#inlineWanted) return false;
-    if (this.#queue.running === 1) return true;
+    this.#loop?.watch();
+    if (this.#queue.running === 1 || this.#loop?.responsive) return true;
     this.#inCompany(key);
     return false;
   }
 
   /** At the end of the caller's turn: the runtime in this thread if the request is still alone in flight and its
-   *  origin's route sends it here. */
-  #aloneRuntime(key: string): TransferRuntime | undefined {
-    return this.#queue.running === 1 && this.#loneRunsInline(key) ? this.#inlineRuntime() : undefined;
+   *  origin's route sends it here, or if it has company, the caller's loop keeps up and fewer than
+   *  INLINE_IN_COMPANY run here (the origin's lone requests then run here too: its connections are here). */
+  #hereRuntime(key: string): TransferRuntime | undefined {
+    if (this.#queue.running === 1) return this.#loneRunsInline(key) ? this.#inlineRuntime() : undefined;
+    if (!this.#loop?.responsive) {
+      this.#inCompany(key);
+      return undefined;
+    }
+    // (Full: to the threads, its route as it was; its connections may be in both.)
+    if ((this.#inline?.running ?? 0) >= INLINE_IN_COMPANY) return undefined;
+    const route = this.#routes.get(key);
+    if (route === undefined) this.#routes.set(key, { ranInline: true, loneOnThreads: 0 });
+    else {
+      route.ranInline = true;
+      route.loneOnThreads = 0;
+    }
+    return this.#inlineRuntime();
   }
 
   /**
@@ -842,6 +891,7 @@ export class SockpoolClient {
       await this.#inline.idle();
       this.#inline.close();
     }
+    this.#loop?.close();
     await lanes.idle();
     lanes.close();
     await pool.close();
@@ -1033,10 +1083,10 @@ export class SockpoolClient {
    */
   async #streamRuntime(key: string): Promise<TransferRuntime | undefined> {
     if (this.#local) return this.#local;
-    if (!this.#mayRunAlone(key)) return undefined;
+    if (!this.#mayRunHere(key)) return undefined;
     // (The requests the caller made in the same turn enter the queue in the microtasks queued before this one.)
     await null;
-    return this.#aloneRuntime(key);
+    return this.#hereRuntime(key);
   }
 
   /** piscina rejected the task itself: the thread died (crash, terminate) or the pool is closing. */

@@ -73,7 +73,13 @@ beforeAll(async () => {
   daemon = await startTestDaemon([origin.port, narrow.port, doomed.port], {
     config: { pool: { origins: [{ match: `127.0.0.1:${narrow.port}`, maxPerOrigin: 1 }] } },
   });
-  client = new SockpoolClient({ socketPath: daemon.socketPath, threads: 1, concurrencyPerThread: 16 });
+  // (Requests made together go to the thread, whatever the caller's loop does: these tests are about the thread.)
+  client = new SockpoolClient({
+    socketPath: daemon.socketPath,
+    threads: 1,
+    concurrencyPerThread: 16,
+    inlineWhileResponsive: false,
+  });
   await client.request(`http://127.0.0.1:${origin.port}/warmup`);
   clientWorkers = new Set(liveWorkers());
 });

@@ -8,9 +8,11 @@ import { mkdtempSync, readdirSync, readlinkSync, rmSync } from 'node:fs';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import type { Worker } from 'node:worker_threads';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { SockpoolClient, type SockpoolClientOptions } from '../client/index.js';
+import { LAG_LIMIT_MS, PROBE_INTERVAL_MS } from '../client/loop-responsiveness.js';
 import {
   echoHandler,
   eventually,
@@ -96,7 +98,7 @@ const codeOf = (promise: Promise<unknown>) =>
 
 describe('a lone request runs in the caller’s thread', () => {
   it('finishes while the only worker thread is blocked; requests made together go to that thread', async () => {
-    const { client, thread } = await clientWithThread();
+    const { client, thread } = await clientWithThread({ inlineWhileResponsive: false });
     const unblock = await block(thread);
     const lone = await client.request(url('/lone'), { timeoutMs: 10_000 });
     expect(lone.status).toBe(200);
@@ -111,7 +113,7 @@ describe('a lone request runs in the caller’s thread', () => {
   });
 
   it('so does a lone streamed one (fetch, requestStream, a streamed upload); streams made together go to the thread', async () => {
-    const { client, thread } = await clientWithThread({ timeoutMs: 10_000 });
+    const { client, thread } = await clientWithThread({ timeoutMs: 10_000, inlineWhileResponsive: false });
     const unblock = await block(thread);
     const fetched = await client.fetch(url('/fetched'));
     expect(await fetched.text()).toBe('GET /fetched 0');
@@ -160,9 +162,43 @@ describe('a lone request runs in the caller’s thread', () => {
   });
 });
 
+describe('requests made together run in the caller’s thread while its loop keeps up (inlineWhileResponsive)', () => {
+  it('a burst, streams and fetches made together finish while the only worker thread is blocked', async () => {
+    const { client, thread } = await clientWithThread({ timeoutMs: 10_000 });
+    await block(thread);
+    const burst = await Promise.all(Array.from({ length: 4 }, (_, i) => client.request(url(`/burst-${i}`))));
+    expect(burst.map((response) => response.body.toString())).toEqual(
+      Array.from({ length: 4 }, (_, i) => `GET /burst-${i} 0`),
+    );
+    const [streamed, fetched] = await Promise.all([client.requestStream(url('/s')), client.fetch(url('/f'))]);
+    expect([await new Response(streamed.body).text(), await fetched.text()]).toEqual(['GET /s 0', 'GET /f 0']);
+  });
+
+  it('after a turn of the caller’s loop held it past the lag limit, requests made together go to the threads', async () => {
+    const { client, thread } = await clientWithThread();
+    const unblock = await block(thread);
+    // A request in flight (here: it is alone; a POST, which is not retried when its connection goes at the end) has
+    // the client probe its loop; then the caller's own work holds the
+    // loop well past the limit, and the probe that was due meanwhile comes late.
+    const hangsBefore = hanging.length;
+    const inFlight = codeOf(client.request(url('/hang/probed'), { method: 'POST', timeoutMs: 10_000 }));
+    await eventually(() => hanging.length > hangsBefore, 'the lone request at the origin');
+    const heldUntil = performance.now() + 5 * LAG_LIMIT_MS;
+    while (performance.now() < heldUntil) {
+      // the caller's synchronous work
+    }
+    await sleep(2 * PROBE_INTERVAL_MS);
+    const together = [client.request(url('/a'), { timeoutMs: 300 }), client.request(url('/b'), { timeoutMs: 300 })];
+    expect(await Promise.all(together.map(codeOf))).toEqual(['SOCKPOOL_ERR_TIMEOUT', 'SOCKPOOL_ERR_TIMEOUT']);
+    unblock();
+    for (const response of hanging.splice(0)) response.destroy();
+    expect(await inFlight).not.toBe('ok');
+  });
+});
+
 describe('a lone request follows its origin’s connections', () => {
   it('to the threads after a burst ran there, and here again after a few lone requests in a row', async () => {
-    const { client } = await clientWithThread();
+    const { client } = await clientWithThread({ inlineWhileResponsive: false });
     // Two together: on the thread, two connections in its cache.
     const burst = await Promise.all([client.request(url('/x1')), client.request(url('/x2'))]);
     expect(burst.map((response) => response.status)).toEqual([200, 200]);
@@ -173,7 +209,7 @@ describe('a lone request follows its origin’s connections', () => {
   });
 
   it('at a capped origin (maxPerOrigin 1) a burst gets the room a lone request’s idle connection holds here', async () => {
-    const { client } = await clientWithThread();
+    const { client } = await clientWithThread({ inlineWhileResponsive: false });
     expect((await client.request(url('/first', capped))).status).toBe(200);
     // Its connection is idle in this thread's cache, holding the origin's one slot: the thread's requests wait
     // until the daemon's reclaim notice makes it give the connection back.
@@ -198,13 +234,16 @@ function fdTargets(): Map<string, string> {
   return targets;
 }
 
-it('close() closes what the caller’s thread held: its daemon link and curl’s connections', async () => {
+it('close() closes what the caller’s thread held: its daemon link and curl’s connections, a burst’s too', async () => {
   const before = clientFds();
   const targetsBefore = fdTargets();
   const leasedBefore = await leasedTo(daemon.socketPath, origin.port);
   const client = new SockpoolClient({ socketPath: daemon.socketPath, threads: 1 });
   for (let i = 0; i < 3; i++) expect((await client.request(url(`/fd-${i}`))).status).toBe(200);
   expect(await leasedTo(daemon.socketPath, origin.port)).toBe(leasedBefore + 1);
+  // A burst larger than the caller's thread takes on in company: connections here and on the thread.
+  const burst = await Promise.all(Array.from({ length: 24 }, (_, i) => client.request(url(`/fd-burst-${i}`))));
+  expect(burst.every((response) => response.status === 200)).toBe(true);
   await client.close();
   // (On failure, the fds that are new since the start say what was left open.)
   const left = () =>

@@ -48,6 +48,18 @@ describe('TLS verification and retries', () => {
     expect(await construct({ insecure: false })).toBe('accepted');
   });
 
+  it('inlineWhenIdle and inlineWhileResponsive must be booleans; anything else is refused, typed, naming the option', async () => {
+    for (const option of ['inlineWhenIdle', 'inlineWhileResponsive'] as const) {
+      for (const value of ['false', 0, 1, null, {}]) {
+        expect(
+          await construct({ threads: 1, [option]: value as never }),
+          `${option}: ${JSON.stringify(value)}`,
+        ).toMatch(new RegExp(`^SockpoolError SOCKPOOL_ERR_INVALID_ARGUMENT: ${option} must be a boolean`));
+      }
+      expect(await construct({ threads: 1, [option]: false })).toBe('accepted');
+    }
+  });
+
   it('retry is { deadConnection?: boolean, methods?: method names }; anything else is refused, typed', async () => {
     for (const retry of [
       'off',

@@ -137,6 +137,11 @@ export class TransferRuntime {
     if (--this.#running === 0) this.#onIdle?.();
   }
 
+  /** Tasks running here now (requests, and prewarm and stats where this runtime runs them). */
+  get running(): number {
+    return this.#running;
+  }
+
   /** Resolves once no task is running here (at once if none is). */
   idle(): Promise<void> {
     if (this.#running === 0) return Promise.resolve();
