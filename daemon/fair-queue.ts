@@ -29,6 +29,15 @@ export class FairWaitQueue<T extends UidWaiter> {
    */
   #servedAt = new Map<number, number>();
   #turn = 0;
+  readonly #changed: ((uid: number) => void) | undefined;
+
+  /**
+   * `changed`: told of each uid whose waiters or count changed, as it changes (the origin's cap keeps its order of
+   * the uids waiting in all the origin's pools by them: origin-cap.ts).
+   */
+  constructor(changed?: (uid: number) => void) {
+    this.#changed = changed;
+  }
 
   get length(): number {
     return this.#length;
@@ -42,6 +51,7 @@ export class FairWaitQueue<T extends UidWaiter> {
     }
     queue.push({ waiter, seq: this.#seq++ });
     this.#length++;
+    this.#changed?.(waiter.uid);
   }
 
   /** The waiter the next free slot goes to (not removed). */
@@ -72,8 +82,8 @@ export class FairWaitQueue<T extends UidWaiter> {
   }
 
   /**
-   * Each uid's first waiter that `covered` does not count out, as peekUncovered skips them (the origin's cap: whose
-   * turn room at it is, across the origin's pools: origin-cap.ts).
+   * Each uid's first waiter that `covered` does not count out, as peekUncovered skips them (the origin's cap, when
+   * it orders the waiting uids of all the origin's pools anew: origin-cap.ts).
    */
   forEachUncovered(covered: (uid: number) => number, visit: (waiter: T) => void): void {
     for (const [uid, queue] of this.#byUid) {
@@ -127,6 +137,11 @@ export class FairWaitQueue<T extends UidWaiter> {
     return this.#byUid.get(uid)?.[0]?.waiter;
   }
 
+  /** The waiter of `uid` with `index` of its waiters before it (not removed); undefined when it has no more. */
+  nthOf(uid: number, index: number): T | undefined {
+    return this.#byUid.get(uid)?.[index]?.waiter;
+  }
+
   shift(): T | undefined {
     const waiter = this.peek();
     if (waiter) this.remove(waiter);
@@ -153,6 +168,7 @@ export class FairWaitQueue<T extends UidWaiter> {
     queue.splice(index, 1);
     if (queue.length === 0) this.#byUid.delete(waiter.uid);
     this.#length--;
+    this.#changed?.(waiter.uid);
     // Turns matter only among waiters: those of a queue that emptied are forgotten (a bound on the map, too).
     if (this.#length === 0) this.#servedAt.clear();
     return true;
@@ -161,8 +177,10 @@ export class FairWaitQueue<T extends UidWaiter> {
   /** Every waiter, removed (the pool is closing). */
   drain(): T[] {
     const all = [...this.#byUid.values()].flat().sort((a, b) => a.seq - b.seq);
+    const uids = [...this.#byUid.keys()];
     this.#byUid.clear();
     this.#length = 0;
+    if (this.#changed) for (const uid of uids) this.#changed(uid);
     // (Turns are kept: AdmissionQueue's sweep drains and queues again what is still wanted.)
     return all.map((entry) => entry.waiter);
   }
@@ -183,6 +201,7 @@ export class FairWaitQueue<T extends UidWaiter> {
   /** Sets `uid`'s count to any number, kept even at 0 or below (for owners whose count is not a number of slots). */
   setHeld(uid: number, count: number): void {
     this.#held.set(uid, count);
+    this.#changed?.(uid);
   }
 
   /** The least count among the uids waiting now; undefined when nobody waits. */
@@ -205,6 +224,7 @@ export class FairWaitQueue<T extends UidWaiter> {
     const count = (this.#held.get(uid) ?? 0) + delta;
     if (count <= 0) this.#held.delete(uid);
     else this.#held.set(uid, count);
+    this.#changed?.(uid);
   }
 }
 

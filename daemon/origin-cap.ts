@@ -15,11 +15,22 @@
 // A pool choosing among its own waiters (for an idle socket of its own, for a failed connect's error) counts what
 // each uid holds of the whole origin too (heldBy), so a socket a uid gives back in one pool does not go straight to
 // its next acquire there while a uid holding less of the origin waits.
+// The order is kept as it changes rather than found by a walk at each turn (a pump and a release ask at every connect
+// decided, and a shared daemon may have thousands of uids waiting at one origin): per pool, its waiting uids in a heap
+// by that order (keyed-heap.ts), each with what it holds of the whole origin; a pool tells the cap of each uid whose
+// waiters, leases or connects changed (changed), and the next turn() puts just those uids back in place, reading
+// each pool once for them. So a turn costs the pools' firsts and, for each uid changed since, its place in each
+// heap, not a walk over the uids. A pool joining or leaving orders them all anew (rare: the first acquire of another
+// way of reaching the origin, a pool retired), as does a change while the origin has one pool (nobody asks it then).
 // Warming (refills, prewarms) takes only room no acquire of the origin waits for, and an acquire waiting at a cap the
 // other pools fill with idle sockets closes one of those (its own pool's would be handed to it): a waiter before
 // warmth, so the pools' minIdle and prewarms share the cap and, together, never pass it.
 
+import { KeyedHeap } from './keyed-heap.js';
 import type { OriginPool } from './origin-pool.js';
+
+/** Uids changed since the last turn() are kept at least up to this many (see changed()). */
+const MIN_CHANGED_KEPT = 64;
 
 /** Whose turn room at the cap is: a uid, and the pool its longest waiting acquire that no connect covers waits in. */
 export interface CapTurn {
@@ -27,8 +38,24 @@ export interface CapTurn {
   uid: number;
 }
 
+/** A uid's first acquire waiting in one pool that no connect covers, with what orders it (see turn()). */
+interface Candidate {
+  uid: number;
+  /** What the uid holds of the origin (heldBy). */
+  held: number;
+  /** Its #tookAt; -1 when it took none. */
+  tookAt: number;
+  /** The acquire's place in arrival order. */
+  arrived: number;
+}
+
 export class OriginCap {
-  readonly #pools = new Set<OriginPool>();
+  /** Each pool, with its uids waiting uncovered, by turn order (their first acquires). */
+  readonly #pools = new Map<OriginPool, KeyedHeap<number, Candidate>>();
+  /** Uids whose waiters or holdings changed since the heaps last placed them. */
+  readonly #changed = new Set<number>();
+  /** The heaps are to be built anew from every pool (the pools changed, or changes were not kept). */
+  #reorder = true;
   /**
    * Per uid, the turn it last took room at (`took`), while acquires of the origin wait: among uids holding as many,
    * the one that took least recently (or never) goes first, as in a pool's queue (fair-queue.ts, `served`).
@@ -36,6 +63,12 @@ export class OriginCap {
   readonly #tookAt = new Map<number, number>();
   #turns = 0;
   #wakeScheduled = false;
+  #visited = 0;
+
+  /** Uid entries turn() has read from the pools or compared so far: its work, which the tests bound (none times it). */
+  get visited(): number {
+    return this.#visited;
+  }
 
   /** How many pools the origin has: with one, that pool counts itself alone (OriginPool skips the group). */
   get size(): number {
@@ -43,36 +76,61 @@ export class OriginCap {
   }
 
   join(pool: OriginPool): void {
-    this.#pools.add(pool);
+    this.#pools.set(pool, new KeyedHeap((a: Candidate, b: Candidate) => this.#before(a, b)));
+    this.#reorder = true;
   }
 
   leave(pool: OriginPool): void {
     this.#pools.delete(pool);
+    this.#reorder = true;
+  }
+
+  /**
+   * The waiters, leases or connects under way of `uid` changed in a pool of the origin: its place in the turn order
+   * is found again at the next turn(). With one pool, nobody asks the cap (the pool counts itself alone): the order is
+   * built anew if it ever is. Nor while nobody waits at the cap: the uids changed meanwhile (every uid leasing through
+   * a busy origin) are not kept past twice the uids ordered, when ordering them all anew costs no more.
+   */
+  changed(uid: number): void {
+    if (this.#reorder) return;
+    if (this.#pools.size < 2 || (this.#changed.size >= MIN_CHANGED_KEPT && this.#changedPastOrdered())) {
+      this.#reorder = true;
+      this.#changed.clear();
+      return;
+    }
+    this.#changed.add(uid);
+  }
+
+  /** Whether more uids changed than twice the uids the heaps order now. */
+  #changedPastOrdered(): boolean {
+    let ordered = 0;
+    for (const heap of this.#pools.values()) ordered += heap.size;
+    return this.#changed.size >= 2 * ordered;
   }
 
   /** The pool keys of the origin (the clients holding their leases are asked for idle ones together). */
   keys(): string[] {
-    return [...this.#pools].map((pool) => pool.key);
+    return [...this.#pools.keys()].map((pool) => pool.key);
   }
 
   /** The origin's connections: leased, idle and connecting, in all its pools. */
   total(): number {
     let total = 0;
-    for (const pool of this.#pools) total += pool.total;
+    for (const pool of this.#pools.keys()) total += pool.total;
     return total;
   }
 
   /** Acquires of the origin, in all its pools, that wait for room (no connect under way covers them). */
   waitingCount(): number {
     let waiting = 0;
-    for (const pool of this.#pools) waiting += Math.max(0, pool.uncoveredWaiters);
+    for (const pool of this.#pools.keys()) waiting += Math.max(0, pool.uncoveredWaiters);
     return waiting;
   }
 
   /** What `uid` holds of the origin: its leases and the connects under way for it, in all the origin's pools. */
   heldBy(uid: number): number {
     let held = 0;
-    for (const pool of this.#pools) held += pool.heldBy(uid);
+    for (const pool of this.#pools.keys()) held += pool.heldBy(uid);
     return held;
   }
 
@@ -84,7 +142,7 @@ export class OriginCap {
 
   /** Whether an acquire of the origin waits for room in any of its pools (warming takes none then). */
   waiting(): boolean {
-    for (const pool of this.#pools) if (pool.uncoveredWaiters > 0) return true;
+    for (const pool of this.#pools.keys()) if (pool.uncoveredWaiters > 0) return true;
     return false;
   }
 
@@ -93,34 +151,64 @@ export class OriginCap {
    * way covers; undefined when none waits.
    */
   turn(): CapTurn | undefined {
-    let best: { pool: OriginPool; uid: number; arrived: number; held: number; tookAt: number } | undefined;
-    const heldOf = new Map<number, number>();
-    for (const pool of this.#pools) {
+    this.#update();
+    let best: { pool: OriginPool; first: Candidate } | undefined;
+    for (const [pool, heap] of this.#pools) {
       if (pool.uncoveredWaiters <= 0) continue;
-      pool.forEachUncovered((uid, arrived) => {
-        let held = heldOf.get(uid);
-        if (held === undefined) {
-          held = this.heldBy(uid);
-          heldOf.set(uid, held);
-        }
-        const tookAt = this.#tookAt.get(uid) ?? -1;
-        const before =
-          best === undefined ||
-          held < best.held ||
-          (held === best.held && (tookAt < best.tookAt || (tookAt === best.tookAt && arrived < best.arrived)));
-        if (before) best = { pool, uid, arrived, held, tookAt };
-      });
+      const first = heap.peek();
+      if (first !== undefined && (best === undefined || this.#before(first, best.first))) best = { pool, first };
     }
     // Turns matter only among waiters: once none is left in any pool they are forgotten (a bound on the map, too).
-    if (best === undefined && this.#tookAt.size > 0 && ![...this.#pools].some((pool) => pool.waitingCount > 0)) {
+    if (best === undefined && this.#tookAt.size > 0 && ![...this.#pools.keys()].some((pool) => pool.waitingCount > 0)) {
       this.#tookAt.clear();
     }
-    return best === undefined ? undefined : { pool: best.pool, uid: best.uid };
+    return best === undefined ? undefined : { pool: best.pool, uid: best.first.uid };
+  }
+
+  /**
+   * Whether `a` goes before `b`: its uid holds fewer of the origin; among those tied, took room less recently (or
+   * never); then it waited longer. (No two acquires arrived together: a strict order.)
+   */
+  #before(a: Candidate, b: Candidate): boolean {
+    this.#visited++;
+    if (a.held !== b.held) return a.held < b.held;
+    if (a.tookAt !== b.tookAt) return a.tookAt < b.tookAt;
+    return a.arrived < b.arrived;
+  }
+
+  /** Puts the uids changed since the last turn back in place in every pool's heap (or all of them anew). */
+  #update(): void {
+    if (this.#reorder) {
+      this.#reorder = false;
+      this.#changed.clear();
+      for (const [pool, heap] of this.#pools) {
+        heap.clear();
+        pool.forEachUncovered((uid) => {
+          this.#visited++;
+          this.#changed.add(uid);
+        });
+      }
+    }
+    for (const uid of this.#changed) this.#place(uid);
+    this.#changed.clear();
+  }
+
+  /** Puts `uid` in place in each pool's heap where it waits uncovered, and out of the others. */
+  #place(uid: number): void {
+    this.#visited += 2 * this.#pools.size;
+    const held = this.heldBy(uid);
+    const tookAt = this.#tookAt.get(uid) ?? -1;
+    for (const [pool, heap] of this.#pools) {
+      const arrived = pool.firstUncoveredOf(uid);
+      if (arrived === undefined) heap.delete(uid);
+      else heap.set(uid, { uid, held, tookAt, arrived });
+    }
   }
 
   /** Room was taken for a waiter of `uid` (a connect, or a connection lent again rather than closed). */
   took(uid: number): void {
     this.#tookAt.set(uid, this.#turns++);
+    this.changed(uid);
   }
 
   /**
@@ -128,7 +216,7 @@ export class OriginCap {
    * one was closed.
    */
   evictFor(pool: OriginPool): boolean {
-    for (const other of this.#pools) if (other !== pool && other.yieldIdle()) return true;
+    for (const other of this.#pools.keys()) if (other !== pool && other.yieldIdle()) return true;
     return false;
   }
 

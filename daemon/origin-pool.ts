@@ -157,7 +157,8 @@ export class OriginPool implements KeptHolder<IdleSocket> {
   #connectingForWaiters = 0;
   /** Those connects by the uid each counts for at the connect gate (see #startConnect). */
   #connectingFor = new Map<number, number>();
-  #waiters = new FairWaitQueue<Waiter>();
+  /** (Each change of a uid's waiters or leases here reorders that uid at the origin's cap.) */
+  #waiters = new FairWaitQueue<Waiter>((uid) => this.#cap?.changed(uid));
   /** Whether an acquire waits here now: the connector may put this origin's connects first (a relay's handshakes). */
   readonly #hasWaiters = () => this.#waiters.length > 0;
   readonly #open = () => !this.#closed;
@@ -245,6 +246,14 @@ export class OriginPool implements KeptHolder<IdleSocket> {
       (uid) => this.#connectingFor.get(uid) ?? 0,
       (waiter) => visit(waiter.uid, waiter.arrived),
     );
+  }
+
+  /**
+   * For the origin's cap: the place in arrival order of `uid`'s first acquire waiting here that the connects under way
+   * for its uid do not cover (as forEachUncovered); undefined when it has none.
+   */
+  firstUncoveredOf(uid: number): number | undefined {
+    return this.#waiters.nthOf(uid, this.#connectingFor.get(uid) ?? 0)?.arrived;
   }
 
   /** What `uid` holds of this pool's connections: its leases and the connects under way for its waiters. */
@@ -903,7 +912,10 @@ export class OriginPool implements KeptHolder<IdleSocket> {
     this.#connecting++;
     if (forWaiter) {
       this.#connectingForWaiters++;
-      if (uid !== undefined) this.#connectingFor.set(uid, (this.#connectingFor.get(uid) ?? 0) + 1);
+      if (uid !== undefined) {
+        this.#connectingFor.set(uid, (this.#connectingFor.get(uid) ?? 0) + 1);
+        this.#cap?.changed(uid);
+      }
     } else {
       this.#events.connectingAheadChanged?.(this, +1);
     }
@@ -998,6 +1010,7 @@ export class OriginPool implements KeptHolder<IdleSocket> {
     const count = (this.#connectingFor.get(uid) ?? 0) - 1;
     if (count <= 0) this.#connectingFor.delete(uid);
     else this.#connectingFor.set(uid, count);
+    this.#cap?.changed(uid);
   }
 
   #connectFailed(forWaiter: boolean, uid: number | undefined, error: Error): void {
