@@ -96,7 +96,14 @@ await slices('(b) 20,000 new origins, as many evicted');
 clock += 8 * 24 * 60 * MINUTE; // past the 7-day demand history and into pruning
 record('late', 100);
 await slices('(c) prune after 8 days, 100 new origins');
-timed('topOrigins(50) (warm-on-start, once at start)', () => store.topOrigins(50));
+{
+  // Nothing pending nor over the cap here: the ranking alone, synchronous.
+  const started = performance.now();
+  await store.topOrigins(50);
+  console.log(
+    `${'topOrigins(50) (warm-on-start, once at start)'.padEnd(44)} ${(performance.now() - started).toFixed(2)} ms`,
+  );
+}
 record('close', 5_000);
 timed('flush() of 5,000 at close', () => store.flush());
 console.log(`checkpoints by the checkpointer thread: ${store.checkpoints.count}`);

@@ -358,7 +358,7 @@ export class Sockpoold {
     await this.#fleet?.start();
     let warming = 0;
     try {
-      warming = this.#pools.warmFromHistory(this.#config.pool.warmOnStartOrigins);
+      warming = await this.#pools.warmFromHistory(this.#config.pool.warmOnStartOrigins);
     } catch (error) {
       // The history only warms: one that cannot be read (locked in another process's transaction) costs the warming.
       this.#log.warn({ err: (error as Error).message }, 'history unreadable: not warming from it');

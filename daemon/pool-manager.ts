@@ -732,11 +732,14 @@ export class PoolManager {
    * × maxIdle sockets at every start, and then took every place and socket. (What is left of it goes to the fleet's
    * shares, shareDemand.)
    */
-  warmFromHistory(limit: number): number {
+  async warmFromHistory(limit: number): Promise<number> {
     if (!this.#store || limit <= 0) return 0;
+    // The ranking first writes and evicts in slices, yielding (topOrigins): the manager may be closed by then.
+    const ranked = await this.#store.topOrigins(limit);
+    if (this.#closed) return 0;
     // Origins the current policy refuses (history from an older configuration, a proxy it no longer names) are
     // skipped quietly. A proxied origin is warmed through its proxy: its key names it.
-    const top = this.#store.topOrigins(limit).flatMap((entry) => {
+    const top = ranked.flatMap((entry) => {
       try {
         const { proxy } = originOfKey(entry.originKey);
         const origin: Origin =

@@ -20,7 +20,8 @@
 // (#pendingOf) and PENDING_MINUTES per-minute demand entries among them (#addDemand). And
 // the timer's flushes write in slices of at most SLICE_BUDGET_MS of event-loop time, continuing on the next turn,
 // so a flood of new origins never holds the loop for long (bench/store-flush.ts measures it with 100,000 origins).
-// `flush()` itself (before `topOrigins`) still writes everything at once; `close()` (the stop) prepares committed
+// `topOrigins` (warm-on-start) writes and evicts in such slices too, awaited; `flush()` itself (tests, the bench)
+// still writes everything at once; `close()` (the stop) prepares committed
 // slices, paced to the store's thread (below) that commits them and closes the file, until a quarter of
 // CLOSE_BUDGET_MS is left for that thread to finish, drops what is left, and returns by the budget whatever the disk
 // does: a thread still waiting for the disk then is left to the process's exit, the state directory locked until it
@@ -757,7 +758,7 @@ export class StateStore {
       'SELECT origin_key, learned_idle_lifetime_ms AS learned FROM origins WHERE learned IS NOT NULL',
     );
     for (const row of learned.all()) this.#learned.set(row.origin_key, row.learned);
-    // The first flush prunes (#lastPrune is 0).
+    // The first flush prunes (#lastPrune is 0): the timer's, or flush().
   }
 
   // -------------------------------------------------------------------------------------------------------------
@@ -987,26 +988,41 @@ export class StateStore {
    * next turn of the event loop).
    */
   flushSlice(budgetMs = SLICE_BUDGET_MS): boolean {
+    return this.#slice(budgetMs);
+  }
+
+  /**
+   * flushSlice, or with `owed` one of topOrigins' wait: at most `owed.records` pending origins (the first recorded)
+   * and `owed.evictions` rows evicted, both counted down, and no pruning (left to the timer's slices: the ranking
+   * counts no demand the prune would delete). Returns true when the budget ran out with more of that to do.
+   */
+  #slice(budgetMs: number, owed?: { records: number; evictions: number }): boolean {
     if (this.#closed) return false;
     const now = this.#now();
-    const prune = now - this.#lastPrune >= PRUNE_INTERVAL_MS;
+    const prune = !owed && now - this.#lastPrune >= PRUNE_INTERVAL_MS;
     const started = performance.now();
     const written: Array<[string, Pending]> = [];
+    let evicted = 0;
     let more = false;
     this.#commit(() => {
       for (const [originKey, pending] of this.#pending) {
+        if (owed && written.length >= owed.records) break;
         this.#write(originKey, pending, now);
         written.push([originKey, pending]);
         // After every origin: one carries up to #minutesPerOrigin demand entries (60 statements), so a check every 16
         // let a slice run 16 of them past its budget.
         if (performance.now() - started >= budgetMs) {
-          more = true;
+          more = !owed || written.length < owed.records || owed.evictions > 0;
           return;
         }
       }
-      while (this.#evictSome()) {
+      for (;;) {
+        if (owed && evicted >= owed.evictions) return;
+        const rows = this.#rowCount;
+        if (!this.#evictSome()) break;
+        evicted += rows - this.#rowCount;
         if (performance.now() - started >= budgetMs) {
-          more = true;
+          more = !owed || evicted < owed.evictions;
           return;
         }
       }
@@ -1020,8 +1036,12 @@ export class StateStore {
       this.#lastPrune = now;
     });
     for (const [originKey, pending] of written) this.#unpend(originKey, pending);
+    if (owed) {
+      owed.records -= written.length;
+      owed.evictions -= evicted;
+    }
     // A slice that wrote nothing (the timer's usual tick) asks for nothing.
-    if (written.length > 0 || more || prune) this.#uncheckpointed = true;
+    if (written.length > 0 || evicted > 0 || more || prune) this.#uncheckpointed = true;
     if (this.#uncheckpointed && (!more || ++this.#slicesSinceCheckpoint >= SLICES_PER_CHECKPOINT)) {
       this.#requestCheckpoint();
     }
@@ -1367,15 +1387,31 @@ export class StateStore {
 
   /**
    * The origins most likely needed, best first: ranked by recent demand (each acquire in the demand history
-   * weighs 1, halved every `scoreHalfLifeMs` of age). Flushes first, so it includes what was just recorded; a
-   * flush that fails (the file locked by another process, a full disk) leaves that pending for the timer, and what
-   * is stored is ranked: the history only warms, and warm-on-start must not fail the start.
+   * weighs 1, halved every `scoreHalfLifeMs` of age). Writes first what is pending and evicts what is over the cap,
+   * so it includes what was just recorded and nothing the cap takes; a write that fails (the file locked by another
+   * process, a full disk) leaves that to the timer, and what is stored is ranked: the history only warms, and
+   * warm-on-start must not fail the start.
+   *
+   * That writing is in slices, as the timer's, yielding the event loop between them: the daemon serves from before
+   * its warm-on-start, and a start can find up to maxOrigins rows over the cap (a stop writes what is pending without
+   * evicting: close()), whose eviction in one transaction held the loop for as long. It does what was owed when
+   * called and no more (the pending origins then, the first recorded, and the rows over the cap then, and as many as
+   * those add), so records made while it waits (a flood of new origins) cannot keep it from ranking; the timer
+   * writes those. Pruning is left to the timer too (the first flush after a start prunes, #lastPrune being 0):
+   * nothing the ranking counts is pruned. Ranks nothing once the store is closed.
    */
-  topOrigins(limit: number): TopOrigin[] {
+  async topOrigins(limit: number): Promise<TopOrigin[]> {
     if (limit <= 0) return [];
+    const owed = {
+      records: this.#pending.size,
+      evictions: Math.max(0, this.#rowCount - this.#maxOrigins) + this.#pending.size,
+    };
     try {
-      this.flush();
+      while ((owed.records > 0 || owed.evictions > 0) && this.#slice(SLICE_BUDGET_MS, owed)) {
+        await new Promise((resolve) => setImmediate(resolve));
+      }
     } catch {}
+    if (this.#closed) return [];
     const now = this.#now();
     const nowMinute = Math.floor(now / MINUTE_MS);
     const rows = this.#statements.top.all({
@@ -1423,7 +1459,8 @@ export class StateStore {
    * Stops the timer, writes what is pending and closes the database, for at most `budgetMs` (the daemon's stop has
    * that long), whatever the disk does. Idempotent. The writing is a timed flush's pending origins, in the order they
    * were first recorded since the last flush, in committed slices of CLOSE_SLICE_MS; evictions and pruning are left
-   * to the next start's first flush (the row counts are taken from the table at open). Returns the pending origins not
+   * to the next start (the row counts are taken from the table at open): its ranking evicts, in slices (topOrigins),
+   * and its timer's first flush prunes. Returns the pending origins not
    * seen committed when it returned, counters, connect times, demand minutes and all (a lifetime learned from one stays
    * in the file only if written before): those it had no time to prepare are dropped, those handed to the store thread
    * may still be committed by it if the process lives on.

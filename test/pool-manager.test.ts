@@ -548,7 +548,7 @@ describe('PoolManager with its store and configuration', () => {
     connector.refuse.add(QUIET.host);
 
     const pools = manager({ defaults: { minIdle: 2 } }, store);
-    expect(pools.warmFromHistory(10)).toBe(1);
+    expect(await pools.warmFromHistory(10)).toBe(1);
     await until(() => idleOf(pools, BUSY) === 2, 'warmed from history');
     expect(originStats(pools, BUSY).learnedIdleLifetimeMs).toBe(4_000);
     expect(pools.snapshot().originCount).toBe(1);
@@ -575,7 +575,7 @@ describe('PoolManager with its store and configuration', () => {
     });
     managers.push(pools);
     // Its key names the proxy: the pool warmed is the one an acquire through `corp` takes (not the direct one).
-    expect(pools.warmFromHistory(10)).toBe(1);
+    expect(await pools.warmFromHistory(10)).toBe(1);
     await until(() => pools.snapshot().idle === 1, 'warmed from history');
     expect(pools.snapshot().origins.map((row) => [row.origin, row.idle])).toEqual([['busy.test:443 via corp', 1]]);
   });
@@ -594,7 +594,7 @@ describe('PoolManager with its store and configuration', () => {
     const config = parseConfig({ proxies: [{ name: 'tls', url: 'http://127.0.0.1:3128' }] }, 'test');
     const pools = new PoolManager({ config, connector, log: pino({ level: 'silent' }), store });
     managers.push(pools);
-    expect(pools.warmFromHistory(10)).toBe(1);
+    expect(await pools.warmFromHistory(10)).toBe(1);
     await until(() => pools.snapshot().idle === 1, 'warmed from history');
     expect(pools.snapshot().origins.map((row) => [row.origin, row.idle])).toEqual([['busy.test:443 via tls', 1]]);
     expect(pools.warm({ host: 'quiet.test', port: 443, proxy: 'tls' }, 1).warming).toBe('tcp');
@@ -618,7 +618,7 @@ describe('PoolManager with its store and configuration', () => {
 
     const pools = manager({ warmOnStartSockets: 10 }, store);
     pools.start();
-    expect(pools.warmFromHistory(10)).toBe(5);
+    expect(await pools.warmFromHistory(10)).toBe(5);
     // Each origin its first socket; the busiest takes the 10 the budget has (it wants 15 more): 15 in all, where
     // the replayed rates opened 5 × 16 = 80.
     for (let sweep = 0; sweep < 4; sweep++) {
@@ -662,7 +662,7 @@ describe('PoolManager with its store and configuration', () => {
 
     // The next start: two places for warm-on-start, one for each uid's busiest.
     const after = manager({}, store);
-    expect(after.warmFromHistory(2)).toBe(2);
+    expect(await after.warmFromHistory(2)).toBe(2);
     await until(() => after.snapshot().idle === 2, 'warmed from history');
     expect(idleOf(after, QUIET)).toBe(1);
     expect(idleOf(after, { host: 'a19.test', port: 443 })).toBe(1);

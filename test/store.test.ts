@@ -703,7 +703,7 @@ describe('what a client cannot bloat', () => {
     return score;
   }
 
-  it('holds at most 60 demand minutes per pending origin while flushes keep failing, merging the oldest: no acquire and no ranking lost', () => {
+  it('holds at most 60 demand minutes per pending origin while flushes keep failing, merging the oldest: no acquire and no ranking lost', async () => {
     const store = StateStore.open(dir, { now, maxOrigins: 20 });
     const mostPending = lockedForThreeDays(store, 20);
     const db = reader(dir);
@@ -713,12 +713,12 @@ describe('what a client cannot bloat', () => {
     expect(value(db, 'SELECT sum(acquires) FROM demand_history')).toBe(20 * 3 * 24 * 60);
     db.close();
     // The merged entries weigh in the ranking what the minutes they took in weighed (to a rounding of their minute).
-    const [top] = store.topOrigins(1);
+    const [top] = await store.topOrigins(1);
     expect(top?.score).toBeCloseTo(scoreOfEveryMinute(3 * 24 * 60), 0);
     store.close();
   });
 
-  it('shares 200,000 pending demand minutes among the history cap (historyMaxOrigins): 2 per origin at 100,000', () => {
+  it('shares 200,000 pending demand minutes among the history cap (historyMaxOrigins): 2 per origin at 100,000', async () => {
     const store = StateStore.open(dir, { now, maxOrigins: 100_000 });
     const mostPending = lockedForThreeDays(store, 20);
     const db = reader(dir);
@@ -726,7 +726,7 @@ describe('what a client cannot bloat', () => {
     expect(mostPending).toBeLessThanOrEqual(20 * 2);
     expect(value(db, 'SELECT sum(acquires) FROM demand_history')).toBe(20 * 3 * 24 * 60);
     db.close();
-    const [top] = store.topOrigins(1);
+    const [top] = await store.topOrigins(1);
     expect(top?.score).toBeCloseTo(scoreOfEveryMinute(3 * 24 * 60), 0);
     store.close();
   });
@@ -1238,7 +1238,7 @@ describe('migrations', () => {
     store.close();
   });
 
-  it('keeps writing a file whose holder column waits for its migration (a lock at start): the least recently seen go first', () => {
+  it('keeps writing a file whose holder column waits for its migration (a lock at start): the least recently seen go first', async () => {
     const path = join(dir, 'sockpool.sqlite');
     const db = openDatabase(path);
     db.exec('PRAGMA journal_mode = WAL');
@@ -1255,7 +1255,7 @@ describe('migrations', () => {
       store.recordAcquire(`o${origin}.example:443`, { hit: false }, 1000 + origin);
       store.flush();
     }
-    expect(store.topOrigins(5).map((entry) => entry.originKey)).toEqual(['o3.example:443', 'o2.example:443']);
+    expect((await store.topOrigins(5)).map((entry) => entry.originKey)).toEqual(['o3.example:443', 'o2.example:443']);
     store.close();
     const after = reader(dir);
     expect(column(after, 'SELECT origin_key FROM origins ORDER BY origin_key')).toEqual([
@@ -1301,7 +1301,7 @@ describe('migrations', () => {
 });
 
 describe('topOrigins', () => {
-  it('ranks by recent demand, each acquire halved every 6 hours of age', () => {
+  it('ranks by recent demand, each acquire halved every 6 hours of age', async () => {
     const store = open();
     const start = clock;
     // heavy.example: 1000 acquires three days ago (weight 2^-12 each: score about 0.24).
@@ -1317,7 +1317,7 @@ describe('topOrigins', () => {
     // Not host:port: kept, never proposed for warming.
     store.recordAcquire('not-an-origin', { hit: false });
 
-    const top = store.topOrigins(10); // includes what was not flushed yet
+    const top = await store.topOrigins(10); // includes what was not flushed yet
     expect(top.map((entry) => entry.originKey)).toEqual([
       'recent.example:443',
       '[2001:db8::1]:8443',
@@ -1329,12 +1329,12 @@ describe('topOrigins', () => {
     expect(top[2]).toMatchObject({ host: 'heavy.example', port: 443, learnedIdleLifetimeMs: 9_000 });
     expect(top[0]?.demandRatePerS).toBeGreaterThan(0);
 
-    expect(store.topOrigins(1).map((entry) => entry.originKey)).toEqual(['recent.example:443']);
-    expect(store.topOrigins(0)).toEqual([]);
+    expect((await store.topOrigins(1)).map((entry) => entry.originKey)).toEqual(['recent.example:443']);
+    expect(await store.topOrigins(0)).toEqual([]);
     store.close();
   });
 
-  it("takes each uid's busiest origins in turn: one uid's many busy origins do not take every place", () => {
+  it("takes each uid's busiest origins in turn: one uid's many busy origins do not take every place", async () => {
     // warmFromHistory warms the first warmOnStartOrigins of this list and spends pool.warmOnStartSockets in its
     // order: ranked by score alone, one uid's busiest origins took all of both.
     const A = 1000;
@@ -1346,47 +1346,48 @@ describe('topOrigins', () => {
     }
     for (let index = 0; index < 5; index++) store.recordAcquire('b0.example:443', { hit: false }, B);
     for (let index = 0; index < 3; index++) store.recordAcquire('b1.example:443', { hit: false }, B);
-    expect(store.topOrigins(5).map((entry) => entry.originKey)).toEqual([
+    expect((await store.topOrigins(5)).map((entry) => entry.originKey)).toEqual([
       'a0.example:443',
       'b0.example:443',
       'a1.example:443',
       'b1.example:443',
       'a2.example:443',
     ]);
-    expect(store.topOrigins(5)[1]?.score).toBe(5);
+    expect((await store.topOrigins(5))[1]?.score).toBe(5);
     store.close();
   });
 
-  it('replays a demand rate halved for every 6 hours since it was last seen (a burst a day ago is not demand now)', () => {
+  it('replays a demand rate halved for every 6 hours since it was last seen (a burst a day ago is not demand now)', async () => {
     const store = open();
     for (let index = 0; index < 600; index++) store.recordAcquire('burst.example:443', { hit: false });
     store.flush();
     const stored = store.origin('burst.example:443')!.demandRatePerS;
     expect(stored).toBeCloseTo(10, 6); // 600 acquires over the 60 s window
-    expect(store.topOrigins(1)[0]?.demandRatePerS).toBeCloseTo(stored, 6); // a restart right after: all of it
+    expect((await store.topOrigins(1))[0]?.demandRatePerS).toBeCloseTo(stored, 6); // a restart right after: all of it
     clock += 12 * HOUR;
-    expect(store.topOrigins(1)[0]?.demandRatePerS).toBeCloseTo(stored / 4, 6);
+    expect((await store.topOrigins(1))[0]?.demandRatePerS).toBeCloseTo(stored / 4, 6);
     clock += 12 * HOUR;
-    expect(store.topOrigins(1)[0]?.demandRatePerS).toBeCloseTo(stored / 16, 6);
+    expect((await store.topOrigins(1))[0]?.demandRatePerS).toBeCloseTo(stored / 16, 6);
     expect(store.origin('burst.example:443')!.demandRatePerS).toBe(stored); // the stored value is left as it was
     store.close();
   });
 
-  it('forgets demand older than the history window', () => {
+  it('forgets demand older than the history window', async () => {
     const store = StateStore.open(dir, { now, demandHistoryDays: 1 });
     clock -= 2 * 24 * HOUR;
     store.recordAcquire('old.example:443', { hit: true });
     store.flush();
     clock += 2 * 24 * HOUR;
     store.recordAcquire('new.example:443', { hit: true });
-    expect(store.topOrigins(10).map((entry) => entry.originKey)).toEqual(['new.example:443']);
-    // Pruned from the table too (the flush 48 hours later ran the prune in its transaction).
+    expect((await store.topOrigins(10)).map((entry) => entry.originKey)).toEqual(['new.example:443']);
+    // Pruned from the table too, by the timer's next flush (the ranking leaves pruning to it: it counts none of that).
+    while (store.flushSlice()) {}
     const db = reader(dir);
     expect(value(db, "SELECT count(*) FROM demand_history WHERE origin_key = 'old.example:443'")).toBe(0);
     db.close();
     store.close();
   });
-  it('a clock that ran ahead and was set back: what it stamped neither outranks real demand nor outlives the cap', () => {
+  it('a clock that ran ahead and was set back: what it stamped neither outranks real demand nor outlives the cap', async () => {
     const store = StateStore.open(dir, { now, maxOrigins: 2 });
     const right = clock;
     // A year ahead (a wrong RTC at boot, until NTP steps the clock back): one acquire of future.example.
@@ -1401,7 +1402,7 @@ describe('topOrigins', () => {
     clock += MINUTE;
     for (let index = 0; index < 100; index++) again.recordAcquire('busy.example:443', { hit: false });
     // One acquire stamped a year ahead weighed 2^1460 (Infinity) and came first at every start for a year.
-    expect(again.topOrigins(2).map((entry) => entry.originKey)).toEqual(['busy.example:443']);
+    expect((await again.topOrigins(2)).map((entry) => entry.originKey)).toEqual(['busy.example:443']);
     // And it was the most recently seen for a year: the least recently seen real origins went before it.
     clock += MINUTE;
     again.recordAcquire('next.example:443', { hit: false });
@@ -1409,5 +1410,110 @@ describe('topOrigins', () => {
     expect(again.origin('busy.example:443')).toBeDefined();
     expect(again.origin('future.example:443')).toBeUndefined();
     again.close();
+  });
+
+  it('evicts what a start finds over the cap in slices that yield the event loop before it ranks, the cap kept and nothing pending lost', async () => {
+    // A file of far more rows than maxOrigins: a stop writes what is pending without evicting (close()), up to
+    // maxOrigins new origins, and a lower cap (another configuration) leaves the same.
+    const A = 1000;
+    const B = 1001;
+    const C = 1002;
+    const start = clock;
+    const building = StateStore.open(dir, { now, maxOrigins: 20_000 });
+    // A's busiest origin is its least recently seen: the eviction takes it, so no ranking may offer it.
+    for (let index = 0; index < 100; index++) building.recordAcquire('a-old.example:443', { hit: false }, A);
+    clock += MINUTE;
+    for (let origin = 0; origin < 9_499; origin++) building.recordAcquire(`a${origin}.example:443`, { hit: false }, A);
+    for (let index = 0; index < 50; index++) building.recordAcquire('b0.example:443', { hit: false }, B);
+    for (let origin = 1; origin < 499; origin++) building.recordAcquire(`b${origin}.example:443`, { hit: false }, B);
+    building.flush();
+    expect(building.originCount).toBe(9_999);
+    building.close();
+    await building.threadEnded();
+
+    clock = start + 2 * MINUTE;
+    const store = StateStore.open(dir, { now, maxOrigins: 1_000 });
+    expect(store.originCount).toBe(9_999);
+    // Recorded after the open, before the ranking (the daemon serves from before its warm-on-start).
+    for (let index = 0; index < 3; index++) store.recordAcquire('fresh.example:443', { hit: false }, C);
+    const db = reader(dir);
+    // What another connection sees of the history at each turn of the event loop while the ranking is under way.
+    const seen: number[] = [];
+    let ranked = false;
+    const watch = () => {
+      if (ranked) return;
+      seen.push(value(db, 'SELECT count(*) FROM origins') as number);
+      setImmediate(watch);
+    };
+    setImmediate(watch);
+    // Each look at the clock 1 ms later: a slice of the eviction ends after the batch (DELETE_BATCH, 500 rows) that
+    // spends its budget (SLICE_BUDGET_MS, 5 looks), so at most 2500 rows a transaction.
+    let ms = 0;
+    const clockOfWork = vi.spyOn(performance, 'now').mockImplementation(() => ms++);
+    let top: Awaited<ReturnType<StateStore['topOrigins']>>;
+    try {
+      top = await store.topOrigins(3);
+    } finally {
+      clockOfWork.mockRestore();
+      ranked = true;
+    }
+    // Before: one transaction evicted all 9000 on the event loop, which saw none of it.
+    expect(seen, 'the history seen between the transactions of the eviction').not.toEqual([]);
+    const counts = [10_000, ...seen, 1_000];
+    for (let index = 1; index < counts.length; index++) {
+      expect(counts[index - 1]! - counts[index]!).toBeLessThanOrEqual(2_500);
+    }
+    expect(seen.every((count) => count > 1_000 && count < 10_000)).toBe(true);
+    // Ranked once the cap holds: each uid's busiest in turn, A's evicted one not among them.
+    const keys = top.map((entry) => entry.originKey);
+    expect(keys.slice(0, 2)).toEqual(['b0.example:443', 'fresh.example:443']);
+    expect(keys[2]).toMatch(/^a\d+\.example:443$/);
+    expect(store.origin('a-old.example:443')).toBeUndefined();
+    expect(store.originCount).toBe(1_000);
+    expect(value(db, 'SELECT count(*) FROM origins')).toBe(1_000);
+    expect(value(db, "SELECT acquires FROM origins WHERE origin_key = 'fresh.example:443'")).toBe(3);
+    expect(store.pendingOrigins).toBe(0);
+    db.close();
+    store.close();
+  });
+
+  it('ranks once what was owed when asked is written and evicted, however many new origins are recorded while it waits', async () => {
+    // A client flooding new origins at the start: were the ranking to wait for nothing pending and nothing over the
+    // cap, it would wait (and warm-on-start and READY with it) for as long as the flood lasts.
+    const building = StateStore.open(dir, { now, maxOrigins: 5_000 });
+    for (let origin = 0; origin < 5_000; origin++)
+      building.recordAcquire(`old${origin}.example:443`, { hit: false }, 1000);
+    building.flush();
+    building.close();
+    await building.threadEnded();
+    clock += MINUTE;
+    const store = StateStore.open(dir, { now, maxOrigins: 100 });
+    for (let index = 0; index < 5; index++) store.recordAcquire('asked.example:443', { hit: false }, 1001);
+    let flooded = 0;
+    let ranked = false;
+    const flood = () => {
+      if (ranked) return;
+      for (let origin = 0; origin < 100; origin++)
+        store.recordAcquire(`flood${flooded++}.example:443`, { hit: false }, 1002);
+      setImmediate(flood);
+    };
+    setImmediate(flood);
+    // Each look at the clock 1 ms later: a slice ends after the fifth origin or batch of evictions.
+    let ms = 0;
+    const clockOfWork = vi.spyOn(performance, 'now').mockImplementation(() => ms++);
+    let top: Awaited<ReturnType<StateStore['topOrigins']>>;
+    try {
+      top = await store.topOrigins(2);
+    } finally {
+      clockOfWork.mockRestore();
+      ranked = true;
+    }
+    expect(flooded).toBeGreaterThan(0);
+    expect(top[0]?.originKey).toBe('asked.example:443');
+    expect(store.pendingOrigins).toBeGreaterThan(0);
+    // The timer writes the flood, and evicts down to the cap.
+    while (store.flushSlice()) {}
+    expect(store.originCount).toBe(100);
+    store.close();
   });
 });
