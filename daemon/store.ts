@@ -1475,8 +1475,8 @@ export class StateStore {
    * not an option either). The close waits for the thread until the budget is spent, then returns without it
    * (threadLeft names it; the state directory stays locked until it ends): abandoning it is a crash to SQLite, which
    * its WAL recovers at the next open; the process must then end without joining the thread (daemon/command.ts:
-   * _exit), since process.exit() would wait for its sync. A thread that cannot open the file leaves the commits to
-   * the event loop's connection, as before the thread.
+   * _exit), since process.exit() would wait for its sync. A thread that cannot open the file, or cannot be created (a
+   * pids limit), leaves the commits to the event loop's connection, as before the thread.
    */
   close(budgetMs = CLOSE_BUDGET_MS): number {
     if (this.#closed) return 0;
@@ -1487,9 +1487,21 @@ export class StateStore {
     const pending = this.#pending.size;
     this.#closed = true;
     // The checkpointer, when it runs, is the writer: its connection is open already.
-    const thread = this.#checkpointer ?? this.#startThread('sockpoold state writer', false);
+    let thread = this.#checkpointer;
+    let flags = this.#threadFlags as Int32Array;
+    if (!thread) {
+      try {
+        thread = this.#startThread('sockpoold state writer', false);
+        flags = this.#threadFlags as Int32Array;
+      } catch {
+        // No thread can be created (a pids limit, TasksMax=: ERR_WORKER_INIT_FAILED): as one that cannot open the
+        // file, the slices are committed here and ours closes as the last. It threw out of close() with the store
+        // marked closed, its connection open, the directory locked and every pending origin dropped.
+        flags = new Int32Array(4);
+        flags[THREAD_OPEN] = -1;
+      }
+    }
     this.#checkpointer = undefined;
-    const flags = this.#threadFlags as Int32Array;
     /** Waits on one of the flags until `done` says so, the thread failed to open, or `until`; returns the flag. */
     const waitUntil = (index: number, done: (value: number) => boolean, until = deadline): number => {
       for (;;) {
@@ -1515,7 +1527,7 @@ export class StateStore {
       try {
         this.#db.close();
       } finally {
-        thread.postMessage({ close: true });
+        thread?.postMessage({ close: true });
       }
     };
     // A read that fails (a page found corrupt) ends the preparing; the close goes on, and throws it at the end.
@@ -1548,7 +1560,7 @@ export class StateStore {
           const open = Atomics.load(flags, THREAD_OPEN);
           if (open === -1) commitHere(slice);
           else {
-            thread.postMessage({ ...source, ...slice });
+            thread?.postMessage({ ...source, ...slice });
             handed++;
             if (open === 0) handedBeforeOpen.push(slice);
           }
@@ -1575,8 +1587,8 @@ export class StateStore {
       if (open !== 0) closeOurs();
       else {
         // Not open yet (a thread started just now, on a loaded machine): ours closes once it is, if the process lives.
-        thread.once('message', closeOurs);
-        thread.once('exit', closeOurs);
+        thread?.once('message', closeOurs);
+        thread?.once('exit', closeOurs);
       }
     } catch (error) {
       failure ??= error;
@@ -1587,7 +1599,7 @@ export class StateStore {
       // The directory stays locked while the thread may still write: a second daemon would start on it (its counts
       // read from a table this one's thread then changes). The daemon ends with _exit, and the lock goes when the
       // process does, so after its last thread; a process that lives on (an embedder) lets it go at the thread's end.
-      thread.once('exit', releaseLock);
+      thread?.once('exit', releaseLock);
     } else releaseLock();
     const sliceFailure = this.#threadErrors && receiveMessageOnPort(this.#threadErrors)?.message;
     this.#threadErrors?.close();

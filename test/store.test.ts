@@ -1,5 +1,6 @@
 import type { ChildProcess } from 'node:child_process';
 import {
+  chownSync,
   existsSync,
   mkdirSync,
   mkdtempSync,
@@ -14,6 +15,7 @@ import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import Database from 'better-sqlite3';
 import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
+import { StateDirLock } from '../daemon/state-lock.js';
 import { MIGRATIONS, migrate, StateStore, WAL_SIZE_LIMIT } from '../daemon/store.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import { useFakeClock } from './fixtures/fake-clock.js';
@@ -905,6 +907,55 @@ describe('close', () => {
     }
     // The store's connection (the file, its WAL and index) and the thread's event loop closed.
     expect(fdCount()).toBe(fdsBefore - 3);
+  });
+
+  it('commits on the event loop what is pending, closes the file and lets the directory go when no thread can be created for its writer', async () => {
+    // A thread limit (a pids cgroup, TasksMax=), real: the child lowers its own RLIMIT_NPROC, which binds a uid other
+    // than root's (as root, the child runs as nobody, on a directory it owns).
+    const asRoot = process.getuid?.() === 0;
+    if (asRoot) chownSync(dir, 65534, 65534);
+    const child = spawnChild(
+      process.execPath,
+      [
+        '--import',
+        join(repo, 'test/fixtures/register-ts.mjs'),
+        join(repo, 'test/fixtures/store-child.ts'),
+        dir,
+        'close-no-thread',
+      ],
+      { stdio: ['pipe', 'pipe', 'pipe'], ...(asRoot ? { uid: 65534, gid: 65534 } : {}) },
+    );
+    let output = '';
+    child.stdout?.on('data', (chunk) => {
+      output += chunk;
+    });
+    child.stderr?.on('data', (chunk) => {
+      output += chunk;
+    });
+    try {
+      await eventually(
+        () => output.includes('ready\n'),
+        () => `the child ready: ${output}`,
+        30_000,
+      );
+      child.stdin?.write('close\n');
+      await eventually(
+        () => /^fds \d+$/m.test(output),
+        () => `the child's store closed: ${output}`,
+        30_000,
+      );
+      // Before: new Worker threw (ERR_WORKER_INIT_FAILED) out of close(), the store marked closed with its
+      // connection open, the directory locked and every pending origin dropped.
+      expect(output).toMatch(/^closed 0$/m);
+      expect(output).toMatch(/^fds 0$/m);
+      // While the child lives: the directory is free for the next daemon, and what was pending is in the file.
+      StateDirLock.take(dir).release();
+      const db = reader(dir);
+      expect(value(db, "SELECT count(*) FROM origins WHERE origin_key LIKE 'pending%'")).toBe(100);
+      db.close();
+    } finally {
+      child.stdin?.write('exit\n');
+    }
   });
 });
 
