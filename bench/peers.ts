@@ -4,7 +4,9 @@
 //   1. the first request to each of 100 origins, HTTP and HTTPS (TLS 1.3): cold for the peers (a fresh agent, Multi
 //      or curl process per origin), over a socket sockpoold warmed for sockpool (the origins were announced with
 //      prewarm, as a crawler announces its next hosts, and the daemon was left to finish);
-//   2. steady keep-alive load to one origin: sequential, and 16 in flight; req/s against plain node-libcurl;
+//   2. steady keep-alive load to one origin: sequential, and 16 in flight; req/s against plain node-libcurl; sockpool's
+//      default client, the client with `threads: 0`, and (`sockpool, in company on threads`) the default client with
+//      `inlineWhileResponsive: false`, whose requests in company always take the thread hops;
 //   3. a crawler mix: requests over the origins with Zipf weights, 32 in flight; sockpool with the hosts announced
 //      (prewarm), and without: names sockpoold has never seen, every request handed at once to a client that runs
 //      32 at a time, so that the waiting ones announce their origins from the client's queue (the aim: at least 90%
@@ -635,7 +637,12 @@ async function runSet(set: OriginSet, pki: TestPki, lab: boolean): Promise<SetRe
   const zones = new Zones(set.options.zones);
   const only = settings.keepAliveOnly;
   const first = settings.crawlOnly || only ? [] : await firstRequests(set, runners);
-  const keepAliveRuns = settings.firstOnly || settings.crawlOnly ? [] : await keepAlive(set, withInline, zones, lab);
+  // (Keep-alive only: the default client with requests in company always on its threads, for what the hops cost.)
+  const onThreads = new Runner('sockpool-threads');
+  if (!settings.firstOnly && !settings.crawlOnly)
+    await onThreads.call('init', { caFile: pki.caFile, pins, socketPath: daemon.socketPath, jit });
+  const keepAliveRuns =
+    settings.firstOnly || settings.crawlOnly ? [] : await keepAlive(set, [...withInline, onThreads], zones, lab);
   const crawlRuns = settings.firstOnly || only ? [] : await crawl(set, runners, zones, lab, baseline[0]);
   const throughputRuns =
     lab || settings.firstOnly || settings.crawlOnly || only ? [] : await throughput(set, withInline, zones);
@@ -646,7 +653,7 @@ async function runSet(set: OriginSet, pki: TestPki, lab: boolean): Promise<SetRe
   statsClient.close();
   server.send('stats');
   const serverStats = await server.nextMessage((message) => 'stats' in message).catch(() => null);
-  await Promise.all(withInline.map((runner) => runner.stop()));
+  await Promise.all([...withInline, onThreads].map((runner) => runner.stop()));
   await daemon.stop();
   await server.stop();
   return {

@@ -13,6 +13,7 @@ export const PEER_LABEL: Record<PeerName, string> = {
   curl: 'curl CLI',
   sockpool: 'sockpool',
   'sockpool-inline': 'sockpool, threads: 0',
+  'sockpool-threads': 'sockpool, in company on threads',
 };
 
 export function variantLabel(variant: string): string {
