@@ -533,10 +533,14 @@ export class SockpoolClient {
       return;
     }
     queueMicrotask(() => {
+      // A signal fired in the same turn, after request() returned: neither way would hear it any more (a lane only
+      // listens for an abort to come, and the request went out regardless to the threads).
+      if (signal?.aborted) {
+        fail(abortedError(signal));
+        return;
+      }
       const inline = this.#hereRuntime(target.key);
       if (!inline) this.#startAsConfigured(request, signal, finish, fail, target.key);
-      // (A signal fired in the same turn, after request() returned.)
-      else if (signal?.aborted) fail(abortedError(signal));
       else inline.startRequest(request, undefined, signal, finish);
     });
   }
@@ -995,8 +999,11 @@ export class SockpoolClient {
   }
 
   /**
-   * Starts a streamed request (either way) with its channel: on the runtime in this thread when one runs it
-   * (#streamRuntime), else on a worker thread's lane, with a port of its own there. `started` is its outcome.
+   * Starts a streamed request (either way) with its channel: on the runtime in this thread when one runs it, else on
+   * a worker thread's lane, with a port of its own there. `started` is its outcome. In this thread: with
+   * `threads: 0`, the client's own runtime; with worker threads, the caller's runtime where a buffered request would
+   * run (#mayRunHere, #hereRuntime: decided at the end of the caller's turn). Decided before the request's channel is
+   * made: a request that stays in this thread needs no MessageChannel.
    */
   async #startStreamed(
     request: TransferRequest,
@@ -1005,7 +1012,14 @@ export class SockpoolClient {
     bodyFailure?: (error: Error) => unknown,
   ): Promise<Streamed> {
     const streamResponse = request.streamResponse === true;
-    const runtime = await this.#streamRuntime(key);
+    let runtime = this.#local;
+    if (runtime === undefined && this.#mayRunHere(key)) {
+      // (The requests the caller made in the same turn enter the queue in the microtasks queued before this one.)
+      await null;
+      // Decided and started in one go: the runtime counts the request (its share in company, INLINE_IN_COMPANY) before
+      // the next stream made in this turn asks (an await between them let every stream of a burst run here).
+      runtime = this.#hereRuntime(key);
+    }
     if (runtime) {
       const uploadLength = request.streamedBody?.length;
       const channel = new CallerChannel({ streamResponse, upload, uploadLength, bodyFailure });
@@ -1073,20 +1087,6 @@ export class SockpoolClient {
       if (onAbort) signal?.removeEventListener('abort', onAbort);
       if (!request.streamResponse) channel?.close();
     }
-  }
-
-  /**
-   * The runtime in this thread that runs a streamed request (either way), if one does: with `threads: 0`, the
-   * client's own; with worker threads, the caller's runtime when the request is alone in flight, as a buffered
-   * request would be (inlineWhenIdle, decided at the end of the caller's turn, the origin's route followed).
-   * Decided before the request's channel is made: a request that stays in this thread needs no MessageChannel.
-   */
-  async #streamRuntime(key: string): Promise<TransferRuntime | undefined> {
-    if (this.#local) return this.#local;
-    if (!this.#mayRunHere(key)) return undefined;
-    // (The requests the caller made in the same turn enter the queue in the microtasks queued before this one.)
-    await null;
-    return this.#hereRuntime(key);
   }
 
   /** piscina rejected the task itself: the thread died (crash, terminate) or the pool is closing. */

@@ -196,6 +196,44 @@ describe('requests made together run in the caller’s thread while its loop kee
   });
 });
 
+describe('requests made together, more than the caller’s thread takes on in company', () => {
+  it('streams and fetches made in one turn run at most INLINE_IN_COMPANY here, the rest on the thread', async () => {
+    const { client, thread } = await clientWithThread();
+    const unblock = await block(thread);
+    // 16 run here at most: the rest go to the blocked thread, the streams meet their deadlines there, the fetches
+    // (made last) finish once it is unblocked.
+    const streams = Array.from({ length: 20 }, (_, i) =>
+      client.requestStream(url(`/s-${i}`), { timeoutMs: 1_000 }).then((response) => response.body.cancel()),
+    );
+    const fetches = Array.from({ length: 4 }, (_, i) =>
+      client.fetch(url(`/f-${i}`)).then((response) => response.text()),
+    );
+    const codes = await Promise.all(streams.map(codeOf));
+    expect(codes.filter((code) => code === 'ok')).toHaveLength(16);
+    expect(codes.filter((code) => code === 'SOCKPOOL_ERR_TIMEOUT')).toHaveLength(4);
+    unblock();
+    expect(await Promise.all(fetches)).toEqual(Array.from({ length: 4 }, (_, i) => `GET /f-${i} 0`));
+  });
+
+  it('a signal fired in the same turn cancels requests that go to the thread, the caller’s thread’s share taken', async () => {
+    const { client } = await clientWithThread();
+    const hangsBefore = hanging.length;
+    // (POSTs: not retried when their connections go at the end.)
+    const held = Array.from({ length: 16 }, (_, i) =>
+      codeOf(client.request(url(`/hang/held-${i}`), { method: 'POST', timeoutMs: 10_000 })),
+    );
+    await eventually(() => hanging.length >= hangsBefore + 16, 'the caller’s thread’s share at the origin');
+    const controller = new AbortController();
+    const burst = Array.from({ length: 4 }, (_, i) =>
+      client.request(url(`/aborted-${i}`), { signal: controller.signal }),
+    );
+    controller.abort();
+    expect(await Promise.all(burst.map(codeOf))).toEqual(Array(4).fill('SOCKPOOL_ERR_ABORTED'));
+    for (const response of hanging.splice(0)) response.destroy();
+    await Promise.all(held);
+  });
+});
+
 describe('a lone request follows its origin’s connections', () => {
   it('to the threads after a burst ran there, and here again after a few lone requests in a row', async () => {
     const { client } = await clientWithThread({ inlineWhileResponsive: false });
