@@ -239,7 +239,12 @@ export class SocketSupply {
    * those of origins with no transfer in flight in this thread sit idle in curl's cache: each is shut down (curl
    * finds it dead when it looks again, and closes it) and reported `closed` now, so that its room goes to the
    * waiters. While a transfer to the origin is in flight its connections are left alone (which one it uses is
-   * curl's to know); the daemon asks again while its acquires still wait.
+   * curl's to know); the daemon asks again while its acquires still wait. Transfers that are themselves waiting for
+   * a socket use none of them: with only those in flight, and none that may give its acquire up for an idle
+   * connection instead (#giveUpOne, below), the idle ones go too. Left alone, a transfer of this thread that cannot
+   * (`force`: curl found no connection for it) waited at the cap for the room this thread's own idle connection
+   * held, until its acquire timed out (a burst to a capped origin split between the caller's thread and a worker
+   * thread, or between two threads).
    *
    * `link`: the link connection the notice came on (`Lease.link`). Lease ids are the daemon process's own, from 1
    * again after it restarted: curl may still hold a lease of the daemon before with an id the notice names, which
@@ -256,7 +261,7 @@ export class SocketSupply {
         origin.contendedUntil = contendedUntil;
         contended.add(origin);
       }
-      if ((origin?.inFlight ?? 0) > 0) continue;
+      if (origin !== undefined && origin.inFlight > 0 && !this.#onlyWaitingForSockets(origin)) continue;
       try {
         native.shutdown(fd);
       } catch {
@@ -557,6 +562,16 @@ export class SocketSupply {
     if (cancellation.aborted) return;
     origin.handingOver++;
     cancellation.cancel(CONNECTION_FREED);
+  }
+
+  /** Whether every transfer to the origin in flight here waits for a socket of its own, none of them one that
+   *  #giveUpOne may hand an idle connection: curl's connections to it serve none of them (see reclaim). */
+  #onlyWaitingForSockets(origin: OriginState): boolean {
+    return (
+      origin.inFlight <= origin.supplying &&
+      origin.handingOver === 0 &&
+      !origin.givenUpBy.some((waiting) => waiting.tokenTaken || !origin.rated)
+    );
   }
 
   #needsSocket(origin: OriginState, secure: boolean): boolean {
