@@ -233,6 +233,9 @@ interface OriginRoute {
   ranInline: boolean;
   /** Lone requests to it sent to the threads (where its connections were) since it last had company. */
   loneOnThreads: number;
+  /** When its requests in company last went to the threads (the caller's loop slow, or the caller's thread full):
+   *  they stay there for ORIGIN_ON_THREADS_MS (inlineWhileResponsive). */
+  onThreadsSince?: number;
 }
 
 /** Origins whose route is remembered (RecentMap: at most twice as many). */
@@ -249,6 +252,14 @@ const LONE_ON_THREADS_BEFORE_INLINE = 4;
  * the loop turns slow leaves at most this many connections idle here.
  */
 const INLINE_IN_COMPANY = 16;
+/**
+ * How long an origin whose requests in company went to the threads keeps them there (inlineWhileResponsive): each
+ * runtime has its own curl connection cache, and an origin whose requests alternate between the two opens
+ * connections in both (a crawl whose burst filled the caller's thread's share leased a quarter more, each a TLS
+ * handshake for https). Long enough that an origin moves at most that often; short enough that a caller's loop
+ * that was slow once comes back to running here.
+ */
+const ORIGIN_ON_THREADS_MS = 5_000;
 
 /** piscina tasks one thread may run beyond concurrencyPerThread requests: prewarm and stats never wait behind
  *  requests (the client's own queue holds those back), so that announcing a waiting request's origin is not
@@ -575,23 +586,33 @@ export class SockpoolClient {
   }
 
   /** At the end of the caller's turn: the runtime in this thread if the request is still alone in flight and its
-   *  origin's route sends it here, or if it has company, the caller's loop keeps up and fewer than
-   *  INLINE_IN_COMPANY run here (the origin's lone requests then run here too: its connections are here). */
+   *  origin's route sends it here, or if it has company, the caller's loop keeps up, fewer than INLINE_IN_COMPANY
+   *  run here and the origin's requests in company did not go to the threads within ORIGIN_ON_THREADS_MS (the
+   *  origin's lone requests then run here too: its connections are here). */
   #hereRuntime(key: string): TransferRuntime | undefined {
     if (this.#queue.running === 1) return this.#loneRunsInline(key) ? this.#inlineRuntime() : undefined;
-    if (!this.#loop?.responsive) {
-      this.#inCompany(key);
-      return undefined;
+    const now = performance.now();
+    let route = this.#routes.get(key);
+    if (route === undefined) {
+      route = { ranInline: false, loneOnThreads: 0 };
+      this.#routes.set(key, route);
     }
-    // (Full: to the threads, its route as it was; its connections may be in both.)
-    if ((this.#inline?.running ?? 0) >= INLINE_IN_COMPANY) return undefined;
-    const route = this.#routes.get(key);
-    if (route === undefined) this.#routes.set(key, { ranInline: true, loneOnThreads: 0 });
-    else {
-      route.ranInline = true;
-      route.loneOnThreads = 0;
+    route.loneOnThreads = 0;
+    // On the threads (the origin's requests in company went there lately, and its connections with them)...
+    const onThreads = route.onThreadsSince !== undefined && now - route.onThreadsSince < ORIGIN_ON_THREADS_MS;
+    if (!onThreads) {
+      // ... or to go there: the caller's loop is slow, or the origin is new here and the caller's thread runs its
+      // share in company (an origin whose requests run here stays here past that share: splitting it between the
+      // runtimes would open connections in both).
+      const full = !route.ranInline && (this.#inline?.running ?? 0) >= INLINE_IN_COMPANY;
+      if (!this.#loop?.responsive || full) route.onThreadsSince = now;
+      else {
+        route.onThreadsSince = undefined;
+        route.ranInline = true;
+        return this.#inlineRuntime();
+      }
     }
-    return this.#inlineRuntime();
+    return undefined;
   }
 
   /**
@@ -614,8 +635,12 @@ export class SockpoolClient {
   /** A request to this origin runs beside others, on a thread. */
   #inCompany(key: string): void {
     const route = this.#routes.get(key);
-    if (route === undefined) this.#routes.set(key, { ranInline: false, loneOnThreads: 0 });
-    else route.loneOnThreads = 0;
+    if (route === undefined)
+      this.#routes.set(key, { ranInline: false, loneOnThreads: 0, onThreadsSince: performance.now() });
+    else {
+      route.loneOnThreads = 0;
+      route.onThreadsSince = performance.now();
+    }
   }
 
   /** A buffered request where the `threads` option puts it: a worker thread's lane, or (threads: 0) the runtime in

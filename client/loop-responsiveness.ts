@@ -27,11 +27,12 @@ export const realLoopClock: LoopClock = {
 /** How often the loop is probed while requests are in flight. */
 export const PROBE_INTERVAL_MS = 10;
 /**
- * A probe this late means a turn held the loop that long: a request's socket events waited as long. Well above
- * what a loop busy with many short callbacks (curl's events of many transfers) shows, well below the synchronous
- * work of a caller that parses what it fetched.
+ * A probe this late means a turn held the loop that long: a request's socket events waited as long. Above what the
+ * caller's share of curl's own work shows (many transfers' events, TLS handshakes among them: at a lower limit a
+ * crawl's own handshakes sent its origins back and forth between the runtimes, each move a connection more), below
+ * the synchronous work of a caller that parses what it fetched.
  */
-export const LAG_LIMIT_MS = 10;
+export const LAG_LIMIT_MS = 25;
 /** How long requests go to the threads after a late probe: one slow turn tells that more are likely. */
 export const SLOW_HOLD_MS = 1_000;
 
