@@ -13,6 +13,7 @@ import type { Origin } from '../shared/origin.js';
 import { nextTurn, until, useFakeClock } from './fixtures/fake-clock.js';
 import { FakeConnector } from './fixtures/fake-connector.js';
 import { fdCount } from './fixtures/native-helpers.js';
+import { seededRandom } from './helpers/seeded-random.js';
 
 const HOST = 'origin.test';
 
@@ -175,18 +176,6 @@ describe('OriginCap pools joining and leaving', () => {
   });
 });
 
-/** A seeded pseudo-random sequence (mulberry32): the same steps at every run. */
-function random(seed: number): () => number {
-  let state = seed >>> 0;
-  return () => {
-    state = (state + 0x6d2b79f5) >>> 0;
-    let t = state;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
 describe('OriginCap turns', () => {
   it('names the same turn as a walk over every waiting uid of every pool after each step of a long mixed run: acquires, lease ends, give-backs, connects that succeed and fail, cancels, timeouts, a pool joining and leaving', async () => {
     const cap = new OriginCap();
@@ -233,7 +222,7 @@ describe('OriginCap turns', () => {
       });
     };
 
-    const next = random(34);
+    const next = seededRandom(34);
     const pick = <T>(from: T[]): T => from[Math.floor(next() * from.length)]!;
     const acquires: Array<ReturnType<typeof waiting> & { abort: AbortController }> = [];
     const leases: Array<ReturnType<typeof waiting>> = [];
