@@ -246,10 +246,11 @@ const ROUTES_KEPT = 1024;
 const LONE_ON_THREADS_BEFORE_INLINE = 4;
 
 /**
- * Requests made while others run that the caller's thread takes on at once (inlineWhileResponsive); more go to the
- * worker threads. Enough for the requests an API caller keeps in flight to skip the thread hops; few enough that the
- * caller's loop carries a bounded share of curl's work, and that an origin whose requests move to the threads when
- * the loop turns slow leaves at most this many connections idle here.
+ * Requests made while others run that the caller's thread takes on at once (inlineWhileResponsive): of origins new
+ * here in all, and of each origin already here its own; more go to the worker threads. Enough for the requests an
+ * API caller keeps in flight to skip the thread hops; few enough that an origin whose requests move to the threads
+ * when the loop turns slow leaves at most this many connections idle here (one that ran all of a burst of 128 here
+ * left 128, and the threads opened as many again).
  */
 const INLINE_IN_COMPANY = 16;
 /**
@@ -291,6 +292,8 @@ export class SockpoolClient {
   readonly #loop: LoopResponsiveness | undefined;
   /** Where each recent origin's requests ran (only with #inlineWanted). */
   readonly #routes = new RecentMap<string, OriginRoute>(ROUTES_KEPT);
+  /** Requests running in the caller's runtime (#inline) per origin, while any do (#hereRuntime, #countedHere). */
+  readonly #runningHere = new Map<string, number>();
   readonly #workerData: WorkerConfig;
   #options: Required<
     Omit<
@@ -552,7 +555,13 @@ export class SockpoolClient {
       }
       const inline = this.#hereRuntime(target.key);
       if (!inline) this.#startAsConfigured(request, signal, finish, fail, target.key);
-      else inline.startRequest(request, undefined, signal, finish);
+      else {
+        const ended = this.#countedHere(target.key);
+        inline.startRequest(request, undefined, signal, (outcome) => {
+          ended();
+          finish(outcome);
+        });
+      }
     });
   }
 
@@ -587,8 +596,9 @@ export class SockpoolClient {
 
   /** At the end of the caller's turn: the runtime in this thread if the request is still alone in flight and its
    *  origin's route sends it here, or if it has company, the caller's loop keeps up, fewer than INLINE_IN_COMPANY
-   *  run here and the origin's requests in company did not go to the threads within ORIGIN_ON_THREADS_MS (the
-   *  origin's lone requests then run here too: its connections are here). */
+   *  run here (or, for an origin already here, fewer than that of its own) and the origin's requests in company did
+   *  not go to the threads within ORIGIN_ON_THREADS_MS (the origin's lone requests then run here too: its
+   *  connections are here). The caller counts a request it starts here (#countedHere). */
   #hereRuntime(key: string): TransferRuntime | undefined {
     if (this.#queue.running === 1) return this.#loneRunsInline(key) ? this.#inlineRuntime() : undefined;
     const now = performance.now();
@@ -606,6 +616,10 @@ export class SockpoolClient {
       // runtimes would open connections in both).
       const full = !route.ranInline && (this.#inline?.running ?? 0) >= INLINE_IN_COMPANY;
       if (!this.#loop?.responsive || full) route.onThreadsSince = now;
+      // An origin here that runs INLINE_IN_COMPANY of its own here: the rest to the threads, the origin still here
+      // (unmarked: its next requests come back here once it runs fewer). A slow turn then leaves at most that many
+      // of its connections idle here.
+      else if ((this.#runningHere.get(key) ?? 0) >= INLINE_IN_COMPANY) return undefined;
       else {
         route.onThreadsSince = undefined;
         route.ranInline = true;
@@ -630,6 +644,16 @@ export class SockpoolClient {
     if (++route.loneOnThreads < LONE_ON_THREADS_BEFORE_INLINE) return false;
     route.ranInline = true;
     return true;
+  }
+
+  /** A request to this origin starts in the caller's runtime (#inline): counted until the returned callback. */
+  #countedHere(key: string): () => void {
+    this.#runningHere.set(key, (this.#runningHere.get(key) ?? 0) + 1);
+    return () => {
+      const left = (this.#runningHere.get(key) ?? 1) - 1;
+      if (left > 0) this.#runningHere.set(key, left);
+      else this.#runningHere.delete(key);
+    };
   }
 
   /** A request to this origin runs beside others, on a thread. */
@@ -1048,7 +1072,12 @@ export class SockpoolClient {
     if (runtime) {
       const uploadLength = request.streamedBody?.length;
       const channel = new CallerChannel({ streamResponse, upload, uploadLength, bodyFailure });
-      return { channel, started: runtime.handle({ kind: 'request', request, port: channel.workerPort }) };
+      const started = runtime.handle({ kind: 'request', request, port: channel.workerPort });
+      if (runtime !== this.#local) {
+        const ended = this.#countedHere(key);
+        started.then(ended, ended);
+      }
+      return { channel, started };
     }
     const stream = this.#lanes!.stream(request, key);
     return {

@@ -197,12 +197,12 @@ describe('requests made together run in the caller’s thread while its loop kee
 });
 
 describe('requests made together, more than the caller’s thread takes on in company', () => {
-  it('streams and fetches made in one turn run at most INLINE_IN_COMPANY here for origins new here; an origin here stays here', async () => {
+  it('streams and fetches made in one turn run at most INLINE_IN_COMPANY here: of origins new here in all, of an origin here its own', async () => {
     const { client, thread } = await clientWithThread();
     const unblock = await block(thread);
-    // 16 streams to one origin fill the caller's thread's share; 4 more to it stay with its connections here; 4 to
-    // an origin new here go to the blocked thread and meet their deadlines there, and the fetches to it (made
-    // last) finish once it is unblocked.
+    // 16 streams to one origin fill the caller's thread's share and the origin's own; 4 more to it, and 4 to an
+    // origin new here, go to the blocked thread and meet their deadlines there, and the fetches (made last) finish
+    // once it is unblocked.
     const streamTo = (path: string, server: Origin) =>
       client.requestStream(url(path, server), { timeoutMs: 1_000 }).then((response) => response.body.cancel());
     const here = Array.from({ length: 20 }, (_, i) => streamTo(`/s-${i}`, origin));
@@ -210,10 +210,31 @@ describe('requests made together, more than the caller’s thread takes on in co
     const fetches = Array.from({ length: 4 }, (_, i) =>
       client.fetch(url(`/f-${i}`, capped)).then((response) => response.text()),
     );
-    expect(await Promise.all(here.map(codeOf))).toEqual(Array(20).fill('ok'));
+    expect(await Promise.all(here.map(codeOf))).toEqual([
+      ...Array(16).fill('ok'),
+      ...Array(4).fill('SOCKPOOL_ERR_TIMEOUT'),
+    ]);
     expect(await Promise.all(elsewhere.map(codeOf))).toEqual(Array(4).fill('SOCKPOOL_ERR_TIMEOUT'));
     unblock();
     expect(await Promise.all(fetches)).toEqual(Array.from({ length: 4 }, (_, i) => `GET /f-${i} 0`));
+  });
+
+  it('an origin already here runs here in company though the caller’s thread runs its share of other origins', async () => {
+    const { client, thread } = await clientWithThread();
+    expect((await client.request(url('/first', capped))).status).toBe(200);
+    const unblock = await block(thread);
+    const hangsBefore = hanging.length;
+    // (POSTs: not retried when their connections go at the end.)
+    const held = Array.from({ length: 16 }, (_, i) =>
+      codeOf(client.request(url(`/hang/share-${i}`), { method: 'POST', timeoutMs: 10_000 })),
+    );
+    await eventually(() => hanging.length >= hangsBefore + 16, 'the caller’s thread’s share at the other origin');
+    // Its connection is here: a pair to it runs here, and finishes while the thread is blocked.
+    const pair = [client.request(url('/p-0', capped)), client.request(url('/p-1', capped))];
+    expect((await Promise.all(pair)).map((response) => response.body.toString())).toEqual(['GET /p-0 0', 'GET /p-1 0']);
+    unblock();
+    for (const response of hanging.splice(0)) response.destroy();
+    await Promise.all(held);
   });
 
   it('a signal fired in the same turn cancels requests that go to the thread, the caller’s thread’s share taken', async () => {
@@ -251,6 +272,31 @@ describe('requests made together, more than the caller’s thread takes on in co
       expect(burst).toEqual(Array(24).fill('ok'));
       expect(capped.sockets.size).toBeLessThanOrEqual(1);
     }
+  });
+});
+
+describe('an origin’s requests in company that move to the threads after a slow turn', () => {
+  it('leave at most INLINE_IN_COMPANY of its connections idle here, however many it had in flight', async () => {
+    const { client } = await clientWithThread({ timeoutMs: 20_000 });
+    const leasedBefore = await leasedTo(daemon.socketPath, origin.port);
+    // A burst of 48 to one origin while the caller's loop keeps up; then a request in flight (the client probes its
+    // loop meanwhile) and one slow turn of the caller's loop; then the same burst again, which goes to the thread.
+    const burst = (tag: string) =>
+      Promise.all(Array.from({ length: 48 }, (_, i) => codeOf(client.request(url(`/${tag}-${i}`)))));
+    expect(await burst('before')).toEqual(Array(48).fill('ok'));
+    const hangsBefore = hanging.length;
+    const held = codeOf(client.request(url('/hang/held'), { timeoutMs: 2_000 }));
+    await eventually(() => hanging.length > hangsBefore, 'the held request at the origin');
+    const heldUntil = performance.now() + 5 * LAG_LIMIT_MS;
+    while (performance.now() < heldUntil) {
+      // the caller's synchronous work
+    }
+    await sleep(2 * PROBE_INTERVAL_MS);
+    expect(await burst('after')).toEqual(Array(48).fill('ok'));
+    // The second burst's connections are on the thread (48 at most); at most INLINE_IN_COMPANY (16) of the first
+    // burst's sit idle here, and the held request has one.
+    expect(await leasedTo(daemon.socketPath, origin.port)).toBeLessThanOrEqual(leasedBefore + 48 + 16 + 1);
+    expect(await held).toBe('SOCKPOOL_ERR_TIMEOUT');
   });
 });
 
