@@ -28,7 +28,7 @@
 
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import type { Registry } from 'prom-client';
+import { Counter, type Registry } from 'prom-client';
 import * as native from '../shared/native.js';
 import type { SockpoolConfig } from './config.js';
 import { registerStateGauge } from './metrics.js';
@@ -120,8 +120,12 @@ export function policiesSetMarks(config: SockpoolConfig): boolean {
 
 const STATES: ConnectGuardReport['state'][] = ['enforced', 'unsupported', 'off', 'failed'];
 
-/** `sockpool_connect_guard{state}`: 1 for the guard's state, 0 for the others (an alert asks for "enforced"). */
-export function registerConnectGuardMetrics(registry: Registry, report: ConnectGuardReport): void {
+/**
+ * `sockpool_connect_guard{state}`: 1 for the guard's state, 0 for the others (an alert asks for "enforced"); and the
+ * counter of sockets connected that the guard does not cover, returned for the daemon to count them (the state reads
+ * `enforced` all the same: an alert on it alone would not see them).
+ */
+export function registerConnectGuardMetrics(registry: Registry, report: ConnectGuardReport): Counter {
   registerStateGauge(
     registry,
     'sockpool_connect_guard',
@@ -129,4 +133,9 @@ export function registerConnectGuardMetrics(registry: Registry, report: ConnectG
     STATES,
     report.state,
   );
+  return new Counter({
+    name: 'sockpool_connect_guard_uncovered_connects_total',
+    help: 'Sockets the daemon connected while its guard was enforced that the guard does not cover (the daemon moved out of the cgroup it attached to): their lent copies can connect elsewhere until their lease ends.',
+    registers: [registry],
+  });
 }

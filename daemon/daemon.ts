@@ -10,6 +10,7 @@
 
 import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, readFileSync, statSync, unlinkSync } from 'node:fs';
 import { dirname, resolve as resolvePath } from 'node:path';
+import type { Counter } from 'prom-client';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
 import { type Origin, originKey, parseOriginKey } from '../shared/origin.js';
@@ -100,6 +101,8 @@ export class Sockpoold {
   #connectGuard: ConnectGuardReport;
   /** Sockets this daemon connected, its guard enforced, that the guard does not cover (#noteUncoveredConnect). */
   #uncoveredConnects = 0;
+  /** `sockpool_connect_guard_uncovered_connects_total`: the same count, for an alert. */
+  #uncoveredConnectsCounter: Counter | undefined;
   #realtime: RealtimeReport;
   /** Whether the kernel refuses the fds clients send (#refuseClientFds); stats and the ready line say it. */
   #clientFds: ClientFdsState = 'accepted';
@@ -240,7 +243,7 @@ export class Sockpoold {
     this.#rates = new RateLimiter(this.#config, this.#fleet);
     registerFleetMetrics(this.#metrics.registry, () => this.#fleet, this.#rates);
     registerBindRestrictionMetrics(this.#metrics.registry, this.#bindRestriction);
-    registerConnectGuardMetrics(this.#metrics.registry, this.#connectGuard);
+    this.#uncoveredConnectsCounter = registerConnectGuardMetrics(this.#metrics.registry, this.#connectGuard);
     registerRealtimeMetrics(this.#metrics.registry, this.#realtime);
     this.#pools = new PoolManager({
       config: this.#config,
@@ -557,6 +560,7 @@ export class Sockpoold {
    * still says `enforced`: stats count such connects, and the first is warned of.
    */
   #noteUncoveredConnect(): void {
+    this.#uncoveredConnectsCounter?.inc();
     if (this.#uncoveredConnects++ === 0) {
       this.#log.warn(
         { connectGuard: this.#connectGuard.state },

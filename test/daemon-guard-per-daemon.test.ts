@@ -15,6 +15,7 @@ import { Sockpoold } from '../daemon/daemon.js';
 import { createLogger } from '../daemon/log.js';
 import { fdCount } from './fixtures/native-helpers.js';
 import { eventually, repoRoot } from './helpers/daemon.js';
+import { freePort } from './helpers/free-port.js';
 import { RawClient } from './helpers/raw-client.js';
 import { pathOrigin } from './helpers/trust.js';
 
@@ -32,6 +33,7 @@ async function embedded(port: number, enforced: boolean): Promise<Sockpoold> {
       stateDir: join(work, 'state'),
       egress: { allow: ['127.0.0.1/32'], allowPorts: [port] },
       pool: { defaults: { minIdle: 0 } },
+      metricsPort: await freePort(),
     },
     'test',
   );
@@ -88,6 +90,13 @@ describe('the connect guard is trusted per daemon', () => {
     expect(await guardOf(guarded)).toMatchObject({ state: 'enforced', uncoveredConnects: expect.any(Number) });
     expect((await guardOf(guarded)).uncoveredConnects).toBeGreaterThanOrEqual(2);
     expect(await guardOf(unguarded)).not.toHaveProperty('uncoveredConnects');
+    // ...and so does its counter, for an alert (the state gauge still reads enforced).
+    const uncoveredOf = async (daemon: Sockpoold) => {
+      const text = await (await fetch(`http://127.0.0.1:${daemon.metricsPort}/metrics`)).text();
+      return Number(/^sockpool_connect_guard_uncovered_connects_total (\d+)$/m.exec(text)?.[1]);
+    };
+    expect(await uncoveredOf(guarded)).toBe((await guardOf(guarded)).uncoveredConnects);
+    expect(await uncoveredOf(unguarded)).toBe(0);
     for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
     // (The origin's sockets and the stopped daemons' deferred closes end after their callers return.)
     await eventually(() => fdCount() === before, `the fd count back to ${before}`);
