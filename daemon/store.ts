@@ -1090,7 +1090,15 @@ export class StateStore {
   /** Starts the checkpointer thread; from now on commits leave the WAL to it. */
   #startCheckpointer(): void {
     if (this.#checkpointer || this.#closed || this.#inMemory) return;
-    const worker = this.#startThread('sockpoold state checkpointer', true);
+    let worker: Worker;
+    try {
+      worker = this.#startThread('sockpoold state checkpointer', true);
+    } catch {
+      // No thread can be created (a pids limit, TasksMax=: ERR_WORKER_INIT_FAILED): the commits checkpoint as SQLite
+      // does without it (wal_autocheckpoint stays on), on the event loop. It threw out of startAutoFlush, and the
+      // daemon's start with it.
+      return;
+    }
     let ready: () => void = () => {};
     this.#checkpointerReady = new Promise((resolve) => {
       ready = resolve;
@@ -1122,19 +1130,28 @@ export class StateStore {
     const errors = new MessageChannel();
     this.#threadErrors?.close();
     this.#threadErrors = errors.port1;
-    const worker = new Worker(STORE_THREAD_SOURCE, {
-      transferList: [errors.port2],
-      eval: true,
-      name,
-      workerData: {
-        path: this.path,
-        betterSqlite3: createRequire(import.meta.url).resolve('better-sqlite3'),
-        flags,
-        checkpointer,
-        walSizeLimit: WAL_SIZE_LIMIT,
-        errors: errors.port2,
-      },
-    });
+    let worker: Worker;
+    try {
+      worker = new Worker(STORE_THREAD_SOURCE, {
+        transferList: [errors.port2],
+        eval: true,
+        name,
+        workerData: {
+          path: this.path,
+          betterSqlite3: createRequire(import.meta.url).resolve('better-sqlite3'),
+          flags,
+          checkpointer,
+          walSizeLimit: WAL_SIZE_LIMIT,
+          errors: errors.port2,
+        },
+      });
+    } catch (error) {
+      // (No thread: its error port goes with it. The callers go on without a thread.)
+      errors.port1.close();
+      errors.port2.close();
+      this.#threadErrors = undefined;
+      throw error;
+    }
     worker.unref();
     // One that cannot open the file ends with an error: its flags say so (THREAD_OPEN -1), and the close acts on them.
     worker.on('error', () => {});

@@ -960,6 +960,53 @@ describe('close', () => {
 });
 
 describe('the checkpointer thread', () => {
+  it('when no thread can be created for it (a pids limit), the auto flush runs without it: the timer writes, the close closes', async () => {
+    // As the writer's test above: a real RLIMIT_NPROC, as nobody when the tests run as root.
+    const asRoot = process.getuid?.() === 0;
+    if (asRoot) chownSync(dir, 65534, 65534);
+    const child = spawnChild(
+      process.execPath,
+      [
+        '--import',
+        join(repo, 'test/fixtures/register-ts.mjs'),
+        join(repo, 'test/fixtures/store-child.ts'),
+        dir,
+        'auto-no-thread',
+      ],
+      { stdio: ['pipe', 'pipe', 'pipe'], ...(asRoot ? { uid: 65534, gid: 65534 } : {}) },
+    );
+    let output = '';
+    child.stdout?.on('data', (chunk) => {
+      output += chunk;
+    });
+    child.stderr?.on('data', (chunk) => {
+      output += chunk;
+    });
+    try {
+      await eventually(
+        () => output.includes('ready\n'),
+        () => `the child ready: ${output}`,
+        30_000,
+      );
+      child.stdin?.write('start\n');
+      await eventually(
+        () => /^(closed \d+|threw .*)$/m.test(output),
+        () => `the child's store started and closed: ${output}`,
+        30_000,
+      );
+      // Before: new Worker threw (ERR_WORKER_INIT_FAILED) out of startAutoFlush, and the daemon's start with it.
+      expect(output).toMatch(/^started$/m);
+      expect(output).toMatch(/^flushed$/m);
+      expect(output).toMatch(/^closed 0$/m);
+      StateDirLock.take(dir).release();
+      const db = reader(dir);
+      expect(value(db, "SELECT count(*) FROM origins WHERE origin_key LIKE 'auto%'")).toBe(100);
+      db.close();
+    } finally {
+      child.stdin?.write('exit\n');
+    }
+  });
+
   it('with the auto flush on, copies the WAL into the database file off the event loop, and stops with it', async () => {
     const fdsBefore = readdirSync('/proc/self/fd').length;
     const store = StateStore.open(dir, { now, maxOrigins: 10_000 });
