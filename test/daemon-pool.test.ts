@@ -725,8 +725,15 @@ describe('life cycle', () => {
       () => logRecords(sockpoold, 'history written again: a flush of the state database succeeded').length > 0,
       'the recovery logged',
     );
+    // (pending: 1, or 0 when the first failing write was the timer's first prune, before the acquire was recorded:
+    // since the thirty-fourth session the start's ranking leaves that prune to the timer. What was recorded is
+    // checked in the file below.)
     expect(failing()).toEqual([
-      expect.objectContaining({ level: 40, sqliteCode: expect.stringMatching(/^SQLITE_BUSY/), pending: 1 }),
+      expect.objectContaining({
+        level: 40,
+        sqliteCode: expect.stringMatching(/^SQLITE_BUSY/),
+        pending: expect.toSatisfy((pending: number) => pending === 0 || pending === 1),
+      }),
     ]);
     expect(await sockpoold.stop()).toBe(0);
     const db = new Database(join(sockpoold.stateDir, 'sockpool.sqlite'), { readonly: true });
