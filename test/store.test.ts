@@ -910,44 +910,18 @@ describe('close', () => {
   });
 
   it('commits on the event loop what is pending, closes the file and lets the directory go when no thread can be created for its writer', async () => {
-    // A thread limit (a pids cgroup, TasksMax=), real: the child lowers its own RLIMIT_NPROC, which binds a uid other
-    // than root's (as root, the child runs as nobody, on a directory it owns).
-    const asRoot = process.getuid?.() === 0;
-    if (asRoot) chownSync(dir, 65534, 65534);
-    const child = spawnChild(
-      process.execPath,
-      [
-        '--import',
-        join(repo, 'test/fixtures/register-ts.mjs'),
-        join(repo, 'test/fixtures/store-child.ts'),
-        dir,
-        'close-no-thread',
-      ],
-      { stdio: ['pipe', 'pipe', 'pipe'], ...(asRoot ? { uid: 65534, gid: 65534 } : {}) },
-    );
-    let output = '';
-    child.stdout?.on('data', (chunk) => {
-      output += chunk;
-    });
-    child.stderr?.on('data', (chunk) => {
-      output += chunk;
-    });
+    const { child, output } = await childUnderThreadLimit('close-no-thread');
     try {
-      await eventually(
-        () => output.includes('ready\n'),
-        () => `the child ready: ${output}`,
-        30_000,
-      );
       child.stdin?.write('close\n');
       await eventually(
-        () => /^fds \d+$/m.test(output),
-        () => `the child's store closed: ${output}`,
+        () => /^fds \d+$/m.test(output()),
+        () => `the child's store closed: ${output()}`,
         30_000,
       );
       // Before: new Worker threw (ERR_WORKER_INIT_FAILED) out of close(), the store marked closed with its
       // connection open, the directory locked and every pending origin dropped.
-      expect(output).toMatch(/^closed 0$/m);
-      expect(output).toMatch(/^fds 0$/m);
+      expect(output()).toMatch(/^closed 0$/m);
+      expect(output()).toMatch(/^fds 0$/m);
       // While the child lives: the directory is free for the next daemon, and what was pending is in the file.
       StateDirLock.take(dir).release();
       const db = reader(dir);
@@ -961,43 +935,18 @@ describe('close', () => {
 
 describe('the checkpointer thread', () => {
   it('when no thread can be created for it (a pids limit), the auto flush runs without it: the timer writes, the close closes', async () => {
-    // As the writer's test above: a real RLIMIT_NPROC, as nobody when the tests run as root.
-    const asRoot = process.getuid?.() === 0;
-    if (asRoot) chownSync(dir, 65534, 65534);
-    const child = spawnChild(
-      process.execPath,
-      [
-        '--import',
-        join(repo, 'test/fixtures/register-ts.mjs'),
-        join(repo, 'test/fixtures/store-child.ts'),
-        dir,
-        'auto-no-thread',
-      ],
-      { stdio: ['pipe', 'pipe', 'pipe'], ...(asRoot ? { uid: 65534, gid: 65534 } : {}) },
-    );
-    let output = '';
-    child.stdout?.on('data', (chunk) => {
-      output += chunk;
-    });
-    child.stderr?.on('data', (chunk) => {
-      output += chunk;
-    });
+    const { child, output } = await childUnderThreadLimit('auto-no-thread');
     try {
-      await eventually(
-        () => output.includes('ready\n'),
-        () => `the child ready: ${output}`,
-        30_000,
-      );
       child.stdin?.write('start\n');
       await eventually(
-        () => /^(closed \d+|threw .*)$/m.test(output),
-        () => `the child's store started and closed: ${output}`,
+        () => /^(closed \d+|threw .*)$/m.test(output()),
+        () => `the child's store started and closed: ${output()}`,
         30_000,
       );
       // Before: new Worker threw (ERR_WORKER_INIT_FAILED) out of startAutoFlush, and the daemon's start with it.
-      expect(output).toMatch(/^started$/m);
-      expect(output).toMatch(/^flushed$/m);
-      expect(output).toMatch(/^closed 0$/m);
+      expect(output()).toMatch(/^started$/m);
+      expect(output()).toMatch(/^flushed$/m);
+      expect(output()).toMatch(/^closed 0$/m);
       StateDirLock.take(dir).release();
       const db = reader(dir);
       expect(value(db, "SELECT count(*) FROM origins WHERE origin_key LIKE 'auto%'")).toBe(100);
@@ -1615,3 +1564,33 @@ describe('topOrigins', () => {
     store.close();
   });
 });
+
+/**
+ * A store-child.ts child in `mode` under a real thread limit (a pids cgroup, TasksMax=): the child lowers its own
+ * RLIMIT_NPROC when told, which binds a uid other than root's (as root, the child runs as nobody, on a directory it
+ * owns). Resolves once it is ready; `output` is its stdout and stderr so far.
+ */
+async function childUnderThreadLimit(
+  mode: string,
+): Promise<{ child: ReturnType<typeof spawnChild>; output: () => string }> {
+  const asRoot = process.getuid?.() === 0;
+  if (asRoot) chownSync(dir, 65534, 65534);
+  const child = spawnChild(
+    process.execPath,
+    ['--import', join(repo, 'test/fixtures/register-ts.mjs'), join(repo, 'test/fixtures/store-child.ts'), dir, mode],
+    { stdio: ['pipe', 'pipe', 'pipe'], ...(asRoot ? { uid: 65534, gid: 65534 } : {}) },
+  );
+  let output = '';
+  child.stdout?.on('data', (chunk) => {
+    output += chunk;
+  });
+  child.stderr?.on('data', (chunk) => {
+    output += chunk;
+  });
+  await eventually(
+    () => output.includes('ready\n'),
+    () => `the child ready: ${output}`,
+    30_000,
+  );
+  return { child, output: () => output };
+}
