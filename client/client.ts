@@ -602,31 +602,24 @@ export class SockpoolClient {
   #hereRuntime(key: string): TransferRuntime | undefined {
     if (this.#queue.running === 1) return this.#loneRunsInline(key) ? this.#inlineRuntime() : undefined;
     const now = performance.now();
-    let route = this.#routes.get(key);
-    if (route === undefined) {
-      route = { ranInline: false, loneOnThreads: 0 };
-      this.#routes.set(key, route);
-    }
+    const route = this.#routeOf(key);
     route.loneOnThreads = 0;
-    // On the threads (the origin's requests in company went there lately, and its connections with them)...
-    const onThreads = route.onThreadsSince !== undefined && now - route.onThreadsSince < ORIGIN_ON_THREADS_MS;
-    if (!onThreads) {
-      // ... or to go there: the caller's loop is slow, or the origin is new here and the caller's thread runs its
-      // share in company (an origin whose requests run here stays here past that share: splitting it between the
-      // runtimes would open connections in both).
-      const full = !route.ranInline && (this.#inline?.running ?? 0) >= INLINE_IN_COMPANY;
-      if (!this.#loop?.responsive || full) route.onThreadsSince = now;
-      // An origin here that runs INLINE_IN_COMPANY of its own here: the rest to the threads, the origin still here
-      // (unmarked: its next requests come back here once it runs fewer). A slow turn then leaves at most that many
-      // of its connections idle here.
-      else if ((this.#runningHere.get(key) ?? 0) >= INLINE_IN_COMPANY) return undefined;
-      else {
-        route.onThreadsSince = undefined;
-        route.ranInline = true;
-        return this.#inlineRuntime();
-      }
+    // On the threads: the origin's requests in company went there lately, and its connections with them.
+    if (route.onThreadsSince !== undefined && now - route.onThreadsSince < ORIGIN_ON_THREADS_MS) return undefined;
+    // To go there: the caller's loop is slow, or the origin is new here and the caller's thread runs its share in
+    // company (an origin whose requests run here stays here past that share: splitting it between the runtimes
+    // would open connections in both).
+    if (!this.#loop?.responsive || (!route.ranInline && (this.#inline?.running ?? 0) >= INLINE_IN_COMPANY)) {
+      route.onThreadsSince = now;
+      return undefined;
     }
-    return undefined;
+    // An origin here that runs INLINE_IN_COMPANY of its own here: the rest to the threads, the origin still here
+    // (unmarked: its next requests come back here once it runs fewer). A slow turn then leaves at most that many of
+    // its connections idle here.
+    if ((this.#runningHere.get(key) ?? 0) >= INLINE_IN_COMPANY) return undefined;
+    route.onThreadsSince = undefined;
+    route.ranInline = true;
+    return this.#inlineRuntime();
   }
 
   /**
@@ -658,13 +651,19 @@ export class SockpoolClient {
 
   /** A request to this origin runs beside others, on a thread. */
   #inCompany(key: string): void {
-    const route = this.#routes.get(key);
-    if (route === undefined)
-      this.#routes.set(key, { ranInline: false, loneOnThreads: 0, onThreadsSince: performance.now() });
-    else {
-      route.loneOnThreads = 0;
-      route.onThreadsSince = performance.now();
+    const route = this.#routeOf(key);
+    route.loneOnThreads = 0;
+    route.onThreadsSince = performance.now();
+  }
+
+  /** The origin's route, made (nothing ran here yet) if it has none. */
+  #routeOf(key: string): OriginRoute {
+    let route = this.#routes.get(key);
+    if (route === undefined) {
+      route = { ranInline: false, loneOnThreads: 0 };
+      this.#routes.set(key, route);
     }
+    return route;
   }
 
   /** A buffered request where the `threads` option puts it: a worker thread's lane, or (threads: 0) the runtime in
