@@ -266,35 +266,69 @@ struct Bytes {
   size_t length;
 };
 
+// A typed array argument's kind, element count and data, read with one napi_get_typedarray_info. (node-addon-api's
+// As<Napi::TypedArrayOf<T>>() asks twice per conversion, and the calls on the daemon's hot path converted their
+// arguments several times each.) False when the argument is not a typed array.
+struct TypedArrayView {
+  napi_typedarray_type type;
+  size_t length;  // elements
+  void* data;
+};
+
+bool ReadTypedArray(const Napi::CallbackInfo& info, size_t index, TypedArrayView* view) {
+  napi_env env = info.Env();
+  napi_value value = info[index];
+  bool is_typed_array = false;
+  if (napi_is_typedarray(env, value, &is_typed_array) != napi_ok || !is_typed_array) return false;
+  return napi_get_typedarray_info(env, value, &view->type, &view->length, &view->data, nullptr, nullptr) == napi_ok;
+}
+
+// A Float64Array argument of at least `min_length` elements, or the TypeError `message`.
+double* Float64ArrayArg(const Napi::CallbackInfo& info, size_t index, size_t min_length, const char* message) {
+  TypedArrayView view;
+  if (!ReadTypedArray(info, index, &view) || view.type != napi_float64_array || view.length < min_length) {
+    throw Napi::TypeError::New(info.Env(), message);
+  }
+  return static_cast<double*>(view.data);
+}
+
 Bytes BytesArg(const Napi::CallbackInfo& info, size_t index, const char* name) {
-  const Napi::Value value = info[index];
-  if (!value.IsTypedArray() || value.As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array) {
+  TypedArrayView view;
+  if (!ReadTypedArray(info, index, &view) || view.type != napi_uint8_array) {
     ThrowTypeError(info.Env(), "ERR_INVALID_ARG_TYPE",
                    std::string("The \"") + name + "\" argument must be an instance of Uint8Array");
   }
-  Napi::Uint8Array array = value.As<Napi::Uint8Array>();
-  return Bytes{array.Data(), array.ByteLength()};
+  return Bytes{static_cast<uint8_t*>(view.data), view.length};
 }
 
-std::vector<int> FdListArg(const Napi::CallbackInfo& info, size_t index) {
-  std::vector<int> fds;
-  if (IsAbsent(info, index)) return fds;
+// The fds of one message: on the stack (SCM_MAX_FD of them fit), not a heap vector per send.
+struct FdList {
+  int fds[kMaxFdsPerMessage];
+  size_t count = 0;
+  bool empty() const { return count == 0; }
+  size_t size() const { return count; }
+  const int* data() const { return fds; }
+};
+
+void FdListArg(const Napi::CallbackInfo& info, size_t index, FdList* list) {
+  list->count = 0;
+  if (IsAbsent(info, index)) return;
   Napi::Env env = info.Env();
   if (!info[index].IsArray()) ThrowTypeError(env, "ERR_INVALID_ARG_TYPE", "The \"fds\" argument must be an array");
   Napi::Array array = info[index].As<Napi::Array>();
-  if (array.Length() > kMaxFdsPerMessage) {
+  const uint32_t length = array.Length();
+  if (length > kMaxFdsPerMessage) {
     ThrowRangeError(env, "ERR_OUT_OF_RANGE", "at most 253 fds fit in one message (SCM_MAX_FD)");
   }
-  for (uint32_t i = 0; i < array.Length(); i++) {
+  for (uint32_t i = 0; i < length; i++) {
     const Napi::Value item = array.Get(i);
     if (!item.IsNumber()) ThrowTypeError(env, "ERR_INVALID_ARG_TYPE", "every entry of \"fds\" must be a number");
     const double fd = item.As<Napi::Number>().DoubleValue();
     if (!std::isfinite(fd) || std::floor(fd) != fd || fd < 0 || fd > INT32_MAX) {
       ThrowRangeError(env, "ERR_OUT_OF_RANGE", "every entry of \"fds\" must be a non-negative integer");
     }
-    fds.push_back(static_cast<int>(fd));
+    list->fds[list->count++] = static_cast<int>(fd);
   }
-  return fds;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -508,18 +542,18 @@ Napi::Object FormatInet(Napi::Env env, const sockaddr_storage& storage, const ch
 }
 
 // Control buffer for SCM_RIGHTS, aligned for cmsghdr.
+// Room for one SCM_RIGHTS message of up to SCM_MAX_FD fds, on the stack of the send that uses it.
 struct RightsBuffer {
-  std::vector<uint64_t> words;
-  size_t length = 0;
+  alignas(cmsghdr) unsigned char bytes[CMSG_SPACE(kMaxFdsPerMessage * sizeof(int))];
 };
 
-void AttachRights(msghdr* message, RightsBuffer* buffer, const std::vector<int>& fds) {
+void AttachRights(msghdr* message, RightsBuffer* buffer, const FdList& fds) {
   if (fds.empty()) return;
   const size_t payload = fds.size() * sizeof(int);
-  buffer->length = CMSG_SPACE(payload);
-  buffer->words.assign((buffer->length + sizeof(uint64_t) - 1) / sizeof(uint64_t), 0);
-  message->msg_control = buffer->words.data();
-  message->msg_controllen = buffer->length;
+  const size_t length = CMSG_SPACE(payload);
+  memset(buffer->bytes, 0, length);
+  message->msg_control = buffer->bytes;
+  message->msg_controllen = length;
   cmsghdr* header = CMSG_FIRSTHDR(message);
   header->cmsg_level = SOL_SOCKET;
   header->cmsg_type = SCM_RIGHTS;
@@ -1755,7 +1789,8 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     Napi::Env env = info.Env();
     const int fd = FdArg(info, 0);
     const Bytes data = BytesArg(info, 1, "data");
-    const std::vector<int> fds = FdListArg(info, 2);
+    FdList fds;
+    FdListArg(info, 2, &fds);
     iovec vector{data.data, data.length};
     msghdr message;
     memset(&message, 0, sizeof message);
@@ -1858,15 +1893,15 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     const size_t max_fds = static_cast<size_t>(IntegerArg(info, 2, "maxFds", 0, kMaxFdsPerMessage));
     const size_t max_count = static_cast<size_t>(IntegerArg(info, 3, "maxCount", 1, kMaxBatch));
     const Bytes arena = BytesArg(info, 4, "arena");
-    if (!info[5].IsTypedArray() || info[5].As<Napi::TypedArray>().TypedArrayType() != napi_int32_array) {
+    TypedArrayView meta_view;
+    if (!ReadTypedArray(info, 5, &meta_view) || meta_view.type != napi_int32_array) {
       ThrowTypeError(env, "ERR_INVALID_ARG_TYPE", "The \"meta\" argument must be an instance of Int32Array");
     }
-    Napi::Int32Array meta_array = info[5].As<Napi::Int32Array>();
     const size_t stride = 3 + max_fds;
-    if (arena.length < max_bytes * max_count || meta_array.ElementLength() < stride * max_count) {
+    if (arena.length < max_bytes * max_count || meta_view.length < stride * max_count) {
       ThrowRangeError(env, "ERR_OUT_OF_RANGE", "arena or meta too small for maxCount messages");
     }
-    int32_t* meta = meta_array.Data();
+    int32_t* meta = static_cast<int32_t*>(meta_view.data);
     // Room for SCM_MAX_FD fds per message whatever maxFds says (see recvMessage): none is dropped by the kernel.
     const size_t control_length = kControlBytes;
     const size_t control_words = (control_length + sizeof(uint64_t) - 1) / sizeof(uint64_t) + 1;
@@ -1942,7 +1977,8 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     Napi::Env env = info.Env();
     const std::string path = StringArg(info, 0, "path");
     const Bytes data = BytesArg(info, 1, "data");
-    const std::vector<int> fds = FdListArg(info, 2);
+    FdList fds;
+    FdListArg(info, 2, &fds);
     sockaddr_un address;
     const socklen_t length = UnixAddress(env, path, &address, "sendmsg");
     // A fresh socket per datagram, closed before returning (as sd_notify does).
@@ -2047,14 +2083,9 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
   // there as TcpInfo's withPeer writes it (WritePeerWords): the connector's one read serves its policy check (the
   // text) and the socket's lease mark (the words).
   Napi::Value PeerAddress(const Napi::CallbackInfo& info) {
-    Napi::Env env = info.Env();
     double* words = nullptr;
     if (!IsAbsent(info, 1)) {
-      if (!info[1].IsTypedArray() || info[1].As<Napi::TypedArray>().TypedArrayType() != napi_float64_array ||
-          info[1].As<Napi::Float64Array>().ElementLength() < kPeerWords) {
-        throw Napi::TypeError::New(env, "words must be a Float64Array of at least 4 elements");
-      }
-      words = info[1].As<Napi::Float64Array>().Data();
+      words = Float64ArrayArg(info, 1, kPeerWords, "words must be a Float64Array of at least 4 elements");
     }
     return SocketAddress(info, ::getpeername, "getpeername", words);
   }
@@ -2470,19 +2501,20 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
   Napi::Value TcpInfo(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     const int fd = FdArg(info, 0);
-    if (!info[1].IsTypedArray() || info[1].As<Napi::TypedArray>().TypedArrayType() != napi_float64_array ||
-        info[1].As<Napi::Float64Array>().ElementLength() < kTcpInfoFields) {
+    TypedArrayView out_view;
+    if (!ReadTypedArray(info, 1, &out_view) || out_view.type != napi_float64_array ||
+        out_view.length < kTcpInfoFields) {
       throw Napi::TypeError::New(env, "out must be a Float64Array of at least 5 elements");
     }
     const bool with_peer = !IsAbsent(info, 2) && BoolArg(info, 2, "withPeer");
-    if (with_peer && info[1].As<Napi::Float64Array>().ElementLength() < kTcpInfoFieldsWithPeer) {
+    if (with_peer && out_view.length < kTcpInfoFieldsWithPeer) {
       throw Napi::TypeError::New(env, "out must be a Float64Array of at least 9 elements with withPeer");
     }
     const bool with_mark = !IsAbsent(info, 3) && BoolArg(info, 3, "withMark");
-    if (with_mark && info[1].As<Napi::Float64Array>().ElementLength() < kTcpInfoFieldsWithMark) {
+    if (with_mark && out_view.length < kTcpInfoFieldsWithMark) {
       throw Napi::TypeError::New(env, "out must be a Float64Array of at least 12 elements with withMark");
     }
-    double* out = info[1].As<Napi::Float64Array>().Data();
+    double* out = static_cast<double*>(out_view.data);
     if (with_mark) {
       struct stat st;
       if (::fstat(fd, &st) < 0) ThrowErrno(env, errno, "fstat");

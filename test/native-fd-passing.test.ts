@@ -325,6 +325,63 @@ describe('seqpacket basics', () => {
     expect(() => native.seqpacketConnect(`/${'x'.repeat(200)}`)).toThrow(/ENAMETOOLONG/);
   });
 
+  it('a wrong buffer or fd list is refused with a typed error before anything is sent', () => {
+    const [left, right] = native.seqpacketPair();
+    const before = fdCount();
+    const invalid = (action: () => unknown): NodeJS.ErrnoException => {
+      try {
+        action();
+      } catch (error) {
+        return error as NodeJS.ErrnoException;
+      }
+      throw new Error('expected an error');
+    };
+    // The data: a Uint8Array (a Buffer is one), not another kind of typed array of the same bytes.
+    expect(invalid(() => native.sendMessage(left, 'text' as never))).toMatchObject({
+      name: 'TypeError',
+      code: 'ERR_INVALID_ARG_TYPE',
+      message: 'The "data" argument must be an instance of Uint8Array',
+    });
+    expect(invalid(() => native.sendMessage(left, new Int8Array(4) as never)).code).toBe('ERR_INVALID_ARG_TYPE');
+    // The fds: at most SCM_MAX_FD, each a non-negative integer.
+    expect(invalid(() => native.sendMessage(left, Buffer.from('x'), new Array(254).fill(0)))).toMatchObject({
+      name: 'RangeError',
+      code: 'ERR_OUT_OF_RANGE',
+      message: 'at most 253 fds fit in one message (SCM_MAX_FD)',
+    });
+    expect(invalid(() => native.sendMessage(left, Buffer.from('x'), [0, -1])).code).toBe('ERR_OUT_OF_RANGE');
+    expect(invalid(() => native.sendMessage(left, Buffer.from('x'), [0, 'one' as never])).code).toBe(
+      'ERR_INVALID_ARG_TYPE',
+    );
+    expect(native.recvMessage(right, 64, 4)).toBeNull();
+    // The output arrays of the TCP reads: a Float64Array, long enough for what is asked.
+    expect(invalid(() => native.tcpInfo(left, new Float32Array(12) as never)).message).toBe(
+      'out must be a Float64Array of at least 5 elements',
+    );
+    expect(invalid(() => native.tcpInfo(left, new Float64Array(4))).message).toBe(
+      'out must be a Float64Array of at least 5 elements',
+    );
+    expect(invalid(() => native.tcpInfo(left, new Float64Array(9), true, true)).message).toBe(
+      'out must be a Float64Array of at least 12 elements with withMark',
+    );
+    expect(invalid(() => native.tcpInfo(left, new Float64Array(5), true)).message).toBe(
+      'out must be a Float64Array of at least 9 elements with withPeer',
+    );
+    expect(invalid(() => native.peerAddress(left, new Float64Array(3))).message).toBe(
+      'words must be a Float64Array of at least 4 elements',
+    );
+    // With valid arguments the same calls reach the kernel (a seqpacket socket has no TCP_INFO).
+    expect(invalid(() => native.tcpInfo(left, new Float64Array(12), false, true))).toMatchObject({
+      code: 'ENOTSUP',
+      syscall: 'getsockopt',
+    });
+    expect(native.sendMessage(left, Buffer.from('x'), [])).toBe(1);
+    expect(native.recvMessage(right, 64, 4)?.data.toString()).toBe('x');
+    expect(fdCount()).toBe(before);
+    native.close(left);
+    native.close(right);
+  });
+
   it('close refuses an fd that a Poller still watches', () => {
     const [left, right] = native.seqpacketPair();
     const poller = new native.Poller(left, () => {});
