@@ -122,6 +122,61 @@ describe('binary frames', () => {
     }
     expect(() => decodeClientMessage(acquire, false)).toThrow(/did not negotiate binary framing/);
   });
+
+  it('take a host byte exactly where the JSON schema’s host pattern does, and write only printable ASCII', () => {
+    const hostPattern = /^[A-Za-z0-9._:%-]+$/;
+    const acquire = encodeFrame({ type: 'acquire', id: 4, host: 'ab', port: 443 })!;
+    for (let byte = 0; byte < 256; byte++) {
+      // In the middle of a host, and as a whole one-byte host.
+      for (const frame of [Buffer.from(acquire), encodeFrame({ type: 'acquire', id: 4, host: 'a', port: 443 })!]) {
+        frame[13] = byte;
+        const host = frame.toString('latin1', 13, 13 + frame[12]!);
+        let decoded: ClientMessage | undefined;
+        try {
+          decoded = decodeClientMessage(frame, true);
+        } catch (error) {
+          expect(error, `byte ${byte}`).toMatchObject({ code: ErrorCodes.PROTOCOL, message: /host may contain/ });
+        }
+        expect(decoded !== undefined, `byte ${byte} in ${JSON.stringify(host)}`).toBe(hostPattern.test(host));
+        if (decoded) expect(decoded).toMatchObject({ host });
+      }
+    }
+    // The length bounds: 1 to 253 bytes.
+    const longest = 'a'.repeat(253);
+    expect(decodeClientMessage(encodeFrame({ type: 'acquire', id: 1, host: longest, port: 1 })!, true)).toMatchObject({
+      host: longest,
+    });
+    for (const host of ['', 'a'.repeat(254)]) {
+      expect(() => decodeClientMessage(encodeFrame({ type: 'acquire', id: 1, host, port: 1 })!, true)).toThrow(
+        /host may contain/,
+      );
+    }
+    // Encoding: a field with any character outside printable ASCII, or over 255 characters, has no binary form.
+    const lease = {
+      type: 'lease' as const,
+      id: 5,
+      leaseId: 12,
+      host: 'example.com',
+      port: 443,
+      address: '192.0.2.1',
+      family: 4 as const,
+      warm: true,
+      connectMs: 0,
+    };
+    for (const code of [0x00, 0x1f, 0x7f, 0xe9, 0x100, 0x2603]) {
+      const text = `a${String.fromCharCode(code)}b`;
+      expect(() => encodeFrame({ ...lease, address: text })).toThrow(/address cannot go in a binary frame/);
+      expect(() => encodeFrame({ type: 'acquire', id: 1, host: text, port: 1 })).toThrow(/host cannot go/);
+    }
+    for (const code of [0x20, 0x41, 0x7e]) {
+      const text = `a${String.fromCharCode(code)}b`;
+      expect(decodeDaemonMessage(encodeFrame({ ...lease, address: text })!)).toEqual({ ...lease, address: text });
+    }
+    expect(() => encodeFrame({ ...lease, host: 'h'.repeat(256) })).toThrow(/host cannot go/);
+    expect(decodeDaemonMessage(encodeFrame({ ...lease, host: 'h'.repeat(255) })!)).toMatchObject({
+      host: 'h'.repeat(255),
+    });
+  });
 });
 
 describe('bundles (binary framing 3)', () => {
