@@ -229,7 +229,9 @@ interface Streamed {
 /** Where an origin's requests ran lately (inlineWhenIdle): its idle connections are there, in that runtime's curl
  *  cache, and a lone request that runs elsewhere takes a new one. */
 interface OriginRoute {
-  /** A request to it ran in the caller's thread: a connection to it may be idle there. */
+  /** Its requests last ran in the caller's thread, and its connections with them. Set when one runs there; cleared
+   *  when its requests in company go to the threads, where their connections then are (those idle here may be gone
+   *  by the time its mark ends: it is new here again, held to the caller's thread's share in company). */
   ranInline: boolean;
   /** Lone requests to it sent to the threads (where its connections were) since it last had company. */
   loneOnThreads: number;
@@ -238,8 +240,9 @@ interface OriginRoute {
   onThreadsSince?: number;
 }
 
-/** Origins whose route is remembered (RecentMap: at most twice as many). */
-const ROUTES_KEPT = 1024;
+/** Origins whose route is remembered (RecentMap: at most twice as many), besides those still in use (#routeInUse),
+ *  which a flood of other origins does not push out (up to half as many of them). */
+export const ROUTES_KEPT = 1024;
 
 /** Lone requests in a row that follow an origin's connections to the threads before one runs in the caller's
  *  thread after all: a caller that has become sequential then pays one new connection and no hops from there on. */
@@ -252,7 +255,7 @@ const LONE_ON_THREADS_BEFORE_INLINE = 4;
  * when the loop turns slow leaves at most this many connections idle here (one that ran all of a burst of 128 here
  * left 128, and the threads opened as many again).
  */
-const INLINE_IN_COMPANY = 16;
+export const INLINE_IN_COMPANY = 16;
 /**
  * How long an origin whose requests in company went to the threads keeps them there (inlineWhileResponsive): each
  * runtime has its own curl connection cache, and an origin whose requests alternate between the two opens
@@ -260,7 +263,7 @@ const INLINE_IN_COMPANY = 16;
  * handshake for https). Long enough that an origin moves at most that often; short enough that a caller's loop
  * that was slow once comes back to running here.
  */
-const ORIGIN_ON_THREADS_MS = 5_000;
+export const ORIGIN_ON_THREADS_MS = 5_000;
 
 /** piscina tasks one thread may run beyond concurrencyPerThread requests: prewarm and stats never wait behind
  *  requests (the client's own queue holds those back), so that announcing a waiting request's origin is not
@@ -290,8 +293,8 @@ export class SockpoolClient {
   #inlineWanted: boolean;
   /** With `inlineWhileResponsive`: whether the caller's loop keeps up, for requests made while others run. */
   readonly #loop: LoopResponsiveness | undefined;
-  /** Where each recent origin's requests ran (only with #inlineWanted). */
-  readonly #routes = new RecentMap<string, OriginRoute>(ROUTES_KEPT);
+  /** Where each recent origin's requests ran (only with #inlineWanted); a route in use is kept (#routeInUse). */
+  readonly #routes = new RecentMap<string, OriginRoute>(ROUTES_KEPT, (key, route) => this.#routeInUse(key, route));
   /** Requests running in the caller's runtime (#inline) per origin, while any do (#hereRuntime, #countedHere). */
   readonly #runningHere = new Map<string, number>();
   readonly #workerData: WorkerConfig;
@@ -604,13 +607,18 @@ export class SockpoolClient {
     const now = performance.now();
     const route = this.#routeOf(key);
     route.loneOnThreads = 0;
-    // On the threads: the origin's requests in company went there lately, and its connections with them.
-    if (route.onThreadsSince !== undefined && now - route.onThreadsSince < ORIGIN_ON_THREADS_MS) return undefined;
+    // On the threads: the origin's requests in company went there lately, and its connections with them (its lone
+    // requests follow them: #loneRunsInline).
+    if (route.onThreadsSince !== undefined && now - route.onThreadsSince < ORIGIN_ON_THREADS_MS) {
+      route.ranInline = false;
+      return undefined;
+    }
     // To go there: the caller's loop is slow, or the origin is new here and the caller's thread runs its share in
     // company (an origin whose requests run here stays here past that share: splitting it between the runtimes
     // would open connections in both).
     if (!this.#loop?.responsive || (!route.ranInline && (this.#inline?.running ?? 0) >= INLINE_IN_COMPANY)) {
       route.onThreadsSince = now;
+      route.ranInline = false;
       return undefined;
     }
     // An origin here that runs INLINE_IN_COMPANY of its own here: the rest to the threads, the origin still here
@@ -623,9 +631,10 @@ export class SockpoolClient {
   }
 
   /**
-   * Whether a lone request to this origin runs in the caller's thread: yes where a connection to it may be idle
-   * here, or where none is anywhere yet; where only the threads have run its requests, after
-   * LONE_ON_THREADS_BEFORE_INLINE lone requests in a row went there (each reusing their connection).
+   * Whether a lone request to this origin runs in the caller's thread: yes where its requests last ran here (a
+   * connection to it may be idle here), or where none ran anywhere yet (as far as the routes remember); where its
+   * last requests ran on the threads, after LONE_ON_THREADS_BEFORE_INLINE lone requests in a row went there (each
+   * reusing their connection).
    */
   #loneRunsInline(key: string): boolean {
     const route = this.#routes.get(key);
@@ -654,6 +663,15 @@ export class SockpoolClient {
     const route = this.#routeOf(key);
     route.loneOnThreads = 0;
     route.onThreadsSince = performance.now();
+    route.ranInline = false;
+  }
+
+  /** Whether the origin's route still decides where its requests go: some of them run (in either runtime), or its
+   *  requests in company are on the threads for a while yet. Forgotten, the origin would count as new here, and
+   *  its next requests could run here while its connections are on the threads (or the other way round). */
+  #routeInUse(key: string, route: OriginRoute): boolean {
+    if (this.#queue.runningTo(key) > 0) return true;
+    return route.onThreadsSince !== undefined && performance.now() - route.onThreadsSince < ORIGIN_ON_THREADS_MS;
   }
 
   /** The origin's route, made (nothing ran here yet) if it has none. */

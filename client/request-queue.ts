@@ -285,6 +285,11 @@ export class RequestQueue {
     return this.#running;
   }
 
+  /** Requests to the origin (by key) holding a slot: running, in either runtime. */
+  runningTo(key: string): number {
+    return this.#origins.get(key)?.running ?? 0;
+  }
+
   /** Requests waiting for a slot. */
   get waiting(): number {
     return this.#waiting;

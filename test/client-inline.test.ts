@@ -11,6 +11,7 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Worker } from 'node:worker_threads';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { INLINE_IN_COMPANY, ORIGIN_ON_THREADS_MS, ROUTES_KEPT } from '../client/client.js';
 import { SockpoolClient, type SockpoolClientOptions } from '../client/index.js';
 import { LAG_LIMIT_MS, PROBE_INTERVAL_MS } from '../client/loop-responsiveness.js';
 import {
@@ -30,6 +31,8 @@ const hanging: ServerResponse[] = [];
 let origin: Origin;
 /** maxPerOrigin 1 at the daemon. */
 let capped: Origin;
+/** A third origin, for the routes' tests (an origin to follow while `origin` takes the caller's thread's share). */
+let other: Origin;
 let daemon: DaemonProcess;
 let fifoDir: string;
 let fifos = 0;
@@ -44,7 +47,8 @@ beforeAll(async () => {
   };
   origin = await httpOrigin(handler);
   capped = await httpOrigin(handler);
-  daemon = await startTestDaemon([origin.port, capped.port], {
+  other = await httpOrigin(handler);
+  daemon = await startTestDaemon([origin.port, capped.port, other.port], {
     config: { pool: { origins: [{ match: `127.0.0.1:${capped.port}`, maxPerOrigin: 1 }] } },
   });
   fifoDir = mkdtempSync(join(tmpdir(), 'sockpool-inline-test-'));
@@ -60,6 +64,7 @@ afterAll(async () => {
   await daemon?.stop();
   await origin?.close();
   await capped?.close();
+  await other?.close();
   if (fifoDir) rmSync(fifoDir, { recursive: true, force: true });
 });
 
@@ -67,7 +72,7 @@ const url = (path: string, server: Origin = origin) => `http://127.0.0.1:${serve
 /** fds of this process less the origins' server-side sockets (they run in this process). */
 /** Open sockets of an origin of this process: a destroyed one has closed its fd already, though it stays in
  *  `sockets` until its 'close' event (counted, it made a `before` one too low: a failure with nothing new open). */
-const clientFds = () => fdCount() - origin.openSockets() - capped.openSockets();
+const clientFds = () => fdCount() - origin.openSockets() - capped.openSockets() - other.openSockets();
 
 /** A client with one worker thread, started (its lane up), and that thread. */
 async function clientWithThread(
@@ -322,6 +327,124 @@ describe('a lone request follows its origin’s connections', () => {
     );
     expect(burst.map((response) => response.status)).toEqual([200, 200, 200, 200]);
     expect(capped.sockets.size).toBeLessThanOrEqual(1);
+  });
+});
+
+/** Requests to `count` origins no test serves (ports the daemon does not allow: each fails at once), in bursts of
+ *  `burst` made together: the client makes a route for each. Returns their outcomes' codes, once each. */
+async function touchOrigins(client: SockpoolClient, count: number, burst: number): Promise<string[]> {
+  const ours = new Set([origin.port, capped.port, other.port]);
+  const ports: number[] = [];
+  for (let port = 20_000; ports.length < count; port++) if (!ours.has(port)) ports.push(port);
+  const codes = new Set<string>();
+  for (let i = 0; i < count; i += burst) {
+    const outcomes = ports.slice(i, i + burst).map((port) => codeOf(client.request(`http://127.0.0.1:${port}/`)));
+    for (const code of await Promise.all(outcomes)) codes.add(code ?? 'none');
+  }
+  return [...codes];
+}
+
+/** `count` POSTs (not retried when their connections go at the end) that hang at `server` until the test ends them,
+ *  once all of them are there. */
+async function hangAt(client: SockpoolClient, server: Origin, count: number, tag: string): Promise<Promise<unknown>[]> {
+  const hangsBefore = hanging.length;
+  const held = Array.from({ length: count }, (_, i) =>
+    codeOf(client.request(url(`/hang/${tag}-${i}`, server), { method: 'POST' })),
+  );
+  await eventually(() => hanging.length >= hangsBefore + count, `${count} requests hanging at the origin`);
+  return held;
+}
+
+/** With the only thread blocked: waits until requests made together run in the caller's thread (its loop keeps up,
+ *  which a machine busy with other work, or the caller's own, may hold off): a pair to an origin new here comes back
+ *  with the daemon's refusal, not with its deadline on the thread. */
+async function untilTogetherRunHere(client: SockpoolClient): Promise<void> {
+  const ours = new Set([origin.port, capped.port, other.port]);
+  let port = 30_000;
+  await eventually(async () => {
+    while (ours.has(port)) port++;
+    const target = `http://127.0.0.1:${port++}/`;
+    const pair = [client.request(target, { timeoutMs: 300 }), client.request(target, { timeoutMs: 300 })];
+    return (await Promise.all(pair.map(codeOf))).every((code) => code === 'SOCKPOOL_ERR_POLICY');
+  }, 'requests made together to run in the caller’s thread');
+}
+
+describe('an origin’s route', () => {
+  it('an origin whose requests in company moved to the threads counts as new here once its mark ends: with the caller’s thread’s share taken, its requests go to the threads', async () => {
+    const { client, thread } = await clientWithThread({ timeoutMs: 10_000 });
+    // A lone request runs here; its connection stays idle here.
+    expect((await client.request(url('/lone', other))).status).toBe(200);
+    // A slow turn of the caller's loop while a request is in flight: a pair to the origin goes to the thread (blocked:
+    // they meet their deadlines there), and the origin's requests in company stay there for ORIGIN_ON_THREADS_MS.
+    const probed = await hangAt(client, origin, 1, 'probed');
+    const heldUntil = performance.now() + 5 * LAG_LIMIT_MS;
+    while (performance.now() < heldUntil) {
+      // the caller's synchronous work
+    }
+    await sleep(2 * PROBE_INTERVAL_MS);
+    const unblock = await block(thread);
+    const moved = [
+      client.request(url('/m-0', other), { timeoutMs: 300 }),
+      client.request(url('/m-1', other), { timeoutMs: 300 }),
+    ];
+    expect(await Promise.all(moved.map(codeOf))).toEqual(['SOCKPOOL_ERR_TIMEOUT', 'SOCKPOOL_ERR_TIMEOUT']);
+    unblock();
+    for (const response of hanging.splice(0)) response.destroy();
+    await Promise.all(probed);
+    // The mark over (and the caller's loop keeping up), requests to `origin` take the caller's thread's share.
+    await sleep(ORIGIN_ON_THREADS_MS);
+    const share = await hangAt(client, origin, INLINE_IN_COMPANY, 'share');
+    await block(thread);
+    // The origin's requests last ran on the thread: it is new here, and the share is taken.
+    const after = [
+      client.request(url('/a-0', other), { timeoutMs: 300 }),
+      client.request(url('/a-1', other), { timeoutMs: 300 }),
+    ];
+    expect(await Promise.all(after.map(codeOf))).toEqual(['SOCKPOOL_ERR_TIMEOUT', 'SOCKPOOL_ERR_TIMEOUT']);
+    for (const response of hanging.splice(0)) response.destroy();
+    await Promise.all(share);
+  });
+
+  it('an origin marked on the threads keeps its mark through requests to more than twice ROUTES_KEPT other origins', async () => {
+    const { client, thread } = await clientWithThread({ timeoutMs: 10_000 });
+    // The caller's thread's share taken (by `origin`), a pair to an origin new here goes to the thread (it runs),
+    // and marks it there.
+    const share = await hangAt(client, origin, INLINE_IN_COMPANY, 'share');
+    const markedAt = performance.now();
+    const marked = await Promise.all([client.request(url('/m-0', other)), client.request(url('/m-1', other))]);
+    expect(marked.map((response) => response.status)).toEqual([200, 200]);
+    for (const response of hanging.splice(0)) response.destroy();
+    await Promise.all(share);
+    // Requests to many origins, in bursts that run here (the share free again).
+    expect(await touchOrigins(client, 2 * ROUTES_KEPT + INLINE_IN_COMPANY, 8)).toEqual(['SOCKPOOL_ERR_POLICY']);
+    await block(thread);
+    // (What follows is about a mark still running.)
+    expect(performance.now() - markedAt, 'the mark still runs').toBeLessThan(ORIGIN_ON_THREADS_MS);
+    // Its mark remembered, the origin's requests in company still go to the thread.
+    const after = [
+      client.request(url('/a-0', other), { timeoutMs: 300 }),
+      client.request(url('/a-1', other), { timeoutMs: 300 }),
+    ];
+    expect(await Promise.all(after.map(codeOf))).toEqual(['SOCKPOOL_ERR_TIMEOUT', 'SOCKPOOL_ERR_TIMEOUT']);
+  });
+
+  it('an origin with requests in flight here stays here through requests to more than twice ROUTES_KEPT other origins', async () => {
+    const { client, thread } = await clientWithThread({ timeoutMs: 10_000 });
+    const inFlight = await hangAt(client, other, 4, 'in-flight');
+    // Requests to many origins, in bursts that run here beside those 4.
+    expect(await touchOrigins(client, 2 * ROUTES_KEPT + INLINE_IN_COMPANY, 8)).toEqual(['SOCKPOOL_ERR_POLICY']);
+    await block(thread);
+    await untilTogetherRunHere(client);
+    // Requests to `origin` take the rest of the caller's thread's share.
+    const share = await hangAt(client, origin, INLINE_IN_COMPANY - 4, 'share');
+    // The origin's requests run here: a pair to it runs here too, and finishes while the thread is blocked.
+    const pair = [
+      client.request(url('/p-0', other), { timeoutMs: 5_000 }),
+      client.request(url('/p-1', other), { timeoutMs: 5_000 }),
+    ];
+    expect(await Promise.all(pair.map(codeOf))).toEqual(['ok', 'ok']);
+    for (const response of hanging.splice(0)) response.destroy();
+    await Promise.all([...inFlight, ...share]);
   });
 });
 

@@ -1,5 +1,6 @@
 // shared/recent-map.ts: the last `generation` keys set or found are kept, at most twice as many, and a later value
-// wins over an older one set aside in the previous generation.
+// wins over an older one set aside in the previous generation; entries the owner says are in use outlast a flood of
+// other keys, within the same bound.
 import { describe, expect, it } from 'vitest';
 import { RecentMap } from '../shared/recent-map.js';
 
@@ -33,5 +34,29 @@ describe('RecentMap', () => {
     map.set('e', 6); // sets aside {c, d}: a and b are gone
     expect(map.get('a')).toBeUndefined();
     expect(map.get('c')).toBe(4);
+  });
+
+  it('carries an entry still in use into each new generation, and drops it once it is not', () => {
+    const inUse = new Set(['a']);
+    const map = new RecentMap<string, number>(4, (key) => inUse.has(key));
+    for (const [i, key] of ['a', 'b', 'c', 'd'].entries()) map.set(key, i);
+    // Three more generations of other keys: b, c and d are gone; a, in use, was carried each time.
+    for (const [i, key] of [...'efghijklmnop'].entries()) map.set(key, 10 + i);
+    expect([map.get('a'), map.get('b'), map.get('c'), map.get('d')]).toEqual([0, undefined, undefined, undefined]);
+    inUse.clear();
+    for (const [i, key] of [...'qrstuvwx'].entries()) map.set(key, 30 + i);
+    expect(map.get('a')).toBeUndefined();
+  });
+
+  it('with every entry in use, carries at most half a generation (the oldest first) and holds at most twice the generation', () => {
+    const map = new RecentMap<number, number>(4, () => true);
+    let most = 0;
+    for (let key = 0; key < 1_000; key++) {
+      map.set(key, key);
+      most = Math.max(most, map.size);
+    }
+    expect(most).toBeLessThanOrEqual(8);
+    // The first two, carried at every swap, are still there; those after them were dropped as before.
+    expect([map.get(0), map.get(1), map.get(2), map.get(3)]).toEqual([0, 1, undefined, undefined]);
   });
 });
