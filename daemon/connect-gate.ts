@@ -47,6 +47,11 @@ export class ConnectGate implements Connector {
     return this.#queue.length;
   }
 
+  /** Uid entries its queue read or compared to choose whose turn it is (AdmissionQueue.visited); only tests read it. */
+  get visited(): number {
+    return this.#queue.visited;
+  }
+
   checkTarget(origin: Origin): void {
     this.#inner.checkTarget(origin);
   }

@@ -1,7 +1,7 @@
 // A binary heap of values, each under a key that finds it again, so that one entry can move or leave without a walk
 // over the others: for an order whose entries change one at a time while many wait (the uids waiting at an origin's
-// cap: origin-cap.ts). Setting or deleting an entry costs a walk up or down the heap (log n comparisons), reading the
-// first nothing.
+// cap: origin-cap.ts; in a pool's or the connect gate's fair queue: fair-queue.ts). Setting or deleting an entry
+// costs a walk up or down the heap (log n comparisons), reading the first nothing.
 
 export class KeyedHeap<K, V> {
   readonly #before: (a: V, b: V) => boolean;

@@ -78,20 +78,25 @@ export class OriginCap {
   join(pool: OriginPool): void {
     this.#pools.set(pool, new KeyedHeap((a: Candidate, b: Candidate) => this.#before(a, b)));
     this.#reorder = true;
+    for (const each of this.#pools.keys()) each.originChanged();
   }
 
   leave(pool: OriginPool): void {
     this.#pools.delete(pool);
     this.#reorder = true;
+    for (const each of this.#pools.keys()) each.originChanged();
   }
 
   /**
    * The waiters, leases or connects under way of `uid` changed in a pool of the origin: its place in the turn order
-   * is found again at the next turn(). With one pool, nobody asks the cap (the pool counts itself alone): the order is
-   * built anew if it ever is. Nor while nobody waits at the cap: the uids changed meanwhile (every uid leasing through
-   * a busy origin) are not kept past twice the uids ordered, when ordering them all anew costs no more.
+   * is found again at the next turn() (and in each pool's order of its own waiters by the whole origin). With one
+   * pool, nobody asks the cap (the pool counts itself alone): the order is built anew if it ever is. Nor while nobody
+   * waits at the cap: the uids changed meanwhile (every uid leasing through a busy origin) are not kept past twice
+   * the uids ordered, when ordering them all anew costs no more.
    */
   changed(uid: number): void {
+    // Each pool orders its own waiters by what their uids hold of the whole origin, too (OriginPool.originChanged).
+    for (const pool of this.#pools.keys()) pool.originChanged(uid);
     if (this.#reorder) return;
     if (this.#pools.size < 2 || (this.#changed.size >= MIN_CHANGED_KEPT && this.#changedPastOrdered())) {
       this.#reorder = true;

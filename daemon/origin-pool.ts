@@ -17,7 +17,7 @@ import { type FdWatch, watchFd } from '../shared/poll-set.js';
 import type { OriginPolicy } from './config.js';
 import { ConnectAbandoned } from './connect-gate.js';
 import { type ConnectedSocket, type Connector, connectedPart } from './connector.js';
-import { FairWaitQueue } from './fair-queue.js';
+import { type FairOrder, FairWaitQueue } from './fair-queue.js';
 import type { SlotKeeper } from './fleet/slots.js';
 import type { KeptHolder, KeptSockets } from './kept-sockets.js';
 import { checkIdle, endConnection, markOf, type UsageMark } from './lease-guard.js';
@@ -159,8 +159,24 @@ export class OriginPool implements KeptHolder<IdleSocket> {
   #connectingFor = new Map<number, number>();
   /** (Each change of a uid's waiters or leases here reorders that uid at the origin's cap.) */
   #waiters = new FairWaitQueue<Waiter>((uid) => this.#cap?.changed(uid));
-  /** Whether an acquire waits here now: the connector may put this origin's connects first (a relay's handshakes). */
-  readonly #hasWaiters = () => this.#waiters.length > 0;
+  /**
+   * The waiters by turn for a new connect (#nextUncoveredUid): each uid's first waiter that no connect under way for
+   * its uid covers, those connects counted as held. Told of each change of #connectingFor.
+   */
+  readonly #uncovered = this.#waiters.order({
+    extra: (uid) => this.#connectingFor.get(uid) ?? 0,
+    candidate: (uid, waiting) => waiting[this.#connectingFor.get(uid) ?? 0],
+  });
+  /**
+   * The waiters by what each uid holds of the whole origin (#nextToServe, with the origin's other pools); the cap
+   * tells it of each uid whose holding changed in any of them (originChanged).
+   */
+  #byWholeOrigin: FairOrder<Waiter> | undefined;
+  /**
+   * Whether an acquire waits here now: the connector may put this origin's connects first (a relay's handshakes); it
+   * tells the queues of those connects as it changes (Urgent.watch).
+   */
+  readonly #hasWaiters = this.#waiters.waiting;
   readonly #open = () => !this.#closed;
   #refillTarget = 0;
   /** Idle time after which a socket is closed by us before the server closes it; undefined until learned. */
@@ -210,6 +226,11 @@ export class OriginPool implements KeptHolder<IdleSocket> {
     this.#slots = slots;
     this.#kept = kept;
     this.#cap = cap;
+    if (cap !== undefined) {
+      this.#byWholeOrigin = this.#waiters.order({
+        extra: (uid) => cap.heldBy(uid) - (this.#waiters.heldOf(uid) ?? 0),
+      });
+    }
     cap?.join(this);
   }
 
@@ -228,6 +249,10 @@ export class OriginPool implements KeptHolder<IdleSocket> {
   }
   get waitingCount(): number {
     return this.#waiters.length;
+  }
+  /** Uid entries its fair queue read or compared to choose among its waiters (FairWaitQueue.visited); for tests. */
+  get waitersVisited(): number {
+    return this.#waiters.visited;
   }
   get total(): number {
     return this.#idle.length + this.#leased + this.#connecting;
@@ -287,8 +312,16 @@ export class OriginPool implements KeptHolder<IdleSocket> {
    */
   #nextToServe(): Waiter | undefined {
     const shared = this.#shared();
-    if (shared === undefined) return this.#waiters.peek();
-    return this.#waiters.peekCounting((uid) => shared.heldBy(uid) - (this.#waiters.heldOf(uid) ?? 0));
+    return shared === undefined ? this.#waiters.peek() : this.#byWholeOrigin!.peek();
+  }
+
+  /**
+   * For the origin's cap: what `uid` holds of the origin (in this pool or another) changed; undefined `uid`: the
+   * origin's pools changed, and with them what every uid holds.
+   */
+  originChanged(uid?: number): void {
+    if (uid === undefined) this.#byWholeOrigin?.recountAll();
+    else this.#byWholeOrigin?.recount(uid);
   }
 
   /** Whether this pool's waiters may take room at the cap now: the turn there is no other pool's. */
@@ -914,6 +947,7 @@ export class OriginPool implements KeptHolder<IdleSocket> {
       this.#connectingForWaiters++;
       if (uid !== undefined) {
         this.#connectingFor.set(uid, (this.#connectingFor.get(uid) ?? 0) + 1);
+        this.#uncovered.recount(uid);
         this.#cap?.changed(uid);
       }
     } else {
@@ -1000,7 +1034,7 @@ export class OriginPool implements KeptHolder<IdleSocket> {
 
   /** The uid a new connect for waiters counts for: see #startConnect. */
   #nextUncoveredUid(): number | undefined {
-    return (this.#waiters.peekUncovered((uid) => this.#connectingFor.get(uid) ?? 0) ?? this.#waiters.peek())?.uid;
+    return (this.#uncovered.peek() ?? this.#waiters.peek())?.uid;
   }
 
   /** A connect started for waiters and counted for `uid` ended (served, failed, or not needed). */
@@ -1010,6 +1044,7 @@ export class OriginPool implements KeptHolder<IdleSocket> {
     const count = (this.#connectingFor.get(uid) ?? 0) - 1;
     if (count <= 0) this.#connectingFor.delete(uid);
     else this.#connectingFor.set(uid, count);
+    this.#uncovered.recount(uid);
     this.#cap?.changed(uid);
   }
 

@@ -96,11 +96,19 @@ describe('FairWaitQueue', () => {
     const queue = new FairWaitQueue<{ uid: number; name: string }>();
     for (let i = 0; i < 3; i++) queue.push(waiter(1, `one-${i}`));
     queue.push(waiter(2, 'two-0'));
+    // The pool's order for a new connect (OriginPool's #uncovered): uid 1's first `covered` waiters skipped.
+    let covered = 3;
+    const coveredOf = (uid: number) => (uid === 1 ? covered : 0);
+    const uncovered = queue.order({ extra: coveredOf, candidate: (uid, waiting) => waiting[coveredOf(uid)] });
     // uid 1's three waiters are covered by slots on their way: the next one is uid 2's, though uid 1 came first.
-    expect(queue.peekUncovered((uid) => (uid === 1 ? 3 : 0))?.name).toBe('two-0');
+    expect(uncovered.peek()?.name).toBe('two-0');
     // Covered slots count as held: one of uid 1's covered, none of uid 2's: uid 2 first.
-    expect(queue.peekUncovered((uid) => (uid === 1 ? 1 : 0))?.name).toBe('two-0');
-    expect(queue.peekUncovered(() => 0)?.name).toBe('one-0');
+    covered = 1;
+    uncovered.recount(1);
+    expect(uncovered.peek()?.name).toBe('two-0');
+    covered = 0;
+    uncovered.recount(1);
+    expect(uncovered.peek()?.name).toBe('one-0');
     // Both hold none: uid 2's own slot serves uid 2; once uid 2 holds more than uid 1, the fair order wins.
     expect(queue.peekFor(2)?.name).toBe('two-0');
     expect(queue.peekFor(undefined)?.name).toBe('one-0');
