@@ -225,6 +225,13 @@ export class Sockpoold {
         ),
       onFlushRecovered: ({ path, failures }) =>
         this.#log.info({ path, failures }, 'history written again: a flush of the state database succeeded'),
+      // A start that found the history over its cap (a stop writes past it; a lower pool.historyMaxOrigins) ranks what
+      // the cap keeps and is ready without waiting for the eviction, which follows in slices: said when it is done.
+      onOverCapEvicted: ({ path, overCap }) =>
+        this.#log.info(
+          { path, overCap, historyMaxOrigins: this.#config.pool.historyMaxOrigins },
+          'history evicted down to pool.historyMaxOrigins',
+        ),
       // The start goes on with the file as it is; the operator learns why its schema stays old (a backup tool or a
       // sqlite3 shell holding the lock) and that the next start without it migrates.
       onMigrationDeferred: ({ path, version, migration, newest, err }) =>

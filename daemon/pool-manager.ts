@@ -734,7 +734,7 @@ export class PoolManager {
    */
   async warmFromHistory(limit: number): Promise<number> {
     if (!this.#store || limit <= 0) return 0;
-    // The ranking first writes and evicts in slices, yielding (topOrigins): the manager may be closed by then.
+    // The ranking first writes what is pending in slices, yielding (topOrigins): the manager may be closed by then.
     const ranked = await this.#store.topOrigins(limit);
     if (this.#closed) return 0;
     // Origins the current policy refuses (history from an older configuration, a proxy it no longer names) are

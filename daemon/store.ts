@@ -20,8 +20,9 @@
 // (#pendingOf) and PENDING_MINUTES per-minute demand entries among them (#addDemand). And
 // the timer's flushes write in slices of at most SLICE_BUDGET_MS of event-loop time, continuing on the next turn,
 // so a flood of new origins never holds the loop for long (bench/store-flush.ts measures it with 100,000 origins).
-// `topOrigins` (warm-on-start) writes and evicts in such slices too, awaited; `flush()` itself (tests, the bench)
-// still writes everything at once; `close()` (the stop) prepares committed
+// `topOrigins` (warm-on-start) writes what is pending in such slices too, awaited, and leaves out of its ranking the
+// rows over the cap, evicted after it in such slices; `flush()` itself (tests, the bench) still writes everything at
+// once; `close()` (the stop) prepares committed
 // slices, paced to the store's thread (below) that commits them and closes the file, until a quarter of
 // CLOSE_BUDGET_MS is left for that thread to finish, drops what is left, and returns by the budget whatever the disk
 // does: a thread still waiting for the disk then is left to the process's exit, the state directory locked until it
@@ -133,6 +134,11 @@ export interface StateStoreOptions {
   onUnavailable?: (info: { path: string; sqliteCode: string | undefined; err: string }) => void;
   /** Told when a timer's flush succeeds again after onFlushFailing, with how many ticks failed meanwhile. */
   onFlushRecovered?: (info: { path: string; failures: number }) => void;
+  /**
+   * Told when the rows a ranking found over the cap (topOrigins: a start after a stop that wrote past it, or a lower
+   * cap) are evicted, in slices on the event loop after the ranking returned: `overCap` rows were over it then.
+   */
+  onOverCapEvicted?: (info: { path: string; overCap: number }) => void;
   onMigrationDeferred?: (info: {
     path: string;
     version: number;
@@ -478,8 +484,12 @@ export class StateStore {
   /** Learned idle lifetimes: all of them, loaded at open and kept current in memory (the store is the only writer). */
   #learned = new Map<string, number>();
   #timer: NodeJS.Timeout | undefined;
-  /** A timed flush in progress (slices on setImmediate), so ticks do not overlap. */
+  /** A run of slices in progress (#runSlices: on setImmediate), so ticks do not overlap. */
   #slicing = false;
+  /** The run of slices goes on until nothing is left, timer or not (the eviction a ranking left: topOrigins). */
+  #slicingUntilDone = false;
+  /** Rows over the cap when a ranking left their eviction to #runSlices, until they are evicted (onOverCapEvicted). */
+  #overCapAtRanking: number | undefined;
   #checkpointer: Worker | undefined;
   #checkpointPending = false;
   #checkpointAgain = false;
@@ -519,6 +529,7 @@ export class StateStore {
   #failures = 0;
   readonly #onFlushFailing: StateStoreOptions['onFlushFailing'];
   readonly #onFlushRecovered: StateStoreOptions['onFlushRecovered'];
+  readonly #onOverCapEvicted: StateStoreOptions['onOverCapEvicted'];
   readonly #statements: {
     select: Database.Statement<[string], OriginRow>;
     upsert: Database.Statement<[OriginRow]>;
@@ -528,11 +539,13 @@ export class StateStore {
     pruneOrigins: Database.Statement<[number, number], { origin_key: string; uid: Holder }>;
     unused: Database.Statement<[number], { origin_key: string; uid: Holder }>;
     oldestOf: Database.Statement<[Holder, number], string>;
+    unusedHeld: Database.Statement<[], { uid: Holder; rows: number }>;
+    nthOldestUsedOf: Database.Statement<[Holder, number], { last_seen: number; origin_key: string }>;
     held: Database.Statement<[], { uid: Holder; rows: number }>;
     forget: Database.Statement<[string]>;
     forgetDemand: Database.Statement<[string]>;
     top: Database.Statement<
-      [{ nowMinute: number; sinceMinute: number; halfLifeMinutes: number; limit: number }],
+      [{ nowMinute: number; sinceMinute: number; halfLifeMinutes: number; limit: number; cuts: string }],
       {
         origin_key: string;
         host: string;
@@ -680,6 +693,7 @@ export class StateStore {
     this.#now = options.now ?? Date.now;
     this.#onFlushFailing = options.onFlushFailing;
     this.#onFlushRecovered = options.onFlushRecovered;
+    this.#onOverCapEvicted = options.onOverCapEvicted;
     this.#historyMinutes = Math.ceil(((options.demandHistoryDays ?? 7) * DAY_MS) / MINUTE_MS);
     this.#originRetentionMs = (options.originRetentionDays ?? 30) * DAY_MS;
     this.#scoreHalfLifeMinutes = (options.scoreHalfLifeMs ?? 6 * 3_600_000) / MINUTE_MS;
@@ -723,19 +737,27 @@ export class StateStore {
              AND NOT EXISTS (SELECT 1 FROM demand_history d WHERE d.origin_key = origins.origin_key) LIMIT ?)
         RETURNING origin_key, ${holder} AS uid`),
       // The expressions are the indexes' (origins_eviction, origins_uid_eviction), written the same way so that
-      // SQLite uses them: each an index range scan, never a sort of the table.
+      // SQLite uses them: each an index range scan, never a sort of the table. Ties of last_seen go by origin_key,
+      // the indexes' last column (the primary key): named, so that #evictionCuts finds the same rows.
       unused: db.prepare(
-        `SELECT origin_key, ${holder} AS uid FROM origins WHERE (acquires > 0) = 0 ORDER BY last_seen LIMIT ?`,
+        `SELECT origin_key, ${holder} AS uid FROM origins WHERE (acquires > 0) = 0 ORDER BY last_seen, origin_key LIMIT ?`,
       ),
       oldestOf: db
         .prepare<[Holder, number], string>(
-          `SELECT origin_key FROM origins WHERE ${holder} IS ? ORDER BY acquires > 0, last_seen LIMIT ?`,
+          `SELECT origin_key FROM origins WHERE ${holder} IS ? ORDER BY acquires > 0, last_seen, origin_key LIMIT ?`,
         )
         .pluck(),
+      unusedHeld: db.prepare(
+        `SELECT ${holder} AS uid, count(*) AS rows FROM origins WHERE (acquires > 0) = 0 GROUP BY 1`,
+      ),
+      nthOldestUsedOf: db.prepare(`
+        SELECT last_seen, origin_key FROM origins WHERE ${holder} IS ? AND (acquires > 0) = 1
+        ORDER BY last_seen, origin_key LIMIT 1 OFFSET ?`),
       forget: db.prepare('DELETE FROM origins WHERE origin_key = ?'),
       forgetDemand: db.prepare('DELETE FROM demand_history WHERE origin_key = ?'),
       held: db.prepare(`SELECT ${holder} AS uid, count(*) AS rows FROM origins GROUP BY 1`),
-      // Each holder's origins ranked by score, then the holders' firsts (the busiest first among them), their
+      // Each holder's origins ranked by score (but those the eviction over the cap takes: @cuts, #evictionCuts),
+      // then the holders' firsts (the busiest first among them), their
       // seconds, and so on: one holder's many busy origins take every other place at most while others have any.
       top: db.prepare(`
         WITH scored AS (
@@ -744,6 +766,9 @@ export class StateStore {
                  SUM(d.acquires * pow(2.0, -((@nowMinute - d.minute) * 1.0 / @halfLifeMinutes))) AS score
           FROM demand_history d JOIN origins o ON o.origin_key = d.origin_key
           WHERE d.minute >= @sinceMinute AND d.minute <= @nowMinute AND o.port > 0
+            AND NOT EXISTS (SELECT 1 FROM json_each(@cuts) AS cut
+              WHERE cut.value ->> 0 IS ${this.#hasHolders ? 'o.uid' : 'NULL'}
+                AND (o.last_seen, o.origin_key) <= (cut.value ->> 1, cut.value ->> 2))
           GROUP BY o.origin_key
         )
         SELECT origin_key, host, port, learned_idle_lifetime_ms, demand_rate_per_s, demand_updated_at, connect_ms_avg,
@@ -992,11 +1017,11 @@ export class StateStore {
   }
 
   /**
-   * flushSlice, or with `owed` one of topOrigins' wait: at most `owed.records` pending origins (the first recorded)
-   * and `owed.evictions` rows evicted, both counted down, and no pruning (left to the timer's slices: the ranking
-   * counts no demand the prune would delete). Returns true when the budget ran out with more of that to do.
+   * flushSlice, or with `owed` one of topOrigins' wait: at most `owed.records` pending origins (the first recorded),
+   * counted down, and no eviction nor pruning (left to the timer's slices: the ranking leaves out what the eviction
+   * takes, and counts no demand the prune would delete). Returns true when the budget ran out with more of that to do.
    */
-  #slice(budgetMs: number, owed?: { records: number; evictions: number }): boolean {
+  #slice(budgetMs: number, owed?: { records: number }): boolean {
     if (this.#closed) return false;
     const now = this.#now();
     const prune = !owed && now - this.#lastPrune >= PRUNE_INTERVAL_MS;
@@ -1012,17 +1037,17 @@ export class StateStore {
         // After every origin: one carries up to #minutesPerOrigin demand entries (60 statements), so a check every 16
         // let a slice run 16 of them past its budget.
         if (performance.now() - started >= budgetMs) {
-          more = !owed || written.length < owed.records || owed.evictions > 0;
+          more = !owed || written.length < owed.records;
           return;
         }
       }
+      if (owed) return;
       for (;;) {
-        if (owed && evicted >= owed.evictions) return;
         const rows = this.#rowCount;
         if (!this.#evictSome()) break;
         evicted += rows - this.#rowCount;
         if (performance.now() - started >= budgetMs) {
-          more = !owed || evicted < owed.evictions;
+          more = true;
           return;
         }
       }
@@ -1036,10 +1061,7 @@ export class StateStore {
       this.#lastPrune = now;
     });
     for (const [originKey, pending] of written) this.#unpend(originKey, pending);
-    if (owed) {
-      owed.records -= written.length;
-      owed.evictions -= evicted;
-    }
+    if (owed) owed.records -= written.length;
     // A slice that wrote nothing (the timer's usual tick) asks for nothing.
     if (written.length > 0 || evicted > 0 || more || prune) this.#uncheckpointed = true;
     if (this.#uncheckpointed && (!more || ++this.#slicesSinceCheckpoint >= SLICES_PER_CHECKPOINT)) {
@@ -1214,6 +1236,44 @@ export class StateStore {
     return victims.length > 0;
   }
 
+  /**
+   * Where the eviction of the rows over the cap (#evictSome, batch after batch until the cap holds) will stop, per
+   * holder it takes rows with demand from: the last of them, as [holder, last_seen, origin_key] in its eviction order
+   * (the ranking leaves out that row and those before it: topOrigins). Worked out on the row counts as #evictSome
+   * takes them: the rows without demand first (none ranks: demand comes with acquires), then batch by batch the
+   * oldest of the heaviest holder (heaviestHolder, in #held's order for ties), so the same rows as long as nothing is
+   * written meanwhile. What the timer writes before the eviction ends (an origin seen again, new rows) may change
+   * which rows go, as it may whenever rows stand over the cap.
+   */
+  #evictionCuts(): Array<[Holder, number, string]> {
+    let excess = this.#rowCount - this.#maxOrigins;
+    if (excess <= 0) return [];
+    const held = new Map(this.#held);
+    for (const { uid, rows } of this.#statements.unusedHeld.all()) {
+      excess -= rows;
+      const left = (held.get(uid) ?? 0) - rows;
+      if (left > 0) held.set(uid, left);
+      else held.delete(uid);
+    }
+    const taken = new Map<Holder, number>();
+    while (excess > 0) {
+      const heaviest = heaviestHolder(held);
+      if (!heaviest) break;
+      const count = Math.min(excess, DELETE_BATCH, Math.max(1, heaviest.lead));
+      const left = (held.get(heaviest.holder) ?? 0) - count;
+      if (left > 0) held.set(heaviest.holder, left);
+      else held.delete(heaviest.holder);
+      taken.set(heaviest.holder, (taken.get(heaviest.holder) ?? 0) + count);
+      excess -= count;
+    }
+    const cuts: Array<[Holder, number, string]> = [];
+    for (const [uid, count] of taken) {
+      const last = this.#statements.nthOldestUsedOf.get(uid, count - 1);
+      if (last) cuts.push([uid, last.last_seen, last.origin_key]);
+    }
+    return cuts;
+  }
+
   /** Counts the rows, per holder, from the table (at open, and should the counts kept in memory be wrong). */
   #recount(): void {
     this.#held = new Map();
@@ -1359,10 +1419,29 @@ export class StateStore {
   #startTimer(ms: number): void {
     if (this.#timer) clearInterval(this.#timer);
     this.#flushMs = ms;
+    this.#timer = setInterval(() => this.#runSlices(false), ms);
+    this.#timer.unref();
+  }
+
+  /**
+   * Runs slices (flushSlice), one a turn of the event loop, while there is more to do: a tick of the timer's
+   * (stopAutoFlush ends it), or with `untilDone` until nothing is left, timer or not (the eviction a ranking left:
+   * topOrigins). One run at a time: a run under way takes `untilDone` over. A failure ends the run, said once a run
+   * of failures (onFlushFailing); the timer's next tick tries again.
+   */
+  #runSlices(untilDone: boolean): void {
+    if (untilDone) this.#slicingUntilDone = true;
+    if (this.#slicing) return;
+    this.#slicing = true;
     const slice = () => {
       let more = false;
       try {
         more = this.flushSlice();
+        if (this.#overCapAtRanking !== undefined && this.#rowCount <= this.#maxOrigins) {
+          const overCap = this.#overCapAtRanking;
+          this.#overCapAtRanking = undefined;
+          this.#onOverCapEvicted?.({ path: this.path, overCap });
+        }
         if (this.#failures > 0) {
           const failures = this.#failures;
           this.#failures = 0;
@@ -1380,15 +1459,13 @@ export class StateStore {
           });
         }
       }
-      if (more && this.#timer) setImmediate(slice);
-      else this.#slicing = false;
+      if (more && (this.#timer || this.#slicingUntilDone)) setImmediate(slice);
+      else {
+        this.#slicing = false;
+        this.#slicingUntilDone = false;
+      }
     };
-    this.#timer = setInterval(() => {
-      if (this.#slicing) return;
-      this.#slicing = true;
-      slice();
-    }, ms);
-    this.#timer.unref();
+    slice();
   }
 
   /** Rows in the origins table (history), for tests and the bench. */
@@ -1404,27 +1481,27 @@ export class StateStore {
 
   /**
    * The origins most likely needed, best first: ranked by recent demand (each acquire in the demand history
-   * weighs 1, halved every `scoreHalfLifeMs` of age). Writes first what is pending and evicts what is over the cap,
-   * so it includes what was just recorded and nothing the cap takes; a write that fails (the file locked by another
-   * process, a full disk) leaves that to the timer, and what is stored is ranked: the history only warms, and
-   * warm-on-start must not fail the start.
+   * weighs 1, halved every `scoreHalfLifeMs` of age). Writes first what is pending, so it includes what was just
+   * recorded; a write that fails (the file locked by another process, a full disk) leaves that to the timer, and what
+   * is stored is ranked: the history only warms, and warm-on-start must not fail the start.
    *
-   * That writing is in slices, as the timer's, yielding the event loop between them: the daemon serves from before
-   * its warm-on-start, and a start can find up to maxOrigins rows over the cap (a stop writes what is pending without
-   * evicting: close()), whose eviction in one transaction held the loop for as long. It does what was owed when
-   * called and no more (the pending origins then, the first recorded, and the rows over the cap then, and as many as
-   * those add), so records made while it waits (a flood of new origins) cannot keep it from ranking; the timer
-   * writes those. Pruning is left to the timer too (the first flush after a start prunes, #lastPrune being 0):
-   * nothing the ranking counts is pruned. Ranks nothing once the store is closed.
+   * That writing is in slices, as the timer's, yielding the event loop between them (the daemon serves from before
+   * its warm-on-start). It writes what was pending when called and no more (the first recorded), so records made
+   * while it waits (a flood of new origins) cannot keep it from ranking; the timer writes those.
+   *
+   * Rows over the cap are not waited for: a start can find up to maxOrigins of them (a stop writes what is pending
+   * without evicting: close(); a lower cap in the configuration), whose eviction, sliced, took warm-on-start and READY
+   * past a second (proportional to the rows over: a cap lowered by a million rows, past the unit's start timeout).
+   * The ranking leaves out the rows that eviction takes (#evictionCuts: its order worked out on the row counts), and
+   * the eviction runs after it in the timer's slices, timer or not (#runSlices; onOverCapEvicted is told when it is
+   * done). Pruning is left to the timer too (the first flush after a start prunes, #lastPrune being 0): nothing the
+   * ranking counts is pruned. Ranks nothing once the store is closed.
    */
   async topOrigins(limit: number): Promise<TopOrigin[]> {
     if (limit <= 0) return [];
-    const owed = {
-      records: this.#pending.size,
-      evictions: Math.max(0, this.#rowCount - this.#maxOrigins) + this.#pending.size,
-    };
+    const owed = { records: this.#pending.size };
     try {
-      while ((owed.records > 0 || owed.evictions > 0) && this.#slice(SLICE_BUDGET_MS, owed)) {
+      while (owed.records > 0 && this.#slice(SLICE_BUDGET_MS, owed)) {
         await new Promise((resolve) => setImmediate(resolve));
       }
     } catch {}
@@ -1436,7 +1513,13 @@ export class StateStore {
       sinceMinute: nowMinute - this.#historyMinutes,
       halfLifeMinutes: this.#scoreHalfLifeMinutes,
       limit: Math.floor(limit),
+      cuts: JSON.stringify(this.#evictionCuts()),
     });
+    if (this.#rowCount > this.#maxOrigins) {
+      this.#overCapAtRanking ??= this.#rowCount - this.#maxOrigins;
+      // From the next turn: the ranking is returned first.
+      setImmediate(() => this.#runSlices(true));
+    }
     return rows.map((row) => ({
       originKey: row.origin_key,
       host: row.host,

@@ -9,7 +9,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import Database from 'better-sqlite3';
 import { afterEach, describe, expect, it } from 'vitest';
 import type { PoolSnapshot } from '../daemon/client-view.js';
-import { MIGRATIONS } from '../daemon/store.js';
+import { MIGRATIONS, StateStore } from '../daemon/store.js';
 import * as native from '../shared/native.js';
 import { MAX_MESSAGE_BYTES } from '../shared/protocol.js';
 import { startServer, type TestServer } from './fixtures/native-helpers.js';
@@ -831,6 +831,43 @@ describe('life cycle', () => {
     expect(lease.message).toMatchObject({ type: 'lease', warm: true });
     for (const fd of lease.fds) native.close(fd);
   });
+  it('is ready before it evicts what its history holds over pool.historyMaxOrigins, and says when that is done', async () => {
+    // A history far over the cap the daemon starts with (a lower pool.historyMaxOrigins; a stop writes past it).
+    const stateDir = mkdtempSync(join(tmpdir(), 'sockpoold-test-'));
+    const building = StateStore.open(stateDir, { maxOrigins: 20_000 });
+    for (let port = 10_000; port < 30_000; port++) building.recordAcquire(`127.0.0.1:${port}`, { hit: false }, 1000);
+    building.flush();
+    building.close();
+    await building.threadEnded();
+    const configPath = writeConfig({
+      egress: { allow: ['127.0.0.1/32'], allowPorts: [9] },
+      // No tick of the timer before the ranking: the eviction is the one the ranking leaves.
+      pool: { historyMaxOrigins: 1_000, statsFlushMs: 600_000 },
+    });
+    const sockpoold = await startDaemon({ stateDir, args: ['--config', configPath] });
+    cleanups.push(() => sockpoold.stop());
+    await eventually(
+      () => logRecords(sockpoold, 'history evicted down to pool.historyMaxOrigins').length > 0,
+      () => `the eviction logged: ${sockpoold.output()}`,
+    );
+    const lines = sockpoold
+      .output()
+      .split('\n')
+      .filter((line) => line.startsWith('{'))
+      .map((line) => (JSON.parse(line) as { msg: string }).msg);
+    // Before, READY (and its log line) waited for the eviction: the ranking did it first.
+    expect(lines.indexOf('sockpoold ready')).toBeLessThan(
+      lines.indexOf('history evicted down to pool.historyMaxOrigins'),
+    );
+    expect(logRecords(sockpoold, 'history evicted down to pool.historyMaxOrigins')).toEqual([
+      expect.objectContaining({ overCap: 19_000, historyMaxOrigins: 1_000 }),
+    ]);
+    const db = new Database(join(stateDir, 'sockpool.sqlite'), { readonly: true });
+    expect(db.prepare('SELECT count(*) FROM origins').pluck().get()).toBe(1_000);
+    db.close();
+    expect(await sockpoold.stop()).toBe(0);
+  });
+
   it('starts, warms from its history and stops cleanly while another process holds the database write lock', async () => {
     const echo = await server();
     const first = await stoppedWithHistory(echo.port, 3);
