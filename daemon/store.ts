@@ -3,8 +3,8 @@
 // history. At start the pool manager asks `topOrigins` which origins to warm first.
 //
 // Nothing here touches the disk on the handoff path. `recordAcquire`, `recordConnect`, `recordConnectFailure` and
-// `recordIdleLifetime` only update a Map; `flush` writes everything accumulated in one transaction and runs from
-// an unref'd timer (`startAutoFlush`). The database is in WAL mode with synchronous=NORMAL: a commit survives the
+// `recordIdleLifetime` only update a Map; a flush writes everything accumulated, in slices (below), from an unref'd
+// timer (`startAutoFlush`). The database is in WAL mode with synchronous=NORMAL: a commit survives the
 // process being killed at any moment (the WAL is in the OS page cache), so a crash loses at most what was recorded
 // since the last flush. A power loss may also lose the last commits before a checkpoint, never corrupt the file.
 // The WAL file goes back to at most WAL_SIZE_LIMIT when it starts over after a complete checkpoint.
@@ -21,8 +21,8 @@
 // the timer's flushes write in slices of at most SLICE_BUDGET_MS of event-loop time, continuing on the next turn,
 // so a flood of new origins never holds the loop for long (bench/store-flush.ts measures it with 100,000 origins).
 // `topOrigins` (warm-on-start) writes what is pending in such slices too, awaited, and leaves out of its ranking the
-// rows over the cap, evicted after it in such slices; `flush()` itself (tests, the bench) still writes everything at
-// once; `close()` (the stop) prepares committed
+// rows over the cap, evicted after it in such slices; `flush()` (tests, the bench) writes in them too, resolved once
+// all it owed is committed; `close()` (the stop) prepares committed
 // slices, paced to the store's thread (below) that commits them and closes the file, until a quarter of
 // CLOSE_BUDGET_MS is left for that thread to finish, drops what is left, and returns by the budget whatever the disk
 // does: a thread still waiting for the disk then is left to the process's exit, the state directory locked until it
@@ -392,6 +392,12 @@ interface OriginRow {
   demand_updated_at: number;
   /** The holder (see MIGRATIONS[3]); NULL when none, or on a file whose migration to schema 4 waits. */
   uid: number | null;
+}
+
+/** What a run of flush()'s or topOrigins' slices owes (StateStore.#slice): the pending origins when it was asked. */
+interface Owed {
+  records: number;
+  by: 'flush' | 'ranking';
 }
 
 /** One slice of close()'s writing, for the store thread to commit (STORE_THREAD_SOURCE). */
@@ -987,23 +993,25 @@ export class StateStore {
   // -------------------------------------------------------------------------------------------------------------
   // Off the handoff path: flushing and reading.
 
-  /** Writes everything recorded since the last flush in one transaction. Returns the number of origins written. */
-  flush(): number {
+  /**
+   * Writes everything recorded before the call, evicts what is over the cap and prunes when due (the first flush
+   * does), in the timer's slices (SLICE_BUDGET_MS of event-loop time each, yielding between them): resolved once all
+   * of that is committed (unless the store is closed meanwhile: close() writes what is left), with the number of
+   * origins it wrote. In one transaction, as it was, a large pending set held the event loop for as long. Records
+   * made while it runs are not waited for (the timer writes them), so a flood of new origins cannot keep it from
+   * resolving. A write that fails (a locked file, a full disk) rejects, what it did not write still pending. For tests
+   * and the bench: the daemon's writing is the timer's (startAutoFlush).
+   */
+  async flush(): Promise<number> {
     if (this.#closed) return 0;
-    const now = this.#now();
-    const count = this.#pending.size;
-    const prune = now - this.#lastPrune >= PRUNE_INTERVAL_MS;
-    if (count === 0 && !prune) return 0;
-    this.#commit(() => {
-      for (const [originKey, pending] of this.#pending) this.#write(originKey, pending, now);
-      while (this.#evictSome()) {}
-      if (prune) while (this.#pruneSome(now)) {}
-    });
-    // Only after the commit: if it threw, everything stays pending for the next flush.
-    this.#pending.clear();
-    this.#pendingBy.clear();
-    if (prune) this.#lastPrune = now;
-    return count;
+    const owed: Owed = { records: this.#pending.size, by: 'flush' };
+    const records = owed.records;
+    while (this.#slice(SLICE_BUDGET_MS, owed)) {
+      this.#noteOverCapEvicted();
+      await new Promise((resolve) => setImmediate(resolve));
+    }
+    this.#noteOverCapEvicted();
+    return records - owed.records;
   }
 
   /**
@@ -1017,14 +1025,17 @@ export class StateStore {
   }
 
   /**
-   * flushSlice, or with `owed` one of topOrigins' wait: at most `owed.records` pending origins (the first recorded),
-   * counted down, and no eviction nor pruning (left to the timer's slices: the ranking leaves out what the eviction
-   * takes, and counts no demand the prune would delete). Returns true when the budget ran out with more of that to do.
+   * flushSlice, or with `owed` one of flush()'s or topOrigins' slices: at most `owed.records` pending origins (the
+   * first recorded), counted down. flush()'s then evict and prune, as the timer's, but ask for no checkpoint (it
+   * never did: the timer's next slice asks); the ranking's neither evict nor prune, left to the timer's slices (the
+   * ranking leaves out what the eviction takes, and counts no demand the prune would delete). Returns true when the
+   * budget ran out with more of that to do.
    */
-  #slice(budgetMs: number, owed?: { records: number }): boolean {
+  #slice(budgetMs: number, owed?: Owed): boolean {
     if (this.#closed) return false;
+    const evicts = owed?.by !== 'ranking';
     const now = this.#now();
-    const prune = !owed && now - this.#lastPrune >= PRUNE_INTERVAL_MS;
+    const prune = evicts && now - this.#lastPrune >= PRUNE_INTERVAL_MS;
     const started = performance.now();
     const written: Array<[string, Pending]> = [];
     let evicted = 0;
@@ -1037,11 +1048,11 @@ export class StateStore {
         // After every origin: one carries up to #minutesPerOrigin demand entries (60 statements), so a check every 16
         // let a slice run 16 of them past its budget.
         if (performance.now() - started >= budgetMs) {
-          more = !owed || written.length < owed.records;
+          more = !owed || written.length < owed.records || evicts;
           return;
         }
       }
-      if (owed) return;
+      if (!evicts) return;
       for (;;) {
         const rows = this.#rowCount;
         if (!this.#evictSome()) break;
@@ -1064,7 +1075,11 @@ export class StateStore {
     if (owed) owed.records -= written.length;
     // A slice that wrote nothing (the timer's usual tick) asks for nothing.
     if (written.length > 0 || evicted > 0 || more || prune) this.#uncheckpointed = true;
-    if (this.#uncheckpointed && (!more || ++this.#slicesSinceCheckpoint >= SLICES_PER_CHECKPOINT)) {
+    if (
+      this.#uncheckpointed &&
+      owed?.by !== 'flush' &&
+      (!more || ++this.#slicesSinceCheckpoint >= SLICES_PER_CHECKPOINT)
+    ) {
       this.#requestCheckpoint();
     }
     return more;
@@ -1437,11 +1452,7 @@ export class StateStore {
       let more = false;
       try {
         more = this.flushSlice();
-        if (this.#overCapAtRanking !== undefined && this.#rowCount <= this.#maxOrigins) {
-          const overCap = this.#overCapAtRanking;
-          this.#overCapAtRanking = undefined;
-          this.#onOverCapEvicted?.({ path: this.path, overCap });
-        }
+        this.#noteOverCapEvicted();
         if (this.#failures > 0) {
           const failures = this.#failures;
           this.#failures = 0;
@@ -1466,6 +1477,14 @@ export class StateStore {
       }
     };
     slice();
+  }
+
+  /** Tells onOverCapEvicted, once the rows a ranking left over the cap are evicted (by whichever slices). */
+  #noteOverCapEvicted(): void {
+    if (this.#overCapAtRanking === undefined || this.#rowCount > this.#maxOrigins) return;
+    const overCap = this.#overCapAtRanking;
+    this.#overCapAtRanking = undefined;
+    this.#onOverCapEvicted?.({ path: this.path, overCap });
   }
 
   /** Rows in the origins table (history), for tests and the bench. */
@@ -1499,7 +1518,7 @@ export class StateStore {
    */
   async topOrigins(limit: number): Promise<TopOrigin[]> {
     if (limit <= 0) return [];
-    const owed = { records: this.#pending.size };
+    const owed: Owed = { records: this.#pending.size, by: 'ranking' };
     try {
       while (owed.records > 0 && this.#slice(SLICE_BUDGET_MS, owed)) {
         await new Promise((resolve) => setImmediate(resolve));

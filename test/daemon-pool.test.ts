@@ -836,7 +836,7 @@ describe('life cycle', () => {
     const stateDir = mkdtempSync(join(tmpdir(), 'sockpoold-test-'));
     const building = StateStore.open(stateDir, { maxOrigins: 20_000 });
     for (let port = 10_000; port < 30_000; port++) building.recordAcquire(`127.0.0.1:${port}`, { hit: false }, 1000);
-    building.flush();
+    await building.flush();
     building.close();
     await building.threadEnded();
     const configPath = writeConfig({

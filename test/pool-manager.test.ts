@@ -544,7 +544,7 @@ describe('PoolManager with its store and configuration', () => {
     store.recordAcquire('busy.test:443', { hit: false });
     store.recordIdleLifetime('busy.test:443', 4_000);
     store.recordAcquire('quiet.test:443', { hit: false });
-    store.flush();
+    await store.flush();
     connector.refuse.add(QUIET.host);
 
     const pools = manager({ defaults: { minIdle: 2 } }, store);
@@ -562,7 +562,7 @@ describe('PoolManager with its store and configuration', () => {
     store.recordAcquire('busy.test:443 via corp', { hit: false });
     store.recordAcquire('busy.test:443 via corp', { hit: false });
     store.recordAcquire('quiet.test:443 via gone', { hit: false });
-    store.flush();
+    await store.flush();
     connector.proxies = new Set(['corp']);
     const pools = new PoolManager({
       config: parseConfig(
@@ -589,7 +589,7 @@ describe('PoolManager with its store and configuration', () => {
     cleanups.push(() => closeStore(store));
     store.recordAcquire('busy.test:443 via tls', { hit: false });
     store.recordAcquire('busy.test:443 via tls', { hit: false });
-    store.flush();
+    await store.flush();
     connector.proxies = new Set(['tls']);
     const config = parseConfig({ proxies: [{ name: 'tls', url: 'http://127.0.0.1:3128' }] }, 'test');
     const pools = new PoolManager({ config, connector, log: pino({ level: 'silent' }), store });
@@ -614,7 +614,7 @@ describe('PoolManager with its store and configuration', () => {
       }
       store.recordConnect(`busy${origin}.test:443`, 10);
     }
-    store.flush();
+    await store.flush();
 
     const pools = manager({ warmOnStartSockets: 10 }, store);
     pools.start();
@@ -654,7 +654,7 @@ describe('PoolManager with its store and configuration', () => {
     for (let index = 0; index < 3; index++) await acquireAs(QUIET, B);
     for (let origin = 0; origin < 20; origin++) {
       for (let index = 0; index < 5; index++) await acquireAs({ host: `a${origin}.test`, port: 443 }, A);
-      if (origin % 5 === 4) store.flush();
+      if (origin % 5 === 4) await store.flush();
     }
     before.close(false);
     expect(store.originCount).toBe(6);

@@ -105,7 +105,7 @@ describe('StateStore.open', () => {
     store.close();
   });
 
-  it('moves a corrupt file aside and starts with an empty history, saying where', () => {
+  it('moves a corrupt file aside and starts with an empty history, saying where', async () => {
     // A torn or foreign file: SQLite says SQLITE_NOTADB at the first statement. The history only warms, so a
     // daemon that stopped on it would be restarted by systemd into the same failure, for ever.
     const path = join(dir, 'sockpool.sqlite');
@@ -119,7 +119,7 @@ describe('StateStore.open', () => {
     const movedTo = told[0]!.movedTo;
     expect(readFileSync(movedTo)).toEqual(garbage);
     store.recordAcquire('fresh.example:443', { hit: false });
-    store.flush();
+    await store.flush();
     expect(store.origin('fresh.example:443')?.acquires).toBe(1);
     store.close();
     const db = reader(dir);
@@ -127,7 +127,7 @@ describe('StateStore.open', () => {
     db.close();
   });
 
-  it('moves aside a file corrupt past the pages an open reads (a torn page in the middle): every flush failed on it, start after start', () => {
+  it('moves aside a file corrupt past the pages an open reads (a torn page in the middle): every flush failed on it, start after start', async () => {
     // The open reads the schema and counts rows by an index; a page of the table itself torn (a disk, a copy cut
     // short) was found only by the statements that touch it: the file stayed, warming failed and every flush failed
     // with SQLITE_CORRUPT, at every start, for good.
@@ -137,7 +137,7 @@ describe('StateStore.open', () => {
       store.recordAcquire(`o${index}.example:443`, { hit: false }, 1000);
       store.recordConnect(`o${index}.example:443`, 5);
     }
-    store.flush();
+    await store.flush();
     store.close();
     const torn = readFileSync(path);
     torn.fill(0x5a, 4096 * 3, 4096 * 4);
@@ -147,18 +147,18 @@ describe('StateStore.open', () => {
     expect(told).toEqual([{ path, movedTo: expect.stringMatching(/\.corrupt-/), err: expect.any(String) }]);
     expect(readFileSync(told[0]!.movedTo)).toEqual(torn);
     reopened.recordAcquire('fresh.example:443', { hit: false });
-    reopened.flush();
+    await reopened.flush();
     expect(reopened.origin('fresh.example:443')?.acquires).toBe(1);
     reopened.close();
   });
 
-  it('with onUnavailable, runs on a history in memory when the file cannot be opened (its -wal unopenable, a full disk), saying why, the file untouched', () => {
+  it('with onUnavailable, runs on a history in memory when the file cannot be opened (its -wal unopenable, a full disk), saying why, the file untouched', async () => {
     // Found in review: a full disk or an unopenable -wal failed the start with SOCKPOOL_ERR_CONFIG (exit 2, which the
     // unit does not restart): the whole service down for a history that only warms.
     const path = join(dir, 'sockpool.sqlite');
     const first = open();
     first.recordAcquire('kept.example:443', { hit: false });
-    first.flush();
+    await first.flush();
     first.close();
     const before = readFileSync(path);
     mkdirSync(`${path}-wal`);
@@ -167,7 +167,7 @@ describe('StateStore.open', () => {
     expect(told).toEqual([{ path, sqliteCode: 'SQLITE_CANTOPEN', err: expect.stringContaining(path) }]);
     store.startAutoFlush(20);
     store.recordAcquire('fresh.example:443', { hit: false });
-    store.flush();
+    await store.flush();
     expect(store.origin('fresh.example:443')?.acquires).toBe(1);
     expect(store.origin('kept.example:443')).toBeUndefined();
     expect(store.close()).toBe(0);
@@ -209,10 +209,10 @@ describe('the state directory lock (lockStateDir)', () => {
   const locked = (onUnavailable?: () => void) =>
     StateStore.open(dir, { now, lockStateDir: true, ...(onUnavailable ? { onUnavailable } : {}) });
 
-  it('refuses a second store on the directory with SOCKPOOL_ERR_CONFIG naming it and the holder, onUnavailable or not, while a reader still reads the file; close lets it go', () => {
+  it('refuses a second store on the directory with SOCKPOOL_ERR_CONFIG naming it and the holder, onUnavailable or not, while a reader still reads the file; close lets it go', async () => {
     const first = locked();
     first.recordAcquire('kept.example:443', { hit: false });
-    first.flush();
+    await first.flush();
     const told: unknown[] = [];
     let caught: unknown;
     try {
@@ -281,9 +281,9 @@ describe('the state directory lock (lockStateDir)', () => {
 });
 
 describe('batching', () => {
-  it('writes nothing until flush, then everything in one transaction', () => {
+  it('writes nothing until flush, then everything in one transaction', async () => {
     const store = open();
-    store.flush(); // the first flush also prunes; start counting after it
+    await store.flush(); // the first flush also prunes; start counting after it
     const database = store.path;
     const commitsBefore = walCommits(database);
     const walSizeBefore = statSync(`${database}-wal`).size;
@@ -304,7 +304,14 @@ describe('batching', () => {
     const db = reader(dir);
     expect(value(db, 'SELECT count(*) FROM origins')).toBe(0);
 
-    expect(store.flush()).toBe(300);
+    // Within one slice's budget (a clock of work that does not move: flush() writes in the timer's slices), one
+    // transaction for all of it.
+    const stillClock = vi.spyOn(performance, 'now').mockReturnValue(0);
+    try {
+      expect(await store.flush()).toBe(300);
+    } finally {
+      stillClock.mockRestore();
+    }
     expect(walCommits(database) - commitsBefore).toBe(1);
     expect(store.pendingOrigins).toBe(0);
     expect(value(db, 'SELECT count(*) FROM origins')).toBe(300);
@@ -312,32 +319,37 @@ describe('batching', () => {
     expect(value(db, 'SELECT sum(connect_failures) FROM origins')).toBe(30);
 
     // Nothing pending: a flush writes nothing.
-    expect(store.flush()).toBe(0);
+    expect(await store.flush()).toBe(0);
     expect(walCommits(database) - commitsBefore).toBe(1);
     db.close();
     store.close();
   });
 
-  it('truncates the WAL back to WAL_SIZE_LIMIT once a checkpoint copied it all (it kept its peak size for good)', () => {
+  it('truncates the WAL back to WAL_SIZE_LIMIT once a checkpoint copied it all (it kept its peak size for good)', async () => {
     const store = StateStore.open(dir, { now, maxOrigins: 100_000 });
     const wal = `${store.path}-wal`;
     for (let origin = 0; origin < 40_000; origin++) {
       store.recordAcquire(`w${origin}.example:443`, { hit: false });
       store.recordConnect(`w${origin}.example:443`, 5);
     }
-    // One transaction: the WAL grows past the limit; SQLite's automatic checkpoint at its end copies it all (no
-    // checkpointer thread without the auto flush).
-    store.flush();
+    // One transaction (one slice of flush(): a clock of work that does not move): the WAL grows past the limit;
+    // SQLite's automatic checkpoint at its end copies it all (no checkpointer thread without the auto flush).
+    const stillClock = vi.spyOn(performance, 'now').mockReturnValue(0);
+    try {
+      await store.flush();
+    } finally {
+      stillClock.mockRestore();
+    }
     expect(statSync(wal).size).toBeGreaterThan(WAL_SIZE_LIMIT);
     // The next commit starts the WAL over from its beginning, and then truncates the file to the limit.
     clock += 1000;
     store.recordAcquire('one.example:443', { hit: false });
-    store.flush();
+    await store.flush();
     expect(statSync(wal).size).toBeLessThanOrEqual(WAL_SIZE_LIMIT);
     store.close();
   });
 
-  it('accumulates counters and averages across flushes and reopenings', () => {
+  it('accumulates counters and averages across flushes and reopenings', async () => {
     let store = open();
     const key = 'example.com:443';
     store.recordAcquire(key, { hit: false });
@@ -345,7 +357,7 @@ describe('batching', () => {
     store.recordConnect(key, 10);
     store.recordConnect(key, 20);
     store.recordConnectFailure(key);
-    store.flush();
+    await store.flush();
     const first = store.origin(key);
     expect(first).toMatchObject({
       host: 'example.com',
@@ -374,20 +386,20 @@ describe('batching', () => {
     store.close();
   });
 
-  it('keeps a decaying demand rate per origin', () => {
+  it('keeps a decaying demand rate per origin', async () => {
     const store = open();
     const key = 'rate.example:443';
     for (let index = 0; index < 60; index++) store.recordAcquire(key, { hit: true });
-    store.flush();
+    await store.flush();
     expect(store.origin(key)?.demandRatePerS).toBeCloseTo(1, 10); // 60 acquires / 60 s window
     clock += MINUTE;
     for (let index = 0; index < 60; index++) store.recordAcquire(key, { hit: true });
-    store.flush();
+    await store.flush();
     expect(store.origin(key)?.demandRatePerS).toBeCloseTo(Math.exp(-1) + 1, 10);
     store.close();
   });
 
-  it('flushes from a timer', () => {
+  it('flushes from a timer', async () => {
     const store = open();
     useFakeClock();
     try {
@@ -402,7 +414,7 @@ describe('batching', () => {
     expect(store.pendingOrigins).toBe(0);
     expect(store.origin('timer.example:80')?.acquires).toBe(1);
     store.close();
-    expect(store.flush()).toBe(0); // closed: a no-op
+    expect(await store.flush()).toBe(0); // closed: a no-op
     store.close(); // idempotent
   });
 
@@ -425,24 +437,24 @@ describe('batching', () => {
 });
 
 describe('what a client cannot bloat', () => {
-  it('records only origins that connected: failures and refusals of an origin never reached leave no row', () => {
+  it('records only origins that connected: failures and refusals of an origin never reached leave no row', async () => {
     const store = open();
     for (let origin = 0; origin < 200; origin++) store.recordConnectFailure(`junk${origin}.example:443`);
     store.recordConnect('real.example:443', 12);
     store.recordConnectFailure('real.example:443');
-    expect(store.flush()).toBe(201);
+    expect(await store.flush()).toBe(201);
     const db = reader(dir);
     expect(column(db, 'SELECT origin_key FROM origins')).toEqual(['real.example:443']);
     expect(store.originCount).toBe(1);
     // A failure of an origin that did connect before is still counted.
     store.recordConnectFailure('real.example:443');
-    store.flush();
+    await store.flush();
     expect(store.origin('real.example:443')?.connectFailures).toBe(2);
     db.close();
     store.close();
   });
 
-  it('keeps at most maxOrigins, evicting the least recently seen with their demand history', () => {
+  it('keeps at most maxOrigins, evicting the least recently seen with their demand history', async () => {
     const store = StateStore.open(dir, { now, maxOrigins: 100 });
     for (let origin = 0; origin < 250; origin++) {
       clock += 1000;
@@ -450,7 +462,7 @@ describe('what a client cannot bloat', () => {
       store.recordConnect(`o${origin}.example:443`, 5);
       store.recordIdleLifetime(`o${origin}.example:443`, 30_000);
     }
-    store.flush();
+    await store.flush();
     const db = reader(dir);
     expect(value(db, 'SELECT count(*) FROM origins')).toBe(100);
     expect(store.originCount).toBe(100);
@@ -462,7 +474,7 @@ describe('what a client cannot bloat', () => {
     clock += 1000;
     store.recordAcquire('o150.example:443', { hit: true });
     for (let origin = 250; origin < 260; origin++) store.recordAcquire(`o${origin}.example:443`, { hit: false });
-    store.flush();
+    await store.flush();
     expect(value(db, 'SELECT count(*) FROM origins')).toBe(100);
     expect(store.origin('o150.example:443')).toBeDefined();
     expect(store.origin('o151.example:443')).toBeUndefined();
@@ -474,7 +486,7 @@ describe('what a client cannot bloat', () => {
     db.close();
   });
 
-  it('evicts origins without demand (reached only by prewarms) first, then the least recently seen', () => {
+  it('evicts origins without demand (reached only by prewarms) first, then the least recently seen', async () => {
     // One uid's prewarms (within its allowance) make rows that no acquire ever asked for: at the cap they must not
     // push out the history of origins that clients used.
     const store = StateStore.open(dir, { now, maxOrigins: 4 });
@@ -483,12 +495,12 @@ describe('what a client cannot bloat', () => {
       store.recordAcquire(`used${origin}.example:443`, { hit: false });
       store.recordConnect(`used${origin}.example:443`, 5);
     }
-    store.flush();
+    await store.flush();
     for (let origin = 0; origin < 50; origin++) {
       clock += 1000;
       store.recordConnect(`prewarmed${origin}.example:443`, 5); // a prewarm's connect: no acquire
     }
-    store.flush();
+    await store.flush();
     const db = reader(dir);
     expect(column(db, 'SELECT origin_key FROM origins ORDER BY origin_key')).toEqual([
       'prewarmed49.example:443',
@@ -501,7 +513,7 @@ describe('what a client cannot bloat', () => {
     store.recordAcquire('used0.example:443', { hit: true });
     store.recordAcquire('used3.example:443', { hit: false });
     store.recordAcquire('used4.example:443', { hit: false });
-    store.flush();
+    await store.flush();
     expect(column(db, 'SELECT origin_key FROM origins ORDER BY origin_key')).toEqual([
       'used0.example:443',
       'used2.example:443',
@@ -513,7 +525,7 @@ describe('what a client cannot bloat', () => {
     store.close();
   });
 
-  it("keeps another uid's history at the cap: one uid's acquires to ever more origins push out its own oldest", () => {
+  it("keeps another uid's history at the cap: one uid's acquires to ever more origins push out its own oldest", async () => {
     // One uid's acquires to thousands of origins that connect (a wildcard domain the policy allows) evicted every
     // other uid's history: the least recently seen went first, whoever's they were.
     const A = 1000;
@@ -524,18 +536,18 @@ describe('what a client cannot bloat', () => {
       store.recordAcquire(`b${origin}.example:443`, { hit: false }, B);
       store.recordConnect(`b${origin}.example:443`, 5);
     }
-    store.flush();
+    await store.flush();
     for (let origin = 0; origin < 50; origin++) {
       clock += 1000;
       store.recordAcquire(`a${origin}.example:443`, { hit: false }, A);
       store.recordConnect(`a${origin}.example:443`, 5);
-      if (origin % 10 === 9) store.flush();
+      if (origin % 10 === 9) await store.flush();
     }
     // Another uid's acquire renews a row but takes nothing over: b0 stays B's (else A could make B's origins its own
     // and push them out as its oldest).
     clock += 1000;
     store.recordAcquire('b0.example:443', { hit: true }, A);
-    store.flush();
+    await store.flush();
     const db = reader(dir);
     const rows = () => column(db, 'SELECT origin_key FROM origins ORDER BY last_seen, origin_key');
     expect(rows()).toEqual([
@@ -553,14 +565,14 @@ describe('what a client cannot bloat', () => {
       clock += 1000;
       again.recordAcquire(`a${origin}.example:443`, { hit: false }, A);
     }
-    again.flush();
+    await again.flush();
     expect(rows().filter((key) => String(key).startsWith('b'))).toHaveLength(3);
     // A uid holding fewer takes its share back from the one holding the most: equal shares at the cap.
     for (let origin = 3; origin < 8; origin++) {
       clock += 1000;
       again.recordAcquire(`b${origin}.example:443`, { hit: false }, B);
     }
-    again.flush();
+    await again.flush();
     expect(column(db, 'SELECT uid, count(*) FROM origins GROUP BY uid ORDER BY uid')).toEqual([A, B]);
     expect(value(db, 'SELECT count(*) FROM origins WHERE uid = ?', A)).toBe(5);
     expect(value(db, 'SELECT count(*) FROM origins WHERE uid = ?', B)).toBe(5);
@@ -569,18 +581,18 @@ describe('what a client cannot bloat', () => {
     again.close();
   });
 
-  it('takes a lower maxOrigins on reload (configure): the next flush evicts down to it', () => {
+  it('takes a lower maxOrigins on reload (configure): the next flush evicts down to it', async () => {
     const store = StateStore.open(dir, { now, maxOrigins: 100 });
     for (let origin = 0; origin < 5; origin++) {
       clock += 1000;
       store.recordConnect(`o${origin}.example:443`, 5);
     }
-    store.flush();
+    await store.flush();
     expect(store.originCount).toBe(5);
     store.configure({ maxOrigins: 2 });
     clock += 1000;
     store.recordConnect('o5.example:443', 5);
-    store.flush();
+    await store.flush();
     expect(store.originCount).toBe(2);
     const db = reader(dir);
     expect(column(db, 'SELECT origin_key FROM origins ORDER BY origin_key')).toEqual([
@@ -591,13 +603,13 @@ describe('what a client cannot bloat', () => {
     store.close();
   });
 
-  it('a flush that fails (the file locked by another process) changes nothing: the next one evicts to the cap', () => {
+  it('a flush that fails (the file locked by another process) changes nothing: the next one evicts to the cap', async () => {
     const store = StateStore.open(dir, { now, maxOrigins: 2 });
     for (const name of ['a', 'b']) {
       clock += 1000;
       store.recordConnect(`${name}.example:443`, 5);
     }
-    store.flush();
+    await store.flush();
     clock += 1000;
     store.recordConnect('c.example:443', 5);
     // Another process holds the write lock: each flush fails, and everything stays pending.
@@ -657,9 +669,9 @@ describe('what a client cannot bloat', () => {
     store.close();
   });
 
-  it('holds at most maxOrigins origins pending while flushes keep failing (a locked file, a full disk)', () => {
+  it('holds at most maxOrigins origins pending while flushes keep failing (a locked file, a full disk)', async () => {
     const store = StateStore.open(dir, { now, maxOrigins: 100 });
-    store.flush();
+    await store.flush();
     const other = openDatabase(join(dir, 'sockpool.sqlite'));
     other.exec('PRAGMA busy_timeout = 0; BEGIN IMMEDIATE');
     // Clients keep meeting new origins; every timed flush fails and everything stays pending.
@@ -680,8 +692,8 @@ describe('what a client cannot bloat', () => {
    * `origins` origins acquired once a minute for three days while another process holds the file's lock (a locked
    * file, a full disk: every timed flush fails), then written. Returns the most entries held pending meanwhile.
    */
-  function lockedForThreeDays(store: StateStore, origins: number): number {
-    store.flush();
+  async function lockedForThreeDays(store: StateStore, origins: number): Promise<number> {
+    await store.flush();
     const other = openDatabase(join(dir, 'sockpool.sqlite'));
     other.exec('PRAGMA busy_timeout = 0; BEGIN IMMEDIATE');
     let mostPending = 0;
@@ -694,7 +706,7 @@ describe('what a client cannot bloat', () => {
     }
     other.exec('ROLLBACK');
     other.close();
-    store.flush();
+    await store.flush();
     return mostPending;
   }
 
@@ -707,7 +719,7 @@ describe('what a client cannot bloat', () => {
 
   it('holds at most 60 demand minutes per pending origin while flushes keep failing, merging the oldest: no acquire and no ranking lost', async () => {
     const store = StateStore.open(dir, { now, maxOrigins: 20 });
-    const mostPending = lockedForThreeDays(store, 20);
+    const mostPending = await lockedForThreeDays(store, 20);
     const db = reader(dir);
     // It held one entry per origin per minute: 86,400, all written by the one flush at the end.
     expect(value(db, 'SELECT count(*) FROM demand_history')).toBeLessThanOrEqual(20 * 60);
@@ -722,7 +734,7 @@ describe('what a client cannot bloat', () => {
 
   it('shares 200,000 pending demand minutes among the history cap (historyMaxOrigins): 2 per origin at 100,000', async () => {
     const store = StateStore.open(dir, { now, maxOrigins: 100_000 });
-    const mostPending = lockedForThreeDays(store, 20);
+    const mostPending = await lockedForThreeDays(store, 20);
     const db = reader(dir);
     expect(value(db, 'SELECT count(*) FROM demand_history')).toBeLessThanOrEqual(20 * 2);
     expect(mostPending).toBeLessThanOrEqual(20 * 2);
@@ -733,15 +745,15 @@ describe('what a client cannot bloat', () => {
     store.close();
   });
 
-  it('drops a pending demand minute older than the history keeps (demandHistoryDays): the prune would, and no ranking counts it', () => {
+  it('drops a pending demand minute older than the history keeps (demandHistoryDays): the prune would, and no ranking counts it', async () => {
     // A history of 5 minutes, so that the flush below, 8 minutes after the last, does not prune (every 10 minutes).
     const store = StateStore.open(dir, { now, demandHistoryDays: 5 / (24 * 60) });
-    store.flush();
+    await store.flush();
     store.recordAcquire('sparse.example:443', { hit: true }, 1000);
     clock += 8 * MINUTE;
     store.recordAcquire('sparse.example:443', { hit: true }, 1000);
     const pending = store.pendingDemandEntries;
-    store.flush();
+    await store.flush();
     const db = reader(dir);
     expect(column(db, 'SELECT minute FROM demand_history')).toEqual([Math.floor(clock / MINUTE)]);
     db.close();
@@ -749,11 +761,11 @@ describe('what a client cannot bloat', () => {
     store.close();
   });
 
-  it("drops one uid's own pending origins at that bound, not another uid's (a flood between two flushes)", () => {
+  it("drops one uid's own pending origins at that bound, not another uid's (a flood between two flushes)", async () => {
     const A = 1000;
     const B = 1001;
     const store = StateStore.open(dir, { now, maxOrigins: 10 });
-    store.flush();
+    await store.flush();
     const other = openDatabase(join(dir, 'sockpool.sqlite'));
     other.exec('PRAGMA busy_timeout = 0; BEGIN IMMEDIATE');
     store.recordConnect('b0.example:443', 5); // a miss: the connect is recorded before its acquire
@@ -779,11 +791,11 @@ describe('what a client cannot bloat', () => {
     store.close();
   });
 
-  it("drops one uid's own prewarm connects' pending records at that bound, not another uid's miss between its connect and its acquire", () => {
+  it("drops one uid's own prewarm connects' pending records at that bound, not another uid's miss between its connect and its acquire", async () => {
     const A = 1000;
     const B = 1001;
     const store = StateStore.open(dir, { now, maxOrigins: 10 });
-    store.flush();
+    await store.flush();
     // A miss of uid B's: its connect is recorded before its acquire.
     store.recordConnect('b0.example:443', 7, B);
     // Meanwhile uid A's prewarms connect to fifty origins (connects only, no acquire).
@@ -793,7 +805,7 @@ describe('what a client cannot bloat', () => {
     }
     store.recordAcquire('b0.example:443', { hit: false }, B);
     expect(store.pendingOrigins).toBe(10);
-    store.flush();
+    await store.flush();
     const db = reader(dir);
     // B's record kept whole (its connect time with it), held by B; A's the last nine of its own, held by no uid (no
     // acquire asked for them).
@@ -807,9 +819,9 @@ describe('what a client cannot bloat', () => {
     store.close();
   });
 
-  it('a slice looks at its time budget after each origin it writes, not after each sixteenth', () => {
+  it('a slice looks at its time budget after each origin it writes, not after each sixteenth', async () => {
     const store = StateStore.open(dir, { now, maxOrigins: 100 });
-    store.flush();
+    await store.flush();
     // Each origin with a full record of demand minutes: sixteen of them were 16 x 61 statements past the budget.
     for (let minute = 0; minute < 60; minute++) {
       clock += MINUTE;
@@ -822,7 +834,7 @@ describe('what a client cannot bloat', () => {
 
   it('a timed flush writes in slices and yields between them, ending with everything written', async () => {
     const store = StateStore.open(dir, { now, maxOrigins: 1000 });
-    store.flush();
+    await store.flush();
     for (let origin = 0; origin < 3000; origin++) store.recordConnect(`s${origin}.example:443`, 5);
     // A budget of 0 ms: each slice writes one origin and says there is more. (The last 1000 recorded are pending,
     // maxOrigins: about 1000 slices.)
@@ -833,6 +845,51 @@ describe('what a client cannot bloat', () => {
     expect(store.originCount).toBe(1000);
     const db = reader(dir);
     expect(value(db, 'SELECT count(*) FROM origins')).toBe(1000);
+    db.close();
+    store.close();
+  });
+});
+
+describe('flush()', () => {
+  it('writes in slices that yield the event loop, and resolves once everything pending before the call is written, not waiting for what is recorded meanwhile', async () => {
+    const store = StateStore.open(dir, { now, maxOrigins: 100_000 });
+    await store.flush(); // the first flush also prunes
+    for (let origin = 0; origin < 3000; origin++) store.recordAcquire(`p${origin}.example:443`, { hit: false }, 1000);
+    const db = reader(dir);
+    // What another connection sees of the history at each turn of the event loop while the flush is under way, and
+    // new origins recorded at each of those turns (a client flooding them).
+    const seen: number[] = [];
+    let flooded = 0;
+    let flushed = false;
+    const watch = () => {
+      if (flushed) return;
+      seen.push(value(db, 'SELECT count(*) FROM origins') as number);
+      for (let origin = 0; origin < 10; origin++)
+        store.recordAcquire(`flood${flooded++}.example:443`, { hit: false }, 1001);
+      setImmediate(watch);
+    };
+    setImmediate(watch);
+    // Each look at the clock 1 ms later: a slice ends after the fifth origin (SLICE_BUDGET_MS, 5 looks).
+    let ms = 0;
+    const clockOfWork = vi.spyOn(performance, 'now').mockImplementation(() => ms++);
+    let written: number;
+    try {
+      written = await store.flush();
+    } finally {
+      clockOfWork.mockRestore();
+      flushed = true;
+    }
+    // Before: all 3000 in one transaction, the event loop held for all of it (a watcher saw nothing in between).
+    expect(seen, 'the history seen between the transactions of the flush').not.toEqual([]);
+    const counts = [0, ...seen];
+    for (let index = 1; index < counts.length; index++) {
+      expect(counts[index]! - counts[index - 1]!).toBeLessThanOrEqual(5);
+    }
+    expect(written).toBe(3000);
+    expect(value(db, "SELECT count(*) FROM origins WHERE origin_key LIKE 'p%'")).toBe(3000);
+    expect(value(db, "SELECT sum(acquires) FROM demand_history WHERE origin_key LIKE 'p%'")).toBe(3000);
+    expect(flooded).toBeGreaterThan(0);
+    expect(store.pendingOrigins).toBeGreaterThan(0);
     db.close();
     store.close();
   });
@@ -855,7 +912,7 @@ function closeOnClockOfWork(store: StateStore): number {
 describe('close', () => {
   it('prepares what is pending for at most CLOSE_BUDGET_MS (the stop has that long), and drops and counts the origins not seen committed', async () => {
     const store = StateStore.open(dir, { now, maxOrigins: 10_000 });
-    store.flush();
+    await store.flush();
     for (let origin = 0; origin < 3000; origin++) store.recordConnect(`c${origin}.example:443`, 5);
     const dropped = closeOnClockOfWork(store);
     // The store thread commits what it was handed, whether the close waited for it or not.
@@ -875,7 +932,7 @@ describe('close', () => {
     // with more pending than the budget covers returned without its thread (the daemon's stop then ended as unclean,
     // status 1, and what the thread had not committed yet was lost with the process).
     const store = StateStore.open(dir, { now, maxOrigins: 10_000 });
-    store.flush();
+    await store.flush();
     for (let origin = 0; origin < 3000; origin++) store.recordConnect(`c${origin}.example:443`, 5);
     const dropped = closeOnClockOfWork(store);
     expect(store.threadLeft).toBeUndefined();
@@ -890,7 +947,7 @@ describe('close', () => {
   it('commits on the event loop, as before the store thread, what it prepared when that thread cannot open the file', async () => {
     // Its thread opens the file by its path: the state directory moved away while the store ran, it finds none.
     const store = open();
-    store.flush();
+    await store.flush();
     for (let origin = 0; origin < 100; origin++) store.recordConnect(`c${origin}.example:443`, 5);
     const fdsBefore = fdCount();
     const moved = `${dir}-moved`;
@@ -983,25 +1040,25 @@ describe('the checkpointer thread', () => {
 });
 
 describe('learned idle lifetime', () => {
-  it('forgets the learned lifetime of an origin pruned for being unseen, as of one evicted', () => {
+  it('forgets the learned lifetime of an origin pruned for being unseen, as of one evicted', async () => {
     const store = StateStore.open(dir, { now, originRetentionDays: 30, demandHistoryDays: 7 });
     store.recordConnect('gone.example:443', 5);
     store.recordIdleLifetime('gone.example:443', 30_000);
-    store.flush();
+    await store.flush();
     clock += 31 * 24 * HOUR;
     store.recordConnect('here.example:443', 5);
-    store.flush(); // prunes: gone.example was not seen for 31 days
+    await store.flush(); // prunes: gone.example was not seen for 31 days
     expect(store.origin('gone.example:443')).toBeUndefined();
     // Kept in memory for good it was a leak (a crawler meets millions of origins), and came back with the origin.
     expect(store.learnedIdleLifetime('gone.example:443')).toBeUndefined();
     store.close();
   });
 
-  it("a pending record dropped at the bound sets the lifetime back to its row's, not forgotten until a restart", () => {
+  it("a pending record dropped at the bound sets the lifetime back to its row's, not forgotten until a restart", async () => {
     const store = StateStore.open(dir, { now, maxOrigins: 1 });
     store.recordConnect('kept.example:443', 5);
     store.recordIdleLifetime('kept.example:443', 30_000);
-    store.flush();
+    await store.flush();
     store.recordIdleLifetime('kept.example:443', 20_000);
     // The bound (maxOrigins, 1) drops kept.example's record, and then fresh.example's, which never had a row.
     store.recordIdleLifetime('fresh.example:443', 40_000);
@@ -1179,7 +1236,7 @@ describe('migrations', () => {
     db.close();
   });
 
-  it('gives a file of the first schema (older sockpoold) the eviction index, and evicts rows without demand first', () => {
+  it('gives a file of the first schema (older sockpoold) the eviction index, and evicts rows without demand first', async () => {
     const db = openDatabase(join(dir, 'sockpool.sqlite'));
     migrate(db, MIGRATIONS.slice(0, 1));
     const insert = statement(
@@ -1191,7 +1248,7 @@ describe('migrations', () => {
     db.close();
     const store = StateStore.open(dir, { now, maxOrigins: 2 });
     store.recordAcquire('new.example:443', { hit: false });
-    store.flush();
+    await store.flush();
     const after = reader(dir);
     expect(column(after, "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'origins'")).toContain(
       'origins_eviction',
@@ -1240,7 +1297,7 @@ describe('migrations', () => {
     after.close();
   });
 
-  it('gives a file of schema 3 (older sockpoold) the holder column: its rows are one holder, a uid holding fewer keeps its own', () => {
+  it('gives a file of schema 3 (older sockpoold) the holder column: its rows are one holder, a uid holding fewer keeps its own', async () => {
     const db = openDatabase(join(dir, 'sockpool.sqlite'));
     migrate(db, MIGRATIONS.slice(0, 3));
     const insert = statement(
@@ -1255,10 +1312,10 @@ describe('migrations', () => {
     const store = StateStore.open(dir, { now, maxOrigins: 4 });
     expect(store.originCount).toBe(4);
     store.recordAcquire('new0.example:443', { hit: false }, 1000);
-    store.flush();
+    await store.flush();
     clock += 1000;
     store.recordAcquire('new1.example:443', { hit: false }, 1000);
-    store.flush();
+    await store.flush();
     const after = reader(dir);
     expect(value(after, 'PRAGMA user_version')).toBe(MIGRATIONS.length);
     expect(column(after, "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'origins'")).toContain(
@@ -1274,7 +1331,7 @@ describe('migrations', () => {
     expect(value(after, "SELECT uid FROM origins WHERE origin_key = 'old3.example:443'")).toBeNull();
     clock += 1000;
     store.recordAcquire('new2.example:443', { hit: false }, 1000);
-    store.flush();
+    await store.flush();
     expect(column(after, 'SELECT origin_key FROM origins ORDER BY origin_key')).toEqual([
       'new1.example:443',
       'new2.example:443',
@@ -1300,7 +1357,7 @@ describe('migrations', () => {
     for (let origin = 0; origin < 4; origin++) {
       clock += 1000;
       store.recordAcquire(`o${origin}.example:443`, { hit: false }, 1000 + origin);
-      store.flush();
+      await store.flush();
     }
     expect((await store.topOrigins(5)).map((entry) => entry.originKey)).toEqual(['o3.example:443', 'o2.example:443']);
     store.close();
@@ -1355,7 +1412,7 @@ describe('topOrigins', () => {
     clock = start - 72 * HOUR;
     for (let index = 0; index < 1000; index++) store.recordAcquire('heavy.example:443', { hit: true });
     store.recordIdleLifetime('heavy.example:443', 9_000);
-    store.flush();
+    await store.flush();
     // recent.example: 50 an hour ago (score about 44.5); light.example: 10 now (score 10).
     clock = start - HOUR;
     for (let index = 0; index < 50; index++) store.recordAcquire('recent.example:443', { hit: true });
@@ -1407,7 +1464,7 @@ describe('topOrigins', () => {
   it('replays a demand rate halved for every 6 hours since it was last seen (a burst a day ago is not demand now)', async () => {
     const store = open();
     for (let index = 0; index < 600; index++) store.recordAcquire('burst.example:443', { hit: false });
-    store.flush();
+    await store.flush();
     const stored = store.origin('burst.example:443')!.demandRatePerS;
     expect(stored).toBeCloseTo(10, 6); // 600 acquires over the 60 s window
     expect((await store.topOrigins(1))[0]?.demandRatePerS).toBeCloseTo(stored, 6); // a restart right after: all of it
@@ -1423,7 +1480,7 @@ describe('topOrigins', () => {
     const store = StateStore.open(dir, { now, demandHistoryDays: 1 });
     clock -= 2 * 24 * HOUR;
     store.recordAcquire('old.example:443', { hit: true });
-    store.flush();
+    await store.flush();
     clock += 2 * 24 * HOUR;
     store.recordAcquire('new.example:443', { hit: true });
     expect((await store.topOrigins(10)).map((entry) => entry.originKey)).toEqual(['new.example:443']);
@@ -1440,12 +1497,12 @@ describe('topOrigins', () => {
     // A year ahead (a wrong RTC at boot, until NTP steps the clock back): one acquire of future.example.
     clock = right + 365 * 24 * HOUR;
     store.recordAcquire('future.example:443', { hit: false });
-    store.flush();
+    await store.flush();
     // Set right: a store opened now (the next start) sees real demand for busy.example.
     store.close();
     clock = right;
     const again = StateStore.open(dir, { now, maxOrigins: 2 });
-    again.flush(); // a start's first flush (before its warm-on-start ranking)
+    await again.flush(); // a start's first flush (before its warm-on-start ranking)
     clock += MINUTE;
     for (let index = 0; index < 100; index++) again.recordAcquire('busy.example:443', { hit: false });
     // One acquire stamped a year ahead weighed 2^1460 (Infinity) and came first at every start for a year.
@@ -1453,7 +1510,7 @@ describe('topOrigins', () => {
     // And it was the most recently seen for a year: the least recently seen real origins went before it.
     clock += MINUTE;
     again.recordAcquire('next.example:443', { hit: false });
-    again.flush();
+    await again.flush();
     expect(again.origin('busy.example:443')).toBeDefined();
     expect(again.origin('future.example:443')).toBeUndefined();
     again.close();
@@ -1476,7 +1533,7 @@ describe('topOrigins', () => {
     // oldest too (A and B end level, one row at a time), b0 among them.
     for (let index = 0; index < 50; index++) building.recordAcquire('b0.example:443', { hit: false }, B);
     for (let origin = 1; origin < 499; origin++) building.recordAcquire(`b${origin}.example:443`, { hit: false }, B);
-    building.flush();
+    await building.flush();
     expect(building.originCount).toBe(9_999);
     building.close();
     await building.threadEnded();
@@ -1547,7 +1604,7 @@ describe('topOrigins', () => {
     const building = StateStore.open(dir, { now, maxOrigins: 5_000 });
     for (let origin = 0; origin < 5_000; origin++)
       building.recordAcquire(`old${origin}.example:443`, { hit: false }, 1000);
-    building.flush();
+    await building.flush();
     building.close();
     await building.threadEnded();
     clock += MINUTE;
