@@ -264,7 +264,6 @@ const AUTOCHECKPOINT_PAGES = 1000;
  */
 const STORE_THREAD_SOURCE = `
 const { parentPort, workerData } = require('node:worker_threads');
-const Database = require(workerData.betterSqlite3);
 const flags = new Int32Array(workerData.flags);
 const [OPEN, COMMITTED, DONE, SLICES] = [0, 1, 2, 3];
 const signal = (index, value) => {
@@ -272,7 +271,10 @@ const signal = (index, value) => {
   Atomics.notify(flags, index);
 };
 let db;
+// Everything up to the open in the try, the module's loading too: a failure before OPEN is said there, else close()
+// waited for this thread's connection (OPEN 0) until its budget was spent, and named it as left.
 try {
+  const Database = require(workerData.betterSqlite3);
   db = new Database(workerData.path, { fileMustExist: true });
   db.exec('PRAGMA busy_timeout = 0; PRAGMA synchronous = NORMAL');
   db.pragma('journal_size_limit = ' + workerData.walSizeLimit);
@@ -510,6 +512,12 @@ export class StateStore {
   #threadErrors: MessagePort | undefined;
   /** The store thread close() stopped waiting for (its name), if any. */
   #threadLeft: string | undefined;
+  /**
+   * A store thread ended with an error before its connection was open (its error event: Node could not start it, or
+   * its code failed before the open): close() starts no other, which would fail the same way, and commits on the event
+   * loop, as without a thread.
+   */
+  #threadsFail = false;
   #slicesSinceCheckpoint = 0;
   #checkpoints = 0;
   #lastCheckpoint: CheckpointResult | undefined;
@@ -1190,9 +1198,18 @@ export class StateStore {
       throw error;
     }
     worker.unref();
-    // One that cannot open the file ends with an error: its flags say so (THREAD_OPEN -1), and the close acts on them.
-    worker.on('error', () => {});
-    this.#threadFlags = new Int32Array(flags);
+    const shared = new Int32Array(flags);
+    // One that cannot open the file ends with an error, its flags saying so (THREAD_OPEN -1), and the close acts on
+    // them. One that ends with an error before its open (Node could not start it: its code never ran) said nothing
+    // there: said here, for a close to come, and no other thread is started (#threadsFail).
+    worker.on('error', () => {
+      if (Atomics.load(shared, THREAD_OPEN) === 1) return;
+      this.#threadsFail = true;
+      Atomics.store(shared, THREAD_OPEN, -1);
+      Atomics.notify(shared, THREAD_OPEN);
+      Atomics.notify(shared, THREAD_SLICES);
+    });
+    this.#threadFlags = shared;
     this.#threadName = name;
     this.#threadEnded = new Promise((resolve) => worker.once('exit', () => resolve()));
     return worker;
@@ -1594,8 +1611,12 @@ export class StateStore {
    * not an option either). The close waits for the thread until the budget is spent, then returns without it
    * (threadLeft names it; the state directory stays locked until it ends): abandoning it is a crash to SQLite, which
    * its WAL recovers at the next open; the process must then end without joining the thread (daemon/command.ts:
-   * _exit), since process.exit() would wait for its sync. A thread that cannot open the file, or cannot be created (a
-   * pids limit), leaves the commits to the event loop's connection, as before the thread.
+   * _exit), since process.exit() would wait for its sync. A thread that cannot open the file, cannot be created (a
+   * pids limit) or fails before its open (its code, a module it loads: said in its flags), leaves the commits to the
+   * event loop's connection, as before the thread, and so does a close after a store thread ended with an error before
+   * its open (#threadsFail: the checkpointer's, seen as an event while the event loop ran). A writer Node cannot start
+   * in close() itself says so only as an event, which close() does not see while it waits: that one still holds it for
+   * the budget.
    */
   close(budgetMs = CLOSE_BUDGET_MS): number {
     if (this.#closed) return 0;
@@ -1610,12 +1631,16 @@ export class StateStore {
     let flags = this.#threadFlags as Int32Array;
     if (!thread) {
       try {
+        // A thread that failed to start before (the checkpointer's error event: #threadsFail) would fail again: this
+        // close waited for the new one's connection until its budget was spent, since close() cannot see an error
+        // event while it waits (Atomics.wait) and a thread Node could not start says nothing in the flags.
+        if (this.#threadsFail) throw new Error('a store thread failed to start before');
         thread = this.#startThread('sockpoold state writer', false);
         flags = this.#threadFlags as Int32Array;
       } catch {
-        // No thread can be created (a pids limit, TasksMax=: ERR_WORKER_INIT_FAILED): as one that cannot open the
-        // file, the slices are committed here and ours closes as the last. It threw out of close() with the store
-        // marked closed, its connection open, the directory locked and every pending origin dropped.
+        // No thread can be created (a pids limit, TasksMax=: ERR_WORKER_INIT_FAILED), or none starts: as one that
+        // cannot open the file, the slices are committed here and ours closes as the last. It threw out of close()
+        // with the store marked closed, its connection open, the directory locked and every pending origin dropped.
         flags = new Int32Array(4);
         flags[THREAD_OPEN] = -1;
       }

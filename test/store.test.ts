@@ -990,6 +990,68 @@ describe('close', () => {
   });
 });
 
+describe('close when its thread fails to start', () => {
+  /** A store-child.ts child in `mode` whose store threads fail as `fails` says (store-thread-fails.cjs); once ready. */
+  async function childWithFailingThreads(mode: string, fails: 'start' | 'load') {
+    const child = spawnChild(
+      process.execPath,
+      [
+        '--require',
+        join(repo, 'test/fixtures/store-thread-fails.cjs'),
+        '--import',
+        join(repo, 'test/fixtures/register-ts.mjs'),
+        join(repo, 'test/fixtures/store-child.ts'),
+        dir,
+        mode,
+      ],
+      { stdio: ['pipe', 'pipe', 'pipe'], env: { ...process.env, STORE_THREAD_FAILS: fails } },
+    );
+    let output = '';
+    child.stdout?.on('data', (chunk) => {
+      output += chunk;
+    });
+    child.stderr?.on('data', (chunk) => {
+      output += chunk;
+    });
+    await eventually(
+      () => output.includes('ready\n'),
+      () => `the child ready: ${output}`,
+      30_000,
+    );
+    return { child, output: () => output };
+  }
+
+  it.each([
+    ['close-thread-fails', 'load'],
+    ['auto-thread-fails', 'load'],
+    ['auto-thread-fails', 'start'],
+  ] as const)(
+    '%s (%s): commits on the event loop and lets the directory go, not waiting for a thread that failed',
+    async (mode, fails) => {
+      const { child, output } = await childWithFailingThreads(mode, fails);
+      try {
+        child.stdin?.write('close\n');
+        await eventually(
+          () => /^closed /m.test(output()),
+          () => `the child's store closed: ${output()}`,
+          30_000,
+        );
+        // Before: the close waited for the thread's connection until its budget was spent, dropped every pending origin
+        // and named the thread as left (the directory locked until the process ended).
+        expect(output()).toMatch(/^closed 0 -$/m);
+        StateDirLock.take(dir).release();
+        const db = reader(dir);
+        expect(value(db, "SELECT count(*) FROM origins WHERE origin_key LIKE 'pending%'")).toBe(100);
+        db.close();
+      } finally {
+        const exited = child.exitCode === null ? new Promise((resolve) => child.once('exit', resolve)) : undefined;
+        child.stdin?.write('exit\n');
+        await exited;
+      }
+    },
+  );
+});
+
 describe('the checkpointer thread', () => {
   it('when no thread can be created for it (a pids limit), the auto flush runs without it: the timer writes, the close closes', async () => {
     const { child, output } = await childUnderThreadLimit('auto-no-thread');
