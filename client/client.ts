@@ -235,6 +235,9 @@ interface OriginRoute {
   ranInline: boolean;
   /** Lone requests to it sent to the threads (where its connections were) since it last had company. */
   loneOnThreads: number;
+  /** Its requests running in the caller's runtime (#inline) now (#countedHere): counted on the route, which each
+   *  request looks up anyway, and not in a Map of its own, which would add and delete a key per request. */
+  runningHere: number;
   /** When its requests in company last went to the threads (the caller's loop slow, or the caller's thread full):
    *  they stay there for ORIGIN_ON_THREADS_MS (inlineWhileResponsive). */
   onThreadsSince?: number;
@@ -295,8 +298,6 @@ export class SockpoolClient {
   readonly #loop: LoopResponsiveness | undefined;
   /** Where each recent origin's requests ran (only with #inlineWanted); a route in use is kept (#routeInUse). */
   readonly #routes = new RecentMap<string, OriginRoute>(ROUTES_KEPT, (key, route) => this.#routeInUse(key, route));
-  /** Requests running in the caller's runtime (#inline) per origin, while any do (#hereRuntime, #countedHere). */
-  readonly #runningHere = new Map<string, number>();
   readonly #workerData: WorkerConfig;
   #options: Required<
     Omit<
@@ -624,7 +625,7 @@ export class SockpoolClient {
     // An origin here that runs INLINE_IN_COMPANY of its own here: the rest to the threads, the origin still here
     // (unmarked: its next requests come back here once it runs fewer). A slow turn then leaves at most that many of
     // its connections idle here.
-    if ((this.#runningHere.get(key) ?? 0) >= INLINE_IN_COMPANY) return undefined;
+    if (route.runningHere >= INLINE_IN_COMPANY) return undefined;
     route.onThreadsSince = undefined;
     route.ranInline = true;
     return this.#inlineRuntime();
@@ -639,7 +640,7 @@ export class SockpoolClient {
   #loneRunsInline(key: string): boolean {
     const route = this.#routes.get(key);
     if (route === undefined) {
-      this.#routes.set(key, { ranInline: true, loneOnThreads: 0 });
+      this.#routes.set(key, { ranInline: true, loneOnThreads: 0, runningHere: 0 });
       return true;
     }
     if (route.ranInline) return true;
@@ -648,13 +649,14 @@ export class SockpoolClient {
     return true;
   }
 
-  /** A request to this origin starts in the caller's runtime (#inline): counted until the returned callback. */
+  /** A request to this origin starts in the caller's runtime (#inline): counted on its route until the returned
+   *  callback. (The route is kept while the request runs: #routeInUse. Past that, the count of a route a flood
+   *  pushed out ends with it, and the origin's new route counts from 0.) */
   #countedHere(key: string): () => void {
-    this.#runningHere.set(key, (this.#runningHere.get(key) ?? 0) + 1);
+    const route = this.#routeOf(key);
+    route.runningHere++;
     return () => {
-      const left = (this.#runningHere.get(key) ?? 1) - 1;
-      if (left > 0) this.#runningHere.set(key, left);
-      else this.#runningHere.delete(key);
+      route.runningHere--;
     };
   }
 
@@ -678,7 +680,7 @@ export class SockpoolClient {
   #routeOf(key: string): OriginRoute {
     let route = this.#routes.get(key);
     if (route === undefined) {
-      route = { ranInline: false, loneOnThreads: 0 };
+      route = { ranInline: false, loneOnThreads: 0, runningHere: 0 };
       this.#routes.set(key, route);
     }
     return route;

@@ -165,6 +165,36 @@ describe('a lone request runs in the caller’s thread', () => {
       'the cancelled request’s lease back',
     );
   });
+
+  it('lone requests one after another delete nothing from a Map or Set of the client’s on the way (no add and delete per request)', async () => {
+    const { client } = await clientWithThread();
+    for (let i = 0; i < 10; i++) expect((await client.request(url(`/warm-${i}`))).status).toBe(200);
+    // Each delete of a key present, by the line of the project's code that made it (vitest's own are not ours).
+    const deletes = new Map<string, number>();
+    const noteDelete = () => {
+      const site = new Error().stack?.split('\n')[3]?.trim() ?? '?';
+      if (/[/\\](client|worker|shared)[/\\]/.test(site)) deletes.set(site, (deletes.get(site) ?? 0) + 1);
+    };
+    const { delete: mapDelete } = Map.prototype;
+    const { delete: setDelete } = Set.prototype;
+    Map.prototype.delete = function (this: Map<unknown, unknown>, key: unknown) {
+      if (this.has(key)) noteDelete();
+      return mapDelete.call(this, key);
+    };
+    Set.prototype.delete = function (this: Set<unknown>, key: unknown) {
+      if (this.has(key)) noteDelete();
+      return setDelete.call(this, key);
+    };
+    const requests = 100;
+    try {
+      for (let i = 0; i < requests; i++) expect((await client.request(url(`/seq-${i}`))).status).toBe(200);
+    } finally {
+      Map.prototype.delete = mapDelete;
+      Set.prototype.delete = setDelete;
+    }
+    // (A Map that adds and deletes per request keeps garbage alive past young-generation GCs: shared/id-table.ts.)
+    expect([...deletes].filter(([, count]) => count >= requests / 2)).toEqual([]);
+  });
 });
 
 describe('requests made together run in the caller’s thread while its loop keeps up (inlineWhileResponsive)', () => {
