@@ -243,8 +243,9 @@ interface OriginRoute {
   onThreadsSince?: number;
 }
 
-/** Origins whose route is remembered (RecentMap: at most twice as many), besides those still in use (#routeInUse),
- *  which a flood of other origins does not push out (up to half as many of them). */
+/** Origins whose route is remembered (RecentMap: at most twice as many in all). Routes still in use (#routeInUse),
+ *  up to half as many, are not pushed out by a flood of other origins; while they take that room, a route in no use
+ *  is remembered for the last half as many origins at least. */
 export const ROUTES_KEPT = 1024;
 
 /** Lone requests in a row that follow an origin's connections to the threads before one runs in the caller's

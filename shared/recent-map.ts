@@ -6,7 +6,8 @@
 // tables is promoted to the old generation, every later table, and every value they held, survives the
 // young-generation GCs that follow (../shared/id-table.ts has the numbers). Here, when the current generation is
 // full it is set aside whole as the previous one and a new Map begins; a key found only in the previous generation
-// moves into the current one. So the last `generation` keys set or found are always kept, at most twice as many.
+// moves into the current one. So the last `generation` keys set or found are always kept, at most twice as many
+// (with `keep`, below: fewer).
 //
 // An entry still in use, however long ago it was set or found (the owner's `keep` says which: an origin's route
 // while its requests run or its mark lasts), is carried into the new generation when the one it is in is dropped,
@@ -14,6 +15,8 @@
 // (the oldest first: they lead the generation they are carried into), so that a new generation always has room for
 // half a generation of new keys: the bound of twice `generation` holds, and a swap's walk over the dropped
 // generation is paid for by the keys set since the one before. Entries in use beyond that are dropped as before.
+// The carried entries take room of the generations they are in: of the keys set or found lately, and not in use,
+// the last `generation` are kept while few are carried, and at least the last half generation (and one) however many.
 
 export class RecentMap<K, V> {
   readonly #generation: number;
