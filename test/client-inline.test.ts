@@ -11,9 +11,21 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Worker } from 'node:worker_threads';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { INLINE_IN_COMPANY, ORIGIN_ON_THREADS_MS, ROUTES_KEPT } from '../client/client.js';
-import { SockpoolClient, type SockpoolClientOptions } from '../client/index.js';
-import { LAG_LIMIT_MS, PROBE_INTERVAL_MS } from '../client/loop-responsiveness.js';
+import {
+  INLINE_IN_COMPANY,
+  LOOP_CLOCK,
+  ORIGIN_ON_THREADS_MS,
+  ROUTES_KEPT,
+  type TestClientOptions,
+} from '../client/client.js';
+import { SockpoolClient } from '../client/index.js';
+import {
+  LAG_LIMIT_MS,
+  type LoopClock,
+  PROBE_INTERVAL_MS,
+  realLoopClock,
+  SLOW_HOLD_MS,
+} from '../client/loop-responsiveness.js';
 import {
   echoHandler,
   eventually,
@@ -75,15 +87,62 @@ const url = (path: string, server: Origin = origin) => `http://127.0.0.1:${serve
 const clientFds = () => fdCount() - origin.openSockets() - capped.openSockets() - other.openSockets();
 
 /** A client with one worker thread, started (its lane up), and that thread. */
-async function clientWithThread(
-  options: SockpoolClientOptions = {},
-): Promise<{ client: SockpoolClient; thread: Worker }> {
+async function clientWithThread(options: TestClientOptions = {}): Promise<{ client: SockpoolClient; thread: Worker }> {
   const before = new Set(liveWorkers());
   const client = new SockpoolClient({ socketPath: daemon.socketPath, threads: 1, ...options });
   clients.push(client);
   await client.stats(); // the thread is up
   const [thread] = liveWorkers().filter((worker) => !before.has(worker));
   return { client, thread: thread! };
+}
+
+/**
+ * The caller's loop as a client given this clock (LOOP_CLOCK) sees it: keeping up, whatever the machine's load, until
+ * the test makes a turn slow. Tests of where requests in company go, in the caller's thread while its loop keeps up,
+ * depend on that: with the real clock, a probe made late by other processes on a busy machine sent them to the
+ * threads (these tests failed so with one or two other busy processes on 2 cores). The probes' timers are real; only
+ * the time they read is this one's, which moves only when the test says.
+ */
+class SteadyLoop implements LoopClock {
+  #now = 0;
+  /** The probe's timer, while one is pending (the client has requests in flight). */
+  #pending: unknown;
+  readonly now = () => this.#now;
+
+  readonly setTimeout = (callback: () => void, ms: number): unknown => {
+    const handle = realLoopClock.setTimeout(() => {
+      this.#pending = undefined;
+      callback();
+    }, ms);
+    this.#pending = handle;
+    return handle;
+  };
+
+  readonly clearTimeout = (handle: unknown): void => {
+    if (handle === this.#pending) this.#pending = undefined;
+    realLoopClock.clearTimeout(handle);
+  };
+
+  /** The probe pending now (requests in flight) finds that a turn held the loop past the lag limit. */
+  slowTurn(): void {
+    if (this.#pending === undefined) throw new Error('a slow turn is seen only by a probe: make a request first');
+    this.#now += 4 * LAG_LIMIT_MS;
+  }
+
+  /** The hold a slow turn began is over. Only once no probe is pending (nothing in flight): a pending one would take
+   *  the time that passes at once for a slow turn. */
+  async keepsUp(): Promise<void> {
+    await eventually(() => this.#pending === undefined, 'the client’s probes of its loop to stop (nothing in flight)');
+    this.#now += SLOW_HOLD_MS;
+  }
+}
+
+/** A client with one worker thread whose caller's loop keeps up until the test says (SteadyLoop). */
+async function steadyClientWithThread(
+  options: TestClientOptions = {},
+): Promise<{ client: SockpoolClient; thread: Worker; loop: SteadyLoop }> {
+  const loop = new SteadyLoop();
+  return { ...(await clientWithThread({ ...options, [LOOP_CLOCK]: loop })), loop };
 }
 
 /** The thread's event loop stops until the test unblocks it (or the test ends). */
@@ -199,7 +258,7 @@ describe('a lone request runs in the caller’s thread', () => {
 
 describe('requests made together run in the caller’s thread while its loop keeps up (inlineWhileResponsive)', () => {
   it('a burst, streams and fetches made together finish while the only worker thread is blocked', async () => {
-    const { client, thread } = await clientWithThread({ timeoutMs: 10_000 });
+    const { client, thread } = await steadyClientWithThread({ timeoutMs: 10_000 });
     await block(thread);
     const burst = await Promise.all(Array.from({ length: 4 }, (_, i) => client.request(url(`/burst-${i}`))));
     expect(burst.map((response) => response.body.toString())).toEqual(
@@ -233,7 +292,7 @@ describe('requests made together run in the caller’s thread while its loop kee
 
 describe('requests made together, more than the caller’s thread takes on in company', () => {
   it('streams and fetches made in one turn run at most INLINE_IN_COMPANY here: of origins new here in all, of an origin here its own', async () => {
-    const { client, thread } = await clientWithThread();
+    const { client, thread } = await steadyClientWithThread();
     const unblock = await block(thread);
     // 16 streams to one origin fill the caller's thread's share and the origin's own; 4 more to it, and 4 to an
     // origin new here, go to the blocked thread and meet their deadlines there, and the fetches (made last) finish
@@ -255,7 +314,7 @@ describe('requests made together, more than the caller’s thread takes on in co
   });
 
   it('an origin already here runs here in company though the caller’s thread runs its share of other origins', async () => {
-    const { client, thread } = await clientWithThread();
+    const { client, thread } = await steadyClientWithThread();
     expect((await client.request(url('/first', capped))).status).toBe(200);
     const unblock = await block(thread);
     const hangsBefore = hanging.length;
@@ -385,32 +444,15 @@ async function hangAt(client: SockpoolClient, server: Origin, count: number, tag
   return held;
 }
 
-/** With the only thread blocked: waits until requests made together run in the caller's thread (its loop keeps up,
- *  which a machine busy with other work, or the caller's own, may hold off): a pair to an origin new here comes back
- *  with the daemon's refusal, not with its deadline on the thread. */
-async function untilTogetherRunHere(client: SockpoolClient): Promise<void> {
-  const ours = new Set([origin.port, capped.port, other.port]);
-  let port = 30_000;
-  await eventually(async () => {
-    while (ours.has(port)) port++;
-    const target = `http://127.0.0.1:${port++}/`;
-    const pair = [client.request(target, { timeoutMs: 300 }), client.request(target, { timeoutMs: 300 })];
-    return (await Promise.all(pair.map(codeOf))).every((code) => code === 'SOCKPOOL_ERR_POLICY');
-  }, 'requests made together to run in the caller’s thread');
-}
-
 describe('an origin’s route', () => {
   it('an origin whose requests in company moved to the threads counts as new here once its mark ends: with the caller’s thread’s share taken, its requests go to the threads', async () => {
-    const { client, thread } = await clientWithThread({ timeoutMs: 10_000 });
+    const { client, thread, loop } = await steadyClientWithThread({ timeoutMs: 10_000 });
     // A lone request runs here; its connection stays idle here.
     expect((await client.request(url('/lone', other))).status).toBe(200);
     // A slow turn of the caller's loop while a request is in flight: a pair to the origin goes to the thread (blocked:
     // they meet their deadlines there), and the origin's requests in company stay there for ORIGIN_ON_THREADS_MS.
     const probed = await hangAt(client, origin, 1, 'probed');
-    const heldUntil = performance.now() + 5 * LAG_LIMIT_MS;
-    while (performance.now() < heldUntil) {
-      // the caller's synchronous work
-    }
+    loop.slowTurn();
     await sleep(2 * PROBE_INTERVAL_MS);
     const unblock = await block(thread);
     const moved = [
@@ -421,10 +463,12 @@ describe('an origin’s route', () => {
     unblock();
     for (const response of hanging.splice(0)) response.destroy();
     await Promise.all(probed);
-    // The mark over (and the caller's loop keeping up), requests to `origin` take the caller's thread's share.
+    // The mark over and the caller's loop keeping up, requests to `origin` take the caller's thread's share (they
+    // run here: the thread is blocked).
     await sleep(ORIGIN_ON_THREADS_MS);
-    const share = await hangAt(client, origin, INLINE_IN_COMPANY, 'share');
+    await loop.keepsUp();
     await block(thread);
+    const share = await hangAt(client, origin, INLINE_IN_COMPANY, 'share');
     // The origin's requests last ran on the thread: it is new here, and the share is taken.
     const after = [
       client.request(url('/a-0', other), { timeoutMs: 300 }),
@@ -436,7 +480,7 @@ describe('an origin’s route', () => {
   });
 
   it('an origin marked on the threads keeps its mark through requests to more than twice ROUTES_KEPT other origins', async () => {
-    const { client, thread } = await clientWithThread({ timeoutMs: 10_000 });
+    const { client, thread } = await steadyClientWithThread({ timeoutMs: 10_000 });
     // The caller's thread's share taken (by `origin`), a pair to an origin new here goes to the thread (it runs),
     // and marks it there.
     const share = await hangAt(client, origin, INLINE_IN_COMPANY, 'share');
@@ -459,13 +503,12 @@ describe('an origin’s route', () => {
   });
 
   it('an origin with requests in flight here stays here through requests to more than twice ROUTES_KEPT other origins', async () => {
-    const { client, thread } = await clientWithThread({ timeoutMs: 10_000 });
+    const { client, thread } = await steadyClientWithThread({ timeoutMs: 10_000 });
     const inFlight = await hangAt(client, other, 4, 'in-flight');
     // Requests to many origins, in bursts that run here beside those 4.
     expect(await touchOrigins(client, 2 * ROUTES_KEPT + INLINE_IN_COMPANY, 8)).toEqual(['SOCKPOOL_ERR_POLICY']);
     await block(thread);
-    await untilTogetherRunHere(client);
-    // Requests to `origin` take the rest of the caller's thread's share.
+    // Requests to `origin` take the rest of the caller's thread's share (they run here: the thread is blocked).
     const share = await hangAt(client, origin, INLINE_IN_COMPANY - 4, 'share');
     // The origin's requests run here: a pair to it runs here too, and finishes while the thread is blocked.
     const pair = [
