@@ -103,10 +103,15 @@ export class FairOrder<T> {
     this.#heap.delete(uid);
   }
 
-  /** What the rule reads changed for every uid (the origin's pools changed): built anew at the next pick. */
+  /**
+   * What the rule reads changed for every uid (the origin's pools changed): built anew at the next pick. What it held
+   * goes now: that pick may never come (a pool whose origin is then reached one way only no longer asks its order by
+   * the whole origin), and the places held the waiters of the time, long gone.
+   */
   recountAll(): void {
     this.#rebuild = true;
     this.#stale.clear();
+    this.#heap.clear();
   }
 
   /** (FairWaitQueue) Nobody waits any more. */
@@ -177,7 +182,10 @@ export class FairWaitQueue<T extends UidWaiter> {
     return this.#length;
   }
 
-  /** Uid entries its picks have read or compared so far: their work, which the tests bound (none times it). */
+  /**
+   * Uid entries its picks have read or compared, and its orders were told of (#touch), so far: their work, which the
+   * tests bound (none times it).
+   */
   get visited(): number {
     return this.#visited;
   }
@@ -217,7 +225,16 @@ export class FairWaitQueue<T extends UidWaiter> {
 
   /** `uid`'s waiters, count or turn changed: every order puts it back in place at its next pick (or drops it). */
   #touch(uid: number): void {
+    this.#visited += this.#orders.length;
     for (const order of this.#orders) order.recount(uid);
+  }
+
+  /**
+   * `uid`'s count or turn changed: as #touch, where it waits. A uid that waits for nothing is in no order (each drops
+   * a uid when its last waiter leaves, remove()), so a warm handoff and its release, the common case, tell none.
+   */
+  #touchWaiting(uid: number): void {
+    if (this.#byUid.has(uid)) this.#touch(uid);
   }
 
   /** Queues `waiter`; returns it with its place in arrival order. */
@@ -356,7 +373,7 @@ export class FairWaitQueue<T extends UidWaiter> {
   /** Sets `uid`'s count to any number, kept even at 0 or below (for owners whose count is not a number of slots). */
   setHeld(uid: number, count: number): void {
     this.#held.set(uid, count);
-    this.#touch(uid);
+    this.#touchWaiting(uid);
     this.#changed?.(uid);
   }
 
@@ -368,7 +385,7 @@ export class FairWaitQueue<T extends UidWaiter> {
   /** `uid` was served now: among uids tied at the fewest held, those served longer ago (or never) go before it. */
   served(uid: number): void {
     this.#servedAt.set(uid, this.#turn++);
-    this.#touch(uid);
+    this.#touchWaiting(uid);
   }
 
   /** A slot of this origin was taken (`+1`) or given up (`-1`) by `uid`. */
@@ -376,7 +393,7 @@ export class FairWaitQueue<T extends UidWaiter> {
     const count = (this.#held.get(uid) ?? 0) + delta;
     if (count <= 0) this.#held.delete(uid);
     else this.#held.set(uid, count);
-    this.#touch(uid);
+    this.#touchWaiting(uid);
     this.#changed?.(uid);
   }
 

@@ -5,6 +5,8 @@
 // reads or compares (`visited`), never as time; and that each pick is the one the old walk over every waiting uid
 // gives (a copy of it is kept below), after every step of seeded random runs. Every pool test ends with as many fds
 // open as it started with.
+import { setFlagsFromString } from 'node:v8';
+import { runInNewContext } from 'node:vm';
 import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import { defaultConfig, type OriginPolicy, policyFor } from '../daemon/config.js';
 import { ConnectGate } from '../daemon/connect-gate.js';
@@ -168,6 +170,22 @@ describe('an origin pool with thousands of uids waiting', () => {
     connector.manual = false;
     for (const pending of connector.pending.splice(0)) await pending.succeed();
     await until(() => second.handoff !== undefined, 'the second acquire served');
+  });
+
+  it('tells none of its orders of the waiting uids of a warm handoff or its release while nobody waits: the warm path pays for no order', async () => {
+    // Every pool has its origin's cap (the pool manager gives each one), so its queue keeps three orders; a uid that
+    // waits for nothing is in none of them, and a change of its count has nothing to put back in place.
+    const direct = pool(8, new OriginCap());
+    const first = await direct.acquire(1_000, 7);
+    direct.giveBack(first, 7, false);
+    const before = direct.waitersVisited;
+    for (let round = 0; round < 100; round++) {
+      const warm = direct.takeWarm(7)!;
+      expect(warm.warm).toBe(true);
+      direct.giveBack(warm, 7, false, warm.mark);
+    }
+    expect(direct.waitersVisited - before).toBe(0);
+    expect(direct.idleCount).toBe(1);
   });
 
   it('gives an idle socket by what each uid holds of the origin in its pools left when one of them closes', async () => {
@@ -565,6 +583,135 @@ describe('FairWaitQueue picks', () => {
     }
     // The run kept several uids waiting for much of it (not only empty answers compared).
     expect(sawPicks).toBeGreaterThan(1_000);
+  });
+
+  it('picks as the walk did when its orders go unasked for long stretches: each order asked now and then, waiters matched, whether anyone waits watched and unwatched, orders placed anew while unasked', () => {
+    // The pool asks its orders at different moments: its own at each pump, the one for a new connect only when it
+    // starts one, the one by the whole origin only while the origin has other pools (then not at all, for as long
+    // as it has none). Changes pile up unasked in each meanwhile, uids leave and come back, and an order told that
+    // every uid changed (recountAll) may see all its uids gone before it is asked again.
+    const next = seededRandom(351);
+    const below = (bound: number) => Math.floor(next() * bound);
+    type W = { uid: number; id: number };
+    const queue = new FairWaitQueue<W>();
+    const old = new OldFairWaitQueue<W>();
+    const covered = new Map<number, number>();
+    const elsewhere = new Map<number, number>();
+    const coveredOf = (uid: number) => covered.get(uid) ?? 0;
+    const elsewhereOf = (uid: number) => elsewhere.get(uid) ?? 0;
+    const uncovered = queue.order({ extra: coveredOf, candidate: (uid, waiting) => waiting[coveredOf(uid)] });
+    const counting = queue.order({ extra: elsewhereOf });
+    // A watcher of whether anyone waits (a connect queued at the gate): what it last heard.
+    let heard: boolean | undefined;
+    let unwatch: (() => void) | undefined;
+    const watch = () => {
+      heard = queue.waiting();
+      unwatch = queue.waiting.watch!(() => {
+        heard = queue.waiting();
+      });
+    };
+    watch();
+    let queued: W[] = [];
+    let id = 0;
+    const asked = { peek: 0, uncovered: 0, counting: 0, where: 0 };
+    let crowded = 0;
+    for (let step = 0; step < 6_000; step++) {
+      for (let change = 1 + below(6); change > 0; change--) {
+        const uid = 1 + below(16);
+        const roll = next();
+        if (roll < 0.3) {
+          const waiter = { uid, id: id++ };
+          queue.push(waiter);
+          old.push(waiter);
+          queued.push(waiter);
+        } else if (roll < 0.42 && queued.length > 0) {
+          // A waiter anywhere in its uid's queue gives up (a cancel, a deadline, a client gone).
+          const waiter = queued[below(queued.length)]!;
+          expect(queue.remove(waiter)).toBe(old.remove(waiter));
+          queued = queued.filter((each) => each !== waiter);
+        } else if (roll < 0.47) {
+          const shifted = queue.shiftOf(uid);
+          expect(shifted).toBe(old.shiftOf(uid));
+          queued = queued.filter((each) => each !== shifted);
+        } else if (roll < 0.6) {
+          const delta = next() < 0.5 ? 1 : -1;
+          queue.held(uid, delta);
+          old.held(uid, delta);
+        } else if (roll < 0.67) {
+          queue.served(uid);
+          old.served(uid);
+        } else if (roll < 0.77) {
+          covered.set(uid, below(3));
+          uncovered.recount(uid);
+        } else if (roll < 0.87) {
+          // A holding in another pool of the origin, of a uid waiting here or not.
+          elsewhere.set(uid, below(5));
+          counting.recount(uid);
+        } else if (roll < 0.9) {
+          for (const each of elsewhere.keys()) elsewhere.set(each, below(5));
+          counting.recountAll();
+        } else if (roll < 0.91) {
+          unwatch?.();
+          unwatch = undefined;
+          if (next() < 0.5) watch();
+        } else if (roll < 0.912) {
+          expect(queue.drain()).toEqual(old.drain());
+          queued = [];
+        }
+      }
+      if (unwatch !== undefined) expect({ step, heard }).toEqual({ step, heard: old.length > 0 });
+      expect({ step, length: queue.length }).toEqual({ step, length: old.length });
+      if (queue.length > 5) crowded++;
+      if (next() < 0.3) {
+        expect({ step, peek: queue.peek() }).toEqual({ step, peek: old.peek() });
+        asked.peek++;
+      }
+      if (next() < 0.15) {
+        expect({ step, uncovered: uncovered.peek() }).toEqual({ step, uncovered: old.peekUncovered(coveredOf) });
+        asked.uncovered++;
+      }
+      if (next() < 0.1) {
+        expect({ step, counting: counting.peek() }).toEqual({ step, counting: old.peekCounting(elsewhereOf) });
+        asked.counting++;
+      }
+      if (next() < 0.1) {
+        const odd = (waiter: W) => waiter.id % 2 === 1;
+        expect({ step, where: queue.peekWhere(odd) }).toEqual({ step, where: old.peekWhere(odd) });
+        asked.where++;
+      }
+    }
+    // Each order asked hundreds of times, mostly with several uids waiting.
+    expect(Math.min(asked.peek, asked.uncovered, asked.counting, asked.where)).toBeGreaterThan(300);
+    expect(crowded).toBeGreaterThan(3_000);
+  });
+
+  it("lets go of the waiters that left once the uids were to be placed anew in an order nobody asked again (the origin's other pool retired)", async () => {
+    // An order told that every uid's part changed (recountAll: OriginCap.leave, a pool of the origin retired) is
+    // built anew at its next pick; a pool whose origin is then reached one way only never asks its order by the
+    // whole origin again, so what that order held kept every waiter of the time alive, long after they left.
+    setFlagsFromString('--expose-gc');
+    const gc = runInNewContext('gc') as () => void;
+    type W = { uid: number; body: Uint8Array };
+    const queue = new FairWaitQueue<W>();
+    const wholeOrigin = queue.order({ extra: () => 0 });
+    // (In a function of its own: a suspended async test keeps its own last values alive.)
+    const queueAndLeave = (): Array<WeakRef<W>> => {
+      const refs: Array<WeakRef<W>> = [];
+      for (let uid = 1; uid <= 100; uid++) {
+        const waiter = { uid, body: new Uint8Array(1024) };
+        refs.push(new WeakRef(waiter));
+        queue.push(waiter);
+      }
+      expect(wholeOrigin.peek()?.uid).toBe(1);
+      wholeOrigin.recountAll();
+      while (queue.length > 0) queue.shift();
+      return refs;
+    };
+    const refs = queueAndLeave();
+    // (A WeakRef holds its target until the job that made it ends.)
+    await new Promise((resolve) => setImmediate(resolve));
+    gc();
+    expect(refs.flatMap((ref, i) => (ref.deref() !== undefined ? [i] : []))).toEqual([]);
   });
 });
 
