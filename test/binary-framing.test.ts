@@ -23,6 +23,19 @@ import { RawClient } from './helpers/raw-client.js';
 
 const TRUST = 'a'.repeat(64);
 
+/** A lease reply with every field its binary frame carries. */
+const LEASE = {
+  type: 'lease' as const,
+  id: 5,
+  leaseId: 12,
+  host: 'example.com',
+  port: 443,
+  address: '2001:db8::1',
+  family: 6 as const,
+  warm: true,
+  connectMs: 1.25,
+};
+
 describe('binary frames', () => {
   it('carry acquire, release and closed exactly as their JSON form says', () => {
     const messages: ClientMessage[] = [
@@ -48,17 +61,7 @@ describe('binary frames', () => {
   });
 
   it('carry lease and ok; what has no binary form goes as JSON', () => {
-    const lease = {
-      type: 'lease' as const,
-      id: 5,
-      leaseId: 12,
-      host: 'example.com',
-      port: 443,
-      address: '2001:db8::1',
-      family: 6 as const,
-      warm: true,
-      connectMs: 1.25,
-    };
+    const lease = LEASE;
     expect(decodeDaemonMessage(encodeFrame(lease)!)).toEqual(lease);
     expect(decodeDaemonMessage(encodeFrame({ type: 'ok', id: 77 })!)).toEqual({ type: 'ok', id: 77 });
     const tls = { version: 'TLSv1.3', alpn: 'h2', cipher: 'TLS_AES_128_GCM_SHA256', certSha256: TRUST };
@@ -152,17 +155,7 @@ describe('binary frames', () => {
       );
     }
     // Encoding: a field with any character outside printable ASCII, or over 255 characters, has no binary form.
-    const lease = {
-      type: 'lease' as const,
-      id: 5,
-      leaseId: 12,
-      host: 'example.com',
-      port: 443,
-      address: '192.0.2.1',
-      family: 4 as const,
-      warm: true,
-      connectMs: 0,
-    };
+    const lease = LEASE;
     for (const code of [0x00, 0x1f, 0x7f, 0xe9, 0x100, 0x2603]) {
       const text = `a${String.fromCharCode(code)}b`;
       expect(() => encodeFrame({ ...lease, address: text })).toThrow(/address cannot go in a binary frame/);

@@ -7,33 +7,20 @@
 // open as it started with.
 import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
-import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
-import { defaultConfig, type OriginPolicy, policyFor } from '../daemon/config.js';
+import { describe, expect, it } from 'vitest';
+import { defaultConfig, policyFor } from '../daemon/config.js';
 import { ConnectGate } from '../daemon/connect-gate.js';
-import type { ConnectedSocket, Connector } from '../daemon/connector.js';
 import { AdmissionQueue, type Admittable, FairWaitQueue, type UidWaiter, type Urgent } from '../daemon/fair-queue.js';
 import { OriginCap } from '../daemon/origin-cap.js';
-import { type Handoff, OriginPool, type OriginPoolEvents } from '../daemon/origin-pool.js';
+import type { Handoff, OriginPool } from '../daemon/origin-pool.js';
 import * as native from '../shared/native.js';
 import type { Origin } from '../shared/origin.js';
-import { nextTurn, until, useFakeClock } from './fixtures/fake-clock.js';
-import { FakeConnector } from './fixtures/fake-connector.js';
-import { fdCount } from './fixtures/native-helpers.js';
+import { nextTurn, until } from './fixtures/fake-clock.js';
+import { handSettledConnector } from './fixtures/fake-connector.js';
+import { poolBed } from './fixtures/pool-bed.js';
 import { seededRandom } from './helpers/seeded-random.js';
 
 const HOST = 'origin.test';
-
-/** Events nobody reads here. */
-const events: OriginPoolEvents = {
-  idleChanged() {},
-  dropped() {},
-  connected() {},
-  connectFailed() {},
-  opened() {},
-  lent() {},
-  neverLent() {},
-  waitingForRoom() {},
-};
 
 /**
  * The most uid entries the queue may read or compare per event (a waiter queued, a count changed, a pick), on average
@@ -44,37 +31,9 @@ const events: OriginPoolEvents = {
 const VISITS_PER_EVENT = 200;
 
 describe('an origin pool with thousands of uids waiting', () => {
-  let connector: FakeConnector;
-  let pools: OriginPool[];
-  /** Handoffs the test holds (it owns their fds): closed after the test if it did not close them itself. */
-  let held: Handoff[];
-  let fdsBefore: number;
-
-  beforeEach(async () => {
-    fdsBefore = fdCount();
-    connector = await FakeConnector.start();
-    pools = [];
-    held = [];
-    useFakeClock();
-  });
-
-  afterEach(async () => {
-    vi.useRealTimers();
-    for (const pool of pools) pool.close();
-    for (const handoff of held.splice(0)) native.close(handoff.fd);
-    await connector.close();
-    expect(fdCount()).toBe(fdsBefore);
-  });
-
-  /** The pool of the origin through `proxy` (directly without one), sharing `cap` when given. */
-  function pool(maxPerOrigin: number, cap?: OriginCap, proxy?: string): OriginPool {
-    const origin: Origin = proxy === undefined ? { host: HOST, port: 443 } : { host: HOST, port: 443, proxy };
-    const policy: OriginPolicy = { ...policyFor(defaultConfig(), HOST, 443), maxPerOrigin };
-    const key = proxy === undefined ? `${HOST}:443` : `${HOST}:443 via ${proxy}`;
-    const created = new OriginPool(key, origin, policy, connector, events, undefined, undefined, cap);
-    pools.push(created);
-    return created;
-  }
+  const bed = poolBed(HOST);
+  const { pools, held } = bed;
+  const pool = bed.pool;
 
   /** An acquire of `uid` left waiting: `handoff` is set once it is served (the test then owns the fd). */
   function waiting(from: OriginPool, uid: number) {
@@ -152,11 +111,11 @@ describe('an origin pool with thousands of uids waiting', () => {
     const corpLease = await corp.acquire(1_000, 5);
     const directLease = await direct.acquire(1_000, 9);
     // Two acquires wait in the direct pool, each covered by a connect under way (none waits for room at the cap).
-    connector.manual = true;
+    bed.connector.manual = true;
     const first = waiting(direct, 1);
     const second = waiting(direct, 2);
     await nextTurn();
-    expect(connector.pending).toHaveLength(2);
+    expect(bed.connector.pending).toHaveLength(2);
     // uid 2 takes a socket of the corp pool: it holds as many of the origin as uid 1 (a lease and a connect each).
     corp.giveBack(corpLease, 5, false);
     const warm = corp.takeWarm(2)!;
@@ -167,8 +126,8 @@ describe('an origin pool with thousands of uids waiting', () => {
     direct.giveBack(directLease, 9, false);
     await nextTurn();
     expect([first.handoff !== undefined, second.handoff !== undefined]).toEqual([true, false]);
-    connector.manual = false;
-    for (const pending of connector.pending.splice(0)) await pending.succeed();
+    bed.connector.manual = false;
+    for (const pending of bed.connector.pending.splice(0)) await pending.succeed();
     await until(() => second.handoff !== undefined, 'the second acquire served');
   });
 
@@ -195,46 +154,28 @@ describe('an origin pool with thousands of uids waiting', () => {
     const lab = pool(8, cap, 'lab');
     held.push(await lab.acquire(1_000, 1), await lab.acquire(1_000, 1), await corp.acquire(1_000, 2));
     const directLease = await direct.acquire(1_000, 9);
-    connector.manual = true;
+    bed.connector.manual = true;
     const first = waiting(direct, 1);
     const second = waiting(direct, 2);
     await nextTurn();
-    expect(connector.pending).toHaveLength(2);
+    expect(bed.connector.pending).toHaveLength(2);
     // uid 1 holds three of the origin (two through lab, a connect), uid 2 two; lab closes: uid 1 holds one.
     lab.close();
     expect([cap.heldBy(1), cap.heldBy(2)]).toEqual([1, 2]);
     direct.giveBack(directLease, 9, false);
     await nextTurn();
     expect([first.handoff !== undefined, second.handoff !== undefined]).toEqual([true, false]);
-    connector.manual = false;
-    for (const pending of connector.pending.splice(0)) await pending.succeed();
+    bed.connector.manual = false;
+    for (const pending of bed.connector.pending.splice(0)) await pending.succeed();
     await until(() => second.handoff !== undefined, 'the second acquire served');
   });
-});
-
-/** A connected socket nobody reads: the gate only passes it on. */
-const socket = (fd: number): ConnectedSocket => ({
-  fd,
-  address: '192.0.2.1',
-  family: 4,
-  connectedAt: 0,
-  connectMs: 1,
 });
 
 describe('the connect gate with thousands of uids queued', () => {
   it('chooses the next connect without reading every queued uid at each turn: 5,000 uids, half of them urgent, 1,000 turns', async () => {
     const uids = 5_000;
     const turns = 1_000;
-    const started: number[] = [];
-    const finish: Array<() => void> = [];
-    const connector: Connector = {
-      checkTarget() {},
-      checkHeld() {},
-      connect: (_origin, _policy, _urgent, _wanted, uid) => {
-        started.push(uid!);
-        return new Promise((resolve) => finish.push(() => resolve(socket(400 + finish.length))));
-      },
-    };
+    const { connector, started, finish } = handSettledConnector(400);
     const gate = new ConnectGate(connector, () => 1);
     const origin: Origin = { host: HOST, port: 443 };
     const policy = policyFor(defaultConfig(), HOST, 443);
@@ -261,16 +202,7 @@ describe('the connect gate with thousands of uids queued', () => {
   it("chooses the next connect without asking every queued connect's pool whether an acquire waits there at each turn: 5,000 pools, 1,000 turns", async () => {
     const uids = 5_000;
     const turns = 1_000;
-    const started: number[] = [];
-    const finish: Array<() => void> = [];
-    const connector: Connector = {
-      checkTarget() {},
-      checkHeld() {},
-      connect: (_origin, _policy, _urgent, _wanted, uid) => {
-        started.push(uid!);
-        return new Promise((resolve) => finish.push(() => resolve(socket(400 + finish.length))));
-      },
-    };
+    const { connector, started, finish } = handSettledConnector(400);
     const gate = new ConnectGate(connector, () => 1);
     const origin: Origin = { host: HOST, port: 443 };
     const policy = policyFor(defaultConfig(), HOST, 443);

@@ -4,69 +4,22 @@
 // the uid entries it reads or compares (OriginCap.visited), never as time; and that its answer is the one a walk
 // over every waiting uid of every pool gives, through acquires, lease ends, give-backs, connects that succeed and
 // fail, cancels and timeouts. Every test ends with as many fds open as it started with.
-import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
-import { defaultConfig, type OriginPolicy, policyFor } from '../daemon/config.js';
+import { describe, expect, it, vi } from 'vitest';
 import { OriginCap } from '../daemon/origin-cap.js';
-import { type Handoff, OriginPool, type OriginPoolEvents } from '../daemon/origin-pool.js';
+import type { Handoff, OriginPool } from '../daemon/origin-pool.js';
 import * as native from '../shared/native.js';
-import type { Origin } from '../shared/origin.js';
-import { nextTurn, until, useFakeClock } from './fixtures/fake-clock.js';
-import { FakeConnector } from './fixtures/fake-connector.js';
-import { fdCount } from './fixtures/native-helpers.js';
+import { nextTurn, until } from './fixtures/fake-clock.js';
+import { poolBed } from './fixtures/pool-bed.js';
 import { seededRandom } from './helpers/seeded-random.js';
 
 const HOST = 'origin.test';
 
-/** Events nobody reads here. */
-const events: OriginPoolEvents = {
-  idleChanged() {},
-  dropped() {},
-  connected() {},
-  connectFailed() {},
-  opened() {},
-  lent() {},
-  neverLent() {},
-  waitingForRoom() {},
-};
-
-let connector: FakeConnector;
-let pools: OriginPool[];
-/** Handoffs the test holds (it owns their fds): closed after the test if it did not close them itself. */
-let held: Handoff[];
-let fdsBefore: number;
-
-beforeEach(async () => {
-  fdsBefore = fdCount();
-  connector = await FakeConnector.start();
-  pools = [];
-  held = [];
-  useFakeClock();
-});
-
-afterEach(async () => {
-  vi.useRealTimers();
-  for (const pool of pools) pool.close();
-  for (const handoff of held.splice(0)) native.close(handoff.fd);
-  await connector.close();
-  expect(fdCount()).toBe(fdsBefore);
-});
+const bed = poolBed(HOST);
+const { held } = bed;
 
 /** The pool of the origin through `proxy` (directly without one), sharing `cap`. */
 function pool(cap: OriginCap, maxPerOrigin: number, proxy?: string): OriginPool {
-  const origin: Origin = proxy === undefined ? { host: HOST, port: 443 } : { host: HOST, port: 443, proxy };
-  const policy: OriginPolicy = { ...policyFor(defaultConfig(), HOST, 443), maxPerOrigin };
-  const created = new OriginPool(
-    proxy === undefined ? `${HOST}:443` : `${HOST}:443 via ${proxy}`,
-    origin,
-    policy,
-    connector,
-    events,
-    undefined,
-    undefined,
-    cap,
-  );
-  pools.push(created);
-  return created;
+  return bed.pool(maxPerOrigin, cap, proxy);
 }
 
 /** An acquire of `uid` left waiting: `served` gets its handoff (the test then owns the fd), a rejection is kept. */
@@ -125,7 +78,7 @@ describe('OriginCap with thousands of uids waiting', () => {
     const queued: Array<ReturnType<typeof waiting>> = [];
     for (let uid = 1; uid <= uids; uid++) queued.push(waiting(uid % 2 === 0 ? corp : direct, uid));
     expect(cap.waitingCount()).toBe(uids);
-    expect(connector.calls).toBe(1);
+    expect(bed.connector.calls).toBe(1);
     // Each acquire asked whose turn it is (the origin being at its cap).
     expect(turns.calls).toBeGreaterThanOrEqual(uids);
     expect(cap.visited - visited).toBeLessThanOrEqual(VISITS_PER_TURN * turns.calls);
@@ -152,7 +105,7 @@ describe('OriginCap with thousands of uids waiting', () => {
       leaseOf = served;
     }
     expect(cap.waitingCount()).toBe(uids - 4);
-    expect(connector.calls).toBe(5);
+    expect(bed.connector.calls).toBe(5);
   });
 });
 
@@ -236,7 +189,7 @@ describe('OriginCap turns', () => {
       if (step === 150) origin.push(pool(cap, 3, 'edge'));
       if (step === 300) origin.pop()!.close();
       const roll = next();
-      connector.manual = next() < 0.5;
+      bed.connector.manual = next() < 0.5;
       if (roll < 0.4) {
         const abort = new AbortController();
         // (The state object itself, which the acquire settles, with its controller.)
@@ -249,8 +202,8 @@ describe('OriginCap turns', () => {
         const lease = leases.splice(Math.floor(next() * leases.length), 1)[0]!;
         held.splice(held.indexOf(lease.handoff!), 1);
         lease.from.giveBack(lease.handoff!, lease.uid, next() < 0.5);
-      } else if (roll < 0.8 && connector.pending.length > 0) {
-        const pending = connector.pending.splice(Math.floor(next() * connector.pending.length), 1)[0]!;
+      } else if (roll < 0.8 && bed.connector.pending.length > 0) {
+        const pending = bed.connector.pending.splice(Math.floor(next() * bed.connector.pending.length), 1)[0]!;
         if (next() < 0.75) await pending.succeed();
         else pending.fail(Object.assign(new Error('connect ECONNREFUSED'), { code: 'ECONNREFUSED' }));
       } else if (roll < 0.9 && acquires.length > 0) {
@@ -265,8 +218,8 @@ describe('OriginCap turns', () => {
     }
     // The run kept acquires waiting at the cap for much of it (not only an empty answer compared).
     expect(sawTurns).toBeGreaterThan(50);
-    connector.manual = false;
-    for (const pending of connector.pending.splice(0)) await pending.succeed();
+    bed.connector.manual = false;
+    for (const pending of bed.connector.pending.splice(0)) await pending.succeed();
     await nextTurn();
   });
 });

@@ -993,32 +993,9 @@ describe('close', () => {
 describe('close when its thread fails to start', () => {
   /** A store-child.ts child in `mode` whose store threads fail as `fails` says (store-thread-fails.cjs); once ready. */
   async function childWithFailingThreads(mode: string, fails: 'start' | 'load') {
-    const child = spawnChild(
-      process.execPath,
-      [
-        '--require',
-        join(repo, 'test/fixtures/store-thread-fails.cjs'),
-        '--import',
-        join(repo, 'test/fixtures/register-ts.mjs'),
-        join(repo, 'test/fixtures/store-child.ts'),
-        dir,
-        mode,
-      ],
-      { stdio: ['pipe', 'pipe', 'pipe'], env: { ...process.env, STORE_THREAD_FAILS: fails } },
-    );
-    let output = '';
-    child.stdout?.on('data', (chunk) => {
-      output += chunk;
+    return readyStoreChild(dir, mode, ['--require', join(repo, 'test/fixtures/store-thread-fails.cjs')], {
+      env: { ...process.env, STORE_THREAD_FAILS: fails },
     });
-    child.stderr?.on('data', (chunk) => {
-      output += chunk;
-    });
-    await eventually(
-      () => output.includes('ready\n'),
-      () => `the child ready: ${output}`,
-      30_000,
-    );
-    return { child, output: () => output };
   }
 
   it.each([
@@ -1713,10 +1690,30 @@ async function childUnderThreadLimit(
 ): Promise<{ child: ReturnType<typeof spawnChild>; output: () => string }> {
   const asRoot = process.getuid?.() === 0;
   if (asRoot) chownSync(dir, 65534, 65534);
+  return readyStoreChild(dir, mode, [], asRoot ? { uid: 65534, gid: 65534 } : {});
+}
+
+/**
+ * A store-child.ts child in `mode` on `dir`, `nodeFlags` before the fixture, spawned with `options`. Resolves once it
+ * is ready; `output` is its stdout and stderr so far.
+ */
+async function readyStoreChild(
+  dir: string,
+  mode: string,
+  nodeFlags: string[],
+  options: Parameters<typeof spawnChild>[2],
+): Promise<{ child: ReturnType<typeof spawnChild>; output: () => string }> {
   const child = spawnChild(
     process.execPath,
-    ['--import', join(repo, 'test/fixtures/register-ts.mjs'), join(repo, 'test/fixtures/store-child.ts'), dir, mode],
-    { stdio: ['pipe', 'pipe', 'pipe'], ...(asRoot ? { uid: 65534, gid: 65534 } : {}) },
+    [
+      ...nodeFlags,
+      '--import',
+      join(repo, 'test/fixtures/register-ts.mjs'),
+      join(repo, 'test/fixtures/store-child.ts'),
+      dir,
+      mode,
+    ],
+    { stdio: ['pipe', 'pipe', 'pipe'], ...options },
   );
   let output = '';
   child.stdout?.on('data', (chunk) => {

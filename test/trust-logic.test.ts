@@ -36,7 +36,7 @@ import {
 import { ErrorCodes } from '../shared/errors.js';
 import * as native from '../shared/native.js';
 import type { Origin } from '../shared/origin.js';
-import { FakeConnector } from './fixtures/fake-connector.js';
+import { FakeConnector, handSettledConnector } from './fixtures/fake-connector.js';
 import { fdCount } from './fixtures/native-helpers.js';
 
 describe('FairWaitQueue', () => {
@@ -674,16 +674,7 @@ describe('ConnectGate', () => {
    * connect in flight one at a time; the uids in the order their connects started.
    */
   async function admissionOrder(limit: number, backlogs: Array<[number, number]>): Promise<number[]> {
-    const uids: number[] = [];
-    const finish: Array<() => void> = [];
-    const connector: Connector = {
-      checkTarget() {},
-      checkHeld() {},
-      connect: (_origin, _policy, _urgent, _wanted, uid) => {
-        uids.push(uid!);
-        return new Promise((resolve) => finish.push(() => resolve(socket(300 + finish.length))));
-      },
-    };
+    const { connector, started: uids, finish } = handSettledConnector(300);
     const gate = new ConnectGate(connector, () => limit);
     const results = backlogs.flatMap(([uid, count]) =>
       Array.from({ length: count }, () => gate.connect(origin, policy, undefined, undefined, uid)),
