@@ -2,17 +2,19 @@
 // cap at 100,000, how long does one slice of a timed flush hold the event loop while (a) 20,000 known origins are
 // updated, (b) 20,000 new origins arrive (each evicts the least recently seen one), (c) old demand history is
 // pruned? And warm-on-start's ranking (synchronous but for what is pending), and flush() (in the same slices).
-// The aim: no write holds the loop more than 20 ms. Prints each phase's slices (count, max, p99) and the
-// event-loop delay seen by a 1 ms timer running beside them (perf_hooks.monitorEventLoopDelay). Wall time includes
-// time the process was not scheduled (a loaded machine); "cpu" is the slice's own CPU time (process.cpuUsage).
+// The aim: no write holds the loop more than 20 ms. Prints each phase's slices (count, max, p99: the event loop's part
+// of each, its preparing and its hand-off to the store's thread, or its commit without the thread), the event-loop
+// delay seen by a 1 ms timer running beside them (perf_hooks.monitorEventLoopDelay), the longest time the thread took
+// to commit one, and the phase's three longest slices broken down (printLongest). Wall time includes time the process
+// was not scheduled (a loaded machine); "cpu" is the event loop's own CPU time in the slice (process.threadCpuUsage).
 //
 //   npm run build && node dist/bench/store-flush.js [--origins N]
 
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { monitorEventLoopDelay } from 'node:perf_hooks';
-import { StateStore } from '../daemon/store.js';
+import { type SliceTiming, StateStore } from '../daemon/store.js';
 
 const originsArg = process.argv.indexOf('--origins');
 const ORIGINS = originsArg === -1 ? 100_000 : Number(process.argv[originsArg + 1]);
@@ -20,10 +22,24 @@ const MINUTE = 60_000;
 
 const dir = mkdtempSync(join(tmpdir(), 'sockpool-store-bench-'));
 let clock = Date.UTC(2026, 0, 1);
-const store = StateStore.open(dir, { now: () => clock, maxOrigins: ORIGINS });
-// As in the daemon: the auto flush's checkpointer thread takes the WAL's checkpoints off the event loop. (Its timer
-// never fires here: the slices below are run and timed one by one.) `--no-checkpointer` measures without it.
-if (!process.argv.includes('--no-checkpointer')) store.startAutoFlush(3_600_000);
+/** The slices' breakdowns (onSlice) since the last phase began, with the WAL file's size before and after. */
+let timings: Array<SliceTiming & { walBefore: number; walAfter: number }> = [];
+const walBytes = () => statSync(join(dir, 'sockpool.sqlite-wal'), { throwIfNoEntry: false })?.size ?? 0;
+let wal = 0;
+const store = StateStore.open(dir, {
+  now: () => clock,
+  maxOrigins: ORIGINS,
+  onSlice: (timing) => {
+    const walBefore = wal;
+    wal = walBytes();
+    timings.push({ ...timing, walBefore, walAfter: wal });
+  },
+});
+// As in the daemon: the auto flush, whose checkpointer thread takes the WAL's checkpoints and the slices' commits off
+// the event loop. Its timer runs each phase below (a short interval then, an hour between phases). `--no-checkpointer`
+// measures without the thread: the slices are then committed on the event loop, run here one by one.
+const autoFlush = !process.argv.includes('--no-checkpointer');
+if (autoFlush) store.startAutoFlush(3_600_000);
 
 function record(prefix: string, count: number): void {
   for (let index = 0; index < count; index++) {
@@ -33,32 +49,62 @@ function record(prefix: string, count: number): void {
   }
 }
 
-/** Runs timed-flush slices on the event loop as the daemon's timer does, each measured. */
+/**
+ * Runs the phase's slices: the daemon's timer (every 5 ms) until everything is written, evicted and pruned and its
+ * slices stop, or without the thread flushSlice() a turn at a time. Each measured by the store (onSlice).
+ */
 async function slices(label: string): Promise<void> {
-  const durations: number[] = [];
-  const cpu: number[] = [];
   const delay = monitorEventLoopDelay({ resolution: 1 });
   delay.enable();
   const ticker = setInterval(() => {}, 1);
-  let more = true;
-  while (more) {
-    const started = performance.now();
-    const cpuStarted = process.cpuUsage();
-    more = store.flushSlice();
-    durations.push(performance.now() - started);
-    const used = process.cpuUsage(cpuStarted);
-    cpu.push((used.user + used.system) / 1000);
-    await new Promise((resolve) => setImmediate(resolve));
+  timings = [];
+  if (autoFlush) {
+    store.configure({ flushMs: 5 });
+    let seen = -1;
+    for (let quiet = 0; quiet < 10; ) {
+      await new Promise((resolve) => setTimeout(resolve, 20));
+      // (A slice the store thread is still committing is waited for: its run goes on after it.)
+      await store.idle();
+      const done = store.pendingOrigins === 0 && store.originCount <= ORIGINS && timings.length === seen;
+      quiet = done ? quiet + 1 : 0;
+      seen = timings.length;
+    }
+    store.configure({ flushMs: 3_600_000 });
+  } else {
+    while (store.flushSlice()) await new Promise((resolve) => setImmediate(resolve));
   }
   clearInterval(ticker);
   delay.disable();
-  durations.sort((a, b) => a - b);
-  cpu.sort((a, b) => a - b);
+  const durations = timings.map((timing) => timing.wallMs).sort((a, b) => a - b);
+  const cpu = timings.map((timing) => timing.cpuMs).sort((a, b) => a - b);
+  const thread = timings.map((timing) => timing.threadMs).sort((a, b) => a - b);
   const p99 = durations[Math.min(durations.length - 1, Math.floor(durations.length * 0.99))] ?? 0;
   console.log(
     `${label.padEnd(44)} slices ${String(durations.length).padStart(5)}  max ${durations.at(-1)?.toFixed(2)} ms  ` +
-      `p99 ${p99.toFixed(2)} ms  cpu max ${cpu.at(-1)?.toFixed(2)} ms  loop delay max ${(delay.max / 1e6).toFixed(2)} ms`,
+      `p99 ${p99.toFixed(2)} ms  cpu max ${cpu.at(-1)?.toFixed(2)} ms  loop delay max ${(delay.max / 1e6).toFixed(2)} ms  ` +
+      `thread's commit max ${thread.at(-1)?.toFixed(2)} ms`,
   );
+  printLongest(timings);
+}
+
+/**
+ * The phase's three longest slices, where their time went (StateStoreOptions.onSlice): wall and the event loop's own
+ * CPU (the store thread's is not in it), the commit's part on the event loop (its hand-off to the thread, or BEGIN,
+ * the statements and COMMIT without one: sys is the kernel's part, as in truncating the WAL file, whose size before
+ * and after is shown) against the preparing (reads of the rows updated, building the origins' statements, the
+ * eviction's pick and its deletes, pruning), and the thread's time to commit it. A slice whose wall time grows with no
+ * CPU behind it waited (the disk, a lock, the process not scheduled).
+ */
+function printLongest(slices: Array<SliceTiming & { walBefore: number; walAfter: number }>): void {
+  const ms = (value: number) => value.toFixed(1);
+  for (const t of [...slices].sort((a, b) => b.wallMs - a.wallMs).slice(0, 3)) {
+    console.log(
+      `    slice ${ms(t.wallMs)} ms (cpu ${ms(t.cpuMs)}): commit ${ms(t.commitMs)} (cpu ${ms(t.commitCpuMs)}, ` +
+        `sys ${ms(t.commitSystemMs)}; WAL ${(t.walBefore / 2 ** 20).toFixed(1)} -> ${(t.walAfter / 2 ** 20).toFixed(1)} MiB), ` +
+        `reads ${ms(t.readMs)}, writes ${ms(t.writeMs)}, evict pick ${ms(t.evictPickMs)} + delete ${ms(t.evictDeleteMs)}, ` +
+        `prune ${ms(t.pruneMs)}; thread ${ms(t.threadMs)}; ${t.origins} origins, ${t.evicted} evicted`,
+    );
+  }
 }
 
 // Fill the history: ORIGINS origins, each with demand in a few minutes, in large synchronous batches.

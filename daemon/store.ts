@@ -27,9 +27,15 @@
 // CLOSE_BUDGET_MS is left for that thread to finish, drops what is left, and returns by the budget whatever the disk
 // does: a thread still waiting for the disk then is left to the process's exit, the state directory locked until it
 // ends (threadLeft).
-// While the timer runs, the WAL is copied into the database file (the checkpoint, with its fsync) by that thread, with
-// a second connection, never by a commit on the event loop: SQLite's automatic checkpoint at the end of a commit was
-// the longest part of a slice.
+// While the timer runs, that thread, with a second connection, also copies the WAL into the database file (the
+// checkpoint, with its fsync), and commits every slice of the timer's, topOrigins' and flush()'s: the event loop only
+// reads (the rows a slice updates, the rows the eviction and the prune pick) and prepares the slice's writes, then
+// hands them over (#sliceAsync) and prepares the next once the thread said the last one committed (one in flight, so
+// what it reads is what the last one wrote). On the event loop, SQLite's automatic checkpoint at the end of a commit
+// was the longest part of a slice, and then the commit that starts the WAL over after a complete checkpoint (its
+// header's sync, and truncating a grown file to WAL_SIZE_LIMIT: the kernel's time freeing its cached pages). A slice that fails on the thread (a locked file, a full disk) is undone as one committed
+// on the event loop was (#undo): its origins pending, merged with what was recorded meanwhile. Without the thread (a
+// history in memory, a thread that cannot start, no auto flush), slices are committed on the event loop.
 //
 // Wall-clock time (Date.now) is right here, unlike in the rest of the daemon: these timestamps must mean the same
 // thing after a restart or a reboot.
@@ -136,9 +142,14 @@ export interface StateStoreOptions {
   onFlushRecovered?: (info: { path: string; failures: number }) => void;
   /**
    * Told when the rows a ranking found over the cap (topOrigins: a start after a stop that wrote past it, or a lower
-   * cap) are evicted, in slices on the event loop after the ranking returned: `overCap` rows were over it then.
+   * cap) are evicted, in the timer's slices after the ranking returned: `overCap` rows were over it then.
    */
   onOverCapEvicted?: (info: { path: string; overCap: number }) => void;
+  /**
+   * Told after each slice of a flush (the timer's, flush()'s, topOrigins') where its time went (bench/store-flush.ts):
+   * costs a clock reading around each statement, so only for measuring.
+   */
+  onSlice?: (timing: SliceTiming) => void;
   onMigrationDeferred?: (info: {
     path: string;
     version: number;
@@ -173,6 +184,38 @@ export interface TopOrigin {
   lastSeen: number;
 }
 
+/**
+ * Where one slice's time went (StateStoreOptions.onSlice), in ms: wall time (performance.now) and CPU time of the
+ * event loop's thread (process.threadCpuUsage: the checkpointer's CPU is not in it).
+ */
+export interface SliceTiming {
+  /** Origins written, rows evicted. */
+  origins: number;
+  evicted: number;
+  /** The whole slice on the event loop, from its start to its return. */
+  wallMs: number;
+  cpuMs: number;
+  /** Reading the rows the origins update (#write's select). */
+  readMs: number;
+  /** Preparing the origins' writes (their rows and demand minutes: run by the commit). */
+  writeMs: number;
+  /** The eviction's pick of its rows (the index scans), and preparing its deletes (run by the commit). */
+  evictPickMs: number;
+  evictDeleteMs: number;
+  /** The prune's picks, and preparing its deletes. */
+  pruneMs: number;
+  /**
+   * The commit's part on the event loop: BEGIN, the statements and COMMIT when committed here, the hand-off (a
+   * message) when the store's thread commits.
+   */
+  commitMs: number;
+  commitCpuMs: number;
+  /** The part of commitCpuMs spent in the kernel (writes, a truncation of the WAL file). */
+  commitSystemMs: number;
+  /** From the hand-off to the store thread's answer (not on the event loop): 0 when committed here. */
+  threadMs: number;
+}
+
 /** One row of `origins`, as stored (after a flush). */
 export interface OriginRecord {
   originKey: string;
@@ -202,6 +245,11 @@ const PRUNE_INTERVAL_MS = 10 * MINUTE_MS;
  * over 20 ms; the commit (the slice's pages into the WAL) comes on top, hence the margin.
  */
 const SLICE_BUDGET_MS = 5;
+/**
+ * Statements one slice hands to the store thread at most, whatever its budget: the hand-off copies them (a message)
+ * on the event loop, and preparing is cheaper than committing, so the budget alone let a slice gather thousands.
+ */
+const SLICE_WRITES_MAX = 500;
 /**
  * Per-minute demand entries the pending records hold, all together (#minutesPerOrigin shares it among the at most
  * maxOrigins records; with more than 100,000 of them, PENDING_MINUTES_PER_ORIGIN_MIN each): about 50 bytes of heap
@@ -254,12 +302,14 @@ export const WAL_SIZE_LIMIT = 4 * 1024 * 1024;
 const AUTOCHECKPOINT_PAGES = 1000;
 
 /**
- * The store's thread: the checkpointer while the auto flush runs, and the writer of close() (started then if none
- * runs). An eval'd worker, so that the same code runs from daemon/*.ts (in-process tests) and from dist/. It owns a
- * second connection. Asked with a number, it runs a PASSIVE checkpoint: PASSIVE never waits for the daemon's
- * connection and never blocks its writes (what it cannot copy now, the next request copies). Asked with rows (close's
- * slices, see close()), it commits each message in one transaction, counting the origins committed in the shared
- * `flags`; asked to close, it closes its connection (the last one: SQLite checkpoints the whole WAL, with its
+ * The store's thread: the checkpointer and the flushes' writer while the auto flush runs, and the writer of close()
+ * (started then if none runs). An eval'd worker, so that the same code runs from daemon/*.ts (in-process tests) and
+ * from dist/. It owns a second connection. Asked with a number, it runs a PASSIVE checkpoint: PASSIVE never waits for
+ * the daemon's connection and never blocks its writes (what it cannot copy now, the next request copies). Asked with
+ * a slice's writes (`runs`: statements by name, their SQL in `sql`), it commits each message in one transaction,
+ * counts it done in the shared `flags`, with close()'s origins committed; a flush's slice (with an `id`) it answers
+ * on the `errors` port (committed or failed, read without the event loop) and wakes the event loop with a message to
+ * read it; close()'s are answered there only when they fail. Asked to close, it closes its connection (the last one: SQLite checkpoints the whole WAL, with its
  * syncs, here and not on the event loop), says so in `flags`, and ends.
  */
 const STORE_THREAD_SOURCE = `
@@ -291,8 +341,15 @@ try {
 }
 signal(OPEN, 1);
 parentPort.postMessage({ ready: true });
-let upsert;
-let addDemand;
+const statements = new Map();
+const statement = (sql) => {
+  let prepared = statements.get(sql);
+  if (!prepared) {
+    prepared = db.prepare(sql);
+    statements.set(sql, prepared);
+  }
+  return prepared;
+};
 parentPort.on('message', (message) => {
   if (typeof message === 'number') {
     try {
@@ -301,22 +358,26 @@ parentPort.on('message', (message) => {
     } catch (error) {
       parentPort.postMessage({ error: String((error && error.message) || error) });
     }
-  } else if (message.rows) {
+  } else if (message.runs) {
+    let failed;
     try {
-      upsert ??= db.prepare(message.upsert);
-      addDemand ??= db.prepare(message.addDemand);
       db.transaction(() => {
-        for (const row of message.rows) upsert.run(row);
-        for (const [key, minute, acquires] of message.demand) addDemand.run(key, minute, acquires);
+        for (const [name, params] of message.runs) {
+          if (Array.isArray(params)) statement(message.sql[name]).run(...params);
+          else statement(message.sql[name]).run(params);
+        }
       })();
       Atomics.add(flags, COMMITTED, message.origins);
     } catch (error) {
-      // A locked file or a full disk: the slice is rolled back, its origins dropped (close() counts them and throws
-      // the first such error, read from this port without the event loop).
-      workerData.errors.postMessage({ message: String((error && error.message) || error), code: error && error.code });
+      // A locked file or a full disk: the slice is rolled back. Said on this port, read without the event loop (close()
+      // counts its slices' origins dropped and throws the first such error; a flush's slice is pended again).
+      failed = { message: String((error && error.message) || error), code: error && error.code };
     }
+    if (message.id !== undefined || failed) workerData.errors.postMessage({ id: message.id, failed });
     Atomics.add(flags, SLICES, 1);
     Atomics.notify(flags, SLICES);
+    // A flush's slice: the event loop reads the result (above) when this wakes it.
+    if (message.id !== undefined) parentPort.postMessage({ slice: message.id });
   } else if (message.close) {
     try {
       db.close();
@@ -396,17 +457,124 @@ interface OriginRow {
   uid: number | null;
 }
 
-/** What a run of flush()'s or topOrigins' slices owes (StateStore.#slice): the pending origins when it was asked. */
+/** What a run of flush()'s or topOrigins' slices owes (StateStore.#prepare): the pending origins when it was asked. */
 interface Owed {
   records: number;
   by: 'flush' | 'ranking';
 }
 
-/** One slice of close()'s writing, for the store thread to commit (STORE_THREAD_SOURCE). */
+/** The statements a slice's writes run (StateStore.#writes), by name: the store thread prepares them from their SQL. */
+type WriteName = 'upsert' | 'addDemand' | 'forget' | 'forgetDemand' | 'forgetMinute' | 'unstamp';
+
+/**
+ * One slice's writes, prepared on the event loop and committed in one transaction (by the store thread, or here
+ * without one: StateStore.#commitHere): each a statement and its parameters.
+ */
 interface ThreadSlice {
-  rows: OriginRow[];
-  demand: Array<[string, number, number]>;
+  runs: Array<[WriteName, unknown[] | Record<string, unknown>]>;
+  /** Origins written (close() counts those committed). */
   origins: number;
+}
+
+/**
+ * A slice of a flush (the timer's, flush()'s, topOrigins'), prepared (StateStore.#prepare): its writes, and what holds
+ * in memory once they are committed, or is undone if they fail.
+ */
+interface PreparedSlice extends ThreadSlice {
+  /** The records written, each with what it held then: the record itself starts again from nothing meanwhile. */
+  written: Array<[string, Pending, Pending]>;
+  /** Rows evicted or pruned: their learned lifetimes are forgotten once committed. */
+  forgotten: string[];
+  evicted: number;
+  /** The row counts before the slice (#write, #evictSome and the prune change them as they prepare). */
+  rowCount: number;
+  held: Map<Holder, number>;
+  /** The pruning is complete as of this time once committed (#lastPrune). */
+  prunedAt: number | undefined;
+  /** More to do after it: another slice follows. */
+  more: boolean;
+  owed: Owed | undefined;
+  /** Where its time went, while onSlice is given. */
+  timing: SliceTiming | undefined;
+}
+
+/** What the store thread says of a slice whose commit failed. */
+interface SliceFailure {
+  message: string;
+  code?: string;
+}
+
+/** The rows an eviction slice picked already, so that the next batch's pick (not yet committed) skips them. */
+interface EvictionCursor {
+  unused: number;
+  of: Map<Holder, number>;
+}
+
+/** The slice the store thread is committing (one at a time: the next is prepared once it is told of this one). */
+interface InFlight {
+  id: number;
+  slice: PreparedSlice;
+  /** The thread's flags and where it tells the result (read with receiveMessageOnPort), and its count once done. */
+  flags: Int32Array;
+  results: MessagePort;
+  doneAt: number;
+  worker: Worker;
+  handedAt: number;
+  /** Its thread was stopped meanwhile (stopAutoFlush): it ends once this is committed. */
+  terminateAfter: boolean;
+  /** Resolved with the failure, if any, once the result is read (#settle). */
+  settled: Promise<{ failed?: SliceFailure }>;
+  settle: (result: { failed?: SliceFailure }) => void;
+}
+
+/**
+ * A record written by a slice starts again from nothing (the slice holds what it had: returned), so that what is
+ * recorded while the slice is committed is kept apart, pending after it (StateStore.#apply) or merged back if the
+ * commit fails (#mergeEarlier). Its first-seen time, holder and group stay.
+ */
+function restart(pending: Pending): Pending {
+  const before = { ...pending };
+  pending.acquires = 0;
+  pending.hits = 0;
+  pending.misses = 0;
+  pending.connectFailures = 0;
+  pending.connects = 0;
+  pending.connectDecay = 1;
+  pending.connectSum = 0;
+  pending.connectFresh = 0;
+  pending.idleLifetimeChanged = false;
+  pending.minutes = [];
+  pending.minuteAcquires = [];
+  return before;
+}
+
+/** Nothing recorded in a record since it was written (restart). */
+function isEmpty(pending: Pending): boolean {
+  return (
+    pending.acquires === 0 &&
+    pending.connects === 0 &&
+    pending.connectFailures === 0 &&
+    !pending.idleLifetimeChanged &&
+    pending.minutes.length === 0
+  );
+}
+
+function emptySliceTiming(): SliceTiming {
+  return {
+    origins: 0,
+    evicted: 0,
+    wallMs: 0,
+    cpuMs: 0,
+    readMs: 0,
+    writeMs: 0,
+    evictPickMs: 0,
+    evictDeleteMs: 0,
+    pruneMs: 0,
+    commitMs: 0,
+    commitCpuMs: 0,
+    commitSystemMs: 0,
+    threadMs: 0,
+  };
 }
 
 /** Who holds a row: a uid, or null for rows no acquire of a known uid brought in (see MIGRATIONS[3]). */
@@ -531,8 +699,6 @@ export class StateStore {
   #held = new Map<Holder, number>();
   /** The file has the holder column (schema 4); false only while its migration waits (a lock at start). */
   readonly #hasHolders: boolean;
-  /** Origins the transaction under way evicted: their learned lifetimes are forgotten once it commits (#commit). */
-  #evicted: string[] | undefined;
   #lastPrune = 0;
   #closed = false;
   /** A history in memory only (the file could not be opened: onUnavailable): no checkpointer, nothing on disk. */
@@ -544,20 +710,29 @@ export class StateStore {
   readonly #onFlushFailing: StateStoreOptions['onFlushFailing'];
   readonly #onFlushRecovered: StateStoreOptions['onFlushRecovered'];
   readonly #onOverCapEvicted: StateStoreOptions['onOverCapEvicted'];
+  readonly #onSlice: StateStoreOptions['onSlice'];
+  /** The slice under way's timing, while onSlice is given. */
+  #timing: SliceTiming | undefined;
+  /** The slices' writes (#prepare), by name: their SQL (for the store thread) and, on this connection, statements. */
+  readonly #writeSql: Record<WriteName, string>;
+  readonly #writes: Record<WriteName, Database.Statement>;
+  /** The slice the store thread is committing, if any (#settle); numbered by #slices. */
+  #inFlight: InFlight | undefined;
+  #slices = 0;
+  /** Slices handed to the current store thread (its THREAD_SLICES counts those it is done with). */
+  #handed = 0;
+  /** The last slice wrote origins: the next one evicts or prunes first if due, so a steady flood does not starve them. */
+  #wroteLast = false;
   readonly #statements: {
     select: Database.Statement<[string], OriginRow>;
-    upsert: Database.Statement<[OriginRow]>;
-    addDemand: Database.Statement<[string, number, number]>;
-    pruneDemand: Database.Statement<[number, number]>;
-    unstampFuture: Database.Statement<[{ now: number }]>;
-    pruneOrigins: Database.Statement<[number, number], { origin_key: string; uid: Holder }>;
-    unused: Database.Statement<[number], { origin_key: string; uid: Holder }>;
-    oldestOf: Database.Statement<[Holder, number], string>;
+    prunableDemand: Database.Statement<[number, number, number, number], { origin_key: string; minute: number }>;
+    future: Database.Statement<[number, number, number], string>;
+    prunable: Database.Statement<[number, number, number], { origin_key: string; uid: Holder }>;
+    unused: Database.Statement<[number, number], { origin_key: string; uid: Holder }>;
+    oldestOf: Database.Statement<[Holder, number, number], string>;
     unusedHeld: Database.Statement<[], { uid: Holder; rows: number }>;
     nthOldestUsedOf: Database.Statement<[Holder, number], { last_seen: number; origin_key: string }>;
     held: Database.Statement<[], { uid: Holder; rows: number }>;
-    forget: Database.Statement<[string]>;
-    forgetDemand: Database.Statement<[string]>;
     top: Database.Statement<
       [{ nowMinute: number; sinceMinute: number; halfLifeMinutes: number; limit: number; cuts: string }],
       {
@@ -708,6 +883,7 @@ export class StateStore {
     this.#onFlushFailing = options.onFlushFailing;
     this.#onFlushRecovered = options.onFlushRecovered;
     this.#onOverCapEvicted = options.onOverCapEvicted;
+    this.#onSlice = options.onSlice;
     this.#historyMinutes = Math.ceil(((options.demandHistoryDays ?? 7) * DAY_MS) / MINUTE_MS);
     this.#originRetentionMs = (options.originRetentionDays ?? 30) * DAY_MS;
     this.#scoreHalfLifeMinutes = (options.scoreHalfLifeMs ?? 6 * 3_600_000) / MINUTE_MS;
@@ -721,9 +897,7 @@ export class StateStore {
     // one of the older versions.
     const holder = this.#hasHolders ? 'uid' : 'NULL';
     const withHolder = (sql: string) => (this.#hasHolders ? sql : '');
-    this.#statements = {
-      select: db.prepare('SELECT * FROM origins WHERE origin_key = ?'),
-      upsert: db.prepare(`
+    const upsertSql = `
         INSERT INTO origins (origin_key, host, port, first_seen, last_seen, acquires, hits, misses, connect_failures,
                              connect_ms_avg, learned_idle_lifetime_ms, demand_rate_per_s, demand_updated_at
                              ${withHolder(', uid')})
@@ -735,30 +909,33 @@ export class StateStore {
           misses = excluded.misses, connect_failures = excluded.connect_failures,
           connect_ms_avg = excluded.connect_ms_avg, learned_idle_lifetime_ms = excluded.learned_idle_lifetime_ms,
           demand_rate_per_s = excluded.demand_rate_per_s, demand_updated_at = excluded.demand_updated_at
-          ${withHolder(', uid = excluded.uid')}`),
-      addDemand: db.prepare(`
-        INSERT INTO demand_history (origin_key, minute, acquires) VALUES (?, ?, ?)
-        ON CONFLICT (origin_key, minute) DO UPDATE SET acquires = acquires + excluded.acquires`),
-      pruneDemand: db.prepare(`
-        DELETE FROM demand_history WHERE (origin_key, minute) IN
-          (SELECT origin_key, minute FROM demand_history WHERE minute < ? OR minute > ? LIMIT ${DELETE_BATCH})`),
-      unstampFuture: db.prepare(`
-        UPDATE origins SET last_seen = @now, demand_updated_at = min(demand_updated_at, @now) WHERE origin_key IN
-          (SELECT origin_key FROM origins WHERE last_seen > @now LIMIT ${DELETE_BATCH})`),
-      pruneOrigins: db.prepare(`
-        DELETE FROM origins WHERE origin_key IN
-          (SELECT origin_key FROM origins WHERE last_seen < ?
-             AND NOT EXISTS (SELECT 1 FROM demand_history d WHERE d.origin_key = origins.origin_key) LIMIT ?)
-        RETURNING origin_key, ${holder} AS uid`),
+          ${withHolder(', uid = excluded.uid')}`;
+    this.#statements = {
+      select: db.prepare('SELECT * FROM origins WHERE origin_key = ?'),
+      // The prune's and the eviction's picks take LIMIT and OFFSET: a slice picks batch after batch before its writes
+      // are committed (#prepare), each after those it picked already.
+      prunableDemand: db.prepare(
+        'SELECT origin_key, minute FROM demand_history WHERE minute < ? OR minute > ? LIMIT ? OFFSET ?',
+      ),
+      future: db
+        .prepare<[number, number, number], string>(
+          'SELECT origin_key FROM origins WHERE last_seen > ? LIMIT ? OFFSET ?',
+        )
+        .pluck(),
+      prunable: db.prepare(`
+        SELECT origin_key, ${holder} AS uid FROM origins WHERE last_seen < ?
+          AND NOT EXISTS (SELECT 1 FROM demand_history d WHERE d.origin_key = origins.origin_key) LIMIT ? OFFSET ?`),
       // The expressions are the indexes' (origins_eviction, origins_uid_eviction), written the same way so that
       // SQLite uses them: each an index range scan, never a sort of the table. Ties of last_seen go by origin_key,
       // the indexes' last column (the primary key): named, so that #evictionCuts finds the same rows.
       unused: db.prepare(
-        `SELECT origin_key, ${holder} AS uid FROM origins WHERE (acquires > 0) = 0 ORDER BY last_seen, origin_key LIMIT ?`,
+        `SELECT origin_key, ${holder} AS uid FROM origins WHERE (acquires > 0) = 0 ORDER BY last_seen, origin_key
+         LIMIT ? OFFSET ?`,
       ),
       oldestOf: db
-        .prepare<[Holder, number], string>(
-          `SELECT origin_key FROM origins WHERE ${holder} IS ? ORDER BY acquires > 0, last_seen, origin_key LIMIT ?`,
+        .prepare<[Holder, number, number], string>(
+          `SELECT origin_key FROM origins WHERE ${holder} IS ? ORDER BY acquires > 0, last_seen, origin_key
+           LIMIT ? OFFSET ?`,
         )
         .pluck(),
       unusedHeld: db.prepare(
@@ -767,8 +944,6 @@ export class StateStore {
       nthOldestUsedOf: db.prepare(`
         SELECT last_seen, origin_key FROM origins WHERE ${holder} IS ? AND (acquires > 0) = 1
         ORDER BY last_seen, origin_key LIMIT 1 OFFSET ?`),
-      forget: db.prepare('DELETE FROM origins WHERE origin_key = ?'),
-      forgetDemand: db.prepare('DELETE FROM demand_history WHERE origin_key = ?'),
       held: db.prepare(`SELECT ${holder} AS uid, count(*) AS rows FROM origins GROUP BY 1`),
       // Each holder's origins ranked by score (but those the eviction over the cap takes: @cuts, #evictionCuts),
       // then the holders' firsts (the busiest first among them), their
@@ -792,6 +967,22 @@ export class StateStore {
         ORDER BY turn, score DESC, last_seen DESC, origin_key
         LIMIT @limit`),
     };
+    const writes: Record<WriteName, string> = {
+      upsert: upsertSql,
+      addDemand: `
+        INSERT INTO demand_history (origin_key, minute, acquires) VALUES (?, ?, ?)
+        ON CONFLICT (origin_key, minute) DO UPDATE SET acquires = acquires + excluded.acquires`,
+      forget: 'DELETE FROM origins WHERE origin_key = ?',
+      forgetDemand: 'DELETE FROM demand_history WHERE origin_key = ?',
+      forgetMinute: 'DELETE FROM demand_history WHERE origin_key = ? AND minute = ?',
+      unstamp: `UPDATE origins SET last_seen = @now, demand_updated_at = min(demand_updated_at, @now)
+                WHERE origin_key = @originKey`,
+    };
+    this.#writeSql = writes;
+    this.#writes = Object.fromEntries(Object.entries(writes).map(([name, sql]) => [name, db.prepare(sql)])) as Record<
+      WriteName,
+      Database.Statement
+    >;
     this.#recount();
     const learned = db.prepare<[], { origin_key: string; learned: number }>(
       'SELECT origin_key, learned_idle_lifetime_ms AS learned FROM origins WHERE learned IS NOT NULL',
@@ -1014,7 +1205,7 @@ export class StateStore {
     if (this.#closed) return 0;
     const owed: Owed = { records: this.#pending.size, by: 'flush' };
     const records = owed.records;
-    while (this.#slice(SLICE_BUDGET_MS, owed)) {
+    while (await this.#sliceAsync(SLICE_BUDGET_MS, owed)) {
       this.#noteOverCapEvicted();
       await new Promise((resolve) => setImmediate(resolve));
     }
@@ -1023,99 +1214,370 @@ export class StateStore {
   }
 
   /**
-   * One slice of a timed flush: pending origins, then evictions over the cap, then pruning, in one transaction
-   * until SLICE_BUDGET_MS is spent, looked at after each origin (at most 1 + #minutesPerOrigin statements) and each
-   * batch of DELETE_BATCH evictions or prunes, so a slice overruns its budget by one such step at most. Returns true when there is more to do (the caller runs another slice on the
-   * next turn of the event loop).
+   * One slice of a timed flush, committed here on the event loop (for tests, and a history in memory: the timer's,
+   * flush()'s and topOrigins' slices are committed by the store's thread while it runs, #sliceAsync). Throws what the
+   * commit threw, the slice undone (#undo). Returns true when there is more to do. A slice the store's thread is
+   * committing is waited for first (blocking: a test's), CLOSE_BUDGET_MS at most; then true, doing nothing.
    */
   flushSlice(budgetMs = SLICE_BUDGET_MS): boolean {
-    return this.#slice(budgetMs);
+    if (this.#closed) return false;
+    if (this.#inFlight && this.#settleInFlight(performance.now() + CLOSE_BUDGET_MS, false)) return true;
+    const slice = this.#prepare(budgetMs);
+    this.#commitHere(slice);
+    return slice.more;
   }
 
   /**
-   * flushSlice, or with `owed` one of flush()'s or topOrigins' slices: at most `owed.records` pending origins (the
-   * first recorded), counted down. flush()'s then evict and prune, as the timer's, but ask for no checkpoint (it
-   * never did: the timer's next slice asks); the ranking's neither evict nor prune, left to the timer's slices (the
-   * ranking leaves out what the eviction takes, and counts no demand the prune would delete). Returns true when the
-   * budget ran out with more of that to do.
+   * One slice (#prepare: flushSlice's, or with `owed` one of flush()'s or topOrigins'), committed by the store's thread
+   * when it runs (the auto flush's), else here; resolved once committed, with whether there is more to do, rejected
+   * with the commit's failure (the slice undone: #undo). One slice at a time: a slice in flight (another caller's) is
+   * waited for first, so the rows a slice reads are those the one before wrote.
    */
-  #slice(budgetMs: number, owed?: Owed): boolean {
+  async #sliceAsync(budgetMs: number, owed?: Owed): Promise<boolean> {
+    // Looked at again after each wait, and the slice prepared and handed over in the same turn as the last look: two
+    // callers waiting for the same slice (the timer's run, flush()) would otherwise both hand one over. Prepared at
+    // once when nothing is in flight (the timer's tick prepares in its own turn).
+    for (let inFlight = this.#inFlight; inFlight; inFlight = this.#inFlight) await inFlight.settled;
     if (this.#closed) return false;
+    const slice = this.#prepare(budgetMs, owed);
+    const thread = this.#writer();
+    if (!thread || slice.runs.length === 0) {
+      this.#commitHere(slice);
+      return slice.more;
+    }
+    const { failed } = await this.#hand(slice, thread);
+    if (failed) throw Object.assign(new Error(failed.message), { code: failed.code });
+    return slice.more;
+  }
+
+  /**
+   * Resolves once no slice of a flush is in flight: the store's thread said it committed it, or that it failed (for
+   * tests and the bench: the timer's tick hands its slice to the thread and returns).
+   */
+  idle(): Promise<void> {
+    return this.#idle();
+  }
+
+  async #idle(): Promise<void> {
+    for (let inFlight = this.#inFlight; inFlight; inFlight = this.#inFlight) await inFlight.settled;
+  }
+
+  /** The store thread that commits the flushes' slices: the checkpointer, while it runs and could open the file. */
+  #writer(): Worker | undefined {
+    const worker = this.#checkpointer;
+    const flags = this.#threadFlags;
+    if (!worker || !flags || Atomics.load(flags, THREAD_OPEN) === -1) return undefined;
+    return worker;
+  }
+
+  /**
+   * Prepares one slice, reading only: pending origins (at most `owed.records` of them, the first recorded, with
+   * `owed`), or else evictions over the cap, or else pruning, until `budgetMs` is spent, looked at after each origin
+   * (its row and at most #minutesPerOrigin demand minutes) and each batch of DELETE_BATCH evictions or prunes. One
+   * kind of work a slice: its reads see none of its own writes (committed after), so an eviction must not pick a row
+   * the same slice updates, nor the prune of origins one whose demand the slice deletes. After a slice that wrote
+   * origins, eviction and pruning go first when due, so a steady flood of new origins does not starve them.
+   * flush()'s slices evict and prune as the timer's but ask for no checkpoint (the timer's next slice asks); the
+   * ranking's neither evict nor prune (topOrigins leaves out what the eviction takes, and counts no demand the prune
+   * would delete). The row counts change as it prepares; #undo sets them back if the commit fails.
+   */
+  #prepare(budgetMs: number, owed?: Owed): PreparedSlice {
+    const started = performance.now();
+    const timing = this.#onSlice ? emptySliceTiming() : undefined;
+    const cpuStarted = timing ? process.threadCpuUsage() : undefined;
+    this.#timing = timing;
+    const slice: PreparedSlice = {
+      runs: [],
+      origins: 0,
+      written: [],
+      forgotten: [],
+      evicted: 0,
+      rowCount: this.#rowCount,
+      held: new Map(this.#held),
+      prunedAt: undefined,
+      more: false,
+      owed,
+      timing,
+    };
     const evicts = owed?.by !== 'ranking';
     const now = this.#now();
-    const prune = evicts && now - this.#lastPrune >= PRUNE_INTERVAL_MS;
-    const started = performance.now();
-    const written: Array<[string, Pending]> = [];
-    let evicted = 0;
-    let more = false;
-    this.#commit(() => {
-      for (const [originKey, pending] of this.#pending) {
-        if (owed && written.length >= owed.records) break;
-        this.#write(originKey, pending, now);
-        written.push([originKey, pending]);
-        // After every origin: one carries up to #minutesPerOrigin demand entries (60 statements), so a check every 16
-        // let a slice run 16 of them past its budget.
-        if (performance.now() - started >= budgetMs) {
-          more = !owed || written.length < owed.records || evicts;
-          return;
+    const pruneDue = evicts && now - this.#lastPrune >= PRUNE_INTERVAL_MS;
+    const overCap = evicts && this.#rowCount > this.#maxOrigins;
+    const writesDue = this.#pending.size > 0 && (!owed || owed.records > 0);
+    const maxRuns = this.#writer() ? SLICE_WRITES_MAX : Number.POSITIVE_INFINITY;
+    const overBudget = () => performance.now() - started >= budgetMs || slice.runs.length >= maxRuns;
+    try {
+      if (writesDue && !(this.#wroteLast && (overCap || pruneDue))) {
+        const all = this.#prepareWrites(slice, now, overBudget);
+        slice.more = !all || (evicts && (this.#rowCount > this.#maxOrigins || pruneDue));
+      } else {
+        if (overCap) {
+          const cursor: EvictionCursor = { unused: 0, of: new Map() };
+          for (;;) {
+            const rows = this.#rowCount;
+            if (!this.#evictSome(slice, cursor)) break;
+            slice.evicted += rows - this.#rowCount;
+            if (overBudget()) break;
+          }
+          slice.more = true;
+        } else if (pruneDue) {
+          const pruneStarted = performance.now();
+          slice.more = this.#preparePrune(slice, now, overBudget) || writesDue;
+          if (timing) timing.pruneMs += performance.now() - pruneStarted;
         }
       }
-      if (!evicts) return;
+    } catch (error) {
+      this.#undo(slice);
+      throw error;
+    } finally {
+      this.#timing = undefined;
+    }
+    if (timing && cpuStarted) {
+      timing.origins = slice.written.length;
+      timing.evicted = slice.evicted;
+      timing.wallMs = performance.now() - started;
+      const used = process.threadCpuUsage(cpuStarted);
+      timing.cpuMs = (used.user + used.system) / 1000;
+    }
+    return slice;
+  }
+
+  /**
+   * The pending origins' writes into `slice` until `overBudget` (checked after each origin: one carries up to
+   * #minutesPerOrigin demand entries, 60 statements), each record starting again from nothing (what it held goes into
+   * `slice.written`, #undo's to merge back). True when it wrote all it owed.
+   */
+  #prepareWrites(slice: PreparedSlice, now: number, overBudget: () => boolean): boolean {
+    const owed = slice.owed;
+    for (const [originKey, pending] of this.#pending) {
+      if (owed && slice.written.length >= owed.records) return true;
+      this.#write(originKey, pending, now, slice);
+      slice.origins++;
+      slice.written.push([originKey, pending, restart(pending)]);
+      if (overBudget()) return owed !== undefined && slice.written.length >= owed.records;
+    }
+    return true;
+  }
+
+  /**
+   * The prune's writes into `slice` (see #pruneSome): true when it found something (another slice follows, reading
+   * what this one left), false when nothing is left to prune (committed, the prune is complete: prunedAt).
+   */
+  #preparePrune(slice: PreparedSlice, now: number, overBudget: () => boolean): boolean {
+    for (const kind of ['demand', 'future', 'origins'] as const) {
+      let picked = 0;
       for (;;) {
-        const rows = this.#rowCount;
-        if (!this.#evictSome()) break;
-        evicted += rows - this.#rowCount;
-        if (performance.now() - started >= budgetMs) {
-          more = true;
-          return;
-        }
+        const found = this.#pruneSome(slice, now, kind, picked);
+        picked += found;
+        if (found < DELETE_BATCH || overBudget()) break;
       }
-      if (!prune) return;
-      while (this.#pruneSome(now)) {
-        if (performance.now() - started >= budgetMs) {
-          more = true;
-          return;
-        }
-      }
-      this.#lastPrune = now;
+      if (picked > 0) return true;
+    }
+    slice.prunedAt = now;
+    return false;
+  }
+
+  /**
+   * Commits a prepared slice on the event loop's connection (no store thread, or nothing to write), then applies it
+   * (#apply); a commit that fails is rolled back, the slice undone (#undo), and the failure thrown.
+   */
+  #commitHere(slice: PreparedSlice): void {
+    const timing = slice.timing;
+    const started = timing ? performance.now() : 0;
+    const cpuStarted = timing ? process.threadCpuUsage() : undefined;
+    try {
+      if (slice.runs.length > 0) this.#db.transaction(() => this.#runHere(slice.runs))();
+    } catch (error) {
+      this.#undo(slice);
+      throw error;
+    } finally {
+      // (The timer's ticks with nothing to write are not told.)
+      this.#sliceTimed(slice, started, cpuStarted, slice.runs.length > 0);
+    }
+    this.#apply(slice);
+  }
+
+  /** Runs a slice's writes on the event loop's connection (in the caller's transaction). */
+  #runHere(runs: ThreadSlice['runs']): void {
+    for (const [name, params] of runs) {
+      if (Array.isArray(params)) this.#writes[name].run(...params);
+      else this.#writes[name].run(params);
+    }
+  }
+
+  /** Tells onSlice of a slice, with its commit's part on the event loop (from `started`). */
+  #sliceTimed(slice: PreparedSlice, started: number, cpuStarted: NodeJS.CpuUsage | undefined, tell = true): void {
+    const timing = slice.timing;
+    if (!timing || !cpuStarted) return;
+    const used = process.threadCpuUsage(cpuStarted);
+    timing.commitMs = performance.now() - started;
+    timing.commitCpuMs = (used.user + used.system) / 1000;
+    timing.commitSystemMs = used.system / 1000;
+    timing.wallMs += timing.commitMs;
+    timing.cpuMs += timing.commitCpuMs;
+    if (tell) this.#onSlice?.(timing);
+  }
+
+  /**
+   * Hands a prepared slice to the store's thread, which commits it on its connection (the event loop never waits for
+   * a commit or its sync); resolved once the thread says it did (#settle, from the message that wakes the event loop).
+   */
+  #hand(slice: PreparedSlice, worker: Worker): Promise<{ failed?: SliceFailure }> {
+    const timing = slice.timing;
+    const started = timing ? performance.now() : 0;
+    const cpuStarted = timing ? process.threadCpuUsage() : undefined;
+    const id = ++this.#slices;
+    let settle: (result: { failed?: SliceFailure }) => void = () => {};
+    const settled = new Promise<{ failed?: SliceFailure }>((resolve) => {
+      settle = resolve;
     });
-    for (const [originKey, pending] of written) this.#unpend(originKey, pending);
-    if (owed) owed.records -= written.length;
+    this.#inFlight = {
+      id,
+      slice,
+      flags: this.#threadFlags as Int32Array,
+      results: this.#threadErrors as MessagePort,
+      doneAt: ++this.#handed,
+      handedAt: performance.now(),
+      worker,
+      terminateAfter: false,
+      settled,
+      settle,
+    };
+    // Origins 0: the thread's count of origins committed is close()'s.
+    worker.postMessage({ id, sql: this.#writeSql, runs: slice.runs, origins: 0 });
+    // Told once the thread answers (#settle), with how long it took.
+    this.#sliceTimed(slice, started, cpuStarted, false);
+    return settled;
+  }
+
+  /** Reads what the store's thread said of the slice in flight, if it said it yet (never waits). */
+  #readResults(): void {
+    const inFlight = this.#inFlight;
+    if (!inFlight) return;
+    for (;;) {
+      const received = receiveMessageOnPort(inFlight.results);
+      if (!received) return;
+      const { id, failed } = received.message as { id: number | undefined; failed?: SliceFailure };
+      if (id === inFlight.id) {
+        this.#settle(inFlight, failed);
+        return;
+      }
+    }
+  }
+
+  /** The slice in flight is committed (or `failed`): applied or undone, and whoever waits for it told. */
+  #settle(inFlight: InFlight, failed: SliceFailure | undefined): void {
+    if (this.#inFlight !== inFlight) return;
+    this.#inFlight = undefined;
+    if (failed) this.#undo(inFlight.slice);
+    else this.#apply(inFlight.slice);
+    const timing = inFlight.slice.timing;
+    if (timing) {
+      timing.threadMs = performance.now() - inFlight.handedAt;
+      this.#onSlice?.(timing);
+    }
+    // Its thread stopped meanwhile (stopAutoFlush): it ends now that its commit is done (with its port, if another
+    // thread has been started since).
+    if (inFlight.terminateAfter) void inFlight.worker.terminate();
+    if (inFlight.results !== this.#threadErrors) inFlight.results.close();
+    inFlight.settle({ failed });
+  }
+
+  /**
+   * A committed slice's effects in memory: the learned lifetimes of the rows it deleted forgotten, the prune's time,
+   * its records unpended (or, given more since, moved to the end as records made anew), a checkpoint asked for.
+   */
+  #apply(slice: PreparedSlice): void {
+    this.#wroteLast = slice.written.length > 0;
+    for (const originKey of slice.forgotten) this.#learned.delete(originKey);
+    if (slice.prunedAt !== undefined) this.#lastPrune = slice.prunedAt;
+    for (const [originKey, pending] of slice.written) {
+      // Dropped at the pending bound meanwhile: nothing of it is pending.
+      if (this.#pending.get(originKey) !== pending) continue;
+      this.#unpend(originKey, pending);
+      if (!isEmpty(pending)) {
+        this.#pending.set(originKey, pending);
+        this.#pendBy(originKey, pending.group);
+      }
+    }
+    if (slice.owed) slice.owed.records -= slice.written.length;
     // A slice that wrote nothing (the timer's usual tick) asks for nothing.
-    if (written.length > 0 || evicted > 0 || more || prune) this.#uncheckpointed = true;
+    if (slice.runs.length > 0 || slice.prunedAt !== undefined) this.#uncheckpointed = true;
     if (
       this.#uncheckpointed &&
-      owed?.by !== 'flush' &&
-      (!more || ++this.#slicesSinceCheckpoint >= SLICES_PER_CHECKPOINT)
+      slice.owed?.by !== 'flush' &&
+      (!slice.more || ++this.#slicesSinceCheckpoint >= SLICES_PER_CHECKPOINT)
     ) {
       this.#requestCheckpoint();
     }
-    return more;
   }
 
   /**
-   * Runs `work` in one transaction. What it changes in memory (the row counts, the learned lifetimes of evicted
-   * origins, the time of the last prune) holds only once the commit did: a transaction that fails (a full disk, a
-   * file locked by another process) is rolled back and its in-memory effects with it. A row count left raised by a
-   * failed insert made a later flush evict rows that were not over the cap, down to none, and then loop for good.
+   * A slice whose commit failed (a full disk, a file locked by another process; rolled back): what it changed in
+   * memory as it was prepared is set back, so nothing is lost and nothing counted twice. The row counts are those of
+   * before (a row count left raised by a failed insert made a later flush evict rows that were not over the cap, down
+   * to none, and then loop for good), and each record written gets back what it held, merged before what was
+   * recorded since (#mergeEarlier), at its place: pending as if the slice never ran. A record dropped at the pending
+   * bound meanwhile stays dropped, its learned lifetime set back as the drop does.
    */
-  #commit(work: () => void): void {
-    const rowCount = this.#rowCount;
-    const held = new Map(this.#held);
-    const lastPrune = this.#lastPrune;
-    const evicted: string[] = [];
-    this.#evicted = evicted;
-    try {
-      this.#db.transaction(work)();
-    } catch (error) {
-      this.#rowCount = rowCount;
-      this.#held = held;
-      this.#lastPrune = lastPrune;
-      throw error;
-    } finally {
-      this.#evicted = undefined;
+  #undo(slice: PreparedSlice): void {
+    this.#rowCount = slice.rowCount;
+    this.#held = slice.held;
+    for (const [originKey, pending, before] of slice.written) {
+      if (this.#pending.get(originKey) === pending) this.#mergeEarlier(pending, before);
+      else if (before.idleLifetimeChanged && !pending.idleLifetimeChanged) {
+        if (before.learnedBefore === undefined) this.#learned.delete(originKey);
+        else this.#learned.set(originKey, before.learnedBefore);
+      }
     }
-    for (const originKey of evicted) this.#learned.delete(originKey);
+  }
+
+  /** Puts what `earlier` held (a record's, before a slice that failed) back into `record`, before what it has since. */
+  #mergeEarlier(record: Pending, earlier: Pending): void {
+    record.firstSeen = Math.min(record.firstSeen, earlier.firstSeen);
+    record.lastSeen = Math.max(record.lastSeen, earlier.lastSeen);
+    record.acquires += earlier.acquires;
+    record.hits += earlier.hits;
+    record.misses += earlier.misses;
+    record.connectFailures += earlier.connectFailures;
+    if (earlier.connects > 0) {
+      if (record.connects === 0) {
+        record.connectFresh = earlier.connectFresh;
+        record.connectDecay = earlier.connectDecay;
+        record.connectSum = earlier.connectSum;
+      } else {
+        // The EWMA folded over the earlier samples, then over the later ones (see Pending.connects).
+        record.connectFresh = earlier.connectFresh * record.connectDecay + record.connectSum;
+        record.connectSum = earlier.connectSum * record.connectDecay + record.connectSum;
+        record.connectDecay *= earlier.connectDecay;
+      }
+      record.connects += earlier.connects;
+    }
+    if (earlier.idleLifetimeChanged) {
+      record.idleLifetimeChanged = true;
+      record.learnedBefore = earlier.learnedBefore;
+    }
+    const minutes: number[] = [];
+    const acquires: number[] = [];
+    let i = 0;
+    let j = 0;
+    while (i < earlier.minutes.length || j < record.minutes.length) {
+      const a = earlier.minutes[i];
+      const b = record.minutes[j];
+      if (b === undefined || (a !== undefined && a < b)) {
+        minutes.push(a as number);
+        acquires.push(earlier.minuteAcquires[i++] ?? 0);
+      } else if (a === b) {
+        minutes.push(a);
+        acquires.push((earlier.minuteAcquires[i++] ?? 0) + (record.minuteAcquires[j++] ?? 0));
+      } else {
+        minutes.push(b);
+        acquires.push(record.minuteAcquires[j++] ?? 0);
+      }
+    }
+    record.minutes = minutes;
+    record.minuteAcquires = acquires;
+    while (record.minutes.length > this.#minutesPerOrigin) this.#mergeOldest(record);
   }
 
   #requestCheckpoint(): void {
@@ -1148,9 +1610,13 @@ export class StateStore {
     this.#checkpointerReady = new Promise((resolve) => {
       ready = resolve;
     });
-    worker.on('message', (message: CheckpointResult | { error: string } | { ready: true }) => {
+    worker.on('message', (message: CheckpointResult | { error: string } | { ready: true } | { slice: number }) => {
       if ('ready' in message) {
         ready();
+        return;
+      }
+      if ('slice' in message) {
+        this.#readResults();
         return;
       }
       this.#checkpointPending = false;
@@ -1163,8 +1629,12 @@ export class StateStore {
     // A thread that cannot run (or dies) hands checkpoints back to the commits, as without it.
     worker.on('error', () => {
       if (this.#checkpointer === worker) this.#stopCheckpointer();
+      this.#abandonInFlight(worker);
     });
-    worker.on('exit', () => ready());
+    worker.on('exit', () => {
+      ready();
+      this.#abandonInFlight(worker);
+    });
     this.#db.pragma('wal_autocheckpoint = 0');
     this.#checkpointer = worker;
   }
@@ -1173,7 +1643,8 @@ export class StateStore {
   #startThread(name: string, checkpointer: boolean): Worker {
     const flags = new SharedArrayBuffer(4 * Int32Array.BYTES_PER_ELEMENT);
     const errors = new MessageChannel();
-    this.#threadErrors?.close();
+    // (A slice in flight on the thread before keeps its port until its answer is read: #settle closes it.)
+    if (this.#inFlight?.results !== this.#threadErrors) this.#threadErrors?.close();
     this.#threadErrors = errors.port1;
     let worker: Worker;
     try {
@@ -1210,9 +1681,21 @@ export class StateStore {
       Atomics.notify(shared, THREAD_SLICES);
     });
     this.#threadFlags = shared;
+    this.#handed = 0;
     this.#threadName = name;
     this.#threadEnded = new Promise((resolve) => worker.once('exit', () => resolve()));
     return worker;
+  }
+
+  /**
+   * The store thread committing the slice in flight ended (an error, or stopped): what it said is read, and a slice it
+   * never answered for is undone (#undo), its origins pending again.
+   */
+  #abandonInFlight(worker: Worker): void {
+    if (this.#inFlight?.worker !== worker) return;
+    this.#readResults();
+    const inFlight = this.#inFlight;
+    if (inFlight?.worker === worker) this.#settle(inFlight, { message: 'the store thread ended' });
   }
 
   #stopCheckpointer(): void {
@@ -1220,8 +1703,10 @@ export class StateStore {
     if (!worker) return;
     this.#checkpointer = undefined;
     this.#checkpointPending = false;
-    // Its connection closes with the thread; a checkpoint it was running completes or is rolled back by SQLite.
-    void worker.terminate();
+    // Its connection closes with the thread; a checkpoint it was running completes or is rolled back by SQLite. A
+    // slice it is committing is let finish first (#settle ends it), else whether it was committed is not known.
+    if (this.#inFlight?.worker === worker) this.#inFlight.terminateAfter = true;
+    else void worker.terminate();
     if (!this.#closed) this.#db.pragma(`wal_autocheckpoint = ${AUTOCHECKPOINT_PAGES}`);
   }
 
@@ -1245,26 +1730,37 @@ export class StateStore {
    * tables): one uid's acquires to ever more origins push out its own, and each holder keeps at least an equal share.
    * Taken from that holder at once: as many as it leads the next by (at least one), so the rule holds batch by batch.
    */
-  #evictSome(): boolean {
+  #evictSome(slice: PreparedSlice, cursor: EvictionCursor): boolean {
     const excess = Math.min(DELETE_BATCH, this.#rowCount - this.#maxOrigins);
     if (excess <= 0) return false;
-    let victims = this.#statements.unused.all(excess);
+    const timing = this.#timing;
+    const pickStarted = timing ? performance.now() : 0;
+    let victims = this.#statements.unused.all(excess, cursor.unused);
+    cursor.unused += victims.length;
     if (victims.length === 0) {
       const heaviest = heaviestHolder(this.#held);
       if (heaviest) {
         const uid = heaviest.holder;
         const count = Math.min(excess, Math.max(1, heaviest.lead));
-        victims = this.#statements.oldestOf.all(uid, count).map((origin_key) => ({ origin_key, uid }));
+        // After the rows of that holder this slice picked already: its rows without demand (all picked by now, the
+        // first pick above found none left) come first in this order.
+        victims = this.#statements.oldestOf
+          .all(uid, count, cursor.of.get(uid) ?? 0)
+          .map((origin_key) => ({ origin_key, uid }));
       }
     }
+    const deleteStarted = timing ? performance.now() : 0;
+    if (timing) timing.evictPickMs += deleteStarted - pickStarted;
     for (const { origin_key: originKey, uid } of victims) {
-      this.#statements.forget.run(originKey);
-      this.#statements.forgetDemand.run(originKey);
-      this.#evicted?.push(originKey);
+      slice.runs.push(['forget', [originKey]], ['forgetDemand', [originKey]]);
+      slice.forgotten.push(originKey);
+      cursor.of.set(uid, (cursor.of.get(uid) ?? 0) + 1);
       this.#unhold(uid);
     }
-    // No rows where the counts say there are: they are wrong, never loop on them (take the table's).
-    if (victims.length === 0) this.#recount();
+    // No rows where the counts say there are: they are wrong, never loop on them (take the table's, as it is when
+    // this slice picked nothing yet).
+    if (victims.length === 0 && slice.runs.length === 0) this.#recount();
+    if (timing) timing.evictDeleteMs += performance.now() - deleteStarted;
     return victims.length > 0;
   }
 
@@ -1328,9 +1824,13 @@ export class StateStore {
     this.#rowCount--;
   }
 
-  /** Writes one pending origin; with `out`, collects the statements' parameters there (close()'s thread runs them). */
-  #write(originKey: string, pending: Pending, now: number, out?: ThreadSlice): void {
+  /** Prepares one pending origin's writes into `out` (its row, read here, updated; its demand minutes). */
+  #write(originKey: string, pending: Pending, now: number, out: ThreadSlice): void {
+    const timing = this.#timing;
+    const readStarted = timing ? performance.now() : 0;
     const old = this.#statements.select.get(originKey);
+    const writeStarted = timing ? performance.now() : 0;
+    if (timing) timing.readMs += writeStarted - readStarted;
     // Only origins that connected are remembered: failures and refusals of an origin never reached leave no row.
     if (!old && pending.acquires === 0 && pending.connects === 0 && !pending.idleLifetimeChanged) return;
     // A row keeps its holder: another uid's acquire renews it (last_seen) but takes nothing over, else a uid knowing
@@ -1387,42 +1887,56 @@ export class StateStore {
       demand_updated_at: demandUpdatedAt,
       uid: holder,
     };
-    if (out) out.rows.push(row);
-    else this.#statements.upsert.run(row);
+    out.runs.push(['upsert', row as unknown as Record<string, unknown>]);
     // A merged entry's minute is kept unrounded in memory (#mergeOldest) and rounded once, here; two that round to the
     // same minute add up (the statement's upsert).
     pending.minutes.forEach((minute, index) => {
       const demand: [string, number, number] = [originKey, Math.round(minute), pending.minuteAcquires[index] ?? 0];
-      if (out) out.demand.push(demand);
-      else this.#statements.addDemand.run(...demand);
+      out.runs.push(['addDemand', demand]);
     });
+    if (timing) timing.writeMs += performance.now() - writeStarted;
   }
 
   /**
-   * Deletes up to DELETE_BATCH rows of demand history older than `demandHistoryDays`, then of origins unseen for
-   * `originRetentionDays`; true when it deleted any (call again).
+   * Picks up to DELETE_BATCH rows to prune after the `offset` this slice picked already, of one kind, and puts their
+   * writes into `slice`; returns how many. The kinds, each in its own slices (#preparePrune): demand history older than
+   * `demandHistoryDays`, then what a clock ahead stamped (below), then origins unseen for `originRetentionDays` with no
+   * demand left.
    *
    * What a clock that ran ahead stamped in what is now the future goes too: its demand (an acquire a year ahead
    * weighed 2^1460 in the ranking, first at every start for that year) and its `last_seen`, pulled back to now (it
    * was the most recently seen for that year: evicted and pruned last, after real origins).
    */
-  #pruneSome(now: number): boolean {
-    const nowMinute = Math.floor(now / MINUTE_MS);
-    const demand = this.#statements.pruneDemand.run(nowMinute - this.#historyMinutes, nowMinute).changes;
-    if (demand > 0) return true;
-    if (this.#statements.unstampFuture.run({ now }).changes > 0) return true;
-    const origins = this.#statements.pruneOrigins.all(now - this.#originRetentionMs, DELETE_BATCH);
+  #pruneSome(slice: PreparedSlice, now: number, kind: 'demand' | 'future' | 'origins', offset: number): number {
+    if (kind === 'demand') {
+      const nowMinute = Math.floor(now / MINUTE_MS);
+      const rows = this.#statements.prunableDemand.all(
+        nowMinute - this.#historyMinutes,
+        nowMinute,
+        DELETE_BATCH,
+        offset,
+      );
+      for (const { origin_key: originKey, minute } of rows) slice.runs.push(['forgetMinute', [originKey, minute]]);
+      return rows.length;
+    }
+    if (kind === 'future') {
+      const keys = this.#statements.future.all(now, DELETE_BATCH, offset);
+      for (const originKey of keys) slice.runs.push(['unstamp', { now, originKey }]);
+      return keys.length;
+    }
+    const origins = this.#statements.prunable.all(now - this.#originRetentionMs, DELETE_BATCH, offset);
     for (const { origin_key: originKey, uid } of origins) {
+      slice.runs.push(['forget', [originKey]]);
       this.#unhold(uid);
       // Its learned lifetime goes with it, as an eviction's (once committed): else kept in memory for good.
-      this.#evicted?.push(originKey);
+      slice.forgotten.push(originKey);
     }
-    return origins.length > 0;
+    return origins.length;
   }
 
   /**
-   * Flushes every `ms` from an unref'd timer (it never keeps the process alive), in slices (see flushSlice), and
-   * leaves the WAL's checkpoints to the checkpointer thread while it runs.
+   * Flushes every `ms` from an unref'd timer (it never keeps the process alive), in slices (#prepare), and leaves the
+   * slices' commits and the WAL's checkpoints to the checkpointer thread while it runs (#sliceAsync).
    */
   startAutoFlush(ms: number): void {
     this.stopAutoFlush();
@@ -1456,7 +1970,8 @@ export class StateStore {
   }
 
   /**
-   * Runs slices (flushSlice), one a turn of the event loop, while there is more to do: a tick of the timer's
+   * Runs slices (#sliceAsync), the next prepared on the turn after the last one is committed, while there is more to
+   * do: a tick of the timer's
    * (stopAutoFlush ends it), or with `untilDone` until nothing is left, timer or not (the eviction a ranking left:
    * topOrigins). One run at a time: a run under way takes `untilDone` over. A failure ends the run, said once a run
    * of failures (onFlushFailing); the timer's next tick tries again.
@@ -1465,10 +1980,10 @@ export class StateStore {
     if (untilDone) this.#slicingUntilDone = true;
     if (this.#slicing) return;
     this.#slicing = true;
-    const slice = () => {
+    const slice = async () => {
       let more = false;
       try {
-        more = this.flushSlice();
+        more = await this.#sliceAsync(SLICE_BUDGET_MS);
         this.#noteOverCapEvicted();
         if (this.#failures > 0) {
           const failures = this.#failures;
@@ -1487,13 +2002,13 @@ export class StateStore {
           });
         }
       }
-      if (more && (this.#timer || this.#slicingUntilDone)) setImmediate(slice);
+      if (more && !this.#closed && (this.#timer || this.#slicingUntilDone)) setImmediate(() => void slice());
       else {
         this.#slicing = false;
         this.#slicingUntilDone = false;
       }
     };
-    slice();
+    void slice();
   }
 
   /** Tells onOverCapEvicted, once the rows a ranking left over the cap are evicted (by whichever slices). */
@@ -1537,9 +2052,11 @@ export class StateStore {
     if (limit <= 0) return [];
     const owed: Owed = { records: this.#pending.size, by: 'ranking' };
     try {
-      while (owed.records > 0 && this.#slice(SLICE_BUDGET_MS, owed)) {
+      while (owed.records > 0 && (await this.#sliceAsync(SLICE_BUDGET_MS, owed))) {
         await new Promise((resolve) => setImmediate(resolve));
       }
+      // A timer's slice in flight: the ranking reads the rows and counts once it is committed.
+      await this.#idle();
     } catch {}
     if (this.#closed) return [];
     const now = this.#now();
@@ -1624,6 +2141,10 @@ export class StateStore {
     const deadline = performance.now() + budgetMs;
     if (this.#timer) clearInterval(this.#timer);
     this.#timer = undefined;
+    // A flush's slice the store thread is committing: its answer first (the rows the preparing reads must be those it
+    // wrote; failed, its origins are pending again), waited for while the preparing may. A thread still in it then (a
+    // stalled disk) would take what is prepared behind it no sooner: nothing is.
+    const stalled = this.#settleInFlight(deadline - budgetMs / 4);
     const pending = this.#pending.size;
     this.#closed = true;
     // The checkpointer, when it runs, is the writer: its connection is open already.
@@ -1663,7 +2184,8 @@ export class StateStore {
     // daemon's stop unclean, what the thread had not committed lost with the process).
     const prepareUntil = deadline - budgetMs / 4;
     const sliceMs = Math.min(CLOSE_SLICE_MS, budgetMs / 8);
-    let handed = 0;
+    // The thread's count of slices done includes the flushes' it committed before.
+    let handed = Atomics.load(flags, THREAD_SLICES);
     let ourConnectionClosed = false;
     const closeOurs = () => {
       if (ourConnectionClosed) return;
@@ -1684,8 +2206,7 @@ export class StateStore {
       if (failure || performance.now() >= deadline) return;
       try {
         this.#db.transaction(() => {
-          for (const row of slice.rows) this.#statements.upsert.run(row);
-          for (const demand of slice.demand) this.#statements.addDemand.run(...demand);
+          this.#runHere(slice.runs);
         })();
         committedHere += slice.origins;
       } catch (error) {
@@ -1695,8 +2216,7 @@ export class StateStore {
     const handedBeforeOpen: ThreadSlice[] = [];
     try {
       const now = this.#now();
-      const source = { upsert: this.#statements.upsert.source, addDemand: this.#statements.addDemand.source };
-      let slice: ThreadSlice = { rows: [], demand: [], origins: 0 };
+      let slice: ThreadSlice = { runs: [], origins: 0 };
       let sliceStarted = performance.now();
       const send = () => {
         if (slice.origins > 0) {
@@ -1704,16 +2224,16 @@ export class StateStore {
           const open = Atomics.load(flags, THREAD_OPEN);
           if (open === -1) commitHere(slice);
           else {
-            thread?.postMessage({ ...source, ...slice });
+            thread?.postMessage({ sql: this.#writeSql, ...slice });
             handed++;
             if (open === 0) handedBeforeOpen.push(slice);
           }
         }
-        slice = { rows: [], demand: [], origins: 0 };
+        slice = { runs: [], origins: 0 };
         sliceStarted = performance.now();
       };
       for (const [originKey, record] of this.#pending) {
-        if (performance.now() >= prepareUntil) break;
+        if (stalled || performance.now() >= prepareUntil) break;
         this.#write(originKey, record, now, slice);
         slice.origins++;
         if (performance.now() - sliceStarted >= sliceMs) send();
@@ -1745,12 +2265,44 @@ export class StateStore {
       // process does, so after its last thread; a process that lives on (an embedder) lets it go at the thread's end.
       thread?.once('exit', releaseLock);
     } else releaseLock();
-    const sliceFailure = this.#threadErrors && receiveMessageOnPort(this.#threadErrors)?.message;
+    let sliceFailure: SliceFailure | undefined;
+    for (let received = this.#threadErrors && receiveMessageOnPort(this.#threadErrors); received; ) {
+      const { id, failed } = received.message as { id: number | undefined; failed?: SliceFailure };
+      if (id === undefined) sliceFailure ??= failed;
+      received = receiveMessageOnPort(this.#threadErrors as MessagePort);
+    }
     this.#threadErrors?.close();
     // A slice that failed (a file locked by another process, a full disk), as a flush's failure: the daemon logs it.
     failure ??= sliceFailure && Object.assign(new Error(sliceFailure.message), { code: sliceFailure.code });
     if (failure) throw failure;
     return pending - Atomics.load(flags, THREAD_COMMITTED) - committedHere;
+  }
+
+  /**
+   * Waits (blocking, until `until` at most) for the store thread to be done with the slice in flight, if any, and
+   * settles it (#settle). True when it was not done by then: with `letGo` the slice is let go (close() prepares
+   * nothing behind it), whoever waited for it told it is over (the store is closing); else it stays in flight.
+   */
+  #settleInFlight(until: number, letGo = true): boolean {
+    const inFlight = this.#inFlight;
+    if (!inFlight) return false;
+    for (;;) {
+      const done = Atomics.load(inFlight.flags, THREAD_SLICES);
+      const left = until - performance.now();
+      if (done >= inFlight.doneAt || Atomics.load(inFlight.flags, THREAD_OPEN) === -1 || left <= 0) break;
+      Atomics.wait(inFlight.flags, THREAD_SLICES, done, left);
+    }
+    this.#readResults();
+    if (this.#inFlight !== inFlight) return false;
+    // A thread that could not open the file committed nothing: the slice's origins are pending again.
+    if (Atomics.load(inFlight.flags, THREAD_OPEN) === -1) {
+      this.#settle(inFlight, { message: 'the store thread could not open the file' });
+      return false;
+    }
+    if (!letGo) return true;
+    this.#inFlight = undefined;
+    inFlight.settle({});
+    return true;
   }
 
   /** close() of a history in memory: nothing on a disk; its slices are committed here, as the file's once were. */

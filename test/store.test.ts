@@ -18,7 +18,7 @@ import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import { StateDirLock } from '../daemon/state-lock.js';
 import { MIGRATIONS, migrate, StateStore, WAL_SIZE_LIMIT } from '../daemon/store.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
-import { useFakeClock } from './fixtures/fake-clock.js';
+import { nextTurn, useFakeClock } from './fixtures/fake-clock.js';
 import { fdCount } from './fixtures/native-helpers.js';
 import { spawnChild } from './helpers/children.js';
 import { eventually } from './helpers/daemon.js';
@@ -408,6 +408,8 @@ describe('batching', () => {
       vi.advanceTimersByTime(19);
       expect(store.pendingOrigins).toBe(1);
       vi.advanceTimersByTime(1);
+      // The tick's slice is committed by the store's thread: pending until the thread says it is.
+      await store.idle();
     } finally {
       vi.useRealTimers();
     }
@@ -418,7 +420,7 @@ describe('batching', () => {
     store.close(); // idempotent
   });
 
-  it('takes a new flush interval on reload (configure)', () => {
+  it('takes a new flush interval on reload (configure)', async () => {
     const store = open();
     useFakeClock();
     try {
@@ -428,6 +430,7 @@ describe('batching', () => {
       vi.advanceTimersByTime(999);
       expect(store.pendingOrigins).toBe(1);
       vi.advanceTimersByTime(1);
+      await store.idle();
     } finally {
       vi.useRealTimers();
     }
@@ -634,7 +637,7 @@ describe('what a client cannot bloat', () => {
     store.close();
   });
 
-  it("says once when the timer's flushes start failing, with SQLite's code, and once when one succeeds again", () => {
+  it("says once when the timer's flushes start failing, with SQLite's code, and once when one succeeds again", async () => {
     // Found in review: every failure (a full disk, a read-only or locked file, a page found corrupt) was swallowed,
     // so the history could stop being written for good without a word to the operator.
     const failing: unknown[] = [];
@@ -650,15 +653,23 @@ describe('what a client cannot bloat', () => {
       store.startAutoFlush(20);
       store.recordAcquire('locked.example:443', { hit: false });
       other.exec('PRAGMA busy_timeout = 0; BEGIN IMMEDIATE');
-      vi.advanceTimersByTime(60);
+      // Each tick's slice is committed (or not) by the store's thread: its answer is taken before the next tick.
+      const tick = async (ticks: number) => {
+        for (let index = 0; index < ticks; index++) {
+          vi.advanceTimersByTime(20);
+          await store.idle();
+          await nextTurn();
+        }
+      };
+      await tick(3);
       expect(failing).toEqual([
         { path: store.path, sqliteCode: expect.stringMatching(/^SQLITE_BUSY/), err: expect.any(String), pending: 1 },
       ]);
       expect(recovered).toEqual([]);
       other.exec('ROLLBACK');
-      vi.advanceTimersByTime(20);
+      await tick(1);
       expect(recovered).toEqual([{ path: store.path, failures: 3 }]);
-      vi.advanceTimersByTime(40);
+      await tick(2);
       expect(failing).toHaveLength(1);
       expect(recovered).toHaveLength(1);
     } finally {
@@ -1075,6 +1086,178 @@ describe('the checkpointer thread', () => {
     db.close();
     // The thread's connection (the database, its WAL and index) closed with the thread.
     await eventually(() => readdirSync('/proc/self/fd').length <= fdsBefore, 'the store and its thread hold no fd');
+  });
+});
+
+describe("the timer's slices on the store thread", () => {
+  /**
+   * Counts, from now on, the writes any better-sqlite3 connection of this thread (the event loop's) makes: each
+   * transaction run and each statement run (a write outside one). The store thread loads its own copy of the module,
+   * which this does not see. Restored by the returned function.
+   */
+  function countEventLoopWrites(): { writes: () => number; restore: () => void } {
+    let writes = 0;
+    const probe = new Database(':memory:');
+    const statementPrototype = Object.getPrototypeOf(probe.prepare('SELECT 1'));
+    probe.close();
+    const originalRun = statementPrototype.run;
+    const originalTransaction = Database.prototype.transaction;
+    statementPrototype.run = function run(this: unknown, ...params: unknown[]) {
+      writes++;
+      return originalRun.apply(this, params);
+    };
+    Database.prototype.transaction = function transaction(this: Database.Database, fn: never) {
+      const wrapped = originalTransaction.call(this, fn);
+      return Object.assign((...params: never[]) => {
+        writes++;
+        return wrapped(...params);
+      }, wrapped);
+    } as typeof Database.prototype.transaction;
+    return {
+      writes: () => writes,
+      restore: () => {
+        statementPrototype.run = originalRun;
+        Database.prototype.transaction = originalTransaction;
+      },
+    };
+  }
+
+  /**
+   * Runs `count` ticks of a 20 ms auto flush, each with the slices its run goes on with (one a turn, each handed to
+   * the store thread once it answered for the one before) before the next.
+   */
+  async function ticks(store: StateStore, count: number): Promise<void> {
+    for (let index = 0; index < count; index++) {
+      vi.advanceTimersByTime(20);
+      for (let turn = 0; turn < 30; turn++) {
+        await store.idle();
+        await nextTurn();
+      }
+    }
+  }
+
+  it("with the auto flush on, the event loop's connection commits nothing: the store thread commits the timer's writes, evictions and prunes", async () => {
+    const store = StateStore.open(dir, { now, maxOrigins: 50 });
+    for (let origin = 0; origin < 200; origin++) {
+      store.recordAcquire(`e${origin}.example:443`, { hit: false }, 1000 + (origin % 3));
+      store.recordConnect(`e${origin}.example:443`, 5);
+    }
+    await store.checkpointerReady();
+    const counted = countEventLoopWrites();
+    useFakeClock();
+    try {
+      store.startAutoFlush(20);
+      await ticks(store, 5);
+      expect(store.pendingOrigins).toBe(0);
+      // Over the cap: evicted by the timer's next slices.
+      expect(store.originCount).toBe(50);
+      // Eight days on: the demand history is pruned, and the origins it held with it once unseen past the retention.
+      clock += 31 * 24 * HOUR;
+      store.recordAcquire('late.example:443', { hit: true }, 1000);
+      await ticks(store, 10);
+      expect(counted.writes()).toBe(0);
+    } finally {
+      vi.useRealTimers();
+      counted.restore();
+    }
+    const db = reader(dir);
+    expect(column(db, 'SELECT origin_key FROM origins')).toEqual(['late.example:443']);
+    expect(value(db, "SELECT count(*) FROM demand_history WHERE origin_key <> 'late.example:443'")).toBe(0);
+    db.close();
+    store.close();
+  });
+
+  it("the timer's run and two flush() calls waiting for the same slice hand the store thread one slice at a time: all of them go on to the end", async () => {
+    const store = StateStore.open(dir, { now });
+    const resolved: number[] = [];
+    useFakeClock();
+    try {
+      store.startAutoFlush(20);
+      for (let origin = 0; origin < 2000; origin++) store.recordConnect(`w${origin}.example:443`, 5);
+      // The timer's first slice is in flight (at most 500 statements: 2000 origins take several).
+      vi.advanceTimersByTime(20);
+      for (let call = 0; call < 2; call++) void store.flush().then(() => resolved.push(call));
+      await ticks(store, 1);
+      // Each waited for the slice in flight and then handed its own over: one handed over while another's was in
+      // flight never heard of it, and the flush() or the timer's run waiting for it waited for good.
+      await vi.waitFor(() => expect(resolved).toHaveLength(2), { timeout: 10_000 });
+      expect(store.pendingOrigins).toBe(0);
+      expect(store.originCount).toBe(2000);
+      // The timer's runs go on: the next tick writes what is recorded next.
+      store.recordConnect('next.example:443', 5);
+      await ticks(store, 1);
+      expect(store.pendingOrigins).toBe(0);
+    } finally {
+      vi.useRealTimers();
+    }
+    store.close();
+  });
+
+  it('an origin recorded again while the store thread commits its slice is written once more: nothing lost, nothing counted twice', async () => {
+    const store = StateStore.open(dir, { now });
+    await store.checkpointerReady();
+    useFakeClock();
+    try {
+      store.startAutoFlush(20);
+      store.recordAcquire('again.example:443', { hit: false }, 1000);
+      store.recordConnect('again.example:443', 10);
+      vi.advanceTimersByTime(20);
+      // The tick's slice is in flight: these go to the record, apart from it.
+      store.recordAcquire('again.example:443', { hit: true }, 1000);
+      store.recordConnect('again.example:443', 20);
+      expect(store.pendingOrigins).toBe(1);
+      await store.idle();
+      expect(store.origin('again.example:443')).toMatchObject({ acquires: 1, hits: 0, misses: 1, connectMsAvg: 10 });
+      expect(store.pendingOrigins).toBe(1);
+      await ticks(store, 1);
+    } finally {
+      vi.useRealTimers();
+    }
+    expect(store.pendingOrigins).toBe(0);
+    const record = store.origin('again.example:443');
+    expect(record).toMatchObject({ acquires: 2, hits: 1, misses: 1 });
+    expect(record?.connectMsAvg).toBeCloseTo(10 * 0.8 + 20 * 0.2, 10);
+    store.close();
+  });
+
+  it('a slice the store thread fails to commit (the file locked) is pending again, what was recorded meanwhile merged after it', async () => {
+    const failing: unknown[] = [];
+    const store = StateStore.open(dir, { now, onFlushFailing: (info) => failing.push(info) });
+    await store.checkpointerReady();
+    const other = openDatabase(join(dir, 'sockpool.sqlite'));
+    useFakeClock();
+    try {
+      store.startAutoFlush(20);
+      store.recordAcquire('merged.example:443', { hit: false }, 1000);
+      store.recordConnect('merged.example:443', 10);
+      store.recordConnect('merged.example:443', 30);
+      other.exec('PRAGMA busy_timeout = 0; BEGIN IMMEDIATE');
+      vi.advanceTimersByTime(20);
+      clock += MINUTE;
+      store.recordAcquire('merged.example:443', { hit: true }, 1000);
+      store.recordConnect('merged.example:443', 50);
+      await store.idle();
+      await nextTurn();
+      expect(failing).toHaveLength(1);
+      expect(store.pendingOrigins).toBe(1);
+      expect(store.pendingDemandEntries).toBe(2);
+      expect(store.originCount).toBe(0);
+      other.exec('ROLLBACK');
+      await ticks(store, 1);
+    } finally {
+      vi.useRealTimers();
+    }
+    const record = store.origin('merged.example:443');
+    expect(record).toMatchObject({ acquires: 2, hits: 1, misses: 1 });
+    // The EWMA over 10, 30, 50 in that order, as one record of them would give.
+    expect(record?.connectMsAvg).toBeCloseTo((10 * 0.8 + 30 * 0.2) * 0.8 + 50 * 0.2, 10);
+    const db = reader(dir);
+    expect(
+      column(db, "SELECT acquires FROM demand_history WHERE origin_key = 'merged.example:443' ORDER BY minute"),
+    ).toEqual([1, 1]);
+    db.close();
+    other.close();
+    store.close();
   });
 });
 
