@@ -1319,12 +1319,14 @@ export class StateStore {
             slice.evicted += rows - this.#rowCount;
             if (overBudget()) break;
           }
-          slice.more = true;
-        } else if (pruneDue) {
+        }
+        if (slice.runs.length > 0) slice.more = true;
+        else if (pruneDue) {
+          // (Also when the counts said over the cap and no row was found to evict: the prune is not held up by that.)
           const pruneStarted = performance.now();
           slice.more = this.#preparePrune(slice, now, overBudget) || writesDue;
           if (timing) timing.pruneMs += performance.now() - pruneStarted;
-        }
+        } else slice.more = writesDue;
       }
     } catch (error) {
       this.#undo(slice);
