@@ -189,9 +189,10 @@ export interface TopOrigin {
  * event loop's thread (process.threadCpuUsage: the checkpointer's CPU is not in it).
  */
 export interface SliceTiming {
-  /** Origins written, rows evicted. */
+  /** Origins written, rows evicted; the statements the slice's commit runs (SLICE_WRITES_MAX at most on the thread). */
   origins: number;
   evicted: number;
+  statements: number;
   /** The whole slice on the event loop, from its start to its return. */
   wallMs: number;
   cpuMs: number;
@@ -249,7 +250,7 @@ const SLICE_BUDGET_MS = 5;
  * Statements one slice hands to the store thread at most, whatever its budget: the hand-off copies them (a message)
  * on the event loop, and preparing is cheaper than committing, so the budget alone let a slice gather thousands.
  */
-const SLICE_WRITES_MAX = 500;
+export const SLICE_WRITES_MAX = 500;
 /**
  * Per-minute demand entries the pending records hold, all together (#minutesPerOrigin shares it among the at most
  * maxOrigins records; with more than 100,000 of them, PENDING_MINUTES_PER_ORIGIN_MIN each): about 50 bytes of heap
@@ -563,6 +564,7 @@ function emptySliceTiming(): SliceTiming {
   return {
     origins: 0,
     evicted: 0,
+    statements: 0,
     wallMs: 0,
     cpuMs: 0,
     readMs: 0,
@@ -1305,17 +1307,19 @@ export class StateStore {
     const overCap = evicts && this.#rowCount > this.#maxOrigins;
     const writesDue = this.#pending.size > 0 && (!owed || owed.records > 0);
     const maxRuns = this.#writer() ? SLICE_WRITES_MAX : Number.POSITIVE_INFINITY;
-    const overBudget = () => performance.now() - started >= budgetMs || slice.runs.length >= maxRuns;
+    // Statements the slice may still take (#prepareWrites, #evictSome and #pruneSome size what they add by it).
+    const room = () => maxRuns - slice.runs.length;
+    const overBudget = () => performance.now() - started >= budgetMs || room() <= 0;
     try {
       if (writesDue && !(this.#wroteLast && (overCap || pruneDue))) {
-        const all = this.#prepareWrites(slice, now, overBudget);
+        const all = this.#prepareWrites(slice, now, overBudget, room);
         slice.more = !all || (evicts && (this.#rowCount > this.#maxOrigins || pruneDue));
       } else {
         if (overCap) {
           const cursor: EvictionCursor = { unused: 0, of: new Map() };
           for (;;) {
             const rows = this.#rowCount;
-            if (!this.#evictSome(slice, cursor)) break;
+            if (!this.#evictSome(slice, cursor, room())) break;
             slice.evicted += rows - this.#rowCount;
             if (overBudget()) break;
           }
@@ -1324,7 +1328,7 @@ export class StateStore {
         else if (pruneDue) {
           // (Also when the counts said over the cap and no row was found to evict: the prune is not held up by that.)
           const pruneStarted = performance.now();
-          slice.more = this.#preparePrune(slice, now, overBudget) || writesDue;
+          slice.more = this.#preparePrune(slice, now, overBudget, room) || writesDue;
           if (timing) timing.pruneMs += performance.now() - pruneStarted;
         } else slice.more = writesDue;
       }
@@ -1337,6 +1341,7 @@ export class StateStore {
     if (timing && cpuStarted) {
       timing.origins = slice.written.length;
       timing.evicted = slice.evicted;
+      timing.statements = slice.runs.length;
       timing.wallMs = performance.now() - started;
       const used = process.threadCpuUsage(cpuStarted);
       timing.cpuMs = (used.user + used.system) / 1000;
@@ -1346,13 +1351,16 @@ export class StateStore {
 
   /**
    * The pending origins' writes into `slice` until `overBudget` (checked after each origin: one carries up to
-   * #minutesPerOrigin demand entries, 60 statements), each record starting again from nothing (what it held goes into
-   * `slice.written`, #undo's to merge back). True when it wrote all it owed.
+   * #minutesPerOrigin demand entries, 60 statements) or until the next does not fit in `room` (SLICE_WRITES_MAX), each
+   * record starting again from nothing (what it held goes into `slice.written`, #undo's to merge back). True when it
+   * wrote all it owed.
    */
-  #prepareWrites(slice: PreparedSlice, now: number, overBudget: () => boolean): boolean {
+  #prepareWrites(slice: PreparedSlice, now: number, overBudget: () => boolean, room: () => number): boolean {
     const owed = slice.owed;
     for (const [originKey, pending] of this.#pending) {
       if (owed && slice.written.length >= owed.records) return true;
+      // Its row and its demand minutes must fit (but the first: a slice takes at least one).
+      if (slice.written.length > 0 && 1 + pending.minutes.length > room()) return false;
       this.#write(originKey, pending, now, slice);
       slice.origins++;
       slice.written.push([originKey, pending, restart(pending)]);
@@ -1365,13 +1373,14 @@ export class StateStore {
    * The prune's writes into `slice` (see #pruneSome): true when it found something (another slice follows, reading
    * what this one left), false when nothing is left to prune (committed, the prune is complete: prunedAt).
    */
-  #preparePrune(slice: PreparedSlice, now: number, overBudget: () => boolean): boolean {
+  #preparePrune(slice: PreparedSlice, now: number, overBudget: () => boolean, room: () => number): boolean {
     for (const kind of ['demand', 'future', 'origins'] as const) {
       let picked = 0;
       for (;;) {
-        const found = this.#pruneSome(slice, now, kind, picked);
+        const limit = Math.min(DELETE_BATCH, room());
+        const found = this.#pruneSome(slice, now, kind, picked, limit);
         picked += found;
-        if (found < DELETE_BATCH || overBudget()) break;
+        if (found < limit || overBudget()) break;
       }
       if (picked > 0) return true;
     }
@@ -1491,7 +1500,13 @@ export class StateStore {
    */
   #apply(slice: PreparedSlice): void {
     this.#wroteLast = slice.written.length > 0;
-    for (const originKey of slice.forgotten) this.#learned.delete(originKey);
+    for (const originKey of slice.forgotten) {
+      // A lifetime learned since the row was picked (recorded while the slice was committed) is its record's, written
+      // with it: kept. The row it was learned over is gone, so the record dropped at the bound forgets it (#pendingOf).
+      const record = this.#pending.get(originKey);
+      if (record?.idleLifetimeChanged) record.learnedBefore = undefined;
+      else this.#learned.delete(originKey);
+    }
     if (slice.prunedAt !== undefined) this.#lastPrune = slice.prunedAt;
     for (const [originKey, pending] of slice.written) {
       // Dropped at the pending bound meanwhile: nothing of it is pending.
@@ -1726,14 +1741,15 @@ export class StateStore {
   }
 
   /**
-   * Evicts up to DELETE_BATCH origins over the cap; true when it evicted any. Origins without demand go first (no
+   * Evicts up to DELETE_BATCH origins over the cap (fewer if the slice has room for fewer: `room` statements); true when it evicted any. Origins without demand go first (no
    * acquire ever: a uid's prewarms within its allowance must not push out the history of origins clients used),
    * then the least recently seen of the holder with the most rows (heaviestHolder, the rule of the connector's
    * tables): one uid's acquires to ever more origins push out its own, and each holder keeps at least an equal share.
    * Taken from that holder at once: as many as it leads the next by (at least one), so the rule holds batch by batch.
    */
-  #evictSome(slice: PreparedSlice, cursor: EvictionCursor): boolean {
-    const excess = Math.min(DELETE_BATCH, this.#rowCount - this.#maxOrigins);
+  #evictSome(slice: PreparedSlice, cursor: EvictionCursor, room: number): boolean {
+    // Two statements a row (its row, its demand): no more than the slice has room for.
+    const excess = Math.min(DELETE_BATCH, this.#rowCount - this.#maxOrigins, Math.floor(room / 2));
     if (excess <= 0) return false;
     const timing = this.#timing;
     const pickStarted = timing ? performance.now() : 0;
@@ -1900,7 +1916,7 @@ export class StateStore {
   }
 
   /**
-   * Picks up to DELETE_BATCH rows to prune after the `offset` this slice picked already, of one kind, and puts their
+   * Picks up to `limit` rows (DELETE_BATCH, or what the slice has room for) to prune after the `offset` this slice picked already, of one kind, and puts their
    * writes into `slice`; returns how many. The kinds, each in its own slices (#preparePrune): demand history older than
    * `demandHistoryDays`, then what a clock ahead stamped (below), then origins unseen for `originRetentionDays` with no
    * demand left.
@@ -1909,24 +1925,25 @@ export class StateStore {
    * weighed 2^1460 in the ranking, first at every start for that year) and its `last_seen`, pulled back to now (it
    * was the most recently seen for that year: evicted and pruned last, after real origins).
    */
-  #pruneSome(slice: PreparedSlice, now: number, kind: 'demand' | 'future' | 'origins', offset: number): number {
+  #pruneSome(
+    slice: PreparedSlice,
+    now: number,
+    kind: 'demand' | 'future' | 'origins',
+    offset: number,
+    limit: number,
+  ): number {
     if (kind === 'demand') {
       const nowMinute = Math.floor(now / MINUTE_MS);
-      const rows = this.#statements.prunableDemand.all(
-        nowMinute - this.#historyMinutes,
-        nowMinute,
-        DELETE_BATCH,
-        offset,
-      );
+      const rows = this.#statements.prunableDemand.all(nowMinute - this.#historyMinutes, nowMinute, limit, offset);
       for (const { origin_key: originKey, minute } of rows) slice.runs.push(['forgetMinute', [originKey, minute]]);
       return rows.length;
     }
     if (kind === 'future') {
-      const keys = this.#statements.future.all(now, DELETE_BATCH, offset);
+      const keys = this.#statements.future.all(now, limit, offset);
       for (const originKey of keys) slice.runs.push(['unstamp', { now, originKey }]);
       return keys.length;
     }
-    const origins = this.#statements.prunable.all(now - this.#originRetentionMs, DELETE_BATCH, offset);
+    const origins = this.#statements.prunable.all(now - this.#originRetentionMs, limit, offset);
     for (const { origin_key: originKey, uid } of origins) {
       slice.runs.push(['forget', [originKey]]);
       this.#unhold(uid);

@@ -16,7 +16,7 @@ import { join, resolve } from 'node:path';
 import Database from 'better-sqlite3';
 import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import { StateDirLock } from '../daemon/state-lock.js';
-import { MIGRATIONS, migrate, StateStore, WAL_SIZE_LIMIT } from '../daemon/store.js';
+import { MIGRATIONS, migrate, SLICE_WRITES_MAX, StateStore, WAL_SIZE_LIMIT } from '../daemon/store.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import { nextTurn, useFakeClock } from './fixtures/fake-clock.js';
 import { fdCount } from './fixtures/native-helpers.js';
@@ -1257,6 +1257,52 @@ describe("the timer's slices on the store thread", () => {
     ).toEqual([1, 1]);
     db.close();
     other.close();
+    store.close();
+  });
+
+  it('a lifetime learned while the store thread commits the eviction of its origin is kept, and written with its record', async () => {
+    // The eviction's pick is prepared before its commit now: what is recorded in between must not be undone by it.
+    const store = StateStore.open(dir, { now, maxOrigins: 20 });
+    for (let origin = 0; origin < 12; origin++) {
+      clock += 1000;
+      store.recordConnect(`o${origin}.example:443`, 5);
+    }
+    await store.flush();
+    store.configure({ maxOrigins: 10 });
+    store.startAutoFlush(3_600_000);
+    await store.checkpointerReady();
+    // Its first slice evicts o0 and o1 (no acquire ever, the least recently seen), handed to the thread at once.
+    const flushing = store.flush();
+    store.recordIdleLifetime('o0.example:443', 7000);
+    await flushing;
+    expect(store.origin('o0.example:443')).toBeUndefined();
+    expect(store.learnedIdleLifetime('o0.example:443')).toBe(7000);
+    await store.flush();
+    expect(store.origin('o0.example:443')?.learnedIdleLifetimeMs).toBe(7000);
+    store.close();
+  });
+
+  it("no slice hands the store thread more than SLICE_WRITES_MAX statements: the eviction's and the prune's neither", async () => {
+    const sizes: Array<{ statements: number; evicted: number }> = [];
+    const store = StateStore.open(dir, {
+      now,
+      maxOrigins: 2000,
+      onSlice: (timing) => sizes.push({ statements: timing.statements, evicted: timing.evicted }),
+    });
+    for (let origin = 0; origin < 1600; origin++) store.recordAcquire(`s${origin}.example:443`, { hit: false }, 1000);
+    await store.flush();
+    store.configure({ maxOrigins: 100 });
+    store.startAutoFlush(3_600_000);
+    await store.checkpointerReady();
+    sizes.length = 0;
+    await store.flush();
+    expect(store.originCount).toBe(100);
+    expect(sizes.some(({ evicted }) => evicted > 0)).toBe(true);
+    // Thirty-one days on: the prune deletes the demand minutes of the 100 left, then the origins.
+    clock += 31 * 24 * HOUR;
+    await store.flush();
+    expect(store.originCount).toBe(0);
+    expect(Math.max(...sizes.map(({ statements }) => statements))).toBeLessThanOrEqual(SLICE_WRITES_MAX);
     store.close();
   });
 });
