@@ -1535,14 +1535,21 @@ export class StateStore {
    * before (a row count left raised by a failed insert made a later flush evict rows that were not over the cap, down
    * to none, and then loop for good), and each record written gets back what it held, merged before what was
    * recorded since (#mergeEarlier), at its place: pending as if the slice never ran. A record dropped at the pending
-   * bound meanwhile stays dropped, its learned lifetime set back as the drop does.
+   * bound meanwhile stays dropped, its learned lifetime set back to the file's (the drop's was the slice's, never
+   * committed), unless the origin was recorded anew with a lifetime learned since: that one is kept.
    */
   #undo(slice: PreparedSlice): void {
     this.#rowCount = slice.rowCount;
     this.#held = slice.held;
     for (const [originKey, pending, before] of slice.written) {
-      if (this.#pending.get(originKey) === pending) this.#mergeEarlier(pending, before);
-      else if (before.idleLifetimeChanged && !pending.idleLifetimeChanged) {
+      const current = this.#pending.get(originKey);
+      if (current === pending) this.#mergeEarlier(pending, before);
+      else if (current?.idleLifetimeChanged) {
+        // Dropped and recorded anew, with a lifetime learned since: that one stands; what the file holds is still
+        // what it held before the slice.
+        if (before.idleLifetimeChanged) current.learnedBefore = before.learnedBefore;
+      } else if (before.idleLifetimeChanged) {
+        // (Also when the dropped record had learned one since: its drop set back to the slice's, never committed.)
         if (before.learnedBefore === undefined) this.#learned.delete(originKey);
         else this.#learned.set(originKey, before.learnedBefore);
       }

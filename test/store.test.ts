@@ -1305,6 +1305,48 @@ describe("the timer's slices on the store thread", () => {
     expect(Math.max(...sizes.map(({ statements }) => statements))).toBeLessThanOrEqual(SLICE_WRITES_MAX);
     store.close();
   });
+
+  it('a slice that fails while its record was dropped at the bound and made anew leaves the new record its lifetime', async () => {
+    const store = StateStore.open(dir, { now, maxOrigins: 1 });
+    store.startAutoFlush(3_600_000);
+    await store.checkpointerReady();
+    const other = openDatabase(join(dir, 'sockpool.sqlite'));
+    other.exec('PRAGMA busy_timeout = 0; BEGIN IMMEDIATE');
+    store.recordConnect('x.example:443', 5);
+    store.recordIdleLifetime('x.example:443', 30_000);
+    // Handed to the thread at once; it fails (the file locked).
+    const flushing = store.flush();
+    // The bound (1) drops x's record (written: empty now), then y's; x is recorded anew with a lifetime of its own.
+    store.recordConnect('y.example:443', 5);
+    store.recordIdleLifetime('x.example:443', 20_000);
+    await expect(flushing).rejects.toThrow();
+    expect(store.learnedIdleLifetime('x.example:443')).toBe(20_000);
+    other.exec('ROLLBACK');
+    other.close();
+    await store.flush();
+    expect(store.origin('x.example:443')?.learnedIdleLifetimeMs).toBe(20_000);
+    store.close();
+  });
+
+  it('a slice that fails while its record, taught a lifetime since, was dropped at the bound leaves no lifetime the file never held', async () => {
+    const store = StateStore.open(dir, { now, maxOrigins: 1 });
+    store.startAutoFlush(3_600_000);
+    await store.checkpointerReady();
+    const other = openDatabase(join(dir, 'sockpool.sqlite'));
+    other.exec('PRAGMA busy_timeout = 0; BEGIN IMMEDIATE');
+    store.recordConnect('x.example:443', 5);
+    store.recordIdleLifetime('x.example:443', 30_000);
+    const flushing = store.flush();
+    // x's record learns a lifetime while its slice is in flight, then the bound (1) drops it for y's.
+    store.recordIdleLifetime('x.example:443', 20_000);
+    store.recordConnect('y.example:443', 5);
+    await expect(flushing).rejects.toThrow();
+    // The file holds no row of x: nothing learned of it is kept in memory (as for any record dropped at the bound).
+    expect(store.learnedIdleLifetime('x.example:443')).toBeUndefined();
+    other.exec('ROLLBACK');
+    other.close();
+    store.close();
+  });
 });
 
 describe('learned idle lifetime', () => {
