@@ -1605,7 +1605,7 @@ export class StateStore {
   }
 
   #requestCheckpoint(): void {
-    if (!this.#checkpointer) return;
+    if (!this.#checkpointer || this.#closed) return;
     if (this.#checkpointPending) {
       // Asked while one runs: once more after it, so the last commits are copied too.
       this.#checkpointAgain = true;
@@ -2167,12 +2167,14 @@ export class StateStore {
     const deadline = performance.now() + budgetMs;
     if (this.#timer) clearInterval(this.#timer);
     this.#timer = undefined;
+    // Closed first: a slice settled below asks the thread for no checkpoint (#requestCheckpoint), whose syncs would come
+    // before close()'s slices; the close of the thread's connection checkpoints.
+    this.#closed = true;
     // A flush's slice the store thread is committing: its answer first (the rows the preparing reads must be those it
     // wrote; failed, its origins are pending again), waited for while the preparing may. A thread still in it then (a
     // stalled disk) would take what is prepared behind it no sooner: nothing is.
     const stalled = this.#settleInFlight(deadline - budgetMs / 4);
     const pending = this.#pending.size;
-    this.#closed = true;
     // The checkpointer, when it runs, is the writer: its connection is open already.
     let thread = this.#checkpointer;
     let flags = this.#threadFlags as Int32Array;

@@ -1347,6 +1347,26 @@ describe("the timer's slices on the store thread", () => {
     other.close();
     store.close();
   });
+
+  it("close() with a ranking's slice in flight asks the store thread for no checkpoint ahead of its own slices", async () => {
+    // A checkpoint syncs the database file: on a slow disk, one asked for at the stop held the thread, and the close's
+    // slices behind it, up to the budget. The close of the thread's connection checkpoints what is left anyway.
+    const store = StateStore.open(dir, { now });
+    store.startAutoFlush(3_600_000);
+    await store.checkpointerReady();
+    store.recordAcquire('first.example:443', { hit: false }, 1000);
+    // Its slice (the last: a checkpoint is asked for once it is committed) is handed to the thread at once.
+    const ranking = store.topOrigins(10);
+    store.recordAcquire('second.example:443', { hit: false }, 1000);
+    expect(store.close()).toBe(0);
+    expect(await ranking).toEqual([]);
+    await store.threadEnded();
+    await nextTurn();
+    expect(store.checkpoints.count).toBe(0);
+    const db = reader(dir);
+    expect(value(db, 'SELECT count(*) FROM origins')).toBe(2);
+    db.close();
+  });
 });
 
 describe('learned idle lifetime', () => {
