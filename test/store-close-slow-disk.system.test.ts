@@ -118,7 +118,7 @@ describe("the store's close on a disk whose syncs never end", () => {
    * Runs the fixture child to "ready", holds its syncs under strace, closes the store, and ends the child as the
    * daemon's command does. Returns what the close said.
    */
-  async function closeUnderHeldSyncs(mode: 'close-restarted' | 'close-appended') {
+  async function closeUnderHeldSyncs(mode: 'close-restarted' | 'close-appended' | 'close-in-flight') {
     const { child, pid, strace, exited, output: outputOf } = await childUnderHeldSyncs(mode);
     expect(threadsInSync(pid)).toEqual([]);
 
@@ -192,6 +192,17 @@ describe("the store's close on a disk whose syncs never end", () => {
     const { dropped } = await closeUnderHeldSyncs('close-restarted');
     const { db, pending } = reopened();
     // What the close did not see committed is counted as dropped; what it saw committed is in the file.
+    expect(pending).toBeGreaterThanOrEqual(100_000 - dropped);
+    db.close();
+  });
+
+  it("returns while the commit of a flush's slice handed to the store thread is held in its sync, and the file reopens intact", async () => {
+    // The store thread commits the timer's and flush()'s slices: close() waits for the one in flight (its rows must be
+    // those the close's preparing reads) only while the preparing may, and prepares nothing behind one still held.
+    const { dropped } = await closeUnderHeldSyncs('close-in-flight');
+    // The slice was held (it restarts the WAL): nothing was prepared behind it, all that was pending is counted dropped.
+    expect(dropped).toBe(100_000);
+    const { db, pending } = reopened();
     expect(pending).toBeGreaterThanOrEqual(100_000 - dropped);
     db.close();
   });
