@@ -2081,9 +2081,11 @@ export class StateStore {
       while (owed.records > 0 && (await this.#sliceAsync(SLICE_BUDGET_MS, owed))) {
         await new Promise((resolve) => setImmediate(resolve));
       }
-      // A timer's slice in flight: the ranking reads the rows and counts once it is committed.
-      await this.#idle();
     } catch {}
+    // A slice in flight (the timer's, a flush()'s): the ranking reads the rows and the counts once it is committed, in
+    // the turn of the look that found none in flight. Through #idle(), another waiter for the same slice (a flush())
+    // handed its next one in between, whose counts, lowered as it was prepared, left its evictions out of the cuts.
+    for (let inFlight = this.#inFlight; inFlight; inFlight = this.#inFlight) await inFlight.settled;
     if (this.#closed) return [];
     const now = this.#now();
     const nowMinute = Math.floor(now / MINUTE_MS);

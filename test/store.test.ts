@@ -1367,6 +1367,31 @@ describe("the timer's slices on the store thread", () => {
     expect(value(db, 'SELECT count(*) FROM origins')).toBe(2);
     db.close();
   });
+
+  it('a ranking waiting for a slice in flight ranks with none in flight: never with the counts of a slice still uncommitted', async () => {
+    // Found in review: the ranking waited for the slice in flight, but a flush() waiting for the same slice handed the
+    // next one (an eviction) before the ranking read: ranked on counts that slice had lowered already, the rows it was
+    // evicting were ranked as kept.
+    const store = StateStore.open(dir, { now, maxOrigins: 1000 });
+    for (let origin = 0; origin < 400; origin++) {
+      clock += 1000;
+      store.recordAcquire(`r${origin}.example:443`, { hit: false }, 1000);
+    }
+    await store.flush();
+    store.configure({ maxOrigins: 100 });
+    store.startAutoFlush(3_600_000);
+    await store.checkpointerReady();
+    // The first eviction slice (250 rows: SLICE_WRITES_MAX) in flight; the ranking and a second flush() wait for it.
+    const first = store.flush();
+    const ranking = store.topOrigins(1000);
+    const second = store.flush();
+    const ranked = await ranking;
+    await Promise.all([first, second]);
+    expect(store.originCount).toBe(100);
+    expect(ranked).toHaveLength(100);
+    expect(ranked.every(({ originKey }) => store.origin(originKey) !== undefined)).toBe(true);
+    store.close();
+  });
 });
 
 describe('learned idle lifetime', () => {
