@@ -18,7 +18,8 @@
 // each relay thread stores its own in its heartbeat's buffer at start (tls-relay-thread.ts), which is believed first.
 // A new thread's run_delay starts at 0, so all of it is its start's wait. The main thread reads the file at most once
 // per watchdog check (and, while a hung thread ends, once per wait for it) and, for the share, once per
-// SHARE_CLOCK_READ_MS while handshakes are dispatched: never on the handoff path. Without the file (a kernel without
+// SHARE_CLOCK_READ_MS while handshakes are dispatched, with the thread's state (/proc/self/task/<tid>/stat: whether it
+// is runnable, see RelayAvailableClock): never on the handoff path. Without the file (a kernel without
 // schedstat) both fall back to wall time, said once in the log and in the stats (`relayClock`).
 
 import { readdirSync, readFileSync, readlinkSync } from 'node:fs';
@@ -105,18 +106,67 @@ export function availableSilenceMs(
 }
 
 /**
+ * A thread's schedstat at one moment, with whether it was runnable (running or waiting for a CPU) just after: what
+ * the share's clock (RelayAvailableClock) reads of each relay thread.
+ */
+export interface ThreadWaitReading {
+  /** Its total wait on a run queue (run_delay), ms: a wait is added only when the thread next gets a CPU. */
+  waitedMs: number;
+  /** Its total time on a CPU, ms (the running thread's included up to the reading). */
+  ranMs: number;
+  /** Whether it was runnable (state R) when read, after its schedstat. */
+  runnable: boolean;
+}
+
+/**
+ * Thread `tid`'s (of this process) schedstat and state (ThreadWaitReading); undefined when they cannot be read. The
+ * state is read after the schedstat: a thread runnable then and with no more time on a CPU at the next reading cannot
+ * have slept in between (a thread goes to sleep only by running), so it waited for a CPU all along.
+ */
+export function threadWaitReading(tid: number): ThreadWaitReading | undefined {
+  if (tid <= 0) return undefined;
+  try {
+    const fields = readFileSync(`/proc/self/task/${tid}/schedstat`, 'latin1').split(' ');
+    const ranNs = Number(fields[0]);
+    const waitedNs = Number(fields[1]);
+    if (fields.length < 3 || !(ranNs >= 0) || !(waitedNs >= 0)) return undefined;
+    const stat = readFileSync(`/proc/self/task/${tid}/stat`, 'latin1');
+    // "pid (comm) state …": the name may hold spaces and parentheses, the state follows the last ')'.
+    const runnable = stat.charAt(stat.lastIndexOf(')') + 2) === 'R';
+    return { waitedMs: waitedNs / 1e6, ranMs: ranNs / 1e6, runnable };
+  } catch {
+    return undefined;
+  }
+}
+
+/**
  * The relay threads' available time for the per-uid CPU share (relay-cpu.ts): a clock that moves as wall time less
  * the mean of what the threads waited for a CPU over the same stretch (the share is a part of every thread's time, so
  * a thread idle and one kept waiting count half each). Never goes back; between readings (SHARE_CLOCK_READ_MS) it
  * stands still. With no thread's reading it moves as wall time.
+ *
+ * The kernel adds a wait to run_delay only when the thread next gets a CPU, so a reading alone misses the wait under
+ * way. A starved nice-10 thread waits hundreds of ms to seconds at a time while the dispatch reads every
+ * SHARE_CLOCK_READ_MS or so: each reading in that wait moved the clock as wall time, and the wait, counted at once
+ * once the thread ran, could only stop the clock for the one stretch it came in (the clock never goes back); the
+ * rest was lost, so the clock ran ahead of the threads' time by most of every wait, and a costly uid's cost and peak
+ * decayed early enough to start a third handshake beside two under way. Two things now keep it to the threads' time:
+ * - a thread runnable at the last reading that has not run since waited for all of the stretch (it cannot have gone to
+ *   sleep without running): that stretch counts as its wait at once, and its run_delay, when it catches up, counts
+ *   only past what was counted so;
+ * - a wait counted later than the stretch it was in (one that began between two readings) is owed: it holds the clock
+ *   back over the next stretches until paid. The debt is bounded: the waits counted since a thread's first reading
+ *   are at most the wall time since then, plus the one wait under way at that reading.
  */
 export class RelayAvailableClock {
   #wall: () => number;
-  /** Each thread's wait (ms) at the last reading, by a key of the caller's. */
-  #waits = new Map<unknown, number>();
+  /** Each thread's last reading, with the wait counted for it so far (ms, at least its run_delay then). */
+  #threads = new Map<unknown, ThreadWaitReading & { countedMs: number }>();
   /** The clock's time at the last reading, and the wall time then. */
   #time: number;
   #readAt: number;
+  /** The threads' mean wait counted past the wall time of the stretch it was counted in (ms): the clock's debt. */
+  #owedMs = 0;
   /** No reading yet: the first call reads, whenever it comes. */
   #unread = true;
 
@@ -127,28 +177,35 @@ export class RelayAvailableClock {
   }
 
   /**
-   * The clock's time (ms) with the threads' waits read by `waits` (thread key → its total wait, ms, or undefined when
+   * The clock's time (ms) with the threads' readings by `readings` (thread key → its reading, or undefined when
    * unknown) once the last reading is SHARE_CLOCK_READ_MS old (and at the first call).
    */
-  now(waits: () => Iterable<[unknown, number | undefined]>): number {
+  now(readings: () => Iterable<[unknown, ThreadWaitReading | undefined]>): number {
     const wall = this.#wall();
     if (!this.#unread && wall - this.#readAt < SHARE_CLOCK_READ_MS) return this.#time;
     this.#unread = false;
-    const seen = new Map<unknown, number>();
+    const stretch = wall - this.#readAt;
+    const seen = new Map<unknown, ThreadWaitReading & { countedMs: number }>();
     let waited = 0;
     let counted = 0;
-    for (const [key, wait] of waits()) {
-      if (wait === undefined) continue;
-      seen.set(key, wait);
-      const before = this.#waits.get(key);
-      if (before === undefined) continue;
-      waited += Math.max(0, wait - before);
+    for (const [key, reading] of readings()) {
+      if (reading === undefined) continue;
+      const before = this.#threads.get(key);
+      if (before === undefined) {
+        seen.set(key, { ...reading, countedMs: reading.waitedMs });
+        continue;
+      }
+      const waitingAllAlong = before.runnable && reading.ranMs === before.ranMs;
+      const countedMs = Math.max(reading.waitedMs, before.countedMs + (waitingAllAlong ? stretch : 0));
+      seen.set(key, { ...reading, countedMs });
+      waited += countedMs - before.countedMs;
       counted++;
     }
-    this.#waits = seen;
+    this.#threads = seen;
     const mean = counted === 0 ? 0 : waited / counted;
-    // (A wait is counted when the thread next gets a CPU, so one reading may hold some of an earlier stretch's.)
-    this.#time += Math.max(0, wall - this.#readAt - mean);
+    const moved = stretch - mean - this.#owedMs;
+    this.#time += Math.max(0, moved);
+    this.#owedMs = Math.max(0, -moved);
     this.#readAt = wall;
     return this.#time;
   }

@@ -81,7 +81,9 @@ import {
   RelayAvailableClock,
   schedstatAvailable,
   startedTid,
+  type ThreadWaitReading,
   threadRunDelayMs,
+  threadWaitReading,
 } from './relay-clock.js';
 import { RelayCpuShares } from './relay-cpu.js';
 
@@ -362,8 +364,13 @@ export class TlsRelays {
     return this.#shareClock.now(() => this.#threadWaits());
   }
 
-  *#threadWaits(): Iterable<[RelayThread, number | undefined]> {
-    for (const thread of this.#threads) if (usable(thread)) yield [thread, this.#runDelayMs(thread)];
+  *#threadWaits(): Iterable<[RelayThread, ThreadWaitReading | undefined]> {
+    for (const thread of this.#threads) if (usable(thread)) yield [thread, threadWaitReading(this.#tidOf(thread))];
+  }
+
+  /** The tid `thread` stored, or else the one found at its spawn (0: neither). */
+  #tidOf(thread: RelayThread): number {
+    return Atomics.load(thread.heartbeat, 1) || thread.spawnTid;
   }
 
   /**
@@ -371,7 +378,7 @@ export class TlsRelays {
    * undefined without schedstat, without either tid, or once it is gone.
    */
   #runDelayMs(thread: RelayThread): number | undefined {
-    return this.#schedstat ? threadRunDelayMs(Atomics.load(thread.heartbeat, 1) || thread.spawnTid) : undefined;
+    return this.#schedstat ? threadRunDelayMs(this.#tidOf(thread)) : undefined;
   }
 
   /** How many relay threads the watchdog has taken for hung since the start. */

@@ -573,7 +573,9 @@ it('a relay thread kept waiting for a CPU through a costly check is not taken fo
 // The same starvation and the per-uid CPU share: before, each uid's cost decayed in wall time, so while the starved
 // thread worked through one check (seconds of wall time, a third of a second of its CPU) the costly uid's cost and
 // peak decayed to little, and it got most of its handshakes under way at once. Now the share's clock is the relay
-// threads' available time: the uid stays at the share's two at once.
+// threads' available time: the uid stays at the share's two at once. (That clock once ran ahead under load: the
+// kernel counts a wait only when the thread next runs, and the readings in the wait moved the clock; see
+// RelayAvailableClock.)
 it("a costly uid's share of a relay thread kept waiting for a CPU still holds it to two handshakes at once", async () => {
   const { TlsRelays } = await builtTlsRelays();
   const FIRST = 2;

@@ -12,7 +12,9 @@ import {
   SHARE_CLOCK_READ_MS,
   schedstatAvailable,
   startedTid,
+  type ThreadWaitReading,
   threadRunDelayMs,
+  threadWaitReading,
 } from '../daemon/relay-clock.js';
 
 describe('availableSilenceMs', () => {
@@ -35,16 +37,32 @@ describe('availableSilenceMs', () => {
 });
 
 describe('RelayAvailableClock', () => {
+  /**
+   * A clock over fake readings: `waits` each thread's run_delay (ms; undefined: unknown); `ran` its time on a CPU
+   * (0 unless set), `runnable` the threads runnable when read (none unless added).
+   */
   function clock() {
     let wall = 1_000;
     const waits = new Map<string, number | undefined>();
+    const ran = new Map<string, number>();
+    const runnable = new Set<string>();
     const relayClock = new RelayAvailableClock(() => wall);
+    const readings = function* (): Iterable<[string, ThreadWaitReading | undefined]> {
+      for (const [key, waitedMs] of waits) {
+        yield [
+          key,
+          waitedMs === undefined ? undefined : { waitedMs, ranMs: ran.get(key) ?? 0, runnable: runnable.has(key) },
+        ];
+      }
+    };
     return {
       waits,
+      ran,
+      runnable,
       advance: (ms: number) => {
         wall += ms;
       },
-      now: () => relayClock.now(() => waits.entries()),
+      now: () => relayClock.now(readings),
       standsStillMs: () => relayClock.standsStillMs,
     };
   }
@@ -76,18 +94,76 @@ describe('RelayAvailableClock', () => {
     c.waits.set('a', 0);
     const start = c.now();
     c.advance(1_000);
-    c.waits.set('a', 5_000);
-    expect(c.now()).toBe(start);
+    c.waits.set('a', 800);
+    c.now();
+    c.advance(1_000);
+    // A wait counted when the thread next ran may hold some of an earlier stretch's: the clock stands still.
+    c.waits.set('a', 2_000);
+    expect(c.now()).toBe(start + 200);
     c.waits.set('b', 9_000);
     c.advance(1_000);
-    c.waits.set('a', 5_500);
-    // a waited 500 ms, b (new) is not counted yet.
+    c.waits.set('a', 2_500);
+    // a waited 500 ms, b (new) is not counted yet; the 200 ms counted past the last stretch are owed.
     expect(c.now()).toBe(start + 500);
     // A thread gone (or its reading unknown) leaves the mean.
     c.waits.delete('a');
     c.waits.set('b', undefined);
     c.advance(1_000);
     expect(c.now()).toBe(start + 1_500);
+  });
+
+  // The kernel adds a wait to run_delay only when the thread next gets a CPU. A relay thread (nice 10) kept waiting
+  // for a second, read every SHARE_CLOCK_READ_MS or so while handshakes are dispatched: before, each reading in the
+  // wait moved the clock as wall time and the wait, counted at once when the thread ran, could stop it for that one
+  // stretch only; the rest was lost, and the clock ran ahead by most of every wait (a costly uid's cost then decayed
+  // early: three handshakes under way in test/daemon-trust-relay-cpu under load).
+  it('owes a wait counted after the stretches it was in: the clock gives them back over the next ones', () => {
+    const c = clock();
+    c.waits.set('a', 0);
+    const start = c.now();
+    // The thread asleep at the first reading, then waiting from just after it: not known to be waiting.
+    for (let reading = 0; reading < 10; reading++) {
+      c.advance(100);
+      c.now();
+    }
+    c.advance(100);
+    c.ran.set('a', 3);
+    c.waits.set('a', 1_000);
+    c.now();
+    // 1.1 s of wall time, 1 s of it waiting: the readings in the wait moved the clock, the debt holds it until the
+    // next second of the thread's time has paid it.
+    for (let reading = 0; reading < 9; reading++) {
+      c.advance(100);
+      c.now();
+    }
+    c.advance(100);
+    expect(c.now()).toBe(start + 1_100);
+    c.advance(100);
+    expect(c.now()).toBe(start + 1_200);
+  });
+
+  it('counts a thread runnable at the last reading, and not run since, as waiting all along: the clock stands still', () => {
+    const c = clock();
+    c.waits.set('a', 0);
+    c.runnable.add('a');
+    const start = c.now();
+    for (let reading = 0; reading < 10; reading++) {
+      c.advance(100);
+      expect(c.now()).toBe(start);
+    }
+    // It runs: the kernel adds the second it waited, counted already; it ran 3 ms and went to sleep.
+    c.advance(100);
+    c.ran.set('a', 3);
+    c.waits.set('a', 1_050);
+    c.runnable.delete('a');
+    expect(c.now()).toBe(start + 50);
+    // Runnable when read but it ran since the last reading (or asleep then): not known to have waited all along.
+    c.runnable.add('a');
+    c.advance(100);
+    expect(c.now()).toBe(start + 150);
+    c.ran.set('a', 5);
+    c.advance(100);
+    expect(c.now()).toBe(start + 250);
   });
 
   it('reads at most once per SHARE_CLOCK_READ_MS, standing still between', () => {
@@ -111,6 +187,13 @@ describe('the readings', () => {
     expect(threadRunDelayMs(tid)).toBeGreaterThanOrEqual(0);
     expect(threadRunDelayMs(0)).toBeUndefined();
     expect(threadRunDelayMs(2 ** 31 - 2)).toBeUndefined();
+    // The share's clock's reading: this thread is running as it reads itself (state R), and has run.
+    const reading = threadWaitReading(tid);
+    expect(reading?.runnable).toBe(true);
+    expect(reading?.ranMs).toBeGreaterThan(0);
+    expect(reading?.waitedMs).toBeGreaterThanOrEqual(0);
+    expect(threadWaitReading(0)).toBeUndefined();
+    expect(threadWaitReading(2 ** 31 - 2)).toBeUndefined();
   });
 
   // How TlsRelays learns a relay thread's tid before the thread runs a line of it (its start judged in its available
