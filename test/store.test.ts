@@ -1306,7 +1306,11 @@ describe("the timer's slices on the store thread", () => {
     store.close();
   });
 
-  it('a slice that fails while its record was dropped at the bound and made anew leaves the new record its lifetime', async () => {
+  /**
+   * A store of one origin at most whose file another connection holds locked, and a flush of x (taught a lifetime of
+   * 30 s) handed to the store thread at once: it fails.
+   */
+  async function lockedFlushOfX() {
     const store = StateStore.open(dir, { now, maxOrigins: 1 });
     store.startAutoFlush(3_600_000);
     await store.checkpointerReady();
@@ -1314,8 +1318,11 @@ describe("the timer's slices on the store thread", () => {
     other.exec('PRAGMA busy_timeout = 0; BEGIN IMMEDIATE');
     store.recordConnect('x.example:443', 5);
     store.recordIdleLifetime('x.example:443', 30_000);
-    // Handed to the thread at once; it fails (the file locked).
-    const flushing = store.flush();
+    return { store, other, flushing: store.flush() };
+  }
+
+  it('a slice that fails while its record was dropped at the bound and made anew leaves the new record its lifetime', async () => {
+    const { store, other, flushing } = await lockedFlushOfX();
     // The bound (1) drops x's record (written: empty now), then y's; x is recorded anew with a lifetime of its own.
     store.recordConnect('y.example:443', 5);
     store.recordIdleLifetime('x.example:443', 20_000);
@@ -1329,14 +1336,7 @@ describe("the timer's slices on the store thread", () => {
   });
 
   it('a slice that fails while its record, taught a lifetime since, was dropped at the bound leaves no lifetime the file never held', async () => {
-    const store = StateStore.open(dir, { now, maxOrigins: 1 });
-    store.startAutoFlush(3_600_000);
-    await store.checkpointerReady();
-    const other = openDatabase(join(dir, 'sockpool.sqlite'));
-    other.exec('PRAGMA busy_timeout = 0; BEGIN IMMEDIATE');
-    store.recordConnect('x.example:443', 5);
-    store.recordIdleLifetime('x.example:443', 30_000);
-    const flushing = store.flush();
+    const { store, other, flushing } = await lockedFlushOfX();
     // x's record learns a lifetime while its slice is in flight, then the bound (1) drops it for y's.
     store.recordIdleLifetime('x.example:443', 20_000);
     store.recordConnect('y.example:443', 5);
