@@ -189,6 +189,12 @@ interface ThroughputRound {
   /** The kernel's part of cpuUsPerHandoff (system time): A/B runs tell a syscall more or less from JavaScript. */
   systemUsPerHandoff: number | null;
   warmFraction: number;
+  /**
+   * Connections the daemon opened during the run (its `stats` warming counts, admin view; null for the raw server or
+   * a daemon without them). Every handoff of the run is warm and the pool was full before it, so anything here is
+   * the pool replacing sockets: each a connect and a close at the origin, which the rate and CPU figures then include.
+   */
+  daemonConnects: number | null;
 }
 
 const children: BenchChild[] = [];
@@ -244,6 +250,8 @@ interface LatencyResult {
   totalCount: number;
   throughput: ThroughputResult[];
   handoffDaemon: { rssBytes: number; hits: unknown; misses: unknown };
+  /** Connections this build's daemon opened after its prewarm: in the warm-up and sequential phases, and in all. */
+  daemonConnects: { sequential: number | null; total: number | null };
   /** --strace: syscall counts over `count` raw requests (scm-server) and `count` warm handoffs (sockpoold). */
   syscalls: { count: number; raw: SyscallCount[]; handoff: SyscallCount[] } | null;
 }
@@ -315,6 +323,7 @@ async function measureLatency(startedAt: Date): Promise<LatencyResult> {
   const scm = new ScmBaseline(scmPath);
   const json = await JsonBaseline.connect(jsonPath);
 
+  const connectsAtStart = await connectsOf(client);
   // Warm-up: JIT, caches, the daemon's pool.
   log('warming up');
   await scm.run(settings.warmupRequests, 1, () => {});
@@ -410,6 +419,7 @@ async function measureLatency(startedAt: Date): Promise<LatencyResult> {
   const sequential: SequentialResult[] = [];
   sequential.push(await runSequential('same-cpu'));
   sequential.push(await runSequential('cross-cpu'));
+  const sequentialConnects = connectsBetween(connectsAtStart, await connectsOf(client));
   if (!settings.pin) {
     // Throughput runs where the scheduler puts things (with --pin: requesters CPU 0, responders CPU 1).
     const all = `0-${os.cpus().length - 1}`;
@@ -430,6 +440,8 @@ async function measureLatency(startedAt: Date): Promise<LatencyResult> {
     pid: number;
     raw: boolean;
     run: ThroughputRun;
+    /** The daemon's client for its `stats` (connects during the case); none for the raw server. */
+    stats?: BenchDaemonClient;
   }
   const rawRun: ThroughputRun = async (onSample) => {
     const started = performance.now();
@@ -488,6 +500,7 @@ async function measureLatency(startedAt: Date): Promise<LatencyResult> {
         pid: target.pid,
         compare,
         raw: false,
+        stats: targetClient,
         run: (onSample) =>
           runHandoffs(targetClient, {
             host: HOST,
@@ -505,6 +518,7 @@ async function measureLatency(startedAt: Date): Promise<LatencyResult> {
         pid: target.pid,
         compare,
         raw: false,
+        stats: targetClient,
         run: async (onSample) => {
           const links = Array.from(
             { length: settings.inFlight },
@@ -536,6 +550,7 @@ async function measureLatency(startedAt: Date): Promise<LatencyResult> {
         pid: target.pid,
         compare,
         raw: false,
+        stats: targetClient,
         run: (onSample) =>
           runRequesterProcesses(
             [
@@ -622,6 +637,7 @@ async function measureLatency(startedAt: Date): Promise<LatencyResult> {
       const cpuBefore = safeCpu(entry.pid);
       const systemBefore = safeSystemCpu(entry.pid);
       const selfBefore = process.cpuUsage();
+      const connectsBefore = entry.stats ? await connectsOf(entry.stats) : null;
       const { handoffs, elapsedMs, requesterCpuMs } = await entry.run((us, isWarm) => {
         total.samples.push(us);
         sampled++;
@@ -631,6 +647,7 @@ async function measureLatency(startedAt: Date): Promise<LatencyResult> {
       const cpuMs = diffCpu(cpuBefore, safeCpu(entry.pid));
       const systemMs = diffCpu(systemBefore, safeSystemCpu(entry.pid));
       const self = process.cpuUsage(selfBefore);
+      const daemonConnects = entry.stats ? connectsBetween(connectsBefore, await connectsOf(entry.stats)) : null;
       const requesterMs = requesterCpuMs === undefined ? (self.user + self.system) / 1000 : requesterCpuMs;
       total.handoffs += handoffs;
       total.elapsedMs += elapsedMs;
@@ -642,6 +659,7 @@ async function measureLatency(startedAt: Date): Promise<LatencyResult> {
         requesterCpuUsPerHandoff: requesterMs === null ? null : (requesterMs * 1000) / handoffs,
         systemUsPerHandoff: systemMs === null ? null : (systemMs * 1000) / handoffs,
         warmFraction: entry.raw ? Number.NaN : warm / Math.max(1, sampled),
+        daemonConnects,
       });
     }
   }
@@ -690,6 +708,7 @@ async function measureLatency(startedAt: Date): Promise<LatencyResult> {
   }
 
   const daemonStats = await client.stats();
+  const totalConnects = connectsBetween(connectsAtStart, await connectsOf(client));
   scm.close();
   json.close();
   client.close();
@@ -704,6 +723,7 @@ async function measureLatency(startedAt: Date): Promise<LatencyResult> {
     totalCount,
     throughput,
     handoffDaemon: { rssBytes: handoffRss, hits: daemonStats.hits, misses: daemonStats.misses },
+    daemonConnects: { sequential: sequentialConnects, total: totalConnects },
     syscalls,
   };
 }
@@ -763,9 +783,11 @@ async function main(): Promise<void> {
         requesterCpuUsPerHandoff: r.requesterCpuUsPerHandoff === null ? null : round(r.requesterCpuUsPerHandoff),
         systemUsPerHandoff: r.systemUsPerHandoff === null ? null : round(r.systemUsPerHandoff),
         warmFraction: Number.isNaN(r.warmFraction) ? null : round(r.warmFraction, 5),
+        daemonConnects: r.daemonConnects,
       })),
     })),
     handoffDaemon: latency?.handoffDaemon ?? null,
+    daemonConnects: latency?.daemonConnects ?? null,
     syscalls: latency?.syscalls ?? null,
     memory,
     aims,
@@ -879,6 +901,12 @@ function report(
       `warm: ${((latency.warmCount / Math.max(1, latency.totalCount)) * 100).toFixed(2)}% of all ` +
         `${latency.totalCount} sockpoold handoffs in this run`,
     );
+    const connects = latency.daemonConnects;
+    out.push(
+      `daemon connects after its prewarm of 64: ${connects.sequential ?? 'n/a'} in the warm-up and sequential ` +
+        `phases, ${connects.total ?? 'n/a'} in all (with every handoff warm, each one is a socket replaced: a ` +
+        'connect and a close at the origin, in the figures; the per-round lines below count them per case)',
+    );
     out.push('');
     out.push(
       `Throughput, ${settings.inFlight} requesters in flight, ${settings.throughputMs} ms per case ` +
@@ -946,7 +974,8 @@ function report(
           `  sockpoold, ${t.requesters}: ${t.perRound.map((r) => Math.round(r.perSecond)).join(' ')}/s ` +
             `(× raw: ${rates.map((v) => v.toFixed(2)).join(' ')}), CPU ` +
             `${t.perRound.map((r) => (r.cpuUsPerHandoff === null ? '-' : r.cpuUsPerHandoff.toFixed(1))).join(' ')} µs/handoff ` +
-            `(× raw: ${cpus.map((v) => v.toFixed(2)).join(' ')}); requesters' CPU ${usList(t.perRound)} µs/handoff`,
+            `(× raw: ${cpus.map((v) => v.toFixed(2)).join(' ')}); requesters' CPU ${usList(t.perRound)} µs/handoff; ` +
+            `daemon connects ${t.perRound.map((r) => r.daemonConnects ?? '-').join(' ')}`,
         );
         // The aims compare the daemon with the raw server answering the same requesters. With a requester process
         // each, the requesters' own CPU bounds the rate on a small machine: the raw server itself reaches well under
@@ -1168,6 +1197,20 @@ async function measureMemory(): Promise<MemoryResult> {
 
 // ---------------------------------------------------------------------------------------------------------------
 // Helpers.
+
+/**
+ * Connections a daemon has opened so far, for any purpose (`stats` warming.opened, the admin view: the benchmark
+ * runs as the daemon's uid); null when its `stats` does not say (an older build under --daemon or --compare).
+ */
+async function connectsOf(target: BenchDaemonClient): Promise<number | null> {
+  const opened = ((await target.stats()) as { warming?: { opened?: Record<string, number> } }).warming?.opened;
+  return opened === undefined ? null : Object.values(opened).reduce((sum, count) => sum + count, 0);
+}
+
+/** `after` − `before`, or null when either is unknown. */
+function connectsBetween(before: number | null, after: number | null): number | null {
+  return before === null || after === null ? null : after - before;
+}
 
 async function until(check: () => Promise<boolean>, what: string, timeoutMs: number): Promise<void> {
   const deadline = performance.now() + timeoutMs;

@@ -179,6 +179,12 @@ export class OriginPool implements KeptHolder<IdleSocket> {
   readonly #hasWaiters = this.#waiters.waiting;
   readonly #open = () => !this.#closed;
   #refillTarget = 0;
+  /**
+   * Of the leases that ended lately, the share that came back to the pool (released unused) rather than closed: a
+   * decaying average, RETURN_SHARE_WEIGHT per lease end. The refill keeps room for that share of the leases out now
+   * (#refillWanted). Starts at 0: a lease is taken to be used until the pool has seen otherwise.
+   */
+  #returnShare = 0;
   /** Idle time after which a socket is closed by us before the server closes it; undefined until learned. */
   #recycleAfterMs: number | undefined;
   /** The egress policy refused this origin: no background connects until the configuration changes. */
@@ -413,6 +419,7 @@ export class OriginPool implements KeptHolder<IdleSocket> {
   /** A lease of `uid` ended (the socket is closed): its slot is free. */
   leaseEnded(uid = 0): void {
     this.#leased = Math.max(0, this.#leased - 1);
+    this.#returnShare -= this.#returnShare * RETURN_SHARE_WEIGHT;
     this.#waiters.held(uid, -1);
     this.#connectionsGone();
     this.#pump();
@@ -428,6 +435,7 @@ export class OriginPool implements KeptHolder<IdleSocket> {
    */
   giveBack(socket: ConnectedSocket, uid = 0, lent = false, checked?: UsageMark, unlent?: ConnectPurpose): void {
     this.#leased = Math.max(0, this.#leased - 1);
+    this.#returnShare += (1 - this.#returnShare) * RETURN_SHARE_WEIGHT;
     this.#waiters.held(uid, -1);
     if (checked && !this.#closed) {
       this.#addIdle(socket, lent ? uid : undefined, checked, unlent);
@@ -758,9 +766,17 @@ export class OriginPool implements KeptHolder<IdleSocket> {
     return Math.max(0, Math.min(this.#sharedIdle, atMost));
   }
 
-  /** Refill connects the idle supply lacks: the target less shared idle sockets and refill connects in flight. */
+  /**
+   * Refill connects the idle supply lacks: the target less shared idle sockets and refill connects in flight. The
+   * target leaves room under maxIdle for the leases out now that are expected back (#returnShare): a refill for a
+   * lease that then comes back unused found the idle set full, so one of the two was closed as excess (or a kept
+   * socket evicted), the next acquire took a shared socket again, and a client that gives its leases back (the
+   * handoff benchmark, a worker releasing what it did not need) made the pool connect and close a connection per
+   * handoff, every handoff warm.
+   */
   #refillWanted(): number {
-    const target = Math.min(this.policy.maxIdle, Math.max(this.policy.minIdle, this.#refillTarget));
+    const expectedBack = Math.round(this.#leased * this.#returnShare);
+    const target = Math.min(this.policy.maxIdle - expectedBack, Math.max(this.policy.minIdle, this.#refillTarget));
     const inFlight = this.connectingAheadCount;
     return target - inFlight - this.#sharedIdleCount(target - inFlight);
   }
@@ -1096,6 +1112,12 @@ const FLEET_FULL_BACKOFF_MS = 250;
  * touch epoll (a watch costs an epoll_ctl to start and one to stop); slower ones are watched.
  */
 const IDLE_WATCH_DELAY_MS = 50;
+
+/**
+ * The weight of each lease end in OriginPool.#returnShare: a client that starts giving its leases back is seen
+ * within a few dozen lease ends, and one lease closed among many returned moves the share by no more than this.
+ */
+const RETURN_SHARE_WEIGHT = 1 / 8;
 
 function dropReason(state: native.ProbeResult['state']): DropReason {
   return state === 'data' ? 'data' : state === 'error' ? 'error' : 'eof';

@@ -398,3 +398,54 @@ describe('prewarm', () => {
     expect(echo.connections.length).toBeLessThanOrEqual(7); // at most a refill behind it
   });
 });
+
+describe('leases released unused', () => {
+  // The handoff benchmark's pattern (bench/handoff.ts): a client keeps a few leases out and gives every one back
+  // unused. The refill counted only the idle supply, so each lease out was a socket to connect again; when the leases
+  // came back to a full idle set (maxIdle), they were closed as excess, the next acquires took the refill's sockets,
+  // and the pool connected and closed a connection per handoff for as long as the pattern lasted.
+  it('connects nothing more while every lease comes back unused to a pool at maxIdle', async () => {
+    // The origin accepts and keeps every connection (an idle keep-alive server), reading nothing.
+    const origin = await server(() => {});
+    const maxIdle = 4;
+    const sockpoold = await daemon(origin.port, {
+      pool: { warmOnStartOrigins: 0, defaults: { minIdle: maxIdle, maxIdle, maxPerOrigin: 64 } },
+    });
+    const raw = client(sockpoold.socketPath);
+    const target = { host: HOST, port: origin.port };
+    await eventually(async () => {
+      await raw.request({ type: 'prewarm', id: 1, ...target, count: maxIdle });
+      return (await stats(raw)).idle === maxIdle;
+    }, 'maxIdle idle sockets');
+
+    let id = 10;
+    const acquire = async (): Promise<{ leaseId: number; fd: number }> => {
+      const lease = await raw.request({ type: 'acquire', id: id++, ...target });
+      expect(lease.message).toMatchObject({ type: 'lease', warm: true });
+      return { leaseId: (lease.message as LeaseReply).leaseId, fd: lease.fds[0]! };
+    };
+    const release = async (lease: { leaseId: number; fd: number }) => {
+      // As the worker releases: without the fd, the client closing its copy.
+      native.close(lease.fd);
+      const released = await raw.request({ type: 'release', id: id++, leaseId: lease.leaseId, withoutFd: true });
+      expect(released.message).toMatchObject({ type: 'ok' });
+    };
+    // Two leases out at every moment (three for an instant): each step takes one more and gives the oldest back.
+    const out = [await acquire(), await acquire()];
+    const steps = async (count: number) => {
+      for (let step = 0; step < count; step++) {
+        out.push(await acquire());
+        await release(out.shift()!);
+      }
+    };
+    // Enough steps for the pool to have seen that its leases come back.
+    await steps(100);
+    const before = await origin.acceptedSoFar();
+    await steps(200);
+    // (A connect the last step started would be counted by now: a stats reply comes after the daemon's turn.)
+    await stats(raw);
+    const accepted = (await origin.acceptedSoFar()) - before;
+    expect(accepted, `connections the origin accepted over 200 warm handoffs (${before} before them)`).toBe(0);
+    for (const lease of out) await release(lease);
+  });
+});
