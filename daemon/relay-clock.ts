@@ -81,10 +81,19 @@ export function threadRunDelayMs(tid: number): number | undefined {
  * thread is gone, or the kernel keeps no such file).
  */
 function runDelayMsAt(path: string): number | undefined {
+  const read = schedstatAt(path);
+  return read === undefined ? undefined : read.waitedNs / 1e6;
+}
+
+/** A schedstat file's time on a CPU and run_delay (ns); undefined when it cannot be read or makes no sense. */
+function schedstatAt(path: string): { ranNs: number; waitedNs: number } | undefined {
   try {
     const fields = readFileSync(path, 'latin1').split(' ');
-    const runDelayNs = Number(fields[1]);
-    return fields.length >= 3 && Number.isFinite(runDelayNs) && runDelayNs >= 0 ? runDelayNs / 1e6 : undefined;
+    const ranNs = Number(fields[0]);
+    const waitedNs = Number(fields[1]);
+    return fields.length >= 3 && ranNs >= 0 && waitedNs >= 0 && Number.isFinite(ranNs) && Number.isFinite(waitedNs)
+      ? { ranNs, waitedNs }
+      : undefined;
   } catch {
     return undefined;
   }
@@ -125,18 +134,17 @@ export interface ThreadWaitReading {
  */
 export function threadWaitReading(tid: number): ThreadWaitReading | undefined {
   if (tid <= 0) return undefined;
+  const read = schedstatAt(`/proc/self/task/${tid}/schedstat`);
+  if (read === undefined) return undefined;
+  let stat: string;
   try {
-    const fields = readFileSync(`/proc/self/task/${tid}/schedstat`, 'latin1').split(' ');
-    const ranNs = Number(fields[0]);
-    const waitedNs = Number(fields[1]);
-    if (fields.length < 3 || !(ranNs >= 0) || !(waitedNs >= 0)) return undefined;
-    const stat = readFileSync(`/proc/self/task/${tid}/stat`, 'latin1');
-    // "pid (comm) state …": the name may hold spaces and parentheses, the state follows the last ')'.
-    const runnable = stat.charAt(stat.lastIndexOf(')') + 2) === 'R';
-    return { waitedMs: waitedNs / 1e6, ranMs: ranNs / 1e6, runnable };
+    stat = readFileSync(`/proc/self/task/${tid}/stat`, 'latin1');
   } catch {
-    return undefined;
+    return undefined; // gone since
   }
+  // "pid (comm) state …": the name may hold spaces and parentheses, the state follows the last ')'.
+  const runnable = stat.charAt(stat.lastIndexOf(')') + 2) === 'R';
+  return { waitedMs: read.waitedNs / 1e6, ranMs: read.ranNs / 1e6, runnable };
 }
 
 /**

@@ -365,7 +365,9 @@ export class TlsRelays {
   }
 
   *#threadWaits(): Iterable<[RelayThread, ThreadWaitReading | undefined]> {
-    for (const thread of this.#threads) if (usable(thread)) yield [thread, threadWaitReading(this.#tidOf(thread))];
+    for (const thread of this.#threads) {
+      if (usable(thread)) yield [thread, this.#schedstat ? threadWaitReading(this.#tidOf(thread)) : undefined];
+    }
   }
 
   /** The tid `thread` stored, or else the one found at its spawn (0: neither). */
