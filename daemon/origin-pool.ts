@@ -419,7 +419,7 @@ export class OriginPool implements KeptHolder<IdleSocket> {
   /** A lease of `uid` ended (the socket is closed): its slot is free. */
   leaseEnded(uid = 0): void {
     this.#leased = Math.max(0, this.#leased - 1);
-    this.#returnShare -= this.#returnShare * RETURN_SHARE_WEIGHT;
+    this.#leaseCameBack(false);
     this.#waiters.held(uid, -1);
     this.#connectionsGone();
     this.#pump();
@@ -435,14 +435,16 @@ export class OriginPool implements KeptHolder<IdleSocket> {
    */
   giveBack(socket: ConnectedSocket, uid = 0, lent = false, checked?: UsageMark, unlent?: ConnectPurpose): void {
     this.#leased = Math.max(0, this.#leased - 1);
-    this.#returnShare += (1 - this.#returnShare) * RETURN_SHARE_WEIGHT;
     this.#waiters.held(uid, -1);
     if (checked && !this.#closed) {
+      this.#leaseCameBack(true);
       this.#addIdle(socket, lent ? uid : undefined, checked, unlent);
       return;
     }
     const probe = native.probe(socket.fd);
     if (this.#closed || probe.state !== 'alive' || !isEstablished(probe.tcpState)) {
+      // (Closed here after all: for the refill's room, a lease that did not come back.)
+      this.#leaseCameBack(false);
       closePooled(socket, lent);
       this.#connectionsGone();
       if (unlent !== undefined) {
@@ -452,7 +454,13 @@ export class OriginPool implements KeptHolder<IdleSocket> {
       this.#pump();
       return;
     }
+    this.#leaseCameBack(true);
     this.#addIdle(socket, lent ? uid : undefined, undefined, unlent);
+  }
+
+  /** A lease ended: back in the idle set or not, as #returnShare counts it. */
+  #leaseCameBack(back: boolean): void {
+    this.#returnShare += ((back ? 1 : 0) - this.#returnShare) * RETURN_SHARE_WEIGHT;
   }
 
   /**
