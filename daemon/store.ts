@@ -1256,11 +1256,7 @@ export class StateStore {
    * Resolves once no slice of a flush is in flight: the store's thread said it committed it, or that it failed (for
    * tests and the bench: the timer's tick hands its slice to the thread and returns).
    */
-  idle(): Promise<void> {
-    return this.#idle();
-  }
-
-  async #idle(): Promise<void> {
+  async idle(): Promise<void> {
     for (let inFlight = this.#inFlight; inFlight; inFlight = this.#inFlight) await inFlight.settled;
   }
 
@@ -2083,7 +2079,7 @@ export class StateStore {
       }
     } catch {}
     // A slice in flight (the timer's, a flush()'s): the ranking reads the rows and the counts once it is committed, in
-    // the turn of the look that found none in flight. Through #idle(), another waiter for the same slice (a flush())
+    // the turn of the look that found none in flight. Through idle(), another waiter for the same slice (a flush())
     // handed its next one in between, whose counts, lowered as it was prepared, left its evictions out of the cuts.
     for (let inFlight = this.#inFlight; inFlight; inFlight = this.#inFlight) await inFlight.settled;
     if (this.#closed) return [];
