@@ -19,7 +19,10 @@
 // `--pin` and `--cpu-groups` (root) place the parties on the cores as a real host would (see each option below).
 // The origin is a process of its own (lib/echo-origins.ts: nginx, or with `--origin node` Node's http server),
 // standing for a remote host: the honest and the hostile clients' requests all go to it, as to one shared site.
-// The hostile processes are started by a launcher process, never by this one (see startLauncher).
+// The hostile processes are started by a launcher process, never by this one (see startLauncher). Each repeats its
+// attack until the phase ends, and a hostile phase is measured from when every one of them has started: a round's
+// phase lasts a fraction of a second, shorter than five Node start-ups on the daemon's core, so a phase measured
+// from their spawn measured those start-ups more than the attack.
 // `--control`: the same run with no hostile process in the "hostile" phases either (an A/A run): how far the ratio
 // strays from 1 on this machine with no attack at all, the noise any attack's ratio is read against.
 // `--rate N`: the honest client sends N requests a second on a fixed schedule (an open loop, as an API caller's
