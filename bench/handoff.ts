@@ -20,6 +20,8 @@ import net from 'node:net';
 import os from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { parseConfig } from '../daemon/config.js';
+import { idleSocketsFitting } from '../daemon/quotas.js';
 import { type RedisServer, startRedis } from '../test/helpers/redis.js';
 import { flag, option, optionText } from './lib/args.js';
 import { type BenchDaemon, repoRoot, startBenchDaemon } from './lib/daemon.js';
@@ -31,6 +33,7 @@ import {
   cpuTimeMs,
   cpuTimesMs,
   fdCount,
+  grantedNofile,
   nofileLimit,
   procStatusBytes,
   type SyscallCount,
@@ -728,12 +731,16 @@ async function measureLatency(startedAt: Date): Promise<LatencyResult> {
   };
 }
 
+/** RLIMIT_NOFILE asked for the memory part's daemon and server. */
+const MEMORY_NOFILE = 65_536;
+
 async function main(): Promise<void> {
   const startedAt = new Date();
   const wallStart = performance.now();
   log(`sockpool warm handoff benchmark${quick ? ' (--quick)' : ''}: node ${process.version}, ${os.cpus().length} CPUs`);
   // --pin: every thread of this process (the requester) on CPU 0; responders are started on CPU 1.
   if (settings.pin) setAffinity(process.pid, '0');
+  if (settings.memory) checkMemoryFits();
   const latency = settings.latency ? await measureLatency(startedAt) : null;
   const memory = settings.memory ? await measureMemory() : null;
   const durationS = (performance.now() - wallStart) / 1000;
@@ -1115,28 +1122,56 @@ interface MemoryResult {
   warmMs: number;
 }
 
-async function measureMemory(): Promise<MemoryResult> {
+/** The memory part's idle sockets: settings.memorySockets rounded up to whole origins. */
+function memoryShape(): { origins: number; perOrigin: number; target: number } {
   const origins = settings.memoryOrigins;
   const perOrigin = Math.ceil(settings.memorySockets / origins);
-  const target = perOrigin * origins;
+  return { origins, perOrigin, target: perOrigin * origins };
+}
+
+/** The memory part's daemon configuration. */
+function memoryDaemonConfig(): Record<string, unknown> {
+  const { perOrigin, target } = memoryShape();
+  return {
+    pool: {
+      maxIdleTotal: target + 1_000,
+      warmOnStartOrigins: 0,
+      defaults: { minIdle: perOrigin, maxIdle: perOrigin, maxPerOrigin: perOrigin + 16, idleTtlMs: 3_600_000 },
+    },
+    // One uid asks for every socket here; the per-uid prewarm quota (512 in 10 s by default) is for shared pools.
+    quotas: { maxPrewarmPerUid: target + 1_000 },
+  };
+}
+
+/**
+ * Before any round: whether the memory part's daemon will be allowed its idle sockets. The daemon keeps no more idle
+ * sockets than its fd table fits (daemon/quotas.ts idleSocketsFitting), and without CAP_SYS_RESOURCE a child gets at
+ * most this machine's hard RLIMIT_NOFILE: found out at the end of the run, that cost every result before it.
+ */
+function checkMemoryFits(): void {
+  const { target } = memoryShape();
+  const nofile = grantedNofile(MEMORY_NOFILE);
+  const fitting = idleSocketsFitting(nofile, parseConfig(memoryDaemonConfig(), 'the memory part'));
+  if (fitting < target) {
+    throw new Error(
+      `the memory part needs ${target} idle sockets, but under RLIMIT_NOFILE ${nofile} (this machine's hard limit) ` +
+        `the daemon keeps at most ${fitting}: raise the hard limit, or pass --sockets ${fitting} or --no-memory`,
+    );
+  }
+}
+
+async function measureMemory(): Promise<MemoryResult> {
+  const { origins, perOrigin, target } = memoryShape();
   log(`memory: ${origins} origins × ${perOrigin} idle sockets`);
-  const sink = await start([node, join(fixtures, 'tcp-sink.js'), String(origins)], 'responder', 65_536);
+  const sink = await start([node, join(fixtures, 'tcp-sink.js'), String(origins)], 'responder', MEMORY_NOFILE);
   const { ports } = await sink.nextMessage<{ ports: number[] }>((m) => Array.isArray(m.ports));
   const daemon = await startBenchDaemon({
     dir: join(tmp, 'memory'),
-    config: {
-      pool: {
-        maxIdleTotal: target + 1_000,
-        warmOnStartOrigins: 0,
-        defaults: { minIdle: perOrigin, maxIdle: perOrigin, maxPerOrigin: perOrigin + 16, idleTtlMs: 3_600_000 },
-      },
-      // One uid asks for every socket here; the per-uid prewarm quota (512 in 10 s by default) is for shared pools.
-      quotas: { maxPrewarmPerUid: target + 1_000 },
-    },
+    config: memoryDaemonConfig(),
     args: ['--allow', '127.0.0.0/8', ...ports.flatMap((p) => ['--allow-port', String(p)])],
     main: settings.daemonMain,
     wrap: pinned('responder'),
-    nofile: 65_536,
+    nofile: MEMORY_NOFILE,
   });
   daemons.push(daemon);
   const daemonNofile = nofileLimit(daemon.pid);

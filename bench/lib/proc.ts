@@ -1,6 +1,6 @@
 // Child processes for the benchmarks: started with a raised fd limit, talking JSON lines on stdout, stopped when
 // the benchmark ends (or dies: their stdin closes and the fixtures exit on that).
-import { type ChildProcess, spawn } from 'node:child_process';
+import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
 import { readdirSync, readFileSync } from 'node:fs';
 import { createInterface } from 'node:readline';
 import { readSoftFdLimit } from '../../daemon/quotas.js';
@@ -31,12 +31,24 @@ export interface SpawnOptions {
   ownSession?: boolean;
 }
 
+/**
+ * The shell line that sets RLIMIT_NOFILE to `wanted`. Without CAP_SYS_RESOURCE the hard limit caps it: then it takes
+ * the hard limit (nofileLimit() on the child, or grantedNofile() ahead, says which).
+ */
+function raiseNofile(wanted: number): string {
+  return `ulimit -n ${wanted} 2>/dev/null || ulimit -n "$(ulimit -Hn)"`;
+}
+
+/** The RLIMIT_NOFILE a child spawned with `nofile: wanted` gets. */
+export function grantedNofile(wanted: number): number {
+  const shown = execFileSync('/bin/sh', ['-c', `${raiseNofile(wanted)}; ulimit -n`], { encoding: 'utf8' }).trim();
+  return shown === 'unlimited' ? Number.POSITIVE_INFINITY : Number(shown);
+}
+
 /** Spawns `command` (argv) with stdin and stdout piped; stdout lines that parse as JSON are messages. */
 export function spawnChild(command: string[], options: SpawnOptions = {}): BenchChild {
   const argv = [...(options.wrap ?? []), ...command];
-  // Without CAP_SYS_RESOURCE the hard limit caps it: then take the hard limit (nofileLimit() says which).
-  const wanted = options.nofile ?? 65536;
-  const shell = `ulimit -n ${wanted} 2>/dev/null || ulimit -n "$(ulimit -Hn)"; exec "$0" "$@"`;
+  const shell = `${raiseNofile(options.nofile ?? 65536)}; exec "$0" "$@"`;
   const child = spawn('/bin/sh', ['-c', shell, ...argv], {
     stdio: ['pipe', 'pipe', 'pipe'],
     detached: options.ownSession ?? false,
