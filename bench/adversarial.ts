@@ -188,6 +188,14 @@ class CpuTally {
   }
 }
 
+/** " (N ended by themselves and were started again: MODE exit CODE ×N, …)", or nothing. */
+function describeEndedEarly(endedEarly: Record<string, number>): string {
+  const entries = Object.entries(endedEarly);
+  if (entries.length === 0) return '';
+  const total = entries.reduce((sum, [, count]) => sum + count, 0);
+  return ` (${total} ended by themselves and were started again: ${entries.map(([what, count]) => `${what} ×${count}`).join(', ')})`;
+}
+
 function log(text: string): void {
   process.stderr.write(`${text}\n`);
 }
@@ -311,12 +319,19 @@ async function main(): Promise<void> {
   const quiet = new PhaseSamples();
   const hostile = new PhaseSamples();
   let spawnsSoFar = 0;
+  /** Hostile processes that ended by themselves (and were started again), by mode and exit code. */
+  let endedEarly: Record<string, number> = {};
   const socketPath = daemon.socketPath;
   const attacked = async () => {
     const spawnsBefore = spawnsSoFar;
     if (!control) await launcherCommand({ t: 'start', socket: socketPath, port });
     await phase(hostile);
-    if (!control) ({ spawns: spawnsSoFar } = await launcherCommand<{ spawns: number }>({ t: 'stop' }));
+    if (!control) {
+      ({ spawns: spawnsSoFar, endedEarly } = await launcherCommand<{
+        spawns: number;
+        endedEarly: Record<string, number>;
+      }>({ t: 'stop' }));
+    }
     hostile.spawns += spawnsSoFar - spawnsBefore;
   };
   // The two phases take turns going first (quiet first in even rounds, attacked first in odd ones), so that an effect
@@ -406,7 +421,7 @@ async function main(): Promise<void> {
   console.log(
     `p50 ratio ${round(h.p50 / q.p50, 2)}, p99 ratio ${round(h.p99 / q.p99, 2)} (aim: p99 within 2x); ` +
       `every honest answer was its own (${q.count + h.count} checked); ` +
-      `${control ? 'control run: no hostile process in either phase' : `${hostile.spawns} hostile processes started`}` +
+      `${control ? 'control run: no hostile process in either phase' : `${hostile.spawns} hostile processes started${describeEndedEarly(endedEarly)}`}` +
       `${hostileNice > 0 ? ` at nice ${hostileNice}` : ''}${hostileModes ? ` (modes: ${hostileModes.join(', ')})` : ''}${fresh ? '; a fresh lease per honest request' : ''}${rate > 0 ? `; honest requests at ${rate}/s (open loop)` : `; ${inFlight} honest requests in flight (closed loop)`}${ownSessions ? '' : '; hostile processes in this session'}${pin ? `; honest side on CPU 0, daemon and hostile processes on CPU 1, origin (${originKind}) on CPU ${originCpu}` : `; origin: ${originKind}`}${cpuGroups ? `; honest side, daemon, hostile uid and origin in one CPU group each (daemon weight ${daemonWeight}${daemonRealtime ? ', its main thread SCHED_RR' : ''}, the others 100)` : ''}; load average ${os.loadavg()[0]!.toFixed(1)} on ` +
       `${os.cpus().length} cores`,
   );
