@@ -2,11 +2,12 @@
 // beside an honest client, against a real daemon and a real HTTP origin on loopback. Each hostile action is
 // checked to fail in its stated way, and the honest client's answers are all its own.
 // Tests that need clients of different uids are in daemon-trust.system.test.ts (root).
-import { execFile } from 'node:child_process';
+import { execFile, fork } from 'node:child_process';
 import { once } from 'node:events';
 import { readFileSync } from 'node:fs';
 import { type AddressInfo, createServer, Socket } from 'node:net';
 import { join } from 'node:path';
+import { createInterface } from 'node:readline';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { promisify } from 'node:util';
 import { afterEach, describe, expect, it } from 'vitest';
@@ -81,6 +82,33 @@ describe('released sockets', () => {
     // could write on it (an unfinished request is never answered).
     expect(origin.seen.get('/poisoned')).toBeUndefined();
     await eventually(async () => (await stats(raw)).leased === 0, 'every lease ended');
+  });
+
+  it('the hostile client of the adversarial benchmark (HOSTILE_REPEAT) says it is ready, then writes and releases on a new connection each pass until killed, each release refused', async () => {
+    const origin = await pathOrigin(cleanups);
+    const sockpoold = await daemon(origin.port);
+    const child = trackChild(
+      fork(hostileClient, ['write-release', sockpoold.socketPath, String(origin.port), '2'], {
+        env: { ...process.env, HOSTILE_REPEAT: '1' },
+        stdio: ['ignore', 'pipe', 'inherit', 'ipc'],
+      }),
+      'hostile-client write-release (repeat)',
+    );
+    cleanups.push(() => {
+      child.kill('SIGKILL');
+    });
+    const [ready] = (await Promise.race([once(child, 'message'), once(child, 'exit').then(() => ['exited'])])) as [
+      unknown,
+    ];
+    expect(ready).toBe('ready');
+    const passes: unknown[] = [];
+    for await (const line of createInterface({ input: child.stdout! })) {
+      passes.push(JSON.parse(line));
+      if (passes.length === 3) break;
+    }
+    expect(passes).toEqual(Array(3).fill({ 'SOCKPOOL_ERR_PROTOCOL:used': 2 }));
+    // Still attacking: only a kill ends it.
+    expect(child.exitCode).toBeNull();
   });
 
   it('pools a socket released unused, for the same uid, and hands it out warm', async () => {
