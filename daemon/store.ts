@@ -308,7 +308,8 @@ const AUTOCHECKPOINT_PAGES = 1000;
  * from dist/. It owns a second connection. Asked with a number, it runs a PASSIVE checkpoint: PASSIVE never waits for
  * the daemon's connection and never blocks its writes (what it cannot copy now, the next request copies). Asked with
  * a slice's writes (`runs`: statements by name, their SQL in `sql`), it commits each message in one transaction,
- * counts it done in the shared `flags`, with close()'s origins committed; a flush's slice (with an `id`) it answers
+ * counts it done in the shared `flags`, with close()'s origins committed; a flush's slice (with an `id`) it says
+ * committed there by its id before it answers (a thread that ends in between leaves it known committed), answers
  * on the `errors` port (committed or failed, read without the event loop) and wakes the event loop with a message to
  * read it; close()'s are answered there only when they fail. Asked to close, it closes its connection (the last one: SQLite checkpoints the whole WAL, with its
  * syncs, here and not on the event loop), says so in `flags`, and ends.
@@ -316,7 +317,7 @@ const AUTOCHECKPOINT_PAGES = 1000;
 const STORE_THREAD_SOURCE = `
 const { parentPort, workerData } = require('node:worker_threads');
 const flags = new Int32Array(workerData.flags);
-const [OPEN, COMMITTED, DONE, SLICES] = [0, 1, 2, 3];
+const [OPEN, COMMITTED, DONE, SLICES, COMMITTED_SLICE] = [0, 1, 2, 3, 4];
 const signal = (index, value) => {
   Atomics.store(flags, index, value);
   Atomics.notify(flags, index);
@@ -369,6 +370,9 @@ parentPort.on('message', (message) => {
         }
       })();
       Atomics.add(flags, COMMITTED, message.origins);
+      // A flush's slice is said committed before it is answered: a thread that ends in between (an error, an exit)
+      // leaves it known committed, not undone and written again (StateStore.#abandonInFlight).
+      if (message.id !== undefined) Atomics.store(flags, COMMITTED_SLICE, message.id);
     } catch (error) {
       // A locked file or a full disk: the slice is rolled back. Said on this port, read without the event loop (close()
       // counts its slices' origins dropped and throws the first such error; a flush's slice is pended again).
@@ -397,6 +401,10 @@ const THREAD_COMMITTED = 1;
 const THREAD_DONE = 2;
 /** close()'s slices the thread is done with, committed or failed. */
 const THREAD_SLICES = 3;
+/** The id of the last flush's slice the thread committed (0: none), stored before its answer. */
+const THREAD_COMMITTED_SLICE = 4;
+/** The flags' length. */
+const THREAD_FLAGS = 5;
 
 /** What the checkpointer answered last: frames in the WAL and frames copied into the database file. */
 export interface CheckpointResult {
@@ -915,18 +923,24 @@ export class StateStore {
     this.#statements = {
       select: db.prepare('SELECT * FROM origins WHERE origin_key = ?'),
       // The prune's and the eviction's picks take LIMIT and OFFSET: a slice picks batch after batch before its writes
-      // are committed (#prepare), each after those it picked already.
-      prunableDemand: db.prepare(
-        'SELECT origin_key, minute FROM demand_history WHERE minute < ? OR minute > ? LIMIT ? OFFSET ?',
-      ),
+      // are committed (#prepare), each after those it picked already. So each has an ORDER BY that names a whole key
+      // (an index's columns and the primary key after them), the oldest first: an OFFSET into an order SQL does not
+      // promise (SQLite's scan of the day) could take a row twice and skip another. Each is the order of an index
+      // range scan, never a sort of the table: the demand's two ranges (past the history, ahead of the clock) as two
+      // scans of demand_history_minute merged (one scan with an OR reads the whole index, the history kept too).
+      prunableDemand: db.prepare(`
+        SELECT origin_key, minute FROM demand_history WHERE minute < ?
+        UNION ALL SELECT origin_key, minute FROM demand_history WHERE minute > ?
+        ORDER BY minute, origin_key LIMIT ? OFFSET ?`),
       future: db
         .prepare<[number, number, number], string>(
-          'SELECT origin_key FROM origins WHERE last_seen > ? LIMIT ? OFFSET ?',
+          'SELECT origin_key FROM origins WHERE last_seen > ? ORDER BY last_seen, origin_key LIMIT ? OFFSET ?',
         )
         .pluck(),
       prunable: db.prepare(`
         SELECT origin_key, ${holder} AS uid FROM origins WHERE last_seen < ?
-          AND NOT EXISTS (SELECT 1 FROM demand_history d WHERE d.origin_key = origins.origin_key) LIMIT ? OFFSET ?`),
+          AND NOT EXISTS (SELECT 1 FROM demand_history d WHERE d.origin_key = origins.origin_key)
+        ORDER BY last_seen, origin_key LIMIT ? OFFSET ?`),
       // The expressions are the indexes' (origins_eviction, origins_uid_eviction), written the same way so that
       // SQLite uses them: each an index range scan, never a sort of the table. Ties of last_seen go by origin_key,
       // the indexes' last column (the primary key): named, so that #evictionCuts finds the same rows.
@@ -1433,7 +1447,9 @@ export class StateStore {
     const timing = slice.timing;
     const started = timing ? performance.now() : 0;
     const cpuStarted = timing ? process.threadCpuUsage() : undefined;
-    const id = ++this.#slices;
+    // From 1 to the flags' Int32 range, round and round: never 0, the flag of a thread that committed none.
+    const id = (this.#slices % 0x7fff_ffff) + 1;
+    this.#slices = id;
     let settle: (result: { failed?: SliceFailure }) => void = () => {};
     const settled = new Promise<{ failed?: SliceFailure }>((resolve) => {
       settle = resolve;
@@ -1651,8 +1667,12 @@ export class StateStore {
       if (this.#checkpointer === worker) this.#stopCheckpointer();
       this.#abandonInFlight(worker);
     });
+    // One that ends without an error event (an exit of its own: none of its code does, but its modules or Node may) is
+    // stopped as one that died: else it stayed the writer, and every slice handed to it waited for good (the timer's
+    // run, flush(), topOrigins).
     worker.on('exit', () => {
       ready();
+      if (this.#checkpointer === worker) this.#stopCheckpointer();
       this.#abandonInFlight(worker);
     });
     this.#db.pragma('wal_autocheckpoint = 0');
@@ -1661,7 +1681,7 @@ export class StateStore {
 
   /** Starts a store thread (STORE_THREAD_SOURCE) with its shared flags; unref'd: it never keeps the process alive. */
   #startThread(name: string, checkpointer: boolean): Worker {
-    const flags = new SharedArrayBuffer(4 * Int32Array.BYTES_PER_ELEMENT);
+    const flags = new SharedArrayBuffer(THREAD_FLAGS * Int32Array.BYTES_PER_ELEMENT);
     const errors = new MessageChannel();
     // (A slice in flight on the thread before keeps its port until its answer is read: #settle closes it.)
     if (this.#inFlight?.results !== this.#threadErrors) this.#threadErrors?.close();
@@ -1708,14 +1728,17 @@ export class StateStore {
   }
 
   /**
-   * The store thread committing the slice in flight ended (an error, or stopped): what it said is read, and a slice it
-   * never answered for is undone (#undo), its origins pending again.
+   * The store thread committing the slice in flight ended (an error, an exit): what it said is read; a slice it never
+   * answered for is applied if its flags say it committed it (it ended between its commit and its answer: undone, it
+   * was written again, counted twice), else undone (#undo), its origins pending again.
    */
   #abandonInFlight(worker: Worker): void {
     if (this.#inFlight?.worker !== worker) return;
     this.#readResults();
     const inFlight = this.#inFlight;
-    if (inFlight?.worker === worker) this.#settle(inFlight, { message: 'the store thread ended' });
+    if (inFlight?.worker !== worker) return;
+    const committed = Atomics.load(inFlight.flags, THREAD_COMMITTED_SLICE) === inFlight.id;
+    this.#settle(inFlight, committed ? undefined : { message: 'the store thread ended' });
   }
 
   #stopCheckpointer(): void {
@@ -2188,7 +2211,7 @@ export class StateStore {
         // No thread can be created (a pids limit, TasksMax=: ERR_WORKER_INIT_FAILED), or none starts: as one that
         // cannot open the file, the slices are committed here and ours closes as the last. It threw out of close()
         // with the store marked closed, its connection open, the directory locked and every pending origin dropped.
-        flags = new Int32Array(4);
+        flags = new Int32Array(THREAD_FLAGS);
         flags[THREAD_OPEN] = -1;
       }
     }

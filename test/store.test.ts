@@ -1040,6 +1040,51 @@ describe('close when its thread fails to start', () => {
   );
 });
 
+describe('a store thread that ends with a slice in flight', () => {
+  /**
+   * Runs store-child.ts's thread-dies-answering with the checkpointer ending as STORE_THREAD_FAILS says
+   * (store-thread-fails.cjs), as it answers a flush's slice it committed; resolves with the child's output once it
+   * printed what the file holds.
+   */
+  async function threadDyingAsItAnswers(fails: 'answer-throws' | 'answer-exits'): Promise<string> {
+    const { child, output } = await readyStoreChild(
+      dir,
+      'thread-dies-answering',
+      ['--require', join(repo, 'test/fixtures/store-thread-fails.cjs')],
+      { env: { ...process.env, STORE_THREAD_FAILS: fails } },
+    );
+    try {
+      await eventually(
+        () => /^counted /m.test(output()),
+        () => `the child's flushes, ranking and close settled: ${output()}`,
+        30_000,
+      );
+      return output();
+    } finally {
+      if (child.exitCode === null) child.kill('SIGKILL');
+    }
+  }
+
+  it('a store thread that dies (its error event) between its commit and its answer has the slice committed once: not undone and written again', async () => {
+    const output = await threadDyingAsItAnswers('answer-throws');
+    // Before: the slice was undone (its 5 acquires pending again), flush() rejected, and the next flush wrote them again.
+    expect(/^counted (\S+) after (\S+)$/m.exec(output)?.slice(1)).toEqual(['5', '1']);
+    expect(output).toMatch(/^flush resolved$/m);
+    expect(output).toMatch(/^ranked counted\.example:443,after\.example:443$/m);
+    expect(output).toMatch(/^closed 0$/m);
+  });
+
+  it('a store thread that ends without an error event, a slice in flight, is the writer no more: the ranking and flush() after it settle, nothing lost or counted twice', async () => {
+    // Before: the ended thread stayed the writer, and the ranking's slice handed to it was never answered.
+    const output = await threadDyingAsItAnswers('answer-exits');
+    expect(output).toMatch(/^ranked counted\.example:443,after\.example:443$/m);
+    expect(output).toMatch(/^flushed 0$/m);
+    expect(output).toMatch(/^closed 0$/m);
+    expect(/^counted (\S+) after (\S+)$/m.exec(output)?.slice(1)).toEqual(['5', '1']);
+    expect(output).toMatch(/^flush resolved$/m);
+  });
+});
+
 describe('the checkpointer thread', () => {
   it('when no thread can be created for it (a pids limit), the auto flush runs without it: the timer writes, the close closes', async () => {
     const { child, output } = await childUnderThreadLimit('auto-no-thread');
@@ -1391,6 +1436,127 @@ describe("the timer's slices on the store thread", () => {
     expect(ranked).toHaveLength(100);
     expect(ranked.every(({ originKey }) => store.origin(originKey) !== undefined)).toBe(true);
     store.close();
+  });
+});
+
+describe("the prune's picks", () => {
+  const ORIGINS = 600;
+  /** The i-th origin's key: the keys' order is the reverse of the origins' (i) order of time. */
+  const keyOf = (index: number) => `o${String(ORIGINS - 1 - index).padStart(3, '0')}.example:443`;
+
+  /**
+   * A state file holding ORIGINS origins, each with a time of its own in `kind`'s order: unseen past the retention
+   * (origins), demand past the history (demand), or seen ahead of the clock (future). Written straight into the file,
+   * so that the store's first slice prunes (DELETE_BATCH of them: one batch).
+   */
+  function historyToPrune(stateDir: string, kind: 'origins' | 'demand' | 'future'): void {
+    StateStore.open(stateDir, { now }).close();
+    const db = openDatabase(join(stateDir, 'sockpool.sqlite'));
+    const insertOrigin = statement(
+      db,
+      'INSERT INTO origins (origin_key, host, port, first_seen, last_seen, acquires) VALUES (?, ?, 443, ?, ?, 1)',
+    );
+    const insertDemand = statement(db, 'INSERT INTO demand_history (origin_key, minute, acquires) VALUES (?, ?, 1)');
+    db.transaction(() => {
+      for (let index = 0; index < ORIGINS; index++) {
+        const seen = {
+          origins: clock - 31 * 24 * HOUR + index * 1000,
+          demand: clock,
+          future: clock + 24 * HOUR + index * 1000,
+        }[kind];
+        insertOrigin.run(keyOf(index), keyOf(index).replace(/:443$/, ''), seen, seen);
+        if (kind === 'demand') insertDemand.run(keyOf(index), Math.floor((clock - 8 * 24 * HOUR) / MINUTE) + index);
+      }
+    })();
+    db.close();
+  }
+
+  /**
+   * Opens the store as StateStore.open does, its connection set to scan in reverse wherever a SELECT has no ORDER BY
+   * (SQLite's reverse_unordered_selects, there to find code that relies on an order SQL does not promise).
+   */
+  function openScanningInReverse(stateDir: string): StateStore {
+    const prepare = Database.prototype.prepare;
+    const reversed = new WeakSet<object>();
+    Database.prototype.prepare = function (this: Database.Database, ...args: Parameters<typeof prepare>) {
+      if (!reversed.has(this)) {
+        reversed.add(this);
+        this.pragma('reverse_unordered_selects = ON');
+      }
+      return prepare.apply(this, args);
+    } as typeof prepare;
+    try {
+      return StateStore.open(stateDir, { now });
+    } finally {
+      Database.prototype.prepare = prepare;
+    }
+  }
+
+  /** What of `kind`'s history is left to prune after the store's first slice (one batch): the origins' indexes. */
+  function leftAfterOneBatch(kind: 'origins' | 'demand' | 'future', reverse: boolean): number[] {
+    const stateDir = mkdtempSync(join(dir, `${kind}-`));
+    historyToPrune(stateDir, kind);
+    const store = reverse ? openScanningInReverse(stateDir) : StateStore.open(stateDir, { now });
+    // No time for a second batch.
+    expect(store.flushSlice(0)).toBe(true);
+    store.close();
+    const db = reader(stateDir);
+    const left = column(
+      db,
+      {
+        origins: 'SELECT origin_key FROM origins',
+        demand: 'SELECT origin_key FROM demand_history',
+        future: 'SELECT origin_key FROM origins WHERE last_seen > ?',
+      }[kind],
+      ...(kind === 'future' ? [clock] : []),
+    );
+    db.close();
+    return (left as string[]).map((key) => ORIGINS - 1 - Number(key.slice(1, 4))).sort((a, b) => a - b);
+  }
+
+  it('each pick with an OFFSET has an ORDER BY that an index range scan gives: no sort (EXPLAIN QUERY PLAN)', () => {
+    const picks: string[] = [];
+    const prepare = Database.prototype.prepare;
+    Database.prototype.prepare = function (this: Database.Database, ...args: Parameters<typeof prepare>) {
+      if (/\bOFFSET\b/.test(args[0])) picks.push(args[0].replace(/\s+/g, ' ').trim());
+      return prepare.apply(this, args);
+    } as typeof prepare;
+    try {
+      StateStore.open(dir, { now }).close();
+    } finally {
+      Database.prototype.prepare = prepare;
+    }
+    // The prune's three and the eviction's three.
+    expect(picks).toHaveLength(6);
+    const db = openDatabase(join(dir, 'sockpool.sqlite'));
+    for (const sql of picks) {
+      expect(sql, 'ordered').toMatch(/ORDER BY [^()]*origin_key LIMIT/);
+      const parameters = Array.from(sql.matchAll(/\?/g), () => 1);
+      const plan = statement(db, `EXPLAIN QUERY PLAN ${sql}`)
+        .all(...parameters)
+        .map((step) => (step as { detail: string }).detail);
+      expect({ sql, plan: plan.filter((step) => /TEMP B-TREE|^SCAN/.test(step)) }).toEqual({ sql, plan: [] });
+    }
+    db.close();
+  });
+
+  it('take the same rows whatever order SQLite scans in (reverse_unordered_selects): the oldest first', () => {
+    const newest = Array.from({ length: ORIGINS - 500 }, (_, index) => 500 + index).join(',');
+    const left: string[] = [];
+    const expected: string[] = [];
+    for (const kind of ['origins', 'demand', 'future'] as const) {
+      for (const reverse of [false, true]) {
+        const indexes = leftAfterOneBatch(kind, reverse);
+        // As one line each: the first and last left, and whether they are the newest.
+        left.push(
+          `${kind} ${reverse ? 'reversed' : 'in order'}: ${indexes[0]}..${indexes.at(-1)} ${indexes.join(',') === newest}`,
+        );
+        expected.push(`${kind} ${reverse ? 'reversed' : 'in order'}: 500..${ORIGINS - 1} true`);
+      }
+    }
+    // Before: a reversed scan picked the newest (the picks had no ORDER BY: their OFFSETs relied on the order SQLite
+    // happens to scan in).
+    expect(left).toEqual(expected);
   });
 });
 
