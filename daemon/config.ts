@@ -52,10 +52,10 @@ function runningAsRoot(): boolean {
  * handshake's checks too, as a turn may run all HANDSHAKES_PER_THREAD of them together), plus a TLS
  * context built from a CA file (tens of ms for a full bundle, once per file) and one read's worth of bytes per
  * session relayed. The limit counts the thread's available time, not wall time (relay-clock.ts: wall time less what
- * it waited for a CPU): at the relay's nice 10 against busy nice-0 threads a hostile origin's one handshake (~330 ms
- * of CPU) took seconds of wall time, and the starved thread was taken for hung; its wait no longer counts. A stop of
- * the whole process (SIGSTOP, a debugger on the main thread) is not taken for a hang: a check that comes late (the
- * main thread did not run either) starts every thread's count over. A thread's start (a new isolate, its modules
+ * it waited for a CPU, the wait still under way too): at the relay's nice 10 against busy nice-0 threads a hostile
+ * origin's one handshake (~330 ms of CPU) took seconds of wall time, and the starved thread was taken for hung; its
+ * wait no longer counts. A stop of the whole process (SIGSTOP, a debugger on the main thread) is not taken for a
+ * hang: a check that comes late (the main thread did not run either) starts every thread's count over. A thread's start (a new isolate, its modules
  * loaded, the addon opened) takes a fraction of a second of its CPU: one that has not beaten this long after it was
  * started, in its available time too (a start kept waiting for a CPU is not a hang), is taken for hung while starting.
  */

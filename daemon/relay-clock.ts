@@ -16,10 +16,12 @@
 // relay thread's tid at its spawn (startedTid: the one thread new Worker() added, before the thread runs anything, so
 // that its start, mostly a new isolate built before any module of ours runs, is judged in available time too), and
 // each relay thread stores its own in its heartbeat's buffer at start (tls-relay-thread.ts), which is believed first.
-// A new thread's run_delay starts at 0, so all of it is its start's wait. The main thread reads the file at most once
-// per watchdog check (and, while a hung thread ends, once per wait for it) and, for the share, once per
-// SHARE_CLOCK_READ_MS while handshakes are dispatched, with the thread's state (/proc/self/task/<tid>/stat: whether it
-// is runnable, see RelayAvailableClock): never on the handoff path. Without the file (a kernel without
+// A new thread's run_delay starts at 0, so all of it is its start's wait. The main thread reads the file at its spawn
+// and at most once per watchdog check (and, while a hung thread ends, once per wait for it) and, for the share, once
+// per SHARE_CLOCK_READ_MS while handshakes are dispatched, each time with the thread's state
+// (/proc/self/task/<tid>/stat: whether it is runnable), since the kernel adds a wait to run_delay only when the thread
+// next runs: a thread runnable at one reading that has not run by the next waited all along (countedWaitMs, the one
+// rule of both): never on the handoff path. Without the file (a kernel without
 // schedstat) both fall back to wall time, said once in the log and in the stats (`relayClock`).
 
 import { readdirSync, readFileSync, readlinkSync } from 'node:fs';
@@ -101,7 +103,8 @@ function schedstatAt(path: string): { ranNs: number; waitedNs: number } | undefi
 
 /**
  * How long a thread was silent in its available time: the wall time since its last beat less what it waited for a
- * CPU since then (never less than 0; without both readings of its wait, the wall time).
+ * CPU since then (never less than 0; without both counts of its wait, the wall time). Its waits as ThreadSilence
+ * counts them (countedWaitMs).
  */
 export function availableSilenceMs(
   nowMs: number,
@@ -116,12 +119,15 @@ export function availableSilenceMs(
 
 /**
  * A thread's schedstat at one moment, with whether it was runnable (running or waiting for a CPU) just after: what
- * the share's clock (RelayAvailableClock) reads of each relay thread.
+ * the share's clock (RelayAvailableClock) and the watchdog (ThreadSilence) read of each relay thread.
  */
 export interface ThreadWaitReading {
   /** Its total wait on a run queue (run_delay), ms: a wait is added only when the thread next gets a CPU. */
   waitedMs: number;
-  /** Its total time on a CPU, ms (the running thread's included up to the reading). */
+  /**
+   * Its total time on a CPU, ms (a running thread's up to its last scheduler tick or switch: the kernel does not bring
+   * it up to date for the read, so two readings closer than a tick may find a running thread not moved).
+   */
   ranMs: number;
   /** Whether it was runnable (state R) when read, after its schedstat. */
   runnable: boolean;
@@ -130,7 +136,7 @@ export interface ThreadWaitReading {
 /**
  * Thread `tid`'s (of this process) schedstat and state (ThreadWaitReading); undefined when they cannot be read. The
  * state is read after the schedstat: a thread runnable then and with no more time on a CPU at the next reading cannot
- * have slept in between (a thread goes to sleep only by running), so it waited for a CPU all along.
+ * have slept in between (a thread goes to sleep only by running), so it waited for a CPU all along (countedWaitMs).
  */
 export function threadWaitReading(tid: number): ThreadWaitReading | undefined {
   if (tid <= 0) return undefined;
@@ -147,6 +153,76 @@ export function threadWaitReading(tid: number): ThreadWaitReading | undefined {
   return { waitedMs: read.waitedNs / 1e6, ranMs: read.ranNs / 1e6, runnable };
 }
 
+/** A thread's reading with the wait counted for it so far (ms, at least its run_delay then): see countedWaitMs. */
+export type CountedWaitReading = ThreadWaitReading & { countedMs: number };
+
+/**
+ * A thread's wait for a CPU counted so far (ms) at `reading`, `stretchMs` of wall time after `before` (its last
+ * reading; undefined: none, its run_delay is the count). The kernel adds a wait to run_delay only when the thread
+ * next gets a CPU, so a reading alone misses the wait under way: a thread runnable at the last reading that has not
+ * run since waited for all of the stretch (it cannot have gone to sleep without running), which counts at once, and
+ * its run_delay, when it catches up, counts only past what was counted so. The one rule of the share's clock
+ * (RelayAvailableClock) and the watchdog's silence (ThreadSilence), whose readings are further apart than a scheduler
+ * tick (ThreadWaitReading.ranMs).
+ */
+export function countedWaitMs(
+  before: CountedWaitReading | undefined,
+  reading: ThreadWaitReading,
+  stretchMs: number,
+): number {
+  if (before === undefined) return reading.waitedMs;
+  const waitingAllAlong = before.runnable && reading.ranMs === before.ranMs;
+  return Math.max(reading.waitedMs, before.countedMs + (waitingAllAlong ? stretchMs : 0));
+}
+
+/**
+ * How long one relay thread has been silent in its available time, for the watchdog (tls-relay.ts, #watch): the
+ * wall time since it was last heard (its heartbeat moved, or its spawn) less what it waited for a CPU since, counted
+ * as the share's clock counts it (countedWaitMs): a thread runnable at one check and not run by the next was kept
+ * waiting all of that stretch, which is not silence, though the kernel adds it to run_delay only once the thread
+ * runs. Counted by run_delay alone, a starved thread's wait under way was silence until it next ran, and one kept
+ * waiting longer than tls.relayHangMs was taken for hung, every session it relayed ended. A thread that truly hangs
+ * is still silent: a loop runs (its time on a CPU moves), a thread blocked in a system call sleeps. Fed the thread's
+ * reading (threadWaitReading) at each check, heard or not.
+ */
+export class ThreadSilence {
+  /** When the thread was last heard, and its wait counted then (undefined: unknown, the silence is wall time). */
+  #heardAt: number;
+  #waitedAtHeard: number | undefined;
+  /** The last reading, its wall time and the wait counted at it (undefined: no reading yet). */
+  #last: CountedWaitReading | undefined;
+  #lastAt = 0;
+
+  /** From `atMs` (its spawn), its wait then `waitedMs` (a new thread's run_delay starts at 0; undefined: unknown). */
+  constructor(atMs: number, waitedMs: number | undefined) {
+    this.#heardAt = atMs;
+    this.#waitedAtHeard = waitedMs;
+  }
+
+  /** The thread's reading at `nowMs`; undefined (not read, or gone) leaves the last one standing. */
+  read(nowMs: number, reading: ThreadWaitReading | undefined): void {
+    if (reading === undefined) return;
+    this.#last = { ...reading, countedMs: countedWaitMs(this.#last, reading, nowMs - this.#lastAt) };
+    this.#lastAt = nowMs;
+  }
+
+  /** The thread was heard at `nowMs` (read just before): its silence starts over. */
+  heard(nowMs: number): void {
+    this.#heardAt = nowMs;
+    this.#waitedAtHeard = this.#last?.countedMs;
+  }
+
+  /** The wall time since it was last heard. */
+  wallMs(nowMs: number): number {
+    return nowMs - this.#heardAt;
+  }
+
+  /** Its silence in its available time at `nowMs` (read just before). */
+  silentMs(nowMs: number): number {
+    return availableSilenceMs(nowMs, this.#heardAt, this.#last?.countedMs, this.#waitedAtHeard);
+  }
+}
+
 /**
  * The relay threads' available time for the per-uid CPU share (relay-cpu.ts): a clock that moves as wall time less
  * the mean of what the threads waited for a CPU over the same stretch (the share is a part of every thread's time, so
@@ -161,7 +237,7 @@ export function threadWaitReading(tid: number): ThreadWaitReading | undefined {
  * decayed early enough to start a third handshake beside two under way. Two things now keep it to the threads' time:
  * - a thread runnable at the last reading that has not run since waited for all of the stretch (it cannot have gone to
  *   sleep without running): that stretch counts as its wait at once, and its run_delay, when it catches up, counts
- *   only past what was counted so;
+ *   only past what was counted so (countedWaitMs);
  * - a wait counted later than the stretch it was in (one that began between two readings) is owed: it holds the clock
  *   back over the next stretches until paid. The debt is bounded: the waits counted since a thread's first reading
  *   are at most the wall time since then, plus the one wait under way at that reading.
@@ -169,7 +245,7 @@ export function threadWaitReading(tid: number): ThreadWaitReading | undefined {
 export class RelayAvailableClock {
   #wall: () => number;
   /** Each thread's last reading, with the wait counted for it so far (ms, at least its run_delay then). */
-  #threads = new Map<unknown, ThreadWaitReading & { countedMs: number }>();
+  #threads = new Map<unknown, CountedWaitReading>();
   /** The clock's time at the last reading, and the wall time then. */
   #time: number;
   #readAt: number;
@@ -193,7 +269,7 @@ export class RelayAvailableClock {
     if (!this.#unread && wall - this.#readAt < SHARE_CLOCK_READ_MS) return this.#time;
     this.#unread = false;
     const stretch = wall - this.#readAt;
-    const seen = new Map<unknown, ThreadWaitReading & { countedMs: number }>();
+    const seen = new Map<unknown, CountedWaitReading>();
     let waited = 0;
     let counted = 0;
     for (const [key, reading] of readings()) {
@@ -203,8 +279,7 @@ export class RelayAvailableClock {
         seen.set(key, { ...reading, countedMs: reading.waitedMs });
         continue;
       }
-      const waitingAllAlong = before.runnable && reading.ranMs === before.ranMs;
-      const countedMs = Math.max(reading.waitedMs, before.countedMs + (waitingAllAlong ? stretch : 0));
+      const countedMs = countedWaitMs(before, reading, stretch);
       seen.set(key, { ...reading, countedMs });
       waited += countedMs - before.countedMs;
       counted++;

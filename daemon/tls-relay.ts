@@ -41,9 +41,9 @@
 // it relays and every handshake sent to it, silently. A watchdog notices: each thread's event loop bumps a shared
 // heartbeat on a timer (tls-relay-thread.ts), and a timer here reads the heartbeats (one Atomics.load per thread,
 // once a second, and a read of each thread's schedstat; nothing on the handoff path). A thread whose heartbeat has
-// not moved for tls.relayHangMs of its available time (relay-clock.ts: wall time less what it waited for a CPU, so
-// that a nice-10 thread kept waiting on a loaded host is not taken for hung; config.ts, RELAY_HANG_LIMIT_MS, says why
-// that is safe) is hung (#hung): logged by name, counted
+// not moved for tls.relayHangMs of its available time (relay-clock.ts ThreadSilence: wall time less what it waited
+// for a CPU, the wait under way too, so that a nice-10 thread kept waiting on a loaded host is not taken for hung;
+// config.ts, RELAY_HANG_LIMIT_MS, says why that is safe) is hung (#hung): logged by name, counted
 // (sockpool_tls_relay_threads_hung_total), given no more work (its slot gets a new thread), its sessions ended at
 // once by the daemon (onHung: the idle ones leave the pool, closed; a leased one's daemon copy is shut down, so its
 // client sees the connection end), and terminate()d, which ends a JavaScript loop: its 'exit' then fails its
@@ -76,13 +76,12 @@ import { AdmissionQueue, type Admittable, DAEMON_UID } from './fair-queue.js';
 import type { Logger } from './log.js';
 import { runningTotal } from './metrics.js';
 import {
-  availableSilenceMs,
   ownThreadIds,
   RelayAvailableClock,
   schedstatAvailable,
   startedTid,
+  ThreadSilence,
   type ThreadWaitReading,
-  threadRunDelayMs,
   threadWaitReading,
 } from './relay-clock.js';
 import { RelayCpuShares } from './relay-cpu.js';
@@ -256,13 +255,11 @@ interface RelayThread {
   exited: boolean;
   /**
    * Its heartbeat (bumped by the thread's loop; the thread's tid in the second slot), the value the watchdog saw last,
-   * when it last saw it move (its spawn, until it beats), and how long the thread had waited for a CPU then
-   * (relay-clock.ts; undefined: unknown).
+   * and its silence since it last saw it move (its spawn, until it beats), in its available time (relay-clock.ts).
    */
   heartbeat: Int32Array;
   beat: number;
-  beatAt: number;
-  runDelayAt: number | undefined;
+  silence: ThreadSilence;
   /** Taken for hung by the watchdog: given no more work, its slot has (or gets) another thread. */
   hung: boolean;
   /** Its heartbeat has moved: its start is done (until then the watchdog judges it from its spawn). */
@@ -365,22 +362,20 @@ export class TlsRelays {
   }
 
   *#threadWaits(): Iterable<[RelayThread, ThreadWaitReading | undefined]> {
-    for (const thread of this.#threads) {
-      if (usable(thread)) yield [thread, this.#schedstat ? threadWaitReading(this.#tidOf(thread)) : undefined];
-    }
+    for (const thread of this.#threads) if (usable(thread)) yield [thread, this.#waitReading(thread)];
+  }
+
+  /**
+   * `thread`'s wait for a CPU and state now (relay-clock.ts), by the tid it stored, or else the one found at its
+   * spawn; undefined without schedstat, without either tid, or once it is gone.
+   */
+  #waitReading(thread: RelayThread): ThreadWaitReading | undefined {
+    return this.#schedstat ? threadWaitReading(this.#tidOf(thread)) : undefined;
   }
 
   /** The tid `thread` stored, or else the one found at its spawn (0: neither). */
   #tidOf(thread: RelayThread): number {
     return Atomics.load(thread.heartbeat, 1) || thread.spawnTid;
-  }
-
-  /**
-   * How long `thread` has waited for a CPU in all (ms): by the tid it stored, or else the one found at its spawn;
-   * undefined without schedstat, without either tid, or once it is gone.
-   */
-  #runDelayMs(thread: RelayThread): number | undefined {
-    return this.#schedstat ? threadRunDelayMs(this.#tidOf(thread)) : undefined;
   }
 
   /** How many relay threads the watchdog has taken for hung since the start. */
@@ -620,9 +615,11 @@ export class TlsRelays {
   /**
    * The watchdog's check (every WATCHDOG_CHECK_MS): a live thread whose heartbeat has not moved for the limit is
    * hung; one that has not beaten yet, within the limit of its spawn, hung while starting. The silence is counted in
-   * the thread's available time (relay-clock.ts): the time it waited for a CPU (a nice-10 thread on a loaded host, in
-   * a costly check, or a start on a host in a boot storm) is not silence; a thread whose tid is not known (its spawn
-   * could not tell, and it has not stored it yet) is judged in wall time.
+   * the thread's available time (relay-clock.ts ThreadSilence): the time it waited for a CPU (a nice-10 thread on a
+   * loaded host, in a costly check, or a start on a host in a boot storm), the wait still under way too, is not
+   * silence; a thread whose tid is not known (its spawn could not tell, and it has not stored it yet) is judged in
+   * wall time. Each thread is read at every check, heard or not: the rule for the wait under way compares one
+   * reading with the last.
    */
   #watch = (): void => {
     const now = performance.now();
@@ -634,20 +631,19 @@ export class TlsRelays {
     for (const thread of this.#threads) {
       if (!usable(thread)) continue;
       const beat = Atomics.load(thread.heartbeat, 0);
-      const runDelay = this.#runDelayMs(thread);
+      thread.silence.read(now, this.#waitReading(thread));
       if (beat !== thread.beat || late) {
         thread.beat = beat;
-        thread.beatAt = now;
-        thread.runDelayAt = runDelay;
+        thread.silence.heard(now);
         if (beat !== 0 && !thread.started) {
           thread.started = true;
           this.#startHangsInARow = 0;
         }
         continue;
       }
-      if (limitMs <= 0 || now - thread.beatAt < limitMs) continue;
-      const silentMs = availableSilenceMs(now, thread.beatAt, runDelay, thread.runDelayAt);
-      if (silentMs >= limitMs) this.#hung(thread, silentMs, now - thread.beatAt);
+      if (limitMs <= 0 || thread.silence.wallMs(now) < limitMs) continue;
+      const silentMs = thread.silence.silentMs(now);
+      if (silentMs >= limitMs) this.#hung(thread, silentMs, thread.silence.wallMs(now));
     }
   };
 
@@ -689,7 +685,7 @@ export class TlsRelays {
     // The wait for its end counts its available time too: a thread kept waiting for a CPU may take long to end.
     const endingSince = performance.now();
     const ending = ended(thread.worker, RELAY_TERMINATE_LIMIT_MS, {
-      runDelayMs: () => this.#runDelayMs(thread),
+      waitReading: () => this.#waitReading(thread),
       wallLimitMs: RELAY_TERMINATE_WALL_LIMIT_MS,
     });
     void ending.then((done) => {
@@ -751,13 +747,14 @@ export class TlsRelays {
       exited: false,
       heartbeat: new Int32Array(heartbeat),
       beat: 0,
-      beatAt: performance.now(),
       // A new thread's run_delay starts at 0 (the kernel zeroes it at the clone): all of it is its start's wait.
-      runDelayAt: this.#schedstat ? 0 : undefined,
+      silence: new ThreadSilence(performance.now(), this.#schedstat ? 0 : undefined),
       hung: false,
       started: false,
       spawnTid,
     };
+    // Its first reading (its state then tells whether it is kept waiting from its start).
+    thread.silence.read(performance.now(), this.#waitReading(thread));
     if (!this.#watchdog) {
       this.#checkedAt = performance.now();
       this.#watchdog = setInterval(this.#watch, WATCHDOG_CHECK_MS);
@@ -836,22 +833,28 @@ function addCounters(into: RelayCounters, c: Float64Array, sessions: boolean): v
 
 /**
  * Whether `worker` ended within `limitMs` of terminate() (a thread blocked in a system call does not). With
- * `runDelayMs` (the thread's total wait for a CPU, relay-clock.ts), `limitMs` is of its available time: a thread
- * kept waiting for a CPU is given the time it waited (and one that sleeps, blocked, is not), up to `wallLimitMs` of
- * wall time in all.
+ * `waitReading` (the thread's wait for a CPU and state, relay-clock.ts threadWaitReading), `limitMs` is of its
+ * available time, counted as the watchdog counts a silence (ThreadSilence): a thread kept waiting for a CPU is given
+ * the time it waited, the wait under way too (and one that sleeps, blocked, is not), up to `wallLimitMs` of wall
+ * time in all.
  */
 export async function ended(
   worker: Worker,
   limitMs: number,
-  { runDelayMs, wallLimitMs = limitMs }: { runDelayMs?: () => number | undefined; wallLimitMs?: number } = {},
+  {
+    waitReading,
+    wallLimitMs = limitMs,
+  }: { waitReading?: () => ThreadWaitReading | undefined; wallLimitMs?: number } = {},
 ): Promise<boolean> {
   const terminated = worker.terminate().then(
     () => true,
     () => true,
   );
   const since = performance.now();
-  const runDelaySince = runDelayMs?.();
-  let runDelay = runDelaySince;
+  // Silent from terminate() on: the time it takes to end.
+  const silence = new ThreadSilence(since, undefined);
+  silence.read(since, waitReading?.());
+  silence.heard(since);
   let waitMs = limitMs;
   for (;;) {
     let timer: NodeJS.Timeout | undefined;
@@ -867,9 +870,10 @@ export async function ended(
       clearTimeout(timer);
     }
     // (A thread gone from /proc waits no more: its last reading stands until its 'exit' reaches this thread.)
-    runDelay = runDelayMs?.() ?? runDelay;
+    const reading = waitReading?.();
     const now = performance.now();
-    waitMs = Math.min(limitMs - availableSilenceMs(now, since, runDelay, runDelaySince), since + wallLimitMs - now);
+    silence.read(now, reading);
+    waitMs = Math.min(limitMs - silence.silentMs(now), since + wallLimitMs - now);
     // (At least a millisecond more: a wait computed as a hair over 0 must not spin.)
     if (waitMs < 1) return false;
   }

@@ -12,6 +12,7 @@ import {
   SHARE_CLOCK_READ_MS,
   schedstatAvailable,
   startedTid,
+  ThreadSilence,
   type ThreadWaitReading,
   threadRunDelayMs,
   threadWaitReading,
@@ -33,6 +34,89 @@ describe('availableSilenceMs', () => {
     // A wait counted when the thread next ran may hold some from before the beat.
     expect(availableSilenceMs(11_000, 10_000, 4_000, 2_000)).toBe(0);
     expect(availableSilenceMs(11_000, 10_000, 1_000, 2_000)).toBe(1_000);
+  });
+});
+
+describe('ThreadSilence', () => {
+  /** A reading: its run_delay and time on a CPU (ms), runnable (state R) or not. */
+  const read = (waitedMs: number, ranMs: number, runnable: boolean): ThreadWaitReading => ({
+    waitedMs,
+    ranMs,
+    runnable,
+  });
+
+  it('is wall time since it was heard less its wait for a CPU since; a new thread waited 0 at its spawn', () => {
+    const silence = new ThreadSilence(1_000, 0);
+    // Its start waited 2 s of the 4 (asleep when read): 2 s of silence.
+    silence.read(5_000, read(2_000, 40, false));
+    expect(silence.wallMs(5_000)).toBe(4_000);
+    expect(silence.silentMs(5_000)).toBe(2_000);
+    silence.heard(5_000);
+    silence.read(8_000, read(2_500, 45, false));
+    expect(silence.silentMs(8_000)).toBe(2_500);
+    // Its wait unknown at its spawn (no schedstat), or no reading at all: wall time.
+    const unknown = new ThreadSilence(1_000, undefined);
+    unknown.read(5_000, read(2_000, 40, false));
+    expect(unknown.silentMs(5_000)).toBe(4_000);
+    const unread = new ThreadSilence(1_000, 0);
+    unread.read(5_000, undefined);
+    expect(unread.silentMs(5_000)).toBe(4_000);
+  });
+
+  // The kernel adds a wait to run_delay only when the thread next gets a CPU: a relay thread (nice 10) runnable but
+  // kept waiting on a loaded host for longer than tls.relayHangMs read no more wait than at its last beat, and the
+  // watchdog took it for hung (ending every session it relayed) before it could run again.
+  it('counts a thread runnable at the last check, and not run since, as waiting all along: it is never silent so', () => {
+    const silence = new ThreadSilence(0, 0);
+    silence.read(0, read(0, 50, true));
+    silence.heard(0);
+    for (let at = 1_000; at <= 10_000; at += 1_000) {
+      silence.read(at, read(0, 50, true));
+      expect(silence.silentMs(at)).toBe(0);
+    }
+    // It runs: the kernel adds the 10 s it waited (and 200 ms from before its beat), counted already.
+    silence.read(11_000, read(10_200, 52, false));
+    expect(silence.silentMs(11_000)).toBe(800);
+    // Runnable when read again but it ran since: not known to have waited, the stretch is silence.
+    silence.read(12_000, read(10_200, 52, true));
+    silence.read(13_000, read(10_200, 60, true));
+    expect(silence.silentMs(13_000)).toBe(2_800);
+  });
+
+  it('is silence as before for a thread that runs without beating (a loop) or sleeps (blocked in a system call)', () => {
+    // A loop: runnable at every check and its time on a CPU moving; its waits count, the rest is silence.
+    const loop = new ThreadSilence(0, 0);
+    loop.read(0, read(0, 50, true));
+    loop.heard(0);
+    for (let at = 1_000; at <= 6_000; at += 1_000) loop.read(at, read(at / 10, 50 + at - at / 10, true));
+    expect(loop.silentMs(6_000)).toBe(5_400);
+    // Blocked: asleep at every check, its time on a CPU and its wait still: all silence.
+    const blocked = new ThreadSilence(0, 0);
+    blocked.read(0, read(0, 50, false));
+    blocked.heard(0);
+    for (let at = 1_000; at <= 6_000; at += 1_000) blocked.read(at, read(0, 50, false));
+    expect(blocked.silentMs(6_000)).toBe(6_000);
+    // Blocked after a last run seen runnable: the stretch it ran in is not a wait, the sleep after it neither.
+    const slept = new ThreadSilence(0, 0);
+    slept.read(0, read(0, 50, true));
+    slept.heard(0);
+    slept.read(1_000, read(0, 51, false));
+    for (let at = 2_000; at <= 6_000; at += 1_000) slept.read(at, read(0, 51, false));
+    expect(slept.silentMs(6_000)).toBe(6_000);
+  });
+
+  it('keeps the wait counted over a reading it could not take, and starts over when heard', () => {
+    const silence = new ThreadSilence(0, 0);
+    silence.read(0, read(0, 50, true));
+    silence.heard(0);
+    silence.read(1_000, read(0, 50, true));
+    // (The thread gone from /proc, or its tid not known any more: the last count stands.)
+    silence.read(2_000, undefined);
+    expect(silence.silentMs(2_000)).toBe(1_000);
+    silence.heard(2_000);
+    silence.read(3_000, read(0, 50, true));
+    // Runnable at the last reading (before the gap) and not run since: waited all along.
+    expect(silence.silentMs(3_000)).toBe(0);
   });
 });
 

@@ -1,8 +1,7 @@
 // The wait for a hung relay thread's end after terminate() (daemon/tls-relay.ts, ended): counted in the thread's
 // available time, so a thread kept waiting for a CPU is given the time it waited, but within a bound of wall time,
 // since the thread's handshakes (their fds, their places) wait with it. A real worker blocked in read(2) on a FIFO
-// (terminate() cannot reach it), its wait for a CPU stood in for by a reading that grows with wall time (a thread
-// that never gets a CPU).
+// (terminate() cannot reach it), its wait for a CPU stood in for by fake readings (a thread that never gets a CPU).
 
 import { execFileSync } from 'node:child_process';
 import {
@@ -20,6 +19,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Worker } from 'node:worker_threads';
 import { expect, it } from 'vitest';
+import type { ThreadWaitReading } from '../daemon/relay-clock.js';
 import { ended } from '../daemon/tls-relay.js';
 import { eventually } from './helpers/daemon.js';
 
@@ -36,7 +36,11 @@ function inRead(name: string): boolean {
   return false;
 }
 
-it('gives up on a thread that never gets a CPU after the wall limit, and sees one that ends within it', async () => {
+/**
+ * A worker blocked in read(2) on a FIFO (terminate() cannot reach it), given to `check` with `release`, which lets
+ * it go (it then ends: a terminate() already called still stands).
+ */
+async function withBlockedWorker(check: (worker: Worker, release: () => void) => Promise<void>): Promise<void> {
   const dir = mkdtempSync(join(tmpdir(), 'relay-terminate-'));
   const fifo = join(dir, 'block');
   execFileSync('mkfifo', [fifo]);
@@ -50,13 +54,7 @@ it('gives up on a thread that never gets a CPU after the wall limit, and sees on
     await new Promise((resolve) => blocked.once('message', resolve));
     // In read(2) itself, not only on its way (terminate() would end it there).
     await eventually(() => inRead('fifo-reader'), 'the worker blocked in read(2)');
-    const since = performance.now();
-    // All of its time a wait for a CPU: its available time never passes the limit, only the wall limit ends the wait.
-    const starved = () => performance.now() - since;
-    expect(await ended(blocked, 50, { runDelayMs: starved, wallLimitMs: 400 })).toBe(false);
-    // Let go: it ends (the terminate() above still stands).
-    writeFileSync(fifo, 'x');
-    expect(await ended(blocked, 50, { runDelayMs: starved, wallLimitMs: 60_000 })).toBe(true);
+    await check(blocked, () => writeFileSync(fifo, 'x'));
   } finally {
     // A failed check leaves the worker blocked: let it go (no reader any more: ENXIO, nothing to do).
     try {
@@ -66,4 +64,32 @@ it('gives up on a thread that never gets a CPU after the wall limit, and sees on
     } catch {}
     rmSync(dir, { recursive: true, force: true });
   }
+}
+
+it('gives up on a thread that never gets a CPU after the wall limit, and sees one that ends within it', async () => {
+  await withBlockedWorker(async (blocked, release) => {
+    const since = performance.now();
+    // All of its time a wait for a CPU, added to its run_delay as it goes: its available time never passes the
+    // limit, only the wall limit ends the wait.
+    const starved = (): ThreadWaitReading => ({ waitedMs: performance.now() - since, ranMs: 0, runnable: false });
+    expect(await ended(blocked, 50, { waitReading: starved, wallLimitMs: 400 })).toBe(false);
+    release();
+    expect(await ended(blocked, 50, { waitReading: starved, wallLimitMs: 60_000 })).toBe(true);
+  });
+});
+
+// The kernel adds a wait to run_delay only when the thread next gets a CPU: a thread kept waiting all along reads
+// runnable, with its time on a CPU and its run_delay where they were. Counted by run_delay alone, that wait was
+// silence, and the thread's time to end ran out while it had had none of it.
+it('gives a thread runnable at every reading, its run_delay still, the wait under way: it ends within it', async () => {
+  await withBlockedWorker(async (blocked, release) => {
+    let readings = 0;
+    const keptWaiting = (): ThreadWaitReading => {
+      // Let go once it has been found kept waiting for a CPU twice past terminate().
+      if (++readings === 3) release();
+      return { waitedMs: 0, ranMs: 40, runnable: true };
+    };
+    expect(await ended(blocked, 50, { waitReading: keptWaiting, wallLimitMs: 60_000 })).toBe(true);
+    expect(readings).toBeGreaterThanOrEqual(3);
+  });
 });
