@@ -223,6 +223,15 @@ export class Sockpoold {
           { path, sqliteCode, err, pending },
           'history not written: flushes of the state database fail (retried at each tick)',
         ),
+      // The history's thread died (its commits back on the event loop until another runs): the operator learns it,
+      // and whether another was started or waits (one that keeps dying is started at most once per interval).
+      onThreadEnded: ({ path, thread, err, restartInMs }) =>
+        this.#log.warn(
+          { path, thread, err, restartInMs },
+          restartInMs === 0
+            ? 'state database thread ended: started again'
+            : 'state database thread ended: the event loop commits the history until it is started again',
+        ),
       onFlushRecovered: ({ path, failures }) =>
         this.#log.info({ path, failures }, 'history written again: a flush of the state database succeeded'),
       // A start that found the history over its cap (a stop writes past it; a lower pool.historyMaxOrigins) ranks what

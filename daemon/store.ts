@@ -35,7 +35,8 @@
 // was the longest part of a slice, and then the commit that starts the WAL over after a complete checkpoint (its
 // header's sync, and truncating a grown file to WAL_SIZE_LIMIT: the kernel's time freeing its cached pages). A slice that fails on the thread (a locked file, a full disk) is undone as one committed
 // on the event loop was (#undo): its origins pending, merged with what was recorded meanwhile. Without the thread (a
-// history in memory, a thread that cannot start, no auto flush), slices are committed on the event loop.
+// history in memory, a thread that cannot start, no auto flush, a thread that died until another is started:
+// #checkpointerDied), slices are committed on the event loop.
 //
 // Wall-clock time (Date.now) is right here, unlike in the rest of the daemon: these timestamps must mean the same
 // thing after a restart or a reboot.
@@ -138,6 +139,13 @@ export interface StateStoreOptions {
    * `SQLITE_READONLY`, `SQLITE_IOERR_*`). The history only warms: a full disk must not keep the daemon from serving.
    */
   onUnavailable?: (info: { path: string; sqliteCode: string | undefined; err: string }) => void;
+  /**
+   * Told when the checkpointer (the store thread committing the flushes' slices, with its file open) ends while the auto
+   * flush runs: an error (`err`, its message) or an exit of its own (`err` says its code). The flushes' slices are
+   * committed on the event loop until a new one is open: one is started at once (`restartInMs` 0) unless one was
+   * started after a death less than THREAD_RESTART_INTERVAL_MS ago (a thread that keeps dying): then in `restartInMs`.
+   */
+  onThreadEnded?: (info: { path: string; thread: string; err: string; restartInMs: number }) => void;
   /** Told when a timer's flush succeeds again after onFlushFailing, with how many ticks failed meanwhile. */
   onFlushRecovered?: (info: { path: string; failures: number }) => void;
   /**
@@ -290,6 +298,11 @@ const CLOSE_SLICE_MS = 50;
 /** Rows one statement of eviction or pruning deletes at most (each is an index range scan). */
 const DELETE_BATCH = 500;
 
+/**
+ * A checkpointer that died (StateStoreOptions.onThreadEnded) is started again at most once per this: one that keeps
+ * dying is not started in a loop, each start a thread's boot and an open of the file; the event loop commits meanwhile.
+ */
+const THREAD_RESTART_INTERVAL_MS = 30_000;
 /** Slices of one long flush after which the checkpointer is asked again (the WAL stays bounded meanwhile). */
 const SLICES_PER_CHECKPOINT = 16;
 /**
@@ -312,17 +325,30 @@ const AUTOCHECKPOINT_PAGES = 1000;
  * committed there by its id before it answers (a thread that ends in between leaves it known committed), answers
  * on the `errors` port (committed or failed, read without the event loop) and wakes the event loop with a message to
  * read it; close()'s are answered there only when they fail. Asked to close, it closes its connection (the last one: SQLite checkpoints the whole WAL, with its
- * syncs, here and not on the event loop), says so in `flags`, and ends.
+ * syncs, here and not on the event loop), says so in `flags`, and ends. However it ends, its exit path says so in
+ * `flags` (ENDED), its connection closed first.
  */
 const STORE_THREAD_SOURCE = `
 const { parentPort, workerData } = require('node:worker_threads');
 const flags = new Int32Array(workerData.flags);
-const [OPEN, COMMITTED, DONE, SLICES, COMMITTED_SLICE] = [0, 1, 2, 3, 4];
+const [OPEN, COMMITTED, DONE, SLICES, COMMITTED_SLICE, ENDED] = [0, 1, 2, 3, 4, 5];
 const signal = (index, value) => {
   Atomics.store(flags, index, value);
   Atomics.notify(flags, index);
 };
 let db;
+// The thread's end, whatever ends it (its code's, an error thrown, process.exit()), said in the flags as it happens:
+// its exit event reaches the event loop only once that runs, and a close() in the same turn waited its whole budget
+// for a thread that was gone. Its connection is closed first (a no-op once closed), so ENDED means nothing of it is
+// left on the disk's side. Every flag a waiter may be blocked on is notified.
+process.on('exit', () => {
+  try {
+    if (db && db.open) db.close();
+  } finally {
+    Atomics.store(flags, ENDED, 1);
+    for (const index of [OPEN, DONE, SLICES, ENDED]) Atomics.notify(flags, index);
+  }
+});
 // Everything up to the open in the try, the module's loading too: a failure before OPEN is said there, else close()
 // waited for this thread's connection (OPEN 0) until its budget was spent, and named it as left.
 try {
@@ -403,8 +429,18 @@ const THREAD_DONE = 2;
 const THREAD_SLICES = 3;
 /** The id of the last flush's slice the thread committed (0: none), stored before its answer. */
 const THREAD_COMMITTED_SLICE = 4;
+/** The thread has ended (1), its connection closed: set by its own exit path, before its exit event is seen. */
+const THREAD_ENDED = 5;
 /** The flags' length. */
-const THREAD_FLAGS = 5;
+const THREAD_FLAGS = 6;
+
+/**
+ * The store thread whose flags these are commits nothing more: it could not open the file (THREAD_OPEN -1), or it has
+ * ended (THREAD_ENDED), which its flags say before its exit event reaches the event loop.
+ */
+function threadGone(flags: Int32Array): boolean {
+  return Atomics.load(flags, THREAD_OPEN) === -1 || Atomics.load(flags, THREAD_ENDED) === 1;
+}
 
 /** What the checkpointer answered last: frames in the WAL and frames copied into the database file. */
 export interface CheckpointResult {
@@ -696,6 +732,10 @@ export class StateStore {
    * loop, as without a thread.
    */
   #threadsFail = false;
+  /** When a checkpointer was last started after a death (performance.now()), and the restart waiting, if any. */
+  #restartedAt: number | undefined;
+  #restartTimer: NodeJS.Timeout | undefined;
+  readonly #onThreadEnded: StateStoreOptions['onThreadEnded'];
   #slicesSinceCheckpoint = 0;
   #checkpoints = 0;
   #lastCheckpoint: CheckpointResult | undefined;
@@ -892,6 +932,7 @@ export class StateStore {
     this.#now = options.now ?? Date.now;
     this.#onFlushFailing = options.onFlushFailing;
     this.#onFlushRecovered = options.onFlushRecovered;
+    this.#onThreadEnded = options.onThreadEnded;
     this.#onOverCapEvicted = options.onOverCapEvicted;
     this.#onSlice = options.onSlice;
     this.#historyMinutes = Math.ceil(((options.demandHistoryDays ?? 7) * DAY_MS) / MINUTE_MS);
@@ -1274,11 +1315,14 @@ export class StateStore {
     for (let inFlight = this.#inFlight; inFlight; inFlight = this.#inFlight) await inFlight.settled;
   }
 
-  /** The store thread that commits the flushes' slices: the checkpointer, while it runs and could open the file. */
+  /**
+   * The store thread that commits the flushes' slices: the checkpointer, while it runs and could open the file (one
+   * that ended in this turn, its exit event not seen yet, is not handed a slice it would never answer).
+   */
   #writer(): Worker | undefined {
     const worker = this.#checkpointer;
     const flags = this.#threadFlags;
-    if (!worker || !flags || Atomics.load(flags, THREAD_OPEN) === -1) return undefined;
+    if (!worker || !flags || threadGone(flags)) return undefined;
     return worker;
   }
 
@@ -1662,21 +1706,56 @@ export class StateStore {
       } // else a locked or full disk: the next request tries again.
       if (this.#checkpointAgain) this.#requestCheckpoint();
     });
-    // A thread that cannot run (or dies) hands checkpoints back to the commits, as without it.
-    worker.on('error', () => {
-      if (this.#checkpointer === worker) this.#stopCheckpointer();
+    const flags = this.#threadFlags as Int32Array;
+    const name = this.#threadName;
+    // A thread that cannot run (or dies) hands checkpoints back to the commits, as without it. One that ends without an
+    // error event (an exit of its own: none of its code does, but its modules or Node may) is stopped as one that died:
+    // else it stayed the writer, and every slice handed to it waited for good (the timer's run, flush(), topOrigins).
+    // One that had its file open is started again (#checkpointerDied): its error event comes before its exit.
+    const ended = (err: string) => {
+      const wasWriter = this.#checkpointer === worker;
+      if (wasWriter) this.#stopCheckpointer();
       this.#abandonInFlight(worker);
-    });
-    // One that ends without an error event (an exit of its own: none of its code does, but its modules or Node may) is
-    // stopped as one that died: else it stayed the writer, and every slice handed to it waited for good (the timer's
-    // run, flush(), topOrigins).
-    worker.on('exit', () => {
+      if (wasWriter && Atomics.load(flags, THREAD_OPEN) === 1) this.#checkpointerDied(name, err);
+    };
+    worker.on('error', (error) => ended(String(error?.message ?? error)));
+    worker.on('exit', (code) => {
       ready();
-      if (this.#checkpointer === worker) this.#stopCheckpointer();
-      this.#abandonInFlight(worker);
+      ended(`exited with code ${code}`);
     });
     this.#db.pragma('wal_autocheckpoint = 0');
     this.#checkpointer = worker;
+  }
+
+  /**
+   * The checkpointer (its file open) died while the auto flush runs: a new one is started, at once or, within
+   * THREAD_RESTART_INTERVAL_MS of the last start after a death, once that is over (the event loop commits meanwhile);
+   * onThreadEnded is told which. Without it the event loop committed every slice for the rest of the run, the commits
+   * (and their syncs) the thread is there to take off it. One that failed before its open is not started again: it
+   * would fail the same way (#threadsFail).
+   */
+  #checkpointerDied(thread: string, err: string): void {
+    if (this.#closed || !this.#timer) return;
+    const now = performance.now();
+    const restartInMs =
+      this.#restartedAt === undefined
+        ? 0
+        : Math.max(0, Math.ceil(this.#restartedAt + THREAD_RESTART_INTERVAL_MS - now));
+    if (restartInMs === 0) this.#restartCheckpointer();
+    else if (!this.#restartTimer) {
+      this.#restartTimer = setTimeout(() => {
+        this.#restartTimer = undefined;
+        this.#restartCheckpointer();
+      }, restartInMs);
+      this.#restartTimer.unref();
+    }
+    this.#onThreadEnded?.({ path: this.path, thread, err, restartInMs });
+  }
+
+  #restartCheckpointer(): void {
+    if (this.#closed || !this.#timer || this.#checkpointer) return;
+    this.#restartedAt = performance.now();
+    this.#startCheckpointer();
   }
 
   /** Starts a store thread (STORE_THREAD_SOURCE) with its shared flags; unref'd: it never keeps the process alive. */
@@ -1737,6 +1816,11 @@ export class StateStore {
     this.#readResults();
     const inFlight = this.#inFlight;
     if (inFlight?.worker !== worker) return;
+    this.#settleAbandoned(inFlight);
+  }
+
+  /** Settles a slice whose thread ended without answering: committed if its flags say so, else undone. */
+  #settleAbandoned(inFlight: InFlight): void {
     const committed = Atomics.load(inFlight.flags, THREAD_COMMITTED_SLICE) === inFlight.id;
     this.#settle(inFlight, committed ? undefined : { message: 'the store thread ended' });
   }
@@ -2072,6 +2156,8 @@ export class StateStore {
   stopAutoFlush(): void {
     if (this.#timer) clearInterval(this.#timer);
     this.#timer = undefined;
+    clearTimeout(this.#restartTimer);
+    this.#restartTimer = undefined;
     this.#stopCheckpointer();
   }
 
@@ -2178,7 +2264,9 @@ export class StateStore {
    * _exit), since process.exit() would wait for its sync. A thread that cannot open the file, cannot be created (a
    * pids limit) or fails before its open (its code, a module it loads: said in its flags), leaves the commits to the
    * event loop's connection, as before the thread, and so does a close after a store thread ended with an error before
-   * its open (#threadsFail: the checkpointer's, seen as an event while the event loop ran). A writer Node cannot start
+   * its open (#threadsFail: the checkpointer's, seen as an event while the event loop ran), and a close whose writer
+   * has ended, as its flags say (THREAD_ENDED: a checkpointer that died in the same turn, its exit event not seen yet,
+   * or a writer that dies during the close): what it was handed and never did is committed here. A writer Node cannot start
    * in close() itself says so only as an event, which close() does not see while it waits: that one still holds it for
    * the budget.
    */
@@ -2188,6 +2276,8 @@ export class StateStore {
     const deadline = performance.now() + budgetMs;
     if (this.#timer) clearInterval(this.#timer);
     this.#timer = undefined;
+    clearTimeout(this.#restartTimer);
+    this.#restartTimer = undefined;
     // Closed first: a slice settled below asks the thread for no checkpoint (#requestCheckpoint), whose syncs would come
     // before close()'s slices; the close of the thread's connection checkpoints.
     this.#closed = true;
@@ -2221,7 +2311,7 @@ export class StateStore {
       for (;;) {
         const value = Atomics.load(flags, index);
         const left = until - performance.now();
-        if (done(value) || Atomics.load(flags, THREAD_OPEN) === -1 || left <= 0) return value;
+        if (done(value) || threadGone(flags) || left <= 0) return value;
         Atomics.wait(flags, index, value, left);
       }
     };
@@ -2247,9 +2337,11 @@ export class StateStore {
     };
     // A read that fails (a page found corrupt) ends the preparing; the close goes on, and throws it at the end.
     let failure: unknown;
-    // A thread that cannot open the file (THREAD_OPEN -1: the directory moved away, no fd left) commits nothing: its
-    // slices are committed here instead, on the event loop's connection, as before the thread. Those handed to it
-    // before its open was known are kept until it is.
+    // A thread that cannot open the file (THREAD_OPEN -1: the directory moved away, no fd left) commits nothing, nor
+    // does one that has ended (THREAD_ENDED: the checkpointer died in this turn, its exit event unseen, or the writer
+    // dies during the close): their slices are committed here instead, on the event loop's connection, as before the
+    // thread. Those handed to a thread are kept with the THREAD_SLICES count at which it is done with them (`at`), so
+    // that those it never did are committed here if it is gone.
     let committedHere = 0;
     const commitHere = (slice: ThreadSlice) => {
       if (failure || performance.now() >= deadline) return;
@@ -2262,7 +2354,7 @@ export class StateStore {
         failure = error;
       }
     };
-    const handedBeforeOpen: ThreadSlice[] = [];
+    const handedSlices: Array<{ slice: ThreadSlice; at: number }> = [];
     try {
       const now = this.#now();
       let slice: ThreadSlice = { runs: [], origins: 0 };
@@ -2270,12 +2362,10 @@ export class StateStore {
       const send = () => {
         if (slice.origins > 0) {
           waitUntil(THREAD_SLICES, (done) => done >= handed, prepareUntil);
-          const open = Atomics.load(flags, THREAD_OPEN);
-          if (open === -1) commitHere(slice);
+          if (threadGone(flags)) commitHere(slice);
           else {
             thread?.postMessage({ sql: this.#writeSql, ...slice });
-            handed++;
-            if (open === 0) handedBeforeOpen.push(slice);
+            handedSlices.push({ slice, at: ++handed });
           }
         }
         slice = { runs: [], origins: 0 };
@@ -2294,10 +2384,17 @@ export class StateStore {
     this.#pending.clear();
     this.#pendingBy.clear();
     const open = waitFor(THREAD_OPEN);
-    if (open === -1) for (const slice of handedBeforeOpen) commitHere(slice);
+    // Ours stays open until the thread is done with what it was handed: a thread that ends meanwhile leaves the rest
+    // to it. (Not the last connection while the thread's is open: its close checkpoints nothing.)
+    if (open === 1) waitUntil(THREAD_SLICES, (done) => done >= handed);
+    const gone = threadGone(flags);
+    if (gone) {
+      const done = Atomics.load(flags, THREAD_SLICES);
+      for (const { slice, at } of handedSlices) if (at > done) commitHere(slice);
+    }
     const releaseLock = () => this.#lock?.release();
     try {
-      if (open !== 0) closeOurs();
+      if (open !== 0 || gone) closeOurs();
       else {
         // Not open yet (a thread started just now, on a loaded machine): ours closes once it is, if the process lives.
         thread?.once('message', closeOurs);
@@ -2306,8 +2403,8 @@ export class StateStore {
     } catch (error) {
       failure ??= error;
     }
-    // A thread that could not open the file (THREAD_OPEN -1) has ended: ours closed as the last, as before the thread.
-    if (open === 0 || (open === 1 && waitFor(THREAD_DONE) === 0)) {
+    // A thread that could not open the file (THREAD_OPEN -1) or has ended: ours closed as the last, as before the thread.
+    if (!gone && (open === 0 || (open === 1 && waitFor(THREAD_DONE) === 0 && !threadGone(flags)))) {
       this.#threadLeft = this.#threadName;
       // The directory stays locked while the thread may still write: a second daemon would start on it (its counts
       // read from a table this one's thread then changes). The daemon ends with _exit, and the lock goes when the
@@ -2338,7 +2435,7 @@ export class StateStore {
     for (;;) {
       const done = Atomics.load(inFlight.flags, THREAD_SLICES);
       const left = until - performance.now();
-      if (done >= inFlight.doneAt || Atomics.load(inFlight.flags, THREAD_OPEN) === -1 || left <= 0) break;
+      if (done >= inFlight.doneAt || threadGone(inFlight.flags) || left <= 0) break;
       Atomics.wait(inFlight.flags, THREAD_SLICES, done, left);
     }
     this.#readResults();
@@ -2346,6 +2443,11 @@ export class StateStore {
     // A thread that could not open the file committed nothing: the slice's origins are pending again.
     if (Atomics.load(inFlight.flags, THREAD_OPEN) === -1) {
       this.#settle(inFlight, { message: 'the store thread could not open the file' });
+      return false;
+    }
+    // One that ended without answering (its exit event not seen yet): as its exit event would (#abandonInFlight).
+    if (Atomics.load(inFlight.flags, THREAD_ENDED) === 1) {
+      this.#settleAbandoned(inFlight);
       return false;
     }
     if (!letGo) return true;

@@ -1085,6 +1085,67 @@ describe('a store thread that ends with a slice in flight', () => {
   });
 });
 
+describe('a store thread that ends unseen, or ends at all', () => {
+  it.each(['answer-exits', 'answer-throws'] as const)(
+    'close() right after the checkpointer ended (%s), its exit event not seen yet, commits everything pending itself and names no thread left',
+    async (fails) => {
+      const mark = join(dir, 'thread-ending');
+      const { child, output } = await readyStoreChild(
+        dir,
+        'close-thread-ended',
+        ['--require', join(repo, 'test/fixtures/store-thread-fails.cjs')],
+        { env: { ...process.env, STORE_THREAD_FAILS: fails, STORE_THREAD_ENDING_MARK: mark } },
+      );
+      try {
+        await eventually(
+          () => /^counted /m.test(output()),
+          () => `the child's store closed: ${output()}`,
+          30_000,
+        );
+        // Before: the close took the ended thread for the writer, waited its whole budget for it, dropped the 100
+        // pending origins and named the thread as left.
+        expect(output()).toMatch(/^closed 0 -$/m);
+        expect(/^counted (\S+) pending (\S+)$/m.exec(output())?.slice(1)).toEqual(['1', '100']);
+      } finally {
+        if (child.exitCode === null) child.kill('SIGKILL');
+      }
+    },
+  );
+
+  it('a checkpointer that dies is started again, once: a second death within the interval leaves the slices to the event loop, nothing lost or counted twice', async () => {
+    const { child, output } = await readyStoreChild(
+      dir,
+      'thread-restarts',
+      ['--require', join(repo, 'test/fixtures/store-thread-fails.cjs')],
+      { env: { ...process.env, STORE_THREAD_FAILS: 'answer-exits' } },
+    );
+    try {
+      await eventually(
+        () => /^acquires /m.test(output()),
+        () => `the child's three flushes and close settled: ${output()}`,
+        30_000,
+      );
+      // Before: no thread was started after the first death (the second flush's slice committed on the event loop).
+      // The second thread's death (as it answered the second flush's slice) shows that slice went to a thread.
+      const lines = output()
+        .split('\n')
+        .filter((line) => /^(flush|ended|endings|closed)/.test(line));
+      expect(lines).toEqual([
+        'ended restarted',
+        'flush first resolved',
+        'ended deferred',
+        'flush second resolved',
+        'flush third resolved',
+        'endings 2',
+        'closed 0',
+      ]);
+      expect(output()).toMatch(/^acquires 1 1 1$/m);
+    } finally {
+      if (child.exitCode === null) child.kill('SIGKILL');
+    }
+  });
+});
+
 describe('the checkpointer thread', () => {
   it('when no thread can be created for it (a pids limit), the auto flush runs without it: the timer writes, the close closes', async () => {
     const { child, output } = await childUnderThreadLimit('auto-no-thread');
