@@ -9,6 +9,9 @@
 // Waiters queue fairly across uids (fair-queue.ts). A socket a client gave back unused is idle again but kept for
 // that client's uid alone (`ownerUid`): the client may still hold a copy of it. Those count against their uid's
 // bound across all pools (kept-sockets.ts, the pool manager's): entered when kept idle, left in #takeIdle and #drop.
+// maxIdle bounds the shared idle supply only: a kept socket is bounded by its uid's quota, the global idle cap (the
+// pool manager's) and maxPerOrigin (it counts in the origin's total as any idle socket), never closed for a shared
+// one's room, so a lease released unused always fits, whoever else draws on the pool.
 
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
@@ -180,11 +183,10 @@ export class OriginPool implements KeptHolder<IdleSocket> {
   readonly #open = () => !this.#closed;
   #refillTarget = 0;
   /**
-   * Of the leases that ended lately, the share that came back to the pool (released unused) rather than closed: a
-   * decaying average, RETURN_SHARE_WEIGHT per lease end. The refill keeps room for that share of the leases out now
-   * (#refillWanted). Starts at 0: a lease is taken to be used until the pool has seen otherwise.
+   * A reload left the pool behind (the pool manager's #retiring: its proxy removed, its warm TLS turned off): it is
+   * retired once empty, so nothing is kept idle in it, not even for the uid that released it.
    */
-  #returnShare = 0;
+  #retiring = false;
   /** Idle time after which a socket is closed by us before the server closes it; undefined until learned. */
   #recycleAfterMs: number | undefined;
   /** The egress policy refused this origin: no background connects until the configuration changes. */
@@ -419,7 +421,6 @@ export class OriginPool implements KeptHolder<IdleSocket> {
   /** A lease of `uid` ended (the socket is closed): its slot is free. */
   leaseEnded(uid = 0): void {
     this.#leased = Math.max(0, this.#leased - 1);
-    this.#leaseCameBack(false);
     this.#waiters.held(uid, -1);
     this.#connectionsGone();
     this.#pump();
@@ -437,14 +438,11 @@ export class OriginPool implements KeptHolder<IdleSocket> {
     this.#leased = Math.max(0, this.#leased - 1);
     this.#waiters.held(uid, -1);
     if (checked && !this.#closed) {
-      this.#leaseCameBack(true);
       this.#addIdle(socket, lent ? uid : undefined, checked, unlent);
       return;
     }
     const probe = native.probe(socket.fd);
     if (this.#closed || probe.state !== 'alive' || !isEstablished(probe.tcpState)) {
-      // (Closed here after all: for the refill's room, a lease that did not come back.)
-      this.#leaseCameBack(false);
       closePooled(socket, lent);
       this.#connectionsGone();
       if (unlent !== undefined) {
@@ -454,13 +452,7 @@ export class OriginPool implements KeptHolder<IdleSocket> {
       this.#pump();
       return;
     }
-    this.#leaseCameBack(true);
     this.#addIdle(socket, lent ? uid : undefined, undefined, unlent);
-  }
-
-  /** A lease ended: back in the idle set or not, as #returnShare counts it. */
-  #leaseCameBack(back: boolean): void {
-    this.#returnShare += ((back ? 1 : 0) - this.#returnShare) * RETURN_SHARE_WEIGHT;
   }
 
   /**
@@ -499,13 +491,19 @@ export class OriginPool implements KeptHolder<IdleSocket> {
 
   /**
    * The policy changed (reload): refused origins may be tried again, and a lowered maxIdle or maxPerOrigin holds at
-   * once: idle sockets past either are closed, those kept for one uid first (no supply for the others), then the
-   * oldest. Otherwise they stayed, and were lent, beyond the new cap until each aged out.
+   * once. Past maxPerOrigin idle sockets are closed, those kept for one uid first (no supply for the others), then the
+   * oldest; past maxIdle, the oldest shared ones (maxIdle bounds only those). Otherwise they stayed, and were lent,
+   * beyond the new cap until each aged out. `retiring`: the pool manager retires the pool once empty (see #retiring):
+   * every idle socket is closed, kept ones too, and none is kept from now on.
    */
-  policyChanged(policy: OriginPolicy): void {
+  policyChanged(policy: OriginPolicy, retiring = false): void {
     this.policy = policy;
-    while (this.#idle.length > 0 && (this.#idle.length > policy.maxIdle || this.#originTotal() > policy.maxPerOrigin)) {
+    this.#retiring = retiring;
+    while (this.#idle.length > 0 && (retiring || this.#originTotal() > policy.maxPerOrigin)) {
       this.#drop(this.#idle.find((idle) => idle.ownerUid !== undefined) ?? this.#idle[0]!, 'excess');
+    }
+    while (this.#sharedIdle > policy.maxIdle) {
+      this.#drop(this.#idle.find((idle) => idle.ownerUid === undefined)!, 'excess');
     }
     if (this.#refused) {
       // The backoff counted the old policy's refusals: the new one is tried at once.
@@ -649,16 +647,25 @@ export class OriginPool implements KeptHolder<IdleSocket> {
   }
 
   /**
-   * Newest first, among the shared sockets and those kept for `uid`; every candidate is probed right before the
-   * handoff (one TCP_INFO read: checkIdle; for a socket released within RECENT_CHECK_MS, the release check's
-   * read) so a closed or used socket is never handed out, and one idle past the recycle point (its server may close
-   * it any moment) is dropped instead.
+   * Those kept for `uid` first, then the shared sockets, newest first among each. Kept ones first: no other uid can
+   * take them, and a shared one taken while they sat idle was refilled, while the uid's next release kept one more
+   * (a connect per handoff for a client that gives its leases back unused, and kept sockets piling up to its
+   * quota). Every candidate is probed right before the handoff (one TCP_INFO read: checkIdle; for a socket released
+   * within RECENT_CHECK_MS, the release check's read) so a closed or used socket is never handed out, and one idle
+   * past the recycle point (its server may close it any moment) is dropped instead.
    */
   #takeIdle(uid: number): Handoff | undefined {
+    // (Only where this pool holds kept sockets and the uid has any, in some pool: the common handoff scans once.)
+    const mayHaveKept = this.#idle.length > this.#sharedIdle && (this.#kept?.countOf(uid) ?? 1) > 0;
+    return (mayHaveKept ? this.#takeNewest(uid) : undefined) ?? this.#takeNewest(undefined);
+  }
+
+  /** #takeIdle's scan: the newest live socket whose ownerUid is `owner` (undefined: a shared one). */
+  #takeNewest(owner: number | undefined): Handoff | undefined {
     const now = performance.now();
     for (let index = this.#idle.length - 1; index >= 0; index = Math.min(index - 1, this.#idle.length - 1)) {
       const socket = this.#idle[index]!;
-      if (socket.ownerUid !== undefined && socket.ownerUid !== uid) continue;
+      if (socket.ownerUid !== owner) continue;
       const recycle = this.#recycleAfterMs !== undefined && now - socket.connectedAt >= this.#recycleAfterMs;
       const checked = recycle ? 'recycled' : checkIdle(socket.fd, socket.mark, now);
       if (typeof checked !== 'string') {
@@ -729,14 +736,11 @@ export class OriginPool implements KeptHolder<IdleSocket> {
       this.#serve(handoff, waiter);
       return true;
     }
-    // A shared socket (a refill's) at a room full of sockets kept for one uid takes the oldest kept one's place: the
-    // refill counts only shared sockets as supply, so closing the new one instead left the refill short for good, and
-    // its pump connected again at once, every turn, for as long as minIdle or demand asked.
-    if (this.#idle.length >= this.policy.maxIdle && ownerUid === undefined) {
-      const kept = this.#idle.find((idle) => idle.ownerUid !== undefined);
-      if (kept) this.#drop(kept, 'evicted');
-    }
-    if (this.#idle.length >= this.policy.maxIdle) {
+    // maxIdle bounds the shared supply alone: a socket kept for its uid is never excess by it (its uid's quota, the
+    // global idle cap and maxPerOrigin bound those). Counted together, a lease released unused at a full idle set was
+    // closed (or a kept one made room for a refill's), the uid took a shared socket next, and the refill replaced it:
+    // a connect and a close per handoff, or, with room left for the returns, less shared supply for every other uid.
+    if (this.#retiring || (ownerUid === undefined && this.#sharedIdle >= this.policy.maxIdle)) {
       return this.#closeArriving(socket, ownerUid, purpose, 'excess');
     }
     const idle = connectedPart(socket) as IdleSocket;
@@ -775,16 +779,12 @@ export class OriginPool implements KeptHolder<IdleSocket> {
   }
 
   /**
-   * Refill connects the idle supply lacks: the target less shared idle sockets and refill connects in flight. The
-   * target leaves room under maxIdle for the leases out now that are expected back (#returnShare): a refill for a
-   * lease that then comes back unused found the idle set full, so one of the two was closed as excess (or a kept
-   * socket evicted), the next acquire took a shared socket again, and a client that gives its leases back (the
-   * handoff benchmark, a worker releasing what it did not need) made the pool connect and close a connection per
-   * handoff, every handoff warm.
+   * Refill connects the shared supply lacks: the target (up to maxIdle, which bounds shared sockets only) less shared
+   * idle sockets and refill connects in flight. Sockets kept for a uid are neither supply nor in the way: a lease
+   * released unused fits beside a full shared supply (#addIdle), so no room is left for leases expected back.
    */
   #refillWanted(): number {
-    const expectedBack = Math.round(this.#leased * this.#returnShare);
-    const target = Math.min(this.policy.maxIdle - expectedBack, Math.max(this.policy.minIdle, this.#refillTarget));
+    const target = Math.min(this.policy.maxIdle, Math.max(this.policy.minIdle, this.#refillTarget));
     const inFlight = this.connectingAheadCount;
     return target - inFlight - this.#sharedIdleCount(target - inFlight);
   }
@@ -1120,12 +1120,6 @@ const FLEET_FULL_BACKOFF_MS = 250;
  * touch epoll (a watch costs an epoll_ctl to start and one to stop); slower ones are watched.
  */
 const IDLE_WATCH_DELAY_MS = 50;
-
-/**
- * The weight of each lease end in OriginPool.#returnShare: a client that starts giving its leases back is seen
- * within a few dozen lease ends, and one lease closed among many returned moves the share by no more than this.
- */
-const RETURN_SHARE_WEIGHT = 1 / 8;
 
 function dropReason(state: native.ProbeResult['state']): DropReason {
   return state === 'data' ? 'data' : state === 'error' ? 'error' : 'eof';

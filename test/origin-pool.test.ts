@@ -381,6 +381,128 @@ describe('OriginPool warming', () => {
     endLease(origin, leased);
   });
 
+  it('keeps leases released unused beside a full shared supply, lends them to their uid first, trims only shared ones at a lowered maxIdle, and keeps none once retiring', async () => {
+    const origin = pool({ maxIdle: 2, maxPerOrigin: 8 });
+    origin.prewarm(2);
+    await until(() => origin.idleCount === 2, 'prewarmed');
+    const lent = [(await origin.acquire(1_000, 7))!, (await origin.acquire(1_000, 7))!];
+    origin.prewarm(2);
+    await until(() => origin.idleCount === 2, 'prewarmed again');
+    // Two shared idle (maxIdle), and the uid's two leases come back unused: kept for it, none closed.
+    for (const handoff of lent) origin.giveBack(handoff, 7, true);
+    expect([origin.idleCount, events.reasons]).toEqual([4, []]);
+    // A lowered maxIdle trims the shared supply only.
+    origin.policyChanged(policy({ maxIdle: 1, maxPerOrigin: 8 }));
+    expect([origin.idleCount, events.reasons]).toEqual([3, ['excess']]);
+    // The uid takes its kept sockets before the shared one.
+    const taken = [origin.takeWarm(7)!, origin.takeWarm(7)!, origin.takeWarm(7)!];
+    held.push(...taken);
+    expect(taken.map((handoff) => handoff.kept === true)).toEqual([true, true, false]);
+    for (const handoff of taken) {
+      held.splice(held.indexOf(handoff), 1);
+      origin.giveBack(handoff, 7, true);
+    }
+    expect(origin.idleCount).toBe(3);
+    // Retiring (the pool manager's: its proxy removed): every idle socket closes, and none is kept from then on.
+    origin.policyChanged(policy({ minIdle: 0, maxIdle: 0, maxPerOrigin: 8 }), true);
+    expect(origin.idleCount).toBe(0);
+    const last = await origin.acquire(1_000, 7);
+    origin.giveBack(last, 7, true);
+    expect([origin.idleCount, origin.total]).toEqual([0, 0]);
+  });
+
+  it("keeps a uid's shared idle supply up while another uid holds many leases and gives them back unused", async () => {
+    // A lease released unused comes back kept for its own uid: it must not lower the shared supply of a uid whose
+    // leases are used (the refill's room for returns did, one share per pool).
+    const maxIdle = 4;
+    const origin = pool({ minIdle: maxIdle, maxIdle, maxPerOrigin: 64 });
+    origin.setRefillTarget(0);
+    await until(() => origin.idleCount === maxIdle, 'minIdle reached');
+    const releasing = 1001;
+    const using = 1002;
+    const lease = async (uid: number): Promise<Handoff> => {
+      const handoff = await origin.acquire(1_000, uid);
+      held.push(handoff);
+      return handoff;
+    };
+    const settled = async (what: string) => {
+      await nextTurn();
+      await until(() => origin.connectingCount === 0, what);
+    };
+    const rounds = 8;
+    const warmForUsing: boolean[] = [];
+    for (let round = 0; round < rounds; round++) {
+      const taken: Handoff[] = [];
+      for (let count = 0; count < 2 * maxIdle; count++) taken.push(await lease(releasing));
+      await settled('the refills while one uid holds its leases');
+      const used = await lease(using);
+      warmForUsing.push(used.warm);
+      native.close(used.fd);
+      held.splice(held.indexOf(used), 1);
+      origin.leaseEnded(using);
+      for (const handoff of taken) {
+        held.splice(held.indexOf(handoff), 1);
+        origin.giveBack(handoff, releasing, true);
+      }
+      await settled('the refills after the leases came back');
+    }
+    // As in a pool without the releasing uid: every acquire of the other finds a shared socket.
+    expect(warmForUsing, 'warm handoffs of the uid whose leases are used, per round').toEqual(Array(rounds).fill(true));
+  });
+
+  it('connects nothing for a uid that gives its leases back unused while another uid draws on the pool', async () => {
+    // Sockets kept for a uid are not held to maxIdle: the releasing uid's returns always fit, it takes them again
+    // before any shared socket, and the refill replaces only what the other uid draws (one connect per draw).
+    const maxIdle = 4;
+    const origin = pool({ minIdle: maxIdle, maxIdle, maxPerOrigin: 64 });
+    origin.setRefillTarget(0);
+    await until(() => origin.idleCount === maxIdle, 'minIdle reached');
+    const releasing = 1001;
+    const drawing = 1002;
+    const out: Handoff[] = [];
+    let draws = 0;
+    const warmDraws: boolean[] = [];
+    // Each step the releasing uid takes one more lease and gives its oldest back unused (two out at every moment);
+    // every other step the drawing uid uses a lease (closed: a shared socket gone, refilled).
+    const step = async (index: number) => {
+      const handoff = await origin.acquire(1_000, releasing);
+      held.push(handoff);
+      out.push(handoff);
+      if (out.length > 2) {
+        const oldest = out.shift()!;
+        held.splice(held.indexOf(oldest), 1);
+        origin.giveBack(oldest, releasing, true);
+      }
+      if (index % 2 === 0) {
+        const used = await origin.acquire(1_000, drawing);
+        warmDraws.push(used.warm);
+        native.close(used.fd);
+        origin.leaseEnded(drawing);
+        draws++;
+      }
+      // (A turn for the pump a handoff schedules: a refill it wants has started.)
+      await nextTurn();
+    };
+    for (let index = 0; index < 20; index++) await step(index);
+    await until(() => origin.connectingCount === 0, 'the refills of the first steps');
+    const callsBefore = connector.calls;
+    const drawsBefore = draws;
+    const dropsBefore = events.drops.length;
+    for (let index = 0; index < 100; index++) await step(index);
+    await nextTurn();
+    await until(() => origin.connectingCount === 0, 'the refills of the last steps');
+    expect(
+      connector.calls - callsBefore - (draws - drawsBefore),
+      'connects over 100 steps of the releasing uid, less one per draw of the other uid',
+    ).toBe(0);
+    expect(events.reasons.slice(dropsBefore), 'sockets closed over those steps').toEqual([]);
+    expect(warmDraws.every((warm) => warm)).toBe(true);
+    for (const handoff of out.splice(0)) {
+      held.splice(held.indexOf(handoff), 1);
+      origin.giveBack(handoff, releasing, true);
+    }
+  });
+
   it('backs its refills off while every socket it connects gets bytes before any request (a proxy talking after its 200)', async () => {
     // A proxy that sends a byte after its 200 (or an origin behind it that speaks first): each tunnel it pools is
     // dropped as soon as it is watched ('data'), and the refill connected again at once, every 50 ms, for as long as
