@@ -182,11 +182,6 @@ export class OriginPool implements KeptHolder<IdleSocket> {
   readonly #hasWaiters = this.#waiters.waiting;
   readonly #open = () => !this.#closed;
   #refillTarget = 0;
-  /**
-   * A reload left the pool behind (the pool manager's #retiring: its proxy removed, its warm TLS turned off): it is
-   * retired once empty, so nothing is kept idle in it, not even for the uid that released it.
-   */
-  #retiring = false;
   /** Idle time after which a socket is closed by us before the server closes it; undefined until learned. */
   #recycleAfterMs: number | undefined;
   /** The egress policy refused this origin: no background connects until the configuration changes. */
@@ -493,13 +488,12 @@ export class OriginPool implements KeptHolder<IdleSocket> {
    * The policy changed (reload): refused origins may be tried again, and a lowered maxIdle or maxPerOrigin holds at
    * once. Past maxPerOrigin idle sockets are closed, those kept for one uid first (no supply for the others), then the
    * oldest; past maxIdle, the oldest shared ones (maxIdle bounds only those). Otherwise they stayed, and were lent,
-   * beyond the new cap until each aged out. `retiring`: the pool manager retires the pool once empty (see #retiring):
-   * every idle socket is closed, kept ones too, and none is kept from now on.
+   * beyond the new cap until each aged out. A maxIdle of 0 closes every idle socket, kept ones too (#keepsNothing: a
+   * pool the pool manager retires is given that).
    */
-  policyChanged(policy: OriginPolicy, retiring = false): void {
+  policyChanged(policy: OriginPolicy): void {
     this.policy = policy;
-    this.#retiring = retiring;
-    while (this.#idle.length > 0 && (retiring || this.#originTotal() > policy.maxPerOrigin)) {
+    while (this.#idle.length > 0 && (this.#keepsNothing() || this.#originTotal() > policy.maxPerOrigin)) {
       this.#drop(this.#idle.find((idle) => idle.ownerUid !== undefined) ?? this.#idle[0]!, 'excess');
     }
     while (this.#sharedIdle > policy.maxIdle) {
@@ -740,7 +734,7 @@ export class OriginPool implements KeptHolder<IdleSocket> {
     // global idle cap and maxPerOrigin bound those). Counted together, a lease released unused at a full idle set was
     // closed (or a kept one made room for a refill's), the uid took a shared socket next, and the refill replaced it:
     // a connect and a close per handoff, or, with room left for the returns, less shared supply for every other uid.
-    if (this.#retiring || (ownerUid === undefined && this.#sharedIdle >= this.policy.maxIdle)) {
+    if (this.#keepsNothing() || (ownerUid === undefined && this.#sharedIdle >= this.policy.maxIdle)) {
       return this.#closeArriving(socket, ownerUid, purpose, 'excess');
     }
     const idle = connectedPart(socket) as IdleSocket;
@@ -783,6 +777,14 @@ export class OriginPool implements KeptHolder<IdleSocket> {
    * idle sockets and refill connects in flight. Sockets kept for a uid are neither supply nor in the way: a lease
    * released unused fits beside a full shared supply (#addIdle), so no room is left for leases expected back.
    */
+  /**
+   * Nothing is kept idle here, not even a lease released unused: maxIdle 0 (an operator's "no pool at this origin",
+   * or a pool the pool manager retires: its proxy removed, its warm TLS turned off).
+   */
+  #keepsNothing(): boolean {
+    return this.policy.maxIdle === 0;
+  }
+
   #refillWanted(): number {
     const target = Math.min(this.policy.maxIdle, Math.max(this.policy.minIdle, this.#refillTarget));
     const inFlight = this.connectingAheadCount;

@@ -859,10 +859,8 @@ export class PoolManager {
       // Through a proxy the configuration no longer names, nothing is kept idle or refilled (minIdle would go on
       // connecting, each connect failing, for ever); nor as warm TLS sessions of an origin the configuration no longer
       // keeps them for (no acquire reaches the pool: minIdle made sessions, handshakes at the origin, for nobody). The
-      // pool is retired once its leases and waiters are gone; meanwhile nothing is kept idle in it, not even a lease
-      // released unused for its uid (maxIdle bounds only shared sockets).
-      const retiring = this.#retiring(pool, policy);
-      pool.policyChanged(retiring ? { ...policy, minIdle: 0, maxIdle: 0 } : policy, retiring);
+      // pool is retired once its leases and waiters are gone.
+      pool.policyChanged(this.#retiring(pool, policy) ? { ...policy, minIdle: 0, maxIdle: 0 } : policy);
     }
     // A lowered quotas.maxKeptPerUid holds at once, not only at each uid's next release.
     this.#kept.trimAll();

@@ -381,7 +381,7 @@ describe('OriginPool warming', () => {
     endLease(origin, leased);
   });
 
-  it('keeps leases released unused beside a full shared supply, lends them to their uid first, trims only shared ones at a lowered maxIdle, and keeps none once retiring', async () => {
+  it('keeps leases released unused beside a full shared supply, lends them to their uid first, trims only shared ones at a lowered maxIdle, and keeps none at maxIdle 0', async () => {
     const origin = pool({ maxIdle: 2, maxPerOrigin: 8 });
     origin.prewarm(2);
     await until(() => origin.idleCount === 2, 'prewarmed');
@@ -403,8 +403,8 @@ describe('OriginPool warming', () => {
       origin.giveBack(handoff, 7, true);
     }
     expect(origin.idleCount).toBe(3);
-    // Retiring (the pool manager's: its proxy removed): every idle socket closes, and none is kept from then on.
-    origin.policyChanged(policy({ minIdle: 0, maxIdle: 0, maxPerOrigin: 8 }), true);
+    // maxIdle 0 (an operator's, or a pool the pool manager retires): every idle socket closes, and none is kept.
+    origin.policyChanged(policy({ minIdle: 0, maxIdle: 0, maxPerOrigin: 8 }));
     expect(origin.idleCount).toBe(0);
     const last = await origin.acquire(1_000, 7);
     origin.giveBack(last, 7, true);
