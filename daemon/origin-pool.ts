@@ -237,6 +237,11 @@ export class OriginPool implements KeptHolder<IdleSocket> {
     cap?.join(this);
   }
 
+  /** Of the idle sockets, those kept for one uid (released unused): beside the shared ones maxIdle bounds. */
+  get keptIdleCount(): number {
+    return this.#idle.length - this.#sharedIdle;
+  }
+
   get idleCount(): number {
     return this.#idle.length;
   }

@@ -946,6 +946,7 @@ export class PoolManager {
       return {
         origin: pool.key,
         idle: pool.idleCount,
+        keptIdle: pool.keptIdleCount,
         leased: pool.leasedCount,
         connecting: pool.connectingCount,
         waiting: pool.waitingCount,

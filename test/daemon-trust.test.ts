@@ -120,6 +120,12 @@ describe('released sockets', () => {
     const released = await raw.request({ type: 'release', id: 2, leaseId, withoutFd: true });
     native.close(lease.fds[0]!);
     expect(released.message).toMatchObject({ type: 'ok', id: 2 });
+    // Its origin's row counts it idle, and kept (for this uid, beside the shared supply).
+    const stats = await raw.request({ type: 'stats', id: 3 });
+    const row = (stats.message as unknown as { stats: { origins: Array<{ idle: number; keptIdle: number }> } }).stats
+      .origins[0]!;
+    expect(row.keptIdle).toBe(1);
+    expect(row.idle).toBeGreaterThanOrEqual(row.keptIdle);
     const again = await honestRequest(raw, origin.port, '/after-release');
     expect(again).toEqual({ body: '/after-release', warm: true });
   });
