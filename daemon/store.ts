@@ -320,7 +320,7 @@ const AUTOCHECKPOINT_PAGES = 1000;
  * (started then if none runs). An eval'd worker, so that the same code runs from daemon/*.ts (in-process tests) and
  * from dist/. It owns a second connection. Asked with a number, it runs a PASSIVE checkpoint: PASSIVE never waits for
  * the daemon's connection and never blocks its writes (what it cannot copy now, the next request copies). Asked with
- * a slice's writes (`runs`: statements by name, their SQL in `sql`), it commits each message in one transaction,
+ * a slice's writes (`runs`: statements by name, their SQL in its workerData `sql`, given once at its start), it commits each message in one transaction,
  * counts it done in the shared `flags`, with close()'s origins committed; a flush's slice (with an `id`) it says
  * committed there by its id before it answers (a thread that ends in between leaves it known committed), answers
  * on the `errors` port (committed or failed, read without the event loop) and wakes the event loop with a message to
@@ -391,8 +391,8 @@ parentPort.on('message', (message) => {
     try {
       db.transaction(() => {
         for (const [name, params] of message.runs) {
-          if (Array.isArray(params)) statement(message.sql[name]).run(...params);
-          else statement(message.sql[name]).run(params);
+          if (Array.isArray(params)) statement(workerData.sql[name]).run(...params);
+          else statement(workerData.sql[name]).run(params);
         }
       })();
       Atomics.add(flags, COMMITTED, message.origins);
@@ -1511,7 +1511,7 @@ export class StateStore {
       settle,
     };
     // Origins 0: the thread's count of origins committed is close()'s.
-    worker.postMessage({ id, sql: this.#writeSql, runs: slice.runs, origins: 0 });
+    worker.postMessage({ id, runs: slice.runs, origins: 0 });
     // Told once the thread answers (#settle), with how long it took.
     this.#sliceTimed(slice, started, cpuStarted, false);
     return settled;
@@ -1778,6 +1778,8 @@ export class StateStore {
           checkpointer,
           walSizeLimit: WAL_SIZE_LIMIT,
           errors: errors.port2,
+          // The statements slices name (`runs`), given once: a slice carries only names and parameters.
+          sql: this.#writeSql,
         },
       });
     } catch (error) {
@@ -2364,7 +2366,7 @@ export class StateStore {
           waitUntil(THREAD_SLICES, (done) => done >= handed, prepareUntil);
           if (threadGone(flags)) commitHere(slice);
           else {
-            thread?.postMessage({ sql: this.#writeSql, ...slice });
+            thread?.postMessage(slice);
             handedSlices.push({ slice, at: ++handed });
           }
         }
