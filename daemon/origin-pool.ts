@@ -778,11 +778,6 @@ export class OriginPool implements KeptHolder<IdleSocket> {
   }
 
   /**
-   * Refill connects the shared supply lacks: the target (up to maxIdle, which bounds shared sockets only) less shared
-   * idle sockets and refill connects in flight. Sockets kept for a uid are neither supply nor in the way: a lease
-   * released unused fits beside a full shared supply (#addIdle), so no room is left for leases expected back.
-   */
-  /**
    * Nothing is kept idle here, not even a lease released unused: maxIdle 0 (an operator's "no pool at this origin",
    * or a pool the pool manager retires: its proxy removed, its warm TLS turned off).
    */
@@ -790,6 +785,11 @@ export class OriginPool implements KeptHolder<IdleSocket> {
     return this.policy.maxIdle === 0;
   }
 
+  /**
+   * Refill connects the shared supply lacks: the target (up to maxIdle, which bounds shared sockets only) less shared
+   * idle sockets and refill connects in flight. Sockets kept for a uid are neither supply nor in the way: a lease
+   * released unused fits beside a full shared supply (#addIdle), so no room is left for leases expected back.
+   */
   #refillWanted(): number {
     const target = Math.min(this.policy.maxIdle, Math.max(this.policy.minIdle, this.#refillTarget));
     const inFlight = this.connectingAheadCount;

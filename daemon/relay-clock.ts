@@ -70,21 +70,7 @@ export function startedTid(before: Set<number> | undefined): number {
 
 /** Whether this kernel keeps run-queue waits per thread (CONFIG_SCHED_INFO). */
 export function schedstatAvailable(): boolean {
-  return runDelayMsAt('/proc/thread-self/schedstat') !== undefined;
-}
-
-/** Thread `tid`'s (of this process) total wait on a run queue, ms; undefined when it cannot be read. */
-export function threadRunDelayMs(tid: number): number | undefined {
-  return tid > 0 ? runDelayMsAt(`/proc/self/task/${tid}/schedstat`) : undefined;
-}
-
-/**
- * The run_delay of a schedstat file (`cpu_ns run_delay_ns timeslices`) in ms; undefined when it cannot be read (the
- * thread is gone, or the kernel keeps no such file).
- */
-function runDelayMsAt(path: string): number | undefined {
-  const read = schedstatAt(path);
-  return read === undefined ? undefined : read.waitedNs / 1e6;
+  return schedstatAt('/proc/thread-self/schedstat') !== undefined;
 }
 
 /** A schedstat file's time on a CPU and run_delay (ns); undefined when it cannot be read or makes no sense. */
