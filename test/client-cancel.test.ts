@@ -66,8 +66,10 @@ beforeAll(async () => {
       while (Date.now() < until);
       return;
     }
-    if (request.headers['x-delay']) setTimeout(() => echo(request, response), 50);
-    else echo(request, response);
+    // (`x-delay`: answered that many ms later, at least 50.)
+    if (request.headers['x-delay']) {
+      setTimeout(() => echo(request, response), Math.max(50, Number(request.headers['x-delay']) || 0));
+    } else echo(request, response);
   };
   origin = await httpOrigin(handler);
   narrow = await httpOrigin(handler);
@@ -508,10 +510,12 @@ describe('a worker thread that dies is replaced; its fds and leases go with it',
   it('a thread that is terminated (as piscina cancels a task) while curl keeps connections in it', async () => {
     const { dying, ...before } = await doomedClient();
     try {
-      // Five concurrent requests leave five keep-alive connections in curl's cache: leased, owned by curl.
+      // Five concurrent requests leave five keep-alive connections in curl's cache: leased, owned by curl. (Answered
+      // half a second late, so that all five are in flight together even on a loaded machine: with 50 ms, a CI run saw
+      // one of them start after another had ended and reuse its connection, four leased.)
       const responses = await Promise.all(
         Array.from({ length: 5 }, (_, i) =>
-          dying.request(url(`/cached-${i}`, doomed), { headers: { 'x-delay': '1' } }),
+          dying.request(url(`/cached-${i}`, doomed), { headers: { 'x-delay': '500' } }),
         ),
       );
       expect(responses.map((response) => response.status)).toEqual(Array(5).fill(200));
