@@ -870,6 +870,8 @@ export class HandoffServer {
       this.#replyError(session, message.id, error);
       return;
     }
+    // The one clock read of a warm handoff's bookkeeping (the pool's idle check, the lease's start, the count); the
+    // handoff's latency metric reads its end.
     const started = performance.now();
     // A rate-limited origin: the lease tells the client its rate, and an acquire whose request took no token yet
     // (the client did not know the rate) is charged one here: its request goes out on this socket. One that says its
@@ -880,16 +882,16 @@ export class HandoffServer {
       // A warm socket idle now: the lease goes out in this turn, without a promise.
       let warm: Awaited<ReturnType<PoolManager['acquire']>> | undefined;
       try {
-        warm = this.#pools.takeWarm(origin, message.tls?.trust, session.uid);
+        warm = this.#pools.takeWarm(origin, message.tls?.trust, session.uid, started);
       } catch (error) {
         this.#quotas.acquireSettled(session.uid, message.host, false);
         this.#replyError(session, message.id, error);
         return;
       }
       if (warm) {
-        this.#lend(session, message, origin, warm, undefined, started);
+        this.#lend(session, message, origin, warm, undefined, started, undefined, undefined, started);
         // Counted once the lease is out: the client's wait does not include the bookkeeping.
-        this.#pools.countWarmHandoff(warm.originKey, session.uid, warm.announced === true);
+        this.#pools.countWarmHandoff(warm.originKey, session.uid, warm.announced === true, false, started);
         return;
       }
     }
@@ -977,7 +979,10 @@ export class HandoffServer {
     );
   }
 
-  /** The socket becomes a lease of this client and goes out with the `lease` reply. */
+  /**
+   * The socket becomes a lease of this client and goes out with the `lease` reply. `lentAt`: performance.now() now,
+   * from a caller that read it in this turn (the lease's start).
+   */
   #lend(
     session: ClientSession,
     message: Extract<ClientMessage, { type: 'acquire' }>,
@@ -987,24 +992,28 @@ export class HandoffServer {
     started: number,
     tokenWaitMs?: number,
     tokenClaim?: Claim,
+    lentAt = performance.now(),
   ): void {
     // Identity and counters: from the pool's probe for a warm socket, read here for a fresh one.
     const mark = handoff.mark ?? markOf(handoff.fd, handoff.connectedPeer, handoff.reconnectRefused);
-    const lease = this.#leases.create({
-      clientId: session.id,
-      originKey: handoff.originKey,
-      origin,
-      address: handoff.address,
-      peerPort: handoff.peerPort,
-      family: handoff.family,
-      connectedAt: handoff.connectedAt,
-      tls: handoff.tls,
-      relayThread: handoff.relayThread,
-      uid: session.uid,
-      fd: handoff.fd,
-      mark,
-      tokenClaim,
-    });
+    const lease = this.#leases.create(
+      {
+        clientId: session.id,
+        originKey: handoff.originKey,
+        origin,
+        address: handoff.address,
+        peerPort: handoff.peerPort,
+        family: handoff.family,
+        connectedAt: handoff.connectedAt,
+        tls: handoff.tls,
+        relayThread: handoff.relayThread,
+        uid: session.uid,
+        fd: handoff.fd,
+        mark,
+        tokenClaim,
+      },
+      lentAt,
+    );
     // Counted before the send: a send that fails (the client hung up) disconnects the session inside it, and its
     // leases end there, this one with its count.
     this.#quotas.acquireSettled(session.uid, message.host, true, undefined, leaseFdsOf(lease));
@@ -1074,7 +1083,9 @@ export class HandoffServer {
       if (message.id !== undefined) this.#send(session, { type: 'ok', id: message.id });
       return;
     }
-    const verdict = sameSocket ? checkReturned(lease.fd, lease.mark) : 'foreign';
+    // One clock read for the check and the socket's idle start (the pool's).
+    const now = performance.now();
+    const verdict = sameSocket ? checkReturned(lease.fd, lease.mark, now) : 'foreign';
     if (typeof verdict === 'string') {
       const misuse = verdict;
       this.#endLease(lease, true);
@@ -1101,7 +1112,7 @@ export class HandoffServer {
     const claim = lease.tokenClaim;
     if (claim && !claim.restored) this.#rates?.unanswered(lease.origin, lease.uid, claim);
     // Unused, but the client may still hold a copy: the pool keeps it for this uid alone.
-    this.#pools.giveBack(lease.originKey, returnedSocket(lease), lease.uid, true, verdict);
+    this.#pools.giveBack(lease.originKey, returnedSocket(lease), lease.uid, true, verdict, undefined, now);
     if (message.id !== undefined) this.#send(session, { type: 'ok', id: message.id });
   }
 

@@ -49,7 +49,8 @@ export class LeaseTable {
   #leases = new Map<number, Lease>();
   #byClient = new Map<number, Set<number>>();
 
-  create(fields: Omit<Lease, 'leaseId' | 'startedAt' | 'deadline' | 'queuedReply'>): Lease {
+  /** `now`: performance.now(), from a caller that read it in this turn (the lease's start); read here otherwise. */
+  create(fields: Omit<Lease, 'leaseId' | 'startedAt' | 'deadline' | 'queuedReply'>, now = performance.now()): Lease {
     // Field by field, one shape for every lease: a spread went through V8's generic property copying per handoff.
     const lease: Lease = {
       leaseId: this.#next++,
@@ -59,7 +60,7 @@ export class LeaseTable {
       address: fields.address,
       peerPort: fields.peerPort,
       family: fields.family,
-      startedAt: performance.now(),
+      startedAt: now,
       connectedAt: fields.connectedAt,
       tls: fields.tls,
       relayThread: fields.relayThread,

@@ -410,10 +410,13 @@ export class OriginPool implements KeptHolder<IdleSocket> {
     });
   }
 
-  /** A checked idle socket for a client of `uid` at once (acquire's warm path), or undefined when none is idle. */
-  takeWarm(uid = 0): Handoff | undefined {
+  /**
+   * A checked idle socket for a client of `uid` at once (acquire's warm path), or undefined when none is idle. `now`:
+   * performance.now(), from a caller that read it in this turn.
+   */
+  takeWarm(uid = 0, now = performance.now()): Handoff | undefined {
     if (this.#closed) return undefined;
-    const warm = this.#takeIdle(uid);
+    const warm = this.#takeIdle(uid, now);
     if (warm) this.#waiters.held(uid, +1);
     return warm;
   }
@@ -432,13 +435,21 @@ export class OriginPool implements KeptHolder<IdleSocket> {
    * reached the client is shared again. `checked`: the mark the release check just read (lease-guard.ts): the
    * socket is known to be established and quiet, so it is not probed again. `unlent`: the handoff never reached a
    * client and was its socket's first lending (Handoff.firstLent, the caller having undone the `lent` event): it
-   * comes back never lent, counted as such wherever it ends.
+   * comes back never lent, counted as such wherever it ends. `now`: performance.now(), from a caller that read it in
+   * this turn (the release check's).
    */
-  giveBack(socket: ConnectedSocket, uid = 0, lent = false, checked?: UsageMark, unlent?: ConnectPurpose): void {
+  giveBack(
+    socket: ConnectedSocket,
+    uid = 0,
+    lent = false,
+    checked?: UsageMark,
+    unlent?: ConnectPurpose,
+    now?: number,
+  ): void {
     this.#leased = Math.max(0, this.#leased - 1);
     this.#waiters.held(uid, -1);
     if (checked && !this.#closed) {
-      this.#addIdle(socket, lent ? uid : undefined, checked, unlent);
+      this.#addIdle(socket, lent ? uid : undefined, checked, unlent, now);
       return;
     }
     const probe = native.probe(socket.fd);
@@ -653,15 +664,14 @@ export class OriginPool implements KeptHolder<IdleSocket> {
    * within RECENT_CHECK_MS, the release check's read) so a closed or used socket is never handed out, and one idle
    * past the recycle point (its server may close it any moment) is dropped instead.
    */
-  #takeIdle(uid: number): Handoff | undefined {
+  #takeIdle(uid: number, now = performance.now()): Handoff | undefined {
     // (Only where this pool holds kept sockets and the uid has any, in some pool: the common handoff scans once.)
     const mayHaveKept = this.#idle.length > this.#sharedIdle && (this.#kept?.countOf(uid) ?? 1) > 0;
-    return (mayHaveKept ? this.#takeNewest(uid) : undefined) ?? this.#takeNewest(undefined);
+    return (mayHaveKept ? this.#takeNewest(uid, now) : undefined) ?? this.#takeNewest(undefined, now);
   }
 
   /** #takeIdle's scan: the newest live socket whose ownerUid is `owner` (undefined: a shared one). */
-  #takeNewest(owner: number | undefined): Handoff | undefined {
-    const now = performance.now();
+  #takeNewest(owner: number | undefined, now: number): Handoff | undefined {
     for (let index = this.#idle.length - 1; index >= 0; index = Math.min(index - 1, this.#idle.length - 1)) {
       const socket = this.#idle[index]!;
       if (socket.ownerUid !== owner) continue;
@@ -704,8 +714,15 @@ export class OriginPool implements KeptHolder<IdleSocket> {
   /**
    * `mark`: the socket's quiet mark when the caller just read it (a release); otherwise it is read here. Returns
    * whether the socket was kept idle or lent (false: closed as excess, or evicted at once by the global idle cap).
+   * `now`: performance.now(), from a caller that read it in this turn.
    */
-  #addIdle(socket: ConnectedSocket, ownerUid?: number, mark?: UsageMark, purpose?: ConnectPurpose): boolean {
+  #addIdle(
+    socket: ConnectedSocket,
+    ownerUid?: number,
+    mark?: UsageMark,
+    purpose?: ConnectPurpose,
+    now?: number,
+  ): boolean {
     // The turn at the origin's cap is an acquire's of another of its pools (origin-cap.ts): the connection is closed,
     // for its room. Handed to a waiter here, or kept idle for one, a backlog of releases (keep-alive clients giving each
     // lease back with another acquire queued) kept the room in this pool for as long as it lasted.
@@ -743,7 +760,7 @@ export class OriginPool implements KeptHolder<IdleSocket> {
       return this.#closeArriving(socket, ownerUid, purpose, 'excess');
     }
     const idle = connectedPart(socket) as IdleSocket;
-    idle.idleSince = performance.now();
+    idle.idleSince = now ?? performance.now();
     idle.poller = undefined;
     idle.recycleTimer = undefined;
     idle.ownerUid = ownerUid;

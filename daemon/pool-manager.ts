@@ -356,23 +356,30 @@ export class PoolManager {
     origin: Origin,
     tlsTrust?: TlsTrust,
     uid = 0,
+    now = performance.now(),
   ): (Handoff & { originKey: string; peerPort: number }) | undefined {
     if (this.#closed) return undefined;
     // Looked up, never made here: acquire() makes a pool once the policy let its origin through.
     const pool = this.#existingPoolFor(origin, tlsTrust);
-    const handoff = pool?.takeWarm(uid);
+    const handoff = pool?.takeWarm(uid, now);
     return handoff && this.#verifiedFor(pool!, handoff, tlsTrust, uid) ? named(pool!, handoff) : undefined;
   }
 
   /**
    * A handoff takeWarm() gave out, counted as the origin's demand and a hit (stats, metrics, history); `announced`:
    * the handoff's (a socket an announcement opened, lent for the first time: not demand for the idle target);
-   * `demandCounted`: its acquire's demand rate was counted already (an acquire rerouted at a trust mismatch).
+   * `demandCounted`: its acquire's demand rate was counted already (an acquire rerouted at a trust mismatch). `now`:
+   * performance.now(), from a caller that read it in this turn.
    */
-  countWarmHandoff(originKey: string, uid: number, announced = false, demandCounted = false): void {
+  countWarmHandoff(
+    originKey: string,
+    uid: number,
+    announced = false,
+    demandCounted = false,
+    now = performance.now(),
+  ): void {
     const stats = this.#statsOf(originKey);
     stats.uids.add(uid);
-    const now = performance.now();
     if (!demandCounted) this.#bumpRate(stats, 1, now);
     if (!announced) this.#bumpUnannounced(stats, now);
     this.#countHandoff(originKey, stats, true, uid);
@@ -472,7 +479,7 @@ export class PoolManager {
   /**
    * A lease of `uid` came back unused with its fd (ownership passes to the pool); `lent`: the client had it, so
    * it is kept for `uid` alone; `checked`: the mark the release check read; `unlent`: it never reached a client
-   * (see OriginPool.giveBack).
+   * (see OriginPool.giveBack). `now`: performance.now(), from a caller that read it in this turn.
    */
   giveBack(
     key: string,
@@ -481,6 +488,7 @@ export class PoolManager {
     lent = false,
     checked?: UsageMark,
     unlent?: ConnectPurpose,
+    now?: number,
   ): void {
     const pool = this.#pools.get(key);
     if (!pool) throw new SockpoolError(ErrorCodes.INTERNAL, `no pool ${key} for a lease`);
@@ -497,7 +505,7 @@ export class PoolManager {
       if (unlent !== undefined) this.#events.neverLent(pool, unlent, 'refused');
       return;
     }
-    pool.giveBack(socket, uid, lent, checked, unlent);
+    pool.giveBack(socket, uid, lent, checked, unlent, now);
   }
 
   /**
