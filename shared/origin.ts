@@ -41,9 +41,22 @@ function endpointKey(endpoint: Endpoint): string {
   return host.includes(':') ? `[${host}]:${endpoint.port}` : `${host}:${endpoint.port}`;
 }
 
+/**
+ * The origin originKey() keyed last, and its key: the daemon keys every acquire, mostly of the origin before, and the
+ * same string goes on, its hash computed once for the Maps it keys. ('' is no host: it never matches.)
+ */
+const lastKeyed: Origin & { key: string } = { host: '', port: 0, proxy: undefined, key: '' };
+
 /** The key of an origin in any spelling. Throws SOCKPOOL_ERR_INVALID_ARGUMENT for a host that is none. */
 export function originKey(origin: Origin): string {
-  return origin.proxy ? `${endpointKey(origin)} via ${origin.proxy}` : endpointKey(origin);
+  const { host, port, proxy } = origin;
+  if (host === lastKeyed.host && port === lastKeyed.port && proxy === lastKeyed.proxy) return lastKeyed.key;
+  const key = proxy ? `${endpointKey(origin)} via ${proxy}` : endpointKey(origin);
+  lastKeyed.host = host;
+  lastKeyed.port = port;
+  lastKeyed.proxy = proxy;
+  lastKeyed.key = key;
+  return key;
 }
 
 /** A warm TLS pool's key (daemon/tls-sessions.ts): its origin's, with ` tls` after it. */

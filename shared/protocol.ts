@@ -495,6 +495,31 @@ function readLeaseId(frame: Buffer, offset: number, type: string): number {
   return leaseId;
 }
 
+/**
+ * The host an acquire frame decoded last: its bytes (a copy: a frame may be a view into a receive buffer used again)
+ * and its string. A client asks for the same few origins again and again, so the next acquire's host is mostly this
+ * one, and the same string goes on: no new string, nor its hash computed again at each Map it keys on the way
+ * (canonical hosts, pools, stats, history).
+ */
+const lastHost = { bytes: Buffer.alloc(255), length: -1, value: '' };
+
+/** The host of an acquire frame at [start, end), checked against HOST_PATTERN (once for a host seen last). */
+function hostOfFrame(frame: Buffer, start: number, end: number): string {
+  const length = end - start;
+  if (length === lastHost.length) {
+    const known = lastHost.bytes;
+    let i = 0;
+    while (i < length && frame[start + i] === known[i]) i++;
+    if (i === length) return lastHost.value;
+  }
+  const host = frame.toString('latin1', start, end);
+  if (!HOST_PATTERN.test(host)) throw frameError('acquire', 'host may contain only letters, digits and . _ : % -');
+  frame.copy(lastHost.bytes, 0, start, end);
+  lastHost.length = length;
+  lastHost.value = host;
+  return host;
+}
+
 /** A client frame, checked as strictly as the JSON schema checks the same message. */
 function decodeClientFrame(frame: Buffer): ClientMessage {
   switch (frame[0]) {
@@ -516,8 +541,7 @@ function decodeClientFrame(frame: Buffer): ClientMessage {
       if (flags & HAS_TIMEOUT ? timeoutMs < 1 || timeoutMs > MAX_TIMEOUT_MS : timeoutMs !== 0) {
         throw frameError('acquire', 'timeoutMs must be 1-600000 when present, 0 when absent');
       }
-      const host = frame.toString('latin1', 13, trustAt);
-      if (!HOST_PATTERN.test(host)) throw frameError('acquire', 'host may contain only letters, digits and . _ : % -');
+      const host = hostOfFrame(frame, 13, trustAt);
       const message: Extract<ClientMessage, { type: 'acquire' }> = { type: 'acquire', id, host, port };
       if (flags & HAS_TIMEOUT) message.timeoutMs = timeoutMs;
       if (trustLength !== undefined) {

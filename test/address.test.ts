@@ -17,7 +17,7 @@ import {
   parseStrictIp,
 } from '../shared/address.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
-import { canonicalOrigin, originKey, parseOriginKey } from '../shared/origin.js';
+import { canonicalOrigin, type Origin, originKey, parseOriginKey } from '../shared/origin.js';
 
 /** The error `action` throws: a SockpoolError with the INVALID_ARGUMENT code. */
 function refusal(action: () => unknown): SockpoolError {
@@ -376,6 +376,30 @@ describe('origin keys', () => {
     expect(originKey({ host: '[0:0::1]', port: 443 })).toBe('[::1]:443');
     expect(originKey({ host: 'Bücher.Example.', port: 443 })).toBe('xn--bcher-kva.example:443');
     expect(originKey({ host: 'A.test', port: 443, proxy: 'squid' })).toBe('a.test:443 via squid');
+    // One after another, as the daemon keys acquires: the key of the origin before is never given for another port,
+    // proxy or host (originKey keeps the last one it made).
+    const sequence: Origin[] = [
+      { host: 'a.test', port: 443 },
+      { host: 'a.test', port: 443, proxy: 'squid' },
+      { host: 'a.test', port: 443, proxy: 'other' },
+      { host: 'a.test', port: 443 },
+      { host: 'a.test', port: 444 },
+      { host: 'A.test', port: 444 },
+      { host: 'b.test', port: 444 },
+      { host: 'b.test', port: 444 },
+    ];
+    expect(sequence.map((origin) => originKey(origin))).toEqual([
+      'a.test:443',
+      'a.test:443 via squid',
+      'a.test:443 via other',
+      'a.test:443',
+      'a.test:444',
+      'a.test:444',
+      'b.test:444',
+      'b.test:444',
+    ]);
+    expect(() => originKey({ host: 'fe80::1%eth0', port: 444 })).toThrow();
+    expect(originKey({ host: 'b.test', port: 444 })).toBe('b.test:444');
   });
 
   it('canonicalOrigin and parseOriginKey refuse what is no origin', () => {

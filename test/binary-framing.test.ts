@@ -170,6 +170,34 @@ describe('binary frames', () => {
       host: 'h'.repeat(255),
     });
   });
+
+  it('decode each acquire’s own host when one receive buffer is used again: the host seen last is never taken for the next', () => {
+    // The daemon's channel reads into one buffer again and again; a host the decoder keeps from one frame must not be a
+    // view of those bytes, and a host of the same length with one byte changed (a valid one, or an invalid one) is
+    // decoded and checked as new.
+    const buffer = encodeFrame({ type: 'acquire', id: 1, host: 'a.example', port: 443 })!;
+    expect(decodeClientMessage(buffer, true)).toMatchObject({ host: 'a.example' });
+    buffer.write('b', 13, 'latin1');
+    expect(decodeClientMessage(buffer, true)).toMatchObject({ host: 'b.example' });
+    buffer.write('#', 13 + 8, 'latin1');
+    expect(() => decodeClientMessage(buffer, true)).toThrow(/host may contain/);
+    buffer.write('e', 13 + 8, 'latin1');
+    expect(decodeClientMessage(buffer, true)).toMatchObject({ host: 'b.example' });
+    // The same in a bundle, and a host of another length between.
+    const bundleOf = (host: string) =>
+      encodeBundle([
+        encodeFrame({ type: 'acquire', id: 2, host, port: 80 })!,
+        encodeFrame({ type: 'acquire', id: 3, host: 'b.example', port: 80 })!,
+      ]);
+    const hosts = ['c.example', 'cc.example', 'c.examplf'].map((host) =>
+      decodeClientBundle(bundleOf(host)).map((message) => (message as { host: string }).host),
+    );
+    expect(hosts).toEqual([
+      ['c.example', 'b.example'],
+      ['cc.example', 'b.example'],
+      ['c.examplf', 'b.example'],
+    ]);
+  });
 });
 
 describe('bundles (binary framing 3)', () => {
