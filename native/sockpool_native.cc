@@ -310,11 +310,23 @@ struct FdList {
   const int* data() const { return fds; }
 };
 
+// One fd may come as a number instead of a one-element array: the daemon's every lease sends one, and the array's
+// reading (its type, length, element, the element's type) was most of this call's own cost.
 void FdListArg(const Napi::CallbackInfo& info, size_t index, FdList* list) {
   list->count = 0;
   if (IsAbsent(info, index)) return;
   Napi::Env env = info.Env();
-  if (!info[index].IsArray()) ThrowTypeError(env, "ERR_INVALID_ARG_TYPE", "The \"fds\" argument must be an array");
+  if (info[index].IsNumber()) {
+    const double fd = info[index].As<Napi::Number>().DoubleValue();
+    if (!std::isfinite(fd) || std::floor(fd) != fd || fd < 0 || fd > INT32_MAX) {
+      ThrowRangeError(env, "ERR_OUT_OF_RANGE", "every entry of \"fds\" must be a non-negative integer");
+    }
+    list->fds[list->count++] = static_cast<int>(fd);
+    return;
+  }
+  if (!info[index].IsArray()) {
+    ThrowTypeError(env, "ERR_INVALID_ARG_TYPE", "The \"fds\" argument must be an array or one fd");
+  }
   Napi::Array array = info[index].As<Napi::Array>();
   const uint32_t length = array.Length();
   if (length > kMaxFdsPerMessage) {

@@ -296,7 +296,12 @@ export class SeqpacketChannel {
    */
   #sendNow(message: Outgoing, borrowed = false): boolean {
     try {
-      const sent = native.sendMessage(this.fd, message.data, message.fds);
+      const fds = message.fds;
+      // No fds, no argument; one, as a number: what the addon reads fastest (every lease carries one).
+      const sent =
+        fds.length === 0
+          ? native.sendMessage(this.fd, message.data)
+          : native.sendMessage(this.fd, message.data, fds.length === 1 ? fds[0] : fds);
       if (sent === null) return false;
     } catch (error) {
       if (!borrowed) for (const fd of message.fds) native.close(fd);

@@ -353,6 +353,15 @@ describe('seqpacket basics', () => {
     expect(invalid(() => native.sendMessage(left, Buffer.from('x'), [0, 'one' as never])).code).toBe(
       'ERR_INVALID_ARG_TYPE',
     );
+    // One fd may come as a number, held to the same rule; anything else that is no array is refused.
+    for (const fd of [-1, 1.5, Number.NaN, Number.POSITIVE_INFINITY, 2 ** 31]) {
+      expect(invalid(() => native.sendMessage(left, Buffer.from('x'), fd)).code, `fd ${fd}`).toBe('ERR_OUT_OF_RANGE');
+    }
+    expect(invalid(() => native.sendMessage(left, Buffer.from('x'), '3' as never))).toMatchObject({
+      name: 'TypeError',
+      code: 'ERR_INVALID_ARG_TYPE',
+      message: 'The "fds" argument must be an array or one fd',
+    });
     expect(native.recvMessage(right, 64, 4)).toBeNull();
     // The output arrays of the TCP reads: a Float64Array, long enough for what is asked.
     expect(invalid(() => native.tcpInfo(left, new Float32Array(12) as never)).message).toBe(
@@ -377,6 +386,13 @@ describe('seqpacket basics', () => {
     });
     expect(native.sendMessage(left, Buffer.from('x'), [])).toBe(1);
     expect(native.recvMessage(right, 64, 4)?.data.toString()).toBe('x');
+    // One fd as a number goes as the one-element array would: the receiver gets a copy of that socket.
+    expect(native.sendMessage(left, Buffer.from('y'), left)).toBe(1);
+    const withFd = native.recvMessage(right, 64, 4);
+    expect(withFd?.data.toString()).toBe('y');
+    expect(withFd?.fds).toHaveLength(1);
+    expect(native.sameSocket(withFd!.fds[0]!, left)).toBe(true);
+    native.close(withFd!.fds[0]!);
     expect(fdCount()).toBe(before);
     native.close(left);
     native.close(right);
