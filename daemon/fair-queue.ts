@@ -253,9 +253,12 @@ export class FairWaitQueue<T extends UidWaiter> {
     return arrival;
   }
 
-  /** The waiter the next free slot goes to (not removed). */
+  /**
+   * The waiter the next free slot goes to (not removed). With none waiting, the order is not asked: every release
+   * into a pool nobody waits at asks (what it was told of meanwhile is placed at the next pick that has waiters).
+   */
   peek(): T | undefined {
-    return this.#own.peek();
+    return this.#length === 0 ? undefined : this.#own.peek();
   }
 
   /**
