@@ -153,9 +153,10 @@ export function checkReturned(fd: number, mark: UsageMark | undefined, now = per
   const readPeer = mark.peer !== undefined && !mark.reconnectRefused;
   if (mark.quiet) {
     // One TCP_INFO read decides (see the header), and the peer read in the same call unless the kernel refuses
-    // a reconnect anyway.
+    // a reconnect anyway. (No flag argument without the peer: the addon reads an absent one for least.)
     try {
-      native.tcpInfo(fd, info, readPeer);
+      if (readPeer) native.tcpInfo(fd, info, true);
+      else native.tcpInfo(fd, info);
     } catch (error) {
       return `its byte counters or its peer are unreadable (${(error as Error).message})`;
     }
