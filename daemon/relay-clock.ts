@@ -20,8 +20,8 @@
 // and at most once per watchdog check (and, while a hung thread ends, once per wait for it) and, for the share, once
 // per SHARE_CLOCK_READ_MS while handshakes are dispatched, each time with the thread's state
 // (/proc/self/task/<tid>/stat: whether it is runnable), since the kernel adds a wait to run_delay only when the thread
-// next runs: a thread runnable at one reading that has not run by the next waited all along (countedWaitMs, the one
-// rule of both): never on the handoff path. Without the file (a kernel without
+// next runs: a thread runnable when read may be waiting since its last run, and is counted so until a reading tells
+// (countedWaitMs, the one rule of both): never on the handoff path. Without the file (a kernel without
 // schedstat) both fall back to wall time, said once in the log and in the stats (`relayClock`).
 
 import { readdirSync, readFileSync, readlinkSync } from 'node:fs';
@@ -144,35 +144,43 @@ export type CountedWaitReading = ThreadWaitReading & { countedMs: number };
 
 /**
  * A thread's wait for a CPU counted so far (ms) at `reading`, `stretchMs` of wall time after `before` (its last
- * reading; undefined: none, its run_delay is the count). The kernel adds a wait to run_delay only when the thread
- * next gets a CPU, so a reading alone misses the wait under way: a thread runnable at the last reading that has not
- * run since waited for all of the stretch (it cannot have gone to sleep without running), which counts at once, and
- * its run_delay, when it catches up, counts only past what was counted so. The one rule of the share's clock
- * (RelayAvailableClock) and the watchdog's silence (ThreadSilence), whose readings are further apart than a scheduler
- * tick (ThreadWaitReading.ranMs).
+ * reading; undefined: none, its run_delay is the count): never less than it truly waited, the wait under way
+ * included, so that neither the share's clock (RelayAvailableClock) nor the watchdog's silence (ThreadSilence) runs
+ * ahead of the thread's time. The kernel adds a wait to run_delay only when the thread next gets a CPU, so a reading
+ * alone misses the wait under way:
+ * - a thread asleep when read (not runnable) has no wait under way: its run_delay is all it waited (a count above it,
+ *   from the rules below, is given back);
+ * - a thread runnable at the last reading that has not run since waited all of the stretch (it cannot have gone to
+ *   sleep without running), which counts at once, and its run_delay, when it catches up, counts only past it;
+ * - a thread runnable when read that ran in the stretch, or was asleep at its start, may have been waiting since its
+ *   last run or its wake: at most the stretch less its time on a CPU, less the waits it finished in the stretch (its
+ *   run_delay's growth past what was counted at `before`), which counts until a reading tells.
+ * Readings further apart than a scheduler tick (ThreadWaitReading.ranMs): the watchdog's a second apart, the share's
+ * at least SHARE_CLOCK_READ_MS.
  */
 export function countedWaitMs(
   before: CountedWaitReading | undefined,
   reading: ThreadWaitReading,
   stretchMs: number,
 ): number {
-  if (before === undefined) return reading.waitedMs;
-  const waitingAllAlong = before.runnable && reading.ranMs === before.ranMs;
-  return Math.max(reading.waitedMs, before.countedMs + (waitingAllAlong ? stretchMs : 0));
+  if (before === undefined || !reading.runnable) return reading.waitedMs;
+  const ranMs = reading.ranMs - before.ranMs;
+  if (before.runnable && ranMs === 0) return Math.max(reading.waitedMs, before.countedMs + stretchMs);
+  return Math.max(reading.waitedMs, Math.min(reading.waitedMs, before.countedMs) + stretchMs - ranMs);
 }
 
 /**
  * How long one relay thread has been silent in its available time, for the watchdog (tls-relay.ts, #watch): the
  * wall time since it was last heard (its heartbeat moved, or its spawn) less what it waited for a CPU since, counted
- * as the share's clock counts it (countedWaitMs): a thread runnable at one check and not run by the next was kept
- * waiting all of that stretch, which is not silence, though the kernel adds it to run_delay only once the thread
- * runs. Counted by run_delay alone, a starved thread's wait under way was silence until it next ran, and one kept
+ * as the share's clock counts it (countedWaitMs): a thread runnable at a check may be kept waiting since its last
+ * run, which is not silence, though the kernel adds it to run_delay only once the thread runs. Counted by run_delay
+ * alone, a starved thread's wait under way was silence until it next ran, and one kept
  * waiting longer than tls.relayHangMs was taken for hung, every session it relayed ended. A thread that truly hangs
  * is still silent: a loop runs (its time on a CPU moves), a thread blocked in a system call sleeps. Fed the thread's
  * reading (threadWaitReading) at each check, heard or not.
  */
 export class ThreadSilence {
-  /** When the thread was last heard, and its wait counted then (undefined: unknown, the silence is wall time). */
+  /** When the thread was last heard, and its run_delay then (undefined: unknown, the silence is wall time). */
   #heardAt: number;
   #waitedAtHeard: number | undefined;
   /** The last reading, its wall time and the wait counted at it (undefined: no reading yet). */
@@ -192,10 +200,14 @@ export class ThreadSilence {
     this.#lastAt = nowMs;
   }
 
-  /** The thread was heard at `nowMs` (read just before): its silence starts over. */
+  /**
+   * The thread was heard at `nowMs` (read just before): its silence starts over, from what it surely waited by then
+   * (its run_delay): the count may hold a wait under way that had not begun, which, taken as the start, would make
+   * the silence after it longer than it was.
+   */
   heard(nowMs: number): void {
     this.#heardAt = nowMs;
-    this.#waitedAtHeard = this.#last?.countedMs;
+    this.#waitedAtHeard = this.#last?.waitedMs;
   }
 
   /** The wall time since it was last heard. */
@@ -221,12 +233,16 @@ export class ThreadSilence {
  * once the thread ran, could only stop the clock for the one stretch it came in (the clock never goes back); the
  * rest was lost, so the clock ran ahead of the threads' time by most of every wait, and a costly uid's cost and peak
  * decayed early enough to start a third handshake beside two under way. Two things now keep it to the threads' time:
- * - a thread runnable at the last reading that has not run since waited for all of the stretch (it cannot have gone to
- *   sleep without running): that stretch counts as its wait at once, and its run_delay, when it catches up, counts
- *   only past what was counted so (countedWaitMs);
- * - a wait counted later than the stretch it was in (one that began between two readings) is owed: it holds the clock
- *   back over the next stretches until paid. The debt is bounded: the waits counted since a thread's first reading
- *   are at most the wall time since then, plus the one wait under way at that reading.
+ * - a thread runnable when read counts as waiting since its last run (countedWaitMs): all of the stretch if it was
+ *   runnable at the last reading and has not run since, else the stretch less its run and the waits it finished in
+ *   it, until a reading tells (asleep: its run_delay is all it waited, and a count above it is given back). So the
+ *   clock is never ahead of the threads' time, behind it by a stretch at most; the dispatch decides at its readings,
+ *   and a wait begun between two of them (the thread asleep at the first, or run since) moved the clock as wall time
+ *   until the thread ran again: a costly uid's second handshake started so in a traced run under load;
+ * - a wait counted later than the stretch it was in (one missed by a reading: a thread that ended a wait between
+ *   reading its schedstat and its state) is owed: it holds the clock back over the next stretches until paid. The
+ *   debt is bounded: the waits counted since a thread's first reading are at most the wall time since then, plus the
+ *   one wait under way at that reading.
  */
 export class RelayAvailableClock {
   #wall: () => number;

@@ -76,10 +76,46 @@ describe('ThreadSilence', () => {
     // It runs: the kernel adds the 10 s it waited (and 200 ms from before its beat), counted already.
     silence.read(11_000, read(10_200, 52, false));
     expect(silence.silentMs(11_000)).toBe(800);
-    // Runnable when read again but it ran since: not known to have waited, the stretch is silence.
+    // Runnable when read again, asleep at the last check or run since: it may be waiting since its wake or its last
+    // run, so the stretch less its run counts as a wait until a check tells; asleep, its run_delay holds all it waited.
     silence.read(12_000, read(10_200, 52, true));
+    expect(silence.silentMs(12_000)).toBe(800);
     silence.read(13_000, read(10_200, 60, true));
-    expect(silence.silentMs(13_000)).toBe(2_800);
+    expect(silence.silentMs(13_000)).toBe(1_808);
+    silence.read(14_000, read(10_500, 62, false));
+    expect(silence.silentMs(14_000)).toBe(3_500);
+  });
+
+  // A wait begun between two checks (the thread asleep at the first, or run since): before, it was silence until the
+  // thread ran again, so a thread woken into a long wait for a CPU came that much closer to being taken for hung, and
+  // a hung thread's end after terminate() (ended(), read as the watchdog reads) to being said left running.
+  it('never counts a wait begun between two checks as silence: the stretch less its run counts until a check tells', () => {
+    const silence = new ThreadSilence(0, 0);
+    silence.read(0, read(0, 50, false));
+    silence.heard(0);
+    // Woken 200 ms after the beat, kept waiting since: 200 ms of silence, at most.
+    silence.read(1_000, read(0, 50, true));
+    expect(silence.silentMs(1_000)).toBe(0);
+    silence.read(2_000, read(0, 50, true));
+    expect(silence.silentMs(2_000)).toBe(0);
+    // It ran 5 ms after its 1.85 s wait and sleeps: its silence is known, 250 ms.
+    silence.read(2_100, read(1_850, 55, false));
+    expect(silence.silentMs(2_100)).toBe(250);
+  });
+
+  // The count at a reading may hold a wait under way that the thread had not begun (it runs, then waits): taken as the
+  // start of the silence when the thread is heard, it would make a later silence longer than it was. What the thread
+  // surely waited by then (its run_delay) is that start.
+  it('starts a silence over from what the thread surely waited when heard, not from a wait that may be under way', () => {
+    const silence = new ThreadSilence(0, 0);
+    silence.read(0, read(0, 50, false));
+    silence.heard(0);
+    // Heard at 1 s, runnable and run since (10 ms): a wait may be under way. It ran until 0.9 s, then waited 1 s,
+    // ran 10 ms and went to sleep: 100 ms of silence since it was heard.
+    silence.read(1_000, read(0, 60, true));
+    silence.heard(1_000);
+    silence.read(2_000, read(1_000, 70, false));
+    expect(silence.silentMs(2_000)).toBeLessThanOrEqual(100);
   });
 
   it('is silence as before for a thread that runs without beating (a loop) or sleeps (blocked in a system call)', () => {
@@ -240,13 +276,58 @@ describe('RelayAvailableClock', () => {
     c.waits.set('a', 1_050);
     c.runnable.delete('a');
     expect(c.now()).toBe(start + 50);
-    // Runnable when read but it ran since the last reading (or asleep then): not known to have waited all along.
+    // Runnable when read, asleep at the last reading or run since: it may be waiting since its wake or its last run,
+    // so the stretch less its run counts until a reading tells; asleep, its run_delay holds all it waited.
     c.runnable.add('a');
     c.advance(100);
-    expect(c.now()).toBe(start + 150);
+    expect(c.now()).toBe(start + 50);
     c.ran.set('a', 5);
     c.advance(100);
+    expect(c.now()).toBe(start + 152);
+    c.runnable.delete('a');
+    c.advance(100);
+    expect(c.now()).toBe(start + 350);
+  });
+
+  // A wait that begins between two readings: the thread asleep at one (or running, its time on a CPU moving since),
+  // runnable at the next, its wait not in run_delay until it runs again. Before, that stretch moved the clock as wall
+  // time and the wait, once counted, was owed: the clock ran ahead of the thread's time by the wait under way, and the
+  // dispatch decides at its readings (a costly uid's second handshake started so in a traced run of
+  // test/daemon-trust-relay-cpu under load). Now a thread runnable when read may be waiting
+  // since its last run: the stretch less its run (and less the waits it finished in it) counts as its wait until a
+  // reading tells (asleep: every wait it had is in run_delay), so the clock is never ahead, at most behind by that.
+  it("never runs ahead of the threads' time: a wait begun between two readings counts until a reading tells", () => {
+    const c = clock();
+    c.waits.set('a', 0);
+    const start = c.now();
+    // Asleep at the first reading; woken 200 ms later and kept waiting since: its time was 200 ms.
+    c.advance(1_000);
+    c.runnable.add('a');
+    expect(c.now()).toBe(start);
+    // It ran 10 ms (its 850 ms wait in run_delay now) and went to sleep: its time was 250 ms of the 1.1 s.
+    c.advance(100);
+    c.ran.set('a', 10);
+    c.waits.set('a', 850);
+    c.runnable.delete('a');
     expect(c.now()).toBe(start + 250);
+    // Starved: it runs 10 ms in each stretch and waits again, runnable at every reading; run_delay holds each wait
+    // only once it ran. Its time is its runs, and the clock never gets ahead of it.
+    c.runnable.add('a');
+    let truth = 250;
+    for (let stretch = 1; stretch <= 5; stretch++) {
+      c.advance(500);
+      truth += 10;
+      c.ran.set('a', 10 + 10 * stretch);
+      // The waits it ended so far: 90 ms before its first run, 490 ms before each one after.
+      c.waits.set('a', 850 + 90 + 490 * (stretch - 1));
+      expect(c.now()).toBeLessThanOrEqual(start + truth);
+    }
+    // It runs once more and sleeps: all of its waits in run_delay, the clock at its time (3.7 s less 3.39 s).
+    c.advance(100);
+    c.ran.set('a', 70);
+    c.waits.set('a', 850 + 90 + 490 * 5);
+    c.runnable.delete('a');
+    expect(c.now()).toBe(start + 310);
   });
 
   it('reads at most once per SHARE_CLOCK_READ_MS, standing still between', () => {

@@ -93,3 +93,30 @@ it('gives a thread runnable at every reading, its run_delay still, the wait unde
     expect(readings).toBeGreaterThanOrEqual(3);
   });
 });
+
+// A starved thread (nice 10 beside busy loops) runs a little now and then and waits for a CPU between: when read it is
+// runnable, its time on a CPU moved since the last reading, and the wait it is in is not in its run_delay yet (the
+// kernel adds it once the thread runs). Counted as silence, that wait used up the thread's time to end while it had run
+// a few ms of it (a thread said left running long before the wall limit, in a whole test run); it now counts as a wait
+// until a reading tells.
+it('gives a thread that runs a little between readings, kept waiting between, the wait under way: it ends within it', async () => {
+  await withBlockedWorker(async (blocked, release) => {
+    const since = performance.now();
+    let readings = 0;
+    let runs = 0;
+    let lastAt: number | undefined;
+    const runsBetweenWaits = (): ThreadWaitReading => {
+      const at = performance.now() - since;
+      // It ran 1 ms just after each earlier reading, waiting for a CPU all the rest: its run_delay holds the waits up
+      // to its last run, the one since is under way.
+      const waitedMs = lastAt === undefined ? 0 : Math.max(0, lastAt - runs);
+      if (lastAt !== undefined) runs++;
+      lastAt = at;
+      // Let go once it has been read so three times past terminate().
+      if (++readings === 4) release();
+      return { waitedMs, ranMs: 40 + runs, runnable: true };
+    };
+    expect(await ended(blocked, 50, { waitReading: runsBetweenWaits, wallLimitMs: 60_000 })).toBe(true);
+    expect(readings).toBeGreaterThanOrEqual(4);
+  });
+});
