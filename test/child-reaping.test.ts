@@ -1,6 +1,7 @@
 // Children a test starts cannot outlive it (test/helpers/children.ts). Runs vitest itself on the fixture files in
 // test/fixtures/child-reaping/, whose tests start real daemons and leave them: in a test that times out, in passing
-// tests (to the next test, or for good), in a beforeAll, and in a fork that SIGKILLs itself. Then reads the inner
+// tests (to the next test, or for good), in a beforeAll, and in a fork that SIGKILLs itself; and busy loops that
+// starve a CPU (test/helpers/starve-cpu.ts) in a test that times out. Then reads the inner
 // run's JSON report, and /proc for every daemon the fixtures wrote down.
 import { once } from 'node:events';
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
@@ -85,12 +86,22 @@ describe('child processes of tests', () => {
       );
 
       expect(outcomes('fork-dies.fixture.ts')['kills its own fork']![0]).not.toBe('passed');
+      expect(outcomes('starve-cpu.fixture.ts')['times out starving a CPU']![0]).toBe('failed');
 
       const pids = readdirSync(dir)
         .filter((name) => name.endsWith('.pid'))
         .map((name) => [name, Number(readFileSync(join(dir, name), 'utf8'))] as const);
       expect(pids.map(([name]) => name).sort()).toEqual(
-        ['file.pid', 'fork.pid', 'handed-on.pid', 'passed.pid', 'stopped.pid', 'timed-out.pid'].sort(),
+        [
+          'busy-loop-0.pid',
+          'busy-loop-1.pid',
+          'file.pid',
+          'fork.pid',
+          'handed-on.pid',
+          'passed.pid',
+          'stopped.pid',
+          'timed-out.pid',
+        ].sort(),
       );
       // The fork's daemon is killed by the kernel (its parent-death signal) and reaped by whoever adopted it.
       await eventually(
