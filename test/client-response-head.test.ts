@@ -4,12 +4,16 @@
 // version and URL; and, for streamed responses, the head as soon as it is complete (before any body byte). Both in
 // worker threads and with `threads: 0`. Real daemon, real HTTP server.
 import type http from 'node:http';
+import net from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SockpoolClient } from '../client/index.js';
 import { eventually, httpOrigin, type Origin, startTestDaemon } from './fixtures/client-helpers.js';
 import type { DaemonProcess } from './helpers/daemon.js';
 
 let origin: Origin;
+/** An origin writing its head by hand: an empty value, a folded line (obs-fold), then more headers. */
+let rawOrigin: net.Server;
+let rawPort = 0;
 let daemon: DaemonProcess;
 /** Responses the server holds after their head (path /hold): the test ends them. */
 const held: http.ServerResponse[] = [];
@@ -31,13 +35,25 @@ beforeAll(async () => {
     response.addTrailers({ 'X-Checksum': 'abc' });
     response.end();
   });
-  daemon = await startTestDaemon([origin.port]);
+  rawOrigin = net.createServer((socket) => {
+    socket.on('error', () => {});
+    socket.once('data', () =>
+      socket.end(
+        'HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Empty:\r\nX-Fold: first\r\n  second\r\nX-After: 1\r\n' +
+          'X-Last:\r\nConnection: close\r\n\r\nok',
+      ),
+    );
+  });
+  await new Promise<void>((resolve) => rawOrigin.listen(0, '127.0.0.1', resolve));
+  rawPort = (rawOrigin.address() as net.AddressInfo).port;
+  daemon = await startTestDaemon([origin.port, rawPort]);
 });
 
 afterAll(async () => {
   for (const response of held) response.destroy();
   await daemon?.stop();
   await origin?.close();
+  await new Promise((resolve) => rawOrigin?.close(resolve));
 });
 
 describe.each([
@@ -69,6 +85,26 @@ describe.each([
       const again = await client.request(`http://127.0.0.1:${origin.port}/head`);
       expect(again.connection).toBe('reused');
       expect(again.headers.filter(([name]) => name === 'set-cookie')).toHaveLength(2);
+    } finally {
+      await client.close();
+    }
+  });
+
+  it('keeps each name with its value past an empty value and a folded line: no value holds a line break', async () => {
+    const client = new SockpoolClient({ socketPath: daemon.socketPath, threads });
+    try {
+      const response = await client.request(`http://127.0.0.1:${rawPort}/`);
+      expect(response.status).toBe(200);
+      expect(response.body.toString()).toBe('ok');
+      const get = (name: string) => response.headers.filter(([key]) => key === name).map(([, value]) => value);
+      expect(get('x-empty')).toEqual(['']);
+      expect(get('x-after')).toEqual(['1']);
+      expect(get('x-last')).toEqual(['']);
+      expect(get('connection')).toEqual(['close']);
+      // However curl unfolds it, the folded value is one value of its own name.
+      expect(get('x-fold')).toHaveLength(1);
+      expect(get('x-fold')[0]).toMatch(/^first\s*second$/);
+      for (const [name, value] of response.headers) expect(`${name}: ${value}`).not.toMatch(/[\r\n]/);
     } finally {
       await client.close();
     }

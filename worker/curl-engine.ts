@@ -856,7 +856,9 @@ export class CurlEngine {
    */
   #head(easy: Easy, attempt: Attempt, body: Uint8Array | undefined): ResponseHead & { body: Uint8Array | undefined } {
     const numbers = this.#headNumbers;
-    const flat = easy.responseHead(numbers);
+    // "name\nvalue\n…" in one string (one N-API string, not two per header set one by one into an array).
+    const joined = easy.responseHead(numbers);
+    const flat = joined === '' ? [] : joined.split('\n');
     const status = numbers[0]!;
     const connectUs = numbers[2]!;
     const appConnectUs = numbers[3]!;
