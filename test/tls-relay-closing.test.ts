@@ -8,6 +8,7 @@
 // reset as the daemon resets it when a lease ends (connect AF_UNSPEC). The sockets of this process, the thread's
 // included, are counted before and after, checked before the thread ends (its teardown would close what it still
 // held).
+import { readFileSync } from 'node:fs';
 import { Socket } from 'node:net';
 import { join } from 'node:path';
 import tls from 'node:tls';
@@ -44,14 +45,21 @@ function startThread(closingOrigins: number) {
   const counters = new SharedArrayBuffer(6 * 8);
   /** The bytes the thread read from its clients (its counters' first: tls-relay-thread.ts COUNTER). */
   const bytesToOrigin = () => new Float64Array(counters)[0]!;
+  // Its beat and its tid (TlsRelays#spawn).
+  const heartbeat = new SharedArrayBuffer(2 * 4);
+  /** The thread's scheduling state now (/proc: S asleep, R running or waiting for a CPU), once it said its tid. */
+  const state = (): string | undefined => {
+    const tid = Atomics.load(new Int32Array(heartbeat), 1);
+    if (tid === 0) return undefined;
+    try {
+      const stat = readFileSync(`/proc/self/task/${tid}/stat`, 'utf8');
+      return stat.slice(stat.lastIndexOf(')') + 2).split(' ')[0];
+    } catch {
+      return undefined;
+    }
+  };
   const worker = new Worker(join(repoRoot, 'dist', 'daemon', 'tls-relay-thread.js'), {
-    workerData: {
-      closingOrigins,
-      counters,
-      // Its beat and its tid (TlsRelays#spawn).
-      heartbeat: new SharedArrayBuffer(2 * 4),
-      nice: 0,
-    },
+    workerData: { closingOrigins, counters, heartbeat, nice: 0 },
   });
   const said: ThreadMessage[] = [];
   worker.on('message', (message: ThreadMessage) => said.push(message));
@@ -110,7 +118,7 @@ function startThread(closingOrigins: number) {
     const request: RelayRequest = { t: 'lease', id, uid };
     worker.postMessage(request);
   };
-  return { worker, open, lend, origins, bytesToOrigin };
+  return { worker, open, lend, origins, bytesToOrigin, state };
 }
 
 /** TCP_INFO's tcpi_state of a connection its peer reset (CLOSE); a FIN alone leaves it in CLOSE_WAIT (8). */
@@ -318,16 +326,24 @@ describe('a relay thread whose clients went', () => {
  * Waits until the relay stopped reading the client's end (its count of bytes read held for five polls) with the
  * client still holding bytes it could not send: every buffer on the way is full.
  */
-async function relayReadsStopped(thread: { bytesToOrigin(): number }, client: Socket): Promise<void> {
+async function relayReadsStopped(
+  thread: { bytesToOrigin(): number; state(): string | undefined },
+  client: Socket,
+): Promise<void> {
   let seen = -1;
   let unchanged = 0;
   await pollUntil(
     () => {
+      // Asleep with bytes waiting for it, and its count the same at each reading: it stopped reading. (A count that
+      // stays while the thread waits for a CPU says nothing: a run at a load of 20 took that for the stop, and the
+      // thread read 64 KiB more once it ran.)
       const now = thread.bytesToOrigin();
-      unchanged = now === seen ? unchanged + 1 : 0;
+      const asleep = thread.state() === 'S';
+      unchanged = asleep && now === seen ? unchanged + 1 : 0;
       seen = now;
       return unchanged >= 5 && client.writableLength > 0;
     },
-    () => `the relay's reads stopped (${thread.bytesToOrigin()} bytes read, ${client.writableLength} unsent)`,
+    () =>
+      `the relay's reads stopped (${thread.bytesToOrigin()} bytes read, ${client.writableLength} unsent, thread ${thread.state()})`,
   );
 }
