@@ -43,9 +43,10 @@ function endpointKey(endpoint: Endpoint): string {
 
 /**
  * The origin originKey() keyed last, and its key: the daemon keys every acquire, mostly of the origin before, and the
- * same string goes on, its hash computed once for the Maps it keys. ('' is no host: it never matches.)
+ * same string goes on, its hash computed once for the Maps it keys. (Before the first, a NaN port: equal to none, so
+ * no origin, a bad one included, matches it.)
  */
-const lastKeyed: Origin & { key: string } = { host: '', port: 0, proxy: undefined, key: '' };
+const lastKeyed: Origin & { key: string } = { host: '', port: Number.NaN, proxy: undefined, key: '' };
 
 /** The key of an origin in any spelling. Throws SOCKPOOL_ERR_INVALID_ARGUMENT for a host that is none. */
 export function originKey(origin: Origin): string {

@@ -1,7 +1,7 @@
 // shared/address.ts: every accepted spelling with its canonical form, every refused one with its error code and
 // reason. Pure functions, no I/O.
 
-import { describe, expect, it } from 'vitest';
+import { describe, expect, it, vi } from 'vitest';
 import {
   canonicalHost,
   cidrContains,
@@ -361,6 +361,24 @@ describe('parseOriginMatch', () => {
 });
 
 describe('origin keys', () => {
+  it('originKey refuses a host that is none before it has keyed any origin, as after', async () => {
+    // A fresh module: the key kept for the origin keyed last starts out empty, and an origin matching that empty one
+    // must still be refused, not given its key.
+    vi.resetModules();
+    const fresh = await import('../shared/origin.js');
+    const outcome = (origin: Origin) => {
+      try {
+        return `key ${JSON.stringify(fresh.originKey(origin))}`;
+      } catch (error) {
+        return (error as { code?: string }).code;
+      }
+    };
+    expect(outcome({ host: '', port: 0 })).toBe(ErrorCodes.INVALID_ARGUMENT);
+    expect(outcome({ host: '', port: 80 })).toBe(ErrorCodes.INVALID_ARGUMENT);
+    expect(outcome({ host: 'a.test', port: 80 })).toBe('key "a.test:80"');
+    expect(outcome({ host: '', port: 0 })).toBe(ErrorCodes.INVALID_ARGUMENT);
+  });
+
   it('every spelling of one origin has one key', () => {
     const spellings = [
       '127.0.0.1',
