@@ -889,7 +889,7 @@ export class HandoffServer {
         return;
       }
       if (warm) {
-        this.#lend(session, message, origin, warm, undefined, started, undefined, undefined, started);
+        this.#lend(session, message, origin, warm, started, started);
         // Counted once the lease is out: the client's wait does not include the bookkeeping.
         this.#pools.countWarmHandoff(warm.originKey, session.uid, warm.announced === true, false, started);
         return;
@@ -960,7 +960,7 @@ export class HandoffServer {
           giveBackToken();
           return;
         }
-        this.#lend(session, message, origin, handoff, rate, started, tokenWaitMs, claimed);
+        this.#lend(session, message, origin, handoff, started, performance.now(), rate, tokenWaitMs, claimed);
       },
       (error: Error) => {
         session.pending--;
@@ -980,19 +980,20 @@ export class HandoffServer {
   }
 
   /**
-   * The socket becomes a lease of this client and goes out with the `lease` reply. `lentAt`: performance.now() now,
-   * from a caller that read it in this turn (the lease's start).
+   * The socket becomes a lease of this client and goes out with the `lease` reply. `started`: when its acquire was
+   * read; `lentAt`: now (performance.now(), read in this turn: the acquire's own reading for a warm socket lent in
+   * the acquire's turn), the lease's start.
    */
   #lend(
     session: ClientSession,
     message: Extract<ClientMessage, { type: 'acquire' }>,
     origin: Origin,
     handoff: Awaited<ReturnType<PoolManager['acquire']>>,
-    rate: ReturnType<RateLimiter['paramsFor']>,
     started: number,
+    lentAt: number,
+    rate?: ReturnType<RateLimiter['paramsFor']>,
     tokenWaitMs?: number,
     tokenClaim?: Claim,
-    lentAt = performance.now(),
   ): void {
     // Identity and counters: from the pool's probe for a warm socket, read here for a fresh one.
     const mark = handoff.mark ?? markOf(handoff.fd, handoff.connectedPeer, handoff.reconnectRefused);
@@ -1083,9 +1084,8 @@ export class HandoffServer {
       if (message.id !== undefined) this.#send(session, { type: 'ok', id: message.id });
       return;
     }
-    // One clock read for the check and the socket's idle start (the pool's).
-    const now = performance.now();
-    const verdict = sameSocket ? checkReturned(lease.fd, lease.mark, now) : 'foreign';
+    // The check's clock reading is the socket's idle start too (the pool reads it from the mark's checkedAt).
+    const verdict = sameSocket ? checkReturned(lease.fd, lease.mark) : 'foreign';
     if (typeof verdict === 'string') {
       const misuse = verdict;
       this.#endLease(lease, true);
@@ -1112,7 +1112,7 @@ export class HandoffServer {
     const claim = lease.tokenClaim;
     if (claim && !claim.restored) this.#rates?.unanswered(lease.origin, lease.uid, claim);
     // Unused, but the client may still hold a copy: the pool keeps it for this uid alone.
-    this.#pools.giveBack(lease.originKey, returnedSocket(lease), lease.uid, true, verdict, undefined, now);
+    this.#pools.giveBack(lease.originKey, returnedSocket(lease), lease.uid, true, verdict);
     if (message.id !== undefined) this.#send(session, { type: 'ok', id: message.id });
   }
 

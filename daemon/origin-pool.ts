@@ -435,21 +435,13 @@ export class OriginPool implements KeptHolder<IdleSocket> {
    * reached the client is shared again. `checked`: the mark the release check just read (lease-guard.ts): the
    * socket is known to be established and quiet, so it is not probed again. `unlent`: the handoff never reached a
    * client and was its socket's first lending (Handoff.firstLent, the caller having undone the `lent` event): it
-   * comes back never lent, counted as such wherever it ends. `now`: performance.now(), from a caller that read it in
-   * this turn (the release check's).
+   * comes back never lent, counted as such wherever it ends.
    */
-  giveBack(
-    socket: ConnectedSocket,
-    uid = 0,
-    lent = false,
-    checked?: UsageMark,
-    unlent?: ConnectPurpose,
-    now?: number,
-  ): void {
+  giveBack(socket: ConnectedSocket, uid = 0, lent = false, checked?: UsageMark, unlent?: ConnectPurpose): void {
     this.#leased = Math.max(0, this.#leased - 1);
     this.#waiters.held(uid, -1);
     if (checked && !this.#closed) {
-      this.#addIdle(socket, lent ? uid : undefined, checked, unlent, now);
+      this.#addIdle(socket, lent ? uid : undefined, checked, unlent);
       return;
     }
     const probe = native.probe(socket.fd);
@@ -714,15 +706,8 @@ export class OriginPool implements KeptHolder<IdleSocket> {
   /**
    * `mark`: the socket's quiet mark when the caller just read it (a release); otherwise it is read here. Returns
    * whether the socket was kept idle or lent (false: closed as excess, or evicted at once by the global idle cap).
-   * `now`: performance.now(), from a caller that read it in this turn.
    */
-  #addIdle(
-    socket: ConnectedSocket,
-    ownerUid?: number,
-    mark?: UsageMark,
-    purpose?: ConnectPurpose,
-    now?: number,
-  ): boolean {
+  #addIdle(socket: ConnectedSocket, ownerUid?: number, mark?: UsageMark, purpose?: ConnectPurpose): boolean {
     // The turn at the origin's cap is an acquire's of another of its pools (origin-cap.ts): the connection is closed,
     // for its room. Handed to a waiter here, or kept idle for one, a backlog of releases (keep-alive clients giving each
     // lease back with another acquire queued) kept the room in this pool for as long as it lasted.
@@ -760,7 +745,9 @@ export class OriginPool implements KeptHolder<IdleSocket> {
       return this.#closeArriving(socket, ownerUid, purpose, 'excess');
     }
     const idle = connectedPart(socket) as IdleSocket;
-    idle.idleSince = now ?? performance.now();
+    // Idle since the release check it just passed, in this turn (its mark's checkedAt), or else since now.
+    idle.idleSince =
+      mark !== undefined && mark.checkedAt !== Number.NEGATIVE_INFINITY ? mark.checkedAt : performance.now();
     idle.poller = undefined;
     idle.recycleTimer = undefined;
     idle.ownerUid = ownerUid;

@@ -479,7 +479,7 @@ export class PoolManager {
   /**
    * A lease of `uid` came back unused with its fd (ownership passes to the pool); `lent`: the client had it, so
    * it is kept for `uid` alone; `checked`: the mark the release check read; `unlent`: it never reached a client
-   * (see OriginPool.giveBack). `now`: performance.now(), from a caller that read it in this turn.
+   * (see OriginPool.giveBack).
    */
   giveBack(
     key: string,
@@ -488,7 +488,6 @@ export class PoolManager {
     lent = false,
     checked?: UsageMark,
     unlent?: ConnectPurpose,
-    now?: number,
   ): void {
     const pool = this.#pools.get(key);
     if (!pool) throw new SockpoolError(ErrorCodes.INTERNAL, `no pool ${key} for a lease`);
@@ -505,7 +504,7 @@ export class PoolManager {
       if (unlent !== undefined) this.#events.neverLent(pool, unlent, 'refused');
       return;
     }
-    pool.giveBack(socket, uid, lent, checked, unlent, now);
+    pool.giveBack(socket, uid, lent, checked, unlent);
   }
 
   /**

@@ -310,6 +310,16 @@ struct FdList {
   const int* data() const { return fds; }
 };
 
+// An entry of an fd list: a non-negative integer.
+int FdEntry(Napi::Env env, const Napi::Value& item) {
+  if (!item.IsNumber()) ThrowTypeError(env, "ERR_INVALID_ARG_TYPE", "every entry of \"fds\" must be a number");
+  const double fd = item.As<Napi::Number>().DoubleValue();
+  if (!std::isfinite(fd) || std::floor(fd) != fd || fd < 0 || fd > INT32_MAX) {
+    ThrowRangeError(env, "ERR_OUT_OF_RANGE", "every entry of \"fds\" must be a non-negative integer");
+  }
+  return static_cast<int>(fd);
+}
+
 // One fd may come as a number instead of a one-element array: the daemon's every lease sends one, and the array's
 // reading (its type, length, element, the element's type) was most of this call's own cost.
 void FdListArg(const Napi::CallbackInfo& info, size_t index, FdList* list) {
@@ -317,11 +327,7 @@ void FdListArg(const Napi::CallbackInfo& info, size_t index, FdList* list) {
   if (IsAbsent(info, index)) return;
   Napi::Env env = info.Env();
   if (info[index].IsNumber()) {
-    const double fd = info[index].As<Napi::Number>().DoubleValue();
-    if (!std::isfinite(fd) || std::floor(fd) != fd || fd < 0 || fd > INT32_MAX) {
-      ThrowRangeError(env, "ERR_OUT_OF_RANGE", "every entry of \"fds\" must be a non-negative integer");
-    }
-    list->fds[list->count++] = static_cast<int>(fd);
+    list->fds[list->count++] = FdEntry(env, info[index]);
     return;
   }
   if (!info[index].IsArray()) {
@@ -332,15 +338,7 @@ void FdListArg(const Napi::CallbackInfo& info, size_t index, FdList* list) {
   if (length > kMaxFdsPerMessage) {
     ThrowRangeError(env, "ERR_OUT_OF_RANGE", "at most 253 fds fit in one message (SCM_MAX_FD)");
   }
-  for (uint32_t i = 0; i < length; i++) {
-    const Napi::Value item = array.Get(i);
-    if (!item.IsNumber()) ThrowTypeError(env, "ERR_INVALID_ARG_TYPE", "every entry of \"fds\" must be a number");
-    const double fd = item.As<Napi::Number>().DoubleValue();
-    if (!std::isfinite(fd) || std::floor(fd) != fd || fd < 0 || fd > INT32_MAX) {
-      ThrowRangeError(env, "ERR_OUT_OF_RANGE", "every entry of \"fds\" must be a non-negative integer");
-    }
-    list->fds[list->count++] = static_cast<int>(fd);
-  }
+  for (uint32_t i = 0; i < length; i++) list->fds[list->count++] = FdEntry(env, array.Get(i));
 }
 
 // ---------------------------------------------------------------------------------------------------------------
