@@ -8,8 +8,9 @@
 // Node keeps owning that fd: the socket is paused before it connects (Node never starts reading it), curl's
 // CLOSESOCKETFUNCTION returns 0 without closing it, and socket.destroy() closes it once curl is done. The leak tests
 // instead let curl open its own sockets (CLOSESOCKETFUNCTION only), which the callback closes with fs.closeSync.
+import { spawn } from 'node:child_process';
 import { once } from 'node:events';
-import { closeSync, openSync, readdirSync, readlinkSync } from 'node:fs';
+import { closeSync, openSync, readdirSync, readFileSync, readlinkSync } from 'node:fs';
 import http from 'node:http';
 import https from 'node:https';
 import { createRequire } from 'node:module';
@@ -26,6 +27,7 @@ import {
   Multi,
 } from 'node-libcurl';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import * as native from '../shared/native.js';
 import { nativeAddonPath } from '../shared/native.js';
 import { eventually } from './helpers/daemon.js';
 import { requirePrerequisite } from './helpers/require.js';
@@ -501,6 +503,189 @@ describe('callbacks that refuse or fail', () => {
     curl.setOpt('SOCKOPTFUNCTION', null);
     curl.setOpt('CLOSESOCKETFUNCTION', null);
     expect(await run(curl)).toEqual({ status: 200, body: 'hello from /reset' });
+  });
+});
+
+/** The inode of the socket `fd` is, or null. */
+function socketInode(fd: number): number | null {
+  const inode = /^socket:\[(\d+)\]$/.exec(fdTarget(fd) ?? '')?.[1];
+  return inode === undefined ? null : Number(inode);
+}
+
+/** The files (by inode) that some epoll instance of this process watches, from /proc's fdinfo of each instance. */
+function polledInodes(): Set<number> {
+  const inodes = new Set<number>();
+  for (const entry of readdirSync('/proc/self/fd')) {
+    if (fdTarget(Number(entry)) !== 'anon_inode:[eventpoll]') continue;
+    let info = '';
+    try {
+      info = readFileSync(`/proc/self/fdinfo/${entry}`, 'utf8');
+    } catch {
+      continue; // closed meanwhile
+    }
+    for (const match of info.matchAll(/^tfd:.*\bino:([0-9a-f]+)/gm)) inodes.add(Number.parseInt(match[1]!, 16));
+  }
+  return inodes;
+}
+
+/** A second fd of the same socket, made as the daemon gets its copy of a leased one (SCM_RIGHTS). */
+function copyOf(fd: number): number {
+  const [one, other] = native.seqpacketPair();
+  try {
+    native.sendMessage(one, new Uint8Array([1]), fd);
+    const received = native.recvMessage(other, 16, 1);
+    const copy = received?.fds[0];
+    if (copy === undefined) throw new Error('no copy of the fd arrived');
+    return copy;
+  } finally {
+    native.close(one);
+    native.close(other);
+  }
+}
+
+/**
+ * One Multi and one Easy as the engine runs them: curl opens its sockets, CLOSESOCKETFUNCTION closes them (so the
+ * patch keeps a resting connection's poll between transfers, see src/Multi.cc in the patch).
+ */
+function keepingClient(port: number) {
+  const multi = new Multi();
+  const easy = new Easy();
+  const opened: number[] = [];
+  const closed: number[] = [];
+  easy.setOpt('SOCKOPTFUNCTION', (fd) => {
+    opened.push(fd);
+    return CurlSockOpt.Ok;
+  });
+  easy.setOpt('CLOSESOCKETFUNCTION', (fd) => {
+    closed.push(fd);
+    closeSync(fd);
+    return 0;
+  });
+  easy.setOpt('WRITEFUNCTION', (data: Buffer) => data.length);
+  let finished: ((code: CurlCode) => void) | undefined;
+  multi.onMessage((_error, handle, code) => {
+    multi.removeHandle(handle);
+    const finish = finished;
+    finished = undefined;
+    // (node-libcurl calls this without a callback scope: the outcome goes out in an immediate, whose scope runs
+    // the promise's continuations.)
+    setImmediate(() => finish?.(code));
+  });
+  let open = true;
+  return {
+    opened,
+    closed,
+    transfer(path: string): Promise<void> {
+      easy.setOpt('URL', `http://127.0.0.1:${port}${path}`);
+      return withDeadline(
+        `${path} is answered`,
+        new Promise<void>((resolve, reject) => {
+          finished = (code) => (code === CurlCode.CURLE_OK ? resolve() : reject(new Error(`curl code ${code}`)));
+          multi.addHandle(easy);
+        }),
+      );
+    },
+    close(): void {
+      if (!open) return;
+      open = false;
+      multi.close(); // closes the cached connection, through CLOSESOCKETFUNCTION
+      easy.close();
+    },
+  };
+}
+
+describe("a connection resting in curl's cache between transfers", () => {
+  it('keeps its poll (no new one per transfer), and leaves epoll before its fd is closed, though a copy of the socket stays open', async () => {
+    const before = server.connections.length;
+    const client = keepingClient(server.port);
+    let copy = -1;
+    try {
+      await client.transfer('/rest/1');
+      expect(client.opened).toHaveLength(1);
+      const fd = client.opened[0]!;
+      const inode = socketInode(fd);
+      expect(inode).not.toBeNull();
+      // No transfer runs: the socket is still watched, by the poll kept for the next one.
+      expect(polledInodes().has(inode!)).toBe(true);
+      await client.transfer('/rest/2');
+      expect(client.opened).toEqual([fd]);
+      expect(server.connections.length - before).toBe(1);
+
+      // The daemon holds a copy of every leased socket: closing the client's fd does not end the socket then, and
+      // a registration left in epoll would go on reporting it under a number the process gives to the next fd.
+      copy = copyOf(fd);
+      client.close();
+      expect(client.closed).toEqual([fd]);
+      expect(socketInode(copy)).toBe(inode);
+      expect(polledInodes().has(inode!)).toBe(false);
+    } finally {
+      client.close();
+      if (copy >= 0) native.close(copy);
+    }
+  });
+
+  it('an origin closing a resting connection stops its poll (no turn of the loop per readiness), and the next transfer connects again', async () => {
+    const before = server.connections.length;
+    const client = keepingClient(server.port);
+    try {
+      await client.transfer('/closed-by-origin/1');
+      const fd = client.opened[0]!;
+      const inode = socketInode(fd)!;
+      expect(polledInodes().has(inode)).toBe(true);
+      const serverSide = server.connections.slice(before);
+      expect(serverSide).toHaveLength(1);
+      serverSide[0]!.destroy();
+      // The socket is readable (end of stream) for good. A poll still running would see that in every turn of the
+      // loop and keep the registration; the stopped poll lets libuv drop it at the next report, while curl still
+      // holds the fd (it looks at the connection only when a transfer wants it).
+      await eventually(() => !polledInodes().has(inode), 'the socket leaves epoll');
+      expect(socketInode(fd)).toBe(inode);
+      expect(client.closed).toEqual([]);
+
+      await client.transfer('/closed-by-origin/2');
+      expect(client.closed).toEqual([fd]);
+      expect(client.opened).toHaveLength(2);
+      expect(server.connections.length - before).toBe(2);
+    } finally {
+      client.close();
+    }
+  });
+
+  it('does not keep a process alive: one that made a keep-alive transfer and closed nothing exits by itself', async () => {
+    const child = spawn(
+      process.execPath,
+      [
+        '-e',
+        `
+        const { closeSync } = require('node:fs');
+        const { Easy, Multi } = require(process.argv[1]);
+        const multi = new Multi();
+        const easy = new Easy();
+        easy.setOpt('URL', 'http://127.0.0.1:' + process.argv[2] + '/exits');
+        easy.setOpt('CLOSESOCKETFUNCTION', (fd) => (closeSync(fd), 0));
+        easy.setOpt('WRITEFUNCTION', (data) => data.length);
+        multi.onMessage((error, handle, code) => {
+          multi.removeHandle(handle);
+          process.stdout.write('code ' + code + '\\n');
+        });
+        multi.addHandle(easy);
+        `,
+        libcurlPath,
+        String(server.port),
+      ],
+      { stdio: ['ignore', 'pipe', 'inherit'] },
+    );
+    let output = '';
+    child.stdout.on('data', (chunk) => {
+      output += chunk;
+    });
+    try {
+      const [exitCode] = await withDeadline('the process exits', once(child, 'exit'), 10_000);
+      expect(output).toBe('code 0\n');
+      expect(exitCode).toBe(0);
+    } finally {
+      child.kill('SIGKILL');
+    }
   });
 });
 
