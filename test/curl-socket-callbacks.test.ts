@@ -689,6 +689,52 @@ describe("a connection resting in curl's cache between transfers", () => {
   });
 });
 
+describe('completions', () => {
+  // The engine (worker/curl-engine.ts) finishes a transfer inside onMessage, which node-libcurl calls without a
+  // callback scope: what it settles must still continue in that turn of the loop, not at the thread's next event
+  // (Node drains the microtasks in its check phase). In a process of its own, where nothing else wakes the loop.
+  it('what onMessage settles continues in the same turn of the loop, with nothing else to wake it', async () => {
+    const child = spawn(
+      process.execPath,
+      [
+        '-e',
+        `
+        const { Easy, Multi } = require(process.argv[1]);
+        const multi = new Multi();
+        const easy = new Easy();
+        easy.setOpt('URL', 'http://127.0.0.1:' + process.argv[2] + '/turn');
+        easy.setOpt('WRITEFUNCTION', (data) => data.length);
+        const said = (what) => {
+          process.stdout.write(what);
+          process.exit(0);
+        };
+        // The next event this process would get otherwise.
+        setTimeout(() => said('timer'), 5000);
+        multi.onMessage((error, handle, code) => {
+          multi.removeHandle(handle);
+          Promise.resolve().then(() => said('continuation ' + code));
+        });
+        multi.addHandle(easy);
+        `,
+        libcurlPath,
+        String(server.port),
+      ],
+      { stdio: ['ignore', 'pipe', 'inherit'] },
+    );
+    let output = '';
+    child.stdout.on('data', (chunk) => {
+      output += chunk;
+    });
+    try {
+      const [exitCode] = await withDeadline('the process exits', once(child, 'exit'), 10_000);
+      expect(exitCode).toBe(0);
+      expect(output).toBe('continuation 0');
+    } finally {
+      child.kill('SIGKILL');
+    }
+  });
+});
+
 describe('in worker threads', () => {
   it('a worker lends curl its own connection', async () => {
     const worker = new Worker(
