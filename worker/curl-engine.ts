@@ -340,12 +340,13 @@ export class CurlEngine {
     this.#policy = policy;
     this.#tlsTrust = tlsTrustOf(policy);
     this.#multi.setOpt('MAXCONNECTS', options.maxConnects ?? 256);
-    // node-libcurl calls this from libuv without a callback scope (Function::Call, not MakeCallback), yet what it
-    // settles continues in the same turn of the loop: Node drains the microtasks in its check phase (in the scope it
-    // opens for native immediates, before any immediate), for all the transfers curl finished in that turn together
-    // (test/curl-socket-callbacks "what onMessage settles continues in the same turn of the loop, with nothing else
-    // to wake it"). So a transfer finishes right here, as curl reports it; until the thirty-ninth session it finished
-    // in an immediate, a hop that cost a keep-alive request about 5 µs between its response and the next request.
+    // node-libcurl calls this after curl's socket action returned, and what it settles continues in the same turn of
+    // the loop: from the poll phase, Node drains the microtasks in its check phase (in the scope it opens for native
+    // immediates, before any immediate), for all the transfers curl finished in that turn together; from curl's timer
+    // (libuv's timer phase, after the check phase) our patch opens a callback scope that drains them when curl
+    // returns (test/curl-socket-callbacks "what onMessage settles from %s continues in the same turn of the loop").
+    // So a transfer finishes right here, as curl reports it; until the thirty-ninth session it finished in an
+    // immediate, a hop that cost a keep-alive request about 5 µs between its response and the next request.
     this.#multi.onMessage((error, easy, code) => {
       const state = this.#states.get(easy);
       if (!state?.finish) return;
