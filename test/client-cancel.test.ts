@@ -332,11 +332,10 @@ describe('aborts and timeouts cancel one transfer, not the thread', () => {
     });
   }
 
-  // Until the thirty-ninth session curl's completion message ran in the poll phase and the engine delivered the
-  // outcome in an immediate of the same turn (curl-engine.ts): an abort() in between found nothing left to cancel in
-  // the caller's own runtime, and the request resolved though the signal had fired before it settled. An immediate
-  // queued a turn earlier runs first in that check phase: one of a few counts of immediates after the origin's end
-  // lands there. (The outcome is now delivered in the poll phase itself; kept as a guard of that window.)
+  // curl's completion message runs in the poll phase and the engine delivers the outcome in an immediate of the same
+  // turn (curl-engine.ts): an abort() in between found nothing left to cancel in the caller's own runtime, and the
+  // request resolved though the signal had fired before it settled. An immediate queued a turn earlier runs first
+  // in that check phase: one of a few counts of immediates after the origin's end lands there.
   for (const options of [{ threads: 0 }, { threads: 1 }]) {
     it(`an abort() after curl finished the transfer, before its outcome is delivered, still rejects it in the caller’s runtime (${JSON.stringify(options)})`, async () => {
       const local = new SockpoolClient({ socketPath: daemon.socketPath, ...options });

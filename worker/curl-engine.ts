@@ -328,6 +328,17 @@ export class CurlEngine {
   /** Rate-limited origins: a token per request before it goes out (rate-tokens.ts). */
   #rateTokens: RateTokens | undefined;
   #stallWatch = new H2StallWatch();
+  /** Transfers curl finished, to complete in the next immediate (see the constructor): each as its finish
+   *  function, curl's code and error, flat (no closure per transfer), in the first #completedCount entries (the
+   *  array is reused: see #completeFinished). */
+  #completed: Array<HandleState['finish'] | CurlCode | Error | undefined> = [];
+  #completedCount = 0;
+  /** The array #completed was, emptied, for the next batch (undefined while a batch is being finished): two arrays
+   *  taking turns instead of one per batch. */
+  #completedSpare: Array<HandleState['finish'] | CurlCode | Error | undefined> | undefined = [];
+  /** #completeFinished as the immediate's callback, made once. */
+  readonly #completeSoon = () => this.#completeFinished();
+
   /** `maxConnects`: idle connections curl keeps (its default, 4 × the transfers running at that moment, would close
    *  keep-alive connections whenever the load dips). */
   constructor(
@@ -340,27 +351,23 @@ export class CurlEngine {
     this.#policy = policy;
     this.#tlsTrust = tlsTrustOf(policy);
     this.#multi.setOpt('MAXCONNECTS', options.maxConnects ?? 256);
-    // node-libcurl calls this after curl's socket action returned, and what it settles continues in the same turn of
-    // the loop: from the poll phase, Node drains the microtasks in its check phase (in the scope it opens for native
-    // immediates, before any immediate), for all the transfers curl finished in that turn together; from curl's timer
-    // (libuv's timer phase, after the check phase) our patch opens a callback scope that drains them when curl
-    // returns (test/curl-socket-callbacks "what onMessage settles from %s continues in the same turn of the loop").
-    // So a transfer finishes right here, as curl reports it; until the thirty-ninth session it finished in an
-    // immediate, a hop that cost a keep-alive request about 5 µs between its response and the next request.
+    // node-libcurl runs this callback from libuv without a callback scope (Function::Call, not MakeCallback), so
+    // no microtask checkpoint follows it: promise continuations of a finished transfer would wait for whatever
+    // event comes next, seconds later in an idle thread. The handle leaves the Multi at once; the transfer is
+    // finished in an immediate, whose callback scope drains the microtasks.
     this.#multi.onMessage((error, easy, code) => {
       const state = this.#states.get(easy);
       if (!state?.finish) return;
       const finish = state.finish;
       state.finish = undefined;
       this.#multi.removeHandle(easy);
-      try {
-        finish(code, error ?? undefined);
-      } catch (thrown) {
-        // node-libcurl swallows what this callback throws: a fault here must still be seen, as uncaught.
-        queueMicrotask(() => {
-          throw thrown;
-        });
-      }
+      const completed = this.#completed;
+      const count = this.#completedCount;
+      completed[count] = finish;
+      completed[count + 1] = code;
+      completed[count + 2] = error ?? undefined;
+      this.#completedCount = count + 3;
+      if (count === 0) setImmediate(this.#completeSoon);
     });
   }
 
@@ -372,6 +379,24 @@ export class CurlEngine {
   /** curl handles resting after a transfer taken out mid-way (HandleState.restUntil), among `handles`: for tests. */
   get resting(): number {
     return this.#resting.length;
+  }
+
+  /** Finishes the transfers curl finished (in an immediate, or at close()). */
+  #completeFinished(): void {
+    const completed = this.#completed;
+    const count = this.#completedCount;
+    if (count === 0) return;
+    // (A finish may end in close(), which comes here again: that call takes another array, this one is left alone.)
+    this.#completed = this.#completedSpare ?? [];
+    this.#completedCount = 0;
+    this.#completedSpare = undefined;
+    for (let i = 0; i < count; i += 3) {
+      const finish = completed[i] as NonNullable<HandleState['finish']>;
+      finish(completed[i + 1] as CurlCode, completed[i + 2] as Error | undefined);
+    }
+    // Emptied in place, its storage kept (the functions and errors it held let go).
+    completed.fill(undefined, 0, count);
+    this.#completedSpare = completed;
   }
 
   /** Runs a transfer to the end (retrying as the rules allow); never throws. */
@@ -636,8 +661,9 @@ export class CurlEngine {
     if (this.#closed) return;
     this.#closed = true;
     this.#stallWatch.close();
-    // Nothing is left hanging: the transfers still running fail with SOCKPOOL_ERR_CLOSED (those curl finished were
-    // completed as it reported them).
+    // Nothing is left hanging: transfers curl finished are completed now (their handles still open), and the ones
+    // still running fail with SOCKPOOL_ERR_CLOSED.
+    this.#completeFinished();
     const closing = new SockpoolError(ErrorCodes.CLOSED, 'the client is closing');
     for (const state of this.#states.values()) {
       if (state.finish) this.#takeOut(state, CurlCode.CURLE_ABORTED_BY_CALLBACK, closing);

@@ -2,11 +2,11 @@
 // outcomes back, gathered per turn of this thread's event loop, with their bodies' memory moved; a request with a
 // port of its own gets its end here (lane-port.ts), whose messages travel in the same batches.
 //
-// When a batch goes: an outcome is ready as curl reports it (curl-engine.ts completes transfers in node-libcurl's
-// completion callback, which has no callback scope), and the microtask queued then runs in the check phase of that
-// turn, after every transfer curl finished in it: it sends the outcomes of the turn together. A port message may be
-// posted from inside curl's callbacks (the head, from HEADERFUNCTION): port messages go out in an immediate (or with
-// the next outcomes, whichever comes first).
+// When a batch goes: an outcome is ready in an immediate (curl-engine.ts completes transfers there, in a callback
+// scope), so a microtask after it sends the outcomes of that turn together. A port message may be posted from inside
+// curl's callbacks (the head, from HEADERFUNCTION), which node-libcurl runs without a callback scope: a microtask
+// queued there could wait for the next event of the thread, so port messages go out in an immediate instead (or
+// with the next outcomes, whichever comes first).
 //
 // The thread does not spin for a sequential caller's next request: it sleeps in its event loop like any other. Until
 // the ninth session it polled its lane for 0.1 ms after its last outcome went out; on a quiet machine that cost
@@ -128,8 +128,8 @@ class WorkerLane implements CallHandlers {
     if (body) this.#transfer.push(body);
     if (this.#microtaskQueued) return;
     this.#microtaskQueued = true;
-    // After the other transfers curl finished in the same turn have replied too (the microtask runs in the turn's
-    // check phase: see curl-engine.ts): one message for all of them.
+    // After the other transfers curl finished in the same turn have replied too (they complete together, in one
+    // immediate: see curl-engine.ts): one message for all of them.
     queueMicrotask(() => {
       this.#microtaskQueued = false;
       this.#flush();
