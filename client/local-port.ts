@@ -6,7 +6,8 @@
 //
 // What a MessagePort guarantees, and the channel relies on, holds here too:
 // - Messages arrive in order, in a later turn (an immediate), never inside the sender's call: the worker's side
-//   posts from curl's callbacks, which must not run the caller's code (it may pause or resume the transfer).
+//   posts from curl's callbacks, which must not run the caller's code (it may pause or resume the transfer). The
+//   transfer's outcome, delivered as curl reports it, waits for them (whenDelivered).
 // - close() on either end stops sending both ways; messages already sent are still delivered, then both ends
 //   emit 'close'.
 // Unlike a MessagePort, a message is not cloned: the receiver gets the sender's object. Both sides post fresh
@@ -24,6 +25,8 @@ export class LocalPort extends EventEmitter implements RequestPort {
   #closed = false;
   /** 'close' is owed once the inbox is delivered. */
   #closeOwed = false;
+  /** What waits for the inbox to be delivered (the peer's whenDelivered). */
+  #afterDelivery: Array<() => void> | undefined;
 
   /** Two connected ends. */
   static pair(): [LocalPort, LocalPort] {
@@ -37,6 +40,17 @@ export class LocalPort extends EventEmitter implements RequestPort {
   postMessage(message: unknown, _transfer?: ArrayBuffer[]): void {
     if (this.#closed) return;
     this.#peer.#deliverLater(message);
+  }
+
+  /** Calls `then` once what this end posted so far was delivered to the other: at once when nothing waits. */
+  whenDelivered(then: () => void): void {
+    const peer = this.#peer;
+    if (peer.#inbox.length === 0) {
+      then();
+      return;
+    }
+    peer.#afterDelivery ??= [];
+    peer.#afterDelivery.push(then);
   }
 
   close(): void {
@@ -64,6 +78,11 @@ export class LocalPort extends EventEmitter implements RequestPort {
     const inbox = this.#inbox;
     this.#inbox = [];
     for (const message of inbox) this.emit('message', message);
+    const after = this.#afterDelivery;
+    if (after) {
+      this.#afterDelivery = undefined;
+      for (const then of after) then();
+    }
     // (Messages a listener posted to this end meanwhile go in the next immediate, before the owed 'close'.)
     if (this.#inbox.length > 0) {
       this.#schedule();

@@ -332,10 +332,12 @@ describe('aborts and timeouts cancel one transfer, not the thread', () => {
     });
   }
 
-  // curl's completion message runs in the poll phase and the engine delivers the outcome in an immediate of the same
-  // turn (curl-engine.ts): an abort() in between found nothing left to cancel in the caller's own runtime, and the
-  // request resolved though the signal had fired before it settled. An immediate queued a turn earlier runs first
-  // in that check phase: one of a few counts of immediates after the origin's end lands there.
+  // curl's completion message runs in the poll phase and, with other transfers running, the engine delivers the
+  // outcome in an immediate of the same turn (curl-engine.ts; the only one running is delivered in the poll phase
+  // itself, and the check phase drains what that settles): an abort() in between found nothing left to cancel in the
+  // caller's own runtime, and the request resolved though the signal had fired before it settled. An immediate
+  // queued a turn earlier runs first in that check phase: one of a few counts of immediates after the origin's end
+  // lands there.
   for (const options of [{ threads: 0 }, { threads: 1 }]) {
     it(`an abort() after curl finished the transfer, before its outcome is delivered, still rejects it in the caller’s runtime (${JSON.stringify(options)})`, async () => {
       const local = new SockpoolClient({ socketPath: daemon.socketPath, ...options });

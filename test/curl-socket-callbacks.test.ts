@@ -689,6 +689,95 @@ describe("a connection resting in curl's cache between transfers", () => {
   });
 });
 
+describe('completions', () => {
+  // The engine (worker/curl-engine.ts) finishes the only transfer running inside onMessage: what that settles must
+  // continue in that turn of the loop, not at the thread's next event. A completion from the poll phase (curl read the answer when
+  // the socket turned readable) is followed by Node's check phase, which drains the microtasks. One from libuv's
+  // timer phase, which comes after the check phase, needs the callback scope the patch opens around curl's timer
+  // callback: here curl sends over a socket handed to it connected (OPENSOCKETFUNCTION, CURL_SOCKOPT_ALREADY_CONNECTED)
+  // from its timer, and the origin's answer is already there when it polls right after (the origin answers on
+  // accept), so it reads it and finishes inside that callback. In a process of its own, where nothing else wakes the
+  // loop (the next event it would get is a timer 5 s later); turns of the loop counted by libuv (uvMetricsInfo).
+  it.each([
+    ['the poll phase (an answer read when the socket turned readable)', 'poll'],
+    ['the timer phase (an answer there as curl sends from its timer)', 'timer'],
+  ])('what onMessage settles from %s continues in the same turn of the loop', async (_phase, mode) => {
+    // Answers every connection at once, asked or not.
+    const early = net.createServer((socket) => {
+      socket.on('error', () => {});
+      socket.on('data', () => {});
+      socket.write('HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok');
+    });
+    early.listen(0, '127.0.0.1');
+    await once(early, 'listening');
+    const earlyPort = (early.address() as net.AddressInfo).port;
+    const child = spawn(
+      process.execPath,
+      [
+        '-e',
+        `
+        const net = require('node:net');
+        const { Easy, Multi, CurlSockOpt } = require(process.argv[1]);
+        const [mode, port, earlyPort] = process.argv.slice(2);
+        const said = (what) => {
+          process.stdout.write(what);
+          process.exit(0);
+        };
+        const multi = new Multi();
+        const easy = new Easy();
+        easy.setOpt('WRITEFUNCTION', (data) => data.length);
+        const turn = () => performance.nodeTiming.uvMetricsInfo.loopCount;
+        multi.onMessage((error, handle, code) => {
+          multi.removeHandle(handle);
+          const reported = turn();
+          Promise.resolve().then(() => said('continuation ' + code + ', turns later: ' + (turn() - reported)));
+        });
+        const start = () => {
+          // The next event this process would get otherwise.
+          setTimeout(() => said('timer'), 5000);
+          multi.addHandle(easy);
+        };
+        if (mode === 'poll') {
+          easy.setOpt('URL', 'http://127.0.0.1:' + port + '/turn');
+          start();
+        } else {
+          // Node owns the fd and closes it (exit); the answer is in it before curl gets it.
+          const socket = net.connect({ host: '127.0.0.1', port: Number(earlyPort) });
+          socket.pause();
+          socket.once('connect', () => {
+            const fd = socket._handle.fd;
+            socket._handle.readStop();
+            easy.setOpt('URL', 'http://127.0.0.1:' + earlyPort + '/turn');
+            easy.setOpt('OPENSOCKETFUNCTION', () => fd);
+            easy.setOpt('SOCKOPTFUNCTION', () => CurlSockOpt.AlreadyConnected);
+            easy.setOpt('CLOSESOCKETFUNCTION', () => 0);
+            // (Time for the answer to arrive: were it late, curl would read it from the poll phase.)
+            setTimeout(start, 100);
+          });
+        }
+        `,
+        libcurlPath,
+        mode,
+        String(server.port),
+        String(earlyPort),
+      ],
+      { stdio: ['ignore', 'pipe', 'inherit'] },
+    );
+    let output = '';
+    child.stdout.on('data', (chunk) => {
+      output += chunk;
+    });
+    try {
+      const [exitCode] = await withDeadline('the process exits', once(child, 'exit'), 10_000);
+      expect(exitCode).toBe(0);
+      expect(output).toBe('continuation 0, turns later: 0');
+    } finally {
+      child.kill('SIGKILL');
+      early.close();
+    }
+  });
+});
+
 describe('in worker threads', () => {
   it('a worker lends curl its own connection', async () => {
     const worker = new Worker(

@@ -338,6 +338,9 @@ export class CurlEngine {
   #completedSpare: Array<HandleState['finish'] | CurlCode | Error | undefined> | undefined = [];
   /** #completeFinished as the immediate's callback, made once. */
   readonly #completeSoon = () => this.#completeFinished();
+  /** Transfers started and not finished (their handle's `finish` set): whether curl may still call into this thread's
+   *  JavaScript for another transfer in this turn (see the constructor). */
+  #running = 0;
 
   /** `maxConnects`: idle connections curl keeps (its default, 4 × the transfers running at that moment, would close
    *  keep-alive connections whenever the load dips). */
@@ -351,16 +354,38 @@ export class CurlEngine {
     this.#policy = policy;
     this.#tlsTrust = tlsTrustOf(policy);
     this.#multi.setOpt('MAXCONNECTS', options.maxConnects ?? 256);
-    // node-libcurl runs this callback from libuv without a callback scope (Function::Call, not MakeCallback), so
-    // no microtask checkpoint follows it: promise continuations of a finished transfer would wait for whatever
-    // event comes next, seconds later in an idle thread. The handle leaves the Multi at once; the transfer is
-    // finished in an immediate, whose callback scope drains the microtasks.
+    // node-libcurl calls this after curl's socket action returned, without a callback scope (Function::Call, not
+    // MakeCallback), and what a finish settles continues at the next microtask checkpoint. The handle leaves the
+    // Multi at once; when to finish the transfer depends on what else runs:
+    // - The only transfer running (a sequential caller): right here. Its continuations run in the same turn of the
+    //   loop: from the poll phase, Node drains the microtasks in its check phase (in the scope it opens for native
+    //   immediates); from curl's timer (libuv's timer phase, before the poll phase that may wait for seconds) our
+    //   patch opens a callback scope that drains them when curl returns (test/curl-socket-callbacks "what onMessage
+    //   settles from %s continues in the same turn of the loop"). An immediate later cost a keep-alive request
+    //   about 5 µs between its response and the next one.
+    // - Others still running: in the next immediate, all the transfers curl finished in the turn together. Finished
+    //   here, their continuations would run wherever the next checkpoint comes, and with other sockets ready in the
+    //   same poll phase that is at the end of one of curl's callbacks for another transfer (a MakeCallback), inside
+    //   curl: the caller's next request could not be added there (CURLM_RECURSIVE_API_CALL, retried an immediate
+    //   later), and with 16 in flight the client fell to three quarters of node-libcurl's rate.
     this.#multi.onMessage((error, easy, code) => {
       const state = this.#states.get(easy);
       if (!state?.finish) return;
       const finish = state.finish;
       state.finish = undefined;
+      this.#running--;
       this.#multi.removeHandle(easy);
+      if (this.#running === 0 && this.#completedCount === 0) {
+        try {
+          finish(code, error ?? undefined);
+        } catch (thrown) {
+          // node-libcurl swallows what this callback throws: a fault here must still be seen, as uncaught.
+          queueMicrotask(() => {
+            throw thrown;
+          });
+        }
+        return;
+      }
       const completed = this.#completed;
       const count = this.#completedCount;
       completed[count] = finish;
@@ -964,6 +989,7 @@ export class CurlEngine {
     }
     const finish = state.finish!;
     state.finish = undefined;
+    this.#running--;
     if (mayBeStream(state)) state.restUntil = performance.now() + HANDLE_REST_MS;
     finish(code, undefined, abortReason);
   }
@@ -1205,8 +1231,10 @@ export class CurlEngine {
       });
     }
     state.finish = state.finishAttempt;
+    this.#running++;
     if (signal.aborted) {
       state.finish = undefined;
+      this.#running--;
       this.#restoreSocketCallbacks(state, attempt);
       this.#release(state);
       this.#attemptEnded(transfer, slot, unsentFailure(CurlCode.CURLE_ABORTED_BY_CALLBACK, signal.reason));
@@ -1223,6 +1251,7 @@ export class CurlEngine {
       // (CURLM_RECURSIVE_API_CALL): add it on the next turn, unless the attempt ended meanwhile.
       if (!/within callback/i.test((error as Error).message)) {
         state.finish = undefined;
+        this.#running--;
         signal.removeEventListener('abort', state.onAbort);
         this.#restoreSocketCallbacks(state, attempt);
         this.#release(state);

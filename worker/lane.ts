@@ -3,10 +3,10 @@
 // port of its own gets its end here (lane-port.ts), whose messages travel in the same batches.
 //
 // When a batch goes: an outcome is ready in an immediate (curl-engine.ts completes transfers there, in a callback
-// scope), so a microtask after it sends the outcomes of that turn together. A port message may be posted from inside
-// curl's callbacks (the head, from HEADERFUNCTION), which node-libcurl runs without a callback scope: a microtask
-// queued there could wait for the next event of the thread, so port messages go out in an immediate instead (or
-// with the next outcomes, whichever comes first).
+// scope) or, for the only transfer running, as curl reports it (in node-libcurl's completion callback, which has no
+// callback scope: the check phase of that turn drains the microtasks); either way a microtask after it sends the
+// outcomes of that turn together. A port message may be posted from inside curl's callbacks (the head, from
+// HEADERFUNCTION): port messages go out in an immediate (or with the next outcomes, whichever comes first).
 //
 // The thread does not spin for a sequential caller's next request: it sleeps in its event loop like any other. Until
 // the ninth session it polled its lane for 0.1 ms after its last outcome went out; on a quiet machine that cost

@@ -28,6 +28,13 @@ export interface RequestPort {
   // biome-ignore lint/suspicious/noExplicitAny: as MessagePort's and EventEmitter's own listeners (the message's type is the listener's)
   on(event: 'message' | 'close', listener: (...args: any[]) => void): unknown;
   close(): void;
+  /**
+   * Calls `then` once the messages this end posted so far have reached the other end: an in-thread pair
+   * (client/local-port.ts) delivers them in a later turn, while a transfer's outcome is delivered as curl reports it,
+   * so the outcome waits for them (a streamed response's head and chunks come before its end). Ports whose messages
+   * travel with the outcome (a thread's lane) have none.
+   */
+  whenDelivered?(then: () => void): void;
 }
 
 /** Status line and headers of the final response, as soon as they are complete. */

@@ -226,9 +226,9 @@ export class TransferRuntime {
 
   /** A request's transfer ended (RequestRun.transferEnded): made once, not a closure per request. */
   readonly #requestEnded = (run: RequestRun, outcome: TransferOutcome, idleToOrigin: number): void => {
-    // The caller's signal fired after curl finished the transfer and before the engine delivered it (curl's completion
-    // message comes in the poll phase, the outcome in an immediate: curl-engine.ts), when there was nothing left to
-    // cancel: the request still fails, as one aborted a moment earlier would (its caller saw abort() before it settled).
+    // The caller's signal fired after curl finished the transfer and before the outcome reached the caller (which
+    // waits for the port's messages, below), when there was nothing left to cancel: the request still fails, as one
+    // aborted a moment earlier would (its caller saw abort() before it settled).
     if (outcome.ok && run.aborted && run.callerSignal?.aborted) {
       outcome = { ok: false, error: toPlainError(run.reason) };
     }
@@ -240,8 +240,15 @@ export class TransferRuntime {
     this.#deadlines.remove(run);
     this.#ended();
     run.callerSignal?.removeEventListener('abort', run);
-    run.port?.close();
-    run.done(outcome, idleToOrigin);
+    const port = run.port;
+    if (port === undefined) {
+      run.done(outcome, idleToOrigin);
+      return;
+    }
+    port.close();
+    // After the head and chunks the port still holds for the caller (an in-thread pair delivers them in a later turn).
+    if (port.whenDelivered) port.whenDelivered(() => run.done(outcome, idleToOrigin));
+    else run.done(outcome, idleToOrigin);
   };
 }
 
