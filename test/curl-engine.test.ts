@@ -6,7 +6,8 @@
 // sockets of their own over HTTP/1.1), the direct fallback when no daemon answers, acquire timeouts against the
 // request's own deadline, a deadline already passed, cancellation and close, and how many handles the engine keeps
 // (free, and resting after cancelled HTTP/2 streams), and a rate-limited origin's token given back, once, by an attempt
-// that sent nothing of its request (never spent by one that did). Every test ends with as many fds as it began with.
+// that sent nothing of its request (never spent by one that did), and that a finished transfer's caller's next request
+// goes into curl at once, alone or with others running. Every test ends with as many fds as it began with.
 import { once } from 'node:events';
 import http from 'node:http';
 import net from 'node:net';
@@ -310,6 +311,29 @@ describe('CurlEngine deadlines, cancellation and close', () => {
     const outcome = await running;
     expect(!outcome.ok && outcome.error).toMatchObject({ code: ErrorCodes.ABORTED, message: reason.message });
     expect(await curl.run(request('/after'))).toMatchObject({ ok: true });
+  });
+
+  it('a request that a finished transfer’s caller starts while others run is added to curl at once, not inside one of curl’s callbacks (a turn later)', async () => {
+    // The engine finishes the only transfer running in node-libcurl's completion callback, and transfers finished
+    // while others run in an immediate (curl-engine.ts). Finished in the callback, what they settle continued at the
+    // next microtask checkpoint, which with other sockets ready in the same poll phase is the end of curl's
+    // WRITEFUNCTION for another transfer: inside curl, which refuses the next request's handle there.
+    const curl = engine();
+    const callers = 8;
+    const each = 40;
+    await Promise.all(
+      Array.from({ length: callers }, async (_, caller) => {
+        for (let i = 0; i < each; i++) {
+          const outcome = await curl.run(request(`/caller/${caller}/${i}`));
+          expect(outcome.ok && text(outcome.result.body)).toBe(`hello from /caller/${caller}/${i}`);
+        }
+      }),
+    );
+    expect(seen).toHaveLength(callers * each);
+    expect(curl.addsDeferred).toBe(0);
+    // One alone: finished in the callback, its caller's next request still goes in at once.
+    for (let i = 0; i < 20; i++) expect(await curl.run(request(`/alone/${i}`))).toMatchObject({ ok: true });
+    expect(curl.addsDeferred).toBe(0);
   });
 
   it('fails the transfers still running with SOCKPOOL_ERR_CLOSED on close', async () => {

@@ -341,6 +341,8 @@ export class CurlEngine {
   /** Transfers started and not finished (their handle's `finish` set): whether curl may still call into this thread's
    *  JavaScript for another transfer in this turn (see the constructor). */
   #running = 0;
+  /** See addsDeferred. */
+  #addsDeferred = 0;
 
   /** `maxConnects`: idle connections curl keeps (its default, 4 × the transfers running at that moment, would close
    *  keep-alive connections whenever the load dips). */
@@ -404,6 +406,11 @@ export class CurlEngine {
   /** curl handles resting after a transfer taken out mid-way (HandleState.restUntil), among `handles`: for tests. */
   get resting(): number {
     return this.#resting.length;
+  }
+
+  /** Transfers that were started inside one of curl's callbacks, and added to curl a turn later: for tests. */
+  get addsDeferred(): number {
+    return this.#addsDeferred;
   }
 
   /** Finishes the transfers curl finished (in an immediate, or at close()). */
@@ -1258,6 +1265,7 @@ export class CurlEngine {
         this.#attemptEnded(transfer, slot, unsentFailure(0, error));
         return;
       }
+      this.#addsDeferred++;
       setImmediate(() => {
         if (state.current !== attempt || !state.finish) return;
         this.#multi.addHandle(state.easy);
