@@ -1,8 +1,9 @@
-// What a response's head is made of, now that it comes from curl's header API in one native call (responseHead in
-// our node-libcurl patch) instead of a JS callback per header line: the final response's headers only (not a 103
-// Early Hints block, not trailers), repeated names kept in order, names lower-cased, bytes as latin1; the status,
-// version and URL; and, for streamed responses, the head as soon as it is complete (before any body byte). Both in
-// worker threads and with `threads: 0`. Real daemon, real HTTP server.
+// What a response's head is made of, now that it comes from one native call (responseHead in our node-libcurl patch,
+// which keeps the head's lines as curl hands them over) instead of a JS callback per header line: the final
+// response's headers only (not a 103 Early Hints block, not trailers), repeated names kept in order, names
+// lower-cased, bytes as latin1, all of 300; the status, version and URL; and, for streamed responses, the head as soon
+// as it is complete (before any body byte). Both in worker threads and with `threads: 0`. Real daemon, real HTTP
+// server.
 import type http from 'node:http';
 import net from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -24,6 +25,13 @@ beforeAll(async () => {
       response.writeHead(202, { 'x-held': 'yes' });
       response.flushHeaders();
       held.push(response);
+      return;
+    }
+    if (request.url === '/many') {
+      // Many headers, a name repeated among them.
+      for (let i = 0; i < 300; i++) response.setHeader(`X-Many-${i}`, String(i));
+      response.setHeader('X-Again', ['first', 'second', 'third']);
+      response.end('many');
       return;
     }
     response.writeEarlyHints({ link: '</style.css>; rel=preload' });
@@ -105,6 +113,23 @@ describe.each([
       expect(get('x-fold')).toHaveLength(1);
       expect(get('x-fold')[0]).toMatch(/^first\s*second$/);
       for (const [name, value] of response.headers) expect(`${name}: ${value}`).not.toMatch(/[\r\n]/);
+    } finally {
+      await client.close();
+    }
+  });
+
+  it('has every one of 300 headers, in order, with a repeated name’s values in order', async () => {
+    const client = new SockpoolClient({ socketPath: daemon.socketPath, threads });
+    try {
+      const response = await client.request(`http://127.0.0.1:${origin.port}/many`);
+      expect(response.body.toString()).toBe('many');
+      const many = response.headers.filter(([name]) => name.startsWith('x-many-'));
+      expect(many).toEqual(Array.from({ length: 300 }, (_, i) => [`x-many-${i}`, String(i)]));
+      expect(response.headers.filter(([name]) => name === 'x-again').map(([, value]) => value)).toEqual([
+        'first',
+        'second',
+        'third',
+      ]);
     } finally {
       await client.close();
     }
