@@ -64,6 +64,22 @@ async function withDeadline<T>(what: string, promise: Promise<T>, timeoutMs = 5_
 }
 
 /** Whether this host can listen on `address` (IPv6 loopback can be disabled). */
+/** Runs `script` in a Node process of its own (`args` after it, as process.argv[1...]); its stdout and exit code,
+ *  killed if it has not exited within 10 s. */
+async function runScript(script: string, ...args: string[]): Promise<{ exitCode: number | null; output: string }> {
+  const child = spawn(process.execPath, ['-e', script, ...args], { stdio: ['ignore', 'pipe', 'inherit'] });
+  let output = '';
+  child.stdout.on('data', (chunk) => {
+    output += chunk;
+  });
+  try {
+    const [exitCode] = await withDeadline('the process exits', once(child, 'exit'), 10_000);
+    return { exitCode, output };
+  } finally {
+    child.kill('SIGKILL');
+  }
+}
+
 async function canListen(address: string): Promise<boolean> {
   const probe = net.createServer();
   try {
@@ -652,40 +668,26 @@ describe("a connection resting in curl's cache between transfers", () => {
   });
 
   it('does not keep a process alive: one that made a keep-alive transfer and closed nothing exits by itself', async () => {
-    const child = spawn(
-      process.execPath,
-      [
-        '-e',
-        `
-        const { closeSync } = require('node:fs');
-        const { Easy, Multi } = require(process.argv[1]);
-        const multi = new Multi();
-        const easy = new Easy();
-        easy.setOpt('URL', 'http://127.0.0.1:' + process.argv[2] + '/exits');
-        easy.setOpt('CLOSESOCKETFUNCTION', (fd) => (closeSync(fd), 0));
-        easy.setOpt('WRITEFUNCTION', (data) => data.length);
-        multi.onMessage((error, handle, code) => {
-          multi.removeHandle(handle);
-          process.stdout.write('code ' + code + '\\n');
-        });
-        multi.addHandle(easy);
-        `,
-        libcurlPath,
-        String(server.port),
-      ],
-      { stdio: ['ignore', 'pipe', 'inherit'] },
+    const { exitCode, output } = await runScript(
+      `
+      const { closeSync } = require('node:fs');
+      const { Easy, Multi } = require(process.argv[1]);
+      const multi = new Multi();
+      const easy = new Easy();
+      easy.setOpt('URL', 'http://127.0.0.1:' + process.argv[2] + '/exits');
+      easy.setOpt('CLOSESOCKETFUNCTION', (fd) => (closeSync(fd), 0));
+      easy.setOpt('WRITEFUNCTION', (data) => data.length);
+      multi.onMessage((error, handle, code) => {
+        multi.removeHandle(handle);
+        process.stdout.write('code ' + code + '\\n');
+      });
+      multi.addHandle(easy);
+      `,
+      libcurlPath,
+      String(server.port),
     );
-    let output = '';
-    child.stdout.on('data', (chunk) => {
-      output += chunk;
-    });
-    try {
-      const [exitCode] = await withDeadline('the process exits', once(child, 'exit'), 10_000);
-      expect(output).toBe('code 0\n');
-      expect(exitCode).toBe(0);
-    } finally {
-      child.kill('SIGKILL');
-    }
+    expect(output).toBe('code 0\n');
+    expect(exitCode).toBe(0);
   });
 });
 
@@ -711,10 +713,8 @@ describe('completions', () => {
     early.listen(0, '127.0.0.1');
     await once(early, 'listening');
     const earlyPort = (early.address() as net.AddressInfo).port;
-    const child = spawn(
-      process.execPath,
-      [
-        '-e',
+    try {
+      const { exitCode, output } = await runScript(
         `
         const net = require('node:net');
         const { Easy, Multi, CurlSockOpt } = require(process.argv[1]);
@@ -760,19 +760,10 @@ describe('completions', () => {
         mode,
         String(server.port),
         String(earlyPort),
-      ],
-      { stdio: ['ignore', 'pipe', 'inherit'] },
-    );
-    let output = '';
-    child.stdout.on('data', (chunk) => {
-      output += chunk;
-    });
-    try {
-      const [exitCode] = await withDeadline('the process exits', once(child, 'exit'), 10_000);
+      );
       expect(exitCode).toBe(0);
       expect(output).toBe('continuation 0, turns later: 0');
     } finally {
-      child.kill('SIGKILL');
       early.close();
     }
   });
