@@ -239,6 +239,8 @@ interface HandleState {
    * (not after a transfer asked to speak HTTP/1.1: see #takeOut).
    */
   restUntil: number;
+  /** The limit the handle collects bodies with (Easy.collectBody; -1: it does not, WRITEFUNCTION gets them). */
+  collectLimit: number;
 }
 
 type PlainOption = string | number | boolean | null;
@@ -790,6 +792,7 @@ export class CurlEngine {
       method: undefined,
       bodyLength: undefined,
       restUntil: 0,
+      collectLimit: -1,
     };
     try {
       this.#setUp(state);
@@ -1158,6 +1161,19 @@ export class CurlEngine {
     } else {
       setListOption(state, 'RESOLVE', '', null);
     }
+    // A buffered body is collected in the handle and taken once at the end (Easy.collectBody, takeBody in
+    // #finishAttempt): no WRITEFUNCTION call per chunk, which was the costliest part of a small keep-alive response.
+    // Not over a relayed HTTP/2 session, whose stall watch counts what WRITEFUNCTION receives. Set at every attempt
+    // that collects (it also clears the handle's collected bytes: nothing of a transfer before can be in them).
+    const collect = io.sink instanceof BufferSink && relay?.alpn !== 'h2';
+    if (collect) {
+      const limit = attempt.maxBodyBytes === Number.POSITIVE_INFINITY ? Number.MAX_SAFE_INTEGER : attempt.maxBodyBytes;
+      easy.collectBody(limit);
+      state.collectLimit = limit;
+    } else if (state.collectLimit >= 0) {
+      easy.collectBody(-1);
+      state.collectLimit = -1;
+    }
     // curl connects by itself: its default socket callbacks for this attempt (restored when it ends).
     if (attempt.mode === 'direct') this.#useLeasedSockets(state, false);
   }
@@ -1281,6 +1297,17 @@ export class CurlEngine {
     const { transfer, slot, request, io } = attempt;
     io.signal.removeEventListener('abort', state.onAbort);
     this.#restoreSocketCallbacks(state, attempt);
+    if (state.collectLimit >= 0) {
+      // The body the handle collected (#configure): into the sink as one chunk, or past maxBodyBytes (curl then
+      // failed the transfer with CURLE_WRITE_ERROR, as when WRITEFUNCTION refuses a chunk). Taken whatever the end,
+      // so that the handle holds none of it.
+      const body = state.easy.takeBody();
+      if (body === null) attempt.tooLarge = true;
+      else if (body.length > 0 && abortReason === undefined && code === CurlCode.CURLE_OK) {
+        io.sink.write(body);
+        attempt.bodyBytes += body.length;
+      }
+    }
     if (abortReason !== undefined) {
       const failure = new TransferFailure(code, abortReason, true);
       failure.unsent = transfer.token !== undefined && this.#unsent(state, attempt);

@@ -1,0 +1,143 @@
+// Easy.collectBody / takeBody (our node-libcurl patch): the body of a transfer gathered in the handle as curl writes
+// it, with no WRITEFUNCTION call, and handed over once; what the engine (worker/curl-engine.ts) does for a buffered
+// response. Covered: a body of one chunk and one of many, intact and in order; a body past the limit fails the
+// transfer with CURLE_WRITE_ERROR and takeBody says so (null); the next transfer starts clean; a negative limit
+// gives the body back to WRITEFUNCTION; bad arguments are a TypeError; no fd left. Real libcurl, a real loopback HTTP
+// server.
+import { randomBytes } from 'node:crypto';
+import { once } from 'node:events';
+import http from 'node:http';
+import type net from 'node:net';
+import { CurlCode, Easy, Multi } from 'node-libcurl';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { fdCount } from './fixtures/native-helpers.js';
+
+/** Bodies by path: a small one (one chunk) and a large one (curl writes it in many). */
+const bodies = new Map<string, Buffer>([
+  ['/small', Buffer.from('a small body')],
+  ['/large', randomBytes(3 * 1024 * 1024 + 7)],
+  ['/empty', Buffer.alloc(0)],
+]);
+let server: http.Server;
+let port: number;
+let multi: Multi;
+let fdsBefore: number;
+
+beforeAll(async () => {
+  fdsBefore = fdCount();
+  server = http.createServer((request, response) => {
+    const body = bodies.get(request.url ?? '');
+    if (!body) return void response.writeHead(404).end();
+    response.writeHead(200, { 'content-length': body.length });
+    response.end(body);
+  });
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  port = (server.address() as net.AddressInfo).port;
+  multi = new Multi();
+});
+
+afterAll(async () => {
+  multi.close();
+  server.closeAllConnections();
+  server.close();
+  await once(server, 'close');
+  // curl's connections went with the Multi.
+  expect(fdCount()).toBe(fdsBefore);
+});
+
+/** One transfer of `path` on `easy` through the Multi: curl's code. */
+function transfer(easy: Easy, path: string): Promise<number> {
+  easy.setOpt('URL', `http://127.0.0.1:${port}${path}`);
+  return new Promise((resolve) => {
+    multi.onMessage((_error, handle, code) => {
+      multi.removeHandle(handle);
+      resolve(code);
+    });
+    multi.addHandle(easy);
+  });
+}
+
+/** A handle whose WRITEFUNCTION counts its calls. */
+function countingEasy(): { easy: Easy; writes: () => number; written: () => Buffer } {
+  const easy = new Easy();
+  const chunks: Buffer[] = [];
+  easy.setOpt('WRITEFUNCTION', (data: Buffer) => {
+    chunks.push(Buffer.from(data));
+    return data.length;
+  });
+  return { easy, writes: () => chunks.length, written: () => Buffer.concat(chunks) };
+}
+
+describe('Easy.collectBody and takeBody', () => {
+  it('collect a body of one chunk and one of many, intact, with no WRITEFUNCTION call, and start clean each time', async () => {
+    const { easy, writes } = countingEasy();
+    try {
+      easy.collectBody(Number.MAX_SAFE_INTEGER);
+      for (const path of ['/small', '/large', '/empty', '/small']) {
+        expect(await transfer(easy, path)).toBe(CurlCode.CURLE_OK);
+        const body = easy.takeBody();
+        expect(body).toBeInstanceOf(Buffer);
+        expect(Buffer.compare(body!, bodies.get(path)!)).toBe(0);
+        // Taken: nothing left for the next call.
+        expect(easy.takeBody()!.length).toBe(0);
+      }
+      expect(writes()).toBe(0);
+    } finally {
+      easy.close();
+    }
+  });
+
+  it('a body past the limit fails its transfer with CURLE_WRITE_ERROR and takeBody says so; the next one is whole', async () => {
+    const { easy, writes } = countingEasy();
+    try {
+      const small = bodies.get('/small')!;
+      easy.collectBody(small.length - 1);
+      expect(await transfer(easy, '/small')).toBe(CurlCode.CURLE_WRITE_ERROR);
+      expect(easy.takeBody()).toBeNull();
+      easy.collectBody(1024 * 1024);
+      expect(await transfer(easy, '/large')).toBe(CurlCode.CURLE_WRITE_ERROR);
+      expect(easy.takeBody()).toBeNull();
+      // Exactly the limit is not past it.
+      easy.collectBody(small.length);
+      expect(await transfer(easy, '/small')).toBe(CurlCode.CURLE_OK);
+      expect(easy.takeBody()!.toString()).toBe(small.toString());
+      expect(writes()).toBe(0);
+    } finally {
+      easy.close();
+    }
+  });
+
+  it('a negative limit gives the body back to WRITEFUNCTION; reset() stops collecting too', async () => {
+    const { easy, writes, written } = countingEasy();
+    try {
+      easy.collectBody(Number.MAX_SAFE_INTEGER);
+      expect(await transfer(easy, '/small')).toBe(CurlCode.CURLE_OK);
+      easy.collectBody(-1);
+      expect(await transfer(easy, '/large')).toBe(CurlCode.CURLE_OK);
+      expect(writes()).toBeGreaterThan(1);
+      expect(Buffer.compare(written(), bodies.get('/large')!)).toBe(0);
+      expect(easy.takeBody()!.length).toBe(0);
+
+      easy.collectBody(Number.MAX_SAFE_INTEGER);
+      easy.reset();
+      const collected: Buffer[] = [];
+      easy.setOpt('WRITEFUNCTION', (data: Buffer) => {
+        collected.push(Buffer.from(data));
+        return data.length;
+      });
+      expect(await transfer(easy, '/small')).toBe(CurlCode.CURLE_OK);
+      expect(Buffer.concat(collected).toString()).toBe('a small body');
+    } finally {
+      easy.close();
+    }
+  });
+
+  it('refuses a limit that is not a number, and a closed handle', () => {
+    const easy = new Easy();
+    expect(() => (easy.collectBody as (limit?: unknown) => void)('10')).toThrow(TypeError);
+    expect(() => (easy.collectBody as (limit?: unknown) => void)()).toThrow(TypeError);
+    easy.close();
+    expect(() => easy.collectBody(10)).toThrow(/closed/);
+  });
+});
