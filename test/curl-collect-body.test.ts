@@ -1,9 +1,9 @@
 // Easy.collectBody / takeBody (our node-libcurl patch): the body of a transfer gathered in the handle as curl writes
 // it, with no WRITEFUNCTION call, and handed over once; what the engine (worker/curl-engine.ts) does for a buffered
 // response. Covered: a body of one chunk and one of many, intact and in order; a body past the limit fails the
-// transfer with CURLE_WRITE_ERROR and takeBody says so (null); the next transfer starts clean; a negative limit
-// gives the body back to WRITEFUNCTION; bad arguments are a TypeError; no fd left. Real libcurl, a real loopback HTTP
-// server.
+// transfer with CURLE_WRITE_ERROR and takeBody says so (null); the next transfer starts clean; takeBody and a
+// negative limit give the body back to WRITEFUNCTION; bad arguments are a TypeError; no fd left. Real libcurl, a real
+// loopback HTTP server.
 import { randomBytes } from 'node:crypto';
 import { once } from 'node:events';
 import http from 'node:http';
@@ -70,11 +70,11 @@ function countingEasy(): { easy: Easy; writes: () => number; written: () => Buff
 }
 
 describe('Easy.collectBody and takeBody', () => {
-  it('collect a body of one chunk and one of many, intact, with no WRITEFUNCTION call, and start clean each time', async () => {
+  it('collect a body of one chunk and one of many, intact, with no WRITEFUNCTION call; taking it ends the collecting', async () => {
     const { easy, writes } = countingEasy();
     try {
-      easy.collectBody(Number.MAX_SAFE_INTEGER);
       for (const path of ['/small', '/large', '/empty', '/small']) {
+        easy.collectBody(Number.MAX_SAFE_INTEGER);
         expect(await transfer(easy, path)).toBe(CurlCode.CURLE_OK);
         const body = easy.takeBody();
         expect(body).toBeInstanceOf(Buffer);
@@ -83,6 +83,9 @@ describe('Easy.collectBody and takeBody', () => {
         expect(easy.takeBody()!.length).toBe(0);
       }
       expect(writes()).toBe(0);
+      // Taking it ended the collecting: the next transfer's body goes to WRITEFUNCTION.
+      expect(await transfer(easy, '/small')).toBe(CurlCode.CURLE_OK);
+      expect(writes()).toBe(1);
     } finally {
       easy.close();
     }
@@ -95,6 +98,7 @@ describe('Easy.collectBody and takeBody', () => {
       easy.collectBody(small.length - 1);
       expect(await transfer(easy, '/small')).toBe(CurlCode.CURLE_WRITE_ERROR);
       expect(easy.takeBody()).toBeNull();
+      // (The next transfer starts clean: nothing of the refused body, no overflow left.)
       easy.collectBody(1024 * 1024);
       expect(await transfer(easy, '/large')).toBe(CurlCode.CURLE_WRITE_ERROR);
       expect(easy.takeBody()).toBeNull();

@@ -1164,13 +1164,15 @@ export class CurlEngine {
     // A buffered body is collected in the handle and taken once at the end (Easy.collectBody, takeBody in
     // #finishAttempt): no WRITEFUNCTION call per chunk, which was the costliest part of a small keep-alive response.
     // Not over a relayed HTTP/2 session, whose stall watch counts what WRITEFUNCTION receives. Set at every attempt
-    // that collects (it also clears the handle's collected bytes: nothing of a transfer before can be in them).
+    // that collects, and ended by takeBody at every attempt's end: what curl writes to a handle with no transfer (an
+    // HTTP/2 stream's late frames after its transfer was taken out) goes to WRITEFUNCTION, which drops it.
     const collect = io.sink instanceof BufferSink && relay?.alpn !== 'h2';
     if (collect) {
       const limit = attempt.maxBodyBytes === Number.POSITIVE_INFINITY ? Number.MAX_SAFE_INTEGER : attempt.maxBodyBytes;
       easy.collectBody(limit);
       state.collectLimit = limit;
     } else if (state.collectLimit >= 0) {
+      // (An attempt that collected and ended before curl ran it, without takeBody.)
       easy.collectBody(-1);
       state.collectLimit = -1;
     }
@@ -1300,8 +1302,9 @@ export class CurlEngine {
     if (state.collectLimit >= 0) {
       // The body the handle collected (#configure): into the sink as one chunk, or past maxBodyBytes (curl then
       // failed the transfer with CURLE_WRITE_ERROR, as when WRITEFUNCTION refuses a chunk). Taken whatever the end,
-      // so that the handle holds none of it.
+      // so that the handle holds none of it; taking it ends the collecting.
       const body = state.easy.takeBody();
+      state.collectLimit = -1;
       if (body === null) attempt.tooLarge = true;
       else if (body.length > 0 && abortReason === undefined && code === CurlCode.CURLE_OK) {
         io.sink.write(body);
