@@ -239,8 +239,8 @@ interface HandleState {
    * (not after a transfer asked to speak HTTP/1.1: see #takeOut).
    */
   restUntil: number;
-  /** The limit the handle collects bodies with (Easy.collectBody; -1: it does not, WRITEFUNCTION gets them). */
-  collectLimit: number;
+  /** Whether the handle collects the body (Easy.collectBody) rather than giving it to WRITEFUNCTION. */
+  collecting: boolean;
 }
 
 type PlainOption = string | number | boolean | null;
@@ -792,7 +792,7 @@ export class CurlEngine {
       method: undefined,
       bodyLength: undefined,
       restUntil: 0,
-      collectLimit: -1,
+      collecting: false,
     };
     try {
       this.#setUp(state);
@@ -1166,15 +1166,13 @@ export class CurlEngine {
     // Not over a relayed HTTP/2 session, whose stall watch counts what WRITEFUNCTION receives. Set at every attempt
     // that collects, and ended by takeBody at every attempt's end: what curl writes to a handle with no transfer (an
     // HTTP/2 stream's late frames after its transfer was taken out) goes to WRITEFUNCTION, which drops it.
-    const collect = io.sink instanceof BufferSink && relay?.alpn !== 'h2';
-    if (collect) {
-      const limit = attempt.maxBodyBytes === Number.POSITIVE_INFINITY ? Number.MAX_SAFE_INTEGER : attempt.maxBodyBytes;
-      easy.collectBody(limit);
-      state.collectLimit = limit;
-    } else if (state.collectLimit >= 0) {
+    if (io.sink instanceof BufferSink && relay?.alpn !== 'h2') {
+      easy.collectBody(Math.min(attempt.maxBodyBytes, Number.MAX_SAFE_INTEGER));
+      state.collecting = true;
+    } else if (state.collecting) {
       // (An attempt that collected and ended before curl ran it, without takeBody.)
       easy.collectBody(-1);
-      state.collectLimit = -1;
+      state.collecting = false;
     }
     // curl connects by itself: its default socket callbacks for this attempt (restored when it ends).
     if (attempt.mode === 'direct') this.#useLeasedSockets(state, false);
@@ -1299,12 +1297,12 @@ export class CurlEngine {
     const { transfer, slot, request, io } = attempt;
     io.signal.removeEventListener('abort', state.onAbort);
     this.#restoreSocketCallbacks(state, attempt);
-    if (state.collectLimit >= 0) {
+    if (state.collecting) {
       // The body the handle collected (#configure): into the sink as one chunk, or past maxBodyBytes (curl then
       // failed the transfer with CURLE_WRITE_ERROR, as when WRITEFUNCTION refuses a chunk). Taken whatever the end,
       // so that the handle holds none of it; taking it ends the collecting.
       const body = state.easy.takeBody();
-      state.collectLimit = -1;
+      state.collecting = false;
       if (body === null) attempt.tooLarge = true;
       else if (body.length > 0 && abortReason === undefined && code === CurlCode.CURLE_OK) {
         io.sink.write(body);
