@@ -8,7 +8,6 @@
 // Node keeps owning that fd: the socket is paused before it connects (Node never starts reading it), curl's
 // CLOSESOCKETFUNCTION returns 0 without closing it, and socket.destroy() closes it once curl is done. The leak tests
 // instead let curl open its own sockets (CLOSESOCKETFUNCTION only), which the callback closes with fs.closeSync.
-import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { closeSync, openSync, readdirSync, readFileSync, readlinkSync } from 'node:fs';
 import http from 'node:http';
@@ -29,6 +28,7 @@ import {
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import * as native from '../shared/native.js';
 import { nativeAddonPath } from '../shared/native.js';
+import { runChildToEnd } from './helpers/children.js';
 import { eventually } from './helpers/daemon.js';
 import { requirePrerequisite } from './helpers/require.js';
 import { createTestPki, type TestPki } from './helpers/tls.js';
@@ -64,20 +64,9 @@ async function withDeadline<T>(what: string, promise: Promise<T>, timeoutMs = 5_
 }
 
 /** Whether this host can listen on `address` (IPv6 loopback can be disabled). */
-/** Runs `script` in a Node process of its own (`args` after it, as process.argv[1...]); its stdout and exit code,
- *  killed if it has not exited within 10 s. */
-async function runScript(script: string, ...args: string[]): Promise<{ exitCode: number | null; output: string }> {
-  const child = spawn(process.execPath, ['-e', script, ...args], { stdio: ['ignore', 'pipe', 'inherit'] });
-  let output = '';
-  child.stdout.on('data', (chunk) => {
-    output += chunk;
-  });
-  try {
-    const [exitCode] = await withDeadline('the process exits', once(child, 'exit'), 10_000);
-    return { exitCode, output };
-  } finally {
-    child.kill('SIGKILL');
-  }
+/** Runs `script` in a Node process of its own (`args` after it, as process.argv[1...]), within 10 s. */
+function runScript(script: string, ...args: string[]): ReturnType<typeof runChildToEnd> {
+  return withDeadline('the process exits', runChildToEnd(process.execPath, ['-e', script, ...args]), 10_000);
 }
 
 async function canListen(address: string): Promise<boolean> {
@@ -668,7 +657,7 @@ describe("a connection resting in curl's cache between transfers", () => {
   });
 
   it('does not keep a process alive: one that made a keep-alive transfer and closed nothing exits by itself', async () => {
-    const { exitCode, output } = await runScript(
+    const { code: exitCode, stdout: output } = await runScript(
       `
       const { closeSync } = require('node:fs');
       const { Easy, Multi } = require(process.argv[1]);
@@ -714,7 +703,7 @@ describe('completions', () => {
     await once(early, 'listening');
     const earlyPort = (early.address() as net.AddressInfo).port;
     try {
-      const { exitCode, output } = await runScript(
+      const { code: exitCode, stdout: output } = await runScript(
         `
         const net = require('node:net');
         const { Easy, Multi, CurlSockOpt } = require(process.argv[1]);
