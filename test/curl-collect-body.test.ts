@@ -2,8 +2,8 @@
 // it, with no WRITEFUNCTION call, and handed over once; what the engine (worker/curl-engine.ts) does for a buffered
 // response. Covered: a body of one chunk and one of many, intact and in order; a body past the limit fails the
 // transfer with CURLE_WRITE_ERROR and takeBody says so (null); the next transfer starts clean; takeBody and a
-// negative limit give the body back to WRITEFUNCTION; bad arguments are a TypeError; no fd left. Real libcurl, a real
-// loopback HTTP server.
+// negative limit give the body back to WRITEFUNCTION; a body that fits a caller's target is copied into it; bad
+// arguments are a TypeError; no fd left. Real libcurl, a real loopback HTTP server.
 import { randomBytes } from 'node:crypto';
 import { once } from 'node:events';
 import http from 'node:http';
@@ -132,6 +132,45 @@ describe('Easy.collectBody and takeBody', () => {
       });
       expect(await transfer(easy, '/small')).toBe(CurlCode.CURLE_OK);
       expect(Buffer.concat(collected).toString()).toBe('a small body');
+    } finally {
+      easy.close();
+    }
+  });
+
+  it('copies a body that fits a target into it and says how long it is; one that does not comes as a Buffer', async () => {
+    const { easy, writes } = countingEasy();
+    const small = bodies.get('/small')!;
+    // Filled beforehand: only the body's own bytes are written, from the start.
+    const target = new Uint8Array(small.length + 5).fill(0xee);
+    try {
+      easy.collectBody(Number.MAX_SAFE_INTEGER);
+      expect(await transfer(easy, '/small')).toBe(CurlCode.CURLE_OK);
+      expect(easy.takeBody(target)).toBe(small.length);
+      expect(Buffer.from(target.subarray(0, small.length)).toString()).toBe(small.toString());
+      expect([...target.subarray(small.length)]).toEqual([0xee, 0xee, 0xee, 0xee, 0xee]);
+      // Taken: nothing left.
+      expect(easy.takeBody(target)).toBe(0);
+
+      easy.collectBody(Number.MAX_SAFE_INTEGER);
+      expect(await transfer(easy, '/large')).toBe(CurlCode.CURLE_OK);
+      const large = easy.takeBody(target);
+      expect(large).toBeInstanceOf(Buffer);
+      expect(Buffer.compare(large as Buffer, bodies.get('/large')!)).toBe(0);
+
+      // Past the limit: null, target or not.
+      easy.collectBody(small.length - 1);
+      expect(await transfer(easy, '/small')).toBe(CurlCode.CURLE_WRITE_ERROR);
+      expect(easy.takeBody(target)).toBeNull();
+      expect(writes()).toBe(0);
+
+      // Not a Uint8Array: a TypeError, and the body is still there to take.
+      easy.collectBody(Number.MAX_SAFE_INTEGER);
+      expect(await transfer(easy, '/small')).toBe(CurlCode.CURLE_OK);
+      const takeAny = easy.takeBody as (target?: unknown) => unknown;
+      for (const bad of [new Uint16Array(64), small.length, 'x', new ArrayBuffer(64)]) {
+        expect(() => takeAny.call(easy, bad)).toThrow(TypeError);
+      }
+      expect((easy.takeBody() as Buffer).toString()).toBe(small.toString());
     } finally {
       easy.close();
     }

@@ -326,6 +326,11 @@ export class CurlEngine {
   #seq = 0;
   /** responseHead's numbers (status, version, timings), read right after each call. */
   #headNumbers = new Float64Array(6);
+  /**
+   * Where a collected body that fits is copied (takeBody), to be copied on into a Buffer from Node's pool: cheaper
+   * than a Buffer the addon makes for it. Only read in the call that filled it.
+   */
+  #bodyScratch = new Uint8Array(16 * 1024);
   #closed = false;
   /** Rate-limited origins: a token per request before it goes out (rate-tokens.ts). */
   #rateTokens: RateTokens | undefined;
@@ -1301,12 +1306,15 @@ export class CurlEngine {
       // The body the handle collected (#configure): into the sink as one chunk, or past maxBodyBytes (curl then
       // failed the transfer with CURLE_WRITE_ERROR, as when WRITEFUNCTION refuses a chunk). Taken whatever the end,
       // so that the handle holds none of it; taking it ends the collecting.
-      const body = state.easy.takeBody();
+      const taken = state.easy.takeBody(this.#bodyScratch);
       state.collecting = false;
-      if (body === null) attempt.tooLarge = true;
-      else if (body.length > 0 && abortReason === undefined && code === CurlCode.CURLE_OK) {
-        io.sink.write(body);
-        attempt.bodyBytes += body.length;
+      if (taken === null) attempt.tooLarge = true;
+      else if (abortReason === undefined && code === CurlCode.CURLE_OK) {
+        const body = typeof taken === 'number' ? Buffer.copyBytesFrom(this.#bodyScratch, 0, taken) : taken;
+        if (body.length > 0) {
+          io.sink.write(body);
+          attempt.bodyBytes += body.length;
+        }
       }
     }
     if (abortReason !== undefined) {
