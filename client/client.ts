@@ -411,7 +411,7 @@ export class SockpoolClient {
     if (threads === 0) {
       // In the caller's own thread: no thread hops per request (the fastest for keep-alive loads), at the price
       // of running curl's callbacks on the caller's event loop.
-      this.#local = new TransferRuntime(workerData, `sockpool-client-${process.pid}`);
+      this.#local = new TransferRuntime(workerData, `sockpool-client-${process.pid}`, true);
       return;
     }
     this.#pool = new Piscina({
@@ -711,7 +711,7 @@ export class SockpoolClient {
   #inlineRuntime(): TransferRuntime | undefined {
     if (this.#inline) return this.#inline;
     try {
-      this.#inline = new TransferRuntime(this.#workerData, `sockpool-client-${process.pid}`);
+      this.#inline = new TransferRuntime(this.#workerData, `sockpool-client-${process.pid}`, true);
     } catch {
       // (Nothing is lost: the threads have their own runtimes, and a request they cannot run says why.)
       this.#inlineWanted = false;

@@ -11,6 +11,7 @@
 import { once } from 'node:events';
 import http from 'node:http';
 import net from 'node:net';
+import { MessageChannel } from 'node:worker_threads';
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { connectTcp } from '../daemon/tcp-connect.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
@@ -101,8 +102,8 @@ async function serverSideOf(fd: number): Promise<net.Socket> {
   return byClientPort.get(clientPort)!;
 }
 
-function engine(policy: Partial<ClientPolicy> = {}): CurlEngine {
-  const created = new CurlEngine(new SocketSupply(link), { acquireTimeoutMs: 5_000, ...policy });
+function engine(policy: Partial<ClientPolicy> = {}, callerThread = false): CurlEngine {
+  const created = new CurlEngine(new SocketSupply(link), { acquireTimeoutMs: 5_000, ...policy }, { callerThread });
   engines.push(created);
   return created;
 }
@@ -158,6 +159,28 @@ describe('CurlEngine connections', () => {
     expect(connections).toHaveLength(1);
     curl.close(); // curl closes its connection: the lease is reported closed
     expect(link.closedLeases).toEqual([1]);
+  });
+
+  it('gives bodies that own exactly their memory (to be moved to another thread), or in the caller’s thread bodies that later ones leave intact', async () => {
+    const moving = engine();
+    const inCaller = engine({}, true);
+    const keptBodies: Uint8Array[] = [];
+    for (let i = 0; i < 3; i++) {
+      const moved = await moving.run(request(`/m${i}`));
+      const body = moved.ok ? moved.result.body! : Buffer.alloc(0);
+      expect(text(body)).toBe(`hello from /m${i}`);
+      // What the lane transfers is exactly the body.
+      expect([body.byteOffset, body.buffer.byteLength]).toEqual([0, body.length]);
+      const { port1, port2 } = new MessageChannel();
+      port1.postMessage(body, [body.buffer as ArrayBuffer]);
+      port1.close();
+      port2.close();
+
+      const kept = await inCaller.run(request(`/c${i}`));
+      keptBodies.push(kept.ok ? kept.result.body! : Buffer.alloc(0));
+    }
+    // (Each copied out of the engine's scratch, which every body passes through: none is a view of it.)
+    expect(keptBodies.map(text)).toEqual(['hello from /c0', 'hello from /c1', 'hello from /c2']);
   });
 
   it('runs a starved transfer again with a socket of its own when the connection curl kept has died', async () => {

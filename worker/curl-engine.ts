@@ -327,10 +327,11 @@ export class CurlEngine {
   /** responseHead's numbers (status, version, timings), read right after each call. */
   #headNumbers = new Float64Array(6);
   /**
-   * Where a collected body that fits is copied (takeBody), to be copied on into a Buffer from Node's pool: cheaper
-   * than a Buffer the addon makes for it. Only read in the call that filled it.
+   * Where a collected body that fits is copied (takeBody) in the caller's thread, to be copied on into a Buffer from
+   * Node's pool: cheaper than a Buffer the addon makes for it. Only read in the call that filled it. Undefined where
+   * bodies move to another thread, which needs each to own exactly its memory (response-sink.ts).
    */
-  #bodyScratch = new Uint8Array(16 * 1024);
+  readonly #bodyScratch: Uint8Array | undefined;
   #closed = false;
   /** Rate-limited origins: a token per request before it goes out (rate-tokens.ts). */
   #rateTokens: RateTokens | undefined;
@@ -356,9 +357,15 @@ export class CurlEngine {
   constructor(
     supply: SocketSupply,
     policy: ClientPolicy,
-    options: { maxConnects?: number; rateTokens?: RateTokens } = {},
+    options: {
+      maxConnects?: number;
+      rateTokens?: RateTokens;
+      /** The results go to a caller in this thread, never moved to another: their bodies may be pooled slices. */
+      callerThread?: boolean;
+    } = {},
   ) {
     this.#supply = supply;
+    if (options.callerThread) this.#bodyScratch = new Uint8Array(16 * 1024);
     this.#rateTokens = options.rateTokens;
     this.#policy = policy;
     this.#tlsTrust = tlsTrustOf(policy);
@@ -448,7 +455,7 @@ export class CurlEngine {
    * that cannot start). A keep-alive request thus costs one promise in all, made by whoever waits for it.
    */
   start(request: TransferRequest, io: Partial<TransferIO> | undefined, done: TransferDone): void {
-    let sink = io?.sink ?? new BufferSink();
+    let sink = io?.sink ?? new BufferSink(this.#bodyScratch === undefined);
     if (request.decompress) sink = new DecodingSink(sink, request.maxBodyBytes);
     let source = io?.source;
     if (!source && request.body !== undefined) source = new BufferSource(request.body);
@@ -1306,11 +1313,12 @@ export class CurlEngine {
       // The body the handle collected (#configure): into the sink as one chunk, or past maxBodyBytes (curl then
       // failed the transfer with CURLE_WRITE_ERROR, as when WRITEFUNCTION refuses a chunk). Taken whatever the end,
       // so that the handle holds none of it; taking it ends the collecting.
-      const taken = state.easy.takeBody(this.#bodyScratch);
+      const scratch = this.#bodyScratch;
+      const taken = scratch ? state.easy.takeBody(scratch) : state.easy.takeBody();
       state.collecting = false;
       if (taken === null) attempt.tooLarge = true;
       else if (abortReason === undefined && code === CurlCode.CURLE_OK) {
-        const body = typeof taken === 'number' ? Buffer.copyBytesFrom(this.#bodyScratch, 0, taken) : taken;
+        const body = typeof taken === 'number' ? Buffer.copyBytesFrom(scratch!, 0, taken) : taken;
         if (body.length > 0) {
           io.sink.write(body);
           attempt.bodyBytes += body.length;

@@ -28,11 +28,17 @@ export interface ResponseSink {
 /** Collects the whole body. Never refuses a chunk. */
 export class BufferSink implements ResponseSink {
   readonly committed = false;
+  /** Whether the body must own exactly its memory (it moves to another thread): see body(). */
+  readonly #exact: boolean;
   /** The first chunk, and the others (an array only for a body of more than one chunk: most small bodies come in
    *  one, and an array and its storage were most of what this sink cost). */
   #first: Buffer | undefined;
   #more: Buffer[] | undefined;
   #bytes = 0;
+
+  constructor(exact = true) {
+    this.#exact = exact;
+  }
 
   head(): void {}
 
@@ -53,13 +59,19 @@ export class BufferSink implements ResponseSink {
   }
 
   /**
-   * The whole body, exact size and not from Node's shared buffer pool: it is moved (transferred, not copied) to
-   * the caller's thread, and a pooled slice would drag its whole 8 KiB pool along by structured clone.
+   * The whole body. Exact size and not from Node's shared buffer pool where it moves (is transferred, not copied) to
+   * the caller's thread: a pooled slice would drag its whole 8 KiB pool along by structured clone. In the caller's
+   * thread, a body of one chunk is that chunk, pooled or not.
    */
   body(): Buffer {
-    // One chunk that already owns an exact-size buffer (curl's data copied for us) is the body as it is.
     const first = this.#first;
-    if (first && !this.#more && first.byteOffset === 0 && first.buffer.byteLength === first.length) return first;
+    if (
+      first &&
+      !this.#more &&
+      (!this.#exact || (first.byteOffset === 0 && first.buffer.byteLength === first.length))
+    ) {
+      return first;
+    }
     const body = Buffer.from(new ArrayBuffer(this.#bytes));
     if (!first) return body;
     body.set(first, 0);

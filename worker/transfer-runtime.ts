@@ -82,11 +82,14 @@ export class TransferRuntime {
   /** Every request's deadline (epoch ms), on one timer. */
   readonly #deadlines = new Deadlines(epochNow);
 
-  constructor(config: RuntimeConfig, clientName: string) {
+  /** `callerThread`: the runtime runs in the client's own thread (threads: 0, inline requests), its results never
+   *  moved to another thread (CurlEngine). */
+  constructor(config: RuntimeConfig, clientName: string, callerThread = false) {
     this.#link = new DaemonLink({ socketPath: config.socketPath, clientName });
     this.#engine = new CurlEngine(new SocketSupply(this.#link), config.policy, {
       maxConnects: config.maxConnects,
       rateTokens: this.#link.rateTokens,
+      callerThread,
     });
     this.#proxy = config.policy.proxy;
     this.#tlsTrust = tlsTrustOf(config.policy);
