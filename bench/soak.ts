@@ -11,8 +11,8 @@
 // every answer is checked to be the request's own. Every `--window-s` (default 10 s) each client reports its window
 // (requests, failures, latencies, its open fds and RSS), this process reads the daemon's fds and RSS from /proc, and
 // each of the three processes is asked, through its inspector (`--inspect` on a loopback port of its own), for a full
-// garbage collection and the heap left after it (lib/inspector-heap.ts): what a leak in JavaScript would grow (the
-// main thread's heap: the default client's worker thread shows in its process's RSS only).
+// garbage collection and the heap left after it, in every thread (lib/inspector-heap.ts): what a leak in JavaScript
+// would grow.
 // At the end, bench/lib/soak-verdicts.ts compares the first and the last third of the windows (after the first):
 // fds and the heap flat, RSS's peaks no longer rising, requests/s and the p99 held, no failure. Results:
 // bench/results/soak-<date>.json.

@@ -1,17 +1,19 @@
 // The heap a process keeps, read from outside through its inspector (started with `--inspect=127.0.0.1:0`): a full
-// garbage collection first (HeapProfiler.collectGarbage), then process.memoryUsage() in the process. What survives a
-// full collection is what the process holds; RSS alone cannot tell a leak from a heap V8 has not collected yet (the
-// soak's daemon went from 50 to 250 MB of RSS and back between collections). For benchmarks only: a full collection
-// stops the process for a few ms. Only the main thread's heap: a worker thread's isolate is collected and counted on
-// its own (the inspector's NodeWorker domain would reach it), so a process's worker threads show in its RSS only.
+// garbage collection first (HeapProfiler.collectGarbage), then process.memoryUsage() as the process reports it, in
+// its main thread and in each of its worker threads (reached through the inspector's NodeWorker domain: each thread's
+// isolate collects and counts its own heap). What survives a full collection is what the process holds; RSS alone
+// cannot tell a leak from a heap V8 has not collected yet (the soak's daemon went from 50 to 250 MB of RSS and back
+// between collections). For benchmarks only: a full collection stops each thread for a few ms.
 export interface HeapReading {
+  /** V8's heap and external memory after a full collection, in bytes: the main thread's and the worker threads'. */
   heapUsed: number;
   external: number;
-  rss: number;
+  /** Worker threads read (besides the main thread). */
+  workers: number;
 }
 
 export interface InspectedHeap {
-  /** A full collection, then the process's memory as it reports it. */
+  /** A full collection in every thread, then each thread's memory as it reports it. */
   afterFullGc(): Promise<HeapReading>;
   close(): void;
 }
@@ -21,6 +23,16 @@ export function inspectorUrl(stderr: string): string | undefined {
   return /Debugger listening on (ws:\/\/\S+)/.exec(stderr)?.[1];
 }
 
+interface Reply {
+  id?: number;
+  method?: string;
+  params?: { sessionId?: string; message?: string };
+  result?: unknown;
+  error?: { message: string };
+}
+
+const MEMORY = { expression: 'JSON.stringify(process.memoryUsage())', returnByValue: true };
+
 export async function inspectHeap(url: string): Promise<InspectedHeap> {
   const socket = new WebSocket(url);
   await new Promise<void>((resolve, reject) => {
@@ -28,34 +40,54 @@ export async function inspectHeap(url: string): Promise<InspectedHeap> {
     socket.addEventListener('error', () => reject(new Error(`inspector at ${url}: could not connect`)), { once: true });
   });
   let nextId = 1;
+  /** Calls waiting for their reply, by id (ids are unique across the main thread and the workers). */
   const pending = new Map<number, { resolve: (result: unknown) => void; reject: (error: Error) => void }>();
-  socket.addEventListener('message', (event) => {
-    const message = JSON.parse(String(event.data)) as { id?: number; result?: unknown; error?: { message: string } };
-    const waiter = message.id === undefined ? undefined : pending.get(message.id);
+  const workers = new Set<string>();
+  const settle = (reply: Reply) => {
+    const waiter = reply.id === undefined ? undefined : pending.get(reply.id);
     if (!waiter) return;
-    pending.delete(message.id!);
-    if (message.error) waiter.reject(new Error(`inspector: ${message.error.message}`));
-    else waiter.resolve(message.result);
+    pending.delete(reply.id!);
+    if (reply.error) waiter.reject(new Error(`inspector: ${reply.error.message}`));
+    else waiter.resolve(reply.result);
+  };
+  socket.addEventListener('message', (event) => {
+    const reply = JSON.parse(String(event.data)) as Reply;
+    if (reply.method === 'NodeWorker.attachedToWorker') workers.add(reply.params!.sessionId!);
+    else if (reply.method === 'NodeWorker.detachedFromWorker') workers.delete(reply.params!.sessionId!);
+    else if (reply.method === 'NodeWorker.receivedMessageFromWorker') settle(JSON.parse(reply.params!.message!));
+    else settle(reply);
   });
   socket.addEventListener('close', () => {
     for (const waiter of pending.values()) waiter.reject(new Error('inspector connection closed'));
     pending.clear();
   });
-  const call = (method: string, params: Record<string, unknown> = {}) =>
+  /** A method called in the main thread, or (`sessionId`) in that worker thread. */
+  const call = (method: string, params: Record<string, unknown> = {}, sessionId?: string) =>
     new Promise<unknown>((resolve, reject) => {
       const id = nextId++;
       pending.set(id, { resolve, reject });
-      socket.send(JSON.stringify({ id, method, params }));
+      const message = JSON.stringify({ id, method, params });
+      if (sessionId === undefined) socket.send(message);
+      else
+        socket.send(
+          JSON.stringify({ id: nextId++, method: 'NodeWorker.sendMessageToWorker', params: { sessionId, message } }),
+        );
     });
+  await call('NodeWorker.enable', { waitForDebuggerOnStart: false });
+  const memoryOf = async (sessionId?: string) => {
+    await call('HeapProfiler.collectGarbage', {}, sessionId);
+    const result = (await call('Runtime.evaluate', MEMORY, sessionId)) as { result: { value: string } };
+    return JSON.parse(result.result.value) as { heapUsed: number; external: number };
+  };
   return {
     async afterFullGc() {
-      await call('HeapProfiler.collectGarbage');
-      const result = (await call('Runtime.evaluate', {
-        expression: 'JSON.stringify(process.memoryUsage())',
-        returnByValue: true,
-      })) as { result: { value: string } };
-      const usage = JSON.parse(result.result.value) as { heapUsed: number; external: number; rss: number };
-      return { heapUsed: usage.heapUsed, external: usage.external, rss: usage.rss };
+      const sessions = [...workers];
+      const readings = await Promise.all([memoryOf(), ...sessions.map((sessionId) => memoryOf(sessionId))]);
+      return {
+        heapUsed: readings.reduce((sum, reading) => sum + reading.heapUsed, 0),
+        external: readings.reduce((sum, reading) => sum + reading.external, 0),
+        workers: sessions.length,
+      };
     },
     close: () => socket.close(),
   };
