@@ -5,6 +5,9 @@
 //
 //   npm run build && node dist/bench/soak.js [--minutes N] [--window-s N] [--in-flight N]
 //
+// (Give it minutes: in its first minute a client's RSS still grows as its heaps size themselves, and a 30 s run
+// reads that as RSS that keeps growing.)
+//
 // Each client (fixtures/soak-client.ts, a process of its own) keeps `--in-flight` requests going (default 4) against
 // an echo origin (Node's http server, a process of its own: fixtures/echo-origin.ts), in a mix of keep-alive
 // requests, fresh leases (`connection: close`), fetch() with a streamed body and requests cancelled as they start;
@@ -130,7 +133,6 @@ async function main(): Promise<void> {
     });
     for (const reply of replies) samples.push(...reply.failureSamples);
     windows.push(window);
-    const mb = (bytes: number) => (bytes / 1024 / 1024).toFixed(0);
     rows.push([
       String(w + 1),
       String(Math.round(window.perSecond)),
@@ -140,9 +142,11 @@ async function main(): Promise<void> {
       String(window.failures),
       Object.values(window.fds).join(' / '),
       Object.values(window.heap)
-        .map((bytes) => (bytes / 1024 / 1024).toFixed(1))
+        .map((bytes) => mb(bytes, 1))
         .join(' / '),
-      Object.values(window.rss).map(mb).join(' / '),
+      Object.values(window.rss)
+        .map((bytes) => mb(bytes, 0))
+        .join(' / '),
     ]);
     process.stderr.write(`[progress] window ${w + 1}/${windowCount}\n`);
   }
@@ -181,6 +185,8 @@ async function main(): Promise<void> {
   console.log(`results written to ${outFile}`);
   if (verdicts.some((verdict) => !verdict.met)) process.exitCode = 1;
 }
+
+const mb = (bytes: number, digits: number) => (bytes / 1024 / 1024).toFixed(digits);
 
 /** Each process's inspector, on a loopback port the kernel picks. */
 const INSPECT = '--inspect=127.0.0.1:0';

@@ -9,6 +9,8 @@
 // gives pages back when it likes, so RSS says "a leak" only when its peaks keep rising after that. The bounds leave
 // room for what varies without leaking: fds in flight at the moment of a reading, the heap's own sizing.
 
+import { median } from './stats.js';
+
 export interface SoakWindow {
   /** Requests a second in the window (all kinds). */
   perSecond: number;
@@ -40,12 +42,6 @@ export const RSS_SLACK_BYTES = 16 * 1024 * 1024;
 /** The last third keeps at least this share of the first third's rate; its p99 at most this multiple. */
 export const MIN_RATE_SHARE = 0.85;
 export const MAX_P99_GROWTH = 2;
-
-function median(values: number[]): number {
-  const sorted = [...values].sort((a, b) => a - b);
-  const middle = Math.floor(sorted.length / 2);
-  return sorted.length % 2 === 1 ? sorted[middle]! : (sorted[middle - 1]! + sorted[middle]!) / 2;
-}
 
 /** The first, middle and last thirds of the windows after the first; undefined with fewer than four windows. */
 export function soakThirds<T>(windows: T[]): { first: T[]; middle: T[]; last: T[] } | undefined {
