@@ -12,12 +12,12 @@
 // an echo origin (Node's http server, a process of its own: fixtures/echo-origin.ts), in a mix of keep-alive
 // requests, fresh leases (`connection: close`), fetch() with a streamed body and requests cancelled as they start;
 // every answer is checked to be the request's own. Every `--window-s` (default 10 s) each client reports its window
-// (requests, failures, latencies, its open fds and RSS), this process reads the daemon's fds and RSS from /proc, and
+// (requests, failures, latencies, its open fds), this process reads the daemon's fds from /proc, and
 // each of the three processes is asked, through its inspector (`--inspect` on a loopback port of its own), for a full
 // garbage collection and the heap left after it, in every thread (lib/inspector-heap.ts): what a leak in JavaScript
-// would grow.
+// would grow. Every process's RSS is read after that collection.
 // At the end, bench/lib/soak-verdicts.ts compares the first and the last third of the windows (after the first):
-// fds and the heap flat, RSS's peaks no longer rising, requests/s and the p99 held, no failure. Results:
+// fds and the heap flat, requests/s and the p99 held, no failure; and RSS's trend (MB a minute). Results:
 // bench/results/soak-<date>.json.
 //
 // Nothing is timed in this process's own loop but the windows; its own fds and memory are not watched (it only reads
@@ -47,7 +47,6 @@ interface ClientWindow {
   p50Ms: number;
   p99Ms: number;
   fds: number;
-  rss: number;
 }
 
 const CLIENTS = [
@@ -102,7 +101,8 @@ async function main(): Promise<void> {
     ],
   ];
   const samples: string[] = [];
-  let last = performance.now();
+  const started = performance.now();
+  let last = started;
   for (let w = 0; w < windowCount; w++) {
     await new Promise((resolve) => setTimeout(resolve, windowS * 1000));
     const replies = await Promise.all(
@@ -118,6 +118,7 @@ async function main(): Promise<void> {
     const afterGc = await Promise.all(heaps.map((heap) => heap.afterFullGc()));
     last = performance.now();
     const window: SoakWindow = {
+      atS: (last - started) / 1000,
       perSecond: replies.reduce((sum, reply) => sum + reply.completed + reply.aborted, 0) / seconds,
       // (The clients' p99s, the larger: a window's tail is whichever client had it.)
       p99Ms: Math.max(...replies.map((reply) => reply.p99Ms)),
@@ -129,7 +130,9 @@ async function main(): Promise<void> {
     CLIENTS.forEach((client, i) => {
       window.fds[client.name] = replies[i]!.fds;
       window.heap[client.name] = afterGc[i + 1]!.heapUsed + afterGc[i + 1]!.external;
-      window.rss[client.name] = replies[i]!.rss;
+      // (Read here, after the full collection, as the daemon's: the client's own reading came before it, with up to a
+      // window's garbage in it, which V8 lets grow for minutes as it sizes its heap.)
+      window.rss[client.name] = procStatusBytes(clients[i]!.pid, 'VmRSS');
     });
     for (const reply of replies) samples.push(...reply.failureSamples);
     windows.push(window);

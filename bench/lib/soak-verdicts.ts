@@ -4,14 +4,17 @@
 //
 // The windows after the first (the warm-up: code compiled, pools warmed) are cut in thirds. Fds, the heap after a
 // full collection, the rate and the p99 compare the first third with the last, as medians: one window that a stall
-// of the VM stretched moves neither. RSS compares the peaks of the middle and the last third: V8 lets its heap grow
-// between full collections for minutes (the daemon's RSS went from 130 to 256 MB and back to 116 in one run) and
-// gives pages back when it likes, so RSS says "a leak" only when its peaks keep rising after that. The bounds leave
-// room for what varies without leaking: fds in flight at the moment of a reading, the heap's own sizing.
+// of the VM stretched moves neither. RSS, read right after a full collection (before it, V8 lets garbage pile up for
+// minutes: the daemon's RSS went from 130 to 256 MB and back to 116 in one run), is judged by its trend: the
+// least-squares slope over the windows after the first, in MB a minute. A leak grows it steadily, however slowly;
+// noise does not. The bounds leave room for what varies without leaking: fds in flight at the moment of a reading,
+// the heap's own sizing.
 
 import { median } from './stats.js';
 
 export interface SoakWindow {
+  /** Seconds from the start of the run to the window's end. */
+  atS: number;
   /** Requests a second in the window (all kinds). */
   perSecond: number;
   /** The window's p99 latency (ms) of the requests that completed. */
@@ -19,7 +22,7 @@ export interface SoakWindow {
   /** Requests that failed where none should (a wrong body, an error other than the expected cancellation). */
   failures: number;
   /** Of each process watched, by name, read at the window's end: open fds, the heap (V8's and external memory) left
-   *  after a full collection, and RSS (bytes). */
+   *  after a full collection, and RSS after it (bytes). */
   fds: Record<string, number>;
   heap: Record<string, number>;
   rss: Record<string, number>;
@@ -36,9 +39,8 @@ export const FD_SLACK = 8;
 /** The heap after a full collection may grow by this share plus this many bytes between the thirds. */
 export const HEAP_GROWTH_SHARE = 0.1;
 export const HEAP_SLACK_BYTES = 4 * 1024 * 1024;
-/** RSS's peak may grow by this share plus this many bytes from the middle third to the last. */
-export const RSS_GROWTH_SHARE = 0.1;
-export const RSS_SLACK_BYTES = 16 * 1024 * 1024;
+/** RSS after a full collection may grow by at most this many MB a minute (its least-squares slope). */
+export const MAX_RSS_MB_PER_MINUTE = 1;
 /** The last third keeps at least this share of the first third's rate; its p99 at most this multiple. */
 export const MIN_RATE_SHARE = 0.85;
 export const MAX_P99_GROWTH = 2;
@@ -57,6 +59,20 @@ export function soakThirds<T>(windows: T[]): { first: T[]; middle: T[]; last: T[
 
 const mb = (bytes: number) => (bytes / 1024 / 1024).toFixed(1);
 
+/** The least-squares slope of `values` over `times`. */
+export function slope(times: number[], values: number[]): number {
+  const n = times.length;
+  const meanT = times.reduce((sum, t) => sum + t, 0) / n;
+  const meanV = values.reduce((sum, v) => sum + v, 0) / n;
+  let covariance = 0;
+  let variance = 0;
+  for (let i = 0; i < n; i++) {
+    covariance += (times[i]! - meanT) * (values[i]! - meanV);
+    variance += (times[i]! - meanT) ** 2;
+  }
+  return variance === 0 ? 0 : covariance / variance;
+}
+
 export function soakVerdicts(windows: SoakWindow[]): SoakVerdict[] {
   const failures = windows.reduce((sum, window) => sum + window.failures, 0);
   const verdicts: SoakVerdict[] = [
@@ -67,7 +83,7 @@ export function soakVerdicts(windows: SoakWindow[]): SoakVerdict[] {
     verdicts.push({ aim: 'at least four windows to compare', value: `${windows.length} windows`, met: false });
     return verdicts;
   }
-  const { first, middle, last } = thirds;
+  const { first, last } = thirds;
   const rateFirst = median(first.map((window) => window.perSecond));
   const rateLast = median(last.map((window) => window.perSecond));
   verdicts.push({
@@ -100,13 +116,19 @@ export function soakVerdicts(windows: SoakWindow[]): SoakVerdict[] {
       met: after <= before * (1 + HEAP_GROWTH_SHARE) + HEAP_SLACK_BYTES,
     });
   }
+  const steady = windows.slice(1);
   for (const name of Object.keys(windows[0]!.rss)) {
-    const before = Math.max(...middle.map((window) => window.rss[name]!));
-    const after = Math.max(...last.map((window) => window.rss[name]!));
+    const perMinute =
+      slope(
+        steady.map((window) => window.atS / 60),
+        steady.map((window) => window.rss[name]! / 1024 / 1024),
+      ) || 0;
+    const before = median(first.map((window) => window.rss[name]!));
+    const after = median(last.map((window) => window.rss[name]!));
     verdicts.push({
-      aim: `${name}: RSS stops growing (last third's peak ≤ middle third's × ${1 + RSS_GROWTH_SHARE} + ${RSS_SLACK_BYTES / 1024 / 1024} MB)`,
-      value: `${mb(before)} → ${mb(after)} MB`,
-      met: after <= before * (1 + RSS_GROWTH_SHARE) + RSS_SLACK_BYTES,
+      aim: `${name}: RSS after a full collection grows ≤ ${MAX_RSS_MB_PER_MINUTE} MB a minute`,
+      value: `${perMinute.toFixed(2)} MB a minute (${mb(before)} → ${mb(after)} MB)`,
+      met: perMinute <= MAX_RSS_MB_PER_MINUTE,
     });
   }
   return verdicts;
