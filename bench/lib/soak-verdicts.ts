@@ -45,14 +45,13 @@ export const MAX_RSS_MB_PER_MINUTE = 1;
 export const MIN_RATE_SHARE = 0.85;
 export const MAX_P99_GROWTH = 2;
 
-/** The first, middle and last thirds of the windows after the first; undefined with fewer than four windows. */
-export function soakThirds<T>(windows: T[]): { first: T[]; middle: T[]; last: T[] } | undefined {
+/** The first and last thirds of the windows after the first; undefined with fewer than four windows. */
+export function soakThirds<T>(windows: T[]): { first: T[]; last: T[] } | undefined {
   const steady = windows.slice(1);
   if (steady.length < 3) return undefined;
   const third = Math.floor(steady.length / 3);
   return {
     first: steady.slice(0, third),
-    middle: steady.slice(third, steady.length - third),
     last: steady.slice(steady.length - third),
   };
 }
@@ -118,11 +117,10 @@ export function soakVerdicts(windows: SoakWindow[]): SoakVerdict[] {
   }
   const steady = windows.slice(1);
   for (const name of Object.keys(windows[0]!.rss)) {
-    const perMinute =
-      slope(
-        steady.map((window) => window.atS / 60),
-        steady.map((window) => window.rss[name]! / 1024 / 1024),
-      ) || 0;
+    const perMinute = slope(
+      steady.map((window) => window.atS / 60),
+      steady.map((window) => window.rss[name]! / 1024 / 1024),
+    );
     const before = median(first.map((window) => window.rss[name]!));
     const after = median(last.map((window) => window.rss[name]!));
     verdicts.push({
