@@ -170,6 +170,8 @@ export class SeqpacketChannel {
   #thrown: unknown[] | undefined;
   /** This channel's place in its budget's waiting line (one function for its whole life). */
   #resume: () => void;
+  /** whenFlushed()'s callers, called once the queue is empty or the channel closed. */
+  #flushWaiters: Array<() => void> | undefined;
 
   constructor(fd: number, handlers: ChannelHandlers, options: ChannelOptions) {
     this.fd = fd;
@@ -197,6 +199,22 @@ export class SeqpacketChannel {
   /** Bytes of the messages waiting for the peer to read (past what the kernel's socket buffer holds). */
   get queuedBytes(): number {
     return this.#queuedBytes;
+  }
+
+  /** How many messages wait for the peer to read (past what the kernel's socket buffer holds). */
+  get queuedMessages(): number {
+    return this.#queue.length;
+  }
+
+  /**
+   * Calls `then` once no message waits any more (sent, or withdrawn) or the channel closed: at once (synchronously)
+   * when that is so now. For a sender that holds back what it has not sent yet while the peer is not reading, rather
+   * than queue it up to maxQueuedMessages and fail the channel.
+   */
+  whenFlushed(then: () => void): void {
+    if (this.#closed || this.#queue.length === 0) then();
+    else if (this.#flushWaiters === undefined) this.#flushWaiters = [then];
+    else this.#flushWaiters.push(then);
   }
 
   /**
@@ -257,7 +275,10 @@ export class SeqpacketChannel {
     const taken = this.#queue.splice(index, 1)[0]!;
     this.#queuedBytes -= taken.data.byteLength;
     for (const fd of taken.fds) native.close(fd);
-    if (this.#queue.length === 0) this.#watch(native.READABLE | native.DISCONNECT);
+    if (this.#queue.length === 0) {
+      this.#watch(native.READABLE | native.DISCONNECT);
+      this.#flushed();
+    }
     return true;
   }
 
@@ -287,7 +308,16 @@ export class SeqpacketChannel {
     for (const message of this.#queue) for (const fd of message.fds) native.close(fd);
     this.#queue = [];
     this.#queuedBytes = 0;
+    this.#flushed();
     return true;
+  }
+
+  /** The queue is empty, or the channel closed: whenFlushed()'s callers run, in order. */
+  #flushed(): void {
+    const waiters = this.#flushWaiters;
+    if (waiters === undefined) return;
+    this.#flushWaiters = undefined;
+    for (const then of waiters) then();
   }
 
   /**
@@ -336,7 +366,10 @@ export class SeqpacketChannel {
       this.#queue.shift();
       this.#queuedBytes -= head.data.byteLength;
     }
-    if (!this.#closed) this.#watch(native.READABLE | native.DISCONNECT);
+    if (!this.#closed) {
+      this.#watch(native.READABLE | native.DISCONNECT);
+      this.#flushed();
+    }
   }
 
   #drain(): void {

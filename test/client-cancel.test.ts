@@ -396,6 +396,36 @@ describe('aborts and timeouts cancel one transfer, not the thread', () => {
     }
   });
 
+  it('requests started and aborted as fast as a loop can make them, faster than the daemon reads, cost no link: each is aborted or whole, and the next request is served', async () => {
+    // (threads: 0: the loop and the daemon link share this thread, and nothing in between slows the loop down.)
+    const eager = new SockpoolClient({ socketPath: daemon.socketPath, threads: 0 });
+    try {
+      const outcomes = new Map<string, number>();
+      await Promise.all(
+        Array.from({ length: 4 }, async (_, loop) => {
+          for (let n = 0; n < 2_500; n++) {
+            const path = `/eager/${loop}/${n}`;
+            const controller = new AbortController();
+            const pending = eager.request(url(path), { signal: controller.signal });
+            queueMicrotask(() => controller.abort());
+            const outcome = await pending.then(
+              (response) => (response.body.toString() === `GET ${path} 0` ? 'whole' : 'wrong body'),
+              (error: { code?: string; message?: string }) =>
+                error.code === 'SOCKPOOL_ERR_ABORTED' ? error.code : `${error.code}: ${error.message}`,
+            );
+            outcomes.set(outcome, (outcomes.get(outcome) ?? 0) + 1);
+          }
+        }),
+      );
+      expect(
+        [...outcomes.keys()].filter((outcome) => outcome !== 'whole' && outcome !== 'SOCKPOOL_ERR_ABORTED'),
+      ).toEqual([]);
+      expect((await eager.request(url('/eager/after'))).body.toString()).toBe('GET /eager/after 0');
+    } finally {
+      await eager.close();
+    }
+  });
+
   it('after all of that, no fd and no lease is left over', async () => {
     const leasedBefore = await leasedTo(daemon.socketPath, origin.port);
     const fdsBefore = clientFds();

@@ -33,7 +33,8 @@ type Behaviour =
   | 'framing-3'
   | 'lease-fds-lost'
   | 'late-lease'
-  | 'error-fd';
+  | 'error-fd'
+  | 'stalled';
 
 interface FakeDaemon {
   path: string;
@@ -47,6 +48,10 @@ interface FakeDaemon {
   packets: string[][];
   /** Acquires received so far. */
   acquires(): number;
+  /** 'stalled': the ids of the acquires read since resume(), in the order read. */
+  acquireIds: number[];
+  /** 'stalled': starts reading its connections, answering each acquire as 'serve' does. */
+  resume(): void;
   close(): void;
 }
 
@@ -60,7 +65,8 @@ interface FakeDaemon {
  * socket. 'late-lease': as 'framing-1', but each lease is sent LATE_LEASE_MS after its acquire (the link does not
  * know `cancel`: a lease comes for an acquire given up). 'error-fd': answers each acquire with an error that
  * carries an fd (one end of a socketpair). 'framing-3': as 'framing-1', agreeing to framing 3 (bundles), and
- * recording the requests of each packet (`packets`).
+ * recording the requests of each packet (`packets`). 'stalled': answers hello, then reads nothing more until resume()
+ * (what the link sends piles up in the socket's buffer), and then answers as 'serve' does.
  */
 function fakeDaemon(behaviour: () => Behaviour): FakeDaemon {
   const path = join(mkdtempSync(join(tmpdir(), 'sockpool-link-')), 'fake.sock');
@@ -69,6 +75,11 @@ function fakeDaemon(behaviour: () => Behaviour): FakeDaemon {
   const releases: FakeDaemon['releases'] = [];
   const closed: number[] = [];
   const packets: string[][] = [];
+  /** 'stalled': the connections' fds, while nobody reads them (their channels closed, keeping the socket). */
+  const stalled: number[] = [];
+  const acquireIds: number[] = [];
+  /** 'stalled': the channels resume() made on those fds. */
+  const readers: SeqpacketChannel[] = [];
   let acquires = 0;
   let nextLease = 1;
   const limits = { maxMessageBytes: MAX_MESSAGE_BYTES, maxFdsPerMessage: MAX_FDS_PER_MESSAGE };
@@ -108,6 +119,10 @@ function fakeDaemon(behaviour: () => Behaviour): FakeDaemon {
             }),
           );
           if (mode === 'hangup-after-hello') channel.close();
+          if (mode === 'stalled') {
+            channel.closeKeepingSocket();
+            stalled.push(channel.fd);
+          }
         } else if (
           message.type === 'acquire' &&
           (mode === 'framing-1' || mode === 'framing-3' || mode === 'lease-fds-lost' || mode === 'late-lease')
@@ -148,9 +163,29 @@ function fakeDaemon(behaviour: () => Behaviour): FakeDaemon {
     closed,
     packets,
     acquires: () => acquires,
+    acquireIds,
+    resume: () => {
+      for (const fd of stalled.splice(0)) {
+        const reader: SeqpacketChannel = new SeqpacketChannel(
+          fd,
+          {
+            onMessage: (data) => {
+              const message = decodeClientMessage(data, false);
+              if (message.type !== 'acquire') return;
+              acquireIds.push(message.id);
+              reader.send(encodeMessage({ type: 'error', id: message.id, code: ErrorCodes.POLICY, message: 'test' }));
+            },
+            onClose: () => {},
+          },
+          limits,
+        );
+        readers.push(reader);
+      }
+    },
     close: () => {
       listener.close();
-      for (const channel of channels) channel.close();
+      for (const channel of [...channels, ...readers]) channel.close();
+      for (const fd of stalled.splice(0)) native.close(fd);
       native.close(listenFd);
     },
   };
@@ -212,6 +247,68 @@ describe('DaemonLink when the daemon accepts requests and never answers them', (
     // An acquire waits for its own timeout plus a margin for the daemon's answer, then fails the same way.
     await expect(link.acquire('example.test', 80, 10)).rejects.toMatchObject({ code: ErrorCodes.DAEMON_TIMEOUT });
     expect(daemon.accepted()).toBe(1);
+  });
+});
+
+describe('DaemonLink when the daemon reads slower than requests are made', () => {
+  it('holds requests back while its queue is full instead of failing the link: aborted ones never go out, the others go in order once the daemon reads', async () => {
+    daemon = fakeDaemon(() => 'stalled');
+    link = new DaemonLink({ socketPath: daemon.path, requestTimeoutMs: 5_000 });
+    // A caller that starts a request and aborts it once it went out, and never waits for the daemon: 5,000 of them
+    // (an acquire and a cancel each), more than the socket's buffer and the channel's queue hold together.
+    const outcomes: Array<Promise<string>> = [];
+    for (let i = 0; i < 5_000; i++) {
+      const controller = new AbortController();
+      const pending = link.acquire('example.test', 80, 5_000, controller.signal).then(
+        () => 'lease',
+        (error: { code?: string }) => (error === controller.signal.reason ? 'aborted' : (error.code ?? 'untyped')),
+      );
+      await new Promise(setImmediate);
+      controller.abort();
+      outcomes.push(pending);
+    }
+    expect(new Set(await Promise.all(outcomes))).toEqual(new Set(['aborted']));
+    // Those aborted while they waited left the line (a caller aborting every request would fill it otherwise).
+    expect(link.waitingForRoom).toBe(0);
+    // Requests made while the daemon still reads nothing wait too; once it reads, they go out, each answered.
+    const waiting = Array.from({ length: 100 }, () =>
+      link!.acquire('example.test', 80, 5_000).then(
+        () => 'lease',
+        (error: { code?: string }) => error.code ?? 'untyped',
+      ),
+    );
+    await new Promise(setImmediate);
+    expect(link.waitingForRoom).toBe(100);
+    daemon.resume();
+    expect(await Promise.all(waiting)).toEqual(Array(100).fill(ErrorCodes.POLICY));
+    // All on the one connection (a link whose queue overflowed fails and connects anew), in the order made; of the
+    // aborted ones, only those sent before the queue filled.
+    expect(daemon.accepted()).toBe(1);
+    expect(link.connected).toBe(true);
+    const ids = daemon.acquireIds;
+    expect(ids).toEqual([...ids].sort((a, b) => a - b));
+    expect(ids.length).toBeGreaterThan(100);
+    expect(ids.length).toBeLessThan(1_000);
+  });
+});
+
+describe('DaemonLink when a caller makes more requests in one turn than its loop reads answers in one', () => {
+  it('sends them over the turns that follow: each is answered, on the one connection', async () => {
+    daemon = fakeDaemon(() => 'serve');
+    link = new DaemonLink({ socketPath: daemon.path, requestTimeoutMs: 5_000 });
+    // Sent in one turn, these would have the daemon queue more answers than a client that reads only when its loop
+    // turns is allowed to leave unread (the fake daemon's channel has the daemon's bound on messages): it would hang up.
+    const outcomes = await Promise.all(
+      Array.from({ length: 6_000 }, () =>
+        link!.acquire('example.test', 80, 5_000).then(
+          () => 'lease',
+          (error: { code?: string }) => error.code ?? 'untyped',
+        ),
+      ),
+    );
+    expect(new Set(outcomes)).toEqual(new Set([ErrorCodes.POLICY]));
+    expect(daemon.accepted()).toBe(1);
+    expect(daemon.acquires()).toBe(6_000);
   });
 });
 

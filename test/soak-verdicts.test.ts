@@ -16,6 +16,7 @@ function windows(count: number, change: (i: number, window: SoakWindow) => void 
       failures: 0,
       fds: { daemon: 40, client: 30 },
       heap: { daemon: 20 * MB, client: 30 * MB },
+      committed: { daemon: 30 * MB, client: 40 * MB },
       rss: { daemon: 80 * MB, client: 120 * MB },
     };
     change(i, window);
@@ -27,7 +28,7 @@ const missed = (verdicts: ReturnType<typeof soakVerdicts>) =>
   verdicts.filter((verdict) => !verdict.met).map((verdict) => verdict.aim);
 
 describe('soak verdicts', () => {
-  it('a steady run meets every aim, with noise in RSS; the warm-up window is not compared', () => {
+  it('a steady run meets every aim, with noise in RSS and V8’s committed heap growing in steps; the warm-up window is not compared', () => {
     const verdicts = soakVerdicts(
       windows(13, (i, window) => {
         if (i === 0) {
@@ -37,6 +38,10 @@ describe('soak verdicts', () => {
         }
         // Up and down by a few MB from reading to reading; the first window far below (heaps still sizing).
         window.rss.daemon = i === 0 ? 40 * MB : [100, 104, 97][i % 3]! * MB;
+        // V8 widens the client's young generation twice, RSS with it: its own sizing, not a leak.
+        const widened = i < 4 ? 0 : i < 9 ? 48 * MB : 112 * MB;
+        window.committed.client = 40 * MB + widened;
+        window.rss.client = 120 * MB + widened;
       }),
     );
     expect(missed(verdicts)).toEqual([]);
@@ -60,8 +65,8 @@ describe('soak verdicts', () => {
       'p99, last third ≤ 2× the first',
       `client: open fds flat (last third ≤ first + ${FD_SLACK})`,
       'client: heap after a full collection flat (last third ≤ first × 1.1 + 4 MB)',
-      'daemon: RSS after a full collection grows ≤ 1 MB a minute',
-      'client: RSS after a full collection grows ≤ 1 MB a minute',
+      "daemon: RSS beyond V8's committed heap, after a full collection, grows ≤ 1 MB a minute",
+      "client: RSS beyond V8's committed heap, after a full collection, grows ≤ 1 MB a minute",
     ]);
   });
 

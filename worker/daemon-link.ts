@@ -67,6 +67,13 @@ export interface DaemonLinkOptions {
   clientName?: string;
 }
 
+/** Requests wait in this link (#sendWhenRoom) while this many messages wait in the channel's queue: far below the
+ *  queue's bound (maxQueuedMessages), however many fire-and-forget messages follow the requests sent. */
+const MAX_QUEUED_REQUESTS = 64;
+/** ...and once this many went out in one turn of the event loop: as many replies as the channel reads in a wakeup
+ *  (its DRAIN_LIMIT), so what the daemon answers is read as fast as it is asked for. */
+const MAX_REQUESTS_PER_TURN = 64;
+
 const RECONNECT_MIN_MS = 50;
 const RECONNECT_MAX_MS = 2000;
 
@@ -103,9 +110,21 @@ export class DaemonLink {
   };
   /** The daemon said in hello that it takes `cancel` for a pending acquire (and, since, a `tokens` request). */
   #cancelSupported = false;
+  /** Requests waiting to go out, in order, while the channel's queue is full or the turn's are sent (#sendWhenRoom);
+   *  one given up leaves at once (a caller that aborts every request it makes must not fill it with dead ones). */
+  #waitingForRoom: Set<() => void> | undefined;
+  /** The channel the waiting requests are for, while a wake-up is due (#wakeWhenRoom). */
+  #wakeFor: SeqpacketChannel | undefined;
+  /** Requests sent in this turn of the event loop (#countSent: reset by #nextTurn, due while it is not 0). */
+  #sentThisTurn = 0;
 
   constructor(options: DaemonLinkOptions) {
     this.#options = { requestTimeoutMs: 5000, clientName: `worker-${process.pid}`, ...options };
+  }
+
+  /** Requests held back until the daemon reads what this link sent (#sendWhenRoom). */
+  get waitingForRoom(): number {
+    return this.#waitingForRoom?.size ?? 0;
   }
 
   /** True while a connection to the daemon is open. */
@@ -322,18 +341,21 @@ export class DaemonLink {
     if (this.#nextId > 2 ** 31 - 1) this.#nextId = 1;
     const cancellable = request.type === 'acquire' && this.#cancelSupported;
     return new Promise((resolve, reject) => {
+      /** The request went out (it may wait for room first: #sendWhenRoom); a cancel before that sends nothing. */
+      let sent = false;
       const onAbort = () => {
         // A reply that still comes finds no pending entry: its fd goes back to the daemon (see #onMessage). A daemon
         // that takes `cancel` drops the acquire now instead of keeping it queued until its deadline.
         clearTimeout(timer);
         this.#pending.delete(id);
-        if (cancellable && !channel.closed)
+        this.#waitingForRoom?.delete(send);
+        if (sent && cancellable && !channel.closed)
           this.#sendInOrder(channel, encodeFor(false, { type: 'cancel', acquireId: id }));
         reject(signal!.reason);
       };
       // (A daemon that does not take `cancel` for it answers when it would have anyway.)
       const onCancel = () => {
-        if (this.#cancelSupported && !channel.closed && this.#pending.get(id) !== undefined) {
+        if (sent && this.#cancelSupported && !channel.closed && this.#pending.get(id) !== undefined) {
           this.#sendInOrder(channel, encodeFor(false, { type: 'cancel', acquireId: id }));
         }
       };
@@ -341,6 +363,7 @@ export class DaemonLink {
         signal?.removeEventListener('abort', onAbort);
         cancelOn?.removeEventListener('abort', onCancel);
         this.#pending.delete(id);
+        this.#waitingForRoom?.delete(send);
         reject(
           new SockpoolError(ErrorCodes.DAEMON_TIMEOUT, `sockpoold did not answer ${request.type} in ${timeoutMs} ms`),
         );
@@ -363,9 +386,85 @@ export class DaemonLink {
         },
         timer,
       });
-      this.#sendInOrder(channel, encodeFor(this.#binary, { ...request, id } as ClientMessage));
-      if (cancelOn?.aborted) onCancel();
+      const frame = encodeFor(this.#binary, { ...request, id } as ClientMessage);
+      const send = () => {
+        // The channel closed while it waited for room (every request pending on it failed then): nothing goes out.
+        // (One given up while it waited, aborted or timed out, left the line then.)
+        if (channel.closed) return;
+        sent = true;
+        this.#sendInOrder(channel, frame);
+        if (cancelOn?.aborted) onCancel();
+      };
+      this.#sendWhenRoom(channel, send);
     });
+  }
+
+  /**
+   * Sends a request now, or later, after the requests that waited before it, when either side is not keeping up:
+   * - the daemon does not read as fast as this link sends (messages wait in the channel's queue): until the queue is
+   *   empty. The queue has a bound, past which the channel fails with every request on it.
+   * - this thread sends more than MAX_REQUESTS_PER_TURN in one turn of its event loop: until the next turn. Each
+   *   request may get one reply, and replies are read only when the loop turns; a caller that sends for long without
+   *   letting it turn has the daemon queue the replies it does not read, up to the daemon's bound, and the daemon
+   *   then hangs up (as it must on a client that does not read).
+   * Both were reached by a caller that never waits for the daemon: requests started and aborted in a tight loop (an
+   * acquire and a cancel each; an acquire the daemon served before the cancel came is answered with a lease all the
+   * same) failed with SOCKPOOL_ERR_DAEMON_UNAVAILABLE. The wait counts against the request's own deadline. The
+   * fire-and-forget messages (release, closed, cancel) never wait: each follows a request that went out, at most one
+   * of each.
+   */
+  #sendWhenRoom(channel: SeqpacketChannel, send: () => void): void {
+    if (this.#waitingForRoom === undefined && this.#hasRoom(channel)) {
+      this.#countSent();
+      send();
+      return;
+    }
+    this.#waitingForRoom ??= new Set();
+    this.#waitingForRoom.add(send);
+    this.#wakeWhenRoom(channel);
+  }
+
+  #hasRoom(channel: SeqpacketChannel): boolean {
+    // (A closed channel: each waiting request finds so and sends nothing.)
+    return (
+      channel.closed || (channel.queuedMessages < MAX_QUEUED_REQUESTS && this.#sentThisTurn < MAX_REQUESTS_PER_TURN)
+    );
+  }
+
+  #countSent(): void {
+    if (this.#sentThisTurn++ === 0) setImmediate(this.#nextTurn);
+  }
+
+  /** Once: when the queue is empty (or the channel closed), or at the next turn, #sendWaiting. */
+  #wakeWhenRoom(channel: SeqpacketChannel): void {
+    if (this.#wakeFor !== undefined) return;
+    this.#wakeFor = channel;
+    // (Else the turn is spent: #nextTurn, already due, wakes them.)
+    if (channel.queuedMessages >= MAX_QUEUED_REQUESTS) channel.whenFlushed(() => this.#sendWaiting(channel));
+  }
+
+  readonly #nextTurn = (): void => {
+    this.#sentThisTurn = 0;
+    // (Those still without room, the queue full, wait for it to empty from here.)
+    if (this.#wakeFor !== undefined) this.#sendWaiting(this.#wakeFor);
+  };
+
+  /** There is room again: the requests that waited go out in order, as many as fit. */
+  #sendWaiting(channel: SeqpacketChannel): void {
+    if (this.#wakeFor !== channel) return;
+    this.#wakeFor = undefined;
+    const waiting = this.#waitingForRoom;
+    if (waiting === undefined) return;
+    for (const send of waiting) {
+      if (!this.#hasRoom(channel)) {
+        this.#wakeWhenRoom(channel);
+        return;
+      }
+      waiting.delete(send);
+      this.#countSent();
+      send();
+    }
+    this.#waitingForRoom = undefined;
   }
 
   #connect(): Promise<SeqpacketChannel> {

@@ -8,6 +8,9 @@ export interface HeapReading {
   /** V8's heap and external memory after a full collection, in bytes: the main thread's and the worker threads'. */
   heapUsed: number;
   external: number;
+  /** The heap V8 keeps committed after that collection (heapTotal): what it holds for its own reuse, young
+   *  generation included, sized by V8 within its limits; resident once used, so a part of RSS. */
+  heapTotal: number;
   /** Worker threads read (besides the main thread). */
   workers: number;
 }
@@ -77,7 +80,7 @@ export async function inspectHeap(url: string): Promise<InspectedHeap> {
   const memoryOf = async (sessionId?: string) => {
     await call('HeapProfiler.collectGarbage', {}, sessionId);
     const result = (await call('Runtime.evaluate', MEMORY, sessionId)) as { result: { value: string } };
-    return JSON.parse(result.result.value) as { heapUsed: number; external: number };
+    return JSON.parse(result.result.value) as { heapUsed: number; external: number; heapTotal: number };
   };
   return {
     async afterFullGc() {
@@ -86,6 +89,7 @@ export async function inspectHeap(url: string): Promise<InspectedHeap> {
       return {
         heapUsed: readings.reduce((sum, reading) => sum + reading.heapUsed, 0),
         external: readings.reduce((sum, reading) => sum + reading.external, 0),
+        heapTotal: readings.reduce((sum, reading) => sum + reading.heapTotal, 0),
         workers: sessions.length,
       };
     },
