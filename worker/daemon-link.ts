@@ -414,7 +414,8 @@ export class DaemonLink {
    * of each.
    */
   #sendWhenRoom(channel: SeqpacketChannel, send: () => void): void {
-    if (this.#waitingForRoom === undefined && this.#hasRoom(channel)) {
+    // (A line all of whose requests were given up is no line: the wake-up still due finds it empty.)
+    if (!this.#waitingForRoom?.size && this.#hasRoom(channel)) {
       this.#countSent();
       send();
       return;
