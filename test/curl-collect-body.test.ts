@@ -5,12 +5,9 @@
 // negative limit give the body back to WRITEFUNCTION; a body that fits a caller's target is copied into it; bad
 // arguments are a TypeError; no fd left. Real libcurl, a real loopback HTTP server.
 import { randomBytes } from 'node:crypto';
-import { once } from 'node:events';
-import http from 'node:http';
-import type net from 'node:net';
-import { CurlCode, Easy, Multi } from 'node-libcurl';
+import { CurlCode, Easy } from 'node-libcurl';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { fdCount } from './fixtures/native-helpers.js';
+import { type CurlOrigin, startCurlOrigin } from './fixtures/curl-origin.js';
 
 /** Bodies by path: a small one (one chunk) and a large one (curl writes it in many). */
 const bodies = new Map<string, Buffer>([
@@ -18,45 +15,21 @@ const bodies = new Map<string, Buffer>([
   ['/large', randomBytes(3 * 1024 * 1024 + 7)],
   ['/empty', Buffer.alloc(0)],
 ]);
-let server: http.Server;
-let port: number;
-let multi: Multi;
-let fdsBefore: number;
+let origin: CurlOrigin;
 
 beforeAll(async () => {
-  fdsBefore = fdCount();
-  server = http.createServer((request, response) => {
+  origin = await startCurlOrigin((request, response) => {
     const body = bodies.get(request.url ?? '');
     if (!body) return void response.writeHead(404).end();
     response.writeHead(200, { 'content-length': body.length });
     response.end(body);
   });
-  server.listen(0, '127.0.0.1');
-  await once(server, 'listening');
-  port = (server.address() as net.AddressInfo).port;
-  multi = new Multi();
 });
 
-afterAll(async () => {
-  multi.close();
-  server.closeAllConnections();
-  server.close();
-  await once(server, 'close');
-  // curl's connections went with the Multi.
-  expect(fdCount()).toBe(fdsBefore);
-});
+// (curl's connections go with the Multi: no fd left.)
+afterAll(() => origin.close());
 
-/** One transfer of `path` on `easy` through the Multi: curl's code. */
-function transfer(easy: Easy, path: string): Promise<number> {
-  easy.setOpt('URL', `http://127.0.0.1:${port}${path}`);
-  return new Promise((resolve) => {
-    multi.onMessage((_error, handle, code) => {
-      multi.removeHandle(handle);
-      resolve(code);
-    });
-    multi.addHandle(easy);
-  });
-}
+const transfer = (easy: Easy, path: string) => origin.transfer(easy, path);
 
 /** A handle whose WRITEFUNCTION counts its calls. */
 function countingEasy(): { easy: Easy; writes: () => number; written: () => Buffer } {

@@ -5,53 +5,31 @@
 // over and over costs no memory that stays; the transfer sends the list set last, after lists and nulls set
 // before it; a handle duplicated from another keeps the lists it was made with while the other sets new ones. Real
 // libcurl, a real loopback HTTP server that echoes the headers it got.
-import { once } from 'node:events';
-import http from 'node:http';
-import type net from 'node:net';
-import { Easy, Multi } from 'node-libcurl';
+import { Easy } from 'node-libcurl';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { fdCount } from './fixtures/native-helpers.js';
+import { type CurlOrigin, startCurlOrigin } from './fixtures/curl-origin.js';
 
-let server: http.Server;
-let port: number;
-let multi: Multi;
-let fdsBefore: number;
+let origin: CurlOrigin;
 
 beforeAll(async () => {
-  fdsBefore = fdCount();
-  server = http.createServer((request, response) => {
+  origin = await startCurlOrigin((request, response) => {
     response.end(String(request.headers['x-list'] ?? '(none)'));
   });
-  server.listen(0, '127.0.0.1');
-  await once(server, 'listening');
-  port = (server.address() as net.AddressInfo).port;
-  multi = new Multi();
 });
 
-afterAll(async () => {
-  multi.close();
-  server.closeAllConnections();
-  server.close();
-  await once(server, 'close');
-  expect(fdCount()).toBe(fdsBefore);
-});
+// (curl's connections go with the Multi: no fd left.)
+afterAll(() => origin.close());
 
-/** One transfer on `easy` through the Multi: what the server saw of x-list. */
-function transfer(easy: Easy): Promise<string> {
+/** One transfer on `easy`: what the server saw of x-list. */
+async function transfer(easy: Easy): Promise<string> {
   let body = '';
-  easy.setOpt('URL', `http://127.0.0.1:${port}/`);
   easy.setOpt('WRITEFUNCTION', (data: Buffer) => {
     body += data.toString();
     return data.length;
   });
-  return new Promise((resolve, reject) => {
-    multi.onMessage((_error, handle, code) => {
-      multi.removeHandle(handle);
-      if (code !== 0) reject(new Error(`curl code ${code}`));
-      else resolve(body);
-    });
-    multi.addHandle(easy);
-  });
+  const code = await origin.transfer(easy, '/');
+  if (code !== 0) throw new Error(`curl code ${code}`);
+  return body;
 }
 
 /** Resident memory of this process (bytes). */
