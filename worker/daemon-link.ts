@@ -103,10 +103,15 @@ export class DaemonLink {
   /** The frames held (at most MAX_BUNDLED_FRAMES - 1 between calls), all for #heldOn; #flushHeld sends them. */
   #held: Buffer[] = [];
   #heldOn: SeqpacketChannel | undefined;
-  #flushDue = false;
-  readonly #flushAtTurnEnd = (): void => {
-    this.#flushDue = false;
+  /** One immediate at the end of a turn in which frames were held or requests sent (#endOfTurnSoon): the held
+   *  frames go out, and the turn's count of requests starts again (#sendWhenRoom). */
+  #turnEndDue = false;
+  readonly #turnEnd = (): void => {
+    this.#turnEndDue = false;
     this.#flushHeld();
+    this.#sentThisTurn = 0;
+    // (Those still without room, the queue full, wait for it to empty from here.)
+    if (this.#wakeFor !== undefined) this.#sendWaiting(this.#wakeFor);
   };
   /** The daemon said in hello that it takes `cancel` for a pending acquire (and, since, a `tokens` request). */
   #cancelSupported = false;
@@ -115,7 +120,7 @@ export class DaemonLink {
   #waitingForRoom: Set<() => void> | undefined;
   /** The channel the waiting requests are for, while a wake-up is due (#wakeWhenRoom). */
   #wakeFor: SeqpacketChannel | undefined;
-  /** Requests sent in this turn of the event loop (#countSent: reset by #nextTurn, due while it is not 0). */
+  /** Requests sent in this turn of the event loop (reset by #turnEnd, due while it is not 0). */
   #sentThisTurn = 0;
 
   constructor(options: DaemonLinkOptions) {
@@ -277,12 +282,15 @@ export class DaemonLink {
     this.#held.push(frame);
     this.#heldOn = channel;
     if (this.#held.length === MAX_BUNDLED_FRAMES) this.#flushHeld();
-    else if (!this.#flushDue) {
-      // An immediate, not a microtask: curl's callbacks (where `closed` is sent from) may leave no callback scope for
-      // a microtask to run in until some later event.
-      this.#flushDue = true;
-      setImmediate(this.#flushAtTurnEnd);
-    }
+    else this.#endOfTurnSoon();
+  }
+
+  #endOfTurnSoon(): void {
+    if (this.#turnEndDue) return;
+    // An immediate, not a microtask: curl's callbacks (where `closed` is sent from) may leave no callback scope for a
+    // microtask to run in until some later event.
+    this.#turnEndDue = true;
+    setImmediate(this.#turnEnd);
   }
 
   /** Sends `bytes` after what is held; an acquire frame the daemon takes goes in the same bundle. */
@@ -433,22 +441,17 @@ export class DaemonLink {
   }
 
   #countSent(): void {
-    if (this.#sentThisTurn++ === 0) setImmediate(this.#nextTurn);
+    this.#sentThisTurn++;
+    this.#endOfTurnSoon();
   }
 
   /** Once: when the queue is empty (or the channel closed), or at the next turn, #sendWaiting. */
   #wakeWhenRoom(channel: SeqpacketChannel): void {
     if (this.#wakeFor !== undefined) return;
     this.#wakeFor = channel;
-    // (Else the turn is spent: #nextTurn, already due, wakes them.)
+    // (Else the turn is spent: #turnEnd, already due, wakes them.)
     if (channel.queuedMessages >= MAX_QUEUED_REQUESTS) channel.whenFlushed(() => this.#sendWaiting(channel));
   }
-
-  readonly #nextTurn = (): void => {
-    this.#sentThisTurn = 0;
-    // (Those still without room, the queue full, wait for it to empty from here.)
-    if (this.#wakeFor !== undefined) this.#sendWaiting(this.#wakeFor);
-  };
 
   /** There is room again: the requests that waited go out in order, as many as fit. */
   #sendWaiting(channel: SeqpacketChannel): void {
