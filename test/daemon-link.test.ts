@@ -194,6 +194,13 @@ function fakeDaemon(behaviour: () => Behaviour): FakeDaemon {
 /** How long after its acquire a 'late-lease' daemon sends the lease. */
 const LATE_LEASE_MS = 200;
 
+/** How an acquire of example.test:80 on the link ended: 'lease', or its error's code. */
+const acquireOutcome = (timeoutMs: number): Promise<string> =>
+  link!.acquire('example.test', 80, timeoutMs).then(
+    () => 'lease',
+    (error: { code?: string }) => error.code ?? 'untyped',
+  );
+
 let daemon: FakeDaemon | undefined;
 let link: DaemonLink | undefined;
 
@@ -209,23 +216,12 @@ describe('DaemonLink when the daemon hangs up right after hello', () => {
     link = new DaemonLink({ socketPath: daemon.path, requestTimeoutMs: 5_000 });
     // Five acquires issued before the link exists: they all wait for the same connect + hello. A request left
     // behind would end with the link's own deadline instead (SOCKPOOL_ERR_DAEMON_TIMEOUT, after 2 + 1 s).
-    const outcomes = await Promise.all(
-      Array.from({ length: 5 }, () =>
-        link!.acquire('example.test', 80, 2_000).then(
-          () => 'lease',
-          (error: { code?: string }) => error.code ?? 'untyped',
-        ),
-      ),
-    );
+    const outcomes = await Promise.all(Array.from({ length: 5 }, () => acquireOutcome(2_000)));
     expect(outcomes).toEqual(Array(5).fill('SOCKPOOL_ERR_DAEMON_UNAVAILABLE'));
 
     // The daemon behaves again: after the backoff, the link connects anew and requests get answers.
     mode = 'serve';
-    const answered = async () =>
-      link!.acquire('example.test', 80, 1_000).then(
-        () => 'lease',
-        (error: { code?: string }) => error.code ?? 'untyped',
-      );
+    const answered = () => acquireOutcome(1_000);
     let outcome = await answered();
     for (let i = 0; i < 50 && outcome === 'SOCKPOOL_ERR_DAEMON_UNAVAILABLE'; i++) {
       await new Promise((resolve) => setTimeout(resolve, 50));
@@ -271,12 +267,7 @@ describe('DaemonLink when the daemon reads slower than requests are made', () =>
     // Those aborted while they waited left the line (a caller aborting every request would fill it otherwise).
     expect(link.waitingForRoom).toBe(0);
     // Requests made while the daemon still reads nothing wait too; once it reads, they go out, each answered.
-    const waiting = Array.from({ length: 100 }, () =>
-      link!.acquire('example.test', 80, 5_000).then(
-        () => 'lease',
-        (error: { code?: string }) => error.code ?? 'untyped',
-      ),
-    );
+    const waiting = Array.from({ length: 100 }, () => acquireOutcome(5_000));
     await new Promise(setImmediate);
     expect(link.waitingForRoom).toBe(100);
     daemon.resume();
@@ -298,14 +289,7 @@ describe('DaemonLink when a caller makes more requests in one turn than its loop
     link = new DaemonLink({ socketPath: daemon.path, requestTimeoutMs: 5_000 });
     // Sent in one turn, these would have the daemon queue more answers than a client that reads only when its loop
     // turns is allowed to leave unread (the fake daemon's channel has the daemon's bound on messages): it would hang up.
-    const outcomes = await Promise.all(
-      Array.from({ length: 6_000 }, () =>
-        link!.acquire('example.test', 80, 5_000).then(
-          () => 'lease',
-          (error: { code?: string }) => error.code ?? 'untyped',
-        ),
-      ),
-    );
+    const outcomes = await Promise.all(Array.from({ length: 6_000 }, () => acquireOutcome(5_000)));
     expect(new Set(outcomes)).toEqual(new Set([ErrorCodes.POLICY]));
     expect(daemon.accepted()).toBe(1);
     expect(daemon.acquires()).toBe(6_000);
