@@ -2,6 +2,7 @@
 // `sockpool`: a small command line over the daemon and the client: status, stats, warm, get.
 
 import { readFileSync } from 'node:fs';
+import process from 'node:process';
 import { Command, InvalidArgumentError } from 'commander';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import { parseOriginKey } from '../shared/origin.js';

@@ -10,10 +10,12 @@
 // that way, and the thread keeps running. piscina's own task cancellation (which terminates the thread) is never
 // used for requests.
 
+import { Buffer } from 'node:buffer';
 import { once } from 'node:events';
 import { existsSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import { dirname, join } from 'node:path';
+import process from 'node:process';
 import { fileURLToPath } from 'node:url';
 import type { Worker } from 'node:worker_threads';
 import { Piscina } from 'piscina';

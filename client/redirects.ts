@@ -3,6 +3,7 @@
 // headers, or why there is none. The hops themselves are requests like any other: each goes through the daemon,
 // whose egress policy judges every address a redirect leads to, as it judges the first.
 
+import { Buffer } from 'node:buffer';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import { urlTarget } from '../worker/url-target.js';
 import { type BodyInput, type HeadersInput, isStreamBody } from './validate.js';

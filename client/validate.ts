@@ -1,6 +1,7 @@
 // Everything a caller passes is checked in the caller's thread, before it reaches a worker or curl: URL scheme,
 // method token, header names and values (no CR, LF or NUL: no header injection), the body's type, the timeout.
 
+import { Buffer } from 'node:buffer';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import { canonicalOrigin, originKey } from '../shared/origin.js';
 import { MAX_PREWARM_COUNT, MAX_TIMEOUT_MS } from '../shared/protocol.js';

@@ -11,6 +11,8 @@
 // an admin does not admit a client: access control (allowUids/allowGids, the socket's mode) still decides who
 // connects at all.
 
+import { Buffer } from 'node:buffer';
+import process from 'node:process';
 import { MAX_MESSAGE_BYTES } from '../shared/protocol.js';
 
 /** Origins listed in a `stats` reply, busiest first: the whole list of a crawler would not fit in a message. */

@@ -2,6 +2,7 @@
 // (embedded defaults, then the file, then flags), start the daemon, wire the signals. Everything else lives in
 // daemon.ts and the modules it composes.
 
+import process from 'node:process';
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { ErrorCodes } from '../shared/errors.js';
 import * as native from '../shared/native.js';

@@ -10,8 +10,10 @@
 // matches) are parsed here, once, by shared/address.ts into typed values: the egress policy and the resolver take
 // `config.egress` and `config.dns` as they are. `configInput` turns a parsed configuration back into input.
 
+import { Buffer } from 'node:buffer';
 import { readFileSync } from 'node:fs';
 import { dirname, extname, resolve } from 'node:path';
+import process from 'node:process';
 import { parse as parseToml, TomlError } from 'smol-toml';
 import { type core, z } from 'zod';
 import {

@@ -10,6 +10,7 @@
 
 import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, readFileSync, statSync, unlinkSync } from 'node:fs';
 import { dirname, resolve as resolvePath } from 'node:path';
+import process from 'node:process';
 import type { Counter } from 'prom-client';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';

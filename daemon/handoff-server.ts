@@ -8,6 +8,7 @@
 // the daemon hung up on with lease replies maybe unread in the client's socket keeps its end (watchFd: the channel's
 // own fd, shut down) until they are read or the client closes: #keepWatching keeps it, #stopWatching closes it.
 
+import type { Buffer } from 'node:buffer';
 import { ErrorCodes, SockpoolError, toPlainError } from '../shared/errors.js';
 import * as native from '../shared/native.js';
 import { canonicalOrigin, type Origin } from '../shared/origin.js';

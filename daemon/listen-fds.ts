@@ -11,6 +11,7 @@
 // caller must close every fd it does not keep (`other`, and origin sockets that fail their probe).
 
 import { fstatSync, readFileSync } from 'node:fs';
+import process from 'node:process';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import { decodeFdName, type StoredOrigin } from './sd-notify.js';
 

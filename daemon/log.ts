@@ -1,4 +1,5 @@
 // Structured logs (JSON lines on stderr, which systemd's journal keeps). One logger; modules take children.
+
 import pino, { type Logger } from 'pino';
 
 export type { Logger };

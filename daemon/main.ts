@@ -4,6 +4,7 @@
 // operator, a log rotation's hook) would kill it. A SIGHUP caught here is handed to the command, which reloads once
 // the start has finished. SIGTERM keeps its default meanwhile: nothing is open yet that a stop would have to close.
 // The command is imported dynamically: a static import would load every module before this line ran.
+import process from 'node:process';
 
 // The system resolver's lookups (getaddrinfo, without dns.servers) each hold one of libuv's threads until glibc
 // answers or gives up, seconds for a name whose servers do not answer: with libuv's default of 4, four such names

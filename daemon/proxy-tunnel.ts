@@ -6,6 +6,7 @@
 // fd ownership: `fd` stays the caller's throughout (the connector closes it when this rejects). A Poller watches it
 // while the answer is awaited and is closed on every path before this settles.
 
+import { Buffer } from 'node:buffer';
 import { readSync, writeSync } from 'node:fs';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import * as native from '../shared/native.js';

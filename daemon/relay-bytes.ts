@@ -5,6 +5,7 @@
 // ~40 MB of the daemon's memory for one idle session, so that a uid's few dozen sessions to such an origin (prewarmed,
 // or lent and not spoken on yet) took the unit's MemoryMax (test/daemon-trust-relay-memory). Here they take their
 // bytes, in a buffer at most twice as large and never larger than its holder's bound.
+import { Buffer } from 'node:buffer';
 
 /** Chunks kept as they came before they are copied into the buffer (the common case, a few records: no copy). */
 const CHUNKS_BEFORE_COPY = 16;

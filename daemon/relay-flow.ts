@@ -11,6 +11,8 @@
 // once (its stream handle's readStop: no Readable buffer fills behind it), and what a TLS socket still hands over
 // after that (every record of the read it made) is joined with the rest.
 
+import type { Buffer } from 'node:buffer';
+import process from 'node:process';
 import type { Writable } from 'node:stream';
 import { Joined } from './relay-bytes.js';
 

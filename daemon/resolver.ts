@@ -47,6 +47,7 @@
 // (and on the connected peer), since a public name may resolve to a refused address.
 
 import { promises as dns } from 'node:dns';
+import process from 'node:process';
 import { type DnsServer, parseHost, parseIpLiteral, type ResolveEntry } from '../shared/address.js';
 import { ErrorCodes, SockpoolError } from '../shared/errors.js';
 import { DAEMON_UID, FairWaitQueue, type UidWaiter } from './fair-queue.js';

@@ -12,7 +12,9 @@
 // The watchdog is driven by the event loop on purpose: a timer sends WATCHDOG=1 every WATCHDOG_USEC/2, so a loop that
 // stalls stops the pings and systemd kills and restarts the daemon.
 
+import { Buffer } from 'node:buffer';
 import { createRequire } from 'node:module';
+import process from 'node:process';
 import { getSystemErrorName } from 'node:util';
 import { isMainThread } from 'node:worker_threads';
 import { canonicalHost } from '../shared/address.js';

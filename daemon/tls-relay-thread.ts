@@ -32,9 +32,11 @@
 //   socket's 'finish': the origin's bytes and the FIN are in the kernel), or for an idle session, whose end is a FIN
 //   for the pool (see teardown). One setsockopt a session, two for one that ends cleanly.
 
+import type { Buffer } from 'node:buffer';
 import { constants, createHash } from 'node:crypto';
 import { isIP, Socket } from 'node:net';
 import { setPriority } from 'node:os';
+import process from 'node:process';
 import {
   createSecureContext,
   DEFAULT_CIPHERS,

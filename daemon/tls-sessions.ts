@@ -8,6 +8,7 @@
 // store, or the SHA-256 of its CA file) is exactly what the daemon trusts for that origin. A client that turned
 // verification off, or trusts another CA file, sends no `tls` field or another trust, and gets a TCP socket.
 
+import type { Buffer } from 'node:buffer';
 import { createHash, createPrivateKey, type KeyObject, X509Certificate } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import type { OriginMatch } from '../shared/address.js';

@@ -4,6 +4,8 @@
 //   SOCKPOOL_SOCKET=/run/sockpool/sockpoold.sock node_modules/.bin/node examples/crawler.ts URL...
 //
 // Prints one line per URL (status, bytes, whether its connection was warm) and a summary.
+
+import process from 'node:process';
 import { SockpoolClient } from 'sockpool';
 
 const urls = process.argv.slice(2).map((text) => new URL(text));

@@ -4,6 +4,8 @@
 //
 // SOCKPOOL_SOCKET: the daemon's socket (default: /run/sockpool/sockpoold.sock as root, else
 // ./.sockpool/sockpoold.sock). SOCKPOOL_CA_FILE: a CA bundle for HTTPS (default: the system store).
+
+import process from 'node:process';
 import { SockpoolClient, SockpoolError } from 'sockpool';
 
 const url = process.argv[2] ?? 'https://example.com/';

@@ -3,6 +3,7 @@
 //
 //   SOCKPOOL_SOCKET=/run/sockpool/sockpoold.sock node_modules/.bin/node examples/stream.ts DOWNLOAD_URL FILE [UPLOAD_URL]
 import { createReadStream, createWriteStream, statSync } from 'node:fs';
+import process from 'node:process';
 import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { SockpoolClient } from 'sockpool';

@@ -21,6 +21,7 @@
 //
 // Threads: the addon is context-aware and works in worker threads; its state (tracked fds, Pollers) is per thread.
 
+import { Buffer } from 'node:buffer';
 import { existsSync, readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';

@@ -14,6 +14,7 @@
 // the daemon one read. A JSON message starts with `{`; a binary frame with its type byte (FrameType), never `{`.
 // Layouts and checks are below (encodeFrame, decodeClientFrame, decodeDaemonFrame) and in docs/protocol.md.
 
+import { Buffer } from 'node:buffer';
 import { z } from 'zod';
 import { ErrorCodes, SockpoolError } from './errors.js';
 import { PROXY_NAME } from './origin.js';
@@ -520,32 +521,36 @@ function hostOfFrame(frame: Buffer, start: number, end: number): string {
   return host;
 }
 
-/** A client frame, checked as strictly as the JSON schema checks the same message. */
-function decodeClientFrame(frame: Buffer): ClientMessage {
-  switch (frame[0]) {
+/**
+ * The client frame at [start, end) of `data`, checked as strictly as the JSON schema checks the same message. (In
+ * place: a bundle's frames are read where they lie, with no view made for each.)
+ */
+function decodeClientFrame(data: Buffer, start = 0, end = data.length): ClientMessage {
+  const length = end - start;
+  switch (data[start]) {
     case FrameType.acquire: {
-      if (frame.length < 13) throw frameError('acquire', `${frame.length} bytes is too short`);
-      const flags = frame[1]!;
+      if (length < 13) throw frameError('acquire', `${length} bytes is too short`);
+      const flags = data[start + 1]!;
       if ((flags & ~(HAS_TIMEOUT | HAS_TLS)) !== 0) throw frameError('acquire', `unknown flags ${flags}`);
-      const hostLength = frame[12]!;
+      const hostLength = data[start + 12]!;
       const trustAt = 13 + hostLength;
-      const trustLength = flags & HAS_TLS ? frame[trustAt] : undefined;
+      const trustLength = flags & HAS_TLS && trustAt < length ? data[start + trustAt] : undefined;
       const expected = trustAt + (trustLength === undefined ? 0 : 1 + trustLength);
-      if (frame.length !== expected || (flags & HAS_TLS && frame.length <= trustAt)) {
-        throw frameError('acquire', `length ${frame.length} does not match its fields`);
+      if (length !== expected || (flags & HAS_TLS && length <= trustAt)) {
+        throw frameError('acquire', `length ${length} does not match its fields`);
       }
-      const id = readId(frame, 2, 'acquire');
-      const port = frame.readUInt16LE(6);
+      const id = readId(data, start + 2, 'acquire');
+      const port = data.readUInt16LE(start + 6);
       if (port < 1) throw frameError('acquire', 'port must be 1-65535');
-      const timeoutMs = frame.readUInt32LE(8);
+      const timeoutMs = data.readUInt32LE(start + 8);
       if (flags & HAS_TIMEOUT ? timeoutMs < 1 || timeoutMs > MAX_TIMEOUT_MS : timeoutMs !== 0) {
         throw frameError('acquire', 'timeoutMs must be 1-600000 when present, 0 when absent');
       }
-      const host = hostOfFrame(frame, 13, trustAt);
+      const host = hostOfFrame(data, start + 13, start + trustAt);
       const message: Extract<ClientMessage, { type: 'acquire' }> = { type: 'acquire', id, host, port };
       if (flags & HAS_TIMEOUT) message.timeoutMs = timeoutMs;
       if (trustLength !== undefined) {
-        const trust = frame.toString('latin1', trustAt + 1, expected);
+        const trust = data.toString('latin1', start + trustAt + 1, start + expected);
         if (!TLS_TRUST_PATTERN.test(trust)) throw frameError('acquire', 'tls.trust must be "system" or a SHA-256 hex');
         message.tls = { trust };
       }
@@ -553,21 +558,21 @@ function decodeClientFrame(frame: Buffer): ClientMessage {
     }
     case FrameType.release:
     case FrameType.closed: {
-      const type = frame[0] === FrameType.release ? 'release' : 'closed';
-      if (frame.length !== 14) throw frameError(type, `length ${frame.length}, expected 14`);
-      const flags = frame[1]!;
+      const type = data[start] === FrameType.release ? 'release' : 'closed';
+      if (length !== 14) throw frameError(type, `length ${length}, expected 14`);
+      const flags = data[start + 1]!;
       const known = type === 'release' ? HAS_ID | WITHOUT_FD : HAS_ID;
       if ((flags & ~known) !== 0) throw frameError(type, `unknown flags ${flags}`);
-      const id = readId(frame, 2, type);
+      const id = readId(data, start + 2, type);
       if (!(flags & HAS_ID) && id !== 0) throw frameError(type, 'id must be 0 when absent');
-      const leaseId = readLeaseId(frame, 6, type);
+      const leaseId = readLeaseId(data, start + 6, type);
       const message: Extract<ClientMessage, { type: 'release' | 'closed' }> =
         flags & HAS_ID ? { type, id, leaseId } : { type, leaseId };
       if (flags & WITHOUT_FD) (message as Extract<ClientMessage, { type: 'release' }>).withoutFd = true;
       return message;
     }
     default:
-      throw new SockpoolError(ErrorCodes.PROTOCOL, `binary frame type 0x${frame[0]!.toString(16)} is not a request`);
+      throw new SockpoolError(ErrorCodes.PROTOCOL, `binary frame type 0x${data[start]!.toString(16)} is not a request`);
   }
 }
 
@@ -615,7 +620,7 @@ export function decodeClientBundle(data: Uint8Array): ClientMessage[] {
     if (type !== FrameType.acquire && type !== FrameType.release && type !== FrameType.closed) {
       throw frameError('bundle', `frame ${i + 1} of ${count} (type 0x${type.toString(16)}) cannot be bundled`);
     }
-    const message = decodeClientFrame(bundle.subarray(at + 2, end));
+    const message = decodeClientFrame(bundle, at + 2, end);
     if (expectedFds(message) !== 0) throw frameError('bundle', `frame ${i + 1} of ${count} is a release with its fd`);
     messages.push(message);
     at = end;

@@ -12,6 +12,7 @@
 //   handler's throw does not stop the batch it came in: the later messages are delivered all the same, and the
 //   error (AggregateError for several) is thrown once the batch is done.
 
+import type { Buffer } from 'node:buffer';
 import { ErrorCodes, SockpoolError } from './errors.js';
 import * as native from './native.js';
 

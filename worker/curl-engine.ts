@@ -17,6 +17,7 @@
 // a late lease goes back to the daemon) or inside curl (the handle leaves the Multi; curl closes a connection left
 // mid-response through CLOSESOCKETFUNCTION). The signal's reason is the error the transfer fails with.
 
+import { Buffer } from 'node:buffer';
 import {
   CURL_SOCKET_BAD,
   CurlCode,

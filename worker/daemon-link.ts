@@ -21,6 +21,8 @@
 // While reconnecting after a failure, requests fail at once with SOCKPOOL_ERR_DAEMON_UNAVAILABLE until the backoff
 // delay has passed; the first request after it tries again.
 
+import { Buffer } from 'node:buffer';
+import process from 'node:process';
 import { ErrorCodes, fromPlainError, SockpoolError } from '../shared/errors.js';
 import { IntMap } from '../shared/id-table.js';
 import * as native from '../shared/native.js';

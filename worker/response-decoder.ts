@@ -11,7 +11,7 @@
 // buffered body (request()) in one coding is decoded whole once curl is done, on this thread, as curl decoded it:
 // streams cost a hop to libuv's threadpool per chunk (a 48 KB gzip page took 2.4 times as long to fetch).
 
-import { constants as bufferConstants } from 'node:buffer';
+import { Buffer, constants as bufferConstants } from 'node:buffer';
 import type { Transform } from 'node:stream';
 import {
   brotliDecompressSync,

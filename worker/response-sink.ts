@@ -3,6 +3,7 @@
 // requestStream() and fetch()). The curl engine offers each chunk curl writes; a sink that has no room refuses it,
 // and the engine pauses curl's receiving until the sink calls back (see stream-protocol.ts).
 
+import { Buffer } from 'node:buffer';
 import type { PlainError } from '../shared/errors.js';
 import {
   RESPONSE_CHUNK,

@@ -5,6 +5,7 @@
 // (lane.ts), streamed ones with a port of their own there; piscina carries only prewarm and stats. If the thread
 // dies, the addon closes the fds it held (see transfer-runtime.ts).
 
+import process from 'node:process';
 import { workerData } from 'node:worker_threads';
 import { openLane } from './lane.js';
 import { type RuntimeConfig, type RuntimeResult, type RuntimeTask, TransferRuntime } from './transfer-runtime.js';

@@ -3,6 +3,7 @@
 // stream-protocol.ts). curl's READFUNCTION calls read(); with nothing buffered yet a PortSource answers PAUSE and
 // calls back when data arrives, and the engine then resumes curl's sending.
 
+import type { Buffer } from 'node:buffer';
 import { type RequestPort, UPLOAD_WINDOW, type WorkerMessage } from './stream-protocol.js';
 
 /** read() has nothing yet: pause sending until the readable callback runs. */

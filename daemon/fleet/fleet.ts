@@ -20,6 +20,7 @@
 
 import { randomBytes } from 'node:crypto';
 import { hostname } from 'node:os';
+import process from 'node:process';
 import { Redis } from 'ioredis';
 import { ErrorCodes, SockpoolError } from '../../shared/errors.js';
 import { parseRedisUrl, type SockpoolConfig } from '../config.js';
