@@ -72,7 +72,8 @@ export const RECENT_CHECK_MS = 1;
 /** Why an idle socket cannot be handed out (the pool's drop reasons). */
 export type IdleFault = 'eof' | 'data' | 'error';
 
-const info = new Float64Array(native.TCP_INFO_FIELDS);
+/** What each read below writes, taken before the next (the addon's own array: native.tcpInfoScratch). */
+const info = native.tcpInfoScratch;
 const { tcpState, bytesSent, bytesAcked, bytesReceived, notsentBytes, peer: peerAt } = native.TcpInfoField;
 const { inode: inodeAt, outq, inq } = native.TcpInfoField;
 const TCP_ESTABLISHED = 1;

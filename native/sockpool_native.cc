@@ -1613,6 +1613,9 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
   // recvMessage's and recvMessages' landing buffers (grown to the largest request).
   std::vector<uint8_t> recv_buffer_;
   std::vector<uint64_t> recv_control_;
+  // tcpInfoScratch's array (SetTcpInfoScratch): referenced for as long as the addon may write it.
+  Napi::ObjectReference tcp_scratch_ref_;
+  double* tcp_scratch_ = nullptr;
 
   // -- AF_UNIX
 
@@ -2524,7 +2527,37 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
     if (with_mark && out_view.length < kTcpInfoFieldsWithMark) {
       throw Napi::TypeError::New(env, "out must be a Float64Array of at least 12 elements with withMark");
     }
-    double* out = static_cast<double*>(out_view.data);
+    FillTcpInfo(env, fd, static_cast<double*>(out_view.data), with_peer, with_mark);
+    return env.Undefined();
+  }
+
+  // The array tcpInfoScratch() writes, given once per thread (shared/native.ts): a read then passes an fd and flags
+  // alone. Checking a typed array argument and two optional booleans cost the release check, on every handoff,
+  // about as much as the syscall's own entry. Kept referenced, so its memory stays where it is.
+  Napi::Value SetTcpInfoScratch(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    TypedArrayView out_view;
+    if (!ReadTypedArray(info, 0, &out_view) || out_view.type != napi_float64_array ||
+        out_view.length < kTcpInfoFieldsWithMark) {
+      throw Napi::TypeError::New(env, "out must be a Float64Array of at least 12 elements");
+    }
+    tcp_scratch_ref_ = Napi::Persistent(info[0].As<Napi::Object>());
+    tcp_scratch_ = static_cast<double*>(out_view.data);
+    return env.Undefined();
+  }
+
+  // TcpInfo into the array SetTcpInfoScratch gave; flags: 1 withPeer, 2 withMark.
+  Napi::Value TcpInfoScratch(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const int fd = FdArg(info, 0);
+    const int flags = static_cast<int>(IntegerArg(info, 1, "flags", 0, 3));
+    if (tcp_scratch_ == nullptr) throw Napi::Error::New(env, "setTcpInfoScratch was not called");
+    FillTcpInfo(env, fd, tcp_scratch_, (flags & 1) != 0, (flags & 2) != 0);
+    return env.Undefined();
+  }
+
+  // TcpInfo's reads into `out` (room for what the flags ask checked by the caller).
+  static void FillTcpInfo(Napi::Env env, int fd, double* out, bool with_peer, bool with_mark) {
     if (with_mark) {
       struct stat st;
       if (::fstat(fd, &st) < 0) ThrowErrno(env, errno, "fstat");
@@ -2576,7 +2609,6 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
       out[10] = outq;
       out[11] = inq;
     }
-    return env.Undefined();
   }
 
   // fstat that never waits for the file's filesystem (see SocketKind): statx with AT_STATX_DONT_SYNC answers from
@@ -3362,6 +3394,8 @@ SockpoolAddon::SockpoolAddon(Napi::Env env, Napi::Object exports) {
                            InstanceMethod<&SockpoolAddon::TcpCounters>("tcpCounters", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::SameSocket>("sameSocket", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::TcpInfo>("tcpInfo", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::SetTcpInfoScratch>("setTcpInfoScratch", napi_enumerable),
+                           InstanceMethod<&SockpoolAddon::TcpInfoScratch>("tcpInfoScratch", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::SocketInode>("socketInode", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::UnreadOutput>("unreadOutput", napi_enumerable),
                            InstanceMethod<&SockpoolAddon::Shutdown>("shutdown", napi_enumerable),

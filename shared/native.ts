@@ -256,6 +256,8 @@ interface NativeBinding {
   tcpCounters(fd: number, queues?: boolean): TcpCounters;
   sameSocket(a: number, b: number): boolean;
   tcpInfo(fd: number, out: Float64Array, withPeer?: boolean, withMark?: boolean): void;
+  setTcpInfoScratch(out: Float64Array): void;
+  tcpInfoScratch(fd: number, flags: number): void;
   socketInode(fd: number): number;
   unreadOutput(fd: number): number;
   shutdown(fd: number): boolean;
@@ -781,8 +783,19 @@ export const PEER_WORDS = 4;
  * ENOTCONN: no peer).
  */
 export function tcpInfo(fd: number, out: Float64Array, withPeer = false, withMark = false): void {
-  binding.tcpInfo(fd, out, withPeer, withMark);
+  if (out === tcpInfoScratch) binding.tcpInfoScratch(fd, (withPeer ? 1 : 0) | (withMark ? 2 : 0));
+  else binding.tcpInfo(fd, out, withPeer, withMark);
 }
+
+/**
+ * An array for tcpInfo() that this thread's addon holds already (setTcpInfoScratch), so that a read into it passes
+ * only the fd and the flags: checking a typed array and two optional booleans cost the release check on every
+ * handoff about as much as the syscall's own entry. For a reader that takes what it needs before the next read (the
+ * daemon's lease checks, lease-guard.ts). Its own ArrayBuffer: never a small array's storage on the JS heap, which a
+ * GC may move.
+ */
+export const tcpInfoScratch = new Float64Array(new ArrayBuffer(TCP_INFO_FIELDS * Float64Array.BYTES_PER_ELEMENT));
+binding.setTcpInfoScratch(tcpInfoScratch);
 
 /** The peer words tcpInfo() wrote as `address port`, for messages. */
 export function peerText(words: ArrayLike<number>): string {

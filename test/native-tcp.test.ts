@@ -260,6 +260,40 @@ s.detach()
 });
 
 describe('tcpInfo', () => {
+  it('writes into the addon’s own array (tcpInfoScratch) what it writes into a caller’s, for each flag', async () => {
+    const server = await startServer('127.0.0.1', (socket) => socket.pause());
+    const fd = await connectTcp('127.0.0.1', server.port, { timeoutMs: 10_000 });
+    await server.waitForConnections(1);
+    server.connections[0]!.write('ab'); // unread input: SIOCINQ is read with withMark
+    const own = new Float64Array(native.TCP_INFO_FIELDS);
+    await until(() => {
+      native.tcpInfo(fd, own);
+      return own[native.TcpInfoField.bytesReceived] === 2;
+    });
+    const scratch = native.tcpInfoScratch;
+    for (const [withPeer, withMark] of [
+      [false, false],
+      [true, false],
+      [false, true],
+      [true, true],
+    ] as const) {
+      // Each read writes only its own fields: both arrays start from the same other values.
+      own.fill(-1);
+      scratch.fill(-1);
+      native.tcpInfo(fd, own, withPeer, withMark);
+      native.tcpInfo(fd, scratch, withPeer, withMark);
+      expect(Array.from(scratch)).toEqual(Array.from(own));
+      expect(scratch[native.TcpInfoField.peer]).toBe(withPeer ? 4 * 65536 + server.port : -1);
+      expect(scratch[native.TcpInfoField.inq]).toBe(withMark ? 2 : -1);
+    }
+    // An error is the syscall's, as with a caller's array.
+    const unconnected = native.tcpSocket(4);
+    expect(catchError(() => native.tcpInfo(unconnected, scratch, true))).toMatchObject({ syscall: 'getpeername' });
+    native.close(unconnected);
+    native.close(fd);
+    await server.close();
+  });
+
   it('with withMark reads the inode, the peer, the counters and both queue lengths in one call', async () => {
     const server = await startServer('127.0.0.1', (socket) => socket.pause()); // it reads nothing
     const before = fdCount();
