@@ -410,6 +410,30 @@ function writeAscii(frame: Buffer, offset: number, value: string): void {
 }
 
 /**
+ * The end of a lease frame, its host and its address each with its length byte, for the last host and address a lease
+ * went out with: the daemon lends the sockets of the same few origins again and again, and their text is checked and
+ * written once, not per lease.
+ */
+const lastLeaseTail = { host: '', address: '', bytes: Buffer.alloc(0) };
+
+function leaseTail(host: string, address: string): Buffer {
+  if (host === lastLeaseTail.host && address === lastLeaseTail.address && lastLeaseTail.bytes.length > 0) {
+    return lastLeaseTail.bytes;
+  }
+  const hostLength = asciiLength(host, 'host');
+  const addressLength = asciiLength(address, 'address');
+  const bytes = Buffer.alloc(2 + hostLength + addressLength);
+  bytes[0] = hostLength;
+  writeAscii(bytes, 1, host);
+  bytes[1 + hostLength] = addressLength;
+  writeAscii(bytes, 2 + hostLength, address);
+  lastLeaseTail.host = host;
+  lastLeaseTail.address = address;
+  lastLeaseTail.bytes = bytes;
+  return bytes;
+}
+
+/**
  * A message as a binary frame, or undefined when it has no binary form (acquire through a proxy or with `tokenTaken`,
  * a relayed TLS lease or one with `rate`, every other type): send it as JSON then.
  */
@@ -451,19 +475,15 @@ export function encodeFrame(message: ClientMessage | DaemonMessage): Buffer | un
       if (message.tls || message.rate || message.tokenWaitMs !== undefined || message.capWaitMs !== undefined) {
         return undefined;
       }
-      const host = asciiLength(message.host, 'host');
-      const address = asciiLength(message.address, 'address');
-      const frame = Buffer.allocUnsafe(26 + host + address);
+      const tail = leaseTail(message.host, message.address);
+      const frame = Buffer.allocUnsafe(24 + tail.length);
       frame[0] = FrameType.lease;
       frame[1] = (message.warm ? WARM : 0) | (message.family === 6 ? FAMILY_6 : 0);
       frame.writeUInt32LE(message.id, 2);
       frame.writeDoubleLE(message.leaseId, 6);
       frame.writeUInt16LE(message.port, 14);
       frame.writeDoubleLE(message.connectMs, 16);
-      frame[24] = host;
-      writeAscii(frame, 25, message.host);
-      frame[25 + host] = address;
-      writeAscii(frame, 26 + host, message.address);
+      frame.set(tail, 24);
       return frame;
     }
     case 'ok': {

@@ -60,6 +60,16 @@ describe('binary frames', () => {
     expect(salvageRequestId(encodeFrame(messages[4]!)!)).toBeNull();
   });
 
+  it('carry each lease’s own host and address, whatever lease went out before (the frame’s end is kept for the last)', () => {
+    const other = { ...LEASE, host: 'api.example.org', address: '2001:db8::7', family: 6 as const, leaseId: 9 };
+    for (const lease of [LEASE, other, LEASE, { ...other, address: '2001:db8::8' }, other]) {
+      expect(decodeDaemonMessage(encodeFrame(lease)!)).toEqual(lease);
+    }
+    // A host that cannot go in a frame is refused after a good one as before one.
+    expect(() => encodeFrame({ ...LEASE, host: 'é.example' })).toThrow(/host cannot go in a binary frame/);
+    expect(decodeDaemonMessage(encodeFrame(LEASE)!)).toEqual(LEASE);
+  });
+
   it('carry lease and ok; what has no binary form goes as JSON', () => {
     const lease = LEASE;
     expect(decodeDaemonMessage(encodeFrame(lease)!)).toEqual(lease);
