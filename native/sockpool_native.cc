@@ -2535,15 +2535,11 @@ class SockpoolAddon : public Napi::Addon<SockpoolAddon> {
   // alone. Checking a typed array argument and two optional booleans cost the release check, on every handoff,
   // about as much as the syscall's own entry. Kept referenced, so its memory stays where it is.
   Napi::Value SetTcpInfoScratch(const Napi::CallbackInfo& info) {
-    Napi::Env env = info.Env();
-    TypedArrayView out_view;
-    if (!ReadTypedArray(info, 0, &out_view) || out_view.type != napi_float64_array ||
-        out_view.length < kTcpInfoFieldsWithMark) {
-      throw Napi::TypeError::New(env, "out must be a Float64Array of at least 12 elements");
-    }
+    double* out =
+        Float64ArrayArg(info, 0, kTcpInfoFieldsWithMark, "out must be a Float64Array of at least 12 elements");
     tcp_scratch_ref_ = Napi::Persistent(info[0].As<Napi::Object>());
-    tcp_scratch_ = static_cast<double*>(out_view.data);
-    return env.Undefined();
+    tcp_scratch_ = out;
+    return info.Env().Undefined();
   }
 
   // TcpInfo into the array SetTcpInfoScratch gave; flags: 1 withPeer, 2 withMark.
